@@ -1,0 +1,63 @@
+"""Record a benchmark's figures into docs/benchmarks.md under its own section (replaced on each run).
+
+Every section states the machine, the date and the exact command, so each claim in the README can be traced
+to a reproducible measurement.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every figure below is printed and recorded by a script under `benchmarks/` (`make bench` runs them all).\n"
+    "Timings are ratios against a baseline measured in the same run unless stated; each section says the\n"
+    "machine, the date and the command that produced it.\n"
+)
+
+
+def machine() -> str:
+    """A one-line description of the machine the figures were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def record(key: str, title: str, body: str, command: str | None = None) -> None:
+    """Write (or replace) the section ``key`` of docs/benchmarks.md with ``body`` (markdown)."""
+    command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    section = (
+        f"{start}\n## {title}\n\n"
+        f"- command: `{command}`\n- machine: {machine()}\n"
+        f"- date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n\n{body.strip()}\n{end}"
+    )
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else HEADER
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,60 @@
+"""FedAvg: the sample-weighted mean of client deltas (McMahan et al. 2017, https://arxiv.org/abs/1602.05629)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltaplane.delta import Delta, check_compatible
+from deltaplane.errors import DeltaplaneError, InvalidUpdate
+
+__all__ = ["FedAvg"]
+
+
+class FedAvg:
+    """Weighted mean ``Σ wᵢ·Δᵢ / Σ wᵢ`` kept as a running float64 sum (memory O(model), order-independent
+    to within float64 rounding).
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> agg = dp.FedAvg()
+        >>> agg.add(dp.Delta({"w": torch.tensor([1.0])}), weight=1)
+        >>> agg.add(dp.Delta({"w": torch.tensor([4.0])}), weight=2)
+        >>> agg.result()["w"].item()
+        3.0
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] | None = None
+        self._like: Delta | None = None
+        self._total = 0.0
+        self.count = 0
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+        delta.check_finite()
+        if self._sum is None:
+            self._like = delta
+            self._sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in delta.items()}
+        else:
+            assert self._like is not None
+            check_compatible(self._like, delta, "aggregate and client delta")
+        for k, v in delta.items():
+            self._sum[k].add_(v.detach().to(torch.float64), alpha=float(weight))
+        self._total += float(weight)
+        self.count += 1
+
+    def result(self) -> Delta:
+        if self._sum is None or self._like is None:
+            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+        if self._total <= 0:
+            raise DeltaplaneError("the weights of the added deltas sum to zero; nothing to average")
+        return Delta({k: (s / self._total).to(self._like[k].dtype) for k, s in self._sum.items()})
+
+    def reset(self) -> None:
+        self._sum, self._like, self._total, self.count = None, None, 0.0, 0
+
+    def __repr__(self) -> str:
+        return "FedAvg()"

@@ -1,0 +1,62 @@
+"""Update compression: codecs, pipelines, error feedback and the wire format.
+
+Example:
+    >>> import torch, deltaplane as dp
+    >>> codec = dp.get_codec("topk(0.01) | quant(bits=8)")
+    >>> comp = dp.Compressor(codec, error_feedback=True, seed=0)
+    >>> delta = dp.Delta({"w": torch.randn(100, 100)})
+    >>> payload = comp.compress(delta)
+    >>> len(payload) < delta.nbytes / 50
+    True
+"""
+
+from deltaplane.codecs import quantize, sparsify  # noqa: F401  (register built-in codecs)
+from deltaplane.codecs.base import (
+    Codec,
+    Encoded,
+    Pipeline,
+    available_codecs,
+    decode_tree,
+    format_spec,
+    get_codec,
+    parse_spec,
+    register_codec,
+)
+from deltaplane.codecs.compressor import (
+    Compressor,
+    CompressorState,
+    decode_delta,
+    decompress,
+    encode_delta,
+    read_header,
+)
+from deltaplane.codecs.quantize import BF16, FP16, Identity, Quantize
+from deltaplane.codecs.sparsify import TopK
+from deltaplane.codecs.wire import Limits, WireHeader, pack, unpack
+
+__all__ = [
+    "BF16",
+    "FP16",
+    "Codec",
+    "Compressor",
+    "CompressorState",
+    "Encoded",
+    "Identity",
+    "Limits",
+    "Pipeline",
+    "Quantize",
+    "TopK",
+    "WireHeader",
+    "available_codecs",
+    "decode_delta",
+    "decode_tree",
+    "decompress",
+    "encode_delta",
+    "format_spec",
+    "get_codec",
+    "pack",
+    "parse_spec",
+    "read_header",
+    "register_codec",
+    "unpack",
+]

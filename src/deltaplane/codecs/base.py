@@ -1,0 +1,342 @@
+"""The codec protocol, the codec registry with its text specs, and pipelines.
+
+A codec maps one tensor to an :class:`Encoded` tree and back. Its fields are either final ``bytes`` or
+float tensors that a later pipeline stage may compress further (top-k's kept values, say); a pipeline such as
+``"topk(0.01) | quant(bits=8)"`` feeds every tensor field of one stage into the next. What is left as a tensor
+at the end is stored raw. The tree maps one-to-one onto the wire format (:mod:`deltaplane.codecs.wire`).
+
+Codecs are small keyword-only objects whose constructor arguments are their hyperparameters (scikit-learn
+style), so the canonical spec, ``repr`` and :func:`get_codec` round-trip:
+``get_codec(repr(c)).spec == c.spec``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from deltaplane.errors import CodecError, DecodeError, SpecError
+
+__all__ = [
+    "Codec",
+    "Encoded",
+    "Pipeline",
+    "available_codecs",
+    "format_spec",
+    "get_codec",
+    "parse_spec",
+    "register_codec",
+]
+
+Scalar = int | float | bool | str
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded tensor: the codec stage that made it, the shape it decodes to, small metadata and fields.
+
+    ``fields`` values are ``bytes`` (final) or, within a pipeline, a nested :class:`Encoded` (a float field
+    compressed by the next stage) or a float ``Tensor`` (not yet serialized).
+    """
+
+    codec: str
+    shape: tuple[int, ...]
+    meta: dict[str, Scalar] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes of all field payloads in the tree (headers excluded)."""
+        total = 0
+        for v in self.fields.values():
+            if isinstance(v, Encoded):
+                total += v.nbytes()
+            elif isinstance(v, bytes | bytearray | memoryview):
+                total += len(v)
+            elif isinstance(v, Tensor):
+                total += v.numel() * v.element_size()
+        return total
+
+
+class Codec:
+    """Base class of single-stage codecs. Subclasses set ``name`` and implement ``encode``/``decode``.
+
+    ``encode`` takes a float tensor and a ``torch.Generator`` (the only source of randomness, so results are
+    reproducible given a seed); ``decode`` receives an :class:`Encoded` whose nested fields are already decoded
+    to tensors, validates every length against the shape and raises :class:`DecodeError` on any mismatch.
+    """
+
+    name: ClassVar[str] = ""
+    #: positional order of parameters in specs like ``topk(0.01)``
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, e: Encoded) -> Tensor:
+        raise NotImplementedError
+
+    # -- hyperparameters, sklearn style ------------------------------------------------------------
+    def get_params(self) -> dict[str, Scalar]:
+        """Constructor arguments, read back from attributes of the same name."""
+        return {p: getattr(self, p) for p in _hyperparameters(type(self))}
+
+    @property
+    def spec(self) -> str:
+        """Canonical text spec, e.g. ``"topk(ratio=0.01)"``.
+
+        Every parameter is spelled out, defaults included: the spec travels in payloads, and a payload must
+        decode the same even if a later release changes a default.
+        """
+        return format_spec(self.name, self.get_params())
+
+    def __repr__(self) -> str:
+        return self.spec
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.spec == other.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+    def __or__(self, other: Codec) -> Pipeline:
+        return Pipeline([self, other])
+
+    # -- helpers for strict decoding ----------------------------------------------------------------
+    @staticmethod
+    def _field(e: Encoded, name: str, kind: type) -> Any:
+        v = e.fields.get(name)
+        if v is None:
+            raise DecodeError(f"{e.codec}: missing field '{name}'")
+        if kind is bytes and isinstance(v, bytes | bytearray | memoryview):
+            return bytes(v)
+        if kind is Tensor and isinstance(v, Tensor):
+            return v
+        raise DecodeError(f"{e.codec}: field '{name}' has the wrong kind ({type(v).__name__})")
+
+    @staticmethod
+    def _expect_len(e: Encoded, name: str, data: bytes, n: int) -> None:
+        if len(data) != n:
+            raise DecodeError(f"{e.codec}: field '{name}' holds {len(data)} bytes, expected {n}")
+
+
+def _hyperparameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of ``cls.__init__`` (a codec's hyperparameters)."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        k: p
+        for k, p in sig.parameters.items()
+        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make ``cls`` available to :func:`get_codec` under ``cls.name``."""
+    if not cls.name or not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+        raise CodecError(f"invalid codec name {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_codecs() -> dict[str, type[Codec]]:
+    """Registered codec names and classes."""
+    return dict(_REGISTRY)
+
+
+# -- spec grammar --------------------------------------------------------------------------------------
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][\w.\-]*)|(\"[^\"]*\"|'[^']*')|(-?[\d.][\w.+\-]*)|(.))")
+
+
+def _format_value(v: Scalar) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
+    return v if re.fullmatch(r"[A-Za-z_][\w.\-]*", v) else repr(v)
+
+
+def format_spec(name: str, params: dict[str, Scalar]) -> str:
+    """``format_spec("topk", {"ratio": 0.01}) == "topk(ratio=0.01)"``; no parentheses without params."""
+    if not params:
+        return name
+    return f"{name}(" + ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) + ")"
+
+
+def _parse_value(tok: str, kind: str) -> Scalar:
+    if kind == "str":
+        return tok[1:-1]
+    if kind == "ident":
+        low = tok.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return tok
+    try:
+        return int(tok)
+    except ValueError:
+        try:
+            return float(tok)
+        except ValueError:
+            raise SpecError(f"cannot read value {tok!r}") from None
+
+
+def parse_spec(spec: str) -> list[tuple[str, list[Scalar], dict[str, Scalar]]]:
+    """Parse ``"a(1, x=2) | b"`` into ``[("a", [1], {"x": 2}), ("b", [], {})]``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(
+            f"empty codec spec {spec!r}; try e.g. 'quant(bits=8)' or 'topk(0.01) | quant(bits=8)'"
+        )
+    toks: list[tuple[str, str]] = []
+    for m in _TOKEN.finditer(spec):
+        ident, string, number, other = m.groups()
+        if ident is not None:
+            toks.append(("ident", ident))
+        elif string is not None:
+            toks.append(("str", string))
+        elif number is not None:
+            toks.append(("num", number))
+        elif other is not None and other.strip():
+            toks.append(("op", other))
+    stages: list[tuple[str, list[Scalar], dict[str, Scalar]]] = []
+    i = 0
+
+    def expect(kind: str, value: str | None = None) -> str:
+        nonlocal i
+        if i >= len(toks) or toks[i][0] != kind or (value is not None and toks[i][1] != value):
+            got = toks[i][1] if i < len(toks) else "end of spec"
+            raise SpecError(f"in codec spec {spec!r}: expected {value or kind}, got {got!r}")
+        i += 1
+        return toks[i - 1][1]
+
+    while True:
+        name = expect("ident")
+        args: list[Scalar] = []
+        kwargs: dict[str, Scalar] = {}
+        if i < len(toks) and toks[i] == ("op", "("):
+            i += 1
+            while i < len(toks) and toks[i] != ("op", ")"):
+                if toks[i][0] == "ident" and i + 1 < len(toks) and toks[i + 1] == ("op", "="):
+                    key = toks[i][1]
+                    i += 2
+                    if i >= len(toks) or toks[i][0] == "op":
+                        raise SpecError(f"in codec spec {spec!r}: missing value for '{key}'")
+                    if key in kwargs:
+                        raise SpecError(f"in codec spec {spec!r}: '{key}' given twice")
+                    kwargs[key] = _parse_value(toks[i][1], toks[i][0])
+                else:
+                    if kwargs:
+                        raise SpecError(f"in codec spec {spec!r}: positional value after keyword")
+                    if toks[i][0] == "op":
+                        raise SpecError(f"in codec spec {spec!r}: unexpected {toks[i][1]!r}")
+                    args.append(_parse_value(toks[i][1], toks[i][0]))
+                i += 1
+                if i < len(toks) and toks[i] == ("op", ","):
+                    i += 1
+            expect("op", ")")
+        stages.append((name, args, kwargs))
+        if i == len(toks):
+            return stages
+        expect("op", "|")
+
+
+def _build(name: str, args: list[Scalar], kwargs: dict[str, Scalar]) -> Codec:
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise SpecError(f"unknown codec '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    if len(args) > len(cls.positional):
+        raise SpecError(f"{name}: takes at most {len(cls.positional)} positional value(s), got {len(args)}")
+    params = dict(zip(cls.positional, args, strict=False))
+    for k, v in kwargs.items():
+        if k in params:
+            raise SpecError(f"{name}: '{k}' given twice")
+        params[k] = v
+    allowed = list(_hyperparameters(cls))
+    unknown = set(params) - set(allowed)
+    if unknown:
+        raise SpecError(f"{name}: unknown parameter(s) {sorted(unknown)}; allowed: {allowed}")
+    try:
+        return cls(**params)
+    except SpecError:
+        raise
+    except (CodecError, TypeError, ValueError) as exc:  # a bad value in a spec string is a spec error
+        raise SpecError(str(exc)) from exc
+
+
+def get_codec(spec: str | Codec) -> Codec:
+    """Build a codec (or a :class:`Pipeline`) from its text spec.
+
+    Example:
+        >>> from deltaplane.codecs import get_codec
+        >>> get_codec("topk(0.01) | quant(bits=4)").spec
+        'topk(ratio=0.01) | quant(bits=4, stochastic=false, chunk=512)'
+    """
+    if isinstance(spec, Codec):
+        return spec
+    import deltaplane.codecs  # noqa: F401  (registers the built-in codecs)
+
+    stages = [_build(*stage) for stage in parse_spec(spec)]
+    return stages[0] if len(stages) == 1 else Pipeline(stages)
+
+
+# -- pipelines -------------------------------------------------------------------------------------------
+class Pipeline(Codec):
+    """Stages applied in order: every float field a stage leaves is encoded by the rest of the pipeline."""
+
+    name = "pipeline"
+
+    def __init__(self, stages: list[Codec]) -> None:
+        flat: list[Codec] = []
+        for s in stages:
+            flat.extend(s.stages if isinstance(s, Pipeline) else [s])
+        if not flat:
+            raise CodecError("a pipeline needs at least one stage")
+        self.stages = flat
+
+    @property
+    def spec(self) -> str:
+        return " | ".join(s.spec for s in self.stages)
+
+    def get_params(self) -> dict[str, Scalar]:
+        return {"stages": self.spec}
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        return _encode_stages(self.stages, x, rng)
+
+    def decode(self, e: Encoded) -> Tensor:
+        return decode_tree(e)
+
+
+def _encode_stages(stages: list[Codec], x: Tensor, rng: torch.Generator) -> Encoded:
+    e = stages[0].encode(x, rng)
+    if len(stages) == 1:
+        return e
+    fields = {
+        k: _encode_stages(stages[1:], v, rng) if isinstance(v, Tensor) else v for k, v in e.fields.items()
+    }
+    return Encoded(e.codec, e.shape, e.meta, fields)
+
+
+def decode_tree(e: Encoded) -> Tensor:
+    """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
+    try:
+        codec = get_codec(e.codec)
+    except SpecError as exc:
+        raise DecodeError(f"cannot decode: {exc}") from exc
+    if isinstance(codec, Pipeline):
+        raise DecodeError(f"an encoded node must name one codec stage, got pipeline '{e.codec}'")
+    fields = {k: decode_tree(v) if isinstance(v, Encoded) else v for k, v in e.fields.items()}
+    out = codec.decode(Encoded(e.codec, e.shape, e.meta, fields))
+    if tuple(out.shape) != tuple(e.shape):  # a codec bug, but never hand back a wrongly shaped tensor
+        raise DecodeError(f"{e.codec}: decoded shape {tuple(out.shape)} != declared {e.shape}")
+    return out

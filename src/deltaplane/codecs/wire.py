@@ -1,0 +1,236 @@
+"""Wire format v1: one framed, versioned, checksummed payload per compressed delta.
+
+Layout (all integers little-endian)::
+
+    magic b"DPLN" | u8 version (=1) | u8 flags | u32 header_len | header | payload | u32 CRC32C
+
+``flags`` bit 0 means the header is zlib-compressed (set when that is smaller). The header is UTF-8 JSON;
+the payload is every byte field of every tensor, concatenated in header order. The CRC32C covers everything
+before it. Decoding is strict and bounded: magic, version, flags, lengths, checksum, header schema, limits,
+offsets (fields must tile the payload exactly), shapes and finite values are all checked before a tensor is
+handed back, and any failure is a :class:`~deltaplane.errors.DecodeError`. ``docs/wire-format.md`` is the
+specification.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import torch
+from torch import Tensor
+
+from deltaplane.codecs.base import Encoded
+from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
+from deltaplane.errors import DecodeError, VersionMismatch
+
+__all__ = ["MAGIC", "VERSION", "Limits", "WireHeader", "finalize", "pack", "unpack"]
+
+MAGIC = b"DPLN"
+VERSION = 1
+FLAG_ZLIB_HEADER = 0x01
+_KNOWN_FLAGS = FLAG_ZLIB_HEADER
+_PREFIX = struct.Struct("<4sBBI")  # magic, version, flags, header_len
+_CRC = struct.Struct("<I")
+FRAME_OVERHEAD = _PREFIX.size + _CRC.size  # 14 bytes around header and payload
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds enforced while decoding untrusted payloads (defaults suit models up to a few billion values)."""
+
+    max_header_bytes: int = 16 << 20
+    max_tensors: int = 100_000
+    max_numel: int = 1 << 34
+    max_depth: int = 8
+
+
+@dataclass(frozen=True)
+class WireHeader:
+    """What a payload says about itself besides its tensors."""
+
+    base_id: str = ""
+    base_version: int = 0
+    codec: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def finalize(e: Encoded) -> Encoded:
+    """Serialize any float tensor a pipeline left in the tree as raw fp32 (an ``identity`` node)."""
+    fields: dict[str, Any] = {}
+    for k, v in e.fields.items():
+        if isinstance(v, Tensor):
+            v = Identity().encode(v.float(), torch.Generator())
+        fields[k] = finalize(v) if isinstance(v, Encoded) else bytes(v)
+    return Encoded(e.codec, e.shape, e.meta, fields)
+
+
+# -- encoding --------------------------------------------------------------------------------------------
+def pack(tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader) -> bytes:
+    """Frame encoded tensors (name -> (original dtype, finalized tree)) into one payload."""
+    chunks: list[bytes] = []
+    offset = 0
+
+    def node(e: Encoded) -> dict[str, Any]:
+        nonlocal offset
+        out: dict[str, Any] = {"c": e.codec, "s": list(e.shape)}
+        if e.meta:
+            out["m"] = e.meta
+        fields: dict[str, Any] = {}
+        for k, v in e.fields.items():
+            if isinstance(v, Encoded):
+                fields[k] = node(v)
+            elif isinstance(v, bytes):
+                fields[k] = [offset, len(v)]
+                chunks.append(v)
+                offset += len(v)
+            else:
+                raise TypeError(f"field '{k}' is not finalized ({type(v).__name__}); call finalize() first")
+        out["f"] = fields
+        return out
+
+    table = [[name, DTYPE_NAMES[dtype], node(e)] for name, (dtype, e) in tensors.items()]
+    doc = {"base": [header.base_id, header.base_version], "codec": header.codec, "t": table}
+    if header.meta:
+        doc["meta"] = header.meta
+    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    packed = zlib.compress(raw, 9)
+    flags, head = (FLAG_ZLIB_HEADER, packed) if len(packed) < len(raw) else (0, raw)
+    body = _PREFIX.pack(MAGIC, VERSION, flags, len(head)) + head + b"".join(chunks)
+    return body + _CRC.pack(crc32c.crc32c(body))
+
+
+# -- decoding --------------------------------------------------------------------------------------------
+def _fail(msg: str) -> DecodeError:
+    return DecodeError(f"invalid deltaplane payload: {msg}")
+
+
+def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memoryview]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise _fail(f"expected bytes, got {type(payload).__name__}")
+    buf = memoryview(payload)
+    if len(buf) < FRAME_OVERHEAD:
+        raise _fail(f"truncated: {len(buf)} bytes is shorter than the {FRAME_OVERHEAD}-byte frame")
+    magic, version, flags, header_len = _PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise _fail(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}); not a deltaplane payload")
+    if version != VERSION:
+        raise _fail(f"unsupported format version {version}; this deltaplane reads version {VERSION}")
+    if flags & ~_KNOWN_FLAGS:
+        raise _fail(f"unknown flag bits {flags:#04x}")
+    if header_len > limits.max_header_bytes:
+        raise _fail(f"header of {header_len} bytes exceeds the {limits.max_header_bytes}-byte limit")
+    if _PREFIX.size + header_len + _CRC.size > len(buf):
+        raise _fail(f"truncated: header claims {header_len} bytes but the payload has {len(buf)} in all")
+    (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
+    if crc32c.crc32c(buf[: -_CRC.size]) != crc:
+        raise _fail("checksum mismatch (corrupted or truncated in transit)")
+    raw = bytes(buf[_PREFIX.size : _PREFIX.size + header_len])
+    if flags & FLAG_ZLIB_HEADER:
+        try:
+            d = zlib.decompressobj()
+            raw = d.decompress(raw, limits.max_header_bytes)
+            if d.unconsumed_tail or not d.eof:
+                raise _fail("compressed header is truncated or expands beyond the header limit")
+        except zlib.error as exc:
+            raise _fail(f"compressed header is corrupt ({exc})") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise _fail("header must be a JSON object")
+    return doc, buf[_PREFIX.size + header_len : len(buf) - _CRC.size]
+
+
+def _shape(v: Any, where: str, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 16 or not all(type(d) is int and d >= 0 for d in v):
+        raise _fail(f"{where}: shape must be a list of at most 16 non-negative integers, got {v!r}")
+    if math.prod(v) > limits.max_numel:
+        raise _fail(f"{where}: shape {v} exceeds the {limits.max_numel}-value limit")
+    return tuple(v)
+
+
+class _Reader:
+    def __init__(self, payload: memoryview, limits: Limits) -> None:
+        self.payload, self.limits, self.cursor = payload, limits, 0
+
+    def node(self, v: Any, where: str, depth: int) -> Encoded:
+        if depth > self.limits.max_depth:
+            raise _fail(f"{where}: codec tree deeper than {self.limits.max_depth}")
+        if not isinstance(v, dict) or set(v) - {"c", "s", "m", "f"} or not {"c", "s", "f"} <= set(v):
+            raise _fail(f"{where}: malformed tensor node")
+        codec, meta, fields_in = v["c"], v.get("m", {}), v["f"]
+        if not isinstance(codec, str) or not codec or len(codec) > 1000:
+            raise _fail(f"{where}: codec must be a non-empty string")
+        if not isinstance(meta, dict) or not all(
+            isinstance(x, int | float | str | bool) and not isinstance(x, dict) for x in meta.values()
+        ):
+            raise _fail(f"{where}: meta must map names to scalars")
+        if not isinstance(fields_in, dict):
+            raise _fail(f"{where}: fields must be an object")
+        fields: dict[str, Any] = {}
+        for k, f in fields_in.items():
+            if isinstance(f, dict):
+                fields[k] = self.node(f, f"{where}.{k}", depth + 1)
+                continue
+            if not (isinstance(f, list) and len(f) == 2 and all(type(x) is int for x in f)):
+                raise _fail(f"{where}.{k}: field must be [offset, length] or a nested node")
+            off, length = f
+            if off != self.cursor or length < 0 or off + length > len(self.payload):
+                raise _fail(
+                    f"{where}.{k}: bytes [{off}, {off + length}) out of order or out of range "
+                    f"(expected offset {self.cursor}, payload {len(self.payload)} bytes)"
+                )
+            fields[k] = bytes(self.payload[off : off + length])
+            self.cursor += length
+        return Encoded(codec, _shape(v["s"], where, self.limits), meta, fields)
+
+
+def unpack(
+    payload: bytes, *, limits: Limits | None = None
+) -> tuple[WireHeader, dict[str, tuple[torch.dtype, Encoded]]]:
+    """Parse and validate a payload's frame and header; returns the header and name -> (dtype, tree)."""
+    limits = limits or Limits()
+    doc, body = _read_header(payload, limits)
+    if set(doc) - {"base", "codec", "t", "meta"} or "t" not in doc:
+        raise _fail("header has unknown or missing keys")
+    base = doc.get("base", ["", 0])
+    if not (isinstance(base, list) and len(base) == 2 and isinstance(base[0], str) and type(base[1]) is int):
+        raise _fail("header 'base' must be [model id, version]")
+    codec, meta, table = doc.get("codec", ""), doc.get("meta", {}), doc["t"]
+    if not isinstance(codec, str) or not isinstance(meta, dict) or not isinstance(table, list):
+        raise _fail("header fields have the wrong types")
+    if len(table) > limits.max_tensors:
+        raise _fail(f"{len(table)} tensors exceed the {limits.max_tensors}-tensor limit")
+    reader = _Reader(body, limits)
+    out: dict[str, tuple[torch.dtype, Encoded]] = {}
+    for row in table:
+        if not (
+            isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+        ):
+            raise _fail("tensor table rows must be [name, dtype, node]")
+        name, dtype_name, node = row
+        if name in out:
+            raise _fail(f"tensor '{name}' appears twice")
+        if dtype_name not in DTYPES:
+            raise _fail(f"tensor '{name}': unknown dtype {dtype_name!r}")
+        out[name] = (DTYPES[dtype_name], reader.node(node, f"tensor '{name}'", 0))
+    if reader.cursor != len(body):
+        raise _fail(f"{len(body) - reader.cursor} trailing payload bytes not claimed by any tensor")
+    return WireHeader(base[0], base[1], codec, meta), out
+
+
+def check_base(header: WireHeader, expect_base: tuple[str, int] | None) -> None:
+    """Refuse a payload made against another base model than ``expect_base`` (id, version)."""
+    if expect_base is not None and (header.base_id, header.base_version) != tuple(expect_base):
+        raise VersionMismatch(
+            f"payload was made against base {header.base_id!r} v{header.base_version}, "
+            f"but the receiver holds {expect_base[0]!r} v{expect_base[1]}; fetch the current model first"
+        )

@@ -1,0 +1,233 @@
+"""The central value of the library: a :class:`Delta` is an ordered mapping ``name -> tensor`` of ``new - base``.
+
+Devices produce deltas, codecs shrink them, aggregators combine them, mergers blend them and the registry ships
+them. Every operation is strict: names, shapes and dtypes must match exactly, otherwise :class:`ShapeMismatch`
+names the offending tensor — a silently broadcast or skipped tensor is how merged models go wrong unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from deltaplane.errors import DecodeError, InvalidUpdate, ShapeMismatch
+
+__all__ = ["Delta", "StateDict", "atomic_write_bytes", "check_compatible"]
+
+StateDict = Mapping[str, Tensor]
+
+
+def check_compatible(a: StateDict, b: StateDict, what: str = "state dicts") -> None:
+    """Raise :class:`ShapeMismatch` unless ``a`` and ``b`` have the same names, shapes and dtypes."""
+    if a.keys() != b.keys():
+        missing = sorted(set(a) - set(b))
+        extra = sorted(set(b) - set(a))
+        raise ShapeMismatch(
+            f"{what} have different tensor names: only in first {missing[:5]}, only in second {extra[:5]}"
+        )
+    for name, t in a.items():
+        u = b[name]
+        if t.shape != u.shape:
+            raise ShapeMismatch(f"tensor '{name}': shape {tuple(t.shape)} vs {tuple(u.shape)} in {what}")
+        if t.dtype != u.dtype:
+            raise ShapeMismatch(f"tensor '{name}': dtype {t.dtype} vs {u.dtype} in {what}")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Delta(Mapping[str, Tensor]):
+    """An immutable-by-convention ordered mapping from parameter name to ``new - base`` tensor.
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> base = {"w": torch.zeros(2, 2)}
+        >>> new = {"w": torch.ones(2, 2)}
+        >>> d = dp.Delta.between(base, new)
+        >>> d.apply(base)["w"].sum().item()
+        4.0
+        >>> round((0.5 * d).norm(), 3)
+        1.0
+    """
+
+    __slots__ = ("_tensors",)
+
+    def __init__(self, tensors: Mapping[str, Tensor] | None = None) -> None:
+        items: dict[str, Tensor] = {}
+        for name, t in (tensors or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(f"Delta keys must be str, got {type(name).__name__}")
+            if not isinstance(t, Tensor):
+                raise TypeError(f"Delta value for '{name}' must be a torch.Tensor, got {type(t).__name__}")
+            items[name] = t
+        self._tensors = items
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def between(cls, base: StateDict, new: StateDict) -> Delta:
+        """The change that turns ``base`` into ``new`` (``new - base`` per tensor, in the base's dtype)."""
+        check_compatible(base, new, "base and new")
+        return cls({k: new[k].detach() - base[k].detach() for k in base})
+
+    @classmethod
+    def zeros_like(cls, like: StateDict) -> Delta:
+        """A delta of zeros with the names, shapes and dtypes of ``like``."""
+        return cls({k: torch.zeros_like(v) for k, v in like.items()})
+
+    # -- Mapping protocol ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Delta({len(self)} tensors, {self.numel()} values, norm={self.norm():.4g})"
+
+    # -- application --------------------------------------------------------------------------------
+    def apply(self, base: StateDict, scale: float = 1.0) -> dict[str, Tensor]:
+        """Return ``base + scale * delta`` as a new state dict (``base`` is not modified)."""
+        check_compatible(base, self, "base and delta")
+        out: dict[str, Tensor] = {}
+        for k, b in base.items():
+            d = self._tensors[k]
+            if b.is_floating_point():
+                out[k] = b.detach() + d if scale == 1.0 else b.detach() + scale * d
+            else:  # integer buffers (e.g. counters) take the change as is
+                out[k] = b.detach() + d
+        return out
+
+    # -- arithmetic ---------------------------------------------------------------------------------
+    def _zip(self, other: Delta, op: Callable[[Tensor, Tensor], Tensor]) -> Delta:
+        if not isinstance(other, Delta):
+            return NotImplemented  # type: ignore[return-value]
+        check_compatible(self, other, "deltas")
+        return Delta({k: op(v, other[k]) for k, v in self.items()})
+
+    def __add__(self, other: Delta) -> Delta:
+        return self._zip(other, torch.add)
+
+    def __sub__(self, other: Delta) -> Delta:
+        return self._zip(other, torch.sub)
+
+    def __neg__(self) -> Delta:
+        return Delta({k: -v for k, v in self.items()})
+
+    def __mul__(self, scalar: float) -> Delta:
+        if not isinstance(scalar, int | float):
+            return NotImplemented
+        return Delta({k: v * scalar if v.is_floating_point() else v for k, v in self.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> Delta:
+        if not isinstance(scalar, int | float):
+            return NotImplemented
+        return self * (1.0 / scalar)
+
+    def map(self, fn: Callable[[str, Tensor], Tensor]) -> Delta:
+        """A new delta with ``fn(name, tensor)`` applied to every tensor."""
+        return Delta({k: fn(k, v) for k, v in self.items()})
+
+    # -- measures -----------------------------------------------------------------------------------
+    def norm(self) -> float:
+        """Global L2 norm over all floating-point tensors (what clipping and DP bound)."""
+        sq = sum(float(v.double().pow(2).sum()) for v in self.values() if v.is_floating_point())
+        return math.sqrt(sq)
+
+    def numel(self) -> int:
+        """Total number of values."""
+        return sum(v.numel() for v in self.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the raw tensors occupy (the uncompressed size that compression ratios are measured against)."""
+        return sum(v.numel() * v.element_size() for v in self.values())
+
+    def is_finite(self) -> bool:
+        """True if no floating-point tensor holds NaN or Inf."""
+        return all(bool(torch.isfinite(v).all()) for v in self.values() if v.is_floating_point())
+
+    def check_finite(self) -> None:
+        """Raise :class:`InvalidUpdate` naming the first tensor holding NaN or Inf."""
+        for k, v in self.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise InvalidUpdate(f"tensor '{k}' holds NaN or Inf values; refusing the update")
+
+    def allclose(self, other: StateDict, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """True if ``other`` has the same layout and every tensor is close."""
+        try:
+            check_compatible(self, other)
+        except ShapeMismatch:
+            return False
+        return all(torch.allclose(v, other[k], rtol=rtol, atol=atol) for k, v in self.items())
+
+    # -- flat view (for aggregation / batched codecs) -----------------------------------------------
+    def flatten(self) -> Tensor:
+        """All floating-point tensors concatenated into one float32 vector, in key order."""
+        parts = [v.reshape(-1).float() for v in self.values() if v.is_floating_point()]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def unflatten(self, flat: Tensor) -> Delta:
+        """Inverse of :meth:`flatten`: a delta shaped like ``self`` holding the values of ``flat``."""
+        n = sum(v.numel() for v in self.values() if v.is_floating_point())
+        if flat.dim() != 1 or flat.numel() != n:
+            raise ShapeMismatch(f"flat vector has shape {tuple(flat.shape)}, expected ({n},)")
+        out, i = {}, 0
+        for k, v in self.items():
+            if v.is_floating_point():
+                out[k] = flat[i : i + v.numel()].reshape(v.shape).to(v.dtype)
+                i += v.numel()
+            else:
+                out[k] = v
+        return Delta(out)
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+        """Write the delta as safetensors, atomically (temp file + rename)."""
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.items()}
+        # safetensors sorts names; the order is kept in the metadata so a delta loads back identically
+        meta = dict(metadata or {}) | {
+            "format": "deltaplane.delta",
+            "deltaplane.order": json.dumps(list(self)),
+        }
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Delta:
+        """Read a delta written by :meth:`save` (or any safetensors file of tensors)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                order = json.loads((f.metadata() or {}).get("deltaplane.order", "null")) or list(f.keys())
+                if sorted(order) != sorted(f.keys()):
+                    order = list(f.keys())
+                return cls({k: f.get_tensor(k) for k in order})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DecodeError(f"cannot read delta from {path}: {exc}") from exc

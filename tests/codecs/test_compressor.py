@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+import deltaplane as dp
+
+
+def _deltas(n: int, seed: int = 0) -> list[dp.Delta]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        dp.Delta({"w": torch.randn(50, 20, generator=g), "b": torch.randn(20, generator=g)}) for _ in range(n)
+    ]
+
+
+def test_error_feedback_recovers_dropped_mass() -> None:
+    """Σ sent + final residual == Σ true deltas (exactly, up to float rounding), so nothing is lost."""
+    comp = dp.Compressor("topk(0.02) | quant(bits=4)", error_feedback=True, seed=0)
+    deltas = _deltas(30)
+    sent = [dp.decompress(comp.compress(d)) for d in deltas]
+    total_true = sum(deltas[1:], deltas[0])
+    total_sent = sum(sent[1:], sent[0])
+    assert comp.state.residual is not None
+    assert (total_sent + comp.state.residual).allclose(total_true, atol=1e-4)
+    # and the residual stays bounded rather than growing with the number of rounds
+    assert comp.state.residual.norm() < 0.5 * total_true.norm() * 30**0.5
+
+
+def test_error_feedback_beats_no_feedback_over_rounds() -> None:
+    deltas = _deltas(40, seed=1)
+    truth = sum(deltas[1:], deltas[0])
+    errs = {}
+    for ef in (True, False):
+        comp = dp.Compressor("topk(0.01)", error_feedback=ef)
+        sent = [dp.decompress(comp.compress(d)) for d in deltas]
+        errs[ef] = (sum(sent[1:], sent[0]) - truth).norm() / truth.norm()
+    assert errs[True] < 0.7 * errs[False]
+
+
+def test_deterministic_given_seed() -> None:
+    d = _deltas(3)
+    a = [dp.Compressor("quant(bits=2, stochastic=true)", seed=7).compress(x) for x in d]
+    b = [dp.Compressor("quant(bits=2, stochastic=true)", seed=7).compress(x) for x in d]
+    c = [dp.Compressor("quant(bits=2, stochastic=true)", seed=8).compress(x) for x in d]
+    assert a == b and a != c
+
+
+def test_state_dict_resumes_exactly() -> None:
+    deltas = _deltas(6)
+    ref = dp.Compressor("topk(0.1) | quant(bits=2, stochastic=true)", seed=3)
+    expected = [ref.compress(d) for d in deltas]
+    first = dp.Compressor("topk(0.1) | quant(bits=2, stochastic=true)", seed=3)
+    for d in deltas[:3]:
+        first.compress(d)
+    resumed = dp.Compressor("topk(0.1) | quant(bits=2, stochastic=true)", seed=99)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.compress(d) for d in deltas[3:]] == expected[3:]
+    with pytest.raises(dp.DeltaplaneError, match="codec"):
+        dp.Compressor("identity").load_state_dict(first.state_dict())
+
+
+def test_bad_input_is_refused() -> None:
+    comp = dp.Compressor("topk(0.1)")
+    with pytest.raises(dp.InvalidUpdate, match="'w'"):
+        comp.compress(dp.Delta({"w": torch.tensor([float("nan"), 1.0])}))
+    comp.compress(dp.Delta({"w": torch.ones(4)}))
+    with pytest.raises(dp.ShapeMismatch, match="error-feedback"):
+        comp.compress(dp.Delta({"w": torch.ones(5)}))
+    with pytest.raises(dp.SpecError):
+        dp.Compressor("topk(ratio=-1)")
+
+
+def test_ratio_on_a_realistic_layer() -> None:
+    d = dp.Delta({"w": torch.randn(256, 64)})
+    p = dp.Compressor("topk(0.01) | quant(bits=8)").compress(d)
+    assert d.nbytes / len(p) > 50

@@ -1,0 +1,64 @@
+import pytest
+
+import deltaplane as dp
+from deltaplane.codecs import format_spec, parse_spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("identity", "identity"),
+        ("fp16", "fp16"),
+        ("topk(0.01)", "topk(ratio=0.01)"),
+        ("quant(4)", "quant(bits=4, stochastic=false, chunk=512)"),
+        (
+            " topk( ratio = 0.05 )|quant(bits=2,stochastic=TRUE, chunk=64) ",
+            "topk(ratio=0.05) | quant(bits=2, stochastic=true, chunk=64)",
+        ),
+    ],
+)
+def test_canonical_specs_round_trip(spec: str, canonical: str) -> None:
+    c = dp.get_codec(spec)
+    assert c.spec == canonical
+    assert repr(c) == canonical
+    assert dp.get_codec(canonical).spec == canonical
+    assert dp.get_codec(c) is c
+
+
+def test_parse_and_format() -> None:
+    assert parse_spec("a(1, x=2.5, y=true, z='s t') | b") == [
+        ("a", [1], {"x": 2.5, "y": True, "z": "s t"}),
+        ("b", [], {}),
+    ]
+    assert format_spec("a", {"x": 2.5, "y": False, "z": "s t"}) == "a(x=2.5, y=false, z='s t')"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty"),
+        ("nope", "unknown codec 'nope'"),
+        ("topk(", "expected"),
+        ("topk(0.1", "expected"),
+        ("topk(ratio=)", "missing value"),
+        ("topk(ratio=2)", r"ratio must be in \(0, 1\]"),
+        ("topk(0.1, 0.2)", "positional"),
+        ("quant(bits=9)", "bits must be an integer in 1..8"),
+        ("quant(bits=4.5)", "bits"),
+        ("quant(bitz=4)", "unknown parameter"),
+        ("quant(bits=4, bits=5)", "twice"),
+        ("topk(0.1) |", "expected"),
+        ("topk(0.1) quant", "expected"),
+        ("quant(bits=4, 3)", "positional value after keyword"),
+    ],
+)
+def test_bad_specs_say_what_to_fix(spec: str, message: str) -> None:
+    with pytest.raises(dp.SpecError, match=message):
+        dp.get_codec(spec)
+
+
+def test_pipe_operator() -> None:
+    p = dp.get_codec("topk(0.1)") | dp.get_codec("quant(bits=8)")
+    assert isinstance(p, dp.Pipeline)
+    assert p.spec == dp.get_codec("topk(0.1) | quant(8)").spec
+    assert p == dp.get_codec(p.spec)

@@ -1,0 +1,267 @@
+"""Wire format v1: exact layout, strict decoding, and fuzzing with random mutations of valid payloads."""
+
+import contextlib
+import json
+import random
+import struct
+import zlib
+
+import crc32c
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import deltaplane as dp
+from deltaplane.codecs.wire import FRAME_OVERHEAD, MAGIC, Limits, unpack
+
+SPECS = [
+    "identity",
+    "fp16",
+    "quant(bits=3, stochastic=true, chunk=64)",
+    "topk(0.05) | quant(bits=8)",
+    "topk(0.3)",
+]
+
+
+def _delta(seed: int = 0) -> dp.Delta:
+    g = torch.Generator().manual_seed(seed)
+    return dp.Delta(
+        {
+            "conv.weight": torch.randn(8, 1, 3, 3, generator=g),
+            "fc.weight": torch.randn(10, 64, generator=g),
+            "fc.bias": torch.randn(10, generator=g),
+            "steps": torch.tensor([3], dtype=torch.int64),
+        }
+    )
+
+
+def _payload(spec: str, seed: int = 0) -> bytes:
+    return dp.Compressor(spec, error_feedback=False, seed=seed).compress(
+        _delta(seed), base_id="cnn", base_version=4
+    )
+
+
+def _same(a: dp.Delta, b: dp.Delta) -> bool:
+    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+def _header(payload: bytes) -> tuple[dict, int, bytes]:
+    _, _, flags, hlen = struct.unpack_from("<4sBBI", payload)
+    raw = payload[10 : 10 + hlen]
+    doc = json.loads(zlib.decompress(raw) if flags & 1 else raw)
+    return doc, hlen, payload[10 + hlen : -4]
+
+
+def _repack(doc: dict, body: bytes) -> bytes:
+    raw = json.dumps(doc).encode()
+    return _with_crc(MAGIC + bytes([1, 0]) + struct.pack("<I", len(raw)) + raw + body)
+
+
+# -- layout ----------------------------------------------------------------------------------------------
+def test_exact_layout_and_byte_count() -> None:
+    d = dp.Delta({"w": torch.tensor([1.0, -2.0])})
+    p = dp.Compressor("identity", error_feedback=False).compress(d, base_id="m", base_version=1)
+    raw = json.dumps(
+        {
+            "base": ["m", 1],
+            "codec": "identity",
+            "t": [
+                [
+                    "w",
+                    "float32",
+                    {"c": "identity", "s": [2], "m": {"dtype": "float32"}, "f": {"data": [0, 8]}},
+                ]
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()
+    head = min(raw, zlib.compress(raw, 9), key=len)
+    assert p[:4] == b"DPLN" and p[4] == 1 and p[5] == (1 if head is not raw else 0)
+    assert struct.unpack_from("<I", p, 6)[0] == len(head)
+    assert len(p) == FRAME_OVERHEAD + len(head) + 8 == 14 + len(head) + 8
+    assert p[10 + len(head) : -4] == struct.pack("<2f", 1.0, -2.0)
+    assert struct.unpack("<I", p[-4:])[0] == crc32c.crc32c(p[:-4])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_round_trip_and_header(spec: str) -> None:
+    p = _payload(spec)
+    out = dp.decompress(p, expect_base=("cnn", 4))
+    assert list(out) == list(_delta())
+    assert out["steps"].tolist() == [3]
+    h = dp.read_header(p)
+    assert (h.base_id, h.base_version, h.codec) == ("cnn", 4, dp.get_codec(spec).spec)
+
+
+def test_wrong_base_version_is_refused() -> None:
+    with pytest.raises(dp.VersionMismatch, match="v4"):
+        dp.decompress(_payload("identity"), expect_base=("cnn", 5))
+
+
+# -- strict decoding: frame ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p[:5], "truncated"),
+        (lambda p: b"XPLN" + p[4:], "bad magic"),
+        (lambda p: p[:4] + b"\x02" + p[5:], "unsupported format version 2"),
+        (lambda p: p[:5] + b"\x80" + p[6:], "unknown flag"),
+        (lambda p: p[:6] + struct.pack("<I", 10**9) + p[10:], "exceeds"),
+        (lambda p: p[:6] + struct.pack("<I", len(p)) + p[10:], "truncated"),
+        (lambda p: p[:-1], "checksum"),
+        (lambda p: p[:20] + bytes([p[20] ^ 1]) + p[21:], "checksum"),
+        (lambda p: p + b"\x00", "checksum"),
+        (lambda p: "text", "expected bytes"),
+    ],
+)
+def test_frame_errors(mutate, message: str) -> None:
+    with pytest.raises(dp.DecodeError, match=message):
+        dp.decompress(mutate(_payload("topk(0.05) | quant(bits=8)")))
+
+
+# -- strict decoding: header and fields (valid checksum, so the structural checks are what catches it) --
+def _structural(doc_mutation) -> bytes:
+    doc, _, body = _header(_payload("topk(0.05) | quant(bits=8)"))
+    doc_mutation(doc)
+    return _repack(doc, body)
+
+
+@pytest.mark.parametrize(
+    ("mutation", "message"),
+    [
+        (lambda d: d["t"][1].__setitem__(1, "complex128"), "unknown dtype"),
+        (lambda d: d["t"][1][2].__setitem__("c", "zstd9"), "unknown codec"),
+        (lambda d: d["t"][1][2].__setitem__("s", [10, 65]), "values, expected|positions|bytes"),
+        (lambda d: d["t"][1][2].__setitem__("s", [-1]), "non-negative"),
+        (lambda d: d["t"][1][2]["f"].__setitem__("idx", [5, 3]), "out of order"),
+        (lambda d: d["t"][1][2]["f"].__setitem__("idx", [0, 10**9]), "out of range|out of order"),
+        (lambda d: d["t"].append(d["t"][0]), "twice"),
+        (lambda d: d["t"].pop(), "trailing payload"),
+        (lambda d: d.__setitem__("base", "cnn"), "base"),
+        (lambda d: d.__setitem__("extra", 1), "unknown or missing"),
+        (lambda d: d["t"][1][2].__setitem__("m", {"ix": "gzip"}), "unknown index coder"),
+        (lambda d: d["t"][1][2].__setitem__("m", {"ix": {"a": 1}}), "meta"),
+        (lambda d: d["t"][1][2]["f"]["values"].__setitem__("c", "topk(0.5) | quant(bits=8)"), "one codec"),
+        (lambda d: d["t"][1].__setitem__(0, 7), "rows"),
+        (lambda d: d["t"][1][2]["f"]["values"]["f"].__setitem__("codes", "x"), "offset, length"),
+    ],
+)
+def test_structural_errors(mutation, message: str) -> None:
+    with pytest.raises(dp.DecodeError, match=message):
+        dp.decompress(_structural(mutation))
+
+
+def test_limits_are_enforced() -> None:
+    p = _payload("identity")
+    with pytest.raises(dp.DecodeError, match="tensor limit"):
+        unpack(p, limits=Limits(max_tensors=2))
+    with pytest.raises(dp.DecodeError, match="header"):
+        unpack(p, limits=Limits(max_header_bytes=10))
+    deep = {"c": "identity", "s": [1], "f": {}}
+    for _ in range(20):
+        deep = {"c": "topk(ratio=1.0)", "s": [1], "f": {"values": deep}}
+    doc = {"base": ["", 0], "codec": "", "t": [["w", "float32", deep]]}
+    with pytest.raises(dp.DecodeError, match="deeper"):
+        dp.decompress(_repack(doc, b""))
+
+
+def test_nan_values_are_refused() -> None:
+    doc, _, body = _header(_payload("identity"))
+    body = bytearray(body)
+    body[0:4] = struct.pack("<f", float("nan"))
+    with pytest.raises(dp.DecodeError, match="NaN"):
+        dp.decompress(_repack(doc, bytes(body)))
+
+
+def test_bad_json_header() -> None:
+    body = MAGIC + bytes([1, 0]) + struct.pack("<I", 5) + b"[[[[["
+    with pytest.raises(dp.DecodeError, match="JSON"):
+        dp.decompress(_with_crc(body))
+    bomb = zlib.compress(b" " * (1 << 20))
+    with pytest.raises(dp.DecodeError, match="header"):
+        unpack(_with_crc(MAGIC + bytes([1, 1]) + struct.pack("<I", len(bomb)) + bomb), limits=Limits(4096))
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------------
+def _mutate(p: bytes, rnd: random.Random) -> bytes:
+    b = bytearray(p)
+    kind = rnd.randrange(7)
+    if kind == 0:  # flip one bit
+        i = rnd.randrange(len(b))
+        b[i] ^= 1 << rnd.randrange(8)
+    elif kind == 1:  # overwrite a few bytes
+        for _ in range(rnd.randint(1, 4)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+    elif kind == 2:  # truncate
+        del b[rnd.randrange(len(b)) :]
+    elif kind == 3:  # append garbage
+        b += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 16)))
+    elif kind == 4:  # delete a slice
+        i = rnd.randrange(len(b))
+        del b[i : i + rnd.randint(1, 8)]
+    elif kind == 5:  # duplicate a slice
+        i = rnd.randrange(len(b))
+        b[i:i] = b[i : i + rnd.randint(1, 8)]
+    else:  # swap two bytes
+        i, j = rnd.randrange(len(b)), rnd.randrange(len(b))
+        b[i], b[j] = b[j], b[i]
+    return bytes(b)
+
+
+def _check_one(payload: bytes, original: dp.Delta) -> str:
+    try:
+        out = dp.decompress(payload)
+    except dp.DecodeError:
+        return "rejected"
+    assert _same(out, original), "a mutated payload decoded to a different delta"
+    return "exact"
+
+
+def test_fuzz_ten_thousand_mutations() -> None:
+    rnd = random.Random(1234)
+    originals = [(_payload(s, seed=i), dp.decompress(_payload(s, seed=i))) for i, s in enumerate(SPECS)]
+    outcomes = {"rejected": 0, "exact": 0}
+    for _ in range(10_000):
+        payload, original = originals[rnd.randrange(len(originals))]
+        outcomes[_check_one(_mutate(payload, rnd), original)] += 1
+    assert sum(outcomes.values()) == 10_000
+    assert outcomes["rejected"] > 9_900  # swaps of equal bytes are the only harmless mutations
+
+
+@given(spec=st.sampled_from(SPECS), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_hypothesis_mutations(spec: str, seed: int) -> None:
+    payload = _payload(spec)
+    _check_one(_mutate(payload, random.Random(seed)), dp.decompress(payload))
+
+
+@given(spec=st.sampled_from(SPECS), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_mutations_behind_a_valid_checksum(spec: str, seed: int) -> None:
+    """With the CRC recomputed, only the structural checks stand between a mutation and a wrong tensor:
+    every outcome must be a clean DecodeError or a well-formed delta of the declared layout."""
+    rnd = random.Random(seed)
+    mutated = _mutate(_payload(spec)[:-4], rnd)
+    try:
+        out = dp.decompress(_with_crc(mutated))
+    except dp.DecodeError:
+        return
+    for t in out.values():
+        assert not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+@given(seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_header_json_behind_a_valid_checksum(seed: int) -> None:
+    rnd = random.Random(seed)
+    doc, _, body = _header(_payload(rnd.choice(SPECS)))
+    text = bytearray(json.dumps(doc).encode())
+    for _ in range(rnd.randint(1, 3)):
+        text[rnd.randrange(len(text))] = rnd.choice(b'0123456789[]{}",:-.aetrfnul ')
+    with contextlib.suppress(dp.DecodeError):
+        dp.decompress(_with_crc(MAGIC + bytes([1, 0]) + struct.pack("<I", len(text)) + bytes(text) + body))
