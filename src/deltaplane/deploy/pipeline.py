@@ -1,0 +1,282 @@
+"""One call from a trained classifier to a device artifact: prune → (fine-tune) → export → quantize → pack → evaluate.
+
+:func:`deploy_classifier` is what ``deltaplane deploy`` runs. It evaluates the artifact *as shipped* — the ORT
+session is built from the bytes read back from the artifact file — so the reported accuracy is the accuracy of
+what a device runs, not of an intermediate model. Everything is written to a temporary folder first and moved
+into place at the end: a failure at any step leaves no partial artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
+from deltaplane.deploy.card import render_model_card
+from deltaplane.deploy.onnx import export_onnx, ort_session
+from deltaplane.deploy.profile import (
+    Comparison,
+    Evaluation,
+    compare,
+    evaluate,
+    onnx_predictor,
+    torch_predictor,
+)
+from deltaplane.deploy.prune import (
+    PruneResult,
+    apply_masks,
+    channel_prune,
+    check_sparsity,
+    magnitude_prune,
+    nm_prune,
+    sparsity_of,
+    wanda_prune,
+)
+from deltaplane.deploy.quantize import quantize_onnx
+from deltaplane.errors import ConfigError
+
+__all__ = ["DeployResult", "deploy_classifier", "parse_prune", "prune_model"]
+
+QUANTS = ("none", "int8", "int8-static", "int8-dynamic", "int4")
+FORMATS = ("onnx", "weights")
+
+
+def parse_prune(spec: str | None) -> dict[str, Any] | None:
+    """Parse a prune spec: ``"2:4"``, ``"0.8"`` / ``"magnitude:0.8"``, ``"layer:0.8"``, ``"wanda:0.5"``,
+    ``"wanda:2:4"``, ``"channels:0.5"``; ``None``/``"none"`` means no pruning."""
+    if spec is None or spec == "none":
+        return None
+    s = spec.strip().lower()
+    m = re.fullmatch(r"(?:(wanda):)?(\d+):(\d+)", s)
+    if m:
+        return {"method": "wanda" if m.group(1) else "nm", "n": int(m.group(2)), "m": int(m.group(3))}
+    m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|channels):)?([-+0-9.eE]+)", s)
+    if not m:
+        raise ConfigError(
+            f"prune spec {spec!r} not understood; use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4 or channels:0.5"
+        )
+    try:
+        value = float(m.group(2))
+    except ValueError as e:
+        raise ConfigError(f"prune spec {spec!r}: {m.group(2)!r} is not a number") from e
+    method = {"global": "magnitude", None: "magnitude"}.get(m.group(1), m.group(1))
+    return {"method": method, "sparsity": check_sparsity(value, "prune ratio")}
+
+
+def prune_model(
+    model: nn.Module,
+    spec: dict[str, Any],
+    *,
+    calibration: Sequence[Any] = (),
+    example_input: torch.Tensor | None = None,
+    exclude: Sequence[str] = (),
+) -> tuple[nn.Module, PruneResult | None]:
+    """Apply a parsed prune spec; returns the (possibly new, for ``channels``) model and the masks applied."""
+    method = spec["method"]
+    if method == "channels":
+        if example_input is None:
+            raise ConfigError("channel pruning needs an example input to trace shapes")
+        return channel_prune(
+            model, spec["sparsity"], example_input=example_input, exclude=exclude
+        ).model, None
+    if method == "nm":
+        return model, nm_prune(model, spec["n"], spec["m"], exclude=exclude)
+    if method in ("magnitude", "layer"):
+        scope = "layer" if method == "layer" else "global"
+        return model, magnitude_prune(model, spec["sparsity"], scope=scope, exclude=exclude)
+    if method == "wanda":
+        if not calibration:
+            raise ConfigError("Wanda pruning needs calibration data")
+        if "n" in spec:
+            return model, wanda_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
+        return model, wanda_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
+    raise ConfigError(f"unknown prune method {method!r}")
+
+
+@dataclass
+class DeployResult:
+    """Paths written and the side-by-side evaluation."""
+
+    out_dir: Path
+    artifact: Path
+    manifest: dict[str, Any]
+    baseline: Evaluation
+    compressed: Evaluation
+    comparison: Comparison
+    files: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    # Same thread budget for PyTorch as for ONNX Runtime, so the latency ratio compares runtimes, not cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fp32_safetensors_nbytes(model: nn.Module) -> int:
+    from safetensors.torch import save
+
+    return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def deploy_classifier(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    x_calib: np.ndarray,
+    prune: str | None = None,
+    quant: str = "int8",
+    fmt: str = "onnx",
+    finetune: Callable[[nn.Module, PruneResult | None], None] | None = None,
+    variants: dict[str, np.ndarray] | None = None,
+    exclude: Sequence[str] = (),
+    source_sha256: str | None = None,
+    model_name: str = "model",
+    threads: int = 1,
+    latency_iters: int = 300,
+    card_info: dict[str, str] | None = None,
+) -> DeployResult:
+    """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
+
+    Args:
+        model: the fp32 model (left untouched; a copy is compressed).
+        out_dir: output folder; gets ``model.dpla``, ``manifest.json``, ``MODEL_CARD.md`` (+ ``model.onnx`` for
+            ``fmt="onnx"``, the runnable graph as ONNX Runtime loads it).
+        x_test, y_test: the clean test set. x_calib: calibration inputs (Wanda, static int8).
+        prune: prune spec (:func:`parse_prune`). quant: one of ``none, int8, int8-static, int8-dynamic, int4``
+            (``int8`` = static for ``onnx``). fmt: ``onnx`` (graph + weights) or ``weights`` (state dict only).
+        finetune: optional ``finetune(model, prune_result)`` run after pruning (masks are re-applied after it).
+        variants: corrupted/OOD copies of ``x_test`` (same labels), e.g. :func:`~deltaplane.deploy.profile.corruptions`.
+        exclude: layers to leave unpruned. source_sha256: hash of the source checkpoint file (else of the
+            state dict). threads: CPU threads for both PyTorch and ONNX Runtime during timing.
+    """
+    import copy
+
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}. Found {fmt!r}")
+    if fmt == "weights" and quant in ("int8-static", "int8-dynamic"):
+        raise ConfigError(
+            f"quant={quant} runs in ONNX Runtime; use --format onnx, or int8/int4 weight storage"
+        )
+    spec = parse_prune(prune)
+    out_dir = Path(out_dir)
+    x_test = np.ascontiguousarray(x_test, dtype=np.float32)
+    x_calib = np.ascontiguousarray(x_calib, dtype=np.float32)
+    calib_batches = [torch.from_numpy(x_calib[i : i + 64]) for i in range(0, len(x_calib), 64)]
+    example = torch.from_numpy(x_test[:1])
+    model = model.eval()
+    fp32_bytes = _fp32_safetensors_nbytes(model)
+    source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
+
+    work = copy.deepcopy(model)
+    result: PruneResult | None = None
+    if spec is not None:
+        work, result = prune_model(
+            work, spec, calibration=calib_batches, example_input=example, exclude=exclude
+        )
+        if finetune is not None:
+            work.train()
+            finetune(work, result)
+            if result is not None:
+                apply_masks(work, result.masks)
+            work.eval()
+    weight_sparsity = sparsity_of(work)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        artifact_path = tmp / "model.dpla"
+        if fmt == "onnx":
+            fp32_onnx = tmp / "fp32.onnx"
+            exp = export_onnx(work, example, fp32_onnx, verify_inputs=[torch.from_numpy(x_test[:32])])
+            shipped = fp32_onnx
+            store_quant = "none"
+            scheme = "fp32"
+            if quant in ("int8", "int8-static"):
+                shipped = quantize_onnx(fp32_onnx, tmp / "int8.onnx", mode="static",
+                                        calibration=[{"input": x_calib[i : i + 1]} for i in range(len(x_calib))])  # fmt: skip
+                scheme = "int8 static (ORT QDQ, per-channel weights, minmax activations)"
+            elif quant == "int8-dynamic":
+                shipped = quantize_onnx(fp32_onnx, tmp / "int8.onnx", mode="dynamic")
+                scheme = "int8 dynamic (ORT, per-channel weights)"
+            elif quant == "int4":
+                store_quant, scheme = "int4", "int4 weight-only, group 32, fp16 scales (dequantized on load)"
+            info = pack_onnx(shipped, artifact_path, quant=store_quant)
+            art = read_artifact(artifact_path)
+            onnx_bytes = art.onnx_bytes()
+            (tmp / "model.onnx").write_bytes(onnx_bytes)
+            for f in (fp32_onnx, tmp / "int8.onnx"):
+                f.unlink(missing_ok=True)
+            cand_predict = onnx_predictor(ort_session(onnx_bytes, threads=threads))
+            export_diff = exp.max_abs_diff
+        else:
+            store_quant = "none" if quant == "none" else ("int4" if quant == "int4" else "int8")
+            scheme = {"none": "fp32", "int4": "int4 group 32", "int8": "int8 group 128"}[
+                store_quant
+            ] + " weights"
+            info = write_artifact(artifact_path, work.state_dict(), quant=store_quant)
+            art = read_artifact(artifact_path)
+            runnable = copy.deepcopy(work)
+            runnable.load_state_dict(art.state_dict())
+            cand_predict = torch_predictor(runnable)
+            export_diff = None
+        with _torch_threads(threads):
+            base = evaluate("fp32 (PyTorch)", torch_predictor(model), x_test, y_test, variants=variants,
+                            latency_iters=latency_iters, size_bytes=fp32_bytes)  # fmt: skip
+            cand = evaluate("compressed", cand_predict, x_test, y_test, variants=variants,
+                            latency_iters=latency_iters, size_bytes=info.nbytes)  # fmt: skip
+        cmp = compare(base, cand)
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x_test)).numpy()
+        fidelity = float(np.max(np.abs(cand_predict(x_test) - ref)))
+        manifest = {
+            "model": model_name,
+            "source_sha256": source_sha256,
+            "format": fmt,
+            "prune": prune or "none",
+            "prune_skipped_layers": result.skipped if result is not None else {},
+            "quant": quant,
+            "quant_scheme": scheme,
+            "weight_sparsity": weight_sparsity,
+            "sizes": {
+                "fp32_safetensors_bytes": fp32_bytes,
+                "artifact_bytes": info.nbytes,
+                "artifact_payload_bytes": info.payload_nbytes,
+                "compression_ratio": fp32_bytes / info.nbytes,
+            },
+            "params": sum(p.numel() for p in work.parameters()),
+            "export_max_abs_diff": export_diff,
+            "max_abs_logit_diff_vs_fp32": fidelity,
+            "baseline": base.to_dict(),
+            "compressed": cand.to_dict(),
+            "comparison": cmp.to_dict(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
+        files = sorted(p.name for p in tmp.iterdir())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
