@@ -19,6 +19,7 @@ from deltaplane.deploy.checkpoint import (
     load_checkpoint,
     register_architecture,
 )
+from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
 from deltaplane.deploy.pipeline import DeployResult, deploy_classifier, parse_prune, prune_model
 from deltaplane.deploy.profile import (
@@ -72,6 +73,7 @@ __all__ = [
     "GradualSchedule",
     "GroupQuant",
     "Latency",
+    "MeanPooledEncoder",
     "PruneResult",
     "apply_masks",
     "available_architectures",
@@ -79,6 +81,7 @@ __all__ = [
     "check_sparsity",
     "compare",
     "corruptions",
+    "cosine_similarity_rows",
     "deploy_classifier",
     "dequantize_int4",
     "evaluate",

