@@ -58,8 +58,12 @@ def test_failed_export_leaves_no_file(tmp_path):
 def test_onnx_int8_static_and_dynamic(tmp_path, trained_cnn, digits):
     xtr, _, xte, yte = digits
     exp = export_onnx(trained_cnn, torch.from_numpy(xte[:1]), tmp_path / "m.onnx")
-    static = quantize_onnx(exp.path, tmp_path / "s.onnx", mode="static",
-                           calibration=[{"input": xtr[i : i + 1]} for i in range(64)])  # fmt: skip
+    static = quantize_onnx(
+        exp.path,
+        tmp_path / "s.onnx",
+        mode="static",
+        calibration=[{"input": xtr[i : i + 1]} for i in range(64)],
+    )
     dyn = quantize_onnx(exp.path, tmp_path / "d.onnx", mode="dynamic")
     base = float((trained_cnn(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     for p in (static, dyn):

@@ -39,9 +39,17 @@ def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):
         helpers.fit(model, xtr, ytr, epochs=3, lr=3e-3, masks=result.masks)
 
     res = deploy_classifier(
-        trained_cnn, tmp_path / "out", x_test=xte, y_test=yte, x_calib=xtr[:128], prune="0.8", quant="int8",
-        finetune=finetune, exclude=["conv1"], latency_iters=30,
-    )  # fmt: skip
+        trained_cnn,
+        tmp_path / "out",
+        x_test=xte,
+        y_test=yte,
+        x_calib=xtr[:128],
+        prune="0.8",
+        quant="int8",
+        finetune=finetune,
+        exclude=["conv1"],
+        latency_iters=30,
+    )
     assert sorted(res.files) == ["MODEL_CARD.md", "manifest.json", "model.dpla", "model.onnx"]
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["sizes"]["artifact_bytes"] == (tmp_path / "out" / "model.dpla").stat().st_size
@@ -59,8 +67,16 @@ def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):
 
 def test_weights_format_int4(tmp_path, trained_cnn, digits):
     xtr, _, xte, yte = digits
-    res = deploy_classifier(trained_cnn, tmp_path / "w", x_test=xte, y_test=yte, x_calib=xtr[:32],
-                            quant="int4", fmt="weights", latency_iters=10)  # fmt: skip
+    res = deploy_classifier(
+        trained_cnn,
+        tmp_path / "w",
+        x_test=xte,
+        y_test=yte,
+        x_calib=xtr[:32],
+        quant="int4",
+        fmt="weights",
+        latency_iters=10,
+    )
     assert res.manifest["sizes"]["compression_ratio"] > 5.0
     assert res.comparison.drops["clean"] <= 2.0
     sd = read_artifact(res.artifact).state_dict()
@@ -122,8 +138,23 @@ def test_cli_deploy_prints_table_and_writes_outputs(tmp_path, checkpoint):
         pass
 
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["deploy", str(checkpoint), "--prune", "2:4", "--quant", "int8", "--format",
-                                 "onnx", "-o", str(out), "--finetune-epochs", "2"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            str(checkpoint),
+            "--prune",
+            "2:4",
+            "--quant",
+            "int8",
+            "--format",
+            "onnx",
+            "-o",
+            str(out),
+            "--finetune-epochs",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     for word in (
         "size (bytes)",

@@ -214,3 +214,23 @@ def test_channel_prune_batchnorm_and_residual():
     # dropping channels only removes their contribution: output = full output minus dropped channels' terms
     full = chain.c.weight[:, keep]
     assert torch.equal(res.model.c.weight, full)
+
+
+def test_sequential_wanda_prunes_in_forward_order_and_is_no_worse():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    scale = torch.ones(32)
+    scale[::8] = 10.0
+    calib = [torch.randn(128, 32, generator=g) * scale for _ in range(2)]
+    test = torch.randn(256, 32, generator=g) * scale
+    ref = net(test).detach()
+    errs = {}
+    for seq in (False, True):
+        m = copy.deepcopy(net)
+        res = wanda_prune(m, calib, n=2, m=4, sequential=seq)
+        assert res.sparsity == pytest.approx(0.5)
+        errs[seq] = float(((m(test).detach() - ref) ** 2).mean())
+    assert errs[True] <= errs[False] * 1.05
+    with pytest.raises(ConfigError, match="not both"):
+        wanda_prune(copy.deepcopy(net), calib, sparsity=0.5, n=2, m=4)

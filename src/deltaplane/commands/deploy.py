@@ -116,12 +116,24 @@ def register(app: typer.Typer) -> None:
                 else None
             )
             res = deploy_classifier(
-                ckpt.model, out, x_test=xte, y_test=yte, x_calib=xtr[:256], prune=prune, quant=quant, fmt=fmt,
-                finetune=ft, variants=corruptions(xte, seed=seed), exclude=tuple(exclude or ()),
-                source_sha256=ckpt.sha256, model_name=f"{ckpt.architecture} ({model.name})",
-                card_info={"data": "scikit-learn digits (8×8 grey-scale, 10 classes), fixed seeded split; "
-                           "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."},
-            )  # fmt: skip
+                ckpt.model,
+                out,
+                x_test=xte,
+                y_test=yte,
+                x_calib=xtr[:256],
+                prune=prune,
+                quant=quant,
+                fmt=fmt,
+                finetune=ft,
+                variants=corruptions(xte, seed=seed),
+                exclude=tuple(exclude or ()),
+                source_sha256=ckpt.sha256,
+                model_name=f"{ckpt.architecture} ({model.name})",
+                card_info={
+                    "data": "scikit-learn digits (8×8 grey-scale, 10 classes), fixed seeded split; "
+                    "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
+                },
+            )
         except DeltaplaneError as e:
             console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
             raise typer.Exit(2) from None
@@ -130,17 +142,29 @@ def register(app: typer.Typer) -> None:
         for col in ("metric", "fp32", "compressed", "change"):
             t.add_column(col, justify="right" if col != "metric" else "left")
         sizes = res.manifest["sizes"]
-        t.add_row("size (bytes)", f"{sizes['fp32_safetensors_bytes']:,}", f"{sizes['artifact_bytes']:,}",
-                  f"{sizes['compression_ratio']:.2f}× smaller")  # fmt: skip
+        t.add_row(
+            "size (bytes)",
+            f"{sizes['fp32_safetensors_bytes']:,}",
+            f"{sizes['artifact_bytes']:,}",
+            f"{sizes['compression_ratio']:.2f}× smaller",
+        )
         t.add_row("weight sparsity", "0.0%", f"{100 * res.manifest['weight_sparsity']:.1f}%", "")
         for split, acc in b.accuracy.items():
             flag = " [yellow]⚠ > clean drop[/yellow]" if split in cmp.flagged else ""
-            t.add_row(f"accuracy {split}", f"{100 * acc:.2f}%", f"{100 * c.accuracy[split]:.2f}%",
-                      f"{-cmp.drops[split]:+.2f} pts{flag}")  # fmt: skip
+            t.add_row(
+                f"accuracy {split}",
+                f"{100 * acc:.2f}%",
+                f"{100 * c.accuracy[split]:.2f}%",
+                f"{-cmp.drops[split]:+.2f} pts{flag}",
+            )
         t.add_row("ECE", f"{b.ece:.4f}", f"{c.ece:.4f}", f"{c.ece - b.ece:+.4f}")
         for bs, lat in b.latency.items():
-            t.add_row(f"latency b={bs} p50/p95 µs", f"{lat.p50_us:.0f}/{lat.p95_us:.0f}",
-                      f"{c.latency[bs].p50_us:.0f}/{c.latency[bs].p95_us:.0f}", f"{cmp.latency_ratio[bs]:.2f}×")  # fmt: skip
+            t.add_row(
+                f"latency b={bs} p50/p95 µs",
+                f"{lat.p50_us:.0f}/{lat.p95_us:.0f}",
+                f"{c.latency[bs].p50_us:.0f}/{c.latency[bs].p95_us:.0f}",
+                f"{cmp.latency_ratio[bs]:.2f}×",
+            )
         console.print(t)
         for layer, why in res.manifest["prune_skipped_layers"].items():
             console.print(f"not pruned: {layer} ({why})")

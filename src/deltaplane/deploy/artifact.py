@@ -62,9 +62,16 @@ MAX_PAYLOAD = 8 << 30
 QUANT_SCHEMES = ("none", "int8", "int4")
 DEFAULT_GROUP = {"int8": 128, "int4": 32}
 _NP_DTYPES = {
-    "float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
-    "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
-}  # fmt: skip
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,13 @@ def render_model_card(
         )
     for layer, why in (manifest.get("prune_skipped_layers") or {}).items():
         lines.append(f"- not pruned: `{layer}` ({why})")
-    lines += ["", "## Metrics (fp32 vs compressed)", "", "| metric | fp32 | compressed | drop (points) |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Metrics (fp32 vs compressed)",
+        "",
+        "| metric | fp32 | compressed | drop (points) |",
+        "|---|---|---|---|",
+    ]
     for split, acc in base["accuracy"].items():
         flag = " ⚠ larger than clean drop" if split in cmp["ood_flags"] else ""
         lines.append(

@@ -153,6 +153,7 @@ def deploy_classifier(
     threads: int = 1,
     latency_iters: int = 300,
     card_info: dict[str, str] | None = None,
+    reference: nn.Module | None = None,
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -167,6 +168,8 @@ def deploy_classifier(
         variants: corrupted/OOD copies of ``x_test`` (same labels), e.g. :func:`~deltaplane.deploy.profile.corruptions`.
         exclude: layers to leave unpruned. source_sha256: hash of the source checkpoint file (else of the
             state dict). threads: CPU threads for both PyTorch and ONNX Runtime during timing.
+        reference: the fp32 model to report against (default: ``model``) — e.g. the dense model when ``model``
+            was already pruned by a gradual schedule during training.
     """
     import copy
 
@@ -185,7 +188,8 @@ def deploy_classifier(
     calib_batches = [torch.from_numpy(x_calib[i : i + 64]) for i in range(0, len(x_calib), 64)]
     example = torch.from_numpy(x_test[:1])
     model = model.eval()
-    fp32_bytes = _fp32_safetensors_nbytes(model)
+    reference = (reference if reference is not None else model).eval()
+    fp32_bytes = _fp32_safetensors_nbytes(reference)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
 
     work = copy.deepcopy(model)
@@ -213,8 +217,12 @@ def deploy_classifier(
             store_quant = "none"
             scheme = "fp32"
             if quant in ("int8", "int8-static"):
-                shipped = quantize_onnx(fp32_onnx, tmp / "int8.onnx", mode="static",
-                                        calibration=[{"input": x_calib[i : i + 1]} for i in range(len(x_calib))])  # fmt: skip
+                shipped = quantize_onnx(
+                    fp32_onnx,
+                    tmp / "int8.onnx",
+                    mode="static",
+                    calibration=[{"input": x_calib[i : i + 1]} for i in range(len(x_calib))],
+                )
                 scheme = "int8 static (ORT QDQ, per-channel weights, minmax activations)"
             elif quant == "int8-dynamic":
                 shipped = quantize_onnx(fp32_onnx, tmp / "int8.onnx", mode="dynamic")
@@ -241,13 +249,27 @@ def deploy_classifier(
             cand_predict = torch_predictor(runnable)
             export_diff = None
         with _torch_threads(threads):
-            base = evaluate("fp32 (PyTorch)", torch_predictor(model), x_test, y_test, variants=variants,
-                            latency_iters=latency_iters, size_bytes=fp32_bytes)  # fmt: skip
-            cand = evaluate("compressed", cand_predict, x_test, y_test, variants=variants,
-                            latency_iters=latency_iters, size_bytes=info.nbytes)  # fmt: skip
+            base = evaluate(
+                "fp32 (PyTorch)",
+                torch_predictor(reference),
+                x_test,
+                y_test,
+                variants=variants,
+                latency_iters=latency_iters,
+                size_bytes=fp32_bytes,
+            )
+            cand = evaluate(
+                "compressed",
+                cand_predict,
+                x_test,
+                y_test,
+                variants=variants,
+                latency_iters=latency_iters,
+                size_bytes=info.nbytes,
+            )
         cmp = compare(base, cand)
         with torch.inference_mode():
-            ref = model(torch.from_numpy(x_test)).numpy()
+            ref = reference(torch.from_numpy(x_test)).numpy()
         fidelity = float(np.max(np.abs(cand_predict(x_test) - ref)))
         manifest = {
             "model": model_name,

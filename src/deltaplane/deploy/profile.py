@@ -90,9 +90,14 @@ def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 def corruptions(
-    x: np.ndarray, *, seed: int = 0, noise_std: float = 0.15, degrees: float = 20.0, blur_sigma: float = 0.8,
+    x: np.ndarray,
+    *,
+    seed: int = 0,
+    noise_std: float = 0.15,
+    degrees: float = 20.0,
+    blur_sigma: float = 0.8,
     shift_px: int = 1,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Corrupted / shifted copies of a batch of images: ``noise``, ``rotation``, ``blur``, ``shift``.
 
     In the spirit of ImageNet-C (Hendrycks & Dietterich 2019, https://arxiv.org/abs/1903.12261): Gaussian pixel

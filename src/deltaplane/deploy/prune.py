@@ -276,38 +276,78 @@ def wanda_scores(
     }
 
 
+def _wanda_masks(
+    scores: Mapping[str, Tensor], sparsity: float | None, n: int | None, m: int | None, strict: bool
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    masks, skipped = {}, {}
+    for name, s in scores.items():
+        if sparsity is None:
+            try:
+                masks[name] = nm_mask(s, n, m)  # type: ignore[arg-type]
+            except UnsupportedLayer as e:
+                if strict:
+                    raise UnsupportedLayer(f"layer {name!r}: {e}") from None
+                skipped[name] = f"{e}; left dense"
+            continue
+        rows = _rows(s)
+        k = round(sparsity * rows.shape[1])
+        keep = torch.ones_like(rows, dtype=torch.bool)
+        if k:
+            keep.scatter_(1, torch.topk(rows, k, dim=1, largest=False).indices, False)
+        masks[name] = keep.reshape(s.shape)
+    return masks, skipped
+
+
 @torch.no_grad()
 def wanda_prune(
     model: nn.Module,
-    calibration: Iterable[Any],
+    calibration: Sequence[Any],
     *,
     sparsity: float | None = None,
     n: int | None = None,
     m: int | None = None,
+    sequential: bool = False,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
 ) -> PruneResult:
     """Wanda pruning, fine-tune free: unstructured per-output-row ``sparsity``, or N:M with ``n`` and ``m``.
 
     As in the paper, unstructured Wanda compares weights within each output row (not across the layer), which
-    is what makes the activation-norm factor matter.
+    is what makes the activation-norm factor matter. With ``sequential=True`` layers are pruned one at a time in
+    forward order, each scored on activations produced by the already-pruned layers before it (the paper prunes
+    block by block this way), so later layers compensate for the error upstream; it costs one calibration pass
+    per layer instead of one in total.
     """
     if (sparsity is None) == (n is None or m is None):
         raise ConfigError("wanda_prune needs either sparsity=... or n=... and m=... (not both)")
-    scores = wanda_scores(model, calibration, include=include, exclude=exclude)
     if sparsity is not None:
         sparsity = check_sparsity(sparsity)
-        masks = {}
-        for name, s in scores.items():
-            rows = _rows(s)
-            k = round(sparsity * rows.shape[1])
-            keep = torch.ones_like(rows, dtype=torch.bool)
-            if k:
-                keep.scatter_(1, torch.topk(rows, k, dim=1, largest=False).indices, False)
-            masks[name] = keep.reshape(s.shape)
+    if not sequential:
+        scores = wanda_scores(model, calibration, include=include, exclude=exclude)
+        masks, skipped = _wanda_masks(scores, sparsity, n, m, strict=include is not None)
         apply_masks(model, masks)
-        return PruneResult(masks)
-    return nm_prune(model, n, m, scores=scores, include=include, exclude=exclude)  # type: ignore[arg-type]
+        return PruneResult(masks, skipped)
+    layers = prunable_layers(model, include=include, exclude=exclude)
+    order: list[str] = []
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda _m, _a, name=name: order.append(name) if name not in order else None
+        )
+        for name, layer in layers.items()
+    ]
+    try:
+        run_calibration(model, list(calibration)[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    masks, skipped = {}, {}
+    for name in order + [x for x in layers if x not in order]:
+        scores = wanda_scores(model, calibration, include=[name])
+        mk, sk = _wanda_masks(scores, sparsity, n, m, strict=include is not None)
+        apply_masks(model, mk)
+        masks.update(mk)
+        skipped.update(sk)
+    return PruneResult(masks, skipped)
 
 
 def sparsity_of(
@@ -407,14 +447,34 @@ class GradualPruner:
 # Ops a channel index passes through unchanged (elementwise / pooling), so pruning the producer's channel c
 # only requires dropping column c of the consumer.
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish, nn.ELU,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
-)  # fmt: skip
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.Hardswish,
+    nn.ELU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.Identity,
+)
 _PASS_FUNCTIONS = {
-    torch.relu, torch.tanh, torch.sigmoid, nn.functional.relu, nn.functional.gelu, nn.functional.silu,
-    nn.functional.max_pool2d, nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
-    nn.functional.dropout, nn.functional.leaky_relu,
-}  # fmt: skip
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    nn.functional.relu,
+    nn.functional.gelu,
+    nn.functional.silu,
+    nn.functional.max_pool2d,
+    nn.functional.avg_pool2d,
+    nn.functional.adaptive_avg_pool2d,
+    nn.functional.dropout,
+    nn.functional.leaky_relu,
+}
 _PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous"}
 
 
