@@ -1,8 +1,10 @@
 """``deltaplane deploy MODEL --prune 2:4 --quant int8 --format onnx -o OUT/``: compress a checkpoint for devices.
 
-Loads the checkpoint (config + safetensors), prunes (and fine-tunes the pruned model on the training split, masks
-held), quantizes, exports, packs the artifact, evaluates fp32 against the artifact as shipped (clean + noise /
-rotation / blur / shift, ECE, latency at batch 1 and 32) and prints the before/after table.
+Loads the checkpoint (config + safetensors). An image classifier is pruned (and fine-tuned on the digits training
+split, masks held), quantized, exported, packed and evaluated as shipped against fp32 (clean + noise / rotation /
+blur / shift, ECE, latency at batch 1 and 32). A BERT-style text encoder (Hugging Face folder with tokenizer) is
+evaluated by the cosine similarity of its sentence embeddings to fp32, and latency. Both print a before/after
+table.
 """
 
 from __future__ import annotations
@@ -69,6 +71,78 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
     return finetune
 
 
+def _deploy_encoder(
+    console, ckpt, model: Path, out: Path, prune: str, quant: str, fmt: str, sentences
+) -> None:
+    """A Hugging Face BERT-style checkpoint: sentence embeddings, fidelity = cosine similarity to fp32."""
+    import os
+
+    from rich.table import Table
+
+    from deltaplane.deploy.pipeline import deploy_encoder
+    from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
+    from deltaplane.errors import ConfigError
+
+    if fmt != "onnx":
+        raise ConfigError("text encoders deploy as --format onnx")
+    os.environ.setdefault(
+        "HF_HUB_OFFLINE", "1"
+    )  # never reach for the hub: the tokenizer ships with the model
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer files in {model} ({e}); a text encoder checkpoint needs them") from e
+    eval_sentences = EVAL_SENTENCES
+    if sentences is not None:
+        eval_sentences = [line.strip() for line in sentences.read_text().splitlines() if line.strip()]
+    res = deploy_encoder(
+        ckpt.model,
+        out,
+        tokenizer=tokenizer,
+        sentences=eval_sentences,
+        calib_sentences=CALIBRATION_SENTENCES,
+        prune=prune,
+        quant=quant,
+        source_sha256=ckpt.sha256,
+        fp32_nbytes=ckpt.weights_nbytes,
+        model_name=f"{ckpt.architecture} ({model.name})",
+        card_info={
+            "intended_use": "Sentence embeddings (semantic search, clustering) on device with ONNX Runtime.",
+            "data": f"Fidelity measured on {len(eval_sentences)} fixed English sentences; calibration on "
+            f"{len(CALIBRATION_SENTENCES)} others.",
+        },
+    )
+    m = res.manifest
+    t = Table(title=f"deploy {model.name}: prune={prune} quant={quant} format=onnx")
+    for col in ("metric", "fp32", "compressed", "change"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    sizes = m["sizes"]
+    t.add_row(
+        "size (bytes)",
+        f"{sizes['fp32_safetensors_bytes']:,}",
+        f"{sizes['artifact_bytes']:,}",
+        f"{sizes['compression_ratio']:.2f}× smaller",
+    )
+    t.add_row("weight sparsity", "0.0%", f"{100 * m['weight_sparsity']:.1f}%", "")
+    t.add_row(
+        "cosine to fp32 (min / mean)",
+        "1.0000",
+        f"{m['fidelity']['cosine_min']:.4f} / {m['fidelity']['cosine_mean']:.4f}",
+        "",
+    )
+    for b, lat in m["latency_us"].items():
+        t.add_row(
+            f"latency b={b} p50 µs",
+            f"{lat['fp32_p50_us']:.0f}",
+            f"{lat['p50_us']:.0f}",
+            f"{lat['ratio_p50']:.2f}×",
+        )
+    console.print(t)
+    console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``deploy`` command to ``app``."""
 
@@ -90,6 +164,10 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Option(help="layer to leave unpruned (repeatable)")
         ] = None,
         seed: Annotated[int, typer.Option(help="seed for the data split and fine-tuning")] = 0,
+        sentences: Annotated[
+            Path | None,
+            typer.Option(help="text encoders: evaluation sentences, one per line (default: built-in)"),
+        ] = None,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side."""
         from rich.console import Console
@@ -98,17 +176,15 @@ def register(app: typer.Typer) -> None:
         from deltaplane.deploy.checkpoint import load_checkpoint
         from deltaplane.deploy.pipeline import deploy_classifier
         from deltaplane.deploy.profile import corruptions
-        from deltaplane.errors import ConfigError, DeltaplaneError
+        from deltaplane.errors import DeltaplaneError
 
         console = Console()
         _register_models()
         try:
             ckpt = load_checkpoint(model)
             if ckpt.architecture == "BertModel":
-                raise ConfigError(
-                    "text encoders are deployed with deltaplane.deploy's library API (see docs/deploy.md, "
-                    "benchmarks/deploy_minilm.py); the CLI evaluates image classifiers"
-                )
+                _deploy_encoder(console, ckpt, model, out, prune, quant, fmt, sentences)
+                return
             xtr, ytr, xte, yte = _digits_split(seed)
             ft = (
                 _finetuner(xtr, ytr, finetune_epochs, 3e-3, seed)

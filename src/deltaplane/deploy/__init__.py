@@ -21,7 +21,14 @@ from deltaplane.deploy.checkpoint import (
 )
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
-from deltaplane.deploy.pipeline import DeployResult, deploy_classifier, parse_prune, prune_model
+from deltaplane.deploy.pipeline import (
+    DeployResult,
+    EncoderDeployResult,
+    deploy_classifier,
+    deploy_encoder,
+    parse_prune,
+    prune_model,
+)
 from deltaplane.deploy.profile import (
     Comparison,
     Evaluation,
@@ -67,6 +74,7 @@ __all__ = [
     "Checkpoint",
     "Comparison",
     "DeployResult",
+    "EncoderDeployResult",
     "Evaluation",
     "ExportResult",
     "GradualPruner",
@@ -83,6 +91,7 @@ __all__ = [
     "corruptions",
     "cosine_similarity_rows",
     "deploy_classifier",
+    "deploy_encoder",
     "dequantize_int4",
     "evaluate",
     "expected_calibration_error",

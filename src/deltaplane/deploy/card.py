@@ -23,8 +23,11 @@ def render_model_card(
     data: str = "Not specified by the caller.",
     limitations: str = "",
 ) -> str:
-    """Markdown model card: intended use, data, compression, metrics (fp32 vs compressed), limitations."""
-    base, cand, cmp = manifest["baseline"], manifest["compressed"], manifest["comparison"]
+    """Markdown model card: intended use, data, compression, metrics (fp32 vs compressed), limitations.
+
+    Classifier manifests (``deploy_classifier``) get accuracy per split with OOD flags, ECE and latency;
+    sentence-encoder manifests (``task == "sentence-embedding"``) get cosine similarity to fp32 and latency.
+    """
     sizes = manifest["sizes"]
     lines = [
         f"# Model card: {manifest['model']} ({manifest['prune']} pruning, {manifest['quant']} quantization)",
@@ -48,6 +51,26 @@ def render_model_card(
         )
     for layer, why in (manifest.get("prune_skipped_layers") or {}).items():
         lines.append(f"- not pruned: `{layer}` ({why})")
+    if manifest.get("task") == "sentence-embedding":
+        flags = _encoder_metrics(manifest, lines)
+    else:
+        flags = _classifier_metrics(manifest, lines)
+    lim = [limitations] if limitations else []
+    if flags:
+        lim.append(
+            "Compression costs more accuracy on " + ", ".join(flags) + " inputs than on clean ones; "
+            "check these conditions before relying on the compressed model there."
+        )
+    lim.append(
+        "Latency was measured on the build machine's CPU with one thread; device latency differs. "
+        "Quality figures hold for the evaluation data (and listed corruptions) only."
+    )
+    lines += ["", "## Limitations", *[f"- {x}" for x in lim], ""]
+    return "\n".join(lines)
+
+
+def _classifier_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
+    base, cand, cmp = manifest["baseline"], manifest["compressed"], manifest["comparison"]
     lines += [
         "",
         "## Metrics (fp32 vs compressed)",
@@ -68,17 +91,23 @@ def render_model_card(
             f"| latency batch {b} p50 / p95 (µs) | {lat['p50']:.1f} / {lat['p95']:.1f} | "
             f"{c['p50']:.1f} / {c['p95']:.1f} | ratio {c['p50'] / lat['p50']:.2f}× |"
         )
-    lim = [limitations] if limitations else []
-    if cmp["ood_flags"]:
-        lim.append(
-            "Compression costs more accuracy on "
-            + ", ".join(cmp["ood_flags"])
-            + " inputs than on clean ones; "
-            "check these conditions before relying on the compressed model there."
+    return list(cmp["ood_flags"])
+
+
+def _encoder_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
+    fid = manifest["fidelity"]
+    lines += [
+        "",
+        "## Metrics (compressed vs fp32)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| cosine similarity to fp32 embeddings, min over {fid['sentences']} sentences | {fid['cosine_min']:.4f} |",
+        f"| cosine similarity to fp32 embeddings, mean | {fid['cosine_mean']:.4f} |",
+    ]
+    for b, lat in manifest["latency_us"].items():
+        lines.append(
+            f"| latency batch {b} p50: fp32 PyTorch {lat['fp32_p50_us']:.0f} µs, compressed {lat['p50_us']:.0f} µs "
+            f"| {lat['ratio_p50']:.2f}× |"
         )
-    lim.append(
-        "Latency was measured on the build machine's CPU with one thread; device latency differs. "
-        "Accuracy figures hold for the test distribution and the listed corruptions only."
-    )
-    lines += ["", "## Limitations", *[f"- {x}" for x in lim], ""]
-    return "\n".join(lines)
+    return []

@@ -47,7 +47,14 @@ from deltaplane.deploy.prune import (
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.errors import ConfigError
 
-__all__ = ["DeployResult", "deploy_classifier", "parse_prune", "prune_model"]
+__all__ = [
+    "DeployResult",
+    "EncoderDeployResult",
+    "deploy_classifier",
+    "deploy_encoder",
+    "parse_prune",
+    "prune_model",
+]
 
 QUANTS = ("none", "int8", "int8-static", "int8-dynamic", "int4")
 FORMATS = ("onnx", "weights")
@@ -302,3 +309,169 @@ def deploy_classifier(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
+
+
+@dataclass
+class EncoderDeployResult:
+    """Paths written and the manifest (sizes, embedding fidelity, latency) of :func:`deploy_encoder`."""
+
+    out_dir: Path
+    artifact: Path
+    manifest: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+
+
+def _tokenize(tokenizer: Any, sentences: Sequence[str]) -> np.ndarray:
+    enc = tokenizer(list(sentences), padding=True, return_tensors="np")
+    return np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)  # (N, 2, T)
+
+
+def deploy_encoder(
+    encoder: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    calib_sentences: Sequence[str],
+    prune: str | None = None,
+    quant: str = "int8",
+    source_sha256: str | None = None,
+    fp32_nbytes: int | None = None,
+    model_name: str = "encoder",
+    threads: int = 1,
+    latency_iters: int = 30,
+    card_info: dict[str, str] | None = None,
+) -> EncoderDeployResult:
+    """Compress a BERT-style sentence encoder into ``out_dir`` and measure embedding fidelity and latency.
+
+    The shipped graph computes mean-pooled, L2-normalised embeddings (:class:`MeanPooledEncoder`). Fidelity is
+    the cosine similarity of each evaluation sentence's embedding to the fp32 PyTorch one, read from the
+    artifact as shipped. ``quant``: ``int8`` (= ``int8-dynamic``: ORT dynamic int8, the usual choice for
+    transformers), ``int8-static``, ``int4`` (ORT ``MatMulNBits`` weight-only int4 for every MatMul, and int4
+    group-wise storage for the remaining float matrices, e.g. the token embedding table) or ``none``.
+    Prune specs as in :func:`parse_prune` except ``channels`` (attention heads are not channel-prunable here).
+    """
+    import copy
+
+    from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
+    from deltaplane.deploy.profile import measure_latency
+
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    spec = parse_prune(prune)
+    if spec is not None and spec["method"] == "channels":
+        raise ConfigError(
+            "channel pruning is not supported for transformer encoders; use 2:4, wanda:… or 0.x"
+        )
+    if not sentences or not calib_sentences:
+        raise ConfigError("deploy_encoder needs evaluation sentences and calibration sentences")
+    out_dir = Path(out_dir)
+    ev, cal = _tokenize(tokenizer, sentences), _tokenize(tokenizer, calib_sentences)
+    reference = MeanPooledEncoder(encoder).eval()
+    with torch.inference_mode():
+        ref = reference(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1])).numpy()
+    fp32_nbytes = fp32_nbytes or _fp32_safetensors_nbytes(encoder)
+    source_sha256 = source_sha256 or state_dict_sha256(encoder.state_dict())
+    work = copy.deepcopy(encoder).eval()
+    result: PruneResult | None = None
+    if spec is not None:
+        calib = [
+            {
+                "input_ids": torch.from_numpy(cal[i : i + 8, 0]),
+                "attention_mask": torch.from_numpy(cal[i : i + 8, 1]),
+            }
+            for i in range(0, len(cal), 8)
+        ]
+        work, result = prune_model(work, spec, calibration=calib)
+    wrapped = MeanPooledEncoder(work).eval()
+    names = ("input_ids", "attention_mask")
+    axes = {n: {0: "batch", 1: "tokens"} for n in names} | {"embedding": {0: "batch"}}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        example = (torch.from_numpy(ev[:2, 0]), torch.from_numpy(ev[:2, 1]))
+        exp = export_onnx(
+            wrapped,
+            example,
+            tmp / "fp32.onnx",
+            input_names=names,
+            output_names=("embedding",),
+            dynamic_axes=axes,
+            verify_inputs=[(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1]))],
+        )
+        shipped, store_quant, scheme = exp.path, "none", "fp32"
+        if quant in ("int8", "int8-dynamic"):
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="dynamic")
+            scheme = "int8 dynamic (ORT: int8 MatMul weights, uint8 embedding table)"
+        elif quant == "int8-static":
+            feeds = [
+                {"input_ids": cal[i : i + 1, 0], "attention_mask": cal[i : i + 1, 1]} for i in range(len(cal))
+            ]
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="static", calibration=feeds)
+            scheme = "int8 static (ORT QDQ)"
+        elif quant == "int4":
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="int4")
+            store_quant = "int4"
+            scheme = (
+                "int4 weight-only (ORT MatMulNBits, block 32) + int4 group-32 storage of other float matrices"
+            )
+        info = pack_onnx(shipped, tmp / "model.dpla", quant=store_quant)
+        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
+        (tmp / "model.onnx").write_bytes(onnx_bytes)
+        for f in (exp.path, tmp / "q.onnx"):
+            f.unlink(missing_ok=True)
+        session = ort_session(onnx_bytes, threads=threads)
+
+        def ort_predict(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {"input_ids": x[:, 0], "attention_mask": x[:, 1]})[0]
+
+        def torch_predict(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return reference(torch.from_numpy(x[:, 0]), torch.from_numpy(x[:, 1])).numpy()
+
+        cos = cosine_similarity_rows(ort_predict(ev), ref)
+        latency = {}
+        with _torch_threads(threads):
+            for b in (1, 32):
+                t = measure_latency(torch_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
+                c = measure_latency(ort_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
+                latency[str(b)] = {
+                    "fp32_p50_us": t.p50_us,
+                    "fp32_p95_us": t.p95_us,
+                    "p50_us": c.p50_us,
+                    "p95_us": c.p95_us,
+                    "ratio_p50": c.p50_us / t.p50_us,
+                }
+        manifest = {
+            "model": model_name,
+            "task": "sentence-embedding",
+            "source_sha256": source_sha256,
+            "format": "onnx",
+            "prune": prune or "none",
+            "prune_skipped_layers": result.skipped if result is not None else {},
+            "quant": quant,
+            "quant_scheme": scheme,
+            "weight_sparsity": sparsity_of(work),
+            "sizes": {
+                "fp32_safetensors_bytes": fp32_nbytes,
+                "artifact_bytes": info.nbytes,
+                "artifact_payload_bytes": info.payload_nbytes,
+                "compression_ratio": fp32_nbytes / info.nbytes,
+            },
+            "export_max_abs_diff": exp.max_abs_diff,
+            "fidelity": {
+                "sentences": len(sentences),
+                "cosine_min": float(cos.min()),
+                "cosine_mean": float(cos.mean()),
+            },
+            "latency_us": latency,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
+        files = sorted(p.name for p in tmp.iterdir())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return EncoderDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

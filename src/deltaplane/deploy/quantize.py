@@ -147,18 +147,22 @@ def quantize_onnx(
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     op_types: Sequence[str] | None = None,
+    block_size: int = 32,
 ) -> Path:
-    """Int8 post-training quantization of an ONNX model with ONNX Runtime's tooling; writes ``dst`` atomically.
+    """Post-training quantization of an ONNX model with ONNX Runtime's tooling; writes ``dst`` atomically.
 
     Args:
         src: the float ONNX model.
         dst: where to write the int8 model.
         mode: ``"dynamic"`` (weights int8, activation ranges computed per call: no calibration, best for
-            transformers' MatMuls) or ``"static"`` (activation ranges fixed from ``calibration``: QDQ graph that
-            ORT fuses into integer Conv/MatMul kernels, best for CNNs).
+            transformers' MatMuls), ``"static"`` (activation ranges fixed from ``calibration``: QDQ graph that
+            ORT fuses into integer Conv/MatMul kernels, best for CNNs) or ``"int4"`` (weight-only: every MatMul
+            with a constant weight becomes ORT's ``MatMulNBits`` with symmetric int4 blocks of ``block_size``;
+            Gemm/Conv/Gather stay float — pair with ``pack_onnx(..., quant="int4")`` to store those compactly).
         calibration: input feeds (``{input_name: array}``) for static mode, e.g. 64–512 training samples.
         per_channel: one weight scale per output channel (much better accuracy for conv/linear weights).
         calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (static mode).
+        block_size: values per int4 scale (int4 mode).
         op_types: restrict quantization to these ONNX op types (default: all ORT supports).
     """
     from onnxruntime.quantization import (
@@ -170,8 +174,8 @@ def quantize_onnx(
         quantize_static,
     )
 
-    if mode not in ("dynamic", "static"):
-        raise ConfigError(f"mode must be 'dynamic' or 'static'. Found {mode!r}")
+    if mode not in ("dynamic", "static", "int4"):
+        raise ConfigError(f"mode must be 'dynamic', 'static' or 'int4'. Found {mode!r}")
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -182,7 +186,16 @@ def quantize_onnx(
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
-        if mode == "dynamic":
+        if mode == "int4":
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+            )
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(tmp), False)
+        elif mode == "dynamic":
             quantize_dynamic(
                 str(src),
                 str(tmp),
