@@ -124,6 +124,21 @@ def main() -> None:
                 f"{lat8[32] / lat_torch[32]:.2f}×",
             ]
         )
+        q4 = quantize_onnx(exp.path, tmp / "int4.onnx", mode="int4")
+        info4 = pack_onnx(q4, tmp / "int4.dpla", quant="int4")  # + int4 storage of the embedding table
+        sess4 = ort_session(read_artifact(tmp / "int4.dpla").onnx_bytes())
+        cos4 = cosine_similarity_rows(ort_predict(sess4)(stacked), ref)
+        lat4 = latencies(ort_predict(sess4))
+        rows.append(
+            [
+                "int4 weight-only artifact (ORT MatMulNBits + int4 embedding storage)",
+                f"{info4.nbytes:,}",
+                f"{base / info4.nbytes:.2f}×",
+                f"{cos4.min():.4f} / {cos4.mean():.4f}",
+                f"{lat4[1] / lat_torch[1]:.2f}×",
+                f"{lat4[32] / lat_torch[32]:.2f}×",
+            ]
+        )
         print(
             f"int8: {info8.nbytes:,} B ({base / info8.nbytes:.2f}×), cos min {cos8.min():.4f}, "
             f"latency b1 {lat8[1] / lat_torch[1]:.2f}×, b32 {lat8[32] / lat_torch[32]:.2f}×"

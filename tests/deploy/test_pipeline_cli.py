@@ -62,6 +62,7 @@ def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):
         assert section in card
     art = read_artifact(tmp_path / "out" / "model.dpla")
     assert art.graph is not None and any(v.dtype == np.int8 for v in art.tensors.values())
+    assert art.manifest["source_sha256"] == m["source_sha256"] and art.manifest["prune"] == "0.8"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind
 
 

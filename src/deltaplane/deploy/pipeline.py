@@ -112,6 +112,21 @@ def prune_model(
     raise ConfigError(f"unknown prune method {method!r}")
 
 
+def _embedded(
+    model_name: str, source_sha256: str, fmt: str, prune: str | None, quant: str, scheme: str, sparsity: float
+) -> dict[str, Any]:
+    """The facts known before evaluation, embedded in the artifact header so the file describes itself."""
+    return {
+        "model": model_name,
+        "source_sha256": source_sha256,
+        "format": fmt,
+        "prune": prune or "none",
+        "quant": quant,
+        "quant_scheme": scheme,
+        "weight_sparsity": sparsity,
+    }
+
+
 @dataclass
 class DeployResult:
     """Paths written and the side-by-side evaluation."""
@@ -236,7 +251,12 @@ def deploy_classifier(
                 scheme = "int8 dynamic (ORT, per-channel weights)"
             elif quant == "int4":
                 store_quant, scheme = "int4", "int4 weight-only, group 32, fp16 scales (dequantized on load)"
-            info = pack_onnx(shipped, artifact_path, quant=store_quant)
+            info = pack_onnx(
+                shipped,
+                artifact_path,
+                quant=store_quant,
+                manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
+            )
             art = read_artifact(artifact_path)
             onnx_bytes = art.onnx_bytes()
             (tmp / "model.onnx").write_bytes(onnx_bytes)
@@ -249,7 +269,12 @@ def deploy_classifier(
             scheme = {"none": "fp32", "int4": "int4 group 32", "int8": "int8 group 128"}[
                 store_quant
             ] + " weights"
-            info = write_artifact(artifact_path, work.state_dict(), quant=store_quant)
+            info = write_artifact(
+                artifact_path,
+                work.state_dict(),
+                quant=store_quant,
+                manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
+            )
             art = read_artifact(artifact_path)
             runnable = copy.deepcopy(work)
             runnable.load_state_dict(art.state_dict())
@@ -415,7 +440,12 @@ def deploy_encoder(
             scheme = (
                 "int4 weight-only (ORT MatMulNBits, block 32) + int4 group-32 storage of other float matrices"
             )
-        info = pack_onnx(shipped, tmp / "model.dpla", quant=store_quant)
+        info = pack_onnx(
+            shipped,
+            tmp / "model.dpla",
+            quant=store_quant,
+            manifest=_embedded(model_name, source_sha256, "onnx", prune, quant, scheme, sparsity_of(work)),
+        )
         onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
         (tmp / "model.onnx").write_bytes(onnx_bytes)
         for f in (exp.path, tmp / "q.onnx"):
