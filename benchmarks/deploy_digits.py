@@ -30,44 +30,18 @@ from _record import record, table
 from deltaplane.deploy import (
     GradualPruner,
     GradualSchedule,
-    apply_masks,
     corruptions,
     deploy_classifier,
+    masked_finetune,
 )
 
 SEED = 0
 EXCLUDE = ("conv1",)  # 72 weights reading 1 channel: not worth a mask, and too few inputs for 2:4
 
 
-def train(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    seed: int,
-    masks: dict | None = None,
-    pruner: GradualPruner | None = None,
-) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> nn.Module:
     """SGD with momentum, batch 32 — the simulator's client optimizer, run centrally."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    step = 0
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 32):
-            idx = perm[i : i + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            if masks is not None:
-                apply_masks(model, masks)
-            if pruner is not None:
-                pruner.step(step)
-            step += 1
-    return model.eval()
+    return masked_finetune(model, x, y, **kw)
 
 
 def main() -> None:

@@ -41,24 +41,13 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def train(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 1e-2, masks=None
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.05, masks=None
 ) -> nn.Module:
-    from deltaplane.deploy import apply_masks
+    from deltaplane.deploy import masked_finetune
 
-    opt = torch.optim.Adam(model.parameters(), lr)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(yt), generator=g)
-        for i in range(0, len(yt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            if masks is not None:
-                apply_masks(model, masks)
-    return model.eval()
+    return masked_finetune(
+        model, torch.from_numpy(x), torch.from_numpy(y), epochs=epochs, lr=lr, seed=0, masks=masks
+    )
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):
     xtr, ytr, xte, yte = digits
 
     def finetune(model, result):
-        helpers.fit(model, xtr, ytr, epochs=3, lr=3e-3, masks=result.masks)
+        helpers.fit(model, xtr, ytr, epochs=3, lr=0.01, masks=result.masks)
 
     res = deploy_classifier(
         trained_cnn,

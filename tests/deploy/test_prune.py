@@ -7,8 +7,10 @@ from torch import nn
 from deltaplane.deploy import (
     GradualPruner,
     GradualSchedule,
+    PruneResult,
     channel_prune,
     magnitude_prune,
+    masked_finetune,
     nm_mask,
     nm_prune,
     prunable_layers,
@@ -139,21 +141,25 @@ def test_gradual_pruning_reaches_target_and_keeps_accuracy(helpers, digits, trai
     xtr, ytr, xte, yte = digits
     m = copy.deepcopy(trained_cnn)
     base = helpers.acc(m, xte, yte)
-    sched = GradualSchedule(final_sparsity=0.9, begin_step=0, end_step=200, frequency=20)
+    steps_per_epoch = -(-len(ytr) // 32)
+    sched = GradualSchedule(final_sparsity=0.9, begin_step=0, end_step=4 * steps_per_epoch, frequency=20)
     pruner = GradualPruner(m, sched, exclude=["conv1"])
-    opt = torch.optim.Adam(m.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    g = torch.Generator().manual_seed(1)
-    for step in range(260):
-        idx = torch.randint(0, len(yt), (64,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(m(xt[idx]), yt[idx]).backward()
-        opt.step()
-        s = pruner.step(step)
-    m.eval()
-    assert s == pytest.approx(0.9, abs=1e-3)
+    masked_finetune(m, torch.from_numpy(xtr), torch.from_numpy(ytr), epochs=6, lr=0.01, seed=1, pruner=pruner)
     assert sparsity_of(m, exclude=["conv1"]) == pytest.approx(0.9, abs=1e-3)
+    assert PruneResult(pruner.masks).sparsity == pytest.approx(0.9, abs=1e-3)
     assert helpers.acc(m, xte, yte) >= base - 0.03
+
+
+def test_masked_finetune_holds_masks(helpers, digits, trained_cnn):
+    xtr, ytr = torch.from_numpy(digits[0]), torch.from_numpy(digits[1])
+    m = copy.deepcopy(trained_cnn)
+    res = magnitude_prune(m, 0.7, exclude=["conv1"])
+    masked_finetune(m, xtr, ytr, epochs=1, lr=0.05, seed=0, masks=res.masks)
+    for name, mask in res.masks.items():
+        assert not dict(m.named_modules())[name].weight[~mask].any()
+    assert not torch.equal(m.fc1.weight, trained_cnn.fc1.weight)  # the kept weights did train
+    with pytest.raises(ConfigError):
+        masked_finetune(m, xtr, ytr, epochs=1, lr=0.0, seed=0)
 
 
 def test_channel_prune_shrinks_shapes_and_fixes_consumers(helpers, trained_cnn, digits):

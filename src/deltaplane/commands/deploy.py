@@ -50,23 +50,14 @@ def _digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
     import torch
-    from torch import nn
 
-    from deltaplane.deploy.prune import apply_masks
+    from deltaplane.deploy.finetune import masked_finetune
 
-    def finetune(model: nn.Module, result) -> None:
-        opt = torch.optim.Adam(model.parameters(), lr)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            perm = torch.randperm(len(yt), generator=g)
-            for i in range(0, len(yt), 64):
-                idx = perm[i : i + 64]
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-                opt.step()
-                if result is not None:  # pruned weights stay pruned while the rest recovers
-                    apply_masks(model, result.masks)
+    def finetune(model, result) -> None:
+        masks = result.masks if result is not None else None  # pruned weights stay pruned
+        masked_finetune(
+            model, torch.from_numpy(x), torch.from_numpy(y), epochs=epochs, lr=lr, seed=seed, masks=masks
+        )
 
     return finetune
 
@@ -187,7 +178,7 @@ def register(app: typer.Typer) -> None:
                 return
             xtr, ytr, xte, yte = _digits_split(seed)
             ft = (
-                _finetuner(xtr, ytr, finetune_epochs, 3e-3, seed)
+                _finetuner(xtr, ytr, finetune_epochs, 0.01, seed)
                 if prune != "none" and finetune_epochs > 0
                 else None
             )

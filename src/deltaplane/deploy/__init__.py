@@ -20,6 +20,7 @@ from deltaplane.deploy.checkpoint import (
     register_architecture,
 )
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
+from deltaplane.deploy.finetune import masked_finetune
 from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
 from deltaplane.deploy.pipeline import (
     DeployResult,
@@ -98,6 +99,7 @@ __all__ = [
     "export_onnx",
     "load_checkpoint",
     "magnitude_prune",
+    "masked_finetune",
     "measure_latency",
     "nm_mask",
     "nm_prune",

@@ -127,6 +127,19 @@ def _embedded(
     }
 
 
+def _publish(
+    tmp: Path, out_dir: Path, manifest: dict[str, Any], card_info: dict[str, str] | None
+) -> list[str]:
+    """Write manifest + card into the staging folder, then move every file into ``out_dir`` (atomic renames)."""
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
+    files = sorted(p.name for p in tmp.iterdir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        os.replace(tmp / name, out_dir / name)
+    return files
+
+
 @dataclass
 class DeployResult:
     """Paths written and the side-by-side evaluation."""
@@ -325,12 +338,7 @@ def deploy_classifier(
             "compressed": cand.to_dict(),
             "comparison": cmp.to_dict(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
-        files = sorted(p.name for p in tmp.iterdir())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, out_dir / name)
+        files = _publish(tmp, out_dir, manifest, card_info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
@@ -496,12 +504,7 @@ def deploy_encoder(
             },
             "latency_us": latency,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
-        files = sorted(p.name for p in tmp.iterdir())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, out_dir / name)
+        files = _publish(tmp, out_dir, manifest, card_info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return EncoderDeployResult(out_dir, out_dir / "model.dpla", manifest, files)
