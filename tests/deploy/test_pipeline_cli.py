@@ -175,3 +175,14 @@ def test_cli_deploy_prints_table_and_writes_outputs(tmp_path, checkpoint):
     r = CliRunner().invoke(app, ["deploy", str(checkpoint), "--prune", "1.5", "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "ConfigError" in r.output and "strictly between 0 and 1" in r.output
     assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, ["deploy", str(checkpoint), "--quant", "int3", "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "quant must be one of" in r.output
+    (checkpoint / "config.json").write_text(json.dumps({"architecture": "Wider"}))
+    register_architecture("Wider", lambda cfg: torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    r = CliRunner().invoke(app, ["deploy", str(checkpoint), "-o", str(tmp_path / "bad")])
+    assert (
+        r.exit_code == 2
+        and "ShapeMismatch" in r.output
+        and "config.json belongs to these weights" in r.output
+    )
+    assert not (tmp_path / "bad").exists()
