@@ -186,3 +186,17 @@ def test_cli_deploy_prints_table_and_writes_outputs(tmp_path, checkpoint):
         and "config.json belongs to these weights" in r.output
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_single_file_checkpoint_with_config_metadata(tmp_path, helpers, trained_cnn):
+    register_architecture("SmallCNN", lambda cfg: helpers.cnn())
+    sd = {k: v.contiguous() for k, v in trained_cnn.state_dict().items()}
+    save_file(
+        sd, str(tmp_path / "m.safetensors"), metadata={"config": json.dumps({"architecture": "SmallCNN"})}
+    )
+    ck = load_checkpoint(tmp_path / "m.safetensors")
+    assert ck.architecture == "SmallCNN" and torch.equal(ck.model.conv2.weight, trained_cnn.conv2.weight)
+    assert ck.weights_nbytes == (tmp_path / "m.safetensors").stat().st_size
+    save_file(sd, str(tmp_path / "n.safetensors"))
+    with pytest.raises(ConfigError, match="no 'config' metadata"):
+        load_checkpoint(tmp_path / "n.safetensors")
