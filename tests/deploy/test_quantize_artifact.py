@@ -4,6 +4,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltaplane.deploy import (
     dequantize_int4,
@@ -118,3 +120,29 @@ def test_pack_onnx_roundtrip_exact(tmp_path, trained_cnn, digits):
     a = s1.run(None, {"input": x.numpy()})[0]
     b = s2.run(None, {"input": x.numpy()})[0]
     assert np.array_equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_corrupted_artifact_raises_decode_error_or_decodes_exactly(tmp_path_factory, data):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 16)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    path = tmp_path_factory.mktemp("fuzz") / "a.dpla"
+    write_artifact(path, {"w": w, "b": np.arange(8, dtype=np.int32)}, quant="int8", manifest={"k": 1})
+    good = bytearray(path.read_bytes())
+    kind = data.draw(st.sampled_from(["flip", "truncate"]))
+    if kind == "flip":
+        pos = data.draw(st.integers(0, len(good) - 1))
+        good[pos] ^= 1 << data.draw(st.integers(0, 7))
+    else:
+        good = good[: data.draw(st.integers(0, len(good) - 1))]
+    try:
+        art = read_artifact(bytes(good))
+    except DecodeError:
+        return
+    # only header bytes outside the payload's protection can change without detection: never the tensors
+    ref = read_artifact(path)
+    assert set(art.tensors) == set(ref.tensors)
+    for k in ref.tensors:
+        assert np.array_equal(art.tensors[k], ref.tensors[k])
