@@ -140,15 +140,17 @@ def test_config_validation_and_upload_overhead() -> None:
     cfg = SecAggConfig(num_clients=n, threshold=6, bits=bits, vector_size=d)
     _, rep = run_secagg(_codes(n, d, bits), cfg)
     assert rep.ring_bits == 12
-    # masked upload is 12/8 of the 8-bit update plus keys and shares
-    assert 1.5 < rep.overhead(bits, d) < 1.6
+    # exact wire bytes: keys (4 + 2·32) + 9 encrypted share pairs (4 + 12 nonce + 2·66 + 16 tag)
+    # + the masked vector at 12 bits (30,000) + 10 unmask shares (4 + 66)
+    assert set(rep.upload_bytes.values()) == {68 + 9 * 164 + 30_000 + 10 * 70}
+    assert rep.overhead(bits, d) == pytest.approx(32_244 / 20_000)
 
 
 def test_secure_mean_of_deltas_is_close_to_the_plain_mean() -> None:
     g = torch.Generator().manual_seed(0)
     deltas = [dp.Delta({"w": 0.1 * torch.randn(30, 20, generator=g), "b": 0.1 * torch.randn(20, generator=g)})
               for _ in range(8)]  # fmt: skip
-    mean, rep = secure_mean(deltas, bits=16, clip_range=1.0, drop_before_upload={3}, seed=0)
+    mean, _ = secure_mean(deltas, bits=16, clip_range=1.0, drop_before_upload={3}, seed=0)
     plain = dp.FedAvg()
     for i, d in enumerate(deltas):
         if i != 3:
