@@ -9,6 +9,7 @@ from deltaplane.aggregation.accounting import PrivacyAccountant, PrivacyAccounta
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, ConstantClip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg, DPState, local_epsilon, privatize
+from deltaplane.aggregation.factory import build_aggregator, parse_defense
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi, ServerOptimizerState
 from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
@@ -39,8 +40,10 @@ __all__ = [
     "ServerOptimizerState",
     "TrimmedMean",
     "Validate",
+    "build_aggregator",
     "epsilon_for",
     "local_epsilon",
+    "parse_defense",
     "privatize",
     "validate_update",
 ]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -33,7 +35,15 @@ def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
 def expand_mask(key: bytes, n: int, bits: int) -> np.ndarray:
     """``n`` uniform values in ``[0, 2^bits)`` (uint32) from the AES-256-CTR keystream of ``key``."""
     enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    stream = enc.update(b"\0" * (4 * n)) + enc.finalize()
-    out = np.frombuffer(stream, dtype="<u4").astype(np.uint32)
-    # 2^bits divides 2^32, so masking the low bits keeps the values exactly uniform
-    return out & np.uint32((1 << bits) - 1) if bits < 32 else out
+    buf = bytearray(4 * n + 15)  # update_into wants room for one block more than the input
+    enc.update_into(_zeros(4 * n), buf)
+    out = np.frombuffer(buf, dtype="<u4", count=n)
+    if bits < 32:  # 2^bits divides 2^32, so keeping the low bits keeps the values exactly uniform
+        out &= np.uint32((1 << bits) - 1)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _zeros(nbytes: int) -> bytes:
+    # the plaintext of the keystream; cached because every mask of a round has the same length
+    return bytes(nbytes)

@@ -251,7 +251,10 @@ class SecAggClient:
         y = codes.astype(np.uint32) + _self_mask(cfg, self.state.self_seed, u)
         for v in self.state.received:
             p = _pair_mask(cfg, self.state.s_key, self.state.peers[v].s_public, u, v)
-            y = y + p if u < v else y - p  # uint32 wraps mod 2^32, a multiple of 2^k
+            if u < v:  # uint32 wraps mod 2^32, a multiple of 2^k
+                y += p
+            else:
+                y -= p
         self.state.uploaded = True
         return pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits)
 
@@ -387,5 +390,8 @@ class SecAggServer:
                 if v in self.graph[u] and u in self.mailbox.get(v, {}):
                     p = _pair_mask(cfg, s_key, self.keys[v].s_public, u, v)
                     # v added +p if v < u else −p for its pair with u; take it back out
-                    total = total - p if v < u else total + p
+                    if v < u:
+                        total -= p
+                    else:
+                        total += p
         return (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)

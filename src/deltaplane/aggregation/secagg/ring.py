@@ -45,8 +45,9 @@ def pack(values: np.ndarray, bits: int) -> bytes:
     v = np.ascontiguousarray(values, dtype=np.uint32)
     if bits in (8, 16, 32):
         return v.astype({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).tobytes()
-    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+    # the little-endian bits of each value, keep the low `bits` of each, repack densely
+    planes = np.unpackbits(v.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
 
 
 def unpack(data: bytes, bits: int, n: int) -> np.ndarray:
@@ -56,6 +57,8 @@ def unpack(data: bytes, bits: int, n: int) -> np.ndarray:
         raise DecodeError(f"packed {bits}-bit ring values: {len(data)} bytes for {n} values, expected {need}")
     if bits in (8, 16, 32):
         return np.frombuffer(data, dtype={8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)
-    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits)
-    weights = (np.uint32(1) << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
-    return (planes.reshape(n, bits).astype(np.uint32) * weights).sum(axis=1, dtype=np.uint32)
+    planes = np.zeros((n, 32), dtype=np.uint8)
+    planes[:, :bits] = np.unpackbits(
+        np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits
+    ).reshape(n, bits)
+    return np.packbits(planes, axis=1, bitorder="little").view("<u4").reshape(n).astype(np.uint32)
