@@ -19,6 +19,7 @@ import logging
 import torch
 
 import deltaplane as dp
+from deltaplane.aggregation import epsilon_for
 
 GRID = [
     (0.01, 1.0, 100, 1e-5),
@@ -44,9 +45,8 @@ def deltaplane_reported(q: float, z: float, steps: int, delta: float) -> float:
 
 
 def independent_rdp(q: float, z: float, steps: int, delta: float) -> float:
-    from dp_accounting.rdp import rdp_privacy_accountant
-
     import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
 
     acc = rdp_privacy_accountant.RdpAccountant()
     event = dp_accounting.GaussianDpEvent(z)
@@ -75,7 +75,7 @@ def main() -> None:
         ours = deltaplane_reported(q, z, steps, delta)
         ind = independent_rdp(q, z, steps, delta)
         op = opacus_rdp(q, z, steps, delta)
-        pld = dp.epsilon_for(noise_multiplier=z, sampling_rate=q, steps=steps, delta=delta, method="pld")
+        pld = epsilon_for(noise_multiplier=z, sampling_rate=q, steps=steps, delta=delta, method="pld")
         e_ind, e_op = abs(ours / ind - 1), abs(ours / op - 1)
         worst_ind, worst_op = max(worst_ind, e_ind), max(worst_op, e_op)
         rows.append(
