@@ -32,7 +32,7 @@ DEFENSES = ("none", "trimmed_mean", "median", "krum", "multi_krum", "norm_bound"
 
 
 def parse_defense(spec: str | None) -> Aggregator:
-    """``"trimmed_mean:0.2"``, ``"median"``, ``"krum:2"`` (f), ``"multi_krum:2"``, ``"norm_bound:5.0"``,
+    """``"trimmed_mean:0.2"``, ``"median"``, ``"krum:2"`` (f), ``"multi_krum:2"``, ``"norm_bound:5.0"`` (or ``"norm_bound:adaptive"``: the median norm),
     ``"fltrust"`` or ``"none"`` → the innermost aggregator."""
     if spec is None or spec == "none":
         return FedAvg()
@@ -48,7 +48,9 @@ def parse_defense(spec: str | None) -> Aggregator:
         if name in ("krum", "multi_krum"):
             return Krum(byzantine=int(arg) if arg else 1, select=1 if name == "krum" else None)
         if name == "norm_bound":
-            return NormBound(FedAvg(), max_norm=float(arg) if arg else 1.0)
+            return NormBound(
+                FedAvg(), max_norm="adaptive" if arg == "adaptive" else float(arg) if arg else 1.0
+            )
         return FLTrust()
     except ValueError:
         raise ConfigError(f"defense {spec!r}: the parameter after ':' must be a number") from None

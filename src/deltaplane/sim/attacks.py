@@ -5,8 +5,8 @@ and/or its update after training (:meth:`poison_update`). Attacks are specified 
 (name, then the fraction of malicious clients), and built with :func:`parse_attack`.
 
 * ``sign_flip`` — send ``−scale·Δ`` (Damaskinos et al. 2018; the classic untargeted attack).
-* ``model_replacement`` — scale the client's update by ``boost`` so it dominates the average (Bagdasaryan et
-  al. 2020, https://arxiv.org/abs/1807.00459); with a backdoor it is ``backdoor`` with ``boost > 1``.
+* ``model_replacement`` — train the backdoor and scale the update by ``boost`` (default 10) so it dominates
+  the average (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459).
 * ``label_flip`` — train on labels ``y → C − 1 − y`` (Fang et al. 2020, https://arxiv.org/abs/1911.11815).
 * ``gaussian`` — send pure Gaussian noise of std ``std`` (Blanchard et al. 2017).
 * ``backdoor`` — pixel-pattern backdoor (Gu et al. 2017 BadNets, https://arxiv.org/abs/1708.06733; in FL,
@@ -79,20 +79,6 @@ class SignFlip(Attack):
         return delta * (-self.scale)
 
 
-class ModelReplacement(Attack):
-    """Scale the update by ``boost`` so that it survives averaging with the honest ones."""
-
-    name = "model_replacement"
-
-    def __init__(self, *, boost: float = 10.0) -> None:
-        if not boost > 0:
-            raise ConfigError(f"boost must be positive. Found {boost!r}")
-        self.boost = boost
-
-    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
-        return delta * self.boost
-
-
 class GaussianNoise(Attack):
     """Replace the update with N(0, std²) noise."""
 
@@ -154,6 +140,16 @@ class Backdoor(Attack):
 
     def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
         return delta * self.boost if self.boost != 1.0 else delta
+
+
+class ModelReplacement(Backdoor):
+    """Scaled model replacement (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459): train the backdoor,
+    then scale the update by ``boost`` (≈ number of clients / server lr) so that it replaces the global model."""
+
+    name = "model_replacement"
+
+    def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, boost: float = 10.0) -> None:
+        super().__init__(target=target, poison_fraction=poison_fraction, boost=boost)
 
 
 ATTACKS: dict[str, Callable[..., Attack]] = {
