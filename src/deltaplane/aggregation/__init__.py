@@ -5,7 +5,12 @@ aggregation lives in :mod:`deltaplane.aggregation.secagg` (it needs ``cryptograp
 :mod:`deltaplane.aggregation.accounting` (it needs ``dp-accounting``, imported only when ε is computed).
 """
 
-from deltaplane.aggregation.accounting import PrivacyAccountant, PrivacyAccountantState, epsilon_for
+from deltaplane.aggregation.accounting import (
+    PrivacyAccountant,
+    PrivacyAccountantState,
+    epsilon_for,
+    noise_for_epsilon,
+)
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, ConstantClip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg, DPState, local_epsilon, privatize
@@ -43,6 +48,7 @@ __all__ = [
     "build_aggregator",
     "epsilon_for",
     "local_epsilon",
+    "noise_for_epsilon",
     "parse_defense",
     "privatize",
     "validate_update",

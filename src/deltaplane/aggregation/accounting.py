@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded
 
-__all__ = ["PrivacyAccountant", "PrivacyAccountantState", "dp_event", "epsilon_for"]
+__all__ = ["PrivacyAccountant", "PrivacyAccountantState", "dp_event", "epsilon_for", "noise_for_epsilon"]
 
 METHODS = ("rdp", "pld")
 
@@ -54,6 +54,32 @@ def epsilon_for(
         raise ConfigError(f"method must be one of {METHODS}. Found {method!r}")
     acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
     return float(acc.get_epsilon(delta))
+
+
+def noise_for_epsilon(
+    *, epsilon: float, sampling_rate: float, steps: int, delta: float, method: str = "rdp"
+) -> float:
+    """The smallest noise multiplier whose ε after ``steps`` rounds is at most ``epsilon`` (dp-accounting's
+    ``calibrate_dp_mechanism``, Brent's method on the accountant)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if not epsilon > 0:
+        raise ConfigError(f"epsilon must be positive. Found {epsilon!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}. Found {method!r}")
+
+    def fresh():
+        if method == "rdp":
+            return rdp_privacy_accountant.RdpAccountant()
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            fresh, lambda z: dp_event(z, sampling_rate, steps), epsilon, delta, tol=1e-4
+        )
+    )
 
 
 @lru_cache(maxsize=64)
