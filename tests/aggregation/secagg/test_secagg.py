@@ -161,3 +161,14 @@ def test_secure_mean_of_deltas_is_close_to_the_plain_mean() -> None:
         assert (mean[k] - ref[k]).abs().max() < step  # within one quantization step
     again, _ = secure_mean(deltas, bits=16, clip_range=1.0, drop_before_upload={3}, seed=0)
     assert torch.equal(mean["w"], again["w"])
+
+
+@pytest.mark.slow
+def test_hundred_clients_thirty_percent_dropout_exact() -> None:
+    n, d, bits = 100, 5_000, 8
+    cfg = SecAggConfig(num_clients=n, threshold=51, bits=bits, vector_size=d)
+    codes = _codes(n, d, bits, seed=9)
+    drop = set(np.random.default_rng(7).choice(n, size=30, replace=False).tolist())
+    total, rep = run_secagg(codes, cfg, drop_before_upload=drop, randbytes=np.random.default_rng(2).bytes)
+    assert len(rep.survivors) == 70
+    assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in range(n) if u not in drop))
