@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltaplane.commands import deploy as _deploy_commands
 from deltaplane.errors import DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
@@ -177,6 +178,11 @@ def _human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+# Command groups implemented in deltaplane.commands.<area>, each adding itself with register(app).
+for _register in (_deploy_commands.register,):
+    _register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover
