@@ -1,0 +1,230 @@
+"""Generalized task arithmetic: one engine, registered under five paper names.
+
+Pipeline per tensor (the same as mergekit's ``GeneralizedTaskArithmeticMerge``)::
+
+    τᵢ = θᵢ − θ₀                                  task vectors
+    τ̂ᵢ = sparsify(τᵢ, densityᵢ)                   none | magnitude top-k | random drop (DARE) | outlier-trim
+    τ̂ᵢ ← wᵢ · τ̂ᵢ                                  per-model weight
+    mᵢ = [sgn(τ̂ᵢ) = γ],  γ = sgn(Σᵢ τ̂ᵢ)            sign consensus (TIES), else mᵢ = 1
+    τ = Σᵢ mᵢ τ̂ᵢ  /  (Σᵢ mᵢ wᵢ  if normalize)       (disjoint) mean or sum
+    θ = θ₀ + λ · τ
+
+Registered settings (name: sparsification, consensus, normalize default, rescale default):
+
+- ``task_arithmetic`` — none, none, False, False. Ilharco et al. 2022, "Editing Models with Task Arithmetic",
+  https://arxiv.org/abs/2212.04089: ``θ = θ₀ + λ Σᵢ wᵢ τᵢ``.
+- ``ties`` — magnitude, sum, True, False. Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging
+  Models", https://arxiv.org/abs/2306.01708: trim to the top-k% magnitudes, elect the sign of the summed
+  trimmed vectors, average only the agreeing entries (disjoint mean).
+- ``dare_linear`` — random, none, False, True; ``dare_ties`` — random, sum, False, True. Yu et al. 2023,
+  "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+  https://arxiv.org/abs/2311.03099: drop each entry with probability ``1 − density`` and rescale the survivors
+  by ``1 / density`` so the expected task vector is unchanged.
+- ``breadcrumbs`` (and ``breadcrumbs_ties``) — outlier trim, none (sum), False, False. Davari & Belilovsky 2023,
+  "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", https://arxiv.org/abs/2312.06795:
+  drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density`` of them.
+
+Rescaling follows the DARE paper (``÷ density``); recent mergekit versions instead match the L1 norm of the
+unmasked vector, which gives different numbers for the same config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from deltaplane.errors import ConfigError
+from deltaplane.merging.base import (
+    MergeMethod,
+    MergeParams,
+    Param,
+    in_unit_interval,
+    non_negative,
+    register_method,
+    tensor_generator,
+)
+
+__all__ = ["SPARSIFIERS", "GeneralizedTaskArithmetic", "sign_consensus_mask", "sparsify"]
+
+
+def _keep_count(numel: int, density: float) -> int:
+    # at least one entry survives in a non-empty tensor: a positive density never erases a whole tensor
+    return max(1, int(density * numel)) if numel else 0
+
+
+def magnitude_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
+    """Keep the ``density`` fraction of entries with the largest ``|τ|`` (TIES "trim")."""
+    k = _keep_count(tau.numel(), density)
+    mask = torch.zeros(tau.numel(), dtype=torch.bool)
+    mask[torch.topk(tau.abs().reshape(-1), k, sorted=False).indices] = True
+    return mask.reshape(tau.shape)
+
+
+def random_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
+    """Keep each entry independently with probability ``density`` (DARE "drop")."""
+    return torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
+
+
+def outlier_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
+    """Drop the top ``gamma`` fraction by ``|τ|`` and the smallest entries, keeping ``density`` (Breadcrumbs)."""
+    n = tau.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - keep - n_top)  # outlier removal shrinks if it would undercut the density
+    order = torch.argsort(tau.abs().reshape(-1))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[n_bottom : n_bottom + keep]] = True
+    return mask.reshape(tau.shape)
+
+
+SPARSIFIERS = {"magnitude": magnitude_mask, "random": random_mask, "outliers": outlier_mask}
+
+
+def sparsify(
+    tau: Tensor,
+    *,
+    method: str,
+    density: float,
+    rescale: bool = False,
+    gamma: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero all but a ``density`` fraction of ``tau`` chosen by ``method``; divide survivors by ``density`` if
+    ``rescale`` (DARE's unbiased rescaling)."""
+    if density >= 1:
+        return tau
+    mask = SPARSIFIERS[method](tau, density, gamma, generator or torch.Generator().manual_seed(0))
+    out = tau * mask
+    return out / density if rescale else out
+
+
+def sign_consensus_mask(weighted: Tensor, method: str = "sum") -> Tensor:
+    """TIES sign election over stacked task vectors ``(N, ...)``: ``True`` where an entry agrees with the elected
+    sign. ``"sum"``: γ = sgn(Σᵢ τ̂ᵢ) (mass-weighted, as in the paper); ``"count"``: majority of signs. A tie
+    elects ``+``."""
+    signs = weighted.sign()
+    total = weighted.sum(dim=0) if method == "sum" else signs.sum(dim=0)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    return signs == elected
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    """The task-vector merge pipeline; a paper is a setting of it (see the module docstring).
+
+    Args:
+        name: registry name.
+        sparsification: ``None``, ``"magnitude"``, ``"random"`` or ``"outliers"``.
+        consensus: ``None``, ``"sum"`` or ``"count"``.
+        default_normalize: divide by the (agreeing) weight sum unless the config says otherwise.
+        default_rescale: divide sparsified vectors by their density unless the config says otherwise.
+        paper, url: the reference.
+    """
+
+    needs_base = True
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        sparsification: str | None,
+        consensus: str | None,
+        default_normalize: bool,
+        default_rescale: bool,
+        paper: str,
+        url: str,
+    ) -> None:
+        if sparsification not in (None, *SPARSIFIERS):
+            raise ConfigError(
+                f"sparsification must be one of None, {sorted(SPARSIFIERS)}. Found {sparsification!r}"
+            )
+        if consensus not in (None, "sum", "count"):
+            raise ConfigError(f"consensus must be None, 'sum' or 'count'. Found {consensus!r}")
+        self.name = name
+        self.sparsification = sparsification
+        self.consensus = consensus
+        self.default_normalize = default_normalize
+        self.default_rescale = default_rescale
+        self.paper = paper
+        self.url = url
+        params = [
+            Param("lambda", 1.0, doc="scale of the merged task vector"),
+            Param("normalize", default_normalize, kind="bool", doc="divide by the sum of (agreeing) weights"),
+            Param("weight", 1.0, per_model=True, plural="weights", doc="weight of this model's task vector"),
+        ]
+        if sparsification is not None:
+            params += [
+                Param("rescale", default_rescale, kind="bool", doc="divide kept entries by the density"),
+                Param(
+                    "density", 1.0, per_model=True, plural="densities", check=in_unit_interval,
+                    doc="fraction of task-vector entries kept",
+                ),
+            ]  # fmt: skip
+        if sparsification == "random":
+            params.append(Param("seed", 0, kind="int", doc="seed of the random drop masks"))
+        if sparsification == "outliers":
+            params.append(
+                Param("gamma", 0.01, per_model=True, plural="gammas", check=non_negative,
+                      doc="fraction of largest-magnitude entries dropped as outliers")
+            )  # fmt: skip
+        self.params = tuple(params)
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
+    ) -> Tensor:
+        assert base is not None  # needs_base is enforced before any tensor is read
+        n = len(tensors)
+        weights = torch.tensor(params.column("weight"), dtype=base.dtype).reshape(n, *([1] * base.dim()))
+        tau = torch.empty((n, *base.shape), dtype=base.dtype)  # (N, *shape), filled in place to bound memory
+        for i, t in enumerate(tensors):
+            torch.sub(t, base, out=tau[i])
+            if self.sparsification is not None:
+                mp = params.per_model[i]
+                tau[i] = sparsify(
+                    tau[i],
+                    method=self.sparsification,
+                    density=mp["density"],
+                    rescale=params.shared["rescale"],
+                    gamma=mp.get("gamma", 0.0),
+                    generator=tensor_generator(params.shared.get("seed", 0), name, i),
+                )
+        tau.mul_(weights)
+        if self.consensus is not None:
+            mask = sign_consensus_mask(tau, self.consensus)
+            merged = (tau * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1  # no model agrees → merged entry is 0 anyway
+        else:
+            merged = tau.sum(dim=0)
+            divisor = weights.sum(dim=0).expand_as(merged).clone()
+            divisor[divisor.abs() < 1e-12] = 1
+        if params.shared["normalize"]:
+            merged /= divisor
+        lam = params.shared["lambda"]
+        if lam != 1:
+            merged *= lam
+        return base + merged
+
+
+for _spec in (
+    dict(name="task_arithmetic", sparsification=None, consensus=None, default_normalize=False,
+         default_rescale=False, paper="Ilharco et al. 2022, Editing Models with Task Arithmetic",
+         url="https://arxiv.org/abs/2212.04089"),
+    dict(name="ties", sparsification="magnitude", consensus="sum", default_normalize=True, default_rescale=False,
+         paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
+         url="https://arxiv.org/abs/2306.01708"),
+    dict(name="dare_linear", sparsification="random", consensus=None, default_normalize=False,
+         default_rescale=True, paper="Yu et al. 2023, Language Models are Super Mario (DARE)",
+         url="https://arxiv.org/abs/2311.03099"),
+    dict(name="dare_ties", sparsification="random", consensus="sum", default_normalize=False,
+         default_rescale=True, paper="Yu et al. 2023, Language Models are Super Mario (DARE) + TIES sign consensus",
+         url="https://arxiv.org/abs/2311.03099"),
+    dict(name="breadcrumbs", sparsification="outliers", consensus=None, default_normalize=False,
+         default_rescale=False, paper="Davari & Belilovsky 2023, Model Breadcrumbs",
+         url="https://arxiv.org/abs/2312.06795"),
+    dict(name="breadcrumbs_ties", sparsification="outliers", consensus="sum", default_normalize=False,
+         default_rescale=False, paper="Davari & Belilovsky 2023, Model Breadcrumbs + TIES sign consensus",
+         url="https://arxiv.org/abs/2312.06795"),
+):  # fmt: skip
+    register_method(GeneralizedTaskArithmetic(**_spec), replace=True)
