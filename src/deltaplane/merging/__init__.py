@@ -19,7 +19,9 @@ from deltaplane.merging.base import (
 from deltaplane.merging.fisher import FisherMerge, diagonal_fisher
 from deltaplane.merging.linear import Linear
 from deltaplane.merging.model_stock import ModelStock
+from deltaplane.merging.moe import MixtureOfExperts, Router
 from deltaplane.merging.slerp import Slerp, slerp
+from deltaplane.merging.streaming import MergeResult, merge_files
 from deltaplane.merging.task_arithmetic import GeneralizedTaskArithmetic, sign_consensus_mask, sparsify
 
 __all__ = [
@@ -29,13 +31,17 @@ __all__ = [
     "Linear",
     "MergeMethod",
     "MergeParams",
+    "MergeResult",
+    "MixtureOfExperts",
     "ModelStock",
     "Param",
+    "Router",
     "Slerp",
     "available_methods",
     "diagonal_fisher",
     "get_method",
     "merge",
+    "merge_files",
     "register_method",
     "resolve_params",
     "sign_consensus_mask",

@@ -104,7 +104,6 @@ class Checkpoint(Mapping[str, Tensor]):
         self.path = Path(path)
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.infos: dict[str, TensorInfo] = {}
-        self._handles: dict[Path, Any] = {}
         for file in self._files():
             for name, info in _read_header(file).items():
                 if name in self.infos:
@@ -144,13 +143,14 @@ class Checkpoint(Mapping[str, Tensor]):
         raise ConfigError(f"model folder '{p}' holds {what}")
 
     def __getitem__(self, name: str) -> Tensor:
-        info = self.infos[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        info = self.infos[name]
+        # A fresh handle per tensor, closed right after: safe_open memory-maps the file and the pages a read
+        # touches stay resident (and count in RSS) for as long as the mapping lives. Re-parsing the header is
+        # cheap next to the tensor data; keeping one handle open made RSS grow to the size of the model.
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
@@ -159,7 +159,7 @@ class Checkpoint(Mapping[str, Tensor]):
         return len(self.infos)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can treat a checkpoint as a resource."""
 
     def check_index(self) -> None:
         """Raise :class:`DecodeError` if a sharded index maps a tensor to a shard that does not hold it."""

@@ -58,7 +58,7 @@ def diagonal_fisher(
         return torch.log_softmax(functional_call(model, (p, buffers), (x.unsqueeze(0),)), dim=-1).squeeze(0)
 
     def label_log_prob(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return log_probs(p, x)[y]
+        return log_probs(p, x).gather(0, y.reshape(1)).squeeze(0)
 
     try:
         for start in range(0, inputs.shape[0], batch_size):
