@@ -163,6 +163,9 @@ class MergeMethod(ABC):
     ) -> Tensor:
         """Merge the ``name`` tensors of all models (float tensors, already in the compute dtype).
 
+        The method owns ``base`` and ``tensors``: they are fresh copies and may be modified in place, which is
+        how the task-vector engine keeps its scratch memory to a few tensors.
+
         ``params.per_model[i]`` holds model ``i``'s values; tensor-valued parameters (a Fisher) are already
         looked up for ``name``. Returns a tensor with the shape of the inputs.
         """
@@ -403,8 +406,8 @@ def merge(
             out[name] = (base[name] if base is not None else first).detach().clone()
             continue
         cdt = compute_dtype_for(first.dtype)
-        b = base[name].detach().to(cdt) if base is not None else None
-        ts = [x[name].detach().to(cdt) for x in models]
+        b = base[name].detach().to(cdt, copy=True) if base is not None else None
+        ts = [x[name].detach().to(cdt, copy=True) for x in models]  # copies: methods may work in place
         merged = m.merge_tensor(name, b, ts, lookup_tensor_params(m, resolved, name))
         out[name] = merged.to(first.dtype)
     if deltas:

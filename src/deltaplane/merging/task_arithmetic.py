@@ -58,6 +58,7 @@ def magnitude_mask(tau: Tensor, density: float, gamma: float, generator: torch.G
     """Keep the ``density`` fraction of entries with the largest ``|τ|`` (TIES "trim")."""
     k = _keep_count(tau.numel(), density)
     mask = torch.zeros(tau.numel(), dtype=torch.bool)
+    # topk rather than a full argsort: O(n) selection, and only k indices are allocated
     mask[torch.topk(tau.abs().reshape(-1), k, sorted=False).indices] = True
     return mask.reshape(tau.shape)
 
@@ -68,14 +69,21 @@ def random_mask(tau: Tensor, density: float, gamma: float, generator: torch.Gene
 
 
 def outlier_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
-    """Drop the top ``gamma`` fraction by ``|τ|`` and the smallest entries, keeping ``density`` (Breadcrumbs)."""
+    """Drop the top ``gamma`` fraction by ``|τ|`` and the smallest entries, keeping ``density`` (Breadcrumbs).
+
+    Equivalent to sorting ``|τ|`` ascending and keeping ranks ``[n − keep − top, n − top)``, done with two
+    top-k selections instead of a full sort.
+    """
     n = tau.numel()
     keep = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - keep - n_top)  # outlier removal shrinks if it would undercut the density
-    order = torch.argsort(tau.abs().reshape(-1))
+    n_top = min(int(gamma * n), n - keep)  # outlier removal shrinks if it would undercut the density
+    a = tau.abs().reshape(-1)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[n_bottom : n_bottom + keep]] = True
+    if keep == 0:
+        return mask.reshape(tau.shape)
+    mask[torch.topk(a, keep + n_top, sorted=False).indices] = True
+    if n_top:
+        mask[torch.topk(a, n_top, sorted=False).indices] = False
     return mask.reshape(tau.shape)
 
 
@@ -90,14 +98,15 @@ def sparsify(
     rescale: bool = False,
     gamma: float = 0.0,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """Zero all but a ``density`` fraction of ``tau`` chosen by ``method``; divide survivors by ``density`` if
-    ``rescale`` (DARE's unbiased rescaling)."""
+    ``rescale`` (DARE's unbiased rescaling). With ``inplace`` ``tau`` itself is modified and returned."""
     if density >= 1:
         return tau
     mask = SPARSIFIERS[method](tau, density, gamma, generator or torch.Generator().manual_seed(0))
-    out = tau * mask
-    return out / density if rescale else out
+    out = tau.mul_(mask) if inplace else tau * mask
+    return out.div_(density) if rescale else out
 
 
 def sign_consensus_mask(weighted: Tensor, method: str = "sum") -> Tensor:
@@ -174,37 +183,50 @@ class GeneralizedTaskArithmetic(MergeMethod):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
     ) -> Tensor:
         assert base is not None  # needs_base is enforced before any tensor is read
-        n = len(tensors)
-        weights = torch.tensor(params.column("weight"), dtype=base.dtype).reshape(n, *([1] * base.dim()))
-        tau = torch.empty((n, *base.shape), dtype=base.dtype)  # (N, *shape), filled in place to bound memory
-        for i, t in enumerate(tensors):
-            torch.sub(t, base, out=tau[i])
+        weights = params.column("weight")
+        # Each input becomes its task vector in place (the inputs are owned by the merge): peak memory is the
+        # inputs plus about three tensors of scratch, not a stacked (N, ...) copy of everything.
+        taus = list(tensors)
+        for i, tau in enumerate(taus):
+            tau.sub_(base)
             if self.sparsification is not None:
                 mp = params.per_model[i]
-                tau[i] = sparsify(
-                    tau[i],
+                sparsify(
+                    tau,
                     method=self.sparsification,
                     density=mp["density"],
                     rescale=params.shared["rescale"],
                     gamma=mp.get("gamma", 0.0),
                     generator=tensor_generator(params.shared.get("seed", 0), name, i),
+                    inplace=True,
                 )
-        tau.mul_(weights)
+            if weights[i] != 1:
+                tau.mul_(weights[i])
         if self.consensus is not None:
-            mask = sign_consensus_mask(tau, self.consensus)
-            merged = (tau * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1  # no model agrees → merged entry is 0 anyway
+            votes = torch.zeros_like(base)
+            for tau in taus:
+                votes.add_(tau if self.consensus == "sum" else tau.sign())
+            positive = votes >= 0  # elected sign γ (a tie elects +)
+            del votes
+            merged = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for w, tau in zip(weights, taus, strict=True):
+                agree = torch.where(positive, tau > 0, tau < 0)  # sgn(τ̂ᵢ) = γ; zeros never agree
+                merged.add_(tau.mul_(agree))
+                divisor.add_(agree.to(base.dtype), alpha=w)
+            divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
         else:
-            merged = tau.sum(dim=0)
-            divisor = weights.sum(dim=0).expand_as(merged).clone()
-            divisor[divisor.abs() < 1e-12] = 1
+            merged = taus[0]
+            for tau in taus[1:]:
+                merged.add_(tau)
+            total = sum(weights)
+            divisor = torch.tensor(total if abs(total) >= 1e-12 else 1.0, dtype=base.dtype)
         if params.shared["normalize"]:
-            merged /= divisor
+            merged.div_(divisor)
         lam = params.shared["lambda"]
         if lam != 1:
-            merged *= lam
-        return base + merged
+            merged.mul_(lam)
+        return merged.add_(base)
 
 
 for _spec in (
