@@ -262,7 +262,7 @@ def billion(work: Path) -> str:
                     f"< 2048 MB: {'met' if r['peak_mb'] < 2048 else 'MISSED'}",
                 ]
             ],
-        )  # fmt: skip
+        )
     )
 
 
