@@ -202,26 +202,31 @@ class GeneralizedTaskArithmetic(MergeMethod):
                 )
             if weights[i] != 1:
                 tau.mul_(weights[i])
+        normalize = params.shared["normalize"]
+        divisor: Tensor | None = None
         if self.consensus is not None:
             votes = torch.zeros_like(base)
             for tau in taus:
                 votes.add_(tau if self.consensus == "sum" else tau.sign())
             positive = votes >= 0  # elected sign γ (a tie elects +)
             del votes
-            merged = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
+            divisor = torch.zeros_like(base) if normalize else None
             for w, tau in zip(weights, taus, strict=True):
                 agree = torch.where(positive, tau > 0, tau < 0)  # sgn(τ̂ᵢ) = γ; zeros never agree
-                merged.add_(tau.mul_(agree))
-                divisor.add_(agree.to(base.dtype), alpha=w)
-            divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
-        else:
-            merged = taus[0]
-            for tau in taus[1:]:
-                merged.add_(tau)
+                tau.mul_(agree)
+                if divisor is not None:
+                    divisor.add_(agree.to(base.dtype), alpha=w)
+                del agree
+            if divisor is not None:
+                divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
+        elif normalize:
             total = sum(weights)
             divisor = torch.tensor(total if abs(total) >= 1e-12 else 1.0, dtype=base.dtype)
-        if params.shared["normalize"]:
+        merged = taus[0]  # accumulate into the first task vector: no extra tensor
+        for tau in taus[1:]:
+            merged.add_(tau)
+        del taus
+        if divisor is not None:
             merged.div_(divisor)
         lam = params.shared["lambda"]
         if lam != 1:
