@@ -34,6 +34,7 @@ def merge_command(
 ) -> None:
     """Merge models tensor by tensor from safetensors (bounded memory) and write safetensors to OUT."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deltaplane.errors import DeltaplaneError
@@ -62,7 +63,8 @@ def merge_command(
             )
         except DeltaplaneError as exc:
             bar.stop()
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
+            # escaped: messages quote tensor lists like ['a.weight'], which rich would read as markup
+            console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
             raise typer.Exit(code=2) from None
     Console(soft_wrap=True).print(
         f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "
