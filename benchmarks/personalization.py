@@ -97,9 +97,9 @@ def main() -> None:
     g_fedper = client_scores(fedper_run, [fedper_run["global"]] * len(fedper_run["clients"]))
     results["fedper"] = client_scores(fedper_run, fedper_run["fedper"])
     rows = []
-    summary = {}
+    summary: dict[str, np.ndarray] = {}
     for name, s in results.items():
-        ref = g_fedper if name == "fedper" else g
+        ref = g  # every method against what the device would get without personalization: the FedAvg model
         diff = s - ref
         summary[name] = diff
         rows.append([
@@ -117,8 +117,9 @@ def main() -> None:
         f"Simulator default federation ({config.clients} clients, Dirichlet α = {config.alpha}, DigitsCNN, "
         f"FedAvg, {ROUNDS} rounds). Personalization runs on every device after every round. Per-client accuracy "
         "= the model's per-class accuracy on the 360 global test images weighted by the client's class shares. "
-        "The global model of the FedPer row is its federated body with the (never trained) global head, so it is "
-        "only a reference point.\n\n"
+        "Every method is compared with the FedAvg global model (what a device gets without "
+        "personalization); FedPer trains its own federation (personal heads), whose global model has an untrained "
+        "head and is shown per client only as a reference.\n\n"
         + table(
             ["method", "global: mean client acc", "personalized: mean", "margin (points)",
              "worst client change (points)", "clients worse by > 1 point", "worst client acc"],

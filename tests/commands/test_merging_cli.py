@@ -54,6 +54,8 @@ def test_bad_shard_size(tmp_path: Path) -> None:
 
 
 def test_error_with_brackets_is_printed_verbatim(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "[gone]"}]}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": "[gone]"}]})
+    )
     res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2 and "[gone]" in res.output

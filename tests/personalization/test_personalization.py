@@ -81,7 +81,7 @@ def test_choose_alpha_exact_scores_and_tie_break() -> None:
         assert s == accuracy(m, delta.apply(glob, scale=a), val)
     assert scores[0.0] < 0.2 and scores[1.0] > 0.9 and alpha > 0
     zero = dp.Delta.zeros_like(glob)
-    assert choose_alpha(m, glob, zero, val)[0] == 0.0  # all candidates tie: the global model is kept
+    assert choose_alpha(m, glob, zero, val)[0] == 0.0  # all candidates tie exactly: the global model is kept
 
 
 def test_alpha_mix_improves_a_shifted_device_and_keeps_global_for_a_typical_one() -> None:

@@ -2,9 +2,9 @@
 
 Each round, after the new global model arrives, the device continues training its personal model
 (``global + personal_delta``) for a few local epochs, stores the new ``personal_delta = trained − global`` and
-chooses α from a grid by accuracy on its local validation split. α = 0 (the plain global model) is always a
-candidate and wins ties, so the choice can only move away from the global model when local validation says
-the personal delta helps. This is the adaptive interpolation of APFL (Deng et al. 2020, "Adaptive Personalized
+chooses α from a grid by accuracy on its local validation split (ties broken by validation cross-entropy). α = 0
+(the plain global model) is always a candidate, so the choice moves away from the global model only when local
+validation says the personal delta helps. This is the adaptive interpolation of APFL (Deng et al. 2020, "Adaptive Personalized
 Federated Learning", https://arxiv.org/abs/2003.13461) done in weight space, with α selected rather than learned.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError
 from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import accuracy, train_sgd
+from deltaplane.personalization.training import as_xy, train_sgd
 
 __all__ = ["AlphaMix", "choose_alpha"]
 
@@ -33,16 +33,27 @@ def choose_alpha(
     val: Any,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> tuple[float, dict[float, float]]:
-    """The α in ``alphas`` whose ``global + α·personal`` is most accurate on ``val`` (smallest α on ties).
+    """The α in ``alphas`` whose ``global + α·personal`` is most accurate on ``val``.
+
+    A device's validation split is small (a dozen examples), so accuracies often tie; ties are broken by the
+    lower validation cross-entropy, which still moves with α, and a remaining tie goes to the smaller α.
 
     Returns:
         ``(alpha, {alpha: validation accuracy})``.
     """
-    scores = {}
-    for a in sorted(alphas):
-        scores[a] = accuracy(model, personal_delta.apply(global_state, scale=a), val)
-    best = max(scores.values())
-    return min(a for a, s in scores.items() if s == best), scores
+    x, y = as_xy(val)
+    scores: dict[float, float] = {}
+    keys: dict[float, tuple[float, float, float]] = {}
+    with torch.no_grad():
+        for a in sorted(alphas):
+            model.load_state_dict(personal_delta.apply(global_state, scale=a))
+            model.eval()
+            logits = model(x)
+            acc = float((logits.argmax(1) == y).float().mean()) if x.shape[0] else 0.0
+            nll = float(nn.functional.cross_entropy(logits, y)) if x.shape[0] else 0.0
+            scores[a] = acc
+            keys[a] = (-acc, nll, a)
+    return min(keys, key=keys.__getitem__), scores
 
 
 class AlphaMix(Personalizer):
