@@ -11,10 +11,12 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeltaplaneError",
+    "ExportError",
     "InvalidUpdate",
     "PrivacyBudgetExceeded",
     "ShapeMismatch",
     "SpecError",
+    "UnsupportedLayer",
     "VersionMismatch",
 ]
 
@@ -53,3 +55,11 @@ class ConfigError(DeltaplaneError, ValueError):
 
 class PrivacyBudgetExceeded(DeltaplaneError, RuntimeError):
     """Continuing would spend more differential-privacy budget (epsilon) than allowed."""
+
+
+class UnsupportedLayer(DeltaplaneError, TypeError):
+    """A model holds a layer (or an operator) that the requested pruning, quantization or export cannot handle."""
+
+
+class ExportError(DeltaplaneError, RuntimeError):
+    """Exporting a model failed or the exported model disagrees with PyTorch; no partial file is left behind."""
