@@ -578,6 +578,8 @@ class Registry:
         return [_artifact(r) for r in self._connect().execute(q + " ORDER BY id", args)]
 
     def get(self, model: str, number: int) -> Artifact:
+        if not isinstance(number, int) or not 0 < number < 2**63:
+            raise NotFound(f"{model}@{number} does not exist: version numbers are positive 64-bit integers")
         row = (
             self._connect()
             .execute("SELECT * FROM artifacts WHERE model=? AND number=?", (model, number))

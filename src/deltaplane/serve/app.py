@@ -15,8 +15,6 @@ reference, read alerts and counters. ``/docs`` and ``/openapi.json`` describe ev
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
-from __future__ import annotations
-
 import secrets
 import threading
 import time
@@ -146,7 +144,7 @@ class DeviceToken(BaseModel):
 
 class OpenRoundRequest(_Strict):
     base_version: int | None = Field(
-        default=None, ge=1, description="defaults to the training (else production) tag"
+        default=None, ge=1, le=2**31 - 1, description="defaults to the training (else production) tag"
     )
 
 
@@ -174,7 +172,7 @@ class CloseRoundResponse(BaseModel):
 
 
 class PromoteRequest(_Strict):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=2**31 - 1)
     to: str = Field(default="production", pattern=NAME, max_length=128)
 
 
@@ -210,8 +208,8 @@ class SummaryModel(_Strict):
 
 
 class ReportRequest(_Strict):
-    version: int = Field(ge=1)
-    round: int | None = Field(default=None, ge=1)
+    version: int = Field(ge=1, le=2**31 - 1)
+    round: int | None = Field(default=None, ge=1, le=2**31 - 1)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
     summary: SummaryModel | None = None
 
