@@ -1,0 +1,1 @@
+"""Command implementations, one module per area; each exposes ``register(app)`` for :mod:`deltaplane.cli`."""
