@@ -163,3 +163,68 @@ def test_openapi_is_served(service):
     assert "/v1/models/{model}/rounds/{round_id}/update" in spec["paths"]
     assert service.http.get("/docs").status_code == 200
     assert hashlib.sha256(service.http.get("/openapi.json").content).hexdigest()
+
+
+def test_drift_alerts_from_device_summaries(service):
+    import numpy as np
+
+    from deltaplane.monitor import DriftSpec, summarize
+
+    rng = np.random.default_rng(0)
+    ref_x = rng.normal(size=(2000, 3))
+    spec = DriftSpec.fit(ref_x, n_classes=10)
+    service.admin.set_drift_reference(
+        "cnn", spec.to_dict(), summarize(spec, ref_x, rng.integers(0, 10, 2000)).to_dict(), window=5
+    )
+    devs = [service.device(f"d{i}") for i in range(5)]
+    for d in devs:
+        x = rng.normal(size=(200, 3))
+        x[:, 2] += 1.5
+        out = d.report(
+            "cnn",
+            version=1,
+            metrics={"accuracy": 0.9},
+            summary=summarize(spec, x, rng.integers(0, 10, 200)).to_dict(),
+        )
+    assert out["drift_evaluated"] and any("f2" in a for a in out["alerts"])
+    alerts = service.admin.alerts("cnn")
+    assert len(alerts) == 1 and "feature drift on f2" in alerts[0]["alert"]
+    # a malformed summary is a 422, not a crash
+    with pytest.raises(ServiceError) as e:
+        devs[0].report("cnn", version=1, summary={"n": 5, "feature_counts": [[1, 2]]})
+    assert e.value.status == 422
+
+
+def test_device_falls_back_to_full_model_when_its_base_differs(service, make_state):
+    dev = service.device("d")
+    dev.fetch("cnn")
+    service.admin.open_round("cnn")
+    payload = Compressor("topk(0.1) | quant(bits=8)").compress(
+        local_update(make_state(), 0), base_id="cnn", base_version=1
+    )
+    service.device("u").upload("cnn", 1, payload)
+    service.admin.close_round("cnn", 1)
+    dev.state = {k: v + 0.5 for k, v in dev.state.items()}  # local weights corrupted / personalised in place
+    before = dev.bytes_received
+    v, state = dev.fetch("cnn", channel="training")
+    from deltaplane.registry import state_to_bytes
+
+    assert v == 2 and state_to_bytes(state) == service.reg.read(service.reg.get("cnn", 2))
+    assert dev.bytes_received - before > service.reg.get("cnn", 2).size  # delta tried, then the full model
+
+
+def test_promotion_and_rollback_over_http(service_factory, make_state):
+    def evaluator(state):
+        acc = 0.9 if float(state["fc.bias"].sum()) >= 0 else 0.5
+        return {"accuracy": acc, "ood_accuracy": acc}
+
+    svc = service_factory()
+    svc.state.evaluator = evaluator
+    good = svc.reg.register_model("cnn", {**make_state(1), "fc.bias": torch.ones(10)}, parent=1)
+    bad = svc.reg.register_model("cnn", {**make_state(2), "fc.bias": -torch.ones(10)}, parent=good.number)
+    assert svc.admin.promote("cnn", good.number)["promoted"]
+    refused = svc.admin.promote("cnn", bad.number)
+    assert not refused["promoted"] and "accuracy drops by 0.4000" in refused["regressions"][0]
+    back = svc.admin.rollback("cnn")
+    assert back["version"] == 1 and back["sha256"] == svc.reg.get("cnn", 1).sha256
+    assert svc.device("x").fetch("cnn")[0] == 1
