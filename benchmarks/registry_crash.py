@@ -24,7 +24,7 @@ def main() -> None:
         Path(tempfile.mkdtemp(prefix="crash-bench-")) / "h",
         kills=KILLS,
         seed=7,
-        size=200_000,
+        size=50_000,
         max_delay_s=0.5,
     )
     rows = [[rep.kills, rep.committed, rep.versions, rep.orphans, len(rep.problems), f"{rep.seconds:.0f}"]]
@@ -40,7 +40,7 @@ def main() -> None:
             ],
             rows,
         )
-        + "\n\nEach model is 200k fp32 values (800 kB); kill times uniform in [0, 0.5] s after the writer starts."
+        + "\n\nEach model is 50k fp32 values (200 kB); kill times uniform in [0, 0.5] s after the writer starts."
     )
     print(body)
     for p in rep.problems[:10]:

@@ -30,7 +30,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     assert first.promoted and first.baseline_metrics is None
     r = promote(reg, good.ref, evaluator=evaluate)
     assert r.promoted and r.candidate_metrics["accuracy"] > 0.85 > 0.6 > r.baseline_metrics["accuracy"]
-    promote(
+    r2 = promote(
         reg, better.ref, evaluator=evaluate, tolerance=Tolerance({"accuracy": 0.01, "ood_accuracy": 0.02})
     )
     with pytest.raises(PromotionRefused, match="accuracy drops by") as info:
@@ -41,6 +41,9 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     res = promote(reg, pruned.ref, evaluator=evaluate, raise_on_refusal=False)
     assert res.candidate_metrics["accuracy"] < res.baseline_metrics["accuracy"] - 0.01
     assert len(reg.evaluations(pruned)) == 2
+    card = reg.card(reg.get("digits", better.number))  # promotion attaches a model card with the gate's metrics
+    assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
+    assert reg.card(pruned) is None
 
     before = reg.blob_path(reg.get("digits", good.number).sha256).read_bytes()
     back = rollback(reg, "digits")

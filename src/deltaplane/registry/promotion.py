@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaplane.errors import ConfigError, NotFound, PromotionRefused
+from deltaplane.monitor.cards import ModelCard
 from deltaplane.registry.store import Artifact, Registry
 
 __all__ = ["Evaluator", "PromotionResult", "Tolerance", "production_stack", "promote", "rollback"]
@@ -133,6 +134,14 @@ def promote(
             raise PromotionRefused(result.summary())
         return result
     registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
+    card = ModelCard(
+        cand.model,
+        cand.number,
+        lineage={"parent": cand.parent, **cand.lineage, "promoted_to": to},
+        governance=cand.governance.to_dict(),
+        metrics=cand_metrics,
+    )
+    registry.attach_card(cand, card.to_dict())
     return result
 
 
