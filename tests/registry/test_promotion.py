@@ -41,7 +41,9 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     res = promote(reg, pruned.ref, evaluator=evaluate, raise_on_refusal=False)
     assert res.candidate_metrics["accuracy"] < res.baseline_metrics["accuracy"] - 0.01
     assert len(reg.evaluations(pruned)) == 2
-    card = reg.card(reg.get("digits", better.number))  # promotion attaches a model card with the gate's metrics
+    card = reg.card(
+        reg.get("digits", better.number)
+    )  # promotion attaches a model card with the gate's metrics
     assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
     assert reg.card(pruned) is None
 

@@ -228,3 +228,25 @@ def test_promotion_and_rollback_over_http(service_factory, make_state):
     back = svc.admin.rollback("cnn")
     assert back["version"] == 1 and back["sha256"] == svc.reg.get("cnn", 1).sha256
     assert svc.device("x").fetch("cnn")[0] == 1
+
+
+def test_small_payload_claiming_a_huge_tensor_is_refused_before_decoding(service, make_state):
+    import time
+    from dataclasses import replace
+
+    from deltaplane.codecs import get_codec
+    from deltaplane.codecs.wire import finalize
+
+    token = service.admin.issue_token("dev")
+    service.admin.open_round("cnn")
+    gen = torch.Generator()
+    codec = get_codec("topk(0.0001)")
+    trees = {k: (v.dtype, finalize(codec.encode(v, gen))) for k, v in local_update(make_state(), 0).items()}
+    dtype, tree = trees["fc.weight"]
+    trees["fc.weight"] = (dtype, replace(tree, shape=(1 << 33,)))  # 32 GiB of float32 if it were decoded
+    payload = pack(trees, WireHeader("cnn", 1, codec.spec))
+    assert len(payload) < 10_000
+    t = time.perf_counter()
+    r = raw(service, "POST", "/v1/models/cnn/rounds/1/update", token=token, content=payload)
+    assert r.status_code in (400, 422) and time.perf_counter() - t < 5
+    assert "fc.weight" in r.json()["detail"] or "topk" in r.json()["detail"]

@@ -32,8 +32,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltaplane.aggregation import FedAvg
-from deltaplane.codecs import Compressor, decompress
-from deltaplane.delta import check_compatible
+from deltaplane.codecs import Compressor, decode_delta, unpack
+from deltaplane.codecs.wire import check_base
 from deltaplane.errors import (
     ConfigError,
     DecodeError,
@@ -455,9 +455,23 @@ def create_app(
             raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
 
         def validate() -> Any:
-            delta = decompress(payload, expect_base=(model, r.base_version))
-            check_compatible(state.base_state(model, r.base_version), delta, "base model and update")
-            return delta
+            # Parse the frame and check names/shapes/dtypes against the base *before* decoding: a small
+            # payload that claims a huge shape must not make the server allocate it.
+            header, trees = unpack(payload)
+            check_base(header, (model, r.base_version))
+            base = state.base_state(model, r.base_version)
+            if trees.keys() != base.keys():
+                missing, extra = sorted(set(base) - set(trees)), sorted(set(trees) - set(base))
+                raise ShapeMismatch(
+                    f"update tensors differ from the base: missing {missing[:5]}, unknown {extra[:5]}"
+                )
+            for k, (dt, e) in trees.items():
+                if tuple(e.shape) != tuple(base[k].shape) or dt != base[k].dtype:
+                    raise ShapeMismatch(
+                        f"tensor '{k}': update declares shape {list(e.shape)} {dt}, "
+                        f"the base has {list(base[k].shape)} {base[k].dtype}"
+                    )
+            return decode_delta(trees)
 
         delta = await run_in_threadpool(validate)
         with state.lock:
