@@ -80,8 +80,13 @@ async def run_load(
     duration_s: float = 10.0,
     codec: str = "topk(0.1) | quant(bits=8)",
     seed: int = 0,
+    min_rounds: int = 1,
 ) -> LoadReport:
-    """Drive ``devices`` concurrent simulated devices against the service at ``url`` for ``duration_s``."""
+    """Drive ``devices`` concurrent simulated devices against the service at ``url`` for ``duration_s``.
+
+    At least ``min_rounds`` rounds run even if that takes longer (from the second round on, devices receive
+    deltas instead of full models).
+    """
     import httpx
 
     report = LoadReport(devices=devices)
@@ -198,7 +203,7 @@ async def run_load(
                     report.error_samples.append(f"{name}: got {resp.status_code} {resp.text[:100]}")
 
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < duration_s:
+        while time.perf_counter() - t0 < duration_s or report.rounds < min_rounds:
             r = await call("POST", f"/admin/models/{model}/rounds", (200,), json={}, headers=admin)
             if r is None:
                 break
