@@ -18,10 +18,27 @@ from deltaplane.codecs.wire import FRAME_OVERHEAD, MAGIC, Limits, unpack
 SPECS = [
     "identity",
     "fp16",
+    "bf16",
     "quant(bits=3, stochastic=true, chunk=64)",
+    "quant(bits=1, stochastic=true, chunk=32, scale=norm)",
     "topk(0.05) | quant(bits=8)",
     "topk(0.3)",
+    "topk(0.1, approx=true)",
+    "sign",
+    "ternary(chunk=16)",
+    "randk(0.2, unbiased=true) | quant(bits=4)",
+    "threshold(tau=0.8)",
+    "stc(0.05)",
+    "powersgd(rank=2, min_size=16) | quant(bits=8, chunk=8)",
+    "topk(0.2) | quant(bits=8) | zstd(level=3)",
+    "policy(rules='*.bias: fp16; fc.*: stc(0.1); *: powersgd(rank=1, min_size=0, fallback=sign)')",
 ]
+
+
+def test_every_registered_codec_is_fuzzed() -> None:
+    named = {stage.split("(")[0].strip() for spec in SPECS for stage in spec.split("|")}
+    named |= {"powersgd", "stc", "sign"}  # inside the policy rules
+    assert set(dp.available_codecs()) - {"pipeline"} <= named
 
 
 def _delta(seed: int = 0) -> dp.Delta:

@@ -303,7 +303,14 @@ def get_codec(spec: str | Codec) -> Codec:
     import deltaplane.codecs  # noqa: F401  (registers the built-in codecs)
 
     stages = [_build(*stage) for stage in parse_spec(spec)]
-    return stages[0] if len(stages) == 1 else Pipeline(stages)
+    if len(stages) == 1:
+        return stages[0]
+    try:
+        return Pipeline(stages)
+    except SpecError:
+        raise
+    except CodecError as exc:  # an impossible order of stages in a spec string is a spec error
+        raise SpecError(str(exc)) from exc
 
 
 # -- pipelines -------------------------------------------------------------------------------------------
@@ -351,10 +358,10 @@ class Pipeline(Codec):
         return self.stages[:-1] if self.stages[-1].lossless and len(self.stages) > 1 else self.stages
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
-        return _encode_stages(self._tensor_stages(), x, rng, None, "")
+        return encode_stages(self._tensor_stages(), x, rng, None, "")
 
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
-        return _encode_stages(self._tensor_stages(), x, rng, state, "")
+        return encode_stages(self._tensor_stages(), x, rng, state, "")
 
     def decode(self, e: Encoded) -> Tensor:
         return decode_tree(e)
@@ -376,19 +383,27 @@ def _identity() -> Codec:
     return get_codec("identity")
 
 
-def _encode_stages(
-    stages: list[Codec], x: Tensor, rng: torch.Generator, state: dict[str, Any] | None, path: str
+def encode_stages(
+    stages: list[Codec], x: Tensor, rng: torch.Generator, state: dict[str, Any] | None, path: str = ""
 ) -> Encoded:
+    """Run ``stages`` on ``x``: every tensor field of a stage goes through the rest of the stages.
+
+    ``state`` (one tensor's per-device state, updated in place) gives each stateful stage a slot keyed by
+    its place in the tree: ``"/"`` for the first stage, ``"/p"`` for a stage applied to field ``p``...
+    """
     # each stage applied at each place in the tree gets its own state slot, keyed by that place
     first = stages[0]
     if state is not None and first.stateful:
-        e = first.encode_stateful(x, rng, state.setdefault(path or "/", {}))
+        slot = state.get(path or "/", {})
+        e = first.encode_stateful(x, rng, slot)
+        if slot:  # a stage that fell back to a plain codec keeps no empty entries
+            state[path or "/"] = slot
     else:
         e = first.encode(x, rng)
     if len(stages) == 1:
         return e
     fields = {
-        k: _encode_stages(stages[1:], v, rng, state, f"{path}/{k}") if isinstance(v, Tensor) else v
+        k: encode_stages(stages[1:], v, rng, state, f"{path}/{k}") if isinstance(v, Tensor) else v
         for k, v in e.fields.items()
     }
     return Encoded(e.codec, e.shape, e.meta, fields)

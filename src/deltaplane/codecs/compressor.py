@@ -14,11 +14,19 @@ from typing import Any
 
 import torch
 
-from deltaplane.codecs.base import Codec, Encoded, decode_tree, get_codec, split_lossless
+from deltaplane.codecs.base import (
+    Codec,
+    Encoded,
+    Pipeline,
+    decode_tree,
+    encode_stages,
+    get_codec,
+    split_lossless,
+)
 from deltaplane.codecs.quantize import Identity
 from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pack, unpack
 from deltaplane.delta import Delta
-from deltaplane.errors import DecodeError, DeltaplaneError, ShapeMismatch
+from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
 __all__ = ["Compressor", "CompressorState", "decode_delta", "decompress", "encode_delta"]
 
@@ -45,13 +53,25 @@ def encode_delta(
                 c = body.select(name, t) if body.selects_by_name else body  # type: ignore[attr-defined]
             x = t.detach().cpu()
             if states is not None and c.stateful:
-                e = c.encode_stateful(x, rng, states.setdefault(name, {}))
+                slot = states.get(name, {})
+                e = encode_stages(c.stages if isinstance(c, Pipeline) else [c], x, rng, slot)
+                if slot:
+                    states[name] = slot
             else:
                 e = c.encode(x, rng)
             out[name] = (t.dtype, finalize(e))
         except DeltaplaneError as exc:
             raise type(exc)(f"tensor '{name}': {exc}") from exc
     return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True if a tensor holds no NaN/Inf: one fused min/max pass (NaN propagates through both), several
+    times faster than ``torch.isfinite(t).all()``, which materializes a boolean tensor first."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
@@ -62,7 +82,7 @@ def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
             t = decode_tree(tree)
         except DecodeError as exc:
             raise DecodeError(f"tensor '{name}': {exc}") from exc
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise DecodeError(f"tensor '{name}': decoded values hold NaN or Inf")
         out[name] = t.to(dtype)
     return Delta(out)
@@ -129,6 +149,13 @@ class Compressor:
 
     def encode(self, delta: Delta) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
         """Encode ``delta`` (plus the carried residual); returns the trees and the delta the receiver will see."""
+        trees, sent = self._encode(delta, want_sent=True)
+        assert sent is not None
+        return trees, sent
+
+    def _encode(
+        self, delta: Delta, *, want_sent: bool
+    ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta | None]:
         target = delta
         if self.error_feedback and self.state.residual is not None:
             try:
@@ -138,8 +165,9 @@ class Compressor:
                     f"delta does not match this device's error-feedback state: {exc}"
                 ) from exc
         trees = encode_delta(target, self.codec, self._rng, self.state.codec)
-        sent = decode_delta(trees)
-        if self.error_feedback:
+        # decoding what was sent costs as much as the receiver's decode: only done when it is needed
+        sent = decode_delta(trees) if (want_sent or self.error_feedback) else None
+        if sent is not None and self.error_feedback:
             self.state.residual = Delta(
                 {
                     k: (target[k] - sent[k]) if v.is_floating_point() else torch.zeros_like(v)
@@ -153,8 +181,10 @@ class Compressor:
         self, delta: Delta, *, base_id: str = "", base_version: int = 0, meta: Mapping[str, Any] | None = None
     ) -> bytes:
         """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`)."""
-        delta.check_finite()
-        trees, _ = self.encode(delta)
+        for k, v in delta.items():
+            if not all_finite(v):
+                raise InvalidUpdate(f"tensor '{k}' holds NaN or Inf values; refusing the update")
+        trees, _ = self._encode(delta, want_sent=False)
         level = getattr(self._lossless, "level", None)
         return pack(
             trees, WireHeader(base_id, base_version, self.codec.spec, dict(meta or {})), zstd_level=level

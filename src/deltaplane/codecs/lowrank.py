@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltaplane.codecs.base import Codec, Encoded, get_codec, register_codec
+from deltaplane.codecs.base import Codec, Encoded, get_codec, register_codec, split_lossless
 from deltaplane.errors import CodecError, DecodeError, SpecError
 
 __all__ = ["PowerSGD"]
@@ -50,7 +50,7 @@ class PowerSGD(Codec):
             fb = get_codec(fallback)
         except SpecError as exc:
             raise CodecError(f"powersgd: bad fallback codec: {exc}") from exc
-        if fb.stateful or fb.lossless or fb.selects_by_name:
+        if fb.stateful or split_lossless(fb)[1] is not None or fb.selects_by_name:
             raise CodecError(f"powersgd: fallback must be a plain codec such as 'fp16'. Found {fallback!r}")
         self.rank, self.iters, self.min_size = rank, iters, min_size
         self.fallback = fb.spec  # canonical, so the spec (and payloads) never depend on spelling

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltaplane.codecs.base import Codec, Encoded, decode_tree, get_codec, register_codec
+from deltaplane.codecs.base import Codec, Encoded, decode_tree, get_codec, register_codec, split_lossless
 from deltaplane.errors import CodecError, SpecError
 
 __all__ = ["Policy"]
@@ -69,7 +69,7 @@ class _Rule:
             self.codec = get_codec(codec)
         except SpecError as exc:
             raise CodecError(f"policy: rule '{when}': {exc}") from exc
-        if self.codec.lossless or self.codec.selects_by_name:
+        if split_lossless(self.codec)[1] is not None or self.codec.selects_by_name:
             raise CodecError(
                 f"policy: rule '{when}' uses '{self.codec.spec}'; a rule's codec cannot be a policy or end "
                 "in a lossless stage (put zstd after the whole policy: 'policy(...) | zstd')"

@@ -119,7 +119,19 @@ def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
 
 
 def _chunk_scales(part: Tensor, scale: str) -> Tensor:
-    return torch.linalg.vector_norm(part, ord=math.inf if scale == "max" else 2, dim=1)
+    if scale == "max":  # max |x| as max(max x, -min x): two reductions, no |x| temporary
+        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+    return torch.linalg.vector_norm(part, dim=1)
+
+
+#: values per block in the quantizers' hot loops: small enough that the float scratch stays in cache, and
+#: a fresh tensor-sized float temporary (whose page faults cost as much as a memcpy) is never allocated
+BLOCK_VALUES = 1 << 16
+
+
+def _blocks(rows: int, cols: int) -> range:
+    step = max(1, BLOCK_VALUES // max(cols, 1))
+    return range(0, rows, step)
 
 
 def _read_scales(codec: Codec, e: Encoded, count: int) -> Tensor:
@@ -175,19 +187,29 @@ class Quantize(Codec):
             out = codes[start : start + part.numel()].view(part.shape)
             if self.bits == 1:
                 # P(+scale) = (x/scale + 1) / 2 makes E[value] = x; deterministic: the sign
-                if self.stochastic:
-                    p = part * torch.where(s > 0, 0.5 / s, 0.0)[:, None]
-                    p.add_(0.5)
-                    out.copy_(torch.rand(part.shape, generator=rng) < p)
-                else:
-                    out.copy_(part >= 0)
-                continue
-            q = part * torch.where(s > 0, levels / s, 0.0)[:, None]
-            if self.stochastic:
-                q.add_(torch.rand(part.shape, generator=rng)).floor_()
+                mul, add = torch.where(s > 0, 0.5 / s, 0.0)[:, None], 0.5
             else:
-                q.round_()
-            out.copy_(q.clamp_(-levels, levels).add_(levels))
+                mul, add = torch.where(s > 0, levels / s, 0.0)[:, None], 0.0
+            rows, cols = part.shape
+            step = _blocks(rows, cols).step
+            work = torch.empty(min(step, rows), cols)
+            noise = torch.empty_like(work) if self.stochastic else None
+            for r0 in _blocks(rows, cols):
+                w = work[: min(step, rows - r0)]
+                torch.mul(part[r0 : r0 + step], mul[r0 : r0 + step], out=w)
+                o = out[r0 : r0 + step]
+                if self.bits == 1:
+                    if noise is None:
+                        torch.ge(part[r0 : r0 + step], 0, out=o)
+                    else:
+                        nz = noise[: w.shape[0]].uniform_(generator=rng)
+                        torch.lt(nz, w.add_(add), out=o)
+                    continue
+                if noise is not None:
+                    w.add_(noise[: w.shape[0]].uniform_(generator=rng)).floor_()
+                else:
+                    w.round_()
+                o.copy_(w.clamp_(-levels, levels).add_(levels))
         scale_t = torch.cat(scales) if scales else torch.zeros(0)
         fields = {
             "codes": pack_bits(codes.numpy(), self.bits),
