@@ -38,6 +38,16 @@ def tensor_to_bytes(x: Tensor) -> bytes:
     return x.numpy().tobytes()
 
 
+def tensor_buffer(x: Tensor) -> memoryview:
+    """A zero-copy little-endian byte view of a CPU tensor (kept alive by the view); see :func:`tensor_to_bytes`."""
+    if x.numel() == 0:
+        return memoryview(b"")
+    x = x.detach().contiguous().cpu().reshape(-1)
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return memoryview(x.numpy()).cast("B")
+
+
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
     """Inverse of :func:`tensor_to_bytes`, checking the length first."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -62,9 +72,7 @@ class Identity(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         if x.dtype not in DTYPE_NAMES:
             raise CodecError(f"identity: unsupported dtype {x.dtype}")
-        return Encoded(
-            self.spec, tuple(x.shape), {"dtype": DTYPE_NAMES[x.dtype]}, {"data": tensor_to_bytes(x)}
-        )
+        return Encoded(self.spec, tuple(x.shape), {"dtype": DTYPE_NAMES[x.dtype]}, {"data": tensor_buffer(x)})
 
     def decode(self, e: Encoded) -> Tensor:
         dtype = DTYPES.get(str(e.meta.get("dtype")))
@@ -77,7 +85,7 @@ class _Cast(Codec):
     dtype: torch.dtype
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
-        return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_to_bytes(x.to(self.dtype))})
+        return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_buffer(x.to(self.dtype))})
 
     def decode(self, e: Encoded) -> Tensor:
         data = self._field(e, "data", bytes)
@@ -189,27 +197,31 @@ class Quantize(Codec):
                 # P(+scale) = (x/scale + 1) / 2 makes E[value] = x; deterministic: the sign
                 mul, add = torch.where(s > 0, 0.5 / s, 0.0)[:, None], 0.5
             else:
-                mul, add = torch.where(s > 0, levels / s, 0.0)[:, None], 0.0
+                # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
+                # and every value is >= 0, so one fused multiply-add and the cast do the rounding
+                mul, add = (
+                    torch.where(s > 0, levels / s, 0.0)[:, None],
+                    levels + (0.0 if self.stochastic else 0.5),
+                )
             rows, cols = part.shape
             step = _blocks(rows, cols).step
             work = torch.empty(min(step, rows), cols)
             noise = torch.empty_like(work) if self.stochastic else None
             for r0 in _blocks(rows, cols):
-                w = work[: min(step, rows - r0)]
-                torch.mul(part[r0 : r0 + step], mul[r0 : r0 + step], out=w)
+                blk = part[r0 : r0 + step]
                 o = out[r0 : r0 + step]
-                if self.bits == 1:
-                    if noise is None:
-                        torch.ge(part[r0 : r0 + step], 0, out=o)
-                    else:
-                        nz = noise[: w.shape[0]].uniform_(generator=rng)
-                        torch.lt(nz, w.add_(add), out=o)
+                if self.bits == 1 and noise is None:
+                    torch.ge(blk, 0, out=o)
                     continue
-                if noise is not None:
-                    w.add_(noise[: w.shape[0]].uniform_(generator=rng)).floor_()
-                else:
-                    w.round_()
-                o.copy_(w.clamp_(-levels, levels).add_(levels))
+                w = torch.mul(blk, mul[r0 : r0 + step], out=work[: blk.shape[0]]).add_(add)
+                if noise is None:
+                    o.copy_(w)
+                    continue
+                nz = noise[: blk.shape[0]].uniform_(generator=rng)
+                if self.bits == 1:
+                    torch.lt(nz, w, out=o)
+                else:  # floor(q + u) with u ~ U[0, 1); the clamp guards q = L(1 + 2⁻²⁴) from rounding
+                    o.copy_(w.add_(nz).clamp_(max=2 * levels))
         scale_t = torch.cat(scales) if scales else torch.zeros(0)
         fields = {
             "codes": pack_bits(codes.numpy(), self.bits),
@@ -227,13 +239,17 @@ class Quantize(Codec):
         out = torch.empty(n, dtype=torch.float32)
         row = 0
         for start, part in chunk_views(out, self.chunk):
-            s = scales[row : row + part.shape[0], None]
-            row += part.shape[0]
-            part.copy_(codes[start : start + part.numel()].view(part.shape))
-            if self.bits == 1:
-                part.mul_(2).sub_(1).mul_(s)
-            else:
-                part.sub_(levels).mul_(s / levels)
+            rows, cols = part.shape
+            s = scales[row : row + rows, None]
+            row += rows
+            # value = (code - L) · s / L, or (2 code - 1) · s for 1 bit: code L decodes to an exact zero
+            shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
+            c = codes[start : start + part.numel()].view(rows, cols)
+            step = _blocks(rows, cols).step
+            work = torch.empty(min(step, rows), cols)
+            for r0 in _blocks(rows, cols):
+                w = work[: min(step, rows - r0)].copy_(c[r0 : r0 + step]).sub_(shift)
+                torch.mul(w, mul[r0 : r0 + step], out=part[r0 : r0 + step])
         return out.reshape(e.shape)
 
 

@@ -38,28 +38,35 @@ def _check_bool(name: str, what: str, v: object) -> bool:
     return v
 
 
-def topk_indices(mag: Tensor, k: int, *, approx: bool = False, rng: torch.Generator | None = None) -> Tensor:
+def _sample_threshold(mag: Tensor, k: int, headroom: bool, rng: torch.Generator | None) -> Tensor:
+    """Estimate the k-th largest magnitude from a sample of ~1% of the values (at least 4096)."""
+    n = mag.numel()
+    m = min(n, max(4096, n // 100))
+    # without a generator: an evenly strided sample (deterministic)
+    sample = mag[:: max(1, n // m)] if rng is None else mag[torch.randint(n, (m,), generator=rng)]
+    expect = k * sample.numel() / n
+    # with headroom: aim ~30% plus 3 sigma above k so the candidates almost surely include the top k
+    r = 1.3 * expect + 3 * math.sqrt(expect) + 1 if headroom else expect
+    r = min(sample.numel(), max(1, math.ceil(r)))
+    return torch.topk(sample, r, sorted=False).values.min()
+
+
+def topk_indices(mag: Tensor, k: int) -> Tensor:
     """Sorted flat positions of the ``k`` largest entries of ``mag`` (a flat tensor of magnitudes).
 
-    ``approx=True`` is DGC's sampled threshold (Lin et al. 2018, https://arxiv.org/abs/1712.01887, §3):
-    estimate the k-th largest magnitude from a random sample, keep the candidates above it (one cheap
-    comparison pass instead of a partial sort of the whole tensor), then run an exact top-k on the few
-    candidates. The threshold is set a little low so the candidates almost always number at least ``k``;
-    if they do not, the exact path runs. Either way exactly ``k`` positions come back, so the decoder and the
-    byte count are the same as exact top-k; only ties may resolve differently.
+    Exact, but faster than a partial sort of the whole tensor: a threshold estimated from a strided
+    sample, set a little low, selects a few more than ``k`` candidates with one comparison pass, and an
+    exact top-k runs on those (the hierarchical selection of DGC, Lin et al. 2018,
+    https://arxiv.org/abs/1712.01887, §3). Every value above the threshold is a candidate, so the result
+    is the exact top-k (ties resolve arbitrarily, as with ``torch.topk``); if the sample misjudged and
+    fewer than ``k`` candidates come out, the plain ``torch.topk`` runs instead.
     """
     n = mag.numel()
     if k >= n:
         return torch.arange(n)
     idx = None
-    if approx and n >= 8192 and k * 8 <= n:
-        m = min(n, max(4096, n // 100))
-        sample = mag[torch.randint(n, (m,), generator=rng)]
-        # rank of the k-th largest in the sample, with ~30% plus 3 sigma of headroom
-        expect = k * m / n
-        r = min(m, math.ceil(1.3 * expect + 3 * math.sqrt(expect) + 1))
-        thr = torch.topk(sample, r, sorted=False).values.min()
-        cand = torch.nonzero(mag >= thr).squeeze(1)
+    if n >= 8192 and k * 8 <= n:
+        cand = torch.nonzero(mag >= _sample_threshold(mag, k, True, None)).squeeze(1)
         if cand.numel() >= k:
             idx = cand[torch.topk(mag[cand], k, sorted=False).indices] if cand.numel() > k else cand
     if idx is None:
@@ -72,10 +79,11 @@ class TopK(Codec):
     """Keep the ``ratio`` fraction of coordinates with the largest magnitude (at least one).
 
     Positions go out with the cheapest index coder (see :mod:`deltaplane.codecs.entropy`); values are a float
-    field that a following pipeline stage can quantize. ``approx=True`` finds the same ``k`` positions with
-    DGC's sampled threshold (faster on large tensors; see :func:`topk_indices`). Biased on its own: pair it
-    with error feedback (Stich et al. 2018, https://arxiv.org/abs/1809.07599; Lin et al. 2018 DGC,
-    https://arxiv.org/abs/1712.01887).
+    field that a following pipeline stage can quantize. ``approx=True`` is DGC's sampled threshold (Lin et
+    al. 2018, https://arxiv.org/abs/1712.01887): the k-th largest magnitude is estimated from a random 1%
+    sample and every value at or above the estimate is sent, about ``k`` of them (the count varies a few
+    percent around ``k``), skipping the exact selection. Biased on its own: pair it with error feedback
+    (Stich et al. 2018, https://arxiv.org/abs/1809.07599).
     """
 
     name = "topk"
@@ -95,13 +103,18 @@ class TopK(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
-        idx = topk_indices(flat.abs(), self.k_for(n), approx=self.approx, rng=rng)
+        mag = flat.abs()
+        k = self.k_for(n)
+        if self.approx and n >= 8192 and k * 8 <= n:
+            idx = torch.nonzero(mag >= _sample_threshold(mag, k, False, rng)).squeeze(1)
+        else:
+            idx = topk_indices(mag, k)
         coder, data = encode_indices(idx.numpy(), n)
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
 
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
-        if values.numel() != self.k_for(e.numel):
+        if values.dim() != 1 or (not self.approx and values.numel() != self.k_for(e.numel)):
             raise DecodeError(f"{e.codec}: {values.numel()} values, expected {self.k_for(e.numel)}")
         idx = decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), e.numel, values.numel())
         return scatter_values(e, idx, values)

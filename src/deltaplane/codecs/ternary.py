@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.quantize import _read_scales, chunk_views
+from deltaplane.codecs.quantize import _blocks, _read_scales, chunk_views
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["Ternary", "pack_trits", "unpack_trits"]
@@ -81,10 +81,18 @@ class Ternary(Codec):
         for start, part in chunk_views(flat, self._chunk(n)):
             s = torch.linalg.vector_norm(part, ord=math.inf, dim=1)
             scales.append(s)
-            keep = torch.rand(part.shape, generator=rng) * s[:, None] < part.abs()  # P = |x| / s
-            t = keep.to(torch.uint8) * torch.where(part >= 0, 2, 0).to(torch.uint8)  # +1 -> 2, -1 -> 0
-            t += (~keep).to(torch.uint8)  # dropped -> 1 (zero)
-            trits[start : start + part.numel()].view(part.shape).copy_(t)
+            out = trits[start : start + part.numel()].view(part.shape)
+            rows, cols = part.shape
+            step = _blocks(rows, cols).step
+            noise, mag = torch.empty(min(step, rows), cols), torch.empty(min(step, rows), cols)
+            keep = torch.empty(min(step, rows), cols, dtype=torch.bool)
+            for r0 in _blocks(rows, cols):  # cache-sized blocks, as in quant
+                blk = part[r0 : r0 + step]
+                h = blk.shape[0]
+                u = noise[:h].uniform_(generator=rng).mul_(s[r0 : r0 + step, None])
+                torch.lt(u, torch.abs(blk, out=mag[:h]), out=keep[:h])  # P(keep) = |x| / s
+                t = torch.sign(blk, out=mag[:h]).mul_(keep[:h]).add_(1)  # trit: -1 -> 0, 0 -> 1, +1 -> 2
+                out[r0 : r0 + step].copy_(t)
         scale_t = torch.cat(scales) if scales else torch.zeros(0)
         return Encoded(
             self.spec,

@@ -71,7 +71,10 @@ def finalize(e: Encoded) -> Encoded:
     for k, v in e.fields.items():
         if isinstance(v, Tensor):
             v = Identity().encode(v.float(), torch.Generator())
-        fields[k] = finalize(v) if isinstance(v, Encoded) else bytes(v)
+        # bytes-like fields (a memoryview over a tensor's buffer) stay views: pack copies them once
+        fields[k] = (
+            finalize(v) if isinstance(v, Encoded) else v if isinstance(v, bytes | memoryview) else bytes(v)
+        )
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
@@ -95,7 +98,7 @@ def pack(
         for k, v in e.fields.items():
             if isinstance(v, Encoded):
                 fields[k] = node(v)
-            elif isinstance(v, bytes):
+            elif isinstance(v, bytes | memoryview):
                 fields[k] = [offset, len(v)]
                 chunks.append(v)
                 offset += len(v)
@@ -111,14 +114,16 @@ def pack(
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     packed = zlib.compress(raw, 9)
     flags, head = (FLAG_ZLIB_HEADER, packed) if len(packed) < len(raw) else (0, raw)
-    data = b"".join(chunks)
     if zstd_level is not None:
         from deltaplane.codecs.lossless import zstd_compress
 
         flags |= FLAG_ZSTD_PAYLOAD
-        data = zstd_compress(data, zstd_level)
-    body = _PREFIX.pack(MAGIC, VERSION, flags, len(head)) + head + data
-    return body + _CRC.pack(crc32c.crc32c(body))
+        chunks = [zstd_compress(b"".join(chunks), zstd_level)]
+    parts = [_PREFIX.pack(MAGIC, VERSION, flags, len(head)), head, *chunks]
+    crc = 0
+    for part in parts:  # CRC over the pieces, so the payload is copied once, by the final join
+        crc = crc32c.crc32c(part, crc)
+    return b"".join([*parts, _CRC.pack(crc)])
 
 
 # -- decoding --------------------------------------------------------------------------------------------
