@@ -4,8 +4,9 @@ Layout (all integers little-endian)::
 
     magic b"DPLN" | u8 version (=1) | u8 flags | u32 header_len | header | payload | u32 CRC32C
 
-``flags`` bit 0 means the header is zlib-compressed (set when that is smaller); bit 1 means the payload is
-one zstd frame that inflates to the buffers (the ``zstd`` pipeline stage). The header is UTF-8 JSON;
+``flags`` bit 0 means the header is zlib-compressed, bit 2 that it is raw DEFLATE with the v1 preset
+dictionary :data:`HEADER_DICT` (the writer picks the smallest); bit 1 means the payload is one zstd frame
+that inflates to the buffers (the ``zstd`` pipeline stage). The header is UTF-8 JSON;
 the (inflated) payload is every byte field of every tensor, concatenated in header order. The CRC32C covers everything
 before it. Decoding is strict and bounded: magic, version, flags, lengths, checksum, header schema, limits,
 offsets (fields must tile the payload exactly), shapes and finite values are all checked before a tensor is
@@ -37,7 +38,43 @@ MAGIC = b"DPLN"
 VERSION = 1
 FLAG_ZLIB_HEADER = 0x01
 FLAG_ZSTD_PAYLOAD = 0x02
-_KNOWN_FLAGS = FLAG_ZLIB_HEADER | FLAG_ZSTD_PAYLOAD
+FLAG_DICT_HEADER = 0x04
+_KNOWN_FLAGS = FLAG_ZLIB_HEADER | FLAG_ZSTD_PAYLOAD | FLAG_DICT_HEADER
+#: Preset DEFLATE dictionary of wire format v1 (flag bit 2): the strings every header repeats. Fixed forever
+#: for v1 (a reader needs the same bytes); on a small model it halves the compressed header, which can be
+#: half of a sparse payload. Later strings are cheaper to reference, so the commonest come last.
+HEADER_DICT = (
+    b'"m":{"dtype":"float32"},"f":{"data":'
+    b'{"c":"quant(bits=4, stochastic=true, chunk=512, scale=norm)","s":['
+    b'{"c":"quant(bits=2, stochastic=true, chunk=512, scale=max)","s":['
+    b'{"c":"quant(bits=4, stochastic=false, chunk=512, scale=max)","s":['
+    b'{"c":"quant(bits=8, stochastic=false, chunk=512, scale=max)","s":['
+    b'"f":{"codes":'
+    b',"scales":'
+    b'{"c":"powersgd(rank=4, iters=1, min_size=4096, fallback=fp16)","s":['
+    b'"f":{"p":{"c":"'
+    b',"q":{"c":"'
+    b'{"c":"randk(ratio=0.01, unbiased=false)","s":['
+    b'"m":{"seed":'
+    b'{"c":"threshold(tau='
+    b'{"c":"topk(ratio=0.01, approx=true)","s":['
+    b'{"c":"ternary(chunk=0)","s":[ {"c":"sign","s":[ {"c":"fp16","s":[ {"c":"bf16","s":['
+    b'"m":{"ix":"bitmap"},"f":{"idx":'
+    b'"m":{"ix":"varint"},"f":{"idx":'
+    b'{"c":"stc(ratio=0.01)","s":['
+    b',"signs":'
+    b'{"c":"topk(ratio=0.01)","s":['
+    b'"m":{"ix":"golomb"},"f":{"idx":'
+    b',"values":{"c":"identity","s":['
+    b',"values":{"c":"'
+    b'{"c":"identity","s":['
+    b'"float32",'
+    b'.weight",'
+    b'.bias",'
+    b'{"base":["",0],"codec":"'
+    b'"t":[["'
+    b']}}],["'
+)
 _PREFIX = struct.Struct("<4sBBI")  # magic, version, flags, header_len
 _CRC = struct.Struct("<I")
 FRAME_OVERHEAD = _PREFIX.size + _CRC.size  # 14 bytes around header and payload
@@ -99,7 +136,7 @@ def pack(
             if isinstance(v, Encoded):
                 fields[k] = node(v)
             elif isinstance(v, bytes | memoryview):
-                fields[k] = [offset, len(v)]
+                fields[k] = len(v)  # buffers tile the body in order: the length alone places them
                 chunks.append(v)
                 offset += len(v)
             else:
@@ -113,7 +150,12 @@ def pack(
         doc["meta"] = header.meta
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     packed = zlib.compress(raw, 9)
-    flags, head = (FLAG_ZLIB_HEADER, packed) if len(packed) < len(raw) else (0, raw)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=HEADER_DICT)
+    with_dict = deflater.compress(raw) + deflater.flush()
+    # the smallest of: raw JSON, zlib, raw DEFLATE with the v1 preset dictionary
+    flags, head = min(
+        (0, raw), (FLAG_ZLIB_HEADER, packed), (FLAG_DICT_HEADER, with_dict), key=lambda c: len(c[1])
+    )
     if zstd_level is not None:
         from deltaplane.codecs.lossless import zstd_compress
 
@@ -152,9 +194,15 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
     if crc32c.crc32c(buf[: -_CRC.size]) != crc:
         raise _fail("checksum mismatch (corrupted or truncated in transit)")
     raw = bytes(buf[_PREFIX.size : _PREFIX.size + header_len])
-    if flags & FLAG_ZLIB_HEADER:
+    if flags & FLAG_ZLIB_HEADER and flags & FLAG_DICT_HEADER:
+        raise _fail("flag bits 0 and 2 (two header compressions) are exclusive")
+    if flags & (FLAG_ZLIB_HEADER | FLAG_DICT_HEADER):
         try:
-            d = zlib.decompressobj()
+            d = (
+                zlib.decompressobj()
+                if flags & FLAG_ZLIB_HEADER
+                else zlib.decompressobj(-15, zdict=HEADER_DICT)
+            )
             raw = d.decompress(raw, limits.max_header_bytes)
             if d.unconsumed_tail or not d.eof:
                 raise _fail("compressed header is truncated or expands beyond the header limit")
@@ -211,16 +259,12 @@ class _Reader:
             if isinstance(f, dict):
                 fields[k] = self.node(f, f"{where}.{k}", depth + 1)
                 continue
-            if not (isinstance(f, list) and len(f) == 2 and all(type(x) is int for x in f)):
-                raise _fail(f"{where}.{k}: field must be [offset, length] or a nested node")
-            off, length = f
-            if off != self.cursor or length < 0:
+            if type(f) is not int or f < 0:
                 raise _fail(
-                    f"{where}.{k}: bytes [{off}, {off + length}) out of order or out of range "
-                    f"(expected offset {self.cursor})"
+                    f"{where}.{k}: field must be a byte length (a non-negative integer) or a nested node"
                 )
-            fields[k] = _Slice(off, length)
-            self.cursor += length
+            fields[k] = _Slice(self.cursor, f)
+            self.cursor += f
         return Encoded(codec, _shape(v["s"], where, self.limits), meta, fields)
 
 
