@@ -12,6 +12,7 @@ style), so the canonical spec, ``repr`` and :func:`get_codec` round-trip:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -147,6 +148,7 @@ class Codec:
             raise DecodeError(f"{e.codec}: field '{name}' holds {len(data)} bytes, expected {n}")
 
 
+@functools.cache
 def _hyperparameters(cls: type) -> dict[str, inspect.Parameter]:
     """The keyword parameters of ``cls.__init__`` (a codec's hyperparameters)."""
     sig = inspect.signature(cls.__init__)
@@ -409,10 +411,16 @@ def encode_stages(
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
+@functools.lru_cache(maxsize=1024)
+def _decoder(spec: str) -> Codec:
+    # Codecs are immutable, and a payload names the same few specs on every node: parse each once.
+    return get_codec(spec)
+
+
 def decode_tree(e: Encoded) -> Tensor:
     """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
     try:
-        codec = get_codec(e.codec)
+        codec = _decoder(e.codec)
     except SpecError as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):
