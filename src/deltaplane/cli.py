@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.commands import deploy as _deploy_commands
 from deltaplane.errors import DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
@@ -180,9 +179,18 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-# Command groups implemented in deltaplane.commands.<area>, each adding itself with register(app).
-for _register in (_deploy_commands.register,):
-    _register(app)
+def _register_command_modules() -> None:
+    """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
+    import importlib
+    import pkgutil
+
+    import deltaplane.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{package.__name__}.{info.name}").register(app)
+
+
+_register_command_modules()
 
 
 if __name__ == "__main__":  # pragma: no cover
