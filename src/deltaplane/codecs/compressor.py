@@ -83,7 +83,7 @@ class Compressor:
 
     Example:
         >>> import torch, deltaplane as dp
-        >>> c = dp.Compressor("topk(0.5) | quant(bits=8)", error_feedback=True, seed=0)
+        >>> c = dp.Compressor("topk(0.25) | quant(bits=8)", error_feedback=True, seed=0)
         >>> d = dp.Delta({"w": torch.tensor([1.0, -2.0, 0.1, 0.0])})
         >>> payload = c.compress(d, base_id="cnn", base_version=3)
         >>> dp.decompress(payload, expect_base=("cnn", 3))["w"].tolist()
