@@ -11,6 +11,10 @@ MODULES = [
     "deltaplane.codecs.base",
     "deltaplane.codecs.compressor",
     "deltaplane.aggregation.fedavg",
+    "deltaplane.aggregation.accounting",
+    "deltaplane.aggregation.clipping",
+    "deltaplane.aggregation.dp",
+    "deltaplane.aggregation.validation",
 ]
 
 
