@@ -87,6 +87,26 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    aggregator: Annotated[
+        str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+    ] = None,
+    dp_noise: Annotated[
+        float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+    ] = None,
+    clip: Annotated[str | None, typer.Option(help="Per-client L2 clip norm: a number or 'adaptive'.")] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Stop before epsilon would exceed this (with --dp-noise).")
+    ] = None,
+    secagg: Annotated[
+        bool | None, typer.Option("--secagg/--no-secagg", help="Aggregate through secure aggregation.")
+    ] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'.")
+    ] = None,
+    defense: Annotated[
+        str | None, typer.Option(help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'.")
+    ] = None,
+    prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -95,8 +115,10 @@ def run(
     """
     with _clean_errors():
         cfg = _run_config(
-            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed
-        )
+            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
+            aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
+            attack=attack, defense=defense, prox_mu=prox_mu,
+        )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
         results = _execute(plan)
         from deltaplane.report import write_report

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.aggregation import FedAvg
+from deltaplane.aggregation import FLTrust, Rejection
 from deltaplane.codecs import Compressor, decompress
-from deltaplane.data.digits import load_digits, train_test_split
+from deltaplane.data.digits import Dataset, load_digits, train_test_split
 from deltaplane.delta import Delta
-from deltaplane.errors import InvalidUpdate
-from deltaplane.sim.client import make_clients
+from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
+from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
@@ -48,6 +49,14 @@ class RoundMetrics:
     cumulative_uplink_bytes: int
     cumulative_downlink_bytes: int
     seconds: float
+    #: ε spent so far at ``config.dp_delta`` (None without DP)
+    epsilon: float | None = None
+    #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
+    rejected: int = 0
+    #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)
+    backdoor_success: float | None = None
+    #: share of client updates clipped this round (with clipping)
+    clipped_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +141,14 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         torch.set_num_threads(prev_threads)
 
 
+def _backdoor_success(model: torch.nn.Module, test: Dataset, target: int | None) -> float | None:
+    if target is None:
+        return None
+    keep = test.y != target
+    triggered = Dataset(add_trigger(test.x[keep]), torch.full_like(test.y[keep], target))
+    return accuracy(model, triggered)
+
+
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
     start = time.perf_counter()
     train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
@@ -145,6 +162,19 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     )
     raw_bytes = Delta.zeros_like(global_state).nbytes
 
+    attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
+    malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
+    agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+    fltrust = agg.find(FLTrust)
+    server_trainer = None
+    if isinstance(fltrust, FLTrust):  # the server's own small clean dataset, as in Cao et al. 2021
+        idx = numpy_rng(config.seed, Stream.ROOT_DATA).choice(
+            len(train), size=min(config.root_samples, len(train)), replace=False
+        )
+        root = train.subset(np.sort(idx))
+        server_trainer = Client(-1, root, root, Compressor("identity"))
+    backdoor_target = getattr(attack, "target", None)
+
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
@@ -153,21 +183,72 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         chosen = sample_clients(
             config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
         )
-        agg = FedAvg()
+        agg.reset()
+        if server_trainer is not None:
+            gen = torch_generator(config.seed, Stream.ROOT_DATA, rnd)
+            reference = server_trainer.local_update(
+                model, global_state, config, gen, lr=config.client_lr(rnd)
+            )
+            fltrust.set_reference(reference)  # type: ignore[union-attr]
         uplink = 0
+        rejections: list[Rejection] = []
+        secure_inputs: list[Delta] = []
+        secure_weights: list[int] = []
         for cid in chosen:
             client = clients[cid]
             gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
-            delta = client.local_update(model, global_state, config, gen, lr=config.client_lr(rnd))
+            data = None
+            if cid in malicious:
+                attack_gen = torch_generator(config.seed, Stream.ATTACK, rnd, cid)
+                data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
+            delta = client.local_update(model, global_state, config, gen, lr=config.client_lr(rnd), data=data)
+            if cid in malicious:
+                delta = attack.poison_update(delta, attack_gen)
+            if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
+                norm, bound = delta.norm(), float(config.clip)
+                delta = delta * (bound / norm) if norm > bound else delta
             try:
                 payload = client.upload(delta, base_id=BASE_ID, base_version=version)
-            except InvalidUpdate as exc:  # NaN/Inf: say where, and the usual cause
-                raise InvalidUpdate(
-                    f"round {rnd}, client {cid}: {exc} (local training diverged; try a lower lr)"
-                ) from exc
-            uplink += len(payload)
-            agg.add(decompress(payload, expect_base=(BASE_ID, version)), weight=client.num_samples)
-        update = agg.result() * config.server_lr
+                uplink += len(payload)
+                decoded = decompress(payload, expect_base=(BASE_ID, version))
+            except DeltaplaneError as exc:  # one bad client is refused, the round goes on
+                rejections.append(Rejection(str(cid), exc))
+                continue
+            if config.secagg:
+                secure_inputs.append(decoded)
+                secure_weights.append(client.num_samples)
+            elif not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
+                rejections.append(agg.rejections[-1])
+        accepted = len(secure_inputs) if config.secagg else len(chosen) - len(rejections)
+        if accepted == 0:
+            first = rejections[0]
+            raise InvalidUpdate(
+                f"round {rnd}, client {first.client_id}: {first.error} (every update of the round was refused; "
+                "if local training diverged, try a lower lr)"
+            ) from first.error
+        if config.secagg:
+            from deltaplane.aggregation.secagg import secure_mean
+
+            # the server knows each client's sample count (plain FedAvg weighs by it too); each client scales
+            # its delta by m·nᵢ/Σn before masking, so the secure *uniform* mean is the sample-weighted mean
+            total = sum(secure_weights)
+            scaled = [
+                d * (len(secure_inputs) * w / total)
+                for d, w in zip(secure_inputs, secure_weights, strict=True)
+            ]
+            mean, report = secure_mean(
+                scaled,
+                bits=config.secagg_bits,
+                clip_range=config.secagg_range,
+                round_id=rnd,
+                seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+            )
+            uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: masked ring values
+            agg.add(mean, 1.0)
+        update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
+        if config.aggregator == "fedavg":
+            update = update * config.server_lr
+        measurements = agg.measurements
         payload = downlink.compress(update, base_id=BASE_ID, base_version=version)
         global_state = decompress(payload, expect_base=(BASE_ID, version)).apply(global_state)
         down = len(payload) * len(clients)  # every device applies the update to stay in sync
@@ -188,6 +269,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
             seconds=time.perf_counter() - t0,
+            epsilon=measurements.get("epsilon"),
+            rejected=len(rejections),
+            backdoor_success=_backdoor_success(model, test, backdoor_target),
+            clipped_fraction=measurements.get("clipped_fraction"),
         )
         history.append(metrics)
         if progress is not None:
