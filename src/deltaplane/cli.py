@@ -79,6 +79,10 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    personalization: Annotated[
+        str | None,
+        typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
+    ] = None,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -86,7 +90,9 @@ def run(
     a comparison table and writes report.json and report.html into --out.
     """
     with _clean_errors():
-        cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
+        cfg = _run_config(
+            config, codec=codec, clients=clients, rounds=rounds, seed=seed, personalization=personalization
+        )
         plan = _plan_runs(cfg, with_baseline=baseline)
         results = _execute(plan)
         from deltaplane.report import write_report
@@ -95,6 +101,15 @@ def run(
             results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
         )
         console.print(_summary_table(files.report["summary"]))
+        for r in results:
+            final = r["final"]
+            if final.get("personal_accuracy_mean") is not None:
+                console.print(
+                    f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
+                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
+                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    soft_wrap=True,
+                )
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)

@@ -26,6 +26,7 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 4
     UPLINK_CODEC = 5
     DOWNLINK_CODEC = 6
+    PERSONALIZATION = 7
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
