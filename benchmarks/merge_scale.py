@@ -6,7 +6,8 @@ wall time of the merge call (imports excluded) and its peak RSS (``ru_maxrss``, 
 is what the machine has to hold; read from ``VmHWM`` in ``/proc/self/status``). Baselines measured in the same run: mergekit (``run_merge``, same config) and
 a straightforward in-memory implementation (load every model, merge, save).
 
-Run: ``.venv/bin/python benchmarks/merge_scale.py`` (``--skip-1b`` to leave out the 1B model, ~8 GB on disk).
+Run: ``.venv/bin/python benchmarks/merge_scale.py`` (``--skip-1b`` leaves out the 1B model, ~8.5 GB in /tmp;
+``--only-1b`` runs only it).
 """
 
 from __future__ import annotations
@@ -269,8 +270,9 @@ def billion(work: Path) -> str:
 if __name__ == "__main__":
     work = Path(tempfile.mkdtemp(prefix="dp_merge_scale_", dir="/tmp"))
     try:
-        body, _ = minilm(work)
-        record("merge-scale-minilm", "Merging at scale: MiniLM TIES vs mergekit", body)
+        if "--only-1b" not in sys.argv:
+            body, _ = minilm(work)
+            record("merge-scale-minilm", "Merging at scale: MiniLM TIES vs mergekit", body)
         if "--skip-1b" not in sys.argv:
             record("merge-scale-1b", "Merging at scale: 1 B-parameter synthetic model", billion(work))
     finally:
