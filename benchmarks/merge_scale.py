@@ -13,6 +13,7 @@ Run: ``.venv/bin/python benchmarks/merge_scale.py`` (``--skip-1b`` leaves out th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def minilm(work: Path) -> tuple[str, dict]:
         root, models, root / "mem.safetensors"
     )
     dp = runs["deltaplane (streaming)"]
+    load = os.getloadavg()[0]
     rows = []
     for name, r in runs.items():
         rows.append([
@@ -200,7 +202,9 @@ def minilm(work: Path) -> tuple[str, dict]:
         f"TIES (density {DENSITY}, weights 1, normalize) of all-MiniLM-L6-v2 ({n_params / 1e6:.1f} M params, "
         "float32) + 3 fine-tunes made by adding Gaussian noise at 1% of each tensor's std. Each merge runs in a "
         "fresh process; time is the merge call alone (imports excluded), peak RSS is the whole process "
-        f"(importing torch alone costs {dp['import_mb']:.0f} MB here).\n\n"
+        f"(importing torch and deltaplane costs {dp['import_mb']:.0f} MB here). The machine is shared: 1-minute "
+        f"load average {load:.1f} on {os.cpu_count()} cores at the end of the run, so absolute times are inflated; "
+        "the ratios compare runs made back to back under the same load.\n\n"
         + table(
             [
                 "implementation",
