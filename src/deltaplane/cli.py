@@ -107,6 +107,10 @@ def run(
         str | None, typer.Option(help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'.")
     ] = None,
     prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
+    personalization: Annotated[
+        str | None,
+        typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
+    ] = None,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -117,7 +121,7 @@ def run(
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
-            attack=attack, defense=defense, prox_mu=prox_mu,
+            attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
         )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
         results = _execute(plan)
@@ -127,6 +131,15 @@ def run(
             results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
         )
         console.print(_summary_table(files.report["summary"]))
+        for r in results:
+            final = r["final"]
+            if final.get("personal_accuracy_mean") is not None:
+                console.print(
+                    f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
+                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
+                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    soft_wrap=True,
+                )
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)

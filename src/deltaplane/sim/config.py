@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltaplane.errors import ConfigError, DeltaplaneError
+
+if TYPE_CHECKING:
+    from deltaplane.personalization import Personalizer
 
 __all__ = ["RunConfig"]
 
@@ -75,6 +78,16 @@ class RunConfig(BaseModel):
     root_samples: int = Field(100, ge=10, description="clean samples the server trains on for FLTrust")
     max_update_norm: float | None = Field(None, gt=0, description="reject client updates with a larger norm")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal term mu on the clients (0: plain FedAvg)")
+    # -- personalization (per-device state; see deltaplane.personalization) --------------------------
+    personalization: str = Field(
+        "none", description="per-device personalization: none, alpha_mix, fedper, fedbn or ditto"
+    )
+    personal_epochs: int = Field(2, ge=1, description="local epochs of personal training per round")
+    personal_lr: float = Field(0.05, gt=0, description="learning rate of personal training")
+    ditto_lambda: float = Field(
+        0.1, ge=0, description="Ditto's pull λ of the personal model toward the global one"
+    )
+    fedper_head: str = Field("fc2", description="comma-separated layer prefixes FedPer keeps on the device")
     # -- reproducibility ------------------------------------------------------------------------------
     seed: int = Field(0, ge=0, description="seeds the partition, the initial model and every round")
     # Apart from `seed` so that runs with different seeds are scored on the same test images.
@@ -164,6 +177,34 @@ class RunConfig(BaseModel):
             max_norm=self.max_update_norm,
             seed=seed,
         )
+    @field_validator("personalization")
+    @classmethod
+    def _valid_personalization(cls, name: str) -> str:
+        from deltaplane.personalization import PERSONALIZERS
+
+        if name not in PERSONALIZERS:
+            raise ValueError(f"unknown personalization '{name}'; choose one of {', '.join(PERSONALIZERS)}")
+        return name
+
+    def make_personalizer(self) -> Personalizer:
+        """The :class:`~deltaplane.personalization.Personalizer` these settings describe."""
+        from deltaplane.personalization import AlphaMix, Ditto, FedBN, FedPer, Personalizer
+
+        name = self.personalization
+        if name == "alpha_mix":
+            return AlphaMix(epochs=self.personal_epochs, lr=self.personal_lr, batch_size=self.batch_size)
+        if name == "ditto":
+            return Ditto(
+                lam=self.ditto_lambda,
+                epochs=self.personal_epochs,
+                lr=self.personal_lr,
+                batch_size=self.batch_size,
+            )
+        if name == "fedper":
+            return FedPer(head=tuple(h.strip() for h in self.fedper_head.split(",") if h.strip()))
+        if name == "fedbn":
+            return FedBN()
+        return Personalizer()
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

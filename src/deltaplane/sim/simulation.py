@@ -20,16 +20,17 @@ from torch import Tensor
 
 from deltaplane.aggregation import FLTrust, Rejection
 from deltaplane.codecs import Compressor, decompress
-from deltaplane.data.digits import Dataset, load_digits, train_test_split
+from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.personalization import PersonalState
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
 from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
 
-__all__ = ["RoundMetrics", "RunResult", "run_simulation", "sample_clients"]
+__all__ = ["RoundMetrics", "RunResult", "label_mix_accuracy", "run_simulation", "sample_clients"]
 
 #: Identifies the lineage of global models in payload headers; the version is the round it was made from.
 BASE_ID = "sim/digits-cnn"
@@ -57,6 +58,13 @@ class RoundMetrics:
     backdoor_success: float | None = None
     #: share of client updates clipped this round (with clipping)
     clipped_fraction: float | None = None
+    #: With personalization: accuracy on each client's own label mix (per-class accuracy on the global test
+    #: set weighted by the client's class shares) of the global model and of the client's personal model.
+    client_mix_accuracy_mean: float | None = None
+    personal_accuracy_mean: float | None = None
+    personal_accuracy_min: float | None = None
+    #: the largest drop of a client's accuracy from the global to its personal model (negative: a loss)
+    personal_gain_min: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +81,8 @@ class RunResult:
     raw_update_bytes: int
     wall_time_s: float
     final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final(self) -> RoundMetrics:
@@ -95,6 +105,7 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "final": self.final.to_dict(),
             "rounds": [r.to_dict() for r in self.rounds],
+            "clients": self.clients,
         }
 
 
@@ -149,6 +160,21 @@ def _backdoor_success(model: torch.nn.Module, test: Dataset, target: int | None)
     return accuracy(model, triggered)
 
 
+@torch.no_grad()
+def label_mix_accuracy(
+    model: torch.nn.Module, state: dict[str, Tensor], test: Dataset, client: Client
+) -> float:
+    """Accuracy of ``state`` on the client's own label mix: per-class accuracy on the global test set weighted by
+    the client's class shares. Scores a device on what it will see, with the 360 test images rather than the
+    dozen it holds out (which personalization already uses to choose α)."""
+    model.load_state_dict(state)
+    model.eval()
+    pred = model(test.x).argmax(1)
+    per_class = np.array([float((pred[test.y == c] == c).float().mean()) for c in range(NUM_CLASSES)])
+    shares = client.train.class_counts() / max(1, len(client.train))
+    return float(shares @ per_class)
+
+
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
     start = time.perf_counter()
     train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
@@ -174,6 +200,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         root = train.subset(np.sort(idx))
         server_trainer = Client(-1, root, root, Compressor("identity"))
     backdoor_target = getattr(attack, "target", None)
+    personalizer = config.make_personalizer()
+    local_keys = personalizer.local_keys(model)  # FedBN on a model without batch-norm raises here
+    personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
+    client_rows: list[dict[str, Any]] = []
 
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
@@ -201,7 +231,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             if cid in malicious:
                 attack_gen = torch_generator(config.seed, Stream.ATTACK, rnd, cid)
                 data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
-            delta = client.local_update(model, global_state, config, gen, lr=config.client_lr(rnd), data=data)
+            # the global model with this device's local layers (FedPer's head, FedBN's norms), if any
+            origin = personalizer.start_state(global_state, personal[cid]) if local_keys else global_state
+            delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
+            if local_keys:
+                personalizer.keep_local(delta.apply(origin), personal[cid], model)
+                delta = personalizer.shared(delta, model)  # local layers never leave the device
             if cid in malicious:
                 delta = attack.poison_update(delta, attack_gen)
             if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
@@ -250,13 +285,44 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             update = update * config.server_lr
         measurements = agg.measurements
         payload = downlink.compress(update, base_id=BASE_ID, base_version=version)
-        global_state = decompress(payload, expect_base=(BASE_ID, version)).apply(global_state)
+        decoded = decompress(payload, expect_base=(BASE_ID, version))
+        # a partial update (local layers excluded) changes only the shared tensors
+        global_state = {**global_state, **decoded.apply({k: global_state[k] for k in decoded})}
         down = len(payload) * len(clients)  # every device applies the update to stay in sync
         cum_up += uplink
         cum_down += down
 
+        personal_metrics: dict[str, float] = {}
+        if personalizer.name != "none":
+            for c in clients:  # every device received the new global model and adapts its personal state
+                g = torch_generator(config.seed, Stream.PERSONALIZATION, rnd, c.cid)
+                personalizer.personalize(
+                    model, global_state, personal[c.cid], c.train, c.holdout, generator=g
+                )
+            glob = [label_mix_accuracy(model, global_state, test, c) for c in clients]
+            pers = [
+                label_mix_accuracy(model, personalizer.personal_state(global_state, personal[c.cid]), test, c)
+                for c in clients
+            ]
+            personal_metrics = {
+                "client_mix_accuracy_mean": float(np.mean(glob)),
+                "personal_accuracy_mean": float(np.mean(pers)),
+                "personal_accuracy_min": float(np.min(pers)),
+                "personal_gain_min": float(np.min(np.subtract(pers, glob))),
+            }
+            if rnd == config.rounds:
+                client_rows = [
+                    {
+                        "client": c.cid,
+                        "global_accuracy": gl,
+                        "personal_accuracy": pe,
+                        "alpha": personal[c.cid].alpha,
+                    }
+                    for c, gl, pe in zip(clients, glob, pers, strict=True)
+                ]
+
         model.load_state_dict(global_state)
-        # Until personalization exists every device runs the global model: this is how it serves each one.
+        # the global model on each device's held-out data; personalized figures are in personal_metrics
         client_acc = [c.evaluate(model) for c in clients]
         metrics = RoundMetrics(
             round=rnd,
@@ -273,6 +339,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             rejected=len(rejections),
             backdoor_success=_backdoor_success(model, test, backdoor_target),
             clipped_fraction=measurements.get("clipped_fraction"),
+            **personal_metrics,
         )
         history.append(metrics)
         if progress is not None:
@@ -284,4 +351,5 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         raw_update_bytes=raw_bytes,
         wall_time_s=time.perf_counter() - start,
         final_state=global_state,
+        clients=client_rows,
     )
