@@ -194,7 +194,12 @@ async def run_load(
             }
             for name, (code, kw) in cases.items():
                 t = time.perf_counter()
-                resp = await http.post(path, **kw)
+                try:
+                    resp = await http.post(path, **kw)
+                except httpx.HTTPError as exc:
+                    report.errors += 1
+                    report.error_samples.append(f"{name}: {type(exc).__name__} {exc}"[:200])
+                    continue
                 report.latencies_ms.append(1000 * (time.perf_counter() - t))
                 report.requests += 1
                 report.bad_requests.setdefault(name, []).append(resp.status_code)
