@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeltaplaneError",
+    "ExportError",
     "IntegrityError",
     "InvalidUpdate",
     "NotFound",
@@ -19,6 +20,7 @@ __all__ = [
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
+    "UnsupportedLayer",
     "VersionMismatch",
 ]
 
@@ -59,6 +61,12 @@ class PrivacyBudgetExceeded(DeltaplaneError, RuntimeError):
     """Continuing would spend more differential-privacy budget (epsilon) than allowed."""
 
 
+class UnsupportedLayer(DeltaplaneError, TypeError):
+    """A model holds a layer (or an operator) that the requested pruning, quantization or export cannot handle."""
+
+
+class ExportError(DeltaplaneError, RuntimeError):
+    """Exporting a model failed or the exported model disagrees with PyTorch; no partial file is left behind."""
 class NotFound(DeltaplaneError, KeyError):
     """A model, version, tag or key that was asked for does not exist; the message says what exists instead."""
 

@@ -1,1 +1,1 @@
-"""Command implementations, one module per area; each exposes ``register(app)`` for :mod:`deltaplane.cli`."""
+"""CLI command implementations, one module per area; each exposes ``register(app: typer.Typer)``."""

@@ -1,0 +1,197 @@
+"""The ``deltaplane`` command line: the only module that parses arguments and prints to the terminal.
+
+Each sub-command is a thin layer over the library: it builds a config, calls the library, and renders what
+came back with rich. Errors the library raises on purpose (:class:`~deltaplane.errors.DeltaplaneError`) end
+the command with a one-line red message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from deltaplane.errors import DeltaplaneError
+
+if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
+    from rich.progress import TaskID
+
+    from deltaplane.sim.config import RunConfig
+    from deltaplane.sim.simulation import RoundMetrics
+
+__all__ = ["DEFAULT_RUN_CODEC", "app"]
+
+#: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
+DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
+BASELINE = "baseline"
+
+app = typer.Typer(
+    name="deltaplane",
+    help="Compress, aggregate, merge and ship model updates for on-device AI.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """deltaplane: the control plane for model deltas."""
+    # A callback keeps typer in multi-command mode, so `deltaplane run` stays `run` as commands are added.
+
+
+@contextmanager
+def _clean_errors() -> Iterator[None]:
+    """Turn a DeltaplaneError into a red one-line message and exit code 2."""
+    try:
+        yield
+    except DeltaplaneError as exc:
+        # soft_wrap: the message stays one line for the terminal to wrap, and for grep to find
+        err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML file of run settings (see RunConfig).")
+    ] = None,
+    codec: Annotated[
+        str | None,
+        typer.Option(help=f"Uplink codec spec. [default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"),
+    ] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and report.html.")] = Path(
+        "runs/default"
+    ),
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
+    ] = True,
+) -> None:
+    """Federate the digits dataset over simulated devices with compressed updates, and report.
+
+    Runs the fp32 baseline (codec 'identity') and the chosen codec with otherwise identical settings, prints
+    a comparison table and writes report.json and report.html into --out.
+    """
+    with _clean_errors():
+        cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
+        plan = _plan_runs(cfg, with_baseline=baseline)
+        results = _execute(plan)
+        from deltaplane.report import write_report
+
+        files = write_report(
+            results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
+        )
+        console.print(_summary_table(files.report["summary"]))
+        # soft_wrap: a path broken across lines cannot be copied or clicked
+        console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
+        console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
+
+
+def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
+    from deltaplane.sim.config import RunConfig
+
+    cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
+    changes = {k: v for k, v in options.items() if v is not None}
+    if "codec" not in changes and "codec" not in cfg.model_fields_set:
+        changes["codec"] = DEFAULT_RUN_CODEC
+    return cfg.replace(**changes)
+
+
+def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
+    from deltaplane.codecs import get_codec
+
+    if get_codec(cfg.codec).spec == "identity":
+        return [(BASELINE, cfg)]  # the chosen codec *is* the baseline; running it twice would prove nothing
+    runs = [(BASELINE, cfg.replace(codec="identity"))] if with_baseline else []
+    return [*runs, ("compressed", cfg)]
+
+
+def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
+    from deltaplane.sim.simulation import run_simulation
+
+    results = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        for name, cfg in plan:
+            task = progress.add_task(f"{name:<10} {escape(cfg.codec)}", total=cfg.rounds, acc="-----")
+            result = run_simulation(cfg, progress=_advance(progress, task))
+            results.append({"name": name, **result.to_dict()})
+    return results
+
+
+def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]:
+    def on_round(metrics: RoundMetrics) -> None:
+        progress.update(task, advance=1, acc=f"{metrics.test_accuracy:.3f}")
+
+    return on_round
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        title="deltaplane run: FedAvg on digits", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    table.add_column("run", no_wrap=True)
+    table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
+    for header in ("test acc", "client acc\nmean / min", "uplink", "vs fp32", "time"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        # Without a baseline run, compare against what the raw float32 updates would have cost.
+        ratio = r["ratio_vs_baseline"] if r["ratio_vs_baseline"] is not None else r["ratio_vs_raw"]
+        table.add_row(
+            r["name"],
+            escape(r["codec"]),
+            f"{r['final_accuracy']:.4f}",
+            f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
+            _human_bytes(r["uplink_bytes"]),
+            f"{ratio:.1f}×" if ratio is not None else "—",
+            f"{r['wall_time_s']:.1f} s",
+        )
+    return table
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _register_command_modules() -> None:
+    """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
+    import importlib
+    import pkgutil
+
+    import deltaplane.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{package.__name__}.{info.name}").register(app)
+
+
+_register_command_modules()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

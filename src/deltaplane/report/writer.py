@@ -1,0 +1,69 @@
+"""Write ``report.json`` and ``report.html`` for a set of runs into a folder, atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltaplane.delta import atomic_write_bytes
+from deltaplane.errors import ConfigError
+from deltaplane.report.html import render_html
+from deltaplane.report.summary import REPORT_FORMAT, build_report
+
+__all__ = ["ReportFiles", "load_report", "write_report"]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Where :func:`write_report` put its files, and the document it wrote."""
+
+    json_path: Path
+    html_path: Path
+    report: dict[str, Any]
+
+
+def _json_safe(value: Any) -> Any:
+    # NaN/Inf are not JSON; write null rather than the non-standard tokens json.dumps emits by default.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(
+    runs: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    baseline: str | None = None,
+    title: str = "deltaplane run",
+) -> ReportFiles:
+    """Write ``report.json`` (all data) and ``report.html`` (plots + summary) for ``runs`` into ``out_dir``.
+
+    Each run is a mapping like ``{"name": "topk", **RunResult.to_dict()}``. Files are replaced atomically,
+    so a reader never sees half a report.
+    """
+    report = _json_safe(build_report(runs, baseline=baseline, title=title))
+    out = Path(out_dir)
+    json_path, html_path = out / "report.json", out / "report.html"
+    atomic_write_bytes(json_path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(html_path, render_html(report).encode())
+    return ReportFiles(json_path, html_path, report)
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``report.json``; :class:`ConfigError` if it is unreadable or of another format version."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read report {path}: {exc}") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ConfigError(f"{path} is not a deltaplane report of format {REPORT_FORMAT}")
+    return report

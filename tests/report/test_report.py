@@ -1,0 +1,109 @@
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from deltaplane.errors import ConfigError
+from deltaplane.report import REPORT_FORMAT, build_report, load_report, summarize, write_report
+
+
+def _run(name: str, codec: str, per_round_bytes: int, accs: list[float], clients: int = 4) -> dict:
+    rounds = [
+        {
+            "round": i + 1,
+            "clients": clients,
+            "test_accuracy": a,
+            "client_accuracy_mean": a - 0.01,
+            "client_accuracy_min": a - 0.1,
+            "uplink_bytes": per_round_bytes,
+            "downlink_bytes": 2 * per_round_bytes,
+            "cumulative_uplink_bytes": per_round_bytes * (i + 1),
+            "cumulative_downlink_bytes": 2 * per_round_bytes * (i + 1),
+            "seconds": 0.5,
+        }
+        for i, a in enumerate(accs)
+    ]
+    return {
+        "name": name,
+        "config": {"codec": codec, "clients": clients},
+        "num_params": 1000,
+        "raw_update_bytes": 4000,
+        "wall_time_s": 1.5,
+        "final": rounds[-1],
+        "rounds": rounds,
+    }
+
+
+RUNS = [
+    _run("baseline", "identity", 4 * 4100, [0.5, 0.8, 0.9]),
+    _run("compressed", "topk(0.01) | quant(bits=8)", 4 * 82, [0.3, 0.7, 0.89]),
+]
+
+
+def test_summary_rows_and_ratios() -> None:
+    base, comp = summarize(RUNS, baseline="baseline")
+    assert (base.name, base.codec, base.rounds, base.final_accuracy) == ("baseline", "identity", 3, 0.9)
+    assert base.ratio_vs_baseline == 1.0
+    assert comp.uplink_bytes == 3 * 4 * 82
+    assert comp.ratio_vs_baseline == pytest.approx(4100 / 82)
+    assert comp.ratio_vs_raw == pytest.approx(4000 / 82)  # 12 updates of 4000 raw bytes each
+    assert comp.client_accuracy_min == pytest.approx(0.79)
+    assert [r.ratio_vs_baseline for r in summarize(RUNS)] == [None, None]
+
+
+def test_bad_runs_are_refused() -> None:
+    with pytest.raises(ConfigError, match="at least one run"):
+        summarize([])
+    with pytest.raises(ConfigError, match="unique"):
+        summarize([RUNS[0], RUNS[0]])
+    with pytest.raises(ConfigError, match="baseline 'fp32'"):
+        summarize(RUNS, baseline="fp32")
+    broken = {k: v for k, v in RUNS[0].items() if k != "rounds"}
+    with pytest.raises(ConfigError, match="rounds"):
+        summarize([broken])
+
+
+def test_write_report_files_exist_and_parse(tmp_path: Path) -> None:
+    files = write_report(RUNS, tmp_path / "out", baseline="baseline", title="test run")
+    assert files.json_path == tmp_path / "out" / "report.json"
+    doc = json.loads(files.json_path.read_text())
+    assert doc == load_report(files.json_path) == files.report
+    assert doc["format"] == REPORT_FORMAT and doc["baseline"] == "baseline"
+    assert [r["name"] for r in doc["runs"]] == ["baseline", "compressed"]
+    assert doc["summary"][1]["ratio_vs_baseline"] == pytest.approx(4100 / 82)
+
+    html = files.html_path.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert "<title>test run</title>" in html
+    assert "topk(0.01) | quant(bits=8)" in html
+    assert "50.0×" in html  # the ratio vs baseline, formatted
+    # self-contained: two embedded PNGs, no external resources
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 2
+    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    assert "http://" not in html and "https://" not in html
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_nan_becomes_null_and_html_escapes(tmp_path: Path) -> None:
+    run = _run("<b>x</b>", "identity", 100, [0.5])
+    run["final"] = dict(run["final"], client_accuracy_min=float("nan"))
+    files = write_report([run], tmp_path)
+    assert json.loads(files.json_path.read_text())["summary"][0]["client_accuracy_min"] is None
+    html = files.html_path.read_text()
+    assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
+
+
+def test_load_report_rejects_other_files(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('{"format": 99}')
+    with pytest.raises(ConfigError, match="not a deltaplane report"):
+        load_report(tmp_path / "a.json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_report(tmp_path / "missing.json")
+
+
+def test_build_report_keeps_runs_verbatim() -> None:
+    doc = build_report(RUNS, baseline="baseline")
+    assert doc["runs"] == RUNS

@@ -1,0 +1,42 @@
+import torch
+
+from deltaplane.data import Dataset
+from deltaplane.sim import DigitsCNN, accuracy, build_model
+
+
+def test_param_count_and_state_dict_names() -> None:
+    model = DigitsCNN()
+    assert sum(p.numel() for p in model.parameters()) == 18_346
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "conv1.weight": (8, 1, 3, 3),
+        "conv1.bias": (8,),
+        "conv2.weight": (16, 8, 3, 3),
+        "conv2.bias": (16,),
+        "fc1.weight": (64, 256),
+        "fc1.bias": (64,),
+        "fc2.weight": (10, 64),
+        "fc2.bias": (10,),
+    }
+    assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_build_model_is_seeded_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = build_model(7), build_model(7), build_model(8)
+    assert torch.rand(1).item() == expected_next.item()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_accuracy() -> None:
+    model = DigitsCNN()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.fc2.bias[3] = 1.0  # always predicts class 3
+    data = Dataset(torch.zeros(4, 1, 8, 8), torch.tensor([3, 3, 1, 3]))
+    assert accuracy(model, data) == 0.75
+    assert accuracy(model, Dataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))) == 0.0

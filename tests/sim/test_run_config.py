@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.sim import RunConfig
+
+
+def test_defaults() -> None:
+    cfg = RunConfig()
+    assert (cfg.clients, cfg.alpha, cfg.batch_size, cfg.sample_fraction, cfg.seed) == (20, 0.5, 32, 1.0, 0)
+    assert cfg.codec == "identity" and cfg.downlink_codec == "identity" and cfg.error_feedback
+    assert cfg.server_lr == 1.0
+
+
+def test_from_yaml_overrides_some_fields(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("clients: 8\ncodec: 'topk(0.05) | quant(bits=4)'\nlr: 0.1\n")
+    cfg = RunConfig.from_yaml(path)
+    assert (cfg.clients, cfg.codec, cfg.lr, cfg.rounds) == (
+        8,
+        "topk(0.05) | quant(bits=4)",
+        0.1,
+        RunConfig().rounds,
+    )
+    assert cfg.model_fields_set == {"clients", "codec", "lr"}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert RunConfig.from_yaml(empty) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("clients: 0\n", "clients"),
+        ("alpha: -1\n", "alpha"),
+        ("sample_fraction: 1.5\n", "sample_fraction"),
+        ("rounds: many\n", "rounds"),
+        ("codec: 'nosuchcodec(3)'\n", "codec"),
+        ("downlink_codec: 'quant(bits='\n", "downlink_codec"),
+        ("learning_rate: 0.1\n", "learning_rate"),
+    ],
+)
+def test_yaml_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"field '{field}'") as info:
+        RunConfig.from_yaml(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, DeltaplaneError)
+
+
+def test_unknown_field_lists_valid_ones(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="valid fields: clients, alpha"):
+        RunConfig.from_yaml(path)
+
+
+def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        RunConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        RunConfig.from_yaml(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("clients: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.from_yaml(tmp_path / "broken.yaml")
+
+
+def test_replace_validates_and_config_is_frozen() -> None:
+    cfg = RunConfig()
+    assert cfg.replace(rounds=3).rounds == 3
+    with pytest.raises(ConfigError, match="field 'rounds'"):
+        cfg.replace(rounds=0)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.rounds = 5  # type: ignore[misc]
+
+
+def test_client_lr_decays_per_round() -> None:
+    cfg = RunConfig(lr=0.1, lr_decay=0.5)
+    assert [cfg.client_lr(r) for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
+    assert RunConfig(lr=0.1).client_lr(50) == 0.1
+
+
+def test_to_dict_is_plain_json() -> None:
+    import json
+
+    d = RunConfig().to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert RunConfig.from_mapping(d) == RunConfig()

@@ -1,0 +1,89 @@
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from deltaplane.cli import DEFAULT_RUN_CODEC, app
+from deltaplane.codecs import get_codec
+
+runner = CliRunner()
+TINY = ["--clients", "4", "--rounds", "2"]
+
+
+def test_run_writes_reports_and_prints_the_comparison(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", *TINY, "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["baseline", "compressed"]
+    base, comp = doc["runs"]
+    assert base["config"]["codec"] == "identity"
+    assert comp["config"]["codec"] == DEFAULT_RUN_CODEC
+    # both runs share every setting but the codec
+    assert {k: v for k, v in base["config"].items() if k != "codec"} == {
+        k: v for k, v in comp["config"].items() if k != "codec"
+    }
+    assert comp["config"]["clients"] == 4 and len(comp["rounds"]) == 2
+    ratio = doc["summary"][1]["ratio_vs_baseline"]
+    assert ratio > 50
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert "compressed" in result.output and f"{ratio:.1f}×" in result.output
+    assert "report.html" in result.output
+
+
+def test_config_file_and_options(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("clients: 3\nrounds: 1\ncodec: 'quant(bits=4)'\nlocal_epochs: 1\n")
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--no-baseline", "--seed", "3", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["compressed"]
+    assert doc["baseline"] is None
+    run_cfg = doc["runs"][0]["config"]
+    assert (run_cfg["codec"], run_cfg["clients"], run_cfg["seed"], run_cfg["local_epochs"]) == (
+        "quant(bits=4)",
+        3,
+        3,
+        1,
+    )
+    # --codec beats the file; identity needs no separate baseline
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--codec", "identity", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    assert [(r["name"], r["config"]["codec"]) for r in doc["runs"]] == [("baseline", "identity")]
+    assert get_codec(DEFAULT_RUN_CODEC).spec.startswith("topk(ratio=0.01)")
+
+
+def _clean_error(result, pattern: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert re.search(pattern, result.output), result.output
+
+
+def test_bad_options_give_a_clean_error(tmp_path: Path) -> None:
+    out = str(tmp_path / "x")
+    _clean_error(
+        runner.invoke(app, ["run", "--codec", "nope(1)", "--out", out]), r"error:.*codec.*unknown codec"
+    )
+    _clean_error(runner.invoke(app, ["run", "--clients", "0", "--out", out]), r"error:.*field 'clients'")
+    _clean_error(
+        runner.invoke(app, ["run", "--config", str(tmp_path / "none.yaml")]), "cannot read config file"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("alpha: 0\n")
+    _clean_error(runner.invoke(app, ["run", "--config", str(bad)]), r"field 'alpha'")
+    _clean_error(runner.invoke(app, ["run", "--rounds", "many"]), "rounds")  # typer's own usage error
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_the_run_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "--baseline" in result.output and "--codec" in result.output
