@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -79,6 +79,10 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    transport: Annotated[
+        str,
+        typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
+    ] = "inproc",
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -88,7 +92,9 @@ def run(
     with _clean_errors():
         cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
         plan = _plan_runs(cfg, with_baseline=baseline)
-        results = _execute(plan)
+        if transport not in ("inproc", "http"):
+            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
+        results = _execute(plan, transport=transport)
         from deltaplane.report import write_report
 
         files = write_report(
@@ -119,8 +125,11 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
+def _execute(plan: list[tuple[str, RunConfig]], *, transport: str = "inproc") -> list[dict[str, Any]]:
     from deltaplane.sim.simulation import run_simulation
+
+    if transport == "http":  # same federation, every byte through the service (needs the serve extra)
+        from deltaplane.serve.federation import run_http_simulation as run_simulation
 
     results = []
     columns = (

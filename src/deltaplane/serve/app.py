@@ -68,7 +68,9 @@ class ServiceConfig:
         device_secret: HMAC key for device tokens (random per process when empty: tokens then die with it).
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
-        downlink_codec: codec spec for round-to-round deltas the service publishes.
+        downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
+            keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
+        server_lr: scale of the averaged update applied when a round closes.
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -79,11 +81,16 @@ class ServiceConfig:
     rate: float = 20.0
     burst: int = 40
     downlink_codec: str = "topk(0.05) | quant(bits=8)"
+    downlink_error_feedback: bool = True
+    downlink_seed: int = 0
+    server_lr: float = 1.0
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
             raise ConfigError("admin_token must be at least 16 characters")
+        if self.server_lr <= 0:
+            raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
 
@@ -578,13 +585,19 @@ def create_app(
                 )
             del state.rounds[model]
         comp = state.compressors.setdefault(
-            model, Compressor(config.downlink_codec, error_feedback=True, seed=0)
+            model,
+            Compressor(
+                config.downlink_codec,
+                error_feedback=config.downlink_error_feedback,
+                seed=config.downlink_seed,
+            ),
         )
+        update = r.aggregator.result()
         version, delta = publish_update(
             reg,
             model,
             r.base_version,
-            r.aggregator.result(),
+            update * config.server_lr if config.server_lr != 1.0 else update,
             compressor=comp,
             lineage={"round": r.number, "uploads": len(r.devices), "examples": r.examples},
         )
