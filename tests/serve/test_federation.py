@@ -59,3 +59,25 @@ def test_cli_run_transport_http_writes_a_report_with_a_drift_section(tmp_path):
         app, ["run", "--transport", "carrier-pigeon", "--rounds", "1", "--out", str(tmp_path)]
     )
     assert bad.exit_code == 2 and "--transport" in bad.output
+
+
+def test_default_digits_evaluator_gates_an_http_trained_model(tmp_path):
+    from deltaplane.registry import Registry, promote
+    from deltaplane.serve.evaluators import digits
+
+    cfg = RunConfig(clients=3, rounds=3, codec="identity")
+    result = run_http_simulation(cfg, home=tmp_path / "h")
+    reg = Registry(tmp_path / "h")
+    latest = reg.resolve("digits-cnn:training")
+    m = digits(reg.load_state(latest))
+    assert m["accuracy"] == result.final.test_accuracy  # the same test split `deltaplane run` reports on
+    assert 0 <= m["ood_accuracy"] <= 1
+    res = promote(reg, latest.ref, evaluator=digits, raise_on_refusal=False)
+    # three rounds lift test accuracy from chance (initial model, production) to ~0.48: the gate lets it through
+    assert res.promoted and res.candidate_metrics["accuracy"] > res.baseline_metrics["accuracy"] + 0.2
+    # scrambled weights (every tensor flipped along its first axis) are then refused against it
+    broken = reg.register_model(
+        "digits-cnn", {k: v.flip(0) for k, v in reg.load_state(latest).items()}, parent=latest.number
+    )
+    refused = promote(reg, broken.ref, evaluator=digits, raise_on_refusal=False)
+    assert not refused.promoted and reg.tag("digits-cnn", "production") == latest.number
