@@ -41,6 +41,9 @@ class LoadReport:
     bad_requests: dict[str, list[int]] = field(default_factory=dict)
     bytes_down: int = 0
     full_bytes_equivalent: int = 0
+    delta_downloads: int = 0
+    delta_bytes: int = 0
+    delta_full_equivalent: int = 0
 
     @property
     def rps(self) -> float:
@@ -66,6 +69,8 @@ class LoadReport:
             "uploads_accepted": self.uploads_accepted,
             "lost_uploads": self.lost_uploads,
             "downlink_saving": round(self.full_bytes_equivalent / max(1, self.bytes_down), 1),
+            "delta_downloads": self.delta_downloads,
+            "delta_saving": round(self.delta_full_equivalent / max(1, self.delta_bytes), 1),
             "bad_requests": self.bad_requests,
         }
 
@@ -146,6 +151,10 @@ async def run_load(
                 )
                 report.bytes_down += len(dl.body)
                 report.full_bytes_equivalent += dl.full_bytes
+                if dl.kind == "delta":
+                    report.delta_downloads += 1
+                    report.delta_bytes += len(dl.body)
+                    report.delta_full_equivalent += dl.full_bytes
                 states[i] = apply_downlink(dl, verifier, states[i])  # verified: signature + target hash
                 versions[i] = dl.version
             if versions[i] != base:
