@@ -23,7 +23,7 @@ from deltaplane.delta import Delta
 from deltaplane.registry import Registry, apply_downlink, plan_downlink, publish_update, state_to_bytes
 
 ROUNDS, CLIENTS = 8, 10
-CODECS = ["topk(0.05) | quant(bits=8)", "quant(bits=8)"]
+CODECS = ["topk(0.05) | quant(bits=8)", "topk(0.1) | quant(bits=8)", "quant(bits=8)"]
 
 
 def main() -> None:

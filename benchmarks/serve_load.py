@@ -109,7 +109,7 @@ def main() -> None:
     ]
     bad = ", ".join(f"{k}: {sorted(set(v))} ×{len(v)}" for k, v in rep.bad_requests.items())
     body = (
-        f"{DEVICES} concurrent devices, {SECONDS:.0f} s, 127.0.0.1 only; SmallCNN "
+        f"{DEVICES} concurrent devices for {rep.seconds:.0f} s (at least {SECONDS:.0f} s and 3 rounds), 127.0.0.1 only; SmallCNN "
         f"({sum(v.numel() for v in D.initial_state().values()):,} params), uplink `topk(0.1) | quant(bits=8)`, "
         "downlink = the service's signed delta (verified and applied by every device).\n\n"
         + table(
