@@ -96,7 +96,7 @@ async def run_load(
 
     report = LoadReport(devices=devices)
     limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as http:
         admin = {"Authorization": f"Bearer {admin_token}"}
 
         async def call(method: str, path: str, expect: tuple[int, ...], **kw: Any) -> httpx.Response | None:
