@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -111,6 +111,10 @@ def run(
         str | None,
         typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
     ] = None,
+    transport: Annotated[
+        str,
+        typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
+    ] = "inproc",
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -124,7 +128,9 @@ def run(
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
         )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
-        results = _execute(plan)
+        if transport not in ("inproc", "http"):
+            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
+        results = _execute(plan, transport=transport)
         from deltaplane.report import write_report
 
         files = write_report(
@@ -165,8 +171,11 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
+def _execute(plan: list[tuple[str, RunConfig]], *, transport: str = "inproc") -> list[dict[str, Any]]:
     from deltaplane.sim.simulation import run_simulation
+
+    if transport == "http":  # same federation, every byte through the service (needs the serve extra)
+        from deltaplane.serve.federation import run_http_simulation as run_simulation
 
     results = []
     columns = (
