@@ -30,6 +30,7 @@ class Stream(IntEnum):
     ROOT_DATA = 8
     AGGREGATION = 9
     SECAGG = 10
+    LOCAL_DP = 11
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
