@@ -48,6 +48,7 @@ from deltaplane.errors import (
     SpecError,
     VersionMismatch,
 )
+from deltaplane.merging import merge, merge_files
 
 __version__ = "0.1.0"
 
@@ -89,6 +90,8 @@ __all__ = [
     "available_codecs",
     "decompress",
     "get_codec",
+    "merge",
+    "merge_files",
     "read_header",
     "register_codec",
 ]

@@ -7,6 +7,7 @@ the command with a one-line red message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,13 @@ def run(
         str | None,
         typer.Option(help=f"Uplink codec spec. [default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"),
     ] = None,
+    downlink: Annotated[
+        str | None,
+        typer.Option(
+            "--downlink",
+            help="Codec spec for the global update sent to devices (server-side error feedback). [default: identity]",
+        ),
+    ] = None,
     clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
@@ -107,9 +115,9 @@ def run(
     """
     with _clean_errors():
         cfg = _run_config(
-            config, codec=codec, clients=clients, rounds=rounds, seed=seed, aggregator=aggregator,
-            dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg, attack=attack,
-            defense=defense, prox_mu=prox_mu,
+            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
+            aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
+            attack=attack, defense=defense, prox_mu=prox_mu,
         )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
         results = _execute(plan)
@@ -137,9 +145,10 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
     from deltaplane.codecs import get_codec
 
-    if get_codec(cfg.codec).spec == "identity":
+    if get_codec(cfg.codec).spec == "identity" and get_codec(cfg.downlink_codec).spec == "identity":
         return [(BASELINE, cfg)]  # the chosen codec *is* the baseline; running it twice would prove nothing
-    runs = [(BASELINE, cfg.replace(codec="identity"))] if with_baseline else []
+    # the baseline is fp32 both ways, so "vs fp32" compares against no compression at all
+    runs = [(BASELINE, cfg.replace(codec="identity", downlink_codec="identity"))] if with_baseline else []
     return [*runs, ("compressed", cfg)]
 
 
@@ -175,7 +184,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     )
     table.add_column("run", no_wrap=True)
     table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
-    for header in ("test acc", "client acc\nmean / min", "uplink", "vs fp32", "time"):
+    for header in ("test acc", "client acc\nmean / min", "uplink\ndownlink", "vs fp32", "time"):
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         # Without a baseline run, compare against what the raw float32 updates would have cost.
@@ -185,7 +194,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
             escape(r["codec"]),
             f"{r['final_accuracy']:.4f}",
             f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
-            _human_bytes(r["uplink_bytes"]),
+            f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}",
             f"{ratio:.1f}×" if ratio is not None else "—",
             f"{r['wall_time_s']:.1f} s",
         )
@@ -203,11 +212,18 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _register_command_modules() -> None:
+    """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
+    import pkgutil
+
+    import deltaplane.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{package.__name__}.{info.name}").register(app)
+
+
+_register_command_modules()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
-
-
-# Command groups implemented in deltaplane.commands.<area>, one line each.
-from deltaplane.commands import aggregation as _aggregation_commands  # noqa: E402
-
-_aggregation_commands.register(app)

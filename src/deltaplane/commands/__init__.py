@@ -1,1 +1,1 @@
-"""CLI command groups, one module per area; each exposes ``register(app)`` (wired in ``deltaplane.cli``)."""
+"""CLI command implementations, one module per area; each exposes ``register(app: typer.Typer)``."""
