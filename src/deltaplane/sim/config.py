@@ -66,6 +66,9 @@ class RunConfig(BaseModel):
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    local_dp_noise: float = Field(
+        0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
+    )
     secagg: bool = Field(False, description="aggregate through secure aggregation (server sees masked sums)")
     secagg_bits: int = Field(20, ge=2, le=24, description="bits per value of the securely aggregated update")
     secagg_range: float = Field(
@@ -136,6 +139,11 @@ class RunConfig(BaseModel):
             self.build_aggregator()
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
+        if self.local_dp_noise > 0:
+            if self.clip is None or self.clip == "adaptive":
+                raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
+            if self.dp_noise > 0:
+                raise ValueError("choose central (dp_noise) or local (local_dp_noise) DP, not both")
         if self.secagg:
             if self.defense not in (None, "none") or self.max_update_norm is not None:
                 raise ValueError(

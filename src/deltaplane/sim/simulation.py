@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.aggregation import FLTrust, Rejection
+from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
 from deltaplane.codecs import Compressor, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.delta import Delta
@@ -205,6 +205,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
     client_rows: list[dict[str, Any]] = []
 
+    participations: dict[int, int] = {}  # rounds each device released a locally privatized update in
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
@@ -239,6 +240,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 delta = personalizer.shared(delta, model)  # local layers never leave the device
             if cid in malicious:
                 delta = attack.poison_update(delta, attack_gen)
+            if config.local_dp_noise > 0:  # local DP: the device clips and noises its own update
+                delta = privatize(
+                    delta,
+                    clip=float(config.clip),  # type: ignore[arg-type]
+                    noise_multiplier=config.local_dp_noise,
+                    generator=torch_generator(config.seed, Stream.LOCAL_DP, rnd, cid),
+                )
+                participations[cid] = participations.get(cid, 0) + 1
             if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
                 norm, bound = delta.norm(), float(config.clip)
                 delta = delta * (bound / norm) if norm > bound else delta
@@ -335,7 +344,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
             seconds=time.perf_counter() - t0,
-            epsilon=measurements.get("epsilon"),
+            epsilon=(
+                local_epsilon(
+                    noise_multiplier=config.local_dp_noise,
+                    rounds=max(participations.values()),
+                    delta=config.dp_delta,
+                )
+                if participations
+                else measurements.get("epsilon")
+            ),
             rejected=len(rejections),
             backdoor_success=_backdoor_success(model, test, backdoor_target),
             clipped_fraction=measurements.get("clipped_fraction"),
