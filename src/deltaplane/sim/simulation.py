@@ -10,20 +10,22 @@ choice draws from a stream derived from ``(seed, purpose, round, client)``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltaplane.aggregation import FedAvg
 from deltaplane.codecs import Compressor, decompress
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.delta import Delta
 from deltaplane.errors import InvalidUpdate
-from deltaplane.sim.client import make_clients
+from deltaplane.sim.batched import BatchedTrainer, batching_blocker
+from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
@@ -97,6 +99,59 @@ def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) ->
     return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
 
 
+#: Fallback reasons already reported, so that a sweep of many runs says each one once.
+_REPORTED_FALLBACKS: set[str] = set()
+
+
+def _batched_trainer(config: RunConfig, model: nn.Module) -> BatchedTrainer | None:
+    """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
+    if config.engine != "batched":
+        return None
+    reason = batching_blocker(model)
+    if reason is not None:
+        if reason not in _REPORTED_FALLBACKS:
+            _REPORTED_FALLBACKS.add(reason)
+            warnings.warn(
+                f"engine='batched' falls back to the sequential client loop: {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return None
+    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
+
+
+def _local_updates(
+    config: RunConfig,
+    trainer: BatchedTrainer | None,
+    model: nn.Module,
+    global_state: dict[str, Tensor],
+    clients: list[Client],
+    rnd: int,
+) -> Iterator[Delta]:
+    """Each of ``clients``' local update this round, in order: trained at once or one after another.
+
+    Both paths draw client ``cid``'s batches from the stream ``(seed, LOCAL_TRAINING, rnd, cid)`` in the
+    same way, so they give the same deltas up to floating-point rounding (tests/sim/test_batched.py).
+    """
+    lr = config.client_lr(rnd)
+    gens = [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients]
+    if trainer is None:
+        for client, gen in zip(clients, gens, strict=True):
+            yield client.local_update(model, global_state, config, gen, lr=lr)
+        return
+    stacked = trainer.train(
+        global_state,
+        [c.train for c in clients],
+        gens,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=lr,
+        momentum=config.momentum,
+    )
+    for i in range(len(clients)):
+        yield Delta({name: t[i] for name, t in stacked.items()})
+
+
 def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None) -> RunResult:
     """Run ``config.rounds`` rounds of federated averaging on non-IID digits with compressed updates.
 
@@ -144,6 +199,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
     )
     raw_bytes = Delta.zeros_like(global_state).nbytes
+    trainer = _batched_trainer(config, model)
 
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
@@ -155,10 +211,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         )
         agg = FedAvg()
         uplink = 0
-        for cid in chosen:
-            client = clients[cid]
-            gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
-            delta = client.local_update(model, global_state, config, gen, lr=config.client_lr(rnd))
+        round_clients = [clients[cid] for cid in chosen]
+        updates = _local_updates(config, trainer, model, global_state, round_clients, rnd)
+        for client, delta in zip(round_clients, updates, strict=True):
+            cid = client.cid
             try:
                 payload = client.upload(delta, base_id=BASE_ID, base_version=version)
             except InvalidUpdate as exc:  # NaN/Inf: say where, and the usual cause
