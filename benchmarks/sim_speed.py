@@ -9,6 +9,7 @@ Per-round time is the median over rounds 2.. (round 1 pays one-time warm-up); Fl
 until the first round begins) is reported separately. Also: equivalence of the two engines over the full run.
 
 Usage: .venv/bin/python benchmarks/sim_speed.py [--rounds 12] [--skip-flower] [--equivalence-rounds 120]
+       .venv/bin/python benchmarks/sim_speed.py --scale [--scale-rounds 50]   (10,000 clients)
 """
 
 from __future__ import annotations
@@ -120,12 +121,36 @@ def flower(cfg: RunConfig, rounds: int) -> tuple[float, list[float], float]:
     return startup, per_round, accs[-1]
 
 
+def scale(rounds: int, registered: int, per_round: int) -> None:
+    """10,000 registered clients, 100 per round: wall time, peak memory (< 2 GB target)."""
+    from deltaplane.sim.population import run_population
+
+    cfg = RunConfig(rounds=rounds, codec="topk(0.01) | quant(bits=8)")
+    r = run_population(cfg, registered=registered, per_round=per_round)
+    med = statistics.median(r.seconds[1:]) if len(r.seconds) > 1 else r.seconds[0]
+    line = (
+        f"{registered:,} registered clients, {per_round} sampled per round, {rounds} rounds, codec "
+        f"`{cfg.codec}` with error feedback (fp16 residual store, {r.residual_store_bytes / 2**20:.0f} MiB if "
+        f"every client trained), batched engine: wall time {r.wall_time_s:.1f} s, median {med:.2f} s/round, "
+        f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB (whole process, torch included; target < 2048 MiB), "
+        f"test accuracy after the last round {r.test_accuracy[-1]:.3f} (max over rounds "
+        f"{max(r.test_accuracy):.3f}), uplink {r.uplink_bytes / 2**20:.1f} MiB."
+    )
+    print(line)
+    record("sim_scale", "Simulator scale: 10,000 registered clients", line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", action="store_true", help="run only the 10,000-client scale benchmark")
+    parser.add_argument("--scale-rounds", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--equivalence-rounds", type=int, default=120)
     parser.add_argument("--skip-flower", action="store_true")
     args = parser.parse_args()
+    if args.scale:
+        scale(args.scale_rounds, 10_000, 100)
+        return
     base = RunConfig(rounds=args.rounds)
 
     # Equivalence over the full default run (120 rounds).
