@@ -112,3 +112,19 @@ def test_chunk_size_follows_the_memory_budget() -> None:
     assert clients_per_chunk(model, sample, 32, 1) == 1
     with pytest.raises(ConfigError, match="memory_budget must be positive"):
         clients_per_chunk(model, sample, 32, 0)
+
+
+def test_docs_examples_run() -> None:
+    """The code blocks of docs/sim-speed.md and the BatchedTrainer docstring example are real."""
+    import doctest
+    import re
+    from pathlib import Path
+
+    import deltaplane.sim.batched as batched
+
+    assert doctest.testmod(batched).failed == 0
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sim-speed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/sim-speed.md", "exec"), {})
