@@ -121,6 +121,47 @@ def flower(cfg: RunConfig, rounds: int) -> tuple[float, list[float], float]:
     return startup, per_round, accs[-1]
 
 
+def pfl(cfg: RunConfig, rounds: int, python: str) -> tuple[float, list[float], float]:
+    """Run benchmarks/sim_speed_pfl.py under pfl's own interpreter on the same shards and initial weights."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from deltaplane.data.digits import load_digits, train_test_split
+    from deltaplane.sim.client import make_clients
+    from deltaplane.sim.model import build_model
+    from deltaplane.sim.seeding import Stream, derive_seed
+
+    train, test = train_test_split(load_digits(), test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    clients = make_clients(cfg, train)
+    init = build_model(derive_seed(cfg.seed, Stream.MODEL_INIT)).state_dict()
+    arrays = {f"x{c.cid}": c.train.x.numpy() for c in clients} | {
+        f"y{c.cid}": c.train.y.numpy() for c in clients
+    }
+    arrays |= {f"init.{k}": v.numpy() for k, v in init.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits.npz"
+        np.savez(
+            path,
+            n_clients=len(clients),
+            test_x=test.x.numpy(),
+            test_y=test.y.numpy(),
+            batch_size=cfg.batch_size,
+            epochs=cfg.local_epochs,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            **arrays,
+        )
+        script = Path(__file__).resolve().parent / "sim_speed_pfl.py"
+        out = subprocess.run(
+            [python, str(script), str(path), str(rounds)], capture_output=True, text=True, check=True
+        ).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    return res["startup_s"], res["per_round_s"], res["test_accuracy"]
+
+
 def scale(rounds: int, registered: int, per_round: int) -> None:
     """10,000 registered clients, 100 per round: wall time, peak memory (< 2 GB target)."""
     from deltaplane.sim.population import run_population
@@ -147,6 +188,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--equivalence-rounds", type=int, default=120)
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument(
+        "--pfl-python", help="python of a separate venv with pfl installed (pfl pins dp-accounting<0.6)"
+    )
     args = parser.parse_args()
     if args.scale:
         scale(args.scale_rounds, 10_000, 100)
@@ -175,10 +219,21 @@ def main() -> None:
             f"Flower test accuracy after {args.rounds} rounds: {f_acc:.3f}"
         )
         print(flwr_note)
+    pfl_note = "pfl-research not run (no --pfl-python)"
+    if args.pfl_python:
+        p_startup, p_times, p_acc = pfl(base, args.rounds, args.pfl_python)
+        med["pfl"] = statistics.median(p_times[1:])
+        pfl_note = (
+            f"pfl-research 0.6.0 (separate venv, SimulatedBackend, 1 process; its own batch order and sampler): "
+            f"start-up {p_startup:.1f} s (imports, data, model), test accuracy after {args.rounds} rounds "
+            f"{p_acc:.3f}"
+        )
+        print(pfl_note)
     ref = med.get("flower", med["sequential"])
     ref_name = "Flower" if "flower" in med else "sequential"
     for name, label in [
         ("flower", "Flower 1.42 simulation (Ray, 2 actors)"),
+        ("pfl", "pfl-research 0.6.0 (SimulatedBackend)"),
         ("sequential", "deltaplane engine=sequential"),
         ("batched", "deltaplane engine=batched"),
     ]:
@@ -191,7 +246,7 @@ def main() -> None:
         f"wall time over rounds 2–{args.rounds} (each round: train all clients, encode/decode real payloads, "
         "FedAvg; ours also evaluates every client, Flower the test set). One torch thread per trainer.\n\n"
         + table(["engine", "ms / round", f"× {ref_name}"], rows)
-        + f"\n\n{flwr_note}.\n\n"
+        + f"\n\n{flwr_note}.\n\n{pfl_note}.\n\n"
         f"Equivalence over the full {full.rounds}-round default run, same seed: max over rounds of "
         f"|test acc(batched) − test acc(sequential)| = {d_acc:.4f}; max |Δparam| of the final model = "
         f"{d_param:.2e}; final test accuracy {bat.final.test_accuracy:.3f} (batched) vs "
