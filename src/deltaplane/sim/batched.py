@@ -155,13 +155,14 @@ class BatchedTrainer:
             raise ConfigError("no clients to train")
         if any(len(d) == 0 for d in datasets):
             raise ConfigError("every client needs at least one training sample")
-        sample = datasets[0].x[:1]
-        chunk = clients_per_chunk(self.model, sample, batch_size, self.memory_budget)
+        chunk = clients_per_chunk(self.model, datasets[0].x[:1], batch_size, self.memory_budget)
+        # Clients of similar size share a chunk, so few of them idle while the longest one finishes.
+        order = sorted(range(len(datasets)), key=lambda c: -len(datasets[c]))
         parts = [
             self._train_chunk(
                 global_state,
-                datasets[i : i + chunk],
-                generators[i : i + chunk],
+                [datasets[c] for c in order[i : i + chunk]],
+                [generators[c] for c in order[i : i + chunk]],
                 epochs=epochs,
                 batch_size=batch_size,
                 lr=lr,
@@ -169,9 +170,7 @@ class BatchedTrainer:
             )
             for i in range(0, len(datasets), chunk)
         ]
-        if len(parts) == 1:
-            return parts[0]
-        return {name: torch.cat([p[name] for p in parts]) for name in self.names}
+        return {name: torch.cat([p[name] for p in parts])[_inverse(order)] for name in self.names}
 
     def _train_chunk(
         self,
@@ -184,12 +183,9 @@ class BatchedTrainer:
         lr: float,
         momentum: float,
     ) -> dict[str, Tensor]:
-        n_clients = len(datasets)
-        # Longest-running clients first: at step s the clients still training are a prefix of the stack,
+        # ``datasets`` come longest first: at step s the clients still training are a prefix of the stack,
         # so finished ones drop out of the computation instead of being carried along as masked padding.
-        order = sorted(range(n_clients), key=lambda c: -len(datasets[c]))
-        datasets = [datasets[c] for c in order]
-        generators = [generators[c] for c in order]
+        n_clients = len(datasets)
         idx, weight, active = _batch_plan(datasets, generators, epochs, batch_size)
         longest = len(datasets[0])
         x = torch.zeros((n_clients, longest, *datasets[0].x.shape[1:]), dtype=datasets[0].x.dtype)
@@ -212,9 +208,14 @@ class BatchedTrainer:
                     buf = bufs[n][:k]
                     buf.mul_(momentum).add_(grads[n])
                     params[n][:k].add_(buf, alpha=-lr)
-        restore = torch.empty(n_clients, dtype=torch.long)
-        restore[torch.tensor(order)] = torch.arange(n_clients)
-        return {n: (params[n] - start[n])[restore] for n in self.names}
+        return {n: params[n] - start[n] for n in self.names}
+
+
+def _inverse(order: list[int]) -> Tensor:
+    """The permutation that puts rows stacked in ``order`` back into input order."""
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return inverse
 
 
 def _batch_plan(
