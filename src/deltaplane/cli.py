@@ -7,6 +7,7 @@ the command with a one-line red message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,13 @@ def run(
         str | None,
         typer.Option(help=f"Uplink codec spec. [default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"),
     ] = None,
+    downlink: Annotated[
+        str | None,
+        typer.Option(
+            "--downlink",
+            help="Codec spec for the global update sent to devices (server-side error feedback). [default: identity]",
+        ),
+    ] = None,
     clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
@@ -79,6 +87,30 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    aggregator: Annotated[
+        str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+    ] = None,
+    dp_noise: Annotated[
+        float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+    ] = None,
+    clip: Annotated[str | None, typer.Option(help="Per-client L2 clip norm: a number or 'adaptive'.")] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Stop before epsilon would exceed this (with --dp-noise).")
+    ] = None,
+    secagg: Annotated[
+        bool | None, typer.Option("--secagg/--no-secagg", help="Aggregate through secure aggregation.")
+    ] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'.")
+    ] = None,
+    defense: Annotated[
+        str | None, typer.Option(help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'.")
+    ] = None,
+    prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
+    personalization: Annotated[
+        str | None,
+        typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
+    ] = None,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -86,7 +118,11 @@ def run(
     a comparison table and writes report.json and report.html into --out.
     """
     with _clean_errors():
-        cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
+        cfg = _run_config(
+            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
+            aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
+            attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
+        )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
         results = _execute(plan)
         from deltaplane.report import write_report
@@ -95,6 +131,15 @@ def run(
             results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
         )
         console.print(_summary_table(files.report["summary"]))
+        for r in results:
+            final = r["final"]
+            if final.get("personal_accuracy_mean") is not None:
+                console.print(
+                    f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
+                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
+                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    soft_wrap=True,
+                )
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
@@ -113,9 +158,10 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
     from deltaplane.codecs import get_codec
 
-    if get_codec(cfg.codec).spec == "identity":
+    if get_codec(cfg.codec).spec == "identity" and get_codec(cfg.downlink_codec).spec == "identity":
         return [(BASELINE, cfg)]  # the chosen codec *is* the baseline; running it twice would prove nothing
-    runs = [(BASELINE, cfg.replace(codec="identity"))] if with_baseline else []
+    # the baseline is fp32 both ways, so "vs fp32" compares against no compression at all
+    runs = [(BASELINE, cfg.replace(codec="identity", downlink_codec="identity"))] if with_baseline else []
     return [*runs, ("compressed", cfg)]
 
 
@@ -151,7 +197,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     )
     table.add_column("run", no_wrap=True)
     table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
-    for header in ("test acc", "client acc\nmean / min", "uplink", "vs fp32", "time"):
+    for header in ("test acc", "client acc\nmean / min", "uplink\ndownlink", "vs fp32", "time"):
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         # Without a baseline run, compare against what the raw float32 updates would have cost.
@@ -161,7 +207,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
             escape(r["codec"]),
             f"{r['final_accuracy']:.4f}",
             f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
-            _human_bytes(r["uplink_bytes"]),
+            f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}",
             f"{ratio:.1f}×" if ratio is not None else "—",
             f"{r['wall_time_s']:.1f} s",
         )
@@ -181,7 +227,6 @@ def _human_bytes(n: int) -> str:
 
 def _register_command_modules() -> None:
     """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
-    import importlib
     import pkgutil
 
     import deltaplane.commands as package

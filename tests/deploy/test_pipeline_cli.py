@@ -14,6 +14,7 @@ from deltaplane.deploy import (
     parse_prune,
     read_artifact,
     register_architecture,
+    save_checkpoint,
 )
 from deltaplane.errors import ConfigError, ExportError, ShapeMismatch, UnsupportedLayer
 
@@ -100,13 +101,15 @@ def test_failed_deploy_leaves_no_partial_output(tmp_path, digits):
 
 
 @pytest.fixture()
-def checkpoint(tmp_path, helpers, trained_cnn):
-    register_architecture("SmallCNN", lambda cfg: helpers.cnn())
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    save_file({k: v.contiguous() for k, v in trained_cnn.state_dict().items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"architecture": "SmallCNN"}))
-    return d
+def checkpoint(tmp_path, trained_cnn):
+    """A DigitsCNN checkpoint (the simulator's model class; same layer names and shapes as the test CNN)."""
+    from deltaplane.sim.model import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(trained_cnn.state_dict())
+    register_architecture("DigitsCNN", lambda cfg: DigitsCNN())  # what `deltaplane deploy` registers too
+    register_architecture("SmallCNN", lambda cfg: DigitsCNN())
+    return save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
 
 
 def test_checkpoint_config_must_match_weights(tmp_path, checkpoint, trained_cnn):

@@ -415,10 +415,16 @@ def encode_stages(
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
+@functools.lru_cache(maxsize=1024)
+def _decoder(spec: str) -> Codec:
+    # Codecs are immutable, and a payload names the same few specs on every node: parse each once.
+    return get_codec(spec)
+
+
 def decode_tree(e: Encoded) -> Tensor:
     """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
     try:
-        codec = get_codec(e.codec)
+        codec = _decoder(e.codec)
     except SpecError as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):

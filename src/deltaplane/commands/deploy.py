@@ -10,42 +10,32 @@ table.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
+
+if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane --help` stays quick
+    import numpy as np
 
 __all__ = ["register"]
 
 
 def _register_models() -> None:
     from deltaplane.deploy.checkpoint import register_architecture
+    from deltaplane.sim.model import DigitsCNN
 
-    try:  # the simulator's digits CNN, when the simulator is installed alongside
-        from deltaplane.sim.model import DigitsCNN
-    except ImportError:  # pragma: no cover - depends on which subpackages are present
-        return
+    # The simulator's digits CNN: checkpoints written from a `deltaplane run` model name it in their config.
     register_architecture(
         "DigitsCNN", lambda cfg: DigitsCNN(**{k: v for k, v in cfg.items() if k == "num_classes"})
     )
 
 
 def _digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train/test split of the bundled digits set (the same split the simulator evaluates on)."""
-    try:
-        from deltaplane.data.digits import load_digits, train_test_split
+    """Train/test split of the bundled digits set: the simulator's fixed split (its global test set)."""
+    from deltaplane.data.digits import load_digits, train_test_split
 
-        train, test = train_test_split(load_digits(), seed=seed)
-        return train.x.numpy(), train.y.numpy(), test.x.numpy(), test.y.numpy()
-    except ImportError:  # pragma: no cover - until deltaplane.data is present: same data, seeded split
-        from sklearn.datasets import load_digits as sk_digits
-
-        d = sk_digits()
-        x = (d.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-        y = d.target.astype(np.int64)
-        p = np.random.default_rng(seed).permutation(len(y))
-        cut = int(0.8 * len(y))
-        return x[p[:cut]], y[p[:cut]], x[p[cut:]], y[p[cut:]]
+    train, test = train_test_split(load_digits(), seed=seed)
+    return train.x.numpy(), train.y.numpy(), test.x.numpy(), test.y.numpy()
 
 
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):

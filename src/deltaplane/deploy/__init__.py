@@ -18,6 +18,7 @@ from deltaplane.deploy.checkpoint import (
     available_architectures,
     load_checkpoint,
     register_architecture,
+    save_checkpoint,
 )
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.finetune import masked_finetune
@@ -117,6 +118,7 @@ __all__ = [
     "register_architecture",
     "render_model_card",
     "run_session",
+    "save_checkpoint",
     "sparsity_of",
     "state_dict_sha256",
     "torch_predictor",

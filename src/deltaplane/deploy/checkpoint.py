@@ -16,16 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, ShapeMismatch
 
-__all__ = ["Checkpoint", "available_architectures", "load_checkpoint", "register_architecture"]
+__all__ = [
+    "Checkpoint",
+    "available_architectures",
+    "load_checkpoint",
+    "register_architecture",
+    "save_checkpoint",
+]
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 _ARCHITECTURES: dict[str, Builder] = {}
@@ -131,3 +138,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     model.eval()
     data = weights.read_bytes()
     return Checkpoint(model, config, arch, hashlib.sha256(data).hexdigest(), len(data), weights)
+
+
+def save_checkpoint(
+    state: Mapping[str, Tensor] | nn.Module, path: str | os.PathLike[str], config: Mapping[str, Any]
+) -> Path:
+    """Write a checkpoint folder :func:`load_checkpoint` reads: ``config.json`` + ``model.safetensors``.
+
+    ``config`` must name the architecture (``{"architecture": "DigitsCNN", ...}``), e.g. for the final global
+    model of a simulation (``RunResult.final_state``). Both files are written atomically.
+    """
+    from safetensors.torch import save
+
+    if not (config.get("architecture") or config.get("architectures")):
+        raise ConfigError("config must name the architecture ('architecture' or 'architectures')")
+    tensors = state.state_dict() if isinstance(state, nn.Module) else state
+    folder = Path(path)
+    atomic_write_bytes(
+        folder / "model.safetensors", save({k: v.detach().contiguous() for k, v in tensors.items()})
+    )
+    atomic_write_bytes(folder / "config.json", (json.dumps(dict(config), indent=2) + "\n").encode())
+    return folder

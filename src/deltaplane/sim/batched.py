@@ -143,12 +143,16 @@ class BatchedTrainer:
         batch_size: int,
         lr: float,
         momentum: float,
+        prox_mu: float = 0.0,
     ) -> dict[str, Tensor]:
         """Train one copy of ``global_state`` per dataset; return the deltas stacked as ``(C, *shape)``.
 
         ``generators[i]`` decides client ``i``'s batch order exactly as in the sequential path (one
-        ``torch.randperm`` per epoch) and is advanced as it would be there.
+        ``torch.randperm`` per epoch) and is advanced as it would be there. ``prox_mu > 0`` adds FedProx's
+        proximal term ``μ/2 ‖w − w_global‖²`` (https://arxiv.org/abs/1812.06127), as the sequential path does.
         """
+        if prox_mu < 0:
+            raise ConfigError(f"prox_mu must be non-negative. Found {prox_mu}")
         if len(datasets) != len(generators):
             raise ConfigError(f"{len(datasets)} datasets but {len(generators)} generators")
         if not datasets:
@@ -167,6 +171,7 @@ class BatchedTrainer:
                 batch_size=batch_size,
                 lr=lr,
                 momentum=momentum,
+                prox_mu=prox_mu,
             )
             for i in range(0, len(datasets), chunk)
         ]
@@ -182,6 +187,7 @@ class BatchedTrainer:
         batch_size: int,
         lr: float,
         momentum: float,
+        prox_mu: float,
     ) -> dict[str, Tensor]:
         # ``datasets`` come longest first: at step s the clients still training are a prefix of the stack,
         # so finished ones drop out of the computation instead of being carried along as masked padding.
@@ -203,6 +209,8 @@ class BatchedTrainer:
             grads = self._step_grads({n: p[:k] for n, p in params.items()}, x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
                 for n in self.names:
+                    if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
+                        grads[n] = grads[n] + prox_mu * (params[n][:k] - start[n])
                     # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
                     # p ← p − lr·buf.
                     buf = bufs[n][:k]
