@@ -122,6 +122,16 @@ def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: 
     assert result.final.clients == 3
 
 
+def test_personalized_runs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
+    cfg = RunConfig(clients=3, rounds=1, local_epochs=1, personalization="fedper")
+    with pytest.warns(UserWarning, match="personalization 'fedper' starts each client from its own weights"):
+        run_simulation(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_simulation(cfg.replace(engine="sequential"))  # asked for the loop: nothing to say
+
+
 def test_chunk_size_follows_the_memory_budget() -> None:
     model = build_model(0)
     sample = load_digits().x[:1]
