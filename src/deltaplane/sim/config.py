@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -96,6 +96,15 @@ class RunConfig(BaseModel):
     # Apart from `seed` so that runs with different seeds are scored on the same test images.
     split_seed: int = Field(0, ge=0, description="seeds the global train/test split")
     threads: int = Field(1, ge=1, description="torch CPU threads (fixed so timings and results repeat)")
+    # -- engine ---------------------------------------------------------------------------------------
+    engine: Literal["batched", "sequential"] = Field(
+        "batched",
+        description="'batched' trains a round's clients at once (sim/batched.py), falling back to the loop "
+        "for models it cannot batch; 'sequential' trains them one after another",
+    )
+    memory_budget_mb: float = Field(
+        256.0, gt=0, description="memory the batched engine may use for the clients it trains at once"
+    )
 
     @field_validator("codec", "downlink_codec")
     @classmethod
@@ -185,6 +194,7 @@ class RunConfig(BaseModel):
             max_norm=self.max_update_norm,
             seed=seed,
         )
+
     @field_validator("personalization")
     @classmethod
     def _valid_personalization(cls, name: str) -> str:

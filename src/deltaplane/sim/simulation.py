@@ -10,13 +10,14 @@ choice draws from a stream derived from ``(seed, purpose, round, client)``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
 from deltaplane.codecs import Compressor, decompress
@@ -25,6 +26,7 @@ from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError, InvalidUpdate
 from deltaplane.personalization import PersonalState
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
+from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
@@ -117,6 +119,54 @@ def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) ->
     return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
 
 
+#: Fallback reasons already reported, so that a sweep of many runs says each one once.
+_REPORTED_FALLBACKS: set[str] = set()
+
+
+def _batched_trainer(config: RunConfig, model: nn.Module, *, personalized: bool) -> BatchedTrainer | None:
+    """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
+    if config.engine != "batched":
+        return None
+    reason = batching_blocker(model)
+    if reason is None and config.attack:
+        reason = "an attack poisons some clients' data or updates"
+    if reason is None and personalized:
+        reason = f"personalization '{config.personalization}' starts each client from its own weights"
+    if reason is not None:
+        if reason not in _REPORTED_FALLBACKS:
+            _REPORTED_FALLBACKS.add(reason)
+            warnings.warn(
+                f"engine='batched' falls back to the sequential client loop: {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return None
+    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
+
+
+def _train_batched(
+    config: RunConfig,
+    trainer: BatchedTrainer,
+    global_state: dict[str, Tensor],
+    clients: list[Client],
+    rnd: int,
+) -> dict[int, Delta]:
+    """Every client's local update this round, trained at once; equal to ``Client.local_update``'s up to
+    float rounding because each client's batches come from the same stream ``(seed, LOCAL_TRAINING, rnd,
+    cid)`` in the same way (tests/sim/test_batched.py)."""
+    stacked = trainer.train(
+        global_state,
+        [c.train for c in clients],
+        [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.client_lr(rnd),
+        momentum=config.momentum,
+        prox_mu=config.prox_mu,
+    )
+    return {c.cid: Delta({name: t[i] for name, t in stacked.items()}) for i, c in enumerate(clients)}
+
+
 def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None) -> RunResult:
     """Run ``config.rounds`` rounds of federated averaging on non-IID digits with compressed updates.
 
@@ -202,6 +252,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     backdoor_target = getattr(attack, "target", None)
     personalizer = config.make_personalizer()
     local_keys = personalizer.local_keys(model)  # FedBN on a model without batch-norm raises here
+    trainer = _batched_trainer(config, model, personalized=bool(local_keys))
     personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
     client_rows: list[dict[str, Any]] = []
 
@@ -225,6 +276,11 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         rejections: list[Rejection] = []
         secure_inputs: list[Delta] = []
         secure_weights: list[int] = []
+        trained = (
+            {}
+            if trainer is None
+            else _train_batched(config, trainer, global_state, [clients[c] for c in chosen], rnd)
+        )
         for cid in chosen:
             client = clients[cid]
             gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
@@ -234,7 +290,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
             # the global model with this device's local layers (FedPer's head, FedBN's norms), if any
             origin = personalizer.start_state(global_state, personal[cid]) if local_keys else global_state
-            delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
+            if cid in trained:
+                delta = trained[cid]
+            else:
+                delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
             if local_keys:
                 personalizer.keep_local(delta.apply(origin), personal[cid], model)
                 delta = personalizer.shared(delta, model)  # local layers never leave the device
