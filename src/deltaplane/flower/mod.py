@@ -95,8 +95,11 @@ def delta_mod(
             {k: v for k, v in msg.content.items() if k not in (CONTROL_KEY, DOWNLINK_KEY, arrayrecord_key)}
         )
         inner[arrayrecord_key] = state_to_arrays(global_state)
-        msg.content = inner
-        reply = call_next(msg, context)
+        original, msg.content = msg.content, inner
+        try:
+            reply = call_next(msg, context)
+        finally:
+            msg.content = original  # the instruction is the caller's; leave it as it came
         if reply.has_error():
             return reply
 
