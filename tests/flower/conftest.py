@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("flwr", reason="the 'flower' extra is not installed")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
 
 
 @pytest.fixture(autouse=True)
