@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from deltaplane.aggregation import FedAvg
-from deltaplane.data.digits import Dataset, load_digits, train_test_split
+from deltaplane.data.digits import Dataset
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import arrays_to_state, state_to_arrays
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
@@ -28,7 +28,7 @@ from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
-from deltaplane.sim.simulation import BASE_ID, RoundMetrics
+from deltaplane.sim.simulation import BASE_ID, RoundMetrics, federation_data
 
 __all__ = ["digits_client_app", "digits_server_app"]
 
