@@ -40,9 +40,7 @@ def _federation(config: RunConfig) -> tuple[list[Client], Dataset]:
     key = config.model_dump_json()
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
-        train, test = train_test_split(
-            load_digits(), test_fraction=config.test_fraction, seed=config.split_seed
-        )
+        train, test = federation_data(config)
         _FEDERATIONS[key] = (make_clients(config, train), test)
     return _FEDERATIONS[key]
 
