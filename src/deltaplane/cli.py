@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +33,14 @@ __all__ = ["DEFAULT_RUN_CODEC", "app"]
 #: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
 DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
 BASELINE = "baseline"
+
+
+class Engine(StrEnum):
+    """Which runtime executes a federated run."""
+
+    inprocess = "inprocess"
+    flower = "flower"
+
 
 app = typer.Typer(
     name="deltaplane",
@@ -79,6 +88,13 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="inprocess: deltaplane's own simulator; flower: Flower's simulation engine (Ray), same "
+            "partition, model and seeds (needs the 'flower' extra)."
+        ),
+    ] = Engine.inprocess,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -88,7 +104,7 @@ def run(
     with _clean_errors():
         cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
         plan = _plan_runs(cfg, with_baseline=baseline)
-        results = _execute(plan)
+        results = _execute(plan, engine)
         from deltaplane.report import write_report
 
         files = write_report(
@@ -119,8 +135,8 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
-    from deltaplane.sim.simulation import run_simulation
+def _execute(plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess) -> list[dict[str, Any]]:
+    run_simulation = _engine(engine)
 
     results = []
     columns = (
@@ -136,6 +152,20 @@ def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
             result = run_simulation(cfg, progress=_advance(progress, task))
             results.append({"name": name, **result.to_dict()})
     return results
+
+
+def _engine(engine: Engine) -> Callable[..., Any]:
+    if engine is Engine.flower:
+        try:
+            from deltaplane.flower import run_flower
+        except ImportError as exc:
+            raise DeltaplaneError(
+                f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
+            ) from None
+        return run_flower
+    from deltaplane.sim.simulation import run_simulation
+
+    return run_simulation
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]:

@@ -61,8 +61,8 @@ def processes() -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
-# ~30 s on an idle 2-core machine, 80 s when it is shared: each round every SuperNode starts a fresh
-# `flwr-clientapp` process that imports torch and rebuilds its shard. Too slow for the 90 s unit budget.
+# Measured 80 s on the shared 2-core machine: each round every SuperNode starts a fresh `flwr-clientapp`
+# process that imports torch and rebuilds its shard. Too slow for the 90 s unit-test budget.
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_complete_rounds(
     tmp_path: Path, processes: list[subprocess.Popen]
