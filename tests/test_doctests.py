@@ -10,6 +10,7 @@ MODULES = [
     "deltaplane.codecs",
     "deltaplane.codecs.base",
     "deltaplane.codecs.compressor",
+    "deltaplane.codecs.policy",
     "deltaplane.aggregation.fedavg",
 ]
 

@@ -5,7 +5,25 @@
 service, Flower adapters, reports) are imported from their own subpackages so that this import stays light.
 """
 
-from deltaplane.aggregation import Aggregator, FedAvg
+from deltaplane.aggregation import (
+    Aggregator,
+    Clip,
+    CoordinateMedian,
+    DPFedAvg,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedOpt,
+    FedYogi,
+    FLTrust,
+    Krum,
+    NormBound,
+    PrivacyAccountant,
+    QuantileClip,
+    TrimmedMean,
+    Validate,
+)
 from deltaplane.codecs import (
     Codec,
     Compressor,
@@ -30,32 +48,50 @@ from deltaplane.errors import (
     SpecError,
     VersionMismatch,
 )
+from deltaplane.merging import merge, merge_files
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
+    "Clip",
     "Codec",
     "CodecError",
     "Compressor",
     "CompressorState",
     "ConfigError",
+    "CoordinateMedian",
+    "DPFedAvg",
     "DecodeError",
     "Delta",
     "DeltaplaneError",
     "Encoded",
+    "FLTrust",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedOpt",
+    "FedYogi",
     "InvalidUpdate",
+    "Krum",
+    "NormBound",
     "Pipeline",
+    "PrivacyAccountant",
     "PrivacyBudgetExceeded",
+    "QuantileClip",
     "ShapeMismatch",
     "SpecError",
     "StateDict",
+    "TrimmedMean",
+    "Validate",
     "VersionMismatch",
     "__version__",
     "available_codecs",
     "decompress",
     "get_codec",
+    "merge",
+    "merge_files",
     "read_header",
     "register_codec",
 ]

@@ -209,5 +209,19 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _register_command_modules() -> None:
+    """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
+    import importlib
+    import pkgutil
+
+    import deltaplane.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{package.__name__}.{info.name}").register(app)
+
+
+_register_command_modules()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

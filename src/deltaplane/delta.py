@@ -40,6 +40,16 @@ def check_compatible(a: StateDict, b: StateDict, what: str = "state dicts") -> N
             raise ShapeMismatch(f"tensor '{name}': dtype {t.dtype} vs {u.dtype} in {what}")
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once at import, not while other threads create files
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename: never a partial file."""
     path = Path(path)
@@ -50,6 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 less the umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

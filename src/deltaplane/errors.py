@@ -11,10 +11,16 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeltaplaneError",
+    "ExportError",
+    "IntegrityError",
     "InvalidUpdate",
+    "NotFound",
     "PrivacyBudgetExceeded",
+    "PromotionRefused",
     "ShapeMismatch",
+    "SignatureError",
     "SpecError",
+    "UnsupportedLayer",
     "VersionMismatch",
 ]
 
@@ -53,3 +59,28 @@ class ConfigError(DeltaplaneError, ValueError):
 
 class PrivacyBudgetExceeded(DeltaplaneError, RuntimeError):
     """Continuing would spend more differential-privacy budget (epsilon) than allowed."""
+
+
+class UnsupportedLayer(DeltaplaneError, TypeError):
+    """A model holds a layer (or an operator) that the requested pruning, quantization or export cannot handle."""
+
+
+class ExportError(DeltaplaneError, RuntimeError):
+    """Exporting a model failed or the exported model disagrees with PyTorch; no partial file is left behind."""
+class NotFound(DeltaplaneError, KeyError):
+    """A model, version, tag or key that was asked for does not exist; the message says what exists instead."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IntegrityError(DeltaplaneError, RuntimeError):
+    """Stored bytes do not match their recorded SHA-256, or metadata points to a blob that is missing."""
+
+
+class SignatureError(DeltaplaneError, ValueError):
+    """An artifact's Ed25519 signature is missing, malformed, from an untrusted key or does not verify."""
+
+
+class PromotionRefused(DeltaplaneError, RuntimeError):
+    """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""

@@ -8,6 +8,10 @@ from deltaplane.codecs.entropy import (
     bitmap_encode,
     decode_indices,
     encode_indices,
+    golomb_best_k,
+    golomb_decode,
+    golomb_encode,
+    index_sizes,
     pack_bits,
     unpack_bits,
     varint_decode,
@@ -72,3 +76,58 @@ def test_index_decoding_rejects_out_of_range() -> None:
         decode_indices("varint", varint_encode(np.array([0, 20])), 10, 2)
     with pytest.raises(DecodeError, match="unknown index coder"):
         decode_indices("gzip", b"", 10, 0)
+
+
+# -- Golomb-Rice -------------------------------------------------------------------------------------------
+def test_golomb_exact_bits() -> None:
+    # k = 2: 5 -> q=1 r=1 ; 2 -> q=0 r=2 ; 9 -> q=2 r=1
+    data = golomb_encode(np.array([5, 2, 9]), k=2)
+    rem = 0b01_10_01  # remainders LSB-first: 1, 2, 1
+    unary = 0b0_11_0_0_1 | (0b11 << 6)  # q=1 -> "10", q=0 -> "0", q=2 -> "110", padded with ones
+    assert data == bytes([2, rem, unary])
+    assert golomb_decode(data, 3).tolist() == [5, 2, 9]
+
+
+@given(st.lists(st.integers(0, 2**34), max_size=200), st.integers(0, 40) | st.none())
+@settings(max_examples=100, deadline=None)
+def test_golomb_round_trip(values, k) -> None:
+    v = np.array(values, dtype=np.int64)
+    if k is not None and len(v) and int((v >> k).sum()) > 1 << 22:
+        k = None  # a tiny k on huge values would spell out millions of unary bits
+    data = golomb_encode(v, k)
+    assert np.array_equal(golomb_decode(data, len(v)), v)
+    if k is None:
+        assert len(data) == golomb_best_k(v)[1]
+
+
+def test_golomb_rejects_malformed_streams() -> None:
+    good = golomb_encode(np.array([5, 2, 9]), k=2)
+    for data, count, message in [
+        (b"", 1, "empty"),
+        (bytes([41]) + good[1:], 3, "exceeds"),
+        (good[:2], 3, "holds 0 values|truncated"),
+        (good + b"\xff", 3, "trailing"),
+        (good, 2, "holds 3 values|padding"),
+        (bytes([2, 0b11000000 | good[1], good[2]]), 3, "padding"),
+        (bytes([0, 0]), 0, "trailing"),
+    ]:
+        with pytest.raises(DecodeError, match=message):
+            golomb_decode(data, count)
+
+
+def test_index_coder_choice() -> None:
+    n = 100_000
+    dense = np.arange(0, n, 2)
+    sparse = np.sort(np.random.default_rng(0).choice(n, 1000, replace=False))
+    uneven = np.array([0, 1, 2, 3, 99_990])
+    assert encode_indices(dense, n)[0] == "bitmap"
+    assert encode_indices(sparse, n)[0] == "golomb"
+    assert encode_indices(uneven, n)[0] == "varint"
+    for idx in (dense, sparse, uneven):
+        coder, data = encode_indices(idx, n)
+        assert len(data) == min(index_sizes(idx, n).values())
+        assert np.array_equal(decode_indices(coder, data, n, len(idx)), idx)
+    with pytest.raises(DecodeError, match="outside"):
+        decode_indices("golomb", golomb_encode(np.array([5, 200])), 100, 2)
+    with pytest.raises(DecodeError, match="cannot fit"):
+        decode_indices("golomb", b"\x00", 10, 11)

@@ -10,10 +10,10 @@ from deltaplane.codecs import format_spec, parse_spec
         ("identity", "identity"),
         ("fp16", "fp16"),
         ("topk(0.01)", "topk(ratio=0.01)"),
-        ("quant(4)", "quant(bits=4, stochastic=false, chunk=512)"),
+        ("quant(4)", "quant(bits=4, stochastic=false, chunk=512, scale=max)"),
         (
             " topk( ratio = 0.05 )|quant(bits=2,stochastic=TRUE, chunk=64) ",
-            "topk(ratio=0.05) | quant(bits=2, stochastic=true, chunk=64)",
+            "topk(ratio=0.05) | quant(bits=2, stochastic=true, chunk=64, scale=max)",
         ),
     ],
 )

@@ -1,6 +1,55 @@
-"""Aggregators: combine many client deltas into one global delta, streaming."""
+"""Aggregators: combine many client deltas into one global delta, streaming and composable by wrapping.
 
-from deltaplane.aggregation.base import Aggregator
+``FedAdam(DPFedAvg(Clip(Validate(FedAvg()), clip="adaptive"), ...))`` reads inside-out like the math. Secure
+aggregation lives in :mod:`deltaplane.aggregation.secagg` (it needs ``cryptography``); privacy accounting in
+:mod:`deltaplane.aggregation.accounting` (it needs ``dp-accounting``, imported only when ε is computed).
+"""
+
+from deltaplane.aggregation.accounting import (
+    PrivacyAccountant,
+    PrivacyAccountantState,
+    epsilon_for,
+    noise_for_epsilon,
+)
+from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.aggregation.clipping import Clip, ClipEstimator, ConstantClip, NormBound, QuantileClip
+from deltaplane.aggregation.dp import DPFedAvg, DPState, local_epsilon, privatize
+from deltaplane.aggregation.factory import build_aggregator, parse_defense
 from deltaplane.aggregation.fedavg import FedAvg
+from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi, ServerOptimizerState
+from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
+from deltaplane.aggregation.validation import Rejection, Validate, validate_update
 
-__all__ = ["Aggregator", "FedAvg"]
+__all__ = [
+    "Aggregator",
+    "AggregatorWrapper",
+    "Clip",
+    "ClipEstimator",
+    "ConstantClip",
+    "CoordinateMedian",
+    "DPFedAvg",
+    "DPState",
+    "FLTrust",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedOpt",
+    "FedYogi",
+    "Krum",
+    "NormBound",
+    "PrivacyAccountant",
+    "PrivacyAccountantState",
+    "QuantileClip",
+    "Rejection",
+    "ServerOptimizerState",
+    "TrimmedMean",
+    "Validate",
+    "build_aggregator",
+    "epsilon_for",
+    "local_epsilon",
+    "noise_for_epsilon",
+    "parse_defense",
+    "privatize",
+    "validate_update",
+]

@@ -25,6 +25,8 @@ class FedAvg:
         3.0
     """
 
+    streaming = True
+
     def __init__(self) -> None:
         self._sum: dict[str, torch.Tensor] | None = None
         self._like: Delta | None = None
@@ -55,6 +57,11 @@ class FedAvg:
 
     def reset(self) -> None:
         self._sum, self._like, self._total, self.count = None, None, 0.0, 0
+
+    @property
+    def measurements(self) -> dict[str, float]:
+        """Clients folded in and their total weight since the last reset."""
+        return {"clients": float(self.count), "total_weight": self._total}
 
     def __repr__(self) -> str:
         return "FedAvg()"

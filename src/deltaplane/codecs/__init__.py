@@ -10,7 +10,7 @@ Example:
     True
 """
 
-from deltaplane.codecs import quantize, sparsify  # noqa: F401  (register built-in codecs)
+from deltaplane.codecs import lossless, lowrank, policy, quantize, sparsify, ternary  # noqa: F401  (register)
 from deltaplane.codecs.base import (
     Codec,
     Encoded,
@@ -21,6 +21,7 @@ from deltaplane.codecs.base import (
     get_codec,
     parse_spec,
     register_codec,
+    split_lossless,
 )
 from deltaplane.codecs.compressor import (
     Compressor,
@@ -30,13 +31,18 @@ from deltaplane.codecs.compressor import (
     encode_delta,
     read_header,
 )
-from deltaplane.codecs.quantize import BF16, FP16, Identity, Quantize
-from deltaplane.codecs.sparsify import TopK
+from deltaplane.codecs.lossless import Zstd
+from deltaplane.codecs.lowrank import PowerSGD
+from deltaplane.codecs.policy import Policy
+from deltaplane.codecs.quantize import BF16, FP16, Identity, Quantize, Sign
+from deltaplane.codecs.sparsify import STC, RandK, Threshold, TopK
+from deltaplane.codecs.ternary import Ternary
 from deltaplane.codecs.wire import Limits, WireHeader, pack, unpack
 
 __all__ = [
     "BF16",
     "FP16",
+    "STC",
     "Codec",
     "Compressor",
     "CompressorState",
@@ -44,9 +50,16 @@ __all__ = [
     "Identity",
     "Limits",
     "Pipeline",
+    "Policy",
+    "PowerSGD",
     "Quantize",
+    "RandK",
+    "Sign",
+    "Ternary",
+    "Threshold",
     "TopK",
     "WireHeader",
+    "Zstd",
     "available_codecs",
     "decode_delta",
     "decode_tree",
@@ -58,5 +71,6 @@ __all__ = [
     "parse_spec",
     "read_header",
     "register_codec",
+    "split_lossless",
     "unpack",
 ]

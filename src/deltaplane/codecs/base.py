@@ -12,6 +12,7 @@ style), so the canonical spec, ``repr`` and :func:`get_codec` round-trip:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "get_codec",
     "parse_spec",
     "register_codec",
+    "split_lossless",
 ]
 
 Scalar = int | float | bool | str
@@ -79,9 +81,25 @@ class Codec:
     name: ClassVar[str] = ""
     #: positional order of parameters in specs like ``topk(0.01)``
     positional: ClassVar[tuple[str, ...]] = ()
+    #: True for codecs that carry per-device, per-tensor state across rounds (PowerSGD's warm start);
+    #: they implement :meth:`encode_stateful`. Plain codecs stay stateless.
+    stateful: ClassVar[bool] = False
+    #: True for a lossless stage that compresses the whole framed payload (``zstd``): it may only be the
+    #: last stage of a pipeline and is applied by the wire format, not per tensor.
+    lossless: ClassVar[bool] = False
+    #: True for a codec that picks another codec per parameter name (:class:`~deltaplane.codecs.policy.Policy`)
+    selects_by_name: ClassVar[bool] = False
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         raise NotImplementedError
+
+    def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
+        """Encode with this tensor's per-device state dict (read and updated in place).
+
+        ``state`` belongs to one tensor of one device (it lives in a
+        :class:`~deltaplane.codecs.compressor.CompressorState`); stateless codecs ignore it.
+        """
+        return self.encode(x, rng)
 
     def decode(self, e: Encoded) -> Tensor:
         raise NotImplementedError
@@ -130,6 +148,7 @@ class Codec:
             raise DecodeError(f"{e.codec}: field '{name}' holds {len(data)} bytes, expected {n}")
 
 
+@functools.cache
 def _hyperparameters(cls: type) -> dict[str, inspect.Parameter]:
     """The keyword parameters of ``cls.__init__`` (a codec's hyperparameters)."""
     sig = inspect.signature(cls.__init__)
@@ -279,19 +298,30 @@ def get_codec(spec: str | Codec) -> Codec:
     Example:
         >>> from deltaplane.codecs import get_codec
         >>> get_codec("topk(0.01) | quant(bits=4)").spec
-        'topk(ratio=0.01) | quant(bits=4, stochastic=false, chunk=512)'
+        'topk(ratio=0.01) | quant(bits=4, stochastic=false, chunk=512, scale=max)'
     """
     if isinstance(spec, Codec):
         return spec
     import deltaplane.codecs  # noqa: F401  (registers the built-in codecs)
 
     stages = [_build(*stage) for stage in parse_spec(spec)]
-    return stages[0] if len(stages) == 1 else Pipeline(stages)
+    if len(stages) == 1:
+        return stages[0]
+    try:
+        return Pipeline(stages)
+    except SpecError:
+        raise
+    except CodecError as exc:  # an impossible order of stages in a spec string is a spec error
+        raise SpecError(str(exc)) from exc
 
 
 # -- pipelines -------------------------------------------------------------------------------------------
 class Pipeline(Codec):
-    """Stages applied in order: every float field a stage leaves is encoded by the rest of the pipeline."""
+    """Stages applied in order: every float field a stage leaves is encoded by the rest of the pipeline.
+
+    A final lossless stage (``zstd``) is kept in the spec but not applied per tensor: the wire format applies
+    it to the whole payload (see :func:`split_lossless`).
+    """
 
     name = "pipeline"
 
@@ -301,36 +331,96 @@ class Pipeline(Codec):
             flat.extend(s.stages if isinstance(s, Pipeline) else [s])
         if not flat:
             raise CodecError("a pipeline needs at least one stage")
+        for i, s in enumerate(flat):
+            if s.lossless and i != len(flat) - 1:
+                raise CodecError(f"'{s.spec}' compresses the whole payload: it must be the last stage")
+            if s.selects_by_name and (i != 0 or any(not t.lossless for t in flat[1:])):
+                raise CodecError(
+                    f"'{s.name}' chooses a codec per tensor: it can only be followed by a lossless stage; "
+                    "put the other stages inside its rules"
+                )
         self.stages = flat
 
     @property
     def spec(self) -> str:
         return " | ".join(s.spec for s in self.stages)
 
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        return any(s.stateful for s in self.stages)
+
+    @property
+    def selects_by_name(self) -> bool:  # type: ignore[override]
+        return self.stages[0].selects_by_name
+
     def get_params(self) -> dict[str, Scalar]:
         return {"stages": self.spec}
 
+    def _tensor_stages(self) -> list[Codec]:
+        return self.stages[:-1] if self.stages[-1].lossless and len(self.stages) > 1 else self.stages
+
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
-        return _encode_stages(self.stages, x, rng)
+        return encode_stages(self._tensor_stages(), x, rng, None, "")
+
+    def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
+        return encode_stages(self._tensor_stages(), x, rng, state, "")
 
     def decode(self, e: Encoded) -> Tensor:
         return decode_tree(e)
 
 
-def _encode_stages(stages: list[Codec], x: Tensor, rng: torch.Generator) -> Encoded:
-    e = stages[0].encode(x, rng)
+def split_lossless(codec: Codec) -> tuple[Codec, Codec | None]:
+    """Split ``codec`` into its per-tensor part and its final whole-payload lossless stage (or ``None``)."""
+    if isinstance(codec, Pipeline) and codec.stages[-1].lossless:
+        rest = codec.stages[:-1]
+        if not rest:
+            return _identity(), codec.stages[-1]
+        return (rest[0] if len(rest) == 1 else Pipeline(rest)), codec.stages[-1]
+    if codec.lossless:
+        return _identity(), codec
+    return codec, None
+
+
+def _identity() -> Codec:
+    return get_codec("identity")
+
+
+def encode_stages(
+    stages: list[Codec], x: Tensor, rng: torch.Generator, state: dict[str, Any] | None, path: str = ""
+) -> Encoded:
+    """Run ``stages`` on ``x``: every tensor field of a stage goes through the rest of the stages.
+
+    ``state`` (one tensor's per-device state, updated in place) gives each stateful stage a slot keyed by
+    its place in the tree: ``"/"`` for the first stage, ``"/p"`` for a stage applied to field ``p``...
+    """
+    # each stage applied at each place in the tree gets its own state slot, keyed by that place
+    first = stages[0]
+    if state is not None and first.stateful:
+        slot = state.get(path or "/", {})
+        e = first.encode_stateful(x, rng, slot)
+        if slot:  # a stage that fell back to a plain codec keeps no empty entries
+            state[path or "/"] = slot
+    else:
+        e = first.encode(x, rng)
     if len(stages) == 1:
         return e
     fields = {
-        k: _encode_stages(stages[1:], v, rng) if isinstance(v, Tensor) else v for k, v in e.fields.items()
+        k: encode_stages(stages[1:], v, rng, state, f"{path}/{k}") if isinstance(v, Tensor) else v
+        for k, v in e.fields.items()
     }
     return Encoded(e.codec, e.shape, e.meta, fields)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoder(spec: str) -> Codec:
+    # Codecs are immutable, and a payload names the same few specs on every node: parse each once.
+    return get_codec(spec)
 
 
 def decode_tree(e: Encoded) -> Tensor:
     """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
     try:
-        codec = get_codec(e.codec)
+        codec = _decoder(e.codec)
     except SpecError as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from deltaplane.codecs.base import Codec, Encoded, register_codec
 from deltaplane.codecs.entropy import pack_bits, unpack_bits
 from deltaplane.errors import CodecError, DecodeError
 
-__all__ = ["BF16", "FP16", "Identity", "Quantize"]
+__all__ = ["BF16", "FP16", "Identity", "Quantize", "Sign", "chunk_views"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -35,6 +36,16 @@ def tensor_to_bytes(x: Tensor) -> bytes:
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
     return x.numpy().tobytes()
+
+
+def tensor_buffer(x: Tensor) -> memoryview:
+    """A zero-copy little-endian byte view of a CPU tensor (kept alive by the view); see :func:`tensor_to_bytes`."""
+    if x.numel() == 0:
+        return memoryview(b"")
+    x = x.detach().contiguous().cpu().reshape(-1)
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return memoryview(x.numpy()).cast("B")
 
 
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
@@ -61,9 +72,7 @@ class Identity(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         if x.dtype not in DTYPE_NAMES:
             raise CodecError(f"identity: unsupported dtype {x.dtype}")
-        return Encoded(
-            self.spec, tuple(x.shape), {"dtype": DTYPE_NAMES[x.dtype]}, {"data": tensor_to_bytes(x)}
-        )
+        return Encoded(self.spec, tuple(x.shape), {"dtype": DTYPE_NAMES[x.dtype]}, {"data": tensor_buffer(x)})
 
     def decode(self, e: Encoded) -> Tensor:
         dtype = DTYPES.get(str(e.meta.get("dtype")))
@@ -76,7 +85,7 @@ class _Cast(Codec):
     dtype: torch.dtype
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
-        return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_to_bytes(x.to(self.dtype))})
+        return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_buffer(x.to(self.dtype))})
 
     def decode(self, e: Encoded) -> Tensor:
         data = self._field(e, "data", bytes)
@@ -104,27 +113,72 @@ class BF16(_Cast):
     dtype = torch.bfloat16
 
 
+def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
+    """Views ``(start, (rows, chunk))`` over a flat tensor: the whole chunks, then the shorter tail.
+
+    Views rather than a zero-padded copy: padding would add one full pass over the tensor per encode.
+    """
+    n = flat.numel()
+    full = n // chunk
+    parts = [(0, flat[: full * chunk].view(full, chunk))] if full else []
+    if n % chunk:
+        parts.append((full * chunk, flat[full * chunk :].view(1, -1)))
+    return parts
+
+
+def _chunk_scales(part: Tensor, scale: str) -> Tensor:
+    if scale == "max":  # max |x| as max(max x, -min x): two reductions, no |x| temporary
+        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+    return torch.linalg.vector_norm(part, dim=1)
+
+
+#: values per block in the quantizers' hot loops: small enough that the float scratch stays in cache, and
+#: a fresh tensor-sized float temporary (whose page faults cost as much as a memcpy) is never allocated
+BLOCK_VALUES = 1 << 16
+
+
+def _blocks(rows: int, cols: int) -> range:
+    step = max(1, BLOCK_VALUES // max(cols, 1))
+    return range(0, rows, step)
+
+
+def _read_scales(codec: Codec, e: Encoded, count: int) -> Tensor:
+    raw = codec._field(e, "scales", bytes)
+    codec._expect_len(e, "scales", raw, 4 * count)
+    scales = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        raise DecodeError(f"{e.codec}: scales must be finite and non-negative")
+    return scales
+
+
 @register_codec
 class Quantize(Codec):
-    """Uniform quantization to ``bits`` bits with one fp32 max-abs scale per ``chunk`` values.
+    """Uniform quantization to ``bits`` bits with one fp32 scale per ``chunk`` values.
 
-    For ``bits >= 2`` the grid is symmetric with zero on it: ``2^(bits-1) - 1`` levels each side (so an exact
-    zero stays zero). ``bits == 1`` sends a sign and the chunk scale. ``stochastic=True`` rounds up with
-    probability equal to the fractional part, which makes the codec unbiased (E[decode(encode(x))] = x),
-    as in QSGD (Alistarh et al. 2017, https://arxiv.org/abs/1610.02132).
+    For ``bits >= 2`` the grid is symmetric with zero on it: ``L = 2^(bits-1) - 1`` levels each side (so an
+    exact zero stays zero), ``value = scale * (code - L) / L``. ``bits == 1`` sends a sign and the chunk scale.
+    ``scale="max"`` uses the chunk's max-abs value; ``scale="norm"`` its L2 norm, as in QSGD (Alistarh et al.
+    2017, https://arxiv.org/abs/1610.02132), whose variance bound is stated in terms of the norm.
+    ``stochastic=True`` rounds up with probability equal to the fractional part, which makes the codec
+    unbiased: E[decode(encode(x))] = x. Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus
+    4 bytes a chunk.
     """
 
     name = "quant"
     positional = ("bits",)
 
-    def __init__(self, *, bits: int = 8, stochastic: bool = False, chunk: int = 512) -> None:
+    def __init__(
+        self, *, bits: int = 8, stochastic: bool = False, chunk: int = 512, scale: str = "max"
+    ) -> None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise CodecError(f"quant: bits must be an integer in 1..8. Found {bits!r}")
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise CodecError(f"quant: chunk must be a positive integer. Found {chunk!r}")
         if not isinstance(stochastic, bool):
             raise CodecError(f"quant: stochastic must be true or false. Found {stochastic!r}")
-        self.bits, self.stochastic, self.chunk = bits, stochastic, chunk
+        if scale not in ("max", "norm"):
+            raise CodecError(f"quant: scale must be 'max' or 'norm'. Found {scale!r}")
+        self.bits, self.stochastic, self.chunk, self.scale = bits, stochastic, chunk, scale
 
     def _levels(self) -> int:
         return 2 ** (self.bits - 1) - 1
@@ -132,43 +186,91 @@ class Quantize(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
-        nchunks = math.ceil(n / self.chunk)
-        padded = torch.zeros(nchunks * self.chunk)
-        padded[:n] = flat
-        chunks = padded.view(nchunks, self.chunk)
-        scales = chunks.abs().amax(dim=1)  # (nchunks,)
-        y = chunks / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]  # in [-1, 1]
-        noise = torch.rand(y.shape, generator=rng) if self.stochastic else None
-        if self.bits == 1:
-            p = (y + 1) / 2  # probability of +scale, so that E[value] = y * scale
-            codes = (noise < p) if noise is not None else (y >= 0)
-        else:
-            levels = self._levels()
-            q = y * levels
-            q = torch.floor(q + noise) if noise is not None else torch.round(q)
-            codes = q.clamp_(-levels, levels) + levels
-        codes_np = codes.reshape(-1)[:n].to(torch.uint8).numpy()
+        codes = torch.empty(n, dtype=torch.uint8)
+        scales = []
+        levels = self._levels()
+        for start, part in chunk_views(flat, self.chunk):
+            s = _chunk_scales(part, self.scale)
+            scales.append(s)
+            out = codes[start : start + part.numel()].view(part.shape)
+            if self.bits == 1:
+                # P(+scale) = (x/scale + 1) / 2 makes E[value] = x; deterministic: the sign
+                mul, add = torch.where(s > 0, 0.5 / s, 0.0)[:, None], 0.5
+            else:
+                # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
+                # and every value is >= 0, so one fused multiply-add and the cast do the rounding
+                mul, add = (
+                    torch.where(s > 0, levels / s, 0.0)[:, None],
+                    levels + (0.0 if self.stochastic else 0.5),
+                )
+            rows, cols = part.shape
+            step = _blocks(rows, cols).step
+            work = torch.empty(min(step, rows), cols)
+            noise = torch.empty_like(work) if self.stochastic else None
+            for r0 in _blocks(rows, cols):
+                blk = part[r0 : r0 + step]
+                o = out[r0 : r0 + step]
+                if self.bits == 1 and noise is None:
+                    torch.ge(blk, 0, out=o)
+                    continue
+                w = torch.mul(blk, mul[r0 : r0 + step], out=work[: blk.shape[0]]).add_(add)
+                if noise is None:
+                    o.copy_(w)
+                    continue
+                nz = noise[: blk.shape[0]].uniform_(generator=rng)
+                if self.bits == 1:
+                    torch.lt(nz, w, out=o)
+                else:  # floor(q + u) with u ~ U[0, 1); the clamp guards q = L(1 + 2⁻²⁴) from rounding
+                    o.copy_(w.add_(nz).clamp_(max=2 * levels))
+        scale_t = torch.cat(scales) if scales else torch.zeros(0)
         fields = {
-            "codes": pack_bits(codes_np, self.bits),
-            "scales": scales.numpy().astype("<f4").tobytes(),
+            "codes": pack_bits(codes.numpy(), self.bits),
+            "scales": scale_t.numpy().astype("<f4").tobytes(),
         }
         return Encoded(self.spec, tuple(x.shape), {}, fields)
 
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel
-        nchunks = math.ceil(n / self.chunk)
-        raw_scales = self._field(e, "scales", bytes)
-        self._expect_len(e, "scales", raw_scales, 4 * nchunks)
-        scales = torch.from_numpy(np.frombuffer(raw_scales, dtype="<f4").astype(np.float32))
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise DecodeError("quant: chunk scales must be finite and non-negative")
-        codes = torch.from_numpy(unpack_bits(self._field(e, "codes", bytes), self.bits, n).astype(np.float32))
-        if self.bits == 1:
-            vals = codes * 2 - 1
-        else:
-            levels = self._levels()
-            if n and float(codes.max()) > 2 * levels:
-                raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
-            vals = (codes - levels) / levels
-        per_value = scales.repeat_interleave(self.chunk)[:n]
-        return (vals * per_value).reshape(e.shape)
+        scales = _read_scales(self, e, math.ceil(n / self.chunk))
+        codes = torch.from_numpy(unpack_bits(self._field(e, "codes", bytes), self.bits, n))
+        levels = self._levels()
+        if self.bits > 1 and n and int(codes.max()) > 2 * levels:
+            raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
+        out = torch.empty(n, dtype=torch.float32)
+        row = 0
+        for start, part in chunk_views(out, self.chunk):
+            rows, cols = part.shape
+            s = scales[row : row + rows, None]
+            row += rows
+            # value = (code - L) · s / L, or (2 code - 1) · s for 1 bit: code L decodes to an exact zero
+            shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
+            c = codes[start : start + part.numel()].view(rows, cols)
+            step = _blocks(rows, cols).step
+            work = torch.empty(min(step, rows), cols)
+            for r0 in _blocks(rows, cols):
+                w = work[: min(step, rows - r0)].copy_(c[r0 : r0 + step]).sub_(shift)
+                torch.mul(w, mul[r0 : r0 + step], out=part[r0 : r0 + step])
+        return out.reshape(e.shape)
+
+
+@register_codec
+class Sign(Codec):
+    """One bit a value: the sign, times the tensor's mean absolute value.
+
+    scaled signSGD as analysed with error feedback by Karimireddy et al. 2019 (EF-signSGD,
+    https://arxiv.org/abs/1901.09847): ``C(x) = (||x||_1 / d) · sign(x)``. Biased; use it with the
+    :class:`~deltaplane.codecs.compressor.Compressor`'s error feedback. ``ceil(n / 8) + 4`` bytes.
+    """
+
+    name = "sign"
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        flat = x.detach().reshape(-1).float()
+        scale = float(flat.abs().mean()) if flat.numel() else 0.0
+        signs = np.packbits((flat >= 0).numpy(), bitorder="little").tobytes()
+        return Encoded(self.spec, tuple(x.shape), {}, {"signs": signs, "scales": struct.pack("<f", scale)})
+
+    def decode(self, e: Encoded) -> Tensor:
+        scale = _read_scales(self, e, 1)
+        bits = torch.from_numpy(unpack_bits(self._field(e, "signs", bytes), 1, e.numel))
+        return (bits.float().mul_(2).sub_(1).mul_(scale)).reshape(e.shape)

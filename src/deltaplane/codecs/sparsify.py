@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.entropy import decode_indices, encode_indices
+from deltaplane.codecs.base import Codec, Encoded, Scalar, register_codec
+from deltaplane.codecs.entropy import decode_indices, encode_indices, unpack_bits
+from deltaplane.codecs.quantize import _read_scales
 from deltaplane.errors import CodecError, DecodeError
 
-__all__ = ["TopK", "scatter_values"]
+__all__ = ["STC", "RandK", "Threshold", "TopK", "random_positions", "scatter_values", "topk_indices"]
 
 
 def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
@@ -24,22 +26,76 @@ def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
     return out.reshape(e.shape)
 
 
+def _check_ratio(name: str, ratio: object) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise CodecError(f"{name}: ratio must be in (0, 1]. Found {ratio!r}")
+    return float(ratio)
+
+
+def _check_bool(name: str, what: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise CodecError(f"{name}: {what} must be true or false. Found {v!r}")
+    return v
+
+
+def _sample_threshold(mag: Tensor, k: int, headroom: bool, rng: torch.Generator | None) -> Tensor:
+    """Estimate the k-th largest magnitude from a sample of ~1% of the values (at least 4096)."""
+    n = mag.numel()
+    m = min(n, max(4096, n // 100))
+    # without a generator: an evenly strided sample (deterministic)
+    sample = mag[:: max(1, n // m)] if rng is None else mag[torch.randint(n, (m,), generator=rng)]
+    expect = k * sample.numel() / n
+    # with headroom: aim ~30% plus 3 sigma above k so the candidates almost surely include the top k
+    r = 1.3 * expect + 3 * math.sqrt(expect) + 1 if headroom else expect
+    r = min(sample.numel(), max(1, math.ceil(r)))
+    return torch.topk(sample, r, sorted=False).values.min()
+
+
+def topk_indices(mag: Tensor, k: int) -> Tensor:
+    """Sorted flat positions of the ``k`` largest entries of ``mag`` (a flat tensor of magnitudes).
+
+    Exact, but faster than a partial sort of the whole tensor: a threshold estimated from a strided
+    sample, set a little low, selects a few more than ``k`` candidates with one comparison pass, and an
+    exact top-k runs on those (the hierarchical selection of DGC, Lin et al. 2018,
+    https://arxiv.org/abs/1712.01887, §3). Every value above the threshold is a candidate, so the result
+    is the exact top-k (ties resolve arbitrarily, as with ``torch.topk``); if the sample misjudged and
+    fewer than ``k`` candidates come out, the plain ``torch.topk`` runs instead.
+    """
+    n = mag.numel()
+    if k >= n:
+        return torch.arange(n)
+    idx = None
+    if n >= 8192 and k * 8 <= n:
+        cand = torch.nonzero(mag >= _sample_threshold(mag, k, True, None)).squeeze(1)
+        if cand.numel() >= k:
+            idx = cand[torch.topk(mag[cand], k, sorted=False).indices] if cand.numel() > k else cand
+    if idx is None:
+        idx = torch.topk(mag, k, sorted=False).indices
+    return torch.sort(idx).values
+
+
 @register_codec
 class TopK(Codec):
     """Keep the ``ratio`` fraction of coordinates with the largest magnitude (at least one).
 
     Positions go out with the cheapest index coder (see :mod:`deltaplane.codecs.entropy`); values are a float
-    field that a following pipeline stage can quantize. Biased on its own: pair it with error feedback
-    (Stich et al. 2018, https://arxiv.org/abs/1809.07599; Lin et al. 2018 DGC, https://arxiv.org/abs/1712.01887).
+    field that a following pipeline stage can quantize. ``approx=True`` is DGC's sampled threshold (Lin et
+    al. 2018, https://arxiv.org/abs/1712.01887): the k-th largest magnitude is estimated from a random 1%
+    sample and every value at or above the estimate is sent, about ``k`` of them (the count varies a few
+    percent around ``k``), skipping the exact selection. Biased on its own: pair it with error feedback
+    (Stich et al. 2018, https://arxiv.org/abs/1809.07599).
     """
 
     name = "topk"
     positional = ("ratio",)
 
-    def __init__(self, *, ratio: float = 0.01) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
-            raise CodecError(f"topk: ratio must be in (0, 1]. Found {ratio!r}")
-        self.ratio = float(ratio)
+    def __init__(self, *, ratio: float = 0.01, approx: bool = False) -> None:
+        self.ratio = _check_ratio("topk", ratio)
+        self.approx = _check_bool("topk", "approx", approx)
+
+    def get_params(self) -> dict[str, Scalar]:
+        # approx is left out of the spec when false so specs (and payloads) of exact top-k stay as before
+        return {"ratio": self.ratio} | ({"approx": True} if self.approx else {})
 
     def k_for(self, n: int) -> int:
         return min(n, max(1, math.ceil(self.ratio * n))) if n else 0
@@ -47,15 +103,157 @@ class TopK(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
+        mag = flat.abs()
         k = self.k_for(n)
-        idx = torch.topk(flat.abs(), k, sorted=False).indices if k < n else torch.arange(n)
-        idx, _ = torch.sort(idx)
+        if self.approx and n >= 8192 and k * 8 <= n:
+            idx = torch.nonzero(mag >= _sample_threshold(mag, k, False, rng)).squeeze(1)
+        else:
+            idx = topk_indices(mag, k)
         coder, data = encode_indices(idx.numpy(), n)
-        return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx].clone()})
+        return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
 
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
-        if values.numel() != self.k_for(e.numel):
+        if values.dim() != 1 or (not self.approx and values.numel() != self.k_for(e.numel)):
             raise DecodeError(f"{e.codec}: {values.numel()} values, expected {self.k_for(e.numel)}")
         idx = decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), e.numel, values.numel())
         return scatter_values(e, idx, values)
+
+
+# -- random-k: positions from a shared seed ----------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_BLOCK = 1 << 20
+
+
+def random_positions(seed: int, n: int, ratio: float) -> np.ndarray:
+    """Positions ``i`` in ``[0, n)`` with ``splitmix64(seed + (i + 1) · φ) < ratio · 2^64``, in order.
+
+    Each position is kept independently with probability ``ratio``; sender and receiver regenerate the same
+    set from the seed alone, so positions cost nothing on the wire. splitmix64 (Steele et al. 2014) is a
+    fixed, documented bijection, so another implementation can regenerate the set bit for bit (see
+    docs/wire-format.md), unlike a library RNG whose stream may change between releases.
+    """
+    threshold = np.uint64(min(int(ratio * 2.0**64), 2**64 - 1))
+    s = np.uint64(seed)
+    out = []
+    for lo in range(0, n, _BLOCK):  # blocks bound the temporary memory to a few MB
+        z = np.arange(lo + 1, min(n, lo + _BLOCK) + 1, dtype=np.uint64)
+        z *= _GOLDEN
+        z += s
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+        keep = np.flatnonzero(z < threshold) if ratio < 1 else np.arange(len(z))
+        out.append(keep + lo)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+@register_codec
+class RandK(Codec):
+    """Keep each coordinate with probability ``ratio``, chosen by a seed sent in the metadata (8 bytes).
+
+    Random sparsification (Stich et al. 2018, https://arxiv.org/abs/1809.07599; Wangni et al. 2018,
+    https://arxiv.org/abs/1710.09854): positions are regenerated by the receiver from the seed (see
+    :func:`random_positions`), so only values travel. ``unbiased=True`` scales kept values by ``1/ratio``,
+    making E[decode(encode(x))] = x (at a variance cost of ``(1/ratio - 1) x²`` a coordinate); the default
+    sends them as they are, which suits error feedback better.
+    """
+
+    name = "randk"
+    positional = ("ratio",)
+
+    def __init__(self, *, ratio: float = 0.01, unbiased: bool = False) -> None:
+        self.ratio = _check_ratio("randk", ratio)
+        self.unbiased = _check_bool("randk", "unbiased", unbiased)
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        flat = x.detach().reshape(-1).float()
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+        idx = torch.from_numpy(random_positions(seed, flat.numel(), self.ratio))
+        values = flat[idx]
+        if self.unbiased:
+            values = values / self.ratio
+        return Encoded(self.spec, tuple(x.shape), {"seed": seed}, {"values": values})
+
+    def decode(self, e: Encoded) -> Tensor:
+        seed = e.meta.get("seed")
+        if type(seed) is not int or not 0 <= seed < 2**63:
+            raise DecodeError(f"{e.codec}: meta 'seed' must be an integer in [0, 2^63)")
+        values = self._field(e, "values", Tensor)
+        idx = random_positions(seed, e.numel, self.ratio)
+        if values.numel() != len(idx):
+            raise DecodeError(f"{e.codec}: {values.numel()} values, the seed selects {len(idx)} positions")
+        return scatter_values(e, idx, values)  # unbiased: the sender already scaled by 1/ratio
+
+
+@register_codec
+class Threshold(Codec):
+    """Keep the coordinates whose magnitude is at least ``tau`` (a variable number of them).
+
+    Fixed-threshold sparsification (Strom 2015, "Scalable distributed DNN training using commodity GPU cloud
+    computing", https://www.isca-archive.org/interspeech_2015/strom15_interspeech.html); positions use the
+    cheapest index coder, values are a float field for the next stage.
+    """
+
+    name = "threshold"
+    positional = ("tau",)
+
+    def __init__(self, *, tau: float = 1e-3) -> None:
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not (0 < tau < math.inf):
+            raise CodecError(f"threshold: tau must be a positive finite number. Found {tau!r}")
+        self.tau = float(tau)
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        flat = x.detach().reshape(-1).float()
+        idx = torch.nonzero(flat.abs() >= self.tau).squeeze(1)
+        coder, data = encode_indices(idx.numpy(), flat.numel())
+        return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
+
+    def decode(self, e: Encoded) -> Tensor:
+        values = self._field(e, "values", Tensor)
+        if values.dim() != 1:
+            raise DecodeError(f"{e.codec}: values must be one-dimensional")
+        idx = decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), e.numel, values.numel())
+        return scatter_values(e, idx, values)
+
+
+@register_codec
+class STC(Codec):
+    """Sparse ternary compression (Sattler et al. 2019, https://arxiv.org/abs/1903.02891).
+
+    Keep the top ``ratio`` fraction by magnitude, replace every kept value by ``μ · sign`` with ``μ`` the
+    mean magnitude of the kept values, and send positions (Golomb-Rice coded at these sparsities; the
+    cheapest coder is chosen, see :func:`~deltaplane.codecs.entropy.encode_indices`), one sign bit per kept
+    value and ``μ``. Biased: use it with error feedback, as the paper does.
+    """
+
+    name = "stc"
+    positional = ("ratio",)
+
+    def __init__(self, *, ratio: float = 0.01) -> None:
+        self.ratio = _check_ratio("stc", ratio)
+
+    def k_for(self, n: int) -> int:
+        return min(n, max(1, math.ceil(self.ratio * n))) if n else 0
+
+    def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        flat = x.detach().reshape(-1).float()
+        n = flat.numel()
+        mag = flat.abs()
+        idx = topk_indices(mag, self.k_for(n))
+        mu = float(mag[idx].mean()) if idx.numel() else 0.0
+        coder, data = encode_indices(idx.numpy(), n)
+        signs = np.packbits((flat[idx] >= 0).numpy(), bitorder="little").tobytes()
+        fields = {"idx": data, "signs": signs, "scales": struct.pack("<f", mu)}
+        return Encoded(self.spec, tuple(x.shape), {"ix": coder}, fields)
+
+    def decode(self, e: Encoded) -> Tensor:
+        k = self.k_for(e.numel)
+        mu = _read_scales(self, e, 1)
+        idx = decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), e.numel, k)
+        signs = torch.from_numpy(unpack_bits(self._field(e, "signs", bytes), 1, k))
+        return scatter_values(e, idx, signs.float().mul_(2).sub_(1).mul_(mu))

@@ -4,8 +4,10 @@ Layout (all integers little-endian)::
 
     magic b"DPLN" | u8 version (=1) | u8 flags | u32 header_len | header | payload | u32 CRC32C
 
-``flags`` bit 0 means the header is zlib-compressed (set when that is smaller). The header is UTF-8 JSON;
-the payload is every byte field of every tensor, concatenated in header order. The CRC32C covers everything
+``flags`` bit 0 means the header is zlib-compressed, bit 2 that it is raw DEFLATE with the v1 preset
+dictionary :data:`HEADER_DICT` (the writer picks the smallest); bit 1 means the payload is one zstd frame
+that inflates to the buffers (the ``zstd`` pipeline stage). The header is UTF-8 JSON;
+the (inflated) payload is every byte field of every tensor, concatenated in header order. The CRC32C covers everything
 before it. Decoding is strict and bounded: magic, version, flags, lengths, checksum, header schema, limits,
 offsets (fields must tile the payload exactly), shapes and finite values are all checked before a tensor is
 handed back, and any failure is a :class:`~deltaplane.errors.DecodeError`. ``docs/wire-format.md`` is the
@@ -35,7 +37,44 @@ __all__ = ["MAGIC", "VERSION", "Limits", "WireHeader", "finalize", "pack", "unpa
 MAGIC = b"DPLN"
 VERSION = 1
 FLAG_ZLIB_HEADER = 0x01
-_KNOWN_FLAGS = FLAG_ZLIB_HEADER
+FLAG_ZSTD_PAYLOAD = 0x02
+FLAG_DICT_HEADER = 0x04
+_KNOWN_FLAGS = FLAG_ZLIB_HEADER | FLAG_ZSTD_PAYLOAD | FLAG_DICT_HEADER
+#: Preset DEFLATE dictionary of wire format v1 (flag bit 2): the strings every header repeats. Fixed forever
+#: for v1 (a reader needs the same bytes); on a small model it halves the compressed header, which can be
+#: half of a sparse payload. Later strings are cheaper to reference, so the commonest come last.
+HEADER_DICT = (
+    b'"m":{"dtype":"float32"},"f":{"data":'
+    b'{"c":"quant(bits=4, stochastic=true, chunk=512, scale=norm)","s":['
+    b'{"c":"quant(bits=2, stochastic=true, chunk=512, scale=max)","s":['
+    b'{"c":"quant(bits=4, stochastic=false, chunk=512, scale=max)","s":['
+    b'{"c":"quant(bits=8, stochastic=false, chunk=512, scale=max)","s":['
+    b'"f":{"codes":'
+    b',"scales":'
+    b'{"c":"powersgd(rank=4, iters=1, min_size=4096, fallback=fp16)","s":['
+    b'"f":{"p":{"c":"'
+    b',"q":{"c":"'
+    b'{"c":"randk(ratio=0.01, unbiased=false)","s":['
+    b'"m":{"seed":'
+    b'{"c":"threshold(tau='
+    b'{"c":"topk(ratio=0.01, approx=true)","s":['
+    b'{"c":"ternary(chunk=0)","s":[ {"c":"sign","s":[ {"c":"fp16","s":[ {"c":"bf16","s":['
+    b'"m":{"ix":"bitmap"},"f":{"idx":'
+    b'"m":{"ix":"varint"},"f":{"idx":'
+    b'{"c":"stc(ratio=0.01)","s":['
+    b',"signs":'
+    b'{"c":"topk(ratio=0.01)","s":['
+    b'"m":{"ix":"golomb"},"f":{"idx":'
+    b',"values":{"c":"identity","s":['
+    b',"values":{"c":"'
+    b'{"c":"identity","s":['
+    b'"float32",'
+    b'.weight",'
+    b'.bias",'
+    b'{"base":["",0],"codec":"'
+    b'"t":[["'
+    b']}}],["'
+)
 _PREFIX = struct.Struct("<4sBBI")  # magic, version, flags, header_len
 _CRC = struct.Struct("<I")
 FRAME_OVERHEAD = _PREFIX.size + _CRC.size  # 14 bytes around header and payload
@@ -49,6 +88,8 @@ class Limits:
     max_tensors: int = 100_000
     max_numel: int = 1 << 34
     max_depth: int = 8
+    #: most bytes a zstd-compressed payload may inflate to (a decompression bomb beyond it is refused unread)
+    max_inflated_bytes: int = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -67,13 +108,21 @@ def finalize(e: Encoded) -> Encoded:
     for k, v in e.fields.items():
         if isinstance(v, Tensor):
             v = Identity().encode(v.float(), torch.Generator())
-        fields[k] = finalize(v) if isinstance(v, Encoded) else bytes(v)
+        # bytes-like fields (a memoryview over a tensor's buffer) stay views: pack copies them once
+        fields[k] = (
+            finalize(v) if isinstance(v, Encoded) else v if isinstance(v, bytes | memoryview) else bytes(v)
+        )
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
 # -- encoding --------------------------------------------------------------------------------------------
-def pack(tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader) -> bytes:
-    """Frame encoded tensors (name -> (original dtype, finalized tree)) into one payload."""
+def pack(
+    tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader, *, zstd_level: int | None = None
+) -> bytes:
+    """Frame encoded tensors (name -> (original dtype, finalized tree)) into one payload.
+
+    ``zstd_level`` compresses the payload buffers as one zstd frame (flag bit 1).
+    """
     chunks: list[bytes] = []
     offset = 0
 
@@ -86,8 +135,8 @@ def pack(tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader)
         for k, v in e.fields.items():
             if isinstance(v, Encoded):
                 fields[k] = node(v)
-            elif isinstance(v, bytes):
-                fields[k] = [offset, len(v)]
+            elif isinstance(v, bytes | memoryview):
+                fields[k] = len(v)  # buffers tile the body in order: the length alone places them
                 chunks.append(v)
                 offset += len(v)
             else:
@@ -101,9 +150,22 @@ def pack(tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader)
         doc["meta"] = header.meta
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     packed = zlib.compress(raw, 9)
-    flags, head = (FLAG_ZLIB_HEADER, packed) if len(packed) < len(raw) else (0, raw)
-    body = _PREFIX.pack(MAGIC, VERSION, flags, len(head)) + head + b"".join(chunks)
-    return body + _CRC.pack(crc32c.crc32c(body))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=HEADER_DICT)
+    with_dict = deflater.compress(raw) + deflater.flush()
+    # the smallest of: raw JSON, zlib, raw DEFLATE with the v1 preset dictionary
+    flags, head = min(
+        (0, raw), (FLAG_ZLIB_HEADER, packed), (FLAG_DICT_HEADER, with_dict), key=lambda c: len(c[1])
+    )
+    if zstd_level is not None:
+        from deltaplane.codecs.lossless import zstd_compress
+
+        flags |= FLAG_ZSTD_PAYLOAD
+        chunks = [zstd_compress(b"".join(chunks), zstd_level)]
+    parts = [_PREFIX.pack(MAGIC, VERSION, flags, len(head)), head, *chunks]
+    crc = 0
+    for part in parts:  # CRC over the pieces, so the payload is copied once, by the final join
+        crc = crc32c.crc32c(part, crc)
+    return b"".join([*parts, _CRC.pack(crc)])
 
 
 # -- decoding --------------------------------------------------------------------------------------------
@@ -111,7 +173,7 @@ def _fail(msg: str) -> DecodeError:
     return DecodeError(f"invalid deltaplane payload: {msg}")
 
 
-def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memoryview]:
+def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memoryview, int]:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise _fail(f"expected bytes, got {type(payload).__name__}")
     buf = memoryview(payload)
@@ -132,9 +194,15 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
     if crc32c.crc32c(buf[: -_CRC.size]) != crc:
         raise _fail("checksum mismatch (corrupted or truncated in transit)")
     raw = bytes(buf[_PREFIX.size : _PREFIX.size + header_len])
-    if flags & FLAG_ZLIB_HEADER:
+    if flags & FLAG_ZLIB_HEADER and flags & FLAG_DICT_HEADER:
+        raise _fail("flag bits 0 and 2 (two header compressions) are exclusive")
+    if flags & (FLAG_ZLIB_HEADER | FLAG_DICT_HEADER):
         try:
-            d = zlib.decompressobj()
+            d = (
+                zlib.decompressobj()
+                if flags & FLAG_ZLIB_HEADER
+                else zlib.decompressobj(-15, zdict=HEADER_DICT)
+            )
             raw = d.decompress(raw, limits.max_header_bytes)
             if d.unconsumed_tail or not d.eof:
                 raise _fail("compressed header is truncated or expands beyond the header limit")
@@ -146,7 +214,7 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
         raise _fail(f"header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict):
         raise _fail("header must be a JSON object")
-    return doc, buf[_PREFIX.size + header_len : len(buf) - _CRC.size]
+    return doc, buf[_PREFIX.size + header_len : len(buf) - _CRC.size], flags
 
 
 def _shape(v: Any, where: str, limits: Limits) -> tuple[int, ...]:
@@ -157,9 +225,20 @@ def _shape(v: Any, where: str, limits: Limits) -> tuple[int, ...]:
     return tuple(v)
 
 
+class _Slice:
+    """A byte field's place in the (inflated) payload, before the payload is read."""
+
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset, self.length = offset, length
+
+
 class _Reader:
-    def __init__(self, payload: memoryview, limits: Limits) -> None:
-        self.payload, self.limits, self.cursor = payload, limits, 0
+    """Walks the tensor table; byte fields must tile the payload in order, starting at offset 0."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits, self.cursor = limits, 0
 
     def node(self, v: Any, where: str, depth: int) -> Encoded:
         if depth > self.limits.max_depth:
@@ -167,7 +246,7 @@ class _Reader:
         if not isinstance(v, dict) or set(v) - {"c", "s", "m", "f"} or not {"c", "s", "f"} <= set(v):
             raise _fail(f"{where}: malformed tensor node")
         codec, meta, fields_in = v["c"], v.get("m", {}), v["f"]
-        if not isinstance(codec, str) or not codec or len(codec) > 1000:
+        if not isinstance(codec, str) or not codec or len(codec) > 4000:
             raise _fail(f"{where}: codec must be a non-empty string")
         if not isinstance(meta, dict) or not all(
             isinstance(x, int | float | str | bool) and not isinstance(x, dict) for x in meta.values()
@@ -180,17 +259,21 @@ class _Reader:
             if isinstance(f, dict):
                 fields[k] = self.node(f, f"{where}.{k}", depth + 1)
                 continue
-            if not (isinstance(f, list) and len(f) == 2 and all(type(x) is int for x in f)):
-                raise _fail(f"{where}.{k}: field must be [offset, length] or a nested node")
-            off, length = f
-            if off != self.cursor or length < 0 or off + length > len(self.payload):
+            if type(f) is not int or f < 0:
                 raise _fail(
-                    f"{where}.{k}: bytes [{off}, {off + length}) out of order or out of range "
-                    f"(expected offset {self.cursor}, payload {len(self.payload)} bytes)"
+                    f"{where}.{k}: field must be a byte length (a non-negative integer) or a nested node"
                 )
-            fields[k] = bytes(self.payload[off : off + length])
-            self.cursor += length
+            fields[k] = _Slice(self.cursor, f)
+            self.cursor += f
         return Encoded(codec, _shape(v["s"], where, self.limits), meta, fields)
+
+
+def _materialize(e: Encoded, data: memoryview) -> Encoded:
+    fields = {
+        k: _materialize(v, data) if isinstance(v, Encoded) else bytes(data[v.offset : v.offset + v.length])
+        for k, v in e.fields.items()
+    }
+    return Encoded(e.codec, e.shape, e.meta, fields)
 
 
 def unpack(
@@ -198,7 +281,7 @@ def unpack(
 ) -> tuple[WireHeader, dict[str, tuple[torch.dtype, Encoded]]]:
     """Parse and validate a payload's frame and header; returns the header and name -> (dtype, tree)."""
     limits = limits or Limits()
-    doc, body = _read_header(payload, limits)
+    doc, body, flags = _read_header(payload, limits)
     if set(doc) - {"base", "codec", "t", "meta"} or "t" not in doc:
         raise _fail("header has unknown or missing keys")
     base = doc.get("base", ["", 0])
@@ -209,21 +292,35 @@ def unpack(
         raise _fail("header fields have the wrong types")
     if len(table) > limits.max_tensors:
         raise _fail(f"{len(table)} tensors exceed the {limits.max_tensors}-tensor limit")
-    reader = _Reader(body, limits)
-    out: dict[str, tuple[torch.dtype, Encoded]] = {}
+    reader = _Reader(limits)
+    nodes: dict[str, tuple[torch.dtype, Encoded]] = {}
     for row in table:
         if not (
             isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
         ):
             raise _fail("tensor table rows must be [name, dtype, node]")
         name, dtype_name, node = row
-        if name in out:
+        if name in nodes:
             raise _fail(f"tensor '{name}' appears twice")
         if dtype_name not in DTYPES:
             raise _fail(f"tensor '{name}': unknown dtype {dtype_name!r}")
-        out[name] = (DTYPES[dtype_name], reader.node(node, f"tensor '{name}'", 0))
-    if reader.cursor != len(body):
-        raise _fail(f"{len(body) - reader.cursor} trailing payload bytes not claimed by any tensor")
+        nodes[name] = (DTYPES[dtype_name], reader.node(node, f"tensor '{name}'", 0))
+    size = reader.cursor  # bytes the tensor table claims, in order
+    if flags & FLAG_ZSTD_PAYLOAD:
+        if size > limits.max_inflated_bytes:
+            raise _fail(
+                f"payload would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
+            )
+        from deltaplane.codecs.lossless import zstd_decompress
+
+        data = memoryview(zstd_decompress(bytes(body), size))
+    else:
+        if size > len(body):
+            raise _fail(f"tensor table claims {size} payload bytes but the payload has {len(body)}")
+        if size != len(body):
+            raise _fail(f"{len(body) - size} trailing payload bytes not claimed by any tensor")
+        data = body
+    out = {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in nodes.items()}
     return WireHeader(base[0], base[1], codec, meta), out
 
 

@@ -1,0 +1,200 @@
+"""Digits CNN for devices: every compression level side by side — size, accuracy (clean + OOD), ECE, latency.
+
+Acceptance (issue 6, items 1 and 3): an artifact ≥ 8× smaller than the fp32 safetensors at ≤ 1 point accuracy
+loss with batch-1 latency ≤ 0.5× the fp32 PyTorch model, both measured in the same run; and the OOD table
+(noise, rotation, blur, shift) for every compression level, flagging OOD drops larger than the clean drop.
+
+The model is the final global ``DigitsCNN`` of the default federated run (``deltaplane run``: 20 non-IID
+clients, its default uplink codec ``topk(0.01) | quant(bits=8)`` with error feedback), saved as a checkpoint and
+loaded back with :func:`~deltaplane.deploy.load_checkpoint`; evaluation is on the simulator's global test set.
+Pruned levels are fine-tuned on the training part of the fixed split (an operator-side step: the server holding
+some data, or a distillation set, is an assumption the federated run itself does not need). Every compressed row is evaluated from the artifact file as shipped (ONNX Runtime session built from the bytes
+read back), against fp32 PyTorch measured in the same call, both with one CPU thread.
+
+Run: ``.venv/bin/python benchmarks/deploy_digits.py`` (the federated run takes 1–3 minutes on 2 cores, the
+compression levels about a minute).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from torch import nn
+
+from _record import record, table
+from deltaplane.cli import DEFAULT_RUN_CODEC
+from deltaplane.data.digits import load_digits, train_test_split
+from deltaplane.deploy import (
+    GradualPruner,
+    GradualSchedule,
+    corruptions,
+    deploy_classifier,
+    load_checkpoint,
+    masked_finetune,
+    register_architecture,
+    save_checkpoint,
+)
+from deltaplane.sim.config import RunConfig
+from deltaplane.sim.model import DigitsCNN
+from deltaplane.sim.simulation import run_simulation
+
+SEED = 0
+EXCLUDE = ("conv1",)  # 72 weights reading 1 channel: not worth a mask, and too few inputs for 2:4
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> nn.Module:
+    """SGD with momentum, batch 32 — the simulator's client optimizer, run centrally."""
+    return masked_finetune(model, x, y, **kw)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    train_set, test_set = train_test_split(load_digits(), seed=SEED)
+    xtr, ytr = train_set.x, train_set.y
+    xte, yte = test_set.x.numpy(), test_set.y.numpy()
+    run = run_simulation(RunConfig(codec=DEFAULT_RUN_CODEC, seed=SEED))
+    register_architecture("DigitsCNN", lambda cfg: DigitsCNN())
+    ckpt_dir = Path(tempfile.mkdtemp())
+    save_checkpoint(run.final_state, ckpt_dir / "digits", {"architecture": "DigitsCNN"})
+    ckpt = load_checkpoint(ckpt_dir / "digits")
+    fp32 = ckpt.model
+    print(f"federated run: {len(run.rounds)} rounds, test accuracy {run.final.test_accuracy:.4f}", flush=True)
+    variants = corruptions(xte, seed=SEED)
+    calib = xtr[:256].numpy()
+
+    def finetune(model: nn.Module, result) -> None:
+        train(model, xtr, ytr, epochs=8, lr=0.01, seed=SEED + 1, masks=result.masks if result else None)
+
+    # Gradual magnitude pruning (Zhu & Gupta 2017) to 90% during 15 epochs of fine-tuning, then int8.
+    gmp = copy.deepcopy(fp32)
+    steps_per_epoch = -(-len(ytr) // 32)
+    schedule = GradualSchedule(
+        final_sparsity=0.9, begin_step=0, end_step=10 * steps_per_epoch, frequency=steps_per_epoch // 2
+    )
+    train(
+        gmp, xtr, ytr, epochs=15, lr=0.01, seed=SEED + 2, pruner=GradualPruner(gmp, schedule, exclude=EXCLUDE)
+    )
+
+    levels = [  # (label, model, prune, quant, fine-tune); every row is compared with the dense fp32 model
+        ("fp32 ONNX", fp32, None, "none", False),
+        ("int8 dynamic", fp32, None, "int8-dynamic", False),
+        ("int8 static", fp32, None, "int8", False),
+        ("int4 weight-only", fp32, None, "int4", False),
+        ("2:4 + int8", fp32, "2:4", "int8", True),
+        ("Wanda 2:4 + int8 (no fine-tune)", fp32, "wanda:2:4", "int8", False),
+        ("magnitude 80% + int8", fp32, "0.8", "int8", True),
+        ("GMP 90% + int8", gmp, None, "int8", False),
+        ("GMP 90% + int4", gmp, None, "int4", False),
+        ("channels 50% + int8", fp32, "channels:0.5", "int8", True),
+    ]
+    rows, ood_rows, results = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, model, prune, quant, ft) in enumerate(levels):
+            res = deploy_classifier(
+                model,
+                Path(tmp) / f"l{i}",
+                x_test=xte,
+                y_test=yte,
+                x_calib=calib,
+                prune=prune,
+                quant=quant,
+                finetune=finetune if ft else None,
+                variants=variants,
+                exclude=EXCLUDE if prune and not prune.startswith("channels") else (),
+                latency_iters=400,
+                reference=fp32,
+                source_sha256=ckpt.sha256,
+            )
+            m, b, c, cmp = res.manifest, res.baseline, res.compressed, res.comparison
+            results.append((label, m, cmp))
+            rows.append(
+                [
+                    label,
+                    f"{m['sizes']['artifact_bytes']:,}",
+                    f"{m['sizes']['compression_ratio']:.2f}×",
+                    f"{m['params']:,}",
+                    f"{100 * m['weight_sparsity']:.0f}%",
+                    f"{100 * c.accuracy['clean']:.2f}%",
+                    f"{0.0 - cmp.drops['clean']:+.2f}",
+                    f"{c.ece:.3f}",
+                    f"{cmp.latency_ratio[1]:.2f}×",
+                    f"{cmp.latency_ratio[32]:.2f}×",
+                ]
+            )
+            ood_rows.append(
+                [label]
+                + [
+                    f"{100 * c.accuracy[k]:.1f} ({0.0 - cmp.drops[k]:+.1f}){' ⚠' if k in cmp.flagged else ''}"
+                    for k in ("clean", "noise", "rotation", "blur", "shift")
+                ]
+            )
+            print(" | ".join(rows[-1]), "| flags:", cmp.flagged or "-", flush=True)
+        fp32_eval = b  # the last call's fp32 baseline, for the reference row of the OOD table
+    ok = [
+        (label, m, cmp)
+        for label, m, cmp in results
+        if m["sizes"]["compression_ratio"] >= 8 and cmp.drops["clean"] <= 1.0 and cmp.latency_ratio[1] <= 0.5
+    ]
+    verdict = (
+        "met by "
+        + ", ".join(
+            f"**{label}** ({m['sizes']['compression_ratio']:.1f}×, "
+            f"{0.0 - cmp.drops['clean']:+.2f} pts, batch-1 latency {cmp.latency_ratio[1]:.2f}×)"
+            for label, m, cmp in ok
+        )
+        if ok
+        else "**MISSED** by every level"
+    )
+    b_lat = fp32_eval.latency
+    body = "\n\n".join(
+        [
+            f"DigitsCNN ({sum(p.numel() for p in fp32.parameters()):,} params): final global model of the default "
+            f"federated run (`deltaplane run` defaults: {run.config.clients} non-IID clients, {len(run.rounds)} rounds, "
+            f"uplink `{DEFAULT_RUN_CODEC}` + error feedback; simulator test accuracy "
+            f"{100 * run.final.test_accuracy:.2f}%), checkpoint SHA-256 `{ckpt.sha256[:16]}…`; fixed split "
+            f"({len(ytr)} train / {len(yte)} test). fp32 safetensors: "
+            f"{results[0][1]['sizes']['fp32_safetensors_bytes']:,} bytes; fp32 clean accuracy "
+            f"{100 * fp32_eval.accuracy['clean']:.2f}%, ECE {fp32_eval.ece:.3f}; fp32 PyTorch p50 latency "
+            f"{b_lat[1].p50_us:.0f} µs (batch 1) / {b_lat[32].p50_us:.0f} µs (batch 32) on this machine. "
+            "Fine-tuned levels: 8 epochs SGD 0.01 on the train split with masks held (GMP: 15 epochs, cubic ramp to 90% "
+            "over the first 10); `conv1` (72 weights) is never pruned. "
+            "Latency ratios are compressed p50 / fp32 PyTorch p50 measured in the same call, 1 thread each.",
+            table(
+                [
+                    "level",
+                    "artifact bytes",
+                    "smaller",
+                    "params",
+                    "sparsity",
+                    "accuracy",
+                    "Δ points",
+                    "ECE",
+                    "latency b=1",
+                    "latency b=32",
+                ],
+                rows,
+            ),
+            f"Acceptance (≥ 8× smaller, ≤ 1 point loss, batch-1 latency ≤ 0.5×): {verdict}.",
+            "Where the latency comes from: the fp32 ONNX row "
+            f"({results[0][2].latency_ratio[1]:.2f}× at batch 1) shows that ONNX Runtime with full graph optimization "
+            "(Conv+ReLU fusion), sequential execution and one thread already beats eager PyTorch, whose per-op "
+            "dispatch dominates for a model this small. Integer kernels do not add speed at this size (int8 static "
+            f"{results[2][2].latency_ratio[1]:.2f}×, dynamic {results[1][2].latency_ratio[1]:.2f}× — dynamic pays "
+            "for quantizing activations on every call), and unstructured/2:4 zeros are not skipped by ORT's CPU "
+            "kernels; they pay off in size only.",
+            "OOD / corruption accuracy (%, change in points vs fp32 in brackets; ⚠ = drop larger than the clean drop; "
+            "fp32: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in fp32_eval.accuracy.items()) + "):",
+            table(["level", "clean", "noise σ=0.15", "rotation 20°", "blur σ=0.8", "shift 1 px"], ood_rows),
+        ]
+    )
+    record("deploy_digits", "Deploy: digits CNN compression levels, size / accuracy / OOD / latency", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Acceptance 2b: final accuracy vs ε for DP-FedAvg on digits with 100 clients.
+
+Every client takes part in every round (sampling rate 1, so no amplification by subsampling is claimed), 40
+rounds, δ = 1e-3 (< 1/100 clients). For each target ε the noise multiplier z is calibrated with dp-accounting's
+``calibrate_dp_mechanism`` on the RDP accountant (``noise_for_epsilon``); the ε in the table is the one ``DPFedAvg`` reported after its last round. Model: a 64→32→10 MLP
+(2,410 parameters), client SGD lr 0.3, 2 local epochs, Dirichlet(0.5) label skew. Loop: ``benchmarks/_fl_digits.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deltaplane.aggregation import noise_for_epsilon
+
+ROUNDS, DELTA, CLIENTS = 40, 1e-3, 100
+EPSILONS = [1.0, 2.0, 4.0, 8.0]
+
+
+def calibrate(eps: float) -> float:
+    return noise_for_epsilon(epsilon=eps, sampling_rate=1.0, steps=ROUNDS, delta=DELTA)
+
+
+def job(args):
+    from _fl_digits import run
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    z, clip = args
+    return run(clients=CLIENTS, rounds=ROUNDS, lr=0.3, clip=clip, dp_noise=z, dp_delta=DELTA)
+
+
+def main() -> None:
+    from _record import record, table
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    zs = {e: calibrate(e) for e in EPSILONS}
+    jobs = [(0.0, None), (0.0, 1.0)] + [(zs[e], 1.0) for e in EPSILONS]
+    # adaptive clipping (median-tracking, count noise σ_b = 100/20) is possible only while z < 2σ_b = 10
+    adaptive = [e for e in EPSILONS if zs[e] < 10]
+    jobs += [(zs[e], "adaptive") for e in adaptive]
+    with Pool(2) as pool:
+        res = pool.map(job, jobs)
+    by = dict(zip(jobs, res, strict=True))
+    rows = [["∞ (no DP, no clipping)", "0", f"{by[(0.0, None)].accuracy:.3f}", "—"],
+            ["∞ (clip 1.0, no noise)", "0", f"{by[(0.0, 1.0)].accuracy:.3f}", "—"]]  # fmt: skip
+    for e in EPSILONS:
+        r = by[(zs[e], 1.0)]
+        ra = by.get((zs[e], "adaptive"))
+        rows.append(
+            [
+                f"{r.epsilon:.3f}",
+                f"{zs[e]:.3f}",
+                f"{r.accuracy:.3f}",
+                f"{ra.accuracy:.3f}" if ra else "— (z ≥ 2σ_b)",
+            ]
+        )
+        print(rows[-1], flush=True)
+    body = (
+        f"100 clients, all in every round, {ROUNDS} rounds, δ = {DELTA:g}, RDP accountant.\n\n"
+        + table(
+            [
+                "ε reported (δ=1e-3)",
+                "noise multiplier z",
+                "test accuracy, clip 1.0",
+                "test accuracy, adaptive clip",
+            ],
+            rows,
+        )
+        + "\n\nWith only 100 clients the noise on the mean is z·C/100 per coordinate, so strong privacy (ε ≤ 2) "
+        "costs a lot of accuracy at this scale; DP-FedAvg is designed for thousands of clients per round."
+    )
+    record("dp-accuracy", "Differential privacy: accuracy vs ε on digits, 100 clients (acceptance 2)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Per-client L2 clipping with a fixed or an adaptive (quantile-tracking) clip norm.
+
+Fixed and adaptive clipping run the same code path, as in TensorFlow Federated's ``clipping_factory``: a float
+clip is promoted to a :class:`ConstantClip` estimator, and :class:`Clip` only ever asks its estimator for the
+current value and tells it, once per round, how many clients were at or under it.
+
+Adaptive clipping follows Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"
+(https://arxiv.org/abs/1905.03871): the clip ``C`` tracks the ``γ``-quantile of client update norms with the
+geometric update ``C ← C · exp(−η (b̄ − γ))``, where ``b̄`` is the fraction of clients whose norm was ≤ C. Under
+DP the count is itself noised (``count_noise_std``), which :class:`~deltaplane.aggregation.dp.DPFedAvg` accounts
+for by splitting its noise budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
+
+__all__ = [
+    "Clip",
+    "ClipEstimator",
+    "ConstantClip",
+    "NormBound",
+    "QuantileClip",
+    "QuantileClipState",
+    "as_estimator",
+]
+
+
+def _positive(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be positive. Found {value!r}")
+    return float(value)
+
+
+@runtime_checkable
+class ClipEstimator(Protocol):
+    """Where a clip norm comes from: a constant, or a process that adapts it between rounds."""
+
+    adaptive: bool
+
+    @property
+    def value(self) -> float:
+        """The clip norm to use in the current round."""
+        ...
+
+    def update(self, below: int, count: int) -> None:
+        """End of round: ``below`` of ``count`` clients had an update norm ≤ :attr:`value`."""
+        ...
+
+
+class ConstantClip:
+    """A fixed clip norm (what a float ``clip`` is promoted to)."""
+
+    adaptive = False
+
+    def __init__(self, value: float) -> None:
+        self._value = _positive("clip", value)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def update(self, below: int, count: int) -> None:
+        """A constant does not adapt."""
+
+    def __repr__(self) -> str:
+        return f"ConstantClip({self._value!r})"
+
+
+@dataclass
+class QuantileClipState:
+    """The learned part of :class:`QuantileClip`: the current clip and the count-noise generator."""
+
+    value: float
+    rounds: int = 0
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+
+class QuantileClip:
+    """Adaptive clip tracking the ``target_quantile`` of client update norms (Andrew et al. 2021).
+
+    Args:
+        initial: clip norm of the first round.
+        target_quantile: fraction ``γ`` of clients that should be unclipped (0.5 = median norm).
+        learning_rate: ``η`` of the geometric update ``C ← C · exp(−η (b̄ − γ))``.
+        count_noise_std: std ``σ_b`` of the Gaussian noise added to the count of unclipped clients (0 without
+            DP; Andrew et al. suggest ``expected_clients / 20``).
+        expected_clients: denominator of ``b̄``; the actual number of clients when None.
+        seed: seed of the count-noise generator.
+    """
+
+    adaptive = True
+
+    def __init__(
+        self,
+        *,
+        initial: float = 0.1,
+        target_quantile: float = 0.5,
+        learning_rate: float = 0.2,
+        count_noise_std: float = 0.0,
+        expected_clients: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        _positive("initial", initial)
+        if not 0.0 < target_quantile < 1.0:
+            raise ConfigError(f"target_quantile must be in (0, 1). Found {target_quantile!r}")
+        _positive("learning_rate", learning_rate)
+        if not (math.isfinite(count_noise_std) and count_noise_std >= 0):
+            raise ConfigError(f"count_noise_std must be non-negative. Found {count_noise_std!r}")
+        if expected_clients is not None and expected_clients < 1:
+            raise ConfigError(f"expected_clients must be at least 1. Found {expected_clients!r}")
+        self.initial = initial
+        self.target_quantile = target_quantile
+        self.learning_rate = learning_rate
+        self.count_noise_std = count_noise_std
+        self.expected_clients = expected_clients
+        self.seed = seed
+        self.state = QuantileClipState(value=float(initial), rng=np.random.default_rng(seed))
+
+    @property
+    def value(self) -> float:
+        return self.state.value
+
+    def update(self, below: int, count: int) -> None:
+        if count == 0:
+            return
+        noisy = below + (self.state.rng.normal(0.0, self.count_noise_std) if self.count_noise_std else 0.0)
+        frac = noisy / (self.expected_clients or count)
+        self.state.value *= math.exp(-self.learning_rate * (frac - self.target_quantile))
+        self.state.rounds += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantileClip(initial={self.initial!r}, target_quantile={self.target_quantile!r}, "
+            f"learning_rate={self.learning_rate!r}, count_noise_std={self.count_noise_std!r})"
+        )
+
+
+def as_estimator(clip: float | str | ClipEstimator, *, expected_clients: int | None = None) -> ClipEstimator:
+    """Promote ``clip`` to an estimator: a float → :class:`ConstantClip`, ``"adaptive"`` → :class:`QuantileClip`."""
+    if isinstance(clip, ClipEstimator) and not isinstance(clip, int | float | str):
+        return clip
+    if isinstance(clip, str):
+        if clip == "adaptive":
+            return QuantileClip(expected_clients=expected_clients)
+        try:
+            clip = float(clip)
+        except ValueError:
+            raise ConfigError(f"clip must be a positive number or 'adaptive'. Found {clip!r}") from None
+    if isinstance(clip, bool) or not isinstance(clip, int | float):
+        raise ConfigError(f"clip must be a positive number, 'adaptive' or a ClipEstimator. Found {clip!r}")
+    return ConstantClip(clip)
+
+
+class Clip(AggregatorWrapper):
+    """Scale each client delta to L2 norm at most ``clip`` before passing it on (streaming, O(model)).
+
+    Measurements: ``clip`` (the norm used this round), ``clipped_fraction``, ``mean_norm`` (before clipping).
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> agg = dp.Clip(dp.FedAvg(), clip=1.0)
+        >>> agg.add(dp.Delta({"w": torch.tensor([3.0, 4.0])}))
+        >>> agg.result()["w"].tolist(), agg.measurements["clipped_fraction"]
+        ([0.6000000238418579, 0.800000011920929], 1.0)
+    """
+
+    def __init__(self, inner: Aggregator | None = None, *, clip: float | str | ClipEstimator = 1.0) -> None:
+        from deltaplane.aggregation.fedavg import FedAvg
+
+        super().__init__(inner if inner is not None else FedAvg())
+        self.clip = clip
+        self.estimator = as_estimator(clip)
+        self._below = 0
+        self._count = 0
+        self._norm_sum = 0.0
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        delta.check_finite()
+        c = self.estimator.value
+        norm = delta.norm()
+        clipped = delta * (c / norm) if norm > c else delta
+        self.inner.add(clipped, weight)  # counted only once the inner aggregator accepted it
+        self._below += norm <= c
+        self._count += 1
+        self._norm_sum += norm
+
+    def _finish(self) -> Delta:
+        out = self.inner.result()
+        c = self.estimator.value
+        self._own = {
+            "clip": c,
+            "clipped_fraction": 1.0 - self._below / self._count if self._count else 0.0,
+            "mean_norm": self._norm_sum / self._count if self._count else 0.0,
+        }
+        self.estimator.update(self._below, self._count)
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._below, self._count, self._norm_sum = 0, 0, 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r}, clip={self.clip!r})"
+
+
+class NormBound(Clip):
+    """Norm bounding against model-replacement and backdoor attacks (Sun et al. 2019, "Can You Really Backdoor
+    Federated Learning?", https://arxiv.org/abs/1911.07963): the same engine as :class:`Clip`, registered under
+    its robustness name with ``max_norm`` as the bound. Streaming, O(model).
+    """
+
+    def __init__(
+        self, inner: Aggregator | None = None, *, max_norm: float | str | ClipEstimator = 1.0
+    ) -> None:
+        super().__init__(inner, clip=max_norm)
+        self.max_norm = max_norm
+
+    def __repr__(self) -> str:
+        return f"NormBound({self.inner!r}, max_norm={self.max_norm!r})"

@@ -1,0 +1,208 @@
+"""Server optimizers (FedOpt): treat the averaged client delta as a pseudo-gradient and step an optimizer on it.
+
+Reddi et al. 2021, "Adaptive Federated Optimization" (https://arxiv.org/abs/2003.00295), Algorithm 2. With
+``Δₜ`` the aggregate of the inner aggregator (the mean client delta, i.e. minus a pseudo-gradient):
+
+    mₜ = β₁ mₜ₋₁ + (1 − β₁) Δₜ
+    vₜ = vₜ₋₁ + Δₜ²                                   (FedAdagrad)
+    vₜ = β₂ vₜ₋₁ + (1 − β₂) Δₜ²                       (FedAdam)
+    vₜ = vₜ₋₁ − (1 − β₂) Δₜ² sign(vₜ₋₁ − Δₜ²)          (FedYogi)
+    xₜ₊₁ = xₜ + η mₜ / (√vₜ + τ)
+
+with ``v₋₁ = τ²``. Server momentum (FedAvgM, Hsu et al. 2019, https://arxiv.org/abs/1909.06335) is
+``mₜ = β mₜ₋₁ + Δₜ``, ``xₜ₊₁ = xₜ + η mₜ``. One engine, :class:`FedOpt`, runs all four; the named classes are
+registered settings of it (the mergekit pattern). The optimizer moments live in an explicit
+:class:`ServerOptimizerState`, which can be checkpointed with :meth:`ServerOptimizerState.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.delta import Delta, check_compatible
+from deltaplane.errors import ConfigError
+
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState"]
+
+OPTIMIZERS = ("adam", "yogi", "adagrad", "momentum")
+
+
+@dataclass
+class ServerOptimizerState:
+    """Server optimizer moments (float64, one tensor per parameter) and the number of steps taken."""
+
+    step: int = 0
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors: ``m.<name>``, ``v.<name>`` and ``step``."""
+        out = {f"m.{k}": t for k, t in self.m.items()} | {f"v.{k}": t for k, t in self.v.items()}
+        return out | {"step": torch.tensor(self.step, dtype=torch.int64)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ServerOptimizerState:
+        """Inverse of :meth:`state_dict`."""
+        m = {k[2:]: t for k, t in sd.items() if k.startswith("m.")}
+        v = {k[2:]: t for k, t in sd.items() if k.startswith("v.")}
+        return cls(step=int(sd["step"]), m=m, v=v)
+
+
+def _check(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+    if not ok or value > hi:
+        raise ConfigError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}]. Found {value!r}")
+
+
+class FedOpt(AggregatorWrapper):
+    """Adaptive server optimizer on top of an inner aggregator (FedAvg by default).
+
+    Args:
+        inner: aggregator producing the round's mean delta ``Δₜ``.
+        optimizer: ``"adam"``, ``"yogi"``, ``"adagrad"`` or ``"momentum"``.
+        lr: server learning rate ``η``.
+        beta1: first-moment decay ``β₁`` (the momentum ``β`` for ``"momentum"``).
+        beta2: second-moment decay ``β₂`` (adam, yogi).
+        tau: adaptivity ``τ``; also ``√v₋₁``.
+        state: server optimizer state to resume from; fresh when None.
+
+    The result is the server update to add to the global model (``x + result``).
+    """
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        from deltaplane.aggregation.fedavg import FedAvg
+
+        super().__init__(inner if inner is not None else FedAvg())
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}. Found {optimizer!r}")
+        _check("lr", lr, 0.0, math.inf, lo_open=True)
+        _check("beta1", beta1, 0.0, 1.0)
+        _check("beta2", beta2, 0.0, 1.0)
+        _check("tau", tau, 0.0, math.inf, lo_open=True)
+        self.optimizer = optimizer
+        self.lr = lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
+        self.state = state if state is not None else ServerOptimizerState()
+
+    def _finish(self) -> Delta:
+        delta = self.inner.result()
+        s = self.state
+        if s.m:
+            floats = {k: t.double() for k, t in delta.items() if t.is_floating_point()}
+            check_compatible(s.m, floats, "server optimizer state and round delta")
+        out: dict[str, torch.Tensor] = {}
+        b1, b2 = self.beta1, self.beta2
+        for k, t in delta.items():
+            if not t.is_floating_point():
+                out[k] = t
+                continue
+            d = t.double()
+            m = s.m.get(k)
+            if m is None:
+                m = torch.zeros_like(d)
+            if self.optimizer == "momentum":
+                m = b1 * m + d
+                out[k] = (self.lr * m).to(t.dtype)
+                s.m[k] = m
+                continue
+            m = b1 * m + (1 - b1) * d
+            v = s.v.get(k)
+            if v is None:
+                v = torch.full_like(d, self.tau**2)
+            d2 = d * d
+            if self.optimizer == "adagrad":
+                v = v + d2
+            elif self.optimizer == "adam":
+                v = b2 * v + (1 - b2) * d2
+            else:  # yogi: additive, sign-controlled update of v
+                v = v - (1 - b2) * d2 * torch.sign(v - d2)
+            s.m[k], s.v[k] = m, v
+            out[k] = (self.lr * m / (v.sqrt() + self.tau)).to(t.dtype)
+        s.step += 1
+        result = Delta(out)
+        self._own = {"server_step": float(s.step), "server_update_norm": result.norm()}
+        return result
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.inner!r}, optimizer={self.optimizer!r}, lr={self.lr!r}, "
+            f"beta1={self.beta1!r}, beta2={self.beta2!r}, tau={self.tau!r})"
+        )
+
+
+class FedAdam(FedOpt):
+    """FedAdam (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        super().__init__(inner, optimizer="adam", lr=lr, beta1=beta1, beta2=beta2, tau=tau, state=state)
+
+
+class FedYogi(FedOpt):
+    """FedYogi (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        super().__init__(inner, optimizer="yogi", lr=lr, beta1=beta1, beta2=beta2, tau=tau, state=state)
+
+
+class FedAdagrad(FedOpt):
+    """FedAdagrad (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        lr: float = 1e-2,
+        beta1: float = 0.0,
+        tau: float = 1e-3,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        super().__init__(inner, optimizer="adagrad", lr=lr, beta1=beta1, beta2=0.0, tau=tau, state=state)
+
+
+class FedAvgM(FedOpt):
+    """FedAvg with server momentum (Hsu et al. 2019, https://arxiv.org/abs/1909.06335)."""
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        super().__init__(inner, optimizer="momentum", lr=lr, beta1=momentum, state=state)
+        self.momentum = momentum

@@ -1,0 +1,91 @@
+"""Shamir t-of-n secret sharing over the prime field GF(2⁵²¹ − 1), for 32-byte seeds and keys.
+
+Hand-written on purpose: ``cryptography`` (our source for every primitive) has no secret sharing, and the
+maintained Python packages that do either work over GF(256) byte-wise with unaudited code or pull large
+dependency trees. Shamir's scheme is ~30 lines of modular arithmetic with no side channel that matters in this
+setting (shares are generated and combined by honest parties; the server sees at most ``t − 1`` shares of any
+secret it may not learn), so writing it here is the smaller risk. The field is the Mersenne prime
+``2⁵²¹ − 1``, large enough to hold any 64-byte secret, so a 32-byte X25519 key or PRG seed is one field element.
+
+Shamir 1979, "How to Share a Secret" (https://dl.acm.org/doi/10.1145/359168.359176).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+
+from deltaplane.errors import DecodeError, DeltaplaneError
+
+__all__ = ["PRIME", "SHARE_BYTES", "combine", "share_from_bytes", "share_to_bytes", "split"]
+
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ceil(521 / 8)
+
+
+def split(
+    secret: bytes,
+    *,
+    threshold: int,
+    xs: Sequence[int],
+    randbytes: Callable[[int], bytes] = secrets.token_bytes,
+) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of ``secret`` for the nonzero points ``xs``; any ``threshold`` of them recover it."""
+    if len(secret) > 64:
+        raise DeltaplaneError(f"secret of {len(secret)} bytes does not fit the field (at most 64)")
+    if not 1 <= threshold <= len(xs):
+        raise DeltaplaneError(f"threshold must be in [1, {len(xs)}]. Found {threshold}")
+    if any(x % PRIME == 0 for x in xs) or len(set(xs)) != len(xs):
+        raise DeltaplaneError("share points must be distinct and nonzero")
+    coeffs = [int.from_bytes(secret, "big")] + [
+        int.from_bytes(randbytes(SHARE_BYTES), "big") % PRIME for _ in range(threshold - 1)
+    ]
+    out = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % PRIME
+        out[x] = y
+    return out
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
+    """Lagrange coefficients ``λⱼ`` with ``f(0) = Σ λⱼ f(xⱼ)``; reused for every secret shared at the same points."""
+    lam = {}
+    for j in xs:
+        num, den = 1, 1
+        for m in xs:
+            if m != j:
+                num = num * m % PRIME
+                den = den * (m - j) % PRIME
+        lam[j] = num * pow(den, -1, PRIME) % PRIME
+    return lam
+
+
+def combine(
+    shares: dict[int, int], *, threshold: int, size: int = 32, lam: dict[int, int] | None = None
+) -> bytes:
+    """Recover the ``size``-byte secret from at least ``threshold`` shares ``{x: y}``."""
+    if len(shares) < threshold:
+        raise DeltaplaneError(f"{len(shares)} shares cannot recover a secret with threshold {threshold}")
+    xs = sorted(shares)[:threshold]
+    lam = lam if lam is not None and set(lam) == set(xs) else lagrange_at_zero(xs)
+    secret = sum(lam[x] * shares[x] for x in xs) % PRIME
+    if secret >= 1 << (8 * size):
+        raise DeltaplaneError("shares are inconsistent: the recovered value does not fit the secret size")
+    return secret.to_bytes(size, "big")
+
+
+def share_to_bytes(y: int) -> bytes:
+    """Fixed-width big-endian encoding of one share value."""
+    return y.to_bytes(SHARE_BYTES, "big")
+
+
+def share_from_bytes(data: bytes) -> int:
+    """Inverse of :func:`share_to_bytes`, strict on length and range."""
+    if len(data) != SHARE_BYTES:
+        raise DecodeError(f"a share is {SHARE_BYTES} bytes, got {len(data)}")
+    y = int.from_bytes(data, "big")
+    if y >= PRIME:
+        raise DecodeError("share value out of the field")
+    return y

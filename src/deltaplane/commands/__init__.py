@@ -1,0 +1,1 @@
+"""CLI command implementations, one module per area; each exposes ``register(app: typer.Typer)``."""

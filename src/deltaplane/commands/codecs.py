@@ -1,0 +1,122 @@
+"""``deltaplane compress`` / ``deltaplane decompress``: standalone update compression of safetensors files.
+
+``compress`` turns a fine-tuned checkpoint into a compact ``.dpln`` payload of its change against a base
+checkpoint; ``decompress`` turns the payload back into a delta, or, given the base, into the new checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register"]
+
+_console = Console()
+_err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    _err.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=1)
+
+
+def _load_state(path: Path) -> dict:
+    from deltaplane.delta import Delta
+
+    return dict(Delta.load(path))
+
+
+def compress(
+    new: Annotated[
+        Path, typer.Argument(help="fine-tuned checkpoint (.safetensors)", exists=True, dir_okay=False)
+    ],
+    base: Annotated[
+        Path, typer.Option("--base", help="base checkpoint the delta is taken against", exists=True)
+    ],
+    codec: Annotated[
+        str, typer.Option("--codec", help="codec spec, e.g. 'topk(0.01) | quant(bits=4) | zstd'")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="payload to write (.dpln)")],
+    base_id: Annotated[str, typer.Option(help="base model id recorded in the payload")] = "",
+    base_version: Annotated[int, typer.Option(help="base model version recorded in the payload")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of stochastic codecs")] = 0,
+) -> None:
+    """Compress NEW - BASE into a framed, checksummed payload (wire format v1)."""
+    from deltaplane.codecs import Compressor, decompress
+    from deltaplane.delta import Delta, atomic_write_bytes
+    from deltaplane.errors import DeltaplaneError
+
+    try:
+        delta = Delta.between(_load_state(base), _load_state(new))
+        comp = Compressor(codec, error_feedback=False, seed=seed)
+        payload = comp.compress(delta, base_id=base_id, base_version=base_version)
+        sent = decompress(payload)
+        atomic_write_bytes(out, payload)
+    except DeltaplaneError as exc:
+        raise _fail(exc) from None
+    err = (sent - delta).norm() / max(delta.norm(), 1e-30)
+    table = Table(title=f"compressed {new.name} against {base.name}")
+    for col in ("tensors", "values", "raw bytes", "payload bytes", "ratio", "relative error"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(len(delta)),
+        f"{delta.numel():,}",
+        f"{delta.nbytes:,}",
+        f"{len(payload):,}",
+        f"{delta.nbytes / len(payload):.1f}x",
+        f"{err:.4f}",
+    )
+    _console.print(table)
+    _console.print(f"codec {comp.codec.spec}\nwrote {out}")
+
+
+def decompress(
+    payload: Annotated[Path, typer.Argument(help="payload written by 'deltaplane compress'", exists=True)],
+    out: Annotated[Path, typer.Option("-o", "--out", help="safetensors file to write")],
+    base: Annotated[
+        Path | None, typer.Option("--base", help="apply the delta to this checkpoint and write the result")
+    ] = None,
+    expect_base_id: Annotated[
+        str | None, typer.Option(help="refuse a payload made for another base id")
+    ] = None,
+    expect_base_version: Annotated[
+        int | None, typer.Option(help="refuse a payload made for another base version")
+    ] = None,
+) -> None:
+    """Decode a payload (strictly) into the delta, or into BASE + delta with --base."""
+    from deltaplane.codecs import decompress as decode_payload
+    from deltaplane.codecs import read_header
+    from deltaplane.delta import Delta
+    from deltaplane.errors import DeltaplaneError
+
+    try:
+        data = payload.read_bytes()
+        header = read_header(data)
+        expect = None
+        if expect_base_id is not None or expect_base_version is not None:
+            expect = (
+                header.base_id if expect_base_id is None else expect_base_id,
+                header.base_version if expect_base_version is None else expect_base_version,
+            )
+        delta = decode_payload(data, expect_base=expect)
+        if base is not None:
+            Delta(delta.apply(_load_state(base))).save(out, metadata={"deltaplane.codec": header.codec})
+        else:
+            delta.save(out, metadata={"deltaplane.codec": header.codec})
+    except (DeltaplaneError, OSError) as exc:
+        raise _fail(exc) from None
+    what = "checkpoint (base + delta)" if base is not None else "delta"
+    _console.print(
+        f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "
+        f"base {header.base_id!r} v{header.base_version}); wrote {what} to {out}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compress`` and ``decompress`` to the deltaplane CLI."""
+    app.command("compress")(compress)
+    app.command("decompress")(decompress)

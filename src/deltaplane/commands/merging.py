@@ -1,0 +1,77 @@
+"""``deltaplane merge CONFIG.yaml -o OUT/``: stream-merge checkpoints named by a mergekit-style YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("kmgib")
+    unit = t[len(num) :]
+    if unit not in units or not num:
+        raise typer.BadParameter(f"size must look like 5GB, 500MB or 1000000. Found {text!r}")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise typer.BadParameter(f"size must look like 5GB, 500MB or 1000000. Found {text!r}") from None
+
+
+def merge_command(
+    config: Annotated[Path, typer.Argument(help="merge config in mergekit's YAML format")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (Hugging Face layout)")],
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it exists (after the merge succeeds)")
+    ] = False,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Merge models tensor by tensor from safetensors (bounded memory) and write safetensors to OUT."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deltaplane.errors import DeltaplaneError
+    from deltaplane.merging.streaming import merge_files
+
+    console = Console(stderr=True)
+    shard_bytes = _parse_size(max_shard_size)
+    with Progress(
+        TextColumn("[bold]merge"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[tensor]}"),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("merge", total=None, tensor="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensor=name)
+
+        try:
+            result = merge_files(
+                config, out, progress=progress, overwrite=overwrite, max_shard_bytes=shard_bytes
+            )
+        except DeltaplaneError as exc:
+            bar.stop()
+            # escaped: messages quote tensor lists like ['a.weight'], which rich would read as markup
+            console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
+            raise typer.Exit(code=2) from None
+    Console(soft_wrap=True).print(
+        f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "
+        f"into {result.out_dir} in {result.seconds:.2f} s: {', '.join(result.files)}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``merge`` to the deltaplane CLI."""
+    app.command("merge")(merge_command)

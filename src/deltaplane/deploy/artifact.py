@@ -1,0 +1,357 @@
+"""The device artifact: a model's tensors stored compactly (sparse positions + quantized values + zstd).
+
+Layout (little-endian)::
+
+    magic b"DPLA" | u8 version (1) | u32 header_len | header (UTF-8 JSON) | zstd frame of the payload
+    payload = u32 table_len | table (UTF-8 JSON) | buffers
+
+The header (readable without decompressing) holds the payload's raw size and SHA-256 and the manifest (sizes,
+sparsity, quant scheme, accuracy, source model hash). The table — inside the compressed payload, because for a
+small quantized model the per-tensor JSON is a noticeable share of the bytes — lists every tensor (name, shape,
+dtype, layout, quantization, byte ranges relative to the start of the buffers) and the optional ONNX graph (its
+initializers stripped out and stored as tensors). Each tensor is:
+
+- ``dense`` or ``sparse`` — sparse keeps only the non-zero values plus their positions, coded as a bitmap or
+  LEB128 gaps, whichever is smaller (:func:`deltaplane.codecs.entropy.encode_indices`); chosen per tensor when
+  it is smaller than dense.
+- values ``raw`` (the tensor's own dtype, lossless — used for biases, norms and already-int8 ONNX weights), or
+  ``int8`` / ``int4`` symmetric group-wise codes with float16 scales (lossy; float weights only), 4-bit codes
+  packed two per byte.
+
+zstd (https://facebook.github.io/zstd/) then squeezes what redundancy is left (runs in bitmaps, repeated codes,
+the graph's protobuf). Reading is strict: magic, version, header bounds, checksum and every byte range are
+checked and a bad file raises :class:`~deltaplane.errors.DecodeError`; writing is atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits, unpack_bits
+from deltaplane.delta import atomic_write_bytes
+from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant
+from deltaplane.errors import ConfigError, DecodeError
+
+__all__ = [
+    "Artifact",
+    "ArtifactInfo",
+    "pack_onnx",
+    "read_artifact",
+    "state_dict_sha256",
+    "write_artifact",
+]
+
+MAGIC = b"DPLA"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBI")
+MAX_HEADER = 16 << 20
+MAX_TENSORS = 100_000
+MAX_PAYLOAD = 8 << 30
+QUANT_SCHEMES = ("none", "int8", "int4")
+DEFAULT_GROUP = {"int8": 128, "int4": 32}
+_NP_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What :func:`write_artifact` wrote: file size, uncompressed payload size and per-tensor facts."""
+
+    path: Path
+    nbytes: int
+    payload_nbytes: int
+    tensors: list[dict[str, Any]]
+    sparsity: float
+
+
+@dataclass
+class Artifact:
+    """A decoded artifact: float/int arrays by name, the ONNX graph (if any) and the manifest."""
+
+    tensors: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+    graph: bytes | None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The tensors as torch tensors (e.g. for ``model.load_state_dict``)."""
+        return {k: torch.from_numpy(np.array(v)) for k, v in self.tensors.items()}
+
+    def onnx_bytes(self) -> bytes:
+        """The complete ONNX model: the stored graph with its initializers put back (for an ORT session)."""
+        import onnx
+        from onnx import numpy_helper
+
+        if self.graph is None:
+            raise ConfigError("this artifact holds weights only (no ONNX graph); use state_dict()")
+        model = onnx.ModelProto()
+        model.ParseFromString(self.graph)
+        for name, arr in self.tensors.items():
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        return model.SerializeToString()
+
+
+def state_dict_sha256(state: Mapping[str, Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and bytes, in sorted name order)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _encode_tensor(
+    name: str, arr: np.ndarray, quant: str, group_size: int | None
+) -> tuple[dict[str, Any], list[bytes]]:
+    dtype = arr.dtype.name
+    if dtype not in _NP_DTYPES:
+        raise ConfigError(f"tensor {name!r}: dtype {dtype} cannot be stored")
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    n = flat.size
+    lossy = quant != "none" and arr.dtype.kind == "f" and arr.ndim >= 2
+    scheme = quant if lossy else "none"
+    bits = {"int8": 8, "int4": 4}.get(scheme, arr.dtype.itemsize * 8)
+    nz = np.flatnonzero(flat)
+    coder, index = encode_indices(nz, n) if len(nz) < n else ("none", b"")
+    sparse_bytes = len(index) + math.ceil(len(nz) * bits / 8)
+    sparse = len(nz) < n and sparse_bytes < math.ceil(n * bits / 8)
+    values = flat[nz] if sparse else flat
+    entry: dict[str, Any] = {
+        "name": name,
+        "shape": list(arr.shape),
+        "dtype": dtype,
+        "layout": "sparse" if sparse else "dense",
+        "nnz": len(nz),
+        "quant": scheme,
+    }
+    bufs: list[bytes] = []
+    if sparse:
+        entry["index_coder"] = coder
+        bufs.append(index)
+    if scheme == "none":
+        bufs.append(np.ascontiguousarray(values).tobytes())
+    else:
+        g = group_size or DEFAULT_GROUP[scheme]
+        gq = _group_quant(values, g, bits)
+        entry["group_size"] = g
+        bufs += [pack_bits(gq.codes, bits), gq.scales.astype("<f2").tobytes()]
+    return entry, bufs
+
+
+def _decode_tensor(e: Mapping[str, Any], bufs: list[bytes]) -> np.ndarray:
+    try:
+        shape = tuple(int(s) for s in e["shape"])
+        dtype = np.dtype(_NP_DTYPES[e["dtype"]])
+        n = math.prod(shape)
+        sparse = e["layout"] == "sparse"
+        if e["layout"] not in ("dense", "sparse") or e["quant"] not in QUANT_SCHEMES:
+            raise DecodeError(f"tensor {e['name']!r}: unknown layout/quant {e['layout']!r}/{e['quant']!r}")
+        nnz = int(e["nnz"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DecodeError(f"malformed tensor entry {e!r}: {err}") from err
+    if any(s < 0 for s in shape) or not 0 <= nnz <= n:
+        raise DecodeError(f"tensor {e['name']!r}: bad shape {shape} or nnz {nnz}")
+    k = nnz if sparse else n
+    expected_bufs = (1 if sparse else 0) + (1 if e["quant"] == "none" else 2)
+    if len(bufs) != expected_bufs:
+        raise DecodeError(f"tensor {e['name']!r}: {len(bufs)} buffers, expected {expected_bufs}")
+    idx = decode_indices(e.get("index_coder", ""), bufs[0], n, k) if sparse else None
+    vbufs = bufs[1:] if sparse else bufs
+    if e["quant"] == "none":
+        if len(vbufs[0]) != k * dtype.itemsize:
+            raise DecodeError(
+                f"tensor {e['name']!r}: {len(vbufs[0])} value bytes, expected {k * dtype.itemsize}"
+            )
+        values = np.frombuffer(vbufs[0], dtype=dtype, count=k)
+    else:
+        bits = 8 if e["quant"] == "int8" else 4
+        g = int(e.get("group_size", 0))
+        if g < 1:
+            raise DecodeError(f"tensor {e['name']!r}: bad group_size {g}")
+        n_groups = -(-k // g)
+        if len(vbufs[1]) != 2 * n_groups:
+            raise DecodeError(f"tensor {e['name']!r}: {len(vbufs[1])} scale bytes, expected {2 * n_groups}")
+        codes = unpack_bits(vbufs[0], bits, k)
+        scales = np.frombuffer(vbufs[1], dtype="<f2", count=n_groups)
+        values = _group_dequant(GroupQuant(codes, scales, g, bits)).astype(dtype)
+    out = np.zeros(n, dtype=dtype)
+    if sparse:
+        out[idx] = values
+    else:
+        out[:] = values
+    return out.reshape(shape)
+
+
+def write_artifact(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor | np.ndarray],
+    *,
+    quant: str = "none",
+    group_size: int | None = None,
+    graph: bytes | None = None,
+    manifest: Mapping[str, Any] | None = None,
+    level: int = 19,
+) -> ArtifactInfo:
+    """Encode ``tensors`` (and an optional stripped ONNX graph) into an artifact file, atomically.
+
+    Args:
+        path: destination file (conventionally ``model.dpla``).
+        tensors: name → tensor/array. Float tensors with ≥ 2 dims are quantized per ``quant``; everything else
+            (biases, norms, integer tensors such as an int8 ONNX model's weights) is stored losslessly.
+        quant: ``"none"``, ``"int8"`` or ``"int4"`` (symmetric group-wise, float16 scales).
+        group_size: values per scale (default 128 for int8, 32 for int4), taken along rows.
+        graph: serialized ONNX ``ModelProto`` without initializers (see :func:`pack_onnx`).
+        manifest: JSON-serializable facts to embed (sizes, sparsity, accuracy, source hash...).
+        level: zstd compression level (19: slow to write, fast to read — written once, read on every device).
+    """
+    import zstandard
+
+    if quant not in QUANT_SCHEMES:
+        raise ConfigError(f"quant must be one of {QUANT_SCHEMES}. Found {quant!r}")
+    if len(tensors) > MAX_TENSORS:
+        raise ConfigError(f"too many tensors ({len(tensors)} > {MAX_TENSORS})")
+    entries, chunks, offset = [], [], 0
+    zeros = total = 0
+
+    def add(buf: bytes) -> list[int]:
+        nonlocal offset
+        chunks.append(buf)
+        rng = [offset, len(buf)]
+        offset += len(buf)
+        return rng
+
+    for name, t in tensors.items():
+        arr = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+        entry, bufs = _encode_tensor(name, arr, quant, group_size)
+        entry["buffers"] = [add(b) for b in bufs]
+        entries.append(entry)
+        if arr.ndim >= 2:
+            zeros += arr.size - entry["nnz"]
+            total += arr.size
+    graph_range = add(graph) if graph is not None else None
+    table = json.dumps({"tensors": entries, "graph": graph_range}, separators=(",", ":")).encode()
+    payload = struct.pack("<I", len(table)) + table + b"".join(chunks)
+    header = {
+        "format": "deltaplane-artifact",
+        "version": VERSION,
+        "payload_nbytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "manifest": dict(manifest or {}),
+    }
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    body = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
+    data = _PREFIX.pack(MAGIC, VERSION, len(hbytes)) + hbytes + body
+    atomic_write_bytes(path, data)
+    return ArtifactInfo(Path(path), len(data), len(payload), entries, zeros / total if total else 0.0)
+
+
+def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
+    """Decode an artifact file (or its bytes); raises :class:`DecodeError` on anything malformed."""
+    import zstandard
+
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    if len(data) < _PREFIX.size:
+        raise DecodeError("artifact is shorter than its fixed prefix")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise DecodeError(f"not a deltaplane artifact (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise DecodeError(f"artifact version {version} is not supported (this reader knows {VERSION})")
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
+        raise DecodeError(f"header length {hlen} exceeds the file or the {MAX_HEADER}-byte limit")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+        raw_size = int(header["payload_nbytes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DecodeError(f"artifact header is not valid JSON of the expected shape: {e}") from e
+    if not 0 <= raw_size <= MAX_PAYLOAD:
+        raise DecodeError(f"artifact declares a payload of {raw_size} bytes (limit {MAX_PAYLOAD})")
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(
+            data[_PREFIX.size + hlen :], max_output_size=raw_size
+        )
+    except zstandard.ZstdError as e:
+        raise DecodeError(f"artifact payload does not decompress: {e}") from e
+    if len(payload) != raw_size or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise DecodeError("artifact payload size or SHA-256 does not match its header")
+    if raw_size < 4:
+        raise DecodeError("artifact payload is too short for its tensor table")
+    (tlen,) = struct.unpack_from("<I", payload)
+    if 4 + tlen > raw_size:
+        raise DecodeError(f"tensor table length {tlen} exceeds the payload")
+    try:
+        table = json.loads(payload[4 : 4 + tlen])
+        entries = table["tensors"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DecodeError(f"artifact tensor table is not valid JSON of the expected shape: {e}") from e
+    if len(entries) > MAX_TENSORS:
+        raise DecodeError(f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS})")
+    buffers = payload[4 + tlen :]
+
+    def view(rng: Any) -> bytes:
+        try:
+            off, ln = int(rng[0]), int(rng[1])
+        except (TypeError, ValueError, IndexError) as e:
+            raise DecodeError(f"bad byte range {rng!r}") from e
+        if off < 0 or ln < 0 or off + ln > len(buffers):
+            raise DecodeError(f"byte range {off}+{ln} lies outside the {len(buffers)}-byte buffer area")
+        return buffers[off : off + ln]
+
+    tensors = {}
+    for e in entries:
+        if not isinstance(e, dict) or "name" not in e:
+            raise DecodeError(f"malformed tensor entry {e!r}")
+        tensors[e["name"]] = _decode_tensor(e, [view(r) for r in e.get("buffers", [])])
+    graph = view(table["graph"]) if table.get("graph") is not None else None
+    return Artifact(tensors, dict(header.get("manifest", {})), graph)
+
+
+def pack_onnx(
+    model: str | os.PathLike[str] | bytes,
+    path: str | os.PathLike[str],
+    *,
+    quant: str = "none",
+    group_size: int | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> ArtifactInfo:
+    """Store an ONNX model as an artifact: its initializers become compact tensors, the rest is the graph.
+
+    An int8 ONNX model (from :func:`~deltaplane.deploy.quantize.quantize_onnx`) keeps its int8 weights
+    losslessly — pruned zeros stay zeros, so sparse layout pays off; ``quant="int4"`` on a float model stores
+    float weights as int4 codes that are dequantized back to float32 initializers on load (weight-only).
+    Doc strings are dropped: they are export-time debug text, useless on a device.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(model if isinstance(model, bytes) else Path(model).read_bytes())
+    tensors = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    del proto.graph.initializer[:]
+    proto.doc_string = ""
+    for node in proto.graph.node:
+        node.doc_string = ""
+    return write_artifact(
+        path, tensors, quant=quant, group_size=group_size, graph=proto.SerializeToString(), manifest=manifest
+    )

@@ -1,0 +1,510 @@
+"""One call from a trained classifier to a device artifact: prune → (fine-tune) → export → quantize → pack → evaluate.
+
+:func:`deploy_classifier` is what ``deltaplane deploy`` runs. It evaluates the artifact *as shipped* — the ORT
+session is built from the bytes read back from the artifact file — so the reported accuracy is the accuracy of
+what a device runs, not of an intermediate model. Everything is written to a temporary folder first and moved
+into place at the end: a failure at any step leaves no partial artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
+from deltaplane.deploy.card import render_model_card
+from deltaplane.deploy.onnx import export_onnx, ort_session
+from deltaplane.deploy.profile import (
+    Comparison,
+    Evaluation,
+    compare,
+    evaluate,
+    onnx_predictor,
+    torch_predictor,
+)
+from deltaplane.deploy.prune import (
+    PruneResult,
+    apply_masks,
+    channel_prune,
+    check_sparsity,
+    magnitude_prune,
+    nm_prune,
+    sparsity_of,
+    wanda_prune,
+)
+from deltaplane.deploy.quantize import quantize_onnx
+from deltaplane.errors import ConfigError
+
+__all__ = [
+    "DeployResult",
+    "EncoderDeployResult",
+    "deploy_classifier",
+    "deploy_encoder",
+    "parse_prune",
+    "prune_model",
+]
+
+QUANTS = ("none", "int8", "int8-static", "int8-dynamic", "int4")
+FORMATS = ("onnx", "weights")
+
+
+def parse_prune(spec: str | None) -> dict[str, Any] | None:
+    """Parse a prune spec: ``"2:4"``, ``"0.8"`` / ``"magnitude:0.8"``, ``"layer:0.8"``, ``"wanda:0.5"``,
+    ``"wanda:2:4"``, ``"channels:0.5"``; ``None``/``"none"`` means no pruning."""
+    if spec is None or spec == "none":
+        return None
+    s = spec.strip().lower()
+    m = re.fullmatch(r"(?:(wanda):)?(\d+):(\d+)", s)
+    if m:
+        return {"method": "wanda" if m.group(1) else "nm", "n": int(m.group(2)), "m": int(m.group(3))}
+    m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|channels):)?([-+0-9.eE]+)", s)
+    if not m:
+        raise ConfigError(
+            f"prune spec {spec!r} not understood; use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4 or channels:0.5"
+        )
+    try:
+        value = float(m.group(2))
+    except ValueError as e:
+        raise ConfigError(f"prune spec {spec!r}: {m.group(2)!r} is not a number") from e
+    method = {"global": "magnitude", None: "magnitude"}.get(m.group(1), m.group(1))
+    return {"method": method, "sparsity": check_sparsity(value, "prune ratio")}
+
+
+def prune_model(
+    model: nn.Module,
+    spec: dict[str, Any],
+    *,
+    calibration: Sequence[Any] = (),
+    example_input: torch.Tensor | None = None,
+    exclude: Sequence[str] = (),
+) -> tuple[nn.Module, PruneResult | None]:
+    """Apply a parsed prune spec; returns the (possibly new, for ``channels``) model and the masks applied."""
+    method = spec["method"]
+    if method == "channels":
+        if example_input is None:
+            raise ConfigError("channel pruning needs an example input to trace shapes")
+        return channel_prune(
+            model, spec["sparsity"], example_input=example_input, exclude=exclude
+        ).model, None
+    if method == "nm":
+        return model, nm_prune(model, spec["n"], spec["m"], exclude=exclude)
+    if method in ("magnitude", "layer"):
+        scope = "layer" if method == "layer" else "global"
+        return model, magnitude_prune(model, spec["sparsity"], scope=scope, exclude=exclude)
+    if method == "wanda":
+        if not calibration:
+            raise ConfigError("Wanda pruning needs calibration data")
+        if "n" in spec:
+            return model, wanda_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
+        return model, wanda_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
+    raise ConfigError(f"unknown prune method {method!r}")
+
+
+def _embedded(
+    model_name: str, source_sha256: str, fmt: str, prune: str | None, quant: str, scheme: str, sparsity: float
+) -> dict[str, Any]:
+    """The facts known before evaluation, embedded in the artifact header so the file describes itself."""
+    return {
+        "model": model_name,
+        "source_sha256": source_sha256,
+        "format": fmt,
+        "prune": prune or "none",
+        "quant": quant,
+        "quant_scheme": scheme,
+        "weight_sparsity": sparsity,
+    }
+
+
+def _publish(
+    tmp: Path, out_dir: Path, manifest: dict[str, Any], card_info: dict[str, str] | None
+) -> list[str]:
+    """Write manifest + card into the staging folder, then move every file into ``out_dir`` (atomic renames)."""
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
+    files = sorted(p.name for p in tmp.iterdir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        os.replace(tmp / name, out_dir / name)
+    return files
+
+
+@dataclass
+class DeployResult:
+    """Paths written and the side-by-side evaluation."""
+
+    out_dir: Path
+    artifact: Path
+    manifest: dict[str, Any]
+    baseline: Evaluation
+    compressed: Evaluation
+    comparison: Comparison
+    files: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    # Same thread budget for PyTorch as for ONNX Runtime, so the latency ratio compares runtimes, not cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fp32_safetensors_nbytes(model: nn.Module) -> int:
+    from safetensors.torch import save
+
+    return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def deploy_classifier(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    x_calib: np.ndarray,
+    prune: str | None = None,
+    quant: str = "int8",
+    fmt: str = "onnx",
+    finetune: Callable[[nn.Module, PruneResult | None], None] | None = None,
+    variants: dict[str, np.ndarray] | None = None,
+    exclude: Sequence[str] = (),
+    source_sha256: str | None = None,
+    model_name: str = "model",
+    threads: int = 1,
+    latency_iters: int = 300,
+    card_info: dict[str, str] | None = None,
+    reference: nn.Module | None = None,
+) -> DeployResult:
+    """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
+
+    Args:
+        model: the fp32 model (left untouched; a copy is compressed).
+        out_dir: output folder; gets ``model.dpla``, ``manifest.json``, ``MODEL_CARD.md`` (+ ``model.onnx`` for
+            ``fmt="onnx"``, the runnable graph as ONNX Runtime loads it).
+        x_test, y_test: the clean test set. x_calib: calibration inputs (Wanda, static int8).
+        prune: prune spec (:func:`parse_prune`). quant: one of ``none, int8, int8-static, int8-dynamic, int4``
+            (``int8`` = static for ``onnx``). fmt: ``onnx`` (graph + weights) or ``weights`` (state dict only).
+        finetune: optional ``finetune(model, prune_result)`` run after pruning (masks are re-applied after it).
+        variants: corrupted/OOD copies of ``x_test`` (same labels), e.g. :func:`~deltaplane.deploy.profile.corruptions`.
+        exclude: layers to leave unpruned. source_sha256: hash of the source checkpoint file (else of the
+            state dict). threads: CPU threads for both PyTorch and ONNX Runtime during timing.
+        reference: the fp32 model to report against (default: ``model``) — e.g. the dense model when ``model``
+            was already pruned by a gradual schedule during training.
+    """
+    import copy
+
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}. Found {fmt!r}")
+    if fmt == "weights" and quant in ("int8-static", "int8-dynamic"):
+        raise ConfigError(
+            f"quant={quant} runs in ONNX Runtime; use --format onnx, or int8/int4 weight storage"
+        )
+    spec = parse_prune(prune)
+    out_dir = Path(out_dir)
+    x_test = np.ascontiguousarray(x_test, dtype=np.float32)
+    x_calib = np.ascontiguousarray(x_calib, dtype=np.float32)
+    calib_batches = [torch.from_numpy(x_calib[i : i + 64]) for i in range(0, len(x_calib), 64)]
+    example = torch.from_numpy(x_test[:1])
+    model = model.eval()
+    reference = (reference if reference is not None else model).eval()
+    fp32_bytes = _fp32_safetensors_nbytes(reference)
+    source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
+
+    work = copy.deepcopy(model)
+    result: PruneResult | None = None
+    if spec is not None:
+        work, result = prune_model(
+            work, spec, calibration=calib_batches, example_input=example, exclude=exclude
+        )
+        if finetune is not None:
+            work.train()
+            finetune(work, result)
+            if result is not None:
+                apply_masks(work, result.masks)
+            work.eval()
+    weight_sparsity = sparsity_of(work)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        artifact_path = tmp / "model.dpla"
+        if fmt == "onnx":
+            fp32_onnx = tmp / "fp32.onnx"
+            exp = export_onnx(work, example, fp32_onnx, verify_inputs=[torch.from_numpy(x_test[:32])])
+            shipped = fp32_onnx
+            store_quant = "none"
+            scheme = "fp32"
+            if quant in ("int8", "int8-static"):
+                shipped = quantize_onnx(
+                    fp32_onnx,
+                    tmp / "int8.onnx",
+                    mode="static",
+                    calibration=[{"input": x_calib[i : i + 1]} for i in range(len(x_calib))],
+                )
+                scheme = "int8 static (ORT QDQ, per-channel weights, minmax activations)"
+            elif quant == "int8-dynamic":
+                shipped = quantize_onnx(fp32_onnx, tmp / "int8.onnx", mode="dynamic")
+                scheme = "int8 dynamic (ORT, per-channel weights)"
+            elif quant == "int4":
+                store_quant, scheme = "int4", "int4 weight-only, group 32, fp16 scales (dequantized on load)"
+            info = pack_onnx(
+                shipped,
+                artifact_path,
+                quant=store_quant,
+                manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
+            )
+            art = read_artifact(artifact_path)
+            onnx_bytes = art.onnx_bytes()
+            (tmp / "model.onnx").write_bytes(onnx_bytes)
+            for f in (fp32_onnx, tmp / "int8.onnx"):
+                f.unlink(missing_ok=True)
+            cand_predict = onnx_predictor(ort_session(onnx_bytes, threads=threads))
+            export_diff = exp.max_abs_diff
+        else:
+            store_quant = "none" if quant == "none" else ("int4" if quant == "int4" else "int8")
+            scheme = {"none": "fp32", "int4": "int4 group 32", "int8": "int8 group 128"}[
+                store_quant
+            ] + " weights"
+            info = write_artifact(
+                artifact_path,
+                work.state_dict(),
+                quant=store_quant,
+                manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
+            )
+            art = read_artifact(artifact_path)
+            runnable = copy.deepcopy(work)
+            runnable.load_state_dict(art.state_dict())
+            cand_predict = torch_predictor(runnable)
+            export_diff = None
+        with _torch_threads(threads):
+            base = evaluate(
+                "fp32 (PyTorch)",
+                torch_predictor(reference),
+                x_test,
+                y_test,
+                variants=variants,
+                latency_iters=latency_iters,
+                size_bytes=fp32_bytes,
+            )
+            cand = evaluate(
+                "compressed",
+                cand_predict,
+                x_test,
+                y_test,
+                variants=variants,
+                latency_iters=latency_iters,
+                size_bytes=info.nbytes,
+            )
+        cmp = compare(base, cand)
+        with torch.inference_mode():
+            ref = reference(torch.from_numpy(x_test)).numpy()
+        fidelity = float(np.max(np.abs(cand_predict(x_test) - ref)))
+        manifest = {
+            "model": model_name,
+            "source_sha256": source_sha256,
+            "format": fmt,
+            "prune": prune or "none",
+            "prune_skipped_layers": result.skipped if result is not None else {},
+            "quant": quant,
+            "quant_scheme": scheme,
+            "weight_sparsity": weight_sparsity,
+            "sizes": {
+                "fp32_safetensors_bytes": fp32_bytes,
+                "artifact_bytes": info.nbytes,
+                "artifact_payload_bytes": info.payload_nbytes,
+                "compression_ratio": fp32_bytes / info.nbytes,
+            },
+            "params": sum(p.numel() for p in work.parameters()),
+            "export_max_abs_diff": export_diff,
+            "max_abs_logit_diff_vs_fp32": fidelity,
+            "baseline": base.to_dict(),
+            "compressed": cand.to_dict(),
+            "comparison": cmp.to_dict(),
+        }
+        files = _publish(tmp, out_dir, manifest, card_info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
+
+
+@dataclass
+class EncoderDeployResult:
+    """Paths written and the manifest (sizes, embedding fidelity, latency) of :func:`deploy_encoder`."""
+
+    out_dir: Path
+    artifact: Path
+    manifest: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+
+
+def _tokenize(tokenizer: Any, sentences: Sequence[str]) -> np.ndarray:
+    enc = tokenizer(list(sentences), padding=True, return_tensors="np")
+    return np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)  # (N, 2, T)
+
+
+def deploy_encoder(
+    encoder: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    calib_sentences: Sequence[str],
+    prune: str | None = None,
+    quant: str = "int8",
+    source_sha256: str | None = None,
+    fp32_nbytes: int | None = None,
+    model_name: str = "encoder",
+    threads: int = 1,
+    latency_iters: int = 30,
+    card_info: dict[str, str] | None = None,
+) -> EncoderDeployResult:
+    """Compress a BERT-style sentence encoder into ``out_dir`` and measure embedding fidelity and latency.
+
+    The shipped graph computes mean-pooled, L2-normalised embeddings (:class:`MeanPooledEncoder`). Fidelity is
+    the cosine similarity of each evaluation sentence's embedding to the fp32 PyTorch one, read from the
+    artifact as shipped. ``quant``: ``int8`` (= ``int8-dynamic``: ORT dynamic int8, the usual choice for
+    transformers), ``int8-static``, ``int4`` (ORT ``MatMulNBits`` weight-only int4 for every MatMul, and int4
+    group-wise storage for the remaining float matrices, e.g. the token embedding table) or ``none``.
+    Prune specs as in :func:`parse_prune` except ``channels`` (attention heads are not channel-prunable here).
+    """
+    import copy
+
+    from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
+    from deltaplane.deploy.profile import measure_latency
+
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    spec = parse_prune(prune)
+    if spec is not None and spec["method"] == "channels":
+        raise ConfigError(
+            "channel pruning is not supported for transformer encoders; use 2:4, wanda:… or 0.x"
+        )
+    if not sentences or not calib_sentences:
+        raise ConfigError("deploy_encoder needs evaluation sentences and calibration sentences")
+    out_dir = Path(out_dir)
+    ev, cal = _tokenize(tokenizer, sentences), _tokenize(tokenizer, calib_sentences)
+    reference = MeanPooledEncoder(encoder).eval()
+    with torch.inference_mode():
+        ref = reference(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1])).numpy()
+    fp32_nbytes = fp32_nbytes or _fp32_safetensors_nbytes(encoder)
+    source_sha256 = source_sha256 or state_dict_sha256(encoder.state_dict())
+    work = copy.deepcopy(encoder).eval()
+    result: PruneResult | None = None
+    if spec is not None:
+        calib = [
+            {
+                "input_ids": torch.from_numpy(cal[i : i + 8, 0]),
+                "attention_mask": torch.from_numpy(cal[i : i + 8, 1]),
+            }
+            for i in range(0, len(cal), 8)
+        ]
+        work, result = prune_model(work, spec, calibration=calib)
+    wrapped = MeanPooledEncoder(work).eval()
+    names = ("input_ids", "attention_mask")
+    axes = {n: {0: "batch", 1: "tokens"} for n in names} | {"embedding": {0: "batch"}}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        example = (torch.from_numpy(ev[:2, 0]), torch.from_numpy(ev[:2, 1]))
+        exp = export_onnx(
+            wrapped,
+            example,
+            tmp / "fp32.onnx",
+            input_names=names,
+            output_names=("embedding",),
+            dynamic_axes=axes,
+            verify_inputs=[(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1]))],
+        )
+        shipped, store_quant, scheme = exp.path, "none", "fp32"
+        if quant in ("int8", "int8-dynamic"):
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="dynamic")
+            scheme = "int8 dynamic (ORT: int8 MatMul weights, uint8 embedding table)"
+        elif quant == "int8-static":
+            feeds = [
+                {"input_ids": cal[i : i + 1, 0], "attention_mask": cal[i : i + 1, 1]} for i in range(len(cal))
+            ]
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="static", calibration=feeds)
+            scheme = "int8 static (ORT QDQ)"
+        elif quant == "int4":
+            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="int4")
+            store_quant = "int4"
+            scheme = (
+                "int4 weight-only (ORT MatMulNBits, block 32) + int4 group-32 storage of other float matrices"
+            )
+        info = pack_onnx(
+            shipped,
+            tmp / "model.dpla",
+            quant=store_quant,
+            manifest=_embedded(model_name, source_sha256, "onnx", prune, quant, scheme, sparsity_of(work)),
+        )
+        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
+        (tmp / "model.onnx").write_bytes(onnx_bytes)
+        for f in (exp.path, tmp / "q.onnx"):
+            f.unlink(missing_ok=True)
+        session = ort_session(onnx_bytes, threads=threads)
+
+        def ort_predict(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {"input_ids": x[:, 0], "attention_mask": x[:, 1]})[0]
+
+        def torch_predict(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return reference(torch.from_numpy(x[:, 0]), torch.from_numpy(x[:, 1])).numpy()
+
+        cos = cosine_similarity_rows(ort_predict(ev), ref)
+        latency = {}
+        with _torch_threads(threads):
+            for b in (1, 32):
+                t = measure_latency(torch_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
+                c = measure_latency(ort_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
+                latency[str(b)] = {
+                    "fp32_p50_us": t.p50_us,
+                    "fp32_p95_us": t.p95_us,
+                    "p50_us": c.p50_us,
+                    "p95_us": c.p95_us,
+                    "ratio_p50": c.p50_us / t.p50_us,
+                }
+        manifest = {
+            "model": model_name,
+            "task": "sentence-embedding",
+            "source_sha256": source_sha256,
+            "format": "onnx",
+            "prune": prune or "none",
+            "prune_skipped_layers": result.skipped if result is not None else {},
+            "quant": quant,
+            "quant_scheme": scheme,
+            "weight_sparsity": sparsity_of(work),
+            "sizes": {
+                "fp32_safetensors_bytes": fp32_nbytes,
+                "artifact_bytes": info.nbytes,
+                "artifact_payload_bytes": info.payload_nbytes,
+                "compression_ratio": fp32_nbytes / info.nbytes,
+            },
+            "export_max_abs_diff": exp.max_abs_diff,
+            "fidelity": {
+                "sentences": len(sentences),
+                "cosine_min": float(cos.min()),
+                "cosine_mean": float(cos.mean()),
+            },
+            "latency_us": latency,
+        }
+        files = _publish(tmp, out_dir, manifest, card_info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return EncoderDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

@@ -1,0 +1,416 @@
+"""The merge-method protocol, its parameter declarations and the registry; :func:`merge` on state dicts / deltas.
+
+A merge method works on **one tensor at a time**: given the base tensor (or ``None``) and the same-named tensor of
+each model, it returns the merged tensor. That single contract serves both the in-memory :func:`merge` below and
+the streaming :func:`deltaplane.merging.merge_files`, which never holds more than one tensor per input in memory.
+
+Parameters are declared as data (:class:`Param`): a name, a default (or required), whether it is *shared* by all
+models (``lambda``, ``t``) or given *per model* (``weight``, ``density``), and a check. This is what lets a
+mergekit YAML, keyword arguments and the CLI all be validated by the same code with the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltaplane.delta import Delta, StateDict, check_compatible
+from deltaplane.errors import ConfigError, ShapeMismatch
+
+__all__ = [
+    "REQUIRED",
+    "MergeMethod",
+    "MergeParams",
+    "Param",
+    "available_methods",
+    "compute_dtype_for",
+    "get_method",
+    "merge",
+    "register_method",
+    "resolve_params",
+    "tensor_generator",
+]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Sentinel default of a :class:`Param` that has no default and must be given."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """Declaration of one merge-method parameter.
+
+    Attributes:
+        name: the name used in keyword arguments and in mergekit YAML (``weight``, ``density``, ``lambda``).
+        default: value when not given; :data:`REQUIRED` if it must be given.
+        per_model: ``True`` if each model has its own value (``weight``), ``False`` if shared (``lambda``).
+        check: returns an error text for a bad value (``"must be in (0, 1]"``) or ``None`` if fine.
+        kind: ``"float"``, ``"bool"``, ``"int"`` or ``"tensors"`` (a per-tensor mapping such as a Fisher dict).
+        plural: keyword accepted by :func:`merge` for a list with one value per model (``weights``).
+        doc: one line shown in docs and errors.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    check: Callable[[Any], str | None] | None = None
+    kind: str = "float"
+    plural: str | None = None
+    doc: str = ""
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this parameter's kind and check it; raise :class:`ConfigError` naming ``where``."""
+        if self.kind == "tensors":
+            if not isinstance(value, Mapping | str):
+                raise ConfigError(
+                    f"{where}: parameter '{self.name}' must be a mapping name -> tensor (or a safetensors path). "
+                    f"Found {type(value).__name__}"
+                )
+            return value
+        if isinstance(value, list | dict):
+            # mergekit allows gradients / per-tensor filters here; we refuse rather than silently flatten them
+            raise ConfigError(
+                f"{where}: parameter '{self.name}' must be a single {self.kind}, found {value!r} "
+                "(per-layer gradients and filters are not supported)"
+            )
+        try:
+            if self.kind == "bool":
+                if not isinstance(value, bool):
+                    raise TypeError
+                coerced: Any = value
+            elif self.kind == "int":
+                if isinstance(value, bool) or int(value) != value:
+                    raise TypeError
+                coerced = int(value)
+            else:
+                if isinstance(value, bool):
+                    raise TypeError
+                coerced = float(value)
+                if not math.isfinite(coerced):
+                    raise TypeError
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: parameter '{self.name}' must be a finite {self.kind}. Found {value!r}"
+            ) from None
+        if self.check is not None and (problem := self.check(coerced)) is not None:
+            raise ConfigError(f"{where}: parameter '{self.name}' {problem}. Found {value!r}")
+        return coerced
+
+
+def in_unit_interval(x: float) -> str | None:
+    """Check for densities and interpolation factors: ``0 < x <= 1``."""
+    return None if 0 < x <= 1 else "must be in (0, 1]"
+
+
+def in_closed_unit_interval(x: float) -> str | None:
+    return None if 0 <= x <= 1 else "must be in [0, 1]"
+
+
+def non_negative(x: float) -> str | None:
+    return None if x >= 0 else "must be non-negative"
+
+
+def positive(x: float) -> str | None:
+    return None if x > 0 else "must be positive"
+
+
+@dataclass
+class MergeParams:
+    """Resolved parameters for one merge: ``shared`` values and one dict per model (defaults filled in)."""
+
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+
+    def column(self, name: str) -> list[Any]:
+        """The per-model values of ``name``, in model order."""
+        return [p[name] for p in self.per_model]
+
+
+class MergeMethod(ABC):
+    """One merge algorithm acting tensor by tensor. Subclasses cite their paper in ``paper`` / ``url``."""
+
+    name: str = ""
+    paper: str = ""
+    url: str = ""
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    params: tuple[Param, ...] = ()
+
+    @property
+    def shared_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @abstractmethod
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
+    ) -> Tensor:
+        """Merge the ``name`` tensors of all models (float tensors, already in the compute dtype).
+
+        The method owns ``base`` and ``tensors``: they are fresh copies and may be modified in place, which is
+        how the task-vector engine keeps its scratch memory to a few tensors.
+
+        ``params.per_model[i]`` holds model ``i``'s values; tensor-valued parameters (a Fisher) are already
+        looked up for ``name``. Returns a tensor with the shape of the inputs.
+        """
+
+    def check_models(self, n_models: int, has_base: bool) -> None:
+        """Raise :class:`ConfigError` if this method cannot merge ``n_models`` models (with/without a base)."""
+        if self.needs_base and not has_base:
+            raise ConfigError(f"merge method '{self.name}' needs a base model (base_model / base=...)")
+        if n_models < self.min_models:
+            raise ConfigError(
+                f"merge method '{self.name}' needs at least {self.min_models} model(s). Found {n_models}"
+            )
+        if self.max_models is not None and n_models > self.max_models:
+            raise ConfigError(
+                f"merge method '{self.name}' merges at most {self.max_models} model(s). Found {n_models}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def tensor_generator(seed: int, name: str, model_index: int) -> torch.Generator:
+    """A generator seeded from ``(seed, tensor name, model index)``.
+
+    Random sparsification (DARE) must give the same mask whether models are merged in memory or streamed, in
+    any tensor order; seeding per tensor from its name makes that hold without shared RNG state.
+    """
+    h = zlib.crc32(f"{seed}\x00{name}\x00{model_index}".encode())
+    return torch.Generator().manual_seed(h)
+
+
+# -- registry ------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register_method(method: MergeMethod, *, replace: bool = False) -> MergeMethod:
+    """Make ``method`` available under ``method.name`` to :func:`merge`, :func:`get_method` and YAML configs."""
+    if not method.name:
+        raise ConfigError("a merge method needs a non-empty name")
+    if method.name in _REGISTRY and not replace:
+        raise ConfigError(f"merge method '{method.name}' is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtins() -> None:
+    # the built-in methods register themselves on import; importing here keeps base.py free of cycles
+    import deltaplane.merging.fisher
+    import deltaplane.merging.linear
+    import deltaplane.merging.model_stock
+    import deltaplane.merging.slerp
+    import deltaplane.merging.task_arithmetic  # noqa: F401
+
+
+def available_methods() -> dict[str, MergeMethod]:
+    """All registered merge methods by name."""
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def get_method(method: str | MergeMethod) -> MergeMethod:
+    """The registered method called ``method`` (or ``method`` itself if already a :class:`MergeMethod`)."""
+    if isinstance(method, MergeMethod):
+        return method
+    methods = available_methods()
+    if method not in methods:
+        raise ConfigError(f"unknown merge method '{method}'. Known: {', '.join(sorted(methods))}")
+    return methods[method]
+
+
+def resolve_params(
+    method: MergeMethod,
+    n_models: int,
+    shared: Mapping[str, Any] | None = None,
+    per_model: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    where: str = "merge",
+    model_names: Sequence[str] | None = None,
+) -> MergeParams:
+    """Validate and fill defaults, mergekit style.
+
+    ``shared`` may also hold a per-model parameter, which then applies to every model unless that model
+    overrides it in ``per_model`` (as mergekit's global ``parameters:`` block does). Unknown names raise.
+    """
+    shared = dict(shared or {})
+    per_model = [dict(p) for p in (per_model or [{} for _ in range(n_models)])]
+    if len(per_model) != n_models:
+        raise ConfigError(f"{where}: {len(per_model)} per-model parameter sets for {n_models} models")
+    names = list(model_names or [f"model {i}" for i in range(n_models)])
+    known = {p.name: p for p in method.params}
+    for key in shared:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown parameter '{key}' for merge method '{method.name}'. "
+                f"Known: {', '.join(sorted(known)) or 'none'}"
+            )
+    out_shared: dict[str, Any] = {}
+    for p in method.shared_params:
+        if p.name in shared:
+            out_shared[p.name] = p.validate(shared[p.name], where)
+        elif p.default is REQUIRED:
+            raise ConfigError(f"{where}: merge method '{method.name}' needs parameter '{p.name}' ({p.doc})")
+        else:
+            out_shared[p.name] = p.default
+    out_models: list[dict[str, Any]] = []
+    for i, mp in enumerate(per_model):
+        here = f"{where}, {names[i]}"
+        for key in mp:
+            if key not in known:
+                raise ConfigError(
+                    f"{here}: unknown parameter '{key}' for merge method '{method.name}'. "
+                    f"Known: {', '.join(sorted(known)) or 'none'}"
+                )
+            if not known[key].per_model:
+                raise ConfigError(
+                    f"{here}: parameter '{key}' is shared by all models; give it once, globally"
+                )
+        resolved: dict[str, Any] = {}
+        for p in method.model_params:
+            if p.name in mp:
+                resolved[p.name] = p.validate(mp[p.name], here)
+            elif p.name in shared:
+                resolved[p.name] = p.validate(shared[p.name], where)
+            elif p.default is REQUIRED:
+                raise ConfigError(
+                    f"{here}: merge method '{method.name}' needs parameter '{p.name}' ({p.doc})"
+                )
+            else:
+                resolved[p.name] = p.default
+        out_models.append(resolved)
+    return MergeParams(out_shared, out_models)
+
+
+def _split_kwargs(method: MergeMethod, n_models: int, kwargs: Mapping[str, Any]) -> MergeParams:
+    """Turn :func:`merge` keywords (``density=0.2, weights=[1, 2]``) into resolved parameters."""
+    shared: dict[str, Any] = {}
+    per_model: list[dict[str, Any]] = [{} for _ in range(n_models)]
+    by_plural = {p.plural: p for p in method.model_params if p.plural}
+    model_names = {p.name: p for p in method.model_params}
+    for key, value in kwargs.items():
+        param = by_plural.get(key) or model_names.get(key)
+        if param is not None and (key == param.plural or isinstance(value, list | tuple)):
+            if not isinstance(value, list | tuple) or len(value) != n_models:
+                raise ConfigError(
+                    f"merge: '{key}' must be a list with one value per model ({n_models}). Found {value!r}"
+                )
+            for i, v in enumerate(value):
+                per_model[i][param.name] = v
+        else:
+            shared[key] = value
+    return resolve_params(method, n_models, shared, per_model)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in for inputs of ``dtype``."""
+    # float64 inputs stay float64 (exact tests); half types are merged in float32 and cast back
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lookup_tensor_params(method: MergeMethod, params: MergeParams, name: str) -> MergeParams:
+    """``params`` with every tensor-valued per-model parameter replaced by its entry for tensor ``name``."""
+    tensor_params = [p.name for p in method.model_params if p.kind == "tensors"]
+    if not tensor_params:
+        return params
+    per_model = []
+    for i, mp in enumerate(params.per_model):
+        mp = dict(mp)
+        for key in tensor_params:
+            mapping = mp[key]
+            if mapping is None:
+                continue
+            if name not in mapping:
+                raise ShapeMismatch(f"tensor '{name}': missing from parameter '{key}' of model {i}")
+            mp[key] = mapping[name]
+        per_model.append(mp)
+    return MergeParams(params.shared, per_model)
+
+
+def merge(
+    method: str | MergeMethod,
+    base: StateDict | None,
+    models: Sequence[StateDict],
+    **params: Any,
+) -> dict[str, Tensor] | Delta:
+    """Merge ``models`` (state dicts or :class:`Delta` task vectors) with a registered method.
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> from deltaplane.merging import merge
+        >>> base = {"w": torch.zeros(4)}
+        >>> a = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}
+        >>> b = {"w": torch.tensor([1.5, 2.0, -1.0, 0.5])}
+        >>> merge("ties", base, [a, b], density=0.5)["w"].tolist()
+        [1.5, 2.0, 3.0, 0.0]
+        >>> merge("linear", None, [a, b], weights=[3, 1])["w"].tolist()
+        [1.125, -1.0, 2.0, 0.5]
+
+    Args:
+        method: a name from :func:`available_methods` (``"ties"``, ``"slerp"``...) or a :class:`MergeMethod`.
+        base: the common base model, needed by task-vector methods; ``None`` when models are deltas or when
+            the method does not use a base (``linear``, two-model ``slerp``).
+        models: state dicts sharing names, shapes and dtypes; or :class:`Delta` objects, read as task vectors
+            relative to a zero base (then the result is a :class:`Delta`, or ``base + delta`` if ``base`` given).
+        **params: shared parameters (``density=0.2``, ``lambda_=...`` as ``**{"lambda": 0.5}``), a per-model
+            parameter for all models (``weight=1``) or one per model (``weights=[1, 2, 3]``).
+
+    Returns:
+        The merged state dict (in each tensor's input dtype), or a :class:`Delta` if ``models`` are deltas and
+        no ``base`` is given. Non-floating tensors (counters) are copied from the base (else the first model).
+
+    Raises:
+        ConfigError: unknown method or parameter, bad value, wrong number of models, missing base.
+        ShapeMismatch: the models (or base) disagree on tensor names, shapes or dtypes; names the tensor.
+    """
+    m = get_method(method)
+    models = list(models)
+    if not models:
+        raise ConfigError("merge: no models given")
+    deltas = all(isinstance(x, Delta) for x in models)
+    if deltas:
+        apply_to = base
+        base = Delta.zeros_like(models[0])
+    for i, x in enumerate(models[1:], start=1):
+        check_compatible(models[0], x, f"model 0 and model {i}")
+    if base is not None:
+        check_compatible(base, models[0], "base and model 0")
+    m.check_models(len(models), base is not None)
+    resolved = _split_kwargs(m, len(models), params)
+    for mp in resolved.per_model:
+        for p in m.model_params:
+            if p.kind == "tensors" and isinstance(mp[p.name], str):
+                from deltaplane.merging.checkpoint import Checkpoint
+
+                mp[p.name] = Checkpoint(mp[p.name])
+    out: dict[str, Tensor] = {}
+    for name, first in models[0].items():
+        if not first.is_floating_point():
+            out[name] = (base[name] if base is not None else first).detach().clone()
+            continue
+        cdt = compute_dtype_for(first.dtype)
+        b = base[name].detach().to(cdt, copy=True) if base is not None else None
+        ts = [x[name].detach().to(cdt, copy=True) for x in models]  # copies: methods may work in place
+        merged = m.merge_tensor(name, b, ts, lookup_tensor_params(m, resolved, name))
+        out[name] = merged.to(first.dtype)
+    if deltas:
+        d = Delta(out)
+        return d.apply(apply_to) if apply_to is not None else d
+    return out

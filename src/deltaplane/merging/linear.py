@@ -1,0 +1,44 @@
+"""Linear merge (weighted average of weights, "model soup").
+
+Wortsman et al. 2022, "Model soups: averaging weights of multiple fine-tuned models improves accuracy without
+increasing inference time", https://arxiv.org/abs/2203.05482: ``θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ`` (or the plain weighted
+sum with ``normalize: false``). The base model, if given, is not part of the average unless listed as a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from deltaplane.merging.base import MergeMethod, MergeParams, Param, register_method
+
+__all__ = ["Linear"]
+
+
+class Linear(MergeMethod):
+    """Weighted average ``Σ wᵢ θᵢ / Σ wᵢ``."""
+
+    name = "linear"
+    paper = "Wortsman et al. 2022, Model soups"
+    url = "https://arxiv.org/abs/2203.05482"
+    params = (
+        Param("weight", 1.0, per_model=True, plural="weights", doc="weight of this model"),
+        Param("normalize", True, kind="bool", doc="divide by the sum of weights"),
+    )
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
+    ) -> Tensor:
+        weights = params.column("weight")
+        out = torch.zeros_like(tensors[0])
+        for w, t in zip(weights, tensors, strict=True):
+            out.add_(t, alpha=w)
+        total = sum(weights)
+        if params.shared["normalize"] and abs(total) > 1e-12:
+            out /= total
+        return out
+
+
+register_method(Linear(), replace=True)

@@ -1,0 +1,283 @@
+"""Streaming merge of checkpoints on disk: tensor by tensor, so memory is bounded by the largest tensor.
+
+:func:`merge_files` reads each input lazily (``safetensors.safe_open``), merges one tensor at a time with the
+same :class:`~deltaplane.merging.base.MergeMethod` code as the in-memory :func:`~deltaplane.merging.merge`, and
+writes the result as safetensors (sharded with a ``model.safetensors.index.json`` when large). Peak memory is
+about ``(inputs + a few) × largest tensor``, not ``inputs × model``.
+
+Everything that can be checked from headers is checked before any tensor is read — names, shapes, dtypes,
+parameters — and the output is built in a temporary folder next to ``out_dir`` and renamed into place only when
+complete, so a failed merge never leaves a partial model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.merging.base import MergeMethod, MergeParams, compute_dtype_for, get_method, resolve_params
+from deltaplane.merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsWriter, TensorInfo
+from deltaplane.merging.config import MergeConfig, load_config
+
+__all__ = ["COPIED_FILES", "MergeResult", "ProgressFn", "merge_files"]
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, tensor_name)``, called after each merged tensor (the CLI draws a bar with it)."""
+
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files copied from the base model's folder (else the first model's) into the output, as mergekit does."""
+
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_files` wrote."""
+
+    out_dir: Path
+    files: tuple[str, ...]
+    n_tensors: int
+    n_params: int
+    nbytes: int
+    seconds: float
+
+
+def _uses_base(method: MergeMethod) -> bool:
+    # methods whose formula has a θ₀ term; linear/fisher average only the listed models
+    return method.needs_base or method.name == "slerp"
+
+
+def _check_layout(ref: Checkpoint, other: Checkpoint, cast: bool) -> None:
+    if ref.infos.keys() != other.infos.keys():
+        missing = sorted(set(ref.infos) - set(other.infos))
+        extra = sorted(set(other.infos) - set(ref.infos))
+        parts = []
+        if missing:
+            parts.append(f"lacks tensor(s) {missing[:5]} that '{ref.path}' has")
+        if extra:
+            parts.append(f"has extra tensor(s) {extra[:5]} that '{ref.path}' lacks")
+        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
+    for name, info in ref.infos.items():
+        o = other.infos[name]
+        if o.shape != info.shape:
+            raise ShapeMismatch(
+                f"tensor '{name}': shape {o.shape} in '{o.file}' but {info.shape} in '{info.file}'"
+            )
+        if o.dtype != info.dtype and not (
+            cast and o.dtype.is_floating_point and info.dtype.is_floating_point
+        ):
+            raise ShapeMismatch(
+                f"tensor '{name}': dtype {o.dtype} in '{o.file}' but {info.dtype} in '{info.file}' "
+                "(set `dtype:` in the config to cast every input to one dtype)"
+            )
+
+
+def _plan_shards(
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int
+) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    size = 0
+    for e in entries:
+        n = TensorInfo(Path(), e[1], e[2]).nbytes
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def _copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        f = src / name
+        if not f.is_file():
+            continue
+        if name == "config.json" and out_dtype is not None:
+            try:
+                cfg = json.loads(f.read_text())
+            except ValueError:
+                cfg = None
+            if isinstance(cfg, dict):
+                # keep the advertised dtype truthful when the merge changes it
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = str(out_dtype).removeprefix("torch.")
+                (dst / name).write_text(json.dumps(cfg, indent=2) + "\n")
+                copied.append(name)
+                continue
+        shutil.copyfile(f, dst / name)
+        copied.append(name)
+    return copied
+
+
+def merge_files(
+    config: str | os.PathLike[str] | Mapping[str, Any] | MergeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: ProgressFn | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> MergeResult:
+    """Merge the checkpoints a config names into ``out_dir`` (Hugging Face layout), streaming tensor by tensor.
+
+    Example:
+        ``merge_files("merge.yaml", "out/")`` with ``merge.yaml`` in mergekit's format (see
+        :mod:`deltaplane.merging.config`); the CLI equivalent is ``deltaplane merge merge.yaml -o out/``.
+
+    Args:
+        config: path to a YAML file, a dict with the same keys, or a :class:`MergeConfig`.
+        out_dir: the folder to create; holds ``model.safetensors`` (or shards + ``model.safetensors.index.json``)
+            and the base model's ``config.json`` / tokenizer files.
+        progress: called as ``progress(done, total, name)`` after each tensor.
+        overwrite: replace ``out_dir`` if it exists (only once the new merge is complete).
+        max_shard_bytes: split the output into shards of at most this size (a tensor never spans shards).
+
+    Raises:
+        ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
+        ShapeMismatch: the models disagree on tensor names, shapes or dtypes; names the file and the tensor.
+        DecodeError: an input file is not valid safetensors.
+    """
+    t0 = time.perf_counter()
+    cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
+    where = cfg.source
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(
+            f"output folder '{out}' already exists (pass overwrite=True / --overwrite to replace it)"
+        )
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive. Found {max_shard_bytes}")
+    method = get_method(cfg.merge_method)
+    uses_base = _uses_base(method)
+    entries = list(cfg.models)
+    if uses_base and cfg.base_model is not None:
+        base_path = cfg.resolve(cfg.base_model)
+        # mergekit lists the base under models too; its entry carries no task vector
+        entries = [e for e in entries if cfg.resolve(e.model).resolve() != base_path.resolve()]
+    if uses_base and cfg.base_model is None and method.needs_base:
+        raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
+    names = [e.model for e in entries]
+    method.check_models(len(entries), uses_base and cfg.base_model is not None)
+    params = resolve_params(
+        method, len(entries), cfg.parameters, [e.parameters for e in entries], where=where, model_names=names
+    )
+    base = Checkpoint(cfg.resolve(cfg.base_model)) if uses_base and cfg.base_model else None
+    models = [Checkpoint(cfg.resolve(e.model)) for e in entries]
+    inputs = ([base] if base is not None else []) + models
+    for ck in inputs:
+        ck.check_index()
+    cast = cfg.compute_dtype is not None
+    for ck in inputs[1:]:
+        _check_layout(inputs[0], ck, cast)
+    # tensor-valued parameters given as files (a Fisher per model) are opened lazily like the models
+    tensor_keys = [p.name for p in method.model_params if p.kind == "tensors"]
+    for mp in params.per_model:
+        for key in tensor_keys:
+            if isinstance(mp[key], str):
+                mp[key] = Checkpoint(cfg.resolve(mp[key]))
+    ref = inputs[0]
+    plan = []
+    for name, info in ref.infos.items():
+        dtype = info.dtype
+        if info.dtype.is_floating_point and cfg.output_dtype is not None:
+            dtype = cfg.output_dtype
+        plan.append((name, info.shape, dtype))
+        for i, mp in enumerate(params.per_model):
+            for key in tensor_keys:
+                f = mp[key]
+                if info.dtype.is_floating_point and isinstance(f, Mapping) and name not in f:
+                    src = f.path if isinstance(f, Checkpoint) else f"model {names[i]}"
+                    raise ShapeMismatch(f"tensor '{name}': missing from {key} '{src}' of model '{names[i]}'")
+    shards = _plan_shards(plan, max_shard_bytes)
+    shard_names = (
+        [SINGLE_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    n_params = nbytes = done = 0
+    try:
+        meta = {"format": "pt", "merged_by": "deltaplane", "merge_method": method.name}
+        for shard, fname in zip(shards, shard_names, strict=True):
+            with SafetensorsWriter(tmp / fname, shard, meta) as writer:
+                for name, _shape, out_dtype in shard:
+                    merged = _merge_one(method, params, name, base, models, cfg.compute_dtype)
+                    writer.write(name, merged.to(out_dtype))
+                    n_params += merged.numel()
+                    del merged
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(plan), name)
+                nbytes += writer.total_bytes
+        files = list(shard_names)
+        if len(shards) > 1:
+            weight_map = {
+                name: fname for shard, fname in zip(shards, shard_names, strict=True) for name, *_ in shard
+            }
+            index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            files.append(INDEX_NAME)
+        src = (base or models[0]).folder
+        files += _copy_model_files(src, tmp, cfg.output_dtype)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for ck in inputs:
+            ck.close()
+    return MergeResult(out, tuple(files), len(plan), n_params, nbytes, time.perf_counter() - t0)
+
+
+def _merge_one(
+    method: MergeMethod,
+    params: MergeParams,
+    name: str,
+    base: Checkpoint | None,
+    models: list[Checkpoint],
+    compute_dtype: torch.dtype | None,
+) -> Tensor:
+    first = models[0]
+    info = first.infos[name]
+    if not info.dtype.is_floating_point:
+        return (base or first)[name]  # counters and index buffers are copied, not averaged
+    cdt = compute_dtype_for(compute_dtype or info.dtype)
+    b = base[name].to(cdt) if base is not None else None
+    ts = [m[name].to(cdt) for m in models]
+    per_model = []
+    for mp in params.per_model:
+        mp = dict(mp)
+        for key, value in mp.items():
+            if isinstance(value, Mapping):
+                mp[key] = value[name].to(cdt)
+        per_model.append(mp)
+    return method.merge_tensor(name, b, ts, MergeParams(params.shared, per_model))

@@ -1,0 +1,385 @@
+"""Data, prediction and embedding drift from device-reported summaries (histograms, never raw data).
+
+The server fits a :class:`DriftSpec` on a trusted reference window (bin edges at reference quantiles, random
+projections for embeddings); devices call :func:`summarize` on their own recent inputs and send only bin
+counts; the server merges counts from many devices into live windows and compares each window with the
+reference:
+
+* **PSI** (population stability index, Siddiqi 2006; Yurdakul 2018, https://scholarworks.wmich.edu/dissertations/3208)
+  ``Σ (l - r) ln(l / r)`` over bin fractions — the usual production rule: < 0.1 stable, 0.1–0.25 moderate,
+  > 0.25 major shift;
+* **KS** two-sample statistic on the binned CDFs with the asymptotic Kolmogorov distribution
+  (``scipy.stats.kstwobign``) — binning can only hide differences, so the p-value is conservative;
+* **χ²** test of homogeneity on the two count vectors (``scipy.stats.chi2_contingency``), used for discrete
+  features and predicted classes;
+* **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): cosine distance between reference and live
+  centroids plus PSI of the embeddings projected on seeded random directions (Rabanser et al. 2019,
+  "Failing Loudly", https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
+
+A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejects at ``alpha``: with
+thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deltaplane.errors import ConfigError, InvalidUpdate
+
+__all__ = [
+    "DriftMonitor",
+    "DriftReport",
+    "DriftSpec",
+    "Summary",
+    "chi2_from_counts",
+    "ks_from_counts",
+    "psi",
+    "summarize",
+]
+
+
+def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = 1e-4) -> float:
+    """Population stability index between two count (or fraction) vectors over the same bins."""
+    r = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(live, dtype=np.float64)
+    if r.shape != q.shape or r.ndim != 1:
+        raise ConfigError(f"psi needs two count vectors of the same length, got {r.shape} and {q.shape}")
+    if r.sum() <= 0 or q.sum() <= 0:
+        raise InvalidUpdate("psi needs non-empty reference and live counts")
+    r = np.clip(r / r.sum(), eps, None)  # empty bins would make ln() infinite; eps is the usual floor
+    q = np.clip(q / q.sum(), eps, None)
+    return float(np.sum((q - r) * np.log(q / r)))
+
+
+def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov statistic and asymptotic p-value from binned counts (ordered bins)."""
+    from scipy.stats import kstwobign
+
+    r = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(live, dtype=np.float64)
+    n, m = r.sum(), q.sum()
+    if n <= 0 or m <= 0:
+        raise InvalidUpdate("ks needs non-empty reference and live counts")
+    d = float(np.max(np.abs(np.cumsum(r) / n - np.cumsum(q) / m)))
+    return d, float(kstwobign.sf(d * np.sqrt(n * m / (n + m))))
+
+
+def chi2_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[float, float]:
+    """χ² test of homogeneity of two count vectors (bins empty in both are dropped)."""
+    from scipy.stats import chi2_contingency
+
+    table = np.vstack([np.asarray(reference, dtype=np.float64), np.asarray(live, dtype=np.float64)])
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2 or (table.sum(axis=1) <= 0).any():
+        return 0.0, 1.0  # a single occupied bin in both windows cannot differ
+    stat, p, _, _ = chi2_contingency(table, correction=False)
+    return float(stat), float(p)
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """How devices summarize: bin edges per feature, class count, embedding projections and their edges."""
+
+    feature_edges: tuple[tuple[float, ...], ...] = ()
+    feature_names: tuple[str, ...] = ()
+    n_classes: int = 0
+    projections: tuple[tuple[float, ...], ...] = ()
+    projection_edges: tuple[tuple[float, ...], ...] = ()
+
+    @classmethod
+    def fit(
+        cls,
+        features: np.ndarray | None = None,
+        *,
+        n_bins: int = 10,
+        n_classes: int = 0,
+        embeddings: np.ndarray | None = None,
+        n_projections: int = 16,
+        feature_names: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> DriftSpec:
+        """Edges at the reference's quantiles (so each bin holds ~1/n_bins of the reference)."""
+        if n_bins < 2:
+            raise ConfigError(f"n_bins must be at least 2. Found {n_bins}")
+        qs = np.linspace(0, 1, n_bins + 1)[1:-1]
+        edges: list[tuple[float, ...]] = []
+        if features is not None:
+            x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+            for j in range(x.shape[1]):
+                e = np.unique(np.quantile(x[:, j], qs))
+                edges.append(tuple(float(v) for v in e))
+        names = tuple(feature_names) if feature_names else tuple(f"f{j}" for j in range(len(edges)))
+        if len(names) != len(edges):
+            raise ConfigError(f"{len(names)} feature names for {len(edges)} features")
+        proj: tuple[tuple[float, ...], ...] = ()
+        pedges: list[tuple[float, ...]] = []
+        if embeddings is not None:
+            emb = np.asarray(embeddings, dtype=np.float64)
+            rng = np.random.default_rng(seed)
+            p = rng.standard_normal((n_projections, emb.shape[1]))
+            p /= np.linalg.norm(p, axis=1, keepdims=True)
+            proj = tuple(tuple(float(v) for v in row) for row in p)
+            z = emb @ p.T
+            pedges = [
+                tuple(float(v) for v in np.unique(np.quantile(z[:, k], qs))) for k in range(n_projections)
+            ]
+        return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature_edges": [list(e) for e in self.feature_edges],
+            "feature_names": list(self.feature_names),
+            "n_classes": self.n_classes,
+            "projections": [list(p) for p in self.projections],
+            "projection_edges": [list(e) for e in self.projection_edges],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
+        return cls(
+            tuple(tuple(map(float, e)) for e in d.get("feature_edges", ())),
+            tuple(d.get("feature_names", ())),
+            int(d.get("n_classes", 0)),
+            tuple(tuple(map(float, p)) for p in d.get("projections", ())),
+            tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
+        )
+
+
+@dataclass
+class Summary:
+    """What a device reports: counts per bin (features, predictions, projected embeddings) + embedding sum."""
+
+    n: int = 0
+    feature_counts: list[list[int]] = field(default_factory=list)
+    prediction_counts: list[int] = field(default_factory=list)
+    projection_counts: list[list[int]] = field(default_factory=list)
+    embedding_sum: list[float] = field(default_factory=list)
+    embedding_n: int = 0
+
+    def validate(self, spec: DriftSpec) -> None:
+        """Refuse a summary whose shape does not match ``spec`` (devices are untrusted)."""
+
+        def check(name: str, counts: list[list[int]], edges: tuple[tuple[float, ...], ...]) -> None:
+            if counts and (
+                len(counts) != len(edges)
+                or any(len(c) != len(e) + 1 for c, e in zip(counts, edges, strict=True))
+            ):
+                raise InvalidUpdate(
+                    f"{name} shape does not match the drift spec ({len(edges)} rows of len(edges)+1)"
+                )
+            if any(v < 0 for row in counts for v in row):
+                raise InvalidUpdate(f"{name} holds negative counts")
+
+        check("feature_counts", self.feature_counts, spec.feature_edges)
+        check("projection_counts", self.projection_counts, spec.projection_edges)
+        if self.prediction_counts and len(self.prediction_counts) != spec.n_classes:
+            raise InvalidUpdate(
+                f"prediction_counts has {len(self.prediction_counts)} classes, spec has {spec.n_classes}"
+            )
+        if any(v < 0 for v in self.prediction_counts) or self.n < 0 or self.embedding_n < 0:
+            raise InvalidUpdate("summary holds negative counts")
+        if self.embedding_sum and spec.projections and len(self.embedding_sum) != len(spec.projections[0]):
+            raise InvalidUpdate("embedding_sum has the wrong dimension for the drift spec")
+        if not all(np.isfinite(self.embedding_sum)):
+            raise InvalidUpdate("embedding_sum holds NaN or Inf")
+
+    def merge(self, other: Summary) -> Summary:
+        """Element-wise sum of two summaries (a window is the merge of many device reports)."""
+
+        def add(a: list, b: list) -> list:
+            if not a:
+                return [list(r) if isinstance(r, list) else r for r in b]
+            if not b:
+                return a
+            return [add(x, y) if isinstance(x, list) else x + y for x, y in zip(a, b, strict=True)]
+
+        return Summary(
+            self.n + other.n,
+            add(self.feature_counts, other.feature_counts),
+            add(self.prediction_counts, other.prediction_counts),
+            add(self.projection_counts, other.projection_counts),
+            add(self.embedding_sum, other.embedding_sum),
+            self.embedding_n + other.embedding_n,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _bin(values: np.ndarray, edges: Sequence[float]) -> list[int]:
+    return np.bincount(
+        np.searchsorted(np.asarray(edges), values, side="right"), minlength=len(edges) + 1
+    ).tolist()
+
+
+def summarize(
+    spec: DriftSpec,
+    features: np.ndarray | None = None,
+    predictions: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+) -> Summary:
+    """Device side: bin counts of local inputs, predicted classes and projected embeddings (no raw values)."""
+    s = Summary()
+    if features is not None:
+        x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+        if x.shape[1] != len(spec.feature_edges):
+            raise ConfigError(f"features have {x.shape[1]} columns, the spec has {len(spec.feature_edges)}")
+        s.n = len(x)
+        s.feature_counts = [_bin(x[:, j], e) for j, e in enumerate(spec.feature_edges)]
+    if predictions is not None:
+        p = np.asarray(predictions, dtype=np.int64).reshape(-1)
+        if len(p) and (p.min() < 0 or p.max() >= spec.n_classes):
+            raise ConfigError(f"predictions must be class ids in [0, {spec.n_classes})")
+        s.prediction_counts = np.bincount(p, minlength=spec.n_classes).tolist()
+        s.n = max(s.n, len(p))
+    if embeddings is not None:
+        emb = np.asarray(embeddings, dtype=np.float64)
+        z = emb @ np.asarray(spec.projections).T
+        s.projection_counts = [_bin(z[:, k], e) for k, e in enumerate(spec.projection_edges)]
+        s.embedding_sum = emb.sum(axis=0).tolist()
+        s.embedding_n = len(emb)
+        s.n = max(s.n, len(emb))
+    return s
+
+
+@dataclass
+class DriftReport:
+    """Per-signal drift figures for one live window, and the alerts they raise."""
+
+    n_reference: int
+    n_live: int
+    rows: list[dict[str, Any]]
+    alerts: list[str]
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.alerts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_reference": self.n_reference,
+            "n_live": self.n_live,
+            "rows": self.rows,
+            "alerts": self.alerts,
+        }
+
+
+class DriftMonitor:
+    """Compares merged live windows of device summaries against a reference summary.
+
+    Args:
+        spec: the binning devices use.
+        reference: the reference window's summary (``summarize(spec, reference_data...)``).
+        psi_threshold: PSI above which a signal may be flagged (0.2 is the common "significant shift" rule).
+        alpha: significance level of the KS / χ² test that must also reject.
+        window: device reports merged into one live window before it is evaluated.
+        embedding_cosine_threshold: centroid cosine distance that flags embedding drift on its own.
+    """
+
+    def __init__(
+        self,
+        spec: DriftSpec,
+        reference: Summary,
+        *,
+        psi_threshold: float = 0.2,
+        alpha: float = 0.01,
+        window: int = 20,
+        embedding_cosine_threshold: float = 0.05,
+    ) -> None:
+        if psi_threshold <= 0:
+            raise ConfigError(f"psi_threshold must be positive. Found {psi_threshold}")
+        if not 0 < alpha < 1:
+            raise ConfigError(f"alpha must be in (0, 1). Found {alpha}")
+        if window < 1:
+            raise ConfigError(f"window must be at least 1. Found {window}")
+        reference.validate(spec)
+        self.spec = spec
+        self.reference = reference
+        self.psi_threshold = psi_threshold
+        self.alpha = alpha
+        self.window = window
+        self.embedding_cosine_threshold = embedding_cosine_threshold
+        self._live = Summary()
+        self._reports = 0
+        self.history: list[DriftReport] = []
+
+    def ingest(self, summary: Summary) -> DriftReport | None:
+        """Add one device report; returns the window's report when the window fills, else None."""
+        summary.validate(self.spec)
+        self._live = self._live.merge(summary)
+        self._reports += 1
+        if self._reports < self.window:
+            return None
+        report = self.compare(self._live)
+        self.history.append(report)
+        self._live, self._reports = Summary(), 0
+        return report
+
+    def compare(self, live: Summary) -> DriftReport:
+        """Drift figures of ``live`` against the reference, with alerts for flagged signals."""
+        rows: list[dict[str, Any]] = []
+        alerts: list[str] = []
+
+        def row(kind: str, name: str, ref: list[int], cur: list[int], test: str) -> None:
+            if sum(ref) == 0 or sum(cur) == 0:
+                return
+            value = psi(ref, cur)
+            stat, p = ks_from_counts(ref, cur) if test == "ks" else chi2_from_counts(ref, cur)
+            drifted = value > self.psi_threshold and p < self.alpha
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "psi": value,
+                    "test": test,
+                    "stat": stat,
+                    "p": p,
+                    "drifted": drifted,
+                }
+            )
+            if drifted:
+                alerts.append(
+                    f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}"
+                )
+
+        for name, r, c in zip(
+            self.spec.feature_names, self.reference.feature_counts, live.feature_counts, strict=False
+        ):
+            row("feature", name, r, c, "ks")
+        if self.reference.prediction_counts and live.prediction_counts:
+            row(
+                "prediction",
+                "predicted class",
+                self.reference.prediction_counts,
+                live.prediction_counts,
+                "chi2",
+            )
+        for k, (r, c) in enumerate(
+            zip(self.reference.projection_counts, live.projection_counts, strict=False)
+        ):
+            row("embedding", f"projection {k}", r, c, "ks")
+        if self.reference.embedding_n and live.embedding_n:
+            a = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+            b = np.asarray(live.embedding_sum) / live.embedding_n
+            cos = 1.0 - float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+            drifted = cos > self.embedding_cosine_threshold
+            rows.append(
+                {
+                    "kind": "embedding",
+                    "name": "centroid cosine distance",
+                    "psi": None,
+                    "test": "cosine",
+                    "stat": cos,
+                    "p": None,
+                    "drifted": drifted,
+                }
+            )
+            if drifted:
+                alerts.append(
+                    f"embedding drift: centroid cosine distance {cos:.3f} > {self.embedding_cosine_threshold}"
+                )
+        return DriftReport(self.reference.n, live.n, rows, alerts)

@@ -1,0 +1,70 @@
+"""Ditto: each device trains a personal model regularised toward the global one.
+
+Li, Hu, Beirami & Smith 2021, "Ditto: Fair and Robust Federated Learning Through Personalization",
+https://arxiv.org/abs/2012.04221, Algorithm 1: alongside the usual federated training of the global ``w``, device
+``k`` keeps ``v_k`` and takes local steps on ``F_k(v_k) + λ/2 ‖v_k − w‖²``. λ trades personal fit (λ → 0, local
+training) against the global model (λ → ∞).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltaplane.delta import StateDict
+from deltaplane.errors import ConfigError
+from deltaplane.personalization.base import Personalizer, PersonalState
+from deltaplane.personalization.training import train_sgd
+
+__all__ = ["Ditto"]
+
+
+class Ditto(Personalizer):
+    """Personal model ``v_k`` trained with the proximal term ``λ/2 ‖v_k − w_global‖²``.
+
+    Args:
+        lam: λ, the strength of the pull toward the global model.
+        epochs: local epochs on ``v_k`` per round.
+        lr: learning rate for ``v_k``.
+        batch_size: mini-batch size.
+    """
+
+    name = "ditto"
+
+    def __init__(self, *, lam: float = 0.1, epochs: int = 2, lr: float = 0.05, batch_size: int = 32) -> None:
+        if lam < 0:
+            raise ConfigError(f"lam must be non-negative. Found {lam}")
+        if epochs < 1 or lr <= 0:
+            raise ConfigError(f"epochs must be >= 1 and lr positive. Found {epochs}, {lr}")
+        self.lam = lam
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+
+    def personalize(
+        self,
+        model: nn.Module,
+        global_state: StateDict,
+        state: PersonalState,
+        train: Any,
+        val: Any,
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        start = state.personal_model if state.personal_model is not None else dict(global_state)
+        state.personal_model = train_sgd(
+            model,
+            start,
+            train,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            generator=generator,
+            prox_center=global_state,
+            prox_lambda=self.lam,
+        )
+
+    def personal_state(self, global_state: StateDict, state: PersonalState) -> dict:
+        return dict(state.personal_model) if state.personal_model is not None else dict(global_state)

@@ -1,0 +1,80 @@
+"""Local training and evaluation on plain torch modules and ``(x, y)`` data, shared by the personalizers.
+
+Data is anything with ``.x`` / ``.y`` tensors (the simulator's ``Dataset``) or an ``(x, y)`` tuple; randomness
+comes only from the ``torch.Generator`` passed in, so a device's personalization is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltaplane.errors import ConfigError
+
+__all__ = ["accuracy", "as_xy", "train_sgd"]
+
+
+def as_xy(data: Any) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from a dataset object with ``.x``/``.y`` or from a 2-tuple."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return data.x, data.y
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return data[0], data[1]
+    raise ConfigError(f"data must have .x and .y tensors or be an (x, y) pair. Found {type(data).__name__}")
+
+
+def train_sgd(
+    model: nn.Module,
+    start: Mapping[str, Tensor],
+    data: Any,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 32,
+    momentum: float = 0.9,
+    generator: torch.Generator,
+    prox_center: Mapping[str, Tensor] | None = None,
+    prox_lambda: float = 0.0,
+) -> dict[str, Tensor]:
+    """Load ``start`` into ``model``, run SGD on cross-entropy and return the trained state dict (a copy).
+
+    With ``prox_center`` the loss gets Ditto's proximal term ``λ/2 ‖θ − θ_center‖²`` over the parameters.
+    """
+    if epochs < 0 or lr <= 0 or batch_size <= 0:
+        raise ConfigError(
+            f"epochs must be >= 0, lr and batch_size positive. Found {epochs}, {lr}, {batch_size}"
+        )
+    x, y = as_xy(data)
+    model.load_state_dict(dict(start))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    center = {k: v.detach() for k, v in (prox_center or {}).items()}
+    named = [(k, p) for k, p in model.named_parameters() if k in center]
+    n = x.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if prox_lambda > 0 and named:
+                loss = loss + 0.5 * prox_lambda * sum((p - center[k]).pow(2).sum() for k, p in named)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, state: Mapping[str, Tensor] | None, data: Any) -> float:
+    """Accuracy of ``model`` (with ``state`` loaded, if given) on ``data``; 0.0 for empty data."""
+    x, y = as_xy(data)
+    if x.shape[0] == 0:
+        return 0.0
+    if state is not None:
+        model.load_state_dict(dict(state))
+    model.eval()
+    return float((model(x).argmax(dim=1) == y).float().mean())

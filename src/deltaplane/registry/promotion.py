@@ -1,0 +1,169 @@
+"""Eval-gated promotion and one-command rollback of tagged model versions.
+
+A promotion evaluates the candidate *and* the version currently holding the tag with the same evaluator in the
+same run (never against remembered numbers from another harness), and refuses when any gated metric — clean
+accuracy, out-of-distribution accuracy — drops by more than its tolerance, or when the candidate was trained
+on a cohort that has since withdrawn consent. Silent regressions (an over-pruned or backdoored model that
+still looks fine on one metric) are what the gate is for.
+
+Rollback walks the tag's history as a stack: promotions push, rollbacks pop, so two rollbacks in a row go two
+versions back. Versions are immutable content-addressed blobs, so the restored weights are byte-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaplane.errors import ConfigError, NotFound, PromotionRefused
+from deltaplane.monitor.cards import ModelCard
+from deltaplane.registry.store import Artifact, Registry
+
+__all__ = ["Evaluator", "PromotionResult", "Tolerance", "production_stack", "promote", "rollback"]
+
+Evaluator = Callable[[dict[str, torch.Tensor]], Mapping[str, float]]
+"""Takes a state dict, returns metrics such as ``{"accuracy": 0.97, "ood_accuracy": 0.91}`` (fractions)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest allowed drop per metric, in absolute metric units (0.01 = one accuracy point).
+
+    Args:
+        limits: metric name -> allowed drop; every named metric must be returned by the evaluator.
+    """
+
+    limits: Mapping[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
+
+    def __post_init__(self) -> None:
+        if not self.limits:
+            raise ConfigError("tolerance needs at least one gated metric")
+        for k, v in self.limits.items():
+            if not isinstance(v, int | float) or v < 0:
+                raise ConfigError(f"tolerance for {k!r} must be a non-negative number. Found {v!r}")
+
+
+@dataclass
+class PromotionResult:
+    """What a promotion decided and why (``regressions`` is empty when it was promoted)."""
+
+    promoted: bool
+    candidate: str
+    tag: str
+    previous: str | None
+    candidate_metrics: dict[str, float]
+    baseline_metrics: dict[str, float] | None
+    regressions: list[str]
+
+    def summary(self) -> str:
+        verdict = "promoted" if self.promoted else "REFUSED"
+        lines = [f"{self.candidate} -> :{self.tag} {verdict} (previous: {self.previous or 'none'})"]
+        for k, v in self.candidate_metrics.items():
+            base = self.baseline_metrics.get(k) if self.baseline_metrics else None
+            lines.append(
+                f"  {k}: {v:.4f}"
+                + (f" (baseline {base:.4f}, change {v - base:+.4f})" if base is not None else "")
+            )
+        lines += [f"  ! {r}" for r in self.regressions]
+        return "\n".join(lines)
+
+
+def _evaluate(
+    registry: Registry, art: Artifact, evaluator: Evaluator, name: str, gated: list[str]
+) -> dict[str, float]:
+    raw = evaluator(registry.load_state(art))
+    missing = [k for k in gated if k not in raw]
+    if missing:
+        raise ConfigError(f"evaluator returned {sorted(raw)} but the gate needs {missing}")
+    metrics = {k: float(v) for k, v in raw.items()}
+    registry.record_evaluation(art, name, metrics)
+    return metrics
+
+
+def promote(
+    registry: Registry,
+    ref: str,
+    *,
+    to: str = "production",
+    evaluator: Evaluator,
+    tolerance: Tolerance | None = None,
+    evaluator_name: str = "",
+    raise_on_refusal: bool = True,
+) -> PromotionResult:
+    """Move tag ``to`` onto version ``ref`` if it passes the evaluation and governance gates.
+
+    Raises:
+        PromotionRefused: the candidate regressed beyond ``tolerance`` or contains a withdrawn cohort (unless
+            ``raise_on_refusal`` is False, in which case the refused result is returned).
+    """
+    tolerance = tolerance or Tolerance()
+    cand = registry.resolve(ref)
+    if cand.kind != "model":
+        raise ConfigError(f"{cand.ref} is a delta; only model versions can be promoted")
+    name = evaluator_name or getattr(evaluator, "__qualname__", type(evaluator).__name__)
+    gated = list(tolerance.limits)
+    regressions = registry.governance_problems(cand)
+    try:
+        prev: Artifact | None = registry.get(cand.model, registry.tag(cand.model, to))
+    except NotFound:
+        prev = None
+    cand_metrics = _evaluate(registry, cand, evaluator, name, gated)
+    base_metrics = None
+    if prev is not None and prev.number != cand.number:
+        base_metrics = _evaluate(registry, prev, evaluator, name, gated)
+        for k, allowed in tolerance.limits.items():
+            drop = base_metrics[k] - cand_metrics[k]
+            if drop > allowed:
+                regressions.append(
+                    f"{k} drops by {drop:.4f} ({base_metrics[k]:.4f} -> {cand_metrics[k]:.4f}), "
+                    f"more than the {allowed:.4f} tolerance"
+                )
+    result = PromotionResult(
+        promoted=not regressions,
+        candidate=cand.ref,
+        tag=to,
+        previous=prev.ref if prev else None,
+        candidate_metrics=cand_metrics,
+        baseline_metrics=base_metrics,
+        regressions=regressions,
+    )
+    if regressions:
+        if raise_on_refusal:
+            raise PromotionRefused(result.summary())
+        return result
+    registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
+    card = ModelCard(
+        cand.model,
+        cand.number,
+        lineage={"parent": cand.parent, **cand.lineage, "promoted_to": to},
+        governance=cand.governance.to_dict(),
+        metrics=cand_metrics,
+    )
+    registry.attach_card(cand, card.to_dict())
+    return result
+
+
+def production_stack(registry: Registry, model: str, tag: str = "production") -> list[int]:
+    """The tag's version stack implied by its history (promotions/sets push, rollbacks pop)."""
+    stack: list[int] = []
+    for h in registry.tag_history(model, tag):
+        if h["action"] == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != h["number"]:
+                stack.append(h["number"])
+        else:
+            stack.append(h["number"])
+    return stack
+
+
+def rollback(registry: Registry, model: str, *, tag: str = "production", reason: str = "") -> Artifact:
+    """Point ``model:tag`` back at the version it held before the current one; returns that version."""
+    stack = production_stack(registry, model, tag)
+    if len(stack) < 2:
+        raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
+    target = stack[-2]
+    registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+    return registry.get(model, target)

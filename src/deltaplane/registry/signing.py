@@ -1,0 +1,187 @@
+"""Ed25519 signatures for every artifact the registry stores or the service sends.
+
+A signature covers a domain-separated, canonical JSON statement of *what* the bytes are (kind, model, version,
+SHA-256), not only the bytes: a validly signed old model cannot be replayed as a newer version, and a signed
+delta cannot be presented as a full model. Keys live under ``<home>/keys`` (``deltaplane keys init``); a device
+or service trusts the public keys it was given and refuses everything else with
+:class:`~deltaplane.errors.SignatureError`. Ed25519 (RFC 8032, https://www.rfc-editor.org/rfc/rfc8032) via the
+``cryptography`` package.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltaplane.delta import atomic_write_bytes
+from deltaplane.errors import NotFound, SignatureError
+
+__all__ = [
+    "DOMAIN",
+    "Signature",
+    "Signer",
+    "Verifier",
+    "init_keys",
+    "key_id_of",
+    "load_signer",
+    "load_verifier",
+    "statement",
+]
+
+DOMAIN = b"deltaplane/artifact/v1\x00"
+PRIVATE_NAME = "signing.ed25519.pem"
+PUBLIC_NAME = "signing.ed25519.pub"
+
+
+def statement(context: Mapping[str, Any]) -> bytes:
+    """The exact bytes that are signed: the domain tag then ``context`` as canonical (sorted, compact) JSON."""
+    return DOMAIN + json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode()
+
+
+def key_id_of(public_raw: bytes) -> str:
+    """A short, stable identifier of a public key: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A detached signature: which key made it and the 64 signature bytes (base64 in text form)."""
+
+    key_id: str
+    value: bytes
+
+    def to_text(self) -> str:
+        """``key_id:base64`` — the form stored in the registry and sent in HTTP headers."""
+        return f"{self.key_id}:{base64.b64encode(self.value).decode()}"
+
+    @classmethod
+    def from_text(cls, text: str) -> Signature:
+        """Parse :meth:`to_text` output; raises :class:`SignatureError` when malformed."""
+        key_id, sep, b64 = (text or "").partition(":")
+        try:
+            value = base64.b64decode(b64, validate=True)
+        except ValueError:
+            value = b""
+        if not sep or not key_id or len(value) != 64:
+            raise SignatureError(f"malformed signature {text[:40]!r}; expected 'key_id:base64(64 bytes)'")
+        return cls(key_id, value)
+
+
+class Signer:
+    """Holds an Ed25519 private key and signs artifact statements."""
+
+    def __init__(self, private_key: Any) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._key = private_key
+        self.public_raw: bytes = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.key_id = key_id_of(self.public_raw)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        """A fresh random key (tests, ephemeral services)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, context: Mapping[str, Any]) -> Signature:
+        """Sign the statement for ``context`` (which must name the bytes' ``sha256``)."""
+        if "sha256" not in context:
+            raise SignatureError("a signed statement must include the artifact's 'sha256'")
+        return Signature(self.key_id, self._key.sign(statement(context)))
+
+    def verifier(self) -> Verifier:
+        """A verifier trusting exactly this key."""
+        return Verifier([self.public_raw])
+
+
+class Verifier:
+    """A set of trusted Ed25519 public keys; checks signatures and the bytes' hash together."""
+
+    def __init__(self, public_keys: Iterable[bytes]) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        self._keys = {key_id_of(k): Ed25519PublicKey.from_public_bytes(k) for k in public_keys}
+        if not self._keys:
+            raise SignatureError("a verifier needs at least one trusted public key")
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def verify(self, context: Mapping[str, Any], signature: Signature | str) -> None:
+        """Raise :class:`SignatureError` unless ``signature`` is a trusted key's signature of ``context``."""
+        from cryptography.exceptions import InvalidSignature
+
+        sig = Signature.from_text(signature) if isinstance(signature, str) else signature
+        key = self._keys.get(sig.key_id)
+        if key is None:
+            raise SignatureError(f"signed by untrusted key {sig.key_id}; trusted keys: {self.key_ids}")
+        try:
+            key.verify(sig.value, statement(context))
+        except InvalidSignature:
+            raise SignatureError(
+                f"signature by {sig.key_id} does not verify for {context.get('kind', 'artifact')} "
+                f"{context.get('model', '')}@{context.get('version', '')}: the bytes or metadata were altered"
+            ) from None
+
+    def verify_bytes(self, data: bytes, context: Mapping[str, Any], signature: Signature | str) -> None:
+        """Check that ``data`` hashes to ``context['sha256']`` and that the signature over it verifies."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != context.get("sha256"):
+            raise SignatureError(
+                f"bytes hash to {digest[:16]}…, but the signed statement names {str(context.get('sha256'))[:16]}…; "
+                "the artifact was tampered with or corrupted"
+            )
+        self.verify(context, signature)
+
+
+# -- key files -------------------------------------------------------------------------------------------
+def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signer:
+    """Create ``<home>/keys/`` with a new Ed25519 key pair (private key mode 0600) and return its signer.
+
+    Refuses to replace an existing key unless ``overwrite`` (every artifact it signed would stop verifying
+    for devices that trust only the new key).
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    keys = Path(home) / "keys"
+    if (keys / PRIVATE_NAME).exists() and not overwrite:
+        raise SignatureError(
+            f"a signing key already exists in {keys}; pass overwrite=True (--force) to replace it"
+        )
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    keys.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(keys / PRIVATE_NAME, pem)
+    os.chmod(keys / PRIVATE_NAME, 0o600)
+    signer = Signer(key)
+    atomic_write_bytes(keys / PUBLIC_NAME, base64.b64encode(signer.public_raw) + b"\n")
+    return signer
+
+
+def load_signer(home: str | os.PathLike[str]) -> Signer:
+    """The signing key in ``<home>/keys``; :class:`NotFound` (with the command to run) when absent."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    path = Path(home) / "keys" / PRIVATE_NAME
+    if not path.exists():
+        raise NotFound(f"no signing key at {path}; create one with `deltaplane keys init --home {home}`")
+    return Signer(load_pem_private_key(path.read_bytes(), password=None))
+
+
+def load_verifier(home: str | os.PathLike[str]) -> Verifier:
+    """Trust the home's own public key plus every ``*.pub`` file in ``<home>/keys/trusted/``."""
+    keys = Path(home) / "keys"
+    files = [keys / PUBLIC_NAME, *sorted((keys / "trusted").glob("*.pub"))]
+    raws = [base64.b64decode(f.read_text().strip()) for f in files if f.exists()]
+    if not raws:
+        raise NotFound(f"no public keys under {keys}; run `deltaplane keys init --home {home}`")
+    return Verifier(raws)

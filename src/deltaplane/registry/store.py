@@ -1,0 +1,794 @@
+"""The registry: immutable, signed versions of models and deltas with lineage, tags and governance metadata.
+
+Storage is two parts, each crash-safe on its own and together by ordering:
+
+* a content-addressed blob store (``<home>/blobs/ab/cdef…``, named by SHA-256) written as temp file →
+  ``fsync`` → ``rename`` → directory ``fsync``, so a blob is either absent or complete;
+* SQLite metadata in WAL mode with ``synchronous=FULL``; every change is one transaction, and the blob is
+  durable *before* the row that points to it commits.
+
+A SIGKILL therefore leaves at worst an orphan blob or temp file (reported by :meth:`Registry.verify`, removed by
+:meth:`Registry.gc`), never a row without its bytes nor a half-written row. Artifact rows are immutable
+(SQLite triggers refuse UPDATE and DELETE); tags move, and every move is kept in ``tag_history`` so a
+rollback knows the previous production version.
+
+Example:
+    >>> import tempfile, torch
+    >>> from deltaplane.registry import Registry
+    >>> reg = Registry.create(tempfile.mkdtemp())
+    >>> v1 = reg.register_model("cnn", {"w": torch.zeros(3)}, lineage={"round": 0})
+    >>> v2 = reg.register_model("cnn", {"w": torch.ones(3)}, parent=v1.number, lineage={"round": 1})
+    >>> reg.set_tag("cnn", "production", v2.number)
+    >>> reg.resolve("cnn:production").number, reg.load_state("cnn@1")["w"].tolist()
+    (2, [0.0, 0.0, 0.0])
+    >>> reg.verify().ok
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
+from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
+
+__all__ = [
+    "Artifact",
+    "Governance",
+    "IntegrityReport",
+    "Registry",
+    "default_home",
+    "state_from_bytes",
+    "state_to_bytes",
+]
+
+HOME_ENV = "DELTAPLANE_HOME"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REF = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('model', 'delta')),
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    parent INTEGER,
+    base INTEGER,
+    target INTEGER,
+    codec TEXT,
+    lineage TEXT NOT NULL,
+    governance TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (model, number)
+);
+CREATE INDEX IF NOT EXISTS artifacts_delta ON artifacts (model, kind, base, target);
+CREATE TRIGGER IF NOT EXISTS artifacts_immutable_u BEFORE UPDATE ON artifacts
+    BEGIN SELECT RAISE(ABORT, 'registry artifacts are immutable'); END;
+CREATE TRIGGER IF NOT EXISTS artifacts_immutable_d BEFORE DELETE ON artifacts
+    BEGIN SELECT RAISE(ABORT, 'registry artifacts are immutable'); END;
+CREATE TABLE IF NOT EXISTS tags (
+    model TEXT NOT NULL, tag TEXT NOT NULL, number INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (model, tag)
+);
+CREATE TABLE IF NOT EXISTS tag_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, number INTEGER,
+    previous INTEGER, action TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cards (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, artifact INTEGER NOT NULL REFERENCES artifacts(id),
+    sha256 TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, artifact INTEGER NOT NULL REFERENCES artifacts(id),
+    evaluator TEXT NOT NULL, metrics TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS withdrawals (
+    cohort TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL
+);
+"""
+
+
+def default_home() -> Path:
+    """``$DELTAPLANE_HOME`` if set, else ``~/.deltaplane``."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".deltaplane")
+
+
+def _check_name(what: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-' starting with a letter "
+            f"or digit. Found {name!r}"
+        )
+    return name
+
+
+# -- canonical model bytes -------------------------------------------------------------------------------
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialize a state dict as a safetensors file whose bytes depend only on the tensors and their order.
+
+    Written by hand rather than with ``safetensors.torch.save`` because that one emits its metadata map in
+    hash order, so equal tensors could give different bytes — and content addressing, signatures and the
+    byte-identical rollback/downlink checks all need one canonical encoding. The layout is the documented
+    safetensors format (https://github.com/huggingface/safetensors#format), readable by any safetensors
+    loader: u64 header length, JSON header (sorted keys, space-padded to 8 bytes), tensor data in key order.
+    """
+    header: dict[str, Any] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name, t in state.items():
+        t = t.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise ConfigError(f"tensor '{name}' has dtype {t.dtype}, which the registry cannot store")
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    header["__metadata__"] = {"deltaplane.order": json.dumps(list(state)), "format": "deltaplane.model"}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_to_bytes`; :class:`DecodeError` on anything that is not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(bytes(data))
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(bytes(data[8 : 8 + header_len])).get("__metadata__", {}) or {}
+        order = json.loads(meta.get("deltaplane.order", "null")) or list(tensors)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise DecodeError(f"model bytes are not a safetensors state dict: {exc}") from exc
+    if sorted(order) != sorted(tensors):
+        order = list(tensors)
+    return {k: tensors[k] for k in order}
+
+
+# -- records ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Governance:
+    """Consent metadata: where a version's training data came from and which cohorts it leaves out.
+
+    ``cohorts`` are the client cohorts whose updates contributed; ``excluded_cohorts`` are cohorts this
+    version is certified *not* to contain (for instance retrained after a cohort withdrew consent).
+    """
+
+    data_sources: tuple[str, ...] = ()
+    cohorts: tuple[str, ...] = ()
+    excluded_cohorts: tuple[str, ...] = ()
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        overlap = set(self.cohorts) & set(self.excluded_cohorts)
+        if overlap:
+            raise ConfigError(f"cohorts {sorted(overlap)} are listed both as contributing and as excluded")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data_sources": list(self.data_sources),
+            "cohorts": list(self.cohorts),
+            "excluded_cohorts": list(self.excluded_cohorts),
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Governance:
+        d = d or {}
+        return cls(
+            tuple(d.get("data_sources", ())),
+            tuple(d.get("cohorts", ())),
+            tuple(d.get("excluded_cohorts", ())),
+            str(d.get("notes", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One immutable registry entry: a full model (``kind="model"``) or a delta between two model versions."""
+
+    id: int
+    model: str
+    number: int
+    kind: str
+    sha256: str
+    size: int
+    parent: int | None
+    base: int | None
+    target: int | None
+    codec: str | None
+    lineage: dict[str, Any]
+    governance: Governance
+    signature: str
+    created_at: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}@{self.number}"
+
+    def statement(self) -> dict[str, Any]:
+        """What the signature covers: kind, model, number, base/target and the SHA-256 of the bytes."""
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "version": self.number,
+            "base": self.base,
+            "target": self.target,
+            "sha256": self.sha256,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "model": self.model,
+            "number": self.number,
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "size": self.size,
+            "parent": self.parent,
+            "base": self.base,
+            "target": self.target,
+            "codec": self.codec,
+            "lineage": self.lineage,
+            "governance": self.governance.to_dict(),
+            "signature": self.signature,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass
+class IntegrityReport:
+    """Result of :meth:`Registry.verify`: ``ok`` unless a blob is corrupt/missing or a signature fails."""
+
+    blobs_checked: int = 0
+    rows_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _artifact(row: sqlite3.Row) -> Artifact:
+    return Artifact(
+        id=row["id"],
+        model=row["model"],
+        number=row["number"],
+        kind=row["kind"],
+        sha256=row["sha256"],
+        size=row["size"],
+        parent=row["parent"],
+        base=row["base"],
+        target=row["target"],
+        codec=row["codec"],
+        lineage=json.loads(row["lineage"]),
+        governance=Governance.from_dict(json.loads(row["governance"])),
+        signature=row["signature"],
+        created_at=row["created_at"],
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    """A registry rooted at ``home`` (``<home>/registry.db`` + ``<home>/blobs``), safe across threads/processes.
+
+    Args:
+        home: the registry folder; :func:`default_home` when None.
+        signer: the key that signs new artifacts; loaded from ``<home>/keys`` on first write when None.
+        verifier: trusted public keys for reads; loaded from ``<home>/keys`` when None.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        if not (self.home / "registry.db").exists():
+            raise NotFound(
+                f"no registry at {self.home}; create one with `deltaplane registry init --home {self.home}`"
+            )
+        self._signer = signer
+        self._verifier = verifier
+        self._local = threading.local()
+        self._connect()  # fail early on a broken database
+
+    @classmethod
+    def create(
+        cls, home: str | os.PathLike[str] | None = None, *, signer: Signer | None = None, keys: bool = True
+    ) -> Registry:
+        """Create (or open) a registry; also create a signing key when ``keys`` and none exists."""
+        from deltaplane.registry.signing import PRIVATE_NAME, init_keys
+
+        home = Path(home) if home is not None else default_home()
+        (home / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
+        if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
+            signer = init_keys(home)
+        con = sqlite3.connect(home / "registry.db", timeout=60, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+        finally:
+            con.close()
+        return cls(home, signer=signer)
+
+    # -- connection & transactions ---------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.home / "registry.db", timeout=60, isolation_level=None)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # a returned commit survives power loss, not only SIGKILL
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=60000")
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so read-then-insert (next version number) is atomic
+        con = self._connect()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's database connection."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            self._signer = load_signer(self.home)
+        return self._signer
+
+    @property
+    def verifier(self) -> Verifier:
+        if self._verifier is None:
+            try:
+                self._verifier = load_verifier(self.home)
+            except NotFound:
+                if self._signer is None:
+                    raise
+                self._verifier = self._signer.verifier()
+        return self._verifier
+
+    # -- blobs -----------------------------------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        return self.home / "blobs" / sha256[:2] / sha256[2:]
+
+    def put_blob(self, data: bytes) -> str:
+        """Store ``data`` durably under its SHA-256 (temp + fsync + rename + dir fsync); returns the hash."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if path.exists() and path.stat().st_size == len(data):
+            return digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.home / "blobs" / "tmp" / f"{digest[:16]}.{uuid.uuid4().hex}.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return digest
+
+    def get_blob(self, sha256: str) -> bytes:
+        """The bytes stored under ``sha256``; :class:`IntegrityError` if missing or not matching their name."""
+        path = self.blob_path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"blob {sha256} is missing from {path.parent}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
+        return data
+
+    # -- registration ----------------------------------------------------------------------------------
+    def _insert(
+        self,
+        *,
+        model: str,
+        kind: str,
+        data: bytes,
+        parent: int | None,
+        base: int | None,
+        target: int | None,
+        codec: str | None,
+        lineage: Mapping[str, Any] | None,
+        governance: Governance | Mapping[str, Any] | None,
+    ) -> Artifact:
+        _check_name("model name", model)
+        gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        lineage_json = json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+        digest = self.put_blob(data)  # durable before any row references it
+        with self._write() as con:
+            for label, ref in (("parent", parent), ("base", base), ("target", target)):
+                if (
+                    ref is not None
+                    and not con.execute(
+                        "SELECT 1 FROM artifacts WHERE model=? AND number=? AND kind='model'", (model, ref)
+                    ).fetchone()
+                ):
+                    raise NotFound(f"{label} version {model}@{ref} is not a registered model")
+            number = con.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM artifacts WHERE model=?", (model,)
+            ).fetchone()[0]
+            stmt = {
+                "kind": kind,
+                "model": model,
+                "version": number,
+                "base": base,
+                "target": target,
+                "sha256": digest,
+            }
+            sig = self.signer.sign(stmt).to_text()
+            now = time.time()
+            cur = con.execute(
+                "INSERT INTO artifacts (model, number, kind, sha256, size, parent, base, target, codec, lineage,"
+                " governance, signature, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    model,
+                    number,
+                    kind,
+                    digest,
+                    len(data),
+                    parent,
+                    base,
+                    target,
+                    codec,
+                    lineage_json,
+                    json.dumps(gov.to_dict(), sort_keys=True),
+                    sig,
+                    now,
+                ),
+            )
+            row = con.execute("SELECT * FROM artifacts WHERE id=?", (cur.lastrowid,)).fetchone()
+        return _artifact(row)
+
+    def register_model(
+        self,
+        model: str,
+        state: Mapping[str, torch.Tensor] | bytes,
+        *,
+        parent: int | None = None,
+        lineage: Mapping[str, Any] | None = None,
+        governance: Governance | Mapping[str, Any] | None = None,
+    ) -> Artifact:
+        """Add a new immutable, signed model version (next number for ``model``) and return it.
+
+        ``lineage`` records what produced it — e.g. ``{"round": 12, "merge_config": {...}, "deploy_recipe":
+        "int8"}``; ``parent`` is the model version it was derived from.
+        """
+        data = state if isinstance(state, bytes) else state_to_bytes(state)
+        if isinstance(state, bytes):
+            state_from_bytes(state)  # refuse bytes that are not a loadable state dict
+        return self._insert(
+            model=model,
+            kind="model",
+            data=data,
+            parent=parent,
+            base=None,
+            target=None,
+            codec=None,
+            lineage=lineage,
+            governance=governance,
+        )
+
+    def register_delta(
+        self,
+        model: str,
+        payload: bytes,
+        *,
+        base: int,
+        target: int | None = None,
+        lineage: Mapping[str, Any] | None = None,
+        governance: Governance | Mapping[str, Any] | None = None,
+    ) -> Artifact:
+        """Add a compressed delta (a wire-format payload) that turns model ``base`` into ``target``.
+
+        The payload must decode and declare ``(model, base)`` as its base; ``target`` (optional) is the
+        model version that applying it produces, which lets the service serve it as a downlink delta.
+        """
+        from deltaplane.codecs import decompress, read_header
+
+        decompress(payload, expect_base=(model, base))  # strict: malformed or wrong-base payloads are refused
+        codec = read_header(payload).codec
+        return self._insert(
+            model=model,
+            kind="delta",
+            data=payload,
+            parent=base,
+            base=base,
+            target=target,
+            codec=codec,
+            lineage=lineage,
+            governance=governance,
+        )
+
+    # -- lookup ----------------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        return [r[0] for r in self._connect().execute("SELECT DISTINCT model FROM artifacts ORDER BY model")]
+
+    def versions(self, model: str | None = None, *, kind: str | None = None) -> list[Artifact]:
+        """All artifacts (optionally of one model / kind), oldest first."""
+        q, args = "SELECT * FROM artifacts WHERE 1=1", []
+        if model is not None:
+            q += " AND model=?"
+            args.append(model)
+        if kind is not None:
+            q += " AND kind=?"
+            args.append(kind)
+        return [_artifact(r) for r in self._connect().execute(q + " ORDER BY id", args)]
+
+    def get(self, model: str, number: int) -> Artifact:
+        if not isinstance(number, int) or not 0 < number < 2**63:
+            raise NotFound(f"{model}@{number} does not exist: version numbers are positive 64-bit integers")
+        row = (
+            self._connect()
+            .execute("SELECT * FROM artifacts WHERE model=? AND number=?", (model, number))
+            .fetchone()
+        )
+        if row is None:
+            known = [a.number for a in self.versions(model)]
+            raise NotFound(f"{model}@{number} does not exist; {model} has versions {known[-10:]}")
+        return _artifact(row)
+
+    def resolve(self, ref: str) -> Artifact:
+        """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag``."""
+        m = _REF.match(ref or "")
+        if not m or not m.group("sep"):
+            raise ConfigError(
+                f"version reference must be 'model@N', 'model@latest' or 'model:tag'. Found {ref!r}"
+            )
+        model, sep, what = m.group("model"), m.group("sep"), m.group("what")
+        if sep == ":":
+            return self.get(model, self.tag(model, what))
+        if what == "latest":
+            rows = self.versions(model, kind="model")
+            if not rows:
+                raise NotFound(f"{model} has no model versions")
+            return rows[-1]
+        if not what.isdigit():
+            raise ConfigError(f"version number must be an integer. Found {what!r} in {ref!r}")
+        return self.get(model, int(what))
+
+    def find_delta(self, model: str, base: int, target: int) -> Artifact | None:
+        """The newest registered delta turning ``base`` into ``target``, if any."""
+        row = (
+            self._connect()
+            .execute(
+                "SELECT * FROM artifacts WHERE model=? AND kind='delta' AND base=? AND target=? ORDER BY id DESC",
+                (model, base, target),
+            )
+            .fetchone()
+        )
+        return _artifact(row) if row else None
+
+    def read(self, artifact: Artifact, *, verify: bool = True) -> bytes:
+        """The artifact's bytes, hash-checked, and (``verify``) signature-checked against trusted keys."""
+        data = self.get_blob(artifact.sha256)
+        if verify:
+            self.verifier.verify_bytes(data, artifact.statement(), artifact.signature)
+        return data
+
+    def load_state(self, ref: str | Artifact, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The state dict of a model version, verified before it is returned."""
+        art = self.resolve(ref) if isinstance(ref, str) else ref
+        if art.kind != "model":
+            raise ConfigError(f"{art.ref} is a delta; load_state needs a model version")
+        return state_from_bytes(self.read(art, verify=verify))
+
+    # -- tags ------------------------------------------------------------------------------------------
+    def tag(self, model: str, tag: str) -> int:
+        row = (
+            self._connect()
+            .execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag))
+            .fetchone()
+        )
+        if row is None:
+            raise NotFound(f"{model} has no tag {tag!r}; tags: {sorted(self.tags(model))}")
+        return int(row[0])
+
+    def tags(self, model: str) -> dict[str, int]:
+        rows = self._connect().execute("SELECT tag, number FROM tags WHERE model=?", (model,))
+        return {r[0]: int(r[1]) for r in rows}
+
+    def set_tag(self, model: str, tag: str, number: int, *, reason: str = "", action: str = "set") -> None:
+        """Point ``model:tag`` at model version ``number`` (recorded in the tag history)."""
+        _check_name("tag", tag)
+        with self._write() as con:
+            if not con.execute(
+                "SELECT 1 FROM artifacts WHERE model=? AND number=? AND kind='model'", (model, number)
+            ).fetchone():
+                raise NotFound(f"{model}@{number} is not a registered model version")
+            prev = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
+            now = time.time()
+            con.execute(
+                "INSERT INTO tags (model, tag, number, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT (model, tag) DO UPDATE SET number=excluded.number, updated_at=excluded.updated_at",
+                (model, tag, number, now),
+            )
+            con.execute(
+                "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) VALUES (?,?,?,?,?,?,?)",
+                (model, tag, number, prev[0] if prev else None, action, reason, now),
+            )
+
+    def tag_history(self, model: str, tag: str) -> list[dict[str, Any]]:
+        rows = self._connect().execute(
+            "SELECT * FROM tag_history WHERE model=? AND tag=? ORDER BY id", (model, tag)
+        )
+        return [dict(r) for r in rows]
+
+    # -- cards, evaluations, governance ----------------------------------------------------------------
+    def attach_card(self, artifact: Artifact, card: Mapping[str, Any]) -> str:
+        """Attach a model card (JSON) to an artifact; the newest attached card is the current one."""
+        digest = self.put_blob(json.dumps(dict(card), sort_keys=True, indent=1, default=str).encode())
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO cards (artifact, sha256, at) VALUES (?,?,?)", (artifact.id, digest, time.time())
+            )
+        return digest
+
+    def card(self, artifact: Artifact) -> dict[str, Any] | None:
+        row = (
+            self._connect()
+            .execute("SELECT sha256 FROM cards WHERE artifact=? ORDER BY id DESC", (artifact.id,))
+            .fetchone()
+        )
+        return json.loads(self.get_blob(row[0])) if row else None
+
+    def record_evaluation(self, artifact: Artifact, evaluator: str, metrics: Mapping[str, float]) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO evaluations (artifact, evaluator, metrics, at) VALUES (?,?,?,?)",
+                (artifact.id, evaluator, json.dumps(dict(metrics), sort_keys=True), time.time()),
+            )
+
+    def evaluations(self, artifact: Artifact) -> list[dict[str, Any]]:
+        rows = self._connect().execute(
+            "SELECT * FROM evaluations WHERE artifact=? ORDER BY id", (artifact.id,)
+        )
+        return [
+            {"evaluator": r["evaluator"], "metrics": json.loads(r["metrics"]), "at": r["at"]} for r in rows
+        ]
+
+    def withdraw_cohort(self, cohort: str, *, reason: str = "") -> list[Artifact]:
+        """Record that ``cohort`` withdrew consent; returns the versions trained on it (not promotable now)."""
+        _check_name("cohort", cohort)
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO withdrawals (cohort, reason, at) VALUES (?,?,?)",
+                (cohort, reason, time.time()),
+            )
+        return [a for a in self.versions() if cohort in a.governance.cohorts]
+
+    def withdrawn_cohorts(self) -> set[str]:
+        return {r[0] for r in self._connect().execute("SELECT cohort FROM withdrawals")}
+
+    def governance_problems(self, artifact: Artifact) -> list[str]:
+        """Why ``artifact`` may not be served: it contains a cohort that withdrew consent."""
+        bad = sorted(set(artifact.governance.cohorts) & self.withdrawn_cohorts())
+        return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
+
+    # -- integrity -------------------------------------------------------------------------------------
+    def verify(self, *, signatures: bool = True) -> IntegrityReport:
+        """Check every blob's hash, that every row points to an existing blob, and (optionally) signatures."""
+        report = IntegrityReport()
+        con = self._connect()
+        check = con.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            report.problems.append(f"sqlite integrity_check: {check}")
+        referenced: set[str] = set()
+        for a in self.versions():
+            report.rows_checked += 1
+            referenced.add(a.sha256)
+            try:
+                data = self.get_blob(a.sha256)
+                if len(data) != a.size:
+                    report.problems.append(f"{a.ref}: blob has {len(data)} bytes, row says {a.size}")
+                if signatures:
+                    self.verifier.verify_bytes(data, a.statement(), a.signature)
+            except (IntegrityError, SignatureError) as exc:
+                report.problems.append(f"{a.ref}: {exc}")
+        for (sha,) in con.execute("SELECT sha256 FROM cards"):
+            referenced.add(sha)
+            if not self.blob_path(sha).exists():
+                report.problems.append(f"card blob {sha} is missing")
+        for table, col in (("tags", "number"), ("tag_history", "number")):
+            for model, number in con.execute(f"SELECT model, {col} FROM {table} WHERE {col} IS NOT NULL"):
+                if not con.execute(
+                    "SELECT 1 FROM artifacts WHERE model=? AND number=?", (model, number)
+                ).fetchone():
+                    report.problems.append(f"{table} points to missing version {model}@{number}")
+        blobs = self.home / "blobs"
+        for sub in sorted(p for p in blobs.iterdir() if p.is_dir() and p.name != "tmp"):
+            for f in sorted(sub.iterdir()):
+                sha = sub.name + f.name
+                report.blobs_checked += 1
+                if hashlib.sha256(f.read_bytes()).hexdigest() != sha:
+                    report.problems.append(f"blob {sha} does not hash to its name (corrupted)")
+                elif sha not in referenced:
+                    report.orphans.append(sha)
+        report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))
+        return report
+
+    def gc(self, *, min_age_s: float = 3600.0) -> int:
+        """Delete orphan blobs and temp files older than ``min_age_s`` (left by interrupted writes)."""
+        cutoff = time.time() - min_age_s
+        report = self.verify(signatures=False)
+        paths = [self.blob_path(s) for s in report.orphans]
+        paths += [self.home / "blobs" / "tmp" / n for n in report.temp_files]
+        removed = 0
+        for p in paths:
+            try:
+                if p.stat().st_mtime <= cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def lineage(self, artifact: Artifact) -> Sequence[Artifact]:
+        """The chain of ancestors (parent, grandparent, …) of a model version, newest first."""
+        chain, cur = [], artifact
+        while cur.parent is not None:
+            cur = self.get(cur.model, cur.parent)
+            chain.append(cur)
+        return chain

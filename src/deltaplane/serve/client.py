@@ -1,0 +1,193 @@
+"""httpx clients for the service: :class:`DeviceClient` (what runs on a device) and :class:`AdminClient`.
+
+A device never applies an unverified byte: :meth:`DeviceClient.fetch` checks the Ed25519 signature and, for a
+delta, that the rebuilt weights hash to the signed target; on any delta failure it falls back to the full
+model. HTTP errors surface as :class:`ServiceError` carrying the status and the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import torch
+
+from deltaplane.errors import DecodeError, DeltaplaneError, IntegrityError
+from deltaplane.registry.downlink import Downlink, apply_downlink
+from deltaplane.registry.signing import Verifier
+
+__all__ = ["AdminClient", "DeviceClient", "ServiceError"]
+
+
+class ServiceError(DeltaplaneError, RuntimeError):
+    """The service answered with an error status; ``status`` and ``detail`` say which and why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _check(resp: httpx.Response) -> httpx.Response:
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        raise ServiceError(resp.status_code, str(detail))
+    return resp
+
+
+class DeviceClient:
+    """A device's connection: fetch verified models/deltas, upload compressed updates, report summaries.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        token: the device token an admin issued.
+        verifier: the public keys this device trusts.
+        client: an existing ``httpx.Client`` (connection pooling, tests with ``transport=``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        verifier: Verifier,
+        client: httpx.Client | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.base_url = base_url
+        self.verifier = verifier
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.version: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.bytes_received = 0
+        self.full_bytes_equivalent = 0
+
+    def close(self) -> None:
+        self._http.close()
+
+    def download(self, model: str, *, have: int | None = None, channel: str = "production") -> Downlink:
+        """One raw, unverified download (use :meth:`fetch` to verify and apply)."""
+        params: dict[str, Any] = {"channel": channel}
+        if have is not None:
+            params["have"] = have
+        resp = _check(self._http.get(f"/v1/models/{model}/download", params=params, headers=self._headers))
+        h = resp.headers
+        base = h.get("x-deltaplane-base", "")
+        return Downlink(
+            kind=h["x-deltaplane-kind"],
+            model=h["x-deltaplane-model"],
+            version=int(h["x-deltaplane-version"]),
+            base=int(base) if base else None,
+            body=resp.content,
+            signature=h.get("x-deltaplane-signature", ""),
+            target_sha256=h["x-deltaplane-target-sha256"],
+            full_bytes=int(h["x-deltaplane-full-bytes"]),
+        )
+
+    def fetch(self, model: str, *, channel: str = "production") -> tuple[int, dict[str, torch.Tensor]]:
+        """Bring this device to the current version (delta if it has a base, full otherwise), verified."""
+        have = self.version if self.state is not None else None
+        dl = self.download(model, have=have, channel=channel)
+        self.bytes_received += len(dl.body)
+        self.full_bytes_equivalent += dl.full_bytes if dl.kind != "none" else 0
+        try:
+            state = apply_downlink(dl, self.verifier, self.state)
+        except (IntegrityError, DecodeError):
+            if dl.kind != "delta":
+                raise
+            dl = self.download(model, have=None, channel=channel)  # the full model is the fallback
+            self.bytes_received += len(dl.body)
+            state = apply_downlink(dl, self.verifier, None)
+        self.version, self.state = dl.version, state
+        return dl.version, state
+
+    def round(self, model: str) -> dict[str, Any]:
+        return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()
+
+    def upload(
+        self, model: str, round_id: int, payload: bytes, *, num_examples: float = 1.0
+    ) -> dict[str, Any]:
+        resp = self._http.post(
+            f"/v1/models/{model}/rounds/{round_id}/update",
+            params={"num_examples": num_examples},
+            content=payload,
+            headers={**self._headers, "Content-Type": "application/octet-stream"},
+        )
+        return _check(resp).json()
+
+    def report(
+        self,
+        model: str,
+        *,
+        version: int,
+        metrics: Mapping[str, float] | None = None,
+        summary: Mapping[str, Any] | None = None,
+        round_id: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"version": version, "metrics": dict(metrics or {})}
+        if summary is not None:
+            body["summary"] = dict(summary)
+        if round_id is not None:
+            body["round"] = round_id
+        return _check(self._http.post(f"/v1/models/{model}/report", json=body, headers=self._headers)).json()
+
+
+class AdminClient:
+    """The operator's connection to the ``/admin`` endpoints."""
+
+    def __init__(
+        self, base_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 60.0
+    ) -> None:
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, json: Any = None, **params: Any) -> Any:
+        return _check(self._http.post(path, json=json, params=params or None, headers=self._headers)).json()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        return _check(self._http.get(path, params=params or None, headers=self._headers)).json()
+
+    def issue_token(self, device_id: str, cohort: str = "default") -> str:
+        return self._post("/admin/devices", {"device_id": device_id, "cohort": cohort})["token"]
+
+    def open_round(self, model: str, base_version: int | None = None) -> dict[str, Any]:
+        return self._post(f"/admin/models/{model}/rounds", {"base_version": base_version})
+
+    def close_round(self, model: str, round_id: int) -> dict[str, Any]:
+        return self._post(f"/admin/models/{model}/rounds/{round_id}/close")
+
+    def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
+        resp = self._http.post(
+            f"/admin/models/{model}/promote", json={"version": version, "to": to}, headers=self._headers
+        )
+        if resp.status_code == 409 and "regressions" in resp.text:
+            return resp.json()  # a refusal is an answer, not a transport failure
+        return _check(resp).json()
+
+    def rollback(self, model: str, tag: str = "production") -> dict[str, Any]:
+        return self._post(f"/admin/models/{model}/rollback", tag=tag)
+
+    def versions(self, model: str) -> dict[str, Any]:
+        return self._get(f"/admin/models/{model}/versions")
+
+    def set_drift_reference(
+        self, model: str, spec: Mapping[str, Any], reference: Mapping[str, Any], **kw: Any
+    ) -> Any:
+        body = {"spec": dict(spec), "reference": dict(reference), **kw}
+        return _check(
+            self._http.put(f"/admin/models/{model}/drift-reference", json=body, headers=self._headers)
+        ).json()
+
+    def alerts(self, model: str | None = None) -> list[dict[str, Any]]:
+        return self._get("/admin/alerts", **({"model": model} if model else {}))
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/admin/stats")

@@ -1,0 +1,67 @@
+"""Run the service with uvicorn: in the foreground (``deltaplane serve``) or in a background thread.
+
+:class:`BackgroundServer` is what ``deltaplane run --transport http``, the load benchmark and the tests use: a
+real uvicorn server on a loopback socket (port 0 picks a free port), started and stopped in-process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+
+from fastapi import FastAPI
+
+__all__ = ["BackgroundServer", "serve"]
+
+
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` until interrupted (blocking)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """A uvicorn server in a daemon thread; use as a context manager, read :attr:`url` once started."""
+
+    def __init__(
+        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
+        import uvicorn
+
+        self._config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            backlog=4096,
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._thread = threading.Thread(target=self._server.run, name="deltaplane-serve", daemon=True)
+        self.url = ""
+
+    def start(self, timeout: float = 20.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the deltaplane server did not start")
+            time.sleep(0.01)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

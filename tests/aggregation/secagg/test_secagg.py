@@ -1,0 +1,174 @@
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+import deltaplane as dp
+from deltaplane.aggregation.secagg import (
+    SecAggClient,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    pack,
+    run_secagg,
+    secure_mean,
+    shamir,
+    unpack,
+)
+
+
+def _codes(n: int, d: int, bits: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {u: rng.integers(0, 1 << bits, d).astype(np.uint32) for u in range(n)}
+
+
+@pytest.mark.parametrize("neighbours", [None, 8])
+def test_exact_integer_sum_with_dropouts_before_and_after_upload(neighbours) -> None:
+    n, d, bits = 20, 257, 12
+    cfg = SecAggConfig(num_clients=n, threshold=(neighbours or n - 1) // 2 + 2 if neighbours else 11,
+                       bits=bits, vector_size=d, neighbours=neighbours)  # fmt: skip
+    codes = _codes(n, d, bits)
+    before, after = {2}, {5, 11}
+    total, rep = run_secagg(codes, cfg, drop_before_upload=before, drop_after_upload=after,
+                            randbytes=np.random.default_rng(1).bytes)  # fmt: skip
+    assert rep.dropped == [2] and 5 in rep.survivors and 5 not in rep.responders
+    expected = sum(codes[u].astype(np.uint64) for u in range(n) if u not in before)
+    assert np.array_equal(total, expected)  # exact, in the integer domain
+
+
+def test_server_never_holds_an_individual_unmasked_update() -> None:
+    n, d, bits = 6, 64, 8
+    cfg = SecAggConfig(num_clients=n, threshold=4, bits=bits, vector_size=d)
+    codes = _codes(n, d, bits, seed=3)
+    clients = {u: SecAggClient(u, cfg) for u in range(n)}
+    server = SecAggServer(cfg)
+    seen_payloads: list[tuple[int, bytes]] = []
+    for c in clients.values():
+        server.receive_keys(c.advertise_keys())
+    keys = server.broadcast_keys()
+    for u, c in clients.items():
+        server.receive_shares(u, c.share_keys(keys))
+    for u, c in clients.items():
+        payload = c.masked_input(server.shares_for(u), codes[u])
+        seen_payloads.append((u, payload))
+        server.receive_masked_input(u, payload)
+    surv, drop = server.unmask_request()
+    for u in surv:
+        server.receive_unmask(u, clients[u].unmask(surv, drop))
+    total = server.result()
+    assert np.array_equal(total, sum(c.astype(np.uint64) for c in codes.values()))
+
+    # 1. what the server received per client is masked: no relation to the plaintext codes
+    k = cfg.ring_bits
+    for u, payload in seen_payloads:
+        y = unpack(payload, k, d)
+        assert np.mean(y == codes[u]) < 0.05
+        assert y.mean() > (1 << k) / 4  # masks spread values over the whole 2^k ring, codes sit below 2^8
+    # 2. nothing the server object holds equals any client's plaintext, as array or as packed bytes
+    plain_arrays = list(codes.values())
+    plain_bytes = {pack(c, k) for c in plain_arrays} | {c.astype(np.uint8).tobytes() for c in plain_arrays}
+
+    def walk(obj, depth=0):
+        if depth > 6:
+            return
+        if isinstance(obj, np.ndarray):
+            for c in plain_arrays:
+                assert not (obj.shape == c.shape and np.array_equal(obj.astype(np.uint64), c)), (
+                    "plaintext held"
+                )
+        elif isinstance(obj, bytes | bytearray):
+            assert bytes(obj) not in plain_bytes
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, list | tuple | set | frozenset):
+            for v in obj:
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                walk(v, depth + 1)
+
+    walk(server)
+    # 3. the shares the server got are only self-mask shares of survivors (never a mask key): it cannot
+    # rebuild anyone's pairwise masks, so it cannot peel a single client's input out of its upload
+    assert all(set(sh) <= set(surv) for sh in server.responses.values())
+
+
+def test_clients_refuse_to_reveal_both_secrets_of_a_client() -> None:
+    n = 5
+    cfg = SecAggConfig(num_clients=n, threshold=3, bits=4, vector_size=8)
+    codes = _codes(n, 8, 4)
+    clients = {u: SecAggClient(u, cfg) for u in range(n)}
+    server = SecAggServer(cfg)
+    for c in clients.values():
+        server.receive_keys(c.advertise_keys())
+    keys = server.broadcast_keys()
+    for u, c in clients.items():
+        server.receive_shares(u, c.share_keys(keys))
+    for u, c in clients.items():
+        server.receive_masked_input(u, c.masked_input(server.shares_for(u), codes[u]))
+    with pytest.raises(SecAggError, match="listed as both"):
+        clients[0].unmask([0, 1, 2, 3], [3])
+    clients[0].unmask([0, 1, 2, 3, 4], [])  # honest request: self-mask shares of all five
+    with pytest.raises(SecAggError, match="both secrets of client 4"):
+        clients[0].unmask([0, 1, 2, 3], [4])  # a later request for client 4's mask key is refused
+
+
+def test_too_many_dropouts_abort_instead_of_leaking() -> None:
+    cfg = SecAggConfig(num_clients=6, threshold=4, bits=4, vector_size=8)
+    with pytest.raises(SecAggError, match="threshold"):
+        run_secagg(_codes(6, 8, 4), cfg, drop_before_upload={0, 1, 2})
+
+
+def test_shamir_round_trip_and_threshold() -> None:
+    secret = secrets.token_bytes(32)
+    shares = shamir.split(secret, threshold=3, xs=[1, 2, 3, 4, 5])
+    assert shamir.combine({x: shares[x] for x in (2, 4, 5)}, threshold=3) == secret
+    with pytest.raises(dp.DeltaplaneError, match="cannot recover"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=3)
+    # t-1 shares are consistent with any secret: interpolating 2 shares + a fake third gives garbage
+    assert shamir.combine({1: shares[1], 2: shares[2], 3: shares[3] ^ 1}, threshold=3, size=66) != secret
+
+
+def test_config_validation_and_upload_overhead() -> None:
+    with pytest.raises(dp.ConfigError, match="threshold must be in"):
+        SecAggConfig(num_clients=10, threshold=3, bits=8, vector_size=4)
+    with pytest.raises(dp.ConfigError, match="34-bit ring"):
+        SecAggConfig(num_clients=1000, threshold=600, bits=24, vector_size=4)
+    n, d, bits = 10, 20_000, 8
+    cfg = SecAggConfig(num_clients=n, threshold=6, bits=bits, vector_size=d)
+    _, rep = run_secagg(_codes(n, d, bits), cfg)
+    assert rep.ring_bits == 12
+    # exact wire bytes: keys (4 + 2·32) + 9 encrypted share pairs (4 + 12 nonce + 2·66 + 16 tag)
+    # + the masked vector at 12 bits (30,000) + 10 unmask shares (4 + 66)
+    assert set(rep.upload_bytes.values()) == {68 + 9 * 164 + 30_000 + 10 * 70}
+    assert rep.overhead(bits, d) == pytest.approx(32_244 / 20_000)
+
+
+def test_secure_mean_of_deltas_is_close_to_the_plain_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    deltas = [dp.Delta({"w": 0.1 * torch.randn(30, 20, generator=g), "b": 0.1 * torch.randn(20, generator=g)})
+              for _ in range(8)]  # fmt: skip
+    mean, _ = secure_mean(deltas, bits=16, clip_range=1.0, drop_before_upload={3}, seed=0)
+    plain = dp.FedAvg()
+    for i, d in enumerate(deltas):
+        if i != 3:
+            plain.add(d)
+    ref = plain.result()
+    step = 2.0 / (2**16 - 1)
+    for k in ("w", "b"):
+        assert (mean[k] - ref[k]).abs().max() < step  # within one quantization step
+    again, _ = secure_mean(deltas, bits=16, clip_range=1.0, drop_before_upload={3}, seed=0)
+    assert torch.equal(mean["w"], again["w"])
+
+
+@pytest.mark.slow
+def test_hundred_clients_thirty_percent_dropout_exact() -> None:
+    n, d, bits = 100, 5_000, 8
+    cfg = SecAggConfig(num_clients=n, threshold=51, bits=bits, vector_size=d)
+    codes = _codes(n, d, bits, seed=9)
+    drop = set(np.random.default_rng(7).choice(n, size=30, replace=False).tolist())
+    total, rep = run_secagg(codes, cfg, drop_before_upload=drop, randbytes=np.random.default_rng(2).bytes)
+    assert len(rep.survivors) == 70
+    assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in range(n) if u not in drop))

@@ -1,0 +1,36 @@
+import re
+
+import typer
+from typer.testing import CliRunner
+
+from deltaplane.aggregation import epsilon_for
+from deltaplane.commands.aggregation import register
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("noop")(lambda: None)  # a second command keeps typer from collapsing the group
+    register(app)
+    return app
+
+
+def test_privacy_epsilon_and_noise_round_trip() -> None:
+    runner = CliRunner()
+    out = runner.invoke(
+        _app(), ["privacy", "epsilon", "-z", "1.0", "-q", "0.01", "-T", "100", "--delta", "1e-5"]
+    )
+    assert out.exit_code == 0, out.output
+    eps = float(re.search(r"ε = ([0-9.]+)", out.output).group(1))
+    assert eps == round(epsilon_for(noise_multiplier=1.0, sampling_rate=0.01, steps=100, delta=1e-5), 4)
+    out = runner.invoke(_app(), ["privacy", "noise", "-e", "8", "-q", "1.0", "-T", "40", "--delta", "1e-3"])
+    assert out.exit_code == 0, out.output
+    z = float(re.search(r"z = ([0-9.]+)", out.output).group(1))
+    assert abs(z - 3.2893) < 1e-3
+    assert epsilon_for(noise_multiplier=z + 1e-4, sampling_rate=1.0, steps=40, delta=1e-3) <= 8.0
+
+
+def test_bad_method_is_a_usage_error() -> None:
+    out = CliRunner().invoke(
+        _app(), ["privacy", "epsilon", "-z", "1", "-q", "0.1", "-T", "5", "--method", "gdp"]
+    )
+    assert out.exit_code != 0 and "method must be one of" in out.output

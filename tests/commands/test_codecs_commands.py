@@ -1,0 +1,105 @@
+"""`deltaplane compress` / `decompress` driven through a Typer app, on safetensors files."""
+
+from pathlib import Path
+
+import torch
+import typer
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import deltaplane as dp
+from deltaplane.commands.codecs import register
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path, dict, dict]:
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.randn(64, 32, generator=g), "fc.bias": torch.randn(64, generator=g)}
+    new = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(new, tmp_path / "new.safetensors")
+    return tmp_path / "base.safetensors", tmp_path / "new.safetensors", base, new
+
+
+def test_compress_then_decompress_round_trip(tmp_path: Path) -> None:
+    base_p, new_p, base, new = _files(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "u.dpln"
+    spec = "policy(rules='*.bias: fp16; *: quant(bits=8)') | zstd"
+    r = runner.invoke(
+        _app(),
+        [
+            "compress",
+            str(new_p),
+            "--base",
+            str(base_p),
+            "--codec",
+            spec,
+            "-o",
+            str(out),
+            "--base-id",
+            "m",
+            "--base-version",
+            "3",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "ratio" in r.output
+    payload = out.read_bytes()
+    assert dp.read_header(payload).base_version == 3
+    assert len(payload) < 0.4 * (64 * 32 + 64) * 4
+
+    model = tmp_path / "model.safetensors"
+    r = runner.invoke(
+        _app(), ["decompress", str(out), "--base", str(base_p), "-o", str(model), "--expect-base-id", "m"]
+    )
+    assert r.exit_code == 0, r.output
+    got = load_file(model)
+    for k in new:
+        assert float((got[k] - new[k]).abs().max()) < 0.01 * 4 / 127 + 1e-3
+
+    delta_p = tmp_path / "delta.safetensors"
+    r = runner.invoke(_app(), ["decompress", str(out), "-o", str(delta_p)])
+    assert r.exit_code == 0, r.output
+    d = dp.Delta.load(delta_p)
+    assert torch.allclose(d["fc.weight"] + base["fc.weight"], got["fc.weight"])
+
+
+def test_errors_are_reported_without_writing(tmp_path: Path) -> None:
+    base_p, new_p, _, _ = _files(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "u.dpln"
+    r = runner.invoke(
+        _app(), ["compress", str(new_p), "--base", str(base_p), "--codec", "topk(2)", "-o", str(out)]
+    )
+    assert r.exit_code == 1 and "ratio must be in (0, 1]" in r.output
+    assert not out.exists()
+    runner.invoke(
+        _app(),
+        [
+            "compress",
+            str(new_p),
+            "--base",
+            str(base_p),
+            "--codec",
+            "fp16",
+            "-o",
+            str(out),
+            "--base-version",
+            "2",
+        ],
+    )
+    r = runner.invoke(
+        _app(), ["decompress", str(out), "-o", str(tmp_path / "x.safetensors"), "--expect-base-version", "5"]
+    )
+    assert r.exit_code == 1 and "v2" in r.output
+    bad = tmp_path / "bad.dpln"
+    bad.write_bytes(out.read_bytes()[:-3])
+    r = runner.invoke(_app(), ["decompress", str(bad), "-o", str(tmp_path / "y.safetensors")])
+    assert r.exit_code == 1 and "invalid deltaplane payload" in r.output
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -1,0 +1,61 @@
+"""`deltaplane merge CONFIG -o OUT` through a Typer app built with commands.merging.register."""
+
+from pathlib import Path
+
+import torch
+import typer
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from deltaplane.commands.merging import register
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.command("version")
+    def _version() -> None:  # a second command so typer keeps `merge` as a subcommand
+        pass
+
+    return app
+
+
+def test_merge_command_writes_model(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(3, 3, generator=g)}
+    for name, sd in {"base": base, "a": {"w": base["w"] + 1}, "b": {"w": base["w"] - 0.5}}.items():
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors")
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base",
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}]}  # fmt: skip
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "merged 1 tensors" in res.output
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.allclose(out["w"], base["w"] + 1.0 - 1.0, atol=1e-6)  # +1·1 + 2·(−0.5)
+
+
+def test_merge_command_reports_errors_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("merge_method: [unclosed\n")
+    res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "bad.yaml: invalid YAML" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_shard_size(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        _app(), ["merge", str(tmp_path / "x.yaml"), "-o", str(tmp_path / "o"), "--max-shard-size", "lots"]
+    )
+    assert res.exit_code == 2 and "size must look like" in res.output
+
+
+def test_error_with_brackets_is_printed_verbatim(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": "[gone]"}]})
+    )
+    res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 2 and "[gone]" in res.output

@@ -1,0 +1,85 @@
+import hashlib
+
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from deltaplane.commands.ops import register
+from deltaplane.registry import Registry
+
+EVALUATOR = """
+def evaluate(state):
+    # "accuracy" is a stand-in that tracks the weights' scale: version 3 (scaled down) regresses
+    s = float(state["w"].abs().mean())
+    return {"accuracy": min(1.0, s), "ood_accuracy": min(1.0, s)}
+"""
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    register(app)
+    (tmp_path / "gate_eval.py").write_text(EVALUATOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))
+
+
+def test_registry_lifecycle_through_the_cli(cli, tmp_path):
+    assert cli("registry", "init").exit_code == 0
+    r = cli("keys", "init")
+    assert r.exit_code == 2 and "already exists" in r.output
+    for i, scale in enumerate([0.9, 0.95, 0.3]):
+        f = tmp_path / f"m{i}.safetensors"
+        save_file({"w": torch.full((4, 4), scale)}, str(f))
+        r = cli("registry", "register", "cnn", str(f), "--lineage", f'{{"round": {i}}}', "--cohort", "eu")
+        assert r.exit_code == 0, r.output
+    assert cli("registry", "promote", "cnn@1", "--evaluator", "gate_eval:evaluate").exit_code == 0
+    r = cli("registry", "promote", "cnn@2", "--evaluator", "gate_eval:evaluate")
+    assert r.exit_code == 0 and "promoted" in r.output
+    r = cli(
+        "registry",
+        "promote",
+        "cnn@3",
+        "--evaluator",
+        "gate_eval:evaluate",
+        "--tolerance",
+        "accuracy=0.05",
+        "--tolerance",
+        "ood_accuracy=0.05",
+    )
+    assert r.exit_code == 2 and "REFUSED" in r.output and "accuracy drops by 0.6500" in r.output
+    reg = Registry(tmp_path / "home")
+    assert reg.tag("cnn", "production") == 2
+    r = cli("registry", "rollback", "cnn")
+    assert r.exit_code == 0 and "cnn:production -> 1" in r.output
+    assert hashlib.sha256(reg.read(reg.resolve("cnn:production"))).hexdigest() == reg.get("cnn", 1).sha256
+    assert cli("registry", "tag", "cnn@3", "production").exit_code == 2
+    assert cli("registry", "tag", "cnn@3", "staging").exit_code == 0
+    r = cli("registry", "list", "cnn")
+    assert r.exit_code == 0 and "cnn@3" in r.output and "staging" in r.output
+    r = cli("registry", "show", "cnn:production")
+    assert r.exit_code == 0 and '"round": 0' in r.output and "evaluations" in r.output
+    r = cli("registry", "withdraw", "eu")
+    assert "cnn@1" in r.output
+    assert cli("registry", "promote", "cnn@2", "--evaluator", "gate_eval:evaluate").exit_code == 2
+    assert cli("registry", "verify").exit_code == 0
+    blob = reg.blob_path(reg.get("cnn", 2).sha256)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    r = cli("registry", "verify")
+    assert r.exit_code == 1 and "cnn@2" in r.output
+
+
+def test_bad_arguments_give_clean_errors(cli):
+    cli("registry", "init")
+    assert "version reference" in cli("registry", "show", "cnn").output
+    r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
+    assert r.exit_code == 2 and "module:function" in r.output

@@ -1,0 +1,313 @@
+"""Streaming merge from safetensors: same numbers as in memory, HF layout in and out, strict bad-input handling."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import deltaplane as dp
+from deltaplane.merging import merge, merge_files
+from deltaplane.merging.checkpoint import Checkpoint, SafetensorsWriter
+
+
+def _state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if base is None:
+        return {
+            "embed.weight": torch.randn(30, 8, generator=g),
+            "layer.0.weight": torch.randn(8, 8, generator=g),
+            "layer.0.bias": torch.randn(8, generator=g),
+            "norm.weight": torch.randn(8, generator=g),
+            "steps": torch.tensor([7]),
+        }
+    return {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in base.items()
+    }
+
+
+def _save_hf(folder: Path, state: dict, shards: int = 1) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
+    (folder / "tokenizer.json").write_text("{}")
+    if shards == 1:
+        save_file(state, folder / "model.safetensors")
+        return
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        part = {k: state[k] for k in names[i::shards]}
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, folder / fname)
+        weight_map |= dict.fromkeys(part, fname)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> tuple[Path, dict, list[dict]]:
+    base = _state(0)
+    models = [_state(i, base) for i in (1, 2, 3)]
+    _save_hf(tmp_path / "base", base, shards=2)  # sharded index in
+    for i, m in enumerate(models):
+        _save_hf(tmp_path / f"m{i}", m)
+    return tmp_path, base, models
+
+
+def _write_cfg(root: Path, cfg: dict, name: str = "merge.yaml") -> Path:
+    p = root / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(folder)
+    return {k: ck[k] for k in ck}
+
+
+MERGEKIT_TIES = {
+    "merge_method": "ties",
+    "base_model": "base",
+    "models": [
+        {"model": "base"},  # mergekit lists the base too; it carries no task vector
+        {"model": "m0", "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": "m1", "parameters": {"weight": 0.5, "density": 0.3}},
+        {"model": "m2", "parameters": {"weight": 0.8}},
+    ],
+    "parameters": {"density": 0.7, "normalize": True},
+    "dtype": "float32",
+}
+
+
+def test_streamed_equals_in_memory_and_hf_layout(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = zoo
+    seen = []
+    res = merge_files(
+        _write_cfg(root, MERGEKIT_TIES), root / "out", progress=lambda d, n, name: seen.append(d)
+    )
+    expected = merge("ties", base, models, densities=[0.5, 0.3, 0.7], weights=[1.0, 0.5, 0.8])
+    got = _read_all(root / "out")
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    assert seen == list(range(1, 6)) and res.n_tensors == 5
+    assert json.loads((root / "out" / "config.json").read_text())["model_type"] == "toy"
+    assert (root / "out" / "tokenizer.json").exists()
+    # the file is real safetensors with our metadata
+    with safe_open(str(root / "out" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["merge_method"] == "ties"
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "kwargs"),
+    [
+        ("linear", {}, {"weights": [1.0, 2.0, 3.0]}),
+        ("task_arithmetic", {"lambda": 0.5}, {"weights": [1.0, 2.0, 3.0], "lambda": 0.5}),
+        ("dare_ties", {"seed": 4}, {"weights": [1.0, 2.0, 3.0], "density": 0.5, "seed": 4}),
+        ("breadcrumbs", {"gamma": 0.05}, {"weights": [1.0, 2.0, 3.0], "density": 0.5, "gamma": 0.05}),
+        ("model_stock", {}, {}),
+    ],
+)
+def test_every_method_streams_like_memory(zoo, method, params, kwargs) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = zoo
+    entries = []
+    for i in range(3):
+        mp = {}
+        if "weights" in kwargs:
+            mp["weight"] = kwargs["weights"][i]
+        if "density" in kwargs:
+            mp["density"] = kwargs["density"]
+        entries.append({"model": f"m{i}", "parameters": mp})
+    cfg = {"merge_method": method, "base_model": "base", "models": entries, "parameters": params}
+    p = _write_cfg(root, cfg)
+    merge_files(p, root / "out")
+    call_base = None if method == "linear" else base
+    expected = merge(method, call_base, models, **kwargs)
+    got = _read_all(root / "out")
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (method, k)
+
+
+def test_slerp_and_fisher_files(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = zoo
+    cfg = {"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "m0"}],
+           "parameters": {"t": 0.25}}  # fmt: skip
+    merge_files(_write_cfg(root, cfg), root / "s")
+    exp = merge("slerp", base, [models[0]], t=0.25)
+    assert all(torch.equal(_read_all(root / "s")[k], exp[k]) for k in exp)
+    fishers = [{k: torch.rand(v.shape) for k, v in m.items() if v.is_floating_point()} for m in models[:2]]
+    for i, f in enumerate(fishers):
+        save_file(f, root / f"fisher{i}.safetensors")
+    cfg = {"merge_method": "fisher", "models": [{"model": f"m{i}", "parameters": {"fisher": f"fisher{i}.safetensors"}}
+                                                 for i in range(2)]}  # fmt: skip
+    merge_files(_write_cfg(root, cfg), root / "f")
+    exp = merge("fisher", None, models[:2], fishers=fishers)
+    got = _read_all(root / "f")
+    assert all(torch.equal(got[k], exp[k]) for k in exp)
+
+
+def test_sharded_output_and_out_dtype(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = zoo
+    cfg = MERGEKIT_TIES | {"out_dtype": "bfloat16"}
+    res = merge_files(_write_cfg(root, cfg), root / "out", max_shard_bytes=600)
+    index = json.loads((root / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and all((root / "out" / s).exists() for s in shards)
+    assert index["metadata"]["total_size"] == res.nbytes
+    got = _read_all(root / "out")
+    assert got["layer.0.weight"].dtype == torch.bfloat16 and got["steps"].dtype == torch.int64
+    assert json.loads((root / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    expected = merge("ties", base, models, densities=[0.5, 0.3, 0.7], weights=[1.0, 0.5, 0.8])
+    assert torch.equal(got["embed.weight"], expected["embed.weight"].to(torch.bfloat16))
+
+
+def _no_leftovers(parent: Path, name: str = "out") -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "temp folder left behind"
+
+
+def test_mismatched_shape_names_file_and_tensor(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, _base, models = zoo
+    bad = dict(models[1])
+    bad["layer.0.weight"] = torch.zeros(8, 9)
+    _save_hf(root / "bad", bad)
+    cfg = MERGEKIT_TIES | {"models": [{"model": "m0"}, {"model": "bad"}]}
+    with pytest.raises(dp.ShapeMismatch) as info:
+        merge_files(_write_cfg(root, cfg), root / "out")
+    msg = str(info.value)
+    assert "layer.0.weight" in msg and str(root / "bad") in msg and "(8, 9)" in msg
+    _no_leftovers(root)
+
+
+def test_mismatched_names(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, _, models = zoo
+    renamed = {("layer.1.weight" if k == "layer.0.weight" else k): v for k, v in models[1].items()}
+    _save_hf(root / "renamed", renamed)
+    cfg = MERGEKIT_TIES | {"models": [{"model": "m0"}, {"model": "renamed"}]}
+    with pytest.raises(
+        dp.ShapeMismatch, match=r"lacks tensor\(s\) \['layer.0.weight'\].*extra.*layer.1.weight"
+    ):
+        merge_files(_write_cfg(root, cfg), root / "out")
+    _no_leftovers(root)
+
+
+def test_dtype_mix_refused_unless_dtype_set(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, _base, models = zoo
+    _save_hf(root / "half", {k: v.half() if v.is_floating_point() else v for k, v in models[1].items()})
+    cfg = {k: v for k, v in MERGEKIT_TIES.items() if k != "dtype"} | {
+        "models": [{"model": "m0"}, {"model": "half"}]
+    }
+    with pytest.raises(dp.ShapeMismatch, match=r"tensor '.*': dtype torch.float16 in '.*half.*set `dtype:`"):
+        merge_files(_write_cfg(root, cfg), root / "out")
+    _no_leftovers(root)
+    merge_files(_write_cfg(root, cfg | {"dtype": "float32"}), root / "out")  # cast on request
+    assert (root / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "text"),
+    [
+        ({"merge_method": "ties", "models": [{"model": "m0"}]}, "needs base_model"),
+        (MERGEKIT_TIES | {"base_model": "nowhere"}, "never downloads"),
+        (MERGEKIT_TIES | {"merge_method": "magic"}, "unknown merge method 'magic'"),
+        (MERGEKIT_TIES | {"tokenizer_sourc": "base"}, "tokenizer_sourc: Extra inputs are not permitted"),
+        (MERGEKIT_TIES | {"dtype": "float7"}, "unknown dtype 'float7'"),
+        (MERGEKIT_TIES | {"parameters": {"density": 2}}, "'density' must be in (0, 1]"),
+        (MERGEKIT_TIES | {"models": [{"model": "m0", "parameters": {"weight": [0, 1]}}]}, "gradients"),
+        (MERGEKIT_TIES | {"slices": []}, "slices"),
+        ({"merge_method": "linear"}, "models: Field required"),
+    ],
+)
+def test_bad_configs(zoo, cfg, text) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = zoo
+    path = _write_cfg(root, cfg)
+    with pytest.raises(dp.ConfigError) as info:
+        merge_files(path, root / "out")
+    assert text in str(info.value)
+    assert str(path) in str(info.value) or "nowhere" in str(info.value) or "magic" in str(info.value)
+    _no_leftovers(root)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "broken.yaml"
+    p.write_text("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1\n")
+    with pytest.raises(dp.ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
+        merge_files(p, tmp_path / "out")
+    _no_leftovers(tmp_path)
+
+
+def test_failure_midway_leaves_nothing_and_keeps_existing_output(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = zoo
+    cfg = _write_cfg(root, MERGEKIT_TIES)
+
+    def boom(done: int, total: int, name: str) -> None:
+        if done == 3:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_files(cfg, root / "out", progress=boom)
+    _no_leftovers(root)
+    merge_files(cfg, root / "out")
+    with pytest.raises(dp.ConfigError, match="already exists"):
+        merge_files(cfg, root / "out")
+    before = _read_all(root / "out")
+    with pytest.raises(RuntimeError):
+        merge_files(cfg, root / "out", overwrite=True, progress=boom)
+    assert all(torch.equal(before[k], v) for k, v in _read_all(root / "out").items())  # old output intact
+    merge_files(cfg, root / "out", overwrite=True)
+    assert not [p for p in root.iterdir() if p.name.startswith(".out.")]
+
+
+def test_writer_refuses_undeclared_and_incomplete(tmp_path: Path) -> None:
+    w = SafetensorsWriter(tmp_path / "x.safetensors", [("a", (2,), torch.float32), ("b", (1,), torch.int64)])
+    with pytest.raises(dp.DecodeError, match="expected tensor 'a'"):
+        w.write("b", torch.zeros(1, dtype=torch.int64))
+    w.write("a", torch.tensor([1.0, 2.0]))
+    with pytest.raises(dp.DecodeError, match="never written"):
+        w.close()
+
+
+def test_corrupt_input_is_decode_error(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(dp.DecodeError, match="model.safetensors"):
+        Checkpoint(tmp_path / "m")
+
+
+def test_peak_memory_is_bounded_by_tensors_not_models(tmp_path: Path) -> None:
+    """Base + 3 models of 96 MB each merge with far less than one model's worth of extra memory."""
+    n_tensors, size = 48, 500_000  # 48 × 2 MB = 96 MB per model, 384 MB of inputs
+    names = [f"layers.{i}.weight" for i in range(n_tensors)]
+    for m in ("base", "a", "b", "c"):
+        (tmp_path / m).mkdir()
+        g = torch.Generator().manual_seed(hash(m) % 1000)
+        entries = [(n, (size,), torch.float32) for n in names]
+        with SafetensorsWriter(tmp_path / m / "model.safetensors", entries) as w:
+            for n in names:
+                w.write(n, torch.randn(size, generator=g))
+    cfg = {"merge_method": "ties", "base_model": "base",
+           "models": [{"model": m, "parameters": {"density": 0.2}} for m in "abc"]}  # fmt: skip
+    _write_cfg(tmp_path, cfg)
+    code = textwrap.dedent(f"""
+        import torch
+        from deltaplane.merging import merge_files
+        def peak_mb():  # VmHWM: ru_maxrss would carry the (bigger) pytest parent's peak across exec
+            return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+        before = peak_mb()
+        merge_files({str(tmp_path / "merge.yaml")!r}, {str(tmp_path / "out")!r})
+        print(before, peak_mb())
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    before_mb, peak_mb = int(out[0]), int(out[1])
+    # in-memory would need ≥ 384 MB more; streaming needs a few 2 MB tensors plus TIES scratch
+    assert peak_mb - before_mb < 80, (before_mb, peak_mb)

@@ -1,0 +1,133 @@
+"""Personalizers on plain torch modules: what stays local, α selection, Ditto's proximal pull."""
+
+import pytest
+import torch
+from torch import nn
+
+import deltaplane as dp
+from deltaplane.personalization import (
+    AlphaMix,
+    Ditto,
+    FedBN,
+    FedPer,
+    Personalizer,
+    PersonalState,
+    accuracy,
+    choose_alpha,
+    get_personalizer,
+    train_sgd,
+)
+
+
+class Net(nn.Module):
+    def __init__(self, bn: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8) if bn else nn.Identity()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _data(seed: int, n: int = 120, perm: tuple[int, ...] = (0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 linearly separable classes; a client's label permutation makes its task differ from the global one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    base = x[:, :3].argmax(1)
+    return x, torch.tensor(perm)[base]
+
+
+def test_fedper_keeps_head_local() -> None:
+    m = Net()
+    p = FedPer(head=["fc2"])
+    assert p.local_keys(m) == {"fc2.weight", "fc2.bias"}
+    state = PersonalState()
+    trained = {k: v + 1 for k, v in m.state_dict().items()}
+    p.keep_local(trained, state, m)
+    assert set(state.local) == {"fc2.weight", "fc2.bias"}
+    start = p.start_state(m.state_dict(), state)
+    assert torch.equal(start["fc2.weight"], trained["fc2.weight"]) and torch.equal(
+        start["fc1.weight"], m.fc1.weight
+    )
+    up = p.shared(dp.Delta.between(m.state_dict(), trained), m)
+    assert set(up) == {"fc1.weight", "fc1.bias"}
+    with pytest.raises(dp.ConfigError, match="matches no tensor"):
+        FedPer(head=["decoder"]).local_keys(m)
+
+
+def test_fedbn_keeps_norm_layers_and_statistics_local() -> None:
+    m = Net(bn=True)
+    assert FedBN().local_keys(m) == {
+        "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+    }  # fmt: skip
+    with pytest.raises(dp.ConfigError, match="batch-norm layers; this model has none"):
+        FedBN().local_keys(Net())
+
+
+def test_choose_alpha_exact_scores_and_tie_break() -> None:
+    torch.manual_seed(0)
+    m = Net()
+    val = _data(1, perm=(1, 2, 0))  # this device's labels are permuted: the global model is wrong for it
+    glob = train_sgd(
+        m, m.state_dict(), _data(0), epochs=30, lr=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    personal = train_sgd(
+        m, glob, _data(2, perm=(1, 2, 0)), epochs=30, lr=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    delta = dp.Delta.between(glob, personal)
+    alpha, scores = choose_alpha(m, glob, delta, val, alphas=[0.0, 0.5, 1.0])
+    for a, s in scores.items():
+        assert s == accuracy(m, delta.apply(glob, scale=a), val)
+    assert scores[0.0] < 0.2 and scores[1.0] > 0.9 and alpha > 0
+    zero = dp.Delta.zeros_like(glob)
+    assert choose_alpha(m, glob, zero, val)[0] == 0.0  # all candidates tie exactly: the global model is kept
+
+
+def test_alpha_mix_improves_a_shifted_device_and_keeps_global_for_a_typical_one() -> None:
+    torch.manual_seed(0)
+    m = Net()
+    glob = train_sgd(
+        m, m.state_dict(), _data(0, 600), epochs=20, lr=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    p = AlphaMix(epochs=20, lr=0.1)
+    shifted, typical = PersonalState(), PersonalState()
+    perm = (1, 2, 0)
+    p.personalize(
+        m, glob, shifted, _data(3, perm=perm), _data(4, perm=perm), generator=torch.Generator().manual_seed(1)
+    )
+    p.personalize(m, glob, typical, _data(5), _data(6), generator=torch.Generator().manual_seed(1))
+    test_shift, test_typ = _data(7, 400, perm), _data(8, 400)
+    assert accuracy(m, p.personal_state(glob, shifted), test_shift) > accuracy(m, glob, test_shift) + 0.5
+    assert accuracy(m, p.personal_state(glob, typical), test_typ) >= accuracy(m, glob, test_typ) - 0.02
+    assert shifted.alpha > 0 and shifted.history[-1]["alpha"] == shifted.alpha
+    with pytest.raises(dp.ConfigError, match="include 0.0"):
+        AlphaMix(alphas=[0.5, 1.0])
+
+
+def test_ditto_lambda_interpolates_between_local_and_global() -> None:
+    torch.manual_seed(0)
+    m = Net()
+    glob = {k: v.clone() for k, v in m.state_dict().items()}
+    data = _data(9, perm=(2, 0, 1))
+    free, tied = PersonalState(), PersonalState()
+    Ditto(lam=0.0, epochs=5, lr=0.1).personalize(
+        m, glob, free, data, data, generator=torch.Generator().manual_seed(0)
+    )
+    plain = train_sgd(m, glob, data, epochs=5, lr=0.1, generator=torch.Generator().manual_seed(0))
+    assert all(torch.allclose(free.personal_model[k], plain[k]) for k in plain)  # λ = 0: local training
+    Ditto(lam=100.0, epochs=5, lr=0.005).personalize(
+        m, glob, tied, data, data, generator=torch.Generator().manual_seed(0)
+    )
+    d_free = dp.Delta.between(glob, free.personal_model).norm()
+    d_tied = dp.Delta.between(glob, tied.personal_model).norm()
+    assert d_tied < 0.1 * d_free  # strong λ keeps v_k near the global model
+
+
+def test_registry() -> None:
+    assert isinstance(get_personalizer("ditto", lam=0.5), Ditto)
+    assert type(get_personalizer("none")) is Personalizer
+    with pytest.raises(dp.ConfigError, match="unknown personalization"):
+        get_personalizer("magic")
+    with pytest.raises(dp.ConfigError, match="lam must be non-negative"):
+        get_personalizer("ditto", lam=-1)

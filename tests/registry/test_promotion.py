@@ -1,0 +1,79 @@
+import hashlib
+
+import pytest
+import torch
+
+from deltaplane.errors import NotFound, PromotionRefused
+from deltaplane.registry import Registry, Tolerance, promote, rollback
+from deltaplane.registry.promotion import production_stack
+
+
+def prune(state, keep: float):
+    out = {}
+    for k, v in state.items():
+        thresh = v.abs().flatten().kthvalue(max(1, int((1 - keep) * v.numel()))).values
+        out[k] = torch.where(v.abs() > thresh, v, torch.zeros_like(v))
+    return out
+
+
+def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, train, evaluate):
+    reg = Registry.create(tmp_path / "h")
+    weak = reg.register_model("digits", train(12))
+    good = reg.register_model("digits", train(600), parent=weak.number)
+    better = reg.register_model("digits", train(1200), parent=good.number)
+    pruned_state = prune(train(1200), keep=0.05)
+    pruned = reg.register_model(
+        "digits", pruned_state, parent=better.number, lineage={"deploy_recipe": "prune 95%"}
+    )
+
+    first = promote(reg, weak.ref, evaluator=evaluate)  # no production yet: promoted on its own numbers
+    assert first.promoted and first.baseline_metrics is None
+    r = promote(reg, good.ref, evaluator=evaluate)
+    assert r.promoted and r.candidate_metrics["accuracy"] > 0.85 > 0.6 > r.baseline_metrics["accuracy"]
+    r2 = promote(
+        reg, better.ref, evaluator=evaluate, tolerance=Tolerance({"accuracy": 0.01, "ood_accuracy": 0.02})
+    )
+    with pytest.raises(PromotionRefused, match="accuracy drops by") as info:
+        promote(reg, pruned.ref, evaluator=evaluate)
+    assert "REFUSED" in str(info.value)
+    assert reg.tag("digits", "production") == better.number  # the refused model never went live
+    # the refusal is measured, not assumed: the pruned model really is worse on the clean test set
+    res = promote(reg, pruned.ref, evaluator=evaluate, raise_on_refusal=False)
+    assert res.candidate_metrics["accuracy"] < res.baseline_metrics["accuracy"] - 0.01
+    assert len(reg.evaluations(pruned)) == 2
+    card = reg.card(
+        reg.get("digits", better.number)
+    )  # promotion attaches a model card with the gate's metrics
+    assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
+    assert reg.card(pruned) is None
+
+    before = reg.blob_path(reg.get("digits", good.number).sha256).read_bytes()
+    back = rollback(reg, "digits")
+    assert back.number == good.number and reg.tag("digits", "production") == good.number
+    restored = reg.read(reg.resolve("digits:production"))
+    assert restored == before and hashlib.sha256(restored).hexdigest() == good.sha256
+    assert rollback(reg, "digits").number == weak.number  # a second rollback goes one further back
+    assert production_stack(reg, "digits") == [weak.number]
+    with pytest.raises(NotFound, match="no previous version"):
+        rollback(reg, "digits")
+
+
+def test_gate_refuses_ood_regression_and_withdrawn_cohort(tmp_path, train, evaluate):
+    reg = Registry.create(tmp_path / "h")
+    prod = reg.register_model("digits", train(600))
+    reg.set_tag("digits", "production", prod.number)
+    cand = reg.register_model("digits", train(1200, seed=1), governance={"cohorts": ["eu"]})
+
+    calls = []
+
+    def evaluator(state):
+        calls.append(1)
+        m = evaluate(state)
+        # the candidate (evaluated first) is reported with a collapsed OOD accuracy
+        return {**m, "ood_accuracy": m["ood_accuracy"] - 0.2} if len(calls) == 1 else m
+
+    with pytest.raises(PromotionRefused, match="ood_accuracy drops"):
+        promote(reg, cand.ref, evaluator=evaluator)
+    reg.withdraw_cohort("eu")
+    with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
+        promote(reg, cand.ref, evaluator=evaluate)

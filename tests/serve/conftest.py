@@ -1,0 +1,55 @@
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from deltaplane.registry import Registry
+from deltaplane.serve import AdminClient, DeviceClient, ServiceConfig, create_app
+
+ADMIN = "admin-token-0123456789"
+
+
+def cnn_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv1.weight": 0.1 * torch.randn(16, 1, 3, 3, generator=g),
+        "conv1.bias": torch.zeros(16),
+        "conv2.weight": 0.1 * torch.randn(32, 16, 3, 3, generator=g),
+        "conv2.bias": torch.zeros(32),
+        "fc.weight": 0.1 * torch.randn(10, 128, generator=g),
+        "fc.bias": torch.zeros(10),
+    }
+
+
+class Service:
+    def __init__(self, home, **config):
+        self.reg = Registry.create(home)
+        v1 = self.reg.register_model("cnn", cnn_state(0), lineage={"round": 0})
+        self.reg.set_tag("cnn", "production", v1.number)
+        self.config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="s" * 32, **config)
+        self.app = create_app(self.config)
+        self.http = TestClient(self.app, raise_server_exceptions=True)
+        self.admin = AdminClient("http://testserver", ADMIN, client=self.http)
+        self.verifier = self.reg.verifier
+
+    def device(self, device_id: str, cohort: str = "default") -> DeviceClient:
+        token = self.admin.issue_token(device_id, cohort)
+        return DeviceClient("http://testserver", token, verifier=self.verifier, client=self.http)
+
+    @property
+    def state(self):
+        return self.app.state.deltaplane
+
+
+@pytest.fixture
+def service(tmp_path):
+    return Service(tmp_path / "home")
+
+
+@pytest.fixture
+def make_state():
+    return cnn_state
+
+
+@pytest.fixture
+def service_factory(tmp_path):
+    return lambda **config: Service(tmp_path / "custom", **config)
