@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from deltaplane import Delta, decompress
+from deltaplane.aggregation import CoordinateMedian, FedAvg
 from deltaplane.errors import VersionMismatch
 from deltaplane.flower import DeltaStrategy, delta_mod, digits_client_app, digits_server_app
 from deltaplane.flower.records import CONTROL_KEY, DOWNLINK_KEY, UPLINK_KEY, control, state_to_arrays
@@ -128,6 +129,30 @@ def test_strategy_can_hand_decoded_weights_to_the_wrapped_flower_strategy(loopba
     )
     result = strategy.start(loopback_grid(app, 2), state_to_arrays(_state(1.0)), num_rounds=2)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((4, 5), 3.0))
+
+
+def test_strategy_runs_any_deltaplane_aggregator_robust_median_outvotes_a_byzantine_node(loopback_grid):
+    def step(msg: Message, context: Context) -> Message:
+        bad = context.node_config["partition-id"] == 2
+        state = msg.content.array_records["arrays"].to_torch_state_dict()
+        new = ArrayRecord({k: v + (100.0 if bad else 1.0) for k, v in state.items()})
+        return Message(
+            RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg
+        )
+
+    finals = {}
+    for name, agg in (("mean", FedAvg()), ("median", CoordinateMedian())):
+        app = ClientApp(mods=[delta_mod(codec="identity")])
+        app.train()(step)
+        strategy = DeltaStrategy(
+            inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3),
+            aggregator=agg,
+        )
+        result = strategy.start(loopback_grid(app, 3), state_to_arrays(_state(0.0)), num_rounds=1)
+        finals[name] = result.arrays.to_torch_state_dict()["w"]
+        assert result.train_metrics_clientapp[1]["clients"] == 3
+    torch.testing.assert_close(finals["mean"], torch.full((4, 5), 34.0))  # (1 + 1 + 100) / 3
+    torch.testing.assert_close(finals["median"], torch.full((4, 5), 1.0))
 
 
 def test_digits_apps_match_the_in_process_engine_exactly(loopback_grid):

@@ -179,7 +179,14 @@ class DeltaStrategy(Strategy):
             for delta, weight, _ in decoded:
                 self.aggregator.add(delta, weight=weight)
             update = self.aggregator.result()
-            metrics = MetricRecord({"clients": len(ok)})
+            # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
+            measured = getattr(self.aggregator, "measurements", {}) or {}
+            metrics = MetricRecord(
+                {
+                    **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
+                    "clients": len(ok),
+                }
+            )
         else:  # the wrapped Flower strategy averages full weights; give it what the nodes meant to send
             rebuilt = []
             for delta, _, m in decoded:
