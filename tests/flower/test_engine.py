@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from deltaplane.cli import DEFAULT_RUN_CODEC, app
@@ -51,7 +52,10 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
     from deltaplane.sim.simulation import federation_data
 
     cfg = RunConfig(clients=1000, train_shifts=8, min_client_samples=2)
+    base, _ = federation_data(RunConfig())
     train, test = federation_data(cfg)
-    assert len(train) == 9 * 1437 and len(test) == 360
+    assert len(train) == 9 * len(base) == 9 * 1438 and len(test) == 1797 - 1438
+    torch.testing.assert_close(train.x[: len(base)], base.x)  # the originals first, then the shifted copies
+    assert not torch.equal(train.x[len(base) : 2 * len(base)], base.x)
     clients = make_clients(cfg, train)
     assert len(clients) == 1000 and min(len(c.train) for c in clients) >= 1
