@@ -173,3 +173,19 @@ def test_digits_apps_match_the_in_process_engine_exactly(loopback_grid):
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
     assert rounds[-1].test_accuracy > 0.35  # measured 0.384: it learns, on both engines
     assert BASE_ID in {m.content.config_records[CONTROL_KEY]["base-id"] for m in grid.sent}
+
+
+def test_strategy_with_server_optimizer_over_dp_reports_measurements(loopback_grid):
+    from deltaplane.aggregation import DPFedAvg, FedAdam
+
+    app = ClientApp(mods=[delta_mod(codec="identity")])
+    app.train()(_add_one)
+    agg = FedAdam(DPFedAvg(FedAvg(), clip=1.0, noise_multiplier=0.5, expected_clients=3, seed=0))
+    strategy = DeltaStrategy(
+        inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3), aggregator=agg
+    )
+    result = strategy.start(loopback_grid(app, 3), state_to_arrays(_state(0.0)), num_rounds=2)
+    w = result.arrays.to_torch_state_dict()["w"]
+    assert bool(torch.isfinite(w).all()) and float(w.abs().max()) > 0
+    metrics = result.train_metrics_clientapp[2]
+    assert metrics["clients"] == 3 and len(metrics) > 2, metrics  # DP/optimizer measurements came along
