@@ -188,4 +188,6 @@ def test_strategy_with_server_optimizer_over_dp_reports_measurements(loopback_gr
     w = result.arrays.to_torch_state_dict()["w"]
     assert bool(torch.isfinite(w).all()) and float(w.abs().max()) > 0
     metrics = result.train_metrics_clientapp[2]
-    assert metrics["clients"] == 3 and len(metrics) > 2, metrics  # DP/optimizer measurements came along
+    # the DP wrapper's and the server optimizer's measurements came along as Flower metrics
+    assert metrics["clients"] == 3 and metrics["clip"] == 1.0 and metrics["noise_std"] == 0.5, metrics
+    assert metrics["server_step"] == 2.0
