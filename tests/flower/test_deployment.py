@@ -61,7 +61,7 @@ def processes() -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
-# Measured 80 s on the shared 2-core machine: each round every SuperNode starts a fresh `flwr-clientapp`
+# Measured 68-80 s on the shared 2-core machine: each round every SuperNode starts a fresh `flwr-clientapp`
 # process that imports torch and rebuilds its shard. Too slow for the 90 s unit-test budget.
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_complete_rounds(
