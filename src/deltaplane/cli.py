@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -33,6 +34,14 @@ __all__ = ["DEFAULT_RUN_CODEC", "app"]
 #: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
 DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
 BASELINE = "baseline"
+
+
+class Engine(StrEnum):
+    """Which runtime executes a federated run."""
+
+    inprocess = "inprocess"
+    flower = "flower"
+
 
 app = typer.Typer(
     name="deltaplane",
@@ -115,6 +124,13 @@ def run(
         str,
         typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
     ] = "inproc",
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="inprocess: deltaplane's own simulator; flower: Flower's simulation engine (Ray), same "
+            "partition, model and seeds (needs the 'flower' extra)."
+        ),
+    ] = Engine.inprocess,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -130,7 +146,9 @@ def run(
         plan = _plan_runs(cfg, with_baseline=baseline)
         if transport not in ("inproc", "http"):
             raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
-        results = _execute(plan, transport=transport)
+        if transport == "http" and engine != Engine.inprocess:
+            raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
+        results = _execute(plan, engine, transport=transport)
         from deltaplane.report import write_report
 
         files = write_report(
@@ -171,8 +189,10 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]], *, transport: str = "inproc") -> list[dict[str, Any]]:
-    from deltaplane.sim.simulation import run_simulation
+def _execute(
+    plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess, *, transport: str = "inproc"
+) -> list[dict[str, Any]]:
+    run_simulation = _engine(engine)
 
     if transport == "http":  # same federation, every byte through the service (needs the serve extra)
         from deltaplane.serve.federation import run_http_simulation as run_simulation
@@ -191,6 +211,20 @@ def _execute(plan: list[tuple[str, RunConfig]], *, transport: str = "inproc") ->
             result = run_simulation(cfg, progress=_advance(progress, task))
             results.append({"name": name, **result.to_dict()})
     return results
+
+
+def _engine(engine: Engine) -> Callable[..., Any]:
+    if engine is Engine.flower:
+        try:
+            from deltaplane.flower import run_flower
+        except ImportError as exc:
+            raise DeltaplaneError(
+                f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
+            ) from None
+        return run_flower
+    from deltaplane.sim.simulation import run_simulation
+
+    return run_simulation
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]:

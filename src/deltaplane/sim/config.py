@@ -40,6 +40,12 @@ class RunConfig(BaseModel):
     min_client_samples: int = Field(20, ge=2, description="least number of samples a client holds")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of digits in the global test set")
+    train_shifts: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="add this many one-pixel-shifted copies of every training image (1,000+ clients need them)",
+    )
     # -- local training -----------------------------------------------------------------------------
     local_epochs: int = Field(2, ge=1, description="passes over the local data per round")
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
