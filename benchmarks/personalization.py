@@ -20,16 +20,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import record, table
+from deltaplane.aggregation import FedAvg
 from deltaplane.data.digits import NUM_CLASSES, load_digits, train_test_split
+from deltaplane.delta import Delta
+from deltaplane.personalization import AlphaMix, Ditto, FedPer, Personalizer, PersonalState
 from deltaplane.sim.client import make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import build_model
 from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
-
-from _record import record, table
-from deltaplane.aggregation import FedAvg
-from deltaplane.delta import Delta
-from deltaplane.personalization import AlphaMix, Ditto, FedPer, Personalizer, PersonalState
 
 ROUNDS = 60
 
