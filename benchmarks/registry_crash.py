@@ -40,7 +40,7 @@ def main() -> None:
             ],
             rows,
         )
-        + "\n\nEach model is 50k fp32 values (200 kB); kill times uniform in [0, 0.5] s after the writer starts."
+        + "\n\nEach model is 50k fp32 values (200 kB); kill times uniform in [0, 0.5] s after the writer starts (every other kill: after its first commit of that life)."
     )
     print(body)
     for p in rep.problems[:10]:
