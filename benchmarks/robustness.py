@@ -1,10 +1,12 @@
 """Acceptance 4: accuracy and backdoor success for each attack × defence at 10/20/30% malicious clients.
 
-100 clients on digits (Dirichlet(0.5) label skew), all in every round, 40 rounds, 64→32→10 MLP; loop in
+100 clients on digits (Dirichlet(0.5) label skew), all in every round, 40 rounds (and an 80-round acceptance
+table at 20% malicious), 64→32→10 MLP; loop in
 ``benchmarks/_fl_digits.py``. Malicious clients are fixed for the run. Backdoor success = share of test images
 of other classes that, stamped with the 2×2 trigger, are classified as the target class 0. Defence settings are
 fixed without knowing the attack fraction: trimmed mean β = 0.3, multi-Krum f = 30, norm bound at the median
-update norm (adaptive), FLTrust with a 100-sample clean root set at the server.
+update norm (adaptive), FLTrust with a 100-sample clean root set at the server. Finished runs are cached in
+``.bench-cache/robustness/`` so a rerun only computes what is missing (delete the folder to start over).
 """
 
 from __future__ import annotations

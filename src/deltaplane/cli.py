@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -33,6 +34,14 @@ __all__ = ["DEFAULT_RUN_CODEC", "app"]
 #: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
 DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
 BASELINE = "baseline"
+
+
+class Engine(StrEnum):
+    """Which runtime executes a federated run."""
+
+    inprocess = "inprocess"
+    flower = "flower"
+
 
 app = typer.Typer(
     name="deltaplane",
@@ -111,6 +120,17 @@ def run(
         str | None,
         typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
     ] = None,
+    transport: Annotated[
+        str,
+        typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
+    ] = "inproc",
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="inprocess: deltaplane's own simulator; flower: Flower's simulation engine (Ray), same "
+            "partition, model and seeds (needs the 'flower' extra)."
+        ),
+    ] = Engine.inprocess,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
@@ -124,7 +144,11 @@ def run(
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
         )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
-        results = _execute(plan)
+        if transport not in ("inproc", "http"):
+            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
+        if transport == "http" and engine != Engine.inprocess:
+            raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
+        results = _execute(plan, engine, transport=transport)
         from deltaplane.report import write_report
 
         files = write_report(
@@ -165,8 +189,13 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
-    from deltaplane.sim.simulation import run_simulation
+def _execute(
+    plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess, *, transport: str = "inproc"
+) -> list[dict[str, Any]]:
+    run_simulation = _engine(engine)
+
+    if transport == "http":  # same federation, every byte through the service (needs the serve extra)
+        from deltaplane.serve.federation import run_http_simulation as run_simulation
 
     results = []
     columns = (
@@ -182,6 +211,20 @@ def _execute(plan: list[tuple[str, RunConfig]]) -> list[dict[str, Any]]:
             result = run_simulation(cfg, progress=_advance(progress, task))
             results.append({"name": name, **result.to_dict()})
     return results
+
+
+def _engine(engine: Engine) -> Callable[..., Any]:
+    if engine is Engine.flower:
+        try:
+            from deltaplane.flower import run_flower
+        except ImportError as exc:
+            raise DeltaplaneError(
+                f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
+            ) from None
+        return run_flower
+    from deltaplane.sim.simulation import run_simulation
+
+    return run_simulation
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]:

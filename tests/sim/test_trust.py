@@ -26,6 +26,17 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget() -> None:
         run_simulation(cfg.replace(epsilon_budget=budget))
 
 
+def test_local_dp_reports_the_worst_device_epsilon() -> None:
+    from deltaplane.aggregation import local_epsilon
+
+    res = run_simulation(TINY.replace(local_dp_noise=2.0, clip="1.0", dp_delta=1e-3))
+    # every device takes part in every round (sample_fraction 1): ε of r releases at multiplier z/2
+    for rnd, r in enumerate(res.rounds, start=1):
+        assert r.epsilon == pytest.approx(local_epsilon(noise_multiplier=2.0, rounds=rnd, delta=1e-3))
+    with pytest.raises(dp.ConfigError, match="numeric clip"):
+        RunConfig.from_mapping({"local_dp_noise": 1.0})
+
+
 def test_one_bad_client_is_rejected_and_the_round_goes_on() -> None:
     # a third of the clients send Inf (Gaussian noise with an overflowing std): refused, logged, round continues
     res = run_simulation(TINY.replace(attack="gaussian:0.34:std=1e39"))

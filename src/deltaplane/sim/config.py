@@ -40,6 +40,12 @@ class RunConfig(BaseModel):
     min_client_samples: int = Field(20, ge=2, description="least number of samples a client holds")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of digits in the global test set")
+    train_shifts: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="add this many one-pixel-shifted copies of every training image (1,000+ clients need them)",
+    )
     # -- local training -----------------------------------------------------------------------------
     local_epochs: int = Field(2, ge=1, description="passes over the local data per round")
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
@@ -66,6 +72,9 @@ class RunConfig(BaseModel):
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    local_dp_noise: float = Field(
+        0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
+    )
     secagg: bool = Field(False, description="aggregate through secure aggregation (server sees masked sums)")
     secagg_bits: int = Field(20, ge=2, le=24, description="bits per value of the securely aggregated update")
     secagg_range: float = Field(
@@ -145,6 +154,11 @@ class RunConfig(BaseModel):
             self.build_aggregator()
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
+        if self.local_dp_noise > 0:
+            if self.clip is None or self.clip == "adaptive":
+                raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
+            if self.dp_noise > 0:
+                raise ValueError("choose central (dp_noise) or local (local_dp_noise) DP, not both")
         if self.secagg:
             if self.defense not in (None, "none") or self.max_update_norm is not None:
                 raise ValueError(

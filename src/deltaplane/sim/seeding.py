@@ -31,6 +31,7 @@ class Stream(IntEnum):
     AGGREGATION = 9
     SECAGG = 10
     PERSONALIZATION = 11
+    LOCAL_DP = 12
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

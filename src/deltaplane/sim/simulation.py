@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deltaplane.aggregation import FLTrust, Rejection
+from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
 from deltaplane.codecs import Compressor, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
+from deltaplane.data.domains import shift
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError, InvalidUpdate
 from deltaplane.personalization import PersonalState
@@ -32,7 +33,14 @@ from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
 
-__all__ = ["RoundMetrics", "RunResult", "label_mix_accuracy", "run_simulation", "sample_clients"]
+__all__ = [
+    "RoundMetrics",
+    "RunResult",
+    "federation_data",
+    "label_mix_accuracy",
+    "run_simulation",
+    "sample_clients",
+]
 
 #: Identifies the lineage of global models in payload headers; the version is the round it was made from.
 BASE_ID = "sim/digits-cnn"
@@ -109,6 +117,24 @@ class RunResult:
             "rounds": [r.to_dict() for r in self.rounds],
             "clients": self.clients,
         }
+
+
+#: The one-pixel translations ``train_shifts`` adds, in order: the 4 axis neighbours, then the 4 diagonals.
+_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def federation_data(config: RunConfig) -> tuple[Dataset, Dataset]:
+    """The (train, test) sets of a run: the digits split, plus ``config.train_shifts`` shifted copies of train.
+
+    Digits has 1,437 training images: enough for 20 clients, not for 1,000 with a holdout each. Shifted
+    copies (a standard augmentation) give every client a few images of its own; the test set is untouched.
+    Every engine builds its data here, so they partition the very same samples.
+    """
+    train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
+    if config.train_shifts:
+        copies = [train.x] + [shift(train.x, dx, dy) for dx, dy in _SHIFTS[: config.train_shifts]]
+        train = Dataset(torch.cat(copies), train.y.repeat(len(copies)))
+    return train, test
 
 
 def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
@@ -227,7 +253,7 @@ def label_mix_accuracy(
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
     start = time.perf_counter()
-    train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
+    train, test = federation_data(config)
     clients = make_clients(config, train)
     model = build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -256,6 +282,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
     client_rows: list[dict[str, Any]] = []
 
+    participations: dict[int, int] = {}  # rounds each device released a locally privatized update in
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
@@ -298,6 +325,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 delta = personalizer.shared(delta, model)  # local layers never leave the device
             if cid in malicious:
                 delta = attack.poison_update(delta, attack_gen)
+            if config.local_dp_noise > 0:  # local DP: the device clips and noises its own update
+                delta = privatize(
+                    delta,
+                    clip=float(config.clip),  # type: ignore[arg-type]
+                    noise_multiplier=config.local_dp_noise,
+                    generator=torch_generator(config.seed, Stream.LOCAL_DP, rnd, cid),
+                )
+                participations[cid] = participations.get(cid, 0) + 1
             if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
                 norm, bound = delta.norm(), float(config.clip)
                 delta = delta * (bound / norm) if norm > bound else delta
@@ -394,7 +429,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
             seconds=time.perf_counter() - t0,
-            epsilon=measurements.get("epsilon"),
+            epsilon=(
+                local_epsilon(
+                    noise_multiplier=config.local_dp_noise,
+                    rounds=max(participations.values()),
+                    delta=config.dp_delta,
+                )
+                if participations
+                else measurements.get("epsilon")
+            ),
             rejected=len(rejections),
             backdoor_success=_backdoor_success(model, test, backdoor_target),
             clipped_fraction=measurements.get("clipped_fraction"),

@@ -1,0 +1,1 @@
+"""deltaplane on Flower: the digits federation with compressed deltas (see ../README.md)."""

@@ -1,0 +1,27 @@
+"""ClientApp: local SGD on this SuperNode's digits shard; deltaplane's ``delta_mod`` compresses the update.
+
+Partner: ``deltaplane_app.server_app`` (``DeltaStrategy``). The SuperNode's ``--node-config`` gives its
+``partition-id``; the error-feedback residual stays in the node's Context state between rounds.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from deltaplane.flower import digits_client_app
+
+from .task import run_config
+
+app = ClientApp()
+_apps: dict[str, ClientApp] = {}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Delegate to deltaplane's digits ClientApp built for this run's config (once per process)."""
+    cfg = run_config(context)
+    key = cfg.model_dump_json()
+    if key not in _apps:
+        _apps[key] = digits_client_app(cfg)
+    return _apps[key](msg, context)

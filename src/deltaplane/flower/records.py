@@ -1,0 +1,70 @@
+"""The record keys deltaplane's Flower adapters agree on, and the conversions between Flower records and ours.
+
+Both sides of the adapter pair (:func:`~deltaplane.flower.delta_mod` on the SuperNode,
+:class:`~deltaplane.flower.DeltaStrategy` in the ServerApp) read and write these keys, so they live in one
+place. Payloads are the bytes of deltaplane's wire format (:mod:`deltaplane.codecs.wire`) carried as a
+``bytes`` value of a Flower ``ConfigRecord``: Flower transports them verbatim, and their length is what the
+device really sends.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from deltaplane.delta import StateDict
+
+__all__ = [
+    "CONTROL_KEY",
+    "DOWNLINK_KEY",
+    "UPLINK_KEY",
+    "arrays_to_state",
+    "content_bytes",
+    "state_from_bytes",
+    "state_to_arrays",
+    "state_to_bytes",
+]
+
+#: ConfigRecord in a train instruction: ``base-id``, ``base-version`` (the global model the node must train
+#: from) and ``downlink-from`` (the version the downlink payloads start at; -1 when full arrays are sent).
+CONTROL_KEY = "deltaplane"
+#: ConfigRecord in a train instruction: ``payloads``, the downlink deltas that take the node's cached model
+#: from version ``downlink-from`` to ``base-version``, one wire payload per round it missed.
+DOWNLINK_KEY = "deltaplane.downlink"
+#: ConfigRecord in a train reply: ``payload``, the node's compressed update (a wire payload).
+UPLINK_KEY = "deltaplane.uplink"
+
+
+def state_to_arrays(state: StateDict) -> ArrayRecord:
+    """A Flower ArrayRecord holding ``state`` (tensors are copied; names and order are kept)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()}, keep_input=True)
+
+
+def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The torch state dict an ArrayRecord holds (values round-trip bit for bit)."""
+    return dict(arrays.to_torch_state_dict())
+
+
+def state_to_bytes(obj: Any) -> bytes:
+    """Serialize tensors/ints/strings (e.g. a compressor's ``state_dict``) for a ConfigRecord ``bytes`` value."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> Any:
+    """Inverse of :func:`state_to_bytes`; ``weights_only`` so a node's state can never run code."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of all records in a message's content, as Flower counts them (``Record.count_bytes``)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def control(base_id: str, version: int, downlink_from: int) -> ConfigRecord:
+    """The control record of a train instruction (see :data:`CONTROL_KEY`)."""
+    return ConfigRecord({"base-id": base_id, "base-version": version, "downlink-from": downlink_from})

@@ -1,0 +1,236 @@
+"""Server side of deltaplane-in-Flower: a Strategy that decodes, aggregates and compresses with deltaplane.
+
+Partner: :func:`deltaplane.flower.delta_mod` on every SuperNode. :class:`DeltaStrategy` wraps any Flower
+strategy (``flwr.serverapp.strategy.FedAvg`` by default), which keeps choosing the nodes and building the
+train config, and replaces what travels: the downlink is a deltaplane payload (or a chain of them, for a
+node that missed rounds) instead of the full model, and the uplink is a compressed delta decoded strictly
+with ``deltaplane.decompress(expect_base=...)``, so an update computed against another model version is
+refused, never applied. Aggregation is a deltaplane :class:`~deltaplane.aggregation.Aggregator` (FedAvg, or
+any DP / robust / server-optimizer wrapper around it), or, with ``aggregator=None``, the wrapped Flower
+strategy's own ``aggregate_train`` fed with the decoded weights.
+
+Bytes are counted from the real Flower messages: the payload lengths (comparable with the in-process
+engine) and the full record sizes Flower reports (``Record.count_bytes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy import Strategy
+
+from deltaplane.aggregation import Aggregator, FedAvg
+from deltaplane.codecs import Codec, Compressor, decompress
+from deltaplane.delta import Delta
+from deltaplane.flower.records import (
+    CONTROL_KEY,
+    DOWNLINK_KEY,
+    UPLINK_KEY,
+    arrays_to_state,
+    content_bytes,
+    control,
+    state_to_arrays,
+)
+
+__all__ = ["DeltaStrategy", "RoundTraffic"]
+
+
+class _Default:
+    """Marks an argument left out, where ``None`` means something else."""
+
+    def __repr__(self) -> str:
+        return "FedAvg()"
+
+
+_DEFAULT = _Default()
+
+
+@dataclass
+class RoundTraffic:
+    """What one round sent, measured on the Flower messages themselves."""
+
+    round: int
+    clients: int
+    #: summed lengths of the uplink wire payloads (what the in-process engine counts)
+    uplink_payload_bytes: int
+    #: summed sizes of the reply messages' records (payload plus Flower's metrics/config records)
+    uplink_message_bytes: int
+    #: summed sizes of the downlink: payload chains, or full weights on a node's first contact
+    downlink_message_bytes: int
+    #: length of this round's downlink payload (what one node receives if it was in the last round)
+    downlink_payload_bytes: int
+    node_ids: list[int] = field(default_factory=list)
+
+
+class DeltaStrategy(Strategy):
+    """A Flower Strategy whose updates travel as compressed deltaplane payloads both ways.
+
+    Partner: :func:`deltaplane.flower.delta_mod` (client mod). Keyword-only hyperparameters, stored verbatim;
+    the learned server state (global model, downlink residual, which version each node holds, traffic
+    history) lives in attributes set by :meth:`start`.
+
+    Args:
+        inner: the Flower strategy that samples nodes and configures rounds (default: Flower ``FedAvg``
+            with ``fraction_train=1``). Its ``configure_evaluate``/``aggregate_evaluate`` are used as is.
+        aggregator: the deltaplane aggregator applied to the decoded deltas, weighted by each reply's
+            ``weighted_by_key`` metric (default deltaplane ``FedAvg()``); ``None`` hands the decoded
+            weights to ``inner.aggregate_train`` instead.
+        downlink_codec: codec of the global update sent to nodes.
+        downlink_error_feedback: keep the downlink compression error on the server.
+        server_lr: scale of the aggregated delta applied to the global model.
+        seed: seeds the downlink compressor.
+        base_id: the model lineage named in every payload's header.
+        weighted_by_key: the reply MetricRecord entry that weighs a node's delta (Flower's convention).
+        arrayrecord_key: the key of the model in instructions (Flower's convention).
+
+    Example:
+        >>> from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+        >>> from deltaplane.flower import DeltaStrategy
+        >>> strategy = DeltaStrategy(inner=FlowerFedAvg(fraction_train=0.05), downlink_codec="quant(bits=8)")
+    """
+
+    def __init__(
+        self,
+        *,
+        inner: Strategy | None = None,
+        aggregator: Aggregator | _Default | None = _DEFAULT,
+        downlink_codec: str | Codec = "identity",
+        downlink_error_feedback: bool = True,
+        server_lr: float = 1.0,
+        seed: int = 0,
+        base_id: str = "flower/global",
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+    ) -> None:
+        if server_lr <= 0:
+            raise ValueError(f"server_lr must be positive. Found {server_lr}")
+        self.inner = inner if inner is not None else FlowerFedAvg(min_train_nodes=1, min_available_nodes=1)
+        self.aggregator = FedAvg() if isinstance(aggregator, _Default) else aggregator
+        self.downlink_codec = downlink_codec
+        self.downlink_error_feedback = downlink_error_feedback
+        self.server_lr = server_lr
+        self.seed = seed
+        self.base_id = base_id
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self._downlink = Compressor(downlink_codec, error_feedback=downlink_error_feedback, seed=seed)
+        self._global: dict | None = None
+        self._version = 0
+        self._downlink_payloads: list[bytes] = []  # entry v takes version v to v + 1
+        self._node_version: dict[int, int] = {}
+        self.traffic: list[RoundTraffic] = []
+
+    def summary(self) -> None:
+        """Log the configuration (Flower calls this when :meth:`start` begins)."""
+        self.inner.summary()
+
+    # -- training ----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let ``inner`` pick the nodes, then give each the downlink it needs to reach the current model."""
+        if self._global is None:  # the first round's arrays are the initial model: version 0
+            self._global = arrays_to_state(arrays)
+        full = state_to_arrays(self._global)
+        messages = []
+        self._pending_down = 0
+        for msg in self.inner.configure_train(server_round, full, config, grid):
+            node = msg.metadata.dst_node_id
+            content = RecordDict({k: v for k, v in msg.content.items() if k != self.arrayrecord_key})
+            start = self._node_version.get(node, -1)
+            if start < 0:
+                content[self.arrayrecord_key] = full
+            else:
+                content[DOWNLINK_KEY] = ConfigRecord({"payloads": self._downlink_payloads[start:]})
+            content[CONTROL_KEY] = control(self.base_id, self._version, start)
+            self._pending_down += content_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=msg.metadata.message_type))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode every payload against the current version, aggregate, and compress the downlink."""
+        assert self._global is not None, "configure_train runs first"
+        ok = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():  # its cached model is unknown now: send it the full model next time
+                self._node_version.pop(m.metadata.src_node_id, None)
+        if not ok:
+            return None, None
+        # A fixed order makes the float sums, and so the run, independent of reply arrival order.
+        ok.sort(key=lambda m: m.metadata.src_node_id)
+        base = (self.base_id, self._version)
+        up_payload = up_msg = 0
+        decoded: list[tuple[Delta, float, Message]] = []
+        for m in ok:
+            payload = m.content.config_records[UPLINK_KEY]["payload"]
+            up_payload += len(payload)
+            up_msg += content_bytes(m.content)
+            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
+            decoded.append((decompress(payload, expect_base=base), weight, m))
+
+        if self.aggregator is not None:
+            self.aggregator.reset()
+            for delta, weight, _ in decoded:
+                self.aggregator.add(delta, weight=weight)
+            update = self.aggregator.result()
+            # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
+            measured = getattr(self.aggregator, "measurements", {}) or {}
+            metrics = MetricRecord(
+                {
+                    **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
+                    "clients": len(ok),
+                }
+            )
+        else:  # the wrapped Flower strategy averages full weights; give it what the nodes meant to send
+            rebuilt = []
+            for delta, _, m in decoded:
+                content = RecordDict({k: v for k, v in m.content.items() if k != UPLINK_KEY})
+                content[self.arrayrecord_key] = state_to_arrays(delta.apply(self._global))
+                m.content = content  # the reply keeps its routing metadata; only what it carries changes
+                rebuilt.append(m)
+            new_arrays, metrics = self.inner.aggregate_train(server_round, rebuilt)
+            update = Delta.between(self._global, arrays_to_state(new_arrays))
+        update = update * self.server_lr
+
+        payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)
+        self._global = decompress(payload, expect_base=base).apply(self._global)
+        self._downlink_payloads.append(payload)
+        for m in ok:  # each holds the model it trained from; next time it needs the downlink from there on
+            self._node_version[m.metadata.src_node_id] = self._version
+        self._version += 1
+        self.traffic.append(
+            RoundTraffic(
+                round=server_round,
+                clients=len(ok),
+                uplink_payload_bytes=up_payload,
+                uplink_message_bytes=up_msg,
+                downlink_message_bytes=self._pending_down,
+                downlink_payload_bytes=len(payload),
+                node_ids=[m.metadata.src_node_id for m in ok],
+            )
+        )
+        out = MetricRecord(dict(metrics) if metrics is not None else {})
+        out["uplink-payload-bytes"] = up_payload
+        return state_to_arrays(self._global), out
+
+    # -- evaluation: the wrapped strategy's, on full weights ------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to ``inner`` (evaluation messages carry full weights; :func:`delta_mod` lets them pass)."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate to ``inner``."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    @property
+    def version(self) -> int:
+        """The version of the current global model (the number of updates applied so far)."""
+        return self._version
