@@ -113,7 +113,7 @@ def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: 
 
     monkeypatch.setattr(simulation, "build_model", lambda seed: _WithBatchNorm())
     monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
-    cfg = RunConfig(clients=3, rounds=1, local_epochs=1)
+    cfg = RunConfig(clients=3, rounds=1, local_epochs=1, engine="batched")
     with pytest.warns(UserWarning, match="falls back to the sequential client loop: .*buffers"):
         run_simulation(cfg)
     with warnings.catch_warnings():
@@ -124,7 +124,7 @@ def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: 
 
 def test_personalized_runs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
-    cfg = RunConfig(clients=3, rounds=1, local_epochs=1, personalization="fedper")
+    cfg = RunConfig(clients=3, rounds=1, local_epochs=1, personalization="fedper", engine="batched")
     with pytest.warns(UserWarning, match="personalization 'fedper' starts each client from its own weights"):
         run_simulation(cfg)
     with warnings.catch_warnings():

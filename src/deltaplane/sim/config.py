@@ -103,10 +103,13 @@ class RunConfig(BaseModel):
     split_seed: int = Field(0, ge=0, description="seeds the global train/test split")
     threads: int = Field(1, ge=1, description="torch CPU threads (fixed so timings and results repeat)")
     # -- engine ---------------------------------------------------------------------------------------
+    # Sequential by default: it is bit-for-bit what the HTTP transport and the Flower engine compute, so a
+    # result reproduces across runtimes; 'batched' is faster but differs by float32 rounding, which 120 rounds
+    # of top-k can grow into a different final model.
     engine: Literal["batched", "sequential"] = Field(
-        "batched",
-        description="'batched' trains a round's clients at once (sim/batched.py), falling back to the loop "
-        "for models it cannot batch; 'sequential' trains them one after another",
+        "sequential",
+        description="'sequential' trains a round's clients one after another; 'batched' trains them at once "
+        "(sim/batched.py), falling back to the loop for models it cannot batch",
     )
     memory_budget_mb: float = Field(
         256.0, gt=0, description="memory the batched engine may use for the clients it trains at once"
