@@ -74,7 +74,9 @@ def main() -> None:
         + f"\n\nAccuracy gap {gap:.2f} points (target ≤ 0.5: {'met' if ok_acc else 'MISSED'}); uplink bytes "
         f"differ by {up_diff:.3f}% (target ≤ 1%: {'met' if ok_bytes else 'MISSED'}). Per-round accuracies "
         f"identical in {sum(a.test_accuracy == b.test_accuracy for a, b in zip(local.rounds, flower.rounds, strict=True))}"
-        f" of {cfg.rounds} rounds. Flower's wall time includes starting Ray and its actors."
+        f" of {cfg.rounds} rounds. Flower's wall time includes starting Ray and its actors; Ray runs one "
+        "ClientApp per core (2 here) while the in-process engine trains clients one after another on one "
+        "thread (`threads=1`), and the machine is shared, so timing ratios move by tens of percent between runs."
     )
     print(body)
     record("flower-parity", "Flower engine parity (default federation)", body)
