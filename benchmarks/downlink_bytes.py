@@ -23,7 +23,7 @@ from deltaplane.delta import Delta
 from deltaplane.registry import Registry, apply_downlink, plan_downlink, publish_update, state_to_bytes
 
 ROUNDS, CLIENTS = 8, 10
-CODECS = ["topk(0.05) | quant(bits=8)", "quant(bits=8)"]
+CODECS = ["topk(0.05) | quant(bits=8)", "topk(0.1) | quant(bits=8)", "quant(bits=8)"]
 
 
 def main() -> None:
@@ -56,9 +56,10 @@ def main() -> None:
         m = evaluate(reg.load_state(reg.get("cnn", v)))
         me = evaluate(exact)
         typical = sorted(f / b for _, b, f in ratios)[len(ratios) // 2]
+        cell = "`" + codec.replace("|", "\\|") + "`"  # a bare | would split the markdown table cell
         rows.append(
             [
-                f"`{codec}`",
+                cell,
                 ratios[-1][2],
                 int(sorted(b for _, b, _ in ratios)[len(ratios) // 2]),
                 f"{typical:.1f}x",

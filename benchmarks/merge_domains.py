@@ -9,7 +9,7 @@ accuracy and the normalized accuracy (merged ÷ the domain's own fine-tuned expe
 Method hyperparameters (λ, density) are picked on a validation split carved from the training images, never on
 the test images. The mixture of experts keeps all five experts behind a router trained on the same split.
 
-Run: ``.venv/bin/python benchmarks/merge_domains.py``
+Run: ``.venv/bin/python benchmarks/merge_domains.py [specialist] [generalist]`` (both by default).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import record, table
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.data.domains import apply_domain
-from deltaplane.sim.model import build_model
-
-from _record import record, table
 from deltaplane.merging import MixtureOfExperts, diagonal_fisher, merge, slerp
+from deltaplane.sim.model import build_model
 
 DOMAINS = ["identity", "rotate90", "invert", "noise", "shift"]
 LABELS = {
@@ -139,9 +138,9 @@ def run_setting(data: dict, generalist: bool) -> tuple[list[list[str]], tuple[st
     fishers = []
     for i, d in enumerate(DOMAINS):
         model.load_state_dict(experts[i])
-        fishers.append(diagonal_fisher(model, data[d]["train"][0][:300]))
+        fishers.append(diagonal_fisher(model, data[d]["train"][0][:200]))
     p, s = pick("fisher", [{"fishers": fishers}], base_state=None)
-    results.append(("fisher", "diagonal Fisher, 300 train images per domain", s))
+    results.append(("fisher", "diagonal Fisher, 200 train images per domain", s))
     for name, note, state in results:
         rows.append((name, note, evaluate(state)))
         print(name, note, rows[-1][2], flush=True)
@@ -152,7 +151,7 @@ def run_setting(data: dict, generalist: bool) -> tuple[list[list[str]], tuple[st
     dv = torch.cat([torch.full((data[d]["val"][0].shape[0],), i) for i, d in enumerate(DOMAINS)])
     for k in (1, 2):
         moe = MixtureOfExperts.from_states(build_model(SEED), experts, top_k=k, in_features=64, hidden=64)
-        moe.fit_router(xv, expert_labels=dv, epochs=200, lr=3e-3, seed=0)
+        moe.fit_router(xv, expert_labels=dv, epochs=100, lr=5e-3, seed=0)
         accs = {d: acc(moe, None, *data[d]["test"]) for d in DOMAINS}
         rows.append((f"MoE top-{k}", "router: 64→64→5 MLP on pixels", accs))
         moe_norm = max(moe_norm, sum(accs[d] / expert_acc[d] for d in DOMAINS) / len(DOMAINS))
@@ -177,31 +176,35 @@ def run_setting(data: dict, generalist: bool) -> tuple[list[list[str]], tuple[st
 def main() -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
     data = load_domains()
     headers = ["method", "settings"] + [LABELS[d] for d in DOMAINS] + ["mean acc", "normalized"]
-    parts = [
+    intro = (
         "Five domains of the digits test set (360 images each): "
         + ", ".join(LABELS[d] for d in DOMAINS)
         + ". Experts: the base fine-tuned 15 epochs (Adam 1e-3) on each domain. Each method's hyperparameters "
         "are chosen on a validation split (20% of the training images), never on the test images. Normalized = "
         "mean over domains of (merged accuracy ÷ the domain expert's accuracy). SLERP merges two models; the "
         "five experts are folded in as a spherical running mean."
-    ]
-    for generalist, title in [
-        (False, "A. Specialist base (trained 30 epochs on the original digits only)"),
-        (True, "B. Generalist base (trained 10 epochs on a mix of all five domains)"),
-    ]:
+    )
+    settings = {
+        "specialist": (False, "A. Specialist base (trained 30 epochs on the original digits only)"),
+        "generalist": (True, "B. Generalist base (trained 10 epochs on a mix of all five domains)"),
+    }
+    chosen = [a for a in sys.argv[1:] if a in settings] or list(settings)
+    for key in chosen:
+        t0 = time.perf_counter()
+        generalist, title = settings[key]
         rows, best, moe_norm = run_setting(data, generalist)
-        parts.append(
-            f"### {title}\n\n" + table(headers, rows) + f"\n\nBest merge: **{best[0]}, {best[1]:.3f}** "
-            f"normalized (target ≥ 0.95: {'met' if best[1] >= 0.95 else 'MISSED'}). Mixture of experts: "
-            f"**{moe_norm:.3f}** (target ≥ 0.99: {'met' if moe_norm >= 0.99 else 'MISSED'})."
+        body = (
+            intro
+            + "\n\n"
+            + table(headers, rows)
+            + f"\n\nBest merge: **{best[0]}, {best[1]:.3f}** normalized "
+            f"(target ≥ 0.95: {'met' if best[1] >= 0.95 else 'MISSED'}). Mixture of experts: **{moe_norm:.3f}** "
+            f"(target ≥ 0.99: {'met' if moe_norm >= 0.99 else 'MISSED'}). Run time {time.perf_counter() - t0:.0f} s."
         )
-    parts.append(f"Total run time {time.perf_counter() - t0:.0f} s.")
-    body = "\n\n".join(parts)
-    print(body)
-    record("merge-domains", "Merging five digits domains into one model", body)
+        print(body, flush=True)
+        record(f"merge-domains-{key}", f"Merging five digits domains into one model — {title}", body)
 
 
 if __name__ == "__main__":

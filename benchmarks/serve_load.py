@@ -78,7 +78,15 @@ def main() -> None:
                 time.sleep(0.1)
         b_rps, b50, b99, b_err = asyncio.run(baseline(url, DEVICES, 5.0))
         rep = asyncio.run(
-            run_load(url, ADMIN, model="cnn", verifier=reg.verifier, devices=DEVICES, duration_s=SECONDS)
+            run_load(
+                url,
+                ADMIN,
+                model="cnn",
+                verifier=reg.verifier,
+                devices=DEVICES,
+                duration_s=SECONDS,
+                min_rounds=3,
+            )
         )
         alive = httpx.get(url + "/healthz").status_code == 200
         load = os.getloadavg()[0]
@@ -101,14 +109,15 @@ def main() -> None:
     ]
     bad = ", ".join(f"{k}: {sorted(set(v))} ×{len(v)}" for k, v in rep.bad_requests.items())
     body = (
-        f"{DEVICES} concurrent devices, {SECONDS:.0f} s, 127.0.0.1 only; SmallCNN "
+        f"{DEVICES} concurrent devices for {rep.seconds:.0f} s (at least {SECONDS:.0f} s and 3 rounds), 127.0.0.1 only; SmallCNN "
         f"({sum(v.numel() for v in D.initial_state().values()):,} params), uplink `topk(0.1) | quant(bits=8)`, "
         "downlink = the service's signed delta (verified and applied by every device).\n\n"
         + table(
             ["workload", "requests/s", "p50 ms", "p99 ms", "errors", "uploads accepted", "lost uploads"], rows
         )
         + f"\n\nService throughput relative to the bare-uvicorn baseline: {rep.rps / b_rps:.2f}×. "
-        f"Downlink bytes saved by deltas over the run: {s['downlink_saving']}× vs full downloads. "
+        f"Downlink: {s['delta_downloads']} signed delta downloads, each {s['delta_saving']}× smaller than the full "
+        f"model (whole run incl. the first full downloads: {s['downlink_saving']}×). "
         f"Bad requests mixed in (expected code, got codes × count): {bad}. "
         f"Server healthy afterwards: {'yes' if alive else 'NO'}. Targets: 0 errors, 0 lost uploads.\n\n"
         f"Machine load average during the run: {load:.1f} on {os.cpu_count()} cores (the machine is shared with "

@@ -12,6 +12,10 @@ MODULES = [
     "deltaplane.codecs.compressor",
     "deltaplane.codecs.policy",
     "deltaplane.aggregation.fedavg",
+    "deltaplane.aggregation.accounting",
+    "deltaplane.aggregation.clipping",
+    "deltaplane.aggregation.dp",
+    "deltaplane.aggregation.validation",
 ]
 
 

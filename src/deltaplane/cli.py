@@ -7,6 +7,7 @@ the command with a one-line red message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -79,6 +80,13 @@ def run(
         str | None,
         typer.Option(help=f"Uplink codec spec. [default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"),
     ] = None,
+    downlink: Annotated[
+        str | None,
+        typer.Option(
+            "--downlink",
+            help="Codec spec for the global update sent to devices (server-side error feedback). [default: identity]",
+        ),
+    ] = None,
     clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
@@ -88,6 +96,34 @@ def run(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
+    aggregator: Annotated[
+        str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+    ] = None,
+    dp_noise: Annotated[
+        float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+    ] = None,
+    clip: Annotated[str | None, typer.Option(help="Per-client L2 clip norm: a number or 'adaptive'.")] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Stop before epsilon would exceed this (with --dp-noise).")
+    ] = None,
+    secagg: Annotated[
+        bool | None, typer.Option("--secagg/--no-secagg", help="Aggregate through secure aggregation.")
+    ] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'.")
+    ] = None,
+    defense: Annotated[
+        str | None, typer.Option(help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'.")
+    ] = None,
+    prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
+    personalization: Annotated[
+        str | None,
+        typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
+    ] = None,
+    transport: Annotated[
+        str,
+        typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
+    ] = "inproc",
     engine: Annotated[
         Engine,
         typer.Option(
@@ -102,15 +138,32 @@ def run(
     a comparison table and writes report.json and report.html into --out.
     """
     with _clean_errors():
-        cfg = _run_config(config, codec=codec, clients=clients, rounds=rounds, seed=seed)
+        cfg = _run_config(
+            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
+            aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
+            attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
+        )  # fmt: skip
         plan = _plan_runs(cfg, with_baseline=baseline)
-        results = _execute(plan, engine)
+        if transport not in ("inproc", "http"):
+            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
+        if transport == "http" and engine != Engine.inprocess:
+            raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
+        results = _execute(plan, engine, transport=transport)
         from deltaplane.report import write_report
 
         files = write_report(
             results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
         )
         console.print(_summary_table(files.report["summary"]))
+        for r in results:
+            final = r["final"]
+            if final.get("personal_accuracy_mean") is not None:
+                console.print(
+                    f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
+                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
+                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    soft_wrap=True,
+                )
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
@@ -129,14 +182,20 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
     from deltaplane.codecs import get_codec
 
-    if get_codec(cfg.codec).spec == "identity":
+    if get_codec(cfg.codec).spec == "identity" and get_codec(cfg.downlink_codec).spec == "identity":
         return [(BASELINE, cfg)]  # the chosen codec *is* the baseline; running it twice would prove nothing
-    runs = [(BASELINE, cfg.replace(codec="identity"))] if with_baseline else []
+    # the baseline is fp32 both ways, so "vs fp32" compares against no compression at all
+    runs = [(BASELINE, cfg.replace(codec="identity", downlink_codec="identity"))] if with_baseline else []
     return [*runs, ("compressed", cfg)]
 
 
-def _execute(plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess) -> list[dict[str, Any]]:
+def _execute(
+    plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess, *, transport: str = "inproc"
+) -> list[dict[str, Any]]:
     run_simulation = _engine(engine)
+
+    if transport == "http":  # same federation, every byte through the service (needs the serve extra)
+        from deltaplane.serve.federation import run_http_simulation as run_simulation
 
     results = []
     columns = (
@@ -181,7 +240,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     )
     table.add_column("run", no_wrap=True)
     table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
-    for header in ("test acc", "client acc\nmean / min", "uplink", "vs fp32", "time"):
+    for header in ("test acc", "client acc\nmean / min", "uplink\ndownlink", "vs fp32", "time"):
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         # Without a baseline run, compare against what the raw float32 updates would have cost.
@@ -191,7 +250,7 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
             escape(r["codec"]),
             f"{r['final_accuracy']:.4f}",
             f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
-            _human_bytes(r["uplink_bytes"]),
+            f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}",
             f"{ratio:.1f}×" if ratio is not None else "—",
             f"{r['wall_time_s']:.1f} s",
         )
@@ -211,7 +270,6 @@ def _human_bytes(n: int) -> str:
 
 def _register_command_modules() -> None:
     """Add every ``deltaplane.commands.<area>`` module's commands: each area owns its sub-commands."""
-    import importlib
     import pkgutil
 
     import deltaplane.commands as package

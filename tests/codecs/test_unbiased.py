@@ -63,12 +63,12 @@ def test_ternary_is_unbiased() -> None:
 
 
 def test_unbiased_randk_is_unbiased_and_plain_randk_is_not() -> None:
-    n, ratio = 3000, 0.25
+    n, ratio = 1500, 0.25
     mean = _mean_of_encodes(f"randk({ratio}, unbiased=true)", X, n)
     width = X.abs() / ratio  # values in {0, x / p}
     assert bool(((mean - X).abs() <= _hoeffding(width, n, X.numel())).all())
-    plain = _mean_of_encodes(f"randk({ratio})", X, 300)  # E = p·x
-    assert torch.allclose(plain, ratio * X, atol=float(_hoeffding(X.abs().max(), 300, X.numel())))
+    plain = _mean_of_encodes(f"randk({ratio})", X, 200)  # E = p·x
+    assert torch.allclose(plain, ratio * X, atol=float(_hoeffding(X.abs().max(), 200, X.numel())))
 
 
 def test_one_bit_stochastic_quant_is_unbiased() -> None:

@@ -83,3 +83,50 @@ def test_bad_arguments_give_clean_errors(cli):
     assert "version reference" in cli("registry", "show", "cnn").output
     r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
     assert r.exit_code == 2 and "module:function" in r.output
+
+
+def test_deltaplane_serve_starts_and_answers(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    Registry.create(tmp_path / "home")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DELTAPLANE_ADMIN_TOKEN": "a" * 20, "DELTAPLANE_HOME": str(tmp_path / "home")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deltaplane.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--evaluator",
+        "deltaplane.serve.evaluators:digits",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/openapi.json")
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[
+                    -2000:
+                ]
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["info"]["title"] == "deltaplane"
+        admin = httpx.get(
+            f"http://127.0.0.1:{port}/admin/stats", headers={"Authorization": "Bearer " + "a" * 20}
+        )
+        assert admin.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/admin/stats").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -285,7 +285,7 @@ def test_docstring_examples() -> None:
         assert res.failed == 0 and res.attempted > 0
 
 
-@pytest.mark.parametrize("k", [1, 1000, 419_430, 2_000_000, 2_097_151])
+@pytest.mark.parametrize("k", [1, 419_430, 2_097_151])
 def test_largest_indices_is_exactly_topk_on_large_tensors(k: int) -> None:
     from deltaplane.merging.task_arithmetic import largest_indices
 

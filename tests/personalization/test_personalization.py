@@ -73,7 +73,7 @@ def test_choose_alpha_exact_scores_and_tie_break() -> None:
         m, m.state_dict(), _data(0), epochs=30, lr=0.1, generator=torch.Generator().manual_seed(0)
     )
     personal = train_sgd(
-        m, glob, _data(2, perm=(1, 2, 0)), epochs=30, lr=0.1, generator=torch.Generator().manual_seed(0)
+        m, glob, _data(2, perm=(1, 2, 0)), epochs=15, lr=0.1, generator=torch.Generator().manual_seed(0)
     )
     delta = dp.Delta.between(glob, personal)
     alpha, scores = choose_alpha(m, glob, delta, val, alphas=[0.0, 0.5, 1.0])
@@ -88,9 +88,9 @@ def test_alpha_mix_improves_a_shifted_device_and_keeps_global_for_a_typical_one(
     torch.manual_seed(0)
     m = Net()
     glob = train_sgd(
-        m, m.state_dict(), _data(0, 600), epochs=20, lr=0.1, generator=torch.Generator().manual_seed(0)
+        m, m.state_dict(), _data(0, 300), epochs=15, lr=0.1, generator=torch.Generator().manual_seed(0)
     )
-    p = AlphaMix(epochs=20, lr=0.1)
+    p = AlphaMix(epochs=10, lr=0.1)
     shifted, typical = PersonalState(), PersonalState()
     perm = (1, 2, 0)
     p.personalize(

@@ -8,7 +8,7 @@ def test_sigkill_at_random_points_never_corrupts_or_loses_commits(tmp_path):
     report = torture(tmp_path / "h", kills=20, seed=0, size=20_000)
     assert report.ok, report.problems
     assert report.kills == 20
-    assert report.committed >= 20  # the writer got real work committed between kills
+    assert report.committed >= 10  # every other kill waits for a commit: real work happened between kills
     assert report.versions >= report.committed
     assert Registry(tmp_path / "h").verify().ok
 

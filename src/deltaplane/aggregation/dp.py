@@ -41,7 +41,8 @@ class DPFedAvg(AggregatorWrapper):
     Args:
         inner: the aggregator to privatize; a :class:`Clip` (then ``clip`` must be None) or any other
             aggregator, which gets wrapped in ``Clip(inner, clip=clip)``. Defaults to ``FedAvg()``.
-        clip: clip norm: a float, ``"adaptive"`` (quantile clipping with count noise ``expected_clients / 20``)
+        clip: clip norm: a float, ``"adaptive"`` (quantile clipping with count noise
+            ``max(expected_clients / 20, noise_multiplier)``)
             or a :class:`~deltaplane.aggregation.clipping.ClipEstimator`.
         noise_multiplier: ``z``; the sum gets noise of std ``z·C`` (split with the count noise when adaptive).
         expected_clients: clients per round the server expects (``q·N``); the noisy sum is divided by it, as in
@@ -93,7 +94,10 @@ class DPFedAvg(AggregatorWrapper):
                     )
                 clip = QuantileClip(
                     expected_clients=expected_clients,
-                    count_noise_std=(expected_clients / 20 if expected_clients else 0.0),
+                    # Andrew et al. suggest m/20; at least z so that the sum keeps most of the budget
+                    count_noise_std=(
+                        max(expected_clients / 20, noise_multiplier) if expected_clients else 0.0
+                    ),
                     seed=seed + 1,
                 )
             clipper = Clip(inner, clip=clip)

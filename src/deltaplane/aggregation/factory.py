@@ -106,9 +106,9 @@ def build_aggregator(
         if clip == "adaptive":
             if expected_clients is None:
                 raise ConfigError("clip='adaptive' with DP needs expected_clients")
-            est = QuantileClip(
-                expected_clients=expected_clients, count_noise_std=expected_clients / 20, seed=seed + 1
-            )
+            # Andrew et al. suggest σ_b = m/20; at least z, so the sum keeps ≥ 3/4 of the noise budget
+            sigma_b = max(expected_clients / 20, dp_noise)
+            est = QuantileClip(expected_clients=expected_clients, count_noise_std=sigma_b, seed=seed + 1)
             node = Clip(node, clip=est)
         else:
             node = Clip(node, clip=clip)

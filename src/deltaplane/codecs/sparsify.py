@@ -38,6 +38,11 @@ def _check_bool(name: str, what: str, v: object) -> bool:
     return v
 
 
+def top_count(ratio: float, n: int) -> int:
+    """How many of ``n`` values a top-``ratio`` codec keeps: ``ceil(ratio · n)``, at least one, at most ``n``."""
+    return min(n, max(1, math.ceil(ratio * n))) if n else 0
+
+
 def _sample_threshold(mag: Tensor, k: int, headroom: bool, rng: torch.Generator | None) -> Tensor:
     """Estimate the k-th largest magnitude from a sample of ~1% of the values (at least 4096)."""
     n = mag.numel()
@@ -98,7 +103,7 @@ class TopK(Codec):
         return {"ratio": self.ratio} | ({"approx": True} if self.approx else {})
 
     def k_for(self, n: int) -> int:
-        return min(n, max(1, math.ceil(self.ratio * n))) if n else 0
+        return top_count(self.ratio, n)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
@@ -238,7 +243,7 @@ class STC(Codec):
         self.ratio = _check_ratio("stc", ratio)
 
     def k_for(self, n: int) -> int:
-        return min(n, max(1, math.ceil(self.ratio * n))) if n else 0
+        return top_count(self.ratio, n)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()

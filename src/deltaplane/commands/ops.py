@@ -327,6 +327,9 @@ def register(app: typer.Typer) -> None:
         evaluator: Annotated[
             str | None, typer.Option(help="package.module:function for promotion gates.")
         ] = None,
+        downlink_codec: Annotated[
+            str, typer.Option(help="Codec of the round-to-round deltas the service publishes.")
+        ] = "topk(0.05) | quant(bits=8)",
     ) -> None:
         """Start the device-facing HTTP service (OpenAPI docs at /docs)."""
         import secrets
@@ -344,6 +347,7 @@ def register(app: typer.Typer) -> None:
                 max_upload_bytes=max_upload_bytes,
                 rate=rate,
                 burst=burst,
+                downlink_codec=downlink_codec,
             )
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         serve(app_, host=host, port=port)

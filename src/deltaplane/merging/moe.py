@@ -61,7 +61,7 @@ class MixtureOfExperts(nn.Module):
         >>> moe = MixtureOfExperts.from_states(base, experts, top_k=1)
         >>> x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
         >>> which = (x[:, 0] > 0).long()                  # expert 1 for positive first feature
-        >>> _ = moe.fit_router(x, expert_labels=which, epochs=200, seed=0)
+        >>> _ = moe.fit_router(x, expert_labels=which, epochs=60, lr=0.03, seed=0)
         >>> bool((moe.route(x)[1][:, 0] == which).float().mean() > 0.95)
         True
     """

@@ -51,6 +51,30 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
+def _drift_section(runs: Any) -> str:
+    """Per-round drift figures of runs that carry them (``deltaplane run --transport http``), else nothing."""
+    parts = []
+    for run in runs:
+        rows = run.get("drift") or []
+        if not rows:
+            continue
+        body = "".join(
+            f"<tr><td>{r['round']}</td><td>{r['prediction_psi']:.3f}</td><td>{r['max_feature_psi']:.3f}</td>"
+            f"<td>{escape('; '.join(r['alerts'])) or 'none'}</td></tr>"
+            for r in rows
+        )
+        t = run.get("transport") or {}
+        parts.append(
+            f"<h3>{escape(run['name'])}</h3><p>Computed by the service from device-reported histograms "
+            f"(pixel intensities per feature, predicted-class counts) against the training set and label prior; "
+            f"{t.get('requests', '?')} HTTP requests, {t.get('uploads_accepted', '?')} uploads accepted, "
+            f"registry integrity {'ok' if t.get('registry_ok') else 'NOT ok'}.</p>"
+            "<table><thead><tr><th>round</th><th>prediction PSI</th><th>max feature PSI</th><th>alerts</th>"
+            f"</tr></thead><tbody>{body}</tbody></table>"
+        )
+    return "<h2>Drift</h2>" + "".join(parts) if parts else ""
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The HTML page for a document made by :func:`~deltaplane.report.summary.build_report`."""
     runs = report["runs"]
@@ -76,5 +100,6 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<h2>Accuracy</h2>"
         + _img(accuracy_vs_round_png(runs), "global test accuracy per round")
         + _img(accuracy_vs_bytes_png(runs), "global test accuracy against cumulative uplink bytes")
+        + _drift_section(runs)
         + f"<h2>Configurations</h2>{configs}</body></html>\n"
     )

@@ -68,7 +68,9 @@ class ServiceConfig:
         device_secret: HMAC key for device tokens (random per process when empty: tokens then die with it).
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
-        downlink_codec: codec spec for round-to-round deltas the service publishes.
+        downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
+            keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
+        server_lr: scale of the averaged update applied when a round closes.
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -79,11 +81,16 @@ class ServiceConfig:
     rate: float = 20.0
     burst: int = 40
     downlink_codec: str = "topk(0.05) | quant(bits=8)"
+    downlink_error_feedback: bool = True
+    downlink_seed: int = 0
+    server_lr: float = 1.0
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
             raise ConfigError("admin_token must be at least 16 characters")
+        if self.server_lr <= 0:
+            raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
 
@@ -430,19 +437,25 @@ def create_app(
         ident: Device,
         num_examples: Annotated[float, Query(gt=0, le=1e12)] = 1.0,
     ) -> UploadAccepted:
+        limit = config.max_upload_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > config.max_upload_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > 4 * limit):
             state.counters["rejected.too_large"] += 1
-            raise HTTPException(
-                413, f"upload of {declared} bytes exceeds the {config.max_upload_bytes}-byte limit"
-            )
+            raise HTTPException(413, f"upload of {declared} bytes exceeds the {limit}-byte limit")
         chunks, size = [], 0
         async for chunk in request.stream():  # enforce the limit while reading: Content-Length can lie
             size += len(chunk)
-            if size > config.max_upload_bytes:
-                state.counters["rejected.too_large"] += 1
-                raise HTTPException(413, f"upload exceeds the {config.max_upload_bytes}-byte limit")
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > 4 * limit:
+                break
+        if size > limit:
+            # A moderately oversized body was drained (up to 4x the limit) before answering, so the client
+            # reads a clean 413 instead of a connection reset while it is still sending.
+            state.counters["rejected.too_large"] += 1
+            raise HTTPException(
+                413, f"upload of {declared or 'more than ' + str(limit)} bytes exceeds the {limit}-byte limit"
+            )
         payload = b"".join(chunks)
         r = state.rounds.get(model)
         if r is None:
@@ -572,13 +585,19 @@ def create_app(
                 )
             del state.rounds[model]
         comp = state.compressors.setdefault(
-            model, Compressor(config.downlink_codec, error_feedback=True, seed=0)
+            model,
+            Compressor(
+                config.downlink_codec,
+                error_feedback=config.downlink_error_feedback,
+                seed=config.downlink_seed,
+            ),
         )
+        update = r.aggregator.result()
         version, delta = publish_update(
             reg,
             model,
             r.base_version,
-            r.aggregator.result(),
+            update * config.server_lr if config.server_lr != 1.0 else update,
             compressor=comp,
             lineage={"round": r.number, "uploads": len(r.devices), "examples": r.examples},
         )

@@ -41,6 +41,9 @@ class LoadReport:
     bad_requests: dict[str, list[int]] = field(default_factory=dict)
     bytes_down: int = 0
     full_bytes_equivalent: int = 0
+    delta_downloads: int = 0
+    delta_bytes: int = 0
+    delta_full_equivalent: int = 0
 
     @property
     def rps(self) -> float:
@@ -66,6 +69,8 @@ class LoadReport:
             "uploads_accepted": self.uploads_accepted,
             "lost_uploads": self.lost_uploads,
             "downlink_saving": round(self.full_bytes_equivalent / max(1, self.bytes_down), 1),
+            "delta_downloads": self.delta_downloads,
+            "delta_saving": round(self.delta_full_equivalent / max(1, self.delta_bytes), 1),
             "bad_requests": self.bad_requests,
         }
 
@@ -91,7 +96,7 @@ async def run_load(
 
     report = LoadReport(devices=devices)
     limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as http:
         admin = {"Authorization": f"Bearer {admin_token}"}
 
         async def call(method: str, path: str, expect: tuple[int, ...], **kw: Any) -> httpx.Response | None:
@@ -146,6 +151,10 @@ async def run_load(
                 )
                 report.bytes_down += len(dl.body)
                 report.full_bytes_equivalent += dl.full_bytes
+                if dl.kind == "delta":
+                    report.delta_downloads += 1
+                    report.delta_bytes += len(dl.body)
+                    report.delta_full_equivalent += dl.full_bytes
                 states[i] = apply_downlink(dl, verifier, states[i])  # verified: signature + target hash
                 versions[i] = dl.version
             if versions[i] != base:
@@ -194,7 +203,12 @@ async def run_load(
             }
             for name, (code, kw) in cases.items():
                 t = time.perf_counter()
-                resp = await http.post(path, **kw)
+                try:
+                    resp = await http.post(path, **kw)
+                except httpx.HTTPError as exc:
+                    report.errors += 1
+                    report.error_samples.append(f"{name}: {type(exc).__name__} {exc}"[:200])
+                    continue
                 report.latencies_ms.append(1000 * (time.perf_counter() - t))
                 report.requests += 1
                 report.bad_requests.setdefault(name, []).append(resp.status_code)

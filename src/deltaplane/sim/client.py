@@ -45,13 +45,18 @@ class Client:
         generator: torch.Generator,
         *,
         lr: float,
+        data: Dataset | None = None,
     ) -> Delta:
         """Train ``model`` from ``global_state`` for ``config.local_epochs`` epochs of SGD at ``lr``; return
         the change.
 
         ``model`` is a scratch module shared by all clients (its weights are overwritten); ``generator`` alone
         decides the batch order, so an update is a pure function of the global state and the generator.
+        ``data`` replaces the client's own training data (a malicious client's poisoned copy). With
+        ``config.prox_mu > 0`` the loss gets FedProx's proximal term ``μ/2 ‖w − w_global‖²`` (Li et al. 2020,
+        https://arxiv.org/abs/1812.06127), which keeps non-IID clients from drifting far from the global model.
         """
+        train = data if data is not None else self.train
         # A private copy of the start point: callers may pass the model's own state_dict, whose tensors
         # training would otherwise change under us (and the delta would come out as zero).
         start = {k: v.detach().clone() for k, v in global_state.items()}
@@ -59,12 +64,16 @@ class Client:
         model.train()
         # A fresh optimizer per round: momentum is not carried over, as a device would not keep it either.
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
-        n = self.num_samples
+        n = len(train)
+        anchors = [start[name] for name, _ in model.named_parameters()] if config.prox_mu > 0 else []
         for _ in range(config.local_epochs):
             order = torch.randperm(n, generator=generator)
             for first in range(0, n, config.batch_size):
                 idx = order[first : first + config.batch_size]
-                loss = nn.functional.cross_entropy(model(self.train.x[idx]), self.train.y[idx])
+                loss = nn.functional.cross_entropy(model(train.x[idx]), train.y[idx])
+                if anchors:
+                    prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
+                    loss = loss + 0.5 * config.prox_mu * prox
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltaplane.errors import ConfigError, DeltaplaneError
+
+if TYPE_CHECKING:
+    from deltaplane.personalization import Personalizer
 
 __all__ = ["RunConfig"]
 
@@ -56,11 +59,58 @@ class RunConfig(BaseModel):
     downlink_error_feedback: bool = Field(True, description="server keeps the downlink compression error")
     # -- server -------------------------------------------------------------------------------------
     server_lr: float = Field(1.0, gt=0, description="scale of the averaged delta applied to the global model")
+    # -- aggregation you can trust (see docs/aggregation.md) ------------------------------------------
+    aggregator: str = Field(
+        "fedavg", description="server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm"
+    )
+    server_opt_lr: float | None = Field(
+        None, gt=0, description="server optimizer lr (its default when unset)"
+    )
+    clip: str | None = Field(None, description="per-client L2 clip norm: a number or 'adaptive'")
+    dp_noise: float = Field(
+        0.0, ge=0, description="DP-FedAvg noise multiplier z (0: no differential privacy)"
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+    epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    local_dp_noise: float = Field(
+        0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
+    )
+    secagg: bool = Field(False, description="aggregate through secure aggregation (server sees masked sums)")
+    secagg_bits: int = Field(20, ge=2, le=24, description="bits per value of the securely aggregated update")
+    secagg_range: float = Field(
+        8.0, gt=0, description="per-value clip range of the securely aggregated update"
+    )
+    attack: str | None = Field(
+        None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
+    )
+    defense: str | None = Field(None, description="robust aggregation, e.g. 'trimmed_mean:0.2', 'fltrust'")
+    root_samples: int = Field(100, ge=10, description="clean samples the server trains on for FLTrust")
+    max_update_norm: float | None = Field(None, gt=0, description="reject client updates with a larger norm")
+    prox_mu: float = Field(0.0, ge=0, description="FedProx proximal term mu on the clients (0: plain FedAvg)")
+    # -- personalization (per-device state; see deltaplane.personalization) --------------------------
+    personalization: str = Field(
+        "none", description="per-device personalization: none, alpha_mix, fedper, fedbn or ditto"
+    )
+    personal_epochs: int = Field(2, ge=1, description="local epochs of personal training per round")
+    personal_lr: float = Field(0.05, gt=0, description="learning rate of personal training")
+    ditto_lambda: float = Field(
+        0.1, ge=0, description="Ditto's pull λ of the personal model toward the global one"
+    )
+    fedper_head: str = Field("fc2", description="comma-separated layer prefixes FedPer keeps on the device")
     # -- reproducibility ------------------------------------------------------------------------------
     seed: int = Field(0, ge=0, description="seeds the partition, the initial model and every round")
     # Apart from `seed` so that runs with different seeds are scored on the same test images.
     split_seed: int = Field(0, ge=0, description="seeds the global train/test split")
     threads: int = Field(1, ge=1, description="torch CPU threads (fixed so timings and results repeat)")
+    # -- engine ---------------------------------------------------------------------------------------
+    engine: Literal["batched", "sequential"] = Field(
+        "batched",
+        description="'batched' trains a round's clients at once (sim/batched.py), falling back to the loop "
+        "for models it cannot batch; 'sequential' trains them one after another",
+    )
+    memory_budget_mb: float = Field(
+        256.0, gt=0, description="memory the batched engine may use for the clients it trains at once"
+    )
 
     @field_validator("codec", "downlink_codec")
     @classmethod
@@ -72,6 +122,113 @@ class RunConfig(BaseModel):
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
         return spec
+
+    @field_validator("clip")
+    @classmethod
+    def _valid_clip(cls, clip: str | None) -> str | None:
+        if clip is None or clip == "adaptive":
+            return clip
+        try:
+            value = float(clip)
+        except ValueError:
+            raise ValueError(f"clip must be a positive number or 'adaptive'. Found {clip!r}") from None
+        if not value > 0:
+            raise ValueError(f"clip must be positive. Found {value!r}")
+        return clip
+
+    @field_validator("attack")
+    @classmethod
+    def _valid_attack(cls, spec: str | None) -> str | None:
+        from deltaplane.sim.attacks import parse_attack
+
+        if spec is not None:
+            try:
+                parse_attack(spec)
+            except DeltaplaneError as exc:
+                raise ValueError(str(exc)) from None
+        return spec
+
+    @model_validator(mode="after")
+    def _valid_aggregation(self) -> RunConfig:
+        try:
+            self.build_aggregator()
+        except DeltaplaneError as exc:
+            raise ValueError(str(exc)) from None
+        if self.local_dp_noise > 0:
+            if self.clip is None or self.clip == "adaptive":
+                raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
+            if self.dp_noise > 0:
+                raise ValueError("choose central (dp_noise) or local (local_dp_noise) DP, not both")
+        if self.secagg:
+            if self.defense not in (None, "none") or self.max_update_norm is not None:
+                raise ValueError(
+                    "secagg hides individual updates, so per-update defenses and norm checks cannot run on the "
+                    "server; drop defense / max_update_norm or secagg"
+                )
+            if self.dp_noise > 0:
+                raise ValueError(
+                    "dp_noise with secagg would need distributed (client-side) noise, which is not implemented; "
+                    "use dp_noise without secagg"
+                )
+            if self.clip == "adaptive":
+                raise ValueError("with secagg, clip must be a number (clients clip before masking)")
+        return self
+
+    def clients_per_round(self) -> int:
+        """How many clients train in each round."""
+        return max(1, min(self.clients, round(self.sample_fraction * self.clients)))
+
+    def build_aggregator(self, *, seed: int = 0):  # -> deltaplane.aggregation.Validate
+        """The server's aggregator chain for these options (validation → server opt → DP → clip → defense).
+
+        With ``secagg`` the server never sees single updates: clients clip before masking, and the chain is
+        only the server optimizer, fed the securely computed mean."""
+        from deltaplane.aggregation import build_aggregator
+
+        if self.secagg:
+            return build_aggregator(aggregator=self.aggregator, lr=self.server_opt_lr, seed=seed)
+        return build_aggregator(
+            aggregator=self.aggregator,
+            lr=self.server_opt_lr,
+            defense=self.defense,
+            clip=self.clip,
+            dp_noise=self.dp_noise,
+            expected_clients=self.clients_per_round(),
+            sampling_rate=self.clients_per_round() / self.clients,
+            dp_delta=self.dp_delta,
+            epsilon_budget=self.epsilon_budget,
+            max_norm=self.max_update_norm,
+            seed=seed,
+        )
+
+    @field_validator("personalization")
+    @classmethod
+    def _valid_personalization(cls, name: str) -> str:
+        from deltaplane.personalization import PERSONALIZERS
+
+        if name not in PERSONALIZERS:
+            raise ValueError(f"unknown personalization '{name}'; choose one of {', '.join(PERSONALIZERS)}")
+        return name
+
+    def make_personalizer(self) -> Personalizer:
+        """The :class:`~deltaplane.personalization.Personalizer` these settings describe."""
+        from deltaplane.personalization import AlphaMix, Ditto, FedBN, FedPer, Personalizer
+
+        name = self.personalization
+        if name == "alpha_mix":
+            return AlphaMix(epochs=self.personal_epochs, lr=self.personal_lr, batch_size=self.batch_size)
+        if name == "ditto":
+            return Ditto(
+                lam=self.ditto_lambda,
+                epochs=self.personal_epochs,
+                lr=self.personal_lr,
+                batch_size=self.batch_size,
+            )
+        if name == "fedper":
+            return FedPer(head=tuple(h.strip() for h in self.fedper_head.split(",") if h.strip()))
+        if name == "fedbn":
+            return FedBN()
+        return Personalizer()
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

@@ -26,6 +26,12 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 4
     UPLINK_CODEC = 5
     DOWNLINK_CODEC = 6
+    ATTACK = 7
+    ROOT_DATA = 8
+    AGGREGATION = 9
+    SECAGG = 10
+    PERSONALIZATION = 11
+    LOCAL_DP = 12
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

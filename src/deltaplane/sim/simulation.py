@@ -10,26 +10,37 @@ choice draws from a stream derived from ``(seed, purpose, round, client)``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from deltaplane.aggregation import FedAvg
+from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
 from deltaplane.codecs import Compressor, decompress
-from deltaplane.data.digits import Dataset, load_digits, train_test_split
+from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.domains import shift
 from deltaplane.delta import Delta
-from deltaplane.errors import InvalidUpdate
-from deltaplane.sim.client import make_clients
+from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.personalization import PersonalState
+from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
+from deltaplane.sim.batched import BatchedTrainer, batching_blocker
+from deltaplane.sim.client import Client, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
 
-__all__ = ["RoundMetrics", "RunResult", "federation_data", "run_simulation", "sample_clients"]
+__all__ = [
+    "RoundMetrics",
+    "RunResult",
+    "federation_data",
+    "label_mix_accuracy",
+    "run_simulation",
+    "sample_clients",
+]
 
 #: Identifies the lineage of global models in payload headers; the version is the round it was made from.
 BASE_ID = "sim/digits-cnn"
@@ -49,6 +60,21 @@ class RoundMetrics:
     cumulative_uplink_bytes: int
     cumulative_downlink_bytes: int
     seconds: float
+    #: ε spent so far at ``config.dp_delta`` (None without DP)
+    epsilon: float | None = None
+    #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
+    rejected: int = 0
+    #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)
+    backdoor_success: float | None = None
+    #: share of client updates clipped this round (with clipping)
+    clipped_fraction: float | None = None
+    #: With personalization: accuracy on each client's own label mix (per-class accuracy on the global test
+    #: set weighted by the client's class shares) of the global model and of the client's personal model.
+    client_mix_accuracy_mean: float | None = None
+    personal_accuracy_mean: float | None = None
+    personal_accuracy_min: float | None = None
+    #: the largest drop of a client's accuracy from the global to its personal model (negative: a loss)
+    personal_gain_min: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +91,8 @@ class RunResult:
     raw_update_bytes: int
     wall_time_s: float
     final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final(self) -> RoundMetrics:
@@ -87,6 +115,7 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "final": self.final.to_dict(),
             "rounds": [r.to_dict() for r in self.rounds],
+            "clients": self.clients,
         }
 
 
@@ -114,6 +143,54 @@ def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) ->
     if m == n_clients:
         return list(range(n_clients))
     return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
+
+
+#: Fallback reasons already reported, so that a sweep of many runs says each one once.
+_REPORTED_FALLBACKS: set[str] = set()
+
+
+def _batched_trainer(config: RunConfig, model: nn.Module, *, personalized: bool) -> BatchedTrainer | None:
+    """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
+    if config.engine != "batched":
+        return None
+    reason = batching_blocker(model)
+    if reason is None and config.attack:
+        reason = "an attack poisons some clients' data or updates"
+    if reason is None and personalized:
+        reason = f"personalization '{config.personalization}' starts each client from its own weights"
+    if reason is not None:
+        if reason not in _REPORTED_FALLBACKS:
+            _REPORTED_FALLBACKS.add(reason)
+            warnings.warn(
+                f"engine='batched' falls back to the sequential client loop: {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return None
+    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
+
+
+def _train_batched(
+    config: RunConfig,
+    trainer: BatchedTrainer,
+    global_state: dict[str, Tensor],
+    clients: list[Client],
+    rnd: int,
+) -> dict[int, Delta]:
+    """Every client's local update this round, trained at once; equal to ``Client.local_update``'s up to
+    float rounding because each client's batches come from the same stream ``(seed, LOCAL_TRAINING, rnd,
+    cid)`` in the same way (tests/sim/test_batched.py)."""
+    stacked = trainer.train(
+        global_state,
+        [c.train for c in clients],
+        [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.client_lr(rnd),
+        momentum=config.momentum,
+        prox_mu=config.prox_mu,
+    )
+    return {c.cid: Delta({name: t[i] for name, t in stacked.items()}) for i, c in enumerate(clients)}
 
 
 def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None) -> RunResult:
@@ -151,6 +228,29 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         torch.set_num_threads(prev_threads)
 
 
+def _backdoor_success(model: torch.nn.Module, test: Dataset, target: int | None) -> float | None:
+    if target is None:
+        return None
+    keep = test.y != target
+    triggered = Dataset(add_trigger(test.x[keep]), torch.full_like(test.y[keep], target))
+    return accuracy(model, triggered)
+
+
+@torch.no_grad()
+def label_mix_accuracy(
+    model: torch.nn.Module, state: dict[str, Tensor], test: Dataset, client: Client
+) -> float:
+    """Accuracy of ``state`` on the client's own label mix: per-class accuracy on the global test set weighted by
+    the client's class shares. Scores a device on what it will see, with the 360 test images rather than the
+    dozen it holds out (which personalization already uses to choose α)."""
+    model.load_state_dict(state)
+    model.eval()
+    pred = model(test.x).argmax(1)
+    per_class = np.array([float((pred[test.y == c] == c).float().mean()) for c in range(NUM_CLASSES)])
+    shares = client.train.class_counts() / max(1, len(client.train))
+    return float(shares @ per_class)
+
+
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
     start = time.perf_counter()
     train, test = federation_data(config)
@@ -164,6 +264,25 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     )
     raw_bytes = Delta.zeros_like(global_state).nbytes
 
+    attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
+    malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
+    agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+    fltrust = agg.find(FLTrust)
+    server_trainer = None
+    if isinstance(fltrust, FLTrust):  # the server's own small clean dataset, as in Cao et al. 2021
+        idx = numpy_rng(config.seed, Stream.ROOT_DATA).choice(
+            len(train), size=min(config.root_samples, len(train)), replace=False
+        )
+        root = train.subset(np.sort(idx))
+        server_trainer = Client(-1, root, root, Compressor("identity"))
+    backdoor_target = getattr(attack, "target", None)
+    personalizer = config.make_personalizer()
+    local_keys = personalizer.local_keys(model)  # FedBN on a model without batch-norm raises here
+    trainer = _batched_trainer(config, model, personalized=bool(local_keys))
+    personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
+    client_rows: list[dict[str, Any]] = []
+
+    participations: dict[int, int] = {}  # rounds each device released a locally privatized update in
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
@@ -172,29 +291,132 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         chosen = sample_clients(
             config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
         )
-        agg = FedAvg()
+        agg.reset()
+        if server_trainer is not None:
+            gen = torch_generator(config.seed, Stream.ROOT_DATA, rnd)
+            reference = server_trainer.local_update(
+                model, global_state, config, gen, lr=config.client_lr(rnd)
+            )
+            fltrust.set_reference(reference)  # type: ignore[union-attr]
         uplink = 0
+        rejections: list[Rejection] = []
+        secure_inputs: list[Delta] = []
+        secure_weights: list[int] = []
+        trained = (
+            {}
+            if trainer is None
+            else _train_batched(config, trainer, global_state, [clients[c] for c in chosen], rnd)
+        )
         for cid in chosen:
             client = clients[cid]
             gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
-            delta = client.local_update(model, global_state, config, gen, lr=config.client_lr(rnd))
+            data = None
+            if cid in malicious:
+                attack_gen = torch_generator(config.seed, Stream.ATTACK, rnd, cid)
+                data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
+            # the global model with this device's local layers (FedPer's head, FedBN's norms), if any
+            origin = personalizer.start_state(global_state, personal[cid]) if local_keys else global_state
+            if cid in trained:
+                delta = trained[cid]
+            else:
+                delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
+            if local_keys:
+                personalizer.keep_local(delta.apply(origin), personal[cid], model)
+                delta = personalizer.shared(delta, model)  # local layers never leave the device
+            if cid in malicious:
+                delta = attack.poison_update(delta, attack_gen)
+            if config.local_dp_noise > 0:  # local DP: the device clips and noises its own update
+                delta = privatize(
+                    delta,
+                    clip=float(config.clip),  # type: ignore[arg-type]
+                    noise_multiplier=config.local_dp_noise,
+                    generator=torch_generator(config.seed, Stream.LOCAL_DP, rnd, cid),
+                )
+                participations[cid] = participations.get(cid, 0) + 1
+            if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
+                norm, bound = delta.norm(), float(config.clip)
+                delta = delta * (bound / norm) if norm > bound else delta
             try:
                 payload = client.upload(delta, base_id=BASE_ID, base_version=version)
-            except InvalidUpdate as exc:  # NaN/Inf: say where, and the usual cause
-                raise InvalidUpdate(
-                    f"round {rnd}, client {cid}: {exc} (local training diverged; try a lower lr)"
-                ) from exc
-            uplink += len(payload)
-            agg.add(decompress(payload, expect_base=(BASE_ID, version)), weight=client.num_samples)
-        update = agg.result() * config.server_lr
+                uplink += len(payload)
+                decoded = decompress(payload, expect_base=(BASE_ID, version))
+            except DeltaplaneError as exc:  # one bad client is refused, the round goes on
+                rejections.append(Rejection(str(cid), exc))
+                continue
+            if config.secagg:
+                secure_inputs.append(decoded)
+                secure_weights.append(client.num_samples)
+            elif not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
+                rejections.append(agg.rejections[-1])
+        accepted = len(secure_inputs) if config.secagg else len(chosen) - len(rejections)
+        if accepted == 0:
+            first = rejections[0]
+            raise InvalidUpdate(
+                f"round {rnd}, client {first.client_id}: {first.error} (every update of the round was refused; "
+                "if local training diverged, try a lower lr)"
+            ) from first.error
+        if config.secagg:
+            from deltaplane.aggregation.secagg import secure_mean
+
+            # the server knows each client's sample count (plain FedAvg weighs by it too); each client scales
+            # its delta by m·nᵢ/Σn before masking, so the secure *uniform* mean is the sample-weighted mean
+            total = sum(secure_weights)
+            scaled = [
+                d * (len(secure_inputs) * w / total)
+                for d, w in zip(secure_inputs, secure_weights, strict=True)
+            ]
+            mean, report = secure_mean(
+                scaled,
+                bits=config.secagg_bits,
+                clip_range=config.secagg_range,
+                round_id=rnd,
+                seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+            )
+            uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: masked ring values
+            agg.add(mean, 1.0)
+        update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
+        if config.aggregator == "fedavg":
+            update = update * config.server_lr
+        measurements = agg.measurements
         payload = downlink.compress(update, base_id=BASE_ID, base_version=version)
-        global_state = decompress(payload, expect_base=(BASE_ID, version)).apply(global_state)
+        decoded = decompress(payload, expect_base=(BASE_ID, version))
+        # a partial update (local layers excluded) changes only the shared tensors
+        global_state = {**global_state, **decoded.apply({k: global_state[k] for k in decoded})}
         down = len(payload) * len(clients)  # every device applies the update to stay in sync
         cum_up += uplink
         cum_down += down
 
+        personal_metrics: dict[str, float] = {}
+        if personalizer.name != "none":
+            for c in clients:  # every device received the new global model and adapts its personal state
+                g = torch_generator(config.seed, Stream.PERSONALIZATION, rnd, c.cid)
+                personalizer.personalize(
+                    model, global_state, personal[c.cid], c.train, c.holdout, generator=g
+                )
+            glob = [label_mix_accuracy(model, global_state, test, c) for c in clients]
+            pers = [
+                label_mix_accuracy(model, personalizer.personal_state(global_state, personal[c.cid]), test, c)
+                for c in clients
+            ]
+            personal_metrics = {
+                "client_mix_accuracy_mean": float(np.mean(glob)),
+                "personal_accuracy_mean": float(np.mean(pers)),
+                "personal_accuracy_min": float(np.min(pers)),
+                "personal_gain_min": float(np.min(np.subtract(pers, glob))),
+            }
+            if rnd == config.rounds:
+                client_rows = [
+                    {
+                        "client": c.cid,
+                        "global_accuracy": gl,
+                        "personal_accuracy": pe,
+                        "alpha": personal[c.cid].alpha,
+                    }
+                    for c, gl, pe in zip(clients, glob, pers, strict=True)
+                ]
+
         model.load_state_dict(global_state)
-        # Until personalization exists every device runs the global model: this is how it serves each one.
+        # the global model on each device's held-out data; personalized figures are in personal_metrics
         client_acc = [c.evaluate(model) for c in clients]
         metrics = RoundMetrics(
             round=rnd,
@@ -207,6 +429,19 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
             seconds=time.perf_counter() - t0,
+            epsilon=(
+                local_epsilon(
+                    noise_multiplier=config.local_dp_noise,
+                    rounds=max(participations.values()),
+                    delta=config.dp_delta,
+                )
+                if participations
+                else measurements.get("epsilon")
+            ),
+            rejected=len(rejections),
+            backdoor_success=_backdoor_success(model, test, backdoor_target),
+            clipped_fraction=measurements.get("clipped_fraction"),
+            **personal_metrics,
         )
         history.append(metrics)
         if progress is not None:
@@ -218,4 +453,5 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         raw_update_bytes=raw_bytes,
         wall_time_s=time.perf_counter() - start,
         final_state=global_state,
+        clients=client_rows,
     )

@@ -1,0 +1,255 @@
+"""Train many small clients at once: one vmapped SGD computation over stacked per-client weights.
+
+A round of the sequential simulator runs ``Σ_clients epochs · ⌈n_c / B⌉`` tiny optimizer steps one after
+another, each a handful of kernel launches on a batch of 32 images: Python and dispatch overhead, not
+arithmetic, is what it pays for. Here the clients of a round train *simultaneously*: their weights are stacked
+into ``(C, *shape)`` tensors, and one step of all of them is one call of
+``vmap(grad(loss))`` (``torch.func.functional_call``; the approach of pfl-research and of JAX FL simulators,
+https://arxiv.org/abs/2404.06430), so a round costs ``max_clients epochs · ⌈n_c / B⌉`` batched steps.
+
+The result equals the sequential path's up to floating-point rounding, because every choice is the same:
+
+* each client's batch order is drawn from *its own* generator with the same ``torch.randperm(n)`` calls per
+  epoch, in the same order, as :meth:`deltaplane.sim.client.Client.local_update`;
+* clients hold different numbers of samples, so batches are padded to ``B`` with a 0/1 weight per sample,
+  and the loss of a batch is ``Σ wᵢ·ℓᵢ / Σ wᵢ`` — the mean over its real samples, as ``cross_entropy``
+  computes it for the short last batch;
+* SGD with momentum is written out as ``torch.optim.SGD`` computes it (``buf ← μ·buf + g``, the first step
+  ``buf = g``; ``p ← p − lr·buf``), fresh every round. Clients are stacked longest first, so the ones still
+  training at a step are a prefix of the stack; a finished client drops out of the computation.
+
+Only models without buffers (no BatchNorm running statistics) and with only floating-point parameters are
+batched; :func:`batching_blocker` says why another model is not, and the simulator then falls back to the
+sequential loop. The number of clients trained at once adapts to a memory budget
+(:func:`clients_per_chunk`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from deltaplane.data.digits import Dataset
+from deltaplane.errors import ConfigError
+
+__all__ = ["BatchedTrainer", "batching_blocker", "clients_per_chunk", "per_client_bytes"]
+
+_F32 = 4
+
+
+def batching_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be trained by :class:`BatchedTrainer`, or ``None`` if it can.
+
+    Buffers (BatchNorm running statistics, say) would be updated in place during the forward pass, which
+    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient.
+    """
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}) updated during training"
+    ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if ints:
+        return f"model {type(model).__name__} has non-float parameters ({', '.join(ints[:3])})"
+    if not any(True for _ in model.parameters()):
+        return f"model {type(model).__name__} has no parameters"
+    return None
+
+
+def per_client_bytes(model: nn.Module, sample: Tensor, batch_size: int) -> int:
+    """Estimated peak bytes one client adds to a batched step: its weights, momentum, gradient and delta
+    (4 copies of the parameters) plus the activations of one batch kept for the backward pass.
+
+    Activations are measured, not guessed: one forward pass of a single sample with hooks that add up every
+    module's output size; the backward pass needs about as much again for their gradients.
+    """
+    numel = sum(p.numel() for p in model.parameters())
+    activations = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal activations
+        if isinstance(output, Tensor):
+            activations += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return _F32 * (4 * numel + 2 * batch_size * (activations + sample[:1].numel()))
+
+
+def clients_per_chunk(model: nn.Module, sample: Tensor, batch_size: int, memory_budget: int) -> int:
+    """How many clients :class:`BatchedTrainer` trains at once within ``memory_budget`` bytes (at least 1)."""
+    if memory_budget <= 0:
+        raise ConfigError(f"memory_budget must be positive. Found {memory_budget}")
+    return max(1, memory_budget // per_client_bytes(model, sample, batch_size))
+
+
+class BatchedTrainer:
+    """Local SGD for many clients of one architecture at once; results equal the sequential loop's.
+
+    Args:
+        model: the architecture (its current weights are ignored; :meth:`train` takes the start point).
+        memory_budget: bytes the stacked weights and activations of one chunk may use; clients beyond what
+            fits are trained in further chunks (see :func:`clients_per_chunk`).
+
+    Raises:
+        ConfigError: if ``model`` cannot be batched (:func:`batching_blocker`).
+
+    Example:
+        >>> import torch
+        >>> from deltaplane.data.digits import load_digits
+        >>> from deltaplane.sim import build_model
+        >>> data = load_digits()
+        >>> shards = [data.subset(range(0, 50)), data.subset(range(50, 120))]
+        >>> gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        >>> model = build_model(0)
+        >>> deltas = BatchedTrainer(model).train(model.state_dict(), shards, gens,
+        ...     epochs=1, batch_size=32, lr=0.1, momentum=0.9)
+        >>> deltas["fc2.weight"].shape  # one delta per client, stacked
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(self, model: nn.Module, *, memory_budget: int = 256 * 2**20) -> None:
+        reason = batching_blocker(model)
+        if reason is not None:
+            raise ConfigError(f"cannot train clients batched: {reason}")
+        if memory_budget <= 0:
+            raise ConfigError(f"memory_budget must be positive. Found {memory_budget}")
+        self.model = model
+        self.memory_budget = memory_budget
+        self.names = [name for name, _ in model.named_parameters()]
+
+        def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+            logits = functional_call(model, params, (x,))
+            losses = nn.functional.cross_entropy(logits, y, reduction="none")
+            # Mean over the real samples of this (possibly short, padded) batch.
+            return (losses * w).sum() / w.sum().clamp(min=1.0)
+
+        self._step_grads = vmap(grad(batch_loss))
+
+    def train(
+        self,
+        global_state: dict[str, Tensor],
+        datasets: Sequence[Dataset],
+        generators: Sequence[torch.Generator],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        prox_mu: float = 0.0,
+    ) -> dict[str, Tensor]:
+        """Train one copy of ``global_state`` per dataset; return the deltas stacked as ``(C, *shape)``.
+
+        ``generators[i]`` decides client ``i``'s batch order exactly as in the sequential path (one
+        ``torch.randperm`` per epoch) and is advanced as it would be there. ``prox_mu > 0`` adds FedProx's
+        proximal term ``μ/2 ‖w − w_global‖²`` (https://arxiv.org/abs/1812.06127), as the sequential path does.
+        """
+        if prox_mu < 0:
+            raise ConfigError(f"prox_mu must be non-negative. Found {prox_mu}")
+        if len(datasets) != len(generators):
+            raise ConfigError(f"{len(datasets)} datasets but {len(generators)} generators")
+        if not datasets:
+            raise ConfigError("no clients to train")
+        if any(len(d) == 0 for d in datasets):
+            raise ConfigError("every client needs at least one training sample")
+        chunk = clients_per_chunk(self.model, datasets[0].x[:1], batch_size, self.memory_budget)
+        # Clients of similar size share a chunk, so few of them idle while the longest one finishes.
+        order = sorted(range(len(datasets)), key=lambda c: -len(datasets[c]))
+        parts = [
+            self._train_chunk(
+                global_state,
+                [datasets[c] for c in order[i : i + chunk]],
+                [generators[c] for c in order[i : i + chunk]],
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                prox_mu=prox_mu,
+            )
+            for i in range(0, len(datasets), chunk)
+        ]
+        return {name: torch.cat([p[name] for p in parts])[_inverse(order)] for name in self.names}
+
+    def _train_chunk(
+        self,
+        global_state: dict[str, Tensor],
+        datasets: Sequence[Dataset],
+        generators: Sequence[torch.Generator],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        prox_mu: float,
+    ) -> dict[str, Tensor]:
+        # ``datasets`` come longest first: at step s the clients still training are a prefix of the stack,
+        # so finished ones drop out of the computation instead of being carried along as masked padding.
+        n_clients = len(datasets)
+        idx, weight, active = _batch_plan(datasets, generators, epochs, batch_size)
+        longest = len(datasets[0])
+        x = torch.zeros((n_clients, longest, *datasets[0].x.shape[1:]), dtype=datasets[0].x.dtype)
+        y = torch.zeros((n_clients, longest), dtype=datasets[0].y.dtype)
+        for c, d in enumerate(datasets):
+            x[c, : len(d)] = d.x
+            y[c, : len(d)] = d.y
+        rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
+
+        start = {n: global_state[n].detach() for n in self.names}
+        params = {n: t.unsqueeze(0).repeat(n_clients, *([1] * t.dim())) for n, t in start.items()}
+        bufs = {n: torch.zeros_like(p) for n, p in params.items()}
+        for s, k in enumerate(active):
+            i, w = idx[s, :k], weight[s, :k]
+            grads = self._step_grads({n: p[:k] for n, p in params.items()}, x[rows[:k], i], y[rows[:k], i], w)
+            with torch.no_grad():
+                for n in self.names:
+                    if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
+                        grads[n] = grads[n] + prox_mu * (params[n][:k] - start[n])
+                    # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
+                    # p ← p − lr·buf.
+                    buf = bufs[n][:k]
+                    buf.mul_(momentum).add_(grads[n])
+                    params[n][:k].add_(buf, alpha=-lr)
+        return {n: params[n] - start[n] for n in self.names}
+
+
+def _inverse(order: list[int]) -> Tensor:
+    """The permutation that puts rows stacked in ``order`` back into input order."""
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return inverse
+
+
+def _batch_plan(
+    datasets: Sequence[Dataset], generators: Sequence[torch.Generator], epochs: int, batch_size: int
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Sample indices ``(S, C, B)``, 0/1 weights ``(S, C, B)`` and the number of clients active at each step.
+
+    ``datasets`` come longest first. Client ``c`` runs ``epochs · ⌈n_c / B⌉`` steps, the first ones of the
+    ``S`` (the most any client runs); its epoch ``e`` is ``torch.randperm(n_c, generator)`` cut into batches,
+    as the sequential loop does.
+    """
+    steps = [epochs * math.ceil(len(d) / batch_size) for d in datasets]
+    total = steps[0]
+    idx = torch.zeros((total, len(datasets), batch_size), dtype=torch.long)
+    weight = torch.zeros((total, len(datasets), batch_size), dtype=torch.float32)
+    for c, (d, gen) in enumerate(zip(datasets, generators, strict=True)):
+        n = len(d)
+        per_epoch = math.ceil(n / batch_size)
+        for e in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            rows = slice(e * per_epoch, (e + 1) * per_epoch)
+            padded = torch.zeros(per_epoch * batch_size, dtype=torch.long)
+            padded[:n] = perm
+            mask = torch.zeros(per_epoch * batch_size)
+            mask[:n] = 1.0
+            idx[rows, c] = padded.view(per_epoch, batch_size)
+            weight[rows, c] = mask.view(per_epoch, batch_size)
+    active = [sum(1 for n in steps if n > s) for s in range(total)]
+    return idx, weight, active

@@ -1,0 +1,161 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deltaplane.sim.simulation as simulation
+from deltaplane.data.digits import load_digits
+from deltaplane.errors import ConfigError
+from deltaplane.sim import RunConfig, build_model, run_simulation
+from deltaplane.sim.batched import BatchedTrainer, batching_blocker, clients_per_chunk, per_client_bytes
+from deltaplane.sim.client import Client
+from deltaplane.sim.seeding import Stream, torch_generator
+
+# Shards of awkward sizes: one short batch, exact multiples of the batch size, a single sample.
+SIZES = [45, 32, 7, 1, 70]
+
+
+def _shards() -> list:
+    data = load_digits()
+    out, first = [], 0
+    for n in SIZES:
+        out.append(data.subset(range(first, first + n)))
+        first += n
+    return out
+
+
+def _sequential(model, state, shards, cfg, rnd):
+    deltas = []
+    for cid, shard in enumerate(shards):
+        client = Client(cid, shard, shard, None)  # compressor unused by local_update
+        gen = torch_generator(cfg.seed, Stream.LOCAL_TRAINING, rnd, cid)
+        deltas.append(client.local_update(model, state, cfg, gen, lr=cfg.lr))
+    return deltas
+
+
+@pytest.mark.parametrize("budget", [256 * 2**20, 1])  # all clients at once; one client per chunk
+def test_batched_deltas_equal_sequential_ones(budget: int) -> None:
+    cfg = RunConfig(local_epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+    model = build_model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = _shards()
+    seq = _sequential(model, state, shards, cfg, rnd=1)
+    gens = [torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+    stacked = BatchedTrainer(build_model(0), memory_budget=budget).train(
+        state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9
+    )
+    assert set(stacked) == set(state)
+    for cid, delta in enumerate(seq):
+        for name, t in delta.items():
+            assert stacked[name].shape == (len(SIZES), *t.shape)
+            # float32 rounding of differently grouped reductions only; training moves weights by ~1e-1
+            assert torch.allclose(stacked[name][cid], t, rtol=0, atol=1e-5), (cid, name)
+            assert float(t.abs().max()) > 1e-3  # the client really trained
+    # the generators were advanced exactly as the sequential loop advances them
+    again = torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, 0)
+    for _ in range(2):
+        torch.randperm(SIZES[0], generator=again)
+    assert torch.equal(torch.randperm(10, generator=gens[0]), torch.randperm(10, generator=again))
+
+
+def test_fedprox_term_is_batched_too() -> None:
+    cfg = RunConfig(local_epochs=1, prox_mu=0.5)
+    model = build_model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = _shards()
+    seq = _sequential(model, state, shards, cfg, rnd=2)
+    plain = _sequential(model, state, shards, cfg.replace(prox_mu=0.0), rnd=2)
+    gens = [torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 2, cid) for cid in range(len(shards))]
+    stacked = BatchedTrainer(build_model(0)).train(
+        state, shards, gens, epochs=1, batch_size=32, lr=cfg.lr, momentum=cfg.momentum, prox_mu=0.5
+    )
+    for cid, delta in enumerate(seq):
+        for name, t in delta.items():
+            assert torch.allclose(stacked[name][cid], t, rtol=0, atol=1e-5), (cid, name)
+    # the term matters: without it the deltas differ by far more than the tolerance
+    assert (
+        max(float((a["fc1.weight"] - b["fc1.weight"]).abs().max()) for a, b in zip(seq, plain, strict=True))
+        > 1e-4
+    )
+
+
+def test_same_seed_same_accuracy_batched_and_sequential() -> None:
+    """The CI equivalence check: per-round accuracy and final weights of both engines agree."""
+    cfg = RunConfig(clients=8, rounds=4)
+    seq = run_simulation(cfg.replace(engine="sequential"))
+    bat = run_simulation(cfg.replace(engine="batched"))
+    for a, b in zip(seq.rounds, bat.rounds, strict=True):
+        assert abs(a.test_accuracy - b.test_accuracy) <= 2 / 359  # at most two of the 359 test digits flip
+        assert abs(a.client_accuracy_mean - b.client_accuracy_mean) <= 0.01
+    assert bat.final.test_accuracy > 0.5  # it learned
+    worst = max(float((seq.final_state[k] - bat.final_state[k]).abs().max()) for k in seq.final_state)
+    assert worst < 1e-3  # measured 1.7e-4: rounding differences grow a little through 4 rounds of SGD
+    # identical payload sizes round by round: the same codec saw (almost) the same deltas
+    assert [r.uplink_bytes for r in seq.rounds] == [r.uplink_bytes for r in bat.rounds]
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(x).flatten(1))
+
+
+def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert batching_blocker(build_model(0)) is None
+    assert "buffers" in batching_blocker(_WithBatchNorm())
+    with pytest.raises(ConfigError, match="cannot train clients batched"):
+        BatchedTrainer(_WithBatchNorm())
+
+    monkeypatch.setattr(simulation, "build_model", lambda seed: _WithBatchNorm())
+    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
+    cfg = RunConfig(clients=3, rounds=1, local_epochs=1)
+    with pytest.warns(UserWarning, match="falls back to the sequential client loop: .*buffers"):
+        run_simulation(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = run_simulation(cfg)  # second run: no second warning
+    assert result.final.clients == 3
+
+
+def test_personalized_runs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
+    cfg = RunConfig(clients=3, rounds=1, local_epochs=1, personalization="fedper")
+    with pytest.warns(UserWarning, match="personalization 'fedper' starts each client from its own weights"):
+        run_simulation(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_simulation(cfg.replace(engine="sequential"))  # asked for the loop: nothing to say
+
+
+def test_chunk_size_follows_the_memory_budget() -> None:
+    model = build_model(0)
+    sample = load_digits().x[:1]
+    one = per_client_bytes(model, sample, 32)
+    # weights, momentum, gradient and delta of 18,346 floats, plus a batch of activations
+    assert one > 4 * 4 * 18_346
+    assert clients_per_chunk(model, sample, 32, 10 * one) == 10
+    assert clients_per_chunk(model, sample, 32, 10 * one - 1) == 9
+    assert clients_per_chunk(model, sample, 32, 1) == 1
+    with pytest.raises(ConfigError, match="memory_budget must be positive"):
+        clients_per_chunk(model, sample, 32, 0)
+
+
+def test_docs_examples_run() -> None:
+    """The code blocks of docs/sim-speed.md and the BatchedTrainer docstring example are real."""
+    import doctest
+    import re
+    from pathlib import Path
+
+    import deltaplane.sim.batched as batched
+
+    assert doctest.testmod(batched).failed == 0
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sim-speed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/sim-speed.md", "exec"), {})

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from deltaplane.data.digits import load_digits, train_test_split
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
+from deltaplane.sim import RunConfig
+from deltaplane.sim.population import ClientPopulation, ResidualStore, run_population
+
+
+def test_lazy_clients_are_rebuilt_identically_and_differ_from_each_other() -> None:
+    cfg = RunConfig()
+    train, _ = train_test_split(load_digits())
+    pop = ClientPopulation(cfg, train, size=10_000)
+    a, b, c = pop.client(9_999), pop.client(9_999), pop.client(17)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.holdout.y, b.holdout.y)
+    assert not torch.equal(a.train.y[:5], c.train.y[:5]) or len(a.train) != len(c.train)
+    for cl in (a, c):
+        assert cfg.min_client_samples <= len(cl.train) + len(cl.holdout) <= 100
+        assert len(cl.holdout) >= 1
+    with pytest.raises(ConfigError, match=r"client id must be in \[0, 10000\)"):
+        pop.client(10_000)
+
+
+def test_residual_store_is_fp16_and_lazy() -> None:
+    like = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
+    store = ResidualStore(clients=1000, like=like)
+    assert store.nbytes == 1000 * 17 * 2
+    assert store.get(3) is None
+    r = Delta({"w": torch.full((3, 4), 0.1), "b": torch.arange(5.0)})
+    store.put(3, r)
+    back = store.get(3)
+    assert back["w"].dtype == torch.float32 and back["w"].shape == (3, 4)
+    assert float((back["w"] - 0.1).abs().max()) <= 0.1 * 2**-11  # fp16 rounding, relative 2^-11
+    assert torch.equal(back["b"], torch.arange(5.0))
+    assert store.get(4) is None
+
+
+def _check(result, registered: int, per_round: int, rounds: int) -> None:
+    assert result.registered == registered and len(result.seconds) == rounds
+    assert result.peak_rss_bytes < 2 * 2**30
+    assert result.uplink_bytes > 0
+    # 1% top-k + 8-bit payloads: far below per_round raw fp32 updates (18,346 floats each)
+    assert result.uplink_bytes < rounds * per_round * 18_346 * 4 / 30
+
+
+def test_small_population_is_deterministic_and_compact() -> None:
+    cfg = RunConfig(rounds=2, local_epochs=1, codec="topk(0.01) | quant(bits=8)")
+    result = run_population(cfg, registered=500, per_round=10)
+    _check(result, 500, 10, 2)
+    again = run_population(cfg, registered=500, per_round=10)
+    assert again.test_accuracy == result.test_accuracy
+    assert again.sampled_accuracy == result.sampled_accuracy
+    assert again.uplink_bytes == result.uplink_bytes
+    assert result.residual_store_bytes == 500 * 18_346 * 2  # one fp16 row per registered client
+    with pytest.raises(ConfigError, match="per_round must be in"):
+        run_population(cfg, registered=5, per_round=6)
+
+
+@pytest.mark.slow
+def test_ten_thousand_clients_hundred_per_round_fifty_rounds_under_2gb() -> None:
+    cfg = RunConfig(rounds=50, codec="topk(0.01) | quant(bits=8)")
+    result = run_population(cfg, registered=10_000, per_round=100)
+    _check(result, 10_000, 100, 50)
+    assert result.test_accuracy[-1] > 0.5
