@@ -74,7 +74,9 @@ def main() -> None:
         + f"\n\nAccuracy gap {gap:.2f} points (target ≤ 0.5: {'met' if ok_acc else 'MISSED'}); uplink bytes "
         f"differ by {up_diff:.3f}% (target ≤ 1%: {'met' if ok_bytes else 'MISSED'}). Per-round accuracies "
         f"identical in {sum(a.test_accuracy == b.test_accuracy for a, b in zip(local.rounds, flower.rounds, strict=True))}"
-        f" of {cfg.rounds} rounds. Flower's wall time includes starting Ray and its actors."
+        f" of {cfg.rounds} rounds. Flower's wall time includes starting Ray and its actors; Ray runs one "
+        "ClientApp per core (2 here); the in-process default engine='batched' trains a round's clients at "
+        "once and equals the Flower engine's per-client loop only up to float rounding."
     )
     print(body)
     record("flower-parity", "Flower engine parity (default federation)", body)

@@ -59,3 +59,10 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
     assert not torch.equal(train.x[len(base) : 2 * len(base)], base.x)
     clients = make_clients(cfg, train)
     assert len(clients) == 1000 and min(len(c.train) for c in clients) >= 1
+
+
+def test_flower_engine_refuses_options_it_does_not_run() -> None:
+    from deltaplane.flower import run_flower
+
+    with pytest.raises(ConfigError, match="attack=.*personalization='ditto'"):
+        run_flower(RunConfig(attack="sign_flip:0.2", personalization="ditto", rounds=1))

@@ -19,7 +19,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from deltaplane.aggregation import FedAvg
 from deltaplane.data.digits import Dataset
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import arrays_to_state, state_to_arrays
@@ -88,7 +87,8 @@ def digits_server_app(
     """A ServerApp running ``config.rounds`` rounds of :class:`DeltaStrategy` over the digits nodes.
 
     Partner: :func:`digits_client_app`. Flower's ``FedAvg`` samples ``config.sample_fraction`` of the nodes
-    (all of them by default) and deltaplane's ``FedAvg`` aggregates. After every round the global model is
+    (all of them by default) and ``config.build_aggregator()`` aggregates (FedAvg by default; server
+    optimizers, DP, clipping and robust defenses as configured). After every round the global model is
     scored centrally on the test set and on every client's held-out shard, as the in-process engine does.
 
     Args:
@@ -109,7 +109,8 @@ def digits_server_app(
                 min_train_nodes=1,
                 min_available_nodes=config.clients,
             ),
-            aggregator=FedAvg(),
+            # The same chain as the in-process engine: validation, server optimizer, DP, clipping, defense.
+            aggregator=config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31),
             downlink_codec=config.downlink_codec,
             downlink_error_feedback=config.downlink_error_feedback,
             server_lr=config.server_lr,
