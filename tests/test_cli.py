@@ -105,7 +105,7 @@ def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) ->
     assert (out / "deploy" / "model.dpla").stat().st_size == d["artifact_bytes"]
     assert (out / "deploy" / "MODEL_CARD.md").exists() and (out / "deploy" / "manifest.json").exists()
     assert d["compression_ratio"] >= 7.5
-    for title in ("personalization: alpha_mix", "merge: 3 personalized models", "deploy: prune 80% + int8"):
+    for title in ("personalization (alpha_mix", "merge (3 personalized models", "deploy (prune 80% + int8)"):
         assert title in result.output
     assert f"{d['compression_ratio']:.2f}×" in result.output
     html = (out / "report.html").read_text()

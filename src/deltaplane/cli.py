@@ -210,9 +210,10 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
     p, m, d = after["personalization"], after["merge"], after["deploy"]
     style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True}
     pers = Table(
-        title=f"personalization: {p['method']}, {p['epochs']} local epochs on each of {p['devices']} devices "
-        f"({p['devices_personalized']} chose α > 0)",
+        title=f"personalization ({p['method']}, {p['epochs']} local epochs; "
+        f"{p['devices_personalized']}/{p['devices']} devices chose α > 0)",
         caption="accuracy on each device's own label mix",
+        min_width=70,
         **style,
     )
     pers.add_column("model")
@@ -224,14 +225,14 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
         f"{p['personal_accuracy_mean']:.4f} ({100 * p['gain_mean']:+.2f})",
         f"{p['personal_accuracy_min']:.4f} (worst {100 * p['gain_min']:+.2f})",
     )
-    mer = Table(title=f"merge: {m['models']} personalized models into one", **style)
+    mer = Table(title=f"merge ({m['models']} personalized models into one)", min_width=70, **style)
     mer.add_column("model")
     for h in ("test acc", "device acc mean"):
         mer.add_column(h, justify="right")
     for method, r in m["results"].items():
         mer.add_row(method, f"{r['test_accuracy']:.4f}", _fmt(r.get("mean_device_accuracy")))
     dep = Table(
-        title=f"deploy: prune {float(d['prune']):.0%} + {d['quant']} → {escape(d['artifact'])}", **style
+        title=f"deploy (prune {float(d['prune']):.0%} + {d['quant']}) → {escape(d['artifact'])}", **style
     )
     for h in ("fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1"):
         dep.add_column(h, justify="right", no_wrap=True)
