@@ -8,7 +8,7 @@ from deltaplane.cli import DEFAULT_RUN_CODEC, app
 from deltaplane.codecs import get_codec
 
 runner = CliRunner()
-TINY = ["--clients", "4", "--rounds", "2"]
+TINY = ["--clients", "4", "--rounds", "2", "--no-followup"]
 
 
 def test_run_writes_reports_and_prints_the_comparison(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_config_file_and_options(tmp_path: Path) -> None:
     cfg.write_text("clients: 3\nrounds: 1\ncodec: 'quant(bits=4)'\nlocal_epochs: 1\n")
     out = tmp_path / "o"
     result = runner.invoke(
-        app, ["run", "--config", str(cfg), "--no-baseline", "--seed", "3", "--out", str(out)]
+        app, ["run", "--config", str(cfg), "--no-baseline", "--seed", "3", "--no-followup", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
@@ -51,7 +51,9 @@ def test_config_file_and_options(tmp_path: Path) -> None:
         1,
     )
     # --codec beats the file; identity needs no separate baseline
-    result = runner.invoke(app, ["run", "--config", str(cfg), "--codec", "identity", "--out", str(out)])
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--codec", "identity", "--no-followup", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [(r["name"], r["config"]["codec"]) for r in doc["runs"]] == [("baseline", "identity")]
@@ -87,3 +89,24 @@ def test_help_lists_the_run_command() -> None:
     result = runner.invoke(app, ["run", "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "--baseline" in result.output and "--codec" in result.output
+
+
+def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--clients", "3", "--rounds", "2", "--no-baseline", "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    after = doc["followup"]
+    assert after["run"] == "compressed"
+    assert after["personalization"]["devices"] == 3
+    assert set(after["merge"]["results"]) == {"global", "ties", "task_arithmetic"}
+    d = after["deploy"]
+    assert (out / "deploy" / "model.dpla").stat().st_size == d["artifact_bytes"]
+    assert (out / "deploy" / "MODEL_CARD.md").exists() and (out / "deploy" / "manifest.json").exists()
+    assert d["compression_ratio"] >= 7.5
+    for title in ("personalization (alpha_mix", "merge (3 personalized models", "deploy (prune 80% + int8)"):
+        assert title in result.output
+    assert f"{d['compression_ratio']:.2f}×" in result.output
+    html = (out / "report.html").read_text()
+    assert "<h2>Personalization</h2>" in html and "<h2>Deploy</h2>" in html

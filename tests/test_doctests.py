@@ -16,6 +16,7 @@ MODULES = [
     "deltaplane.aggregation.clipping",
     "deltaplane.aggregation.dp",
     "deltaplane.aggregation.validation",
+    "deltaplane.sim.followup",
 ]
 
 

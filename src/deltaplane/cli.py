@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should no
     from rich.progress import TaskID
 
     from deltaplane.sim.config import RunConfig
-    from deltaplane.sim.simulation import RoundMetrics
+    from deltaplane.sim.simulation import RoundMetrics, RunResult
 
 __all__ = ["DEFAULT_RUN_CODEC", "app"]
 
@@ -131,11 +131,21 @@ def run(
             "partition, model and seeds (needs the 'flower' extra)."
         ),
     ] = Engine.inprocess,
+    followup: Annotated[
+        bool,
+        typer.Option(
+            "--followup/--no-followup",
+            help="After the federation: personalize every device, merge them, and write a deployable "
+            "compressed artifact into OUT/deploy.",
+        ),
+    ] = True,
 ) -> None:
     """Federate the digits dataset over simulated devices with compressed updates, and report.
 
     Runs the fp32 baseline (codec 'identity') and the chosen codec with otherwise identical settings, prints
-    a comparison table and writes report.json and report.html into --out.
+    a comparison table and writes report.json and report.html into --out. With --followup (the default), the
+    last run's global model is then personalized per device (α-mix), the personalized models are merged back
+    into one (TIES, task arithmetic), and the global model is pruned + int8-quantized into OUT/deploy.
     """
     with _clean_errors():
         cfg = _run_config(
@@ -148,13 +158,19 @@ def run(
             raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
         if transport == "http" and engine != Engine.inprocess:
             raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
-        results = _execute(plan, engine, transport=transport)
+        results, finished = _execute(plan, engine, transport=transport)
+        console.print(_summary_table(_summarize(results)))
+        after = None
+        if followup:
+            after = _followup(finished[-1], out / "deploy", name=results[-1]["name"])
         from deltaplane.report import write_report
 
         files = write_report(
-            results, out, baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None
+            results,
+            out,
+            baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None,
+            followup=after,
         )
-        console.print(_summary_table(files.report["summary"]))
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
@@ -189,15 +205,76 @@ def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunCon
     return [*runs, ("compressed", cfg)]
 
 
+def _summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from deltaplane.report import summarize
+
+    baseline = BASELINE if any(r["name"] == BASELINE for r in results) else None
+    return [row.to_dict() for row in summarize(results, baseline)]
+
+
+def _followup(result: RunResult, deploy_dir: Path, *, name: str) -> dict[str, Any]:
+    """Personalize, merge and deploy ``result``'s global model, printing a table per step."""
+    from deltaplane.sim.followup import run_followup
+
+    console.print(f"[bold]after the federation[/bold] (global model of run '{escape(name)}'):")
+    with console.status("starting…") as status:
+        after = run_followup(result, deploy_dir, progress=lambda msg: status.update(escape(msg)))
+    for table in _followup_tables(after):
+        console.print(table)
+    return {"run": name, **after}
+
+
+def _followup_tables(after: dict[str, Any]) -> list[Table]:
+    p, m, d = after["personalization"], after["merge"], after["deploy"]
+    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True}
+    pers = Table(
+        title=f"personalization ({p['method']}, {p['epochs']} local epochs; "
+        f"{p['devices_personalized']}/{p['devices']} devices chose α > 0)",
+        caption="accuracy on each device's own label mix",
+        min_width=70,
+        **style,
+    )
+    pers.add_column("model")
+    for h in ("device acc mean", "device acc min"):
+        pers.add_column(h, justify="right")
+    pers.add_row("global", f"{p['global_accuracy_mean']:.4f}", f"{p['global_accuracy_min']:.4f}")
+    pers.add_row(
+        "personalized",
+        f"{p['personal_accuracy_mean']:.4f} ({100 * p['gain_mean']:+.2f})",
+        f"{p['personal_accuracy_min']:.4f} (worst {100 * p['gain_min']:+.2f})",
+    )
+    mer = Table(title=f"merge ({m['models']} personalized models into one)", min_width=70, **style)
+    mer.add_column("model")
+    for h in ("test acc", "device acc mean"):
+        mer.add_column(h, justify="right")
+    for method, r in m["results"].items():
+        mer.add_row(method, f"{r['test_accuracy']:.4f}", _fmt(r.get("mean_device_accuracy")))
+    dep = Table(
+        title=f"deploy (prune {float(d['prune']):.0%} + {d['quant']}) → {escape(d['artifact'])}", **style
+    )
+    for h in ("fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1"):
+        dep.add_column(h, justify="right", no_wrap=True)
+    dep.add_row(
+        _human_bytes(d["fp32_safetensors_bytes"]),
+        _human_bytes(d["artifact_bytes"]),
+        f"{d['compression_ratio']:.2f}×",
+        f"{d['accuracy_fp32']:.4f}",
+        f"{d['accuracy_compressed']:.4f} ({-d['accuracy_drop_points']:+.2f})",
+        f"{d['latency_ratio_batch1']:.2f}×",
+    )
+    return [pers, mer, dep]
+
+
 def _execute(
     plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess, *, transport: str = "inproc"
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[RunResult]]:
     run_simulation = _engine(engine)
 
     if transport == "http":  # same federation, every byte through the service (needs the serve extra)
         from deltaplane.serve.federation import run_http_simulation as run_simulation
 
-    results = []
+    results: list[dict[str, Any]] = []
+    finished: list[RunResult] = []
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -210,7 +287,8 @@ def _execute(
             task = progress.add_task(f"{name:<10} {escape(cfg.codec)}", total=cfg.rounds, acc="-----")
             result = run_simulation(cfg, progress=_advance(progress, task))
             results.append({"name": name, **result.to_dict()})
-    return results
+            finished.append(result)
+    return results, finished
 
 
 def _engine(engine: Engine) -> Callable[..., Any]:

@@ -13,7 +13,9 @@ runner = CliRunner()
 def test_run_with_a_compressed_downlink(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["run", "--clients", "4", "--rounds", "2", "--downlink", "topk(0.05) | quant(bits=8)"]
-    result = runner.invoke(app, [*args, "--no-baseline", "--out", str(out)], terminal_width=220)
+    result = runner.invoke(
+        app, [*args, "--no-baseline", "--no-followup", "--out", str(out)], terminal_width=220
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     (comp,) = doc["runs"]

@@ -47,6 +47,7 @@ def test_cli_run_transport_http_writes_a_report_with_a_drift_section(tmp_path):
             "--rounds",
             "2",
             "--no-baseline",
+            "--no-followup",
             "--out",
             str(tmp_path),
         ],

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
-from deltaplane.report.plots import accuracy_vs_bytes_png, accuracy_vs_round_png
+from deltaplane.report.plots import accuracy_vs_bytes_png, accuracy_vs_round_png, personalization_png
 
 __all__ = ["render_html"]
 
@@ -75,6 +75,58 @@ def _drift_section(runs: Any) -> str:
     return "<h2>Drift</h2>" + "".join(parts) if parts else ""
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _followup_sections(followup: Mapping[str, Any] | None) -> str:
+    """Personalization, merge and deploy sections (``deltaplane run`` with its follow-up), else nothing."""
+    if not followup:
+        return ""
+    p, m, d = followup["personalization"], followup["merge"], followup["deploy"]
+    pers = (
+        "<h2>Personalization</h2>"
+        f"<p>Each of the {p['devices']} devices fine-tuned the final global model for {p['epochs']} local "
+        f"epoch(s) ({escape(p['method'])}: it serves global + α·personal delta, α chosen on its own held-out "
+        f"split, α = 0 allowed); {p['devices_personalized']} chose α &gt; 0. Accuracy is on each device's own "
+        "label mix (per-class test accuracy weighted by its class shares).</p>"
+        "<table><thead><tr><th>model</th><th>device acc. mean</th><th>device acc. min</th></tr></thead><tbody>"
+        f'<tr><td>global</td><td class="num">{_pct(p["global_accuracy_mean"])}</td>'
+        f'<td class="num">{_pct(p["global_accuracy_min"])}</td></tr>'
+        f'<tr><td>personalized</td><td class="num">{_pct(p["personal_accuracy_mean"])}</td>'
+        f'<td class="num">{_pct(p["personal_accuracy_min"])}</td></tr></tbody></table>'
+        f"<p>Mean change {100 * p['gain_mean']:+.2f} points; worst device {100 * p['gain_min']:+.2f} points.</p>"
+        + _img(personalization_png(p["clients"]), "per-device accuracy, global vs personalized")
+    )
+    rows = "".join(
+        f'<tr><td>{escape(name)}</td><td class="num">{_pct(r["test_accuracy"])}</td>'
+        f'<td class="num">{_pct(r.get("mean_device_accuracy"))}</td></tr>'
+        for name, r in m["results"].items()
+    )
+    mer = (
+        f"<h2>Merge</h2><p>The {m['models']} personalized models merged into one around the {escape(m['base'])} "
+        "(TIES: top-20% task-vector entries, sign consensus, disjoint mean; task arithmetic: mean task vector), "
+        "scored on the global test set and on the devices' label mixes.</p>"
+        "<table><thead><tr><th>model</th><th>test acc.</th><th>device acc. mean</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+    files = ", ".join(f"<code>{escape(f)}</code>" for f in d["files"])
+    dep = (
+        f"<h2>Deploy</h2><p>Global model, magnitude-pruned to {escape(str(d['prune']))} sparsity (fine-tuned "
+        f"{d['finetune_epochs']} epochs with masks held), {escape(d['quant_scheme'])}; written to "
+        f"<code>{escape(d['out_dir'])}</code>: {files}.</p>"
+        "<table><tbody>"
+        f'<tr><th>fp32 safetensors</th><td class="num">{d["fp32_safetensors_bytes"]:,} B</td></tr>'
+        f'<tr><th>artifact</th><td class="num">{d["artifact_bytes"]:,} B '
+        f"({d['compression_ratio']:.2f}× smaller)</td></tr>"
+        f'<tr><th>accuracy fp32 → artifact</th><td class="num">{_pct(d["accuracy_fp32"])} → '
+        f"{_pct(d['accuracy_compressed'])} ({-d['accuracy_drop_points']:+.2f} points)</td></tr>"
+        f'<tr><th>batch-1 latency vs fp32 PyTorch</th><td class="num">{d["latency_ratio_batch1"]:.2f}×</td></tr>'
+        "</tbody></table>"
+    )
+    return pers + mer + dep
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The HTML page for a document made by :func:`~deltaplane.report.summary.build_report`."""
     runs = report["runs"]
@@ -101,5 +153,6 @@ def render_html(report: Mapping[str, Any]) -> str:
         + _img(accuracy_vs_round_png(runs), "global test accuracy per round")
         + _img(accuracy_vs_bytes_png(runs), "global test accuracy against cumulative uplink bytes")
         + _drift_section(runs)
+        + _followup_sections(report.get("followup"))
         + f"<h2>Configurations</h2>{configs}</body></html>\n"
     )

@@ -11,7 +11,7 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["accuracy_vs_bytes_png", "accuracy_vs_round_png"]
+__all__ = ["accuracy_vs_bytes_png", "accuracy_vs_round_png", "personalization_png"]
 
 _SIZE = (6.4, 4.0)
 _DPI = 110
@@ -64,5 +64,21 @@ def accuracy_vs_bytes_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_xlabel("cumulative uplink bytes (log scale)")
         ax.set_ylabel("global test accuracy")
         ax.set_title("Accuracy per uplink byte")
+
+    return _render(draw)
+
+
+def personalization_png(clients: Sequence[Mapping[str, Any]]) -> bytes:
+    """Each device's accuracy on its own label mix: the global model against its personalized model."""
+
+    def draw(ax: Any) -> None:
+        xs = [c["global_accuracy"] for c in clients]
+        ys = [c["personal_accuracy"] for c in clients]
+        lo = min([*xs, *ys]) - 0.02
+        ax.plot([lo, 1.0], [lo, 1.0], color="grey", linestyle="--", linewidth=1, label="no change")
+        ax.scatter(xs, ys, label="device", zorder=3)
+        ax.set_xlabel("global model accuracy on the device's label mix")
+        ax.set_ylabel("personalized model accuracy")
+        ax.set_title("Personalization per device")
 
     return _render(draw)

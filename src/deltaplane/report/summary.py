@@ -13,11 +13,13 @@ from typing import Any
 
 from deltaplane.errors import ConfigError
 
-__all__ = ["REPORT_FORMAT", "SummaryRow", "build_report", "check_runs", "summarize"]
+__all__ = ["FOLLOWUP_KEYS", "REPORT_FORMAT", "SummaryRow", "build_report", "check_runs", "summarize"]
 
 #: Version of the report.json layout; bumped when a field changes meaning.
 REPORT_FORMAT = 1
 
+#: Sections a ``followup`` mapping must have (personalized devices, merged model, deployed artifact).
+FOLLOWUP_KEYS = ("personalization", "merge", "deploy")
 _RUN_KEYS = ("name", "config", "raw_update_bytes", "wall_time_s", "final", "rounds")
 _ROUND_KEYS = ("round", "clients", "test_accuracy", "cumulative_uplink_bytes")
 
@@ -94,14 +96,28 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
 
 
 def build_report(
-    runs: Sequence[Mapping[str, Any]], *, baseline: str | None = None, title: str = "deltaplane run"
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    baseline: str | None = None,
+    title: str = "deltaplane run",
+    followup: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``report.json`` document: format version, title, baseline name, summary rows and full runs."""
+    """The ``report.json`` document: format version, title, baseline name, summary rows and full runs.
+
+    ``followup`` (optional) is what came after the federation, as plain data: ``{"personalization": ...,
+    "merge": ..., "deploy": ...}`` (see ``deltaplane.sim.followup.run_followup``); stored under ``"followup"``.
+    """
     rows = summarize(runs, baseline)
-    return {
+    report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "title": title,
         "baseline": baseline,
         "summary": [r.to_dict() for r in rows],
         "runs": [dict(r) for r in runs],
     }
+    if followup is not None:
+        missing = [k for k in FOLLOWUP_KEYS if k not in followup]
+        if missing:
+            raise ConfigError(f"followup lacks the section(s) {missing}")
+        report["followup"] = dict(followup)
+    return report

@@ -44,13 +44,15 @@ def write_report(
     *,
     baseline: str | None = None,
     title: str = "deltaplane run",
+    followup: Mapping[str, Any] | None = None,
 ) -> ReportFiles:
     """Write ``report.json`` (all data) and ``report.html`` (plots + summary) for ``runs`` into ``out_dir``.
 
-    Each run is a mapping like ``{"name": "topk", **RunResult.to_dict()}``. Files are replaced atomically,
+    Each run is a mapping like ``{"name": "topk", **RunResult.to_dict()}``; ``followup`` adds the
+    personalization, merge and deploy sections (plain data, see :func:`~deltaplane.report.summary.build_report`). Files are replaced atomically,
     so a reader never sees half a report.
     """
-    report = _json_safe(build_report(runs, baseline=baseline, title=title))
+    report = _json_safe(build_report(runs, baseline=baseline, title=title, followup=followup))
     out = Path(out_dir)
     json_path, html_path = out / "report.json", out / "report.html"
     atomic_write_bytes(json_path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
