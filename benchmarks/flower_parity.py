@@ -75,8 +75,9 @@ def main() -> None:
         f"differ by {up_diff:.3f}% (target ≤ 1%: {'met' if ok_bytes else 'MISSED'}). Per-round accuracies "
         f"identical in {sum(a.test_accuracy == b.test_accuracy for a, b in zip(local.rounds, flower.rounds, strict=True))}"
         f" of {cfg.rounds} rounds. Flower's wall time includes starting Ray and its actors; Ray runs one "
-        "ClientApp per core (2 here); the in-process default engine='batched' trains a round's clients at "
-        "once and equals the Flower engine's per-client loop only up to float rounding."
+        "ClientApp per core (2 here); the in-process default engine='sequential' is the same per-client loop, "
+        "so the two engines compute the same model bit for bit (engine='batched' equals it only up to float "
+        "rounding)."
     )
     print(body)
     record("flower-parity", "Flower engine parity (default federation)", body)
