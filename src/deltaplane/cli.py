@@ -8,8 +8,7 @@ the command with a one-line red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltaplane.commands import clean_errors
 from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
@@ -51,24 +51,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 @app.callback()
 def main() -> None:
     """deltaplane: the control plane for model deltas."""
     # A callback keeps typer in multi-command mode, so `deltaplane run` stays `run` as commands are added.
-
-
-@contextmanager
-def _clean_errors() -> Iterator[None]:
-    """Turn a DeltaplaneError into a red one-line message and exit code 2."""
-    try:
-        yield
-    except DeltaplaneError as exc:
-        # soft_wrap: the message stays one line for the terminal to wrap, and for grep to find
-        err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
-        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -147,7 +135,7 @@ def run(
     last run's global model is then personalized per device (α-mix), the personalized models are merged back
     into one (TIES, task arithmetic), and the global model is pruned + int8-quantized into OUT/deploy.
     """
-    with _clean_errors():
+    with clean_errors():
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,

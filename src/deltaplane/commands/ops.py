@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.commands import clean_errors as _errors
+from deltaplane.errors import ConfigError
 
 __all__ = ["load_evaluator", "register"]
 
@@ -30,15 +29,6 @@ Home = Annotated[
     Path | None,
     typer.Option("--home", envvar="DELTAPLANE_HOME", help="Registry folder [default: ~/.deltaplane]."),
 ]
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except DeltaplaneError as exc:
-        err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
-        raise typer.Exit(code=2) from None
 
 
 def _home(home: Path | None) -> Path:
