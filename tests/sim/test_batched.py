@@ -34,23 +34,45 @@ def _sequential(model, state, shards, cfg, rnd):
     return deltas
 
 
+class _VmapOnly(nn.Module):
+    """DigitsCNN without ``forward_stacked``: the trainer's generic vmap(grad) path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model(0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _trainer_model(path: str) -> nn.Module:
+    return build_model(0) if path == "stacked" else _VmapOnly()
+
+
+@pytest.mark.parametrize("path", ["stacked", "vmap"])
 @pytest.mark.parametrize("budget", [256 * 2**20, 1])  # all clients at once; one client per chunk
-def test_batched_deltas_equal_sequential_ones(budget: int) -> None:
+def test_batched_deltas_equal_sequential_ones(budget: int, path: str) -> None:
     cfg = RunConfig(local_epochs=2, batch_size=32, lr=0.2, momentum=0.9)
     model = build_model(3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shards = _shards()
     seq = _sequential(model, state, shards, cfg, rnd=1)
     gens = [torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
-    stacked = BatchedTrainer(build_model(0), memory_budget=budget).train(
+    trainer_model = _trainer_model(path)
+    if path == "vmap":
+        state = {f"net.{k}": v for k, v in state.items()}
+    stacked = BatchedTrainer(trainer_model, memory_budget=budget).train(
         state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9
     )
     assert set(stacked) == set(state)
+    prefix = "" if path == "stacked" else "net."
     for cid, delta in enumerate(seq):
         for name, t in delta.items():
-            assert stacked[name].shape == (len(SIZES), *t.shape)
-            # float32 rounding of differently grouped reductions only; training moves weights by ~1e-1
-            assert torch.allclose(stacked[name][cid], t, rtol=0, atol=1e-5), (cid, name)
+            got = stacked[prefix + name]
+            assert got.shape == (len(SIZES), *t.shape)
+            # float32 rounding of differently grouped reductions only (measured ≤ 1.1e-6 over 4 steps);
+            # training moves weights by ~1e-1
+            assert torch.allclose(got[cid], t, rtol=0, atol=4e-6), (cid, name)
             assert float(t.abs().max()) > 1e-3  # the client really trained
     # the generators were advanced exactly as the sequential loop advances them
     again = torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, 0)
@@ -80,17 +102,37 @@ def test_fedprox_term_is_batched_too() -> None:
     )
 
 
+def test_stacked_forward_equals_the_model_on_each_client() -> None:
+    model = build_model(0)
+    copies = [build_model(s) for s in range(3)]
+    params = {
+        n: torch.stack([dict(m.named_parameters())[n].detach() for m in copies])
+        for n, _ in model.named_parameters()
+    }
+    x = load_digits().x[:96].view(3, 32, 1, 8, 8)
+    out = model.forward_stacked(params, x)
+    for k, m in enumerate(copies):
+        with torch.no_grad():
+            assert torch.allclose(out[k], m(x[k]), rtol=0, atol=1e-5)
+
+
 def test_same_seed_same_accuracy_batched_and_sequential() -> None:
-    """The CI equivalence check: per-round accuracy and final weights of both engines agree."""
-    cfg = RunConfig(clients=8, rounds=4)
+    """The CI equivalence check: per-round accuracy and final weights of both engines agree.
+
+    Bound: per-round test accuracy equal within one of the 359 test digits, final weights within 1e-3. The
+    engines differ only by float32 rounding (≤ 1e-6 per client update, test above), but with lr 0.2 and ReLU
+    kinks that difference grows round by round: it is 6e-8 after one round and 5.9e-4 after three here, and on
+    other seeds reaches 2e-2 after four rounds, for the vmap and the grouped-convolution paths alike.
+    """
+    cfg = RunConfig(clients=8, rounds=3)
     seq = run_simulation(cfg.replace(engine="sequential"))
     bat = run_simulation(cfg.replace(engine="batched"))
     for a, b in zip(seq.rounds, bat.rounds, strict=True):
-        assert abs(a.test_accuracy - b.test_accuracy) <= 2 / 359  # at most two of the 359 test digits flip
+        assert abs(a.test_accuracy - b.test_accuracy) <= 1 / 359
         assert abs(a.client_accuracy_mean - b.client_accuracy_mean) <= 0.01
     assert bat.final.test_accuracy > 0.5  # it learned
     worst = max(float((seq.final_state[k] - bat.final_state[k]).abs().max()) for k in seq.final_state)
-    assert worst < 1e-3  # measured 1.7e-4: rounding differences grow a little through 4 rounds of SGD
+    assert worst < 1e-3
     # identical payload sizes round by round: the same codec saw (almost) the same deltas
     assert [r.uplink_bytes for r in seq.rounds] == [r.uplink_bytes for r in bat.rounds]
 

@@ -87,6 +87,9 @@ class Codec:
     #: True for a lossless stage that compresses the whole framed payload (``zstd``): it may only be the
     #: last stage of a pipeline and is applied by the wire format, not per tensor.
     lossless: ClassVar[bool] = False
+    #: True for a stage whose decode gives back its input bit for bit (``identity``): error feedback then
+    #: needs no trial decode, since nothing is lost.
+    exact: ClassVar[bool] = False
     #: True for a codec that picks another codec per parameter name (:class:`~deltaplane.codecs.policy.Policy`)
     selects_by_name: ClassVar[bool] = False
 

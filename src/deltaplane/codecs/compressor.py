@@ -25,7 +25,7 @@ from deltaplane.codecs.base import (
 )
 from deltaplane.codecs.quantize import Identity
 from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pack, unpack
-from deltaplane.delta import Delta
+from deltaplane.delta import Delta, first_non_finite
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
 __all__ = ["Compressor", "CompressorState", "decode_delta", "decompress", "encode_delta"]
@@ -65,15 +65,6 @@ def encode_delta(
     return out
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True if a tensor holds no NaN/Inf: one fused min/max pass (NaN propagates through both), several
-    times faster than ``torch.isfinite(t).all()``, which materializes a boolean tensor first."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.detach().reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
 def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
     """Decode finalized trees into a delta with each tensor's original dtype; refuses NaN/Inf."""
     out = {}
@@ -82,9 +73,10 @@ def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
             t = decode_tree(tree)
         except DecodeError as exc:
             raise DecodeError(f"tensor '{name}': {exc}") from exc
-        if not all_finite(t):
-            raise DecodeError(f"tensor '{name}': decoded values hold NaN or Inf")
         out[name] = t.to(dtype)
+    bad = first_non_finite(out)
+    if bad is not None:
+        raise DecodeError(f"tensor '{bad}': decoded values hold NaN or Inf")
     return Delta(out)
 
 
@@ -138,7 +130,8 @@ class Compressor:
 
     def __init__(self, codec: str | Codec, *, error_feedback: bool = True, seed: int = 0) -> None:
         self.codec = get_codec(codec)
-        self._lossless = split_lossless(self.codec)[1]
+        per_tensor, self._lossless = split_lossless(self.codec)
+        self._exact = per_tensor.exact
         self.error_feedback = error_feedback
         self.seed = seed
         self._rng = torch.Generator().manual_seed(seed)
@@ -165,8 +158,11 @@ class Compressor:
                     f"delta does not match this device's error-feedback state: {exc}"
                 ) from exc
         trees = encode_delta(target, self.codec, self._rng, self.state.codec)
-        # decoding what was sent costs as much as the receiver's decode: only done when it is needed
-        sent = decode_delta(trees) if (want_sent or self.error_feedback) else None
+        # decoding what was sent costs as much as the receiver's decode: only done when it is needed, and an
+        # exact codec sends the target itself
+        sent = None
+        if want_sent or self.error_feedback:
+            sent = target if self._exact else decode_delta(trees)
         if sent is not None and self.error_feedback:
             self.state.residual = Delta(
                 {
@@ -181,9 +177,9 @@ class Compressor:
         self, delta: Delta, *, base_id: str = "", base_version: int = 0, meta: Mapping[str, Any] | None = None
     ) -> bytes:
         """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`)."""
-        for k, v in delta.items():
-            if not all_finite(v):
-                raise InvalidUpdate(f"tensor '{k}' holds NaN or Inf values; refusing the update")
+        bad = first_non_finite(delta)
+        if bad is not None:
+            raise InvalidUpdate(f"tensor '{bad}' holds NaN or Inf values; refusing the update")
         trees, _ = self._encode(delta, want_sent=False)
         level = getattr(self._lossless, "level", None)
         return pack(

@@ -68,6 +68,7 @@ class Identity(Codec):
     """No compression: the tensor's raw bytes in its own dtype (the fp32 baseline, and integer buffers)."""
 
     name = "identity"
+    exact = True
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         if x.dtype not in DTYPE_NAMES:

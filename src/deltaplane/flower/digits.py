@@ -23,7 +23,7 @@ from deltaplane.data.digits import Dataset
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import arrays_to_state, state_to_arrays
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
-from deltaplane.sim.client import Client, make_clients
+from deltaplane.sim.client import Client, evaluate_clients, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
@@ -130,7 +130,7 @@ def digits_server_app(
             traffic = strategy.traffic[-1]
             cum["up"] += traffic.uplink_payload_bytes
             cum["down"] += traffic.downlink_message_bytes
-            client_acc = [c.evaluate(model) for c in clients]
+            client_acc = evaluate_clients(model, clients)
             metrics = RoundMetrics(
                 round=rnd,
                 clients=traffic.clients,

@@ -31,7 +31,7 @@ from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient
 from deltaplane.serve.server import BackgroundServer
-from deltaplane.sim.client import make_clients
+from deltaplane.sim.client import evaluate_clients, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
@@ -182,7 +182,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             cum_up += uplink
             cum_down += down
             model.load_state_dict(devices[0].state)
-            client_acc = [c.evaluate(model) for c in clients]
+            client_acc = evaluate_clients(model, clients)
             alerts: list[str] = []
             for c, d in zip(clients, devices, strict=True):  # summaries only: histograms and class counts
                 x = c.holdout.x.reshape(len(c.holdout), -1).numpy()

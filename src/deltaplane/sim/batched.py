@@ -53,6 +53,9 @@ def batching_blocker(model: nn.Module) -> str | None:
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
         return f"model {type(model).__name__} has non-float parameters ({', '.join(ints[:3])})"
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    if len(dtypes) > 1:  # the clients' weights are stacked as one (clients × parameters) tensor
+        return f"model {type(model).__name__} mixes parameter dtypes ({', '.join(dtypes)})"
     if not any(True for _ in model.parameters()):
         return f"model {type(model).__name__} has no parameters"
     return None
@@ -131,7 +134,40 @@ class BatchedTrainer:
             # Mean over the real samples of this (possibly short, padded) batch.
             return (losses * w).sum() / w.sum().clamp(min=1.0)
 
-        self._step_grads = vmap(grad(batch_loss))
+        self._shapes = [p.shape for _, p in model.named_parameters()]
+        self._sizes = [p.numel() for _, p in model.named_parameters()]
+        stacked_forward = getattr(model, "forward_stacked", None)
+        if callable(stacked_forward):
+            # The model evaluates all its stacked copies in one pass (DigitsCNN: grouped convolutions), so one
+            # ordinary backward pass of the *sum* of the clients' losses yields every client's own gradient:
+            # client k's loss depends only on its own weights.
+            def step_grads(flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+                leaf = flat.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = stacked_forward(self._unflatten(leaf), x)  # (K, B, classes)
+                    losses = nn.functional.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), reduction="none"
+                    ).view(w.shape)
+                    loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
+                    (g,) = torch.autograd.grad(loss, [leaf])
+                return g
+
+        else:
+            per_client = vmap(grad(batch_loss))
+
+            def step_grads(flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+                grads = per_client(self._unflatten(flat), x, y, w)
+                return torch.cat([grads[n].reshape(flat.shape[0], -1) for n in self.names], dim=1)
+
+        self._step_grads = step_grads
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Named ``(K, *shape)`` tensors from the ``(K, P)`` stack of flattened parameter vectors."""
+        cols = flat.split(self._sizes, dim=1)
+        return {
+            n: c.reshape(flat.shape[0], *shape)
+            for n, c, shape in zip(self.names, cols, self._shapes, strict=True)
+        }
 
     def train(
         self,
@@ -201,22 +237,24 @@ class BatchedTrainer:
             y[c, : len(d)] = d.y
         rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
 
-        start = {n: global_state[n].detach() for n in self.names}
-        params = {n: t.unsqueeze(0).repeat(n_clients, *([1] * t.dim())) for n, t in start.items()}
-        bufs = {n: torch.zeros_like(p) for n, p in params.items()}
+        # All clients' weights as one (C, P) tensor: an SGD step of every client is three tensor operations.
+        start = torch.cat([global_state[n].detach().reshape(-1) for n in self.names])
+        flat = start.unsqueeze(0).repeat(n_clients, 1)
+        buf = torch.zeros_like(flat)
         for s, k in enumerate(active):
             i, w = idx[s, :k], weight[s, :k]
-            grads = self._step_grads({n: p[:k] for n, p in params.items()}, x[rows[:k], i], y[rows[:k], i], w)
+            g = self._step_grads(flat[:k], x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
-                for n in self.names:
-                    if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
-                        grads[n] = grads[n] + prox_mu * (params[n][:k] - start[n])
-                    # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
-                    # p ← p − lr·buf.
-                    buf = bufs[n][:k]
-                    buf.mul_(momentum).add_(grads[n])
-                    params[n][:k].add_(buf, alpha=-lr)
-        return {n: params[n] - start[n] for n in self.names}
+                if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
+                    g = g + prox_mu * (flat[:k] - start)
+                # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
+                # p ← p − lr·buf.
+                buf[:k].mul_(momentum).add_(g)
+                flat[:k].add_(buf[:k], alpha=-lr)
+        return {
+            n: d.reshape(n_clients, *global_state[n].shape)
+            for n, d in zip(self.names, (flat - start).split(self._sizes, dim=1), strict=True)
+        }
 
 
 def _inverse(order: list[int]) -> Tensor:

@@ -32,6 +32,40 @@ class DigitsCNN(nn.Module):
         x = torch.relu(self.fc1(x.flatten(1)))  # (B, 64)
         return self.fc2(x)  # (B, 10) logits
 
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Logits ``(K, B, 10)`` of ``K`` copies of this network with stacked weights ``params[name]`` of shape
+        ``(K, *shape)`` on their own inputs ``x`` of shape ``(K, B, 1, 8, 8)``; copy ``k`` computes exactly
+        what :meth:`forward` computes with weights ``params[name][k]`` on ``x[k]``.
+
+        Why not ``vmap(functional_call(...))``: the batched engine trains all clients of a round as one
+        computation, and on CPU the vmapped convolution's backward pass plus pooling on its output layout cost
+        about 2.5× this. Here the copies share one *grouped* convolution (client ``k`` owns channel group
+        ``k``) in channels-last layout, which oneDNN runs fastest for grouped convolutions; ReLU follows the
+        pooling (``relu(max(z)) = max(relu(z))`` exactly, on a quarter of the values); the dense layers are
+        batched matrix products. One step of 20 clients takes about half the time of one plain model on all
+        640 samples (``benchmarks/sim_speed.py``).
+        """
+        cl = torch.channels_last
+        k, b = x.shape[0], x.shape[1]
+        # (B, K·1, 8, 8): client k's image is channel group k
+        h = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]).contiguous(memory_format=cl)
+        for name in ("conv1", "conv2"):
+            conv: nn.Conv2d = getattr(self, name)
+            weight = params[f"{name}.weight"].reshape(-1, *conv.weight.shape[1:])  # (K·out, in, 3, 3)
+            h = nn.functional.conv2d(
+                h,
+                weight.contiguous(memory_format=cl),
+                params[f"{name}.bias"].reshape(-1),
+                padding=1,
+                groups=k,
+            )
+            h = torch.relu(h) if name == "conv1" else torch.relu(self.pool(h))  # (B, K·16, 4, 4) after conv2
+        h = h.reshape(b, k, -1).transpose(0, 1)  # (K, B, 256), each row flattened as in forward()
+        h = torch.relu(
+            torch.baddbmm(params["fc1.bias"].unsqueeze(1), h, params["fc1.weight"].transpose(1, 2))
+        )
+        return torch.baddbmm(params["fc2.bias"].unsqueeze(1), h, params["fc2.weight"].transpose(1, 2))
+
 
 def build_model(seed: int) -> DigitsCNN:
     """A freshly initialised :class:`DigitsCNN` whose weights depend only on ``seed``.

@@ -28,7 +28,7 @@ from deltaplane.errors import DeltaplaneError, InvalidUpdate
 from deltaplane.personalization import PersonalState
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
-from deltaplane.sim.client import Client, make_clients
+from deltaplane.sim.client import Client, evaluate_clients, make_clients
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
@@ -417,7 +417,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
 
         model.load_state_dict(global_state)
         # the global model on each device's held-out data; personalized figures are in personal_metrics
-        client_acc = [c.evaluate(model) for c in clients]
+        client_acc = evaluate_clients(model, clients)
         metrics = RoundMetrics(
             round=rnd,
             clients=len(chosen),
