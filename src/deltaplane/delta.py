@@ -49,14 +49,14 @@ def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     """The name of the first floating-point tensor holding NaN or Inf, or ``None`` if all are finite.
 
     Every update is checked several times on its way (device, wire, aggregator), so the common all-finite case
-    costs one reduction per tensor and a single host sync: a float64 sum is NaN/Inf whenever any element is
-    (NaN and ±Inf propagate, Inf − Inf is NaN), and float64 cannot overflow on sums of float32/16 values.
-    Only if that total is not finite are the tensors checked one by one, exactly.
+    costs one reduction per tensor and a single host sync: a sum is NaN/Inf whenever any element is (NaN and
+    ±Inf propagate, Inf − Inf is NaN). Only if the total is not finite — a bad value, or a sum of huge finite
+    values that overflowed — are the tensors checked one by one, exactly.
     """
     floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() and v.numel()]
     if not floats:
         return None
-    sums = [v.detach().sum(dtype=torch.float64) for _, v in floats]
+    sums = [v.detach().sum(dtype=torch.float32) for _, v in floats]
     if math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum())):
         return None
     return next((k for k, v in floats if not bool(torch.isfinite(v).all())), None)
@@ -104,7 +104,7 @@ class Delta(Mapping[str, Tensor]):
         1.0
     """
 
-    __slots__ = ("_tensors",)
+    __slots__ = ("_finite_at", "_tensors")
 
     def __init__(self, tensors: Mapping[str, Tensor] | None = None) -> None:
         items: dict[str, Tensor] = {}
@@ -115,6 +115,8 @@ class Delta(Mapping[str, Tensor]):
                 raise TypeError(f"Delta value for '{name}' must be a torch.Tensor, got {type(t).__name__}")
             items[name] = t
         self._tensors = items
+        # the tensors' version counters when they were last found finite (see check_finite)
+        self._finite_at: tuple[int, ...] | None = None
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -203,13 +205,26 @@ class Delta(Mapping[str, Tensor]):
 
     def is_finite(self) -> bool:
         """True if no floating-point tensor holds NaN or Inf."""
-        return first_non_finite(self) is None
+        try:
+            self.check_finite()
+        except InvalidUpdate:
+            return False
+        return True
 
     def check_finite(self) -> None:
-        """Raise :class:`InvalidUpdate` naming the first tensor holding NaN or Inf."""
+        """Raise :class:`InvalidUpdate` naming the first tensor holding NaN or Inf.
+
+        An update is checked at every layer it passes (device, wire, validation, aggregator); a positive answer
+        is remembered together with the tensors' version counters, which every in-place change bumps, so the
+        later checks are free and a tensor modified since is checked again.
+        """
+        versions = tuple(t._version for t in self._tensors.values())
+        if versions == self._finite_at:
+            return
         bad = first_non_finite(self)
         if bad is not None:
             raise InvalidUpdate(f"tensor '{bad}' holds NaN or Inf values; refusing the update")
+        self._finite_at = versions
 
     def allclose(self, other: StateDict, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
         """True if ``other`` has the same layout and every tensor is close."""

@@ -25,7 +25,7 @@ from deltaplane.codecs.base import (
 )
 from deltaplane.codecs.quantize import Identity
 from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pack, unpack
-from deltaplane.delta import Delta, first_non_finite
+from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
 __all__ = ["Compressor", "CompressorState", "decode_delta", "decompress", "encode_delta"]
@@ -74,10 +74,12 @@ def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
         except DecodeError as exc:
             raise DecodeError(f"tensor '{name}': {exc}") from exc
         out[name] = t.to(dtype)
-    bad = first_non_finite(out)
-    if bad is not None:
-        raise DecodeError(f"tensor '{bad}': decoded values hold NaN or Inf")
-    return Delta(out)
+    delta = Delta(out)
+    try:
+        delta.check_finite()  # remembered: the aggregator's own check of this delta is then free
+    except InvalidUpdate as exc:
+        raise DecodeError(f"decoded values: {exc}") from exc
+    return delta
 
 
 def decompress(
@@ -163,7 +165,9 @@ class Compressor:
         sent = None
         if want_sent or self.error_feedback:
             sent = target if self._exact else decode_delta(trees)
-        if sent is not None and self.error_feedback:
+        if self.error_feedback and self._exact:
+            self.state.residual = None  # everything was sent: nothing to carry into the next round
+        elif sent is not None and self.error_feedback:
             self.state.residual = Delta(
                 {
                     k: (target[k] - sent[k]) if v.is_floating_point() else torch.zeros_like(v)
@@ -177,9 +181,7 @@ class Compressor:
         self, delta: Delta, *, base_id: str = "", base_version: int = 0, meta: Mapping[str, Any] | None = None
     ) -> bytes:
         """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`)."""
-        bad = first_non_finite(delta)
-        if bad is not None:
-            raise InvalidUpdate(f"tensor '{bad}' holds NaN or Inf values; refusing the update")
+        (delta if isinstance(delta, Delta) else Delta(delta)).check_finite()
         trees, _ = self._encode(delta, want_sent=False)
         level = getattr(self._lossless, "level", None)
         return pack(

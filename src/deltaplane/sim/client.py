@@ -17,7 +17,7 @@ from deltaplane.data.digits import Dataset
 from deltaplane.data.partition import dirichlet_partition, split_holdout
 from deltaplane.delta import Delta, StateDict
 from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import accuracy
+from deltaplane.sim.model import accuracy, logits
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng
 
 __all__ = ["Client", "evaluate_clients", "make_clients"]
@@ -102,7 +102,7 @@ def evaluate_clients(model: nn.Module, clients: list[Client]) -> list[float]:
     model.eval()
     x = torch.cat([c.holdout.x for c in clients])
     y = torch.cat([c.holdout.y for c in clients])
-    correct = (model(x).argmax(dim=1) == y).float()
+    correct = (logits(model, x).argmax(dim=1) == y).float()
     return [float(part.mean()) if len(part) else 0.0 for part in correct.split(sizes)]
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from deltaplane.data.digits import NUM_CLASSES, Dataset
 
-__all__ = ["DigitsCNN", "accuracy", "build_model"]
+__all__ = ["DigitsCNN", "accuracy", "build_model", "logits"]
 
 
 class DigitsCNN(nn.Module):
@@ -79,10 +79,21 @@ def build_model(seed: int) -> DigitsCNN:
 
 
 @torch.no_grad()
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` for scoring: a model with ``forward_stacked`` (DigitsCNN) runs it with one stacked copy,
+    which gives the same logits up to float rounding about 2.5× faster on CPU (channels-last convolutions)."""
+    stacked = getattr(model, "forward_stacked", None)
+    if callable(stacked):
+        params = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
+        return stacked(params, x.unsqueeze(0))[0]
+    return model(x)
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, data: Dataset) -> float:
     """Share of ``data`` that ``model`` classifies correctly (0.0 for an empty set)."""
     if len(data) == 0:
         return 0.0
     model.eval()
-    pred = model(data.x).argmax(dim=1)
+    pred = logits(model, data.x).argmax(dim=1)
     return float((pred == data.y).float().mean())

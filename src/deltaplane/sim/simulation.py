@@ -309,7 +309,6 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         )
         for cid in chosen:
             client = clients[cid]
-            gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
             data = None
             if cid in malicious:
                 attack_gen = torch_generator(config.seed, Stream.ATTACK, rnd, cid)
@@ -319,6 +318,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             if cid in trained:
                 delta = trained[cid]
             else:
+                gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
                 delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
             if local_keys:
                 personalizer.keep_local(delta.apply(origin), personal[cid], model)
