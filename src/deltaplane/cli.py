@@ -147,7 +147,7 @@ def run(
         if transport == "http" and engine != Engine.inprocess:
             raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
         results, finished = _execute(plan, engine, transport=transport)
-        console.print(_summary_table(_summarize(results)))
+        console.print(_summary_table(_summarize(results), cfg.describe_aggregation()))
         after = None
         if followup:
             after = _followup(finished[-1], out / "deploy", name=results[-1]["name"])
@@ -300,9 +300,12 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]
     return on_round
 
 
-def _summary_table(rows: list[dict[str, Any]]) -> Table:
+def _summary_table(rows: list[dict[str, Any]], aggregation: str) -> Table:
     table = Table(
-        title="deltaplane run: FedAvg on digits", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        title=f"deltaplane run: {escape(aggregation)} on digits",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     table.add_column("run", no_wrap=True)
     table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"

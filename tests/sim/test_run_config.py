@@ -89,3 +89,10 @@ def test_to_dict_is_plain_json() -> None:
     d = RunConfig().to_dict()
     assert json.loads(json.dumps(d)) == d
     assert RunConfig.from_mapping(d) == RunConfig()
+
+
+def test_describe_aggregation_names_the_server_side() -> None:
+    assert RunConfig().describe_aggregation() == "FedAvg"
+    cfg = RunConfig(aggregator="fedadam", clip="1.0", dp_noise=1.1, defense="norm_bound:2.0")
+    assert cfg.describe_aggregation() == "FedAdam + clip 1.0 + DP z=1.1 + norm_bound:2.0"
+    assert RunConfig(prox_mu=0.1, personalization="alpha_mix").describe_aggregation() == "FedProx + alpha_mix"

@@ -181,6 +181,32 @@ class RunConfig(BaseModel):
         """How many clients train in each round."""
         return max(1, min(self.clients, round(self.sample_fraction * self.clients)))
 
+    def describe_aggregation(self) -> str:
+        """A short human name of the server side of this run, e.g. ``"FedAdam + clip 1.0 + DP z=1.1"``."""
+        names = {
+            "fedavg": "FedAvg",
+            "fedadam": "FedAdam",
+            "fedyogi": "FedYogi",
+            "fedadagrad": "FedAdagrad",
+            "fedavgm": "FedAvgM",
+        }
+        parts = [names.get(self.aggregator, self.aggregator)]
+        if self.prox_mu > 0:
+            parts[0] = "FedProx" if self.aggregator == "fedavg" else f"{parts[0]} + FedProx"
+        if self.clip is not None:
+            parts.append(f"clip {self.clip}")
+        if self.dp_noise > 0:
+            parts.append(f"DP z={self.dp_noise:g}")
+        if self.local_dp_noise > 0:
+            parts.append(f"local DP z={self.local_dp_noise:g}")
+        if self.secagg:
+            parts.append("SecAgg")
+        if self.defense:
+            parts.append(self.defense)
+        if self.personalization != "none":
+            parts.append(self.personalization)
+        return " + ".join(parts)
+
     def build_aggregator(self, *, seed: int = 0):  # -> deltaplane.aggregation.Validate
         """The server's aggregator chain for these options (validation → server opt → DP → clip → defense).
 
