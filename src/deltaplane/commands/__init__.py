@@ -18,11 +18,12 @@ __all__ = ["clean_errors"]
 
 
 @contextmanager
-def clean_errors() -> Iterator[None]:
-    """Turn a DeltaplaneError into a red one-line message on stderr and exit code 2, never a traceback."""
+def clean_errors(*also: type[Exception]) -> Iterator[None]:
+    """Turn a DeltaplaneError (or one of the ``also`` types, e.g. ``OSError`` for a missing input file) into a
+    red one-line message on stderr and exit code 2, never a traceback."""
     try:
         yield
-    except DeltaplaneError as exc:
+    except (DeltaplaneError, *also) as exc:
         # soft_wrap: the message stays one line for the terminal to wrap, and for grep to find
         Console(stderr=True).print(
             f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True

@@ -13,15 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deltaplane.commands import clean_errors
+
 __all__ = ["register"]
 
 _console = Console()
-_err = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=1)
 
 
 def _load_state(path: Path) -> dict:
@@ -48,16 +44,13 @@ def compress(
     """Compress NEW - BASE into a framed, checksummed payload (wire format v1)."""
     from deltaplane.codecs import Compressor, decompress
     from deltaplane.delta import Delta, atomic_write_bytes
-    from deltaplane.errors import DeltaplaneError
 
-    try:
+    with clean_errors(OSError):
         delta = Delta.between(_load_state(base), _load_state(new))
         comp = Compressor(codec, error_feedback=False, seed=seed)
         payload = comp.compress(delta, base_id=base_id, base_version=base_version)
         sent = decompress(payload)
         atomic_write_bytes(out, payload)
-    except DeltaplaneError as exc:
-        raise _fail(exc) from None
     err = (sent - delta).norm() / max(delta.norm(), 1e-30)
     table = Table(title=f"compressed {new.name} against {base.name}")
     for col in ("tensors", "values", "raw bytes", "payload bytes", "ratio", "relative error"):
@@ -91,9 +84,8 @@ def decompress(
     from deltaplane.codecs import decompress as decode_payload
     from deltaplane.codecs import read_header
     from deltaplane.delta import Delta
-    from deltaplane.errors import DeltaplaneError
 
-    try:
+    with clean_errors(OSError):
         data = payload.read_bytes()
         header = read_header(data)
         expect = None
@@ -107,8 +99,6 @@ def decompress(
             Delta(delta.apply(_load_state(base))).save(out, metadata={"deltaplane.codec": header.codec})
         else:
             delta.save(out, metadata={"deltaplane.codec": header.codec})
-    except (DeltaplaneError, OSError) as exc:
-        raise _fail(exc) from None
     what = "checkpoint (base + delta)" if base is not None else "delta"
     _console.print(
         f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "

@@ -17,6 +17,8 @@ import typer
 if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane --help` stays quick
     import numpy as np
 
+from deltaplane.commands import clean_errors
+
 __all__ = ["register"]
 
 
@@ -157,11 +159,10 @@ def register(app: typer.Typer) -> None:
         from deltaplane.deploy.checkpoint import load_checkpoint
         from deltaplane.deploy.pipeline import deploy_classifier
         from deltaplane.deploy.profile import corruptions
-        from deltaplane.errors import DeltaplaneError
 
         console = Console()
         _register_models()
-        try:
+        with clean_errors():
             ckpt = load_checkpoint(model)
             if ckpt.architecture == "BertModel":
                 _deploy_encoder(console, ckpt, model, out, prune, quant, fmt, sentences)
@@ -191,9 +192,6 @@ def register(app: typer.Typer) -> None:
                     "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
                 },
             )
-        except DeltaplaneError as e:
-            console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
-            raise typer.Exit(2) from None
         b, c, cmp = res.baseline, res.compressed, res.comparison
         t = Table(title=f"deploy {model.name}: prune={prune} quant={quant} format={fmt}")
         for col in ("metric", "fp32", "compressed", "change"):
