@@ -160,6 +160,24 @@ class BatchedTrainer:
                 return torch.cat([grads[n].reshape(flat.shape[0], -1) for n in self.names], dim=1)
 
         self._step_grads = step_grads
+        # the last chunk's clients and their zero-padded data: a full-participation run trains the same
+        # clients every round, so their data is stacked once (the datasets are held, so `is` stays reliable)
+        self._data_cache: tuple[list[Dataset], Tensor, Tensor] | None = None
+
+    def _stacked_data(self, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor]:
+        """``x`` ``(C, n_max, ...)`` and ``y`` ``(C, n_max)``: each client's samples, zero-padded."""
+        cached = self._data_cache
+        same = cached is not None and len(cached[0]) == len(datasets)
+        if cached is not None and same and all(a is b for a, b in zip(cached[0], datasets, strict=True)):
+            return cached[1], cached[2]
+        longest = max(len(d) for d in datasets)
+        x = torch.zeros((len(datasets), longest, *datasets[0].x.shape[1:]), dtype=datasets[0].x.dtype)
+        y = torch.zeros((len(datasets), longest), dtype=datasets[0].y.dtype)
+        for c, d in enumerate(datasets):
+            x[c, : len(d)] = d.x
+            y[c, : len(d)] = d.y
+        self._data_cache = (list(datasets), x, y)
+        return x, y
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Named ``(K, *shape)`` tensors from the ``(K, P)`` stack of flattened parameter vectors."""
@@ -229,12 +247,7 @@ class BatchedTrainer:
         # so finished ones drop out of the computation instead of being carried along as masked padding.
         n_clients = len(datasets)
         idx, weight, active = _batch_plan(datasets, generators, epochs, batch_size)
-        longest = len(datasets[0])
-        x = torch.zeros((n_clients, longest, *datasets[0].x.shape[1:]), dtype=datasets[0].x.dtype)
-        y = torch.zeros((n_clients, longest), dtype=datasets[0].y.dtype)
-        for c, d in enumerate(datasets):
-            x[c, : len(d)] = d.x
-            y[c, : len(d)] = d.y
+        x, y = self._stacked_data(datasets)
         rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
 
         # All clients' weights as one (C, P) tensor: an SGD step of every client is three tensor operations.
@@ -275,19 +288,15 @@ def _batch_plan(
     """
     steps = [epochs * math.ceil(len(d) / batch_size) for d in datasets]
     total = steps[0]
-    idx = torch.zeros((total, len(datasets), batch_size), dtype=torch.long)
-    weight = torch.zeros((total, len(datasets), batch_size), dtype=torch.float32)
+    # client-major while filling, so each epoch's slots are one contiguous run of memory
+    idx = torch.zeros((len(datasets), total * batch_size), dtype=torch.long)
+    weight = torch.zeros((len(datasets), total * batch_size), dtype=torch.float32)
     for c, (d, gen) in enumerate(zip(datasets, generators, strict=True)):
         n = len(d)
-        per_epoch = math.ceil(n / batch_size)
+        slots = math.ceil(n / batch_size) * batch_size  # one epoch, its last batch padded
         for e in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            rows = slice(e * per_epoch, (e + 1) * per_epoch)
-            padded = torch.zeros(per_epoch * batch_size, dtype=torch.long)
-            padded[:n] = perm
-            mask = torch.zeros(per_epoch * batch_size)
-            mask[:n] = 1.0
-            idx[rows, c] = padded.view(per_epoch, batch_size)
-            weight[rows, c] = mask.view(per_epoch, batch_size)
+            idx[c, e * slots : e * slots + n] = torch.randperm(n, generator=gen)
+            weight[c, e * slots : e * slots + n] = 1.0
+    shape = (len(datasets), total, batch_size)
     active = [sum(1 for n in steps if n > s) for s in range(total)]
-    return idx, weight, active
+    return idx.view(shape).transpose(0, 1), weight.view(shape).transpose(0, 1), active
