@@ -29,6 +29,16 @@ def test_pack_bits_round_trip(bits: int, data) -> None:
     assert np.array_equal(unpack_bits(packed, bits, len(codes)), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_unpack_bits_refuses_nonzero_padding(bits: int) -> None:
+    codes = np.arange(5, dtype=np.uint8) % (1 << bits)  # 5 codes never fill whole bytes at these widths
+    packed = bytearray(pack_bits(codes, bits))
+    assert np.array_equal(unpack_bits(bytes(packed), bits, 5), codes)
+    packed[-1] |= 0x80  # a set bit past the last code
+    with pytest.raises(DecodeError, match="padding bits"):
+        unpack_bits(bytes(packed), bits, 5)
+
+
 def test_unpack_bits_checks_length() -> None:
     with pytest.raises(DecodeError, match="expected 2"):
         unpack_bits(b"\x00", 4, 3)
