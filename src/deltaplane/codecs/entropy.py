@@ -54,9 +54,8 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return raw.copy()
-    used = (
-        n * bits
-    ) % 8  # bits of the last byte that hold codes; the rest must be zero (one payload per value)
+    # bits of the last byte that hold codes; the rest must be zero, so each value set has one payload
+    used = (n * bits) % 8
     if used and int(raw[-1]) >> used:
         raise DecodeError(f"packed {bits}-bit codes: the padding bits of the last byte are not zero")
     if bits == 1:
