@@ -284,3 +284,21 @@ def test_peak_memory_follows_the_chunk_not_the_largest_tensor(tmp_path: Path) ->
     assert peak_mb - before_mb < 64, (before_mb, peak_mb)
     assert out[2] == "-", f"the merge path imported {out[2]}"
     assert Checkpoint(tmp_path / "out").infos["w"].shape == (rows, cols)
+
+
+def test_fisher_of_another_shape_is_refused_before_chunking(tmp_path: Path) -> None:
+    """A row slice of a too-long Fisher would fit every chunk; the whole shapes are compared first."""
+    ms = [{"w": torch.randn(6, 4)} for _ in range(2)]
+    fishers = [{"w": torch.rand(6, 4)}, {"w": torch.rand(8, 4)}]
+    with pytest.raises(dp.ShapeMismatch, match=r"tensor 'w': fisher of model 1 has shape \(8, 4\)"):
+        merge("fisher", None, ms, fishers=fishers)
+    for i, (m, f) in enumerate(zip(ms, fishers, strict=True)):
+        (tmp_path / f"m{i}").mkdir()
+        save_file(m, tmp_path / f"m{i}" / "model.safetensors")
+        save_file(f, tmp_path / f"f{i}.safetensors")
+    cfg = {"merge_method": "fisher",
+           "models": [{"model": f"m{i}", "parameters": {"fisher": f"f{i}.safetensors"}} for i in range(2)]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(dp.ShapeMismatch, match=r"tensor 'w': shape \(8, 4\) in fisher '.*f1.safetensors'"):
+        merge_files(tmp_path / "c.yaml", tmp_path / "out", chunk_elements=4)
+    assert not (tmp_path / "out").exists()

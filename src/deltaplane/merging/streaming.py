@@ -174,8 +174,8 @@ def merge_files(
         overwrite: replace ``out_dir`` if it exists (only once the new merge is complete).
         max_shard_bytes: split the output into shards of at most this size (a tensor never spans shards).
         chunk_elements: merge large tensors in blocks of whole rows with at most this many elements per input;
-            peak memory is about (inputs + a few) × chunk. The result does not depend on it (see
-            :mod:`deltaplane.merging.base` for the methods whose reductions may move the last bit).
+            peak memory is about (inputs + a few) × chunk. The result does not depend on it, except for the last
+            bits of SLERP's and Model Stock's reductions (see docs/merging.md).
 
     Raises:
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
