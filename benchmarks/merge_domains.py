@@ -203,6 +203,17 @@ def main() -> None:
             f"(target ≥ 0.95: {'met' if best[1] >= 0.95 else 'MISSED'}). Mixture of experts: **{moe_norm:.3f}** "
             f"(target ≥ 0.99: {'met' if moe_norm >= 0.99 else 'MISSED'}). Run time {time.perf_counter() - t0:.0f} s."
         )
+        if key == "specialist":
+            base_norm = next(r[-1] for r in rows if str(r[0]).startswith("base"))
+            body += (
+                "\n\nWhy merging fails here: a base that has only seen upright digits gives experts whose task "
+                "vectors each rewrite the features for their own domain (rotated and inverted move far from the "
+                "base), so the vectors conflict and any average, trim or sign election keeps a compromise that "
+                f"fits no shifted domain — the best merge stays at {best[1]:.2f} normalized, against {base_norm} for "
+                "the unmerged base. "
+                f"What works instead is keeping the experts apart behind a router: the mixture of experts reaches "
+                f"{moe_norm:.3f}; merging works from a generalist base (setting B)."
+            )
         print(body, flush=True)
         record(f"merge-domains-{key}", f"Merging five digits domains into one model — {title}", body)
 

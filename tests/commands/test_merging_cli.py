@@ -36,6 +36,13 @@ def test_merge_command_writes_model(tmp_path: Path) -> None:
     assert "merged 1 tensors" in res.output
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.allclose(out["w"], base["w"] + 1.0 - 1.0, atol=1e-6)  # +1·1 + 2·(−0.5)
+    # one row (3 elements) per chunk: the same model
+    args = ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out2"), "--chunk-elements", "3", "-q"]
+    assert CliRunner().invoke(_app(), args).exit_code == 0
+    assert torch.equal(load_file(tmp_path / "out2" / "model.safetensors")["w"], out["w"])
+    bad = ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out3"), "--chunk-elements", "0"]
+    res = CliRunner().invoke(_app(), bad)
+    assert res.exit_code == 2 and "chunk_elements must be positive" in res.output
 
 
 def test_merge_command_reports_errors_without_traceback(tmp_path: Path) -> None:

@@ -99,6 +99,10 @@ def test_streamed_equals_in_memory_and_hf_layout(zoo) -> None:  # type: ignore[n
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
     assert seen == list(range(1, 6)) and res.n_tensors == 5
+    # the sharded base read in row chunks of 2 rows (16 elements): the same model, bit for bit
+    merge_files(_write_cfg(root, MERGEKIT_TIES), root / "out_chunked", chunk_elements=16)
+    chunked = _read_all(root / "out_chunked")
+    assert all(torch.equal(chunked[k], expected[k]) for k in expected)
     assert json.loads((root / "out" / "config.json").read_text())["model_type"] == "toy"
     assert (root / "out" / "tokenizer.json").exists()
     # the file is real safetensors with our metadata

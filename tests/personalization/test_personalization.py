@@ -84,6 +84,21 @@ def test_choose_alpha_exact_scores_and_tie_break() -> None:
     assert choose_alpha(m, glob, zero, val)[0] == 0.0  # all candidates tie exactly: the global model is kept
 
 
+def test_choose_alpha_takes_only_a_small_step_when_validation_accuracy_ties() -> None:
+    m = nn.Linear(3, 3, bias=False)
+    glob = {"weight": torch.eye(3)}
+    sharpen = dp.Delta({"weight": 2 * torch.eye(3)})  # same predictions, sharper: cross-entropy falls with α
+    x = torch.eye(3) + 0.1
+    val = (x, torch.arange(3))
+    alpha, scores = choose_alpha(m, glob, sharpen, val)
+    assert set(scores.values()) == {1.0}  # every α is equally accurate: the device cannot tell them apart
+    assert alpha == 0.25  # lowest cross-entropy among α ≤ tie_alpha_max, not α = 1
+    assert choose_alpha(m, glob, sharpen, val, tie_alpha_max=0.5)[0] == 0.5
+    assert choose_alpha(m, glob, sharpen, val, tie_alpha_max=0.0)[0] == 0.0
+    with pytest.raises(dp.ConfigError, match="tie_alpha_max must be in"):
+        AlphaMix(tie_alpha_max=1.5)
+
+
 def test_alpha_mix_improves_a_shifted_device_and_keeps_global_for_a_typical_one() -> None:
     torch.manual_seed(0)
     m = Net()

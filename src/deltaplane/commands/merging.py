@@ -30,9 +30,12 @@ def merge_command(
         bool, typer.Option(help="replace OUT if it exists (after the merge succeeds)")
     ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    chunk_elements: Annotated[
+        int, typer.Option(help="elements per input merged at once; peak memory ≈ (inputs + a few) × chunk")
+    ] = 1 << 18,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Merge models tensor by tensor from safetensors (bounded memory) and write safetensors to OUT."""
+    """Merge models from safetensors in row chunks (bounded memory) and write safetensors to OUT."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -59,7 +62,12 @@ def merge_command(
 
         try:
             result = merge_files(
-                config, out, progress=progress, overwrite=overwrite, max_shard_bytes=shard_bytes
+                config,
+                out,
+                progress=progress,
+                overwrite=overwrite,
+                max_shard_bytes=shard_bytes,
+                chunk_elements=chunk_elements,
             )
         except DeltaplaneError as exc:
             bar.stop()

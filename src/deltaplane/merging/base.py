@@ -2,7 +2,14 @@
 
 A merge method works on **one tensor at a time**: given the base tensor (or ``None``) and the same-named tensor of
 each model, it returns the merged tensor. That single contract serves both the in-memory :func:`merge` below and
-the streaming :func:`deltaplane.merging.merge_files`, which never holds more than one tensor per input in memory.
+the streaming :func:`deltaplane.merging.merge_files`.
+
+A :class:`ChunkedMergeMethod` (every built-in method) goes further and merges a tensor **in row chunks**, so the
+streaming merge holds ``inputs × chunk`` rather than ``inputs × largest tensor``: :meth:`~MergeMethod.prepare`
+makes read-only passes over the chunks for the per-tensor statistics a method needs (TIES' top-k magnitude
+thresholds, SLERP's norms and dot product, Model Stock's cosines), then :meth:`~MergeMethod.merge_chunk` merges
+each chunk with them. The in-memory path runs the same two steps on one chunk covering the whole tensor, so both
+paths share one implementation; with elementwise arithmetic the chunked result is bit-identical.
 
 Parameters are declared as data (:class:`Param`): a name, a default (or required), whether it is *shared* by all
 models (``lambda``, ``t``) or given *per model* (``weight``, ``density``), and a check. This is what lets a
@@ -14,7 +21,7 @@ from __future__ import annotations
 import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +33,20 @@ from deltaplane.errors import ConfigError, ShapeMismatch
 
 __all__ = [
     "REQUIRED",
+    "ChunkPass",
+    "ChunkedMergeMethod",
     "MergeMethod",
     "MergeParams",
     "Param",
+    "TensorChunk",
     "available_methods",
     "compute_dtype_for",
     "get_method",
     "merge",
+    "merge_in_chunks",
     "register_method",
     "resolve_params",
+    "row_ranges",
     "tensor_generator",
 ]
 
@@ -138,8 +150,52 @@ class MergeParams:
         return [p[name] for p in self.per_model]
 
 
+@dataclass
+class TensorChunk:
+    """Rows ``[start, stop)`` (along dimension 0) of one tensor, from every input, in the compute dtype.
+
+    A 0-d tensor is one chunk with ``start=0, stop=1`` holding the 0-d tensors themselves. ``params`` has every
+    tensor-valued per-model parameter (a Fisher) cut to the same rows.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    """Shape of the whole tensor."""
+    start: int
+    stop: int
+    base: Tensor | None
+    tensors: list[Tensor]
+    params: MergeParams
+
+
+ChunkPass = Callable[[], Iterator[TensorChunk]]
+"""Each call starts a fresh pass over a tensor's chunks, in row order (:meth:`MergeMethod.prepare` may make several)."""
+
+
+def row_ranges(shape: Sequence[int], chunk_elements: int | None) -> list[tuple[int, int]]:
+    """Row ranges covering a tensor of ``shape`` with at most ``chunk_elements`` elements each (rows never split).
+
+    ``None`` gives one range for the whole tensor. A row larger than ``chunk_elements`` is a chunk by itself.
+    """
+    if len(shape) == 0:
+        return [(0, 1)]
+    rows = shape[0]
+    row_numel = math.prod(shape[1:])
+    if chunk_elements is None or rows == 0 or row_numel == 0:
+        return [(0, rows)]
+    step = max(1, chunk_elements // row_numel)
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
 class MergeMethod(ABC):
-    """One merge algorithm acting tensor by tensor. Subclasses cite their paper in ``paper`` / ``url``."""
+    """One merge algorithm acting tensor by tensor. Subclasses cite their paper in ``paper`` / ``url``.
+
+    A method that can merge a tensor in row chunks subclasses :class:`ChunkedMergeMethod` instead; one that only
+    implements :meth:`merge_tensor` still streams, a whole tensor at a time.
+    """
+
+    chunked: bool = False
+    """Whether :meth:`prepare` + :meth:`merge_chunk` are implemented (the streaming merge then works by chunks)."""
 
     name: str = ""
     paper: str = ""
@@ -170,6 +226,21 @@ class MergeMethod(ABC):
         looked up for ``name``. Returns a tensor with the shape of the inputs.
         """
 
+    def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
+        """Per-tensor statistics the chunked merge needs, from read-only passes over ``chunks()``; ``None`` if none.
+
+        Must not modify the chunk tensors (in memory they are views of the tensors :meth:`merge_chunk` receives).
+        """
+        return None
+
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        """Merge one chunk given :meth:`prepare`'s ``state``; may modify the chunk's tensors in place.
+
+        Called once per chunk, in row order (methods with running state, such as random masks drawn in sequence,
+        rely on it). Returns a tensor shaped like ``chunk.tensors[0]``.
+        """
+        raise NotImplementedError(f"merge method '{self.name}' does not merge by chunks")
+
     def check_models(self, n_models: int, has_base: bool) -> None:
         """Raise :class:`ConfigError` if this method cannot merge ``n_models`` models (with/without a base)."""
         if self.needs_base and not has_base:
@@ -185,6 +256,83 @@ class MergeMethod(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ChunkedMergeMethod(MergeMethod):
+    """A method defined by :meth:`prepare` + :meth:`merge_chunk`; :meth:`merge_tensor` is the one-chunk case."""
+
+    chunked = True
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
+    ) -> Tensor:
+        return merge_in_chunks(self, name, base, tensors, params)
+
+
+def _cut_tensor_params(method: MergeMethod, params: MergeParams, rows: Callable[[Any], Any]) -> MergeParams:
+    keys = [p.name for p in method.model_params if p.kind == "tensors"]
+    if not keys:
+        return params
+    per_model = []
+    for mp in params.per_model:
+        mp = dict(mp)
+        for key in keys:
+            if mp[key] is not None:
+                mp[key] = rows(mp[key])
+        per_model.append(mp)
+    return MergeParams(params.shared, per_model)
+
+
+def check_tensor_params(method: MergeMethod, params: MergeParams, name: str, shape: tuple[int, ...]) -> None:
+    """Raise :class:`ShapeMismatch` if a tensor-valued parameter (already looked up for ``name``) has another shape.
+
+    Checked on the whole tensor, before chunking: a row slice of a too-long Fisher would otherwise fit.
+    """
+    for i, mp in enumerate(params.per_model):
+        for p in method.model_params:
+            value = mp.get(p.name)
+            if p.kind == "tensors" and value is not None and tuple(value.shape) != tuple(shape):
+                raise ShapeMismatch(
+                    f"tensor '{name}': {p.name} of model {i} has shape {tuple(value.shape)}, the weight {shape}"
+                )
+
+
+def merge_in_chunks(
+    method: MergeMethod,
+    name: str,
+    base: Tensor | None,
+    tensors: Sequence[Tensor],
+    params: MergeParams,
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """Merge in-memory tensors with ``method.prepare`` + ``method.merge_chunk`` over row chunks.
+
+    ``chunk_elements=None`` is one chunk (what :meth:`ChunkedMergeMethod.merge_tensor` does); smaller chunks give
+    the result the streaming merge gives, which is how tests compare the two. ``base`` and ``tensors`` are owned
+    and modified, as for :meth:`MergeMethod.merge_tensor`; tensor-valued parameters are full tensors.
+    """
+    shape = tuple(tensors[0].shape)
+    check_tensor_params(method, params, name, shape)
+    ranges = row_ranges(shape, chunk_elements)
+
+    def cut(t: Tensor, start: int, stop: int) -> Tensor:
+        return t if not shape or (start, stop) == (0, shape[0]) else t[start:stop]
+
+    def chunks() -> Iterator[TensorChunk]:
+        for s, e in ranges:
+            yield TensorChunk(
+                name,
+                shape,
+                s,
+                e,
+                None if base is None else cut(base, s, e),
+                [cut(t, s, e) for t in tensors],
+                _cut_tensor_params(method, params, lambda v, s=s, e=e: cut(v, s, e)),
+            )
+
+    state = method.prepare(name, shape, chunks, params)
+    parts = [method.merge_chunk(c, state) for c in chunks()]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def tensor_generator(seed: int, name: str, model_index: int) -> torch.Generator:

@@ -1,12 +1,17 @@
 """Lazy safetensors checkpoints in, streamed safetensors out — the I/O half of the streaming merge.
 
 :class:`Checkpoint` opens a Hugging Face–layout folder (``model.safetensors`` or a sharded
-``model.safetensors.index.json``) or a single ``.safetensors`` file, reading only headers until a tensor is asked
-for. :class:`SafetensorsWriter` writes a safetensors file one tensor at a time.
+``model.safetensors.index.json``) or a single ``.safetensors`` file, reading only headers until a tensor — or a
+range of its rows (:meth:`Checkpoint.read_rows`) — is asked for. :class:`SafetensorsWriter` writes a safetensors
+file one tensor, or one block of rows, at a time.
 
-Why a hand-written writer: ``safetensors.torch.save_file`` needs every tensor in memory at once, which is what
-streaming exists to avoid. The format is small (u64 header length, JSON header with dtype/shape/byte offsets,
-raw little-endian data) and every file we write is read back by the tests with ``safetensors.safe_open``.
+Why hand-written I/O rather than ``safetensors.safe_open`` / ``save_file``: ``save_file`` needs every tensor in
+memory at once, which is what streaming exists to avoid; ``safe_open`` memory-maps the file, and every page a
+read touches stays resident (and counts in RSS) while the mapping lives. The format is small (u64 header length,
+JSON header with dtype/shape/byte offsets, raw little-endian data), so the header is parsed and checked here with
+the same rules ``safetensors`` applies (known dtype, offsets matching the shape, contiguous data covering the
+file exactly), and rows are read with ``pread`` into a fresh buffer: only the requested rows are ever resident.
+Every file we write is read back by the tests with ``safetensors.safe_open``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 2**20
+"""Largest header accepted (the ``safetensors`` library's own limit)."""
 SINGLE_NAME = "model.safetensors"
 
 DTYPES: dict[str, torch.dtype] = {
@@ -74,18 +81,28 @@ def parse_dtype(name: str, where: str = "config") -> torch.dtype:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What the header says about one tensor: the file holding it, its shape and dtype."""
+    """What the header says about one tensor: the file holding it, its shape, dtype and where its data starts."""
 
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0
+    """Absolute byte offset of the tensor's first byte in ``file``."""
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty(0, dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
 
 
 class Checkpoint(Mapping[str, Tensor]):
@@ -143,14 +160,38 @@ class Checkpoint(Mapping[str, Tensor]):
         raise ConfigError(f"model folder '{p}' holds {what}")
 
     def __getitem__(self, name: str) -> Tensor:
-        from safetensors import safe_open
-
         info = self.infos[name]
-        # A fresh handle per tensor, closed right after: safe_open memory-maps the file and the pages a read
-        # touches stay resident (and count in RSS) for as long as the mapping lives. Re-parsing the header is
-        # cheap next to the tensor data; keeping one handle open made RSS grow to the size of the model.
-        with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(name)
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` along its first dimension, read from disk into a new tensor.
+
+        Only those rows' bytes are read (``pread``; no memory map), so a merge that walks a large tensor in row
+        chunks holds one chunk per input. A 0-d tensor has one "row": ``read_rows(name, 0, 1)`` returns it.
+
+        Raises:
+            KeyError: no tensor ``name``.
+            DecodeError: the file is shorter than its header promised (truncated after it was opened).
+        """
+        info = self.infos[name]
+        if info.shape:
+            rows, row_shape = info.shape[0], info.shape[1:]
+            out_shape: tuple[int, ...] = (stop - start, *row_shape)
+        else:
+            rows, row_shape, out_shape = 1, (), ()
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"tensor '{name}': rows [{start}, {stop}) outside its {rows} rows")
+        row_bytes = info.itemsize
+        for s in row_shape:
+            row_bytes *= s
+        nbytes = (stop - start) * row_bytes
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=info.dtype)
+        return (
+            _pread(info.file, info.offset + start * row_bytes, nbytes, name)
+            .view(info.dtype)
+            .reshape(out_shape)
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
@@ -174,30 +215,115 @@ class Checkpoint(Mapping[str, Tensor]):
         return f"Checkpoint('{self.path}', {len(self)} tensors)"
 
 
-def _read_header(file: Path) -> dict[str, TensorInfo]:
-    """Tensor infos from a safetensors header; the header is parsed by ``safetensors`` itself (strict)."""
-    from safetensors import SafetensorError, safe_open
-
+def _pread(file: Path, offset: int, nbytes: int, name: str) -> Tensor:
+    """``nbytes`` bytes of ``file`` from ``offset`` as a uint8 tensor that owns its (fresh) buffer."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = 0
     try:
-        with safe_open(str(file), framework="pt") as f:
-            out = {}
-            for name in f.keys():  # noqa: SIM118 — safe_open is not a dict
-                sl = f.get_slice(name)
-                code = sl.get_dtype()
-                if code not in DTYPES:
-                    raise DecodeError(f"{file}: tensor '{name}' has unsupported dtype {code}")
-                out[name] = TensorInfo(file, tuple(sl.get_shape()), DTYPES[code])
-            return out
-    except (SafetensorError, OSError) as exc:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError as exc:
+        raise DecodeError(f"{file}: cannot read tensor '{name}' ({exc})") from exc
+    try:
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise DecodeError(
+                    f"{file}: tensor '{name}': the file ends after {got} of the {nbytes} bytes at offset "
+                    f"{offset} (truncated since its header was read?)"
+                )
+            got += n
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Tensor infos from a safetensors header, checked as strictly as the ``safetensors`` library does.
+
+    Raises:
+        DecodeError: naming the file (and the tensor, when one entry is at fault): short file, oversized or
+            non-JSON header, unknown dtype, bad shape or offsets, data that overlaps, leaves gaps, runs past the
+            end of the file (truncated download) or stops short of it.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DecodeError(
+                    f"{file}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise DecodeError(
+                    f"{file}: header length {n} does not fit the file ({size} bytes): truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as exc:
         raise DecodeError(f"{file}: not a readable safetensors file ({exc})") from exc
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"{file}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise DecodeError(f"{file}: header is not a JSON object")
+    data_start, data_len = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise DecodeError(f"{file}: __metadata__ must map strings to strings")
+            continue
+        where = f"{file}: tensor '{name}'"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise DecodeError(f"{where}: header entry needs dtype, shape and data_offsets")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in DTYPES:
+            raise DecodeError(f"{where} has unsupported dtype {code!r}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise DecodeError(f"{where}: shape must be a list of non-negative integers. Found {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise DecodeError(
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end. Found {offsets!r}"
+            )
+        info = TensorInfo(file, tuple(shape), DTYPES[code], data_start + offsets[0])
+        if offsets[1] - offsets[0] != info.nbytes:
+            raise DecodeError(
+                f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but shape {tuple(shape)} {code} "
+                f"needs {info.nbytes}"
+            )
+        if offsets[1] > data_len:
+            raise DecodeError(
+                f"{where}: data ends at byte {offsets[1]} but the file holds {data_len} bytes of data "
+                "(truncated file?)"
+            )
+        out[name] = info
+        spans.append((offsets[0], offsets[1], name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise DecodeError(
+                f"{file}: tensor '{name}' starts at data byte {begin}, expected {pos} (overlapping or gapped data)"
+            )
+        pos = end
+    if pos != data_len:
+        raise DecodeError(f"{file}: {data_len - pos} bytes after the last tensor's data (corrupt file?)")
+    return out
 
 
 class SafetensorsWriter:
-    """Write one safetensors file tensor by tensor, in the order declared up front.
+    """Write one safetensors file tensor by tensor (or row block by row block), in the order declared up front.
 
     The header must be known before the data, so the caller declares every ``(name, shape, dtype)`` first; each
-    :meth:`write` must then deliver the next tensor exactly as declared (checked), and :meth:`close` checks that
-    all were written.
+    :meth:`write` must then deliver the next tensor — whole, or its next rows along dimension 0 — exactly as
+    declared (checked), and :meth:`close` checks that everything was written.
     """
 
     def __init__(
@@ -232,25 +358,38 @@ class SafetensorsWriter:
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
+        self._written = 0  # bytes of entry ``_next`` written so far (rows arrive in blocks)
 
     def write(self, name: str, tensor: Tensor) -> None:
+        """Append ``tensor`` — the whole of the next declared tensor, or its next block of rows."""
         if self._next >= len(self._entries):
             raise DecodeError(f"{self.path}: tensor '{name}' was not declared")
         want_name, shape, dtype = self._entries[self._next]
-        if name != want_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        size = TensorInfo(self.path, tuple(shape), dtype).nbytes
+        got = tuple(tensor.shape)
+        fits = got == tuple(shape) or (
+            len(shape) >= 1 and len(got) == len(shape) and got[1:] == tuple(shape[1:])
+        )
+        nbytes = tensor.numel() * tensor.element_size()
+        if name != want_name or not fits or tensor.dtype != dtype or self._written + nbytes > size:
             raise DecodeError(
-                f"{self.path}: expected tensor '{want_name}' {tuple(shape)} {dtype}, got '{name}' "
-                f"{tuple(tensor.shape)} {tensor.dtype}"
+                f"{self.path}: expected tensor '{want_name}' {tuple(shape)} {dtype} "
+                f"({self._written} of {size} bytes written), got '{name}' {got} {tensor.dtype}"
             )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(data))
-        self._next += 1
+        if nbytes:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._f.write(memoryview(data))
+        self._written += nbytes
+        if self._written == size:
+            self._next += 1
+            self._written = 0
 
     def close(self) -> None:
         try:
             if self._next != len(self._entries):
                 raise DecodeError(
-                    f"{self.path}: {len(self._entries) - self._next} declared tensors were never written"
+                    f"{self.path}: {len(self._entries) - self._next} declared tensors were never written "
+                    f"(or only in part: '{self._entries[self._next][0]}' has {self._written} bytes)"
                 )
             self._f.flush()
             os.fsync(self._f.fileno())

@@ -9,13 +9,20 @@ so entries that no model's data touches fall back to the plain weighted average 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from deltaplane.errors import ConfigError, ShapeMismatch
-from deltaplane.merging.base import REQUIRED, MergeMethod, MergeParams, Param, positive, register_method
+from deltaplane.merging.base import (
+    REQUIRED,
+    ChunkedMergeMethod,
+    Param,
+    TensorChunk,
+    positive,
+    register_method,
+)
 
 __all__ = ["FisherMerge", "diagonal_fisher"]
 
@@ -90,8 +97,8 @@ def diagonal_fisher(
     return out
 
 
-class FisherMerge(MergeMethod):
-    """``Σ λᵢ (Fᵢ + ε) θᵢ / Σ λᵢ (Fᵢ + ε)`` elementwise."""
+class FisherMerge(ChunkedMergeMethod):
+    """``Σ λᵢ (Fᵢ + ε) θᵢ / Σ λᵢ (Fᵢ + ε)`` elementwise (so chunked merging is exact)."""
 
     name = "fisher"
     paper = "Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging"
@@ -105,9 +112,8 @@ class FisherMerge(MergeMethod):
         Param("epsilon", 1e-8, check=positive, doc="added to every Fisher value (the paper's floor)"),
     )  # fmt: skip
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
-    ) -> Tensor:
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        name, tensors, params = chunk.name, chunk.tensors, chunk.params
         eps = params.shared["epsilon"]
         num = torch.zeros_like(tensors[0])
         den = torch.zeros_like(tensors[0])

@@ -7,17 +7,17 @@ sum with ``normalize: false``). The base model, if given, is not part of the ave
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from deltaplane.merging.base import MergeMethod, MergeParams, Param, register_method
+from deltaplane.merging.base import ChunkedMergeMethod, Param, TensorChunk, register_method
 
 __all__ = ["Linear"]
 
 
-class Linear(MergeMethod):
+class Linear(ChunkedMergeMethod):
     """Weighted average ``Σ wᵢ θᵢ / Σ wᵢ``."""
 
     name = "linear"
@@ -28,9 +28,8 @@ class Linear(MergeMethod):
         Param("normalize", True, kind="bool", doc="divide by the sum of weights"),
     )
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
-    ) -> Tensor:
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        params, tensors = chunk.params, chunk.tensors
         weights = params.column("weight")
         out = torch.zeros_like(tensors[0])
         for w, t in zip(weights, tensors, strict=True):

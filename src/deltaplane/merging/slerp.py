@@ -8,12 +8,17 @@ ill-conditioned, so the tensor falls back to linear interpolation ``(1−t) v₀
 
 Endpoints: ``base`` → the single model (mergekit's layout: ``base_model`` plus one other model), or, without a
 base, the first → the second model.
+
+Chunked merging: one read-only pass accumulates ``‖v₀‖², ‖v₁‖², ⟨v₀, v₁⟩`` in float64, then each chunk is a fixed
+linear combination of its two inputs. The sums are reductions, so a chunked result can differ from a
+whole-tensor one in the last bit of the coefficients (float64), which almost never reaches the float32 output.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,31 +26,63 @@ from torch import Tensor
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import (
     REQUIRED,
-    MergeMethod,
+    ChunkedMergeMethod,
+    ChunkPass,
     MergeParams,
     Param,
+    TensorChunk,
     in_closed_unit_interval,
     register_method,
 )
 
-__all__ = ["Slerp", "slerp"]
+__all__ = ["Slerp", "slerp", "slerp_coefficients"]
+
+
+def slerp_coefficients(
+    t: float,
+    norm0_sq: float,
+    norm1_sq: float,
+    dot: float,
+    *,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> tuple[float, float] | None:
+    """``(c₀, c₁)`` with ``slerp = c₀ v₀ + c₁ v₁`` from the squared norms and dot product; ``None`` → interpolate
+    linearly (a zero vector has no direction; (anti)colinear vectors make ``sin Ω`` vanish)."""
+    n0, n1 = math.sqrt(norm0_sq), math.sqrt(norm1_sq)
+    if n0 < eps or n1 < eps:
+        return None
+    cos = max(-1.0, min(1.0, dot / (n0 * n1)))
+    if abs(cos) > dot_threshold:
+        return None
+    omega = math.acos(cos)
+    s = math.sin(omega)
+    return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+
+
+def _pair_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float, float]:
+    n0 = n1 = dot = 0.0
+    for a, b in pairs:
+        a, b = a.reshape(-1).double(), b.reshape(-1).double()
+        n0 += float(a @ a)
+        n1 += float(b @ b)
+        dot += float(a @ b)
+    return n0, n1, dot
+
+
+def _combine(t: float, coef: tuple[float, float] | None, v0: Tensor, v1: Tensor) -> Tensor:
+    if coef is None:
+        return torch.lerp(v0, v1, t)
+    return coef[0] * v0 + coef[1] * v1
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of two same-shaped tensors viewed as flat vectors; linear when colinear."""
-    n0, n1 = float(v0.norm()), float(v1.norm())
-    if n0 < eps or n1 < eps:  # a zero vector has no direction: interpolate linearly
-        return torch.lerp(v0, v1, t)
-    dot = float((v0 / n0).reshape(-1) @ (v1 / n1).reshape(-1))
-    dot = max(-1.0, min(1.0, dot))
-    if abs(dot) > dot_threshold:
-        return torch.lerp(v0, v1, t)
-    omega = math.acos(dot)
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * v0 + (math.sin(t * omega) / s) * v1
+    coef = slerp_coefficients(t, *_pair_sums([(v0, v1)]), dot_threshold=dot_threshold, eps=eps)
+    return _combine(t, coef, v0, v1)
 
 
-class Slerp(MergeMethod):
+class Slerp(ChunkedMergeMethod):
     """Per-tensor SLERP of two models with interpolation factor ``t`` (0 → first endpoint, 1 → second)."""
 
     name = "slerp"
@@ -66,11 +103,19 @@ class Slerp(MergeMethod):
                 f"without a base. Found {n_models} model(s) {'with' if has_base else 'without'} a base"
             )
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
-    ) -> Tensor:
-        v0, v1 = (base, tensors[0]) if base is not None else (tensors[0], tensors[1])
-        return slerp(params.shared["t"], v0, v1, dot_threshold=params.shared["dot_threshold"])
+    @staticmethod
+    def _ends(chunk: TensorChunk) -> tuple[Tensor, Tensor]:
+        return (
+            (chunk.base, chunk.tensors[0]) if chunk.base is not None else (chunk.tensors[0], chunk.tensors[1])
+        )
+
+    def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
+        sums = _pair_sums(self._ends(c) for c in chunks())
+        return slerp_coefficients(params.shared["t"], *sums, dot_threshold=params.shared["dot_threshold"])
+
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        v0, v1 = self._ends(chunk)
+        return _combine(chunk.params.shared["t"], state, v0, v1)
 
 
 register_method(Slerp(), replace=True)

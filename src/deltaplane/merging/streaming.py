@@ -1,9 +1,17 @@
-"""Streaming merge of checkpoints on disk: tensor by tensor, so memory is bounded by the largest tensor.
+"""Streaming merge of checkpoints on disk: tensor by tensor and, inside a tensor, row chunk by row chunk.
 
-:func:`merge_files` reads each input lazily (``safetensors.safe_open``), merges one tensor at a time with the
-same :class:`~deltaplane.merging.base.MergeMethod` code as the in-memory :func:`~deltaplane.merging.merge`, and
-writes the result as safetensors (sharded with a ``model.safetensors.index.json`` when large). Peak memory is
-about ``(inputs + a few) × largest tensor``, not ``inputs × model``.
+:func:`merge_files` reads each input lazily (headers first, then only the rows being merged, with ``pread``),
+merges with the same :class:`~deltaplane.merging.base.MergeMethod` code as the in-memory
+:func:`~deltaplane.merging.merge`, and writes the result as safetensors chunk by chunk (sharded with a
+``model.safetensors.index.json`` when large).
+
+Memory model: every built-in method is a :class:`~deltaplane.merging.base.ChunkedMergeMethod`, so a tensor is
+merged in blocks of whole rows of at most ``chunk_elements`` elements per input. Peak memory is about
+``(inputs + a few scratch buffers) × chunk`` on top of the Python/torch runtime — independent of the model and
+of its largest tensor. Methods with per-tensor statistics make read-only passes over the chunks first (TIES:
+two passes for the exact top-k thresholds). A method that only implements ``merge_tensor`` is merged a whole
+tensor at a time: ``(inputs + a few) × largest tensor``. Chunks of a tensor that fits in one chunk are read once
+and reused by every pass.
 
 Everything that can be checked from headers is checked before any tensor is read — names, shapes, dtypes,
 parameters — and the output is built in a temporary folder next to ``out_dir`` and renamed into place only when
@@ -17,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,15 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, ShapeMismatch
-from deltaplane.merging.base import MergeMethod, MergeParams, compute_dtype_for, get_method, resolve_params
+from deltaplane.merging.base import (
+    MergeMethod,
+    MergeParams,
+    TensorChunk,
+    compute_dtype_for,
+    get_method,
+    resolve_params,
+    row_ranges,
+)
 from deltaplane.merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsWriter, TensorInfo
 from deltaplane.merging.config import MergeConfig, load_config
 
@@ -49,6 +65,9 @@ COPIED_FILES = (
 """Files copied from the base model's folder (else the first model's) into the output, as mergekit does."""
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+"""Elements per input per chunk (1 MiB in float32): small next to the runtime and cache-friendly, large enough that per-chunk
+overhead is negligible."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +158,7 @@ def merge_files(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergeResult:
     """Merge the checkpoints a config names into ``out_dir`` (Hugging Face layout), streaming tensor by tensor.
 
@@ -153,6 +173,9 @@ def merge_files(
         progress: called as ``progress(done, total, name)`` after each tensor.
         overwrite: replace ``out_dir`` if it exists (only once the new merge is complete).
         max_shard_bytes: split the output into shards of at most this size (a tensor never spans shards).
+        chunk_elements: merge large tensors in blocks of whole rows with at most this many elements per input;
+            peak memory is about (inputs + a few) × chunk. The result does not depend on it, except for the last
+            bits of SLERP's and Model Stock's reductions (see docs/merging.md).
 
     Raises:
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
@@ -169,6 +192,8 @@ def merge_files(
         )
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive. Found {max_shard_bytes}")
+    if chunk_elements <= 0:
+        raise ConfigError(f"chunk_elements must be positive. Found {chunk_elements}")
     method = get_method(cfg.merge_method)
     uses_base = _uses_base(method)
     entries = list(cfg.models)
@@ -207,9 +232,17 @@ def merge_files(
         for i, mp in enumerate(params.per_model):
             for key in tensor_keys:
                 f = mp[key]
-                if info.dtype.is_floating_point and isinstance(f, Mapping) and name not in f:
-                    src = f.path if isinstance(f, Checkpoint) else f"model {names[i]}"
+                if not (info.dtype.is_floating_point and isinstance(f, Mapping)):
+                    continue
+                src = f.path if isinstance(f, Checkpoint) else f"model {names[i]}"
+                if name not in f:
                     raise ShapeMismatch(f"tensor '{name}': missing from {key} '{src}' of model '{names[i]}'")
+                fshape = f.infos[name].shape if isinstance(f, Checkpoint) else tuple(f[name].shape)
+                if tuple(fshape) != tuple(info.shape):
+                    raise ShapeMismatch(
+                        f"tensor '{name}': shape {tuple(fshape)} in {key} '{src}' of model '{names[i]}' but "
+                        f"{info.shape} in '{info.file}'"
+                    )
     shards = _plan_shards(plan, max_shard_bytes)
     shard_names = (
         [SINGLE_NAME]
@@ -224,10 +257,12 @@ def merge_files(
         for shard, fname in zip(shards, shard_names, strict=True):
             with SafetensorsWriter(tmp / fname, shard, meta) as writer:
                 for name, _shape, out_dtype in shard:
-                    merged = _merge_one(method, params, name, base, models, cfg.compute_dtype)
-                    writer.write(name, merged.to(out_dtype))
-                    n_params += merged.numel()
-                    del merged
+                    for part in _merge_one(
+                        method, params, name, base, models, cfg.compute_dtype, chunk_elements
+                    ):
+                        writer.write(name, part.to(out_dtype))
+                        del part
+                    n_params += ref.infos[name].numel
                     done += 1
                     if progress is not None:
                         progress(done, len(plan), name)
@@ -265,19 +300,50 @@ def _merge_one(
     base: Checkpoint | None,
     models: list[Checkpoint],
     compute_dtype: torch.dtype | None,
-) -> Tensor:
+    chunk_elements: int,
+) -> Iterator[Tensor]:
+    """The merged tensor ``name``, as consecutive blocks of rows (one block for a whole-tensor method)."""
     first = models[0]
     info = first.infos[name]
+    ranges = row_ranges(info.shape, chunk_elements)
     if not info.dtype.is_floating_point:
-        return (base or first)[name]  # counters and index buffers are copied, not averaged
+        src = base or first  # counters and index buffers are copied, not averaged
+        for s, e in ranges:
+            yield src.read_rows(name, s, e)
+        return
     cdt = compute_dtype_for(compute_dtype or info.dtype)
-    b = base[name].to(cdt) if base is not None else None
-    ts = [m[name].to(cdt) for m in models]
-    per_model = []
-    for mp in params.per_model:
-        mp = dict(mp)
-        for key, value in mp.items():
-            if isinstance(value, Mapping):
-                mp[key] = value[name].to(cdt)
-        per_model.append(mp)
-    return method.merge_tensor(name, b, ts, MergeParams(params.shared, per_model))
+    if not method.chunked:
+        ranges = row_ranges(info.shape, None)
+
+    def read(start: int, stop: int) -> TensorChunk:
+        b = base.read_rows(name, start, stop).to(cdt) if base is not None else None
+        ts = [m.read_rows(name, start, stop).to(cdt) for m in models]
+        per_model = []
+        for mp in params.per_model:
+            mp = dict(mp)
+            for key, value in mp.items():
+                if isinstance(value, Checkpoint):
+                    mp[key] = value.read_rows(name, start, stop).to(cdt)
+                elif isinstance(value, Mapping):
+                    t = value[name]
+                    mp[key] = (t if not info.shape else t[start:stop]).to(cdt)
+            per_model.append(mp)
+        return TensorChunk(name, info.shape, start, stop, b, ts, MergeParams(params.shared, per_model))
+
+    if not method.chunked:
+        whole = read(*ranges[0])
+        yield method.merge_tensor(name, whole.base, whole.tensors, whole.params)
+        return
+    # a tensor that fits in one chunk is read once: prepare() only reads, merge_chunk() may then modify it
+    cached = read(*ranges[0]) if len(ranges) == 1 else None
+
+    def chunks() -> Iterator[TensorChunk]:
+        if cached is not None:
+            yield cached
+            return
+        for s, e in ranges:
+            yield read(s, e)
+
+    state = method.prepare(name, info.shape, chunks, params)
+    for chunk in chunks():
+        yield method.merge_chunk(chunk, state)

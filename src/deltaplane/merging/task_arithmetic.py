@@ -30,23 +30,35 @@ unmasked vector, which gives different numbers for the same config.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import (
-    MergeMethod,
+    ChunkedMergeMethod,
+    ChunkPass,
     MergeParams,
     Param,
+    TensorChunk,
     in_unit_interval,
     non_negative,
     register_method,
     tensor_generator,
 )
 
-__all__ = ["SPARSIFIERS", "GeneralizedTaskArithmetic", "sign_consensus_mask", "sparsify"]
+__all__ = [
+    "SPARSIFIERS",
+    "GeneralizedTaskArithmetic",
+    "TopK",
+    "select_largest",
+    "sign_consensus_mask",
+    "sparsify",
+]
 
 
 def _keep_count(numel: int, density: float) -> int:
@@ -54,39 +66,109 @@ def _keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel)) if numel else 0
 
 
-def largest_indices(a: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest entries of the flat tensor ``a`` — exactly ``torch.topk``'s set (ties aside).
+_BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+_DIGIT = 16  # bits resolved per pass: a 65,536-bin histogram
 
-    ``topk`` over tens of millions of values dominates a TIES merge. For large tensors a fixed-seed sample of
-    65,536 values brackets the k-th largest value in a narrow band ``[lo, hi]``; every entry above ``hi`` is then
-    certainly kept, and ``topk`` runs only on the band to pick the rest. If the sample's bracket misses (it can
-    only make the band too narrow), the plain ``topk`` runs instead, so the result is always exact.
+
+@dataclass
+class TopK:
+    """The ``k`` largest entries of a (chunked) non-negative tensor, as a rule any chunk can apply.
+
+    ``value`` is the k-th largest value; all ``n_greater`` entries above it are kept, and of the ``n_equal`` entries
+    equal to it the first ``k − n_greater`` in flat (row-major) order — ``torch.topk`` leaves ties unspecified,
+    this makes them deterministic and independent of how the tensor is chunked. :meth:`mask` keeps a running
+    count of the equal entries seen, so chunks must come in order, each once.
     """
-    n = a.numel()
-    if k >= n:
-        return torch.arange(n)
-    if n >= 1 << 20 and k > 0:
-        g = torch.Generator().manual_seed(n)
-        sample = a[torch.randint(n, (1 << 16,), generator=g)]
-        m = sample.numel()
-        q = 1 - k / n  # the k-th largest sits at this quantile
-        lo = torch.kthvalue(sample, max(1, int((q - 0.01) * m))).values
-        hi = torch.kthvalue(sample, min(m, int((q + 0.01) * m) + 1)).values
-        above = (a > hi).nonzero().squeeze(1)  # at most k of them → all belong to the top k
-        if above.numel() <= k:
-            band = ((a >= lo) & (a <= hi)).nonzero().squeeze(1)
-            need = k - above.numel()
-            if band.numel() >= need:  # the rest of the top k lies in the band
-                return torch.cat([above, band[torch.topk(a[band], need, sorted=False).indices]])
-    return torch.topk(a, k, sorted=False).indices
+
+    k: int
+    value: Tensor
+    n_greater: int
+    n_equal: int
+    seen_equal: int = 0
+
+    def mask(self, a: Tensor) -> Tensor:
+        """Boolean mask of the kept entries of the next chunk ``a`` (non-negative, the same dtype as ``value``)."""
+        need = self.k - self.n_greater
+        if need == self.n_equal:  # every tie is kept (the usual case: continuous values have none)
+            return a >= self.value
+        keep = a > self.value
+        eq = a == self.value
+        if need > 0:
+            rank = eq.reshape(-1).cumsum(0).reshape(a.shape) + self.seen_equal
+            keep |= eq & (rank <= need)
+        self.seen_equal += int(eq.sum())
+        return keep
+
+
+def select_largest(
+    passes: Callable[[], Iterator[tuple[int, Tensor]]], ks: Sequence[Sequence[int]]
+) -> list[list[TopK]]:
+    """Exact top-k thresholds of several non-negative tensors read in chunks, in ``O(chunk)`` memory.
+
+    ``passes()`` yields ``(i, chunk)`` — the next chunk of tensor ``i`` (float32 or float64) — for every chunk of
+    every tensor, and may be called again for another pass. ``ks[i]`` lists the ranks wanted in tensor ``i``
+    (1 ≤ k ≤ numel).
+
+    Radix selection on the IEEE-754 bit patterns, which for non-negative floats order like the integers they
+    spell: each pass histograms the next 16 bits of the entries whose higher bits match the prefix found so far
+    and picks the bin holding the k-th largest. float32 takes 2 passes, float64 4. A sort or ``topk`` would need
+    the whole tensor in memory; a sampled estimate would not be exact.
+    """
+    # per (tensor, rank): [prefix, k remaining within the prefix, entries above the prefix, entries equal]
+    state = [[[0, k, 0, 0] for k in ranks] for ranks in ks]
+    dtype: torch.dtype | None = None
+    level, levels = 0, 1
+    while level < levels and any(state):
+        hists: dict[tuple[int, int], Tensor] = {}
+        for i, chunk in passes():
+            if not state[i]:
+                continue
+            if dtype is None:
+                dtype = chunk.dtype
+                levels = _BITS[dtype][1] // _DIGIT
+            itype, bits = _BITS[dtype]
+            shift = bits - _DIGIT * (level + 1)
+            v = chunk.reshape(-1).view(itype)
+            for prefix in {t[0] for t in state[i]}:
+                sel = v if level == 0 else v[(v >> (shift + _DIGIT)) == prefix]
+                d = sel >> shift if level == 0 else (sel >> shift) & ((1 << _DIGIT) - 1)
+                h = torch.bincount(d, minlength=1 << _DIGIT)
+                key = (i, prefix)
+                hists[key] = h if key not in hists else hists[key].add_(h)
+        for i, targets in enumerate(state):
+            for t in targets:
+                h = hists[(i, t[0])]
+                at_least = h.flip(0).cumsum(0).flip(0)  # entries ≥ each digit
+                digit = int((at_least >= t[1]).nonzero()[-1])
+                above = int(at_least[digit + 1]) if digit + 1 < h.numel() else 0
+                t[0], t[1], t[2], t[3] = (t[0] << _DIGIT) | digit, t[1] - above, t[2] + above, int(h[digit])
+        level += 1
+    out = []
+    for ranks, targets in zip(ks, state, strict=True):
+        sel = []
+        for k, (prefix, _, greater, equal) in zip(ranks, targets, strict=True):
+            assert dtype is not None
+            value = torch.tensor([prefix], dtype=torch.int64).to(_BITS[dtype][0]).view(dtype)[0]
+            sel.append(TopK(k, value, greater, equal))
+        out.append(sel)
+    return out
+
+
+def _whole(a: Tensor, ranks: list[int]) -> list[TopK]:
+    return select_largest(lambda: iter([(0, a)]), [ranks])[0]
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def magnitude_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
-    """Keep the ``density`` fraction of entries with the largest ``|τ|`` (TIES "trim")."""
+    """Keep the ``density`` fraction of entries with the largest ``|τ|`` (TIES "trim"); ties go to lower indices."""
     k = _keep_count(tau.numel(), density)
-    mask = torch.zeros(tau.numel(), dtype=torch.bool)
-    mask[largest_indices(tau.abs().reshape(-1), k)] = True
-    return mask.reshape(tau.shape)
+    if k >= tau.numel():
+        return torch.ones_like(tau, dtype=torch.bool)
+    a = tau.abs().to(_compute_dtype(tau))
+    return _whole(a, [k])[0].mask(a)
 
 
 def random_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
@@ -94,23 +176,32 @@ def random_mask(tau: Tensor, density: float, gamma: float, generator: torch.Gene
     return torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
 
 
+def _outlier_ranks(n: int, density: float, gamma: float) -> list[int]:
+    keep = int(density * n)
+    n_top = min(int(gamma * n), n - keep)  # outlier removal shrinks if it would undercut the density
+    if keep == 0:
+        return []
+    return [keep + n_top, n_top] if n_top else [keep + n_top]
+
+
+def _outlier_keep(selectors: list[TopK], a: Tensor) -> Tensor:
+    if not selectors:  # density rounds to zero entries
+        return torch.zeros_like(a, dtype=torch.bool)
+    mask = selectors[0].mask(a)
+    if len(selectors) > 1:
+        mask &= ~selectors[1].mask(a)
+    return mask
+
+
 def outlier_mask(tau: Tensor, density: float, gamma: float, generator: torch.Generator) -> Tensor:
     """Drop the top ``gamma`` fraction by ``|τ|`` and the smallest entries, keeping ``density`` (Breadcrumbs).
 
-    Equivalent to sorting ``|τ|`` ascending and keeping ranks ``[n − keep − top, n − top)``, done with two
-    top-k selections instead of a full sort.
+    Equivalent to sorting ``|τ|`` ascending and keeping ranks ``[n − keep − top, n − top)``: the top
+    ``keep + top`` minus the top ``top`` (ties broken by index, so the second set is inside the first).
     """
-    n = tau.numel()
-    keep = int(density * n)
-    n_top = min(int(gamma * n), n - keep)  # outlier removal shrinks if it would undercut the density
-    a = tau.abs().reshape(-1)
-    mask = torch.zeros(n, dtype=torch.bool)
-    if keep == 0:
-        return mask.reshape(tau.shape)
-    mask[largest_indices(a, keep + n_top)] = True
-    if n_top:
-        mask[largest_indices(a, n_top)] = False
-    return mask.reshape(tau.shape)
+    ranks = _outlier_ranks(tau.numel(), density, gamma)
+    a = tau.abs().to(_compute_dtype(tau))
+    return _outlier_keep(_whole(a, ranks) if ranks else [], a)
 
 
 SPARSIFIERS = {"magnitude": magnitude_mask, "random": random_mask, "outliers": outlier_mask}
@@ -145,8 +236,14 @@ def sign_consensus_mask(weighted: Tensor, method: str = "sum") -> Tensor:
     return signs == elected
 
 
-class GeneralizedTaskArithmetic(MergeMethod):
+class GeneralizedTaskArithmetic(ChunkedMergeMethod):
     """The task-vector merge pipeline; a paper is a setting of it (see the module docstring).
+
+    Chunked merging: magnitude and outlier trimming need each model's k-th largest ``|τᵢ|`` over the whole tensor,
+    found exactly by :func:`select_largest` in two read-only passes (float32) before the merge pass; DARE's drop
+    masks are drawn chunk after chunk from one generator per (tensor, model), which yields the very numbers one
+    draw over the whole tensor would (``torch.rand`` fills serially). Everything else is elementwise, so a chunked
+    merge is bit-identical to a whole-tensor one.
 
     Args:
         name: registry name.
@@ -205,27 +302,68 @@ class GeneralizedTaskArithmetic(MergeMethod):
             )  # fmt: skip
         self.params = tuple(params)
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], params: MergeParams
-    ) -> Tensor:
+    def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
+        state = _EngineState()
+        if self.sparsification is None:
+            return state
+        n = math.prod(shape)
+        if self.sparsification == "random":
+            seed = params.shared.get("seed", 0)
+            state.generators = [tensor_generator(seed, name, i) for i in range(len(params.per_model))]
+            return state
+        ranks: list[list[int]] = []
+        for mp in params.per_model:
+            density = mp["density"]
+            if density >= 1:
+                ranks.append([])
+                state.trim.append(None)  # kept whole, as sparsify() does
+            elif self.sparsification == "magnitude":
+                k = _keep_count(n, density)
+                ranks.append([k] if k < n else [])
+                state.trim.append([] if k < n else None)
+            else:
+                ranks.append(_outlier_ranks(n, density, mp.get("gamma", 0.0)))
+                state.trim.append([])
+        if any(ranks):
+
+            def abs_deltas() -> Iterator[tuple[int, Tensor]]:
+                for chunk in chunks():
+                    assert chunk.base is not None
+                    for i, t in enumerate(chunk.tensors):
+                        if ranks[i]:
+                            yield i, torch.sub(t, chunk.base).abs_()
+
+            found = select_largest(abs_deltas, ranks)
+            for i, sel in enumerate(found):
+                if state.trim[i] is not None:
+                    state.trim[i] = sel
+        return state
+
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        base = chunk.base
         assert base is not None  # needs_base is enforced before any tensor is read
+        params = chunk.params
         weights = params.column("weight")
+        rescale = params.shared.get("rescale", False)
         # Each input becomes its task vector in place (the inputs are owned by the merge): peak memory is the
-        # inputs plus about three tensors of scratch, not a stacked (N, ...) copy of everything.
-        taus = list(tensors)
+        # inputs plus about three chunks of scratch, not a stacked (N, ...) copy of everything.
+        taus = list(chunk.tensors)
         for i, tau in enumerate(taus):
             tau.sub_(base)
-            if self.sparsification is not None:
-                mp = params.per_model[i]
-                sparsify(
-                    tau,
-                    method=self.sparsification,
-                    density=mp["density"],
-                    rescale=params.shared["rescale"],
-                    gamma=mp.get("gamma", 0.0),
-                    generator=tensor_generator(params.shared.get("seed", 0), name, i),
-                    inplace=True,
-                )
+            density = params.per_model[i].get("density", 1.0)
+            if self.sparsification is not None and density < 1:
+                if self.sparsification == "random":
+                    tau.mul_(
+                        torch.rand(tau.shape, generator=state.generators[i], dtype=torch.float32) < density
+                    )
+                elif (trim := state.trim[i]) is not None:
+                    a = tau.abs()
+                    keep = trim[0].mask(a) if self.sparsification == "magnitude" else _outlier_keep(trim, a)
+                    del a
+                    tau.mul_(keep)
+                    del keep
+                if rescale:
+                    tau.div_(density)
             if weights[i] != 1:
                 tau.mul_(weights[i])
         normalize = params.shared["normalize"]
@@ -258,6 +396,14 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if lam != 1:
             merged.mul_(lam)
         return merged.add_(base)
+
+
+@dataclass
+class _EngineState:
+    """Per-tensor state of one chunked merge: trimming thresholds per model, or DARE generators per model."""
+
+    trim: list[list[TopK] | None] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
 
 
 for _spec in (
