@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from deltaplane.commands import clean_errors
+
 __all__ = ["register"]
 
 
@@ -37,43 +39,39 @@ def merge_command(
 ) -> None:
     """Merge models from safetensors in row chunks (bounded memory) and write safetensors to OUT."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from deltaplane.errors import DeltaplaneError
     from deltaplane.merging.streaming import merge_files
 
     console = Console(stderr=True)
     shard_bytes = _parse_size(max_shard_size)
-    with Progress(
-        TextColumn("[bold]merge"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[tensor]}"),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as bar:
+    # clean_errors is outermost, so the progress bar has stopped before an error line is printed
+    with (
+        clean_errors(),
+        Progress(
+            TextColumn("[bold]merge"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[tensor]}"),
+            console=console,
+            disable=quiet,
+            transient=False,
+        ) as bar,
+    ):
         task = bar.add_task("merge", total=None, tensor="")
 
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, tensor=name)
 
-        try:
-            result = merge_files(
-                config,
-                out,
-                progress=progress,
-                overwrite=overwrite,
-                max_shard_bytes=shard_bytes,
-                chunk_elements=chunk_elements,
-            )
-        except DeltaplaneError as exc:
-            bar.stop()
-            # escaped: messages quote tensor lists like ['a.weight'], which rich would read as markup
-            console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
-            raise typer.Exit(code=2) from None
+        result = merge_files(
+            config,
+            out,
+            progress=progress,
+            overwrite=overwrite,
+            max_shard_bytes=shard_bytes,
+            chunk_elements=chunk_elements,
+        )
     Console(soft_wrap=True).print(
         f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "
         f"into {result.out_dir} in {result.seconds:.2f} s: {', '.join(result.files)}"
