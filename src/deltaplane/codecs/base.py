@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ __all__ = [
     "Encoded",
     "Pipeline",
     "available_codecs",
+    "encode_stages_rows",
     "format_spec",
     "get_codec",
     "parse_spec",
@@ -95,6 +97,22 @@ class Codec:
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         raise NotImplementedError
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Encode every row of a stack ``x`` of shape ``(C, *shape)``: ``[encode(x[i], rngs[i]) for i ...]``.
+
+        Many devices' updates of one tensor, stacked (the batched simulator trains them that way), can be
+        encoded with one selection or one quantization over the whole ``(C, n)`` matrix instead of ``C``
+        small ones. Every override must give exactly what this default gives, bytes and random draws included
+        (``rngs[i]`` is row ``i``'s generator and is advanced exactly as ``encode`` would advance it); each
+        row still becomes its own :class:`Encoded`, because each device sends its own payload.
+        """
+        if x.dim() < 1 or x.shape[0] != len(rngs):
+            raise CodecError(
+                f"{self.name}: encode_rows needs one generator per row; got {len(rngs)} for shape "
+                f"{tuple(x.shape)}"
+            )
+        return [self.encode(x[i], rng) for i, rng in enumerate(rngs)]
 
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
         """Encode with this tensor's per-device state dict (read and updated in place).
@@ -372,6 +390,11 @@ class Pipeline(Codec):
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
         return encode_stages(self._tensor_stages(), x, rng, state, "")
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        if self.stateful:  # state is per device and per tensor: no stack to share
+            return super().encode_rows(x, rngs)
+        return encode_stages_rows(self._tensor_stages(), x, rngs)
+
     def decode(self, e: Encoded) -> Tensor:
         return decode_tree(e)
 
@@ -416,6 +439,54 @@ def encode_stages(
         for k, v in e.fields.items()
     }
     return Encoded(e.codec, e.shape, e.meta, fields)
+
+
+def encode_stages_rows(stages: list[Codec], x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+    """Row-wise :func:`encode_stages` of stateless ``stages`` over a stack ``x`` of shape ``(C, *shape)``.
+
+    Gives exactly ``[encode_stages(stages, x[i], rngs[i], None) for i ...]``: the first stage encodes all
+    rows at once (:meth:`Codec.encode_rows`), and each tensor field the rows share (same name, shape and
+    dtype in every row, e.g. top-k's ``values`` with the same ``k``) is stacked and sent through the rest
+    of the stages together. Fields are visited in the order one row's encode visits them, so every row's
+    generator sees the same draws; fields that differ between rows are encoded row by row. Rows sharing
+    one generator object are encoded one after the other (their draws interleave by row, not by stage).
+    """
+    if x.dim() < 1 or x.shape[0] != len(rngs):
+        raise CodecError(
+            f"encode_rows needs one generator per row; got {len(rngs)} for shape {tuple(x.shape)}"
+        )
+    if len({id(g) for g in rngs}) != len(rngs):
+        return [encode_stages(stages, x[i], g, None) for i, g in enumerate(rngs)]
+    rows = stages[0].encode_rows(x, rngs)
+    if len(stages) == 1 or not rows:
+        return rows
+    rest = stages[1:]
+    layout = [(k, isinstance(v, Tensor)) for k, v in rows[0].fields.items()]
+    if any([(k, isinstance(v, Tensor)) for k, v in e.fields.items()] != layout for e in rows[1:]):
+        return [  # rows laid out differently: one row at a time, as encode_stages would
+            Encoded(
+                e.codec,
+                e.shape,
+                e.meta,
+                {
+                    k: encode_stages(rest, v, g, None) if isinstance(v, Tensor) else v
+                    for k, v in e.fields.items()
+                },
+            )
+            for e, g in zip(rows, rngs, strict=True)
+        ]
+    fields: list[dict[str, Any]] = [{} for _ in rows]
+    for k, is_tensor in layout:
+        vals = [e.fields[k] for e in rows]
+        if not is_tensor:
+            encoded: list[Any] = vals
+        elif all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals):
+            encoded = encode_stages_rows(rest, torch.stack(vals), rngs)
+        else:
+            encoded = [encode_stages(rest, v, g, None) for v, g in zip(vals, rngs, strict=True)]
+        for f, v in zip(fields, encoded, strict=True):
+            f[k] = v
+    return [Encoded(e.codec, e.shape, e.meta, f) for e, f in zip(rows, fields, strict=True)]
 
 
 @functools.lru_cache(maxsize=1024)
