@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from deltaplane.codecs import Compressor, compress_many, decompress, get_codec
-from deltaplane.codecs.base import encode_stages, encode_stages_rows, split_lossless
+from deltaplane.codecs.base import (
+    decode_tree,
+    decode_tree_rows,
+    encode_stages,
+    encode_stages_rows,
+    split_lossless,
+)
 from deltaplane.codecs.sparsify import topk_indices, topk_rows
 from deltaplane.codecs.wire import WireHeader, finalize, pack
 from deltaplane.delta import Delta
@@ -152,8 +158,12 @@ def test_encode_rows_equals_encode(spec: str, shape: tuple[int, ...]) -> None:
     per_row = [torch.Generator().manual_seed(i) for i in range(3)]
     stacked = [torch.Generator().manual_seed(i) for i in range(3)]
     expected = [_bytes(codec.encode(x[i].clone(), per_row[i])) for i in range(3)]
-    assert [_bytes(e) for e in codec.encode_rows(x, stacked)] == expected
+    rows = codec.encode_rows(x, stacked)
+    assert [_bytes(e) for e in rows] == expected
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(per_row, stacked, strict=True))
+    # and back: the stacked decode is the per-row decode, bit for bit
+    trees = [finalize(e) for e in rows]
+    assert torch.equal(decode_tree_rows(trees), torch.stack([decode_tree(t) for t in trees]))
 
 
 def test_encode_rows_with_one_shared_generator() -> None:
@@ -181,3 +191,11 @@ def test_topk_ties_go_to_the_lowest_positions() -> None:
     rows = torch.stack([mag, mag.flip(0), torch.zeros(7)])
     assert topk_rows(rows, 4).tolist() == [topk_indices(r, 4).tolist() for r in rows]
     assert topk_rows(rows, 7).tolist() == [list(range(7))] * 3
+    # large rows (the batched candidate selection) with ties at the boundary, and without
+    g = torch.Generator().manual_seed(4)
+    wide = torch.rand(4, 20000, generator=g)
+    wide[0] = big
+    wide[1, wide[1] > 0.99] = 0.995  # ~200 values tied above the 100th largest
+    wide[2, ::2] = 0.0
+    for k in (100, 200, 2500):
+        assert torch.equal(topk_rows(wide, k), torch.stack([topk_indices(r, k) for r in wide]))

@@ -125,6 +125,15 @@ class Codec:
     def decode(self, e: Encoded) -> Tensor:
         raise NotImplementedError
 
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Decode nodes of one shape made by this codec into one ``(C, *shape)`` stack.
+
+        Exactly ``torch.stack([decode(e) for e in rows])``, validation included; overrides run the
+        arithmetic on the stack (error feedback needs what every device sent: see
+        :func:`~deltaplane.codecs.compressor.compress_many`).
+        """
+        return torch.stack([self.decode(e) for e in rows])
+
     # -- hyperparameters, sklearn style ------------------------------------------------------------
     def get_params(self) -> dict[str, Scalar]:
         """Constructor arguments, read back from attributes of the same name."""
@@ -495,14 +504,49 @@ def _decoder(spec: str) -> Codec:
     return get_codec(spec)
 
 
-def decode_tree(e: Encoded) -> Tensor:
-    """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
+def _node_codec(e: Encoded) -> Codec:
     try:
         codec = _decoder(e.codec)
     except SpecError as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):
         raise DecodeError(f"an encoded node must name one codec stage, got pipeline '{e.codec}'")
+    return codec
+
+
+def decode_tree_rows(trees: Sequence[Encoded]) -> Tensor:
+    """:func:`decode_tree` of many trees into one ``(C, *shape)`` stack, exactly.
+
+    The trees must decode to one shape. Trees laid out alike (same codec and shape at every node, the same
+    fields) are decoded level by level with :meth:`Codec.decode_rows`; where they differ (an approximate
+    top-k keeps a different count per device), one tree at a time.
+    """
+    first = trees[0]
+    if any(e.shape != first.shape for e in trees):
+        raise DecodeError(f"cannot stack trees of shapes {sorted({e.shape for e in trees})}")
+    if any(e.codec != first.codec or e.fields.keys() != first.fields.keys() for e in trees):
+        return torch.stack([decode_tree(e) for e in trees])
+    codec = _node_codec(first)
+    fields: list[dict[str, Any]] = [{} for _ in trees]
+    for k in first.fields:
+        vals = [e.fields[k] for e in trees]
+        if all(isinstance(v, Encoded) and v.shape == vals[0].shape for v in vals):
+            decoded: Sequence[Any] = decode_tree_rows(vals).unbind(0)
+        else:
+            decoded = [decode_tree(v) if isinstance(v, Encoded) else v for v in vals]
+        for f, v in zip(fields, decoded, strict=True):
+            f[k] = v
+    out = codec.decode_rows(
+        [Encoded(e.codec, e.shape, e.meta, f) for e, f in zip(trees, fields, strict=True)]
+    )
+    if tuple(out.shape) != (len(trees), *first.shape):
+        raise DecodeError(f"{first.codec}: decoded shape {tuple(out.shape[1:])} != declared {first.shape}")
+    return out
+
+
+def decode_tree(e: Encoded) -> Tensor:
+    """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
+    codec = _node_codec(e)
     fields = {k: decode_tree(v) if isinstance(v, Encoded) else v for k, v in e.fields.items()}
     out = codec.decode(Encoded(e.codec, e.shape, e.meta, fields))
     if tuple(out.shape) != tuple(e.shape):  # a codec bug, but never hand back a wrongly shaped tensor

@@ -19,6 +19,7 @@ from deltaplane.codecs.base import (
     Encoded,
     Pipeline,
     decode_tree,
+    decode_tree_rows,
     encode_stages,
     get_codec,
     split_lossless,
@@ -336,17 +337,23 @@ def _compress_stacked(
             raise type(exc)(f"tensor '{name}': {exc}") from exc
         for tree, e in zip(trees, encoded, strict=True):
             tree[name] = (x.dtype, finalize(e))
-    exact = first._exact
     residuals: list[Delta | None] = [None] * len(compressors)
-    if feedback and not exact:
-        for i, tree in enumerate(trees):  # what each device's receiver will decode
-            sent = decode_delta(tree)
-            residuals[i] = Delta(
-                {
-                    k: (v[i] - sent[k]) if v.is_floating_point() else torch.zeros_like(v[i])
-                    for k, v in targets.items()
-                }
-            )
+    if feedback and not first._exact:
+        carry: dict[str, list[torch.Tensor]] = {}
+        for name, x in targets.items():
+            if not x.is_floating_point():
+                carry[name] = [torch.zeros_like(x[i]) for i in range(len(compressors))]
+                continue
+            # what every device's receiver will decode (decode_delta, on the stack)
+            try:
+                sent = decode_tree_rows([tree[name][1] for tree in trees]).to(x.dtype)
+            except DecodeError as exc:
+                raise DecodeError(f"tensor '{name}': {exc}") from exc
+            if not bool(torch.isfinite(sent).all()):
+                raise DecodeError(f"decoded values: tensor '{name}' holds NaN or Inf values")
+            # one tensor per device (a view into the stack would keep, and checkpoint, every device's rows)
+            carry[name] = [r.clone() for r in (x - sent).unbind(0)]
+        residuals = [Delta({k: v[i] for k, v in carry.items()}) for i in range(len(compressors))]
     payloads = []
     for c, tree in zip(compressors, trees, strict=True):
         level = getattr(c._lossless, "level", None)

@@ -296,10 +296,10 @@ class Quantize(Codec):
                 codes.append(w.add_(noise).clamp_(max=2 * levels).to(torch.uint8))
         scale_t = torch.cat(scales, dim=1)
         code_t = torch.cat([c.reshape(rows, -1) for c in codes], dim=1).numpy()
-        shape = tuple(x.shape[1:])
+        shape, spec = tuple(x.shape[1:]), self.spec
         return [
             Encoded(
-                self.spec,
+                spec,
                 shape,
                 {},
                 {
@@ -309,6 +309,29 @@ class Quantize(Codec):
             )
             for r in range(rows)
         ]
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Codes and scales read and checked per row, then ``(code - L) · scale / L`` on the whole stack."""
+        n = rows[0].numel
+        if not n or any(e.shape != rows[0].shape for e in rows):
+            return super().decode_rows(rows)
+        levels = self._levels()
+        scales, codes = [], []
+        for e in rows:  # the same checks as decode, row by row
+            scales.append(_read_scales(self, e, math.ceil(n / self.chunk)))
+            c = unpack_bits(self._field(e, "codes", bytes), self.bits, n)
+            if self.bits > 1 and int(c.max()) > 2 * levels:
+                raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
+            codes.append(c)
+        s = torch.stack(scales)
+        shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
+        value = torch.from_numpy(np.stack(codes)).float().sub_(shift)
+        full, tail = divmod(n, self.chunk)
+        if full:
+            value[:, : full * self.chunk].view(len(rows), full, self.chunk).mul_(mul[:, :full, None])
+        if tail:
+            value[:, full * self.chunk :].mul_(mul[:, full:])
+        return value.reshape(len(rows), *rows[0].shape)
 
     @staticmethod
     def _draw(out: Tensor, rng: torch.Generator) -> None:
