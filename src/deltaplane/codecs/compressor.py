@@ -248,7 +248,7 @@ def compress_many(
     Example:
         >>> import torch, deltaplane as dp
         >>> from deltaplane.codecs import compress_many
-        >>> devices = [dp.Compressor("topk(0.5) | quant(bits=8)", seed=s) for s in range(3)]
+        >>> devices = [dp.Compressor("topk(0.5)", seed=s) for s in range(3)]
         >>> stack = {"w": torch.arange(12.0).reshape(3, 4)}
         >>> payloads = compress_many(devices, stack, base_id="cnn", base_version=1)
         >>> dp.decompress(payloads[2], expect_base=("cnn", 1))["w"].tolist()
