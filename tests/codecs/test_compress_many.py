@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deltaplane.codecs import Compressor, compress_many, decompress, get_codec
 from deltaplane.codecs.base import (
@@ -199,3 +201,62 @@ def test_topk_ties_go_to_the_lowest_positions() -> None:
     wide[2, ::2] = 0.0
     for k in (100, 200, 2500):
         assert torch.equal(topk_rows(wide, k), torch.stack([topk_indices(r, k) for r in wide]))
+
+
+ROW_SPECS = [
+    "identity",
+    "quant(bits=8)",
+    "quant(bits=2, stochastic=true, chunk=5)",
+    "quant(bits=1, stochastic=true, chunk=3)",
+    "quant(bits=4, scale=norm, chunk=4)",
+    "topk(0.3)",
+    "topk(0.05) | quant(bits=3, stochastic=true, chunk=2)",
+    "stc(0.2)",
+]
+
+
+@given(
+    spec=st.sampled_from(ROW_SPECS),
+    rows=st.integers(1, 4),
+    shape=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    levels=st.sampled_from([2, 3, 1000]),  # few distinct values: top-k ties everywhere
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_rows_property(spec: str, rows: int, shape: list[int], levels: int, seed: int) -> None:
+    codec = get_codec(spec)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-levels, levels + 1, (rows, *shape), generator=g).float() / levels).mul_(0.3)
+    a = [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+    b = [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+    expected = [_bytes(codec.encode(x[i].clone(), a[i])) for i in range(rows)]
+    encoded = codec.encode_rows(x, b)
+    assert [_bytes(e) for e in encoded] == expected
+    trees = [finalize(e) for e in encoded]
+    assert torch.equal(decode_tree_rows(trees), torch.stack([decode_tree(t) for t in trees]))
+
+
+@given(
+    spec=st.sampled_from([*ROW_SPECS, "topk(0.2) | quant(bits=4) | zstd"]),
+    rows=st.integers(1, 4),
+    feedback=st.booleans(),
+    levels=st.sampled_from([2, 1000]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_compress_many_property(spec: str, rows: int, feedback: bool, levels: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    loop = [Compressor(spec, error_feedback=feedback, seed=seed + i) for i in range(rows)]
+    many = [Compressor(spec, error_feedback=feedback, seed=seed + i) for i in range(rows)]
+    for rnd in range(2):
+        stack = {
+            name: torch.randint(-levels, levels + 1, (rows, *shape), generator=g).float() / levels
+            for name, shape in (("a", (3, 7)), ("b", ()), ("c", (40,)))
+        }
+        expected = [
+            c.compress(Delta({k: v[i] for k, v in stack.items()}), base_version=rnd)
+            for i, c in enumerate(loop)
+        ]
+        assert compress_many(many, stack, base_version=rnd) == expected
+        for a, b in zip(loop, many, strict=True):
+            assert state_equal(a.state_dict(), b.state_dict())

@@ -142,7 +142,9 @@ def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
 
 def _chunk_scales(part: Tensor, scale: str) -> Tensor:
     if scale == "max":  # max |x| as max(max x, -min x): two reductions, no |x| temporary
-        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+        # + 0.0 turns an all-zero chunk's -0.0 into 0.0: which of max(0.0, -0.0) comes back depends on the
+        # kernel (vectorized or not, so on the tensor's shape), and the scale's bytes must not
+        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_()).add_(0.0)
     return torch.linalg.vector_norm(part, dim=1)
 
 
