@@ -229,13 +229,16 @@ def compress_many(
     compressor in the state that loop leaves it in (residual, generator, round count, codec state), but the
     arithmetic runs on the stack: error feedback adds the residuals to all rows at once, and codecs with a
     batched :meth:`~deltaplane.codecs.base.Codec.encode_rows` (exact ``topk``, ``stc``, ``quant``,
-    ``identity`` and pipelines of them) select and quantize all rows together. Positions, bit-packing and
-    the wire framing stay per device, since every device sends its own payload; so does decoding what was
-    sent (the error-feedback residual is ``target - decode(payload)``, as in :meth:`Compressor.compress`).
+    ``identity`` and pipelines of them) select and quantize all rows together; other codecs encode row by
+    row (the default ``encode_rows``). The new residual is ``target - decode(what was sent)``, as in
+    :meth:`Compressor.compress`, decoded from each device's encoded fields and dequantized / scattered on
+    the stack (:func:`~deltaplane.codecs.base.decode_tree_rows`). Index coding, bit-packing and the wire
+    framing stay per device, since every device sends its own payload.
 
-    The stacked path needs compressors sharing one codec spec and error-feedback setting, a codec that is
-    neither stateful (PowerSGD) nor a per-layer policy, finite deltas, and residuals laid out like the
-    deltas; otherwise each device is compressed on its own, which is the same thing, just slower.
+    The stacked path needs compressors sharing one codec spec and error-feedback setting, each with its own
+    generator, a codec that is neither stateful (PowerSGD) nor a per-layer policy, finite deltas, and
+    residuals laid out like the deltas; otherwise each device is compressed on its own
+    (:meth:`Compressor.compress`), which gives the same bytes, just slower.
 
     Args:
         compressors: one per row of the stack, each with its own generator (not shared between rows).
