@@ -21,7 +21,7 @@ from deltaplane.codecs.base import (
 from deltaplane.codecs.sparsify import topk_indices, topk_rows
 from deltaplane.codecs.wire import WireHeader, finalize, pack
 from deltaplane.delta import Delta
-from deltaplane.errors import CodecError, InvalidUpdate, ShapeMismatch
+from deltaplane.errors import CodecError, DecodeError, InvalidUpdate, ShapeMismatch
 
 SPECS = [
     "identity",
@@ -258,5 +258,24 @@ def test_compress_many_property(spec: str, rows: int, feedback: bool, levels: in
             for i, c in enumerate(loop)
         ]
         assert compress_many(many, stack, base_version=rnd) == expected
+        for a, b in zip(loop, many, strict=True):
+            assert state_equal(a.state_dict(), b.state_dict())
+
+
+def test_a_failure_on_the_stack_rewinds_and_goes_device_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the generators moved (here: decoding what was sent) leaves no trace of the stacked try."""
+    import deltaplane.codecs.compressor as compressor
+
+    def broken(trees):
+        raise DecodeError("simulated")
+
+    monkeypatch.setattr(compressor, "decode_tree_rows", broken)
+    spec = "topk(0.1) | quant(bits=2, stochastic=true)"
+    loop = [Compressor(spec, seed=s) for s in range(CLIENTS)]
+    many = [Compressor(spec, seed=s) for s in range(CLIENTS)]
+    for rnd in range(2):
+        stack = stacked_round(rnd)
+        expected = [c.compress(Delta({k: v[i] for k, v in stack.items()})) for i, c in enumerate(loop)]
+        assert compress_many(many, stack) == expected
         for a, b in zip(loop, many, strict=True):
             assert state_equal(a.state_dict(), b.state_dict())

@@ -267,12 +267,14 @@ def compress_many(
         snapshot = [(c._rng.get_state(), c.state.rounds) for c in compressors]
         try:
             return list(_compress_stacked(compressors, stacked, base_id, base_version, meta))
-        except DeltaplaneError:
-            # nothing but the generators was touched yet: rewind them, and let the per-device loop say
-            # which device failed, with the states that loop leaves behind
+        except Exception as exc:
+            # nothing but the generators was touched yet: rewind them; then the per-device loop says which
+            # device failed, and leaves the states that loop leaves
             for c, (rng_state, rounds) in zip(compressors, snapshot, strict=True):
                 c._rng.set_state(rng_state)
                 c.state.rounds = rounds
+            if not isinstance(exc, DeltaplaneError):
+                raise
     out: list[bytes | DeltaplaneError] = []
     for i, c in enumerate(compressors):
         delta = Delta({k: v[i] for k, v in stacked.items()})
