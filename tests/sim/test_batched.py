@@ -198,6 +198,6 @@ def test_docs_examples_run() -> None:
     assert doctest.testmod(batched).failed == 0
     text = (Path(__file__).resolve().parents[2] / "docs" / "sim-speed.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "docs/sim-speed.md", "exec"), {})

@@ -26,6 +26,7 @@ from deltaplane.codecs.base import (
 from deltaplane.codecs.compressor import (
     Compressor,
     CompressorState,
+    compress_many,
     decode_delta,
     decompress,
     encode_delta,
@@ -61,6 +62,7 @@ __all__ = [
     "WireHeader",
     "Zstd",
     "available_codecs",
+    "compress_many",
     "decode_delta",
     "decode_tree",
     "decompress",

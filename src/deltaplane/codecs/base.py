@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ __all__ = [
     "Encoded",
     "Pipeline",
     "available_codecs",
+    "encode_stages_rows",
     "format_spec",
     "get_codec",
     "parse_spec",
@@ -96,6 +98,22 @@ class Codec:
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         raise NotImplementedError
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Encode every row of a stack ``x`` of shape ``(C, *shape)``: ``[encode(x[i], rngs[i]) for i ...]``.
+
+        Many devices' updates of one tensor, stacked (the batched simulator trains them that way), can be
+        encoded with one selection or one quantization over the whole ``(C, n)`` matrix instead of ``C``
+        small ones. Every override must give exactly what this default gives, bytes and random draws included
+        (``rngs[i]`` is row ``i``'s generator and is advanced exactly as ``encode`` would advance it); each
+        row still becomes its own :class:`Encoded`, because each device sends its own payload.
+        """
+        if x.dim() < 1 or x.shape[0] != len(rngs):
+            raise CodecError(
+                f"{self.name}: encode_rows needs one generator per row; got {len(rngs)} for shape "
+                f"{tuple(x.shape)}"
+            )
+        return [self.encode(x[i], rng) for i, rng in enumerate(rngs)]
+
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
         """Encode with this tensor's per-device state dict (read and updated in place).
 
@@ -106,6 +124,15 @@ class Codec:
 
     def decode(self, e: Encoded) -> Tensor:
         raise NotImplementedError
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Decode nodes of one shape made by this codec into one ``(C, *shape)`` stack.
+
+        Exactly ``torch.stack([decode(e) for e in rows])``, validation included; overrides run the
+        arithmetic on the stack (error feedback needs what every device sent: see
+        :func:`~deltaplane.codecs.compressor.compress_many`).
+        """
+        return torch.stack([self.decode(e) for e in rows])
 
     # -- hyperparameters, sklearn style ------------------------------------------------------------
     def get_params(self) -> dict[str, Scalar]:
@@ -372,6 +399,11 @@ class Pipeline(Codec):
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
         return encode_stages(self._tensor_stages(), x, rng, state, "")
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        if self.stateful:  # state is per device and per tensor: no stack to share
+            return super().encode_rows(x, rngs)
+        return encode_stages_rows(self._tensor_stages(), x, rngs)
+
     def decode(self, e: Encoded) -> Tensor:
         return decode_tree(e)
 
@@ -418,20 +450,103 @@ def encode_stages(
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
+def encode_stages_rows(stages: list[Codec], x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+    """Row-wise :func:`encode_stages` of stateless ``stages`` over a stack ``x`` of shape ``(C, *shape)``.
+
+    Gives exactly ``[encode_stages(stages, x[i], rngs[i], None) for i ...]``: the first stage encodes all
+    rows at once (:meth:`Codec.encode_rows`), and each tensor field the rows share (same name, shape and
+    dtype in every row, e.g. top-k's ``values`` with the same ``k``) is stacked and sent through the rest
+    of the stages together. Fields are visited in the order one row's encode visits them, so every row's
+    generator sees the same draws; fields that differ between rows are encoded row by row. Rows sharing
+    one generator object are encoded one after the other (their draws interleave by row, not by stage).
+    """
+    if x.dim() < 1 or x.shape[0] != len(rngs):
+        raise CodecError(
+            f"encode_rows needs one generator per row; got {len(rngs)} for shape {tuple(x.shape)}"
+        )
+    if len({id(g) for g in rngs}) != len(rngs):
+        return [encode_stages(stages, x[i], g, None) for i, g in enumerate(rngs)]
+    rows = stages[0].encode_rows(x, rngs)
+    if len(stages) == 1 or not rows:
+        return rows
+    rest = stages[1:]
+    layout = [(k, isinstance(v, Tensor)) for k, v in rows[0].fields.items()]
+    if any([(k, isinstance(v, Tensor)) for k, v in e.fields.items()] != layout for e in rows[1:]):
+        return [  # rows laid out differently: one row at a time, as encode_stages would
+            Encoded(
+                e.codec,
+                e.shape,
+                e.meta,
+                {
+                    k: encode_stages(rest, v, g, None) if isinstance(v, Tensor) else v
+                    for k, v in e.fields.items()
+                },
+            )
+            for e, g in zip(rows, rngs, strict=True)
+        ]
+    fields: list[dict[str, Any]] = [{} for _ in rows]
+    for k, is_tensor in layout:
+        vals = [e.fields[k] for e in rows]
+        if not is_tensor:
+            encoded: list[Any] = vals
+        elif all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals):
+            encoded = encode_stages_rows(rest, torch.stack(vals), rngs)
+        else:
+            encoded = [encode_stages(rest, v, g, None) for v, g in zip(vals, rngs, strict=True)]
+        for f, v in zip(fields, encoded, strict=True):
+            f[k] = v
+    return [Encoded(e.codec, e.shape, e.meta, f) for e, f in zip(rows, fields, strict=True)]
+
+
 @functools.lru_cache(maxsize=1024)
 def _decoder(spec: str) -> Codec:
     # Codecs are immutable, and a payload names the same few specs on every node: parse each once.
     return get_codec(spec)
 
 
-def decode_tree(e: Encoded) -> Tensor:
-    """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
+def _node_codec(e: Encoded) -> Codec:
     try:
         codec = _decoder(e.codec)
     except SpecError as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):
         raise DecodeError(f"an encoded node must name one codec stage, got pipeline '{e.codec}'")
+    return codec
+
+
+def decode_tree_rows(trees: Sequence[Encoded]) -> Tensor:
+    """:func:`decode_tree` of many trees into one ``(C, *shape)`` stack, exactly.
+
+    The trees must decode to one shape. Trees laid out alike (same codec and shape at every node, the same
+    fields) are decoded level by level with :meth:`Codec.decode_rows`; where they differ (an approximate
+    top-k keeps a different count per device), one tree at a time.
+    """
+    first = trees[0]
+    if any(e.shape != first.shape for e in trees):
+        raise DecodeError(f"cannot stack trees of shapes {sorted({e.shape for e in trees})}")
+    if any(e.codec != first.codec or e.fields.keys() != first.fields.keys() for e in trees):
+        return torch.stack([decode_tree(e) for e in trees])
+    codec = _node_codec(first)
+    fields: list[dict[str, Any]] = [{} for _ in trees]
+    for k in first.fields:
+        vals = [e.fields[k] for e in trees]
+        if all(isinstance(v, Encoded) and v.shape == vals[0].shape for v in vals):
+            decoded: Sequence[Any] = decode_tree_rows(vals).unbind(0)
+        else:
+            decoded = [decode_tree(v) if isinstance(v, Encoded) else v for v in vals]
+        for f, v in zip(fields, decoded, strict=True):
+            f[k] = v
+    out = codec.decode_rows(
+        [Encoded(e.codec, e.shape, e.meta, f) for e, f in zip(trees, fields, strict=True)]
+    )
+    if tuple(out.shape) != (len(trees), *first.shape):
+        raise DecodeError(f"{first.codec}: decoded shape {tuple(out.shape[1:])} != declared {first.shape}")
+    return out
+
+
+def decode_tree(e: Encoded) -> Tensor:
+    """Decode an :class:`Encoded` tree bottom-up: nested fields first, then the node's own codec."""
+    codec = _node_codec(e)
     fields = {k: decode_tree(v) if isinstance(v, Encoded) else v for k, v in e.fields.items()}
     out = codec.decode(Encoded(e.codec, e.shape, e.meta, fields))
     if tuple(out.shape) != tuple(e.shape):  # a codec bug, but never hand back a wrongly shaped tensor

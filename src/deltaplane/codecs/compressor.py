@@ -8,7 +8,7 @@ delivers the full update over time. The residual is per-device state, so it live
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from deltaplane.codecs.base import (
     Encoded,
     Pipeline,
     decode_tree,
+    decode_tree_rows,
     encode_stages,
     get_codec,
     split_lossless,
@@ -28,7 +29,7 @@ from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pac
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
-__all__ = ["Compressor", "CompressorState", "decode_delta", "decompress", "encode_delta"]
+__all__ = ["Compressor", "CompressorState", "compress_many", "decode_delta", "decompress", "encode_delta"]
 
 
 def encode_delta(
@@ -211,3 +212,161 @@ class Compressor:
         self._rng.set_state(sd["rng_state"])
         self.state.residual = Delta(sd["residual"]) if sd.get("residual") is not None else None
         self.state.codec = {k: dict(v) for k, v in (sd.get("codec_state") or {}).items()}
+
+
+def compress_many(
+    compressors: Sequence[Compressor],
+    stacked: Mapping[str, torch.Tensor],
+    *,
+    base_id: str = "",
+    base_version: int = 0,
+    meta: Mapping[str, Any] | None = None,
+    return_exceptions: bool = False,
+) -> list[bytes | DeltaplaneError]:
+    """Compress many devices' deltas, given stacked as ``{name: (C, *shape)}``, into one payload each.
+
+    Exactly ``[compressors[i].compress(Delta({k: v[i] ...}), ...) for i ...]``, byte for byte, leaving every
+    compressor in the state that loop leaves it in (residual, generator, round count, codec state), but the
+    arithmetic runs on the stack: error feedback adds the residuals to all rows at once, and codecs with a
+    batched :meth:`~deltaplane.codecs.base.Codec.encode_rows` (exact ``topk``, ``stc``, ``quant``,
+    ``identity`` and pipelines of them) select and quantize all rows together; other codecs encode row by
+    row (the default ``encode_rows``). The new residual is ``target - decode(what was sent)``, as in
+    :meth:`Compressor.compress`, decoded from each device's encoded fields and dequantized / scattered on
+    the stack (:func:`~deltaplane.codecs.base.decode_tree_rows`). Index coding, bit-packing and the wire
+    framing stay per device, since every device sends its own payload.
+
+    The stacked path needs compressors sharing one codec spec and error-feedback setting, each with its own
+    generator, a codec that is neither stateful (PowerSGD) nor a per-layer policy, finite deltas, and
+    residuals laid out like the deltas; otherwise each device is compressed on its own
+    (:meth:`Compressor.compress`), which gives the same bytes, just slower.
+
+    Args:
+        compressors: one per row of the stack, each with its own generator (not shared between rows).
+        stacked: tensor name -> ``(C, *shape)`` tensor, row ``i`` being device ``i``'s delta.
+        base_id, base_version, meta: the payload header, as in :meth:`Compressor.compress`.
+        return_exceptions: a device whose compression fails gets its
+            :class:`~deltaplane.errors.DeltaplaneError` in the result, and the others go on (a simulator
+            refuses one bad update, not the round); otherwise the first failure is raised.
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> from deltaplane.codecs import compress_many
+        >>> devices = [dp.Compressor("topk(0.5)", seed=s) for s in range(3)]
+        >>> stack = {"w": torch.arange(12.0).reshape(3, 4)}
+        >>> payloads = compress_many(devices, stack, base_id="cnn", base_version=1)
+        >>> dp.decompress(payloads[2], expect_base=("cnn", 1))["w"].tolist()
+        [0.0, 0.0, 10.0, 11.0]
+    """
+    n = len(compressors)
+    for name, t in stacked.items():
+        if t.dim() < 1 or t.shape[0] != n:
+            raise ShapeMismatch(
+                f"tensor '{name}': stacked shape {tuple(t.shape)} has no row per compressor ({n})"
+            )
+    if n and _stackable(compressors, stacked):
+        snapshot = [(c._rng.get_state(), c.state.rounds) for c in compressors]
+        try:
+            return list(_compress_stacked(compressors, stacked, base_id, base_version, meta))
+        except Exception as exc:
+            # nothing but the generators was touched yet: rewind them; then the per-device loop says which
+            # device failed, and leaves the states that loop leaves
+            for c, (rng_state, rounds) in zip(compressors, snapshot, strict=True):
+                c._rng.set_state(rng_state)
+                c.state.rounds = rounds
+            if not isinstance(exc, DeltaplaneError):
+                raise
+    out: list[bytes | DeltaplaneError] = []
+    for i, c in enumerate(compressors):
+        delta = Delta({k: v[i] for k, v in stacked.items()})
+        try:
+            out.append(c.compress(delta, base_id=base_id, base_version=base_version, meta=meta))
+        except DeltaplaneError as exc:
+            if not return_exceptions:
+                raise
+            out.append(exc)
+    return out
+
+
+def _stackable(compressors: Sequence[Compressor], stacked: Mapping[str, torch.Tensor]) -> bool:
+    """Whether :func:`compress_many` may take the stacked path (see its docstring)."""
+    first = compressors[0]
+    codec = first.codec
+    if codec.stateful or codec.selects_by_name:
+        return False
+    if len({id(c._rng) for c in compressors}) != len(compressors):
+        return False
+    for c in compressors:
+        if c.codec.spec != codec.spec or c.error_feedback != first.error_feedback:
+            return False
+        r = c.state.residual
+        if c.error_feedback and r is not None:
+            if r.keys() != stacked.keys():
+                return False
+            if any(r[k].shape != v.shape[1:] or r[k].dtype != v.dtype for k, v in stacked.items()):
+                return False
+    # one finiteness check for the whole stack; a bad row goes through the loop, which names it
+    return all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in stacked.values())
+
+
+def _compress_stacked(
+    compressors: Sequence[Compressor],
+    stacked: Mapping[str, torch.Tensor],
+    base_id: str,
+    base_version: int,
+    meta: Mapping[str, Any] | None,
+) -> list[bytes]:
+    first = compressors[0]
+    body, _ = split_lossless(first.codec)
+    rngs = [c._rng for c in compressors]
+    feedback = first.error_feedback
+    carried = [i for i, c in enumerate(compressors) if feedback and c.state.residual is not None]
+    targets: dict[str, torch.Tensor] = {}
+    trees: list[dict[str, tuple[torch.dtype, Encoded]]] = [{} for _ in compressors]
+    for name, t in stacked.items():
+        # target = delta + residual, as Compressor._encode adds them; a device without a residual sends its
+        # delta untouched (adding zeros would turn -0.0 into 0.0)
+        if len(carried) == len(compressors):
+            x = t + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]
+        elif carried:
+            x = t.clone()
+            rows = torch.tensor(carried)
+            x[rows] = t[rows] + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]
+        else:
+            x = t
+        targets[name] = x
+        try:
+            c: Codec = body if x.is_floating_point() else Identity()
+            xs = x.detach().cpu()
+            encoded = c.encode_rows(xs, rngs)
+        except DeltaplaneError as exc:
+            raise type(exc)(f"tensor '{name}': {exc}") from exc
+        for tree, e in zip(trees, encoded, strict=True):
+            tree[name] = (x.dtype, finalize(e))
+    residuals: list[Delta | None] = [None] * len(compressors)
+    if feedback and not first._exact:
+        carry: dict[str, list[torch.Tensor]] = {}
+        for name, x in targets.items():
+            if not x.is_floating_point():
+                carry[name] = [torch.zeros_like(x[i]) for i in range(len(compressors))]
+                continue
+            # what every device's receiver will decode (decode_delta, on the stack)
+            try:
+                sent = decode_tree_rows([tree[name][1] for tree in trees]).to(x.dtype)
+            except DecodeError as exc:
+                raise DecodeError(f"tensor '{name}': {exc}") from exc
+            if not bool(torch.isfinite(sent).all()):
+                raise DecodeError(f"decoded values: tensor '{name}' holds NaN or Inf values")
+            # one tensor per device (a view into the stack would keep, and checkpoint, every device's rows)
+            carry[name] = [r.clone() for r in (x - sent).unbind(0)]
+        residuals = [Delta({k: v[i] for k, v in carry.items()}) for i in range(len(compressors))]
+    payloads = []
+    for c, tree in zip(compressors, trees, strict=True):
+        level = getattr(c._lossless, "level", None)
+        header = WireHeader(base_id, base_version, c.codec.spec, dict(meta or {}))
+        payloads.append(pack(tree, header, zstd_level=level))
+    # only now, with every payload made, the states move on: a failure above leaves them as they were
+    for c, residual in zip(compressors, residuals, strict=True):
+        if feedback:
+            c.state.residual = residual
+        c.state.rounds += 1
+    return payloads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,6 +76,18 @@ class Identity(Codec):
             raise CodecError(f"identity: unsupported dtype {x.dtype}")
         return Encoded(self.spec, tuple(x.shape), {"dtype": DTYPE_NAMES[x.dtype]}, {"data": tensor_buffer(x)})
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Zero-copy byte views of each row of the stack (nothing to compute, so nothing to batch)."""
+        if x.dtype not in DTYPE_NAMES:
+            raise CodecError(f"identity: unsupported dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[0] != len(rngs):
+            return super().encode_rows(x, rngs)
+        x = x.detach().contiguous().cpu()  # once for the stack: every row is then a contiguous view
+        meta, shape = {"dtype": DTYPE_NAMES[x.dtype]}, tuple(x.shape[1:])
+        return [
+            Encoded(self.spec, shape, dict(meta), {"data": tensor_buffer(x[i])}) for i in range(len(rngs))
+        ]
+
     def decode(self, e: Encoded) -> Tensor:
         dtype = DTYPES.get(str(e.meta.get("dtype")))
         if dtype is None:
@@ -129,7 +142,9 @@ def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
 
 def _chunk_scales(part: Tensor, scale: str) -> Tensor:
     if scale == "max":  # max |x| as max(max x, -min x): two reductions, no |x| temporary
-        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+        # + 0.0 turns an all-zero chunk's -0.0 into 0.0: which of max(0.0, -0.0) comes back depends on the
+        # kernel (vectorized or not, so on the tensor's shape), and the scale's bytes must not
+        return torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_()).add_(0.0)
     return torch.linalg.vector_norm(part, dim=1)
 
 
@@ -229,6 +244,106 @@ class Quantize(Codec):
             "scales": scale_t.numpy().astype("<f4").tobytes(),
         }
         return Encoded(self.spec, tuple(x.shape), {}, fields)
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Scales and codes of all rows at once; bit-packing and framing per row.
+
+        Row ``i`` is byte-for-byte ``encode(x[i], rngs[i])``: every chunk of a row is the chunk ``encode``
+        would make (the whole chunks, then the row's shorter tail), and the arithmetic is element-wise, so
+        it rounds the same whatever the batch. ``scale="norm"`` takes each row's chunk norms on their own
+        (a reduction over a larger matrix may sum in another order). With ``stochastic=True`` the uniform
+        noise is still drawn row by row from each row's own generator, in the very calls ``encode`` makes,
+        and only the rounding is batched.
+        """
+        shared = self.stochastic and len({id(g) for g in rngs}) != len(rngs)
+        if shared or x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
+            # rows sharing a generator must draw row after row, not part after part: the plain loop
+            return super().encode_rows(x, rngs)
+        rows = x.shape[0]
+        flat = x.detach().reshape(rows, -1).float()
+        n = flat.shape[1]
+        full, tail = divmod(n, self.chunk)
+        levels = self._levels()
+        # (rows, chunks, chunk) views: the whole chunks of every row, then every row's tail chunk
+        parts = ([flat[:, : full * self.chunk].reshape(rows, full, self.chunk)] if full else []) + (
+            [flat[:, full * self.chunk :].reshape(rows, 1, tail)] if tail else []
+        )
+        scales, codes = [], []
+        for part in parts:
+            if self.scale == "max":
+                s = _chunk_scales(part.reshape(-1, part.shape[2]), "max").view(rows, -1)
+            else:
+                s = torch.stack([_chunk_scales(part[r], "norm") for r in range(rows)])
+            scales.append(s)
+            if self.bits == 1 and not self.stochastic:
+                codes.append(part.ge(0).to(torch.uint8))
+                continue
+            if self.bits == 1:
+                mul, add = torch.where(s > 0, 0.5 / s, 0.0)[..., None], 0.5
+            else:
+                mul = torch.where(s > 0, levels / s, 0.0)[..., None]
+                add = levels + (0.0 if self.stochastic else 0.5)
+            w = torch.mul(part, mul).add_(add)
+            if not self.stochastic:
+                codes.append(w.to(torch.uint8))
+                continue
+            noise = torch.empty_like(w)
+            for r, rng in enumerate(rngs):
+                # encode's draws for this part of this row: one uniform_ per block of rows, into a buffer
+                # of the block size; the parts of a row come in order, as in encode
+                self._draw(noise[r], rng)
+            if self.bits == 1:
+                codes.append(torch.lt(noise, w).to(torch.uint8))
+            else:
+                codes.append(w.add_(noise).clamp_(max=2 * levels).to(torch.uint8))
+        scale_t = torch.cat(scales, dim=1)
+        code_t = torch.cat([c.reshape(rows, -1) for c in codes], dim=1).numpy()
+        shape, spec = tuple(x.shape[1:]), self.spec
+        return [
+            Encoded(
+                spec,
+                shape,
+                {},
+                {
+                    "codes": pack_bits(code_t[r], self.bits),
+                    "scales": scale_t[r].numpy().astype("<f4").tobytes(),
+                },
+            )
+            for r in range(rows)
+        ]
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Codes and scales read and checked per row, then ``(code - L) · scale / L`` on the whole stack."""
+        n = rows[0].numel
+        if not n or any(e.shape != rows[0].shape for e in rows):
+            return super().decode_rows(rows)
+        levels = self._levels()
+        scales, codes = [], []
+        for e in rows:  # the same checks as decode, row by row
+            scales.append(_read_scales(self, e, math.ceil(n / self.chunk)))
+            c = unpack_bits(self._field(e, "codes", bytes), self.bits, n)
+            if self.bits > 1 and int(c.max()) > 2 * levels:
+                raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
+            codes.append(c)
+        s = torch.stack(scales)
+        shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
+        value = torch.from_numpy(np.stack(codes)).float().sub_(shift)
+        full, tail = divmod(n, self.chunk)
+        if full:
+            value[:, : full * self.chunk].view(len(rows), full, self.chunk).mul_(mul[:, :full, None])
+        if tail:
+            value[:, full * self.chunk :].mul_(mul[:, full:])
+        return value.reshape(len(rows), *rows[0].shape)
+
+    @staticmethod
+    def _draw(out: Tensor, rng: torch.Generator) -> None:
+        """Fill ``out`` (``(chunks, cols)``) with the uniform draws :meth:`encode` makes for that part."""
+        chunks, cols = out.shape
+        step = _blocks(chunks, cols).step
+        buf = torch.empty(min(step, chunks), cols)
+        for r0 in _blocks(chunks, cols):
+            blk = buf[: min(step, chunks - r0)].uniform_(generator=rng)
+            out[r0 : r0 + blk.shape[0]].copy_(blk)
 
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel

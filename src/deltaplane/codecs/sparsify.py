@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,6 +57,57 @@ def _sample_threshold(mag: Tensor, k: int, headroom: bool, rng: torch.Generator 
     return torch.topk(sample, r, sorted=False).values.min()
 
 
+def _lowest_ties(mag: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` largest entries along the last dim, ties at the k-th value to the lowest positions.
+
+    ``mag`` is ``(..., n)`` with ``k < n``. ``torch.topk`` resolves ties in an order that depends on the
+    kernel (and so on the tensor's shape and the thread count); this rule does not, so one device's
+    selection and the same row selected among many (:meth:`TopK.encode_rows`) are the same positions.
+    """
+    kth = torch.topk(mag, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th largest
+    at_least = mag >= kth
+    if bool((at_least.sum(dim=-1) == k).all()):  # no tie straddles the boundary (the usual case): done
+        return at_least
+    above = mag > kth
+    tied = mag == kth
+    need = k - above.sum(dim=-1, keepdim=True)  # >= 1: the k-th value itself is tied with itself
+    return above | (tied & (tied.cumsum(dim=-1) <= need))
+
+
+def topk_rows(mag: Tensor, k: int) -> Tensor:
+    """Row-wise :func:`topk_indices` of a ``(C, n)`` matrix: a ``(C, k)`` tensor, each row sorted.
+
+    One selection over the whole matrix; the tie rule is the same, so row ``i`` equals
+    ``topk_indices(mag[i], k)`` exactly.
+    """
+    rows, n = mag.shape
+    if k >= n:
+        return torch.arange(n).expand(rows, n)
+    if n >= 8192 and k * 8 <= n and rows:
+        # topk_indices' candidate selection for all rows at once: each row's sampled threshold (the same
+        # strided sample), then the candidates of every row packed left into a (rows, most candidates)
+        # matrix padded with -1, which no magnitude ties with, and the exact selection on that
+        m = min(n, max(4096, n // 100))
+        sample = mag[:, :: max(1, n // m)]
+        expect = k * sample.shape[1] / n
+        r = min(sample.shape[1], max(1, math.ceil(1.3 * expect + 3 * math.sqrt(expect) + 1)))
+        threshold = torch.topk(sample, r, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        cand = mag >= threshold
+        counts = cand.sum(dim=1)
+        if bool((counts >= k).all()):
+            row, col = torch.nonzero(cand).unbind(1)  # row-major: each row's candidates in position order
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(row.numel()) - starts[row]
+            width = int(counts.max())
+            packed = torch.full((rows, width), -1.0)
+            packed[row, rank] = mag[row, col]
+            positions = torch.zeros((rows, width), dtype=torch.long)
+            positions[row, rank] = col
+            return positions[_lowest_ties(packed, k)].view(rows, k)
+    # exactly k set per row, and nonzero walks the mask row-major: its columns are each row's sorted positions
+    return torch.nonzero(_lowest_ties(mag, k))[:, 1].view(rows, k)
+
+
 def topk_indices(mag: Tensor, k: int) -> Tensor:
     """Sorted flat positions of the ``k`` largest entries of ``mag`` (a flat tensor of magnitudes).
 
@@ -63,20 +115,19 @@ def topk_indices(mag: Tensor, k: int) -> Tensor:
     sample, set a little low, selects a few more than ``k`` candidates with one comparison pass, and an
     exact top-k runs on those (the hierarchical selection of DGC, Lin et al. 2018,
     https://arxiv.org/abs/1712.01887, §3). Every value above the threshold is a candidate, so the result
-    is the exact top-k (ties resolve arbitrarily, as with ``torch.topk``); if the sample misjudged and
-    fewer than ``k`` candidates come out, the plain ``torch.topk`` runs instead.
+    is the exact top-k; if the sample misjudged and fewer than ``k`` candidates come out, the selection runs
+    on the whole tensor instead. Ties at the k-th largest magnitude go to the lowest positions (see
+    :func:`_lowest_ties`), so the result is a function of ``mag`` alone.
     """
     n = mag.numel()
     if k >= n:
         return torch.arange(n)
-    idx = None
     if n >= 8192 and k * 8 <= n:
         cand = torch.nonzero(mag >= _sample_threshold(mag, k, True, None)).squeeze(1)
         if cand.numel() >= k:
-            idx = cand[torch.topk(mag[cand], k, sorted=False).indices] if cand.numel() > k else cand
-    if idx is None:
-        idx = torch.topk(mag, k, sorted=False).indices
-    return torch.sort(idx).values
+            # every value tied with the k-th largest is >= the threshold, so all of them are candidates
+            return cand if cand.numel() == k else cand[_lowest_ties(mag[cand], k)]
+    return torch.nonzero(_lowest_ties(mag, k)).squeeze(1)
 
 
 @register_codec
@@ -116,6 +167,41 @@ class TopK(Codec):
             idx = topk_indices(mag, k)
         coder, data = encode_indices(idx.numpy(), n)
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """One selection over all rows (:func:`topk_rows`); positions are coded per row.
+
+        ``approx=True`` draws a random sample per row and falls back to the per-row loop.
+        """
+        if self.approx or x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        n = flat.shape[1]
+        idx = topk_rows(flat.abs(), self.k_for(n))
+        values = flat.gather(1, idx)
+        shape, spec = tuple(x.shape[1:]), self.spec
+        out = []
+        for i in range(len(rngs)):
+            coder, data = encode_indices(idx[i].numpy(), n)
+            out.append(Encoded(spec, shape, {"ix": coder}, {"idx": data, "values": values[i]}))
+        return out
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Positions read and checked per row, one scatter of all rows' values (exact ``topk`` only)."""
+        n = rows[0].numel
+        if self.approx or not n or any(e.shape != rows[0].shape for e in rows):
+            return super().decode_rows(rows)
+        k = self.k_for(n)
+        values, idx = [], []
+        for e in rows:  # the same checks as decode, row by row
+            v = self._field(e, "values", Tensor)
+            if v.dim() != 1 or v.numel() != k:
+                raise DecodeError(f"{e.codec}: {v.numel()} values, expected {k}")
+            values.append(v)
+            idx.append(decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), n, k))
+        out = torch.zeros(len(rows), n, dtype=torch.float32)
+        out.scatter_(1, torch.from_numpy(np.stack(idx)), torch.stack(values).float())
+        return out.reshape(len(rows), *rows[0].shape)
 
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
@@ -255,6 +341,26 @@ class STC(Codec):
         signs = np.packbits((flat[idx] >= 0).numpy(), bitorder="little").tobytes()
         fields = {"idx": data, "signs": signs, "scales": struct.pack("<f", mu)}
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, fields)
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """One selection over all rows (:func:`topk_rows`); ``μ``, signs and positions per row."""
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        n = flat.shape[1]
+        idx = topk_rows(flat.abs(), self.k_for(n))
+        kept = flat.gather(1, idx)
+        mags = kept.abs()
+        signs = np.packbits((kept >= 0).numpy(), axis=1, bitorder="little")
+        shape = tuple(x.shape[1:])
+        out = []
+        for i in range(len(rngs)):
+            # the mean of each row on its own: a reduction over the whole matrix may sum in another order
+            mu = float(mags[i].mean())
+            coder, data = encode_indices(idx[i].numpy(), n)
+            fields = {"idx": data, "signs": signs[i].tobytes(), "scales": struct.pack("<f", mu)}
+            out.append(Encoded(self.spec, shape, {"ix": coder}, fields))
+        return out
 
     def decode(self, e: Encoded) -> Tensor:
         k = self.k_for(e.numel)

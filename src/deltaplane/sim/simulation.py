@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, compress_many, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.domains import shift
 from deltaplane.delta import Delta
@@ -176,10 +176,10 @@ def _train_batched(
     global_state: dict[str, Tensor],
     clients: list[Client],
     rnd: int,
-) -> dict[int, Delta]:
-    """Every client's local update this round, trained at once; equal to ``Client.local_update``'s up to
-    float rounding because each client's batches come from the same stream ``(seed, LOCAL_TRAINING, rnd,
-    cid)`` in the same way (tests/sim/test_batched.py)."""
+) -> dict[str, Tensor]:
+    """Every client's local update this round, trained at once, stacked ``{name: (clients, *shape)}``; equal
+    to ``Client.local_update``'s up to float rounding because each client's batches come from the same stream
+    ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way (tests/sim/test_batched.py)."""
     stacked = trainer.train(
         global_state,
         [c.train for c in clients],
@@ -190,7 +190,25 @@ def _train_batched(
         momentum=config.momentum,
         prox_mu=config.prox_mu,
     )
-    return {c.cid: Delta({name: t[i] for name, t in stacked.items()}) for i, c in enumerate(clients)}
+    return stacked
+
+
+def _upload_stacked(
+    clients: list[Client], stacked: dict[str, Tensor], version: int
+) -> dict[int, bytes | DeltaplaneError]:
+    """Every trained client's payload, compressed on the stack (:func:`~deltaplane.codecs.compress_many`).
+
+    The same bytes, and the same compressor states, as each client's :meth:`Client.upload` one by one; a
+    client whose compression fails gets its error, to be refused like any bad update.
+    """
+    payloads = compress_many(
+        [c.compressor for c in clients],
+        stacked,
+        base_id=BASE_ID,
+        base_version=version,
+        return_exceptions=True,
+    )
+    return {c.cid: p for c, p in zip(clients, payloads, strict=True)}
 
 
 def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None) -> RunResult:
@@ -302,11 +320,17 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         rejections: list[Rejection] = []
         secure_inputs: list[Delta] = []
         secure_weights: list[int] = []
-        trained = (
-            {}
-            if trainer is None
-            else _train_batched(config, trainer, global_state, [clients[c] for c in chosen], rnd)
-        )
+        trained: dict[int, Delta] = {}
+        uploads: dict[int, bytes | DeltaplaneError] = {}
+        if trainer is not None:
+            batch = [clients[c] for c in chosen]
+            stacked = _train_batched(config, trainer, global_state, batch, rnd)
+            # the batched engine trains neither attacked nor personalized clients; with local DP or on-device
+            # clipping each update is still changed on its own before it is compressed
+            if config.local_dp_noise == 0 and not (config.secagg and config.clip is not None):
+                uploads = _upload_stacked(batch, stacked, version)
+            else:
+                trained = {c.cid: Delta({k: t[i] for k, t in stacked.items()}) for i, c in enumerate(batch)}
         for cid in chosen:
             client = clients[cid]
             data = None
@@ -315,7 +339,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
             # the global model with this device's local layers (FedPer's head, FedBN's norms), if any
             origin = personalizer.start_state(global_state, personal[cid]) if local_keys else global_state
-            if cid in trained:
+            if cid in uploads:
+                pass  # compressed with the others on the stack, untransformed (see above)
+            elif cid in trained:
                 delta = trained[cid]
             else:
                 gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
@@ -337,7 +363,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 norm, bound = delta.norm(), float(config.clip)
                 delta = delta * (bound / norm) if norm > bound else delta
             try:
-                payload = client.upload(delta, base_id=BASE_ID, base_version=version)
+                upload = uploads.get(cid)
+                if isinstance(upload, DeltaplaneError):
+                    raise upload
+                payload = (
+                    client.upload(delta, base_id=BASE_ID, base_version=version) if upload is None else upload
+                )
                 uplink += len(payload)
                 decoded = decompress(payload, expect_base=(BASE_ID, version))
             except DeltaplaneError as exc:  # one bad client is refused, the round goes on
