@@ -37,6 +37,8 @@ def test_doc_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     if page in SETUP:
         SETUP[page](tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
-    namespace: dict = {"__name__": "__docs__"}  # blocks of one page build on each other, as a reader's session
+    namespace: dict = {
+        "__name__": "__docs__"
+    }  # blocks of one page build on each other, as a reader's session
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/{page} (block {i + 1})", "exec"), namespace)
