@@ -63,3 +63,17 @@ def test_ten_thousand_clients_hundred_per_round_fifty_rounds_under_2gb() -> None
     result = run_population(cfg, registered=10_000, per_round=100)
     _check(result, 10_000, 100, 50)
     assert result.test_accuracy[-1] > 0.5
+
+
+def test_identity_codec_keeps_no_residual() -> None:
+    """The exact codec sends everything: error feedback has nothing to store, and the run still works."""
+    cfg = RunConfig(rounds=2, local_epochs=1, codec="identity")
+    result = run_population(cfg, registered=50, per_round=5)
+    from deltaplane.codecs import Compressor
+    from deltaplane.sim import build_model
+    from deltaplane.sim.population import BASE_ID
+
+    zero = Delta.zeros_like(build_model(0).state_dict())
+    # raw fp32 + header, whose compressed length depends on the round's base version
+    sizes = [len(Compressor("identity").compress(zero, base_id=BASE_ID, base_version=v)) for v in (0, 1)]
+    assert len(result.seconds) == 2 and result.uplink_bytes == 5 * sum(sizes)

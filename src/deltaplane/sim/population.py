@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation import FedAvg
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, compress_many, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.partition import split_holdout
 from deltaplane.delta import Delta
@@ -134,7 +134,8 @@ def run_population(config: RunConfig, *, registered: int, per_round: int) -> Pop
 
     Each round: sample without replacement from the stream ``(seed, CLIENT_SAMPLING, round)``; build the
     sampled clients; train them at once (:class:`BatchedTrainer`); compress every update with the client's
-    codec and its residual from the :class:`ResidualStore` into a real payload; decode and average; apply.
+    codec and its residual from the :class:`ResidualStore` into a real payload (all at once,
+    :func:`~deltaplane.codecs.compress_many`); decode and average; apply.
     The uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)`` because no compressor
     object outlives a round. Reports accuracy on the global test set and on the sampled clients' held-out
     data (evaluating all registered clients every round would dominate the cost).
@@ -175,17 +176,19 @@ def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult
             momentum=config.momentum,
         )
         agg = FedAvg()
-        for i, client in enumerate(clients):
+        comps = []
+        for client in clients:
             comp = Compressor(
                 config.codec,
                 error_feedback=config.error_feedback,
                 seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
             )
             comp.state.residual = store.get(client.cid) if config.error_feedback else None
-            payload = comp.compress(
-                Delta({n: t[i] for n, t in stacked.items()}), base_id=BASE_ID, base_version=version
-            )
-            if config.error_feedback:
+            comps.append(comp)
+        # every sampled update compressed on the stack, each with its own residual and generator
+        payloads = compress_many(comps, stacked, base_id=BASE_ID, base_version=version)
+        for client, comp, payload in zip(clients, comps, payloads, strict=True):
+            if comp.state.residual is not None:  # an exact codec (identity) leaves nothing to carry
                 store.put(client.cid, comp.state.residual)
             uplink += len(payload)
             agg.add(decompress(payload, expect_base=(BASE_ID, version)), weight=client.num_samples)
