@@ -1,7 +1,8 @@
 """Bytes vs accuracy: every codec (and several pipelines) on the default digits federation, same seeds.
 
 Each run is ``deltaplane run``'s default RunConfig (20 non-IID clients, 120 rounds, seed 0, error feedback on)
-with only the uplink codec changed; the downlink stays fp32. Reported: final test accuracy, total uplink bytes
+with only the uplink codec changed (rows marked "[no EF]": the same codec with error feedback off — the codecs
+that are not contractions, with which error feedback diverges); the downlink stays fp32. Reported: final test accuracy, total uplink bytes
 (real payload lengths, headers included), the ratio to the fp32 baseline's uplink, and the accuracy gap.
 The best configuration is the one with the highest ratio whose accuracy is within 1.0 point of fp32.
 Writes a table into docs/benchmarks.md and a plot to docs/codecs_accuracy.png.
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BASELINE = "identity"
+NO_EF = " [no EF]"  # suffix: the same codec with error feedback off (for codecs that are not contractions)
 SPECS = [  # the fp32 baseline and the high-ratio candidates first, then every other codec
     BASELINE,
     "stc(0.003)",
@@ -36,8 +38,10 @@ SPECS = [  # the fp32 baseline and the high-ratio candidates first, then every o
     "quant(bits=4)",
     "quant(bits=2, stochastic=true)",
     "quant(bits=4, stochastic=true, scale=norm)",
+    "quant(bits=4, stochastic=true, scale=norm)" + NO_EF,
     "sign",
     "ternary",
+    "ternary" + NO_EF,
     "topk(0.01)",
     "topk(0.01, approx=true)",
     "randk(0.01)",
@@ -51,7 +55,8 @@ def one(spec: str) -> dict:
     from deltaplane.sim import RunConfig, run_simulation
 
     t = time.process_time()
-    r = run_simulation(RunConfig().replace(codec=spec)).to_dict()
+    codec = spec.removesuffix(NO_EF)
+    r = run_simulation(RunConfig().replace(codec=codec, error_feedback=codec == spec)).to_dict()
     return {
         "spec": spec,
         "accuracy": r["final"]["test_accuracy"],
@@ -109,7 +114,10 @@ def main() -> None:
         f"Default federation: {cfg.clients} non-IID clients (Dirichlet α={cfg.alpha}), {cfg.rounds} rounds, "
         f"{cfg.local_epochs} local epochs, seed {cfg.seed}, uplink error feedback on, downlink fp32; only the "
         "uplink codec differs between runs. Uplink bytes are real payload lengths over all clients and rounds "
-        "(frame and header included); the ratio is to the fp32 (`identity`) run's uplink.\n\n"
+        "(frame and header included); the ratio is to the fp32 (`identity`) run's uplink. Rows marked "
+        "`[no EF]` run that codec with error feedback off: `ternary` and norm-scaled stochastic `quant` are not "
+        "contractions (their error can exceed the update), error feedback accumulates it and the run falls to "
+        "chance, which is why `Compressor` warns about that combination.\n\n"
         + table(["uplink codec", "final test acc", "vs fp32 (points)", "uplink bytes", "ratio vs fp32"], rows)
         + f"\n\n{verdict}\n\n![bytes vs accuracy](codecs_accuracy.png)"
         + ("\n\nNot run (out of time): " + ", ".join(_cell(m) for m in missing) + "." if missing else "")

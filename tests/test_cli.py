@@ -37,13 +37,16 @@ def test_config_file_and_options(tmp_path: Path) -> None:
     cfg.write_text("clients: 3\nrounds: 1\ncodec: 'quant(bits=4)'\nlocal_epochs: 1\n")
     out = tmp_path / "o"
     result = runner.invoke(
-        app, ["run", "--config", str(cfg), "--no-baseline", "--seed", "3", "--no-followup", "--out", str(out)]
-    )
+        app,
+        ["run", "--config", str(cfg), "--no-baseline", "--seed", "3", "--no-followup", "--no-error-feedback",
+         "--out", str(out)],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in doc["runs"]] == ["compressed"]
     assert doc["baseline"] is None
     run_cfg = doc["runs"][0]["config"]
+    assert run_cfg["error_feedback"] is False
     assert (run_cfg["codec"], run_cfg["clients"], run_cfg["seed"], run_cfg["local_epochs"]) == (
         "quant(bits=4)",
         3,

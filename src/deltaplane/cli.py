@@ -75,6 +75,13 @@ def run(
             help="Codec spec for the global update sent to devices (server-side error feedback). [default: identity]",
         ),
     ] = None,
+    error_feedback: Annotated[
+        bool | None,
+        typer.Option(
+            "--error-feedback/--no-error-feedback",
+            help="Devices carry what the uplink codec did not send into the next round. [default: on]",
+        ),
+    ] = None,
     clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
@@ -137,7 +144,8 @@ def run(
     """
     with clean_errors():
         cfg = _run_config(
-            config, codec=codec, downlink_codec=downlink, clients=clients, rounds=rounds, seed=seed,
+            config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
+            rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
         )  # fmt: skip

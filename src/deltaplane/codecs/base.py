@@ -92,6 +92,17 @@ class Codec:
     #: True for a stage whose decode gives back its input bit for bit (``identity``): error feedback then
     #: needs no trial decode, since nothing is lost.
     exact: ClassVar[bool] = False
+
+    @property
+    def contractive(self) -> bool:
+        """False for a codec whose error can exceed the value it compresses: ``‖C(x) − x‖ ≥ ‖x‖``.
+
+        Error feedback carries that error into the next round and only converges with a contraction
+        (Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847); unbiased, high-variance codecs (TernGrad,
+        low-bit norm-scaled QSGD, rescaled rand-k) are not one. :class:`~deltaplane.codecs.Compressor` warns.
+        """
+        return True
+
     #: True for a codec that picks another codec per parameter name (:class:`~deltaplane.codecs.policy.Policy`)
     selects_by_name: ClassVar[bool] = False
 
@@ -386,6 +397,10 @@ class Pipeline(Codec):
     @property
     def selects_by_name(self) -> bool:  # type: ignore[override]
         return self.stages[0].selects_by_name
+
+    @property
+    def contractive(self) -> bool:
+        return all(s.contractive for s in self.stages)
 
     def get_params(self) -> dict[str, Scalar]:
         return {"stages": self.spec}

@@ -114,6 +114,10 @@ class Policy(Codec):
         self._rules = parsed
         self.rules = "; ".join(f"{r.when}: {r.codec.spec}" for r in parsed)  # canonical
 
+    @property
+    def contractive(self) -> bool:
+        return all(r.codec.contractive for r in self._rules)
+
     @classmethod
     def from_rules(cls, rules: Iterable[tuple[str, str | Codec]]) -> Policy:
         """``Policy.from_rules([("*.bias", "fp16"), ("*", "topk(0.01) | quant(bits=4)")])``."""

@@ -196,6 +196,12 @@ class Quantize(Codec):
             raise CodecError(f"quant: scale must be 'max' or 'norm'. Found {scale!r}")
         self.bits, self.stochastic, self.chunk, self.scale = bits, stochastic, chunk, scale
 
+    @property
+    def contractive(self) -> bool:
+        # stochastic rounding on a norm-scaled grid (QSGD): with few levels the step is a sizeable share of
+        # the chunk's L2 norm, so the rounding noise can exceed the values themselves
+        return not (self.stochastic and self.scale == "norm")
+
     def _levels(self) -> int:
         return 2 ** (self.bits - 1) - 1
 

@@ -261,6 +261,11 @@ class RandK(Codec):
         self.ratio = _check_ratio("randk", ratio)
         self.unbiased = _check_bool("randk", "unbiased", unbiased)
 
+    @property
+    def contractive(self) -> bool:
+        # rescaled by 1/ratio: E‖C(x) − x‖² = (1/ratio − 1)‖x‖², beyond ‖x‖² whenever ratio < 1/2
+        return not (self.unbiased and self.ratio < 0.5)
+
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         seed = int(torch.randint(0, 2**62, (1,), generator=rng))

@@ -63,6 +63,10 @@ class Ternary(Codec):
 
     name = "ternary"
 
+    @property
+    def contractive(self) -> bool:
+        return False  # unbiased: a value rounds to ±s with probability |x|/s, an error up to s per value
+
     def __init__(self, *, chunk: int = 0) -> None:
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
             raise CodecError(
