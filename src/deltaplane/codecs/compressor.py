@@ -27,7 +27,7 @@ from deltaplane.codecs.base import (
 )
 from deltaplane.codecs.quantize import Identity
 from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pack, unpack
-from deltaplane.delta import Delta
+from deltaplane.delta import Delta, all_finite, first_non_finite
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
 __all__ = ["Compressor", "CompressorState", "compress_many", "decode_delta", "decompress", "encode_delta"]
@@ -314,7 +314,7 @@ def _stackable(compressors: Sequence[Compressor], stacked: Mapping[str, torch.Te
             if any(r[k].shape != v.shape[1:] or r[k].dtype != v.dtype for k, v in stacked.items()):
                 return False
     # one finiteness check for the whole stack; a bad row goes through the loop, which names it
-    return all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in stacked.values())
+    return first_non_finite(stacked) is None
 
 
 def _compress_stacked(
@@ -363,7 +363,7 @@ def _compress_stacked(
                 sent = decode_tree_rows([tree[name][1] for tree in trees]).to(x.dtype)
             except DecodeError as exc:
                 raise DecodeError(f"tensor '{name}': {exc}") from exc
-            if not bool(torch.isfinite(sent).all()):
+            if not all_finite(sent):
                 raise DecodeError(f"decoded values: tensor '{name}' holds NaN or Inf values")
             # one tensor per device (a view into the stack would keep, and checkpoint, every device's rows)
             carry[name] = [r.clone() for r in (x - sent).unbind(0)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,9 +22,9 @@ from deltaplane.data.digits import Dataset
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import arrays_to_state, state_to_arrays
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
-from deltaplane.sim.client import Client, evaluate_clients, make_clients
+from deltaplane.sim.client import Client, evaluate_clients, make_clients, round_scores
 from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import accuracy, build_model
+from deltaplane.sim.model import build_model
 from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
 from deltaplane.sim.simulation import BASE_ID, RoundMetrics, federation_data
 
@@ -134,9 +133,7 @@ def digits_server_app(
             metrics = RoundMetrics(
                 round=rnd,
                 clients=traffic.clients,
-                test_accuracy=accuracy(model, test),
-                client_accuracy_mean=float(np.mean(client_acc)),
-                client_accuracy_min=float(np.min(client_acc)),
+                **round_scores(model, test, client_acc),
                 uplink_bytes=traffic.uplink_payload_bytes,
                 downlink_bytes=traffic.downlink_message_bytes,
                 cumulative_uplink_bytes=cum["up"],

@@ -31,9 +31,9 @@ from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient
 from deltaplane.serve.server import BackgroundServer
-from deltaplane.sim.client import evaluate_clients, make_clients
+from deltaplane.sim.client import evaluate_clients, make_clients, round_scores
 from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import accuracy, build_model
+from deltaplane.sim.model import build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.sim.simulation import RoundMetrics, RunResult, sample_clients
 
@@ -211,9 +211,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             metrics = RoundMetrics(
                 round=rnd,
                 clients=len(chosen),
-                test_accuracy=accuracy(model, test),
-                client_accuracy_mean=float(np.mean(client_acc)),
-                client_accuracy_min=float(np.min(client_acc)),
+                **round_scores(model, test, client_acc),
                 uplink_bytes=uplink,
                 downlink_bytes=down,
                 cumulative_uplink_bytes=cum_up,

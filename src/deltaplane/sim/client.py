@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, logits
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng
 
-__all__ = ["Client", "evaluate_clients", "make_clients"]
+__all__ = ["Client", "evaluate_clients", "make_clients", "round_scores"]
 
 
 @dataclass(eq=False)
@@ -104,6 +105,17 @@ def evaluate_clients(model: nn.Module, clients: list[Client]) -> list[float]:
     y = torch.cat([c.holdout.y for c in clients])
     correct = (logits(model, x).argmax(dim=1) == y).float()
     return [float(part.mean()) if len(part) else 0.0 for part in correct.split(sizes)]
+
+
+def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> dict[str, float]:
+    """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean and worst of the
+    per-client accuracies (:func:`evaluate_clients`). One function for every engine, so their figures are
+    computed alike."""
+    return {
+        "test_accuracy": accuracy(model, test),
+        "client_accuracy_mean": float(np.mean(client_acc)),
+        "client_accuracy_min": float(np.min(client_acc)),
+    }
 
 
 def make_clients(config: RunConfig, train: Dataset) -> list[Client]:

@@ -38,11 +38,10 @@ from deltaplane.sim.batched import BatchedTrainer
 from deltaplane.sim.client import Client
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
-from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
+from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng
+from deltaplane.sim.simulation import BASE_ID, train_batched
 
 __all__ = ["ClientPopulation", "PopulationResult", "ResidualStore", "run_population"]
-
-BASE_ID = "sim/digits-cnn"
 
 
 class ResidualStore:
@@ -166,15 +165,7 @@ def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult
         rng = numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
         chosen = sorted(int(i) for i in rng.choice(registered, size=per_round, replace=False))
         clients = [population.client(cid) for cid in chosen]
-        stacked = trainer.train(
-            global_state,
-            [c.train for c in clients],
-            [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
-            epochs=config.local_epochs,
-            batch_size=config.batch_size,
-            lr=config.client_lr(rnd),
-            momentum=config.momentum,
-        )
+        stacked = train_batched(config, trainer, global_state, clients, rnd)
         agg = FedAvg()
         comps = []
         for client in clients:

@@ -28,7 +28,7 @@ from deltaplane.errors import DeltaplaneError, InvalidUpdate
 from deltaplane.personalization import PersonalState
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
-from deltaplane.sim.client import Client, evaluate_clients, make_clients
+from deltaplane.sim.client import Client, evaluate_clients, make_clients, round_scores
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
@@ -170,7 +170,7 @@ def _batched_trainer(config: RunConfig, model: nn.Module, *, personalized: bool)
     return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
 
 
-def _train_batched(
+def train_batched(
     config: RunConfig,
     trainer: BatchedTrainer,
     global_state: dict[str, Tensor],
@@ -180,7 +180,7 @@ def _train_batched(
     """Every client's local update this round, trained at once, stacked ``{name: (clients, *shape)}``; equal
     to ``Client.local_update``'s up to float rounding because each client's batches come from the same stream
     ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way (tests/sim/test_batched.py)."""
-    stacked = trainer.train(
+    return trainer.train(
         global_state,
         [c.train for c in clients],
         [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
@@ -190,7 +190,6 @@ def _train_batched(
         momentum=config.momentum,
         prox_mu=config.prox_mu,
     )
-    return stacked
 
 
 def _upload_stacked(
@@ -324,7 +323,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         uploads: dict[int, bytes | DeltaplaneError] = {}
         if trainer is not None:
             batch = [clients[c] for c in chosen]
-            stacked = _train_batched(config, trainer, global_state, batch, rnd)
+            stacked = train_batched(config, trainer, global_state, batch, rnd)
             # the batched engine trains neither attacked nor personalized clients; with local DP or on-device
             # clipping each update is still changed on its own before it is compressed
             if config.local_dp_noise == 0 and not (config.secagg and config.clip is not None):
@@ -452,9 +451,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         metrics = RoundMetrics(
             round=rnd,
             clients=len(chosen),
-            test_accuracy=accuracy(model, test),
-            client_accuracy_mean=float(np.mean(client_acc)),
-            client_accuracy_min=float(np.min(client_acc)),
+            **round_scores(model, test, client_acc),
             uplink_bytes=uplink,
             downlink_bytes=down,
             cumulative_uplink_bytes=cum_up,
