@@ -191,6 +191,24 @@ def test_mismatched_shape_names_file_and_tensor(zoo) -> None:  # type: ignore[no
     _no_leftovers(root)
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float) -> None:  # type: ignore[no-untyped-def]
+    root, _base, models = zoo
+    bad = dict(models[1])
+    bad["embed.weight"] = bad["embed.weight"].clone()
+    bad["embed.weight"][29, 3] = bad_value  # in the last row: found by a chunked read, not only a whole one
+    _save_hf(root / "bad", bad)
+    cfg = MERGEKIT_TIES | {"models": [{"model": "m0"}, {"model": "bad"}]}
+    with pytest.raises(dp.InvalidUpdate) as info:
+        merge_files(_write_cfg(root, cfg), root / "out", chunk_elements=16)
+    msg = str(info.value)
+    assert "embed.weight" in msg and str(root / "bad") in msg and "NaN or Inf" in msg
+    _no_leftovers(root)
+    # the in-memory API refuses it too, naming the model
+    with pytest.raises(dp.InvalidUpdate, match=r"model 1: tensor 'embed.weight' holds NaN or Inf"):
+        merge("ties", _base, [models[0], bad], density=0.5)
+
+
 def test_mismatched_names(zoo) -> None:  # type: ignore[no-untyped-def]
     root, _, models = zoo
     renamed = {("layer.1.weight" if k == "layer.0.weight" else k): v for k, v in models[1].items()}

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltaplane.delta import Delta, StateDict, check_compatible
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.delta import Delta, StateDict, all_finite, check_compatible
+from deltaplane.errors import ConfigError, InvalidUpdate, ShapeMismatch
 
 __all__ = [
     "REQUIRED",
@@ -467,6 +467,16 @@ def _split_kwargs(method: MergeMethod, n_models: int, kwargs: Mapping[str, Any])
     return resolve_params(method, n_models, shared, per_model)
 
 
+def refuse_non_finite(name: str, tensors: Sequence[Tensor | None], sources: Sequence[str]) -> None:
+    """Raise :class:`InvalidUpdate` naming the input (``sources[i]``) and tensor of the first of ``tensors``
+    holding NaN or Inf: every method would spread it through the merged model."""
+    for t, source in zip(tensors, sources, strict=True):
+        if t is not None and not all_finite(t):
+            raise InvalidUpdate(
+                f"{source}: tensor '{name}' holds NaN or Inf values; a merge would spread them into the output"
+            )
+
+
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The dtype a merge computes in for inputs of ``dtype``."""
     # float64 inputs stay float64 (exact tests); half types are merged in float32 and cast back
@@ -527,6 +537,7 @@ def merge(
     Raises:
         ConfigError: unknown method or parameter, bad value, wrong number of models, missing base.
         ShapeMismatch: the models (or base) disagree on tensor names, shapes or dtypes; names the tensor.
+        InvalidUpdate: an input tensor holds NaN or Inf; names the input and the tensor.
     """
     m = get_method(method)
     models = list(models)
@@ -556,6 +567,7 @@ def merge(
         cdt = compute_dtype_for(first.dtype)
         b = base[name].detach().to(cdt, copy=True) if base is not None else None
         ts = [x[name].detach().to(cdt, copy=True) for x in models]  # copies: methods may work in place
+        refuse_non_finite(name, [b, *ts], ["base", *(f"model {i}" for i in range(len(ts)))])
         merged = m.merge_tensor(name, b, ts, lookup_tensor_params(m, resolved, name))
         out[name] = merged.to(first.dtype)
     if deltas:

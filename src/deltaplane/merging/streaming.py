@@ -40,6 +40,7 @@ from deltaplane.merging.base import (
     TensorChunk,
     compute_dtype_for,
     get_method,
+    refuse_non_finite,
     resolve_params,
     row_ranges,
 )
@@ -181,6 +182,7 @@ def merge_files(
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
         ShapeMismatch: the models disagree on tensor names, shapes or dtypes; names the file and the tensor.
         DecodeError: an input file is not valid safetensors.
+        InvalidUpdate: an input tensor holds NaN or Inf; names the file and the tensor (no output is left).
     """
     t0 = time.perf_counter()
     cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
@@ -318,6 +320,7 @@ def _merge_one(
     def read(start: int, stop: int) -> TensorChunk:
         b = base.read_rows(name, start, stop).to(cdt) if base is not None else None
         ts = [m.read_rows(name, start, stop).to(cdt) for m in models]
+        refuse_non_finite(name, [b, *ts], [str(c.infos[name].file) for c in [base or first, *models]])
         per_model = []
         for mp in params.per_model:
             mp = dict(mp)
