@@ -320,8 +320,12 @@ def register(app: typer.Typer) -> None:
         downlink_codec: Annotated[
             str, typer.Option(help="Codec of the round-to-round deltas the service publishes.")
         ] = "topk(0.05) | quant(bits=8)",
+        runs_dir: Annotated[
+            Path | None,
+            typer.Option("--runs", help="Folder of run reports (report.json) the dashboard at /ui lists."),
+        ] = None,
     ) -> None:
-        """Start the device-facing HTTP service (OpenAPI docs at /docs)."""
+        """Start the device-facing HTTP service (OpenAPI docs at /docs, dashboard at /ui)."""
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
@@ -338,6 +342,40 @@ def register(app: typer.Typer) -> None:
                 rate=rate,
                 burst=burst,
                 downlink_codec=downlink_codec,
+                runs_dir=str(runs_dir) if runs_dir else "",
             )
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
+        err_console.print(f"dashboard: http://{host}:{port}/ui/ (sign in with the admin token)")
+        serve(app_, host=host, port=port)
+
+    @app.command("ui")
+    def ui_cmd(
+        home: Home = None,
+        runs_dir: Annotated[
+            Path, typer.Option("--runs", help="Folder searched for run reports (report.json).")
+        ] = Path("runs"),
+        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="TCP port.")] = 8050,
+        admin_token: Annotated[
+            str | None,
+            typer.Option(envvar="DELTAPLANE_ADMIN_TOKEN", help="Token to sign in with (>= 16 chars)."),
+        ] = None,
+    ) -> None:
+        """Serve the dashboard (runs and registry, no fleet) for a registry home and a runs folder."""
+        import secrets
+
+        from deltaplane.serve import serve
+        from deltaplane.ui import create_ui_app
+
+        with _errors():
+            token = admin_token or secrets.token_urlsafe(24)
+            if admin_token is None:
+                err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
+            reg_home = _home(home)
+            app_ = create_ui_app(
+                admin_token=token,
+                runs_dir=str(runs_dir),
+                registry_home=str(reg_home) if (reg_home / "registry.db").exists() else None,
+            )
+        err_console.print(f"dashboard: http://{host}:{port}/ui/")
         serve(app_, host=host, port=port)

@@ -129,6 +129,17 @@ def promote(
         baseline_metrics=base_metrics,
         regressions=regressions,
     )
+    registry.record_promotion_decision(
+        cand.model,
+        to,
+        cand.number,
+        previous=prev.number if prev else None,
+        promoted=not regressions,
+        evaluator=name,
+        metrics=cand_metrics,
+        baseline=base_metrics,
+        reasons=regressions,
+    )
     if regressions:
         if raise_on_refusal:
             raise PromotionRefused(result.summary())

@@ -104,6 +104,13 @@ CREATE TABLE IF NOT EXISTS withdrawals (
 );
 """
 
+# Created on first use, so registries made before promotion verdicts were kept gain it without a migration.
+_DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS promotion_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, candidate INTEGER NOT NULL,
+    previous INTEGER, promoted INTEGER NOT NULL, evaluator TEXT NOT NULL, metrics TEXT NOT NULL,
+    baseline TEXT, reasons TEXT NOT NULL, at REAL NOT NULL
+)"""
+
 
 def default_home() -> Path:
     """``$DELTAPLANE_HOME`` if set, else ``~/.deltaplane``."""
@@ -707,6 +714,62 @@ class Registry:
         )
         return [
             {"evaluator": r["evaluator"], "metrics": json.loads(r["metrics"]), "at": r["at"]} for r in rows
+        ]
+
+    def record_promotion_decision(
+        self,
+        model: str,
+        tag: str,
+        candidate: int,
+        *,
+        previous: int | None,
+        promoted: bool,
+        evaluator: str,
+        metrics: Mapping[str, float],
+        baseline: Mapping[str, float] | None,
+        reasons: list[str],
+    ) -> None:
+        """Keep a promotion gate's verdict and its numbers, refusals included (the dashboard shows them)."""
+        with self._write() as con:
+            con.execute(_DECISIONS_TABLE)
+            con.execute(
+                "INSERT INTO promotion_decisions (model, tag, candidate, previous, promoted, evaluator, metrics, "
+                "baseline, reasons, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    model,
+                    tag,
+                    candidate,
+                    previous,
+                    int(promoted),
+                    evaluator,
+                    json.dumps(dict(metrics), sort_keys=True),
+                    None if baseline is None else json.dumps(dict(baseline), sort_keys=True),
+                    json.dumps(list(reasons)),
+                    time.time(),
+                ),
+            )
+
+    def promotion_decisions(self, model: str) -> list[dict[str, Any]]:
+        """Every recorded promotion verdict for ``model``, oldest first (see :meth:`record_promotion_decision`)."""
+        con = self._connect()
+        if not con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='promotion_decisions'"
+        ).fetchone():
+            return []  # a registry created before decisions were recorded
+        rows = con.execute("SELECT * FROM promotion_decisions WHERE model=? ORDER BY id", (model,))
+        return [
+            {
+                "tag": r["tag"],
+                "candidate": r["candidate"],
+                "previous": r["previous"],
+                "promoted": bool(r["promoted"]),
+                "evaluator": r["evaluator"],
+                "metrics": json.loads(r["metrics"]),
+                "baseline": None if r["baseline"] is None else json.loads(r["baseline"]),
+                "reasons": json.loads(r["reasons"]),
+                "at": r["at"],
+            }
+            for r in rows
         ]
 
     def withdraw_cohort(self, cohort: str, *, reason: str = "") -> list[Artifact]:

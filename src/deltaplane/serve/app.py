@@ -18,7 +18,7 @@ is a 4xx with a message saying what to fix; errors are never allowed to become 5
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,10 +50,13 @@ from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
+from deltaplane.ui import mount_ui
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: the fleet page remembers at most this many devices (the least recently seen are forgotten)
+MAX_DEVICES_SEEN = 10_000
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
 
@@ -85,6 +88,8 @@ class ServiceConfig:
     downlink_seed: int = 0
     server_lr: float = 1.0
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
+    #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
+    runs_dir: str = ""
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
@@ -123,7 +128,48 @@ class ServiceState:
     counters: Counter = field(default_factory=Counter)
     downlinks: dict[tuple[str, int, int | None], Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: device id -> (cohort, requests, last seen), most recent last; at most MAX_DEVICES_SEEN entries
+    seen: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
     _bases: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    def saw(self, ident: DeviceIdentity) -> None:
+        """Remember that a device made an authenticated request (bounded: the oldest are forgotten)."""
+        with self.lock:
+            _, n, _ = self.seen.pop(ident.device_id, (ident.cohort, 0, 0.0))
+            self.seen[ident.device_id] = (ident.cohort, n + 1, time.time())
+            while len(self.seen) > MAX_DEVICES_SEEN:
+                self.seen.popitem(last=False)
+
+    def fleet_snapshot(self) -> dict[str, Any]:
+        """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
+        with self.lock:
+            uploads = {"accepted": self.counters.get("uploads.accepted", 0)}
+            uploads.update(
+                {
+                    k.removeprefix("rejected."): v
+                    for k, v in self.counters.items()
+                    if k.startswith("rejected.")
+                }
+            )
+            return {
+                "open_rounds": [
+                    {
+                        "model": m,
+                        "round": r.number,
+                        "base_version": r.base_version,
+                        "uploads": len(r.devices),
+                        "opened_at": r.opened_at,
+                    }
+                    for m, r in sorted(self.rounds.items())
+                ],
+                "devices": [
+                    {"device": d, "cohort": c, "requests": n, "last_seen": t}
+                    for d, (c, n, t) in reversed(self.seen.items())
+                ],
+                "uploads": uploads,
+                "drift": {m: [r.to_dict() for r in mon.history] for m, mon in sorted(self.monitors.items())},
+                "alerts": list(self.alerts),
+            }
 
     def base_state(self, model: str, version: int) -> dict[str, Any]:
         """The (verified) weights of a base version, cached: versions are immutable."""
@@ -330,6 +376,7 @@ def create_app(
                 f"rate limit of {config.rate}/s exceeded for device {ident.device_id}; retry in {wait:.2f}s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
+        state.saw(ident)
         return ident
 
     def admin(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -341,6 +388,13 @@ def create_app(
 
     Device = Annotated[DeviceIdentity, Depends(device)]
     Admin = Depends(admin)
+    mount_ui(
+        app,
+        admin_token=config.admin_token,
+        runs_dir=config.runs_dir or None,
+        registry_home=config.home,
+        fleet=state.fleet_snapshot,
+    )
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         tags = reg.tags(model)

@@ -108,13 +108,18 @@ def evaluate_clients(model: nn.Module, clients: list[Client]) -> list[float]:
 
 
 def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> dict[str, float]:
-    """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean and worst of the
-    per-client accuracies (:func:`evaluate_clients`). One function for every engine, so their figures are
+    """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean, worst, quantiles
+    (10%, median, 90%) and best of the per-client accuracies (:func:`evaluate_clients`). One function for every engine, so their figures are
     computed alike."""
     return {
         "test_accuracy": accuracy(model, test),
         "client_accuracy_mean": float(np.mean(client_acc)),
         "client_accuracy_min": float(np.min(client_acc)),
+        # the spread across devices, not only its mean and worst (the dashboard draws p10–p90 as a band)
+        "client_accuracy_p10": float(np.quantile(client_acc, 0.1)),
+        "client_accuracy_median": float(np.median(client_acc)),
+        "client_accuracy_p90": float(np.quantile(client_acc, 0.9)),
+        "client_accuracy_max": float(np.max(client_acc)),
     }
 
 

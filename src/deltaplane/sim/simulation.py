@@ -60,6 +60,11 @@ class RoundMetrics:
     cumulative_uplink_bytes: int
     cumulative_downlink_bytes: int
     seconds: float
+    #: spread of the per-client accuracies (10% quantile, median, 90% quantile, best); None where not scored
+    client_accuracy_p10: float | None = None
+    client_accuracy_median: float | None = None
+    client_accuracy_p90: float | None = None
+    client_accuracy_max: float | None = None
     #: ε spent so far at ``config.dp_delta`` (None without DP)
     epsilon: float | None = None
     #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)

@@ -1,0 +1,45 @@
+"""The web dashboard: runs, registry and fleet, server-rendered, offline, behind the admin token.
+
+``deltaplane serve`` mounts it at ``/ui`` with the live fleet; ``deltaplane ui --home H --runs DIR`` serves it for a
+registry and run reports without a fleet. Nothing is loaded from the network: pages are plain HTML with inline
+CSS and inline SVG charts (see :mod:`deltaplane.ui.svg` for why they are drawn here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltaplane.ui.router import LoginThrottle, create_ui_router, install_login_redirect
+from deltaplane.ui.sources import FleetSource
+
+__all__ = ["FleetSource", "LoginThrottle", "create_ui_app", "create_ui_router", "mount_ui"]
+
+
+def mount_ui(
+    app: Any,
+    *,
+    admin_token: str,
+    runs_dir: str | None,
+    registry_home: str | None,
+    fleet: FleetSource | None = None,
+) -> None:
+    """Add the ``/ui`` pages (and the sign-in redirect) to a FastAPI ``app``."""
+    app.include_router(
+        create_ui_router(admin_token=admin_token, runs_dir=runs_dir, registry_home=registry_home, fleet=fleet)
+    )
+    install_login_redirect(app)
+
+
+def create_ui_app(*, admin_token: str, runs_dir: str | None, registry_home: str | None) -> Any:
+    """A FastAPI app serving only the dashboard (no fleet): what ``deltaplane ui`` runs."""
+    from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
+
+    app = FastAPI(title="deltaplane dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    mount_ui(app, admin_token=admin_token, runs_dir=runs_dir, registry_home=registry_home)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> Any:
+        return RedirectResponse("/ui/", status_code=307)
+
+    return app

@@ -1,0 +1,640 @@
+"""HTML for each dashboard page, rendered on the server from the read-only sources (no JavaScript, no CDN).
+
+Every number on a page is printed from ``report.json``, the registry or the fleet snapshot with a fixed format
+and carries a ``data-field`` attribute naming where it came from, so the browser test can compare what a person
+sees with the source document.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from deltaplane.ui.sources import config_diff, finite
+from deltaplane.ui.svg import Series, line_chart
+
+__all__ = [
+    "compare_page",
+    "error_page",
+    "fleet_page",
+    "home_page",
+    "login_page",
+    "model_page",
+    "registry_page",
+    "run_page",
+    "runs_page",
+]
+
+_CSS = """
+:root { color-scheme: light; }
+body { font-family: system-ui, sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
+header { background: #14213d; color: #fff; padding: 0.6rem 1.5rem; display: flex; gap: 1.5rem; align-items: baseline; }
+header a { color: #fff; text-decoration: none; } header a.here { text-decoration: underline; }
+header .brand { font-weight: bold; font-size: 1.1rem; }
+main { padding: 1rem 1.5rem 3rem; max-width: 90rem; }
+table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; background: #fff; }
+th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.55rem; vertical-align: top; }
+th { background: #eef0f4; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #1a7f37; } .bad { color: #b42318; font-weight: bold; } .muted { color: #666; }
+.cards { display: flex; gap: 1rem; flex-wrap: wrap; }
+.card { background: #fff; border: 1px solid #d0d0d0; padding: 0.6rem 1rem; min-width: 11rem; }
+.card .v { font-size: 1.5rem; font-variant-numeric: tabular-nums; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(34rem, 1fr)); gap: 1rem; }
+.charts > div { background: #fff; border: 1px solid #d0d0d0; padding: 0.4rem; }
+.side { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
+pre { background: #f3f3f3; padding: 0.5rem; overflow-x: auto; }
+form.inline { display: inline; }
+"""
+
+_NAV = (("/ui/", "Overview"), ("/ui/runs", "Runs"), ("/ui/registry", "Registry"), ("/ui/fleet", "Fleet"))
+
+
+def _page(title: str, body: str, *, here: str = "", nav: bool = True) -> str:
+    links = "".join(
+        f'<a href="{href}"{" class=here" if href == here else ""}>{escape(label)}</a>' for href, label in _NAV
+    )
+    head = (
+        f'<header><span class="brand">deltaplane</span>{links}'
+        '<form class="inline" method="post" action="/ui/logout"><button>sign out</button></form></header>'
+        if nav
+        else '<header><span class="brand">deltaplane</span></header>'
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · deltaplane</title>'
+        f'<meta name="viewport" content="width=device-width"><style>{_CSS}</style></head>'
+        f"<body>{head}<main><h1>{escape(title)}</h1>{body}</main></body></html>\n"
+    )
+
+
+def _num(value: Any, fmt: str = "{:.4f}", field: str = "") -> str:
+    attr = f' data-field="{escape(field)}"' if field else ""
+    if value is None or (isinstance(value, float) and not finite(value)):
+        return f'<td class="num"{attr}>—</td>'
+    return f'<td class="num"{attr}>{escape(fmt.format(value))}</td>'
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "—"
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> str:
+    ths = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join(rows)
+    if not body:
+        body = f'<tr><td colspan="{len(head)}" class="muted">none</td></tr>'
+    tid = f' id="{escape(table_id)}"' if table_id else ""
+    return f"<table{tid}><thead><tr>{ths}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _card(label: str, value: str, field: str) -> str:
+    return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{field}">{value}</div></div>'
+
+
+def login_page(error: str = "") -> str:
+    msg = f'<p class="bad">{escape(error)}</p>' if error else ""
+    body = (
+        f"{msg}<p>Sign in with the service's admin token (the one <code>deltaplane serve</code> or "
+        "<code>deltaplane ui</code> printed, or <code>DELTAPLANE_ADMIN_TOKEN</code>).</p>"
+        '<form method="post" action="/ui/login"><label>admin token '
+        '<input type="password" name="token" autocomplete="current-password" size="40" required></label> '
+        '<button type="submit">sign in</button></form>'
+    )
+    return _page("Sign in", body, nav=False)
+
+
+def error_page(status: int, message: str) -> str:
+    return _page(
+        f"{status}", f'<p class="bad">{escape(message)}</p><p><a href="/ui/">back to the overview</a></p>'
+    )
+
+
+def home_page(
+    runs: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] | None
+) -> str:
+    open_rounds = len(fleet.get("open_rounds", [])) if fleet else None
+    devices = len(fleet.get("devices", [])) if fleet else None
+    cards = (
+        _card("runs", str(len(runs)), "runs")
+        + _card("models", str(len(models)), "models")
+        + _card("open rounds", "—" if open_rounds is None else str(open_rounds), "open_rounds")
+        + _card("devices seen", "—" if devices is None else str(devices), "devices")
+    )
+    fleet_note = (
+        ""
+        if fleet
+        else '<p class="muted">No live fleet: this dashboard was started by <code>deltaplane ui</code>.</p>'
+    )
+    latest = "".join(
+        f'<tr><td><a href="/ui/run?{urlencode({"report": r["report"], "name": r["name"]})}">'
+        f"{escape(r['report'])} / {escape(r['name'])}</a></td>" + _num(r["test_accuracy"]) + "</tr>"
+        for r in runs[:5]
+    )
+    return _page(
+        "Overview",
+        f'<div class="cards">{cards}</div>{fleet_note}<h2>Latest runs</h2>'
+        + _table(["run", "final test accuracy"], [latest]),
+        here="/ui/",
+    )
+
+
+def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in runs:
+        q = urlencode({"report": r["report"], "name": r["name"]})
+        stopped = f' <span class="bad">{escape(str(r["stopped"]))}</span>' if r.get("stopped") else ""
+        rows.append(
+            f'<tr><td><input type="checkbox" name="run" value="{escape(r["report"] + "::" + r["name"])}"></td>'
+            f'<td><a href="/ui/run?{q}">{escape(r["report"])} / {escape(r["name"])}</a>{stopped}</td>'
+            f"<td>{escape(str(r['codec']))}</td>"
+            + _num(r["rounds"], "{}")
+            + _num(r["test_accuracy"], "{:.4f}", "test_accuracy")
+            + _num(r["epsilon"], "{:.3f}", "epsilon")
+            + _num(r["uplink_bytes"], "{:,}", "uplink_bytes")
+            + _num(r["downlink_bytes"], "{:,}", "downlink_bytes")
+            + _num(r["wall_time_s"], "{:.1f}")
+            + "</tr>"
+        )
+    table = _table(
+        [
+            "",
+            "run",
+            "uplink codec",
+            "rounds",
+            "final test acc.",
+            "ε",
+            "uplink bytes",
+            "downlink bytes",
+            "wall s",
+        ],
+        rows,
+        table_id="runs",
+    )
+    body = (
+        '<form method="get" action="/ui/compare"><p>Tick two runs and '
+        '<button type="submit">compare</button> them side by side.</p>'
+        f"{table}</form>"
+    )
+    return _page("Runs", body, here="/ui/runs")
+
+
+def _round_series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float | None]]:
+    return [(r["round"], r.get(key) if finite(r.get(key)) else None) for r in rounds]
+
+
+def _has(rounds: Sequence[Mapping[str, Any]], key: str) -> bool:
+    return any(finite(r.get(key)) for r in rounds)
+
+
+def run_charts(name: str, rounds: Sequence[Mapping[str, Any]], *, prefix: str = "") -> str:
+    """The charts of one run; ``prefix`` keeps element ids unique when two runs share a page."""
+    charts = []
+    spread = [
+        (r["round"], r["client_accuracy_p10"], r["client_accuracy_p90"])
+        for r in rounds
+        if finite(r.get("client_accuracy_p10")) and finite(r.get("client_accuracy_p90"))
+    ]
+    acc = [Series("test accuracy", _round_series(rounds, "test_accuracy"))]
+    acc.append(Series("client mean", _round_series(rounds, "client_accuracy_mean"), band=spread))
+    acc.append(Series("client min", _round_series(rounds, "client_accuracy_min"), dashed=True))
+    charts.append(
+        line_chart(
+            acc,
+            title=f"{name}: accuracy (band: clients p10–p90)",
+            x_label="round",
+            y_label="accuracy",
+            chart_id=f"{prefix}chart-accuracy",
+        )
+    )
+    up = [
+        Series("uplink", _round_series(rounds, "uplink_bytes")),
+        Series("downlink", _round_series(rounds, "downlink_bytes")),
+    ]
+    charts.append(
+        line_chart(
+            up,
+            title="bytes per round",
+            x_label="round",
+            y_label="bytes",
+            y_min=0,
+            chart_id=f"{prefix}chart-bytes",
+        )
+    )
+    cum = [
+        Series("uplink", _round_series(rounds, "cumulative_uplink_bytes")),
+        Series("downlink", _round_series(rounds, "cumulative_downlink_bytes")),
+    ]
+    charts.append(
+        line_chart(
+            cum,
+            title="cumulative bytes",
+            x_label="round",
+            y_label="bytes",
+            y_min=0,
+            chart_id=f"{prefix}chart-cumulative",
+        )
+    )
+    if _has(rounds, "epsilon") or _has(rounds, "clipped_fraction"):
+        priv = []
+        if _has(rounds, "epsilon"):
+            priv.append(Series("ε spent", _round_series(rounds, "epsilon")))
+        charts.append(
+            line_chart(
+                priv or [Series("ε", [])],
+                title="privacy: ε spent",
+                x_label="round",
+                y_label="ε",
+                y_min=0,
+                chart_id=f"{prefix}chart-epsilon",
+            )
+        )
+        if _has(rounds, "clipped_fraction"):
+            charts.append(
+                line_chart(
+                    [Series("clipped", _round_series(rounds, "clipped_fraction"))],
+                    title="share of updates clipped",
+                    x_label="round",
+                    y_label="fraction",
+                    y_min=0,
+                    y_max=1,
+                    chart_id=f"{prefix}chart-clipped",
+                )
+            )
+    if _has(rounds, "backdoor_success"):
+        charts.append(
+            line_chart(
+                [Series("backdoor success", _round_series(rounds, "backdoor_success"))],
+                title="backdoor success (attack simulated)",
+                x_label="round",
+                y_label="share",
+                y_min=0,
+                y_max=1,
+                chart_id=f"{prefix}chart-backdoor",
+            )
+        )
+    charts.append(
+        line_chart(
+            [Series("rejected", _round_series(rounds, "rejected"))],
+            title="rejected updates",
+            x_label="round",
+            y_label="updates",
+            y_min=0,
+            chart_id=f"{prefix}chart-rejected",
+        )
+    )
+    charts.append(
+        line_chart(
+            [Series("seconds", _round_series(rounds, "seconds"))],
+            title="time per round",
+            x_label="round",
+            y_label="seconds",
+            y_min=0,
+            chart_id=f"{prefix}chart-time",
+        )
+    )
+    return '<div class="charts">' + "".join(f"<div>{c}</div>" for c in charts) + "</div>"
+
+
+_ROUND_COLUMNS = (
+    ("round", "round", "{}"),
+    ("clients", "clients", "{}"),
+    ("test acc.", "test_accuracy", "{:.4f}"),
+    ("client mean", "client_accuracy_mean", "{:.4f}"),
+    ("client min", "client_accuracy_min", "{:.4f}"),
+    ("client p10", "client_accuracy_p10", "{:.4f}"),
+    ("client median", "client_accuracy_median", "{:.4f}"),
+    ("client p90", "client_accuracy_p90", "{:.4f}"),
+    ("client max", "client_accuracy_max", "{:.4f}"),
+    ("uplink B", "uplink_bytes", "{:,}"),
+    ("downlink B", "downlink_bytes", "{:,}"),
+    ("ε", "epsilon", "{:.3f}"),
+    ("clipped", "clipped_fraction", "{:.2f}"),
+    ("rejected", "rejected", "{}"),
+    ("backdoor", "backdoor_success", "{:.3f}"),
+    ("seconds", "seconds", "{:.3f}"),
+)
+
+
+def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str) -> str:
+    cols = [
+        c
+        for c in _ROUND_COLUMNS
+        if c[1] in ("round", "clients") or any(r.get(c[1]) is not None for r in rounds)
+    ]
+    rows = [
+        f'<tr data-round="{r["round"]}">' + "".join(_num(r.get(k), f, k) for _, k, f in cols) + "</tr>"
+        for r in rounds
+    ]
+    return _table([h for h, _, _ in cols], rows, table_id=table_id)
+
+
+def _headline(run: Mapping[str, Any], prefix: str = "") -> str:
+    final = run.get("final", {})
+    cards = _card(
+        "final test accuracy", _fmt(final.get("test_accuracy"), "{:.4f}"), f"{prefix}final.test_accuracy"
+    )
+    cards += _card(
+        "uplink bytes", _fmt(final.get("cumulative_uplink_bytes"), "{:,}"), f"{prefix}final.uplink"
+    )
+    cards += _card(
+        "downlink bytes", _fmt(final.get("cumulative_downlink_bytes"), "{:,}"), f"{prefix}final.downlink"
+    )
+    cards += _card("ε (final)", _fmt(final.get("epsilon"), "{:.3f}"), f"{prefix}final.epsilon")
+    return f'<div class="cards">{cards}</div>'
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and not finite(v)) else escape(fmt.format(v))
+
+
+def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str:
+    rounds = run.get("rounds", [])
+    stopped = (
+        f'<p class="bad" data-field="stopped">{escape(str(run["stopped"]))}</p>' if run.get("stopped") else ""
+    )
+    others = [r["name"] for r in doc["runs"] if r["name"] != run["name"]]
+    compare = "".join(
+        f'<li><a href="/ui/compare?{urlencode([("run", report + "::" + run["name"]), ("run", report + "::" + o)])}">'
+        f"compare with {escape(o)}</a></li>"
+        for o in others
+    )
+    body = (
+        f"<p>Report <code>{escape(report)}</code> · {escape(str(doc.get('title', '')))}</p>{stopped}"
+        + _headline(run)
+        + (f"<ul>{compare}</ul>" if compare else "")
+        + run_charts(run["name"], rounds)
+        + "<h2>Per round</h2>"
+        + _rounds_table(rounds, "rounds")
+        + "<h2>Configuration</h2>"
+        + f'<pre id="config">{escape(json.dumps(run.get("config", {}), indent=2, sort_keys=True))}</pre>'
+    )
+    return _page(f"Run {run['name']}", body, here="/ui/runs")
+
+
+def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, Any]]) -> str:
+    (ka, ra), (kb, rb) = a, b
+    diff = config_diff(ra.get("config", {}), rb.get("config", {}))
+    diff_rows = [
+        f"<tr><td><code>{escape(k)}</code></td><td>{escape(json.dumps(va))}</td><td>{escape(json.dumps(vb))}</td></tr>"
+        for k, va, vb in diff
+    ]
+    metrics = (
+        ("final test accuracy", "test_accuracy", "{:.4f}"),
+        ("client accuracy mean", "client_accuracy_mean", "{:.4f}"),
+        ("client accuracy min", "client_accuracy_min", "{:.4f}"),
+        ("uplink bytes", "cumulative_uplink_bytes", "{:,}"),
+        ("downlink bytes", "cumulative_downlink_bytes", "{:,}"),
+        ("ε", "epsilon", "{:.3f}"),
+        ("backdoor success", "backdoor_success", "{:.3f}"),
+    )
+    fa, fb = ra.get("final", {}), rb.get("final", {})
+    mrows = []
+    for label, key, fmt in metrics:
+        va, vb = fa.get(key), fb.get(key)
+        if va is None and vb is None:
+            continue
+        delta = vb - va if finite(va) and finite(vb) else None
+        mrows.append(
+            f"<tr><td>{escape(label)}</td>"
+            + _num(va, fmt, f"a.{key}")
+            + _num(vb, fmt, f"b.{key}")
+            + _num(delta, "{:+.4f}" if "bytes" not in label else "{:+,}", f"delta.{key}")
+            + "</tr>"
+        )
+    body = (
+        f"<h2>Metrics</h2>{_table(['metric', 'A: ' + ka, 'B: ' + kb, 'B − A'], mrows, table_id='compare-metrics')}"
+        f"<h2>Config diff</h2>{_table(['field', 'A', 'B'], diff_rows, table_id='config-diff')}"
+        '<div class="side">'
+        f"<div><h2>A: {escape(ka)}</h2>{run_charts(ra['name'], ra.get('rounds', []), prefix='a-')}</div>"
+        f"<div><h2>B: {escape(kb)}</h2>{run_charts(rb['name'], rb.get('rounds', []), prefix='b-')}</div>"
+        "</div>"
+    )
+    return _page("Compare runs", body, here="/ui/runs")
+
+
+def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
+    rows = [
+        f'<tr><td><a href="/ui/registry/{escape(m["model"])}">{escape(m["model"])}</a></td>'
+        + _num(m["versions"], "{}", "versions")
+        + _num(m["deltas"], "{}", "deltas")
+        + _num(m["latest"], "{}", "latest")
+        + f"<td>{escape(', '.join(f'{t} → {n}' for t, n in sorted(m['tags'].items())))}</td></tr>"
+        for m in models
+    ]
+    where = f"<p>Registry at <code>{escape(home)}</code>.</p>" if home else "<p>No registry configured.</p>"
+    return _page(
+        "Registry",
+        where + _table(["model", "versions", "deltas", "latest", "tags"], rows, table_id="models"),
+        here="/ui/registry",
+    )
+
+
+def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
+    """Parents as edges between version boxes (deltas drawn as base → target), newest on the right."""
+    arts = [v["artifact"] for v in versions if v["artifact"].kind == "model"]
+    if not arts:
+        return ""
+    pos = {a.number: i for i, a in enumerate(sorted(arts, key=lambda a: a.number))}
+    w, h, gap = 92, 34, 40
+    width = len(pos) * (w + gap) + 20
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="lineage" viewBox="0 0 {width} 120" width="{min(width, 1400)}">',
+        "<title>lineage</title>",
+    ]
+    for a in arts:
+        x = 10 + pos[a.number] * (w + gap)
+        src = a.lineage.get("source") or a.lineage.get("kind") or ""
+        if a.parent is not None and a.parent in pos:
+            px = 10 + pos[a.parent] * (w + gap) + w
+            parts.append(f'<line x1="{px}" y1="60" x2="{x}" y2="60" stroke="#555" marker-end="url(#arrow)"/>')
+        for extra in a.lineage.get("parents", []) if isinstance(a.lineage.get("parents"), list) else []:
+            if isinstance(extra, int) and extra in pos and extra != a.parent:
+                px = 10 + pos[extra] * (w + gap) + w / 2
+                parts.append(
+                    f'<path d="M{px},43 C{px},5 {x + w / 2},5 {x + w / 2},43" fill="none" stroke="#999"/>'
+                )
+        parts.append(
+            f'<rect x="{x}" y="43" width="{w}" height="{h}" rx="4" fill="#eef0f4" stroke="#14213d"/>'
+        )
+        parts.append(f'<text x="{x + w / 2}" y="58" font-size="12" text-anchor="middle">@{a.number}</text>')
+        parts.append(
+            f'<text x="{x + w / 2}" y="72" font-size="10" text-anchor="middle">{escape(str(src))[:14]}</text>'
+        )
+    parts.insert(
+        2,
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
+        'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def model_page(view: Mapping[str, Any]) -> str:
+    model = view["model"]
+    vrows = []
+    for v in view["versions"]:
+        a = v["artifact"]
+        sig = '<span class="ok">verified</span>' if v["signature_ok"] else '<span class="bad">FAILED</span>'
+        gov = a.governance
+        problems = "".join(f'<div class="bad">{escape(p)}</div>' for p in v["governance_problems"])
+        evals = "; ".join(
+            ", ".join(
+                f"{k}={val:.4f}" for k, val in sorted(e["metrics"].items()) if isinstance(val, int | float)
+            )
+            for e in v["evaluations"][-1:]
+        )
+        vrows.append(
+            f'<tr data-version="{a.number}" data-kind="{escape(a.kind)}"><td>{escape(a.ref)}</td><td>{escape(a.kind)}</td>'
+            + _num(a.size, "{:,}", "size")
+            + f"<td>{'' if a.parent is None else a.parent}</td>"
+            f"<td>{'' if a.base is None else f'{a.base} → {a.target}'}</td>"
+            f"<td>{escape(a.codec or '')}</td>"
+            f"<td data-field='signature'>{sig}</td>"
+            f"<td>{escape(', '.join(v['tags']))}</td>"
+            f"<td>{escape(', '.join(gov.cohorts))}{problems}</td>"
+            f"<td>{escape(', '.join(gov.excluded_cohorts))}</td>"
+            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True))[:160]}</code></td>"
+            f"<td>{escape(evals)}</td><td>{_when(a.created_at)}</td></tr>"
+        )
+    versions = _table(
+        [
+            "version",
+            "kind",
+            "bytes",
+            "parent",
+            "delta",
+            "codec",
+            "signature",
+            "tags",
+            "cohorts",
+            "excludes",
+            "lineage",
+            "last evaluation",
+            "created",
+        ],
+        vrows,
+        table_id="versions",
+    )
+    hist_rows = [
+        f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{h['number']}</td>"
+        f"<td>{'' if h['previous'] is None else h['previous']}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
+        for tag, hist in view["history"].items()
+        for h in hist
+    ]
+    dec_rows = []
+    for d in view["decisions"]:
+        verdict = '<span class="ok">promoted</span>' if d["promoted"] else '<span class="bad">refused</span>'
+        nums = "; ".join(
+            f"{k}: {v:.4f}"
+            + (f" (was {d['baseline'][k]:.4f})" if d["baseline"] and k in d["baseline"] else "")
+            for k, v in sorted(d["metrics"].items())
+            if isinstance(v, int | float)
+        )
+        dec_rows.append(
+            f'<tr data-promoted="{str(d["promoted"]).lower()}"><td>@{d["candidate"]} → :{escape(d["tag"])}</td>'
+            f"<td>{verdict}</td><td>{escape(nums)}</td><td>{escape('; '.join(d['reasons']))}</td>"
+            f"<td>{escape(d['evaluator'])}</td><td>{_when(d['at'])}</td></tr>"
+        )
+    withdrawn = ", ".join(view["withdrawn"]) or "none"
+    body = (
+        "<h2>Lineage</h2>"
+        + _lineage_svg(view["versions"])
+        + "<h2>Versions</h2>"
+        + versions
+        + "<h2>Tags</h2>"
+        + _table(
+            ["tag", "action", "version", "previous", "reason", "when"], hist_rows, table_id="tag-history"
+        )
+        + "<h2>Promotion decisions</h2>"
+        + _table(
+            ["candidate", "verdict", "gate numbers", "reasons", "evaluator", "when"],
+            dec_rows,
+            table_id="decisions",
+        )
+        + f"<h2>Governance</h2><p>Withdrawn cohorts: <span data-field='withdrawn'>{escape(withdrawn)}</span></p>"
+    )
+    return _page(f"Model {model}", body, here="/ui/registry")
+
+
+def fleet_page(fleet: Mapping[str, Any] | None) -> str:
+    if not fleet:
+        return _page(
+            "Fleet",
+            '<p class="muted">No live fleet: start the dashboard with <code>deltaplane serve</code> to see rounds, '
+            "devices and drift.</p>",
+            here="/ui/fleet",
+        )
+    rounds = [
+        f"<tr><td>{escape(r['model'])}</td>"
+        + _num(r["round"], "{}", "round")
+        + _num(r["base_version"], "{}")
+        + _num(r["uploads"], "{}", "uploads")
+        + f"<td>{_when(r.get('opened_at'))}</td></tr>"
+        for r in fleet.get("open_rounds", [])
+    ]
+    devices = [
+        f"<tr><td>{escape(d['device'])}</td><td>{escape(d['cohort'])}</td>"
+        + _num(d["requests"], "{}")
+        + f"<td>{_when(d['last_seen'])}</td></tr>"
+        for d in fleet.get("devices", [])
+    ]
+    uploads = [
+        f"<tr><td>{escape(k)}</td>" + _num(v, "{:,}", f"uploads.{k}") + "</tr>"
+        for k, v in sorted(fleet.get("uploads", {}).items())
+    ]
+    drift_parts = []
+    for model, windows in sorted(fleet.get("drift", {}).items()):
+        features: dict[str, list[tuple[float, float | None]]] = {}
+        for i, w in enumerate(windows, start=1):
+            for row in w.get("rows", []):
+                if row.get("psi") is not None:
+                    features.setdefault(f"{row['kind']}:{row['name']}", []).append((i, row["psi"]))
+        top = sorted(features, key=lambda k: -max(v or 0 for _, v in features[k]))[:6]
+        chart = line_chart(
+            [Series(k, features[k]) for k in top],
+            title=f"{model}: PSI per window (6 largest)",
+            x_label="window",
+            y_label="PSI",
+            y_min=0,
+            chart_id=f"drift-{model}",
+        )
+        last = windows[-1] if windows else {}
+        rows = [
+            f"<tr><td>{escape(str(r.get('kind')))}</td><td>{escape(str(r.get('name')))}</td>"
+            + _num(r.get("psi"), "{:.3f}")
+            + _num(r.get("stat"), "{:.3f}")
+            + _num(r.get("p_value"), "{:.3g}")
+            + f"<td>{'yes' if r.get('flagged') else ''}</td></tr>"
+            for r in last.get("rows", [])
+        ]
+        drift_parts.append(
+            f"<h3>{escape(model)}</h3><div class='charts'><div>{chart}</div></div>"
+            + _table(
+                ["kind", "feature", "PSI", "statistic", "p", "flagged"], rows, table_id=f"drift-table-{model}"
+            )
+        )
+    alerts = [
+        f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{a.get('version', '')}</td>"
+        f"<td>{_when(a.get('at'))}</td></tr>"
+        for a in reversed(fleet.get("alerts", []))
+    ]
+    body = (
+        "<h2>Open rounds</h2>"
+        + _table(["model", "round", "base version", "uploads", "opened"], rounds, table_id="open-rounds")
+        + "<h2>Uploads</h2>"
+        + _table(["outcome", "count"], uploads, table_id="uploads")
+        + "<h2>Devices seen</h2>"
+        + _table(["device", "cohort", "requests", "last seen"], devices, table_id="devices")
+        + "<h2>Drift</h2>"
+        + ("".join(drift_parts) or '<p class="muted">no drift reference set</p>')
+        + "<h2>Alerts</h2>"
+        + _table(["model", "alert", "version", "when"], alerts, table_id="alerts")
+    )
+    return _page("Fleet", body, here="/ui/fleet")

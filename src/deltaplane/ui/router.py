@@ -1,0 +1,205 @@
+"""The dashboard's routes under ``/ui``: runs, registry and fleet pages behind the admin token.
+
+Mounted by ``deltaplane serve`` (with the live fleet) and served alone by ``deltaplane ui`` (runs and registry).
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
+from deltaplane.ui import pages
+from deltaplane.ui.session import COOKIE, SESSION_SECONDS, check_cookie, make_cookie
+from deltaplane.ui.sources import FleetSource, RegistryView, RunRef, RunsSource
+
+__all__ = ["LoginThrottle", "create_ui_router"]
+
+#: A login form body is one short field; anything longer is refused before it is parsed.
+MAX_LOGIN_BODY = 4096
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
+
+
+class _LoginRequired(Exception):
+    pass
+
+
+class LoginThrottle:
+    """After ``limit`` failed sign-ins from one address, refuse that address for ``lockout_s`` seconds.
+
+    Bounded: at most ``max_keys`` addresses are remembered (the oldest are forgotten first).
+    """
+
+    def __init__(self, *, limit: int = 5, lockout_s: float = 60.0, max_keys: int = 10_000) -> None:
+        self.limit, self.lockout_s, self.max_keys = limit, lockout_s, max_keys
+        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def blocked(self, key: str) -> float:
+        """Seconds ``key`` must still wait (0.0 when it may try)."""
+        with self._lock:
+            count, since = self._fails.get(key, (0, 0.0))
+            wait = since + self.lockout_s - time.monotonic()
+            return wait if count >= self.limit and wait > 0 else 0.0
+
+    def failed(self, key: str) -> None:
+        with self._lock:
+            count, since = self._fails.pop(key, (0, time.monotonic()))
+            if time.monotonic() - since > self.lockout_s:
+                count, since = 0, time.monotonic()
+            self._fails[key] = (count + 1, since)
+            while len(self._fails) > self.max_keys:
+                self._fails.popitem(last=False)
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._fails.pop(key, None)
+
+
+def _html(body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def create_ui_router(
+    *,
+    admin_token: str,
+    runs_dir: str | None,
+    registry_home: str | None,
+    fleet: FleetSource | None = None,
+    throttle: LoginThrottle | None = None,
+) -> APIRouter:
+    """The ``/ui`` routes. ``fleet`` returns the live snapshot (None without a service)."""
+    if len(admin_token) < 16:
+        raise ConfigError("the dashboard needs an admin token of at least 16 characters")
+    runs = RunsSource(runs_dir)
+    registry = RegistryView(registry_home)
+    throttle = throttle or LoginThrottle()
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+
+    def signed_in(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer ") and hmac.compare_digest(
+            auth[7:].strip().encode(), admin_token.encode()
+        ):
+            return
+        if not check_cookie(admin_token, request.cookies.get(COOKIE)):
+            raise _LoginRequired
+
+    Admin = Depends(signed_in)
+
+    def guarded(render: Callable[..., str]) -> Callable[..., Response]:
+        def wrapper(*args: Any, **kwargs: Any) -> Response:
+            try:
+                return _html(render(*args, **kwargs))
+            except NotFound as exc:
+                return _html(pages.error_page(404, str(exc)), 404)
+            except DeltaplaneError as exc:
+                return _html(pages.error_page(400, str(exc)), 400)
+
+        return wrapper
+
+    def snapshot() -> Any:
+        return fleet() if fleet is not None else None
+
+    @router.get("/login")
+    def login_form() -> Response:
+        return _html(pages.login_page())
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        who = request.client.host if request.client else "?"
+        wait = throttle.blocked(who)
+        if wait:
+            return _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BODY:
+                return _html(pages.login_page("sign-in form too large"), 413)
+        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
+        if not hmac.compare_digest(token.encode(), admin_token.encode()):
+            throttle.failed(who)
+            return _html(pages.login_page("wrong admin token"), 401)
+        throttle.succeeded(who)
+        resp = RedirectResponse("/ui/", status_code=303)
+        resp.set_cookie(
+            COOKIE,
+            make_cookie(admin_token),
+            max_age=SESSION_SECONDS,
+            path="/ui",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return resp
+
+    @router.post("/logout")
+    def logout() -> Response:
+        resp = RedirectResponse("/ui/login", status_code=303)
+        resp.delete_cookie(COOKIE, path="/ui")
+        return resp
+
+    @router.get("/", dependencies=[Admin])
+    def home() -> Response:
+        return guarded(pages.home_page)(runs.listing(), registry.models(), snapshot())
+
+    @router.get("/runs", dependencies=[Admin])
+    def runs_list() -> Response:
+        return guarded(pages.runs_page)(runs.listing())
+
+    @router.get("/run", dependencies=[Admin])
+    def run_detail(
+        report: Annotated[str, Query(max_length=1024)], name: Annotated[str, Query(max_length=256)]
+    ) -> Response:
+        def render() -> str:
+            doc, run = runs.run(RunRef(report, name))
+            return pages.run_page(report, doc, run)
+
+        return guarded(render)()
+
+    @router.get("/compare", dependencies=[Admin])
+    def compare(run: Annotated[list[str], Query(max_length=1300)] = []) -> Response:  # noqa: B006
+        def render() -> str:
+            if len(run) != 2:
+                raise ConfigError(f"tick exactly two runs to compare (got {len(run)})")
+            pair = []
+            for key in run:
+                report, sep, name = key.partition("::")
+                if not sep:
+                    raise ConfigError(f"run {key!r} is not of the form REPORT::NAME")
+                pair.append((key, runs.run(RunRef(report, name))[1]))
+            return pages.compare_page(pair[0], pair[1])
+
+        return guarded(render)()
+
+    @router.get("/registry", dependencies=[Admin])
+    def registry_list() -> Response:
+        return guarded(pages.registry_page)(registry.models(), registry_home)
+
+    @router.get("/registry/{model}", dependencies=[Admin])
+    def model_detail(model: str) -> Response:
+        return guarded(lambda: pages.model_page(registry.model(model)))()
+
+    @router.get("/fleet", dependencies=[Admin])
+    def fleet_view() -> Response:
+        return guarded(pages.fleet_page)(snapshot())
+
+    return router
+
+
+def install_login_redirect(app: Any) -> None:
+    """Send a browser without a session to the sign-in page instead of a bare 401."""
+
+    @app.exception_handler(_LoginRequired)
+    async def _to_login(request: Request, exc: _LoginRequired) -> Response:
+        if request.method == "GET":
+            return RedirectResponse("/ui/login", status_code=303)
+        return _html(pages.login_page("sign in first"), 401)

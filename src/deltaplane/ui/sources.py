@@ -1,0 +1,223 @@
+"""Where the dashboard's numbers come from: run reports on disk, the registry, and the live fleet.
+
+Every page is rendered from these three read-only views, so the dashboard shows exactly what ``report.json``,
+the registry database and the service hold — it computes nothing of its own beyond sorting and differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
+from deltaplane.registry.store import Artifact, Registry
+from deltaplane.report.writer import load_report
+
+__all__ = ["FleetSource", "RegistryView", "RunRef", "RunsSource", "config_diff"]
+
+#: A callable returning the live fleet snapshot (see :meth:`deltaplane.serve.app.ServiceState.fleet_snapshot`),
+#: or None when the dashboard runs without a service (``deltaplane ui``).
+FleetSource = Callable[[], Mapping[str, Any]]
+
+#: Reports larger than this are not loaded (a dashboard must stay responsive whatever lies in the folder).
+MAX_REPORT_BYTES = 64 << 20
+#: At most this many report.json files are listed (newest first).
+MAX_REPORTS = 500
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One run inside one report: ``report`` is the report folder relative to the runs root."""
+
+    report: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.report}::{self.name}"
+
+
+class RunsSource:
+    """The runs under a folder: every ``report.json`` below ``root`` (at most :data:`MAX_REPORTS`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None) -> None:
+        self.root = Path(root).resolve() if root is not None else None
+
+    def reports(self) -> list[tuple[str, Path]]:
+        """(relative folder, path) of each report.json, newest first."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.rglob("report.json"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if st.st_size <= MAX_REPORT_BYTES:
+                found.append((st.st_mtime, path))
+        found.sort(reverse=True)
+        out = []
+        for _, path in found[:MAX_REPORTS]:
+            rel = path.parent.relative_to(self.root).as_posix()
+            out.append((rel or ".", path))
+        return out
+
+    def load(self, report: str) -> dict[str, Any]:
+        """The report document of folder ``report`` (relative to the root); NotFound outside the root."""
+        if self.root is None:
+            raise NotFound("this dashboard was started without a runs folder")
+        path = (self.root / report / "report.json").resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            raise NotFound(f"no report {report!r} under {self.root}")
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
+        return load_report(path)
+
+    def run(self, ref: RunRef) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(report document, run) for ``ref``."""
+        doc = self.load(ref.report)
+        for run in doc["runs"]:
+            if run.get("name") == ref.name:
+                return doc, run
+        raise NotFound(
+            f"report {ref.report!r} has no run {ref.name!r}; runs: {[r['name'] for r in doc['runs']]}"
+        )
+
+    def listing(self) -> list[dict[str, Any]]:
+        """One row per run of every readable report: headline figures for the runs table."""
+        rows = []
+        for rel, path in self.reports():
+            try:
+                doc = load_report(path)
+            except DeltaplaneError:
+                continue
+            summary = {s["name"]: s for s in doc.get("summary", [])}
+            for run in doc["runs"]:
+                final = run.get("final", {})
+                s = summary.get(run["name"], {})
+                rows.append(
+                    {
+                        "report": rel,
+                        "name": run["name"],
+                        "title": doc.get("title", ""),
+                        "codec": s.get("codec", run.get("config", {}).get("codec", "?")),
+                        "rounds": len(run.get("rounds", [])),
+                        "test_accuracy": final.get("test_accuracy"),
+                        "epsilon": final.get("epsilon"),
+                        "uplink_bytes": final.get("cumulative_uplink_bytes"),
+                        "downlink_bytes": final.get("cumulative_downlink_bytes"),
+                        "stopped": run.get("stopped"),
+                        "wall_time_s": run.get("wall_time_s"),
+                    }
+                )
+        return rows
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, value in a, value in b) for every config field whose values differ (nested keys dotted)."""
+    fa, fb = _flatten(a), _flatten(b)
+    missing = object()
+    rows = []
+    for key in sorted(set(fa) | set(fb)):
+        va, vb = fa.get(key, missing), fb.get(key, missing)
+        if va != vb:
+            rows.append((key, None if va is missing else va, None if vb is missing else vb))
+    return rows
+
+
+class RegistryView:
+    """Read-only questions the dashboard asks of a registry (opened lazily: it may not exist yet)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None) -> None:
+        self.home = Path(home) if home is not None else None
+        self._registry: Registry | None = None
+        # versions are immutable: a signature checked once stays checked (keyed by hash and signature)
+        self._checked: dict[tuple[str, str], bool] = {}
+
+    @property
+    def registry(self) -> Registry | None:
+        if self._registry is None and self.home is not None and (self.home / "registry.db").exists():
+            self._registry = Registry(self.home)
+        return self._registry
+
+    def models(self) -> list[dict[str, Any]]:
+        reg = self.registry
+        if reg is None:
+            return []
+        rows = []
+        for model in reg.models():
+            versions = reg.versions(model)
+            rows.append(
+                {
+                    "model": model,
+                    "versions": sum(1 for v in versions if v.kind == "model"),
+                    "deltas": sum(1 for v in versions if v.kind != "model"),
+                    "latest": max((v.number for v in versions if v.kind == "model"), default=None),
+                    "tags": reg.tags(model),
+                }
+            )
+        return rows
+
+    def model(self, model: str) -> dict[str, Any]:
+        """Everything the model page shows: versions, tags and their history, decisions, governance."""
+        reg = self.registry
+        if reg is None or model not in reg.models():
+            raise NotFound(f"no model {model!r} in the registry")
+        versions = reg.versions(model)
+        withdrawn = reg.withdrawn_cohorts()
+        tags = reg.tags(model)
+        history = {t: reg.tag_history(model, t) for t in sorted(tags)}
+        rows = []
+        for v in versions:
+            rows.append(
+                {
+                    "artifact": v,
+                    "signature_ok": self._signature_ok(reg, v),
+                    "evaluations": reg.evaluations(v),
+                    "governance_problems": reg.governance_problems(v) if withdrawn else [],
+                    "tags": sorted(t for t, n in tags.items() if n == v.number and v.kind == "model"),
+                }
+            )
+        return {
+            "model": model,
+            "versions": rows,
+            "tags": tags,
+            "history": history,
+            "decisions": reg.promotion_decisions(model),
+            "withdrawn": sorted(withdrawn),
+        }
+
+    def _signature_ok(self, reg: Registry, art: Artifact) -> bool:
+        key = (art.sha256, art.signature)
+        if key not in self._checked:
+            try:
+                reg.read(art, verify=True)
+                self._checked[key] = True
+            except DeltaplaneError:
+                self._checked[key] = False
+        return self._checked[key]
+
+
+def finite(x: Any) -> bool:
+    """True for a real, finite number (what a chart may plot)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,151 @@
+"""Inline SVG line charts for the dashboard: server-rendered, no JavaScript, no network.
+
+Why not matplotlib (which the HTML report uses): a dashboard page renders on every request, and matplotlib costs
+~0.8 s to import and tens of milliseconds per figure; a polyline is a few lines of text. The charts keep the
+data honest: the y-axis spans the data (padded), never a range chosen to exaggerate noise, and each series is
+also listed in a table on the page, so every plotted number can be read exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+__all__ = ["PALETTE", "Series", "line_chart"]
+
+#: Colour-blind-safe palette (Okabe & Ito), one colour per series in order.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line: ``points`` are (x, y); ``None`` y values leave a gap. ``band`` draws a shaded (low, high)."""
+
+    label: str
+    points: Sequence[tuple[float, float | None]]
+    band: Sequence[tuple[float, float, float]] = ()
+    dashed: bool = False
+
+
+def _ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    if integer:  # rounds and windows are whole numbers: no tick at 1.5
+        step = max(1.0, float(math.ceil(step)))
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _fmt(v: float) -> str:
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.2g}"
+    return f"{v:.4g}"
+
+
+def line_chart(
+    series: Sequence[Series],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 760,
+    height: int = 260,
+    y_min: float | None = None,
+    y_max: float | None = None,
+    chart_id: str = "",
+) -> str:
+    """An ``<svg>`` line chart of ``series`` with axes, ticks and a legend placed *below* the plot area.
+
+    The legend never covers data (the report's old legend hid the baseline curve). ``y_min``/``y_max`` pin an
+    axis end when a metric has a natural bound (e.g. 0 for bytes); otherwise the axis spans the data.
+    """
+    xs = [x for s in series for x, y in s.points if y is not None]
+    ys = [y for s in series for _, y in s.points if y is not None]
+    ys += [v for s in series for _, lo, hi in s.band for v in (lo, hi)]
+    left, right, top, bottom = 64, 16, 28, 40
+    legend_h = 18 * ((len(series) + 2) // 3)
+    total_h = height + legend_h
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" id="{escape(chart_id)}" '
+        f'viewBox="0 0 {width} {total_h}" width="100%" preserveAspectRatio="xMinYMin meet">',
+        f"<title>{escape(title)}</title>",
+        f'<text x="{left}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>',
+    ]
+    if not xs:
+        out.append(f'<text x="{left}" y="{height // 2}" font-size="12">no data</text></svg>')
+        return "".join(out)
+    x0, x1 = min(xs), max(xs)
+    lo = min(ys) if y_min is None else y_min
+    hi = max(ys) if y_max is None else y_max
+    if hi == lo:
+        pad = abs(hi) * 0.05 or 1.0
+        lo, hi = (lo, hi + pad) if y_min is not None else (lo - pad, hi + pad)
+    elif y_min is None or y_max is None:
+        pad = (hi - lo) * 0.05
+        lo = lo - pad if y_min is None else lo
+        hi = hi + pad if y_max is None else hi
+    if x1 == x0:
+        x1 = x0 + 1
+    pw, ph = width - left - right, height - top - bottom
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return top + (hi - y) / (hi - lo) * ph
+
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    for t in _ticks(lo, hi):
+        y = sy(t)
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{escape(_fmt(t))}</text>'
+        )
+    for t in _ticks(x0, x1, 8, integer=all(float(x).is_integer() for x in xs)):
+        x = sx(t)
+        out.append(
+            f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{escape(_fmt(t))}</text>'
+        )
+    out.append(
+        f'<text x="{left + pw / 2:.0f}" y="{top + ph + 32}" font-size="12" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+    )
+    out.append(
+        f'<text x="14" y="{top + ph / 2:.0f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + ph / 2:.0f})">{escape(y_label)}</text>'
+    )
+    for i, s in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        if s.band:
+            upper = " ".join(f"{sx(x):.1f},{sy(h):.1f}" for x, _, h in s.band)
+            lower = " ".join(f"{sx(x):.1f},{sy(lo_):.1f}" for x, lo_, _ in reversed(s.band))
+            out.append(
+                f'<polygon points="{upper} {lower}" fill="{colour}" fill-opacity="0.15" stroke="none"/>'
+            )
+        segment: list[str] = []
+        segments: list[list[str]] = []
+        for x, y in s.points:
+            if y is None:
+                if segment:
+                    segments.append(segment)
+                segment = []
+            else:
+                segment.append(f"{sx(x):.1f},{sy(y):.1f}")
+        if segment:
+            segments.append(segment)
+        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
+        for seg in segments:
+            out.append(
+                f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
+            )
+        lx = left + (i % 3) * (pw / 3)
+        ly = height + 4 + 18 * (i // 3)
+        out.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="4" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 20:.0f}" y="{ly + 6}" font-size="12">{escape(s.label)}</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -1,0 +1,239 @@
+"""The dashboard in a real browser (headless Chromium driven by Playwright) against a live service.
+
+Every page is opened as a person would (sign in, follow links, tick two runs and compare), and the numbers on
+the page are checked against the documents they come from: report.json, the registry and the service's fleet.
+Screenshots go to ``tmp_path``, and to ``docs/img/`` when ``DELTAPLANE_SCREENSHOTS=docs/img`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from deltaplane.registry import Registry, Tolerance, promote
+from deltaplane.report import write_report
+from deltaplane.serve import ServiceConfig, create_app
+from deltaplane.serve.server import BackgroundServer
+from deltaplane.sim import run_simulation
+from deltaplane.sim.config import RunConfig
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ADMIN = "admin-token-for-the-dashboard-test"
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:  # pragma: no cover - CI installs it (dev extra)
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (pip install '.[dev]')")
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Chromium is missing at {CHROMIUM}; .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash")
+    runs = root / "runs"
+    base = RunConfig(clients=6, rounds=4, seed=1)
+    results = {
+        "baseline": run_simulation(base),
+        "topk": run_simulation(base.replace(codec="topk(0.05) | quant(bits=8)")),
+        "dp": run_simulation(base.replace(clip="0.5", dp_noise=0.8)),
+    }
+    report = write_report(
+        [{"name": n, **r.to_dict()} for n, r in results.items()], runs / "demo", baseline="baseline"
+    ).report
+    home = root / "home"
+    reg = Registry.create(home)
+    s = {"w": torch.zeros(3)}
+    v1 = reg.register_model("digits", s, lineage={"source": "run"}, governance={"cohorts": ["eu", "us"]})
+    reg.register_model("digits", {"w": torch.ones(3)}, parent=v1.number, lineage={"source": "round"})
+    reg.register_model("digits", {"w": torch.full((3,), 2.0)}, parent=2, lineage={"source": "merge"})
+    scores = {1: 0.90, 2: 0.93, 3: 0.50}
+
+    def evaluator(state):
+        return {"accuracy": scores[int(state["w"][0]) + 1]}
+
+    promote(reg, "digits@1", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}))
+    promote(reg, "digits@2", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}))
+    refused = promote(
+        reg, "digits@3", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}), raise_on_refusal=False
+    )
+    assert not refused.promoted
+    reg.withdraw_cohort("eu", reason="consent withdrawn")
+    app = create_app(ServiceConfig(home=str(home), admin_token=ADMIN, runs_dir=str(runs)))
+    with BackgroundServer(app) as server:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        tok = httpx.post(
+            f"{server.url}/admin/devices", json={"device_id": "phone-7", "cohort": "us"}, headers=admin
+        )
+        tok.raise_for_status()
+        httpx.post(
+            f"{server.url}/admin/models/digits/rounds", json={"base_version": 2}, headers=admin
+        ).raise_for_status()
+        httpx.get(
+            f"{server.url}/v1/models/digits/round", headers={"Authorization": f"Bearer {tok.json()['token']}"}
+        ).raise_for_status()
+        yield {"url": server.url, "report": report, "registry": reg, "root": root}
+
+
+def _shots(tmp_path: Path) -> list[Path]:
+    dirs = [tmp_path]
+    extra = os.environ.get("DELTAPLANE_SCREENSHOTS")
+    if extra:
+        dirs.append(Path(extra))
+    return dirs
+
+
+def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
+    sync_playwright = _browser_or_skip()
+    url, report = world["url"], world["report"]
+    runs = {r["name"]: r for r in report["runs"]}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        external: list[str] = []
+        page.on(
+            "request",
+            lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else external.append(r.url),
+        )
+
+        def shot(name: str) -> None:
+            for d in _shots(tmp_path):
+                d.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(d / f"dashboard-{name}.png"), full_page=True)
+
+        # a browser without a session lands on the sign-in page; a wrong token is refused
+        page.goto(f"{url}/ui/runs")
+        assert page.url.endswith("/ui/login")
+        page.fill("input[name=token]", "not-the-admin-token")
+        page.click("button[type=submit]")
+        assert "wrong admin token" in page.content()
+        page.fill("input[name=token]", ADMIN)
+        page.click("button[type=submit]")
+        assert page.url.endswith("/ui/")
+        assert page.text_content("[data-field=runs]") == "3"
+        assert page.text_content("[data-field=open_rounds]") == "1"
+        shot("overview")
+
+        # runs: every run of report.json with its final figures
+        page.click("header >> text=Runs")
+        rows = page.locator("#runs tbody tr")
+        assert rows.count() == 3
+        for i in range(3):
+            row = rows.nth(i)
+            name = row.locator("a").text_content().split(" / ")[1]
+            final = runs[name]["final"]
+            assert row.locator("[data-field=test_accuracy]").text_content() == f"{final['test_accuracy']:.4f}"
+            assert (
+                row.locator("[data-field=uplink_bytes]").text_content()
+                == f"{final['cumulative_uplink_bytes']:,}"
+            )
+        shot("runs")
+
+        # one run: the per-round table equals report.json, round by round; charts are drawn
+        page.click("text=demo / dp")
+        dp_rounds = runs["dp"]["rounds"]
+        trs = page.locator("#rounds tbody tr")
+        assert trs.count() == len(dp_rounds)
+        for tr, rnd in zip(trs.all(), dp_rounds, strict=True):
+            assert tr.locator("[data-field=test_accuracy]").text_content() == f"{rnd['test_accuracy']:.4f}"
+            assert tr.locator("[data-field=epsilon]").text_content() == f"{rnd['epsilon']:.3f}"
+            assert (
+                tr.locator("[data-field=client_accuracy_p90]").text_content()
+                == f"{rnd['client_accuracy_p90']:.4f}"
+            )
+        assert page.text_content("[data-field='final.epsilon']") == f"{runs['dp']['final']['epsilon']:.3f}"
+        for chart in ("accuracy", "bytes", "cumulative", "epsilon", "clipped", "rejected", "time"):
+            assert page.locator(f"#chart-{chart} polyline").count() >= 1, chart
+        shot("run")
+
+        # compare two runs: metric differences and the config diff
+        page.goto(f"{url}/ui/runs")
+        page.check("input[value='demo::baseline']")
+        page.check("input[value='demo::topk']")
+        page.click("button:has-text('compare')")
+        a, b = runs["baseline"]["final"], runs["topk"]["final"]
+        assert page.text_content("[data-field='a.test_accuracy']") == f"{a['test_accuracy']:.4f}"
+        assert page.text_content("[data-field='b.test_accuracy']") == f"{b['test_accuracy']:.4f}"
+        diff = page.text_content("#config-diff")
+        assert "codec" in diff and "topk(0.05)" in diff
+        assert "seed" not in diff  # same in both
+        shot("compare")
+
+        # registry: versions with verified signatures, tags, promotions and refusals with the gate's numbers
+        page.click("header >> text=Registry")
+        assert page.locator("#models tbody tr").count() == 1
+        page.click("#models >> text=digits")
+        assert page.locator("#versions [data-field=signature]:has-text('verified')").count() == 3
+        refused = page.locator("#decisions tr[data-promoted=false]")
+        assert refused.count() == 1
+        text = refused.text_content()
+        assert "accuracy: 0.5000 (was 0.9300)" in text and "drops by 0.4300" in text
+        assert page.locator("#decisions tr[data-promoted=true]").count() == 2
+        assert page.text_content("[data-field=withdrawn]") == "eu"
+        assert "withdrawn cohort 'eu'" in page.text_content("#versions")
+        assert page.locator("#lineage rect").count() == 3
+        shot("registry")
+
+        # fleet: the open round, the device that asked for it
+        page.click("header >> text=Fleet")
+        assert page.locator("#open-rounds tbody tr").count() == 1
+        assert page.text_content("#open-rounds [data-field=round]") == "1"
+        assert "phone-7" in page.text_content("#devices")
+        shot("fleet")
+
+        assert external == [], f"the dashboard requested outside addresses: {external}"
+        browser.close()
+    assert (tmp_path / "dashboard-run.png").stat().st_size > 10_000
+
+
+def test_pages_need_the_admin_token(world):
+    url = world["url"]
+    with httpx.Client(base_url=url, follow_redirects=False) as c:
+        for path in ("/ui/", "/ui/runs", "/ui/registry/digits", "/ui/fleet", "/ui/run?report=demo&name=dp"):
+            r = c.get(path)
+            assert r.status_code == 303 and r.headers["location"] == "/ui/login", path
+        # a device token is not an admin session
+        assert c.get("/ui/fleet", headers={"Authorization": "Bearer x" * 3}).status_code == 303
+        assert c.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        # a forged or expired cookie does not pass
+        c.cookies.set("deltaplane_ui", "9999999999.deadbeef", path="/ui")
+        assert c.get("/ui/").status_code == 303
+
+
+def test_report_outside_the_runs_folder_is_not_served(world):
+    with httpx.Client(base_url=world["url"], headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.get("/ui/run", params={"report": "../../..", "name": "x"})
+        assert r.status_code == 404
+        assert c.get("/ui/run", params={"report": "demo", "name": "nope"}).status_code == 404
+        assert c.get("/ui/registry/unknown-model").status_code == 404
+        assert c.get("/ui/compare", params={"run": "demo::dp"}).status_code == 400
+
+
+def test_failed_sign_ins_are_throttled(world):
+    with httpx.Client(base_url=world["url"], follow_redirects=False) as c:
+        codes = [c.post("/ui/login", data={"token": f"wrong-{i}"}).status_code for i in range(7)]
+        assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+        assert c.post("/ui/login", content=b"token=" + b"x" * 10_000).status_code in (413, 429)
