@@ -57,6 +57,23 @@ def test_config_file_and_options(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["run", "--config", str(cfg), "--codec", "identity", "--no-followup", "--out", str(out)]
     )
+    assert (
+        result.exit_code == 2 and "--overwrite" in result.output
+    )  # an earlier run is never replaced silently
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--config",
+            str(cfg),
+            "--codec",
+            "identity",
+            "--no-followup",
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [(r["name"], r["config"]["codec"]) for r in doc["runs"]] == [("baseline", "identity")]

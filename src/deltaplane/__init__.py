@@ -5,50 +5,101 @@
 service, Flower adapters, reports) are imported from their own subpackages so that this import stays light.
 """
 
-from deltaplane.aggregation import (
-    Aggregator,
-    Clip,
-    CoordinateMedian,
-    DPFedAvg,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedOpt,
-    FedYogi,
-    FLTrust,
-    Krum,
-    NormBound,
-    PrivacyAccountant,
-    QuantileClip,
-    TrimmedMean,
-    Validate,
-)
-from deltaplane.codecs import (
-    Codec,
-    Compressor,
-    CompressorState,
-    Encoded,
-    Pipeline,
-    available_codecs,
-    decompress,
-    get_codec,
-    read_header,
-    register_codec,
-)
-from deltaplane.delta import Delta, StateDict
-from deltaplane.errors import (
-    CodecError,
-    ConfigError,
-    DecodeError,
-    DeltaplaneError,
-    InvalidUpdate,
-    PrivacyBudgetExceeded,
-    ShapeMismatch,
-    SpecError,
-    VersionMismatch,
-)
-from deltaplane.merging import merge, merge_files
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily (below)
+    from deltaplane.aggregation import (
+        Aggregator,
+        Clip,
+        CoordinateMedian,
+        DPFedAvg,
+        FedAdagrad,
+        FedAdam,
+        FedAvg,
+        FedAvgM,
+        FedOpt,
+        FedYogi,
+        FLTrust,
+        Krum,
+        NormBound,
+        PrivacyAccountant,
+        QuantileClip,
+        TrimmedMean,
+        Validate,
+    )
+    from deltaplane.codecs import (
+        Codec,
+        Compressor,
+        CompressorState,
+        Encoded,
+        Pipeline,
+        available_codecs,
+        decompress,
+        get_codec,
+        read_header,
+        register_codec,
+    )
+    from deltaplane.delta import Delta, StateDict
+    from deltaplane.errors import (
+        CodecError,
+        ConfigError,
+        DecodeError,
+        DeltaplaneError,
+        InvalidUpdate,
+        PrivacyBudgetExceeded,
+        ShapeMismatch,
+        SpecError,
+        VersionMismatch,
+    )
+    from deltaplane.merging import merge, merge_files
+
+# Lazy attributes (PEP 562): `import deltaplane` and `deltaplane --help` must not wait for torch; each name
+# is imported from its module on first use, and `from deltaplane import X` works as before.
+_LAZY = {
+    "Aggregator": "deltaplane.aggregation",
+    "available_codecs": "deltaplane.codecs",
+    "Clip": "deltaplane.aggregation",
+    "Codec": "deltaplane.codecs",
+    "CodecError": "deltaplane.errors",
+    "Compressor": "deltaplane.codecs",
+    "CompressorState": "deltaplane.codecs",
+    "ConfigError": "deltaplane.errors",
+    "CoordinateMedian": "deltaplane.aggregation",
+    "DecodeError": "deltaplane.errors",
+    "decompress": "deltaplane.codecs",
+    "Delta": "deltaplane.delta",
+    "DeltaplaneError": "deltaplane.errors",
+    "DPFedAvg": "deltaplane.aggregation",
+    "Encoded": "deltaplane.codecs",
+    "FedAdagrad": "deltaplane.aggregation",
+    "FedAdam": "deltaplane.aggregation",
+    "FedAvg": "deltaplane.aggregation",
+    "FedAvgM": "deltaplane.aggregation",
+    "FedOpt": "deltaplane.aggregation",
+    "FedYogi": "deltaplane.aggregation",
+    "FLTrust": "deltaplane.aggregation",
+    "get_codec": "deltaplane.codecs",
+    "InvalidUpdate": "deltaplane.errors",
+    "Krum": "deltaplane.aggregation",
+    "merge": "deltaplane.merging",
+    "merge_files": "deltaplane.merging",
+    "NormBound": "deltaplane.aggregation",
+    "Pipeline": "deltaplane.codecs",
+    "PrivacyAccountant": "deltaplane.aggregation",
+    "PrivacyBudgetExceeded": "deltaplane.errors",
+    "QuantileClip": "deltaplane.aggregation",
+    "read_header": "deltaplane.codecs",
+    "register_codec": "deltaplane.codecs",
+    "ShapeMismatch": "deltaplane.errors",
+    "SpecError": "deltaplane.errors",
+    "StateDict": "deltaplane.delta",
+    "TrimmedMean": "deltaplane.aggregation",
+    "Validate": "deltaplane.aggregation",
+    "VersionMismatch": "deltaplane.errors",
+}
 
 __version__ = "0.1.0"
 
@@ -95,3 +146,16 @@ __all__ = [
     "read_header",
     "register_codec",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deltaplane' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

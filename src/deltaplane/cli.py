@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.commands import clean_errors
+from deltaplane.commands import clean_errors, set_verbosity
+from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
@@ -49,14 +49,42 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help, on every command; every option's default in its help
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
-console = Console()
+console = shared_console
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("deltaplane")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            from deltaplane import __version__ as v
+        typer.echo(f"deltaplane {v}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
-    """deltaplane: the control plane for model deltas."""
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only results and errors; no progress.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
+) -> None:
+    """deltaplane: the control plane for model deltas.
+
+    Exit codes: 0 ok, 1 failure, 2 usage error, 3 refused by a gate (promotion, quality, privacy budget).
+    """
     # A callback keeps typer in multi-command mode, so `deltaplane run` stays `run` as commands are added.
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose contradict each other; pick one")
+    set_verbosity(-1 if quiet else 1 if verbose else 0)
 
 
 @app.command()
@@ -66,20 +94,22 @@ def run(
     ] = None,
     codec: Annotated[
         str | None,
-        typer.Option(help=f"Uplink codec spec. [default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"),
+        typer.Option(
+            help=f"Uplink codec spec. \\[default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"
+        ),
     ] = None,
     downlink: Annotated[
         str | None,
         typer.Option(
             "--downlink",
-            help="Codec spec for the global update sent to devices (server-side error feedback). [default: identity]",
+            help="Codec spec for the global update sent to devices (server-side error feedback). \\[default: identity]",
         ),
     ] = None,
     error_feedback: Annotated[
         bool | None,
         typer.Option(
             "--error-feedback/--no-error-feedback",
-            help="Devices carry what the uplink codec did not send into the next round. [default: on]",
+            help="Devices carry what the uplink codec did not send into the next round. \\[default: on]",
         ),
     ] = None,
     clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
@@ -126,6 +156,9 @@ def run(
             "partition, model and seeds (needs the 'flower' extra)."
         ),
     ] = Engine.inprocess,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the files of an earlier run in --out.")
+    ] = False,
     followup: Annotated[
         bool,
         typer.Option(
@@ -154,6 +187,9 @@ def run(
             raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
         if transport == "http" and engine != Engine.inprocess:
             raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            # the same rule as `deltaplane merge`: never replace earlier results silently
+            raise ConfigError(f"output folder '{out}' already holds files; pass --overwrite to replace them")
         results, finished = _execute(plan, engine, transport=transport)
         console.print(_summary_table(_summarize(results), cfg.describe_aggregation()))
         after = None

@@ -12,6 +12,7 @@ __all__ = [
     "DecodeError",
     "DeltaplaneError",
     "ExportError",
+    "GateRefused",
     "IntegrityError",
     "InvalidUpdate",
     "NotFound",
@@ -57,7 +58,14 @@ class ConfigError(DeltaplaneError, ValueError):
     """A configuration file or option is invalid; the message says which field and why."""
 
 
-class PrivacyBudgetExceeded(DeltaplaneError, RuntimeError):
+class GateRefused(DeltaplaneError, RuntimeError):
+    """A gate said no on purpose (promotion, quality, privacy budget): the command worked, the answer is "no".
+
+    The CLI exits with code 3 for these, so scripts can tell a refusal from a failure (1) or a usage error (2).
+    """
+
+
+class PrivacyBudgetExceeded(GateRefused):
     """Continuing would spend more differential-privacy budget (epsilon) than allowed."""
 
 
@@ -84,5 +92,5 @@ class SignatureError(DeltaplaneError, ValueError):
     """An artifact's Ed25519 signature is missing, malformed, from an untrusted key or does not verify."""
 
 
-class PromotionRefused(DeltaplaneError, RuntimeError):
+class PromotionRefused(GateRefused):
     """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""

@@ -2,9 +2,63 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Annotated
+
 import typer
 
+from deltaplane.commands import clean_errors, console
+
 __all__ = ["register"]
+
+
+class Method(StrEnum):
+    """The dp-accounting accountant: Rényi DP (tight enough, fast) or privacy loss distributions (tighter)."""
+
+    rdp = "rdp"
+    pld = "pld"
+
+
+def _within(lo: float, hi: float, *, closed_hi: bool = False) -> Callable[[float], float]:
+    """A parser callback accepting lo < value < hi (or <= hi), with the interval in the message."""
+
+    def check(value: float) -> float:
+        if value is not None and not (lo < value < hi or (closed_hi and value == hi)):
+            right = "]" if closed_hi else ")"
+            raise typer.BadParameter(f"must be in ({lo:g}, {hi:g}{right}; got {value:g}")
+        return value
+
+    return check
+
+
+# Ranges are checked by the parser, so a wrong value is a usage error in the user's words (exit 2), never a
+# number computed from a meaningless input (q = 1.5 used to print ε = 96.1).
+Rate = Annotated[
+    float,
+    typer.Option(
+        "--sampling-rate",
+        "-q",
+        callback=_within(0.0, 1.0, closed_hi=True),
+        help="Share of the clients sampled each round (clients per round / total clients), in (0, 1].",
+    ),
+]
+Rounds = Annotated[int, typer.Option("--rounds", "-T", min=1, help="Number of rounds (at least 1).")]
+Delta = Annotated[
+    float,
+    typer.Option("--delta", callback=_within(0.0, 1.0), help="Target δ, in (0, 1)."),
+]
+Accountant = Annotated[Method, typer.Option("--method", help="Accountant.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def _quiet_absl() -> None:
+    # dp-accounting logs "failed to converge ... Excluding this order" through absl for orders it skips; the
+    # figure it returns already accounts for that, so the lines are noise in a terminal (and break --json)
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def register(app: typer.Typer) -> None:
@@ -13,54 +67,68 @@ def register(app: typer.Typer) -> None:
 
     @privacy.command("epsilon")
     def epsilon(
-        noise: float = typer.Option(..., "--noise", "-z", help="noise multiplier z (noise std / clip norm)"),
-        sampling_rate: float = typer.Option(
-            ..., "--sampling-rate", "-q", help="clients per round / total clients"
-        ),
-        rounds: int = typer.Option(..., "--rounds", "-T", help="number of rounds"),
-        delta: float = typer.Option(1e-5, "--delta", help="target δ"),
-        method: str = typer.Option("rdp", "--method", help="rdp or pld"),
+        noise: Annotated[
+            float,
+            typer.Option(
+                "--noise",
+                "-z",
+                callback=_within(0.0, math.inf),
+                help="Noise multiplier z (noise std / clip norm).",
+            ),
+        ],
+        sampling_rate: Rate,
+        rounds: Rounds,
+        delta: Delta = 1e-5,
+        method: Accountant = Method.rdp,
+        as_json: AsJson = False,
     ) -> None:
         """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q."""
-        from rich.console import Console
-
         from deltaplane.aggregation.accounting import epsilon_for
-        from deltaplane.errors import DeltaplaneError
 
-        try:
+        _quiet_absl()
+        with clean_errors():
             eps = epsilon_for(
-                noise_multiplier=noise, sampling_rate=sampling_rate, steps=rounds, delta=delta, method=method
+                noise_multiplier=noise,
+                sampling_rate=sampling_rate,
+                steps=rounds,
+                delta=delta,
+                method=method.value,
             )
-        except DeltaplaneError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        Console().print(
-            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds (z = {noise}, q = {sampling_rate}, {method})"
+        if as_json:
+            doc = {"epsilon": eps, "delta": delta, "rounds": rounds, "noise_multiplier": noise}
+            typer.echo(json.dumps(doc | {"sampling_rate": sampling_rate, "method": method.value}))
+            return
+        console.print(
+            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds "
+            f"(z = {noise}, q = {sampling_rate}, {method.value})"
         )
 
     @privacy.command("noise")
     def noise(
-        epsilon: float = typer.Option(..., "--epsilon", "-e", help="target ε"),
-        sampling_rate: float = typer.Option(
-            ..., "--sampling-rate", "-q", help="clients per round / total clients"
-        ),
-        rounds: int = typer.Option(..., "--rounds", "-T", help="number of rounds"),
-        delta: float = typer.Option(1e-5, "--delta", help="target δ"),
-        method: str = typer.Option("rdp", "--method", help="rdp or pld"),
+        epsilon: Annotated[
+            float, typer.Option("--epsilon", "-e", callback=_within(0.0, math.inf), help="Target ε.")
+        ],
+        sampling_rate: Rate,
+        rounds: Rounds,
+        delta: Delta = 1e-5,
+        method: Accountant = Method.rdp,
+        as_json: AsJson = False,
     ) -> None:
         """The smallest noise multiplier z that keeps ε ≤ EPSILON after ROUNDS rounds."""
-        from rich.console import Console
-
         from deltaplane.aggregation.accounting import noise_for_epsilon
-        from deltaplane.errors import DeltaplaneError
 
-        try:
+        _quiet_absl()
+        with clean_errors():
             z = noise_for_epsilon(
-                epsilon=epsilon, sampling_rate=sampling_rate, steps=rounds, delta=delta, method=method
+                epsilon=epsilon, sampling_rate=sampling_rate, steps=rounds, delta=delta, method=method.value
             )
-        except DeltaplaneError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        Console().print(
-            f"z = [bold]{z:.4f}[/bold] keeps ε ≤ {epsilon:g} at δ = {delta:g} over {rounds} rounds (q = {sampling_rate}, {method})"
+        if as_json:
+            doc = {"noise_multiplier": z, "epsilon": epsilon, "delta": delta, "rounds": rounds}
+            typer.echo(json.dumps(doc | {"sampling_rate": sampling_rate, "method": method.value}))
+            return
+        console.print(
+            f"z = [bold]{z:.4f}[/bold] keeps ε ≤ {epsilon:g} at δ = {delta:g} over {rounds} rounds "
+            f"(q = {sampling_rate}, {method.value})"
         )
 
     app.add_typer(privacy, name="privacy")

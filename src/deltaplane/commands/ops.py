@@ -13,22 +13,30 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from deltaplane.commands import clean_errors as _errors
+from deltaplane.commands import console, err_console
 from deltaplane.errors import ConfigError
 
 __all__ = ["load_evaluator", "register"]
 
-console = Console()
-err_console = Console(stderr=True)
 
 Home = Annotated[
     Path | None,
-    typer.Option("--home", envvar="DELTAPLANE_HOME", help="Registry folder [default: ~/.deltaplane]."),
+    typer.Option("--home", envvar="DELTAPLANE_HOME", help="Registry folder.", show_default="~/.deltaplane"),
 ]
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
+
+
+def human_time(ts: float) -> str:
+    """A timestamp as local time people read (``2026-12-02 09:15:03``), not seconds since 1970."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _home(home: Path | None) -> Path:
@@ -131,34 +139,45 @@ def register(app: typer.Typer) -> None:
 
     @reg_app.command("list")
     def registry_list(
-        model: Annotated[str | None, typer.Argument(help="Only this model.")] = None, home: Home = None
+        model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+        home: Home = None,
+        as_json: JsonFlag = False,
     ) -> None:
-        """List versions with their tags, lineage and sizes."""
+        """List versions with their tags, lineage, sizes and creation times."""
         from deltaplane.registry import Registry
 
         with _errors():
             reg = Registry(_home(home))
-            table = Table("ref", "kind", "parent", "size", "tags", "lineage", "cohorts")
-            for a in reg.versions(model):
-                tags = ",".join(
-                    t for t, n in reg.tags(a.model).items() if n == a.number and a.kind == "model"
-                )
+            versions = reg.versions(model)
+            tags = {m: reg.tags(m) for m in {a.model for a in versions}}
+
+            def tags_of(a: Any) -> list[str]:
+                return sorted(t for t, n in tags[a.model].items() if n == a.number and a.kind == "model")
+
+            if as_json:
+                typer.echo(json.dumps([a.to_dict() | {"tags": tags_of(a)} for a in versions], indent=2))
+                return
+            table = Table("ref", "kind", "parent", "size", "tags", "lineage", "cohorts", "created")
+            for a in versions:
                 table.add_row(
                     a.ref,
                     a.kind if a.kind == "model" else f"delta {a.base}->{a.target}",
                     str(a.parent or ""),
                     f"{a.size:,}",
-                    tags,
+                    ",".join(tags_of(a)),
                     escape(json.dumps(a.lineage)),
                     ",".join(a.governance.cohorts),
+                    human_time(a.created_at),
                 )
         console.print(table)
 
     @reg_app.command("show")
     def registry_show(
-        ref: Annotated[str, typer.Argument(help="model@N or model:tag")], home: Home = None
+        ref: Annotated[str, typer.Argument(help="model@N or model:tag")],
+        home: Home = None,
+        as_json: JsonFlag = False,
     ) -> None:
-        """Print a version's metadata, evaluations and model card as JSON."""
+        """Print a version's metadata, evaluations and model card (JSON with --json)."""
         from deltaplane.registry import Registry
 
         with _errors():
@@ -169,7 +188,23 @@ def register(app: typer.Typer) -> None:
                 "card": reg.card(art),
                 "governance_problems": reg.governance_problems(art),
             }
-        console.print_json(json.dumps(doc, default=str))
+        if as_json:
+            typer.echo(json.dumps(doc, indent=2, default=str))
+            return
+        table = Table(show_header=False, box=None)
+        for key in ("ref", "kind", "sha256", "size", "parent", "base", "target", "codec"):
+            if doc.get(key) is not None:
+                table.add_row(key, escape(f"{doc[key]:,}" if key == "size" else str(doc[key])))
+        table.add_row("created", human_time(art.created_at))
+        table.add_row("lineage", escape(json.dumps(doc["lineage"], sort_keys=True)))
+        table.add_row("governance", escape(json.dumps(doc["governance"], sort_keys=True)))
+        for problem in doc["governance_problems"]:
+            table.add_row("[red]problem[/red]", escape(problem))
+        for ev in doc["evaluations"]:
+            metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(ev["metrics"].items()))
+            table.add_row("evaluation", escape(f"{ev['evaluator']}: {metrics} ({human_time(ev['at'])})"))
+        table.add_row("card", "attached" if doc["card"] else "none")
+        console.print(table)
 
     @reg_app.command("verify")
     def registry_verify(
@@ -216,7 +251,7 @@ def register(app: typer.Typer) -> None:
         tolerance: Annotated[
             list[str] | None,
             typer.Option(
-                help="metric=allowed_drop (repeatable) [default: accuracy=0.01, ood_accuracy=0.02]."
+                help="metric=allowed_drop (repeatable) \\[default: accuracy=0.01, ood_accuracy=0.02]."
             ),
         ] = None,
         home: Home = None,

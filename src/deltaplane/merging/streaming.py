@@ -190,7 +190,7 @@ def merge_files(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(
-            f"output folder '{out}' already exists (pass overwrite=True / --overwrite to replace it)"
+            f"output folder '{out}' already exists (pass --overwrite to replace it, or overwrite=True from Python)"
         )
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive. Found {max_shard_bytes}")

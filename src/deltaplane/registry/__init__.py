@@ -3,18 +3,50 @@
 Needs the ``serve`` extra (``cryptography``) for signing. See ``docs/ops.md``.
 """
 
-from deltaplane.registry.downlink import Downlink, apply_downlink, plan_downlink, publish_update
-from deltaplane.registry.promotion import Evaluator, PromotionResult, Tolerance, promote, rollback
-from deltaplane.registry.signing import Signature, Signer, Verifier, init_keys, load_signer, load_verifier
-from deltaplane.registry.store import (
-    Artifact,
-    Governance,
-    IntegrityReport,
-    Registry,
-    default_home,
-    state_from_bytes,
-    state_to_bytes,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deltaplane.registry.downlink import Downlink, apply_downlink, plan_downlink, publish_update
+    from deltaplane.registry.promotion import Evaluator, PromotionResult, Tolerance, promote, rollback
+    from deltaplane.registry.signing import Signature, Signer, Verifier, init_keys, load_signer, load_verifier
+    from deltaplane.registry.store import (
+        Artifact,
+        Governance,
+        IntegrityReport,
+        Registry,
+        default_home,
+        state_from_bytes,
+        state_to_bytes,
+    )
+
+# Lazy (PEP 562): registry commands that only read metadata must not wait for torch.
+_LAZY = {
+    "apply_downlink": "deltaplane.registry.downlink",
+    "Artifact": "deltaplane.registry.store",
+    "default_home": "deltaplane.registry.store",
+    "Downlink": "deltaplane.registry.downlink",
+    "Evaluator": "deltaplane.registry.promotion",
+    "Governance": "deltaplane.registry.store",
+    "init_keys": "deltaplane.registry.signing",
+    "IntegrityReport": "deltaplane.registry.store",
+    "load_signer": "deltaplane.registry.signing",
+    "load_verifier": "deltaplane.registry.signing",
+    "plan_downlink": "deltaplane.registry.downlink",
+    "promote": "deltaplane.registry.promotion",
+    "PromotionResult": "deltaplane.registry.promotion",
+    "publish_update": "deltaplane.registry.downlink",
+    "Registry": "deltaplane.registry.store",
+    "rollback": "deltaplane.registry.promotion",
+    "Signature": "deltaplane.registry.signing",
+    "Signer": "deltaplane.registry.signing",
+    "state_from_bytes": "deltaplane.registry.store",
+    "state_to_bytes": "deltaplane.registry.store",
+    "Tolerance": "deltaplane.registry.promotion",
+    "Verifier": "deltaplane.registry.signing",
+}
 
 __all__ = [
     "Artifact",
@@ -40,3 +72,12 @@ __all__ = [
     "state_from_bytes",
     "state_to_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deltaplane.registry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

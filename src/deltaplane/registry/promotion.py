@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from deltaplane.errors import ConfigError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import ModelCard
 from deltaplane.registry.store import Artifact, Registry
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["Evaluator", "PromotionResult", "Tolerance", "production_stack", "promote", "rollback"]
 
-Evaluator = Callable[[dict[str, torch.Tensor]], Mapping[str, float]]
+Evaluator = Callable[[dict[str, "torch.Tensor"]], Mapping[str, float]]
 """Takes a state dict, returns metrics such as ``{"accuracy": 0.97, "ood_accuracy": 0.91}`` (fractions)."""
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import NotFound, SignatureError
 
 __all__ = [
@@ -152,10 +151,12 @@ def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signe
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+    from deltaplane.delta import atomic_write_bytes
+
     keys = Path(home) / "keys"
     if (keys / PRIVATE_NAME).exists() and not overwrite:
         raise SignatureError(
-            f"a signing key already exists in {keys}; pass overwrite=True (--force) to replace it"
+            f"a signing key already exists in {keys}; pass --force to replace it (overwrite=True from Python)"
         )
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())

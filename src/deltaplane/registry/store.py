@@ -39,12 +39,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
+
+if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
+    import torch
 
 __all__ = [
     "Artifact",
@@ -128,16 +129,16 @@ def _check_name(what: str, name: str) -> str:
 
 # -- canonical model bytes -------------------------------------------------------------------------------
 _ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
@@ -150,16 +151,19 @@ def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     safetensors format (https://github.com/huggingface/safetensors#format), readable by any safetensors
     loader: u64 header length, JSON header (sorted keys, space-padded to 8 bytes), tensor data in key order.
     """
+    import torch
+
     header: dict[str, Any] = {}
     blobs: list[bytes] = []
     offset = 0
     for name, t in state.items():
         t = t.detach().contiguous().cpu()
-        if t.dtype not in _ST_DTYPES:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _ST_DTYPES:
             raise ConfigError(f"tensor '{name}' has dtype {t.dtype}, which the registry cannot store")
         raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
         header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
+            "dtype": _ST_DTYPES[dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + len(raw)],
         }

@@ -306,9 +306,10 @@ class RunConfig(BaseModel):
 def _describe(exc: ValidationError, source: str) -> str:
     problems = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        field = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown field; valid fields: {', '.join(RunConfig.model_fields)}"
-        problems.append(f"field '{field}': {msg}")
+        # a check across several settings has no single field: say so in the user's words, not "(root)"
+        problems.append(f"field '{field}': {msg}" if field else msg)
     return f"invalid {source}: " + "; ".join(problems)
