@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.commands import clean_errors, set_verbosity
+from deltaplane.commands import EXIT_REFUSED, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError, DeltaplaneError
 
@@ -191,9 +191,13 @@ def run(
             # the same rule as `deltaplane merge`: never replace earlier results silently
             raise ConfigError(f"output folder '{out}' already holds files; pass --overwrite to replace them")
         results, finished = _execute(plan, engine, transport=transport)
-        console.print(_summary_table(_summarize(results), cfg.describe_aggregation()))
+        rows = _summarize(results)
+        console.print(_summary_table(rows, cfg.describe_aggregation()))
+        for row in rows:
+            _warn_far_below_baseline(row)
+        stopped = [r for r in results if r.get("stopped")]
         after = None
-        if followup:
+        if followup and not stopped:
             after = _followup(finished[-1], out / "deploy", name=results[-1]["name"])
         from deltaplane.report import write_report
 
@@ -215,6 +219,27 @@ def run(
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
+    if stopped:
+        for r in stopped:
+            err_console.print(
+                f"[bold yellow]{escape(r['name'])}: {escape(r['stopped'])}[/bold yellow]", soft_wrap=True
+            )
+        err_console.print("the report holds every round done before the stop; follow-up steps were skipped")
+        raise typer.Exit(code=EXIT_REFUSED)
+
+
+#: A compressed run this many accuracy points or more below its baseline gets a warning next to its byte ratio.
+FAR_BELOW_POINTS = 1.0
+
+
+def _warn_far_below_baseline(row: dict[str, Any]) -> None:
+    drop = row.get("accuracy_drop_points")
+    if drop is not None and drop >= FAR_BELOW_POINTS:
+        err_console.print(
+            f"[bold yellow]warning:[/bold yellow] {escape(row['name'])} ({escape(row['codec'])}) is "
+            f"{drop:.2f} points below the baseline's accuracy: its byte savings cost accuracy",
+            soft_wrap=True,
+        )
 
 
 def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
@@ -314,7 +339,7 @@ def _execute(
         TextColumn("acc {task.fields[acc]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=err_console) as progress:  # progress on stderr: --quiet hides it
         for name, cfg in plan:
             task = progress.add_task(f"{name:<10} {escape(cfg.codec)}", total=cfg.rounds, acc="-----")
             result = run_simulation(cfg, progress=_advance(progress, task))
@@ -353,18 +378,38 @@ def _summary_table(rows: list[dict[str, Any]], aggregation: str) -> Table:
     )
     table.add_column("run", no_wrap=True)
     table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
-    for header in ("test acc", "client acc\nmean / min", "uplink\ndownlink", "vs fp32", "time"):
+    # privacy and safety columns appear when a run has them: ε spent, refused updates, backdoor success
+    extra = [
+        (h, k, f)
+        for h, k, f in (
+            ("ε", "epsilon", "{:.3f}"),
+            ("rejected", "rejected", "{}"),
+            ("backdoor", "backdoor_success", "{:.3f}"),
+        )
+        if any(r.get(k) for r in rows)
+    ]
+    headers = (
+        "test acc",
+        "client acc\nmean / min",
+        "uplink\ndownlink",
+        "vs fp32",
+        *(h for h, _, _ in extra),
+        "time",
+    )
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         # Without a baseline run, compare against what the raw float32 updates would have cost.
         ratio = r["ratio_vs_baseline"] if r["ratio_vs_baseline"] is not None else r["ratio_vs_raw"]
+        name = r["name"] + (" [yellow](stopped)[/yellow]" if r.get("stopped") else "")
         table.add_row(
-            r["name"],
+            name,
             escape(r["codec"]),
             f"{r['final_accuracy']:.4f}",
             f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
             f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}",
             f"{ratio:.1f}×" if ratio is not None else "—",
+            *("—" if r.get(k) is None else f.format(r[k]) for _, k, f in extra),
             f"{r['wall_time_s']:.1f} s",
         )
     return table

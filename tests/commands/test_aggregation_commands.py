@@ -33,4 +33,31 @@ def test_bad_method_is_a_usage_error() -> None:
     out = CliRunner().invoke(
         _app(), ["privacy", "epsilon", "-z", "1", "-q", "0.1", "-T", "5", "--method", "gdp"]
     )
-    assert out.exit_code != 0 and "method must be one of" in out.output
+    assert out.exit_code == 2 and "is not one of" in out.output and "rdp" in out.output
+
+
+def test_ranges_are_checked_at_the_edge() -> None:
+    """q = 1.5 used to print ε = 96.1; a value outside its range is a usage error in the user's words."""
+    runner = CliRunner()
+    for args, words in (
+        (["-z", "1", "-q", "1.5", "-T", "5"], "must be in (0, 1]; got 1.5"),
+        (["-z", "1", "-q", "0", "-T", "5"], "must be in (0, 1]; got 0"),
+        (["-z", "0", "-q", "0.1", "-T", "5"], "--noise"),
+        (["-z", "1", "-q", "0.1", "-T", "0"], "--rounds"),
+        (["-z", "1", "-q", "0.1", "-T", "5", "--delta", "1"], "--delta"),
+    ):
+        out = runner.invoke(_app(), ["privacy", "epsilon", *args])
+        assert out.exit_code == 2 and words in out.output, (args, out.output)
+
+
+def test_privacy_json_output() -> None:
+    import json
+
+    out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "1", "-q", "0.2", "-T", "100", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["epsilon"] == epsilon_for(noise_multiplier=1.0, sampling_rate=0.2, steps=100, delta=1e-5)
+    assert (doc["rounds"], doc["sampling_rate"], doc["method"]) == (100, 0.2, "rdp")
+    out = CliRunner().invoke(_app(), ["privacy", "noise", "-e", "4", "-q", "0.2", "-T", "100", "--json"])
+    z = json.loads(out.output)["noise_multiplier"]
+    assert epsilon_for(noise_multiplier=z, sampling_rate=0.2, steps=100, delta=1e-5) <= 4.0 + 1e-9

@@ -1,4 +1,5 @@
 import hashlib
+import json
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def cli(tmp_path, monkeypatch):
 def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     assert cli("registry", "init").exit_code == 0
     r = cli("keys", "init")
-    assert r.exit_code == 2 and "already exists" in r.output
+    assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
     for i, scale in enumerate([0.9, 0.95, 0.3]):
         f = tmp_path / f"m{i}.safetensors"
         save_file({"w": torch.full((4, 4), scale)}, str(f))
@@ -56,7 +57,7 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
         "--tolerance",
         "ood_accuracy=0.05",
     )
-    assert r.exit_code == 2 and "REFUSED" in r.output and "accuracy drops by 0.6500" in r.output
+    assert r.exit_code == 3 and "REFUSED" in r.output and "accuracy drops by 0.6500" in r.output  # a gate
     reg = Registry(tmp_path / "home")
     assert reg.tag("cnn", "production") == 2
     r = cli("registry", "rollback", "cnn")
@@ -67,10 +68,19 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     r = cli("registry", "list", "cnn")
     assert r.exit_code == 0 and "cnn@3" in r.output and "staging" in r.output
     r = cli("registry", "show", "cnn:production")
-    assert r.exit_code == 0 and '"round": 0' in r.output and "evaluations" in r.output
+    assert r.exit_code == 0 and '"round": 0' in r.output and "evaluation" in r.output
+    r = cli("registry", "show", "cnn:production", "--json")
+    doc = json.loads(r.output)
+    assert doc["ref"] == "cnn@1" and doc["lineage"] == {"round": 0} and len(doc["evaluations"]) == 2
+    listed = json.loads(cli("registry", "list", "cnn", "--json").output)
+    assert [(v["ref"], v["tags"]) for v in listed] == [
+        ("cnn@1", ["production"]),
+        ("cnn@2", []),
+        ("cnn@3", ["staging"]),
+    ]
     r = cli("registry", "withdraw", "eu")
     assert "cnn@1" in r.output
-    assert cli("registry", "promote", "cnn@2", "--evaluator", "gate_eval:evaluate").exit_code == 2
+    assert cli("registry", "promote", "cnn@2", "--evaluator", "gate_eval:evaluate").exit_code == 3
     assert cli("registry", "verify").exit_code == 0
     blob = reg.blob_path(reg.get("cnn", 2).sha256)
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")

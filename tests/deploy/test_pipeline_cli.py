@@ -184,7 +184,7 @@ def test_cli_deploy_prints_table_and_writes_outputs(tmp_path, checkpoint):
     register_architecture("Wider", lambda cfg: torch.nn.Sequential(torch.nn.Linear(8, 8)))
     r = CliRunner().invoke(app, ["deploy", str(checkpoint), "-o", str(tmp_path / "bad")])
     assert (
-        r.exit_code == 2 and "do not match" in r.output and "config.json belongs to these weights" in r.output
+        r.exit_code == 1 and "do not match" in r.output and "config.json belongs to these weights" in r.output
     )
     assert not (tmp_path / "bad").exists()
 

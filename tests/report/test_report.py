@@ -1,4 +1,3 @@
-import base64
 import json
 import re
 from pathlib import Path
@@ -79,11 +78,13 @@ def test_write_report_files_exist_and_parse(tmp_path: Path) -> None:
     assert "<title>test run</title>" in html
     assert "topk(0.01) | quant(bits=8)" in html
     assert "50.0×" in html  # the ratio vs baseline, formatted
-    # self-contained: two embedded PNGs, no external resources
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(images) == 2
-    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
-    assert "http://" not in html and "https://" not in html
+    # self-contained: inline SVG charts (accuracy, clients, accuracy vs bytes, bytes, time), nothing external
+    charts = re.findall(r'<svg [^>]*id="(chart-[a-z_-]+)"', html)
+    assert charts[:4] == ["chart-accuracy", "chart-clients", "chart-accuracy-bytes", "chart-bytes"]
+    assert charts[-1] == "chart-seconds"
+    assert "chart-epsilon" not in charts  # no run recorded ε: no empty chart
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
+    assert "<img" not in html
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 

@@ -165,7 +165,15 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
                 == f"{rnd['client_accuracy_p90']:.4f}"
             )
         assert page.text_content("[data-field='final.epsilon']") == f"{runs['dp']['final']['epsilon']:.3f}"
-        for chart in ("accuracy", "bytes", "cumulative", "epsilon", "clipped", "rejected", "time"):
+        for chart in (
+            "accuracy",
+            "clients",
+            "accuracy-bytes",
+            "bytes",
+            "epsilon",
+            "clipped_fraction",
+            "seconds",
+        ):
             assert page.locator(f"#chart-{chart} polyline").count() >= 1, chart
         shot("run")
 

@@ -1,4 +1,4 @@
-"""Render a report document as one self-contained HTML page (inline CSS, plots embedded as base64 PNGs).
+"""Render a report document as one self-contained HTML page (inline CSS, inline SVG charts, no network).
 
 One file that opens anywhere, can be attached to an issue or archived with the run, and needs no server.
 """
@@ -11,12 +11,17 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
-from deltaplane.report.plots import accuracy_vs_bytes_png, accuracy_vs_round_png, personalization_png
+from deltaplane.report.charts import report_charts
+from deltaplane.report.plots import personalization_png
 
 __all__ = ["render_html"]
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(36rem, 1fr)); gap: 1rem; }
+.charts > div { border: 1px solid #ddd; padding: 0.3rem; }
+.stopped { background: #fff4e5; border: 1px solid #e69f00; padding: 0.5rem 0.8rem; }
+.warn { color: #9a3412; }
 table { border-collapse: collapse; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -36,6 +41,10 @@ _COLUMNS = (
     ("downlink bytes", "downlink_bytes", "{:,}"),
     ("ratio vs baseline", "ratio_vs_baseline", "{:.1f}×"),
     ("ratio vs raw fp32", "ratio_vs_raw", "{:.1f}×"),
+    ("points below baseline", "accuracy_drop_points", "{:+.2f}"),
+    ("ε", "epsilon", "{:.3f}"),
+    ("refused updates", "rejected", "{}"),
+    ("backdoor success", "backdoor_success", "{:.3f}"),
     ("wall time (s)", "wall_time_s", "{:.1f}"),
 )
 
@@ -130,11 +139,31 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
 def render_html(report: Mapping[str, Any]) -> str:
     """The HTML page for a document made by :func:`~deltaplane.report.summary.build_report`."""
     runs = report["runs"]
-    head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in _COLUMNS)
+    summary = report["summary"]
+    # privacy/safety columns only where some run has them (a clean fp32 run has no ε, no attack)
+    columns = [
+        c
+        for c in _COLUMNS
+        if c[1] not in ("epsilon", "rejected", "backdoor_success", "accuracy_drop_points")
+        or any(row.get(c[1]) for row in summary)
+    ]
+    head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in columns)
     body = "".join(
-        "<tr>" + "".join(_cell(fmt, row[key]) for _, key, fmt in _COLUMNS) + "</tr>"
-        for row in report["summary"]
+        "<tr>" + "".join(_cell(fmt, row.get(key)) for _, key, fmt in columns) + "</tr>" for row in summary
     )
+    notes = "".join(
+        f'<p class="stopped"><b>{escape(row["name"])}</b>: {escape(row["stopped"])}. The report holds every '
+        "round done before the stop.</p>"
+        for row in summary
+        if row.get("stopped")
+    )
+    notes += "".join(
+        f'<p class="warn">Warning: <b>{escape(row["name"])}</b> is {row["accuracy_drop_points"]:.2f} accuracy '
+        "points below the baseline; read its byte ratio with that in mind.</p>"
+        for row in summary
+        if (row.get("accuracy_drop_points") or 0) >= 1.0
+    )
+    charts = "".join(f"<div>{c}</div>" for c in report_charts(runs))
     configs = "".join(
         f"<details><summary>config of {escape(run['name'])}</summary>"
         f"<pre>{escape(json.dumps(run['config'], indent=2, sort_keys=True))}</pre></details>"
@@ -147,11 +176,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head><body>'
         f"<h1>{title}</h1>"
-        f"<h2>Summary</h2><p>{note} Bytes are real payload lengths, headers included.</p>"
+        f"<h2>Summary</h2>{notes}<p>{note} Bytes are real payload lengths, headers included.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        "<h2>Accuracy</h2>"
-        + _img(accuracy_vs_round_png(runs), "global test accuracy per round")
-        + _img(accuracy_vs_bytes_png(runs), "global test accuracy against cumulative uplink bytes")
+        f'<h2>Rounds</h2><div class="charts">{charts}</div>'
         + _drift_section(runs)
         + _followup_sections(report.get("followup"))
         + f"<h2>Configurations</h2>{configs}</body></html>\n"

@@ -41,6 +41,14 @@ class SummaryRow:
     #: raw float32 update bytes that were sent, divided by this run's uplink bytes (headers included)
     ratio_vs_raw: float | None
     wall_time_s: float
+    #: ε spent by the end (None without DP); updates refused over the run; final backdoor success (attacks)
+    epsilon: float | None = None
+    rejected: int = 0
+    backdoor_success: float | None = None
+    #: accuracy points below the baseline run (positive: worse), None without a baseline
+    accuracy_drop_points: float | None = None
+    #: why the run ended early (e.g. "stopped: privacy budget exhausted at round 7 …"), else None
+    stopped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +80,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
     if baseline is not None and baseline not in by_name:
         raise ConfigError(f"baseline {baseline!r} is not one of the runs {list(by_name)}")
     base_up = by_name[baseline]["final"]["cumulative_uplink_bytes"] if baseline is not None else None
+    base_acc = float(by_name[baseline]["final"]["test_accuracy"]) if baseline is not None else None
     rows = []
     for run in runs:
         final = run["final"]
@@ -90,6 +99,13 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
                 ratio_vs_baseline=base_up / up if base_up is not None and up > 0 else None,
                 ratio_vs_raw=raw_sent / up if up > 0 else None,
                 wall_time_s=float(run["wall_time_s"]),
+                epsilon=final.get("epsilon"),
+                rejected=sum(int(r.get("rejected") or 0) for r in run["rounds"]),
+                backdoor_success=final.get("backdoor_success"),
+                accuracy_drop_points=(
+                    100 * (base_acc - float(final["test_accuracy"])) if base_acc is not None else None
+                ),
+                stopped=run.get("stopped"),
             )
         )
     return rows

@@ -24,7 +24,7 @@ from deltaplane.codecs import Compressor, compress_many, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.domains import shift
 from deltaplane.delta import Delta
-from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.errors import DeltaplaneError, InvalidUpdate, PrivacyBudgetExceeded
 from deltaplane.personalization import PersonalState
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
@@ -98,6 +98,8 @@ class RunResult:
     final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
     #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
     clients: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the run ended before ``config.rounds`` (e.g. the privacy budget), or None when it ran to the end.
+    stopped: str | None = None
 
     @property
     def final(self) -> RoundMetrics:
@@ -121,6 +123,7 @@ class RunResult:
             "final": self.final.to_dict(),
             "rounds": [r.to_dict() for r in self.rounds],
             "clients": self.clients,
+            "stopped": self.stopped,
         }
 
 
@@ -306,6 +309,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
 
     participations: dict[int, int] = {}  # rounds each device released a locally privatized update in
     history: list[RoundMetrics] = []
+    stopped: str | None = None
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -409,7 +413,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             )
             uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: masked ring values
             agg.add(mean, 1.0)
-        update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
+        try:
+            update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
+        except PrivacyBudgetExceeded as exc:
+            if not history:
+                raise  # not even one round fits: there is nothing to report
+            # keep everything done so far: the model released after the last round stays within budget
+            stopped = f"stopped: privacy budget exhausted at round {rnd} ({exc})"
+            break
         if config.aggregator == "fedavg":
             update = update * config.server_lr
         measurements = agg.measurements
@@ -487,4 +498,5 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         wall_time_s=time.perf_counter() - start,
         final_state=global_state,
         clients=client_rows,
+        stopped=stopped,
     )

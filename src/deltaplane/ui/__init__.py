@@ -2,7 +2,7 @@
 
 ``deltaplane serve`` mounts it at ``/ui`` with the live fleet; ``deltaplane ui --home H --runs DIR`` serves it for a
 registry and run reports without a fleet. Nothing is loaded from the network: pages are plain HTML with inline
-CSS and inline SVG charts (see :mod:`deltaplane.ui.svg` for why they are drawn here).
+CSS and inline SVG charts (see :mod:`deltaplane.report.svg` for why they are drawn here).
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+from deltaplane.report.charts import report_charts
+from deltaplane.report.svg import Series, line_chart
 from deltaplane.ui.sources import config_diff, finite
-from deltaplane.ui.svg import Series, line_chart
 
 __all__ = [
     "compare_page",
@@ -185,121 +186,9 @@ def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
     return _page("Runs", body, here="/ui/runs")
 
 
-def _round_series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float | None]]:
-    return [(r["round"], r.get(key) if finite(r.get(key)) else None) for r in rounds]
-
-
-def _has(rounds: Sequence[Mapping[str, Any]], key: str) -> bool:
-    return any(finite(r.get(key)) for r in rounds)
-
-
-def run_charts(name: str, rounds: Sequence[Mapping[str, Any]], *, prefix: str = "") -> str:
-    """The charts of one run; ``prefix`` keeps element ids unique when two runs share a page."""
-    charts = []
-    spread = [
-        (r["round"], r["client_accuracy_p10"], r["client_accuracy_p90"])
-        for r in rounds
-        if finite(r.get("client_accuracy_p10")) and finite(r.get("client_accuracy_p90"))
-    ]
-    acc = [Series("test accuracy", _round_series(rounds, "test_accuracy"))]
-    acc.append(Series("client mean", _round_series(rounds, "client_accuracy_mean"), band=spread))
-    acc.append(Series("client min", _round_series(rounds, "client_accuracy_min"), dashed=True))
-    charts.append(
-        line_chart(
-            acc,
-            title=f"{name}: accuracy (band: clients p10–p90)",
-            x_label="round",
-            y_label="accuracy",
-            chart_id=f"{prefix}chart-accuracy",
-        )
-    )
-    up = [
-        Series("uplink", _round_series(rounds, "uplink_bytes")),
-        Series("downlink", _round_series(rounds, "downlink_bytes")),
-    ]
-    charts.append(
-        line_chart(
-            up,
-            title="bytes per round",
-            x_label="round",
-            y_label="bytes",
-            y_min=0,
-            chart_id=f"{prefix}chart-bytes",
-        )
-    )
-    cum = [
-        Series("uplink", _round_series(rounds, "cumulative_uplink_bytes")),
-        Series("downlink", _round_series(rounds, "cumulative_downlink_bytes")),
-    ]
-    charts.append(
-        line_chart(
-            cum,
-            title="cumulative bytes",
-            x_label="round",
-            y_label="bytes",
-            y_min=0,
-            chart_id=f"{prefix}chart-cumulative",
-        )
-    )
-    if _has(rounds, "epsilon") or _has(rounds, "clipped_fraction"):
-        priv = []
-        if _has(rounds, "epsilon"):
-            priv.append(Series("ε spent", _round_series(rounds, "epsilon")))
-        charts.append(
-            line_chart(
-                priv or [Series("ε", [])],
-                title="privacy: ε spent",
-                x_label="round",
-                y_label="ε",
-                y_min=0,
-                chart_id=f"{prefix}chart-epsilon",
-            )
-        )
-        if _has(rounds, "clipped_fraction"):
-            charts.append(
-                line_chart(
-                    [Series("clipped", _round_series(rounds, "clipped_fraction"))],
-                    title="share of updates clipped",
-                    x_label="round",
-                    y_label="fraction",
-                    y_min=0,
-                    y_max=1,
-                    chart_id=f"{prefix}chart-clipped",
-                )
-            )
-    if _has(rounds, "backdoor_success"):
-        charts.append(
-            line_chart(
-                [Series("backdoor success", _round_series(rounds, "backdoor_success"))],
-                title="backdoor success (attack simulated)",
-                x_label="round",
-                y_label="share",
-                y_min=0,
-                y_max=1,
-                chart_id=f"{prefix}chart-backdoor",
-            )
-        )
-    charts.append(
-        line_chart(
-            [Series("rejected", _round_series(rounds, "rejected"))],
-            title="rejected updates",
-            x_label="round",
-            y_label="updates",
-            y_min=0,
-            chart_id=f"{prefix}chart-rejected",
-        )
-    )
-    charts.append(
-        line_chart(
-            [Series("seconds", _round_series(rounds, "seconds"))],
-            title="time per round",
-            x_label="round",
-            y_label="seconds",
-            y_min=0,
-            chart_id=f"{prefix}chart-time",
-        )
-    )
-    return '<div class="charts">' + "".join(f"<div>{c}</div>" for c in charts) + "</div>"
+def run_charts(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The report's charts (shared with report.html) for one run or several runs overlaid."""
+    return '<div class="charts">' + "".join(f"<div>{c}</div>" for c in report_charts(runs)) + "</div>"
 
 
 _ROUND_COLUMNS = (
@@ -369,7 +258,7 @@ def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str
         f"<p>Report <code>{escape(report)}</code> · {escape(str(doc.get('title', '')))}</p>{stopped}"
         + _headline(run)
         + (f"<ul>{compare}</ul>" if compare else "")
-        + run_charts(run["name"], rounds)
+        + run_charts([run])
         + "<h2>Per round</h2>"
         + _rounds_table(rounds, "rounds")
         + "<h2>Configuration</h2>"
@@ -411,10 +300,7 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
     body = (
         f"<h2>Metrics</h2>{_table(['metric', 'A: ' + ka, 'B: ' + kb, 'B − A'], mrows, table_id='compare-metrics')}"
         f"<h2>Config diff</h2>{_table(['field', 'A', 'B'], diff_rows, table_id='config-diff')}"
-        '<div class="side">'
-        f"<div><h2>A: {escape(ka)}</h2>{run_charts(ra['name'], ra.get('rounds', []), prefix='a-')}</div>"
-        f"<div><h2>B: {escape(kb)}</h2>{run_charts(rb['name'], rb.get('rounds', []), prefix='b-')}</div>"
-        "</div>"
+        f"<h2>A and B over the rounds</h2>{run_charts([dict(ra, name='A: ' + ka), dict(rb, name='B: ' + kb)])}"
     )
     return _page("Compare runs", body, here="/ui/runs")
 

@@ -58,17 +58,30 @@ def line_chart(
     y_min: float | None = None,
     y_max: float | None = None,
     chart_id: str = "",
+    x_log: bool = False,
 ) -> str:
     """An ``<svg>`` line chart of ``series`` with axes, ticks and a legend placed *below* the plot area.
 
     The legend never covers data (the report's old legend hid the baseline curve). ``y_min``/``y_max`` pin an
     axis end when a metric has a natural bound (e.g. 0 for bytes); otherwise the axis spans the data.
     """
+    if x_log:  # plot log10(x); ticks are labelled with the original values (bytes span orders of magnitude)
+        series = [
+            Series(s.label, [(math.log10(x), y) for x, y in s.points if x > 0], (), s.dashed) for s in series
+        ]
     xs = [x for s in series for x, y in s.points if y is not None]
     ys = [y for s in series for _, y in s.points if y is not None]
     ys += [v for s in series for _, lo, hi in s.band for v in (lo, hi)]
     left, right, top, bottom = 64, 16, 28, 40
-    legend_h = 18 * ((len(series) + 2) // 3)
+    # legend items flow left to right below the plot, wrapping by their (estimated) text width
+    legend_pos, lx, ly = [], 0.0, 0
+    for s in series:
+        w = 28 + 6.6 * len(s.label)
+        if lx and left + lx + w > width - right:
+            lx, ly = 0.0, ly + 1
+        legend_pos.append((left + lx, height + 4 + 18 * ly))
+        lx += w + 14
+    legend_h = 18 * (ly + 1)
     total_h = height + legend_h
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" id="{escape(chart_id)}" '
@@ -106,10 +119,16 @@ def line_chart(
         out.append(
             f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{escape(_fmt(t))}</text>'
         )
-    for t in _ticks(x0, x1, 8, integer=all(float(x).is_integer() for x in xs)):
+    x_ticks = (
+        [float(k) for k in range(math.ceil(x0), math.floor(x1) + 1)] or [x0]
+        if x_log
+        else _ticks(x0, x1, 8, integer=all(float(x).is_integer() for x in xs))
+    )
+    for t in x_ticks:
         x = sx(t)
+        label = _fmt(10**t) if x_log else _fmt(t)
         out.append(
-            f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{escape(_fmt(t))}</text>'
+            f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{escape(label)}</text>'
         )
     out.append(
         f'<text x="{left + pw / 2:.0f}" y="{top + ph + 32}" font-size="12" text-anchor="middle">'
@@ -143,8 +162,7 @@ def line_chart(
             out.append(
                 f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
             )
-        lx = left + (i % 3) * (pw / 3)
-        ly = height + 4 + 18 * (i // 3)
+        lx, ly = legend_pos[i]
         out.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="4" fill="{colour}"/>')
         out.append(f'<text x="{lx + 20:.0f}" y="{ly + 6}" font-size="12">{escape(s.label)}</text>')
     out.append("</svg>")

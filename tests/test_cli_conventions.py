@@ -1,0 +1,130 @@
+"""CLI conventions (issue 18, part 3): version, -h, defaults in help, --json, exit codes, --quiet, overwrite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from deltaplane.cli import app
+from deltaplane.commands import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, exit_code_for
+from deltaplane.errors import (
+    ConfigError,
+    DecodeError,
+    IntegrityError,
+    NotFound,
+    PrivacyBudgetExceeded,
+    PromotionRefused,
+    SpecError,
+)
+
+runner = CliRunner()
+
+
+def test_version_and_short_help() -> None:
+    from importlib.metadata import version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"deltaplane {version('deltaplane')}"
+    for args in (["-h"], ["registry", "-h"], ["registry", "list", "-h"], ["privacy", "epsilon", "-h"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0 and "Usage:" in r.output, args
+
+
+def _commands(cmd: click.Command, path: tuple[str, ...] = ()):
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+
+
+def test_every_option_shows_its_default() -> None:
+    """Options with a default print it (context show_default); options whose default is computed at run time
+    (None in the signature) say in words what they fall back to."""
+    root = typer.main.get_command(app)
+    assert root.context_settings.get("show_default") is True
+    missing = []
+    for path, cmd in _commands(root):
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.is_flag or p.required or p.hidden or p.name == "help":
+                continue
+            if p.default is None and not p.show_default and "default" not in (p.help or ""):
+                missing.append(f"{' '.join(path)} {p.opts[0]}")
+    # options that are optional by nature (an optional filter, an optional file) need no default
+    assert not [m for m in missing if m.split()[-1] in ("--home",)], missing
+
+
+def test_exit_codes_mean_one_thing_each() -> None:
+    assert (
+        exit_code_for(PromotionRefused("no"))
+        == exit_code_for(PrivacyBudgetExceeded("no"))
+        == EXIT_REFUSED
+        == 3
+    )
+    assert exit_code_for(ConfigError("x")) == exit_code_for(SpecError("x")) == EXIT_USAGE == 2
+    for exc in (DecodeError("x"), IntegrityError("x"), NotFound("x")):
+        assert exit_code_for(exc) == EXIT_FAILURE == 1
+
+
+def test_usage_errors_exit_2_in_the_users_words(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["run", "--codec", "nope(1)", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown codec" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 3\nclients: 0\n")
+    r = runner.invoke(app, ["run", "--config", str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "(root)" not in r.output and "clients" in r.output
+
+
+def test_registry_commands_exit_1_on_failures_and_3_on_refusals(tmp_path: Path, monkeypatch) -> None:
+    from deltaplane.registry import Registry
+
+    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
+    r = runner.invoke(app, ["registry", "list"])
+    assert r.exit_code == 1 and "registry init" in r.output  # no registry yet: a failure, with the fix
+    reg = Registry.create(tmp_path / "home")
+    reg.register_model("m", {"w": torch.ones(2)})
+    reg.register_model("m", {"w": torch.zeros(2)})
+    (tmp_path / "ev.py").write_text("def evaluate(state):\n    return {'accuracy': float(state['w'][0])}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ok = runner.invoke(
+        app, ["registry", "promote", "m@1", "--evaluator", "ev:evaluate", "--tolerance", "accuracy=0.1"]
+    )
+    assert ok.exit_code == 0, ok.output
+    no = runner.invoke(
+        app, ["registry", "promote", "m@2", "--evaluator", "ev:evaluate", "--tolerance", "accuracy=0.1"]
+    )
+    assert no.exit_code == 3 and "REFUSED" in no.output
+    listed = json.loads(runner.invoke(app, ["registry", "list", "--json"]).output)
+    assert [v["ref"] for v in listed] == ["m@1", "m@2"] and listed[0]["tags"] == ["production"]
+
+
+def test_quiet_hides_progress_and_the_run_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--clients", "3", "--rounds", "1", "--no-baseline", "--no-followup", "--out", str(out)]
+    r = runner.invoke(app, ["--quiet", *args])
+    assert r.exit_code == 0, r.output
+    assert "acc " not in r.stderr  # no progress bar on stderr
+    assert "report:" in r.stdout  # results still printed
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert runner.invoke(app, ["--quiet", "--verbose", "registry", "list"]).exit_code == 2
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["registry", "list", "--home", "/nonexistent-home"]])
+def test_light_commands_do_not_import_torch(argv: list[str]) -> None:
+    """What keeps `deltaplane --help` under a second: no torch (2-3 s of imports) before a command needs it."""
+    code = (
+        "import sys; from deltaplane.cli import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
