@@ -34,13 +34,19 @@ def machine() -> str:
     )
 
 
+def load() -> str:
+    """The machine's load when the figures were recorded (shared machines slow timings down)."""
+    one, five, _ = os.getloadavg()
+    return f"1-min load average {one:.2f}, 5-min {five:.2f} on {os.cpu_count()} cores"
+
+
 def record(key: str, title: str, body: str, command: str | None = None) -> None:
     """Write (or replace) the section ``key`` of docs/benchmarks.md with ``body`` (markdown)."""
     command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     section = (
         f"{start}\n## {title}\n\n"
-        f"- command: `{command}`\n- machine: {machine()}\n"
+        f"- command: `{command}`\n- machine: {machine()}\n- load: {load()}\n"
         f"- date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n\n{body.strip()}\n{end}"
     )
     DOC.parent.mkdir(parents=True, exist_ok=True)
