@@ -12,12 +12,16 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
+from deltaplane import Compressor, Delta
+from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry, Tolerance, promote
 from deltaplane.report import write_report
-from deltaplane.serve import ServiceConfig, create_app
+from deltaplane.serve import AdminClient, DeviceClient, ServiceConfig, create_app
+from deltaplane.serve.client import ServiceError
 from deltaplane.serve.server import BackgroundServer
 from deltaplane.sim import run_simulation
 from deltaplane.sim.config import RunConfig
@@ -73,17 +77,29 @@ def world(tmp_path_factory):
     reg.withdraw_cohort("eu", reason="consent withdrawn")
     app = create_app(ServiceConfig(home=str(home), admin_token=ADMIN, runs_dir=str(runs)))
     with BackgroundServer(app) as server:
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        tok = httpx.post(
-            f"{server.url}/admin/devices", json={"device_id": "phone-7", "cohort": "us"}, headers=admin
+        admin = AdminClient(server.url, ADMIN)
+        devices = [
+            DeviceClient(server.url, admin.issue_token(f"phone-{i}", "us"), verifier=reg.verifier)
+            for i in range(5)
+        ]
+        # drift: devices report summaries of shifted inputs; the service raises an alert on feature f2
+        rng = np.random.default_rng(0)
+        ref_x = rng.normal(size=(2000, 3))
+        spec = DriftSpec.fit(ref_x, n_classes=10)
+        admin.set_drift_reference(
+            "digits", spec.to_dict(), summarize(spec, ref_x, rng.integers(0, 10, 2000)).to_dict(), window=5
         )
-        tok.raise_for_status()
-        httpx.post(
-            f"{server.url}/admin/models/digits/rounds", json={"base_version": 2}, headers=admin
-        ).raise_for_status()
-        httpx.get(
-            f"{server.url}/v1/models/digits/round", headers={"Authorization": f"Bearer {tok.json()['token']}"}
-        ).raise_for_status()
+        for d in devices:
+            x = rng.normal(size=(200, 3))
+            x[:, 2] += 1.5
+            d.report("digits", version=2, summary=summarize(spec, x, rng.integers(0, 10, 200)).to_dict())
+        # a round with one accepted upload and one refused (not a deltaplane payload)
+        rnd = admin.open_round("digits", base_version=2)
+        delta = Delta({"w": torch.full((3,), 0.1)})
+        payload = Compressor("identity").compress(delta, base_id="digits", base_version=2)
+        devices[0].upload("digits", rnd["round"], payload)
+        with pytest.raises(ServiceError):
+            devices[1].upload("digits", rnd["round"], b"not a payload")
         yield {"url": server.url, "report": report, "registry": reg, "root": root}
 
 
@@ -135,6 +151,7 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         assert page.url.endswith("/ui/")
         assert page.text_content("[data-field=runs]") == "3"
         assert page.text_content("[data-field=open_rounds]") == "1"
+        assert page.text_content("[data-field=devices]") == "5"
         shot("overview")
 
         # runs: every run of report.json with its final figures
@@ -205,11 +222,18 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         assert page.locator("#lineage rect").count() == 3
         shot("registry")
 
-        # fleet: the open round, the device that asked for it
+        # fleet: the open round and its upload, refusals by reason, devices, drift per feature and the alert
         page.click("header >> text=Fleet")
         assert page.locator("#open-rounds tbody tr").count() == 1
         assert page.text_content("#open-rounds [data-field=round]") == "1"
-        assert "phone-7" in page.text_content("#devices")
+        assert page.text_content("#open-rounds [data-field=uploads]") == "1"
+        assert page.text_content("[data-field='uploads.accepted']") == "1"
+        assert page.text_content("[data-field='uploads.DecodeError']") == "1"
+        assert page.locator("#devices tbody tr").count() == 5
+        assert page.locator("#drift-digits polyline").count() >= 1
+        f2 = page.locator("#drift-table-digits tr:has-text('f2')")
+        assert "yes" in f2.text_content() and "2.036" in f2.text_content()  # PSI of the shifted feature
+        assert "feature drift on f2" in page.text_content("#alerts")
         shot("fleet")
 
         assert external == [], f"the dashboard requested outside addresses: {external}"

@@ -19,7 +19,7 @@ __all__ = ["render_html"]
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(36rem, 1fr)); gap: 1rem; }
-.charts > div { border: 1px solid #ddd; padding: 0.3rem; }
+.charts > div { border: 1px solid #ddd; padding: 0.3rem; max-width: 60rem; }
 .stopped { background: #fff4e5; border: 1px solid #e69f00; padding: 0.5rem 0.8rem; }
 .warn { color: #9a3412; }
 table { border-collapse: collapse; margin: 1rem 0; }

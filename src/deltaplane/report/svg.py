@@ -162,6 +162,10 @@ def line_chart(
             out.append(
                 f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
             )
+            if len(seg) <= 40:  # few points: mark each one (a single window would otherwise be invisible)
+                for pt in seg:
+                    x, y = pt.split(",")
+                    out.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
         lx, ly = legend_pos[i]
         out.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="4" fill="{colour}"/>')
         out.append(f'<text x="{lx + 20:.0f}" y="{ly + 6}" font-size="12">{escape(s.label)}</text>')

@@ -46,7 +46,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .card { background: #fff; border: 1px solid #d0d0d0; padding: 0.6rem 1rem; min-width: 11rem; }
 .card .v { font-size: 1.5rem; font-variant-numeric: tabular-nums; }
 .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(34rem, 1fr)); gap: 1rem; }
-.charts > div { background: #fff; border: 1px solid #d0d0d0; padding: 0.4rem; }
+.charts > div { background: #fff; border: 1px solid #d0d0d0; padding: 0.4rem; max-width: 60rem; }
 .side { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
 pre { background: #f3f3f3; padding: 0.5rem; overflow-x: auto; }
 form.inline { display: inline; }
@@ -496,14 +496,14 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             f"<tr><td>{escape(str(r.get('kind')))}</td><td>{escape(str(r.get('name')))}</td>"
             + _num(r.get("psi"), "{:.3f}")
             + _num(r.get("stat"), "{:.3f}")
-            + _num(r.get("p_value"), "{:.3g}")
-            + f"<td>{'yes' if r.get('flagged') else ''}</td></tr>"
+            + _num(r.get("p"), "{:.3g}")
+            + f"<td>{'<span class=bad>yes</span>' if r.get('drifted') else 'no'}</td></tr>"
             for r in last.get("rows", [])
         ]
         drift_parts.append(
             f"<h3>{escape(model)}</h3><div class='charts'><div>{chart}</div></div>"
             + _table(
-                ["kind", "feature", "PSI", "statistic", "p", "flagged"], rows, table_id=f"drift-table-{model}"
+                ["kind", "feature", "PSI", "test statistic", "p", "drifted"], rows, table_id=f"drift-table-{model}"
             )
         )
     alerts = [
