@@ -78,7 +78,7 @@ def run_http_simulation(
     home: str | Path | None = None,
 ) -> HttpRunResult:
     """Run ``config`` with simulated devices talking to a real local server (see the module docstring)."""
-    _check_supported(config)
+    check_supported(config)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     scratch = None
@@ -114,7 +114,7 @@ def _refusals(config: RunConfig) -> list[str]:
     return out
 
 
-def _check_supported(config: RunConfig) -> None:
+def check_supported(config: RunConfig) -> None:
     """Refuse, with the reason, options the HTTP transport cannot run (never ignore them)."""
     refused = _refusals(config)
     if refused:
