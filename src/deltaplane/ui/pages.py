@@ -503,7 +503,9 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         drift_parts.append(
             f"<h3>{escape(model)}</h3><div class='charts'><div>{chart}</div></div>"
             + _table(
-                ["kind", "feature", "PSI", "test statistic", "p", "drifted"], rows, table_id=f"drift-table-{model}"
+                ["kind", "feature", "PSI", "test statistic", "p", "drifted"],
+                rows,
+                table_id=f"drift-table-{model}",
             )
         )
     alerts = [
