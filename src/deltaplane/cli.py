@@ -21,7 +21,7 @@ from rich.table import Table
 
 from deltaplane.commands import EXIT_REFUSED, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.errors import ConfigError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID

@@ -48,8 +48,8 @@ from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
-from deltaplane.ui import mount_ui
 from deltaplane.serve.rounds import RoundState, round_router
+from deltaplane.ui import mount_ui
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
