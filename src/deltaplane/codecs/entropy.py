@@ -15,6 +15,7 @@ from deltaplane.errors import DecodeError
 __all__ = [
     "bitmap_decode",
     "bitmap_encode",
+    "check_index_stream",
     "decode_indices",
     "encode_indices",
     "golomb_decode",
@@ -268,6 +269,36 @@ def encode_indices(idx: np.ndarray, n: int) -> tuple[str, bytes]:
     if name == "varint":
         return name, varint_encode(gaps)
     return name, golomb_encode(gaps, k)
+
+
+def check_index_stream(coder: object, data: bytes, n: int, k: int) -> None:
+    """Refuse an index stream whose length cannot hold ``k`` positions in ``[0, n)``, before decoding it.
+
+    Bounds from the format alone: a bitmap is exactly ``ceil(n / 8)`` bytes; varint takes 1 to 5 bytes a
+    position; Golomb-Rice takes its parameter byte, ``ceil(k·K / 8)`` remainder bytes and one quotient bit
+    per position plus ``Σ q_j ≤ n >> K`` more (the gaps sum to less than ``n``), padded to a byte.
+    So decoding works on at most about ``n + 5k`` bytes, whatever the payload declares.
+    """
+    if coder not in INDEX_CODERS:
+        raise DecodeError(f"unknown index coder {coder!r}; known: {', '.join(INDEX_CODERS)}")
+    if not 0 <= k <= n:
+        raise DecodeError(f"{k} positions cannot fit a tensor of {n} values")
+    size = len(data)
+    if coder == "bitmap":
+        lo = hi = (n + 7) // 8
+    elif coder == "varint":
+        lo, hi = k, _MAX_VARINT_BYTES * k
+    else:
+        rice = data[0] if size else 0
+        if rice > _MAX_RICE_K:
+            raise DecodeError(f"Golomb Rice parameter {rice} exceeds {_MAX_RICE_K}")
+        rem = (k * rice + 7) // 8
+        lo, hi = 1 + rem + (k + 7) // 8, 1 + rem + (k + (n >> rice) + 7) // 8
+    if not lo <= size <= hi:
+        raise DecodeError(
+            f"{coder} index stream of {size} bytes cannot hold {k} positions of {n} "
+            f"(it must be {lo}{f' to {hi}' if hi != lo else ''} bytes)"
+        )
 
 
 def decode_indices(coder: str, data: bytes, n: int, k: int) -> np.ndarray:
