@@ -32,8 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltaplane.aggregation import FedAvg
-from deltaplane.codecs import Compressor, decode_delta, unpack
-from deltaplane.codecs.wire import check_base
+from deltaplane.codecs import Compressor, decompress
 from deltaplane.errors import (
     ConfigError,
     DecodeError,
@@ -468,23 +467,10 @@ def create_app(
             raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
 
         def validate() -> Any:
-            # Parse the frame and check names/shapes/dtypes against the base *before* decoding: a small
-            # payload that claims a huge shape must not make the server allocate it.
-            header, trees = unpack(payload)
-            check_base(header, (model, r.base_version))
+            # names/shapes/dtypes are checked against the base *before* decoding: a small payload that
+            # claims a huge shape must not make the server allocate it
             base = state.base_state(model, r.base_version)
-            if trees.keys() != base.keys():
-                missing, extra = sorted(set(base) - set(trees)), sorted(set(trees) - set(base))
-                raise ShapeMismatch(
-                    f"update tensors differ from the base: missing {missing[:5]}, unknown {extra[:5]}"
-                )
-            for k, (dt, e) in trees.items():
-                if tuple(e.shape) != tuple(base[k].shape) or dt != base[k].dtype:
-                    raise ShapeMismatch(
-                        f"tensor '{k}': update declares shape {list(e.shape)} {dt}, "
-                        f"the base has {list(base[k].shape)} {base[k].dtype}"
-                    )
-            return decode_delta(trees)
+            return decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
 
         delta = await run_in_threadpool(validate)
         with state.lock:

@@ -182,7 +182,8 @@ def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult
             if comp.state.residual is not None:  # an exact codec (identity) leaves nothing to carry
                 store.put(client.cid, comp.state.residual)
             uplink += len(payload)
-            agg.add(decompress(payload, expect_base=(BASE_ID, version)), weight=client.num_samples)
+            decoded = decompress(payload, expect_base=(BASE_ID, version), expect_layout=global_state)
+            agg.add(decoded, weight=client.num_samples)
         global_state = (agg.result() * config.server_lr).apply(global_state)
         model.load_state_dict(global_state)
         test_acc.append(accuracy(model, test))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
-from deltaplane.codecs import Compressor, compress_many, decompress
+from deltaplane.codecs import Compressor, Layout, compress_many, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.domains import shift
 from deltaplane.delta import Delta
@@ -321,6 +321,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         secure_weights: list[int] = []
         trained: dict[int, Delta] = {}
         uploads: dict[int, bytes | DeltaplaneError] = {}
+        # what a device may upload: the global model's tensors less the layers devices keep (FedPer, FedBN)
+        shared_layout = Layout.of(global_state).without(local_keys)
         if trainer is not None:
             batch = [clients[c] for c in chosen]
             stacked = train_batched(config, trainer, global_state, batch, rnd)
@@ -369,7 +371,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     client.upload(delta, base_id=BASE_ID, base_version=version) if upload is None else upload
                 )
                 uplink += len(payload)
-                decoded = decompress(payload, expect_base=(BASE_ID, version))
+                decoded = decompress(payload, expect_base=(BASE_ID, version), expect_layout=shared_layout)
             except DeltaplaneError as exc:  # one bad client is refused, the round goes on
                 rejections.append(Rejection(str(cid), exc))
                 continue
@@ -409,7 +411,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             update = update * config.server_lr
         measurements = agg.measurements
         payload = downlink.compress(update, base_id=BASE_ID, base_version=version)
-        decoded = decompress(payload, expect_base=(BASE_ID, version))
+        decoded = decompress(payload, expect_base=(BASE_ID, version), expect_layout=shared_layout)
         # a partial update (local layers excluded) changes only the shared tensors
         global_state = {**global_state, **decoded.apply({k: global_state[k] for k in decoded})}
         down = len(payload) * len(clients)  # every device applies the update to stay in sync
