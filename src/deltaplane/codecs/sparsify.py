@@ -237,7 +237,7 @@ class TopK(Codec):
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_BLOCK = 1 << 20
+_BLOCK = 1 << 14
 
 
 def random_positions(seed: int, n: int, ratio: float, *, stop_after: int | None = None) -> np.ndarray:
@@ -254,21 +254,28 @@ def random_positions(seed: int, n: int, ratio: float, *, stop_after: int | None 
     s = np.uint64(seed)
     out = []
     found = 0
-    for lo in range(0, n, _BLOCK):  # blocks bound the temporary memory to a few MB
-        z = np.arange(lo + 1, min(n, lo + _BLOCK) + 1, dtype=np.uint64)
-        z *= _GOLDEN
-        z += s
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-        keep = np.flatnonzero(z < threshold) if ratio < 1 else np.arange(len(z))
-        out.append(keep + lo)
+    # blocks, and a scratch buffer for the shifts, bound the temporary memory to ~300 kB whatever n is
+    step = min(n, _BLOCK)
+    offsets = np.arange(1, step + 1, dtype=np.uint64)
+    z, tmp = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    for lo in range(0, n, _BLOCK):
+        m = min(n - lo, _BLOCK)
+        zz, t = z[:m], tmp[:m]
+        np.add(offsets[:m], np.uint64(lo), out=zz)  # i + 1 for i in [lo, lo + m)
+        zz *= _GOLDEN
+        zz += s
+        zz ^= np.right_shift(zz, np.uint64(30), out=t)
+        zz *= _M1
+        zz ^= np.right_shift(zz, np.uint64(27), out=t)
+        zz *= _M2
+        zz ^= np.right_shift(zz, np.uint64(31), out=t)
+        keep = np.flatnonzero(zz < threshold) if ratio < 1 else np.arange(m)
+        keep += lo
+        out.append(keep)
         found += len(keep)
         if stop_after is not None and found > stop_after:
             break
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 @register_codec
