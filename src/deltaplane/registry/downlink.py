@@ -91,7 +91,13 @@ def publish_update(
     lineage = {"downlink_codec": compressor.codec.spec, **dict(lineage or {})}
     version = registry.register_model(model, new_state, parent=parent, lineage=lineage, governance=governance)
     delta = registry.register_delta(
-        model, payload, base=parent, target=version.number, lineage=lineage, governance=governance
+        model,
+        payload,
+        base=parent,
+        target=version.number,
+        lineage=lineage,
+        governance=governance,
+        expect_layout=base_state,
     )
     return version, delta
 
