@@ -32,6 +32,7 @@ from deltaplane.codecs.compressor import (
     encode_delta,
     read_header,
 )
+from deltaplane.codecs.layout import Layout, TensorLayout
 from deltaplane.codecs.lossless import Zstd
 from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.policy import Policy
@@ -49,6 +50,7 @@ __all__ = [
     "CompressorState",
     "Encoded",
     "Identity",
+    "Layout",
     "Limits",
     "Pipeline",
     "Policy",
@@ -56,6 +58,7 @@ __all__ = [
     "Quantize",
     "RandK",
     "Sign",
+    "TensorLayout",
     "Ternary",
     "Threshold",
     "TopK",

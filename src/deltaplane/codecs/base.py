@@ -105,6 +105,10 @@ class Codec:
 
     #: True for a codec that picks another codec per parameter name (:class:`~deltaplane.codecs.policy.Policy`)
     selects_by_name: ClassVar[bool] = False
+    #: the fields a node of this codec carries on the wire: byte buffers, and float tensors (nested nodes,
+    #: which a later pipeline stage may have encoded). A received node with any other field is refused.
+    byte_fields: ClassVar[tuple[str, ...]] = ()
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         raise NotImplementedError
@@ -135,6 +139,32 @@ class Codec:
 
     def decode(self, e: Encoded) -> Tensor:
         raise NotImplementedError
+
+    def check(self, e: Encoded) -> None:
+        """Validate a received node before anything is decoded or allocated; raise :class:`DecodeError`.
+
+        ``e`` comes straight off the wire: byte fields are ``bytes`` and tensor fields are undecoded nested
+        :class:`Encoded` nodes (only their shapes are known). Every count and length the node implies is
+        checked here against its shape, so :meth:`decode` never allocates or computes for a size the
+        payload cannot back (see :func:`deltaplane.codecs.preflight.preflight`). Overrides call this one
+        first: it checks that the node carries exactly the declared fields, each of the right kind.
+        """
+        declared = set(self.byte_fields) | set(self.tensor_fields)
+        if set(e.fields) != declared:
+            raise DecodeError(f"{e.codec}: fields {sorted(e.fields)}, expected exactly {sorted(declared)}")
+        for k in self.byte_fields:
+            if not isinstance(e.fields[k], bytes | bytearray | memoryview):
+                raise DecodeError(f"{e.codec}: field '{k}' must be a byte buffer, not a nested node")
+        for k in self.tensor_fields:
+            if not isinstance(e.fields[k], Encoded):
+                raise DecodeError(f"{e.codec}: field '{k}' must be a nested node, not a byte buffer")
+
+    @staticmethod
+    def _child_shape(e: Encoded, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a nested node ``name`` of ``e`` unless it decodes to exactly ``shape``."""
+        got = e.fields[name].shape
+        if tuple(got) != tuple(shape):
+            raise DecodeError(f"{e.codec}: field '{name}' has shape {list(got)}, expected {list(shape)}")
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
         """Decode nodes of one shape made by this codec into one ``(C, *shape)`` stack.
@@ -246,13 +276,15 @@ def _parse_value(tok: str, kind: str) -> Scalar:
         if low in ("true", "false"):
             return low == "true"
         return tok
-    try:
+    if re.fullmatch(r"-?\d+", tok):
+        # integers are 64-bit: a 400-digit parameter would overflow every float and tensor it reaches
+        if len(tok) > 20 or not -(2**63) <= int(tok) < 2**63:
+            raise SpecError(f"integer {tok[:24]}{'...' if len(tok) > 24 else ''} is out of the 64-bit range")
         return int(tok)
+    try:
+        return float(tok)
     except ValueError:
-        try:
-            return float(tok)
-        except ValueError:
-            raise SpecError(f"cannot read value {tok!r}") from None
+        raise SpecError(f"cannot read value {tok!r}") from None
 
 
 def parse_spec(spec: str) -> list[tuple[str, list[Scalar], dict[str, Scalar]]]:
@@ -333,8 +365,13 @@ def _build(name: str, args: list[Scalar], kwargs: dict[str, Scalar]) -> Codec:
         return cls(**params)
     except SpecError:
         raise
-    except (CodecError, TypeError, ValueError) as exc:  # a bad value in a spec string is a spec error
-        raise SpecError(str(exc)) from exc
+    except (
+        CodecError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+    ) as exc:  # a bad value in a spec is a spec error
+        raise SpecError(f"{name}: {exc}" if isinstance(exc, ArithmeticError) else str(exc)) from exc
 
 
 def get_codec(spec: str | Codec) -> Codec:
@@ -526,6 +563,10 @@ def _node_codec(e: Encoded) -> Codec:
         raise DecodeError(f"cannot decode: {exc}") from exc
     if isinstance(codec, Pipeline):
         raise DecodeError(f"an encoded node must name one codec stage, got pipeline '{e.codec}'")
+    if codec.selects_by_name or codec.lossless:
+        # a policy names the codec it picked in each node, and zstd is a flag of the frame: a node naming
+        # either is malformed (a policy node would otherwise decode itself forever)
+        raise DecodeError(f"an encoded node must name a tensor codec, got '{codec.name}'")
     return codec
 
 

@@ -25,8 +25,19 @@ from deltaplane.codecs.base import (
     get_codec,
     split_lossless,
 )
+from deltaplane.codecs.layout import Layout
+from deltaplane.codecs.preflight import check_budget, check_nodes
 from deltaplane.codecs.quantize import Identity
-from deltaplane.codecs.wire import Limits, WireHeader, check_base, finalize, pack, unpack
+from deltaplane.codecs.wire import (
+    Limits,
+    WireHeader,
+    check_base,
+    finalize,
+    pack,
+    read_body,
+    read_table,
+    unpack,
+)
 from deltaplane.delta import Delta, all_finite, first_non_finite
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
 
@@ -85,16 +96,34 @@ def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
 
 
 def decompress(
-    payload: bytes, *, expect_base: tuple[str, int] | None = None, limits: Limits | None = None
+    payload: bytes,
+    *,
+    expect_base: tuple[str, int] | None = None,
+    expect_layout: Layout | Mapping[str, torch.Tensor] | None = None,
+    limits: Limits | None = None,
 ) -> Delta:
-    """Decode a payload made by :meth:`Compressor.compress`, strictly.
+    """Decode a payload made by :meth:`Compressor.compress`, strictly and within a memory budget.
 
-    Raises :class:`~deltaplane.errors.DecodeError` on anything malformed and
+    A receiver that holds the model should pass ``expect_layout`` (a :class:`~deltaplane.codecs.Layout`,
+    or the model's state dict / a delta of it, whose layout is taken): a payload whose tensor names,
+    shapes or dtypes differ is refused before anything is decoded, and decoding may use at most
+    ``Limits.layout_factor`` times the model's float32 size. Without it (a standalone file), the payload
+    may decode to at most ``max(Limits.min_decoded_bytes, Limits.max_expansion × len(payload))`` bytes,
+    capped at ``Limits.max_decoded_bytes``. Either way every codec's counts and lengths are checked
+    against the declared shapes before any tensor is allocated (:func:`~deltaplane.codecs.preflight.preflight`).
+
+    Raises :class:`~deltaplane.errors.DecodeError` on anything malformed or over budget,
+    :class:`~deltaplane.errors.ShapeMismatch` if the tensors differ from ``expect_layout``, and
     :class:`~deltaplane.errors.VersionMismatch` if ``expect_base`` (model id, version) differs from the
     payload's base: an update for another model version is refused, never applied.
     """
-    header, trees = unpack(payload, limits=limits)
-    check_base(header, expect_base)
+    table = read_table(payload, limits=limits)
+    check_base(table.header, expect_base)
+    layout = Layout.of(expect_layout) if expect_layout is not None else None
+    # layout and budget from the table alone, before the body is inflated or read
+    budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
+    trees = read_body(table, max_inflated_bytes=layout.decoded_bytes if layout is not None else budget)
+    check_nodes(trees)
     return decode_delta(trees)
 
 

@@ -15,6 +15,7 @@ from deltaplane.errors import DecodeError
 __all__ = [
     "bitmap_decode",
     "bitmap_encode",
+    "check_index_stream",
     "decode_indices",
     "encode_indices",
     "golomb_decode",
@@ -73,6 +74,7 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
 
 # -- varint (LEB128) --------------------------------------------------------------------------------------
 _MAX_VARINT_BYTES = 5  # values < 2**35: positions in tensors of up to 34 billion values
+_VARINT_BLOCK = 1 << 14
 
 
 def varint_encode(values: np.ndarray) -> bytes:
@@ -97,7 +99,11 @@ def varint_encode(values: np.ndarray) -> bytes:
 
 
 def varint_decode(data: bytes, count: int) -> np.ndarray:
-    """Decode exactly ``count`` LEB128 values from ``data`` (int64); anything else is a :class:`DecodeError`."""
+    """Decode exactly ``count`` LEB128 values from ``data`` (int64); anything else is a :class:`DecodeError`.
+
+    Works a block of values at a time, in place over the array of value ends, so decoding needs about
+    8 bytes a value beyond the stream itself.
+    """
     b = np.frombuffer(data, dtype=np.uint8)
     if count == 0:
         if len(b):
@@ -105,18 +111,26 @@ def varint_decode(data: bytes, count: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     if len(b) == 0 or b[-1] & 0x80:
         raise DecodeError("varint stream is truncated")
-    ends = np.flatnonzero((b & 0x80) == 0)
-    if len(ends) != count:
-        raise DecodeError(f"varint stream holds {len(ends)} values, expected {count}")
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if int(lengths.max()) > _MAX_VARINT_BYTES:
-        raise DecodeError("varint value is too long")
-    group = np.repeat(np.arange(count), lengths)
-    pos = np.arange(len(b)) - np.repeat(starts, lengths)
-    # float64 holds these exactly: every value is < 2**35
-    parts = (b & 0x7F).astype(np.float64) * np.exp2(7 * pos)
-    return np.bincount(group, weights=parts, minlength=count).astype(np.int64)
+    out = np.flatnonzero(b < 0x80)  # each value's last byte; becomes the values, block by block
+    if len(out) != count:
+        raise DecodeError(f"varint stream holds {len(out)} values, expected {count}")
+    start = 0
+    for lo in range(0, count, _VARINT_BLOCK):
+        ends = out[lo : lo + _VARINT_BLOCK]
+        starts = np.empty_like(ends)
+        starts[0] = start
+        starts[1:] = ends[:-1] + 1
+        start = int(ends[-1]) + 1
+        lengths = ends - starts + 1
+        longest = int(lengths.max())
+        if longest > _MAX_VARINT_BYTES:
+            raise DecodeError("varint value is too long")
+        value = np.zeros(len(ends), np.int64)
+        for j in range(longest):
+            sel = lengths > j
+            value[sel] |= (b[starts[sel] + j] & 0x7F).astype(np.int64) << (7 * j)
+        ends[:] = value
+    return out
 
 
 # -- bitmap ----------------------------------------------------------------------------------------------
@@ -139,6 +153,7 @@ def bitmap_decode(data: bytes, n: int) -> np.ndarray:
 
 # -- Golomb-Rice -----------------------------------------------------------------------------------------
 _MAX_RICE_K = 40
+_RICE_BLOCK = 1 << 11
 
 
 def _rice_sizes(gaps: np.ndarray, ks: range) -> dict[int, int]:
@@ -206,8 +221,9 @@ def golomb_decode(data: bytes, count: int) -> np.ndarray:
         if len(data) != 1:
             raise DecodeError("Golomb stream has trailing bytes")
         return np.zeros(0, np.int64)
-    rbits = np.unpackbits(np.frombuffer(data, np.uint8, rem_len, 1), bitorder="little")
-    if rbits[count * k :].any():
+    rem = np.frombuffer(data, np.uint8, rem_len, 1)
+    used = (count * k) % 8
+    if used and int(rem[-1]) >> used:
         raise DecodeError("Golomb remainder section has non-zero padding")
     ubits = np.unpackbits(
         np.frombuffer(data, np.uint8, len(data) - 1 - rem_len, 1 + rem_len), bitorder="little"
@@ -217,15 +233,22 @@ def golomb_decode(data: bytes, count: int) -> np.ndarray:
         raise DecodeError(f"Golomb stream holds {len(zeros)} values, expected {count}")
     if len(ubits) - 1 - int(zeros[-1]) >= 8:
         raise DecodeError("Golomb quotient section has trailing bytes")
-    q = np.diff(zeros, prepend=-1) - 1
-    if k:
-        planes = rbits[: count * k].reshape(count, k).astype(np.int64)
-        r = (planes << np.arange(k, dtype=np.int64)).sum(axis=1)
-    else:
-        r = np.zeros(count, np.int64)
+    del ubits
+    q = np.diff(zeros, prepend=-1)
+    del zeros
+    q -= 1
     if int(q.max()) >= 1 << (62 - k):
         raise DecodeError("Golomb value is too large")
-    return (q << k) | r
+    q <<= k
+    if k:
+        # remainders a block of values at a time: unpacked bits take a byte each, and 8 more as int64 planes,
+        # so the whole section at once would cost 64x its size
+        weights = np.left_shift(1, np.arange(k, dtype=np.int64))
+        for lo in range(0, count, _RICE_BLOCK):  # _RICE_BLOCK values are a whole number of bytes
+            hi = min(count, lo + _RICE_BLOCK)
+            bits = np.unpackbits(rem[lo * k // 8 : (hi * k + 7) // 8], bitorder="little", count=(hi - lo) * k)
+            q[lo:hi] |= bits.reshape(hi - lo, k) @ weights
+    return q
 
 
 # -- choose the cheapest ---------------------------------------------------------------------------------
@@ -270,16 +293,52 @@ def encode_indices(idx: np.ndarray, n: int) -> tuple[str, bytes]:
     return name, golomb_encode(gaps, k)
 
 
+def check_index_stream(coder: object, data: bytes, n: int, k: int) -> None:
+    """Refuse an index stream whose length cannot hold ``k`` positions in ``[0, n)``, before decoding it.
+
+    Bounds from the format alone: a bitmap is exactly ``ceil(n / 8)`` bytes; varint takes 1 to 5 bytes a
+    position; Golomb-Rice takes its parameter byte, ``ceil(k·K / 8)`` remainder bytes and one quotient bit
+    per position plus ``Σ q_j ≤ n >> K`` more (the gaps sum to less than ``n``), padded to a byte.
+    So decoding works on at most about ``n + 5k`` bytes, whatever the payload declares.
+    """
+    if coder not in INDEX_CODERS:
+        raise DecodeError(f"unknown index coder {coder!r}; known: {', '.join(INDEX_CODERS)}")
+    if not 0 <= k <= n:
+        raise DecodeError(f"{k} positions cannot fit a tensor of {n} values")
+    size = len(data)
+    if coder == "bitmap":
+        lo = hi = (n + 7) // 8
+    elif coder == "varint":
+        lo, hi = k, _MAX_VARINT_BYTES * k
+    else:
+        rice = data[0] if size else 0
+        if rice > _MAX_RICE_K:
+            raise DecodeError(f"Golomb Rice parameter {rice} exceeds {_MAX_RICE_K}")
+        rem = (k * rice + 7) // 8
+        lo, hi = 1 + rem + (k + 7) // 8, 1 + rem + (k + (n >> rice) + 7) // 8
+    if not lo <= size <= hi:
+        raise DecodeError(
+            f"{coder} index stream of {size} bytes cannot hold {k} positions of {n} "
+            f"(it must be {lo}{f' to {hi}' if hi != lo else ''} bytes)"
+        )
+
+
 def decode_indices(coder: str, data: bytes, n: int, k: int) -> np.ndarray:
     """Inverse of :func:`encode_indices`: exactly ``k`` strictly increasing positions in ``[0, n)``."""
     if not 0 <= k <= n:
         raise DecodeError(f"{k} positions cannot fit a tensor of {n} values")
     if coder in ("varint", "golomb"):
         gaps = varint_decode(data, k) if coder == "varint" else golomb_decode(data, k)
-        # every gap + 1 >= 1 and the positions must end below n: bound the sum before the cumsum
-        if k and (int(gaps.max()) >= n or float(gaps.astype(np.float64).sum()) + k > n):
+        # every gap + 1 >= 1 and the positions must end below n: bound the sum before the cumsum (each gap
+        # is below n, so an int64 sum cannot overflow while k·n < 2^63)
+        if k and int(gaps.max()) >= n:
             raise DecodeError(f"index stream points outside the tensor (size {n})")
-        idx = np.cumsum(gaps + 1) - 1
+        total = int(gaps.sum()) if k * n < 1 << 62 else float(gaps.sum(dtype=np.float64))
+        if k and total + k > n:
+            raise DecodeError(f"index stream points outside the tensor (size {n})")
+        gaps += 1  # in place: positions = cumsum(gap + 1) - 1, with no temporaries of the stream's size
+        idx = np.cumsum(gaps, out=gaps)
+        idx -= 1
     elif coder == "bitmap":
         idx = bitmap_decode(data, n)
     else:

@@ -34,6 +34,7 @@ class PowerSGD(Codec):
     name = "powersgd"
     positional = ("rank",)
     stateful = True
+    tensor_fields = ("p", "q")
 
     def __init__(
         self, *, rank: int = 4, iters: int = 1, min_size: int = 4096, fallback: str = "fp16"
@@ -84,6 +85,15 @@ class PowerSGD(Codec):
             q = mat.T @ p  # (n, r)
         state["q"] = q.clone()
         return Encoded(self.spec, tuple(x.shape), {}, {"p": p.contiguous(), "q": q.contiguous()})
+
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        dims = self._matrix_shape(e.shape)
+        if dims is None:
+            raise DecodeError(f"{e.codec}: shape {list(e.shape)} is not compressed as a matrix by this codec")
+        m, n, r = dims
+        self._child_shape(e, "p", (m, r))
+        self._child_shape(e, "q", (n, r))
 
     def decode(self, e: Encoded) -> Tensor:
         dims = self._matrix_shape(e.shape)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 
@@ -70,6 +69,7 @@ class Identity(Codec):
 
     name = "identity"
     exact = True
+    byte_fields = ("data",)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         if x.dtype not in DTYPE_NAMES:
@@ -94,9 +94,21 @@ class Identity(Codec):
             raise DecodeError(f"identity: unknown dtype {e.meta.get('dtype')!r}")
         return tensor_from_bytes(self._field(e, "data", bytes), dtype, e.numel).reshape(e.shape)
 
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        dtype = DTYPES.get(str(e.meta.get("dtype")))
+        if dtype is None:
+            raise DecodeError(f"identity: unknown dtype {e.meta.get('dtype')!r}")
+        self._expect_len(e, "data", e.fields["data"], e.numel * torch.empty((), dtype=dtype).element_size())
+
 
 class _Cast(Codec):
     dtype: torch.dtype
+    byte_fields = ("data",)
+
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        self._expect_len(e, "data", e.fields["data"], 2 * e.numel)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_buffer(x.to(self.dtype))})
@@ -158,6 +170,11 @@ def _blocks(rows: int, cols: int) -> range:
     return range(0, rows, step)
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` in exact integer arithmetic (``math.ceil(a / b)`` overflows or rounds for huge ints)."""
+    return -(-a // b)
+
+
 def _read_scales(codec: Codec, e: Encoded, count: int) -> Tensor:
     raw = codec._field(e, "scales", bytes)
     codec._expect_len(e, "scales", raw, 4 * count)
@@ -182,14 +199,15 @@ class Quantize(Codec):
 
     name = "quant"
     positional = ("bits",)
+    byte_fields = ("codes", "scales")
 
     def __init__(
         self, *, bits: int = 8, stochastic: bool = False, chunk: int = 512, scale: str = "max"
     ) -> None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise CodecError(f"quant: bits must be an integer in 1..8. Found {bits!r}")
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise CodecError(f"quant: chunk must be a positive integer. Found {chunk!r}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk < 2**63:
+            raise CodecError(f"quant: chunk must be a positive 64-bit integer. Found {chunk!r}")
         if not isinstance(stochastic, bool):
             raise CodecError(f"quant: stochastic must be true or false. Found {stochastic!r}")
         if scale not in ("max", "norm"):
@@ -326,7 +344,7 @@ class Quantize(Codec):
         levels = self._levels()
         scales, codes = [], []
         for e in rows:  # the same checks as decode, row by row
-            scales.append(_read_scales(self, e, math.ceil(n / self.chunk)))
+            scales.append(_read_scales(self, e, ceil_div(n, self.chunk)))
             c = unpack_bits(self._field(e, "codes", bytes), self.bits, n)
             if self.bits > 1 and int(c.max()) > 2 * levels:
                 raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
@@ -351,9 +369,16 @@ class Quantize(Codec):
             blk = buf[: min(step, chunks - r0)].uniform_(generator=rng)
             out[r0 : r0 + blk.shape[0]].copy_(blk)
 
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        self._expect_len(e, "codes", e.fields["codes"], ceil_div(e.numel * self.bits, 8))
+        self._expect_len(e, "scales", e.fields["scales"], 4 * ceil_div(e.numel, self.chunk))
+
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel
-        scales = _read_scales(self, e, math.ceil(n / self.chunk))
+        # integer division: a float ceil(n / chunk) is 0 for a chunk beyond 1e308, which would leave the
+        # output unwritten
+        scales = _read_scales(self, e, ceil_div(n, self.chunk))
         codes = torch.from_numpy(unpack_bits(self._field(e, "codes", bytes), self.bits, n))
         levels = self._levels()
         if self.bits > 1 and n and int(codes.max()) > 2 * levels:
@@ -385,6 +410,12 @@ class Sign(Codec):
     """
 
     name = "sign"
+    byte_fields = ("signs", "scales")
+
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        self._expect_len(e, "signs", e.fields["signs"], ceil_div(e.numel, 8))
+        self._expect_len(e, "scales", e.fields["scales"], 4)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()

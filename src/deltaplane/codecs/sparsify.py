@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, Scalar, register_codec
-from deltaplane.codecs.entropy import decode_indices, encode_indices, unpack_bits
-from deltaplane.codecs.quantize import _read_scales
+from deltaplane.codecs.entropy import check_index_stream, decode_indices, encode_indices, unpack_bits
+from deltaplane.codecs.quantize import _read_scales, ceil_div
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["STC", "RandK", "Threshold", "TopK", "random_positions", "scatter_values", "topk_indices"]
@@ -25,6 +25,23 @@ def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
     out = torch.zeros(e.numel, dtype=torch.float32)
     out[torch.from_numpy(idx)] = values.float()
     return out.reshape(e.shape)
+
+
+def _check_sparse(codec: Codec, e: Encoded, k: int | None) -> int:
+    """Pre-decode checks of a positions + values node; ``k`` is the count the codec fixes (``None``: any).
+
+    The values node must be one-dimensional with ``k`` entries (at most the tensor's size), and the
+    index stream long enough for them and no longer; returns the count.
+    """
+    Codec.check(codec, e)
+    values = e.fields["values"]
+    if len(values.shape) != 1:
+        raise DecodeError(f"{e.codec}: values must be one-dimensional, got shape {list(values.shape)}")
+    count = values.shape[0]
+    if k is not None and count != k:
+        raise DecodeError(f"{e.codec}: {count} values, expected {k}")
+    check_index_stream(e.meta.get("ix"), e.fields["idx"], e.numel, count)
+    return count
 
 
 def _check_ratio(name: str, ratio: object) -> float:
@@ -144,6 +161,8 @@ class TopK(Codec):
 
     name = "topk"
     positional = ("ratio",)
+    byte_fields = ("idx",)
+    tensor_fields = ("values",)
 
     def __init__(self, *, ratio: float = 0.01, approx: bool = False) -> None:
         self.ratio = _check_ratio("topk", ratio)
@@ -203,6 +222,9 @@ class TopK(Codec):
         out.scatter_(1, torch.from_numpy(np.stack(idx)), torch.stack(values).float())
         return out.reshape(len(rows), *rows[0].shape)
 
+    def check(self, e: Encoded) -> None:
+        _check_sparse(self, e, None if self.approx else self.k_for(e.numel))
+
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
         if values.dim() != 1 or (not self.approx and values.numel() != self.k_for(e.numel)):
@@ -215,32 +237,45 @@ class TopK(Codec):
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_BLOCK = 1 << 20
+_BLOCK = 1 << 14
 
 
-def random_positions(seed: int, n: int, ratio: float) -> np.ndarray:
+def random_positions(seed: int, n: int, ratio: float, *, stop_after: int | None = None) -> np.ndarray:
     """Positions ``i`` in ``[0, n)`` with ``splitmix64(seed + (i + 1) · φ) < ratio · 2^64``, in order.
 
     Each position is kept independently with probability ``ratio``; sender and receiver regenerate the same
     set from the seed alone, so positions cost nothing on the wire. splitmix64 (Steele et al. 2014) is a
     fixed, documented bijection, so another implementation can regenerate the set bit for bit (see
     docs/wire-format.md), unlike a library RNG whose stream may change between releases.
+    ``stop_after``: stop generating once more than that many positions are found (a receiver expecting
+    ``k`` values then knows the payload is wrong without scanning the rest).
     """
     threshold = np.uint64(min(int(ratio * 2.0**64), 2**64 - 1))
     s = np.uint64(seed)
     out = []
-    for lo in range(0, n, _BLOCK):  # blocks bound the temporary memory to a few MB
-        z = np.arange(lo + 1, min(n, lo + _BLOCK) + 1, dtype=np.uint64)
-        z *= _GOLDEN
-        z += s
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-        keep = np.flatnonzero(z < threshold) if ratio < 1 else np.arange(len(z))
-        out.append(keep + lo)
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    found = 0
+    # blocks, and a scratch buffer for the shifts, bound the temporary memory to ~300 kB whatever n is
+    step = min(n, _BLOCK)
+    offsets = np.arange(1, step + 1, dtype=np.uint64)
+    z, tmp = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    for lo in range(0, n, _BLOCK):
+        m = min(n - lo, _BLOCK)
+        zz, t = z[:m], tmp[:m]
+        np.add(offsets[:m], np.uint64(lo), out=zz)  # i + 1 for i in [lo, lo + m)
+        zz *= _GOLDEN
+        zz += s
+        zz ^= np.right_shift(zz, np.uint64(30), out=t)
+        zz *= _M1
+        zz ^= np.right_shift(zz, np.uint64(27), out=t)
+        zz *= _M2
+        zz ^= np.right_shift(zz, np.uint64(31), out=t)
+        keep = np.flatnonzero(zz < threshold) if ratio < 1 else np.arange(m)
+        keep += lo
+        out.append(keep)
+        found += len(keep)
+        if stop_after is not None and found > stop_after:
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 @register_codec
@@ -256,6 +291,7 @@ class RandK(Codec):
 
     name = "randk"
     positional = ("ratio",)
+    tensor_fields = ("values",)
 
     def __init__(self, *, ratio: float = 0.01, unbiased: bool = False) -> None:
         self.ratio = _check_ratio("randk", ratio)
@@ -275,12 +311,31 @@ class RandK(Codec):
             values = values / self.ratio
         return Encoded(self.spec, tuple(x.shape), {"seed": seed}, {"values": values})
 
+    def check(self, e: Encoded) -> None:
+        """Seed, and a count the seed could plausibly select, before regenerating any position.
+
+        The number of kept positions is Binomial(n, ratio); a count more than 10 standard deviations
+        (plus 10) from ``n · ratio`` has probability below 1e-20 for an honest sender, and refusing it up
+        front means a payload cannot make the receiver run the generator over positions it will reject.
+        """
+        super().check(e)
+        seed = e.meta.get("seed")
+        if type(seed) is not int or not 0 <= seed < 2**63:
+            raise DecodeError(f"{e.codec}: meta 'seed' must be an integer in [0, 2^63)")
+        values = e.fields["values"]
+        if len(values.shape) != 1:
+            raise DecodeError(f"{e.codec}: values must be one-dimensional, got shape {list(values.shape)}")
+        n, k = e.numel, values.shape[0]
+        mean = n * self.ratio
+        if not k <= n or abs(k - mean) > 10 * math.sqrt(mean * (1 - self.ratio)) + 10:
+            raise DecodeError(f"{e.codec}: {k} values, but the seed keeps about {mean:.0f} of {n} positions")
+
     def decode(self, e: Encoded) -> Tensor:
         seed = e.meta.get("seed")
         if type(seed) is not int or not 0 <= seed < 2**63:
             raise DecodeError(f"{e.codec}: meta 'seed' must be an integer in [0, 2^63)")
         values = self._field(e, "values", Tensor)
-        idx = random_positions(seed, e.numel, self.ratio)
+        idx = random_positions(seed, e.numel, self.ratio, stop_after=values.numel())
         if values.numel() != len(idx):
             raise DecodeError(f"{e.codec}: {values.numel()} values, the seed selects {len(idx)} positions")
         return scatter_values(e, idx, values)  # unbiased: the sender already scaled by 1/ratio
@@ -297,10 +352,16 @@ class Threshold(Codec):
 
     name = "threshold"
     positional = ("tau",)
+    byte_fields = ("idx",)
+    tensor_fields = ("values",)
 
     def __init__(self, *, tau: float = 1e-3) -> None:
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not (0 < tau < math.inf):
-            raise CodecError(f"threshold: tau must be a positive finite number. Found {tau!r}")
+        try:  # a huge integer overflows float(): still a bad value, not a crash
+            ok = not isinstance(tau, bool) and isinstance(tau, int | float) and 0 < float(tau) < math.inf
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise CodecError(f"threshold: tau must be a positive finite number. Found {str(tau)[:40]}")
         self.tau = float(tau)
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
@@ -308,6 +369,9 @@ class Threshold(Codec):
         idx = torch.nonzero(flat.abs() >= self.tau).squeeze(1)
         coder, data = encode_indices(idx.numpy(), flat.numel())
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
+
+    def check(self, e: Encoded) -> None:
+        _check_sparse(self, e, None)
 
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
@@ -329,6 +393,7 @@ class STC(Codec):
 
     name = "stc"
     positional = ("ratio",)
+    byte_fields = ("idx", "signs", "scales")
 
     def __init__(self, *, ratio: float = 0.01) -> None:
         self.ratio = _check_ratio("stc", ratio)
@@ -366,6 +431,13 @@ class STC(Codec):
             fields = {"idx": data, "signs": signs[i].tobytes(), "scales": struct.pack("<f", mu)}
             out.append(Encoded(self.spec, shape, {"ix": coder}, fields))
         return out
+
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        k = self.k_for(e.numel)
+        check_index_stream(e.meta.get("ix"), e.fields["idx"], e.numel, k)
+        self._expect_len(e, "signs", e.fields["signs"], ceil_div(k, 8))
+        self._expect_len(e, "scales", e.fields["scales"], 4)
 
     def decode(self, e: Encoded) -> Tensor:
         k = self.k_for(e.numel)

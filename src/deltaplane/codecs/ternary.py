@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.quantize import _blocks, _read_scales, chunk_views
+from deltaplane.codecs.quantize import _blocks, _read_scales, ceil_div, chunk_views
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["Ternary", "pack_trits", "unpack_trits"]
@@ -62,13 +62,14 @@ class Ternary(Codec):
     """
 
     name = "ternary"
+    byte_fields = ("trits", "scales")
 
     @property
     def contractive(self) -> bool:
         return False  # unbiased: a value rounds to ±s with probability |x|/s, an error up to s per value
 
     def __init__(self, *, chunk: int = 0) -> None:
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < 2**63:
             raise CodecError(
                 f"ternary: chunk must be a non-negative integer (0 = whole tensor). Found {chunk!r}"
             )
@@ -105,10 +106,15 @@ class Ternary(Codec):
             {"trits": pack_trits(trits.numpy()), "scales": scale_t.numpy().astype("<f4").tobytes()},
         )
 
+    def check(self, e: Encoded) -> None:
+        super().check(e)
+        self._expect_len(e, "trits", e.fields["trits"], ceil_div(e.numel, 5))
+        self._expect_len(e, "scales", e.fields["scales"], 4 * ceil_div(e.numel, self._chunk(e.numel)))
+
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel
         chunk = self._chunk(n)
-        scales = _read_scales(self, e, math.ceil(n / chunk))
+        scales = _read_scales(self, e, ceil_div(n, chunk))
         trits = torch.from_numpy(unpack_trits(self._field(e, "trits", bytes), n))
         out = torch.empty(n, dtype=torch.float32)
         row = 0

@@ -32,7 +32,18 @@ from deltaplane.codecs.base import Encoded
 from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
 from deltaplane.errors import DecodeError, VersionMismatch
 
-__all__ = ["MAGIC", "VERSION", "Limits", "WireHeader", "finalize", "pack", "unpack"]
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "Limits",
+    "Table",
+    "WireHeader",
+    "finalize",
+    "pack",
+    "read_body",
+    "read_table",
+    "unpack",
+]
 
 MAGIC = b"DPLN"
 VERSION = 1
@@ -90,6 +101,21 @@ class Limits:
     max_depth: int = 8
     #: most bytes a zstd-compressed payload may inflate to (a decompression bomb beyond it is refused unread)
     max_inflated_bytes: int = 1 << 32
+    #: decode budget without an expected layout: all nodes together may decode to at most
+    #: ``min(max_decoded_bytes, max(min_decoded_bytes, max_expansion × payload bytes))`` (float32 counted
+    #: 4 bytes a value), so a 200-byte payload cannot declare a 64 GiB tensor
+    max_decoded_bytes: int = 1 << 32
+    min_decoded_bytes: int = 1 << 26
+    max_expansion: int = 4096
+    #: decode budget with an expected layout: ``layout_factor ×`` the layout's decoded size (its tensors
+    #: must match the layout exactly; nested nodes such as top-k's values or PowerSGD's factors are smaller)
+    layout_factor: int = 3
+
+    def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None) -> int:
+        """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields)."""
+        if layout_bytes is not None:
+            return self.layout_factor * layout_bytes
+        return min(self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * payload_bytes))
 
 
 @dataclass(frozen=True)
@@ -219,8 +245,9 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
 
 def _shape(v: Any, where: str, limits: Limits) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > 16 or not all(type(d) is int and d >= 0 for d in v):
-        raise _fail(f"{where}: shape must be a list of at most 16 non-negative integers, got {v!r}")
-    if math.prod(v) > limits.max_numel:
+        raise _fail(f"{where}: shape must be a list of at most 16 non-negative integers, got {str(v)[:80]}")
+    # each dimension too: [0, 2**63] has a product of 0 but no tensor can take that shape
+    if math.prod(v) > limits.max_numel or any(d > limits.max_numel for d in v):
         raise _fail(f"{where}: shape {v} exceeds the {limits.max_numel}-value limit")
     return tuple(v)
 
@@ -269,17 +296,33 @@ class _Reader:
 
 
 def _materialize(e: Encoded, data: memoryview) -> Encoded:
+    # zero-copy views of the (inflated) payload: a codec copies a field only while it decodes it
     fields = {
-        k: _materialize(v, data) if isinstance(v, Encoded) else bytes(data[v.offset : v.offset + v.length])
+        k: _materialize(v, data) if isinstance(v, Encoded) else data[v.offset : v.offset + v.length]
         for k, v in e.fields.items()
     }
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
-def unpack(
-    payload: bytes, *, limits: Limits | None = None
-) -> tuple[WireHeader, dict[str, tuple[torch.dtype, Encoded]]]:
-    """Parse and validate a payload's frame and header; returns the header and name -> (dtype, tree)."""
+@dataclass(frozen=True)
+class Table:
+    """A payload whose frame and tensor table are validated but whose body is not read yet.
+
+    Its trees carry shapes, codecs and metadata, and each byte field only its place in the body, so a
+    receiver can check the layout and the decode budget before inflating or touching a byte of the body
+    (:func:`read_body`).
+    """
+
+    header: WireHeader
+    trees: dict[str, tuple[torch.dtype, Encoded]]
+    body: memoryview
+    zstd: bool
+    #: bytes the tensor table claims (the body's length, or what its zstd frame must inflate to)
+    size: int
+
+
+def read_table(payload: bytes, *, limits: Limits | None = None) -> Table:
+    """Validate a payload's frame, header and tensor table; the body is left unread (see :class:`Table`)."""
     limits = limits or Limits()
     doc, body, flags = _read_header(payload, limits)
     if set(doc) - {"base", "codec", "t", "meta"} or "t" not in doc:
@@ -306,22 +349,48 @@ def unpack(
             raise _fail(f"tensor '{name}': unknown dtype {dtype_name!r}")
         nodes[name] = (DTYPES[dtype_name], reader.node(node, f"tensor '{name}'", 0))
     size = reader.cursor  # bytes the tensor table claims, in order
-    if flags & FLAG_ZSTD_PAYLOAD:
-        if size > limits.max_inflated_bytes:
+    zstd = bool(flags & FLAG_ZSTD_PAYLOAD)
+    if zstd and size > limits.max_inflated_bytes:
+        raise _fail(
+            f"payload would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
+        )
+    if not zstd and size > len(body):
+        raise _fail(f"tensor table claims {size} payload bytes but the payload has {len(body)}")
+    if not zstd and size != len(body):
+        raise _fail(f"{len(body) - size} trailing payload bytes not claimed by any tensor")
+    return Table(WireHeader(base[0], base[1], codec, meta), nodes, body, zstd, size)
+
+
+def read_body(
+    table: Table, *, max_inflated_bytes: int | None = None
+) -> dict[str, tuple[torch.dtype, Encoded]]:
+    """Read a :class:`Table`'s body: its trees with every byte field a view of the (inflated) body.
+
+    ``max_inflated_bytes`` bounds what a zstd body may inflate to (checked before inflating), on top of
+    :attr:`Limits.max_inflated_bytes`.
+    """
+    if table.zstd:
+        if max_inflated_bytes is not None and table.size > max_inflated_bytes:
             raise _fail(
-                f"payload would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
+                f"payload would inflate to {table.size} bytes, beyond its decode budget of {max_inflated_bytes}"
             )
         from deltaplane.codecs.lossless import zstd_decompress
 
-        data = memoryview(zstd_decompress(bytes(body), size))
+        data = memoryview(zstd_decompress(bytes(table.body), table.size))
     else:
-        if size > len(body):
-            raise _fail(f"tensor table claims {size} payload bytes but the payload has {len(body)}")
-        if size != len(body):
-            raise _fail(f"{len(body) - size} trailing payload bytes not claimed by any tensor")
-        data = body
-    out = {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in nodes.items()}
-    return WireHeader(base[0], base[1], codec, meta), out
+        data = table.body
+    return {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in table.trees.items()}
+
+
+def unpack(
+    payload: bytes, *, limits: Limits | None = None
+) -> tuple[WireHeader, dict[str, tuple[torch.dtype, Encoded]]]:
+    """Parse and validate a payload's frame and header; returns the header and name -> (dtype, tree).
+
+    Byte fields are zero-copy views of the payload (or of its inflated body).
+    """
+    table = read_table(payload, limits=limits)
+    return table.header, read_body(table)
 
 
 def check_base(header: WireHeader, expect_base: tuple[str, int] | None) -> None:

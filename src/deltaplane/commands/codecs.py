@@ -49,7 +49,7 @@ def compress(
         delta = Delta.between(_load_state(base), _load_state(new))
         comp = Compressor(codec, error_feedback=False, seed=seed)
         payload = comp.compress(delta, base_id=base_id, base_version=base_version)
-        sent = decompress(payload)
+        sent = decompress(payload, expect_layout=delta)
         atomic_write_bytes(out, payload)
     err = (sent - delta).norm() / max(delta.norm(), 1e-30)
     table = Table(title=f"compressed {new.name} against {base.name}")
@@ -94,10 +94,14 @@ def decompress(
                 header.base_id if expect_base_id is None else expect_base_id,
                 header.base_version if expect_base_version is None else expect_base_version,
             )
-        delta = decode_payload(data, expect_base=expect)
-        if base is not None:
-            Delta(delta.apply(_load_state(base))).save(out, metadata={"deltaplane.codec": header.codec})
+        if (
+            base is not None
+        ):  # the checkpoint's layout: a payload for another model is refused before decoding
+            base_state = _load_state(base)
+            delta = decode_payload(data, expect_base=expect, expect_layout=base_state)
+            Delta(delta.apply(base_state)).save(out, metadata={"deltaplane.codec": header.codec})
         else:
+            delta = decode_payload(data, expect_base=expect)
             delta.save(out, metadata={"deltaplane.codec": header.codec})
     what = "checkpoint (base + delta)" if base is not None else "delta"
     _console.print(

@@ -181,7 +181,7 @@ class ClientStep:
             payload = client.upload(delta, base_id=self.base_id, base_version=version)
             if self.config.secagg:
                 # the device masks what its codec would have sent (its error feedback keeps the rest)
-                secure = decompress(payload, expect_base=(self.base_id, version))
+                secure = decompress(payload, expect_base=(self.base_id, version), expect_layout=delta)
                 return Upload(client.cid, client.num_samples, secure=secure)
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation import FLTrust, Rejection, Validate
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, Layout, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
@@ -57,7 +57,7 @@ class MemoryPublisher:
 
     def publish(self, update: Delta, *, base_version: int, lineage: dict) -> tuple[bytes, Delta]:
         payload = self.compressor.compress(update, base_id=self.base_id, base_version=base_version)
-        return payload, decompress(payload, expect_base=(self.base_id, base_version))
+        return payload, decompress(payload, expect_base=(self.base_id, base_version), expect_layout=update)
 
 
 @dataclass
@@ -130,6 +130,8 @@ class ServerStep:
         self._accepted = 0
         self._rejections: list[Rejection] = []
         self._secure = False
+        #: tensors that stay on the devices (FedPer/FedBN local layers): uploads leave them out
+        self.local_keys: frozenset[str] = frozenset()
 
     @classmethod
     def for_run(
@@ -202,7 +204,9 @@ class ServerStep:
         """Decode a wire payload strictly against this round's base, validate and aggregate it."""
         self._uplink += len(payload)
         try:
-            delta = decompress(payload, expect_base=(self.base_id, self.version))
+            # strict against the model: another layout is refused before anything is decoded or allocated
+            layout = Layout.of(self.state).without(self.local_keys)
+            delta = decompress(payload, expect_base=(self.base_id, self.version), expect_layout=layout)
         except DeltaplaneError as exc:  # one bad client is refused, the round goes on
             self.refuse(client_id, exc)
             return False

@@ -143,7 +143,7 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
         if len(payloads) != version - start:
             raise DecodeError(f"downlink holds {len(payloads)} payloads for versions {start}..{version - 1}")
         for v, payload in zip(range(start, version), payloads, strict=True):
-            state = decompress(payload, expect_base=(base_id, v)).apply(state)
+            state = decompress(payload, expect_base=(base_id, v), expect_layout=state).apply(state)
     context.state[_GLOBAL_STATE] = state_to_arrays(state)
     context.state[_GLOBAL_META] = ConfigRecord({"base-id": base_id, "version": version})
     return state

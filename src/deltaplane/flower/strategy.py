@@ -189,7 +189,7 @@ class DeltaStrategy(Strategy):
             up_payload += len(payload)
             up_msg += content_bytes(m.content)
             weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
-            decoded.append((decompress(payload, expect_base=base), weight, m))
+            decoded.append((decompress(payload, expect_base=base, expect_layout=self._global), weight, m))
 
         if self.aggregator is not None:
             self.aggregator.reset()
@@ -216,7 +216,7 @@ class DeltaStrategy(Strategy):
         update = update * self.server_lr
 
         payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)
-        self._global = decompress(payload, expect_base=base).apply(self._global)
+        self._global = decompress(payload, expect_base=base, expect_layout=self._global).apply(self._global)
         self._downlink_payloads.append(payload)
         for m in ok:  # each holds the model it trained from; next time it needs the downlink from there on
             self._node_version[m.metadata.src_node_id] = self._version

@@ -87,11 +87,17 @@ def publish_update(
     """
     base_state = registry.load_state(registry.get(model, parent))
     payload = compressor.compress(update, base_id=model, base_version=parent)
-    new_state = decompress(payload, expect_base=(model, parent)).apply(base_state)
+    new_state = decompress(payload, expect_base=(model, parent), expect_layout=base_state).apply(base_state)
     lineage = {"downlink_codec": compressor.codec.spec, **dict(lineage or {})}
     version = registry.register_model(model, new_state, parent=parent, lineage=lineage, governance=governance)
     delta = registry.register_delta(
-        model, payload, base=parent, target=version.number, lineage=lineage, governance=governance
+        model,
+        payload,
+        base=parent,
+        target=version.number,
+        lineage=lineage,
+        governance=governance,
+        expect_layout=base_state,
     )
     return version, delta
 
@@ -191,7 +197,7 @@ def apply_downlink(
     for base, target, payload in unpack_chain(dl.body):
         if base != expected:
             raise DecodeError(f"downlink hop from {base} does not continue from version {expected}")
-        state = decompress(payload, expect_base=(dl.model, base)).apply(state)
+        state = decompress(payload, expect_base=(dl.model, base), expect_layout=state).apply(state)
         expected = target
     if expected != dl.version:
         raise DecodeError(f"downlink chain ends at {expected}, not at the announced version {dl.version}")

@@ -46,6 +46,8 @@ from deltaplane.registry.signing import Signer, Verifier, load_signer, load_veri
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
     import torch
+if TYPE_CHECKING:
+    from deltaplane.codecs import Layout
 
 __all__ = [
     "Artifact",
@@ -551,15 +553,19 @@ class Registry:
         target: int | None = None,
         lineage: Mapping[str, Any] | None = None,
         governance: Governance | Mapping[str, Any] | None = None,
+        expect_layout: Layout | Mapping[str, torch.Tensor] | None = None,
     ) -> Artifact:
         """Add a compressed delta (a wire-format payload) that turns model ``base`` into ``target``.
 
         The payload must decode and declare ``(model, base)`` as its base; ``target`` (optional) is the
         model version that applying it produces, which lets the service serve it as a downlink delta.
+        ``expect_layout`` (the base's state dict or its :class:`~deltaplane.codecs.Layout`) also refuses a
+        payload for another architecture before decoding it.
         """
         from deltaplane.codecs import decompress, read_header
 
-        decompress(payload, expect_base=(model, base))  # strict: malformed or wrong-base payloads are refused
+        # strict: malformed, wrong-base or (given a layout) wrong-architecture payloads are refused
+        decompress(payload, expect_base=(model, base), expect_layout=expect_layout)
         codec = read_header(payload).codec
         return self._insert(
             model=model,

@@ -28,12 +28,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from deltaplane.aggregation import build_aggregator
-from deltaplane.codecs import Compressor, decode_delta, decompress, unpack
-from deltaplane.codecs.wire import check_base
+from deltaplane.codecs import Compressor, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import ConfigError, DecodeError, InvalidUpdate, NotFound, ShapeMismatch
+from deltaplane.errors import ConfigError, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Registry, publish_update
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ class RegistryPublisher:
         )
         self.published.append(version.number)
         payload = self.registry.read(delta)
-        return payload, decompress(payload, expect_base=(self.model, base_version))
+        return payload, decompress(payload, expect_base=(self.model, base_version), expect_layout=update)
 
 
 def server_step_for(config: "ServiceConfig", registry: Registry, model: str, base_version: int) -> ServerStep:
@@ -215,21 +214,8 @@ def round_router(
         def validate() -> Delta:
             # Parse the frame and check names/shapes/dtypes against the base *before* decoding: a small
             # payload that claims a huge shape must not make the server allocate it.
-            header, trees = unpack(payload)
-            check_base(header, (model, r.base_version))
             base = state.base_state(model, r.base_version)
-            if trees.keys() != base.keys():
-                missing, extra = sorted(set(base) - set(trees)), sorted(set(trees) - set(base))
-                raise ShapeMismatch(
-                    f"update tensors differ from the base: missing {missing[:5]}, unknown {extra[:5]}"
-                )
-            for k, (dt, e) in trees.items():
-                if tuple(e.shape) != tuple(base[k].shape) or dt != base[k].dtype:
-                    raise ShapeMismatch(
-                        f"tensor '{k}': update declares shape {list(e.shape)} {dt}, "
-                        f"the base has {list(base[k].shape)} {base[k].dtype}"
-                    )
-            return decode_delta(trees)
+            return decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
 
         delta = await run_in_threadpool(validate)
         with state.lock:

@@ -1,0 +1,141 @@
+"""Checks a parsed payload passes before any of its tensors is decoded.
+
+The frame and header checks of :mod:`deltaplane.codecs.wire` prove a payload is well formed; they cannot
+tell whether what it declares is affordable or makes sense for the codecs it names. :func:`preflight`
+walks every node of every tensor once, touching no value, and refuses the payload (typed errors only) if:
+
+- its tensor table differs from the receiver's expected :class:`~deltaplane.codecs.layout.Layout`;
+- all nodes together would decode to more bytes than the decode budget
+  (:meth:`~deltaplane.codecs.wire.Limits.decode_budget`: relative to the expected model, or without one to
+  the payload's own size);
+- a node names something other than one tensor codec (a pipeline, a policy, ``zstd``, an unknown name or
+  parameter), carries fields its codec does not declare, or a nested node larger than its parent;
+- a codec's counts and lengths disagree with the node's shape (:meth:`~deltaplane.codecs.base.Codec.check`:
+  top-k's value count, index stream lengths, quantized code and scale lengths, PowerSGD's factor shapes,
+  rand-k's plausible count...).
+
+So :func:`~deltaplane.codecs.compressor.decode_delta` afterwards only allocates what the budget allows
+and only runs generators or index decoders over sizes the payload backs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from deltaplane.codecs.base import Encoded, _node_codec
+from deltaplane.codecs.layout import Layout
+from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
+from deltaplane.codecs.wire import Limits
+from deltaplane.errors import DecodeError
+
+__all__ = ["check_budget", "check_nodes", "decoded_bytes", "preflight"]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_node(e: Encoded, table_dtype: torch.dtype | None) -> int:
+    """Validate one node and its subtree; returns the bytes it decodes to (all nodes counted)."""
+    codec = _node_codec(e)
+    identity_dtype = DTYPES.get(str(e.meta.get("dtype"))) if isinstance(codec, Identity) else None
+    if table_dtype is not None:
+        # raw tensors travel in their own dtype, and an integer tensor only raw: a float codec's output
+        # cast to an integer dtype is not what any sender sent
+        raw = not table_dtype.is_floating_point or identity_dtype is not None
+        if raw and identity_dtype != table_dtype:
+            raise DecodeError(
+                f"a {DTYPE_NAMES[table_dtype]} tensor must travel as identity of that dtype, got '{e.codec}'"
+                + (f" of {e.meta.get('dtype')!r}" if isinstance(codec, Identity) else "")
+            )
+    elif isinstance(codec, Identity) and identity_dtype != torch.float32:
+        raise DecodeError(f"a nested field is a float32 tensor, got identity of {e.meta.get('dtype')!r}")
+    for k, child in e.fields.items():
+        if isinstance(child, Encoded) and child.numel > e.numel:
+            raise DecodeError(
+                f"{e.codec}: field '{k}' declares {child.numel} values, more than its tensor's {e.numel}"
+            )
+    codec.check(e)
+    size = e.numel * max(4, _itemsize(identity_dtype) if identity_dtype is not None else 4)
+    if table_dtype is not None:
+        size = max(size, e.numel * max(4, _itemsize(table_dtype)))
+    for k, child in e.fields.items():
+        if isinstance(child, Encoded):
+            try:
+                size += _check_node(child, None)
+            except DecodeError as exc:
+                raise DecodeError(f"field '{k}': {exc}") from None
+    return size
+
+
+def decoded_bytes(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> int:
+    """Bytes all nodes of ``trees`` decode to (4 a value, or the raw dtype's size if larger); nothing checked."""
+
+    def walk(e: Encoded, table: torch.dtype | None) -> int:
+        item = 4
+        if e.codec == "identity":
+            dt = DTYPES.get(str(e.meta.get("dtype")))
+            item = max(4, _itemsize(dt)) if dt is not None else 4
+        if table is not None:
+            item = max(item, _itemsize(table))
+        return e.numel * item + sum(walk(c, None) for c in e.fields.values() if isinstance(c, Encoded))
+
+    return sum(walk(tree, dtype) for dtype, tree in trees.values())
+
+
+def check_budget(
+    trees: Mapping[str, tuple[torch.dtype, Encoded]],
+    *,
+    payload_bytes: int,
+    layout: Layout | None = None,
+    limits: Limits | None = None,
+) -> int:
+    """Refuse a tensor table that differs from ``layout`` or decodes beyond the budget; returns the budget.
+
+    Reads only shapes, dtypes and codec names, so it runs on a :class:`~deltaplane.codecs.wire.Table`'s
+    trees before the body is read or inflated.
+    """
+    limits = limits or Limits()
+    if layout is not None:
+        layout.check({name: (dtype, tree.shape) for name, (dtype, tree) in trees.items()})
+    budget = limits.decode_budget(payload_bytes, layout.decoded_bytes if layout is not None else None)
+    total = decoded_bytes(trees)
+    if total > budget:
+        hint = (
+            "pass expect_layout= the receiving model's layout, or raise Limits.max_decoded_bytes"
+            if layout is None
+            else "the update does not fit the model it claims to update"
+        )
+        raise DecodeError(
+            f"invalid deltaplane payload: {payload_bytes} bytes declare {total} decoded bytes, beyond the "
+            f"decode budget of {budget}; {hint}"
+        )
+    return budget
+
+
+def check_nodes(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> None:
+    """Every node's codec, fields, nested sizes and counts/lengths (:meth:`~deltaplane.codecs.base.Codec.check`)."""
+    for name, (dtype, tree) in trees.items():
+        try:
+            _check_node(tree, dtype)
+        except DecodeError as exc:
+            raise DecodeError(f"tensor '{name}': {exc}") from None
+
+
+def preflight(
+    trees: Mapping[str, tuple[torch.dtype, Encoded]],
+    *,
+    payload_bytes: int,
+    layout: Layout | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """Refuse (before decoding) a parsed payload that does not fit ``layout``, the budget or its codecs.
+
+    ``trees`` is what :func:`~deltaplane.codecs.wire.unpack` returns; ``payload_bytes`` the payload's length.
+    Raises :class:`~deltaplane.errors.ShapeMismatch` if the tensor table differs from ``layout``, and
+    :class:`~deltaplane.errors.DecodeError` for everything else (see the module docstring).
+    """
+    check_budget(trees, payload_bytes=payload_bytes, layout=layout, limits=limits)
+    check_nodes(trees)

@@ -1,0 +1,324 @@
+"""Strict, bounded decoding of adversarial payloads with a *valid* checksum (issue #14, items 6-8).
+
+Each payload here is hand-built and framed with a correct CRC, so only the decoder's own checks stand
+between it and an allocation, a long loop or an untyped exception. Allocations are capped (RLIMIT_AS) and
+decodes timed, so a regression fails the test instead of exhausting the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import signal
+import struct
+import time
+from collections.abc import Iterator
+
+import crc32c
+import numpy as np
+import pytest
+import torch
+
+import deltaplane as dp
+from deltaplane.codecs import Layout, Limits
+from deltaplane.codecs.sparsify import random_positions
+from deltaplane.codecs.wire import MAGIC
+
+
+def frame(doc: dict, body: bytes = b"") -> bytes:
+    raw = json.dumps(doc).encode()
+    head = MAGIC + bytes([1, 0]) + struct.pack("<I", len(raw)) + raw + body
+    return head + struct.pack("<I", crc32c.crc32c(head))
+
+
+def table(*rows: tuple[str, str, dict]) -> dict:
+    return {"base": ["m", 1], "codec": "", "t": [list(r) for r in rows]}
+
+
+def raw_f32(n: int) -> dict:
+    return {"c": "identity", "s": [n], "m": {"dtype": "float32"}, "f": {"data": 4 * n}}
+
+
+@contextlib.contextmanager
+def bounded(extra_bytes: int = 1 << 30, seconds: float = 5.0) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra_bytes`` and the block's wall time.
+
+    A decoder that tries a huge allocation then fails fast (instead of taking the machine's memory), and
+    one that loops over a huge declared size is interrupted; both show up as the wrong exception.
+    """
+    with open("/proc/self/statm") as f:
+        vm = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+
+    def alarm(*_: object) -> None:
+        raise TimeoutError(f"decode ran longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def refused(payload: bytes, error: type[Exception] = dp.DecodeError, match: str = "", **kw: object) -> None:
+    t0 = time.perf_counter()
+    with bounded(), pytest.raises(error, match=match):
+        dp.decompress(payload, **kw)
+    assert time.perf_counter() - t0 < 1.0
+
+
+# -- item 6: size bombs ----------------------------------------------------------------------------------
+HUGE = 1 << 34  # the old per-tensor limit: 64 GiB of float32
+
+
+def topk_bomb() -> bytes:
+    """~230 bytes: an approximate top-k of 2^34 values keeping one (the audit's 64 GiB allocation)."""
+    node = {
+        "c": "topk(ratio=0.01, approx=true)",
+        "s": [HUGE],
+        "m": {"ix": "varint"},
+        "f": {"idx": 1, "values": raw_f32(1)},
+    }
+    return frame(table(("w", "float32", node)), b"\x05" + struct.pack("<f", 1.0))
+
+
+def test_topk_size_bomb_is_refused_before_allocating() -> None:
+    payload = topk_bomb()
+    assert len(payload) < 260
+    refused(payload, match="decode budget")
+    refused(
+        payload,
+        dp.ShapeMismatch,
+        match=r"declares shape \[17179869184\]",
+        expect_layout={"w": torch.zeros(8)},
+    )
+
+
+def test_threshold_and_stc_bombs_are_refused() -> None:
+    thr = {
+        "c": "threshold(tau=0.5)",
+        "s": [HUGE],
+        "m": {"ix": "varint"},
+        "f": {"idx": 1, "values": raw_f32(1)},
+    }
+    refused(frame(table(("w", "float32", thr)), b"\x07" + struct.pack("<f", 2.0)), match="decode budget")
+    # stc(1e-9) keeps ceil(1e-9 · 2^34) = 18 positions: 18 varint bytes, 3 sign bytes and a scale
+    stc = {
+        "c": "stc(ratio=1e-09)",
+        "s": [HUGE],
+        "m": {"ix": "varint"},
+        "f": {"idx": 18, "signs": 3, "scales": 4},
+    }
+    body = bytes(range(18)) + b"\xff\xff\x03" + struct.pack("<f", 1.0)
+    refused(frame(table(("w", "float32", stc)), body), match="decode budget")
+
+
+def test_powersgd_bomb_is_refused() -> None:
+    """Two rank-1 factors of 2^17 values (1 MiB) would multiply out to a 64 GiB matrix."""
+    m = 1 << 17
+    node = {
+        "c": "powersgd(rank=1, iters=1, min_size=4096, fallback=fp16)",
+        "s": [m, m],
+        "f": {"p": {**raw_f32(m), "s": [m, 1]}, "q": {**raw_f32(m), "s": [m, 1]}},
+    }
+    body = np.full(2 * m, 1e-3, np.float32).tobytes()
+    refused(frame(table(("w", "float32", node)), body), match="decode budget")
+
+
+def test_randk_over_a_huge_declared_size_does_not_run_the_generator() -> None:
+    node = {
+        "c": "randk(ratio=0.5, unbiased=false)",
+        "s": [HUGE],
+        "m": {"seed": 1},
+        "f": {"values": raw_f32(1)},
+    }
+    refused(frame(table(("w", "float32", node)), struct.pack("<f", 1.0)), match="decode budget")
+
+
+def test_randk_count_is_checked_before_the_positions_are_regenerated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a legitimate layout, a count the seed cannot produce is refused without the O(n) scan."""
+    n = 1 << 22
+    node = {"c": "randk(ratio=0.5, unbiased=false)", "s": [n], "m": {"seed": 1}, "f": {"values": raw_f32(1)}}
+    payload = frame(table(("w", "float32", node)), struct.pack("<f", 1.0))
+
+    def scan(*args: object, **kw: object) -> None:
+        raise AssertionError("the positions were regenerated before the count was checked")
+
+    monkeypatch.setattr("deltaplane.codecs.sparsify.random_positions", scan)
+    with pytest.raises(dp.DecodeError, match="the seed keeps about"):
+        dp.decompress(payload, expect_layout={"w": torch.zeros(n)})
+
+
+def test_random_positions_stop_early() -> None:
+    full = random_positions(3, 1 << 16, 0.5)
+    assert np.array_equal(random_positions(3, 1 << 16, 0.5, stop_after=len(full)), full)
+    assert len(random_positions(3, 1 << 24, 0.5, stop_after=10)) < 1 << 21  # one block, not 16M positions
+
+
+def test_expected_layout_refuses_other_models_before_decoding() -> None:
+    d = dp.Delta({"a": torch.randn(4, 4), "b": torch.randn(3), "n": torch.tensor([2])})
+    payload = dp.Compressor("topk(0.5)", error_feedback=False).compress(d, base_id="m", base_version=1)
+    out = dp.decompress(payload, expect_base=("m", 1), expect_layout=d)
+    assert list(out) == list(d)
+    assert dp.decompress(payload, expect_layout=Layout.of(d)).keys() == d.keys()
+    for other, match in [
+        ({"a": torch.zeros(4, 4), "b": torch.zeros(3)}, "unknown"),
+        ({**d, "c": torch.zeros(1)}, "missing"),
+        ({**d, "a": torch.zeros(4, 5)}, r"tensor 'a'.*\[4, 4\]"),
+        ({**d, "b": torch.zeros(3, dtype=torch.float64)}, "float64"),
+        ({**d, "n": torch.tensor([2], dtype=torch.int32)}, "int32"),
+    ]:
+        with pytest.raises(dp.ShapeMismatch, match=match):
+            dp.decompress(payload, expect_layout=other)
+
+
+def test_nested_node_larger_than_its_tensor_is_refused() -> None:
+    node = {
+        "c": "topk(ratio=1.0, approx=true)",
+        "s": [2],
+        "m": {"ix": "bitmap"},
+        "f": {"idx": 1, "values": raw_f32(3)},
+    }
+    payload = frame(table(("w", "float32", node)), b"\x03" + bytes(12))
+    with pytest.raises(dp.DecodeError, match="more than its tensor"):
+        dp.decompress(payload)
+
+
+def test_layout_budget_bounds_nested_chains() -> None:
+    """A chain of full top-k nodes, each as large as the tensor, exceeds the layout-relative budget."""
+    n, node = 64, raw_f32(64)
+    for _ in range(5):
+        node = {"c": "topk(ratio=1.0)", "s": [n], "m": {"ix": "bitmap"}, "f": {"idx": 8, "values": node}}
+    body = b"\xff" * 8 * 5 + np.ones(n, np.float32).tobytes()
+    payload = frame(table(("w", "float32", node)), body)
+    assert dp.decompress(payload)["w"].sum() == n  # well formed: fine for a standalone file
+    with pytest.raises(dp.DecodeError, match="decode budget"):
+        dp.decompress(payload, expect_layout={"w": torch.zeros(n)})
+
+
+def test_unknown_fields_and_wrong_field_kinds_are_refused() -> None:
+    fp16 = {"c": "fp16", "s": [2], "f": {"data": 4, "extra": 0}}
+    with pytest.raises(dp.DecodeError, match="expected exactly"):
+        dp.decompress(frame(table(("w", "float32", fp16)), bytes(4)))
+    topk = {"c": "topk(ratio=0.5)", "s": [2], "m": {"ix": "bitmap"}, "f": {"idx": 1, "values": 4}}
+    with pytest.raises(dp.DecodeError, match="nested node"):
+        dp.decompress(frame(table(("w", "float32", topk)), b"\x01" + bytes(4)))
+
+
+def test_integer_tensor_must_travel_raw_in_its_dtype() -> None:
+    node = {"c": "fp16", "s": [2], "f": {"data": 4}}
+    with pytest.raises(dp.DecodeError, match="int64 tensor must travel as identity"):
+        dp.decompress(frame(table(("n", "int64", node)), bytes(4)))
+
+
+def test_index_stream_lengths_are_checked_before_decoding() -> None:
+    # a varint stream of 1000 bytes for one position, and a golomb stream shorter than its remainders
+    node = {
+        "c": "threshold(tau=0.5)",
+        "s": [100],
+        "m": {"ix": "varint"},
+        "f": {"idx": 1000, "values": raw_f32(1)},
+    }
+    with pytest.raises(dp.DecodeError, match="cannot hold 1 positions"):
+        dp.decompress(frame(table(("w", "float32", node)), bytes(1000) + struct.pack("<f", 1.0)))
+    node["m"], node["f"]["idx"] = {"ix": "golomb"}, 1
+    with pytest.raises(dp.DecodeError, match="cannot hold"):
+        dp.decompress(frame(table(("w", "float32", node)), b"\x28" + struct.pack("<f", 1.0)))
+
+
+def test_standalone_files_still_decode_under_the_budget() -> None:
+    """No layout: a legitimately very sparse payload (2,000x smaller than its tensor) still decodes."""
+    d = dp.Delta({"w": torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))})
+    payload = dp.Compressor("topk(0.0005) | quant(bits=4)", error_feedback=False).compress(d)
+    assert d.nbytes / len(payload) > 1000
+    assert dp.decompress(payload).keys() == d.keys()
+    with pytest.raises(dp.DecodeError, match="decode budget"):
+        dp.decompress(payload, limits=Limits(min_decoded_bytes=0, max_expansion=16))
+
+
+# -- item 7: untyped errors from CRC-valid payloads ------------------------------------------------------
+def test_policy_node_is_refused_not_recursed() -> None:
+    node = {"c": "policy(rules='*: fp16')", "s": [2], "f": {"data": 4}}
+    with pytest.raises(dp.DecodeError, match="must name a tensor codec"):
+        dp.decompress(frame(table(("w", "float32", node)), bytes(4)))
+    zstd = {"c": "zstd(level=3)", "s": [2], "f": {}}
+    with pytest.raises(dp.DecodeError, match="must name a tensor codec"):
+        dp.decompress(frame(table(("w", "float32", zstd))))
+
+
+def test_shape_with_a_huge_dimension_and_zero_product_is_refused() -> None:
+    node = {"c": "fp16", "s": [0, 2**63], "f": {"data": 0}}
+    with pytest.raises(dp.DecodeError, match="value limit"):
+        dp.decompress(frame(table(("w", "float32", node))))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "threshold(tau=" + "9" * 400 + ")",
+        "ternary(chunk=1" + "0" * 330 + ")",
+        "quant(bits=8, stochastic=false, chunk=" + "7" * 1000 + ", scale=max)",
+        "powersgd(rank=" + "1" * 30 + ")",
+        "topk(ratio=-" + "1" * 400 + ")",
+    ],
+)
+def test_huge_integer_parameters_are_spec_errors(spec: str) -> None:
+    with pytest.raises(dp.SpecError, match="64-bit range"):
+        dp.get_codec(spec)
+    node = {"c": spec, "s": [2], "f": {"trits": 1, "scales": 4}}
+    with pytest.raises(dp.DecodeError, match="64-bit range"):
+        dp.decompress(frame(table(("w", "float32", node)), bytes(5)))
+
+
+def test_constructors_refuse_huge_values_with_codec_errors() -> None:
+    with pytest.raises(dp.CodecError, match="tau"):
+        dp.codecs.Threshold(tau=10**400)
+    with pytest.raises(dp.CodecError, match="chunk"):
+        dp.codecs.Ternary(chunk=10**330)
+    with pytest.raises(dp.CodecError, match="chunk"):
+        dp.codecs.Quantize(chunk=2**63)
+
+
+# -- item 8: no uninitialised memory --------------------------------------------------------------------
+def test_quant_with_a_chunk_beyond_float_range_is_refused() -> None:
+    """chunk = 10^330: float ceil(n / chunk) is 0 chunks, so the old decoder read no scale and returned
+    an unwritten torch.empty as the update."""
+    node = {
+        "c": "quant(bits=8, stochastic=false, chunk=1" + "0" * 330 + ", scale=max)",
+        "s": [4],
+        "f": {"codes": 4, "scales": 0},
+    }
+    with pytest.raises(dp.DecodeError):
+        dp.decompress(frame(table(("w", "float32", node)), bytes([1, 2, 3, 4])))
+
+
+def test_quant_with_the_largest_chunk_decodes_exactly() -> None:
+    """The largest legal chunk is one chunk: one scale, every value written."""
+    chunk = 2**63 - 1
+    node = {
+        "c": f"quant(bits=8, stochastic=false, chunk={chunk}, scale=max)",
+        "s": [4],
+        "f": {"codes": 4, "scales": 4},
+    }
+    body = bytes([127, 254, 0, 127]) + struct.pack("<f", 127.0)
+    out = dp.decompress(frame(table(("w", "float32", node)), body))["w"]
+    assert out.tolist() == [0.0, 127.0, -127.0, 0.0]
+    node["f"]["scales"] = 0
+    with pytest.raises(dp.DecodeError, match="scales"):
+        dp.decompress(frame(table(("w", "float32", node)), body[:4]))
+
+
+def test_ceil_div_matches_math_where_floats_are_exact() -> None:
+    from deltaplane.codecs.quantize import ceil_div
+
+    for a, b in [(0, 1), (1, 1), (5, 2), (512, 512), (513, 512), (7, 10**330)]:
+        assert ceil_div(a, b) == (math.ceil(a / b) if b < 2**53 else (1 if a else 0))
