@@ -170,11 +170,15 @@ class PrivacyAccountant:
         return self.state.epsilon
 
     def remaining_rounds(self, limit: int = 100_000) -> int:
-        """How many more rounds fit in the budget (``limit`` when there is no budget), by bisection."""
+        """How many more rounds fit in the budget, at most ``limit`` (``limit`` when there is no budget).
+
+        Bisection on ε, which grows with the number of rounds: ``lo`` always fits, ``hi`` is the first count
+        known not to fit or one past ``limit`` — so when every round up to the limit fits, the answer is the
+        limit itself, not one less."""
         if self.budget is None:
             return limit
-        lo, hi = self.state.steps, self.state.steps + limit
-        if self.epsilon_after(lo + 1) > self.budget:
+        lo, hi = self.state.steps, self.state.steps + limit + 1
+        if limit == 0 or self.epsilon_after(lo + 1) > self.budget:
             return 0
         while hi - lo > 1:
             mid = (lo + hi) // 2
