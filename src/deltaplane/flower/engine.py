@@ -43,6 +43,11 @@ def unsupported_options(config: RunConfig) -> list[str]:
     bad = [f"{k}={getattr(config, k)!r}" for k, off in _IN_PROCESS_ONLY.items() if getattr(config, k) != off]
     if config.defense and "fltrust" in config.defense.lower():
         bad.append(f"defense={config.defense!r} (FLTrust needs the server's root dataset)")
+    if config.dp_noise > 0 and config.clients_per_round() < config.clients:
+        bad.append(
+            f"dp_noise with sample_fraction={config.sample_fraction!r} (Flower samples a fixed-size subset; "
+            "the accountant's ε holds for Poisson sampling)"
+        )
     return bad
 
 

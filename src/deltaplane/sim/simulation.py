@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
+from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, local_epsilon, privatize
+from deltaplane.aggregation.sampling import sample_round
 from deltaplane.codecs import Compressor, compress_many, decompress
 from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
 from deltaplane.data.domains import shift
@@ -137,12 +138,12 @@ def federation_data(config: RunConfig) -> tuple[Dataset, Dataset]:
     return train, test
 
 
-def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
-    """The sorted ids of ``max(1, round(fraction · n_clients))`` clients drawn without replacement."""
-    m = max(1, min(n_clients, round(fraction * n_clients)))
-    if m == n_clients:
-        return list(range(n_clients))
-    return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
+def sample_clients(
+    n_clients: int, fraction: float, rng: np.random.Generator, *, central_dp: bool = False
+) -> list[int]:
+    """The sorted ids of a round's clients: :func:`deltaplane.aggregation.sampling.sample_round` (Poisson at
+    the accountant's rate under central DP, else ``max(1, round(fraction · n_clients))`` without replacement)."""
+    return sample_round(n_clients, fraction, rng, central_dp=central_dp)
 
 
 #: Fallback reasons already reported, so that a sweep of many runs says each one once.
@@ -295,6 +296,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     backdoor_target = getattr(attack, "target", None)
     personalizer = config.make_personalizer()
     local_keys = personalizer.local_keys(model)  # FedBN on a model without batch-norm raises here
+    dp_agg = agg.find(DPFedAvg)
+    if isinstance(dp_agg, DPFedAvg):  # a round nobody is sampled into (Poisson) still releases its noise
+        dp_agg.set_layout(personalizer.shared(Delta.zeros_like(global_state), model))
     trainer = _batched_trainer(config, model, personalized=bool(local_keys))
     personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
     client_rows: list[dict[str, Any]] = []
@@ -306,7 +310,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         t0 = time.perf_counter()
         version = rnd - 1  # the global model every client trains from this round
         chosen = sample_clients(
-            config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
+            config.clients,
+            config.sample_fraction,
+            numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+            central_dp=config.dp_noise > 0,
         )
         agg.reset()
         if server_trainer is not None:
@@ -321,7 +328,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         secure_weights: list[int] = []
         trained: dict[int, Delta] = {}
         uploads: dict[int, bytes | DeltaplaneError] = {}
-        if trainer is not None:
+        if trainer is not None and chosen:
             batch = [clients[c] for c in chosen]
             stacked = train_batched(config, trainer, global_state, batch, rnd)
             # the batched engine trains neither attacked nor personalized clients; with local DP or on-device
@@ -379,7 +386,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             elif not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
                 rejections.append(agg.rejections[-1])
         accepted = len(secure_inputs) if config.secagg else len(chosen) - len(rejections)
-        if accepted == 0:
+        if accepted == 0 and rejections:  # (no client at all happens under Poisson sampling: noise only)
             first = rejections[0]
             raise InvalidUpdate(
                 f"round {rnd}, client {first.client_id}: {first.error} (every update of the round was refused; "
