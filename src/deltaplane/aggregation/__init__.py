@@ -18,6 +18,7 @@ from deltaplane.aggregation.factory import build_aggregator, parse_defense
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi, ServerOptimizerState
 from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
+from deltaplane.aggregation.sampling import clients_per_round, sample_round, sampling_rate
 from deltaplane.aggregation.validation import Rejection, Validate, validate_update
 
 __all__ = [
@@ -46,10 +47,13 @@ __all__ = [
     "TrimmedMean",
     "Validate",
     "build_aggregator",
+    "clients_per_round",
     "epsilon_for",
     "local_epsilon",
     "noise_for_epsilon",
     "parse_defense",
     "privatize",
+    "sample_round",
+    "sampling_rate",
     "validate_update",
 ]

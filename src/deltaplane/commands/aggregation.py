@@ -21,7 +21,10 @@ def register(app: typer.Typer) -> None:
         delta: float = typer.Option(1e-5, "--delta", help="target δ"),
         method: str = typer.Option("rdp", "--method", help="rdp or pld"),
     ) -> None:
-        """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q."""
+        """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q.
+
+        The figure a run reports: clients Poisson-sampled at rate q (what `deltaplane run` does with DP on, at
+        q = clients per round / clients), one client added or removed, a fixed or an adaptive clip alike."""
         from rich.console import Console
 
         from deltaplane.aggregation.accounting import epsilon_for
@@ -34,7 +37,8 @@ def register(app: typer.Typer) -> None:
         except DeltaplaneError as exc:
             raise typer.BadParameter(str(exc)) from None
         Console().print(
-            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds (z = {noise}, q = {sampling_rate}, {method})"
+            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds (z = {noise}, q = {sampling_rate}, {method}; "
+            "Poisson sampling at rate q, add/remove one client; fixed or adaptive clip alike)"
         )
 
     @privacy.command("noise")
