@@ -149,6 +149,9 @@ def test_an_adaptive_norm_bound_under_dp_noise_is_refused() -> None:
         dp.DPFedAvg(dp.Clip(dp.TrimmedMean(beta=0.1), clip=1.0), noise_multiplier=1.0, expected_clients=4)
     with pytest.raises(dp.ConfigError, match="cannot sit inside DPFedAvg"):
         dp.DPFedAvg(dp.FedAdam(), clip=1.0, noise_multiplier=1.0, expected_clients=4)
+    # Validate skips a bad update without raising: the count would include it and double another's weight
+    with pytest.raises(dp.ConfigError, match="cannot sit inside DPFedAvg"):
+        dp.DPFedAvg(dp.Clip(dp.Validate(dp.FedAvg()), clip=1.0), noise_multiplier=1.0, expected_clients=2)
     # still fine: a fixed bound under DP, an adaptive one without DP
     build_aggregator(defense="norm_bound:5", dp_noise=1.0, clip="adaptive", expected_clients=40)
     build_aggregator(defense="norm_bound:adaptive", clip=1.0)

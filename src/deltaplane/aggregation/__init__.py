@@ -1,6 +1,6 @@
 """Aggregators: combine many client deltas into one global delta, streaming and composable by wrapping.
 
-``FedAdam(DPFedAvg(Clip(Validate(FedAvg()), clip="adaptive"), ...))`` reads inside-out like the math. Secure
+``Validate(FedAdam(DPFedAvg(Clip(FedAvg(), clip="adaptive"), ...)))`` reads inside-out like the math. Secure
 aggregation lives in :mod:`deltaplane.aggregation.secagg` (it needs ``cryptography``); privacy accounting in
 :mod:`deltaplane.aggregation.accounting` (it needs ``dp-accounting``, imported only when ε is computed).
 """

@@ -13,8 +13,8 @@ The guarantee holds under these conditions, each enforced here rather than assum
 
 * adjacency is adding or removing one client (all of its data), and clients are sampled by Poisson sampling with
   the accountant's rate (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
-* the sum is over clipped, uniformly weighted updates: inside :class:`DPFedAvg` only fixed norm bounds,
-  validation and :class:`~deltaplane.aggregation.fedavg.FedAvg` may sit (an adaptive norm bound would adapt from
+* the sum is over clipped, uniformly weighted updates: inside :class:`DPFedAvg` only fixed norm bounds and
+  :class:`~deltaplane.aggregation.fedavg.FedAvg` may sit (an adaptive norm bound would adapt from
   an un-noised count; a robust rule or server optimizer would change the sensitivity) — anything else is a
   :class:`~deltaplane.errors.ConfigError`;
 * every tensor is privatized: a non-floating-point tensor (a step counter) is refused with
@@ -35,6 +35,7 @@ import torch
 from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
+from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.delta import Delta, StateDict, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError, NotPrivatizable
 
@@ -275,11 +276,10 @@ def _layout(like: StateDict) -> dict[str, torch.Tensor]:
 def _check_private_chain(node: object) -> None:
     """Refuse, under :class:`DPFedAvg`, anything that would break "the sum of clipped updates, sensitivity C".
 
-    Allowed below the DP clip: fixed norm bounds (:class:`Clip` / ``NormBound`` with a constant bound),
-    :class:`~deltaplane.aggregation.validation.Validate` and, at the bottom, ``FedAvg``."""
-    from deltaplane.aggregation.fedavg import FedAvg
-    from deltaplane.aggregation.validation import Validate
-
+    Allowed below the DP clip: fixed norm bounds (:class:`Clip` / ``NormBound`` with a constant bound) and, at
+    the bottom, ``FedAvg``. Not :class:`~deltaplane.aggregation.validation.Validate`: it skips a bad update without
+    raising, so the clients counted here and those summed below would differ (validate outside, as the factory
+    does)."""
     while True:
         if isinstance(node, FedAvg):
             return
@@ -290,10 +290,10 @@ def _check_private_chain(node: object) -> None:
                 "(e.g. norm_bound:5) and let the DP clip adapt (clip='adaptive'), whose count is noised and "
                 "accounted"
             )
-        if not isinstance(node, Clip | Validate):
+        if not isinstance(node, Clip):
             raise ConfigError(
                 f"{type(node).__name__} cannot sit inside DPFedAvg: the noise is calibrated to a uniform sum of "
-                "clipped updates; only fixed norm bounds, Validate and FedAvg may be wrapped (put server "
+                "clipped updates; only fixed norm bounds and FedAvg may be wrapped (put Validate and server "
                 "optimizers outside DPFedAvg)"
             )
         node = node.inner
