@@ -6,8 +6,10 @@ from deltaplane.aggregation import epsilon_for
 from deltaplane.sim import RunConfig, run_simulation
 
 
-def test_a_dp_run_samples_poisson_and_releases_noise_in_empty_rounds() -> None:
+@pytest.mark.parametrize("engine", ["sequential", "batched"])
+def test_a_dp_run_samples_poisson_and_releases_noise_in_empty_rounds(engine) -> None:
     cfg = RunConfig(
+        engine=engine,
         clients=4,
         rounds=5,
         local_epochs=1,
