@@ -113,11 +113,7 @@ class DPFedAvg(AggregatorWrapper):
                 raise ConfigError(
                     "DPFedAvg needs a clip norm: pass clip=1.0 or clip='adaptive', or wrap a Clip"
                 )
-            if clip == "adaptive":
-                if expected_clients is None and noise_multiplier > 0:
-                    raise ConfigError(
-                        "clip='adaptive' under DP needs expected_clients (it sizes the count noise)"
-                    )
+            if clip == "adaptive":  # (under noise expected_clients is set: checked above)
                 clip = QuantileClip(
                     expected_clients=expected_clients,
                     # Andrew et al. suggest m/20; at least z so that the sum keeps most of the budget
@@ -170,12 +166,7 @@ class DPFedAvg(AggregatorWrapper):
         self._layout = _layout(like)
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        for name, t in delta.items():
-            if not t.is_floating_point():
-                raise NotPrivatizable(
-                    f"tensor '{name}' is {t.dtype}: DP-FedAvg clips and noises floating-point tensors only and "
-                    "will not release it exactly; leave non-float tensors (step counters, masks) out of updates"
-                )
+        _refuse_non_float(delta, "DP-FedAvg")
         if self._layout is not None:
             check_compatible(self._layout, delta, "DP-FedAvg layout and client delta")
         # equal weights: sensitivity of the sum to one client is exactly the clip norm
@@ -244,12 +235,7 @@ def privatize(delta: Delta, *, clip: float, noise_multiplier: float, generator: 
         raise ConfigError(f"clip must be positive. Found {clip!r}")
     if not noise_multiplier >= 0:
         raise ConfigError(f"noise_multiplier must be non-negative. Found {noise_multiplier!r}")
-    for name, t in delta.items():
-        if not t.is_floating_point():
-            raise NotPrivatizable(
-                f"tensor '{name}' is {t.dtype}: local DP clips and noises floating-point tensors only and will "
-                "not release it exactly; leave non-float tensors (step counters, masks) out of updates"
-            )
+    _refuse_non_float(delta, "local DP")
     delta.check_finite()
     norm = delta.norm()
     scaled = delta * (clip / norm) if norm > clip else delta
@@ -266,6 +252,16 @@ def local_epsilon(*, noise_multiplier: float, rounds: int, delta: float, method:
     return epsilon_for(
         noise_multiplier=noise_multiplier / 2, sampling_rate=1.0, steps=rounds, delta=delta, method=method
     )
+
+
+def _refuse_non_float(delta: Delta, mechanism: str) -> None:
+    """Raise :class:`NotPrivatizable` for the first tensor that clipping and Gaussian noise cannot cover."""
+    for name, t in delta.items():
+        if not t.is_floating_point():
+            raise NotPrivatizable(
+                f"tensor '{name}' is {t.dtype}: {mechanism} clips and noises floating-point tensors only and will "
+                "not release it exactly; leave non-float tensors (step counters, masks) out of updates"
+            )
 
 
 def _layout(like: StateDict) -> dict[str, torch.Tensor]:
