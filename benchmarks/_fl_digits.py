@@ -17,6 +17,7 @@ from torch import nn
 
 import deltaplane as dp
 from deltaplane.aggregation import build_aggregator
+from deltaplane.aggregation.sampling import clients_per_round, sample_round
 from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
 
 
@@ -128,15 +129,21 @@ def run(
         torch.manual_seed(seed)
         model = MLP()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    per_round = max(1, round(sampling_rate * clients))
+    per_round = clients_per_round(clients, sampling_rate)
     agg = build_aggregator(
         aggregator=aggregator, lr=server_lr, defense=defense, clip=clip, dp_noise=dp_noise,
-        expected_clients=per_round, sampling_rate=sampling_rate, dp_delta=dp_delta, seed=seed,
+        expected_clients=per_round, sampling_rate=per_round / clients, dp_delta=dp_delta, seed=seed,
     )  # fmt: skip
+    dp_agg = agg.find(dp.DPFedAvg)
+    if dp_agg is not None:  # a round Poisson sampling leaves empty still releases noise of this layout
+        dp_agg.set_layout(state)
     fltrust = agg.find(dp.FLTrust)
     rejected = 0
     for rnd in range(rounds):
-        chosen = sorted(np.random.default_rng([seed, 2, rnd]).choice(clients, size=per_round, replace=False))
+        # Poisson under DP, as the accountant assumes; fixed-size otherwise (deltaplane.aggregation.sampling)
+        chosen = sample_round(
+            clients, sampling_rate, np.random.default_rng([seed, 2, rnd]), central_dp=dp_noise > 0
+        )
         agg.reset()
         if fltrust is not None:
             ref = local_train(model, state, xtr[root_idx], ytr[root_idx], epochs=epochs, lr=lr, batch=batch,

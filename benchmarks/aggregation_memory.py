@@ -30,7 +30,8 @@ STREAMING = {
     "FedAvg": "dp.FedAvg()",
     "Validate(FedAvg)": "dp.Validate(dp.FedAvg(), max_norm=1e6)",
     "FedAdam(DPFedAvg(Clip adaptive))": (
-        "dp.FedAdam(dp.DPFedAvg(dp.Clip(dp.FedAvg(), clip=dp.QuantileClip(count_noise_std=5.0)), "
+        "dp.FedAdam(dp.DPFedAvg(dp.Clip(dp.FedAvg(), "
+        "clip=dp.QuantileClip(count_noise_std=5.0, expected_clients=max(n, 1))), "
         "noise_multiplier=1.0, expected_clients=max(n, 1)))"
     ),
     "NormBound(FedAvg)": "dp.NormBound(dp.FedAvg(), max_norm=10.0)",

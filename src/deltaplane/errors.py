@@ -16,6 +16,7 @@ __all__ = [
     "IntegrityError",
     "InvalidUpdate",
     "NotFound",
+    "NotPrivatizable",
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "ShapeMismatch",
@@ -38,6 +39,11 @@ class ShapeMismatch(DeltaplaneError, ValueError):
 
 class InvalidUpdate(DeltaplaneError, ValueError):
     """An update is unusable: NaN/Inf values, a norm out of range, or otherwise rejected by validation."""
+
+
+class NotPrivatizable(InvalidUpdate):
+    """A differential-privacy mechanism was given a tensor it cannot clip and noise (an integer step counter, a
+    boolean mask); it refuses rather than release the tensor exactly. The message names the tensor."""
 
 
 class CodecError(DeltaplaneError, ValueError):

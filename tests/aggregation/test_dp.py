@@ -99,9 +99,13 @@ def test_adaptive_clip_splits_the_noise() -> None:
     with pytest.raises(dp.ConfigError, match="needs expected_clients"):
         dp.DPFedAvg(clip="adaptive", noise_multiplier=1.0)
     with pytest.raises(dp.ConfigError, match="count_noise_std > 0"):
-        dp.DPFedAvg(clip=dp.QuantileClip(), noise_multiplier=1.0)
+        dp.DPFedAvg(clip=dp.QuantileClip(expected_clients=10), noise_multiplier=1.0, expected_clients=10)
+    with pytest.raises(dp.ConfigError, match="needs its expected_clients"):
+        dp.DPFedAvg(clip=dp.QuantileClip(count_noise_std=5.0), noise_multiplier=1.0, expected_clients=10)
     with pytest.raises(dp.ConfigError, match="needs a clip"):
-        dp.DPFedAvg(noise_multiplier=1.0)
+        dp.DPFedAvg(noise_multiplier=1.0, expected_clients=10)
+    with pytest.raises(dp.ConfigError, match="needs expected_clients"):
+        dp.DPFedAvg(clip=1.0, noise_multiplier=1.0)
 
 
 def test_local_dp() -> None:
@@ -114,3 +118,91 @@ def test_local_dp() -> None:
     assert local_epsilon(noise_multiplier=4.0, rounds=5, delta=1e-5) == pytest.approx(
         epsilon_for(noise_multiplier=2.0, sampling_rate=1.0, steps=5, delta=1e-5)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_non_float_tensors_are_refused_never_released_exactly(dtype) -> None:
+    from deltaplane.aggregation import build_aggregator
+
+    update = dp.Delta({"w": torch.ones(3), "step": torch.tensor([7]).to(dtype)})  # e.g. a step counter
+    agg = dp.DPFedAvg(clip=1.0, noise_multiplier=1.0, expected_clients=1)
+    with pytest.raises(dp.InvalidUpdate, match="'step'") as refused:
+        agg.add(update)
+    assert type(refused.value).__name__ == "NotPrivatizable"
+    with pytest.raises(dp.InvalidUpdate, match="'step'"):
+        privatize(update, clip=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    chain = build_aggregator(dp_noise=1.0, clip=1.0, expected_clients=1)  # the run's chain refuses the update
+    assert not chain.add(update) and type(chain.rejections[0].error) is type(refused.value)
+
+
+def test_an_adaptive_norm_bound_under_dp_noise_is_refused() -> None:
+    from deltaplane.aggregation import build_aggregator
+
+    # its bound would adapt from an exact (un-noised) count of the clients' norms
+    with pytest.raises(dp.ConfigError, match="un-noised"):
+        build_aggregator(defense="norm_bound:adaptive", dp_noise=1.0, clip=1.0, expected_clients=4)
+    inner = dp.Clip(dp.NormBound(dp.FedAvg(), max_norm="adaptive"), clip=1.0)
+    with pytest.raises(dp.ConfigError, match="un-noised"):
+        dp.DPFedAvg(inner, noise_multiplier=1.0, expected_clients=4)
+    # anything but fixed bounds, validation and FedAvg would change the sum's sensitivity
+    with pytest.raises(dp.ConfigError, match="cannot sit inside DPFedAvg"):
+        dp.DPFedAvg(dp.Clip(dp.TrimmedMean(beta=0.1), clip=1.0), noise_multiplier=1.0, expected_clients=4)
+    with pytest.raises(dp.ConfigError, match="cannot sit inside DPFedAvg"):
+        dp.DPFedAvg(dp.FedAdam(), clip=1.0, noise_multiplier=1.0, expected_clients=4)
+    # Validate skips a bad update without raising: the count would include it and double another's weight
+    with pytest.raises(dp.ConfigError, match="cannot sit inside DPFedAvg"):
+        dp.DPFedAvg(dp.Clip(dp.Validate(dp.FedAvg()), clip=1.0), noise_multiplier=1.0, expected_clients=2)
+    # still fine: a fixed bound under DP, an adaptive one without DP
+    build_aggregator(defense="norm_bound:5", dp_noise=1.0, clip="adaptive", expected_clients=40)
+    build_aggregator(defense="norm_bound:adaptive", clip=1.0)
+
+
+def test_noised_rounds_release_only_noised_measurements() -> None:
+    from deltaplane.aggregation import build_aggregator
+
+    fractions = set()
+    for seed in range(3):
+        agg = build_aggregator(
+            dp_noise=1.0, clip="adaptive", expected_clients=4, sampling_rate=0.2, seed=seed
+        )
+        for n in (0.05, 0.2, 0.03):  # the same clients every time: an exact fraction would be 1/3
+            agg.add(dp.Delta({"w": torch.tensor([n])}))
+        agg.result()
+        m = agg.measurements
+        assert not {"mean_norm", "clients", "total_weight"} & set(m)  # exact statistics of private updates
+        fractions.add(m["clipped_fraction"])
+    assert len(fractions) == 3  # released through the noisy count
+    fixed = dp.DPFedAvg(clip=1.0, noise_multiplier=1.0, expected_clients=2)
+    fixed.add(dp.Delta({"w": torch.tensor([3.0])}))
+    fixed.result()
+    assert "clipped_fraction" not in fixed.measurements and fixed.measurements["clip"] == 1.0
+
+
+def test_a_round_without_clients_still_releases_noise_and_spends() -> None:
+    acc = dp.PrivacyAccountant(noise_multiplier=1.0, sampling_rate=0.2, delta=1e-5)
+    agg = dp.DPFedAvg(
+        clip="adaptive",
+        noise_multiplier=1.0,
+        expected_clients=4,
+        accountant=acc,
+        like={"w": torch.zeros(50_000)},
+    )
+    out = agg.result()["w"].double()  # Poisson sampling drew nobody
+    assert out.std().item() == pytest.approx(agg.sum_noise_multiplier * 0.1 / 4, rel=0.02)
+    assert acc.state.steps == 1 and agg.measurements["epsilon"] > 0
+    assert agg.clipper.estimator.value != 0.1  # the (noisy) count was released and the clip adapted
+    with pytest.raises(dp.DeltaplaneError, match="no client delta"):
+        dp.DPFedAvg(clip=1.0, noise_multiplier=1.0, expected_clients=4).result()  # no layout known
+
+
+def test_remaining_rounds_reaches_the_limit_and_the_budget_exactly() -> None:
+    kw = {"noise_multiplier": 1.0, "sampling_rate": 0.05, "delta": 1e-5}
+    assert dp.PrivacyAccountant(**kw, budget=100.0).remaining_rounds(limit=7) == 7
+    acc = dp.PrivacyAccountant(**kw, budget=epsilon_for(**kw, steps=5))  # exactly five rounds fit
+    assert acc.remaining_rounds(limit=5) == 5 and acc.remaining_rounds() == 5
+    spent = 0
+    with pytest.raises(dp.PrivacyBudgetExceeded):
+        while True:
+            acc.spend()
+            spent += 1
+    assert spent == 5 and acc.remaining_rounds() == 0

@@ -58,3 +58,15 @@ def test_fltrust_zeroes_opposed_updates_and_rescales() -> None:
 def test_trimmed_mean_validation() -> None:
     with pytest.raises(dp.ConfigError, match=r"beta must be in \[0, 0.5\). Found 0.5"):
         dp.TrimmedMean(beta=0.5)
+
+
+def test_norm_bound_ignores_a_claimed_weight_of_a_million() -> None:
+    from deltaplane.aggregation import build_aggregator
+
+    agg = build_aggregator(defense="norm_bound:1.0")
+    for _ in range(9):
+        agg.add(_d(0.5, 0.0), weight=30)  # honest clients with 30 samples each
+    agg.add(_d(-100.0, 0.0), weight=1e6)  # bounded to (-1, 0), but claims a million samples
+    assert agg.result()["w"].tolist() == pytest.approx([(9 * 0.5 - 1.0) / 10, 0.0])
+    with pytest.raises(dp.InvalidUpdate, match="weight"):
+        dp.NormBound(dp.FedAvg(), max_norm=1.0).add(_d(0.1), weight=-1.0)

@@ -61,3 +61,34 @@ def test_privacy_json_output() -> None:
     out = CliRunner().invoke(_app(), ["privacy", "noise", "-e", "4", "-q", "0.2", "-T", "100", "--json"])
     z = json.loads(out.output)["noise_multiplier"]
     assert epsilon_for(noise_multiplier=z, sampling_rate=0.2, steps=100, delta=1e-5) <= 4.0 + 1e-9
+
+
+def test_privacy_epsilon_is_what_a_dp_run_reports_fixed_or_adaptive() -> None:
+    import torch
+
+    import deltaplane as dp
+
+    out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "1.0", "-q", "0.2", "-T", "6"])
+    assert out.exit_code == 0, out.output
+    assert "Poisson sampling" in out.output
+    eps = float(re.search(r"ε = ([0-9.]+)", out.output).group(1))
+    for clip in (1.0, "adaptive"):
+        acc = dp.PrivacyAccountant(noise_multiplier=1.0, sampling_rate=0.2, delta=1e-5)
+        agg = dp.DPFedAvg(clip=clip, noise_multiplier=1.0, expected_clients=4, accountant=acc)
+        for _ in range(6):
+            agg.reset()
+            agg.add(dp.Delta({"w": torch.ones(2)}))
+            agg.result()
+        assert round(agg.measurements["epsilon"], 4) == eps
+
+
+def test_impossible_schedules_are_usage_errors() -> None:
+    for args, msg in [
+        (["-q", "1.5", "-T", "10"], "sampling_rate must be in"),
+        (["-q", "0.2", "-T", "-3"], "must be a non-negative integer"),
+        (["-q", "0.2", "-T", "10", "--delta", "2"], "delta must be in"),
+    ]:
+        out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "1", *args])
+        assert out.exit_code != 0 and msg in out.output, out.output
+    out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "-1", "-q", "0.2", "-T", "10"])
+    assert out.exit_code != 0 and "noise_multiplier must be non-negative" in out.output

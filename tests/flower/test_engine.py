@@ -66,3 +66,11 @@ def test_flower_engine_refuses_options_it_does_not_run() -> None:
 
     with pytest.raises(UnsupportedOption, match="secagg=True .*personalization='ditto' .*Context.state"):
         run_flower(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1))
+
+
+def test_flower_engine_refuses_dp_with_fixed_size_sampling() -> None:
+    from deltaplane.flower import run_flower
+
+    # Flower samples a fixed-size subset of nodes; the accountant's ε holds for Poisson sampling only
+    with pytest.raises(ConfigError, match="dp_noise with sample_fraction=0.5"):
+        run_flower(RunConfig(dp_noise=1.0, clip="1.0", sample_fraction=0.5, rounds=1))

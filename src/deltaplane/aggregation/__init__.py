@@ -1,6 +1,6 @@
 """Aggregators: combine many client deltas into one global delta, streaming and composable by wrapping.
 
-``FedAdam(DPFedAvg(Clip(Validate(FedAvg()), clip="adaptive"), ...))`` reads inside-out like the math. Secure
+``Validate(FedAdam(DPFedAvg(Clip(FedAvg(), clip="adaptive"), ...)))`` reads inside-out like the math. Secure
 aggregation lives in :mod:`deltaplane.aggregation.secagg` (it needs ``cryptography``); privacy accounting in
 :mod:`deltaplane.aggregation.accounting` (it needs ``dp-accounting``, imported only when ε is computed).
 """
@@ -26,6 +26,7 @@ from deltaplane.aggregation.fedopt import (
     ServerSGD,
 )
 from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
+from deltaplane.aggregation.sampling import clients_per_round, sample_round, sampling_rate
 from deltaplane.aggregation.validation import Rejection, Validate, validate_update
 
 __all__ = [
@@ -55,10 +56,13 @@ __all__ = [
     "TrimmedMean",
     "Validate",
     "build_aggregator",
+    "clients_per_round",
     "epsilon_for",
     "local_epsilon",
     "noise_for_epsilon",
     "parse_defense",
     "privatize",
+    "sample_round",
+    "sampling_rate",
     "validate_update",
 ]

@@ -11,6 +11,7 @@ rather than re-deriving the bounds: subtle mistakes in accounting silently void 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,10 +32,32 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int):  # -> d
     return dp_accounting.SelfComposedDpEvent(one, steps)
 
 
+def _check_schedule(*, sampling_rate: float, steps: int, delta: float, method: str) -> None:
+    """Refuse a schedule dp-accounting would reject untyped or, worse, silently compute something for."""
+    if not (isinstance(sampling_rate, int | float) and 0.0 < sampling_rate <= 1.0):
+        raise ConfigError(f"sampling_rate must be in (0, 1]. Found {sampling_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ConfigError(f"steps (rounds) must be a non-negative integer. Found {steps!r}")
+    if not (isinstance(delta, int | float) and 0.0 < delta < 1.0):
+        raise ConfigError(f"delta must be in (0, 1). Found {delta!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}. Found {method!r}")
+
+
 def epsilon_for(
     *, noise_multiplier: float, sampling_rate: float, steps: int, delta: float, method: str = "rdp"
 ) -> float:
-    """ε after ``steps`` rounds at ``delta`` (0.0 for zero steps, ``inf`` for zero noise)."""
+    """ε after ``steps`` rounds at ``delta`` (0.0 for zero steps, ``inf`` for zero noise).
+
+    The mechanism is DP-FedAvg's round as run: clients Poisson-sampled at rate ``sampling_rate``
+    (:func:`~deltaplane.aggregation.sampling.sample_round`), one Gaussian mechanism of multiplier
+    ``noise_multiplier`` per round (with an adaptive clip its noisy count shares that multiplier), adjacency
+    adding or removing one client."""
+    if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier)) or (
+        noise_multiplier < 0
+    ):
+        raise ConfigError(f"noise_multiplier must be non-negative. Found {noise_multiplier!r}")
+    _check_schedule(sampling_rate=sampling_rate, steps=steps, delta=delta, method=method)
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -65,10 +88,11 @@ def noise_for_epsilon(
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    if not epsilon > 0:
+    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
         raise ConfigError(f"epsilon must be positive. Found {epsilon!r}")
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}. Found {method!r}")
+    _check_schedule(sampling_rate=sampling_rate, steps=steps, delta=delta, method=method)
+    if steps == 0:
+        raise ConfigError("steps (rounds) must be at least 1 to calibrate a noise multiplier")
 
     def fresh():
         if method == "rdp":
@@ -170,11 +194,15 @@ class PrivacyAccountant:
         return self.state.epsilon
 
     def remaining_rounds(self, limit: int = 100_000) -> int:
-        """How many more rounds fit in the budget (``limit`` when there is no budget), by bisection."""
+        """How many more rounds fit in the budget, at most ``limit`` (``limit`` when there is no budget).
+
+        Bisection on ε, which grows with the number of rounds: ``lo`` always fits, ``hi`` is the first count
+        known not to fit or one past ``limit`` — so when every round up to the limit fits, the answer is the
+        limit itself, not one less."""
         if self.budget is None:
             return limit
-        lo, hi = self.state.steps, self.state.steps + limit
-        if self.epsilon_after(lo + 1) > self.budget:
+        lo, hi = self.state.steps, self.state.steps + limit + 1
+        if limit == 0 or self.epsilon_after(lo + 1) > self.budget:
             return 0
         while hi - lo > 1:
             mid = (lo + hi) // 2

@@ -7,8 +7,12 @@ current value and tells it, once per round, how many clients were at or under it
 Adaptive clipping follows Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"
 (https://arxiv.org/abs/1905.03871): the clip ``C`` tracks the ``γ``-quantile of client update norms with the
 geometric update ``C ← C · exp(−η (b̄ − γ))``, where ``b̄`` is the fraction of clients whose norm was ≤ C. Under
-DP the count is itself noised (``count_noise_std``), which :class:`~deltaplane.aggregation.dp.DPFedAvg` accounts
-for by splitting its noise budget.
+DP the count is released through a Gaussian mechanism too, and, as in Andrew et al. §3 and TF Privacy's
+``QuantileEstimatorQuery``, the released statistic is the *centred* count ``Σᵢ (bᵢ − ½) + N(0, σ_b²)``: adding or
+removing one client moves it by exactly ½ whatever that client's norm, so its noise multiplier is ``2σ_b``, which
+is what :class:`~deltaplane.aggregation.dp.DPFedAvg` assumes when it splits its noise budget. Then
+``b̄ = (that sum) / m + ½`` with ``m`` the expected number of clients (a fixed denominator: the actual number of
+participants is not released). An uncentred count ``Σᵢ bᵢ`` moves by 1, which halves its real noise multiplier.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, InvalidUpdate
 
 __all__ = [
     "Clip",
@@ -82,6 +86,8 @@ class QuantileClipState:
     value: float
     rounds: int = 0
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    #: ``b̄`` of the last update as released (noised under DP): the estimated unclipped fraction
+    released_fraction: float | None = None
 
 
 class QuantileClip:
@@ -91,8 +97,9 @@ class QuantileClip:
         initial: clip norm of the first round.
         target_quantile: fraction ``γ`` of clients that should be unclipped (0.5 = median norm).
         learning_rate: ``η`` of the geometric update ``C ← C · exp(−η (b̄ − γ))``.
-        count_noise_std: std ``σ_b`` of the Gaussian noise added to the count of unclipped clients (0 without
-            DP; Andrew et al. suggest ``expected_clients / 20``).
+        count_noise_std: std ``σ_b`` of the Gaussian noise added to the centred count ``Σ(bᵢ − ½)`` of
+            unclipped clients (0 without DP; Andrew et al. suggest ``expected_clients / 20``); its noise
+            multiplier is ``2σ_b`` since one client moves the centred count by ½.
         expected_clients: denominator of ``b̄``; the actual number of clients when None.
         seed: seed of the count-noise generator.
     """
@@ -130,11 +137,19 @@ class QuantileClip:
         return self.state.value
 
     def update(self, below: int, count: int) -> None:
-        if count == 0:
+        """Release the centred count ``Σ(bᵢ − ½)`` (+ noise) and move the clip toward the target quantile.
+
+        With ``expected_clients`` set, a round with no clients still releases (noise only) and adapts, so
+        whether anyone took part is not given away by a skipped update."""
+        m = self.expected_clients or count
+        if m == 0:
             return
-        noisy = below + (self.state.rng.normal(0.0, self.count_noise_std) if self.count_noise_std else 0.0)
-        frac = noisy / (self.expected_clients or count)
+        centred = below - count / 2  # one client more or fewer moves it by exactly ½
+        if self.count_noise_std:
+            centred += self.state.rng.normal(0.0, self.count_noise_std)
+        frac = centred / m + 0.5
         self.state.value *= math.exp(-self.learning_rate * (frac - self.target_quantile))
+        self.state.released_fraction = frac
         self.state.rounds += 1
 
     def __repr__(self) -> str:
@@ -216,6 +231,18 @@ class NormBound(Clip):
     """Norm bounding against model-replacement and backdoor attacks (Sun et al. 2019, "Can You Really Backdoor
     Federated Learning?", https://arxiv.org/abs/1911.07963): the same engine as :class:`Clip`, registered under
     its robustness name with ``max_norm`` as the bound. Streaming, O(model).
+
+    Like every robust rule it **ignores client weights**: each bounded update enters the mean with weight 1. A
+    weight (``num_examples``) is something a client claims, and one client claiming 10⁶ examples would otherwise
+    own a weighted mean however small its bounded norm.
+
+    Example:
+        >>> import torch, deltaplane as dp
+        >>> agg = dp.NormBound(dp.FedAvg(), max_norm=1.0)
+        >>> agg.add(dp.Delta({"w": torch.tensor([0.5])}), weight=10)
+        >>> agg.add(dp.Delta({"w": torch.tensor([-9.0])}), weight=1e6)  # bounded to -1, weight ignored
+        >>> agg.result()["w"].item()
+        -0.25
     """
 
     def __init__(
@@ -223,6 +250,11 @@ class NormBound(Clip):
     ) -> None:
         super().__init__(inner, clip=max_norm)
         self.max_norm = max_norm
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+        super().add(delta, 1.0)  # the claimed weight is checked, then ignored (see the class docstring)
 
     def __repr__(self) -> str:
         return f"NormBound({self.inner!r}, max_norm={self.max_norm!r})"

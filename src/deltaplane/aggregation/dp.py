@@ -4,9 +4,23 @@ Central DP follows McMahan et al. 2018, "Learning Differentially Private Recurre
 (https://arxiv.org/abs/1710.06963): each client's delta is clipped to L2 norm ``C``, the clipped deltas are
 summed with equal weight (a sample-weighted sum would let one client with many samples exceed the sensitivity
 ``C``), Gaussian noise of std ``z·C`` is added to the sum, and the sum is divided by the expected number of
-clients. With an adaptive clip (Andrew et al. 2021, https://arxiv.org/abs/1905.03871) the count of unclipped
-clients is released with noise too, and the two noises share the budget of ``z``:
-``z⁻² = z_Δ⁻² + (2σ_b)⁻²``, so the accountant still composes a Gaussian mechanism of multiplier ``z``.
+clients. With an adaptive clip (Andrew et al. 2021, https://arxiv.org/abs/1905.03871) the *centred* count of
+unclipped clients ``Σ(bᵢ − ½)`` (sensitivity ½) is released with noise ``σ_b`` too, and the two noises share the
+budget of ``z``: ``z⁻² = z_Δ⁻² + (2σ_b)⁻²``, so the pair is one Gaussian mechanism of multiplier ``z`` and the
+accountant composes exactly that.
+
+The guarantee holds under these conditions, each enforced here rather than assumed:
+
+* adjacency is adding or removing one client (all of its data), and clients are sampled by Poisson sampling with
+  the accountant's rate (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
+* the sum is over clipped, uniformly weighted updates: inside :class:`DPFedAvg` only fixed norm bounds and
+  :class:`~deltaplane.aggregation.fedavg.FedAvg` may sit (an adaptive norm bound would adapt from
+  an un-noised count; a robust rule or server optimizer would change the sensitivity) — anything else is a
+  :class:`~deltaplane.errors.ConfigError`;
+* every tensor is privatized: a non-floating-point tensor (a step counter) is refused with
+  :class:`~deltaplane.errors.NotPrivatizable`, never released exactly;
+* the denominator is fixed (``expected_clients``), a round with no client still releases noise, and the
+  measurements of a noised round carry only released values (clip, noisy unclipped fraction, noise, ε).
 
 Local DP (:func:`privatize`) clips and noises on the device, so the server never sees an un-noised update.
 """
@@ -21,8 +35,9 @@ import torch
 from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
-from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.aggregation.fedavg import FedAvg
+from deltaplane.delta import Delta, StateDict, check_compatible
+from deltaplane.errors import ConfigError, DeltaplaneError, NotPrivatizable
 
 __all__ = ["DPFedAvg", "DPState", "local_epsilon", "privatize"]
 
@@ -46,13 +61,18 @@ class DPFedAvg(AggregatorWrapper):
             or a :class:`~deltaplane.aggregation.clipping.ClipEstimator`.
         noise_multiplier: ``z``; the sum gets noise of std ``z·C`` (split with the count noise when adaptive).
         expected_clients: clients per round the server expects (``q·N``); the noisy sum is divided by it, as in
-            DP-FedAvg's fixed denominator, so the number of participants is not released unnoised. The actual
-            count is used when None.
+            DP-FedAvg's fixed denominator, so the number of participants is not released unnoised. Required
+            when ``noise_multiplier > 0``; without noise the actual count is used when None.
         accountant: a :class:`PrivacyAccountant`; each round spends from it *before* releasing the aggregate.
         seed: seed of the noise generator.
+        like: the layout (names, shapes, dtypes) of the updates, so that a round no client took part in still
+            releases its noise (Poisson sampling makes such rounds); learned from the first update when None.
 
-    Measurements: everything from :class:`Clip`, plus ``noise_std`` (std of the noise on the sum),
-    ``noise_multiplier_sum`` (``z_Δ``) and, with an accountant, ``epsilon`` and ``delta``.
+    Measurements: ``noise_std`` (std of the noise on the sum), ``noise_multiplier_sum`` (``z_Δ``), ``clip``
+    and, with an accountant, ``epsilon`` and ``delta``; with an adaptive clip, ``clipped_fraction`` as released
+    (``1 − b̄``, noised). With noise, the inner aggregators' exact statistics (client count, mean norm, exact
+    clipped fraction) are *not* passed on: they are functions of the private updates. Without noise
+    (``noise_multiplier=0``) every inner measurement is passed on.
 
     Example:
         >>> import torch, deltaplane as dp
@@ -71,6 +91,7 @@ class DPFedAvg(AggregatorWrapper):
         expected_clients: int | None = None,
         accountant: PrivacyAccountant | None = None,
         seed: int = 0,
+        like: StateDict | None = None,
     ) -> None:
         if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier)) or (
             noise_multiplier < 0
@@ -78,6 +99,11 @@ class DPFedAvg(AggregatorWrapper):
             raise ConfigError(f"noise_multiplier must be non-negative. Found {noise_multiplier!r}")
         if expected_clients is not None and expected_clients < 1:
             raise ConfigError(f"expected_clients must be at least 1. Found {expected_clients!r}")
+        if expected_clients is None and noise_multiplier > 0:
+            raise ConfigError(
+                "DPFedAvg with noise needs expected_clients (q·N): dividing by the actual number of clients "
+                "would release that number without noise"
+            )
         if isinstance(inner, Clip):
             if clip is not None:
                 raise ConfigError("clip was given twice: pass clip= or wrap a Clip, not both")
@@ -87,11 +113,7 @@ class DPFedAvg(AggregatorWrapper):
                 raise ConfigError(
                     "DPFedAvg needs a clip norm: pass clip=1.0 or clip='adaptive', or wrap a Clip"
                 )
-            if clip == "adaptive":
-                if expected_clients is None and noise_multiplier > 0:
-                    raise ConfigError(
-                        "clip='adaptive' under DP needs expected_clients (it sizes the count noise)"
-                    )
+            if clip == "adaptive":  # (under noise expected_clients is set: checked above)
                 clip = QuantileClip(
                     expected_clients=expected_clients,
                     # Andrew et al. suggest m/20; at least z so that the sum keeps most of the budget
@@ -102,13 +124,16 @@ class DPFedAvg(AggregatorWrapper):
                 )
             clipper = Clip(inner, clip=clip)
         super().__init__(clipper)
+        _check_private_chain(clipper.inner)
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.expected_clients = expected_clients
         self.accountant = accountant
         self.seed = seed
+        self.like = like
         self.clipper = clipper
         self.state = DPState(generator=torch.Generator().manual_seed(seed))
+        self._layout: dict[str, torch.Tensor] | None = None if like is None else _layout(like)
         self._count = 0
         self.sum_noise_multiplier = self._split_noise()
 
@@ -117,6 +142,11 @@ class DPFedAvg(AggregatorWrapper):
         z = self.noise_multiplier
         est = self.clipper.estimator
         sigma_b = getattr(est, "count_noise_std", 0.0) if est.adaptive else 0.0
+        if est.adaptive and z > 0 and getattr(est, "expected_clients", None) is None:
+            raise ConfigError(
+                "an adaptive clip under DP needs its expected_clients set: the unclipped fraction divides the "
+                "noisy count by it, and dividing by the actual number of clients would release that number"
+            )
         if z == 0 or sigma_b == 0:
             if est.adaptive and z > 0:
                 raise ConfigError(
@@ -130,24 +160,45 @@ class DPFedAvg(AggregatorWrapper):
             )
         return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 
+    def set_layout(self, like: StateDict) -> None:
+        """Declare the updates' names, shapes and dtypes, so that a round with no client releases noise too."""
+        self.like = like
+        self._layout = _layout(like)
+
     def add(self, delta: Delta, weight: float = 1.0) -> None:
+        _refuse_non_float(delta, "DP-FedAvg")
+        if self._layout is not None:
+            check_compatible(self._layout, delta, "DP-FedAvg layout and client delta")
         # equal weights: sensitivity of the sum to one client is exactly the clip norm
         self.inner.add(delta, 1.0)
+        if self._layout is None:
+            self._layout = _layout(delta)
         self._count += 1
 
+    @property
+    def measurements(self) -> dict[str, float]:
+        """The last round's measurements; with noise, only values the mechanism released (see the class)."""
+        inner = getattr(self.inner, "measurements", {})
+        if self.noise_multiplier > 0:
+            inner = {"clip": inner["clip"]} if "clip" in inner else {}
+        return {**inner, **self._own}
+
     def _finish(self) -> Delta:
-        if self._count == 0:
+        if self._count == 0 and (self._layout is None or self.expected_clients is None):
             raise DeltaplaneError("no client delta was added; nothing to aggregate")
         epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
-        c = self.clipper.estimator.value  # the clip of *this* round, read before the estimator adapts
-        mean = self.inner.result()
+        est = self.clipper.estimator
+        c = est.value  # the clip of *this* round, read before the estimator adapts
+        if self._count:
+            mean = self.inner.result()  # the Clip adapts its estimator here
+        else:  # nobody sampled: the sum is zero, and both noises are still released
+            est.update(0, 0)
+            mean = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
         std = self.sum_noise_multiplier * c
         denom = float(self.expected_clients or self._count)
         g = self.state.generator
 
         def noised(t: torch.Tensor) -> torch.Tensor:
-            if not t.is_floating_point():
-                return t
             total = t.double() * self._count
             if std > 0:
                 total += std * torch.randn(t.shape, generator=g, dtype=torch.float64)
@@ -155,7 +206,10 @@ class DPFedAvg(AggregatorWrapper):
 
         out = mean.map(lambda _, t: noised(t))
         self.state.rounds += 1
-        self._own = {"noise_std": std, "noise_multiplier_sum": self.sum_noise_multiplier}
+        self._own = {"clip": c, "noise_std": std, "noise_multiplier_sum": self.sum_noise_multiplier}
+        released = getattr(getattr(est, "state", None), "released_fraction", None)
+        if est.adaptive and released is not None and self.noise_multiplier > 0:
+            self._own["clipped_fraction"] = min(1.0, max(0.0, 1.0 - released))
         if epsilon is not None:
             self._own |= {"epsilon": epsilon, "delta": self.accountant.delta}  # type: ignore[union-attr]
         return out
@@ -181,14 +235,13 @@ def privatize(delta: Delta, *, clip: float, noise_multiplier: float, generator: 
         raise ConfigError(f"clip must be positive. Found {clip!r}")
     if not noise_multiplier >= 0:
         raise ConfigError(f"noise_multiplier must be non-negative. Found {noise_multiplier!r}")
+    _refuse_non_float(delta, "local DP")
     delta.check_finite()
     norm = delta.norm()
     scaled = delta * (clip / norm) if norm > clip else delta
     std = noise_multiplier * clip
 
     def noised(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t
         return (t.double() + std * torch.randn(t.shape, generator=generator, dtype=torch.float64)).to(t.dtype)
 
     return scaled.map(lambda _, t: noised(t))
@@ -199,3 +252,44 @@ def local_epsilon(*, noise_multiplier: float, rounds: int, delta: float, method:
     return epsilon_for(
         noise_multiplier=noise_multiplier / 2, sampling_rate=1.0, steps=rounds, delta=delta, method=method
     )
+
+
+def _refuse_non_float(delta: Delta, mechanism: str) -> None:
+    """Raise :class:`NotPrivatizable` for the first tensor that clipping and Gaussian noise cannot cover."""
+    for name, t in delta.items():
+        if not t.is_floating_point():
+            raise NotPrivatizable(
+                f"tensor '{name}' is {t.dtype}: {mechanism} clips and noises floating-point tensors only and will "
+                "not release it exactly; leave non-float tensors (step counters, masks) out of updates"
+            )
+
+
+def _layout(like: StateDict) -> dict[str, torch.Tensor]:
+    """Names, shapes and dtypes of ``like`` as storage-free meta tensors."""
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in like.items()}
+
+
+def _check_private_chain(node: object) -> None:
+    """Refuse, under :class:`DPFedAvg`, anything that would break "the sum of clipped updates, sensitivity C".
+
+    Allowed below the DP clip: fixed norm bounds (:class:`Clip` / ``NormBound`` with a constant bound) and, at
+    the bottom, ``FedAvg``. Not :class:`~deltaplane.aggregation.validation.Validate`: it skips a bad update without
+    raising, so the clients counted here and those summed below would differ (validate outside, as the factory
+    does)."""
+    while True:
+        if isinstance(node, FedAvg):
+            return
+        if isinstance(node, Clip) and node.estimator.adaptive:
+            raise ConfigError(
+                f"{type(node).__name__} with an adaptive bound inside DPFedAvg would adapt from an un-noised "
+                "count of the clients' norms (nothing accounts for it); under DP use a fixed bound "
+                "(e.g. norm_bound:5) and let the DP clip adapt (clip='adaptive'), whose count is noised and "
+                "accounted"
+            )
+        if not isinstance(node, Clip):
+            raise ConfigError(
+                f"{type(node).__name__} cannot sit inside DPFedAvg: the noise is calibrated to a uniform sum of "
+                "clipped updates; only fixed norm bounds and FedAvg may be wrapped (put Validate and server "
+                "optimizers outside DPFedAvg)"
+            )
+        node = node.inner

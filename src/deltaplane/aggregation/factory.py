@@ -33,8 +33,9 @@ DEFENSES = ("none", "trimmed_mean", "median", "krum", "multi_krum", "norm_bound"
 
 
 def parse_defense(spec: str | None) -> Aggregator:
-    """``"trimmed_mean:0.2"``, ``"median"``, ``"krum:2"`` (f), ``"multi_krum:2"``, ``"norm_bound:5.0"`` (or ``"norm_bound:adaptive"``: the median norm),
-    ``"fltrust"`` or ``"none"`` → the innermost aggregator."""
+    """``"trimmed_mean:0.2"``, ``"median"``, ``"krum:2"`` (f), ``"multi_krum:2"``, ``"norm_bound:5.0"`` (or
+    ``"norm_bound:adaptive"``: the median norm, not with DP noise), ``"fltrust"`` or ``"none"`` → the innermost
+    aggregator. Every one ignores client-claimed weights."""
     if spec is None or spec == "none":
         return FedAvg()
     name, _, arg = spec.partition(":")
@@ -85,7 +86,8 @@ def build_aggregator(
         clip: per-client clip norm (float or ``"adaptive"``); required when ``dp_noise > 0``.
         dp_noise: DP noise multiplier ``z`` (0: no DP).
         expected_clients: clients per round (DP-FedAvg's fixed denominator; sizes adaptive-clip count noise).
-        sampling_rate: probability that a client is in a round (for the accountant).
+        sampling_rate: probability ``q`` that a client is in a round (for the accountant, which assumes Poisson
+            sampling at this rate: draw rounds with :func:`~deltaplane.aggregation.sampling.sample_round`).
         dp_delta: δ at which ε is reported.
         epsilon_budget: stop with :class:`~deltaplane.errors.PrivacyBudgetExceeded` before exceeding it.
         accountant: ``"rdp"`` or ``"pld"``.

@@ -82,7 +82,10 @@ def register(app: typer.Typer) -> None:
         method: Accountant = Method.rdp,
         as_json: AsJson = False,
     ) -> None:
-        """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q."""
+        """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q.
+
+        The figure a run reports: clients Poisson-sampled at rate q (what `deltaplane run` does with DP on, at
+        q = clients per round / clients), one client added or removed, a fixed or an adaptive clip alike."""
         from deltaplane.aggregation.accounting import epsilon_for
 
         _quiet_absl()
@@ -100,7 +103,8 @@ def register(app: typer.Typer) -> None:
             return
         console.print(
             f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds "
-            f"(z = {noise}, q = {sampling_rate}, {method.value})"
+            f"(z = {noise}, q = {sampling_rate}, {method.value}; Poisson sampling at rate q, add/remove one "
+            "client; fixed or adaptive clip alike)"
         )
 
     @privacy.command("noise")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deltaplane.aggregation.sampling import sample_round
 from deltaplane.codecs import Compressor
 from deltaplane.data.dataset import Dataset
 from deltaplane.data.partition import dirichlet_partition, split_holdout
@@ -127,9 +128,9 @@ def build_clients(config: RunConfig, task: Task) -> list[Client]:
     return clients
 
 
-def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
-    """The sorted ids of ``max(1, round(fraction · n_clients))`` clients drawn without replacement."""
-    m = max(1, min(n_clients, round(fraction * n_clients)))
-    if m == n_clients:
-        return list(range(n_clients))
-    return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
+def sample_clients(
+    n_clients: int, fraction: float, rng: np.random.Generator, *, central_dp: bool = False
+) -> list[int]:
+    """The sorted ids of a round's clients: :func:`deltaplane.aggregation.sampling.sample_round` (Poisson at
+    the accountant's rate under central DP, else ``max(1, round(fraction · n_clients))`` without replacement)."""
+    return sample_round(n_clients, fraction, rng, central_dp=central_dp)

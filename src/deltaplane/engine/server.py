@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.aggregation import FLTrust, Rejection, Validate
+from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
 from deltaplane.codecs import Compressor, Layout, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -240,7 +240,13 @@ class ServerStep:
             InvalidUpdate: every update of the round was refused.
             PrivacyBudgetExceeded: this round would spend more ε than the budget allows.
         """
-        if self._accepted == 0:
+        dp = self.aggregator.find(DPFedAvg)
+        if self._accepted == 0 and isinstance(dp, DPFedAvg) and not self._rejections:
+            # Poisson sampling (central DP) may pick nobody: the round still releases its noise, as the
+            # accountant assumes; the shared tensors' layout tells DP-FedAvg what to noise
+            zeros = Delta.zeros_like(self.state)
+            dp.set_layout(Delta({k: v for k, v in zeros.items() if k not in self.local_keys}))
+        elif self._accepted == 0:
             first = self._rejections[0] if self._rejections else None
             where = f"client {first.client_id}: {first.error}" if first else "no client uploaded"
             raise InvalidUpdate(

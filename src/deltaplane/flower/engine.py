@@ -40,6 +40,11 @@ def unsupported_options(config: RunConfig) -> list[str]:
             f"personalization={config.personalization!r} (a node's personal model would have to persist in "
             "its Context.state across rounds, which the Flower driver does not carry yet)"
         )
+    if config.dp_noise > 0 and config.clients_per_round() < config.clients:
+        bad.append(
+            f"dp_noise with sample_fraction={config.sample_fraction!r} (Flower samples a fixed-size subset; "
+            "the accountant's ε holds for Poisson sampling)"
+        )
     return bad
 
 

@@ -185,7 +185,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             opened = admin.open_round(MODEL)
             base = opened["base_version"]
             chosen = sample_clients(
-                config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
+                config.clients,
+                config.sample_fraction,
+                numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+                central_dp=config.dp_noise > 0,
             )
             uplink = rejected = 0
             for cid in chosen:

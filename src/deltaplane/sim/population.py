@@ -257,7 +257,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         t0 = time.perf_counter()
         version, global_state = server.version, server.state
         chosen = sample_clients(
-            registered, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
+            registered,
+            config.sample_fraction,
+            numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+            central_dp=config.dp_noise > 0,
         )
         clients = [population.client(cid) for cid in chosen]
         for client in clients:

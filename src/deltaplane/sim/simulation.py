@@ -213,11 +213,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         version = server.version  # the global model every client trains from this round
         global_state = server.state
         chosen = sample_clients(
-            config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
+            config.clients,
+            config.sample_fraction,
+            numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+            central_dp=config.dp_noise > 0,
         )
         server.open(rnd)
         batch = [clients[c] for c in chosen]
-        if trainer is not None:
+        if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
             stacked = train_batched(config, trainer, global_state, batch, rnd)
             if step.stackable:
                 uploads = _upload_stacked(step, batch, stacked, version)
