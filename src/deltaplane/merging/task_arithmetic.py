@@ -19,7 +19,8 @@ Registered settings (name: sparsification, consensus, normalize default, rescale
 - ``dare_linear`` — random, none, False, True; ``dare_ties`` — random, sum, False, True. Yu et al. 2023,
   "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
   https://arxiv.org/abs/2311.03099: drop each entry with probability ``1 − density`` and rescale the survivors
-  by ``1 / density`` so the expected task vector is unchanged.
+  (the paper: by ``1 / density``, so the expected task vector is unchanged; by default here, as in mergekit, so
+  the task vector keeps its L1 norm — see below).
 - ``breadcrumbs`` (and ``breadcrumbs_ties``) — outlier trim, none (sum), False, False. Davari & Belilovsky 2023,
   "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", https://arxiv.org/abs/2312.06795:
   drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density`` of them.
