@@ -23,8 +23,22 @@ CASES = [
     ("linear", {"weights": [1.0, 2.0, 0.5]}, True),
     ("task_arithmetic", {"weights": [1.0, 2.0, 0.5], "lambda": 0.7}, True),
     ("ties", {"densities": [0.2, 0.5, 0.9], "weights": [1.0, 0.5, 2.0]}, True),
-    ("dare_linear", {"density": 0.4, "seed": 5}, True),
-    ("dare_ties", {"density": 0.4, "seed": 5}, True),
+    ("dare_linear", {"density": 0.4, "seed": 5, "rescale_norm": "density"}, True),
+    ("dare_ties", {"density": 0.4, "seed": 5, "rescale_norm": "density"}, True),
+    ("dare_ties", {"density": 0.4, "seed": 5}, False),  # L1 rescale: a sum over the chunks
+    ("ties", {"density": 0.3, "rescale": True}, False),
+    ("ties", {"density": 0.3, "ties": "keep_all"}, True),
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2, "rescale": False}, True),
+    ("della_linear", {"density": 0.5, "seed": 2}, False),
+    ("sce", {"select_topk": 0.5}, False),
+    ("nuslerp", {"weights": [1.0, 3.0]}, False),
+    ("nuslerp", {"weights": [1.0, 3.0], "nuslerp_flatten": False}, False),
+    ("nuslerp", {"weights": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+    ("multislerp", {"weights": [1.0, 2.0, 0.5]}, False),
+    ("karcher", {}, False),
+    ("nearswap", {"t": 0.5}, True),
+    ("arcee_fusion", {}, True),
+    ("passthrough", {"scale": 0.5}, True),
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}, True),
     ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}, True),
     ("fisher", {"weights": [1.0, 2.0, 0.5]}, True),
@@ -53,10 +67,12 @@ def _merge(method: str, kwargs: dict, base: torch.Tensor, models: list, chunk: i
     if method == "fisher":
         g = torch.Generator().manual_seed(1)
         kwargs["fishers"] = [{"w": torch.rand(base.shape, generator=g, dtype=base.dtype)} for _ in models]
-    if method == "slerp":
+    if method in ("slerp", "nearswap", "arcee_fusion", "passthrough"):
         models = models[:1]
+    if method == "nuslerp":
+        models = models[:2]
     params = lookup_tensor_params(m, _split_kwargs(m, len(models), kwargs), "w")
-    use_base = None if method in ("linear", "fisher") else base.clone()
+    use_base = None if method in ("linear", "fisher", "passthrough") else base.clone()
     return merge_in_chunks(m, "w", use_base, [t.clone() for t in models], params, chunk)
 
 
@@ -65,6 +81,10 @@ def _merge(method: str, kwargs: dict, base: torch.Tensor, models: list, chunk: i
 def test_chunked_equals_whole_tensor(method: str, kwargs: dict, exact: bool, dtype: torch.dtype) -> None:
     for shape in SHAPES:
         base, models = _inputs(shape, dtype, ties=method in ("ties", "breadcrumbs", "breadcrumbs_ties"))
+        m = get_method(method)
+        n = {"nuslerp": 2, "slerp": 1, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1}.get(method, 3)
+        if method != "fisher" and m.whole_tensor(shape, _split_kwargs(m, n, kwargs)):
+            continue  # such tensors are merged whole in the streaming path too
         whole = _merge(method, kwargs, base, models, None)
         assert whole.shape == base.shape
         for chunk in (1, 10, 15, 10_000):  # 10 → 2 rows of 5: 37 rows end in a 1-row chunk
@@ -136,7 +156,7 @@ def test_streamed_in_small_chunks_equals_in_memory(
 ) -> None:
     base, models = _write_models(tmp_path, (301, 17), ties=True)
     cfg = {"merge_method": method, "base_model": "base", "models": [{"model": f"m{i}"} for i in range(3)],
-           "parameters": params}  # fmt: skip
+           "parameters": params | ({} if method == "model_stock" else {"weight": 1.0})}  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     merge_files(tmp_path / "c.yaml", tmp_path / "out", chunk_elements=100)  # 5 rows of 17 per chunk
     got = Checkpoint(tmp_path / "out")
@@ -220,7 +240,7 @@ def test_bad_files_are_decode_errors_naming_file_and_tensor(
 def test_truncated_input_fails_the_merge_without_partial_output(tmp_path: Path) -> None:
     _write_models(tmp_path, (64, 8), ties=False)
     cfg = {"merge_method": "ties", "base_model": "base", "models": [{"model": f"m{i}"} for i in range(3)],
-           "parameters": {"density": 0.5}}  # fmt: skip
+           "parameters": {"density": 0.5, "weight": 1.0}}  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     f = tmp_path / "m1" / "model.safetensors"
     full = f.read_bytes()
@@ -265,7 +285,7 @@ def test_peak_memory_follows_the_chunk_not_the_largest_tensor(tmp_path: Path) ->
                 g = torch.Generator().manual_seed(i * 100 + start)
                 w.write("w", torch.randn(1000, cols, generator=g))
     cfg = {"merge_method": "ties", "base_model": "base",
-           "models": [{"model": m, "parameters": {"density": 0.2}} for m in "abc"]}  # fmt: skip
+           "models": [{"model": m, "parameters": {"density": 0.2, "weight": 1.0}} for m in "abc"]}  # fmt: skip
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
     code = textwrap.dedent(f"""
         import sys

@@ -93,15 +93,15 @@ def test_ties_hand_example() -> None:
 def test_dare_drops_and_rescales() -> None:
     base = {"w": rand(100, 100)}
     m = {"w": base["w"] + rand(100, 100)}
-    out = merge("dare_linear", base, [m], density=0.3, seed=7)["w"]
+    out = merge("dare_linear", base, [m], density=0.3, seed=7, rescale_norm="density")["w"]
     tau = m["w"] - base["w"]
     kept = out != base["w"]
     # every entry is either dropped (base) or the task vector rescaled by 1/density (DARE eq. 1)
     assert torch.allclose(out[kept], base["w"][kept] + tau[kept] / 0.3, rtol=0, atol=1e-12)
     frac = kept.double().mean().item()
     assert abs(frac - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 10_000)  # binomial: within 5 standard deviations
-    again = merge("dare_linear", base, [m], density=0.3, seed=7)["w"]
-    other = merge("dare_linear", base, [m], density=0.3, seed=8)["w"]
+    again = merge("dare_linear", base, [m], density=0.3, seed=7, rescale_norm="density")["w"]
+    other = merge("dare_linear", base, [m], density=0.3, seed=8, rescale_norm="density")["w"]
     assert torch.equal(out, again) and not torch.equal(out, other)
     no_rescale = merge("dare_linear", base, [m], density=0.3, seed=7, rescale=False)["w"]
     assert torch.allclose(no_rescale[kept], m["w"][kept], rtol=0, atol=1e-12)
@@ -112,7 +112,7 @@ def test_dare_ties_is_ties_consensus_on_dropped_vectors() -> None:
     from deltaplane.merging.task_arithmetic import sparsify
 
     base, ms = models3()
-    out = merge("dare_ties", base, ms, density=0.5, seed=3)
+    out = merge("dare_ties", base, ms, density=0.5, seed=3, rescale_norm="density")
     for k in base:
         taus = []
         for i, m in enumerate(ms):

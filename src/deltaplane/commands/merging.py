@@ -35,6 +35,13 @@ def merge_command(
     chunk_elements: Annotated[
         int, typer.Option(help="elements per input merged at once; peak memory ≈ (inputs + a few) × chunk")
     ] = 1 << 18,
+    exact_accumulation: Annotated[
+        bool,
+        typer.Option(
+            help="compute half-precision merges in float32 and round once at the output "
+            "(default: like mergekit, compute in the config's dtype)"
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Merge models from safetensors in row chunks (bounded memory) and write safetensors to OUT."""
@@ -71,11 +78,16 @@ def merge_command(
             overwrite=overwrite,
             max_shard_bytes=shard_bytes,
             chunk_elements=chunk_elements,
+            exact_accumulation=exact_accumulation,
         )
-    Console(soft_wrap=True).print(
+    out = Console(soft_wrap=True)
+    out.print(
         f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "
-        f"into {result.out_dir} in {result.seconds:.2f} s: {', '.join(result.files)}"
+        f"into {result.out_dir} in {result.seconds:.2f} s: {', '.join(result.files)}",
+        markup=False,
     )
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "Param",
     "TensorChunk",
     "available_methods",
+    "chunk_dtype",
     "compute_dtype_for",
     "get_method",
     "merge",
@@ -69,7 +70,8 @@ class Param:
         default: value when not given; :data:`REQUIRED` if it must be given.
         per_model: ``True`` if each model has its own value (``weight``), ``False`` if shared (``lambda``).
         check: returns an error text for a bad value (``"must be in (0, 1]"``) or ``None`` if fine.
-        kind: ``"float"``, ``"bool"``, ``"int"`` or ``"tensors"`` (a per-tensor mapping such as a Fisher dict).
+        kind: ``"float"``, ``"bool"``, ``"int"``, ``"choice"`` (one of ``choices``) or ``"tensors"`` (a
+            per-tensor mapping such as a Fisher dict).
         plural: keyword accepted by :func:`merge` for a list with one value per model (``weights``).
         doc: one line shown in docs and errors.
     """
@@ -81,6 +83,7 @@ class Param:
     kind: str = "float"
     plural: str | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's kind and check it; raise :class:`ConfigError` naming ``where``."""
@@ -92,11 +95,18 @@ class Param:
                 )
             return value
         if isinstance(value, list | dict):
-            # mergekit allows gradients / per-tensor filters here; we refuse rather than silently flatten them
+            # gradients and filters are resolved to one value per tensor before this (merging.config)
             raise ConfigError(
-                f"{where}: parameter '{self.name}' must be a single {self.kind}, found {value!r} "
-                "(per-layer gradients and filters are not supported)"
+                f"{where}: parameter '{self.name}' must be a single {self.kind}, found {value!r}"
             )
+        if self.kind == "choice":
+            if value is True and "true" in self.choices:  # YAML reads an unquoted `true` as a bool
+                value = "true"
+            if not isinstance(value, str) or value not in self.choices:
+                raise ConfigError(
+                    f"{where}: parameter '{self.name}' must be one of {', '.join(self.choices)}. Found {value!r}"
+                )
+            return value
         try:
             if self.kind == "bool":
                 if not isinstance(value, bool):
@@ -201,6 +211,16 @@ class MergeMethod(ABC):
     paper: str = ""
     url: str = ""
     needs_base: bool = False
+    optional_base: bool = False
+    averages_base: bool = False
+    """Whether a given ``base_model`` is averaged as one more input (mergekit's ``karcher``)."""
+    """Whether a ``base_model``, when given, takes part (``slerp``, ``nuslerp``, ``multislerp``: task vectors)."""
+    upcasts_half: bool = False
+    """Whether half-precision inputs are computed in float32 (as mergekit's ``linear`` and ``slerp`` kernels do);
+    other methods compute in the config's ``dtype`` (else the inputs' dtype), as mergekit does."""
+    mergekit_required: tuple[str, ...] = ()
+    """Parameters that mergekit requires in a YAML config (``weight`` for ``linear``): :func:`merge` keeps their
+    defaults, a config that omits them is refused as mergekit refuses it."""
     min_models: int = 1
     max_models: int | None = None
     params: tuple[Param, ...] = ()
@@ -240,6 +260,11 @@ class MergeMethod(ABC):
         rely on it). Returns a tensor shaped like ``chunk.tensors[0]``.
         """
         raise NotImplementedError(f"merge method '{self.name}' does not merge by chunks")
+
+    def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
+        """Whether the tensor of ``shape`` must be merged as one chunk (a statistic that cannot be accumulated over
+        row chunks, such as DELLA's ranks of a 1-D tensor). The streaming merge then holds that whole tensor."""
+        return False
 
     def check_models(self, n_models: int, has_base: bool) -> None:
         """Raise :class:`ConfigError` if this method cannot merge ``n_models`` models (with/without a base)."""
@@ -362,8 +387,12 @@ def register_method(method: MergeMethod, *, replace: bool = False) -> MergeMetho
 def _load_builtins() -> None:
     # the built-in methods register themselves on import; importing here keeps base.py free of cycles
     import deltaplane.merging.fisher
+    import deltaplane.merging.hypersphere
     import deltaplane.merging.linear
     import deltaplane.merging.model_stock
+    import deltaplane.merging.passthrough
+    import deltaplane.merging.sce
+    import deltaplane.merging.selective
     import deltaplane.merging.slerp
     import deltaplane.merging.task_arithmetic  # noqa: F401
 
@@ -478,9 +507,21 @@ def refuse_non_finite(name: str, tensors: Sequence[Tensor | None], sources: Sequ
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a merge computes in for inputs of ``dtype``."""
+    """The dtype the in-memory :func:`merge` computes in for inputs of ``dtype``."""
     # float64 inputs stay float64 (exact tests); half types are merged in float32 and cast back
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_dtype(method: MergeMethod, dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """The dtype a config merge computes in when its inputs are (cast to) ``dtype``.
+
+    mergekit computes in the config's ``dtype`` (else the inputs' dtype): a bfloat16 TIES merge rounds every
+    step to bfloat16. Its ``linear`` and ``slerp`` kernels upcast half types to float32 (``upcasts_half``).
+    ``exact`` (``--exact-accumulation``) computes every method in float32 and rounds once, at the output.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if exact or method.upcasts_half else dtype
 
 
 def lookup_tensor_params(method: MergeMethod, params: MergeParams, name: str) -> MergeParams:

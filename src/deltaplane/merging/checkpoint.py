@@ -134,6 +134,8 @@ class Checkpoint(Mapping[str, Tensor]):
                 f"model '{p}' not found (deltaplane merges local files; it never downloads from a hub)"
             )
         if p.is_file():
+            if p.suffix in _PICKLE_SUFFIXES:
+                raise ConfigError(_convert_hint(p, [p]))
             if p.suffix != ".safetensors":
                 raise ConfigError(f"model '{p}' is not a .safetensors file")
             return [p]
@@ -156,6 +158,10 @@ class Checkpoint(Mapping[str, Tensor]):
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
             return found
+        if not found:
+            pickles = sorted(f for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise ConfigError(_convert_hint(p, pickles))
         what = f"{len(found)} .safetensors files but no {INDEX_NAME}" if found else "no .safetensors weights"
         raise ConfigError(f"model folder '{p}' holds {what}")
 
@@ -213,6 +219,20 @@ class Checkpoint(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         return f"Checkpoint('{self.path}', {len(self)} tensors)"
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _convert_hint(where: Path, files: list[Path]) -> str:
+    """How to turn PyTorch pickle checkpoints (which we do not unpickle: loading runs code) into safetensors."""
+    folder = where if where.is_dir() else where.parent
+    return (
+        f"model '{where}' holds PyTorch pickle weights ({', '.join(f.name for f in files[:3])}), not safetensors; "
+        "deltaplane reads only safetensors (unpickling can run code). Convert once, from a source you trust: "
+        f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}')"
+        f".save_pretrained('{folder}-safetensors')\" (or torch.load + safetensors.torch.save_file)"
+    )
 
 
 def _pread(file: Path, offset: int, nbytes: int, name: str) -> Tensor:

@@ -23,6 +23,8 @@ class Linear(ChunkedMergeMethod):
     name = "linear"
     paper = "Wortsman et al. 2022, Model soups"
     url = "https://arxiv.org/abs/2203.05482"
+    upcasts_half = True
+    mergekit_required = ("weight",)
     params = (
         Param("weight", 1.0, per_model=True, plural="weights", doc="weight of this model"),
         Param("normalize", True, kind="bool", doc="divide by the sum of weights"),

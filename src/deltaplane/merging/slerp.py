@@ -35,7 +35,7 @@ from deltaplane.merging.base import (
     register_method,
 )
 
-__all__ = ["Slerp", "slerp", "slerp_coefficients"]
+__all__ = ["NuSlerp", "Slerp", "nuslerp_coefficients", "slerp", "slerp_coefficients"]
 
 
 def slerp_coefficients(
@@ -90,6 +90,8 @@ class Slerp(ChunkedMergeMethod):
     url = "https://doi.org/10.1145/325165.325242"
     min_models = 1
     max_models = 2
+    optional_base = True
+    upcasts_half = True
     params = (
         Param("t", REQUIRED, check=in_closed_unit_interval, doc="interpolation factor, 0 = first, 1 = second"),
         Param("dot_threshold", 0.9995, check=lambda x: None if 0 < x <= 1 else "must be in (0, 1]",
@@ -119,3 +121,90 @@ class Slerp(ChunkedMergeMethod):
 
 
 register_method(Slerp(), replace=True)
+
+
+def nuslerp_coefficients(
+    t: float, norm0_sq: float, norm1_sq: float, dot: float, eps: float = 1e-8
+) -> tuple[float, float]:
+    """``(c₀, c₁)`` with ``nuslerp = c₀ v₀ + c₁ v₁`` (mergekit's ``nuslerp``): norms floored at 1e-7, linear only
+    when ``1 − cos² ≤ eps²``."""
+    n0, n1 = max(math.sqrt(norm0_sq), 1e-7), max(math.sqrt(norm1_sq), 1e-7)
+    cos = max(-1.0, min(1.0, dot / (n0 * n1)))
+    if 1 - cos * cos <= eps * eps:
+        return 1 - t, t
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def _nuslerp_rows(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor:
+    """NuSLERP of each vector along the last dimension (``nuslerp_flatten: false``)."""
+    dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.to(dt), v1.to(dt)
+    au = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    bu = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (au * bu).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return torch.where(colinear, (1 - t) * a + t * b, out).to(v0.dtype)
+
+
+class NuSlerp(ChunkedMergeMethod):
+    """mergekit's NuSLERP: SLERP of two models (or of their task vectors when a base is given) with the factor
+    ``t = w₁ / (w₀ + w₁)`` from per-model weights.
+
+    ``nuslerp_flatten: true`` (default) treats the tensor as one vector — one read-only pass for the norms and dot
+    product, then a fixed linear combination per chunk. ``false`` interpolates each vector along the last
+    dimension (rows stay whole inside a chunk; a 1-D tensor is one vector and is merged whole), and with
+    ``nuslerp_row_wise: true`` along the first dimension instead (whole tensor: columns cross every chunk).
+    """
+
+    name = "nuslerp"
+    paper = "mergekit NuSLERP (SLERP of task vectors with weight-derived t), after Shoemake 1985"
+    url = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
+    min_models = 2
+    max_models = 2
+    optional_base = True
+    mergekit_required = ("weight",)
+    params = (
+        Param("weight", 1.0, per_model=True, plural="weights", doc="t = w₁ / (w₀ + w₁)"),
+        Param("nuslerp_flatten", True, kind="bool", doc="interpolate the whole tensor as one vector"),
+        Param("nuslerp_row_wise", False, kind="bool", doc="without flatten: vectors along dimension 0"),
+    )
+
+    @staticmethod
+    def _t(params: MergeParams) -> float:
+        w = params.column("weight")
+        total = sum(w)
+        return 0.5 if abs(total) < 1e-6 else w[1] / total
+
+    def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
+        flat = params.shared["nuslerp_flatten"]
+        return not flat and (params.shared["nuslerp_row_wise"] or len(shape) < 2)
+
+    @staticmethod
+    def _ends(chunk: TensorChunk) -> tuple[Tensor, Tensor]:
+        a, b = chunk.tensors
+        if chunk.base is not None:
+            return a - chunk.base, b - chunk.base
+        return a, b
+
+    def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
+        if not params.shared["nuslerp_flatten"]:
+            return None
+        return nuslerp_coefficients(self._t(params), *_pair_sums(self._ends(c) for c in chunks()))
+
+    def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
+        v0, v1 = self._ends(chunk)
+        t = self._t(chunk.params)
+        if state is not None:
+            out = state[0] * v0 + state[1] * v1
+        elif chunk.params.shared["nuslerp_row_wise"]:
+            out = _nuslerp_rows(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+        else:
+            out = _nuslerp_rows(t, v0, v1)
+        return out + chunk.base if chunk.base is not None else out
+
+
+register_method(NuSlerp(), replace=True)

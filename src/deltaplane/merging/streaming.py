@@ -20,13 +20,16 @@ complete, so a failed merge never leaves a partial model behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +41,24 @@ from deltaplane.merging.base import (
     MergeMethod,
     MergeParams,
     TensorChunk,
-    compute_dtype_for,
+    chunk_dtype,
     get_method,
     refuse_non_finite,
-    resolve_params,
     row_ranges,
 )
 from deltaplane.merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsWriter, TensorInfo
 from deltaplane.merging.config import MergeConfig, load_config
+from deltaplane.merging.output import CONFIG_FILES, TOKENIZER_FILES, plan_tokenizer, write_extras
+from deltaplane.merging.plan import PlannedTensor, plan_tensors
 
 __all__ = ["COPIED_FILES", "MergeResult", "ProgressFn", "merge_files"]
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, tensor_name)``, called after each merged tensor (the CLI draws a bar with it)."""
 
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
-"""Files copied from the base model's folder (else the first model's) into the output, as mergekit does."""
+COPIED_FILES = CONFIG_FILES + TOKENIZER_FILES
+"""Files copied into the output, as mergekit does: config from the base model (else the first model), tokenizer
+from ``tokenizer_source`` (default: the same folder); see :mod:`deltaplane.merging.output`."""
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
@@ -81,36 +76,8 @@ class MergeResult:
     n_params: int
     nbytes: int
     seconds: float
-
-
-def _uses_base(method: MergeMethod) -> bool:
-    # methods whose formula has a θ₀ term; linear/fisher average only the listed models
-    return method.needs_base or method.name == "slerp"
-
-
-def _check_layout(ref: Checkpoint, other: Checkpoint, cast: bool) -> None:
-    if ref.infos.keys() != other.infos.keys():
-        missing = sorted(set(ref.infos) - set(other.infos))
-        extra = sorted(set(other.infos) - set(ref.infos))
-        parts = []
-        if missing:
-            parts.append(f"lacks tensor(s) {missing[:5]} that '{ref.path}' has")
-        if extra:
-            parts.append(f"has extra tensor(s) {extra[:5]} that '{ref.path}' lacks")
-        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
-    for name, info in ref.infos.items():
-        o = other.infos[name]
-        if o.shape != info.shape:
-            raise ShapeMismatch(
-                f"tensor '{name}': shape {o.shape} in '{o.file}' but {info.shape} in '{info.file}'"
-            )
-        if o.dtype != info.dtype and not (
-            cast and o.dtype.is_floating_point and info.dtype.is_floating_point
-        ):
-            raise ShapeMismatch(
-                f"tensor '{name}': dtype {o.dtype} in '{o.file}' but {info.dtype} in '{info.file}' "
-                "(set `dtype:` in the config to cast every input to one dtype)"
-            )
+    notes: tuple[str, ...] = field(default=())
+    """Where the merge deliberately differs from mergekit or ignored something mergekit ignores (also in the card)."""
 
 
 def _plan_shards(
@@ -128,28 +95,59 @@ def _plan_shards(
     return shards
 
 
-def _copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> list[str]:
-    copied = []
-    for name in COPIED_FILES:
-        f = src / name
-        if not f.is_file():
+def _check_tensor_params(method: MergeMethod, tensors: list[PlannedTensor]) -> None:
+    """Every tensor-valued parameter (a Fisher per model) has each merged tensor, with its shape."""
+    keys = [p.name for p in method.model_params if p.kind == "tensors"]
+    if not keys:
+        return
+    for t in tensors:
+        if not t.in_dtype.is_floating_point:
             continue
-        if name == "config.json" and out_dtype is not None:
-            try:
-                cfg = json.loads(f.read_text())
-            except ValueError:
-                cfg = None
-            if isinstance(cfg, dict):
-                # keep the advertised dtype truthful when the merge changes it
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg:
-                        cfg[key] = str(out_dtype).removeprefix("torch.")
-                (dst / name).write_text(json.dumps(cfg, indent=2) + "\n")
-                copied.append(name)
-                continue
-        shutil.copyfile(f, dst / name)
-        copied.append(name)
-    return copied
+        for src, mp in zip(t.inputs, t.params.per_model, strict=True):
+            for key in keys:
+                f = mp[key]
+                if not isinstance(f, Mapping):
+                    continue
+                where = f.path if isinstance(f, Checkpoint) else f"model {src.label}"
+                if src.name not in f:
+                    raise ShapeMismatch(
+                        f"tensor '{src.name}': missing from {key} '{where}' of model '{src.label}'"
+                    )
+                fshape = f.infos[src.name].shape if isinstance(f, Checkpoint) else tuple(f[src.name].shape)
+                if tuple(fshape) != tuple(t.shape):
+                    raise ShapeMismatch(
+                        f"tensor '{src.name}': shape {tuple(fshape)} in {key} '{where}' of model '{src.label}' "
+                        f"but {t.shape} in '{src.checkpoint.infos[src.name].file}'"
+                    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _exit_on_terminate() -> Iterator[None]:
+    """Turn SIGTERM (and SIGHUP) into ``SystemExit`` while merging, so the temporary output folder is removed.
+
+    SIGINT already raises ``KeyboardInterrupt``. Only the main thread can install handlers; elsewhere this does
+    nothing (the caller's own handling applies).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, stop) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def merge_files(
@@ -160,6 +158,7 @@ def merge_files(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    exact_accumulation: bool = False,
 ) -> MergeResult:
     """Merge the checkpoints a config names into ``out_dir`` (Hugging Face layout), streaming tensor by tensor.
 
@@ -169,14 +168,16 @@ def merge_files(
 
     Args:
         config: path to a YAML file, a dict with the same keys, or a :class:`MergeConfig`.
-        out_dir: the folder to create; holds ``model.safetensors`` (or shards + ``model.safetensors.index.json``)
-            and the base model's ``config.json`` / tokenizer files.
+        out_dir: the folder to create; holds ``model.safetensors`` (or shards + ``model.safetensors.index.json``),
+            the donor's ``config.json``, the tokenizer files, ``mergekit_config.yml`` and a ``README.md`` card.
         progress: called as ``progress(done, total, name)`` after each tensor.
         overwrite: replace ``out_dir`` if it exists (only once the new merge is complete).
         max_shard_bytes: split the output into shards of at most this size (a tensor never spans shards).
         chunk_elements: merge large tensors in blocks of whole rows with at most this many elements per input;
             peak memory is about (inputs + a few) × chunk. The result does not depend on it, except for the last
-            bits of SLERP's and Model Stock's reductions (see docs/merging.md).
+            bits of reductions (norms, dot products, L1 sums; see docs/merging.md).
+        exact_accumulation: compute in float32 even when the config's ``dtype`` (or the inputs) are half
+            precision, rounding once at the output. Default: mergekit's behaviour (compute in that dtype).
 
     Raises:
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
@@ -186,7 +187,6 @@ def merge_files(
     """
     t0 = time.perf_counter()
     cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
-    where = cfg.source
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(
@@ -197,145 +197,116 @@ def merge_files(
     if chunk_elements <= 0:
         raise ConfigError(f"chunk_elements must be positive. Found {chunk_elements}")
     method = get_method(cfg.merge_method)
-    uses_base = _uses_base(method)
-    entries = list(cfg.models)
-    if uses_base and cfg.base_model is not None:
-        base_path = cfg.resolve(cfg.base_model)
-        # mergekit lists the base under models too; its entry carries no task vector
-        entries = [e for e in entries if cfg.resolve(e.model).resolve() != base_path.resolve()]
-    if uses_base and cfg.base_model is None and method.needs_base:
-        raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
-    names = [e.model for e in entries]
-    method.check_models(len(entries), uses_base and cfg.base_model is not None)
-    params = resolve_params(
-        method, len(entries), cfg.parameters, [e.parameters for e in entries], where=where, model_names=names
-    )
-    base = Checkpoint(cfg.resolve(cfg.base_model)) if uses_base and cfg.base_model else None
-    models = [Checkpoint(cfg.resolve(e.model)) for e in entries]
-    inputs = ([base] if base is not None else []) + models
-    for ck in inputs:
-        ck.check_index()
-    cast = cfg.compute_dtype is not None
-    for ck in inputs[1:]:
-        _check_layout(inputs[0], ck, cast)
-    # tensor-valued parameters given as files (a Fisher per model) are opened lazily like the models
-    tensor_keys = [p.name for p in method.model_params if p.kind == "tensors"]
-    for mp in params.per_model:
-        for key in tensor_keys:
-            if isinstance(mp[key], str):
-                mp[key] = Checkpoint(cfg.resolve(mp[key]))
-    ref = inputs[0]
-    plan = []
-    for name, info in ref.infos.items():
-        dtype = info.dtype
-        if info.dtype.is_floating_point and cfg.output_dtype is not None:
-            dtype = cfg.output_dtype
-        plan.append((name, info.shape, dtype))
-        for i, mp in enumerate(params.per_model):
-            for key in tensor_keys:
-                f = mp[key]
-                if not (info.dtype.is_floating_point and isinstance(f, Mapping)):
-                    continue
-                src = f.path if isinstance(f, Checkpoint) else f"model {names[i]}"
-                if name not in f:
-                    raise ShapeMismatch(f"tensor '{name}': missing from {key} '{src}' of model '{names[i]}'")
-                fshape = f.infos[name].shape if isinstance(f, Checkpoint) else tuple(f[name].shape)
-                if tuple(fshape) != tuple(info.shape):
-                    raise ShapeMismatch(
-                        f"tensor '{name}': shape {tuple(fshape)} in {key} '{src}' of model '{names[i]}' but "
-                        f"{info.shape} in '{info.file}'"
-                    )
-    shards = _plan_shards(plan, max_shard_bytes)
+    plan = plan_tensors(cfg, method)
+    tensors = plan.tensors
+    labels = list(dict.fromkeys(s.label for t in tensors for s in t.inputs))
+    _check_tensor_params(method, tensors)
+    tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.checkpoints if ck.infos])
+    notes = list(plan.notes)
+    halves = {t.in_dtype for t in tensors if t.in_dtype in (torch.float16, torch.bfloat16)}
+    if halves and exact_accumulation:
+        notes.append(
+            f"computed in float32 and rounded once to the output dtype (--exact-accumulation); mergekit computes "
+            f"in {', '.join(sorted(str(h).removeprefix('torch.') for h in halves))}, rounding every step"
+        )
+    shards = _plan_shards([(t.name, t.shape, t.out_dtype) for t in tensors], max_shard_bytes)
     shard_names = (
         [SINGLE_NAME]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     n_params = nbytes = done = 0
-    try:
-        meta = {"format": "pt", "merged_by": "deltaplane", "merge_method": method.name}
-        for shard, fname in zip(shards, shard_names, strict=True):
-            with SafetensorsWriter(tmp / fname, shard, meta) as writer:
-                for name, _shape, out_dtype in shard:
-                    for part in _merge_one(
-                        method, params, name, base, models, cfg.compute_dtype, chunk_elements
-                    ):
-                        writer.write(name, part.to(out_dtype))
-                        del part
-                    n_params += ref.infos[name].numel
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(plan), name)
-                nbytes += writer.total_bytes
-        files = list(shard_names)
-        if len(shards) > 1:
-            weight_map = {
-                name: fname for shard, fname in zip(shards, shard_names, strict=True) for name, *_ in shard
-            }
-            index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            files.append(INDEX_NAME)
-        src = (base or models[0]).folder
-        files += _copy_model_files(src, tmp, cfg.output_dtype)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        for ck in inputs:
-            ck.close()
-    return MergeResult(out, tuple(files), len(plan), n_params, nbytes, time.perf_counter() - t0)
+    with _exit_on_terminate():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            os.chmod(
+                tmp, 0o777 & ~_umask()
+            )  # mkdtemp makes it 0700; a folder made by mkdir honours the umask
+            meta = {"format": "pt", "merged_by": "deltaplane", "merge_method": method.name}
+            by_name = {t.name: t for t in tensors}
+            for shard, fname in zip(shards, shard_names, strict=True):
+                with SafetensorsWriter(tmp / fname, shard, meta) as writer:
+                    for name, _shape, out_dtype in shard:
+                        planned = by_name[name]
+                        for part in _merge_one(method, planned, chunk_elements, exact_accumulation):
+                            writer.write(name, part.to(out_dtype))
+                            del part
+                        n_params += TensorInfo(Path(), planned.shape, out_dtype).numel
+                        done += 1
+                        if progress is not None:
+                            progress(done, len(tensors), name)
+                    nbytes += writer.total_bytes
+            files = list(shard_names)
+            if len(shards) > 1:
+                weight_map = {
+                    name: fname
+                    for shard, fname in zip(shards, shard_names, strict=True)
+                    for name, *_ in shard
+                }
+                index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                files.append(INDEX_NAME)
+            float_out = next((t.out_dtype for t in tensors if t.out_dtype.is_floating_point), None)
+            files += write_extras(
+                cfg, method, tmp, plan.donor.folder, tok, float_out, plan.n_layers, labels, notes
+            )
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            for ck in plan.checkpoints:
+                ck.close()
+    return MergeResult(
+        out, tuple(files), len(tensors), n_params, nbytes, time.perf_counter() - t0, tuple(notes)
+    )
 
 
 def _merge_one(
-    method: MergeMethod,
-    params: MergeParams,
-    name: str,
-    base: Checkpoint | None,
-    models: list[Checkpoint],
-    compute_dtype: torch.dtype | None,
-    chunk_elements: int,
+    method: MergeMethod, planned: PlannedTensor, chunk_elements: int, exact: bool
 ) -> Iterator[Tensor]:
-    """The merged tensor ``name``, as consecutive blocks of rows (one block for a whole-tensor method)."""
-    first = models[0]
-    info = first.infos[name]
-    ranges = row_ranges(info.shape, chunk_elements)
-    if not info.dtype.is_floating_point:
-        src = base or first  # counters and index buffers are copied, not averaged
+    """The merged tensor, as consecutive blocks of rows (one block for a whole-tensor method or tensor)."""
+    name, shape = planned.name, planned.shape
+    base, inputs, params = planned.base, planned.inputs, planned.params
+    ranges = row_ranges(shape, chunk_elements)
+    if not planned.in_dtype.is_floating_point:
+        src = base or inputs[0]  # counters and index buffers are copied, not averaged
         for s, e in ranges:
-            yield src.read_rows(name, s, e)
+            yield src.checkpoint.read_rows(src.name, s, e)
         return
-    cdt = compute_dtype_for(compute_dtype or info.dtype)
-    if not method.chunked:
-        ranges = row_ranges(info.shape, None)
+    cdt = chunk_dtype(method, planned.in_dtype, exact)
+    whole = not method.chunked or method.whole_tensor(shape, params)
+    if whole:
+        ranges = row_ranges(shape, None)
+    files = [str(s.checkpoint.infos[s.name].file) if s is not None else "" for s in [base, *inputs]]
 
     def read(start: int, stop: int) -> TensorChunk:
-        b = base.read_rows(name, start, stop).to(cdt) if base is not None else None
-        ts = [m.read_rows(name, start, stop).to(cdt) for m in models]
-        refuse_non_finite(name, [b, *ts], [str(c.infos[name].file) for c in [base or first, *models]])
+        # inputs are cast to the config dtype first (mergekit's loader does), then to the compute dtype
+        b = base.checkpoint.read_rows(base.name, start, stop).to(planned.in_dtype).to(cdt) if base else None
+        ts = [s.checkpoint.read_rows(s.name, start, stop).to(planned.in_dtype).to(cdt) for s in inputs]
+        refuse_non_finite(name, [b, *ts], files)
         per_model = []
-        for mp in params.per_model:
+        for src, mp in zip(inputs, params.per_model, strict=True):
             mp = dict(mp)
             for key, value in mp.items():
                 if isinstance(value, Checkpoint):
-                    mp[key] = value.read_rows(name, start, stop).to(cdt)
+                    mp[key] = value.read_rows(src.name, start, stop).to(cdt)
                 elif isinstance(value, Mapping):
-                    t = value[name]
-                    mp[key] = (t if not info.shape else t[start:stop]).to(cdt)
+                    t = value[src.name]
+                    mp[key] = (t if not shape else t[start:stop]).to(cdt)
             per_model.append(mp)
-        return TensorChunk(name, info.shape, start, stop, b, ts, MergeParams(params.shared, per_model))
+        return TensorChunk(name, shape, start, stop, b, ts, MergeParams(params.shared, per_model))
 
     if not method.chunked:
-        whole = read(*ranges[0])
-        yield method.merge_tensor(name, whole.base, whole.tensors, whole.params)
+        c = read(*ranges[0])
+        yield method.merge_tensor(name, c.base, c.tensors, c.params)
         return
     # a tensor that fits in one chunk is read once: prepare() only reads, merge_chunk() may then modify it
     cached = read(*ranges[0]) if len(ranges) == 1 else None
@@ -347,6 +318,6 @@ def _merge_one(
         for s, e in ranges:
             yield read(s, e)
 
-    state = method.prepare(name, info.shape, chunks, params)
+    state = method.prepare(name, shape, chunks, params)
     for chunk in chunks():
         yield method.merge_chunk(chunk, state)

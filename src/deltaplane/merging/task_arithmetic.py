@@ -19,20 +19,34 @@ Registered settings (name: sparsification, consensus, normalize default, rescale
 - ``dare_linear`` — random, none, False, True; ``dare_ties`` — random, sum, False, True. Yu et al. 2023,
   "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
   https://arxiv.org/abs/2311.03099: drop each entry with probability ``1 − density`` and rescale the survivors
-  by ``1 / density`` so the expected task vector is unchanged.
+  (the paper: by ``1 / density``, so the expected task vector is unchanged; by default here, as in mergekit, so
+  the task vector keeps its L1 norm — see below).
 - ``breadcrumbs`` (and ``breadcrumbs_ties``) — outlier trim, none (sum), False, False. Davari & Belilovsky 2023,
   "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", https://arxiv.org/abs/2312.06795:
   drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density`` of them.
 
-Rescaling follows the DARE paper (``÷ density``); recent mergekit versions instead match the L1 norm of the
-unmasked vector, which gives different numbers for the same config.
+- ``della`` — magnitude-ranked random drop (MagPrune), sum, True, True; ``della_linear`` — the same without sign
+  consensus, False, True. Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through
+  Magnitude-Based Sampling", https://arxiv.org/abs/2406.11617: within each row (mergekit: along dimension 1; a
+  1-D tensor is one row) the entry of magnitude rank ``r`` of ``n`` is kept with probability
+  ``density − ε + 2ε (r − 1)/(n − 1)``, so large entries survive more often.
+
+Rescaling (``rescale: true``) follows mergekit: the kept entries are scaled so the task vector keeps its L1 norm
+(``‖τ‖₁ / ‖τ̂‖₁``, one factor per tensor and model, from a read-only pass over the chunks). ``rescale_norm:
+density`` divides by the density instead, as the DARE paper writes it (same expectation, different numbers).
+
+Ties at the top-k threshold (``ties``, ``breadcrumbs``): entries with exactly the k-th largest magnitude are kept in
+flat (row-major) index order until ``k`` are kept (``ties: index``, the default; what a stable descending sort
+gives), or all of them (``ties: keep_all``, as the TIES reference code's ``kthvalue`` with ``>=`` does; then
+slightly more than ``density`` survive). Both are deterministic and independent of chunking. mergekit selects with
+an unstable ``argsort``; continuous weights in float32 have few exact ties, half-precision ones many.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -85,11 +99,17 @@ class TopK:
     n_greater: int
     n_equal: int
     seen_equal: int = 0
+    keep_all: bool = False
+    """Keep every entry equal to the k-th largest value (the TIES reference code's ``kthvalue`` + ``>=``)."""
+
+    def fresh(self) -> TopK:
+        """A copy with the running tie count reset, for another pass over the same chunks."""
+        return replace(self, seen_equal=0)
 
     def mask(self, a: Tensor) -> Tensor:
         """Boolean mask of the kept entries of the next chunk ``a`` (non-negative, the same dtype as ``value``)."""
         need = self.k - self.n_greater
-        if need == self.n_equal:  # every tie is kept (the usual case: continuous values have none)
+        if need == self.n_equal or self.keep_all:  # every tie kept (usual: continuous values have none)
             return a >= self.value
         keep = a > self.value
         eq = a == self.value
@@ -236,25 +256,47 @@ def sign_consensus_mask(weighted: Tensor, method: str = "sum") -> Tensor:
     return signs == elected
 
 
+def della_probabilities(a: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities for magnitudes ``a`` (at least 2-D): ranked along dimension 1 as mergekit does,
+    ``density − ε`` for the smallest entry up to ``density + ε`` for the largest; ties ranked by index."""
+    ranks = torch.argsort(torch.argsort(a, dim=1, stable=True), dim=1, stable=True).to(a.dtype)
+    n = a.shape[1]
+    rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def _check_della(density: float, epsilon: float, where: str) -> None:
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        raise ConfigError(
+            f"{where}: DELLA needs density ± epsilon inside (0, 1); density {density} with epsilon {epsilon} is not"
+        )
+
+
 class GeneralizedTaskArithmetic(ChunkedMergeMethod):
     """The task-vector merge pipeline; a paper is a setting of it (see the module docstring).
 
     Chunked merging: magnitude and outlier trimming need each model's k-th largest ``|τᵢ|`` over the whole tensor,
-    found exactly by :func:`select_largest` in two read-only passes (float32) before the merge pass; DARE's drop
-    masks are drawn chunk after chunk from one generator per (tensor, model), which yields the very numbers one
-    draw over the whole tensor would (``torch.rand`` fills serially). Everything else is elementwise, so a chunked
-    merge is bit-identical to a whole-tensor one.
+    found exactly by :func:`select_largest` in two read-only passes (float32) before the merge pass; DARE's and
+    DELLA's drop masks are drawn chunk after chunk from one generator per (tensor, model), which yields the very
+    numbers one draw over the whole tensor would (``torch.rand`` fills serially); DELLA ranks within rows, which
+    chunks never split (a 1-D tensor is merged whole). The L1 rescale factors take one more read-only pass.
+    Everything else is elementwise, so a chunked merge is bit-identical to a whole-tensor one.
+
+    Precision: in float32/float64 every step is computed in that dtype. In a half type (a config's ``dtype:
+    bfloat16``, as mergekit computes) each elementwise step rounds to it and the sums over models accumulate in
+    float32 and round once, as ``torch.sum`` over a stacked half tensor does in mergekit.
 
     Args:
         name: registry name.
-        sparsification: ``None``, ``"magnitude"``, ``"random"`` or ``"outliers"``.
+        sparsification: ``None``, ``"magnitude"``, ``"random"``, ``"outliers"`` or ``"della"``.
         consensus: ``None``, ``"sum"`` or ``"count"``.
         default_normalize: divide by the (agreeing) weight sum unless the config says otherwise.
-        default_rescale: divide sparsified vectors by their density unless the config says otherwise.
+        default_rescale: rescale sparsified vectors (L1 norm) unless the config says otherwise.
         paper, url: the reference.
     """
 
     needs_base = True
+    mergekit_required = ("weight",)
 
     def __init__(
         self,
@@ -267,9 +309,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         paper: str,
         url: str,
     ) -> None:
-        if sparsification not in (None, *SPARSIFIERS):
+        if sparsification not in (None, "della", *SPARSIFIERS):
             raise ConfigError(
-                f"sparsification must be one of None, {sorted(SPARSIFIERS)}. Found {sparsification!r}"
+                f"sparsification must be one of None, 'della', {sorted(SPARSIFIERS)}. Found {sparsification!r}"
             )
         if consensus not in (None, "sum", "count"):
             raise ConfigError(f"consensus must be None, 'sum' or 'count'. Found {consensus!r}")
@@ -284,111 +326,207 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             Param("lambda", 1.0, doc="scale of the merged task vector"),
             Param("normalize", default_normalize, kind="bool", doc="divide by the sum of (agreeing) weights"),
             Param("weight", 1.0, per_model=True, plural="weights", doc="weight of this model's task vector"),
+            # mergekit accepts it for every task-vector method; it only picks the sign mask's dtype there, and our
+            # masks are always 1-byte booleans, so the numbers are the same either way
+            Param(
+                "int8_mask",
+                False,
+                kind="bool",
+                doc="store sign masks as int8 (same result; masks are bool here)",
+            ),
         ]
         if sparsification is not None:
             params += [
-                Param("rescale", default_rescale, kind="bool", doc="divide kept entries by the density"),
+                Param("rescale", default_rescale, kind="bool", doc="rescale kept entries (see rescale_norm)"),
+                Param("rescale_norm", "l1", kind="choice", choices=("l1", "density"),
+                      doc="l1: keep the task vector's L1 norm (mergekit); density: divide by the density (DARE paper)"),
                 Param(
                     "density", 1.0, per_model=True, plural="densities", check=in_unit_interval,
                     doc="fraction of task-vector entries kept",
                 ),
             ]  # fmt: skip
-        if sparsification == "random":
+        if sparsification in ("random", "della"):
             params.append(Param("seed", 0, kind="int", doc="seed of the random drop masks"))
+        if sparsification in ("magnitude", "outliers"):
+            params.append(
+                Param("ties", "index", kind="choice", choices=("index", "keep_all"),
+                      doc="entries tied at the top-k threshold: lowest flat index first, or keep all of them")
+            )  # fmt: skip
         if sparsification == "outliers":
             params.append(
                 Param("gamma", 0.01, per_model=True, plural="gammas", check=non_negative,
                       doc="fraction of largest-magnitude entries dropped as outliers")
             )  # fmt: skip
+        if sparsification == "della":
+            params.append(
+                Param("epsilon", 0.15, per_model=True, plural="epsilons", check=non_negative,
+                      doc="keep probabilities spread over density ± epsilon by magnitude rank")
+            )  # fmt: skip
         self.params = tuple(params)
+
+    def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
+        # DELLA ranks along dimension 1; a 1-D tensor is a single row, so it cannot be cut into chunks
+        return self.sparsification == "della" and len(shape) < 2
+
+    def _keep(
+        self, state: _EngineState, i: int, tau: Tensor, shared: dict[str, Any], mp: dict[str, Any]
+    ) -> Tensor:
+        """The keep mask of model ``i``'s next chunk of task vector ``tau``."""
+        density = mp["density"]
+        if self.sparsification == "random":
+            return torch.rand(tau.shape, generator=state.generators[i], dtype=torch.float32) < density
+        if self.sparsification == "della":
+            a = tau.abs().float()
+            flat = a.reshape(1, -1) if a.dim() < 2 else a
+            probs = della_probabilities(flat, density, mp["epsilon"])
+            draw = torch.rand(probs.shape, generator=state.generators[i], dtype=torch.float32)
+            return (draw < probs).reshape(tau.shape)
+        trim = state.trim[i]
+        if trim is None:  # k covers the whole tensor: nothing is trimmed
+            return torch.ones_like(tau, dtype=torch.bool)
+        a = tau.abs().float() if tau.dtype not in (torch.float32, torch.float64) else tau.abs()
+        return trim[0].mask(a) if self.sparsification == "magnitude" else _outlier_keep(trim, a)
 
     def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
         state = _EngineState()
         if self.sparsification is None:
             return state
+        n_models = len(params.per_model)
         n = math.prod(shape)
-        if self.sparsification == "random":
+        if self.sparsification == "della":
+            for mp in params.per_model:
+                _check_della(mp["density"], mp["epsilon"], f"tensor '{name}'")
+        if self.sparsification in ("random", "della"):
             seed = params.shared.get("seed", 0)
-            state.generators = [tensor_generator(seed, name, i) for i in range(len(params.per_model))]
-            return state
-        ranks: list[list[int]] = []
-        for mp in params.per_model:
-            density = mp["density"]
-            if density >= 1:
-                ranks.append([])
-                state.trim.append(None)  # kept whole, as sparsify() does
-            elif self.sparsification == "magnitude":
-                k = _keep_count(n, density)
-                ranks.append([k] if k < n else [])
-                state.trim.append([] if k < n else None)
-            else:
-                ranks.append(_outlier_ranks(n, density, mp.get("gamma", 0.0)))
-                state.trim.append([])
-        if any(ranks):
+            state.generators = [tensor_generator(seed, name, i) for i in range(n_models)]
+            state.trim = [None] * n_models
+        else:
+            keep_all = params.shared.get("ties") == "keep_all"
+            ranks: list[list[int]] = []
+            for mp in params.per_model:
+                density = mp["density"]
+                if density >= 1:
+                    ranks.append([])
+                    state.trim.append(None)  # kept whole, as sparsify() does
+                elif self.sparsification == "magnitude":
+                    k = _keep_count(n, density)
+                    ranks.append([k] if k < n else [])
+                    state.trim.append([] if k < n else None)
+                else:
+                    ranks.append(_outlier_ranks(n, density, mp.get("gamma", 0.0)))
+                    state.trim.append([])
+            if any(ranks):
 
-            def abs_deltas() -> Iterator[tuple[int, Tensor]]:
-                for chunk in chunks():
-                    assert chunk.base is not None
-                    for i, t in enumerate(chunk.tensors):
-                        if ranks[i]:
-                            yield i, torch.sub(t, chunk.base).abs_()
+                def abs_deltas() -> Iterator[tuple[int, Tensor]]:
+                    for chunk in chunks():
+                        assert chunk.base is not None
+                        for i, t in enumerate(chunk.tensors):
+                            if ranks[i]:
+                                d = torch.sub(t, chunk.base).abs_()
+                                yield i, d if d.dtype in (torch.float32, torch.float64) else d.float()
 
-            found = select_largest(abs_deltas, ranks)
-            for i, sel in enumerate(found):
-                if state.trim[i] is not None:
-                    state.trim[i] = sel
+                found = select_largest(abs_deltas, ranks)
+                for i, sel in enumerate(found):
+                    if state.trim[i] is not None:
+                        for tk in sel:
+                            tk.keep_all = keep_all
+                        state.trim[i] = sel
+        if params.shared.get("rescale") and params.shared.get("rescale_norm") == "l1":
+            state.scale = self._l1_factors(state, chunks, params)
         return state
+
+    def _l1_factors(self, state: _EngineState, chunks: ChunkPass, params: MergeParams) -> list[float | None]:
+        """``‖τᵢ‖₁ / ‖τ̂ᵢ‖₁`` per model (``None``: unsparsified or a norm under 1e-7, left as is, as mergekit does).
+
+        Replays the masks the merge pass will draw: fresh copies of the top-k rules, saved generator states.
+        """
+        sparse = [mp["density"] < 1 for mp in params.per_model]
+        if not any(sparse):
+            return [None] * len(sparse)
+        saved = [g.get_state() for g in state.generators]
+        trims = state.trim
+        state.trim = [None if t is None else [x.fresh() for x in t] for t in trims]
+        before = [0.0] * len(sparse)
+        after = [0.0] * len(sparse)
+        for chunk in chunks():
+            assert chunk.base is not None
+            for i, t in enumerate(chunk.tensors):
+                if not sparse[i]:
+                    continue
+                tau = torch.sub(t, chunk.base)
+                a = tau.abs()
+                before[i] += float(a.sum(dtype=torch.float64))
+                after[i] += float(
+                    a.mul_(self._keep(state, i, tau, params.shared, params.per_model[i])).sum(
+                        dtype=torch.float64
+                    )
+                )
+        state.trim = trims
+        for g, s in zip(state.generators, saved, strict=True):
+            g.set_state(s)
+        return [
+            None if not sp or b < 1e-7 or a < 1e-7 else (b, a)
+            for sp, b, a in zip(sparse, before, after, strict=True)
+        ]
 
     def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
         base = chunk.base
         assert base is not None  # needs_base is enforced before any tensor is read
         params = chunk.params
+        cdt = base.dtype
+        half = cdt not in (torch.float32, torch.float64)
+        acc = torch.float32 if half else cdt  # sums over models: float32 for half types, as torch.sum does
         weights = params.column("weight")
         rescale = params.shared.get("rescale", False)
+        by_density = params.shared.get("rescale_norm") == "density"
         # Each input becomes its task vector in place (the inputs are owned by the merge): peak memory is the
         # inputs plus about three chunks of scratch, not a stacked (N, ...) copy of everything.
         taus = list(chunk.tensors)
         for i, tau in enumerate(taus):
             tau.sub_(base)
-            density = params.per_model[i].get("density", 1.0)
+            mp = params.per_model[i]
+            density = mp.get("density", 1.0)
             if self.sparsification is not None and density < 1:
-                if self.sparsification == "random":
-                    tau.mul_(
-                        torch.rand(tau.shape, generator=state.generators[i], dtype=torch.float32) < density
-                    )
-                elif (trim := state.trim[i]) is not None:
-                    a = tau.abs()
-                    keep = trim[0].mask(a) if self.sparsification == "magnitude" else _outlier_keep(trim, a)
-                    del a
-                    tau.mul_(keep)
-                    del keep
-                if rescale:
+                keep = self._keep(state, i, tau, params.shared, mp)
+                tau.mul_(keep)
+                del keep
+                if rescale and by_density:
                     tau.div_(density)
+                elif rescale and state.scale and (f := state.scale[i]) is not None:
+                    # rounded as mergekit rounds it: two norms in the compute dtype, their ratio, one product
+                    tau.mul_(torch.tensor(f[0], dtype=cdt) / torch.tensor(f[1], dtype=cdt))
             if weights[i] != 1:
-                tau.mul_(weights[i])
+                tau.mul_(torch.tensor(weights[i], dtype=cdt))
         normalize = params.shared["normalize"]
         divisor: Tensor | None = None
         if self.consensus is not None:
-            votes = torch.zeros_like(base)
+            votes = torch.zeros(base.shape, dtype=acc)
             for tau in taus:
                 votes.add_(tau if self.consensus == "sum" else tau.sign())
-            positive = votes >= 0  # elected sign γ (a tie elects +)
+            positive = votes.to(cdt) >= 0  # elected sign γ (a tie elects +)
             del votes
-            divisor = torch.zeros_like(base) if normalize else None
+            divisor = torch.zeros(base.shape, dtype=acc) if normalize else None
             for w, tau in zip(weights, taus, strict=True):
                 agree = torch.where(positive, tau > 0, tau < 0)  # sgn(τ̂ᵢ) = γ; zeros never agree
                 tau.mul_(agree)
                 if divisor is not None:
-                    divisor.add_(agree.to(base.dtype), alpha=w)
+                    divisor.add_(agree.to(cdt), alpha=float(torch.tensor(w, dtype=cdt)))
                 del agree
             if divisor is not None:
+                divisor = divisor.to(cdt)
                 divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
         elif normalize:
-            total = sum(weights)
-            divisor = torch.tensor(total if abs(total) >= 1e-12 else 1.0, dtype=base.dtype)
-        merged = taus[0]  # accumulate into the first task vector: no extra tensor
-        for tau in taus[1:]:
-            merged.add_(tau)
+            total = float(sum(torch.tensor(w, dtype=cdt) for w in weights))
+            divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=cdt)
+        if half:
+            summed = torch.zeros(base.shape, dtype=acc)
+            for tau in taus:
+                summed.add_(tau)
+            merged = summed.to(cdt)
+        else:
+            merged = taus[0]  # accumulate into the first task vector: no extra tensor
+            for tau in taus[1:]:
+                merged.add_(tau)
         del taus
         if divisor is not None:
             merged.div_(divisor)
@@ -400,10 +538,11 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
 
 @dataclass
 class _EngineState:
-    """Per-tensor state of one chunked merge: trimming thresholds per model, or DARE generators per model."""
+    """Per-tensor state of one chunked merge: trimming thresholds or random generators per model, L1 factors."""
 
     trim: list[list[TopK] | None] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
+    scale: list[tuple[float, float] | None] = field(default_factory=list)
 
 
 for _spec in (
@@ -425,5 +564,11 @@ for _spec in (
     dict(name="breadcrumbs_ties", sparsification="outliers", consensus="sum", default_normalize=False,
          default_rescale=False, paper="Davari & Belilovsky 2023, Model Breadcrumbs + TIES sign consensus",
          url="https://arxiv.org/abs/2312.06795"),
+    dict(name="della", sparsification="della", consensus="sum", default_normalize=True, default_rescale=True,
+         paper="Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+         "Sampling", url="https://arxiv.org/abs/2406.11617"),
+    dict(name="della_linear", sparsification="della", consensus=None, default_normalize=False,
+         default_rescale=True, paper="Deep et al. 2024, DELLA-Merging (without sign consensus)",
+         url="https://arxiv.org/abs/2406.11617"),
 ):  # fmt: skip
     register_method(GeneralizedTaskArithmetic(**_spec), replace=True)

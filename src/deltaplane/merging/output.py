@@ -1,0 +1,271 @@
+"""What a merge writes besides the weights: config, tokenizer, chat template, the recipe and a model card.
+
+As mergekit does, the output gets the donor's ``config.json`` (the base model's, else the first model's; with the
+output dtype and, after ``slices``, the new layer count), the tokenizer files of ``tokenizer_source`` (default: the
+donor), the ``chat_template`` if one is set, the recipe as given (``mergekit_config.yml``) and a ``README.md``
+model card naming the method, the models and the recipe.
+
+Tokenizers are copied, never rebuilt: ``tokenizer_source: union`` (or a model other than the donor) needs every
+input's vocabulary to be the same — then mergekit's union/permutation is the identity and the embeddings are
+merged as they are. Different vocabularies would need the embedding rows re-aligned to a new vocabulary, which
+deltaplane does not do; that is refused with the reason before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaplane.errors import ConfigError
+from deltaplane.merging.base import MergeMethod
+from deltaplane.merging.config import CHATML, MergeConfig
+
+__all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Tokenizer files copied from the tokenizer source (mergekit's list plus the vocab files of WordPiece/BPE)."""
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _vocabulary(folder: Path) -> str | None:
+    """A fingerprint of the folder's tokenizer vocabulary (with added tokens), or ``None`` if it has none."""
+    tj = folder / "tokenizer.json"
+    h = hashlib.sha256()
+    if tj.is_file():
+        try:
+            data = json.loads(tj.read_text())
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "vocab" in data["model"]:
+            h.update(json.dumps(data["model"]["vocab"], sort_keys=True).encode())
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+            h.update(json.dumps(added).encode())
+            return h.hexdigest()
+    for name in ("vocab.txt", "vocab.json", "tokenizer.model"):
+        f = folder / name
+        if f.is_file():
+            h.update(f.read_bytes())
+            added = folder / "added_tokens.json"
+            if added.is_file():
+                h.update(added.read_bytes())
+            return h.hexdigest()
+    return None
+
+
+class TokenizerPlan:
+    """Where the output's tokenizer files come from and the chat template to set (``None``: keep the source's)."""
+
+    def __init__(self, folder: Path, chat_template: str | None) -> None:
+        self.folder = folder
+        self.chat_template = chat_template
+
+
+def plan_tokenizer(cfg: MergeConfig, donor: Path, inputs: list[Path]) -> TokenizerPlan:
+    """Decide the tokenizer files and chat template from ``tokenizer_source`` / ``tokenizer`` / ``chat_template``.
+
+    Raises:
+        ConfigError: the named source has no tokenizer, the inputs' vocabularies differ (embedding re-alignment is
+            not supported), ``tokenizer.tokens`` is set, or ``chat_template`` names an unknown template.
+    """
+    where = cfg.source
+    source: Any = cfg.tokenizer_source
+    if cfg.tokenizer is not None:
+        source = cfg.tokenizer.source
+        if cfg.tokenizer.tokens:
+            raise ConfigError(
+                f"{where}: tokenizer.tokens (adding tokens or choosing their embedding sources) needs embedding "
+                "surgery, which deltaplane does not do; remove it or merge with mergekit"
+            )
+        if cfg.tokenizer.pad_to_multiple_of:
+            raise ConfigError(
+                f"{where}: tokenizer.pad_to_multiple_of would resize the embeddings, which deltaplane does not do"
+            )
+        if isinstance(source, dict):
+            raise ConfigError(
+                f"{where}: tokenizer.source must be 'base', 'union' or a model path. Found {source!r}"
+            )
+    folder = donor
+    if source is not None:
+        if source == "base":
+            if cfg.base_model is None:
+                raise ConfigError(f"{where}: tokenizer_source: base needs base_model")
+            folder = cfg.resolve(cfg.base_model)
+        elif source != "union":
+            folder = cfg.resolve(source)
+        folder = folder if folder.is_dir() else folder.parent
+        vocabs = {p: _vocabulary(p) for p in dict.fromkeys([folder, *inputs])}
+        missing = [str(p) for p, v in vocabs.items() if v is None]
+        if missing:
+            raise ConfigError(
+                f"{where}: tokenizer_source needs each model's tokenizer files to check the vocabularies; "
+                f"none found in {', '.join(missing)}"
+            )
+        if len(set(vocabs.values())) > 1:
+            raise ConfigError(
+                f"{where}: the models' tokenizer vocabularies differ, so tokenizer_source would re-align the "
+                "embedding rows to a new vocabulary, which deltaplane does not do. Merge models that share a "
+                "tokenizer, or use mergekit for this merge"
+            )
+    template = cfg.chat_template
+    if template is not None:
+        if template == "chatml":
+            template = CHATML
+        elif template == "auto":
+            found = [t for p in dict.fromkeys([folder, *inputs]) if (t := _chat_template(p)) is not None]
+            if not found:
+                raise ConfigError(f"{where}: chat_template: auto found no chat template in any input model")
+            template = Counter(found).most_common(1)[0][0]
+        elif "{{" not in template and "{%" not in template:
+            raise ConfigError(
+                f"{where}: unknown chat_template '{template}'. Use chatml, auto or the Jinja template text itself"
+            )
+    return TokenizerPlan(folder, template)
+
+
+def _chat_template(folder: Path) -> str | None:
+    f = folder / "tokenizer_config.json"
+    if f.is_file():
+        try:
+            t = json.loads(f.read_text()).get("chat_template")
+        except (ValueError, AttributeError):
+            return None
+        return t if isinstance(t, str) else None
+    return None
+
+
+def write_extras(
+    cfg: MergeConfig,
+    method: MergeMethod,
+    out: Path,
+    donor: Path,
+    tokenizer: TokenizerPlan,
+    out_dtype: torch.dtype | None,
+    n_layers: int | None,
+    model_labels: list[str],
+    notes: list[str],
+) -> list[str]:
+    """Write config, tokenizer, recipe and card into ``out``; returns the file names written."""
+    written = []
+    for name in CONFIG_FILES:
+        f = donor / name
+        if not f.is_file():
+            continue
+        if name == "config.json" and (out_dtype is not None or n_layers is not None):
+            try:
+                data = json.loads(f.read_text())
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                if out_dtype is not None:
+                    # the advertised dtype is the output's, written even when the donor had none (as mergekit
+                    # does); transformers 5 names the key dtype, earlier versions torch_dtype
+                    dt = str(out_dtype).removeprefix("torch.")
+                    keys = [k for k in ("torch_dtype", "dtype") if k in data]
+                    if not keys:
+                        v5 = (
+                            str(data.get("transformers_version", "")).split(".")[0].isdigit()
+                            and int(str(data["transformers_version"]).split(".")[0]) >= 5
+                        )
+                        keys = ["dtype" if v5 else "torch_dtype"]
+                    for k in keys:
+                        data[k] = dt
+                if n_layers is not None:
+                    for key in _LAYER_KEYS:
+                        if key in data:
+                            data[key] = n_layers
+                (out / name).write_text(json.dumps(data, indent=2) + "\n")
+                written.append(name)
+                continue
+        shutil.copyfile(f, out / name)
+        written.append(name)
+    for name in TOKENIZER_FILES:
+        f = tokenizer.folder / name
+        if f.is_file():
+            shutil.copyfile(f, out / name)
+            written.append(name)
+    if tokenizer.chat_template is not None:
+        tc = out / "tokenizer_config.json"
+        data = json.loads(tc.read_text()) if tc.is_file() else {}
+        data["chat_template"] = tokenizer.chat_template
+        tc.write_text(json.dumps(data, indent=2) + "\n")
+        if "tokenizer_config.json" not in written:
+            written.append("tokenizer_config.json")
+    recipe = cfg.text if cfg.text is not None else _dump(cfg)
+    (out / "mergekit_config.yml").write_text(recipe if recipe.endswith("\n") else recipe + "\n")
+    written.append("mergekit_config.yml")
+    (out / "README.md").write_text(_card(cfg, method, out, model_labels, recipe, notes))
+    written.append("README.md")
+    return written
+
+
+def _dump(cfg: MergeConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(exclude_defaults=True, mode="json"), sort_keys=False)
+
+
+def _card(
+    cfg: MergeConfig, method: MergeMethod, out: Path, models: list[str], recipe: str, notes: list[str]
+) -> str:
+    title = cfg.name or out.name
+    link = f"[{method.name}]({method.url})" if method.url else method.name
+    bases = [cfg.base_model] if cfg.base_model else []
+    lines = [
+        "---",
+        "base_model:",
+        *(f"- {m}" for m in dict.fromkeys(bases + models)),
+        "library_name: transformers",
+        "tags:",
+        "- mergekit",
+        "- merge",
+        "- deltaplane",
+        "---",
+        f"# {title}",
+        "",
+        "This is a merge of pre-trained language models created with deltaplane "
+        "(`deltaplane merge`, a mergekit-compatible streaming merge).",
+        "",
+        "## Merge Details",
+        "### Merge Method",
+        "",
+        f"This model was merged using the {link} merge method ({method.paper})"
+        + (f", with {cfg.base_model} as the base." if cfg.base_model else "."),
+        "",
+        "### Models Merged",
+        "",
+        "The following models were included in the merge:",
+        *(f"* {m}" for m in dict.fromkeys(models)),
+        "",
+    ]
+    if notes:
+        lines += ["### Notes", "", *(f"* {n}" for n in notes), ""]
+    lines += [
+        "### Configuration",
+        "",
+        "The following YAML configuration was used to produce this model:",
+        "",
+        "```yaml",
+        recipe.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""From a merge config to a list of output tensors, each with its inputs and its own resolved parameters.
+
+mergekit plans a merge layer by layer from an architecture definition; deltaplane reads the layer structure from
+the tensor names instead, so it needs no per-architecture table: a tensor is in layer ``i`` when its name holds
+``layers.i.``, ``layer.i.``, ``h.i.``, ``blocks.i.`` or ``block.i.`` (Llama/Mistral/Qwen, BERT, GPT-2, ...). Tensors
+outside the layers are *pre* weights when their name mentions ``embed``, ``wte`` or ``wpe`` and *post* weights
+(final norm, head, pooler) otherwise.
+
+- ``models:`` is one slice over every layer of every model.
+- ``slices:`` stack layer ranges: output layer ``n`` of a slice is input layer ``start + n`` of each of its sources,
+  merged by the config's method and renumbered consecutively over the slices; the pre weights come from the first
+  slice's sources and the post weights from the last's, as in mergekit.
+- Gradients are evaluated at ``t = n / (len − 1)`` within a slice (``t = 1`` for a one-layer slice) and at
+  ``t = 0`` for pre and post weights, as mergekit does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.merging.base import MergeMethod, MergeParams, resolve_params
+from deltaplane.merging.checkpoint import Checkpoint
+from deltaplane.merging.config import MergeConfig, evaluate_setting
+
+__all__ = ["LAYER_PATTERN", "PlannedTensor", "Source", "layer_index", "plan_tensors", "uses_base"]
+
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_PRE = ("embed", "wte", "wpe")
+
+
+def layer_index(name: str) -> tuple[int, int, int] | None:
+    """``(layer, start, stop)`` of the layer number in ``name`` (its character span), or ``None``."""
+    m = LAYER_PATTERN.search(name)
+    return None if m is None else (int(m.group(1)), m.start(1), m.end(1))
+
+
+def _renumber(name: str, layer: int) -> str:
+    found = layer_index(name)
+    assert found is not None
+    return f"{name[: found[1]]}{layer}{name[found[2] :]}"
+
+
+def uses_base(method: MergeMethod) -> bool:
+    """Whether ``base_model`` is an input of the method's formula (θ₀, task vectors, or one more input)."""
+    return method.needs_base or method.optional_base or method.averages_base
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of an output tensor: a checkpoint and the tensor's name in it."""
+
+    checkpoint: Checkpoint
+    name: str
+    label: str
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its name, shape and dtypes, its inputs and its resolved parameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    base: Source | None
+    inputs: list[Source]
+    params: MergeParams
+    t: float
+
+
+@dataclass
+class _Scope:
+    """The inputs of one slice (or of the whole ``models:`` list) and their parameter settings."""
+
+    base: Source | None
+    models: list[tuple[Checkpoint, str, dict[str, Any], int]]  # checkpoint, label, parameters, first layer
+    slice_params: dict[str, Any]
+    base_first: int = 0
+    length: int = 0
+
+
+@dataclass
+class Plan:
+    """The output tensors and what the output folder needs besides them."""
+
+    tensors: list[PlannedTensor]
+    checkpoints: list[Checkpoint]
+    donor: Checkpoint
+    n_layers: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Resolver:
+    def __init__(self, method: MergeMethod, cfg: MergeConfig) -> None:
+        self.method = method
+        self.cfg = cfg
+        self.cache: dict[str, MergeParams] = {}
+        self.files: dict[str, Checkpoint] = {}
+
+    def __call__(
+        self, out_name: str, scope: _Scope, in_names: Sequence[str], t: float, labels: Sequence[str]
+    ) -> MergeParams:
+        m = self.method
+        shared: dict[str, Any] = {}
+        for settings in (scope.slice_params, self.cfg.parameters):
+            for key, setting in settings.items():
+                if key not in shared and (v := evaluate_setting(setting, out_name, t)) is not None:
+                    shared[key] = v
+        per_model: list[dict[str, Any]] = []
+        for (_, _, settings, _), in_name in zip(scope.models, in_names, strict=True):
+            mine = {}
+            for key, setting in settings.items():
+                if (v := evaluate_setting(setting, in_name, t)) is not None:
+                    mine[key] = v
+            per_model.append(mine)
+        key = repr((shared, per_model))
+        if key in self.cache:
+            return self.cache[key]
+        where = self.cfg.source
+        for p in m.mergekit_required:
+            for mine, label in zip(per_model, labels, strict=True):
+                if p not in mine and p not in shared:
+                    raise ConfigError(
+                        f"{where}: merge method '{m.name}' needs parameter '{p}' for model '{label}' (tensor "
+                        f"'{out_name}'); mergekit requires it too: add e.g. `parameters: {{{p}: 1.0}}`"
+                    )
+        params = resolve_params(m, len(per_model), shared, per_model, where=where, model_names=list(labels))
+        for mp in params.per_model:
+            for p in m.model_params:
+                if p.kind == "tensors" and isinstance(mp[p.name], str):
+                    path = str(self.cfg.resolve(mp[p.name]))
+                    if path not in self.files:
+                        self.files[path] = Checkpoint(path)
+                    mp[p.name] = self.files[path]
+        self.cache[key] = params
+        return params
+
+
+def _same(cfg: MergeConfig, a: str, b: str) -> bool:
+    return cfg.resolve(a).resolve() == cfg.resolve(b).resolve()
+
+
+def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
+    """Open every input (headers only), check the layouts and resolve each output tensor's inputs and parameters.
+
+    Raises:
+        ConfigError: a missing model or base, a wrong number of models, a bad or missing parameter (naming the model
+            and tensor), a slice whose sources lack the layers it asks for.
+        ShapeMismatch: inputs of one output tensor disagree on names, shapes or (without ``dtype:``) float-ness.
+    """
+    where = cfg.source
+    opened: dict[Path, Checkpoint] = {}
+
+    def open_ck(ref: str) -> Checkpoint:
+        path = cfg.resolve(ref).resolve()
+        if path not in opened:
+            ck = Checkpoint(cfg.resolve(ref))
+            ck.check_index()
+            opened[path] = ck
+        return opened[path]
+
+    notes: list[str] = []
+    scopes: list[tuple[_Scope, list[int]]] = []  # scope, its output layers' input offsets
+    base_used = uses_base(method)
+    if cfg.models:
+        entries = list(cfg.models)
+        base_ref = cfg.base_model
+        if base_ref is not None and base_used:
+            # mergekit lists the base under models too; its entry carries no task vector
+            entries = [e for e in entries if not _same(cfg, e.model, base_ref)]
+        elif base_ref is not None and not any(_same(cfg, e.model, base_ref) for e in entries):
+            # mergekit adds an unlisted base model as one more input of methods that do not treat it apart
+            from deltaplane.merging.config import ModelEntry
+
+            entries.append(ModelEntry(model=base_ref))
+        if method.needs_base and base_ref is None:
+            raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
+        method.check_models(len(entries), base_used and base_ref is not None)
+        base = Source(open_ck(base_ref), "", base_ref) if base_used and base_ref is not None else None
+        models = [(open_ck(e.model), e.model, e.parameters, 0) for e in entries]
+        ref = base.checkpoint if base is not None else models[0][0]
+        n_layers = _count_layers(ref)
+        scope = _Scope(base, models, {}, 0, n_layers)
+        scopes.append((scope, list(range(n_layers))))
+    else:
+        assert cfg.slices is not None
+        for i, sl in enumerate(cfg.slices):
+            if sl.residual_weight is not None:
+                notes.append(
+                    f"slices[{i}].residual_weight is ignored (mergekit's merge does not use it either)"
+                )
+            base_ref = sl.base_model or cfg.base_model
+            sources = list(sl.sources)
+            base = None
+            base_first = 0
+            if base_ref is not None and (method.needs_base or method.optional_base):
+                in_slice = [s for s in sources if _same(cfg, s.model, base_ref)]
+                if not in_slice:
+                    raise ConfigError(
+                        f"{where}: slices[{i}]: the base model '{base_ref}' must be one of the slice's sources "
+                        f"(with its layer_range), as mergekit requires"
+                    )
+                base = Source(open_ck(base_ref), "", base_ref)
+                base_first = in_slice[0].layer_range[0]
+                sources = [s for s in sources if not _same(cfg, s.model, base_ref)]
+            elif method.needs_base:
+                raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
+            try:
+                method.check_models(len(sources), base is not None)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: slices[{i}]: {exc}") from None
+            models = [(open_ck(s.model), s.model, s.parameters, s.layer_range[0]) for s in sources]
+            length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+            for ck, label, _, first in models + (
+                [(base.checkpoint, base.label, {}, base_first)] if base else []
+            ):
+                have = _count_layers(ck)
+                if first + length > have:
+                    raise ConfigError(
+                        f"{where}: slices[{i}]: model '{label}' has {have} layers; layers [{first}, "
+                        f"{first + length}) do not exist"
+                    )
+            scopes.append((_Scope(base, models, sl.parameters, base_first, length), list(range(length))))
+        n_layers = sum(len(offsets) for _, offsets in scopes)
+    resolver = _Resolver(method, cfg)
+    tensors: list[PlannedTensor] = []
+    first_scope, last_scope = scopes[0][0], scopes[-1][0]
+    ref_ck = (first_scope.base or Source(first_scope.models[0][0], "", "")).checkpoint
+    if cfg.models:  # every input holds exactly the same tensors
+        for ck in opened.values():
+            _check_names(ref_ck, ck)
+    layered = {n for n in ref_ck.infos if layer_index(n) is not None}
+    outside = [n for n in ref_ck.infos if n not in layered]
+    pre = [n for n in outside if any(p in n.lower() for p in _PRE)]
+    post = [n for n in outside if n not in pre]
+
+    def add(out_name: str, scope: _Scope, names: list[str], base_name: str | None, t: float) -> None:
+        inputs = [Source(ck, n, label) for (ck, label, _, _), n in zip(scope.models, names, strict=True)]
+        base = None if scope.base is None or base_name is None else Source(scope.base.checkpoint, base_name,
+                                                                          scope.base.label)  # fmt: skip
+        every = ([base] if base is not None else []) + inputs
+        infos = []
+        for s in every:
+            if s.name not in s.checkpoint.infos:
+                raise ShapeMismatch(
+                    f"model '{s.label}' has no tensor '{s.name}' (needed for output '{out_name}')"
+                )
+            infos.append(s.checkpoint.infos[s.name])
+        first = infos[0]
+        for s, info in zip(every, infos, strict=True):
+            if info.shape != first.shape:
+                raise ShapeMismatch(
+                    f"tensor '{s.name}': shape {info.shape} in '{info.file}' but {first.shape} in '{first.file}'"
+                )
+            if info.dtype.is_floating_point != first.dtype.is_floating_point or (
+                not info.dtype.is_floating_point and info.dtype != first.dtype
+            ):
+                raise ShapeMismatch(
+                    f"tensor '{s.name}': dtype {info.dtype} in '{info.file}' but {first.dtype} in '{first.file}'"
+                )
+        if first.dtype.is_floating_point:
+            in_dtype = cfg.compute_dtype or _promote([i.dtype for i in infos])
+            out_dtype = cfg.output_dtype or in_dtype
+        else:
+            in_dtype = out_dtype = first.dtype
+        params = resolver(out_name, scope, names, t, [label for _, label, _, _ in scope.models])
+        tensors.append(PlannedTensor(out_name, first.shape, in_dtype, out_dtype, base, inputs, params, t))
+
+    for name in pre:
+        add(name, first_scope, [name] * len(first_scope.models), name, 0.0)
+    out_layer = 0
+    for scope, offsets in scopes:
+        for k in offsets:
+            t = k / (len(offsets) - 1) if len(offsets) > 1 else 1.0
+            src_ck, _, _, src_first = (scope.models or [(scope.base.checkpoint, "", {}, scope.base_first)])[0]
+            for name in sorted(n for n in src_ck.infos if (li := layer_index(n)) and li[0] == src_first + k):
+                names = [_renumber(name, first + k) for _, _, _, first in scope.models]
+                base_name = _renumber(name, scope.base_first + k) if scope.base is not None else None
+                add(_renumber(name, out_layer), scope, names, base_name, t)
+            out_layer += 1
+    for name in post:
+        add(name, last_scope, [name] * len(last_scope.models), name, 0.0)
+    donor = first_scope.base.checkpoint if first_scope.base is not None else first_scope.models[0][0]
+    if cfg.models and cfg.base_model is not None:
+        donor = open_ck(cfg.base_model)
+    return Plan(tensors, list(opened.values()) + list(resolver.files.values()), donor,
+                n_layers if cfg.slices else None, notes)  # fmt: skip
+
+
+def _check_names(ref: Checkpoint, other: Checkpoint) -> None:
+    if ref.infos.keys() != other.infos.keys():
+        missing = sorted(set(ref.infos) - set(other.infos))
+        extra = sorted(set(other.infos) - set(ref.infos))
+        parts = []
+        if missing:
+            parts.append(f"lacks tensor(s) {missing[:5]} that '{ref.path}' has")
+        if extra:
+            parts.append(f"has extra tensor(s) {extra[:5]} that '{ref.path}' lacks")
+        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _count_layers(ck: Checkpoint) -> int:
+    found = [li[0] for n in ck.infos if (li := layer_index(n)) is not None]
+    return max(found) + 1 if found else 0

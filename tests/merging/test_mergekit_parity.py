@@ -1,0 +1,364 @@
+"""mergekit parity: every method against mergekit's own kernels, its config semantics, and its output habits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import deltaplane as dp
+from deltaplane.merging import merge, merge_files
+from deltaplane.merging.config import evaluate_setting
+
+mk_registry = pytest.importorskip("mergekit.merge_methods.registry", reason="mergekit (the 'merging' extra)")
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+
+N_LAYERS = 4
+
+
+def _mk(name: str, tensors: list[torch.Tensor], base_index: int | None, **params: object) -> torch.Tensor:
+    """mergekit's own kernel on one tensor group (what mergekit-yaml runs per tensor)."""
+    g = TensorGroup.from_tensors(tensors, base_index=base_index, name="w")
+    return mk_registry.get(name)([g], parameters=params)[0]
+
+
+def _tensors(shape: tuple[int, ...] = (40, 30), n: int = 3, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g)
+    return base.to(dtype), [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+
+
+W3 = [1.0, 0.5, 0.7]
+D3 = [0.5, 0.3, 0.8]
+# (method, mergekit parameters, our keyword arguments, models, with base)
+KERNEL_CASES = [
+    ("linear", {"weight": W3}, {"weights": W3}, 3, False),
+    ("task_arithmetic", {"weight": W3, "lambda": 0.8}, {"weights": W3, "lambda": 0.8}, 3, True),
+    ("ties", {"weight": W3, "density": D3}, {"weights": W3, "densities": D3}, 3, True),
+    ("ties", {"weight": W3, "density": D3, "rescale": True}, {"weights": W3, "densities": D3, "rescale": True}, 3, True),
+    ("ties", {"weight": W3, "density": 0.4, "int8_mask": True}, {"weights": W3, "density": 0.4, "int8_mask": True}, 3, True),
+    ("breadcrumbs_ties", {"weight": W3, "density": 0.5, "gamma": 0.05}, {"weights": W3, "density": 0.5, "gamma": 0.05}, 3, True),
+    ("breadcrumbs", {"weight": W3, "density": 0.5, "gamma": 0.05, "rescale": True},
+     {"weights": W3, "density": 0.5, "gamma": 0.05, "rescale": True}, 3, True),
+    ("della", {"weight": W3, "density": 1.0}, {"weights": W3, "density": 1.0}, 3, True),
+    ("della_linear", {"weight": W3, "density": 1.0}, {"weights": W3, "density": 1.0}, 3, True),
+    ("sce", {"select_topk": 0.5}, {"select_topk": 0.5}, 3, True),
+    ("sce", {}, {}, 3, True),
+    ("slerp", {"t": 0.3}, {"t": 0.3}, 1, True),
+    ("nuslerp", {"weight": [1.0, 0.3]}, {"weights": [1.0, 0.3]}, 2, True),
+    ("nuslerp", {"weight": [1.0, 0.3]}, {"weights": [1.0, 0.3]}, 2, False),
+    ("nuslerp", {"weight": [1.0, 0.3], "nuslerp_flatten": False}, {"weights": [1.0, 0.3], "nuslerp_flatten": False}, 2, True),
+    ("nuslerp", {"weight": [1.0, 0.3], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+     {"weights": [1.0, 0.3], "nuslerp_flatten": False, "nuslerp_row_wise": True}, 2, True),
+    ("multislerp", {"weight": W3}, {"weights": W3}, 3, True),
+    ("multislerp", {"weight": W3}, {"weights": W3}, 3, False),
+    ("karcher", {}, {}, 3, False),
+    ("karcher", {"max_iter": 3}, {"max_iter": 3}, 3, True),
+    ("model_stock", {}, {}, 3, True),
+    ("model_stock", {"filter_wise": True}, {"filter_wise": True}, 3, True),
+    ("nearswap", {"t": 0.03}, {"t": 0.03}, 1, True),
+    ("arcee_fusion", {}, {}, 1, True),
+    ("passthrough", {"scale": [0.5]}, {"scale": 0.5}, 1, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "mk_params", "kwargs", "n", "with_base"), KERNEL_CASES)
+@pytest.mark.parametrize("shape", [(40, 30), (37,)])
+def test_every_method_matches_mergekits_kernel(method, mk_params, kwargs, n, with_base, shape) -> None:  # type: ignore[no-untyped-def]
+    base, models = _tensors(shape, n)
+    want = _mk(method, ([base] if with_base else []) + models, 0 if with_base else None, **mk_params)
+    got = merge(method, {"w": base} if with_base else None, [{"w": m} for m in models], **kwargs)["w"]
+    # same formula; the only freedom is float32 rounding (we reduce norms and dots in float64)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [0.5, [0, 1], [1, 0.7, 0.1], [0, 0.5, 0.3, 0.7, 1], ["a", "b", "c"], [True, False],
+     [{"filter": "attn", "value": [0, 1]}, {"value": 0.3}], [{"filter": "mlp", "value": 2}],
+     {"filter": "attn", "value": 0.4}, [{"filter": "*", "value": [1, 2, 3]}]],
+)  # fmt: skip
+def test_gradients_and_filters_evaluate_like_mergekit(setting) -> None:  # type: ignore[no-untyped-def]
+    from mergekit.config import ConditionalParameter
+    from mergekit.config import evaluate_setting as mk_evaluate
+
+    def to_mk(s):  # type: ignore[no-untyped-def]
+        if isinstance(s, dict):
+            return ConditionalParameter(**s)
+        if isinstance(s, list) and s and isinstance(s[0], dict):
+            return [ConditionalParameter(**c) for c in s]
+        return s
+
+    for name in ("layers.1.attn.q.weight", "layers.1.mlp.up.weight"):
+        for t in (0.0, 0.2, 1 / 3, 0.5, 0.9, 1.0):
+            assert evaluate_setting(setting, name, t) == mk_evaluate(
+                name, to_mk(setting), t, validate=lambda v: v
+            )
+
+
+# -- files: a tiny "transformer" in HF layout -----------------------------------------------------------------
+VOCAB = ["[PAD]", "[UNK]", "a", "b", "c", "d"]
+
+
+def _layered_state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if base is not None:
+        return {
+            k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+    s = {"model.embed_tokens.weight": torch.randn(len(VOCAB), 8, generator=g)}
+    for i in range(N_LAYERS):
+        s[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(8, 8, generator=g)
+        s[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(16, 8, generator=g)
+        s[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(8, generator=g)
+    s["model.norm.weight"] = torch.randn(8, generator=g)
+    s["lm_head.weight"] = torch.randn(len(VOCAB), 8, generator=g)
+    return s
+
+
+def _save(folder: Path, state: dict, vocab: list[str] = VOCAB, dtype: str | None = "float32") -> None:
+    folder.mkdir(parents=True)
+    save_file(state, folder / "model.safetensors")
+    cfg: dict = {"model_type": "llama", "num_hidden_layers": N_LAYERS, "transformers_version": "4.46.0"}
+    if dtype:
+        cfg["torch_dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok = {"model": {"type": "WordPiece", "vocab": {w: i for i, w in enumerate(vocab)}}, "added_tokens": []}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+
+
+@pytest.fixture
+def llama(tmp_path: Path) -> tuple[Path, dict, list[dict]]:
+    base = _layered_state(0)
+    models = [_layered_state(i, base) for i in (1, 2, 3)]
+    _save(tmp_path / "base", base)
+    for i, m in enumerate(models):
+        _save(tmp_path / f"m{i}", m)
+    return tmp_path, base, models
+
+
+def _cfg(root: Path, cfg: dict, name: str = "merge.yaml") -> Path:
+    p = root / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def test_gradient_and_filter_are_applied_per_layer(llama) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = llama
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base",
+           "models": [{"model": "m0", "parameters": {"weight": [{"filter": "self_attn", "value": [0, 1]},
+                                                                {"value": 0.25}]}}]}  # fmt: skip
+    merge_files(_cfg(root, cfg), root / "out")
+    got = load_file(root / "out" / "model.safetensors")
+    for i in range(N_LAYERS):
+        q = f"model.layers.{i}.self_attn.q_proj.weight"
+        w = i / (N_LAYERS - 1)  # the gradient [0, 1] at t = layer / (layers − 1)
+        torch.testing.assert_close(got[q], base[q] + w * (models[0][q] - base[q]))
+        up = f"model.layers.{i}.mlp.up_proj.weight"
+        torch.testing.assert_close(got[up], base[up] + 0.25 * (models[0][up] - base[up]))
+    # outside the layers t = 0 (the gradient's first point), and the filter did not match: 0.25
+    e = "model.embed_tokens.weight"
+    torch.testing.assert_close(got[e], base[e] + 0.25 * (models[0][e] - base[e]))
+
+
+def test_slices_stack_layers_and_renumber(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _base, models = llama
+    cfg = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "m0", "layer_range": [0, 3]}]},
+        {"sources": [{"model": {"model": {"path": "m1"}}, "layer_range": [1, 4]}]}]}  # fmt: skip
+    merge_files(_cfg(root, cfg), root / "out")
+    got = load_file(root / "out" / "model.safetensors")
+    src = [(models[0], 0), (models[0], 1), (models[0], 2), (models[1], 1), (models[1], 2), (models[1], 3)]
+    for out_i, (m, in_i) in enumerate(src):
+        for part in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(got[f"model.layers.{out_i}.{part}"], m[f"model.layers.{in_i}.{part}"])
+    assert torch.equal(
+        got["model.embed_tokens.weight"], models[0]["model.embed_tokens.weight"]
+    )  # first slice
+    assert torch.equal(got["lm_head.weight"], models[1]["lm_head.weight"])  # last slice
+    assert len(got) == 6 * 3 + 3
+    assert json.loads((root / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+def test_slices_merge_each_layer_with_slice_parameters(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _base, models = llama
+    cfg = {"merge_method": "linear", "slices": [{"sources": [
+        {"model": "m0", "layer_range": [0, 2], "parameters": {"weight": [1.0, 0.0]}},
+        {"model": "m1", "layer_range": [2, 4]}], "parameters": {"weight": 1.0}}]}  # fmt: skip
+    merge_files(_cfg(root, cfg), root / "out")
+    got = load_file(root / "out" / "model.safetensors")
+    k = "self_attn.q_proj.weight"
+    # output layer 0 = m0 layer 0 (weight 1) with m1 layer 2 (weight 1); layer 1 = m0 layer 1 (weight 0), m1 layer 3
+    torch.testing.assert_close(
+        got[f"model.layers.0.{k}"], (models[0][f"model.layers.0.{k}"] + models[1][f"model.layers.2.{k}"]) / 2
+    )
+    torch.testing.assert_close(got[f"model.layers.1.{k}"], models[1][f"model.layers.3.{k}"])
+
+
+def test_slice_base_must_be_a_source(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {"merge_method": "ties", "base_model": "base", "parameters": {"weight": 1.0},
+           "slices": [{"sources": [{"model": "m0", "layer_range": [0, 2]}]}]}  # fmt: skip
+    with pytest.raises(dp.ConfigError, match="base model 'base' must be one of the slice's sources"):
+        merge_files(_cfg(root, cfg), root / "out")
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0}, "slices": [
+        {"sources": [{"model": "m0", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [3, 5]}]}]}  # fmt: skip
+    with pytest.raises(dp.ConfigError, match=r"model 'm1' has 4 layers; layers \[3, 5\) do not exist"):
+        merge_files(_cfg(root, cfg), root / "out")
+    cfg["slices"][0]["sources"][1]["layer_range"] = [1, 4]
+    with pytest.raises(dp.ConfigError, match="same number of layers"):
+        merge_files(_cfg(root, cfg), root / "out")
+
+
+def test_half_precision_computes_like_mergekit_unless_exact(llama) -> None:  # type: ignore[no-untyped-def]
+    root, base, models = llama
+    cfg = {"merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
+           "models": [{"model": f"m{i}", "parameters": {"weight": w, "density": 1.0}} for i, w in enumerate(W3)],
+           "parameters": {"lambda": 0.9}}  # fmt: skip
+    res = merge_files(_cfg(root, cfg), root / "out")
+    got = load_file(root / "out" / "model.safetensors")
+    k = "model.layers.1.mlp.up_proj.weight"
+    want = _mk("ties", [base[k].bfloat16()] + [m[k].bfloat16() for m in models], 0, weight=W3, density=1.0,
+               **{"lambda": 0.9})  # fmt: skip
+    assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want)
+    assert res.notes == ()
+    exact = merge_files(_cfg(root, cfg), root / "exact", exact_accumulation=True)
+    assert not torch.equal(load_file(root / "exact" / "model.safetensors")[k], want)  # float32, rounded once
+    assert any("float32" in n and "bfloat16" in n for n in exact.notes)
+    assert "exact-accumulation" in (root / "exact" / "README.md").read_text()
+
+
+def test_linear_needs_weight_like_mergekit(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": "m0"}, {"model": "m1", "parameters": {"weight": 1}}],
+    }
+    with pytest.raises(dp.ConfigError, match="needs parameter 'weight' for model 'm0'"):
+        merge_files(_cfg(root, cfg), root / "out")
+
+
+def test_outputs_recipe_card_dtype_and_umask(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, models = llama
+    (root / "nodtype").mkdir()
+    _save(root / "nd", models[0], dtype=None)  # a donor config without any dtype key
+    cfg = {"merge_method": "linear", "name": "tiny-soup", "out_dtype": "bfloat16",
+           "models": [{"model": "nd", "parameters": {"weight": 1.0}}, {"model": "m1", "parameters": {"weight": 1.0}}]}  # fmt: skip
+    path = _cfg(root, cfg)
+    old = os.umask(0o027)
+    try:
+        merge_files(path, root / "out")
+    finally:
+        os.umask(old)
+    out = root / "out"
+    assert (out.stat().st_mode & 0o777) == 0o750  # not mkdtemp's 0700
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (out / "mergekit_config.yml").read_text() == path.read_text()
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "# tiny-soup" in card and "linear" in card and "nd" in card
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_tokenizer_source_and_chat_template(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, models = llama
+    cfg = {"merge_method": "ties", "base_model": "base", "tokenizer_source": "union", "chat_template": "chatml",
+           "models": [{"model": f"m{i}", "parameters": {"weight": 1.0, "density": 0.5}} for i in range(2)]}  # fmt: skip
+    merge_files(_cfg(root, cfg), root / "out")
+    tc = json.loads((root / "out" / "tokenizer_config.json").read_text())
+    assert (
+        tc["chat_template"].startswith("{% for message in messages %}")
+        and "<|im_start|>" in tc["chat_template"]
+    )
+    assert tc["model_max_length"] == 16  # the rest of the source's tokenizer config is kept
+    # a model with another vocabulary: union would need embedding surgery — refused, nothing written
+    _save(root / "other", models[2], vocab=[*VOCAB[:-1], "zz"])
+    cfg["models"].append({"model": "other", "parameters": {"weight": 1.0}})
+    with pytest.raises(dp.ConfigError, match="vocabularies differ"):
+        merge_files(_cfg(root, cfg), root / "out2")
+    assert not (root / "out2").exists()
+    cfg["models"].pop()
+    for bad, msg in (({"chat_template": "vicuna-ish"}, "unknown chat_template"),
+                     ({"tokenizer_source": None, "tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokens")):  # fmt: skip
+        with pytest.raises(dp.ConfigError, match=msg):
+            merge_files(_cfg(root, cfg | bad), root / "out3")
+
+
+def test_bin_checkpoint_says_how_to_convert(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(dp.ConfigError, match=r"pytorch_model.bin.*not safetensors.*save_pretrained"):
+        merge_files(
+            {"merge_method": "passthrough", "models": [{"model": str(tmp_path / "m")}]}, tmp_path / "o"
+        )
+
+
+def test_ties_keep_all_matches_the_reference_kthvalue(llama) -> None:  # type: ignore[no-untyped-def]
+    # the TIES reference code: keep |τ| >= the k-th largest value (torch.kthvalue on the (n − k + 1)-th smallest)
+    base = torch.zeros(64)
+    m = torch.tensor([1.0, -1.0, 2.0, 0.5] * 16)  # 16 entries tie at every magnitude
+    k = int(0.4 * 64)
+    kth = m.abs().kthvalue(64 - k + 1).values
+    want = torch.where(m.abs() >= kth, m, torch.zeros_like(m))
+    got = merge("ties", {"w": base}, [{"w": m}], density=0.4, ties="keep_all")["w"]
+    assert torch.equal(got, want)
+    by_index = merge("ties", {"w": base}, [{"w": m}], density=0.4)["w"]
+    assert int((by_index != 0).sum()) == k  # exactly k kept: the ties at 1.0 with the lowest indices
+    kept_ones = (by_index.abs() == 1).nonzero().flatten()
+    assert torch.equal(kept_ones, (m.abs() == 1).nonzero().flatten()[: len(kept_ones)])
+
+
+def test_della_keeps_large_entries_more_often_as_mergekit_does() -> None:
+    from mergekit.sparsify import della_magprune
+
+    tau = torch.linspace(0.01, 1, 50).reshape(1, 50) * torch.tensor([1.0, -1.0] * 25)
+    ours = torch.zeros(50)
+    theirs = torch.zeros(50)
+    trials = 400
+    torch.manual_seed(0)
+    for s in range(trials):
+        out = merge("della_linear", {"w": torch.zeros(1, 50)}, [{"w": tau}], density=0.5, epsilon=0.4, seed=s,
+                    rescale=False)["w"]  # fmt: skip
+        ours += (out != 0).flatten().float()
+        theirs += (della_magprune(tau, 0.5, 0.4) != 0).flatten().float()
+    ours, theirs = ours / trials, theirs / trials
+    # keep probability rises from density − ε = 0.1 to density + ε = 0.9 with the magnitude rank, in both
+    assert (
+        abs(ours[:10].mean() - theirs[:10].mean()) < 0.08
+        and abs(ours[-10:].mean() - theirs[-10:].mean()) < 0.08
+    )
+    assert ours[:10].mean() < 0.25 and ours[-10:].mean() > 0.75
+
+
+def test_sigterm_mid_merge_leaves_no_temp_folder(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": f"m{i}", "parameters": {"weight": 1.0}} for i in range(3)],
+    }
+    path = _cfg(root, cfg)
+    code = textwrap.dedent(f"""
+        import sys, time
+        from deltaplane.merging import merge_files
+        def slow(done, total, name):
+            print("tensor", done, flush=True)
+            time.sleep(0.5)
+        merge_files({str(path)!r}, {str(root / "out")!r}, progress=slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("tensor")  # mid-merge: the temporary folder exists now
+    assert [p for p in root.iterdir() if p.name.startswith(".out.tmp-")]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    assert not [p for p in root.iterdir() if p.name.startswith(".out.")] and not (root / "out").exists()
