@@ -17,6 +17,7 @@ __all__ = [
     "NotFound",
     "PrivacyBudgetExceeded",
     "PromotionRefused",
+    "QualityGateFailed",
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
@@ -86,3 +87,16 @@ class SignatureError(DeltaplaneError, ValueError):
 
 class PromotionRefused(DeltaplaneError, RuntimeError):
     """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""
+
+
+class QualityGateFailed(DeltaplaneError, RuntimeError):
+    """A compressed model missed a deploy quality gate (cosine, accuracy, OOD or adversarial drop); nothing shipped.
+
+    ``results`` holds every gate's outcome and ``manifest`` the measured numbers, so a caller can show which gate
+    failed and by how much.
+    """
+
+    def __init__(self, message: str, *, results: list | None = None, manifest: dict | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []
+        self.manifest = manifest or {}
