@@ -61,9 +61,9 @@ def test_gates_check_margins_and_validation():
     assert not cos.passed and cos.margin == pytest.approx(-0.45)
     assert "short by 0.45" in cos.describe()
     assert by[("max-accuracy-drop", "clean accuracy drop")].passed
-    shift = by[("max-ood-drop", "accuracy drop on shift beyond clean")]
+    shift = by[("max-ood-drop", "shift drop beyond clean")]
     assert not shift.passed and shift.margin == pytest.approx(-1.2) and "over by 1.2" in shift.describe()
-    assert by[("max-ood-drop", "accuracy drop on blur beyond clean")].passed
+    assert by[("max-ood-drop", "blur drop beyond clean")].passed
     assert Gates.off().check({"cosine_min": 0.0}) == []
     with pytest.raises(ConfigError, match="min-cosine"):
         Gates(min_cosine=1.5)
@@ -114,7 +114,7 @@ def test_cli_gate_failure_exits_3_with_margin_and_writes_nothing(tmp_path, digit
     r = CliRunner().invoke(_app(), args)
     assert r.exit_code == 3, r.output
     assert "REFUSED" in r.output and "max-accuracy-drop" in r.output and "FAIL" in r.output
-    assert "refused:" in r.output and "over by" in r.output
+    assert "refused to ship:" in r.output and "over by" in r.output
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no artifact, no temp dir
     # the same compression ships when the operator lowers the bar explicitly
     r = CliRunner().invoke(_app(), [*args, "--no-gates"])

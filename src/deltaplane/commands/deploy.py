@@ -184,12 +184,12 @@ def _table(manifest: dict[str, Any], title: str):
     else:
         b, c, cmp = manifest["baseline"], manifest["compressed"], manifest["comparison"]
         for split, acc in b["accuracy"].items():
-            flag = " [yellow]⚠ drop > clean drop[/yellow]" if split in cmp["ood_flags"] else ""
+            flag = " [yellow]⚠[/yellow]" if split in cmp["ood_flags"] else ""
             t.add_row(
                 f"accuracy {split}",
                 f"{100 * acc:.2f}%",
                 f"{100 * c['accuracy'][split]:.2f}%",
-                f"{-cmp['drops_points'][split]:+.2f} pts{flag}",
+                f"{-cmp['drops_points'][split] + 0.0:+.2f} pts{flag}",
             )
         t.add_row("ECE", f"{b['ece']:.4f}", f"{c['ece']:.4f}", f"{c['ece'] - b['ece']:+.4f}")
         for bs, lat in b["latency_us"].items():
@@ -231,7 +231,7 @@ def _table(manifest: dict[str, Any], title: str):
         unit = "" if r["gate"] == "min-cosine" else " pts"
         verdict = "[green]pass[/green]" if r["passed"] else "[bold red]FAIL[/bold red]"
         t.add_row(
-            f"gate {r['gate']}: {r['what']}",
+            f"gate {r['gate']} ({r['what']})",
             f"{r['threshold']:g}{unit}",
             f"{r['measured']:.4g}{unit}",
             f"{verdict} ({r['margin']:+.3g})",
@@ -358,7 +358,9 @@ def register(app: typer.Typer) -> None:
         if refused is not None:
             console.print(_table(refused.manifest, title + " — REFUSED"))
             Console(stderr=True).print(
-                f"[bold red]refused:[/bold red] {refused}; nothing written to {out}", soft_wrap=True
+                f"[bold red]refused to ship:[/bold red] {str(refused).removeprefix('refused to ship: ')}; "
+                f"nothing written to {out}",
+                soft_wrap=True,
             )
             raise typer.Exit(code=EXIT_GATE_FAILED)
         console.print(_table(res.manifest, title))

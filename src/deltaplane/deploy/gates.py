@@ -41,7 +41,7 @@ class GateResult:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line: ``max-ood-drop: accuracy drop on shift beyond clean 5.01 pts > 3.00 (over by 2.01)``."""
+        """One line: ``max-ood-drop: shift drop beyond clean 5.01 pts > 3 pts (over by 2.01 pts)``."""
         unit = "" if self.gate == "min-cosine" else " pts"
         cmp = {(True, True): "≥", (True, False): "<", (False, True): "≤", (False, False): ">"}[
             (self.gate == "min-cosine", self.passed)
@@ -114,7 +114,7 @@ class Gates:
                 out.append(
                     GateResult(
                         "max-ood-drop",
-                        f"accuracy drop on {split} beyond clean",
+                        f"{split} drop beyond clean",
                         self.max_ood_drop,
                         float(d),
                         m,
@@ -127,7 +127,7 @@ class Gates:
                 out.append(
                     GateResult(
                         "max-adv-drop",
-                        f"adversarial accuracy drop ({key})",
+                        f"{key} accuracy drop",
                         self.max_adv_drop,
                         float(d),
                         m,

@@ -25,6 +25,7 @@ from torch import nn
 
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
 from deltaplane.deploy.card import render_model_card
+from deltaplane.deploy.cost import deploy_cost
 from deltaplane.deploy.gates import Gates, ood_excess_drops
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import (
@@ -214,6 +215,7 @@ def deploy_classifier(
     gates: Gates | None = None,
     progress: Callable[[str], None] | None = None,
     extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
+    device_cost: bool = True,
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -235,7 +237,9 @@ def deploy_classifier(
             no files. ``None``: no gate (the numbers are still recorded).
         progress: called with a short line at every stage (the CLI prints them).
         extra: ``extra(reference, compressed_torch, shipped_predict) -> dict`` merged into the manifest before
-            the gates are checked (device cost, adversarial robustness: their ``quality`` keys are gated too).
+            the gates are checked (e.g. adversarial robustness: its ``quality`` keys are gated too).
+        device_cost: record MACs, peak activation memory, bytes and energy estimates per inference, fp32 vs
+            compressed (:func:`~deltaplane.deploy.cost.deploy_cost`; ``onnx`` format only).
     """
     import copy
 
@@ -308,7 +312,10 @@ def deploy_classifier(
             art = read_artifact(artifact_path)
             onnx_bytes = art.onnx_bytes()
             (tmp / "model.onnx").write_bytes(onnx_bytes)
-            for f in (fp32_onnx, tmp / "int8.onnx"):
+            fp32_graph = fp32_onnx.read_bytes()
+            if spec is not None and spec["method"] == "channels":  # shapes changed: cost the original graph
+                fp32_graph = export_onnx(reference, example, tmp / "ref.onnx").path.read_bytes()
+            for f in (fp32_onnx, tmp / "int8.onnx", tmp / "ref.onnx"):
                 f.unlink(missing_ok=True)
             cand_predict = onnx_predictor(ort_session(onnx_bytes, threads=threads))
             export_diff = exp.max_abs_diff
@@ -378,6 +385,19 @@ def deploy_classifier(
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
             },
         }
+        if device_cost and fmt == "onnx":
+            say("device cost (MACs, activation memory, energy estimates)")
+            manifest["device_cost"] = deploy_cost(
+                reference,
+                work,
+                example,
+                fp32_onnx=fp32_graph,
+                shipped_onnx=onnx_bytes,
+                feeds={"input": x_test[:1]},
+                fp32_bytes=fp32_bytes,
+                artifact_bytes=info.nbytes,
+                int8=quant.startswith("int8"),
+            )
         if extra is not None:
             quality = manifest.pop("quality")
             manifest.update(extra(reference, work, cand_predict))

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256
+from deltaplane.deploy.cost import deploy_cost
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.gates import Gates
 from deltaplane.deploy.onnx import export_onnx, ort_session
@@ -151,6 +152,7 @@ def deploy_token_model(
     card_info: dict[str, str] | None = None,
     progress: Progress | None = None,
     extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
+    device_cost: bool = True,
 ) -> TokenDeployResult:
     """Compress a token model into ``out_dir`` (artifact, ONNX graph, manifest, model card) and measure it.
 
@@ -166,8 +168,10 @@ def deploy_token_model(
         gates: thresholds checked before anything is published (:class:`~deltaplane.deploy.gates.Gates`);
             a miss raises :class:`~deltaplane.errors.QualityGateFailed` and leaves no files.
         progress: called with a short line at every stage (the CLI prints them).
-        extra: ``extra(reference, compressed_torch, shipped_predict) -> dict`` merged into the manifest (device
-            cost, adversarial robustness) before the gates are checked.
+        extra: ``extra(reference, compressed_torch, shipped_predict) -> dict`` merged into the manifest (e.g.
+            adversarial robustness) before the gates are checked.
+        device_cost: record MACs, peak activation memory, bytes and energy estimates for one input, fp32 vs
+            compressed (:func:`~deltaplane.deploy.cost.deploy_cost`).
     """
     from deltaplane.deploy.pipeline import (
         QUANTS,
@@ -259,6 +263,7 @@ def deploy_token_model(
         )
         onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
         (tmp / "model.onnx").write_bytes(onnx_bytes)
+        fp32_graph = exp.path.read_bytes()  # no channel pruning here: same activation shapes as the reference
         for f in (exp.path, tmp / "q.onnx"):
             f.unlink(missing_ok=True)
         session = ort_session(onnx_bytes, threads=threads)
@@ -307,6 +312,20 @@ def deploy_token_model(
         }
         if recovery is not None:
             manifest["recovery"] = recovery
+        if device_cost:
+            say("device cost (MACs, activation memory, energy estimates)")
+            one = ev[:1]
+            manifest["device_cost"] = deploy_cost(
+                reference,
+                wrapped,
+                (torch.from_numpy(one[:, 0]), torch.from_numpy(one[:, 1])),
+                fp32_onnx=fp32_graph,
+                shipped_onnx=onnx_bytes,
+                feeds={"input_ids": one[:, 0], "attention_mask": one[:, 1]},
+                fp32_bytes=fp32_nbytes,
+                artifact_bytes=info.nbytes,
+                int8=quant.startswith("int8"),
+            )
         if extra is not None:
             manifest.update(extra(reference, wrapped, ort_predict))
         manifest["quality"] = quality_of(task, fidelity) | manifest.get("quality", {})
