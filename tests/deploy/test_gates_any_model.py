@@ -158,7 +158,7 @@ def _tiny_hf(tmp_path, kind: str, initializer_range: float = 0.02):
     [
         ("bert", "sentence-embedding", "cosine to fp32"),
         ("bert-cls", "text-classification", "top-1 agreement"),
-        ("gpt2", "next-token", "next-token top-1 agreement"),
+        ("gpt2", "next-token", "KL(fp32"),
     ],
 )
 def test_cli_deploys_hf_architectures_built_from_config(tmp_path, kind, task, row):
@@ -242,6 +242,8 @@ def test_cli_deploys_a_user_defined_model_by_builder(tmp_path, monkeypatch, digi
                 "2:4",
                 "--finetune-epochs",
                 "3",
+                "--attack-eps",
+                "0.02",
                 "-o",
                 str(out),
             ],

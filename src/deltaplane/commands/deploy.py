@@ -227,14 +227,25 @@ def _table(manifest: dict[str, Any], title: str):
     rec = manifest.get("recovery")
     if rec:
         t.add_row("recovery", "", rec.get("summary", ""), "")
-    for r in (manifest.get("gates") or {}).get("results", []):
+    results = (manifest.get("gates") or {}).get("results", [])
+    for r in results:
+        if r["passed"]:
+            continue
         unit = "" if r["gate"] == "min-cosine" else " pts"
-        verdict = "[green]pass[/green]" if r["passed"] else "[bold red]FAIL[/bold red]"
         t.add_row(
-            f"gate {r['gate']} ({r['what']})",
-            f"{r['threshold']:g}{unit}",
+            f"[bold red]gate {r['gate']}[/bold red] ({r['what']})",
+            f"limit {r['threshold']:g}{unit}",
             f"{r['measured']:.4g}{unit}",
-            f"{verdict} ({r['margin']:+.3g})",
+            f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
+        )
+    if results:
+        passed = [r for r in results if r["passed"]]
+        tight = min(results, key=lambda r: r["margin"])
+        t.add_row(
+            "gates",
+            "",
+            f"{len(passed)}/{len(results)} pass",
+            f"tightest: {tight['gate']} ({tight['what']}) {tight['margin']:+.3g}",
         )
     return t
 
@@ -261,10 +272,12 @@ def _check_options(prune: str, quant: str, fmt: str) -> None:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}. Found {fmt!r}")
 
 
-def _gates(min_cosine: float, max_accuracy_drop: float, max_ood_drop: float, no_gates: bool):
+def _gates(
+    min_cosine: float, max_accuracy_drop: float, max_ood_drop: float, max_adv_drop: float, no_gates: bool
+):
     from deltaplane.deploy.gates import Gates
 
-    return None if no_gates else Gates(min_cosine, max_accuracy_drop, max_ood_drop)
+    return None if no_gates else Gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop)
 
 
 def register(app: typer.Typer) -> None:
@@ -317,6 +330,13 @@ def register(app: typer.Typer) -> None:
         max_ood_drop: Annotated[
             float, typer.Option(help="gate: points any corruption loses beyond the clean drop")
         ] = 5.0,
+        max_adv_drop: Annotated[
+            float, typer.Option(help="gate: points of FGSM/PGD accuracy lost vs fp32 at any ε (classifiers)")
+        ] = 10.0,
+        attack_eps: Annotated[
+            list[float] | None,
+            typer.Option(help="classifiers: L∞ ε for FGSM/PGD (repeatable; default 0.02 0.05 0.1; 0 = skip)"),
+        ] = None,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
@@ -335,7 +355,7 @@ def register(app: typer.Typer) -> None:
         refused: QualityGateFailed | None = None
         with clean_errors():
             try:
-                gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, no_gates)
+                gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
                 say(f"loading {model}")
                 ckpt = load_checkpoint(model, builder=builder)
@@ -345,8 +365,21 @@ def register(app: typer.Typer) -> None:
                         raise ConfigError("token models deploy as --format onnx")
                     res = _deploy_tokens(ckpt, model, out, kind, prune, quant, sentences, seed, gates, say)
                 elif kind == "classification":
+                    eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
                     res = _deploy_classifier(
-                        ckpt, model, out, prune, quant, fmt, finetune_epochs, exclude, seed, data, gates, say
+                        ckpt,
+                        model,
+                        out,
+                        prune,
+                        quant,
+                        fmt,
+                        finetune_epochs,
+                        exclude,
+                        seed,
+                        data,
+                        gates,
+                        say,
+                        eps,
                     )
                 else:
                     raise ConfigError(
@@ -397,7 +430,9 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
     )
 
 
-def _deploy_classifier(ckpt, model: Path, out, prune, quant, fmt, epochs, exclude, seed, data, gates, say):
+def _deploy_classifier(
+    ckpt, model: Path, out, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps
+):
     from deltaplane.deploy.pipeline import deploy_classifier
     from deltaplane.deploy.profile import corruptions
 
@@ -421,4 +456,5 @@ def _deploy_classifier(ckpt, model: Path, out, prune, quant, fmt, epochs, exclud
         card_info={"data": note},
         gates=gates,
         progress=say,
+        adversarial_eps=eps,
     )

@@ -216,6 +216,7 @@ def deploy_classifier(
     progress: Callable[[str], None] | None = None,
     extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
     device_cost: bool = True,
+    adversarial_eps: Sequence[float] = (),
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -240,6 +241,8 @@ def deploy_classifier(
             the gates are checked (e.g. adversarial robustness: its ``quality`` keys are gated too).
         device_cost: record MACs, peak activation memory, bytes and energy estimates per inference, fp32 vs
             compressed (:func:`~deltaplane.deploy.cost.deploy_cost`; ``onnx`` format only).
+        adversarial_eps: L∞ budgets for FGSM and PGD accuracy, fp32 vs the artifact as shipped
+            (:func:`~deltaplane.deploy.adversarial.adversarial_eval`); gated by ``gates.max_adv_drop``.
     """
     import copy
 
@@ -385,6 +388,13 @@ def deploy_classifier(
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
             },
         }
+        if adversarial_eps:
+            from deltaplane.deploy.adversarial import adversarial_eval
+
+            say(f"adversarial robustness (FGSM, PGD at ε = {', '.join(f'{e:g}' for e in adversarial_eps)})")
+            adv = adversarial_eval(reference, work, cand_predict, x_test, y_test, eps=adversarial_eps)
+            manifest["quality"] |= adv.pop("quality")
+            manifest["adversarial"] = adv
         if device_cost and fmt == "onnx":
             say("device cost (MACs, activation memory, energy estimates)")
             manifest["device_cost"] = deploy_cost(
