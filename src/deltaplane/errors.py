@@ -19,6 +19,7 @@ __all__ = [
     "NotPrivatizable",
     "PrivacyBudgetExceeded",
     "PromotionRefused",
+    "QualityGateFailed",
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
@@ -113,3 +114,14 @@ class TaskError(DeltaplaneError, ValueError):
 class UnsupportedOption(ConfigError):
     """A run option that the chosen driver (engine or transport) cannot honour, with the physical reason; raised
     before the run starts, never silently ignored."""
+class QualityGateFailed(GateRefused):
+    """A compressed model missed a deploy quality gate (cosine, accuracy, OOD or adversarial drop); nothing shipped.
+
+    ``results`` holds every gate's outcome and ``manifest`` the measured numbers, so a caller can show which gate
+    failed and by how much.
+    """
+
+    def __init__(self, message: str, *, results: list | None = None, manifest: dict | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []
+        self.manifest = manifest or {}

@@ -1,25 +1,34 @@
 """``deltaplane deploy MODEL --prune 2:4 --quant int8 --format onnx -o OUT/``: compress a checkpoint for devices.
 
-Loads the checkpoint (config + safetensors). An image classifier is pruned (and fine-tuned on the digits training
-split, masks held), quantized, exported, packed and evaluated as shipped against fp32 (clean + noise / rotation /
-blur / shift, ECE, latency at batch 1 and 32). A BERT-style text encoder (Hugging Face folder with tokenizer) is
-evaluated by the cosine similarity of its sentence embeddings to fp32, and latency. Both print a before/after
-table.
+Loads the checkpoint (config + safetensors; the architecture from the registry, an entry point, ``transformers``
+or ``--builder``) and decides the evaluation from what the model does (:func:`~deltaplane.deploy.infer_task`):
+
+- a tensor classifier (e.g. the digits CNN, or a user model) is pruned, fine-tuned with masks held, quantized,
+  exported, packed and evaluated as shipped against fp32 (clean + noise / rotation / blur / shift, ECE, latency);
+- a token model (sentence encoder, sequence classifier, decoder) is compared with fp32 on held-out inputs:
+  embedding cosine, top-1 agreement, next-token agreement and KL.
+
+Quality gates (``--min-cosine``, ``--max-accuracy-drop``, ``--max-ood-drop``, on by default) turn a broken
+compression into exit code 3 with the failed gate and its margin in the table, and nothing written.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane --help` stays quick
     import numpy as np
+    from rich.console import Console
 
 from deltaplane.commands import clean_errors
 
 __all__ = ["register"]
+
+EXIT_GATE_FAILED = 3
 
 
 def _register_models() -> None:
@@ -32,12 +41,47 @@ def _register_models() -> None:
     )
 
 
-def _digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train/test split of the bundled digits set: the simulator's fixed split (its global test set)."""
+def _classifier_data(
+    config: dict[str, Any], data: Path | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """Train/test arrays for a tensor classifier: ``--data FILE.npz`` or the bundled digits split.
+
+    The digits images (N, 1, 8, 8) are reshaped to the config's ``input_shape`` (e.g. ``[64]`` for an MLP).
+    """
+    import numpy as np
+
+    from deltaplane.errors import ConfigError
+
+    if data is not None:
+        try:
+            with np.load(data) as z:
+                arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(
+                f"--data {data} must be an .npz with x_train, y_train, x_test, y_test ({e})"
+            ) from e
+        return (
+            arrays["x_train"].astype(np.float32),
+            arrays["y_train"].astype(np.int64),
+            arrays["x_test"].astype(np.float32),
+            arrays["y_test"].astype(np.int64),
+            f"{data.name} ({len(arrays['y_train'])} train / {len(arrays['y_test'])} test)",
+        )
     from deltaplane.data.digits import load_digits, train_test_split
 
     train, test = train_test_split(load_digits(), seed=seed)
-    return train.x.numpy(), train.y.numpy(), test.x.numpy(), test.y.numpy()
+    xtr, ytr, xte, yte = train.x.numpy(), train.y.numpy(), test.x.numpy(), test.y.numpy()
+    shape = config.get("input_shape")
+    if shape is not None:
+        try:
+            xtr, xte = xtr.reshape(len(xtr), *shape), xte.reshape(len(xte), *shape)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config input_shape {shape} does not fit the 8×8 digits images ({e})") from e
+    note = (
+        "scikit-learn digits (8×8 grey-scale, 10 classes), fixed seeded split; "
+        "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
+    )
+    return xtr, ytr, xte, yte, note
 
 
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
@@ -54,76 +98,186 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
     return finetune
 
 
-def _deploy_encoder(
-    console, ckpt, model: Path, out: Path, prune: str, quant: str, fmt: str, sentences
-) -> None:
-    """A Hugging Face BERT-style checkpoint: sentence embeddings, fidelity = cosine similarity to fp32."""
+def _token_inputs(model_dir: Path, config: dict[str, Any], sentences: Path | None, seed: int):
+    """Evaluation and calibration token arrays: the checkpoint's tokenizer on the built-in (or ``--sentences``)
+    held-out sentences, or — for a checkpoint without tokenizer files — seeded random token ids."""
     import os
 
-    from rich.table import Table
-
-    from deltaplane.deploy.pipeline import deploy_encoder
     from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
+    from deltaplane.deploy.tokens import random_tokens, tokens_from_sentences
     from deltaplane.errors import ConfigError
 
-    if fmt != "onnx":
-        raise ConfigError("text encoders deploy as --format onnx")
     os.environ.setdefault(
         "HF_HUB_OFFLINE", "1"
     )  # never reach for the hub: the tokenizer ships with the model
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"no tokenizer files in {model} ({e}); a text encoder checkpoint needs them") from e
     eval_sentences = EVAL_SENTENCES
     if sentences is not None:
         eval_sentences = [line.strip() for line in sentences.read_text().splitlines() if line.strip()]
-    res = deploy_encoder(
-        ckpt.model,
-        out,
-        tokenizer=tokenizer,
-        sentences=eval_sentences,
-        calib_sentences=CALIBRATION_SENTENCES,
-        prune=prune,
-        quant=quant,
-        source_sha256=ckpt.sha256,
-        fp32_nbytes=ckpt.weights_nbytes,
-        model_name=f"{ckpt.architecture} ({model.name})",
-        card_info={
-            "intended_use": "Sentence embeddings (semantic search, clustering) on device with ONNX Runtime.",
-            "data": f"Fidelity measured on {len(eval_sentences)} fixed English sentences; calibration on "
-            f"{len(CALIBRATION_SENTENCES)} others.",
-        },
+        if not eval_sentences:
+            raise ConfigError(f"--sentences {sentences} holds no sentence")
+    tokenizer = None
+    if model_dir.is_dir() and any(
+        (model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    ):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"the tokenizer files in {model_dir} do not load ({e})") from e
+    if tokenizer is not None:
+        ev = tokens_from_sentences(tokenizer, eval_sentences)
+        cal = tokens_from_sentences(tokenizer, CALIBRATION_SENTENCES)
+        note = (
+            f"Fidelity measured on {len(eval_sentences)} held-out English sentences; calibration on "
+            f"{len(CALIBRATION_SENTENCES)} others."
+        )
+        return ev, cal, note, None
+    vocab = int(config.get("vocab_size", 0))
+    if vocab < 2:
+        raise ConfigError(f"{model_dir} has no tokenizer files and its config gives no vocab_size")
+    ev = random_tokens(vocab, 32, 16, seed=seed + 1)
+    cal = random_tokens(vocab, 24, 16, seed=seed + 2)
+    note = (
+        "No tokenizer files: fidelity measured on 32 seeded random token sequences (16 tokens), calibration on "
+        "24 others; this measures how far compression moves the outputs, not quality on real text."
     )
-    m = res.manifest
-    t = Table(title=f"deploy {model.name}: prune={prune} quant={quant} format=onnx")
+    return ev, cal, note, note
+
+
+def _table(manifest: dict[str, Any], title: str):
+    """fp32 vs compressed, from the manifest (so a refused deploy prints the same table as a shipped one)."""
+    from rich.table import Table
+
+    t = Table(title=title)
     for col in ("metric", "fp32", "compressed", "change"):
         t.add_column(col, justify="right" if col != "metric" else "left")
-    sizes = m["sizes"]
+    sizes = manifest["sizes"]
     t.add_row(
         "size (bytes)",
         f"{sizes['fp32_safetensors_bytes']:,}",
         f"{sizes['artifact_bytes']:,}",
         f"{sizes['compression_ratio']:.2f}× smaller",
     )
-    t.add_row("weight sparsity", "0.0%", f"{100 * m['weight_sparsity']:.1f}%", "")
-    t.add_row(
-        "cosine to fp32 (min / mean)",
-        "1.0000",
-        f"{m['fidelity']['cosine_min']:.4f} / {m['fidelity']['cosine_mean']:.4f}",
-        "",
-    )
-    for b, lat in m["latency_us"].items():
+    t.add_row("weight sparsity", "0.0%", f"{100 * manifest['weight_sparsity']:.1f}%", "")
+    if "fidelity" in manifest:
+        fid = manifest["fidelity"]
+        if "cosine_min" in fid:
+            t.add_row(
+                "cosine to fp32 (min / mean)",
+                "1.0000",
+                f"{fid['cosine_min']:.4f} / {fid['cosine_mean']:.4f}",
+                "",
+            )
+        if "top1_agreement" in fid:
+            what = "next-token top-1 agreement" if "positions" in fid else "top-1 agreement"
+            t.add_row(what, "1.0000", f"{fid['top1_agreement']:.4f}", "")
+        if "kl_mean_nats" in fid:
+            t.add_row("KL(fp32 ‖ compressed) nats", "0", f"{fid['kl_mean_nats']:.4g}", "")
+        for b, lat in manifest["latency_us"].items():
+            t.add_row(
+                f"latency b={b} p50 µs",
+                f"{lat['fp32_p50_us']:.0f}",
+                f"{lat['p50_us']:.0f}",
+                f"{lat['ratio_p50']:.2f}×",
+            )
+    else:
+        b, c, cmp = manifest["baseline"], manifest["compressed"], manifest["comparison"]
+        for split, acc in b["accuracy"].items():
+            flag = " [yellow]⚠[/yellow]" if split in cmp["ood_flags"] else ""
+            t.add_row(
+                f"accuracy {split}",
+                f"{100 * acc:.2f}%",
+                f"{100 * c['accuracy'][split]:.2f}%",
+                f"{-cmp['drops_points'][split] + 0.0:+.2f} pts{flag}",
+            )
+        t.add_row("ECE", f"{b['ece']:.4f}", f"{c['ece']:.4f}", f"{c['ece'] - b['ece']:+.4f}")
+        for bs, lat in b["latency_us"].items():
+            cl = c["latency_us"][bs]
+            t.add_row(
+                f"latency b={bs} p50/p95 µs",
+                f"{lat['p50']:.0f}/{lat['p95']:.0f}",
+                f"{cl['p50']:.0f}/{cl['p95']:.0f}",
+                f"{cmp['latency_ratio_p50'][bs]:.2f}×",
+            )
+    for row in (manifest.get("adversarial") or {}).get("rows", []):
         t.add_row(
-            f"latency b={b} p50 µs",
-            f"{lat['fp32_p50_us']:.0f}",
-            f"{lat['p50_us']:.0f}",
-            f"{lat['ratio_p50']:.2f}×",
+            f"{row['attack']} ε={row['eps']:g} accuracy",
+            f"{100 * row['fp32']:.2f}%",
+            f"{100 * row['compressed']:.2f}%",
+            f"{-row['drop_points']:+.2f} pts",
         )
-    console.print(t)
-    console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+    cost = manifest.get("device_cost")
+    if cost:
+        f, c = cost["fp32"], cost["compressed"]
+        t.add_row("MACs / inference", f"{f['macs']:,}", f"{c['macs']:,}", "")
+        t.add_row(
+            "peak activations (bytes)",
+            f"{f['peak_activation_bytes']:,}",
+            f"{c['peak_activation_bytes']:,}",
+            "",
+        )
+        for prof, e in c["energy_uj"].items():
+            t.add_row(
+                f"energy µJ ({prof})",
+                f"{f['energy_uj'][prof]:.3g}",
+                f"{e:.3g}",
+                f"{e / f['energy_uj'][prof]:.2f}×",
+            )
+    rec = manifest.get("recovery")
+    if rec:
+        t.add_row("recovery", "", rec.get("summary", ""), "")
+    results = (manifest.get("gates") or {}).get("results", [])
+    for r in results:
+        if r["passed"]:
+            continue
+        unit = "" if r["gate"] == "min-cosine" else " pts"
+        t.add_row(
+            f"[bold red]gate {r['gate']}[/bold red] ({r['what']})",
+            f"limit {r['threshold']:g}{unit}",
+            f"{r['measured']:.4g}{unit}",
+            f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
+        )
+    if results:
+        passed = [r for r in results if r["passed"]]
+        tight = min(results, key=lambda r: r["margin"])
+        t.add_row(
+            "gates",
+            "",
+            f"{len(passed)}/{len(results)} pass",
+            f"tightest: {tight['gate']} ({tight['what']}) {tight['margin']:+.3g}",
+        )
+    return t
+
+
+def _progress(console: Console):
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        console.print(
+            f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {msg}", highlight=False, soft_wrap=True
+        )
+
+    return say
+
+
+def _check_options(prune: str, quant: str, fmt: str) -> None:
+    from deltaplane.deploy.pipeline import FORMATS, QUANTS, parse_prune
+    from deltaplane.errors import ConfigError
+
+    parse_prune(prune)
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}. Found {fmt!r}")
+
+
+def _gates(
+    min_cosine: float, max_accuracy_drop: float, max_ood_drop: float, max_adv_drop: float, no_gates: bool
+):
+    from deltaplane.deploy.gates import Gates
+
+    return None if no_gates else Gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop)
 
 
 def register(app: typer.Typer) -> None:
@@ -151,76 +305,156 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="text encoders: evaluation sentences, one per line (default: built-in)"),
         ] = None,
+        builder: Annotated[
+            str | None,
+            typer.Option(
+                help="build the model with pkg.module:function or file.py:function (config -> nn.Module)"
+            ),
+        ] = None,
+        task: Annotated[
+            str | None,
+            typer.Option(
+                help="override: classification, sentence-embedding, text-classification, next-token"
+            ),
+        ] = None,
+        data: Annotated[
+            Path | None,
+            typer.Option(help="classifiers: .npz with x_train, y_train, x_test, y_test (default: digits)"),
+        ] = None,
+        min_cosine: Annotated[
+            float, typer.Option(help="gate: lowest cosine of any embedding to fp32")
+        ] = 0.98,
+        max_accuracy_drop: Annotated[
+            float, typer.Option(help="gate: clean accuracy points lost (token models: % top-1 disagreement)")
+        ] = 1.0,
+        max_ood_drop: Annotated[
+            float, typer.Option(help="gate: points any corruption loses beyond the clean drop")
+        ] = 5.0,
+        max_adv_drop: Annotated[
+            float, typer.Option(help="gate: points of FGSM/PGD accuracy lost vs fp32 at any ε (classifiers)")
+        ] = 10.0,
+        attack_eps: Annotated[
+            list[float] | None,
+            typer.Option(help="classifiers: L∞ ε for FGSM/PGD (repeatable; default 0.02 0.05 0.1; 0 = skip)"),
+        ] = None,
+        no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
     ) -> None:
-        """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side."""
-        from rich.console import Console
-        from rich.table import Table
+        """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
 
-        from deltaplane.deploy.checkpoint import load_checkpoint
-        from deltaplane.deploy.pipeline import deploy_classifier
-        from deltaplane.deploy.profile import corruptions
+        Exit codes: 0 shipped, 2 bad input, 3 a quality gate failed (nothing written).
+        """
+        from rich.console import Console
+
+        from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
+        from deltaplane.errors import ConfigError, QualityGateFailed
 
         console = Console()
+        say = _progress(Console(stderr=True))
         _register_models()
+        title = f"deploy {model.name}: prune={prune} quant={quant} format={fmt}"
+        refused: QualityGateFailed | None = None
         with clean_errors():
-            ckpt = load_checkpoint(model)
-            if ckpt.architecture == "BertModel":
-                _deploy_encoder(console, ckpt, model, out, prune, quant, fmt, sentences)
-                return
-            xtr, ytr, xte, yte = _digits_split(seed)
-            ft = (
-                _finetuner(xtr, ytr, finetune_epochs, 0.01, seed)
-                if prune != "none" and finetune_epochs > 0
-                else None
+            try:
+                gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
+                _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
+                say(f"loading {model}")
+                ckpt = load_checkpoint(model, builder=builder)
+                kind = task or infer_task(ckpt)
+                if kind in ("sentence-embedding", "text-classification", "next-token"):
+                    if fmt != "onnx":
+                        raise ConfigError("token models deploy as --format onnx")
+                    res = _deploy_tokens(ckpt, model, out, kind, prune, quant, sentences, seed, gates, say)
+                elif kind == "classification":
+                    eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
+                    res = _deploy_classifier(
+                        ckpt,
+                        model,
+                        out,
+                        prune,
+                        quant,
+                        fmt,
+                        finetune_epochs,
+                        exclude,
+                        seed,
+                        data,
+                        gates,
+                        say,
+                        eps,
+                    )
+                else:
+                    raise ConfigError(
+                        f"task {kind!r} unknown; use classification, sentence-embedding, text-classification "
+                        "or next-token"
+                    )
+            except QualityGateFailed as e:  # not a usage error: its own exit code, with the numbers shown
+                refused = e
+        if refused is not None:
+            console.print(_table(refused.manifest, title + " — REFUSED"))
+            Console(stderr=True).print(
+                f"[bold red]refused to ship:[/bold red] {str(refused).removeprefix('refused to ship: ')}; "
+                f"nothing written to {out}",
+                soft_wrap=True,
             )
-            res = deploy_classifier(
-                ckpt.model,
-                out,
-                x_test=xte,
-                y_test=yte,
-                x_calib=xtr[:256],
-                prune=prune,
-                quant=quant,
-                fmt=fmt,
-                finetune=ft,
-                variants=corruptions(xte, seed=seed),
-                exclude=tuple(exclude or ()),
-                source_sha256=ckpt.sha256,
-                model_name=f"{ckpt.architecture} ({model.name})",
-                card_info={
-                    "data": "scikit-learn digits (8×8 grey-scale, 10 classes), fixed seeded split; "
-                    "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
-                },
-            )
-        b, c, cmp = res.baseline, res.compressed, res.comparison
-        t = Table(title=f"deploy {model.name}: prune={prune} quant={quant} format={fmt}")
-        for col in ("metric", "fp32", "compressed", "change"):
-            t.add_column(col, justify="right" if col != "metric" else "left")
-        sizes = res.manifest["sizes"]
-        t.add_row(
-            "size (bytes)",
-            f"{sizes['fp32_safetensors_bytes']:,}",
-            f"{sizes['artifact_bytes']:,}",
-            f"{sizes['compression_ratio']:.2f}× smaller",
-        )
-        t.add_row("weight sparsity", "0.0%", f"{100 * res.manifest['weight_sparsity']:.1f}%", "")
-        for split, acc in b.accuracy.items():
-            flag = " [yellow]⚠ > clean drop[/yellow]" if split in cmp.flagged else ""
-            t.add_row(
-                f"accuracy {split}",
-                f"{100 * acc:.2f}%",
-                f"{100 * c.accuracy[split]:.2f}%",
-                f"{-cmp.drops[split]:+.2f} pts{flag}",
-            )
-        t.add_row("ECE", f"{b.ece:.4f}", f"{c.ece:.4f}", f"{c.ece - b.ece:+.4f}")
-        for bs, lat in b.latency.items():
-            t.add_row(
-                f"latency b={bs} p50/p95 µs",
-                f"{lat.p50_us:.0f}/{lat.p95_us:.0f}",
-                f"{c.latency[bs].p50_us:.0f}/{c.latency[bs].p95_us:.0f}",
-                f"{cmp.latency_ratio[bs]:.2f}×",
-            )
-        console.print(t)
+            raise typer.Exit(code=EXIT_GATE_FAILED)
+        console.print(_table(res.manifest, title))
         for layer, why in res.manifest["prune_skipped_layers"].items():
             console.print(f"not pruned: {layer} ({why})")
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+
+
+def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say):
+    from deltaplane.deploy.tokens import deploy_token_model
+
+    ev, cal, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed)
+    use = {
+        "sentence-embedding": "Sentence embeddings (semantic search, clustering) on device with ONNX Runtime.",
+        "text-classification": "Text classification on device with ONNX Runtime.",
+        "next-token": "Next-token prediction (small on-device language model) with ONNX Runtime.",
+    }[task]
+    extra = (lambda *_: {"inputs_note": inputs_note}) if inputs_note else None
+    return deploy_token_model(
+        ckpt.model,
+        out,
+        task=task,
+        eval_tokens=ev,
+        calib_tokens=cal,
+        prune=prune,
+        quant=quant,
+        gates=gates,
+        source_sha256=ckpt.sha256,
+        fp32_nbytes=ckpt.weights_nbytes,
+        model_name=f"{ckpt.architecture} ({model.name})",
+        card_info={"intended_use": use, "data": data_note},
+        progress=say,
+        extra=extra,
+    )
+
+
+def _deploy_classifier(
+    ckpt, model: Path, out, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps
+):
+    from deltaplane.deploy.pipeline import deploy_classifier
+    from deltaplane.deploy.profile import corruptions
+
+    xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
+    ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
+    variants = corruptions(xte, seed=seed) if xte.ndim == 4 else None  # image corruptions need N×C×H×W
+    return deploy_classifier(
+        ckpt.model,
+        out,
+        x_test=xte,
+        y_test=yte,
+        x_calib=xtr[:256],
+        prune=prune,
+        quant=quant,
+        fmt=fmt,
+        finetune=ft,
+        variants=variants,
+        exclude=tuple(exclude or ()),
+        source_sha256=ckpt.sha256,
+        model_name=f"{ckpt.architecture} ({model.name})",
+        card_info={"data": note},
+        gates=gates,
+        progress=say,
+        adversarial_eps=eps,
+    )

@@ -109,7 +109,10 @@ def register(app: typer.Typer) -> None:
     @reg_app.command("register")
     def registry_register(
         model: Annotated[str, typer.Argument(help="Model name.")],
-        path: Annotated[Path, typer.Argument(help="A .safetensors state dict.", exists=True, dir_okay=False)],
+        path: Annotated[
+            Path,
+            typer.Argument(help="A .safetensors state dict, a .dpla/.onnx file or a deploy output folder."),
+        ],
         parent: Annotated[int | None, typer.Option(help="Parent version number.")] = None,
         lineage: Annotated[
             str, typer.Option(help='JSON, e.g. \'{"round": 12, "deploy_recipe": "int8"}\'.')
@@ -121,9 +124,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         home: Home = None,
     ) -> None:
-        """Register a model version from a safetensors file (signed, immutable)."""
-        from safetensors.torch import load_file
-
+        """Register a model version (signed, immutable) from a state dict, an artifact or a deploy folder."""
+        from deltaplane.deploy.bundle import load_deployable
         from deltaplane.registry import Governance, Registry
 
         with _errors():
@@ -132,8 +134,9 @@ def register(app: typer.Typer) -> None:
             except ValueError as exc:
                 raise ConfigError(f"--lineage is not valid JSON: {exc}") from None
             gov = Governance(tuple(data_source or ()), tuple(cohort or ()), tuple(exclude_cohort or ()))
+            src = load_deployable(path)  # .dpla/.onnx/deploy folder: its tensors + provenance in the lineage
             art = Registry(_home(home)).register_model(
-                model, load_file(str(path)), parent=parent, lineage=lin, governance=gov
+                model, src.state, parent=parent, lineage={**src.lineage, **lin}, governance=gov
             )
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
 

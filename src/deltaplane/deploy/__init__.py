@@ -16,12 +16,15 @@ from deltaplane.deploy.card import render_model_card
 from deltaplane.deploy.checkpoint import (
     Checkpoint,
     available_architectures,
+    infer_task,
     load_checkpoint,
     register_architecture,
+    resolve_builder,
     save_checkpoint,
 )
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.finetune import masked_finetune
+from deltaplane.deploy.gates import GateResult, Gates
 from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
 from deltaplane.deploy.pipeline import (
     DeployResult,
@@ -68,6 +71,12 @@ from deltaplane.deploy.quantize import (
     quantize_onnx,
     weight_only_quantize,
 )
+from deltaplane.deploy.tokens import (
+    TokenDeployResult,
+    deploy_token_model,
+    random_tokens,
+    tokens_from_sentences,
+)
 
 __all__ = [
     "Artifact",
@@ -79,12 +88,15 @@ __all__ = [
     "EncoderDeployResult",
     "Evaluation",
     "ExportResult",
+    "GateResult",
+    "Gates",
     "GradualPruner",
     "GradualSchedule",
     "GroupQuant",
     "Latency",
     "MeanPooledEncoder",
     "PruneResult",
+    "TokenDeployResult",
     "apply_masks",
     "available_architectures",
     "channel_prune",
@@ -94,10 +106,12 @@ __all__ = [
     "cosine_similarity_rows",
     "deploy_classifier",
     "deploy_encoder",
+    "deploy_token_model",
     "dequantize_int4",
     "evaluate",
     "expected_calibration_error",
     "export_onnx",
+    "infer_task",
     "load_checkpoint",
     "magnitude_prune",
     "masked_finetune",
@@ -114,13 +128,16 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_onnx",
+    "random_tokens",
     "read_artifact",
     "register_architecture",
     "render_model_card",
+    "resolve_builder",
     "run_session",
     "save_checkpoint",
     "sparsity_of",
     "state_dict_sha256",
+    "tokens_from_sentences",
     "torch_predictor",
     "wanda_prune",
     "wanda_scores",

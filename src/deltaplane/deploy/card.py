@@ -25,8 +25,11 @@ def render_model_card(
 ) -> str:
     """Markdown model card: intended use, data, compression, metrics (fp32 vs compressed), limitations.
 
-    Classifier manifests (``deploy_classifier``) get accuracy per split with OOD flags, ECE and latency;
-    sentence-encoder manifests (``task == "sentence-embedding"``) get cosine similarity to fp32 and latency.
+    Classifier manifests (``deploy_classifier``) get accuracy per split with OOD flags, ECE and latency; token
+    model manifests (``task``: sentence-embedding, text-classification, next-token) get their fidelity to fp32
+    and latency. Device cost, adversarial robustness and quality gates get a section when measured. The
+    limitations are written from the measured numbers (which splits lost accuracy, by how much), so they can
+    never contradict the metrics table.
     """
     sizes = manifest["sizes"]
     lines = [
@@ -51,22 +54,120 @@ def render_model_card(
         )
     for layer, why in (manifest.get("prune_skipped_layers") or {}).items():
         lines.append(f"- not pruned: `{layer}` ({why})")
-    if manifest.get("task") == "sentence-embedding":
-        flags = _encoder_metrics(manifest, lines)
+    rec = manifest.get("recovery")
+    if rec:
+        lines.append(f"- recovery after pruning: {rec.get('summary', rec.get('method', ''))}")
+    if manifest.get("task") in ("sentence-embedding", "text-classification", "next-token"):
+        flags = _token_metrics(manifest, lines)
     else:
         flags = _classifier_metrics(manifest, lines)
+    for section in _extra_sections(manifest):
+        lines += ["", *section]
+    lines += _gate_lines(manifest)
     lim = [limitations] if limitations else []
-    if flags:
-        lim.append(
-            "Compression costs more accuracy on " + ", ".join(flags) + " inputs than on clean ones; "
-            "check these conditions before relying on the compressed model there."
-        )
+    lim += _measured_limitations(manifest, flags)
     lim.append(
         "Latency was measured on the build machine's CPU with one thread; device latency differs. "
         "Quality figures hold for the evaluation data (and listed corruptions) only."
     )
     lines += ["", "## Limitations", *[f"- {x}" for x in lim], ""]
     return "\n".join(lines)
+
+
+def _measured_limitations(manifest: Mapping[str, Any], flags: list[str]) -> list[str]:
+    """Limitations stated from the measured numbers only, so none can contradict the metrics table."""
+    out = []
+    cmp = manifest.get("comparison")
+    if cmp is not None:
+        drops = cmp["drops_points"]
+        clean = drops.get("clean", 0.0)
+        if clean > 0:
+            out.append(f"Compression lowers clean accuracy by {clean:.2f} points on the test set.")
+        else:
+            out.append(
+                f"Clean accuracy did not drop on the test set ({-clean:+.2f} points); "
+                "a difference of one or two test images is not significant."
+            )
+        for split in flags:
+            out.append(
+                f"On {split} inputs the compressed model loses {drops[split]:.2f} points, more than on clean "
+                f"inputs ({max(clean, 0.0):.2f}); check this condition before relying on it there."
+            )
+    fid = manifest.get("fidelity") or {}
+    if "cosine_min" in fid:
+        out.append(
+            f"Embeddings differ from fp32: cosine similarity as low as {fid['cosine_min']:.4f} "
+            f"(mean {fid['cosine_mean']:.4f}) on {fid['inputs']} held-out inputs."
+        )
+    if "top1_agreement" in fid:
+        out.append(
+            f"The compressed model's top-1 prediction differs from fp32's on "
+            f"{100 * (1 - fid['top1_agreement']):.2f}% of the evaluated "
+            + ("positions" if "positions" in fid else "inputs")
+            + "."
+        )
+    if manifest.get("inputs_note"):
+        out.append(str(manifest["inputs_note"]))
+    for row in (manifest.get("adversarial") or {}).get("rows", []):
+        if row.get("drop_points", 0.0) > 0:
+            out.append(
+                f"Under {row['attack']} at ε={row['eps']:g} the compressed model's adversarial accuracy is "
+                f"{row['drop_points']:.2f} points lower than fp32's."
+            )
+    return out
+
+
+def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
+    gates = manifest.get("gates") or {}
+    results = gates.get("results") or []
+    if not results:
+        return []
+    lines = ["", "## Quality gates", "", "| gate | measured | threshold | result |", "|---|---|---|---|"]
+    for r in results:
+        unit = "" if r["gate"] == "min-cosine" else " pts"
+        lines.append(
+            f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:g}{unit} | "
+            f"{'pass' if r['passed'] else 'FAIL'} (margin {r['margin']:+.4g}) |"
+        )
+    return lines
+
+
+def _extra_sections(manifest: Mapping[str, Any]) -> list[list[str]]:
+    """Device cost and adversarial robustness tables, when the manifest holds them."""
+    out = []
+    cost = manifest.get("device_cost")
+    if cost:
+        sec = [
+            "## Device cost (per inference, batch 1)",
+            "",
+            "| | fp32 | compressed |",
+            "|---|---|---|",
+            f"| MACs | {cost['fp32']['macs']:,} | {cost['compressed']['macs']:,} |",
+            f"| model bytes | {cost['fp32']['model_bytes']:,} | {cost['compressed']['model_bytes']:,} |",
+            f"| peak activation bytes | {cost['fp32']['peak_activation_bytes']:,} | "
+            f"{cost['compressed']['peak_activation_bytes']:,} |",
+        ]
+        for prof, e in cost["compressed"]["energy_uj"].items():
+            sec.append(f"| energy, {prof} (µJ, estimate) | {cost['fp32']['energy_uj'][prof]:.3g} | {e:.3g} |")
+        sec += ["", str(cost.get("note", ""))]
+        out.append(sec)
+    adv = manifest.get("adversarial")
+    if adv:
+        sec = [
+            "## Adversarial robustness",
+            "",
+            str(adv.get("method", "")),
+            "",
+            "| attack | ε | fp32 | compressed | drop (points) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in adv["rows"]:
+            sec.append(
+                f"| {row['attack']} | {row['eps']:g} | {row['fp32']:.4f} | {row['compressed']:.4f} | "
+                f"{row['drop_points']:+.2f} |"
+            )
+        out.append(sec)
+    return out
 
 
 def _classifier_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
@@ -94,17 +195,21 @@ def _classifier_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[s
     return list(cmp["ood_flags"])
 
 
-def _encoder_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
+def _token_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
     fid = manifest["fidelity"]
-    lines += [
-        "",
-        "## Metrics (compressed vs fp32)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| cosine similarity to fp32 embeddings, min over {fid['sentences']} sentences | {fid['cosine_min']:.4f} |",
-        f"| cosine similarity to fp32 embeddings, mean | {fid['cosine_mean']:.4f} |",
-    ]
+    lines += ["", "## Metrics (compressed vs fp32)", "", "| metric | value |", "|---|---|"]
+    if "cosine_min" in fid:
+        lines += [
+            f"| cosine similarity to fp32 embeddings, min over {fid['inputs']} inputs | {fid['cosine_min']:.4f} |",
+            f"| cosine similarity to fp32 embeddings, mean | {fid['cosine_mean']:.4f} |",
+        ]
+    if "top1_agreement" in fid:
+        where = f"{fid['positions']} token positions" if "positions" in fid else f"{fid['inputs']} inputs"
+        lines.append(f"| top-1 agreement with fp32 over {where} | {fid['top1_agreement']:.4f} |")
+    if "kl_mean_nats" in fid:
+        lines.append(f"| mean KL(fp32 ‖ compressed), nats per position | {fid['kl_mean_nats']:.4g} |")
+    if "logit_cosine_min" in fid:
+        lines.append(f"| cosine similarity of logits to fp32, min | {fid['logit_cosine_min']:.4f} |")
     for b, lat in manifest["latency_us"].items():
         lines.append(
             f"| latency batch {b} p50: fp32 PyTorch {lat['fp32_p50_us']:.0f} µs, compressed {lat['p50_us']:.0f} µs "

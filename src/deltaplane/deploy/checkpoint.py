@@ -6,9 +6,14 @@ Two layouts are read:
   next to ``model.safetensors``;
 - a single ``.safetensors`` file whose metadata holds ``"config"`` (JSON with an ``"architecture"`` key).
 
-Architectures are looked up in a registry of builders (``config dict -> nn.Module``) so that this layer does not
-import the simulator or transformers until asked; runtimes register their own models
-(:func:`register_architecture`).
+The architecture is resolved, in order, from: a builder passed by the caller (a callable, ``"pkg.mod:fn"`` or
+``"path/to/file.py:fn"``, what ``deploy --builder`` takes); the registry of builders (``config dict ->
+nn.Module``, :func:`register_architecture`); the ``deltaplane.architectures`` entry-point group of installed
+packages (an entry point named like the architecture, pointing at a builder); and finally any class that
+``transformers`` exports under the name in ``architectures`` (BERT-like encoders, ``*ForSequenceClassification``,
+``GPT2LMHeadModel``...), built offline from the config alone (``AutoConfig.for_model(model_type, ...)``).
+:func:`infer_task` says what a loaded model does (sentence embedding, text classification, next-token, or a
+tensor classifier), which decides how ``deploy`` evaluates it.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, ShapeMismatch
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Checkpoint",
     "available_architectures",
+    "infer_task",
     "load_checkpoint",
     "register_architecture",
+    "resolve_builder",
     "save_checkpoint",
 ]
+
+ENTRY_POINT_GROUP = "deltaplane.architectures"
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 _ARCHITECTURES: dict[str, Builder] = {}
@@ -57,6 +67,129 @@ def _bert(config: dict[str, Any]) -> nn.Module:
 register_architecture("BertModel", _bert)
 
 
+def resolve_builder(spec: str | Builder) -> Builder:
+    """A builder from ``"pkg.mod:fn"`` (importable module) or ``"path/to/file.py:fn"`` (a file), or a callable.
+
+    Raises ``ConfigError`` naming what is missing, so a typo in ``--builder`` is one line, not a traceback.
+    """
+    import importlib
+    import importlib.util
+
+    if callable(spec):
+        return spec
+    mod_name, sep, fn_name = str(spec).rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ConfigError(f"builder {spec!r} must look like 'pkg.module:function' or 'file.py:function'")
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name:
+            path = Path(mod_name)
+            if not path.is_file():
+                raise ConfigError(f"builder file {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"_deltaplane_builder_{path.stem}", path)
+            if module_spec is None or module_spec.loader is None:
+                raise ConfigError(f"cannot import {path} as a Python module")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ConfigError:
+        raise
+    except Exception as e:  # an import error inside the user's module: say where, in one line
+        raise ConfigError(f"cannot import builder module {mod_name!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"{mod_name} has no callable {fn_name!r}")
+    return fn
+
+
+def _entry_point_builder(arch: str) -> Builder | None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == arch:
+            try:
+                return ep.load()
+            except Exception as e:
+                raise ConfigError(
+                    f"entry point {ep.value!r} for architecture {arch!r} failed to load: {e}"
+                ) from e
+    return None
+
+
+def _hf_builder(arch: str, config: dict[str, Any]) -> Builder | None:
+    """Any ``transformers`` model class named ``arch``, built from the config alone (no download)."""
+    if "model_type" not in config:
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, arch, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "config_class")):
+        return None
+
+    def build(cfg: dict[str, Any]) -> nn.Module:
+        from transformers import AutoConfig
+
+        rest = {k: v for k, v in cfg.items() if k not in ("architecture", "model_type")}
+        try:
+            hf_cfg = AutoConfig.for_model(cfg["model_type"], **rest)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"transformers cannot build a {cfg['model_type']!r} config: {e}") from e
+        hf_cfg._attn_implementation = "eager"  # plain ops: exports to ONNX and differentiates everywhere
+        return cls(hf_cfg)
+
+    return build
+
+
+def _builder_for(arch: str, config: dict[str, Any]) -> Builder:
+    if arch in _ARCHITECTURES:
+        return _ARCHITECTURES[arch]
+    found = _entry_point_builder(arch) or _hf_builder(arch, config)
+    if found is None:
+        raise ConfigError(
+            f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}, any "
+            f"transformers class (config.json with model_type), an entry point in group {ENTRY_POINT_GROUP!r}, "
+            "or pass --builder pkg.module:function"
+        )
+    return found
+
+
+def infer_task(checkpoint: Checkpoint) -> str:
+    """What the model does, for evaluation: ``sentence-embedding``, ``text-classification``, ``next-token`` or
+    ``classification`` (a tensor-in, logits-out model such as an image classifier).
+
+    A config may say so itself (``"task": ...``); otherwise the architecture name decides: Hugging Face
+    ``*ForSequenceClassification`` → text classification, ``*LMHeadModel`` / ``*ForCausalLM`` → next token, any
+    other ``transformers`` model with a ``model_type`` → sentence embedding (mean pooling of its last hidden
+    state); everything else is a tensor classifier.
+    """
+    task = checkpoint.config.get("task")
+    if task:
+        return str(task)
+    arch = checkpoint.architecture
+    if arch.endswith("ForSequenceClassification"):
+        return "text-classification"
+    if arch.endswith(("LMHeadModel", "ForCausalLM")):
+        return "next-token"
+    if "model_type" in checkpoint.config or arch == "BertModel":
+        return "sentence-embedding"
+    return "classification"
+
+
+def _tied_aliases(model: nn.Module, present: set[str]) -> set[str]:
+    """Names of tensors that share storage with a present one (a decoder's LM head tied to its embedding):
+    safetensors checkpoints store such a tensor once, so its other names are not missing."""
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    out: set[str] = set()
+    for names in by_ptr.values():
+        if len(names) > 1 and present.intersection(names):
+            out.update(n for n in names if n not in present)
+    return out
+
+
 @dataclass
 class Checkpoint:
     """A loaded model with where it came from: config, SHA-256 of the weights file and its size in bytes."""
@@ -69,8 +202,11 @@ class Checkpoint:
     path: Path
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | None = None) -> Checkpoint:
     """Build the model its config names and load its weights strictly.
+
+    ``builder`` (a callable or ``"pkg.mod:fn"`` / ``"file.py:fn"``) builds the model from the config instead of
+    the architecture lookup (module docstring); the config then need not name an architecture.
 
     Raises:
         ConfigError: missing files, no architecture named, or an unknown architecture.
@@ -101,11 +237,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     else:
         raise ConfigError(f"{p} is neither a checkpoint folder nor a .safetensors file")
     arch = config.get("architecture") or (config.get("architectures") or [None])[0]
-    if arch is None:
-        raise ConfigError(f"config of {p} names no architecture ('architecture' or 'architectures')")
-    if arch not in _ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}")
-    model = _ARCHITECTURES[arch](config)
+    if builder is not None:
+        build = resolve_builder(builder)
+        arch = arch or getattr(build, "__name__", "custom")
+    elif arch is None:
+        raise ConfigError(
+            f"config of {p} names no architecture ('architecture' or 'architectures'); or pass a builder"
+        )
+    else:
+        build = _builder_for(arch, config)
+    try:
+        model = build(config)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's builder or transformers refused the config
+        raise ConfigError(f"building {arch!r} from the config of {p} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
     state = load_file(str(weights))
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
@@ -113,7 +261,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     # they are derived data, not weights, so they are dropped rather than reported as unexpected.
     derived = {n for n, _ in model.named_buffers()} - set(expected)
     state = {k: v for k, v in state.items() if k in expected or not (k.startswith("pooler.") or k in derived)}
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - _tied_aliases(model, set(state)))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
         f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"

@@ -25,6 +25,8 @@ from torch import nn
 
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
 from deltaplane.deploy.card import render_model_card
+from deltaplane.deploy.cost import deploy_cost
+from deltaplane.deploy.gates import Gates, ood_excess_drops
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import (
     Comparison,
@@ -45,7 +47,8 @@ from deltaplane.deploy.prune import (
     wanda_prune,
 )
 from deltaplane.deploy.quantize import quantize_onnx
-from deltaplane.errors import ConfigError
+from deltaplane.deploy.tokens import TokenDeployResult
+from deltaplane.errors import ConfigError, QualityGateFailed
 
 __all__ = [
     "DeployResult",
@@ -140,6 +143,26 @@ def _publish(
     return files
 
 
+def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
+    """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss."""
+    if gates is None:
+        manifest["gates"] = {"thresholds": None, "results": [], "passed": True}
+        return
+    results = gates.check(manifest.get("quality", {}))
+    failed = [r for r in results if not r.passed]
+    manifest["gates"] = {
+        "thresholds": gates.to_dict(),
+        "results": [r.to_dict() for r in results],
+        "passed": not failed,
+    }
+    if failed:
+        raise QualityGateFailed(
+            "refused to ship: " + "; ".join(r.describe() for r in failed),
+            results=results,
+            manifest=manifest,
+        )
+
+
 @dataclass
 class DeployResult:
     """Paths written and the side-by-side evaluation."""
@@ -189,6 +212,11 @@ def deploy_classifier(
     latency_iters: int = 300,
     card_info: dict[str, str] | None = None,
     reference: nn.Module | None = None,
+    gates: Gates | None = None,
+    progress: Callable[[str], None] | None = None,
+    extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
+    device_cost: bool = True,
+    adversarial_eps: Sequence[float] = (),
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -205,6 +233,16 @@ def deploy_classifier(
             state dict). threads: CPU threads for both PyTorch and ONNX Runtime during timing.
         reference: the fp32 model to report against (default: ``model``) — e.g. the dense model when ``model``
             was already pruned by a gradual schedule during training.
+        gates: quality thresholds (:class:`~deltaplane.deploy.gates.Gates`) checked on the measured numbers
+            before anything is published; a miss raises :class:`~deltaplane.errors.QualityGateFailed` and leaves
+            no files. ``None``: no gate (the numbers are still recorded).
+        progress: called with a short line at every stage (the CLI prints them).
+        extra: ``extra(reference, compressed_torch, shipped_predict) -> dict`` merged into the manifest before
+            the gates are checked (e.g. adversarial robustness: its ``quality`` keys are gated too).
+        device_cost: record MACs, peak activation memory, bytes and energy estimates per inference, fp32 vs
+            compressed (:func:`~deltaplane.deploy.cost.deploy_cost`; ``onnx`` format only).
+        adversarial_eps: L∞ budgets for FGSM and PGD accuracy, fp32 vs the artifact as shipped
+            (:func:`~deltaplane.deploy.adversarial.adversarial_eval`); gated by ``gates.max_adv_drop``.
     """
     import copy
 
@@ -227,13 +265,16 @@ def deploy_classifier(
     fp32_bytes = _fp32_safetensors_nbytes(reference)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
 
+    say = progress or (lambda _msg: None)
     work = copy.deepcopy(model)
     result: PruneResult | None = None
     if spec is not None:
+        say(f"pruning ({prune})")
         work, result = prune_model(
             work, spec, calibration=calib_batches, example_input=example, exclude=exclude
         )
         if finetune is not None:
+            say("fine-tuning the pruned model (masks held)")
             work.train()
             finetune(work, result)
             if result is not None:
@@ -245,6 +286,7 @@ def deploy_classifier(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         artifact_path = tmp / "model.dpla"
+        say(f"exporting ({fmt}) and quantizing ({quant})")
         if fmt == "onnx":
             fp32_onnx = tmp / "fp32.onnx"
             exp = export_onnx(work, example, fp32_onnx, verify_inputs=[torch.from_numpy(x_test[:32])])
@@ -273,7 +315,10 @@ def deploy_classifier(
             art = read_artifact(artifact_path)
             onnx_bytes = art.onnx_bytes()
             (tmp / "model.onnx").write_bytes(onnx_bytes)
-            for f in (fp32_onnx, tmp / "int8.onnx"):
+            fp32_graph = fp32_onnx.read_bytes()
+            if spec is not None and spec["method"] == "channels":  # shapes changed: cost the original graph
+                fp32_graph = export_onnx(reference, example, tmp / "ref.onnx").path.read_bytes()
+            for f in (fp32_onnx, tmp / "int8.onnx", tmp / "ref.onnx"):
                 f.unlink(missing_ok=True)
             cand_predict = onnx_predictor(ort_session(onnx_bytes, threads=threads))
             export_diff = exp.max_abs_diff
@@ -293,6 +338,7 @@ def deploy_classifier(
             runnable.load_state_dict(art.state_dict())
             cand_predict = torch_predictor(runnable)
             export_diff = None
+        say("evaluating fp32 and the artifact as shipped")
         with _torch_threads(threads):
             base = evaluate(
                 "fp32 (PyTorch)",
@@ -337,26 +383,49 @@ def deploy_classifier(
             "baseline": base.to_dict(),
             "compressed": cand.to_dict(),
             "comparison": cmp.to_dict(),
+            "quality": {
+                "accuracy_drop_points": cmp.drops["clean"],
+                "ood_excess_drop_points": ood_excess_drops(cmp.drops),
+            },
         }
+        if adversarial_eps:
+            from deltaplane.deploy.adversarial import adversarial_eval
+
+            say(f"adversarial robustness (FGSM, PGD at ε = {', '.join(f'{e:g}' for e in adversarial_eps)})")
+            adv = adversarial_eval(reference, work, cand_predict, x_test, y_test, eps=adversarial_eps)
+            manifest["quality"] |= adv.pop("quality")
+            manifest["adversarial"] = adv
+        if device_cost and fmt == "onnx":
+            say("device cost (MACs, activation memory, energy estimates)")
+            manifest["device_cost"] = deploy_cost(
+                reference,
+                work,
+                example,
+                fp32_onnx=fp32_graph,
+                shipped_onnx=onnx_bytes,
+                feeds={"input": x_test[:1]},
+                fp32_bytes=fp32_bytes,
+                artifact_bytes=info.nbytes,
+                int8=quant.startswith("int8"),
+            )
+        if extra is not None:
+            quality = manifest.pop("quality")
+            manifest.update(extra(reference, work, cand_predict))
+            manifest["quality"] = quality | manifest.get("quality", {})
+        _check_gates(manifest, gates)
         files = _publish(tmp, out_dir, manifest, card_info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
 
 
-@dataclass
-class EncoderDeployResult:
-    """Paths written and the manifest (sizes, embedding fidelity, latency) of :func:`deploy_encoder`."""
-
-    out_dir: Path
-    artifact: Path
-    manifest: dict[str, Any]
-    files: list[str] = field(default_factory=list)
+EncoderDeployResult = TokenDeployResult  # the sentence-embedding case of deploy_token_model
 
 
 def _tokenize(tokenizer: Any, sentences: Sequence[str]) -> np.ndarray:
-    enc = tokenizer(list(sentences), padding=True, return_tensors="np")
-    return np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)  # (N, 2, T)
+    from deltaplane.deploy.tokens import tokens_from_sentences
+
+    return tokens_from_sentences(tokenizer, sentences)
 
 
 def deploy_encoder(
@@ -374,7 +443,10 @@ def deploy_encoder(
     threads: int = 1,
     latency_iters: int = 30,
     card_info: dict[str, str] | None = None,
-) -> EncoderDeployResult:
+    gates: Gates | None = None,
+    recover: Callable[[nn.Module, PruneResult | None], dict[str, Any] | None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TokenDeployResult:
     """Compress a BERT-style sentence encoder into ``out_dir`` and measure embedding fidelity and latency.
 
     The shipped graph computes mean-pooled, L2-normalised embeddings (:class:`MeanPooledEncoder`). Fidelity is
@@ -383,128 +455,28 @@ def deploy_encoder(
     transformers), ``int8-static``, ``int4`` (ORT ``MatMulNBits`` weight-only int4 for every MatMul, and int4
     group-wise storage for the remaining float matrices, e.g. the token embedding table) or ``none``.
     Prune specs as in :func:`parse_prune` except ``channels`` (attention heads are not channel-prunable here).
+    The sentence-embedding case of :func:`~deltaplane.deploy.tokens.deploy_token_model` (gates, recovery,
+    progress as there).
     """
-    import copy
+    from deltaplane.deploy.tokens import deploy_token_model
 
-    from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
-    from deltaplane.deploy.profile import measure_latency
-
-    if quant not in QUANTS:
-        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
-    spec = parse_prune(prune)
-    if spec is not None and spec["method"] == "channels":
-        raise ConfigError(
-            "channel pruning is not supported for transformer encoders; use 2:4, wanda:… or 0.x"
-        )
     if not sentences or not calib_sentences:
         raise ConfigError("deploy_encoder needs evaluation sentences and calibration sentences")
-    out_dir = Path(out_dir)
-    ev, cal = _tokenize(tokenizer, sentences), _tokenize(tokenizer, calib_sentences)
-    reference = MeanPooledEncoder(encoder).eval()
-    with torch.inference_mode():
-        ref = reference(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1])).numpy()
-    fp32_nbytes = fp32_nbytes or _fp32_safetensors_nbytes(encoder)
-    source_sha256 = source_sha256 or state_dict_sha256(encoder.state_dict())
-    work = copy.deepcopy(encoder).eval()
-    result: PruneResult | None = None
-    if spec is not None:
-        calib = [
-            {
-                "input_ids": torch.from_numpy(cal[i : i + 8, 0]),
-                "attention_mask": torch.from_numpy(cal[i : i + 8, 1]),
-            }
-            for i in range(0, len(cal), 8)
-        ]
-        work, result = prune_model(work, spec, calibration=calib)
-    wrapped = MeanPooledEncoder(work).eval()
-    names = ("input_ids", "attention_mask")
-    axes = {n: {0: "batch", 1: "tokens"} for n in names} | {"embedding": {0: "batch"}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        example = (torch.from_numpy(ev[:2, 0]), torch.from_numpy(ev[:2, 1]))
-        exp = export_onnx(
-            wrapped,
-            example,
-            tmp / "fp32.onnx",
-            input_names=names,
-            output_names=("embedding",),
-            dynamic_axes=axes,
-            verify_inputs=[(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1]))],
-        )
-        shipped, store_quant, scheme = exp.path, "none", "fp32"
-        if quant in ("int8", "int8-dynamic"):
-            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="dynamic")
-            scheme = "int8 dynamic (ORT: int8 MatMul weights, uint8 embedding table)"
-        elif quant == "int8-static":
-            feeds = [
-                {"input_ids": cal[i : i + 1, 0], "attention_mask": cal[i : i + 1, 1]} for i in range(len(cal))
-            ]
-            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="static", calibration=feeds)
-            scheme = "int8 static (ORT QDQ)"
-        elif quant == "int4":
-            shipped = quantize_onnx(exp.path, tmp / "q.onnx", mode="int4")
-            store_quant = "int4"
-            scheme = (
-                "int4 weight-only (ORT MatMulNBits, block 32) + int4 group-32 storage of other float matrices"
-            )
-        info = pack_onnx(
-            shipped,
-            tmp / "model.dpla",
-            quant=store_quant,
-            manifest=_embedded(model_name, source_sha256, "onnx", prune, quant, scheme, sparsity_of(work)),
-        )
-        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
-        (tmp / "model.onnx").write_bytes(onnx_bytes)
-        for f in (exp.path, tmp / "q.onnx"):
-            f.unlink(missing_ok=True)
-        session = ort_session(onnx_bytes, threads=threads)
-
-        def ort_predict(x: np.ndarray) -> np.ndarray:
-            return session.run(None, {"input_ids": x[:, 0], "attention_mask": x[:, 1]})[0]
-
-        def torch_predict(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return reference(torch.from_numpy(x[:, 0]), torch.from_numpy(x[:, 1])).numpy()
-
-        cos = cosine_similarity_rows(ort_predict(ev), ref)
-        latency = {}
-        with _torch_threads(threads):
-            for b in (1, 32):
-                t = measure_latency(torch_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
-                c = measure_latency(ort_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
-                latency[str(b)] = {
-                    "fp32_p50_us": t.p50_us,
-                    "fp32_p95_us": t.p95_us,
-                    "p50_us": c.p50_us,
-                    "p95_us": c.p95_us,
-                    "ratio_p50": c.p50_us / t.p50_us,
-                }
-        manifest = {
-            "model": model_name,
-            "task": "sentence-embedding",
-            "source_sha256": source_sha256,
-            "format": "onnx",
-            "prune": prune or "none",
-            "prune_skipped_layers": result.skipped if result is not None else {},
-            "quant": quant,
-            "quant_scheme": scheme,
-            "weight_sparsity": sparsity_of(work),
-            "sizes": {
-                "fp32_safetensors_bytes": fp32_nbytes,
-                "artifact_bytes": info.nbytes,
-                "artifact_payload_bytes": info.payload_nbytes,
-                "compression_ratio": fp32_nbytes / info.nbytes,
-            },
-            "export_max_abs_diff": exp.max_abs_diff,
-            "fidelity": {
-                "sentences": len(sentences),
-                "cosine_min": float(cos.min()),
-                "cosine_mean": float(cos.mean()),
-            },
-            "latency_us": latency,
-        }
-        files = _publish(tmp, out_dir, manifest, card_info)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return EncoderDeployResult(out_dir, out_dir / "model.dpla", manifest, files)
+    return deploy_token_model(
+        encoder,
+        out_dir,
+        task="sentence-embedding",
+        eval_tokens=_tokenize(tokenizer, sentences),
+        calib_tokens=_tokenize(tokenizer, calib_sentences),
+        prune=prune,
+        quant=quant,
+        recover=recover,
+        gates=gates,
+        source_sha256=source_sha256,
+        fp32_nbytes=fp32_nbytes,
+        model_name=model_name,
+        threads=threads,
+        latency_iters=latency_iters,
+        card_info=card_info,
+        progress=progress,
+    )

@@ -224,15 +224,19 @@ class Comparison:
 
 
 def compare(baseline: Evaluation, candidate: Evaluation, *, tolerance: float = 0.0) -> Comparison:
-    """Side-by-side numbers; flags every variant whose accuracy drop exceeds the clean drop by > ``tolerance``.
+    """Side-by-side numbers; flags every variant that *loses* accuracy beyond the clean drop by > ``tolerance``.
 
-    ``tolerance`` is in accuracy points; 0 (the default) flags any larger OOD drop, which on a few hundred test
-    images includes single-image differences — raise it to the test set's granularity to flag only real losses.
+    A clean gain counts as a zero clean drop, so a variant is flagged only when it really drops (``d > 0``) and by
+    more than clean does. ``tolerance`` is in accuracy points; 0 (the default) flags any larger OOD drop, which on
+    a few hundred test images includes single-image differences.
     """
     drops = {
         k: 100.0 * (baseline.accuracy[k] - candidate.accuracy.get(k, float("nan"))) for k in baseline.accuracy
     }
-    flagged = [k for k, d in drops.items() if k != "clean" and d > drops["clean"] + tolerance]
+    # Only a *drop* beyond the clean drop is flagged: a clean gain counts as no drop, so a split that merely
+    # gains less than clean did (or gains more) is not blamed.
+    floor = max(drops["clean"], 0.0) + tolerance
+    flagged = [k for k, d in drops.items() if k != "clean" and d > 0 and d > floor]
     lat = {
         b: candidate.latency[b].p50_us / baseline.latency[b].p50_us
         for b in baseline.latency

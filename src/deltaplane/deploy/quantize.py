@@ -10,10 +10,12 @@ weights to float before computing (what CPU runtimes do for int4 weights anyway)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,32 @@ def quantize_dynamic_torch(model: nn.Module) -> nn.Module:
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
+@contextlib.contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """Keep ORT's quantization tooling from printing ``WARNING:root:...`` lines into our tables.
+
+    The tooling calls ``logging.warning`` on the root logger; with no handler configured that installs a stderr
+    handler (``basicConfig``) for the rest of the process. A temporary filter drops records raised from inside
+    ``onnxruntime`` (what they say — e.g. "consider pre-processing" — is acted on here already), and a temporary
+    ``NullHandler`` stops ``basicConfig`` from installing anything.
+    """
+
+    def not_ort(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    null = logging.NullHandler() if not root.handlers else None
+    if null is not None:
+        root.addHandler(null)
+    root.addFilter(not_ort)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_ort)
+        if null is not None:
+            root.removeHandler(null)
+
+
 class _Reader:
     """ONNX Runtime ``CalibrationDataReader`` over a list of input feeds."""
 
@@ -165,14 +193,7 @@ def quantize_onnx(
         block_size: values per int4 scale (int4 mode).
         op_types: restrict quantization to these ONNX op types (default: all ORT supports).
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod
 
     if mode not in ("dynamic", "static", "int4"):
         raise ConfigError(f"mode must be 'dynamic', 'static' or 'int4'. Found {mode!r}")
@@ -186,45 +207,9 @@ def quantize_onnx(
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
-        if mode == "int4":
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            quantizer = MatMulNBitsQuantizer(
-                onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
-            )
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(tmp), False)
-        elif mode == "dynamic":
-            quantize_dynamic(
-                str(src),
-                str(tmp),
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                op_types_to_quantize=list(op_types) if op_types else None,
-            )
-        else:
-            feeds = [dict(f) for f in (calibration or [])]
-            if not feeds:
-                raise ConfigError("static quantization needs calibration feeds ({input_name: array}, ...)")
-            # ORT's recommended pre-pass (symbolic shape inference + graph optimization) so the quantizer sees
-            # fused Conv+BN and every tensor's shape; without it it quantizes some tensors twice.
-            pre = dst.with_name(f".{dst.name}.pre.tmp")
-            try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-                src_q = pre
-            except Exception:  # the pre-pass is an optimization; fall back to the model as given
-                src_q = Path(src)
-            quantize_static(
-                str(src_q),
-                str(tmp),
-                _Reader(feeds),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                calibrate_method=methods[calibrate_method],
-                op_types_to_quantize=list(op_types) if op_types else None,
+        with _quiet_ort_logging():
+            _run_quantizer(
+                src, tmp, dst, mode, calibration, per_channel, methods[calibrate_method], op_types, block_size
             )
         tmp.replace(dst)
     except ConfigError:
@@ -235,3 +220,65 @@ def quantize_onnx(
         tmp.unlink(missing_ok=True)
         dst.with_name(f".{dst.name}.pre.tmp").unlink(missing_ok=True)
     return dst
+
+
+def _run_quantizer(
+    src: str | os.PathLike[str],
+    tmp: Path,
+    dst: Path,
+    mode: str,
+    calibration: Iterable[Mapping[str, np.ndarray]] | None,
+    per_channel: bool,
+    method: object,
+    op_types: Sequence[str] | None,
+    block_size: int,
+) -> None:
+    """Run ORT's quantizer for ``mode`` from ``src`` into ``tmp`` (``dst`` names the pre-pass scratch file)."""
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if mode == "int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(tmp), False)
+    elif mode == "dynamic":
+        quantize_dynamic(
+            str(src),
+            str(tmp),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )
+    else:
+        feeds = [dict(f) for f in (calibration or [])]
+        if not feeds:
+            raise ConfigError("static quantization needs calibration feeds ({input_name: array}, ...)")
+        # ORT's recommended pre-pass (symbolic shape inference + graph optimization) so the quantizer sees
+        # fused Conv+BN and every tensor's shape; without it it quantizes some tensors twice.
+        pre = dst.with_name(f".{dst.name}.pre.tmp")
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            src_q = pre
+        except Exception:  # the pre-pass is an optimization; fall back to the model as given
+            src_q = Path(src)
+        quantize_static(
+            str(src_q),
+            str(tmp),
+            _Reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=method,
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )

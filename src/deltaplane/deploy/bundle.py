@@ -1,0 +1,123 @@
+"""Read what ``deploy`` wrote (or any model file) as a state dict plus provenance, e.g. to register it.
+
+``deltaplane registry register NAME PATH`` stores model versions as state dicts; :func:`load_deployable` turns
+each accepted input into one, strictly:
+
+- ``.safetensors``: the tensors as they are;
+- ``.dpla``: the device artifact, decoded by :func:`~deltaplane.deploy.read_artifact` (magic, SHA-256, ranges
+  checked): its tensors exactly as shipped (int8 codes and scales of a quantized graph included);
+- ``.onnx``: the model's initializers (checked with ``onnx.checker`` first);
+- a deploy output folder: its ``model.dpla``, with ``manifest.json`` recorded in the lineage.
+
+The lineage names the source file, its SHA-256 and, for artifacts, the deploy recipe and the measured quality
+(sizes, fidelity, gates), so the registry can tell which compressed version came from which run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltaplane.errors import ConfigError, DecodeError
+
+__all__ = ["Deployable", "load_deployable"]
+
+_MANIFEST_KEYS = (
+    "model",
+    "task",
+    "prune",
+    "quant",
+    "quant_scheme",
+    "weight_sparsity",
+    "sizes",
+    "quality",
+    "gates",
+)
+
+
+@dataclass
+class Deployable:
+    """A state dict to register and what it came from (``lineage`` entries)."""
+
+    state: dict[str, Tensor]
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: manifest[k] for k in _MANIFEST_KEYS if k in manifest}
+
+
+def load_deployable(path: str | os.PathLike[str]) -> Deployable:
+    """The state dict and provenance of a ``.safetensors``, ``.dpla`` or ``.onnx`` file or a deploy folder.
+
+    Raises:
+        ConfigError: a path of another kind, or a folder without ``model.dpla``/``model.safetensors``.
+        DecodeError: a file that does not decode as what its suffix says.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.dpla").is_file():
+            out = load_deployable(p / "model.dpla")
+            mf = p / "manifest.json"
+            if mf.is_file():
+                try:
+                    out.lineage["deploy"] = _summary(json.loads(mf.read_text()))
+                except ValueError as e:
+                    raise DecodeError(f"{mf} is not valid JSON: {e}") from e
+            return out
+        if (p / "model.safetensors").is_file():
+            return load_deployable(p / "model.safetensors")
+        raise ConfigError(f"{p} holds neither model.dpla (a deploy output) nor model.safetensors")
+    if not p.is_file():
+        raise ConfigError(f"{p} does not exist")
+    source = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return Deployable(load_file(str(p)), {"source": source})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
+    if suffix == ".dpla":
+        from deltaplane.deploy.artifact import read_artifact
+
+        art = read_artifact(p)  # strict: DecodeError on anything malformed
+        lineage = {"source": source | {"format": "dpla"}, "deploy": _summary(art.manifest)}
+        return Deployable(art.state_dict(), lineage)
+    if suffix == ".onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        try:
+            model = onnx.load(str(p))
+            onnx.checker.check_model(model)
+        except Exception as e:  # onnx raises its own ValidationError / DecodeError types
+            raise DecodeError(f"{p} is not a valid ONNX model: {e}") from e
+        state = {
+            init.name: torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            for init in model.graph.initializer
+        }
+        if not state:
+            raise ConfigError(f"{p} has no initializers (weights) to register")
+        return Deployable(
+            state, {"source": source | {"format": "onnx", "opset": model.opset_import[0].version}}
+        )
+    raise ConfigError(f"{p}: registry register takes .safetensors, .dpla, .onnx or a deploy output folder")

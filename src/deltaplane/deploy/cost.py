@@ -1,0 +1,330 @@
+"""What running (and training) a model costs a device: MACs, peak activation memory, bytes, energy estimates.
+
+Three measured quantities and one model of energy:
+
+- **MACs per inference** — counted by PyTorch's ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass
+  (every matmul, convolution and attention product, 2 FLOPs per multiply-accumulate), plus the *non-zero* MACs a
+  sparse kernel could do (each Linear/Conv's MACs scaled by its weight density; ORT's CPU kernels do not skip
+  zeros, so the dense count is what the shipped graph executes).
+- **Peak activation memory** — of the graph ONNX Runtime actually executes: the shipped model is optimised by
+  ORT (fusions, constant folding), every intermediate tensor of the optimised graph is fetched on a real batch-1
+  input, and a liveness walk in node order (a tensor lives from the node that makes it to its last reader) gives
+  the peak of live activation bytes. Weights are not counted (they are ``model bytes``).
+- **Bytes** — weight bytes the runtime holds (the graph's initializers) and the artifact's size on disk.
+- **Energy** (an *estimate*, not a measurement): ``MACs × pJ/MAC + bytes moved × pJ/byte`` with a device
+  profile from :data:`PROFILES`; bytes moved assumes every weight byte is read once per inference and every
+  activation is written and read once (no cache reuse). Radio energy for federated rounds uses the LTE / Wi-Fi
+  power models of :data:`LINKS`.
+
+Profiles and their sources (order-of-magnitude figures; the table is data, so a team with measured numbers for
+its device passes its own :class:`DeviceProfile`):
+
+- ``phone`` — Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm): fp32 multiply 3.7 pJ + add 0.9 pJ
+  → 4.6 pJ per fp32 MAC; int8 multiply 0.2 pJ + add 0.03 pJ → 0.23 pJ per int8 MAC; DRAM 1.3–2.6 nJ per 64-bit
+  access → 160 pJ per byte (low end). Modern 5–7 nm phone SoCs and LPDDR5 are several times lower; the *ratios*
+  fp32 : int8 and compute : memory are what the table is for.
+- ``mcu`` — a Cortex-M4F microcontroller (STM32L4 class): about 100 µA/MHz in run mode at 3 V (ST datasheets)
+  → ≈ 300 pJ per cycle, memory included; int8 MAC ≈ 1 cycle with CMSIS-NN's SIMD kernels (Lai et al. 2018,
+  https://arxiv.org/abs/1801.06601) → 300 pJ; fp32 MAC ≈ 3 cycles on the FPU with loads → 900 pJ; a byte
+  moved ≈ ¼ cycle (32-bit loads) → 75 pJ.
+- links — Huang et al., "A Close Examination of Performance and Power Characteristics of 4G LTE Networks",
+  MobiSys 2012, Table 3 power model ``P = α_u·t_u + α_d·t_d + β`` (mW, t in Mbit/s): LTE α_u 438.39, α_d 51.97,
+  β 1288.04; Wi-Fi α_u 283.17, α_d 137.01, β 132.86. Energy per bit at throughput ``t`` is ``(α·t + β)/t`` nJ;
+  we evaluate it at 5 Mbit/s up / 10 Mbit/s down (LTE) and 10 / 20 Mbit/s (Wi-Fi). Tail energy after a transfer
+  is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltaplane.errors import ConfigError
+
+__all__ = [
+    "LINKS",
+    "PROFILES",
+    "DeviceProfile",
+    "Link",
+    "activation_memory",
+    "count_macs",
+    "federated_round_cost",
+    "inference_cost",
+]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Energy per operation of a device class (pJ), with where the numbers come from."""
+
+    name: str
+    pj_per_mac_fp32: float
+    pj_per_mac_int8: float
+    pj_per_byte: float  # moving one byte between memory and the compute unit
+    source: str
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    "phone": DeviceProfile(
+        "phone",
+        4.6,
+        0.23,
+        160.0,
+        "Horowitz ISSCC 2014, 45 nm: FP32 mul+add, INT8 mul+add, DRAM 64-bit access",
+    ),
+    "mcu": DeviceProfile(
+        "mcu", 900.0, 300.0, 75.0, "Cortex-M4F (STM32L4 class) ~100 µA/MHz at 3 V; CMSIS-NN ~1 int8 MAC/cycle"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """A radio's power model ``P = α_u·t_u + α_d·t_d + β`` (mW, Mbit/s) at assumed throughputs."""
+
+    name: str
+    alpha_up_mw_per_mbps: float
+    alpha_down_mw_per_mbps: float
+    beta_mw: float
+    up_mbps: float
+    down_mbps: float
+    source: str = "Huang et al. MobiSys 2012, Table 3"
+
+    @property
+    def uj_per_byte_up(self) -> float:
+        """µJ per byte sent: ``8 · (α_u·t + β) / t`` nJ/bit → µJ/byte."""
+        return 8 * (self.alpha_up_mw_per_mbps * self.up_mbps + self.beta_mw) / self.up_mbps / 1000
+
+    @property
+    def uj_per_byte_down(self) -> float:
+        return 8 * (self.alpha_down_mw_per_mbps * self.down_mbps + self.beta_mw) / self.down_mbps / 1000
+
+
+LINKS: dict[str, Link] = {
+    "lte": Link("lte", 438.39, 51.97, 1288.04, up_mbps=5.0, down_mbps=10.0),
+    "wifi": Link("wifi", 283.17, 137.01, 132.86, up_mbps=10.0, down_mbps=20.0),
+}
+
+
+def _as_args(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    if isinstance(example, tuple | list):
+        return tuple(example), {}
+    return (example,), {}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: Any) -> dict[str, int]:
+    """``{"macs": dense MACs, "nonzero_macs": MACs with zero weights skipped}`` for one forward pass on
+    ``example`` (a tensor, a tuple of positional args or a dict of keyword args).
+
+    Dense MACs come from ``FlopCounterMode`` (FLOPs / 2); the non-zero count subtracts, for every Linear and
+    Conv2d, its MACs times its weight's fraction of zeros (measured with forward hooks on the same pass).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args, kwargs = _as_args(example)
+    per_layer: list[tuple[int, float]] = []
+
+    def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        w = mod.weight
+        if isinstance(mod, nn.Linear):
+            macs = out.numel() * w.shape[1]
+        else:  # Conv2d: every output element reads in_channels/groups × kh × kw weights
+            macs = out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+        per_layer.append((int(macs), float((w == 0).float().mean())))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    macs = int(counter.get_total_flops()) // 2
+    skipped = sum(m * zero for m, zero in per_layer)
+    return {"macs": macs, "nonzero_macs": round(macs - skipped)}
+
+
+def activation_memory(
+    onnx_model: bytes | str | os.PathLike[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, int]:
+    """Peak and total activation bytes of the graph ONNX Runtime executes for ``feeds`` (module docstring).
+
+    Returns ``{"peak_activation_bytes", "total_activation_bytes", "weight_bytes"}``; inputs count as live until
+    their last reader, graph outputs until the end.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        opt_path = os.path.join(tmp, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = opt_path
+        so.log_severity_level = 3
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        model = onnx.load(opt_path)
+    graph = model.graph
+    weight_bytes = sum(
+        int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type) for i in graph.initializer
+    )
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for name in node.output:
+            if name and name not in outputs:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = sess.run(None, dict(feeds))
+    size = {o.name: int(v.nbytes) for o, v in zip(sess.get_outputs(), values, strict=True)}
+    size.update({k: int(np.asarray(v).nbytes) for k, v in feeds.items()})
+    nodes = list(graph.node)
+    last = {name: len(nodes) for name in outputs}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if name and name not in inits:
+                last[name] = max(last.get(name, i), i)
+    live = sum(size[k] for k in feeds)
+    peak, total = live, 0
+    alive = set(feeds)
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name:
+                live += size.get(name, 0)
+                total += size.get(name, 0)
+                alive.add(name)
+        peak = max(peak, live)
+        for name in [n for n in alive if last.get(n, -1) <= i]:
+            live -= size.get(name, 0)
+            alive.discard(name)
+    return {"peak_activation_bytes": peak, "total_activation_bytes": total, "weight_bytes": weight_bytes}
+
+
+def _itemsize(onnx_type: int) -> int:
+    from onnx import helper
+
+    return int(np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type)).itemsize)
+
+
+def inference_cost(
+    *,
+    macs: int,
+    weight_bytes: int,
+    total_activation_bytes: int,
+    int8: bool,
+    profiles: Sequence[DeviceProfile] | None = None,
+) -> dict[str, float]:
+    """Energy per inference in µJ per profile: ``MACs·pJ/MAC + (weights + 2·activations)·pJ/byte``."""
+    out = {}
+    moved = weight_bytes + 2 * total_activation_bytes
+    for p in profiles or PROFILES.values():
+        pj = macs * (p.pj_per_mac_int8 if int8 else p.pj_per_mac_fp32) + moved * p.pj_per_byte
+        out[p.name] = pj / 1e6
+    return out
+
+
+def federated_round_cost(
+    model: nn.Module,
+    example: Any,
+    *,
+    samples: int,
+    epochs: int,
+    bytes_up: int,
+    bytes_down: int,
+    profile: DeviceProfile | str = "phone",
+    links: Sequence[Link | str] = ("wifi", "lte"),
+) -> dict[str, Any]:
+    """One client's cost of one federated round: local training compute plus the radio for the round's bytes.
+
+    Training FLOPs ≈ 3 × forward FLOPs per sample (forward + backward, which costs about twice the forward:
+    Kaplan et al. 2020, https://arxiv.org/abs/2001.08361) × ``samples`` × ``epochs``, at fp32 MAC energy of the
+    profile; ``example`` is a single-sample input. Radio: ``bytes_up`` sent and ``bytes_down`` received at each
+    link's energy per byte (:data:`LINKS`). Returns MACs, bytes, and µJ for compute and per link, so a run
+    report can show what a round costs a phone on Wi-Fi vs LTE.
+    """
+    if samples < 0 or epochs < 0 or bytes_up < 0 or bytes_down < 0:
+        raise ConfigError("samples, epochs and byte counts must be non-negative")
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    fwd = count_macs(model, example)["macs"]
+    train_macs = 3 * fwd * samples * epochs
+    compute_uj = train_macs * prof.pj_per_mac_fp32 / 1e6
+    radio = {}
+    for link in links:
+        lk = LINKS[link] if isinstance(link, str) else link
+        radio[lk.name] = bytes_up * lk.uj_per_byte_up + bytes_down * lk.uj_per_byte_down
+    return {
+        "profile": prof.name,
+        "forward_macs_per_sample": fwd,
+        "train_macs": train_macs,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "compute_uj": compute_uj,
+        "radio_uj": radio,
+        "total_uj": {k: compute_uj + v for k, v in radio.items()},
+    }
+
+
+def profiles_table() -> list[dict[str, Any]]:
+    """The profiles and links as plain rows (for manifests and docs)."""
+    return [asdict(p) for p in PROFILES.values()] + [
+        asdict(lk) | {"uj_per_byte_up": lk.uj_per_byte_up, "uj_per_byte_down": lk.uj_per_byte_down}
+        for lk in LINKS.values()
+    ]
+
+
+def deploy_cost(
+    reference: nn.Module,
+    compressed: nn.Module,
+    example: Any,
+    *,
+    fp32_onnx: bytes | str | os.PathLike[str],
+    shipped_onnx: bytes | str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray],
+    fp32_bytes: int,
+    artifact_bytes: int,
+    int8: bool,
+) -> dict[str, Any]:
+    """fp32 vs compressed device cost per batch-1 inference, as recorded in a deploy manifest (``device_cost``).
+
+    ``fp32_onnx`` is the float graph of the reference architecture, ``shipped_onnx`` what the artifact decodes
+    to; ``example``/``feeds`` the same batch-1 input for PyTorch and ONNX Runtime.
+    """
+    rows = {}
+    for key, model, graph, nbytes, is_int8 in (
+        ("fp32", reference, fp32_onnx, fp32_bytes, False),
+        ("compressed", compressed, shipped_onnx, artifact_bytes, int8),
+    ):
+        macs = count_macs(model, example)
+        mem = activation_memory(graph, feeds)
+        rows[key] = {
+            **macs,
+            "model_bytes": nbytes,
+            **mem,
+            "int8_compute": is_int8,
+            "energy_uj": inference_cost(
+                macs=macs["macs"],
+                weight_bytes=mem["weight_bytes"],
+                total_activation_bytes=mem["total_activation_bytes"],
+                int8=is_int8,
+            ),
+        }
+    rows["note"] = (
+        "Estimates per batch-1 inference: dense MACs (ORT does not skip zeros) × pJ/MAC + (weights + 2 × "
+        "activations) × pJ/byte, profiles in deltaplane.deploy.cost (phone: Horowitz ISSCC 2014, 45 nm; mcu: "
+        "Cortex-M4F class)."
+    )
+    return rows

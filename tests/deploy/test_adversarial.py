@@ -1,0 +1,74 @@
+"""FGSM/PGD against closed forms and invariants; the adversarial gate blocks a level that is easier to attack."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from torch import nn
+from typer.testing import CliRunner
+
+from deltaplane.commands.deploy import register
+from deltaplane.deploy import save_checkpoint, torch_predictor
+from deltaplane.deploy.adversarial import adversarial_eval, fgsm, pgd
+from deltaplane.errors import ConfigError
+
+
+def test_fgsm_matches_the_softmax_regression_gradient_in_closed_form():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    x, y = torch.rand(8, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    W, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+    logits = x.numpy() @ W.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = (p - np.eye(3)[y.numpy()]) @ W  # d CE / dx for softmax regression (up to the 1/N of the mean)
+    want = np.clip(x.numpy() + 0.1 * np.sign(grad), 0, 1)
+    assert np.allclose(fgsm(lin, x, y, 0.1).numpy(), want, atol=1e-6)
+
+
+def test_pgd_stays_in_the_ball_and_beats_fgsm(trained_cnn, digits):
+    _, _, xte, yte = digits
+    x, y = torch.from_numpy(xte[:200]), torch.from_numpy(yte[:200])
+    adv = pgd(trained_cnn, x, y, 0.1, steps=10, seed=1)
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    acc = lambda a: float((trained_cnn(a).argmax(1) == y).float().mean())  # noqa: E731
+    with torch.no_grad():
+        clean, a_pgd = acc(x), acc(adv)
+    a_fgsm = acc(fgsm(trained_cnn, x, y, 0.1).detach())
+    assert a_pgd < a_fgsm < clean
+    assert torch.equal(adv, pgd(trained_cnn, x, y, 0.1, steps=10, seed=1))  # seeded
+    with pytest.raises(ConfigError):
+        pgd(trained_cnn, x, y, 0.1, steps=0)
+
+
+def test_same_model_has_zero_adversarial_drop(trained_cnn, digits):
+    _, _, xte, yte = digits
+    res = adversarial_eval(
+        trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte[:100], yte[:100], eps=(0.05,)
+    )
+    assert [r["drop_points"] for r in res["rows"]] == [0.0, 0.0]
+    assert set(res["quality"]["adversarial_drop_points"]) == {"fgsm ε=0.05", "pgd ε=0.05"}
+    with pytest.raises(ConfigError):
+        adversarial_eval(trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte, yte, eps=(-1,))
+
+
+def test_cli_adversarial_gate_blocks_a_level(tmp_path, trained_cnn):
+    from deltaplane.sim.model import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(trained_cnn.state_dict())
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    base = ["deploy", str(ckpt), "--prune", "0.97", "--finetune-epochs", "0", "--attack-eps", "0.05"]
+    loose = ["--max-accuracy-drop", "100", "--max-ood-drop", "100"]
+    r = CliRunner().invoke(app, [*base, *loose, "--max-adv-drop", "100", "-o", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    drop = m["quality"]["adversarial_drop_points"]["fgsm ε=0.05"]
+    assert drop > 1.0 and "## Adversarial robustness" in (tmp_path / "ok" / "MODEL_CARD.md").read_text()
+    r = CliRunner().invoke(app, [*base, *loose, "--max-adv-drop", "1", "-o", str(tmp_path / "no")])
+    assert r.exit_code == 3 and "max-adv-drop" in r.output and not (tmp_path / "no").exists()
