@@ -7,6 +7,8 @@ working, while callers that care can catch exactly what went wrong.
 from __future__ import annotations
 
 __all__ = [
+    "AdapterError",
+    "AdapterMismatch",
     "CodecError",
     "ConfigError",
     "DecodeError",
@@ -20,6 +22,7 @@ __all__ = [
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
+    "UnsupportedAdapter",
     "UnsupportedLayer",
     "VersionMismatch",
 ]
@@ -86,3 +89,15 @@ class SignatureError(DeltaplaneError, ValueError):
 
 class PromotionRefused(DeltaplaneError, RuntimeError):
     """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""
+
+
+class AdapterError(DeltaplaneError, ValueError):
+    """A LoRA adapter (folder, config or factors) is malformed; the message names the file, layer or field."""
+
+
+class AdapterMismatch(AdapterError, ShapeMismatch):
+    """An adapter does not fit: a target module missing in the base, or ranks/shapes that disagree."""
+
+
+class UnsupportedAdapter(AdapterError):
+    """An adapter uses a PEFT feature deltaplane does not handle (DoRA, bias LoRA, ...); the message names the field."""
