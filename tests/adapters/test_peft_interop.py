@@ -50,6 +50,7 @@ def max_diff(a, b) -> float:
         dict(r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"]),
         dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["query", "key", "dense"],
              rank_pattern={"intermediate.dense": 2}, alpha_pattern={"output.dense": 3}),
+        dict(r=3, lora_alpha=5, lora_bias=True, target_modules=["value", "dense"]),
     ],
 )  # fmt: skip
 def test_peft_trained_adapter_materializes_to_peft_merged_weights(tmp_path, kwargs):
@@ -61,15 +62,19 @@ def test_peft_trained_adapter_materializes_to_peft_merged_weights(tmp_path, kwar
     merged = pm.merge_and_unload().state_dict()
 
     lora = load_peft(tmp_path)
-    assert "bert.encoder.layer.0.attention.self.query.weight" in lora
+    t = kwargs["target_modules"][1]
+    v = next(k for k in lora if k.endswith(f"{t}.weight")).removesuffix(".weight")
+    if kwargs.get("lora_bias"):
+        assert lora[v + ".weight"].bias is not None
     assert set(lora.modules_to_save) == {"classifier.weight", "classifier.bias"}  # the SEQ_CLS head, in full
     if kwargs.get("rank_pattern"):
         assert lora["bert.encoder.layer.1.intermediate.dense.weight"].rank == 2
     ours = lora.merged_into(base)
     assert max_diff(ours, merged) <= 1e-6
     # the change is real: the adapted weights moved
-    q = "bert.encoder.layer.0.attention.self.query.weight"
-    assert float((merged[q] - base[q]).abs().max()) > 1e-4
+    assert float((merged[v + ".weight"] - base[v + ".weight"]).abs().max()) > 1e-4
+    if kwargs.get("lora_bias"):
+        assert float((merged[v + ".bias"] - base[v + ".bias"]).abs().max()) > 1e-4
 
 
 def test_our_adapter_loads_in_peft(tmp_path):
@@ -161,15 +166,15 @@ def test_unsupported_peft_configs_are_refused(tmp_path):
         load_peft(_saved(tmp_path / "dora", use_dora=True))
     folder = _saved(tmp_path / "plain")
     for field, value in [
-        ("lora_bias", True),
         ("bias", "all"),
+        ("use_qalora", True),
         ("init_lora_weights", "pissa"),
         ("peft_type", "IA3"),
     ]:
         _edit_config(folder, **{field: value})
         with pytest.raises(UnsupportedAdapter, match=field if field != "peft_type" else "IA3"):
             load_peft(folder)
-        _edit_config(folder, lora_bias=False, bias="none", init_lora_weights=True, peft_type="LORA")
+        _edit_config(folder, use_qalora=False, bias="none", init_lora_weights=True, peft_type="LORA")
     load_peft(folder)  # back to a plain LoRA: loads
 
 
@@ -194,6 +199,12 @@ def test_malformed_folders(tmp_path):
     t[next(k for k in t if k.endswith("lora_A.weight"))][0, 0] = float("nan")
     save_file(t, f)
     with pytest.raises(InvalidUpdate, match="NaN"):
+        load_peft(folder)
+    save_file(good, f)
+    t = dict(good)
+    t["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.bias"] = torch.zeros(32)
+    save_file(t, f)
+    with pytest.raises(AdapterError, match='set "lora_bias": true'):
         load_peft(folder)
     save_file(good, f)
     _edit_config(folder, target_modules=["value"])

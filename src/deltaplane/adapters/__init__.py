@@ -6,6 +6,6 @@ full :class:`~deltaplane.delta.Delta`, ``factors()`` the factors as a ``Delta`` 
 """
 
 from deltaplane.adapters.lora import LoRADelta, LoRALayer
-from deltaplane.adapters.peft_format import load_peft, peft_config, save_peft
+from deltaplane.adapters.peft_format import from_peft_state, load_peft, peft_config, save_peft
 
-__all__ = ["LoRADelta", "LoRALayer", "load_peft", "peft_config", "save_peft"]
+__all__ = ["LoRADelta", "LoRALayer", "from_peft_state", "load_peft", "peft_config", "save_peft"]

@@ -47,6 +47,7 @@ class LoRALayer:
         rslora: rank-stabilized scaling.
         embedding: PEFT's ``lora_embedding_A/B`` layout, ``ΔW = scaling · (B A)ᵀ`` of shape (num_embeddings, dim).
         fan_in_fan_out: the base weight is stored (in, out) (GPT-2's ``Conv1D``): ``ΔW = scaling · (B A)ᵀ``.
+        bias: PEFT's ``lora_B.bias`` (``lora_bias=True``): the layer's bias changes by ``scaling · bias``.
     """
 
     A: Tensor
@@ -55,6 +56,7 @@ class LoRALayer:
     rslora: bool = False
     embedding: bool = False
     fan_in_fan_out: bool = False
+    bias: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2:
@@ -66,6 +68,12 @@ class LoRALayer:
                 f"rank mismatch: A has {self.A.shape[0]} rows but B has {self.B.shape[1]} columns "
                 f"(A {tuple(self.A.shape)}, B {tuple(self.B.shape)}); both must equal the rank r"
             )
+        if self.bias is not None and (self.bias.dim() != 1 or self.bias.shape[0] != self.B.shape[0]):
+            raise AdapterMismatch(
+                f"lora_B.bias has shape {tuple(self.bias.shape)} but B has {self.B.shape[0]} output rows"
+            )
+        if self.embedding and self.bias is not None:
+            raise AdapterMismatch("an embedding LoRA has no bias")
         if not math.isfinite(self.alpha):
             raise AdapterError(f"lora_alpha must be finite. Found {self.alpha!r}")
 
@@ -102,8 +110,12 @@ class LoRALayer:
         w = w * self.scaling
         return w.to(self.A.dtype) if half else w
 
+    def delta_bias(self) -> Tensor | None:
+        """The change of the layer's bias (``scaling · lora_B.bias``), or ``None``."""
+        return None if self.bias is None else self.bias * self.scaling
+
     def numel(self) -> int:
-        return self.A.numel() + self.B.numel()
+        return self.A.numel() + self.B.numel() + (0 if self.bias is None else self.bias.numel())
 
 
 class LoRADelta(Mapping[str, LoRALayer]):
@@ -204,6 +216,14 @@ class LoRADelta(Mapping[str, LoRALayer]):
                 raise AdapterMismatch(
                     f"adapter targets '{module_of(name)}' but the base model has no tensor '{name}'{hint}"
                 )
+            layer = self._layers.get(name)
+            if layer is not None and layer.bias is not None:
+                bias_name = module_of(name) + ".bias"
+                if bias_name not in base or tuple(base[bias_name].shape) != tuple(layer.bias.shape):
+                    raise AdapterMismatch(
+                        f"adapter layer '{name}' changes the bias '{bias_name}' (lora_bias) but the base has "
+                        f"{'no such tensor' if bias_name not in base else tuple(base[bias_name].shape)}"
+                    )
             want = tuple(base[name].shape)
             have = (
                 self._layers[name].shape if name in self._layers else tuple(self.modules_to_save[name].shape)
@@ -227,10 +247,13 @@ class LoRADelta(Mapping[str, LoRALayer]):
             AdapterMismatch: a target module is missing in ``base`` or has another shape.
         """
         self.check_base(base)
+        biases = {module_of(k) + ".bias": v for k, v in self.items() if v.bias is not None}
         out: dict[str, Tensor] = {}
         for name, b in base.items():
             if name in self._layers:
                 out[name] = self._layers[name].delta_weight().to(b.dtype)
+            elif name in biases:
+                out[name] = biases[name].delta_bias().to(b.dtype)  # type: ignore[union-attr]
             elif name in self.modules_to_save:
                 out[name] = self.modules_to_save[name].to(b.dtype) - b.detach()
             elif not only_adapted:
@@ -255,6 +278,8 @@ class LoRADelta(Mapping[str, LoRALayer]):
         for name, layer in self.items():
             ka, kb = self.factor_names(name)
             out[ka], out[kb] = layer.A, layer.B
+            if layer.bias is not None:
+                out[f"{module_of(name)}.lora_B.bias"] = layer.bias
         out.update(self.modules_to_save)
         return Delta(out)
 
@@ -274,7 +299,8 @@ class LoRADelta(Mapping[str, LoRALayer]):
         layers = {}
         for name, layer in self.items():
             ka, kb = self.factor_names(name)
-            layers[name] = replace(layer, A=factors[ka], B=factors[kb])
+            bias = factors[f"{module_of(name)}.lora_B.bias"] if layer.bias is not None else None
+            layers[name] = replace(layer, A=factors[ka], B=factors[kb], bias=bias)
         return self.replace(layers=layers, modules_to_save={k: factors[k] for k in self.modules_to_save})
 
     def replace(

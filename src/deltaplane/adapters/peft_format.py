@@ -28,7 +28,16 @@ from torch import Tensor
 from deltaplane.adapters.lora import LoRADelta, LoRALayer, module_of
 from deltaplane.errors import AdapterError, AdapterMismatch, InvalidUpdate, UnsupportedAdapter
 
-__all__ = ["CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "load_peft", "peft_config", "save_peft"]
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "check_config",
+    "from_peft_state",
+    "load_peft",
+    "peft_config",
+    "save_peft",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,7 +50,6 @@ _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # field -> (value meaning "not used", what to do instead)
 _REFUSED: dict[str, tuple[Any, str]] = {
     "use_dora": (False, "DoRA's magnitude vector is not a low-rank delta; merge the adapter with PEFT first"),
-    "lora_bias": (False, "bias LoRA is not supported; train without lora_bias"),
     "bias": (
         "none",
         "trained biases are not supported; use bias='none' or list the module in modules_to_save",
@@ -85,29 +93,39 @@ def _read_config(folder: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    check_config(cfg, str(path))
+    return cfg
+
+
+def check_config(cfg: Any, where: str = CONFIG_NAME) -> None:
+    """Raise unless ``cfg`` (an ``adapter_config.json`` dict) is a LoRA config whose meaning we keep exactly.
+
+    Raises:
+        AdapterError: not an object, or ``r`` / ``lora_alpha`` / patterns malformed.
+        UnsupportedAdapter: another PEFT type, or a LoRA feature we do not handle (named in the message).
+    """
     if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: must hold a JSON object")
+        raise AdapterError(f"{where}: must hold a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise UnsupportedAdapter(
-            f"{path}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters are supported"
+            f"{where}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters are supported"
         )
     for key, (unused, why) in _REFUSED.items():
         value = cfg.get(key)
         if value is not None and value != unused and value not in (False, {}, []):
-            raise UnsupportedAdapter(f"{path}: {key}={value!r}: {why}")
+            raise UnsupportedAdapter(f"{where}: {key}={value!r}: {why}")
     init = cfg.get("init_lora_weights", True)
     if init not in _SAFE_INITS:
         raise UnsupportedAdapter(
-            f"{path}: init_lora_weights={init!r} rewrites the base weights, so these factors do not apply to the "
+            f"{where}: init_lora_weights={init!r} rewrites the base weights, so these factors do not apply to the "
             "original base; save with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA"
         )
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), int | float) or isinstance(cfg.get(key), bool):
-            raise AdapterError(f"{path}: '{key}' must be a number. Found {cfg.get(key)!r}")
+            raise AdapterError(f"{where}: '{key}' must be a number. Found {cfg.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(key) or {}, dict):
-            raise AdapterError(f"{path}: '{key}' must be an object. Found {cfg.get(key)!r}")
-    return cfg
+            raise AdapterError(f"{where}: '{key}' must be an object. Found {cfg.get(key)!r}")
 
 
 def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
@@ -136,18 +154,37 @@ def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: cannot read ({exc})") from None
+    return from_peft_state(cfg, tensors, where=str(weights))
 
+
+def from_peft_state(
+    cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *, where: str = "adapter"
+) -> LoRADelta:
+    """A :class:`LoRADelta` from a PEFT config dict and adapter state dict (``get_peft_model_state_dict``'s keys,
+    with or without the ``base_model.model.`` prefix): how a LoRA trained in memory with PEFT becomes a delta.
+
+    Raises the errors of :func:`load_peft`.
+    """
+    cfg = dict(cfg)
+    check_config(cfg, where)
+    weights = where
     save_modules = list(cfg.get("modules_to_save") or [])
     factors: dict[str, dict[str, Tensor]] = {}
     embedding: dict[str, bool] = {}
     full: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterError(f"{weights}: tensor '{key}' does not start with '{PREFIX}'")
-        name = key[len(PREFIX) :]
+        name = key.removeprefix(PREFIX)
         m = re.fullmatch(r"(.+)\.lora_(A|B)\.weight", name) or re.fullmatch(
             r"(.+)\.lora_embedding_(A|B)", name
         )
+        if name.endswith(".lora_B.bias"):
+            if not cfg.get("lora_bias", False):
+                raise AdapterError(
+                    f"{weights}: tensor '{key}' is a LoRA bias but {CONFIG_NAME} has lora_bias=false, so PEFT "
+                    'would ignore it; set "lora_bias": true to apply it (or delete the tensor to drop it)'
+                )
+            factors.setdefault(name.removesuffix(".lora_B.bias"), {})["bias"] = t
+            continue
         if m:
             module, which = m.group(1), m.group(2)
             is_emb = "lora_embedding_" in name
@@ -168,7 +205,7 @@ def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     layers: dict[str, LoRALayer] = {}
     for module, ab in factors.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             missing = "B" if "A" in ab else "A"
             raise AdapterError(f"{weights}: layer '{module}' has no lora_{missing} factor")
         if not _is_target(module, targets) or (excluded and _is_target(module, excluded)):
@@ -187,8 +224,9 @@ def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
                 B,
                 alpha=float(alpha),
                 rslora=bool(cfg.get("use_rslora", False)),
-                embedding=embedding[module],
-                fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) and not embedding[module],
+                embedding=embedding.get(module, False),
+                fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) and not embedding.get(module, False),
+                bias=ab.get("bias"),
             )
         except AdapterMismatch as exc:
             raise AdapterMismatch(f"{weights}: layer '{module}': {exc}") from None
@@ -249,6 +287,7 @@ def peft_config(lora: LoRADelta) -> dict[str, Any]:
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in lora.values()),
         "lora_dropout": 0.0,
         "bias": "none",
+        "lora_bias": any(layer.bias is not None for layer in lora.values()),
         "init_lora_weights": True,
         "inference_mode": True,
     }
