@@ -32,7 +32,7 @@ def extract_lora_command(
     bias: Annotated[bool, typer.Option(help="carry changed biases as lora_B.bias (lora_bias=true)")] = True,
     randomized_above: Annotated[
         int, typer.Option(help="randomized SVD for layers whose smaller side exceeds this")
-    ] = 1024,
+    ] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-layer table")] = False,
 ) -> None:
     """Extract a LoRA adapter (truncated SVD per linear layer, streamed) and report each layer's error."""
