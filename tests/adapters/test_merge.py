@@ -117,7 +117,9 @@ def test_dare_equals_peft_given_the_same_masks(kind, monkeypatch):
 def test_cat_is_exact_and_svd_is_the_best_rank_r():
     g = torch.Generator().manual_seed(0)
     adapters = [
-        LoRADelta({"w": LoRALayer(torch.randn(r, 20, generator=g), torch.randn(12, r, generator=g), alpha=2.0 * r)})
+        LoRADelta(
+            {"w": LoRALayer(torch.randn(r, 20, generator=g), torch.randn(12, r, generator=g), alpha=2.0 * r)}
+        )
         for r in (2, 3)
     ]
     exact = sum(w * a["w"].delta_weight() for a, w in zip(adapters, (1.0, -0.5), strict=True))

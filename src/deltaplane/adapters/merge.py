@@ -39,7 +39,7 @@ from deltaplane.merging import GeneralizedTaskArithmetic, MergeMethod, get_metho
 __all__ = ["COMBINATION_TYPES", "merge_adapters"]
 
 _FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_SVD = tuple(f"{c}_svd" for c in ("ties", "dare_linear", "dare_ties", "magnitude_prune")) + ("svd",)
+_SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = (*_FACTOR, *_SVD, "cat")
 """The combination types, named as PEFT's ``add_weighted_adapter`` names them."""
 
@@ -129,9 +129,13 @@ def merge_adapters(
             them with :func:`deltaplane.merging.merge` and drop them with ``adapter.replace(modules_to_save={})``).
     """
     if combination_type not in COMBINATION_TYPES:
-        raise ConfigError(f"unknown combination_type '{combination_type}'. Known: {', '.join(COMBINATION_TYPES)}")
+        raise ConfigError(
+            f"unknown combination_type '{combination_type}'. Known: {', '.join(COMBINATION_TYPES)}"
+        )
     if majority_sign_method not in ("total", "frequency"):
-        raise ConfigError(f"majority_sign_method must be 'total' or 'frequency'. Found {majority_sign_method!r}")
+        raise ConfigError(
+            f"majority_sign_method must be 'total' or 'frequency'. Found {majority_sign_method!r}"
+        )
     adapters = list(adapters)
     if not adapters:
         raise ConfigError("merge_adapters: no adapters given")
@@ -153,7 +157,9 @@ def merge_adapters(
         layers = [layer for layer, _ in present]
         shapes = {layer.shape for layer in layers}
         if len(shapes) > 1 or len({(la.embedding, la.fan_in_fan_out) for la in layers}) > 1:
-            raise AdapterMismatch(f"layer '{name}': the adapters disagree on its shape or layout: {sorted(shapes)}")
+            raise AdapterMismatch(
+                f"layer '{name}': the adapters disagree on its shape or layout: {sorted(shapes)}"
+            )
         ref = layers[0]
         if kind == "cat":
             A = torch.cat([w * la.scaling * la.A for la, w in present], dim=0)
