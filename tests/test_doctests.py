@@ -17,6 +17,8 @@ MODULES = [
     "deltaplane.aggregation.dp",
     "deltaplane.aggregation.validation",
     "deltaplane.apps.digits.followup",
+    "deltaplane.adapters.lora",
+    "deltaplane.adapters.bundle",
 ]
 
 

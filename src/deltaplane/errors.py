@@ -7,6 +7,8 @@ working, while callers that care can catch exactly what went wrong.
 from __future__ import annotations
 
 __all__ = [
+    "AdapterError",
+    "AdapterMismatch",
     "CodecError",
     "ConfigError",
     "DecodeError",
@@ -24,6 +26,7 @@ __all__ = [
     "SignatureError",
     "SpecError",
     "TaskError",
+    "UnsupportedAdapter",
     "UnsupportedLayer",
     "UnsupportedOption",
     "VersionMismatch",
@@ -114,6 +117,8 @@ class TaskError(DeltaplaneError, ValueError):
 class UnsupportedOption(ConfigError):
     """A run option that the chosen driver (engine or transport) cannot honour, with the physical reason; raised
     before the run starts, never silently ignored."""
+
+
 class QualityGateFailed(GateRefused):
     """A compressed model missed a deploy quality gate (cosine, accuracy, OOD or adversarial drop); nothing shipped.
 
@@ -125,3 +130,15 @@ class QualityGateFailed(GateRefused):
         super().__init__(message)
         self.results = results or []
         self.manifest = manifest or {}
+
+
+class AdapterError(DeltaplaneError, ValueError):
+    """A LoRA adapter (folder, config or factors) is malformed; the message names the file, layer or field."""
+
+
+class AdapterMismatch(AdapterError, ShapeMismatch):
+    """An adapter does not fit: a target module missing in the base, or ranks/shapes that disagree."""
+
+
+class UnsupportedAdapter(AdapterError):
+    """An adapter uses a PEFT feature deltaplane does not handle (DoRA, bias LoRA, ...); the message names the field."""

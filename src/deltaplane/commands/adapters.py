@@ -1,0 +1,84 @@
+"""``deltaplane extract-lora FINETUNED --base BASE --rank r -o ADAPTER/``: a PEFT adapter from a full fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltaplane.commands import clean_errors
+
+__all__ = ["register"]
+
+
+def extract_lora_command(
+    finetuned: Annotated[Path, typer.Argument(help="fine-tuned model: folder (model.safetensors) or file")],
+    base: Annotated[Path, typer.Option("--base", help="the base model it was fine-tuned from")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output PEFT adapter folder")],
+    rank: Annotated[
+        int | None, typer.Option("--rank", "-r", help="rank of every layer (cap with --energy)")
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="per-layer rank: smallest keeping this fraction of the change's squared norm"),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="regex on weight names to extract (repeatable)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="regex on weight names to skip (default: embeddings, heads)")
+    ] = None,
+    bias: Annotated[bool, typer.Option(help="carry changed biases as lora_B.bias (lora_bias=true)")] = True,
+    randomized_above: Annotated[
+        int, typer.Option(help="randomized SVD for layers whose smaller side exceeds this")
+    ] = 256,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-layer table")] = False,
+) -> None:
+    """Extract a LoRA adapter (truncated SVD per linear layer, streamed) and report each layer's error."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from deltaplane.adapters.extract import DEFAULT_EXCLUDE, extract_lora
+
+    console = Console(soft_wrap=True)
+    with clean_errors(OSError):
+        t = time.perf_counter()
+        result = extract_lora(
+            finetuned,
+            base,
+            rank=rank,
+            energy=energy,
+            include=include or None,
+            exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE,
+            bias=bias,
+            randomized_above=randomized_above,
+        )
+        if not result.lora:
+            from deltaplane.errors import AdapterError
+
+            raise AdapterError("no selected linear layer differs between the two models: nothing to extract")
+        result.lora.base_model = str(base)
+        result.lora.save_peft(str(out))
+        seconds = time.perf_counter() - t
+    if not quiet:
+        table = Table("layer", "shape", "rank", "rel. error", "energy kept", "svd")
+        for r in result.layers:
+            table.add_row(
+                r.name, "x".join(map(str, r.shape)), str(r.rank), f"{r.rel_error:.4f}", f"{r.energy:.4f}",
+                "randomized" if r.randomized else "full",
+            )  # fmt: skip
+        console.print(table)
+    for name, rel in result.uncaptured.items():
+        console.print(f"[yellow]not in the adapter:[/yellow] {name} changed by {rel:.3g} of its norm")
+    console.print(
+        f"extracted {len(result.layers)} layers ({result.lora.numel():,} values, {result.lora.nbytes / 1e6:.2f} MB), "
+        f"mean relative error {result.mean_error():.4f}, into {out} in {seconds:.2f} s"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``extract-lora`` to the deltaplane CLI."""
+    app.command("extract-lora")(extract_lora_command)
