@@ -84,11 +84,11 @@ def test_privacy_epsilon_is_what_a_dp_run_reports_fixed_or_adaptive() -> None:
 
 def test_impossible_schedules_are_usage_errors() -> None:
     for args, msg in [
-        (["-q", "1.5", "-T", "10"], "sampling_rate must be in"),
-        (["-q", "0.2", "-T", "-3"], "must be a non-negative integer"),
-        (["-q", "0.2", "-T", "10", "--delta", "2"], "delta must be in"),
+        (["-q", "1.5", "-T", "10"], "must be in (0, 1]; got 1.5"),
+        (["-q", "0.2", "-T", "-3"], "x>=1"),
+        (["-q", "0.2", "-T", "10", "--delta", "2"], "must be in (0, 1); got 2"),
     ]:
         out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "1", *args])
-        assert out.exit_code != 0 and msg in out.output, out.output
+        assert out.exit_code == 2 and msg in out.output, out.output
     out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "-1", "-q", "0.2", "-T", "10"])
-    assert out.exit_code != 0 and "noise_multiplier must be non-negative" in out.output
+    assert out.exit_code == 2 and "--noise" in out.output and "got -1" in out.output

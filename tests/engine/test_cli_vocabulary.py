@@ -14,7 +14,7 @@ from deltaplane.cli import app
 def _run(args, tmp_path):
     return CliRunner().invoke(
         app,
-        ["run", "--no-baseline", "--no-followup", "--out", str(tmp_path / "out"), *args],
+        ["run", "--no-baseline", "--no-followup", "--overwrite", "--out", str(tmp_path / "out"), *args],
         terminal_width=200,
     )
 

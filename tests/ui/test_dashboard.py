@@ -52,7 +52,7 @@ def world(tmp_path_factory):
     results = {
         "baseline": run_simulation(base),
         "topk": run_simulation(base.replace(codec="topk(0.05) | quant(bits=8)")),
-        "dp": run_simulation(base.replace(clip="0.5", dp_noise=0.8)),
+        "dp": run_simulation(base.replace(clip="adaptive", dp_noise=0.8)),
     }
     report = write_report(
         [{"name": n, **r.to_dict()} for n, r in results.items()], runs / "demo", baseline="baseline"

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused
+from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -56,7 +56,8 @@ def exit_code_for(exc: BaseException) -> int:
     """The documented exit code for an error a command ends with."""
     if isinstance(exc, GateRefused):
         return EXIT_REFUSED
-    if isinstance(exc, ConfigError | CodecError):  # CodecError covers SpecError: a malformed codec spec
+    # CodecError covers SpecError (a malformed codec spec); TaskError a --task path or options that do not fit
+    if isinstance(exc, ConfigError | CodecError | TaskError):
         return EXIT_USAGE
     return EXIT_FAILURE
 
