@@ -57,7 +57,8 @@ def _method(kind: str, majority_sign_method: str) -> tuple[MergeMethod, dict]:
         ), {}  # fmt: skip
     sparsification = "magnitude" if kind == "ties" else "random"
     if kind == "dare_linear":
-        return get_method("dare_linear"), {"rescale": True}
+        # PEFT rescales DARE's survivors by 1/density (mergekit's default rescale keeps the L1 norm instead)
+        return get_method("dare_linear"), {"rescale": True, "rescale_norm": "density"}
     method = (
         get_method(kind)
         if consensus == "sum"
@@ -68,7 +69,7 @@ def _method(kind: str, majority_sign_method: str) -> tuple[MergeMethod, dict]:
         )
     )  # fmt: skip
     # the disjoint mean over agreeing entries: with pre-weighted inputs and unit weights, the divisor is the count
-    return method, {"normalize": True, "rescale": kind == "dare_ties"}
+    return method, {"normalize": True, "rescale": kind == "dare_ties", "rescale_norm": "density"}
 
 
 def _combine(
