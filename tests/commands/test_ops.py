@@ -71,7 +71,7 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     assert r.exit_code == 0 and '"round": 0' in r.output and "evaluation" in r.output
     r = cli("registry", "show", "cnn:production", "--json")
     doc = json.loads(r.output)
-    assert doc["ref"] == "cnn@1" and doc["lineage"] == {"round": 0} and len(doc["evaluations"]) == 2
+    assert doc["ref"] == "cnn@1" and doc["lineage"]["round"] == 0 and len(doc["evaluations"]) == 2
     listed = json.loads(cli("registry", "list", "cnn", "--json").output)
     assert [(v["ref"], v["tags"]) for v in listed] == [
         ("cnn@1", ["production"]),
