@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev,all
 OUT ?= runs/default
 
-.PHONY: run test bench lint format clean
+.PHONY: run test bench lint format clean flower-example
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
+
+# The Flower app example on Flower's local simulation SuperLink, with this checkout's deltaplane (nothing is
+# installed at run time: deltaplane is not on the package index).
+flower-example: $(STAMP)
+	cd examples/flower-app && FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 ../../$(VENV)/bin/flwr run . local --stream
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

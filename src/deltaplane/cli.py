@@ -213,7 +213,12 @@ def run(
         results, finished = _execute(plan)
         task_name = _task_name(cfg)
         rows = _summarize(results)
-        console.print(_summary_table(rows, cfg.describe_aggregation(), task_name))
+        where = (
+            " over HTTP (simulated devices ↔ a real deltaplane serve on loopback)"
+            if cfg.transport == "http"
+            else ""
+        )
+        console.print(_summary_table(rows, cfg.describe_aggregation() + where, task_name))
         for row in rows:
             _warn_far_below_baseline(row)
         stopped = [r for r in results if r.get("stopped")]

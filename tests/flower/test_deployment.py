@@ -141,3 +141,32 @@ def test_superlink_and_two_supernodes_complete_rounds(
     # 1% top-k + 8-bit of an 18,346-parameter CNN: a few hundred bytes per node, not 73 kB of fp32
     assert all(0 < int(r[2]) < 2 * 2_000 for r in rounds), rounds
     assert time.monotonic() - t0 < DEADLINE_S
+
+
+LOCAL_SUPERLINK_PORT = 39091  # where `flwr run . local` starts (or finds) Flower's local SuperLink
+
+
+def test_flwr_run_local_runs_the_example_from_a_checkout(tmp_path: Path) -> None:
+    """`flwr run . local` as the example's README says (issue 22): Flower's own local simulation SuperLink,
+    with runtime dependency installation off so the checkout's deltaplane is used (it is not on PyPI)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", LOCAL_SUPERLINK_PORT)) == 0:
+            pytest.fail(f"a local Flower SuperLink already listens on {LOCAL_SUPERLINK_PORT}; stop it first")
+    home = tmp_path / "flwr-home"
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "local", "--stream", "--run-config", "num-server-rounds=2"],
+            cwd=APP,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S * 2,
+        )
+    finally:  # the local SuperLink outlives `flwr run`: stop the one this test started (its database is ours)
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "deltaplane done: 2 rounds" in out, out[-3000:]
+    assert "Exit Code" not in out and "uv sync failed" not in out

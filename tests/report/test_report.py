@@ -108,3 +108,17 @@ def test_load_report_rejects_other_files(tmp_path: Path) -> None:
 def test_build_report_keeps_runs_verbatim() -> None:
     doc = build_report(RUNS, baseline="baseline")
     assert doc["runs"] == RUNS
+
+
+def test_a_secagg_run_shows_what_was_really_sent() -> None:
+    """SecAgg uploads masked ring values, not the codec's payload: the summary says so (issue 22)."""
+    from deltaplane.report.summary import sent_codec
+
+    assert sent_codec({"codec": "topk(0.01)", "secagg": False}) == "topk(0.01)"
+    assert sent_codec({"codec": "identity", "secagg": True, "secagg_bits": 20}) == (
+        "SecAgg masked 20-bit ring values (of identity)"
+    )
+    run = _run("secure", "identity", 100, [0.5])
+    run["config"] = dict(run["config"], secagg=True, secagg_bits=16)
+    (row,) = summarize([run])
+    assert row.codec.startswith("SecAgg masked 16-bit ring values")

@@ -55,6 +55,7 @@ def test_cli_run_transport_http_writes_a_report_with_a_drift_section(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
+    assert "over HTTP" in r.output  # the terminal says which transport carried the run (issue 22)
     html = (tmp_path / "report.html").read_text()
     assert "<h2>Drift</h2>" in html and "prediction PSI" in html
     report = json.loads((tmp_path / "report.json").read_text())

@@ -46,13 +46,35 @@ def _home(home: Path | None) -> Path:
 
 
 def load_evaluator(spec: str) -> Any:
-    """Import ``package.module:callable``; the callable maps a state dict to metrics."""
-    module, _, name = spec.partition(":")
+    """Import ``package.module:callable`` or ``path/to/file.py:callable``; it maps a state dict to metrics.
+
+    A module is looked up in the current working directory too (as ``python -m`` would), so an evaluator
+    written next to the model works without ``PYTHONPATH=.``.
+    """
+    import sys
+
+    module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise ConfigError(f"evaluator must be 'package.module:function'. Found {spec!r}")
+        raise ConfigError(
+            f"evaluator must be 'package.module:function' or 'path/to/file.py:function'. Found {spec!r}"
+        )
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
+        if module.endswith(".py") or "/" in module or os.sep in module:
+            from importlib.util import module_from_spec, spec_from_file_location
+
+            path = Path(module)
+            if not path.is_file():
+                raise ConfigError(f"evaluator file {path} does not exist")
+            mod_spec = spec_from_file_location(f"deltaplane_evaluator_{path.stem}", path)
+            assert mod_spec is not None and mod_spec.loader is not None
+            mod = module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except (ImportError, AttributeError, SyntaxError) as exc:
         raise ConfigError(f"cannot import evaluator {spec!r}: {exc}") from None
     if not callable(fn):
         raise ConfigError(f"evaluator {spec!r} is not callable")
@@ -263,13 +285,28 @@ def register(app: typer.Typer) -> None:
         from deltaplane.registry import Registry, promote
 
         with _errors():
+            fn = load_evaluator(evaluator)
+            # the gate: --tolerance if given, else what the evaluator declares, else the default limits
+            declared = getattr(fn, "tolerance", None)
+            if tolerance:
+                gate = _tolerance(tolerance)
+            elif declared is not None:
+                from deltaplane.registry import Tolerance
+
+                gate = Tolerance(dict(declared))
+            else:
+                gate = _tolerance(None)
+            err_console.print(
+                "gate: "
+                + ", ".join(f"{k} may drop by at most {v:g}" for k, v in gate.limits.items())
+                + (
+                    ""
+                    if tolerance or declared is not None
+                    else " (defaults; set --tolerance or evaluate.tolerance)"
+                )
+            )
             res = promote(
-                Registry(_home(home)),
-                ref,
-                to=to,
-                evaluator=load_evaluator(evaluator),
-                tolerance=_tolerance(tolerance),
-                evaluator_name=evaluator,
+                Registry(_home(home)), ref, to=to, evaluator=fn, tolerance=gate, evaluator_name=evaluator
             )
         console.print(escape(res.summary()))
 

@@ -81,9 +81,14 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
                 except ValueError as e:
                     raise DecodeError(f"{mf} is not valid JSON: {e}") from e
             return out
-        if (p / "model.safetensors").is_file():
-            return load_deployable(p / "model.safetensors")
-        raise ConfigError(f"{p} holds neither model.dpla (a deploy output) nor model.safetensors")
+        out = _hf_folder(p)
+        if out is not None:
+            return out
+        raise ConfigError(
+            f"{p} holds neither model.dpla (a deploy output) nor model.safetensors / model.safetensors.index.json "
+            "(a Hugging Face checkpoint); a .bin checkpoint must be converted first (load it with torch and "
+            "save_file(state, 'model.safetensors'))"
+        )
     if not p.is_file():
         raise ConfigError(f"{p} does not exist")
     source = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
@@ -121,3 +126,47 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             state, {"source": source | {"format": "onnx", "opset": model.opset_import[0].version}}
         )
     raise ConfigError(f"{p}: registry register takes .safetensors, .dpla, .onnx or a deploy output folder")
+
+
+def _hf_folder(p: Path) -> Deployable | None:
+    """A Hugging Face-layout folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
+    with ``config.json``'s architecture recorded in the lineage (None when the folder is not one)."""
+    index = p / "model.safetensors.index.json"
+    if (p / "model.safetensors").is_file():
+        out = load_deployable(p / "model.safetensors")
+    elif index.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DecodeError(f"{index} is not a safetensors index (needs a 'weight_map'): {e}") from e
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            f = (p / shard).resolve()
+            if not f.is_relative_to(p.resolve()) or not f.is_file():
+                raise DecodeError(f"{index} names shard {shard!r}, which is not a file inside {p}")
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise DecodeError(f"{index} lists tensors its shards do not hold: {missing[:5]}")
+        out = Deployable(state, {"source": {"file": index.name, "shards": shards, "sha256": _sha256(index)}})
+    else:
+        return None
+    cfg = p / "config.json"
+    if cfg.is_file():
+        try:
+            conf = json.loads(cfg.read_text())
+        except ValueError as e:
+            raise DecodeError(f"{cfg} is not valid JSON: {e}") from e
+        out.lineage["hf_config"] = {
+            k: conf[k]
+            for k in ("architectures", "model_type", "torch_dtype")
+            if isinstance(conf, dict) and k in conf
+        }
+    return out

@@ -60,8 +60,13 @@ class PromotionResult:
     regressions: list[str]
 
     def summary(self) -> str:
-        verdict = "promoted" if self.promoted else "REFUSED"
-        lines = [f"{self.candidate} -> :{self.tag} {verdict} (previous: {self.previous or 'none'})"]
+        model = self.candidate.partition("@")[0]
+        where = f"{model}:{self.tag}"
+        lines = [
+            f"{self.candidate} promoted to {where} (it held {self.previous or 'nothing'})"
+            if self.promoted
+            else f"{self.candidate} REFUSED for {where} (it stays at {self.previous or 'nothing'})"
+        ]
         for k, v in self.candidate_metrics.items():
             base = self.baseline_metrics.get(k) if self.baseline_metrics else None
             lines.append(
@@ -78,7 +83,11 @@ def _evaluate(
     raw = evaluator(registry.load_state(art))
     missing = [k for k in gated if k not in raw]
     if missing:
-        raise ConfigError(f"evaluator returned {sorted(raw)} but the gate needs {missing}")
+        raise ConfigError(
+            f"evaluator returned {sorted(raw)} but the gate needs {missing}: gate on what it returns "
+            f"(--tolerance {sorted(raw)[0] if raw else 'accuracy'}=0.01), or have the evaluator return "
+            f"{missing} (an evaluator may declare its gate as `evaluate.tolerance = {{'accuracy': 0.01}}`)"
+        )
     metrics = {k: float(v) for k, v in raw.items()}
     registry.record_evaluation(art, name, metrics)
     return metrics
@@ -174,6 +183,13 @@ def production_stack(registry: Registry, model: str, tag: str = "production") ->
 
 def rollback(registry: Registry, model: str, *, tag: str = "production", reason: str = "") -> Artifact:
     """Point ``model:tag`` back at the version it held before the current one; returns that version."""
+    if model not in registry.models():
+        known = ", ".join(registry.models()) or "none yet"
+        raise NotFound(f"no model {model!r} in the registry (models: {known})")
+    if tag not in registry.tags(model):
+        raise NotFound(
+            f"{model} has no tag {tag!r} to roll back (tags: {sorted(registry.tags(model)) or 'none'})"
+        )
     stack = production_stack(registry, model, tag)
     if len(stack) < 2:
         raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")

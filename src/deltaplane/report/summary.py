@@ -13,7 +13,15 @@ from typing import Any
 
 from deltaplane.errors import ConfigError
 
-__all__ = ["FOLLOWUP_KEYS", "REPORT_FORMAT", "SummaryRow", "build_report", "check_runs", "summarize"]
+__all__ = [
+    "FOLLOWUP_KEYS",
+    "REPORT_FORMAT",
+    "SummaryRow",
+    "build_report",
+    "check_runs",
+    "sent_codec",
+    "summarize",
+]
 
 #: Version of the report.json layout; bumped when a field changes meaning.
 REPORT_FORMAT = 1
@@ -73,6 +81,14 @@ def check_runs(runs: Sequence[Mapping[str, Any]]) -> None:
                 raise ConfigError(f"run {run['name']!r}: a round lacks the field(s) {missing}")
 
 
+def sent_codec(config: Mapping[str, Any]) -> str:
+    """What the uplink really carried: the codec, or with SecAgg the masked ring values made from its output."""
+    codec = str(config.get("codec", "?"))
+    if config.get("secagg"):
+        return f"SecAgg masked {config.get('secagg_bits', '?')}-bit ring values (of {codec})"
+    return codec
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) -> list[SummaryRow]:
     """One :class:`SummaryRow` per run, in order; ratios against the run named ``baseline`` if given."""
     check_runs(runs)
@@ -89,7 +105,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
         rows.append(
             SummaryRow(
                 name=run["name"],
-                codec=str(run["config"].get("codec", "?")),
+                codec=sent_codec(run["config"]),
                 rounds=len(run["rounds"]),
                 final_accuracy=float(final["test_accuracy"]),
                 client_accuracy_mean=float(final.get("client_accuracy_mean", float("nan"))),
