@@ -37,7 +37,7 @@ def main() -> None:
         r = run_federation(base.replace(codec=codec))
         results[name] = r
         rows.append(
-            [name, f"`{codec}`", f"{r.final.test_accuracy:.4f}", f"{max(x.test_accuracy for x in r.rounds):.4f}",
+            [name, "`" + codec.replace("|", "\\|") + "`", f"{r.final.test_accuracy:.4f}", f"{max(x.test_accuracy for x in r.rounds):.4f}",
              f"{r.total_uplink_bytes / 2**20:.2f} MiB", f"{time.perf_counter() - t0:.0f} s"]
         )  # fmt: skip
         print(rows[-1], flush=True)

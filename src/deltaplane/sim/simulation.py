@@ -285,4 +285,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         wall_time_s=time.perf_counter() - start,
         final_state=server.state,
         clients=client_rows,
+        personal_states=(
+            {c.cid: step.personal_state(c, server.state) for c in clients}
+            if step.personalizer.name != "none"
+            else {}
+        ),
     )
