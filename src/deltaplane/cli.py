@@ -175,6 +175,12 @@ def run(
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the files of an earlier run in --out.")
+    save_personal: Annotated[
+        bool,
+        typer.Option(
+            "--save-personal/--no-save-personal",
+            help="Also write each device's personalized model into OUT/personal (with --personalization).",
+        ),
     ] = False,
     followup: Annotated[
         bool,
@@ -222,6 +228,9 @@ def run(
         for row in rows:
             _warn_far_below_baseline(row)
         stopped = [r for r in results if r.get("stopped")]
+        saved = _save_checkpoint(
+            finished[-1], out, name=results[-1]["name"], task=task_name, personal=save_personal
+        )
         after = None
         if stopped:
             pass  # the report still gets every round done before the stop; follow-up steps are skipped
@@ -247,6 +256,10 @@ def run(
                     soft_wrap=True,
                 )
         # soft_wrap: a path broken across lines cannot be copied or clicked
+        console.print(
+            f"model:  {escape(str(saved))} (deltaplane registry register NAME {escape(str(out))})",
+            soft_wrap=True,
+        )
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
     if stopped:
@@ -401,6 +414,39 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]
         progress.update(task, advance=1, acc=f"{metrics.test_accuracy:.3f}")
 
     return on_round
+
+
+def _save_checkpoint(result: RunResult, out: Path, *, name: str, task: str, personal: bool) -> Path:
+    """Write the run's final global model (``OUT/model.safetensors``) and what produced it (``OUT/model.json``,
+    which ``deltaplane registry register`` reads as lineage); with ``personal``, each device's personalized model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if personal and not result.personal_states:
+        raise ConfigError("--save-personal needs --personalization (alpha_mix, ditto, fedper or fedbn)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in result.final_state.items()}, str(tmp))
+    tmp.replace(path)
+    meta = {
+        "kind": "deltaplane-run",
+        "run": name,
+        "task": task,
+        "config": result.config.to_dict(),
+        "final": result.final.to_dict(),
+        "total_uplink_bytes": result.total_uplink_bytes,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=1))
+    if personal:
+        folder = out / "personal"
+        folder.mkdir(exist_ok=True)
+        for cid, state in sorted(result.personal_states.items()):
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(folder / f"device-{cid:05d}.safetensors")
+            )
+    return path
 
 
 def _task_name(cfg: RunConfig) -> str:

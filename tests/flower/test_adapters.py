@@ -204,13 +204,11 @@ def test_strategy_with_server_optimizer_over_dp_reports_measurements(loopback_gr
 @pytest.mark.parametrize(
     "change",
     [
-        {"aggregator": "fedadam", "downlink_codec": "quant(bits=8)"},
-        {"clip": "adaptive", "dp_noise": 0.5},
         {"defense": "fltrust", "server_lr": 0.5},
         {"attack": "sign_flip:0.4", "prox_mu": 0.1, "train_shifts": 1},
         {"clip": "1.0", "local_dp_noise": 0.3},
     ],
-    ids=["fedadam-downlink", "dp-adaptive", "fltrust-server-lr", "attack-prox-shifts", "local-dp"],
+    ids=["fltrust-server-lr", "attack-prox-shifts", "local-dp"],
 )
 def test_flower_runs_the_engine_steps_bit_for_bit(loopback_grid, change):
     """The Flower driver used to refuse FedProx, local DP, attacks and FLTrust and to apply server_lr twice

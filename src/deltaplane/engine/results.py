@@ -66,6 +66,8 @@ class RunResult:
     clients: list[dict[str, Any]] = field(default_factory=list)
     #: Why the run ended before ``config.rounds`` (e.g. the privacy budget), or None when it ran to the end.
     stopped: str | None = None
+    #: With personalization: each device's personalized model after the last round, by device id.
+    personal_states: dict[int, dict[str, Tensor]] = field(repr=False, default_factory=dict)
 
     @property
     def final(self) -> RoundMetrics:

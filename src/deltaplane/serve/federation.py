@@ -282,6 +282,11 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         wall_time_s=time.perf_counter() - start,
         final_state=final_state,
         clients=client_rows,
+        personal_states=(
+            {c.cid: step.personal_state(c, final_state) for c in clients}
+            if step.personalizer.name != "none"
+            else {}
+        ),
         transport={
             "kind": "http",
             "server": "uvicorn on 127.0.0.1",

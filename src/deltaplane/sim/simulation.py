@@ -298,4 +298,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         final_state=server.state,
         clients=client_rows,
         stopped=stopped,
+        personal_states=(
+            {c.cid: step.personal_state(c, server.state) for c in clients}
+            if step.personalizer.name != "none"
+            else {}
+        ),
     )
