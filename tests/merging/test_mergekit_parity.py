@@ -232,6 +232,13 @@ def test_half_precision_computes_like_mergekit_unless_exact(llama) -> None:  # t
                **{"lambda": 0.9})  # fmt: skip
     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want)
     assert res.notes == ()
+    ta = cfg | {"merge_method": "task_arithmetic", "parameters": {"normalize": True}}
+    for m in ta["models"]:
+        m["parameters"] = {"weight": m["parameters"]["weight"]}
+    merge_files(_cfg(root, ta), root / "ta")
+    want = _mk("task_arithmetic", [base[k].bfloat16()] + [m[k].bfloat16() for m in models], 0, weight=W3,
+               normalize=True)  # fmt: skip
+    assert torch.equal(load_file(root / "ta" / "model.safetensors")[k], want)
     exact = merge_files(_cfg(root, cfg), root / "exact", exact_accumulation=True)
     assert not torch.equal(load_file(root / "exact" / "model.safetensors")[k], want)  # float32, rounded once
     assert any("float32" in n and "bfloat16" in n for n in exact.notes)

@@ -516,7 +516,8 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                 divisor = divisor.to(cdt)
                 divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
         elif normalize:
-            total = float(sum(torch.tensor(w, dtype=cdt) for w in weights))
+            # the weights rounded to the compute dtype, summed exactly and rounded once (torch.sum over models)
+            total = float(torch.tensor(sum(float(torch.tensor(w, dtype=cdt)) for w in weights), dtype=cdt))
             divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=cdt)
         if half:
             summed = torch.zeros(base.shape, dtype=acc)
