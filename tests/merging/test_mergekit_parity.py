@@ -389,3 +389,15 @@ def test_cli_exact_accumulation_says_so(llama) -> None:  # type: ignore[no-untyp
     )
     assert res.exit_code == 0, res.output
     assert "note: computed in float32" in res.output and "mergekit computes in float16" in res.output
+
+
+def test_arcee_fusion_with_negative_zero_importances() -> None:
+    # a model equal to the base except for tiny changes in one column: most importances are ±0 (KL rounds below 0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 30, generator=g)
+    model = base.clone()
+    model[:, 0] += 1e-6 * torch.randn(64, generator=g)
+    model[:5] += torch.randn(5, 30, generator=g)
+    want = _mk("arcee_fusion", [base, model], 0)
+    got = merge("arcee_fusion", {"w": base}, [{"w": model}])["w"]
+    assert torch.equal(got, want)
