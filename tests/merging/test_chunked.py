@@ -322,3 +322,15 @@ def test_fisher_of_another_shape_is_refused_before_chunking(tmp_path: Path) -> N
     with pytest.raises(dp.ShapeMismatch, match=r"tensor 'w': shape \(8, 4\) in fisher '.*f1.safetensors'"):
         merge_files(tmp_path / "c.yaml", tmp_path / "out", chunk_elements=4)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signed_selection_matches_a_sort(dtype: torch.dtype) -> None:
+    for trial in range(10):
+        g = torch.Generator().manual_seed(trial)
+        x = torch.randn(1000, generator=g, dtype=dtype) * torch.randint(-3, 3, (1000,), generator=g).to(dtype)
+        x[:5] = -0.0  # negative zeros and many exact ties (the zeros)
+        ks = [1, 7, 250, 500, 999, 1000]
+        got = select_largest(lambda x=x: iter([(0, x[:300]), (0, x[300:])]), [ks], signed=True)[0]
+        want = x.sort(descending=True).values
+        assert [float(t.value) for t in got] == [float(want[k - 1]) for k in ks]

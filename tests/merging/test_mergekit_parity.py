@@ -232,6 +232,13 @@ def test_half_precision_computes_like_mergekit_unless_exact(llama) -> None:  # t
                **{"lambda": 0.9})  # fmt: skip
     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want)
     assert res.notes == ()
+    ta = cfg | {"merge_method": "task_arithmetic", "parameters": {"normalize": True}}
+    for m in ta["models"]:
+        m["parameters"] = {"weight": m["parameters"]["weight"]}
+    merge_files(_cfg(root, ta), root / "ta")
+    want = _mk("task_arithmetic", [base[k].bfloat16()] + [m[k].bfloat16() for m in models], 0, weight=W3,
+               normalize=True)  # fmt: skip
+    assert torch.equal(load_file(root / "ta" / "model.safetensors")[k], want)
     exact = merge_files(_cfg(root, cfg), root / "exact", exact_accumulation=True)
     assert not torch.equal(load_file(root / "exact" / "model.safetensors")[k], want)  # float32, rounded once
     assert any("float32" in n and "bfloat16" in n for n in exact.notes)
@@ -339,7 +346,8 @@ def test_della_keeps_large_entries_more_often_as_mergekit_does() -> None:
     assert ours[:10].mean() < 0.25 and ours[-10:].mean() > 0.75
 
 
-def test_sigterm_mid_merge_leaves_no_temp_folder(llama) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_merge_leaves_no_temp_folder(llama, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]
     root, _, _ = llama
     cfg = {
         "merge_method": "linear",
@@ -354,11 +362,42 @@ def test_sigterm_mid_merge_leaves_no_temp_folder(llama) -> None:  # type: ignore
             time.sleep(0.5)
         merge_files({str(path)!r}, {str(root / "out")!r}, progress=slow)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("tensor")  # mid-merge: the temporary folder exists now
     assert [p for p in root.iterdir() if p.name.startswith(".out.tmp-")]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    # SIGTERM: SystemExit(143) after cleanup; SIGINT: KeyboardInterrupt, then Python dies by SIGINT itself
+    assert rc == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGINT)
     time.sleep(0.1)
     assert not [p for p in root.iterdir() if p.name.startswith(".out.")] and not (root / "out").exists()
+
+
+def test_cli_exact_accumulation_says_so(llama) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    root, _, _ = llama
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "float16",
+           "models": [{"model": "m0", "parameters": {"weight": 0.5}}]}  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["merge", str(_cfg(root, cfg)), "-o", str(root / "out"), "-q", "--exact-accumulation"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "note: computed in float32" in res.output and "mergekit computes in float16" in res.output
+
+
+def test_arcee_fusion_with_negative_zero_importances() -> None:
+    # a model equal to the base except for tiny changes in one column: most importances are ±0 (KL rounds below 0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 30, generator=g)
+    model = base.clone()
+    model[:, 0] += 1e-6 * torch.randn(64, generator=g)
+    model[:5] += torch.randn(5, 30, generator=g)
+    want = _mk("arcee_fusion", [base, model], 0)
+    got = merge("arcee_fusion", {"w": base}, [{"w": model}])["w"]
+    assert torch.equal(got, want)

@@ -92,6 +92,9 @@ class Plan:
 
     tensors: list[PlannedTensor]
     checkpoints: list[Checkpoint]
+    """Every file opened: the models and any tensor-valued parameters (Fisher files)."""
+    models: list[Checkpoint]
+    """The models (and base) only."""
     donor: Checkpoint
     n_layers: int | None
     notes: list[str] = field(default_factory=list)
@@ -290,7 +293,8 @@ def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
     donor = first_scope.base.checkpoint if first_scope.base is not None else first_scope.models[0][0]
     if cfg.models and cfg.base_model is not None:
         donor = open_ck(cfg.base_model)
-    return Plan(tensors, list(opened.values()) + list(resolver.files.values()), donor,
+    model_files = list(opened.values())
+    return Plan(tensors, model_files + list(resolver.files.values()), model_files, donor,
                 n_layers if cfg.slices else None, notes)  # fmt: skip
 
 

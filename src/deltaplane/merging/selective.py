@@ -87,8 +87,7 @@ class ArceeFusion(ChunkedMergeMethod):
     def _importance(chunk: TensorChunk) -> Tensor:
         assert chunk.base is not None
         dt = torch.float64 if chunk.base.dtype == torch.float64 else torch.float32
-        # importances are ≥ 0 up to rounding of the +1e-8 KL; radix selection orders non-negative floats
-        return fusion_importance(chunk.tensors[0].to(dt), chunk.base.to(dt)).clamp_(min=0)
+        return fusion_importance(chunk.tensors[0].to(dt), chunk.base.to(dt))
 
     def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
         n = 1
@@ -101,7 +100,8 @@ class ArceeFusion(ChunkedMergeMethod):
             for c in chunks():
                 yield 0, self._importance(c)
 
-        q1, median, q3 = (tk.value for tk in select_largest(passes, [_quantile_ranks(n)])[0])
+        # importances are ≥ 0 up to rounding (the KL of nearly equal rows can round below zero): signed selection
+        q1, median, q3 = (tk.value for tk in select_largest(passes, [_quantile_ranks(n)], signed=True)[0])
         return median + 1.5 * (q3 - q1)
 
     def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:

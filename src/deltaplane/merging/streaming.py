@@ -201,7 +201,7 @@ def merge_files(
     tensors = plan.tensors
     labels = list(dict.fromkeys(s.label for t in tensors for s in t.inputs))
     _check_tensor_params(method, tensors)
-    tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.checkpoints if ck.infos])
+    tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
     notes = list(plan.notes)
     halves = {t.in_dtype for t in tensors if t.in_dtype in (torch.float16, torch.bfloat16)}
     if halves and exact_accumulation:

@@ -121,7 +121,7 @@ class TopK:
 
 
 def select_largest(
-    passes: Callable[[], Iterator[tuple[int, Tensor]]], ks: Sequence[Sequence[int]]
+    passes: Callable[[], Iterator[tuple[int, Tensor]]], ks: Sequence[Sequence[int]], *, signed: bool = False
 ) -> list[list[TopK]]:
     """Exact top-k thresholds of several non-negative tensors read in chunks, in ``O(chunk)`` memory.
 
@@ -133,6 +133,10 @@ def select_largest(
     spell: each pass histograms the next 16 bits of the entries whose higher bits match the prefix found so far
     and picks the bin holding the k-th largest. float32 takes 2 passes, float64 4. A sort or ``topk`` would need
     the whole tensor in memory; a sampled estimate would not be exact.
+
+    ``signed=True`` accepts negative values too: the bit patterns are first mapped to keys that order like the
+    floats (negatives: all bits flipped; non-negatives: the sign bit set), which costs one more elementwise pass
+    per chunk; ``-0.0`` then ranks just below ``+0.0``.
     """
     # per (tensor, rank): [prefix, k remaining within the prefix, entries above the prefix, entries equal]
     state = [[[0, k, 0, 0] for k in ranks] for ranks in ks]
@@ -149,9 +153,18 @@ def select_largest(
             itype, bits = _BITS[dtype]
             shift = bits - _DIGIT * (level + 1)
             v = chunk.reshape(-1).view(itype)
+            if signed:
+                top = -(1 << (bits - 1))  # the sign bit, as this signed integer type spells it
+                v = torch.where(v < 0, v ^ ~top, v) ^ top
+            high = (1 << (_DIGIT * level)) - 1  # the bits of the prefix found so far
             for prefix in {t[0] for t in state[i]}:
-                sel = v if level == 0 else v[(v >> (shift + _DIGIT)) == prefix]
-                d = sel >> shift if level == 0 else (sel >> shift) & ((1 << _DIGIT) - 1)
+                if level == 0:
+                    sel = v
+                elif signed:  # keys may have the top bit set: mask the arithmetic shift's sign extension
+                    sel = v[((v >> (shift + _DIGIT)) & high) == prefix]
+                else:
+                    sel = v[(v >> (shift + _DIGIT)) == prefix]
+                d = (sel >> shift) & ((1 << _DIGIT) - 1) if level or signed else sel >> shift
                 h = torch.bincount(d, minlength=1 << _DIGIT)
                 key = (i, prefix)
                 hists[key] = h if key not in hists else hists[key].add_(h)
@@ -168,7 +181,13 @@ def select_largest(
         sel = []
         for k, (prefix, _, greater, equal) in zip(ranks, targets, strict=True):
             assert dtype is not None
-            value = torch.tensor([prefix], dtype=torch.int64).to(_BITS[dtype][0]).view(dtype)[0]
+            bits = _BITS[dtype][1]
+            pattern = prefix
+            if signed:  # undo the key mapping
+                pattern = prefix ^ (1 << (bits - 1)) if prefix >> (bits - 1) else prefix ^ ((1 << bits) - 1)
+            if pattern >= 1 << (bits - 1):  # as the signed integer type holds it
+                pattern -= 1 << bits
+            value = torch.tensor([pattern], dtype=torch.int64).to(_BITS[dtype][0]).view(dtype)[0]
             sel.append(TopK(k, value, greater, equal))
         out.append(sel)
     return out
@@ -516,7 +535,8 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                 divisor = divisor.to(cdt)
                 divisor.masked_fill_(divisor == 0, 1)  # no model agrees → merged entry is 0 anyway
         elif normalize:
-            total = float(sum(torch.tensor(w, dtype=cdt) for w in weights))
+            # the weights rounded to the compute dtype, summed exactly and rounded once (torch.sum over models)
+            total = float(torch.tensor(sum(float(torch.tensor(w, dtype=cdt)) for w in weights), dtype=cdt))
             divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=cdt)
         if half:
             summed = torch.zeros(base.shape, dtype=acc)
