@@ -337,6 +337,19 @@ def register(app: typer.Typer) -> None:
             list[float] | None,
             typer.Option(help="classifiers: L∞ ε for FGSM/PGD (repeatable; default 0.02 0.05 0.1; 0 = skip)"),
         ] = None,
+        recover: Annotated[
+            str,
+            typer.Option(
+                help="after pruning: none, or distill (knowledge distillation from fp32, unlabeled)"
+            ),
+        ] = "none",
+        epochs: Annotated[
+            int, typer.Option(help="--recover distill: passes over the calibration inputs")
+        ] = 10,
+        recover_lr: Annotated[
+            float | None,
+            typer.Option(help="--recover distill: Adam learning rate [1e-3 classifiers, 1e-4 tokens]"),
+        ] = None,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
@@ -357,29 +370,37 @@ def register(app: typer.Typer) -> None:
             try:
                 gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
+                if recover not in ("none", "distill"):
+                    raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
+                if recover == "distill" and (prune == "none" or epochs < 1):
+                    raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
+                rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 ckpt = load_checkpoint(model, builder=builder)
                 kind = task or infer_task(ckpt)
                 if kind in ("sentence-embedding", "text-classification", "next-token"):
                     if fmt != "onnx":
                         raise ConfigError("token models deploy as --format onnx")
-                    res = _deploy_tokens(ckpt, model, out, kind, prune, quant, sentences, seed, gates, say)
+                    res = _deploy_tokens(
+                        ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec
+                    )
                 elif kind == "classification":
                     eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
                     res = _deploy_classifier(
                         ckpt,
                         model,
                         out,
-                        prune,
-                        quant,
-                        fmt,
-                        finetune_epochs,
-                        exclude,
-                        seed,
-                        data,
-                        gates,
-                        say,
-                        eps,
+                        prune=prune,
+                        quant=quant,
+                        fmt=fmt,
+                        epochs=finetune_epochs,
+                        exclude=exclude,
+                        seed=seed,
+                        data=data,
+                        gates=gates,
+                        say=say,
+                        eps=eps,
+                        rec=rec,
                     )
                 else:
                     raise ConfigError(
@@ -402,7 +423,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
 
 
-def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say):
+def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec):
     from deltaplane.deploy.tokens import deploy_token_model
 
     ev, cal, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed)
@@ -412,6 +433,12 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
         "next-token": "Next-token prediction (small on-device language model) with ONNX Runtime.",
     }[task]
     extra = (lambda *_: {"inputs_note": inputs_note}) if inputs_note else None
+    recover = None
+    if rec is not None:
+        from deltaplane.deploy.recovery import distill_recover
+
+        _, epochs, lr = rec
+        recover = distill_recover(ckpt.model, cal, task=task, epochs=epochs, lr=lr or 1e-4, seed=seed)
     return deploy_token_model(
         ckpt.model,
         out,
@@ -427,17 +454,25 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
         card_info={"intended_use": use, "data": data_note},
         progress=say,
         extra=extra,
+        recover=recover,
     )
 
 
 def _deploy_classifier(
-    ckpt, model: Path, out, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps
+    ckpt, model: Path, out, *, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps, rec
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
     from deltaplane.deploy.profile import corruptions
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
     ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
+    if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
+        from deltaplane.deploy.recovery import distill_recover
+
+        _, d_epochs, lr = rec
+        ft = distill_recover(
+            ckpt.model, xtr, task="classification", epochs=d_epochs, lr=lr or 1e-3, seed=seed
+        )
     variants = corruptions(xte, seed=seed) if xte.ndim == 4 else None  # image corruptions need N×C×H×W
     return deploy_classifier(
         ckpt.model,
