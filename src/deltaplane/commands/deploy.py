@@ -174,7 +174,17 @@ def _table(manifest: dict[str, Any], title: str):
             t.add_row(what, "1.0000", f"{fid['top1_agreement']:.4f}", "")
         if "kl_mean_nats" in fid:
             t.add_row("KL(fp32 ‖ compressed) nats", "0", f"{fid['kl_mean_nats']:.4g}", "")
-        for b, lat in manifest["latency_us"].items():
+        if "accuracy" in fid:
+            t.add_row("accuracy", f"{100 * fid['accuracy_fp32']:.2f}%", f"{100 * fid['accuracy']:.2f}%", "")
+        mem = manifest.get("memory")
+        if mem:
+            t.add_row(
+                "peak activations (bytes)",
+                f"{mem['fp32']['peak_activation_bytes']:,}",
+                f"{mem['compressed']['peak_activation_bytes']:,}",
+                "",
+            )
+        for b, lat in manifest.get("latency_us", {}).items():
             t.add_row(
                 f"latency b={b} p50 µs",
                 f"{lat['fp32_p50_us']:.0f}",
@@ -376,37 +386,40 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
-                ckpt = load_checkpoint(model, builder=builder)
-                kind = task or infer_task(ckpt)
-                if kind in ("sentence-embedding", "text-classification", "next-token"):
-                    if fmt != "onnx":
-                        raise ConfigError("token models deploy as --format onnx")
-                    res = _deploy_tokens(
-                        ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec
-                    )
-                elif kind == "classification":
-                    eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
-                    res = _deploy_classifier(
-                        ckpt,
-                        model,
-                        out,
-                        prune=prune,
-                        quant=quant,
-                        fmt=fmt,
-                        epochs=finetune_epochs,
-                        exclude=exclude,
-                        seed=seed,
-                        data=data,
-                        gates=gates,
-                        say=say,
-                        eps=eps,
-                        rec=rec,
-                    )
+                if model.suffix.lower() == ".onnx":
+                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say)
                 else:
-                    raise ConfigError(
-                        f"task {kind!r} unknown; use classification, sentence-embedding, text-classification "
-                        "or next-token"
-                    )
+                    ckpt = load_checkpoint(model, builder=builder)
+                    kind = task or infer_task(ckpt)
+                    if kind in ("sentence-embedding", "text-classification", "next-token"):
+                        if fmt != "onnx":
+                            raise ConfigError("token models deploy as --format onnx")
+                        res = _deploy_tokens(
+                            ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec
+                        )
+                    elif kind == "classification":
+                        eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
+                        res = _deploy_classifier(
+                            ckpt,
+                            model,
+                            out,
+                            prune=prune,
+                            quant=quant,
+                            fmt=fmt,
+                            epochs=finetune_epochs,
+                            exclude=exclude,
+                            seed=seed,
+                            data=data,
+                            gates=gates,
+                            say=say,
+                            eps=eps,
+                            rec=rec,
+                        )
+                    else:
+                        raise ConfigError(
+                            f"task {kind!r} unknown; use classification, sentence-embedding, text-classification "
+                            "or next-token"
+                        )
             except QualityGateFailed as e:  # not a usage error: its own exit code, with the numbers shown
                 refused = e
         if refused is not None:
@@ -421,6 +434,45 @@ def register(app: typer.Typer) -> None:
         for layer, why in res.manifest["prune_skipped_layers"].items():
             console.print(f"not pruned: {layer} ({why})")
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+
+
+def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
+    """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
+    import onnx
+
+    from deltaplane.deploy.onnx_input import deploy_onnx_model, digits_feeds, onnx_feeds
+    from deltaplane.errors import DecodeError
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False)
+    except Exception as e:
+        raise DecodeError(f"{model} is not a readable ONNX model: {e}") from e
+    xtr, _, xte, yte, note = _classifier_data({}, None, seed)
+    feeds, labels, inputs_note = digits_feeds(graph, xte), yte, None
+    calib = digits_feeds(graph, xtr[:128])
+    if feeds is None:
+        feeds, calib, labels = (
+            onnx_feeds(graph, 32, seed=seed + 1),
+            onnx_feeds(graph, 24, seed=seed + 2),
+            None,
+        )
+        note = (
+            "32 seeded random inputs from the model's input signature (floats N(0,1), integers in [0, 100))."
+        )
+        inputs_note = "Measured on random inputs: how far compression moves the outputs, not task quality."
+    return deploy_onnx_model(
+        model,
+        out,
+        eval_feeds=feeds,
+        calib_feeds=calib or [],
+        labels=labels,
+        prune=prune,
+        quant=quant,
+        gates=gates,
+        progress=say,
+        card_info={"data": note},
+        inputs_note=inputs_note,
+    )
 
 
 def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec):
