@@ -296,7 +296,10 @@ def register(app: typer.Typer) -> None:
     @app.command("deploy")
     def deploy(
         model: Annotated[
-            Path, typer.Argument(help="checkpoint folder (config.json + model.safetensors) or .safetensors")
+            Path,
+            typer.Argument(
+                help="checkpoint folder (config.json + model.safetensors), .safetensors, or .onnx"
+            ),
         ],
         out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
         prune: Annotated[
