@@ -11,8 +11,14 @@ Pruned levels are fine-tuned on the training part of the fixed split (an operato
 some data, or a distillation set, is an assumption the federated run itself does not need). Every compressed row is evaluated from the artifact file as shipped (ONNX Runtime session built from the bytes
 read back), against fp32 PyTorch measured in the same call, both with one CPU thread.
 
+Issue 19 adds, for every level: FGSM and PGD accuracy at ε ∈ {0.02, 0.05, 0.1} (fp32 white-box vs the artifact as
+shipped), which levels the default quality gates of ``deltaplane deploy`` would refuse and why, the device cost
+per inference (MACs, peak activation memory, energy estimates on the phone / MCU profiles of
+``deltaplane.deploy.cost``), and the per-round device cost of the default federated run itself (local training
+MACs + the round's measured bytes over Wi-Fi / LTE).
+
 Run: ``.venv/bin/python benchmarks/deploy_digits.py`` (the federated run takes 1–3 minutes on 2 cores, the
-compression levels about a minute).
+compression levels a few minutes).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from _record import record, table
 from deltaplane.cli import DEFAULT_RUN_CODEC
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.deploy import (
+    Gates,
     GradualPruner,
     GradualSchedule,
     corruptions,
@@ -40,11 +47,13 @@ from deltaplane.deploy import (
     register_architecture,
     save_checkpoint,
 )
+from deltaplane.deploy.cost import LINKS, PROFILES, federated_round_cost
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import DigitsCNN
 from deltaplane.sim.simulation import run_simulation
 
 SEED = 0
+EPS = (0.02, 0.05, 0.1)
 EXCLUDE = ("conv1",)  # 72 weights reading 1 channel: not worth a mask, and too few inputs for 2:4
 
 
@@ -93,7 +102,8 @@ def main() -> None:
         ("GMP 90% + int4", gmp, None, "int4", False),
         ("channels 50% + int8", fp32, "channels:0.5", "int8", True),
     ]
-    rows, ood_rows, results = [], [], []
+    rows, ood_rows, results, adv_rows, cost_rows, gate_rows = [], [], [], [], [], []
+    gates = Gates()  # the defaults of `deltaplane deploy`
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, model, prune, quant, ft) in enumerate(levels):
             res = deploy_classifier(
@@ -107,9 +117,10 @@ def main() -> None:
                 finetune=finetune if ft else None,
                 variants=variants,
                 exclude=EXCLUDE if prune and not prune.startswith("channels") else (),
-                latency_iters=400,
+                latency_iters=200,
                 reference=fp32,
                 source_sha256=ckpt.sha256,
+                adversarial_eps=EPS,
             )
             m, b, c, cmp = res.manifest, res.baseline, res.compressed, res.comparison
             results.append((label, m, cmp))
@@ -134,6 +145,50 @@ def main() -> None:
                     for k in ("clean", "noise", "rotation", "blur", "shift")
                 ]
             )
+            adv = {(r["attack"], r["eps"]): r for r in m["adversarial"]["rows"]}
+            if i == 0:
+                adv_rows.append(
+                    ["fp32 (white-box)"]
+                    + [f"{100 * adv[(a, e)]['fp32']:.1f}" for a in ("fgsm", "pgd") for e in EPS]
+                )
+            adv_rows.append(
+                [label]
+                + [
+                    f"{100 * adv[(a, e)]['compressed']:.1f} ({-adv[(a, e)]['drop_points'] + 0.0:+.1f})"
+                    for a in ("fgsm", "pgd")
+                    for e in EPS
+                ]
+            )
+            dc = m["device_cost"]
+            if i == 0:
+                f = dc["fp32"]
+                cost_rows.append(
+                    [
+                        "fp32 PyTorch weights",
+                        f"{f['macs']:,}",
+                        f"{f['macs']:,}",
+                        f"{f['model_bytes']:,}",
+                        f"{f['peak_activation_bytes']:,}",
+                        f"{f['energy_uj']['phone']:.2f}",
+                        f"{f['energy_uj']['mcu']:.1f}",
+                    ]
+                )
+            c2 = dc["compressed"]
+            cost_rows.append(
+                [
+                    label,
+                    f"{c2['macs']:,}",
+                    f"{c2['nonzero_macs']:,}",
+                    f"{c2['model_bytes']:,}",
+                    f"{c2['peak_activation_bytes']:,}",
+                    f"{c2['energy_uj']['phone']:.2f}",
+                    f"{c2['energy_uj']['mcu']:.1f}",
+                ]
+            )
+            failed = [g for g in gates.check(m["quality"]) if not g.passed]
+            gate_rows.append(
+                [label, "ships" if not failed else "**refused**: " + "; ".join(g.describe() for g in failed)]
+            )
             print(" | ".join(rows[-1]), "| flags:", cmp.flagged or "-", flush=True)
         fp32_eval = b  # the last call's fp32 baseline, for the reference row of the OOD table
     ok = [
@@ -152,6 +207,28 @@ def main() -> None:
         else "**MISSED** by every level"
     )
     b_lat = fp32_eval.latency
+    # Per-round device cost of the federated run itself: a mean client's local training + its share of the bytes.
+    cfg = run.config
+    per_client_up = [r.uplink_bytes / max(r.clients, 1) for r in run.rounds]
+    per_client_down = [r.downlink_bytes / max(r.clients, 1) for r in run.rounds]
+    samples = len(ytr) // cfg.clients
+    fed = federated_round_cost(
+        DigitsCNN(),
+        xtr[:1],
+        samples=samples,
+        epochs=cfg.local_epochs,
+        bytes_up=round(sum(per_client_up) / len(per_client_up)),
+        bytes_down=round(sum(per_client_down) / len(per_client_down)),
+    )
+    fed_rows = (
+        [
+            ["local training (fp32 MACs)", f"{fed['train_macs']:,}", "", f"{fed['compute_uj']:.0f}"],
+            ["upload (mean per client per round)", "", f"{fed['bytes_up']:,}", ""],
+            ["download (mean per client per round)", "", f"{fed['bytes_down']:,}", ""],
+        ]
+        + [[f"radio over {k} (up + down)", "", "", f"{v:.0f}"] for k, v in fed["radio_uj"].items()]
+        + [[f"total per round, {k}", "", "", f"{v:.0f}"] for k, v in fed["total_uj"].items()]
+    )
     body = "\n\n".join(
         [
             f"DigitsCNN ({sum(p.numel() for p in fp32.parameters()):,} params): final global model of the default "
@@ -191,9 +268,48 @@ def main() -> None:
             "OOD / corruption accuracy (%, change in points vs fp32 in brackets; ⚠ = drop larger than the clean drop; "
             "fp32: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in fp32_eval.accuracy.items()) + "):",
             table(["level", "clean", "noise σ=0.15", "rotation 20°", "blur σ=0.8", "shift 1 px"], ood_rows),
+            "Adversarial accuracy (%, change in points vs fp32 under the same attack in brackets), L∞ on the 8×8 "
+            f"images in [0, 1], all {len(yte)} test images. fp32: white-box. Compressed: adversarial inputs crafted "
+            "on the level's PyTorch weights before quantization and evaluated on the artifact as shipped (BPDA). "
+            "PGD: 10 steps of 2.5ε/10 from a random start.",
+            table(["level"] + [f"{a.upper()} ε={e:g}" for a in ("fgsm", "pgd") for e in EPS], adv_rows),
+            "Default quality gates of `deltaplane deploy` (max clean drop 1 pt, max OOD drop beyond clean 5 pts, "
+            "max adversarial drop 10 pts) applied to each level's measured numbers — what the command would do:",
+            table(["level", "gates"], gate_rows),
+            "Device cost per batch-1 inference (estimates; `deltaplane.deploy.cost`): MACs counted by PyTorch's "
+            "FlopCounterMode (dense: what ORT executes; non-zero: what a sparse kernel could skip to), weight bytes "
+            "the runtime holds, peak activation bytes of the ORT-optimised graph (liveness walk), energy = MACs × "
+            "pJ/MAC (int8 for int8 levels) + (weights + 2 × activations) × pJ/byte. Profiles: phone "
+            f"{PROFILES['phone'].pj_per_mac_fp32} / {PROFILES['phone'].pj_per_mac_int8} pJ per fp32 / int8 MAC, "
+            f"{PROFILES['phone'].pj_per_byte:g} pJ/byte (Horowitz ISSCC 2014, 45 nm); mcu "
+            f"{PROFILES['mcu'].pj_per_mac_fp32:g} / {PROFILES['mcu'].pj_per_mac_int8:g} pJ, "
+            f"{PROFILES['mcu'].pj_per_byte:g} pJ/byte (Cortex-M4F class).",
+            table(
+                [
+                    "level",
+                    "MACs",
+                    "non-zero MACs",
+                    "weight bytes",
+                    "peak activation bytes",
+                    "phone µJ",
+                    "MCU µJ",
+                ],
+                cost_rows,
+            ),
+            f"Per-round device cost of this federated run (phone profile; {cfg.clients} clients, "
+            f"{cfg.clients_per_round()} per round, {cfg.local_epochs} local epochs over ≈ {samples} samples; bytes "
+            "are the run's measured uplink/downlink per participating client, averaged over rounds; radio: Huang et "
+            f"al. 2012 power model, {LINKS['wifi'].uj_per_byte_up:.2f} / {LINKS['wifi'].uj_per_byte_down:.2f} µJ "
+            f"per byte up/down on Wi-Fi, {LINKS['lte'].uj_per_byte_up:.2f} / {LINKS['lte'].uj_per_byte_down:.2f} on "
+            "LTE; tail energy excluded):",
+            table(["item", "MACs", "bytes", "µJ"], fed_rows),
         ]
     )
-    record("deploy_digits", "Deploy: digits CNN compression levels, size / accuracy / OOD / latency", body)
+    record(
+        "deploy_digits",
+        "Deploy: digits CNN compression levels, size / accuracy / OOD / adversarial / gates / device cost",
+        body,
+    )
 
 
 if __name__ == "__main__":

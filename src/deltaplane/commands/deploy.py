@@ -174,7 +174,17 @@ def _table(manifest: dict[str, Any], title: str):
             t.add_row(what, "1.0000", f"{fid['top1_agreement']:.4f}", "")
         if "kl_mean_nats" in fid:
             t.add_row("KL(fp32 ‖ compressed) nats", "0", f"{fid['kl_mean_nats']:.4g}", "")
-        for b, lat in manifest["latency_us"].items():
+        if "accuracy" in fid:
+            t.add_row("accuracy", f"{100 * fid['accuracy_fp32']:.2f}%", f"{100 * fid['accuracy']:.2f}%", "")
+        mem = manifest.get("memory")
+        if mem:
+            t.add_row(
+                "peak activations (bytes)",
+                f"{mem['fp32']['peak_activation_bytes']:,}",
+                f"{mem['compressed']['peak_activation_bytes']:,}",
+                "",
+            )
+        for b, lat in manifest.get("latency_us", {}).items():
             t.add_row(
                 f"latency b={b} p50 µs",
                 f"{lat['fp32_p50_us']:.0f}",
@@ -286,7 +296,10 @@ def register(app: typer.Typer) -> None:
     @app.command("deploy")
     def deploy(
         model: Annotated[
-            Path, typer.Argument(help="checkpoint folder (config.json + model.safetensors) or .safetensors")
+            Path,
+            typer.Argument(
+                help="checkpoint folder (config.json + model.safetensors), .safetensors, or .onnx"
+            ),
         ],
         out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
         prune: Annotated[
@@ -337,6 +350,19 @@ def register(app: typer.Typer) -> None:
             list[float] | None,
             typer.Option(help="classifiers: L∞ ε for FGSM/PGD (repeatable; default 0.02 0.05 0.1; 0 = skip)"),
         ] = None,
+        recover: Annotated[
+            str,
+            typer.Option(
+                help="after pruning: none, or distill (knowledge distillation from fp32, unlabeled)"
+            ),
+        ] = "none",
+        epochs: Annotated[
+            int, typer.Option(help="--recover distill: passes over the calibration inputs")
+        ] = 10,
+        recover_lr: Annotated[
+            float | None,
+            typer.Option(help="--recover distill: Adam learning rate [1e-3 classifiers, 1e-4 tokens]"),
+        ] = None,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
@@ -357,35 +383,46 @@ def register(app: typer.Typer) -> None:
             try:
                 gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
+                if recover not in ("none", "distill"):
+                    raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
+                if recover == "distill" and (prune == "none" or epochs < 1):
+                    raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
+                rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
-                ckpt = load_checkpoint(model, builder=builder)
-                kind = task or infer_task(ckpt)
-                if kind in ("sentence-embedding", "text-classification", "next-token"):
-                    if fmt != "onnx":
-                        raise ConfigError("token models deploy as --format onnx")
-                    res = _deploy_tokens(ckpt, model, out, kind, prune, quant, sentences, seed, gates, say)
-                elif kind == "classification":
-                    eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
-                    res = _deploy_classifier(
-                        ckpt,
-                        model,
-                        out,
-                        prune,
-                        quant,
-                        fmt,
-                        finetune_epochs,
-                        exclude,
-                        seed,
-                        data,
-                        gates,
-                        say,
-                        eps,
-                    )
+                if model.suffix.lower() == ".onnx":
+                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say)
                 else:
-                    raise ConfigError(
-                        f"task {kind!r} unknown; use classification, sentence-embedding, text-classification "
-                        "or next-token"
-                    )
+                    ckpt = load_checkpoint(model, builder=builder)
+                    kind = task or infer_task(ckpt)
+                    if kind in ("sentence-embedding", "text-classification", "next-token"):
+                        if fmt != "onnx":
+                            raise ConfigError("token models deploy as --format onnx")
+                        res = _deploy_tokens(
+                            ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec
+                        )
+                    elif kind == "classification":
+                        eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
+                        res = _deploy_classifier(
+                            ckpt,
+                            model,
+                            out,
+                            prune=prune,
+                            quant=quant,
+                            fmt=fmt,
+                            epochs=finetune_epochs,
+                            exclude=exclude,
+                            seed=seed,
+                            data=data,
+                            gates=gates,
+                            say=say,
+                            eps=eps,
+                            rec=rec,
+                        )
+                    else:
+                        raise ConfigError(
+                            f"task {kind!r} unknown; use classification, sentence-embedding, text-classification "
+                            "or next-token"
+                        )
             except QualityGateFailed as e:  # not a usage error: its own exit code, with the numbers shown
                 refused = e
         if refused is not None:
@@ -402,7 +439,46 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
 
 
-def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say):
+def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
+    """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
+    import onnx
+
+    from deltaplane.deploy.onnx_input import deploy_onnx_model, digits_feeds, onnx_feeds
+    from deltaplane.errors import DecodeError
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False)
+    except Exception as e:
+        raise DecodeError(f"{model} is not a readable ONNX model: {e}") from e
+    xtr, _, xte, yte, note = _classifier_data({}, None, seed)
+    feeds, labels, inputs_note = digits_feeds(graph, xte), yte, None
+    calib = digits_feeds(graph, xtr[:128])
+    if feeds is None:
+        feeds, calib, labels = (
+            onnx_feeds(graph, 32, seed=seed + 1),
+            onnx_feeds(graph, 24, seed=seed + 2),
+            None,
+        )
+        note = (
+            "32 seeded random inputs from the model's input signature (floats N(0,1), integers in [0, 100))."
+        )
+        inputs_note = "Measured on random inputs: how far compression moves the outputs, not task quality."
+    return deploy_onnx_model(
+        model,
+        out,
+        eval_feeds=feeds,
+        calib_feeds=calib or [],
+        labels=labels,
+        prune=prune,
+        quant=quant,
+        gates=gates,
+        progress=say,
+        card_info={"data": note},
+        inputs_note=inputs_note,
+    )
+
+
+def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec):
     from deltaplane.deploy.tokens import deploy_token_model
 
     ev, cal, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed)
@@ -412,6 +488,12 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
         "next-token": "Next-token prediction (small on-device language model) with ONNX Runtime.",
     }[task]
     extra = (lambda *_: {"inputs_note": inputs_note}) if inputs_note else None
+    recover = None
+    if rec is not None:
+        from deltaplane.deploy.recovery import distill_recover
+
+        _, epochs, lr = rec
+        recover = distill_recover(ckpt.model, cal, task=task, epochs=epochs, lr=lr or 1e-4, seed=seed)
     return deploy_token_model(
         ckpt.model,
         out,
@@ -427,17 +509,25 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
         card_info={"intended_use": use, "data": data_note},
         progress=say,
         extra=extra,
+        recover=recover,
     )
 
 
 def _deploy_classifier(
-    ckpt, model: Path, out, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps
+    ckpt, model: Path, out, *, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps, rec
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
     from deltaplane.deploy.profile import corruptions
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
     ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
+    if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
+        from deltaplane.deploy.recovery import distill_recover
+
+        _, d_epochs, lr = rec
+        ft = distill_recover(
+            ckpt.model, xtr, task="classification", epochs=d_epochs, lr=lr or 1e-3, seed=seed
+        )
     variants = corruptions(xte, seed=seed) if xte.ndim == 4 else None  # image corruptions need N×C×H×W
     return deploy_classifier(
         ckpt.model,

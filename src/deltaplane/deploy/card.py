@@ -57,7 +57,7 @@ def render_model_card(
     rec = manifest.get("recovery")
     if rec:
         lines.append(f"- recovery after pruning: {rec.get('summary', rec.get('method', ''))}")
-    if manifest.get("task") in ("sentence-embedding", "text-classification", "next-token"):
+    if manifest.get("task") in ("sentence-embedding", "text-classification", "next-token", "onnx"):
         flags = _token_metrics(manifest, lines)
     else:
         flags = _classifier_metrics(manifest, lines)
@@ -210,7 +210,7 @@ def _token_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
         lines.append(f"| mean KL(fp32 ‖ compressed), nats per position | {fid['kl_mean_nats']:.4g} |")
     if "logit_cosine_min" in fid:
         lines.append(f"| cosine similarity of logits to fp32, min | {fid['logit_cosine_min']:.4f} |")
-    for b, lat in manifest["latency_us"].items():
+    for b, lat in manifest.get("latency_us", {}).items():
         lines.append(
             f"| latency batch {b} p50: fp32 PyTorch {lat['fp32_p50_us']:.0f} µs, compressed {lat['p50_us']:.0f} µs "
             f"| {lat['ratio_p50']:.2f}× |"

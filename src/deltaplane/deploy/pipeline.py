@@ -187,6 +187,12 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    with torch.inference_mode():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
 def _fp32_safetensors_nbytes(model: nn.Module) -> int:
     from safetensors.torch import save
 
@@ -203,7 +209,7 @@ def deploy_classifier(
     prune: str | None = None,
     quant: str = "int8",
     fmt: str = "onnx",
-    finetune: Callable[[nn.Module, PruneResult | None], None] | None = None,
+    finetune: Callable[[nn.Module, PruneResult | None], dict[str, Any] | None] | None = None,
     variants: dict[str, np.ndarray] | None = None,
     exclude: Sequence[str] = (),
     source_sha256: str | None = None,
@@ -227,7 +233,9 @@ def deploy_classifier(
         x_test, y_test: the clean test set. x_calib: calibration inputs (Wanda, static int8).
         prune: prune spec (:func:`parse_prune`). quant: one of ``none, int8, int8-static, int8-dynamic, int4``
             (``int8`` = static for ``onnx``). fmt: ``onnx`` (graph + weights) or ``weights`` (state dict only).
-        finetune: optional ``finetune(model, prune_result)`` run after pruning (masks are re-applied after it).
+        finetune: optional ``finetune(model, prune_result)`` run after pruning (masks are re-applied after it);
+            a recovery such as :func:`~deltaplane.deploy.recovery.distill_recover` returns a report, recorded
+            as ``manifest["recovery"]`` with the pruned and recovered PyTorch accuracy.
         variants: corrupted/OOD copies of ``x_test`` (same labels), e.g. :func:`~deltaplane.deploy.profile.corruptions`.
         exclude: layers to leave unpruned. source_sha256: hash of the source checkpoint file (else of the
             state dict). threads: CPU threads for both PyTorch and ONNX Runtime during timing.
@@ -268,18 +276,25 @@ def deploy_classifier(
     say = progress or (lambda _msg: None)
     work = copy.deepcopy(model)
     result: PruneResult | None = None
+    recovery: dict[str, Any] | None = None
     if spec is not None:
         say(f"pruning ({prune})")
         work, result = prune_model(
             work, spec, calibration=calib_batches, example_input=example, exclude=exclude
         )
         if finetune is not None:
-            say("fine-tuning the pruned model (masks held)")
+            acc_pruned = _accuracy(work, x_test, y_test)
+            say("fine-tuning or recovering the pruned model (masks held)")
             work.train()
-            finetune(work, result)
+            report = finetune(work, result)
             if result is not None:
                 apply_masks(work, result.masks)
             work.eval()
+            if isinstance(report, dict):  # a recovery (e.g. distillation) reports what it did
+                recovery = report | {
+                    "accuracy_pruned": acc_pruned,
+                    "accuracy_recovered": _accuracy(work, x_test, y_test),
+                }
     weight_sparsity = sparsity_of(work)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +403,8 @@ def deploy_classifier(
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
             },
         }
+        if recovery is not None:
+            manifest["recovery"] = recovery
         if adversarial_eps:
             from deltaplane.deploy.adversarial import adversarial_eval
 

@@ -216,11 +216,21 @@ def deploy_token_model(
         say(f"pruning ({prune})")
         work, result = prune_model(work, spec, calibration=calib)
         if recover is not None:
+
+            def fidelity_now() -> dict[str, Any]:
+                wrapped_now = wrap_for_task(work, task).eval()
+                with torch.inference_mode():
+                    out = wrapped_now(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1])).numpy()
+                return token_fidelity(task, out, ref, ev[:, 1])
+
+            before = fidelity_now()
             say("recovering the pruned model")
-            recovery = recover(work, result)
+            recovery = dict(recover(work, result) or {})
             if result is not None:
                 apply_masks(work, result.masks)
             work.eval()
+            # PyTorch, before quantization: what pruning cost and what recovery won back on the held-out inputs
+            recovery |= {"fidelity_pruned": before, "fidelity_recovered": fidelity_now()}
     wrapped = wrap_for_task(work, task).eval()
     names = ("input_ids", "attention_mask")
     out_name = "embedding" if task == "sentence-embedding" else "logits"

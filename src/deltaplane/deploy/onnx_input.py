@@ -1,0 +1,296 @@
+"""Deploy a model that arrives as ONNX (no PyTorch code): prune its weight initializers, quantize with ORT, pack.
+
+An ``.onnx`` file is a model too: ``deltaplane deploy model.onnx`` compresses what ONNX Runtime's tooling can —
+int8 dynamic / static and int4 weight-only quantization (:func:`~deltaplane.deploy.quantize.quantize_onnx`) —
+and prunes the weight matrices in the graph itself: the constant weight of every ``MatMul`` (``(in, out)``),
+``Gemm`` (``(out, in)`` with ``transB=1``, else ``(in, out)``) and ``Conv`` (``(out, in, kh, kw)``), by magnitude
+per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``). Wanda and channel pruning need
+activations or a traced module and are refused here.
+
+Fidelity is measured against the original ONNX model on evaluation feeds: per-sample cosine similarity of the
+first output, top-1 agreement when that output is ``(batch, classes)`` logits, and accuracy when labels are
+given; the gates read the accuracy drop (or top-1 disagreement) for logits and the minimum cosine for any
+other output. Device cost records activation memory and bytes (no MAC count: there is no PyTorch module to count).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltaplane.deploy.artifact import pack_onnx, read_artifact
+from deltaplane.deploy.cost import activation_memory
+from deltaplane.deploy.encoder import cosine_similarity_rows
+from deltaplane.deploy.gates import Gates
+from deltaplane.deploy.onnx import ort_session
+from deltaplane.deploy.prune import nm_mask
+from deltaplane.deploy.quantize import quantize_onnx
+from deltaplane.errors import ConfigError, DecodeError, UnsupportedLayer
+
+__all__ = ["OnnxDeployResult", "deploy_onnx_model", "onnx_feeds", "prune_onnx"]
+
+Feeds = list[dict[str, np.ndarray]]
+
+
+@dataclass
+class OnnxDeployResult:
+    """Paths written and the manifest of :func:`deploy_onnx_model`."""
+
+    out_dir: Path
+    artifact: Path
+    manifest: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+
+
+def _weights(model: Any) -> dict[str, tuple[str, bool]]:
+    """Initializer name → (op type, whether its rows are (out, in)) for every prunable constant weight."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "MatMul":
+            out[node.input[1]] = ("MatMul", False)
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            out[node.input[1]] = ("Gemm", bool(trans_b))
+        elif node.op_type == "Conv":
+            out[node.input[1]] = ("Conv", True)
+    return out
+
+
+def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, str]]:
+    """Prune ``model``'s weight initializers in place by a parsed prune spec; returns (sparsity, skipped layers)."""
+    from onnx import numpy_helper
+
+    method = spec["method"]
+    if method not in ("nm", "magnitude", "layer"):
+        raise UnsupportedLayer(
+            f"{method} pruning needs a PyTorch module (activations or tracing); an ONNX input takes 0.8, "
+            "layer:0.8 or 2:4"
+        )
+    targets = _weights(model)
+    zeros = total = 0
+    skipped: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.name not in targets:
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        if w.ndim < 2:
+            skipped[init.name] = "not a matrix"
+            continue
+        _, out_in = targets[init.name]
+        rows = w.reshape(w.shape[0], -1) if out_in else w.T  # (out, in): groups run along the input dim
+        score = torch.from_numpy(np.abs(rows).copy())
+        if method == "nm":
+            try:
+                keep = nm_mask(score, spec["n"], spec["m"]).numpy()
+            except UnsupportedLayer as e:
+                skipped[init.name] = str(e)
+                continue
+        else:
+            k = round(spec["sparsity"] * score.numel())
+            keep = np.ones(score.shape, bool)
+            if k:
+                flat = score.flatten()
+                keep.reshape(-1)[torch.topk(flat, k, largest=False).indices.numpy()] = False
+        rows = np.where(keep, rows, 0.0).astype(np.float32)
+        new = rows.reshape(w.shape) if out_in else rows.T
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
+        zeros += int((new == 0).sum())
+        total += new.size
+    if total == 0:
+        raise UnsupportedLayer("the ONNX model has no MatMul/Gemm/Conv with a constant weight to prune")
+    return zeros / total, skipped
+
+
+def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
+    """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in [0, 100).
+
+    Symbolic dimensions other than the first (batch) become ``sym``. For models whose inputs mean something
+    (token ids of a given vocabulary, images in a range), pass real feeds instead.
+    """
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    g = np.random.default_rng(seed)
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.dim_value > 0 else sym for d in t.shape.dim]
+        if dims:
+            dims[0] = 1
+        specs.append((inp.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))))
+    feeds = []
+    for _ in range(n):
+        f = {}
+        for name, dims, dt in specs:
+            if np.issubdtype(dt, np.integer):
+                f[name] = g.integers(0, 100, size=dims).astype(dt)
+            elif dt == np.bool_:
+                f[name] = np.ones(dims, bool)
+            else:
+                f[name] = g.standard_normal(dims).astype(dt)
+        feeds.append(f)
+    return feeds
+
+
+def _run(session: Any, feeds: Feeds) -> np.ndarray:
+    return np.concatenate([session.run(None, f)[0] for f in feeds])
+
+
+def deploy_onnx_model(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    eval_feeds: Feeds,
+    calib_feeds: Feeds = (),  # type: ignore[assignment]
+    labels: np.ndarray | None = None,
+    prune: str | None = None,
+    quant: str = "int8",
+    gates: Gates | None = None,
+    progress: Callable[[str], None] | None = None,
+    card_info: dict[str, str] | None = None,
+    inputs_note: str | None = None,
+) -> OnnxDeployResult:
+    """Prune → quantize → pack an ONNX model and measure the artifact as shipped against the original graph.
+
+    ``quant``: ``int8`` / ``int8-dynamic`` (ORT dynamic), ``int8-static`` (needs ``calib_feeds``), ``int4``,
+    ``none``. ``eval_feeds``: batch-1 feeds; ``labels``: one per feed (optional) for an accuracy figure.
+    """
+    import onnx
+
+    from deltaplane.deploy.pipeline import QUANTS, _check_gates, _embedded, _publish, parse_prune
+
+    say = progress or (lambda _msg: None)
+    if quant not in QUANTS:
+        raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
+    if not eval_feeds:
+        raise ConfigError("deploy_onnx_model needs evaluation feeds")
+    src = Path(src)
+    data = src.read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises its own ValidationError / protobuf errors
+        raise DecodeError(f"{src} is not a valid ONNX model: {e}") from e
+    import hashlib
+
+    spec = parse_prune(prune)
+    sparsity, skipped = 0.0, {}
+    if spec is not None:
+        say(f"pruning ONNX weights ({prune})")
+        sparsity, skipped = prune_onnx(model, spec)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pruned = tmp / "pruned.onnx"
+        onnx.save(model, str(pruned))
+        shipped, store, scheme = pruned, "none", "fp32"
+        if quant != "none":
+            say(f"quantizing ({quant})")
+        if quant in ("int8", "int8-dynamic"):
+            shipped, scheme = quantize_onnx(pruned, tmp / "q.onnx", mode="dynamic"), "int8 dynamic (ORT)"
+        elif quant == "int8-static":
+            if not calib_feeds:
+                raise ConfigError("int8-static needs calibration feeds")
+            shipped = quantize_onnx(pruned, tmp / "q.onnx", mode="static", calibration=list(calib_feeds))
+            scheme = "int8 static (ORT QDQ)"
+        elif quant == "int4":
+            shipped, store = quantize_onnx(pruned, tmp / "q.onnx", mode="int4"), "int4"
+            scheme = "int4 weight-only (ORT MatMulNBits) + int4 storage"
+        say("packing and evaluating the artifact as shipped")
+        sha = hashlib.sha256(data).hexdigest()
+        info = pack_onnx(
+            shipped,
+            tmp / "model.dpla",
+            quant=store,
+            manifest=_embedded(src.name, sha, "onnx", prune, quant, scheme, sparsity),
+        )
+        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
+        (tmp / "model.onnx").write_bytes(onnx_bytes)
+        for f in (pruned, tmp / "q.onnx"):
+            f.unlink(missing_ok=True)
+        ref = _run(ort_session(data), eval_feeds)
+        out = _run(ort_session(onnx_bytes), eval_feeds)
+        flat_ref, flat_out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+        cos = cosine_similarity_rows(flat_out, flat_ref)
+        fidelity: dict[str, Any] = {
+            "inputs": len(eval_feeds),
+            "cosine_min": float(cos.min()),
+            "cosine_mean": float(cos.mean()),
+        }
+        quality: dict[str, Any] = {}
+        if ref.ndim == 2 and ref.shape[1] > 1:  # logits: judged by predictions, not by the logits' direction
+            agree = float((out.argmax(1) == ref.argmax(1)).mean())
+            fidelity["top1_agreement"] = agree
+            quality |= {
+                "accuracy_drop_points": 100 * (1 - agree),
+                "accuracy_label": "top-1 disagreement with fp32",
+            }
+            if labels is not None:
+                acc_ref = float((ref.argmax(1) == labels).mean())
+                acc = float((out.argmax(1) == labels).mean())
+                fidelity |= {"accuracy_fp32": acc_ref, "accuracy": acc}
+                quality |= {
+                    "accuracy_drop_points": 100 * (acc_ref - acc),
+                    "accuracy_label": "clean accuracy drop",
+                }
+        else:
+            quality["cosine_min"] = float(cos.min())
+        say("activation memory")
+        mem_ref, mem = activation_memory(data, eval_feeds[0]), activation_memory(onnx_bytes, eval_feeds[0])
+        manifest: dict[str, Any] = {
+            "model": src.name,
+            "task": "onnx",
+            "source_sha256": sha,
+            "format": "onnx",
+            "prune": prune or "none",
+            "prune_skipped_layers": skipped,
+            "quant": quant,
+            "quant_scheme": scheme,
+            "weight_sparsity": sparsity,
+            "sizes": {
+                "fp32_safetensors_bytes": len(data),  # the source ONNX file: the baseline it is compared with
+                "artifact_bytes": info.nbytes,
+                "artifact_payload_bytes": info.payload_nbytes,
+                "compression_ratio": len(data) / info.nbytes,
+            },
+            "fidelity": fidelity,
+            "memory": {"fp32": mem_ref, "compressed": mem},
+            "quality": quality,
+        }
+        if inputs_note:
+            manifest["inputs_note"] = inputs_note
+        _check_gates(manifest, gates)
+        files = _publish(tmp, out_dir, manifest, card_info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return OnnxDeployResult(out_dir, out_dir / "model.dpla", manifest, files)
+
+
+def digits_feeds(model: Any, x: np.ndarray, input_shape: Sequence[int] | None = None) -> Feeds | None:
+    """Batch-1 feeds of digits images if the model's single input fits them (``N×1×8×8`` or ``N×64``), else None."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return None
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    tail = list(dims[1:])
+    for shape in ([1, 8, 8], [64]):
+        if tail == shape:
+            return [
+                {inputs[0].name: x[i : i + 1].reshape(1, *shape).astype(np.float32)} for i in range(len(x))
+            ]
+    return None

@@ -1,0 +1,71 @@
+"""`deploy model.onnx`: any ONNX graph in, pruned + quantized artifact out, measured against the original."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import typer
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from deltaplane.commands.deploy import register
+from deltaplane.deploy import export_onnx, parse_prune
+from deltaplane.deploy.onnx_input import onnx_feeds, prune_onnx
+from deltaplane.errors import UnsupportedLayer
+
+
+def _app():
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    return app
+
+
+def test_prune_onnx_2_4_groups_run_along_the_input_dimension(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    m = onnx.load(str(export_onnx(net, torch.randn(1, 16), tmp_path / "m.onnx").path))
+    sparsity, skipped = prune_onnx(m, parse_prune("2:4"))
+    assert sparsity == pytest.approx(0.5) and skipped == {}
+    for init in m.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2:  # exported Gemm weights are (out, in): every 4 consecutive inputs keep exactly 2
+            nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+            assert (nz == 2).all(), init.name
+            orig = dict(net.named_parameters())[init.name].detach().numpy()
+            kept = np.abs(orig).reshape(orig.shape[0], -1, 4)
+            thresh = np.sort(kept, -1)[..., 1:2]  # the two largest of each group survive
+            assert ((np.abs(w.reshape(kept.shape)) > 0) == (kept > thresh)).all()
+    with pytest.raises(UnsupportedLayer, match="PyTorch module"):
+        prune_onnx(m, parse_prune("wanda:2:4"))
+
+
+def test_cli_deploys_an_onnx_file(tmp_path, trained_cnn, digits):
+    path = export_onnx(trained_cnn.eval(), torch.from_numpy(digits[2][:1]), tmp_path / "cnn.onnx").path
+    out = tmp_path / "out"
+    r = CliRunner().invoke(_app(), ["deploy", str(path), "--prune", "0.5", "--quant", "int8", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["task"] == "onnx" and m["sizes"]["compression_ratio"] > 4
+    assert m["fidelity"]["accuracy"] > 0.9 and m["fidelity"]["inputs"] > 300
+    assert 0.45 < m["weight_sparsity"] < 0.55 and m["gates"]["passed"]
+    assert "accuracy" in r.output and "peak activations" in r.output
+    # a graph whose input is not an image: random feeds, and the card says so
+    lin = torch.nn.Sequential(torch.nn.Linear(10, 3)).eval()
+    p2 = export_onnx(lin, torch.randn(1, 10), tmp_path / "lin.onnx").path
+    r = CliRunner().invoke(_app(), ["deploy", str(p2), "--quant", "int8", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 0, r.output
+    assert "random inputs" in (tmp_path / "o2" / "MODEL_CARD.md").read_text()
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    r = CliRunner().invoke(_app(), ["deploy", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "error:" in r.output and not (tmp_path / "o3").exists()
+
+
+def test_onnx_feeds_follow_the_signature(tmp_path):
+    lin = torch.nn.Sequential(torch.nn.Linear(10, 3)).eval()
+    m = onnx.load(str(export_onnx(lin, torch.randn(1, 10), tmp_path / "l.onnx").path))
+    f = onnx_feeds(m, 3, seed=0)
+    assert len(f) == 3 and f[0]["input"].shape == (1, 10) and f[0]["input"].dtype == np.float32
+    assert np.array_equal(onnx_feeds(m, 1, seed=0)[0]["input"], f[0]["input"])
