@@ -22,8 +22,10 @@ __all__ = [
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
+    "TaskError",
     "UnsupportedAdapter",
     "UnsupportedLayer",
+    "UnsupportedOption",
     "VersionMismatch",
 ]
 
@@ -101,3 +103,14 @@ class AdapterMismatch(AdapterError, ShapeMismatch):
 
 class UnsupportedAdapter(AdapterError):
     """An adapter uses a PEFT feature deltaplane does not handle (DoRA, bias LoRA, ...); the message names the field."""
+
+
+class TaskError(DeltaplaneError, ValueError):
+    """A task (the user's model and data) cannot be loaded or does not fit together: a task path that does not
+    import, a factory that returns something else than a :class:`~deltaplane.engine.Task`, or a model whose
+    output does not match the data's inputs or labels."""
+
+
+class UnsupportedOption(ConfigError):
+    """A run option that the chosen driver (engine or transport) cannot honour, with the physical reason; raised
+    before the run starts, never silently ignored."""

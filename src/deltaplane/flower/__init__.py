@@ -8,7 +8,7 @@
 Importing this package imports ``flwr`` (the ``flower`` extra); ``import deltaplane`` never does.
 """
 
-from deltaplane.flower.digits import digits_client_app, digits_server_app
+from deltaplane.flower.digits import digits_client_app, digits_server_app, task_client_app, task_server_app
 from deltaplane.flower.engine import FlowerRunError, run_flower
 from deltaplane.flower.mod import delta_mod, node_seed
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
@@ -22,4 +22,6 @@ __all__ = [
     "digits_server_app",
     "node_seed",
     "run_flower",
+    "task_client_app",
+    "task_server_app",
 ]

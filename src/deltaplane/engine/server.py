@@ -1,0 +1,264 @@
+"""The server step: what the server does with a round's uploads, written once for every driver.
+
+```
+decode + validate ─► aggregator chain (robust ─► clip ─► DP ─► FedOpt / server SGD) ─► downlink compress ─► publish
+```
+
+The chain is :func:`deltaplane.aggregation.build_aggregator`'s (via :meth:`RunConfig.build_aggregator`), so
+robust rules, clipping, DP-FedAvg with its accountant and budget, and the server optimizer (``server_lr`` as
+plain server SGD for FedAvg) are the same objects on every driver. The server step takes either wire payloads
+(:meth:`ServerStep.receive_payload`: strict decode against the round's base version, then validation), already
+decoded deltas (:meth:`ServerStep.receive_delta`: a transport that decoded them itself), or, with secure
+aggregation, the unmasked *sum* (:meth:`ServerStep.receive_secure_sum`) — never individual plaintext updates
+in that case. :meth:`ServerStep.close` compresses the update for the downlink and hands it to a
+:class:`Publisher` (in memory by default; the HTTP service's registers a signed version).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltaplane.aggregation import FLTrust, Rejection, Validate
+from deltaplane.codecs import Compressor, decompress
+from deltaplane.data.dataset import Dataset
+from deltaplane.delta import Delta, StateDict
+from deltaplane.engine.config import RunConfig
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
+from deltaplane.engine.task import Task
+from deltaplane.engine.training import local_train
+from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
+
+__all__ = ["MemoryPublisher", "Publisher", "RoundOutcome", "ServerStep"]
+
+
+class Publisher(Protocol):
+    """Turns a round's update into the downlink: compress it, make it the new version, return what was sent.
+
+    Returns ``(payload, decoded)``: the downlink wire payload and the delta every device applies (the decoded
+    payload, so the server and the devices hold the same weights even with a lossy downlink codec).
+    """
+
+    def publish(self, update: Delta, *, base_version: int, lineage: dict) -> tuple[bytes, Delta]: ...
+
+
+@dataclass
+class MemoryPublisher:
+    """The in-process downlink: a server-side :class:`Compressor` (its residual is the downlink error
+    feedback); versions live only in the driver's memory."""
+
+    compressor: Compressor
+    base_id: str
+
+    def publish(self, update: Delta, *, base_version: int, lineage: dict) -> tuple[bytes, Delta]:
+        payload = self.compressor.compress(update, base_id=self.base_id, base_version=base_version)
+        return payload, decompress(payload, expect_base=(self.base_id, base_version))
+
+
+@dataclass
+class RoundOutcome:
+    """What a closed round produced."""
+
+    round: int
+    #: the version the round's clients trained from; the new global model is ``base_version + 1``
+    base_version: int
+    state: dict[str, Tensor]
+    downlink_payload: bytes
+    accepted: int
+    rejections: list[Rejection]
+    uplink_bytes: int
+    measurements: dict[str, float] = field(default_factory=dict)
+
+
+def root_dataset(config: RunConfig, task: Task) -> Dataset:
+    """The server's own small clean dataset for FLTrust (Cao et al. 2021): ``root_samples`` drawn from the
+    task's training pool (all devices' data for a naturally split task) by the ``ROOT_DATA`` stream."""
+    pool = task.train
+    if pool is None:
+        clients = list(task.clients or [])
+        pool = Dataset(torch.cat([d.x for d in clients]), torch.cat([d.y for d in clients]))
+    idx = numpy_rng(config.seed, Stream.ROOT_DATA).choice(
+        len(pool), size=min(config.root_samples, len(pool)), replace=False
+    )
+    return pool.subset(np.sort(idx))
+
+
+class ServerStep:
+    """The server side of every round (see the module docstring); learned state (the aggregator chain's
+    optimizer moments, DP accountant, the downlink residual, the current version) lives here across rounds.
+
+    Args:
+        aggregator: the chain (:func:`~deltaplane.aggregation.build_aggregator`), Validate outermost.
+        publisher: where each round's update goes (compress for the downlink, make it the new version).
+        initial_state: the global model of version 0 (a transport that keeps versions elsewhere passes the
+            base of each round to :meth:`open` instead).
+        base_id: the model lineage payload headers must name.
+        reference: FLTrust's server update for a round, ``reference(rnd, state)`` (required when the chain
+            holds :class:`~deltaplane.aggregation.FLTrust`).
+
+    Use :meth:`for_run` to build one from a :class:`RunConfig` and a :class:`Task`.
+    """
+
+    def __init__(
+        self,
+        aggregator: Validate,
+        publisher: Publisher,
+        initial_state: StateDict,
+        *,
+        base_id: str,
+        reference: Callable[[int, StateDict], Delta] | None = None,
+    ) -> None:
+        self.aggregator = aggregator
+        self.publisher = publisher
+        self.base_id = base_id
+        self.state = {k: v.detach().clone() for k, v in initial_state.items()}
+        self.version = 0
+        fltrust = aggregator.find(FLTrust)
+        self._fltrust: FLTrust | None = fltrust if isinstance(fltrust, FLTrust) else None
+        if self._fltrust is not None and reference is None:
+            raise ConfigError(
+                "FLTrust needs the server's own root dataset to train a reference update; give the server a task"
+            )
+        self._reference = reference
+        self._round = 0
+        self._uplink = 0
+        self._accepted = 0
+        self._rejections: list[Rejection] = []
+        self._secure = False
+
+    @classmethod
+    def for_run(
+        cls,
+        config: RunConfig,
+        task: Task,
+        initial_state: StateDict,
+        *,
+        base_id: str,
+        publisher: Publisher | None = None,
+    ) -> ServerStep:
+        """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
+        ``publisher`` is given) and, for FLTrust, a reference trained on :func:`root_dataset`."""
+        reference = None
+        agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+        if isinstance(agg.find(FLTrust), FLTrust):
+            root = root_dataset(config, task)
+            model = task.build_model(0)  # scratch module: training overwrites its weights
+
+            def reference(rnd: int, state: StateDict) -> Delta:
+                return local_train(
+                    model,
+                    state,
+                    root,
+                    torch_generator(config.seed, Stream.ROOT_DATA, rnd),
+                    epochs=config.local_epochs,
+                    batch_size=config.batch_size,
+                    lr=config.client_lr(rnd),
+                    momentum=config.momentum,
+                    prox_mu=config.prox_mu,
+                    loss=task.loss,
+                )
+
+        if publisher is None:
+            publisher = MemoryPublisher(
+                Compressor(
+                    config.downlink_codec,
+                    error_feedback=config.downlink_error_feedback,
+                    seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
+                ),
+                base_id,
+            )
+        return cls(agg, publisher, initial_state, base_id=base_id, reference=reference)
+
+    def open(self, rnd: int, *, version: int | None = None, state: StateDict | None = None) -> None:
+        """Start round ``rnd`` on the current version (or on ``version``/``state``, when the transport keeps
+        the versions); FLTrust's server trains its reference update here."""
+        if version is not None:
+            self.version = version
+        if state is not None:
+            self.state = dict(state)
+        self._round = rnd
+        self._uplink = self._accepted = 0
+        self._rejections = []
+        self._secure = False
+        self.aggregator.reset()
+        if self._fltrust is not None:
+            self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+
+    @property
+    def last_rejection(self) -> Rejection | None:
+        """The most recent refusal of the open round (None if nothing was refused)."""
+        return self._rejections[-1] if self._rejections else None
+
+    def refuse(self, client_id: str, error: DeltaplaneError) -> None:
+        """Record an update refused before it reached the chain (it could not be produced or decoded)."""
+        self._rejections.append(Rejection(client_id, error))
+
+    def receive_payload(self, client_id: str, payload: bytes, weight: float) -> bool:
+        """Decode a wire payload strictly against this round's base, validate and aggregate it."""
+        self._uplink += len(payload)
+        try:
+            delta = decompress(payload, expect_base=(self.base_id, self.version))
+        except DeltaplaneError as exc:  # one bad client is refused, the round goes on
+            self.refuse(client_id, exc)
+            return False
+        return self.receive_delta(client_id, delta, weight)
+
+    def receive_delta(self, client_id: str, delta: Delta, weight: float) -> bool:
+        """Validate and aggregate an update the transport has already decoded (True if accepted)."""
+        if self._secure:
+            raise InvalidUpdate("this round aggregates through SecAgg; individual updates are not accepted")
+        ok = self.aggregator.add(delta, weight, base_version=self.version, client_id=client_id)
+        if ok:
+            self._accepted += 1
+        else:
+            self._rejections.append(self.aggregator.rejections[-1])
+        return ok
+
+    def receive_secure_sum(self, mean: Delta, *, contributors: int, uplink_bytes: int) -> None:
+        """The securely aggregated (unmasked) weighted mean of ``contributors`` updates: the only view of the
+        round's updates the server gets under SecAgg. It enters the chain as one update of weight 1."""
+        if self._accepted:
+            raise InvalidUpdate("this round already aggregated individual updates; SecAgg cannot join it")
+        self._secure = True
+        self._uplink += uplink_bytes
+        self._accepted = contributors
+        self.aggregator.add(mean, 1.0)
+
+    def close(self) -> RoundOutcome:
+        """Aggregate, compress the downlink, publish the new version; the outcome carries the new state.
+
+        Raises:
+            InvalidUpdate: every update of the round was refused.
+            PrivacyBudgetExceeded: this round would spend more ε than the budget allows.
+        """
+        if self._accepted == 0:
+            first = self._rejections[0] if self._rejections else None
+            where = f"client {first.client_id}: {first.error}" if first else "no client uploaded"
+            raise InvalidUpdate(
+                f"round {self._round}, {where} (every update of the round was refused; if local training "
+                "diverged, try a lower lr)"
+            ) from (first.error if first else None)
+        update = self.aggregator.result()  # raises PrivacyBudgetExceeded before a round that would exceed it
+        measurements = dict(self.aggregator.measurements)
+        base = self.version
+        payload, decoded = self.publisher.publish(
+            update, base_version=base, lineage={"round": self._round, "uploads": self._accepted}
+        )
+        # a partial update (personalization's local layers excluded) changes only the shared tensors
+        self.state = {**self.state, **decoded.apply({k: self.state[k] for k in decoded})}
+        self.version += 1
+        return RoundOutcome(
+            round=self._round,
+            base_version=base,
+            state=self.state,
+            downlink_payload=payload,
+            accepted=self._accepted,
+            rejections=list(self._rejections),
+            uplink_bytes=self._uplink,
+            measurements=measurements,
+        )
