@@ -175,6 +175,7 @@ def run(
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the files of an earlier run in --out.")
+    ] = False,
     save_personal: Annotated[
         bool,
         typer.Option(

@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -192,16 +192,14 @@ def extract_lora(
         if name in targets or (name in bias_of and bias):
             b = bs[name]
             delta = ft[name].float() - b.float() if b.dtype != torch.float64 else ft[name] - b
-            _check_finite(delta, name)
-            if not bool(delta.any()):  # unchanged: no adapter layer, nothing lost
-                pass
-            elif name in targets:
+            changed = _check_finite(delta, name) > 0  # unchanged: no adapter layer, nothing lost
+            if changed and name in targets:
                 A, B, err, kept, rnd = low_rank_factors(
                     delta, rank=rank, energy=energy, randomized_above=randomized_above, seed=seed
                 )
                 layers[name] = LoRALayer(A.to(b.dtype), B.to(b.dtype), alpha=float(A.shape[0]))
                 reports.append(LayerReport(name, tuple(delta.shape), int(A.shape[0]), err, kept, rnd))  # type: ignore[arg-type]
-            else:
+            elif changed:
                 pending_bias[bias_of[name]] = delta.to(b.dtype)
             del delta, b
         else:
@@ -212,8 +210,7 @@ def extract_lora(
             progress(done, len(names), name)
     for weight, d in pending_bias.items():
         if weight in layers:
-            old = layers[weight]
-            layers[weight] = LoRALayer(old.A, old.B, old.alpha, bias=d)
+            layers[weight] = replace(layers[weight], bias=d)
         else:  # the weight did not change but its bias did: nothing to attach it to
             uncaptured[module_of(weight) + ".bias"] = float(d.norm()) / max(
                 float(bs[module_of(weight) + ".bias"].float().norm()), 1e-30

@@ -1,0 +1,88 @@
+"""LoRA aggregation: FedIT's bias, FFA-LoRA's exactness, the re-factorizing aggregator against a direct SVD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deltaplane.adapters.federated import LoRARefactor, factor_pairs, fedit_bias
+from deltaplane.aggregation import FedAvg
+from deltaplane.delta import Delta
+from deltaplane.errors import AdapterMismatch
+
+
+def clients(n=5, r=3, seed=0, drift=1.0):
+    g = torch.Generator().manual_seed(seed)
+    A0, B0 = torch.randn(r, 12, generator=g, dtype=torch.float64), torch.zeros(10, r, dtype=torch.float64)
+    head0 = torch.zeros(4, dtype=torch.float64)
+    initial = {"l.lora_A.w": A0, "l.lora_B.w": B0, "head": head0}
+    deltas = [
+        Delta({"l.lora_A.w": drift * torch.randn(r, 12, generator=g, dtype=torch.float64),
+               "l.lora_B.w": torch.randn(10, r, generator=g, dtype=torch.float64),
+               "head": torch.randn(4, generator=g, dtype=torch.float64)})
+        for _ in range(n)
+    ]  # fmt: skip
+    return initial, deltas, [float(w) for w in range(1, n + 1)]
+
+
+def test_fedit_is_biased_and_the_bias_grows_with_drift():
+    initial, deltas, w = clients(drift=0.1)
+    As = [initial["l.lora_A.w"] + d["l.lora_A.w"] for d in deltas]
+    Bs = [initial["l.lora_B.w"] + d["l.lora_B.w"] for d in deltas]
+    small = fedit_bias(As, Bs, w)
+    _, far, _ = clients(drift=2.0)
+    As2 = [initial["l.lora_A.w"] + d["l.lora_A.w"] for d in far]
+    Bs2 = [initial["l.lora_B.w"] + d["l.lora_B.w"] for d in far]
+    assert 0 < small < fedit_bias(As2, Bs2, w)
+
+
+def test_ffa_lora_fedavg_of_b_is_exact():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 12, generator=g, dtype=torch.float64)  # frozen, shared
+    Bs = [torch.randn(10, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    w = [1.0, 2.0, 3.0, 4.0]
+    agg = FedAvg()
+    for B, wi in zip(Bs, w, strict=True):
+        agg.add(Delta({"B": B}), wi)
+    exact = sum(wi * B @ A for wi, B in zip(w, Bs, strict=True)) / sum(w)
+    assert torch.allclose(agg.result()["B"] @ A, exact, atol=1e-12)
+    assert fedit_bias([A] * 4, Bs, w) < 1e-12
+
+
+@pytest.mark.parametrize("r", [3, 6])
+def test_refactor_is_the_best_rank_r_approximation_of_the_average_product(r):
+    initial, deltas, w = clients(r=3)
+    agg = LoRARefactor(FedAvg(), initial)
+    if r != 3:  # a rank-6 global adapter (zero-padded) can hold the average of rank-3 products better
+        initial = {**initial, "l.lora_A.w": torch.cat([initial["l.lora_A.w"], torch.zeros(3, 12, dtype=torch.float64)]),
+                   "l.lora_B.w": torch.zeros(10, 6, dtype=torch.float64)}  # fmt: skip
+        deltas = [Delta({**d, "l.lora_A.w": torch.cat([d["l.lora_A.w"], torch.zeros(3, 12, dtype=torch.float64)]),
+                         "l.lora_B.w": torch.cat([d["l.lora_B.w"], torch.zeros(10, 3, dtype=torch.float64)], 1)})
+                  for d in deltas]  # fmt: skip
+        agg = LoRARefactor(FedAvg(), initial)
+    for d, wi in zip(deltas, w, strict=True):
+        agg.add(d, wi)
+    out = agg.result()
+    A = initial["l.lora_A.w"] + out["l.lora_A.w"]
+    B = initial["l.lora_B.w"] + out["l.lora_B.w"]
+    mean = sum(
+        wi * (initial["l.lora_B.w"] + d["l.lora_B.w"]) @ (initial["l.lora_A.w"] + d["l.lora_A.w"])
+        for d, wi in zip(deltas, w, strict=True)
+    ) / sum(w)
+    s = np.linalg.svd(mean.numpy(), compute_uv=False)
+    best = float(np.sqrt((s[r:] ** 2).sum()))
+    assert float((B @ A - mean).norm()) == pytest.approx(best, abs=1e-9)
+    # the head is averaged as usual
+    head = sum(wi * d["head"] for d, wi in zip(deltas, w, strict=True)) / sum(w)
+    assert torch.allclose(out["head"], head)
+    # it tracks the global factors: a second round starts from the re-factored ones
+    agg.reset()
+    agg.add(Delta({k: torch.zeros_like(v) for k, v in deltas[0].items()}), 1.0)
+    again = agg.result()
+    assert float(again["l.lora_A.w"].abs().max()) < 1e-9  # no change: the same product re-factors to itself
+
+
+def test_pairs_must_be_complete():
+    with pytest.raises(AdapterMismatch, match="no matching"):
+        factor_pairs(["x.lora_A.w"])
