@@ -36,7 +36,6 @@ from deltaplane.codecs.wire import (
     pack,
     read_body,
     read_table,
-    unpack,
 )
 from deltaplane.delta import Delta, all_finite, first_non_finite
 from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
@@ -79,7 +78,13 @@ def encode_delta(
 
 
 def decode_delta(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> Delta:
-    """Decode finalized trees into a delta with each tensor's original dtype; refuses NaN/Inf."""
+    """Decode finalized trees into a delta with each tensor's original dtype; refuses NaN/Inf.
+
+    Every node is checked first (:func:`~deltaplane.codecs.preflight.check_nodes`: its codec, fields and
+    counts), so no codec works on a size its fields cannot back; the layout and the decode budget are
+    :func:`decompress`'s (it knows the payload and the receiver).
+    """
+    check_nodes(trees)
     out = {}
     for name, (dtype, tree) in trees.items():
         try:
@@ -123,13 +128,12 @@ def decompress(
     # layout and budget from the table alone, before the body is inflated or read
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
     trees = read_body(table, max_inflated_bytes=layout.decoded_bytes if layout is not None else budget)
-    check_nodes(trees)
     return decode_delta(trees)
 
 
 def read_header(payload: bytes, *, limits: Limits | None = None) -> WireHeader:
-    """The validated header of a payload (base model, codec, metadata) without decoding its tensors."""
-    return unpack(payload, limits=limits)[0]
+    """The validated header of a payload (base model, codec, metadata) without reading its tensors."""
+    return read_table(payload, limits=limits).header
 
 
 @dataclass

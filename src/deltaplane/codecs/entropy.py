@@ -234,8 +234,16 @@ def golomb_decode(data: bytes, count: int) -> np.ndarray:
     if len(ubits) - 1 - int(zeros[-1]) >= 8:
         raise DecodeError("Golomb quotient section has trailing bytes")
     del ubits
-    q = np.diff(zeros, prepend=-1)
-    del zeros
+    # q_j = zeros_j - zeros_{j-1} - 1, in place from the end backwards, a block at a time (a block's
+    # overlapping right-hand side is copied, so each step reads the original values)
+    q = zeros
+    for hi in range(count, 0, -_RICE_BLOCK):
+        lo = max(0, hi - _RICE_BLOCK)
+        if lo:
+            q[lo:hi] -= q[lo - 1 : hi - 1]
+        else:
+            q[1:hi] -= q[0 : hi - 1]
+            q[0] += 1  # zeros_{-1} = -1
     q -= 1
     if int(q.max()) >= 1 << (62 - k):
         raise DecodeError("Golomb value is too large")
