@@ -3,24 +3,39 @@
 Needs the ``cryptography`` package (the ``aggregation`` extra); import this subpackage explicitly.
 """
 
-from deltaplane.aggregation.secagg.protocol import (
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
-    SecAggClient,
-    SecAggConfig,
-    SecAggError,
-    SecAggServer,
-    neighbours,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
 )
+from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer, Stage, neighbours
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
 from deltaplane.aggregation.secagg.session import SecAggReport, run_secagg, secure_mean
 
 __all__ = [
     "AdvertiseKeys",
+    "KeyRoster",
+    "MaskedInput",
+    "Message",
     "SecAggClient",
     "SecAggConfig",
     "SecAggError",
+    "SecAggOrderError",
     "SecAggReport",
     "SecAggServer",
+    "ShareInbox",
+    "ShareKeys",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode_message",
     "dequantize_sum",
     "neighbours",
     "pack",
