@@ -368,15 +368,18 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 payload = (
                     client.upload(delta, base_id=BASE_ID, base_version=version) if upload is None else upload
                 )
-                uplink += len(payload)
                 decoded = decompress(payload, expect_base=(BASE_ID, version))
             except DeltaplaneError as exc:  # one bad client is refused, the round goes on
                 rejections.append(Rejection(str(cid), exc))
                 continue
             if config.secagg:
+                # Still on the device: it decoded its own payload (so its codec and error feedback shape what
+                # it contributes) and will feed that into the ring and mask it; the payload never leaves it.
                 secure_inputs.append(decoded)
                 secure_weights.append(client.num_samples)
-            elif not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
+                continue
+            uplink += len(payload)
+            if not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
                 rejections.append(agg.rejections[-1])
         accepted = len(secure_inputs) if config.secagg else len(chosen) - len(rejections)
         if accepted == 0:
@@ -388,21 +391,18 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         if config.secagg:
             from deltaplane.aggregation.secagg import secure_mean
 
-            # the server knows each client's sample count (plain FedAvg weighs by it too); each client scales
-            # its delta by m·nᵢ/Σn before masking, so the secure *uniform* mean is the sample-weighted mean
-            total = sum(secure_weights)
-            scaled = [
-                d * (len(secure_inputs) * w / total)
-                for d, w in zip(secure_inputs, secure_weights, strict=True)
-            ]
+            # The SecAgg messages run between the devices and the server (in process, as bytes): each device
+            # quantizes its update scaled by its example count into the ring and masks it; the server object
+            # only ever sees masked messages and unmasks their sum, the example-weighted mean.
             mean, report = secure_mean(
-                scaled,
+                secure_inputs,
+                weights=secure_weights,
                 bits=config.secagg_bits,
                 clip_range=config.secagg_range,
                 round_id=rnd,
                 seed=derive_seed(config.seed, Stream.SECAGG, rnd),
             )
-            uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: masked ring values
+            uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: SecAgg messages
             agg.add(mean, 1.0)
         update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
         if config.aggregator == "fedavg":

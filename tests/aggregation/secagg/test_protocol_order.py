@@ -259,3 +259,37 @@ def test_result_waits_for_enough_shares_and_then_is_exact() -> None:
     assert server.stage == Stage.UNMASK  # still waiting; a late responder may complete the round
     server.receive_unmask(clients[3].unmask(req))
     assert np.array_equal(server.result(), sum(codes[u].astype(np.uint64) for u in range(5)))
+
+
+def test_dropouts_at_every_stage_and_a_late_upload_keep_the_sum_exact() -> None:
+    from deltaplane.aggregation.secagg import Dropouts, run_secagg
+
+    n, d, bits = 14, 300, 10
+    cfg = SecAggConfig(num_clients=n, threshold=8, bits=bits, vector_size=d, round_id=2)
+    rng = np.random.default_rng(4)
+    codes = {u: rng.integers(0, 1 << bits, d).astype(np.uint32) for u in range(n)}
+    drops = Dropouts(
+        before_advertise={0}, before_shares={3}, before_upload={5}, late_upload={8}, after_upload={11}
+    )
+    total, rep = run_secagg(codes, cfg, dropouts=drops, randbytes=np.random.default_rng(5).bytes)
+    assert (
+        rep.refused_late == [8] and rep.dropped == [5, 8] and 11 in rep.survivors and 11 not in rep.responders
+    )
+    assert rep.survivors == [u for u in range(n) if u not in (0, 3, 5, 8)]
+    assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in rep.survivors))
+
+
+def test_server_endpoint_checks_the_authenticated_sender_and_the_direction() -> None:
+    from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, ServerEndpoint
+    from deltaplane.errors import DecodeError
+
+    cfg, _codes, _clients, _server = _setup()
+    server = ServerEndpoint(cfg)
+    dev = DeviceEndpoint(2, cfg, RingEncoding(bits=BITS))
+    with pytest.raises(SecAggOrderError, match="client 3 sent a message signed as client 2"):
+        server.receive(dev.advertise(), sender=3)
+    assert server.receive(dev.advertise(), sender=2) == "AdvertiseKeys"
+    with pytest.raises(DecodeError, match="sent by the server"):
+        server.receive(UnmaskRequest(cfg.round_id, (), ()).to_bytes(), sender=2)
+    with pytest.raises(SecAggOrderError, match="no update to mask"):
+        dev.masked_input(ShareInbox(cfg.round_id, 2, {}).to_bytes())

@@ -16,21 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deltaplane.aggregation.secagg.encoding import RingEncoding
+from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
 from deltaplane.aggregation.secagg.errors import SecAggOrderError
-from deltaplane.aggregation.secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    ShareInbox,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
-from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer
+from deltaplane.aggregation.secagg.protocol import SecAggConfig
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError
 
-__all__ = ["Dropouts", "SecAggReport", "run_secagg", "secure_mean"]
+__all__ = ["Dropouts", "SecAggReport", "exchange", "run_secagg", "secure_mean"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +72,55 @@ class SecAggReport:
         return max(self.upload_bytes[u] for u in self.survivors) / plain
 
 
+def exchange(
+    devices: Mapping[int, DeviceEndpoint], server: ServerEndpoint, dropouts: Dropouts | None = None
+) -> tuple[np.ndarray, SecAggReport]:
+    """Carry one round's messages, as bytes, between device endpoints and the server endpoint.
+
+    Devices in ``dropouts`` stop at their stage; late uploaders send their masked input after the unmasking
+    request, and the server refuses it (:class:`SecAggOrderError`), as it would on any transport.
+    """
+    d = dropouts or Dropouts()
+    for u, dev in devices.items():
+        if u not in d.gone_by(0):
+            server.receive(dev.advertise(), sender=u)
+    roster = server.roster()
+    for u, dev in devices.items():
+        if u not in d.gone_by(1):
+            server.receive(dev.share(roster), sender=u)
+    server.close_shares()
+    late: dict[int, bytes] = {}
+    for u, dev in devices.items():
+        if u in d.gone_by(1) or u in d.before_upload:
+            continue
+        masked = dev.masked_input(server.inbox(u))
+        if u in d.late_upload:
+            late[u] = masked
+        else:
+            server.receive(masked, sender=u)
+    request = server.unmask_request()
+    refused = []
+    for u, payload in late.items():
+        try:
+            server.receive(payload, sender=u)
+        except SecAggOrderError:
+            refused.append(u)
+    srv = server.server
+    responders = [u for u in srv.survivors if u not in d.gone_by(3)]
+    for u in responders:
+        server.receive(devices[u].unmask(request), sender=u)
+    total = server.result()
+    report = SecAggReport(
+        list(srv.survivors),
+        list(srv.dropped),
+        responders,
+        dict(srv.bytes_received),
+        server.config.ring_bits,
+        sorted(refused),
+    )
+    return total, report
+
+
 def run_secagg(
     codes: Mapping[int, np.ndarray],
     config: SecAggConfig,
@@ -93,7 +134,7 @@ def run_secagg(
 
     Args:
         codes: client id → its quantized update (integers in ``[0, 2^bits)``). Each array is handed only to
-            that client's :class:`SecAggClient`; the server object sees bytes of masked messages.
+            that client's :class:`DeviceEndpoint`; the server endpoint receives bytes of masked messages.
         config: the round's public parameters.
         drop_before_upload / drop_after_upload: shorthands for ``Dropouts(before_upload=..., after_upload=...)``.
         dropouts: dropouts at every stage, and late uploads (merged with the shorthands).
@@ -107,54 +148,12 @@ def run_secagg(
         d.late_upload,
         set(d.after_upload) | set(drop_after_upload),
     )
-    clients = {u: SecAggClient(u, config, randbytes=randbytes) for u in codes}
-    server = SecAggServer(config)
-
-    def up(msg_bytes: bytes, cls: type) -> object:  # device -> server: decoded strictly on arrival
-        return cls.from_bytes(msg_bytes, config)
-
-    def down(msg_bytes: bytes, cls: type) -> object:  # server -> device
-        return cls.from_bytes(msg_bytes, config)
-
-    for u, c in clients.items():
-        if u not in d.gone_by(0):
-            server.receive_keys(up(c.advertise_keys().to_bytes(), AdvertiseKeys))  # type: ignore[arg-type]
-    roster = server.roster().to_bytes()
-    for u, c in clients.items():
-        if u not in d.gone_by(1):
-            share = c.share_keys(down(roster, KeyRoster))  # type: ignore[arg-type]
-            server.receive_shares(up(share.to_bytes(), ShareKeys))  # type: ignore[arg-type]
-    server.close_shares()
-    late: dict[int, bytes] = {}
-    for u, c in clients.items():
-        if u in d.gone_by(1) or u in d.before_upload:
-            continue
-        masked = c.masked_input(down(server.inbox(u).to_bytes(), ShareInbox), codes[u])  # type: ignore[arg-type]
-        if u in d.late_upload:
-            late[u] = masked.to_bytes()
-        else:
-            server.receive_masked_input(up(masked.to_bytes(), MaskedInput))  # type: ignore[arg-type]
-    request = server.unmask_request().to_bytes()
-    refused = []
-    for u, payload in late.items():
-        try:
-            server.receive_masked_input(up(payload, MaskedInput))  # type: ignore[arg-type]
-        except SecAggOrderError:
-            refused.append(u)
-    req = down(request, UnmaskRequest)
-    responders = [u for u in req.survivors if u not in d.gone_by(3)]  # type: ignore[attr-defined]
-    for u in responders:
-        server.receive_unmask(up(clients[u].unmask(req).to_bytes(), UnmaskResponse))  # type: ignore[arg-type]
-    total = server.result()
-    report = SecAggReport(
-        list(server.survivors),
-        list(server.dropped),
-        responders,
-        dict(server.bytes_received),
-        config.ring_bits,
-        sorted(refused),
-    )
-    return total, report
+    enc = RingEncoding(bits=config.bits)
+    devices = {}
+    for u, c in codes.items():
+        devices[u] = DeviceEndpoint(u, config, enc, randbytes=randbytes)
+        devices[u].set_codes(c)
+    return exchange(devices, ServerEndpoint(config), d)
 
 
 def secure_mean(
@@ -196,17 +195,20 @@ def secure_mean(
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     randbytes = rng.bytes if seed is not None else secrets.token_bytes
-    codes = {
-        u: enc.encode(dl, int(weights[u]) if weights is not None else 1, np.random.default_rng(rng.integers(2**63)))
-        for u, dl in enumerate(deltas)
-    }  # fmt: skip
-    total, report = run_secagg(
-        codes,
-        cfg,
-        drop_before_upload=drop_before_upload,
-        drop_after_upload=drop_after_upload,
-        dropouts=dropouts,
-        randbytes=randbytes,
+    devices = {}
+    for u, dl in enumerate(deltas):  # device side: each quantizes its own update into the ring
+        devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes)
+        devices[u].set_update(
+            dl, int(weights[u]) if weights is not None else 1, np.random.default_rng(rng.integers(2**63))
+        )
+    d = dropouts or Dropouts()
+    d = Dropouts(
+        d.before_advertise,
+        d.before_shares,
+        set(d.before_upload) | set(drop_before_upload),
+        d.late_upload,
+        set(d.after_upload) | set(drop_after_upload),
     )
+    total, report = exchange(devices, ServerEndpoint(cfg), d)
     mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
     return mean, report
