@@ -50,6 +50,7 @@ from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
+from deltaplane.serve.secagg_routes import install_secagg_routes
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
@@ -341,6 +342,8 @@ def create_app(
 
     Device = Annotated[DeviceIdentity, Depends(device)]
     Admin = Depends(admin)
+    # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth
+    app.state.secagg_rounds = install_secagg_routes(app, state, config, device=device, admin=admin)
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         tags = reg.tags(model)
