@@ -60,7 +60,7 @@ def run_secagg_fleet(
     weights: Sequence[int],
     *,
     verifier: Verifier,
-    dropouts: Dropouts = Dropouts(),
+    dropouts: Dropouts | None = None,
     bits: int = 16,
     clip_range: float = 1.0,
     weight_scale: float = 0.0,
@@ -75,6 +75,7 @@ def run_secagg_fleet(
     OS. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
+    dropouts = dropouts or Dropouts()
     limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
     with httpx.Client(base_url=base_url, timeout=120, limits=limits) as http:
         admin = AdminClient(base_url, admin_token, client=http)
