@@ -16,7 +16,7 @@ MODULES = [
     "deltaplane.aggregation.clipping",
     "deltaplane.aggregation.dp",
     "deltaplane.aggregation.validation",
-    "deltaplane.sim.followup",
+    "deltaplane.apps.digits.followup",
 ]
 
 

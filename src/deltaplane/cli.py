@@ -26,8 +26,8 @@ from deltaplane.errors import ConfigError, DeltaplaneError
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
 
-    from deltaplane.sim.config import RunConfig
-    from deltaplane.sim.simulation import RoundMetrics, RunResult
+    from deltaplane.engine.config import RunConfig
+    from deltaplane.engine.results import RoundMetrics, RunResult
 
 __all__ = ["DEFAULT_RUN_CODEC", "app"]
 
@@ -182,7 +182,7 @@ def run(
 
 
 def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
-    from deltaplane.sim.config import RunConfig
+    from deltaplane.engine.config import RunConfig
 
     cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
     changes = {k: v for k, v in options.items() if v is not None}
@@ -210,7 +210,7 @@ def _summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _followup(result: RunResult, deploy_dir: Path, *, name: str) -> dict[str, Any]:
     """Personalize, merge and deploy ``result``'s global model, printing a table per step."""
-    from deltaplane.sim.followup import run_followup
+    from deltaplane.apps.digits.followup import run_followup
 
     console.print(f"[bold]after the federation[/bold] (global model of run '{escape(name)}'):")
     with console.status("starting…") as status:

@@ -20,7 +20,9 @@ __all__ = [
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
+    "TaskError",
     "UnsupportedLayer",
+    "UnsupportedOption",
     "VersionMismatch",
 ]
 
@@ -86,3 +88,14 @@ class SignatureError(DeltaplaneError, ValueError):
 
 class PromotionRefused(DeltaplaneError, RuntimeError):
     """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""
+
+
+class TaskError(DeltaplaneError, ValueError):
+    """A task (the user's model and data) cannot be loaded or does not fit together: a task path that does not
+    import, a factory that returns something else than a :class:`~deltaplane.engine.Task`, or a model whose
+    output does not match the data's inputs or labels."""
+
+
+class UnsupportedOption(ConfigError):
+    """A run option that the chosen driver (engine or transport) cannot honour, with the physical reason; raised
+    before the run starts, never silently ignored."""

@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import pytest
@@ -6,6 +7,7 @@ from torch import nn
 
 import deltaplane.sim.simulation as simulation
 from deltaplane.data.digits import load_digits
+from deltaplane.engine import make_task
 from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, build_model, run_simulation
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker, clients_per_chunk, per_client_bytes
@@ -153,7 +155,8 @@ def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: 
     with pytest.raises(ConfigError, match="cannot train clients batched"):
         BatchedTrainer(_WithBatchNorm())
 
-    monkeypatch.setattr(simulation, "build_model", lambda seed: _WithBatchNorm())
+    bn_task = dataclasses.replace(make_task(RunConfig()), model=_WithBatchNorm)
+    monkeypatch.setattr(simulation, "make_task", lambda cfg: bn_task)
     monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
     cfg = RunConfig(clients=3, rounds=1, local_epochs=1, engine="batched")
     with pytest.warns(UserWarning, match="falls back to the sequential client loop: .*buffers"):

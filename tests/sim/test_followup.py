@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save
 
+from deltaplane.apps.digits.followup import run_followup
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.deploy import read_artifact
 from deltaplane.errors import ConfigError
@@ -15,7 +16,6 @@ from deltaplane.personalization import AlphaMix, PersonalState
 from deltaplane.report import render_html, write_report
 from deltaplane.sim.client import make_clients
 from deltaplane.sim.config import RunConfig
-from deltaplane.sim.followup import run_followup
 from deltaplane.sim.model import accuracy, build_model
 from deltaplane.sim.seeding import Stream, torch_generator
 from deltaplane.sim.simulation import RunResult, run_simulation

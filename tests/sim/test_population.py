@@ -77,3 +77,26 @@ def test_identity_codec_keeps_no_residual() -> None:
     # raw fp32 + header, whose compressed length depends on the round's base version
     sizes = [len(Compressor("identity").compress(zero, base_id=BASE_ID, base_version=v)) for v in (0, 1)]
     assert len(result.seconds) == 2 and result.uplink_bytes == 5 * sum(sizes)
+
+
+def test_population_runs_the_whole_server_chain() -> None:
+    """The population driver used to ignore aggregator, clipping, DP and the downlink; each now changes the run."""
+    base = RunConfig(rounds=2, local_epochs=1, codec="topk(0.05) | quant(bits=8)")
+    plain = run_population(base, registered=200, per_round=8)
+    assert plain.epsilon == [None, None]
+    dp = run_population(base.replace(clip="0.5", dp_noise=1.0), registered=200, per_round=8)
+    assert dp.epsilon[0] is not None and 0 < dp.epsilon[0] < dp.epsilon[1]  # the accountant runs
+    for change in (
+        {"aggregator": "fedadam"},
+        {"defense": "trimmed_mean:0.2"},
+        {"downlink_codec": "quant(bits=4)"},
+    ):
+        other = run_population(base.replace(**change), registered=200, per_round=8)
+        assert other.test_accuracy != plain.test_accuracy, change
+
+
+def test_population_refuses_personalization_with_the_reason() -> None:
+    from deltaplane.errors import UnsupportedOption
+
+    with pytest.raises(UnsupportedOption, match="personal model per device"):
+        run_population(RunConfig(rounds=1, personalization="alpha_mix"), registered=50, per_round=5)

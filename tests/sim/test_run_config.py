@@ -53,7 +53,7 @@ def test_yaml_errors_name_the_field(tmp_path: Path, text: str, field: str) -> No
 def test_unknown_field_lists_valid_ones(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="valid fields: clients, alpha"):
+    with pytest.raises(ConfigError, match="valid fields: task, task_options, clients, alpha"):
         RunConfig.from_yaml(path)
 
 

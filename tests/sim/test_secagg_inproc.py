@@ -82,7 +82,8 @@ def test_simulator_server_side_never_holds_a_plaintext_update(monkeypatch, plain
     for name, data in received:  # every byte the server object was handed
         plaintext_watch.check_bytes(data, name)
     assert plaintext_watch.check_object(servers[0], "SecAggServer") > 10
-    for i, d in enumerate(aggregated):  # the aggregator chain gets the unmasked mean, nothing else
+    assert len(aggregated) == 1  # the aggregator chain gets the unmasked mean, nothing else
+    for i, d in enumerate(aggregated):
         plaintext_watch.check_object(d, f"aggregator input {i}")
     # the sum the server unmasked is exactly the devices' codes summed, in the integer domain
     total, survivors = sums[0]

@@ -16,7 +16,15 @@ from deltaplane.aggregation.clipping import Clip, ClipEstimator, ConstantClip, N
 from deltaplane.aggregation.dp import DPFedAvg, DPState, local_epsilon, privatize
 from deltaplane.aggregation.factory import build_aggregator, parse_defense
 from deltaplane.aggregation.fedavg import FedAvg
-from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi, ServerOptimizerState
+from deltaplane.aggregation.fedopt import (
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedOpt,
+    FedYogi,
+    ServerOptimizerState,
+    ServerSGD,
+)
 from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
 from deltaplane.aggregation.validation import Rejection, Validate, validate_update
 
@@ -43,6 +51,7 @@ __all__ = [
     "QuantileClip",
     "Rejection",
     "ServerOptimizerState",
+    "ServerSGD",
     "TrimmedMean",
     "Validate",
     "build_aggregator",

@@ -4,7 +4,8 @@ Inside-out, a round's updates go through: the **defence** (the combination rule:
 Krum, FLTrust; or a norm bound in front of the mean) → **clipping** → **DP noise** → the **server optimizer** →
 and, outermost, **validation** of every incoming update. So ``build_aggregator(aggregator="fedadam",
 dp_noise=1.0, clip="adaptive", defense="norm_bound:5")`` is
-``Validate(FedAdam(DPFedAvg(Clip(NormBound(FedAvg())))))``.
+``Validate(FedAdam(DPFedAvg(Clip(NormBound(FedAvg())))))``; with ``aggregator="fedavg"`` the server
+optimizer is plain server SGD at ``server_lr`` (:class:`~deltaplane.aggregation.ServerSGD`, omitted at 1).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg
 from deltaplane.aggregation.fedavg import FedAvg
-from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerSGD
 from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
 from deltaplane.aggregation.validation import Validate
 from deltaplane.errors import ConfigError
@@ -60,6 +61,7 @@ def build_aggregator(
     *,
     aggregator: str = "fedavg",
     lr: float | None = None,
+    server_lr: float = 1.0,
     defense: str | None = None,
     clip: float | str | None = None,
     dp_noise: float = 0.0,
@@ -76,7 +78,9 @@ def build_aggregator(
 
     Args:
         aggregator: server optimizer: ``fedavg``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``.
-        lr: server optimizer learning rate (its default when None; ignored by ``fedavg``).
+        lr: server optimizer learning rate (its default when None); ``fedavg`` has none, use ``server_lr``.
+        server_lr: FedAvg's server step ``η`` (plain server SGD, :class:`ServerSGD`); the adaptive optimizers
+            take their step from ``lr`` instead, so ``server_lr`` other than 1 with them is refused.
         defense: robust combination rule spec (:func:`parse_defense`).
         clip: per-client clip norm (float or ``"adaptive"``); required when ``dp_noise > 0``.
         dp_noise: DP noise multiplier ``z`` (0: no DP).
@@ -130,5 +134,14 @@ def build_aggregator(
         raise ConfigError("epsilon_budget needs DP noise (dp_noise > 0)")
     opt = SERVER_OPTIMIZERS[aggregator]
     if opt is not None:
+        if server_lr != 1.0:
+            raise ConfigError(
+                f"server_lr={server_lr:g} is FedAvg's server step; {aggregator} takes its step from "
+                "server_opt_lr (lr) instead: drop server_lr or use aggregator 'fedavg'"
+            )
         node = opt(node) if lr is None else opt(node, lr=lr)
+    elif lr is not None:
+        raise ConfigError("fedavg has no server optimizer lr; its server step is server_lr")
+    elif server_lr != 1.0:
+        node = ServerSGD(node, lr=server_lr)
     return Validate(node, expected_version=expected_version, max_norm=max_norm)

@@ -26,7 +26,7 @@ from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState", "ServerSGD"]
 
 OPTIMIZERS = ("adam", "yogi", "adagrad", "momentum")
 
@@ -206,3 +206,27 @@ class FedAvgM(FedOpt):
     ) -> None:
         super().__init__(inner, optimizer="momentum", lr=lr, beta1=momentum, state=state)
         self.momentum = momentum
+
+
+class ServerSGD(AggregatorWrapper):
+    """Plain server SGD: ``x ← x + η·Δₜ``, FedAvg's server learning rate (Reddi et al. 2021, Alg. 1 with
+    ``ServerOpt = SGD``).
+
+    The server step of every driver applies it as one link of the chain (``build_aggregator(server_lr=η)``),
+    so ``server_lr`` means the same everywhere; FedAdam, FedYogi, FedAdagrad and FedAvgM have their own ``lr``.
+    ``η = 1`` returns the inner result untouched (bit for bit).
+    """
+
+    def __init__(self, inner: Aggregator | None = None, *, lr: float = 1.0) -> None:
+        from deltaplane.aggregation.fedavg import FedAvg
+
+        super().__init__(inner if inner is not None else FedAvg())
+        _check("lr", lr, 0.0, math.inf, lo_open=True)
+        self.lr = lr
+
+    def _finish(self) -> Delta:
+        delta = self.inner.result()
+        return delta if self.lr == 1.0 else delta * self.lr
+
+    def __repr__(self) -> str:
+        return f"ServerSGD({self.inner!r}, lr={self.lr!r})"

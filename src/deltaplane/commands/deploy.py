@@ -23,8 +23,8 @@ __all__ = ["register"]
 
 
 def _register_models() -> None:
+    from deltaplane.data.models import DigitsCNN
     from deltaplane.deploy.checkpoint import register_architecture
-    from deltaplane.sim.model import DigitsCNN
 
     # The simulator's digits CNN: checkpoints written from a `deltaplane run` model name it in their config.
     register_architecture(

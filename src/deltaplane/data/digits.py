@@ -7,43 +7,18 @@ The split is fixed by a seed so that every run, benchmark and test measures agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.data.dataset import Dataset
+from deltaplane.errors import ConfigError
 
 __all__ = ["NUM_CLASSES", "Dataset", "load_digits", "train_test_split"]
 
 NUM_CLASSES = 10
 _PIXEL_MAX = 16.0  # load_digits stores intensities as integers 0..16
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Images ``x`` of shape ``(N, 1, 8, 8)`` (float32 in [0, 1]) and integer labels ``y`` of shape ``(N,)``."""
-
-    x: Tensor
-    y: Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ShapeMismatch(f"dataset has {self.x.shape[0]} images but {self.y.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, indices: np.ndarray | Tensor) -> Dataset:
-        """The samples at ``indices``, in that order."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return Dataset(self.x[idx], self.y[idx])
-
-    def class_counts(self) -> np.ndarray:
-        """How many samples of each class, shape ``(NUM_CLASSES,)``."""
-        return np.bincount(self.y.numpy(), minlength=NUM_CLASSES)
 
 
 @cache

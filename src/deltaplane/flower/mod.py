@@ -31,7 +31,7 @@ from deltaplane.flower.records import (
     state_to_arrays,
     state_to_bytes,
 )
-from deltaplane.sim.seeding import Stream, derive_seed
+from deltaplane.engine.seeding import Stream, derive_seed
 
 __all__ = ["delta_mod", "node_seed"]
 

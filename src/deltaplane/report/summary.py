@@ -105,7 +105,7 @@ def build_report(
     """The ``report.json`` document: format version, title, baseline name, summary rows and full runs.
 
     ``followup`` (optional) is what came after the federation, as plain data: ``{"personalization": ...,
-    "merge": ..., "deploy": ...}`` (see ``deltaplane.sim.followup.run_followup``); stored under ``"followup"``.
+    "merge": ..., "deploy": ...}`` (see ``deltaplane.apps.digits.followup.run_followup``); stored under ``"followup"``.
     """
     rows = summarize(runs, baseline)
     report: dict[str, Any] = {

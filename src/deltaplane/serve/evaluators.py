@@ -15,7 +15,8 @@ import torch
 
 from deltaplane.data.digits import Dataset, load_digits, train_test_split
 from deltaplane.data.domains import apply_domain
-from deltaplane.sim.model import accuracy, build_model
+from deltaplane.data.models import build_model
+from deltaplane.engine.metrics import accuracy
 
 __all__ = ["digits"]
 

@@ -1,9 +1,16 @@
-"""The in-process federated simulator: non-IID digits, a small CNN, clients with compressors, FedAvg rounds."""
+"""The in-process drivers over the engine: sequential, batched (stacked clients) and population (10k)."""
 
-from deltaplane.sim.client import Client, make_clients
-from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import DigitsCNN, accuracy, build_model
-from deltaplane.sim.simulation import RoundMetrics, RunResult, run_simulation, sample_clients
+from deltaplane.data.models import DigitsCNN, build_model
+from deltaplane.engine import (
+    Client,
+    RoundMetrics,
+    RunConfig,
+    RunResult,
+    accuracy,
+    make_clients,
+    sample_clients,
+)
+from deltaplane.sim.simulation import run_simulation
 
 __all__ = [
     "Client",

@@ -32,13 +32,13 @@ sequential loop. The number of clients trained at once adapts to a memory budget
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from deltaplane.data.digits import Dataset
+from deltaplane.data.dataset import Dataset
 from deltaplane.errors import ConfigError
 
 __all__ = ["BatchedTrainer", "batching_blocker", "clients_per_chunk", "per_client_bytes"]
@@ -103,6 +103,7 @@ class BatchedTrainer:
 
     Args:
         model: the architecture (its current weights are ignored; :meth:`train` takes the start point).
+        loss: the task's loss, ``loss(logits, y, reduction="none")`` (cross-entropy by default).
         memory_budget: bytes the stacked weights and activations of one chunk may use; clients beyond what
             fits are trained in further chunks (see :func:`clients_per_chunk`).
 
@@ -112,7 +113,7 @@ class BatchedTrainer:
     Example:
         >>> import torch
         >>> from deltaplane.data.digits import load_digits
-        >>> from deltaplane.sim import build_model
+        >>> from deltaplane.data.models import build_model
         >>> data = load_digits()
         >>> shards = [data.subset(range(0, 50)), data.subset(range(50, 120))]
         >>> gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -123,7 +124,13 @@ class BatchedTrainer:
         torch.Size([2, 10, 64])
     """
 
-    def __init__(self, model: nn.Module, *, memory_budget: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        memory_budget: int = 256 * 2**20,
+        loss: Callable[..., Tensor] = nn.functional.cross_entropy,
+    ) -> None:
         reason = batching_blocker(model)
         if reason is not None:
             raise ConfigError(f"cannot train clients batched: {reason}")
@@ -132,10 +139,11 @@ class BatchedTrainer:
         self.model = model
         self.memory_budget = memory_budget
         self.names = [name for name, _ in model.named_parameters()]
+        task_loss = loss
 
         def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
             logits = functional_call(model, params, (x,))
-            losses = nn.functional.cross_entropy(logits, y, reduction="none")
+            losses = task_loss(logits, y, reduction="none")
             # Mean over the real samples of this (possibly short, padded) batch.
             return (losses * w).sum() / w.sum().clamp(min=1.0)
 
@@ -150,9 +158,7 @@ class BatchedTrainer:
                 leaf = flat.detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits = stacked_forward(self._unflatten(leaf), x)  # (K, B, classes)
-                    losses = nn.functional.cross_entropy(
-                        logits.flatten(0, 1), y.flatten(), reduction="none"
-                    ).view(w.shape)
+                    losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none").view(w.shape)
                     loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
                     (g,) = torch.autograd.grad(loss, [leaf])
                 return g

@@ -22,24 +22,32 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.aggregation import FedAvg
-from deltaplane.codecs import Compressor, compress_many, decompress
-from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
+from deltaplane.aggregation import local_epsilon
+from deltaplane.codecs import Compressor
+from deltaplane.data.dataset import Dataset
 from deltaplane.data.partition import split_holdout
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError
+from deltaplane.engine import (
+    Client,
+    ClientStep,
+    RunConfig,
+    ServerStep,
+    Upload,
+    accuracy,
+    make_task,
+    sample_clients,
+    secure_round,
+)
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
+from deltaplane.errors import ConfigError, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
-from deltaplane.sim.client import Client
-from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import accuracy, build_model
-from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.sim.simulation import BASE_ID, train_batched
+from deltaplane.sim.simulation import BASE_ID, _upload_stacked, train_batched
 
 __all__ = ["ClientPopulation", "PopulationResult", "ResidualStore", "run_population"]
 
@@ -83,7 +91,15 @@ class ResidualStore:
 class ClientPopulation:
     """``size`` registered clients over one training set, each built on demand from its own seed stream."""
 
-    def __init__(self, config: RunConfig, train: Dataset, *, size: int, max_samples: int = 100) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        train: Dataset,
+        *,
+        size: int,
+        max_samples: int = 100,
+        num_classes: int | None = None,
+    ) -> None:
         if size < 1:
             raise ConfigError(f"size must be at least 1. Found {size}")
         if max_samples < config.min_client_samples:
@@ -96,7 +112,8 @@ class ClientPopulation:
         self.size = size
         self.max_samples = max_samples
         labels = train.y.numpy()
-        self._by_label = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
+        self.num_classes = num_classes or int(labels.max()) + 1
+        self._by_label = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
 
     def client(self, cid: int) -> Client:
         """Client ``cid`` (same shard every call): Dirichlet label mix, size in [min_client_samples, max]."""
@@ -104,7 +121,7 @@ class ClientPopulation:
             raise ConfigError(f"client id must be in [0, {self.size}). Found {cid}")
         rng = numpy_rng(self.config.seed, Stream.PARTITION, cid)
         n = int(rng.integers(self.config.min_client_samples, self.max_samples + 1))
-        mix = rng.dirichlet(np.full(NUM_CLASSES, self.config.alpha))
+        mix = rng.dirichlet(np.full(self.num_classes, self.config.alpha))
         counts = rng.multinomial(n, mix)
         idx = np.sort(
             np.concatenate([rng.choice(self._by_label[c], size=k) for c, k in enumerate(counts) if k > 0])
@@ -126,48 +143,87 @@ class PopulationResult:
     residual_store_bytes: int
     peak_rss_bytes: int
     wall_time_s: float
+    #: ε spent after each round (None without DP)
+    epsilon: list[float | None] = field(default_factory=list)
 
 
-def run_population(config: RunConfig, *, registered: int, per_round: int) -> PopulationResult:
-    """FedAvg over ``registered`` lazily built clients, ``per_round`` of them sampled each round.
+#: Options the population driver refuses, with the physical reason (everything else runs as in process).
+_REFUSED = {
+    "personalization": (
+        "none",
+        "personalization keeps a personal model per device between rounds; the population driver holds "
+        "only an fp16 error-feedback row per registered device (10,000 personal models would not fit)",
+    ),
+}
 
-    Each round: sample without replacement from the stream ``(seed, CLIENT_SAMPLING, round)``; build the
-    sampled clients; train them at once (:class:`BatchedTrainer`); compress every update with the client's
-    codec and its residual from the :class:`ResidualStore` into a real payload (all at once,
-    :func:`~deltaplane.codecs.compress_many`); decode and average; apply.
-    The uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)`` because no compressor
-    object outlives a round. Reports accuracy on the global test set and on the sampled clients' held-out
-    data (evaluating all registered clients every round would dominate the cost).
-    """
+
+def _population_config(config: RunConfig, registered: int | None, per_round: int | None) -> RunConfig:
+    """``config`` with ``clients = registered`` and a sample fraction giving ``per_round`` devices a round."""
+    registered = config.clients if registered is None else registered
+    if per_round is None:
+        return config.replace(clients=registered)
     if not 1 <= per_round <= registered:
         raise ConfigError(f"per_round must be in [1, registered={registered}]. Found {per_round}")
+    return config.replace(clients=registered, sample_fraction=per_round / registered)
+
+
+def run_population(
+    config: RunConfig, *, registered: int | None = None, per_round: int | None = None
+) -> PopulationResult:
+    """The engine's rounds over ``registered`` lazily built devices, ``per_round`` of them sampled each round.
+
+    Each round: sample (``sample_clients``, the in-process stream); build the sampled devices; train them
+    at once (:class:`BatchedTrainer`); the rest of the client step (:class:`~deltaplane.engine.ClientStep`)
+    and the server step (:class:`~deltaplane.engine.ServerStep`: the full aggregator chain, DP and its
+    accountant, robust rules, downlink codec) are the engine's. A device's error-feedback residual lives in
+    the :class:`ResidualStore`; its uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)``
+    because no compressor object outlives a round. Reports accuracy on the global test set and on the sampled
+    devices' held-out data (evaluating all registered devices every round would dominate the cost).
+
+    ``registered`` and ``per_round`` default to ``config.clients`` and ``config.clients_per_round()``.
+
+    Raises:
+        UnsupportedOption: personalization (see ``_REFUSED`` for why), or a task that brings its own devices.
+    """
+    config = _population_config(config, registered, per_round)
+    for name, (off, why) in _REFUSED.items():
+        if getattr(config, name) != off:
+            raise UnsupportedOption(
+                f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
+            )
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _run(config, registered, per_round)
+        return _run(config)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult:
+def _run(config: RunConfig) -> PopulationResult:
     start = time.perf_counter()
-    train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
-    population = ClientPopulation(config, train, size=registered)
-    model = build_model(derive_seed(config.seed, Stream.MODEL_INIT))
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
-    store = ResidualStore(clients=registered, like=global_state)
-    seconds, test_acc, sampled_acc = [], [], []
+    task = make_task(config)
+    if task.train is None:
+        raise UnsupportedOption(
+            f"the population engine synthesizes devices from one pooled training set; task {task.name!r} "
+            "brings its own devices: use the sequential or batched engine"
+        )
+    registered = config.clients
+    population = ClientPopulation(config, task.train, size=registered, num_classes=task.num_classes)
+    model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss)
+    step = ClientStep(config, task, base_id=BASE_ID)
+    server = ServerStep(config, task, initial, base_id=BASE_ID)
+    store = ResidualStore(clients=registered, like=initial)
+    seconds, test_acc, sampled_acc, epsilon = [], [], [], []
     uplink = 0
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
-        version = rnd - 1
-        rng = numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
-        chosen = sorted(int(i) for i in rng.choice(registered, size=per_round, replace=False))
+        version, global_state = server.version, server.state
+        chosen = sample_clients(
+            registered, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
+        )
         clients = [population.client(cid) for cid in chosen]
-        stacked = train_batched(config, trainer, global_state, clients, rnd)
-        agg = FedAvg()
-        comps = []
         for client in clients:
             comp = Compressor(
                 config.codec,
@@ -175,25 +231,59 @@ def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult
                 seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
             )
             comp.state.residual = store.get(client.cid) if config.error_feedback else None
-            comps.append(comp)
-        # every sampled update compressed on the stack, each with its own residual and generator
-        payloads = compress_many(comps, stacked, base_id=BASE_ID, base_version=version)
-        for client, comp, payload in zip(clients, comps, payloads, strict=True):
-            if comp.state.residual is not None:  # an exact codec (identity) leaves nothing to carry
-                store.put(client.cid, comp.state.residual)
-            uplink += len(payload)
-            agg.add(decompress(payload, expect_base=(BASE_ID, version)), weight=client.num_samples)
-        global_state = (agg.result() * config.server_lr).apply(global_state)
-        model.load_state_dict(global_state)
-        test_acc.append(accuracy(model, test))
+            client.compressor = comp
+        server.open(rnd, model)
+        honest = [c for c in clients if c.cid not in step.malicious]
+        uploads: dict[int, Upload] = {}
+        if honest:
+            stacked = train_batched(config, trainer, global_state, honest, rnd)
+            if step.stackable:
+                # every sampled update compressed on the stack, each with its own residual and generator
+                for u in _upload_stacked(step, honest, stacked, version):
+                    uploads[u.cid] = u
+            else:
+                for i, c in enumerate(honest):
+                    delta = Delta({k: t[i] for k, t in stacked.items()})
+                    uploads[c.cid] = step.finish(
+                        c, delta, model=model, global_state=global_state, rnd=rnd, version=version
+                    )
+        for c in clients:  # a malicious device poisons its own data: it trains on its own
+            if c.cid in step.malicious:
+                uploads[c.cid] = step.run(c, model, global_state, rnd, version)
+        ordered = [uploads[c.cid] for c in clients]
+        for client in clients:
+            if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
+                store.put(client.cid, client.compressor.state.residual)
+        for u in ordered:
+            if u.error is not None:
+                server.refuse(str(u.cid), u.error)
+            elif u.payload is not None:
+                server.receive_payload(str(u.cid), u.payload, u.num_samples)
+        if config.secagg and any(u.secure is not None for u in ordered):
+            mean, sent = secure_round(config, ordered, rnd)
+            server.receive_secure_sum(
+                mean, contributors=sum(u.secure is not None for u in ordered), uplink_bytes=sent
+            )
+        outcome = server.close()
+        uplink += outcome.uplink_bytes
+        model.load_state_dict(outcome.state)
+        test_acc.append(accuracy(model, task.test))
         holdout = Dataset(
             torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
         )
         sampled_acc.append(accuracy(model, holdout))
+        eps = outcome.measurements.get("epsilon")
+        if step.participations:
+            eps = local_epsilon(
+                noise_multiplier=config.local_dp_noise,
+                rounds=max(step.participations.values()),
+                delta=config.dp_delta,
+            )
+        epsilon.append(eps)
         seconds.append(time.perf_counter() - t0)
     return PopulationResult(
         registered=registered,
-        per_round=per_round,
+        per_round=len(chosen),
         seconds=seconds,
         test_accuracy=test_acc,
         sampled_accuracy=sampled_acc,
@@ -201,4 +291,5 @@ def _run(config: RunConfig, registered: int, per_round: int) -> PopulationResult
         residual_store_bytes=store.nbytes,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         wall_time_s=time.perf_counter() - start,
+        epsilon=epsilon,
     )

@@ -1,10 +1,14 @@
-"""The in-process federated simulator: rounds of sample → local train → compress → decode → FedAvg → apply.
+"""The in-process drivers: sequential (one device after another) and batched (a round's devices stacked).
 
-Every byte counted is a real payload: each client's delta goes through its own
-:class:`~deltaplane.codecs.Compressor`, the server decodes the bytes with
-:func:`~deltaplane.codecs.decompress` (strictly, checking the base model version), and the averaged update is
-sent back down through a server-side compressor. Runs are deterministic given ``config.seed``: every random
-choice draws from a stream derived from ``(seed, purpose, round, client)``.
+Both are thin drivers over the engine's two steps (:mod:`deltaplane.engine`): per round, sample devices; run
+the client step on each (:class:`~deltaplane.engine.ClientStep`: train → personalize → [attack] → clip /
+local DP → compress | SecAgg); hand the uploads to the server step (:class:`~deltaplane.engine.ServerStep`:
+decode + validate → aggregator chain → downlink compress → publish); score the new global model. The batched
+driver only changes *how* training runs (all devices at once, :class:`~deltaplane.sim.batched.BatchedTrainer`)
+and compresses a round's uploads on the stack when no later stage touches them.
+
+Every byte counted is a real payload; runs are deterministic given ``config.seed``: every random choice draws
+from a stream derived from ``(seed, purpose, round, client)``.
 """
 
 from __future__ import annotations
@@ -12,28 +16,40 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deltaplane.aggregation import FLTrust, Rejection, local_epsilon, privatize
-from deltaplane.codecs import Compressor, compress_many, decompress
-from deltaplane.data.digits import NUM_CLASSES, Dataset, load_digits, train_test_split
-from deltaplane.data.domains import shift
+from deltaplane.aggregation import local_epsilon
+from deltaplane.codecs import compress_many
+from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
-from deltaplane.errors import DeltaplaneError, InvalidUpdate
-from deltaplane.personalization import PersonalState
-from deltaplane.sim.attacks import Attack, add_trigger, choose_malicious, parse_attack
+from deltaplane.engine import (
+    ClientStep,
+    RoundMetrics,
+    RunConfig,
+    RunResult,
+    ServerStep,
+    Task,
+    Upload,
+    evaluate_clients,
+    make_task,
+    round_scores,
+    sample_clients,
+    secure_round,
+)
+from deltaplane.engine.attacks import add_trigger
+from deltaplane.engine.federation import Client, build_clients
+from deltaplane.engine.metrics import accuracy
+from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
+from deltaplane.errors import DeltaplaneError
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
-from deltaplane.sim.client import Client, evaluate_clients, make_clients, round_scores
-from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import accuracy, build_model
-from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
 
 __all__ = [
+    "BASE_ID",
     "RoundMetrics",
     "RunResult",
     "federation_data",
@@ -46,110 +62,23 @@ __all__ = [
 BASE_ID = "sim/digits-cnn"
 
 
-@dataclass(frozen=True)
-class RoundMetrics:
-    """What one round cost and achieved. Accuracies are of the global model after the round's update."""
-
-    round: int
-    clients: int
-    test_accuracy: float
-    client_accuracy_mean: float
-    client_accuracy_min: float
-    uplink_bytes: int
-    downlink_bytes: int
-    cumulative_uplink_bytes: int
-    cumulative_downlink_bytes: int
-    seconds: float
-    #: ε spent so far at ``config.dp_delta`` (None without DP)
-    epsilon: float | None = None
-    #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
-    rejected: int = 0
-    #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)
-    backdoor_success: float | None = None
-    #: share of client updates clipped this round (with clipping)
-    clipped_fraction: float | None = None
-    #: With personalization: accuracy on each client's own label mix (per-class accuracy on the global test
-    #: set weighted by the client's class shares) of the global model and of the client's personal model.
-    client_mix_accuracy_mean: float | None = None
-    personal_accuracy_mean: float | None = None
-    personal_accuracy_min: float | None = None
-    #: the largest drop of a client's accuracy from the global to its personal model (negative: a loss)
-    personal_gain_min: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class RunResult:
-    """The outcome of :func:`run_simulation`: its config, per-round metrics and the final global model."""
-
-    config: RunConfig
-    rounds: list[RoundMetrics]
-    num_params: int
-    #: bytes of one update as raw float32 tensors (the size compression ratios are measured against)
-    raw_update_bytes: int
-    wall_time_s: float
-    final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
-    #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
-    clients: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def final(self) -> RoundMetrics:
-        return self.rounds[-1]
-
-    @property
-    def total_uplink_bytes(self) -> int:
-        return self.final.cumulative_uplink_bytes
-
-    @property
-    def total_downlink_bytes(self) -> int:
-        return self.final.cumulative_downlink_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the final model weights are left out)."""
-        return {
-            "config": self.config.to_dict(),
-            "num_params": self.num_params,
-            "raw_update_bytes": self.raw_update_bytes,
-            "wall_time_s": self.wall_time_s,
-            "final": self.final.to_dict(),
-            "rounds": [r.to_dict() for r in self.rounds],
-            "clients": self.clients,
-        }
-
-
-#: The one-pixel translations ``train_shifts`` adds, in order: the 4 axis neighbours, then the 4 diagonals.
-_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
-
-
 def federation_data(config: RunConfig) -> tuple[Dataset, Dataset]:
-    """The (train, test) sets of a run: the digits split, plus ``config.train_shifts`` shifted copies of train.
-
-    Digits has 1,437 training images: enough for 20 clients, not for 1,000 with a holdout each. Shifted
-    copies (a standard augmentation) give every client a few images of its own; the test set is untouched.
-    Every engine builds its data here, so they partition the very same samples.
-    """
-    train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
-    if config.train_shifts:
-        copies = [train.x] + [shift(train.x, dx, dy) for dx, dy in _SHIFTS[: config.train_shifts]]
-        train = Dataset(torch.cat(copies), train.y.repeat(len(copies)))
-    return train, test
-
-
-def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
-    """The sorted ids of ``max(1, round(fraction · n_clients))`` clients drawn without replacement."""
-    m = max(1, min(n_clients, round(fraction * n_clients)))
-    if m == n_clients:
-        return list(range(n_clients))
-    return sorted(int(i) for i in rng.choice(n_clients, size=m, replace=False))
+    """The (train, test) sets of a run's task (digits: the split plus ``train_shifts`` shifted copies)."""
+    task = make_task(config)
+    if task.train is None:
+        return Dataset(
+            torch.cat([d.x for d in task.clients]), torch.cat([d.y for d in task.clients])
+        ), task.test
+    return task.train, task.test
 
 
 #: Fallback reasons already reported, so that a sweep of many runs says each one once.
 _REPORTED_FALLBACKS: set[str] = set()
 
 
-def _batched_trainer(config: RunConfig, model: nn.Module, *, personalized: bool) -> BatchedTrainer | None:
+def _batched_trainer(
+    config: RunConfig, model: nn.Module, *, personalized: bool, task: Task | None = None
+) -> BatchedTrainer | None:
     """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
     if config.engine != "batched":
         return None
@@ -167,7 +96,8 @@ def _batched_trainer(config: RunConfig, model: nn.Module, *, personalized: bool)
                 stacklevel=3,
             )
         return None
-    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20))
+    loss = task.loss if task is not None else nn.functional.cross_entropy
+    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss)
 
 
 def train_batched(
@@ -190,24 +120,6 @@ def train_batched(
         momentum=config.momentum,
         prox_mu=config.prox_mu,
     )
-
-
-def _upload_stacked(
-    clients: list[Client], stacked: dict[str, Tensor], version: int
-) -> dict[int, bytes | DeltaplaneError]:
-    """Every trained client's payload, compressed on the stack (:func:`~deltaplane.codecs.compress_many`).
-
-    The same bytes, and the same compressor states, as each client's :meth:`Client.upload` one by one; a
-    client whose compression fails gets its error, to be refused like any bad update.
-    """
-    payloads = compress_many(
-        [c.compressor for c in clients],
-        stacked,
-        base_id=BASE_ID,
-        base_version=version,
-        return_exceptions=True,
-    )
-    return {c.cid: p for c, p in zip(clients, payloads, strict=True)}
 
 
 def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None) -> RunResult:
@@ -245,7 +157,30 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         torch.set_num_threads(prev_threads)
 
 
-def _backdoor_success(model: torch.nn.Module, test: Dataset, target: int | None) -> float | None:
+def _upload_stacked(
+    step: ClientStep, clients: list[Client], stacked: dict[str, Tensor], version: int
+) -> list[Upload]:
+    """Every trained client's payload, compressed on the stack (:func:`~deltaplane.codecs.compress_many`).
+
+    The same bytes, and the same compressor states, as each client's own compression one by one; a client
+    whose compression fails gets its error, to be refused like any bad update.
+    """
+    payloads = compress_many(
+        [c.compressor for c in clients],
+        stacked,
+        base_id=step.base_id,
+        base_version=version,
+        return_exceptions=True,
+    )
+    return [
+        Upload(c.cid, c.num_samples, error=p)
+        if isinstance(p, DeltaplaneError)
+        else Upload(c.cid, c.num_samples, payload=p)
+        for c, p in zip(clients, payloads, strict=True)
+    ]
+
+
+def _backdoor_success(model: nn.Module, test: Dataset, target: int | None) -> float | None:
     if target is None:
         return None
     keep = test.y != target
@@ -253,223 +188,124 @@ def _backdoor_success(model: torch.nn.Module, test: Dataset, target: int | None)
     return accuracy(model, triggered)
 
 
-@torch.no_grad()
-def label_mix_accuracy(
-    model: torch.nn.Module, state: dict[str, Tensor], test: Dataset, client: Client
-) -> float:
-    """Accuracy of ``state`` on the client's own label mix: per-class accuracy on the global test set weighted by
-    the client's class shares. Scores a device on what it will see, with the 360 test images rather than the
-    dozen it holds out (which personalization already uses to choose α)."""
-    model.load_state_dict(state)
-    model.eval()
-    pred = model(test.x).argmax(1)
-    per_class = np.array([float((pred[test.y == c] == c).float().mean()) for c in range(NUM_CLASSES)])
-    shares = client.train.class_counts() / max(1, len(client.train))
-    return float(shares @ per_class)
+def label_mix_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, client: Client) -> float:
+    """Accuracy of ``state`` on the client's own label mix (:func:`deltaplane.engine.label_mix_accuracy`)."""
+    return _label_mix(model, state, test, client.train, int(test.y.max()) + 1)
+
+
+def _personal_metrics(
+    step: ClientStep,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    test: Dataset,
+    clients: list[Client],
+    num_classes: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    glob = [_label_mix(model, state, test, c.train, num_classes) for c in clients]
+    pers = [_label_mix(model, step.personal_state(c, state), test, c.train, num_classes) for c in clients]
+    metrics = {
+        "client_mix_accuracy_mean": float(np.mean(glob)),
+        "personal_accuracy_mean": float(np.mean(pers)),
+        "personal_accuracy_min": float(np.min(pers)),
+        "personal_gain_min": float(np.min(np.subtract(pers, glob))),
+    }
+    rows = [
+        {"client": c.cid, "global_accuracy": g, "personal_accuracy": p, "alpha": c.personal.alpha}
+        for c, g, p in zip(clients, glob, pers, strict=True)
+    ]
+    return metrics, rows
 
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
     start = time.perf_counter()
-    train, test = federation_data(config)
-    clients = make_clients(config, train)
-    model = build_model(derive_seed(config.seed, Stream.MODEL_INIT))
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    downlink = Compressor(
-        config.downlink_codec,
-        error_feedback=config.downlink_error_feedback,
-        seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
-    )
-    raw_bytes = Delta.zeros_like(global_state).nbytes
-
-    attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
-    malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
-    agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
-    fltrust = agg.find(FLTrust)
-    server_trainer = None
-    if isinstance(fltrust, FLTrust):  # the server's own small clean dataset, as in Cao et al. 2021
-        idx = numpy_rng(config.seed, Stream.ROOT_DATA).choice(
-            len(train), size=min(config.root_samples, len(train)), replace=False
-        )
-        root = train.subset(np.sort(idx))
-        server_trainer = Client(-1, root, root, Compressor("identity"))
-    backdoor_target = getattr(attack, "target", None)
-    personalizer = config.make_personalizer()
-    local_keys = personalizer.local_keys(model)  # FedBN on a model without batch-norm raises here
-    trainer = _batched_trainer(config, model, personalized=bool(local_keys))
-    personal = [PersonalState() for _ in clients]  # per-device state, kept on the device
+    task = make_task(config)
+    clients = build_clients(config, task)
+    model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step = ClientStep(config, task, base_id=BASE_ID)
+    server = ServerStep(config, task, initial, base_id=BASE_ID)
+    raw_bytes = Delta.zeros_like(initial).nbytes
+    local_keys = step.local_keys(model)  # FedBN on a model without batch-norm raises here
+    trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
+    backdoor_target = getattr(step.attack, "target", None)
     client_rows: list[dict[str, Any]] = []
-
-    participations: dict[int, int] = {}  # rounds each device released a locally privatized update in
     history: list[RoundMetrics] = []
     cum_up = cum_down = 0
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
-        version = rnd - 1  # the global model every client trains from this round
+        version = server.version  # the global model every client trains from this round
+        global_state = server.state
         chosen = sample_clients(
             config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
         )
-        agg.reset()
-        if server_trainer is not None:
-            gen = torch_generator(config.seed, Stream.ROOT_DATA, rnd)
-            reference = server_trainer.local_update(
-                model, global_state, config, gen, lr=config.client_lr(rnd)
-            )
-            fltrust.set_reference(reference)  # type: ignore[union-attr]
-        uplink = 0
-        rejections: list[Rejection] = []
-        secure_inputs: list[Delta] = []
-        secure_weights: list[int] = []
-        trained: dict[int, Delta] = {}
-        uploads: dict[int, bytes | DeltaplaneError] = {}
+        server.open(rnd, model)
+        batch = [clients[c] for c in chosen]
         if trainer is not None:
-            batch = [clients[c] for c in chosen]
             stacked = train_batched(config, trainer, global_state, batch, rnd)
-            # the batched engine trains neither attacked nor personalized clients; with local DP or on-device
-            # clipping each update is still changed on its own before it is compressed
-            if config.local_dp_noise == 0 and not (config.secagg and config.clip is not None):
-                uploads = _upload_stacked(batch, stacked, version)
-            else:
-                trained = {c.cid: Delta({k: t[i] for k, t in stacked.items()}) for i, c in enumerate(batch)}
-        for cid in chosen:
-            client = clients[cid]
-            data = None
-            if cid in malicious:
-                attack_gen = torch_generator(config.seed, Stream.ATTACK, rnd, cid)
-                data = Dataset(*attack.poison_data(client.train.x, client.train.y, attack_gen))
-            # the global model with this device's local layers (FedPer's head, FedBN's norms), if any
-            origin = personalizer.start_state(global_state, personal[cid]) if local_keys else global_state
-            if cid in uploads:
-                pass  # compressed with the others on the stack, untransformed (see above)
-            elif cid in trained:
-                delta = trained[cid]
-            else:
-                gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
-                delta = client.local_update(model, origin, config, gen, lr=config.client_lr(rnd), data=data)
-            if local_keys:
-                personalizer.keep_local(delta.apply(origin), personal[cid], model)
-                delta = personalizer.shared(delta, model)  # local layers never leave the device
-            if cid in malicious:
-                delta = attack.poison_update(delta, attack_gen)
-            if config.local_dp_noise > 0:  # local DP: the device clips and noises its own update
-                delta = privatize(
-                    delta,
-                    clip=float(config.clip),  # type: ignore[arg-type]
-                    noise_multiplier=config.local_dp_noise,
-                    generator=torch_generator(config.seed, Stream.LOCAL_DP, rnd, cid),
-                )
-                participations[cid] = participations.get(cid, 0) + 1
-            if config.secagg and config.clip is not None:  # with secagg, clipping happens on the device
-                norm, bound = delta.norm(), float(config.clip)
-                delta = delta * (bound / norm) if norm > bound else delta
-            try:
-                upload = uploads.get(cid)
-                if isinstance(upload, DeltaplaneError):
-                    raise upload
-                payload = (
-                    client.upload(delta, base_id=BASE_ID, base_version=version) if upload is None else upload
-                )
-                decoded = decompress(payload, expect_base=(BASE_ID, version))
-            except DeltaplaneError as exc:  # one bad client is refused, the round goes on
-                rejections.append(Rejection(str(cid), exc))
-                continue
-            if config.secagg:
-                # Still on the device: it decoded its own payload (so its codec and error feedback shape what
-                # it contributes) and will feed that into the ring and mask it; the payload never leaves it.
-                secure_inputs.append(decoded)
-                secure_weights.append(client.num_samples)
-                continue
-            uplink += len(payload)
-            if not agg.add(decoded, client.num_samples, base_version=version, client_id=str(cid)):
-                rejections.append(agg.rejections[-1])
-        accepted = len(secure_inputs) if config.secagg else len(chosen) - len(rejections)
-        if accepted == 0:
-            first = rejections[0]
-            raise InvalidUpdate(
-                f"round {rnd}, client {first.client_id}: {first.error} (every update of the round was refused; "
-                "if local training diverged, try a lower lr)"
-            ) from first.error
-        if config.secagg:
-            from deltaplane.aggregation.secagg import secure_mean
-
-            # The SecAgg messages run between the devices and the server (in process, as bytes): each device
-            # quantizes its update scaled by its example count into the ring and masks it; the server object
-            # only ever sees masked messages and unmasks their sum, the example-weighted mean.
-            mean, report = secure_mean(
-                secure_inputs,
-                weights=secure_weights,
-                bits=config.secagg_bits,
-                clip_range=config.secagg_range,
-                round_id=rnd,
-                seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+            if step.stackable:
+                uploads = _upload_stacked(step, batch, stacked, version)
+            else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
+                uploads = [
+                    step.finish(
+                        c,
+                        Delta({k: t[i] for k, t in stacked.items()}),
+                        model=model,
+                        global_state=global_state,
+                        rnd=rnd,
+                        version=version,
+                    )
+                    for i, c in enumerate(batch)
+                ]
+        else:
+            uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
+        for u in uploads:
+            if u.error is not None:
+                server.refuse(str(u.cid), u.error)
+            elif u.payload is not None:
+                server.receive_payload(str(u.cid), u.payload, u.num_samples)
+        if config.secagg and any(u.secure is not None for u in uploads):
+            mean, sent = secure_round(config, uploads, rnd)
+            server.receive_secure_sum(
+                mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent
             )
-            uplink = sum(report.upload_bytes.values())  # what actually crossed the wire: SecAgg messages
-            agg.add(mean, 1.0)
-        update = agg.result()  # raises PrivacyBudgetExceeded before a round that would exceed the budget
-        if config.aggregator == "fedavg":
-            update = update * config.server_lr
-        measurements = agg.measurements
-        payload = downlink.compress(update, base_id=BASE_ID, base_version=version)
-        decoded = decompress(payload, expect_base=(BASE_ID, version))
-        # a partial update (local layers excluded) changes only the shared tensors
-        global_state = {**global_state, **decoded.apply({k: global_state[k] for k in decoded})}
-        down = len(payload) * len(clients)  # every device applies the update to stay in sync
-        cum_up += uplink
+        outcome = server.close()
+        global_state = outcome.state
+        down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync
+        cum_up += outcome.uplink_bytes
         cum_down += down
 
-        personal_metrics: dict[str, float] = {}
-        if personalizer.name != "none":
-            for c in clients:  # every device received the new global model and adapts its personal state
-                g = torch_generator(config.seed, Stream.PERSONALIZATION, rnd, c.cid)
-                personalizer.personalize(
-                    model, global_state, personal[c.cid], c.train, c.holdout, generator=g
-                )
-            glob = [label_mix_accuracy(model, global_state, test, c) for c in clients]
-            pers = [
-                label_mix_accuracy(model, personalizer.personal_state(global_state, personal[c.cid]), test, c)
-                for c in clients
-            ]
-            personal_metrics = {
-                "client_mix_accuracy_mean": float(np.mean(glob)),
-                "personal_accuracy_mean": float(np.mean(pers)),
-                "personal_accuracy_min": float(np.min(pers)),
-                "personal_gain_min": float(np.min(np.subtract(pers, glob))),
-            }
+        personal: dict[str, float] = {}
+        if step.personalizer.name != "none":
+            step.after_round(clients, model, global_state, rnd)
+            personal, rows = _personal_metrics(
+                step, model, global_state, task.test, clients, task.num_classes
+            )  # type: ignore[arg-type]
             if rnd == config.rounds:
-                client_rows = [
-                    {
-                        "client": c.cid,
-                        "global_accuracy": gl,
-                        "personal_accuracy": pe,
-                        "alpha": personal[c.cid].alpha,
-                    }
-                    for c, gl, pe in zip(clients, glob, pers, strict=True)
-                ]
-
+                client_rows = rows
         model.load_state_dict(global_state)
-        # the global model on each device's held-out data; personalized figures are in personal_metrics
+        # the global model on each device's held-out data; personalized figures are in `personal`
         client_acc = evaluate_clients(model, clients)
+        epsilon = outcome.measurements.get("epsilon")
+        if step.participations:
+            epsilon = local_epsilon(
+                noise_multiplier=config.local_dp_noise,
+                rounds=max(step.participations.values()),
+                delta=config.dp_delta,
+            )
         metrics = RoundMetrics(
             round=rnd,
             clients=len(chosen),
-            **round_scores(model, test, client_acc),
-            uplink_bytes=uplink,
+            **round_scores(model, task.test, client_acc),
+            uplink_bytes=outcome.uplink_bytes,
             downlink_bytes=down,
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
             seconds=time.perf_counter() - t0,
-            epsilon=(
-                local_epsilon(
-                    noise_multiplier=config.local_dp_noise,
-                    rounds=max(participations.values()),
-                    delta=config.dp_delta,
-                )
-                if participations
-                else measurements.get("epsilon")
-            ),
-            rejected=len(rejections),
-            backdoor_success=_backdoor_success(model, test, backdoor_target),
-            clipped_fraction=measurements.get("clipped_fraction"),
-            **personal_metrics,
+            epsilon=epsilon,
+            rejected=len(outcome.rejections),
+            backdoor_success=_backdoor_success(model, task.test, backdoor_target),
+            clipped_fraction=outcome.measurements.get("clipped_fraction"),
+            **personal,
         )
         history.append(metrics)
         if progress is not None:
@@ -477,9 +313,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     return RunResult(
         config=config,
         rounds=history,
-        num_params=sum(v.numel() for v in global_state.values()),
+        num_params=sum(v.numel() for v in server.state.values()),
         raw_update_bytes=raw_bytes,
         wall_time_s=time.perf_counter() - start,
-        final_state=global_state,
+        final_state=server.state,
         clients=client_rows,
     )

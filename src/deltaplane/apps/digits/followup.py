@@ -1,11 +1,11 @@
 """After the federation: personalize every device, merge the fleet back into one model, ship a compressed one.
 
-:func:`run_followup` takes a finished :class:`~deltaplane.sim.simulation.RunResult` and drives three library
+:func:`run_followup` takes a finished :class:`~deltaplane.engine.RunResult` and drives three library
 pieces on its final global model, so that ``deltaplane run`` ends with everything a fleet operator needs:
 
 1. **Personalization** — each device runs :class:`~deltaplane.personalization.AlphaMix` once from the final
    global model (a few local epochs, α chosen on its own held-out split, α = 0 always allowed), and is scored on
-   its own label mix with :func:`~deltaplane.sim.simulation.label_mix_accuracy`, global vs personal. It runs
+   its own label mix with :func:`~deltaplane.engine.label_mix_accuracy`, global vs personal. It runs
    after the federation rather than inside every round (``RunConfig.personalization``) because with
    ``sample_fraction=1`` that doubles the run's local training; the federation and its bytes are untouched.
 2. **Merging** — the personalized models ``global + α·personal`` are merged into one with
@@ -30,14 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.deploy import deploy_classifier, masked_finetune
+from deltaplane.engine import RunResult, accuracy, build_clients, label_mix_accuracy, make_task
+from deltaplane.engine.seeding import Stream, derive_seed, torch_generator
 from deltaplane.merging import merge
 from deltaplane.personalization import AlphaMix, PersonalState
-from deltaplane.sim.client import make_clients
-from deltaplane.sim.model import accuracy, build_model
-from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
-from deltaplane.sim.simulation import RunResult, label_mix_accuracy
 
 __all__ = ["DEPLOY_PRUNE", "DEPLOY_QUANT", "MERGE_METHODS", "run_followup"]
 
@@ -74,7 +71,7 @@ def run_followup(
 
     Example:
         >>> from deltaplane.sim import RunConfig, run_simulation
-        >>> from deltaplane.sim.followup import run_followup
+        >>> from deltaplane.apps.digits.followup import run_followup
         >>> import tempfile
         >>> run = run_simulation(RunConfig(clients=3, rounds=2))
         >>> out = run_followup(run, tempfile.mkdtemp(), personal_epochs=1, finetune_epochs=1, latency_iters=20)
@@ -90,9 +87,10 @@ def run_followup(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        train, test = train_test_split(load_digits(), test_fraction=cfg.test_fraction, seed=cfg.split_seed)
-        clients = make_clients(cfg, train)
-        model = build_model(derive_seed(cfg.seed, Stream.MODEL_INIT))
+        task = make_task(cfg)  # the very devices and test set the federation used
+        clients, test, k = build_clients(cfg, task), task.test, int(task.num_classes)  # type: ignore[arg-type]
+        train = task.train if task.train is not None else test  # digits: the pooled training split
+        model = task.build_model(derive_seed(cfg.seed, Stream.MODEL_INIT))
         global_state = {k: v.detach().clone() for k, v in result.final_state.items()}
 
         say(f"personalizing {len(clients)} devices (α-mix, {personal_epochs} local epochs each)")
@@ -110,8 +108,8 @@ def run_followup(
                 {
                     "client": c.cid,
                     "alpha": state.alpha,
-                    "global_accuracy": label_mix_accuracy(model, global_state, test, c),
-                    "personal_accuracy": label_mix_accuracy(model, mine, test, c),
+                    "global_accuracy": label_mix_accuracy(model, global_state, test, c.train, k),
+                    "personal_accuracy": label_mix_accuracy(model, mine, test, c.train, k),
                 }
             )
         glob = np.array([r["global_accuracy"] for r in rows])
@@ -142,7 +140,7 @@ def run_followup(
             merges[method] = {
                 "test_accuracy": accuracy(model, test),
                 "mean_device_accuracy": float(
-                    np.mean([label_mix_accuracy(model, merged, test, c) for c in clients])
+                    np.mean([label_mix_accuracy(model, merged, test, c.train, k) for c in clients])
                 ),
                 "params": {**params, "weight": 1.0 / n},
             }

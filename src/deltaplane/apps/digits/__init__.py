@@ -1,0 +1,44 @@
+"""The default task: scikit-learn's 8×8 digits, partitioned non-IID across devices, and a small CNN.
+
+``deltaplane run`` federates this task unless ``--task`` names another; :func:`make_task` is its factory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltaplane.data.dataset import Dataset
+from deltaplane.data.digits import NUM_CLASSES, load_digits, train_test_split
+from deltaplane.data.domains import shift
+from deltaplane.data.models import DigitsCNN
+from deltaplane.engine.task import Task
+from deltaplane.errors import TaskError
+
+__all__ = ["SHIFTS", "make_task"]
+
+#: The one-pixel translations ``train_shifts`` adds, in order: the 4 axis neighbours, then the 4 diagonals.
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def make_task(*, test_fraction: float = 0.2, split_seed: int = 0, train_shifts: int = 0) -> Task:
+    """Digits as a :class:`~deltaplane.engine.Task`: :class:`~deltaplane.data.models.DigitsCNN`, the
+    stratified train/test split (``test_fraction``, ``split_seed``), plus ``train_shifts`` one-pixel-shifted
+    copies of every training image.
+
+    Digits has 1,437 training images: enough for 20 clients, not for 1,000 with a holdout each. Shifted copies
+    (a standard augmentation) give every client a few images of its own; the test set is untouched.
+    """
+    if not 0 <= train_shifts <= len(SHIFTS):
+        raise TaskError(f"train_shifts must be in [0, {len(SHIFTS)}]. Found {train_shifts}")
+    train, test = train_test_split(load_digits(), test_fraction=test_fraction, seed=split_seed)
+    if train_shifts:
+        copies = [train.x] + [shift(train.x, dx, dy) for dx, dy in SHIFTS[:train_shifts]]
+        train = Dataset(torch.cat(copies), train.y.repeat(len(copies)))
+    return Task(
+        name="digits",
+        model=DigitsCNN,
+        train=train,
+        test=test,
+        num_classes=NUM_CLASSES,
+        options={"test_fraction": test_fraction, "split_seed": split_seed, "train_shifts": train_shifts},
+    )

@@ -1,0 +1,201 @@
+"""Poisoning attacks for the simulator: what a malicious fraction of clients does to its data or its update.
+
+An :class:`Attack` may change a malicious client's training data before local training (:meth:`poison_data`)
+and/or its update after training (:meth:`poison_update`). Attacks are specified as text, ``"backdoor:0.2"``
+(name, then the fraction of malicious clients), and built with :func:`parse_attack`.
+
+* ``sign_flip`` — send ``−scale·Δ`` (Damaskinos et al. 2018; the classic untargeted attack).
+* ``model_replacement`` — train the backdoor and scale the update by ``boost`` (default 10) so it dominates
+  the average (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459).
+* ``label_flip`` — train on labels ``y → C − 1 − y`` (Fang et al. 2020, https://arxiv.org/abs/1911.11815).
+* ``gaussian`` — send pure Gaussian noise of std ``std`` (Blanchard et al. 2017).
+* ``backdoor`` — pixel-pattern backdoor (Gu et al. 2017 BadNets, https://arxiv.org/abs/1708.06733; in FL,
+  Bagdasaryan et al. 2020): stamp a 2×2 bright square in the bottom-right corner of a share of the client's
+  images and relabel them ``target``; optionally boost the update (model replacement).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "Backdoor",
+    "GaussianNoise",
+    "LabelFlip",
+    "ModelReplacement",
+    "SignFlip",
+    "add_trigger",
+    "choose_malicious",
+    "parse_attack",
+]
+
+
+def add_trigger(x: Tensor) -> Tensor:
+    """Images ``(N, 1, 8, 8)`` in [0, 1] with the backdoor trigger: a 2×2 square at full intensity, bottom right."""
+    x = x.clone()
+    x[..., -3:-1, -3:-1] = 1.0
+    return x
+
+
+class Attack:
+    """No-op base: honest behaviour. Subclasses override one or both hooks."""
+
+    name = "none"
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The training data a malicious client actually trains on."""
+        return x, y
+
+    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
+        """The update a malicious client actually sends."""
+        return delta
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class SignFlip(Attack):
+    """Send ``−scale · Δ``."""
+
+    name = "sign_flip"
+
+    def __init__(self, *, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ConfigError(f"scale must be positive. Found {scale!r}")
+        self.scale = scale
+
+    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
+        return delta * (-self.scale)
+
+
+class GaussianNoise(Attack):
+    """Replace the update with N(0, std²) noise."""
+
+    name = "gaussian"
+
+    def __init__(self, *, std: float = 0.5) -> None:
+        if not std > 0:
+            raise ConfigError(f"std must be positive. Found {std!r}")
+        self.std = std
+
+    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
+        return delta.map(
+            lambda _, t: (
+                self.std * torch.randn(t.shape, generator=generator, dtype=t.dtype)
+                if t.is_floating_point()
+                else t
+            )
+        )
+
+
+class LabelFlip(Attack):
+    """Train on flipped labels ``y → num_classes − 1 − y``."""
+
+    name = "label_flip"
+
+    def __init__(self, *, num_classes: int = 10) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2. Found {num_classes!r}")
+        self.num_classes = num_classes
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return x, self.num_classes - 1 - y
+
+
+class Backdoor(Attack):
+    """Pixel-pattern backdoor: a share ``poison_fraction`` of the client's images get the trigger and the label
+    ``target``; the rest stay clean so the model keeps its main-task accuracy. ``boost > 1`` also scales the
+    update (model replacement)."""
+
+    name = "backdoor"
+
+    def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, boost: float = 1.0) -> None:
+        if not 0 < poison_fraction <= 1:
+            raise ConfigError(f"poison_fraction must be in (0, 1]. Found {poison_fraction!r}")
+        if not boost > 0:
+            raise ConfigError(f"boost must be positive. Found {boost!r}")
+        self.target = target
+        self.poison_fraction = poison_fraction
+        self.boost = boost
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = len(y)
+        k = max(1, math.ceil(self.poison_fraction * n))
+        idx = torch.randperm(n, generator=generator)[:k]
+        x, y = x.clone(), y.clone()
+        x[idx] = add_trigger(x[idx])
+        y[idx] = self.target
+        return x, y
+
+    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
+        return delta * self.boost if self.boost != 1.0 else delta
+
+
+class ModelReplacement(Backdoor):
+    """Scaled model replacement (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459): train the backdoor,
+    then scale the update by ``boost`` (≈ number of clients / server lr) so that it replaces the global model."""
+
+    name = "model_replacement"
+
+    def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, boost: float = 10.0) -> None:
+        super().__init__(target=target, poison_fraction=poison_fraction, boost=boost)
+
+
+ATTACKS: dict[str, Callable[..., Attack]] = {
+    "none": Attack,
+    "sign_flip": SignFlip,
+    "model_replacement": ModelReplacement,
+    "gaussian": GaussianNoise,
+    "label_flip": LabelFlip,
+    "backdoor": Backdoor,
+}
+
+
+def parse_attack(spec: str) -> tuple[Attack, float]:
+    """``"name:fraction"`` (e.g. ``"backdoor:0.2"``, ``"sign_flip:0.1"``) → (attack, malicious fraction).
+
+    Extra keyword parameters follow as ``name:fraction:key=value,key=value`` (``"backdoor:0.2:boost=5"``).
+    """
+    parts = spec.split(":")
+    name = parts[0].strip()
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    if name == "none":
+        return Attack(), 0.0
+    if len(parts) < 2:
+        raise ConfigError(f"attack spec {spec!r} needs a malicious fraction, e.g. '{name}:0.2'")
+    try:
+        fraction = float(parts[1])
+    except ValueError:
+        raise ConfigError(f"attack fraction must be a number in (0, 1). Found {parts[1]!r}") from None
+    if not 0 < fraction < 1:
+        raise ConfigError(f"attack fraction must be in (0, 1). Found {fraction!r}")
+    kwargs: dict[str, float] = {}
+    if len(parts) > 2 and parts[2]:
+        for item in parts[2].split(","):
+            key, _, value = item.partition("=")
+            try:
+                kwargs[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+            except ValueError:
+                raise ConfigError(f"attack parameter {item!r} must be key=number") from None
+    try:
+        return ATTACKS[name](**kwargs), fraction
+    except TypeError as exc:
+        raise ConfigError(f"attack {name!r}: {exc}") from None
+
+
+def choose_malicious(num_clients: int, fraction: float, rng: np.random.Generator) -> frozenset[int]:
+    """The ids of ``round(fraction · num_clients)`` malicious clients, fixed for the whole run."""
+    k = round(fraction * num_clients)
+    return frozenset(int(i) for i in rng.choice(num_clients, size=k, replace=False)) if k else frozenset()

@@ -1,0 +1,212 @@
+"""The client step: what one device does with a round's global model, written once for every driver.
+
+```
+train (FedProx option) ─► personalize ─► [attack: simulation only] ─► clip / local DP ─► compress | SecAgg
+```
+
+Each stage is one small function below, applied in this order by :meth:`ClientStep.finish`; a driver only
+decides *where* the step runs (one device after another, stacked, behind HTTP, in a Flower ClientApp) and how
+the resulting :class:`Upload` travels. The batched driver trains many devices at once and hands each trained
+delta to :meth:`ClientStep.finish`, or, when no stage after training changes a device's delta
+(:attr:`ClientStep.stackable`), compresses them all on the stack.
+
+The last stage either compresses the delta into a wire payload (the device's own
+:class:`~deltaplane.codecs.Compressor`, error feedback included) or, with SecAgg, hands the clipped delta
+to the secure-aggregation stage (:attr:`Upload.secure`): that stage, not the server step, turns it into
+masked messages (``deltaplane.engine.secure``), so the server step only ever sees decoded deltas or an
+unmasked *sum*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltaplane.aggregation import privatize
+from deltaplane.codecs import decompress
+from deltaplane.data.dataset import Dataset
+from deltaplane.delta import Delta, StateDict
+from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
+from deltaplane.engine.config import RunConfig
+from deltaplane.engine.federation import Client
+from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
+from deltaplane.engine.task import Task
+from deltaplane.engine.training import local_train
+from deltaplane.errors import DeltaplaneError
+from deltaplane.personalization import Personalizer
+
+__all__ = ["ClientStep", "Upload", "clip_to", "local_privacy", "personalize", "poison"]
+
+
+@dataclass
+class Upload:
+    """What one device sends at the end of its client step.
+
+    Exactly one of ``payload`` (a compressed wire payload), ``secure`` (the delta handed to secure
+    aggregation, which masks it before anything leaves the device) and ``error`` (the device could not
+    produce an update: it is refused like any bad one) is set.
+    """
+
+    cid: int
+    num_samples: int
+    payload: bytes | None = None
+    secure: Delta | None = None
+    error: DeltaplaneError | None = None
+
+
+# -- the stages, in order -----------------------------------------------------------------------------------
+def personalize(
+    personalizer: Personalizer, client: Client, delta: Delta, origin: StateDict, model: nn.Module
+) -> Delta:
+    """Keep the device's local layers (FedPer's head, FedBN's norms) on the device; return what is shared."""
+    personalizer.keep_local(delta.apply(origin), client.personal, model)
+    return personalizer.shared(delta, model)
+
+
+def poison(attack: Attack, delta: Delta, generator: torch.Generator) -> Delta:
+    """A malicious device's update (simulation only: a real device's behaviour is not ours to choose)."""
+    return attack.poison_update(delta, generator)
+
+
+def local_privacy(delta: Delta, *, clip: float, noise_multiplier: float, generator: torch.Generator) -> Delta:
+    """Local DP: the device clips its update to ``clip`` and adds Gaussian noise ``z·clip`` itself."""
+    return privatize(delta, clip=clip, noise_multiplier=noise_multiplier, generator=generator)
+
+
+def clip_to(delta: Delta, bound: float) -> Delta:
+    """Scale ``delta`` down to L2 norm ``bound`` if it is longer (the device clips before SecAgg masks it)."""
+    norm = delta.norm()
+    return delta * (bound / norm) if norm > bound else delta
+
+
+class ClientStep:
+    """The device side of a round, configured once per run (see the module docstring for the stages).
+
+    Args:
+        config: the run's options (local training, codec, clip, local DP, SecAgg, attack, personalization).
+        task: the model and data; its loss drives local training.
+        base_id: the model lineage every payload header names.
+        simulation: whether the driver simulates its devices (an attack may only run in a simulation).
+    """
+
+    def __init__(self, config: RunConfig, task: Task, *, base_id: str, simulation: bool = True) -> None:
+        self.config = config
+        self.task = task
+        self.base_id = base_id
+        self.personalizer: Personalizer = config.make_personalizer()
+        attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
+        if config.attack and not simulation:
+            from deltaplane.errors import UnsupportedOption
+
+            raise UnsupportedOption(
+                "attack runs only on simulated devices; real devices choose their own updates"
+            )
+        self.attack = attack
+        self.malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
+        #: devices that released a locally privatized update, and in how many rounds (local ε)
+        self.participations: dict[int, int] = {}
+        self._local_keys: frozenset[str] | None = None
+        self._attack_streams: dict[int, torch.Generator] = {}
+
+    def local_keys(self, model: nn.Module) -> frozenset[str]:
+        """State-dict names the personalizer keeps on the device (FedBN on a model without norms raises)."""
+        if self._local_keys is None:
+            self._local_keys = self.personalizer.local_keys(model)
+        return self._local_keys
+
+    @property
+    def stackable(self) -> bool:
+        """Whether every stage after training leaves a device's delta as it is, so that a round's updates can
+        be compressed together on the stack (:func:`~deltaplane.codecs.compress_many`)."""
+        c = self.config
+        return not (c.local_dp_noise > 0 or c.secagg or self.malicious or self.personalizer.name != "none")
+
+    def origin(self, client: Client, global_state: StateDict, model: nn.Module) -> StateDict:
+        """The state the device trains from: the global model with its local layers, if any."""
+        if self.local_keys(model):
+            return self.personalizer.start_state(global_state, client.personal)
+        return global_state
+
+    def train(self, client: Client, model: nn.Module, global_state: StateDict, rnd: int) -> Delta:
+        """Stage 1: local SGD (FedProx with ``prox_mu``), on poisoned data for a malicious device."""
+        c = self.config
+        data = client.train
+        if client.cid in self.malicious:
+            g = torch_generator(c.seed, Stream.ATTACK, rnd, client.cid)
+            data = Dataset(*self.attack.poison_data(data.x, data.y, g))
+            self._attack_streams[client.cid] = g
+        return local_train(
+            model,
+            self.origin(client, global_state, model),
+            data,
+            torch_generator(c.seed, Stream.LOCAL_TRAINING, rnd, client.cid),
+            epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            lr=c.client_lr(rnd),
+            momentum=c.momentum,
+            prox_mu=c.prox_mu,
+            loss=self.task.loss,
+        )
+
+    def finish(
+        self,
+        client: Client,
+        delta: Delta,
+        *,
+        model: nn.Module,
+        global_state: StateDict,
+        rnd: int,
+        version: int,
+    ) -> Upload:
+        """Stages 2–5 on a trained ``delta``: personalize, attack, clip / local DP, compress or hand to SecAgg."""
+        c = self.config
+        if self.local_keys(model):
+            delta = personalize(
+                self.personalizer, client, delta, self.origin(client, global_state, model), model
+            )
+        if client.cid in self.malicious:
+            # the attack's generator continues where data poisoning left it: one stream per device and round
+            g = self._attack_streams.pop(client.cid, None)
+            delta = poison(self.attack, delta, g or torch_generator(c.seed, Stream.ATTACK, rnd, client.cid))
+        if c.local_dp_noise > 0:
+            delta = local_privacy(
+                delta,
+                clip=float(c.clip),  # type: ignore[arg-type]
+                noise_multiplier=c.local_dp_noise,
+                generator=torch_generator(c.seed, Stream.LOCAL_DP, rnd, client.cid),
+            )
+            self.participations[client.cid] = self.participations.get(client.cid, 0) + 1
+        if c.secagg and c.clip is not None:
+            delta = clip_to(delta, float(c.clip))
+        try:
+            payload = client.upload(delta, base_id=self.base_id, base_version=version)
+            if c.secagg:
+                # the device masks what its codec would have sent (its error feedback keeps the rest)
+                secure = decompress(payload, expect_base=(self.base_id, version))
+                return Upload(client.cid, client.num_samples, secure=secure)
+        except DeltaplaneError as exc:
+            return Upload(client.cid, client.num_samples, error=exc)
+        return Upload(client.cid, client.num_samples, payload=payload)
+
+    def run(
+        self, client: Client, model: nn.Module, global_state: StateDict, rnd: int, version: int
+    ) -> Upload:
+        """The whole client step for one device: :meth:`train`, then :meth:`finish`."""
+        delta = self.train(client, model, global_state, rnd)
+        return self.finish(client, delta, model=model, global_state=global_state, rnd=rnd, version=version)
+
+    def after_round(self, clients: list[Client], model: nn.Module, global_state: StateDict, rnd: int) -> None:
+        """Every device that received the new global model adapts its personal state (α-mix, Ditto)."""
+        if self.personalizer.name == "none":
+            return
+        for client in clients:
+            g = torch_generator(self.config.seed, Stream.PERSONALIZATION, rnd, client.cid)
+            self.personalizer.personalize(
+                model, global_state, client.personal, client.train, client.holdout, generator=g
+            )
+
+    def personal_state(self, client: Client, global_state: StateDict) -> StateDict:
+        """The model the device uses after a round (the global one without personalization)."""
+        return self.personalizer.personal_state(global_state, client.personal)

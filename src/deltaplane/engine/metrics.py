@@ -1,0 +1,85 @@
+"""How a round is scored: one set of functions for every driver, so their figures are computed alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deltaplane.data.dataset import Dataset
+
+__all__ = ["accuracy", "evaluate_clients", "label_mix_accuracy", "logits", "round_scores"]
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` for scoring: a model with ``forward_stacked`` (DigitsCNN) runs it with one stacked copy,
+    which gives the same logits up to float rounding about 2.5× faster on CPU (channels-last convolutions)."""
+    stacked = getattr(model, "forward_stacked", None)
+    if callable(stacked):
+        params = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
+        return stacked(params, x.unsqueeze(0))[0]
+    return model(x)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset) -> float:
+    """Share of ``data`` that ``model`` classifies correctly (0.0 for an empty set)."""
+    if len(data) == 0:
+        return 0.0
+    model.eval()
+    pred = logits(model, data.x).argmax(dim=1)
+    return float((pred == data.y).float().mean())
+
+
+@torch.no_grad()
+def evaluate_clients(model: nn.Module, clients: Sequence[Any]) -> list[float]:
+    """Accuracy of ``model`` on each device's held-out data (a client's ``holdout``, or a :class:`Dataset`),
+    in one forward pass over all of them.
+
+    Each device would score only its own data; the simulator scores them all every round, and one batched
+    pass costs about what a single device's pass costs. Every driver calls this, so their per-client figures
+    stay identical.
+    """
+    holdouts = [getattr(c, "holdout", c) for c in clients]
+    sizes = [len(h) for h in holdouts]
+    if not any(sizes):
+        return [0.0] * len(holdouts)
+    model.eval()
+    x = torch.cat([h.x for h in holdouts])
+    y = torch.cat([h.y for h in holdouts])
+    correct = (logits(model, x).argmax(dim=1) == y).float()
+    return [float(part.mean()) if len(part) else 0.0 for part in correct.split(sizes)]
+
+
+def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> dict[str, float]:
+    """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean and worst of the
+    per-client accuracies (:func:`evaluate_clients`)."""
+    return {
+        "test_accuracy": accuracy(model, test),
+        "client_accuracy_mean": float(np.mean(client_acc)),
+        "client_accuracy_min": float(np.min(client_acc)),
+    }
+
+
+@torch.no_grad()
+def label_mix_accuracy(
+    model: nn.Module, state: dict[str, Tensor], test: Dataset, train: Dataset, num_classes: int
+) -> float:
+    """Accuracy of ``state`` on a device's own label mix: per-class accuracy on the global test set weighted by
+    the class shares of its training data ``train``. Scores a device on what it will see, with the whole test
+    set rather than the dozen samples it holds out (which personalization already uses to choose α)."""
+    model.load_state_dict(state)
+    model.eval()
+    pred = model(test.x).argmax(1)
+    per_class = np.array(
+        [
+            float((pred[test.y == c] == c).float().mean()) if (test.y == c).any() else 0.0
+            for c in range(num_classes)
+        ]
+    )
+    shares = train.class_counts(num_classes)[:num_classes] / max(1, len(train))
+    return float(shares @ per_class)

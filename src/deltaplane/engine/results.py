@@ -1,0 +1,85 @@
+"""What a run reports: per-round metrics and the run's result, the same types for every driver."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from deltaplane.engine.config import RunConfig
+
+__all__ = ["RoundMetrics", "RunResult"]
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What one round cost and achieved. Accuracies are of the global model after the round's update."""
+
+    round: int
+    clients: int
+    test_accuracy: float
+    client_accuracy_mean: float
+    client_accuracy_min: float
+    uplink_bytes: int
+    downlink_bytes: int
+    cumulative_uplink_bytes: int
+    cumulative_downlink_bytes: int
+    seconds: float
+    #: ε spent so far at ``config.dp_delta`` (None without DP)
+    epsilon: float | None = None
+    #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
+    rejected: int = 0
+    #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)
+    backdoor_success: float | None = None
+    #: share of client updates clipped this round (with clipping)
+    clipped_fraction: float | None = None
+    #: With personalization: accuracy on each client's own label mix (per-class accuracy on the global test
+    #: set weighted by the client's class shares) of the global model and of the client's personal model.
+    client_mix_accuracy_mean: float | None = None
+    personal_accuracy_mean: float | None = None
+    personal_accuracy_min: float | None = None
+    #: the largest drop of a client's accuracy from the global to its personal model (negative: a loss)
+    personal_gain_min: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run_simulation`: its config, per-round metrics and the final global model."""
+
+    config: RunConfig
+    rounds: list[RoundMetrics]
+    num_params: int
+    #: bytes of one update as raw float32 tensors (the size compression ratios are measured against)
+    raw_update_bytes: int
+    wall_time_s: float
+    final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final(self) -> RoundMetrics:
+        return self.rounds[-1]
+
+    @property
+    def total_uplink_bytes(self) -> int:
+        return self.final.cumulative_uplink_bytes
+
+    @property
+    def total_downlink_bytes(self) -> int:
+        return self.final.cumulative_downlink_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the final model weights are left out)."""
+        return {
+            "config": self.config.to_dict(),
+            "num_params": self.num_params,
+            "raw_update_bytes": self.raw_update_bytes,
+            "wall_time_s": self.wall_time_s,
+            "final": self.final.to_dict(),
+            "rounds": [r.to_dict() for r in self.rounds],
+            "clients": self.clients,
+        }

@@ -1,0 +1,41 @@
+"""The SecAgg stage between the client step and the server step: masked messages in, an unmasked mean out.
+
+The client step ends, under SecAgg, in :attr:`~deltaplane.engine.client.Upload.secure` (the device's clipped,
+codec-decoded delta, still on the device). This stage runs the SecAgg(+) protocol as real messages
+(:mod:`deltaplane.aggregation.secagg`): each device's :class:`~deltaplane.aggregation.secagg.DeviceEndpoint`
+quantizes its delta into the ring, scaled by its example count, with the count itself in one extra masked
+slot; the messages cross as bytes to a :class:`~deltaplane.aggregation.secagg.ServerEndpoint`, which only
+ever holds masked inputs and their sum. The server step then gets the example-weighted mean
+(:meth:`~deltaplane.engine.server.ServerStep.receive_secure_sum`) and nothing else. Every in-process driver
+calls :func:`secure_round`; the HTTP and Flower drivers carry the same messages over their transports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from deltaplane.delta import Delta
+from deltaplane.engine.client import Upload
+from deltaplane.engine.config import RunConfig
+from deltaplane.engine.seeding import Stream, derive_seed
+
+__all__ = ["secure_round"]
+
+
+def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
+    """The example-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
+    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares)."""
+    from deltaplane.aggregation.secagg import secure_mean
+
+    inputs = [u for u in uploads if u.secure is not None]
+    mean, report = secure_mean(
+        [u.secure for u in inputs],  # type: ignore[misc]
+        weights=[int(u.num_samples) for u in inputs],
+        bits=config.secagg_bits,
+        clip_range=config.secagg_range,
+        round_id=rnd,
+        seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+    )
+    return mean, int(np.sum(list(report.upload_bytes.values())))

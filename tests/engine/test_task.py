@@ -1,0 +1,99 @@
+"""Loading a task by import path: the default digits task, and one-line typed errors for every mistake."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from deltaplane.engine import DEFAULT_TASK, RunConfig, Task, load_task, make_task
+from deltaplane.engine.task import Dataset
+from deltaplane.errors import TaskError, UnsupportedOption
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A task module in a user folder, outside the package (as a user would write it)."""
+    (tmp_path / "mytasks.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from deltaplane.engine import Task, Dataset
+
+            def _data(n, features, classes, seed):
+                g = torch.Generator().manual_seed(seed)
+                x = torch.randn(n, features, generator=g)
+                return Dataset(x, (x[:, 0] > 0).long() % classes)
+
+            def good(features=4):
+                return Task(name="toy", model=lambda: nn.Linear(features, 2),
+                            train=_data(200, features, 2, 0), test=_data(50, features, 2, 1))
+
+            def wrong_input():
+                return Task(name="toy", model=lambda: nn.Linear(7, 2),
+                            train=_data(200, 4, 2, 0), test=_data(50, 4, 2, 1))
+
+            def too_few_outputs():
+                t = good()
+                return Task(name="toy", model=lambda: nn.Linear(4, 1), train=t.train, test=t.test)
+
+            def not_a_task():
+                return 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "mytasks"
+    sys.modules.pop("mytasks", None)
+
+
+def test_default_task_is_digits() -> None:
+    task = load_task(DEFAULT_TASK)
+    assert task.name == "digits" and task.num_classes == 10
+    assert len(task.train) == 1438 and len(task.test) == 359
+    assert sum(p.numel() for p in task.build_model(0).parameters()) == 18_346
+
+
+def test_user_task_loads_with_options(user_module: str) -> None:
+    task = load_task(f"{user_module}:good", {"features": 4})
+    assert task.name == "toy" and task.num_classes == 2 and task.options == {"features": 4}
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "match"),
+    [
+        ("no_such_module_xyz:make", {}, "module 'no_such_module_xyz' does not import"),
+        ("mytasks:missing", {}, "has no callable 'missing'"),
+        ("mytasks", {}, "expected 'package.module:factory'"),
+        ("mytasks:good", {"colour": "red"}, "options \\['colour'\\] do not fit the factory"),
+        ("mytasks:not_a_task", {}, "returned int, not a deltaplane.engine.Task"),
+        ("mytasks:wrong_input", {}, "the model rejects inputs of shape \\[4\\]"),
+        ("mytasks:too_few_outputs", {}, "the model has 1 outputs but the labels go up to 1"),
+    ],
+)
+def test_bad_tasks_are_one_line_task_errors(user_module, spec, options, match) -> None:
+    with pytest.raises(TaskError, match=match) as info:
+        load_task(spec, options)
+    assert "\n" not in str(info.value)
+
+
+def test_task_needs_exactly_one_kind_of_training_data() -> None:
+    data = Dataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TaskError, match="either train .* or clients"):
+        Task(name="t", model=lambda: nn.Linear(2, 2), test=data)
+    with pytest.raises(TaskError, match="either train .* or clients"):
+        Task(name="t", model=lambda: nn.Linear(2, 2), test=data, train=data, clients=[data])
+
+
+def test_digits_options_are_refused_for_another_task(user_module: str) -> None:
+    cfg = RunConfig(task=f"{user_module}:good", train_shifts=2)
+    with pytest.raises(UnsupportedOption, match="train_shifts are options of the digits task"):
+        make_task(cfg)
+
+
+def test_train_shifts_reach_the_digits_task() -> None:
+    assert len(make_task(RunConfig(train_shifts=2)).train) == 3 * 1438
