@@ -21,7 +21,12 @@ from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
-__all__ = ["secure_round"]
+__all__ = ["device_seed", "secure_round"]
+
+
+def device_seed(seed: int, rnd: int, cid: int) -> int:
+    """The seed of device ``cid``'s stochastic rounding into the ring in round ``rnd`` (same on every driver)."""
+    return derive_seed(seed, Stream.SECAGG, rnd, cid)
 
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
@@ -37,5 +42,7 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         clip_range=config.secagg_range,
         round_id=rnd,
         seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+        # each device rounds with its own stream, so the Flower and HTTP drivers unmask the very same sum
+        device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))

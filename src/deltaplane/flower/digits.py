@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from deltaplane.data.digits import Dataset
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import arrays_to_state, state_to_arrays
+from deltaplane.flower.secagg import SecAggStrategy, add_secagg, secagg_mod
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 from deltaplane.sim.client import Client, evaluate_clients, make_clients, round_scores
 from deltaplane.sim.config import RunConfig
@@ -50,9 +52,15 @@ def digits_client_app(config: RunConfig) -> ClientApp:
     ``server-round`` config, and returns the trained ``arrays`` with ``num-examples``; compression is
     entirely the mod's job.
     """
-    app = ClientApp(
-        mods=[delta_mod(codec=config.codec, error_feedback=config.error_feedback, seed=config.seed)]
-    )
+    # with SecAgg the node clips before it compresses (as the engine's client step does), and secagg_mod
+    # turns the compressed update into the node's masked input
+    clip = float(config.clip) if config.secagg and config.clip is not None else None
+    mods = [delta_mod(codec=config.codec, error_feedback=config.error_feedback, seed=config.seed, clip=clip)]
+    if config.secagg:
+        mods.insert(0, secagg_mod(seed=config.seed))
+    app = ClientApp(mods=mods)
+    if config.secagg:
+        add_secagg(app)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -101,7 +109,7 @@ def digits_server_app(
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(config.threads)
         clients, test = _federation(config)
-        strategy = DeltaStrategy(
+        options = dict(
             inner=FlowerFedAvg(
                 fraction_train=config.sample_fraction,
                 fraction_evaluate=0.0,
@@ -116,6 +124,17 @@ def digits_server_app(
             seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
             base_id=BASE_ID,
         )
+        if config.secagg:
+            # the public weight scale: the mean example count of the devices (the server knows every count,
+            # as plain FedAvg does; with full participation it is the in-process engine's scale)
+            strategy: DeltaStrategy = SecAggStrategy(
+                bits=config.secagg_bits,
+                clip_range=config.secagg_range,
+                weight_scale=float(np.mean([c.num_samples for c in clients])),
+                **options,
+            )
+        else:
+            strategy = DeltaStrategy(**options)
         model = build_model(derive_seed(config.seed, Stream.MODEL_INIT))
         initial = state_to_arrays(model.state_dict())
         cum = {"up": 0, "down": 0}

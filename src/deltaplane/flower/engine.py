@@ -31,7 +31,6 @@ class FlowerRunError(DeltaplaneError):
 #: RunConfig options only the in-process engine implements, with the value that means "off".
 _IN_PROCESS_ONLY = {
     "local_dp_noise": 0.0,
-    "secagg": False,
     "attack": None,
     "personalization": "none",
     "prox_mu": 0.0,
@@ -62,7 +61,7 @@ def run_flower(
         traffic: if given, receives each round's :class:`RoundTraffic` (message-level byte counts).
 
     Raises:
-        ConfigError: for options only the in-process engine runs (local DP, SecAgg, attacks,
+        ConfigError: for options only the in-process engine runs (local DP, attacks,
             personalization, FedProx, FLTrust); they are refused rather than ignored.
         FlowerRunError: when fewer than ``config.rounds`` rounds completed.
     """

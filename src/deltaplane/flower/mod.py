@@ -21,6 +21,8 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from deltaplane.codecs import Codec, Compressor, decompress
 from deltaplane.delta import Delta
+from deltaplane.engine.client import clip_to
+from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import DecodeError, VersionMismatch
 from deltaplane.flower.records import (
     CONTROL_KEY,
@@ -31,7 +33,6 @@ from deltaplane.flower.records import (
     state_to_arrays,
     state_to_bytes,
 )
-from deltaplane.engine.seeding import Stream, derive_seed
 
 __all__ = ["delta_mod", "node_seed"]
 
@@ -58,6 +59,7 @@ def delta_mod(
     seed: int = 0,
     arrayrecord_key: str = "arrays",
     seed_fn: Callable[[int, Context], int] = node_seed,
+    clip: float | None = None,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
 
@@ -72,6 +74,8 @@ def delta_mod(
         seed: run seed; each node's codec seed is ``seed_fn(seed, context)``.
         arrayrecord_key: the key under which the wrapped ClientApp reads and returns its weights.
         seed_fn: derives a node's codec seed (default :func:`node_seed`, matching the in-process engine).
+        clip: scale the delta down to this L2 norm before compressing it (the device-side clip that secure
+            aggregation needs, as the engine's client step applies it); None leaves it as trained.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -105,9 +109,10 @@ def delta_mod(
 
         new_state = arrays_to_state(reply.content.array_records[arrayrecord_key])
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
-        payload = compressor.compress(
-            Delta.between(global_state, new_state), base_id=base_id, base_version=version
-        )
+        delta = Delta.between(global_state, new_state)
+        if clip is not None:
+            delta = clip_to(delta, clip)
+        payload = compressor.compress(delta, base_id=base_id, base_version=version)
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
         out = RecordDict({k: v for k, v in reply.content.items() if k != arrayrecord_key})

@@ -175,18 +175,7 @@ class DeltaStrategy(Strategy):
             decoded.append((decompress(payload, expect_base=base), weight, m))
 
         if self.aggregator is not None:
-            self.aggregator.reset()
-            for delta, weight, _ in decoded:
-                self.aggregator.add(delta, weight=weight)
-            update = self.aggregator.result()
-            # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
-            measured = getattr(self.aggregator, "measurements", {}) or {}
-            metrics = MetricRecord(
-                {
-                    **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
-                    "clients": len(ok),
-                }
-            )
+            update, metrics = self._chain([(delta, weight) for delta, weight, _ in decoded], len(ok))
         else:  # the wrapped Flower strategy averages full weights; give it what the nodes meant to send
             rebuilt = []
             for delta, _, m in decoded:
@@ -196,6 +185,34 @@ class DeltaStrategy(Strategy):
                 rebuilt.append(m)
             new_arrays, metrics = self.inner.aggregate_train(server_round, rebuilt)
             update = Delta.between(self._global, arrays_to_state(new_arrays))
+        return self._finish(server_round, update, metrics, ok, up_payload=up_payload, up_msg=up_msg)
+
+    def _chain(self, updates: list[tuple[Delta, float]], clients: int) -> tuple[Delta, MetricRecord]:
+        """Run the deltaplane aggregator over ``updates``; its measurements travel as Flower metrics."""
+        assert self.aggregator is not None
+        self.aggregator.reset()
+        for delta, weight in updates:
+            self.aggregator.add(delta, weight=weight)
+        update = self.aggregator.result()
+        measured = getattr(self.aggregator, "measurements", {}) or {}
+        metrics = MetricRecord(
+            {**{k: float(v) for k, v in measured.items() if isinstance(v, int | float)}, "clients": clients}
+        )
+        return update, metrics
+
+    def _finish(
+        self,
+        server_round: int,
+        update: Delta,
+        metrics: MetricRecord | None,
+        ok: list[Message],
+        *,
+        up_payload: int,
+        up_msg: int,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Scale by ``server_lr``, compress the downlink, advance the version and record the round's traffic."""
+        assert self._global is not None
+        base = (self.base_id, self._version)
         update = update * self.server_lr
 
         payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)

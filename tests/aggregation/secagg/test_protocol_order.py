@@ -293,3 +293,19 @@ def test_server_endpoint_checks_the_authenticated_sender_and_the_direction() -> 
         server.receive(UnmaskRequest(cfg.round_id, (), ()).to_bytes(), sender=2)
     with pytest.raises(SecAggOrderError, match="no update to mask"):
         dev.masked_input(ShareInbox(cfg.round_id, 2, {}).to_bytes())
+
+
+def test_a_client_resumed_from_its_exported_state_finishes_the_round_exactly() -> None:
+    cfg, codes, clients, server, out = _to_stage(Stage.MASKED)
+    for u in range(N):
+        server.receive_masked_input(out["masked"][u])
+    req = server.unmask_request()
+    for u in range(N):
+        resumed = SecAggClient.restore(cfg, clients[u].export_state())
+        assert resumed.stage == Stage.MASKED
+        server.receive_unmask(resumed.unmask(req))
+    assert np.array_equal(server.result(), sum(c.astype(np.uint64) for c in codes.values()))
+    from deltaplane.errors import DecodeError
+
+    with pytest.raises(DecodeError, match="malformed SecAgg client state"):
+        SecAggClient.restore(cfg, b'{"client_id": 1}')

@@ -66,6 +66,25 @@ class DeviceEndpoint:
     def client_id(self) -> int:
         return self.client.client_id
 
+    def export_state(self) -> bytes:
+        """The protocol state (secrets included) for the device's own storage; the codes are not kept."""
+        return self.client.export_state()
+
+    @classmethod
+    def restore(
+        cls,
+        config: SecAggConfig,
+        encoding: RingEncoding,
+        state: bytes,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> DeviceEndpoint:
+        """A device endpoint resumed from :meth:`export_state` (for devices that run each stage afresh)."""
+        out = cls.__new__(cls)
+        out.config, out.encoding, out._codes = config, encoding, None
+        out.client = SecAggClient.restore(config, state, randbytes=randbytes)
+        return out
+
     def set_update(self, delta: Delta, weight: int, rng: np.random.Generator) -> None:
         """Quantize the device's update (and weight) into the ring; the codes never leave this object."""
         codes = self.encoding.encode(delta, weight, rng)

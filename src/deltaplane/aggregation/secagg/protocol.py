@@ -32,6 +32,7 @@ server and clients (no signatures / consistency round, which the malicious-secur
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -246,6 +247,45 @@ class SecAggClient:
                 f"client {self.client_id}: message for round {rid}, this is round {self.config.round_id}",
                 stage=self.stage,
             )
+
+    # -- persistence (a device that handles each stage in a fresh process keeps this in its own storage) --
+    def export_state(self) -> bytes:
+        """This client's whole state, secrets included, as bytes for the *device's own* storage (e.g. a
+        Flower node's ``Context.state``); never send it anywhere."""
+        doc = {
+            "client_id": self.client_id,
+            "stage": self.stage,
+            "c_key": _raw_private(self._c_key).hex(),
+            "s_key": _raw_private(self._s_key).hex(),
+            "self_seed": self._self_seed.hex(),
+            "peers": {str(v): [c.hex(), k.hex()] for v, (c, k) in self._peers.items()},
+            "received": {str(v): ct.hex() for v, ct in self._received.items()},
+            "own_shares": [str(self._own_shares[0]), str(self._own_shares[1])],
+            "revealed": {str(v): w for v, w in self._revealed.items()},
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def restore(
+        cls, config: SecAggConfig, data: bytes, *, randbytes: Callable[[int], bytes] = secrets.token_bytes
+    ) -> SecAggClient:
+        """Inverse of :meth:`export_state` for the round of ``config``; a malformed state is a DecodeError."""
+        try:
+            doc = json.loads(data)
+            self = cls(int(doc["client_id"]), config, randbytes=randbytes)
+            if doc["stage"] not in _ORDER:
+                raise ValueError(f"unknown stage {doc['stage']!r}")
+            self.stage = doc["stage"]
+            self._c_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["c_key"]))
+            self._s_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["s_key"]))
+            self._self_seed = bytes.fromhex(doc["self_seed"])
+            self._peers = {int(v): (bytes.fromhex(c), bytes.fromhex(k)) for v, (c, k) in doc["peers"].items()}
+            self._received = {int(v): bytes.fromhex(ct) for v, ct in doc["received"].items()}
+            self._own_shares = (int(doc["own_shares"][0]), int(doc["own_shares"][1]))
+            self._revealed = {int(v): str(w) for v, w in doc["revealed"].items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(f"malformed SecAgg client state: {exc}") from None
+        return self
 
     # -- stage 0 ----------------------------------------------------------------------------------------
     def advertise_keys(self) -> AdvertiseKeys:

@@ -169,13 +169,15 @@ def secure_mean(
     dropouts: Dropouts | None = None,
     round_id: int = 0,
     seed: int | None = None,
+    device_seeds: Sequence[int] | None = None,
 ) -> tuple[Delta, SecAggReport]:
     """The (example-weighted, with ``weights``) mean of the surviving clients' deltas, via secure aggregation.
 
     Each client encodes its own delta with :class:`RingEncoding` (clip to ``±clip_range`` per value, quantize to
     ``bits`` bits with unbiased stochastic rounding, append its weight), then runs the protocol; the server sees
     only masked ring elements. ``seed`` makes the whole round reproducible (client secrets included) — for
-    simulations only; None uses the OS's secure randomness.
+    simulations only; None uses the OS's secure randomness. ``device_seeds`` (one per delta) seed each device's
+    stochastic rounding on its own, so another transport running the same devices unmasks the very same sum.
     """
     if not deltas:
         raise DeltaplaneError("no client delta was given; nothing to aggregate")
@@ -195,12 +197,13 @@ def secure_mean(
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     randbytes = rng.bytes if seed is not None else secrets.token_bytes
+    if device_seeds is not None and len(device_seeds) != n:
+        raise ConfigError(f"{len(device_seeds)} device seeds for {n} deltas")
     devices = {}
     for u, dl in enumerate(deltas):  # device side: each quantizes its own update into the ring
         devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes)
-        devices[u].set_update(
-            dl, int(weights[u]) if weights is not None else 1, np.random.default_rng(rng.integers(2**63))
-        )
+        q = np.random.default_rng(device_seeds[u] if device_seeds is not None else rng.integers(2**63))
+        devices[u].set_update(dl, int(weights[u]) if weights is not None else 1, q)
     d = dropouts or Dropouts()
     d = Dropouts(
         d.before_advertise,
