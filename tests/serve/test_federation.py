@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 import typer
 from typer.testing import CliRunner
 
+from deltaplane.errors import UnsupportedOption
 from deltaplane.serve.federation import run_http_simulation
 from deltaplane.sim import RunConfig, run_simulation
 
@@ -83,3 +85,67 @@ def test_default_digits_evaluator_gates_an_http_trained_model(tmp_path):
     )
     refused = promote(reg, broken.ref, evaluator=digits, raise_on_refusal=False)
     assert not refused.promoted and reg.tag("digits-cnn", "production") == latest.number
+
+
+_SMALL = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1, codec="topk(0.05) | quant(bits=8)")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"aggregator": "fedadam"},
+        {"clip": "1.0", "dp_noise": 0.5, "epsilon_budget": 50.0},
+        {"clip": "adaptive", "dp_noise": 0.5},
+        {"defense": "trimmed_mean:0.2"},
+        {"defense": "fltrust"},
+        {"personalization": "alpha_mix"},
+        {"attack": "sign_flip:0.4", "train_shifts": 1, "server_lr": 0.5, "prox_mu": 0.1},
+        {"clip": "1.0", "local_dp_noise": 0.3, "downlink_codec": "quant(bits=8)"},
+    ],
+    ids=[
+        "fedadam",
+        "dp-fixed",
+        "dp-adaptive",
+        "trimmed-mean",
+        "fltrust",
+        "alpha-mix",
+        "attack-shifts",
+        "local-dp",
+    ],
+)
+def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:
+    """The service used to hard-code FedAvg and the transport to ignore train_shifts; now every option runs
+    the engine's steps on both sides of the wire, bit for bit as the sequential in-process driver."""
+    cfg = _SMALL.replace(**change)
+    a, b = run_simulation(cfg), run_http_simulation(cfg)
+    assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
+
+    def seen(r):
+        return [
+            (
+                m.test_accuracy,
+                m.epsilon,
+                m.rejected,
+                m.clipped_fraction,
+                m.personal_accuracy_mean,
+                m.backdoor_success,
+            )
+            for m in r.rounds
+        ]
+
+    assert seen(a) == seen(b)
+    if "dp_noise" in change:
+        assert b.rounds[0].epsilon is not None and b.rounds[0].epsilon < b.rounds[1].epsilon
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"secagg": True}, "no SecAgg message endpoints"),
+        ({"personalization": "fedper"}, "upload only the shared layers"),
+        ({"engine": "batched"}, "stacked training is an in-process engine"),
+    ],
+)
+def test_options_the_transport_cannot_run_are_refused_with_the_reason(change, match) -> None:
+    with pytest.raises(UnsupportedOption, match=match):
+        run_http_simulation(_SMALL.replace(**change))

@@ -320,8 +320,50 @@ def register(app: typer.Typer) -> None:
         downlink_codec: Annotated[
             str, typer.Option(help="Codec of the round-to-round deltas the service publishes.")
         ] = "topk(0.05) | quant(bits=8)",
+        federation: Annotated[
+            Path | None,
+            typer.Option(
+                "--federation",
+                help="YAML run config whose server side the rounds run (aggregator chain, DP, downlink, task).",
+            ),
+        ] = None,
+        aggregator: Annotated[
+            str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+        ] = None,
+        server_lr: Annotated[float | None, typer.Option(help="FedAvg's server step.")] = None,
+        clip: Annotated[
+            str | None, typer.Option(help="Per-update L2 clip norm: a number or 'adaptive'.")
+        ] = None,
+        dp_noise: Annotated[
+            float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+        ] = None,
+        epsilon_budget: Annotated[
+            float | None, typer.Option(help="Refuse to close a round that would spend more epsilon.")
+        ] = None,
+        defense: Annotated[
+            str | None,
+            typer.Option(help="Robust rule: trimmed_mean:0.2, median, krum:1, fltrust (needs --task)."),
+        ] = None,
+        max_update_norm: Annotated[
+            float | None, typer.Option(help="Refuse updates with a larger norm.")
+        ] = None,
+        fleet: Annotated[
+            int | None,
+            typer.Option(help="Devices in the fleet (DP accounting: sampling rate = per round / fleet)."),
+        ] = None,
+        per_round: Annotated[
+            int | None, typer.Option(help="Devices expected per round (DP-FedAvg's denominator).")
+        ] = None,
+        task: Annotated[
+            str | None, typer.Option(help="Task 'package.module:factory' (FLTrust trains on its root data).")
+        ] = None,
     ) -> None:
-        """Start the device-facing HTTP service (OpenAPI docs at /docs)."""
+        """Start the device-facing HTTP service (OpenAPI docs at /docs).
+
+        With any of --federation, --aggregator, --clip, --dp-noise, --defense (...) the rounds run that
+        server step (the engine's: same chain as ``deltaplane run``), and closing a round reports its epsilon
+        and clipping; otherwise plain FedAvg at --server-lr.
+        """
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
@@ -330,6 +372,23 @@ def register(app: typer.Typer) -> None:
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
                 err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
+            chain = {
+                "aggregator": aggregator, "server_lr": server_lr, "clip": clip, "dp_noise": dp_noise,
+                "epsilon_budget": epsilon_budget, "defense": defense, "max_update_norm": max_update_norm,
+                "task": task,
+            }  # fmt: skip
+            chain = {k: v for k, v in chain.items() if v is not None}
+            run = None
+            if federation is not None or chain or fleet is not None or per_round is not None:
+                from deltaplane.engine import RunConfig
+
+                run = RunConfig.from_yaml(federation) if federation is not None else RunConfig()
+                if fleet is not None or per_round is not None:
+                    size = fleet if fleet is not None else run.clients
+                    chain |= {"clients": size, "sample_fraction": min(1.0, (per_round or size) / size)}
+                if federation is None or "downlink_codec" not in run.model_fields_set:
+                    chain["downlink_codec"] = downlink_codec
+                run = run.replace(**chain)
             config = ServiceConfig(
                 home=str(_home(home)),
                 admin_token=token,
@@ -337,7 +396,7 @@ def register(app: typer.Typer) -> None:
                 max_upload_bytes=max_upload_bytes,
                 rate=rate,
                 burst=burst,
-                downlink_codec=downlink_codec,
+                **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         serve(app_, host=host, port=port)

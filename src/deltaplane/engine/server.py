@@ -16,12 +16,13 @@ in that case. :meth:`ServerStep.close` compresses the update for the downlink an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from deltaplane.aggregation import FLTrust, Rejection, Validate
 from deltaplane.codecs import Compressor, decompress
@@ -31,7 +32,7 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
-from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
 
 __all__ = ["MemoryPublisher", "Publisher", "RoundOutcome", "ServerStep"]
 
@@ -88,77 +89,110 @@ def root_dataset(config: RunConfig, task: Task) -> Dataset:
 
 
 class ServerStep:
-    """The server side of every round of a run (see the module docstring).
+    """The server side of every round (see the module docstring); learned state (the aggregator chain's
+    optimizer moments, DP accountant, the downlink residual, the current version) lives here across rounds.
 
     Args:
-        config: the run (aggregation, privacy, downlink options).
-        task: the model and data (FLTrust's root dataset and the loss it trains with).
-        initial_state: the global model of version 0.
+        aggregator: the chain (:func:`~deltaplane.aggregation.build_aggregator`), Validate outermost.
+        publisher: where each round's update goes (compress for the downlink, make it the new version).
+        initial_state: the global model of version 0 (a transport that keeps versions elsewhere passes the
+            base of each round to :meth:`open` instead).
         base_id: the model lineage payload headers must name.
-        publisher: where the update goes (default: :class:`MemoryPublisher` with the run's downlink codec).
+        reference: FLTrust's server update for a round, ``reference(rnd, state)`` (required when the chain
+            holds :class:`~deltaplane.aggregation.FLTrust`).
+
+    Use :meth:`for_run` to build one from a :class:`RunConfig` and a :class:`Task`.
     """
 
     def __init__(
         self,
-        config: RunConfig,
-        task: Task,
+        aggregator: Validate,
+        publisher: Publisher,
         initial_state: StateDict,
         *,
         base_id: str,
-        publisher: Publisher | None = None,
+        reference: Callable[[int, StateDict], Delta] | None = None,
     ) -> None:
-        self.config = config
-        self.task = task
+        self.aggregator = aggregator
+        self.publisher = publisher
         self.base_id = base_id
         self.state = {k: v.detach().clone() for k, v in initial_state.items()}
         self.version = 0
-        self.aggregator: Validate = config.build_aggregator(
-            seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31
-        )
-        self.publisher = publisher or MemoryPublisher(
-            Compressor(
-                config.downlink_codec,
-                error_feedback=config.downlink_error_feedback,
-                seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
-            ),
-            base_id,
-        )
-        fltrust = self.aggregator.find(FLTrust)
+        fltrust = aggregator.find(FLTrust)
         self._fltrust: FLTrust | None = fltrust if isinstance(fltrust, FLTrust) else None
-        self._root = root_dataset(config, task) if self._fltrust is not None else None
+        if self._fltrust is not None and reference is None:
+            raise ConfigError(
+                "FLTrust needs the server's own root dataset to train a reference update; give the server a task"
+            )
+        self._reference = reference
         self._round = 0
         self._uplink = 0
         self._accepted = 0
         self._rejections: list[Rejection] = []
         self._secure = False
 
-    @property
-    def needs_individual_updates(self) -> bool:
-        """Whether the chain looks at single updates (robust rules, per-update clipping, validation bounds):
-        then SecAgg, which reveals only the sum, cannot feed it."""
-        return not self.config.secagg
+    @classmethod
+    def for_run(
+        cls,
+        config: RunConfig,
+        task: Task,
+        initial_state: StateDict,
+        *,
+        base_id: str,
+        publisher: Publisher | None = None,
+    ) -> ServerStep:
+        """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
+        ``publisher`` is given) and, for FLTrust, a reference trained on :func:`root_dataset`."""
+        reference = None
+        agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+        if isinstance(agg.find(FLTrust), FLTrust):
+            root = root_dataset(config, task)
+            model = task.build_model(0)  # scratch module: training overwrites its weights
 
-    def open(self, rnd: int, model: nn.Module) -> None:
-        """Start round ``rnd`` on the current version; FLTrust's server trains its reference update here."""
+            def reference(rnd: int, state: StateDict) -> Delta:
+                return local_train(
+                    model,
+                    state,
+                    root,
+                    torch_generator(config.seed, Stream.ROOT_DATA, rnd),
+                    epochs=config.local_epochs,
+                    batch_size=config.batch_size,
+                    lr=config.client_lr(rnd),
+                    momentum=config.momentum,
+                    prox_mu=config.prox_mu,
+                    loss=task.loss,
+                )
+
+        if publisher is None:
+            publisher = MemoryPublisher(
+                Compressor(
+                    config.downlink_codec,
+                    error_feedback=config.downlink_error_feedback,
+                    seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
+                ),
+                base_id,
+            )
+        return cls(agg, publisher, initial_state, base_id=base_id, reference=reference)
+
+    def open(self, rnd: int, *, version: int | None = None, state: StateDict | None = None) -> None:
+        """Start round ``rnd`` on the current version (or on ``version``/``state``, when the transport keeps
+        the versions); FLTrust's server trains its reference update here."""
+        if version is not None:
+            self.version = version
+        if state is not None:
+            self.state = dict(state)
         self._round = rnd
         self._uplink = self._accepted = 0
         self._rejections = []
         self._secure = False
         self.aggregator.reset()
         if self._fltrust is not None:
-            reference = local_train(
-                model,
-                self.state,
-                self._root,  # type: ignore[arg-type]
-                torch_generator(self.config.seed, Stream.ROOT_DATA, rnd),
-                epochs=self.config.local_epochs,
-                batch_size=self.config.batch_size,
-                lr=self.config.client_lr(rnd),
-                momentum=self.config.momentum,
-                prox_mu=self.config.prox_mu,
-                loss=self.task.loss,
-            )
-            self._fltrust.set_reference(reference)
+            self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+
+    @property
+    def last_rejection(self) -> Rejection | None:
+        """The most recent refusal of the open round (None if nothing was refused)."""
+        return self._rejections[-1] if self._rejections else None
 
     def refuse(self, client_id: str, error: DeltaplaneError) -> None:
         """Record an update refused before it reached the chain (it could not be produced or decoded)."""

@@ -25,15 +25,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltaplane.aggregation import FedAvg
-from deltaplane.codecs import Compressor, decode_delta, unpack
-from deltaplane.codecs.wire import check_base
+from deltaplane.engine import RunConfig, ServerStep
 from deltaplane.errors import (
     ConfigError,
     DecodeError,
@@ -41,15 +38,17 @@ from deltaplane.errors import (
     IntegrityError,
     InvalidUpdate,
     NotFound,
+    PrivacyBudgetExceeded,
     PromotionRefused,
     ShapeMismatch,
     SignatureError,
     VersionMismatch,
 )
 from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
-from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
+from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
+from deltaplane.serve.rounds import RoundState, round_router
 from deltaplane.serve.secagg_routes import install_secagg_routes
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
@@ -71,7 +70,11 @@ class ServiceConfig:
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
-        server_lr: scale of the averaged update applied when a round closes.
+        server_lr: FedAvg's server step (plain server SGD) when ``federation`` is not set.
+        federation: the server side of a federation (``deltaplane.engine.RunConfig``): its aggregator chain
+            (server optimizer, clipping, DP-FedAvg with accountant and budget, robust rule, FLTrust with the
+            task's root data), its downlink codec and seed. When set, ``server_lr`` and the ``downlink_*``
+            fields must keep their defaults (they would be ignored otherwise).
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -85,6 +88,7 @@ class ServiceConfig:
     downlink_error_feedback: bool = True
     downlink_seed: int = 0
     server_lr: float = 1.0
+    federation: RunConfig | None = None
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
 
     def __post_init__(self) -> None:
@@ -92,32 +96,32 @@ class ServiceConfig:
             raise ConfigError("admin_token must be at least 16 characters")
         if self.server_lr <= 0:
             raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
+        if self.federation is not None:
+            mine = {
+                "server_lr": (self.server_lr, 1.0),
+                "downlink_codec": (self.downlink_codec, "topk(0.05) | quant(bits=8)"),
+                "downlink_error_feedback": (self.downlink_error_feedback, True),
+                "downlink_seed": (self.downlink_seed, 0),
+            }
+            clash = [k for k, (v, default) in mine.items() if v != default]
+            if clash:
+                raise ConfigError(
+                    f"set {', '.join(clash)} in the federation config, not on the service, when it has one"
+                )
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
 
 
 @dataclass
-class RoundState:
-    """One open training round: its base version and the streaming aggregate of accepted updates."""
-
-    model: str
-    number: int
-    base_version: int
-    aggregator: FedAvg = field(default_factory=FedAvg)
-    devices: set[str] = field(default_factory=set)
-    examples: float = 0.0
-    opened_at: float = field(default_factory=time.time)
-
-
-@dataclass
 class ServiceState:
-    """Everything the service mutates: open rounds, downlink compressors, drift monitors, alerts, counters."""
+    """Everything the service mutates: open rounds and their server steps, drift monitors, alerts, counters."""
 
     registry: Registry
     evaluator: Evaluator | None = None
     rounds: dict[str, RoundState] = field(default_factory=dict)
     round_counter: dict[str, int] = field(default_factory=dict)
-    compressors: dict[str, Compressor] = field(default_factory=dict)
+    #: one engine server step per model, alive across rounds (optimizer moments, DP accountant, downlink EF)
+    steps: dict[str, ServerStep] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -148,35 +152,6 @@ class DeviceToken(BaseModel):
     device_id: str
     cohort: str
     token: str
-
-
-class OpenRoundRequest(_Strict):
-    base_version: int | None = Field(
-        default=None, ge=1, le=2**31 - 1, description="defaults to the training (else production) tag"
-    )
-
-
-class RoundInfo(BaseModel):
-    model: str
-    round: int
-    base_version: int
-    uploads: int
-    open: bool
-
-
-class UploadAccepted(BaseModel):
-    accepted: bool
-    round: int
-    uploads: int
-
-
-class CloseRoundResponse(BaseModel):
-    model: str
-    round: int
-    uploads: int
-    version: int
-    delta_bytes: int
-    full_bytes: int
 
 
 class PromoteRequest(_Strict):
@@ -257,6 +232,7 @@ _ERRORS: dict[int, dict[str, Any]] = {
 _STATUS: list[tuple[type[Exception], int]] = [
     (NotFound, 404),
     (VersionMismatch, 409),
+    (PrivacyBudgetExceeded, 409),
     (PromotionRefused, 409),
     (ShapeMismatch, 422),
     (InvalidUpdate, 422),
@@ -407,102 +383,6 @@ def create_app(
             return Response(status_code=204, headers=headers)
         return Response(dl.body, media_type="application/octet-stream", headers=headers)
 
-    @app.get(
-        "/v1/models/{model}/round", tags=["device"], response_model=RoundInfo, responses={404: _ERRORS[404]}
-    )
-    def round_info(model: ModelName, ident: Device) -> RoundInfo:
-        r = state.rounds.get(model)
-        if r is None:
-            raise NotFound(f"no open round for {model!r}")
-        return RoundInfo(
-            model=model, round=r.number, base_version=r.base_version, uploads=len(r.devices), open=True
-        )
-
-    upload_body = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        }
-    }
-
-    @app.post(
-        "/v1/models/{model}/rounds/{round_id}/update",
-        tags=["device"],
-        status_code=202,
-        response_model=UploadAccepted,
-        openapi_extra=upload_body,
-        responses={k: _ERRORS[k] for k in (400, 404, 409, 413, 422)},
-    )
-    async def upload(
-        model: ModelName,
-        round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
-        request: Request,
-        ident: Device,
-        num_examples: Annotated[float, Query(gt=0, le=1e12)] = 1.0,
-    ) -> UploadAccepted:
-        limit = config.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > 4 * limit):
-            state.counters["rejected.too_large"] += 1
-            raise HTTPException(413, f"upload of {declared} bytes exceeds the {limit}-byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # enforce the limit while reading: Content-Length can lie
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > 4 * limit:
-                break
-        if size > limit:
-            # A moderately oversized body was drained (up to 4x the limit) before answering, so the client
-            # reads a clean 413 instead of a connection reset while it is still sending.
-            state.counters["rejected.too_large"] += 1
-            raise HTTPException(
-                413, f"upload of {declared or 'more than ' + str(limit)} bytes exceeds the {limit}-byte limit"
-            )
-        payload = b"".join(chunks)
-        r = state.rounds.get(model)
-        if r is None:
-            raise HTTPException(409, f"no open round for {model!r}; wait for the next round")
-        if r.number != round_id:
-            raise HTTPException(
-                409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
-            )
-        if not payload:
-            raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
-
-        def validate() -> Any:
-            # Parse the frame and check names/shapes/dtypes against the base *before* decoding: a small
-            # payload that claims a huge shape must not make the server allocate it.
-            header, trees = unpack(payload)
-            check_base(header, (model, r.base_version))
-            base = state.base_state(model, r.base_version)
-            if trees.keys() != base.keys():
-                missing, extra = sorted(set(base) - set(trees)), sorted(set(trees) - set(base))
-                raise ShapeMismatch(
-                    f"update tensors differ from the base: missing {missing[:5]}, unknown {extra[:5]}"
-                )
-            for k, (dt, e) in trees.items():
-                if tuple(e.shape) != tuple(base[k].shape) or dt != base[k].dtype:
-                    raise ShapeMismatch(
-                        f"tensor '{k}': update declares shape {list(e.shape)} {dt}, "
-                        f"the base has {list(base[k].shape)} {base[k].dtype}"
-                    )
-            return decode_delta(trees)
-
-        delta = await run_in_threadpool(validate)
-        with state.lock:
-            if state.rounds.get(model) is not r:
-                raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
-            if ident.device_id in r.devices:
-                raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
-            r.aggregator.add(delta, weight=num_examples)
-            r.devices.add(ident.device_id)
-            r.examples += num_examples
-            state.counters["uploads.accepted"] += 1
-            state.counters["uploads.bytes"] += len(payload)
-            n = len(r.devices)
-        return UploadAccepted(accepted=True, round=round_id, uploads=n)
-
     @app.post(
         "/v1/models/{model}/report",
         tags=["device"],
@@ -546,73 +426,17 @@ def create_app(
             device_id=body.device_id, cohort=body.cohort, token=authority.issue(body.device_id, body.cohort)
         )
 
-    @app.post(
-        "/admin/models/{model}/rounds",
-        tags=["admin"],
-        dependencies=[Admin],
-        response_model=RoundInfo,
-        responses={k: _ERRORS[k] for k in (404, 409)},
+    app.include_router(
+        round_router(
+            config,
+            state,
+            device=Device,
+            admin=Admin,
+            resolve_tag=resolve_tag,
+            errors=_ERRORS,
+            name_pattern=NAME,
+        )
     )
-    def open_round(model: ModelName, body: OpenRoundRequest) -> RoundInfo:
-        base = body.base_version if body.base_version is not None else resolve_tag(model, "training", "")
-        art = reg.get(model, base)
-        if art.kind != "model":
-            raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
-        with state.lock:
-            if model in state.rounds:
-                raise HTTPException(
-                    409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
-                )
-            number = state.round_counter.get(model, 0) + 1
-            state.round_counter[model] = number
-            state.rounds[model] = RoundState(model, number, base)
-        return RoundInfo(model=model, round=number, base_version=base, uploads=0, open=True)
-
-    @app.post(
-        "/admin/models/{model}/rounds/{round_id}/close",
-        tags=["admin"],
-        dependencies=[Admin],
-        response_model=CloseRoundResponse,
-        responses={k: _ERRORS[k] for k in (404, 409)},
-    )
-    def close_round(
-        model: ModelName, round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)]
-    ) -> CloseRoundResponse:
-        with state.lock:
-            r = state.rounds.get(model)
-            if r is None or r.number != round_id:
-                raise HTTPException(409, f"round {round_id} of {model!r} is not open")
-            if not r.devices:
-                raise HTTPException(
-                    409, f"round {round_id} has no accepted uploads yet; nothing to aggregate"
-                )
-            del state.rounds[model]
-        comp = state.compressors.setdefault(
-            model,
-            Compressor(
-                config.downlink_codec,
-                error_feedback=config.downlink_error_feedback,
-                seed=config.downlink_seed,
-            ),
-        )
-        update = r.aggregator.result()
-        version, delta = publish_update(
-            reg,
-            model,
-            r.base_version,
-            update * config.server_lr if config.server_lr != 1.0 else update,
-            compressor=comp,
-            lineage={"round": r.number, "uploads": len(r.devices), "examples": r.examples},
-        )
-        reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
-        return CloseRoundResponse(
-            model=model,
-            round=r.number,
-            uploads=len(r.devices),
-            version=version.number,
-            delta_bytes=delta.size,
-            full_bytes=version.size,
-        )
 
     @app.post(
         "/admin/models/{model}/promote",

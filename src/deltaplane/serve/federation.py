@@ -1,7 +1,11 @@
-"""``deltaplane run --transport http``: the simulator's federation, over a real service on loopback.
+"""``deltaplane run --transport http``: the engine's federation, over a real service on loopback.
 
-Same clients, data, local training, codecs and seeds as :func:`deltaplane.sim.run_simulation`, but every byte
-travels through HTTP: a registry in a scratch folder holds the signed versions, a uvicorn server on
+A thin driver over the engine's two steps: each simulated device runs the client step
+(:class:`~deltaplane.engine.ClientStep`: train, personalize, [attack], clip / local DP, compress) on the model
+it fetched, and the service runs the server step (:class:`~deltaplane.engine.ServerStep`, configured from the
+same :class:`~deltaplane.engine.RunConfig`: aggregator chain, DP and its accountant, FLTrust's root data,
+downlink codec). Same task, clients, data, codecs and seeds as the in-process drivers, but every byte travels
+through HTTP: a registry in a scratch folder holds the signed versions, a uvicorn server on
 ``127.0.0.1`` (random port) runs the rounds, and each simulated device is a :class:`DeviceClient` with its own
 token that fetches the training version (a signed delta it verifies and applies), uploads its compressed
 update (validated by the server against the base version) and reports a drift summary of its held-out data
@@ -23,19 +27,27 @@ import httpx
 import numpy as np
 import torch
 
-from deltaplane.data.digits import load_digits, train_test_split
+from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError
+from deltaplane.engine import (
+    ClientStep,
+    RoundMetrics,
+    RunConfig,
+    RunResult,
+    build_clients,
+    evaluate_clients,
+    make_task,
+    round_scores,
+    sample_clients,
+)
+from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
+from deltaplane.errors import InvalidUpdate, UnsupportedOption
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
-from deltaplane.serve.client import AdminClient, DeviceClient
+from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.server import BackgroundServer
-from deltaplane.sim.client import evaluate_clients, make_clients, round_scores
-from deltaplane.sim.config import RunConfig
-from deltaplane.sim.model import build_model
-from deltaplane.sim.seeding import Stream, derive_seed, numpy_rng, torch_generator
-from deltaplane.sim.simulation import RoundMetrics, RunResult, sample_clients
 
 __all__ = ["HttpRunResult", "run_http_simulation"]
 
@@ -81,41 +93,53 @@ def run_http_simulation(
             scratch.cleanup()
 
 
-#: RunConfig fields the HTTP transport does not implement, with the value that means "off".
-_INPROC_ONLY = {
-    "aggregator": "fedavg",
-    "clip": None,
-    "dp_noise": 0.0,
-    "secagg": False,
-    "attack": None,
-    "defense": None,
-    "max_update_norm": None,
-    "prox_mu": 0.0,
-    "personalization": "none",
-}
+#: Options the HTTP transport refuses, with the reason (every other option runs as in process).
+def _refusals(config: RunConfig) -> list[str]:
+    out = []
+    if config.secagg:
+        out.append(
+            "secagg: the service has no SecAgg message endpoints yet (advertise keys, share keys, masked input, "
+            "unmask), and sending the plaintext update instead would defeat its purpose"
+        )
+    if config.personalization in ("fedper", "fedbn"):
+        out.append(
+            f"personalization={config.personalization!r}: its devices upload only the shared layers, and the "
+            "service publishes whole-model versions (alpha_mix and ditto upload full updates and run)"
+        )
+    if config.engine != "sequential":
+        out.append(
+            f"engine={config.engine!r}: over HTTP every device is its own client that trains and uploads on its "
+            "own; stacked training is an in-process engine"
+        )
+    return out
 
 
 def _check_supported(config: RunConfig) -> None:
-    """Refuse options the HTTP transport would otherwise silently ignore."""
-    used = [k for k, off in _INPROC_ONLY.items() if getattr(config, k, off) != off]
-    if used:
-        raise ConfigError(
-            f"--transport http runs plain FedAvg; these options need the in-process transport: {', '.join(used)}"
-        )
+    """Refuse, with the reason, options the HTTP transport cannot run (never ignore them)."""
+    refused = _refusals(config)
+    if refused:
+        raise UnsupportedOption("--transport http cannot run " + "; ".join(refused))
 
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, home: Path) -> HttpRunResult:
     start = time.perf_counter()
-    train, test = train_test_split(load_digits(), test_fraction=config.test_fraction, seed=config.split_seed)
-    clients = make_clients(config, train)
-    model = build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    task = make_task(config)
+    clients = build_clients(config, task)
+    model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step = ClientStep(config, task, base_id=MODEL)
+    step.local_keys(model)
+    train = (
+        task.train
+        if task.train is not None
+        else Dataset(torch.cat([c.train.x for c in clients]), torch.cat([c.train.y for c in clients]))
+    )
     reg = Registry.create(home)
     v0 = reg.register_model(
         MODEL,
         initial,
         lineage={"round": 0, "run_config": config.to_dict()},
-        governance={"data_sources": ["sklearn digits"], "cohorts": ["simulated"]},
+        governance={"data_sources": [f"task {task.name}"], "cohorts": ["simulated"]},
     )
     reg.set_tag(MODEL, "production", v0.number, reason="initial model")
     admin_token = secrets.token_urlsafe(24)
@@ -126,17 +150,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         rate=1e6,  # simulated devices are trusted and fast; rate limits are exercised by the load benchmark
         burst=1_000_000,
         max_upload_bytes=max(8 << 20, 4 * Delta.zeros_like(initial).nbytes),
-        downlink_codec=config.downlink_codec,
-        downlink_error_feedback=config.downlink_error_feedback,
-        downlink_seed=derive_seed(config.seed, Stream.DOWNLINK_CODEC),
-        server_lr=config.server_lr,
+        federation=config,  # the server step: this run's aggregator chain, privacy and downlink
     )
     # Drift reference: pixel histograms of the training set and the label prior (what a good model predicts).
     flat_train = train.x.reshape(len(train), -1).numpy()
-    spec = DriftSpec.fit(flat_train, n_classes=10, n_bins=8)
+    spec = DriftSpec.fit(flat_train, n_classes=int(task.num_classes), n_bins=8)
     reference = summarize(spec, flat_train, train.y.numpy())
     raw_bytes = Delta.zeros_like(initial).nbytes
     history: list[RoundMetrics] = []
+    client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
     requests = 0
     with (
@@ -165,14 +187,25 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             chosen = sample_clients(
                 config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
             )
-            uplink = 0
+            uplink = rejected = 0
             for cid in chosen:
                 client, dev = clients[cid], devices[cid]
-                gen = torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, cid)
-                delta = client.local_update(model, dev.state, config, gen, lr=config.client_lr(rnd))
-                payload = client.upload(delta, base_id=MODEL, base_version=base)
-                dev.upload(MODEL, opened["round"], payload, num_examples=client.num_samples)
-                uplink += len(payload)
+                up = step.run(client, model, dev.state, rnd, base)
+                if up.payload is None:  # the device could not produce an update (e.g. NaN from training)
+                    rejected += 1
+                    continue
+                uplink += len(up.payload)
+                try:
+                    dev.upload(MODEL, opened["round"], up.payload, num_examples=client.num_samples)
+                except ServiceError as exc:  # refused by the server step (NaN/Inf, norm bound...): 4xx
+                    if exc.status >= 500:
+                        raise
+                    rejected += 1
+            if rejected == len(chosen):
+                raise InvalidUpdate(
+                    f"round {rnd}: every update of the round was refused (if local training diverged, try a "
+                    "lower lr)"
+                )
             closed = admin.close_round(MODEL, opened["round"])
             before = sum(d.bytes_received for d in devices)
             for d in devices:
@@ -181,7 +214,16 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             requests += 2 + 2 * len(chosen) + len(devices)
             cum_up += uplink
             cum_down += down
-            model.load_state_dict(devices[0].state)
+            global_state = devices[0].state
+            personal: dict[str, float] = {}
+            if step.personalizer.name != "none":
+                step.after_round(clients, model, global_state, rnd)
+                personal, rows = personal_metrics(
+                    step, model, global_state, task.test, clients, int(task.num_classes)
+                )
+                if rnd == config.rounds:
+                    client_rows = rows
+            model.load_state_dict(global_state)
             client_acc = evaluate_clients(model, clients)
             alerts: list[str] = []
             for c, d in zip(clients, devices, strict=True):  # summaries only: histograms and class counts
@@ -211,12 +253,17 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             metrics = RoundMetrics(
                 round=rnd,
                 clients=len(chosen),
-                **round_scores(model, test, client_acc),
+                **round_scores(model, task.test, client_acc),
                 uplink_bytes=uplink,
                 downlink_bytes=down,
                 cumulative_uplink_bytes=cum_up,
                 cumulative_downlink_bytes=cum_down,
                 seconds=time.perf_counter() - t0,
+                epsilon=round_epsilon(config, step, closed["measurements"]),
+                rejected=rejected,
+                backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
+                clipped_fraction=closed["measurements"].get("clipped_fraction"),
+                **personal,
             )
             history.append(metrics)
             if progress is not None:
@@ -231,6 +278,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         raw_update_bytes=raw_bytes,
         wall_time_s=time.perf_counter() - start,
         final_state=final_state,
+        clients=client_rows,
         transport={
             "kind": "http",
             "server": "uvicorn on 127.0.0.1",

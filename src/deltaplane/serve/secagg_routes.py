@@ -50,10 +50,9 @@ from deltaplane.aggregation.secagg import (
     UnmaskResponse,
     decode_message,
 )
-from deltaplane.codecs import Compressor
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
-from deltaplane.registry import publish_update
+from deltaplane.serve.rounds import server_step_for
 
 __all__ = ["SecAggRound", "install_secagg_routes"]
 
@@ -103,8 +102,15 @@ class OpenSecAggRequest(BaseModel):
     devices: list[Annotated[str, Field(pattern=NAME, max_length=128)]] = Field(
         min_length=2, max_length=100_000
     )
-    bits: int = Field(default=16, ge=2, le=24, description="bits per quantized value")
-    clip_range: float = Field(default=1.0, gt=0, le=1e6, description="per-value clip range of the update")
+    bits: int | None = Field(
+        default=None, ge=2, le=24, description="bits per value (default: federation's or 16)"
+    )
+    clip_range: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        description="per-value clip range of the update (default: federation's or 1)",
+    )
     weight_scale: float = Field(
         default=0.0, ge=0, le=1e9, description="typical example count; 0: unweighted mean of the updates"
     )
@@ -145,7 +151,9 @@ def install_secagg_routes(
     """Add the SecAgg endpoints to the service ``app``; returns the live table of rounds (for status/tests).
 
     ``device`` and ``admin`` are the service's auth dependencies; ``state`` its :class:`ServiceState`
-    (registry, lock, round counter, downlink compressors, counters) and ``config`` its :class:`ServiceConfig`.
+    (registry, lock, round counter, the engine's server step per model, counters) and ``config`` its
+    :class:`ServiceConfig`. Closing a SecAgg round hands the unmasked mean to the model's engine server step
+    (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`), so its chain, downlink and publisher apply.
     """
     rounds: dict[tuple[str, int], SecAggRound] = {}
     reg = state.registry
@@ -273,6 +281,16 @@ def install_secagg_routes(
     def open_round(model: ModelName, body: OpenSecAggRequest) -> dict[str, Any]:
         if len(set(body.devices)) != len(body.devices):
             raise ConfigError("the invited device list repeats a device")
+        run = config.federation
+        if run is not None and not run.secagg:
+            raise ConfigError(
+                "this service's federation chain looks at individual updates, which SecAgg hides; "
+                "set secagg: true in the --federation YAML to run SecAgg rounds"
+            )
+        bits = body.bits if body.bits is not None else (run.secagg_bits if run is not None else 16)
+        clip_range = (
+            body.clip_range if body.clip_range is not None else (run.secagg_range if run is not None else 1.0)
+        )
         if body.base_version is not None:
             base = body.base_version
         else:
@@ -287,9 +305,7 @@ def install_secagg_routes(
         n = len(body.devices)
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
         try:
-            encoding = RingEncoding(
-                bits=body.bits, clip_range=body.clip_range, weight_scale=body.weight_scale
-            )
+            encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)
         except SecAggError as exc:
             raise ConfigError(str(exc)) from None
@@ -298,7 +314,7 @@ def install_secagg_routes(
             cfg = SecAggConfig(
                 num_clients=n,
                 threshold=body.threshold if body.threshold is not None else group // 2 + 1,
-                bits=body.bits,
+                bits=bits,
                 vector_size=vector,
                 neighbours=body.neighbours,
                 round_id=number,
@@ -344,30 +360,29 @@ def install_secagg_routes(
         total = protocol(r.endpoint.result, r)
         survivors = list(r.endpoint.server.survivors)
         mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
-        comp = state.compressors.setdefault(
-            model,
-            Compressor(
-                config.downlink_codec,
-                error_feedback=config.downlink_error_feedback,
-                seed=config.downlink_seed,
-            ),
-        )
-        update = mean * config.server_lr if config.server_lr != 1.0 else mean
-        version, delta = publish_update(
-            reg,
-            model,
-            r.base_version,
-            update,
-            compressor=comp,
-            lineage={"round": number, "secagg": True, "uploads": len(survivors), "examples": weight},
-        )
+        uplink = sum(r.endpoint.server.bytes_received.values())
+        with state.lock:
+            if model in state.rounds:
+                raise HTTPException(
+                    409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
+                )
+            step = state.steps.get(model)
+            if step is None:
+                step = state.steps[model] = server_step_for(config, reg, model, r.base_version)
+            # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
+            step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
+            step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
+            outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
+        version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
         reg.set_tag(model, "training", version.number, action="round", reason=f"SecAgg round {number}")
         r.published = {
             "version": version.number,
-            "delta_bytes": delta.size,
+            "delta_bytes": len(outcome.downlink_payload),
             "full_bytes": version.size,
             "sum_sha256": hashlib.sha256(total.astype("<u8").tobytes()).hexdigest(),
             "total_weight": weight,
+            "uplink_bytes": uplink,
+            "measurements": {k: float(v) for k, v in outcome.measurements.items()},
         }
         state.counters["secagg.rounds_closed"] += 1
         return r.status()

@@ -213,7 +213,7 @@ def _run(config: RunConfig) -> PopulationResult:
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss)
     step = ClientStep(config, task, base_id=BASE_ID)
-    server = ServerStep(config, task, initial, base_id=BASE_ID)
+    server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     store = ResidualStore(clients=registered, like=initial)
     seconds, test_acc, sampled_acc, epsilon = [], [], [], []
     uplink = 0
@@ -232,7 +232,7 @@ def _run(config: RunConfig) -> PopulationResult:
             )
             comp.state.residual = store.get(client.cid) if config.error_feedback else None
             client.compressor = comp
-        server.open(rnd, model)
+        server.open(rnd)
         honest = [c for c in clients if c.cid not in step.malicious]
         uploads: dict[int, Upload] = {}
         if honest:

@@ -18,11 +18,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deltaplane.aggregation import local_epsilon
 from deltaplane.codecs import compress_many
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
@@ -40,10 +38,9 @@ from deltaplane.engine import (
     sample_clients,
     secure_round,
 )
-from deltaplane.engine.attacks import add_trigger
 from deltaplane.engine.federation import Client, build_clients
-from deltaplane.engine.metrics import accuracy
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
@@ -180,40 +177,9 @@ def _upload_stacked(
     ]
 
 
-def _backdoor_success(model: nn.Module, test: Dataset, target: int | None) -> float | None:
-    if target is None:
-        return None
-    keep = test.y != target
-    triggered = Dataset(add_trigger(test.x[keep]), torch.full_like(test.y[keep], target))
-    return accuracy(model, triggered)
-
-
 def label_mix_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, client: Client) -> float:
     """Accuracy of ``state`` on the client's own label mix (:func:`deltaplane.engine.label_mix_accuracy`)."""
     return _label_mix(model, state, test, client.train, int(test.y.max()) + 1)
-
-
-def _personal_metrics(
-    step: ClientStep,
-    model: nn.Module,
-    state: dict[str, Tensor],
-    test: Dataset,
-    clients: list[Client],
-    num_classes: int,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    glob = [_label_mix(model, state, test, c.train, num_classes) for c in clients]
-    pers = [_label_mix(model, step.personal_state(c, state), test, c.train, num_classes) for c in clients]
-    metrics = {
-        "client_mix_accuracy_mean": float(np.mean(glob)),
-        "personal_accuracy_mean": float(np.mean(pers)),
-        "personal_accuracy_min": float(np.min(pers)),
-        "personal_gain_min": float(np.min(np.subtract(pers, glob))),
-    }
-    rows = [
-        {"client": c.cid, "global_accuracy": g, "personal_accuracy": p, "alpha": c.personal.alpha}
-        for c, g, p in zip(clients, glob, pers, strict=True)
-    ]
-    return metrics, rows
 
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> RunResult:
@@ -223,7 +189,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = ClientStep(config, task, base_id=BASE_ID)
-    server = ServerStep(config, task, initial, base_id=BASE_ID)
+    server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     raw_bytes = Delta.zeros_like(initial).nbytes
     local_keys = step.local_keys(model)  # FedBN on a model without batch-norm raises here
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
@@ -238,7 +204,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         chosen = sample_clients(
             config.clients, config.sample_fraction, numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd)
         )
-        server.open(rnd, model)
+        server.open(rnd)
         batch = [clients[c] for c in chosen]
         if trainer is not None:
             stacked = train_batched(config, trainer, global_state, batch, rnd)
@@ -277,21 +243,13 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         personal: dict[str, float] = {}
         if step.personalizer.name != "none":
             step.after_round(clients, model, global_state, rnd)
-            personal, rows = _personal_metrics(
-                step, model, global_state, task.test, clients, task.num_classes
-            )  # type: ignore[arg-type]
+            personal, rows = personal_metrics(step, model, global_state, task.test, clients, task.num_classes)  # type: ignore[arg-type]
             if rnd == config.rounds:
                 client_rows = rows
         model.load_state_dict(global_state)
         # the global model on each device's held-out data; personalized figures are in `personal`
         client_acc = evaluate_clients(model, clients)
-        epsilon = outcome.measurements.get("epsilon")
-        if step.participations:
-            epsilon = local_epsilon(
-                noise_multiplier=config.local_dp_noise,
-                rounds=max(step.participations.values()),
-                delta=config.dp_delta,
-            )
+        epsilon = round_epsilon(config, step, outcome.measurements)
         metrics = RoundMetrics(
             round=rnd,
             clients=len(chosen),
@@ -303,7 +261,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             seconds=time.perf_counter() - t0,
             epsilon=epsilon,
             rejected=len(outcome.rejections),
-            backdoor_success=_backdoor_success(model, task.test, backdoor_target),
+            backdoor_success=backdoor_success(model, task.test, backdoor_target),
             clipped_fraction=outcome.measurements.get("clipped_fraction"),
             **personal,
         )

@@ -1,0 +1,64 @@
+"""What drivers measure after a round beyond accuracy: personalization, backdoor success, ε — one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deltaplane.aggregation import local_epsilon
+from deltaplane.data.dataset import Dataset
+from deltaplane.engine.attacks import add_trigger
+from deltaplane.engine.client import ClientStep
+from deltaplane.engine.config import RunConfig
+from deltaplane.engine.federation import Client
+from deltaplane.engine.metrics import accuracy
+from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+
+__all__ = ["backdoor_success", "personal_metrics", "round_epsilon"]
+
+
+def backdoor_success(model: nn.Module, test: Dataset, target: int | None) -> float | None:
+    """Share of triggered test inputs of other classes that ``model`` puts in the backdoors ``target``."""
+    if target is None:
+        return None
+    keep = test.y != target
+    triggered = Dataset(add_trigger(test.x[keep]), torch.full_like(test.y[keep], target))
+    return accuracy(model, triggered)
+
+
+def personal_metrics(
+    step: ClientStep,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    test: Dataset,
+    clients: list[Client],
+    num_classes: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Global vs personal accuracy on each device's own label mix: the round's summary and per-device rows."""
+    glob = [_label_mix(model, state, test, c.train, num_classes) for c in clients]
+    pers = [_label_mix(model, step.personal_state(c, state), test, c.train, num_classes) for c in clients]
+    metrics = {
+        "client_mix_accuracy_mean": float(np.mean(glob)),
+        "personal_accuracy_mean": float(np.mean(pers)),
+        "personal_accuracy_min": float(np.min(pers)),
+        "personal_gain_min": float(np.min(np.subtract(pers, glob))),
+    }
+    rows = [
+        {"client": c.cid, "global_accuracy": g, "personal_accuracy": p, "alpha": c.personal.alpha}
+        for c, g, p in zip(clients, glob, pers, strict=True)
+    ]
+    return metrics, rows
+
+
+def round_epsilon(config: RunConfig, step: ClientStep, measurements: dict[str, float]) -> float | None:
+    """ε spent so far: the worst device's local-DP ε, or the central accountant's (None without DP)."""
+    if step.participations:
+        return local_epsilon(
+            noise_multiplier=config.local_dp_noise,
+            rounds=max(step.participations.values()),
+            delta=config.dp_delta,
+        )
+    return measurements.get("epsilon")

@@ -1,0 +1,58 @@
+"""`deltaplane serve` runs any aggregator chain: the flags reach the service's server step."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import deltaplane.serve as serve_pkg
+from deltaplane.cli import app
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = {}
+
+    def fake_create_app(config, **kwargs):
+        seen["config"] = config
+        return object()
+
+    monkeypatch.setattr(serve_pkg, "create_app", fake_create_app)
+    monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: None)
+    return seen
+
+
+def test_serve_flags_build_the_federation_chain(tmp_path, captured) -> None:
+    args = ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20, "--aggregator", "fedadam"]
+    args += [
+        "--clip",
+        "1.0",
+        "--dp-noise",
+        "0.8",
+        "--epsilon-budget",
+        "8",
+        "--fleet",
+        "1000",
+        "--per-round",
+        "50",
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    run = captured["config"].federation
+    assert run.aggregator == "fedadam" and run.dp_noise == 0.8 and run.epsilon_budget == 8.0
+    assert run.clients_per_round() == 50 and run.clients == 1000
+    chain = repr(run.build_aggregator())
+    assert "FedAdam" in chain and "DPFedAvg" in chain and "Clip" in chain
+
+
+def test_serve_without_chain_flags_is_plain_fedavg(tmp_path, captured) -> None:
+    r = CliRunner().invoke(app, ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20])
+    assert r.exit_code == 0, r.output
+    assert captured["config"].federation is None
+
+
+def test_bad_chain_is_a_one_line_error(tmp_path, captured) -> None:
+    r = CliRunner().invoke(
+        app, ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20, "--dp-noise", "1"]
+    )
+    assert r.exit_code == 2 and "needs a clip" in r.output
