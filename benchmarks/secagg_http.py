@@ -164,7 +164,7 @@ def main() -> None:
         ["late uploads refused with 409", f"{len(rep.refused_late)} of 3"],
         ["unmasked sum == survivors' codes summed (integers)", "yes" if exact_sum else "NO"],
         ["published model == base + mean decoded from that sum (bit-exact)", "yes" if exact_model else "NO"],
-        ["max |mean − plaintext weighted FedAvg of the survivors|", f"{err:.2e} (16-bit rounding)"],
+        ["max abs(mean − plaintext weighted FedAvg of the survivors)", f"{err:.2e} (16-bit rounding)"],
         ["SecAgg round: the four stages, unmasking and publishing (s)", f"{rep.seconds:.2f}"],
         *[[f"  stage: {name} (s)", f"{s:.2f}"] for name, s in rep.stage_seconds.items()],
         ["plain round, same devices: fp16 uploads, aggregate and publish (s)", f"{plain_s:.2f}"],

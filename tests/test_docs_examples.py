@@ -24,7 +24,17 @@ def _merging_inputs(folder: Path) -> None:
         save_file(tensors, folder / name / "model.safetensors")
 
 
-SETUP: dict[str, Callable[[Path], None]] = {"merging.md": _merging_inputs}
+def _byo_task(folder: Path) -> None:
+    """byo.md's task file (the block that starts ``# mytask.py``), saved where the page imports it from."""
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "byo.md").read_text(), re.S)
+    (folder / "mytask.py").write_text(next(b for b in blocks if b.startswith("# mytask.py")))
+    sys.modules.pop("mytask", None)
+    sys.path.insert(0, str(folder))
+
+
+SETUP: dict[str, Callable[[Path], None]] = {"merging.md": _merging_inputs, "byo.md": _byo_task}
 
 
 def test_the_pages_with_examples_are_found() -> None:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deltaplane.commands import clean_errors
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.errors import ConfigError
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -31,16 +31,21 @@ if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should no
 
 __all__ = ["DEFAULT_RUN_CODEC", "app"]
 
+#: The task ``deltaplane run`` federates unless ``--task`` names another.
+DEFAULT_TASK = "deltaplane.apps.digits:make_task"
 #: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
 DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
 BASELINE = "baseline"
 
 
 class Engine(StrEnum):
-    """Which runtime executes a federated run."""
+    """Which driver executes a federated run (``inprocess``: an older name of ``sequential``)."""
 
-    inprocess = "inprocess"
+    sequential = "sequential"
+    batched = "batched"
+    population = "population"
     flower = "flower"
+    inprocess = "inprocess"
 
 
 app = typer.Typer(
@@ -116,16 +121,35 @@ def run(
         typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
     ] = None,
     transport: Annotated[
-        str,
+        str | None,
         typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
-    ] = "inproc",
+    ] = None,
     engine: Annotated[
-        Engine,
+        Engine | None,
         typer.Option(
-            help="inprocess: deltaplane's own simulator; flower: Flower's simulation engine (Ray), same "
-            "partition, model and seeds (needs the 'flower' extra)."
+            help="sequential (default), batched (a round's clients stacked), population (lazy fleet of "
+            "--clients devices) or flower (Flower's simulation engine; needs the 'flower' extra)."
         ),
-    ] = Engine.inprocess,
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Your model and data: 'package.module:factory' returning a deltaplane.engine.Task."
+        ),
+    ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option", help="key=value passed to the task factory (repeatable; value as YAML)."
+        ),
+    ] = None,
+    save_personal: Annotated[
+        bool,
+        typer.Option(
+            "--save-personal/--no-save-personal",
+            help="Also write each device's personalized model into OUT/personal (with --personalization).",
+        ),
+    ] = False,
     followup: Annotated[
         bool,
         typer.Option(
@@ -148,16 +172,25 @@ def run(
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
+            task=task, task_options=_task_options(cfg_task_options(config), task_option),
+            engine=None if engine in (None, Engine.inprocess) else engine.value, transport=transport,
         )  # fmt: skip
-        plan = _plan_runs(cfg, with_baseline=baseline)
-        if transport not in ("inproc", "http"):
+        if transport is not None and transport not in ("inproc", "http"):
             raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
-        if transport == "http" and engine != Engine.inprocess:
-            raise ConfigError("--transport http runs the in-process engine; drop --engine flower")
-        results, finished = _execute(plan, engine, transport=transport)
-        console.print(_summary_table(_summarize(results), cfg.describe_aggregation()))
+        from deltaplane.apps.runner import preflight
+
+        preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
+        plan = _plan_runs(cfg, with_baseline=baseline)
+        results, finished = _execute(plan)
+        task_name = _task_name(cfg)
+        console.print(_summary_table(_summarize(results), cfg.describe_aggregation(), task_name))
+        saved = _save_checkpoint(
+            finished[-1], out, name=results[-1]["name"], task=task_name, personal=save_personal
+        )
         after = None
-        if followup:
+        if followup and cfg.task != DEFAULT_TASK:
+            console.print("follow-up (personalize, merge, deploy) is the digits demo; skipped for --task")
+        elif followup:
             after = _followup(finished[-1], out / "deploy", name=results[-1]["name"])
         from deltaplane.report import write_report
 
@@ -177,8 +210,35 @@ def run(
                     soft_wrap=True,
                 )
         # soft_wrap: a path broken across lines cannot be copied or clicked
+        console.print(
+            f"model:  {escape(str(saved))} (deltaplane registry register NAME {escape(str(out))})",
+            soft_wrap=True,
+        )
         console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
         console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
+
+
+def cfg_task_options(config_file: Path | None) -> dict[str, Any]:
+    """The task options a YAML config already sets (``--task-option`` adds to them)."""
+    if config_file is None:
+        return {}
+    from deltaplane.engine.config import RunConfig
+
+    return dict(RunConfig.from_yaml(config_file).task_options)
+
+
+def _task_options(base: dict[str, Any], items: list[str] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    import yaml
+
+    options = dict(base)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"--task-option must be key=value. Found {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
@@ -261,13 +321,8 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
     return [pers, mer, dep]
 
 
-def _execute(
-    plan: list[tuple[str, RunConfig]], engine: Engine = Engine.inprocess, *, transport: str = "inproc"
-) -> tuple[list[dict[str, Any]], list[RunResult]]:
-    run_simulation = _engine(engine)
-
-    if transport == "http":  # same federation, every byte through the service (needs the serve extra)
-        from deltaplane.serve.federation import run_http_simulation as run_simulation
+def _execute(plan: list[tuple[str, RunConfig]]) -> tuple[list[dict[str, Any]], list[RunResult]]:
+    from deltaplane.apps.runner import run_federation
 
     results: list[dict[str, Any]] = []
     finished: list[RunResult] = []
@@ -281,24 +336,10 @@ def _execute(
     with Progress(*columns, console=console) as progress:
         for name, cfg in plan:
             task = progress.add_task(f"{name:<10} {escape(cfg.codec)}", total=cfg.rounds, acc="-----")
-            result = run_simulation(cfg, progress=_advance(progress, task))
+            result = run_federation(cfg, progress=_advance(progress, task))
             results.append({"name": name, **result.to_dict()})
             finished.append(result)
     return results, finished
-
-
-def _engine(engine: Engine) -> Callable[..., Any]:
-    if engine is Engine.flower:
-        try:
-            from deltaplane.flower import run_flower
-        except ImportError as exc:
-            raise DeltaplaneError(
-                f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
-            ) from None
-        return run_flower
-    from deltaplane.sim.simulation import run_simulation
-
-    return run_simulation
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]:
@@ -308,9 +349,48 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[RoundMetrics], None]
     return on_round
 
 
-def _summary_table(rows: list[dict[str, Any]], aggregation: str) -> Table:
+def _save_checkpoint(result: RunResult, out: Path, *, name: str, task: str, personal: bool) -> Path:
+    """Write the run's final global model (``OUT/model.safetensors``) and what produced it (``OUT/model.json``,
+    which ``deltaplane registry register`` reads as lineage); with ``personal``, each device's personalized model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if personal and not result.personal_states:
+        raise ConfigError("--save-personal needs --personalization (alpha_mix, ditto, fedper or fedbn)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in result.final_state.items()}, str(tmp))
+    tmp.replace(path)
+    meta = {
+        "kind": "deltaplane-run",
+        "run": name,
+        "task": task,
+        "config": result.config.to_dict(),
+        "final": result.final.to_dict(),
+        "total_uplink_bytes": result.total_uplink_bytes,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=1))
+    if personal:
+        folder = out / "personal"
+        folder.mkdir(exist_ok=True)
+        for cid, state in sorted(result.personal_states.items()):
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(folder / f"device-{cid:05d}.safetensors")
+            )
+    return path
+
+
+def _task_name(cfg: RunConfig) -> str:
+    from deltaplane.engine import make_task
+
+    return make_task(cfg).name
+
+
+def _summary_table(rows: list[dict[str, Any]], aggregation: str, task: str = "digits") -> Table:
     table = Table(
-        title=f"deltaplane run: {escape(aggregation)} on digits",
+        title=f"deltaplane run: {escape(aggregation)} on {escape(task)}",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,

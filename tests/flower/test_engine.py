@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from deltaplane.cli import DEFAULT_RUN_CODEC, app
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, UnsupportedOption
 from deltaplane.sim import RunConfig, run_simulation
 
 
@@ -64,5 +64,5 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
 def test_flower_engine_refuses_options_it_does_not_run() -> None:
     from deltaplane.flower import run_flower
 
-    with pytest.raises(ConfigError, match="attack=.*personalization='ditto'"):
-        run_flower(RunConfig(attack="sign_flip:0.2", personalization="ditto", rounds=1))
+    with pytest.raises(UnsupportedOption, match="secagg=True .*personalization='ditto' .*Context.state"):
+        run_flower(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1))

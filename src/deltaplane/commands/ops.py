@@ -37,6 +37,22 @@ def _home(home: Path | None) -> Path:
     return home if home is not None else default_home()
 
 
+def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The model file and the run record of a ``deltaplane run`` output folder."""
+    model, meta = folder / "model.safetensors", folder / "model.json"
+    if not model.is_file() or not meta.is_file():
+        raise ConfigError(
+            f"{folder} is not a `deltaplane run` output: expected model.safetensors and model.json in it"
+        )
+    try:
+        run = json.loads(meta.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{meta} is not valid JSON: {exc}") from None
+    if not isinstance(run, dict) or run.get("kind") != "deltaplane-run":
+        raise ConfigError(f"{meta} is not a run record (kind must be 'deltaplane-run')")
+    return model, {k: run.get(k) for k in ("run", "task", "config", "final", "total_uplink_bytes")}
+
+
 def load_evaluator(spec: str) -> Any:
     """Import ``package.module:callable``; the callable maps a state dict to metrics."""
     module, _, name = spec.partition(":")
@@ -101,7 +117,14 @@ def register(app: typer.Typer) -> None:
     @reg_app.command("register")
     def registry_register(
         model: Annotated[str, typer.Argument(help="Model name.")],
-        path: Annotated[Path, typer.Argument(help="A .safetensors state dict.", exists=True, dir_okay=False)],
+        path: Annotated[
+            Path,
+            typer.Argument(
+                help="A .safetensors state dict, or a `deltaplane run` output folder (model.safetensors + "
+                "model.json, whose task, config and final metrics become the lineage).",
+                exists=True,
+            ),
+        ],
         parent: Annotated[int | None, typer.Option(help="Parent version number.")] = None,
         lineage: Annotated[
             str, typer.Option(help='JSON, e.g. \'{"round": 12, "deploy_recipe": "int8"}\'.')
@@ -113,7 +136,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         home: Home = None,
     ) -> None:
-        """Register a model version from a safetensors file (signed, immutable)."""
+        """Register a model version from a safetensors file or a run's output folder (signed, immutable)."""
         from safetensors.torch import load_file
 
         from deltaplane.registry import Governance, Registry
@@ -123,11 +146,42 @@ def register(app: typer.Typer) -> None:
                 lin = json.loads(lineage)
             except ValueError as exc:
                 raise ConfigError(f"--lineage is not valid JSON: {exc}") from None
-            gov = Governance(tuple(data_source or ()), tuple(cohort or ()), tuple(exclude_cohort or ()))
+            sources = list(data_source or ())
+            if path.is_dir():
+                path, run = _run_output(path)
+                lin = {"run": run, **lin}
+                sources = sources or [f"task {run['task']}"]
+            gov = Governance(tuple(sources), tuple(cohort or ()), tuple(exclude_cohort or ()))
             art = Registry(_home(home)).register_model(
                 model, load_file(str(path)), parent=parent, lineage=lin, governance=gov
             )
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
+
+    @reg_app.command("pull")
+    def registry_pull(
+        ref: Annotated[str, typer.Argument(help="MODEL, MODEL@VERSION, MODEL@latest or MODEL:TAG.")],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Folder to write model.safetensors and manifest.json.")
+        ],
+        home: Home = None,
+    ) -> None:
+        """Download a verified model version (hash and signature checked) into a folder."""
+        from safetensors.torch import save_file
+
+        from deltaplane.registry import Registry
+
+        with _errors():
+            reg = Registry(_home(home))
+            art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest")
+            state = reg.load_state(art)  # verifies the hash and the signature before anything is written
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "model.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(out / "model.safetensors")
+            (out / "manifest.json").write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+        console.print(
+            f"pulled [bold]{art.ref}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → {out}"
+        )
 
     @reg_app.command("list")
     def registry_list(

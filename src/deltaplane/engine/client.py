@@ -150,17 +150,10 @@ class ClientStep:
             loss=self.task.loss,
         )
 
-    def finish(
-        self,
-        client: Client,
-        delta: Delta,
-        *,
-        model: nn.Module,
-        global_state: StateDict,
-        rnd: int,
-        version: int,
-    ) -> Upload:
-        """Stages 2–5 on a trained ``delta``: personalize, attack, clip / local DP, compress or hand to SecAgg."""
+    def transform(
+        self, client: Client, delta: Delta, *, model: nn.Module, global_state: StateDict, rnd: int
+    ) -> Delta:
+        """Stages 2–4 on a trained ``delta``: personalize, attack (simulation only), clip / local DP."""
         c = self.config
         if self.local_keys(model):
             delta = personalize(
@@ -180,15 +173,33 @@ class ClientStep:
             self.participations[client.cid] = self.participations.get(client.cid, 0) + 1
         if c.secagg and c.clip is not None:
             delta = clip_to(delta, float(c.clip))
+        return delta
+
+    def uplink(self, client: Client, delta: Delta, *, version: int) -> Upload:
+        """Stage 5: compress with the device's own compressor (error feedback), or hand to SecAgg."""
         try:
             payload = client.upload(delta, base_id=self.base_id, base_version=version)
-            if c.secagg:
+            if self.config.secagg:
                 # the device masks what its codec would have sent (its error feedback keeps the rest)
                 secure = decompress(payload, expect_base=(self.base_id, version))
                 return Upload(client.cid, client.num_samples, secure=secure)
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)
         return Upload(client.cid, client.num_samples, payload=payload)
+
+    def finish(
+        self,
+        client: Client,
+        delta: Delta,
+        *,
+        model: nn.Module,
+        global_state: StateDict,
+        rnd: int,
+        version: int,
+    ) -> Upload:
+        """Stages 2–5 on a trained ``delta``: :meth:`transform`, then :meth:`uplink`."""
+        delta = self.transform(client, delta, model=model, global_state=global_state, rnd=rnd)
+        return self.uplink(client, delta, version=version)
 
     def run(
         self, client: Client, model: nn.Module, global_state: StateDict, rnd: int, version: int

@@ -116,10 +116,15 @@ class RunConfig(BaseModel):
     # Sequential by default: it is bit-for-bit what the HTTP transport and the Flower engine compute, so a
     # result reproduces across runtimes; 'batched' is faster but differs by float32 rounding, which 120 rounds
     # of top-k can grow into a different final model.
-    engine: Literal["batched", "sequential"] = Field(
+    engine: Literal["sequential", "batched", "population", "flower"] = Field(
         "sequential",
         description="'sequential' trains a round's clients one after another; 'batched' trains them at once "
-        "(sim/batched.py), falling back to the loop for models it cannot batch",
+        "(sim/batched.py), falling back to the loop for models it cannot batch; 'population' builds sampled "
+        "devices lazily from a fleet of `clients` (10,000+); 'flower' runs on Flower's simulation engine",
+    )
+    transport: Literal["inproc", "http"] = Field(
+        "inproc",
+        description="'inproc': messages are function calls; 'http': devices talk to a real local server",
     )
     memory_budget_mb: float = Field(
         256.0, gt=0, description="memory the batched engine may use for the clients it trains at once"
@@ -275,9 +280,15 @@ class RunConfig(BaseModel):
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, data: Any, *, source: str = "config") -> RunConfig:
-        """Validate a mapping (e.g. parsed YAML); raise :class:`ConfigError` naming every bad field."""
+        """Validate a mapping (e.g. parsed YAML); raise :class:`ConfigError` naming every bad field.
+
+        Fields may be given flat (``dp_noise: 1.0``) or in the nested sections of :data:`SECTIONS`
+        (``privacy: {noise: 1.0}``); a section is a mapping under its name, so ``task: mypkg:make`` is the flat
+        field and ``task: {path: mypkg:make, options: {...}}`` the section. One vocabulary, either shape.
+        """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
+        data = flatten_sections(data, source=source)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -314,6 +325,76 @@ class RunConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values of every field."""
         return self.model_dump(mode="json")
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """Every field in its nested section (:data:`SECTIONS`): the YAML shape ``from_mapping`` reads back."""
+        flat = self.to_dict()
+        return {name: {key: flat[field] for key, field in keys.items()} for name, keys in SECTIONS.items()}
+
+
+#: The nested sections of a run config: section -> {key in the section: flat field}. Every field is in one.
+SECTIONS: dict[str, dict[str, str]] = {
+    "task": {
+        "path": "task", "options": "task_options", "test_fraction": "test_fraction", "split_seed": "split_seed",
+        "train_shifts": "train_shifts",
+    },
+    "clients": {
+        "count": "clients", "alpha": "alpha", "rounds": "rounds", "sample_fraction": "sample_fraction",
+        "min_samples": "min_client_samples", "holdout_fraction": "holdout_fraction", "local_epochs": "local_epochs",
+        "batch_size": "batch_size", "lr": "lr", "lr_decay": "lr_decay", "momentum": "momentum", "prox_mu": "prox_mu",
+    },
+    "codec": {
+        "uplink": "codec", "error_feedback": "error_feedback", "downlink": "downlink_codec",
+        "downlink_error_feedback": "downlink_error_feedback",
+    },
+    "aggregation": {
+        "optimizer": "aggregator", "server_lr": "server_lr", "optimizer_lr": "server_opt_lr", "defense": "defense",
+        "root_samples": "root_samples", "max_update_norm": "max_update_norm",
+    },
+    "privacy": {
+        "clip": "clip", "noise": "dp_noise", "delta": "dp_delta", "epsilon_budget": "epsilon_budget",
+        "local_noise": "local_dp_noise",
+    },
+    "secagg": {"enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range"},
+    "attack": {"spec": "attack"},
+    "personalization": {
+        "method": "personalization", "epochs": "personal_epochs", "lr": "personal_lr",
+        "ditto_lambda": "ditto_lambda", "fedper_head": "fedper_head",
+    },
+    "engine": {
+        "name": "engine", "transport": "transport", "seed": "seed", "threads": "threads",
+        "memory_budget_mb": "memory_budget_mb",
+    },
+}  # fmt: skip
+
+
+def flatten_sections(data: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """``data`` with every nested section (a mapping under a :data:`SECTIONS` name) spread into flat fields.
+
+    Raises:
+        ConfigError: an unknown key in a section (naming the section's keys), or a field given twice.
+    """
+    flat: dict[str, Any] = {}
+    given: dict[str, str] = {}
+
+    def put(field: str, value: Any, where: str) -> None:
+        if field in given:
+            raise ConfigError(f"invalid {source}: '{field}' is set twice ({given[field]} and {where})")
+        given[field] = where
+        flat[field] = value
+
+    for key, value in data.items():
+        section = SECTIONS.get(key)
+        if section is not None and isinstance(value, dict):
+            for sub, v in value.items():
+                if sub not in section:
+                    raise ConfigError(
+                        f"invalid {source}: unknown key '{key}.{sub}'; valid keys of '{key}': {', '.join(section)}"
+                    )
+                put(section[sub], v, f"{key}.{sub}")
+        else:
+            put(key, value, key)
+    return flat
 
 
 def _describe(exc: ValidationError, source: str) -> str:

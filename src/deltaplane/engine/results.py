@@ -59,6 +59,8 @@ class RunResult:
     final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)
     #: With personalization: per client, accuracy (on its label mix) of the global and of its personal model.
     clients: list[dict[str, Any]] = field(default_factory=list)
+    #: With personalization: each device's personalized model after the last round, by device id.
+    personal_states: dict[int, dict[str, Tensor]] = field(repr=False, default_factory=dict)
 
     @property
     def final(self) -> RoundMetrics:

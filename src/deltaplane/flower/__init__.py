@@ -10,7 +10,7 @@
 Importing this package imports ``flwr`` (the ``flower`` extra); ``import deltaplane`` never does.
 """
 
-from deltaplane.flower.digits import digits_client_app, digits_server_app
+from deltaplane.flower.digits import digits_client_app, digits_server_app, task_client_app, task_server_app
 from deltaplane.flower.engine import FlowerRunError, run_flower
 from deltaplane.flower.mod import delta_mod, node_seed
 from deltaplane.flower.secagg import SecAggStrategy, add_secagg, secagg_mod
@@ -28,4 +28,6 @@ __all__ = [
     "node_seed",
     "run_flower",
     "secagg_mod",
+    "task_client_app",
+    "task_server_app",
 ]

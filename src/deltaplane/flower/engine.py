@@ -15,34 +15,37 @@ from collections.abc import Callable
 from typing import Any
 
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.engine import RoundMetrics, RunConfig, RunResult
+from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.flower.digits import digits_client_app, digits_server_app
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
-from deltaplane.sim.config import RunConfig
-from deltaplane.sim.simulation import RoundMetrics, RunResult
 
-__all__ = ["FlowerRunError", "run_flower", "unsupported_options"]
+__all__ = ["FlowerRunError", "check_supported", "run_flower", "unsupported_options"]
 
 
 class FlowerRunError(DeltaplaneError):
     """The Flower simulation ended without completing every round (see Flower's log for the cause)."""
 
 
-#: RunConfig options only the in-process engine implements, with the value that means "off".
-_IN_PROCESS_ONLY = {
-    "local_dp_noise": 0.0,
-    "attack": None,
-    "personalization": "none",
-    "prox_mu": 0.0,
-}
-
-
 def unsupported_options(config: RunConfig) -> list[str]:
-    """The options of ``config`` that :func:`run_flower` would otherwise silently ignore."""
-    bad = [f"{k}={getattr(config, k)!r}" for k, off in _IN_PROCESS_ONLY.items() if getattr(config, k) != off]
-    if config.defense and "fltrust" in config.defense.lower():
-        bad.append(f"defense={config.defense!r} (FLTrust needs the server's root dataset)")
+    """The options of ``config`` the Flower driver cannot run, each with the reason (never ignored)."""
+    bad = []
+    if config.personalization != "none":
+        bad.append(
+            f"personalization={config.personalization!r} (a node's personal model would have to persist in "
+            "its Context.state across rounds, which the Flower driver does not carry yet)"
+        )
     return bad
+
+
+def check_supported(config: RunConfig) -> None:
+    """Raise :class:`UnsupportedOption` naming what the Flower driver cannot run and why."""
+    unsupported = unsupported_options(config)
+    if unsupported:
+        raise UnsupportedOption(
+            f"the Flower engine does not run {'; '.join(unsupported)}; use the in-process engine "
+            "(--engine sequential) for these options"
+        )
 
 
 def run_flower(
@@ -61,16 +64,10 @@ def run_flower(
         traffic: if given, receives each round's :class:`RoundTraffic` (message-level byte counts).
 
     Raises:
-        ConfigError: for options only the in-process engine runs (local DP, attacks,
-            personalization, FedProx, FLTrust); they are refused rather than ignored.
+        UnsupportedOption: for personalization, with the reason; refused rather than ignored.
         FlowerRunError: when fewer than ``config.rounds`` rounds completed.
     """
-    unsupported = unsupported_options(config)
-    if unsupported:
-        raise ConfigError(
-            f"the Flower engine does not run {', '.join(unsupported)} yet; use the in-process engine "
-            "(drop --engine flower) for these options"
-        )
+    check_supported(config)
     # Flower's telemetry would try the network; this library never does at run time.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -3,7 +3,9 @@
 Partner: :class:`deltaplane.flower.DeltaStrategy` in the ServerApp. The strategy sends each sampled node a
 train instruction holding either the full global model (first contact) or the chain of compressed downlink
 deltas since the version the node last saw; this mod rebuilds the global model from it, hands the wrapped
-ClientApp an ordinary ``ArrayRecord`` to train from, and turns the ArrayRecord it returns into one
+ClientApp an ordinary ``ArrayRecord`` to train from, and turns the ArrayRecord it returns (or the update
+itself, when the ClientApp returns one under ``DELTA_KEY``: the engine's client step does after local DP or
+an attack) into one
 compressed :class:`~deltaplane.delta.Delta` payload (deltaplane's wire format) with error feedback. The
 residual of that feedback, the codec's RNG state and the cached global model are per-device state kept in
 the node's ``Context.state`` (node-persistent across rounds), never in the codec or the mod.
@@ -21,11 +23,11 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from deltaplane.codecs import Codec, Compressor, decompress
 from deltaplane.delta import Delta
-from deltaplane.engine.client import clip_to
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import DecodeError, VersionMismatch
 from deltaplane.flower.records import (
     CONTROL_KEY,
+    DELTA_KEY,
     DOWNLINK_KEY,
     UPLINK_KEY,
     arrays_to_state,
@@ -59,7 +61,6 @@ def delta_mod(
     seed: int = 0,
     arrayrecord_key: str = "arrays",
     seed_fn: Callable[[int, Context], int] = node_seed,
-    clip: float | None = None,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
 
@@ -74,8 +75,6 @@ def delta_mod(
         seed: run seed; each node's codec seed is ``seed_fn(seed, context)``.
         arrayrecord_key: the key under which the wrapped ClientApp reads and returns its weights.
         seed_fn: derives a node's codec seed (default :func:`node_seed`, matching the in-process engine).
-        clip: scale the delta down to this L2 norm before compressing it (the device-side clip that secure
-            aggregation needs, as the engine's client step applies it); None leaves it as trained.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -107,15 +106,15 @@ def delta_mod(
         if reply.has_error():
             return reply
 
-        new_state = arrays_to_state(reply.content.array_records[arrayrecord_key])
+        if DELTA_KEY in reply.content.array_records:  # the client step already made the update itself
+            delta = Delta(arrays_to_state(reply.content.array_records[DELTA_KEY]))
+        else:
+            delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
-        delta = Delta.between(global_state, new_state)
-        if clip is not None:
-            delta = clip_to(delta, clip)
         payload = compressor.compress(delta, base_id=base_id, base_version=version)
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
-        out = RecordDict({k: v for k, v in reply.content.items() if k != arrayrecord_key})
+        out = RecordDict({k: v for k, v in reply.content.items() if k not in (arrayrecord_key, DELTA_KEY)})
         out[UPLINK_KEY] = ConfigRecord({"payload": payload})
         reply.content = out
         return reply

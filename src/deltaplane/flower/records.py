@@ -19,6 +19,7 @@ from deltaplane.delta import StateDict
 
 __all__ = [
     "CONTROL_KEY",
+    "DELTA_KEY",
     "DOWNLINK_KEY",
     "UPLINK_KEY",
     "arrays_to_state",
@@ -36,6 +37,8 @@ CONTROL_KEY = "deltaplane"
 DOWNLINK_KEY = "deltaplane.downlink"
 #: ConfigRecord in a train reply: ``payload``, the node's compressed update (a wire payload).
 UPLINK_KEY = "deltaplane.uplink"
+#: a ClientApp's reply may carry its update itself here (ArrayRecord), instead of trained weights
+DELTA_KEY = "deltaplane.delta"
 
 
 def state_to_arrays(state: StateDict) -> ArrayRecord:

@@ -13,8 +13,9 @@ holds the stage's bytes (the same strict encodings the HTTP service carries):
 * ``query.secagg`` *unmask* — the frozen ``UnmaskRequest`` → ``UnmaskResponse``.
 
 A node that fails or does not answer a stage has dropped out of it; a masked input that arrives after the
-unmasking request is refused. The strategy then unmasks the sum and hands the weighted mean to the same
-deltaplane aggregator chain and downlink as :class:`~deltaplane.flower.DeltaStrategy`.
+unmasking request is refused. The strategy then unmasks the sum and hands the weighted mean to the engine's
+server step (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`): the same chain, downlink and publisher
+as every other driver.
 
 Why not Flower's own ``SecAggPlusWorkflow``: it belongs to the legacy ``fit`` workflow and quantizes the float
 ``FitRes`` parameters itself; deltaplane's uplink is a compressed payload and its client step ends in ring codes
@@ -172,6 +173,8 @@ class SecAggStrategy(DeltaStrategy):
     :class:`DeltaStrategy`'s):
 
     Args:
+        server_step: the engine's :class:`~deltaplane.engine.ServerStep` (required): it receives the unmasked
+            mean as the round's only update and runs the chain, the downlink and the publisher.
         bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update.
         weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
             mean.
@@ -190,9 +193,9 @@ class SecAggStrategy(DeltaStrategy):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        if self.aggregator is None:
+        if self.server_step is None:
             raise ConfigError(
-                "SecAggStrategy aggregates with a deltaplane aggregator; aggregator=None is not possible"
+                "SecAggStrategy hands the unmasked mean to the engine's server step; pass server_step="
             )
         self.encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
         self.neighbours = neighbours
@@ -309,15 +312,19 @@ class SecAggStrategy(DeltaStrategy):
         )
         total = server.result()
         survivors = list(server.server.survivors)
-        mean, weight = self.encoding.decode_sum(
-            total, count=len(survivors), like=Delta.zeros_like(self._global)
+        mean, _ = self.encoding.decode_sum(total, count=len(survivors), like=Delta.zeros_like(self._global))
+        ok = sorted(
+            (m for m in replies if not m.has_error() and ids.get(m.metadata.src_node_id) in survivors),
+            key=lambda m: m.metadata.src_node_id,
         )
-        ok = [m for m in replies if not m.has_error() and ids.get(m.metadata.src_node_id) in survivors]
         for m in replies:
-            if m.has_error():
+            if m.has_error():  # its cached model is unknown now: send it the full model next time
                 self._node_version.pop(m.metadata.src_node_id, None)
         self.secagg_bytes.append(sent)
-        # the unmasked weighted mean is the only view of the round the aggregator chain gets
-        update, metrics = self._chain([(mean, 1.0)], len(survivors))
-        metrics["secagg-total-weight"] = weight
-        return self._finish(server_round, update, metrics, ok, up_payload=sent, up_msg=up_msg)
+        # the engine's server step gets the unmasked weighted mean and nothing else: its chain, its downlink
+        step = self.server_step
+        assert step is not None
+        step.open(server_round, version=self._version, state=self._global)
+        step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=sent)
+        outcome = self.last_outcome = step.close()
+        return self._advance(server_round, ok, outcome, up_msg)

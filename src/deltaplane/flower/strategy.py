@@ -26,6 +26,8 @@ from flwr.serverapp.strategy import Strategy
 from deltaplane.aggregation import Aggregator, FedAvg
 from deltaplane.codecs import Codec, Compressor, decompress
 from deltaplane.delta import Delta
+from deltaplane.engine.server import RoundOutcome, ServerStep
+from deltaplane.errors import ConfigError
 from deltaplane.flower.records import (
     CONTROL_KEY,
     DOWNLINK_KEY,
@@ -86,6 +88,9 @@ class DeltaStrategy(Strategy):
         base_id: the model lineage named in every payload's header.
         weighted_by_key: the reply MetricRecord entry that weighs a node's delta (Flower's convention).
         arrayrecord_key: the key of the model in instructions (Flower's convention).
+        server_step: the engine's :class:`~deltaplane.engine.ServerStep` to run every round (decode +
+            validate, the whole aggregator chain incl. FLTrust's reference, downlink compress); it replaces
+            ``aggregator``, ``downlink_codec`` and ``server_lr``, which must then keep their defaults.
 
     Example:
         >>> from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -105,9 +110,16 @@ class DeltaStrategy(Strategy):
         base_id: str = "flower/global",
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
+        server_step: ServerStep | None = None,
     ) -> None:
         if server_lr <= 0:
-            raise ValueError(f"server_lr must be positive. Found {server_lr}")
+            raise ConfigError(f"server_lr must be positive. Found {server_lr}")
+        if server_step is not None and (
+            not isinstance(aggregator, _Default) or downlink_codec != "identity" or server_lr != 1.0
+        ):
+            raise ConfigError(
+                "server_step brings its own chain and downlink; drop aggregator, downlink_codec and server_lr"
+            )
         self.inner = inner if inner is not None else FlowerFedAvg(min_train_nodes=1, min_available_nodes=1)
         self.aggregator = FedAvg() if isinstance(aggregator, _Default) else aggregator
         self.downlink_codec = downlink_codec
@@ -123,6 +135,9 @@ class DeltaStrategy(Strategy):
         self._downlink_payloads: list[bytes] = []  # entry v takes version v to v + 1
         self._node_version: dict[int, int] = {}
         self.traffic: list[RoundTraffic] = []
+        self.server_step = server_step
+        #: the last round's outcome when a server step runs (measurements, rejections)
+        self.last_outcome: RoundOutcome | None = None
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this when :meth:`start` begins)."""
@@ -164,6 +179,8 @@ class DeltaStrategy(Strategy):
             return None, None
         # A fixed order makes the float sums, and so the run, independent of reply arrival order.
         ok.sort(key=lambda m: m.metadata.src_node_id)
+        if self.server_step is not None:
+            return self._engine_round(server_round, ok)
         base = (self.base_id, self._version)
         up_payload = up_msg = 0
         decoded: list[tuple[Delta, float, Message]] = []
@@ -234,6 +251,49 @@ class DeltaStrategy(Strategy):
         )
         out = MetricRecord(dict(metrics) if metrics is not None else {})
         out["uplink-payload-bytes"] = up_payload
+        return state_to_arrays(self._global), out
+
+    def _engine_round(
+        self, server_round: int, ok: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The engine's server step over the replies: decode + validate, chain, downlink."""
+        step = self.server_step
+        assert step is not None and self._global is not None
+        step.open(server_round, version=self._version, state=self._global)
+        up_msg = 0
+        for m in ok:
+            payload = m.content.config_records[UPLINK_KEY]["payload"]
+            up_msg += content_bytes(m.content)
+            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
+            step.receive_payload(str(m.metadata.src_node_id), payload, weight)
+        outcome = self.last_outcome = step.close()
+        return self._advance(server_round, ok, outcome, up_msg)
+
+    def _advance(
+        self, server_round: int, ok: list[Message], outcome: RoundOutcome, up_msg: int
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Take a closed round's outcome: the new global model, the downlink chain, node versions, traffic."""
+        self._global = outcome.state
+        self._downlink_payloads.append(outcome.downlink_payload)
+        for m in ok:
+            self._node_version[m.metadata.src_node_id] = self._version
+        self._version += 1
+        self.traffic.append(
+            RoundTraffic(
+                round=server_round,
+                clients=len(ok),
+                uplink_payload_bytes=outcome.uplink_bytes,
+                uplink_message_bytes=up_msg,
+                downlink_message_bytes=self._pending_down,
+                downlink_payload_bytes=len(outcome.downlink_payload),
+                node_ids=[m.metadata.src_node_id for m in ok],
+            )
+        )
+        out = MetricRecord(
+            {k: float(v) for k, v in outcome.measurements.items() if isinstance(v, int | float)}
+        )
+        out["uplink-payload-bytes"] = outcome.uplink_bytes
+        out["rejected"] = len(outcome.rejections)
         return state_to_arrays(self._global), out
 
     # -- evaluation: the wrapped strategy's, on full weights ------------------------------------------

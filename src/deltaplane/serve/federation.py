@@ -78,7 +78,7 @@ def run_http_simulation(
     home: str | Path | None = None,
 ) -> HttpRunResult:
     """Run ``config`` with simulated devices talking to a real local server (see the module docstring)."""
-    _check_supported(config)
+    check_supported(config)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     scratch = None
@@ -114,7 +114,7 @@ def _refusals(config: RunConfig) -> list[str]:
     return out
 
 
-def _check_supported(config: RunConfig) -> None:
+def check_supported(config: RunConfig) -> None:
     """Refuse, with the reason, options the HTTP transport cannot run (never ignore them)."""
     refused = _refusals(config)
     if refused:
@@ -279,6 +279,11 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         wall_time_s=time.perf_counter() - start,
         final_state=final_state,
         clients=client_rows,
+        personal_states=(
+            {c.cid: step.personal_state(c, final_state) for c in clients}
+            if step.personalizer.name != "none"
+            else {}
+        ),
         transport={
             "kind": "http",
             "server": "uvicorn on 127.0.0.1",

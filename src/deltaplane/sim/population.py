@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.aggregation import local_epsilon
 from deltaplane.codecs import Compressor
 from deltaplane.data.dataset import Dataset
 from deltaplane.data.partition import split_holdout
@@ -36,20 +36,32 @@ from deltaplane.delta import Delta
 from deltaplane.engine import (
     Client,
     ClientStep,
+    RoundMetrics,
     RunConfig,
+    RunResult,
     ServerStep,
     Upload,
     accuracy,
+    evaluate_clients,
     make_task,
+    round_scores,
     sample_clients,
     secure_round,
 )
+from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, train_batched
 
-__all__ = ["ClientPopulation", "PopulationResult", "ResidualStore", "run_population"]
+__all__ = [
+    "ClientPopulation",
+    "PopulationResult",
+    "ResidualStore",
+    "check_supported",
+    "run_population",
+    "run_population_rounds",
+]
 
 
 class ResidualStore:
@@ -145,6 +157,11 @@ class PopulationResult:
     wall_time_s: float
     #: ε spent after each round (None without DP)
     epsilon: list[float | None] = field(default_factory=list)
+    #: the same rounds as every other driver reports them (client accuracies: the sampled devices')
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    final_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    num_params: int = 0
+    raw_update_bytes: int = 0
 
 
 #: Options the population driver refuses, with the physical reason (everything else runs as in process).
@@ -155,6 +172,20 @@ _REFUSED = {
         "only an fp16 error-feedback row per registered device (10,000 personal models would not fit)",
     ),
 }
+
+
+def check_supported(config: RunConfig) -> None:
+    """Raise :class:`UnsupportedOption` for what the population driver cannot run, with the reason."""
+    for name, (off, why) in _REFUSED.items():
+        if getattr(config, name) != off:
+            raise UnsupportedOption(
+                f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
+            )
+    if make_task(config).train is None:
+        raise UnsupportedOption(
+            f"the population engine synthesizes devices from one pooled training set; task "
+            f"{make_task(config).name!r} brings its own devices: use the sequential or batched engine"
+        )
 
 
 def _population_config(config: RunConfig, registered: int | None, per_round: int | None) -> RunConfig:
@@ -168,7 +199,11 @@ def _population_config(config: RunConfig, registered: int | None, per_round: int
 
 
 def run_population(
-    config: RunConfig, *, registered: int | None = None, per_round: int | None = None
+    config: RunConfig,
+    *,
+    registered: int | None = None,
+    per_round: int | None = None,
+    progress: Callable[[RoundMetrics], None] | None = None,
 ) -> PopulationResult:
     """The engine's rounds over ``registered`` lazily built devices, ``per_round`` of them sampled each round.
 
@@ -194,12 +229,12 @@ def run_population(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _run(config)
+        return _run(config, progress)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(config: RunConfig) -> PopulationResult:
+def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> PopulationResult:
     start = time.perf_counter()
     task = make_task(config)
     if task.train is None:
@@ -216,7 +251,8 @@ def _run(config: RunConfig) -> PopulationResult:
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     store = ResidualStore(clients=registered, like=initial)
     seconds, test_acc, sampled_acc, epsilon = [], [], [], []
-    uplink = 0
+    history: list[RoundMetrics] = []
+    uplink = cum_down = 0
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
         version, global_state = server.version, server.state
@@ -272,15 +308,29 @@ def _run(config: RunConfig) -> PopulationResult:
             torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
         )
         sampled_acc.append(accuracy(model, holdout))
-        eps = outcome.measurements.get("epsilon")
-        if step.participations:
-            eps = local_epsilon(
-                noise_multiplier=config.local_dp_noise,
-                rounds=max(step.participations.values()),
-                delta=config.dp_delta,
-            )
+        eps = round_epsilon(config, step, outcome.measurements)
         epsilon.append(eps)
         seconds.append(time.perf_counter() - t0)
+        down = len(outcome.downlink_payload) * registered  # every device applies it, when it next syncs
+        cum_down += down
+        history.append(
+            RoundMetrics(
+                round=rnd,
+                clients=len(chosen),
+                **round_scores(model, task.test, evaluate_clients(model, clients)),
+                uplink_bytes=outcome.uplink_bytes,
+                downlink_bytes=down,
+                cumulative_uplink_bytes=uplink,
+                cumulative_downlink_bytes=cum_down,
+                seconds=seconds[-1],
+                epsilon=eps,
+                rejected=len(outcome.rejections),
+                backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
+                clipped_fraction=outcome.measurements.get("clipped_fraction"),
+            )
+        )
+        if progress is not None:
+            progress(history[-1])
     return PopulationResult(
         registered=registered,
         per_round=len(chosen),
@@ -292,4 +342,24 @@ def _run(config: RunConfig) -> PopulationResult:
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         wall_time_s=time.perf_counter() - start,
         epsilon=epsilon,
+        rounds=history,
+        final_state=server.state,
+        num_params=sum(v.numel() for v in initial.values()),
+        raw_update_bytes=Delta.zeros_like(initial).nbytes,
+    )
+
+
+def run_population_rounds(
+    config: RunConfig, *, progress: Callable[[RoundMetrics], None] | None = None
+) -> RunResult:
+    """``--engine population``: :func:`run_population` over ``config.clients`` registered devices,
+    ``config.clients_per_round()`` a round, reported as the :class:`RunResult` every driver returns."""
+    r = run_population(config, progress=progress)
+    return RunResult(
+        config=config,
+        rounds=r.rounds,
+        num_params=r.num_params,
+        raw_update_bytes=r.raw_update_bytes,
+        wall_time_s=r.wall_time_s,
+        final_state=r.final_state,
     )

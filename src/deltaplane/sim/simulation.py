@@ -42,7 +42,7 @@ from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 
 __all__ = [
@@ -145,6 +145,15 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         >>> result.raw_update_bytes * 4 > 50 * result.final.uplink_bytes  # 4 clients' raw fp32 vs payloads
         True
     """
+    if config.engine == "population":
+        from deltaplane.sim.population import run_population_rounds
+
+        return run_population_rounds(config, progress=progress)
+    if config.engine == "flower" or config.transport != "inproc":
+        raise UnsupportedOption(
+            f"run_simulation runs the in-process engines; engine={config.engine!r} transport={config.transport!r} "
+            "run through deltaplane.apps.runner.run_federation (or deltaplane run)"
+        )
     prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
     torch.set_num_threads(config.threads)
@@ -276,4 +285,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         wall_time_s=time.perf_counter() - start,
         final_state=server.state,
         clients=client_rows,
+        personal_states=(
+            {c.cid: step.personal_state(c, server.state) for c in clients}
+            if step.personalizer.name != "none"
+            else {}
+        ),
     )
