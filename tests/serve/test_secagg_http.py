@@ -171,3 +171,20 @@ def test_secagg_endpoints_refuse_strangers_oversized_and_bad_rounds(service) -> 
     with pytest.raises(ServiceError) as exc:  # too few advertised to close the stage
         service.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
     assert exc.value.status == 422 and "threshold" in exc.value.detail
+
+
+def test_transport_http_secagg_reproduces_the_in_process_run_exactly() -> None:
+    """`deltaplane run --transport http --secagg`: SecAgg over the service's endpoints, bit-identical."""
+    from deltaplane.serve.federation import run_http_simulation
+    from deltaplane.sim import RunConfig, run_simulation
+
+    cfg = RunConfig(
+        clients=4, rounds=2, local_epochs=1, secagg=True, clip="2.0", codec="topk(0.1) | quant(bits=8)"
+    )
+    http = run_http_simulation(cfg)
+    local = run_simulation(cfg)
+    assert [r.test_accuracy for r in http.rounds] == [r.test_accuracy for r in local.rounds]
+    assert [r.uplink_bytes for r in http.rounds] == [r.uplink_bytes for r in local.rounds]
+    for k, v in local.final_state.items():
+        assert torch.equal(http.final_state[k], v), k
+    assert http.transport["uploads_accepted"] == 0  # no plain upload endpoint was used: only SecAgg messages
