@@ -64,7 +64,10 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
 def test_flower_engine_refuses_options_it_does_not_run() -> None:
     from deltaplane.flower import run_flower
 
-    with pytest.raises(UnsupportedOption, match="secagg=True .*personalization='ditto' .*Context.state"):
+    # SecAgg runs on Flower (tests/flower/test_secagg_flower.py): only personalization is refused
+    with pytest.raises(
+        UnsupportedOption, match="^the Flower engine does not run personalization='ditto' .*Context.state"
+    ):
         run_flower(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1))
 
 

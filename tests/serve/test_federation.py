@@ -129,7 +129,6 @@ def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"secagg": True}, "no SecAgg message endpoints"),
         ({"personalization": "fedper"}, "upload only the shared layers"),
         ({"engine": "batched"}, "stacked training is an in-process engine"),
     ],

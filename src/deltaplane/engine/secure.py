@@ -1,41 +1,48 @@
-"""The SecAgg stage between the client step and the server step: masked inputs in, an unmasked sum out.
+"""The SecAgg stage between the client step and the server step: masked messages in, an unmasked mean out.
 
 The client step ends, under SecAgg, in :attr:`~deltaplane.engine.client.Upload.secure` (the device's clipped,
-codec-decoded delta, still on the device); this stage runs the SecAgg(+) protocol over the round's devices
-and gives the server step (:meth:`~deltaplane.engine.server.ServerStep.receive_secure_sum`) only the weighted
-mean. Every driver calls :func:`secure_round`; the transport of the protocol's messages (in process today)
-is the one place a driver changes.
-
-Each device scales its delta by ``m·nᵢ/Σn`` before masking (the server announces ``Σn``: it knows each
-device's sample count, as plain FedAvg weighs by it), so the secure *uniform* mean is the sample-weighted
-mean FedAvg would compute.
+codec-decoded delta, still on the device). This stage runs the SecAgg(+) protocol as real messages
+(:mod:`deltaplane.aggregation.secagg`): each device's :class:`~deltaplane.aggregation.secagg.DeviceEndpoint`
+quantizes its delta into the ring, scaled by its example count, with the count itself in one extra masked
+slot; the messages cross as bytes to a :class:`~deltaplane.aggregation.secagg.ServerEndpoint`, which only
+ever holds masked inputs and their sum. The server step then gets the example-weighted mean
+(:meth:`~deltaplane.engine.server.ServerStep.receive_secure_sum`) and nothing else. Every in-process driver
+calls :func:`secure_round`; the HTTP and Flower drivers carry the same messages over their transports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from deltaplane.delta import Delta
 from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
-__all__ = ["secure_round"]
+__all__ = ["device_seed", "secure_round"]
+
+
+def device_seed(seed: int, rnd: int, cid: int) -> int:
+    """The seed of device ``cid``'s stochastic rounding into the ring in round ``rnd`` (same on every driver)."""
+    return derive_seed(seed, Stream.SECAGG, rnd, cid)
 
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
-    """The sample-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
-    (masked ring values, what actually crossed the wire)."""
+    """The example-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
+    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares)."""
     from deltaplane.aggregation.secagg import secure_mean
 
     inputs = [u for u in uploads if u.secure is not None]
-    total = sum(u.num_samples for u in inputs)
-    scaled = [u.secure * (len(inputs) * u.num_samples / total) for u in inputs]  # type: ignore[operator]
     mean, report = secure_mean(
-        scaled,
+        [u.secure for u in inputs],  # type: ignore[misc]
+        weights=[int(u.num_samples) for u in inputs],
         bits=config.secagg_bits,
         clip_range=config.secagg_range,
         round_id=rnd,
         seed=derive_seed(config.seed, Stream.SECAGG, rnd),
+        # each device rounds with its own stream, so the Flower and HTTP drivers unmask the very same sum
+        device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
     )
-    return mean, sum(report.upload_bytes.values())
+    return mean, int(np.sum(list(report.upload_bytes.values())))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -39,6 +40,7 @@ from deltaplane.engine.scoring import backdoor_success
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import DELTA_KEY, arrays_to_state, state_to_arrays
+from deltaplane.flower.secagg import SecAggStrategy, add_secagg, secagg_mod
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 
 __all__ = ["BASE_ID", "digits_client_app", "digits_server_app", "task_client_app", "task_server_app"]
@@ -66,9 +68,12 @@ def task_client_app(config: RunConfig) -> ClientApp:
     returns the trained ``arrays`` with ``num-examples`` (plain Flower), or, when a later stage changed the
     update (local DP, an attack), the update itself under ``DELTA_KEY``; compression is the mod's job.
     """
-    app = ClientApp(
-        mods=[delta_mod(codec=config.codec, error_feedback=config.error_feedback, seed=config.seed)]
-    )
+    mods = [delta_mod(codec=config.codec, error_feedback=config.error_feedback, seed=config.seed)]
+    if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it
+        mods.insert(0, secagg_mod(seed=config.seed))
+    app = ClientApp(mods=mods)
+    if config.secagg:
+        add_secagg(app)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -118,7 +123,7 @@ def task_server_app(
         task, clients, step = _federation(config)
         model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
         initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        strategy = DeltaStrategy(
+        options = dict(
             inner=FlowerFedAvg(
                 fraction_train=config.sample_fraction,
                 fraction_evaluate=0.0,
@@ -128,6 +133,17 @@ def task_server_app(
             server_step=ServerStep.for_run(config, task, initial_state, base_id=BASE_ID),
             base_id=BASE_ID,
         )
+        if config.secagg:
+            # SecAgg's stages travel as Flower messages; the public weight scale is the mean example count
+            # of the devices (with every device taking part, the in-process drivers' scale)
+            strategy: DeltaStrategy = SecAggStrategy(
+                bits=config.secagg_bits,
+                clip_range=config.secagg_range,
+                weight_scale=float(np.mean([c.num_samples for c in clients])),
+                **options,
+            )
+        else:
+            strategy = DeltaStrategy(**options)
         initial = state_to_arrays(initial_state)
         cum = {"up": 0, "down": 0}
         clock = [time.perf_counter()]

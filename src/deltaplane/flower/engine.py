@@ -30,11 +30,6 @@ class FlowerRunError(DeltaplaneError):
 def unsupported_options(config: RunConfig) -> list[str]:
     """The options of ``config`` the Flower driver cannot run, each with the reason (never ignored)."""
     bad = []
-    if config.secagg:
-        bad.append(
-            "secagg=True (the SecAgg rounds are not carried as Flower messages yet; sending plaintext updates "
-            "instead would defeat its purpose)"
-        )
     if config.personalization != "none":
         bad.append(
             f"personalization={config.personalization!r} (a node's personal model would have to persist in "
@@ -74,7 +69,7 @@ def run_flower(
         traffic: if given, receives each round's :class:`RoundTraffic` (message-level byte counts).
 
     Raises:
-        UnsupportedOption: for SecAgg and personalization, with the reason; refused rather than ignored.
+        UnsupportedOption: for personalization, with the reason; refused rather than ignored.
         FlowerRunError: when fewer than ``config.rounds`` rounds completed.
     """
     check_supported(config)

@@ -49,6 +49,7 @@ from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rol
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
 from deltaplane.serve.rounds import RoundState, round_router
+from deltaplane.serve.secagg_routes import install_secagg_routes
 from deltaplane.ui import mount_ui
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
@@ -371,6 +372,8 @@ def create_app(
         registry_home=config.home,
         fleet=state.fleet_snapshot,
     )
+    # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth
+    app.state.secagg_rounds = install_secagg_routes(app, state, config, device=device, admin=admin)
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         tags = reg.tags(model)

@@ -106,6 +106,13 @@ class DeviceClient:
         self.version, self.state = dl.version, state
         return dl.version, state
 
+    def request(self, method: str, path: str, *, content: bytes | None = None) -> httpx.Response:
+        """An authenticated request to any device endpoint; an error status raises :class:`ServiceError`."""
+        headers = dict(self._headers)
+        if content is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        return _check(self._http.request(method, path, content=content, headers=headers))
+
     def round(self, model: str) -> dict[str, Any]:
         return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()
 

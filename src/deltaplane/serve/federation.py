@@ -96,11 +96,6 @@ def run_http_simulation(
 #: Options the HTTP transport refuses, with the reason (every other option runs as in process).
 def _refusals(config: RunConfig) -> list[str]:
     out = []
-    if config.secagg:
-        out.append(
-            "secagg: the service has no SecAgg message endpoints yet (advertise keys, share keys, masked input, "
-            "unmask), and sending the plaintext update instead would defeat its purpose"
-        )
     if config.personalization in ("fedper", "fedbn"):
         out.append(
             f"personalization={config.personalization!r}: its devices upload only the shared layers, and the "
@@ -182,34 +177,20 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         cum_up = cum_down = 0
         for rnd in range(1, config.rounds + 1):
             t0 = time.perf_counter()
-            opened = admin.open_round(MODEL)
-            base = opened["base_version"]
             chosen = sample_clients(
                 config.clients,
                 config.sample_fraction,
                 numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
                 central_dp=config.dp_noise > 0,
             )
-            uplink = rejected = 0
-            for cid in chosen:
-                client, dev = clients[cid], devices[cid]
-                up = step.run(client, model, dev.state, rnd, base)
-                if up.payload is None:  # the device could not produce an update (e.g. NaN from training)
-                    rejected += 1
-                    continue
-                uplink += len(up.payload)
-                try:
-                    dev.upload(MODEL, opened["round"], up.payload, num_examples=client.num_samples)
-                except ServiceError as exc:  # refused by the server step (NaN/Inf, norm bound...): 4xx
-                    if exc.status >= 500:
-                        raise
-                    rejected += 1
-            if rejected == len(chosen):
-                raise InvalidUpdate(
-                    f"round {rnd}: every update of the round was refused (if local training diverged, try a "
-                    "lower lr)"
+            if config.secagg:  # the SecAgg stages over the service's endpoints; no plaintext update leaves
+                opened, closed, uplink, rejected = _secagg_round(
+                    config, step, model, clients, devices, chosen, admin, rnd
                 )
-            closed = admin.close_round(MODEL, opened["round"])
+            else:
+                opened, closed, uplink, rejected = _plain_round(
+                    step, model, clients, devices, chosen, admin, rnd
+                )
             before = sum(d.bytes_received for d in devices)
             for d in devices:
                 d.fetch(MODEL, channel="training")
@@ -297,4 +278,105 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             "registry_ok": report.ok,
         },
         drift=drift,
+    )
+
+
+def _plain_round(
+    step: ClientStep,
+    model: torch.nn.Module,
+    clients: list,
+    devices: list[DeviceClient],
+    chosen: list[int],
+    admin: AdminClient,
+    rnd: int,
+) -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    """One plain round: every chosen device uploads its compressed payload; the service closes the round."""
+    opened = admin.open_round(MODEL)
+    base = opened["base_version"]
+    uplink = rejected = 0
+    for cid in chosen:
+        client, dev = clients[cid], devices[cid]
+        up = step.run(client, model, dev.state, rnd, base)
+        if up.payload is None:  # the device could not produce an update (e.g. NaN from training)
+            rejected += 1
+            continue
+        uplink += len(up.payload)
+        try:
+            dev.upload(MODEL, opened["round"], up.payload, num_examples=client.num_samples)
+        except ServiceError as exc:  # refused by the server step (NaN/Inf, norm bound...): 4xx
+            if exc.status >= 500:
+                raise
+            rejected += 1
+    if rejected == len(chosen):
+        raise InvalidUpdate(
+            f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
+        )
+    return opened, admin.close_round(MODEL, opened["round"]), uplink, rejected
+
+
+def _secagg_round(
+    config: RunConfig,
+    step: ClientStep,
+    model: torch.nn.Module,
+    clients: list,
+    devices: list[DeviceClient],
+    chosen: list[int],
+    admin: AdminClient,
+    rnd: int,
+) -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    """One SecAgg round over HTTP: each device runs the client step (its update ends masked), then the four
+    stages through :class:`~deltaplane.serve.secagg_client.SecAggDevice`; the service unmasks only the sum.
+
+    Each device rounds into the ring with the same seed as in process
+    (:func:`~deltaplane.engine.secure.device_seed`) and the public weight scale is the mean example count of
+    the round's devices, as in process, so the unmasked sum — and the model — are the same.
+    """
+    from deltaplane.engine.secure import device_seed
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    ups = {
+        cid: step.run(clients[cid], model, devices[cid].state, rnd, devices[cid].version) for cid in chosen
+    }
+    secure = [cid for cid in chosen if ups[cid].secure is not None]
+    if not secure:
+        raise InvalidUpdate(
+            f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
+        )
+    weights = [clients[cid].num_samples for cid in secure]
+    opened = admin._post(
+        f"/admin/models/{MODEL}/secagg",
+        {
+            "devices": [f"client-{cid}" for cid in secure],
+            "bits": config.secagg_bits,
+            "clip_range": config.secagg_range,
+            "weight_scale": float(np.mean(weights)),
+            "base_version": devices[secure[0]].version,
+        },
+    )
+    number = opened["round"]
+    rng = np.random.default_rng(derive_seed(config.seed, Stream.SECAGG, rnd))
+    fleet = []
+    for cid in secure:  # on each device: its masked update, keys from its own randomness
+        dev = SecAggDevice(devices[cid], MODEL, number, randbytes=rng.bytes)
+        dev.set_update(
+            ups[cid].secure,
+            clients[cid].num_samples,
+            np.random.default_rng(device_seed(config.seed, rnd, cid)),
+        )  # type: ignore[arg-type]
+        fleet.append(dev)
+    path = f"/admin/models/{MODEL}/secagg/{number}"
+    for stage in ("advertise", "share", "upload"):
+        for dev in fleet:
+            getattr(dev, stage)()
+        admin._post(path + "/advance")
+    for dev in fleet:
+        dev.unmask()
+    closed = admin._post(path + "/close")
+    published = closed["published"]
+    done = {"version": published["version"], "measurements": published["measurements"]}
+    return (
+        {"round": number, "base_version": opened["base_version"]},
+        done,
+        int(published["uplink_bytes"]),
+        len(chosen) - len(secure),
     )

@@ -10,6 +10,7 @@ from deltaplane.aggregation.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggServer,
+    UnmaskRequest,
     pack,
     run_secagg,
     secure_mean,
@@ -37,25 +38,31 @@ def test_exact_integer_sum_with_dropouts_before_and_after_upload(neighbours) -> 
     assert np.array_equal(total, expected)  # exact, in the integer domain
 
 
-def test_server_never_holds_an_individual_unmasked_update() -> None:
-    n, d, bits = 6, 64, 8
-    cfg = SecAggConfig(num_clients=n, threshold=4, bits=bits, vector_size=d)
-    codes = _codes(n, d, bits, seed=3)
+def _round_to_masked(n: int, d: int, bits: int, seed: int = 0, threshold: int = 4):
+    cfg = SecAggConfig(num_clients=n, threshold=threshold, bits=bits, vector_size=d)
+    codes = _codes(n, d, bits, seed=seed)
     clients = {u: SecAggClient(u, cfg) for u in range(n)}
     server = SecAggServer(cfg)
-    seen_payloads: list[tuple[int, bytes]] = []
     for c in clients.values():
         server.receive_keys(c.advertise_keys())
-    keys = server.broadcast_keys()
+    roster = server.roster()
+    for c in clients.values():
+        server.receive_shares(c.share_keys(roster))
+    server.close_shares()
+    return cfg, codes, clients, server
+
+
+def test_server_never_holds_an_individual_unmasked_update() -> None:
+    n, d, bits = 6, 64, 8
+    cfg, codes, clients, server = _round_to_masked(n, d, bits, seed=3)
+    seen_payloads: list[tuple[int, bytes]] = []
     for u, c in clients.items():
-        server.receive_shares(u, c.share_keys(keys))
-    for u, c in clients.items():
-        payload = c.masked_input(server.shares_for(u), codes[u])
-        seen_payloads.append((u, payload))
-        server.receive_masked_input(u, payload)
-    surv, drop = server.unmask_request()
-    for u in surv:
-        server.receive_unmask(u, clients[u].unmask(surv, drop))
+        msg = c.masked_input(server.inbox(u), codes[u])
+        seen_payloads.append((u, msg.packed))
+        server.receive_masked_input(msg)
+    req = server.unmask_request()
+    for u in req.survivors:
+        server.receive_unmask(clients[u].unmask(req))
     total = server.result()
     assert np.array_equal(total, sum(c.astype(np.uint64) for c in codes.values()))
 
@@ -92,27 +99,19 @@ def test_server_never_holds_an_individual_unmasked_update() -> None:
     walk(server)
     # 3. the shares the server got are only self-mask shares of survivors (never a mask key): it cannot
     # rebuild anyone's pairwise masks, so it cannot peel a single client's input out of its upload
-    assert all(set(sh) <= set(surv) for sh in server.responses.values())
+    assert all(set(sh) <= set(req.survivors) for sh in server.responses.values())
 
 
 def test_clients_refuse_to_reveal_both_secrets_of_a_client() -> None:
     n = 5
-    cfg = SecAggConfig(num_clients=n, threshold=3, bits=4, vector_size=8)
-    codes = _codes(n, 8, 4)
-    clients = {u: SecAggClient(u, cfg) for u in range(n)}
-    server = SecAggServer(cfg)
-    for c in clients.values():
-        server.receive_keys(c.advertise_keys())
-    keys = server.broadcast_keys()
+    _cfg, codes, clients, server = _round_to_masked(n, 8, 4, threshold=3)
     for u, c in clients.items():
-        server.receive_shares(u, c.share_keys(keys))
-    for u, c in clients.items():
-        server.receive_masked_input(u, c.masked_input(server.shares_for(u), codes[u]))
+        server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
     with pytest.raises(SecAggError, match="listed as both"):
-        clients[0].unmask([0, 1, 2, 3], [3])
-    clients[0].unmask([0, 1, 2, 3, 4], [])  # honest request: self-mask shares of all five
+        clients[0].unmask(UnmaskRequest(0, (0, 1, 2, 3), (3,)))
+    clients[0].unmask(UnmaskRequest(0, (0, 1, 2, 3, 4), ()))  # honest request: self-mask shares of all five
     with pytest.raises(SecAggError, match="both secrets of client 4"):
-        clients[0].unmask([0, 1, 2, 3], [4])  # a later request for client 4's mask key is refused
+        clients[0].unmask(UnmaskRequest(0, (0, 1, 2, 3), (4,)))  # a later request for 4's mask key is refused
 
 
 def test_too_many_dropouts_abort_instead_of_leaking() -> None:
@@ -142,8 +141,11 @@ def test_config_validation_and_upload_overhead() -> None:
     assert rep.ring_bits == 12
     # exact wire bytes: keys (4 + 2·32) + 9 encrypted share pairs (4 + 12 nonce + 2·66 + 16 tag)
     # + the masked vector at 12 bits (30,000) + 10 unmask shares (4 + 66)
-    assert set(rep.upload_bytes.values()) == {68 + 9 * 164 + 30_000 + 10 * 70}
-    assert rep.overhead(bits, d) == pytest.approx(32_244 / 20_000)
+    # exact wire bytes, each message with its 10-byte header: keys (4 + 2·32), shares (4 + 4 + 9 × (4 + 160)),
+    # the masked vector (4 + 20,000 × 12 bits = 30,000), unmasking (4 + 4 + 10 × (4 + 66))
+    per_client = (10 + 68) + (10 + 8 + 9 * 164) + (10 + 4 + 30_000) + (10 + 8 + 10 * 70)
+    assert set(rep.upload_bytes.values()) == {per_client}
+    assert rep.overhead(bits, d) == pytest.approx(per_client / 20_000)
 
 
 def test_secure_mean_of_deltas_is_close_to_the_plain_mean() -> None:

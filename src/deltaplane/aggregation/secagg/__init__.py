@@ -3,25 +3,47 @@
 Needs the ``cryptography`` package (the ``aggregation`` extra); import this subpackage explicitly.
 """
 
-from deltaplane.aggregation.secagg.protocol import (
+from deltaplane.aggregation.secagg.encoding import RingEncoding
+from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
-    SecAggClient,
-    SecAggConfig,
-    SecAggError,
-    SecAggServer,
-    neighbours,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
 )
+from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer, Stage, neighbours
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
-from deltaplane.aggregation.secagg.session import SecAggReport, run_secagg, secure_mean
+from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchange, run_secagg, secure_mean
 
 __all__ = [
     "AdvertiseKeys",
+    "DeviceEndpoint",
+    "Dropouts",
+    "KeyRoster",
+    "MaskedInput",
+    "Message",
+    "RingEncoding",
     "SecAggClient",
     "SecAggConfig",
     "SecAggError",
+    "SecAggOrderError",
     "SecAggReport",
     "SecAggServer",
+    "ServerEndpoint",
+    "ShareInbox",
+    "ShareKeys",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode_message",
     "dequantize_sum",
+    "exchange",
     "neighbours",
     "pack",
     "quantize",

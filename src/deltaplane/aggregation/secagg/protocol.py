@@ -14,11 +14,16 @@ as an option. Four rounds, each a method on :class:`SecAggClient` and its partne
    ``xᵤ`` are its quantized codes and ``sᵤᵥ = HKDF(X25519(sᵤ, s_v))``. The server folds ``yᵤ`` into a running
    sum and drops it: pairwise masks cancel in the sum, self-masks hide ``yᵤ`` even if pairwise masks are later
    revealed.
-3. **Unmask** — the server names who uploaded (survivors) and who did not (dropped). Each responding client
-   returns, for every neighbour, *either* its share of ``bᵤ`` (uploaded) *or* of ``sᵤ`` (dropped) — never both,
-   and it refuses a request that asks for both. The server rebuilds the self-masks of the survivors and the
-   dangling pairwise masks of the dropped clients and removes them. Clients that vanish *after* uploading are
-   still in the sum: their self-masks come back from their neighbours' shares.
+3. **Unmask** — the server closes stage 2 and *freezes* who uploaded (survivors) and who did not (dropped);
+   a masked input arriving later is refused with :class:`SecAggOrderError` and never enters the sum. Each
+   responding client returns, for every neighbour, *either* its share of ``bᵤ`` (uploaded) *or* of ``sᵤ``
+   (dropped) — never both, and it refuses a request that asks for both. The server rebuilds the self-masks of
+   the survivors and the dangling pairwise masks of the dropped clients and removes them. Clients that vanish
+   *after* uploading are still in the sum: their self-masks come back from their neighbours' shares.
+
+Every message is a plain value (:mod:`deltaplane.aggregation.secagg.messages`) with a strict byte encoding, so
+the same state machines run in process, over HTTP and over Flower. Each side accepts only the messages of its
+current stage; anything else is a :class:`SecAggOrderError` that leaves the state unchanged.
 
 The server object holds public keys, ciphertexts it cannot open, the running masked sum and at most the shares it
 asked for; it never holds an individual unmasked update (tests check every attribute). Threat model: semi-honest
@@ -27,9 +32,10 @@ server and clients (no signatures / consistency round, which the malicious-secur
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -38,17 +44,23 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from deltaplane.aggregation.secagg import shamir
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from deltaplane.aggregation.secagg.prg import agree, derive, expand_mask
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
-from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
+from deltaplane.errors import ConfigError, DecodeError
 
-__all__ = ["AdvertiseKeys", "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "neighbours"]
+__all__ = ["SecAggClient", "SecAggConfig", "SecAggServer", "Stage", "neighbours"]
 
-ID_BYTES = 4
-
-
-class SecAggError(DeltaplaneError):
-    """The secure aggregation protocol cannot go on (too few clients left, a refused or malformed message)."""
+_FIELDS = ("num_clients", "threshold", "bits", "vector_size", "neighbours", "round_id", "graph_seed")
 
 
 @dataclass(frozen=True)
@@ -80,8 +92,10 @@ class SecAggConfig:
             raise ConfigError(f"num_clients must be at least 2. Found {self.num_clients}")
         if not 1 <= self.bits <= 31:
             raise ConfigError(f"bits must be in [1, 31]. Found {self.bits}")
-        if self.vector_size < 1:
-            raise ConfigError(f"vector_size must be positive. Found {self.vector_size}")
+        if not 0 <= self.round_id < 2**32:
+            raise ConfigError(f"round_id must be in [0, 2^32). Found {self.round_id}")
+        if not 1 <= self.vector_size <= 2**31:
+            raise ConfigError(f"vector_size must be in [1, 2^31]. Found {self.vector_size}")
         if self.neighbours is not None and not (
             2 <= self.neighbours < self.num_clients and self.neighbours % 2 == 0
         ):
@@ -106,8 +120,29 @@ class SecAggConfig:
         return ring_bits(self.bits, self.num_clients)
 
     @property
+    def packed_bytes(self) -> int:
+        """Bytes of one masked input: ``vector_size`` values at ``ring_bits`` bits (the additive-masking limit)."""
+        return (self.vector_size * self.ring_bits + 7) // 8
+
+    @property
     def context(self) -> bytes:
         return b"round:" + str(self.round_id).encode()
+
+    def to_dict(self) -> dict[str, int | None]:
+        """JSON-ready form, sent to devices with the round's invitation."""
+        return {k: getattr(self, k) for k in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, object]) -> SecAggConfig:
+        """Inverse of :meth:`to_dict`; a missing, unknown or non-integer field is a :class:`ConfigError`."""
+        if not isinstance(doc, Mapping) or set(doc) != set(_FIELDS):
+            have = sorted(doc) if isinstance(doc, Mapping) else type(doc).__name__
+            raise ConfigError(f"a SecAgg config has exactly the fields {list(_FIELDS)}; got {have}")
+        for k in _FIELDS:
+            v = doc[k]
+            if not (v is None and k == "neighbours") and (type(v) is not int or not 0 <= v < 2**32):
+                raise ConfigError(f"SecAgg config field {k!r} must be an integer in [0, 2^32). Found {v!r}")
+        return cls(**doc)  # type: ignore[arg-type]
 
 
 def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
@@ -121,18 +156,6 @@ def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
     return {
         u: frozenset(int(order[(pos[u] + d) % n]) for d in range(-half, half + 1) if d != 0) for u in range(n)
     }
-
-
-@dataclass(frozen=True)
-class AdvertiseKeys:
-    """Round 0 message: a client's two X25519 public keys."""
-
-    client_id: int
-    c_public: bytes
-    s_public: bytes
-
-    def to_bytes(self) -> bytes:
-        return self.client_id.to_bytes(ID_BYTES, "big") + self.c_public + self.s_public
 
 
 def _raw_private(key: X25519PrivateKey) -> bytes:
@@ -160,20 +183,26 @@ def _self_mask(config: SecAggConfig, seed: bytes, u: int) -> np.ndarray:
     return expand_mask(key, config.vector_size, config.ring_bits)
 
 
-@dataclass
-class _ClientState:
-    c_key: X25519PrivateKey
-    s_key: X25519PrivateKey
-    self_seed: bytes = b""
-    peers: dict[int, AdvertiseKeys] = field(default_factory=dict)
-    received: dict[int, bytes] = field(default_factory=dict)
-    own_shares: tuple[int, int] = (0, 0)
-    uploaded: bool = False
-    revealed: dict[int, str] = field(default_factory=dict)
+class Stage:
+    """The protocol's stages, in order; each side accepts only the messages of its current stage."""
+
+    ADVERTISE = "advertise keys"
+    SHARE = "share keys"
+    MASKED = "masked input"
+    UNMASK = "unmasking"
+    DONE = "done"
+
+
+def _aad(config: SecAggConfig, sender: int, recipient: int) -> bytes:
+    return _pair_context(config, sender, recipient) + b"/from:" + str(sender).encode()
 
 
 class SecAggClient:
-    """One device in a secure aggregation round; holds its keys and secrets in :attr:`state`.
+    """The device side of one round: holds its keys and secrets, answers each stage once, in order.
+
+    Partner: :class:`SecAggServer`. Each method takes the server's message for the stage and returns the
+    device's reply (plain message objects; ``to_bytes()`` / ``Message.from_bytes`` put them on any wire).
+    Calling a stage out of order raises :class:`SecAggOrderError` and changes nothing.
 
     Args:
         client_id: this client's id in ``[0, num_clients)``.
@@ -195,94 +224,172 @@ class SecAggClient:
         self.config = config
         self._rand = randbytes
         self._graph = neighbours(config)[client_id]
-        self.state = _ClientState(
-            c_key=X25519PrivateKey.from_private_bytes(randbytes(32)),
-            s_key=X25519PrivateKey.from_private_bytes(randbytes(32)),
+        self._c_key = X25519PrivateKey.from_private_bytes(randbytes(32))
+        self._s_key = X25519PrivateKey.from_private_bytes(randbytes(32))
+        self._self_seed = b""
+        self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> (c_public, s_public)
+        self._received: dict[int, bytes] = {}  # neighbour -> ciphertext of its shares for us
+        self._own_shares: tuple[int, int] = (0, 0)
+        self._revealed: dict[int, str] = {}
+        self.stage = Stage.ADVERTISE
+
+    def _expect(self, stage: str, what: str) -> None:
+        if self.stage != stage:
+            raise SecAggOrderError(
+                f"client {self.client_id}: cannot {what} at stage '{self.stage}' (needs '{stage}')",
+                stage=self.stage,
+            )
+
+    def _check_round(self, msg: object) -> None:
+        rid = getattr(msg, "round_id", None)
+        if rid != self.config.round_id:
+            raise SecAggOrderError(
+                f"client {self.client_id}: message for round {rid}, this is round {self.config.round_id}",
+                stage=self.stage,
+            )
+
+    # -- persistence (a device that handles each stage in a fresh process keeps this in its own storage) --
+    def export_state(self) -> bytes:
+        """This client's whole state, secrets included, as bytes for the *device's own* storage (e.g. a
+        Flower node's ``Context.state``); never send it anywhere."""
+        doc = {
+            "client_id": self.client_id,
+            "stage": self.stage,
+            "c_key": _raw_private(self._c_key).hex(),
+            "s_key": _raw_private(self._s_key).hex(),
+            "self_seed": self._self_seed.hex(),
+            "peers": {str(v): [c.hex(), k.hex()] for v, (c, k) in self._peers.items()},
+            "received": {str(v): ct.hex() for v, ct in self._received.items()},
+            "own_shares": [str(self._own_shares[0]), str(self._own_shares[1])],
+            "revealed": {str(v): w for v, w in self._revealed.items()},
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def restore(
+        cls, config: SecAggConfig, data: bytes, *, randbytes: Callable[[int], bytes] = secrets.token_bytes
+    ) -> SecAggClient:
+        """Inverse of :meth:`export_state` for the round of ``config``; a malformed state is a DecodeError."""
+        try:
+            doc = json.loads(data)
+            self = cls(int(doc["client_id"]), config, randbytes=randbytes)
+            if doc["stage"] not in _ORDER:
+                raise ValueError(f"unknown stage {doc['stage']!r}")
+            self.stage = doc["stage"]
+            self._c_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["c_key"]))
+            self._s_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["s_key"]))
+            self._self_seed = bytes.fromhex(doc["self_seed"])
+            self._peers = {int(v): (bytes.fromhex(c), bytes.fromhex(k)) for v, (c, k) in doc["peers"].items()}
+            self._received = {int(v): bytes.fromhex(ct) for v, ct in doc["received"].items()}
+            self._own_shares = (int(doc["own_shares"][0]), int(doc["own_shares"][1]))
+            self._revealed = {int(v): str(w) for v, w in doc["revealed"].items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(f"malformed SecAgg client state: {exc}") from None
+        return self
+
+    # -- stage 0 ----------------------------------------------------------------------------------------
+    def advertise_keys(self) -> AdvertiseKeys:
+        """The two public keys (repeatable until the keys are shared, e.g. when a transport retries)."""
+        self._expect(Stage.ADVERTISE, "advertise keys")
+        return AdvertiseKeys(
+            self.config.round_id, self.client_id, _raw_public(self._c_key), _raw_public(self._s_key)
         )
 
-    # -- round 0 ------------------------------------------------------------------------------------
-    def advertise_keys(self) -> AdvertiseKeys:
-        return AdvertiseKeys(self.client_id, _raw_public(self.state.c_key), _raw_public(self.state.s_key))
-
-    # -- round 1 ------------------------------------------------------------------------------------
+    # -- stage 1 ----------------------------------------------------------------------------------------
     def _aead(self, peer: int) -> AESGCM:
-        shared = agree(self.state.c_key, self.state.peers[peer].c_public)
+        shared = agree(self._c_key, self._peers[peer][0])
         return AESGCM(derive(shared, "share-encryption", _pair_context(self.config, self.client_id, peer)))
 
-    def share_keys(self, keys: Mapping[int, AdvertiseKeys]) -> dict[int, bytes]:
-        """Split ``bᵤ`` and ``sᵤ`` among the neighbours that advertised keys; one ciphertext per neighbour."""
+    def share_keys(self, roster: KeyRoster) -> ShareKeys:
+        """Split ``bᵤ`` and ``sᵤ`` among the neighbours in the roster; one ciphertext per neighbour."""
+        self._expect(Stage.ADVERTISE, "share keys")
+        self._check_round(roster)
         u, cfg = self.client_id, self.config
-        peers = {v: keys[v] for v in self._graph if v in keys}
+        mine = (_raw_public(self._c_key), _raw_public(self._s_key))
+        if roster.keys.get(u) != mine:
+            raise SecAggError(f"client {u}: the key roster does not carry this client's own keys; aborting")
+        peers = {v: roster.keys[v] for v in sorted(self._graph) if v in roster.keys}
+        if len({c for c, _ in peers.values()} | {mine[0]}) != len(peers) + 1:
+            raise SecAggError(f"client {u}: the key roster repeats a public key; aborting")
         if len(peers) + 1 < cfg.threshold:
             raise SecAggError(
                 f"client {u}: only {len(peers)} neighbours advertised keys; threshold {cfg.threshold}"
             )
-        self.state.peers = peers
-        self.state.self_seed = self._rand(32)
+        self._peers = peers
+        self._self_seed = self._rand(32)
         xs = [v + 1 for v in [*peers, u]]  # share points are id + 1 (0 is the secret)
-        b_sh = shamir.split(self.state.self_seed, threshold=cfg.threshold, xs=xs, randbytes=self._rand)
-        s_sh = shamir.split(
-            _raw_private(self.state.s_key), threshold=cfg.threshold, xs=xs, randbytes=self._rand
-        )
-        self.state.own_shares = (b_sh[u + 1], s_sh[u + 1])
+        b_sh = shamir.split(self._self_seed, threshold=cfg.threshold, xs=xs, randbytes=self._rand)
+        s_sh = shamir.split(_raw_private(self._s_key), threshold=cfg.threshold, xs=xs, randbytes=self._rand)
+        self._own_shares = (b_sh[u + 1], s_sh[u + 1])
         out = {}
         for v in peers:
             plain = shamir.share_to_bytes(b_sh[v + 1]) + shamir.share_to_bytes(s_sh[v + 1])
             nonce = self._rand(12)
-            aad = _pair_context(cfg, u, v) + b"/from:" + str(u).encode()
-            out[v] = nonce + self._aead(v).encrypt(nonce, plain, aad)
-        return out
+            out[v] = nonce + self._aead(v).encrypt(nonce, plain, _aad(cfg, u, v))
+        self.stage = Stage.SHARE
+        return ShareKeys(cfg.round_id, u, out)
 
-    # -- round 2 ------------------------------------------------------------------------------------
-    def masked_input(self, ciphertexts: Mapping[int, bytes], codes: np.ndarray) -> bytes:
-        """Mask this client's quantized ``codes`` (uint, each < 2^bits) and return them packed in the ring."""
+    # -- stage 2 ----------------------------------------------------------------------------------------
+    def masked_input(self, inbox: ShareInbox, codes: np.ndarray) -> MaskedInput:
+        """Mask this client's quantized ``codes`` (integers in ``[0, 2^bits)``), packed at ``ring_bits`` bits.
+
+        Pairwise masks are added for exactly the neighbours whose shares reached this client (the others
+        dropped before stage 2), which is the set the server will use to cancel them.
+        """
+        self._expect(Stage.SHARE, "send a masked input")
+        self._check_round(inbox)
         cfg, u = self.config, self.client_id
+        if inbox.client_id != u:
+            raise SecAggError(f"client {u}: received the share inbox of client {inbox.client_id}")
+        stray = set(inbox.ciphertexts) - set(self._peers)
+        if stray:
+            raise SecAggError(f"client {u}: inbox holds shares from non-neighbours {sorted(stray)[:5]}")
         codes = np.asarray(codes)
         if codes.shape != (cfg.vector_size,):
             raise SecAggError(f"client {u}: input has shape {codes.shape}, expected ({cfg.vector_size},)")
         if codes.dtype.kind not in "ui" or (codes.size and (codes.min() < 0 or codes.max() >= 1 << cfg.bits)):
             raise SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
-        # only neighbours whose shares arrived take part: the others dropped before round 2
-        self.state.received = {v: ct for v, ct in ciphertexts.items() if v in self.state.peers}
-        if len(self.state.received) + 1 < cfg.threshold:
+        if len(inbox.ciphertexts) + 1 < cfg.threshold:
             raise SecAggError(
-                f"client {u}: only {len(self.state.received)} neighbours left; aborting the round"
+                f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
-        y = codes.astype(np.uint32) + _self_mask(cfg, self.state.self_seed, u)
-        for v in self.state.received:
-            p = _pair_mask(cfg, self.state.s_key, self.state.peers[v].s_public, u, v)
+        self._received = dict(inbox.ciphertexts)
+        y = codes.astype(np.uint32) + _self_mask(cfg, self._self_seed, u)
+        for v in sorted(self._received):
+            p = _pair_mask(cfg, self._s_key, self._peers[v][1], u, v)
             if u < v:  # uint32 wraps mod 2^32, a multiple of 2^k
                 y += p
             else:
                 y -= p
-        self.state.uploaded = True
-        return pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits)
+        self.stage = Stage.MASKED
+        return MaskedInput(cfg.round_id, u, pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits))
 
-    # -- round 3 ------------------------------------------------------------------------------------
-    def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
+    # -- stage 3 ----------------------------------------------------------------------------------------
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """For each neighbour: its self-mask share if it uploaded, its mask-key share if it dropped — never both."""
+        self._expect(Stage.MASKED, "unmask")
+        self._check_round(request)
         cfg, u = self.config, self.client_id
-        surv, drop = set(survivors), set(dropped)
+        surv, drop = set(request.survivors), set(request.dropped)
         if surv & drop:
             raise SecAggError(
                 f"client {u}: refusing to unmask: clients {sorted(surv & drop)[:5]} listed as both"
             )
-        if not self.state.uploaded or u not in surv:
+        if u not in surv:
             raise SecAggError(f"client {u}: refusing to unmask a round it is not listed as a survivor of")
         if len(surv) < cfg.threshold:
             raise SecAggError(f"client {u}: only {len(surv)} survivors; threshold {cfg.threshold}")
         out: dict[int, bytes] = {}
-        for v in surv | drop:
+        for v in sorted(surv | drop):
             want = "b" if v in surv else "s"
-            if self.state.revealed.get(v, want) != want:
+            if self._revealed.get(v, want) != want:
                 raise SecAggError(f"client {u}: refusing to reveal both secrets of client {v}")
             if v == u:
-                b, s = self.state.own_shares
-            elif v in self.state.received:
-                ct = self.state.received[v]
-                aad = _pair_context(cfg, u, v) + b"/from:" + str(v).encode()
+                b, s = self._own_shares
+            elif v in self._received:
+                ct = self._received[v]
                 try:
-                    plain = self._aead(v).decrypt(ct[:12], ct[12:], aad)
+                    plain = self._aead(v).decrypt(ct[:12], ct[12:], _aad(cfg, v, u))
                 except InvalidTag as exc:
                     raise SecAggError(
                         f"client {u}: share ciphertext from client {v} failed authentication"
@@ -291,80 +398,194 @@ class SecAggClient:
                 s = shamir.share_from_bytes(plain[shamir.SHARE_BYTES :])
             else:
                 continue
-            self.state.revealed[v] = want
             out[v] = shamir.share_to_bytes(b if want == "b" else s)
-        return out
+        for v in out:  # only once every share was produced: a refused request reveals nothing
+            self._revealed[v] = "b" if v in surv else "s"
+        return UnmaskResponse(cfg.round_id, u, out)
 
 
 class SecAggServer:
     """The untrusted aggregator: routes messages, folds masked inputs into one running sum, then unmasks it.
 
-    Memory is O(vector) for the sum plus O(clients²) small messages (O(clients · neighbours) with SecAgg+).
+    Partner: :class:`SecAggClient`. A stage closes when the driver says so (every expected message arrived, or
+    a deadline passed): :meth:`roster` closes key advertisement, :meth:`close_shares` closes share exchange,
+    :meth:`unmask_request` closes masked inputs and *freezes the survivor set*, :meth:`result` ends the round.
+    Whatever arrives for a closed stage (a late masked input, say) is refused with :class:`SecAggOrderError`
+    and changes nothing, so the sum always covers exactly the frozen survivors.
+
+    The object holds public keys, ciphertexts it cannot open, the running masked sum and the shares it asked
+    for; it never holds an individual unmasked update. Memory is O(vector) for the sum plus O(clients²) small
+    messages (O(clients · neighbours) with SecAgg+).
     """
 
     def __init__(self, config: SecAggConfig) -> None:
         self.config = config
         self.graph = neighbours(config)
-        self.keys: dict[int, AdvertiseKeys] = {}
+        self.stage = Stage.ADVERTISE
+        self.keys: dict[int, tuple[bytes, bytes]] = {}
         self.mailbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.share_senders: set[int] = set()
         self.uploaded: list[int] = []
         self.masked_sum = np.zeros(config.vector_size, dtype=np.uint32)
         self.responses: dict[int, dict[int, bytes]] = {}  # responder -> owner -> share
         self.bytes_received: dict[int, int] = {}
+        self._roster: KeyRoster | None = None
+        self._request: UnmaskRequest | None = None
+        self._result: np.ndarray | None = None
 
     def _count(self, u: int, n: int) -> None:
         self.bytes_received[u] = self.bytes_received.get(u, 0) + n
 
+    def _expect(self, stage: str, what: str) -> None:
+        if self.stage != stage:
+            late = _ORDER.index(self.stage) > _ORDER.index(stage)
+            raise SecAggOrderError(
+                f"{what} refused: the server is at stage '{self.stage}' "
+                + ("(that stage is closed: too late)" if late else f"(it accepts this at '{stage}')"),
+                stage=self.stage,
+            )
+
+    def _check_round(self, msg: object, sender: int) -> None:
+        rid = getattr(msg, "round_id", None)
+        if rid != self.config.round_id:
+            raise SecAggOrderError(
+                f"message from client {sender} is for round {rid}, this is round {self.config.round_id}",
+                stage=self.stage,
+            )
+
+    # -- stage 0 ----------------------------------------------------------------------------------------
     def receive_keys(self, msg: AdvertiseKeys) -> None:
+        self._expect(Stage.ADVERTISE, f"key advertisement from client {msg.client_id}")
+        self._check_round(msg, msg.client_id)
         if (
             not 0 <= msg.client_id < self.config.num_clients
             or len(msg.c_public) != 32
             or len(msg.s_public) != 32
         ):
             raise DecodeError(f"malformed key advertisement from client {msg.client_id}")
-        self.keys[msg.client_id] = msg
+        if msg.client_id in self.keys:
+            raise SecAggOrderError(f"client {msg.client_id} already advertised keys", stage=self.stage)
+        self.keys[msg.client_id] = (msg.c_public, msg.s_public)
         self._count(msg.client_id, len(msg.to_bytes()))
 
-    def broadcast_keys(self) -> dict[int, AdvertiseKeys]:
-        if len(self.keys) < self.config.threshold:
-            raise SecAggError(
-                f"only {len(self.keys)} clients advertised keys; threshold {self.config.threshold}"
+    def roster(self) -> KeyRoster:
+        """Close key advertisement (first call) and return the roster every device needs for stage 1."""
+        if self._roster is None:
+            self._expect(Stage.ADVERTISE, "closing key advertisement")
+            if len(self.keys) < self.config.threshold:
+                raise SecAggError(
+                    f"only {len(self.keys)} clients advertised keys; threshold {self.config.threshold}"
+                )
+            self._roster = KeyRoster(self.config.round_id, dict(sorted(self.keys.items())))
+            self.stage = Stage.SHARE
+        return self._roster
+
+    # -- stage 1 ----------------------------------------------------------------------------------------
+    def receive_shares(self, msg: ShareKeys) -> None:
+        sender = msg.client_id
+        self._expect(Stage.SHARE, f"shares from client {sender}")
+        self._check_round(msg, sender)
+        if sender not in self.keys:
+            raise SecAggOrderError(
+                f"client {sender} sent shares but is not in the key roster", stage=self.stage
             )
-        return dict(self.keys)
-
-    def receive_shares(self, sender: int, ciphertexts: Mapping[int, bytes]) -> None:
-        for v, ct in ciphertexts.items():
-            if v not in self.graph[sender]:
-                raise SecAggError(f"client {sender} sent shares to non-neighbour {v}")
+        if sender in self.share_senders:
+            raise SecAggOrderError(f"client {sender} already sent its shares", stage=self.stage)
+        expected = self.graph[sender] & set(self.keys)
+        if set(msg.ciphertexts) != expected:
+            raise SecAggError(
+                f"client {sender} must send one ciphertext to each of its {len(expected)} neighbours in the "
+                f"roster; got {len(msg.ciphertexts)} (missing {sorted(expected - set(msg.ciphertexts))[:5]}, "
+                f"extra {sorted(set(msg.ciphertexts) - expected)[:5]})"
+            )
+        for v, ct in msg.ciphertexts.items():
             self.mailbox.setdefault(v, {})[sender] = ct
-            self._count(sender, ID_BYTES + len(ct))
         self.share_senders.add(sender)
+        self._count(sender, len(msg.to_bytes()))
 
-    def shares_for(self, recipient: int) -> dict[int, bytes]:
-        return dict(self.mailbox.get(recipient, {}))
+    def close_shares(self) -> None:
+        """Close share exchange: from now on each device that shared may fetch its inbox and mask."""
+        self._expect(Stage.SHARE, "closing share exchange")
+        if len(self.share_senders) < self.config.threshold:
+            raise SecAggError(
+                f"only {len(self.share_senders)} clients shared keys; threshold {self.config.threshold}"
+            )
+        # ciphertexts from or to clients that did not share are never used: drop them
+        self.mailbox = {
+            v: {u: ct for u, ct in box.items() if u in self.share_senders}
+            for v, box in self.mailbox.items()
+            if v in self.share_senders
+        }
+        self.stage = Stage.MASKED
 
-    def receive_masked_input(self, sender: int, payload: bytes) -> None:
-        """Fold one masked input into the running sum; the payload itself is not kept."""
-        cfg = self.config
-        if sender not in self.share_senders or sender in self.uploaded:
-            raise SecAggError(f"unexpected masked input from client {sender}")
-        y = unpack(payload, cfg.ring_bits, cfg.vector_size)
+    def inbox(self, recipient: int) -> ShareInbox:
+        """The ciphertexts addressed to ``recipient`` by the clients that shared (after :meth:`close_shares`)."""
+        if self.stage == Stage.SHARE:
+            raise SecAggOrderError(
+                "share exchange is still open; the inbox is not final yet", stage=self.stage
+            )
+        if recipient not in self.share_senders:
+            raise SecAggOrderError(f"client {recipient} did not share keys in time", stage=self.stage)
+        return ShareInbox(
+            self.config.round_id, recipient, dict(sorted(self.mailbox.get(recipient, {}).items()))
+        )
+
+    # -- stage 2 ----------------------------------------------------------------------------------------
+    def receive_masked_input(self, msg: MaskedInput) -> None:
+        """Fold one masked input into the running sum; the input itself is not kept."""
+        sender, cfg = msg.client_id, self.config
+        self._expect(Stage.MASKED, f"masked input from client {sender}")
+        self._check_round(msg, sender)
+        if sender not in self.share_senders:
+            raise SecAggOrderError(
+                f"client {sender} did not share keys, so it cannot upload", stage=self.stage
+            )
+        if sender in self.uploaded:
+            raise SecAggOrderError(f"client {sender} already uploaded its masked input", stage=self.stage)
+        y = unpack(msg.packed, cfg.ring_bits, cfg.vector_size)
         self.masked_sum += y  # wraps mod 2^32; reduced mod 2^k at the end
         self.uploaded.append(sender)
-        self._count(sender, len(payload))
+        self._count(sender, len(msg.to_bytes()))
 
-    def unmask_request(self) -> tuple[list[int], list[int]]:
-        """(survivors, dropped): who uploaded, and who shared keys but did not upload."""
-        if len(self.uploaded) < self.config.threshold:
-            raise SecAggError(
-                f"only {len(self.uploaded)} masked inputs arrived; threshold {self.config.threshold}"
+    def unmask_request(self) -> UnmaskRequest:
+        """Close masked inputs and freeze (survivors, dropped); repeated calls return the same request."""
+        if self._request is None:
+            self._expect(Stage.MASKED, "the unmasking request")
+            if len(self.uploaded) < self.config.threshold:
+                raise SecAggError(
+                    f"only {len(self.uploaded)} masked inputs arrived; threshold {self.config.threshold}"
+                )
+            self._request = UnmaskRequest(
+                self.config.round_id,
+                tuple(sorted(self.uploaded)),
+                tuple(sorted(self.share_senders - set(self.uploaded))),
             )
-        return sorted(self.uploaded), sorted(self.share_senders - set(self.uploaded))
+            self.stage = Stage.UNMASK
+        return self._request
 
-    def receive_unmask(self, responder: int, shares: Mapping[int, bytes]) -> None:
-        self.responses[responder] = dict(shares)
-        self._count(responder, sum(ID_BYTES + len(s) for s in shares.values()))
+    # -- stage 3 ----------------------------------------------------------------------------------------
+    def receive_unmask(self, msg: UnmaskResponse) -> None:
+        responder = msg.client_id
+        self._expect(Stage.UNMASK, f"unmasking response from client {responder}")
+        self._check_round(msg, responder)
+        req = self._request
+        assert req is not None
+        if responder not in req.survivors:
+            raise SecAggOrderError(
+                f"client {responder} is not a survivor; it is not asked to unmask", stage=self.stage
+            )
+        if responder in self.responses:
+            raise SecAggOrderError(
+                f"client {responder} already answered the unmasking request", stage=self.stage
+            )
+        allowed = (self.graph[responder] | {responder}) & (set(req.survivors) | set(req.dropped))
+        if not set(msg.shares) <= allowed:
+            raise SecAggError(
+                f"client {responder} sent shares of clients it was not asked about: "
+                f"{sorted(set(msg.shares) - allowed)[:5]}"
+            )
+        self.responses[responder] = dict(msg.shares)
+        self._count(responder, len(msg.to_bytes()))
 
     def _recover(self, owner: int, lam_cache: dict[frozenset[int], dict[int, int]]) -> bytes:
         t = self.config.threshold
@@ -377,21 +598,44 @@ class SecAggServer:
         return shamir.combine(pts, threshold=t, lam=lam_cache[xs])
 
     def result(self) -> np.ndarray:
-        """The exact integer sum of the survivors' codes (uint64)."""
-        cfg = self.config
-        survivors, dropped = self.unmask_request()
+        """The exact integer sum (uint64) of the frozen survivors' codes; ends the round.
+
+        Raises :class:`SecAggError` (and stays at the unmasking stage, so more responses may still come)
+        while some survivor's self-mask or some dropped client's mask key lacks ``threshold`` shares.
+        """
+        if self._result is not None:
+            return self._result
+        self._expect(Stage.UNMASK, "computing the result")
+        cfg, req = self.config, self._request
+        assert req is not None
         total = self.masked_sum.copy()
         lam: dict[frozenset[int], dict[int, int]] = {}
-        for u in survivors:
+        for u in req.survivors:
             total -= _self_mask(cfg, self._recover(u, lam), u)
-        for u in dropped:
+        for u in req.dropped:
             s_key = X25519PrivateKey.from_private_bytes(self._recover(u, lam))
-            for v in survivors:
-                if v in self.graph[u] and u in self.mailbox.get(v, {}):
-                    p = _pair_mask(cfg, s_key, self.keys[v].s_public, u, v)
+            for v in req.survivors:
+                if u in self.mailbox.get(v, {}):  # v masked with u: u shared with v before dropping
+                    p = _pair_mask(cfg, s_key, self.keys[v][1], u, v)
                     # v added +p if v < u else −p for its pair with u; take it back out
                     if v < u:
                         total -= p
                     else:
                         total += p
-        return (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
+        self._result = (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
+        self.masked_sum = np.zeros(0, dtype=np.uint32)
+        self.stage = Stage.DONE
+        return self._result
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        """The frozen survivor set (empty before :meth:`unmask_request`)."""
+        return self._request.survivors if self._request is not None else ()
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Clients that shared keys but are not in the sum (empty before :meth:`unmask_request`)."""
+        return self._request.dropped if self._request is not None else ()
+
+
+_ORDER = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK, Stage.DONE]

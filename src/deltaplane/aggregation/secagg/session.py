@@ -1,7 +1,9 @@
-"""Run a whole secure aggregation round in-process: for simulations, tests and benchmarks.
+"""The in-process transport: run a secure aggregation round between device objects and a server object.
 
-The message flow is exactly what a networked deployment would carry — each client object only sees what the
-server routes to it, and the server only sees what clients send — so measured upload bytes are real wire sizes.
+Every message crosses as bytes (``to_bytes`` on the sender, strict ``from_bytes`` on the receiver), exactly
+what the HTTP and Flower transports carry, so measured upload bytes are real wire sizes and the server object
+receives nothing a networked server would not. Dropouts can be injected at every stage, and late uploads (a
+masked input arriving after the unmasking request) are delivered and refused, as a real server refuses them.
 """
 
 from __future__ import annotations
@@ -9,17 +11,47 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer
-from deltaplane.aggregation.secagg.ring import dequantize_sum, quantize
+from deltaplane.aggregation.secagg.encoding import RingEncoding
+from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
+from deltaplane.aggregation.secagg.errors import SecAggOrderError
+from deltaplane.aggregation.secagg.protocol import SecAggConfig
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError
 
-__all__ = ["SecAggReport", "run_secagg", "secure_mean"]
+__all__ = ["Dropouts", "SecAggReport", "exchange", "run_secagg", "secure_mean"]
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """Which devices vanish at which stage of a round (ids of invited devices).
+
+    Args:
+        before_advertise: never answer the invitation.
+        before_shares: advertise keys, then vanish before sharing them.
+        before_upload: share keys, then vanish before sending a masked input.
+        late_upload: send the masked input only after the server asked for unmasking (it is refused).
+        after_upload: upload, then vanish before unmasking (still in the sum).
+    """
+
+    before_advertise: Collection[int] = ()
+    before_shares: Collection[int] = ()
+    before_upload: Collection[int] = ()
+    late_upload: Collection[int] = ()
+    after_upload: Collection[int] = ()
+
+    def gone_by(self, stage: int) -> set[int]:
+        """Devices that do not take part in stage ``stage`` (0 advertise, 1 share, 2 upload, 3 unmask)."""
+        groups = [self.before_advertise, self.before_shares, self.before_upload, self.after_upload]
+        out: set[int] = set()
+        for g in groups[: stage + 1]:
+            out |= set(g)
+        if stage >= 2:
+            out |= set(self.late_upload)
+        return out
 
 
 @dataclass(frozen=True)
@@ -31,11 +63,62 @@ class SecAggReport:
     responders: list[int]
     upload_bytes: dict[int, int]
     ring_bits: int
+    #: devices whose masked input arrived after the unmasking request and was refused (typed errors)
+    refused_late: list[int] = field(default_factory=list)
 
     def overhead(self, bits: int, vector_size: int) -> float:
         """Largest per-client upload divided by the unmasked packed ``bits``-bit update."""
         plain = math.ceil(vector_size * bits / 8)
         return max(self.upload_bytes[u] for u in self.survivors) / plain
+
+
+def exchange(
+    devices: Mapping[int, DeviceEndpoint], server: ServerEndpoint, dropouts: Dropouts | None = None
+) -> tuple[np.ndarray, SecAggReport]:
+    """Carry one round's messages, as bytes, between device endpoints and the server endpoint.
+
+    Devices in ``dropouts`` stop at their stage; late uploaders send their masked input after the unmasking
+    request, and the server refuses it (:class:`SecAggOrderError`), as it would on any transport.
+    """
+    d = dropouts or Dropouts()
+    for u, dev in devices.items():
+        if u not in d.gone_by(0):
+            server.receive(dev.advertise(), sender=u)
+    roster = server.roster()
+    for u, dev in devices.items():
+        if u not in d.gone_by(1):
+            server.receive(dev.share(roster), sender=u)
+    server.close_shares()
+    late: dict[int, bytes] = {}
+    for u, dev in devices.items():
+        if u in d.gone_by(1) or u in d.before_upload:
+            continue
+        masked = dev.masked_input(server.inbox(u))
+        if u in d.late_upload:
+            late[u] = masked
+        else:
+            server.receive(masked, sender=u)
+    request = server.unmask_request()
+    refused = []
+    for u, payload in late.items():
+        try:
+            server.receive(payload, sender=u)
+        except SecAggOrderError:
+            refused.append(u)
+    srv = server.server
+    responders = [u for u in srv.survivors if u not in d.gone_by(3)]
+    for u in responders:
+        server.receive(devices[u].unmask(request), sender=u)
+    total = server.result()
+    report = SecAggReport(
+        list(srv.survivors),
+        list(srv.dropped),
+        responders,
+        dict(srv.bytes_received),
+        server.config.ring_bits,
+        sorted(refused),
+    )
+    return total, report
 
 
 def run_secagg(
@@ -44,34 +127,33 @@ def run_secagg(
     *,
     drop_before_upload: Collection[int] = (),
     drop_after_upload: Collection[int] = (),
+    dropouts: Dropouts | None = None,
     randbytes: Callable[[int], bytes] = secrets.token_bytes,
 ) -> tuple[np.ndarray, SecAggReport]:
-    """The exact integer sum of the codes of every client that uploaded, and a :class:`SecAggReport`.
+    """The exact integer sum of the codes of the frozen survivors, and a :class:`SecAggReport`.
 
     Args:
-        codes: client id → its quantized update (integers in ``[0, 2^bits)``), for every invited client.
+        codes: client id → its quantized update (integers in ``[0, 2^bits)``). Each array is handed only to
+            that client's :class:`DeviceEndpoint`; the server endpoint receives bytes of masked messages.
         config: the round's public parameters.
-        drop_before_upload: clients that vanish after sharing keys but before sending their masked input.
-        drop_after_upload: clients that send their masked input and then vanish (they are in the sum).
+        drop_before_upload / drop_after_upload: shorthands for ``Dropouts(before_upload=..., after_upload=...)``.
+        dropouts: dropouts at every stage, and late uploads (merged with the shorthands).
         randbytes: secret randomness for all clients (seeded only in reproducible simulations).
     """
-    clients = {u: SecAggClient(u, config, randbytes=randbytes) for u in codes}
-    server = SecAggServer(config)
-    for c in clients.values():
-        server.receive_keys(c.advertise_keys())
-    keys = server.broadcast_keys()
-    for u, c in clients.items():
-        server.receive_shares(u, c.share_keys(keys))
-    for u, c in clients.items():
-        if u not in drop_before_upload:
-            server.receive_masked_input(u, c.masked_input(server.shares_for(u), codes[u]))
-    survivors, dropped = server.unmask_request()
-    responders = [u for u in survivors if u not in drop_after_upload]
-    for u in responders:
-        server.receive_unmask(u, clients[u].unmask(survivors, dropped))
-    total = server.result()
-    report = SecAggReport(survivors, dropped, responders, dict(server.bytes_received), config.ring_bits)
-    return total, report
+    d = dropouts or Dropouts()
+    d = Dropouts(
+        d.before_advertise,
+        d.before_shares,
+        set(d.before_upload) | set(drop_before_upload),
+        d.late_upload,
+        set(d.after_upload) | set(drop_after_upload),
+    )
+    enc = RingEncoding(bits=config.bits)
+    devices = {}
+    for u, c in codes.items():
+        devices[u] = DeviceEndpoint(u, config, enc, randbytes=randbytes)
+        devices[u].set_codes(c)
+    return exchange(devices, ServerEndpoint(config), d)
 
 
 def secure_mean(
@@ -79,49 +161,57 @@ def secure_mean(
     *,
     bits: int = 16,
     clip_range: float = 1.0,
+    weights: Sequence[int] | None = None,
     threshold: int | None = None,
     neighbours: int | None = None,
     drop_before_upload: Collection[int] = (),
     drop_after_upload: Collection[int] = (),
+    dropouts: Dropouts | None = None,
     round_id: int = 0,
     seed: int | None = None,
+    device_seeds: Sequence[int] | None = None,
 ) -> tuple[Delta, SecAggReport]:
-    """The mean of the uploaded clients' deltas, computed through secure aggregation.
+    """The (example-weighted, with ``weights``) mean of the surviving clients' deltas, via secure aggregation.
 
-    Each delta is flattened, clipped to ``±clip_range`` per value and quantized to ``bits`` bits with unbiased
-    stochastic rounding on the client; the server sees only masked ring elements. ``seed`` makes the whole
-    round reproducible (client secrets included) — for simulations only; None uses the OS's secure randomness.
+    Each client encodes its own delta with :class:`RingEncoding` (clip to ``±clip_range`` per value, quantize to
+    ``bits`` bits with unbiased stochastic rounding, append its weight), then runs the protocol; the server sees
+    only masked ring elements. ``seed`` makes the whole round reproducible (client secrets included) — for
+    simulations only; None uses the OS's secure randomness. ``device_seeds`` (one per delta) seed each device's
+    stochastic rounding on its own, so another transport running the same devices unmasks the very same sum.
     """
     if not deltas:
         raise DeltaplaneError("no client delta was given; nothing to aggregate")
-    if not clip_range > 0:
-        raise ConfigError(f"clip_range must be positive. Found {clip_range!r}")
     like = deltas[0]
-    for d in deltas[1:]:
-        check_compatible(like, d, "client deltas")
-    for d in deltas:
-        d.check_finite()
+    for dl in deltas[1:]:
+        check_compatible(like, dl, "client deltas")
     n = len(deltas)
+    if weights is not None and len(weights) != n:
+        raise ConfigError(f"{len(weights)} weights for {n} deltas")
+    weight_scale = float(np.mean(weights)) if weights is not None else 0.0
+    enc = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
     group = (neighbours if neighbours is not None else n - 1) + 1
     threshold = threshold if threshold is not None else group // 2 + 1
-    flat0 = like.flatten()
     cfg = SecAggConfig(
-        num_clients=n, threshold=threshold, bits=bits, vector_size=max(1, flat0.numel()),
+        num_clients=n, threshold=threshold, bits=bits, vector_size=enc.vector_size(like),
         neighbours=neighbours, round_id=round_id, graph_seed=0 if seed is None else seed,
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     randbytes = rng.bytes if seed is not None else secrets.token_bytes
-    codes = {
-        u: quantize(d.flatten().numpy(), clip_range=clip_range, bits=bits, rng=np.random.default_rng(rng.integers(2**63)))
-        for u, d in enumerate(deltas)
-    }  # fmt: skip
-    total, report = run_secagg(
-        codes,
-        cfg,
-        drop_before_upload=drop_before_upload,
-        drop_after_upload=drop_after_upload,
-        randbytes=randbytes,
+    if device_seeds is not None and len(device_seeds) != n:
+        raise ConfigError(f"{len(device_seeds)} device seeds for {n} deltas")
+    devices = {}
+    for u, dl in enumerate(deltas):  # device side: each quantizes its own update into the ring
+        devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes)
+        q = np.random.default_rng(device_seeds[u] if device_seeds is not None else rng.integers(2**63))
+        devices[u].set_update(dl, int(weights[u]) if weights is not None else 1, q)
+    d = dropouts or Dropouts()
+    d = Dropouts(
+        d.before_advertise,
+        d.before_shares,
+        set(d.before_upload) | set(drop_before_upload),
+        d.late_upload,
+        set(d.after_upload) | set(drop_after_upload),
     )
-    count = len(report.survivors)
-    mean = dequantize_sum(total, count=count, clip_range=clip_range, bits=bits) / count
-    return like.unflatten(torch.from_numpy(mean).float()), report
+    total, report = exchange(devices, ServerEndpoint(cfg), d)
+    mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
+    return mean, report

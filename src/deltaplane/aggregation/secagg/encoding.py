@@ -1,0 +1,97 @@
+"""Turn a device's update into ring codes for secure aggregation, and the unmasked sum back into a mean.
+
+This is the "SecAgg-mask" end of the client step: after the update has been through the device's own codec
+(top-k, quantization, error feedback — whatever the run compresses with), the device decodes its own payload
+and quantizes *that* into the ring, so secure aggregation sums exactly what a plaintext round would have
+decoded, up to one quantization step. The wire then carries the masked ring vector instead of the payload.
+
+Weighted FedAvg without revealing weights: the device scales its values by ``w / weight_scale`` (``w`` its
+number of examples, ``weight_scale`` a public typical value such as the mean over invited devices) and appends
+``w`` itself as one extra integer slot. The unmasked sum then holds ``Σ (wᵢ / weight_scale) xᵢ`` and ``Σ wᵢ``
+exactly, and the weighted mean is ``weight_scale · Σ(...) / Σ wᵢ`` — the server never sees a single ``wᵢ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deltaplane.aggregation.secagg.errors import SecAggError
+from deltaplane.aggregation.secagg.ring import dequantize_sum, quantize
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
+
+__all__ = ["RingEncoding"]
+
+
+@dataclass(frozen=True)
+class RingEncoding:
+    """How an update becomes ``numel + 1`` codes of ``bits`` bits (values, then the weight slot).
+
+    Args:
+        bits: bits per code; with ``n`` clients the ring has ``bits + ⌈log₂ n⌉`` bits.
+        clip_range: each (scaled) value is clipped to ``±clip_range`` before quantization.
+        weight_scale: public normalizer of the example-count weights; 0 means an unweighted mean.
+    """
+
+    bits: int = 16
+    clip_range: float = 1.0
+    weight_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 31:
+            raise ConfigError(f"bits must be in [1, 31]. Found {self.bits}")
+        if not (self.clip_range > 0 and np.isfinite(self.clip_range)):
+            raise ConfigError(f"clip_range must be positive and finite. Found {self.clip_range!r}")
+        if not (self.weight_scale >= 0 and np.isfinite(self.weight_scale)):
+            raise ConfigError(f"weight_scale must be >= 0 (0: unweighted). Found {self.weight_scale!r}")
+
+    @property
+    def weighted(self) -> bool:
+        return self.weight_scale > 0
+
+    @staticmethod
+    def vector_size(like: Delta) -> int:
+        """Codes per device for updates shaped like ``like``: every value plus the weight slot."""
+        _check_float(like)
+        return like.numel() + 1
+
+    def encode(self, delta: Delta, weight: int, rng: np.random.Generator) -> np.ndarray:
+        """The device's codes: unbiased stochastic rounding of the (weight-scaled, clipped) values, then ``w``."""
+        if self.weighted:
+            if not isinstance(weight, int | np.integer) or not 1 <= weight < (1 << self.bits):
+                raise SecAggError(
+                    f"a weighted SecAgg round needs an integer example count in [1, 2^{self.bits}). Found {weight!r}"
+                )
+            scale, slot = float(weight) / self.weight_scale, int(weight)
+        else:
+            scale, slot = 1.0, 1
+        _check_float(delta)
+        delta.check_finite()
+        values = delta.flatten().double().numpy() * scale
+        codes = quantize(values, clip_range=self.clip_range, bits=self.bits, rng=rng)
+        return np.concatenate([codes, np.array([slot], dtype=np.uint32)])
+
+    def decode_sum(self, total: np.ndarray, *, count: int, like: Delta) -> tuple[Delta, int]:
+        """(mean update, total weight) from the exact integer sum of ``count`` devices' codes."""
+        _check_float(like)
+        n = like.numel()
+        if total.shape != (n + 1,):
+            raise SecAggError(f"the unmasked sum has {total.shape[0]} values, expected {n + 1}")
+        if count < 1:
+            raise SecAggError("no device is in the sum")
+        weight = int(total[n])
+        summed = dequantize_sum(total[:n], count=count, clip_range=self.clip_range, bits=self.bits)
+        mean = summed * (self.weight_scale / weight) if self.weighted else summed / count
+        return like.unflatten(torch.from_numpy(mean).to(torch.float32)), weight
+
+
+def _check_float(delta: Delta) -> None:
+    # an integer tensor (a step counter) cannot be averaged in the ring; refuse rather than drop it silently
+    bad = [k for k, v in delta.items() if not v.is_floating_point()]
+    if bad:
+        raise SecAggError(
+            f"secure aggregation sums floating-point tensors only; '{bad[0]}' is {delta[bad[0]].dtype}"
+        )

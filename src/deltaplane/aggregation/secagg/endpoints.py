@@ -1,0 +1,195 @@
+"""The two ends of a secure aggregation round as byte-in, byte-out objects: what every transport plugs into.
+
+:class:`DeviceEndpoint` runs on a device: it turns the device's update into ring codes (kept on the device) and
+answers each stage's server message with its own message, as bytes. :class:`ServerEndpoint` runs on the server:
+it decodes each incoming message strictly, checks that the authenticated sender is the client the message
+claims to be from, and hands it to :class:`~deltaplane.aggregation.secagg.SecAggServer`. A transport — in
+process, HTTP, Flower — only moves these bytes; it never sees a plaintext update because neither endpoint emits
+one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import numpy as np
+
+from deltaplane.aggregation.secagg.encoding import RingEncoding
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
+)
+from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer, Stage
+from deltaplane.delta import Delta
+from deltaplane.errors import DecodeError
+
+__all__ = ["DeviceEndpoint", "ServerEndpoint"]
+
+
+class DeviceEndpoint:
+    """One device's side of a round: its secrets, its codes, and a method per stage (bytes in, bytes out).
+
+    Partner: :class:`ServerEndpoint`. Call :meth:`set_update` once the device has its update (after its own
+    codec and error feedback: pass what it decoded from its own payload), then the stages in order.
+
+    Args:
+        client_id: the device's id in the round.
+        config: the round's public parameters (from the server's invitation).
+        encoding: how the update becomes ring codes (bits, clip range, weight scale).
+        randbytes: secret randomness (OS randomness by default; seeded only in simulations).
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        config: SecAggConfig,
+        encoding: RingEncoding,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if encoding.bits != config.bits:
+            raise SecAggError(f"encoding has {encoding.bits}-bit codes, the round {config.bits}-bit")
+        self.config = config
+        self.encoding = encoding
+        self.client = SecAggClient(client_id, config, randbytes=randbytes)
+        self._codes: np.ndarray | None = None
+
+    @property
+    def client_id(self) -> int:
+        return self.client.client_id
+
+    def export_state(self) -> bytes:
+        """The protocol state (secrets included) for the device's own storage; the codes are not kept."""
+        return self.client.export_state()
+
+    @classmethod
+    def restore(
+        cls,
+        config: SecAggConfig,
+        encoding: RingEncoding,
+        state: bytes,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> DeviceEndpoint:
+        """A device endpoint resumed from :meth:`export_state` (for devices that run each stage afresh)."""
+        out = cls.__new__(cls)
+        out.config, out.encoding, out._codes = config, encoding, None
+        out.client = SecAggClient.restore(config, state, randbytes=randbytes)
+        return out
+
+    def set_update(self, delta: Delta, weight: int, rng: np.random.Generator) -> None:
+        """Quantize the device's update (and weight) into the ring; the codes never leave this object."""
+        codes = self.encoding.encode(delta, weight, rng)
+        if codes.shape != (self.config.vector_size,):
+            raise SecAggError(
+                f"update has {codes.shape[0] - 1} values; the round expects {self.config.vector_size - 1}"
+            )
+        self._codes = codes
+
+    def set_codes(self, codes: np.ndarray) -> None:
+        """Use ready-made ring codes (integers in ``[0, 2^bits)``, one per value) instead of :meth:`set_update`."""
+        self._codes = np.asarray(codes)
+
+    def advertise(self) -> bytes:
+        """Stage 0: this device's public keys."""
+        return self.client.advertise_keys().to_bytes()
+
+    def share(self, roster: bytes) -> bytes:
+        """Stage 1: encrypted shares for the neighbours in the server's roster."""
+        return self.client.share_keys(KeyRoster.from_bytes(roster, self.config)).to_bytes()  # type: ignore[arg-type]
+
+    def masked_input(self, inbox: bytes) -> bytes:
+        """Stage 2: the masked update (needs :meth:`set_update` first)."""
+        if self._codes is None:
+            raise SecAggOrderError(
+                f"client {self.client_id}: no update to mask yet (call set_update)", stage=self.client.stage
+            )
+        msg = ShareInbox.from_bytes(inbox, self.config)
+        return self.client.masked_input(msg, self._codes).to_bytes()  # type: ignore[arg-type]
+
+    def unmask(self, request: bytes) -> bytes:
+        """Stage 3: the shares the server may have (self-mask shares of survivors, key shares of dropouts)."""
+        return self.client.unmask(UnmaskRequest.from_bytes(request, self.config)).to_bytes()  # type: ignore[arg-type]
+
+
+_RECEIVERS = {
+    AdvertiseKeys: "receive_keys",
+    ShareKeys: "receive_shares",
+    MaskedInput: "receive_masked_input",
+    UnmaskResponse: "receive_unmask",
+}
+
+
+class ServerEndpoint:
+    """The server's side of a round: strict decoding, sender checks, the state machine; bytes in and out.
+
+    Partner: :class:`DeviceEndpoint`. ``receive`` accepts any device → server message; the stage methods close
+    stages and return what devices fetch next.
+    """
+
+    def __init__(self, config: SecAggConfig) -> None:
+        self.config = config
+        self.server = SecAggServer(config)
+
+    @property
+    def stage(self) -> str:
+        return self.server.stage
+
+    def receive(self, data: bytes, *, sender: int | None = None) -> str:
+        """Decode and apply one device → server message; returns its kind. ``sender`` is the authenticated
+        client id (None when the transport authenticates otherwise); a message naming another client is refused.
+        """
+        msg = decode_message(data, self.config)
+        method = _RECEIVERS.get(type(msg))
+        if method is None:
+            raise DecodeError(f"a {type(msg).__name__} is sent by the server, not to it")
+        claimed = msg.client_id  # type: ignore[attr-defined]
+        if sender is not None and claimed != sender:
+            raise SecAggOrderError(
+                f"client {sender} sent a message signed as client {claimed}", stage=self.stage
+            )
+        getattr(self.server, method)(msg)
+        return type(msg).__name__
+
+    def roster(self) -> bytes:
+        """Close key advertisement; the key roster every device fetches."""
+        return self.server.roster().to_bytes()
+
+    def close_shares(self) -> None:
+        """Close share exchange."""
+        self.server.close_shares()
+
+    def inbox(self, recipient: int) -> bytes:
+        """The shares addressed to ``recipient`` (after :meth:`close_shares`)."""
+        return self.server.inbox(recipient).to_bytes()
+
+    def unmask_request(self) -> bytes:
+        """Close masked inputs, freezing the survivors; the request every survivor fetches."""
+        return self.server.unmask_request().to_bytes()
+
+    def result(self) -> np.ndarray:
+        """The exact integer sum of the frozen survivors' codes."""
+        return self.server.result()
+
+    def advance(self) -> str:
+        """Close the current stage (whatever it is) and return the new one; the driver's deadline hook."""
+        stage = self.stage
+        if stage == Stage.ADVERTISE:
+            self.roster()
+        elif stage == Stage.SHARE:
+            self.close_shares()
+        elif stage == Stage.MASKED:
+            self.unmask_request()
+        elif stage == Stage.UNMASK:
+            self.result()
+        else:
+            raise SecAggOrderError("the round is done; nothing to advance", stage=stage)
+        return self.stage

@@ -1,0 +1,368 @@
+"""The secure aggregation messages as plain bytes: what devices and the server actually send each other.
+
+Every message is ``magic "DPSA" | u8 version | u8 kind | u32 round id | body`` (big-endian integers). Decoding
+is strict and bounded: the caller passes the round's :class:`~deltaplane.aggregation.secagg.SecAggConfig`, every
+count is checked against the number of clients *before* anything is read, the total length must be exactly what
+the counts imply, ids must be in range and strictly increasing, and the round id must match — so a message can
+never make its reader allocate more than the config allows, and any deviation is a :class:`DecodeError` that says
+what was wrong. The same bytes travel in process, over HTTP bodies and inside Flower records.
+
+=====================  ====================  =======================================================
+message                direction             body
+=====================  ====================  =======================================================
+``AdvertiseKeys``      device → server       id, X25519 public keys ``c`` (share encryption), ``s`` (masks)
+``KeyRoster``          server → devices      count, then (id, c, s) per client that advertised
+``ShareKeys``          device → server       sender, count, then (recipient, AES-GCM ciphertext)
+``ShareInbox``         server → device       recipient, count, then (sender, ciphertext) addressed to it
+``MaskedInput``        device → server       id, the masked vector packed at ``ring_bits`` bits per value
+``UnmaskRequest``      server → devices      survivors, then dropped clients
+``UnmaskResponse``     device → server       id, count, then (owner, Shamir share) per owner asked for
+=====================  ====================  =======================================================
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from deltaplane.aggregation.secagg import shamir
+from deltaplane.aggregation.secagg.errors import SecAggOrderError
+from deltaplane.errors import DecodeError
+
+if TYPE_CHECKING:
+    from deltaplane.aggregation.secagg.protocol import SecAggConfig
+
+__all__ = [
+    "CIPHERTEXT_BYTES",
+    "AdvertiseKeys",
+    "KeyRoster",
+    "MaskedInput",
+    "Message",
+    "ShareInbox",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode_message",
+]
+
+MAGIC = b"DPSA"
+VERSION = 1
+_HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
+KEY_BYTES = 32
+#: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
+CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
+_U32 = struct.Struct(">I")
+
+
+class _Reader:
+    """Reads a message body with every length checked against what is left."""
+
+    def __init__(self, data: bytes, offset: int, what: str) -> None:
+        self.data, self.pos, self.what = data, offset, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise DecodeError(
+                f"{self.what}: truncated ({len(self.data)} bytes, needs more than {self.pos + n})"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def count(self, limit: int, item_bytes: int, field: str) -> int:
+        n = self.u32()
+        if n > limit:
+            raise DecodeError(f"{self.what}: {n} {field} declared, at most {limit} in this round")
+        if self.pos + n * item_bytes > len(self.data):
+            raise DecodeError(
+                f"{self.what}: {n} {field} declared but only {len(self.data) - self.pos} bytes left"
+            )
+        return n
+
+    def client(self, config: SecAggConfig, field: str) -> int:
+        u = self.u32()
+        if u >= config.num_clients:
+            raise DecodeError(
+                f"{self.what}: {field} {u} is not a client of this round (0..{config.num_clients - 1})"
+            )
+        return u
+
+    def ids(self, config: SecAggConfig, n: int, field: str) -> list[int]:
+        out = [self.client(config, field) for _ in range(n)]
+        if any(a >= b for a, b in itertools.pairwise(out)):
+            raise DecodeError(f"{self.what}: {field}s must be strictly increasing")
+        return out
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise DecodeError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+class Message:
+    """Base of the seven messages: framing, and strict decoding dispatched on the kind byte."""
+
+    KIND: ClassVar[int] = 0
+
+    round_id: int
+
+    def body(self) -> bytes:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        """The message on the wire: header then body."""
+        return _HEAD.pack(MAGIC, VERSION, self.KIND, self.round_id) + self.body()
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        """The largest valid encoding of this message in a round of ``config`` (a body cap for transports)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: SecAggConfig) -> Message:
+        """Decode ``data`` as this kind of message for the round of ``config``; :class:`DecodeError` otherwise."""
+        msg = decode_message(data, config)
+        if not isinstance(msg, cls):
+            raise DecodeError(f"expected a {cls.__name__} message, got a {type(msg).__name__}")
+        return msg
+
+
+def _items_sorted(d: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    return sorted(d.items())
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys(Message):
+    """Stage 0, device → server: the client's two X25519 public keys."""
+
+    KIND: ClassVar[int] = 1
+    round_id: int
+    client_id: int
+    c_public: bytes
+    s_public: bytes
+
+    def body(self) -> bytes:
+        return _U32.pack(self.client_id) + self.c_public + self.s_public
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 4 + 2 * KEY_BYTES
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> AdvertiseKeys:
+        u = r.client(config, "client id")
+        return cls(round_id, u, r.take(KEY_BYTES), r.take(KEY_BYTES))
+
+
+@dataclass(frozen=True)
+class KeyRoster(Message):
+    """Stage 0 → 1, server → devices: the public keys of every client that advertised in time."""
+
+    KIND: ClassVar[int] = 2
+    round_id: int
+    keys: dict[int, tuple[bytes, bytes]]  # client id -> (c_public, s_public)
+
+    def body(self) -> bytes:
+        parts = [_U32.pack(len(self.keys))]
+        for u, (c, s) in sorted(self.keys.items()):
+            parts += [_U32.pack(u), c, s]
+        return b"".join(parts)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 4 + config.num_clients * (4 + 2 * KEY_BYTES)
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> KeyRoster:
+        n = r.count(config.num_clients, 4 + 2 * KEY_BYTES, "clients")
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        last = -1
+        for _ in range(n):
+            u = r.client(config, "client id")
+            if u <= last:
+                raise DecodeError(f"{r.what}: client ids must be strictly increasing")
+            last = u
+            keys[u] = (r.take(KEY_BYTES), r.take(KEY_BYTES))
+        return cls(round_id, keys)
+
+
+@dataclass(frozen=True)
+class _Addressed(Message):
+    """A client id plus ciphertexts keyed by another client id (ShareKeys and ShareInbox share this layout)."""
+
+    round_id: int
+    client_id: int
+    ciphertexts: dict[int, bytes]
+
+    def body(self) -> bytes:
+        parts = [_U32.pack(self.client_id), _U32.pack(len(self.ciphertexts))]
+        for v, ct in _items_sorted(self.ciphertexts):
+            if len(ct) != CIPHERTEXT_BYTES:
+                raise DecodeError(
+                    f"share ciphertext for client {v} is {len(ct)} bytes, not {CIPHERTEXT_BYTES}"
+                )
+            parts += [_U32.pack(v), ct]
+        return b"".join(parts)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 8 + (config.num_clients - 1) * (4 + CIPHERTEXT_BYTES)
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> _Addressed:
+        u = r.client(config, "client id")
+        n = r.count(config.num_clients - 1, 4 + CIPHERTEXT_BYTES, "ciphertexts")
+        cts: dict[int, bytes] = {}
+        last = -1
+        for _ in range(n):
+            v = r.client(config, "peer id")
+            if v <= last or v == u:
+                raise DecodeError(
+                    f"{r.what}: peer ids must be strictly increasing and differ from the client's"
+                )
+            last = v
+            cts[v] = r.take(CIPHERTEXT_BYTES)
+        return cls(round_id, u, cts)
+
+
+@dataclass(frozen=True)
+class ShareKeys(_Addressed):
+    """Stage 1, device → server: ``client_id``'s encrypted Shamir shares, one ciphertext per recipient."""
+
+    KIND: ClassVar[int] = 3
+
+
+@dataclass(frozen=True)
+class ShareInbox(_Addressed):
+    """Stage 1 → 2, server → device: the ciphertexts addressed to ``client_id``, keyed by sender."""
+
+    KIND: ClassVar[int] = 4
+
+
+@dataclass(frozen=True)
+class MaskedInput(Message):
+    """Stage 2, device → server: the masked vector, ``vector_size`` values packed at ``ring_bits`` bits."""
+
+    KIND: ClassVar[int] = 5
+    round_id: int
+    client_id: int
+    packed: bytes
+
+    def body(self) -> bytes:
+        return _U32.pack(self.client_id) + self.packed
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 4 + config.packed_bytes
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> MaskedInput:
+        u = r.client(config, "client id")
+        return cls(round_id, u, r.take(config.packed_bytes))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """Stage 2 → 3, server → devices: who is in the sum (survivors) and who shared keys but did not upload."""
+
+    KIND: ClassVar[int] = 6
+    round_id: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def body(self) -> bytes:
+        return b"".join(
+            [
+                _U32.pack(len(self.survivors)),
+                *map(_U32.pack, self.survivors),
+                _U32.pack(len(self.dropped)),
+                *map(_U32.pack, self.dropped),
+            ]
+        )
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 8 + 4 * config.num_clients
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> UnmaskRequest:
+        surv = r.ids(config, r.count(config.num_clients, 4, "survivors"), "survivor")
+        drop = r.ids(config, r.count(config.num_clients - len(surv), 4, "dropped clients"), "dropped client")
+        if set(surv) & set(drop):
+            raise DecodeError(f"{r.what}: clients {sorted(set(surv) & set(drop))[:5]} listed as both")
+        return cls(round_id, tuple(surv), tuple(drop))
+
+
+@dataclass(frozen=True)
+class UnmaskResponse(Message):
+    """Stage 3, device → server: for each owner asked about, one Shamir share (``b`` or ``s``, never both)."""
+
+    KIND: ClassVar[int] = 7
+    round_id: int
+    client_id: int
+    shares: dict[int, bytes]  # owner -> share (shamir.SHARE_BYTES)
+
+    def body(self) -> bytes:
+        parts = [_U32.pack(self.client_id), _U32.pack(len(self.shares))]
+        for v, sh in _items_sorted(self.shares):
+            parts += [_U32.pack(v), sh]
+        return b"".join(parts)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 8 + config.num_clients * (4 + shamir.SHARE_BYTES)
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> UnmaskResponse:
+        u = r.client(config, "client id")
+        n = r.count(config.num_clients, 4 + shamir.SHARE_BYTES, "shares")
+        shares: dict[int, bytes] = {}
+        last = -1
+        for _ in range(n):
+            v = r.client(config, "owner id")
+            if v <= last:
+                raise DecodeError(f"{r.what}: owner ids must be strictly increasing")
+            last = v
+            raw = r.take(shamir.SHARE_BYTES)
+            shamir.share_from_bytes(raw)  # range check now, not when the server combines
+            shares[v] = raw
+        return cls(round_id, u, shares)
+
+
+_KINDS: dict[int, type[Message]] = {
+    cls.KIND: cls
+    for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ShareInbox, MaskedInput, UnmaskRequest, UnmaskResponse)
+}
+
+
+def decode_message(data: bytes, config: SecAggConfig) -> Message:
+    """Decode any SecAgg message of the round of ``config``, strictly (see the module docstring)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"a SecAgg message is bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _HEAD.size:
+        raise DecodeError(f"SecAgg message of {len(data)} bytes is shorter than its {_HEAD.size}-byte header")
+    magic, version, kind, round_id = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise DecodeError(f"not a SecAgg message (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise DecodeError(f"SecAgg message version {version} is not supported (this reader knows {VERSION})")
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise DecodeError(f"unknown SecAgg message kind {kind}")
+    if len(data) > cls.max_bytes(config):
+        raise DecodeError(
+            f"{cls.__name__} of {len(data)} bytes exceeds the {cls.max_bytes(config)}-byte maximum"
+        )
+    if round_id != config.round_id:
+        raise SecAggOrderError(
+            f"{cls.__name__} is for round {round_id}, this is round {config.round_id}", stage="decode"
+        )
+    r = _Reader(data, _HEAD.size, cls.__name__)
+    msg = cls._read(r, round_id, config)  # type: ignore[attr-defined]
+    r.end()
+    return msg

@@ -1,0 +1,330 @@
+"""Secure aggregation over Flower messages: deltaplane's SecAgg(+) stages carried by a Grid, both sides Flower-idiomatic.
+
+Partners: :class:`SecAggStrategy` (ServerApp) and :func:`secagg_mod` + :func:`add_secagg` (ClientApp). The four
+stages of :mod:`deltaplane.aggregation.secagg` travel as Flower messages whose :data:`SECAGG_KEY` ConfigRecord
+holds the stage's bytes (the same strict encodings the HTTP service carries):
+
+* ``query.secagg`` *advertise* — the round's public parameters and the node's client id → ``AdvertiseKeys``;
+* ``query.secagg`` *share* — the key roster → ``ShareKeys``;
+* ``train`` — the usual deltaplane train instruction plus the node's ``ShareInbox``; the node trains, compresses
+  with :func:`~deltaplane.flower.delta_mod` (error feedback included), decodes *its own* payload, quantizes it
+  into the ring with its example count in a masked slot, and replies with the ``MaskedInput`` *only*: the
+  payload, the weights and the example count never leave the node;
+* ``query.secagg`` *unmask* — the frozen ``UnmaskRequest`` → ``UnmaskResponse``.
+
+A node that fails or does not answer a stage has dropped out of it; a masked input that arrives after the
+unmasking request is refused. The strategy then unmasks the sum and hands the weighted mean to the engine's
+server step (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`): the same chain, downlink and publisher
+as every other driver.
+
+Why not Flower's own ``SecAggPlusWorkflow``: it belongs to the legacy ``fit`` workflow and quantizes the float
+``FitRes`` parameters itself; deltaplane's uplink is a compressed payload and its client step ends in ring codes
+of the *decoded* payload (so codecs and error feedback keep their meaning), which that workflow cannot carry.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.serverapp import Grid
+
+from deltaplane.aggregation.secagg import (
+    DeviceEndpoint,
+    RingEncoding,
+    SecAggConfig,
+    ServerEndpoint,
+)
+from deltaplane.codecs import decompress
+from deltaplane.delta import Delta
+from deltaplane.engine.secure import device_seed
+from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
+from deltaplane.flower.strategy import DeltaStrategy
+
+__all__ = ["QUERY_TYPE", "SECAGG_KEY", "SecAggStrategy", "add_secagg", "secagg_mod"]
+
+#: ConfigRecord of every SecAgg message: ``stage`` and the stage's bytes (server → node), ``message`` (reply).
+SECAGG_KEY = "deltaplane.secagg"
+#: Flower message type of the three stages that are not training.
+QUERY_TYPE = "query.secagg"
+_STATE = "deltaplane.secagg-state"
+
+
+def _save(context: Context, ep: DeviceEndpoint) -> None:
+    enc = ep.encoding
+    context.state[_STATE] = ConfigRecord(
+        {
+            "config": json.dumps(ep.config.to_dict()),
+            "encoding": json.dumps([enc.bits, enc.clip_range, enc.weight_scale]),
+            "state": ep.export_state(),
+        }
+    )
+
+
+def _load(context: Context, round_id: int) -> DeviceEndpoint:
+    rec = context.state.config_records.get(_STATE)
+    if rec is None:
+        raise DeltaplaneError("this node holds no SecAgg state: it missed the round's key advertisement")
+    config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
+    if config.round_id != round_id:
+        raise DeltaplaneError(f"this node's SecAgg state is for round {config.round_id}, not {round_id}")
+    bits, clip, scale = json.loads(str(rec["encoding"]))
+    return DeviceEndpoint.restore(
+        config, RingEncoding(bits=bits, clip_range=clip, weight_scale=scale), bytes(rec["state"])
+    )
+
+
+def _reply(msg: Message, data: bytes) -> Message:
+    return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
+
+
+def secagg_query(msg: Message, context: Context) -> Message:
+    """The node side of the three query stages (register with :func:`add_secagg`)."""
+    rec = msg.content.config_records[SECAGG_KEY]
+    stage = str(rec["stage"])
+    if stage == "advertise":
+        config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
+        bits, clip, scale = json.loads(str(rec["encoding"]))
+        ep = DeviceEndpoint(
+            int(rec["client-id"]),
+            config,
+            RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
+            randbytes=secrets.token_bytes,
+        )
+        out = ep.advertise()
+    elif stage == "share":
+        ep = _load(context, int(rec["round"]))
+        out = ep.share(bytes(rec["roster"]))
+    elif stage == "unmask":
+        ep = _load(context, int(rec["round"]))
+        out = ep.unmask(bytes(rec["request"]))
+    else:
+        raise DeltaplaneError(f"unknown SecAgg stage {stage!r}")
+    _save(context, ep)
+    return _reply(msg, out)
+
+
+def add_secagg(app: ClientApp) -> ClientApp:
+    """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`)."""
+    app.query("secagg")(secagg_query)
+    return app
+
+
+def secagg_mod(*, seed: int = 0, seed_fn: Callable[[int, int, Context], int] | None = None) -> Mod:
+    """A ClientApp mod that turns a node's compressed update into its masked SecAgg input.
+
+    Partner: :class:`SecAggStrategy`. Place it *before* :func:`~deltaplane.flower.delta_mod` in
+    ``ClientApp(mods=[secagg_mod(...), delta_mod(...)])``: it receives delta_mod's reply (the compressed payload),
+    decodes it on the node, quantizes it into the ring seeded by ``seed_fn(seed, round, context)`` (default: the
+    in-process engine's :func:`~deltaplane.engine.secure.device_seed` of the node's ``partition-id``) and replies
+    with the masked input alone. Messages without a SecAgg record pass through untouched.
+    """
+
+    def default_seed(s: int, rnd: int, context: Context) -> int:
+        return device_seed(s, rnd, int(context.node_config.get("partition-id", context.node_id)))
+
+    seeds = seed_fn or default_seed
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN or SECAGG_KEY not in msg.content:
+            return call_next(msg, context)
+        rec = msg.content.config_records[SECAGG_KEY]
+        original = msg.content
+        msg.content = RecordDict({k: v for k, v in original.items() if k != SECAGG_KEY})
+        try:
+            reply = call_next(msg, context)
+        finally:
+            msg.content = original
+        if reply.has_error():
+            return reply
+        ctrl = original.config_records[CONTROL_KEY]
+        ep = _load(context, int(rec["round"]))
+        payload = reply.content.config_records[UPLINK_KEY]["payload"]
+        # still on the node: it decodes its own payload, so its codec and error feedback shape what it masks
+        update = decompress(payload, expect_base=(str(ctrl["base-id"]), int(ctrl["base-version"])))
+        metrics = reply.content.metric_records["metrics"]
+        ep.set_update(
+            update,
+            int(metrics["num-examples"]),
+            np.random.default_rng(seeds(seed, ep.config.round_id, context)),
+        )
+        masked = ep.masked_input(bytes(rec["inbox"]))
+        _save(context, ep)
+        # only the masked input goes back: not the payload, not the weights, not the example count
+        out = RecordDict({SECAGG_KEY: ConfigRecord({"message": masked})})
+        out["metrics"] = MetricRecord({k: v for k, v in metrics.items() if k != "num-examples"})
+        reply.content = out
+        return reply
+
+    mod.__name__ = mod.__qualname__ = "secagg_mod"
+    return mod
+
+
+class SecAggStrategy(DeltaStrategy):
+    """A :class:`DeltaStrategy` whose round aggregates through SecAgg(+) carried by Flower messages.
+
+    Partner: :func:`secagg_mod` + :func:`add_secagg` on every node. Keyword-only hyperparameters (on top of
+    :class:`DeltaStrategy`'s):
+
+    Args:
+        server_step: the engine's :class:`~deltaplane.engine.ServerStep` (required): it receives the unmasked
+            mean as the round's only update and runs the chain, the downlink and the publisher.
+        bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update.
+        weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
+            mean.
+        neighbours: SecAgg+ degree (None: every node masks with every other).
+        timeout: seconds each protocol stage waits for replies (None: until every node answered).
+    """
+
+    def __init__(
+        self,
+        *,
+        bits: int = 16,
+        clip_range: float = 1.0,
+        weight_scale: float = 0.0,
+        neighbours: int | None = None,
+        timeout: float | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if self.server_step is None:
+            raise ConfigError(
+                "SecAggStrategy hands the unmasked mean to the engine's server step; pass server_step="
+            )
+        self.encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
+        self.neighbours = neighbours
+        self.timeout = timeout
+        self._grid: Grid | None = None
+        self._round: tuple[ServerEndpoint, dict[int, int], int] | None = None
+        self.secagg_bytes: list[int] = []
+
+    def _stage(
+        self, grid: Grid, server: ServerEndpoint, ids: dict[int, int], records: dict[int, ConfigRecord]
+    ) -> int:
+        """Send one query stage to ``records``' nodes and feed the replies to the server; returns bytes sent."""
+        msgs = [
+            Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=node, message_type=QUERY_TYPE)
+            for node, rec in records.items()
+        ]
+        received = 0
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            received += self._take(server, ids, reply)
+        return received
+
+    def _take(self, server: ServerEndpoint, ids: dict[int, int], reply: Message) -> int:
+        if reply.has_error() or SECAGG_KEY not in reply.content:
+            return 0  # the node dropped out of this stage
+        data = bytes(reply.content.config_records[SECAGG_KEY]["message"])
+        try:
+            server.receive(data, sender=ids[reply.metadata.src_node_id])
+        except DeltaplaneError:
+            return 0  # late, out of order or malformed: refused, the node has dropped out
+        return len(data)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Key advertisement and share exchange with the sampled nodes, then train instructions with inboxes."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        assert self._global is not None
+        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        ids = {node: i for i, node in enumerate(nodes)}
+        n = len(nodes)
+        group = (self.neighbours if self.neighbours is not None else n - 1) + 1
+        cfg = SecAggConfig(
+            num_clients=n,
+            threshold=group // 2 + 1,
+            bits=self.encoding.bits,
+            vector_size=self.encoding.vector_size(Delta.zeros_like(self._global)),
+            neighbours=self.neighbours,
+            round_id=server_round,
+            graph_seed=server_round,
+        )
+        server = ServerEndpoint(cfg)
+        enc = json.dumps([self.encoding.bits, self.encoding.clip_range, self.encoding.weight_scale])
+        sent = self._stage(
+            grid,
+            server,
+            ids,
+            {
+                node: ConfigRecord(
+                    {
+                        "stage": "advertise",
+                        "config": json.dumps(cfg.to_dict()),
+                        "encoding": enc,
+                        "client-id": ids[node],
+                    }
+                )
+                for node in nodes
+            },
+        )
+        roster = server.roster()
+        keyed = [node for node in nodes if ids[node] in server.server.keys]
+        sent += self._stage(
+            grid,
+            server,
+            ids,
+            {
+                node: ConfigRecord({"stage": "share", "roster": roster, "round": server_round})
+                for node in keyed
+            },
+        )
+        server.close_shares()
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if ids[node] not in server.server.share_senders:
+                continue  # dropped before masking: no train instruction
+            m.content[SECAGG_KEY] = ConfigRecord({"round": server_round, "inbox": server.inbox(ids[node])})
+            out.append(m)
+        self._grid = grid
+        self._round = (server, ids, sent)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Fold the masked inputs, run the unmasking stage, and publish the unmasked weighted mean."""
+        assert self._round is not None and self._grid is not None and self._global is not None
+        server, ids, sent = self._round
+        self._round = None
+        replies = list(replies)
+        up_msg = 0
+        for m in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            sent += self._take(server, ids, m)
+            up_msg += content_bytes(m.content) if not m.has_error() else 0
+        request = server.unmask_request()
+        by_id = {i: node for node, i in ids.items()}
+        sent += self._stage(
+            self._grid,
+            server,
+            ids,
+            {
+                by_id[u]: ConfigRecord({"stage": "unmask", "request": request, "round": server_round})
+                for u in server.server.survivors
+            },
+        )
+        total = server.result()
+        survivors = list(server.server.survivors)
+        mean, _ = self.encoding.decode_sum(total, count=len(survivors), like=Delta.zeros_like(self._global))
+        ok = sorted(
+            (m for m in replies if not m.has_error() and ids.get(m.metadata.src_node_id) in survivors),
+            key=lambda m: m.metadata.src_node_id,
+        )
+        for m in replies:
+            if m.has_error():  # its cached model is unknown now: send it the full model next time
+                self._node_version.pop(m.metadata.src_node_id, None)
+        self.secagg_bytes.append(sent)
+        # the engine's server step gets the unmasked weighted mean and nothing else: its chain, its downlink
+        step = self.server_step
+        assert step is not None
+        step.open(server_round, version=self._version, state=self._global)
+        step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=sent)
+        outcome = self.last_outcome = step.close()
+        return self._advance(server_round, ok, outcome, up_msg)

@@ -1,0 +1,103 @@
+"""The device side of secure aggregation over the service: one method per protocol stage, over HTTP.
+
+Partner: :mod:`deltaplane.serve.secagg_routes`. A :class:`SecAggDevice` wraps an authenticated
+:class:`~deltaplane.serve.client.DeviceClient` and a :class:`~deltaplane.aggregation.secagg.DeviceEndpoint`: it
+fetches the invitation, quantizes the device's update into the ring *on the device*, and carries each stage's
+messages. Only masked or encrypted bytes leave the device. A stage whose input is not ready yet (the server has
+not closed the previous stage) answers 409; ``wait`` retries until it is, up to a deadline.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, SecAggConfig
+from deltaplane.delta import Delta
+from deltaplane.serve.client import DeviceClient, ServiceError
+
+__all__ = ["SecAggDevice"]
+
+
+class SecAggDevice:
+    """One device in one SecAgg round of the service.
+
+    Args:
+        client: the device's authenticated connection.
+        model: the model whose round this is.
+        round_id: the SecAgg round number the operator opened.
+        randbytes: secret randomness (OS randomness by default; seeded only in simulations).
+        wait: seconds to keep retrying a stage the server has not opened yet (0: no retry).
+    """
+
+    def __init__(
+        self,
+        client: DeviceClient,
+        model: str,
+        round_id: int,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        wait: float = 0.0,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.round_id = round_id
+        self.wait = wait
+        self._path = f"/v1/models/{model}/secagg/{round_id}"
+        inv = client.request("GET", self._path).json()
+        self.invitation = inv
+        self.base_version = int(inv["base_version"])
+        self.config = SecAggConfig.from_dict(inv["config"])
+        enc = inv["encoding"]
+        self.encoding = RingEncoding(
+            bits=int(enc["bits"]),
+            clip_range=float(enc["clip_range"]),
+            weight_scale=float(enc["weight_scale"]),
+        )
+        self.endpoint = DeviceEndpoint(int(inv["client_id"]), self.config, self.encoding, randbytes=randbytes)
+        self.bytes_sent = 0
+
+    @property
+    def client_id(self) -> int:
+        return self.endpoint.client_id
+
+    def _get(self, what: str) -> bytes:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return self.client.request("GET", f"{self._path}/{what}").content
+            except ServiceError as exc:
+                if exc.status != 409 or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _post(self, what: str, body: bytes) -> None:
+        self.client.request("POST", f"{self._path}/{what}", content=body)
+        self.bytes_sent += len(body)
+
+    def set_update(self, delta: Delta, weight: int, rng: np.random.Generator | None = None) -> None:
+        """Quantize this device's update (relative to the round's base version) into the ring, on the device.
+
+        Pass what the device's own codec decodes from its payload when it compresses, so error feedback and
+        the codec shape the contribution exactly as in a plaintext round.
+        """
+        self.endpoint.set_update(delta, weight, rng if rng is not None else np.random.default_rng())
+
+    def advertise(self) -> None:
+        """Stage 0: send this device's public keys."""
+        self._post("keys", self.endpoint.advertise())
+
+    def share(self) -> None:
+        """Stage 1: fetch the key roster, send encrypted shares."""
+        self._post("shares", self.endpoint.share(self._get("roster")))
+
+    def upload(self) -> None:
+        """Stage 2: fetch the shares addressed to this device, send the masked update."""
+        self._post("masked", self.endpoint.masked_input(self._get("inbox")))
+
+    def unmask(self) -> None:
+        """Stage 3: fetch the unmasking request, send the shares it asks for (refusing any that asks for both)."""
+        self._post("unmask", self.endpoint.unmask(self._get("unmask")))

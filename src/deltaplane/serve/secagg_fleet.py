@@ -1,0 +1,151 @@
+"""A simulated fleet running one secure aggregation round against a live service (tests, benchmarks, demos).
+
+Each device is a :class:`~deltaplane.serve.secagg_client.SecAggDevice` with its own token; devices run each stage
+concurrently over one pooled HTTP connection set, and the operator closes each stage once the devices that
+are still there have spoken (a deployment would close it at a deadline instead). Dropouts are injected at every
+stage (:class:`~deltaplane.aggregation.secagg.Dropouts`), including late uploads, which the server must refuse
+with 409. The report says who made it, how long each stage took and how many bytes each device sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from deltaplane.aggregation.secagg import Dropouts
+from deltaplane.delta import Delta
+from deltaplane.errors import DeltaplaneError
+from deltaplane.registry.signing import Verifier
+from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.secagg_client import SecAggDevice
+
+__all__ = ["FleetReport", "device_rng", "run_secagg_fleet"]
+
+
+def device_rng(seed: int, device: int) -> np.random.Generator:
+    """The stochastic-rounding generator of simulated device ``device`` (tests recompute its codes with it)."""
+    return np.random.default_rng([seed, device])
+
+
+@dataclass
+class FleetReport:
+    """What one fleet round did: membership, timing per stage, bytes per device, the published version."""
+
+    round: int
+    config: dict[str, Any]
+    survivors: list[int]
+    dropped: list[int]
+    refused_late: list[int]
+    stage_seconds: dict[str, float]
+    bytes_sent: dict[int, int]
+    published: dict[str, Any]
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+def run_secagg_fleet(
+    base_url: str,
+    admin_token: str,
+    model: str,
+    updates: Sequence[Delta],
+    weights: Sequence[int],
+    *,
+    verifier: Verifier,
+    dropouts: Dropouts | None = None,
+    bits: int = 16,
+    clip_range: float = 1.0,
+    weight_scale: float = 0.0,
+    neighbours: int | None = None,
+    seed: int = 0,
+    workers: int = 8,
+) -> FleetReport:
+    """Run one SecAgg round of ``len(updates)`` simulated devices against the service at ``base_url``.
+
+    Device ``i`` holds ``updates[i]`` (relative to the round's base version) and ``weights[i]`` examples; it
+    quantizes them into the ring itself with :func:`device_rng` ``(seed, i)``. Secret randomness comes from the
+    OS. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    """
+    n = len(updates)
+    dropouts = dropouts or Dropouts()
+    limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
+    with httpx.Client(base_url=base_url, timeout=120, limits=limits) as http:
+        admin = AdminClient(base_url, admin_token, client=http)
+        names = [f"secagg-device-{i}" for i in range(n)]
+        tokens = [admin.issue_token(d, "secagg") for d in names]
+        opened = admin._post(
+            f"/admin/models/{model}/secagg",
+            {
+                "devices": names,
+                "bits": bits,
+                "clip_range": clip_range,
+                "weight_scale": weight_scale,
+                "neighbours": neighbours,
+            },
+        )
+        rnd = int(opened["round"])
+        clients = [DeviceClient(base_url, t, verifier=verifier, client=http) for t in tokens]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            devices = list(pool.map(lambda c: SecAggDevice(c, model, rnd), clients))
+            for i, dev in enumerate(devices):  # on each device: its update into the ring
+                dev.set_update(updates[i], int(weights[i]), device_rng(seed, i))
+            times: dict[str, float] = {}
+
+            def stage(name: str, who: list[int], step: str) -> None:
+                t0 = time.perf_counter()
+                list(pool.map(lambda i: getattr(devices[i], step)(), who))
+                times[name] = time.perf_counter() - t0
+
+            def advance() -> dict[str, Any]:
+                return admin._post(f"/admin/models/{model}/secagg/{rnd}/advance")
+
+            everyone = list(range(n))
+            stage("advertise keys", [i for i in everyone if i not in dropouts.gone_by(0)], "advertise")
+            advance()
+            stage("share keys", [i for i in everyone if i not in dropouts.gone_by(1)], "share")
+            advance()
+            on_time = [i for i in everyone if i not in dropouts.gone_by(2)]
+            late = [i for i in everyone if i in set(dropouts.late_upload) and i not in dropouts.gone_by(1)]
+            t0 = time.perf_counter()
+            late_msgs = dict(
+                pool.map(lambda i: (i, devices[i].endpoint.masked_input(devices[i]._get("inbox"))), late)
+            )
+            list(pool.map(lambda i: devices[i].upload(), on_time))
+            times["masked input"] = time.perf_counter() - t0
+            status = advance()
+            refused = []
+            for i, body in late_msgs.items():  # arrives after the unmasking request: must be refused
+                try:
+                    devices[i]._post("masked", body)
+                except ServiceError as exc:
+                    if exc.status != 409:
+                        raise
+                    refused.append(i)
+                else:
+                    raise DeltaplaneError(
+                        f"the service accepted device {i}'s masked input after unmasking began"
+                    )
+            survivors = list(status["survivors"])
+            stage("unmasking", [i for i in survivors if i not in dropouts.gone_by(3)], "unmask")
+            t0 = time.perf_counter()
+            closed = admin._post(f"/admin/models/{model}/secagg/{rnd}/close")
+            times["unmask and publish"] = time.perf_counter() - t0
+        return FleetReport(
+            round=rnd,
+            config=opened["config"],
+            survivors=closed["survivors"],
+            dropped=closed["dropped"],
+            refused_late=sorted(refused),
+            stage_seconds=times,
+            bytes_sent={i: d.bytes_sent for i, d in enumerate(devices)},
+            published=closed["published"],
+            status=closed,
+        )

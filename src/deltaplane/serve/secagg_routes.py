@@ -1,0 +1,391 @@
+"""Secure aggregation over the service: one endpoint per protocol stage, device-token auth, capped bodies.
+
+The server side of :mod:`deltaplane.aggregation.secagg` behind HTTP. An operator opens a SecAgg round for a list
+of invited devices; each device fetches its invitation (its client id and the round's public parameters), then
+walks the four stages — every body is a SecAgg message in its strict byte encoding
+(:mod:`deltaplane.aggregation.secagg.messages`), capped at the largest valid size for the round before it is
+read. The operator (or a scheduler with deadlines) closes each stage with ``advance``; a device that has not
+spoken by then has dropped out of that stage, and anything it sends later is refused with 409. Closing the
+round unmasks the sum, turns it into the (example-weighted) mean update and publishes a new signed version,
+exactly like a plain round. No endpoint ever receives or stores a device's plaintext update.
+
+Device endpoints (``Authorization: Bearer <device token>``; only invited devices):
+
+* ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage.
+* ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys``.
+* ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (409 until key advertisement closed).
+* ``POST /v1/models/{model}/secagg/{round}/shares`` — ``ShareKeys``.
+* ``GET  /v1/models/{model}/secagg/{round}/inbox`` — ``ShareInbox`` for this device (409 until shares closed).
+* ``POST /v1/models/{model}/secagg/{round}/masked`` — ``MaskedInput`` (409 after the unmasking request).
+* ``GET  /v1/models/{model}/secagg/{round}/unmask`` — ``UnmaskRequest`` (409 until masked inputs closed).
+* ``POST /v1/models/{model}/secagg/{round}/unmask`` — ``UnmaskResponse``.
+
+Admin endpoints: ``POST /admin/models/{model}/secagg`` (open), ``GET /admin/models/{model}/secagg/{round}``
+(status), ``POST /admin/models/{model}/secagg/{round}/advance`` (close the current stage),
+``POST /admin/models/{model}/secagg/{round}/close`` (unmask, publish).
+"""
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltaplane.aggregation.secagg import (
+    AdvertiseKeys,
+    MaskedInput,
+    Message,
+    RingEncoding,
+    SecAggConfig,
+    SecAggError,
+    SecAggOrderError,
+    ServerEndpoint,
+    ShareKeys,
+    Stage,
+    UnmaskResponse,
+    decode_message,
+)
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError, DecodeError, NotFound
+from deltaplane.serve.rounds import server_step_for
+
+__all__ = ["SecAggRound", "install_secagg_routes"]
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
+RoundId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="SecAgg round number")]
+
+
+@dataclass
+class SecAggRound:
+    """One open secure aggregation round: who was invited, the public parameters and the server endpoint."""
+
+    model: str
+    number: int
+    base_version: int
+    clients: dict[str, int]  # device id -> client id
+    encoding: RingEncoding
+    endpoint: ServerEndpoint
+    like: Delta = field(repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    published: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> SecAggConfig:
+        return self.endpoint.config
+
+    def status(self) -> dict[str, Any]:
+        srv = self.endpoint.server
+        return {
+            "model": self.model,
+            "round": self.number,
+            "base_version": self.base_version,
+            "stage": srv.stage,
+            "invited": len(self.clients),
+            "advertised": len(srv.keys),
+            "shared": len(srv.share_senders),
+            "uploaded": len(srv.uploaded),
+            "responded": len(srv.responses),
+            "survivors": list(srv.survivors),
+            "dropped": list(srv.dropped),
+            "published": self.published,
+        }
+
+
+class OpenSecAggRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    devices: list[Annotated[str, Field(pattern=NAME, max_length=128)]] = Field(
+        min_length=2, max_length=100_000
+    )
+    bits: int | None = Field(
+        default=None, ge=2, le=24, description="bits per value (default: federation's or 16)"
+    )
+    clip_range: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        description="per-value clip range of the update (default: federation's or 1)",
+    )
+    weight_scale: float = Field(
+        default=0.0, ge=0, le=1e9, description="typical example count; 0: unweighted mean of the updates"
+    )
+    threshold: int | None = Field(default=None, ge=2, description="default: a majority of each neighbourhood")
+    neighbours: int | None = Field(default=None, ge=2, description="SecAgg+ degree (even); default complete")
+    base_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
+
+
+class Invitation(BaseModel):
+    model: str
+    round: int
+    base_version: int
+    client_id: int
+    config: dict[str, int | None]
+    encoding: dict[str, float]
+    stage: str
+
+
+class Accepted(BaseModel):
+    accepted: bool
+    kind: str
+    stage: str
+
+
+_MESSAGE = {
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+def install_secagg_routes(
+    app: FastAPI,
+    state: Any,
+    config: Any,
+    *,
+    device: Callable[..., Any],
+    admin: Callable[..., Any],
+) -> dict[tuple[str, int], SecAggRound]:
+    """Add the SecAgg endpoints to the service ``app``; returns the live table of rounds (for status/tests).
+
+    ``device`` and ``admin`` are the service's auth dependencies; ``state`` its :class:`ServiceState`
+    (registry, lock, round counter, the engine's server step per model, counters) and ``config`` its
+    :class:`ServiceConfig`. Closing a SecAgg round hands the unmasked mean to the model's engine server step
+    (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`), so its chain, downlink and publisher apply.
+    """
+    rounds: dict[tuple[str, int], SecAggRound] = {}
+    reg = state.registry
+    router = APIRouter()
+    Device = Annotated[Any, Depends(device)]
+
+    def get_round(model: str, number: int) -> SecAggRound:
+        r = rounds.get((model, number))
+        if r is None:
+            raise NotFound(f"no SecAgg round {number} for {model!r}")
+        return r
+
+    def client_of(r: SecAggRound, ident: Any) -> int:
+        u = r.clients.get(ident.device_id)
+        if u is None:
+            raise HTTPException(403, f"device {ident.device_id} is not invited to SecAgg round {r.number}")
+        return u
+
+    def protocol(fn: Callable[[], Any], r: SecAggRound) -> Any:
+        """Run a protocol step under the round's lock; its refusals become 409 (order) and 422 (cannot go on)."""
+        with r.lock:
+            try:
+                return fn()
+            except SecAggOrderError as exc:
+                state.counters["secagg.refused_order"] += 1
+                raise HTTPException(409, str(exc)) from None
+            except SecAggError as exc:
+                state.counters["secagg.refused"] += 1
+                raise HTTPException(422, str(exc)) from None
+
+    async def read_capped(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise HTTPException(
+                413, f"a message of {declared} bytes exceeds this stage's {limit}-byte maximum"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():  # enforce the cap while reading: Content-Length can lie
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"the message exceeds this stage's {limit}-byte maximum")
+            chunks.append(chunk)
+        if not size:
+            raise DecodeError("empty body; send a SecAgg message made by deltaplane's SecAgg device client")
+        return b"".join(chunks)
+
+    def post_stage(path: str, cls: type[Message], summary: str) -> None:
+        @router.post(
+            f"/v1/models/{{model}}/secagg/{{number}}/{path}",
+            tags=["secagg"],
+            status_code=202,
+            response_model=Accepted,
+            summary=summary,
+            openapi_extra={"requestBody": {"required": True, **_MESSAGE}},
+        )
+        async def receive(model: ModelName, number: RoundId, request: Request, ident: Device) -> Accepted:
+            r = get_round(model, number)
+            u = client_of(r, ident)
+            body = await read_capped(request, cls.max_bytes(r.config))
+
+            def apply() -> None:
+                msg = decode_message(body, r.config)  # strict: DecodeError -> 400, another round -> 409
+                if not isinstance(msg, cls):
+                    raise DecodeError(f"this endpoint takes a {cls.__name__}, got a {type(msg).__name__}")
+                r.endpoint.receive(body, sender=u)
+
+            protocol(apply, r)
+            state.counters[f"secagg.{path}"] += 1
+            state.counters["secagg.bytes"] += len(body)
+            return Accepted(accepted=True, kind=cls.__name__, stage=r.endpoint.stage)
+
+        receive.__name__ = f"secagg_{path}"
+
+    post_stage("keys", AdvertiseKeys, "Stage 0: advertise public keys")
+    post_stage("shares", ShareKeys, "Stage 1: encrypted shares for the neighbours")
+    post_stage("masked", MaskedInput, "Stage 2: the masked update")
+    post_stage("unmask", UnmaskResponse, "Stage 3: shares for unmasking")
+
+    def octets(data: bytes) -> Response:
+        return Response(data, media_type="application/octet-stream")
+
+    @router.get("/v1/models/{model}/secagg/{number}", tags=["secagg"], response_model=Invitation)
+    def invitation(model: ModelName, number: RoundId, ident: Device) -> Invitation:
+        r = get_round(model, number)
+        return Invitation(
+            model=model,
+            round=number,
+            base_version=r.base_version,
+            client_id=client_of(r, ident),
+            config=r.config.to_dict(),
+            encoding={
+                "bits": r.encoding.bits,
+                "clip_range": r.encoding.clip_range,
+                "weight_scale": r.encoding.weight_scale,
+            },
+            stage=r.endpoint.stage,
+        )
+
+    @router.get("/v1/models/{model}/secagg/{number}/roster", tags=["secagg"], response_class=Response)
+    def roster(model: ModelName, number: RoundId, ident: Device) -> Response:
+        r = get_round(model, number)
+        client_of(r, ident)
+        if r.endpoint.stage == Stage.ADVERTISE:
+            raise HTTPException(409, "key advertisement is still open; retry after it closes")
+        return octets(protocol(r.endpoint.server.roster, r).to_bytes())
+
+    @router.get("/v1/models/{model}/secagg/{number}/inbox", tags=["secagg"], response_class=Response)
+    def inbox(model: ModelName, number: RoundId, ident: Device) -> Response:
+        r = get_round(model, number)
+        u = client_of(r, ident)
+        return octets(protocol(lambda: r.endpoint.inbox(u), r))
+
+    @router.get("/v1/models/{model}/secagg/{number}/unmask", tags=["secagg"], response_class=Response)
+    def unmask_request(model: ModelName, number: RoundId, ident: Device) -> Response:
+        r = get_round(model, number)
+        client_of(r, ident)
+        if r.endpoint.stage in (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED):
+            raise HTTPException(409, "masked inputs are still being collected; retry after they close")
+        return octets(protocol(r.endpoint.unmask_request, r))
+
+    # -- admin ---------------------------------------------------------------------------------------------
+    AdminDep = [Depends(admin)]
+
+    @router.post("/admin/models/{model}/secagg", tags=["admin", "secagg"], dependencies=AdminDep)
+    def open_round(model: ModelName, body: OpenSecAggRequest) -> dict[str, Any]:
+        if len(set(body.devices)) != len(body.devices):
+            raise ConfigError("the invited device list repeats a device")
+        run = config.federation
+        if run is not None and not run.secagg:
+            raise ConfigError(
+                "this service's federation chain looks at individual updates, which SecAgg hides; "
+                "set secagg: true in the --federation YAML to run SecAgg rounds"
+            )
+        bits = body.bits if body.bits is not None else (run.secagg_bits if run is not None else 16)
+        clip_range = (
+            body.clip_range if body.clip_range is not None else (run.secagg_range if run is not None else 1.0)
+        )
+        if body.base_version is not None:
+            base = body.base_version
+        else:
+            tags = reg.tags(model)
+            if "training" not in tags and "production" not in tags:
+                raise NotFound(f"{model!r} has no training or production version to train from")
+            base = tags.get("training", tags.get("production"))
+        art = reg.get(model, base)
+        if art.kind != "model":
+            raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
+        like = Delta.zeros_like(state.base_state(model, base))
+        n = len(body.devices)
+        group = (body.neighbours if body.neighbours is not None else n - 1) + 1
+        try:
+            encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
+            vector = encoding.vector_size(like)
+        except SecAggError as exc:
+            raise ConfigError(str(exc)) from None
+        with state.lock:
+            number = state.round_counter.get(model, 0) + 1
+            cfg = SecAggConfig(
+                num_clients=n,
+                threshold=body.threshold if body.threshold is not None else group // 2 + 1,
+                bits=bits,
+                vector_size=vector,
+                neighbours=body.neighbours,
+                round_id=number,
+                graph_seed=int.from_bytes(hashlib.sha256(f"{model}/{number}".encode()).digest()[:4], "big"),
+            )  # raises ConfigError (422) for an impossible threshold, graph or ring
+            state.round_counter[model] = number
+            rounds[(model, number)] = SecAggRound(
+                model,
+                number,
+                base,
+                {d: i for i, d in enumerate(body.devices)},
+                encoding,
+                ServerEndpoint(cfg),
+                like,
+            )
+        return rounds[(model, number)].status() | {"config": cfg.to_dict()}
+
+    @router.get("/admin/models/{model}/secagg/{number}", tags=["admin", "secagg"], dependencies=AdminDep)
+    def status(model: ModelName, number: RoundId) -> dict[str, Any]:
+        return get_round(model, number).status()
+
+    @router.post(
+        "/admin/models/{model}/secagg/{number}/advance", tags=["admin", "secagg"], dependencies=AdminDep
+    )
+    def advance(model: ModelName, number: RoundId) -> dict[str, Any]:
+        r = get_round(model, number)
+        if r.endpoint.stage == Stage.UNMASK:
+            raise HTTPException(409, "the round is at unmasking; close it to unmask and publish")
+        protocol(r.endpoint.advance, r)
+        return r.status()
+
+    @router.post(
+        "/admin/models/{model}/secagg/{number}/close", tags=["admin", "secagg"], dependencies=AdminDep
+    )
+    def close(model: ModelName, number: RoundId) -> dict[str, Any]:
+        r = get_round(model, number)
+        if r.published is not None:
+            raise HTTPException(409, f"SecAgg round {number} is already closed")
+        if r.endpoint.stage != Stage.UNMASK:
+            raise HTTPException(
+                409, f"SecAgg round {number} is at stage '{r.endpoint.stage}'; advance to unmasking"
+            )
+        total = protocol(r.endpoint.result, r)
+        survivors = list(r.endpoint.server.survivors)
+        mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
+        uplink = sum(r.endpoint.server.bytes_received.values())
+        with state.lock:
+            if model in state.rounds:
+                raise HTTPException(
+                    409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
+                )
+            step = state.steps.get(model)
+            if step is None:
+                step = state.steps[model] = server_step_for(config, reg, model, r.base_version)
+            # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
+            step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
+            step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
+            outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
+        version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
+        reg.set_tag(model, "training", version.number, action="round", reason=f"SecAgg round {number}")
+        r.published = {
+            "version": version.number,
+            "delta_bytes": len(outcome.downlink_payload),
+            "full_bytes": version.size,
+            "sum_sha256": hashlib.sha256(total.astype("<u8").tobytes()).hexdigest(),
+            "total_weight": weight,
+            "uplink_bytes": uplink,
+            "measurements": {k: float(v) for k, v in outcome.measurements.items()},
+        }
+        state.counters["secagg.rounds_closed"] += 1
+        return r.status()
+
+    app.include_router(router)
+    return rounds

@@ -1,0 +1,108 @@
+"""Shared fixtures.
+
+``plaintext_watch``: the instrument of the "no server-side object ever holds an individual plaintext update"
+tests (secure aggregation on every transport). Device-side code registers what each device must keep to itself
+(its quantized codes, its float update); the test then feeds the watch every byte the server side received
+and every object it holds, and the watch fails if any registered pattern shows up.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+
+class PlaintextWatch:
+    """Byte patterns of plaintext updates that must never reach the server, and the checks that look for them."""
+
+    def __init__(self) -> None:
+        self.patterns: dict[bytes, str] = {}
+        self.arrays: list[np.ndarray] = []
+
+    def add_codes(self, codes: np.ndarray, *, bits: int, ring_bits: int, label: str) -> None:
+        """A device's plaintext ring codes, as the server would see them unmasked (packed or raw)."""
+        from deltaplane.aggregation.secagg import pack
+
+        codes = np.asarray(codes, dtype=np.uint32)
+        self.arrays.append(codes.copy())
+        n = len(codes)
+        starts = sorted({0, (n // 2) // 8 * 8, max(0, (n - 64) // 8 * 8)})
+        for i in starts:
+            win = codes[i : i + 64]
+            if len(win) < 16:
+                continue
+            for k in {bits, ring_bits, 8, 16, 32}:
+                if k in (8, 16) and win.max() >= 1 << k:
+                    continue
+                self.patterns[pack(win, k)] = f"{label}: codes[{i}:{i + len(win)}] packed at {k} bits"
+
+    def add_floats(self, values: torch.Tensor | np.ndarray, *, label: str) -> None:
+        """A device's float update (as float32, float64 and float16 bytes)."""
+        flat = torch.as_tensor(values).reshape(-1).detach().cpu()
+        n = flat.numel()
+        for i in sorted({0, n // 2, max(0, n - 16)}):
+            win = flat[i : i + 16]
+            if win.numel() < 8 or not bool(win.abs().sum() > 0):
+                continue
+            for dt in (torch.float32, torch.float64, torch.float16):
+                self.patterns[win.to(dt).numpy().tobytes()] = f"{label}: values[{i}:{i + 16}] as {dt}"
+
+    def check_bytes(self, data: bytes | bytearray | memoryview, where: str) -> None:
+        data = bytes(data)
+        for pat, label in self.patterns.items():
+            if pat in data:
+                raise AssertionError(f"plaintext reached the server: {label} found in {where}")
+
+    def check_object(self, root: Any, where: str, *, depth: int = 10) -> int:
+        """Walk ``root`` (attributes, containers, arrays, tensors, bytes); returns how many leaves were checked."""
+        seen: set[int] = set()
+        count = 0
+
+        def walk(obj: Any, d: int, path: str) -> None:
+            nonlocal count
+            if d > depth or id(obj) in seen:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, bytes | bytearray | memoryview):
+                count += 1
+                self.check_bytes(obj, f"{where}{path}")
+            elif isinstance(obj, np.ndarray):
+                count += 1
+                for a in self.arrays:
+                    if obj.shape == a.shape and np.array_equal(obj.astype(np.uint64), a):
+                        raise AssertionError(f"plaintext codes held at {where}{path}")
+                if obj.dtype != object:
+                    self.check_bytes(obj.tobytes(), f"{where}{path}")
+            elif isinstance(obj, torch.Tensor):
+                count += 1
+                if obj.numel():
+                    self.check_bytes(obj.detach().cpu().contiguous().numpy().tobytes(), f"{where}{path}")
+            elif isinstance(obj, dict):
+                for k, v in list(obj.items()):
+                    walk(k, d + 1, f"{path}[{k!r}]")
+                    walk(v, d + 1, f"{path}[{k!r}]")
+            elif isinstance(obj, list | tuple | set | frozenset):
+                for i, v in enumerate(list(obj)):
+                    walk(v, d + 1, f"{path}[{i}]")
+            elif isinstance(obj, str | int | float | bool | type(None)):
+                return
+            else:
+                attrs = getattr(obj, "__dict__", None)
+                if attrs is None and hasattr(obj, "__slots__"):
+                    attrs = {s: getattr(obj, s, None) for s in obj.__slots__}
+                if isinstance(attrs, dict):
+                    for k, v in list(attrs.items()):
+                        walk(v, d + 1, f"{path}.{k}")
+
+        walk(root, 0, "")
+        return count
+
+
+@pytest.fixture
+def plaintext_watch() -> PlaintextWatch:
+    gc.collect()
+    return PlaintextWatch()

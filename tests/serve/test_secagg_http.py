@@ -1,0 +1,190 @@
+"""Secure aggregation over the service's HTTP endpoints: stages, refusals, dropouts, exact sums, no plaintext."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deltaplane.aggregation.secagg import AdvertiseKeys, RingEncoding
+from deltaplane.delta import Delta
+from deltaplane.serve import ServiceError
+from deltaplane.serve.secagg_client import SecAggDevice
+
+
+def _deltas(like: dict, n: int, seed: int) -> list[Delta]:
+    g = torch.Generator().manual_seed(seed)
+    return [Delta({k: 0.02 * torch.randn(v.shape, generator=g) for k, v in like.items()}) for _ in range(n)]
+
+
+def _record_bodies(app):
+    """An ASGI wrapper that keeps a copy of every request body the service receives."""
+    bodies: list[tuple[str, bytes]] = []
+
+    async def recorder(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        chunks: list[bytes] = []
+
+        async def spy():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    bodies.append((scope["path"], b"".join(chunks)))
+            return msg
+
+        return await app(scope, spy, send)
+
+    return recorder, bodies
+
+
+def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, plaintext_watch) -> None:
+    from fastapi.testclient import TestClient
+
+    svc = service_factory(downlink_codec="identity")
+    recorder, bodies = _record_bodies(svc.app)
+    svc.http = TestClient(recorder)
+    svc.admin._http = svc.http
+    n = 12
+    names = [f"dev-{i}" for i in range(n)]
+    clients = [svc.device(d) for d in names]
+    for c in clients:
+        c._http = svc.http
+    opened = svc.admin._post(
+        "/admin/models/cnn/secagg", {"devices": names, "bits": 16, "clip_range": 0.5, "weight_scale": 20.0}
+    )
+    rnd = opened["round"]
+    assert opened["stage"] == "advertise keys" and opened["config"]["num_clients"] == n
+    base = svc.reg.load_state(svc.reg.get("cnn", opened["base_version"]))
+    deltas = _deltas(base, n, seed=1)
+    weights = [int(w) for w in np.random.default_rng(0).integers(5, 40, n)]
+    devices = [
+        SecAggDevice(c, "cnn", rnd, randbytes=np.random.default_rng(100 + i).bytes)
+        for i, c in enumerate(clients)
+    ]
+    enc = RingEncoding(bits=16, clip_range=0.5, weight_scale=20.0)
+    codes = {}
+    for i, dev in enumerate(devices):
+        codes[i] = enc.encode(deltas[i], weights[i], np.random.default_rng(i))  # what the device computes
+        dev.set_update(deltas[i], weights[i], np.random.default_rng(i))
+        plaintext_watch.add_codes(codes[i], bits=16, ring_bits=dev.config.ring_bits, label=f"device {i}")
+        plaintext_watch.add_floats(deltas[i].flatten(), label=f"device {i} update")
+
+    # out of order: a masked input before keys are even shared
+    with pytest.raises(ServiceError) as exc:
+        devices[0].client.request("POST", f"/v1/models/cnn/secagg/{rnd}/masked", content=b"DPSA" + b"\0" * 20)
+    assert exc.value.status == 400  # not a valid MaskedInput for this round: strict decoding first
+    # stage 0: device 0 never answers
+    for dev in devices[1:]:
+        dev.advertise()
+    with pytest.raises(ServiceError) as exc:
+        devices[1].advertise()
+    assert exc.value.status == 409 and "already advertised" in exc.value.detail
+    with pytest.raises(ServiceError) as exc:
+        devices[1].share()  # the roster is not closed yet
+    assert exc.value.status == 409
+    svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    with pytest.raises(ServiceError) as exc:
+        devices[0].advertise()  # too late
+    assert exc.value.status == 409 and "too late" in exc.value.detail
+    # stage 1: device 1 vanishes after advertising
+    for dev in devices[2:]:
+        dev.share()
+    svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    # stage 2: device 2 vanishes after sharing, device 3 uploads late, devices 4+ upload
+    for dev in devices[4:]:
+        dev.upload()
+    late = devices[3].endpoint.masked_input(devices[3]._get("inbox"))
+    status = svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    assert status["survivors"] == list(range(4, n)) and status["dropped"] == [2, 3]
+    with pytest.raises(ServiceError) as exc:
+        devices[3]._post("masked", late)
+    assert exc.value.status == 409 and "too late" in exc.value.detail
+    # stage 3: device 11 uploaded but vanishes before unmasking (it stays in the sum)
+    for dev in devices[4:11]:
+        dev.unmask()
+    closed = svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/close")
+    survivors = list(range(4, n))
+    assert closed["survivors"] == survivors
+    # exact in the integer domain: the unmasked sum is the survivors' codes summed
+    total = sum(codes[u].astype(np.uint64) for u in survivors)
+    import hashlib
+
+    assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
+    assert closed["published"]["total_weight"] == sum(weights[u] for u in survivors)
+    # the published model is the base plus the mean decoded from that exact sum
+    like = Delta.zeros_like(base)
+    mean, _ = enc.decode_sum(total, count=len(survivors), like=like)
+    published = svc.reg.load_state(svc.reg.get("cnn", closed["published"]["version"]))
+    expected = mean.apply(base)
+    assert all(torch.equal(published[k], expected[k]) for k in base)
+    # ...which is the survivors' example-weighted FedAvg up to quantization
+    ref = sum(weights[u] * deltas[u].flatten().double() for u in survivors) / sum(
+        weights[u] for u in survivors
+    )
+    assert (mean.flatten().double() - ref).abs().max() < 1e-3
+
+    # no byte the service received, and nothing it holds, carries a device's plaintext
+    assert sum(1 for p, _ in bodies if "/secagg/" in p) >= 30
+    for path, body in bodies:
+        plaintext_watch.check_bytes(body, path)
+    assert plaintext_watch.check_object(svc.app.state.secagg_rounds, "secagg rounds") > 20
+    plaintext_watch.check_object(svc.app.state.deltaplane, "service state")
+
+
+def test_secagg_endpoints_refuse_strangers_oversized_and_bad_rounds(service) -> None:
+    names = ["a", "b", "c"]
+    for d in names:
+        service.device(d)
+    opened = service.admin._post("/admin/models/cnn/secagg", {"devices": names})
+    rnd = opened["round"]
+    stranger = service.device("mallory")
+    with pytest.raises(ServiceError) as exc:
+        stranger.request("GET", f"/v1/models/cnn/secagg/{rnd}")
+    assert exc.value.status == 403
+    a = SecAggDevice(service.device("a"), "cnn", rnd)
+    with pytest.raises(ServiceError) as exc:
+        a.client.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=b"x" * 10_000)
+    assert exc.value.status == 413
+    # a message signed as another client, and a message for another round
+    b_keys = SecAggDevice(service.device("b"), "cnn", rnd).endpoint.advertise()
+    with pytest.raises(ServiceError) as exc:
+        a.client.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=b_keys)
+    assert exc.value.status == 409 and "signed as client 1" in exc.value.detail
+    other = AdvertiseKeys(rnd + 1, 0, b"\1" * 32, b"\2" * 32).to_bytes()
+    with pytest.raises(ServiceError) as exc:
+        a.client.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=other)
+    assert exc.value.status == 409 and f"round {rnd + 1}" in exc.value.detail
+    with pytest.raises(ServiceError) as exc:
+        a.client.request("POST", f"/v1/models/cnn/secagg/{rnd}/shares", content=a.endpoint.advertise())
+    assert exc.value.status == 400 and "takes a ShareKeys" in exc.value.detail
+    with pytest.raises(ServiceError) as exc:
+        a.client.request("GET", f"/v1/models/cnn/secagg/{rnd + 5}")
+    assert exc.value.status == 404
+    with pytest.raises(ServiceError) as exc:
+        service.admin._post(f"/admin/models/cnn/secagg/{rnd}/close")
+    assert exc.value.status == 409
+    with pytest.raises(ServiceError) as exc:
+        service.admin._post("/admin/models/cnn/secagg", {"devices": ["a", "a"]})
+    assert exc.value.status == 422
+    with pytest.raises(ServiceError) as exc:  # too few advertised to close the stage
+        service.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    assert exc.value.status == 422 and "threshold" in exc.value.detail
+
+
+def test_transport_http_secagg_reproduces_the_in_process_run_exactly() -> None:
+    """`deltaplane run --transport http --secagg`: SecAgg over the service's endpoints, bit-identical."""
+    from deltaplane.serve.federation import run_http_simulation
+    from deltaplane.sim import RunConfig, run_simulation
+
+    cfg = RunConfig(
+        clients=4, rounds=2, local_epochs=1, secagg=True, clip="2.0", codec="topk(0.1) | quant(bits=8)"
+    )
+    http = run_http_simulation(cfg)
+    local = run_simulation(cfg)
+    assert [r.test_accuracy for r in http.rounds] == [r.test_accuracy for r in local.rounds]
+    assert [r.uplink_bytes for r in http.rounds] == [r.uplink_bytes for r in local.rounds]
+    for k, v in local.final_state.items():
+        assert torch.equal(http.final_state[k], v), k
+    assert http.transport["uploads_accepted"] == 0  # no plain upload endpoint was used: only SecAgg messages
