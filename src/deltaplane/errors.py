@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeltaplaneError",
+    "DowngradeRefused",
     "ExportError",
     "IntegrityError",
     "InvalidUpdate",
@@ -86,3 +87,7 @@ class SignatureError(DeltaplaneError, ValueError):
 
 class PromotionRefused(DeltaplaneError, RuntimeError):
     """A promotion gate refused a version (an evaluation regressed beyond tolerance or governance forbids it)."""
+
+
+class DowngradeRefused(SignatureError):
+    """A device was offered an older version than the one it holds, without a signed rollback record for it."""

@@ -166,4 +166,5 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
         raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
     target = stack[-2]
     registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+    registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

@@ -52,6 +52,7 @@ __all__ = [
     "IntegrityReport",
     "Registry",
     "default_home",
+    "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
 ]
@@ -102,7 +103,23 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS withdrawals (
     cohort TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollbacks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, number INTEGER NOT NULL,
+    supersedes INTEGER NOT NULL, signature TEXT NOT NULL, at REAL NOT NULL
+);
 """
+
+
+def rollback_statement(model: str, tag: str, number: int, supersedes: int, sha256: str) -> dict[str, Any]:
+    """What a rollback record's signature covers (see :meth:`Registry.record_rollback`)."""
+    return {
+        "kind": "rollback",
+        "model": model,
+        "tag": tag,
+        "version": number,
+        "supersedes": supersedes,
+        "sha256": sha256,
+    }
 
 
 def default_home() -> Path:
@@ -669,6 +686,42 @@ class Registry:
                 "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) VALUES (?,?,?,?,?,?,?)",
                 (model, tag, number, prev[0] if prev else None, action, reason, now),
             )
+
+    def record_rollback(self, model: str, tag: str, number: int) -> dict[str, Any]:
+        """Sign and store a rollback record: ``model:tag`` now serves ``number``, superseding every newer version.
+
+        Devices refuse to move to an older version than the one they hold (a downgrade is what a man in the
+        middle replaying an old, validly signed model would cause); a rollback record signed by the registry's
+        key is the explicit permission. It covers every version up to the newest that exists now
+        (``supersedes``), so a device on any of them may follow the rollback.
+        """
+        target = self.get(model, number)
+        with self._write() as con:
+            supersedes = con.execute("SELECT MAX(number) FROM artifacts WHERE model=?", (model,)).fetchone()[
+                0
+            ]
+            stmt = rollback_statement(model, tag, number, int(supersedes), target.sha256)
+            sig = self.signer.sign(stmt).to_text()
+            con.execute(
+                "INSERT INTO rollbacks (model, tag, number, supersedes, signature, at) VALUES (?,?,?,?,?,?)",
+                (model, tag, number, int(supersedes), sig, time.time()),
+            )
+        return {"tag": tag, "version": number, "supersedes": int(supersedes), "signature": sig}
+
+    def rollback_record(self, model: str, number: int, have: int) -> dict[str, Any] | None:
+        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any."""
+        row = (
+            self._connect()
+            .execute(
+                "SELECT tag, number, supersedes, signature FROM rollbacks WHERE model=? AND number=? "
+                "AND supersedes>=? ORDER BY id DESC",
+                (model, number, have),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return {"tag": row[0], "version": row[1], "supersedes": row[2], "signature": row[3]}
 
     def tag_history(self, model: str, tag: str) -> list[dict[str, Any]]:
         rows = self._connect().execute(

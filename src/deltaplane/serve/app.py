@@ -48,6 +48,7 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
+from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
 
@@ -376,10 +377,25 @@ def create_app(
         ident: Device,
         have: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="version the device holds")] = None,
         channel: Annotated[str, Query(pattern="^(production|staging|training)$")] = "production",
+        nonce: Annotated[
+            str,
+            Query(
+                pattern="^([A-Za-z0-9_-]{16,64})?$",
+                description="random per request; the signed answer echoes it (freshness)",
+            ),
+        ] = "",
     ) -> Response:
         want = resolve_tag(model, channel, ident.cohort)
+        rollback_header = {}
         if have is not None and have > want:
-            have = None  # the device is ahead (e.g. after a rollback): only a full model is safe
+            # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
+            # version only with a signed rollback record covering the one it holds.
+            record = reg.rollback_record(model, want, have)
+            if record is not None:
+                rollback_header = {
+                    "X-Deltaplane-Rollback": f"{record['tag']}:{record['supersedes']}:{record['signature']}"
+                }
+            have = None
         key = (model, want, have)
         dl = state.downlinks.get(key)
         if dl is None:
@@ -399,6 +415,10 @@ def create_app(
             "X-Deltaplane-Signature": dl.signature,
             "X-Deltaplane-Target-Sha256": dl.target_sha256,
             "X-Deltaplane-Full-Bytes": str(dl.full_bytes),
+            "X-Deltaplane-Serve-Signature": signer.sign(
+                serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
+            ).to_text(),
+            **rollback_header,
         }
         if dl.kind == "none":
             return Response(status_code=204, headers=headers)

@@ -7,15 +7,17 @@ model. HTTP errors surface as :class:`ServiceError` carrying the status and the 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import torch
 
-from deltaplane.errors import DecodeError, DeltaplaneError, IntegrityError
-from deltaplane.registry.downlink import Downlink, apply_downlink
+from deltaplane.errors import DecodeError, DeltaplaneError, DowngradeRefused, IntegrityError, SignatureError
+from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
+from deltaplane.registry.store import rollback_statement
 
 __all__ = ["AdminClient", "DeviceClient", "ServiceError"]
 
@@ -64,35 +66,82 @@ class DeviceClient:
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
+        self.sha256 = ""  # signed hash of the version held
         self.bytes_received = 0
         self.full_bytes_equivalent = 0
 
     def close(self) -> None:
         self._http.close()
 
-    def download(self, model: str, *, have: int | None = None, channel: str = "production") -> Downlink:
-        """One raw, unverified download (use :meth:`fetch` to verify and apply)."""
+    def _download(
+        self, model: str, *, have: int | None, channel: str, nonce: str
+    ) -> tuple[Downlink, httpx.Headers]:
         params: dict[str, Any] = {"channel": channel}
         if have is not None:
             params["have"] = have
+        if nonce:
+            params["nonce"] = nonce
         resp = _check(self._http.get(f"/v1/models/{model}/download", params=params, headers=self._headers))
         h = resp.headers
+        announced = h.get("x-deltaplane-model", "")
+        if announced != model:
+            # pin the model the device asked for: a validly signed artifact of another model is still foreign
+            raise SignatureError(f"asked for model {model!r} but the answer is for {announced!r}; refused")
         base = h.get("x-deltaplane-base", "")
-        return Downlink(
-            kind=h["x-deltaplane-kind"],
-            model=h["x-deltaplane-model"],
-            version=int(h["x-deltaplane-version"]),
-            base=int(base) if base else None,
-            body=resp.content,
-            signature=h.get("x-deltaplane-signature", ""),
-            target_sha256=h["x-deltaplane-target-sha256"],
-            full_bytes=int(h["x-deltaplane-full-bytes"]),
-        )
+        try:
+            dl = Downlink(
+                kind=h["x-deltaplane-kind"],
+                model=model,
+                version=int(h["x-deltaplane-version"]),
+                base=int(base) if base else None,
+                body=resp.content,
+                signature=h.get("x-deltaplane-signature", ""),
+                target_sha256=h["x-deltaplane-target-sha256"],
+                full_bytes=int(h["x-deltaplane-full-bytes"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise DecodeError(f"download answer lacks or garbles a deltaplane header: {exc}") from None
+        return dl, h
+
+    def download(self, model: str, *, have: int | None = None, channel: str = "production") -> Downlink:
+        """One raw, unverified download (use :meth:`fetch` to verify and apply)."""
+        return self._download(model, have=have, channel=channel, nonce="")[0]
+
+    def _check_answer(self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers) -> None:
+        """Refuse an answer that is not fresh, not for this model, or older than what the device holds."""
+        stmt = serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
+        sig = h.get("x-deltaplane-serve-signature", "")
+        if not sig:
+            raise SignatureError(f"download of {model} carries no serve signature; refused (freshness)")
+        self.verifier.verify(stmt, sig)
+        if dl.kind == "none" and (dl.version != self.version or dl.target_sha256 != self.sha256):
+            raise SignatureError(
+                f"server says {model}@{dl.version} is current, but this device holds version {self.version}"
+            )
+        if self.version is not None and dl.version < self.version:
+            record = h.get("x-deltaplane-rollback", "")
+            tag, _, rest = record.partition(":")
+            supersedes, _, rsig = rest.partition(":")
+            if not rsig or not supersedes.isdigit() or int(supersedes) < self.version:
+                raise DowngradeRefused(
+                    f"offered {model}@{dl.version} while holding @{self.version}, without a signed rollback "
+                    "record covering it; refused (a downgrade needs `deltaplane registry rollback`)"
+                )
+            self.verifier.verify(
+                rollback_statement(model, tag, dl.version, int(supersedes), dl.target_sha256), rsig
+            )
 
     def fetch(self, model: str, *, channel: str = "production") -> tuple[int, dict[str, torch.Tensor]]:
-        """Bring this device to the current version (delta if it has a base, full otherwise), verified."""
+        """Bring this device to the current version (delta if it has a base, full otherwise), verified.
+
+        The model is pinned to ``model``; every answer must carry the service's signature over this request's
+        random nonce (so it cannot be replayed or faked, 204 included), and a version older than the one held
+        is accepted only with a signed rollback record (:class:`DowngradeRefused` otherwise).
+        """
         have = self.version if self.state is not None else None
-        dl = self.download(model, have=have, channel=channel)
+        nonce = secrets.token_urlsafe(24)
+        dl, h = self._download(model, have=have, channel=channel, nonce=nonce)
+        self._check_answer(model, channel, nonce, dl, h)
         self.bytes_received += len(dl.body)
         self.full_bytes_equivalent += dl.full_bytes if dl.kind != "none" else 0
         try:
@@ -100,10 +149,12 @@ class DeviceClient:
         except (IntegrityError, DecodeError):
             if dl.kind != "delta":
                 raise
-            dl = self.download(model, have=None, channel=channel)  # the full model is the fallback
+            nonce = secrets.token_urlsafe(24)  # the full model is the fallback
+            dl, h = self._download(model, have=None, channel=channel, nonce=nonce)
+            self._check_answer(model, channel, nonce, dl, h)
             self.bytes_received += len(dl.body)
             state = apply_downlink(dl, self.verifier, None)
-        self.version, self.state = dl.version, state
+        self.version, self.state, self.sha256 = dl.version, state, dl.target_sha256
         return dl.version, state
 
     def round(self, model: str) -> dict[str, Any]:
