@@ -250,3 +250,13 @@ def test_small_payload_claiming_a_huge_tensor_is_refused_before_decoding(service
     r = raw(service, "POST", "/v1/models/cnn/rounds/1/update", token=token, content=payload)
     assert r.status_code in (400, 422) and time.perf_counter() - t < 5
     assert "fc.weight" in r.json()["detail"] or "topk" in r.json()["detail"]
+
+
+def test_nan_metric_blocks_promotion_over_http(service_factory, make_state):
+    svc = service_factory()
+    svc.state.evaluator = lambda state: {"accuracy": float("nan"), "ood_accuracy": 0.9}
+    cand = svc.reg.register_model("cnn", make_state(1), parent=1)
+    refused = svc.admin.promote("cnn", cand.number)
+    assert not refused["promoted"] and refused["candidate_metrics"]["accuracy"] is None
+    assert "not a finite number" in refused["regressions"][0]
+    assert svc.reg.tag("cnn", "production") == 1

@@ -15,6 +15,7 @@ reference, read alerts and counters. ``/docs`` and ``/openapi.json`` describe ev
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
+import math
 import secrets
 import threading
 import time
@@ -188,8 +189,8 @@ class PromoteResponse(BaseModel):
     promoted: bool
     candidate: str
     previous: str | None
-    candidate_metrics: dict[str, float]
-    baseline_metrics: dict[str, float] | None
+    candidate_metrics: dict[str, float | None] = Field(description="null where the metric was NaN/Inf")
+    baseline_metrics: dict[str, float | None] | None
     regressions: list[str]
 
 
@@ -266,6 +267,13 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (IntegrityError, 409),
     (DeltaplaneError, 400),
 ]
+
+
+def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
+    """JSON has no NaN: non-finite metrics travel as null (the regressions list says why they blocked)."""
+    if metrics is None:
+        return None
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
 def status_for(exc: Exception) -> int:
@@ -653,8 +661,8 @@ def create_app(
             promoted=res.promoted,
             candidate=res.candidate,
             previous=res.previous,
-            candidate_metrics=res.candidate_metrics,
-            baseline_metrics=res.baseline_metrics,
+            candidate_metrics=_finite_or_none(res.candidate_metrics),
+            baseline_metrics=_finite_or_none(res.baseline_metrics),
             regressions=res.regressions,
         )
         if not res.promoted:
