@@ -52,6 +52,7 @@ from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, pub
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
+from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
@@ -69,6 +70,9 @@ class ServiceConfig:
         admin_token: bearer token for ``/admin`` endpoints.
         device_secret: HMAC key for device tokens (random per process when empty: tokens then die with it).
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
+        max_json_bytes: every other request body above this is refused with 413 while it streams.
+        auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
+            and in a burst) before that address gets 429 without a token check.
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
@@ -80,6 +84,9 @@ class ServiceConfig:
     admin_token: str
     device_secret: str = ""
     max_upload_bytes: int = 8 << 20
+    max_json_bytes: int = 2 << 20
+    auth_failure_rate: float = 1.0
+    auth_failure_burst: int = 20
     rate: float = 20.0
     burst: int = 40
     downlink_codec: str = "topk(0.05) | quant(bits=8)"
@@ -95,6 +102,8 @@ class ServiceConfig:
             raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
+        if self.max_json_bytes < 1024:
+            raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
 
 
 @dataclass
@@ -307,6 +316,15 @@ def create_app(
     )
     app.state.deltaplane = state
     app.state.authority = authority
+    app.add_middleware(
+        RequestGuard,
+        check_device=authority.check,
+        admin_token=config.admin_token,
+        max_upload_bytes=config.max_upload_bytes,
+        max_json_bytes=config.max_json_bytes,
+        failures=RateLimiter(rate=config.auth_failure_rate, burst=config.auth_failure_burst),
+        on_reject=lambda name: state.counters.update((name,)),
+    )
 
     @app.exception_handler(DeltaplaneError)
     async def _typed(_: Request, exc: DeltaplaneError) -> JSONResponse:
@@ -322,8 +340,12 @@ def create_app(
         return JSONResponse({"detail": "invalid request: " + "; ".join(errors)}, status_code=422)
 
     # -- auth dependencies -------------------------------------------------------------------------
-    def device(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> DeviceIdentity:
-        ident = authority.check(creds.credentials) if creds else None
+    def device(
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> DeviceIdentity:
+        ident = request.scope.get("state", {}).get(DEVICE_SCOPE_KEY)  # checked by the RequestGuard
+        if ident is None:
+            ident = authority.check(creds.credentials) if creds else None
         if ident is None:
             state.counters["rejected.unauthenticated"] += 1
             raise HTTPException(

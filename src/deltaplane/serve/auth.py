@@ -14,6 +14,7 @@ import hmac
 import json
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from deltaplane.errors import ConfigError
@@ -63,24 +64,41 @@ class TokenAuthority:
 
 
 class RateLimiter:
-    """Token bucket per key: ``rate`` requests per second on average, bursts up to ``burst``."""
+    """Token bucket per key: ``rate`` requests per second on average, bursts up to ``burst``.
 
-    def __init__(self, *, rate: float, burst: int) -> None:
+    At most ``max_keys`` buckets are kept (least recently used dropped first), so a flood of distinct keys —
+    device ids or client addresses — cannot grow memory without bound; a dropped key starts again full.
+    """
+
+    def __init__(self, *, rate: float, burst: int, max_keys: int = 100_000) -> None:
         if rate <= 0 or burst < 1:
             raise ConfigError(f"rate must be positive and burst at least 1. Found rate={rate}, burst={burst}")
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _refill(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
     def acquire(self, key: str) -> float:
-        """0.0 if the request may proceed, else the seconds to wait before retrying."""
+        """0.0 if the request may proceed (spending one token), else the seconds to wait before retrying."""
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            tokens = self._refill(key, now)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0 if tokens >= 1.0 else tokens, now)
+            self._buckets.move_to_end(key)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+    def wait(self, key: str) -> float:
+        """Like :meth:`acquire` but spends nothing: 0.0 while ``key`` has a token left."""
+        with self._lock:
+            if key not in self._buckets:
                 return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            tokens = self._refill(key, time.monotonic())
+            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
