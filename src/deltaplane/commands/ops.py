@@ -89,6 +89,33 @@ def register(app: typer.Typer) -> None:
             signer = init_keys(_home(home), overwrite=force)
         console.print(f"signing key [bold]{signer.key_id}[/bold] written to {_home(home) / 'keys'}")
 
+    @keys.command("tls")
+    def keys_tls(
+        home: Home = None,
+        host: Annotated[
+            list[str] | None,
+            typer.Option("--host", help="Server name or IP the certificate is valid for (repeatable)."),
+        ] = None,
+        device: Annotated[
+            list[str] | None, typer.Option("--device", help="Also issue a client certificate (mutual TLS).")
+        ] = None,
+        out: Annotated[Path | None, typer.Option(help="Folder [default: HOME/tls].")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing CA.")] = False,
+    ) -> None:
+        """Create a private CA and a server certificate signed by it (keys 0600); devices trust ca.pem."""
+        from deltaplane.serve.tls import make_tls_bundle
+
+        with _errors():
+            b = make_tls_bundle(
+                out or _home(home) / "tls",
+                hosts=host or ["127.0.0.1", "localhost"],
+                devices=device or [],
+                overwrite=force,
+            )
+        console.print(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}")
+        for d, (c, k) in b.devices.items():
+            console.print(f"device {d}: {c} + {k}")
+
     @reg_app.command("init")
     def registry_init(home: Home = None) -> None:
         """Create a registry (and a signing key if there is none)."""
@@ -320,11 +347,27 @@ def register(app: typer.Typer) -> None:
         downlink_codec: Annotated[
             str, typer.Option(help="Codec of the round-to-round deltas the service publishes.")
         ] = "topk(0.05) | quant(bits=8)",
+        max_json_bytes: Annotated[int, typer.Option(help="Limit of every non-upload request body.")] = 2
+        << 20,
+        tls_cert: Annotated[
+            Path | None, typer.Option(help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).")
+        ] = None,
+        tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+        tls_client_ca: Annotated[
+            Path | None, typer.Option(help="Require device certificates signed by this CA (mutual TLS).")
+        ] = None,
+        insecure_http: Annotated[
+            bool,
+            typer.Option(
+                "--insecure-http", help="Allow plain HTTP on a non-loopback interface (behind a TLS proxy)."
+            ),
+        ] = False,
     ) -> None:
-        """Start the device-facing HTTP service (OpenAPI docs at /docs)."""
+        """Start the device-facing HTTP(S) service (OpenAPI docs at /docs)."""
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
+        from deltaplane.serve.tls import server_ssl_options
 
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
@@ -338,6 +381,19 @@ def register(app: typer.Typer) -> None:
                 rate=rate,
                 burst=burst,
                 downlink_codec=downlink_codec,
+                max_json_bytes=max_json_bytes,
             )
+            if (tls_cert is None) != (tls_key is None):
+                raise ConfigError("--tls-cert and --tls-key go together")
+            if tls_client_ca is not None and tls_cert is None:
+                raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            ssl_options = (
+                server_ssl_options(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+            )
+            if ssl_options is None and host not in ("127.0.0.1", "::1", "localhost") and not insecure_http:
+                raise ConfigError(
+                    f"refusing plain HTTP on {host}: pass --tls-cert/--tls-key (make them with "
+                    "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
+                )
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
-        serve(app_, host=host, port=port)
+        serve(app_, host=host, port=port, ssl_options=ssl_options)

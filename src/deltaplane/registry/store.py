@@ -390,16 +390,39 @@ class Registry:
         return con
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on this thread's connection; nested uses join the outermost one.
+
+        Nesting is what makes multi-step changes atomic: e.g. the service closes a round by registering the
+        new version, its delta, the tag move and the round's closed state inside one ``transaction()``, so a
+        failure anywhere leaves none of them (blobs written meanwhile become orphans for :meth:`gc`).
+        """
         # BEGIN IMMEDIATE takes the write lock up front, so read-then-insert (next version number) is atomic
         con = self._connect()
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
+            try:
+                yield con
+            finally:
+                self._local.depth = depth
+            return
         con.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
             yield con
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        finally:
+            self._local.depth = 0
         con.execute("COMMIT")
+
+    _write = transaction
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only statement on this thread's connection (for layers that keep tables here)."""
+        return self._connect().execute(sql, tuple(args)).fetchall()
 
     def close(self) -> None:
         """Close this thread's database connection."""

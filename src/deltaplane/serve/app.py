@@ -51,8 +51,9 @@ from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
-from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
+from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.service_store import ServiceStore
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
@@ -68,7 +69,9 @@ class ServiceConfig:
     Args:
         home: registry folder (must hold a registry and a signing key).
         admin_token: bearer token for ``/admin`` endpoints.
-        device_secret: HMAC key for device tokens (random per process when empty: tokens then die with it).
+        device_secret: HMAC key for device tokens; when empty, ``<home>/keys/device-secret`` (created 0600 on
+            first start), so tokens survive restarts.
+        token_ttl_s: default lifetime of a device token; ``max_token_ttl_s`` caps what an admin may ask for.
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
         max_json_bytes: every other request body above this is refused with 413 while it streams.
         auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
@@ -87,6 +90,8 @@ class ServiceConfig:
     max_json_bytes: int = 2 << 20
     auth_failure_rate: float = 1.0
     auth_failure_burst: int = 20
+    token_ttl_s: float = 30 * 86400
+    max_token_ttl_s: float = 365 * 86400
     rate: float = 20.0
     burst: int = 40
     downlink_codec: str = "topk(0.05) | quant(bits=8)"
@@ -152,12 +157,26 @@ class _Strict(BaseModel):
 class DeviceTokenRequest(_Strict):
     device_id: str = Field(pattern=NAME, max_length=128)
     cohort: str = Field(default="default", pattern=NAME, max_length=128)
+    ttl_s: int | None = Field(
+        default=None, ge=60, le=10 * 365 * 86400, description="lifetime; defaults to the service's"
+    )
 
 
 class DeviceToken(BaseModel):
     device_id: str
     cohort: str
     token: str
+    token_id: str
+    expires_at: float
+
+
+class RevokeTokenRequest(_Strict):
+    token_id: str = Field(pattern="^[A-Za-z0-9_-]{8,64}$")
+
+
+class Revoked(BaseModel):
+    revoked: str
+    at: float
 
 
 class OpenRoundRequest(_Strict):
@@ -299,8 +318,13 @@ def create_app(
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
     reg = state.registry
     signer = reg.signer
+    service_store = ServiceStore(reg)
+    revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
-        config.device_secret.encode() if config.device_secret else secrets.token_bytes(32)
+        config.device_secret.encode() if config.device_secret else device_secret(reg.home),
+        ttl_s=config.token_ttl_s,
+        revoked_ids=revoked_ids,
+        revoked_devices=revoked_devices,
     )
     limiter = RateLimiter(rate=config.rate, burst=config.burst)
     tolerance = Tolerance(dict(config.tolerance))
@@ -589,9 +613,32 @@ def create_app(
     # -- admin endpoints ---------------------------------------------------------------------------
     @app.post("/admin/devices", tags=["admin"], dependencies=[Admin], response_model=DeviceToken)
     def issue_token(body: DeviceTokenRequest) -> DeviceToken:
+        if body.ttl_s is not None and body.ttl_s > config.max_token_ttl_s:
+            raise ConfigError(f"ttl_s must be at most {config.max_token_ttl_s:.0f}. Found {body.ttl_s}")
+        t = authority.issue_token(body.device_id, body.cohort, ttl_s=body.ttl_s)
         return DeviceToken(
-            device_id=body.device_id, cohort=body.cohort, token=authority.issue(body.device_id, body.cohort)
+            device_id=t.device_id,
+            cohort=t.cohort,
+            token=t.token,
+            token_id=t.token_id,
+            expires_at=t.expires_at,
         )
+
+    @app.post("/admin/tokens/revoke", tags=["admin"], dependencies=[Admin], response_model=Revoked)
+    def revoke_token(body: RevokeTokenRequest) -> Revoked:
+        """Revoke one device token by its id (persisted: the revocation survives restarts)."""
+        service_store.revoke_token(body.token_id, "", time.time() + config.max_token_ttl_s)
+        authority.revoke(body.token_id)
+        return Revoked(revoked=body.token_id, at=time.time())
+
+    @app.post(
+        "/admin/devices/{device_id}/revoke", tags=["admin"], dependencies=[Admin], response_model=Revoked
+    )
+    def revoke_device(device_id: Annotated[str, PathParam(pattern=NAME, max_length=128)]) -> Revoked:
+        """Revoke every token issued so far to ``device_id`` (a new token may be issued afterwards)."""
+        at = authority.revoke_device(device_id)
+        service_store.revoke_device(device_id, at)
+        return Revoked(revoked=device_id, at=at)
 
     @app.post(
         "/admin/models/{model}/rounds",

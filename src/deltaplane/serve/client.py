@@ -8,6 +8,7 @@ model. HTTP errors surface as :class:`ServiceError` carrying the status and the 
 from __future__ import annotations
 
 import secrets
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,8 @@ class DeviceClient:
         token: the device token an admin issued.
         verifier: the public keys this device trusts.
         client: an existing ``httpx.Client`` (connection pooling, tests with ``transport=``).
+        tls: for ``https://`` URLs, an SSL context (:func:`deltaplane.serve.tls.client_context`: trust only the
+            service's CA, optionally present a device certificate).
     """
 
     def __init__(
@@ -59,10 +62,11 @@ class DeviceClient:
         verifier: Verifier,
         client: httpx.Client | None = None,
         timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url
         self.verifier = verifier
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
@@ -192,9 +196,15 @@ class AdminClient:
     """The operator's connection to the ``/admin`` endpoints."""
 
     def __init__(
-        self, base_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 60.0
+        self,
+        base_url: str,
+        token: str,
+        *,
+        client: httpx.Client | None = None,
+        timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
         self._headers = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
@@ -206,8 +216,21 @@ class AdminClient:
     def _get(self, path: str, **params: Any) -> Any:
         return _check(self._http.get(path, params=params or None, headers=self._headers)).json()
 
-    def issue_token(self, device_id: str, cohort: str = "default") -> str:
-        return self._post("/admin/devices", {"device_id": device_id, "cohort": cohort})["token"]
+    def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
+        """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""
+        return self.issue_token_info(device_id, cohort, ttl_s=ttl_s)["token"]
+
+    def issue_token_info(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> Any:
+        body: dict[str, Any] = {"device_id": device_id, "cohort": cohort}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._post("/admin/devices", body)
+
+    def revoke_token(self, token_id: str) -> Any:
+        return self._post("/admin/tokens/revoke", {"token_id": token_id})
+
+    def revoke_device(self, device_id: str) -> Any:
+        return self._post(f"/admin/devices/{device_id}/revoke")
 
     def open_round(self, model: str, base_version: int | None = None) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds", {"base_version": base_version})

@@ -9,27 +9,46 @@ from __future__ import annotations
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 from fastapi import FastAPI
 
 __all__ = ["BackgroundServer", "serve"]
 
 
-def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted (blocking)."""
+def serve(
+    app: FastAPI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    ssl_options: dict[str, Any] | None = None,
+) -> None:
+    """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **_hardening(), **(ssl_options or {}))
+
+
+def _hardening() -> dict[str, Any]:
+    return {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
 
 
 class BackgroundServer:
     """A uvicorn server in a daemon thread; use as a context manager, read :attr:`url` once started."""
 
     def __init__(
-        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: FastAPI,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        ssl_options: dict[str, Any] | None = None,
     ) -> None:
         import uvicorn
 
+        self._tls = bool(ssl_options)
         self._config = uvicorn.Config(
             app,
             host=host,
@@ -37,7 +56,9 @@ class BackgroundServer:
             log_level=log_level,
             access_log=False,
             backlog=4096,
-            timeout_keep_alive=30,
+            timeout_graceful_shutdown=2,
+            **{**_hardening(), "timeout_keep_alive": 30},
+            **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
         self._thread = threading.Thread(target=self._server.run, name="deltaplane-serve", daemon=True)
@@ -51,7 +72,7 @@ class BackgroundServer:
                 raise RuntimeError("the deltaplane server did not start")
             time.sleep(0.01)
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self._tls else 'http'}://{host}:{port}"
         return self
 
     def stop(self) -> None:
