@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "ConfigError",
+    "Conflict",
     "DecodeError",
     "DeltaplaneError",
     "DowngradeRefused",
@@ -91,3 +92,7 @@ class PromotionRefused(DeltaplaneError, RuntimeError):
 
 class DowngradeRefused(SignatureError):
     """A device was offered an older version than the one it holds, without a signed rollback record for it."""
+
+
+class Conflict(DeltaplaneError, RuntimeError):
+    """The request conflicts with stored state: a round not open, a duplicate or replayed upload."""

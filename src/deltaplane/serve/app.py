@@ -30,13 +30,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltaplane.aggregation import FedAvg
 from deltaplane.codecs import Compressor, decode_delta, unpack
 from deltaplane.codecs.wire import check_base
 from deltaplane.errors import (
     ConfigError,
+    Conflict,
     DecodeError,
     DeltaplaneError,
     IntegrityError,
@@ -48,11 +49,20 @@ from deltaplane.errors import (
     VersionMismatch,
 )
 from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
-from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, publish_update, rollback
+from deltaplane.registry import (
+    Governance,
+    Registry,
+    Tolerance,
+    plan_downlink,
+    promote,
+    publish_update,
+    rollback,
+)
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 from deltaplane.serve.service_store import ServiceStore
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
@@ -60,6 +70,7 @@ __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,8 @@ class ServiceConfig:
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
         server_lr: scale of the averaged update applied when a round closes.
+        max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
+            least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -98,6 +111,7 @@ class ServiceConfig:
     downlink_error_feedback: bool = True
     downlink_seed: int = 0
     server_lr: float = 1.0
+    max_update_norm_ratio: float | None = 10.0
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
 
     def __post_init__(self) -> None:
@@ -107,21 +121,30 @@ class ServiceConfig:
             raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
+        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 0:
+            raise ConfigError(f"max_update_norm_ratio must be positive. Found {self.max_update_norm_ratio}")
         if self.max_json_bytes < 1024:
             raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
 
 
 @dataclass
 class RoundState:
-    """One open training round: its base version and the streaming aggregate of accepted updates."""
+    """One open training round: its stored record and the streaming aggregate of accepted updates.
+
+    The record and every accepted upload are durable (:class:`~deltaplane.serve.rounds_store.RoundStore`);
+    this in-memory aggregate is rebuilt from them after a restart.
+    """
 
     model: str
     number: int
     base_version: int
+    record: RoundRecord | None = None
     aggregator: FedAvg = field(default_factory=FedAvg)
     devices: set[str] = field(default_factory=set)
+    cohorts: set[str] = field(default_factory=set)
     examples: float = 0.0
     opened_at: float = field(default_factory=time.time)
+    closing: bool = False
 
 
 @dataclass
@@ -131,7 +154,6 @@ class ServiceState:
     registry: Registry
     evaluator: Evaluator | None = None
     rounds: dict[str, RoundState] = field(default_factory=dict)
-    round_counter: dict[str, int] = field(default_factory=dict)
     compressors: dict[str, Compressor] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +213,7 @@ class RoundInfo(BaseModel):
     base_version: int
     uploads: int
     open: bool
+    nonce: str = Field(description="send it back as X-Deltaplane-Round-Nonce with each upload")
 
 
 class UploadAccepted(BaseModel):
@@ -203,9 +226,16 @@ class CloseRoundResponse(BaseModel):
     model: str
     round: int
     uploads: int
-    version: int
+    version: int | None = Field(description="null when the round had no uploads (closed without a version)")
     delta_bytes: int
     full_bytes: int
+
+
+class AbortRoundResponse(BaseModel):
+    model: str
+    round: int
+    uploads: int
+    aborted: bool
 
 
 class PromoteRequest(_Strict):
@@ -240,14 +270,18 @@ class SummaryModel(_Strict):
     projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
         default_factory=list, max_length=1024
     )
-    embedding_sum: list[float] = Field(default_factory=list, max_length=65536)
+    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=list, max_length=65536
+    )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
 
 
 class ReportRequest(_Strict):
     version: int = Field(ge=1, le=2**31 - 1)
     round: int | None = Field(default=None, ge=1, le=2**31 - 1)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+    metrics: dict[MetricName, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=64
+    )
     summary: SummaryModel | None = None
 
 
@@ -293,6 +327,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (DecodeError, 400),
     (ConfigError, 422),
     (IntegrityError, 409),
+    (Conflict, 409),
     (DeltaplaneError, 400),
 ]
 
@@ -302,6 +337,106 @@ def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None]
     if metrics is None:
         return None
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+
+
+def restore_round(store: RoundStore, rec: RoundRecord) -> RoundState:
+    """Rebuild an open round's in-memory aggregate from its stored uploads (after a restart)."""
+    r = RoundState(rec.model, rec.number, rec.base_version, record=rec, opened_at=rec.opened_at)
+    for delta, weight, device_id in store.restore(rec):
+        r.aggregator.add(delta, weight=weight)
+        r.devices.add(device_id)
+        r.examples += weight
+    r.cohorts.update(store.cohorts(rec))
+    return r
+
+
+def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
+    """An upload names its round's nonce (so a captured upload cannot be replayed into a later round)."""
+    if r.record is None:
+        return
+    if not secrets.compare_digest(nonce.encode(), r.record.nonce.encode()):
+        raise Conflict(
+            f"upload is not bound to round {r.number}: send the round's nonce (GET /v1/models/{r.model}/round) "
+            "as X-Deltaplane-Round-Nonce"
+        )
+    if cohort in r.record.excluded:
+        raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
+
+
+def check_update_norm(delta: Any, base: dict[str, Any], ratio: float | None) -> None:
+    """Refuse updates that are not finite or absurdly large relative to the model they change."""
+    norm = float(delta.norm())
+    if not math.isfinite(norm):
+        raise InvalidUpdate(f"update norm is {norm}; refusing a non-finite update")
+    if ratio is None:
+        return
+    base_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in base.values() if v.is_floating_point()))
+    bound = ratio * max(base_norm, 1.0)
+    if norm > bound:
+        raise InvalidUpdate(
+            f"update norm {norm:.4g} exceeds {ratio:g}x the base model's norm ({base_norm:.4g}); refused"
+        )
+
+
+def close_round_durably(
+    reg: Registry, store: RoundStore, r: RoundState, comp: Compressor, server_lr: float
+) -> tuple[Any, Any]:
+    """Publish a round's aggregate as a new version and mark the round closed, atomically.
+
+    Everything that writes (new version, its downlink delta, the ``training`` tag, the round's closed state)
+    commits in one registry transaction; on any failure — a non-finite aggregate, a full disk — none of it
+    does, the downlink compressor's error-feedback state is restored, and the round stays open with its
+    uploads. A round without uploads closes without a version. Returns ``(version, delta)`` or ``(None, None)``.
+    """
+
+    def publish() -> tuple[Any, Any]:
+        if not r.devices:
+            return None, None
+        update = r.aggregator.result()
+        if server_lr != 1.0:
+            update = update * server_lr
+        norm = float(update.norm())
+        if not math.isfinite(norm):
+            raise InvalidUpdate(
+                f"round {r.number}'s aggregate has norm {norm}; not published, round kept open"
+            )
+        parent = reg.get(r.model, r.base_version)
+        gov = parent.governance
+        cohorts = tuple(sorted(set(gov.cohorts) | r.cohorts))
+        excluded = tuple(
+            sorted((set(gov.excluded_cohorts) | set(r.record.excluded if r.record else ())) - set(cohorts))
+        )
+        version, delta = publish_update(
+            reg,
+            r.model,
+            r.base_version,
+            update,
+            compressor=comp,
+            lineage={
+                "round": r.number,
+                "uploads": len(r.devices),
+                "examples": r.examples,
+                "round_cohorts": sorted(r.cohorts),
+                **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
+            },
+            governance=Governance(gov.data_sources, cohorts, excluded, gov.notes),
+        )
+        reg.set_tag(r.model, "training", version.number, action="round", reason=f"round {r.number}")
+        return version, delta
+
+    saved = comp.state_dict()
+    try:
+        if r.record is None:
+            return publish()
+
+        def numbered() -> tuple[int | None, tuple[Any, Any]]:
+            out = publish()
+            return (out[0].number if out[0] is not None else None), out
+
+        return store.close(r.record, numbered)
+    except BaseException:
+        comp.load_state_dict(saved)
+        raise
 
 
 def status_for(exc: Exception) -> int:
@@ -319,6 +454,9 @@ def create_app(
     reg = state.registry
     signer = reg.signer
     service_store = ServiceStore(reg)
+    rounds_store = RoundStore(reg)
+    for rec in rounds_store.open_rounds():  # a restart keeps open rounds and their accepted uploads
+        state.rounds[rec.model] = restore_round(rounds_store, rec)
     revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
         config.device_secret.encode() if config.device_secret else device_secret(reg.home),
@@ -486,7 +624,12 @@ def create_app(
         if r is None:
             raise NotFound(f"no open round for {model!r}")
         return RoundInfo(
-            model=model, round=r.number, base_version=r.base_version, uploads=len(r.devices), open=True
+            model=model,
+            round=r.number,
+            base_version=r.base_version,
+            uploads=len(r.devices),
+            open=True,
+            nonce=r.record.nonce if r.record else "",
         )
 
     upload_body = {
@@ -538,6 +681,7 @@ def create_app(
             raise HTTPException(
                 409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
             )
+        check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
         if not payload:
             raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
 
@@ -558,16 +702,27 @@ def create_app(
                         f"tensor '{k}': update declares shape {list(e.shape)} {dt}, "
                         f"the base has {list(base[k].shape)} {base[k].dtype}"
                     )
-            return decode_delta(trees)
+            delta = decode_delta(trees)
+            check_update_norm(delta, base, config.max_update_norm_ratio)
+            return delta
 
         delta = await run_in_threadpool(validate)
         with state.lock:
-            if state.rounds.get(model) is not r:
+            if state.rounds.get(model) is not r or r.closing:
                 raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
             if ident.device_id in r.devices:
                 raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
+            if r.record is not None:  # durable before it counts: refuses replays of accepted bytes
+                rounds_store.add_upload(
+                    r.record,
+                    device_id=ident.device_id,
+                    cohort=ident.cohort,
+                    weight=num_examples,
+                    payload=payload,
+                )
             r.aggregator.add(delta, weight=num_examples)
             r.devices.add(ident.device_id)
+            r.cohorts.add(ident.cohort)
             r.examples += num_examples
             state.counters["uploads.accepted"] += 1
             state.counters["uploads.bytes"] += len(payload)
@@ -657,10 +812,11 @@ def create_app(
                 raise HTTPException(
                     409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
                 )
-            number = state.round_counter.get(model, 0) + 1
-            state.round_counter[model] = number
-            state.rounds[model] = RoundState(model, number, base)
-        return RoundInfo(model=model, round=number, base_version=base, uploads=0, open=True)
+            rec = rounds_store.open(model, base)  # numbered from the database: never reused after a restart
+            state.rounds[model] = RoundState(model, rec.number, base, record=rec)
+        return RoundInfo(
+            model=model, round=rec.number, base_version=base, uploads=0, open=True, nonce=rec.nonce
+        )
 
     @app.post(
         "/admin/models/{model}/rounds/{round_id}/close",
@@ -674,13 +830,9 @@ def create_app(
     ) -> CloseRoundResponse:
         with state.lock:
             r = state.rounds.get(model)
-            if r is None or r.number != round_id:
+            if r is None or r.number != round_id or r.closing:
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
-            if not r.devices:
-                raise HTTPException(
-                    409, f"round {round_id} has no accepted uploads yet; nothing to aggregate"
-                )
-            del state.rounds[model]
+            r.closing = True  # uploads are refused from here on; reopened if publishing fails
         comp = state.compressors.setdefault(
             model,
             Compressor(
@@ -689,24 +841,41 @@ def create_app(
                 seed=config.downlink_seed,
             ),
         )
-        update = r.aggregator.result()
-        version, delta = publish_update(
-            reg,
-            model,
-            r.base_version,
-            update * config.server_lr if config.server_lr != 1.0 else update,
-            compressor=comp,
-            lineage={"round": r.number, "uploads": len(r.devices), "examples": r.examples},
-        )
-        reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
+        try:
+            version, delta = close_round_durably(reg, rounds_store, r, comp, config.server_lr)
+        except BaseException:
+            r.closing = False
+            raise
+        with state.lock:
+            state.rounds.pop(model, None)
         return CloseRoundResponse(
             model=model,
             round=r.number,
             uploads=len(r.devices),
-            version=version.number,
-            delta_bytes=delta.size,
-            full_bytes=version.size,
+            version=version.number if version else None,
+            delta_bytes=delta.size if delta else 0,
+            full_bytes=version.size if version else 0,
         )
+
+    @app.post(
+        "/admin/models/{model}/rounds/{round_id}/abort",
+        tags=["admin"],
+        dependencies=[Admin],
+        response_model=AbortRoundResponse,
+        responses={k: _ERRORS[k] for k in (404, 409)},
+    )
+    def abort_round(
+        model: ModelName, round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+    ) -> AbortRoundResponse:
+        """Close a round without publishing a version (its uploads are discarded)."""
+        with state.lock:
+            r = state.rounds.get(model)
+            if r is None or r.number != round_id or r.closing:
+                raise HTTPException(409, f"round {round_id} of {model!r} is not open")
+            if r.record is not None:
+                rounds_store.abort(r.record)
+            del state.rounds[model]
+        return AbortRoundResponse(model=model, round=round_id, uploads=len(r.devices), aborted=True)
 
     @app.post(
         "/admin/models/{model}/promote",

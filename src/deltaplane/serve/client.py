@@ -165,13 +165,33 @@ class DeviceClient:
         return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()
 
     def upload(
-        self, model: str, round_id: int, payload: bytes, *, num_examples: float = 1.0
+        self,
+        model: str,
+        round_id: int,
+        payload: bytes,
+        *,
+        num_examples: float = 1.0,
+        nonce: str | None = None,
     ) -> dict[str, Any]:
+        """Upload a compressed update to round ``round_id``, bound to the round's ``nonce``.
+
+        Without ``nonce`` the client asks the service for the open round's (one extra request) and checks
+        it is ``round_id``.
+        """
+        if nonce is None:
+            info = self.round(model)
+            if info["round"] != round_id:
+                raise ServiceError(409, f"round {round_id} is not open; the open round is {info['round']}")
+            nonce = info["nonce"]
         resp = self._http.post(
             f"/v1/models/{model}/rounds/{round_id}/update",
             params={"num_examples": num_examples},
             content=payload,
-            headers={**self._headers, "Content-Type": "application/octet-stream"},
+            headers={
+                **self._headers,
+                "Content-Type": "application/octet-stream",
+                "X-Deltaplane-Round-Nonce": nonce,
+            },
         )
         return _check(resp).json()
 
@@ -237,6 +257,9 @@ class AdminClient:
 
     def close_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/close")
+
+    def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
+        return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
 
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(
