@@ -138,3 +138,20 @@ def test_nan_metrics_are_refused(service):
         headers={"Authorization": f"Bearer {token}"},
     )
     assert r.status_code == 422  # metric names are bounded too
+
+
+def test_memory_is_bounded_by_bytes(tmp_path):
+    svc = Service(tmp_path / "h", downlink_cache_bytes=200_000)
+    full = svc.reg.get("cnn", 1).size
+    for i in range(8):  # distinct models of ~full bytes each: the cache keeps what fits in the budget
+        v = svc.reg.register_model(
+            "cnn", {k: t + i for k, t in svc.reg.load_state("cnn@1").items()}, parent=1
+        )
+        svc.reg.set_tag("cnn", "production", v.number)
+        svc.device(f"d{i}").fetch("cnn")
+    cache = svc.state.downlinks
+    assert cache.nbytes <= 200_000 and len(cache) == 200_000 // (full + 512)
+    # drift history and alerts are capped
+    from deltaplane.serve.app import MAX_ALERTS
+
+    assert svc.state.alerts.maxlen == MAX_ALERTS

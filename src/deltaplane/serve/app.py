@@ -19,7 +19,7 @@ import math
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,6 +61,7 @@ from deltaplane.registry import (
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
+from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 from deltaplane.serve.service_store import ServiceStore
@@ -70,6 +71,8 @@ __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+MAX_ALERTS = 10_000  # each entry is bounded (names <= 128 chars, alert text from the monitor)
+MAX_DRIFT_HISTORY = 1_000  # drift reports kept per monitored model
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
@@ -91,6 +94,7 @@ class ServiceConfig:
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
         server_lr: scale of the averaged update applied when a round closes.
+        downlink_cache_bytes: byte budget of planned downlinks kept in memory (least recently used evicted).
         max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
             least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
         tolerance: promotion gate limits (metric -> allowed drop).
@@ -112,6 +116,7 @@ class ServiceConfig:
     downlink_seed: int = 0
     server_lr: float = 1.0
     max_update_norm_ratio: float | None = 10.0
+    downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
 
     def __post_init__(self) -> None:
@@ -156,19 +161,25 @@ class ServiceState:
     rounds: dict[str, RoundState] = field(default_factory=dict)
     compressors: dict[str, Compressor] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
-    alerts: list[dict[str, Any]] = field(default_factory=list)
+    alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
-    downlinks: dict[tuple[str, int, int | None], Any] = field(default_factory=dict)
+    downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _bases: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    _bases: ByteLRU[dict[str, Any]] = field(
+        default_factory=lambda: ByteLRU(
+            512 << 20, lambda s: sum(t.numel() * t.element_size() for t in s.values())
+        )
+    )
 
     def base_state(self, model: str, version: int) -> dict[str, Any]:
         """The (verified) weights of a base version, cached: versions are immutable."""
         key = (model, version)
-        if key not in self._bases:
-            self._bases[key] = self.registry.load_state(self.registry.get(model, version))
-        return self._bases[key]
+        hit = self._bases.get(key)
+        if hit is None:
+            hit = self.registry.load_state(self.registry.get(model, version))
+            self._bases.put(key, hit)
+        return hit
 
 
 # -- request / response schemas ------------------------------------------------------------------------
@@ -451,6 +462,7 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
+    state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry
     signer = reg.signer
     service_store = ServiceStore(reg)
@@ -592,10 +604,7 @@ def create_app(
         dl = state.downlinks.get(key)
         if dl is None:
             dl = plan_downlink(reg, signer, model, want, have)
-            with state.lock:
-                if len(state.downlinks) > 4096:
-                    state.downlinks.clear()
-                state.downlinks[key] = dl  # artifacts are immutable, so a planned downlink never goes stale
+            state.downlinks.put(key, dl)  # artifacts are immutable, so a planned downlink never goes stale
         state.counters[f"download.{dl.kind}"] += 1
         state.counters["download.bytes"] += len(dl.body)
         state.counters["download.full_bytes"] += dl.full_bytes if dl.kind != "none" else 0
@@ -756,6 +765,7 @@ def create_app(
             mon = state.monitors.get(model)
             if body.summary is not None and mon is not None:
                 result = mon.ingest(Summary(**body.summary.model_dump()))
+                del mon.history[:-MAX_DRIFT_HISTORY]
                 if result is not None:
                     evaluated = True
                     alerts = result.alerts
