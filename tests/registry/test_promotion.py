@@ -47,7 +47,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
     assert reg.card(pruned) is None
 
-    before = reg.blob_path(reg.get("digits", good.number).sha256).read_bytes()
+    before = reg.get_blob(reg.get("digits", good.number).sha256)
     back = rollback(reg, "digits")
     assert back.number == good.number and reg.tag("digits", "production") == good.number
     restored = reg.read(reg.resolve("digits:production"))

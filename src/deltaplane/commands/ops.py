@@ -117,13 +117,36 @@ def register(app: typer.Typer) -> None:
             console.print(f"device {d}: {c} + {k}")
 
     @reg_app.command("init")
-    def registry_init(home: Home = None) -> None:
-        """Create a registry (and a signing key if there is none)."""
+    def registry_init(
+        home: Home = None,
+        no_encrypt: Annotated[
+            bool, typer.Option("--no-encrypt", help="Store blobs in plaintext (explicit opt-out).")
+        ] = False,
+    ) -> None:
+        """Create a registry (and a signing key if there is none); blobs are encrypted at rest by default."""
         from deltaplane.registry import Registry
 
         with _errors():
-            reg = Registry.create(_home(home))
-            console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id})")
+            reg = Registry.create(_home(home), encrypt=not no_encrypt)
+            at_rest = f"AES-256-GCM, key {reg.keyring.current}" if reg.encrypted else "plaintext (opted out)"
+            console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id}; blobs: {at_rest})")
+
+    @reg_app.command("rotate-key")
+    def registry_rotate_key(
+        home: Home = None,
+        key_file: Annotated[
+            Path | None, typer.Option(help="New KEK (base64 of 32 bytes) [default: a random one].")
+        ] = None,
+    ) -> None:
+        """Re-wrap every blob's data key with a new key-encryption key; old key files are removed."""
+        from deltaplane.registry import Registry
+        from deltaplane.registry.encryption import parse_key
+
+        with _errors():
+            reg = Registry(_home(home))
+            new = parse_key(key_file.read_bytes(), str(key_file)) if key_file else None
+            n = reg.rotate_kek(new)
+        console.print(f"{n} blobs re-wrapped with key {reg.keyring.current}")
 
     @reg_app.command("register")
     def registry_register(
@@ -204,10 +227,15 @@ def register(app: typer.Typer) -> None:
         no_signatures: Annotated[bool, typer.Option("--no-signatures", help="Only check hashes.")] = False,
     ) -> None:
         """Integrity check: every blob's hash, every row's blob, every signature. Exit 1 on problems."""
+        from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
 
         with _errors():
-            rep = Registry(_home(home)).verify(signatures=not no_signatures)
+            try:
+                rep = Registry(_home(home)).verify(signatures=not no_signatures)
+            except IntegrityError as exc:  # the database itself is unreadable: a finding, not a crash
+                err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(code=1) from None
         console.print(
             f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
             f"{len(rep.orphans)} orphan blobs, {len(rep.temp_files)} temp files (safe to gc)"

@@ -43,7 +43,9 @@ from typing import Any
 
 import torch
 
+from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
+from deltaplane.registry.encryption import KeyRing, is_sealed
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
 
 __all__ = [
@@ -58,8 +60,12 @@ __all__ = [
 ]
 
 HOME_ENV = "DELTAPLANE_HOME"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REF = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?$")
+SETTINGS_NAME = "registry.json"
+ENCRYPTION = "aes-256-gcm"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_REF = re.compile(
+    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?\Z"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -128,7 +134,7 @@ def default_home() -> Path:
 
 
 def _check_name(what: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
             f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-' starting with a letter "
             f"or digit. Found {name!r}"
@@ -355,19 +361,51 @@ class Registry:
         self._signer = signer
         self._verifier = verifier
         self._local = threading.local()
-        self._connect()  # fail early on a broken database
+        self._ring: KeyRing | None = None
+        settings = self.home / SETTINGS_NAME
+        try:
+            self._settings: dict[str, Any] = json.loads(settings.read_text()) if settings.exists() else {}
+        except ValueError as exc:
+            raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
+        try:
+            self._connect()  # fail early on a broken database
+        except sqlite3.DatabaseError as exc:
+            raise IntegrityError(
+                f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
+            ) from None
 
     @classmethod
     def create(
-        cls, home: str | os.PathLike[str] | None = None, *, signer: Signer | None = None, keys: bool = True
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        signer: Signer | None = None,
+        keys: bool = True,
+        encrypt: bool = True,
     ) -> Registry:
-        """Create (or open) a registry; also create a signing key when ``keys`` and none exists."""
+        """Create (or open) a registry; also create a signing key when ``keys`` and none exists.
+
+        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out, recorded in
+        ``<home>/registry.json``). The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE``
+        when set, else a new key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it
+        the blobs cannot be read). Opening an existing registry never changes its setting.
+        """
         from deltaplane.registry.signing import PRIVATE_NAME, init_keys
 
         home = Path(home) if home is not None else default_home()
         (home / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
         if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
             signer = init_keys(home)
+        settings = home / SETTINGS_NAME
+        if not settings.exists():
+            if encrypt:
+                try:
+                    KeyRing.load(home)
+                except NotFound:
+                    KeyRing.create_key_file(home)
+            atomic_write_bytes(
+                settings, json.dumps({"encryption": ENCRYPTION if encrypt else "none"}).encode()
+            )
         con = sqlite3.connect(home / "registry.db", timeout=60, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
@@ -452,33 +490,91 @@ class Registry:
     def blob_path(self, sha256: str) -> Path:
         return self.home / "blobs" / sha256[:2] / sha256[2:]
 
-    def put_blob(self, data: bytes) -> str:
-        """Store ``data`` durably under its SHA-256 (temp + fsync + rename + dir fsync); returns the hash."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        if path.exists() and path.stat().st_size == len(data):
-            return digest
+    @property
+    def encrypted(self) -> bool:
+        """Whether new blobs are encrypted at rest (AES-256-GCM envelope, :mod:`deltaplane.registry.encryption`)."""
+        return self._settings.get("encryption") == ENCRYPTION
+
+    @property
+    def keyring(self) -> KeyRing:
+        if self._ring is None:
+            self._ring = KeyRing.load(self.home)
+        return self._ring
+
+    def _decode_blob(self, raw: bytes, sha256: str) -> bytes:
+        data = self.keyring.open(raw, sha256) if is_sealed(raw) else raw
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
+        return data
+
+    def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.home / "blobs" / "tmp" / f"{digest[:16]}.{uuid.uuid4().hex}.tmp"
+        tmp = self.home / "blobs" / "tmp" / f"{tag[:16]}.{uuid.uuid4().hex}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(stored)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+
+    def put_blob(self, data: bytes) -> str:
+        """Store ``data`` durably under its SHA-256 (temp + fsync + rename + dir fsync); returns the hash.
+
+        In an encrypted registry the file holds the sealed bytes. An existing file under the same name is
+        kept only if it decodes to these bytes; a corrupt one is replaced (repaired), not trusted by size.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if path.exists():
+            try:
+                self._decode_blob(path.read_bytes(), digest)
+                return digest
+            except IntegrityError:
+                pass  # corrupt or undecryptable: write it again below
+        stored = self.keyring.seal(data, digest) if self.encrypted else data
+        self._write_blob_file(path, stored, digest)
         return digest
 
     def get_blob(self, sha256: str) -> bytes:
-        """The bytes stored under ``sha256``; :class:`IntegrityError` if missing or not matching their name."""
-        path = self.blob_path(sha256)
+        """The bytes stored under ``sha256`` (decrypted); :class:`IntegrityError` if missing, tampered or corrupt.
+
+        Messages name the blob by hash only, never by server path (they may reach devices).
+        """
         try:
-            data = path.read_bytes()
+            raw = self.blob_path(sha256).read_bytes()
         except FileNotFoundError:
-            raise IntegrityError(f"blob {sha256} is missing from {path.parent}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
-        return data
+            raise IntegrityError(f"blob {sha256} is missing from the registry") from None
+        return self._decode_blob(raw, sha256)
+
+    def rotate_kek(self, new_key: bytes | None = None) -> int:
+        """Re-wrap every blob's data key with a new key-encryption key; returns how many blobs changed.
+
+        The new KEK is written to ``<home>/keys/kek/`` (0600) and becomes current; only blob headers are
+        rewritten (atomically, one blob at a time, so an interrupted rotation leaves every blob readable with
+        the old or the new key). Old key files are removed once every blob is re-wrapped.
+        """
+        if not self.encrypted:
+            raise ConfigError(f"the registry at {self.home} is not encrypted; there is no key to rotate")
+        old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
+        kid = KeyRing.create_key_file(self.home, new_key)
+        ring = KeyRing.load(self.home)
+        ring = KeyRing(ring.keys, kid)
+        changed = 0
+        for sub in sorted(p for p in (self.home / "blobs").iterdir() if p.is_dir() and p.name != "tmp"):
+            for f in sorted(sub.iterdir()):
+                raw = f.read_bytes()
+                if not is_sealed(raw):
+                    continue
+                new = ring.rewrap(raw, sub.name + f.name)
+                if new is not None:
+                    self._write_blob_file(f, new, sub.name + f.name)
+                    changed += 1
+        for old in old_files:
+            if old.stem != kid:
+                old.unlink(missing_ok=True)
+        self._ring = ring
+        return changed
 
     # -- registration ----------------------------------------------------------------------------------
     def _insert(
@@ -632,7 +728,7 @@ class Registry:
 
     def resolve(self, ref: str) -> Artifact:
         """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag``."""
-        m = _REF.match(ref or "")
+        m = _REF.fullmatch(ref or "")
         if not m or not m.group("sep"):
             raise ConfigError(
                 f"version reference must be 'model@N', 'model@latest' or 'model:tag'. Found {ref!r}"
@@ -807,8 +903,13 @@ class Registry:
     def verify(self, *, signatures: bool = True) -> IntegrityReport:
         """Check every blob's hash, that every row points to an existing blob, and (optionally) signatures."""
         report = IntegrityReport()
-        con = self._connect()
-        check = con.execute("PRAGMA integrity_check").fetchone()[0]
+        try:
+            con = self._connect()
+            check = con.execute("PRAGMA integrity_check").fetchone()[0]
+            self.versions()
+        except sqlite3.DatabaseError as exc:
+            report.problems.append(f"registry.db is not a readable SQLite database: {exc}")
+            return report
         if check != "ok":
             report.problems.append(f"sqlite integrity_check: {check}")
         referenced: set[str] = set()
@@ -838,9 +939,15 @@ class Registry:
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
-                if hashlib.sha256(f.read_bytes()).hexdigest() != sha:
-                    report.problems.append(f"blob {sha} does not hash to its name (corrupted)")
-                elif sha not in referenced:
+                raw = f.read_bytes()
+                try:
+                    self._decode_blob(raw, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                except (IntegrityError, NotFound) as exc:
+                    report.problems.append(f"{exc}" if "blob" in str(exc) else f"blob {sha}: {exc}")
+                    continue
+                if self.encrypted and not is_sealed(raw):
+                    report.problems.append(f"blob {sha} is stored in plaintext in an encrypted registry")
+                if sha not in referenced:
                     report.orphans.append(sha)
         report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))
         return report

@@ -17,6 +17,7 @@ is a 4xx with a message saying what to fix; errors are never allowed to become 5
 
 import math
 import secrets
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -504,6 +505,16 @@ def create_app(
     async def _typed(_: Request, exc: DeltaplaneError) -> JSONResponse:
         state.counters[f"rejected.{type(exc).__name__}"] += 1
         return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def _database(_: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
+        state.counters["errors.database"] += 1
+        return JSONResponse(
+            {
+                "detail": "the registry database is unavailable; the operator should run `deltaplane registry verify`"
+            },
+            status_code=503,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
