@@ -305,18 +305,35 @@ def register(app: typer.Typer) -> None:
 
     @reg_app.command("withdraw")
     def registry_withdraw(
-        cohort: Annotated[str, typer.Argument(help="Cohort that withdrew consent.")],
+        cohort_arg: Annotated[
+            str | None, typer.Argument(metavar="[COHORT]", help="Cohort (or --cohort).")
+        ] = None,
+        cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort that withdrew consent.")] = None,
         reason: Annotated[str, typer.Option(help="Why (kept in the record).")] = "",
         home: Home = None,
     ) -> None:
-        """Record a consent withdrawal; versions trained on the cohort can no longer be promoted."""
+        """Record a consent withdrawal: list every affected version (through lineage), block promoting and
+        serving them, and name the version a rebuild without the cohort starts from."""
         from deltaplane.registry import Registry
 
         with _errors():
-            affected = Registry(_home(home)).withdraw_cohort(cohort, reason=reason)
-        console.print(
-            f"cohort {cohort!r} withdrawn; affected versions: {', '.join(a.ref for a in affected) or 'none'}"
-        )
+            name = cohort or cohort_arg
+            if not name:
+                raise ConfigError("name the cohort: `deltaplane registry withdraw --cohort eu`")
+            reg = Registry(_home(home))
+            affected = reg.withdraw_cohort(name, reason=reason)
+            models = [a for a in affected if a.kind == "model"]
+            console.print(
+                f"cohort {name!r} withdrawn; affected versions: {', '.join(a.ref for a in models) or 'none'}"
+            )
+            for m in sorted({a.model for a in models}):
+                head = max(a.number for a in reg.versions(m, kind="model"))
+                base = reg.last_unaffected(m, head)
+                where = base.ref if base else "none (register a new base)"
+                console.print(
+                    f"  {m}: rebuild from {where} (service: POST /admin/models/{m}/rebuild); "
+                    "affected versions can no longer be promoted or served"
+                )
 
     @reg_app.command("gc")
     def registry_gc(

@@ -223,6 +223,14 @@ class Governance:
         if overlap:
             raise ConfigError(f"cohorts {sorted(overlap)} are listed both as contributing and as excluded")
 
+    @classmethod
+    def combine(cls, own: Governance, *inherited: Governance) -> Governance:
+        """``own`` plus everything ``inherited`` contributed; exclusions hold only where nothing re-added them."""
+        cohorts = set(own.cohorts).union(*(g.cohorts for g in inherited))
+        sources = set(own.data_sources).union(*(g.data_sources for g in inherited))
+        excluded = set(own.excluded_cohorts).union(*(g.excluded_cohorts for g in inherited)) - cohorts
+        return cls(tuple(sorted(sources)), tuple(sorted(cohorts)), tuple(sorted(excluded)), own.notes)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "data_sources": list(self.data_sources),
@@ -646,15 +654,28 @@ class Registry:
         parent: int | None = None,
         lineage: Mapping[str, Any] | None = None,
         governance: Governance | Mapping[str, Any] | None = None,
+        sources: Sequence[Artifact | str] = (),
     ) -> Artifact:
         """Add a new immutable, signed model version (next number for ``model``) and return it.
 
         ``lineage`` records what produced it — e.g. ``{"round": 12, "merge_config": {...}, "deploy_recipe":
-        "int8"}``; ``parent`` is the model version it was derived from.
+        "int8"}``; ``parent`` is the model version it was derived from; ``sources`` are other versions (of any
+        model) it was built from — a merge's inputs, the model a deploy recipe compressed. The version's
+        governance is the union of what it is given and what the parent and sources contributed (cohorts and
+        data sources flow down the lineage), so a consent withdrawal reaches every descendant.
         """
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
+        own = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
+        if parent is not None:
+            inputs.append(self.get(model, parent))
+        if inputs:
+            own = Governance.combine(own, *(a.governance for a in inputs))
+            if sources:
+                lineage = {**dict(lineage or {}), "sources": [a.ref for a in inputs[: len(sources)]]}
+        governance = own
         return self._insert(
             model=model,
             kind="model",
@@ -882,22 +903,63 @@ class Registry:
         ]
 
     def withdraw_cohort(self, cohort: str, *, reason: str = "") -> list[Artifact]:
-        """Record that ``cohort`` withdrew consent; returns the versions trained on it (not promotable now)."""
+        """Record that ``cohort`` withdrew consent; returns every version (and delta) that contains it.
+
+        Those versions can no longer be promoted or served; :meth:`last_unaffected` names the version a
+        rebuild without the cohort starts from.
+        """
         _check_name("cohort", cohort)
         with self._write() as con:
             con.execute(
                 "INSERT OR REPLACE INTO withdrawals (cohort, reason, at) VALUES (?,?,?)",
                 (cohort, reason, time.time()),
             )
-        return [a for a in self.versions() if cohort in a.governance.cohorts]
+        return self.affected_by(cohort)
 
     def withdrawn_cohorts(self) -> set[str]:
         return {r[0] for r in self._connect().execute("SELECT cohort FROM withdrawals")}
 
+    def contributors(self, artifact: Artifact, _memo: dict[str, set[str]] | None = None) -> set[str]:
+        """Every cohort in ``artifact``: its own governance plus its parent's and sources', transitively.
+
+        Walking the lineage (not only trusting the recorded governance) means a version cannot shed a
+        cohort by declaring it excluded while descending from a version that contains it.
+        """
+        memo = {} if _memo is None else _memo
+        if artifact.ref in memo:
+            return memo[artifact.ref]
+        memo[artifact.ref] = out = set(artifact.governance.cohorts)
+        ups: list[Artifact] = []
+        if artifact.parent is not None:
+            ups.append(self.get(artifact.model, artifact.parent))
+        for ref in artifact.lineage.get("sources", []) if isinstance(artifact.lineage, dict) else []:
+            try:
+                ups.append(self.resolve(str(ref)))
+            except (NotFound, ConfigError):
+                continue
+        for up in ups:
+            out |= self.contributors(up, memo)
+        return out
+
+    def affected_by(self, cohort: str) -> list[Artifact]:
+        """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
+        memo: dict[str, set[str]] = {}
+        return [a for a in self.versions() if cohort in self.contributors(a, memo)]
+
     def governance_problems(self, artifact: Artifact) -> list[str]:
-        """Why ``artifact`` may not be served: it contains a cohort that withdrew consent."""
-        bad = sorted(set(artifact.governance.cohorts) & self.withdrawn_cohorts())
+        """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent."""
+        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts())
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
+
+    def last_unaffected(self, model: str, number: int) -> Artifact | None:
+        """The newest model version on ``model@number``'s parent chain free of every withdrawn cohort."""
+        withdrawn = self.withdrawn_cohorts()
+        cur: Artifact | None = self.get(model, number)
+        while cur is not None:
+            if cur.kind == "model" and not (self.contributors(cur) & withdrawn):
+                return cur
+            cur = self.get(model, cur.parent) if cur.parent is not None else None
+        return None
 
     # -- integrity -------------------------------------------------------------------------------------
     def verify(self, *, signatures: bool = True) -> IntegrityReport:

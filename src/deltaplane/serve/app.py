@@ -319,12 +319,14 @@ _ERRORS: dict[int, dict[str, Any]] = {
     code: {"model": Message, "description": text}
     for code, text in {
         400: "malformed request or payload",
-        401: "missing or invalid token",
+        401: "missing, invalid, expired or revoked token",
+        403: "the device's cohort withdrew consent",
         404: "unknown model, version or tag",
         409: "conflict: round not open, duplicate upload, stale base version, promotion refused",
         413: "upload larger than the configured limit",
         422: "well-formed but unusable (shape mismatch, NaN/Inf, invalid parameters)",
-        429: "per-device rate limit exceeded (see Retry-After)",
+        429: "per-device rate limit, or too many failed authentications (see Retry-After)",
+        451: "the version contains a cohort that withdrew consent",
     }.items()
 }
 
@@ -569,6 +571,28 @@ def create_app(
             raise NotFound(f"unknown model {model!r}")
         raise NotFound(f"{model} has no {channel!r} version (tags: {sorted(tags)})")
 
+    contributors: dict[
+        tuple[str, int], frozenset[str]
+    ] = {}  # versions are immutable, so this never goes stale
+
+    def check_consent(model: str, version: int) -> None:
+        """451 for a version that contains a cohort which withdrew consent (it may not be served)."""
+        withdrawn = reg.withdrawn_cohorts()
+        if not withdrawn:
+            return
+        key = (model, version)
+        if key not in contributors:
+            if len(contributors) > 100_000:
+                contributors.clear()
+            contributors[key] = frozenset(reg.contributors(reg.get(model, version)))
+        bad = sorted(contributors[key] & withdrawn)
+        if bad:
+            raise HTTPException(
+                451,
+                f"{model}@{version} contains withdrawn cohort(s) {bad} and may not be served; "
+                "the operator must rebuild it without them (POST /admin/models/{model}/rebuild)",
+            )
+
     # -- device endpoints --------------------------------------------------------------------------
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
@@ -583,7 +607,7 @@ def create_app(
                 "description": "signed full model or delta chain",
             },
             204: {"description": "the device already holds the current version"},
-            **{k: _ERRORS[k] for k in (404, 422)},
+            **{k: _ERRORS[k] for k in (404, 422, 451)},
         },
         response_class=Response,
     )
@@ -601,6 +625,7 @@ def create_app(
         ] = "",
     ) -> Response:
         want = resolve_tag(model, channel, ident.cohort)
+        check_consent(model, want)
         rollback_header = {}
         if have is not None and have > want:
             # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
@@ -702,6 +727,10 @@ def create_app(
                 409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
+        if ident.cohort in reg.withdrawn_cohorts():
+            raise HTTPException(
+                403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
+            )
         if not payload:
             raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
 
@@ -828,12 +857,19 @@ def create_app(
         art = reg.get(model, base)
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
+        problems = reg.governance_problems(art)
+        if problems:
+            raise HTTPException(409, f"{problems[0]}; rebuild instead: POST /admin/models/{model}/rebuild")
+        return start_round(model, base, excluded=())
+
+    def start_round(model: str, base: int, *, excluded: tuple[str, ...]) -> RoundInfo:
         with state.lock:
             if model in state.rounds:
                 raise HTTPException(
                     409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
                 )
-            rec = rounds_store.open(model, base)  # numbered from the database: never reused after a restart
+            # numbered from the database: never reused after a restart
+            rec = rounds_store.open(model, base, excluded=excluded)
             state.rounds[model] = RoundState(model, rec.number, base, record=rec)
         return RoundInfo(
             model=model, round=rec.number, base_version=base, uploads=0, open=True, nonce=rec.nonce
@@ -897,6 +933,49 @@ def create_app(
                 rounds_store.abort(r.record)
             del state.rounds[model]
         return AbortRoundResponse(model=model, round=round_id, uploads=len(r.devices), aborted=True)
+
+    @app.post("/admin/cohorts/{cohort}/withdraw", tags=["admin"], dependencies=[Admin])
+    def withdraw(
+        cohort: Annotated[str, PathParam(pattern=NAME, max_length=128)],
+        reason: Annotated[str, Query(max_length=1000)] = "",
+    ) -> dict[str, Any]:
+        """Record a consent withdrawal: every version containing the cohort stops being served and promoted."""
+        affected = reg.withdraw_cohort(cohort, reason=reason)
+        return {
+            "cohort": cohort,
+            "affected": [a.ref for a in affected if a.kind == "model"],
+            "affected_deltas": [a.ref for a in affected if a.kind == "delta"],
+        }
+
+    @app.post(
+        "/admin/models/{model}/rebuild",
+        tags=["admin"],
+        dependencies=[Admin],
+        response_model=RoundInfo,
+        responses={k: _ERRORS[k] for k in (404, 409)},
+    )
+    def rebuild(
+        model: ModelName, tag: Annotated[str, Query(pattern=NAME, max_length=128)] = "training"
+    ) -> RoundInfo:
+        """Open a round on the last version (on ``tag``'s lineage) free of withdrawn cohorts, excluding them.
+
+        Devices of withdrawn cohorts are refused in that round; the version it publishes records the
+        exclusion (governance ``excluded_cohorts`` and lineage), and later rounds on it inherit it.
+        """
+        withdrawn = tuple(sorted(reg.withdrawn_cohorts()))
+        if not withdrawn:
+            raise HTTPException(409, "no cohort has withdrawn consent; nothing to rebuild")
+        head = (
+            resolve_tag(model, tag, "")
+            if tag in ("training", "production", "staging")
+            else reg.tag(model, tag)
+        )
+        base = reg.last_unaffected(model, head)
+        if base is None:
+            raise NotFound(
+                f"no version of {model} on {tag}'s lineage is free of {list(withdrawn)}; register a new base"
+            )
+        return start_round(model, base.number, excluded=withdrawn)
 
     @app.post(
         "/admin/models/{model}/promote",

@@ -261,6 +261,14 @@ class AdminClient:
     def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
 
+    def withdraw(self, cohort: str, reason: str = "") -> dict[str, Any]:
+        """Record a consent withdrawal; returns the affected versions."""
+        return self._post(f"/admin/cohorts/{cohort}/withdraw", reason=reason)
+
+    def rebuild(self, model: str, tag: str = "training") -> dict[str, Any]:
+        """Open a round on the last version free of withdrawn cohorts (those cohorts are excluded)."""
+        return self._post(f"/admin/models/{model}/rebuild", tag=tag)
+
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(
             f"/admin/models/{model}/promote", json={"version": version, "to": to}, headers=self._headers
