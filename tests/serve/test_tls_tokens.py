@@ -120,3 +120,33 @@ def test_mutual_tls_requires_a_device_certificate(tmp_path, tls):
         anonymous = DeviceClient(s.url, token, verifier=svc.verifier, tls=client_context(tls.ca_cert))
         with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
             anonymous.fetch("cnn")
+
+
+def test_slow_request_headers_are_cut_off(tmp_path):
+    import socket
+    import time
+
+    svc = Service(tmp_path / "h")
+    with BackgroundServer(create_app(svc.config), header_timeout=1.0) as s:
+        host, port = s.url.split("//")[1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0, closed = time.monotonic(), False
+        while time.monotonic() - t0 < 6:
+            try:
+                sock.sendall(b"X")  # one header byte at a time: resets uvicorn's idle timer, not ours
+                time.sleep(0.2)
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            sock.settimeout(10)
+        assert closed and time.monotonic() - t0 < 3
+        # a normal client is unaffected
+        assert httpx.get(s.url + "/healthz").status_code == 200

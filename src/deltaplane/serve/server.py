@@ -23,15 +23,61 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     ssl_options: dict[str, Any] | None = None,
+    header_timeout: float = 10.0,
 ) -> None:
     """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **_hardening(), **(ssl_options or {}))
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, **_hardening(header_timeout), **(ssl_options or {})
+    )
 
 
-def _hardening() -> dict[str, Any]:
-    return {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
+def _hardening(header_timeout: float = 10.0) -> dict[str, Any]:
+    """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline)."""
+    return {
+        "http": header_deadline_protocol(header_timeout),
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 16 * 1024,
+    }
+
+
+def header_deadline_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for request headers (slowloris).
+
+    uvicorn times out idle keep-alive connections, but not a client that trickles header bytes: every byte
+    resets its idle timer. Here a connection must deliver a complete request head within ``header_timeout``
+    seconds of opening, or of the first byte after the previous response; otherwise it is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self._header_timer: Any = None
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            armed_for = self.scope  # a new request head replaces self.scope
+            self._header_timer = self.loop.call_later(header_timeout, self._deadline, armed_for)
+
+        def _deadline(self, armed_for: Any) -> None:
+            self._header_timer = None
+            if self.scope is armed_for and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineH11Protocol
 
 
 class BackgroundServer:
@@ -45,6 +91,7 @@ class BackgroundServer:
         port: int = 0,
         log_level: str = "warning",
         ssl_options: dict[str, Any] | None = None,
+        header_timeout: float = 10.0,
     ) -> None:
         import uvicorn
 
@@ -57,7 +104,7 @@ class BackgroundServer:
             access_log=False,
             backlog=4096,
             timeout_graceful_shutdown=2,
-            **{**_hardening(), "timeout_keep_alive": 30},
+            **{**_hardening(header_timeout), "timeout_keep_alive": 30},
             **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
