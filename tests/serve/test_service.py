@@ -295,3 +295,33 @@ def test_nan_metric_blocks_promotion_over_http(service_factory, make_state):
     assert not refused["promoted"] and refused["candidate_metrics"]["accuracy"] is None
     assert "not a finite number" in refused["regressions"][0]
     assert svc.reg.tag("cnn", "production") == 1
+
+
+def test_docs_page_needs_no_internet(service, monkeypatch):
+    import re
+
+    page = service.http.get("/docs").text
+    assert "cdn" not in page.lower() and "https://" not in page  # no asset from another host
+    for asset in re.findall(r"""['"](/docs/assets/[^'"]+)['"]""", page):
+        r = service.http.get(asset)
+        assert r.status_code == 200 and len(r.content) > 500, asset
+    assert "swagger-ui-bundle.js" in page
+    # without the asset package the page is a plain, self-contained operation list
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bundle(name, *a, **k):
+        if name == "swagger_ui_bundle":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bundle)
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deltaplane.serve.docs import mount_offline_docs
+
+    app = FastAPI(docs_url=None, redoc_url=None)
+    assert mount_offline_docs(app) == "plain"
+    assert "/openapi.json" in TestClient(app).get("/docs").text

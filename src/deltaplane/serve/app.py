@@ -63,6 +63,7 @@ from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.bounded import ByteLRU
+from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 from deltaplane.serve.service_store import ServiceStore
@@ -490,7 +491,10 @@ def create_app(
         version="1",
         description="Ship model versions and deltas to devices; collect compressed updates; monitor drift.",
         responses={k: v for k, v in _ERRORS.items() if k in (401, 429)},
+        docs_url=None,
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.deltaplane = state
     app.state.authority = authority
     app.add_middleware(
