@@ -114,13 +114,25 @@ class RoundStore:
         return [rec for m in models if (rec := self.current(m)) is not None]
 
     # -- uploads ---------------------------------------------------------------------------------------
+    def store_payload(self, payload: bytes) -> str:
+        """Write the payload's blob durably (before taking any lock); returns its SHA-256."""
+        return self.registry.put_blob(payload)
+
     def add_upload(
-        self, rec: RoundRecord, *, device_id: str, cohort: str, weight: float, payload: bytes
+        self,
+        rec: RoundRecord,
+        *,
+        device_id: str,
+        cohort: str,
+        weight: float,
+        payload: bytes,
+        stored: bool = False,
     ) -> int:
         """Record an accepted upload durably; returns the round's upload count.
 
-        Raises :class:`RoundConflict` for a second upload of the device in this round, or for bytes
-        already accepted in any round of this model (a replay).
+        ``stored``: the caller already wrote the blob with :meth:`store_payload`. Raises
+        :class:`RoundConflict` for a second upload of the device in this round, or for bytes already
+        accepted in any round of this model (a replay).
         """
         digest = hashlib.sha256(payload).hexdigest()
         seen = self.registry.query(
@@ -130,7 +142,8 @@ class RoundStore:
             raise RoundConflict(
                 f"this exact update was already accepted in round {seen[0][0]}; replays are refused"
             )
-        self.registry.put_blob(payload)  # durable before the row that names it
+        if not stored:
+            self.registry.put_blob(payload)  # durable before the row that names it
         with self.registry.transaction() as con:
             state = con.execute(
                 "SELECT state FROM rounds WHERE model=? AND number=?", (rec.model, rec.number)
