@@ -596,7 +596,7 @@ def create_app(
             raise HTTPException(
                 451,
                 f"{model}@{version} contains withdrawn cohort(s) {bad} and may not be served; "
-                "the operator must rebuild it without them (POST /admin/models/{model}/rebuild)",
+                f"the operator must rebuild it without them (POST /admin/models/{model}/rebuild)",
             )
 
     # -- device endpoints --------------------------------------------------------------------------
