@@ -10,8 +10,8 @@ over keep-alive connections (no HTTP client library on the hot path). Two worklo
   upload, against the real service (token check, nonce-bound signed answer, payload validation, norm check,
   durable upload record with fsync, streaming aggregation).
 
-Ratios are taken within the same run. Pass ``--seconds`` / ``--procs`` to change the load; ``--wrk`` uses
-``wrk`` (Debian package ``wrk``) for the healthz rows when it is installed.
+Ratios are taken within the same run. Pass ``--seconds`` / ``--procs`` / ``--conns`` / ``--devices`` to change
+the load. (No external tool is needed; ``wrk``, Debian package ``wrk``, would do for the /healthz rows.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import multiprocessing as mp
 import os
 import selectors
-import shutil
 import socket
 import subprocess
 import sys
@@ -272,7 +271,6 @@ def main() -> None:
     ap.add_argument(
         "--devices", type=int, default=600, help="devices (fetch+upload pairs) in the round workload"
     )
-    ap.add_argument("--wrk", action="store_true", help="also measure healthz with wrk (Debian package wrk)")
     args = ap.parse_args()
 
     import torch
@@ -372,23 +370,6 @@ def main() -> None:
         ["/healthz in process (ASGI call), deltaplane service", f"{asgi['deltaplane']:.0f} us/request", 0]
     )
 
-    wrk_rows = []
-    if args.wrk and shutil.which("wrk"):
-        for kind in ("raw", "deltaplane"):
-            extra = (str(home), ADMIN) if kind == "deltaplane" else ()
-            srv = Server(kind, *extra) if kind != "deltaplane" else None
-            if srv is None:
-                continue  # the registry folder is gone; wrk rows cover the raw floor only
-            try:
-                out = subprocess.run(
-                    ["wrk", "-t2", "-c32", f"-d{int(args.seconds)}s", f"http://127.0.0.1:{srv.port}/healthz"],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                wrk_rows.append(f"wrk {kind}: {out.strip().splitlines()[-2]}")
-            finally:
-                srv.stop()
-
     ratio_h = results["deltaplane"] / results["raw"]
     ratio_f = results["deltaplane"] / results["fastapi"]
     ratio_r = results["round_deltaplane"] / results["round_fastapi"]
@@ -414,7 +395,6 @@ def main() -> None:
         "fsync'd blob + SQLite commit (the upload is durable before it is acknowledged) and the streaming "
         "float64 aggregation.\n"
     )
-    body += "".join(f"\n- {w}" for w in wrk_rows)
     record("service-throughput", "Service throughput vs bare uvicorn (#15)", body)
 
 
