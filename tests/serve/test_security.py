@@ -174,13 +174,14 @@ def test_mitm_model_swap_and_downgrade_are_refused(live):
     assert dev.state is None
     mitm.mode = "pass"
     assert dev.fetch("cnn")[0] == 1
+    old_answer = mitm.recorded  # the validly signed v1 answer, captured on the wire
     v2 = live.reg.register_model("cnn", cnn_state(2), parent=1, governance={"cohorts": ["seed"]})
     live.reg.set_tag("cnn", "production", v2.number)
     assert dev.fetch("cnn")[0] == v2.number
-    mitm.mode = "replay"  # the recorded (validly signed) v2 answer... then an older one
-    mitm.recorded = httpx.Response(200, headers=mitm.recorded.headers, content=mitm.recorded.content)
+    mitm.mode, mitm.recorded = "replay", old_answer  # downgrade by replaying the old answer
     with pytest.raises(SignatureError):
         dev.fetch("cnn")
+    assert dev.version == v2.number
     # downgrade by moving the tag back without a signed rollback record: refused by the device
     mitm.mode = "pass"
     live.reg.set_tag("cnn", "production", 1)

@@ -150,3 +150,18 @@ def test_slow_request_headers_are_cut_off(tmp_path):
         assert closed and time.monotonic() - t0 < 3
         # a normal client is unaffected
         assert httpx.get(s.url + "/healthz").status_code == 200
+
+
+def test_serve_refuses_plain_http_off_loopback(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    r = CliRunner().invoke(
+        app, ["serve", "--home", str(tmp_path), "--host", "0.0.0.0", "--admin-token", ADMIN]
+    )
+    assert r.exit_code == 2 and "--tls-cert" in r.output
+    r = CliRunner().invoke(
+        app, ["serve", "--home", str(tmp_path), "--tls-cert", "x.pem", "--admin-token", ADMIN]
+    )
+    assert r.exit_code == 2 and "go together" in r.output
