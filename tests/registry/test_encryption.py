@@ -139,3 +139,11 @@ def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
     (tmp_path / "h" / "registry.db").write_bytes(b"garbage" * 1000)
     r = runner.invoke(app, ["registry", "verify", "--home", home])
     assert r.exit_code == 1 and "not a readable SQLite database" in r.output
+
+
+def test_a_registry_from_before_encryption_stays_plaintext(tmp_path):
+    reg = Registry.create(tmp_path / "h", encrypt=False)
+    reg.register_model("m", state())
+    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane
+    again = Registry.create(tmp_path / "h")
+    assert not again.encrypted and again.verify().ok

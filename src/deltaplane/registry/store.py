@@ -406,6 +406,8 @@ class Registry:
             signer = init_keys(home)
         settings = home / SETTINGS_NAME
         if not settings.exists():
+            # a registry made before encryption existed stays plaintext (its blobs are plaintext)
+            encrypt = encrypt and not (home / "registry.db").exists()
             if encrypt:
                 try:
                     KeyRing.load(home)
