@@ -76,7 +76,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     prod_before = reg.tag("cnn", "production")
-    v1_bytes = reg.blob_path(v1.sha256).read_bytes()
+    v1_bytes = reg.get_blob(v1.sha256)  # decrypted, hash-checked stored bytes
     back = rollback(reg, "cnn")
     restored = reg.read(reg.resolve("cnn:production"))
     identical = restored == v1_bytes and hashlib.sha256(restored).hexdigest() == v1.sha256

@@ -11,8 +11,10 @@ __all__ = [
     "AdapterMismatch",
     "CodecError",
     "ConfigError",
+    "Conflict",
     "DecodeError",
     "DeltaplaneError",
+    "DowngradeRefused",
     "ExportError",
     "GateRefused",
     "IntegrityError",
@@ -142,3 +144,11 @@ class AdapterMismatch(AdapterError, ShapeMismatch):
 
 class UnsupportedAdapter(AdapterError):
     """An adapter uses a PEFT feature deltaplane does not handle (DoRA, bias LoRA, ...); the message names the field."""
+
+
+class DowngradeRefused(SignatureError):
+    """A device was offered an older version than the one it holds, without a signed rollback record for it."""
+
+
+class Conflict(DeltaplaneError, RuntimeError):
+    """The request conflicts with stored state: a round not open, a duplicate or replayed upload."""

@@ -75,7 +75,7 @@ def test_promote_with_an_evaluator_file_or_a_module_in_the_working_directory(
     (tmp_path / "gate.py").write_text(EVALUATOR)
     # a module next to the user's files works without PYTHONPATH=.; the default gate names what it needs
     r = runner.invoke(app, ["registry", "promote", "mlp@1", "--evaluator", "gate:evaluate"])
-    assert r.exit_code == 2 and "ood_accuracy" in r.output and "--tolerance accuracy=0.01" in r.output
+    assert r.exit_code == 3 and "ood_accuracy" in r.output and "--tolerance accuracy=0.01" in r.output
     r = runner.invoke(
         app,
         ["registry", "promote", "mlp@1", "--evaluator", "gate.py:evaluate", "--tolerance", "accuracy=0.01"],

@@ -83,7 +83,8 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     assert cli("registry", "promote", "cnn@2", "--evaluator", "gate_eval:evaluate").exit_code == 3
     assert cli("registry", "verify").exit_code == 0
     blob = reg.blob_path(reg.get("cnn", 2).sha256)
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    raw = blob.read_bytes()
+    blob.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     r = cli("registry", "verify")
     assert r.exit_code == 1 and "cnn@2" in r.output
 

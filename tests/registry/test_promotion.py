@@ -47,7 +47,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
     assert reg.card(pruned) is None
 
-    before = reg.blob_path(reg.get("digits", good.number).sha256).read_bytes()
+    before = reg.get_blob(reg.get("digits", good.number).sha256)
     back = rollback(reg, "digits")
     assert back.number == good.number and reg.tag("digits", "production") == good.number
     restored = reg.read(reg.resolve("digits:production"))
@@ -77,3 +77,31 @@ def test_gate_refuses_ood_regression_and_withdrawn_cohort(tmp_path, train, evalu
     reg.withdraw_cohort("eu")
     with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
         promote(reg, cand.ref, evaluator=evaluate)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "n/a", None])
+def test_gate_blocks_non_finite_metrics(tmp_path, train, evaluate, bad):
+    reg = Registry.create(tmp_path / "h")
+    good = reg.register_model("digits", train(600))
+    promote(reg, good.ref, evaluator=evaluate)
+    cand = reg.register_model("digits", train(1200), parent=good.number)
+
+    def broken(state):
+        return {**evaluate(state), "accuracy": bad}
+
+    res = promote(reg, cand.ref, evaluator=broken, raise_on_refusal=False)
+    assert not res.promoted and "not a finite number" in res.regressions[0]
+    assert reg.tag("digits", "production") == good.number
+    # no baseline yet: a NaN first promotion is blocked too
+    other = reg.register_model("fresh", train(600))
+    with pytest.raises(PromotionRefused, match="accuracy"):
+        promote(reg, other.ref, evaluator=broken)
+
+
+def test_gate_blocks_a_missing_metric(tmp_path, train, evaluate):
+    reg = Registry.create(tmp_path / "h")
+    good = reg.register_model("digits", train(600))
+    promote(reg, good.ref, evaluator=evaluate)
+    cand = reg.register_model("digits", train(1200), parent=good.number)
+    res = promote(reg, cand.ref, evaluator=lambda s: {"accuracy": 0.99}, raise_on_refusal=False)
+    assert not res.promoted and "returned no 'ood_accuracy'" in res.regressions[0]

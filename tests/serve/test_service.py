@@ -21,7 +21,13 @@ def test_round_trip_full_then_delta_downlink_is_byte_identical(service):
     v, state = dev.fetch("cnn")
     assert v == 1 and torch.equal(state["fc.weight"], service.reg.load_state("cnn@1")["fc.weight"])
     rnd = service.admin.open_round("cnn")
-    assert rnd == {"model": "cnn", "round": 1, "base_version": 1, "uploads": 0, "open": True}
+    assert rnd.pop("nonce") and rnd == {
+        "model": "cnn",
+        "round": 1,
+        "base_version": 1,
+        "uploads": 0,
+        "open": True,
+    }
     for i in range(3):
         d = service.device(f"u{i}")
         payload = Compressor("topk(0.1) | quant(bits=8)", seed=i).compress(
@@ -82,7 +88,7 @@ def raw(service, method, path, token=None, **kw):
 
 def test_bad_uploads_get_the_right_4xx(service, make_state):
     token = service.admin.issue_token("dev")
-    service.admin.open_round("cnn")
+    h = {"X-Deltaplane-Round-Nonce": service.admin.open_round("cnn")["nonce"]}
     url = "/v1/models/cnn/rounds/1/update"
     good = Compressor("topk(0.1) | quant(bits=8)").compress(
         local_update(make_state(), 0), base_id="cnn", base_version=1
@@ -98,35 +104,57 @@ def test_bad_uploads_get_the_right_4xx(service, make_state):
     )
     assert raw(service, "POST", url, token=forged, content=good).status_code == 401
     # oversized (declared and streamed)
-    big = raw(service, "POST", url, token=token, content=b"\0" * (service.config.max_upload_bytes + 1))
+    big = raw(
+        service,
+        "POST",
+        url,
+        token=token,
+        headers=dict(h),
+        content=b"\0" * (service.config.max_upload_bytes + 1),
+    )
     assert big.status_code == 413 and "limit" in big.json()["detail"]
     # malformed
-    r = raw(service, "POST", url, token=token, content=b"not a payload at all")
+    r = raw(service, "POST", url, token=token, headers=dict(h), content=b"not a payload at all")
     assert r.status_code == 400 and "bad magic" in r.json()["detail"]
-    r = raw(service, "POST", url, token=token, content=good[:-1] + bytes([good[-1] ^ 1]))
+    r = raw(service, "POST", url, token=token, headers=dict(h), content=good[:-1] + bytes([good[-1] ^ 1]))
     assert r.status_code == 400 and "checksum" in r.json()["detail"]
-    assert raw(service, "POST", url, token=token, content=b"").status_code == 400
+    assert raw(service, "POST", url, token=token, headers=dict(h), content=b"").status_code == 400
     # stale base version
     stale = Compressor("fp16").compress(local_update(make_state(), 0), base_id="cnn", base_version=7)
-    r = raw(service, "POST", url, token=token, content=stale)
+    r = raw(service, "POST", url, token=token, headers=dict(h), content=stale)
     assert r.status_code == 409 and "v7" in r.json()["detail"]
     # wrong shape
     bad_shape = Compressor("fp16").compress(
         Delta({"fc.weight": torch.zeros(3, 3)}), base_id="cnn", base_version=1
     )
-    r = raw(service, "POST", url, token=token, content=bad_shape)
+    r = raw(service, "POST", url, token=token, headers=dict(h), content=bad_shape)
     assert r.status_code == 422 and "fc" in r.json()["detail"]
     # NaN smuggled past the client (hand-built payload)
     poisoned = {**local_update(make_state(), 1), "fc.bias": torch.full((10,), float("nan"))}
     trees = encode_delta(Delta(poisoned), Identity(), torch.Generator())
-    r = raw(service, "POST", url, token=token, content=pack(trees, WireHeader("cnn", 1, "identity")))
+    r = raw(
+        service,
+        "POST",
+        url,
+        token=token,
+        headers=dict(h),
+        content=pack(trees, WireHeader("cnn", 1, "identity")),
+    )
     assert r.status_code == 400 and "NaN" in r.json()["detail"]
+    # not bound to the round (no or a wrong nonce)
+    r = raw(service, "POST", url, token=token, content=good)
+    assert r.status_code == 409 and "X-Deltaplane-Round-Nonce" in r.json()["detail"]
+    r = raw(service, "POST", url, token=token, headers={"X-Deltaplane-Round-Nonce": "0" * 32}, content=good)
+    assert r.status_code == 409
     # wrong round, then duplicate
     assert (
-        raw(service, "POST", "/v1/models/cnn/rounds/2/update", token=token, content=good).status_code == 409
+        raw(
+            service, "POST", "/v1/models/cnn/rounds/2/update", token=token, headers=dict(h), content=good
+        ).status_code
+        == 409
     )
-    assert raw(service, "POST", url, token=token, content=good).status_code == 202
-    r = raw(service, "POST", url, token=token, content=good)
+    assert raw(service, "POST", url, token=token, headers=dict(h), content=good).status_code == 202
+    r = raw(service, "POST", url, token=token, headers=dict(h), content=good)
     assert r.status_code == 409 and "already uploaded" in r.json()["detail"]
     # admin endpoints refuse device tokens
     assert raw(service, "POST", "/admin/models/cnn/rounds/1/close", token=token).status_code == 401
@@ -247,6 +275,53 @@ def test_small_payload_claiming_a_huge_tensor_is_refused_before_decoding(service
     payload = pack(trees, WireHeader("cnn", 1, codec.spec))
     assert len(payload) < 10_000
     t = time.perf_counter()
-    r = raw(service, "POST", "/v1/models/cnn/rounds/1/update", token=token, content=payload)
+    r = raw(
+        service,
+        "POST",
+        "/v1/models/cnn/rounds/1/update",
+        token=token,
+        headers={"X-Deltaplane-Round-Nonce": service.state.rounds["cnn"].record.nonce},
+        content=payload,
+    )
     assert r.status_code in (400, 422) and time.perf_counter() - t < 5
     assert "fc.weight" in r.json()["detail"] or "topk" in r.json()["detail"]
+
+
+def test_nan_metric_blocks_promotion_over_http(service_factory, make_state):
+    svc = service_factory()
+    svc.state.evaluator = lambda state: {"accuracy": float("nan"), "ood_accuracy": 0.9}
+    cand = svc.reg.register_model("cnn", make_state(1), parent=1)
+    refused = svc.admin.promote("cnn", cand.number)
+    assert not refused["promoted"] and refused["candidate_metrics"]["accuracy"] is None
+    assert "not a finite number" in refused["regressions"][0]
+    assert svc.reg.tag("cnn", "production") == 1
+
+
+def test_docs_page_needs_no_internet(service, monkeypatch):
+    import re
+
+    page = service.http.get("/docs").text
+    assert "cdn" not in page.lower() and "https://" not in page  # no asset from another host
+    for asset in re.findall(r"""['"](/docs/assets/[^'"]+)['"]""", page):
+        r = service.http.get(asset)
+        assert r.status_code == 200 and len(r.content) > 500, asset
+    assert "swagger-ui-bundle.js" in page
+    # without the asset package the page is a plain, self-contained operation list
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bundle(name, *a, **k):
+        if name == "swagger_ui_bundle":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bundle)
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deltaplane.serve.docs import mount_offline_docs
+
+    app = FastAPI(docs_url=None, redoc_url=None)
+    assert mount_offline_docs(app) == "plain"
+    assert "/openapi.json" in TestClient(app).get("/docs").text

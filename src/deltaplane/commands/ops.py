@@ -135,14 +135,64 @@ def register(app: typer.Typer) -> None:
             signer = init_keys(_home(home), overwrite=force)
         console.print(f"signing key [bold]{signer.key_id}[/bold] written to {_home(home) / 'keys'}")
 
+    @keys.command("tls")
+    def keys_tls(
+        home: Home = None,
+        host: Annotated[
+            list[str] | None,
+            typer.Option("--host", help="Server name or IP the certificate is valid for (repeatable)."),
+        ] = None,
+        device: Annotated[
+            list[str] | None, typer.Option("--device", help="Also issue a client certificate (mutual TLS).")
+        ] = None,
+        out: Annotated[Path | None, typer.Option(help="Folder [default: HOME/tls].")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing CA.")] = False,
+    ) -> None:
+        """Create a private CA and a server certificate signed by it (keys 0600); devices trust ca.pem."""
+        from deltaplane.serve.tls import make_tls_bundle
+
+        with _errors():
+            b = make_tls_bundle(
+                out or _home(home) / "tls",
+                hosts=host or ["127.0.0.1", "localhost"],
+                devices=device or [],
+                overwrite=force,
+            )
+        console.print(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}")
+        for d, (c, k) in b.devices.items():
+            console.print(f"device {d}: {c} + {k}")
+
     @reg_app.command("init")
-    def registry_init(home: Home = None) -> None:
-        """Create a registry (and a signing key if there is none)."""
+    def registry_init(
+        home: Home = None,
+        no_encrypt: Annotated[
+            bool, typer.Option("--no-encrypt", help="Store blobs in plaintext (explicit opt-out).")
+        ] = False,
+    ) -> None:
+        """Create a registry (and a signing key if there is none); blobs are encrypted at rest by default."""
         from deltaplane.registry import Registry
 
         with _errors():
-            reg = Registry.create(_home(home))
-            console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id})")
+            reg = Registry.create(_home(home), encrypt=not no_encrypt)
+            at_rest = f"AES-256-GCM, key {reg.keyring.current}" if reg.encrypted else "plaintext (opted out)"
+            console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id}; blobs: {at_rest})")
+
+    @reg_app.command("rotate-key")
+    def registry_rotate_key(
+        home: Home = None,
+        key_file: Annotated[
+            Path | None, typer.Option(help="New KEK (base64 of 32 bytes) [default: a random one].")
+        ] = None,
+    ) -> None:
+        """Re-wrap every blob's data key with a new key-encryption key; old key files are removed."""
+        from deltaplane.registry import Registry
+        from deltaplane.registry.encryption import parse_key
+
+        with _errors():
+            reg = Registry(_home(home))
+            new = parse_key(key_file.read_bytes(), str(key_file)) if key_file else None
+            n = reg.rotate_kek(new)
+        console.print(f"{n} blobs re-wrapped with key {reg.keyring.current}")
 
     @reg_app.command("register")
     def registry_register(
@@ -292,10 +342,15 @@ def register(app: typer.Typer) -> None:
         no_signatures: Annotated[bool, typer.Option("--no-signatures", help="Only check hashes.")] = False,
     ) -> None:
         """Integrity check: every blob's hash, every row's blob, every signature. Exit 1 on problems."""
+        from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
 
         with _errors():
-            rep = Registry(_home(home)).verify(signatures=not no_signatures)
+            try:
+                rep = Registry(_home(home)).verify(signatures=not no_signatures)
+            except IntegrityError as exc:  # the database itself is unreadable: a finding, not a crash
+                err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(code=1) from None
         console.print(
             f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
             f"{len(rep.orphans)} orphan blobs, {len(rep.temp_files)} temp files (safe to gc)"
@@ -380,18 +435,35 @@ def register(app: typer.Typer) -> None:
 
     @reg_app.command("withdraw")
     def registry_withdraw(
-        cohort: Annotated[str, typer.Argument(help="Cohort that withdrew consent.")],
+        cohort_arg: Annotated[
+            str | None, typer.Argument(metavar="[COHORT]", help="Cohort (or --cohort).")
+        ] = None,
+        cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort that withdrew consent.")] = None,
         reason: Annotated[str, typer.Option(help="Why (kept in the record).")] = "",
         home: Home = None,
     ) -> None:
-        """Record a consent withdrawal; versions trained on the cohort can no longer be promoted."""
+        """Record a consent withdrawal: list every affected version (through lineage), block promoting and
+        serving them, and name the version a rebuild without the cohort starts from."""
         from deltaplane.registry import Registry
 
         with _errors():
-            affected = Registry(_home(home)).withdraw_cohort(cohort, reason=reason)
-        console.print(
-            f"cohort {cohort!r} withdrawn; affected versions: {', '.join(a.ref for a in affected) or 'none'}"
-        )
+            name = cohort or cohort_arg
+            if not name:
+                raise ConfigError("name the cohort: `deltaplane registry withdraw --cohort eu`")
+            reg = Registry(_home(home))
+            affected = reg.withdraw_cohort(name, reason=reason)
+            models = [a for a in affected if a.kind == "model"]
+            console.print(
+                f"cohort {name!r} withdrawn; affected versions: {', '.join(a.ref for a in models) or 'none'}"
+            )
+            for m in sorted({a.model for a in models}):
+                head = max(a.number for a in reg.versions(m, kind="model"))
+                base = reg.last_unaffected(m, head)
+                where = base.ref if base else "none (register a new base)"
+                console.print(
+                    f"  {m}: rebuild from {where} (service: POST /admin/models/{m}/rebuild); "
+                    "affected versions can no longer be promoted or served"
+                )
 
     @reg_app.command("gc")
     def registry_gc(
@@ -491,8 +563,23 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--runs", help="Folder of run reports (report.json) the dashboard at /ui lists."),
         ] = None,
+        max_json_bytes: Annotated[int, typer.Option(help="Limit of every non-upload request body.")] = 2
+        << 20,
+        tls_cert: Annotated[
+            Path | None, typer.Option(help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).")
+        ] = None,
+        tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+        tls_client_ca: Annotated[
+            Path | None, typer.Option(help="Require device certificates signed by this CA (mutual TLS).")
+        ] = None,
+        insecure_http: Annotated[
+            bool,
+            typer.Option(
+                "--insecure-http", help="Allow plain HTTP on a non-loopback interface (behind a TLS proxy)."
+            ),
+        ] = False,
     ) -> None:
-        """Start the device-facing HTTP service (OpenAPI docs at /docs, dashboard at /ui).
+        """Start the device-facing HTTP(S) service (OpenAPI docs at /docs, dashboard at /ui).
 
         With any of --federation, --aggregator, --clip, --dp-noise, --defense (...) the rounds run that
         server step (the engine's: same chain as ``deltaplane run``), and closing a round reports its epsilon
@@ -501,6 +588,7 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
+        from deltaplane.serve.tls import server_ssl_options
 
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
@@ -531,11 +619,25 @@ def register(app: typer.Typer) -> None:
                 rate=rate,
                 burst=burst,
                 runs_dir=str(runs_dir) if runs_dir else "",
+                max_json_bytes=max_json_bytes,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
+            if (tls_cert is None) != (tls_key is None):
+                raise ConfigError("--tls-cert and --tls-key go together")
+            if tls_client_ca is not None and tls_cert is None:
+                raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            ssl_options = (
+                server_ssl_options(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+            )
+            if ssl_options is None and host not in ("127.0.0.1", "::1", "localhost") and not insecure_http:
+                raise ConfigError(
+                    f"refusing plain HTTP on {host}: pass --tls-cert/--tls-key (make them with "
+                    "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
+                )
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
-        err_console.print(f"dashboard: http://{host}:{port}/ui/ (sign in with the admin token)")
-        serve(app_, host=host, port=port)
+        scheme = "https" if ssl_options else "http"
+        err_console.print(f"dashboard: {scheme}://{host}:{port}/ui/ (sign in with the admin token)")
+        serve(app_, host=host, port=port, ssl_options=ssl_options)
 
     @app.command("ui")
     def ui_cmd(

@@ -16,9 +16,10 @@ in that case. :meth:`ServerStep.close` compresses the update for the downlink an
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -190,6 +191,24 @@ class ServerStep:
         self.aggregator.reset()
         if self._fltrust is not None:
             self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """The step's mutable state (aggregate, counts, version, weights), for a transport that must undo an
+        acceptance or a close when its own durable write fails (:meth:`restore`)."""
+        return (
+            copy.deepcopy(self.aggregator),
+            self._accepted,
+            list(self._rejections),
+            self.version,
+            self.state,
+        )
+
+    def restore(self, checkpoint: tuple[Any, ...]) -> None:
+        """Put back a :meth:`checkpoint` (the publisher's own state, e.g. a downlink residual, is not included)."""
+        aggregator, self._accepted, rejections, self.version, self.state = checkpoint
+        self.aggregator, self._rejections = aggregator, list(rejections)
+        fltrust = aggregator.find(FLTrust)
+        self._fltrust = fltrust if isinstance(fltrust, FLTrust) else None
 
     @property
     def last_rejection(self) -> Rejection | None:

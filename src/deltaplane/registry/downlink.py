@@ -32,7 +32,15 @@ from deltaplane.errors import DecodeError, IntegrityError
 from deltaplane.registry.signing import Signer, Verifier
 from deltaplane.registry.store import Artifact, Governance, Registry, state_from_bytes, state_to_bytes
 
-__all__ = ["Downlink", "apply_downlink", "pack_chain", "plan_downlink", "publish_update", "unpack_chain"]
+__all__ = [
+    "Downlink",
+    "apply_downlink",
+    "pack_chain",
+    "plan_downlink",
+    "publish_update",
+    "serve_statement",
+    "unpack_chain",
+]
 
 CHAIN_MAGIC = b"DPCH"
 _CHAIN_HEAD = struct.Struct("<4sBH")
@@ -138,6 +146,28 @@ class Downlink:
     def saving(self) -> float:
         """Full-model bytes divided by bytes sent (1.0 for a full download)."""
         return self.full_bytes / max(1, len(self.body))
+
+
+def serve_statement(
+    model: str, channel: str, version: int, target_sha256: str, nonce: str, kind: str
+) -> dict[str, Any]:
+    """What the service signs for *each* download answer, bound to the device's fresh ``nonce``.
+
+    An artifact signature says "these bytes are model M version N"; it cannot say "N is what you should run
+    now". This statement does: it names the model and channel the device asked for, the version and target
+    hash the service answered with (``kind`` "full", "delta" or "none" — so a 204 is signed too) and the
+    device's random nonce, so a man in the middle can neither swap in another model, replay an older answer
+    (downgrade) nor fake "you are up to date" (freeze) without the signing key.
+    """
+    return {
+        "kind": "serve",
+        "model": model,
+        "channel": channel,
+        "version": version,
+        "sha256": target_sha256,
+        "nonce": nonce,
+        "answer": kind,
+    }
 
 
 def _chain(registry: Registry, model: str, have: int, want: Artifact) -> list[Artifact] | None:

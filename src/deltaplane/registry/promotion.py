@@ -2,8 +2,9 @@
 
 A promotion evaluates the candidate *and* the version currently holding the tag with the same evaluator in the
 same run (never against remembered numbers from another harness), and refuses when any gated metric — clean
-accuracy, out-of-distribution accuracy — drops by more than its tolerance, or when the candidate was trained
-on a cohort that has since withdrawn consent. Silent regressions (an over-pruned or backdoored model that
+accuracy, out-of-distribution accuracy — drops by more than its tolerance, when a gated metric of the candidate
+is missing or not finite (the gate fails closed: ``NaN > tolerance`` is False), or when the candidate was
+trained on a cohort that has since withdrawn consent. Silent regressions (an over-pruned or backdoored model that
 still looks fine on one metric) are what the gate is for.
 
 Rollback walks the tag's history as a stack: promotions push, rollbacks pop, so two rollbacks in a row go two
@@ -12,6 +13,7 @@ versions back. Versions are immutable content-addressed blobs, so the restored w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -77,20 +79,33 @@ class PromotionResult:
         return "\n".join(lines)
 
 
-def _evaluate(
-    registry: Registry, art: Artifact, evaluator: Evaluator, name: str, gated: list[str]
-) -> dict[str, float]:
+def _number(v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan  # a metric that is not a number cannot pass the gate
+
+
+def _evaluate(registry: Registry, art: Artifact, evaluator: Evaluator, name: str) -> dict[str, float]:
     raw = evaluator(registry.load_state(art))
-    missing = [k for k in gated if k not in raw]
-    if missing:
-        raise ConfigError(
-            f"evaluator returned {sorted(raw)} but the gate needs {missing}: gate on what it returns "
-            f"(--tolerance {sorted(raw)[0] if raw else 'accuracy'}=0.01), or have the evaluator return "
-            f"{missing} (an evaluator may declare its gate as `evaluate.tolerance = {{'accuracy': 0.01}}`)"
-        )
-    metrics = {k: float(v) for k, v in raw.items()}
+    metrics = {str(k): _number(v) for k, v in dict(raw).items()}
     registry.record_evaluation(art, name, metrics)
     return metrics
+
+
+def _unusable(metrics: Mapping[str, float], gated: list[str], who: str) -> list[str]:
+    """The gate fails closed: a gated metric that is missing or not finite blocks the promotion."""
+    out = []
+    for k in gated:
+        if k not in metrics:
+            out.append(
+                f"{who} evaluation returned no {k!r} (got {sorted(metrics)}); the gate needs it: gate on what "
+                f"the evaluator returns (--tolerance {sorted(metrics)[0] if metrics else 'accuracy'}=0.01), or have "
+                f"it return {k!r} (an evaluator may declare its gate as `evaluate.tolerance = {{'accuracy': 0.01}}`)"
+            )
+        elif not math.isfinite(metrics[k]):
+            out.append(f"{who} {k} is {metrics[k]}, not a finite number; the gate cannot pass it")
+    return out
 
 
 def promote(
@@ -120,13 +135,18 @@ def promote(
         prev: Artifact | None = registry.get(cand.model, registry.tag(cand.model, to))
     except NotFound:
         prev = None
-    cand_metrics = _evaluate(registry, cand, evaluator, name, gated)
+    cand_metrics = _evaluate(registry, cand, evaluator, name)
+    regressions += _unusable(cand_metrics, gated, "candidate")
     base_metrics = None
     if prev is not None and prev.number != cand.number:
-        base_metrics = _evaluate(registry, prev, evaluator, name, gated)
+        base_metrics = _evaluate(registry, prev, evaluator, name)
         for k, allowed in tolerance.limits.items():
+            if not math.isfinite(cand_metrics.get(k, math.nan)):
+                continue  # already blocked above
+            if not math.isfinite(base_metrics.get(k, math.nan)):
+                continue  # a broken baseline cannot be regressed from; the candidate's own numbers are finite
             drop = base_metrics[k] - cand_metrics[k]
-            if drop > allowed:
+            if not drop <= allowed:
                 regressions.append(
                     f"{k} drops by {drop:.4f} ({base_metrics[k]:.4f} -> {cand_metrics[k]:.4f}), "
                     f"more than the {allowed:.4f} tolerance"
@@ -195,4 +215,5 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
         raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
     target = stack[-2]
     registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+    registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

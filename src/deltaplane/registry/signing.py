@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "load_signer",
     "load_verifier",
     "statement",
+    "write_secret_file",
 ]
 
 DOMAIN = b"deltaplane/artifact/v1\x00"
@@ -142,6 +144,32 @@ class Verifier:
 
 
 # -- key files -------------------------------------------------------------------------------------------
+def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret atomically with mode 0600 *from its creation* (never briefly world-readable).
+
+    The temp file is created with ``O_EXCL`` and mode 0600 in the target folder, fsynced, then renamed over
+    ``path``; the folder is fsynced so the rename survives a crash.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signer:
     """Create ``<home>/keys/`` with a new Ed25519 key pair (private key mode 0600) and return its signer.
 
@@ -161,8 +189,7 @@ def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signe
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     keys.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(keys / PRIVATE_NAME, pem)
-    os.chmod(keys / PRIVATE_NAME, 0o600)
+    write_secret_file(keys / PRIVATE_NAME, pem)
     signer = Signer(key)
     atomic_write_bytes(keys / PUBLIC_NAME, base64.b64encode(signer.public_raw) + b"\n")
     return signer

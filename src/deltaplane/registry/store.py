@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
+from deltaplane.registry.encryption import KeyRing, is_sealed
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
@@ -55,13 +57,18 @@ __all__ = [
     "IntegrityReport",
     "Registry",
     "default_home",
+    "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
 ]
 
 HOME_ENV = "DELTAPLANE_HOME"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REF = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?$")
+SETTINGS_NAME = "registry.json"
+ENCRYPTION = "aes-256-gcm"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_REF = re.compile(
+    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?\Z"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -105,6 +112,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS withdrawals (
     cohort TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollbacks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, number INTEGER NOT NULL,
+    supersedes INTEGER NOT NULL, signature TEXT NOT NULL, at REAL NOT NULL
+);
 """
 
 # Created on first use, so registries made before promotion verdicts were kept gain it without a migration.
@@ -115,13 +126,25 @@ _DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS promotion_decisions (
 )"""
 
 
+def rollback_statement(model: str, tag: str, number: int, supersedes: int, sha256: str) -> dict[str, Any]:
+    """What a rollback record's signature covers (see :meth:`Registry.record_rollback`)."""
+    return {
+        "kind": "rollback",
+        "model": model,
+        "tag": tag,
+        "version": number,
+        "supersedes": supersedes,
+        "sha256": sha256,
+    }
+
+
 def default_home() -> Path:
     """``$DELTAPLANE_HOME`` if set, else ``~/.deltaplane``."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".deltaplane")
 
 
 def _check_name(what: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
             f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-' starting with a letter "
             f"or digit. Found {name!r}"
@@ -212,6 +235,14 @@ class Governance:
         overlap = set(self.cohorts) & set(self.excluded_cohorts)
         if overlap:
             raise ConfigError(f"cohorts {sorted(overlap)} are listed both as contributing and as excluded")
+
+    @classmethod
+    def combine(cls, own: Governance, *inherited: Governance) -> Governance:
+        """``own`` plus everything ``inherited`` contributed; exclusions hold only where nothing re-added them."""
+        cohorts = set(own.cohorts).union(*(g.cohorts for g in inherited))
+        sources = set(own.data_sources).union(*(g.data_sources for g in inherited))
+        excluded = set(own.excluded_cohorts).union(*(g.excluded_cohorts for g in inherited)) - cohorts
+        return cls(tuple(sorted(sources)), tuple(sorted(cohorts)), tuple(sorted(excluded)), own.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -351,19 +382,53 @@ class Registry:
         self._signer = signer
         self._verifier = verifier
         self._local = threading.local()
-        self._connect()  # fail early on a broken database
+        self._ring: KeyRing | None = None
+        settings = self.home / SETTINGS_NAME
+        try:
+            self._settings: dict[str, Any] = json.loads(settings.read_text()) if settings.exists() else {}
+        except ValueError as exc:
+            raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
+        try:
+            self._connect()  # fail early on a broken database
+        except sqlite3.DatabaseError as exc:
+            raise IntegrityError(
+                f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
+            ) from None
 
     @classmethod
     def create(
-        cls, home: str | os.PathLike[str] | None = None, *, signer: Signer | None = None, keys: bool = True
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        signer: Signer | None = None,
+        keys: bool = True,
+        encrypt: bool = True,
     ) -> Registry:
-        """Create (or open) a registry; also create a signing key when ``keys`` and none exists."""
+        """Create (or open) a registry; also create a signing key when ``keys`` and none exists.
+
+        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out, recorded in
+        ``<home>/registry.json``). The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE``
+        when set, else a new key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it
+        the blobs cannot be read). Opening an existing registry never changes its setting.
+        """
         from deltaplane.registry.signing import PRIVATE_NAME, init_keys
 
         home = Path(home) if home is not None else default_home()
         (home / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
         if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
             signer = init_keys(home)
+        settings = home / SETTINGS_NAME
+        if not settings.exists():
+            # a registry made before encryption existed stays plaintext (its blobs are plaintext)
+            encrypt = encrypt and not (home / "registry.db").exists()
+            if encrypt:
+                try:
+                    KeyRing.load(home)
+                except NotFound:
+                    KeyRing.create_key_file(home)
+            atomic_write_bytes(
+                settings, json.dumps({"encryption": ENCRYPTION if encrypt else "none"}).encode()
+            )
         con = sqlite3.connect(home / "registry.db", timeout=60, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
@@ -386,16 +451,39 @@ class Registry:
         return con
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on this thread's connection; nested uses join the outermost one.
+
+        Nesting is what makes multi-step changes atomic: e.g. the service closes a round by registering the
+        new version, its delta, the tag move and the round's closed state inside one ``transaction()``, so a
+        failure anywhere leaves none of them (blobs written meanwhile become orphans for :meth:`gc`).
+        """
         # BEGIN IMMEDIATE takes the write lock up front, so read-then-insert (next version number) is atomic
         con = self._connect()
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
+            try:
+                yield con
+            finally:
+                self._local.depth = depth
+            return
         con.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
             yield con
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        finally:
+            self._local.depth = 0
         con.execute("COMMIT")
+
+    _write = transaction
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only statement on this thread's connection (for layers that keep tables here)."""
+        return self._connect().execute(sql, tuple(args)).fetchall()
 
     def close(self) -> None:
         """Close this thread's database connection."""
@@ -425,33 +513,91 @@ class Registry:
     def blob_path(self, sha256: str) -> Path:
         return self.home / "blobs" / sha256[:2] / sha256[2:]
 
-    def put_blob(self, data: bytes) -> str:
-        """Store ``data`` durably under its SHA-256 (temp + fsync + rename + dir fsync); returns the hash."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        if path.exists() and path.stat().st_size == len(data):
-            return digest
+    @property
+    def encrypted(self) -> bool:
+        """Whether new blobs are encrypted at rest (AES-256-GCM envelope, :mod:`deltaplane.registry.encryption`)."""
+        return self._settings.get("encryption") == ENCRYPTION
+
+    @property
+    def keyring(self) -> KeyRing:
+        if self._ring is None:
+            self._ring = KeyRing.load(self.home)
+        return self._ring
+
+    def _decode_blob(self, raw: bytes, sha256: str) -> bytes:
+        data = self.keyring.open(raw, sha256) if is_sealed(raw) else raw
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
+        return data
+
+    def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.home / "blobs" / "tmp" / f"{digest[:16]}.{uuid.uuid4().hex}.tmp"
+        tmp = self.home / "blobs" / "tmp" / f"{tag[:16]}.{uuid.uuid4().hex}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(stored)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+
+    def put_blob(self, data: bytes) -> str:
+        """Store ``data`` durably under its SHA-256 (temp + fsync + rename + dir fsync); returns the hash.
+
+        In an encrypted registry the file holds the sealed bytes. An existing file under the same name is
+        kept only if it decodes to these bytes; a corrupt one is replaced (repaired), not trusted by size.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if path.exists():
+            try:
+                self._decode_blob(path.read_bytes(), digest)
+                return digest
+            except IntegrityError:
+                pass  # corrupt or undecryptable: write it again below
+        stored = self.keyring.seal(data, digest) if self.encrypted else data
+        self._write_blob_file(path, stored, digest)
         return digest
 
     def get_blob(self, sha256: str) -> bytes:
-        """The bytes stored under ``sha256``; :class:`IntegrityError` if missing or not matching their name."""
-        path = self.blob_path(sha256)
+        """The bytes stored under ``sha256`` (decrypted); :class:`IntegrityError` if missing, tampered or corrupt.
+
+        Messages name the blob by hash only, never by server path (they may reach devices).
+        """
         try:
-            data = path.read_bytes()
+            raw = self.blob_path(sha256).read_bytes()
         except FileNotFoundError:
-            raise IntegrityError(f"blob {sha256} is missing from {path.parent}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
-        return data
+            raise IntegrityError(f"blob {sha256} is missing from the registry") from None
+        return self._decode_blob(raw, sha256)
+
+    def rotate_kek(self, new_key: bytes | None = None) -> int:
+        """Re-wrap every blob's data key with a new key-encryption key; returns how many blobs changed.
+
+        The new KEK is written to ``<home>/keys/kek/`` (0600) and becomes current; only blob headers are
+        rewritten (atomically, one blob at a time, so an interrupted rotation leaves every blob readable with
+        the old or the new key). Old key files are removed once every blob is re-wrapped.
+        """
+        if not self.encrypted:
+            raise ConfigError(f"the registry at {self.home} is not encrypted; there is no key to rotate")
+        old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
+        kid = KeyRing.create_key_file(self.home, new_key)
+        ring = KeyRing.load(self.home)
+        ring = KeyRing(ring.keys, kid)
+        changed = 0
+        for sub in sorted(p for p in (self.home / "blobs").iterdir() if p.is_dir() and p.name != "tmp"):
+            for f in sorted(sub.iterdir()):
+                raw = f.read_bytes()
+                if not is_sealed(raw):
+                    continue
+                new = ring.rewrap(raw, sub.name + f.name)
+                if new is not None:
+                    self._write_blob_file(f, new, sub.name + f.name)
+                    changed += 1
+        for old in old_files:
+            if old.stem != kid:
+                old.unlink(missing_ok=True)
+        self._ring = ring
+        return changed
 
     # -- registration ----------------------------------------------------------------------------------
     def _insert(
@@ -523,15 +669,28 @@ class Registry:
         parent: int | None = None,
         lineage: Mapping[str, Any] | None = None,
         governance: Governance | Mapping[str, Any] | None = None,
+        sources: Sequence[Artifact | str] = (),
     ) -> Artifact:
         """Add a new immutable, signed model version (next number for ``model``) and return it.
 
         ``lineage`` records what produced it — e.g. ``{"round": 12, "merge_config": {...}, "deploy_recipe":
-        "int8"}``; ``parent`` is the model version it was derived from.
+        "int8"}``; ``parent`` is the model version it was derived from; ``sources`` are other versions (of any
+        model) it was built from — a merge's inputs, the model a deploy recipe compressed. The version's
+        governance is the union of what it is given and what the parent and sources contributed (cohorts and
+        data sources flow down the lineage), so a consent withdrawal reaches every descendant.
         """
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
+        own = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
+        if parent is not None:
+            inputs.append(self.get(model, parent))
+        if inputs:
+            own = Governance.combine(own, *(a.governance for a in inputs))
+            if sources:
+                lineage = {**dict(lineage or {}), "sources": [a.ref for a in inputs[: len(sources)]]}
+        governance = own
         return self._insert(
             model=model,
             kind="model",
@@ -609,7 +768,7 @@ class Registry:
 
     def resolve(self, ref: str) -> Artifact:
         """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag``."""
-        m = _REF.match(ref or "")
+        m = _REF.fullmatch(ref or "")
         if not m or not m.group("sep"):
             raise ConfigError(
                 f"version reference must be 'model@N', 'model@latest' or 'model:tag'. Found {ref!r}"
@@ -686,6 +845,42 @@ class Registry:
                 "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) VALUES (?,?,?,?,?,?,?)",
                 (model, tag, number, prev[0] if prev else None, action, reason, now),
             )
+
+    def record_rollback(self, model: str, tag: str, number: int) -> dict[str, Any]:
+        """Sign and store a rollback record: ``model:tag`` now serves ``number``, superseding every newer version.
+
+        Devices refuse to move to an older version than the one they hold (a downgrade is what a man in the
+        middle replaying an old, validly signed model would cause); a rollback record signed by the registry's
+        key is the explicit permission. It covers every version up to the newest that exists now
+        (``supersedes``), so a device on any of them may follow the rollback.
+        """
+        target = self.get(model, number)
+        with self._write() as con:
+            supersedes = con.execute("SELECT MAX(number) FROM artifacts WHERE model=?", (model,)).fetchone()[
+                0
+            ]
+            stmt = rollback_statement(model, tag, number, int(supersedes), target.sha256)
+            sig = self.signer.sign(stmt).to_text()
+            con.execute(
+                "INSERT INTO rollbacks (model, tag, number, supersedes, signature, at) VALUES (?,?,?,?,?,?)",
+                (model, tag, number, int(supersedes), sig, time.time()),
+            )
+        return {"tag": tag, "version": number, "supersedes": int(supersedes), "signature": sig}
+
+    def rollback_record(self, model: str, number: int, have: int) -> dict[str, Any] | None:
+        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any."""
+        row = (
+            self._connect()
+            .execute(
+                "SELECT tag, number, supersedes, signature FROM rollbacks WHERE model=? AND number=? "
+                "AND supersedes>=? ORDER BY id DESC",
+                (model, number, have),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return {"tag": row[0], "version": row[1], "supersedes": row[2], "signature": row[3]}
 
     def tag_history(self, model: str, tag: str) -> list[dict[str, Any]]:
         rows = self._connect().execute(
@@ -783,29 +978,75 @@ class Registry:
         ]
 
     def withdraw_cohort(self, cohort: str, *, reason: str = "") -> list[Artifact]:
-        """Record that ``cohort`` withdrew consent; returns the versions trained on it (not promotable now)."""
+        """Record that ``cohort`` withdrew consent; returns every version (and delta) that contains it.
+
+        Those versions can no longer be promoted or served; :meth:`last_unaffected` names the version a
+        rebuild without the cohort starts from.
+        """
         _check_name("cohort", cohort)
         with self._write() as con:
             con.execute(
                 "INSERT OR REPLACE INTO withdrawals (cohort, reason, at) VALUES (?,?,?)",
                 (cohort, reason, time.time()),
             )
-        return [a for a in self.versions() if cohort in a.governance.cohorts]
+        return self.affected_by(cohort)
 
     def withdrawn_cohorts(self) -> set[str]:
         return {r[0] for r in self._connect().execute("SELECT cohort FROM withdrawals")}
 
+    def contributors(self, artifact: Artifact, _memo: dict[str, set[str]] | None = None) -> set[str]:
+        """Every cohort in ``artifact``: its own governance plus its parent's and sources', transitively.
+
+        Walking the lineage (not only trusting the recorded governance) means a version cannot shed a
+        cohort by declaring it excluded while descending from a version that contains it.
+        """
+        memo = {} if _memo is None else _memo
+        if artifact.ref in memo:
+            return memo[artifact.ref]
+        memo[artifact.ref] = out = set(artifact.governance.cohorts)
+        ups: list[Artifact] = []
+        if artifact.parent is not None:
+            ups.append(self.get(artifact.model, artifact.parent))
+        for ref in artifact.lineage.get("sources", []) if isinstance(artifact.lineage, dict) else []:
+            try:
+                ups.append(self.resolve(str(ref)))
+            except (NotFound, ConfigError):
+                continue
+        for up in ups:
+            out |= self.contributors(up, memo)
+        return out
+
+    def affected_by(self, cohort: str) -> list[Artifact]:
+        """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
+        memo: dict[str, set[str]] = {}
+        return [a for a in self.versions() if cohort in self.contributors(a, memo)]
+
     def governance_problems(self, artifact: Artifact) -> list[str]:
-        """Why ``artifact`` may not be served: it contains a cohort that withdrew consent."""
-        bad = sorted(set(artifact.governance.cohorts) & self.withdrawn_cohorts())
+        """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent."""
+        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts())
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
+
+    def last_unaffected(self, model: str, number: int) -> Artifact | None:
+        """The newest model version on ``model@number``'s parent chain free of every withdrawn cohort."""
+        withdrawn = self.withdrawn_cohorts()
+        cur: Artifact | None = self.get(model, number)
+        while cur is not None:
+            if cur.kind == "model" and not (self.contributors(cur) & withdrawn):
+                return cur
+            cur = self.get(model, cur.parent) if cur.parent is not None else None
+        return None
 
     # -- integrity -------------------------------------------------------------------------------------
     def verify(self, *, signatures: bool = True) -> IntegrityReport:
         """Check every blob's hash, that every row points to an existing blob, and (optionally) signatures."""
         report = IntegrityReport()
-        con = self._connect()
-        check = con.execute("PRAGMA integrity_check").fetchone()[0]
+        try:
+            con = self._connect()
+            check = con.execute("PRAGMA integrity_check").fetchone()[0]
+            self.versions()
+        except sqlite3.DatabaseError as exc:
+            report.problems.append(f"registry.db is not a readable SQLite database: {exc}")
+            return report
         if check != "ok":
             report.problems.append(f"sqlite integrity_check: {check}")
         referenced: set[str] = set()
@@ -835,9 +1076,15 @@ class Registry:
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
-                if hashlib.sha256(f.read_bytes()).hexdigest() != sha:
-                    report.problems.append(f"blob {sha} does not hash to its name (corrupted)")
-                elif sha not in referenced:
+                raw = f.read_bytes()
+                try:
+                    self._decode_blob(raw, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                except (IntegrityError, NotFound) as exc:
+                    report.problems.append(f"{exc}" if "blob" in str(exc) else f"blob {sha}: {exc}")
+                    continue
+                if self.encrypted and not is_sealed(raw):
+                    report.problems.append(f"blob {sha} is stored in plaintext in an encrypted registry")
+                if sha not in referenced:
                     report.orphans.append(sha)
         report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))
         return report

@@ -9,16 +9,20 @@ Device endpoints (``Authorization: Bearer <device token>``, rate limited per dev
   for size (413), round and duplicate (409), base version (409 stale), format (400), shape and NaN (422).
 * ``POST /v1/models/{model}/report`` — metrics and drift summaries (histograms, not raw data).
 
-Admin endpoints (``Authorization: Bearer <admin token>``): issue device tokens, open/close rounds (a closed
-round becomes a new signed version, published as a delta), promote through the gate, roll back, set the drift
-reference, read alerts and counters. ``/docs`` and ``/openapi.json`` describe everything. Every bad request
+Admin endpoints (``Authorization: Bearer <admin token>``): issue and revoke device tokens, open/close/abort
+rounds (a closed round becomes a new signed version, published as a delta, in one transaction), withdraw a
+cohort and rebuild without it, promote through the gate, roll back, set the drift reference, read alerts and
+counters. Authentication and body limits are enforced before any body is read (:mod:`deltaplane.serve.guard`);
+rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``docs/security.md``. ``/docs`` and ``/openapi.json`` describe everything. Every bad request
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
+import math
 import secrets
+import sqlite3
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,11 +32,12 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltaplane.engine import RunConfig, ServerStep
 from deltaplane.errors import (
     ConfigError,
+    Conflict,
     DecodeError,
     DeltaplaneError,
     IntegrityError,
@@ -46,10 +51,16 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
+from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
-from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority
-from deltaplane.serve.rounds import RoundState, round_router
+from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
+from deltaplane.serve.bounded import ByteLRU
+from deltaplane.serve.docs import mount_offline_docs
+from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.rounds import RoundState, restore_rounds, round_router
+from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
+from deltaplane.serve.service_store import ServiceStore
 from deltaplane.ui import mount_ui
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
@@ -59,6 +70,9 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_DEVICES_SEEN = 10_000
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+MAX_ALERTS = 10_000  # each entry is bounded (names <= 128 chars, alert text from the monitor)
+MAX_DRIFT_HISTORY = 1_000  # drift reports kept per monitored model
+MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -68,8 +82,13 @@ class ServiceConfig:
     Args:
         home: registry folder (must hold a registry and a signing key).
         admin_token: bearer token for ``/admin`` endpoints.
-        device_secret: HMAC key for device tokens (random per process when empty: tokens then die with it).
+        device_secret: HMAC key for device tokens; when empty, ``<home>/keys/device-secret`` (created 0600 on
+            first start), so tokens survive restarts.
+        token_ttl_s: default lifetime of a device token; ``max_token_ttl_s`` caps what an admin may ask for.
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
+        max_json_bytes: every other request body above this is refused with 413 while it streams.
+        auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
+            and in a burst) before that address gets 429 without a token check.
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
@@ -78,6 +97,10 @@ class ServiceConfig:
             (server optimizer, clipping, DP-FedAvg with accountant and budget, robust rule, FLTrust with the
             task's root data), its downlink codec and seed. When set, ``server_lr`` and the ``downlink_*``
             fields must keep their defaults (they would be ignored otherwise).
+        server_lr: scale of the averaged update applied when a round closes.
+        downlink_cache_bytes: byte budget of planned downlinks kept in memory (least recently used evicted).
+        max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
+            least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -85,6 +108,11 @@ class ServiceConfig:
     admin_token: str
     device_secret: str = ""
     max_upload_bytes: int = 8 << 20
+    max_json_bytes: int = 2 << 20
+    auth_failure_rate: float = 1.0
+    auth_failure_burst: int = 20
+    token_ttl_s: float = 30 * 86400
+    max_token_ttl_s: float = 365 * 86400
     rate: float = 20.0
     burst: int = 40
     downlink_codec: str = "topk(0.05) | quant(bits=8)"
@@ -92,6 +120,8 @@ class ServiceConfig:
     downlink_seed: int = 0
     server_lr: float = 1.0
     federation: RunConfig | None = None
+    max_update_norm_ratio: float | None = 10.0
+    downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
     runs_dir: str = ""
@@ -115,6 +145,10 @@ class ServiceConfig:
                 )
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
+        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 0:
+            raise ConfigError(f"max_update_norm_ratio must be positive. Found {self.max_update_norm_ratio}")
+        if self.max_json_bytes < 1024:
+            raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
 
 
 @dataclass
@@ -124,18 +158,23 @@ class ServiceState:
     registry: Registry
     evaluator: Evaluator | None = None
     rounds: dict[str, RoundState] = field(default_factory=dict)
-    round_counter: dict[str, int] = field(default_factory=dict)
     #: one engine server step per model, alive across rounds (optimizer moments, DP accountant, downlink EF)
     steps: dict[str, ServerStep] = field(default_factory=dict)
+    #: SecAgg rounds' numbers (in memory: their protocol state is not durable; plain rounds number from the DB)
+    round_counter: dict[str, int] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
-    alerts: list[dict[str, Any]] = field(default_factory=list)
+    alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
-    downlinks: dict[tuple[str, int, int | None], Any] = field(default_factory=dict)
+    downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: device id -> (cohort, requests, last seen), most recent last; at most MAX_DEVICES_SEEN entries
     seen: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
-    _bases: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    _bases: ByteLRU[dict[str, Any]] = field(
+        default_factory=lambda: ByteLRU(
+            512 << 20, lambda s: sum(t.numel() * t.element_size() for t in s.values())
+        )
+    )
 
     def saw(self, ident: DeviceIdentity) -> None:
         """Remember that a device made an authenticated request (bounded: the oldest are forgotten)."""
@@ -179,9 +218,11 @@ class ServiceState:
     def base_state(self, model: str, version: int) -> dict[str, Any]:
         """The (verified) weights of a base version, cached: versions are immutable."""
         key = (model, version)
-        if key not in self._bases:
-            self._bases[key] = self.registry.load_state(self.registry.get(model, version))
-        return self._bases[key]
+        hit = self._bases.get(key)
+        if hit is None:
+            hit = self.registry.load_state(self.registry.get(model, version))
+            self._bases.put(key, hit)
+        return hit
 
 
 # -- request / response schemas ------------------------------------------------------------------------
@@ -192,12 +233,26 @@ class _Strict(BaseModel):
 class DeviceTokenRequest(_Strict):
     device_id: str = Field(pattern=NAME, max_length=128)
     cohort: str = Field(default="default", pattern=NAME, max_length=128)
+    ttl_s: int | None = Field(
+        default=None, ge=60, le=10 * 365 * 86400, description="lifetime; defaults to the service's"
+    )
 
 
 class DeviceToken(BaseModel):
     device_id: str
     cohort: str
     token: str
+    token_id: str
+    expires_at: float
+
+
+class RevokeTokenRequest(_Strict):
+    token_id: str = Field(pattern="^[A-Za-z0-9_-]{8,64}$")
+
+
+class Revoked(BaseModel):
+    revoked: str
+    at: float
 
 
 class PromoteRequest(_Strict):
@@ -209,8 +264,8 @@ class PromoteResponse(BaseModel):
     promoted: bool
     candidate: str
     previous: str | None
-    candidate_metrics: dict[str, float]
-    baseline_metrics: dict[str, float] | None
+    candidate_metrics: dict[str, float | None] = Field(description="null where the metric was NaN/Inf")
+    baseline_metrics: dict[str, float | None] | None
     regressions: list[str]
 
 
@@ -232,14 +287,18 @@ class SummaryModel(_Strict):
     projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
         default_factory=list, max_length=1024
     )
-    embedding_sum: list[float] = Field(default_factory=list, max_length=65536)
+    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=list, max_length=65536
+    )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
 
 
 class ReportRequest(_Strict):
     version: int = Field(ge=1, le=2**31 - 1)
     round: int | None = Field(default=None, ge=1, le=2**31 - 1)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+    metrics: dict[MetricName, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=64
+    )
     summary: SummaryModel | None = None
 
 
@@ -265,12 +324,14 @@ _ERRORS: dict[int, dict[str, Any]] = {
     code: {"model": Message, "description": text}
     for code, text in {
         400: "malformed request or payload",
-        401: "missing or invalid token",
+        401: "missing, invalid, expired or revoked token",
+        403: "the device's cohort withdrew consent",
         404: "unknown model, version or tag",
         409: "conflict: round not open, duplicate upload, stale base version, promotion refused",
         413: "upload larger than the configured limit",
         422: "well-formed but unusable (shape mismatch, NaN/Inf, invalid parameters)",
-        429: "per-device rate limit exceeded (see Retry-After)",
+        429: "per-device rate limit, or too many failed authentications (see Retry-After)",
+        451: "the version contains a cohort that withdrew consent",
     }.items()
 }
 
@@ -286,8 +347,16 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (DecodeError, 400),
     (ConfigError, 422),
     (IntegrityError, 409),
+    (Conflict, 409),
     (DeltaplaneError, 400),
 ]
+
+
+def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
+    """JSON has no NaN: non-finite metrics travel as null (the regressions list says why they blocked)."""
+    if metrics is None:
+        return None
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
 def status_for(exc: Exception) -> int:
@@ -302,10 +371,19 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
+    state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry
     signer = reg.signer
+    service_store = ServiceStore(reg)
+    rounds_store = RoundStore(reg)
+    # a restart keeps open rounds and their accepted uploads (replayed into each model's server step)
+    restore_rounds(config, state, rounds_store)
+    revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
-        config.device_secret.encode() if config.device_secret else secrets.token_bytes(32)
+        config.device_secret.encode() if config.device_secret else device_secret(reg.home),
+        ttl_s=config.token_ttl_s,
+        revoked_ids=revoked_ids,
+        revoked_devices=revoked_devices,
     )
     limiter = RateLimiter(rate=config.rate, burst=config.burst)
     tolerance = Tolerance(dict(config.tolerance))
@@ -318,14 +396,36 @@ def create_app(
         version="1",
         description="Ship model versions and deltas to devices; collect compressed updates; monitor drift.",
         responses={k: v for k, v in _ERRORS.items() if k in (401, 429)},
+        docs_url=None,
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.deltaplane = state
     app.state.authority = authority
+    app.add_middleware(
+        RequestGuard,
+        check_device=authority.check,
+        admin_token=config.admin_token,
+        max_upload_bytes=config.max_upload_bytes,
+        max_json_bytes=config.max_json_bytes,
+        failures=RateLimiter(rate=config.auth_failure_rate, burst=config.auth_failure_burst),
+        on_reject=lambda name: state.counters.update((name,)),
+    )
 
     @app.exception_handler(DeltaplaneError)
     async def _typed(_: Request, exc: DeltaplaneError) -> JSONResponse:
         state.counters[f"rejected.{type(exc).__name__}"] += 1
         return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def _database(_: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
+        state.counters["errors.database"] += 1
+        return JSONResponse(
+            {
+                "detail": "the registry database is unavailable; the operator should run `deltaplane registry verify`"
+            },
+            status_code=503,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -336,8 +436,12 @@ def create_app(
         return JSONResponse({"detail": "invalid request: " + "; ".join(errors)}, status_code=422)
 
     # -- auth dependencies -------------------------------------------------------------------------
-    def device(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> DeviceIdentity:
-        ident = authority.check(creds.credentials) if creds else None
+    def device(
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> DeviceIdentity:
+        ident = request.scope.get("state", {}).get(DEVICE_SCOPE_KEY)  # checked by the RequestGuard
+        if ident is None:
+            ident = authority.check(creds.credentials) if creds else None
         if ident is None:
             state.counters["rejected.unauthenticated"] += 1
             raise HTTPException(
@@ -386,10 +490,32 @@ def create_app(
             raise NotFound(f"unknown model {model!r}")
         raise NotFound(f"{model} has no {channel!r} version (tags: {sorted(tags)})")
 
+    contributors: dict[
+        tuple[str, int], frozenset[str]
+    ] = {}  # versions are immutable, so this never goes stale
+
+    def check_consent(model: str, version: int) -> None:
+        """451 for a version that contains a cohort which withdrew consent (it may not be served)."""
+        withdrawn = reg.withdrawn_cohorts()
+        if not withdrawn:
+            return
+        key = (model, version)
+        if key not in contributors:
+            if len(contributors) > 100_000:
+                contributors.clear()
+            contributors[key] = frozenset(reg.contributors(reg.get(model, version)))
+        bad = sorted(contributors[key] & withdrawn)
+        if bad:
+            raise HTTPException(
+                451,
+                f"{model}@{version} contains withdrawn cohort(s) {bad} and may not be served; "
+                f"the operator must rebuild it without them (POST /admin/models/{model}/rebuild)",
+            )
+
     # -- device endpoints --------------------------------------------------------------------------
-    @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["meta"], response_class=Response, responses={200: {"description": "ok"}})
+    def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get(
         "/v1/models/{model}/download",
@@ -400,7 +526,7 @@ def create_app(
                 "description": "signed full model or delta chain",
             },
             204: {"description": "the device already holds the current version"},
-            **{k: _ERRORS[k] for k in (404, 422)},
+            **{k: _ERRORS[k] for k in (404, 422, 451)},
         },
         response_class=Response,
     )
@@ -409,18 +535,31 @@ def create_app(
         ident: Device,
         have: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="version the device holds")] = None,
         channel: Annotated[str, Query(pattern="^(production|staging|training)$")] = "production",
+        nonce: Annotated[
+            str,
+            Query(
+                pattern="^([A-Za-z0-9_-]{16,64})?$",
+                description="random per request; the signed answer echoes it (freshness)",
+            ),
+        ] = "",
     ) -> Response:
         want = resolve_tag(model, channel, ident.cohort)
+        check_consent(model, want)
+        rollback_header = {}
         if have is not None and have > want:
-            have = None  # the device is ahead (e.g. after a rollback): only a full model is safe
+            # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
+            # version only with a signed rollback record covering the one it holds.
+            record = reg.rollback_record(model, want, have)
+            if record is not None:
+                rollback_header = {
+                    "X-Deltaplane-Rollback": f"{record['tag']}:{record['supersedes']}:{record['signature']}"
+                }
+            have = None
         key = (model, want, have)
         dl = state.downlinks.get(key)
         if dl is None:
             dl = plan_downlink(reg, signer, model, want, have)
-            with state.lock:
-                if len(state.downlinks) > 4096:
-                    state.downlinks.clear()
-                state.downlinks[key] = dl  # artifacts are immutable, so a planned downlink never goes stale
+            state.downlinks.put(key, dl)  # artifacts are immutable, so a planned downlink never goes stale
         state.counters[f"download.{dl.kind}"] += 1
         state.counters["download.bytes"] += len(dl.body)
         state.counters["download.full_bytes"] += dl.full_bytes if dl.kind != "none" else 0
@@ -432,6 +571,10 @@ def create_app(
             "X-Deltaplane-Signature": dl.signature,
             "X-Deltaplane-Target-Sha256": dl.target_sha256,
             "X-Deltaplane-Full-Bytes": str(dl.full_bytes),
+            "X-Deltaplane-Serve-Signature": signer.sign(
+                serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
+            ).to_text(),
+            **rollback_header,
         }
         if dl.kind == "none":
             return Response(status_code=204, headers=headers)
@@ -464,6 +607,7 @@ def create_app(
             mon = state.monitors.get(model)
             if body.summary is not None and mon is not None:
                 result = mon.ingest(Summary(**body.summary.model_dump()))
+                del mon.history[:-MAX_DRIFT_HISTORY]
                 if result is not None:
                     evaluated = True
                     alerts = result.alerts
@@ -476,8 +620,15 @@ def create_app(
     # -- admin endpoints ---------------------------------------------------------------------------
     @app.post("/admin/devices", tags=["admin"], dependencies=[Admin], response_model=DeviceToken)
     def issue_token(body: DeviceTokenRequest) -> DeviceToken:
+        if body.ttl_s is not None and body.ttl_s > config.max_token_ttl_s:
+            raise ConfigError(f"ttl_s must be at most {config.max_token_ttl_s:.0f}. Found {body.ttl_s}")
+        t = authority.issue_token(body.device_id, body.cohort, ttl_s=body.ttl_s)
         return DeviceToken(
-            device_id=body.device_id, cohort=body.cohort, token=authority.issue(body.device_id, body.cohort)
+            device_id=t.device_id,
+            cohort=t.cohort,
+            token=t.token,
+            token_id=t.token_id,
+            expires_at=t.expires_at,
         )
 
     app.include_router(
@@ -489,8 +640,38 @@ def create_app(
             resolve_tag=resolve_tag,
             errors=_ERRORS,
             name_pattern=NAME,
+            rounds_store=rounds_store,
         )
     )
+
+    @app.post("/admin/tokens/revoke", tags=["admin"], dependencies=[Admin], response_model=Revoked)
+    def revoke_token(body: RevokeTokenRequest) -> Revoked:
+        """Revoke one device token by its id (persisted: the revocation survives restarts)."""
+        service_store.revoke_token(body.token_id, "", time.time() + config.max_token_ttl_s)
+        authority.revoke(body.token_id)
+        return Revoked(revoked=body.token_id, at=time.time())
+
+    @app.post(
+        "/admin/devices/{device_id}/revoke", tags=["admin"], dependencies=[Admin], response_model=Revoked
+    )
+    def revoke_device(device_id: Annotated[str, PathParam(pattern=NAME, max_length=128)]) -> Revoked:
+        """Revoke every token issued so far to ``device_id`` (a new token may be issued afterwards)."""
+        at = authority.revoke_device(device_id)
+        service_store.revoke_device(device_id, at)
+        return Revoked(revoked=device_id, at=at)
+
+    @app.post("/admin/cohorts/{cohort}/withdraw", tags=["admin"], dependencies=[Admin])
+    def withdraw(
+        cohort: Annotated[str, PathParam(pattern=NAME, max_length=128)],
+        reason: Annotated[str, Query(max_length=1000)] = "",
+    ) -> dict[str, Any]:
+        """Record a consent withdrawal: every version containing the cohort stops being served and promoted."""
+        affected = reg.withdraw_cohort(cohort, reason=reason)
+        return {
+            "cohort": cohort,
+            "affected": [a.ref for a in affected if a.kind == "model"],
+            "affected_deltas": [a.ref for a in affected if a.kind == "delta"],
+        }
 
     @app.post(
         "/admin/models/{model}/promote",
@@ -514,8 +695,8 @@ def create_app(
             promoted=res.promoted,
             candidate=res.candidate,
             previous=res.previous,
-            candidate_metrics=res.candidate_metrics,
-            baseline_metrics=res.baseline_metrics,
+            candidate_metrics=_finite_or_none(res.candidate_metrics),
+            baseline_metrics=_finite_or_none(res.baseline_metrics),
             regressions=res.regressions,
         )
         if not res.promoted:

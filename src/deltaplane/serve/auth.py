@@ -1,9 +1,14 @@
-"""Device tokens and per-device rate limiting for the service.
+"""Device tokens (with expiry and revocation) and per-key rate limiting for the service.
 
-Device tokens are stateless: ``base64url({"d": device_id, "c": cohort}) "." base64url(HMAC-SHA256(secret, …))``,
-so the service can authenticate any number of devices without a token table, and a device cannot change
-its id or cohort without invalidating the MAC. Admin endpoints use a separate static token; a device token
-never passes as an admin token.
+Device tokens are stateless: ``base64url({"d": device_id, "c": cohort, "j": token_id, "i": issued, "e": expires})
+"." base64url(HMAC-SHA256(secret, …))``, so the service can authenticate any number of devices without a token
+table, and a device cannot change its id, cohort or expiry without invalidating the MAC. A token past its
+expiry, a revoked token id, or any token of a device revoked after it was issued is refused; the revocation
+list is small (only revoked ids) and kept in the registry database so it survives restarts. Admin endpoints
+use a separate static token; a device token never passes as an admin token.
+
+The HMAC secret is, in order: the configured one, else ``<home>/keys/device-secret`` (created 0600 on first
+start), so tokens survive a restart.
 """
 
 from __future__ import annotations
@@ -12,13 +17,20 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 from deltaplane.errors import ConfigError
+from deltaplane.registry.signing import write_secret_file
 
-__all__ = ["DeviceIdentity", "RateLimiter", "TokenAuthority"]
+__all__ = ["DeviceIdentity", "IssuedToken", "RateLimiter", "TokenAuthority", "device_secret"]
+
+SECRET_NAME = "device-secret"
 
 
 def _b64(data: bytes) -> str:
@@ -29,58 +41,156 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def device_secret(home: str | os.PathLike[str]) -> bytes:
+    """The service's persistent device-token key: ``<home>/keys/device-secret``, created (0600) when absent."""
+    path = Path(home) / "keys" / SECRET_NAME
+    if not path.exists():
+        try:
+            write_secret_file(path.with_suffix(".new"), secrets.token_bytes(32))
+            os.link(path.with_suffix(".new"), path)  # atomic create-if-absent: two starting servers agree
+        except FileExistsError:
+            pass
+        finally:
+            path.with_suffix(".new").unlink(missing_ok=True)
+    data = path.read_bytes()
+    if len(data) < 16:
+        raise ConfigError(f"{path} holds {len(data)} bytes; a device secret needs at least 16")
+    return data
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
     device_id: str
     cohort: str
+    token_id: str = ""
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A new device token and what it carries (``token_id`` is what :meth:`TokenAuthority.revoke` takes)."""
+
+    token: str
+    token_id: str
+    device_id: str
+    cohort: str
+    expires_at: float
 
 
 class TokenAuthority:
-    """Issues and checks HMAC-signed device tokens."""
+    """Issues and checks HMAC-signed, expiring, revocable device tokens.
 
-    def __init__(self, secret: bytes) -> None:
+    Args:
+        secret: HMAC key (at least 16 bytes).
+        ttl_s: default lifetime of issued tokens.
+        revoked_ids: token ids revoked so far; revoked_devices: device id -> time before which every token
+            of that device is revoked (both loaded from the registry database at start).
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        ttl_s: float = 30 * 86400,
+        revoked_ids: set[str] | None = None,
+        revoked_devices: dict[str, float] | None = None,
+    ) -> None:
         if len(secret) < 16:
             raise ConfigError(f"device token secret must be at least 16 bytes. Found {len(secret)}")
+        if ttl_s <= 0:
+            raise ConfigError(f"token ttl must be positive. Found {ttl_s}")
         self._secret = secret
+        self.ttl_s = ttl_s
+        self.revoked_ids = set(revoked_ids or ())
+        self.revoked_devices = dict(revoked_devices or {})
 
-    def issue(self, device_id: str, cohort: str = "default") -> str:
-        body = _b64(json.dumps({"d": device_id, "c": cohort}, separators=(",", ":")).encode())
-        return body + "." + _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+    def _mac(self, body: str) -> str:
+        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+
+    def issue_token(
+        self, device_id: str, cohort: str = "default", *, ttl_s: float | None = None
+    ) -> IssuedToken:
+        """A new token for ``device_id`` in ``cohort``, valid for ``ttl_s`` seconds (default: the authority's)."""
+        now = time.time()
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise ConfigError(f"token ttl must be positive. Found {ttl}")
+        tid = _b64(secrets.token_bytes(12))
+        doc = {"d": device_id, "c": cohort, "j": tid, "i": round(now, 3), "e": round(now + ttl, 3)}
+        body = _b64(json.dumps(doc, separators=(",", ":")).encode())
+        return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, doc["e"])
+
+    def issue(self, device_id: str, cohort: str = "default", *, ttl_s: float | None = None) -> str:
+        """Just the token text of :meth:`issue_token`."""
+        return self.issue_token(device_id, cohort, ttl_s=ttl_s).token
 
     def check(self, token: str) -> DeviceIdentity | None:
-        """The identity in a valid token, or None for anything forged, truncated or malformed."""
+        """The identity in a valid token, or None for anything forged, malformed, expired or revoked."""
         body, _, mac = (token or "").partition(".")
         if not body or not mac or len(token) > 4096:
             return None
         try:
-            expected = _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
-            if not hmac.compare_digest(expected, mac):
+            if not hmac.compare_digest(self._mac(body), mac):
                 return None
             doc = json.loads(_unb64(body))
-            return DeviceIdentity(str(doc["d"]), str(doc["c"]))
+            ident = DeviceIdentity(
+                str(doc["d"]), str(doc["c"]), str(doc["j"]), float(doc["i"]), float(doc["e"])
+            )
         except (ValueError, KeyError, TypeError, UnicodeError):
             return None
+        if ident.expires_at <= time.time() or ident.token_id in self.revoked_ids:
+            return None
+        if ident.issued_at <= self.revoked_devices.get(ident.device_id, -1.0):
+            return None
+        return ident
+
+    def revoke(self, token_id: str) -> None:
+        self.revoked_ids.add(token_id)
+
+    def revoke_device(self, device_id: str, before: float | None = None) -> float:
+        """Revoke every token of ``device_id`` issued up to ``before`` (now); returns that time."""
+        t = time.time() if before is None else before
+        self.revoked_devices[device_id] = max(t, self.revoked_devices.get(device_id, -1.0))
+        return t
 
 
 class RateLimiter:
-    """Token bucket per key: ``rate`` requests per second on average, bursts up to ``burst``."""
+    """Token bucket per key: ``rate`` requests per second on average, bursts up to ``burst``.
 
-    def __init__(self, *, rate: float, burst: int) -> None:
+    At most ``max_keys`` buckets are kept (least recently used dropped first), so a flood of distinct keys —
+    device ids or client addresses — cannot grow memory without bound; a dropped key starts again full.
+    """
+
+    def __init__(self, *, rate: float, burst: int, max_keys: int = 100_000) -> None:
         if rate <= 0 or burst < 1:
             raise ConfigError(f"rate must be positive and burst at least 1. Found rate={rate}, burst={burst}")
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _refill(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
     def acquire(self, key: str) -> float:
-        """0.0 if the request may proceed, else the seconds to wait before retrying."""
+        """0.0 if the request may proceed (spending one token), else the seconds to wait before retrying."""
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            tokens = self._refill(key, now)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0 if tokens >= 1.0 else tokens, now)
+            self._buckets.move_to_end(key)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+    def wait(self, key: str) -> float:
+        """Like :meth:`acquire` but spends nothing: 0.0 while ``key`` has a token left."""
+        with self._lock:
+            if key not in self._buckets:
                 return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            tokens = self._refill(key, time.monotonic())
+            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate

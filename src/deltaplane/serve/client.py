@@ -7,15 +7,18 @@ model. HTTP errors surface as :class:`ServiceError` carrying the status and the 
 
 from __future__ import annotations
 
+import secrets
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import torch
 
-from deltaplane.errors import DecodeError, DeltaplaneError, IntegrityError
-from deltaplane.registry.downlink import Downlink, apply_downlink
+from deltaplane.errors import DecodeError, DeltaplaneError, DowngradeRefused, IntegrityError, SignatureError
+from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
+from deltaplane.registry.store import rollback_statement
 
 __all__ = ["AdminClient", "DeviceClient", "ServiceError"]
 
@@ -47,6 +50,8 @@ class DeviceClient:
         token: the device token an admin issued.
         verifier: the public keys this device trusts.
         client: an existing ``httpx.Client`` (connection pooling, tests with ``transport=``).
+        tls: for ``https://`` URLs, an SSL context (:func:`deltaplane.serve.tls.client_context`: trust only the
+            service's CA, optionally present a device certificate).
     """
 
     def __init__(
@@ -57,42 +62,90 @@ class DeviceClient:
         verifier: Verifier,
         client: httpx.Client | None = None,
         timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url
         self.verifier = verifier
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
+        self.sha256 = ""  # signed hash of the version held
         self.bytes_received = 0
         self.full_bytes_equivalent = 0
 
     def close(self) -> None:
         self._http.close()
 
-    def download(self, model: str, *, have: int | None = None, channel: str = "production") -> Downlink:
-        """One raw, unverified download (use :meth:`fetch` to verify and apply)."""
+    def _download(
+        self, model: str, *, have: int | None, channel: str, nonce: str
+    ) -> tuple[Downlink, httpx.Headers]:
         params: dict[str, Any] = {"channel": channel}
         if have is not None:
             params["have"] = have
+        if nonce:
+            params["nonce"] = nonce
         resp = _check(self._http.get(f"/v1/models/{model}/download", params=params, headers=self._headers))
         h = resp.headers
+        announced = h.get("x-deltaplane-model", "")
+        if announced != model:
+            # pin the model the device asked for: a validly signed artifact of another model is still foreign
+            raise SignatureError(f"asked for model {model!r} but the answer is for {announced!r}; refused")
         base = h.get("x-deltaplane-base", "")
-        return Downlink(
-            kind=h["x-deltaplane-kind"],
-            model=h["x-deltaplane-model"],
-            version=int(h["x-deltaplane-version"]),
-            base=int(base) if base else None,
-            body=resp.content,
-            signature=h.get("x-deltaplane-signature", ""),
-            target_sha256=h["x-deltaplane-target-sha256"],
-            full_bytes=int(h["x-deltaplane-full-bytes"]),
-        )
+        try:
+            dl = Downlink(
+                kind=h["x-deltaplane-kind"],
+                model=model,
+                version=int(h["x-deltaplane-version"]),
+                base=int(base) if base else None,
+                body=resp.content,
+                signature=h.get("x-deltaplane-signature", ""),
+                target_sha256=h["x-deltaplane-target-sha256"],
+                full_bytes=int(h["x-deltaplane-full-bytes"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise DecodeError(f"download answer lacks or garbles a deltaplane header: {exc}") from None
+        return dl, h
+
+    def download(self, model: str, *, have: int | None = None, channel: str = "production") -> Downlink:
+        """One raw, unverified download (use :meth:`fetch` to verify and apply)."""
+        return self._download(model, have=have, channel=channel, nonce="")[0]
+
+    def _check_answer(self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers) -> None:
+        """Refuse an answer that is not fresh, not for this model, or older than what the device holds."""
+        stmt = serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
+        sig = h.get("x-deltaplane-serve-signature", "")
+        if not sig:
+            raise SignatureError(f"download of {model} carries no serve signature; refused (freshness)")
+        self.verifier.verify(stmt, sig)
+        if dl.kind == "none" and (dl.version != self.version or dl.target_sha256 != self.sha256):
+            raise SignatureError(
+                f"server says {model}@{dl.version} is current, but this device holds version {self.version}"
+            )
+        if self.version is not None and dl.version < self.version:
+            record = h.get("x-deltaplane-rollback", "")
+            tag, _, rest = record.partition(":")
+            supersedes, _, rsig = rest.partition(":")
+            if not rsig or not supersedes.isdigit() or int(supersedes) < self.version:
+                raise DowngradeRefused(
+                    f"offered {model}@{dl.version} while holding @{self.version}, without a signed rollback "
+                    "record covering it; refused (a downgrade needs `deltaplane registry rollback`)"
+                )
+            self.verifier.verify(
+                rollback_statement(model, tag, dl.version, int(supersedes), dl.target_sha256), rsig
+            )
 
     def fetch(self, model: str, *, channel: str = "production") -> tuple[int, dict[str, torch.Tensor]]:
-        """Bring this device to the current version (delta if it has a base, full otherwise), verified."""
+        """Bring this device to the current version (delta if it has a base, full otherwise), verified.
+
+        The model is pinned to ``model``; every answer must carry the service's signature over this request's
+        random nonce (so it cannot be replayed or faked, 204 included), and a version older than the one held
+        is accepted only with a signed rollback record (:class:`DowngradeRefused` otherwise).
+        """
         have = self.version if self.state is not None else None
-        dl = self.download(model, have=have, channel=channel)
+        nonce = secrets.token_urlsafe(24)
+        dl, h = self._download(model, have=have, channel=channel, nonce=nonce)
+        self._check_answer(model, channel, nonce, dl, h)
         self.bytes_received += len(dl.body)
         self.full_bytes_equivalent += dl.full_bytes if dl.kind != "none" else 0
         try:
@@ -100,10 +153,12 @@ class DeviceClient:
         except (IntegrityError, DecodeError):
             if dl.kind != "delta":
                 raise
-            dl = self.download(model, have=None, channel=channel)  # the full model is the fallback
+            nonce = secrets.token_urlsafe(24)  # the full model is the fallback
+            dl, h = self._download(model, have=None, channel=channel, nonce=nonce)
+            self._check_answer(model, channel, nonce, dl, h)
             self.bytes_received += len(dl.body)
             state = apply_downlink(dl, self.verifier, None)
-        self.version, self.state = dl.version, state
+        self.version, self.state, self.sha256 = dl.version, state, dl.target_sha256
         return dl.version, state
 
     def request(self, method: str, path: str, *, content: bytes | None = None) -> httpx.Response:
@@ -117,13 +172,33 @@ class DeviceClient:
         return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()
 
     def upload(
-        self, model: str, round_id: int, payload: bytes, *, num_examples: float = 1.0
+        self,
+        model: str,
+        round_id: int,
+        payload: bytes,
+        *,
+        num_examples: float = 1.0,
+        nonce: str | None = None,
     ) -> dict[str, Any]:
+        """Upload a compressed update to round ``round_id``, bound to the round's ``nonce``.
+
+        Without ``nonce`` the client asks the service for the open round's (one extra request) and checks
+        it is ``round_id``.
+        """
+        if nonce is None:
+            info = self.round(model)
+            if info["round"] != round_id:
+                raise ServiceError(409, f"round {round_id} is not open; the open round is {info['round']}")
+            nonce = info["nonce"]
         resp = self._http.post(
             f"/v1/models/{model}/rounds/{round_id}/update",
             params={"num_examples": num_examples},
             content=payload,
-            headers={**self._headers, "Content-Type": "application/octet-stream"},
+            headers={
+                **self._headers,
+                "Content-Type": "application/octet-stream",
+                "X-Deltaplane-Round-Nonce": nonce,
+            },
         )
         return _check(resp).json()
 
@@ -148,9 +223,15 @@ class AdminClient:
     """The operator's connection to the ``/admin`` endpoints."""
 
     def __init__(
-        self, base_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 60.0
+        self,
+        base_url: str,
+        token: str,
+        *,
+        client: httpx.Client | None = None,
+        timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
         self._headers = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
@@ -162,14 +243,38 @@ class AdminClient:
     def _get(self, path: str, **params: Any) -> Any:
         return _check(self._http.get(path, params=params or None, headers=self._headers)).json()
 
-    def issue_token(self, device_id: str, cohort: str = "default") -> str:
-        return self._post("/admin/devices", {"device_id": device_id, "cohort": cohort})["token"]
+    def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
+        """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""
+        return self.issue_token_info(device_id, cohort, ttl_s=ttl_s)["token"]
+
+    def issue_token_info(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> Any:
+        body: dict[str, Any] = {"device_id": device_id, "cohort": cohort}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._post("/admin/devices", body)
+
+    def revoke_token(self, token_id: str) -> Any:
+        return self._post("/admin/tokens/revoke", {"token_id": token_id})
+
+    def revoke_device(self, device_id: str) -> Any:
+        return self._post(f"/admin/devices/{device_id}/revoke")
 
     def open_round(self, model: str, base_version: int | None = None) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds", {"base_version": base_version})
 
     def close_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/close")
+
+    def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
+        return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
+
+    def withdraw(self, cohort: str, reason: str = "") -> dict[str, Any]:
+        """Record a consent withdrawal; returns the affected versions."""
+        return self._post(f"/admin/cohorts/{cohort}/withdraw", reason=reason)
+
+    def rebuild(self, model: str, tag: str = "training") -> dict[str, Any]:
+        """Open a round on the last version free of withdrawn cohorts (those cohorts are excluded)."""
+        return self._post(f"/admin/models/{model}/rebuild", tag=tag)
 
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(

@@ -129,7 +129,7 @@ async def run_load(
         versions: list[int | None] = [None] * devices
         comps = [Compressor(codec, error_feedback=True, seed=seed + i) for i in range(devices)]
 
-        async def device(i: int, round_id: int, base: int) -> None:
+        async def device(i: int, round_id: int, base: int, nonce: str) -> None:
             h = {"Authorization": f"Bearer {tokens[i]}"}
             params: dict[str, Any] = {"channel": "training"}
             if versions[i] is not None:
@@ -170,7 +170,7 @@ async def run_load(
                 (202,),
                 content=payload,
                 params={"num_examples": 1 + i % 7},
-                headers={**h, "Content-Type": "application/octet-stream"},
+                headers={**h, "Content-Type": "application/octet-stream", "X-Deltaplane-Round-Nonce": nonce},
             )
             if r is not None:
                 report.uploads_accepted += 1
@@ -182,8 +182,12 @@ async def run_load(
                 headers=h,
             )
 
-        async def bad_requests(round_id: int, base: int) -> None:
-            h = {"Authorization": f"Bearer {tokens[0]}", "Content-Type": "application/octet-stream"}
+        async def bad_requests(round_id: int, base: int, nonce: str) -> None:
+            h = {
+                "Authorization": f"Bearer {tokens[0]}",
+                "Content-Type": "application/octet-stream",
+                "X-Deltaplane-Round-Nonce": nonce,
+            }
             path = f"/v1/models/{model}/rounds/{round_id}/update"
             good = Compressor("fp16").compress(
                 Delta({k: torch.zeros_like(v) for k, v in (states[0] or {}).items()}),
@@ -221,8 +225,10 @@ async def run_load(
             r = await call("POST", f"/admin/models/{model}/rounds", (200,), json={}, headers=admin)
             if r is None:
                 break
-            rid, base = r.json()["round"], r.json()["base_version"]
-            await asyncio.gather(bad_requests(rid, base), *(device(i, rid, base) for i in range(devices)))
+            rid, base, nonce = r.json()["round"], r.json()["base_version"], r.json()["nonce"]
+            await asyncio.gather(
+                bad_requests(rid, base, nonce), *(device(i, rid, base, nonce) for i in range(devices))
+            )
             r = await call("POST", f"/admin/models/{model}/rounds/{rid}/close", (200,), headers=admin)
             if r is None:
                 break

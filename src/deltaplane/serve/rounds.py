@@ -15,8 +15,19 @@ Device and admin endpoints for rounds live here, out of :func:`~deltaplane.serve
 
 One :class:`~deltaplane.engine.ServerStep` per model lives across rounds (server optimizer moments, the DP
 accountant and the downlink residual are state of the federation, not of one round).
+
+Rounds are durable (:class:`~deltaplane.serve.rounds_store.RoundStore`): a round's record and every accepted
+upload are in the registry database before the upload is acknowledged; an upload names its round's nonce
+(``X-Deltaplane-Round-Nonce``), so a captured upload cannot be replayed into a later round, and the same bytes
+are never accepted twice. After a restart the open rounds come back and their uploads are replayed into a fresh
+server step; the DP accountant resumes from the rounds already released, while a server optimizer's moments
+(FedAdam & co.) and the downlink residual restart from zero. Closing is transactional: the new version, its
+delta, the ``training`` tag and the round's closed state commit together, or none of them (the server step is
+put back as it was and the round stays open with its uploads).
 """
 
+import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,30 +38,43 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from deltaplane.aggregation import build_aggregator
+from deltaplane.aggregation import DPFedAvg, build_aggregator
 from deltaplane.codecs import Compressor, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import ConfigError, DecodeError, InvalidUpdate, NotFound
-from deltaplane.registry import Registry, publish_update
+from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
+from deltaplane.registry import Governance, Registry, publish_update
+from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
 if TYPE_CHECKING:
     from deltaplane.serve.app import ServiceConfig, ServiceState
 
-__all__ = ["RegistryPublisher", "RoundState", "round_router", "server_step_for"]
+__all__ = [
+    "RegistryPublisher",
+    "RoundState",
+    "check_round_binding",
+    "check_update_norm",
+    "restore_rounds",
+    "round_router",
+    "server_step_for",
+]
 
 
 @dataclass
 class RoundState:
-    """One open training round: its base version and who has uploaded to it."""
+    """One open training round: its stored record, who has uploaded to it and their cohorts."""
 
     model: str
     number: int
     base_version: int
+    record: RoundRecord | None = None
     devices: set[str] = field(default_factory=set)
+    cohorts: set[str] = field(default_factory=set)
     examples: float = 0.0
     opened_at: float = field(default_factory=time.time)
+    #: set while the round is being closed: uploads are refused, and reopened if publishing fails
+    closing: bool = False
 
 
 @dataclass
@@ -62,10 +86,22 @@ class RegistryPublisher:
     model: str
     compressor: Compressor
     published: list[int] = field(default_factory=list)
+    #: set by the round before it closes: the cohorts the new version contains or excludes, extra lineage
+    governance: Governance | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def publish(self, update: Delta, *, base_version: int, lineage: dict) -> tuple[bytes, Delta]:
+        norm = float(update.norm())
+        if not math.isfinite(norm):
+            raise InvalidUpdate(f"the round's aggregate has norm {norm}; not published, the round stays open")
         version, delta = publish_update(
-            self.registry, self.model, base_version, update, compressor=self.compressor, lineage=lineage
+            self.registry,
+            self.model,
+            base_version,
+            update,
+            compressor=self.compressor,
+            lineage={**lineage, **self.lineage},
+            governance=self.governance,
         )
         self.published.append(version.number)
         payload = self.registry.read(delta)
@@ -97,6 +133,61 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
     )
 
 
+def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
+    """An upload names its round's nonce (so a captured upload cannot be replayed into a later round)."""
+    if r.record is None:
+        return
+    if not secrets.compare_digest(nonce.encode(), r.record.nonce.encode()):
+        raise Conflict(
+            f"upload is not bound to round {r.number}: send the round's nonce (GET /v1/models/{r.model}/round) "
+            "as X-Deltaplane-Round-Nonce"
+        )
+    if cohort in r.record.excluded:
+        raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
+
+
+def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -> None:
+    """Refuse updates that are not finite or absurdly large relative to the model they change."""
+    norm = float(delta.norm())
+    if not math.isfinite(norm):
+        raise InvalidUpdate(f"update norm is {norm}; refusing a non-finite update")
+    if ratio is None:
+        return
+    base_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in base.values() if v.is_floating_point()))
+    bound = ratio * max(base_norm, 1.0)
+    if norm > bound:
+        raise InvalidUpdate(
+            f"update norm {norm:.4g} exceeds {ratio:g}x the base model's norm ({base_norm:.4g}); refused"
+        )
+
+
+def _step(
+    config: "ServiceConfig", state: "ServiceState", store: RoundStore, model: str, base: int
+) -> ServerStep:
+    """The model's server step; a new one (after a restart) resumes the DP accountant from the store."""
+    step = state.steps.get(model)
+    if step is None:
+        step = state.steps[model] = server_step_for(config, state.registry, model, base)
+        dp = step.aggregator.find(DPFedAvg)
+        if isinstance(dp, DPFedAvg) and dp.accountant is not None:
+            dp.accountant.state.steps = store.released(model)  # ε already spent is never forgotten
+    return step
+
+
+def restore_rounds(config: "ServiceConfig", state: "ServiceState", store: RoundStore) -> None:
+    """Bring back the open rounds after a restart: their records, and their uploads replayed into the step."""
+    for rec in store.open_rounds():
+        step = _step(config, state, store, rec.model, rec.base_version)
+        step.open(rec.number, version=rec.base_version, state=state.base_state(rec.model, rec.base_version))
+        r = RoundState(rec.model, rec.number, rec.base_version, record=rec, opened_at=rec.opened_at)
+        for delta, weight, device_id in store.restore(rec):
+            if step.receive_delta(device_id, delta, weight):
+                r.devices.add(device_id)
+                r.examples += weight
+        r.cohorts.update(store.cohorts(rec))
+        state.rounds[rec.model] = r
+
+
 # -- schemas ------------------------------------------------------------------------------------------------
 class OpenRoundRequest(BaseModel):
     model_config = {"extra": "forbid"}
@@ -111,6 +202,7 @@ class RoundInfo(BaseModel):
     base_version: int
     uploads: int
     open: bool
+    nonce: str = Field(description="send it back as X-Deltaplane-Round-Nonce with each upload")
 
 
 class UploadAccepted(BaseModel):
@@ -123,13 +215,20 @@ class CloseRoundResponse(BaseModel):
     model: str
     round: int
     uploads: int
-    version: int
+    version: int | None = Field(description="null when the round had no uploads (closed without a version)")
     delta_bytes: int
     full_bytes: int
     #: updates the server step refused while the round was open (NaN/Inf, norm bound...)
     rejected: int = 0
     #: the aggregator chain's measurements: epsilon, clipped_fraction, clip, noise_std, server_step...
     measurements: dict[str, float] = Field(default_factory=dict)
+
+
+class AbortRoundResponse(BaseModel):
+    model: str
+    round: int
+    uploads: int
+    aborted: bool
 
 
 def round_router(
@@ -141,6 +240,7 @@ def round_router(
     resolve_tag: Callable[[str, str, str], int],
     errors: dict[int, dict[str, Any]],
     name_pattern: str,
+    rounds_store: RoundStore,
 ) -> APIRouter:
     """The round endpoints (see the module docstring) over ``state``; ``device``/``admin`` are the app's
     auth dependencies."""
@@ -156,7 +256,12 @@ def round_router(
         if r is None:
             raise NotFound(f"no open round for {model!r}")
         return RoundInfo(
-            model=model, round=r.number, base_version=r.base_version, uploads=len(r.devices), open=True
+            model=model,
+            round=r.number,
+            base_version=r.base_version,
+            uploads=len(r.devices),
+            open=True,
+            nonce=r.record.nonce if r.record else "",
         )
 
     upload_body = {
@@ -208,29 +313,61 @@ def round_router(
             raise HTTPException(
                 409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
             )
+        check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
+        if ident.cohort in reg.withdrawn_cohorts():
+            raise HTTPException(
+                403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
+            )
         if not payload:
             raise DecodeError("empty upload; send a wire-format payload made by deltaplane.Compressor")
 
         def validate() -> Delta:
-            # Parse the frame and check names/shapes/dtypes against the base *before* decoding: a small
-            # payload that claims a huge shape must not make the server allocate it.
+            # strict against the base's layout *before* decoding: a small payload that claims a huge shape
+            # must not make the server allocate it; then finite and of a sane norm
             base = state.base_state(model, r.base_version)
-            return decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
+            delta = decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
+            check_update_norm(delta, base, config.max_update_norm_ratio)
+            return delta
 
         delta = await run_in_threadpool(validate)
-        with state.lock:
-            if state.rounds.get(model) is not r:
-                raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
-            if ident.device_id in r.devices:
-                raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
-            step = state.steps[model]
-            if not step.receive_delta(ident.device_id, delta, num_examples):
-                raise InvalidUpdate(f"update refused: {step.last_rejection.error}")  # type: ignore[union-attr]
-            r.devices.add(ident.device_id)
-            r.examples += num_examples
-            state.counters["uploads.accepted"] += 1
-            state.counters["uploads.bytes"] += len(payload)
-            n = len(r.devices)
+
+        def commit() -> int:
+            # In a worker thread: the payload's blob is fsynced before the lock, the row under it, and the
+            # event loop never waits on the disk.
+            if r.record is not None:
+                rounds_store.store_payload(payload)
+            with state.lock:
+                if state.rounds.get(model) is not r or r.closing:
+                    raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
+                if ident.device_id in r.devices:
+                    raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
+                step = state.steps[model]
+                # the chain validates first (NaN/Inf, norm bound); only an accepted update is made durable,
+                # and a durable write that fails (a replay, a full disk) takes the update back out
+                checkpoint = step.checkpoint()
+                if not step.receive_delta(ident.device_id, delta, num_examples):
+                    raise InvalidUpdate(f"update refused: {step.last_rejection.error}")  # type: ignore[union-attr]
+                if r.record is not None:  # durable before it counts: refuses replays of accepted bytes
+                    try:
+                        rounds_store.add_upload(
+                            r.record,
+                            device_id=ident.device_id,
+                            cohort=ident.cohort,
+                            weight=num_examples,
+                            payload=payload,
+                            stored=True,
+                        )
+                    except BaseException:
+                        step.restore(checkpoint)
+                        raise
+                r.devices.add(ident.device_id)
+                r.cohorts.add(ident.cohort)
+                r.examples += num_examples
+                state.counters["uploads.accepted"] += 1
+                state.counters["uploads.bytes"] += len(payload)
+                return len(r.devices)
+
+        n = await run_in_threadpool(commit)
         return UploadAccepted(accepted=True, round=round_id, uploads=n)
 
     @router.post(
@@ -245,19 +382,25 @@ def round_router(
         art = reg.get(model, base)
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
+        problems = reg.governance_problems(art)
+        if problems:
+            raise HTTPException(409, f"{problems[0]}; rebuild instead: POST /admin/models/{model}/rebuild")
+        return start_round(model, base, excluded=())
+
+    def start_round(model: str, base: int, *, excluded: tuple[str, ...]) -> RoundInfo:
         with state.lock:
             if model in state.rounds:
                 raise HTTPException(
                     409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
                 )
-            step = state.steps.get(model)
-            if step is None:
-                step = state.steps[model] = server_step_for(config, reg, model, base)
-            number = state.round_counter.get(model, 0) + 1
-            state.round_counter[model] = number
-            step.open(number, version=base, state=state.base_state(model, base))
-            state.rounds[model] = RoundState(model, number, base)
-        return RoundInfo(model=model, round=number, base_version=base, uploads=0, open=True)
+            step = _step(config, state, rounds_store, model, base)
+            # numbered from the database: never reused after a restart
+            rec = rounds_store.open(model, base, excluded=excluded)
+            step.open(rec.number, version=base, state=state.base_state(model, base))
+            state.rounds[model] = RoundState(model, rec.number, base, record=rec)
+        return RoundInfo(
+            model=model, round=rec.number, base_version=base, uploads=0, open=True, nonce=rec.nonce
+        )
 
     @router.post(
         "/admin/models/{model}/rounds/{round_id}/close",
@@ -271,18 +414,50 @@ def round_router(
     ) -> CloseRoundResponse:
         with state.lock:
             r = state.rounds.get(model)
-            if r is None or r.number != round_id:
+            if r is None or r.number != round_id or r.closing:
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
-            if not r.devices:
-                raise HTTPException(
-                    409, f"round {round_id} has no accepted uploads yet; nothing to aggregate"
-                )
-            del state.rounds[model]
-            step = state.steps[model]
-            outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
+            r.closing = True  # uploads are refused from here on; reopened if publishing fails
+        step = state.steps[model]
         publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
-        version = reg.get(model, publisher.published[-1])
-        reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
+        parent = reg.get(model, r.base_version)
+        gov = parent.governance
+        cohorts = tuple(sorted(set(gov.cohorts) | r.cohorts))
+        excluded = set(gov.excluded_cohorts) | set(r.record.excluded if r.record else ())
+        publisher.governance = Governance(
+            gov.data_sources, cohorts, tuple(sorted(excluded - set(cohorts))), gov.notes
+        )
+        publisher.lineage = {
+            "examples": r.examples,
+            "round_cohorts": sorted(r.cohorts),
+            **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
+        }
+        # the step's state before closing: put back if anything fails (the registry rolls back its writes)
+        checkpoint = step.checkpoint()
+        saved = (publisher.compressor.state_dict(), list(publisher.published))
+
+        def publish() -> tuple[int | None, Any]:
+            if not r.devices:  # an empty round closes without a version
+                return None, None
+            outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
+            version = reg.get(model, publisher.published[-1])
+            reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
+            return version.number, (version, outcome)
+
+        try:
+            result = rounds_store.close(r.record, publish) if r.record is not None else publish()[1]
+        except BaseException:
+            step.restore(checkpoint)
+            publisher.compressor.load_state_dict(saved[0])
+            publisher.published[:] = saved[1]
+            r.closing = False
+            raise
+        with state.lock:
+            state.rounds.pop(model, None)
+        if result is None:
+            return CloseRoundResponse(
+                model=model, round=r.number, uploads=0, version=None, delta_bytes=0, full_bytes=0
+            )
+        version, outcome = result
         return CloseRoundResponse(
             model=model,
             round=r.number,
@@ -293,5 +468,56 @@ def round_router(
             rejected=len(outcome.rejections),
             measurements={k: float(v) for k, v in outcome.measurements.items()},
         )
+
+    @router.post(
+        "/admin/models/{model}/rounds/{round_id}/abort",
+        tags=["admin"],
+        dependencies=[admin],
+        response_model=AbortRoundResponse,
+        responses={k: errors[k] for k in (404, 409)},
+    )
+    def abort_round(
+        model: ModelName, round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+    ) -> AbortRoundResponse:
+        """Close a round without publishing a version (its uploads are discarded)."""
+        with state.lock:
+            r = state.rounds.get(model)
+            if r is None or r.number != round_id or r.closing:
+                raise HTTPException(409, f"round {round_id} of {model!r} is not open")
+            if r.record is not None:
+                rounds_store.abort(r.record)
+            del state.rounds[model]
+        return AbortRoundResponse(model=model, round=round_id, uploads=len(r.devices), aborted=True)
+
+    @router.post(
+        "/admin/models/{model}/rebuild",
+        tags=["admin"],
+        dependencies=[admin],
+        response_model=RoundInfo,
+        responses={k: errors[k] for k in (404, 409)},
+    )
+    def rebuild(
+        model: ModelName, tag: Annotated[str, Query(pattern=name_pattern, max_length=128)] = "training"
+    ) -> RoundInfo:
+        """Open a round on the last version (on ``tag``'s lineage) free of withdrawn cohorts, excluding them.
+
+        Devices of withdrawn cohorts are refused in that round; the version it publishes records the
+        exclusion (governance ``excluded_cohorts`` and lineage), and later rounds on it inherit it.
+        """
+        withdrawn = tuple(sorted(reg.withdrawn_cohorts()))
+        if not withdrawn:
+            raise HTTPException(409, "no cohort has withdrawn consent; nothing to rebuild")
+        head = (
+            resolve_tag(model, tag, "")
+            if tag in ("training", "production", "staging")
+            else reg.tag(model, tag)
+        )
+        base = reg.last_unaffected(model, head)
+        if base is None:
+            raise NotFound(
+                f"no version of {model} on {tag}'s lineage is free of {list(withdrawn)}; register a new base"
+            )
+        # the federation's step continues on the rebuilt base (its accountant keeps counting)
+        return start_round(model, base.number, excluded=withdrawn)
 
     return router

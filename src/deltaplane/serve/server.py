@@ -9,27 +9,93 @@ from __future__ import annotations
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 from fastapi import FastAPI
 
 __all__ = ["BackgroundServer", "serve"]
 
 
-def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted (blocking)."""
+def serve(
+    app: FastAPI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    ssl_options: dict[str, Any] | None = None,
+    header_timeout: float = 10.0,
+) -> None:
+    """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, **_hardening(header_timeout), **(ssl_options or {})
+    )
+
+
+def _hardening(header_timeout: float = 10.0) -> dict[str, Any]:
+    """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline)."""
+    return {
+        "http": header_deadline_protocol(header_timeout),
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 16 * 1024,
+    }
+
+
+def header_deadline_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for request headers (slowloris).
+
+    uvicorn times out idle keep-alive connections, but not a client that trickles header bytes: every byte
+    resets its idle timer. Here a connection must deliver a complete request head within ``header_timeout``
+    seconds of opening, or of the first byte after the previous response; otherwise it is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self._header_timer: Any = None
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            armed_for = self.scope  # a new request head replaces self.scope
+            self._header_timer = self.loop.call_later(header_timeout, self._deadline, armed_for)
+
+        def _deadline(self, armed_for: Any) -> None:
+            self._header_timer = None
+            if self.scope is armed_for and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineH11Protocol
 
 
 class BackgroundServer:
     """A uvicorn server in a daemon thread; use as a context manager, read :attr:`url` once started."""
 
     def __init__(
-        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: FastAPI,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        ssl_options: dict[str, Any] | None = None,
+        header_timeout: float = 10.0,
     ) -> None:
         import uvicorn
 
+        self._tls = bool(ssl_options)
         self._config = uvicorn.Config(
             app,
             host=host,
@@ -37,7 +103,9 @@ class BackgroundServer:
             log_level=log_level,
             access_log=False,
             backlog=4096,
-            timeout_keep_alive=30,
+            timeout_graceful_shutdown=2,
+            **{**_hardening(header_timeout), "timeout_keep_alive": 30},
+            **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
         self._thread = threading.Thread(target=self._server.run, name="deltaplane-serve", daemon=True)
@@ -51,7 +119,7 @@ class BackgroundServer:
                 raise RuntimeError("the deltaplane server did not start")
             time.sleep(0.01)
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self._tls else 'http'}://{host}:{port}"
         return self
 
     def stop(self) -> None:

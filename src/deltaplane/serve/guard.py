@@ -1,0 +1,176 @@
+"""The service's front door: authenticate from headers, cap bodies while streaming, throttle failed logins.
+
+:class:`RequestGuard` is a plain ASGI middleware that runs *before* FastAPI reads or parses anything:
+
+1. ``/v1/…`` needs a valid device token and ``/admin/…`` the admin token, checked from the ``Authorization``
+   header alone; a request without one is answered 401 with ``Connection: close`` and its body is never read
+   (an unauthenticated 200 MB JSON costs the server a header parse, not 1.2 GB of parsed objects).
+2. A client address that keeps failing authentication is throttled (token bucket on *failures*): further
+   requests from it get 429 before any token check, so tokens cannot be guessed at line rate.
+3. Every body is capped: the upload route at ``max_upload_bytes``, everything else at ``max_json_bytes``. A
+   declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
+   streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
+
+The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
+the token a second time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from deltaplane.serve.auth import DeviceIdentity, RateLimiter
+
+__all__ = ["DEVICE_SCOPE_KEY", "RequestGuard"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEVICE_SCOPE_KEY = "deltaplane.device"
+_DRAIN_FACTOR = 4
+_UPLOAD = re.compile(r"^/v1/models/[^/]+/rounds/[^/]+/update$")
+
+
+class RequestGuard:
+    """ASGI middleware: header-only authentication, failed-auth throttling and streamed body caps.
+
+    Args:
+        app: the ASGI app behind the guard.
+        check_device: maps a bearer token to a :class:`DeviceIdentity`, or None when invalid/expired/revoked.
+        admin_token: the static admin bearer token.
+        max_upload_bytes: cap of the update-upload route.
+        max_json_bytes: cap of every other body.
+        failures: token bucket per client address, spent by failed authentications.
+        on_reject: called with a counter name for every rejection (service statistics).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        check_device: Callable[[str], DeviceIdentity | None],
+        admin_token: str,
+        max_upload_bytes: int,
+        max_json_bytes: int,
+        failures: RateLimiter,
+        on_reject: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.app = app
+        self.check_device = check_device
+        self.admin_token = admin_token.encode()
+        self.max_upload_bytes = max_upload_bytes
+        self.max_json_bytes = max_json_bytes
+        self.failures = failures
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        area = "device" if path.startswith("/v1/") else "admin" if path.startswith("/admin") else None
+        headers = dict(scope["headers"]) if area or scope["method"] not in ("GET", "HEAD") else {}
+        if area is not None:
+            client = (scope.get("client") or ("unknown", 0))[0]
+            wait = self.failures.wait(client)
+            if wait > 0:
+                self.on_reject("rejected.auth_throttled")
+                await _reply(
+                    send,
+                    429,
+                    f"too many failed authentications from {client}; retry in {wait:.1f}s",
+                    {"retry-after": str(max(1, round(wait)))},
+                )
+                return
+            token = _bearer(headers.get(b"authorization", b""))
+            if area == "device":
+                ident = self.check_device(token) if token else None
+                ok = ident is not None
+                if ok:
+                    scope.setdefault("state", {})[DEVICE_SCOPE_KEY] = ident
+            else:
+                ok = bool(token) and secrets.compare_digest(token.encode(), self.admin_token)
+            if not ok:
+                self.failures.acquire(client)
+                self.on_reject(
+                    "rejected.unauthenticated" if area == "device" else "rejected.unauthenticated_admin"
+                )
+                what = (
+                    "missing, invalid, expired or revoked device token; ask an admin for one (POST /admin/devices)"
+                    if area == "device"
+                    else "missing or invalid admin token"
+                )
+                await _reply(send, 401, what, {"www-authenticate": "Bearer"})
+                return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS") and b"content-length" not in headers:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_upload_bytes if _UPLOAD.match(path) else self.max_json_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            self.on_reject("rejected.too_large")
+            if area is not None and declared.isdigit() and int(declared) <= _DRAIN_FACTOR * limit:
+                # an authenticated, moderately oversized body is read and dropped (memory stays flat) so
+                # the client, still sending, reads a clean 413 instead of a connection reset
+                await _drain(receive)
+            await _reply(
+                send, 413, f"body of {declared.decode(errors='replace')} bytes exceeds the {limit}-byte limit"
+            )
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:  # a chunked or lying body: stop reading at the cap
+                self.on_reject("rejected.too_large")
+                await _reply(send, 413, f"body exceeds the {limit}-byte limit")
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def bounded_receive() -> Message:
+            if replay:
+                return replay.pop()
+            return await receive()  # after the body: wait for the disconnect like the server would
+
+        await self.app(scope, bounded_receive, send)
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+
+
+def _bearer(value: bytes) -> str:
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or len(token) > 4096:
+        return ""
+    return token.strip()
+
+
+async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """A JSON error that closes the connection, so an unread request body is never drained."""
+    body = json.dumps({"detail": detail}).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

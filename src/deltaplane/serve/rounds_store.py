@@ -1,0 +1,227 @@
+"""Durable training rounds: rounds and accepted uploads live in the registry database, closed in one transaction.
+
+Why: an in-memory round dies with the process (numbers restart at 1, accepted uploads are lost) and a round
+that is deleted before its version is published disappears when publishing fails. Here
+
+* ``open`` allocates the next round number for the model from the database (never reused) and a random
+  ``nonce``; uploads must name both (path + ``X-Deltaplane-Round-Nonce``), so a captured upload cannot be
+  replayed into a later round — and every accepted payload's SHA-256 is unique per model, so the same bytes
+  are refused a second time in any round;
+* ``add_upload`` stores the payload as a blob (durable before its row commits) and records device, cohort
+  and weight; :meth:`RoundStore.restore` rebuilds the streaming aggregate of every open round after a
+  restart by decoding the stored payloads in acceptance order;
+* ``close`` runs the caller's publish step *inside* one registry transaction together with marking the
+  round closed: if publishing raises (a non-finite aggregate, a full disk), nothing is committed and the
+  round stays open with all its uploads;
+* ``abort`` closes a round without publishing (empty or unwanted rounds).
+
+Interface used by the service (``serve/app.py``): ``open``, ``current``, ``add_upload``, ``close``,
+``abort``, ``restore``, ``cohorts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from deltaplane.codecs import decompress
+from deltaplane.delta import Delta
+from deltaplane.errors import Conflict, NotFound
+from deltaplane.registry import Registry
+
+__all__ = ["RoundConflict", "RoundRecord", "RoundStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS rounds (
+        model TEXT NOT NULL, number INTEGER NOT NULL, base_version INTEGER NOT NULL, nonce TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')), excluded TEXT NOT NULL,
+        opened_at REAL NOT NULL, closed_at REAL, version INTEGER,
+        PRIMARY KEY (model, number))""",
+    """CREATE TABLE IF NOT EXISTS round_uploads (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, round INTEGER NOT NULL,
+        device_id TEXT NOT NULL, cohort TEXT NOT NULL, weight REAL NOT NULL, sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL, at REAL NOT NULL,
+        UNIQUE (model, round, device_id), UNIQUE (model, sha256))""",
+    "CREATE INDEX IF NOT EXISTS rounds_open ON rounds (model, state)",
+)
+
+
+class RoundConflict(Conflict):
+    """A round operation conflicts with the stored state (HTTP 409); the message says what to do."""
+
+
+@dataclass
+class RoundRecord:
+    """One round as stored: number, base version, nonce, and cohorts it must exclude (consent rebuilds)."""
+
+    model: str
+    number: int
+    base_version: int
+    nonce: str
+    excluded: tuple[str, ...] = ()
+    opened_at: float = field(default_factory=time.time)
+
+
+class RoundStore:
+    """Rounds and uploads in ``registry``'s database (tables created on first use)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        with registry.transaction() as con:
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+
+    # -- rounds ----------------------------------------------------------------------------------------
+    def open(self, model: str, base_version: int, *, excluded: tuple[str, ...] = ()) -> RoundRecord:
+        """Open the model's next round on ``base_version``; :class:`RoundConflict` if one is still open."""
+        with self.registry.transaction() as con:
+            row = con.execute("SELECT number FROM rounds WHERE model=? AND state='open'", (model,)).fetchone()
+            if row is not None:
+                raise RoundConflict(f"round {row[0]} of {model!r} is still open; close or abort it first")
+            number = con.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM rounds WHERE model=?", (model,)
+            ).fetchone()[0]
+            rec = RoundRecord(
+                model, int(number), base_version, secrets.token_hex(16), tuple(sorted(excluded))
+            )
+            con.execute(
+                "INSERT INTO rounds (model, number, base_version, nonce, state, excluded, opened_at) "
+                "VALUES (?,?,?,?,'open',?,?)",
+                (model, rec.number, base_version, rec.nonce, json.dumps(list(rec.excluded)), rec.opened_at),
+            )
+        return rec
+
+    def current(self, model: str) -> RoundRecord | None:
+        """The model's open round, if any."""
+        rows = self.registry.query(
+            "SELECT number, base_version, nonce, excluded, opened_at FROM rounds WHERE model=? AND state='open'",
+            (model,),
+        )
+        if not rows:
+            return None
+        n, base, nonce, excluded, at = rows[0]
+        return RoundRecord(model, int(n), int(base), nonce, tuple(json.loads(excluded)), float(at))
+
+    def open_rounds(self) -> list[RoundRecord]:
+        models = [r[0] for r in self.registry.query("SELECT DISTINCT model FROM rounds WHERE state='open'")]
+        return [rec for m in models if (rec := self.current(m)) is not None]
+
+    # -- uploads ---------------------------------------------------------------------------------------
+    def store_payload(self, payload: bytes) -> str:
+        """Write the payload's blob durably (before taking any lock); returns its SHA-256."""
+        return self.registry.put_blob(payload)
+
+    def add_upload(
+        self,
+        rec: RoundRecord,
+        *,
+        device_id: str,
+        cohort: str,
+        weight: float,
+        payload: bytes,
+        stored: bool = False,
+    ) -> int:
+        """Record an accepted upload durably; returns the round's upload count.
+
+        ``stored``: the caller already wrote the blob with :meth:`store_payload`. Raises
+        :class:`RoundConflict` for a second upload of the device in this round, or for bytes already
+        accepted in any round of this model (a replay).
+        """
+        digest = hashlib.sha256(payload).hexdigest()
+        seen = self.registry.query(
+            "SELECT round, device_id FROM round_uploads WHERE model=? AND sha256=?", (rec.model, digest)
+        )
+        if seen:
+            raise RoundConflict(
+                f"this exact update was already accepted in round {seen[0][0]}; replays are refused"
+            )
+        if not stored:
+            self.registry.put_blob(payload)  # durable before the row that names it
+        with self.registry.transaction() as con:
+            state = con.execute(
+                "SELECT state FROM rounds WHERE model=? AND number=?", (rec.model, rec.number)
+            ).fetchone()
+            if state is None or state[0] != "open":
+                raise RoundConflict(f"round {rec.number} of {rec.model!r} is not open")
+            if con.execute(
+                "SELECT 1 FROM round_uploads WHERE model=? AND round=? AND device_id=?",
+                (rec.model, rec.number, device_id),
+            ).fetchone():
+                raise RoundConflict(f"device {device_id} already uploaded to round {rec.number}")
+            con.execute(
+                "INSERT INTO round_uploads (model, round, device_id, cohort, weight, sha256, size, at) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (rec.model, rec.number, device_id, cohort, weight, digest, len(payload), time.time()),
+            )
+            return int(
+                con.execute(
+                    "SELECT COUNT(*) FROM round_uploads WHERE model=? AND round=?", (rec.model, rec.number)
+                ).fetchone()[0]
+            )
+
+    def uploads(self, rec: RoundRecord) -> list[dict[str, object]]:
+        rows = self.registry.query(
+            "SELECT device_id, cohort, weight, sha256 FROM round_uploads WHERE model=? AND round=? ORDER BY id",
+            (rec.model, rec.number),
+        )
+        return [dict(r) for r in rows]
+
+    def cohorts(self, rec: RoundRecord) -> list[str]:
+        """The cohorts whose devices contributed to the round (governance of the version it publishes)."""
+        return sorted({str(u["cohort"]) for u in self.uploads(rec)})
+
+    def released(self, model: str) -> int:
+        """How many rounds of ``model`` closed with a published version (each one a DP release)."""
+        rows = self.registry.query(
+            "SELECT COUNT(*) FROM rounds WHERE model=? AND state='closed' AND version IS NOT NULL", (model,)
+        )
+        return int(rows[0][0])
+
+    def restore(self, rec: RoundRecord) -> Iterator[tuple[Delta, float, str]]:
+        """The round's accepted updates, in acceptance order, decoded from their stored payloads."""
+        layout = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
+        for u in self.uploads(rec):
+            payload = self.registry.get_blob(str(u["sha256"]))
+            yield (
+                decompress(payload, expect_base=(rec.model, rec.base_version), expect_layout=layout),
+                float(u["weight"]),
+                str(u["device_id"]),
+            )
+
+    # -- closing ---------------------------------------------------------------------------------------
+    def close(self, rec: RoundRecord, publish: Callable[[], tuple[int | None, T]]) -> T:
+        """Run ``publish`` and mark the round closed in one transaction (all or nothing).
+
+        ``publish`` returns ``(version number or None, anything)`` and may write to the registry (its writes
+        join this transaction); any exception it raises rolls everything back and leaves the round open with
+        its uploads. Returns the second element.
+        """
+        with self.registry.transaction() as con:
+            state = con.execute(
+                "SELECT state FROM rounds WHERE model=? AND number=?", (rec.model, rec.number)
+            ).fetchone()
+            if state is None:
+                raise NotFound(f"round {rec.number} of {rec.model!r} does not exist")
+            if state[0] != "open":
+                raise RoundConflict(f"round {rec.number} of {rec.model!r} is already {state[0]}")
+            version, result = publish()
+            con.execute(
+                "UPDATE rounds SET state='closed', closed_at=?, version=? WHERE model=? AND number=?",
+                (time.time(), version, rec.model, rec.number),
+            )
+        return result
+
+    def abort(self, rec: RoundRecord) -> None:
+        """Close the round without publishing; its uploads stay recorded (and their hashes stay refused)."""
+        with self.registry.transaction() as con:
+            con.execute(
+                "UPDATE rounds SET state='aborted', closed_at=? WHERE model=? AND number=? AND state='open'",
+                (time.time(), rec.model, rec.number),
+            )

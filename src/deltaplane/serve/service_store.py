@@ -1,0 +1,58 @@
+"""Service state that must survive a restart, kept in the registry's SQLite database.
+
+The registry owns model versions; the service adds its own tables beside them (same file, same WAL, same
+``synchronous=FULL`` durability) so that one transaction can cover both — see
+:meth:`deltaplane.registry.Registry.transaction`. This module holds the token revocation list.
+"""
+
+from __future__ import annotations
+
+import time
+
+from deltaplane.registry import Registry
+
+__all__ = ["ServiceStore"]
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS revoked_tokens (
+        token_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, expires_at REAL NOT NULL, at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS revoked_devices (
+        device_id TEXT PRIMARY KEY, before REAL NOT NULL, at REAL NOT NULL)""",
+)
+
+
+class ServiceStore:
+    """The service's durable tables in ``registry``'s database (created on first use)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        with registry.transaction() as con:
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+
+    def revoke_token(self, token_id: str, device_id: str, expires_at: float) -> None:
+        with self.registry.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO revoked_tokens (token_id, device_id, expires_at, at) VALUES (?,?,?,?)",
+                (token_id, device_id, expires_at, time.time()),
+            )
+
+    def revoke_device(self, device_id: str, before: float) -> None:
+        with self.registry.transaction() as con:
+            con.execute(
+                "INSERT INTO revoked_devices (device_id, before, at) VALUES (?,?,?) ON CONFLICT (device_id) "
+                "DO UPDATE SET before=MAX(before, excluded.before), at=excluded.at",
+                (device_id, before, time.time()),
+            )
+
+    def revocations(self) -> tuple[set[str], dict[str, float]]:
+        """Revoked token ids that have not expired yet, and per-device revocation times."""
+        now = time.time()
+        ids = {
+            r[0]
+            for r in self.registry.query("SELECT token_id FROM revoked_tokens WHERE expires_at > ?", (now,))
+        }
+        devices = {
+            r[0]: float(r[1]) for r in self.registry.query("SELECT device_id, before FROM revoked_devices")
+        }
+        return ids, devices

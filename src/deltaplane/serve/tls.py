@@ -1,0 +1,219 @@
+"""TLS for the service: a private CA, a server certificate, device (client) certificates, and SSL contexts.
+
+``deltaplane keys tls`` calls :func:`make_tls_bundle`: a self-contained CA (ECDSA P-256) signs a server
+certificate for the given host names/addresses and, optionally, one client certificate per device for mutual
+TLS. Devices trust only that CA (:func:`client_context`), so a man in the middle with any other certificate —
+including one from a public CA — is refused during the handshake. Private keys are written 0600 from creation.
+Uses the ``cryptography`` package (https://cryptography.io/en/latest/x509/tutorial/).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltaplane.errors import ConfigError
+from deltaplane.registry.signing import write_secret_file
+
+__all__ = [
+    "TlsBundle",
+    "client_context",
+    "issue_certificate",
+    "make_ca",
+    "make_tls_bundle",
+    "server_ssl_options",
+]
+
+
+def _key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pem_cert(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(common_name: str = "deltaplane CA", *, days: int = 3650) -> tuple[Any, Any]:
+    """A new self-signed CA: ``(private_key, certificate)`` allowed to sign end-entity certificates only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue_certificate(
+    ca_key: Any,
+    ca_cert: Any,
+    common_name: str,
+    *,
+    hosts: Sequence[str] = (),
+    client: bool = False,
+    days: int = 825,
+) -> tuple[Any, Any]:
+    """A certificate signed by the CA: a server one (``hosts`` become DNS/IP subject alternative names) or,
+    with ``client``, a device certificate for mutual TLS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not client and not hosts:
+        raise ConfigError("a server certificate needs at least one host name or address (--host)")
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if hosts:
+        names: list[Any] = []
+        for h in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                names.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class TlsBundle:
+    """Paths written by :func:`make_tls_bundle`."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    devices: dict[str, tuple[Path, Path]]
+
+
+def make_tls_bundle(
+    folder: str | os.PathLike[str],
+    *,
+    hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    devices: Sequence[str] = (),
+    overwrite: bool = False,
+) -> TlsBundle:
+    """Write ``ca.pem``/``ca.key``, ``server.pem``/``server.key`` and ``device-<id>.pem``/``.key`` into ``folder``.
+
+    Refuses to replace an existing CA unless ``overwrite`` (every device trusting it would have to be
+    re-provisioned); with an existing CA it issues only the missing certificates.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
+    if ca_key_path.exists() and not overwrite:
+        ca_key = load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    else:
+        ca_key, ca_cert = make_ca()
+        write_secret_file(ca_key_path, _pem_key(ca_key))
+        ca_cert_path.write_bytes(_pem_cert(ca_cert))
+    server_key, server_cert = issue_certificate(ca_key, ca_cert, hosts[0] if hosts else "server", hosts=hosts)
+    write_secret_file(out / "server.key", _pem_key(server_key))
+    (out / "server.pem").write_bytes(_pem_cert(server_cert))
+    written: dict[str, tuple[Path, Path]] = {}
+    for d in devices:
+        k, c = issue_certificate(ca_key, ca_cert, d, client=True)
+        cert_path, key_path = out / f"device-{d}.pem", out / f"device-{d}.key"
+        write_secret_file(key_path, _pem_key(k))
+        cert_path.write_bytes(_pem_cert(c))
+        written[d] = (cert_path, key_path)
+    return TlsBundle(ca_cert_path, ca_key_path, out / "server.pem", out / "server.key", written)
+
+
+def server_ssl_options(
+    certfile: str | os.PathLike[str],
+    keyfile: str | os.PathLike[str],
+    client_ca: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """uvicorn keyword arguments for HTTPS (and, with ``client_ca``, required client certificates)."""
+    for p in (certfile, keyfile, client_ca):
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"TLS file {p} does not exist; make one with `deltaplane keys tls`")
+    opts: dict[str, Any] = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
+    if client_ca is not None:
+        opts |= {"ssl_ca_certs": str(client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return opts
+
+
+def client_context(
+    ca_file: str | os.PathLike[str],
+    *,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """An SSL context that trusts only ``ca_file`` (not the system store), TLS 1.2+, with an optional client
+    certificate for mutual TLS."""
+    if not Path(ca_file).is_file():
+        raise ConfigError(f"CA file {ca_file} does not exist")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    return ctx

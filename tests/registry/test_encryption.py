@@ -1,0 +1,149 @@
+"""Encryption at rest (AES-GCM envelope, rotation) and the registry's low-severity audit findings."""
+
+import base64
+import os
+import shutil
+
+import pytest
+import torch
+
+from deltaplane.errors import ConfigError, IntegrityError, NotFound
+from deltaplane.registry import Registry
+from deltaplane.registry.encryption import KEK_ENV, KeyRing, kek_id
+
+
+def state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)}
+
+
+def test_blobs_are_encrypted_by_default_and_plaintext_needs_an_opt_out(tmp_path):
+    reg = Registry.create(tmp_path / "enc")
+    a = reg.register_model("m", state())
+    raw = reg.blob_path(a.sha256).read_bytes()
+    assert raw[:4] == b"DPEB" and b"deltaplane.order" not in raw  # the safetensors header is not visible
+    assert torch.equal(reg.load_state("m@1")["w"], state()["w"]) and reg.verify().ok
+    plain = Registry.create(tmp_path / "plain", encrypt=False)
+    b = plain.register_model("m", state())
+    assert b"deltaplane.order" in plain.blob_path(b.sha256).read_bytes()
+    assert not plain.encrypted and Registry(tmp_path / "plain").verify().ok
+
+
+def test_tampered_or_moved_encrypted_blob_is_refused(tmp_path):
+    reg = Registry.create(tmp_path / "h")
+    a, b = reg.register_model("m", state(0)), reg.register_model("m", state(1))
+    path = reg.blob_path(a.sha256)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="AES-GCM"):
+        reg.load_state("m@1")
+    report = reg.verify()
+    assert any("AES-GCM" in p for p in report.problems)
+    # a valid encrypted blob copied under another blob's name fails too (its name is authenticated)
+    shutil.copy(reg.blob_path(b.sha256), path)
+    with pytest.raises(IntegrityError, match="AES-GCM"):
+        reg.get_blob(a.sha256)
+
+
+def test_wrong_or_missing_key_cannot_read(tmp_path, monkeypatch):
+    reg = Registry.create(tmp_path / "h")
+    a = reg.register_model("m", state())
+    shutil.rmtree(KeyRing.key_dir(tmp_path / "h"))
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(os.urandom(32)).decode())
+    with pytest.raises(IntegrityError, match="not loaded"):
+        Registry(tmp_path / "h").get_blob(a.sha256)
+
+
+def test_kek_from_the_environment_and_rotation(tmp_path, monkeypatch):
+    key = os.urandom(32)
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(key).decode())
+    reg = Registry.create(tmp_path / "h")
+    assert not list(KeyRing.key_dir(tmp_path / "h").glob("*.key"))  # nothing written next to the data
+    arts = [reg.register_model("m", state(i)) for i in range(3)]
+    before = {a.sha256: reg.blob_path(a.sha256).read_bytes() for a in arts}
+    monkeypatch.delenv(KEK_ENV)
+    with pytest.raises(NotFound, match="no key-encryption key"):
+        Registry(tmp_path / "h").get_blob(arts[0].sha256)  # no key at all: nothing readable
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(key).decode())
+    new = os.urandom(32)
+    assert reg.rotate_kek(new) == 3
+    for a in arts:
+        raw = reg.blob_path(a.sha256).read_bytes()
+        assert raw != before[a.sha256] and raw[-100:] == before[a.sha256][-100:]  # only the header changed
+        assert kek_id(new).encode() in raw[:40]
+    monkeypatch.delenv(KEK_ENV)  # the old key is gone: the new key file alone reads everything
+    fresh = Registry(tmp_path / "h")
+    assert all(torch.equal(fresh.load_state(a)["w"], state(i)["w"]) for i, a in enumerate(arts))
+    assert fresh.verify().ok
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(key).decode())
+    shutil.rmtree(KeyRing.key_dir(tmp_path / "h"))
+    with pytest.raises(IntegrityError):  # the old key no longer opens rotated blobs
+        Registry(tmp_path / "h").get_blob(arts[0].sha256)
+
+
+def test_verify_reports_a_malformed_database_instead_of_crashing(tmp_path):
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", state())
+    reg.close()
+    db = tmp_path / "h" / "registry.db"
+    for extra in ("-wal", "-shm"):
+        (tmp_path / "h" / f"registry.db{extra}").unlink(missing_ok=True)
+    db.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(IntegrityError, match="not a readable SQLite database"):
+        Registry(tmp_path / "h")
+
+
+def test_names_ending_in_a_newline_are_refused(tmp_path):
+    reg = Registry.create(tmp_path / "h")
+    with pytest.raises(ConfigError):
+        reg.register_model("m\n", state())
+    with pytest.raises(ConfigError):
+        reg.resolve("m@1\n")
+
+
+def test_a_corrupt_blob_of_the_same_size_is_repaired_on_rewrite(tmp_path):
+    reg = Registry.create(tmp_path / "h", encrypt=False)
+    a = reg.register_model("m", state())
+    path = reg.blob_path(a.sha256)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    reg.put_blob(reg_bytes := bytes(raw[:100]) + bytes([raw[100] ^ 0xFF]) + bytes(raw[101:]))
+    assert path.read_bytes() == reg_bytes and reg.verify().ok
+
+
+def test_missing_blob_errors_do_not_leak_server_paths(tmp_path):
+    reg = Registry.create(tmp_path / "h")
+    a = reg.register_model("m", state())
+    reg.blob_path(a.sha256).unlink()
+    with pytest.raises(IntegrityError) as e:
+        reg.get_blob(a.sha256)
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    home = str(tmp_path / "h")
+    runner = CliRunner()
+    assert runner.invoke(app, ["registry", "init", "--home", home]).exit_code == 0
+    Registry(home).register_model("m", state())
+    r = runner.invoke(app, ["registry", "rotate-key", "--home", home])
+    assert r.exit_code == 0 and "1 blobs re-wrapped" in r.output
+    assert runner.invoke(app, ["registry", "verify", "--home", home]).exit_code == 0
+    for f in ("registry.db-wal", "registry.db-shm"):
+        (tmp_path / "h" / f).unlink(missing_ok=True)
+    (tmp_path / "h" / "registry.db").write_bytes(b"garbage" * 1000)
+    r = runner.invoke(app, ["registry", "verify", "--home", home])
+    assert r.exit_code == 1 and "not a readable SQLite database" in r.output
+
+
+def test_a_registry_from_before_encryption_stays_plaintext(tmp_path):
+    reg = Registry.create(tmp_path / "h", encrypt=False)
+    reg.register_model("m", state())
+    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane
+    again = Registry.create(tmp_path / "h")
+    assert not again.encrypted and again.verify().ok

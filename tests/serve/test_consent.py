@@ -1,0 +1,99 @@
+"""Consent withdrawal end to end on the HTTP service: rounds record cohorts, withdrawal blocks serving and
+promotion of every affected version, a rebuild retrains from the last unaffected version without the cohort."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deltaplane.codecs import Compressor
+from deltaplane.delta import Delta
+from deltaplane.registry import Registry
+from deltaplane.serve import ServiceError
+
+from .conftest import Service, cnn_state
+
+
+def upload(svc, device, rnd, seed):
+    base = rnd["base_version"]
+    g = torch.Generator().manual_seed(seed)
+    state = svc.reg.load_state(f"cnn@{base}")
+    payload = Compressor("topk(0.2) | quant(bits=8)", seed=seed).compress(
+        Delta({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}),
+        base_id="cnn",
+        base_version=base,
+    )
+    return device.upload("cnn", rnd["round"], payload, nonce=rnd["nonce"])
+
+
+def test_withdrawal_and_rebuild_over_http(tmp_path):
+    svc = Service(tmp_path / "h")
+    svc.state.evaluator = lambda state: {"accuracy": 0.9, "ood_accuracy": 0.9}
+    devices = {name: svc.device(name, name.split("-")[0]) for name in ("eu-a", "eu-b", "us-a", "us-b")}
+    viewer = svc.device("viewer", "us")
+    # two rounds with eu and us devices
+    r1 = svc.admin.open_round("cnn")
+    upload(svc, devices["eu-a"], r1, 1)
+    upload(svc, devices["us-a"], r1, 2)
+    v2 = svc.admin.close_round("cnn", r1["round"])["version"]
+    assert svc.admin.promote("cnn", v2)["promoted"]
+    r2 = svc.admin.open_round("cnn")
+    upload(svc, devices["eu-b"], r2, 3)
+    upload(svc, devices["us-b"], r2, 4)
+    v3 = svc.admin.close_round("cnn", r2["round"])["version"]
+    assert viewer.fetch("cnn")[0] == v2
+    # eu withdraws: every version trained on it is listed and blocked
+    out = svc.admin.withdraw("eu", reason="GDPR art. 7(3)")
+    assert out["affected"] == [f"cnn@{v2}", f"cnn@{v3}"]
+    with pytest.raises(ServiceError) as e:
+        svc.device("new", "us").fetch("cnn")  # production is v2: not served any more
+    assert e.value.status == 451 and "eu" in e.value.detail
+    refused = svc.admin.promote("cnn", v3)
+    assert not refused["promoted"] and "withdrawn cohort 'eu'" in refused["regressions"][0]
+    with pytest.raises(ServiceError) as e:
+        svc.admin.open_round("cnn")  # a normal round on the affected training version
+    assert e.value.status == 409 and "rebuild" in e.value.detail
+    # rebuild: a round on the last unaffected version (v1), eu devices refused
+    rb = svc.admin.rebuild("cnn")
+    assert rb["base_version"] == 1
+    with pytest.raises(ServiceError) as e:
+        upload(svc, devices["eu-a"], rb, 5)
+    assert e.value.status in (403, 409)
+    upload(svc, devices["us-a"], rb, 6)
+    upload(svc, devices["us-b"], rb, 7)
+    v4 = svc.admin.close_round("cnn", rb["round"])["version"]
+    art = svc.reg.get("cnn", v4)
+    assert art.parent == 1 and "eu" not in art.governance.cohorts
+    assert "eu" in art.governance.excluded_cohorts and art.lineage["excluded_cohorts"] == ["eu"]
+    assert not svc.reg.governance_problems(art)
+    assert svc.admin.promote("cnn", v4)["promoted"]
+    assert svc.device("new2", "us").fetch("cnn")[0] == v4
+    # later rounds on the rebuilt version keep the exclusion in their lineage
+    r5 = svc.admin.open_round("cnn")
+    assert r5["base_version"] == v4
+    upload(svc, devices["us-a"], r5, 8)
+    v5 = svc.reg.get("cnn", svc.admin.close_round("cnn", r5["round"])["version"])
+    assert "eu" in v5.governance.excluded_cohorts and not svc.reg.governance_problems(v5)
+
+
+def test_withdrawal_reaches_merges_and_deploys_through_lineage(tmp_path):
+    reg = Registry.create(tmp_path / "h")
+    a = reg.register_model("a", cnn_state(0), governance={"cohorts": ["eu"], "data_sources": ["app"]})
+    b = reg.register_model("b", cnn_state(1), governance={"cohorts": ["us"]})
+    merged = reg.register_model("m", cnn_state(2), sources=[a, b.ref], lineage={"merge": "ties"})
+    assert merged.governance.cohorts == ("eu", "us") and merged.lineage["sources"] == ["a@1", "b@1"]
+    deployed = reg.register_model("m", cnn_state(3), parent=merged.number, lineage={"deploy_recipe": "int8"})
+    assert "eu" in deployed.governance.cohorts
+    affected = {x.ref for x in reg.withdraw_cohort("eu")}
+    assert affected == {"a@1", "m@1", "m@2"}
+
+
+def test_cli_withdraw_lists_affected_versions_and_the_rebuild_base(tmp_path):
+    from deltaplane.cli import app
+
+    home = tmp_path / "h"
+    reg = Registry.create(home)
+    reg.register_model("cnn", cnn_state(0), governance={"cohorts": ["us"]})
+    reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
+    r = CliRunner().invoke(app, ["registry", "withdraw", "--cohort", "eu", "--home", str(home)])
+    assert r.exit_code == 0, r.output
+    assert "affected versions: cnn@2" in r.output and "rebuild from cnn@1" in r.output

@@ -1,0 +1,94 @@
+"""The request guard: authentication before any body byte is read, body caps while streaming, auth throttling."""
+
+import asyncio
+import json
+
+from deltaplane.serve import ServiceConfig
+
+from .conftest import ADMIN, Service
+
+
+def call(app, method, path, *, token=None, chunks=(), content_length=None, client="10.0.0.1"):
+    """Drive the ASGI app directly; return (status, body, how many body chunks the app pulled)."""
+    headers = [(b"host", b"testserver")]
+    if token:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    headers.append((b"content-type", b"application/json"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": (client, 1234),
+        "server": ("testserver", 80),
+    }
+    chunks = list(chunks)
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal pulled
+        if pulled < len(chunks):
+            pulled += 1
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, pulled
+
+
+def test_unauthenticated_body_is_never_read(service):
+    chunk = b"[" + b"1," * 500_000
+    for path in ("/v1/models/cnn/report", "/admin/devices", "/v1/models/cnn/rounds/1/update"):
+        status, body, pulled = call(service.app, "POST", path, chunks=[chunk] * 100, content_length=10**8)
+        assert status == 401 and pulled == 0, (path, status, body)
+        status, _, pulled = call(service.app, "POST", path, token="forged.token", chunks=[chunk] * 100)
+        assert status == 401 and pulled == 0
+
+
+def test_every_body_is_capped_while_streaming(service):
+    token = service.admin.issue_token("d1")
+    chunk = b" " * (256 << 10)
+    # chunked JSON (no Content-Length) to an authenticated endpoint: refused once past the cap, not parsed
+    status, body, pulled = call(
+        service.app, "POST", "/v1/models/cnn/report", token=token, chunks=[chunk] * 64
+    )
+    cap = service.config.max_json_bytes
+    assert status == 413 and str(cap) in json.loads(body)["detail"]
+    assert pulled == cap // len(chunk) + 1  # stopped reading at the cap
+    status, _, pulled = call(service.app, "POST", "/admin/devices", token=ADMIN, content_length=10**9)
+    assert status == 413 and pulled == 0  # a declared size over the cap: refused before reading
+    ok = json.dumps({"version": 1, "metrics": {"accuracy": 0.5}}).encode()
+    assert call(service.app, "POST", "/v1/models/cnn/report", token=token, chunks=[ok])[0] == 202
+
+
+def test_failed_authentication_is_throttled_per_address(tmp_path):
+    svc = Service(tmp_path / "h", auth_failure_burst=5, auth_failure_rate=0.01)
+    good = svc.admin.issue_token("d1")
+    codes = [call(svc.app, "GET", "/v1/models/cnn/round", token=f"guess{i}.x")[0] for i in range(8)]
+    assert codes == [401] * 5 + [429] * 3
+    # the throttled address is refused even with a valid token (guessing is slowed, not just failures)
+    assert call(svc.app, "GET", "/v1/models/cnn/download", token=good)[0] == 429
+    # another address is unaffected
+    assert call(svc.app, "GET", "/v1/models/cnn/download", token=good, client="10.0.0.2")[0] == 200
+
+
+def test_json_cap_is_configurable():
+    import pytest
+
+    from deltaplane.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_json_bytes"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_json_bytes=10)

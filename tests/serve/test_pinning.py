@@ -1,0 +1,158 @@
+"""A man in the middle between device and service: model swap, downgrade and freeze are all refused.
+
+The MITM is an httpx transport in front of the real app. It holds no signing key, but it can replay anything
+the service ever sent (validly signed artifacts of other models, older versions, earlier answers) and rewrite
+headers and status codes at will.
+"""
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+import torch
+
+from deltaplane.errors import DowngradeRefused, SignatureError
+from deltaplane.serve import DeviceClient
+
+
+class Mitm(httpx.BaseTransport):
+    """Forwards to the service; ``rewrite`` may replace the request or the response."""
+
+    def __init__(self, upstream: httpx.BaseTransport) -> None:
+        self.upstream = upstream
+        self.rewrite: Callable[[httpx.Request, Callable], httpx.Response] | None = None
+        self.recorded: list[httpx.Response] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        forward = self._forward
+        if self.rewrite is not None:
+            return self.rewrite(request, forward)
+        return forward(request)
+
+    def _forward(self, request: httpx.Request) -> httpx.Response:
+        resp = self.upstream.handle_request(request)
+        resp.read()
+        self.recorded.append(resp)
+        return httpx.Response(resp.status_code, headers=resp.headers, content=resp.content)
+
+
+@pytest.fixture
+def mitm(service):
+    m = Mitm(service.http._transport)
+    token = service.admin.issue_token("victim", "eu")
+    client = httpx.Client(base_url="http://testserver", transport=m)
+    dev = DeviceClient("http://testserver", token, verifier=service.verifier, client=client)
+    return m, dev
+
+
+def bump(service, parent: int, scale: float = 2.0, model: str = "cnn") -> int:
+    state = service.reg.load_state(f"{model}@{parent}")
+    return service.reg.register_model(
+        model, {k: v * scale + 1 for k, v in state.items()}, parent=parent
+    ).number
+
+
+def test_a_validly_signed_artifact_of_another_model_is_refused(service, mitm, make_state):
+    m, dev = mitm
+    other = service.reg.register_model("other", make_state(7))
+    service.reg.set_tag("other", "production", other.number)
+
+    def swap_path(req, forward):  # ask upstream for "other", keep or rewrite the announced name
+        url = req.url.copy_with(path=req.url.path.replace("/cnn/", "/other/"))
+        return forward(httpx.Request(req.method, url, headers=req.headers))
+
+    m.rewrite = swap_path
+    with pytest.raises(SignatureError, match="asked for model 'cnn'"):
+        dev.fetch("cnn")
+
+    def swap_and_relabel(req, forward):
+        resp = swap_path(req, forward)
+        headers = dict(resp.headers)
+        headers["x-deltaplane-model"] = "cnn"
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = swap_and_relabel
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")
+    assert dev.state is None  # nothing was applied
+
+
+def test_replayed_older_answer_is_refused(service, mitm):
+    m, dev = mitm
+    assert dev.fetch("cnn")[0] == 1
+    old_answer = m.recorded[-1]
+    v2 = bump(service, 1)
+    service.reg.set_tag("cnn", "production", v2)
+    assert dev.fetch("cnn")[0] == v2
+    held = dict(dev.state)
+    m.rewrite = lambda req, forward: httpx.Response(
+        200, headers=old_answer.headers, content=old_answer.content
+    )
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")  # the replayed v1 answer is signed for another nonce
+    assert dev.version == v2 and all(torch.equal(held[k], dev.state[k]) for k in held)
+
+
+def test_faked_204_cannot_freeze_the_device(service, mitm):
+    m, dev = mitm
+    dev.fetch("cnn")
+    v2 = bump(service, 1)
+    service.reg.set_tag("cnn", "production", v2)
+
+    def freeze(req, forward):
+        resp = forward(req)
+        headers = {k: v for k, v in resp.headers.items() if k.startswith("x-deltaplane")}
+        headers.update({"x-deltaplane-kind": "none", "x-deltaplane-version": "1"})
+        return httpx.Response(204, headers=headers)
+
+    m.rewrite = freeze
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")
+    m.rewrite = None
+    assert dev.fetch("cnn")[0] == v2
+
+
+def test_a_genuine_204_is_accepted(service, mitm):
+    _, dev = mitm
+    dev.fetch("cnn")
+    assert dev.fetch("cnn")[0] == 1
+
+
+def test_downgrade_needs_a_signed_rollback_record(service, mitm):
+    m, dev = mitm
+    v2 = bump(service, 1)
+    service.reg.set_tag("cnn", "production", v2)
+    assert dev.fetch("cnn")[0] == v2
+    # the tag moved back without a rollback record (or a MITM drops the record): the device refuses
+    service.reg.set_tag("cnn", "production", 1)
+    with pytest.raises(DowngradeRefused):
+        dev.fetch("cnn")
+    # an explicit rollback signs a record covering v2: the device follows it
+    from deltaplane.registry import rollback
+
+    service.reg.set_tag("cnn", "production", v2)
+    assert rollback(service.reg, "cnn").number == 1
+    dl_headers: list[httpx.Headers] = []
+
+    def strip_record(req, forward):
+        resp = forward(req)
+        dl_headers.append(resp.headers)
+        headers = {k: v for k, v in resp.headers.items() if k != "x-deltaplane-rollback"}
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = strip_record
+    with pytest.raises(DowngradeRefused):
+        dev.fetch("cnn")
+    assert "x-deltaplane-rollback" in dl_headers[-1]
+
+    def forge_record(req, forward):  # claim the record covers more than it does: the signature breaks
+        resp = forward(req)
+        tag, sup, sig = resp.headers["x-deltaplane-rollback"].split(":", 2)
+        headers = {**dict(resp.headers), "x-deltaplane-rollback": f"{tag}:{int(sup) + 5}:{sig}"}
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = forge_record
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")
+    m.rewrite = None
+    assert dev.fetch("cnn")[0] == 1

@@ -1,0 +1,157 @@
+"""Durable rounds: restart keeps open rounds, replays are refused, closing is all-or-nothing, cohorts recorded."""
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from deltaplane.codecs import Compressor
+from deltaplane.delta import Delta
+from deltaplane.serve import AdminClient, ServiceError, create_app
+from deltaplane.serve import app as app_module
+
+from .conftest import ADMIN, Service
+
+
+def update(state, seed, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    return Delta({k: scale * torch.randn(v.shape, generator=g) for k, v in state.items()})
+
+
+def payload(svc, seed, base=1, scale=0.01):
+    return Compressor("topk(0.2) | quant(bits=8)", seed=seed).compress(
+        update(svc.reg.load_state(f"cnn@{base}"), seed, scale), base_id="cnn", base_version=base
+    )
+
+
+def restart(svc):
+    """A new process over the same home: a fresh app, nothing shared in memory."""
+    svc.reg.close()
+    svc.app = create_app(svc.config)
+    svc.http = TestClient(svc.app)
+    svc.admin = AdminClient("http://testserver", ADMIN, client=svc.http)
+    return svc
+
+
+def test_restart_keeps_the_open_round_and_its_uploads(tmp_path):
+    svc, control = Service(tmp_path / "a"), Service(tmp_path / "b")
+    for s in (svc, control):
+        s.admin.open_round("cnn")
+        for i in range(3):
+            s.device(f"d{i}", "eu").upload("cnn", 1, payload(s, i), num_examples=1 + i)
+    restart(svc)
+    info = svc.device("x").round("cnn")
+    assert info["round"] == 1 and info["uploads"] == 3 and info["base_version"] == 1
+    with pytest.raises(ServiceError, match="already uploaded"):
+        svc.device("d1", "eu").upload("cnn", 1, payload(svc, 11))
+    a, b = svc.admin.close_round("cnn", 1), control.admin.close_round("cnn", 1)
+    assert a["uploads"] == b["uploads"] == 3
+    # the restored aggregate is the one the uninterrupted service computed: identical published weights
+    assert svc.reg.get("cnn", a["version"]).sha256 == control.reg.get("cnn", b["version"]).sha256
+    restart(svc)
+    assert svc.admin.open_round("cnn")["round"] == 2  # numbers continue after a restart
+
+
+def test_replay_into_a_later_round_is_refused(service):
+    dev = service.device("d1")
+    r1 = service.admin.open_round("cnn")
+    captured = payload(service, 0)
+    dev.upload("cnn", 1, captured, nonce=r1["nonce"])
+    service.admin.close_round("cnn", 1)
+    r2 = service.admin.open_round("cnn", base_version=1)  # a later round on the same base
+    with pytest.raises(ServiceError) as e:  # the captured request, path rewritten to the new round
+        dev.upload("cnn", r2["round"], captured, nonce=r1["nonce"])
+    assert e.value.status == 409 and "nonce" in e.value.detail.lower()
+    with pytest.raises(ServiceError, match="already accepted in round 1"):  # even with the fresh nonce
+        service.device("d2").upload("cnn", r2["round"], captured, nonce=r2["nonce"])
+    assert service.device("d2").upload("cnn", r2["round"], payload(service, 5))["accepted"]
+
+
+def test_a_failed_close_keeps_the_round_and_publishes_nothing(service, monkeypatch):
+    service.admin.open_round("cnn")
+    for i in range(2):
+        service.device(f"d{i}").upload("cnn", 1, payload(service, i))
+    real = app_module.publish_update
+
+    def disk_full(*args, **kwargs):
+        real(*args, **kwargs)  # the version and its delta are written ...
+        raise OSError(28, "No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(app_module, "publish_update", disk_full)
+    with pytest.raises(OSError):
+        service.admin.close_round("cnn", 1)
+    assert [a.number for a in service.reg.versions("cnn")] == [1]  # rolled back: no half-published version
+    assert "training" not in service.reg.tags("cnn")
+    assert service.device("x").round("cnn")["uploads"] == 2  # round and uploads kept
+    monkeypatch.setattr(app_module, "publish_update", real)
+    closed = service.admin.close_round("cnn", 1)
+    assert closed["version"] == 2 and closed["uploads"] == 2
+
+
+def test_versions_record_contributing_cohorts(service):
+    service.admin.open_round("cnn")
+    service.device("a", "eu").upload("cnn", 1, payload(service, 0))
+    service.device("b", "us").upload("cnn", 1, payload(service, 1))
+    v = service.admin.close_round("cnn", 1)["version"]
+    assert service.reg.get("cnn", v).governance.cohorts == ("eu", "us")
+    service.admin.open_round("cnn")
+    service.device("c", "apac").upload("cnn", 2, payload(service, 2, base=v))
+    v3 = service.admin.close_round("cnn", 2)["version"]
+    assert service.reg.get("cnn", v3).governance.cohorts == ("apac", "eu", "us")  # inherited through lineage
+    assert {a.number for a in service.reg.withdraw_cohort("eu") if a.kind == "model"} == {v, v3}
+
+
+def test_absurd_norm_updates_are_refused(service):
+    service.admin.open_round("cnn")
+    dev = service.device("d1")
+    huge = Compressor("identity").compress(
+        update(service.reg.load_state("cnn@1"), 0, scale=1e30), base_id="cnn", base_version=1
+    )
+    with pytest.raises(ServiceError) as e:
+        dev.upload("cnn", 1, huge)
+    assert e.value.status == 422 and "norm" in e.value.detail
+    assert dev.upload("cnn", 1, payload(service, 0))["accepted"]
+
+
+def test_empty_rounds_can_be_closed_or_aborted(service):
+    service.admin.open_round("cnn")
+    assert service.admin.close_round("cnn", 1)["version"] is None
+    r = service.admin.open_round("cnn")
+    service.device("d").upload("cnn", r["round"], payload(service, 0))
+    assert service.admin.abort_round("cnn", r["round"])["aborted"]
+    assert [a.number for a in service.reg.versions("cnn")] == [1]
+    with pytest.raises(ServiceError) as e:
+        service.device("x").round("cnn")
+    assert e.value.status == 404
+
+
+def test_nan_metrics_are_refused(service):
+    token = service.admin.issue_token("d1")
+    r = service.http.post(
+        "/v1/models/cnn/report",
+        content=b'{"version": 1, "metrics": {"loss": NaN}}',
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and "finite" in r.json()["detail"]
+    r = service.http.post(
+        "/v1/models/cnn/report",
+        json={"version": 1, "metrics": {"x" * 100_000: 1.0}},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 422  # metric names are bounded too
+
+
+def test_memory_is_bounded_by_bytes(tmp_path):
+    svc = Service(tmp_path / "h", downlink_cache_bytes=200_000)
+    full = svc.reg.get("cnn", 1).size
+    for i in range(8):  # distinct models of ~full bytes each: the cache keeps what fits in the budget
+        v = svc.reg.register_model(
+            "cnn", {k: t + i for k, t in svc.reg.load_state("cnn@1").items()}, parent=1
+        )
+        svc.reg.set_tag("cnn", "production", v.number)
+        svc.device(f"d{i}").fetch("cnn")
+    cache = svc.state.downlinks
+    assert cache.nbytes <= 200_000 and len(cache) == 200_000 // (full + 512)
+    # drift history and alerts are capped
+    from deltaplane.serve.app import MAX_ALERTS
+
+    assert svc.state.alerts.maxlen == MAX_ALERTS

@@ -1,0 +1,167 @@
+"""TLS (server, CA-pinned client, mutual TLS), token expiry and revocation, tokens surviving a restart."""
+
+import os
+import stat
+
+import httpx
+import pytest
+
+from deltaplane.registry import init_keys
+from deltaplane.serve import BackgroundServer, DeviceClient, TokenAuthority, create_app
+from deltaplane.serve import auth as auth_module
+from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
+
+from .conftest import ADMIN, Service
+
+
+def test_expired_token_is_refused(monkeypatch):
+    authority = TokenAuthority(b"k" * 32, ttl_s=60)
+    token = authority.issue("d1", "eu")
+    assert authority.check(token).device_id == "d1"
+    now = auth_module.time.time()
+    monkeypatch.setattr(auth_module.time, "time", lambda: now + 61)
+    assert authority.check(token) is None
+    # the expiry is under the MAC: editing it breaks the token
+    body, mac = token.split(".")
+    doc = auth_module.json.loads(auth_module._unb64(body))
+    doc["e"] += 10**6
+    forged = auth_module._b64(auth_module.json.dumps(doc, separators=(",", ":")).encode()) + "." + mac
+    assert authority.check(forged) is None
+
+
+def test_revocation_is_enforced_and_survives_a_restart(tmp_path):
+    svc = Service(tmp_path / "h")
+    info = svc.admin.issue_token_info("d1", "eu")
+    other = svc.admin.issue_token("d2", "eu")
+    headers = {"Authorization": f"Bearer {info['token']}"}
+    assert svc.http.get("/v1/models/cnn/download", headers=headers).status_code == 200
+    svc.admin.revoke_token(info["token_id"])
+    assert svc.http.get("/v1/models/cnn/download", headers=headers).status_code == 401
+    d2 = {"Authorization": f"Bearer {other}"}
+    svc.admin.revoke_device("d2")
+    assert svc.http.get("/v1/models/cnn/download", headers=d2).status_code == 401
+    fresh = svc.admin.issue_token("d2", "eu")  # a token issued after the device revocation works
+    # restart: a new app over the same home keeps the revocations (and the device secret)
+    from fastapi.testclient import TestClient
+
+    again = TestClient(create_app(svc.config))
+    assert again.get("/v1/models/cnn/download", headers=headers).status_code == 401
+    assert again.get("/v1/models/cnn/download", headers=d2).status_code == 401
+    assert (
+        again.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {fresh}"}).status_code == 200
+    )
+
+
+def test_tokens_survive_a_restart_without_a_configured_secret(tmp_path):
+    from fastapi.testclient import TestClient
+
+    svc = Service(tmp_path / "h")
+    config = svc.config.__class__(home=svc.config.home, admin_token=ADMIN)  # no device_secret
+    first = TestClient(create_app(config))
+    token = first.post(
+        "/admin/devices", json={"device_id": "d1"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    token = token.json()["token"]
+    secret = tmp_path / "h" / "keys" / "device-secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    second = TestClient(create_app(config))
+    assert second.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+
+
+def test_private_keys_are_never_world_readable(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append((str(dst), stat.S_IMODE(os.stat(src).st_mode)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    init_keys(tmp_path)
+    make_tls_bundle(tmp_path / "tls", hosts=["127.0.0.1"], devices=["d1"])
+    private = [
+        (p, m) for p, m in seen if (p.endswith((".pem", ".key")) and "ed25519.pem" in p) or p.endswith(".key")
+    ]
+    assert private and all(m == 0o600 for _, m in private), private
+
+
+@pytest.fixture
+def tls(tmp_path):
+    return make_tls_bundle(tmp_path / "tls", hosts=["127.0.0.1"], devices=["d1"])
+
+
+def test_tls_service_with_a_pinned_ca(tmp_path, tls):
+    svc = Service(tmp_path / "h")
+    with BackgroundServer(
+        create_app(svc.config), ssl_options=server_ssl_options(tls.server_cert, tls.server_key)
+    ) as s:
+        assert s.url.startswith("https://")
+        token = svc.admin.issue_token("d1")
+        dev = DeviceClient(s.url, token, verifier=svc.verifier, tls=client_context(tls.ca_cert))
+        assert dev.fetch("cnn")[0] == 1
+        # a device that trusts another CA (a man in the middle's certificate) refuses the handshake
+        other = make_tls_bundle(tmp_path / "other", hosts=["127.0.0.1"])
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            DeviceClient(s.url, token, verifier=svc.verifier, tls=client_context(other.ca_cert)).fetch("cnn")
+        with pytest.raises(httpx.TransportError):  # plain HTTP clients get no answer from the TLS port
+            httpx.get(s.url.replace("https", "http") + "/healthz", timeout=5).raise_for_status()
+
+
+def test_mutual_tls_requires_a_device_certificate(tmp_path, tls):
+    svc = Service(tmp_path / "h")
+    opts = server_ssl_options(tls.server_cert, tls.server_key, tls.ca_cert)
+    with BackgroundServer(create_app(svc.config), ssl_options=opts) as s:
+        token = svc.admin.issue_token("d1")
+        cert, key = tls.devices["d1"]
+        dev = DeviceClient(
+            s.url, token, verifier=svc.verifier, tls=client_context(tls.ca_cert, cert=cert, key=key)
+        )
+        assert dev.fetch("cnn")[0] == 1
+        anonymous = DeviceClient(s.url, token, verifier=svc.verifier, tls=client_context(tls.ca_cert))
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            anonymous.fetch("cnn")
+
+
+def test_slow_request_headers_are_cut_off(tmp_path):
+    import socket
+    import time
+
+    svc = Service(tmp_path / "h")
+    with BackgroundServer(create_app(svc.config), header_timeout=1.0) as s:
+        host, port = s.url.split("//")[1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0, closed = time.monotonic(), False
+        while time.monotonic() - t0 < 6:
+            try:
+                sock.sendall(b"X")  # one header byte at a time: resets uvicorn's idle timer, not ours
+                time.sleep(0.2)
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            sock.settimeout(10)
+        assert closed and time.monotonic() - t0 < 3
+        # a normal client is unaffected
+        assert httpx.get(s.url + "/healthz").status_code == 200
+
+
+def test_serve_refuses_plain_http_off_loopback(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    r = CliRunner().invoke(
+        app, ["serve", "--home", str(tmp_path), "--host", "0.0.0.0", "--admin-token", ADMIN]
+    )
+    assert r.exit_code == 2 and "--tls-cert" in r.output
+    r = CliRunner().invoke(
+        app, ["serve", "--home", str(tmp_path), "--tls-cert", "x.pem", "--admin-token", ADMIN]
+    )
+    assert r.exit_code == 2 and "go together" in r.output
