@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from deltaplane.codecs import Compressor
 from deltaplane.delta import Delta
 from deltaplane.serve import AdminClient, ServiceError, create_app
-from deltaplane.serve import app as app_module
+from deltaplane.serve import rounds as rounds_module
 
 from .conftest import ADMIN, Service
 
@@ -70,19 +70,19 @@ def test_a_failed_close_keeps_the_round_and_publishes_nothing(service, monkeypat
     service.admin.open_round("cnn")
     for i in range(2):
         service.device(f"d{i}").upload("cnn", 1, payload(service, i))
-    real = app_module.publish_update
+    real = rounds_module.publish_update
 
     def disk_full(*args, **kwargs):
         real(*args, **kwargs)  # the version and its delta are written ...
         raise OSError(28, "No space left on device")  # ... then the disk fills up
 
-    monkeypatch.setattr(app_module, "publish_update", disk_full)
+    monkeypatch.setattr(rounds_module, "publish_update", disk_full)
     with pytest.raises(OSError):
         service.admin.close_round("cnn", 1)
     assert [a.number for a in service.reg.versions("cnn")] == [1]  # rolled back: no half-published version
     assert "training" not in service.reg.tags("cnn")
     assert service.device("x").round("cnn")["uploads"] == 2  # round and uploads kept
-    monkeypatch.setattr(app_module, "publish_update", real)
+    monkeypatch.setattr(rounds_module, "publish_update", real)
     closed = service.admin.close_round("cnn", 1)
     assert closed["version"] == 2 and closed["uploads"] == 2
 
