@@ -46,19 +46,43 @@ def _commands(cmd: click.Command, path: tuple[str, ...] = ()):
 
 
 def test_every_option_shows_its_default() -> None:
-    """Options with a default print it (context show_default); options whose default is computed at run time
-    (None in the signature) say in words what they fall back to."""
+    """Every option's help shows a default: click prints real ones (context show_default); an option whose
+    default is resolved at run time (None in the signature) names it, and for `run` that name must be the
+    RunConfig default it falls back to (so the help cannot drift from the code)."""
+    from deltaplane.engine.config import RunConfig
+
     root = typer.main.get_command(app)
     assert root.context_settings.get("show_default") is True
+    optional_inputs = {  # absence means "not used": the help says what the option adds
+        ("decompress", "base"),
+        ("decompress", "expect_base_id"),
+        ("decompress", "expect_base_version"),
+        ("deploy", "exclude"),
+        ("serve", "admin_token"),
+        ("ui", "admin_token"),
+        ("serve", "device_secret"),
+        ("serve", "evaluator"),
+        ("serve", "runs_dir"),
+    }
     missing = []
     for path, cmd in _commands(root):
         for p in cmd.params:
-            if not isinstance(p, click.Option) or p.is_flag or p.required or p.hidden or p.name == "help":
+            if not isinstance(p, click.Option) or p.required or p.hidden or p.name == "help":
                 continue
-            if p.default is None and not p.show_default and "default" not in (p.help or ""):
-                missing.append(f"{' '.join(path)} {p.opts[0]}")
-    # options that are optional by nature (an optional filter, an optional file) need no default
-    assert not [m for m in missing if m.split()[-1] in ("--home",)], missing
+            if p.default is None and not isinstance(p.show_default, str) and "default" not in (p.help or ""):
+                if (" ".join(path), p.name) not in optional_inputs and path[:1] != ("registry",):
+                    missing.append(f"{' '.join(path)} {p.opts[0]}")
+            if path == ("run",) and p.name in RunConfig.model_fields and isinstance(p.show_default, str):
+                want = RunConfig.model_fields[p.name].default
+                shown = (
+                    "none"
+                    if want is None
+                    else ("on" if want else "off")
+                    if isinstance(want, bool)
+                    else str(want)
+                )
+                assert p.show_default == shown, (p.name, p.show_default, want)
+    assert not missing, f"options without a shown default: {missing}"
 
 
 def test_exit_codes_mean_one_thing_each() -> None:

@@ -95,7 +95,10 @@ def main(
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML file of run settings (see RunConfig).")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="YAML file of run settings (see RunConfig).", show_default="none"
+        ),
     ] = None,
     codec: Annotated[
         str | None,
@@ -117,9 +120,13 @@ def run(
             help="Devices carry what the uplink codec did not send into the next round. \\[default: on]",
         ),
     ] = None,
-    clients: Annotated[int | None, typer.Option(help="Number of simulated devices.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Communication rounds.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the partition, model and rounds.")] = None,
+    clients: Annotated[
+        int | None, typer.Option(show_default="20", help="Number of simulated devices.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(show_default="120", help="Communication rounds.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(show_default="0", help="Seed of the partition, model and rounds.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and report.html.")] = Path(
         "runs/default"
     ),
@@ -127,28 +134,47 @@ def run(
         bool, typer.Option("--baseline/--no-baseline", help="Also run uncompressed fp32 FedAvg to compare.")
     ] = True,
     aggregator: Annotated[
-        str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+        str | None,
+        typer.Option(
+            show_default="fedavg", help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm."
+        ),
     ] = None,
     dp_noise: Annotated[
-        float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+        float | None, typer.Option(show_default="0.0", help="DP-FedAvg noise multiplier z (needs --clip).")
     ] = None,
-    clip: Annotated[str | None, typer.Option(help="Per-client L2 clip norm: a number or 'adaptive'.")] = None,
+    clip: Annotated[
+        str | None, typer.Option(show_default="none", help="Per-client L2 clip norm: a number or 'adaptive'.")
+    ] = None,
     epsilon_budget: Annotated[
-        float | None, typer.Option(help="Stop before epsilon would exceed this (with --dp-noise).")
+        float | None,
+        typer.Option(show_default="none", help="Stop before epsilon would exceed this (with --dp-noise)."),
     ] = None,
     secagg: Annotated[
-        bool | None, typer.Option("--secagg/--no-secagg", help="Aggregate through secure aggregation.")
+        bool | None,
+        typer.Option(
+            "--secagg/--no-secagg", help="Aggregate through secure aggregation.", show_default="off"
+        ),
     ] = None,
     attack: Annotated[
-        str | None, typer.Option(help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'.")
+        str | None,
+        typer.Option(
+            show_default="none", help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'."
+        ),
     ] = None,
     defense: Annotated[
-        str | None, typer.Option(help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'.")
+        str | None,
+        typer.Option(
+            show_default="none", help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'."
+        ),
     ] = None,
-    prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
+    prox_mu: Annotated[
+        float | None, typer.Option(show_default="0.0", help="FedProx proximal term mu on the clients.")
+    ] = None,
     personalization: Annotated[
         str | None,
-        typer.Option(help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."),
+        typer.Option(
+            show_default="none", help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."
+        ),
     ] = None,
     transport: Annotated[
         str | None,
@@ -164,13 +190,16 @@ def run(
     task: Annotated[
         str | None,
         typer.Option(
-            help="Your model and data: 'package.module:factory' returning a deltaplane.engine.Task."
+            show_default="deltaplane.apps.digits:make_task",
+            help="Your model and data: 'package.module:factory' returning a deltaplane.engine.Task.",
         ),
     ] = None,
     task_option: Annotated[
         list[str] | None,
         typer.Option(
-            "--task-option", help="key=value passed to the task factory (repeatable; value as YAML)."
+            "--task-option",
+            help="key=value passed to the task factory (repeatable; value as YAML).",
+            show_default="none",
         ),
     ] = None,
     overwrite: Annotated[

@@ -17,14 +17,24 @@ def extract_lora_command(
     base: Annotated[Path, typer.Option("--base", help="the base model it was fine-tuned from")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output PEFT adapter folder")],
     rank: Annotated[
-        int | None, typer.Option("--rank", "-r", help="rank of every layer (cap with --energy)")
+        int | None,
+        typer.Option(
+            "--rank",
+            "-r",
+            help="rank of every layer (cap with --energy)",
+            show_default="none: set by --energy",
+        ),
     ] = None,
     energy: Annotated[
         float | None,
-        typer.Option(help="per-layer rank: smallest keeping this fraction of the change's squared norm"),
+        typer.Option(
+            help="per-layer rank: smallest keeping this fraction of the change's squared norm",
+            show_default="none: --rank for every layer",
+        ),
     ] = None,
     include: Annotated[
-        list[str] | None, typer.Option(help="regex on weight names to extract (repeatable)")
+        list[str] | None,
+        typer.Option(help="regex on weight names to extract (repeatable)", show_default="every 2-D weight"),
     ] = None,
     exclude: Annotated[
         list[str] | None, typer.Option(help="regex on weight names to skip (default: embeddings, heads)")

@@ -321,13 +321,15 @@ def register(app: typer.Typer) -> None:
         builder: Annotated[
             str | None,
             typer.Option(
-                help="build the model with pkg.module:function or file.py:function (config -> nn.Module)"
+                help="build the model with pkg.module:function or file.py:function (config -> nn.Module)",
+                show_default="by config.json's architecture",
             ),
         ] = None,
         task: Annotated[
             str | None,
             typer.Option(
-                help="override: classification, sentence-embedding, text-classification, next-token"
+                help="override: classification, sentence-embedding, text-classification, next-token",
+                show_default="inferred from the checkpoint",
             ),
         ] = None,
         data: Annotated[
@@ -361,7 +363,10 @@ def register(app: typer.Typer) -> None:
         ] = 10,
         recover_lr: Annotated[
             float | None,
-            typer.Option(help="--recover distill: Adam learning rate [1e-3 classifiers, 1e-4 tokens]"),
+            typer.Option(
+                help="--recover distill: Adam learning rate [1e-3 classifiers, 1e-4 tokens]",
+                show_default="1e-3 classifiers, 1e-4 next-token",
+            ),
         ] = None,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
     ) -> None:

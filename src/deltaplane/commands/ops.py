@@ -140,10 +140,17 @@ def register(app: typer.Typer) -> None:
         home: Home = None,
         host: Annotated[
             list[str] | None,
-            typer.Option("--host", help="Server name or IP the certificate is valid for (repeatable)."),
+            typer.Option(
+                "--host",
+                help="Server name or IP the certificate is valid for (repeatable).",
+                show_default="127.0.0.1 and localhost",
+            ),
         ] = None,
         device: Annotated[
-            list[str] | None, typer.Option("--device", help="Also issue a client certificate (mutual TLS).")
+            list[str] | None,
+            typer.Option(
+                "--device", help="Also issue a client certificate (mutual TLS).", show_default="none"
+            ),
         ] = None,
         out: Annotated[Path | None, typer.Option(help="Folder [default: HOME/tls].")] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace an existing CA.")] = False,
@@ -527,37 +534,58 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--federation",
                 help="YAML run config whose server side the rounds run (aggregator chain, DP, downlink, task).",
+                show_default="none: plain FedAvg",
             ),
         ] = None,
         aggregator: Annotated[
-            str | None, typer.Option(help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.")
+            str | None,
+            typer.Option(
+                help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.", show_default="fedavg"
+            ),
         ] = None,
-        server_lr: Annotated[float | None, typer.Option(help="FedAvg's server step.")] = None,
+        server_lr: Annotated[
+            float | None, typer.Option(help="FedAvg's server step.", show_default="1.0")
+        ] = None,
         clip: Annotated[
-            str | None, typer.Option(help="Per-update L2 clip norm: a number or 'adaptive'.")
+            str | None,
+            typer.Option(help="Per-update L2 clip norm: a number or 'adaptive'.", show_default="1.0"),
         ] = None,
         dp_noise: Annotated[
-            float | None, typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).")
+            float | None,
+            typer.Option(help="DP-FedAvg noise multiplier z (needs --clip).", show_default="0 (no DP)"),
         ] = None,
         epsilon_budget: Annotated[
-            float | None, typer.Option(help="Refuse to close a round that would spend more epsilon.")
+            float | None,
+            typer.Option(help="Refuse to close a round that would spend more epsilon.", show_default="none"),
         ] = None,
         defense: Annotated[
             str | None,
-            typer.Option(help="Robust rule: trimmed_mean:0.2, median, krum:1, fltrust (needs --task)."),
+            typer.Option(
+                help="Robust rule: trimmed_mean:0.2, median, krum:1, fltrust (needs --task).",
+                show_default="none",
+            ),
         ] = None,
         max_update_norm: Annotated[
-            float | None, typer.Option(help="Refuse updates with a larger norm.")
+            float | None, typer.Option(help="Refuse updates with a larger norm.", show_default="none")
         ] = None,
         fleet: Annotated[
             int | None,
-            typer.Option(help="Devices in the fleet (DP accounting: sampling rate = per round / fleet)."),
+            typer.Option(
+                help="Devices in the fleet (DP accounting: sampling rate = per round / fleet).",
+                show_default="the federation's clients",
+            ),
         ] = None,
         per_round: Annotated[
-            int | None, typer.Option(help="Devices expected per round (DP-FedAvg's denominator).")
+            int | None,
+            typer.Option(
+                help="Devices expected per round (DP-FedAvg's denominator).", show_default="the whole fleet"
+            ),
         ] = None,
         task: Annotated[
-            str | None, typer.Option(help="Task 'package.module:factory' (FLTrust trains on its root data).")
+            str | None,
+            typer.Option(
+                help="Task 'package.module:factory' (FLTrust trains on its root data).", show_default="none"
+            ),
         ] = None,
         runs_dir: Annotated[
             Path | None,
@@ -566,11 +594,20 @@ def register(app: typer.Typer) -> None:
         max_json_bytes: Annotated[int, typer.Option(help="Limit of every non-upload request body.")] = 2
         << 20,
         tls_cert: Annotated[
-            Path | None, typer.Option(help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).")
+            Path | None,
+            typer.Option(
+                help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).",
+                show_default="none: plain HTTP, loopback only",
+            ),
         ] = None,
-        tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+        tls_key: Annotated[
+            Path | None, typer.Option(help="Its private key (PEM).", show_default="none")
+        ] = None,
         tls_client_ca: Annotated[
-            Path | None, typer.Option(help="Require device certificates signed by this CA (mutual TLS).")
+            Path | None,
+            typer.Option(
+                help="Require device certificates signed by this CA (mutual TLS).", show_default="none"
+            ),
         ] = None,
         insecure_http: Annotated[
             bool,

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
 from deltaplane.registry.encryption import KeyRing, is_sealed
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
@@ -426,6 +425,8 @@ class Registry:
                     KeyRing.load(home)
                 except NotFound:
                     KeyRing.create_key_file(home)
+            from deltaplane.delta import atomic_write_bytes  # torch only on this path
+
             atomic_write_bytes(
                 settings, json.dumps({"encryption": ENCRYPTION if encrypt else "none"}).encode()
             )
