@@ -74,7 +74,6 @@ def world(tmp_path_factory):
         reg, "digits@3", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}), raise_on_refusal=False
     )
     assert not refused.promoted
-    reg.withdraw_cohort("eu", reason="consent withdrawn")
     app = create_app(ServiceConfig(home=str(home), admin_token=ADMIN, runs_dir=str(runs)))
     with BackgroundServer(app) as server:
         admin = AdminClient(server.url, ADMIN)
@@ -100,6 +99,8 @@ def world(tmp_path_factory):
         devices[0].upload("digits", rnd["round"], payload)
         with pytest.raises(ServiceError):
             devices[1].upload("digits", rnd["round"], b"not a payload")
+        # consent withdrawn after the round opened: versions trained on 'eu' stop being served and promoted
+        reg.withdraw_cohort("eu", reason="consent withdrawn")
         yield {"url": server.url, "report": report, "registry": reg, "root": root}
 
 

@@ -85,9 +85,9 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
         if out is not None:
             return out
         raise ConfigError(
-            f"{p} holds neither model.dpla (a deploy output) nor model.safetensors / model.safetensors.index.json "
-            "(a Hugging Face checkpoint); a .bin checkpoint must be converted first (load it with torch and "
-            "save_file(state, 'model.safetensors'))"
+            f"{p} is not a `deltaplane run` output (model.json + model.safetensors), a deploy output "
+            "(model.dpla) or a Hugging Face checkpoint (model.safetensors / model.safetensors.index.json); a .bin "
+            "checkpoint must be converted first (load it with torch and save_file(state, 'model.safetensors'))"
         )
     if not p.is_file():
         raise ConfigError(f"{p} does not exist")
