@@ -92,3 +92,15 @@ def test_json_cap_is_configurable():
 
     with pytest.raises(ConfigError, match="max_json_bytes"):
         ServiceConfig(home=".", admin_token=ADMIN, max_json_bytes=10)
+
+
+def test_small_unauthenticated_bodies_get_a_clean_401_on_a_real_socket(tmp_path):
+    import httpx
+
+    from deltaplane.serve import BackgroundServer, create_app
+
+    svc = Service(tmp_path / "h", auth_failure_burst=1000)
+    with BackgroundServer(create_app(svc.config)) as s, httpx.Client(base_url=s.url) as http:
+        body = b"\0" * (32 << 10)  # sent after the headers: still in flight when the guard answers
+        codes = [http.post("/v1/models/cnn/rounds/1/update", content=body).status_code for _ in range(30)]
+    assert codes == [401] * 30

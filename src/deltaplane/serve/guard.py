@@ -35,6 +35,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEVICE_SCOPE_KEY = "deltaplane.device"
 _DRAIN_FACTOR = 4
+_SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained before the 401
 _UPLOAD = re.compile(r"^/v1/models/[^/]+/rounds/[^/]+/update$")
 
 
@@ -98,6 +99,11 @@ class RequestGuard:
             else:
                 ok = bool(token) and secrets.compare_digest(token.encode(), self.admin_token)
             if not ok:
+                declared = headers.get(b"content-length", b"")
+                if declared.isdigit() and int(declared) <= _SMALL_BODY:
+                    # a small body still in flight is read and dropped first: closing a socket with unread
+                    # bytes makes the kernel send a reset, and the client would lose the 401
+                    await _drain(receive)
                 self.failures.acquire(client)
                 self.on_reject(
                     "rejected.unauthenticated" if area == "device" else "rejected.unauthenticated_admin"
