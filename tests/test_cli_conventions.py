@@ -69,9 +69,10 @@ def test_every_option_shows_its_default() -> None:
         for p in cmd.params:
             if not isinstance(p, click.Option) or p.required or p.hidden or p.name == "help":
                 continue
-            if p.default is None and not isinstance(p.show_default, str) and "default" not in (p.help or ""):
-                if (" ".join(path), p.name) not in optional_inputs and path[:1] != ("registry",):
-                    missing.append(f"{' '.join(path)} {p.opts[0]}")
+            shown = p.default is not None or isinstance(p.show_default, str) or "default" in (p.help or "")
+            exempt = (" ".join(path), p.name) in optional_inputs or path[:1] == ("registry",)
+            if not shown and not exempt:
+                missing.append(f"{' '.join(path)} {p.opts[0]}")
             if path == ("run",) and p.name in RunConfig.model_fields and isinstance(p.show_default, str):
                 want = RunConfig.model_fields[p.name].default
                 shown = (
