@@ -270,3 +270,31 @@ def test_failed_sign_ins_are_throttled(world):
         codes = [c.post("/ui/login", data={"token": f"wrong-{i}"}).status_code for i in range(7)]
         assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
         assert c.post("/ui/login", content=b"token=" + b"x" * 10_000).status_code in (413, 429)
+
+
+def test_the_dashboard_works_over_tls_with_a_secure_cookie(tmp_path):
+    """Loopback over TLS (`deltaplane keys tls` + `serve --tls-cert/--tls-key`): the sign-in cookie is Secure,
+    and a client that does not trust the CA cannot talk to it."""
+    import ssl
+
+    from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
+
+    Registry.create(tmp_path / "home")
+    bundle = make_tls_bundle(tmp_path / "tls")
+    app = create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN))
+    ssl_options = server_ssl_options(bundle.server_cert, bundle.server_key)
+    with BackgroundServer(app, ssl_options=ssl_options) as server:
+        assert server.url.startswith("https://")
+        with httpx.Client(
+            base_url=server.url, verify=client_context(bundle.ca_cert), follow_redirects=False
+        ) as c:
+            r = c.post("/ui/login", data={"token": ADMIN})
+            assert r.status_code == 303
+            cookie = r.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+            assert c.get("/ui/fleet").status_code == 200  # the cookie travels back over TLS
+        with (
+            pytest.raises(httpx.ConnectError),
+            httpx.Client(verify=ssl.create_default_context()) as untrusting,
+        ):
+            untrusting.get(f"{server.url}/ui/login")
