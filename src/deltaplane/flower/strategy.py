@@ -217,6 +217,15 @@ class DeltaStrategy(Strategy):
 
         payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)
         self._global = decompress(payload, expect_base=base).apply(self._global)
+        self._advance(server_round, ok, payload, up_payload, up_msg)
+        out = MetricRecord(dict(metrics) if metrics is not None else {})
+        out["uplink-payload-bytes"] = up_payload
+        return state_to_arrays(self._global), out
+
+    def _advance(
+        self, server_round: int, ok: list[Message], payload: bytes, up_payload: int, up_msg: int
+    ) -> None:
+        """Publish the round's downlink ``payload``: remember it, the version each node now holds, the traffic."""
         self._downlink_payloads.append(payload)
         for m in ok:  # each holds the model it trained from; next time it needs the downlink from there on
             self._node_version[m.metadata.src_node_id] = self._version
@@ -232,9 +241,6 @@ class DeltaStrategy(Strategy):
                 node_ids=[m.metadata.src_node_id for m in ok],
             )
         )
-        out = MetricRecord(dict(metrics) if metrics is not None else {})
-        out["uplink-payload-bytes"] = up_payload
-        return state_to_arrays(self._global), out
 
     def _engine_round(
         self, server_round: int, ok: list[Message]
@@ -251,21 +257,7 @@ class DeltaStrategy(Strategy):
             step.receive_payload(str(m.metadata.src_node_id), payload, weight)
         outcome = self.last_outcome = step.close()
         self._global = outcome.state
-        self._downlink_payloads.append(outcome.downlink_payload)
-        for m in ok:
-            self._node_version[m.metadata.src_node_id] = self._version
-        self._version += 1
-        self.traffic.append(
-            RoundTraffic(
-                round=server_round,
-                clients=len(ok),
-                uplink_payload_bytes=outcome.uplink_bytes,
-                uplink_message_bytes=up_msg,
-                downlink_message_bytes=self._pending_down,
-                downlink_payload_bytes=len(outcome.downlink_payload),
-                node_ids=[m.metadata.src_node_id for m in ok],
-            )
-        )
+        self._advance(server_round, ok, outcome.downlink_payload, outcome.uplink_bytes, up_msg)
         out = MetricRecord(
             {k: float(v) for k, v in outcome.measurements.items() if isinstance(v, int | float)}
         )
