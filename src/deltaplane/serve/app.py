@@ -9,11 +9,15 @@ Device endpoints (``Authorization: Bearer <device token>``, rate limited per dev
   for size (413), round and duplicate (409), base version (409 stale), format (400), shape and NaN (422).
 * ``POST /v1/models/{model}/report`` — metrics and drift summaries (histograms, not raw data).
 
+The round endpoints (``/round``, ``/rounds/{round}/update``, ``/admin/models/{model}/rounds...``, rebuild) live
+in :mod:`deltaplane.serve.rounds`, a thin driver over the engine's server step (any aggregator chain).
+
 Admin endpoints (``Authorization: Bearer <admin token>``): issue and revoke device tokens, open/close/abort
 rounds (a closed round becomes a new signed version, published as a delta, in one transaction), withdraw a
 cohort and rebuild without it, promote through the gate, roll back, set the drift reference, read alerts and
 counters. Authentication and body limits are enforced before any body is read (:mod:`deltaplane.serve.guard`);
-rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``docs/security.md``. ``/docs`` and ``/openapi.json`` describe everything. Every bad request
+rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``docs/security.md``. ``/docs`` and
+``/openapi.json`` describe everything. Every bad request
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
