@@ -1,9 +1,10 @@
 """Promotion gate and rollback on a real model: degraded candidates are blocked, rollback is byte-identical.
 
-A SmallCNN is trained on sklearn digits; the registry holds a weaker and a better version, then two degraded
-deploy artifacts derived from the better one (90% magnitude pruning, 2-bit weight quantization). Each
-promotion runs the evaluator (clean test accuracy + accuracy on a noisy OOD copy of the test set) on the
-candidate and on current production; tolerance 1 point clean / 2 points OOD.
+The digits task's CNN is federated by the engine (sequential driver, 10 clients): a weaker version (2 rounds)
+and a better one (15 rounds) go into the registry, then two degraded deploy artifacts derived from the better one
+(90% magnitude pruning, 2-bit weight quantization). Each promotion runs the ready-made digits evaluator
+(``deltaplane.serve.evaluators:digits``: clean test accuracy + accuracy on a noisy OOD copy of the test set) on
+the candidate and on current production; tolerance 1 point clean / 2 points OOD.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-import _digits_cnn as D
 from _record import record, table
+from deltaplane.engine import RunConfig
 from deltaplane.registry import Registry, Tolerance, promote, rollback
+from deltaplane.serve.evaluators import digits as evaluate
+from deltaplane.sim import run_simulation
 
 
 def pruned(state, sparsity):
@@ -42,23 +45,22 @@ def quantized(state, bits):
 
 
 def main() -> None:
-    d = D.data()
-    evaluate = D.evaluator(d)
+    torch.set_num_threads(1)
     tol = Tolerance({"accuracy": 0.01, "ood_accuracy": 0.02})
     reg = Registry.create(tempfile.mkdtemp(prefix="gate-bench-"))
-    s0 = D.initial_state()
-    weak = D.local_train(s0, d["xtr"], d["ytr"], epochs=1, lr=0.05, seed=0)
-    good = D.local_train(weak, d["xtr"], d["ytr"], epochs=3, lr=0.05, seed=1)
-    v1 = reg.register_model("cnn", weak, lineage={"epochs": 1})
-    v2 = reg.register_model("cnn", good, parent=v1.number, lineage={"epochs": 4})
+    fed = RunConfig(clients=10, alpha=1.0)
+    weak = run_simulation(fed.replace(rounds=2)).final_state
+    good = run_simulation(fed.replace(rounds=15)).final_state
+    v1 = reg.register_model("cnn", weak, lineage={"rounds": 2})
+    v2 = reg.register_model("cnn", good, parent=v1.number, lineage={"rounds": 15})
     v3 = reg.register_model(
         "cnn", pruned(good, 0.9), parent=v2.number, lineage={"deploy_recipe": "prune 90%"}
     )
     v4 = reg.register_model("cnn", quantized(good, 2), parent=v2.number, lineage={"deploy_recipe": "2-bit"})
     rows = []
     for art, what in [
-        (v1, "weaker (1 epoch)"),
-        (v2, "better (4 epochs)"),
+        (v1, "weaker (2 rounds)"),
+        (v2, "better (15 rounds)"),
         (v3, "over-pruned 90%"),
         (v4, "2-bit quantized"),
     ]:

@@ -1,6 +1,6 @@
-"""Shared fixtures.
+"""Fixtures shared across test folders.
 
-``plaintext_watch``: the instrument of the "no server-side object ever holds an individual plaintext update"
+``byo_task``: docs/byo.md's user task file, on sys.path. ``plaintext_watch``: the instrument of the "no server-side object ever holds an individual plaintext update"
 tests (secure aggregation on every transport). Device-side code registers what each device must keep to itself
 (its quantized codes, its float update); the test then feeds the watch every byte the server side received
 and every object it holds, and the watch fails if any registered pattern shows up.
@@ -9,11 +9,27 @@ and every object it holds, and the watch fails if any registered pattern shows u
 from __future__ import annotations
 
 import gc
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+
+BYO_DOC = Path(__file__).resolve().parents[1] / "docs" / "byo.md"
+
+
+@pytest.fixture
+def byo_task(tmp_path, monkeypatch) -> str:
+    """docs/byo.md's ``mytask.py`` (the block starting ``# mytask.py``), written into a user folder on sys.path,
+    as a reader would save it; yields the task path ``"mytask:make_task"``."""
+    blocks = re.findall(r"```python\n(.*?)```", BYO_DOC.read_text(), re.S)
+    (tmp_path / "mytask.py").write_text(next(b for b in blocks if b.startswith("# mytask.py")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "mytask:make_task"
+    sys.modules.pop("mytask", None)
 
 
 class PlaintextWatch:

@@ -167,6 +167,8 @@ def run(
     into one (TIES, task arithmetic), and the global model is pruned + int8-quantized into OUT/deploy.
     """
     with clean_errors():
+        if transport is not None and transport not in ("inproc", "http"):
+            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
             rounds=rounds, seed=seed,
@@ -175,8 +177,6 @@ def run(
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine in (None, Engine.inprocess) else engine.value, transport=transport,
         )  # fmt: skip
-        if transport is not None and transport not in ("inproc", "http"):
-            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
         from deltaplane.apps.runner import preflight
 
         preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts

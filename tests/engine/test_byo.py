@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import re
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
 from deltaplane.apps.runner import run_federation
 from deltaplane.engine import RunConfig
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "byo.md"
-
-
-@pytest.fixture
-def byo_task(tmp_path, monkeypatch) -> str:
-    """byo.md's ``mytask.py``, written into a user folder on sys.path (as a reader would save it)."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-    (tmp_path / "mytask.py").write_text(next(b for b in blocks if b.startswith("# mytask.py")))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "mytask:make_task"
-    sys.modules.pop("mytask", None)
 
 
 def test_the_users_task_runs_identically_on_sequential_and_http_and_closely_batched(byo_task) -> None:

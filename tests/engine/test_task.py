@@ -97,3 +97,10 @@ def test_digits_options_are_refused_for_another_task(user_module: str) -> None:
 
 def test_train_shifts_reach_the_digits_task() -> None:
     assert len(make_task(RunConfig(train_shifts=2)).train) == 3 * 1438
+
+
+def test_digits_task_has_an_mlp_option() -> None:
+    task = load_task(DEFAULT_TASK, {"model": "mlp"})
+    assert sum(p.numel() for p in task.build_model(0).parameters()) == 2_410
+    with pytest.raises(TaskError, match="model must be one of \\['cnn', 'mlp'\\]"):
+        load_task(DEFAULT_TASK, {"model": "resnet"})

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import re
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 from flwr.app import Context, RecordDict
 
 from deltaplane.engine import RunConfig
 from deltaplane.flower import task_client_app, task_server_app
 from deltaplane.sim import run_simulation
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "byo.md"
-
-
-@pytest.fixture
-def byo_task(tmp_path, monkeypatch) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-    (tmp_path / "mytask.py").write_text(next(b for b in blocks if b.startswith("# mytask.py")))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "mytask:make_task"
-    sys.modules.pop("mytask", None)
 
 
 def test_users_task_on_flower_equals_the_sequential_driver(byo_task, loopback_grid) -> None:

@@ -121,11 +121,18 @@ def test_stacked_forward_equals_the_model_on_each_client() -> None:
 def test_same_seed_same_accuracy_batched_and_sequential() -> None:
     """The CI equivalence check: per-round accuracy and final weights of both engines agree.
 
-    Bound: per-round test accuracy equal within one of the 359 test digits, final weights within 1e-3. The
-    engines differ only by float32 rounding (≤ 1e-6 per client update, test above), but with lr 0.2 and ReLU
-    kinks that difference grows round by round: it is 6e-8 after one round and 5.9e-4 after three here, and on
-    other seeds reaches 2e-2 after four rounds, for the vmap and the grouped-convolution paths alike.
+    Bound: per-round test accuracy equal within one of the 359 test digits; weights within 1e-6 after one
+    round and 2e-2 after three. The engines differ only by float32 rounding (≤ 1e-6 per client update, test
+    above), but with lr 0.2 and ReLU kinks that difference grows ~30× per round, by an amount that depends on
+    the CPU's kernels: 3e-8 / 1.2e-4 / 4.0e-3 after one / two / three rounds on one Xeon, 6e-8 / - / 5.9e-4 on
+    another. So the tight bound is checked where rounding alone decides it (one round).
     """
+
+    def worst(a, b) -> float:
+        return max(float((a.final_state[k] - b.final_state[k]).abs().max()) for k in a.final_state)
+
+    one = RunConfig(clients=8, rounds=1)
+    assert worst(run_simulation(one), run_simulation(one.replace(engine="batched"))) < 1e-6
     cfg = RunConfig(clients=8, rounds=3)
     seq = run_simulation(cfg.replace(engine="sequential"))
     bat = run_simulation(cfg.replace(engine="batched"))
@@ -133,8 +140,7 @@ def test_same_seed_same_accuracy_batched_and_sequential() -> None:
         assert abs(a.test_accuracy - b.test_accuracy) <= 1 / 359
         assert abs(a.client_accuracy_mean - b.client_accuracy_mean) <= 0.01
     assert bat.final.test_accuracy > 0.5  # it learned
-    worst = max(float((seq.final_state[k] - bat.final_state[k]).abs().max()) for k in seq.final_state)
-    assert worst < 1e-3
+    assert worst(seq, bat) < 2e-2
     # identical payload sizes round by round: the same codec saw (almost) the same deltas
     assert [r.uplink_bytes for r in seq.rounds] == [r.uplink_bytes for r in bat.rounds]
 

@@ -34,7 +34,7 @@ from deltaplane.engine.federation import Client
 from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.personalization import Personalizer
 
 __all__ = ["ClientStep", "Upload", "clip_to", "local_privacy", "personalize", "poison"]
@@ -98,8 +98,6 @@ class ClientStep:
         self.personalizer: Personalizer = config.make_personalizer()
         attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
         if config.attack and not simulation:
-            from deltaplane.errors import UnsupportedOption
-
             raise UnsupportedOption(
                 "attack runs only on simulated devices; real devices choose their own updates"
             )

@@ -192,7 +192,18 @@ class DeltaStrategy(Strategy):
             decoded.append((decompress(payload, expect_base=base), weight, m))
 
         if self.aggregator is not None:
-            update, metrics = self._chain([(delta, weight) for delta, weight, _ in decoded], len(ok))
+            self.aggregator.reset()
+            for delta, weight, _ in decoded:
+                self.aggregator.add(delta, weight=weight)
+            update = self.aggregator.result()
+            # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
+            measured = getattr(self.aggregator, "measurements", {}) or {}
+            metrics = MetricRecord(
+                {
+                    **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
+                    "clients": len(ok),
+                }
+            )
         else:  # the wrapped Flower strategy averages full weights; give it what the nodes meant to send
             rebuilt = []
             for delta, _, m in decoded:
@@ -202,38 +213,19 @@ class DeltaStrategy(Strategy):
                 rebuilt.append(m)
             new_arrays, metrics = self.inner.aggregate_train(server_round, rebuilt)
             update = Delta.between(self._global, arrays_to_state(new_arrays))
-        return self._finish(server_round, update, metrics, ok, up_payload=up_payload, up_msg=up_msg)
-
-    def _chain(self, updates: list[tuple[Delta, float]], clients: int) -> tuple[Delta, MetricRecord]:
-        """Run the deltaplane aggregator over ``updates``; its measurements travel as Flower metrics."""
-        assert self.aggregator is not None
-        self.aggregator.reset()
-        for delta, weight in updates:
-            self.aggregator.add(delta, weight=weight)
-        update = self.aggregator.result()
-        measured = getattr(self.aggregator, "measurements", {}) or {}
-        metrics = MetricRecord(
-            {**{k: float(v) for k, v in measured.items() if isinstance(v, int | float)}, "clients": clients}
-        )
-        return update, metrics
-
-    def _finish(
-        self,
-        server_round: int,
-        update: Delta,
-        metrics: MetricRecord | None,
-        ok: list[Message],
-        *,
-        up_payload: int,
-        up_msg: int,
-    ) -> tuple[ArrayRecord, MetricRecord]:
-        """Scale by ``server_lr``, compress the downlink, advance the version and record the round's traffic."""
-        assert self._global is not None
-        base = (self.base_id, self._version)
         update = update * self.server_lr
 
         payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)
         self._global = decompress(payload, expect_base=base).apply(self._global)
+        self._advance(server_round, ok, payload, up_payload, up_msg)
+        out = MetricRecord(dict(metrics) if metrics is not None else {})
+        out["uplink-payload-bytes"] = up_payload
+        return state_to_arrays(self._global), out
+
+    def _advance(
+        self, server_round: int, ok: list[Message], payload: bytes, up_payload: int, up_msg: int
+    ) -> None:
+        """Publish the round's downlink ``payload``: remember it, the version each node now holds, the traffic."""
         self._downlink_payloads.append(payload)
         for m in ok:  # each holds the model it trained from; next time it needs the downlink from there on
             self._node_version[m.metadata.src_node_id] = self._version
@@ -249,9 +241,6 @@ class DeltaStrategy(Strategy):
                 node_ids=[m.metadata.src_node_id for m in ok],
             )
         )
-        out = MetricRecord(dict(metrics) if metrics is not None else {})
-        out["uplink-payload-bytes"] = up_payload
-        return state_to_arrays(self._global), out
 
     def _engine_round(
         self, server_round: int, ok: list[Message]
@@ -267,28 +256,14 @@ class DeltaStrategy(Strategy):
             weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
             step.receive_payload(str(m.metadata.src_node_id), payload, weight)
         outcome = self.last_outcome = step.close()
-        return self._advance(server_round, ok, outcome, up_msg)
+        return self._take_outcome(server_round, ok, outcome, up_msg)
 
-    def _advance(
+    def _take_outcome(
         self, server_round: int, ok: list[Message], outcome: RoundOutcome, up_msg: int
     ) -> tuple[ArrayRecord, MetricRecord]:
-        """Take a closed round's outcome: the new global model, the downlink chain, node versions, traffic."""
+        """A closed engine round: the new global model, its downlink, node versions, traffic and metrics."""
         self._global = outcome.state
-        self._downlink_payloads.append(outcome.downlink_payload)
-        for m in ok:
-            self._node_version[m.metadata.src_node_id] = self._version
-        self._version += 1
-        self.traffic.append(
-            RoundTraffic(
-                round=server_round,
-                clients=len(ok),
-                uplink_payload_bytes=outcome.uplink_bytes,
-                uplink_message_bytes=up_msg,
-                downlink_message_bytes=self._pending_down,
-                downlink_payload_bytes=len(outcome.downlink_payload),
-                node_ids=[m.metadata.src_node_id for m in ok],
-            )
-        )
+        self._advance(server_round, ok, outcome.downlink_payload, outcome.uplink_bytes, up_msg)
         out = MetricRecord(
             {k: float(v) for k, v in outcome.measurements.items() if isinstance(v, int | float)}
         )

@@ -9,6 +9,9 @@ Device endpoints (``Authorization: Bearer <device token>``, rate limited per dev
   for size (413), round and duplicate (409), base version (409 stale), format (400), shape and NaN (422).
 * ``POST /v1/models/{model}/report`` — metrics and drift summaries (histograms, not raw data).
 
+The round endpoints (``/round``, ``/rounds/{round}/update``, ``/admin/models/{model}/rounds...``) live in
+:mod:`deltaplane.serve.rounds`, a thin driver over the engine's server step (any aggregator chain).
+
 Admin endpoints (``Authorization: Bearer <admin token>``): issue device tokens, open/close rounds (a closed
 round becomes a new signed version, published as a delta), promote through the gate, roll back, set the drift
 reference, read alerts and counters. ``/docs`` and ``/openapi.json`` describe everything. Every bad request

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 from deltaplane.data.digits import NUM_CLASSES, load_digits, train_test_split
@@ -14,20 +15,39 @@ from deltaplane.data.models import DigitsCNN
 from deltaplane.engine.task import Task
 from deltaplane.errors import TaskError
 
-__all__ = ["SHIFTS", "make_task"]
+__all__ = ["MODELS", "SHIFTS", "DigitsMLP", "make_task"]
 
 #: The one-pixel translations ``train_shifts`` adds, in order: the 4 axis neighbours, then the 4 diagonals.
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
 
-def make_task(*, test_fraction: float = 0.2, split_seed: int = 0, train_shifts: int = 0) -> Task:
-    """Digits as a :class:`~deltaplane.engine.Task`: :class:`~deltaplane.data.models.DigitsCNN`, the
-    stratified train/test split (``test_fraction``, ``split_seed``), plus ``train_shifts`` one-pixel-shifted
-    copies of every training image.
+class DigitsMLP(nn.Module):
+    """64 → 32 → 10 (2,410 parameters): the small model of the DP and robustness benchmarks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+MODELS = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+
+
+def make_task(
+    *, test_fraction: float = 0.2, split_seed: int = 0, train_shifts: int = 0, model: str = "cnn"
+) -> Task:
+    """Digits as a :class:`~deltaplane.engine.Task`: :class:`~deltaplane.data.models.DigitsCNN` (or, with
+    ``model="mlp"``, :class:`DigitsMLP`), the stratified train/test split (``test_fraction``, ``split_seed``),
+    plus ``train_shifts`` one-pixel-shifted copies of every training image.
 
     Digits has 1,437 training images: enough for 20 clients, not for 1,000 with a holdout each. Shifted copies
     (a standard augmentation) give every client a few images of its own; the test set is untouched.
     """
+    if model not in MODELS:
+        raise TaskError(f"model must be one of {sorted(MODELS)}. Found {model!r}")
     if not 0 <= train_shifts <= len(SHIFTS):
         raise TaskError(f"train_shifts must be in [0, {len(SHIFTS)}]. Found {train_shifts}")
     train, test = train_test_split(load_digits(), test_fraction=test_fraction, seed=split_seed)
@@ -36,9 +56,14 @@ def make_task(*, test_fraction: float = 0.2, split_seed: int = 0, train_shifts: 
         train = Dataset(torch.cat(copies), train.y.repeat(len(copies)))
     return Task(
         name="digits",
-        model=DigitsCNN,
+        model=MODELS[model],
         train=train,
         test=test,
         num_classes=NUM_CLASSES,
-        options={"test_fraction": test_fraction, "split_seed": split_seed, "train_shifts": train_shifts},
+        options={
+            "test_fraction": test_fraction,
+            "split_seed": split_seed,
+            "train_shifts": train_shifts,
+            "model": model,
+        },
     )
