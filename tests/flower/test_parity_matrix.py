@@ -7,7 +7,8 @@ both bit-identical. Bytes: Flower's uplink payloads equal the sequential ones ex
 header names the registry's model id and version ("digits-cnn" v1 instead of "sim/digits-cnn" v0), a few bytes
 per payload. α-mix does not run on Flower (refused: per-node personal state), and the population driver builds
 virtual devices of its own, so it has no sequential twin (tests/sim/test_population.py checks it runs each
-feature). SecAgg joins the matrix when it travels as messages (feat/secagg).
+feature). SecAgg runs as messages on every driver (in process, the service's SecAgg endpoints, Flower
+query messages): the unmasked sums, and so the models, are bit-identical.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FEATURES = {
     "topk-quant-ef": {"codec": "topk(0.05) | quant(bits=8)"},
     "downlink": {"downlink_codec": "topk(0.2) | quant(bits=8)"},
     "alpha-mix": {"personalization": "alpha_mix"},
+    "secagg": {"secagg": True, "clip": "2.0"},
 }
 #: per-round test accuracy may differ by this many of the 359 test digits on the batched driver
 BATCHED_TOLERANCE = 1 / 359

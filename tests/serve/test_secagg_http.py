@@ -84,27 +84,27 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     with pytest.raises(ServiceError) as exc:
         devices[1].share()  # the roster is not closed yet
     assert exc.value.status == 409
-    svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    svc.admin.advance_secagg("cnn", rnd)
     with pytest.raises(ServiceError) as exc:
         devices[0].advertise()  # too late
     assert exc.value.status == 409 and "too late" in exc.value.detail
     # stage 1: device 1 vanishes after advertising
     for dev in devices[2:]:
         dev.share()
-    svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    svc.admin.advance_secagg("cnn", rnd)
     # stage 2: device 2 vanishes after sharing, device 3 uploads late, devices 4+ upload
     for dev in devices[4:]:
         dev.upload()
-    late = devices[3].endpoint.masked_input(devices[3]._get("inbox"))
-    status = svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+    late = devices[3].endpoint.masked_input(devices[3].get("inbox"))
+    status = svc.admin.advance_secagg("cnn", rnd)
     assert status["survivors"] == list(range(4, n)) and status["dropped"] == [2, 3]
     with pytest.raises(ServiceError) as exc:
-        devices[3]._post("masked", late)
+        devices[3].post("masked", late)
     assert exc.value.status == 409 and "too late" in exc.value.detail
     # stage 3: device 11 uploaded but vanishes before unmasking (it stays in the sum)
     for dev in devices[4:11]:
         dev.unmask()
-    closed = svc.admin._post(f"/admin/models/cnn/secagg/{rnd}/close")
+    closed = svc.admin.close_secagg("cnn", rnd)
     survivors = list(range(4, n))
     assert closed["survivors"] == survivors
     # exact in the integer domain: the unmasked sum is the survivors' codes summed
@@ -163,13 +163,13 @@ def test_secagg_endpoints_refuse_strangers_oversized_and_bad_rounds(service) -> 
         a.client.request("GET", f"/v1/models/cnn/secagg/{rnd + 5}")
     assert exc.value.status == 404
     with pytest.raises(ServiceError) as exc:
-        service.admin._post(f"/admin/models/cnn/secagg/{rnd}/close")
+        service.admin.close_secagg("cnn", rnd)
     assert exc.value.status == 409
     with pytest.raises(ServiceError) as exc:
         service.admin._post("/admin/models/cnn/secagg", {"devices": ["a", "a"]})
     assert exc.value.status == 422
     with pytest.raises(ServiceError) as exc:  # too few advertised to close the stage
-        service.admin._post(f"/admin/models/cnn/secagg/{rnd}/advance")
+        service.admin.advance_secagg("cnn", rnd)
     assert exc.value.status == 422 and "threshold" in exc.value.detail
 
 

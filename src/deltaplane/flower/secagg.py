@@ -327,4 +327,4 @@ class SecAggStrategy(DeltaStrategy):
         step.open(server_round, version=self._version, state=self._global)
         step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=sent)
         outcome = self.last_outcome = step.close()
-        return self._advance(server_round, ok, outcome, up_msg)
+        return self._take_outcome(server_round, ok, outcome, up_msg)

@@ -276,6 +276,19 @@ class AdminClient:
         """Open a round on the last version free of withdrawn cohorts (those cohorts are excluded)."""
         return self._post(f"/admin/models/{model}/rebuild", tag=tag)
 
+    def open_secagg(self, model: str, devices: list[str], **params: Any) -> dict[str, Any]:
+        """Open a SecAgg round for ``devices`` (``bits``, ``clip_range``, ``weight_scale``, ``threshold``,
+        ``neighbours``, ``base_version``: see :mod:`deltaplane.serve.secagg_routes`)."""
+        return self._post(f"/admin/models/{model}/secagg", {"devices": list(devices), **params})
+
+    def advance_secagg(self, model: str, round_id: int) -> dict[str, Any]:
+        """Close the SecAgg round's current stage (its deadline passed); devices that did not speak dropped."""
+        return self._post(f"/admin/models/{model}/secagg/{round_id}/advance")
+
+    def close_secagg(self, model: str, round_id: int) -> dict[str, Any]:
+        """Unmask the SecAgg round's sum and publish the new version."""
+        return self._post(f"/admin/models/{model}/secagg/{round_id}/close")
+
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(
             f"/admin/models/{model}/promote", json={"version": version, "to": to}, headers=self._headers

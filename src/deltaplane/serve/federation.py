@@ -343,15 +343,13 @@ def _secagg_round(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )
     weights = [clients[cid].num_samples for cid in secure]
-    opened = admin._post(
-        f"/admin/models/{MODEL}/secagg",
-        {
-            "devices": [f"client-{cid}" for cid in secure],
-            "bits": config.secagg_bits,
-            "clip_range": config.secagg_range,
-            "weight_scale": float(np.mean(weights)),
-            "base_version": devices[secure[0]].version,
-        },
+    opened = admin.open_secagg(
+        MODEL,
+        [f"client-{cid}" for cid in secure],
+        bits=config.secagg_bits,
+        clip_range=config.secagg_range,
+        weight_scale=float(np.mean(weights)),
+        base_version=devices[secure[0]].version,
     )
     number = opened["round"]
     rng = np.random.default_rng(derive_seed(config.seed, Stream.SECAGG, rnd))
@@ -364,14 +362,13 @@ def _secagg_round(
             np.random.default_rng(device_seed(config.seed, rnd, cid)),
         )  # type: ignore[arg-type]
         fleet.append(dev)
-    path = f"/admin/models/{MODEL}/secagg/{number}"
     for stage in ("advertise", "share", "upload"):
         for dev in fleet:
             getattr(dev, stage)()
-        admin._post(path + "/advance")
+        admin.advance_secagg(MODEL, number)
     for dev in fleet:
         dev.unmask()
-    closed = admin._post(path + "/close")
+    closed = admin.close_secagg(MODEL, number)
     published = closed["published"]
     done = {"version": published["version"], "measurements": published["measurements"]}
     return (

@@ -64,7 +64,8 @@ class SecAggDevice:
     def client_id(self) -> int:
         return self.endpoint.client_id
 
-    def _get(self, what: str) -> bytes:
+    def get(self, what: str) -> bytes:
+        """Fetch a stage's server message (``roster``, ``inbox``, ``unmask``), retrying a 409 for ``wait`` s."""
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -74,7 +75,8 @@ class SecAggDevice:
                     raise
                 time.sleep(0.05)
 
-    def _post(self, what: str, body: bytes) -> None:
+    def post(self, what: str, body: bytes) -> None:
+        """Send a stage's message (``keys``, ``shares``, ``masked``, ``unmask``); refusals raise ServiceError."""
         self.client.request("POST", f"{self._path}/{what}", content=body)
         self.bytes_sent += len(body)
 
@@ -88,16 +90,16 @@ class SecAggDevice:
 
     def advertise(self) -> None:
         """Stage 0: send this device's public keys."""
-        self._post("keys", self.endpoint.advertise())
+        self.post("keys", self.endpoint.advertise())
 
     def share(self) -> None:
         """Stage 1: fetch the key roster, send encrypted shares."""
-        self._post("shares", self.endpoint.share(self._get("roster")))
+        self.post("shares", self.endpoint.share(self.get("roster")))
 
     def upload(self) -> None:
         """Stage 2: fetch the shares addressed to this device, send the masked update."""
-        self._post("masked", self.endpoint.masked_input(self._get("inbox")))
+        self.post("masked", self.endpoint.masked_input(self.get("inbox")))
 
     def unmask(self) -> None:
         """Stage 3: fetch the unmasking request, send the shares it asks for (refusing any that asks for both)."""
-        self._post("unmask", self.endpoint.unmask(self._get("unmask")))
+        self.post("unmask", self.endpoint.unmask(self.get("unmask")))

@@ -81,15 +81,8 @@ def run_secagg_fleet(
         admin = AdminClient(base_url, admin_token, client=http)
         names = [f"secagg-device-{i}" for i in range(n)]
         tokens = [admin.issue_token(d, "secagg") for d in names]
-        opened = admin._post(
-            f"/admin/models/{model}/secagg",
-            {
-                "devices": names,
-                "bits": bits,
-                "clip_range": clip_range,
-                "weight_scale": weight_scale,
-                "neighbours": neighbours,
-            },
+        opened = admin.open_secagg(
+            model, names, bits=bits, clip_range=clip_range, weight_scale=weight_scale, neighbours=neighbours
         )
         rnd = int(opened["round"])
         clients = [DeviceClient(base_url, t, verifier=verifier, client=http) for t in tokens]
@@ -105,7 +98,7 @@ def run_secagg_fleet(
                 times[name] = time.perf_counter() - t0
 
             def advance() -> dict[str, Any]:
-                return admin._post(f"/admin/models/{model}/secagg/{rnd}/advance")
+                return admin.advance_secagg(model, rnd)
 
             everyone = list(range(n))
             stage("advertise keys", [i for i in everyone if i not in dropouts.gone_by(0)], "advertise")
@@ -116,7 +109,7 @@ def run_secagg_fleet(
             late = [i for i in everyone if i in set(dropouts.late_upload) and i not in dropouts.gone_by(1)]
             t0 = time.perf_counter()
             late_msgs = dict(
-                pool.map(lambda i: (i, devices[i].endpoint.masked_input(devices[i]._get("inbox"))), late)
+                pool.map(lambda i: (i, devices[i].endpoint.masked_input(devices[i].get("inbox"))), late)
             )
             list(pool.map(lambda i: devices[i].upload(), on_time))
             times["masked input"] = time.perf_counter() - t0
@@ -124,7 +117,7 @@ def run_secagg_fleet(
             refused = []
             for i, body in late_msgs.items():  # arrives after the unmasking request: must be refused
                 try:
-                    devices[i]._post("masked", body)
+                    devices[i].post("masked", body)
                 except ServiceError as exc:
                     if exc.status != 409:
                         raise
@@ -136,7 +129,7 @@ def run_secagg_fleet(
             survivors = list(status["survivors"])
             stage("unmasking", [i for i in survivors if i not in dropouts.gone_by(3)], "unmask")
             t0 = time.perf_counter()
-            closed = admin._post(f"/admin/models/{model}/secagg/{rnd}/close")
+            closed = admin.close_secagg(model, rnd)
             times["unmask and publish"] = time.perf_counter() - t0
         return FleetReport(
             round=rnd,

@@ -43,6 +43,16 @@ class Dropouts:
     late_upload: Collection[int] = ()
     after_upload: Collection[int] = ()
 
+    def plus(self, *, before_upload: Collection[int] = (), after_upload: Collection[int] = ()) -> Dropouts:
+        """These dropouts with more devices vanishing before / after their upload."""
+        return Dropouts(
+            self.before_advertise,
+            self.before_shares,
+            set(self.before_upload) | set(before_upload),
+            self.late_upload,
+            set(self.after_upload) | set(after_upload),
+        )
+
     def gone_by(self, stage: int) -> set[int]:
         """Devices that do not take part in stage ``stage`` (0 advertise, 1 share, 2 upload, 3 unmask)."""
         groups = [self.before_advertise, self.before_shares, self.before_upload, self.after_upload]
@@ -140,14 +150,7 @@ def run_secagg(
         dropouts: dropouts at every stage, and late uploads (merged with the shorthands).
         randbytes: secret randomness for all clients (seeded only in reproducible simulations).
     """
-    d = dropouts or Dropouts()
-    d = Dropouts(
-        d.before_advertise,
-        d.before_shares,
-        set(d.before_upload) | set(drop_before_upload),
-        d.late_upload,
-        set(d.after_upload) | set(drop_after_upload),
-    )
+    d = (dropouts or Dropouts()).plus(before_upload=drop_before_upload, after_upload=drop_after_upload)
     enc = RingEncoding(bits=config.bits)
     devices = {}
     for u, c in codes.items():
@@ -204,14 +207,7 @@ def secure_mean(
         devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes)
         q = np.random.default_rng(device_seeds[u] if device_seeds is not None else rng.integers(2**63))
         devices[u].set_update(dl, int(weights[u]) if weights is not None else 1, q)
-    d = dropouts or Dropouts()
-    d = Dropouts(
-        d.before_advertise,
-        d.before_shares,
-        set(d.before_upload) | set(drop_before_upload),
-        d.late_upload,
-        set(d.after_upload) | set(drop_after_upload),
-    )
+    d = (dropouts or Dropouts()).plus(before_upload=drop_before_upload, after_upload=drop_after_upload)
     total, report = exchange(devices, ServerEndpoint(cfg), d)
     mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
     return mean, report
