@@ -170,6 +170,8 @@ def cases(z: Path) -> list[tuple[str, str, dict, str]]:
           "models": [{"model": {"model": {"path": m}}, "parameters": p["parameters"]}
                      for m, p in zip((m0, m1, m2), dens, strict=True)],
           "parameters": {"int8_mask": True}, "tokenizer_source": "base", "chat_template": "chatml"}, "tie-break"),
+        ("ties", "ties: argsort (mergekit's pick among ties)", {"merge_method": "ties", "base_model": b,
+                                                               "models": dens, "parameters": {"ties": "argsort"}}, ""),
         ("ties", "rescale: true (L1)", {"merge_method": "ties", "base_model": b, "models": dens,
                                         "parameters": {"rescale": True}}, "tie-break; L1 norms summed in float64"),
     ]  # fmt: skip
@@ -248,7 +250,8 @@ def main() -> None:
                 # a row measured by an earlier run of this script on the same config (and the same code)
                 old = json.loads(saved.read_text())
                 rows.append(old["row"])
-                loads.append(old["load"])
+                if old.get("load") is not None:
+                    loads.append(old["load"])
                 t_dp, t_mk = t_dp + old["dp_s"], t_mk + old["mk_s"]
                 print(rows[-1], "(reused)", flush=True)
                 continue

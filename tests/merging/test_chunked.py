@@ -28,6 +28,7 @@ CASES = [
     ("dare_ties", {"density": 0.4, "seed": 5}, False),  # L1 rescale: a sum over the chunks
     ("ties", {"density": 0.3, "rescale": True}, False),
     ("ties", {"density": 0.3, "ties": "keep_all"}, True),
+    ("ties", {"densities": [0.2, 0.5, 0.9], "ties": "argsort"}, True),
     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2, "rescale": False}, True),
     ("della_linear", {"density": 0.5, "seed": 2}, False),
     ("sce", {"select_topk": 0.5}, False),

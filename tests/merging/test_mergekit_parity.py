@@ -401,3 +401,14 @@ def test_arcee_fusion_with_negative_zero_importances() -> None:
     want = _mk("arcee_fusion", [base, model], 0)
     got = merge("arcee_fusion", {"w": base}, [{"w": model}])["w"]
     assert torch.equal(got, want)
+
+
+def test_ties_argsort_reproduces_mergekits_choice_among_ties() -> None:
+    # task vectors on a grid of 1/40: thousands of entries tie at each threshold (as bfloat16 ones do)
+    base, models = _tensors((64, 48), 3)
+    models = [base + torch.round((m - base) * 40) / 40 for m in models]
+    want = _mk("ties", [base, *models], 0, weight=W3, density=D3)
+    got = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3, ties="argsort")["w"]
+    assert torch.equal(got, want)
+    by_index = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3)["w"]
+    assert not torch.equal(by_index, want)  # the default breaks those ties by index

@@ -368,8 +368,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             params.append(Param("seed", 0, kind="int", doc="seed of the random drop masks"))
         if sparsification in ("magnitude", "outliers"):
             params.append(
-                Param("ties", "index", kind="choice", choices=("index", "keep_all"),
-                      doc="entries tied at the top-k threshold: lowest flat index first, or keep all of them")
+                Param("ties", "index", kind="choice", choices=("index", "keep_all", "argsort"),
+                      doc="entries tied at the top-k threshold: lowest flat index first, keep all of them, or "
+                      "mergekit's choice (torch.argsort of the whole tensor; magnitude trimming only)")
             )  # fmt: skip
         if sparsification == "outliers":
             params.append(
@@ -400,6 +401,15 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             probs = della_probabilities(flat, density, mp["epsilon"])
             draw = torch.rand(probs.shape, generator=state.generators[i], dtype=torch.float32)
             return (draw < probs).reshape(tau.shape)
+        if state.whole_masks is not None:
+            m = state.whole_masks[i]
+            if m is None:
+                return torch.ones_like(tau, dtype=torch.bool)
+            return (
+                m
+                if not m.dim() or (state.chunk_rows == (0, m.shape[0]))
+                else m[state.chunk_rows[0] : state.chunk_rows[1]]
+            )
         trim = state.trim[i]
         if trim is None:  # k covers the whole tensor: nothing is trimmed
             return torch.ones_like(tau, dtype=torch.bool)
@@ -421,6 +431,8 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             state.trim = [None] * n_models
         else:
             keep_all = params.shared.get("ties") == "keep_all"
+            if params.shared.get("ties") == "argsort" and self.sparsification == "magnitude":
+                state.whole_masks = self._argsort_masks(shape, chunks, params)
             ranks: list[list[int]] = []
             for mp in params.per_model:
                 density = mp["density"]
@@ -434,7 +446,7 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                 else:
                     ranks.append(_outlier_ranks(n, density, mp.get("gamma", 0.0)))
                     state.trim.append([])
-            if any(ranks):
+            if any(ranks) and state.whole_masks is None:
 
                 def abs_deltas() -> Iterator[tuple[int, Tensor]]:
                     for chunk in chunks():
@@ -454,6 +466,29 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             state.scale = self._l1_factors(state, chunks, params)
         return state
 
+    @staticmethod
+    def _argsort_masks(shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> list[Tensor | None]:
+        """mergekit's magnitude masks, ties included: ``argsort(|τ|.float(), descending=True)[:k]`` of the whole
+        tensor. Holds one whole-tensor ``|τ|`` and a boolean mask per model (the price of replaying its order)."""
+        n_models = len(params.per_model)
+        parts: list[list[Tensor]] = [[] for _ in range(n_models)]
+        for chunk in chunks():
+            assert chunk.base is not None
+            for i, t in enumerate(chunk.tensors):
+                parts[i].append(torch.sub(t, chunk.base).abs_().float().reshape(-1))
+        masks: list[Tensor | None] = []
+        n = math.prod(shape)
+        for i, mp in enumerate(params.per_model):
+            if mp["density"] >= 1 or n == 0:
+                masks.append(None)
+                continue
+            w = torch.cat(parts[i]) if parts[i] else torch.zeros(0)
+            parts[i] = []
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[torch.argsort(w, descending=True)[: _keep_count(n, mp["density"])]] = True
+            masks.append(keep.reshape(shape))
+        return masks
+
     def _l1_factors(self, state: _EngineState, chunks: ChunkPass, params: MergeParams) -> list[float | None]:
         """``‖τᵢ‖₁ / ‖τ̂ᵢ‖₁`` per model (``None``: unsparsified or a norm under 1e-7, left as is, as mergekit does).
 
@@ -469,6 +504,7 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         after = [0.0] * len(sparse)
         for chunk in chunks():
             assert chunk.base is not None
+            state.chunk_rows = (chunk.start, chunk.stop)
             for i, t in enumerate(chunk.tensors):
                 if not sparse[i]:
                     continue
@@ -492,6 +528,7 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         base = chunk.base
         assert base is not None  # needs_base is enforced before any tensor is read
         params = chunk.params
+        state.chunk_rows = (chunk.start, chunk.stop)
         cdt = base.dtype
         half = cdt not in (torch.float32, torch.float64)
         acc = torch.float32 if half else cdt  # sums over models: float32 for half types, as torch.sum does
@@ -562,6 +599,10 @@ class _EngineState:
 
     trim: list[list[TopK] | None] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
+    whole_masks: list[Tensor | None] | None = None
+    """``ties: argsort``: each model's whole-tensor keep mask (``None``: kept whole)."""
+    chunk_rows: tuple[int, int] = (0, 0)
+    """Rows of the chunk being merged (to cut ``whole_masks``)."""
     scale: list[tuple[float, float] | None] = field(default_factory=list)
 
 
