@@ -164,10 +164,11 @@ def main() -> None:
                 f = dc["fp32"]
                 cost_rows.append(
                     [
-                        "fp32 PyTorch weights",
+                        "fp32 (graph of the dense model)",
                         f"{f['macs']:,}",
                         f"{f['macs']:,}",
                         f"{f['model_bytes']:,}",
+                        f"{f['weight_bytes']:,}",
                         f"{f['peak_activation_bytes']:,}",
                         f"{f['energy_uj']['phone']:.2f}",
                         f"{f['energy_uj']['mcu']:.1f}",
@@ -180,6 +181,7 @@ def main() -> None:
                     f"{c2['macs']:,}",
                     f"{c2['nonzero_macs']:,}",
                     f"{c2['model_bytes']:,}",
+                    f"{c2['weight_bytes']:,}",
                     f"{c2['peak_activation_bytes']:,}",
                     f"{c2['energy_uj']['phone']:.2f}",
                     f"{c2['energy_uj']['mcu']:.1f}",
@@ -277,8 +279,9 @@ def main() -> None:
             "max adversarial drop 10 pts) applied to each level's measured numbers — what the command would do:",
             table(["level", "gates"], gate_rows),
             "Device cost per batch-1 inference (estimates; `deltaplane.deploy.cost`): MACs counted by PyTorch's "
-            "FlopCounterMode (dense: what ORT executes; non-zero: what a sparse kernel could skip to), weight bytes "
-            "the runtime holds, peak activation bytes of the ORT-optimised graph (liveness walk), energy = MACs × "
+            "FlopCounterMode (dense: what ORT executes; non-zero: what a sparse kernel could skip to), file bytes "
+            "(safetensors / artifact), weight bytes the runtime holds after decoding (int4 on this CNN is storage "
+            "only: ORT's int4 kernel covers MatMul, and the CNN's Conv/Gemm run in fp32), peak activation bytes of the ORT-optimised graph (liveness walk), energy = MACs × "
             "pJ/MAC (int8 for int8 levels) + (weights + 2 × activations) × pJ/byte. Profiles: phone "
             f"{PROFILES['phone'].pj_per_mac_fp32} / {PROFILES['phone'].pj_per_mac_int8} pJ per fp32 / int8 MAC, "
             f"{PROFILES['phone'].pj_per_byte:g} pJ/byte (Horowitz ISSCC 2014, 45 nm); mcu "
@@ -289,7 +292,8 @@ def main() -> None:
                     "level",
                     "MACs",
                     "non-zero MACs",
-                    "weight bytes",
+                    "file bytes",
+                    "runtime weight bytes",
                     "peak activation bytes",
                     "phone µJ",
                     "MCU µJ",

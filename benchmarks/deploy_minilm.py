@@ -31,7 +31,7 @@ from deltaplane.deploy.recovery import distill_recover
 from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
 from deltaplane.errors import QualityGateFailed
 
-EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 LR = 2e-4
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         calib_tokens=cal,
         source_sha256=ck.sha256,
         fp32_nbytes=ck.weights_nbytes,
-        latency_iters=15,
+        latency_iters=10,
         progress=say,
     )
     base = ck.weights_nbytes
@@ -80,11 +80,6 @@ def main() -> None:
         say("int8 (default gates)")
         m8 = deploy_token_model(ck.model, tmp / "int8", quant="int8", gates=Gates(), **common).manifest
         rows.append(row("int8 dynamic (`--quant int8`)", m8, "ships"))
-        say("int4")
-        m4 = deploy_token_model(
-            ck.model, tmp / "int4", quant="int4", gates=Gates(), device_cost=False, **common
-        )
-        rows.append(row("int4 weight-only (`--quant int4`)", m4.manifest, "ships"))
         say("2:4 + int8 (default gates)")
         try:
             deploy_token_model(

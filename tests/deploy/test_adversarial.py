@@ -72,3 +72,29 @@ def test_cli_adversarial_gate_blocks_a_level(tmp_path, trained_cnn):
     assert drop > 1.0 and "## Adversarial robustness" in (tmp_path / "ok" / "MODEL_CARD.md").read_text()
     r = CliRunner().invoke(app, [*base, *loose, "--max-adv-drop", "1", "-o", str(tmp_path / "no")])
     assert r.exit_code == 3 and "max-adv-drop" in r.output and not (tmp_path / "no").exists()
+
+
+def test_encoder_attack_on_input_embeddings():
+    transformers = pytest.importorskip("transformers")
+    from deltaplane.deploy.adversarial import encoder_adversarial_eval
+    from deltaplane.deploy.tokens import deploy_token_model, random_tokens
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    enc = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    toks = random_tokens(97, 8, 10, seed=3)
+    res = encoder_adversarial_eval(enc, enc, toks, eps=(0.5, 2.0))
+    assert res["metric"] == "cosine" and all(r["drop_points"] == 0.0 for r in res["rows"])
+    pgd = {r["eps"]: r["fp32"] for r in res["rows"] if r["attack"] == "pgd"}
+    assert pgd[2.0] < pgd[0.5] < 1.0  # a larger budget moves the embedding further
+    with pytest.raises(ConfigError, match="sentence encoders only"):
+        deploy_token_model(
+            enc,
+            "unused",
+            task="text-classification",
+            eval_tokens=toks,
+            calib_tokens=toks,
+            adversarial_eps=(0.1,),
+        )

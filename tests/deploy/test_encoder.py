@@ -131,3 +131,25 @@ def test_real_minilm_int8_meets_acceptance(tmp_path):
     )
     assert res.manifest["sizes"]["compression_ratio"] >= 3.5
     assert res.manifest["fidelity"]["cosine_min"] >= 0.99
+
+
+@pytest.mark.slow
+def test_real_minilm_2_4_int8_is_refused_by_the_default_gates(tmp_path):
+    from deltaplane.deploy import Gates
+    from deltaplane.errors import QualityGateFailed
+
+    ck = load_checkpoint(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    with pytest.raises(QualityGateFailed, match="min-cosine") as e:
+        deploy_encoder(
+            ck.model,
+            tmp_path / "m",
+            tokenizer=tok,
+            sentences=EVAL_SENTENCES,
+            calib_sentences=CALIBRATION_SENTENCES,
+            prune="2:4",
+            quant="int8",
+            gates=Gates(),
+            latency_iters=2,
+        )
+    assert e.value.manifest["fidelity"]["cosine_min"] < 0.9 and not (tmp_path / "m").exists()

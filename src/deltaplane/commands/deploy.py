@@ -210,11 +210,16 @@ def _table(manifest: dict[str, Any], title: str):
                 f"{cl['p50']:.0f}/{cl['p95']:.0f}",
                 f"{cmp['latency_ratio_p50'][bs]:.2f}×",
             )
-    for row in (manifest.get("adversarial") or {}).get("rows", []):
+    adv = manifest.get("adversarial") or {}
+    for row in adv.get("rows", []):
+        if adv.get("metric") == "cosine":
+            fp, cp = f"{row['fp32']:.4f}", f"{row['compressed']:.4f}"
+        else:
+            fp, cp = f"{100 * row['fp32']:.2f}%", f"{100 * row['compressed']:.2f}%"
         t.add_row(
-            f"{row['attack']} ε={row['eps']:g} accuracy",
-            f"{100 * row['fp32']:.2f}%",
-            f"{100 * row['compressed']:.2f}%",
+            f"{row['attack']} ε={row['eps']:g} {adv.get('metric', 'accuracy')}",
+            fp,
+            cp,
             f"{-row['drop_points']:+.2f} pts",
         )
     cost = manifest.get("device_cost")
@@ -346,11 +351,15 @@ def register(app: typer.Typer) -> None:
             float, typer.Option(help="gate: points any corruption loses beyond the clean drop")
         ] = 5.0,
         max_adv_drop: Annotated[
-            float, typer.Option(help="gate: points of FGSM/PGD accuracy lost vs fp32 at any ε (classifiers)")
+            float,
+            typer.Option(help="gate: FGSM/PGD accuracy (encoders: mean cosine ×100) lost vs fp32 at any ε"),
         ] = 10.0,
         attack_eps: Annotated[
             list[float] | None,
-            typer.Option(help="classifiers: L∞ ε for FGSM/PGD (repeatable; default 0.02 0.05 0.1; 0 = skip)"),
+            typer.Option(
+                help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): classifiers on inputs [0.02 0.05 0.1], "
+                "sentence encoders on input embeddings, relative to their std [0.05 0.1]"
+            ),
         ] = None,
         recover: Annotated[
             str,
@@ -402,8 +411,9 @@ def register(app: typer.Typer) -> None:
                     if kind in ("sentence-embedding", "text-classification", "next-token"):
                         if fmt != "onnx":
                             raise ConfigError("token models deploy as --format onnx")
+                        eps = [0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
                         res = _deploy_tokens(
-                            ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec
+                            ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec, eps
                         )
                     elif kind == "classification":
                         eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
@@ -483,7 +493,9 @@ def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
     )
 
 
-def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec):
+def _deploy_tokens(
+    ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec, eps
+):
     from deltaplane.deploy.tokens import deploy_token_model
 
     ev, cal, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed)
@@ -515,6 +527,7 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, senten
         progress=say,
         extra=extra,
         recover=recover,
+        adversarial_eps=eps if task == "sentence-embedding" else (),
     )
 
 

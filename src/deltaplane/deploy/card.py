@@ -108,10 +108,12 @@ def _measured_limitations(manifest: Mapping[str, Any], flags: list[str]) -> list
         )
     if manifest.get("inputs_note"):
         out.append(str(manifest["inputs_note"]))
-    for row in (manifest.get("adversarial") or {}).get("rows", []):
+    adv = manifest.get("adversarial") or {}
+    for row in adv.get("rows", []):
         if row.get("drop_points", 0.0) > 0:
+            what = "mean embedding cosine (×100)" if adv.get("metric") == "cosine" else "adversarial accuracy"
             out.append(
-                f"Under {row['attack']} at ε={row['eps']:g} the compressed model's adversarial accuracy is "
+                f"Under {row['attack']} at ε={row['eps']:g} the compressed model's {what} is "
                 f"{row['drop_points']:.2f} points lower than fp32's."
             )
     return out

@@ -153,6 +153,7 @@ def deploy_token_model(
     progress: Progress | None = None,
     extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
     device_cost: bool = True,
+    adversarial_eps: Sequence[float] = (),
 ) -> TokenDeployResult:
     """Compress a token model into ``out_dir`` (artifact, ONNX graph, manifest, model card) and measure it.
 
@@ -172,6 +173,9 @@ def deploy_token_model(
             adversarial robustness) before the gates are checked.
         device_cost: record MACs, peak activation memory, bytes and energy estimates for one input, fp32 vs
             compressed (:func:`~deltaplane.deploy.cost.deploy_cost`).
+        adversarial_eps: sentence encoders only: ε (relative to the embedding table's std) for FGSM/PGD on the
+            input embeddings (:func:`~deltaplane.deploy.adversarial.encoder_adversarial_eval`), gated by
+            ``gates.max_adv_drop``.
     """
     from deltaplane.deploy.pipeline import (
         QUANTS,
@@ -191,6 +195,8 @@ def deploy_token_model(
     spec = parse_prune(prune)
     if spec is not None and spec["method"] == "channels":
         raise ConfigError("channel pruning is not supported for token models; use 2:4, wanda:… or 0.x")
+    if adversarial_eps and task != "sentence-embedding":
+        raise ConfigError(f"adversarial evaluation of token models covers sentence encoders only, not {task}")
     ev = np.ascontiguousarray(eval_tokens, dtype=np.int64)
     cal = np.ascontiguousarray(calib_tokens, dtype=np.int64)
     if ev.ndim != 3 or ev.shape[1] != 2 or not len(ev) or cal.ndim != 3 or not len(cal):
@@ -322,6 +328,13 @@ def deploy_token_model(
         }
         if recovery is not None:
             manifest["recovery"] = recovery
+        if adversarial_eps:
+            from deltaplane.deploy.adversarial import encoder_adversarial_eval
+
+            say("adversarial robustness (FGSM, PGD on the input embeddings)")
+            adv = encoder_adversarial_eval(model, work, ev, eps=adversarial_eps)
+            manifest["quality"] = adv.pop("quality")
+            manifest["adversarial"] = adv
         if device_cost:
             say("device cost (MACs, activation memory, energy estimates)")
             one = ev[:1]
