@@ -39,13 +39,13 @@ TASK = "deltaplane.apps.docstrings:make_task"
 
 
 def run(name: str, *, lora_rank: int, freeze_a: bool = False, refactor: bool = False, clients: int, rounds: int,
-        lr: float, data: dict) -> dict:  # fmt: skip
+        lr: float, data: dict, epochs: int) -> dict:  # fmt: skip
     from deltaplane.engine import make_task
     from deltaplane.sim import run_simulation
 
     cfg = RunConfig(
         task=TASK, task_options={"lora_rank": lora_rank, "freeze_a": freeze_a, "max_length": 24, **data},
-        clients=clients, alpha=0.5, rounds=rounds, local_epochs=1, batch_size=16, lr=lr, momentum=0.9, min_client_samples=20,
+        clients=clients, alpha=0.5, rounds=rounds, local_epochs=epochs, batch_size=16, lr=lr, momentum=0.9, min_client_samples=20,
         holdout_fraction=0.1, threads=1, seed=0,
     )  # fmt: skip
     original = RunConfig.build_aggregator
@@ -86,36 +86,28 @@ def main() -> None:
         "--max-train", type=int, default=None, help="keep this many training docstrings (shared CPU)"
     )
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     args = ap.parse_args()
     data = {"max_train": args.max_train, "max_test": args.max_test}
     torch.set_num_threads(1)
     n, r = args.clients, args.rounds
-    rows = [
-        run("FedIT (avg A, B)", lora_rank=8, clients=n, rounds=r, lr=args.lora_lr, data=data),
-        run(
-            "FFA-LoRA (A frozen)", lora_rank=8, freeze_a=True, clients=n, rounds=r, lr=args.lora_lr, data=data
-        ),
-        run(
-            "re-factorized (Σ BᵢAᵢ → SVD r=8)",
-            lora_rank=8,
-            refactor=True,
-            clients=n,
-            rounds=r,
-            lr=args.lora_lr,
-            data=data,
-        ),
-        run("full-model FedAvg", lora_rank=0, clients=n, rounds=r, lr=args.full_lr, data=data),
-        run(
-            "centralized LoRA (1 device, all data)",
-            lora_rank=8,
-            clients=1,
-            rounds=r,
-            lr=args.lora_lr,
-            data=data,
-        ),
+    plans = [
+        ("FedIT (avg A, B)", dict(lora_rank=8, clients=n, lr=args.lora_lr)),
+        ("FFA-LoRA (A frozen)", dict(lora_rank=8, freeze_a=True, clients=n, lr=args.lora_lr)),
+        ("re-factorized (Σ BᵢAᵢ → SVD r=8)", dict(lora_rank=8, refactor=True, clients=n, lr=args.lora_lr)),
+        ("centralized LoRA (1 device, all data)", dict(lora_rank=8, clients=1, lr=args.lora_lr)),
+        ("full-model FedAvg", dict(lora_rank=0, clients=n, lr=args.full_lr)),
     ]
-    full = next(x for x in rows if x["name"] == "full-model FedAvg")
-    per_client_full = full["uplink_per_round"] / full["clients"]
+    rows: list[dict] = []
+    for name, kw in plans:  # recorded after every run: a partial table survives an interrupted benchmark
+        rows.append(run(name, rounds=r, data=data, epochs=args.epochs, **kw))
+        record("adapters-federated", "Federated LoRA on MiniLM (engine task)", report(rows, args, n, r))
+
+
+def report(rows: list[dict], args, n: int, r: int) -> str:
+    full = next((x for x in rows if x["name"] == "full-model FedAvg"), None)
+    # a full-model update is every weight in fp32 (identity codec): 4 bytes × 22,716,296 values + framing
+    per_client_full = full["uplink_per_round"] / full["clients"] if full else 4 * 22_716_296
     body_rows = []
     for x in rows:
         per_client = x["uplink_per_round"] / x["clients"]
@@ -125,11 +117,12 @@ def main() -> None:
         ])  # fmt: skip
     lora = rows[0]
     ratio = per_client_full / (lora["uplink_per_round"] / lora["clients"])
-    body = (
+    missing = [] if full else ["full-model FedAvg (not finished: full-update bytes are 4 B × 22.7M values)"]
+    return (
         f"Task `{TASK}` (all-MiniLM-L6-v2 + head, stdlib docstrings, 8 classes), {n} devices, Dirichlet(0.5) label "
-        f"skew, {r} rounds, 1 local epoch, batch 16, SGD momentum 0.9 (lr {args.lora_lr} for LoRA, {args.full_lr} "
-        "for full fine-tuning), identity codec, sequential engine, single thread. Accuracy on the global test set "
-        f"({args.max_test or 351} docstrings, first 24 tokens) after the last round; training pool "
+        f"skew, {r} rounds, {args.epochs} local epochs, batch 16, SGD momentum 0.9 (lr {args.lora_lr} for LoRA, "
+        f"{args.full_lr} for full fine-tuning), identity codec, sequential engine, single thread. Accuracy on the "
+        f"global test set ({args.max_test or 351} docstrings, first 24 tokens) after the last round; training pool "
         f"{args.max_train or 'all 1,406'} docstrings (cut to fit a shared 2-core machine).\n\n"
         + table(
             [
@@ -143,12 +136,12 @@ def main() -> None:
             ],
             body_rows,
         )
+        + (f"\n\nNot run: {'; '.join(missing)}." if missing else "")
         + f"\n\nLoRA uploads {ratio:.0f}× fewer bytes per device and round than full-model updates before any codec "
         f"(target ≥ 50×: {'met' if ratio >= 50 else 'MISSED'}). FedIT's average of factors is biased "
         "(`B̄Ā ≠ Σ pᵢBᵢAᵢ`; `deltaplane.adapters.federated.fedit_bias` measures it); FFA-LoRA's is exact; the "
         "re-factorizing aggregator is exact up to the rank-8 truncation of the average change."
     )
-    record("adapters-federated", "Federated LoRA on MiniLM (engine task)", body)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,15 @@ def compression(lora: LoRADelta, base) -> str:
         back = decompress_adapter(payload).materialize(base, only_adapted=True)
         err = (back - full).norm() / full.norm()
         dense = len(Compressor(spec, error_feedback=False).compress(full))
-        rows.append([spec, f"{len(payload):,}", f"{dense:,}", f"{dense / len(payload):.1f}×", f"{err:.4f}"])
+        rows.append(
+            [
+                f"`{spec}`".replace("|", "\\|"),
+                f"{len(payload):,}",
+                f"{dense:,}",
+                f"{dense / len(payload):.1f}×",
+                f"{err:.4f}",
+            ]
+        )
     return table(["codec", "adapter payload (bytes)", "materialized ΔW payload (bytes)", "ratio",
                   "rel. error of ΔW"], rows)  # fmt: skip
 

@@ -43,6 +43,7 @@ def test_local_training_moves_only_the_adapter(lora_task):
     assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in frozen.items())
 
 
+@pytest.mark.slow
 def test_ffa_lora_federates_b_only():
     task = make_task(lora_rank=4, freeze_a=True, max_length=12, max_train=48, max_test=16)
     state = task.build_model(0).state_dict()
