@@ -169,7 +169,14 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _valid_aggregation(self) -> RunConfig:
         try:
-            self.build_aggregator()
+            agg = self.build_aggregator()
+            from deltaplane.aggregation import FedAvg, check_defense_codec
+
+            defence = agg
+            while getattr(defence, "inner", None) is not None:
+                defence = defence.inner
+            if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
+                check_defense_codec(defence, self.codec)
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
         if self.local_dp_noise > 0:
