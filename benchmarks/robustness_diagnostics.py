@@ -4,7 +4,8 @@ Runs ``deltaplane run``'s federation (the engine through :func:`deltaplane.apps.
 20% backdoor and records, for every round, the *decoded* updates the server step receives (a recorder around
 :meth:`ServerStep.receive_delta`; nothing else changes). For each round it prints the L2 norms of malicious and
 honest updates, their cosine to the honest mean, the share of non-zero coordinates, how many malicious updates
-multi-Krum (f = 4) would keep, how often trimmed mean's surviving coordinates are all zero, and the share of the
+multi-Krum (f = 4) would keep, the largest cosine of
+each client's summed history to another's (FoolsGold's signal), how often trimmed mean's surviving coordinates are all zero, and the share of the
 round's mass FLTrust's trust gives the attackers (with ``--defense fltrust``, whose reference is read off the
 server). Usage::
 
@@ -79,12 +80,22 @@ def main() -> None:
     print("mean | " + " | ".join(f"{statistics.fmean(r[k] for r in rows):.3g}" for k in keys))
 
 
+HISTORY: dict[str, torch.Tensor] = {}
+
+
 def summarize(
     seen: dict[str, torch.Tensor], malicious: set[str], ref: torch.Tensor | None
 ) -> dict[str, float]:
     ids = sorted(seen, key=int)
     x = torch.stack([seen[i] for i in ids])
     bad = torch.tensor([i in malicious for i in ids])
+    for i in ids:  # FoolsGold's view: each client's summed updates
+        HISTORY[i] = HISTORY[i] + seen[i] if i in HISTORY else seen[i].clone()
+    h = torch.stack([HISTORY[i] for i in ids])
+    hu = h / h.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    hcs = hu @ hu.T
+    hcs.fill_diagonal_(-1.0)
+    hmax = hcs.max(dim=1).values
     norms = x.norm(dim=1)
     honest_mean = x[~bad].mean(0)
     cos = (x @ honest_mean) / (norms * honest_mean.norm()).clamp_min(1e-30)
@@ -106,6 +117,10 @@ def summarize(
         "nonzero": float((x != 0).double().mean()),
         "krum_kept_mal": float(bad[kept].sum()),
         "tm_zero_coords": float((mid == 0).all(0).double().mean()),
+        "hist_maxcos_mal": float(hmax[bad].mean()),
+        "hist_maxcos_hon": float(hmax[~bad].mean()),
+        "hist_maxcos_hon_max": float(hmax[~bad].max()),
+        "hist_maxcos_mal_min": float(hmax[bad].min()),
     }
     if ref is not None:
         ts = ((x @ ref) / (norms * ref.norm()).clamp_min(1e-30)).clamp_min(0)

@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import deltaplane as dp
-from deltaplane.codecs import get_codec
-from deltaplane.sim import RunConfig
 from deltaplane.aggregation import (
     FLAME,
     FoolsGold,
@@ -14,7 +12,9 @@ from deltaplane.aggregation import (
     check_defense_codec,
     parse_defense,
 )
+from deltaplane.codecs import get_codec
 from deltaplane.errors import IncompatibleDefense
+from deltaplane.sim import RunConfig
 
 
 def _planted(n_honest: int = 12, n_bad: int = 5, d: int = 200, seed: int = 0):

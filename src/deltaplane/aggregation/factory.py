@@ -47,7 +47,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "norm_bound": ("max_norm", "noise"),
     "fltrust": (),
     "flame": ("noise",),
-    "foolsgold": ("confidence",),
+    "foolsgold": ("confidence", "centred", "binary"),
     "sign_vote": (),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -91,6 +91,10 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             raise ConfigError(f"defense {name!r}: {key!r} given twice")
         params[key] = value
     for key, value in params.items():
+        if key in ("centred", "binary"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
+            continue
         if isinstance(value, bool) or not (
             isinstance(value, int | float) or (key, value) == ("max_norm", "adaptive")
         ):
@@ -117,7 +121,11 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     if name == "flame":
         return FLAME(noise=float(params.get("noise", 0.001)), seed=seed)
     if name == "foolsgold":
-        return FoolsGold(confidence=float(params.get("confidence", 1.0)))
+        return FoolsGold(
+            confidence=float(params.get("confidence", 1.0)),
+            centred=bool(params.get("centred", False)),
+            binary=bool(params.get("binary", False)),
+        )
     if name == "sign_vote":
         return SignVote()
     return FLTrust()

@@ -343,10 +343,27 @@ class FoolsGold(_Buffered):
 
     Args:
         confidence: ``κ``, the logit's confidence.
+        centred: compare histories after subtracting their mean over the round's clients (not in the paper:
+            honest histories share the global descent direction, which makes honest non-IID clients look alike
+            as training goes on; centring leaves what sets each client apart, and sybils still share theirs).
+        binary: give every client with a non-zero FoolsGold weight the weight 1 (not in the paper: the logit's
+            partial weights down-weight honest non-IID clients, and with them their labels).
     """
 
-    def __init__(self, *, confidence: float = 1.0, state: FoolsGoldState | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        confidence: float = 1.0,
+        centred: bool = False,
+        binary: bool = False,
+        state: FoolsGoldState | None = None,
+    ) -> None:
         super().__init__()
+        for name, flag in (("centred", centred), ("binary", binary)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be true or false. Found {flag!r}")
+        self.centred = centred
+        self.binary = binary
         if not (isinstance(confidence, int | float) and math.isfinite(confidence) and confidence > 0):
             raise ConfigError(f"confidence must be positive. Found {confidence!r}")
         self.confidence = confidence
@@ -373,7 +390,11 @@ class FoolsGold(_Buffered):
         for cid, row in zip(self._ids, x, strict=True):
             hist[cid] = hist[cid] + row.double() if cid in hist else row.double().clone()
         h = torch.stack([hist[cid] for cid in self._ids])
+        if self.centred:  # compare what sets clients apart, not the descent direction they all share
+            h = h - h.mean(dim=0)
         alpha = self._weights(h)
+        if self.binary:  # keep FoolsGold's verdict (weight 0: a sybil), but count every other client fully
+            alpha = (alpha > 0).double()
         self.weights = [float(a) for a in alpha]
         total = float(alpha.sum())
         self._own = {"foolsgold_weight_sum": total, "foolsgold_zero": float((alpha == 0).sum())}
@@ -405,7 +426,7 @@ class FoolsGold(_Buffered):
         self._ids, self._next_id = [], None
 
     def __repr__(self) -> str:
-        return f"FoolsGold(confidence={self.confidence!r})"
+        return f"FoolsGold(confidence={self.confidence!r}, centred={self.centred!r}, binary={self.binary!r})"
 
 
 class SignVote:

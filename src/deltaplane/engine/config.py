@@ -93,7 +93,9 @@ class RunConfig(BaseModel):
     attack: str | None = Field(
         None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
     )
-    defense: str | None = Field(None, description="robust aggregation, e.g. 'trimmed_mean:0.2', 'fltrust'")
+    defense: str | None = Field(
+        None, description="robust aggregation spec, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust'"
+    )
     root_samples: int = Field(100, ge=10, description="clean samples the server trains on for FLTrust")
     max_update_norm: float | None = Field(None, gt=0, description="reject client updates with a larger norm")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal term mu on the clients (0: plain FedAvg)")
