@@ -164,7 +164,8 @@ def run(
     defense: Annotated[
         str | None,
         typer.Option(
-            show_default="none", help="Robust aggregation, e.g. 'trimmed_mean:0.2', 'median', 'fltrust'."
+            show_default="none",
+            help="Robust aggregation, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', 'trimmed_mean(0.2)'.",
         ),
     ] = None,
     prox_mu: Annotated[

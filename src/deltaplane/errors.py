@@ -17,6 +17,7 @@ __all__ = [
     "DowngradeRefused",
     "ExportError",
     "GateRefused",
+    "IncompatibleDefense",
     "IntegrityError",
     "InvalidUpdate",
     "NotFound",
@@ -119,6 +120,11 @@ class TaskError(DeltaplaneError, ValueError):
 class UnsupportedOption(ConfigError):
     """A run option that the chosen driver (engine or transport) cannot honour, with the physical reason; raised
     before the run starts, never silently ignored."""
+
+
+class IncompatibleDefense(ConfigError):
+    """A robust aggregation rule combined with an uplink codec it is not valid with (a coordinate-wise median or
+    trimmed mean over a sparsifying codec's top-k payloads collapses the model), or with DP noise."""
 
 
 class QualityGateFailed(GateRefused):

@@ -43,3 +43,36 @@ def test_backdoor_and_label_flip_poison_data() -> None:
     assert add_trigger(x)[0, 0].sum().item() == 4.0 and x.sum() == 0  # input untouched
     assert parse_attack("label_flip:0.1")[0].poison_data(x, y, g)[1].tolist() == list(range(9, -1, -1))
     assert len(choose_malicious(100, 0.2, np.random.default_rng(0))) == 20
+
+
+def test_adaptive_attacks_bounded_backdoor_and_distributed_triggers() -> None:
+    from deltaplane.sim.attacks import BoundedBackdoor, DistributedBackdoor
+
+    g = torch.Generator().manual_seed(0)
+    atk, frac = parse_attack("bounded_backdoor(0.2, max_norm=1.5, boost=10)")
+    assert isinstance(atk, BoundedBackdoor) and frac == 0.2
+    for scale in (0.01, 100.0):  # scaled *to* the bound: up from a small update, down from a large one
+        d = dp.Delta({"w": torch.full((50,), scale), "b": torch.full((3,), -scale)})
+        assert atk.poison_update(d, g).norm() == pytest.approx(1.5, rel=1e-5)
+    dba, _ = parse_attack("dba(fraction=0.3)")
+    assert isinstance(dba, DistributedBackdoor)
+    x, y = torch.zeros(40, 1, 8, 8), torch.arange(40) % 10
+    stamps = []
+    for rank in range(4):
+        px, py = dba.for_attacker(rank).poison_data(x, y, torch.Generator().manual_seed(rank))
+        poisoned = px.sum(dim=(1, 2, 3)) > 0
+        assert (px[poisoned].sum(dim=(1, 2, 3)) == 1.0).all() and (py[poisoned] == 0).all()  # one pixel each
+        stamps.append(px[poisoned][0, 0])
+    # the four local triggers are disjoint and together make the global trigger the test images carry
+    assert torch.equal(sum(stamps), add_trigger(torch.zeros(1, 1, 8, 8))[0, 0])
+    assert dba.for_attacker(5).part == 1
+
+
+def test_attack_specs_in_the_shared_grammar() -> None:
+    a, f = parse_attack("backdoor(0.1, boost=5, target=3)")
+    b, g = parse_attack("backdoor:0.1:boost=5,target=3")
+    assert (repr(a), f) == (repr(b), g)
+    with pytest.raises(dp.ConfigError, match="only the fraction is positional"):
+        parse_attack("backdoor(0.1, 5)")
+    with pytest.raises(dp.ConfigError, match="must be a number"):
+        parse_attack("backdoor(0.1, boost=big)")

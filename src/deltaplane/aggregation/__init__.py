@@ -14,7 +14,7 @@ from deltaplane.aggregation.accounting import (
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, ConstantClip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg, DPState, local_epsilon, privatize
-from deltaplane.aggregation.factory import build_aggregator, parse_defense
+from deltaplane.aggregation.factory import build_aggregator, check_defense_codec, parse_defense
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import (
     FedAdagrad,
@@ -25,11 +25,21 @@ from deltaplane.aggregation.fedopt import (
     ServerOptimizerState,
     ServerSGD,
 )
-from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
+from deltaplane.aggregation.robust import (
+    FLAME,
+    CoordinateMedian,
+    FLTrust,
+    FoolsGold,
+    FoolsGoldState,
+    Krum,
+    SignVote,
+    TrimmedMean,
+)
 from deltaplane.aggregation.sampling import clients_per_round, sample_round, sampling_rate
 from deltaplane.aggregation.validation import Rejection, Validate, validate_update
 
 __all__ = [
+    "FLAME",
     "Aggregator",
     "AggregatorWrapper",
     "Clip",
@@ -45,6 +55,8 @@ __all__ = [
     "FedAvgM",
     "FedOpt",
     "FedYogi",
+    "FoolsGold",
+    "FoolsGoldState",
     "Krum",
     "NormBound",
     "PrivacyAccountant",
@@ -53,9 +65,11 @@ __all__ = [
     "Rejection",
     "ServerOptimizerState",
     "ServerSGD",
+    "SignVote",
     "TrimmedMean",
     "Validate",
     "build_aggregator",
+    "check_defense_codec",
     "clients_per_round",
     "epsilon_for",
     "local_epsilon",

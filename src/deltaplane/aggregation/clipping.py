@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta
@@ -230,7 +231,9 @@ class Clip(AggregatorWrapper):
 class NormBound(Clip):
     """Norm bounding against model-replacement and backdoor attacks (Sun et al. 2019, "Can You Really Backdoor
     Federated Learning?", https://arxiv.org/abs/1911.07963): the same engine as :class:`Clip`, registered under
-    its robustness name with ``max_norm`` as the bound. Streaming, O(model).
+    its robustness name with ``max_norm`` as the bound, plus the paper's *weak DP*: ``noise > 0`` adds
+    ``N(0, noise²)`` to every coordinate of the mean (seeded by ``seed``; not a privacy guarantee — use
+    :class:`~deltaplane.aggregation.dp.DPFedAvg` for that). Streaming, O(model).
 
     Like every robust rule it **ignores client weights**: each bounded update enters the mean with weight 1. A
     weight (``num_examples``) is something a client claims, and one client claiming 10⁶ examples would otherwise
@@ -246,10 +249,33 @@ class NormBound(Clip):
     """
 
     def __init__(
-        self, inner: Aggregator | None = None, *, max_norm: float | str | ClipEstimator = 1.0
+        self,
+        inner: Aggregator | None = None,
+        *,
+        max_norm: float | str | ClipEstimator = 1.0,
+        noise: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(inner, clip=max_norm)
+        if not (isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0):
+            raise ConfigError(f"noise must be a finite non-negative number. Found {noise!r}")
         self.max_norm = max_norm
+        self.noise = float(noise)
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def _finish(self) -> Delta:
+        out = super()._finish()
+        if self.noise > 0:  # Sun et al.'s weak DP: a small N(0, noise²) on every coordinate of the mean
+            out = out.map(
+                lambda _, t: (
+                    t + self.noise * torch.randn(t.shape, generator=self._gen, dtype=t.dtype)
+                    if t.is_floating_point()
+                    else t
+                )
+            )
+            self._own["noise"] = self.noise
+        return out
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
@@ -257,4 +283,4 @@ class NormBound(Clip):
         super().add(delta, 1.0)  # the claimed weight is checked, then ignored (see the class docstring)
 
     def __repr__(self) -> str:
-        return f"NormBound({self.inner!r}, max_norm={self.max_norm!r})"
+        return f"NormBound({self.inner!r}, max_norm={self.max_norm!r}, noise={self.noise!r})"

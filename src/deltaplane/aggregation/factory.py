@@ -16,11 +16,19 @@ from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerSGD
-from deltaplane.aggregation.robust import CoordinateMedian, FLTrust, Krum, TrimmedMean
+from deltaplane.aggregation.robust import (
+    FLAME,
+    CoordinateMedian,
+    FLTrust,
+    FoolsGold,
+    Krum,
+    SignVote,
+    TrimmedMean,
+)
 from deltaplane.aggregation.validation import Validate
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, IncompatibleDefense
 
-__all__ = ["DEFENSES", "SERVER_OPTIMIZERS", "build_aggregator", "parse_defense"]
+__all__ = ["DEFENSES", "SERVER_OPTIMIZERS", "build_aggregator", "check_defense_codec", "parse_defense"]
 
 SERVER_OPTIMIZERS = {
     "fedavg": None,
@@ -29,33 +37,122 @@ SERVER_OPTIMIZERS = {
     "fedadagrad": FedAdagrad,
     "fedavgm": FedAvgM,
 }
-DEFENSES = ("none", "trimmed_mean", "median", "krum", "multi_krum", "norm_bound", "fltrust")
+#: defence name → (builder, parameters in positional order with defaults); ``name(param=value)`` specs.
+DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "trimmed_mean": ("beta",),
+    "median": (),
+    "krum": ("byzantine",),
+    "multi_krum": ("byzantine",),
+    "norm_bound": ("max_norm", "noise"),
+    "fltrust": (),
+    "flame": ("noise",),
+    "foolsgold": ("confidence", "centred", "binary"),
+    "sign_vote": (),
+}
+DEFENSES = tuple(DEFENSE_PARAMS)
 
 
-def parse_defense(spec: str | None) -> Aggregator:
-    """``"trimmed_mean:0.2"``, ``"median"``, ``"krum:2"`` (f), ``"multi_krum:2"``, ``"norm_bound:5.0"`` (or
-    ``"norm_bound:adaptive"``: the median norm, not with DP noise), ``"fltrust"`` or ``"none"`` → the innermost
-    aggregator. Every one ignores client-claimed weights."""
-    if spec is None or spec == "none":
+def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
+    """A defence spec → the innermost aggregator; every defence ignores client-claimed weights.
+
+    The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
+    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"multi_krum(byzantine=4)"``,
+    ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
+    ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
+    ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
+    """
+    from deltaplane.codecs.base import parse_spec  # one grammar for codecs and defences
+    from deltaplane.errors import SpecError
+
+    if spec is None or spec.strip() in ("", "none"):
         return FedAvg()
-    name, _, arg = spec.partition(":")
-    name = name.strip()
-    if name not in DEFENSES:
-        raise ConfigError(f"unknown defense {name!r}; choose one of {list(DEFENSES)}")
+    text = spec.strip()
+    if ":" in text and "(" not in text:
+        name, _, arg = text.partition(":")
+        text = f"{name.strip()}({arg.strip()})" if arg.strip() else name.strip()
     try:
-        if name == "trimmed_mean":
-            return TrimmedMean(beta=float(arg) if arg else 0.1)
-        if name == "median":
-            return CoordinateMedian()
-        if name in ("krum", "multi_krum"):
-            return Krum(byzantine=int(arg) if arg else 1, select=1 if name == "krum" else None)
-        if name == "norm_bound":
-            return NormBound(
-                FedAvg(), max_norm="adaptive" if arg == "adaptive" else float(arg) if arg else 1.0
-            )
-        return FLTrust()
-    except ValueError:
-        raise ConfigError(f"defense {spec!r}: the parameter after ':' must be a number") from None
+        stages = parse_spec(text)
+    except SpecError as exc:
+        raise ConfigError(f"defense spec {spec!r}: {exc}") from None
+    if len(stages) != 1:
+        raise ConfigError(f"defense spec {spec!r} names {len(stages)} rules; give exactly one")
+    name, args, kwargs = stages[0]
+    if name not in DEFENSE_PARAMS:
+        raise ConfigError(f"unknown defense {name!r}; choose one of {list(DEFENSES)}")
+    names = DEFENSE_PARAMS[name]
+    if len(args) > len(names):
+        raise ConfigError(f"defense {name!r} takes at most {len(names)} positional parameter(s); got {args}")
+    params = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise ConfigError(f"defense {name!r} has no parameter {key!r}; its parameters: {list(names)}")
+        if key in params:
+            raise ConfigError(f"defense {name!r}: {key!r} given twice")
+        params[key] = value
+    for key, value in params.items():
+        if key in ("centred", "binary"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
+            continue
+        if isinstance(value, bool) or not (
+            isinstance(value, int | float) or (key, value) == ("max_norm", "adaptive")
+        ):
+            raise ConfigError(f"defense {name!r}: {key} must be a number. Found {value!r}")
+    if name == "none":
+        return FedAvg()
+    if name == "trimmed_mean":
+        return TrimmedMean(beta=float(params.get("beta", 0.1)))
+    if name == "median":
+        return CoordinateMedian()
+    if name in ("krum", "multi_krum"):
+        f = params.get("byzantine", 1)
+        if not isinstance(f, int):
+            raise ConfigError(f"defense {name!r}: byzantine must be an integer. Found {f!r}")
+        return Krum(byzantine=f, select=1 if name == "krum" else None)
+    if name == "norm_bound":
+        bound = params.get("max_norm", 1.0)
+        return NormBound(
+            FedAvg(),
+            max_norm=bound if bound == "adaptive" else float(bound),
+            noise=float(params.get("noise", 0.0)),
+            seed=seed,
+        )
+    if name == "flame":
+        return FLAME(noise=float(params.get("noise", 0.001)), seed=seed)
+    if name == "foolsgold":
+        return FoolsGold(
+            confidence=float(params.get("confidence", 1.0)),
+            centred=bool(params.get("centred", False)),
+            binary=bool(params.get("binary", False)),
+        )
+    if name == "sign_vote":
+        return SignVote()
+    return FLTrust()
+
+
+def check_defense_codec(defense: Aggregator, codec: str) -> None:
+    """Refuse a defence over an uplink codec it is not valid with.
+
+    A coordinate-wise rule (median, trimmed mean; ``sparse_ok = False``) over a sparsifying codec (a stage with
+    ``sparsifies``: top-k, rand-k, threshold, STC) sees mostly zeros at every coordinate, takes them for votes
+    and stops the model learning (trimmed mean over ``topk(0.01)`` collapses the default federation to chance).
+
+    Raises:
+        IncompatibleDefense: the combination is known to break.
+    """
+    from deltaplane.codecs import get_codec
+
+    if getattr(defense, "sparse_ok", True):
+        return
+    c = get_codec(codec)
+    sparse = [s.spec for s in getattr(c, "stages", [c]) if getattr(s, "sparsifies", False)]
+    if sparse:
+        raise IncompatibleDefense(
+            f"{defense!r} is coordinate-wise and the uplink codec {codec!r} sparsifies ({sparse[0]}): most "
+            "coordinates would be zero votes and the model would stop learning; use flame, foolsgold, "
+            "norm_bound, fltrust, multi_krum or sign_vote, or a dense codec"
+        )
 
 
 def build_aggregator(
@@ -82,7 +179,8 @@ def build_aggregator(
         lr: server optimizer learning rate (its default when None); ``fedavg`` has none, use ``server_lr``.
         server_lr: FedAvg's server step ``η`` (plain server SGD, :class:`ServerSGD`); the adaptive optimizers
             take their step from ``lr`` instead, so ``server_lr`` other than 1 with them is refused.
-        defense: robust combination rule spec (:func:`parse_defense`).
+        defense: robust combination rule spec (:func:`parse_defense`); check it against the uplink codec with
+            :func:`check_defense_codec`.
         clip: per-client clip norm (float or ``"adaptive"``); required when ``dp_noise > 0``.
         dp_noise: DP noise multiplier ``z`` (0: no DP).
         expected_clients: clients per round (DP-FedAvg's fixed denominator; sizes adaptive-clip count noise).
@@ -99,9 +197,12 @@ def build_aggregator(
         raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {list(SERVER_OPTIMIZERS)}")
     if dp_noise < 0:
         raise ConfigError(f"dp_noise must be non-negative. Found {dp_noise!r}")
-    inner = parse_defense(defense)
-    if dp_noise > 0 and (getattr(inner, "streaming", True) is False or isinstance(inner, FLTrust)):
-        raise ConfigError(
+    inner = parse_defense(defense, seed=seed + 2)
+    plain = isinstance(inner, FedAvg) or (
+        isinstance(inner, NormBound) and isinstance(inner.inner, FedAvg) and not inner.noise
+    )
+    if dp_noise > 0 and not plain:
+        raise IncompatibleDefense(
             f"defense {defense!r} cannot be combined with DP noise: DP-FedAvg calibrates noise to a clipped *sum*; "
             "use defense='norm_bound:…' (or none) with --dp-noise"
         )

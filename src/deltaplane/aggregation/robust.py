@@ -2,23 +2,43 @@
 
 Statistical defences compare updates with each other, so they **must hold every update of the round**
 (``streaming = False``, memory O(clients × model)): :class:`CoordinateMedian`, :class:`TrimmedMean`,
-:class:`Krum`. Updates are kept flattened to one float32 vector each. Two defences stream in O(model):
-:class:`~deltaplane.aggregation.clipping.NormBound` (clip each update's norm) and :class:`FLTrust` (score each
-update against a trusted server update known before the round). These defences ignore client weights: a weight is
+:class:`Krum`, :class:`FLAME`, :class:`FoolsGold`. Updates are kept flattened to one float32 vector each. Three
+defences stream in O(model): :class:`~deltaplane.aggregation.clipping.NormBound` (clip each update's norm, with
+optional weak DP noise), :class:`FLTrust` (score each update against a trusted server update known before the
+round) and :class:`SignVote` (majority vote of signs). These defences ignore client weights: a weight is
 something an attacker can claim.
+
+Compressed uplinks: a defence declares the codecs it is valid with in ``sparse_ok``. Coordinate-wise rules
+(median, trimmed mean) are not valid over sparsifying codecs (top-k, rand-k, threshold, STC): most coordinates of
+most decoded updates are zero, so the per-coordinate median or trimmed mean is zero almost everywhere and the
+model stops learning (trimmed mean over ``topk(0.01)`` collapses the default federation to chance);
+:func:`~deltaplane.aggregation.factory.check_defense_codec` refuses those combinations with
+:class:`~deltaplane.errors.IncompatibleDefense`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from deltaplane.aggregation.clipping import NormBound
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
 
-__all__ = ["CoordinateMedian", "FLTrust", "Krum", "NormBound", "TrimmedMean"]
+__all__ = [
+    "FLAME",
+    "CoordinateMedian",
+    "FLTrust",
+    "FoolsGold",
+    "FoolsGoldState",
+    "Krum",
+    "NormBound",
+    "SignVote",
+    "TrimmedMean",
+]
 
 
 class _Buffered:
@@ -26,6 +46,8 @@ class _Buffered:
 
     streaming = False
     _coordinatewise = False
+    #: whether the rule stays meaningful when most coordinates of most updates are zero (sparsifying codecs)
+    sparse_ok = True
     block = 1 << 16
 
     def __init__(self) -> None:
@@ -70,9 +92,10 @@ class _Buffered:
 
 class CoordinateMedian(_Buffered):
     """Coordinate-wise median (Yin et al. 2018, https://arxiv.org/abs/1803.01498); mean of the two middle values
-    for an even count. Holds all updates (O(clients × model))."""
+    for an even count. Holds all updates (O(clients × model)). Not valid over sparsifying codecs."""
 
     _coordinatewise = True
+    sparse_ok = False
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -87,11 +110,14 @@ class TrimmedMean(_Buffered):
     """Coordinate-wise trimmed mean (Yin et al. 2018, https://arxiv.org/abs/1803.01498): per coordinate, drop the
     ``⌊beta·n⌋`` largest and smallest values and average the rest. Holds all updates (O(clients × model)).
 
+    Not valid over sparsifying codecs (see the module docstring).
+
     Args:
         beta: fraction trimmed from *each* end, in [0, 0.5).
     """
 
     _coordinatewise = True
+    sparse_ok = False
 
     def __init__(self, *, beta: float = 0.1) -> None:
         super().__init__()
@@ -162,6 +188,7 @@ class FLTrust:
     """
 
     streaming = True
+    sparse_ok = True
 
     def __init__(self) -> None:
         self._ref: Delta | None = None
@@ -214,3 +241,238 @@ class FLTrust:
 
     def __repr__(self) -> str:
         return "FLTrust()"
+
+
+class FLAME(_Buffered):
+    """FLAME (Nguyen et al. 2022, USENIX Security, https://arxiv.org/abs/2101.02281): cluster, clip, noise.
+
+    1. **Filter**: HDBSCAN (scikit-learn's) over the pairwise cosine distances ``1 − cos(gᵢ, gⱼ)`` with
+       ``min_cluster_size = ⌊n/2⌋ + 1``, so only a majority can form a cluster; the updates of that cluster are
+       kept, every other one is dropped as an outlier. If HDBSCAN finds no majority cluster, every update is
+       kept and ``flame_no_cluster`` says so.
+    2. **Adaptive clipping**: ``S = median ‖gᵢ‖`` over all updates of the round; each kept update is scaled to
+       norm at most ``S`` (a boosted update loses its boost).
+    3. **Noise**: the mean of the kept updates gets ``N(0, (λ·S)²)`` per coordinate (``λ = noise``; the paper's
+       image-classification setting is 0.001). The noise stream is seeded and continues across rounds.
+
+    Holds all updates (O(clients × model)) and the n × n distance matrix.
+
+    Args:
+        noise: ``λ``, the noise std as a multiple of the clipping bound ``S`` (0: no noise).
+        seed: seeds the noise.
+    """
+
+    def __init__(self, *, noise: float = 0.001, seed: int = 0) -> None:
+        super().__init__()
+        if not (isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0):
+            raise ConfigError(f"noise must be a finite non-negative number. Found {noise!r}")
+        self.noise = noise
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+        self.kept: list[int] = []
+
+    def _combine(self, x: torch.Tensor) -> torch.Tensor:
+        from sklearn.cluster import HDBSCAN
+
+        n = x.shape[0]
+        xd = x.double()
+        norms = xd.norm(dim=1)
+        if n >= 3:
+            unit = xd / norms.clamp_min(1e-30)[:, None]
+            dist = (1.0 - unit @ unit.T).clamp_min(0.0).numpy()
+            np.fill_diagonal(dist, 0.0)
+            labels = HDBSCAN(
+                min_cluster_size=n // 2 + 1,
+                min_samples=1,
+                metric="precomputed",
+                allow_single_cluster=True,
+                copy=True,
+            ).fit_predict(dist)
+            found = labels[labels >= 0]
+            if found.size:
+                majority = np.bincount(found).argmax()
+                keep = np.flatnonzero(labels == majority)
+            else:
+                keep = np.arange(n)
+        else:  # fewer than 3 updates cannot form a majority cluster against an outlier
+            keep = np.arange(n)
+        self.kept = [int(i) for i in keep]
+        bound = float(norms.median())
+        kept = xd[keep]
+        kn = norms[keep]
+        scale = torch.where(kn > bound, bound / kn.clamp_min(1e-30), torch.ones_like(kn))
+        out = (kept * scale[:, None]).mean(dim=0)
+        if self.noise > 0 and bound > 0:
+            out += self.noise * bound * torch.randn(out.shape, generator=self._gen, dtype=out.dtype)
+        self._own = {
+            "flame_kept": float(len(keep)),
+            "flame_bound": bound,
+            "flame_no_cluster": float(len(keep) == n and n >= 3 and not (labels >= 0).any())
+            if n >= 3
+            else 0.0,
+        }
+        return out.float()
+
+    def __repr__(self) -> str:
+        return f"FLAME(noise={self.noise!r}, seed={self.seed!r})"
+
+
+@dataclass
+class FoolsGoldState:
+    """FoolsGold's server-side memory: each client's running sum of every update it has sent (by client id).
+    Kept apart from the rule so that it can be checkpointed and inspected."""
+
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FoolsGold(_Buffered):
+    """FoolsGold (Fung et al. 2020, RAID, https://arxiv.org/abs/1808.04866): down-weight clients whose update
+    *histories* look alike.
+
+    Sybils pushing one poisoning objective (a backdoor) keep sending updates in a shared direction, while honest
+    non-IID clients differ; summed over rounds the difference shows even when single updates are sparse (top-k
+    payloads of different supports fill in over rounds). With ``cs`` the pairwise cosine similarity of this
+    round's clients' histories (diagonal 0) and ``vᵢ = maxⱼ csᵢⱼ``: *pardoning* rescales
+    ``csᵢⱼ ← csᵢⱼ · vᵢ / vⱼ`` when ``vᵢ < vⱼ``; ``αᵢ = 1 − maxⱼ csᵢⱼ`` clipped to [0, 1] and divided by its max
+    (a max of 1 becomes 0.99); the logit ``αᵢ ← κ (ln(αᵢ / (1 − αᵢ)) + 0.5)`` clipped to [0, 1] is the client's
+    weight. The result is ``Σ αᵢ gᵢ / Σ αᵢ`` (zero when every weight is 0).
+
+    Needs each update's client id (:meth:`identify`, called by
+    :class:`~deltaplane.aggregation.validation.Validate`); histories live in :attr:`state`
+    (:class:`FoolsGoldState`). Holds all updates of the round plus one history per client seen.
+
+    Args:
+        confidence: ``κ``, the logit's confidence.
+        centred: compare histories after subtracting their mean over the round's clients (not in the paper:
+            honest histories share the global descent direction, which makes honest non-IID clients look alike
+            as training goes on; centring leaves what sets each client apart, and sybils still share theirs).
+        binary: give every client with a non-zero FoolsGold weight the weight 1 (not in the paper: the logit's
+            partial weights down-weight honest non-IID clients, and with them their labels).
+    """
+
+    def __init__(
+        self,
+        *,
+        confidence: float = 1.0,
+        centred: bool = False,
+        binary: bool = False,
+        state: FoolsGoldState | None = None,
+    ) -> None:
+        super().__init__()
+        for name, flag in (("centred", centred), ("binary", binary)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be true or false. Found {flag!r}")
+        self.centred = centred
+        self.binary = binary
+        if not (isinstance(confidence, int | float) and math.isfinite(confidence) and confidence > 0):
+            raise ConfigError(f"confidence must be positive. Found {confidence!r}")
+        self.confidence = confidence
+        self.state = state if state is not None else FoolsGoldState()
+        self._next_id: str | None = None
+        self._ids: list[str] = []
+        self.weights: list[float] = []
+
+    def identify(self, client_id: str | None) -> None:
+        """The id of the client whose update the next :meth:`add` receives."""
+        self._next_id = client_id
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        cid, self._next_id = self._next_id, None
+        if cid is None:
+            raise InvalidUpdate("FoolsGold needs the sender of every update: pass client_id to Validate.add")
+        if cid in self._ids:
+            raise InvalidUpdate(f"client {cid} sent two updates in one round")
+        super().add(delta, weight)
+        self._ids.append(cid)
+
+    def _combine(self, x: torch.Tensor) -> torch.Tensor:
+        hist = self.state.history
+        for cid, row in zip(self._ids, x, strict=True):
+            hist[cid] = hist[cid] + row.double() if cid in hist else row.double().clone()
+        h = torch.stack([hist[cid] for cid in self._ids])
+        if self.centred:  # compare what sets clients apart, not the descent direction they all share
+            h = h - h.mean(dim=0)
+        alpha = self._weights(h)
+        if self.binary:  # keep FoolsGold's verdict (weight 0: a sybil), but count every other client fully
+            alpha = (alpha > 0).double()
+        self.weights = [float(a) for a in alpha]
+        total = float(alpha.sum())
+        self._own = {"foolsgold_weight_sum": total, "foolsgold_zero": float((alpha == 0).sum())}
+        if total == 0:
+            return torch.zeros(x.shape[1])
+        return ((alpha[:, None] * x.double()).sum(dim=0) / total).float()
+
+    def _weights(self, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        if n == 1:
+            return torch.ones(1, dtype=torch.float64)
+        unit = h / h.norm(dim=1).clamp_min(1e-30)[:, None]
+        cs = unit @ unit.T
+        cs.fill_diagonal_(0.0)
+        v = cs.max(dim=1).values
+        pardon = v[:, None] < v[None, :]
+        cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp_min(1e-30), cs)
+        alpha = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
+        if float(alpha.max()) == 0:
+            return alpha
+        alpha = alpha / alpha.max()
+        alpha = torch.where(alpha == 1.0, torch.full_like(alpha, 0.99), alpha)
+        with np.errstate(divide="ignore"):
+            logit = self.confidence * (torch.log(alpha / (1.0 - alpha)) + 0.5)
+        return torch.nan_to_num(logit, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+
+    def reset(self) -> None:
+        super().reset()
+        self._ids, self._next_id = [], None
+
+    def __repr__(self) -> str:
+        return f"FoolsGold(confidence={self.confidence!r}, centred={self.centred!r}, binary={self.binary!r})"
+
+
+class SignVote:
+    """signSGD with majority vote (Bernstein et al. 2019, ICLR, https://arxiv.org/abs/1810.05291): the result is
+    ``γ · sign(Σᵢ sign(gᵢ))`` with ``γ`` the median over clients of each update's mean absolute value over its
+    non-zero coordinates (a sign codec's decoded magnitude). A minority of attackers can flip a coordinate only
+    where honest clients are split; every client's vote counts once, whatever its norm or claimed weight.
+    Streaming: O(model) for the vote plus one float per client. Valid with every codec (a sparsified update
+    abstains where it sent nothing)."""
+
+    streaming = True
+    sparse_ok = True
+
+    def __init__(self) -> None:
+        self._votes: torch.Tensor | None = None
+        self._like: Delta | None = None
+        self._scales: list[float] = []
+        self._own: dict[str, float] = {}
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+        delta.check_finite()
+        if self._like is None:
+            self._like = delta
+        else:
+            check_compatible(self._like, delta, "aggregate and client delta")
+        g = delta.flatten()
+        s = torch.sign(g)
+        self._votes = s if self._votes is None else self._votes + s
+        nnz = int((g != 0).sum())
+        self._scales.append(float(g.abs().sum()) / nnz if nnz else 0.0)
+
+    def result(self) -> Delta:
+        if self._like is None or self._votes is None:
+            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+        gamma = float(np.median(self._scales))
+        self._own = {"clients": float(len(self._scales)), "sign_scale": gamma}
+        return self._like.unflatten(gamma * torch.sign(self._votes))
+
+    def reset(self) -> None:
+        self._votes, self._like, self._scales = None, None, []
+
+    @property
+    def measurements(self) -> dict[str, float]:
+        return self._own
+
+    def __repr__(self) -> str:
+        return "SignVote()"

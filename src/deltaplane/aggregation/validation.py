@@ -117,6 +117,12 @@ class Validate(AggregatorWrapper):
         self.rejections: list[Rejection] = []
         self._like = like
         self._accepted = 0
+        # a rule that keeps per-client history (FoolsGold) is told who sent the update it receives next
+        node: object = self.inner
+        self._identify = None
+        while node is not None and self._identify is None:
+            self._identify = getattr(node, "identify", None)
+            node = getattr(node, "inner", None)
 
     def add(
         self,
@@ -136,6 +142,8 @@ class Validate(AggregatorWrapper):
                 expected_version=self.expected_version,
                 max_norm=self.max_norm,
             )
+            if self._identify is not None:
+                self._identify(client_id)
             self.inner.add(delta, weight)
         except DeltaplaneError as exc:
             log.warning("rejected update from client %s: %s: %s", client_id, type(exc).__name__, exc)

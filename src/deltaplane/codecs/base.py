@@ -92,6 +92,9 @@ class Codec:
     #: True for a stage whose decode gives back its input bit for bit (``identity``): error feedback then
     #: needs no trial decode, since nothing is lost.
     exact: ClassVar[bool] = False
+    #: True for a stage that sends only some coordinates (top-k, rand-k, threshold, STC): most decoded values
+    #: are zero, which coordinate-wise robust rules cannot tell from a vote for zero
+    sparsifies: ClassVar[bool] = False
 
     @property
     def contractive(self) -> bool:

@@ -160,6 +160,7 @@ class TopK(Codec):
     """
 
     name = "topk"
+    sparsifies = True
     positional = ("ratio",)
     byte_fields = ("idx",)
     tensor_fields = ("values",)
@@ -290,6 +291,7 @@ class RandK(Codec):
     """
 
     name = "randk"
+    sparsifies = True
     positional = ("ratio",)
     tensor_fields = ("values",)
 
@@ -351,6 +353,7 @@ class Threshold(Codec):
     """
 
     name = "threshold"
+    sparsifies = True
     positional = ("tau",)
     byte_fields = ("idx",)
     tensor_fields = ("values",)
@@ -392,6 +395,7 @@ class STC(Codec):
     """
 
     name = "stc"
+    sparsifies = True
     positional = ("ratio",)
     byte_fields = ("idx", "signs", "scales")
 

@@ -12,6 +12,15 @@ and/or its update after training (:meth:`poison_update`). Attacks are specified 
 * ``backdoor`` — pixel-pattern backdoor (Gu et al. 2017 BadNets, https://arxiv.org/abs/1708.06733; in FL,
   Bagdasaryan et al. 2020): stamp a 2×2 bright square in the bottom-right corner of a share of the client's
   images and relabel them ``target``; optionally boost the update (model replacement).
+* ``bounded_backdoor`` — the adaptive "constrain-and-scale" attacker (Bagdasaryan et al. 2020 §4; Sun et al.
+  2019): train the backdoor, boost it, then scale the update to exactly ``max_norm`` — the largest norm a norm
+  bound or an adaptive clip would let through — so that clipping no longer takes its boost away.
+* ``dba`` — distributed backdoor (Xie et al. 2020, ICLR, https://openreview.net/forum?id=rkgyS0VFvr): the 2×2
+  trigger is split into its 4 pixels and the ``i``-th attacker stamps only pixel ``i mod 4``; no single
+  attacker trains the whole trigger, yet the global model is tested with the whole one.
+
+Specs use the codecs' grammar, ``"backdoor(0.2, boost=5)"`` (the first parameter is the malicious
+fraction); the older ``"backdoor:0.2:boost=5"`` means the same.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "Backdoor",
+    "BoundedBackdoor",
+    "DistributedBackdoor",
     "GaussianNoise",
     "LabelFlip",
     "ModelReplacement",
@@ -40,10 +51,15 @@ __all__ = [
 ]
 
 
-def add_trigger(x: Tensor) -> Tensor:
-    """Images ``(N, 1, 8, 8)`` in [0, 1] with the backdoor trigger: a 2×2 square at full intensity, bottom right."""
+def add_trigger(x: Tensor, part: int | None = None) -> Tensor:
+    """Images ``(N, 1, 8, 8)`` in [0, 1] with the backdoor trigger: a 2×2 square at full intensity, bottom right
+    (``part`` 0–3: only that pixel of the square, a distributed backdoor's local trigger)."""
     x = x.clone()
-    x[..., -3:-1, -3:-1] = 1.0
+    if part is None:
+        x[..., -3:-1, -3:-1] = 1.0
+    else:
+        r, c = divmod(part % 4, 2)
+        x[..., -3 + r, -3 + c] = 1.0
     return x
 
 
@@ -59,6 +75,10 @@ class Attack:
     def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
         """The update a malicious client actually sends."""
         return delta
+
+    def for_attacker(self, rank: int) -> Attack:
+        """The attack as the ``rank``-th malicious client runs it (the same for all but distributed attacks)."""
+        return self
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -142,6 +162,58 @@ class Backdoor(Attack):
         return delta * self.boost if self.boost != 1.0 else delta
 
 
+class BoundedBackdoor(Backdoor):
+    """Constrain-and-scale backdoor (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459, §4): boost the
+    backdoor update, then scale it to exactly ``max_norm`` — an attacker that knows (or guesses) the server's
+    norm bound sends the largest update the bound lets through, in the backdoor's direction."""
+
+    name = "bounded_backdoor"
+
+    def __init__(
+        self, *, target: int = 0, poison_fraction: float = 0.5, boost: float = 5.0, max_norm: float = 2.0
+    ) -> None:
+        super().__init__(target=target, poison_fraction=poison_fraction, boost=boost)
+        if not max_norm > 0:
+            raise ConfigError(f"max_norm must be positive. Found {max_norm!r}")
+        self.max_norm = max_norm
+
+    def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
+        norm = (delta * self.boost).norm()
+        return delta * (self.boost * self.max_norm / norm) if norm > 0 else delta
+
+
+class DistributedBackdoor(Backdoor):
+    """Distributed backdoor attack (Xie et al. 2020, ICLR, https://openreview.net/forum?id=rkgyS0VFvr): the
+    global trigger (the 2×2 square) is cut into 4 local triggers (its pixels); attacker ``i`` stamps only local
+    trigger ``i mod 4``. Success is measured with the whole trigger."""
+
+    name = "dba"
+
+    def __init__(
+        self, *, target: int = 0, poison_fraction: float = 0.5, boost: float = 1.0, part: int | None = None
+    ) -> None:
+        super().__init__(target=target, poison_fraction=poison_fraction, boost=boost)
+        if part is not None and not (isinstance(part, int) and 0 <= part < 4):
+            raise ConfigError(f"part must be 0, 1, 2 or 3. Found {part!r}")
+        self.part = part
+
+    def for_attacker(self, rank: int) -> Attack:
+        return DistributedBackdoor(
+            target=self.target, poison_fraction=self.poison_fraction, boost=self.boost, part=rank % 4
+        )
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.part is None:
+            return super().poison_data(x, y, generator)
+        n = len(y)
+        k = max(1, math.ceil(self.poison_fraction * n))
+        idx = torch.randperm(n, generator=generator)[:k]
+        x, y = x.clone(), y.clone()
+        x[idx] = add_trigger(x[idx], self.part)
+        y[idx] = self.target
+        return x, y
+
+
 class ModelReplacement(Backdoor):
     """Scaled model replacement (Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459): train the backdoor,
     then scale the update by ``boost`` (≈ number of clients / server lr) so that it replaces the global model."""
@@ -159,38 +231,57 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "gaussian": GaussianNoise,
     "label_flip": LabelFlip,
     "backdoor": Backdoor,
+    "bounded_backdoor": BoundedBackdoor,
+    "dba": DistributedBackdoor,
 }
 
 
 def parse_attack(spec: str) -> tuple[Attack, float]:
-    """``"name:fraction"`` (e.g. ``"backdoor:0.2"``, ``"sign_flip:0.1"``) → (attack, malicious fraction).
+    """``"backdoor(0.2)"`` or ``"backdoor(fraction=0.2, boost=5)"`` → (attack, malicious fraction).
 
-    Extra keyword parameters follow as ``name:fraction:key=value,key=value`` (``"backdoor:0.2:boost=5"``).
+    The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`); the older
+    ``"name:fraction:key=value,key=value"`` (``"backdoor:0.2:boost=5"``) means the same.
     """
-    parts = spec.split(":")
-    name = parts[0].strip()
+    from deltaplane.codecs.base import parse_spec
+    from deltaplane.errors import SpecError
+
+    text = spec.strip()
+    if "(" not in text and ":" in text:
+        parts = text.split(":")
+        inner = ", ".join(
+            p for p in [parts[1].strip(), *(parts[2].split(",") if len(parts) > 2 else [])] if p
+        )
+        text = f"{parts[0].strip()}({inner})"
+    try:
+        stages = parse_spec(text)
+    except SpecError as exc:
+        raise ConfigError(f"attack spec {spec!r}: {exc}") from None
+    if len(stages) != 1:
+        raise ConfigError(f"attack spec {spec!r} names {len(stages)} attacks; give exactly one")
+    name, args, kwargs = stages[0]
     if name not in ATTACKS:
         raise ConfigError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
     if name == "none":
         return Attack(), 0.0
-    if len(parts) < 2:
-        raise ConfigError(f"attack spec {spec!r} needs a malicious fraction, e.g. '{name}:0.2'")
-    try:
-        fraction = float(parts[1])
-    except ValueError:
-        raise ConfigError(f"attack fraction must be a number in (0, 1). Found {parts[1]!r}") from None
+    if len(args) > 1:
+        raise ConfigError(
+            f"attack spec {spec!r}: only the fraction is positional; name the others (key=value)"
+        )
+    if args and "fraction" in kwargs:
+        raise ConfigError(f"attack spec {spec!r}: fraction given twice")
+    fraction = args[0] if args else kwargs.pop("fraction", None)
+    kwargs.pop("fraction", None)
+    if fraction is None:
+        raise ConfigError(f"attack spec {spec!r} needs a malicious fraction, e.g. '{name}(0.2)'")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise ConfigError(f"attack fraction must be a number in (0, 1). Found {fraction!r}")
     if not 0 < fraction < 1:
         raise ConfigError(f"attack fraction must be in (0, 1). Found {fraction!r}")
-    kwargs: dict[str, float] = {}
-    if len(parts) > 2 and parts[2]:
-        for item in parts[2].split(","):
-            key, _, value = item.partition("=")
-            try:
-                kwargs[key.strip()] = float(value) if "." in value or "e" in value else int(value)
-            except ValueError:
-                raise ConfigError(f"attack parameter {item!r} must be key=number") from None
+    for key, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"attack parameter {key}={value!r} must be a number")
     try:
-        return ATTACKS[name](**kwargs), fraction
+        return ATTACKS[name](**kwargs), float(fraction)
     except TypeError as exc:
         raise ConfigError(f"attack {name!r}: {exc}") from None
 

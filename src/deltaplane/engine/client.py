@@ -127,18 +127,24 @@ class ClientStep:
             return self.personalizer.start_state(global_state, client.personal)
         return global_state
 
+    def training_data(self, client: Client, rnd: int) -> Dataset:
+        """The data the device trains on this round: its own, poisoned for a malicious device (the attack's
+        generator is kept for :meth:`transform`, so a batched driver poisons exactly as the sequential one)."""
+        if client.cid not in self.malicious:
+            return client.train
+        g = torch_generator(self.config.seed, Stream.ATTACK, rnd, client.cid)
+        attack = self.attack.for_attacker(sorted(self.malicious).index(client.cid))
+        data = Dataset(*attack.poison_data(client.train.x, client.train.y, g))
+        self._attack_streams[client.cid] = g
+        return data
+
     def train(self, client: Client, model: nn.Module, global_state: StateDict, rnd: int) -> Delta:
         """Stage 1: local SGD (FedProx with ``prox_mu``), on poisoned data for a malicious device."""
         c = self.config
-        data = client.train
-        if client.cid in self.malicious:
-            g = torch_generator(c.seed, Stream.ATTACK, rnd, client.cid)
-            data = Dataset(*self.attack.poison_data(data.x, data.y, g))
-            self._attack_streams[client.cid] = g
         return local_train(
             model,
             self.origin(client, global_state, model),
-            data,
+            self.training_data(client, rnd),
             torch_generator(c.seed, Stream.LOCAL_TRAINING, rnd, client.cid),
             epochs=c.local_epochs,
             batch_size=c.batch_size,

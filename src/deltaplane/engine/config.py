@@ -93,7 +93,9 @@ class RunConfig(BaseModel):
     attack: str | None = Field(
         None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
     )
-    defense: str | None = Field(None, description="robust aggregation, e.g. 'trimmed_mean:0.2', 'fltrust'")
+    defense: str | None = Field(
+        None, description="robust aggregation spec, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust'"
+    )
     root_samples: int = Field(100, ge=10, description="clean samples the server trains on for FLTrust")
     max_update_norm: float | None = Field(None, gt=0, description="reject client updates with a larger norm")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal term mu on the clients (0: plain FedAvg)")
@@ -169,7 +171,14 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _valid_aggregation(self) -> RunConfig:
         try:
-            self.build_aggregator()
+            agg = self.build_aggregator()
+            from deltaplane.aggregation import FedAvg, check_defense_codec
+
+            defence = agg
+            while getattr(defence, "inner", None) is not None:
+                defence = defence.inner
+            if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
+                check_defense_codec(defence, self.codec)
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
         if self.local_dp_noise > 0:

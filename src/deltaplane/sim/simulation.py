@@ -80,8 +80,6 @@ def _batched_trainer(
     if config.engine != "batched":
         return None
     reason = batching_blocker(model)
-    if reason is None and config.attack:
-        reason = "an attack poisons some clients' data or updates"
     if reason is None and personalized:
         reason = f"personalization '{config.personalization}' starts each client from its own weights"
     if reason is not None:
@@ -103,13 +101,14 @@ def train_batched(
     global_state: dict[str, Tensor],
     clients: list[Client],
     rnd: int,
+    data: list[Dataset] | None = None,
 ) -> dict[str, Tensor]:
     """Every client's local update this round, trained at once, stacked ``{name: (clients, *shape)}``; equal
     to ``Client.local_update``'s up to float rounding because each client's batches come from the same stream
     ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way (tests/sim/test_batched.py)."""
     return trainer.train(
         global_state,
-        [c.train for c in clients],
+        data if data is not None else [c.train for c in clients],
         [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
         epochs=config.local_epochs,
         batch_size=config.batch_size,
@@ -221,7 +220,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         server.open(rnd)
         batch = [clients[c] for c in chosen]
         if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
-            stacked = train_batched(config, trainer, global_state, batch, rnd)
+            # a malicious device trains on its poisoned data (ClientStep.training_data), as in the loop
+            data = [step.training_data(c, rnd) for c in batch]
+            stacked = train_batched(config, trainer, global_state, batch, rnd, data)
             if step.stackable:
                 uploads = _upload_stacked(step, batch, stacked, version)
             else:  # a later stage changes each update on its own (local DP, SecAgg clipping)

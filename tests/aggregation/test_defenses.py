@@ -1,0 +1,154 @@
+"""The defences of issue #21 against independent checks: planted clusters, sybils, majorities, refusals."""
+
+import pytest
+import torch
+
+import deltaplane as dp
+from deltaplane.aggregation import (
+    FLAME,
+    FoolsGold,
+    SignVote,
+    build_aggregator,
+    check_defense_codec,
+    parse_defense,
+)
+from deltaplane.codecs import get_codec
+from deltaplane.errors import IncompatibleDefense
+from deltaplane.sim import RunConfig
+
+
+def _planted(n_honest: int = 12, n_bad: int = 5, d: int = 200, seed: int = 0):
+    """Honest updates spread around a common direction; attackers a tight cluster in another direction."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=g)
+    honest = [common + 0.8 * torch.randn(d, generator=g) for _ in range(n_honest)]
+    poison = torch.randn(d, generator=g)
+    bad = [3.0 * (poison + 0.05 * torch.randn(d, generator=g)) for _ in range(n_bad)]
+    return honest, bad
+
+
+def test_flame_keeps_the_honest_majority_and_drops_a_planted_cluster() -> None:
+    honest, bad = _planted()
+    agg = FLAME(noise=0.0)
+    order = [*bad[:2], *honest[:6], *bad[2:], *honest[6:]]  # attackers interleaved with honest clients
+    for t in order:
+        agg.add(dp.Delta({"w": t}))
+    out = agg.result()["w"]
+    is_bad = [any(t is b for b in bad) for t in order]
+    # no attacker is kept; HDBSCAN keeps a majority (≥ 9 of 17) and may call a far-off honest update an outlier
+    assert not any(is_bad[i] for i in agg.kept) and len(agg.kept) >= 9
+    # the kept updates are clipped to the median norm of all 17, then averaged
+    bound = torch.stack(order).norm(dim=1).median()
+    expected = torch.stack([order[i] * min(1.0, float(bound / order[i].norm())) for i in agg.kept]).mean(0)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert agg.measurements["flame_kept"] == len(agg.kept)
+
+
+def test_flame_clips_a_boosted_update_and_adds_noise_of_the_stated_size() -> None:
+    honest, _ = _planted(n_bad=0, d=20_000)
+    plain, noisy = FLAME(noise=0.0), FLAME(noise=0.01, seed=3)
+    boosted = [*honest[:-1], honest[-1] * 50]
+    for t in boosted:
+        plain.add(dp.Delta({"w": t}))
+        noisy.add(dp.Delta({"w": t}))
+    plain.result()
+    bound = plain.measurements["flame_bound"]
+    assert plain.result()["w"].norm() <= bound + 1e-4  # a mean of updates of norm ≤ S
+    diff = noisy.result()["w"] - plain.result()["w"]
+    assert float(diff.std()) == pytest.approx(0.01 * bound, rel=0.05)
+
+
+def test_foolsgold_zeroes_sybils_with_identical_histories() -> None:
+    g = torch.Generator().manual_seed(1)
+    agg = FoolsGold()
+    sybil = torch.randn(100, generator=g)
+    for _rnd in range(3):
+        agg.reset()
+        honest = [torch.randn(100, generator=g) for _ in range(6)]
+        for i, t in enumerate(honest):
+            agg.identify(f"h{i}")
+            agg.add(dp.Delta({"w": t}))
+        for i in range(3):  # three sybils send the same update every round
+            agg.identify(f"s{i}")
+            agg.add(dp.Delta({"w": sybil.clone()}))
+        out = agg.result()["w"]
+    assert agg.weights[6:] == [0.0, 0.0, 0.0]
+    assert all(w > 0 for w in agg.weights[:6])
+    assert float(torch.nn.functional.cosine_similarity(out, sybil, dim=0)) < 0.3
+    assert set(agg.state.history) == {*(f"h{i}" for i in range(6)), "s0", "s1", "s2"}
+
+
+def test_foolsgold_needs_client_ids_and_gets_them_through_validate() -> None:
+    with pytest.raises(dp.InvalidUpdate, match="client_id"):
+        FoolsGold().add(dp.Delta({"w": torch.ones(3)}))
+    chain = build_aggregator(defense="foolsgold")
+    assert chain.add(dp.Delta({"w": torch.ones(3)}), client_id="a")
+    assert chain.add(dp.Delta({"w": -torch.ones(3)}), client_id="b")
+    chain.result()  # histories grow when the round closes
+    assert chain.find(FoolsGold).state.history.keys() == {"a", "b"}
+
+
+def test_sign_vote_follows_the_majority_whatever_the_minority_norm() -> None:
+    agg = SignVote()
+    for _ in range(3):
+        agg.add(dp.Delta({"w": torch.tensor([0.5, -0.5, 0.0])}))
+    for _ in range(2):  # a minority with a huge norm and claimed weight
+        agg.add(dp.Delta({"w": torch.tensor([-1e6, 1e6, 0.0])}), weight=1e9)
+    assert agg.result()["w"].tolist() == [0.5, -0.5, 0.0]  # γ = median of (0.5, 0.5, 0.5, 1e6, 1e6)
+
+
+def test_norm_bound_weak_dp_noise() -> None:
+    plain = dp.NormBound(dp.FedAvg(), max_norm=1.0)
+    noisy = parse_defense("norm_bound(max_norm=1.0, noise=0.02)", seed=5)
+    for agg in (plain, noisy):
+        agg.add(dp.Delta({"w": torch.full((40_000,), 1.0)}))
+    diff = noisy.result()["w"] - plain.result()["w"]
+    assert float(diff.std()) == pytest.approx(0.02, rel=0.03) and abs(float(diff.mean())) < 1e-3
+
+
+def test_one_spec_grammar_for_defences() -> None:
+    assert parse_defense("trimmed_mean(0.2)").beta == parse_defense("trimmed_mean:0.2").beta == 0.2
+    assert parse_defense("trimmed_mean(beta=0.3)").beta == 0.3
+    assert parse_defense("multi_krum(byzantine=4)").byzantine == 4
+    assert parse_defense("norm_bound(adaptive)").max_norm == "adaptive"
+    assert parse_defense("flame(noise=0.01)").noise == 0.01
+    assert isinstance(parse_defense("sign_vote"), SignVote)
+    for bad, match in [("flame(lambda=1)", "no parameter 'lambda'"), ("krum(1.5)", "integer"),
+                       ("median | flame", "exactly one"), ("flame(noise=x)", "must be a number"),
+                       ("flame(", "defense spec")]:  # fmt: skip
+        with pytest.raises(dp.ConfigError, match=match):
+            parse_defense(bad)
+
+
+def test_coordinatewise_rules_collapse_on_sparse_payloads_and_are_refused() -> None:
+    # why the refusal: 10 clients' top-1% payloads of one honest direction have (nearly) disjoint supports,
+    # so trimmed mean and median see zeros at almost every coordinate: they drop the whole signal
+    codec = get_codec("topk(0.01)")
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(10_000, generator=g)
+    tm, med, mean = dp.TrimmedMean(beta=0.2), dp.CoordinateMedian(), dp.FedAvg()
+    for _ in range(10):
+        x = signal + 2.0 * torch.randn(10_000, generator=g)
+        sparse = codec.decode(codec.encode(x, g))
+        for agg in (tm, med, mean):
+            agg.add(dp.Delta({"w": sparse}))
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(mean.result()["w"], signal, dim=0)) > 0.2
+    for agg in (tm, med):  # a handful of coordinates where supports overlapped, out of ~1,000 sent
+        assert agg.result()["w"].count_nonzero() < 30
+        assert abs(float(cos(agg.result()["w"], signal, dim=0))) < 0.1
+    for spec in ("trimmed_mean(0.2)", "median"):
+        with pytest.raises(IncompatibleDefense, match="sparsifies"):
+            check_defense_codec(parse_defense(spec), "topk(0.01) | quant(bits=8)")
+        check_defense_codec(parse_defense(spec), "quant(bits=8)")  # dense codecs are fine
+    for spec in ("flame", "foolsgold", "fltrust", "multi_krum(4)", "sign_vote", "norm_bound(adaptive)"):
+        check_defense_codec(parse_defense(spec), "topk(0.01) | quant(bits=8)")
+    with pytest.raises(dp.ConfigError, match="sparsifies"):
+        RunConfig.from_mapping({"defense": "trimmed_mean:0.2", "codec": "randk(0.05)"})
+
+
+def test_robust_rules_are_refused_inside_dp() -> None:
+    for spec in ("flame", "foolsgold", "sign_vote", "norm_bound(1.0, noise=0.01)"):
+        with pytest.raises(IncompatibleDefense, match="cannot be combined with DP"):
+            build_aggregator(defense=spec, dp_noise=1.0, clip=1.0, expected_clients=10)
+    build_aggregator(defense="norm_bound(1.0)", dp_noise=1.0, clip=1.0, expected_clients=10)
