@@ -43,7 +43,7 @@ def test_load_deployable_each_kind(deployed, tmp_path):
     (tmp_path / "x.bin").write_bytes(b"0")
     with pytest.raises(ConfigError, match=".safetensors, .dpla, .onnx or a deploy output folder"):
         load_deployable(tmp_path / "x.bin")
-    with pytest.raises(ConfigError, match="neither model.dpla"):
+    with pytest.raises(ConfigError, match="a deploy output \\(model.dpla\\)"):
         load_deployable(tmp_path)
 
 
