@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx
 import numpy as np
 
-import _digits_cnn as D
 from _record import record, table
+from deltaplane.data.models import build_model
 from deltaplane.registry import Registry
 from deltaplane.serve.load import run_load
 
@@ -59,10 +59,15 @@ async def baseline(url: str, devices: int, seconds: float) -> tuple[float, float
     return len(lat) / elapsed, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), errors
 
 
+def initial_state() -> dict:
+    """The digits task's CNN (the library's model, seed 0): the weights the service ships and devices update."""
+    return {k: v.detach().clone() for k, v in build_model(0).state_dict().items()}
+
+
 def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="load-bench-")) / "h"
     reg = Registry.create(home)
-    reg.register_model("cnn", D.initial_state())
+    reg.register_model("cnn", initial_state())
     reg.set_tag("cnn", "production", 1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,8 +114,8 @@ def main() -> None:
     ]
     bad = ", ".join(f"{k}: {sorted(set(v))} ×{len(v)}" for k, v in rep.bad_requests.items())
     body = (
-        f"{DEVICES} concurrent devices for {rep.seconds:.0f} s (at least {SECONDS:.0f} s and 3 rounds), 127.0.0.1 only; SmallCNN "
-        f"({sum(v.numel() for v in D.initial_state().values()):,} params), uplink `topk(0.1) | quant(bits=8)`, "
+        f"{DEVICES} concurrent devices for {rep.seconds:.0f} s (at least {SECONDS:.0f} s and 3 rounds), 127.0.0.1 only; the digits CNN "
+        f"({sum(v.numel() for v in initial_state().values()):,} params), uplink `topk(0.1) | quant(bits=8)`, "
         "downlink = the service's signed delta (verified and applied by every device).\n\n"
         + table(
             ["workload", "requests/s", "p50 ms", "p99 ms", "errors", "uploads accepted", "lost uploads"], rows
