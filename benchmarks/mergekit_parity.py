@@ -140,7 +140,9 @@ def cases(z: Path) -> list[tuple[str, str, dict, str]]:
         # MiniLM's pooler bias is all zeros, and so in every noise fine-tune: with three inputs both tools refuse
         # it (zero vectors have no direction); with two, both fall back to linear interpolation there
         ("multislerp", "models", {"merge_method": "multislerp", "base_model": b, "models": three[:2]}, red),
-        ("karcher", "models", {"merge_method": "karcher", "models": [{"model": m} for m in (m0, m1, m2)]}, red),
+        ("karcher", "models", {"merge_method": "karcher", "models": [{"model": m} for m in (m0, m1, m2)]},
+         "mergekit's float32 sums over the 11.7 M-entry embedding drift from its own code run in float64; "
+         "deltaplane reduces in float64"),
         ("model_stock", "models", {"merge_method": "model_stock", "base_model": b,
                                    "models": [{"model": m} for m in (m0, m1, m2)]}, red),
         ("nearswap", "models", {"merge_method": "nearswap", "base_model": b, "models": [{"model": m0}],
@@ -280,7 +282,7 @@ def main() -> None:
             if worst == 0:
                 note = "bit-identical"
             elif why == "tie-break":
-                note = "top-k ties broken differently (mergekit: argsort; deltaplane: lowest index)"
+                note = "top-k ties broken differently (mergekit: its sort's order; deltaplane: lowest index)"
             elif why:
                 note = why
             else:
@@ -301,7 +303,12 @@ def main() -> None:
         "`differ` is the fraction of weights that are not bit-identical. Times are whole processes (imports "
         f"included), one thread each, machine shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
         f"on {os.cpu_count()} cores during the run. Sum over all rows: mergekit {t_mk:.0f} s, deltaplane "
-        f"{t_dp:.0f} s.\n\n"
+        f"{t_dp:.0f} s. DARE and DELLA rows use density 1: their random masks come from different generators "
+        "and cannot agree entry by entry (their masks are tested for distribution and determinism in "
+        "tests/merging). Tie-breaks touch under 1e-5 of the weights in float32 but a few percent in bfloat16 "
+        "(few distinct magnitudes: hundreds of entries tie at each threshold); the `ties: argsort` rows replay "
+        "mergekit's pick and are bit-identical, so the ties are the whole difference. Rows are cached per config "
+        "(`--keep DIR --reuse`): a row is re-measured only when its config changed or it failed.\n\n"
         + table(
             ["method", "config form", "inputs", "max |Δ|", "differ", "time s (mk / dp)", "why not identical"],
             rows,
