@@ -158,7 +158,7 @@ def grid(args: argparse.Namespace) -> None:
     jobs = [(DEFAULT_CODEC, None, "none", 0, rounds)]
     jobs += [
         (DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)
-        for f in FRACTIONS
+        for f in args.fractions
         for a in args.attacks
         for d in GRID_DEFENSES
     ]
@@ -169,7 +169,7 @@ def grid(args: argparse.Namespace) -> None:
             f"{round(100 * f)}%",
             *(cell(by[(DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)]) for d in GRID_DEFENSES),
         ]
-        for f in FRACTIONS
+        for f in args.fractions
         for a in args.attacks
     ]
     body = (
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--grid-rounds", type=int, default=20)
     ap.add_argument("--attacks", nargs="+", default=GRID_ATTACKS)
+    ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cached-only", action="store_true", help="record the finished runs, run nothing")
     args = ap.parse_args()
