@@ -143,7 +143,10 @@ def run(
         str | None, typer.Option(help="Poisoning attack and malicious fraction, e.g. 'backdoor:0.2'.")
     ] = None,
     defense: Annotated[
-        str | None, typer.Option(help="Robust aggregation, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', 'trimmed_mean(0.2)'.")
+        str | None,
+        typer.Option(
+            help="Robust aggregation, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', 'trimmed_mean(0.2)'."
+        ),
     ] = None,
     prox_mu: Annotated[float | None, typer.Option(help="FedProx proximal term mu on the clients.")] = None,
     personalization: Annotated[
