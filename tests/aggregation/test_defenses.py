@@ -152,3 +152,17 @@ def test_robust_rules_are_refused_inside_dp() -> None:
         with pytest.raises(IncompatibleDefense, match="cannot be combined with DP"):
             build_aggregator(defense=spec, dp_noise=1.0, clip=1.0, expected_clients=10)
     build_aggregator(defense="norm_bound(1.0)", dp_noise=1.0, clip=1.0, expected_clients=10)
+
+
+def test_foolsgold_binary_keeps_the_verdict_and_equal_weights() -> None:
+    g = torch.Generator().manual_seed(2)
+    agg = parse_defense("foolsgold(binary=true)")
+    sybil = torch.randn(60, generator=g)
+    updates = [torch.randn(60, generator=g) for _ in range(5)] + [sybil.clone(), sybil.clone()]
+    for i, t in enumerate(updates):
+        agg.identify(str(i))
+        agg.add(dp.Delta({"w": t}))
+    out = agg.result()["w"]
+    kept = [i for i, w in enumerate(agg.weights) if w]
+    assert set(agg.weights) <= {0.0, 1.0} and 5 not in kept and 6 not in kept
+    assert torch.allclose(out, torch.stack([updates[i] for i in kept]).mean(0), atol=1e-6)

@@ -88,7 +88,7 @@ def test_population_runs_the_whole_server_chain() -> None:
     assert dp.epsilon[0] is not None and 0 < dp.epsilon[0] < dp.epsilon[1]  # the accountant runs
     for change in (
         {"aggregator": "fedadam"},
-        {"defense": "trimmed_mean:0.2"},
+        {"defense": "multi_krum(2)"},  # a coordinate-wise rule over top-k is refused (IncompatibleDefense)
         {"downlink_codec": "quant(bits=4)"},
     ):
         other = run_population(base.replace(**change), registered=200, per_round=8)
