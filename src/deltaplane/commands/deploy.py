@@ -358,7 +358,8 @@ def register(app: typer.Typer) -> None:
             list[float] | None,
             typer.Option(
                 help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): classifiers on inputs [0.02 0.05 0.1], "
-                "sentence encoders on input embeddings, relative to their std [0.05 0.1]"
+                "sentence encoders on input embeddings, relative to their std [0.05 0.1]",
+                show_default="0.02 0.05 0.1 (classifiers), 0.05 0.1 (encoders)",
             ),
         ] = None,
         recover: Annotated[
