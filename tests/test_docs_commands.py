@@ -248,3 +248,14 @@ def test_doc_commands_run(block: Block, tmp_path: Path) -> None:
             f"{block.id}: `{command}` exited {done.returncode}\n--- stdout\n{done.stdout[-3000:]}"
             f"\n--- stderr\n{done.stderr[-3000:]}"
         )
+
+
+def test_small_caps_rounds_and_devices_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltaplane import cli
+
+    monkeypatch.setenv("DELTAPLANE_SMALL", "1")
+    cfg = cli._run_config(None, rounds=30, clients=10, codec="stc(0.01)", lr=None)
+    assert (cfg.rounds, cfg.clients, cfg.codec) == (2, 4, "stc(0.01)")
+    assert cli._run_config(None, rounds=1, clients=3).rounds == 1  # already small: unchanged
+    monkeypatch.setenv("DELTAPLANE_SMALL", "0")
+    assert cli._run_config(None, rounds=30).rounds == 30
