@@ -86,7 +86,7 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             return out
         raise ConfigError(
             f"{p} holds neither model.dpla (a deploy output) nor model.safetensors / model.safetensors.index.json "
-            "(a Hugging Face checkpoint); a .bin checkpoint must be converted first (load it with torch and "
+            "(a `deltaplane run` output or a Hugging Face checkpoint); a .bin checkpoint must be converted first (load it with torch and "
             "save_file(state, 'model.safetensors'))"
         )
     if not p.is_file():
