@@ -8,6 +8,8 @@ the command with a one-line red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -242,6 +244,9 @@ def run(
         )  # fmt: skip
         from deltaplane.apps.runner import preflight
 
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # --task mytask:make_task finds mytask.py in the working directory
+
         preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
         plan = _plan_runs(cfg, with_baseline=baseline)
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -346,7 +351,22 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
     changes = {k: v for k, v in options.items() if v is not None}
     if "codec" not in changes and "codec" not in cfg.model_fields_set:
         changes["codec"] = DEFAULT_RUN_CODEC
-    return cfg.replace(**changes)
+    cfg = cfg.replace(**changes)
+    return _small(cfg) if os.environ.get(SMALL_ENV, "") not in ("", "0") else cfg
+
+
+SMALL_ENV = "DELTAPLANE_SMALL"
+SMALL_ROUNDS, SMALL_CLIENTS = 2, 4
+
+
+def _small(cfg: RunConfig) -> RunConfig:
+    """Cap rounds and devices (DELTAPLANE_SMALL=1): the docs' commands run in seconds in CI, and say so."""
+    rounds, clients = min(cfg.rounds, SMALL_ROUNDS), min(cfg.clients, SMALL_CLIENTS)
+    if (rounds, clients) != (cfg.rounds, cfg.clients):
+        err_console.print(
+            f"{SMALL_ENV} is set: {rounds} rounds (not {cfg.rounds}) over {clients} devices (not {cfg.clients})"
+        )
+    return cfg.replace(rounds=rounds, clients=clients)
 
 
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
@@ -459,7 +479,13 @@ def _save_checkpoint(result: RunResult, out: Path, *, name: str, task: str, pers
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in result.final_state.items()}, str(tmp))
+    # the built-in digits CNN names its architecture, so `deltaplane deploy OUT/model.safetensors` can build it
+    metadata = (
+        {"config": json.dumps({"architecture": "DigitsCNN", "num_classes": 10})}
+        if result.config.task == DEFAULT_TASK and result.config.task_options.get("model", "cnn") == "cnn"
+        else None
+    )
+    save_file({k: v.contiguous() for k, v in result.final_state.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
     meta = {
         "kind": "deltaplane-run",

@@ -46,4 +46,4 @@ def test_register_refuses_a_folder_that_is_not_a_run(tmp_path) -> None:
     assert _cli("registry", "init", "--home", str(home)).exit_code == 0
     (tmp_path / "empty").mkdir()
     r = _cli("registry", "register", "m", str(tmp_path / "empty"), "--home", str(home))
-    assert r.exit_code == 2 and "not a `deltaplane run` output" in r.output
+    assert r.exit_code == 2 and "`deltaplane run` output" in r.output and "model.safetensors" in r.output
