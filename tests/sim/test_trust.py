@@ -22,8 +22,14 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget() -> None:
         )
     assert all(r.clipped_fraction is not None for r in res.rounds)
     budget = (eps[1] + eps[2]) / 2  # room for two rounds, not three
-    with pytest.raises(dp.PrivacyBudgetExceeded, match="round 3"):
-        run_simulation(cfg.replace(epsilon_budget=budget))
+    # the run stops before the round that would exceed the budget and keeps the two rounds it did
+    stopped = run_simulation(cfg.replace(epsilon_budget=budget))
+    assert len(stopped.rounds) == 2 and stopped.rounds[-1].epsilon == pytest.approx(eps[1])
+    assert stopped.stopped is not None and "privacy budget exhausted at round 3" in stopped.stopped
+    assert stopped.to_dict()["stopped"] == stopped.stopped
+    # not even one round fits: nothing to report, the error says why
+    with pytest.raises(dp.PrivacyBudgetExceeded, match="round 1"):
+        run_simulation(cfg.replace(epsilon_budget=eps[0] / 2))
 
 
 def test_local_dp_reports_the_worst_device_epsilon() -> None:
