@@ -888,6 +888,8 @@ class FuzzReport:
     max_memory_ratio: float = 0.0
     max_peak_bytes: int = 0
     worst_memory: str = ""
+    #: decodes whose first peak exceeded 0.8 of the bound and came out lower when decoded again
+    remeasured: int = 0
     model_bytes: int = 0
     specs: list[str] = field(default_factory=list)
 
@@ -956,10 +958,16 @@ def fuzz(
                 report.hangs += 1
             if measure_memory and out.peak_bytes >= 0 and not standalone:
                 bound = 4 * layout.nbytes + 10 * len(payload)
-                if out.peak_bytes / bound > report.max_memory_ratio:
-                    report.max_memory_ratio = out.peak_bytes / bound
+                peak = out.peak_bytes
+                for _ in range(2 if peak > 0.8 * bound else 0):
+                    # a decode is deterministic, so a real excess repeats; a one-off page-fault burst of
+                    # the allocator or the garbage collector does not: the smallest of three peaks counts
+                    peak = min(peak, check_decode(payload, layout=layout, measure_memory=True).peak_bytes)
+                report.remeasured += peak != out.peak_bytes
+                if peak / bound > report.max_memory_ratio:
+                    report.max_memory_ratio = peak / bound
                     report.worst_memory = f"{kind} on '{specs[src]}' ({out.result}, {len(payload)} bytes)"
-                report.max_peak_bytes = max(report.max_peak_bytes, out.peak_bytes)
+                report.max_peak_bytes = max(report.max_peak_bytes, peak)
             if progress is not None:
                 progress(i)
     return report
