@@ -408,7 +408,9 @@ def test_ties_argsort_reproduces_mergekits_choice_among_ties() -> None:
     base, models = _tensors((64, 48), 3)
     models = [base + torch.round((m - base) * 40) / 40 for m in models]
     want = _mk("ties", [base, *models], 0, weight=W3, density=D3)
-    got = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3, ties="argsort")["w"]
+    got = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3, ties="argsort")[
+        "w"
+    ]
     assert torch.equal(got, want)
     by_index = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3)["w"]
     assert not torch.equal(by_index, want)  # the default breaks those ties by index
