@@ -245,7 +245,8 @@ def run(
         from deltaplane.apps.runner import preflight
 
         if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # --task mytask:make_task finds mytask.py in the working directory
+            # --task mytask:make_task finds mytask.py in the working directory
+            sys.path.insert(0, os.getcwd())
 
         preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
         plan = _plan_runs(cfg, with_baseline=baseline)
