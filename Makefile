@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/deltaplane run --out $(OUT)
+	$(VENV)/bin/deltaplane run --out $(OUT) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
