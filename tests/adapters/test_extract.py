@@ -144,6 +144,21 @@ def test_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert "layer.0.up.weight" in res.output and "not in the adapter" in res.output
     assert load_peft(out).ranks == {"layer.0.query.weight": 3, "layer.0.up.weight": 3}
+    again = [
+        "extract-lora",
+        str(tmp_path / "ft"),
+        "--base",
+        str(tmp_path / "base"),
+        "--rank",
+        "2",
+        "-o",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, again)  # an earlier adapter is never replaced silently
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert load_peft(out).ranks["layer.0.query.weight"] == 3
+    assert CliRunner().invoke(app, [*again, "--overwrite"]).exit_code == 0
+    assert load_peft(out).ranks["layer.0.query.weight"] == 2
     res = CliRunner().invoke(app, ["extract-lora", str(tmp_path / "ft"), "--base", str(tmp_path / "nope"),
                                    "--rank", "3", "-o", str(tmp_path / "x")])  # fmt: skip
     assert res.exit_code == 2 and "not found" in res.output

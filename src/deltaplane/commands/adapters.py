@@ -44,6 +44,7 @@ def extract_lora_command(
         int, typer.Option(help="randomized SVD for layers whose smaller side exceeds this")
     ] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-layer table")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
 ) -> None:
     """Extract a LoRA adapter (truncated SVD per linear layer, streamed) and report each layer's error."""
     import time
@@ -55,6 +56,11 @@ def extract_lora_command(
 
     console = Console(soft_wrap=True)
     with clean_errors(OSError):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            from deltaplane.errors import ConfigError
+
+            # the rule every command that writes a folder follows (docs/cli.md)
+            raise ConfigError(f"output '{out}' already exists; pass --overwrite to replace it")
         t = time.perf_counter()
         result = extract_lora(
             finetuned,
