@@ -41,6 +41,18 @@ __all__ = [
 ]
 
 
+def _admit(like: Delta | None, delta: Delta, weight: float) -> Delta:
+    """The checks every rule makes on an incoming update (finite weight and values, the round's layout);
+    returns the layout reference to keep (the first update of the round)."""
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+        raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+    delta.check_finite()
+    if like is None:
+        return delta
+    check_compatible(like, delta, "aggregate and client delta")
+    return like
+
+
 class _Buffered:
     """Holds the round's updates as rows of an (n, d) float32 matrix, built incrementally."""
 
@@ -56,13 +68,7 @@ class _Buffered:
         self._own: dict[str, float] = {}
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
-        delta.check_finite()
-        if self._like is None:
-            self._like = delta
-        else:
-            check_compatible(self._like, delta, "aggregate and client delta")
+        self._like = _admit(self._like, delta, weight)
         self._rows.append(delta.flatten())
 
     def result(self) -> Delta:
@@ -447,13 +453,7 @@ class SignVote:
         self._own: dict[str, float] = {}
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
-        delta.check_finite()
-        if self._like is None:
-            self._like = delta
-        else:
-            check_compatible(self._like, delta, "aggregate and client delta")
+        self._like = _admit(self._like, delta, weight)
         g = delta.flatten()
         s = torch.sign(g)
         self._votes = s if self._votes is None else self._votes + s
