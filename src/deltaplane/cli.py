@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import EXIT_REFUSED, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError
@@ -33,21 +34,16 @@ if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should no
 
 __all__ = ["DEFAULT_RUN_CODEC", "app"]
 
-#: The task ``deltaplane run`` federates unless ``--task`` names another.
-DEFAULT_TASK = "deltaplane.apps.digits:make_task"
+#: The task ``deltaplane run`` federates unless ``--task`` names another (the built-in ``digits``).
+DEFAULT_TASK: str = TASKS["digits"].target  # type: ignore[assignment]
 #: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
 DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
 BASELINE = "baseline"
 
 
-class Engine(StrEnum):
-    """Which driver executes a federated run (``inprocess``: an older name of ``sequential``)."""
-
-    sequential = "sequential"
-    batched = "batched"
-    population = "population"
-    flower = "flower"
-    inprocess = "inprocess"
+#: Which driver executes a federated run: the names of :data:`deltaplane.choices.ENGINES`, plus ``inprocess``
+#: (an older name of ``sequential``).
+Engine = StrEnum("Engine", {name: name for name in [*ENGINES, "inprocess"]})  # type: ignore[misc]
 
 
 app = typer.Typer(
@@ -137,9 +133,7 @@ def run(
     ] = True,
     aggregator: Annotated[
         str | None,
-        typer.Option(
-            show_default="fedavg", help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm."
-        ),
+        typer.Option(show_default="fedavg", help=f"Server optimizer: {AGGREGATORS.names()}."),
     ] = None,
     dp_noise: Annotated[
         float | None, typer.Option(show_default="0.0", help="DP-FedAvg noise multiplier z (needs --clip).")
@@ -175,26 +169,28 @@ def run(
     ] = None,
     personalization: Annotated[
         str | None,
-        typer.Option(
-            show_default="none", help="Per-device personalization: none, alpha_mix, fedper, fedbn or ditto."
-        ),
+        typer.Option(show_default="none", help=f"Per-device personalization: {PERSONALIZATIONS.names()}."),
     ] = None,
     transport: Annotated[
         str | None,
-        typer.Option(help="'inproc' (default) or 'http': devices talk to a real local server over loopback."),
+        typer.Option(
+            show_default="inproc",
+            help="; ".join(f"{name}: {c.summary}" for name, c in TRANSPORTS.items()) + ".",
+        ),
     ] = None,
     engine: Annotated[
         Engine | None,
         typer.Option(
-            help="sequential (default), batched (a round's clients stacked), population (lazy fleet of "
-            "--clients devices) or flower (Flower's simulation engine; needs the 'flower' extra)."
+            show_default="sequential",
+            help="; ".join(f"{name}: {c.summary}" for name, c in ENGINES.items()) + ".",
         ),
     ] = None,
     task: Annotated[
         str | None,
         typer.Option(
-            show_default="deltaplane.apps.digits:make_task",
-            help="Your model and data: 'package.module:factory' returning a deltaplane.engine.Task.",
+            show_default=DEFAULT_TASK,
+            help="Your model and data: 'package.module:factory' returning a deltaplane.engine.Task, or a "
+            f"built-in task ({TASKS.names()}).",
         ),
     ] = None,
     task_option: Annotated[
@@ -232,15 +228,15 @@ def run(
     into one (TIES, task arithmetic), and the global model is pruned + int8-quantized into OUT/deploy.
     """
     with clean_errors():
-        if transport is not None and transport not in ("inproc", "http"):
-            raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
+        if transport is not None:
+            TRANSPORTS.check(transport)
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
-            engine=None if engine in (None, Engine.inprocess) else engine.value, transport=transport,
+            engine=None if engine in (None, Engine.inprocess) else str(engine), transport=transport,
         )  # fmt: skip
         from deltaplane.apps.runner import preflight
 
@@ -249,6 +245,11 @@ def run(
             sys.path.insert(0, os.getcwd())
 
         preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
+        if save_personal and cfg.engine == "flower" and cfg.transport == "inproc":
+            raise ConfigError(
+                "--save-personal: with --engine flower each device's personal model stays on its node and never "
+                "reaches the server; run the sequential engine to save them"
+            )
         plan = _plan_runs(cfg, with_baseline=baseline)
         if out.exists() and any(out.iterdir()) and not overwrite:
             # the same rule as `deltaplane merge`: never replace earlier results silently
@@ -476,7 +477,8 @@ def _save_checkpoint(result: RunResult, out: Path, *, name: str, task: str, pers
     from safetensors.torch import save_file
 
     if personal and not result.personal_states:
-        raise ConfigError("--save-personal needs --personalization (alpha_mix, ditto, fedper or fedbn)")
+        others = ", ".join(n for n in PERSONALIZATIONS if n != "none")
+        raise ConfigError(f"--save-personal needs --personalization ({others})")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.safetensors"
     tmp = path.with_suffix(".tmp")

@@ -15,7 +15,7 @@ from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
 from deltaplane.aggregation.dp import DPFedAvg
 from deltaplane.aggregation.fedavg import FedAvg
-from deltaplane.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerSGD
+from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
     FLAME,
     CoordinateMedian,
@@ -26,17 +26,13 @@ from deltaplane.aggregation.robust import (
     TrimmedMean,
 )
 from deltaplane.aggregation.validation import Validate
+from deltaplane.choices import AGGREGATORS
 from deltaplane.errors import ConfigError, IncompatibleDefense
 
 __all__ = ["DEFENSES", "SERVER_OPTIMIZERS", "build_aggregator", "check_defense_codec", "parse_defense"]
 
-SERVER_OPTIMIZERS = {
-    "fedavg": None,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "fedavgm": FedAvgM,
-}
+#: name -> server optimizer class (None: FedAvg as server SGD), from :data:`deltaplane.choices.AGGREGATORS`
+SERVER_OPTIMIZERS = {name: AGGREGATORS.load(name) for name in AGGREGATORS}
 #: defence name → (builder, parameters in positional order with defaults); ``name(param=value)`` specs.
 DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),

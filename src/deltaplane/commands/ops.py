@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from deltaplane.choices import AGGREGATORS
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.commands import console, err_console
 from deltaplane.errors import ConfigError
@@ -539,9 +540,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         aggregator: Annotated[
             str | None,
-            typer.Option(
-                help="Server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm.", show_default="fedavg"
-            ),
+            typer.Option(help=f"Server optimizer: {AGGREGATORS.names()}.", show_default="fedavg"),
         ] = None,
         server_lr: Annotated[
             float | None, typer.Option(help="FedAvg's server step.", show_default="1.0")

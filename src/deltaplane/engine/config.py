@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS, Choices
 from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:
     from deltaplane.personalization import Personalizer
 
-__all__ = ["RunConfig"]
+__all__ = ["CHOICES", "RunConfig"]
+
+#: The fields whose value is a registered name, and the registry each one reads (:mod:`deltaplane.choices`).
+#: ``codec``/``downlink_codec``, ``defense`` and ``attack`` are specs checked by their own registries.
+CHOICES: dict[str, Choices] = {
+    "aggregator": AGGREGATORS,
+    "personalization": PERSONALIZATIONS,
+    "engine": ENGINES,
+    "transport": TRANSPORTS,
+}
 
 
 class RunConfig(BaseModel):
@@ -34,8 +52,9 @@ class RunConfig(BaseModel):
 
     # -- task (the model and data; see deltaplane.engine.Task) ---------------------------------------
     task: str = Field(
-        "deltaplane.apps.digits:make_task",
-        description="import path 'package.module:factory' of a function returning a deltaplane.engine.Task",
+        TASKS["digits"].target,  # type: ignore[arg-type]
+        description="import path 'package.module:factory' of a function returning a deltaplane.engine.Task, "
+        f"or a built-in task: {TASKS.names()}",
     )
     task_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword options passed to the task factory"
@@ -70,9 +89,7 @@ class RunConfig(BaseModel):
         1.0, gt=0, description="FedAvg's server step: the global model moves by server_lr × the mean delta"
     )
     # -- aggregation you can trust (see docs/aggregation.md) ------------------------------------------
-    aggregator: str = Field(
-        "fedavg", description="server optimizer: fedavg, fedadam, fedyogi, fedadagrad, fedavgm"
-    )
+    aggregator: str = Field("fedavg", description=f"server optimizer: {AGGREGATORS.names()}")
     server_opt_lr: float | None = Field(
         None, gt=0, description="server optimizer lr (its default when unset)"
     )
@@ -101,7 +118,7 @@ class RunConfig(BaseModel):
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal term mu on the clients (0: plain FedAvg)")
     # -- personalization (per-device state; see deltaplane.personalization) --------------------------
     personalization: str = Field(
-        "none", description="per-device personalization: none, alpha_mix, fedper, fedbn or ditto"
+        "none", description=f"per-device personalization: {PERSONALIZATIONS.names()}"
     )
     personal_epochs: int = Field(2, ge=1, description="local epochs of personal training per round")
     personal_lr: float = Field(0.05, gt=0, description="learning rate of personal training")
@@ -118,19 +135,30 @@ class RunConfig(BaseModel):
     # Sequential by default: it is bit-for-bit what the HTTP transport and the Flower engine compute, so a
     # result reproduces across runtimes; 'batched' is faster but differs by float32 rounding, which 120 rounds
     # of top-k can grow into a different final model.
-    engine: Literal["sequential", "batched", "population", "flower"] = Field(
+    engine: str = Field(
         "sequential",
-        description="'sequential' trains a round's clients one after another; 'batched' trains them at once "
-        "(sim/batched.py), falling back to the loop for models it cannot batch; 'population' builds sampled "
-        "devices lazily from a fleet of `clients` (10,000+); 'flower' runs on Flower's simulation engine",
+        description="; ".join(f"'{name}' {c.summary}" for name, c in ENGINES.items()),
     )
-    transport: Literal["inproc", "http"] = Field(
-        "inproc",
-        description="'inproc': messages are function calls; 'http': devices talk to a real local server",
+    transport: str = Field(
+        "inproc", description="; ".join(f"'{name}': {c.summary}" for name, c in TRANSPORTS.items())
     )
     memory_budget_mb: float = Field(
         256.0, gt=0, description="memory the batched engine may use for the clients it trains at once"
     )
+
+    @field_validator("aggregator", "personalization", "engine", "transport")
+    @classmethod
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        try:
+            return CHOICES[info.field_name].check(name)  # type: ignore[index]
+        except DeltaplaneError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("task")
+    @classmethod
+    def _task_path(cls, task: str) -> str:
+        """A built-in task's short name (``digits``) stands for its import path."""
+        return TASKS[task].target if task in TASKS else task  # type: ignore[return-value]
 
     @field_validator("codec", "downlink_codec")
     @classmethod
@@ -207,14 +235,8 @@ class RunConfig(BaseModel):
 
     def describe_aggregation(self) -> str:
         """A short human name of the server side of this run, e.g. ``"FedAdam + clip 1.0 + DP z=1.1"``."""
-        names = {
-            "fedavg": "FedAvg",
-            "fedadam": "FedAdam",
-            "fedyogi": "FedYogi",
-            "fedadagrad": "FedAdagrad",
-            "fedavgm": "FedAvgM",
-        }
-        parts = [names.get(self.aggregator, self.aggregator)]
+        target = AGGREGATORS[self.aggregator].target
+        parts = [target.rpartition(":")[2] if target else "FedAvg"]
         if self.prox_mu > 0:
             parts[0] = "FedProx" if self.aggregator == "fedavg" else f"{parts[0]} + FedProx"
         if self.clip is not None:
@@ -257,34 +279,21 @@ class RunConfig(BaseModel):
             seed=seed,
         )
 
-    @field_validator("personalization")
-    @classmethod
-    def _valid_personalization(cls, name: str) -> str:
-        from deltaplane.personalization import PERSONALIZERS
-
-        if name not in PERSONALIZERS:
-            raise ValueError(f"unknown personalization '{name}'; choose one of {', '.join(PERSONALIZERS)}")
-        return name
-
     def make_personalizer(self) -> Personalizer:
-        """The :class:`~deltaplane.personalization.Personalizer` these settings describe."""
-        from deltaplane.personalization import AlphaMix, Ditto, FedBN, FedPer, Personalizer
+        """The :class:`~deltaplane.personalization.Personalizer` these settings describe: the registered class
+        (:data:`deltaplane.choices.PERSONALIZATIONS`), given the options its constructor takes."""
+        import inspect
 
-        name = self.personalization
-        if name == "alpha_mix":
-            return AlphaMix(epochs=self.personal_epochs, lr=self.personal_lr, batch_size=self.batch_size)
-        if name == "ditto":
-            return Ditto(
-                lam=self.ditto_lambda,
-                epochs=self.personal_epochs,
-                lr=self.personal_lr,
-                batch_size=self.batch_size,
-            )
-        if name == "fedper":
-            return FedPer(head=tuple(h.strip() for h in self.fedper_head.split(",") if h.strip()))
-        if name == "fedbn":
-            return FedBN()
-        return Personalizer()
+        cls = PERSONALIZATIONS.load(self.personalization)
+        options = {
+            "epochs": self.personal_epochs,
+            "lr": self.personal_lr,
+            "batch_size": self.batch_size,
+            "lam": self.ditto_lambda,
+            "head": tuple(h.strip() for h in self.fedper_head.split(",") if h.strip()),
+        }
+        takes = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in options.items() if k in takes})
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

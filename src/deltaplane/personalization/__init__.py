@@ -5,6 +5,7 @@ head), :class:`FedBN` (local batch-norm), :class:`Ditto` (proximally regularised
 :class:`Personalizer` (hyperparameters only) acting on a device-owned :class:`PersonalState`.
 """
 
+from deltaplane.choices import PERSONALIZATIONS
 from deltaplane.errors import ConfigError
 from deltaplane.personalization.alpha_mix import AlphaMix, choose_alpha
 from deltaplane.personalization.base import Personalizer, PersonalState
@@ -26,12 +27,9 @@ __all__ = [
     "train_sgd",
 ]
 
+#: name -> class, from the one registry of names (:data:`deltaplane.choices.PERSONALIZATIONS`)
 PERSONALIZERS: dict[str, type[Personalizer]] = {
-    "none": Personalizer,
-    "alpha_mix": AlphaMix,
-    "fedper": FedPer,
-    "fedbn": FedBN,
-    "ditto": Ditto,
+    name: PERSONALIZATIONS.load(name) for name in PERSONALIZATIONS
 }
 
 
