@@ -4,8 +4,9 @@ For each feature the sequential driver is the reference; the table gives, per dr
 the total uplink bytes and whether every round's accuracy and the final weights equal the reference bit for bit
 (``=``), or the largest per-round accuracy difference otherwise. Drivers: batched (stacked clients; equal up to
 float32 rounding), HTTP (a real uvicorn service on loopback, simulated devices), Flower (the ServerApp and
-ClientApps through Flower's message code path on an in-process grid, no Ray). α-mix does not run on Flower
-(refused with the reason); SecAgg joins once it travels as messages.
+ClientApps through Flower's message code path on an in-process grid, no Ray). Personalization runs on every
+driver: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
+Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ FEATURES = {
     "top-k 1% + 8-bit, EF": {"codec": "topk(0.01) | quant(bits=8)"},
     "downlink top-k 5% + 8-bit": {"downlink_codec": "topk(0.05) | quant(bits=8)"},
     "α-mix": {"personalization": "alpha_mix"},
+    "FedPer (head fc2)": {"personalization": "fedper"},
+    "Ditto": {"personalization": "ditto"},
 }
 
 
@@ -67,8 +70,12 @@ def _flower(cfg):
     return rounds, finals
 
 
+def _seen(r):
+    return (r.test_accuracy, r.personal_accuracy_mean, r.personal_accuracy_min, r.personal_gain_min)
+
+
 def _cell(ref, rounds, state) -> str:
-    same = [a.test_accuracy for a in ref.rounds] == [b.test_accuracy for b in rounds] and all(
+    same = [_seen(a) for a in ref.rounds] == [_seen(b) for b in rounds] and all(
         torch.equal(ref.final_state[k], state[k]) for k in ref.final_state
     )
     gap = max(abs(a.test_accuracy - b.test_accuracy) for a, b in zip(ref.rounds, rounds, strict=True))
@@ -96,17 +103,15 @@ def main() -> None:
         http = run_http_simulation(cfg)
         row = [name, f"{seq.final.test_accuracy:.4f}, {seq.total_uplink_bytes / 2**20:.2f} MiB"]
         row += [_cell(seq, bat.rounds, bat.final_state), _cell(seq, http.rounds, http.final_state)]
-        if cfg.personalization == "none":
-            fl_rounds, fl_state = _flower(cfg)
-            row.append(_cell(seq, fl_rounds, fl_state))
-        else:
-            row.append("refused (per-node personal state)")
+        fl_rounds, fl_state = _flower(cfg)
+        row.append(_cell(seq, fl_rounds, fl_state))
         rows.append(row)
         print(row, flush=True)
     body = (
         f"Digits, {args.clients} clients, {args.rounds} rounds (the `deltaplane run` federation, fewer rounds), "
-        "seed 0. Cells: final test accuracy, total uplink, and `=` when every round's accuracy and the final "
-        "weights equal the sequential driver's bit for bit. HTTP uplink bytes differ from the sequential ones only "
+        "seed 0. Cells: final test accuracy, total uplink, and `=` when every round's accuracy (and, with "
+        "personalization, the devices' personal accuracies) and the final weights equal the sequential driver's "
+        "bit for bit. HTTP uplink bytes differ from the sequential ones only "
         "by the payload header's model id and version (`digits-cnn` v1 vs `sim/digits-cnn` v0).\n\n"
         + table(["feature", "sequential (reference)", "batched", "HTTP service", "Flower"], rows)
         + f"\n\nTotal time {time.perf_counter() - t0:.0f} s.\n"

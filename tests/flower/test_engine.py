@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from deltaplane.cli import DEFAULT_RUN_CODEC, app
-from deltaplane.errors import ConfigError, UnsupportedOption
+from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, run_simulation
 
 
@@ -61,14 +61,13 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
     assert len(clients) == 1000 and min(len(c.train) for c in clients) >= 1
 
 
-def test_flower_engine_refuses_options_it_does_not_run() -> None:
-    from deltaplane.flower import run_flower
+def test_flower_engine_runs_secagg_and_personalization() -> None:
+    from deltaplane.flower.engine import unsupported_options
 
-    # SecAgg runs on Flower (tests/flower/test_secagg_flower.py): only personalization is refused
-    with pytest.raises(
-        UnsupportedOption, match="^the Flower engine does not run personalization='ditto' .*Context.state"
-    ):
-        run_flower(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1))
+    # both run on Flower (tests/flower/test_parity_matrix.py: bit-identical to the sequential driver); the one
+    # refusal left is central DP with fixed-size sampling (below)
+    assert unsupported_options(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1)) == []
+    assert unsupported_options(RunConfig(personalization="fedper", rounds=1)) == []
 
 
 def test_flower_engine_refuses_dp_with_fixed_size_sampling() -> None:

@@ -5,7 +5,9 @@ Drivers: batched (stacked training; equal up to float32 rounding, within the doc
 service + devices and Flower (ServerApp/ClientApps on a loopback grid: Flower's real code path without Ray) —
 both bit-identical. Bytes: Flower's uplink payloads equal the sequential ones exactly; over HTTP each payload
 header names the registry's model id and version ("digits-cnn" v1 instead of "sim/digits-cnn" v0), a few bytes
-per payload. α-mix does not run on Flower (refused: per-node personal state), and the population driver builds
+per payload. Personalization (α-mix, FedPer, Ditto) runs on every driver: its state stays with each device
+(the simulated device over HTTP, the node's ``Context.state`` on Flower), FedPer's devices upload and are sent
+only the shared layers, and the personal figures are the devices' own. The population driver builds
 virtual devices of its own, so it has no sequential twin (tests/sim/test_population.py checks it runs each
 feature). SecAgg runs as messages on every driver (in process, the service's SecAgg endpoints, Flower
 query messages): the unmasked sums, and so the models, are bit-identical.
@@ -32,6 +34,14 @@ FEATURES = {
     "topk-quant-ef": {"codec": "topk(0.05) | quant(bits=8)"},
     "downlink": {"downlink_codec": "topk(0.2) | quant(bits=8)"},
     "alpha-mix": {"personalization": "alpha_mix"},
+    "fedper": {"personalization": "fedper"},
+    "ditto": {"personalization": "ditto"},
+    "fedper-secagg-downlink": {
+        "personalization": "fedper",
+        "secagg": True,
+        "clip": "2.0",
+        "downlink_codec": "topk(0.2) | quant(bits=8)",
+    },
     "secagg": {"secagg": True, "clip": "2.0"},
 }
 #: per-round test accuracy may differ by this many of the 359 test digits on the batched driver
@@ -39,7 +49,13 @@ BATCHED_TOLERANCE = 1 / 359
 
 
 def _seen(r):
-    return (r.test_accuracy, r.epsilon, r.rejected, r.clipped_fraction, r.personal_accuracy_mean)
+    personal = (
+        r.client_mix_accuracy_mean,
+        r.personal_accuracy_mean,
+        r.personal_accuracy_min,
+        r.personal_gain_min,
+    )
+    return (r.test_accuracy, r.epsilon, r.rejected, r.clipped_fraction, *personal)
 
 
 def _flower(cfg, loopback_grid):
@@ -68,9 +84,25 @@ def test_every_driver_matches_the_sequential_one(feature, loopback_grid) -> None
     for a, b in zip(seq.rounds, http.rounds, strict=True):
         assert abs(a.uplink_bytes - b.uplink_bytes) <= 20 * cfg.clients  # header: model id and version only
 
-    if cfg.personalization == "none":
-        rounds, finals = _flower(cfg, loopback_grid)
-        assert [(_seen(r), r.uplink_bytes) for r in rounds] == [
-            (_seen(r), r.uplink_bytes) for r in seq.rounds
-        ]
-        assert all(torch.equal(finals[k], v) for k, v in seq.final_state.items())
+    rounds, finals = _flower(cfg, loopback_grid)
+    assert [(_seen(r), r.uplink_bytes) for r in rounds] == [(_seen(r), r.uplink_bytes) for r in seq.rounds]
+    assert all(torch.equal(finals[k], v) for k, v in seq.final_state.items())
+
+
+def test_flower_stops_at_the_privacy_budget_like_the_sequential_driver(loopback_grid) -> None:
+    dp = BASE.replace(rounds=3, dp_noise=1.0, clip="1.0", dp_delta=1e-3)
+    eps = [r.epsilon for r in run_simulation(dp).rounds]
+    cfg = dp.replace(epsilon_budget=(eps[1] + eps[2]) / 2)  # room for two rounds, not three
+    seq = run_simulation(cfg)
+    rounds, finals, stops = [], {}, []
+    server = task_server_app(
+        cfg,
+        on_round=lambda m, t: rounds.append(m),
+        on_done=lambda s, st: finals.update(st),
+        on_stop=stops.append,
+    )
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+    assert [_seen(r) for r in rounds] == [_seen(r) for r in seq.rounds] and len(rounds) == 2
+    assert stops == [seq.stopped] and "privacy budget exhausted at round 3" in stops[0]
+    assert all(torch.equal(finals[k], v) for k, v in seq.final_state.items())

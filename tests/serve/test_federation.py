@@ -130,7 +130,6 @@ def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"personalization": "fedper"}, "upload only the shared layers"),
         ({"engine": "batched"}, "stacked training is an in-process engine"),
     ],
 )

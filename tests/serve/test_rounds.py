@@ -155,3 +155,60 @@ def test_memory_is_bounded_by_bytes(tmp_path):
     from deltaplane.serve.app import MAX_ALERTS
 
     assert svc.state.alerts.maxlen == MAX_ALERTS
+
+
+def _federated_rounds(svc, rounds, *, restart_between=False, forget_snapshot=False):
+    """Three devices upload fixed updates each round; returns the published versions' hashes and ε."""
+    out = []
+    for rnd in range(1, rounds + 1):
+        opened = svc.admin.open_round("cnn")
+        base = opened["base_version"]
+        for i in range(3):
+            data = payload(svc, 10 * rnd + i, base=base, scale=0.05)
+            svc.device(f"d{i}").upload("cnn", opened["round"], data, num_examples=1 + i)
+        closed = svc.admin.close_round("cnn", opened["round"])
+        out.append((svc.reg.get("cnn", closed["version"]).sha256, closed["measurements"].get("epsilon")))
+        if restart_between:
+            if forget_snapshot:
+                with svc.reg.transaction() as con:
+                    con.execute("DELETE FROM server_steps")
+            restart(svc)
+    return out
+
+
+def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path):
+    from deltaplane.engine import RunConfig
+
+    # FedAdam's moments, the adaptive clip's estimate and noise generators, the DP accountant and a stochastic
+    # downlink codec's residual and random state all carry across rounds
+    run = RunConfig(
+        clients=3,
+        aggregator="fedadam",
+        clip="adaptive",
+        dp_noise=0.5,
+        downlink_codec="topk(0.2) | quant(bits=8, stochastic=true)",
+    )
+    control = _federated_rounds(Service(tmp_path / "a", federation=run), 3)
+    restarted = _federated_rounds(Service(tmp_path / "b", federation=run), 3, restart_between=True)
+    assert restarted == control
+    # without the stored state the service restarts its optimizer and residual (the old behaviour): the
+    # published models differ from round 2 on, while ε still resumes from the rounds already released
+    forgot = _federated_rounds(
+        Service(tmp_path / "c", federation=run), 3, restart_between=True, forget_snapshot=True
+    )
+    assert forgot[0] == control[0] and forgot[1][0] != control[1][0]
+    assert [e for _, e in forgot] == [e for _, e in control]
+
+
+def test_a_tampered_server_step_snapshot_is_refused(tmp_path):
+    from deltaplane.engine import RunConfig
+
+    svc = Service(tmp_path / "a", federation=RunConfig(clients=3, aggregator="fedadam"))
+    _federated_rounds(svc, 1)
+    with svc.reg.transaction() as con:
+        data = bytearray(con.execute("SELECT state FROM server_steps").fetchone()[0])
+        data[-10] ^= 1
+        con.execute("UPDATE server_steps SET state=?", (bytes(data),))
+    with pytest.raises(ServiceError, match="does not match its hash") as info:
+        restart(svc).admin.open_round("cnn")
+    assert info.value.status == 409  # IntegrityError: the round is not opened on a state it cannot trust

@@ -17,11 +17,22 @@ app = ClientApp()
 _apps: dict[str, ClientApp] = {}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _delegate(msg: Message, context: Context) -> Message:
     """Delegate to deltaplane's digits ClientApp built for this run's config (once per process)."""
     cfg = run_config(context)
     key = cfg.model_dump_json()
     if key not in _apps:
         _apps[key] = digits_client_app(cfg)
     return _apps[key](msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training, compressed by ``delta_mod``."""
+    return _delegate(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """With personalization: the node adapts its personal state (kept in its Context) and reports accuracies."""
+    return _delegate(msg, context)

@@ -8,8 +8,9 @@ from typing import Any
 from torch import Tensor
 
 from deltaplane.engine.config import RunConfig
+from deltaplane.errors import PrivacyBudgetExceeded
 
-__all__ = ["RoundMetrics", "RunResult"]
+__all__ = ["RoundMetrics", "RunResult", "budget_stop"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,14 @@ class RunResult:
             "clients": self.clients,
             "stopped": self.stopped,
         }
+
+
+def budget_stop(exc: PrivacyBudgetExceeded, rnd: int, rounds_done: int) -> str:
+    """Why a run stops at its privacy budget (its :attr:`RunResult.stopped`), the same on every driver.
+
+    The rounds done so far are kept: the model released after the last of them stays within the budget.
+    When not even one round fits, there is nothing to report and ``exc`` is raised.
+    """
+    if rounds_done == 0:
+        raise exc
+    return f"stopped: privacy budget exhausted at round {rnd} ({exc})"

@@ -17,7 +17,7 @@ from deltaplane.engine.federation import Client
 from deltaplane.engine.metrics import accuracy
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 
-__all__ = ["backdoor_success", "personal_metrics", "round_epsilon"]
+__all__ = ["backdoor_success", "personal_metrics", "personal_row", "personal_summary", "round_epsilon"]
 
 
 def backdoor_success(model: nn.Module, test: Dataset, target: int | None) -> float | None:
@@ -38,19 +38,41 @@ def personal_metrics(
     num_classes: int,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Global vs personal accuracy on each device's own label mix: the round's summary and per-device rows."""
-    glob = [_label_mix(model, state, test, c.train, num_classes) for c in clients]
-    pers = [_label_mix(model, step.personal_state(c, state), test, c.train, num_classes) for c in clients]
-    metrics = {
+    rows = [personal_row(step, model, state, test, c, num_classes) for c in clients]
+    return personal_summary(rows), rows
+
+
+def personal_row(
+    step: ClientStep,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    test: Dataset,
+    client: Client,
+    num_classes: int,
+) -> dict[str, Any]:
+    """One device's row: the global and its personal model's accuracy on its label mix, and its α.
+
+    Computed where the device's personal state lives (in process, or on a Flower node)."""
+    return {
+        "client": client.cid,
+        "global_accuracy": _label_mix(model, state, test, client.train, num_classes),
+        "personal_accuracy": _label_mix(
+            model, step.personal_state(client, state), test, client.train, num_classes
+        ),
+        "alpha": client.personal.alpha,
+    }
+
+
+def personal_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The round's personalization figures from the devices' rows (in device order)."""
+    glob = [r["global_accuracy"] for r in rows]
+    pers = [r["personal_accuracy"] for r in rows]
+    return {
         "client_mix_accuracy_mean": float(np.mean(glob)),
         "personal_accuracy_mean": float(np.mean(pers)),
         "personal_accuracy_min": float(np.min(pers)),
         "personal_gain_min": float(np.min(np.subtract(pers, glob))),
     }
-    rows = [
-        {"client": c.cid, "global_accuracy": g, "personal_accuracy": p, "alpha": c.personal.alpha}
-        for c, g, p in zip(clients, glob, pers, strict=True)
-    ]
-    return metrics, rows
 
 
 def round_epsilon(config: RunConfig, step: ClientStep, measurements: dict[str, float]) -> float | None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
+from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
 from deltaplane.codecs import Compressor, Layout, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -145,7 +146,8 @@ class ServerStep:
         publisher: Publisher | None = None,
     ) -> ServerStep:
         """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
-        ``publisher`` is given) and, for FLTrust, a reference trained on :func:`root_dataset`."""
+        ``publisher`` is given), the tensors personalization keeps on the devices (:attr:`local_keys`) and,
+        for FLTrust, a reference trained on :func:`root_dataset`."""
         reference = None
         agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
         if isinstance(agg.find(FLTrust), FLTrust):
@@ -175,7 +177,10 @@ class ServerStep:
                 ),
                 base_id,
             )
-        return cls(agg, publisher, initial_state, base_id=base_id, reference=reference)
+        step = cls(agg, publisher, initial_state, base_id=base_id, reference=reference)
+        if config.personalization != "none":  # FedPer's head, FedBN's norms: never uploaded nor aggregated
+            step.local_keys = config.make_personalizer().local_keys(task.build_model(0))
+        return step
 
     def open(self, rnd: int, *, version: int | None = None, state: StateDict | None = None) -> None:
         """Start round ``rnd`` on the current version (or on ``version``/``state``, when the transport keeps
@@ -209,6 +214,35 @@ class ServerStep:
         self.aggregator, self._rejections = aggregator, list(rejections)
         fltrust = aggregator.find(FLTrust)
         self._fltrust = fltrust if isinstance(fltrust, FLTrust) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step's learned state between rounds as plain data, for a durable snapshot that a restarted
+        server loads (:meth:`load_state_dict`) to continue bit for bit: the aggregator chain's (server
+        optimizer moments, DP accountant, adaptive clip, random generators: see
+        :func:`~deltaplane.aggregation.checkpoint.chain_state`), the downlink compressor's residual and random
+        state, and the version. ``torch.save`` it; ``torch.load(weights_only=True)`` reads it back."""
+        compressor = getattr(self.publisher, "compressor", None)
+        return {
+            "aggregator": chain_state(self.aggregator),
+            "downlink": compressor.state_dict() if isinstance(compressor, Compressor) else None,
+            "version": self.version,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of a step built from the same configuration.
+
+        Raises:
+            ConfigError: the snapshot does not fit this step's chain or downlink.
+        """
+        load_chain_state(self.aggregator, state["aggregator"])
+        fltrust = self.aggregator.find(FLTrust)
+        self._fltrust = fltrust if isinstance(fltrust, FLTrust) else None
+        compressor = getattr(self.publisher, "compressor", None)
+        if (state["downlink"] is None) != (not isinstance(compressor, Compressor)):
+            raise ConfigError("the snapshot's downlink does not fit this server step's publisher")
+        if isinstance(compressor, Compressor):
+            compressor.load_state_dict(state["downlink"])
+        self.version = int(state["version"])
 
     @property
     def last_rejection(self) -> Rejection | None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -36,17 +37,35 @@ from deltaplane.engine import (
     make_task,
     round_scores,
 )
-from deltaplane.engine.scoring import backdoor_success
+from deltaplane.engine.results import budget_stop
+from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
 from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded
 from deltaplane.flower.mod import delta_mod
-from deltaplane.flower.records import DELTA_KEY, arrays_to_state, state_to_arrays
+from deltaplane.flower.records import (
+    DELTA_KEY,
+    arrays_to_state,
+    personal_from_bytes,
+    personal_to_bytes,
+    state_to_arrays,
+)
 from deltaplane.flower.secagg import SecAggStrategy, add_secagg, secagg_mod
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
+from deltaplane.personalization import PersonalState
 
 __all__ = ["BASE_ID", "digits_client_app", "digits_server_app", "task_client_app", "task_server_app"]
 
 #: The model lineage in payload headers: the in-process drivers' (so payloads have the same length).
 BASE_ID = "sim/digits-cnn"
+
+#: Key of the device's personal state in its node's ``Context.state`` (node-persistent across rounds).
+_PERSONAL_STATE = "deltaplane.personal"
+_ROW_KEYS = ("global_accuracy", "personal_accuracy", "alpha")
+
+
+class FlowerRunError(DeltaplaneError):
+    """The Flower run ended without completing every round (see Flower's log for the cause)."""
+
 
 # One federation per process: Ray reuses its actors, so each builds the devices once per config.
 _FEDERATIONS: dict[str, tuple[Task, list[Client], ClientStep]] = {}
@@ -75,6 +94,8 @@ def task_client_app(config: RunConfig) -> ClientApp:
     if config.secagg:
         add_secagg(app)
 
+    personalized = config.personalization != "none"
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(config.threads)
@@ -83,8 +104,12 @@ def task_client_app(config: RunConfig) -> ClientApp:
         rnd = int(msg.content.config_records["config"]["server-round"])
         state = arrays_to_state(msg.content.array_records["arrays"])
         model = task.build_model(0)  # scratch module: training overwrites its weights
+        if personalized:
+            _load_personal(context, client)
         delta = step.train(client, model, state, rnd)
         final = step.transform(client, delta, model=model, global_state=state, rnd=rnd)
+        if personalized:  # FedPer's head, FedBN's norms: kept on the node, never sent
+            _save_personal(context, client)
         content = RecordDict({"metrics": MetricRecord({"num-examples": client.num_samples})})
         if final is delta:
             # The trained weights themselves, not start + delta: the mod's delta is then bit-identical to the
@@ -94,7 +119,38 @@ def task_client_app(config: RunConfig) -> ClientApp:
             content[DELTA_KEY] = state_to_arrays(dict(final))
         return Message(content, reply_to=msg)
 
+    if personalized:
+
+        @app.evaluate()
+        def evaluate(msg: Message, context: Context) -> Message:
+            """The node adapts its personal state to the new global model (α-mix, Ditto), as every device does
+            after a round in process, and reports its row of :func:`~deltaplane.engine.scoring.personal_row`
+            (accuracies only: the personal model never leaves the node)."""
+            torch.set_num_threads(config.threads)
+            task, clients, step = _federation(config)
+            client = clients[int(context.node_config["partition-id"])]
+            rnd = int(msg.content.config_records["config"]["server-round"])
+            state = arrays_to_state(msg.content.array_records["arrays"])
+            model = task.build_model(0)
+            _load_personal(context, client)
+            step.after_round([client], model, state, rnd)
+            _save_personal(context, client)
+            row = personal_row(step, model, state, task.test, client, int(task.num_classes))
+            metrics = {k: float(v) for k, v in row.items() if k != "client"}
+            record = MetricRecord({**metrics, "partition-id": client.cid, "num-examples": client.num_samples})
+            return Message(RecordDict({"metrics": record}), reply_to=msg)
+
     return app
+
+
+def _load_personal(context: Context, client: Client) -> None:
+    """The device's personal state from its node's ``Context.state`` (a fresh one before its first round)."""
+    saved = context.state.config_records.get(_PERSONAL_STATE)
+    client.personal = personal_from_bytes(saved["state"]) if saved is not None else PersonalState()
+
+
+def _save_personal(context: Context, client: Client) -> None:
+    context.state[_PERSONAL_STATE] = ConfigRecord({"state": personal_to_bytes(client.personal)})
 
 
 def task_server_app(
@@ -102,18 +158,26 @@ def task_server_app(
     *,
     on_round: Callable[[RoundMetrics, RoundTraffic], None] | None = None,
     on_done: Callable[[DeltaStrategy, dict[str, torch.Tensor]], None] | None = None,
+    on_clients: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_stop: Callable[[str], None] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
     Partner: :func:`task_client_app`. Flower's ``FedAvg`` samples ``config.sample_fraction`` of the nodes
     (all of them by default); :class:`DeltaStrategy` runs :class:`~deltaplane.engine.ServerStep` on the
     replies. After every round the global model is scored centrally on the test set and on every device's
-    held-out shard, as the in-process drivers do.
+    held-out shard, as the in-process drivers do. With personalization every node is then sent the new model
+    in an evaluate message: it adapts its personal state (kept in its ``Context.state``) and reports its
+    accuracies, which make the round's personalization figures.
 
     Args:
         config: the run (``config.clients`` must equal the number of SuperNodes).
         on_round: called after each round with its metrics and measured traffic.
         on_done: called with the strategy and the final global weights.
+        on_clients: with personalization, called after the last round with every device's row (global and
+            personal accuracy on its label mix, α), as the nodes reported them.
+        on_stop: called with the reason when the run stops early at its privacy budget (the server step
+            refuses a round that would exceed it); ``on_done`` then gets the last released model.
     """
     app = ServerApp()
 
@@ -123,12 +187,30 @@ def task_server_app(
         task, clients, step = _federation(config)
         model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
         initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        personal_rows: list[list[dict[str, Any]]] = []
+
+        def personal_rows_of(contents: list[RecordDict], weighted_by: str) -> MetricRecord:
+            # every node's row (the personal models stay on the nodes), in device order as in process
+            rows = sorted(
+                (
+                    {"client": int(m["partition-id"]), **{k: float(m[k]) for k in _ROW_KEYS}}
+                    for m in (c.metric_records["metrics"] for c in contents)
+                ),
+                key=lambda r: r["client"],
+            )
+            personal_rows.append(rows)
+            return MetricRecord(personal_summary(rows))
+
+        personalized = config.personalization != "none"
         options = dict(
             inner=FlowerFedAvg(
                 fraction_train=config.sample_fraction,
-                fraction_evaluate=0.0,
+                # with personalization every node adapts to each new global model, as in process
+                fraction_evaluate=1.0 if personalized else 0.0,
                 min_train_nodes=1,
+                min_evaluate_nodes=config.clients if personalized else 2,
                 min_available_nodes=config.clients,
+                evaluate_metrics_aggr_fn=personal_rows_of if personalized else None,
             ),
             server_step=ServerStep.for_run(config, task, initial_state, base_id=BASE_ID),
             base_id=BASE_ID,
@@ -162,6 +244,16 @@ def task_server_app(
             cum["up"] += traffic.uplink_payload_bytes
             cum["down"] += traffic.downlink_message_bytes
             client_acc = evaluate_clients(model, clients)
+            personal: dict[str, float] = {}
+            if personalized:
+                if len(personal_rows) != rnd or len(personal_rows[-1]) != len(clients):
+                    got = len(personal_rows[-1]) if len(personal_rows) == rnd else 0
+                    raise FlowerRunError(
+                        f"round {rnd}: {got} of {len(clients)} nodes reported their personal evaluation"
+                    )
+                personal = personal_summary(personal_rows[-1])
+                if on_clients is not None and rnd == config.rounds:
+                    on_clients(personal_rows[-1])
             epsilon = outcome.measurements.get("epsilon")
             if config.local_dp_noise > 0:
                 epsilon = local_epsilon(
@@ -182,15 +274,24 @@ def task_server_app(
                 rejected=len(outcome.rejections),
                 backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                 clipped_fraction=outcome.measurements.get("clipped_fraction"),
+                **personal,
             )
             clock[0] = time.perf_counter()
             if on_round is not None:
                 on_round(metrics, traffic)
             return MetricRecord({"test-accuracy": metrics.test_accuracy})
 
-        result = strategy.start(grid, initial, num_rounds=config.rounds, evaluate_fn=evaluate)
+        try:
+            result = strategy.start(grid, initial, num_rounds=config.rounds, evaluate_fn=evaluate)
+            final = arrays_to_state(result.arrays)
+        except PrivacyBudgetExceeded as exc:
+            # the server step refused to release another round: the rounds done so far are the run
+            reason = budget_stop(exc, len(strategy.traffic) + 1, len(strategy.traffic))
+            if on_stop is not None:
+                on_stop(reason)
+            final = dict(strategy.global_state)
         if on_done is not None:
-            on_done(strategy, arrays_to_state(result.arrays))
+            on_done(strategy, final)
 
     return app
 

@@ -16,25 +16,16 @@ from typing import Any
 
 from deltaplane.delta import Delta
 from deltaplane.engine import RoundMetrics, RunConfig, RunResult
-from deltaplane.errors import DeltaplaneError, UnsupportedOption
-from deltaplane.flower.digits import digits_client_app, digits_server_app
+from deltaplane.errors import UnsupportedOption
+from deltaplane.flower.digits import FlowerRunError, digits_client_app, digits_server_app
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 
 __all__ = ["FlowerRunError", "check_supported", "run_flower", "unsupported_options"]
 
 
-class FlowerRunError(DeltaplaneError):
-    """The Flower simulation ended without completing every round (see Flower's log for the cause)."""
-
-
 def unsupported_options(config: RunConfig) -> list[str]:
     """The options of ``config`` the Flower driver cannot run, each with the reason (never ignored)."""
     bad = []
-    if config.personalization != "none":
-        bad.append(
-            f"personalization={config.personalization!r} (a node's personal model would have to persist in "
-            "its Context.state across rounds, which the Flower driver does not carry yet)"
-        )
     if config.dp_noise > 0 and config.clients_per_round() < config.clients:
         bad.append(
             f"dp_noise with sample_fraction={config.sample_fraction!r} (Flower samples a fixed-size subset; "
@@ -69,7 +60,7 @@ def run_flower(
         traffic: if given, receives each round's :class:`RoundTraffic` (message-level byte counts).
 
     Raises:
-        UnsupportedOption: for personalization, with the reason; refused rather than ignored.
+        UnsupportedOption: for central DP with fixed-size sampling, with the reason (:func:`unsupported_options`).
         FlowerRunError: when fewer than ``config.rounds`` rounds completed.
     """
     check_supported(config)
@@ -91,6 +82,12 @@ def run_flower(
     def on_done(strategy: DeltaStrategy, state: dict) -> None:
         final["state"] = state
 
+    def on_clients(rows: list[dict[str, Any]]) -> None:
+        final["clients"] = rows
+
+    def on_stop(reason: str) -> None:
+        final["stopped"] = reason
+
     start = time.perf_counter()
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -101,14 +98,16 @@ def run_flower(
     flwr_logger.setLevel(logging.WARNING)  # per-round INFO lines would drown the CLI's progress bar
     try:
         flower_run_simulation(
-            server_app=digits_server_app(config, on_round=on_round, on_done=on_done),
+            server_app=digits_server_app(
+                config, on_round=on_round, on_done=on_done, on_clients=on_clients, on_stop=on_stop
+            ),
             client_app=digits_client_app(config),
             num_supernodes=config.clients,
             backend_config=backend_config,
         )
     finally:
         flwr_logger.setLevel(level)
-    if len(rounds) != config.rounds or "state" not in final:
+    if "state" not in final or (len(rounds) != config.rounds and "stopped" not in final):
         raise FlowerRunError(
             f"Flower simulation completed {len(rounds)} of {config.rounds} rounds; "
             "its log above says why (a ClientApp error, or Ray running out of memory)"
@@ -121,4 +120,7 @@ def run_flower(
         raw_update_bytes=Delta.zeros_like(state).nbytes,
         wall_time_s=time.perf_counter() - start,
         final_state=state,
+        # with personalization: each device's accuracies as its node reported them (its model stays there)
+        clients=final.get("clients", []),
+        stopped=final.get("stopped"),
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from deltaplane.codecs import Codec, Compressor, decompress
+from deltaplane.codecs import Codec, Compressor
 from deltaplane.delta import Delta
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import DecodeError, VersionMismatch
@@ -35,6 +35,7 @@ from deltaplane.flower.records import (
     state_to_arrays,
     state_to_bytes,
 )
+from deltaplane.registry.downlink import apply_payload
 
 __all__ = ["delta_mod", "node_seed"]
 
@@ -67,7 +68,9 @@ def delta_mod(
     Partner: :class:`deltaplane.flower.DeltaStrategy` (server side), which decodes the payload with
     ``deltaplane.decompress(expect_base=...)`` and compresses the downlink this mod decodes.
 
-    Only ``train`` messages are touched; ``evaluate`` and ``query`` messages pass through unchanged.
+    ``train`` messages are rebuilt and answered with a payload; ``evaluate`` messages from the strategy are
+    rebuilt the same way (the node evaluates, and personalizes, on the current global model) and answered
+    as they are; ``query`` messages, and any without deltaplane's control record, pass through unchanged.
 
     Args:
         codec: uplink codec spec or object, e.g. ``"topk(0.01) | quant(bits=8)"``.
@@ -87,7 +90,8 @@ def delta_mod(
     spec = Compressor(codec).codec.spec  # validates the spec now, not inside a node at round 1
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN or CONTROL_KEY not in msg.content:
+        kind = msg.metadata.message_type
+        if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or CONTROL_KEY not in msg.content:
             return call_next(msg, context)
         ctrl = msg.content.config_records[CONTROL_KEY]
         base_id, version = str(ctrl["base-id"]), int(ctrl["base-version"])
@@ -103,7 +107,7 @@ def delta_mod(
             reply = call_next(msg, context)
         finally:
             msg.content = original  # the instruction is the caller's; leave it as it came
-        if reply.has_error():
+        if reply.has_error() or kind == MessageType.EVALUATE:  # evaluation sends back metrics only
             return reply
 
         if DELTA_KEY in reply.content.array_records:  # the client step already made the update itself
@@ -139,11 +143,13 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
                 "the server must send the full model"
             )
         state = arrays_to_state(context.state.array_records[_GLOBAL_STATE])
-        payloads = msg.content.config_records[DOWNLINK_KEY]["payloads"]
+        chain = msg.content.config_records.get(DOWNLINK_KEY)  # none when the node is already current
+        payloads = [] if chain is None else chain["payloads"]
         if len(payloads) != version - start:
             raise DecodeError(f"downlink holds {len(payloads)} payloads for versions {start}..{version - 1}")
         for v, payload in zip(range(start, version), payloads, strict=True):
-            state = decompress(payload, expect_base=(base_id, v), expect_layout=state).apply(state)
+            # a personalized federation's downlink carries only the shared layers
+            state = apply_payload(payload, state, expect_base=(base_id, v))
     context.state[_GLOBAL_STATE] = state_to_arrays(state)
     context.state[_GLOBAL_META] = ConfigRecord({"base-id": base_id, "version": version})
     return state

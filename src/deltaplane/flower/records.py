@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from deltaplane.delta import StateDict
+from deltaplane.delta import Delta, StateDict
+from deltaplane.personalization import PersonalState
 
 __all__ = [
     "CONTROL_KEY",
@@ -24,6 +25,8 @@ __all__ = [
     "UPLINK_KEY",
     "arrays_to_state",
     "content_bytes",
+    "personal_from_bytes",
+    "personal_to_bytes",
     "state_from_bytes",
     "state_to_arrays",
     "state_to_bytes",
@@ -61,6 +64,32 @@ def state_to_bytes(obj: Any) -> bytes:
 def state_from_bytes(data: bytes) -> Any:
     """Inverse of :func:`state_to_bytes`; ``weights_only`` so a node's state can never run code."""
     return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def personal_to_bytes(state: PersonalState) -> bytes:
+    """A device's :class:`~deltaplane.personalization.PersonalState` as bytes for its node's ``Context.state``."""
+    return state_to_bytes(
+        {
+            "local": dict(state.local),
+            "personal_delta": None if state.personal_delta is None else dict(state.personal_delta),
+            "alpha": float(state.alpha),
+            "personal_model": None if state.personal_model is None else dict(state.personal_model),
+            "history": list(state.history),
+        }
+    )
+
+
+def personal_from_bytes(data: bytes) -> PersonalState:
+    """Inverse of :func:`personal_to_bytes` (tensors, numbers and lists only: loading never runs code)."""
+    doc = state_from_bytes(data)
+    delta = doc["personal_delta"]
+    return PersonalState(
+        local=dict(doc["local"]),
+        personal_delta=None if delta is None else Delta(delta),
+        alpha=float(doc["alpha"]),
+        personal_model=doc["personal_model"],
+        history=list(doc["history"]),
+    )
 
 
 def content_bytes(content: RecordDict) -> int:

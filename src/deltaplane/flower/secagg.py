@@ -227,6 +227,11 @@ class SecAggStrategy(DeltaStrategy):
             return 0  # late, out of order or malformed: refused, the node has dropped out
         return len(data)
 
+    def _shared_zeros(self) -> Delta:
+        """Zeros shaped like what the nodes mask: the global model less the layers personalization keeps home."""
+        keep = self.server_step.local_keys if self.server_step is not None else frozenset()
+        return Delta({k: v for k, v in Delta.zeros_like(self._global).items() if k not in keep})  # type: ignore[arg-type]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -241,7 +246,7 @@ class SecAggStrategy(DeltaStrategy):
             num_clients=n,
             threshold=group // 2 + 1,
             bits=self.encoding.bits,
-            vector_size=self.encoding.vector_size(Delta.zeros_like(self._global)),
+            vector_size=self.encoding.vector_size(self._shared_zeros()),
             neighbours=self.neighbours,
             round_id=server_round,
             graph_seed=server_round,
@@ -312,7 +317,7 @@ class SecAggStrategy(DeltaStrategy):
         )
         total = server.result()
         survivors = list(server.server.survivors)
-        mean, _ = self.encoding.decode_sum(total, count=len(survivors), like=Delta.zeros_like(self._global))
+        mean, _ = self.encoding.decode_sum(total, count=len(survivors), like=self._shared_zeros())
         ok = sorted(
             (m for m in replies if not m.has_error() and ids.get(m.metadata.src_node_id) in survivors),
             key=lambda m: m.metadata.src_node_id,

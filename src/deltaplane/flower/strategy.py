@@ -151,20 +151,29 @@ class DeltaStrategy(Strategy):
         if self._global is None:  # the first round's arrays are the initial model: version 0
             self._global = arrays_to_state(arrays)
         full = state_to_arrays(self._global)
-        messages = []
-        self._pending_down = 0
-        for msg in self.inner.configure_train(server_round, full, config, grid):
+        messages, self._pending_down = self._instruct(
+            self.inner.configure_train(server_round, full, config, grid)
+        )
+        return messages
+
+    def _instruct(self, instructions: Iterable[Message]) -> tuple[list[Message], int]:
+        """``instructions`` with the full model replaced by the downlink chain each node needs (the full model
+        on first contact), and the bytes they carry."""
+        assert self._global is not None
+        full = state_to_arrays(self._global)
+        messages, size = [], 0
+        for msg in instructions:
             node = msg.metadata.dst_node_id
             content = RecordDict({k: v for k, v in msg.content.items() if k != self.arrayrecord_key})
             start = self._node_version.get(node, -1)
             if start < 0:
                 content[self.arrayrecord_key] = full
-            else:
+            elif start < self._version:  # a node already holding the current model is sent no payload
                 content[DOWNLINK_KEY] = ConfigRecord({"payloads": self._downlink_payloads[start:]})
             content[CONTROL_KEY] = control(self.base_id, self._version, start)
-            self._pending_down += content_bytes(content)
+            size += content_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=msg.metadata.message_type))
-        return messages
+        return messages, size
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -271,16 +280,35 @@ class DeltaStrategy(Strategy):
         out["rejected"] = len(outcome.rejections)
         return state_to_arrays(self._global), out
 
-    # -- evaluation: the wrapped strategy's, on full weights ------------------------------------------
+    # -- evaluation: the wrapped strategy's, on the current global model -------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to ``inner`` (evaluation messages carry full weights; :func:`delta_mod` lets them pass)."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        """Let ``inner`` pick the nodes; each is sent the downlink it needs to reach the current model, as for
+        training (:func:`delta_mod` rebuilds the weights; a node's personalization adapts to them here)."""
+        if self._global is None:
+            return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages, size = self._instruct(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        if self.traffic and self.traffic[-1].round == server_round:
+            self.traffic[-1].downlink_message_bytes += size
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate to ``inner``."""
+        """Note which version each node now holds, then delegate to ``inner``."""
+        replies = list(replies)
+        for m in replies:
+            if m.has_error():
+                self._node_version.pop(m.metadata.src_node_id, None)
+            else:
+                self._node_version[m.metadata.src_node_id] = self._version
         return self.inner.aggregate_evaluate(server_round, replies)
+
+    @property
+    def global_state(self) -> dict:
+        """The current global model (the last published version's weights)."""
+        if self._global is None:
+            raise ConfigError("no global model yet: the strategy has not started")
+        return self._global
 
     @property
     def version(self) -> int:

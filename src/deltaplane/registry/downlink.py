@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, Layout, decompress
+from deltaplane.codecs.wire import read_table
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, IntegrityError
 from deltaplane.registry.signing import Signer, Verifier
@@ -35,7 +36,9 @@ from deltaplane.registry.store import Artifact, Governance, Registry, state_from
 __all__ = [
     "Downlink",
     "apply_downlink",
+    "apply_payload",
     "pack_chain",
+    "payload_layout",
     "plan_downlink",
     "publish_update",
     "serve_statement",
@@ -78,6 +81,33 @@ def unpack_chain(body: bytes) -> list[tuple[int, int, bytes]]:
     return hops
 
 
+def payload_layout(payload: bytes, state: Mapping[str, torch.Tensor]) -> Layout:
+    """The layout ``payload`` must have to change ``state``: all of its tensors, or only some of them.
+
+    A personalized federation (FedPer's head, FedBN's norms kept on the devices) shares, and so sends, only
+    some tensors; any name the payload declares must be one of ``state``'s, with its shape and dtype
+    (:class:`~deltaplane.errors.ShapeMismatch` otherwise). Only the tensor table is read.
+    """
+    layout = Layout.of(state)
+    names = read_table(payload).trees.keys()
+    return layout if names == layout.keys() else layout.only(names)
+
+
+def apply_payload(
+    payload: bytes, state: Mapping[str, torch.Tensor], *, expect_base: tuple[str, int]
+) -> dict[str, torch.Tensor]:
+    """``state`` plus the decoded ``payload``; tensors the payload leaves out stay as they are.
+
+    Decoding is as strict as :func:`~deltaplane.codecs.decompress` with ``expect_layout``: the payload's
+    tensors are checked against ``state`` (:func:`payload_layout`) before anything is decoded.
+    """
+    delta = decompress(payload, expect_base=expect_base, expect_layout=payload_layout(payload, state))
+    if len(delta) == len(state):
+        return delta.apply(state)
+    changed = delta.apply({k: state[k] for k in delta})
+    return {k: changed.get(k, v) for k, v in state.items()}
+
+
 def publish_update(
     registry: Registry,
     model: str,
@@ -91,11 +121,12 @@ def publish_update(
     """Register ``parent + decode(compress(update))`` as a new model version plus the payload as its delta.
 
     ``compressor`` is the server's downlink encoder; keep it across rounds (its residual is the error
-    feedback). Returns ``(model_version, delta_artifact)``.
+    feedback). ``update`` may cover only some of the model's tensors (the shared layers of a personalized
+    federation); the others keep the parent's values. Returns ``(model_version, delta_artifact)``.
     """
     base_state = registry.load_state(registry.get(model, parent))
     payload = compressor.compress(update, base_id=model, base_version=parent)
-    new_state = decompress(payload, expect_base=(model, parent), expect_layout=base_state).apply(base_state)
+    new_state = apply_payload(payload, base_state, expect_base=(model, parent))
     lineage = {"downlink_codec": compressor.codec.spec, **dict(lineage or {})}
     version = registry.register_model(model, new_state, parent=parent, lineage=lineage, governance=governance)
     delta = registry.register_delta(
@@ -105,7 +136,7 @@ def publish_update(
         target=version.number,
         lineage=lineage,
         governance=governance,
-        expect_layout=base_state,
+        expect_layout=payload_layout(payload, base_state),
     )
     return version, delta
 
@@ -227,7 +258,7 @@ def apply_downlink(
     for base, target, payload in unpack_chain(dl.body):
         if base != expected:
             raise DecodeError(f"downlink hop from {base} does not continue from version {expected}")
-        state = decompress(payload, expect_base=(dl.model, base), expect_layout=state).apply(state)
+        state = apply_payload(payload, state, expect_base=(dl.model, base))
         expected = target
     if expected != dl.version:
         raise DecodeError(f"downlink chain ends at {expected}, not at the announced version {dl.version}")

@@ -322,6 +322,8 @@ class DriftReferenceRequest(_Strict):
 
 class Message(BaseModel):
     detail: str
+    #: the typed error's class name (e.g. ``PrivacyBudgetExceeded``), so a client can act on the kind
+    error: str | None = None
 
 
 _ERRORS: dict[int, dict[str, Any]] = {
@@ -419,7 +421,7 @@ def create_app(
     @app.exception_handler(DeltaplaneError)
     async def _typed(_: Request, exc: DeltaplaneError) -> JSONResponse:
         state.counters[f"rejected.{type(exc).__name__}"] += 1
-        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc))
 
     @app.exception_handler(sqlite3.DatabaseError)
     async def _database(_: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
@@ -481,7 +483,9 @@ def create_app(
         fleet=state.fleet_snapshot,
     )
     # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth
-    app.state.secagg_rounds = install_secagg_routes(app, state, config, device=device, admin=admin)
+    app.state.secagg_rounds = install_secagg_routes(
+        app, state, config, device=device, admin=admin, rounds_store=rounds_store
+    )
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         tags = reg.tags(model)

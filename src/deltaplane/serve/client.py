@@ -24,21 +24,26 @@ __all__ = ["AdminClient", "DeviceClient", "ServiceError"]
 
 
 class ServiceError(DeltaplaneError, RuntimeError):
-    """The service answered with an error status; ``status`` and ``detail`` say which and why."""
+    """The service answered with an error status; ``status`` and ``detail`` say which and why, and ``error``
+    names the service's typed error (e.g. ``"PrivacyBudgetExceeded"``) when it sent one."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, error: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.error = error
 
 
 def _check(resp: httpx.Response) -> httpx.Response:
     if resp.status_code >= 400:
+        error = None
         try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
+            body = resp.json()
+            detail = body.get("detail", resp.text)
+            error = body.get("error") if isinstance(body.get("error"), str) else None
+        except (ValueError, AttributeError):
             detail = resp.text
-        raise ServiceError(resp.status_code, str(detail))
+        raise ServiceError(resp.status_code, str(detail), error)
     return resp
 
 

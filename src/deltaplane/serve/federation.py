@@ -40,9 +40,10 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import InvalidUpdate, UnsupportedOption
+from deltaplane.errors import InvalidUpdate, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
@@ -96,11 +97,6 @@ def run_http_simulation(
 #: Options the HTTP transport refuses, with the reason (every other option runs as in process).
 def _refusals(config: RunConfig) -> list[str]:
     out = []
-    if config.personalization in ("fedper", "fedbn"):
-        out.append(
-            f"personalization={config.personalization!r}: its devices upload only the shared layers, and the "
-            "service publishes whole-model versions (alpha_mix and ditto upload full updates and run)"
-        )
     if config.engine != "sequential":
         out.append(
             f"engine={config.engine!r}: over HTTP every device is its own client that trains and uploads on its "
@@ -156,6 +152,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
     requests = 0
+    stopped: str | None = None
     with (
         BackgroundServer(create_app(service)) as server,
         httpx.Client(base_url=server.url, timeout=120) as http,
@@ -183,14 +180,21 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
                 numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
                 central_dp=config.dp_noise > 0,
             )
-            if config.secagg:  # the SecAgg stages over the service's endpoints; no plaintext update leaves
-                opened, closed, uplink, rejected = _secagg_round(
-                    config, step, model, clients, devices, chosen, admin, rnd
-                )
-            else:
-                opened, closed, uplink, rejected = _plain_round(
-                    step, model, clients, devices, chosen, admin, rnd
-                )
+            try:
+                if config.secagg:  # the SecAgg stages over the service's endpoints; no plaintext leaves
+                    opened, closed, uplink, rejected = _secagg_round(
+                        config, step, model, clients, devices, chosen, admin, rnd
+                    )
+                else:
+                    opened, closed, uplink, rejected = _plain_round(
+                        step, model, clients, devices, chosen, admin, rnd
+                    )
+            except ServiceError as exc:
+                if exc.error != PrivacyBudgetExceeded.__name__:
+                    raise
+                # the service refused to close the round (409): the rounds it published so far are the run
+                stopped = budget_stop(PrivacyBudgetExceeded(exc.detail), rnd, len(history))
+                break
             before = sum(d.bytes_received for d in devices)
             for d in devices:
                 d.fetch(MODEL, channel="training")
@@ -263,6 +267,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         wall_time_s=time.perf_counter() - start,
         final_state=final_state,
         clients=client_rows,
+        stopped=stopped,
         personal_states=(
             {c.cid: step.personal_state(c, final_state) for c in clients}
             if step.personalizer.name != "none"

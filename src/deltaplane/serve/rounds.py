@@ -20,12 +20,15 @@ Rounds are durable (:class:`~deltaplane.serve.rounds_store.RoundStore`): a round
 upload are in the registry database before the upload is acknowledged; an upload names its round's nonce
 (``X-Deltaplane-Round-Nonce``), so a captured upload cannot be replayed into a later round, and the same bytes
 are never accepted twice. After a restart the open rounds come back and their uploads are replayed into a fresh
-server step; the DP accountant resumes from the rounds already released, while a server optimizer's moments
-(FedAdam & co.) and the downlink residual restart from zero. Closing is transactional: the new version, its
+server step, which continues from the state stored with the last published round (server optimizer moments,
+DP accountant, adaptive clip, random generators, downlink residual: :meth:`ServerStep.state_dict`, written in
+the round's closing transaction), so a restarted service publishes bit for bit what an uninterrupted one
+would. Closing is transactional: the new version, its
 delta, the ``training`` tag and the round's closed state commit together, or none of them (the server step is
 put back as it was and the round stays open with its uploads).
 """
 
+import io
 import math
 import secrets
 import time
@@ -33,13 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
+import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from deltaplane.aggregation import DPFedAvg, build_aggregator
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, Layout, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -56,8 +60,10 @@ __all__ = [
     "check_round_binding",
     "check_update_norm",
     "restore_rounds",
+    "resume_step",
     "round_router",
     "server_step_for",
+    "step_bytes",
 ]
 
 
@@ -161,26 +167,40 @@ def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -
         )
 
 
-def _step(
+def resume_step(
     config: "ServiceConfig", state: "ServiceState", store: RoundStore, model: str, base: int
 ) -> ServerStep:
-    """The model's server step; a new one (after a restart) resumes the DP accountant from the store."""
+    """The model's server step; a new one (after a restart) continues from the state stored with the last
+    published round (:meth:`RoundStore.step_snapshot`), else resumes its DP accountant from the rounds
+    already released."""
     step = state.steps.get(model)
     if step is None:
-        step = state.steps[model] = server_step_for(config, state.registry, model, base)
-        dp = step.aggregator.find(DPFedAvg)
-        if isinstance(dp, DPFedAvg) and dp.accountant is not None:
-            dp.accountant.state.steps = store.released(model)  # ε already spent is never forgotten
+        step = server_step_for(config, state.registry, model, base)
+        saved = store.step_snapshot(model)
+        if saved is not None:
+            step.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+        else:
+            dp = step.aggregator.find(DPFedAvg)
+            if isinstance(dp, DPFedAvg) and dp.accountant is not None:
+                dp.accountant.state.steps = store.released(model)  # ε already spent is never forgotten
+        state.steps[model] = step
     return step
+
+
+def step_bytes(step: ServerStep) -> bytes:
+    """The server step's state (:meth:`~deltaplane.engine.ServerStep.state_dict`) as bytes to store."""
+    buf = io.BytesIO()
+    torch.save(step.state_dict(), buf)
+    return buf.getvalue()
 
 
 def restore_rounds(config: "ServiceConfig", state: "ServiceState", store: RoundStore) -> None:
     """Bring back the open rounds after a restart: their records, and their uploads replayed into the step."""
     for rec in store.open_rounds():
-        step = _step(config, state, store, rec.model, rec.base_version)
+        step = resume_step(config, state, store, rec.model, rec.base_version)
         step.open(rec.number, version=rec.base_version, state=state.base_state(rec.model, rec.base_version))
         r = RoundState(rec.model, rec.number, rec.base_version, record=rec, opened_at=rec.opened_at)
-        for delta, weight, device_id in store.restore(rec):
+        for delta, weight, device_id in store.restore(rec, local_keys=step.local_keys):
             if step.receive_delta(device_id, delta, weight):
                 r.devices.add(device_id)
                 r.examples += weight
@@ -325,7 +345,9 @@ def round_router(
             # strict against the base's layout *before* decoding: a small payload that claims a huge shape
             # must not make the server allocate it; then finite and of a sane norm
             base = state.base_state(model, r.base_version)
-            delta = decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
+            # a personalized federation's devices keep some layers to themselves and upload only the rest
+            layout = Layout.of(base).without(state.steps[model].local_keys)
+            delta = decompress(payload, expect_base=(model, r.base_version), expect_layout=layout)
             check_update_norm(delta, base, config.max_update_norm_ratio)
             return delta
 
@@ -393,7 +415,7 @@ def round_router(
                 raise HTTPException(
                     409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
                 )
-            step = _step(config, state, rounds_store, model, base)
+            step = resume_step(config, state, rounds_store, model, base)
             # numbered from the database: never reused after a restart
             rec = rounds_store.open(model, base, excluded=excluded)
             step.open(rec.number, version=base, state=state.base_state(model, base))
@@ -444,7 +466,11 @@ def round_router(
             return version.number, (version, outcome)
 
         try:
-            result = rounds_store.close(r.record, publish) if r.record is not None else publish()[1]
+            result = (
+                rounds_store.close(r.record, publish, snapshot=lambda: step_bytes(step))
+                if r.record is not None
+                else publish()[1]
+            )
         except BaseException:
             step.restore(checkpoint)
             publisher.compressor.load_state_dict(saved[0])

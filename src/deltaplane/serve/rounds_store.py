@@ -13,7 +13,10 @@ that is deleted before its version is published disappears when publishing fails
 * ``close`` runs the caller's publish step *inside* one registry transaction together with marking the
   round closed: if publishing raises (a non-finite aggregate, a full disk), nothing is committed and the
   round stays open with all its uploads;
-* ``abort`` closes a round without publishing (empty or unwanted rounds).
+* ``abort`` closes a round without publishing (empty or unwanted rounds);
+* the server step's learned state (:meth:`~deltaplane.engine.ServerStep.state_dict`: optimizer moments, DP
+  accountant, adaptive clip, generators, downlink residual) is stored with every published round, in the
+  same transaction, so a restarted service continues bit for bit (:meth:`RoundStore.step_snapshot`).
 
 Interface used by the service (``serve/app.py``): ``open``, ``current``, ``add_upload``, ``close``,
 ``abort``, ``restore``, ``cohorts``.
@@ -25,13 +28,13 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from deltaplane.codecs import decompress
+from deltaplane.codecs import Layout, decompress
 from deltaplane.delta import Delta
-from deltaplane.errors import Conflict, NotFound
+from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
 
 __all__ = ["RoundConflict", "RoundRecord", "RoundStore"]
@@ -50,7 +53,18 @@ _SCHEMA = (
         size INTEGER NOT NULL, at REAL NOT NULL,
         UNIQUE (model, round, device_id), UNIQUE (model, sha256))""",
     "CREATE INDEX IF NOT EXISTS rounds_open ON rounds (model, state)",
+    # the server step's learned state after the model's last published round (ServerStep.state_dict)
+    """CREATE TABLE IF NOT EXISTS server_steps (
+        model TEXT PRIMARY KEY, round INTEGER NOT NULL, version INTEGER, sha256 TEXT NOT NULL,
+        state BLOB NOT NULL, at REAL NOT NULL)""",
 )
+
+
+def _put_snapshot(con: Any, model: str, round_number: int, version: int | None, data: bytes) -> None:
+    con.execute(
+        "INSERT OR REPLACE INTO server_steps (model, round, version, sha256, state, at) VALUES (?,?,?,?,?,?)",
+        (model, round_number, version, hashlib.sha256(data).hexdigest(), data, time.time()),
+    )
 
 
 class RoundConflict(Conflict):
@@ -184,9 +198,13 @@ class RoundStore:
         )
         return int(rows[0][0])
 
-    def restore(self, rec: RoundRecord) -> Iterator[tuple[Delta, float, str]]:
-        """The round's accepted updates, in acceptance order, decoded from their stored payloads."""
-        layout = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
+    def restore(
+        self, rec: RoundRecord, *, local_keys: Iterable[str] = ()
+    ) -> Iterator[tuple[Delta, float, str]]:
+        """The round's accepted updates, in acceptance order, decoded from their stored payloads (which leave
+        out ``local_keys``, the tensors a personalized federation keeps on the devices)."""
+        base = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
+        layout = Layout.of(base).without(local_keys)
         for u in self.uploads(rec):
             payload = self.registry.get_blob(str(u["sha256"]))
             yield (
@@ -196,12 +214,19 @@ class RoundStore:
             )
 
     # -- closing ---------------------------------------------------------------------------------------
-    def close(self, rec: RoundRecord, publish: Callable[[], tuple[int | None, T]]) -> T:
+    def close(
+        self,
+        rec: RoundRecord,
+        publish: Callable[[], tuple[int | None, T]],
+        *,
+        snapshot: Callable[[], bytes] | None = None,
+    ) -> T:
         """Run ``publish`` and mark the round closed in one transaction (all or nothing).
 
         ``publish`` returns ``(version number or None, anything)`` and may write to the registry (its writes
         join this transaction); any exception it raises rolls everything back and leaves the round open with
-        its uploads. Returns the second element.
+        its uploads. When a version is published, ``snapshot()`` (the server step's state after the round)
+        is stored in the same transaction (:meth:`step_snapshot`). Returns the second element.
         """
         with self.registry.transaction() as con:
             state = con.execute(
@@ -216,7 +241,28 @@ class RoundStore:
                 "UPDATE rounds SET state='closed', closed_at=?, version=? WHERE model=? AND number=?",
                 (time.time(), version, rec.model, rec.number),
             )
+            if version is not None and snapshot is not None:
+                _put_snapshot(con, rec.model, rec.number, version, snapshot())
         return result
+
+    def save_step(self, model: str, round_number: int, version: int | None, data: bytes) -> None:
+        """Store the server step's state after a round closed elsewhere (a SecAgg round), atomically."""
+        with self.registry.transaction() as con:
+            _put_snapshot(con, model, round_number, version, data)
+
+    def step_snapshot(self, model: str) -> bytes | None:
+        """The server step's state stored with the model's last published round (None if there is none).
+
+        Raises:
+            IntegrityError: the stored bytes do not match the hash recorded with them.
+        """
+        rows = self.registry.query("SELECT sha256, state FROM server_steps WHERE model=?", (model,))
+        if not rows:
+            return None
+        digest, data = rows[0][0], bytes(rows[0][1])
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"the stored server-step state of {model!r} does not match its hash")
+        return data
 
     def abort(self, rec: RoundRecord) -> None:
         """Close the round without publishing; its uploads stay recorded (and their hashes stay refused)."""

@@ -52,7 +52,8 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
-from deltaplane.serve.rounds import server_step_for
+from deltaplane.serve.rounds import resume_step, step_bytes
+from deltaplane.serve.rounds_store import RoundStore
 
 __all__ = ["SecAggRound", "install_secagg_routes"]
 
@@ -147,14 +148,17 @@ def install_secagg_routes(
     *,
     device: Callable[..., Any],
     admin: Callable[..., Any],
+    rounds_store: RoundStore | None = None,
 ) -> dict[tuple[str, int], SecAggRound]:
     """Add the SecAgg endpoints to the service ``app``; returns the live table of rounds (for status/tests).
 
     ``device`` and ``admin`` are the service's auth dependencies; ``state`` its :class:`ServiceState`
     (registry, lock, round counter, the engine's server step per model, counters) and ``config`` its
     :class:`ServiceConfig`. Closing a SecAgg round hands the unmasked mean to the model's engine server step
-    (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`), so its chain, downlink and publisher apply.
+    (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`), so its chain, downlink and publisher apply;
+    with ``rounds_store`` the step resumes from, and stores after each round, its durable state.
     """
+    store = rounds_store if rounds_store is not None else RoundStore(state.registry)
     rounds: dict[tuple[str, int], SecAggRound] = {}
     reg = state.registry
     router = APIRouter()
@@ -301,7 +305,16 @@ def install_secagg_routes(
         art = reg.get(model, base)
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
-        like = Delta.zeros_like(state.base_state(model, base))
+        with state.lock:
+            step = resume_step(config, state, store, model, base)
+        # a personalized federation's devices mask only the layers they share (FedPer's head stays home)
+        like = Delta(
+            {
+                k: v
+                for k, v in Delta.zeros_like(state.base_state(model, base)).items()
+                if k not in step.local_keys
+            }
+        )
         n = len(body.devices)
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
         try:
@@ -366,15 +379,14 @@ def install_secagg_routes(
                 raise HTTPException(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
                 )
-            step = state.steps.get(model)
-            if step is None:
-                step = state.steps[model] = server_step_for(config, reg, model, r.base_version)
+            step = resume_step(config, state, store, model, r.base_version)
             # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
             step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
             step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
             outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
         version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
         reg.set_tag(model, "training", version.number, action="round", reason=f"SecAgg round {number}")
+        store.save_step(model, number, version.number, step_bytes(step))
         r.published = {
             "version": version.number,
             "delta_bytes": len(outcome.downlink_payload),

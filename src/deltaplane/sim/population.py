@@ -48,9 +48,10 @@ from deltaplane.engine import (
     sample_clients,
     secure_round,
 )
+from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import ConfigError, UnsupportedOption
+from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, train_batched
 
@@ -162,6 +163,8 @@ class PopulationResult:
     final_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
     num_params: int = 0
     raw_update_bytes: int = 0
+    #: why the run ended before ``config.rounds`` (the privacy budget), else None
+    stopped: str | None = None
 
 
 #: Options the population driver refuses, with the physical reason (everything else runs as in process).
@@ -252,6 +255,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     store = ResidualStore(clients=registered, like=initial)
     seconds, test_acc, sampled_acc, epsilon = [], [], [], []
     history: list[RoundMetrics] = []
+    stopped: str | None = None
+    per_round = 0
     uplink = cum_down = 0
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -263,6 +268,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             central_dp=config.dp_noise > 0,
         )
         clients = [population.client(cid) for cid in chosen]
+        per_round = len(chosen)
         for client in clients:
             comp = Compressor(
                 config.codec,
@@ -303,7 +309,11 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             server.receive_secure_sum(
                 mean, contributors=sum(u.secure is not None for u in ordered), uplink_bytes=sent
             )
-        outcome = server.close()
+        try:
+            outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
+        except PrivacyBudgetExceeded as exc:
+            stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
+            break
         uplink += outcome.uplink_bytes
         model.load_state_dict(outcome.state)
         test_acc.append(accuracy(model, task.test))
@@ -336,7 +346,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             progress(history[-1])
     return PopulationResult(
         registered=registered,
-        per_round=len(chosen),
+        per_round=per_round,
         seconds=seconds,
         test_accuracy=test_acc,
         sampled_accuracy=sampled_acc,
@@ -349,6 +359,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         final_state=server.state,
         num_params=sum(v.numel() for v in initial.values()),
         raw_update_bytes=Delta.zeros_like(initial).nbytes,
+        stopped=stopped,
     )
 
 
@@ -365,4 +376,5 @@ def run_population_rounds(
         raw_update_bytes=r.raw_update_bytes,
         wall_time_s=r.wall_time_s,
         final_state=r.final_state,
+        stopped=r.stopped,
     )

@@ -40,6 +40,7 @@ from deltaplane.engine import (
 )
 from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
@@ -252,10 +253,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         try:
             outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
         except PrivacyBudgetExceeded as exc:
-            if not history:
-                raise  # not even one round fits the budget: there is nothing to report
-            # keep everything done so far: the model released after the last round stays within budget
-            stopped = f"stopped: privacy budget exhausted at round {rnd} ({exc})"
+            stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
             break
         global_state = outcome.state
         down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync

@@ -1,0 +1,135 @@
+"""Durable snapshots of an aggregator chain's learned state, loadable without running code.
+
+Why: a server that restarts between rounds must continue exactly where it stopped — a server optimizer's
+moments (FedAdam & co.), the DP accountant, an adaptive clip's estimate and its noise generator, a robust
+rule's history, every random generator's position. :func:`chain_state` walks the chain (each wrapper's
+``inner``, and the objects its attributes hold, such as the ``state`` dataclasses) and returns plain data:
+tensors, numbers, strings, lists and dicts, with random generators as their state. ``torch.save`` writes it
+and ``torch.load(weights_only=True)`` reads it back, so a snapshot can never run code (unlike a pickle).
+:func:`load_chain_state` puts it into a freshly built chain of the same configuration.
+
+Snapshots are taken between rounds: the chain is :meth:`~deltaplane.aggregation.Aggregator.reset` first
+(on a copy), so a round's partial sums are never part of one.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
+
+__all__ = ["chain_state", "load_chain_state"]
+
+_KIND = "__kind__"
+
+
+def chain_state(aggregator: Any) -> dict[str, Any]:
+    """The learned state of ``aggregator`` and everything it holds, as plain data (see the module docstring).
+
+    Raises:
+        ConfigError: an attribute holds a value of a kind a snapshot cannot carry (named by its path).
+    """
+    agg = copy.deepcopy(aggregator)
+    if hasattr(agg, "reset"):
+        agg.reset()  # between rounds: no partial sums, no per-round rejections
+    return _encode_object(agg, "aggregator", {})
+
+
+def load_chain_state(aggregator: Any, state: dict[str, Any]) -> None:
+    """Put a :func:`chain_state` snapshot into ``aggregator`` (built with the same configuration), in place.
+
+    Raises:
+        ConfigError: the snapshot was taken from a chain of another shape.
+    """
+    _decode_into(aggregator, state, "aggregator")
+
+
+def _is_node(v: Any) -> bool:
+    """An object whose attributes are part of the state (not a value, a function or a class)."""
+    return (
+        hasattr(v, "__dict__")
+        and not isinstance(v, type | types.FunctionType | types.MethodType | types.ModuleType)
+        and not isinstance(v, torch.Tensor | torch.Generator | np.random.Generator | Delta)
+    )
+
+
+def _encode_object(obj: Any, path: str, seen: dict[int, str]) -> dict[str, Any]:
+    seen[id(obj)] = path
+    attrs = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, types.MethodType | types.FunctionType):
+            continue  # behaviour, rebuilt with the chain
+        attrs[name] = _encode(value, f"{path}.{name}", seen)
+    return {_KIND: "object", "type": type(obj).__qualname__, "attrs": attrs}
+
+
+def _encode(value: Any, path: str, seen: dict[int, str]) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, torch.Generator):
+        return {_KIND: "torch.Generator", "state": value.get_state()}
+    if isinstance(value, np.random.Generator):
+        return {_KIND: "numpy.Generator", "state": value.bit_generator.state}
+    if isinstance(value, np.floating | np.integer):
+        return value.item()
+    if isinstance(value, Delta):
+        return {_KIND: "Delta", "tensors": {k: v.detach().clone() for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        items = [_encode(v, f"{path}[{i}]", seen) for i, v in enumerate(value)]
+        return {_KIND: type(value).__name__, "items": items}
+    if isinstance(value, dict):
+        return {_KIND: "dict", "items": [[k, _encode(v, f"{path}[{k!r}]", seen)] for k, v in value.items()]}
+    if _is_node(value):
+        if id(value) in seen:  # the same object held twice (e.g. a clip estimator): restored once
+            return {_KIND: "ref", "path": seen[id(value)]}
+        return _encode_object(value, path, seen)
+    raise ConfigError(f"{path}: a {type(value).__name__} cannot be part of a server checkpoint")
+
+
+def _decode(doc: Any, path: str) -> Any:
+    if not isinstance(doc, dict):
+        return doc
+    kind = doc.get(_KIND)
+    if kind == "torch.Generator":
+        g = torch.Generator()
+        g.set_state(doc["state"])
+        return g
+    if kind == "numpy.Generator":
+        bit = getattr(np.random, doc["state"]["bit_generator"])()
+        bit.state = doc["state"]
+        return np.random.Generator(bit)
+    if kind == "Delta":
+        return Delta(doc["tensors"])
+    if kind in ("list", "tuple"):
+        items = [_decode(v, f"{path}[{i}]") for i, v in enumerate(doc["items"])]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {k: _decode(v, f"{path}[{k!r}]") for k, v in doc["items"]}
+    raise ConfigError(f"{path}: the checkpoint holds an object where this chain has a value")
+
+
+def _decode_into(obj: Any, doc: Any, path: str) -> None:
+    if not (isinstance(doc, dict) and doc.get(_KIND) == "object") or doc["type"] != type(obj).__qualname__:
+        found = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
+        raise ConfigError(
+            f"{path}: the checkpoint holds a {found}, this chain a {type(obj).__qualname__}; "
+            "restore it into a chain built from the same configuration"
+        )
+    for name, value in doc["attrs"].items():
+        current = getattr(obj, name, None)
+        if isinstance(value, dict) and value.get(_KIND) == "ref":
+            continue  # restored where it was first met
+        if isinstance(value, dict) and value.get(_KIND) == "object":
+            if not _is_node(current):
+                raise ConfigError(f"{path}.{name}: the checkpoint holds an object this chain does not have")
+            _decode_into(current, value, f"{path}.{name}")
+        else:
+            setattr(obj, name, _decode(value, f"{path}.{name}"))
