@@ -62,3 +62,28 @@ def test_chain_framing_is_strict():
     for bad in (body[:-1], body + b"x", b"XXXX" + body[4:], body[:6]):
         with pytest.raises(DecodeError):
             unpack_chain(bad)
+
+
+def test_a_partial_update_changes_only_its_tensors_and_reaches_devices_verified(reg):
+    # a personalized federation (FedPer's head kept on the devices) publishes only the shared layers
+    comp = Compressor("quant(bits=8)", error_feedback=True, seed=0)
+    shared = Delta({"a.weight": round_update(1)["a.weight"]})
+    v2, d = publish_update(reg, "m", 1, shared, compressor=comp)
+    base, new = reg.load_state(reg.get("m", 1)), reg.load_state(v2)
+    assert torch.equal(new["a.bias"], base["a.bias"]) and not torch.equal(new["a.weight"], base["a.weight"])
+    assert len(reg.read(d)) < 64 * 64 + 1000  # the bias is not on the wire
+    got = apply_downlink(plan_downlink(reg, reg.signer, "m", want=2, have=1), reg.verifier, base)
+    assert all(torch.equal(got[k], new[k]) for k in new)
+
+
+def test_a_payload_naming_a_tensor_the_model_lacks_is_refused_before_decoding(reg):
+    from deltaplane.errors import ShapeMismatch
+    from deltaplane.registry.downlink import apply_payload
+
+    base = reg.load_state(reg.get("m", 1))
+    stray = Compressor("identity").compress(Delta({"b.weight": torch.ones(3)}), base_id="m", base_version=1)
+    with pytest.raises(ShapeMismatch, match="b.weight"):
+        apply_payload(stray, base, expect_base=("m", 1))
+    wrong = Compressor("identity").compress(Delta({"a.bias": torch.ones(3)}), base_id="m", base_version=1)
+    with pytest.raises(ShapeMismatch, match="a.bias"):
+        apply_payload(wrong, base, expect_base=("m", 1))

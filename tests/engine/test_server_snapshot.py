@@ -1,0 +1,81 @@
+"""ServerStep.state_dict(): a server that stops between rounds and loads it continues bit for bit (the service
+stores it with every round: tests/serve/test_rounds.py). Each chain here holds state that lives across rounds."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from deltaplane.delta import Delta
+from deltaplane.engine import RunConfig, ServerStep, make_task
+from deltaplane.errors import ConfigError
+
+CHAINS = {
+    "fedadam + stochastic downlink": {
+        "aggregator": "fedadam",
+        "downlink_codec": "topk(0.2) | quant(bits=8, stochastic=true)",
+    },
+    "adaptive-clip DP": {"clip": "adaptive", "dp_noise": 0.5},
+    "fedyogi + fixed-clip DP": {"aggregator": "fedyogi", "clip": "1.0", "dp_noise": 0.3},
+    "foolsgold": {"defense": "foolsgold"},
+    "flame": {"defense": "flame(noise=0.001)"},
+    "norm bound with noise": {"defense": "norm_bound(max_norm=0.5, noise=0.001)"},
+    "fedper": {"personalization": "fedper"},
+}
+
+
+def _rounds(cfg: RunConfig, rounds: int, *, restart_at: int | None = None, snapshot: bool = True):
+    task = make_task(cfg)
+    init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
+    step = ServerStep.for_run(cfg, task, init, base_id="m")
+    for rnd in range(1, rounds + 1):
+        if rnd == restart_at:  # a new process: a fresh step, the weights from the registry, the saved state
+            buf = io.BytesIO()
+            torch.save(step.state_dict(), buf)
+            state = step.state
+            step = ServerStep.for_run(cfg, task, init, base_id="m")
+            if snapshot:
+                step.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+            step.open(rnd, version=rnd - 1, state=state)
+        else:
+            step.open(rnd)
+        for c in range(4):
+            g = torch.Generator().manual_seed(100 * rnd + c)
+            step.receive_delta(
+                str(c),
+                Delta(
+                    {
+                        k: 0.05 * torch.randn(v.shape, generator=g)
+                        for k, v in init.items()
+                        if k not in step.local_keys
+                    }
+                ),
+                10 + c,
+            )
+        step.close()
+    return step.state
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_restored_server_step_continues_bit_for_bit(chain) -> None:
+    cfg = RunConfig(clients=4, **CHAINS[chain])
+    straight = _rounds(cfg, 4)
+    restored = _rounds(cfg, 4, restart_at=3)
+    assert all(torch.equal(straight[k], restored[k]) for k in straight)
+
+
+def test_without_the_snapshot_a_stateful_chain_drifts() -> None:
+    cfg = RunConfig(clients=4, **CHAINS["fedadam + stochastic downlink"])
+    straight, fresh = _rounds(cfg, 4), _rounds(cfg, 4, restart_at=3, snapshot=False)
+    assert not all(torch.equal(straight[k], fresh[k]) for k in straight)
+
+
+def test_a_snapshot_of_another_chain_is_refused() -> None:
+    task = make_task(RunConfig())
+    init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
+    adam = ServerStep.for_run(RunConfig(aggregator="fedadam"), task, init, base_id="m")
+    plain = ServerStep.for_run(RunConfig(), task, init, base_id="m")
+    with pytest.raises(ConfigError, match="checkpoint holds a FedAdam"):
+        plain.load_state_dict(adam.state_dict())
