@@ -200,8 +200,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     step = ClientStep(config, task, base_id=BASE_ID)
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     raw_bytes = Delta.zeros_like(initial).nbytes
-    local_keys = step.local_keys(model)  # FedBN on a model without batch-norm raises here
-    server.local_keys = local_keys  # uploads carry the shared tensors only
+    local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
     backdoor_target = getattr(step.attack, "target", None)
     client_rows: list[dict[str, Any]] = []
