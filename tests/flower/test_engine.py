@@ -61,18 +61,30 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
     assert len(clients) == 1000 and min(len(c.train) for c in clients) >= 1
 
 
-def test_flower_engine_runs_secagg_and_personalization() -> None:
-    from deltaplane.flower.engine import unsupported_options
+def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord
 
-    # both run on Flower (tests/flower/test_parity_matrix.py: bit-identical to the sequential driver); the one
-    # refusal left is central DP with fixed-size sampling (below)
-    assert unsupported_options(RunConfig(secagg=True, clip="1.0", personalization="ditto", rounds=1)) == []
-    assert unsupported_options(RunConfig(personalization="fedper", rounds=1)) == []
+    from deltaplane.engine import sample_clients
+    from deltaplane.engine.seeding import Stream, numpy_rng
+    from deltaplane.flower.digits import SeededSampling
 
+    class Grid:  # node ids in another order than the partitions; sampling sorts them
+        def get_node_ids(self):
+            return [130, 100, 120, 110, 140, 150, 160, 170, 180, 190]
 
-def test_flower_engine_refuses_dp_with_fixed_size_sampling() -> None:
-    from deltaplane.flower import run_flower
-
-    # Flower samples a fixed-size subset of nodes; the accountant's ε holds for Poisson sampling only
-    with pytest.raises(ConfigError, match="dp_noise with sample_fraction=0.5"):
-        run_flower(RunConfig(dp_noise=1.0, clip="1.0", sample_fraction=0.5, rounds=1))
+    nodes = sorted(Grid().get_node_ids())
+    for dp in (True, False):
+        inner = SeededSampling(
+            seed=3, central_dp=dp, fraction_train=0.3, min_train_nodes=1, min_available_nodes=10
+        )
+        counts = set()
+        for rnd in range(1, 25):
+            got = [
+                m.metadata.dst_node_id
+                for m in inner.configure_train(rnd, ArrayRecord(), ConfigRecord(), Grid())
+            ]
+            want = sample_clients(10, 0.3, numpy_rng(3, Stream.CLIENT_SAMPLING, rnd), central_dp=dp)
+            assert got == [nodes[i] for i in want]
+            counts.add(len(got))
+        # Poisson under central DP (what the accountant's ε assumes): the count varies from round to round
+        assert len(counts) > 2 if dp else counts == {3}

@@ -30,6 +30,10 @@ FEATURES = {
     "fedadam": {"aggregator": "fedadam"},
     "dp-fixed": {"clip": "1.0", "dp_noise": 0.5},
     "dp-adaptive": {"clip": "adaptive", "dp_noise": 0.5},
+    # Poisson sampling at the accountant's rate on every driver (Flower's nodes drawn like the devices)
+    "dp-sampled": {"clip": "1.0", "dp_noise": 0.5, "sample_fraction": 0.5, "clients": 4},
+    # seed 13 samples nobody in round 2: every driver still releases that round's noise (and counts its ε)
+    "dp-empty-round": {"clip": "1.0", "dp_noise": 0.3, "sample_fraction": 1 / 3, "clients": 6, "seed": 13},
     "trimmed-mean": {"defense": "trimmed_mean:0.2"},
     "topk-quant-ef": {"codec": "topk(0.05) | quant(bits=8)"},
     "downlink": {"downlink_codec": "topk(0.2) | quant(bits=8)"},

@@ -10,7 +10,6 @@ from flwr.app import ConfigRecord, Context, RecordDict
 import deltaplane.flower.secagg as flower_secagg
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.flower import digits_client_app, digits_server_app
-from deltaplane.flower.engine import unsupported_options
 from deltaplane.flower.secagg import SECAGG_KEY, SecAggStrategy
 from deltaplane.sim import RunConfig, run_simulation
 
@@ -39,7 +38,6 @@ def _reply_bytes(msg) -> list[bytes]:
 def test_flower_secagg_matches_the_in_process_engine_and_never_shows_plaintext(
     loopback_grid, monkeypatch, plaintext_watch
 ) -> None:
-    assert unsupported_options(CFG) == []  # --engine flower --secagg is no longer refused
     encode = RingEncoding.encode
 
     def spy_encode(self, delta, weight, rng):  # runs on the node: register what must stay there

@@ -36,13 +36,12 @@ def preflight(config: RunConfig) -> None:
 
         check_supported(config)
     elif config.engine == "flower":
-        try:
-            from deltaplane.flower.engine import check_supported as flower_check
+        try:  # every option runs on Flower (docs/byo.md); only the extra may be missing
+            import deltaplane.flower.engine  # noqa: F401
         except ImportError as exc:
             raise DeltaplaneError(
                 f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
             ) from None
-        flower_check(config)
     elif config.engine == "population":
         from deltaplane.sim.population import check_supported as population_check
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from deltaplane.aggregation import local_epsilon
 from deltaplane.engine import (
@@ -36,10 +37,11 @@ from deltaplane.engine import (
     evaluate_clients,
     make_task,
     round_scores,
+    sample_clients,
 )
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
-from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import (
@@ -65,6 +67,32 @@ _ROW_KEYS = ("global_accuracy", "personal_accuracy", "alpha")
 
 class FlowerRunError(DeltaplaneError):
     """The Flower run ended without completing every round (see Flower's log for the cause)."""
+
+
+class SeededSampling(FlowerFedAvg):
+    """Flower's ``FedAvg`` choosing a round's nodes as every deltaplane driver chooses devices.
+
+    The available nodes, sorted by id, are drawn by :func:`~deltaplane.engine.sample_clients` from the run's
+    ``(seed, CLIENT_SAMPLING, round)`` stream: Poisson sampling at the accountant's rate under central DP (what
+    its ε assumes; Flower's own sampler takes a fixed-size subset), else ``round(fraction · n)`` nodes without
+    replacement. A round may then choose nobody; the server step still releases its DP noise.
+    """
+
+    def __init__(self, *, seed: int, central_dp: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.central_dp = central_dp
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        _, available = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        nodes = sorted(available)
+        rng = numpy_rng(self.seed, Stream.CLIENT_SAMPLING, server_round)
+        chosen = sample_clients(len(nodes), self.fraction_train, rng, central_dp=self.central_dp)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, [nodes[i] for i in chosen], MessageType.TRAIN))
 
 
 # One federation per process: Ray reuses its actors, so each builds the devices once per config.
@@ -203,7 +231,9 @@ def task_server_app(
 
         personalized = config.personalization != "none"
         options = dict(
-            inner=FlowerFedAvg(
+            inner=SeededSampling(
+                seed=config.seed,
+                central_dp=config.dp_noise > 0,
                 fraction_train=config.sample_fraction,
                 # with personalization every node adapts to each new global model, as in process
                 fraction_evaluate=1.0 if personalized else 0.0,

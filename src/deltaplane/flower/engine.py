@@ -16,32 +16,10 @@ from typing import Any
 
 from deltaplane.delta import Delta
 from deltaplane.engine import RoundMetrics, RunConfig, RunResult
-from deltaplane.errors import UnsupportedOption
 from deltaplane.flower.digits import FlowerRunError, digits_client_app, digits_server_app
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 
-__all__ = ["FlowerRunError", "check_supported", "run_flower", "unsupported_options"]
-
-
-def unsupported_options(config: RunConfig) -> list[str]:
-    """The options of ``config`` the Flower driver cannot run, each with the reason (never ignored)."""
-    bad = []
-    if config.dp_noise > 0 and config.clients_per_round() < config.clients:
-        bad.append(
-            f"dp_noise with sample_fraction={config.sample_fraction!r} (Flower samples a fixed-size subset; "
-            "the accountant's ε holds for Poisson sampling)"
-        )
-    return bad
-
-
-def check_supported(config: RunConfig) -> None:
-    """Raise :class:`UnsupportedOption` naming what the Flower driver cannot run and why."""
-    unsupported = unsupported_options(config)
-    if unsupported:
-        raise UnsupportedOption(
-            f"the Flower engine does not run {'; '.join(unsupported)}; use the in-process engine "
-            "(--engine sequential) for these options"
-        )
+__all__ = ["FlowerRunError", "run_flower"]
 
 
 def run_flower(
@@ -60,10 +38,8 @@ def run_flower(
         traffic: if given, receives each round's :class:`RoundTraffic` (message-level byte counts).
 
     Raises:
-        UnsupportedOption: for central DP with fixed-size sampling, with the reason (:func:`unsupported_options`).
         FlowerRunError: when fewer than ``config.rounds`` rounds completed.
     """
-    check_supported(config)
     # Flower's telemetry would try the network; this library never does at run time.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

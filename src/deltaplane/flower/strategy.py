@@ -180,12 +180,14 @@ class DeltaStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every payload against the current version, aggregate, and compress the downlink."""
         assert self._global is not None, "configure_train runs first"
+        replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         for m in replies:
             if m.has_error():  # its cached model is unknown now: send it the full model next time
                 self._node_version.pop(m.metadata.src_node_id, None)
-        if not ok:
+        if not ok and not (self.server_step is not None and not replies):
             return None, None
+        # (a round that sampled nobody still closes the server step: DP releases its noise, as in process)
         # A fixed order makes the float sums, and so the run, independent of reply arrival order.
         ok.sort(key=lambda m: m.metadata.src_node_id)
         if self.server_step is not None:

@@ -312,7 +312,7 @@ def _plain_round(
             if exc.status >= 500:
                 raise
             rejected += 1
-    if rejected == len(chosen):
+    if chosen and rejected == len(chosen):  # (Poisson sampling under central DP may choose nobody)
         raise InvalidUpdate(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )

@@ -458,8 +458,9 @@ def round_router(
         saved = (publisher.compressor.state_dict(), list(publisher.published))
 
         def publish() -> tuple[int | None, Any]:
-            if not r.devices:  # an empty round closes without a version
-                return None, None
+            if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
+                return None, None  # an empty round closes without a version
+            # under central DP a round that sampled nobody still releases its noise (the accountant counts it)
             outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
