@@ -73,10 +73,14 @@ def test_identity_codec_keeps_no_residual() -> None:
     from deltaplane.sim import build_model
     from deltaplane.sim.population import BASE_ID
 
+    from deltaplane.codecs import WireSession
+
     zero = Delta.zeros_like(build_model(0).state_dict())
-    # raw fp32 + header, whose compressed length depends on the round's base version
-    sizes = [len(Compressor("identity").compress(zero, base_id=BASE_ID, base_version=v)) for v in (0, 1)]
+    # raw fp32 in a compact frame (the default wire): a few bytes of framing, whatever the base version
+    session = WireSession.create(zero, "identity", base_id=BASE_ID)
+    sizes = [len(Compressor("identity").compress(zero, base_version=v, session=session)) for v in (0, 1)]
     assert len(result.seconds) == 2 and result.uplink_bytes == 5 * sum(sizes)
+    assert all(zero.nbytes < n < zero.nbytes + 32 for n in sizes)
 
 
 def test_population_runs_the_whole_server_chain() -> None:

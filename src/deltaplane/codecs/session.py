@@ -153,8 +153,14 @@ def _unzigzag(v: int) -> int:
 
 
 # -- trees as (signature, values) ------------------------------------------------------------------------
-def _node_doc(e: Encoded, codings: list[tuple[int, bytes]] | None = None) -> dict[str, Any]:
-    """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes."""
+#: codecs whose fields are plain floats (or a raw tensor), not codes or positions: never entropy-coded, so an
+#: fp32 baseline stays exactly its raw size
+_PLAIN = frozenset({"identity", "fp16", "bf16"})
+
+
+def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> dict[str, Any]:
+    """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes;
+    collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
     out: dict[str, Any] = {"c": e.codec, "s": list(e.shape)}
     if e.meta:
         out["m"] = dict(e.meta)
@@ -165,7 +171,8 @@ def _node_doc(e: Encoded, codings: list[tuple[int, bytes]] | None = None) -> dic
         elif isinstance(v, bytes | bytearray | memoryview):
             fields[k] = len(v)
             if codings is not None:
-                codings.append((0, v))
+                # scales are plain fp32 too: only codes, signs, trits and index streams are coded
+                codings.append((e.codec.split("(")[0] in _PLAIN or k == "scales", v))
         else:
             raise CodecError(f"field '{k}' is not finalized ({type(v).__name__}); call finalize() first")
     out["f"] = fields
@@ -451,7 +458,7 @@ class WireSession:
                 raise ShapeMismatch(
                     f"tensor '{name}' differs from the session layout ({want.shape}, {want.dtype})"
                 )
-            raw: list[tuple[int, bytes]] = []
+            raw: list[tuple[bool, bytes]] = []
             doc = _node_doc(tree, raw)
             sig: list[Any] = []
             _signature(doc, sig)
@@ -463,8 +470,8 @@ class WireSession:
                 chunks.extend(data for _, data in raw)
                 continue
             codings: list[tuple[int, int]] = []
-            for _, data in raw:
-                coding, stored = encode_field(data) if self.entropy else (0, data)
+            for plain, data in raw:
+                coding, stored = encode_field(data) if self.entropy and not plain else (0, data)
                 codings.append((coding, len(stored)))
                 chunks.append(stored)
             vals: list[Any] = []
