@@ -69,11 +69,9 @@ def test_identity_codec_keeps_no_residual() -> None:
     """The exact codec sends everything: error feedback has nothing to store, and the run still works."""
     cfg = RunConfig(rounds=2, local_epochs=1, codec="identity")
     result = run_population(cfg, registered=50, per_round=5)
-    from deltaplane.codecs import Compressor
+    from deltaplane.codecs import Compressor, WireSession
     from deltaplane.sim import build_model
     from deltaplane.sim.population import BASE_ID
-
-    from deltaplane.codecs import WireSession
 
     zero = Delta.zeros_like(build_model(0).state_dict())
     # raw fp32 in a compact frame (the default wire): a few bytes of framing, whatever the base version
