@@ -158,6 +158,12 @@ def _unzigzag(v: int) -> int:
 _PLAIN = frozenset({"identity", "fp16", "bf16"})
 
 
+def _plain(codec: str, field_name: str) -> bool:
+    """Whether a byte field holds plain floats (raw tensors, fp16/bf16, fp32 scales): never entropy-coded;
+    only codes, signs, trits and index streams are."""
+    return codec.split("(")[0] in _PLAIN or field_name == "scales"
+
+
 def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> dict[str, Any]:
     """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes;
     collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
@@ -171,8 +177,7 @@ def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> di
         elif isinstance(v, bytes | bytearray | memoryview):
             fields[k] = len(v)
             if codings is not None:
-                # scales are plain fp32 too: only codes, signs, trits and index streams are coded
-                codings.append((e.codec.split("(")[0] in _PLAIN or k == "scales", v))
+                codings.append((_plain(e.codec, k), v))
         else:
             raise CodecError(f"field '{k}' is not finalized ({type(v).__name__}); call finalize() first")
     out["f"] = fields
@@ -229,6 +234,8 @@ def _rebuild(
             fields[k] = length
             if type(length) is not int or type(coding) is not int or type(extra) is not int:
                 raise _fail(f"field '{k}': length, coding and stored size must be integers")
+            if coding and _plain(template["c"], k):
+                raise _fail(f"field '{k}' of '{template['c']}' holds plain floats: it is never entropy-coded")
             stored.append((coding, length + extra))
     doc["f"] = fields
     return doc
@@ -621,14 +628,14 @@ class WireSession:
             for n, (_, s) in zip(lengths, stored, strict=True):
                 if n != s:
                     raise _fail(f"a raw field stores {s} bytes but declares {n}")
-            raw = data
-        else:
-            parts, at = [], 0
-            for n, (coding, s) in zip(lengths, stored, strict=True):
-                parts.append(decode_field(coding, data[at : at + s], n))
-                at += s
-            raw = memoryview(b"".join(parts))
-        return {name: (dtype, _materialize(tree, raw)) for name, (dtype, tree) in table.trees.items()}
+            return {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in table.trees.items()}
+        # each field its own buffer (a coded one decoded to its declared length): no joined copy of them all
+        parts, at = [], 0
+        for n, (coding, s) in zip(lengths, stored, strict=True):
+            parts.append(memoryview(decode_field(coding, data[at : at + s], n)))
+            at += s
+        it = iter(parts)
+        return {name: (dtype, _attach(tree, it)) for name, (dtype, tree) in table.trees.items()}
 
     # -- conveniences ------------------------------------------------------------------------------------
     def decompress(
@@ -643,6 +650,12 @@ class WireSession:
 
         base = (self.base_id, expect_base_version) if expect_base_version is not None else None
         return decompress(payload, session=self, expect_base=base, limits=limits)
+
+
+def _attach(e: Encoded, parts: Iterator[memoryview]) -> Encoded:
+    """``e`` with each byte field (in order) replaced by the next of ``parts``."""
+    fields = {k: _attach(v, parts) if isinstance(v, Encoded) else next(parts) for k, v in e.fields.items()}
+    return Encoded(e.codec, e.shape, e.meta, fields)
 
 
 def _field_lengths(e: Encoded) -> list[int]:
