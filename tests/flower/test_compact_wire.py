@@ -6,12 +6,12 @@ import pytest
 import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from tests.flower.test_adapters import _add_one, _state
 
 from deltaplane.codecs import is_compact
 from deltaplane.errors import ConfigError
 from deltaplane.flower import DeltaStrategy, delta_mod
 from deltaplane.flower.records import UPLINK_KEY, state_to_arrays
-from tests.flower.test_adapters import _add_one, _state
 
 SPEC = "topk(0.5) | quant(bits=8)"
 
@@ -21,7 +21,9 @@ def _run(loopback_grid, wire: str, uplink_codec: str | None):
     app.train()(_add_one)
 
     class Recording(loopback_grid):
-        received: list = []
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.received: list = []
 
         def send_and_receive(self, messages, *, timeout=None):
             replies = super().send_and_receive(messages, timeout=timeout)
@@ -29,7 +31,6 @@ def _run(loopback_grid, wire: str, uplink_codec: str | None):
             return replies
 
     grid = Recording(app, 3)
-    grid.received = []
     strategy = DeltaStrategy(
         inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3),
         base_id="m",
