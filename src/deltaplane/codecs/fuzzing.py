@@ -354,7 +354,7 @@ def serialize_compact(
             try:
                 for j in changes:
                     _put_varint(part, j - prev - 1)
-                    _put_value(part, vals[j], old[j])
+                    _put_value(part, vals[j], old[j], session._vocab)
                     prev = j
             except CodecError:  # a value no change can carry (an object, a list, null): the node goes whole
                 same = False

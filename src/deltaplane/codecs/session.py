@@ -16,7 +16,8 @@ the template's (an index stream's length, the index coder top-k chose, rand-k's 
 count, the lossless coding of a field): ``varint h``; ``h = 0`` is followed by the tensor's node as
 self-describing JSON (``varint length | JSON``: a tree shaped unlike the template); ``h = d + 1`` by ``d``
 changes, each ``varint gap | typed value`` (the gap counts the unchanged values since the previous change; an
-integer is a zig-zag varint difference from the template's value, a string its UTF-8 bytes). The *data*
+integer is a zig-zag varint difference from the template's value, a string its index in the session's small
+vocabulary — the template's strings and the index coders — or else its UTF-8 bytes). The *data*
 holds every byte field in table order, each in the lossless coding the skeleton names for it
 (:mod:`deltaplane.codecs.fieldcoding`; raw unless the session codes entropy), or one zstd frame of them when
 the codec ends in ``zstd``. Decoding rebuilds the self-describing table from template and skeleton and then
@@ -58,6 +59,7 @@ import crc32c
 import torch
 
 from deltaplane.codecs.base import Codec, Encoded, get_codec, split_lossless
+from deltaplane.codecs.entropy import INDEX_CODERS
 from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
 from deltaplane.errors import (
@@ -241,15 +243,17 @@ def _rebuild(
     return doc
 
 
-def _put_value(out: bytearray, new: Any, old: Any) -> None:
+def _put_value(out: bytearray, new: Any, old: Any, vocab: tuple[str, ...] = ()) -> None:
     """One changed value: ``varint (payload << 2 | kind)``; kind 0 int (zig-zag difference from an int
-    template value, else the value itself), 1 string (its UTF-8 bytes follow), 2 float (8 bytes follow),
-    3 bool."""
+    template value, else the value itself), 1 string (its UTF-8 bytes follow), 2 float (payload 0, 8 bytes
+    follow) or a string of the session's vocabulary (payload = its index + 1), 3 bool."""
     if isinstance(new, bool):
         _put_varint(out, (int(new) << 2) | 3)
     elif isinstance(new, int):
         base = old if isinstance(old, int) and not isinstance(old, bool) else 0
         _put_varint(out, (_zigzag(new - base) << 2) | 0)
+    elif isinstance(new, str) and new in vocab:
+        _put_varint(out, ((vocab.index(new) + 1) << 2) | 2)
     elif isinstance(new, str):
         raw = new.encode()
         _put_varint(out, (len(raw) << 2) | 1)
@@ -261,7 +265,7 @@ def _put_value(out: bytearray, new: Any, old: Any) -> None:
         raise CodecError(f"compact frame: cannot write a {type(new).__name__} value")
 
 
-def _get_value(cur: _Cursor, old: Any) -> Any:
+def _get_value(cur: _Cursor, old: Any, vocab: tuple[str, ...] = ()) -> Any:
     v = cur.varint("a changed value")
     kind, payload = v & 3, v >> 2
     if kind == 0:
@@ -276,7 +280,9 @@ def _get_value(cur: _Cursor, old: Any) -> Any:
             raise _fail("a string value is not UTF-8") from None
     if kind == 2:
         if payload:
-            raise _fail("a float value has a non-zero length field")
+            if payload > len(vocab):
+                raise _fail(f"string {payload - 1} of a {len(vocab)}-string vocabulary")
+            return vocab[payload - 1]
         (f,) = struct.unpack("<d", cur.take(8, "a float value"))
         return f
     if payload > 1:
@@ -440,6 +446,13 @@ class WireSession:
         return tuple(out)
 
     @cached_property
+    def _vocab(self) -> tuple[str, ...]:
+        """Strings a changed value names by index: the template's string values and the index coders
+        (sorted, so both sides derive the same list)."""
+        strings = {v for vals in self._template_values for v in vals if isinstance(v, str)}
+        return tuple(sorted(strings | set(INDEX_CODERS)))
+
+    @cached_property
     def _zstd_level(self) -> int | None:
         return getattr(split_lossless(get_codec(self.codec))[1], "level", None)
 
@@ -491,7 +504,7 @@ class WireSession:
             prev = -1
             for j in changes:
                 _put_varint(skeleton, j - prev - 1)
-                _put_value(skeleton, vals[j], old[j])
+                _put_value(skeleton, vals[j], old[j], self._vocab)
                 prev = j
         head = bytearray(COMPACT_MAGIC)
         head.append(COMPACT_VERSION)
@@ -572,7 +585,7 @@ class WireSession:
                     j += skel.varint(f"{where}: a change's position") + 1
                     if j >= len(vals):
                         raise _fail(f"{where}: a change at value {j} of {len(vals)}")
-                    vals[j] = _get_value(skel, old[j])
+                    vals[j] = _get_value(skel, old[j], self._vocab)
                 node_stored: list[tuple[int, int]] = []
                 doc = _rebuild(self.template[i], vals, [0], node_stored)
                 tree = reader.node(doc, where, 0)  # the self-describing reader's checks on the rebuilt node
