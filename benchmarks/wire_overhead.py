@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-SPECS = ["topk(0.003) | quant(bits=4)", "stc(0.005)", "topk(0.01) | quant(bits=8)", "stc(0.01)"]
+SPECS = ["topk(0.003) | quant(bits=4)", "stc(0.005)", "topk(0.01) | quant(bits=8)"]
 
 
 def _capture(config) -> tuple[list[tuple[bytes, int]], object]:
