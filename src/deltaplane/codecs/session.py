@@ -298,8 +298,9 @@ class WireSession:
     Build one with :meth:`create` (the server, or both sides from the same model and config) or
     :meth:`from_json` (a device that fetched the server's :meth:`to_json`). ``entropy`` lets the encoder code
     each byte field losslessly (:mod:`deltaplane.codecs.fieldcoding`) when that makes it smaller. Equal
-    sessions have equal :attr:`id`; use :meth:`compress`/:meth:`decompress` or pass ``session=`` to
-    :meth:`~deltaplane.codecs.Compressor.compress` and :func:`~deltaplane.codecs.decompress`.
+    sessions have equal :attr:`id`. Pass ``session=`` to :meth:`~deltaplane.codecs.Compressor.compress`
+    (and :func:`~deltaplane.codecs.compress_many`) to frame, and to :func:`~deltaplane.codecs.decompress`
+    (or call :meth:`decompress`) to decode.
     """
 
     layout: Layout
