@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deltaplane.aggregation import privatize
-from deltaplane.codecs import decompress
+from deltaplane.codecs import Layout, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
@@ -34,6 +34,7 @@ from deltaplane.engine.federation import Client
 from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
+from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.personalization import Personalizer
 
@@ -107,6 +108,8 @@ class ClientStep:
         self.participations: dict[int, int] = {}
         self._local_keys: frozenset[str] | None = None
         self._attack_streams: dict[int, torch.Generator] = {}
+        #: the uplink's wire sessions (compact frames unless ``config.wire`` is self-describing)
+        self.sessions = Sessions.for_config(config, base_id)
 
     def local_keys(self, model: nn.Module) -> frozenset[str]:
         """State-dict names the personalizer keeps on the device (FedBN on a model without norms raises)."""
@@ -182,10 +185,13 @@ class ClientStep:
     def uplink(self, client: Client, delta: Delta, *, version: int) -> Upload:
         """Stage 5: compress with the device's own compressor (error feedback), or hand to SecAgg."""
         try:
-            payload = client.upload(delta, base_id=self.base_id, base_version=version)
+            session = self.sessions.get(Layout.of(delta))
+            payload = client.upload(delta, base_id=self.base_id, base_version=version, session=session)
             if self.config.secagg:
                 # the device masks what its codec would have sent (its error feedback keeps the rest)
-                secure = decompress(payload, expect_base=(self.base_id, version), expect_layout=delta)
+                secure = decompress(
+                    payload, expect_base=(self.base_id, version), expect_layout=delta, session=session
+                )
                 return Upload(client.cid, client.num_samples, secure=secure)
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)

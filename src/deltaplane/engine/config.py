@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -84,6 +84,14 @@ class RunConfig(BaseModel):
     error_feedback: bool = Field(True, description="keep the uplink compression error on the device")
     downlink_codec: str = Field("identity", description="codec for the global update sent to devices")
     downlink_error_feedback: bool = Field(True, description="server keeps the downlink compression error")
+    wire: Literal["compact", "self-describing"] = Field(
+        "compact",
+        description="uplink payload framing: 'compact' (layout agreed once per session, a few bytes of "
+        "framing per update) or 'self-describing' (every payload carries its tensor table)",
+    )
+    entropy_coding: bool = Field(
+        True, description="compact frames code each byte field losslessly where that makes it smaller"
+    )
     # -- server -------------------------------------------------------------------------------------
     server_lr: float = Field(
         1.0, gt=0, description="FedAvg's server step: the global model moves by server_lr × the mean delta"
@@ -363,7 +371,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "codec": {
         "uplink": "codec", "error_feedback": "error_feedback", "downlink": "downlink_codec",
-        "downlink_error_feedback": "downlink_error_feedback",
+        "downlink_error_feedback": "downlink_error_feedback", "wire": "wire", "entropy": "entropy_coding",
     },
     "aggregation": {
         "optimizer": "aggregator", "server_lr": "server_lr", "optimizer_lr": "server_opt_lr", "defense": "defense",

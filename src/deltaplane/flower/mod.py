@@ -21,10 +21,11 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from deltaplane.codecs import Codec, Compressor
+from deltaplane.codecs import Codec, Compressor, Layout, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import DecodeError, VersionMismatch
+from deltaplane.engine.wire import WIRE_FORMATS, Sessions
+from deltaplane.errors import ConfigError, DecodeError, VersionMismatch
 from deltaplane.flower.records import (
     CONTROL_KEY,
     DELTA_KEY,
@@ -62,6 +63,8 @@ def delta_mod(
     seed: int = 0,
     arrayrecord_key: str = "arrays",
     seed_fn: Callable[[int, Context], int] = node_seed,
+    wire: str = "self-describing",
+    entropy_coding: bool = True,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
 
@@ -78,6 +81,11 @@ def delta_mod(
         seed: run seed; each node's codec seed is ``seed_fn(seed, context)``.
         arrayrecord_key: the key under which the wrapped ClientApp reads and returns its weights.
         seed_fn: derives a node's codec seed (default :func:`node_seed`, matching the in-process engine).
+        wire: ``"compact"`` sends compact frames of the :class:`~deltaplane.codecs.WireSession` derived from
+            the update's layout, the codec and the base id (the server derives the same session from the
+            initial model: ``DeltaStrategy(uplink_codec=...)`` or a ``server_step`` whose config is compact);
+            ``"self-describing"`` (default) sends payloads that carry their tensor table.
+        entropy_coding: with ``wire="compact"``, code byte fields losslessly where that makes them smaller.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -88,6 +96,9 @@ def delta_mod(
         >>> app = ClientApp(mods=[delta_mod(codec="topk(0.01) | quant(bits=8)", seed=0)])
     """
     spec = Compressor(codec).codec.spec  # validates the spec now, not inside a node at round 1
+    if wire not in WIRE_FORMATS:
+        raise ConfigError(f"delta_mod: wire must be one of {WIRE_FORMATS}, got {wire!r}")
+    sessions: dict[str, Sessions] = {}  # by base id: each derived once per layout
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         kind = msg.metadata.message_type
@@ -115,7 +126,13 @@ def delta_mod(
         else:
             delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
-        payload = compressor.compress(delta, base_id=base_id, base_version=version)
+        if base_id not in sessions:
+            sessions[base_id] = Sessions(spec, base_id, compact=wire == "compact", entropy=entropy_coding)
+        session = sessions[base_id].get(Layout.of(delta))
+        if session is not None:
+            payload = compressor.compress(delta, base_version=version, session=session)
+        else:
+            payload = compressor.compress(delta, base_id=base_id, base_version=version)
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
         out = RecordDict({k: v for k, v in reply.content.items() if k not in (arrayrecord_key, DELTA_KEY)})

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from deltaplane.codecs import Layout, decompress
+from deltaplane.codecs import Layout, WireSession, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
@@ -199,16 +199,22 @@ class RoundStore:
         return int(rows[0][0])
 
     def restore(
-        self, rec: RoundRecord, *, local_keys: Iterable[str] = ()
+        self, rec: RoundRecord, session: WireSession | None = None, *, local_keys: Iterable[str] = ()
     ) -> Iterator[tuple[Delta, float, str]]:
-        """The round's accepted updates, in acceptance order, decoded from their stored payloads (which leave
-        out ``local_keys``, the tensors a personalized federation keeps on the devices)."""
+        """The round's accepted updates, in acceptance order, decoded from their stored payloads (compact
+        ones in ``session``, the server step's wire session; all of them leave out ``local_keys``, the
+        tensors a personalized federation keeps on the devices)."""
         base = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
         layout = Layout.of(base).without(local_keys)
         for u in self.uploads(rec):
             payload = self.registry.get_blob(str(u["sha256"]))
             yield (
-                decompress(payload, expect_base=(rec.model, rec.base_version), expect_layout=layout),
+                decompress(
+                    payload,
+                    expect_base=(rec.model, rec.base_version),
+                    expect_layout=layout,
+                    session=session if is_compact(payload) else None,
+                ),
                 float(u["weight"]),
                 str(u["device_id"]),
             )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.codecs import compress_many
+from deltaplane.codecs import Layout, compress_many
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -177,6 +177,7 @@ def _upload_stacked(
         base_id=step.base_id,
         base_version=version,
         return_exceptions=True,
+        session=step.sessions.get(Layout.of({k: v[0] for k, v in stacked.items()})),
     )
     return [
         Upload(c.cid, c.num_samples, error=p)
@@ -201,6 +202,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     raw_bytes = Delta.zeros_like(initial).nbytes
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
+    step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
     backdoor_target = getattr(step.attack, "target", None)
     client_rows: list[dict[str, Any]] = []
