@@ -21,7 +21,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from deltaplane.codecs import Codec, Compressor, Layout, decompress
+from deltaplane.codecs import Codec, Compressor, Layout
 from deltaplane.delta import Delta
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.engine.wire import WIRE_FORMATS, Sessions
