@@ -63,7 +63,7 @@ def test_cli_run_transport_http_writes_a_report_with_a_drift_section(tmp_path):
     bad = CliRunner().invoke(
         app, ["run", "--transport", "carrier-pigeon", "--rounds", "1", "--out", str(tmp_path)]
     )
-    assert bad.exit_code == 2 and "--transport" in bad.output
+    assert bad.exit_code == 2 and "transport" in bad.output and "inproc" in bad.output
 
 
 def test_default_digits_evaluator_gates_an_http_trained_model(tmp_path):
