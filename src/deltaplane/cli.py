@@ -228,8 +228,10 @@ def run(
     into one (TIES, task arithmetic), and the global model is pruned + int8-quantized into OUT/deploy.
     """
     with clean_errors():
-        if transport is not None:
-            TRANSPORTS.check(transport)
+        if transport is not None and transport not in TRANSPORTS:
+            raise ConfigError(
+                f"--transport: unknown transport {transport!r}; choose one of {TRANSPORTS.names()}"
+            )
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
             rounds=rounds, seed=seed,

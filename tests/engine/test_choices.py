@@ -53,4 +53,7 @@ def test_cli_help_and_choices_read_the_registries() -> None:
         for name in registry:
             assert name in out, (registry.kind, name)
     bad = CliRunner().invoke(app, ["run", "--transport", "pigeon", "--rounds", "1"])
-    assert bad.exit_code == 2 and "unknown transport 'pigeon'; choose one of inproc, http" in bad.output
+    assert (
+        bad.exit_code == 2
+        and "--transport: unknown transport 'pigeon'; choose one of inproc, http" in bad.output
+    )
