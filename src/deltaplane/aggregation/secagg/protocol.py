@@ -36,6 +36,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -54,7 +55,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import agree, derive, expand_mask
+from deltaplane.aggregation.secagg.prg import add_masks, agree, derive
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
 from deltaplane.errors import ConfigError, DecodeError
 
@@ -147,12 +148,17 @@ class SecAggConfig:
 
 def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
     """The communication graph: complete, or SecAgg+'s Harary graph on a public random permutation."""
-    n = config.num_clients
-    if config.neighbours is None:
+    return dict(_graph(config.num_clients, config.neighbours, config.graph_seed))
+
+
+@lru_cache(maxsize=8)
+def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
+    # every client and the server build the same graph (O(clients · degree)): once per round's parameters
+    if degree is None:
         return {u: frozenset(set(range(n)) - {u}) for u in range(n)}
-    order = np.random.default_rng(config.graph_seed).permutation(n)
+    order = np.random.default_rng(seed).permutation(n)
     pos = {int(u): i for i, u in enumerate(order)}
-    half = config.neighbours // 2
+    half = degree // 2
     return {
         u: frozenset(int(order[(pos[u] + d) % n]) for d in range(-half, half + 1) if d != 0) for u in range(n)
     }
@@ -171,16 +177,16 @@ def _pair_context(config: SecAggConfig, u: int, v: int) -> bytes:
     return config.context + b"/" + str(a).encode() + b"-" + str(b).encode()
 
 
-def _pair_mask(
+def _pair_key(
     config: SecAggConfig, s_private: X25519PrivateKey, s_public_peer: bytes, u: int, v: int
-) -> np.ndarray:
-    key = derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
-    return expand_mask(key, config.vector_size, config.ring_bits)
+) -> bytes:
+    """The PRG key of the pairwise mask of ``u`` and ``v`` (both derive it; the server only from shares)."""
+    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
 
 
-def _self_mask(config: SecAggConfig, seed: bytes, u: int) -> np.ndarray:
-    key = derive(seed, "self-mask", config.context + b"/" + str(u).encode())
-    return expand_mask(key, config.vector_size, config.ring_bits)
+def _self_key(config: SecAggConfig, seed: bytes, u: int) -> bytes:
+    """The PRG key of ``u``'s self-mask, from its seed ``bᵤ``."""
+    return derive(seed, "self-mask", config.context + b"/" + str(u).encode())
 
 
 class Stage:
@@ -354,13 +360,13 @@ class SecAggClient:
                 f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
         self._received = dict(inbox.ciphertexts)
-        y = codes.astype(np.uint32) + _self_mask(cfg, self._self_seed, u)
-        for v in sorted(self._received):
-            p = _pair_mask(cfg, self._s_key, self._peers[v][1], u, v)
-            if u < v:  # uint32 wraps mod 2^32, a multiple of 2^k
-                y += p
-            else:
-                y -= p
+        y = codes.astype(np.uint32)
+        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u; uint32 wraps mod 2^32, a multiple of 2^k
+        masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
+            (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
+            for v in sorted(self._received)
+        ]
+        add_masks(y, masks)
         self.stage = Stage.MASKED
         return MaskedInput(cfg.round_id, u, pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits))
 
@@ -608,20 +614,17 @@ class SecAggServer:
         self._expect(Stage.UNMASK, "computing the result")
         cfg, req = self.config, self._request
         assert req is not None
-        total = self.masked_sum.copy()
         lam: dict[frozenset[int], dict[int, int]] = {}
-        for u in req.survivors:
-            total -= _self_mask(cfg, self._recover(u, lam), u)
+        # every secret is rebuilt before any mask is expanded: a missing share fails fast, changing nothing
+        masks = [(_self_key(cfg, self._recover(u, lam), u), -1) for u in req.survivors]
         for u in req.dropped:
             s_key = X25519PrivateKey.from_private_bytes(self._recover(u, lam))
             for v in req.survivors:
                 if u in self.mailbox.get(v, {}):  # v masked with u: u shared with v before dropping
-                    p = _pair_mask(cfg, s_key, self.keys[v][1], u, v)
-                    # v added +p if v < u else −p for its pair with u; take it back out
-                    if v < u:
-                        total -= p
-                    else:
-                        total += p
+                    # v added +PRG(s_uv) if v < u else −PRG(s_uv) for its pair with u; take it back out
+                    masks.append((_pair_key(cfg, s_key, self.keys[v][1], u, v), -1 if v < u else 1))
+        total = self.masked_sum.copy()
+        add_masks(total, masks)
         self._result = (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
         self.masked_sum = np.zeros(0, dtype=np.uint32)
         self.stage = Stage.DONE
