@@ -55,7 +55,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import add_masks, agree, derive
+from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
 from deltaplane.errors import ConfigError, DecodeError
 
@@ -237,6 +237,7 @@ class SecAggClient:
         self._received: dict[int, bytes] = {}  # neighbour -> ciphertext of its shares for us
         self._own_shares: tuple[int, int] = (0, 0)
         self._revealed: dict[int, str] = {}
+        self._aeads: dict[int, AESGCM] = {}  # neighbour -> share cipher (derived again after a restore)
         self.stage = Stage.ADVERTISE
 
     def _expect(self, stage: str, what: str) -> None:
@@ -303,8 +304,11 @@ class SecAggClient:
 
     # -- stage 1 ----------------------------------------------------------------------------------------
     def _aead(self, peer: int) -> AESGCM:
-        shared = agree(self._c_key, self._peers[peer][0])
-        return AESGCM(derive(shared, "share-encryption", _pair_context(self.config, self.client_id, peer)))
+        if peer not in self._aeads:  # one X25519 agreement per neighbour: sharing and unmasking both need it
+            shared = agree(self._c_key, self._peers[peer][0])
+            context = _pair_context(self.config, self.client_id, peer)
+            self._aeads[peer] = AESGCM(derive(shared, "share-encryption", context))
+        return self._aeads[peer]
 
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
         """Split ``bᵤ`` and ``sᵤ`` among the neighbours in the roster; one ciphertext per neighbour."""
@@ -353,22 +357,27 @@ class SecAggClient:
         codes = np.asarray(codes)
         if codes.shape != (cfg.vector_size,):
             raise SecAggError(f"client {u}: input has shape {codes.shape}, expected ({cfg.vector_size},)")
-        if codes.dtype.kind not in "ui" or (codes.size and (codes.min() < 0 or codes.max() >= 1 << cfg.bits)):
+        signed = codes.dtype.kind == "i"  # an unsigned array needs no pass for its minimum
+        if codes.dtype.kind not in "ui" or (
+            codes.size and ((signed and codes.min() < 0) or codes.max() >= 1 << cfg.bits)
+        ):
             raise SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
         if len(inbox.ciphertexts) + 1 < cfg.threshold:
             raise SecAggError(
                 f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
         self._received = dict(inbox.ciphertexts)
-        y = codes.astype(np.uint32)
-        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u; uint32 wraps mod 2^32, a multiple of 2^k
+        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, in words of the masks' width: they wrap
+        # modulo 2^16 or 2^32, multiples of 2^k
+        y = codes.astype(np.uint16 if mask_word_bits(cfg.ring_bits) == 16 else np.uint32)
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
             for v in sorted(self._received)
         ]
-        add_masks(y, masks)
+        add_masks(y, masks, cfg.ring_bits)
         self.stage = Stage.MASKED
-        return MaskedInput(cfg.round_id, u, pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits))
+        y &= y.dtype.type((1 << cfg.ring_bits) - 1)
+        return MaskedInput(cfg.round_id, u, pack(y, cfg.ring_bits))
 
     # -- stage 3 ----------------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -472,7 +481,7 @@ class SecAggServer:
         if msg.client_id in self.keys:
             raise SecAggOrderError(f"client {msg.client_id} already advertised keys", stage=self.stage)
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
-        self._count(msg.client_id, len(msg.to_bytes()))
+        self._count(msg.client_id, msg.wire_size())
 
     def roster(self) -> KeyRoster:
         """Close key advertisement (first call) and return the roster every device needs for stage 1."""
@@ -507,7 +516,7 @@ class SecAggServer:
         for v, ct in msg.ciphertexts.items():
             self.mailbox.setdefault(v, {})[sender] = ct
         self.share_senders.add(sender)
-        self._count(sender, len(msg.to_bytes()))
+        self._count(sender, msg.wire_size())
 
     def close_shares(self) -> None:
         """Close share exchange: from now on each device that shared may fetch its inbox and mask."""
@@ -548,10 +557,10 @@ class SecAggServer:
             )
         if sender in self.uploaded:
             raise SecAggOrderError(f"client {sender} already uploaded its masked input", stage=self.stage)
-        y = unpack(msg.packed, cfg.ring_bits, cfg.vector_size)
-        self.masked_sum += y  # wraps mod 2^32; reduced mod 2^k at the end
+        # unpacked straight into the running sum; wraps mod 2^32, reduced mod 2^k at the end
+        unpack(msg.packed, cfg.ring_bits, cfg.vector_size, add_to=self.masked_sum)
         self.uploaded.append(sender)
-        self._count(sender, len(msg.to_bytes()))
+        self._count(sender, msg.wire_size())
 
     def unmask_request(self) -> UnmaskRequest:
         """Close masked inputs and freeze (survivors, dropped); repeated calls return the same request."""
@@ -591,7 +600,7 @@ class SecAggServer:
                 f"{sorted(set(msg.shares) - allowed)[:5]}"
             )
         self.responses[responder] = dict(msg.shares)
-        self._count(responder, len(msg.to_bytes()))
+        self._count(responder, msg.wire_size())
 
     def _recover(self, owner: int, lam_cache: dict[frozenset[int], dict[int, int]]) -> bytes:
         t = self.config.threshold
@@ -624,7 +633,7 @@ class SecAggServer:
                     # v added +PRG(s_uv) if v < u else −PRG(s_uv) for its pair with u; take it back out
                     masks.append((_pair_key(cfg, s_key, self.keys[v][1], u, v), -1 if v < u else 1))
         total = self.masked_sum.copy()
-        add_masks(total, masks)
+        add_masks(total, masks, cfg.ring_bits)
         self._result = (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
         self.masked_sum = np.zeros(0, dtype=np.uint32)
         self.stage = Stage.DONE

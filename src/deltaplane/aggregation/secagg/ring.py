@@ -41,63 +41,98 @@ def dequantize_sum(codes_sum: np.ndarray, *, count: int, clip_range: float, bits
 
 
 def pack(values: np.ndarray, bits: int) -> bytes:
-    """Pack uint32 ``values`` (each < 2^bits) at exactly ``bits`` bits each, little-endian bit order."""
-    v = np.ascontiguousarray(values, dtype=np.uint32)
+    """Pack uint32 (or uint16) ``values`` (each < 2^bits) at exactly ``bits`` bits each, little-endian bit order."""
+    v = np.asarray(values)
+    if not (v.dtype in (np.uint16, np.uint32) and v.flags.c_contiguous):
+        v = np.ascontiguousarray(v, dtype=np.uint32)
     if bits in (8, 16, 32):
         return v.astype({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).tobytes()
     if bits > 8 and len(v):
-        n, groups = len(v), _groups(len(v))
-        buf = np.zeros(groups * bits + 8, np.uint8)
+        n = len(v)
         if n % 8:
-            v = np.concatenate([v, np.zeros(groups * 8 - n, np.uint32)])
-        word = np.empty(groups, np.uint64)
-        for j, window, shift in _windows(buf, bits):
-            np.copyto(word, v[j::8])
-            np.bitwise_or(window, np.left_shift(word, shift, out=word), out=window)
-        return buf[: (n * bits + 7) // 8].tobytes()
+            v = np.concatenate([v, np.zeros(-n % 8, v.dtype)])
+        out = _pack_groups(v, bits).tobytes()
+        return out if n % 8 == 0 else out[: (n * bits + 7) // 8]  # the last group's padding
     # the little-endian bits of each value, keep the low `bits` of each, repack densely
     planes = np.unpackbits(v.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
     return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
 
 
-def _groups(n: int) -> int:
-    return -(-n // 8)
+# Eight values of ``bits`` bits fill exactly ``bits`` bytes: a group. Value ``j`` of a group holds its bits
+# ``j · bits … j · bits + bits − 1``, so it lies in (at most two) of the group's 64-bit little-endian words.
+# Packing and unpacking run over the eight columns ``v[j::8]`` and the group's words, a few vectorized passes of
+# n / 8 aligned, contiguous 64-bit integers each, instead of a byte per bit.
+def _spans(bits: int) -> list[tuple[int, int, int]]:
+    """``(j, word, shift)`` for every value ``j`` and group word it overlaps: value bits start at ``shift``."""
+    return [
+        (j, w, j * bits - 64 * w)
+        for j in range(8)
+        for w in range(j * bits // 64, (j * bits + bits - 1) // 64 + 1)
+    ]
 
 
-def _windows(buf: np.ndarray, bits: int) -> list[tuple[int, np.ndarray, np.uint64]]:
-    """For each ``j`` in 0..7: the 8-byte little-endian word holding value ``j`` of every group of 8.
+def _pack_groups(v: np.ndarray, groups_bits: int) -> np.ndarray:
+    """The ``(len(v) / 8, bits)`` bytes of the groups of ``v`` (a multiple of 8 values, each < 2^bits)."""
+    bits, groups = groups_bits, len(v) // 8
+    words = np.zeros((-(-bits // 8), groups), dtype="<u8")  # word w of every group, contiguous
+    x, t = np.empty(groups, np.uint64), np.empty(groups, np.uint64)
+    last = -1
+    for j, w, shift in _spans(bits):
+        if j != last:
+            np.copyto(x, v[j::8])
+            last = j
+        if shift >= 0:
+            np.left_shift(x, np.uint64(shift), out=t)  # bits beyond the word fall off
+        else:
+            np.right_shift(x, np.uint64(-shift), out=t)  # the value's high bits, in the next word
+        np.bitwise_or(words[w], t, out=words[w])
+    return np.ascontiguousarray(words.T).view(np.uint8)[:, :bits]
 
-    Eight values of ``bits`` bits fill exactly ``bits`` bytes, so value ``j`` of group ``g`` starts at bit
-    ``(j · bits) mod 8`` of byte ``g · bits + ⌊j · bits / 8⌋`` and (``bits`` ≤ 32) ends within the next 8
-    bytes. With ``bits`` ≥ 8 the words of one ``j`` never overlap, so each is a plain strided (unaligned) view
-    that one vectorized operation reads or ORs into: eight passes in all, instead of a byte a bit.
-    """
-    groups = (len(buf) - 8) // bits
-    out = []
-    for j in range(8):
-        offset, shift = divmod(j * bits, 8)
-        window = np.ndarray((groups,), dtype="<u8", buffer=buf, offset=offset, strides=(bits,))
-        out.append((j, window, np.uint64(shift)))
+
+def _unpack_groups(data: bytes, bits: int, groups: int) -> np.ndarray:
+    """``(8, groups)`` uint32: column ``j`` of the first ``groups`` groups in ``data``."""
+    nw = -(-bits // 8)
+    raw = np.zeros((groups, 8 * nw), np.uint8)
+    raw[:, :bits] = np.frombuffer(data, dtype=np.uint8, count=groups * bits).reshape(groups, bits)
+    words = np.ascontiguousarray(raw.view("<u8").T)  # (words, groups)
+    out = np.zeros((8, groups), np.uint32)
+    t = np.empty(groups, np.uint64)
+    low = np.uint64((1 << bits) - 1)
+    for j, w, shift in _spans(bits):
+        if shift >= 0:
+            np.right_shift(words[w], np.uint64(shift), out=t)
+        else:
+            np.left_shift(words[w], np.uint64(-shift), out=t)
+        np.bitwise_and(t, low, out=t)
+        np.bitwise_or(out[j], t, out=out[j], casting="unsafe")  # < 2^bits: the cast keeps every bit
     return out
 
 
-def unpack(data: bytes, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack`; raises :class:`DecodeError` unless ``data`` holds exactly ``n`` values."""
+def unpack(data: bytes, bits: int, n: int, *, add_to: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`pack`; raises :class:`DecodeError` unless ``data`` holds exactly ``n`` values.
+
+    ``add_to`` (uint32, ``n`` values): add the values to it in place (modulo 2³²) and return it instead (the
+    server's running sum of masked inputs).
+    """
     need = (n * bits + 7) // 8
     if len(data) != need:
         raise DecodeError(f"packed {bits}-bit ring values: {len(data)} bytes for {n} values, expected {need}")
+    if add_to is not None:
+        if add_to.dtype != np.uint32 or add_to.shape != (n,):
+            raise DecodeError(f"values are added to a uint32 array of {n}, not {add_to.dtype} {add_to.shape}")
+        full = n // 8 if bits > 8 and bits not in (16, 32) else 0  # whole groups, `bits` bytes each
+        if full:
+            head = add_to[: full * 8].reshape(full, 8)
+            head += _unpack_groups(data, bits, full).T  # wraps mod 2^32
+        if full * 8 < n:  # the rest starts on a byte boundary
+            add_to[full * 8 :] += unpack(data[full * bits :], bits, n - full * 8)
+        return add_to
     if bits in (8, 16, 32):
         return np.frombuffer(data, dtype={8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)
     if bits > 8 and n:
-        buf = np.zeros(_groups(n) * bits + 8, np.uint8)
-        buf[:need] = np.frombuffer(data, dtype=np.uint8)
-        out = np.empty(_groups(n) * 8, np.uint32)
-        word = np.empty(_groups(n), np.uint64)
-        low = np.uint64((1 << bits) - 1)
-        for j, window, shift in _windows(buf, bits):
-            np.bitwise_and(np.right_shift(window, shift, out=word), low, out=word)
-            np.copyto(out[j::8], word, casting="unsafe")  # < 2^bits: the cast keeps every bit
-        return out[:n]
+        groups = -(-n // 8)
+        padded = bytes(data) + bytes(groups * bits - need)
+        return np.ascontiguousarray(_unpack_groups(padded, bits, groups).T).reshape(-1)[:n]
     planes = np.zeros((n, 32), dtype=np.uint8)
     planes[:, :bits] = np.unpackbits(
         np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits
