@@ -175,14 +175,19 @@ def _blocks(rows: int, cols: int) -> range:
 ENCODE_BLOCK_VALUES = 1 << 17
 
 
-def _max_abs(blk: Tensor, out: Tensor) -> Tensor:
-    """Each row's max |x| into ``out``, as max(max x, -min x): two in-cache reductions, no |x| temporary.
+def _max_abs(blk: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """Each row's max |x| into ``out``: |x| into a cache-resident ``scratch`` of ``blk``'s shape, one reduction.
 
-    ``+ 0.0`` turns an all-zero chunk's -0.0 into 0.0: which of max(0.0, -0.0) comes back depends on the
-    kernel (vectorized or not, so on the tensor's shape), and the scale's bytes must not. (``torch.aminmax``
-    would be one reduction, but its kernel is over twice as slow as ``amax`` and ``amin`` together.)
+    The values of :func:`_chunk_scales`' max(max x, -min x) + 0.0 (an all-zero chunk's scale is +0.0 either
+    way), a third faster than those two reductions. A chunk holding NaN (which only a direct call can pass:
+    the Compressor refuses non-finite updates) takes that formula itself, so even its NaN's bits are
+    unchanged. (``torch.aminmax`` would be one reduction, but its kernel is over twice as slow as ``amax``
+    and ``amin`` together.)
     """
-    return torch.maximum(blk.amax(dim=1), blk.amin(dim=1).neg_(), out=out).add_(0.0)
+    torch.amax(torch.abs(blk, out=scratch), dim=1, out=out)
+    if bool(torch.isnan(out).any()):
+        out.copy_(_chunk_scales(blk, "max"))
+    return out
 
 
 #: multipliers that gather the low bits of each byte of a little-endian word into its top byte: for 2-bit
@@ -298,7 +303,7 @@ class Quantize(Codec):
                 h, m, v0 = blk.shape[0], blk.numel(), start + r0 * cols
                 s = scales[row + r0 : row + r0 + h]
                 if norms is None:
-                    _max_abs(blk, out=s)
+                    _max_abs(blk, out=s, scratch=work[:h])
                 else:
                     s.copy_(norms[r0 : r0 + h])
                 o = scratch[:m] if codes is None else codes[v0 : v0 + m]
@@ -330,11 +335,12 @@ class Quantize(Codec):
             return
         if self.bits == 1:
             # P(+scale) = (x/scale + 1) / 2 makes E[value] = x
-            mul, add = torch.where(s > 0, 0.5 / s, 0.0)[:, None], 0.5
+            # reciprocal then multiply: what ``0.5 / s`` computes, without its Python-level wrapper
+            mul, add = torch.where(s > 0, torch.reciprocal(s).mul_(0.5), 0.0)[:, None], 0.5
         else:
             # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
             # and every value is >= 0, so one multiply, one add and the cast do the rounding
-            mul = torch.where(s > 0, levels / s, 0.0)[:, None]
+            mul = torch.where(s > 0, torch.reciprocal(s).mul_(levels), 0.0)[:, None]
             add = levels + (0.0 if noise is not None else 0.5)
         w = torch.mul(blk, mul, out=work).add_(add)
         if noise is not None:
