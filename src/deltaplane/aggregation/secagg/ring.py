@@ -51,7 +51,9 @@ def pack(values: np.ndarray, bits: int) -> bytes:
         n = len(v)
         if n % 8:
             v = np.concatenate([v, np.zeros(-n % 8, v.dtype)])
-        out = _pack_groups(v, bits).tobytes()
+        out = (
+            _pack_lanes(v.astype(np.uint16, copy=False), bits) if bits < 16 else _pack_groups(v, bits)
+        ).tobytes()
         return out if n % 8 == 0 else out[: (n * bits + 7) // 8]  # the last group's padding
     # the little-endian bits of each value, keep the low `bits` of each, repack densely
     planes = np.unpackbits(v.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
@@ -87,6 +89,29 @@ def _pack_groups(v: np.ndarray, groups_bits: int) -> np.ndarray:
             np.right_shift(x, np.uint64(-shift), out=t)  # the value's high bits, in the next word
         np.bitwise_or(words[w], t, out=words[w])
     return np.ascontiguousarray(words.T).view(np.uint8)[:, :bits]
+
+
+def _pack_lanes(v: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`_pack_groups` for 8 < ``bits`` < 16 from uint16 values, on whole words of four 16-bit lanes.
+
+    Each little-endian u64 of ``v`` holds four values in 16-bit lanes; shifting lane ``j`` down by
+    ``(16 − bits) · j`` and masking closes the gaps (``4 · bits`` bits), and two such words make a group.
+    All passes are contiguous, where the group-word path reads every eighth value.
+    """
+    groups, gap, low = len(v) // 8, 16 - bits, (1 << bits) - 1
+    lanes = v.view("<u8")
+    x = lanes & np.uint64(low)
+    t = np.empty_like(x)
+    for j in range(1, 4):
+        np.right_shift(lanes, np.uint64(gap * j), out=t)
+        np.bitwise_and(t, np.uint64(low << (bits * j)), out=t)
+        np.bitwise_or(x, t, out=x)
+    words = np.empty((groups, 2), "<u8")  # the group's bytes 0-7 and 8-15 (of which `bits` are used)
+    first, second = x[0::2], x[1::2]
+    np.left_shift(second, np.uint64(4 * bits), out=words[:, 0])
+    np.bitwise_or(words[:, 0], first, out=words[:, 0])
+    np.right_shift(second, np.uint64(64 - 4 * bits), out=words[:, 1])
+    return words.view(np.uint8)[:, :bits]
 
 
 def _unpack_groups(data: bytes, bits: int, groups: int) -> np.ndarray:
