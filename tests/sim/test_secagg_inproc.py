@@ -95,9 +95,7 @@ def test_simulator_server_side_never_holds_a_plaintext_update(monkeypatch, plain
 def test_the_watch_catches_a_device_that_forgets_to_mask(monkeypatch, plaintext_watch) -> None:
     """The control: with masking switched off, the same instrument finds the plaintext in the upload."""
     received, *_ = _instrument(monkeypatch, plaintext_watch)
-    zeros = lambda config, *a: np.zeros(config.vector_size, dtype=np.uint32)  # noqa: E731
-    monkeypatch.setattr(secagg_protocol, "_self_mask", zeros)
-    monkeypatch.setattr(secagg_protocol, "_pair_mask", zeros)
+    monkeypatch.setattr(secagg_protocol, "add_masks", lambda acc, masks, bits: None)  # every mask is zero
     run_simulation(TINY)
     with pytest.raises(AssertionError, match="plaintext reached the server"):
         for name, data in received:

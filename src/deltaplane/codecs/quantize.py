@@ -170,6 +170,54 @@ def _blocks(rows: int, cols: int) -> range:
     return range(0, rows, step)
 
 
+#: values per block in :meth:`Quantize.encode`: its float scratch, the noise and the codes (~1.1 MB) stay
+#: in a core's L2 cache, and a block costs few enough Python calls that small chunks do not pay for them
+ENCODE_BLOCK_VALUES = 1 << 17
+
+
+def _max_abs(blk: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """Each row's max |x| into ``out``: |x| into a cache-resident ``scratch`` of ``blk``'s shape, one reduction.
+
+    The values of :func:`_chunk_scales`' max(max x, -min x) + 0.0 (an all-zero chunk's scale is +0.0 either
+    way), a third faster than those two reductions. A chunk holding NaN (which only a direct call can pass:
+    the Compressor refuses non-finite updates) takes that formula itself, so even its NaN's bits are
+    unchanged. (``torch.aminmax`` would be one reduction, but its kernel is over twice as slow as ``amax``
+    and ``amin`` together.)
+    """
+    torch.amax(torch.abs(blk, out=scratch), dim=1, out=out)
+    if bool(torch.isnan(out).any()):
+        out.copy_(_chunk_scales(blk, "max"))
+    return out
+
+
+#: multipliers that gather the low bits of each byte of a little-endian word into its top byte: for 2-bit
+#: codes ``c0..c3`` (bytes of a u32), ``c · 0x01041040`` puts ``c_j`` at bits ``24 + 2j`` and every other
+#: product term at a distinct lower 2-bit slot or above bit 31 (dropped), so nothing carries into the top
+#: byte; likewise ``0x0110`` for two 4-bit codes in a u16
+_GATHER = {2: (np.dtype("<u4"), np.uint32(0x01041040), 24), 4: (np.dtype("<u2"), np.uint16(0x0110), 8)}
+
+
+def _pack_block(codes: Tensor, m: int, bits: int, out: np.ndarray) -> None:
+    """Bit-pack the first ``m`` codes of ``codes`` into ``out`` exactly as :func:`pack_bits` does.
+
+    ``codes`` is a uint8 scratch buffer whose length is a multiple of 8 (the codes past ``m`` are zeroed
+    and packed as the last byte's zero padding); ``out`` holds ``ceil(m · bits / 8)`` bytes.
+    """
+    c = codes.numpy()
+    if bits in _GATHER:
+        dtype, mul, shift = _GATHER[bits]
+        per = 8 // bits
+        padded = ceil_div(m, per) * per
+        c[m:padded] = 0
+        word = c[:padded].view(dtype)
+        word = np.multiply(word, mul, dtype=dtype.newbyteorder("="))  # wraps: the high products drop out
+        out[:] = np.right_shift(word, shift, out=word)
+    elif bits == 1:
+        out[:] = np.packbits(c[:m], bitorder="little")
+    else:
+        out[:] = np.frombuffer(pack_bits(c[:m], bits), np.uint8)
+
+
 def ceil_div(a: int, b: int) -> int:
     """``ceil(a / b)`` in exact integer arithmetic (``math.ceil(a / b)`` overflows or rounds for huge ints)."""
     return -(-a // b)
@@ -224,50 +272,88 @@ class Quantize(Codec):
         return 2 ** (self.bits - 1) - 1
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
+        """Scales, codes and packing block by block, each block while it is in cache.
+
+        One pass over the input: a block of whole chunks (``ENCODE_BLOCK_VALUES`` values) gets its scales,
+        its codes (in a small scratch buffer) and its bit-packed bytes, written straight into the output.
+        No tensor-sized temporary is allocated (a fresh one costs page faults as much as a memcpy). The
+        uniform noise of ``stochastic=True`` is drawn block after block in value order, which is the stream
+        a single draw over the tensor gives.
+        """
         flat = x.detach().reshape(-1).float()
-        n = flat.numel()
-        codes = torch.empty(n, dtype=torch.uint8)
-        scales = []
-        levels = self._levels()
+        n, bits, levels = flat.numel(), self.bits, self._levels()
+        scales = torch.empty(ceil_div(n, self.chunk))
+        # a block of whole chunks starts on a byte boundary when a chunk's codes fill whole bytes: each block
+        # is then packed into its own bytes of the output; otherwise the codes are packed at the end
+        direct = self.chunk * bits % 8 == 0
+        packed = np.empty(ceil_div(n * bits, 8) if direct else 0, np.uint8)
+        codes = (
+            torch.from_numpy(packed) if bits == 8 else None if direct else torch.empty(n, dtype=torch.uint8)
+        )
+        row = 0
         for start, part in chunk_views(flat, self.chunk):
-            s = _chunk_scales(part, self.scale)
-            scales.append(s)
-            out = codes[start : start + part.numel()].view(part.shape)
-            if self.bits == 1:
-                # P(+scale) = (x/scale + 1) / 2 makes E[value] = x; deterministic: the sign
-                mul, add = torch.where(s > 0, 0.5 / s, 0.0)[:, None], 0.5
-            else:
-                # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
-                # and every value is >= 0, so one fused multiply-add and the cast do the rounding
-                mul, add = (
-                    torch.where(s > 0, levels / s, 0.0)[:, None],
-                    levels + (0.0 if self.stochastic else 0.5),
-                )
             rows, cols = part.shape
-            step = _blocks(rows, cols).step
+            norms = _chunk_scales(part, "norm") if self.scale == "norm" else None
+            step = max(1, ENCODE_BLOCK_VALUES // cols)
             work = torch.empty(min(step, rows), cols)
             noise = torch.empty_like(work) if self.stochastic else None
-            for r0 in _blocks(rows, cols):
+            scratch = torch.empty(ceil_div(work.numel(), 8) * 8, dtype=torch.uint8) if codes is None else None
+            for r0 in range(0, rows, step):
                 blk = part[r0 : r0 + step]
-                o = out[r0 : r0 + step]
-                if self.bits == 1 and noise is None:
-                    torch.ge(blk, 0, out=o)
-                    continue
-                w = torch.mul(blk, mul[r0 : r0 + step], out=work[: blk.shape[0]]).add_(add)
-                if noise is None:
-                    o.copy_(w)
-                    continue
-                nz = noise[: blk.shape[0]].uniform_(generator=rng)
-                if self.bits == 1:
-                    torch.lt(nz, w, out=o)
-                else:  # floor(q + u) with u ~ U[0, 1); the clamp guards q = L(1 + 2⁻²⁴) from rounding
-                    o.copy_(w.add_(nz).clamp_(max=2 * levels))
-        scale_t = torch.cat(scales) if scales else torch.zeros(0)
+                h, m, v0 = blk.shape[0], blk.numel(), start + r0 * cols
+                s = scales[row + r0 : row + r0 + h]
+                if norms is None:
+                    _max_abs(blk, out=s, scratch=work[:h])
+                else:
+                    s.copy_(norms[r0 : r0 + h])
+                o = scratch[:m] if codes is None else codes[v0 : v0 + m]
+                self._codes(
+                    blk, s, levels, o.view(h, cols), work[:h], None if noise is None else noise[:h], rng
+                )
+                if codes is None:
+                    _pack_block(scratch, m, bits, packed[v0 * bits // 8 : ceil_div((v0 + m) * bits, 8)])
+            row += rows
         fields = {
-            "codes": pack_bits(codes.numpy(), self.bits),
-            "scales": scale_t.numpy().astype("<f4").tobytes(),
+            "codes": memoryview(packed) if direct else pack_bits(codes.numpy(), bits),
+            "scales": scales.numpy().astype("<f4").tobytes(),
         }
         return Encoded(self.spec, tuple(x.shape), {}, fields)
+
+    def _codes(
+        self,
+        blk: Tensor,
+        s: Tensor,
+        levels: int,
+        out: Tensor,
+        work: Tensor,
+        noise: Tensor | None,
+        rng: torch.Generator,
+    ) -> None:
+        """Write the uint8 codes of ``blk`` (``(rows, chunk)``, chunk scales ``s``) into ``out``."""
+        if self.bits == 1 and noise is None:  # deterministic: the sign
+            torch.ge(blk, 0, out=out)
+            return
+        if self.bits == 1:
+            # P(+scale) = (x/scale + 1) / 2 makes E[value] = x
+            # reciprocal then multiply: what ``0.5 / s`` computes, without its Python-level wrapper
+            mul, add = torch.where(s > 0, torch.reciprocal(s).mul_(0.5), 0.0)[:, None], 0.5
+        else:
+            # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
+            # and every value is >= 0, so one multiply, one add and the cast do the rounding
+            mul = torch.where(s > 0, torch.reciprocal(s).mul_(levels), 0.0)[:, None]
+            add = levels + (0.0 if noise is not None else 0.5)
+        w = torch.mul(blk, mul, out=work).add_(add)
+        if noise is not None:
+            noise.uniform_(generator=rng)
+            if self.bits == 1:
+                torch.lt(noise, w, out=out)
+                return
+            # floor(q + u) with u ~ U[0, 1); the clamp guards q = L(1 + 2⁻²⁴) from rounding
+            w.add_(noise).clamp_(max=2 * levels)
+        # numpy's float -> uint8 cast truncates as torch's copy_ does (NaN and ±Inf, which a subnormal
+        # scale can make, to 0 as well) in a third of the time
+        with np.errstate(invalid="ignore"):
+            np.copyto(out.numpy(), w.numpy(), casting="unsafe")
 
     def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
         """Scales and codes of all rows at once; bit-packing and framing per row.

@@ -15,7 +15,16 @@ from deltaplane.codecs.entropy import check_index_stream, decode_indices, encode
 from deltaplane.codecs.quantize import _read_scales, ceil_div
 from deltaplane.errors import CodecError, DecodeError
 
-__all__ = ["STC", "RandK", "Threshold", "TopK", "random_positions", "scatter_values", "topk_indices"]
+__all__ = [
+    "STC",
+    "RandK",
+    "Threshold",
+    "TopK",
+    "magnitude_at_least",
+    "random_positions",
+    "scatter_values",
+    "topk_indices",
+]
 
 
 def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
@@ -61,12 +70,41 @@ def top_count(ratio: float, n: int) -> int:
     return min(n, max(1, math.ceil(ratio * n))) if n else 0
 
 
-def _sample_threshold(mag: Tensor, k: int, headroom: bool, rng: torch.Generator | None) -> Tensor:
-    """Estimate the k-th largest magnitude from a sample of ~1% of the values (at least 4096)."""
-    n = mag.numel()
+#: values per block of :func:`magnitude_at_least`'s scan: |x| and the comparison stay in a core's L2 cache
+SCAN_BLOCK_VALUES = 1 << 16
+
+
+def magnitude_at_least(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """Sorted flat positions of the entries of ``x`` (flat, float32) with ``|x| >= threshold``.
+
+    One pass in cache-sized blocks (|x|, the comparison and the positions of a block while it is in cache),
+    so neither a tensor-sized |x| nor a tensor-sized mask is ever allocated: their page faults alone cost
+    about a memcpy of the tensor. The threshold is compared in float32, as ``x.abs() >= threshold`` does.
+    """
+    values = x.detach().reshape(-1).float().contiguous().numpy()
+    with np.errstate(over="ignore"):  # a threshold beyond float32's range is +inf there, as in torch
+        t = np.float32(float(threshold))
+    n = len(values)
+    step = max(1, min(n, SCAN_BLOCK_VALUES))
+    mag, hit = np.empty(step, np.float32), np.empty(step, np.bool_)
+    found = []
+    for lo in range(0, n, step):
+        m = min(step, n - lo)
+        np.abs(values[lo : lo + m], out=mag[:m])
+        np.greater_equal(mag[:m], t, out=hit[:m])
+        pos = np.flatnonzero(hit[:m])
+        if len(pos):
+            pos += lo
+            found.append(pos)
+    return torch.from_numpy(np.concatenate(found)) if found else torch.zeros(0, dtype=torch.long)
+
+
+def _sample_threshold(x: Tensor, k: int, headroom: bool, rng: torch.Generator | None) -> Tensor:
+    """Estimate the k-th largest magnitude of ``x`` from a sample of ~1% of its values (at least 4096)."""
+    n = x.numel()
     m = min(n, max(4096, n // 100))
     # without a generator: an evenly strided sample (deterministic)
-    sample = mag[:: max(1, n // m)] if rng is None else mag[torch.randint(n, (m,), generator=rng)]
+    sample = (x[:: max(1, n // m)] if rng is None else x[torch.randint(n, (m,), generator=rng)]).abs()
     expect = k * sample.numel() / n
     # with headroom: aim ~30% plus 3 sigma above k so the candidates almost surely include the top k
     r = 1.3 * expect + 3 * math.sqrt(expect) + 1 if headroom else expect
@@ -125,8 +163,8 @@ def topk_rows(mag: Tensor, k: int) -> Tensor:
     return torch.nonzero(_lowest_ties(mag, k))[:, 1].view(rows, k)
 
 
-def topk_indices(mag: Tensor, k: int) -> Tensor:
-    """Sorted flat positions of the ``k`` largest entries of ``mag`` (a flat tensor of magnitudes).
+def topk_indices(x: Tensor, k: int) -> Tensor:
+    """Sorted flat positions of the ``k`` entries of largest magnitude of ``x`` (a flat float32 tensor).
 
     Exact, but faster than a partial sort of the whole tensor: a threshold estimated from a strided
     sample, set a little low, selects a few more than ``k`` candidates with one comparison pass, and an
@@ -134,17 +172,18 @@ def topk_indices(mag: Tensor, k: int) -> Tensor:
     https://arxiv.org/abs/1712.01887, §3). Every value above the threshold is a candidate, so the result
     is the exact top-k; if the sample misjudged and fewer than ``k`` candidates come out, the selection runs
     on the whole tensor instead. Ties at the k-th largest magnitude go to the lowest positions (see
-    :func:`_lowest_ties`), so the result is a function of ``mag`` alone.
+    :func:`_lowest_ties`), so the result is a function of ``|x|`` alone. The candidate scan is
+    :func:`magnitude_at_least`: no tensor-sized |x| is made unless the fallback runs.
     """
-    n = mag.numel()
+    n = x.numel()
     if k >= n:
         return torch.arange(n)
     if n >= 8192 and k * 8 <= n:
-        cand = torch.nonzero(mag >= _sample_threshold(mag, k, True, None)).squeeze(1)
+        cand = magnitude_at_least(x, _sample_threshold(x, k, True, None))
         if cand.numel() >= k:
             # every value tied with the k-th largest is >= the threshold, so all of them are candidates
-            return cand if cand.numel() == k else cand[_lowest_ties(mag[cand], k)]
-    return torch.nonzero(_lowest_ties(mag, k)).squeeze(1)
+            return cand if cand.numel() == k else cand[_lowest_ties(x[cand].abs(), k)]
+    return torch.nonzero(_lowest_ties(x.abs(), k)).squeeze(1)
 
 
 @register_codec
@@ -179,12 +218,11 @@ class TopK(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
-        mag = flat.abs()
         k = self.k_for(n)
         if self.approx and n >= 8192 and k * 8 <= n:
-            idx = torch.nonzero(mag >= _sample_threshold(mag, k, False, rng)).squeeze(1)
+            idx = magnitude_at_least(flat, _sample_threshold(flat, k, False, rng))
         else:
-            idx = topk_indices(mag, k)
+            idx = topk_indices(flat, k)
         coder, data = encode_indices(idx.numpy(), n)
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
 
@@ -369,7 +407,7 @@ class Threshold(Codec):
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
-        idx = torch.nonzero(flat.abs() >= self.tau).squeeze(1)
+        idx = magnitude_at_least(flat, self.tau)
         coder, data = encode_indices(idx.numpy(), flat.numel())
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
 
@@ -408,9 +446,8 @@ class STC(Codec):
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()
         n = flat.numel()
-        mag = flat.abs()
-        idx = topk_indices(mag, self.k_for(n))
-        mu = float(mag[idx].mean()) if idx.numel() else 0.0
+        idx = topk_indices(flat, self.k_for(n))
+        mu = float(flat[idx].abs().mean()) if idx.numel() else 0.0
         coder, data = encode_indices(idx.numpy(), n)
         signs = np.packbits((flat[idx] >= 0).numpy(), bitorder="little").tobytes()
         fields = {"idx": data, "signs": signs, "scales": struct.pack("<f", mu)}

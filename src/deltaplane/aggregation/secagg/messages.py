@@ -48,12 +48,16 @@ __all__ = [
 ]
 
 MAGIC = b"DPSA"
-VERSION = 1
+#: 2: masks of a ring of at most 16 bits are expanded from 16-bit keystream words, not 32-bit ones
+#: (:func:`~deltaplane.aggregation.secagg.prg.mask_word_bits`); a version-1 peer would unmask with other masks,
+#: so its messages are refused rather than summed
+VERSION = 2
 _HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
 KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
 CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
 _U32 = struct.Struct(">I")
+_ROSTER_ENTRY = struct.Struct(f">I{KEY_BYTES}s{KEY_BYTES}s")  # id, c public key, s public key
 
 
 class _Reader:
@@ -93,7 +97,12 @@ class _Reader:
         return u
 
     def ids(self, config: SecAggConfig, n: int, field: str) -> list[int]:
-        out = [self.client(config, field) for _ in range(n)]
+        out = list(struct.unpack(f">{n}I", self.take(4 * n)))  # one call for the list: every device reads it
+        bad = next((u for u in out if u >= config.num_clients), None)
+        if bad is not None:
+            raise DecodeError(
+                f"{self.what}: {field} {bad} is not a client of this round (0..{config.num_clients - 1})"
+            )
         if any(a >= b for a, b in itertools.pairwise(out)):
             raise DecodeError(f"{self.what}: {field}s must be strictly increasing")
         return out
@@ -116,6 +125,10 @@ class Message:
     def to_bytes(self) -> bytes:
         """The message on the wire: header then body."""
         return _HEAD.pack(MAGIC, VERSION, self.KIND, self.round_id) + self.body()
+
+    def wire_size(self) -> int:
+        """``len(self.to_bytes())``: what the sender uploaded (a receiver counts it without re-encoding)."""
+        return len(self.to_bytes())
 
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:
@@ -181,12 +194,16 @@ class KeyRoster(Message):
         n = r.count(config.num_clients, 4 + 2 * KEY_BYTES, "clients")
         keys: dict[int, tuple[bytes, bytes]] = {}
         last = -1
-        for _ in range(n):
-            u = r.client(config, "client id")
+        # every device reads the roster: one unpacking call per entry, with the checks of _Reader.client
+        for u, c, s in _ROSTER_ENTRY.iter_unpack(r.take(n * _ROSTER_ENTRY.size)):
+            if u >= config.num_clients:
+                raise DecodeError(
+                    f"{r.what}: client id {u} is not a client of this round (0..{config.num_clients - 1})"
+                )
             if u <= last:
                 raise DecodeError(f"{r.what}: client ids must be strictly increasing")
             last = u
-            keys[u] = (r.take(KEY_BYTES), r.take(KEY_BYTES))
+            keys[u] = (c, s)
         return cls(round_id, keys)
 
 
@@ -254,6 +271,15 @@ class MaskedInput(Message):
 
     def body(self) -> bytes:
         return _U32.pack(self.client_id) + self.packed
+
+    def to_bytes(self) -> bytes:
+        # one copy of the (large) packed vector, not two
+        return b"".join(
+            [_HEAD.pack(MAGIC, VERSION, self.KIND, self.round_id), _U32.pack(self.client_id), self.packed]
+        )
+
+    def wire_size(self) -> int:
+        return _HEAD.size + 4 + len(self.packed)
 
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:

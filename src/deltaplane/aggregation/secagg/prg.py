@@ -4,21 +4,29 @@
 * HKDF-SHA256 turns it into independent 32-byte keys, bound to the round and the pair by its ``info`` string, so
   no key is reused across rounds or purposes.
 * AES-256 in CTR mode expands a key into a mask of any length (a standard PRG: the keystream of a fresh key with a
-  zero counter); each key encrypts exactly one stream, so the fixed nonce is safe.
+  zero counter); each key encrypts exactly one stream, so the fixed nonce is safe. :func:`add_masks` adds or
+  subtracts many such masks in place, a cache-sized block of every keystream at a time.
 * AES-256-GCM encrypts the Shamir shares that travel through the server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["agree", "derive", "expand_mask"]
+from deltaplane.aggregation.secagg.errors import SecAggError
+
+__all__ = ["add_masks", "agree", "derive", "expand_mask", "mask_word_bits"]
+
+#: keystream bytes per step of :func:`add_masks`: that block of keystream and of the sum stay in a core's L2
+#: cache while every mask is added to it
+MASK_BLOCK_BYTES = 1 << 17
 
 
 def derive(secret: bytes, purpose: str, context: bytes) -> bytes:
@@ -32,15 +40,69 @@ def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
+def _keystream(key: bytes) -> CipherContext:
+    return Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+
+
+def mask_word_bits(bits: int) -> int:
+    """Keystream bits behind each mask value in a ``bits``-bit ring: 16 up to 16 bits, else 32.
+
+    Version 2 of the messages (:mod:`~deltaplane.aggregation.secagg.messages`); version 1 used 32-bit words
+    for every ring, so a ring of at most 16 bits (8-bit codes, up to 256 clients) now costs half the AES.
+    """
+    return 16 if bits <= 16 else 32
+
+
 def expand_mask(key: bytes, n: int, bits: int) -> np.ndarray:
-    """``n`` uniform values in ``[0, 2^bits)`` (uint32) from the AES-256-CTR keystream of ``key``."""
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    buf = bytearray(4 * n + 15)  # update_into wants room for one block more than the input
-    enc.update_into(_zeros(4 * n), buf)
-    out = np.frombuffer(buf, dtype="<u4", count=n)
-    if bits < 32:  # 2^bits divides 2^32, so keeping the low bits keeps the values exactly uniform
-        out &= np.uint32((1 << bits) - 1)
-    return out
+    """``n`` uniform values in ``[0, 2^bits)`` (uint32) from the AES-256-CTR keystream of ``key``.
+
+    Value ``i`` is the ``i``-th little-endian word of :func:`mask_word_bits` bits of the keystream (bytes
+    ``wi … wi + w − 1`` for ``w``-byte words), reduced to its low ``bits`` bits: 2^bits divides the word
+    range, so the values are exactly uniform.
+    """
+    w = mask_word_bits(bits) // 8
+    enc = _keystream(key)
+    buf = bytearray(w * n + 15)  # update_into wants room for one block more than the input
+    enc.update_into(_zeros(w * n), buf)
+    out = np.frombuffer(buf, dtype=f"<u{w}", count=n).astype(np.uint32)
+    return out & np.uint32((1 << bits) - 1) if bits < 32 else out
+
+
+def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], bits: int) -> None:
+    """``acc += Σ sign · PRG(key)`` modulo ``2^(8 · acc.itemsize)``, in place, for ``(key, sign)``, sign ±1.
+
+    ``PRG(key)`` is :func:`expand_mask`'s keystream words for a ``bits``-bit ring, before their reduction to
+    ``bits`` bits: ``2^bits`` divides the word and the accumulator ranges, so reduced modulo ``2^bits``
+    afterwards the sum is exactly that of the reduced masks, and the reduction is done once on the sum
+    instead of once per mask. ``acc`` is uint32, or uint16 for a ring of at most 16 bits. Every keystream is
+    read a block at a time (CTR mode continues the stream across calls) and added while that block of
+    ``acc`` is in cache: no mask-sized array is ever allocated.
+    """
+    w = mask_word_bits(bits) // 8
+    if (
+        acc.dtype not in (np.uint16, np.uint32)
+        or acc.itemsize < w
+        or not acc.flags.c_contiguous
+        or acc.ndim != 1
+    ):
+        raise SecAggError(
+            f"masks of a {bits}-bit ring are added to a contiguous 1-D uint{8 * max(w, 2)} or wider array, "
+            f"not {acc.dtype} {acc.shape}"
+        )
+    streams = [(_keystream(key), sign) for key, sign in masks]
+    if any(sign not in (1, -1) for _, sign in streams):
+        raise SecAggError("a mask's sign must be +1 or -1")
+    n = len(acc)
+    step = max(1, min(n, MASK_BLOCK_BYTES // w))
+    zeros = memoryview(_zeros(w * step))
+    buf = bytearray(w * step + 15)  # update_into wants room for one block more than the input
+    words = np.frombuffer(buf, dtype=f"<u{w}", count=step)
+    for lo in range(0, n, step):
+        m = min(step, n - lo)
+        part, x = acc[lo : lo + m], words[:m]
+        for enc, sign in streams:
+            enc.update_into(zeros[: w * m], buf)
+            (np.add if sign > 0 else np.subtract)(part, x, out=part)
 
 
 @lru_cache(maxsize=4)

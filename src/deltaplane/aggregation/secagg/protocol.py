@@ -36,6 +36,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -54,7 +55,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import agree, derive, expand_mask
+from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
 from deltaplane.errors import ConfigError, DecodeError
 
@@ -147,12 +148,17 @@ class SecAggConfig:
 
 def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
     """The communication graph: complete, or SecAgg+'s Harary graph on a public random permutation."""
-    n = config.num_clients
-    if config.neighbours is None:
+    return dict(_graph(config.num_clients, config.neighbours, config.graph_seed))
+
+
+@lru_cache(maxsize=8)
+def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
+    # every client and the server build the same graph (O(clients · degree)): once per round's parameters
+    if degree is None:
         return {u: frozenset(set(range(n)) - {u}) for u in range(n)}
-    order = np.random.default_rng(config.graph_seed).permutation(n)
+    order = np.random.default_rng(seed).permutation(n)
     pos = {int(u): i for i, u in enumerate(order)}
-    half = config.neighbours // 2
+    half = degree // 2
     return {
         u: frozenset(int(order[(pos[u] + d) % n]) for d in range(-half, half + 1) if d != 0) for u in range(n)
     }
@@ -171,16 +177,16 @@ def _pair_context(config: SecAggConfig, u: int, v: int) -> bytes:
     return config.context + b"/" + str(a).encode() + b"-" + str(b).encode()
 
 
-def _pair_mask(
+def _pair_key(
     config: SecAggConfig, s_private: X25519PrivateKey, s_public_peer: bytes, u: int, v: int
-) -> np.ndarray:
-    key = derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
-    return expand_mask(key, config.vector_size, config.ring_bits)
+) -> bytes:
+    """The PRG key of the pairwise mask of ``u`` and ``v`` (both derive it; the server only from shares)."""
+    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
 
 
-def _self_mask(config: SecAggConfig, seed: bytes, u: int) -> np.ndarray:
-    key = derive(seed, "self-mask", config.context + b"/" + str(u).encode())
-    return expand_mask(key, config.vector_size, config.ring_bits)
+def _self_key(config: SecAggConfig, seed: bytes, u: int) -> bytes:
+    """The PRG key of ``u``'s self-mask, from its seed ``bᵤ``."""
+    return derive(seed, "self-mask", config.context + b"/" + str(u).encode())
 
 
 class Stage:
@@ -231,6 +237,7 @@ class SecAggClient:
         self._received: dict[int, bytes] = {}  # neighbour -> ciphertext of its shares for us
         self._own_shares: tuple[int, int] = (0, 0)
         self._revealed: dict[int, str] = {}
+        self._aeads: dict[int, AESGCM] = {}  # neighbour -> share cipher (derived again after a restore)
         self.stage = Stage.ADVERTISE
 
     def _expect(self, stage: str, what: str) -> None:
@@ -297,8 +304,11 @@ class SecAggClient:
 
     # -- stage 1 ----------------------------------------------------------------------------------------
     def _aead(self, peer: int) -> AESGCM:
-        shared = agree(self._c_key, self._peers[peer][0])
-        return AESGCM(derive(shared, "share-encryption", _pair_context(self.config, self.client_id, peer)))
+        if peer not in self._aeads:  # one X25519 agreement per neighbour: sharing and unmasking both need it
+            shared = agree(self._c_key, self._peers[peer][0])
+            context = _pair_context(self.config, self.client_id, peer)
+            self._aeads[peer] = AESGCM(derive(shared, "share-encryption", context))
+        return self._aeads[peer]
 
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
         """Split ``bᵤ`` and ``sᵤ`` among the neighbours in the roster; one ciphertext per neighbour."""
@@ -347,22 +357,27 @@ class SecAggClient:
         codes = np.asarray(codes)
         if codes.shape != (cfg.vector_size,):
             raise SecAggError(f"client {u}: input has shape {codes.shape}, expected ({cfg.vector_size},)")
-        if codes.dtype.kind not in "ui" or (codes.size and (codes.min() < 0 or codes.max() >= 1 << cfg.bits)):
+        signed = codes.dtype.kind == "i"  # an unsigned array needs no pass for its minimum
+        if codes.dtype.kind not in "ui" or (
+            codes.size and ((signed and codes.min() < 0) or codes.max() >= 1 << cfg.bits)
+        ):
             raise SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
         if len(inbox.ciphertexts) + 1 < cfg.threshold:
             raise SecAggError(
                 f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
         self._received = dict(inbox.ciphertexts)
-        y = codes.astype(np.uint32) + _self_mask(cfg, self._self_seed, u)
-        for v in sorted(self._received):
-            p = _pair_mask(cfg, self._s_key, self._peers[v][1], u, v)
-            if u < v:  # uint32 wraps mod 2^32, a multiple of 2^k
-                y += p
-            else:
-                y -= p
+        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, in words of the masks' width: they wrap
+        # modulo 2^16 or 2^32, multiples of 2^k
+        y = codes.astype(np.uint16 if mask_word_bits(cfg.ring_bits) == 16 else np.uint32)
+        masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
+            (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
+            for v in sorted(self._received)
+        ]
+        add_masks(y, masks, cfg.ring_bits)
         self.stage = Stage.MASKED
-        return MaskedInput(cfg.round_id, u, pack(y & np.uint32((1 << cfg.ring_bits) - 1), cfg.ring_bits))
+        y &= y.dtype.type((1 << cfg.ring_bits) - 1)
+        return MaskedInput(cfg.round_id, u, pack(y, cfg.ring_bits))
 
     # -- stage 3 ----------------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -466,7 +481,7 @@ class SecAggServer:
         if msg.client_id in self.keys:
             raise SecAggOrderError(f"client {msg.client_id} already advertised keys", stage=self.stage)
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
-        self._count(msg.client_id, len(msg.to_bytes()))
+        self._count(msg.client_id, msg.wire_size())
 
     def roster(self) -> KeyRoster:
         """Close key advertisement (first call) and return the roster every device needs for stage 1."""
@@ -501,7 +516,7 @@ class SecAggServer:
         for v, ct in msg.ciphertexts.items():
             self.mailbox.setdefault(v, {})[sender] = ct
         self.share_senders.add(sender)
-        self._count(sender, len(msg.to_bytes()))
+        self._count(sender, msg.wire_size())
 
     def close_shares(self) -> None:
         """Close share exchange: from now on each device that shared may fetch its inbox and mask."""
@@ -542,10 +557,10 @@ class SecAggServer:
             )
         if sender in self.uploaded:
             raise SecAggOrderError(f"client {sender} already uploaded its masked input", stage=self.stage)
-        y = unpack(msg.packed, cfg.ring_bits, cfg.vector_size)
-        self.masked_sum += y  # wraps mod 2^32; reduced mod 2^k at the end
+        # unpacked straight into the running sum; wraps mod 2^32, reduced mod 2^k at the end
+        unpack(msg.packed, cfg.ring_bits, cfg.vector_size, add_to=self.masked_sum)
         self.uploaded.append(sender)
-        self._count(sender, len(msg.to_bytes()))
+        self._count(sender, msg.wire_size())
 
     def unmask_request(self) -> UnmaskRequest:
         """Close masked inputs and freeze (survivors, dropped); repeated calls return the same request."""
@@ -585,7 +600,7 @@ class SecAggServer:
                 f"{sorted(set(msg.shares) - allowed)[:5]}"
             )
         self.responses[responder] = dict(msg.shares)
-        self._count(responder, len(msg.to_bytes()))
+        self._count(responder, msg.wire_size())
 
     def _recover(self, owner: int, lam_cache: dict[frozenset[int], dict[int, int]]) -> bytes:
         t = self.config.threshold
@@ -608,20 +623,17 @@ class SecAggServer:
         self._expect(Stage.UNMASK, "computing the result")
         cfg, req = self.config, self._request
         assert req is not None
-        total = self.masked_sum.copy()
         lam: dict[frozenset[int], dict[int, int]] = {}
-        for u in req.survivors:
-            total -= _self_mask(cfg, self._recover(u, lam), u)
+        # every secret is rebuilt before any mask is expanded: a missing share fails fast, changing nothing
+        masks = [(_self_key(cfg, self._recover(u, lam), u), -1) for u in req.survivors]
         for u in req.dropped:
             s_key = X25519PrivateKey.from_private_bytes(self._recover(u, lam))
             for v in req.survivors:
                 if u in self.mailbox.get(v, {}):  # v masked with u: u shared with v before dropping
-                    p = _pair_mask(cfg, s_key, self.keys[v][1], u, v)
-                    # v added +p if v < u else −p for its pair with u; take it back out
-                    if v < u:
-                        total -= p
-                    else:
-                        total += p
+                    # v added +PRG(s_uv) if v < u else −PRG(s_uv) for its pair with u; take it back out
+                    masks.append((_pair_key(cfg, s_key, self.keys[v][1], u, v), -1 if v < u else 1))
+        total = self.masked_sum.copy()
+        add_masks(total, masks, cfg.ring_bits)
         self._result = (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
         self.masked_sum = np.zeros(0, dtype=np.uint32)
         self.stage = Stage.DONE

@@ -1,0 +1,109 @@
+"""The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-2 mask layout.
+
+* ring packing by 64-bit group words == the bit-plane packer it replaced (kept here as the reference);
+* ``add_masks`` (every keystream a block at a time, reduced once) == the sum of the masks expanded one by one;
+* the keystream layout of version 2, pinned by a known-answer value of AES-256;
+* exact integer sums with dropouts at every stage, for rings of at most 16 bits (16-bit mask words) and wider
+  ones (32-bit words), complete graph and SecAgg+; a version-1 message is refused, not summed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from deltaplane.aggregation.secagg import Dropouts, MaskedInput, SecAggConfig, pack, run_secagg, unpack
+from deltaplane.aggregation.secagg.messages import decode_message
+from deltaplane.aggregation.secagg.prg import add_masks, expand_mask, mask_word_bits
+from deltaplane.errors import DecodeError
+
+
+def _ref_pack(values: np.ndarray, bits: int) -> bytes:
+    """Bit ``b`` of value ``i`` is bit ``i · bits + b`` of a little-endian bit stream."""
+    planes = (values.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_ring_packing_is_the_little_endian_bit_stream(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for n in (1, 7, 8, 9, 63, 64, 1001, 4096):
+        v = rng.integers(0, 1 << bits, n, dtype=np.uint64).astype(np.uint32)
+        data = pack(v, bits)
+        assert data == _ref_pack(v, bits), n
+        if bits <= 16:
+            assert pack(v.astype(np.uint16), bits) == data  # the device packs its uint16 masked vector
+        assert np.array_equal(unpack(data, bits, n), v), n
+        acc = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+        want = acc + v  # wraps mod 2^32
+        assert np.array_equal(unpack(data, bits, n, add_to=acc), want), n
+    with pytest.raises(DecodeError, match="expected"):
+        unpack(b"\0" * 3, bits, 100)
+
+
+def _keystream_words(key: bytes, n: int, width: int) -> np.ndarray:
+    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    raw = enc.update(bytes(n * width // 8)) + enc.finalize()
+    return np.frombuffer(raw, dtype=f"<u{width // 8}").astype(np.uint64)
+
+
+def test_mask_layout_of_version_2() -> None:
+    # AES-256 of the zero block under the zero key (the first CTR block with a zero counter)
+    first = bytes.fromhex("dc95c078a2408989ad48a21492842087")
+    assert expand_mask(bytes(32), 8, 15)[0] == int.from_bytes(first[:2], "little") & 0x7FFF
+    assert expand_mask(bytes(32), 8, 20)[0] == int.from_bytes(first[:4], "little") & 0xFFFFF
+    key = bytes(range(32))
+    for bits in (1, 8, 15, 16, 17, 24, 31, 32):
+        width = mask_word_bits(bits)
+        assert width == (16 if bits <= 16 else 32)
+        want = _keystream_words(key, 1000, width) & np.uint64((1 << bits) - 1)
+        assert np.array_equal(expand_mask(key, 1000, bits), want.astype(np.uint32))
+
+
+@pytest.mark.parametrize("bits", [12, 15, 16, 20, 32])
+@pytest.mark.parametrize("n", [1, 1000, 70_001])  # one step of add_masks and several, with a ragged end
+def test_add_masks_equals_adding_expanded_masks_one_by_one(bits: int, n: int) -> None:
+    rng = np.random.default_rng(n + bits)
+    masks = [(rng.bytes(32), int(rng.choice([-1, 1]))) for _ in range(7)]
+    start = rng.integers(0, 1 << bits, n).astype(np.uint32)
+    want = start.astype(np.int64)
+    for key, sign in masks:
+        want += sign * expand_mask(key, n, bits).astype(np.int64)
+    want %= 1 << bits
+    for dtype in (np.uint16, np.uint32) if bits <= 16 else (np.uint32,):
+        acc = start.astype(dtype)
+        add_masks(acc, masks, bits)
+        assert np.array_equal(acc.astype(np.int64) % (1 << bits), want), dtype
+
+
+@pytest.mark.parametrize(
+    ("bits", "n", "neighbours"), [(8, 40, None), (8, 40, 10), (12, 40, None), (14, 40, 10)]
+)
+def test_exact_sums_with_dropouts_at_every_stage_for_both_mask_widths(bits: int, n: int, neighbours) -> None:
+    d = 5003
+    group = (neighbours if neighbours is not None else n - 1) + 1
+    cfg = SecAggConfig(
+        num_clients=n, threshold=group // 2 + 1, bits=bits, vector_size=d, neighbours=neighbours
+    )
+    assert mask_word_bits(cfg.ring_bits) == (16 if bits + 6 <= 16 else 32)
+    rng = np.random.default_rng(bits * 100 + n)
+    codes = {u: rng.integers(0, 1 << bits, d).astype(np.uint32) for u in range(n)}
+    drops = Dropouts(
+        before_advertise={0}, before_shares={3}, before_upload={5, 6}, late_upload={8}, after_upload={11}
+    )
+    total, rep = run_secagg(codes, cfg, dropouts=drops, randbytes=np.random.default_rng(9).bytes)
+    assert rep.survivors == [u for u in range(n) if u not in (0, 3, 5, 6, 8)]
+    assert 11 in rep.survivors and 11 not in rep.responders and rep.refused_late == [8]
+    assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in rep.survivors))
+
+
+def test_masked_input_size_and_a_version_1_message_is_refused() -> None:
+    cfg = SecAggConfig(num_clients=100, threshold=11, bits=8, vector_size=1001, neighbours=20)
+    msg = MaskedInput(0, 3, bytes(cfg.packed_bytes))
+    data = msg.to_bytes()
+    assert len(data) == msg.wire_size() == 10 + 4 + -(-1001 * 15 // 8)  # the additive-masking limit
+    assert decode_message(data, cfg) == msg
+    old = data[:4] + b"\x01" + data[5:]
+    with pytest.raises(DecodeError, match="version 1 is not supported"):
+        decode_message(old, cfg)
