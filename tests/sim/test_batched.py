@@ -83,6 +83,28 @@ def test_batched_deltas_equal_sequential_ones(budget: int, path: str) -> None:
     assert torch.equal(torch.randperm(10, generator=gens[0]), torch.randperm(10, generator=again))
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_threads_train_the_same_deltas(workers: int) -> None:
+    """Groups of clients trained side by side on worker threads give the sequential loop's deltas too, and
+    the trainer's own thread pool runs one torch thread each (no oversubscription)."""
+    cfg = RunConfig(local_epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+    model = build_model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = _shards()
+    seq = _sequential(model, state, shards, cfg, rnd=1)
+    gens = [torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+    trainer = BatchedTrainer(build_model(0), workers=workers)
+    stacked = trainer.train(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+    for cid, delta in enumerate(seq):
+        for name, t in delta.items():
+            assert torch.allclose(stacked[name][cid], t, rtol=0, atol=4e-6), (cid, name)
+    seen = list(trainer._executor().map(lambda _: torch.get_num_threads(), range(workers)))
+    assert seen == [1] * workers
+    trainer.close()
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        BatchedTrainer(build_model(0), workers=0)
+
+
 def test_fedprox_term_is_batched_too() -> None:
     cfg = RunConfig(local_epochs=1, prox_mu=0.5)
     model = build_model(3)
