@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane.commands import EXIT_REFUSED, clean_errors, err_console, set_verbosity
+from deltaplane.commands import EXIT_REFUSED, check_threads, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError
 
@@ -215,6 +215,16 @@ def run(
             help="Also write each device's personalized model into OUT/personal (with --personalization).",
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            show_default="1 unless the config sets engine.threads",
+            help="CPU threads (the batched engine: worker threads of one torch thread each). 1 keeps speed on "
+            "a shared machine.",
+        ),
+    ] = None,
     followup: Annotated[
         bool,
         typer.Option(
@@ -241,7 +251,9 @@ def run(
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine in (None, Engine.inprocess) else engine.value, transport=transport,
+            threads=threads,
         )  # fmt: skip
+        check_threads(cfg.threads)
         from deltaplane.apps.runner import preflight
 
         if os.getcwd() not in sys.path and "" not in sys.path:
