@@ -133,6 +133,7 @@ class ServerStep:
         self._secure = False
         #: tensors that stay on the devices (FedPer/FedBN local layers): uploads leave them out
         self.local_keys: frozenset[str] = frozenset()
+        self._layout: tuple[dict[str, Tensor], frozenset[str], Layout] | None = None
 
     @classmethod
     def for_run(
@@ -224,12 +225,19 @@ class ServerStep:
         self._uplink += len(payload)
         try:
             # strict against the model: another layout is refused before anything is decoded or allocated
-            layout = Layout.of(self.state).without(self.local_keys)
+            layout = self._expected_layout()
             delta = decompress(payload, expect_base=(self.base_id, self.version), expect_layout=layout)
         except DeltaplaneError as exc:  # one bad client is refused, the round goes on
             self.refuse(client_id, exc)
             return False
         return self.receive_delta(client_id, delta, weight)
+
+    def _expected_layout(self) -> Layout:
+        """The layout uploads must have: the current state's shared tensors (kept until either changes)."""
+        key = (self.state, self.local_keys)
+        if self._layout is None or self._layout[0] is not key[0] or self._layout[1] != key[1]:
+            self._layout = (self.state, self.local_keys, Layout.of(self.state).without(self.local_keys))
+        return self._layout[2]
 
     def receive_delta(self, client_id: str, delta: Delta, weight: float) -> bool:
         """Validate and aggregate an update the transport has already decoded (True if accepted)."""
