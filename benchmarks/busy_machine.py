@@ -44,8 +44,10 @@ HOG = "while True:\n    pass\n"
 
 
 def start_hogs(n: int) -> list[subprocess.Popen]:
-    """``n`` busy-loop processes at normal priority (the caller's niceness), one per core."""
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
+    """``n`` busy-loop processes at normal priority (the caller's niceness), one per core, each in a session of
+    its own like another program's (with autogroup scheduling, a child in our session would share our own
+    CPU allotment instead of competing with it)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG], start_new_session=True) for _ in range(n)]
     time.sleep(1.0)  # let the scheduler spread them over the cores
     return hogs
 
