@@ -220,9 +220,9 @@ def run(
         typer.Option(
             "--threads",
             min=1,
-            show_default="1 unless the config sets engine.threads",
-            help="CPU threads (the batched engine: worker threads of one torch thread each). 1 keeps speed on "
-            "a shared machine.",
+            show_default="1",
+            help="CPU threads, unless the config sets engine.threads (the batched engine: worker threads of "
+            "one torch thread each). 1 keeps speed on a shared machine.",
         ),
     ] = None,
     followup: Annotated[
