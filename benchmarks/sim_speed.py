@@ -38,6 +38,31 @@ def ours(cfg: RunConfig) -> tuple[float, list[float], object]:
     return total, [r.seconds for r in result.rounds], result
 
 
+STARTUP_CHILD = """
+import time
+t0 = time.perf_counter()
+from deltaplane.sim import RunConfig, run_simulation
+t_import = time.perf_counter()
+r = run_simulation(RunConfig(rounds=1, engine="batched", local_epochs={epochs}))
+print(t_import - t0, r.wall_time_s - r.rounds[0].seconds)
+"""
+
+
+def our_startup(cfg: RunConfig) -> tuple[float, float]:
+    """Our start-up in a fresh interpreter: (imports, set-up until round 1 begins: task, data, devices, model),
+    measured like pfl's (from the script's first line, interpreter start excluded)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", STARTUP_CHILD.format(epochs=cfg.local_epochs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    imports, setup = (float(v) for v in out.split()[-2:])
+    return imports, setup
+
+
 def flower(cfg: RunConfig, rounds: int) -> tuple[float, list[float], float]:
     """Start-up seconds, per-round seconds and final test accuracy of Flower's simulation engine."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -223,7 +248,8 @@ def main() -> None:
         "the new model on every client's held-out data and on the test set; Flower's: the same local training "
         "(our `Client.local_update`), FedAvg, test-set evaluation. Our engines ran twice back to back, "
         "interleaved, so machine load hits them alike. Flower runs 2 Ray actors of 1 CPU each (the machine has 2 "
-        "cores); ours run with 1 torch thread, and the batched engine also with 2 threads (`RunConfig.threads`)."
+        "cores); ours run with 1 torch thread, and the batched engine also with `threads=2`: two worker threads of "
+        "one torch thread each, each training half of the round's clients (`BatchedTrainer(workers=2)`)."
         "\n\n"
         + "\n\n".join(sections)
         + f"\n\nEquivalence over the full {full.rounds}-round default run, same seed: max over rounds of "
@@ -244,11 +270,20 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
         "batched2": work.replace(engine="batched", threads=2),
     }
     times: dict[str, list[float]] = {k: [] for k in engines}
+    accs: dict[str, float] = {}
     for _ in range(2):
         for name, cfg in engines.items():
-            times[name] += ours(cfg)[1][1:]
+            _, per_round, result = ours(cfg)
+            times[name] += per_round[1:]
+            accs[name] = result.final.test_accuracy  # type: ignore[attr-defined]
     med = {name: statistics.median(t) for name, t in times.items()}
-    notes = []
+    imports, setup = our_startup(work)
+    notes = [
+        f"deltaplane start-up (fresh interpreter: imports {imports:.1f} s, then task, data, devices and model "
+        f"{setup:.2f} s, until round 1 begins): {imports + setup:.1f} s; test accuracy after {args.rounds} "
+        f"rounds: {accs['sequential']:.3f} (sequential), {accs['batched']:.3f} (batched, 1 thread), "
+        f"{accs['batched2']:.3f} (batched, 2 threads)"
+    ]
     if not args.skip_flower:
         startup, f_times, f_acc = flower(work, args.rounds)
         med["flower"] = statistics.median(f_times[1:])
@@ -272,7 +307,7 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
         ("pfl", "pfl-research 0.6.0 (SimulatedBackend)"),
         ("sequential", "deltaplane engine=sequential, 1 thread"),
         ("batched", "deltaplane engine=batched, 1 thread"),
-        ("batched2", "deltaplane engine=batched, 2 threads"),
+        ("batched2", "deltaplane engine=batched, threads=2 (2 worker threads)"),
     ]:
         if name in med:
             rows.append([row_label, f"{med[name] * 1000:.1f}", f"{med[name] / ref:.3f}×"])
@@ -281,6 +316,16 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
             )
     for n in notes:
         print(f"[{label}] {n}")
+    if "flower" in med and "pfl" in med:
+        best = min(("batched", "batched2"), key=lambda k: med[k])
+        f_ratio, p_ratio = med[best] / med["flower"], med[best] / med["pfl"]
+        verdict = "met" if f_ratio <= 0.08 and p_ratio <= 0.25 else "NOT met"
+        notes.append(
+            f"Targets (issue #16): ≤ 0.08× Flower and ≤ 0.25× pfl-research per round. Best batched setting "
+            f"({'threads=2' if best == 'batched2' else 'threads=1'}): {f_ratio:.3f}× Flower, {p_ratio:.3f}× "
+            f"pfl-research → {verdict}"
+        )
+        print(f"[{label}] {notes[-1]}")
     head = f"**{label.capitalize()}: {work.local_epochs} local epoch{'s' if work.local_epochs > 1 else ''}.**"
     return "\n\n".join(
         [head, table(["engine", "ms / round", f"× {ref_name}"], rows), *[n + "." for n in notes]]

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
-from deltaplane.commands import EXIT_REFUSED, clean_errors, err_console, set_verbosity
+from deltaplane.commands import EXIT_REFUSED, check_threads, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError
 
@@ -211,6 +211,16 @@ def run(
             help="Also write each device's personalized model into OUT/personal (with --personalization).",
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            show_default="1",
+            help="CPU threads, unless the config sets engine.threads (the batched engine: worker threads of "
+            "one torch thread each). 1 keeps speed on a shared machine.",
+        ),
+    ] = None,
     followup: Annotated[
         bool,
         typer.Option(
@@ -239,7 +249,9 @@ def run(
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine in (None, Engine.inprocess) else str(engine), transport=transport,
+            threads=threads,
         )  # fmt: skip
+        check_threads(cfg.threads)
         from deltaplane.apps.runner import preflight
 
         if os.getcwd() not in sys.path and "" not in sys.path:

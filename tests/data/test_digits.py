@@ -54,3 +54,24 @@ def test_subset_and_class_counts() -> None:
     assert len(d) == 4
     assert d.class_counts().sum() == 4
     assert d.class_counts().shape == (NUM_CLASSES,)
+
+
+def test_bundled_file_gives_exactly_sklearns_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading scikit-learn's CSV directly (no sklearn import at start-up) equals its public loader, and the
+    fallback through that loader gives the same values too."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    import deltaplane.data.digits as digits
+
+    assert digits._bundled_csv() is not None
+    x, y = digits._raw_digits()
+    ref = sk_load_digits()
+    assert np.array_equal(x.reshape(-1, 64) * 16.0, ref.data.astype(np.float32))
+    assert np.array_equal(y, ref.target)
+    digits._raw_digits.cache_clear()
+    monkeypatch.setattr(digits, "_bundled_csv", lambda: None)
+    try:
+        x2, y2 = digits._raw_digits()
+    finally:
+        digits._raw_digits.cache_clear()
+    assert np.array_equal(x2, x) and np.array_equal(y2, y)

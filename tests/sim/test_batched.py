@@ -51,9 +51,10 @@ def _trainer_model(path: str) -> nn.Module:
     return build_model(0) if path == "stacked" else _VmapOnly()
 
 
+@pytest.mark.parametrize("workers", [1, 3])  # groups of clients trained side by side on worker threads
 @pytest.mark.parametrize("path", ["stacked", "vmap"])
 @pytest.mark.parametrize("budget", [256 * 2**20, 1])  # all clients at once; one client per chunk
-def test_batched_deltas_equal_sequential_ones(budget: int, path: str) -> None:
+def test_batched_deltas_equal_sequential_ones(budget: int, path: str, workers: int) -> None:
     cfg = RunConfig(local_epochs=2, batch_size=32, lr=0.2, momentum=0.9)
     model = build_model(3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -63,7 +64,7 @@ def test_batched_deltas_equal_sequential_ones(budget: int, path: str) -> None:
     trainer_model = _trainer_model(path)
     if path == "vmap":
         state = {f"net.{k}": v for k, v in state.items()}
-    stacked = BatchedTrainer(trainer_model, memory_budget=budget).train(
+    stacked = BatchedTrainer(trainer_model, memory_budget=budget, workers=workers).train(
         state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9
     )
     assert set(stacked) == set(state)
@@ -81,6 +82,16 @@ def test_batched_deltas_equal_sequential_ones(budget: int, path: str) -> None:
     for _ in range(2):
         torch.randperm(SIZES[0], generator=again)
     assert torch.equal(torch.randperm(10, generator=gens[0]), torch.randperm(10, generator=again))
+
+
+def test_worker_threads_run_one_torch_thread_each() -> None:
+    """The trainer's own threads never oversubscribe: each runs torch with one intra-op thread."""
+    trainer = BatchedTrainer(build_model(0), workers=2)
+    seen = list(trainer._executor().map(lambda _: torch.get_num_threads(), range(2)))
+    assert seen == [1, 1]
+    trainer.close()
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        BatchedTrainer(build_model(0), workers=0)
 
 
 def test_fedprox_term_is_batched_too() -> None:

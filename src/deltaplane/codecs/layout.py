@@ -111,14 +111,12 @@ class Layout(Mapping[str, TensorLayout]):
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors in their own dtypes (the model's size)."""
-        return sum(t.numel * torch.empty((), dtype=t.dtype).element_size() for t in self._entries.values())
+        return sum(t.numel * t.dtype.itemsize for t in self._entries.values())
 
     @property
     def decoded_bytes(self) -> int:
         """Bytes a decoder works in: every value at least 4 (codecs decode to float32, then cast)."""
-        return sum(
-            t.numel * max(4, torch.empty((), dtype=t.dtype).element_size()) for t in self._entries.values()
-        )
+        return sum(t.numel * max(4, t.dtype.itemsize) for t in self._entries.values())
 
     # -- subsets -------------------------------------------------------------------------------------------
     def only(self, names: Iterable[str]) -> Layout:

@@ -34,7 +34,7 @@ __all__ = ["check_budget", "check_nodes", "decoded_bytes", "preflight"]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _check_node(e: Encoded, table_dtype: torch.dtype | None) -> int:

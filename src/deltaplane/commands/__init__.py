@@ -1,7 +1,8 @@
 """CLI command implementations, one module per area; each exposes ``register(app: typer.Typer)``.
 
 The package itself holds what every area shares (it is not a command module): the two consoles that
-``--quiet`` silences, the exit codes, and :func:`clean_errors`.
+``--quiet`` silences, the exit codes, :func:`clean_errors`, and ``--threads`` (:data:`Threads`,
+:func:`cpu_threads`).
 
 Exit codes (documented in docs/cli.md) mean one thing each:
 
@@ -15,8 +16,10 @@ Exit codes (documented in docs/cli.md) mean one thing each:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,12 +28,17 @@ from rich.markup import escape
 from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
 
 __all__ = [
+    "DEFAULT_THREADS",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
+    "Threads",
+    "available_cpus",
+    "check_threads",
     "clean_errors",
     "console",
+    "cpu_threads",
     "err_console",
     "exit_code_for",
     "set_verbosity",
@@ -74,3 +82,69 @@ def clean_errors(*also: type[Exception]) -> Iterator[None]:
             f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True
         )
         raise typer.Exit(code=exit_code_for(exc)) from None
+
+
+# -- --threads ---------------------------------------------------------------------------------------------
+# ``--threads``: how many CPU threads a long-running command's tensor work may use, chosen in one place.
+#
+# The default is **one thread**, on purpose. The work these commands do is either memory-bound element-wise
+# arithmetic (merging, codecs, aggregation: a second thread mostly waits for the same memory bus) or thousands of
+# small kernels (the simulator's rounds), and torch's intra-op pool makes every kernel wait for its slowest
+# thread. On an idle machine a second thread wins a little; on a shared one (a laptop with a browser, a CI
+# runner, a server next to other jobs) a descheduled pool thread stalls every kernel, and we measured a
+# MiniLM TIES merge going from 1.5 s to 45–74 s and a simulator round from 50 ms to 950 ms with two threads on
+# a busy 2-core machine (``benchmarks/busy_machine.py`` keeps these figures). More threads are for a machine
+# you have to yourself: ``--threads N`` with N at most the CPUs this process may run on (more would only
+# oversubscribe them, so it is refused).
+#
+# The simulator's batched engine spends ``--threads`` on worker threads of one torch thread each, which keeps
+# that property (no thread ever waits for another inside a kernel).
+
+#: Threads a command uses unless ``--threads`` says otherwise (see the module docstring for why one).
+DEFAULT_THREADS = 1
+
+Threads = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for tensor work (at most the CPUs available). 1 keeps speed on a shared machine; "
+        "more helps only on an idle one.",
+    ),
+]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(n: int) -> int:
+    """``n`` if it fits the machine; :class:`~deltaplane.errors.ConfigError` if it would oversubscribe it."""
+    cpus = available_cpus()
+    if n < 1:
+        raise ConfigError(f"--threads must be at least 1. Found {n}")
+    if n > cpus:
+        raise ConfigError(
+            f"--threads {n} exceeds the {cpus} CPUs this process may use; more threads than CPUs only wait "
+            f"for each other. Use --threads {cpus} or fewer"
+        )
+    return n
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op pool at ``n`` threads (checked by :func:`check_threads`), then
+    restore the previous count, so an in-process caller (tests, notebooks) keeps its own setting."""
+    check_threads(n)
+    import torch  # lazily: `deltaplane --help` should not wait for torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

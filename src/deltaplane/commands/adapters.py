@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import clean_errors
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
 
 __all__ = ["register"]
 
@@ -45,6 +45,7 @@ def extract_lora_command(
     ] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-layer table")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Extract a LoRA adapter (truncated SVD per linear layer, streamed) and report each layer's error."""
     import time
@@ -55,7 +56,7 @@ def extract_lora_command(
     from deltaplane.adapters.extract import DEFAULT_EXCLUDE, extract_lora
 
     console = Console(soft_wrap=True)
-    with clean_errors(OSError):
+    with clean_errors(OSError), cpu_threads(threads):
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             from deltaplane.errors import ConfigError
 

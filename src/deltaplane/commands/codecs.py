@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deltaplane.commands import clean_errors
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
 
 __all__ = ["register"]
 
@@ -40,12 +40,13 @@ def compress(
     base_id: Annotated[str, typer.Option(help="base model id recorded in the payload")] = "",
     base_version: Annotated[int, typer.Option(help="base model version recorded in the payload")] = 0,
     seed: Annotated[int, typer.Option(help="seed of stochastic codecs")] = 0,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Compress NEW - BASE into a framed, checksummed payload (wire format v1)."""
     from deltaplane.codecs import Compressor, decompress
     from deltaplane.delta import Delta, atomic_write_bytes
 
-    with clean_errors(OSError):
+    with clean_errors(OSError), cpu_threads(threads):
         delta = Delta.between(_load_state(base), _load_state(new))
         comp = Compressor(codec, error_feedback=False, seed=seed)
         payload = comp.compress(delta, base_id=base_id, base_version=base_version)
@@ -79,13 +80,14 @@ def decompress(
     expect_base_version: Annotated[
         int | None, typer.Option(help="refuse a payload made for another base version")
     ] = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Decode a payload (strictly) into the delta, or into BASE + delta with --base."""
     from deltaplane.codecs import decompress as decode_payload
     from deltaplane.codecs import read_header
     from deltaplane.delta import Delta
 
-    with clean_errors(OSError):
+    with clean_errors(OSError), cpu_threads(threads):
         data = payload.read_bytes()
         header = read_header(data)
         expect = None

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane
     import numpy as np
     from rich.console import Console
 
-from deltaplane.commands import clean_errors
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
 
 __all__ = ["register"]
 
@@ -379,6 +379,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
+        threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
 
@@ -394,7 +395,8 @@ def register(app: typer.Typer) -> None:
         _register_models()
         title = f"deploy {model.name}: prune={prune} quant={quant} format={fmt}"
         refused: QualityGateFailed | None = None
-        with clean_errors():
+        # --threads: pruning, fine-tuning and evaluation; the latency figures stay single-threaded (a device's)
+        with clean_errors(), cpu_threads(threads):
             try:
                 gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import clean_errors
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
 
 __all__ = ["register"]
 
@@ -43,6 +43,7 @@ def merge_command(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Merge models from safetensors in row chunks (bounded memory) and write safetensors to OUT."""
     from rich.console import Console
@@ -55,6 +56,7 @@ def merge_command(
     # clean_errors is outermost, so the progress bar has stopped before an error line is printed
     with (
         clean_errors(),
+        cpu_threads(threads),
         Progress(
             TextColumn("[bold]merge"),
             BarColumn(),

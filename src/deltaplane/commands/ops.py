@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from deltaplane.choices import AGGREGATORS
+from deltaplane.commands import DEFAULT_THREADS, Threads, check_threads, console, cpu_threads, err_console
 from deltaplane.commands import clean_errors as _errors
-from deltaplane.commands import console, err_console
 from deltaplane.errors import ConfigError
 
 __all__ = ["load_evaluator", "register"]
@@ -614,6 +614,7 @@ def register(app: typer.Typer) -> None:
                 "--insecure-http", help="Allow plain HTTP on a non-loopback interface (behind a TLS proxy)."
             ),
         ] = False,
+        threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Start the device-facing HTTP(S) service (OpenAPI docs at /docs, dashboard at /ui).
 
@@ -627,6 +628,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.serve.tls import server_ssl_options
 
         with _errors():
+            check_threads(threads)
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
                 err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
@@ -673,7 +675,8 @@ def register(app: typer.Typer) -> None:
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         scheme = "https" if ssl_options else "http"
         err_console.print(f"dashboard: {scheme}://{host}:{port}/ui/ (sign in with the admin token)")
-        serve(app_, host=host, port=port, ssl_options=ssl_options)
+        with cpu_threads(threads):  # decoding and aggregating uploads, in every request thread
+            serve(app_, host=host, port=port, ssl_options=ssl_options)
 
     @app.command("ui")
     def ui_cmd(

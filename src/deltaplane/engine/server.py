@@ -138,6 +138,7 @@ class ServerStep:
         self._secure = False
         #: tensors that stay on the devices (FedPer/FedBN local layers): uploads leave them out
         self.local_keys: frozenset[str] = frozenset()
+        self._layout: tuple[dict[str, Tensor], frozenset[str], Layout] | None = None
 
     @classmethod
     def for_run(
@@ -261,7 +262,7 @@ class ServerStep:
     @property
     def layout(self) -> Layout:
         """What every update must look like: the model's tensors less the devices' local ones."""
-        return Layout.of(self.state).without(self.local_keys)
+        return self._expected_layout()
 
     @property
     def session(self) -> WireSession | None:
@@ -290,6 +291,13 @@ class ServerStep:
             self.refuse(client_id, exc)
             return False
         return self.receive_delta(client_id, delta, weight)
+
+    def _expected_layout(self) -> Layout:
+        """The layout uploads must have: the current state's shared tensors (kept until either changes)."""
+        key = (self.state, self.local_keys)
+        if self._layout is None or self._layout[0] is not key[0] or self._layout[1] != key[1]:
+            self._layout = (self.state, self.local_keys, Layout.of(self.state).without(self.local_keys))
+        return self._layout[2]
 
     def receive_delta(self, client_id: str, delta: Delta, weight: float) -> bool:
         """Validate and aggregate an update the transport has already decoded (True if accepted)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +107,8 @@ class BatchedTrainer:
         loss: the task's loss, ``loss(logits, y, reduction="none")`` (cross-entropy by default).
         memory_budget: bytes the stacked weights and activations of one chunk may use; clients beyond what
             fits are trained in further chunks (see :func:`clients_per_chunk`).
+        workers: threads that train disjoint groups of the clients side by side, each with one torch
+            intra-op thread (see :meth:`train`). Results do not depend on it beyond float rounding.
 
     Raises:
         ConfigError: if ``model`` cannot be batched (:func:`batching_blocker`).
@@ -130,7 +133,10 @@ class BatchedTrainer:
         *,
         memory_budget: int = 256 * 2**20,
         loss: Callable[..., Tensor] = nn.functional.cross_entropy,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1. Found {workers}")
         reason = batching_blocker(model)
         if reason is not None:
             raise ConfigError(f"cannot train clients batched: {reason}")
@@ -138,6 +144,7 @@ class BatchedTrainer:
             raise ConfigError(f"memory_budget must be positive. Found {memory_budget}")
         self.model = model
         self.memory_budget = memory_budget
+        self.workers = workers
         self.names = [name for name, _ in model.named_parameters()]
         task_loss = loss
 
@@ -147,39 +154,41 @@ class BatchedTrainer:
             # Mean over the real samples of this (possibly short, padded) batch.
             return (losses * w).sum() / w.sum().clamp(min=1.0)
 
-        self._shapes = [p.shape for _, p in model.named_parameters()]
-        self._sizes = [p.numel() for _, p in model.named_parameters()]
         stacked_forward = getattr(model, "forward_stacked", None)
         if callable(stacked_forward):
             # The model evaluates all its stacked copies in one pass (DigitsCNN: grouped convolutions), so one
             # ordinary backward pass of the *sum* of the clients' losses yields every client's own gradient:
             # client k's loss depends only on its own weights.
-            def step_grads(flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-                leaf = flat.detach().requires_grad_(True)
+            def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
+                leaves = [p.detach().requires_grad_(True) for p in params]
                 with torch.enable_grad():
-                    logits = stacked_forward(self._unflatten(leaf), x)  # (K, B, classes)
+                    logits = stacked_forward(dict(zip(self.names, leaves, strict=True)), x)  # (K, B, classes)
                     losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none").view(w.shape)
                     loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
-                    (g,) = torch.autograd.grad(loss, [leaf])
-                return g
+                    return list(torch.autograd.grad(loss, leaves))
 
         else:
             per_client = vmap(grad(batch_loss))
+            # functional_call swaps the module's own parameters while it runs: one group at a time
+            self.workers = 1
 
-            def step_grads(flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-                grads = per_client(self._unflatten(flat), x, y, w)
-                return torch.cat([grads[n].reshape(flat.shape[0], -1) for n in self.names], dim=1)
+            def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
+                grads = per_client(dict(zip(self.names, params, strict=True)), x, y, w)
+                return [grads[n] for n in self.names]
 
         self._step_grads = step_grads
-        # the last chunk's clients and their zero-padded data: a full-participation run trains the same
-        # clients every round, so their data is stacked once (the datasets are held, so `is` stays reliable)
-        self._data_cache: tuple[list[Dataset], Tensor, Tensor] | None = None
+        # recent chunks' clients and their zero-padded data, by the chunk's dataset ids: a full-participation
+        # run trains the same chunks every round, so their data is stacked once (the datasets are held, so
+        # an id cannot be reused while its entry lives)
+        self._data_cache: dict[tuple[int, ...], tuple[list[Dataset], Tensor, Tensor]] = {}
+        self._chunk_cache: dict[tuple[tuple[int, ...], int], int] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def _stacked_data(self, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor]:
         """``x`` ``(C, n_max, ...)`` and ``y`` ``(C, n_max)``: each client's samples, zero-padded."""
-        cached = self._data_cache
-        same = cached is not None and len(cached[0]) == len(datasets)
-        if cached is not None and same and all(a is b for a, b in zip(cached[0], datasets, strict=True)):
+        key = tuple(id(d) for d in datasets)
+        cached = self._data_cache.get(key)
+        if cached is not None:
             return cached[1], cached[2]
         longest = max(len(d) for d in datasets)
         x = torch.zeros((len(datasets), longest, *datasets[0].x.shape[1:]), dtype=datasets[0].x.dtype)
@@ -187,16 +196,17 @@ class BatchedTrainer:
         for c, d in enumerate(datasets):
             x[c, : len(d)] = d.x
             y[c, : len(d)] = d.y
-        self._data_cache = (list(datasets), x, y)
+        if len(self._data_cache) >= 4 * self.workers:  # bounded: a sampled population brings new chunks
+            self._data_cache.pop(next(iter(self._data_cache)))
+        self._data_cache[key] = (list(datasets), x, y)
         return x, y
 
-    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Named ``(K, *shape)`` tensors from the ``(K, P)`` stack of flattened parameter vectors."""
-        cols = flat.split(self._sizes, dim=1)
-        return {
-            n: c.reshape(flat.shape[0], *shape)
-            for n, c, shape in zip(self.names, cols, self._shapes, strict=True)
-        }
+    def _clients_per_chunk(self, sample: Tensor, batch_size: int) -> int:
+        """:func:`clients_per_chunk`, measured once per input shape and batch size."""
+        key = (tuple(sample.shape[1:]), batch_size)
+        if key not in self._chunk_cache:
+            self._chunk_cache[key] = clients_per_chunk(self.model, sample, batch_size, self.memory_budget)
+        return self._chunk_cache[key]
 
     def train(
         self,
@@ -224,23 +234,47 @@ class BatchedTrainer:
             raise ConfigError("no clients to train")
         if any(len(d) == 0 for d in datasets):
             raise ConfigError("every client needs at least one training sample")
-        chunk = clients_per_chunk(self.model, datasets[0].x[:1], batch_size, self.memory_budget)
-        # Clients of similar size share a chunk, so few of them idle while the longest one finishes.
+        chunk = self._clients_per_chunk(datasets[0].x[:1], batch_size)
+        # Clients of similar size share a chunk, so few of them idle while the longest one finishes; with
+        # several workers, worker w takes every w-th client of that order, so the groups get similar work.
         order = sorted(range(len(datasets)), key=lambda c: -len(datasets[c]))
-        parts = [
-            self._train_chunk(
+        n_workers = min(self.workers, len(order))
+        groups = [order[w::n_workers] for w in range(n_workers)]
+        chunks = [g[i : i + chunk] for g in groups for i in range(0, len(g), chunk)]
+
+        def run(members: list[int]) -> dict[str, Tensor]:
+            return self._train_chunk(
                 global_state,
-                [datasets[c] for c in order[i : i + chunk]],
-                [generators[c] for c in order[i : i + chunk]],
+                [datasets[c] for c in members],
+                [generators[c] for c in members],
                 epochs=epochs,
                 batch_size=batch_size,
                 lr=lr,
                 momentum=momentum,
                 prox_mu=prox_mu,
             )
-            for i in range(0, len(datasets), chunk)
-        ]
-        return {name: torch.cat([p[name] for p in parts])[_inverse(order)] for name in self.names}
+
+        parts = [run(c) for c in chunks] if n_workers == 1 else list(self._executor().map(run, chunks))
+        done = [c for members in chunks for c in members]
+        return {name: torch.cat([p[name] for p in parts])[_inverse(done)] for name in self.names}
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The worker threads, started once; each runs torch on one intra-op thread (never oversubscribed:
+        ``workers`` threads in all, instead of ``workers`` × torch's own pool)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.workers,
+                thread_name_prefix="batched-trainer",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker threads (they stop with the process anyway; a new :meth:`train` restarts them)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _train_chunk(
         self,
@@ -261,24 +295,24 @@ class BatchedTrainer:
         x, y = self._stacked_data(datasets)
         rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
 
-        # All clients' weights as one (C, P) tensor: an SGD step of every client is three tensor operations.
-        start = torch.cat([global_state[n].detach().reshape(-1) for n in self.names])
-        flat = start.unsqueeze(0).repeat(n_clients, 1)
-        buf = torch.zeros_like(flat)
+        # Each parameter holds all clients' copies, (C, *shape); the clients still training at step s are the
+        # first k rows, so an SGD step of every client is three multi-tensor (foreach) operations.
+        start = [global_state[n].detach() for n in self.names]
+        params = [t.unsqueeze(0).repeat(n_clients, *([1] * t.dim())) for t in start]
+        bufs = [torch.zeros_like(p) for p in params]
         for s, k in enumerate(active):
             i, w = idx[s, :k], weight[s, :k]
-            g = self._step_grads(flat[:k], x[rows[:k], i], y[rows[:k], i], w)
+            live, live_bufs = [p[:k] for p in params], [b[:k] for b in bufs]
+            g = self._step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
                 if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
-                    g = g + prox_mu * (flat[:k] - start)
+                    g = torch._foreach_add(g, torch._foreach_sub(live, start), alpha=prox_mu)
                 # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
                 # p ← p − lr·buf.
-                buf[:k].mul_(momentum).add_(g)
-                flat[:k].add_(buf[:k], alpha=-lr)
-        return {
-            n: d.reshape(n_clients, *global_state[n].shape)
-            for n, d in zip(self.names, (flat - start).split(self._sizes, dim=1), strict=True)
-        }
+                torch._foreach_mul_(live_bufs, momentum)
+                torch._foreach_add_(live_bufs, g)
+                torch._foreach_add_(live, live_bufs, alpha=-lr)
+        return {n: p - t for n, p, t in zip(self.names, params, start, strict=True)}
 
 
 def _inverse(order: list[int]) -> Tensor:

@@ -230,7 +230,9 @@ def run_population(
                 f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
             )
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    # `threads` worker threads of the batched trainer, one torch thread each; the rest runs on this thread
+    # (as in deltaplane.sim.simulation: no intra-op pool whose stragglers stall every small kernel)
+    torch.set_num_threads(1)
     try:
         return _run(config, progress)
     finally:
@@ -249,7 +251,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     population = ClientPopulation(config, task.train, size=registered, num_classes=task.num_classes)
     model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss)
+    trainer = BatchedTrainer(
+        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss, workers=config.threads
+    )
     step = ClientStep(config, task, base_id=BASE_ID)
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)

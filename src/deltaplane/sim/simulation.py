@@ -93,7 +93,9 @@ def _batched_trainer(
             )
         return None
     loss = task.loss if task is not None else nn.functional.cross_entropy
-    return BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss)
+    return BatchedTrainer(
+        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss, workers=config.threads
+    )
 
 
 def train_batched(
@@ -156,6 +158,7 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         )
     prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
+    # The batched engine spends its threads on worker threads of one torch thread each (see _run).
     torch.set_num_threads(config.threads)
     try:
         return _run(config, progress)
@@ -204,6 +207,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
+    if trainer is not None:
+        # `threads` worker threads train groups of clients side by side; everything else (scoring, the
+        # server's element-wise work on one model) runs on this thread alone. An intra-op pool would make
+        # each of the thousands of small kernels of a round wait for its slowest thread: on a busy machine a
+        # descheduled pool thread stalls them all (docs/sim-speed.md, benchmarks/busy_machine.py).
+        torch.set_num_threads(1)
     backdoor_target = getattr(step.attack, "target", None)
     client_rows: list[dict[str, Any]] = []
     history: list[RoundMetrics] = []
