@@ -414,3 +414,24 @@ def test_ties_argsort_reproduces_mergekits_choice_among_ties() -> None:
     assert torch.equal(got, want)
     by_index = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3)["w"]
     assert not torch.equal(by_index, want)  # the default breaks those ties by index
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"lambda": 0.6}, {"normalize": False}, {"weight": [1.0, -0.5, 0.7]}, {"weight": [0.3, 0.3, 0.3]}],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_consensus_is_bit_identical_to_mergekits_kernel(extra: dict, dtype: torch.dtype) -> None:
+    """The float-only consensus (hardshrink trim, max(s·τ, 0)) gives mergekit's numbers bit for bit."""
+    base, models = _tensors((64, 48), 3, dtype=torch.float64)
+    base, models = base.to(dtype), [(m + torch.randn(m.shape, generator=torch.Generator().manual_seed(9))).to(dtype)
+                                    for m in models]  # fmt: skip
+    mk = {"weight": W3, "density": D3} | extra
+    ours = {"weights": mk.pop("weight"), "densities": mk.pop("density")} | mk
+    want = _mk("ties", [base, *models], 0, weight=ours["weights"], density=D3, **mk)
+    # argsort: the same pick as mergekit among any tied magnitudes, so only the arithmetic is compared
+    got = merge("ties", {"w": base}, [{"w": m} for m in models], ties="argsort", **ours)["w"]
+    assert torch.equal(got, want)
+    if dtype == torch.float64:  # no ties among float64 magnitudes: the default (hardshrink) trim agrees too
+        got = merge("ties", {"w": base}, [{"w": m} for m in models], **ours)["w"]
+        assert torch.equal(got, want)
