@@ -193,8 +193,11 @@ def test_mismatched_shape_names_file_and_tensor(zoo) -> None:  # type: ignore[no
     _no_leftovers(root)
 
 
+@pytest.mark.parametrize(
+    "cache_bytes", [2**20, 0]
+)  # read once, or re-read on every pass (checked on the first)
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float, cache_bytes: int) -> None:  # type: ignore[no-untyped-def]
     root, _base, models = zoo
     bad = dict(models[1])
     bad["embed.weight"] = bad["embed.weight"].clone()
@@ -202,7 +205,7 @@ def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float) -> None: 
     _save_hf(root / "bad", bad)
     cfg = MERGEKIT_TIES | {"models": [{"model": "m0"}, {"model": "bad"}]}
     with pytest.raises(dp.InvalidUpdate) as info:
-        merge_files(_write_cfg(root, cfg), root / "out", chunk_elements=16)
+        merge_files(_write_cfg(root, cfg), root / "out", chunk_elements=16, cache_bytes=cache_bytes)
     msg = str(info.value)
     assert "embed.weight" in msg and str(root / "bad") in msg and "NaN or Inf" in msg
     _no_leftovers(root)

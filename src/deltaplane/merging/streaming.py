@@ -365,11 +365,15 @@ def _merge_one(
         ranges = row_ranges(shape, None)
     files = [str(s.checkpoint.infos[s.name].file) if s is not None else "" for s in [base, *inputs]]
 
+    checked: set[int] = set()  # chunks (by first row) already checked for NaN/Inf: the first pass checks each
+
     def read(start: int, stop: int) -> TensorChunk:
         # inputs are cast to the config dtype first (mergekit's loader does), then to the compute dtype
         b = base.checkpoint.read_rows(base.name, start, stop).to(planned.in_dtype).to(cdt) if base else None
         ts = [s.checkpoint.read_rows(s.name, start, stop).to(planned.in_dtype).to(cdt) for s in inputs]
-        refuse_non_finite(name, [b, *ts], files)
+        if start not in checked:
+            refuse_non_finite(name, [b, *ts], files)
+            checked.add(start)
         per_model = []
         for src, mp in zip(inputs, params.per_model, strict=True):
             mp = dict(mp)
