@@ -261,6 +261,14 @@ def merge_files(
     _check_tensor_params(method, tensors)
     tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
     notes = list(plan.notes)
+    sums = next(
+        (w for t in tensors if t.in_dtype.is_floating_point and (w := method.float64_sums_with(t.params))), ""
+    )
+    if sums:
+        notes.append(
+            f"{sums} summed in float64, where mergekit sums in the compute dtype: the weights can differ from "
+            "mergekit's in the last bits (they are closer to the exact values)"
+        )
     halves = {t.in_dtype for t in tensors if t.in_dtype in (torch.float16, torch.bfloat16)}
     if halves and exact_accumulation:
         notes.append(

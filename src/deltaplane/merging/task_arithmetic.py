@@ -465,6 +465,11 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             )  # fmt: skip
         self.params = tuple(params)
 
+    def float64_sums_with(self, params: MergeParams) -> str:
+        if self.sparsification and params.shared.get("rescale") and params.shared.get("rescale_norm") == "l1":
+            return "each model's L1 norms before and after sparsification (rescale)"
+        return ""
+
     def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
         # DELLA ranks along dimension 1; a 1-D tensor is a single row, so it cannot be cut into chunks
         return self.sparsification == "della" and len(shape) < 2
