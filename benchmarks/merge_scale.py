@@ -189,7 +189,7 @@ MK1 = "mergekit 0.1.5, --num-threads 1"
 MEM = "in-memory reference (load all, merge, save; 1 thread)"
 
 
-def minilm(work: Path, repeats: int) -> tuple[str, dict]:
+def minilm(work: Path, repeats: int, threads_row: bool) -> tuple[str, dict]:
     root = work / "minilm"
     make_minilm_zoo(root)
     models = ["ft0", "ft1", "ft2"]
@@ -204,12 +204,15 @@ def minilm(work: Path, repeats: int) -> tuple[str, dict]:
     mk = MK.format(n=torch.get_num_threads())
     jobs = {
         DP: lambda: deltaplane_merge(cfg_path, root / "out_dp"),
-        DP2.format(n=torch.get_num_threads()): lambda: deltaplane_merge(cfg_path, root / "out_dp2", None),
         mk: lambda: mergekit_merge(ties_config(root, models), root / "out_mk", root, None),
         MK1: lambda: mergekit_merge(ties_config(root, models), root / "out_mk", root, 1),
         MEM: lambda: in_memory_merge(root, models, root / "mem.safetensors"),
     }
-    # the multi-threaded runs take minutes each on a loaded machine (pool threads spin-wait): run once
+    if threads_row:  # deltaplane on torch's thread pool: minutes on a loaded machine (its workers spin-wait)
+        jobs[DP2.format(n=torch.get_num_threads())] = lambda: deltaplane_merge(
+            cfg_path, root / "out_dp2", None
+        )
+    # the multi-threaded runs take minutes each on a loaded machine: run once
     once = {DP2.format(n=torch.get_num_threads()), mk}
     runs: dict[str, list[dict]] = {name: [] for name in jobs}
     loads = [os.getloadavg()[0]]
@@ -245,8 +248,8 @@ def minilm(work: Path, repeats: int) -> tuple[str, dict]:
     body = (
         f"TIES (density {DENSITY}, weights 1, normalize) of all-MiniLM-L6-v2 ({n_params / 1e6:.1f} M params, "
         "float32) + 3 fine-tunes made by adding Gaussian noise at 1% of each tensor's std. Each merge runs in a "
-        f"fresh process, {repeats} times, interleaved (the order rotates each round; the two rows at torch's "
-        "default thread count run once: they take minutes on the loaded machine); figures are medians. Wall "
+        f"fresh process, {repeats} times, interleaved (the order rotates each round; rows at torch's default "
+        "thread count run once: they take minutes on the loaded machine); figures are medians. Wall "
         "and CPU time (every thread of the process) are for the merge call alone, imports excluded; peak RSS is "
         f"the whole process (importing torch and deltaplane costs {dp['import_mb']:.0f} MB here). The machine "
         f"is shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores during "
@@ -280,8 +283,8 @@ def minilm(work: Path, repeats: int) -> tuple[str, dict]:
         "the three passes of TIES (two of exact radix selection for each model's top-k threshold, then the merge), "
         f"larger ones — here only the 30522×384 embedding, 4 × {30522 * 384 * 4 / 1e6:.0f} MB — are re-read chunk by "
         "chunk on each pass, so the figure does not grow with the largest tensor. What made it fast (docs/merging.md):"
-        " one thread (a torch pool's workers spin-wait between the many short elementwise operations: compare the "
-        "2-thread row's CPU time), float-only TIES arithmetic (`hardshrink` trim, `max(s·τ, 0)` consensus) instead "
+        " one thread (a torch pool's workers spin-wait between the many short elementwise operations; "
+        "`--threads-row` times deltaplane on the pool), float-only TIES arithmetic (`hardshrink` trim, `max(s·τ, 0)` consensus) instead "
         "of boolean masks, direct selection for small tensors, reading a tensor once when it fits the cache."
     )
     return body, dp
@@ -345,11 +348,16 @@ if __name__ == "__main__":
     parser.add_argument("--skip-1b", action="store_true", help="leave out the 1B model (~8.5 GB in /tmp)")
     parser.add_argument("--only-1b", action="store_true", help="run only the 1B model")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each MiniLM merge")
+    parser.add_argument(
+        "--threads-row",
+        action="store_true",
+        help="also time deltaplane on torch's default thread count, once",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dp_merge_scale_", dir="/tmp"))
     try:
         if not args.only_1b:
-            body, _ = minilm(work, args.repeats)
+            body, _ = minilm(work, args.repeats, args.threads_row)
             record("merge-scale-minilm", "Merging at scale: MiniLM TIES vs mergekit", body)
         if not args.skip_1b:
             record("merge-scale-1b", "Merging at scale: 1 B-parameter synthetic model", billion(work))
