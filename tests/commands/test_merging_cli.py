@@ -38,8 +38,10 @@ def test_merge_command_writes_model(tmp_path: Path) -> None:
     assert torch.allclose(out["w"], base["w"] + 1.0 - 1.0, atol=1e-6)  # +1·1 + 2·(−0.5)
     # one row (3 elements) per chunk: the same model
     args = ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out2"), "--chunk-elements", "3", "-q"]
-    assert CliRunner().invoke(_app(), args).exit_code == 0
+    assert CliRunner().invoke(_app(), [*args, "--threads", "2"]).exit_code == 0
     assert torch.equal(load_file(tmp_path / "out2" / "model.safetensors")["w"], out["w"])
+    res = CliRunner().invoke(_app(), [*args, "--threads", "0", "--overwrite"])
+    assert res.exit_code == 2 and "--threads" in res.output
     bad = ["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out3"), "--chunk-elements", "0"]
     res = CliRunner().invoke(_app(), bad)
     assert res.exit_code == 2 and "chunk_elements must be positive" in res.output

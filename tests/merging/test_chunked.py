@@ -335,3 +335,34 @@ def test_signed_selection_matches_a_sort(dtype: torch.dtype) -> None:
         got = select_largest(lambda x=x: iter([(0, x[:300]), (0, x[300:])]), [ks], signed=True)[0]
         want = x.sort(descending=True).values
         assert [float(t.value) for t in got] == [float(want[k - 1]) for k in ks]
+
+
+@pytest.mark.parametrize("n", [4_000, 4_096, 4_097, 30_001])  # selected directly up to 4,096; by radix above
+def test_select_largest_with_ties_keeps_what_a_stable_sort_keeps(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    a = torch.randint(0, 50, (n,), generator=g).float() / 8  # ~n/50 entries tie at every threshold
+    chunks = list(a.split(997))
+    ks = [1, n // 5, n // 2, n]
+    found = select_largest(lambda: ((0, c) for c in chunks), [ks])[0]
+    order = torch.sort(a, descending=True, stable=True).indices  # ties: lowest index first
+    for k, sel in zip(ks, found, strict=True):
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        rule = sel.fresh()
+        assert torch.equal(torch.cat([rule.mask(c) for c in chunks]), want), k
+        assert (sel.n_greater, sel.n_equal) == (int((a > sel.value).sum()), int((a == sel.value).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shrink_zeroes_what_the_mask_drops(dtype: torch.dtype) -> None:
+    """TopK.shrink_ (one hardshrink, ties put back) == tau × mask(|tau|), chunk by chunk, ties included."""
+    g = torch.Generator().manual_seed(5)
+    tau = (torch.randint(-20, 21, (300, 7), generator=g) / 4).to(dtype)
+    for k in (1, 150, 1000, 2099, 2100):
+        sel = select_largest(lambda: ((0, c.abs()) for c in tau.split(40)), [[k]])[0][0]
+        assert sel.n_equal > 1  # the threshold value is tied
+        want = tau * sel.fresh().mask(tau.abs())  # whole tensor: one chunk
+        rule = sel.fresh()
+        got = torch.cat([rule.shrink_(c.clone()) for c in tau.split(40)])
+        assert torch.equal(got, want), k
+        assert int((got != 0).sum()) == min(k, int((tau != 0).sum()))

@@ -414,3 +414,54 @@ def test_ties_argsort_reproduces_mergekits_choice_among_ties() -> None:
     assert torch.equal(got, want)
     by_index = merge("ties", {"w": base}, [{"w": m} for m in models], weights=W3, densities=D3)["w"]
     assert not torch.equal(by_index, want)  # the default breaks those ties by index
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"lambda": 0.6}, {"normalize": False}, {"weight": [1.0, -0.5, 0.7]}, {"weight": [0.3, 0.3, 0.3]}],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_consensus_is_bit_identical_to_mergekits_kernel(extra: dict, dtype: torch.dtype) -> None:
+    """The float-only consensus (hardshrink trim, max(s·τ, 0)) gives mergekit's numbers bit for bit."""
+    base, models = _tensors((64, 48), 3, dtype=torch.float64)
+    base, models = base.to(dtype), [(m + torch.randn(m.shape, generator=torch.Generator().manual_seed(9))).to(dtype)
+                                    for m in models]  # fmt: skip
+    mk = {"weight": W3, "density": D3} | extra
+    ours = {"weights": mk.pop("weight"), "densities": mk.pop("density")} | mk
+    want = _mk("ties", [base, *models], 0, weight=ours["weights"], density=D3, **mk)
+    # argsort: the same pick as mergekit among any tied magnitudes, so only the arithmetic is compared
+    got = merge("ties", {"w": base}, [{"w": m} for m in models], ties="argsort", **ours)["w"]
+    assert torch.equal(got, want)
+    if dtype == torch.float64:  # no ties among float64 magnitudes: the default (hardshrink) trim agrees too
+        got = merge("ties", {"w": base}, [{"w": m} for m in models], **ours)["w"]
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "said"),
+    [
+        ("slerp", {"t": 0.3}, "the norms and the dot product"),
+        ("model_stock", {}, "the norms and dot products of the task vectors"),
+        ("ties", {"weight": 1.0, "density": 0.5, "rescale": True}, "L1 norms"),
+        ("ties", {"weight": 1.0, "density": 0.5}, None),  # no sum: nothing to say
+        ("nuslerp", {"weight": 1.0, "nuslerp_flatten": False}, None),  # per vector, in float32 like mergekit
+        ("nuslerp", {"weight": 1.0}, "the norms and the dot product"),
+    ],
+)
+def test_float64_sums_are_stated_in_the_output(llama, method: str, params: dict, said: str | None) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    n = {"slerp": 1, "nuslerp": 2}.get(method, 3)
+    mine = {k: v for k, v in params.items() if k in ("weight", "density")}
+    cfg = {"merge_method": method, "base_model": "base", "parameters": {k: v for k, v in params.items() if k not in mine},
+           "models": [{"model": f"m{i}", "parameters": mine} for i in range(n)]}  # fmt: skip
+    if method == "slerp":
+        cfg = {"merge_method": "slerp", "base_model": "base", "parameters": params,
+               "models": [{"model": "base"}, {"model": "m0"}]}  # fmt: skip
+    res = merge_files(_cfg(root, cfg), root / "out")
+    stated = [x for x in res.notes if "float64" in x]
+    card = (root / "out" / "README.md").read_text()
+    if said is None:
+        assert not stated and "float64" not in card
+    else:
+        assert len(stated) == 1 and said in stated[0] and "mergekit sums in the compute dtype" in stated[0]
+        assert stated[0] in card

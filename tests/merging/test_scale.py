@@ -38,7 +38,7 @@ def test_billion_parameter_merge_stays_under_2gb() -> None:
         for seed, name in enumerate(["base", "a", "b"]):
             _write(root / name, seed)
         cfg = {"merge_method": "ties", "base_model": "base",
-               "models": [{"model": m, "parameters": {"density": 0.2}} for m in "ab"]}  # fmt: skip
+               "models": [{"model": m, "parameters": {"density": 0.2, "weight": 1.0}} for m in "ab"]}  # fmt: skip
         (root / "merge.yaml").write_text(yaml.safe_dump(cfg))
         code = textwrap.dedent(f"""
             from deltaplane.merging import merge_files

@@ -193,8 +193,11 @@ def test_mismatched_shape_names_file_and_tensor(zoo) -> None:  # type: ignore[no
     _no_leftovers(root)
 
 
+@pytest.mark.parametrize(
+    "cache_bytes", [2**20, 0]
+)  # read once, or re-read on every pass (checked on the first)
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float, cache_bytes: int) -> None:  # type: ignore[no-untyped-def]
     root, _base, models = zoo
     bad = dict(models[1])
     bad["embed.weight"] = bad["embed.weight"].clone()
@@ -202,7 +205,7 @@ def test_non_finite_input_names_file_and_tensor(zoo, bad_value: float) -> None: 
     _save_hf(root / "bad", bad)
     cfg = MERGEKIT_TIES | {"models": [{"model": "m0"}, {"model": "bad"}]}
     with pytest.raises(dp.InvalidUpdate) as info:
-        merge_files(_write_cfg(root, cfg), root / "out", chunk_elements=16)
+        merge_files(_write_cfg(root, cfg), root / "out", chunk_elements=16, cache_bytes=cache_bytes)
     msg = str(info.value)
     assert "embed.weight" in msg and str(root / "bad") in msg and "NaN or Inf" in msg
     _no_leftovers(root)
@@ -304,6 +307,51 @@ def test_failure_midway_leaves_nothing_and_keeps_existing_output(zoo) -> None:  
     assert all(torch.equal(before[k], v) for k, v in _read_all(root / "out").items())  # old output intact
     merge_files(cfg, root / "out", overwrite=True)
     assert not [p for p in root.iterdir() if p.name.startswith(".out.")]
+
+
+def test_signal_while_swapping_in_the_output_is_deferred(zoo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A SIGTERM between moving the old output aside and renaming the new one in must not lose both."""
+    import os
+    import signal
+
+    root, _, _ = zoo
+    cfg = _write_cfg(root, MERGEKIT_TIES)
+    merge_files(cfg, root / "out")
+    (root / "out" / "marker").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_terminate(src, dst):  # type: ignore[no-untyped-def]
+        if not calls:  # moving the old output aside: the signal arrives right after
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_terminate)
+    with pytest.raises(SystemExit):  # delivered once the swap is done
+        merge_files(cfg, root / "out", overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 2 and not (root / "out" / "marker").exists()  # the new output is in place
+    assert (root / "out" / "model.safetensors").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".out.")]
+
+
+def test_threads_cache_and_chunking_do_not_change_the_output(zoo) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = zoo
+    cfg = _write_cfg(root, MERGEKIT_TIES)
+    before = torch.get_num_threads()
+    merge_files(cfg, root / "ref", threads=None)
+    ref = _read_all(root / "ref")
+    for i, kwargs in enumerate(
+        [{"threads": 2}, {"chunk_elements": 16, "cache_bytes": 0}, {"chunk_elements": 16}]
+    ):
+        merge_files(cfg, root / f"o{i}", **kwargs)
+        got = _read_all(root / f"o{i}")
+        assert all(torch.equal(got[k], ref[k]) for k in ref), kwargs
+    assert torch.get_num_threads() == before  # restored
+    for bad in ({"threads": 0}, {"cache_bytes": -1}):
+        with pytest.raises(dp.ConfigError, match=next(iter(bad))):
+            merge_files(cfg, root / "bad", **bad)
 
 
 def test_writer_refuses_undeclared_and_incomplete(tmp_path: Path) -> None:

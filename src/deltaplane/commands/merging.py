@@ -42,6 +42,13 @@ def merge_command(
             "(default: like mergekit, compute in the config's dtype)"
         ),
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="torch threads while merging (elementwise, memory-bound work: one is fastest, see docs/merging.md)",
+        ),
+    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
@@ -81,6 +88,7 @@ def merge_command(
             max_shard_bytes=shard_bytes,
             chunk_elements=chunk_elements,
             exact_accumulation=exact_accumulation,
+            threads=threads,
         )
     out = Console(soft_wrap=True)
     out.print(

@@ -218,6 +218,9 @@ class MergeMethod(ABC):
     upcasts_half: bool = False
     """Whether half-precision inputs are computed in float32 (as mergekit's ``linear`` and ``slerp`` kernels do);
     other methods compute in the config's ``dtype`` (else the inputs' dtype), as mergekit does."""
+    float64_sums: str = ""
+    """What the method sums in float64 where mergekit sums in the compute dtype (``""``: nothing); see
+    :meth:`float64_sums_with`."""
     mergekit_required: tuple[str, ...] = ()
     """Parameters that mergekit requires in a YAML config (``weight`` for ``linear``): :func:`merge` keeps their
     defaults, a config that omits them is refused as mergekit refuses it."""
@@ -245,6 +248,14 @@ class MergeMethod(ABC):
         ``params.per_model[i]`` holds model ``i``'s values; tensor-valued parameters (a Fisher) are already
         looked up for ``name``. Returns a tensor with the shape of the inputs.
         """
+
+    def float64_sums_with(self, params: MergeParams) -> str:
+        """What a merge with ``params`` sums in float64 where mergekit sums in the compute dtype (``""``: nothing).
+
+        A deliberate difference — closer to the exact result, and independent of the chunk size up to the last
+        bits — that the streaming merge states in its notes and in the model card.
+        """
+        return self.float64_sums
 
     def prepare(self, name: str, shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> Any:
         """Per-tensor statistics the chunked merge needs, from read-only passes over ``chunks()``; ``None`` if none.

@@ -237,8 +237,8 @@ def _convert_hint(where: Path, files: list[Path]) -> str:
 
 def _pread(file: Path, offset: int, nbytes: int, name: str) -> Tensor:
     """``nbytes`` bytes of ``file`` from ``offset`` as a uint8 tensor that owns its (fresh) buffer."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+    out = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray: the read fills it
+    view = memoryview(out.numpy())
     got = 0
     try:
         fd = os.open(file, os.O_RDONLY)
@@ -255,7 +255,7 @@ def _pread(file: Path, offset: int, nbytes: int, name: str) -> Tensor:
             got += n
     finally:
         os.close(fd)
-    return torch.frombuffer(buf, dtype=torch.uint8)
+    return out
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:

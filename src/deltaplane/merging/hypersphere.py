@@ -84,6 +84,7 @@ class MultiSlerp(_GramMethod):
     """Barycentric SLERP of any number of models with per-model weights (see the module docstring)."""
 
     name = "multislerp"
+    float64_sums = "the Gram matrix of the inputs"
     paper = "Goddard 2024, Multi-SLERP (barycentric interpolation on the hypersphere)"
     url = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
     optional_base = True
@@ -141,6 +142,7 @@ class Karcher(_GramMethod):
     """Equal-weight Karcher mean of all inputs on the unit sphere, scaled by their mean norm."""
 
     name = "karcher"
+    float64_sums = "the Gram matrix of the inputs"
     paper = "Karcher 1977, Riemannian center of mass and mollifier smoothing (mergekit's karcher)"
     url = "https://doi.org/10.1002/cpa.3160300502"
     averages_base = True

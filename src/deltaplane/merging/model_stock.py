@@ -34,6 +34,7 @@ class ModelStock(ChunkedMergeMethod):
     """``θ₀ + t (mean θᵢ − θ₀)`` with ``t`` from the mean pairwise angle of the task vectors."""
 
     name = "model_stock"
+    float64_sums = "the norms and dot products of the task vectors"
     paper = "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models"
     url = "https://arxiv.org/abs/2403.19522"
     needs_base = True

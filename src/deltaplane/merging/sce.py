@@ -64,6 +64,7 @@ class Sce(ChunkedMergeMethod):
     """Variance-selected, energy-weighted, sign-consensus merge of task vectors (see the module docstring)."""
 
     name = "sce"
+    float64_sums = "each model's squared task-vector norm (its weight)"
     paper = "Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE)"
     url = "https://arxiv.org/abs/2408.07990"
     needs_base = True

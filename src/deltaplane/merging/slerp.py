@@ -86,6 +86,7 @@ class Slerp(ChunkedMergeMethod):
     """Per-tensor SLERP of two models with interpolation factor ``t`` (0 → first endpoint, 1 → second)."""
 
     name = "slerp"
+    float64_sums = "the norms and the dot product of the two inputs"
     paper = "Shoemake 1985, Animating rotation with quaternion curves"
     url = "https://doi.org/10.1145/325165.325242"
     min_models = 1
@@ -161,6 +162,7 @@ class NuSlerp(ChunkedMergeMethod):
     """
 
     name = "nuslerp"
+    float64_sums = "the norms and the dot product of the two inputs (flattened)"
     paper = "mergekit NuSLERP (SLERP of task vectors with weight-derived t), after Shoemake 1985"
     url = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
     min_models = 2
@@ -178,6 +180,9 @@ class NuSlerp(ChunkedMergeMethod):
         w = params.column("weight")
         total = sum(w)
         return 0.5 if abs(total) < 1e-6 else w[1] / total
+
+    def float64_sums_with(self, params: MergeParams) -> str:
+        return self.float64_sums if params.shared["nuslerp_flatten"] else ""  # per vector: as mergekit
 
     def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
         flat = params.shared["nuslerp_flatten"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -64,6 +65,9 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 """Elements per input per chunk (1 MiB in float32): small next to the runtime and cache-friendly, large enough that per-chunk
 overhead is negligible."""
+DEFAULT_CACHE_BYTES = 32 * 2**20
+"""A tensor whose inputs take at most this much (in the compute dtype, all inputs together) is read once and held
+for every pass of its method; a larger one is read again on each pass, chunk by chunk."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,47 @@ def _exit_on_terminate() -> Iterator[None]:
             signal.signal(s, h)
 
 
+_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them to the handlers in place before: for
+    swapping the finished output into place, which must not stop half way. Python runs signal handlers in the
+    main thread whichever thread the signal hit, so handlers are swapped (a thread's signal mask would not hold a
+    signal another thread receives). Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in _HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore the previous count."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def merge_files(
     config: str | os.PathLike[str] | Mapping[str, Any] | MergeConfig,
     out_dir: str | os.PathLike[str],
@@ -159,6 +204,8 @@ def merge_files(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     exact_accumulation: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    threads: int | None = 1,
 ) -> MergeResult:
     """Merge the checkpoints a config names into ``out_dir`` (Hugging Face layout), streaming tensor by tensor.
 
@@ -178,6 +225,13 @@ def merge_files(
             bits of reductions (norms, dot products, L1 sums; see docs/merging.md).
         exact_accumulation: compute in float32 even when the config's ``dtype`` (or the inputs) are half
             precision, rounding once at the output. Default: mergekit's behaviour (compute in that dtype).
+        cache_bytes: a tensor whose inputs take at most this many bytes (in the compute dtype) is read once and
+            held for all of its method's passes (TIES makes three); larger ones are re-read chunk by chunk. Peak
+            memory is about the larger of this and (inputs + a few) × chunk.
+        threads: torch threads while merging (restored afterwards); ``None`` leaves torch's setting. The work is
+            elementwise on chunks of about a megabyte, bound by memory rather than arithmetic: one thread is
+            fastest, and a thread pool's workers spin-wait between the many short operations, burning CPU on a
+            shared machine (at 2 threads the merge took several times the CPU time, not less wall time).
 
     Raises:
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
@@ -196,6 +250,10 @@ def merge_files(
         raise ConfigError(f"max_shard_bytes must be positive. Found {max_shard_bytes}")
     if chunk_elements <= 0:
         raise ConfigError(f"chunk_elements must be positive. Found {chunk_elements}")
+    if cache_bytes < 0:
+        raise ConfigError(f"cache_bytes must be 0 or more. Found {cache_bytes}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1. Found {threads}")
     method = get_method(cfg.merge_method)
     plan = plan_tensors(cfg, method)
     tensors = plan.tensors
@@ -203,6 +261,14 @@ def merge_files(
     _check_tensor_params(method, tensors)
     tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
     notes = list(plan.notes)
+    sums = next(
+        (w for t in tensors if t.in_dtype.is_floating_point and (w := method.float64_sums_with(t.params))), ""
+    )
+    if sums:
+        notes.append(
+            f"{sums} summed in float64, where mergekit sums in the compute dtype: the weights can differ from "
+            "mergekit's in the last bits (they are closer to the exact values)"
+        )
     halves = {t.in_dtype for t in tensors if t.in_dtype in (torch.float16, torch.bfloat16)}
     if halves and exact_accumulation:
         notes.append(
@@ -217,7 +283,7 @@ def merge_files(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = nbytes = done = 0
-    with _exit_on_terminate():
+    with _exit_on_terminate(), _torch_threads(threads):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             os.chmod(
@@ -229,7 +295,9 @@ def merge_files(
                 with SafetensorsWriter(tmp / fname, shard, meta) as writer:
                     for name, _shape, out_dtype in shard:
                         planned = by_name[name]
-                        for part in _merge_one(method, planned, chunk_elements, exact_accumulation):
+                        for part in _merge_one(
+                            method, planned, chunk_elements, exact_accumulation, cache_bytes
+                        ):
                             writer.write(name, part.to(out_dtype))
                             del part
                         n_params += TensorInfo(Path(), planned.shape, out_dtype).numel
@@ -251,13 +319,14 @@ def merge_files(
             files += write_extras(
                 cfg, method, tmp, plan.donor.folder, tok, float_out, plan.n_layers, labels, notes
             )
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            with _signals_held():  # a signal here would leave the old output in a hidden folder, or none
+                if out.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                    os.replace(out, old / "x")
+                    os.replace(tmp, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -269,8 +338,25 @@ def merge_files(
     )
 
 
+def _rows(chunk: TensorChunk, start: int, stop: int) -> TensorChunk:
+    """Rows ``[start, stop)`` of a whole-tensor chunk, as views (tensor-valued parameters cut the same way)."""
+    per_model = [
+        {k: v[start:stop] if isinstance(v, Tensor) and v.dim() else v for k, v in mp.items()}
+        for mp in chunk.params.per_model
+    ]
+    return TensorChunk(
+        chunk.name,
+        chunk.shape,
+        start,
+        stop,
+        None if chunk.base is None else chunk.base[start:stop],
+        [t[start:stop] for t in chunk.tensors],
+        MergeParams(chunk.params.shared, per_model),
+    )
+
+
 def _merge_one(
-    method: MergeMethod, planned: PlannedTensor, chunk_elements: int, exact: bool
+    method: MergeMethod, planned: PlannedTensor, chunk_elements: int, exact: bool, cache_bytes: int
 ) -> Iterator[Tensor]:
     """The merged tensor, as consecutive blocks of rows (one block for a whole-tensor method or tensor)."""
     name, shape = planned.name, planned.shape
@@ -287,11 +373,15 @@ def _merge_one(
         ranges = row_ranges(shape, None)
     files = [str(s.checkpoint.infos[s.name].file) if s is not None else "" for s in [base, *inputs]]
 
+    checked: set[int] = set()  # chunks (by first row) already checked for NaN/Inf: the first pass checks each
+
     def read(start: int, stop: int) -> TensorChunk:
         # inputs are cast to the config dtype first (mergekit's loader does), then to the compute dtype
         b = base.checkpoint.read_rows(base.name, start, stop).to(planned.in_dtype).to(cdt) if base else None
         ts = [s.checkpoint.read_rows(s.name, start, stop).to(planned.in_dtype).to(cdt) for s in inputs]
-        refuse_non_finite(name, [b, *ts], files)
+        if start not in checked:
+            refuse_non_finite(name, [b, *ts], files)
+            checked.add(start)
         per_model = []
         for src, mp in zip(inputs, params.per_model, strict=True):
             mp = dict(mp)
@@ -308,15 +398,25 @@ def _merge_one(
         c = read(*ranges[0])
         yield method.merge_tensor(name, c.base, c.tensors, c.params)
         return
-    # a tensor that fits in one chunk is read once: prepare() only reads, merge_chunk() may then modify it
-    cached = read(*ranges[0]) if len(ranges) == 1 else None
+    # A tensor whose inputs fit in the read cache is read once and every pass walks row views of it: prepare()
+    # only reads, merge_chunk() then modifies each chunk once, in order. Larger tensors are read chunk by chunk
+    # on every pass (a method with statistics reads them two or three times).
+    n_inputs = len(inputs) + (base is not None)
+    cached = (
+        read(0, shape[0] if shape else 1)
+        if len(ranges) == 1 or n_inputs * math.prod(shape) * cdt.itemsize <= cache_bytes
+        else None
+    )
 
     def chunks() -> Iterator[TensorChunk]:
-        if cached is not None:
+        if cached is None:
+            for s, e in ranges:
+                yield read(s, e)
+        elif len(ranges) == 1:
             yield cached
-            return
-        for s, e in ranges:
-            yield read(s, e)
+        else:
+            for s, e in ranges:
+                yield _rows(cached, s, e)
 
     state = method.prepare(name, shape, chunks, params)
     for chunk in chunks():

@@ -102,22 +102,97 @@ class TopK:
     keep_all: bool = False
     """Keep every entry equal to the k-th largest value (the TIES reference code's ``kthvalue`` + ``>=``)."""
 
+    @property
+    def takes_every_tie(self) -> bool:
+        """Whether every entry equal to ``value`` is kept, so the rule is ``a >= value`` with no running count."""
+        return self.keep_all or self.k - self.n_greater == self.n_equal
+
     def fresh(self) -> TopK:
         """A copy with the running tie count reset, for another pass over the same chunks."""
         return replace(self, seen_equal=0)
 
     def mask(self, a: Tensor) -> Tensor:
         """Boolean mask of the kept entries of the next chunk ``a`` (non-negative, the same dtype as ``value``)."""
-        need = self.k - self.n_greater
-        if need == self.n_equal or self.keep_all:  # every tie kept (usual: continuous values have none)
+        if self.takes_every_tie:  # usual: continuous values have no partial tie
             return a >= self.value
-        keep = a > self.value
-        eq = a == self.value
-        if need > 0:
-            rank = eq.reshape(-1).cumsum(0).reshape(a.shape) + self.seen_equal
-            keep |= eq & (rank <= need)
-        self.seen_equal += int(eq.sum())
+        keep = (a > self.value).contiguous()
+        left = self.k - self.n_greater - self.seen_equal
+        if left > 0:  # ties still to keep: the first ones of this chunk, in flat order
+            ties = (a == self.value).reshape(-1).nonzero().squeeze(1)
+            keep.view(-1)[ties[:left]] = True
+            self.seen_equal += ties.numel()
         return keep
+
+    def shrink_(self, tau: Tensor) -> Tensor:
+        """Zero, in place, the entries of the next chunk of a signed ``tau`` whose ``|τ|`` the rule drops.
+
+        The same selection as ``tau * mask(|tau|)`` (``value`` in ``tau``'s dtype, float32 or float64; dropped
+        entries become ``+0``) as one vectorized ``hardshrink``: by the float just below ``value`` when every tie
+        is kept (``|x| > pred(v)`` is ``|x| ≥ v`` in that dtype), by ``value`` itself once the ties' quota is
+        used up; a chunk that still holds kept ties has them found and put back after the shrink.
+        """
+        v = float(self.value)
+        if v <= 0:  # the k-th largest is 0: every entry is kept (or is 0)
+            return tau
+        if self.takes_every_tie:
+            below = float(torch.nextafter(self.value, torch.zeros((), dtype=self.value.dtype)))
+            return torch.hardshrink(tau, below, out=tau)
+        left = self.k - self.n_greater - self.seen_equal
+        if left <= 0:
+            return torch.hardshrink(tau, v, out=tau)
+        if not tau.is_contiguous():  # ties are counted in row-major order
+            return tau.mul_(self.mask(tau.abs()))
+        flat = tau.view(-1)
+        ties = (flat.abs() == v).nonzero().squeeze(1)
+        kept = ties[:left]
+        values = flat[kept]
+        torch.hardshrink(tau, v, out=tau)
+        flat[kept] = values
+        self.seen_equal += ties.numel()
+        return tau
+
+
+_MEMO_ELEMENTS = 1 << 21
+"""TIES/Breadcrumbs keep every model's ``|τ|`` between the selection passes when the tensor has at most this many
+entries over all models (8 MiB in float32); larger tensors recompute it on each pass."""
+
+_SMALL = 4096
+"""Tensors of at most this many entries are selected directly (``kthvalue`` of the kept first pass): cheaper than
+two passes of a 65,536-bin histogram."""
+
+
+def _direct(values: Tensor, ranks: Sequence[int]) -> list[TopK]:
+    """Exact :class:`TopK` rules of a (small) non-negative tensor held whole."""
+    n = values.numel()
+    out = []
+    for k in ranks:
+        value = torch.kthvalue(values, n - k + 1).values
+        out.append(TopK(k, value, int((values > value).sum()), int((values == value).sum())))
+    return out
+
+
+def _histogram(
+    hists: dict[tuple[int, int], Tensor], i: int, chunk: Tensor, prefixes: set[int], level: int, signed: bool
+) -> None:
+    """Add chunk ``chunk`` of tensor ``i`` to the 16-bit digit histograms ``hists[(i, prefix)]`` of ``level``."""
+    itype, bits = _BITS[chunk.dtype]
+    shift = bits - _DIGIT * (level + 1)
+    v = chunk.reshape(-1).view(itype)
+    if signed:
+        top = -(1 << (bits - 1))  # the sign bit, as this signed integer type spells it
+        v = torch.where(v < 0, v ^ ~top, v) ^ top
+    high = (1 << (_DIGIT * level)) - 1  # the bits of the prefix found so far
+    for prefix in prefixes:
+        if level == 0:
+            sel = v
+        elif signed:  # keys may have the top bit set: mask the arithmetic shift's sign extension
+            sel = v[((v >> (shift + _DIGIT)) & high) == prefix]
+        else:
+            sel = v[(v >> (shift + _DIGIT)) == prefix]
+        d = (sel >> shift) & ((1 << _DIGIT) - 1) if level or signed else sel >> shift
+        h = torch.bincount(d, minlength=1 << _DIGIT)
+        key = (i, prefix)
+        hists[key] = h if key not in hists else hists[key].add_(h)
 
 
 def select_largest(
@@ -132,7 +207,8 @@ def select_largest(
     Radix selection on the IEEE-754 bit patterns, which for non-negative floats order like the integers they
     spell: each pass histograms the next 16 bits of the entries whose higher bits match the prefix found so far
     and picks the bin holding the k-th largest. float32 takes 2 passes, float64 4. A sort or ``topk`` would need
-    the whole tensor in memory; a sampled estimate would not be exact.
+    the whole tensor in memory; a sampled estimate would not be exact. A tensor of at most 4,096 entries is
+    kept from the first pass and selected directly (``kthvalue``), in that one pass.
 
     ``signed=True`` accepts negative values too: the bit patterns are first mapped to keys that order like the
     floats (negatives: all bits flipped; non-negatives: the sign bit set), which costs one more elementwise pass
@@ -140,44 +216,49 @@ def select_largest(
     """
     # per (tensor, rank): [prefix, k remaining within the prefix, entries above the prefix, entries equal]
     state = [[[0, k, 0, 0] for k in ranks] for ranks in ks]
+    direct: dict[int, list[TopK]] = {}
     dtype: torch.dtype | None = None
     level, levels = 0, 1
     while level < levels and any(state):
         hists: dict[tuple[int, int], Tensor] = {}
+        # level 0: chunks of tensors that may turn out small are held back until their size is known
+        held: dict[int, list[Tensor]] = {
+            i: [] for i, t in enumerate(state) if t and not signed and level == 0
+        }
+        held_n = dict.fromkeys(held, 0)
+
         for i, chunk in passes():
             if not state[i]:
                 continue
             if dtype is None:
                 dtype = chunk.dtype
                 levels = _BITS[dtype][1] // _DIGIT
-            itype, bits = _BITS[dtype]
-            shift = bits - _DIGIT * (level + 1)
-            v = chunk.reshape(-1).view(itype)
-            if signed:
-                top = -(1 << (bits - 1))  # the sign bit, as this signed integer type spells it
-                v = torch.where(v < 0, v ^ ~top, v) ^ top
-            high = (1 << (_DIGIT * level)) - 1  # the bits of the prefix found so far
-            for prefix in {t[0] for t in state[i]}:
-                if level == 0:
-                    sel = v
-                elif signed:  # keys may have the top bit set: mask the arithmetic shift's sign extension
-                    sel = v[((v >> (shift + _DIGIT)) & high) == prefix]
-                else:
-                    sel = v[(v >> (shift + _DIGIT)) == prefix]
-                d = (sel >> shift) & ((1 << _DIGIT) - 1) if level or signed else sel >> shift
-                h = torch.bincount(d, minlength=1 << _DIGIT)
-                key = (i, prefix)
-                hists[key] = h if key not in hists else hists[key].add_(h)
+            if i in held:
+                held[i].append(chunk.reshape(-1))
+                held_n[i] += chunk.numel()
+                if held_n[i] <= _SMALL:
+                    continue
+                for c in held.pop(i):  # too large to select directly: histogram what was held
+                    _histogram(hists, i, c, {t[0] for t in state[i]}, level, signed)
+                continue
+            _histogram(hists, i, chunk, {t[0] for t in state[i]}, level, signed)
+        for i, parts in held.items():  # small tensors: done in this one pass
+            direct[i] = _direct(torch.cat(parts) if len(parts) > 1 else parts[0], ks[i])
+            state[i] = []
         for i, targets in enumerate(state):
             for t in targets:
                 h = hists[(i, t[0])]
-                at_least = h.flip(0).cumsum(0).flip(0)  # entries ≥ each digit
-                digit = int((at_least >= t[1]).nonzero()[-1])
-                above = int(at_least[digit + 1]) if digit + 1 < h.numel() else 0
+                below = h.cumsum(0)  # below[d]: entries with a digit ≤ d (so total − below[d − 1] are ≥ d)
+                total = int(below[-1])
+                digit = int(torch.searchsorted(below, torch.tensor(total - t[1]), right=True))
+                above = total - int(below[digit])
                 t[0], t[1], t[2], t[3] = (t[0] << _DIGIT) | digit, t[1] - above, t[2] + above, int(h[digit])
         level += 1
     out = []
-    for ranks, targets in zip(ks, state, strict=True):
+    for i, (ranks, targets) in enumerate(zip(ks, state, strict=True)):
+        if i in direct:
+            out.append(direct[i])
+            continue
         sel = []
         for k, (prefix, _, greater, equal) in zip(ranks, targets, strict=True):
             assert dtype is not None
@@ -384,6 +465,11 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             )  # fmt: skip
         self.params = tuple(params)
 
+    def float64_sums_with(self, params: MergeParams) -> str:
+        if self.sparsification and params.shared.get("rescale") and params.shared.get("rescale_norm") == "l1":
+            return "each model's L1 norms before and after sparsification (rescale)"
+        return ""
+
     def whole_tensor(self, shape: tuple[int, ...], params: MergeParams) -> bool:
         # DELLA ranks along dimension 1; a 1-D tensor is a single row, so it cannot be cut into chunks
         return self.sparsification == "della" and len(shape) < 2
@@ -447,14 +533,26 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                     ranks.append(_outlier_ranks(n, density, mp.get("gamma", 0.0)))
                     state.trim.append([])
             if any(ranks) and state.whole_masks is None:
+                # |τᵢ| of a tensor of moderate size is kept from the first pass for the second (a few MB)
+                memo: list[tuple[int, Tensor]] | None = [] if n * len(ranks) <= _MEMO_ELEMENTS else None
+                complete = False
 
                 def abs_deltas() -> Iterator[tuple[int, Tensor]]:
+                    nonlocal complete
+                    if complete:
+                        assert memo is not None
+                        yield from memo
+                        return
                     for chunk in chunks():
                         assert chunk.base is not None
                         for i, t in enumerate(chunk.tensors):
                             if ranks[i]:
                                 d = torch.sub(t, chunk.base).abs_()
-                                yield i, d if d.dtype in (torch.float32, torch.float64) else d.float()
+                                d = d if d.dtype in (torch.float32, torch.float64) else d.float()
+                                if memo is not None:
+                                    memo.append((i, d))
+                                yield i, d
+                    complete = memo is not None
 
                 found = select_largest(abs_deltas, ranks)
                 for i, sel in enumerate(found):
@@ -465,6 +563,72 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         if params.shared.get("rescale") and params.shared.get("rescale_norm") == "l1":
             state.scale = self._l1_factors(state, chunks, params)
         return state
+
+    def _merge_sum_consensus(self, chunk: TensorChunk, state: _EngineState) -> Tensor:
+        """:meth:`merge_chunk` for sign consensus by mass in float32/float64, in float arithmetic only.
+
+        The same numbers as the general path below (up to the sign of zero entries) in about half the elementwise
+        passes, none of them on boolean tensors (a compare, a ``where`` of booleans or a boolean × float product
+        costs several float passes on CPU). With ``s = ±1`` the elected sign (``+`` where ``Σᵢ τ̂ᵢ ≥ 0``), the
+        agreeing part of each model is ``qᵢ = max(s τ̂ᵢ, 0)`` — ``|τ̂ᵢ|`` where ``sgn τ̂ᵢ = s``, else 0 — so
+        ``Σᵢ mᵢ τ̂ᵢ = s Σᵢ qᵢ`` exactly (negation commutes with rounding; the sum runs in the same model order),
+        ``mᵢ = sgn qᵢ`` and the divisor ``Σᵢ wᵢ mᵢ`` is summed as before.
+        """
+        base = chunk.base
+        assert base is not None
+        params = chunk.params
+        cdt = base.dtype
+        weights = params.column("weight")
+        rescale = params.shared.get("rescale", False)
+        by_density = params.shared.get("rescale_norm") == "density"
+        taus = list(chunk.tensors)
+        rounded_w = [float(torch.tensor(w, dtype=cdt)) for w in weights]
+        for i, tau in enumerate(taus):
+            tau.sub_(base)
+            mp = params.per_model[i]
+            density = mp.get("density", 1.0)
+            if self.sparsification is not None and density < 1:
+                self._sparsify_(state, i, tau, params.shared, mp)
+                if rescale and by_density:
+                    tau.div_(density)
+                elif rescale and state.scale and (f := state.scale[i]) is not None:
+                    tau.mul_(torch.tensor(f[0], dtype=cdt) / torch.tensor(f[1], dtype=cdt))
+            if weights[i] != 1:
+                tau.mul_(torch.tensor(weights[i], dtype=cdt))
+        # the elected sign: +1 where the votes sum to ≥ 0 (-0.0 votes need every τ̂ᵢ = ±0: nobody agrees there)
+        votes = torch.add(taus[0], taus[1]) if len(taus) > 1 else taus[0].clone()
+        for tau in taus[2:]:
+            votes.add_(tau)
+        sign = torch.copysign(torch.ones((), dtype=cdt), votes, out=votes)
+        normalize = params.shared["normalize"]
+        total: Tensor | None = None
+        divisor: Tensor | None = None
+        for w, tau in zip(rounded_w, taus, strict=True):
+            q = torch.mul(tau, sign, out=tau).clamp_min_(0)  # |τ̂ᵢ| where it agrees, else 0
+            if normalize:
+                if divisor is None:
+                    divisor = torch.sign(q)
+                    if w != 1:
+                        divisor.mul_(w)
+                else:
+                    divisor.add_(torch.sign(q), alpha=w)
+            total = q if total is None else total.add_(q)
+        assert total is not None
+        lam = params.shared["lambda"]
+        if divisor is not None:
+            if all(w == 1 for w in rounded_w):
+                divisor.clamp_min_(1)  # a count of agreeing models: none → 1 (the merged entry is 0 anyway)
+            else:
+                divisor.masked_fill_(divisor == 0, 1)
+            divisor.mul_(sign)  # s Σq / d = Σq / (s d), exactly
+            if lam == 1:
+                return torch.addcdiv(base, total, divisor, out=total)
+            total.div_(divisor)
+        else:
+            total.mul_(sign)
+        if lam != 1:
+            total.mul_(lam)
+        return total.add_(base)
 
     @staticmethod
     def _argsort_masks(shape: tuple[int, ...], chunks: ChunkPass, params: MergeParams) -> list[Tensor | None]:
@@ -524,6 +688,25 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             for sp, b, a in zip(sparse, before, after, strict=True)
         ]
 
+    def _sparsify_(
+        self, state: _EngineState, i: int, tau: Tensor, shared: dict[str, Any], mp: dict[str, Any]
+    ) -> None:
+        """Zero, in place, the entries of model ``i``'s next chunk of ``tau`` that its sparsification drops.
+
+        Magnitude trimming in float32/float64 is :meth:`TopK.shrink_`, one vectorized ``hardshrink`` where
+        ``abs``, a compare and a boolean product cost three passes, two of them on (slow) boolean tensors.
+        """
+        trim = state.trim[i] if state.trim else None
+        if (
+            self.sparsification == "magnitude"
+            and state.whole_masks is None
+            and trim
+            and tau.dtype in (torch.float32, torch.float64)
+        ):
+            trim[0].shrink_(tau)
+            return
+        tau.mul_(self._keep(state, i, tau, shared, mp))
+
     def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
         base = chunk.base
         assert base is not None  # needs_base is enforced before any tensor is read
@@ -531,6 +714,8 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         state.chunk_rows = (chunk.start, chunk.stop)
         cdt = base.dtype
         half = cdt not in (torch.float32, torch.float64)
+        if self.consensus == "sum" and not half:
+            return self._merge_sum_consensus(chunk, state)
         acc = torch.float32 if half else cdt  # sums over models: float32 for half types, as torch.sum does
         weights = params.column("weight")
         rescale = params.shared.get("rescale", False)
