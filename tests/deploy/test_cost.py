@@ -34,7 +34,7 @@ def test_activation_memory_liveness(tmp_path):
 def test_federated_round_cost_uses_the_published_power_model():
     lte, wifi = LINKS["lte"], LINKS["wifi"]
     # Huang et al. 2012: P = α·t + β (mW at t Mbit/s) → nJ/bit = (α·t + β)/t; ×8/1000 → µJ per byte
-    assert lte.uj_per_byte_up == pytest.approx(8 * (438.39 * 5 + 1288.04) / 5 / 1000)
+    assert lte.uj_per_byte_up == pytest.approx(8 * (438.39 * 6 + 1288.04) / 6 / 1000)
     assert wifi.uj_per_byte_down == pytest.approx(8 * (137.01 * 20 + 132.86) / 20 / 1000)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     c = federated_round_cost(net, torch.randn(1, 64), samples=100, epochs=2, bytes_up=1000, bytes_down=4000)

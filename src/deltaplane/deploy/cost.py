@@ -17,21 +17,33 @@ Three measured quantities and one model of energy:
   power models of :data:`LINKS`.
 
 Profiles and their sources (order-of-magnitude figures; the table is data, so a team with measured numbers for
-its device passes its own :class:`DeviceProfile`):
+its device passes its own :class:`DeviceProfile`). Each number below is either stated in the cited publication
+or derived from stated numbers by the arithmetic shown; nothing else is claimed.
 
-- ``phone`` — Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm): fp32 multiply 3.7 pJ + add 0.9 pJ
-  → 4.6 pJ per fp32 MAC; int8 multiply 0.2 pJ + add 0.03 pJ → 0.23 pJ per int8 MAC; DRAM 1.3–2.6 nJ per 64-bit
-  access → 160 pJ per byte (low end). Modern 5–7 nm phone SoCs and LPDDR5 are several times lower; the *ratios*
-  fp32 : int8 and compute : memory are what the table is for.
-- ``mcu`` — a Cortex-M4F microcontroller (STM32L4 class): about 100 µA/MHz in run mode at 3 V (ST datasheets)
-  → ≈ 300 pJ per cycle, memory included; int8 MAC ≈ 1 cycle with CMSIS-NN's SIMD kernels (Lai et al. 2018,
-  https://arxiv.org/abs/1801.06601) → 300 pJ; fp32 MAC ≈ 3 cycles on the FPU with loads → 900 pJ; a byte
-  moved ≈ ¼ cycle (32-bit loads) → 75 pJ.
-- links — Huang et al., "A Close Examination of Performance and Power Characteristics of 4G LTE Networks",
-  MobiSys 2012, Table 3 power model ``P = α_u·t_u + α_d·t_d + β`` (mW, t in Mbit/s): LTE α_u 438.39, α_d 51.97,
-  β 1288.04; Wi-Fi α_u 283.17, α_d 137.01, β 132.86. Energy per bit at throughput ``t`` is ``(α·t + β)/t`` nJ;
-  we evaluate it at 5 Mbit/s up / 10 Mbit/s down (LTE) and 10 / 20 Mbit/s (Wi-Fi). Tail energy after a transfer
-  is left out.
+- ``phone`` — M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, pp. 10–14,
+  doi:10.1109/ISSCC.2014.6757323, energy table for 45 nm at 0.9 V: fp32 multiply 3.7 pJ + fp32 add 0.9 pJ
+  → 4.6 pJ per fp32 MAC; 8-bit integer multiply 0.2 pJ + 8-bit add 0.03 pJ → 0.23 pJ per int8 MAC; DRAM
+  1.3–2.6 nJ per 64-bit access → 1.3 nJ / 8 bytes ≈ 160 pJ per byte (the low end; the same 640 pJ per 32-bit
+  DRAM access that Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS
+  2015, Table 1, quote from Horowitz). 45 nm is a decade old: 5–7 nm SoCs and LPDDR5 are several times lower in
+  absolute terms; the *ratios* fp32 : int8 and compute : memory are what the profile is for.
+- ``mcu`` — not a published per-MAC figure but an estimate from two data sheets, shown with its arithmetic:
+  STMicroelectronics' STM32L476 data sheet gives about 100 µA/MHz in run mode (range 1, from flash) at 3 V
+  → 100 µA × 3 V / 1 MHz = 300 pJ per cycle, memory accesses included. Arm's Cortex-M4 Technical Reference
+  Manual gives the cycle counts: ``SMLAD`` does two 16×16 MACs in one cycle (the int8 kernels of CMSIS-NN,
+  Lai et al. 2018, https://arxiv.org/abs/1801.06601, widen int8 to int16 and use it), so with the loads and the
+  widening about 1 cycle per int8 MAC → 300 pJ; ``VFMA.F32`` takes 3 cycles → 900 pJ per fp32 MAC; a 32-bit
+  load moves 4 bytes per cycle → 75 pJ per byte. Use it for the scale of energy on a microcontroller, not for
+  a datasheet-grade figure.
+- links — J. Huang, F. Qian, A. Gerber, Z. M. Mao, S. Sen, O. Spatscheck, "A Close Examination of Performance
+  and Power Characteristics of 4G LTE Networks", MobiSys 2012, doi:10.1145/2307636.2307658: the data-transfer
+  power model of their Table 3, ``P = α_u·t_u + α_d·t_d + β`` (mW, throughput t in Mbit/s), LTE α_u 438.39,
+  α_d 51.97, β 1288.04; Wi-Fi α_u 283.17, α_d 137.01, β 132.86. The paper gives power, not energy per byte:
+  energy per bit at throughput ``t`` is ``(α·t + β)/t`` nJ (a transfer pays the base power β for as long as
+  it lasts), so per-byte figures depend on the throughput assumed. LTE is evaluated at the paper's own median
+  throughputs (6 Mbit/s up, 13 Mbit/s down, from its 4GTest measurements); Wi-Fi at 10 / 20 Mbit/s, an
+  assumption of ours. The radio's tail energy after a transfer (long for LTE, the main reason the paper
+  finds LTE up to 23× less efficient than Wi-Fi in real traces) is left out, so these are lower bounds.
 """
 
 from __future__ import annotations
@@ -78,10 +90,15 @@ PROFILES: dict[str, DeviceProfile] = {
         4.6,
         0.23,
         160.0,
-        "Horowitz ISSCC 2014, 45 nm: FP32 mul+add, INT8 mul+add, DRAM 64-bit access",
+        "Horowitz ISSCC 2014 (45 nm): fp32 mul 3.7 + add 0.9 pJ; int8 mul 0.2 + add 0.03 pJ; DRAM 1.3 nJ/64 bit",
     ),
     "mcu": DeviceProfile(
-        "mcu", 900.0, 300.0, 75.0, "Cortex-M4F (STM32L4 class) ~100 µA/MHz at 3 V; CMSIS-NN ~1 int8 MAC/cycle"
+        "mcu",
+        900.0,
+        300.0,
+        75.0,
+        "estimate: STM32L476 data sheet ~100 µA/MHz at 3 V = 300 pJ/cycle; Cortex-M4 TRM cycle counts "
+        "(SMLAD 2 MACs/cycle, VFMA.F32 3 cycles)",
     ),
 }
 
@@ -96,7 +113,7 @@ class Link:
     beta_mw: float
     up_mbps: float
     down_mbps: float
-    source: str = "Huang et al. MobiSys 2012, Table 3"
+    source: str = "Huang et al. MobiSys 2012, Table 3 (power model); energy/byte derived at up_mbps/down_mbps"
 
     @property
     def uj_per_byte_up(self) -> float:
@@ -109,7 +126,8 @@ class Link:
 
 
 LINKS: dict[str, Link] = {
-    "lte": Link("lte", 438.39, 51.97, 1288.04, up_mbps=5.0, down_mbps=10.0),
+    # LTE at the paper's median measured throughputs; Wi-Fi at assumed ones (module docstring)
+    "lte": Link("lte", 438.39, 51.97, 1288.04, up_mbps=6.0, down_mbps=13.0),
     "wifi": Link("wifi", 283.17, 137.01, 132.86, up_mbps=10.0, down_mbps=20.0),
 }
 
@@ -241,12 +259,13 @@ def federated_round_cost(
     model: nn.Module,
     example: Any,
     *,
-    samples: int,
+    samples: float,
     epochs: int,
     bytes_up: int,
     bytes_down: int,
     profile: DeviceProfile | str = "phone",
     links: Sequence[Link | str] = ("wifi", "lte"),
+    forward_macs: int | None = None,
 ) -> dict[str, Any]:
     """One client's cost of one federated round: local training compute plus the radio for the round's bytes.
 
@@ -254,13 +273,14 @@ def federated_round_cost(
     Kaplan et al. 2020, https://arxiv.org/abs/2001.08361) × ``samples`` × ``epochs``, at fp32 MAC energy of the
     profile; ``example`` is a single-sample input. Radio: ``bytes_up`` sent and ``bytes_down`` received at each
     link's energy per byte (:data:`LINKS`). Returns MACs, bytes, and µJ for compute and per link, so a run
-    report can show what a round costs a phone on Wi-Fi vs LTE.
+    report can show what a round costs a phone on Wi-Fi vs LTE. ``forward_macs`` (MACs of one sample's forward
+    pass) skips counting them again when the caller already has them (a run's rounds all share one model).
     """
-    if samples < 0 or epochs < 0 or bytes_up < 0 or bytes_down < 0:
+    if samples < 0 or epochs < 0 or bytes_up < 0 or bytes_down < 0 or (forward_macs or 0) < 0:
         raise ConfigError("samples, epochs and byte counts must be non-negative")
     prof = PROFILES[profile] if isinstance(profile, str) else profile
-    fwd = count_macs(model, example)["macs"]
-    train_macs = 3 * fwd * samples * epochs
+    fwd = count_macs(model, example)["macs"] if forward_macs is None else int(forward_macs)
+    train_macs = round(3 * fwd * samples * epochs)
     compute_uj = train_macs * prof.pj_per_mac_fp32 / 1e6
     radio = {}
     for link in links:
@@ -325,6 +345,6 @@ def deploy_cost(
     rows["note"] = (
         "Estimates per batch-1 inference: dense MACs (ORT does not skip zeros) × pJ/MAC + (weights + 2 × "
         "activations) × pJ/byte, profiles in deltaplane.deploy.cost (phone: Horowitz ISSCC 2014, 45 nm; mcu: "
-        "Cortex-M4F class)."
+        "estimate for a Cortex-M4F class microcontroller)."
     )
     return rows
