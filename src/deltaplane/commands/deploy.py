@@ -265,6 +265,8 @@ def _table(manifest: dict[str, Any], title: str):
             fp, cp = f"{row['fp32']:.4f}", f"{row['compressed']:.4f}"
         else:
             fp, cp = f"{100 * row['fp32']:.2f}%", f"{100 * row['compressed']:.2f}%"
+        if "fp32_loss" in row:  # token classifiers and decoders: cross-entropy under attack as well
+            fp, cp = f"{fp} (loss {row['fp32_loss']:.3f})", f"{cp} (loss {row['compressed_loss']:.3f})"
         t.add_row(
             f"{row['attack']} ε={row['eps']:g} {adv.get('metric', 'accuracy')}",
             fp,
@@ -401,14 +403,18 @@ def register(app: typer.Typer) -> None:
         ] = 5.0,
         max_adv_drop: Annotated[
             float,
-            typer.Option(help="gate: FGSM/PGD accuracy (encoders: mean cosine ×100) lost vs fp32 at any ε"),
+            typer.Option(
+                help="gate: FGSM/PGD accuracy (encoders: mean cosine ×100; decoders: next-token accuracy) lost "
+                "vs fp32 at any ε"
+            ),
         ] = 10.0,
         attack_eps: Annotated[
             list[float] | None,
             typer.Option(
-                help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): classifiers on inputs [0.02 0.05 0.1], "
-                "sentence encoders on input embeddings, relative to their std [0.05 0.1]",
-                show_default="0.02 0.05 0.1 (classifiers), 0.05 0.1 (encoders)",
+                help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): tensor classifiers on inputs [0.02 0.05 0.1], "
+                "token models (encoders, sequence classifiers, decoders) on input embeddings, relative to "
+                "their std [0.05 0.1]",
+                show_default="0.02 0.05 0.1 (tensor classifiers), 0.05 0.1 (token models)",
             ),
         ] = None,
         recover: Annotated[
@@ -608,7 +614,7 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, 
         progress=say,
         extra=extra,
         recover=recover,
-        adversarial_eps=eps if task == "sentence-embedding" else (),
+        adversarial_eps=eps,
     )
 
 
