@@ -225,14 +225,6 @@ def _table(manifest: dict[str, Any], title: str):
             t.add_row("KL(fp32 ‖ compressed) nats", "0", f"{fid['kl_mean_nats']:.4g}", "")
         if "accuracy" in fid:
             t.add_row("accuracy", f"{100 * fid['accuracy_fp32']:.2f}%", f"{100 * fid['accuracy']:.2f}%", "")
-        mem = manifest.get("memory")
-        if mem:
-            t.add_row(
-                "peak activations (bytes)",
-                f"{mem['fp32']['peak_activation_bytes']:,}",
-                f"{mem['compressed']['peak_activation_bytes']:,}",
-                "",
-            )
         for b, lat in manifest.get("latency_us", {}).items():
             t.add_row(
                 f"latency b={b} p50 µs",

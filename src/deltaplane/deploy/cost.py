@@ -68,6 +68,7 @@ __all__ = [
     "Link",
     "activation_memory",
     "count_macs",
+    "count_onnx_macs",
     "federated_round_cost",
     "inference_cost",
 ]
@@ -145,8 +146,9 @@ def count_macs(model: nn.Module, example: Any) -> dict[str, int]:
     """``{"macs": dense MACs, "nonzero_macs": MACs with zero weights skipped}`` for one forward pass on
     ``example`` (a tensor, a tuple of positional args or a dict of keyword args).
 
-    Dense MACs come from ``FlopCounterMode`` (FLOPs / 2); the non-zero count subtracts, for every Linear and
-    Conv2d, its MACs times its weight's fraction of zeros (measured with forward hooks on the same pass).
+    Dense MACs come from ``FlopCounterMode`` (FLOPs / 2), with scaled-dot-product attention run by its math
+    backend so the attention products are counted; the non-zero count subtracts, for every Linear and Conv2d,
+    its MACs times its weight's fraction of zeros (measured with forward hooks on the same pass).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -162,8 +164,12 @@ def count_macs(model: nn.Module, example: Any) -> dict[str, int]:
         per_layer.append((int(macs), float((w == 0).float().mean())))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        with FlopCounterMode(display=False) as counter:
+        # the math backend spells attention out as matmuls the counter sees; the fused CPU kernel it would
+        # otherwise pick is not counted at all (Q·Kᵀ and weights·V would be missing)
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             model.eval()(*args, **kwargs)
     finally:
         for h in handles:
@@ -171,6 +177,153 @@ def count_macs(model: nn.Module, example: Any) -> dict[str, int]:
     macs = int(counter.get_total_flops()) // 2
     skipped = sum(m * zero for m, zero in per_layer)
     return {"macs": macs, "nonzero_macs": round(macs - skipped)}
+
+
+#: ops whose multiply-accumulates are counted in an ONNX graph (their float, integer and quantized forms)
+ONNX_MAC_OPS = (
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulNBits",
+)
+
+
+def _onnx_shapes(model: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape for these feeds: ONNX shape inference first, then (for what it could not infer,
+    e.g. contrib ops) the shapes of a real ONNX Runtime run with every intermediate exposed."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:  # pin the feeds' concrete shapes, so inference needs no symbolic dims
+        if inp.name in feeds:
+            dims = inp.type.tensor_type.shape.dim
+            for d, n in zip(dims, np.asarray(feeds[inp.name]).shape, strict=False):
+                d.ClearField("dim_param")
+                d.dim_value = int(n)
+    shapes: dict[str, tuple[int, ...]] = {i.name: tuple(int(x) for x in i.dims) for i in m.graph.initializer}
+    shapes |= {k: tuple(np.asarray(v).shape) for k, v in feeds.items()}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            dims = vi.type.tensor_type.shape.dim
+            if dims and all(d.HasField("dim_value") for d in dims):
+                shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    except Exception:  # inference is best effort (contrib ops): the run below covers what it misses
+        pass
+    wanted = {
+        name
+        for node in m.graph.node
+        if node.op_type in ONNX_MAC_OPS
+        for name in [*node.input[:2], *node.output[:1]]
+        if name and name not in shapes
+    }
+    if wanted:
+        outputs = {o.name for o in m.graph.output}
+        for name in wanted - outputs:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        for name, value in zip(names, sess.run(None, dict(feeds)), strict=True):
+            shapes.setdefault(name, tuple(np.asarray(value).shape))
+    return shapes
+
+
+def count_onnx_macs(
+    onnx_model: bytes | str | os.PathLike[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """MACs of one run of an ONNX graph on ``feeds``, counted from its MatMul / Gemm / Conv shapes.
+
+    For a model that comes in as ONNX there is no PyTorch module to count on, so the count is read off the graph:
+    ``MatMul`` (and ``MatMulInteger``, ``QLinearMatMul``) costs ``output elements × K`` with ``K`` the last
+    dimension of its first input; ``Gemm`` ``M × N × K`` (``transA`` respected); ``Conv`` (and ``ConvInteger``,
+    ``QLinearConv``) ``output elements × in_channels/groups × kernel``; ``MatMulNBits`` ``rows × N × K`` from its
+    attributes. Shapes come from ONNX shape inference, completed by a real run where inference cannot reach.
+    ``nonzero_macs`` scales each op by the share of non-zero entries of its constant weight (what a sparse kernel
+    could skip to). Returns ``{"macs", "nonzero_macs", "by_op": {op_type: macs}}``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+    model = onnx.load_from_string(data)
+    shapes = _onnx_shapes(model, feeds)
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def density(name: str, zero_point: str | None = None) -> float:
+        if name not in inits:
+            return 1.0  # a weight computed at run time (e.g. dequantized): counted dense
+        w = numpy_helper.to_array(inits[name])
+        zero = 0
+        if zero_point and zero_point in inits:
+            zp = numpy_helper.to_array(inits[zero_point])
+            zero = zp.reshape(-1)[0] if zp.size == 1 else None
+        if zero is None:
+            return 1.0
+        return float((w != zero).mean()) if w.size else 1.0
+
+    total, nonzero, by_op = 0, 0.0, {}
+    for node in model.graph.node:
+        op, ins = node.op_type, list(node.input)
+        if op not in ONNX_MAC_OPS:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        out = shapes.get(node.output[0])
+        if op == "MatMulNBits":
+            a = shapes.get(ins[0])
+            if a is None:
+                continue
+            macs = int(np.prod(a[:-1], dtype=np.int64)) * int(attrs["N"]) * int(attrs["K"])
+            dens = 1.0  # packed 4-bit blocks: zeros are not stored as such
+        elif out is None:
+            continue
+        elif op in ("Conv", "ConvInteger", "QLinearConv"):
+            w_name = ins[3] if op == "QLinearConv" else ins[1]
+            w = shapes.get(w_name)
+            if w is None:
+                continue
+            macs = int(np.prod(out, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+            zp = (
+                ins[5]
+                if op == "QLinearConv" and len(ins) > 5
+                else ins[3]
+                if op == "ConvInteger" and len(ins) > 3
+                else None
+            )
+            dens = density(w_name, zp)
+        elif op == "Gemm":
+            a = shapes.get(ins[0])
+            if a is None:
+                continue
+            k = a[0] if attrs.get("transA", 0) else a[1]
+            macs = int(np.prod(out, dtype=np.int64)) * int(k)
+            dens = density(ins[1])
+        else:  # MatMul, MatMulInteger, QLinearMatMul: (..., M, K) @ (..., K, N)
+            a = shapes.get(ins[0])
+            if a is None:
+                continue
+            w_name = ins[3] if op == "QLinearMatMul" else ins[1]
+            zp = (
+                ins[5]
+                if op == "QLinearMatMul" and len(ins) > 5
+                else ins[3]
+                if op == "MatMulInteger" and len(ins) > 3
+                else None
+            )
+            macs = int(np.prod(out, dtype=np.int64)) * int(a[-1])
+            dens = density(w_name, zp)
+        total += macs
+        nonzero += macs * dens
+        by_op[op] = by_op.get(op, 0) + macs
+    return {"macs": int(total), "nonzero_macs": round(nonzero), "by_op": by_op}
 
 
 def activation_memory(
