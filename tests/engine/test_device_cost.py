@@ -75,3 +75,15 @@ def test_compression_cuts_the_radio_share_and_the_report_shows_it(tmp_path) -> N
     assert row["device_round_uj"]["lte"] == pytest.approx(small.device_cost["mean"]["total_uj"]["lte"])
     html = files.html_path.read_text()
     assert "Device cost per round" in html and "Huang et al. MobiSys 2012" in html
+
+
+def test_a_model_the_estimate_cannot_count_keeps_its_finished_run(monkeypatch) -> None:
+    import deltaplane.engine.device_cost as device_cost
+
+    def broken(*_a, **_k):
+        raise RuntimeError("unsupported op in the FLOP counter")
+
+    monkeypatch.setattr(device_cost, "round_device_cost", broken)
+    with pytest.warns(RuntimeWarning, match="device cost not estimated.*unsupported op"):
+        result = run_federation(RunConfig(clients=2, rounds=1))
+    assert result.device_cost is None and len(result.rounds) == 1

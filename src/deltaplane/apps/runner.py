@@ -8,6 +8,7 @@ simulation engine (``deltaplane.flower``); ``transport: http`` runs devices agai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from deltaplane.engine import RoundMetrics, RunConfig, RunResult, Task
@@ -93,9 +94,15 @@ def attach_device_cost(result: RunResult) -> RunResult:
     from deltaplane.engine import make_task
     from deltaplane.engine.device_cost import round_device_cost
 
-    if result.rounds:
-        task = make_task(result.config)
+    if not result.rounds:
+        return result
+    task = make_task(result.config)
+    try:
         result.device_cost = round_device_cost(
             result, task, train_samples=_train_samples(result.config, task)
+        )
+    except Exception as exc:  # an estimate must never cost the user a finished run: say why it is missing
+        warnings.warn(
+            f"per-round device cost not estimated for task {task.name!r}: {exc}", RuntimeWarning, stacklevel=2
         )
     return result
