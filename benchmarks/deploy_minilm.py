@@ -216,7 +216,8 @@ def main() -> None:
             f"embedding tables, learning rate {LR:g} with linear warm-up then cosine decay, batch {BATCH}; masks "
             "re-applied after every step, so the 2:4 pattern is kept exactly; best held-out weights kept. "
             f"Held-out distillation loss by epoch: {curve}.",
-            f"Device cost per inference of one {tokens}-token sentence (estimates, `deltaplane.deploy.cost`; phone "
+            f"Device cost per inference of one sentence of {tokens} tokens padded to {ev.shape[2]} positions (the "
+            "evaluation batch's length; every position is computed) (estimates, `deltaplane.deploy.cost`; phone "
             f"{PROFILES['phone'].pj_per_mac_fp32} / {PROFILES['phone'].pj_per_mac_int8} pJ per fp32 / int8 MAC and "
             f"{PROFILES['phone'].pj_per_byte:g} pJ/byte, Horowitz ISSCC 2014; MCU-class "
             f"{PROFILES['mcu'].pj_per_mac_fp32:g} / {PROFILES['mcu'].pj_per_mac_int8:g} pJ, {PROFILES['mcu'].pj_per_byte:g} "
