@@ -157,6 +157,31 @@ def adversarial_eval(
     }
 
 
+def _attack_embeddings(
+    model: nn.Module,
+    ids: torch.Tensor,
+    attack: str,
+    radius: float,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    pgd_steps: int,
+    seed: int,
+) -> torch.Tensor:
+    """``model``'s input token embeddings of ``ids`` moved within an L∞ ball of ``radius`` to increase
+    ``loss_of(embeddings)``: FGSM one step of ``radius``, PGD ``pgd_steps`` steps of ``2.5·radius/steps`` from a
+    random start, projected after every step (the text form of :func:`fgsm` / :func:`pgd`)."""
+    with torch.no_grad():
+        x = model.get_input_embeddings()(ids)
+    g = torch.Generator().manual_seed(seed)
+    adv = x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
+    steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(adv), adv)
+        adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - radius), x + radius)
+    return adv.detach()
+
+
 def _embed_forward(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embedding computed from input embeddings (``inputs_embeds``)."""
     hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -205,20 +230,13 @@ def encoder_adversarial_eval(
             radius = float(e) * scale
             scores = {}
             for key, model in (("fp32", reference), ("compressed", surrogate)):
+
+                def away(emb: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+                    return (1 - (_embed_forward(model, emb, mask) * clean).sum(-1)).sum()
+
+                adv = _attack_embeddings(model, ids, attack, radius, away, pgd_steps=pgd_steps, seed=seed)
                 with torch.no_grad():
-                    x = model.get_input_embeddings()(ids)
-                g = torch.Generator().manual_seed(seed)
-                adv = (
-                    x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
-                )
-                steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
-                for _ in range(steps):
-                    adv = adv.detach().requires_grad_(True)
-                    loss = (1 - (_embed_forward(model, adv, mask) * clean).sum(-1)).sum()
-                    (grad,) = torch.autograd.grad(loss, adv)
-                    adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - radius), x + radius)
-                with torch.no_grad():
-                    scores[key] = float((_embed_forward(model, adv.detach(), mask) * clean).sum(-1).mean())
+                    scores[key] = float((_embed_forward(model, adv, mask) * clean).sum(-1).mean())
             drop = 100.0 * (scores["fp32"] - scores["compressed"])
             rows.append({"attack": attack, "eps": float(e), **scores, "drop_points": drop})
             drops[f"{attack} ε={e:g}"] = drop
@@ -303,20 +321,13 @@ def token_adversarial_eval(
             radius = float(e) * scale
             result: dict[str, float] = {}
             for key, model in (("fp32", reference), ("compressed", surrogate)):
+
+                def wrong(emb: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+                    return (per_item(_token_logits(model, emb, mask))[0] * weight).sum()
+
+                adv = _attack_embeddings(model, ids, attack, radius, wrong, pgd_steps=pgd_steps, seed=seed)
                 with torch.no_grad():
-                    x = model.get_input_embeddings()(ids)
-                g = torch.Generator().manual_seed(seed)
-                adv = (
-                    x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
-                )
-                steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
-                for _ in range(steps):
-                    adv = adv.detach().requires_grad_(True)
-                    loss = (per_item(_token_logits(model, adv, mask))[0] * weight).sum()
-                    (grad,) = torch.autograd.grad(loss, adv)
-                    adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - radius), x + radius)
-                with torch.no_grad():
-                    ce, hit = per_item(_token_logits(model, adv.detach(), mask))
+                    ce, hit = per_item(_token_logits(model, adv, mask))
                 result[key] = float((hit * weight).sum()) / total
                 result[f"{key}_loss"] = float((ce * weight).sum()) / total
             drop = 100.0 * (result["fp32"] - result["compressed"])

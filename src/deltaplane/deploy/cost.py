@@ -67,6 +67,7 @@ __all__ = [
     "DeviceProfile",
     "Link",
     "activation_memory",
+    "cost_row",
     "count_macs",
     "count_onnx_macs",
     "federated_round_cost",
@@ -459,6 +460,25 @@ def profiles_table() -> list[dict[str, Any]]:
     ]
 
 
+def cost_row(
+    macs: Mapping[str, Any], memory: Mapping[str, int], model_bytes: int, int8: bool
+) -> dict[str, Any]:
+    """One model's entry of a manifest's ``device_cost``: its MAC count (:func:`count_macs` or
+    :func:`count_onnx_macs`), activation memory (:func:`activation_memory`), bytes and energy per profile."""
+    return {
+        **macs,
+        "model_bytes": model_bytes,
+        **memory,
+        "int8_compute": int8,
+        "energy_uj": inference_cost(
+            macs=macs["macs"],
+            weight_bytes=memory["weight_bytes"],
+            total_activation_bytes=memory["total_activation_bytes"],
+            int8=int8,
+        ),
+    }
+
+
 def deploy_cost(
     reference: nn.Module,
     compressed: nn.Module,
@@ -476,25 +496,12 @@ def deploy_cost(
     ``fp32_onnx`` is the float graph of the reference architecture, ``shipped_onnx`` what the artifact decodes
     to; ``example``/``feeds`` the same batch-1 input for PyTorch and ONNX Runtime.
     """
-    rows = {}
+    rows: dict[str, Any] = {}
     for key, model, graph, nbytes, is_int8 in (
         ("fp32", reference, fp32_onnx, fp32_bytes, False),
         ("compressed", compressed, shipped_onnx, artifact_bytes, int8),
     ):
-        macs = count_macs(model, example)
-        mem = activation_memory(graph, feeds)
-        rows[key] = {
-            **macs,
-            "model_bytes": nbytes,
-            **mem,
-            "int8_compute": is_int8,
-            "energy_uj": inference_cost(
-                macs=macs["macs"],
-                weight_bytes=mem["weight_bytes"],
-                total_activation_bytes=mem["total_activation_bytes"],
-                int8=is_int8,
-            ),
-        }
+        rows[key] = cost_row(count_macs(model, example), activation_memory(graph, feeds), nbytes, is_int8)
     rows["note"] = (
         "Estimates per batch-1 inference: dense MACs (ORT does not skip zeros) × pJ/MAC + (weights + 2 × "
         "activations) × pJ/byte, profiles in deltaplane.deploy.cost (phone: Horowitz ISSCC 2014, 45 nm; mcu: "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from deltaplane.deploy.artifact import pack_onnx, read_artifact
-from deltaplane.deploy.cost import activation_memory, count_onnx_macs, inference_cost
+from deltaplane.deploy.cost import activation_memory, cost_row, count_onnx_macs
 from deltaplane.deploy.encoder import cosine_similarity_rows
 from deltaplane.deploy.gates import Gates
 from deltaplane.deploy.onnx import ort_session
@@ -256,18 +256,7 @@ def deploy_onnx_model(
             ("compressed", onnx_bytes, info.nbytes, quant.startswith("int8")),
         ):
             macs, mem = count_onnx_macs(graph, eval_feeds[0]), activation_memory(graph, eval_feeds[0])
-            device_cost[key] = {
-                **macs,
-                "model_bytes": nbytes,
-                **mem,
-                "int8_compute": int8,
-                "energy_uj": inference_cost(
-                    macs=macs["macs"],
-                    weight_bytes=mem["weight_bytes"],
-                    total_activation_bytes=mem["total_activation_bytes"],
-                    int8=int8,
-                ),
-            }
+            device_cost[key] = cost_row(macs, mem, nbytes, int8)
         device_cost["note"] = (
             "Estimates per batch-1 inference: MACs counted from the graph's MatMul/Gemm/Conv shapes (ONNX shape "
             "inference), × pJ/MAC + (weights + 2 × activations) × pJ/byte, profiles in deltaplane.deploy.cost."
