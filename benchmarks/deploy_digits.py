@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from _record import record, table
+from deltaplane.apps.runner import attach_device_cost
 from deltaplane.cli import DEFAULT_RUN_CODEC
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.deploy import (
@@ -47,7 +48,7 @@ from deltaplane.deploy import (
     register_architecture,
     save_checkpoint,
 )
-from deltaplane.deploy.cost import LINKS, PROFILES, federated_round_cost
+from deltaplane.deploy.cost import LINKS, PROFILES
 from deltaplane.sim.config import RunConfig
 from deltaplane.sim.model import DigitsCNN
 from deltaplane.sim.simulation import run_simulation
@@ -67,7 +68,7 @@ def main() -> None:
     train_set, test_set = train_test_split(load_digits(), seed=SEED)
     xtr, ytr = train_set.x, train_set.y
     xte, yte = test_set.x.numpy(), test_set.y.numpy()
-    run = run_simulation(RunConfig(codec=DEFAULT_RUN_CODEC, seed=SEED))
+    run = attach_device_cost(run_simulation(RunConfig(codec=DEFAULT_RUN_CODEC, seed=SEED)))
     register_architecture("DigitsCNN", lambda cfg: DigitsCNN())
     ckpt_dir = Path(tempfile.mkdtemp())
     save_checkpoint(run.final_state, ckpt_dir / "digits", {"architecture": "DigitsCNN"})
@@ -209,24 +210,17 @@ def main() -> None:
         else "**MISSED** by every level"
     )
     b_lat = fp32_eval.latency
-    # Per-round device cost of the federated run itself: a mean client's local training + its share of the bytes.
+    # Per-round device cost of the federated run itself: what `deltaplane run` puts in its report (RunResult.device_cost)
     cfg = run.config
-    per_client_up = [r.uplink_bytes / max(r.clients, 1) for r in run.rounds]
-    per_client_down = [r.downlink_bytes / max(r.clients, 1) for r in run.rounds]
-    samples = len(ytr) // cfg.clients
-    fed = federated_round_cost(
-        DigitsCNN(),
-        xtr[:1],
-        samples=samples,
-        epochs=cfg.local_epochs,
-        bytes_up=round(sum(per_client_up) / len(per_client_up)),
-        bytes_down=round(sum(per_client_down) / len(per_client_down)),
-    )
+    dc = run.device_cost
+    fed = dc["mean"]
+    samples = dc["train_samples_per_device"]
+    per_round_lte = [r["total_uj"]["lte"] for r in dc["per_round"]]
     fed_rows = (
         [
-            ["local training (fp32 MACs)", f"{fed['train_macs']:,}", "", f"{fed['compute_uj']:.0f}"],
-            ["upload (mean per client per round)", "", f"{fed['bytes_up']:,}", ""],
-            ["download (mean per client per round)", "", f"{fed['bytes_down']:,}", ""],
+            ["local training (fp32 MACs)", f"{fed['train_macs']:,.0f}", "", f"{fed['compute_uj']:.0f}"],
+            ["upload (mean per device per round)", "", f"{fed['bytes_up']:,.0f}", ""],
+            ["download (mean per device per round)", "", f"{fed['bytes_down']:,.0f}", ""],
         ]
         + [[f"radio over {k} (up + down)", "", "", f"{v:.0f}"] for k, v in fed["radio_uj"].items()]
         + [[f"total per round, {k}", "", "", f"{v:.0f}"] for k, v in fed["total_uj"].items()]
@@ -286,7 +280,8 @@ def main() -> None:
             f"{PROFILES['phone'].pj_per_mac_fp32} / {PROFILES['phone'].pj_per_mac_int8} pJ per fp32 / int8 MAC, "
             f"{PROFILES['phone'].pj_per_byte:g} pJ/byte (Horowitz ISSCC 2014, 45 nm); mcu "
             f"{PROFILES['mcu'].pj_per_mac_fp32:g} / {PROFILES['mcu'].pj_per_mac_int8:g} pJ, "
-            f"{PROFILES['mcu'].pj_per_byte:g} pJ/byte (Cortex-M4F class).",
+            f"{PROFILES['mcu'].pj_per_byte:g} pJ/byte (an estimate for a Cortex-M4F class microcontroller from its "
+            "data sheet current and cycle counts; sources and arithmetic in `deltaplane.deploy.cost`).",
             table(
                 [
                     "level",
@@ -300,12 +295,17 @@ def main() -> None:
                 ],
                 cost_rows,
             ),
-            f"Per-round device cost of this federated run (phone profile; {cfg.clients} clients, "
-            f"{cfg.clients_per_round()} per round, {cfg.local_epochs} local epochs over ≈ {samples} samples; bytes "
-            "are the run's measured uplink/downlink per participating client, averaged over rounds; radio: Huang et "
-            f"al. 2012 power model, {LINKS['wifi'].uj_per_byte_up:.2f} / {LINKS['wifi'].uj_per_byte_down:.2f} µJ "
-            f"per byte up/down on Wi-Fi, {LINKS['lte'].uj_per_byte_up:.2f} / {LINKS['lte'].uj_per_byte_down:.2f} on "
-            "LTE; tail energy excluded):",
+            f"Per-round device cost of this federated run, as `deltaplane run` reports it (`RunResult.device_cost`, "
+            f"phone profile; {cfg.clients} clients, {cfg.clients_per_round()} per round, {cfg.local_epochs} local "
+            f"epochs over {samples:.1f} samples on a mean device, {dc['forward_macs_per_sample']:,} forward MACs per "
+            "sample, training ≈ 3× forward; bytes are the run's measured uplink/downlink per participating device, "
+            "averaged over rounds; radio: the power model of Huang et al., MobiSys 2012, Table 3 at "
+            f"{LINKS['wifi'].up_mbps:g} / {LINKS['wifi'].down_mbps:g} Mbit/s Wi-Fi (assumed) and "
+            f"{LINKS['lte'].up_mbps:g} / {LINKS['lte'].down_mbps:g} Mbit/s LTE (the paper's medians): "
+            f"{LINKS['wifi'].uj_per_byte_up:.2f} / {LINKS['wifi'].uj_per_byte_down:.2f} µJ per byte up/down on "
+            f"Wi-Fi, {LINKS['lte'].uj_per_byte_up:.2f} / {LINKS['lte'].uj_per_byte_down:.2f} on LTE; tail energy "
+            f"excluded, so lower bounds). Across the {len(per_round_lte)} rounds the LTE total per device ranges "
+            f"{min(per_round_lte):.0f}–{max(per_round_lte):.0f} µJ:",
             table(["item", "MACs", "bytes", "µJ"], fed_rows),
         ]
     )

@@ -30,6 +30,11 @@ def test_run_writes_reports_and_prints_the_comparison(tmp_path: Path) -> None:
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert "compressed" in result.output and f"{ratio:.1f}×" in result.output
     assert "report.html" in result.output
+    # what a round cost a device, per run: the compressed run's radio is cheaper on the same training work
+    assert "device cost per round" in result.output
+    costs = [r["device_cost"]["mean"] for r in doc["runs"]]
+    assert costs[1]["total_uj"]["lte"] < costs[0]["total_uj"]["lte"]
+    assert f"{costs[1]['total_uj']['lte'] / 1e3:.2f}" in result.output
 
 
 def test_config_file_and_options(tmp_path: Path) -> None:

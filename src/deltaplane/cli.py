@@ -277,6 +277,9 @@ def run(
             else ""
         )
         console.print(_summary_table(rows, cfg.describe_aggregation() + where, task_name))
+        cost_table = _device_cost_table(results)
+        if cost_table is not None:
+            console.print(cost_table)
         for row in rows:
             _warn_far_below_baseline(row)
         stopped = [r for r in results if r.get("stopped")]
@@ -571,6 +574,34 @@ def _summary_table(rows: list[dict[str, Any]], aggregation: str, task: str = "di
             f"{ratio:.1f}×" if ratio is not None else "—",
             *("—" if r.get(k) is None else f.format(r[k]) for _, k, f in extra),
             f"{r['wall_time_s']:.1f} s",
+        )
+    return table
+
+
+def _device_cost_table(results: list[dict[str, Any]]) -> Table | None:
+    """What one round cost a mean participating device, per run (``RunResult.device_cost``), or None."""
+    runs = [r for r in results if r.get("device_cost")]
+    if not runs:
+        return None
+    first = runs[0]["device_cost"]
+    links = list(first["mean"]["total_uj"])
+    table = Table(
+        title=f"device cost per round (mean participating device, {first['profile']} profile; estimates)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("run", no_wrap=True)
+    for header in ("training\nMACs", "training\nmJ", "sent\nreceived", *(f"total mJ\n{k}" for k in links)):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in runs:
+        m = r["device_cost"]["mean"]
+        table.add_row(
+            r["name"],
+            f"{m['train_macs'] / 1e6:,.1f} M",
+            f"{m['compute_uj'] / 1e3:.2f}",
+            f"{_human_bytes(round(m['bytes_up']))}\n{_human_bytes(round(m['bytes_down']))}",
+            *(f"{m['total_uj'][k] / 1e3:.2f}" for k in links),
         )
     return table
 

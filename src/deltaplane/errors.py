@@ -20,6 +20,7 @@ __all__ = [
     "IncompatibleDefense",
     "IntegrityError",
     "InvalidUpdate",
+    "MissingTokenizer",
     "NotFound",
     "NotPrivatizable",
     "PrivacyBudgetExceeded",
@@ -120,6 +121,11 @@ class TaskError(DeltaplaneError, ValueError):
     """A task (the user's model and data) cannot be loaded or does not fit together: a task path that does not
     import, a factory that returns something else than a :class:`~deltaplane.engine.Task`, or a model whose
     output does not match the data's inputs or labels."""
+
+
+class MissingTokenizer(ConfigError):
+    """A token model has to be measured on text but no tokenizer was found; the message names the fixes
+    (put the tokenizer files in the checkpoint folder, ``--tokenizer DIR``, or ``--random-tokens``)."""
 
 
 class UnsupportedOption(ConfigError):

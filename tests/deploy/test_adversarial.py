@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from deltaplane.commands.deploy import register
 from deltaplane.deploy import save_checkpoint, torch_predictor
-from deltaplane.deploy.adversarial import adversarial_eval, fgsm, pgd
+from deltaplane.deploy.adversarial import adversarial_eval, fgsm, pgd, token_adversarial_eval
 from deltaplane.errors import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_cli_adversarial_gate_blocks_a_level(tmp_path, trained_cnn):
 def test_encoder_attack_on_input_embeddings():
     transformers = pytest.importorskip("transformers")
     from deltaplane.deploy.adversarial import encoder_adversarial_eval
-    from deltaplane.deploy.tokens import deploy_token_model, random_tokens
+    from deltaplane.deploy.tokens import random_tokens
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -89,12 +89,69 @@ def test_encoder_attack_on_input_embeddings():
     assert res["metric"] == "cosine" and all(r["drop_points"] == 0.0 for r in res["rows"])
     pgd = {r["eps"]: r["fp32"] for r in res["rows"] if r["attack"] == "pgd"}
     assert pgd[2.0] < pgd[0.5] < 1.0  # a larger budget moves the embedding further
-    with pytest.raises(ConfigError, match="sentence encoders only"):
-        deploy_token_model(
-            enc,
-            "unused",
-            task="text-classification",
-            eval_tokens=toks,
-            calib_tokens=toks,
-            adversarial_eps=(0.1,),
-        )
+    with pytest.raises(ConfigError, match="text-classification and next-token"):
+        token_adversarial_eval(enc, enc, toks, task="sentence-embedding")
+
+
+def _tiny(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=3, initializer_range=0.5,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_decoder_attack_raises_the_next_token_loss_from_hugging_faces_own():
+    from deltaplane.deploy.tokens import random_tokens
+
+    lm = _tiny("gpt2")
+    toks = random_tokens(97, 6, 12, seed=4)
+    ids = torch.from_numpy(toks[:, 0])
+    with torch.no_grad():  # Hugging Face's own shifted next-token loss and accuracy on the clean inputs
+        out = lm(input_ids=ids, labels=ids)
+        clean_acc = float((out.logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean())
+    res = token_adversarial_eval(lm, lm, toks, task="next-token", eps=(1e-6, 1.0))
+    assert all(r["drop_points"] == 0.0 for r in res["rows"])  # same model: no gap
+    tiny = {r["attack"]: r for r in res["rows"] if r["eps"] == 1e-6}
+    big = {r["attack"]: r for r in res["rows"] if r["eps"] == 1.0}
+    assert tiny["pgd"]["fp32_loss"] == pytest.approx(float(out.loss), rel=1e-3)
+    assert tiny["fgsm"]["fp32"] == pytest.approx(clean_acc)
+    assert big["pgd"]["fp32_loss"] > float(out.loss) + 0.1 and big["fgsm"]["fp32_loss"] > float(out.loss)
+
+
+def test_sequence_classifier_attack_targets_fp32s_clean_class():
+    from deltaplane.deploy.tokens import random_tokens
+
+    clf = _tiny("bert-cls")
+    toks = random_tokens(97, 16, 10, seed=5)
+    res = token_adversarial_eval(clf, clf, toks, task="text-classification", eps=(1e-6, 0.5, 2.0))
+    pgd = {r["eps"]: r["fp32"] for r in res["rows"] if r["attack"] == "pgd"}
+    assert pgd[1e-6] == 1.0  # a negligible budget keeps every clean prediction
+    assert pgd[0.5] < 1.0 and pgd[2.0] < 1.0  # a real budget flips some of them
+
+
+def test_cli_gates_a_pruned_decoder_on_adversarial_next_token_accuracy(tmp_path):
+    lm = _tiny("gpt2")
+    lm.save_pretrained(tmp_path / "lm")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    base = ["deploy", str(tmp_path / "lm"), "--random-tokens", "--prune", "0.9", "--quant", "none"]
+    base += ["--attack-eps", "0.5", "--max-accuracy-drop", "100"]
+    r = CliRunner().invoke(app, [*base, "--max-adv-drop", "100", "-o", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    rows = m["adversarial"]["rows"]
+    assert {r["attack"] for r in rows} == {"fgsm", "pgd"} and all("compressed_loss" in r for r in rows)
+    assert "next-token accuracy" in m["adversarial"]["method"]
+    card = (tmp_path / "ok" / "MODEL_CARD.md").read_text()
+    assert "## Adversarial robustness" in card and "(loss " in card
+    worst = max(m["quality"]["adversarial_drop_points"].values())
+    limit = worst - 0.5  # just under what was measured: the same deploy must now be refused
+    r = CliRunner().invoke(app, [*base, "--max-adv-drop", f"{limit}", "-o", str(tmp_path / "no")])
+    assert r.exit_code == 3 and "max-adv-drop" in r.output and not (tmp_path / "no").exists()

@@ -168,7 +168,9 @@ def test_cli_deploys_hf_architectures_built_from_config(tmp_path, kind, task, ro
     for k, v in model.state_dict().items():  # strict load, tied LM head included
         assert torch.equal(ck.model.state_dict()[k], v), k
     out = tmp_path / "out"
-    r = CliRunner().invoke(_app(), ["deploy", str(folder), "--quant", "int8", "-o", str(out)])
+    r = CliRunner().invoke(
+        _app(), ["deploy", str(folder), "--quant", "int8", "--random-tokens", "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert row in r.output and "exporting ONNX" in r.output  # progress per stage
     assert "WARNING:root" not in r.output
@@ -189,6 +191,43 @@ def test_cli_deploys_hf_architectures_built_from_config(tmp_path, kind, task, ro
         want = torch.nn.functional.normalize(want, dim=-1)
     # int8 weights: close to fp32, not equal
     assert np.abs(got - want.numpy()).max() < 0.2 * np.abs(want.numpy()).max() + 0.05
+
+
+def _word_tokenizer(folder, words: list[str]) -> None:
+    """A word-level tokenizer over ``words`` (plus [PAD], [UNK]), built and saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(str(folder))
+
+
+def test_token_model_without_tokenizer_is_refused_unless_given_one(tmp_path):
+    from deltaplane.deploy.sentences import EVAL_SENTENCES
+
+    folder, _ = _tiny_hf(tmp_path, "bert-cls")  # vocab 97, no tokenizer files
+    out = tmp_path / "out"
+    r = CliRunner().invoke(_app(), ["deploy", str(folder), "--attack-eps", "0", "-o", str(out)])
+    assert r.exit_code == 2 and "--tokenizer" in r.output and "--random-tokens" in r.output, r.output
+    assert not out.exists()  # refused before anything ran
+    words = sorted({w for s in EVAL_SENTENCES for w in s.replace(".", " ").replace("?", " ").split()})
+    _word_tokenizer(tmp_path / "tok", words[:95])  # 97 tokens: this model's vocabulary
+    r = CliRunner().invoke(
+        _app(),
+        ["deploy", str(folder), "--tokenizer", str(tmp_path / "tok"), "--attack-eps", "0", "-o", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["fidelity"]["inputs"] == len(EVAL_SENTENCES) and "inputs_note" not in m
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "held-out English sentences" in card and "random token" not in card
+    _word_tokenizer(tmp_path / "big", words[:150])  # ids past the embedding table: another model's tokenizer
+    r = CliRunner().invoke(
+        _app(), ["deploy", str(folder), "--tokenizer", str(tmp_path / "big"), "-o", str(tmp_path / "o2")]
+    )
+    assert r.exit_code == 2 and "vocab_size 97" in r.output, r.output
 
 
 USER_MODULE = textwrap.dedent(

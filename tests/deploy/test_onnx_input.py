@@ -51,7 +51,13 @@ def test_cli_deploys_an_onnx_file(tmp_path, trained_cnn, digits):
     assert m["task"] == "onnx" and m["sizes"]["compression_ratio"] > 4
     assert m["fidelity"]["accuracy"] > 0.9 and m["fidelity"]["inputs"] > 300
     assert 0.45 < m["weight_sparsity"] < 0.55 and m["gates"]["passed"]
-    assert "accuracy" in r.output and "peak activations" in r.output
+    assert "accuracy" in r.output and "peak activations" in r.output and "MACs / inference" in r.output
+    # MACs read off the graphs: the digits CNN's layer arithmetic (conv 8×64×9, conv 16×64×72, fc 256·64, 64·10),
+    # the same in the int8 graph (ConvInteger / MatMulInteger), with half the weights' MACs skippable after pruning
+    cost = m["device_cost"]
+    assert cost["fp32"]["macs"] == cost["compressed"]["macs"] == 8 * 64 * 9 + 16 * 64 * 72 + 256 * 64 + 640
+    assert cost["compressed"]["nonzero_macs"] < 0.7 * cost["fp32"]["nonzero_macs"]
+    assert "## Device cost" in (out / "MODEL_CARD.md").read_text()
     # a graph whose input is not an image: random feeds, and the card says so
     lin = torch.nn.Sequential(torch.nn.Linear(10, 3)).eval()
     p2 = export_onnx(lin, torch.randn(1, 10), tmp_path / "lin.onnx").path

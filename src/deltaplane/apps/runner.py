@@ -8,12 +8,13 @@ simulation engine (``deltaplane.flower``); ``transport: http`` runs devices agai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
-from deltaplane.engine import RoundMetrics, RunConfig, RunResult
+from deltaplane.engine import RoundMetrics, RunConfig, RunResult, Task
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
 
-__all__ = ["preflight", "run_federation"]
+__all__ = ["attach_device_cost", "preflight", "run_federation"]
 
 
 def preflight(config: RunConfig) -> None:
@@ -58,7 +59,7 @@ def run_federation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
     if config.transport == "http":
         from deltaplane.serve.federation import run_http_simulation
 
-        return run_http_simulation(config, progress=progress)
+        return attach_device_cost(run_http_simulation(config, progress=progress))
     if config.engine == "flower":
         try:
             from deltaplane.flower import run_flower
@@ -66,7 +67,41 @@ def run_federation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
             raise DeltaplaneError(
                 f"--engine flower needs Flower: pip install 'deltaplane[flower]' ({exc})"
             ) from None
-        return run_flower(config, progress=progress)
+        return attach_device_cost(run_flower(config, progress=progress))
     from deltaplane.sim import run_simulation
 
-    return run_simulation(config, progress=progress)
+    return attach_device_cost(run_simulation(config, progress=progress))
+
+
+def _train_samples(config: RunConfig, task: Task) -> float:
+    """Local training samples of a mean device, from the same partition the driver trained on."""
+    if config.engine == "population" and task.train is not None:
+        from deltaplane.sim.population import ClientPopulation
+
+        pop = ClientPopulation(config, task.train, size=config.clients, num_classes=task.num_classes)
+        ids = range(min(config.clients, 256))  # virtual shards: the mean of a fixed prefix of the fleet
+        return sum(len(pop.client(cid).train) for cid in ids) / len(ids)
+    from deltaplane.engine import build_clients
+
+    clients = build_clients(config, task)
+    return sum(c.num_samples for c in clients) / len(clients)
+
+
+def attach_device_cost(result: RunResult) -> RunResult:
+    """Fill ``result.device_cost``: what a round cost a mean participating device (compute + radio), the same
+    for every driver (:func:`~deltaplane.engine.device_cost.round_device_cost`). Returns ``result``."""
+    from deltaplane.engine import make_task
+    from deltaplane.engine.device_cost import round_device_cost
+
+    if not result.rounds:
+        return result
+    task = make_task(result.config)
+    try:
+        result.device_cost = round_device_cost(
+            result, task, train_samples=_train_samples(result.config, task)
+        )
+    except Exception as exc:  # an estimate must never cost the user a finished run: say why it is missing
+        warnings.warn(
+            f"per-round device cost not estimated for task {task.name!r}: {exc}", RuntimeWarning, stacklevel=2
+        )
+    return result

@@ -98,14 +98,48 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
     return finetune
 
 
-def _token_inputs(model_dir: Path, config: dict[str, Any], sentences: Path | None, seed: int):
-    """Evaluation and calibration token arrays: the checkpoint's tokenizer on the built-in (or ``--sentences``)
-    held-out sentences, or — for a checkpoint without tokenizer files — seeded random token ids."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _load_tokenizer(folder: Path, config: dict[str, Any], option: str):
+    """The tokenizer saved in ``folder`` (``from_pretrained``, offline), checked against the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    from deltaplane.errors import ConfigError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"the tokenizer files in {folder} ({option}) do not load ({e})") from e
+    vocab = int(config.get("vocab_size") or 0)
+    if vocab and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"the tokenizer in {folder} ({option}) has {len(tokenizer)} tokens but the model's config.json says "
+            f"vocab_size {vocab}: it is not this model's tokenizer; pass the one it was trained with"
+        )
+    return tokenizer
+
+
+def _token_inputs(
+    model_dir: Path,
+    config: dict[str, Any],
+    sentences: Path | None,
+    seed: int,
+    *,
+    tokenizer_dir: Path | None,
+    random_ids: bool,
+    distill_sentences: int,
+):
+    """Evaluation, calibration and distillation token arrays, and what they are (for the card).
+
+    Text needs the model's own tokenizer: from ``--tokenizer DIR`` or the checkpoint folder. Without one the
+    command refuses (:class:`~deltaplane.errors.MissingTokenizer`, naming both fixes) unless ``--random-tokens``
+    asks for seeded random token ids, which measure only how far compression moves the outputs."""
     import os
 
-    from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
+    from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES, corpus_split
     from deltaplane.deploy.tokens import random_tokens, tokens_from_sentences
-    from deltaplane.errors import ConfigError
+    from deltaplane.errors import ConfigError, MissingTokenizer
 
     os.environ.setdefault(
         "HF_HUB_OFFLINE", "1"
@@ -116,33 +150,48 @@ def _token_inputs(model_dir: Path, config: dict[str, Any], sentences: Path | Non
         if not eval_sentences:
             raise ConfigError(f"--sentences {sentences} holds no sentence")
     tokenizer = None
-    if model_dir.is_dir() and any(
-        (model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-    ):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"the tokenizer files in {model_dir} do not load ({e})") from e
+    if tokenizer_dir is not None:
+        if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).exists() for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"--tokenizer {tokenizer_dir} is not a folder with {' / '.join(TOKENIZER_FILES)}"
+            )
+        tokenizer = _load_tokenizer(tokenizer_dir, config, "--tokenizer")
+    elif model_dir.is_dir() and any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = _load_tokenizer(model_dir, config, "the checkpoint folder")
     if tokenizer is not None:
+        if random_ids:
+            raise ConfigError("--random-tokens and a tokenizer contradict each other; drop one")
         ev = tokens_from_sentences(tokenizer, eval_sentences)
         cal = tokens_from_sentences(tokenizer, CALIBRATION_SENTENCES)
+        extra, _ = corpus_split(distill_sentences) if distill_sentences else ([], [])
+        distill = tokens_from_sentences(tokenizer, [*CALIBRATION_SENTENCES, *extra], max_length=64)
         note = (
             f"Fidelity measured on {len(eval_sentences)} held-out English sentences; calibration on "
             f"{len(CALIBRATION_SENTENCES)} others."
         )
-        return ev, cal, note, None
+        return ev, cal, distill, note, None
+    if sentences is not None:
+        raise MissingTokenizer(
+            f"--sentences needs the model's tokenizer: {model_dir} has no {' / '.join(TOKENIZER_FILES)}; "
+            "pass --tokenizer DIR"
+        )
+    if not random_ids:
+        raise MissingTokenizer(
+            f"{model_dir} has no tokenizer files ({' / '.join(TOKENIZER_FILES)}), so there is no text to measure "
+            "on: put the model's tokenizer in that folder, pass --tokenizer DIR, or pass --random-tokens to "
+            "measure only how far compression moves the outputs on seeded random token ids"
+        )
     vocab = int(config.get("vocab_size", 0))
     if vocab < 2:
         raise ConfigError(f"{model_dir} has no tokenizer files and its config gives no vocab_size")
     ev = random_tokens(vocab, 32, 16, seed=seed + 1)
     cal = random_tokens(vocab, 24, 16, seed=seed + 2)
+    distill = random_tokens(vocab, 256, 16, seed=seed + 3)
     note = (
-        "No tokenizer files: fidelity measured on 32 seeded random token sequences (16 tokens), calibration on "
+        "--random-tokens: fidelity measured on 32 seeded random token sequences (16 tokens), calibration on "
         "24 others; this measures how far compression moves the outputs, not quality on real text."
     )
-    return ev, cal, note, note
+    return ev, cal, distill, note, note
 
 
 def _table(manifest: dict[str, Any], title: str):
@@ -176,14 +225,6 @@ def _table(manifest: dict[str, Any], title: str):
             t.add_row("KL(fp32 ‖ compressed) nats", "0", f"{fid['kl_mean_nats']:.4g}", "")
         if "accuracy" in fid:
             t.add_row("accuracy", f"{100 * fid['accuracy_fp32']:.2f}%", f"{100 * fid['accuracy']:.2f}%", "")
-        mem = manifest.get("memory")
-        if mem:
-            t.add_row(
-                "peak activations (bytes)",
-                f"{mem['fp32']['peak_activation_bytes']:,}",
-                f"{mem['compressed']['peak_activation_bytes']:,}",
-                "",
-            )
         for b, lat in manifest.get("latency_us", {}).items():
             t.add_row(
                 f"latency b={b} p50 µs",
@@ -216,6 +257,8 @@ def _table(manifest: dict[str, Any], title: str):
             fp, cp = f"{row['fp32']:.4f}", f"{row['compressed']:.4f}"
         else:
             fp, cp = f"{100 * row['fp32']:.2f}%", f"{100 * row['compressed']:.2f}%"
+        if "fp32_loss" in row:  # token classifiers and decoders: cross-entropy under attack as well
+            fp, cp = f"{fp} (loss {row['fp32_loss']:.3f})", f"{cp} (loss {row['compressed_loss']:.3f})"
         t.add_row(
             f"{row['attack']} ε={row['eps']:g} {adv.get('metric', 'accuracy')}",
             fp,
@@ -352,14 +395,18 @@ def register(app: typer.Typer) -> None:
         ] = 5.0,
         max_adv_drop: Annotated[
             float,
-            typer.Option(help="gate: FGSM/PGD accuracy (encoders: mean cosine ×100) lost vs fp32 at any ε"),
+            typer.Option(
+                help="gate: FGSM/PGD accuracy (encoders: mean cosine ×100; decoders: next-token accuracy) lost "
+                "vs fp32 at any ε"
+            ),
         ] = 10.0,
         attack_eps: Annotated[
             list[float] | None,
             typer.Option(
-                help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): classifiers on inputs [0.02 0.05 0.1], "
-                "sentence encoders on input embeddings, relative to their std [0.05 0.1]",
-                show_default="0.02 0.05 0.1 (classifiers), 0.05 0.1 (encoders)",
+                help="L∞ ε for FGSM/PGD (repeatable; 0 = skip): tensor classifiers on inputs [0.02 0.05 0.1], "
+                "token models (encoders, sequence classifiers, decoders) on input embeddings, relative to "
+                "their std [0.05 0.1]",
+                show_default="0.02 0.05 0.1 (tensor classifiers), 0.05 0.1 (token models)",
             ),
         ] = None,
         recover: Annotated[
@@ -378,6 +425,28 @@ def register(app: typer.Typer) -> None:
                 show_default="1e-3 classifiers, 1e-4 next-token",
             ),
         ] = None,
+        recover_sentences: Annotated[
+            int,
+            typer.Option(
+                help="--recover distill on text: sentences of the standard library's docstrings and help "
+                "topics added to the 64 built-in calibration sentences (10% held out for early stopping)"
+            ),
+        ] = 4000,
+        tokenizer: Annotated[
+            Path | None,
+            typer.Option(
+                help="token models: folder with the model's tokenizer files",
+                show_default="the checkpoint folder",
+            ),
+        ] = None,
+        random_tokens: Annotated[
+            bool,
+            typer.Option(
+                "--random-tokens",
+                help="token models without a tokenizer: measure on seeded random token ids (how far compression "
+                "moves the outputs, not quality on text)",
+            ),
+        ] = False,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
         threads: Threads = DEFAULT_THREADS,
     ) -> None:
@@ -404,6 +473,8 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
                 if recover == "distill" and (prune == "none" or epochs < 1):
                     raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
+                if recover_sentences < 0:
+                    raise ConfigError(f"--recover-sentences must be >= 0. Found {recover_sentences}")
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
@@ -415,8 +486,14 @@ def register(app: typer.Typer) -> None:
                         if fmt != "onnx":
                             raise ConfigError("token models deploy as --format onnx")
                         eps = [0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
+                        text = {
+                            "sentences": sentences,
+                            "tokenizer_dir": tokenizer,
+                            "random_ids": random_tokens,
+                            "distill_sentences": recover_sentences if rec is not None else 0,
+                        }
                         res = _deploy_tokens(
-                            ckpt, model, out, kind, prune, quant, sentences, seed, gates, say, rec, eps
+                            ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps
                         )
                     elif kind == "classification":
                         eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
@@ -496,12 +573,11 @@ def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
     )
 
 
-def _deploy_tokens(
-    ckpt, model: Path, out: Path, task: str, prune, quant, sentences, seed, gates, say, rec, eps
-):
+def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps):
     from deltaplane.deploy.tokens import deploy_token_model
 
-    ev, cal, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed)
+    sentences = text.pop("sentences")
+    ev, cal, distill, data_note, inputs_note = _token_inputs(model, ckpt.config, sentences, seed, **text)
     use = {
         "sentence-embedding": "Sentence embeddings (semantic search, clustering) on device with ONNX Runtime.",
         "text-classification": "Text classification on device with ONNX Runtime.",
@@ -513,7 +589,9 @@ def _deploy_tokens(
         from deltaplane.deploy.recovery import distill_recover
 
         _, epochs, lr = rec
-        recover = distill_recover(ckpt.model, cal, task=task, epochs=epochs, lr=lr or 1e-4, seed=seed)
+        recover = distill_recover(
+            ckpt.model, distill, task=task, epochs=epochs, lr=lr or 1e-4, seed=seed, progress=say
+        )
     return deploy_token_model(
         ckpt.model,
         out,
@@ -530,7 +608,7 @@ def _deploy_tokens(
         progress=say,
         extra=extra,
         recover=recover,
-        adversarial_eps=eps if task == "sentence-embedding" else (),
+        adversarial_eps=eps,
     )
 
 

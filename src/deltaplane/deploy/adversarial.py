@@ -8,7 +8,11 @@ measures accuracy under attack for both models, under the same attack budget:
 - **PGD** (Madry et al. 2018, https://arxiv.org/abs/1706.06083): ``steps`` signed-gradient steps of size
   ``α = 2.5 ε / steps`` from a random start in the L∞ ball, projected back onto it after every step.
 
-Both are L∞ attacks on the cross-entropy of the true label, clipped to the data's range. The fp32 model is
+Both are L∞ attacks on the cross-entropy of the true label, clipped to the data's range. Text models have no
+continuous input, so they are attacked on their input token embeddings (``inputs_embeds``) with ε relative to the
+embedding table's standard deviation: sentence encoders on the cosine to the clean fp32 embedding
+(:func:`encoder_adversarial_eval`), sequence classifiers and decoders on cross-entropy
+(:func:`token_adversarial_eval`). The fp32 model is
 attacked white-box. The shipped artifact (ONNX Runtime, int8) has no gradients, so its adversarial inputs are
 crafted on the compressed model *before quantization* (the pruned / fine-tuned PyTorch weights) and then
 evaluated on the artifact as shipped — BPDA with quantization as the identity in the backward pass (Athalye et
@@ -26,7 +30,7 @@ from torch import nn
 
 from deltaplane.errors import ConfigError
 
-__all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "pgd"]
+__all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "pgd", "token_adversarial_eval"]
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -153,6 +157,31 @@ def adversarial_eval(
     }
 
 
+def _attack_embeddings(
+    model: nn.Module,
+    ids: torch.Tensor,
+    attack: str,
+    radius: float,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    pgd_steps: int,
+    seed: int,
+) -> torch.Tensor:
+    """``model``'s input token embeddings of ``ids`` moved within an L∞ ball of ``radius`` to increase
+    ``loss_of(embeddings)``: FGSM one step of ``radius``, PGD ``pgd_steps`` steps of ``2.5·radius/steps`` from a
+    random start, projected after every step (the text form of :func:`fgsm` / :func:`pgd`)."""
+    with torch.no_grad():
+        x = model.get_input_embeddings()(ids)
+    g = torch.Generator().manual_seed(seed)
+    adv = x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
+    steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(adv), adv)
+        adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - radius), x + radius)
+    return adv.detach()
+
+
 def _embed_forward(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embedding computed from input embeddings (``inputs_embeds``)."""
     hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -201,20 +230,13 @@ def encoder_adversarial_eval(
             radius = float(e) * scale
             scores = {}
             for key, model in (("fp32", reference), ("compressed", surrogate)):
+
+                def away(emb: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+                    return (1 - (_embed_forward(model, emb, mask) * clean).sum(-1)).sum()
+
+                adv = _attack_embeddings(model, ids, attack, radius, away, pgd_steps=pgd_steps, seed=seed)
                 with torch.no_grad():
-                    x = model.get_input_embeddings()(ids)
-                g = torch.Generator().manual_seed(seed)
-                adv = (
-                    x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
-                )
-                steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
-                for _ in range(steps):
-                    adv = adv.detach().requires_grad_(True)
-                    loss = (1 - (_embed_forward(model, adv, mask) * clean).sum(-1)).sum()
-                    (grad,) = torch.autograd.grad(loss, adv)
-                    adv = torch.minimum(torch.maximum(adv + alpha * grad.sign(), x - radius), x + radius)
-                with torch.no_grad():
-                    scores[key] = float((_embed_forward(model, adv.detach(), mask) * clean).sum(-1).mean())
+                    scores[key] = float((_embed_forward(model, adv, mask) * clean).sum(-1).mean())
             drop = 100.0 * (scores["fp32"] - scores["compressed"])
             rows.append({"attack": attack, "eps": float(e), **scores, "drop_points": drop})
             drops[f"{attack} ε={e:g}"] = drop
@@ -224,3 +246,106 @@ def encoder_adversarial_eval(
         f"{len(ids)} held-out inputs. Compressed: its PyTorch weights before quantization."
     )
     return {"method": method, "metric": "cosine", "rows": rows, "quality": {"adversarial_drop_points": drops}}
+
+
+def _token_logits(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = model(inputs_embeds=embeds, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def token_adversarial_eval(
+    reference: nn.Module,
+    surrogate: nn.Module,
+    tokens: np.ndarray,
+    *,
+    task: str,
+    eps: Sequence[float] = (0.05, 0.1),
+    attacks: Sequence[str] = ATTACKS,
+    pgd_steps: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy under L∞ FGSM / PGD on the input token embeddings of a sequence classifier or a decoder,
+    fp32 vs compressed (the text counterpart of :func:`adversarial_eval`).
+
+    - ``text-classification``: there are no labels on the evaluation text, so the target is fp32's clean
+      prediction; each model's perturbation maximises the cross-entropy of that class, and the score is the share
+      of inputs still predicted as it (accuracy if fp32 were right).
+    - ``next-token``: the target is the actual next token at every real position; the perturbation maximises the
+      mean next-token cross-entropy, and the scores are next-token accuracy and mean loss (nats) under attack.
+
+    ``ε`` is relative to the standard deviation of the word-embedding table; PGD takes ``pgd_steps`` steps of
+    ``2.5 ε / steps`` from a random start. fp32 is attacked with its own gradients, the compressed model with those
+    of its PyTorch weights before quantization, and both are scored on those weights (the shipped ONNX graph takes
+    token ids, not embeddings). The gated drop is ``100 × (fp32 accuracy − compressed accuracy)`` under the same
+    attack.
+
+    Args:
+        reference, surrogate: the fp32 and compressed Hugging Face models (``inputs_embeds`` keyword).
+        tokens: ``(N, 2, T)`` ids + attention masks (held-out evaluation inputs).
+        task: ``text-classification`` or ``next-token``.
+    """
+    if task not in ("text-classification", "next-token"):
+        raise ConfigError(f"token_adversarial_eval covers text-classification and next-token, not {task!r}")
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not eps or any(e <= 0 for e in eps):
+        raise ConfigError(
+            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
+        )
+    ids, mask = torch.from_numpy(tokens[:, 0]), torch.from_numpy(tokens[:, 1])
+    reference.eval()
+    surrogate.eval()
+    with torch.no_grad():
+        scale = float(reference.get_input_embeddings().weight.std())
+        if task == "text-classification":
+            target = _token_logits(reference, reference.get_input_embeddings()(ids), mask).argmax(-1)  # (B,)
+            weight = torch.ones_like(target, dtype=torch.float32)
+        else:  # position t predicts token t+1; only pairs of real tokens count
+            target = ids[:, 1:]
+            weight = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)  # (B, T-1)
+    if float(weight.sum()) == 0:
+        raise ConfigError("the evaluation inputs hold no position to score (need at least 2 real tokens)")
+
+    def per_item(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and hit (0/1) of every scored item, shaped like ``weight``."""
+        if task == "next-token":
+            logits = logits[:, :-1]  # (B, T-1, V): position t scores token t+1
+            ce = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        else:  # (B, C)
+            ce = nn.functional.cross_entropy(logits, target, reduction="none")
+        return ce, (logits.argmax(-1) == target).to(torch.float32)
+
+    total = float(weight.sum())
+    rows, drops = [], {}
+    for attack in attacks:
+        for e in eps:
+            radius = float(e) * scale
+            result: dict[str, float] = {}
+            for key, model in (("fp32", reference), ("compressed", surrogate)):
+
+                def wrong(emb: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+                    return (per_item(_token_logits(model, emb, mask))[0] * weight).sum()
+
+                adv = _attack_embeddings(model, ids, attack, radius, wrong, pgd_steps=pgd_steps, seed=seed)
+                with torch.no_grad():
+                    ce, hit = per_item(_token_logits(model, adv, mask))
+                result[key] = float((hit * weight).sum()) / total
+                result[f"{key}_loss"] = float((ce * weight).sum()) / total
+            drop = 100.0 * (result["fp32"] - result["compressed"])
+            rows.append({"attack": attack, "eps": float(e), **result, "drop_points": drop})
+            drops[f"{attack} ε={e:g}"] = drop
+    what = (
+        "share of inputs still given fp32's clean class"
+        if task == "text-classification"
+        else f"next-token accuracy (and mean loss, nats) over {int(weight.sum())} real positions"
+    )
+    method = (
+        f"L∞ FGSM / PGD ({pgd_steps} steps) on the input token embeddings, ε relative to the embedding table's "
+        f"std ({scale:.4f}), maximising the cross-entropy of the target; score = {what}, {len(ids)} held-out "
+        "inputs. Compressed: attacked and scored on its PyTorch weights before quantization."
+    )
+    return {
+        "method": method,
+        "metric": "accuracy",
+        "rows": rows,
+        "quality": {"adversarial_drop_points": drops},
+    }

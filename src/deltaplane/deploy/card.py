@@ -164,10 +164,11 @@ def _extra_sections(manifest: Mapping[str, Any]) -> list[list[str]]:
             "|---|---|---|---|---|",
         ]
         for row in adv["rows"]:
-            sec.append(
-                f"| {row['attack']} | {row['eps']:g} | {row['fp32']:.4f} | {row['compressed']:.4f} | "
-                f"{row['drop_points']:+.2f} |"
-            )
+            fp, cp = f"{row['fp32']:.4f}", f"{row['compressed']:.4f}"
+            if "fp32_loss" in row:  # decoders and sequence classifiers: the cross-entropy under attack too
+                fp += f" (loss {row['fp32_loss']:.3f})"
+                cp += f" (loss {row['compressed_loss']:.3f})"
+            sec.append(f"| {row['attack']} | {row['eps']:g} | {fp} | {cp} | {row['drop_points']:+.2f} |")
         out.append(sec)
     return out
 

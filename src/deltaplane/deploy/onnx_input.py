@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from deltaplane.deploy.artifact import pack_onnx, read_artifact
-from deltaplane.deploy.cost import activation_memory
+from deltaplane.deploy.cost import activation_memory, cost_row, count_onnx_macs
 from deltaplane.deploy.encoder import cosine_similarity_rows
 from deltaplane.deploy.gates import Gates
 from deltaplane.deploy.onnx import ort_session
@@ -249,8 +249,18 @@ def deploy_onnx_model(
                 }
         else:
             quality["cosine_min"] = float(cos.min())
-        say("activation memory")
-        mem_ref, mem = activation_memory(data, eval_feeds[0]), activation_memory(onnx_bytes, eval_feeds[0])
+        say("device cost (MACs from the graph, activation memory, energy estimates)")
+        device_cost: dict[str, Any] = {}
+        for key, graph, nbytes, int8 in (
+            ("fp32", data, len(data), False),
+            ("compressed", onnx_bytes, info.nbytes, quant.startswith("int8")),
+        ):
+            macs, mem = count_onnx_macs(graph, eval_feeds[0]), activation_memory(graph, eval_feeds[0])
+            device_cost[key] = cost_row(macs, mem, nbytes, int8)
+        device_cost["note"] = (
+            "Estimates per batch-1 inference: MACs counted from the graph's MatMul/Gemm/Conv shapes (ONNX shape "
+            "inference), × pJ/MAC + (weights + 2 × activations) × pJ/byte, profiles in deltaplane.deploy.cost."
+        )
         manifest: dict[str, Any] = {
             "model": src.name,
             "task": "onnx",
@@ -268,7 +278,7 @@ def deploy_onnx_model(
                 "compression_ratio": len(data) / info.nbytes,
             },
             "fidelity": fidelity,
-            "memory": {"fp32": mem_ref, "compressed": mem},
+            "device_cost": device_cost,
             "quality": quality,
         }
         if inputs_note:

@@ -1,12 +1,107 @@
-"""Fixed sentence sets for measuring a compressed sentence encoder against its fp32 original.
+"""Sentence sets for calibrating and measuring a compressed text model against its fp32 original.
 
-Varied in topic and length, written for this purpose (no download); the calibration set (Wanda, static int8)
-never overlaps the evaluation set, so fidelity is measured on sentences the compression never saw.
+Two sources, neither downloaded:
+
+- :data:`EVAL_SENTENCES` / :data:`CALIBRATION_SENTENCES`: everyday English, varied in topic and length, written
+  for this purpose; the calibration set (Wanda, static int8) never overlaps the evaluation set, so fidelity is
+  measured on sentences the compression never saw.
+- :func:`text_corpus`: thousands of English sentences that ship with Python itself — the docstrings of the
+  standard library's modules, classes and functions (read with :mod:`ast` from the source files, nothing is
+  imported or executed) and the language reference's help topics (:mod:`pydoc_data.topics`). Written by
+  CPython's developers for people, the same on every machine with the same Python version. Distillation needs
+  this much unlabeled text: 64 sentences are memorised within a few epochs (the student matches the teacher on
+  them and nowhere else). The corpus is split by a hash of each sentence into a calibration part and an
+  evaluation part (:func:`corpus_split`), so held-out text stays held out whichever size is asked for.
 """
 
 from __future__ import annotations
 
-__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
+import ast
+import hashlib
+import re
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "corpus_split", "text_corpus"]
+
+_SKIP_DIRS = frozenset(
+    {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def _sentences(text: str) -> list[str]:
+    """Prose sentences of ``text``: 40–200 ASCII characters, capitalised, ending in . ! or ?, mostly letters
+    (code samples, tables and doctest lines are dropped)."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        if ">>>" in para or "::" in para:
+            continue
+        para = re.sub(r"\s+", " ", para).strip()
+        for s in _SENTENCE_END.split(para):
+            if not 40 <= len(s) <= 200 or not s.isascii() or not s[0].isupper() or s[-1] not in ".!?":
+                continue
+            if sum(c.isalpha() or c in " ,.'-" for c in s) / len(s) >= 0.9:
+                out.append(s)
+    return out
+
+
+def _docstrings(root: Path) -> list[str]:
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue  # an unreadable file contributes nothing
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    docs.append(doc)
+    return docs
+
+
+def _key(sentence: str) -> bytes:
+    return hashlib.sha256(sentence.encode()).digest()
+
+
+@lru_cache(maxsize=1)
+def text_corpus() -> tuple[str, ...]:
+    """Every distinct prose sentence of the standard library's docstrings and help topics, in a fixed
+    hash order (a deterministic shuffle); the hand-written evaluation sentences are never among them."""
+    texts = _docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    try:
+        from pydoc_data.topics import topics
+
+        texts += [topics[k] for k in sorted(topics)]
+    except ImportError:  # a Python built without pydoc_data still has its docstrings
+        pass
+    found = {s for t in texts for s in _sentences(t)} - set(EVAL_SENTENCES) - set(CALIBRATION_SENTENCES)
+    return tuple(sorted(found, key=_key))
+
+
+def corpus_split(calibration: int, evaluation: int = 0) -> tuple[list[str], list[str]]:
+    """``calibration`` sentences to train or calibrate on and ``evaluation`` held-out ones, never overlapping.
+
+    One sentence in ten (by the first byte of its SHA-256) belongs to the evaluation part, the rest to the
+    calibration part; each part is taken in its fixed hash order, so asking for more calibration text never
+    moves a sentence across the split.
+    """
+    corpus = text_corpus()
+    held = [s for s in corpus if _key(s)[0] % 10 == 0]
+    cal = [s for s in corpus if _key(s)[0] % 10 != 0]
+    if calibration > len(cal) or evaluation > len(held):
+        from deltaplane.errors import ConfigError
+
+        raise ConfigError(
+            f"the standard-library corpus has {len(cal)} calibration and {len(held)} evaluation sentences "
+            f"on this Python; asked for {calibration} and {evaluation}"
+        )
+    return cal[:calibration], held[:evaluation]
+
 
 EVAL_SENTENCES = [
     "The cat sat quietly on the warm windowsill.",

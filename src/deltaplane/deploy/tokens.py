@@ -173,9 +173,10 @@ def deploy_token_model(
             adversarial robustness) before the gates are checked.
         device_cost: record MACs, peak activation memory, bytes and energy estimates for one input, fp32 vs
             compressed (:func:`~deltaplane.deploy.cost.deploy_cost`).
-        adversarial_eps: sentence encoders only: ε (relative to the embedding table's std) for FGSM/PGD on the
-            input embeddings (:func:`~deltaplane.deploy.adversarial.encoder_adversarial_eval`), gated by
-            ``gates.max_adv_drop``.
+        adversarial_eps: ε (relative to the embedding table's std) for FGSM/PGD on the input token embeddings,
+            gated by ``gates.max_adv_drop``: embedding cosine for sentence encoders
+            (:func:`~deltaplane.deploy.adversarial.encoder_adversarial_eval`), accuracy for sequence classifiers
+            and next-token accuracy / loss for decoders (:func:`~deltaplane.deploy.adversarial.token_adversarial_eval`).
     """
     from deltaplane.deploy.pipeline import (
         QUANTS,
@@ -195,8 +196,6 @@ def deploy_token_model(
     spec = parse_prune(prune)
     if spec is not None and spec["method"] == "channels":
         raise ConfigError("channel pruning is not supported for token models; use 2:4, wanda:… or 0.x")
-    if adversarial_eps and task != "sentence-embedding":
-        raise ConfigError(f"adversarial evaluation of token models covers sentence encoders only, not {task}")
     ev = np.ascontiguousarray(eval_tokens, dtype=np.int64)
     cal = np.ascontiguousarray(calib_tokens, dtype=np.int64)
     if ev.ndim != 3 or ev.shape[1] != 2 or not len(ev) or cal.ndim != 3 or not len(cal):
@@ -329,10 +328,13 @@ def deploy_token_model(
         if recovery is not None:
             manifest["recovery"] = recovery
         if adversarial_eps:
-            from deltaplane.deploy.adversarial import encoder_adversarial_eval
+            from deltaplane.deploy.adversarial import encoder_adversarial_eval, token_adversarial_eval
 
             say("adversarial robustness (FGSM, PGD on the input embeddings)")
-            adv = encoder_adversarial_eval(model, work, ev, eps=adversarial_eps)
+            if task == "sentence-embedding":
+                adv = encoder_adversarial_eval(model, work, ev, eps=adversarial_eps)
+            else:
+                adv = token_adversarial_eval(model, work, ev, task=task, eps=adversarial_eps)
             manifest["quality"] = adv.pop("quality")
             manifest["adversarial"] = adv
         if device_cost:

@@ -69,6 +69,9 @@ class RunResult:
     stopped: str | None = None
     #: With personalization: each device's personalized model after the last round, by device id.
     personal_states: dict[int, dict[str, Tensor]] = field(repr=False, default_factory=dict)
+    #: What a round cost a mean participating device (training compute + radio bytes, energy estimates per
+    #: link), filled after any driver by ``deltaplane.apps.runner.attach_device_cost``; None until then.
+    device_cost: dict[str, Any] | None = None
 
     @property
     def final(self) -> RoundMetrics:
@@ -93,6 +96,7 @@ class RunResult:
             "rounds": [r.to_dict() for r in self.rounds],
             "clients": self.clients,
             "stopped": self.stopped,
+            "device_cost": self.device_cost,
         }
 
 

@@ -84,6 +84,45 @@ def _drift_section(runs: Any) -> str:
     return "<h2>Drift</h2>" + "".join(parts) if parts else ""
 
 
+def _device_cost_section(runs: Any) -> str:
+    """Per-round device cost of every run that carries it (``RunResult.device_cost``), else nothing."""
+    rows = []
+    for run in runs:
+        dc = run.get("device_cost")
+        if not dc:
+            continue
+        m = dc["mean"]
+        links = list(m["total_uj"])
+        rows.append(
+            f"<tr><td>{escape(run['name'])}</td>"
+            f'<td class="num">{m["train_macs"]:,.0f}</td><td class="num">{m["compute_uj"] / 1e3:,.2f}</td>'
+            f'<td class="num">{m["bytes_up"]:,.0f}</td><td class="num">{m["bytes_down"]:,.0f}</td>'
+            + "".join(f'<td class="num">{m["radio_uj"][k] / 1e3:,.2f}</td>' for k in links)
+            + "".join(f'<td class="num">{m["total_uj"][k] / 1e3:,.2f}</td>' for k in links)
+            + "</tr>"
+        )
+        head_links = links
+        sources = dc["sources"]
+        first = dc
+    if not rows:
+        return ""
+    head = (
+        "<th>run</th><th>training MACs</th><th>training mJ</th><th>bytes up</th><th>bytes down</th>"
+        + "".join(f"<th>radio mJ ({escape(k)})</th>" for k in head_links)
+        + "".join(f"<th>total mJ ({escape(k)})</th>" for k in head_links)
+    )
+    cites = "; ".join(f"{escape(k)}: {escape(v)}" for k, v in sources["links"].items())
+    return (
+        "<h2>Device cost per round</h2>"
+        f"<p>What one round cost a mean participating device ({escape(first['profile'])} profile), averaged "
+        f"over the rounds: local training of {first['train_samples_per_device']:.1f} samples × "
+        f"{first['local_epochs']} epoch(s) at {first['forward_macs_per_sample']:,} forward MACs per sample "
+        f"(training ≈ 3× forward), and the bytes it sent and received. Estimates, not measurements: "
+        f"{escape(first['note'])}. Compute: {escape(sources['profile'])}. Radio: {cites}.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
@@ -179,6 +218,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"<h2>Summary</h2>{notes}<p>{note} Bytes are real payload lengths, headers included.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         f'<h2>Rounds</h2><div class="charts">{charts}</div>'
+        + _device_cost_section(runs)
         + _drift_section(runs)
         + _followup_sections(report.get("followup"))
         + f"<h2>Configurations</h2>{configs}</body></html>\n"

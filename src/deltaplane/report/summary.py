@@ -57,6 +57,9 @@ class SummaryRow:
     accuracy_drop_points: float | None = None
     #: why the run ended early (e.g. "stopped: privacy budget exhausted at round 7 …"), else None
     stopped: str | None = None
+    #: estimated energy one mean participating device spent per round (training + radio), µJ per link
+    #: (``{"wifi": …, "lte": …}``), None where the run carries no ``device_cost``
+    device_round_uj: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +125,9 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
                     100 * (base_acc - float(final["test_accuracy"])) if base_acc is not None else None
                 ),
                 stopped=run.get("stopped"),
+                device_round_uj=(
+                    dict(run["device_cost"]["mean"]["total_uj"]) if run.get("device_cost") else None
+                ),
             )
         )
     return rows
