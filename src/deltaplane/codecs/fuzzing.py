@@ -1119,6 +1119,10 @@ def fuzz(
     with address_space_cap(cap):
         for p, o in zip(payloads, originals, strict=True):  # warm-up: imports and caches before measuring
             check_decode(p, layout=layout, original=o, preserving=True)
+        for i, s in enumerate(sessions):  # each session's lazy tables and the rANS coder, before measuring
+            c = Compressor(specs[i], error_feedback=False, seed=seed + i)
+            p = c.compress(delta, base_version=1, session=s)
+            check_decode(p, layout=layout, original=originals[i], preserving=True, session=s)
         for i in range(mutations):
             if compact:
                 payload, kind, preserving, src = mutator.mutate_compact(sessions)
