@@ -184,7 +184,7 @@ def _read_model(stored: memoryview, w: int) -> tuple[np.ndarray, int]:
     return freq, pos
 
 
-def decode_field(coding: int, stored: memoryview, length: int) -> bytes | memoryview:
+def decode_field(coding: int, stored: memoryview, length: int) -> bytes | bytearray | memoryview:
     """The ``length`` raw bytes of a field stored with ``coding``; a :class:`DecodeError` otherwise."""
     if coding == 0:
         if len(stored) != length:
@@ -222,4 +222,4 @@ def decode_field(coding: int, stored: memoryview, length: int) -> bytes | memory
         raise DecodeError(f"coded field: rANS stream is corrupt ({type(exc).__name__})") from None
     if not empty:
         raise DecodeError("coded field: rANS stream does not end after the field's symbols")
-    return bytes(out)
+    return out  # no copy: a memoryview of it is what the codec reads

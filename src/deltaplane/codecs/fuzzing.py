@@ -1013,19 +1013,22 @@ def check_decode(
     kill_after: float = 30.0,
     limits: Limits | None = None,
     session: WireSession | None = None,
+    expect_base: tuple[str, int] | None = None,
 ) -> Outcome:
     """Decode ``payload`` and hold the result to the contract; raises :class:`FuzzFailure` if broken.
 
     ``layout``: the receiver's expected layout (``None``: a standalone decode). A decoded delta must have
     that layout (or, without one, a dtype per tensor and finite values); with ``preserving`` it must equal
     ``original`` exactly. ``kill_after`` interrupts a runaway decode (reported as a failure). ``session``:
-    decode as a compact frame of that wire session.
+    decode as a compact frame of that wire session; ``expect_base``: the receiver's base (id, version).
     """
     peak: list[int] = [0]
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         with _alarm(kill_after), peak_memory() if measure_memory else contextlib.nullcontext([0]) as peak:
-            out = decompress(payload, expect_layout=layout, limits=limits, session=session)
+            out = decompress(
+                payload, expect_layout=layout, limits=limits, session=session, expect_base=expect_base
+            )
     except DeltaplaneError as exc:
         result = f"refused:{type(exc).__name__}"
         if preserving:
@@ -1116,6 +1119,10 @@ def fuzz(
     with address_space_cap(cap):
         for p, o in zip(payloads, originals, strict=True):  # warm-up: imports and caches before measuring
             check_decode(p, layout=layout, original=o, preserving=True)
+        for i, s in enumerate(sessions):  # each session's lazy tables and the rANS coder, before measuring
+            c = Compressor(specs[i], error_feedback=False, seed=seed + i)
+            p = c.compress(delta, base_version=1, session=s)
+            check_decode(p, layout=layout, original=originals[i], preserving=True, session=s)
         for i in range(mutations):
             if compact:
                 payload, kind, preserving, src = mutator.mutate_compact(sessions)
@@ -1133,6 +1140,7 @@ def fuzz(
                     limits=standalone_limits if standalone else None,
                     kill_after=kill_after,
                     session=sessions[src] if compact else None,
+                    expect_base=("fuzz", 1) if compact else None,
                 )
             except FuzzFailure as exc:
                 report.failures.append(f"{kind} on '{specs[src]}': {exc}")
