@@ -42,13 +42,6 @@ def merge_command(
             "(default: like mergekit, compute in the config's dtype)"
         ),
     ] = False,
-    threads: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="torch threads while merging (elementwise, memory-bound work: one is fastest, see docs/merging.md)",
-        ),
-    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
