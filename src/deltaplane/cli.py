@@ -122,6 +122,33 @@ def run(
             help="Devices carry what the uplink codec did not send into the next round. \\[default: on]",
         ),
     ] = None,
+    momentum_correction: Annotated[
+        float | None,
+        typer.Option(
+            show_default="0.0",
+            help="DGC momentum correction m: devices send their velocity u <- m*u + update (0: off).",
+        ),
+    ] = None,
+    local_clip: Annotated[
+        float | None,
+        typer.Option(
+            show_default="none", help="DGC local clipping: L2 norm a device's update is scaled to first."
+        ),
+    ] = None,
+    momentum_masking: Annotated[
+        bool | None,
+        typer.Option(
+            "--momentum-masking/--no-momentum-masking",
+            help="DGC momentum factor masking: zero the velocity where a value was sent. \\[default: off]",
+        ),
+    ] = None,
+    sparsity_warmup: Annotated[
+        int | None,
+        typer.Option(
+            show_default="0",
+            help="DGC warm-up: rounds over which the uplink sparsifier's density falls from 1 to its ratio.",
+        ),
+    ] = None,
     clients: Annotated[
         int | None, typer.Option(show_default="20", help="Number of simulated devices.")
     ] = None,
@@ -236,6 +263,8 @@ def run(
             raise ConfigError(f"--transport must be 'inproc' or 'http'. Found {transport!r}")
         cfg = _run_config(
             config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
+            momentum_correction=momentum_correction, local_clip=local_clip, momentum_masking=momentum_masking,
+            sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
@@ -370,13 +399,18 @@ def _small(cfg: RunConfig) -> RunConfig:
     return cfg.replace(rounds=rounds, clients=clients)
 
 
+#: the DGC options of a run turned off (the fp32 baseline is plain FedAvg)
+NO_DGC = {"momentum_correction": 0.0, "local_clip": None, "momentum_masking": False, "sparsity_warmup": 0}
+
+
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
     from deltaplane.codecs import get_codec
 
     if get_codec(cfg.codec).spec == "identity" and get_codec(cfg.downlink_codec).spec == "identity":
         return [(BASELINE, cfg)]  # the chosen codec *is* the baseline; running it twice would prove nothing
     # the baseline is fp32 both ways, so "vs fp32" compares against no compression at all
-    runs = [(BASELINE, cfg.replace(codec="identity", downlink_codec="identity"))] if with_baseline else []
+    fp32 = cfg.replace(codec="identity", downlink_codec="identity", **NO_DGC)  # plain FedAvg, no DGC stage
+    runs = [(BASELINE, fp32)] if with_baseline else []
     return [*runs, ("compressed", cfg)]
 
 

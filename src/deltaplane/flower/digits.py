@@ -68,7 +68,11 @@ def task_client_app(config: RunConfig) -> ClientApp:
     returns the trained ``arrays`` with ``num-examples`` (plain Flower), or, when a later stage changed the
     update (local DP, an attack), the update itself under ``DELTA_KEY``; compression is the mod's job.
     """
-    mods = [delta_mod(codec=config.codec, error_feedback=config.error_feedback, seed=config.seed)]
+    mods = [
+        delta_mod(
+            codec=config.codec, error_feedback=config.error_feedback, seed=config.seed, dgc=config.make_dgc()
+        )
+    ]
     if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it
         mods.insert(0, secagg_mod(seed=config.seed))
     app = ClientApp(mods=mods)

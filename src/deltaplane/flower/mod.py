@@ -23,6 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from deltaplane.codecs import Codec, Compressor, decompress
 from deltaplane.delta import Delta
+from deltaplane.engine.dgc import DGC
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import DecodeError, VersionMismatch
 from deltaplane.flower.records import (
@@ -42,6 +43,7 @@ __all__ = ["delta_mod", "node_seed"]
 _COMPRESSOR_STATE = "deltaplane.compressor"
 _GLOBAL_STATE = "deltaplane.global"
 _GLOBAL_META = "deltaplane.global-meta"
+_VELOCITY = "deltaplane.dgc-velocity"
 
 
 def node_seed(seed: int, context: Context) -> int:
@@ -61,6 +63,7 @@ def delta_mod(
     seed: int = 0,
     arrayrecord_key: str = "arrays",
     seed_fn: Callable[[int, Context], int] = node_seed,
+    dgc: DGC | None = None,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
 
@@ -75,6 +78,9 @@ def delta_mod(
         seed: run seed; each node's codec seed is ``seed_fn(seed, context)``.
         arrayrecord_key: the key under which the wrapped ClientApp reads and returns its weights.
         seed_fn: derives a node's codec seed (default :func:`node_seed`, matching the in-process engine).
+        dgc: Deep Gradient Compression's device-side techniques (:class:`~deltaplane.engine.dgc.DGC`: local
+            clipping, momentum correction, momentum factor masking, sparsity warm-up); the node keeps its
+            velocity in its own state next to the error-feedback residual.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -111,7 +117,18 @@ def delta_mod(
         else:
             delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
+        velocity = None
+        if dgc is not None and dgc.active:
+            rnd = int(msg.content.config_records["config"]["server-round"])
+            saved = context.state.array_records.get(_VELOCITY)
+            before = Delta(arrays_to_state(saved)) if saved is not None else None
+            delta, velocity = dgc.prepare(compressor, delta, before, spec=spec, rnd=rnd)
         payload = compressor.compress(delta, base_id=base_id, base_version=version)
+        if velocity is not None:
+            sent = None
+            if dgc is not None and dgc.masking:
+                sent = decompress(payload, expect_base=(base_id, version), expect_layout=delta)
+            context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))  # type: ignore[union-attr]
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
         out = RecordDict({k: v for k, v in reply.content.items() if k not in (arrayrecord_key, DELTA_KEY)})
@@ -153,5 +170,8 @@ def _load_compressor(context: Context, spec: str, error_feedback: bool, seed: in
     compressor = Compressor(spec, error_feedback=error_feedback, seed=seed)
     saved = context.state.config_records.get(_COMPRESSOR_STATE)
     if saved is not None:
-        compressor.load_state_dict(state_from_bytes(saved["state"]))
+        state = state_from_bytes(saved["state"])
+        # a schedule (DGC's warm-up) may have left the compressor on another setting of the codec
+        compressor.use_codec(state["codec"])
+        compressor.load_state_dict(state)
     return compressor
