@@ -25,6 +25,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "QualityGateFailed",
+    "SessionMismatch",
     "ShapeMismatch",
     "SignatureError",
     "SpecError",
@@ -63,6 +64,10 @@ class SpecError(CodecError):
 
 class DecodeError(DeltaplaneError, ValueError):
     """A payload is malformed: bad magic, version, checksum, lengths, offsets, shapes or values."""
+
+
+class SessionMismatch(DecodeError):
+    """A compact payload names another wire session (layout, codec, template) than the receiver agreed on."""
 
 
 class VersionMismatch(DeltaplaneError, ValueError):

@@ -104,7 +104,9 @@ def test_warmup_without_a_sparsifier_is_refused() -> None:
 def test_warmup_payloads_grow_sparser_round_by_round() -> None:
     cfg = RunConfig(clients=2, rounds=4, local_epochs=1, codec="topk(0.01)", sparsity_warmup=2)
     up = [r.uplink_bytes for r in run_simulation(cfg).rounds]
-    assert up[0] > up[1] > up[2] == pytest.approx(up[3], rel=0.02)
+    # rounds 3–4 send 1% in compact frames (entropy-coded: a few percent apart); rounds 1–2 ten and five times more
+    assert up[0] > up[1] > 2 * max(up[2], up[3])
+    assert up[2] == pytest.approx(up[3], rel=0.1)
 
 
 def test_momentum_correction_with_every_device_is_fedavgm() -> None:

@@ -69,14 +69,16 @@ def test_identity_codec_keeps_no_residual() -> None:
     """The exact codec sends everything: error feedback has nothing to store, and the run still works."""
     cfg = RunConfig(rounds=2, local_epochs=1, codec="identity")
     result = run_population(cfg, registered=50, per_round=5)
-    from deltaplane.codecs import Compressor
+    from deltaplane.codecs import Compressor, WireSession
     from deltaplane.sim import build_model
     from deltaplane.sim.population import BASE_ID
 
     zero = Delta.zeros_like(build_model(0).state_dict())
-    # raw fp32 + header, whose compressed length depends on the round's base version
-    sizes = [len(Compressor("identity").compress(zero, base_id=BASE_ID, base_version=v)) for v in (0, 1)]
+    # raw fp32 in a compact frame (the default wire): a few bytes of framing, whatever the base version
+    session = WireSession.create(zero, "identity", base_id=BASE_ID)
+    sizes = [len(Compressor("identity").compress(zero, base_version=v, session=session)) for v in (0, 1)]
     assert len(result.seconds) == 2 and result.uplink_bytes == 5 * sum(sizes)
+    assert all(zero.nbytes < n < zero.nbytes + 32 for n in sizes)
 
 
 def test_population_runs_the_whole_server_chain() -> None:

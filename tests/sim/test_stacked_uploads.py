@@ -11,12 +11,17 @@ from deltaplane.errors import DeltaplaneError
 from deltaplane.sim import RunConfig, run_simulation
 
 
-def _one_by_one(compressors, stacked, *, base_id, base_version, return_exceptions=False, meta=None):
+def _one_by_one(
+    compressors, stacked, *, base_id, base_version, return_exceptions=False, meta=None, session=None
+):
     """The per-client path: each compressor on its own row, as Client.upload would."""
     out: list[bytes | DeltaplaneError] = []
     for i, c in enumerate(compressors):
         delta = Delta({k: v[i] for k, v in stacked.items()})
         try:
+            if session is not None:
+                out.append(c.compress(delta, base_version=base_version, session=session))
+                continue
             out.append(c.compress(delta, base_id=base_id, base_version=base_version, meta=meta))
         except DeltaplaneError as exc:
             if not return_exceptions:

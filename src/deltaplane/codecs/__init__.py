@@ -37,6 +37,7 @@ from deltaplane.codecs.lossless import Zstd
 from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.policy import Policy
 from deltaplane.codecs.quantize import BF16, FP16, Identity, Quantize, Sign
+from deltaplane.codecs.session import WireSession, is_compact
 from deltaplane.codecs.sparsify import STC, RandK, Threshold, TopK
 from deltaplane.codecs.ternary import Ternary
 from deltaplane.codecs.wire import Limits, WireHeader, pack, unpack
@@ -63,6 +64,7 @@ __all__ = [
     "Threshold",
     "TopK",
     "WireHeader",
+    "WireSession",
     "Zstd",
     "available_codecs",
     "compress_many",
@@ -72,6 +74,7 @@ __all__ = [
     "encode_delta",
     "format_spec",
     "get_codec",
+    "is_compact",
     "pack",
     "parse_spec",
     "read_header",

@@ -28,6 +28,7 @@ from deltaplane.codecs.base import (
 from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.preflight import check_budget, check_nodes
 from deltaplane.codecs.quantize import Identity
+from deltaplane.codecs.session import WireSession, check_session_layout, is_compact
 from deltaplane.codecs.wire import (
     Limits,
     WireHeader,
@@ -38,7 +39,14 @@ from deltaplane.codecs.wire import (
     read_table,
 )
 from deltaplane.delta import Delta, all_finite, first_non_finite
-from deltaplane.errors import DecodeError, DeltaplaneError, InvalidUpdate, ShapeMismatch
+from deltaplane.errors import (
+    CodecError,
+    DecodeError,
+    DeltaplaneError,
+    InvalidUpdate,
+    ShapeMismatch,
+    VersionMismatch,
+)
 
 __all__ = ["Compressor", "CompressorState", "compress_many", "decode_delta", "decompress", "encode_delta"]
 
@@ -106,8 +114,14 @@ def decompress(
     expect_base: tuple[str, int] | None = None,
     expect_layout: Layout | Mapping[str, torch.Tensor] | None = None,
     limits: Limits | None = None,
+    session: WireSession | None = None,
 ) -> Delta:
     """Decode a payload made by :meth:`Compressor.compress`, strictly and within a memory budget.
+
+    With ``session`` the payload must be a compact frame of that :class:`~deltaplane.codecs.WireSession`
+    (the session's layout is then the expected layout; ``expect_layout``, if given, must equal it); any
+    other session is refused with :class:`~deltaplane.errors.SessionMismatch`. Without it the payload must
+    be self-describing.
 
     A receiver that holds the model should pass ``expect_layout`` (a :class:`~deltaplane.codecs.Layout`,
     or the model's state dict / a delta of it, whose layout is taken): a payload whose tensor names,
@@ -122,12 +136,41 @@ def decompress(
     :class:`~deltaplane.errors.VersionMismatch` if ``expect_base`` (model id, version) differs from the
     payload's base: an update for another model version is refused, never applied.
     """
+    if session is not None:
+        return _decompress_compact(payload, session, expect_base, expect_layout, limits)
+    if is_compact(payload):
+        raise DecodeError(
+            "this is a compact payload: decode it with the wire session it was made in "
+            "(decompress(payload, session=...))"
+        )
     table = read_table(payload, limits=limits)
     check_base(table.header, expect_base)
     layout = Layout.of(expect_layout) if expect_layout is not None else None
     # layout and budget from the table alone, before the body is inflated or read
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
     trees = read_body(table, max_inflated_bytes=layout.decoded_bytes if layout is not None else budget)
+    return decode_delta(trees)
+
+
+def _decompress_compact(
+    payload: bytes,
+    session: WireSession,
+    expect_base: tuple[str, int] | None,
+    expect_layout: Layout | Mapping[str, torch.Tensor] | None,
+    limits: Limits | None,
+) -> Delta:
+    if expect_base is not None and expect_base[0] != session.base_id:
+        raise VersionMismatch(
+            f"wire session is for base {session.base_id!r}, but the receiver holds {expect_base[0]!r}"
+        )
+    layout = session.layout
+    if expect_layout is not None:
+        check_session_layout(session, Layout.of(expect_layout))
+    table, stored = session.read_table(
+        payload, expect_base_version=expect_base[1] if expect_base is not None else None, limits=limits
+    )
+    budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
+    trees = session.read_body(table, stored, max_inflated_bytes=min(budget, layout.decoded_bytes))
     return decode_delta(trees)
 
 
@@ -234,11 +277,26 @@ class Compressor:
         return trees, sent
 
     def compress(
-        self, delta: Delta, *, base_id: str = "", base_version: int = 0, meta: Mapping[str, Any] | None = None
+        self,
+        delta: Delta,
+        *,
+        base_id: str = "",
+        base_version: int = 0,
+        meta: Mapping[str, Any] | None = None,
+        session: WireSession | None = None,
     ) -> bytes:
-        """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`)."""
+        """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
+
+        With ``session`` (a :class:`~deltaplane.codecs.WireSession` of this compressor's codec) the payload
+        is a compact frame of that session instead: its base id is the session's, and ``meta`` is refused
+        (a compact frame carries none).
+        """
         (delta if isinstance(delta, Delta) else Delta(delta)).check_finite()
+        if session is not None:
+            _check_session(self, session, base_id, meta)
         trees, _ = self._encode(delta, want_sent=False)
+        if session is not None:
+            return session.pack(trees, base_version)
         level = getattr(self._lossless, "level", None)
         return pack(
             trees, WireHeader(base_id, base_version, self.codec.spec, dict(meta or {})), zstd_level=level
@@ -269,6 +327,20 @@ class Compressor:
         self.state.codec = {k: dict(v) for k, v in (sd.get("codec_state") or {}).items()}
 
 
+def _check_session(
+    compressor: Compressor, session: WireSession, base_id: str, meta: Mapping[str, Any] | None
+) -> None:
+    """Refuse to frame in ``session`` what it cannot carry (another codec, base id or sender metadata)."""
+    if session.codec != compressor.codec.spec:
+        raise CodecError(
+            f"wire session is for codec '{session.codec}', this compressor uses '{compressor.codec.spec}'"
+        )
+    if base_id and base_id != session.base_id:
+        raise CodecError(f"wire session is for base {session.base_id!r}, not {base_id!r}")
+    if meta:
+        raise CodecError("a compact frame carries no metadata; send it in the self-describing format")
+
+
 def compress_many(
     compressors: Sequence[Compressor],
     stacked: Mapping[str, torch.Tensor],
@@ -277,6 +349,7 @@ def compress_many(
     base_version: int = 0,
     meta: Mapping[str, Any] | None = None,
     return_exceptions: bool = False,
+    session: WireSession | None = None,
 ) -> list[bytes | DeltaplaneError]:
     """Compress many devices' deltas, given stacked as ``{name: (C, *shape)}``, into one payload each.
 
@@ -298,7 +371,8 @@ def compress_many(
     Args:
         compressors: one per row of the stack, each with its own generator (not shared between rows).
         stacked: tensor name -> ``(C, *shape)`` tensor, row ``i`` being device ``i``'s delta.
-        base_id, base_version, meta: the payload header, as in :meth:`Compressor.compress`.
+        base_id, base_version, meta, session: the payload header (or the compact frame's session), as in
+            :meth:`Compressor.compress`.
         return_exceptions: a device whose compression fails gets its
             :class:`~deltaplane.errors.DeltaplaneError` in the result, and the others go on (a simulator
             refuses one bad update, not the round); otherwise the first failure is raised.
@@ -318,10 +392,13 @@ def compress_many(
             raise ShapeMismatch(
                 f"tensor '{name}': stacked shape {tuple(t.shape)} has no row per compressor ({n})"
             )
+    if session is not None:
+        for c in compressors:
+            _check_session(c, session, base_id, meta)
     if n and _stackable(compressors, stacked):
         snapshot = [(c._rng.get_state(), c.state.rounds) for c in compressors]
         try:
-            return list(_compress_stacked(compressors, stacked, base_id, base_version, meta))
+            return list(_compress_stacked(compressors, stacked, base_id, base_version, meta, session))
         except Exception as exc:
             # nothing but the generators was touched yet: rewind them; then the per-device loop says which
             # device failed, and leaves the states that loop leaves
@@ -334,7 +411,9 @@ def compress_many(
     for i, c in enumerate(compressors):
         delta = Delta({k: v[i] for k, v in stacked.items()})
         try:
-            out.append(c.compress(delta, base_id=base_id, base_version=base_version, meta=meta))
+            out.append(
+                c.compress(delta, base_id=base_id, base_version=base_version, meta=meta, session=session)
+            )
         except DeltaplaneError as exc:
             if not return_exceptions:
                 raise
@@ -369,6 +448,7 @@ def _compress_stacked(
     base_id: str,
     base_version: int,
     meta: Mapping[str, Any] | None,
+    session: WireSession | None = None,
 ) -> list[bytes]:
     first = compressors[0]
     body, _ = split_lossless(first.codec)
@@ -416,6 +496,9 @@ def _compress_stacked(
         residuals = [Delta({k: v[i] for k, v in carry.items()}) for i in range(len(compressors))]
     payloads = []
     for c, tree in zip(compressors, trees, strict=True):
+        if session is not None:
+            payloads.append(session.pack(tree, base_version))
+            continue
         level = getattr(c._lossless, "level", None)
         header = WireHeader(base_id, base_version, c.codec.spec, dict(meta or {}))
         payloads.append(pack(tree, header, zstd_level=level))

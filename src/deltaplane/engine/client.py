@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deltaplane.aggregation import privatize
-from deltaplane.codecs import decompress
+from deltaplane.codecs import Layout, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
@@ -34,6 +34,7 @@ from deltaplane.engine.federation import Client
 from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
+from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.personalization import Personalizer
 
@@ -108,6 +109,8 @@ class ClientStep:
         self.participations: dict[int, int] = {}
         self._local_keys: frozenset[str] | None = None
         self._attack_streams: dict[int, torch.Generator] = {}
+        #: the uplink's wire sessions (compact frames unless ``config.wire`` is self-describing)
+        self.sessions = Sessions.for_config(config, base_id)
 
     def local_keys(self, model: nn.Module) -> frozenset[str]:
         """State-dict names the personalizer keeps on the device (FedBN on a model without norms raises)."""
@@ -196,11 +199,15 @@ class ClientStep:
                 delta, velocity = dgc.prepare(
                     client.compressor, delta, client.velocity, spec=self.config.codec, rnd=rnd
                 )
-            payload = client.upload(delta, base_id=self.base_id, base_version=version)
+            # a warm-up round's codec is not the session's: its payload describes itself (the server accepts both)
+            session = None if dgc.warming(rnd) else self.sessions.get(Layout.of(delta))
+            payload = client.upload(delta, base_id=self.base_id, base_version=version, session=session)
             sent = None
             if self.config.secagg or dgc.masking:
                 # what the codec sent: the device masks it for SecAgg (its error feedback keeps the rest)
-                sent = decompress(payload, expect_base=(self.base_id, version), expect_layout=delta)
+                sent = decompress(
+                    payload, expect_base=(self.base_id, version), expect_layout=delta, session=session
+                )
             if velocity is not None:
                 client.velocity = dgc.settle(velocity, sent)
             if self.config.secagg:

@@ -66,6 +66,14 @@ class RunConfig(BaseModel):
     error_feedback: bool = Field(True, description="keep the uplink compression error on the device")
     downlink_codec: str = Field("identity", description="codec for the global update sent to devices")
     downlink_error_feedback: bool = Field(True, description="server keeps the downlink compression error")
+    wire: Literal["compact", "self-describing"] = Field(
+        "compact",
+        description="uplink payload framing: 'compact' (layout agreed once per session, a few bytes of "
+        "framing per update) or 'self-describing' (every payload carries its tensor table)",
+    )
+    entropy_coding: bool = Field(
+        True, description="compact frames code each byte field losslessly where that makes it smaller"
+    )
     # -- Deep Gradient Compression's device-side techniques (Lin et al. 2018; see deltaplane.engine.dgc) ---
     momentum_correction: float = Field(
         0.0,
@@ -393,8 +401,9 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "codec": {
         "uplink": "codec", "error_feedback": "error_feedback", "downlink": "downlink_codec",
-        "downlink_error_feedback": "downlink_error_feedback", "momentum_correction": "momentum_correction",
-        "local_clip": "local_clip", "momentum_masking": "momentum_masking", "sparsity_warmup": "sparsity_warmup",
+        "downlink_error_feedback": "downlink_error_feedback", "wire": "wire", "entropy": "entropy_coding",
+        "momentum_correction": "momentum_correction", "local_clip": "local_clip",
+        "momentum_masking": "momentum_masking", "sparsity_warmup": "sparsity_warmup",
     },
     "aggregation": {
         "optimizer": "aggregator", "server_lr": "server_lr", "optimizer_lr": "server_opt_lr", "defense": "defense",

@@ -106,6 +106,10 @@ class DGC:
         """Whether any technique is on (the client step then runs device by device)."""
         return self.momentum > 0 or self.clip is not None or self.warmup_rounds > 0
 
+    def warming(self, rnd: int) -> bool:
+        """Whether round ``rnd`` (1-based) is a warm-up round, whose codec differs from the run's."""
+        return rnd <= self.warmup_rounds
+
     def codec_for(self, spec: str, rnd: int) -> str:
         """The uplink codec spec of round ``rnd`` (1-based): warmed up during the first rounds."""
         return warmup_spec(spec, rnd, self.warmup_rounds) if self.warmup_rounds else spec

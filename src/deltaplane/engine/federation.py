@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deltaplane.aggregation.sampling import sample_round
-from deltaplane.codecs import Compressor
+from deltaplane.codecs import Compressor, WireSession
 from deltaplane.data.dataset import Dataset
 from deltaplane.data.partition import dirichlet_partition, split_holdout
 from deltaplane.delta import Delta, StateDict
@@ -75,8 +75,13 @@ class Client:
             loss=loss,
         )
 
-    def upload(self, delta: Delta, *, base_id: str, base_version: int) -> bytes:
-        """Compress ``delta`` into the wire payload this device would send (updating its EF residual)."""
+    def upload(
+        self, delta: Delta, *, base_id: str, base_version: int, session: WireSession | None = None
+    ) -> bytes:
+        """Compress ``delta`` into the wire payload this device would send (updating its EF residual): a
+        compact frame of ``session`` if given, else self-describing."""
+        if session is not None:
+            return self.compressor.compress(delta, base_version=base_version, session=session)
         return self.compressor.compress(delta, base_id=base_id, base_version=base_version)
 
     def evaluate(self, model: nn.Module) -> float:

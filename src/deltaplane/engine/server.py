@@ -26,14 +26,15 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
-from deltaplane.codecs import Compressor, Layout, decompress
+from deltaplane.codecs import Compressor, Layout, WireSession, decompress, is_compact
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
-from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
+from deltaplane.engine.wire import Sessions
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, InvalidUpdate
 
 __all__ = ["MemoryPublisher", "Publisher", "RoundOutcome", "ServerStep"]
 
@@ -113,8 +114,11 @@ class ServerStep:
         *,
         base_id: str,
         reference: Callable[[int, StateDict], Delta] | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.aggregator = aggregator
+        #: the uplink's wire sessions: compact payloads decode against the session of the expected layout
+        self.sessions = sessions or Sessions("identity", base_id, compact=False)
         self.publisher = publisher
         self.base_id = base_id
         self.state = {k: v.detach().clone() for k, v in initial_state.items()}
@@ -175,7 +179,8 @@ class ServerStep:
                 ),
                 base_id,
             )
-        return cls(agg, publisher, initial_state, base_id=base_id, reference=reference)
+        sessions = Sessions.for_config(config, base_id)
+        return cls(agg, publisher, initial_state, base_id=base_id, reference=reference, sessions=sessions)
 
     def open(self, rnd: int, *, version: int | None = None, state: StateDict | None = None) -> None:
         """Start round ``rnd`` on the current version (or on ``version``/``state``, when the transport keeps
@@ -219,13 +224,34 @@ class ServerStep:
         """Record an update refused before it reached the chain (it could not be produced or decoded)."""
         self._rejections.append(Rejection(client_id, error))
 
+    @property
+    def layout(self) -> Layout:
+        """What every update must look like: the model's tensors less the devices' local ones."""
+        return Layout.of(self.state).without(self.local_keys)
+
+    @property
+    def session(self) -> WireSession | None:
+        """The wire session of this server's uplink (``None``: updates are self-describing)."""
+        return self.sessions.get(self.layout)
+
     def receive_payload(self, client_id: str, payload: bytes, weight: float) -> bool:
-        """Decode a wire payload strictly against this round's base, validate and aggregate it."""
+        """Decode a wire payload strictly against this round's base, validate and aggregate it.
+
+        A compact payload decodes in this server's wire session (:attr:`session`), a self-describing one on
+        its own; both strictly against the layout and the round's base version.
+        """
         self._uplink += len(payload)
         try:
             # strict against the model: another layout is refused before anything is decoded or allocated
-            layout = Layout.of(self.state).without(self.local_keys)
-            delta = decompress(payload, expect_base=(self.base_id, self.version), expect_layout=layout)
+            layout = self.layout
+            session = None
+            if is_compact(payload):
+                session = self.sessions.get(layout)
+                if session is None:
+                    raise DecodeError("this server takes self-describing payloads (its wire is not compact)")
+            delta = decompress(
+                payload, expect_base=(self.base_id, self.version), expect_layout=layout, session=session
+            )
         except DeltaplaneError as exc:  # one bad client is refused, the round goes on
             self.refuse(client_id, exc)
             return False

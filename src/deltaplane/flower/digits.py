@@ -68,9 +68,17 @@ def task_client_app(config: RunConfig) -> ClientApp:
     returns the trained ``arrays`` with ``num-examples`` (plain Flower), or, when a later stage changed the
     update (local DP, an attack), the update itself under ``DELTA_KEY``; compression is the mod's job.
     """
+    # the node's uplink is compact like the in-process engine's (the server step derives the same session);
+    # under SecAgg the payload never leaves the node (it masks the decoded update), so it stays self-describing
+    wire = "self-describing" if config.secagg else config.wire
     mods = [
         delta_mod(
-            codec=config.codec, error_feedback=config.error_feedback, seed=config.seed, dgc=config.make_dgc()
+            codec=config.codec,
+            error_feedback=config.error_feedback,
+            seed=config.seed,
+            wire=wire,
+            entropy_coding=config.entropy_coding,
+            dgc=config.make_dgc(),
         )
     ]
     if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it

@@ -21,11 +21,12 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from deltaplane.codecs import Codec, Compressor, decompress
+from deltaplane.codecs import Codec, Compressor, Layout, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.dgc import DGC
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import DecodeError, VersionMismatch
+from deltaplane.engine.wire import WIRE_FORMATS, Sessions
+from deltaplane.errors import ConfigError, DecodeError, VersionMismatch
 from deltaplane.flower.records import (
     CONTROL_KEY,
     DELTA_KEY,
@@ -63,6 +64,8 @@ def delta_mod(
     seed: int = 0,
     arrayrecord_key: str = "arrays",
     seed_fn: Callable[[int, Context], int] = node_seed,
+    wire: str = "self-describing",
+    entropy_coding: bool = True,
     dgc: DGC | None = None,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
@@ -78,6 +81,11 @@ def delta_mod(
         seed: run seed; each node's codec seed is ``seed_fn(seed, context)``.
         arrayrecord_key: the key under which the wrapped ClientApp reads and returns its weights.
         seed_fn: derives a node's codec seed (default :func:`node_seed`, matching the in-process engine).
+        wire: ``"compact"`` sends compact frames of the :class:`~deltaplane.codecs.WireSession` derived from
+            the update's layout, the codec and the base id (the server derives the same session from the
+            initial model: ``DeltaStrategy(uplink_codec=...)`` or a ``server_step`` whose config is compact);
+            ``"self-describing"`` (default) sends payloads that carry their tensor table.
+        entropy_coding: with ``wire="compact"``, code byte fields losslessly where that makes them smaller.
         dgc: Deep Gradient Compression's device-side techniques (:class:`~deltaplane.engine.dgc.DGC`: local
             clipping, momentum correction, momentum factor masking, sparsity warm-up); the node keeps its
             velocity in its own state next to the error-feedback residual.
@@ -91,6 +99,9 @@ def delta_mod(
         >>> app = ClientApp(mods=[delta_mod(codec="topk(0.01) | quant(bits=8)", seed=0)])
     """
     spec = Compressor(codec).codec.spec  # validates the spec now, not inside a node at round 1
+    if wire not in WIRE_FORMATS:
+        raise ConfigError(f"delta_mod: wire must be one of {WIRE_FORMATS}, got {wire!r}")
+    sessions: dict[str, Sessions] = {}  # by base id: each derived once per layout
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN or CONTROL_KEY not in msg.content:
@@ -117,17 +128,27 @@ def delta_mod(
         else:
             delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
-        velocity = None
+        velocity, rnd = None, 0
         if dgc is not None and dgc.active:
             rnd = int(msg.content.config_records["config"]["server-round"])
             saved = context.state.array_records.get(_VELOCITY)
             before = Delta(arrays_to_state(saved)) if saved is not None else None
             delta, velocity = dgc.prepare(compressor, delta, before, spec=spec, rnd=rnd)
-        payload = compressor.compress(delta, base_id=base_id, base_version=version)
+        if base_id not in sessions:
+            sessions[base_id] = Sessions(spec, base_id, compact=wire == "compact", entropy=entropy_coding)
+        # a warm-up round's codec is not the session's: its payload describes itself
+        warming = dgc is not None and dgc.warming(rnd)
+        session = None if warming else sessions[base_id].get(Layout.of(delta))
+        if session is not None:
+            payload = compressor.compress(delta, base_version=version, session=session)
+        else:
+            payload = compressor.compress(delta, base_id=base_id, base_version=version)
         if velocity is not None:
             sent = None
             if dgc is not None and dgc.masking:
-                sent = decompress(payload, expect_base=(base_id, version), expect_layout=delta)
+                sent = decompress(
+                    payload, expect_base=(base_id, version), expect_layout=delta, session=session
+                )
             context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))  # type: ignore[union-attr]
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.

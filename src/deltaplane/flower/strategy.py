@@ -24,10 +24,11 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
 from deltaplane.aggregation import Aggregator, FedAvg
-from deltaplane.codecs import Codec, Compressor, decompress
+from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine.server import RoundOutcome, ServerStep
-from deltaplane.errors import ConfigError
+from deltaplane.engine.wire import Sessions
+from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.flower.records import (
     CONTROL_KEY,
     DOWNLINK_KEY,
@@ -82,6 +83,10 @@ class DeltaStrategy(Strategy):
             ``weighted_by_key`` metric (default deltaplane ``FedAvg()``); ``None`` hands the decoded
             weights to ``inner.aggregate_train`` instead.
         downlink_codec: codec of the global update sent to nodes.
+        uplink_codec: the nodes' codec, when they send compact frames (``delta_mod(wire="compact")``): the
+            :class:`~deltaplane.codecs.WireSession` is derived from the global model's layout, this codec and
+            ``base_id``, as the nodes derive it (with ``server_step``, its own config says instead).
+        entropy_coding: the nodes' ``delta_mod(entropy_coding=...)`` (part of the session).
         downlink_error_feedback: keep the downlink compression error on the server.
         server_lr: scale of the aggregated delta applied to the global model.
         seed: seeds the downlink compressor.
@@ -111,6 +116,8 @@ class DeltaStrategy(Strategy):
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         server_step: ServerStep | None = None,
+        uplink_codec: str | Codec | None = None,
+        entropy_coding: bool = True,
     ) -> None:
         if server_lr <= 0:
             raise ConfigError(f"server_lr must be positive. Found {server_lr}")
@@ -136,6 +143,13 @@ class DeltaStrategy(Strategy):
         self._node_version: dict[int, int] = {}
         self.traffic: list[RoundTraffic] = []
         self.server_step = server_step
+        #: compact uplinks (``delta_mod(wire="compact")``) decode in the session of the global model's layout
+        #: and ``uplink_codec``; without it every uplink payload must be self-describing
+        self.uplink_sessions = (
+            Sessions(get_codec(uplink_codec).spec, base_id, entropy=entropy_coding)
+            if uplink_codec is not None
+            else Sessions("identity", base_id, compact=False)
+        )
         #: the last round's outcome when a server step runs (measurements, rejections)
         self.last_outcome: RoundOutcome | None = None
 
@@ -189,7 +203,11 @@ class DeltaStrategy(Strategy):
             up_payload += len(payload)
             up_msg += content_bytes(m.content)
             weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
-            decoded.append((decompress(payload, expect_base=base, expect_layout=self._global), weight, m))
+            session = self.uplink_sessions.get(Layout.of(self._global)) if is_compact(payload) else None
+            if is_compact(payload) and session is None:
+                raise DecodeError("a compact uplink payload: give DeltaStrategy the nodes' uplink_codec")
+            delta = decompress(payload, expect_base=base, expect_layout=self._global, session=session)
+            decoded.append((delta, weight, m))
 
         if self.aggregator is not None:
             self.aggregator.reset()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
@@ -19,6 +19,9 @@ from deltaplane.errors import DecodeError, DeltaplaneError, DowngradeRefused, In
 from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
+
+if TYPE_CHECKING:
+    from deltaplane.codecs import WireSession
 
 __all__ = ["AdminClient", "DeviceClient", "ServiceError"]
 
@@ -167,6 +170,14 @@ class DeviceClient:
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
         return _check(self._http.request(method, path, content=content, headers=headers))
+
+    def session(self, model: str) -> WireSession:
+        """The wire session of ``model``'s open round (``GET /v1/models/{model}/session``), validated strictly:
+        compress with it (``Compressor.compress(..., session=...)``) to send compact uploads."""
+        from deltaplane.codecs import WireSession
+
+        resp = _check(self._http.get(f"/v1/models/{model}/session", headers=self._headers))
+        return WireSession.from_bytes(resp.content)
 
     def round(self, model: str) -> dict[str, Any]:
         return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()

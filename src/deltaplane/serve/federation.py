@@ -293,6 +293,9 @@ def _plain_round(
     """One plain round: every chosen device uploads its compressed payload; the service closes the round."""
     opened = admin.open_round(MODEL)
     base = opened["base_version"]
+    if step.sessions.compact and not step.sessions.fetched and chosen:
+        # the devices take the server's word for the wire session: fetched once, then every upload is compact
+        step.sessions.install(devices[chosen[0]].session(MODEL))
     uplink = rejected = 0
     for cid in chosen:
         client, dev = clients[cid], devices[cid]

@@ -39,7 +39,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from deltaplane.aggregation import DPFedAvg, build_aggregator
-from deltaplane.codecs import Compressor, decompress
+from deltaplane.codecs import Compressor, Layout, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -180,7 +180,7 @@ def restore_rounds(config: "ServiceConfig", state: "ServiceState", store: RoundS
         step = _step(config, state, store, rec.model, rec.base_version)
         step.open(rec.number, version=rec.base_version, state=state.base_state(rec.model, rec.base_version))
         r = RoundState(rec.model, rec.number, rec.base_version, record=rec, opened_at=rec.opened_at)
-        for delta, weight, device_id in store.restore(rec):
+        for delta, weight, device_id in store.restore(rec, step.session):
             if step.receive_delta(device_id, delta, weight):
                 r.devices.add(device_id)
                 r.examples += weight
@@ -264,6 +264,24 @@ def round_router(
             nonce=r.record.nonce if r.record else "",
         )
 
+    @router.get(
+        "/v1/models/{model}/session",
+        tags=["device"],
+        responses={404: errors[404]},
+        summary="The wire session of the open round's uploads (fetch once; compress with it)",
+    )
+    def wire_session(model: ModelName, ident: device) -> dict[str, Any]:
+        """The :class:`~deltaplane.codecs.WireSession` (layout, codec, base id, template) the open round's
+        compact uploads are framed in: a device fetches it once per model layout and codec, then each of its
+        updates carries a few bytes of framing instead of a tensor table (docs/wire-format.md)."""
+        r = state.rounds.get(model)
+        if r is None:
+            raise NotFound(f"no open round for {model!r}")
+        session = state.steps[model].sessions.get(Layout.of(state.base_state(model, r.base_version)))
+        if session is None:
+            raise NotFound(f"{model!r} takes self-describing uploads: it has no wire session")
+        return session.to_json()
+
     upload_body = {
         "requestBody": {
             "required": True,
@@ -323,9 +341,19 @@ def round_router(
 
         def validate() -> Delta:
             # strict against the base's layout *before* decoding: a small payload that claims a huge shape
-            # must not make the server allocate it; then finite and of a sane norm
+            # must not make the server allocate it; then finite and of a sane norm. A compact payload
+            # decodes in the round's wire session (GET .../session), a self-describing one on its own.
             base = state.base_state(model, r.base_version)
-            delta = decompress(payload, expect_base=(model, r.base_version), expect_layout=base)
+            session = None
+            if is_compact(payload):
+                session = state.steps[model].sessions.get(Layout.of(base))
+                if session is None:
+                    raise DecodeError(
+                        f"{model!r} takes self-describing payloads (no wire session); compress without one"
+                    )
+            delta = decompress(
+                payload, expect_base=(model, r.base_version), expect_layout=base, session=session
+            )
             check_update_norm(delta, base, config.max_update_norm_ratio)
             return delta
 

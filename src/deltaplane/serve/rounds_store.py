@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from deltaplane.codecs import decompress
+from deltaplane.codecs import WireSession, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, NotFound
 from deltaplane.registry import Registry
@@ -184,13 +184,21 @@ class RoundStore:
         )
         return int(rows[0][0])
 
-    def restore(self, rec: RoundRecord) -> Iterator[tuple[Delta, float, str]]:
-        """The round's accepted updates, in acceptance order, decoded from their stored payloads."""
+    def restore(
+        self, rec: RoundRecord, session: WireSession | None = None
+    ) -> Iterator[tuple[Delta, float, str]]:
+        """The round's accepted updates, in acceptance order, decoded from their stored payloads (compact
+        ones in ``session``, the server step's wire session)."""
         layout = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
         for u in self.uploads(rec):
             payload = self.registry.get_blob(str(u["sha256"]))
             yield (
-                decompress(payload, expect_base=(rec.model, rec.base_version), expect_layout=layout),
+                decompress(
+                    payload,
+                    expect_base=(rec.model, rec.base_version),
+                    expect_layout=layout,
+                    session=session if is_compact(payload) else None,
+                ),
                 float(u["weight"]),
                 str(u["device_id"]),
             )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.codecs import compress_many
+from deltaplane.codecs import Layout, compress_many
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -176,6 +176,7 @@ def _upload_stacked(
         base_id=step.base_id,
         base_version=version,
         return_exceptions=True,
+        session=step.sessions.get(Layout.of({k: v[0] for k, v in stacked.items()})),
     )
     return [
         Upload(c.cid, c.num_samples, error=p)

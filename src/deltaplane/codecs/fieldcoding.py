@@ -1,0 +1,195 @@
+"""Lossless entropy coding of one byte field of a compact frame, chosen per field by measured size.
+
+A compact frame (:mod:`deltaplane.codecs.session`) names, for every byte field, the coding its stored bytes
+use. Coding ``0`` is the field as the codec wrote it (raw). Codings ``1``–``4`` read the field as a sequence
+of ``w``-bit symbols, ``w = 1, 2, 4, 8`` (packed least-significant first within each byte, as
+:func:`~deltaplane.codecs.entropy.pack_bits` packs 1-, 2-, 4- and 8-bit quantization codes), and code them
+with rANS (Duda 2013, https://arxiv.org/abs/1311.2540; the ``constriction`` package's stack coder) under a
+static order-0 model sent with the field. So 4-bit codes of top-k values, which cluster near the middle
+of the grid, or the unary quotients of a Golomb index stream, cost their empirical entropy instead of their
+width. The encoder sizes every symbol width from its histogram, codes the most promising one and keeps it
+only if the result is smaller than the raw field (:func:`encode_field`): a coding is used only where it
+measurably wins, so it never costs more than a few bytes of skeleton per field.
+
+Stored bytes of a coded field (all integers little-endian)::
+
+    presence bitmap of the 2**w symbols (ceil(2**w / 8) bytes) | varint frequency of each present symbol
+    (they sum to exactly 2**12) | the rANS words (u32 each)
+
+Decoding is strict and bounded: the field's declared length (already checked against its node's shape by
+the codec) fixes the symbol count and what is allocated; the model must be well formed; the rANS stream
+must decode exactly that many symbols and end exactly (nothing left over). Any failure is a
+:class:`~deltaplane.errors.DecodeError`. Without ``constriction`` installed (extra ``codecs``) the encoder
+keeps every field raw and a coded field cannot be decoded (``CodecError`` telling what to install).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deltaplane.errors import CodecError, DecodeError
+
+__all__ = ["CODINGS", "decode_field", "encode_field", "field_sizes"]
+
+#: coding id -> name (``ans<w>``: rANS over ``w``-bit symbols)
+CODINGS = {0: "raw", 1: "ans1", 2: "ans2", 3: "ans4", 4: "ans8"}
+_WIDTH = {1: 1, 2: 2, 3: 4, 4: 8}
+#: model precision: symbol frequencies sum to 2**_PRECISION
+_PRECISION = 12
+#: fields shorter than this stay raw: a model costs a few bytes and rANS at least one 4-byte word
+_MIN_BYTES = 16
+
+
+def _constriction() -> Any:
+    try:
+        import constriction
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        return None
+    return constriction
+
+
+def _symbols(data: np.ndarray, w: int) -> np.ndarray:
+    """The ``w``-bit symbols of bytes ``data``, least-significant first within each byte."""
+    if w == 8:
+        return data
+    if w == 1:
+        return np.unpackbits(data, bitorder="little")
+    per = 8 // w
+    shifts = np.arange(per, dtype=np.uint8) * np.uint8(w)
+    return ((data[:, None] >> shifts) & np.uint8((1 << w) - 1)).reshape(-1)
+
+
+def _pack(symbols: np.ndarray, w: int) -> bytes:
+    if w == 8:
+        return symbols.astype(np.uint8).tobytes()
+    if w == 1:
+        return np.packbits(symbols.astype(np.uint8), bitorder="little").tobytes()
+    per = 8 // w
+    s = symbols.astype(np.uint8).reshape(-1, per)
+    shifts = np.arange(per, dtype=np.uint8) * np.uint8(w)
+    return np.bitwise_or.reduce(s << shifts, axis=1).astype(np.uint8).tobytes()
+
+
+def _frequencies(counts: np.ndarray) -> np.ndarray:
+    """Counts scaled to integers summing to ``2**_PRECISION``, every present symbol at least 1."""
+    total = 1 << _PRECISION
+    present = counts > 0
+    f = np.zeros(len(counts), np.int64)
+    f[present] = np.maximum(1, np.round(counts[present] * total / counts.sum())).astype(np.int64)
+    f[int(np.argmax(f))] += total - int(f.sum())  # the largest absorbs the rounding
+    if f[int(np.argmax(f))] < 1:  # pragma: no cover - only with more symbols than 2**_PRECISION
+        raise CodecError("field coding: too many distinct symbols for the model precision")
+    return f
+
+
+def _put_varint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _model(freq: np.ndarray) -> Any:
+    c = _constriction()
+    return c.stream.model.Categorical(freq.astype(np.float64) / (1 << _PRECISION), perfect=False)
+
+
+def field_sizes(data: bytes | memoryview) -> dict[int, float]:
+    """Estimated stored bytes of ``data`` under each ANS coding (model + empirical entropy), and raw."""
+    raw = np.frombuffer(data, np.uint8)
+    out: dict[int, float] = {0: float(len(raw))}
+    for coding, w in _WIDTH.items():
+        sym = _symbols(raw, w)
+        counts = np.bincount(sym, minlength=1 << w).astype(np.float64)
+        p = counts[counts > 0] / len(sym)
+        bits = float(-(counts[counts > 0] * np.log2(p)).sum())
+        table = ((1 << w) + 7) // 8 + 2 * int((counts > 0).sum())
+        out[coding] = table + 4 * (bits / 32 + 1)
+    return out
+
+
+def encode_field(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    """``(coding, stored bytes)``: ``data`` rANS-coded at the most promising symbol width if that is smaller
+    than ``data`` itself, else ``(0, data)``."""
+    if len(data) < _MIN_BYTES or _constriction() is None:
+        return 0, data
+    sizes = field_sizes(data)
+    coding = min(sizes, key=lambda c: (sizes[c], c))
+    if coding == 0:
+        return 0, data
+    w = _WIDTH[coding]
+    sym = _symbols(np.frombuffer(data, np.uint8), w)
+    counts = np.bincount(sym, minlength=1 << w)
+    freq = _frequencies(counts)
+    head = bytearray(np.packbits(freq > 0, bitorder="little").tobytes())
+    for f in freq[freq > 0]:
+        _put_varint(head, int(f))
+    coder = _constriction().stream.stack.AnsCoder()
+    coder.encode_reverse(sym.astype(np.int32), _model(freq))
+    stored = bytes(head) + coder.get_compressed().astype("<u4").tobytes()
+    return (coding, stored) if len(stored) < len(data) else (0, data)
+
+
+def _read_model(stored: memoryview, w: int) -> tuple[np.ndarray, int]:
+    nbits = 1 << w
+    nmap = (nbits + 7) // 8
+    if len(stored) < nmap:
+        raise DecodeError(f"coded field of {len(stored)} bytes is shorter than its symbol map")
+    present = np.unpackbits(np.frombuffer(stored[:nmap], np.uint8), bitorder="little")
+    if present[nbits:].any():
+        raise DecodeError("coded field: symbol map has bits set beyond the alphabet")
+    freq = np.zeros(nbits, np.int64)
+    pos = nmap
+    for s in np.flatnonzero(present[:nbits]):
+        v = shift = 0
+        while True:
+            if pos >= len(stored) or shift > 14:
+                raise DecodeError("coded field: its model is truncated or a frequency is too long")
+            b = stored[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if v < 1:
+            raise DecodeError("coded field: a present symbol has frequency 0")
+        freq[s] = v
+    if int(freq.sum()) != 1 << _PRECISION:
+        raise DecodeError(f"coded field: frequencies sum to {int(freq.sum())}, expected {1 << _PRECISION}")
+    return freq, pos
+
+
+def decode_field(coding: int, stored: memoryview, length: int) -> bytes | memoryview:
+    """The ``length`` raw bytes of a field stored with ``coding``; a :class:`DecodeError` otherwise."""
+    if coding == 0:
+        if len(stored) != length:
+            raise DecodeError(f"a raw field stores {len(stored)} bytes but declares {length}")
+        return stored
+    w = _WIDTH.get(coding)
+    if w is None:
+        known = ", ".join(f"{k} ({v})" for k, v in CODINGS.items())
+        raise DecodeError(f"unknown field coding {coding}; known: {known}")
+    c = _constriction()
+    if c is None:  # pragma: no cover - depends on the installed extras
+        raise CodecError(
+            "this payload entropy-codes a field: decoding it needs the 'constriction' package "
+            "(pip install 'deltaplane[codecs]')"
+        )
+    freq, pos = _read_model(stored, w)
+    words = len(stored) - pos
+    if words < 0 or words % 4:
+        raise DecodeError(f"coded field: {words} bytes of rANS stream is not a whole number of 32-bit words")
+    count = length * 8 // w
+    coder = c.stream.stack.AnsCoder(np.frombuffer(stored[pos:], "<u4").astype(np.uint32))
+    try:
+        sym = coder.decode(_model(freq), count)
+        empty = coder.is_empty()
+    except Exception as exc:  # the coder's own error types: a corrupt stream, whatever it says
+        raise DecodeError(f"coded field: rANS stream is corrupt ({type(exc).__name__})") from None
+    if not empty:
+        raise DecodeError("coded field: rANS stream does not end after the field's symbols")
+    if len(sym) != count or (count and int(sym.max()) >= 1 << w):
+        raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
+    return _pack(np.asarray(sym), w)

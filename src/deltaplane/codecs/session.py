@@ -1,0 +1,664 @@
+"""Compact wire frames: agree once on what updates look like, then send only what varies.
+
+A self-describing payload (:mod:`deltaplane.codecs.wire`) repeats its tensor table in every update: names,
+dtypes, codec specs, shapes, metadata and field lengths, ~150 bytes on the digits CNN, which at 0.3% density
+is half of each payload. Within a federated session the device and the server already agree on all of that
+except a few numbers, so they fix it once in a :class:`WireSession` — the model's
+:class:`~deltaplane.codecs.layout.Layout`, the uplink codec spec, the base model id, and a **template**: the
+tensor table of one reference update (a seeded random delta of the layout encoded with the codec). Each
+update then travels as a *compact frame*::
+
+    magic b"DQ" | u8 version (=1) | session id (6 bytes) | varint base version | varint skeleton length
+    | skeleton | data | u32 CRC32C of everything before it
+
+The **skeleton** holds, per tensor in layout order, only the values in which the update's table differs from
+the template's (an index stream's length, the index coder top-k chose, rand-k's seed, an approximate top-k's
+count, the lossless coding of a field): ``varint h``; ``h = 0`` is followed by the tensor's node as
+self-describing JSON (``varint length | JSON``: a tree shaped unlike the template); ``h = d + 1`` by ``d``
+changes, each ``varint gap | typed value`` (the gap counts the unchanged values since the previous change; an
+integer is a zig-zag varint difference from the template's value, a string its UTF-8 bytes). The *data*
+holds every byte field in table order, each in the lossless coding the skeleton names for it
+(:mod:`deltaplane.codecs.fieldcoding`; raw unless the session codes entropy), or one zstd frame of them when
+the codec ends in ``zstd``. Decoding rebuilds the self-describing table from template and skeleton and then
+runs exactly the self-describing reader's checks (node schema, the session layout, the decode budget, every
+codec's counts) before the data is read, so a compact payload is as strict as a self-describing one and never
+makes the receiver allocate beyond its model's size; on top of that, a payload of another session
+(:class:`~deltaplane.errors.SessionMismatch`) or base version (:class:`~deltaplane.errors.VersionMismatch`)
+is refused from its first bytes. The session id is the first 6 bytes of the SHA-256 of the session's
+canonical JSON (:meth:`WireSession.to_json`), so both sides holding equal sessions derive equal ids and any
+difference in layout, codec, base id, coding or template changes it.
+
+Example:
+    >>> import torch, deltaplane as dp
+    >>> from deltaplane.codecs import WireSession
+    >>> model = {"fc.weight": torch.zeros(64, 256), "fc.bias": torch.zeros(64)}
+    >>> session = WireSession.create(dp.Layout.of(model), "topk(0.003) | quant(bits=4)", base_id="cnn")
+    >>> update = dp.Delta({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+    ...                    for k, v in model.items()})
+    >>> compact = dp.Compressor(session.codec, seed=0).compress(update, base_version=3, session=session)
+    >>> full = dp.Compressor(session.codec, seed=0).compress(update, base_id="cnn", base_version=3)
+    >>> len(compact), len(full)  # bytes: the tensor table travels once, in the session
+    (115, 209)
+    >>> got = dp.decompress(compact, session=session, expect_base=("cnn", 3))
+    >>> torch.equal(got["fc.weight"], dp.decompress(full)["fc.weight"])
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import crc32c
+import torch
+
+from deltaplane.codecs.base import Codec, Encoded, get_codec, split_lossless
+from deltaplane.codecs.layout import Layout
+from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
+from deltaplane.errors import (
+    CodecError,
+    DecodeError,
+    SessionMismatch,
+    ShapeMismatch,
+    SpecError,
+    VersionMismatch,
+)
+
+__all__ = [
+    "COMPACT_MAGIC",
+    "COMPACT_VERSION",
+    "SESSION_ID_BYTES",
+    "WireSession",
+    "check_session_layout",
+    "is_compact",
+]
+
+COMPACT_MAGIC = b"DQ"
+COMPACT_VERSION = 1
+SESSION_ID_BYTES = 6
+_CRC = struct.Struct("<I")
+#: smallest possible frame: magic, version, id, base version, skeleton length, CRC
+_MIN_FRAME = len(COMPACT_MAGIC) + 1 + SESSION_ID_BYTES + 1 + 1 + _CRC.size
+#: the template's reference update: a seeded normal delta, scaled like a small training step
+_TEMPLATE_SEED = 20261202
+_TEMPLATE_SCALE = 1e-2
+#: most bytes a session's canonical JSON may hold (a session is fetched from the server once)
+MAX_SESSION_BYTES = 64 << 20
+
+
+def is_compact(payload: bytes | bytearray | memoryview) -> bool:
+    """Whether ``payload`` starts like a compact frame (``b"DQ"``), not a self-describing one (``b"DPLN"``)."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        return False
+    return bytes(payload[: len(COMPACT_MAGIC)]) == COMPACT_MAGIC
+
+
+def _fail(msg: str) -> DecodeError:
+    return DecodeError(f"invalid compact payload: {msg}")
+
+
+# -- varints ---------------------------------------------------------------------------------------------
+def _put_varint(out: bytearray, v: int) -> None:
+    if v < 0:
+        raise CodecError(f"compact frame: cannot write negative varint {v}")
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+class _Cursor:
+    """Reads varints and byte strings from a bounded view; any overrun is a :class:`DecodeError`."""
+
+    __slots__ = ("buf", "end", "pos")
+
+    def __init__(self, buf: memoryview, pos: int, end: int) -> None:
+        self.buf, self.pos, self.end = buf, pos, end
+
+    def varint(self, what: str) -> int:
+        v = shift = 0
+        while True:
+            if self.pos >= self.end:
+                raise _fail(f"truncated in {what}")
+            b = self.buf[self.pos]
+            self.pos += 1
+            v |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if shift and b == 0:
+                    raise _fail(f"{what}: varint has a redundant trailing byte")
+                return v
+            shift += 7
+            if shift > 63:
+                raise _fail(f"{what}: varint longer than 64 bits")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > self.end - self.pos:
+            raise _fail(f"{what}: {n} bytes declared, {self.end - self.pos} left")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+
+def _zigzag(v: int) -> int:
+    return (v << 1) if v >= 0 else ((-v << 1) - 1)
+
+
+def _unzigzag(v: int) -> int:
+    return (v >> 1) if not v & 1 else -((v + 1) >> 1)
+
+
+# -- trees as (signature, values) ------------------------------------------------------------------------
+#: codecs whose fields are plain floats (or a raw tensor), not codes or positions: never entropy-coded, so an
+#: fp32 baseline stays exactly its raw size
+_PLAIN = frozenset({"identity", "fp16", "bf16"})
+
+
+def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> dict[str, Any]:
+    """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes;
+    collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
+    out: dict[str, Any] = {"c": e.codec, "s": list(e.shape)}
+    if e.meta:
+        out["m"] = dict(e.meta)
+    fields: dict[str, Any] = {}
+    for k, v in e.fields.items():
+        if isinstance(v, Encoded):
+            fields[k] = _node_doc(v, codings)
+        elif isinstance(v, bytes | bytearray | memoryview):
+            fields[k] = len(v)
+            if codings is not None:
+                # scales are plain fp32 too: only codes, signs, trits and index streams are coded
+                codings.append((e.codec.split("(")[0] in _PLAIN or k == "scales", v))
+        else:
+            raise CodecError(f"field '{k}' is not finalized ({type(v).__name__}); call finalize() first")
+    out["f"] = fields
+    return out
+
+
+def _signature(doc: dict[str, Any], sig: list[Any]) -> None:
+    """What must match the template for a node to travel as changes: codecs, ranks, meta keys, field kinds."""
+    fields = doc["f"]
+    sig.append(
+        (
+            doc["c"],
+            len(doc["s"]),
+            tuple(doc.get("m", {})),
+            tuple((k, isinstance(v, dict)) for k, v in fields.items()),
+        )
+    )
+    for v in fields.values():
+        if isinstance(v, dict):
+            _signature(v, sig)
+
+
+def _values(doc: dict[str, Any], out: list[Any], codings: Iterator[tuple[int, int]] | None) -> None:
+    """The node's values in order: shape, meta values, then per byte field ``length, coding, stored − length``
+    (a raw field: ``length, 0, 0``)."""
+    out.extend(doc["s"])
+    out.extend(doc.get("m", {}).values())
+    for v in doc["f"].values():
+        if isinstance(v, dict):
+            _values(v, out, codings)
+        else:
+            coding, stored = next(codings) if codings is not None else (0, v)
+            out.extend((v, coding, stored - v))
+
+
+def _rebuild(
+    template: dict[str, Any], values: list[Any], pos: list[int], stored: list[tuple[int, int]]
+) -> Any:
+    """The template node with its values replaced by ``values`` (read from ``pos[0]``); collects field codings."""
+    nd = len(template["s"])
+    doc: dict[str, Any] = {"c": template["c"], "s": values[pos[0] : pos[0] + nd]}
+    pos[0] += nd
+    if "m" in template:
+        keys = list(template["m"])
+        doc["m"] = dict(zip(keys, values[pos[0] : pos[0] + len(keys)], strict=True))
+        pos[0] += len(keys)
+    fields: dict[str, Any] = {}
+    for k, v in template["f"].items():
+        if isinstance(v, dict):
+            fields[k] = _rebuild(v, values, pos, stored)
+        else:
+            length, coding, extra = values[pos[0] : pos[0] + 3]
+            pos[0] += 3
+            fields[k] = length
+            if type(length) is not int or type(coding) is not int or type(extra) is not int:
+                raise _fail(f"field '{k}': length, coding and stored size must be integers")
+            stored.append((coding, length + extra))
+    doc["f"] = fields
+    return doc
+
+
+def _put_value(out: bytearray, new: Any, old: Any) -> None:
+    """One changed value: ``varint (payload << 2 | kind)``; kind 0 int (zig-zag difference from an int
+    template value, else the value itself), 1 string (its UTF-8 bytes follow), 2 float (8 bytes follow),
+    3 bool."""
+    if isinstance(new, bool):
+        _put_varint(out, (int(new) << 2) | 3)
+    elif isinstance(new, int):
+        base = old if isinstance(old, int) and not isinstance(old, bool) else 0
+        _put_varint(out, (_zigzag(new - base) << 2) | 0)
+    elif isinstance(new, str):
+        raw = new.encode()
+        _put_varint(out, (len(raw) << 2) | 1)
+        out += raw
+    elif isinstance(new, float):
+        _put_varint(out, 2)
+        out += struct.pack("<d", new)
+    else:
+        raise CodecError(f"compact frame: cannot write a {type(new).__name__} value")
+
+
+def _get_value(cur: _Cursor, old: Any) -> Any:
+    v = cur.varint("a changed value")
+    kind, payload = v & 3, v >> 2
+    if kind == 0:
+        base = old if isinstance(old, int) and not isinstance(old, bool) else 0
+        return base + _unzigzag(payload)
+    if kind == 1:
+        if payload > 4000:
+            raise _fail(f"a string value of {payload} bytes (at most 4000)")
+        try:
+            return bytes(cur.take(payload, "a string value")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail("a string value is not UTF-8") from None
+    if kind == 2:
+        if payload:
+            raise _fail("a float value has a non-zero length field")
+        (f,) = struct.unpack("<d", cur.take(8, "a float value"))
+        return f
+    if payload > 1:
+        raise _fail(f"a boolean value of {payload}")
+    return bool(payload)
+
+
+# -- the session ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class WireSession:
+    """What a device and a server agree on once, so each update needs only a compact frame.
+
+    Build one with :meth:`create` (the server, or both sides from the same model and config) or
+    :meth:`from_json` (a device that fetched the server's :meth:`to_json`). ``entropy`` lets the encoder code
+    each byte field losslessly (:mod:`deltaplane.codecs.fieldcoding`) when that makes it smaller. Equal
+    sessions have equal :attr:`id`; use :meth:`compress`/:meth:`decompress` or pass ``session=`` to
+    :meth:`~deltaplane.codecs.Compressor.compress` and :func:`~deltaplane.codecs.decompress`.
+    """
+
+    layout: Layout
+    codec: str
+    base_id: str = ""
+    entropy: bool = True
+    #: per tensor (layout order), the self-describing node of the reference update
+    template: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.template) != len(self.layout):
+            raise CodecError(
+                f"wire session: {len(self.template)} template nodes for {len(self.layout)} layout tensors"
+            )
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        layout: Layout | Mapping[str, torch.Tensor],
+        codec: str | Codec,
+        *,
+        base_id: str = "",
+        entropy: bool = True,
+    ) -> WireSession:
+        """The session of ``layout`` (or a state dict's) and ``codec``: its template is the tensor table of
+        a seeded normal delta of the layout encoded with ``codec`` (deterministic, so two parties that build
+        it from the same model and codec get the same session and id)."""
+        from deltaplane.codecs.compressor import encode_delta
+        from deltaplane.delta import Delta
+
+        layout = Layout.of(layout)
+        spec = get_codec(codec).spec
+        g = torch.Generator().manual_seed(_TEMPLATE_SEED)
+        ref = {
+            name: (torch.randn(t.shape, generator=g) * _TEMPLATE_SCALE).to(t.dtype)
+            if t.dtype.is_floating_point
+            else torch.zeros(t.shape, dtype=t.dtype)
+            for name, t in layout.items()
+        }
+        trees = encode_delta(Delta(ref), get_codec(spec), torch.Generator().manual_seed(_TEMPLATE_SEED), {})
+        template = tuple(_node_doc(trees[name][1]) for name in layout)
+        return cls(layout, spec, base_id, entropy, template)
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical text form a server hands its devices (what :attr:`id` is the digest of)."""
+        return {
+            "v": COMPACT_VERSION,
+            "base_id": self.base_id,
+            "codec": self.codec,
+            "entropy": self.entropy,
+            "layout": self.layout.to_json(),
+            "template": list(self.template),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, *, limits: Limits | None = None) -> WireSession:
+        """Inverse of :meth:`to_json`, strict: anything malformed is a :class:`~deltaplane.errors.DecodeError`."""
+        limits = limits or Limits()
+        if not isinstance(doc, dict) or set(doc) != {
+            "v",
+            "base_id",
+            "codec",
+            "entropy",
+            "layout",
+            "template",
+        }:
+            raise DecodeError(
+                "wire session must be an object with v, base_id, codec, entropy, layout, template"
+            )
+        if doc["v"] != COMPACT_VERSION:
+            raise DecodeError(f"wire session version {doc['v']!r}; this deltaplane reads {COMPACT_VERSION}")
+        if not isinstance(doc["base_id"], str) or not isinstance(doc["codec"], str):
+            raise DecodeError("wire session: base_id and codec must be strings")
+        if not isinstance(doc["entropy"], bool) or not isinstance(doc["template"], list):
+            raise DecodeError("wire session: entropy must be a boolean and template a list")
+        layout = Layout.from_json(doc["layout"])
+        try:
+            spec = get_codec(doc["codec"]).spec
+        except SpecError as exc:
+            raise DecodeError(f"wire session: {exc}") from None
+        if len(doc["template"]) != len(layout):
+            raise DecodeError(
+                f"wire session: {len(doc['template'])} template nodes for {len(layout)} tensors"
+            )
+        reader = _Reader(limits)
+        for (name, t), node in zip(layout.items(), doc["template"], strict=True):
+            tree = reader.node(node, f"template of '{name}'", 0)  # the self-describing reader's node schema
+            if tree.shape != t.shape:
+                raise DecodeError(f"wire session: template of '{name}' has shape {list(tree.shape)}")
+        try:
+            return cls(layout, spec, doc["base_id"], doc["entropy"], tuple(doc["template"]))
+        except CodecError as exc:
+            raise DecodeError(str(exc)) from None
+
+    def to_bytes(self) -> bytes:
+        """Canonical UTF-8 JSON of :meth:`to_json`."""
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, limits: Limits | None = None) -> WireSession:
+        """Inverse of :meth:`to_bytes` (at most :data:`MAX_SESSION_BYTES`)."""
+        if len(data) > MAX_SESSION_BYTES:
+            raise DecodeError(f"wire session of {len(data)} bytes exceeds {MAX_SESSION_BYTES}")
+        try:
+            doc = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise DecodeError(f"wire session is not valid JSON ({type(exc).__name__})") from None
+        return cls.from_json(doc, limits=limits)
+
+    @cached_property
+    def id(self) -> bytes:
+        """First :data:`SESSION_ID_BYTES` bytes of the SHA-256 of :meth:`to_bytes`."""
+        return hashlib.sha256(self.to_bytes()).digest()[:SESSION_ID_BYTES]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WireSession) and self.to_bytes() == other.to_bytes()
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return (
+            f"WireSession(id={self.id.hex()}, {len(self.layout)} tensors, codec={self.codec!r}, "
+            f"base_id={self.base_id!r}, entropy={self.entropy})"
+        )
+
+    @cached_property
+    def _signatures(self) -> tuple[tuple[Any, ...], ...]:
+        out = []
+        for node in self.template:
+            sig: list[Any] = []
+            _signature(node, sig)
+            out.append(tuple(sig))
+        return tuple(out)
+
+    @cached_property
+    def _template_values(self) -> tuple[tuple[Any, ...], ...]:
+        out = []
+        for node in self.template:
+            vals: list[Any] = []
+            _values(node, vals, None)
+            out.append(tuple(vals))
+        return tuple(out)
+
+    @cached_property
+    def _zstd_level(self) -> int | None:
+        return getattr(split_lossless(get_codec(self.codec))[1], "level", None)
+
+    # -- encoding ----------------------------------------------------------------------------------------
+    def pack(self, trees: Mapping[str, tuple[torch.dtype, Encoded]], base_version: int) -> bytes:
+        """Frame finalized trees (name -> (dtype, tree), the layout's tensors) as one compact payload."""
+        if trees.keys() != self.layout.keys() or list(trees) != list(self.layout):
+            raise ShapeMismatch(
+                f"update tensors {list(trees)[:5]} differ from the session layout {list(self.layout)[:5]} "
+                "(names and order); agree on a new session for another model"
+            )
+        if type(base_version) is not int or base_version < 0:
+            raise CodecError(
+                f"compact frame: base version must be a non-negative integer, got {base_version!r}"
+            )
+        from deltaplane.codecs.fieldcoding import encode_field
+
+        skeleton = bytearray()
+        chunks: list[bytes | memoryview] = []
+        for i, (name, (dtype, tree)) in enumerate(trees.items()):
+            want = self.layout[name]
+            if dtype != want.dtype or tuple(tree.shape) != want.shape:
+                raise ShapeMismatch(
+                    f"tensor '{name}' differs from the session layout ({want.shape}, {want.dtype})"
+                )
+            raw: list[tuple[bool, bytes]] = []
+            doc = _node_doc(tree, raw)
+            sig: list[Any] = []
+            _signature(doc, sig)
+            if tuple(sig) != self._signatures[i]:
+                text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+                _put_varint(skeleton, 0)
+                _put_varint(skeleton, len(text))
+                skeleton += text
+                chunks.extend(data for _, data in raw)
+                continue
+            codings: list[tuple[int, int]] = []
+            for plain, data in raw:
+                coding, stored = encode_field(data) if self.entropy and not plain else (0, data)
+                codings.append((coding, len(stored)))
+                chunks.append(stored)
+            vals: list[Any] = []
+            _values(doc, vals, iter(codings))
+            old = self._template_values[i]
+            changes = [
+                j for j, (a, b) in enumerate(zip(vals, old, strict=True)) if a != b or type(a) is not type(b)
+            ]
+            _put_varint(skeleton, len(changes) + 1)
+            prev = -1
+            for j in changes:
+                _put_varint(skeleton, j - prev - 1)
+                _put_value(skeleton, vals[j], old[j])
+                prev = j
+        head = bytearray(COMPACT_MAGIC)
+        head.append(COMPACT_VERSION)
+        head += self.id
+        _put_varint(head, base_version)
+        _put_varint(head, len(skeleton))
+        head += skeleton
+        if self._zstd_level is not None:
+            from deltaplane.codecs.lossless import zstd_compress
+
+            chunks = [zstd_compress(b"".join(chunks), self._zstd_level)]
+        crc = crc32c.crc32c(head)
+        for c in chunks:
+            crc = crc32c.crc32c(c, crc)
+        return b"".join([bytes(head), *chunks, _CRC.pack(crc)])
+
+    # -- decoding ----------------------------------------------------------------------------------------
+    def read_table(
+        self,
+        payload: bytes | bytearray | memoryview,
+        *,
+        expect_base_version: int | None = None,
+        limits: Limits | None = None,
+    ) -> tuple[Table, list[tuple[int, int]]]:
+        """Validate a compact frame and rebuild its self-describing tensor table; the data is left unread.
+
+        Returns the :class:`~deltaplane.codecs.wire.Table` (byte fields placed at their decoded offsets)
+        and each byte field's ``(coding, stored length)`` in order, for :meth:`read_body`.
+        """
+        limits = limits or Limits()
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise _fail(f"expected bytes, got {type(payload).__name__}")
+        buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
+        if len(buf) < _MIN_FRAME:
+            raise _fail(f"truncated: {len(buf)} bytes is shorter than the {_MIN_FRAME}-byte frame")
+        if bytes(buf[:2]) != COMPACT_MAGIC:
+            raise _fail(f"bad magic {bytes(buf[:2])!r} (expected {COMPACT_MAGIC!r}); not a compact payload")
+        if buf[2] != COMPACT_VERSION:
+            raise _fail(f"unsupported compact version {buf[2]}; this deltaplane reads {COMPACT_VERSION}")
+        (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
+        if crc32c.crc32c(buf[: -_CRC.size]) != crc:
+            raise _fail("checksum mismatch (corrupted or truncated in transit)")
+        sid = bytes(buf[3 : 3 + SESSION_ID_BYTES])
+        if sid != self.id:
+            raise SessionMismatch(
+                f"compact payload belongs to wire session {sid.hex()}, the receiver's is {self.id.hex()}; "
+                "fetch the current session (model layout and codec) and compress again"
+            )
+        cur = _Cursor(buf, 3 + SESSION_ID_BYTES, len(buf) - _CRC.size)
+        base_version = cur.varint("the base version")
+        if expect_base_version is not None and base_version != expect_base_version:
+            raise VersionMismatch(
+                f"payload was made against base {self.base_id!r} v{base_version}, but the receiver holds "
+                f"v{expect_base_version}; fetch the current model first"
+            )
+        skel_len = cur.varint("the skeleton length")
+        skel = _Cursor(buf, cur.pos, cur.pos + len(cur.take(skel_len, "the skeleton")))
+        reader = _Reader(limits)
+        trees: dict[str, tuple[torch.dtype, Encoded]] = {}
+        stored: list[tuple[int, int]] = []
+        for i, (name, want) in enumerate(self.layout.items()):
+            where = f"tensor '{name}'"
+            h = skel.varint(f"{where}: its header")
+            if h == 0:
+                text = skel.take(skel.varint(f"{where}: node length"), f"{where}: node")
+                try:
+                    doc = json.loads(bytes(text).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                    raise _fail(f"{where}: node is not valid JSON ({type(exc).__name__})") from None
+                tree = reader.node(doc, where, 0)
+                # a node sent whole carries its fields raw: stored lengths are the declared ones
+                stored.extend((0, n) for n in _field_lengths(tree))
+            else:
+                old = self._template_values[i]
+                vals = list(old)
+                j = -1
+                for _ in range(h - 1):
+                    j += skel.varint(f"{where}: a change's position") + 1
+                    if j >= len(vals):
+                        raise _fail(f"{where}: a change at value {j} of {len(vals)}")
+                    vals[j] = _get_value(skel, old[j])
+                node_stored: list[tuple[int, int]] = []
+                doc = _rebuild(self.template[i], vals, [0], node_stored)
+                tree = reader.node(doc, where, 0)  # the self-describing reader's checks on the rebuilt node
+                for coding, size in node_stored:
+                    if coding < 0 or size < 0:
+                        raise _fail(f"{where}: field coding and stored length must be non-negative")
+                stored.extend(node_stored)
+            if tree.shape != want.shape:
+                raise ShapeMismatch(
+                    f"{where}: shape {list(tree.shape)}, the session layout has {list(want.shape)}"
+                )
+            trees[name] = (want.dtype, tree)
+        if skel.pos != skel.end:
+            raise _fail(f"{skel.end - skel.pos} trailing skeleton bytes")
+        size = sum(s for _, s in stored)
+        body = buf[skel.end : len(buf) - _CRC.size]
+        zstd = self._zstd_level is not None
+        if zstd and size > limits.max_inflated_bytes:
+            raise _fail(
+                f"data would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
+            )
+        if not zstd and size != len(body):
+            raise _fail(f"the skeleton claims {size} data bytes but the payload has {len(body)}")
+        header = WireHeader(self.base_id, base_version, self.codec, {})
+        return Table(header, trees, body, zstd, size), stored
+
+    def read_body(
+        self, table: Table, stored: list[tuple[int, int]], *, max_inflated_bytes: int | None = None
+    ) -> dict[str, tuple[torch.dtype, Encoded]]:
+        """The trees of a :meth:`read_table` result, every byte field decoded to its declared length."""
+        from deltaplane.codecs.fieldcoding import decode_field
+        from deltaplane.codecs.wire import _materialize
+
+        if table.zstd:
+            if max_inflated_bytes is not None and table.size > max_inflated_bytes:
+                raise _fail(
+                    f"data would inflate to {table.size} bytes, beyond its budget of {max_inflated_bytes}"
+                )
+            from deltaplane.codecs.lossless import zstd_decompress
+
+            data = memoryview(zstd_decompress(bytes(table.body), table.size))
+        else:
+            data = table.body
+        lengths = [n for _, (_, tree) in table.trees.items() for n in _field_lengths(tree)]
+        if len(lengths) != len(stored):  # a reader bug, never a payload's
+            raise DecodeError("compact payload: field count differs between table and skeleton")
+        if max_inflated_bytes is not None and sum(lengths) > max_inflated_bytes:
+            # coded fields expand to their declared lengths: bounded before any is decoded
+            raise _fail(
+                f"fields declare {sum(lengths)} bytes, beyond the decode budget of {max_inflated_bytes}"
+            )
+        if all(c == 0 for c, _ in stored):
+            for n, (_, s) in zip(lengths, stored, strict=True):
+                if n != s:
+                    raise _fail(f"a raw field stores {s} bytes but declares {n}")
+            raw = data
+        else:
+            parts, at = [], 0
+            for n, (coding, s) in zip(lengths, stored, strict=True):
+                parts.append(decode_field(coding, data[at : at + s], n))
+                at += s
+            raw = memoryview(b"".join(parts))
+        return {name: (dtype, _materialize(tree, raw)) for name, (dtype, tree) in table.trees.items()}
+
+    # -- conveniences ------------------------------------------------------------------------------------
+    def decompress(
+        self,
+        payload: bytes,
+        *,
+        expect_base_version: int | None = None,
+        limits: Limits | None = None,
+    ) -> Any:
+        """Decode a compact payload of this session into a :class:`~deltaplane.delta.Delta` (strict)."""
+        from deltaplane.codecs.compressor import decompress
+
+        base = (self.base_id, expect_base_version) if expect_base_version is not None else None
+        return decompress(payload, session=self, expect_base=base, limits=limits)
+
+
+def _field_lengths(e: Encoded) -> list[int]:
+    out: list[int] = []
+    for v in e.fields.values():
+        if isinstance(v, Encoded):
+            out.extend(_field_lengths(v))
+        else:
+            out.append(v.length)
+    return out
+
+
+def check_session_layout(session: WireSession, layout: Layout) -> None:
+    """Refuse a session whose layout is not ``layout`` (the receiver's model): a session is per model."""
+    if session.layout != layout:
+        raise ShapeMismatch(
+            f"wire session {session.id.hex()} is for another layout ({len(session.layout)} tensors) than the "
+            f"model's ({len(layout)} tensors); agree on a new session"
+        )

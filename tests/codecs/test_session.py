@@ -1,0 +1,205 @@
+"""Compact wire frames (WireSession): byte-identical round trips, strictness, and the bytes they save."""
+
+import json
+import struct
+
+import crc32c
+import pytest
+import torch
+from tests.codecs.test_wire import SPECS
+
+import deltaplane as dp
+from deltaplane.codecs import WireSession, is_compact
+from deltaplane.codecs.session import COMPACT_MAGIC, SESSION_ID_BYTES
+from deltaplane.codecs.wire import read_table
+from deltaplane.errors import DecodeError, SessionMismatch, ShapeMismatch, VersionMismatch
+
+MODEL = {
+    "conv.weight": torch.zeros(8, 1, 3, 3),
+    "fc.weight": torch.zeros(10, 64),
+    "fc.bias": torch.zeros(10),
+    "steps": torch.zeros(1, dtype=torch.int64),
+}
+
+
+def _delta(seed: int = 0) -> dp.Delta:
+    g = torch.Generator().manual_seed(seed)
+    return dp.Delta(
+        {
+            k: torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.tensor([seed])
+            for k, v in MODEL.items()
+        }
+    )
+
+
+def _session(spec: str, **kw) -> WireSession:
+    return WireSession.create(dp.Layout.of(MODEL), spec, base_id="cnn", **kw)
+
+
+def _pair(spec: str, seed: int = 0, **kw) -> tuple[bytes, bytes, WireSession]:
+    s = _session(spec, **kw)
+    full = dp.Compressor(spec, error_feedback=False, seed=seed).compress(
+        _delta(seed), base_id="cnn", base_version=4
+    )
+    compact = dp.Compressor(spec, error_feedback=False, seed=seed).compress(
+        _delta(seed), base_version=4, session=s
+    )
+    return full, compact, s
+
+
+def _reframe(payload: bytes, body: bytes) -> bytes:
+    """``payload``'s first bytes replaced by ``body`` and a valid CRC (a man in the middle)."""
+    return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_compact_decodes_to_exactly_the_self_describing_delta(spec: str, entropy: bool) -> None:
+    for seed in range(3):
+        full, compact, s = _pair(spec, seed, entropy=entropy)
+        assert is_compact(compact) and not is_compact(full)
+        want = dp.decompress(full, expect_base=("cnn", 4))
+        got = dp.decompress(compact, session=s, expect_base=("cnn", 4), expect_layout=MODEL)
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (spec, k)
+        # the frame holds the same body bytes, less the tensor table (the session holds it)
+        assert len(compact) < len(full)
+
+
+def test_compact_frame_is_deterministic_and_session_ids_agree() -> None:
+    a, b = _session("stc(0.05)"), _session("stc(0.05)")
+    assert a == b and a.id == b.id and len(a.id) == SESSION_ID_BYTES
+    # a device that fetched the server's session text holds the same session
+    fetched = WireSession.from_bytes(a.to_bytes())
+    assert fetched == a and fetched.id == a.id
+    _, p1, _ = _pair("stc(0.05)")
+    _, p2, _ = _pair("stc(0.05)")
+    assert p1 == p2 and p1[:2] == COMPACT_MAGIC and p1[3 : 3 + SESSION_ID_BYTES] == a.id
+
+
+def test_any_change_to_the_agreement_changes_the_session_id() -> None:
+    base = _session("topk(0.1) | quant(bits=4)")
+    others = [
+        _session("topk(0.1) | quant(bits=8)"),
+        WireSession.create(dp.Layout.of(MODEL), "topk(0.1) | quant(bits=4)", base_id="other"),
+        _session("topk(0.1) | quant(bits=4)", entropy=False),
+        WireSession.create(
+            dp.Layout.of({**MODEL, "fc.bias": torch.zeros(11)}), "topk(0.1) | quant(bits=4)", base_id="cnn"
+        ),
+    ]
+    assert len({base.id, *(o.id for o in others)}) == 1 + len(others)
+
+
+def test_wrong_session_base_version_and_layout_are_refused() -> None:
+    _, compact, s = _pair("topk(0.1) | quant(bits=4)")
+    with pytest.raises(SessionMismatch):
+        dp.decompress(compact, session=_session("topk(0.1) | quant(bits=8)"))
+    with pytest.raises(VersionMismatch):
+        dp.decompress(compact, session=s, expect_base=("cnn", 5))
+    with pytest.raises(VersionMismatch):
+        dp.decompress(compact, session=s, expect_base=("other", 4))
+    with pytest.raises(ShapeMismatch):
+        dp.decompress(compact, session=s, expect_layout={**MODEL, "fc.bias": torch.zeros(11)})
+    # a compact payload without its session, and a self-describing one handed to a session, are refused
+    with pytest.raises(DecodeError, match="session"):
+        dp.decompress(compact)
+    full, _, _ = _pair("topk(0.1) | quant(bits=4)")
+    with pytest.raises(DecodeError, match="magic"):
+        dp.decompress(full, session=s)
+    # the encoder refuses what the session cannot carry
+    with pytest.raises(dp.CodecError):
+        dp.Compressor("stc(0.1)").compress(_delta(), session=s)
+    with pytest.raises(dp.CodecError):
+        dp.Compressor(s.codec).compress(_delta(), session=s, meta={"round": 1})
+    with pytest.raises(ShapeMismatch):
+        dp.Compressor(s.codec).compress(dp.Delta({"fc.bias": torch.zeros(10)}), session=s)
+
+
+def test_truncated_trailing_and_corrupted_frames_are_refused() -> None:
+    _, compact, s = _pair("stc(0.05)")
+    for n in range(len(compact)):
+        with pytest.raises(DecodeError):
+            dp.decompress(compact[:n], session=s)
+    with pytest.raises(DecodeError, match="checksum"):
+        dp.decompress(compact + b"\0", session=s)
+    body = compact[:-4]
+    # trailing data bytes, with a valid CRC: the skeleton's lengths no longer tile the data
+    with pytest.raises(DecodeError, match="data bytes"):
+        dp.decompress(_reframe(compact, body + b"\0"), session=s)
+    # a data byte short, with a valid CRC
+    with pytest.raises(DecodeError):
+        dp.decompress(_reframe(compact, body[:-1]), session=s)
+    flipped = bytearray(compact)
+    flipped[len(flipped) // 2] ^= 0x10
+    with pytest.raises(DecodeError, match="checksum"):
+        dp.decompress(bytes(flipped), session=s)
+
+
+def _skeleton_frame(s: WireSession, skeleton: bytes, data: bytes, base_version: int = 4) -> bytes:
+    head = bytearray(COMPACT_MAGIC) + bytes([1]) + s.id
+    head += bytes([base_version, len(skeleton)]) if len(skeleton) < 128 else b""
+    assert len(skeleton) < 128
+    return _reframe(b"", bytes(head) + skeleton + data)
+
+
+def test_crc_valid_lies_in_the_skeleton_are_refused_in_bounded_memory() -> None:
+    s = _session("topk(0.1) | quant(bits=4)")
+    n = len(s.layout)
+    # a shape change of the first tensor (a size bomb): refused by the session layout, nothing allocated
+    bomb = bytes([2, 0, (((1 << 40) - 8) << 3 & 0x7F) | 0x80]) + b"\xff" * 5 + b"\x01" + b"\x01" * (n - 1)
+    with pytest.raises(DecodeError):
+        dp.decompress(_skeleton_frame(s, bomb, b""), session=s)
+    # a huge field length, with a coding that could expand it: refused by the codec/budget checks
+    node_values = len(json.dumps(s.template[0]))  # any position past the first node's values
+    for skeleton in (
+        bytes([2, 5, 0xFE, 0xFF, 0xFF, 0xFF, 0x0F]) + b"\x01" * (n - 1),  # a field length of ~2^33
+        bytes([2, 200]) + b"\x00" + b"\x01" * (n - 1),  # a change past the node's last value
+        bytes([1] * n) + b"\x01",  # a trailing skeleton byte
+        bytes([1] * (n - 1)),  # a tensor missing
+        bytes([0, 3]) + b"{x}" + b"\x01" * (n - 1),  # a whole node that is not JSON
+        bytes([0, 2]) + b"[]" + b"\x01" * (n - 1),  # a whole node that is not a node
+        bytes([2, 0, 3]) + b"\x01" * (n - 1),  # a shape value turned into a string without its bytes
+    ):
+        with pytest.raises(DecodeError):
+            dp.decompress(_skeleton_frame(s, skeleton, b"\0" * 64), session=s)
+    assert node_values > 0
+
+
+def test_sessions_from_text_are_strict() -> None:
+    s = _session("stc(0.05)")
+    doc = s.to_json()
+    for bad in (
+        {**doc, "v": 2},
+        {**doc, "codec": "nonsense(1)"},
+        {**doc, "template": doc["template"][:-1]},
+        {**doc, "layout": doc["layout"][:-1]},
+        {**doc, "template": [{"c": "identity", "s": [1 << 40], "f": {"data": 1}}, *doc["template"][1:]]},
+        {**doc, "extra": 1},
+        [],
+    ):
+        with pytest.raises(DecodeError):
+            WireSession.from_json(bad)
+    with pytest.raises(DecodeError):
+        WireSession.from_bytes(b"\xff")
+
+
+def test_compact_saves_exactly_the_tensor_table() -> None:
+    # the data section holds exactly the self-describing body (raw coding): what is saved is the header
+    for spec in ("topk(0.01) | quant(bits=4)", "stc(0.05)", "quant(bits=8)"):
+        full, compact, s = _pair(spec, entropy=False)
+        table, stored = s.read_table(compact)
+        assert table.size == read_table(full).size == sum(n for _, n in stored)
+        header = len(full) - read_table(full).size
+        assert len(compact) - table.size < header / 3
+
+
+def test_compress_many_with_a_session_is_the_per_device_loop() -> None:
+    s = _session("topk(0.1) | quant(bits=8)")
+    stacked = {k: torch.stack([_delta(i)[k] for i in range(3)]) for k in MODEL}
+    many = dp.codecs.compress_many(
+        [dp.Compressor(s.codec, seed=i) for i in range(3)], stacked, base_version=2, session=s
+    )
+    for i in range(3):
+        one = dp.Compressor(s.codec, seed=i).compress(_delta(i), base_version=2, session=s)
+        assert many[i] == one
