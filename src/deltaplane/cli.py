@@ -31,12 +31,16 @@ if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should no
     from deltaplane.engine.config import RunConfig
     from deltaplane.engine.results import RoundMetrics, RunResult
 
-__all__ = ["DEFAULT_RUN_CODEC", "app"]
+__all__ = ["DEFAULT_RUN_CODEC", "DEFAULT_RUN_DGC", "app"]
 
 #: The task ``deltaplane run`` federates unless ``--task`` names another.
 DEFAULT_TASK = "deltaplane.apps.digits:make_task"
-#: What ``deltaplane run`` compresses with unless told otherwise: 1% top-k, 8-bit values, error feedback.
-DEFAULT_RUN_CODEC = "topk(0.01) | quant(bits=8)"
+#: What ``deltaplane run`` compresses with unless told otherwise: STC at 0.2% density with error feedback, DGC
+#: momentum correction (0.5) and momentum factor masking, in compact entropy-coded frames: the most compressed
+#: configuration within 0.5 point of fp32 on the digits federation (benchmarks/codecs_accuracy.py).
+DEFAULT_RUN_CODEC = "stc(0.002)"
+#: the DGC options that go with the default codec (applied only when the codec is the default one)
+DEFAULT_RUN_DGC = {"momentum_correction": 0.5, "momentum_masking": True}
 BASELINE = "baseline"
 
 
@@ -105,7 +109,8 @@ def run(
     codec: Annotated[
         str | None,
         typer.Option(
-            help=f"Uplink codec spec. \\[default: '{DEFAULT_RUN_CODEC}' unless the config sets one]"
+            help=f"Uplink codec spec. \\[default: '{DEFAULT_RUN_CODEC}' with DGC momentum correction 0.5 and "
+            "masking, unless the config sets a codec]"
         ),
     ] = None,
     downlink: Annotated[
@@ -125,7 +130,7 @@ def run(
     momentum_correction: Annotated[
         float | None,
         typer.Option(
-            show_default="0.0",
+            show_default="0.5 with the default codec, else 0.0",
             help="DGC momentum correction m: devices send their velocity u <- m*u + update (0: off).",
         ),
     ] = None,
@@ -139,7 +144,8 @@ def run(
         bool | None,
         typer.Option(
             "--momentum-masking/--no-momentum-masking",
-            help="DGC momentum factor masking: zero the velocity where a value was sent. \\[default: off]",
+            help="DGC momentum factor masking: zero the velocity where a value was sent. "
+            "\\[default: on with the default codec, else off]",
         ),
     ] = None,
     sparsity_warmup: Annotated[
@@ -381,6 +387,9 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
     changes = {k: v for k, v in options.items() if v is not None}
     if "codec" not in changes and "codec" not in cfg.model_fields_set:
         changes["codec"] = DEFAULT_RUN_CODEC
+        for name, value in DEFAULT_RUN_DGC.items():  # unless the command line or the config sets them
+            if name not in changes and name not in cfg.model_fields_set:
+                changes[name] = value
     cfg = cfg.replace(**changes)
     return _small(cfg) if os.environ.get(SMALL_ENV, "") not in ("", "0") else cfg
 
