@@ -108,7 +108,7 @@ class DGC:
 
     def warming(self, rnd: int) -> bool:
         """Whether round ``rnd`` (1-based) is a warm-up round, whose codec differs from the run's."""
-        return rnd <= self.warmup_rounds
+        return 0 < rnd <= self.warmup_rounds
 
     def codec_for(self, spec: str, rnd: int) -> str:
         """The uplink codec spec of round ``rnd`` (1-based): warmed up during the first rounds."""
