@@ -130,8 +130,8 @@ def run(
     momentum_correction: Annotated[
         float | None,
         typer.Option(
-            show_default="0.5 with the default codec, else 0.0",
-            help="DGC momentum correction m: devices send their velocity u <- m*u + update (0: off).",
+            help="DGC momentum correction m: devices send their velocity u <- m*u + update (0: off). "
+            "\\[default: 0.5 with the default codec, else 0.0]",
         ),
     ] = None,
     local_clip: Annotated[
