@@ -165,6 +165,11 @@ def main() -> None:
         if within == 1.0:
             line += f" {what}: " + ("met." if best["up"] >= target else "**not met**.")
         verdicts.append(line)
+    both = max((p for p in points if -p["gap"] <= 1.0 + 1e-9), key=lambda p: p["total"])
+    verdicts.append(
+        f"Both directions, within 1.0 point: `{both['label']}` at **{both['total']:,.1f}×** fewer total bytes "
+        f"(uplink {both['up']:,.0f}×, downlink {both['down']:,.1f}×; accuracy {both['acc']:.4f})."
+    )
     png = OUT / ("codecs_accuracy_large.png" if large else "codecs_accuracy.png")
     _plot(points, base["accuracy"], png, large=large)
     missing = [label for _, label, _ in runs if label not in done]
@@ -245,14 +250,18 @@ def _plot(points: list[dict], base_acc: float, path: Path, *, large: bool) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5), sharey=True)
+    for n, p in enumerate(points, 1):
+        p["n"] = n
+    fig, axes = plt.subplots(1, 3, figsize=(16, 7.5), sharey=True)
     colours = {"baseline": "black", "ablation": "tab:blue", "frontier": "tab:green", "downlink": "tab:orange"}
     for ax, key, name in zip(
         axes, ("up", "down", "total"), ("uplink", "downlink", "total (both ways)"), strict=True
     ):
         for p in points:
             ax.scatter(p[key], p["acc"], s=25, color=colours[p["group"]])
-            ax.annotate(p["label"], (p[key], p["acc"]), fontsize=5, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(p["n"]), (p[key], p["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         front = _frontier([(p[key], p["acc"]) for p in points])
         ax.plot([x for x, _ in front], [y for _, y in front], color="grey", lw=0.8, label="Pareto frontier")
         ax.axhline(base_acc - 0.01, color="grey", ls="--", lw=0.8, label="fp32 − 1 point")
@@ -264,7 +273,9 @@ def _plot(points: list[dict], base_acc: float, path: Path, *, large: bool) -> No
     axes[0].set_ylabel("final test accuracy")
     model = "cnn_wide, 1.08M params" if large else "DigitsCNN, 18k params"
     fig.suptitle(f"deltaplane: accuracy vs bytes on non-IID digits (20 clients, 120 rounds, {model})")
-    fig.tight_layout()
+    key_text = "\n".join(f"{p['n']}: {p['label']}" for p in points)
+    fig.text(0.01, 0.01, key_text, fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.03 + 0.018 * len(points), 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
