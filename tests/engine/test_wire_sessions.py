@@ -71,3 +71,27 @@ def test_server_step_refuses_another_session_and_accepts_self_describing() -> No
     stale = Compressor(cfg.codec).compress(delta, base_version=7, session=server.session)
     assert not server.receive_payload("d", stale, 1.0)
     assert isinstance(server.last_rejection.error, dp.VersionMismatch)
+
+
+def test_http_devices_fetch_the_session_once_and_upload_compact_frames(monkeypatch) -> None:
+    """Over HTTP the device takes the server's session (GET .../session) and its uploads are compact: the
+    same bytes per round as in process (a compact frame names no base id), fewer than self-describing."""
+    from deltaplane.serve import client as client_mod
+    from deltaplane.serve.federation import run_http_simulation
+
+    fetched = []
+    original = client_mod.DeviceClient.session
+
+    def spy(self, model):
+        fetched.append(model)
+        return original(self, model)
+
+    monkeypatch.setattr(client_mod.DeviceClient, "session", spy)
+    cfg = RunConfig(**{**SMALL, "clients": 3}).replace(engine="sequential")
+    http = run_http_simulation(cfg)
+    inproc = run_simulation(cfg)
+    assert len(fetched) == 1  # once per run, not per upload
+    assert [r.uplink_bytes for r in http.rounds] == [r.uplink_bytes for r in inproc.rounds]
+    assert [r.test_accuracy for r in http.rounds] == [r.test_accuracy for r in inproc.rounds]
+    full = run_http_simulation(cfg.replace(wire="self-describing"))
+    assert all(a.uplink_bytes < b.uplink_bytes for a, b in zip(http.rounds, full.rounds, strict=True))

@@ -40,6 +40,8 @@ _WIDTH = {1: 1, 2: 2, 3: 4, 4: 8}
 _PRECISION = 12
 #: fields shorter than this stay raw: a model costs a few bytes and rANS at least one 4-byte word
 _MIN_BYTES = 16
+#: symbols unpacked at once while coding (bounds the scratch memory whatever the field's size)
+_BLOCK = 1 << 20
 
 
 def _constriction() -> Any:
@@ -96,16 +98,33 @@ def _model(freq: np.ndarray) -> Any:
     return c.stream.model.Categorical(freq.astype(np.float64) / (1 << _PRECISION), perfect=False)
 
 
+def _byte_histogram(raw: np.ndarray) -> np.ndarray:
+    """Counts of each byte value, a block at a time (``bincount`` widens its input to 8 bytes a value)."""
+    counts = np.zeros(256, np.int64)
+    for lo in range(0, len(raw), _BLOCK):
+        counts += np.bincount(raw[lo : lo + _BLOCK], minlength=256)
+    return counts
+
+
+def _symbol_histogram(byte_counts: np.ndarray, w: int) -> np.ndarray:
+    """Counts of the ``w``-bit symbols, from the byte histogram alone (each byte holds ``8 / w`` of them)."""
+    values = np.arange(256)
+    out = np.zeros(1 << w, np.int64)
+    for j in range(8 // w):
+        np.add.at(out, (values >> (j * w)) & ((1 << w) - 1), byte_counts)
+    return out
+
+
 def field_sizes(data: bytes | memoryview) -> dict[int, float]:
     """Estimated stored bytes of ``data`` under each ANS coding (model + empirical entropy), and raw."""
     raw = np.frombuffer(data, np.uint8)
     out: dict[int, float] = {0: float(len(raw))}
+    byte_counts = _byte_histogram(raw)
     for coding, w in _WIDTH.items():
-        sym = _symbols(raw, w)
-        counts = np.bincount(sym, minlength=1 << w).astype(np.float64)
-        p = counts[counts > 0] / len(sym)
-        bits = float(-(counts[counts > 0] * np.log2(p)).sum())
-        table = ((1 << w) + 7) // 8 + 2 * int((counts > 0).sum())
+        counts = _symbol_histogram(byte_counts, w).astype(np.float64)
+        present = counts[counts > 0]
+        bits = float(-(present * np.log2(present / present.sum())).sum())
+        table = ((1 << w) + 7) // 8 + 2 * len(present)
         out[coding] = table + 4 * (bits / 32 + 1)
     return out
 
@@ -120,14 +139,18 @@ def encode_field(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     if coding == 0:
         return 0, data
     w = _WIDTH[coding]
-    sym = _symbols(np.frombuffer(data, np.uint8), w)
-    counts = np.bincount(sym, minlength=1 << w)
-    freq = _frequencies(counts)
+    raw = np.frombuffer(data, np.uint8)
+    freq = _frequencies(_symbol_histogram(_byte_histogram(raw), w))
     head = bytearray(np.packbits(freq > 0, bitorder="little").tobytes())
     for f in freq[freq > 0]:
         _put_varint(head, int(f))
+    model = _model(freq)
     coder = _constriction().stream.stack.AnsCoder()
-    coder.encode_reverse(sym.astype(np.int32), _model(freq))
+    # a stack coder decodes last-in first-out: blocks go in from the end, so they come out from the start,
+    # and no more than a block of symbols is ever unpacked at once
+    step = _BLOCK * w // 8
+    for lo in reversed(range(0, len(raw), step)):
+        coder.encode_reverse(_symbols(raw[lo : lo + step], w).astype(np.int32), model)
     stored = bytes(head) + coder.get_compressed().astype("<u4").tobytes()
     return (coding, stored) if len(stored) < len(data) else (0, data)
 
@@ -181,15 +204,22 @@ def decode_field(coding: int, stored: memoryview, length: int) -> bytes | memory
     words = len(stored) - pos
     if words < 0 or words % 4:
         raise DecodeError(f"coded field: {words} bytes of rANS stream is not a whole number of 32-bit words")
-    count = length * 8 // w
-    coder = c.stream.stack.AnsCoder(np.frombuffer(stored[pos:], "<u4").astype(np.uint32))
+    model = _model(freq)
+    out = bytearray()
+    step = _BLOCK * w // 8  # bytes of a block of _BLOCK symbols
     try:
-        sym = coder.decode(_model(freq), count)
+        coder = c.stream.stack.AnsCoder(np.frombuffer(stored[pos:], "<u4").astype(np.uint32))
+        for lo in range(0, length, step):
+            n = min(step, length - lo) * 8 // w
+            sym = np.asarray(coder.decode(model, n))
+            if len(sym) != n or (n and int(sym.max()) >= 1 << w):
+                raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
+            out += _pack(sym, w)
         empty = coder.is_empty()
+    except DecodeError:
+        raise
     except Exception as exc:  # the coder's own error types: a corrupt stream, whatever it says
         raise DecodeError(f"coded field: rANS stream is corrupt ({type(exc).__name__})") from None
     if not empty:
         raise DecodeError("coded field: rANS stream does not end after the field's symbols")
-    if len(sym) != count or (count and int(sym.max()) >= 1 << w):
-        raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
-    return _pack(np.asarray(sym), w)
+    return bytes(out)

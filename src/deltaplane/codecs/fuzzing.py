@@ -42,9 +42,10 @@ from deltaplane.codecs.compressor import Compressor, decompress
 from deltaplane.codecs.entropy import bitmap_encode, decode_indices, golomb_encode, varint_encode
 from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.quantize import DTYPES
+from deltaplane.codecs.session import WireSession
 from deltaplane.codecs.wire import HEADER_DICT, MAGIC, VERSION, Limits
 from deltaplane.delta import Delta
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import CodecError, DeltaplaneError
 
 __all__ = [
     "SPECS",
@@ -55,6 +56,7 @@ __all__ = [
     "fuzz",
     "fuzz_model",
     "peak_memory",
+    "serialize_compact",
 ]
 
 #: every registered codec, alone and in pipelines, policies and the zstd stage; all three index coders
@@ -251,6 +253,152 @@ def serialize(doc: Any, *, header: str = "raw", zstd: bool = False, trailing: by
     return framed + struct.pack("<I", crc32c.crc32c(framed))
 
 
+def serialize_compact(
+    doc: Any,
+    session: WireSession,
+    *,
+    base_version: int = 1,
+    rnd: random.Random | None = None,
+    lie: str | None = None,
+) -> tuple[bytes, bool]:
+    """Frame a (possibly mutated) document as a compact payload of ``session``, as an adversary would.
+
+    Table rows map onto the session's tensors by position (names and dtypes do not travel); a node shaped
+    like the template travels as changes, any other (or anything not a node) whole, as JSON. Byte fields are
+    entropy-coded where the session codes and that wins. ``lie`` (with ``rnd``) makes one field's coding
+    (``coding``: another coding id over the same bytes), stored length (``stored``: bytes added or cut,
+    the declared length unchanged) or stored bytes (``stream``: a bit flipped) lie; returns the payload and
+    whether a lie was told (a document without a byte field has nowhere to tell one).
+    """
+    from deltaplane.codecs.fieldcoding import CODINGS, encode_field
+    from deltaplane.codecs.session import (
+        COMPACT_MAGIC,
+        COMPACT_VERSION,
+        _plain,
+        _put_value,
+        _put_varint,
+        _signature,
+        _values,
+    )
+
+    rows = doc.get("t") if isinstance(doc, dict) else None
+    rows = rows if isinstance(rows, list) else []
+    fields: list[list[Any]] = []  # [coding, stored bytes, raw bytes] per byte field, in order
+
+    def put_field(b: Buf, codec: Any, name: str) -> int:
+        # a sender codes what it likes; the fuzzer codes the fields of honest sizes (a bomb goes raw)
+        small = len(b.data) <= 1 << 20
+        honest = session.entropy and small and not (isinstance(codec, str) and _plain(codec, name))
+        coding, stored = encode_field(b.data) if honest else (0, b.data)
+        if rnd is not None and small and rnd.random() < 0.05:  # code even a plain float field (refused)
+            coding, stored = encode_field(b.data)
+            forced[0] |= coding != 0
+        fields.append([coding, bytes(stored), b.data])
+        return len(b.data)
+
+    odd = [False]  # a field that is neither bytes nor a node: only a whole node can carry it
+    forced = [False]  # a field coded whatever it holds (a plain float field so coded is refused)
+
+    def plain(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        f = node.get("f")
+        if isinstance(f, dict):
+            odd[0] |= any(not isinstance(v, Buf | dict) for v in f.values())
+            c = node.get("c")
+            out["f"] = {k: put_field(v, c, k) if isinstance(v, Buf) else plain(v) for k, v in f.items()}
+        return out
+
+    nodes: list[tuple[Any, int, int, bool]] = []
+    for i, row in enumerate(rows):
+        start = len(fields)
+        odd[0] = False
+        node = plain(row[2] if isinstance(row, list) and len(row) == 3 else row)
+        try:
+            sig: list[Any] = []
+            _signature(node, sig)
+            same = i < len(session.template) and tuple(sig) == session._signatures[i] and not odd[0]
+        except (TypeError, KeyError, AttributeError):
+            same = False
+        if not same:  # a node sent whole carries its fields raw
+            for f in fields[start:]:
+                f[0], f[1] = 0, f[2]
+        nodes.append((node, start, len(fields), same))
+    told = forced[0]
+    if lie is not None and rnd is not None and fields:
+        f = fields[rnd.randrange(len(fields))]
+        told = True
+        if lie == "coding":
+            f[0] = rnd.choice([c for c in [*CODINGS, len(CODINGS), 255] if c != f[0]])
+        elif lie == "stored" and (rnd.random() < 0.5 or not f[1]):
+            f[1] = f[1] + bytes(rnd.randint(1, 4))
+        elif lie == "stored":
+            f[1] = f[1][: -rnd.randint(1, len(f[1]))]
+        else:
+            b = bytearray(f[1] or b"\0")
+            b[rnd.randrange(len(b))] ^= 1 << rnd.randrange(8)
+            f[1] = bytes(b)
+    skeleton = bytearray()
+    for i, (node, start, end, same) in enumerate(nodes):
+        if same:
+            vals: list[Any] = []
+            _values(node, vals, iter([(f[0], len(f[1])) for f in fields[start:end]]))
+            old = session._template_values[i]
+            changes = [
+                j for j, (a, b) in enumerate(zip(vals, old, strict=True)) if a != b or type(a) is not type(b)
+            ]
+            part = bytearray()
+            _put_varint(part, len(changes) + 1)
+            prev = -1
+            try:
+                for j in changes:
+                    _put_varint(part, j - prev - 1)
+                    _put_value(part, vals[j], old[j], session._vocab)
+                    prev = j
+            except CodecError:  # a value no change can carry (an object, a list, null): the node goes whole
+                same = False
+                for f in fields[start:end]:
+                    f[0], f[1] = 0, f[2]
+            else:
+                skeleton += part
+        if not same:
+            text = json.dumps(node, separators=(",", ":")).encode()
+            _put_varint(skeleton, 0)
+            _put_varint(skeleton, len(text))
+            skeleton += text
+    head = bytearray(COMPACT_MAGIC) + bytes([COMPACT_VERSION]) + session.id
+    _put_varint(head, base_version)
+    _put_varint(head, len(skeleton))
+    body = b"".join(f[1] for f in fields)
+    if session._zstd_level is not None:
+        from deltaplane.codecs.lossless import zstd_compress
+
+        body = zstd_compress(body, 1)
+    framed = bytes(head) + bytes(skeleton) + body
+    return framed + struct.pack("<I", crc32c.crc32c(framed)), told
+
+
+def _mutate_frame(payload: bytes, how: str, rnd: random.Random) -> bytes:
+    """A compact frame lied about at the frame level (session id, base version, bytes cut, added or
+    flipped), then given a valid CRC again."""
+    from deltaplane.codecs.session import COMPACT_MAGIC, SESSION_ID_BYTES
+
+    b = bytearray(payload[:-4])
+    at = len(COMPACT_MAGIC) + 1
+    if how == "session":
+        b[at + rnd.randrange(SESSION_ID_BYTES)] ^= 1 << rnd.randrange(8)
+    elif how == "base":
+        b[at + SESSION_ID_BYTES] = (b[at + SESSION_ID_BYTES] + rnd.randint(1, 120)) & 0x7F
+    elif how == "cut":
+        del b[rnd.randrange(at, len(b)) :]
+    elif how == "extra":
+        b += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
+    else:
+        b[rnd.randrange(at + SESSION_ID_BYTES, len(b))] ^= 1 << rnd.randrange(8)
+    return bytes(b) + struct.pack("<I", crc32c.crc32c(bytes(b)))
+
+
 # -- mutations ---------------------------------------------------------------------------------------------
 def _nodes(doc: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
     """Every node of the table as (node, parent's field dict or None, field name or None)."""
@@ -310,6 +458,39 @@ class Mutator:
     # each mutation edits ``doc`` in place; True if it keeps the payload's meaning (exact decode expected)
     def mutate(self, source: int | None = None) -> tuple[bytes, str, bool, int]:
         """A mutated payload, the mutation kind, whether it keeps the meaning, and the source payload index."""
+        doc, kind, preserving, src = self.mutate_doc(source)
+        rnd, parsed = self.rnd, self.pool[src]
+        header = rnd.choice(["raw", "zlib", "dict"])
+        zstd = parsed.zstd if rnd.random() < 0.9 else not parsed.zstd
+        trailing = b""
+        if rnd.random() < 0.02:
+            trailing, preserving = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8))), False
+        return serialize(doc, header=header, zstd=zstd, trailing=trailing), kind, preserving, src
+
+    def mutate_compact(
+        self, sessions: list[WireSession], source: int | None = None
+    ) -> tuple[bytes, str, bool, int]:
+        """:meth:`mutate`, framed as a compact payload of the source's session (``sessions[src]``), with
+        compact-only mutations on top: field codings and stored lengths that lie, entropy-coded streams
+        corrupted, and frames of another session or base version or with bytes cut or added (every one
+        with a valid CRC)."""
+        doc, kind, preserving, src = self.mutate_doc(source)
+        rnd = self.rnd
+        if "table" in kind:  # names do not travel: rows map onto the session's tensors by position
+            preserving = False
+        lie = rnd.choice(["coding", "stored", "stream"]) if rnd.random() < 0.15 else None
+        payload, lied = serialize_compact(doc, sessions[src], rnd=rnd, lie=lie)
+        if lied:
+            kind, preserving = f"{kind}+{lie}", False
+        if rnd.random() < 0.08:
+            frame = rnd.choice(["session", "base", "cut", "extra", "flip"])
+            payload = _mutate_frame(payload, frame, rnd)
+            kind, preserving = f"{kind}+frame_{frame}", False
+        return payload, kind, preserving, src
+
+    def mutate_doc(self, source: int | None = None) -> tuple[dict[str, Any], str, bool, int]:
+        """A mutated copy of a pool payload's document, the mutation kind, whether it keeps the meaning and
+        the source payload index (what :meth:`mutate` and :meth:`mutate_compact` frame)."""
         rnd = self.rnd
         src = rnd.randrange(len(self.pool)) if source is None else source
         parsed = self.pool[src]
@@ -326,12 +507,7 @@ class Mutator:
                 second = rnd.choice(list(self.kinds))
                 preserving = self._apply(second, doc) and preserving
                 kind = f"{kind}+{second}"
-        header = rnd.choice(["raw", "zlib", "dict"])
-        zstd = parsed.zstd if rnd.random() < 0.9 else not parsed.zstd
-        trailing = b""
-        if rnd.random() < 0.02:
-            trailing, preserving = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8))), False
-        return serialize(doc, header=header, zstd=zstd, trailing=trailing), kind, preserving, src
+        return doc, kind, preserving, src
 
     def _apply(self, kind: str, doc: dict[str, Any]) -> bool:
         try:
@@ -836,18 +1012,23 @@ def check_decode(
     measure_memory: bool = False,
     kill_after: float = 30.0,
     limits: Limits | None = None,
+    session: WireSession | None = None,
+    expect_base: tuple[str, int] | None = None,
 ) -> Outcome:
     """Decode ``payload`` and hold the result to the contract; raises :class:`FuzzFailure` if broken.
 
     ``layout``: the receiver's expected layout (``None``: a standalone decode). A decoded delta must have
     that layout (or, without one, a dtype per tensor and finite values); with ``preserving`` it must equal
-    ``original`` exactly. ``kill_after`` interrupts a runaway decode (reported as a failure).
+    ``original`` exactly. ``kill_after`` interrupts a runaway decode (reported as a failure). ``session``:
+    decode as a compact frame of that wire session; ``expect_base``: the receiver's base (id, version).
     """
     peak: list[int] = [0]
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         with _alarm(kill_after), peak_memory() if measure_memory else contextlib.nullcontext([0]) as peak:
-            out = decompress(payload, expect_layout=layout, limits=limits)
+            out = decompress(
+                payload, expect_layout=layout, limits=limits, session=session, expect_base=expect_base
+            )
     except DeltaplaneError as exc:
         result = f"refused:{type(exc).__name__}"
         if preserving:
@@ -904,11 +1085,15 @@ def fuzz(
     standalone_share: float = 0.25,
     kill_after: float = 30.0,
     progress: Callable[[int], None] | None = None,
+    compact: bool = False,
 ) -> FuzzReport:
     """Run ``mutations`` structure-aware mutations of payloads of every spec in ``specs`` (default :data:`SPECS`).
 
     Each payload of :func:`fuzz_model`'s delta is decoded with the model's expected layout (a receiver), or
     for ``standalone_share`` of them without (a standalone file). Failures are collected, not raised.
+    ``compact``: every mutation is framed as a compact payload of its spec's
+    :class:`~deltaplane.codecs.WireSession` (entropy coding on) and decoded in that session, always with
+    the session's layout (:meth:`Mutator.mutate_compact`).
     """
     specs = specs or SPECS
     rnd = random.Random(seed)
@@ -923,6 +1108,9 @@ def fuzz(
         payloads.append(p)
         originals.append(decompress(p, expect_layout=layout))
     mutator = Mutator(payloads, rnd)
+    sessions = [WireSession.create(layout, spec, base_id="fuzz") for spec in specs] if compact else []
+    if compact:
+        standalone_share = 0.0  # a compact frame is only ever decoded in its session, with its layout
     report = FuzzReport(model_bytes=layout.nbytes, specs=list(specs))
     # a standalone decode may use its whole budget: keep it small, so the address-space cap can be tight
     standalone_limits = Limits(max_decoded_bytes=16 * layout.decoded_bytes)
@@ -932,7 +1120,10 @@ def fuzz(
         for p, o in zip(payloads, originals, strict=True):  # warm-up: imports and caches before measuring
             check_decode(p, layout=layout, original=o, preserving=True)
         for i in range(mutations):
-            payload, kind, preserving, src = mutator.mutate()
+            if compact:
+                payload, kind, preserving, src = mutator.mutate_compact(sessions)
+            else:
+                payload, kind, preserving, src = mutator.mutate()
             standalone = rnd.random() < standalone_share
             report.kinds[kind.split("+")[0]] += 1
             try:
@@ -944,6 +1135,8 @@ def fuzz(
                     measure_memory=measure_memory,
                     limits=standalone_limits if standalone else None,
                     kill_after=kill_after,
+                    session=sessions[src] if compact else None,
+                    expect_base=("fuzz", 1) if compact else None,
                 )
             except FuzzFailure as exc:
                 report.failures.append(f"{kind} on '{specs[src]}': {exc}")
@@ -962,7 +1155,13 @@ def fuzz(
                 for _ in range(2 if peak > 0.8 * bound else 0):
                     # a decode is deterministic, so a real excess repeats; a one-off page-fault burst of
                     # the allocator or the garbage collector does not: the smallest of three peaks counts
-                    peak = min(peak, check_decode(payload, layout=layout, measure_memory=True).peak_bytes)
+                    again = check_decode(
+                        payload,
+                        layout=layout,
+                        measure_memory=True,
+                        session=sessions[src] if compact else None,
+                    )
+                    peak = min(peak, again.peak_bytes)
                 report.remeasured += peak != out.peak_bytes
                 if peak / bound > report.max_memory_ratio:
                     report.max_memory_ratio = peak / bound

@@ -16,7 +16,8 @@ the template's (an index stream's length, the index coder top-k chose, rand-k's 
 count, the lossless coding of a field): ``varint h``; ``h = 0`` is followed by the tensor's node as
 self-describing JSON (``varint length | JSON``: a tree shaped unlike the template); ``h = d + 1`` by ``d``
 changes, each ``varint gap | typed value`` (the gap counts the unchanged values since the previous change; an
-integer is a zig-zag varint difference from the template's value, a string its UTF-8 bytes). The *data*
+integer is a zig-zag varint difference from the template's value, a string its index in the session's small
+vocabulary — the template's strings and the index coders — or else its UTF-8 bytes). The *data*
 holds every byte field in table order, each in the lossless coding the skeleton names for it
 (:mod:`deltaplane.codecs.fieldcoding`; raw unless the session codes entropy), or one zstd frame of them when
 the codec ends in ``zstd``. Decoding rebuilds the self-describing table from template and skeleton and then
@@ -58,6 +59,7 @@ import crc32c
 import torch
 
 from deltaplane.codecs.base import Codec, Encoded, get_codec, split_lossless
+from deltaplane.codecs.entropy import INDEX_CODERS
 from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
 from deltaplane.errors import (
@@ -158,6 +160,12 @@ def _unzigzag(v: int) -> int:
 _PLAIN = frozenset({"identity", "fp16", "bf16"})
 
 
+def _plain(codec: str, field_name: str) -> bool:
+    """Whether a byte field holds plain floats (raw tensors, fp16/bf16, fp32 scales): never entropy-coded;
+    only codes, signs, trits and index streams are."""
+    return codec.split("(")[0] in _PLAIN or field_name == "scales"
+
+
 def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> dict[str, Any]:
     """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes;
     collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
@@ -171,8 +179,7 @@ def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> di
         elif isinstance(v, bytes | bytearray | memoryview):
             fields[k] = len(v)
             if codings is not None:
-                # scales are plain fp32 too: only codes, signs, trits and index streams are coded
-                codings.append((e.codec.split("(")[0] in _PLAIN or k == "scales", v))
+                codings.append((_plain(e.codec, k), v))
         else:
             raise CodecError(f"field '{k}' is not finalized ({type(v).__name__}); call finalize() first")
     out["f"] = fields
@@ -229,20 +236,24 @@ def _rebuild(
             fields[k] = length
             if type(length) is not int or type(coding) is not int or type(extra) is not int:
                 raise _fail(f"field '{k}': length, coding and stored size must be integers")
+            if coding and _plain(template["c"], k):
+                raise _fail(f"field '{k}' of '{template['c']}' holds plain floats: it is never entropy-coded")
             stored.append((coding, length + extra))
     doc["f"] = fields
     return doc
 
 
-def _put_value(out: bytearray, new: Any, old: Any) -> None:
+def _put_value(out: bytearray, new: Any, old: Any, vocab: tuple[str, ...] = ()) -> None:
     """One changed value: ``varint (payload << 2 | kind)``; kind 0 int (zig-zag difference from an int
-    template value, else the value itself), 1 string (its UTF-8 bytes follow), 2 float (8 bytes follow),
-    3 bool."""
+    template value, else the value itself), 1 string (its UTF-8 bytes follow), 2 float (payload 0, 8 bytes
+    follow) or a string of the session's vocabulary (payload = its index + 1), 3 bool."""
     if isinstance(new, bool):
         _put_varint(out, (int(new) << 2) | 3)
     elif isinstance(new, int):
         base = old if isinstance(old, int) and not isinstance(old, bool) else 0
         _put_varint(out, (_zigzag(new - base) << 2) | 0)
+    elif isinstance(new, str) and new in vocab:
+        _put_varint(out, ((vocab.index(new) + 1) << 2) | 2)
     elif isinstance(new, str):
         raw = new.encode()
         _put_varint(out, (len(raw) << 2) | 1)
@@ -254,7 +265,7 @@ def _put_value(out: bytearray, new: Any, old: Any) -> None:
         raise CodecError(f"compact frame: cannot write a {type(new).__name__} value")
 
 
-def _get_value(cur: _Cursor, old: Any) -> Any:
+def _get_value(cur: _Cursor, old: Any, vocab: tuple[str, ...] = ()) -> Any:
     v = cur.varint("a changed value")
     kind, payload = v & 3, v >> 2
     if kind == 0:
@@ -269,7 +280,9 @@ def _get_value(cur: _Cursor, old: Any) -> Any:
             raise _fail("a string value is not UTF-8") from None
     if kind == 2:
         if payload:
-            raise _fail("a float value has a non-zero length field")
+            if payload > len(vocab):
+                raise _fail(f"string {payload - 1} of a {len(vocab)}-string vocabulary")
+            return vocab[payload - 1]
         (f,) = struct.unpack("<d", cur.take(8, "a float value"))
         return f
     if payload > 1:
@@ -285,8 +298,9 @@ class WireSession:
     Build one with :meth:`create` (the server, or both sides from the same model and config) or
     :meth:`from_json` (a device that fetched the server's :meth:`to_json`). ``entropy`` lets the encoder code
     each byte field losslessly (:mod:`deltaplane.codecs.fieldcoding`) when that makes it smaller. Equal
-    sessions have equal :attr:`id`; use :meth:`compress`/:meth:`decompress` or pass ``session=`` to
-    :meth:`~deltaplane.codecs.Compressor.compress` and :func:`~deltaplane.codecs.decompress`.
+    sessions have equal :attr:`id`. Pass ``session=`` to :meth:`~deltaplane.codecs.Compressor.compress`
+    (and :func:`~deltaplane.codecs.compress_many`) to frame, and to :func:`~deltaplane.codecs.decompress`
+    (or call :meth:`decompress`) to decode.
     """
 
     layout: Layout
@@ -433,6 +447,13 @@ class WireSession:
         return tuple(out)
 
     @cached_property
+    def _vocab(self) -> tuple[str, ...]:
+        """Strings a changed value names by index: the template's string values and the index coders
+        (sorted, so both sides derive the same list)."""
+        strings = {v for vals in self._template_values for v in vals if isinstance(v, str)}
+        return tuple(sorted(strings | set(INDEX_CODERS)))
+
+    @cached_property
     def _zstd_level(self) -> int | None:
         return getattr(split_lossless(get_codec(self.codec))[1], "level", None)
 
@@ -484,7 +505,7 @@ class WireSession:
             prev = -1
             for j in changes:
                 _put_varint(skeleton, j - prev - 1)
-                _put_value(skeleton, vals[j], old[j])
+                _put_value(skeleton, vals[j], old[j], self._vocab)
                 prev = j
         head = bytearray(COMPACT_MAGIC)
         head.append(COMPACT_VERSION)
@@ -565,7 +586,7 @@ class WireSession:
                     j += skel.varint(f"{where}: a change's position") + 1
                     if j >= len(vals):
                         raise _fail(f"{where}: a change at value {j} of {len(vals)}")
-                    vals[j] = _get_value(skel, old[j])
+                    vals[j] = _get_value(skel, old[j], self._vocab)
                 node_stored: list[tuple[int, int]] = []
                 doc = _rebuild(self.template[i], vals, [0], node_stored)
                 tree = reader.node(doc, where, 0)  # the self-describing reader's checks on the rebuilt node
@@ -621,14 +642,14 @@ class WireSession:
             for n, (_, s) in zip(lengths, stored, strict=True):
                 if n != s:
                     raise _fail(f"a raw field stores {s} bytes but declares {n}")
-            raw = data
-        else:
-            parts, at = [], 0
-            for n, (coding, s) in zip(lengths, stored, strict=True):
-                parts.append(decode_field(coding, data[at : at + s], n))
-                at += s
-            raw = memoryview(b"".join(parts))
-        return {name: (dtype, _materialize(tree, raw)) for name, (dtype, tree) in table.trees.items()}
+            return {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in table.trees.items()}
+        # each field its own buffer (a coded one decoded to its declared length): no joined copy of them all
+        parts, at = [], 0
+        for n, (coding, s) in zip(lengths, stored, strict=True):
+            parts.append(memoryview(decode_field(coding, data[at : at + s], n)))
+            at += s
+        it = iter(parts)
+        return {name: (dtype, _attach(tree, it)) for name, (dtype, tree) in table.trees.items()}
 
     # -- conveniences ------------------------------------------------------------------------------------
     def decompress(
@@ -643,6 +664,12 @@ class WireSession:
 
         base = (self.base_id, expect_base_version) if expect_base_version is not None else None
         return decompress(payload, session=self, expect_base=base, limits=limits)
+
+
+def _attach(e: Encoded, parts: Iterator[memoryview]) -> Encoded:
+    """``e`` with each byte field (in order) replaced by the next of ``parts``."""
+    fields = {k: _attach(v, parts) if isinstance(v, Encoded) else next(parts) for k, v in e.fields.items()}
+    return Encoded(e.codec, e.shape, e.meta, fields)
 
 
 def _field_lengths(e: Encoded) -> list[int]:

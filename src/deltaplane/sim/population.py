@@ -249,6 +249,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     trainer = BatchedTrainer(model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss)
     step = ClientStep(config, task, base_id=BASE_ID)
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
+    step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     store = ResidualStore(clients=registered, like=initial)
     # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
     velocities = ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None

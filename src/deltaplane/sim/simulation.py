@@ -202,6 +202,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     raw_bytes = Delta.zeros_like(initial).nbytes
     local_keys = step.local_keys(model)  # FedBN on a model without batch-norm raises here
     server.local_keys = local_keys  # uploads carry the shared tensors only
+    step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
     backdoor_target = getattr(step.attack, "target", None)
     client_rows: list[dict[str, Any]] = []
