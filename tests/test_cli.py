@@ -4,7 +4,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from deltaplane.cli import DEFAULT_RUN_CODEC, app
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC, app
 from deltaplane.codecs import get_codec
 
 runner = CliRunner()
@@ -20,9 +20,12 @@ def test_run_writes_reports_and_prints_the_comparison(tmp_path: Path) -> None:
     base, comp = doc["runs"]
     assert base["config"]["codec"] == "identity"
     assert comp["config"]["codec"] == DEFAULT_RUN_CODEC
-    # both runs share every setting but the codec
-    assert {k: v for k, v in base["config"].items() if k != "codec"} == {
-        k: v for k, v in comp["config"].items() if k != "codec"
+    assert {k: comp["config"][k] for k in DEFAULT_RUN_DGC} == DEFAULT_RUN_DGC  # the default's DGC options
+    assert base["config"]["momentum_correction"] == 0.0 and not base["config"]["momentum_masking"]
+    # both runs share every setting but the codec and its DGC options (the baseline is plain fp32 FedAvg)
+    differ = {"codec", *DEFAULT_RUN_DGC}
+    assert {k: v for k, v in base["config"].items() if k not in differ} == {
+        k: v for k, v in comp["config"].items() if k not in differ
     }
     assert comp["config"]["clients"] == 4 and len(comp["rounds"]) == 2
     ratio = doc["summary"][1]["ratio_vs_baseline"]
@@ -82,7 +85,7 @@ def test_config_file_and_options(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [(r["name"], r["config"]["codec"]) for r in doc["runs"]] == [("baseline", "identity")]
-    assert get_codec(DEFAULT_RUN_CODEC).spec.startswith("topk(ratio=0.01)")
+    assert get_codec(DEFAULT_RUN_CODEC).spec.startswith("stc(ratio=0.002)")
 
 
 def _clean_error(result, pattern: str) -> None:

@@ -102,5 +102,8 @@ def test_train_shifts_reach_the_digits_task() -> None:
 def test_digits_task_has_an_mlp_option() -> None:
     task = load_task(DEFAULT_TASK, {"model": "mlp"})
     assert sum(p.numel() for p in task.build_model(0).parameters()) == 2_410
-    with pytest.raises(TaskError, match="model must be one of \\['cnn', 'mlp'\\]"):
+    wide = load_task(DEFAULT_TASK, {"model": "cnn_wide"}).build_model(0)
+    assert sum(p.numel() for p in wide.parameters()) == 1_078_666  # the ≥1M-parameter frontier model
+    assert wide(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(TaskError, match="model must be one of \\['cnn', 'cnn_wide', 'mlp'\\]"):
         load_task(DEFAULT_TASK, {"model": "resnet"})

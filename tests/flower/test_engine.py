@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deltaplane.cli import DEFAULT_RUN_CODEC, app
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC, app
 from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, run_simulation
 
@@ -33,13 +33,13 @@ def test_cli_flower_engine_matches_in_process_engine(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (flower,) = json.loads((out / "report.json").read_text())["runs"]
 
-    expected = run_simulation(RunConfig(clients=3, rounds=3, codec=DEFAULT_RUN_CODEC))
+    expected = run_simulation(RunConfig(clients=3, rounds=3, codec=DEFAULT_RUN_CODEC, **DEFAULT_RUN_DGC))
     assert len(flower["rounds"]) == 3
     for got, want in zip(flower["rounds"], expected.rounds, strict=True):
         assert abs(got["test_accuracy"] - want.test_accuracy) <= 0.005
         assert abs(got["uplink_bytes"] - want.uplink_bytes) <= 0.01 * want.uplink_bytes
-    # a 1% top-k + 8-bit payload of the 18,346-parameter CNN: a few hundred bytes per client, not 73 kB
-    assert 3 * 200 < flower["rounds"][0]["uplink_bytes"] < 3 * 2_000
+    # a compact stc(0.002) frame of the 18,346-parameter CNN: about 140 bytes per client, not 73 kB
+    assert 3 * 50 < flower["rounds"][0]["uplink_bytes"] < 3 * 1_000
 
 
 def test_config_must_fit_the_data() -> None:

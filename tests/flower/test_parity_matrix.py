@@ -47,6 +47,13 @@ FEATURES = {
         "downlink_codec": "topk(0.2) | quant(bits=8)",
     },
     "secagg": {"secagg": True, "clip": "2.0"},
+    "dgc": {
+        "codec": "topk(0.05)",
+        "momentum_correction": 0.5,
+        "momentum_masking": True,
+        "local_clip": 1.0,
+        "sparsity_warmup": 1,
+    },
 }
 #: per-round test accuracy may differ by this many of the 359 test digits on the batched driver
 BATCHED_TOLERANCE = 1 / 359

@@ -102,3 +102,19 @@ def test_population_refuses_personalization_with_the_reason() -> None:
 
     with pytest.raises(UnsupportedOption, match="personal model per device"):
         run_population(RunConfig(rounds=1, personalization="alpha_mix"), registered=50, per_round=5)
+
+
+def test_population_keeps_each_devices_dgc_velocity() -> None:
+    """DGC's momentum correction on lazily built devices: the velocity waits in its own fp16 store, so with
+    every device in every round the run follows FedAvgM (server momentum 0.9, the mean of the velocities)."""
+    base = RunConfig(rounds=3, local_epochs=1, codec="identity")
+    plain = run_population(base, registered=6, per_round=6)
+    dgc = run_population(base.replace(momentum_correction=0.9), registered=6, per_round=6)
+    ref = run_population(base.replace(aggregator="fedavgm", server_opt_lr=1.0), registered=6, per_round=6)
+    moved = {k: float((dgc.final_state[k] - plain.final_state[k]).abs().max()) for k in plain.final_state}
+    assert max(moved.values()) > 1e-3  # the velocity changes the run
+    for k, v in ref.final_state.items():  # the velocity is stored in fp16: relative error 2^-11 a round
+        assert torch.allclose(dgc.final_state[k], v, atol=1e-4, rtol=1e-3), k
+    warm = run_population(base.replace(codec="topk(0.01)", sparsity_warmup=2), registered=6, per_round=6)
+    cold = run_population(base.replace(codec="topk(0.01)"), registered=6, per_round=6)
+    assert warm.uplink_bytes > 3 * cold.uplink_bytes  # rounds 1–2 send 22% and 5% of the values

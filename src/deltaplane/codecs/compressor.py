@@ -228,6 +228,19 @@ class Compressor:
     def __repr__(self) -> str:
         return f"Compressor({self.codec.spec!r}, error_feedback={self.error_feedback}, seed={self.seed})"
 
+    def use_codec(self, codec: str | Codec) -> None:
+        """Encode with ``codec`` from now on, keeping the residual, the generator and the codec state.
+
+        For schedules that change a codec's parameters between rounds (DGC's sparsity warm-up lowers a
+        sparsifier's density round by round); what the old codec left unsent stays in the residual.
+        """
+        new = get_codec(codec)
+        if new.spec == self.codec.spec:
+            return
+        self.codec = new
+        per_tensor, self._lossless = split_lossless(new)
+        self._exact = per_tensor.exact
+
     def encode(self, delta: Delta) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
         """Encode ``delta`` (plus the carried residual); returns the trees and the delta the receiver will see."""
         trees, sent = self._encode(delta, want_sent=True)

@@ -1,7 +1,7 @@
 """The client step: what one device does with a round's global model, written once for every driver.
 
 ```
-train (FedProx option) ─► personalize ─► [attack: simulation only] ─► clip / local DP ─► compress | SecAgg
+train (FedProx option) ─► personalize ─► [attack: simulation only] ─► clip / local DP ─► [DGC] ─► compress | SecAgg
 ```
 
 Each stage is one small function below, applied in this order by :meth:`ClientStep.finish`; a driver only
@@ -103,6 +103,7 @@ class ClientStep:
                 "attack runs only on simulated devices; real devices choose their own updates"
             )
         self.attack = attack
+        self.dgc = config.make_dgc()
         self.malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
         #: devices that released a locally privatized update, and in how many rounds (local ε)
         self.participations: dict[int, int] = {}
@@ -122,7 +123,13 @@ class ClientStep:
         """Whether every stage after training leaves a device's delta as it is, so that a round's updates can
         be compressed together on the stack (:func:`~deltaplane.codecs.compress_many`)."""
         c = self.config
-        return not (c.local_dp_noise > 0 or c.secagg or self.malicious or self.personalizer.name != "none")
+        return not (
+            c.local_dp_noise > 0
+            or c.secagg
+            or self.malicious
+            or self.personalizer.name != "none"
+            or self.dgc.active
+        )
 
     def origin(self, client: Client, global_state: StateDict, model: nn.Module) -> StateDict:
         """The state the device trains from: the global model with its local layers, if any."""
@@ -182,17 +189,29 @@ class ClientStep:
             delta = clip_to(delta, float(c.clip))
         return delta
 
-    def uplink(self, client: Client, delta: Delta, *, version: int) -> Upload:
-        """Stage 5: compress with the device's own compressor (error feedback), or hand to SecAgg."""
+    def uplink(self, client: Client, delta: Delta, *, version: int, rnd: int = 1) -> Upload:
+        """Stage 5: [DGC: local clip, momentum correction, warm-up density], compress with the device's own
+        compressor (error feedback), [DGC: momentum factor masking], or hand to SecAgg."""
+        dgc = self.dgc
         try:
-            session = self.sessions.get(Layout.of(delta))
+            velocity = None
+            if dgc.active:
+                delta, velocity = dgc.prepare(
+                    client.compressor, delta, client.velocity, spec=self.config.codec, rnd=rnd
+                )
+            # a warm-up round's codec is not the session's: its payload describes itself (the server accepts both)
+            session = None if dgc.warming(rnd) else self.sessions.get(Layout.of(delta))
             payload = client.upload(delta, base_id=self.base_id, base_version=version, session=session)
-            if self.config.secagg:
-                # the device masks what its codec would have sent (its error feedback keeps the rest)
-                secure = decompress(
+            sent = None
+            if self.config.secagg or dgc.masking:
+                # what the codec sent: the device masks it for SecAgg (its error feedback keeps the rest)
+                sent = decompress(
                     payload, expect_base=(self.base_id, version), expect_layout=delta, session=session
                 )
-                return Upload(client.cid, client.num_samples, secure=secure)
+            if velocity is not None:
+                client.velocity = dgc.settle(velocity, sent)
+            if self.config.secagg:
+                return Upload(client.cid, client.num_samples, secure=sent)
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)
         return Upload(client.cid, client.num_samples, payload=payload)
@@ -209,7 +228,7 @@ class ClientStep:
     ) -> Upload:
         """Stages 2–5 on a trained ``delta``: :meth:`transform`, then :meth:`uplink`."""
         delta = self.transform(client, delta, model=model, global_state=global_state, rnd=rnd)
-        return self.uplink(client, delta, version=version)
+        return self.uplink(client, delta, version=version, rnd=rnd)
 
     def run(
         self, client: Client, model: nn.Module, global_state: StateDict, rnd: int, version: int

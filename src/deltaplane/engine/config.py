@@ -24,6 +24,7 @@ from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TR
 from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:
+    from deltaplane.engine.dgc import DGC
     from deltaplane.personalization import Personalizer
 
 __all__ = ["CHOICES", "RunConfig"]
@@ -91,6 +92,28 @@ class RunConfig(BaseModel):
     )
     entropy_coding: bool = Field(
         True, description="compact frames code each byte field losslessly where that makes it smaller"
+    )
+    # -- Deep Gradient Compression's device-side techniques (Lin et al. 2018; see deltaplane.engine.dgc) ---
+    momentum_correction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="DGC momentum correction m: each device sends its velocity u <- m*u + update (error "
+        "feedback accumulates u, not the update); 0: off",
+    )
+    local_clip: float | None = Field(
+        None,
+        gt=0,
+        description="DGC local clipping: L2 norm a device's update is scaled to before accumulation",
+    )
+    momentum_masking: bool = Field(
+        False, description="DGC momentum factor masking: zero the velocity where a value was sent"
+    )
+    sparsity_warmup: int = Field(
+        0,
+        ge=0,
+        description="DGC warm-up: over this many first rounds the uplink sparsifier's density falls "
+        "geometrically from 1 to its ratio; 0: off",
     )
     # -- server -------------------------------------------------------------------------------------
     server_lr: float = Field(
@@ -217,6 +240,11 @@ class RunConfig(BaseModel):
                 check_defense_codec(defence, self.codec)
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
+        try:
+            dgc = self.make_dgc()
+            dgc.codec_for(self.codec, 1)  # a warm-up needs a sparsifier to warm up
+        except DeltaplaneError as exc:
+            raise ValueError(str(exc)) from None
         if self.local_dp_noise > 0:
             if self.clip is None or self.clip == "adaptive":
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
@@ -285,6 +313,17 @@ class RunConfig(BaseModel):
             epsilon_budget=self.epsilon_budget,
             max_norm=self.max_update_norm,
             seed=seed,
+        )
+
+    def make_dgc(self) -> DGC:
+        """The device-side :class:`~deltaplane.engine.dgc.DGC` techniques these settings turn on."""
+        from deltaplane.engine.dgc import DGC
+
+        return DGC(
+            momentum=self.momentum_correction,
+            clip=self.local_clip,
+            masking=self.momentum_masking,
+            warmup_rounds=self.sparsity_warmup,
         )
 
     def make_personalizer(self) -> Personalizer:
@@ -372,6 +411,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "codec": {
         "uplink": "codec", "error_feedback": "error_feedback", "downlink": "downlink_codec",
         "downlink_error_feedback": "downlink_error_feedback", "wire": "wire", "entropy": "entropy_coding",
+        "momentum_correction": "momentum_correction", "local_clip": "local_clip",
+        "momentum_masking": "momentum_masking", "sparsity_warmup": "sparsity_warmup",
     },
     "aggregation": {
         "optimizer": "aggregator", "server_lr": "server_lr", "optimizer_lr": "server_opt_lr", "defense": "defense",

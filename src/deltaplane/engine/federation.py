@@ -32,14 +32,16 @@ __all__ = ["Client", "build_clients", "make_clients", "sample_clients"]
 
 @dataclass(eq=False)
 class Client:
-    """One device: ``train`` and ``holdout`` shards of its own data, its uplink :class:`Compressor` and its
-    personalization state (kept on the device, never sent)."""
+    """One device: ``train`` and ``holdout`` shards of its own data, its uplink :class:`Compressor`, its
+    personalization state and its DGC velocity (both kept on the device, never sent)."""
 
     cid: int
     train: Dataset
     holdout: Dataset
     compressor: Compressor
     personal: PersonalState = field(default_factory=PersonalState)
+    #: DGC momentum correction's velocity of this device's updates (``None`` until its first round with it)
+    velocity: Delta | None = None
 
     @property
     def num_samples(self) -> int:

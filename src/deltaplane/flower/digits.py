@@ -125,6 +125,7 @@ def task_client_app(config: RunConfig) -> ClientApp:
             seed=config.seed,
             wire=wire,
             entropy_coding=config.entropy_coding,
+            dgc=config.make_dgc(),
         )
     ]
     if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it

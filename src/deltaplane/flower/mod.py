@@ -21,8 +21,9 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from deltaplane.codecs import Codec, Compressor, Layout
+from deltaplane.codecs import Codec, Compressor, Layout, decompress
 from deltaplane.delta import Delta
+from deltaplane.engine.dgc import DGC
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.engine.wire import WIRE_FORMATS, Sessions
 from deltaplane.errors import ConfigError, DecodeError, VersionMismatch
@@ -44,6 +45,7 @@ __all__ = ["delta_mod", "node_seed"]
 _COMPRESSOR_STATE = "deltaplane.compressor"
 _GLOBAL_STATE = "deltaplane.global"
 _GLOBAL_META = "deltaplane.global-meta"
+_VELOCITY = "deltaplane.dgc-velocity"
 
 
 def node_seed(seed: int, context: Context) -> int:
@@ -65,6 +67,7 @@ def delta_mod(
     seed_fn: Callable[[int, Context], int] = node_seed,
     wire: str = "self-describing",
     entropy_coding: bool = True,
+    dgc: DGC | None = None,
 ) -> Mod:
     """A Flower client mod that sends the node's update as a compressed deltaplane payload.
 
@@ -86,6 +89,9 @@ def delta_mod(
             initial model: ``DeltaStrategy(uplink_codec=...)`` or a ``server_step`` whose config is compact);
             ``"self-describing"`` (default) sends payloads that carry their tensor table.
         entropy_coding: with ``wire="compact"``, code byte fields losslessly where that makes them smaller.
+        dgc: Deep Gradient Compression's device-side techniques (:class:`~deltaplane.engine.dgc.DGC`: local
+            clipping, momentum correction, momentum factor masking, sparsity warm-up); the node keeps its
+            velocity in its own state next to the error-feedback residual.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -126,13 +132,28 @@ def delta_mod(
         else:
             delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
+        velocity, rnd = None, 0
+        if dgc is not None and dgc.active:
+            rnd = int(msg.content.config_records["config"]["server-round"])
+            saved = context.state.array_records.get(_VELOCITY)
+            before = Delta(arrays_to_state(saved)) if saved is not None else None
+            delta, velocity = dgc.prepare(compressor, delta, before, spec=spec, rnd=rnd)
         if base_id not in sessions:
             sessions[base_id] = Sessions(spec, base_id, compact=wire == "compact", entropy=entropy_coding)
-        session = sessions[base_id].get(Layout.of(delta))
+        # a warm-up round's codec is not the session's: its payload describes itself
+        warming = dgc is not None and dgc.warming(rnd)
+        session = None if warming else sessions[base_id].get(Layout.of(delta))
         if session is not None:
             payload = compressor.compress(delta, base_version=version, session=session)
         else:
             payload = compressor.compress(delta, base_id=base_id, base_version=version)
+        if velocity is not None:
+            sent = None
+            if dgc is not None and dgc.masking:
+                sent = decompress(
+                    payload, expect_base=(base_id, version), expect_layout=delta, session=session
+                )
+            context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))  # type: ignore[union-attr]
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
         out = RecordDict({k: v for k, v in reply.content.items() if k not in (arrayrecord_key, DELTA_KEY)})
@@ -176,5 +197,8 @@ def _load_compressor(context: Context, spec: str, error_feedback: bool, seed: in
     compressor = Compressor(spec, error_feedback=error_feedback, seed=seed)
     saved = context.state.config_records.get(_COMPRESSOR_STATE)
     if saved is not None:
-        compressor.load_state_dict(state_from_bytes(saved["state"]))
+        state = state_from_bytes(saved["state"])
+        # a schedule (DGC's warm-up) may have left the compressor on another setting of the codec
+        compressor.use_codec(state["codec"])
+        compressor.load_state_dict(state)
     return compressor

@@ -258,6 +258,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     store = ResidualStore(clients=registered, like=initial)
+    # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
+    velocities = ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
     seconds, test_acc, sampled_acc, epsilon = [], [], [], []
     history: list[RoundMetrics] = []
     stopped: str | None = None
@@ -282,6 +284,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             )
             comp.state.residual = store.get(client.cid) if config.error_feedback else None
             client.compressor = comp
+            if velocities is not None:
+                client.velocity = velocities.get(client.cid)
         server.open(rnd)
         honest = [c for c in clients if c.cid not in step.malicious]
         uploads: dict[int, Upload] = {}
@@ -304,6 +308,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         for client in clients:
             if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
                 store.put(client.cid, client.compressor.state.residual)
+            if velocities is not None and client.velocity is not None:
+                velocities.put(client.cid, client.velocity)
         for u in ordered:
             if u.error is not None:
                 server.refuse(str(u.cid), u.error)
