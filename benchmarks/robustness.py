@@ -160,14 +160,14 @@ def grid(args: argparse.Namespace) -> None:
         (DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)
         for f in args.fractions
         for a in args.attacks
-        for d in GRID_DEFENSES
+        for d in args.defenses
     ]
     by = run_all(jobs, args.workers)
     rows = [
         [
             a,
             f"{round(100 * f)}%",
-            *(cell(by[(DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)]) for d in GRID_DEFENSES),
+            *(cell(by[(DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)]) for d in args.defenses),
         ]
         for f in args.fractions
         for a in args.attacks
@@ -177,7 +177,7 @@ def grid(args: argparse.Namespace) -> None:
         f"not fit the shared 2-core machine), clean FedAvg {by[jobs[0]]['accuracy']:.3f} at {rounds} rounds. "
         "Cells: test accuracy / backdoor success (the target-class rate for non-backdoor attacks). "
         f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec (`IncompatibleDefense`).\n\n"
-        + table(["attack", "malicious", *GRID_DEFENSES], rows)
+        + table(["attack", "malicious", *args.defenses], rows)
     )
     print(body)
     record(
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--grid-rounds", type=int, default=20)
     ap.add_argument("--attacks", nargs="+", default=GRID_ATTACKS)
+    ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cached-only", action="store_true", help="record the finished runs, run nothing")

@@ -165,4 +165,83 @@ def test_foolsgold_binary_keeps_the_verdict_and_equal_weights() -> None:
     out = agg.result()["w"]
     kept = [i for i, w in enumerate(agg.weights) if w]
     assert set(agg.weights) <= {0.0, 1.0} and 5 not in kept and 6 not in kept
-    assert torch.allclose(out, torch.stack([updates[i] for i in kept]).mean(0), atol=1e-6)
+    # a weight is a per-client learning rate over the whole round (Σ αᵢ gᵢ / n, the reference code's rule)
+    assert torch.allclose(out, torch.stack([updates[i] for i in kept]).sum(0) / len(updates), atol=1e-6)
+
+
+def test_robust_lr_reverses_the_step_where_only_a_minority_agrees() -> None:
+    # coordinate 0: six honest clients agree (+); coordinate 1: only the three attackers push it (+), the honest
+    # clients are split (three +, three −) — the backdoor-like case the rule is built for; coordinate 2: nobody
+    honest = [
+        [1.0, 0.2, 0.0],
+        [1.2, 0.2, 0.0],
+        [0.8, 0.2, 0.0],
+        [1.0, -0.2, 0.0],
+        [0.9, -0.2, 0.0],
+        [1.1, -0.2, 0.0],
+    ]
+    bad = [[0.0, 3.0, 0.0]] * 3
+    rows = torch.tensor([*honest, *bad])
+    mean = rows.mean(0)
+    for flip, sign in ((True, -1.0), (False, 0.0)):
+        agg = parse_defense(f"robust_lr(threshold=4, flip={'true' if flip else 'false'})")
+        for r in rows:
+            agg.add(dp.Delta({"w": r}), weight=1e6 if r[1] == 3.0 else 1.0)  # claimed weights do not count
+        out = agg.result()["w"]
+        assert out[0] == pytest.approx(float(mean[0]))  # net agreement 6 ≥ 4: the mean step is taken
+        assert out[1] == pytest.approx(sign * float(mean[1]))  # net agreement 3 < 4: reversed (or dropped)
+        assert out[2] == 0.0
+        assert agg.measurements["rlr_reversed"] == pytest.approx(0.5)  # 1 of the 2 coordinates that moved
+
+
+def test_robust_lr_is_refused_over_sparsifying_codecs_and_checks_its_threshold() -> None:
+    with pytest.raises(IncompatibleDefense, match="sparsifies"):
+        check_defense_codec(parse_defense("robust_lr(5)"), "topk(0.01) | quant(bits=8)")
+    check_defense_codec(parse_defense("robust_lr(5)"), "quant(bits=8)")
+    for bad in ("robust_lr(0)", "robust_lr(2.5)", "robust_lr(4, flip=1)"):
+        with pytest.raises(dp.ConfigError):
+            parse_defense(bad)
+
+
+def _reference_foolsgold(grads):
+    """FoolsGold's weights as the paper's reference code computes them (DistributedML/FoolsGold), in numpy loops."""
+    import numpy as np
+
+    n = grads.shape[0]
+    unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
+    cs = unit @ unit.T - np.eye(n)
+    maxcs = np.max(cs, axis=1)
+    for i in range(n):
+        for j in range(n):
+            if i != j and maxcs[i] < maxcs[j]:
+                cs[i][j] = cs[i][j] * maxcs[i] / maxcs[j]
+    wv = np.clip(1 - np.max(cs, axis=1), 0, 1)
+    wv = wv / np.max(wv)
+    wv[wv == 1] = 0.99
+    with np.errstate(divide="ignore"):
+        wv = np.log(wv / (1 - wv)) + 0.5
+    wv[(np.isinf(wv) + wv) > 1] = 1
+    wv[wv < 0] = 0
+    return wv
+
+
+def test_foolsgold_matches_the_reference_code_over_rounds() -> None:
+    g = torch.Generator().manual_seed(4)
+    agg = FoolsGold()
+    direction = torch.randn(50, generator=g)
+    memory = torch.zeros(8, 50, dtype=torch.float64)
+    for _rnd in range(4):
+        agg.reset()
+        rows = [torch.randn(50, generator=g) + (2.0 * direction if i >= 5 else 0.0) for i in range(8)]
+        for i, t in enumerate(rows):
+            agg.identify(f"c{i}")
+            agg.add(dp.Delta({"w": t}))
+        out = agg.result()["w"]
+        memory += torch.stack(rows).double()
+        wv = _reference_foolsgold(memory.numpy())
+        assert agg.weights == pytest.approx(wv.tolist(), abs=1e-9)
+        expected = (torch.from_numpy(wv)[:, None] * torch.stack(rows).double()).sum(0) / len(rows)
+        assert torch.allclose(out.double(), expected, atol=1e-6)
+    assert (
+        sum(w == 0 for w in agg.weights[5:]) >= 2
+    )  # the three clients sharing a direction lose their weight

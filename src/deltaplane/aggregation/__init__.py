@@ -32,6 +32,7 @@ from deltaplane.aggregation.robust import (
     FoolsGold,
     FoolsGoldState,
     Krum,
+    RobustLR,
     SignVote,
     TrimmedMean,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "PrivacyAccountantState",
     "QuantileClip",
     "Rejection",
+    "RobustLR",
     "ServerOptimizerState",
     "ServerSGD",
     "SignVote",
