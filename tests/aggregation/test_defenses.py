@@ -169,40 +169,6 @@ def test_foolsgold_binary_keeps_the_verdict_and_equal_weights() -> None:
     assert torch.allclose(out, torch.stack([updates[i] for i in kept]).sum(0) / len(updates), atol=1e-6)
 
 
-def test_robust_lr_reverses_the_step_where_only_a_minority_agrees() -> None:
-    # coordinate 0: six honest clients agree (+); coordinate 1: only the three attackers push it (+), the honest
-    # clients are split (three +, three −) — the backdoor-like case the rule is built for; coordinate 2: nobody
-    honest = [
-        [1.0, 0.2, 0.0],
-        [1.2, 0.2, 0.0],
-        [0.8, 0.2, 0.0],
-        [1.0, -0.2, 0.0],
-        [0.9, -0.2, 0.0],
-        [1.1, -0.2, 0.0],
-    ]
-    bad = [[0.0, 3.0, 0.0]] * 3
-    rows = torch.tensor([*honest, *bad])
-    mean = rows.mean(0)
-    for flip, sign in ((True, -1.0), (False, 0.0)):
-        agg = parse_defense(f"robust_lr(threshold=4, flip={'true' if flip else 'false'})")
-        for r in rows:
-            agg.add(dp.Delta({"w": r}), weight=1e6 if r[1] == 3.0 else 1.0)  # claimed weights do not count
-        out = agg.result()["w"]
-        assert out[0] == pytest.approx(float(mean[0]))  # net agreement 6 ≥ 4: the mean step is taken
-        assert out[1] == pytest.approx(sign * float(mean[1]))  # net agreement 3 < 4: reversed (or dropped)
-        assert out[2] == 0.0
-        assert agg.measurements["rlr_reversed"] == pytest.approx(0.5)  # 1 of the 2 coordinates that moved
-
-
-def test_robust_lr_is_refused_over_sparsifying_codecs_and_checks_its_threshold() -> None:
-    with pytest.raises(IncompatibleDefense, match="sparsifies"):
-        check_defense_codec(parse_defense("robust_lr(5)"), "topk(0.01) | quant(bits=8)")
-    check_defense_codec(parse_defense("robust_lr(5)"), "quant(bits=8)")
-    for bad in ("robust_lr(0)", "robust_lr(2.5)", "robust_lr(4, flip=1)"):
-        with pytest.raises(dp.ConfigError):
-            parse_defense(bad)
-
-
 def _reference_foolsgold(grads):
     """FoolsGold's weights as the paper's reference code computes them (DistributedML/FoolsGold), in numpy loops."""
     import numpy as np

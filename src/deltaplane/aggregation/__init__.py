@@ -32,7 +32,6 @@ from deltaplane.aggregation.robust import (
     FoolsGold,
     FoolsGoldState,
     Krum,
-    RobustLR,
     SignVote,
     TrimmedMean,
 )
@@ -64,7 +63,6 @@ __all__ = [
     "PrivacyAccountantState",
     "QuantileClip",
     "Rejection",
-    "RobustLR",
     "ServerOptimizerState",
     "ServerSGD",
     "SignVote",

@@ -22,7 +22,6 @@ from deltaplane.aggregation.robust import (
     FLTrust,
     FoolsGold,
     Krum,
-    RobustLR,
     SignVote,
     TrimmedMean,
 )
@@ -50,7 +49,6 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "flame": ("noise",),
     "foolsgold": ("confidence", "centred", "binary"),
     "sign_vote": (),
-    "robust_lr": ("threshold", "flip"),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
 
@@ -93,7 +91,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             raise ConfigError(f"defense {name!r}: {key!r} given twice")
         params[key] = value
     for key, value in params.items():
-        if key in ("centred", "binary", "flip"):
+        if key in ("centred", "binary"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
             continue
@@ -130,18 +128,13 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
         )
     if name == "sign_vote":
         return SignVote()
-    if name == "robust_lr":
-        t = params.get("threshold", 4)
-        if not isinstance(t, int):
-            raise ConfigError(f"defense {name!r}: threshold must be an integer (votes). Found {t!r}")
-        return RobustLR(threshold=t, flip=bool(params.get("flip", True)))
     return FLTrust()
 
 
 def check_defense_codec(defense: Aggregator, codec: str) -> None:
     """Refuse a defence over an uplink codec it is not valid with.
 
-    A coordinate-wise rule (median, trimmed mean, robust learning rate; ``sparse_ok = False``) over a sparsifying codec (a stage with
+    A coordinate-wise rule (median, trimmed mean; ``sparse_ok = False``) over a sparsifying codec (a stage with
     ``sparsifies``: top-k, rand-k, threshold, STC) sees mostly zeros at every coordinate, takes them for votes
     and stops the model learning (trimmed mean over ``topk(0.01)`` collapses the default federation to chance).
 

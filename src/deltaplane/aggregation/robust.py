@@ -36,7 +36,6 @@ __all__ = [
     "FoolsGoldState",
     "Krum",
     "NormBound",
-    "RobustLR",
     "SignVote",
     "TrimmedMean",
 ]
@@ -482,79 +481,3 @@ class SignVote:
 
     def __repr__(self) -> str:
         return "SignVote()"
-
-
-class RobustLR:
-    """Robust Learning Rate (Ozdayi, Kantarcioglu and Gel 2021, AAAI, https://arxiv.org/abs/2007.03767): the mean
-    update, with the server's learning rate *reversed* on every coordinate where fewer than ``θ`` clients agree
-    on the sign.
-
-    Per coordinate ``k``, ``v_k = |Σᵢ sign(gᵢ,k)|`` counts the net sign agreement; the result is
-    ``η_k · mean(g)_k`` with ``η_k = +1`` where ``v_k ≥ θ`` and ``η_k = −1`` otherwise (``flip=false``: ``0``
-    otherwise, a variant that only withholds the step). A backdoor lives on coordinates that only the attackers
-    push together: with ``θ`` above the number of attackers in a round, those coordinates lack agreement and the
-    step there is undone rather than taken, while the main task's coordinates, where honest clients agree, move
-    as under FedAvg. A sparsified update (top-k, threshold) casts no vote where it sent a zero, which is what
-    the rule wants: agreement is counted among those who sent the coordinate. The reference implementation
-    (``TinfoilHat0/Defending-Against-Backdoors-with-Robust-Learning-Rate``, ``aggregation.py``) computes
-    exactly ``|Σ sign|`` against the threshold. Streaming, O(model): a running sum of updates and of signs.
-    Client weights are ignored (every update counts once).
-
-    **Not valid over sparsifying codecs** (``sparse_ok = False``): a zero casts no vote, and with top-1% payloads
-    from 20 clients a coordinate gets about 0.2 votes a round, so almost no coordinate reaches ``θ`` and the
-    rule reverses (or drops) nearly the whole step — measured on the default federation, ``robust_lr(5)`` over
-    ``topk(0.01) | quant(bits=8)`` diverged to NaN and ``robust_lr(5, flip=false)`` stayed at chance (0.10).
-
-    Args:
-        threshold: ``θ``, the number of agreeing votes a coordinate needs; choose it above the number of
-            malicious clients expected in a round and below half the round.
-        flip: reverse the step where agreement is short (the paper); ``False`` drops the step there instead.
-    """
-
-    streaming = True
-    sparse_ok = False
-
-    def __init__(self, *, threshold: int = 4, flip: bool = True) -> None:
-        if isinstance(threshold, bool) or not (isinstance(threshold, int) and threshold >= 1):
-            raise ConfigError(f"threshold must be a positive integer (votes). Found {threshold!r}")
-        if not isinstance(flip, bool):
-            raise ConfigError(f"flip must be true or false. Found {flip!r}")
-        self.threshold = threshold
-        self.flip = flip
-        self._like: Delta | None = None
-        self._sum: torch.Tensor | None = None
-        self._votes: torch.Tensor | None = None
-        self._count = 0
-        self._own: dict[str, float] = {}
-
-    def add(self, delta: Delta, weight: float = 1.0) -> None:
-        self._like = _admit(self._like, delta, weight)
-        g = delta.flatten().double()
-        if self._sum is None or self._votes is None:
-            self._sum, self._votes = g.clone(), torch.sign(g)
-        else:
-            self._sum += g
-            self._votes += torch.sign(g)
-        self._count += 1
-
-    def result(self) -> Delta:
-        if self._like is None or self._sum is None or self._votes is None:
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
-        agree = self._votes.abs() >= self.threshold
-        lr = torch.where(agree, 1.0, -1.0 if self.flip else 0.0).double()
-        moved = self._sum != 0
-        self._own = {
-            "clients": float(self._count),
-            "rlr_reversed": float((~agree & moved).sum()) / max(1, int(moved.sum())),
-        }
-        return self._like.unflatten((lr * self._sum / self._count).float())
-
-    def reset(self) -> None:
-        self._like, self._sum, self._votes, self._count = None, None, None, 0
-
-    @property
-    def measurements(self) -> dict[str, float]:
-        return self._own
-
-    def __repr__(self) -> str:
-        return f"RobustLR(threshold={self.threshold!r}, flip={self.flip!r})"
