@@ -150,8 +150,8 @@ def check_defense_codec(defense: Aggregator, codec: str) -> None:
     if sparse:
         raise IncompatibleDefense(
             f"{defense!r} is coordinate-wise and the uplink codec {codec!r} sparsifies ({sparse[0]}): most "
-            "coordinates would be zero or missing votes and the model would stop learning; use flame, "
-            "foolsgold, norm_bound, fltrust, multi_krum or sign_vote, or a dense codec"
+            "coordinates would be zero votes and the model would stop learning; use flame, foolsgold, "
+            "norm_bound, fltrust, multi_krum or sign_vote, or a dense codec"
         )
 
 
