@@ -7,7 +7,9 @@ honest updates, their cosine to the honest mean, the share of non-zero coordinat
 multi-Krum (f = 4) would keep, the largest cosine of
 each client's summed history to another's (FoolsGold's signal), how often trimmed mean's surviving coordinates are all zero, and the share of the
 round's mass FLTrust's trust gives the attackers (with ``--defense fltrust``, whose reference is read off the
-server). Usage::
+server). At the end it ranks the clients by three per-client suspicion scores summed over the run (history
+max-cosine, cosine to the leave-one-out mean, norm over the round's median) and prints the attackers' ranks.
+Usage::
 
     python benchmarks/robustness_diagnostics.py --codec identity --rounds 80
     python benchmarks/robustness_diagnostics.py --codec "topk(0.01) | quant(bits=8)" --defense fltrust
@@ -78,6 +80,31 @@ def main() -> None:
         if i == 1 or i % args.every == 0 or i == len(rows):
             print(f"{i} | " + " | ".join(f"{r[k]:.3g}" for k in keys))
     print("mean | " + " | ".join(f"{statistics.fmean(r[k] for r in rows):.3g}" for k in keys))
+    separability(malicious)
+
+
+LOO_COS: dict[str, float] = {}
+NORM_RATIO: dict[str, float] = {}
+
+
+def separability(malicious: set[str]) -> None:
+    """Could any per-client signal single the attackers out? Rank all clients by three suspicion scores
+    (0 = most suspicious) and print the attackers' ranks: a rule built on that score can drop exactly the
+    attackers only when their ranks are 0..k−1."""
+    ids = sorted(HISTORY, key=int)
+    h = torch.stack([HISTORY[i] for i in ids])
+    hu = h / h.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    hcs = hu @ hu.T
+    hcs.fill_diagonal_(-1.0)
+    scores = {
+        "history max-cos (FoolsGold's signal; high = suspicious)": hcs.max(dim=1).values,
+        "mean cos to the leave-one-out mean (low = suspicious)": -torch.tensor([LOO_COS[i] for i in ids]),
+        "mean norm / round median (high = suspicious)": torch.tensor([NORM_RATIO[i] for i in ids]),
+    }
+    for name, sc in scores.items():
+        rank = sc.argsort(descending=True).argsort()
+        bad = sorted(int(rank[k]) for k, i in enumerate(ids) if i in malicious)
+        print(f"# attackers' ranks of {len(ids)} by {name}: {bad}")
 
 
 HISTORY: dict[str, torch.Tensor] = {}
@@ -97,6 +124,12 @@ def summarize(
     hcs.fill_diagonal_(-1.0)
     hmax = hcs.max(dim=1).values
     norms = x.norm(dim=1)
+    loo = x.sum(0, keepdim=True) - x
+    loo_cos = (x * loo).sum(1) / (norms * loo.norm(dim=1)).clamp_min(1e-30)
+    med = norms.median().clamp_min(1e-30)
+    for k, i in enumerate(ids):  # running sums over rounds, divided by the round count at the end
+        LOO_COS[i] = LOO_COS.get(i, 0.0) + float(loo_cos[k])
+        NORM_RATIO[i] = NORM_RATIO.get(i, 0.0) + float(norms[k] / med)
     honest_mean = x[~bad].mean(0)
     cos = (x @ honest_mean) / (norms * honest_mean.norm()).clamp_min(1e-30)
     # multi-Krum (f = 4, m = n - f) selection, as aggregation.Krum computes it

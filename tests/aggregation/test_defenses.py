@@ -165,4 +165,49 @@ def test_foolsgold_binary_keeps_the_verdict_and_equal_weights() -> None:
     out = agg.result()["w"]
     kept = [i for i, w in enumerate(agg.weights) if w]
     assert set(agg.weights) <= {0.0, 1.0} and 5 not in kept and 6 not in kept
-    assert torch.allclose(out, torch.stack([updates[i] for i in kept]).mean(0), atol=1e-6)
+    # a weight is a per-client learning rate over the whole round (Σ αᵢ gᵢ / n, the reference code's rule)
+    assert torch.allclose(out, torch.stack([updates[i] for i in kept]).sum(0) / len(updates), atol=1e-6)
+
+
+def _reference_foolsgold(grads):
+    """FoolsGold's weights as the paper's reference code computes them (DistributedML/FoolsGold), in numpy loops."""
+    import numpy as np
+
+    n = grads.shape[0]
+    unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
+    cs = unit @ unit.T - np.eye(n)
+    maxcs = np.max(cs, axis=1)
+    for i in range(n):
+        for j in range(n):
+            if i != j and maxcs[i] < maxcs[j]:
+                cs[i][j] = cs[i][j] * maxcs[i] / maxcs[j]
+    wv = np.clip(1 - np.max(cs, axis=1), 0, 1)
+    wv = wv / np.max(wv)
+    wv[wv == 1] = 0.99
+    with np.errstate(divide="ignore"):
+        wv = np.log(wv / (1 - wv)) + 0.5
+    wv[(np.isinf(wv) + wv) > 1] = 1
+    wv[wv < 0] = 0
+    return wv
+
+
+def test_foolsgold_matches_the_reference_code_over_rounds() -> None:
+    g = torch.Generator().manual_seed(4)
+    agg = FoolsGold()
+    direction = torch.randn(50, generator=g)
+    memory = torch.zeros(8, 50, dtype=torch.float64)
+    for _rnd in range(4):
+        agg.reset()
+        rows = [torch.randn(50, generator=g) + (2.0 * direction if i >= 5 else 0.0) for i in range(8)]
+        for i, t in enumerate(rows):
+            agg.identify(f"c{i}")
+            agg.add(dp.Delta({"w": t}))
+        out = agg.result()["w"]
+        memory += torch.stack(rows).double()
+        wv = _reference_foolsgold(memory.numpy())
+        assert agg.weights == pytest.approx(wv.tolist(), abs=1e-9)
+        expected = (torch.from_numpy(wv)[:, None] * torch.stack(rows).double()).sum(0) / len(rows)
+        assert torch.allclose(out.double(), expected, atol=1e-6)
+    assert (
+        sum(w == 0 for w in agg.weights[5:]) >= 2
+    )  # the three clients sharing a direction lose their weight

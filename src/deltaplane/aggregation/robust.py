@@ -341,7 +341,12 @@ class FoolsGold(_Buffered):
     round's clients' histories (diagonal 0) and ``vᵢ = maxⱼ csᵢⱼ``: *pardoning* rescales
     ``csᵢⱼ ← csᵢⱼ · vᵢ / vⱼ`` when ``vᵢ < vⱼ``; ``αᵢ = 1 − maxⱼ csᵢⱼ`` clipped to [0, 1] and divided by its max
     (a max of 1 becomes 0.99); the logit ``αᵢ ← κ (ln(αᵢ / (1 − αᵢ)) + 0.5)`` clipped to [0, 1] is the client's
-    weight. The result is ``Σ αᵢ gᵢ / Σ αᵢ`` (zero when every weight is 0).
+    weight — a per-client learning rate: the result is ``Σ αᵢ gᵢ / n`` over the round's ``n`` clients, as in
+    the reference code (``DistributedML/FoolsGold``: ``Σ wv[c]·grad[c] / len(grads)``). Dividing by ``Σ αᵢ``
+    instead, as this class once did, hands the whole step to whichever few clients keep a weight: without any
+    attacker, on the default federation with top-k, FoolsGold leaves one client weighted from round 1 (every
+    update shares the first descent direction, so all look alike), the unheard clients' error-feedback residuals
+    keep growing in one shared direction, and the run collapsed to 0.326; with ``/ n`` it reaches 0.891.
 
     Needs each update's client id (:meth:`identify`, called by
     :class:`~deltaplane.aggregation.validation.Validate`); histories live in :attr:`state`
@@ -404,9 +409,9 @@ class FoolsGold(_Buffered):
         self.weights = [float(a) for a in alpha]
         total = float(alpha.sum())
         self._own = {"foolsgold_weight_sum": total, "foolsgold_zero": float((alpha == 0).sum())}
-        if total == 0:
-            return torch.zeros(x.shape[1])
-        return ((alpha[:, None] * x.double()).sum(dim=0) / total).float()
+        # Σ αᵢ gᵢ / n, as the reference code (a weight is a per-client learning rate): normalising by Σ αᵢ
+        # instead hands the whole step to the few clients left with a weight, which collapsed a clean top-k run
+        return ((alpha[:, None] * x.double()).sum(dim=0) / x.shape[0]).float()
 
     def _weights(self, h: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
