@@ -88,6 +88,18 @@ def test_deploy_encoder_int8_and_wanda(tmp_path, tiny_bert):
     )
     assert res.manifest["weight_sparsity"] == pytest.approx(0.5)
     assert 0.0 < res.manifest["fidelity"]["cosine_mean"] < 1.0
+    res = deploy_encoder(  # SparseGPT through the same spec grammar: exact 2:4 on the shipped weights
+        ck.model,
+        tmp_path / "s",
+        tokenizer=tok,
+        sentences=EVAL_SENTENCES[:8],
+        calib_sentences=CALIBRATION_SENTENCES[:8],
+        prune="sparsegpt:2:4",
+        quant="none",
+        latency_iters=3,
+    )
+    assert res.manifest["weight_sparsity"] == pytest.approx(0.5)
+    assert 0.0 < res.manifest["fidelity"]["cosine_mean"] < 1.0
     with pytest.raises(ConfigError, match="channel pruning"):
         deploy_encoder(
             ck.model,

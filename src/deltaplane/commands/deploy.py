@@ -351,7 +351,10 @@ def register(app: typer.Typer) -> None:
         ],
         out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
         prune: Annotated[
-            str, typer.Option(help="none, 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, channels:0.5")
+            str,
+            typer.Option(
+                help="none, 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, sparsegpt:2:4, sparsegpt:0.5, channels:0.5"
+            ),
         ] = "none",
         quant: Annotated[
             str, typer.Option(help="none, int8 (static), int8-static, int8-dynamic, int4")

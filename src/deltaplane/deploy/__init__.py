@@ -71,6 +71,7 @@ from deltaplane.deploy.quantize import (
     quantize_onnx,
     weight_only_quantize,
 )
+from deltaplane.deploy.sparsegpt import input_hessian, sparsegpt_prune, sparsegpt_weights
 from deltaplane.deploy.tokens import (
     TokenDeployResult,
     deploy_token_model,
@@ -112,6 +113,7 @@ __all__ = [
     "expected_calibration_error",
     "export_onnx",
     "infer_task",
+    "input_hessian",
     "load_checkpoint",
     "magnitude_prune",
     "masked_finetune",
@@ -135,6 +137,8 @@ __all__ = [
     "resolve_builder",
     "run_session",
     "save_checkpoint",
+    "sparsegpt_prune",
+    "sparsegpt_weights",
     "sparsity_of",
     "state_dict_sha256",
     "tokens_from_sentences",

@@ -47,6 +47,7 @@ from deltaplane.deploy.prune import (
     wanda_prune,
 )
 from deltaplane.deploy.quantize import quantize_onnx
+from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
 from deltaplane.errors import ConfigError, QualityGateFailed
 
@@ -65,17 +66,19 @@ FORMATS = ("onnx", "weights")
 
 def parse_prune(spec: str | None) -> dict[str, Any] | None:
     """Parse a prune spec: ``"2:4"``, ``"0.8"`` / ``"magnitude:0.8"``, ``"layer:0.8"``, ``"wanda:0.5"``,
-    ``"wanda:2:4"``, ``"channels:0.5"``; ``None``/``"none"`` means no pruning."""
+    ``"wanda:2:4"``, ``"sparsegpt:2:4"``, ``"sparsegpt:0.5"``, ``"channels:0.5"``; ``None``/``"none"`` means no
+    pruning."""
     if spec is None or spec == "none":
         return None
     s = spec.strip().lower()
-    m = re.fullmatch(r"(?:(wanda):)?(\d+):(\d+)", s)
+    m = re.fullmatch(r"(?:(wanda|sparsegpt):)?(\d+):(\d+)", s)
     if m:
-        return {"method": "wanda" if m.group(1) else "nm", "n": int(m.group(2)), "m": int(m.group(3))}
-    m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|channels):)?([-+0-9.eE]+)", s)
+        return {"method": m.group(1) or "nm", "n": int(m.group(2)), "m": int(m.group(3))}
+    m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|sparsegpt|channels):)?([-+0-9.eE]+)", s)
     if not m:
         raise ConfigError(
-            f"prune spec {spec!r} not understood; use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4 or channels:0.5"
+            f"prune spec {spec!r} not understood; use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, "
+            "sparsegpt:2:4, sparsegpt:0.5 or channels:0.5"
         )
     try:
         value = float(m.group(2))
@@ -112,6 +115,12 @@ def prune_model(
         if "n" in spec:
             return model, wanda_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
         return model, wanda_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
+    if method == "sparsegpt":
+        if not calibration:
+            raise ConfigError("SparseGPT pruning needs calibration data")
+        if "n" in spec:
+            return model, sparsegpt_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
+        return model, sparsegpt_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
     raise ConfigError(f"unknown prune method {method!r}")
 
 

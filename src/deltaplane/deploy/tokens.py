@@ -195,7 +195,9 @@ def deploy_token_model(
         raise ConfigError(f"task must be one of {', '.join(TASKS)}. Found {task!r}")
     spec = parse_prune(prune)
     if spec is not None and spec["method"] == "channels":
-        raise ConfigError("channel pruning is not supported for token models; use 2:4, wanda:… or 0.x")
+        raise ConfigError(
+            "channel pruning is not supported for token models; use 2:4, wanda:…, sparsegpt:… or 0.x"
+        )
     ev = np.ascontiguousarray(eval_tokens, dtype=np.int64)
     cal = np.ascontiguousarray(calib_tokens, dtype=np.int64)
     if ev.ndim != 3 or ev.shape[1] != 2 or not len(ev) or cal.ndim != 3 or not len(cal):
