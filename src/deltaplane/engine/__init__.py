@@ -11,7 +11,7 @@ from deltaplane.engine.config import RunConfig, make_task
 from deltaplane.engine.federation import Client, build_clients, make_clients, sample_clients
 from deltaplane.engine.metrics import accuracy, evaluate_clients, label_mix_accuracy, logits, round_scores
 from deltaplane.engine.results import RoundMetrics, RunResult
-from deltaplane.engine.secure import secure_round
+from deltaplane.engine.secure import deliver, secure_round
 from deltaplane.engine.server import MemoryPublisher, Publisher, RoundOutcome, ServerStep
 from deltaplane.engine.task import DEFAULT_TASK, Task, check_task, load_task
 
@@ -32,6 +32,7 @@ __all__ = [
     "accuracy",
     "build_clients",
     "check_task",
+    "deliver",
     "evaluate_clients",
     "label_mix_accuracy",
     "load_task",

@@ -7,12 +7,14 @@ quantizes its delta into the ring, scaled by its example count, with the count i
 slot; the messages cross as bytes to a :class:`~deltaplane.aggregation.secagg.ServerEndpoint`, which only
 ever holds masked inputs and their sum. The server step then gets the example-weighted mean
 (:meth:`~deltaplane.engine.server.ServerStep.receive_secure_sum`) and nothing else. Every in-process driver
-calls :func:`secure_round`; the HTTP and Flower drivers carry the same messages over their transports.
+calls :func:`secure_round` (through :func:`deliver`); the HTTP and Flower drivers carry the same messages
+over their transports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +23,10 @@ from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
-__all__ = ["device_seed", "secure_round"]
+if TYPE_CHECKING:
+    from deltaplane.engine.server import ServerStep
+
+__all__ = ["deliver", "device_seed", "secure_round"]
 
 
 def device_seed(seed: int, rnd: int, cid: int) -> int:
@@ -46,3 +51,18 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))
+
+
+def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rnd: int) -> None:
+    """Hand one in-process round's uploads to the server step, in order: a device's error is refused, a payload
+    is decoded and aggregated, and the secure inputs (under SecAgg) reach it only as their SecAgg sum."""
+    for u in uploads:
+        if u.error is not None:
+            server.refuse(str(u.cid), u.error)
+        elif u.payload is not None:
+            server.receive_payload(str(u.cid), u.payload, u.num_samples)
+    if config.secagg and any(u.secure is not None for u in uploads):
+        mean, sent = secure_round(config, uploads, rnd)
+        server.receive_secure_sum(
+            mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent
+        )

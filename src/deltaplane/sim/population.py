@@ -42,11 +42,11 @@ from deltaplane.engine import (
     ServerStep,
     Upload,
     accuracy,
+    deliver,
     evaluate_clients,
     make_task,
     round_scores,
     sample_clients,
-    secure_round,
 )
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, round_epsilon
@@ -310,16 +310,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 store.put(client.cid, client.compressor.state.residual)
             if velocities is not None and client.velocity is not None:
                 velocities.put(client.cid, client.velocity)
-        for u in ordered:
-            if u.error is not None:
-                server.refuse(str(u.cid), u.error)
-            elif u.payload is not None:
-                server.receive_payload(str(u.cid), u.payload, u.num_samples)
-        if config.secagg and any(u.secure is not None for u in ordered):
-            mean, sent = secure_round(config, ordered, rnd)
-            server.receive_secure_sum(
-                mean, contributors=sum(u.secure is not None for u in ordered), uplink_bytes=sent
-            )
+        deliver(config, server, ordered, rnd)
         try:
             outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
         except PrivacyBudgetExceeded as exc:

@@ -32,11 +32,11 @@ from deltaplane.engine import (
     ServerStep,
     Task,
     Upload,
+    deliver,
     evaluate_clients,
     make_task,
     round_scores,
     sample_clients,
-    secure_round,
 )
 from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
@@ -250,16 +250,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 ]
         else:
             uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
-        for u in uploads:
-            if u.error is not None:
-                server.refuse(str(u.cid), u.error)
-            elif u.payload is not None:
-                server.receive_payload(str(u.cid), u.payload, u.num_samples)
-        if config.secagg and any(u.secure is not None for u in uploads):
-            mean, sent = secure_round(config, uploads, rnd)
-            server.receive_secure_sum(
-                mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent
-            )
+        deliver(config, server, uploads, rnd)
         try:
             outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
         except PrivacyBudgetExceeded as exc:
