@@ -101,6 +101,9 @@ class BackgroundServer:
             host=host,
             port=port,
             log_level=log_level,
+            # an embedded server must not reconfigure the host process's logging: uvicorn's default dictConfig
+            # closes every existing handler and binds new ones to whatever sys.stderr is at that moment
+            log_config=None,
             access_log=False,
             backlog=4096,
             timeout_graceful_shutdown=2,
