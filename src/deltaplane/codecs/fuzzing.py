@@ -1154,7 +1154,9 @@ def fuzz(
             if out.cpu_seconds > hang_seconds:  # CPU time: a loaded machine stretches wall time, not work
                 report.hangs += 1
             if measure_memory and out.peak_bytes >= 0 and not standalone:
-                bound = 4 * layout.nbytes + 10 * len(payload)
+                # a compact frame's coded fields are decoded into buffers of their own (at most the model's
+                # size in all) before the codec reads them: one more model size than a self-describing payload
+                bound = (5 if compact else 4) * layout.nbytes + 10 * len(payload)
                 peak = out.peak_bytes
                 for _ in range(2 if peak > 0.8 * bound else 0):
                     # a decode is deterministic, so a real excess repeats; a one-off page-fault burst of
