@@ -174,6 +174,46 @@ def _blocks(rows: int, cols: int) -> range:
 #: in a core's L2 cache, and a block costs few enough Python calls that small chunks do not pay for them
 ENCODE_BLOCK_VALUES = 1 << 17
 
+#: the dither's resolution: stochastic rounding compares the fractional part with a 16-bit uniform
+DITHER_BITS = 16
+_ULP = 2.0**-DITHER_BITS  # one dither step
+_U0 = 0.5 + _ULP / 2  # the noise of word -2¹⁵: u = _U0 + word · _ULP is (k + ½) / 2¹⁶, k = word + 2¹⁵
+
+
+class Dither:
+    """The uniform noise of stochastic rounding for one encode call: 16-bit words in value order.
+
+    The words of an ``n``-value tensor are ``torch.empty(ceil(n / 4), dtype=torch.int64).random_(-2**63,
+    None, generator=rng).view(torch.int16)[:n]`` (``random_``'s full 64-bit range: four uniform 16-bit words
+    a draw), whatever blocks :meth:`take` is called in, so block-wise, row-wise and whole-tensor encodes
+    agree, and the encode call's generator (the Compressor's, seeded) fixes them. 16 random bits a value
+    rather than the 32 that ``uniform_`` spends on each float halves the work of torch's serial Mersenne
+    Twister, which was over half of a stochastic encode; the words are added as integers scaled by 2⁻¹⁶, with
+    no float conversion pass. ``k = word + 2¹⁵`` is uniform on ``0 … 2¹⁶ - 1`` and the noise is
+    ``u = (k + ½) / 2¹⁶``, so ``E[u] = ½`` exactly and ``P(u ≥ 1 - f) = round(f · 2¹⁶) / 2¹⁶``: a value
+    rounds up with a probability within 2⁻¹⁷ of its fractional part ``f``, plus float32's rounding in
+    computing ``q = x·L/scale + L`` and ``q + u`` (four roundings of values up to ``2L + 1``: at most
+    ``(2L + 2)·2⁻²²``, 2⁻¹⁸ for 4-bit codes, 2⁻¹⁴ for 8-bit ones, as with the float noise before).
+    """
+
+    def __init__(self, rng: torch.Generator) -> None:
+        self._rng = rng
+        self._carry = torch.empty(0, dtype=torch.int16)
+
+    def take(self, m: int, buf: Tensor | None = None) -> Tensor:
+        """The next ``m`` words (int16), drawn into ``buf`` (int64 scratch) when it is large enough."""
+        have = self._carry.numel()
+        words = ceil_div(max(m - have, 0), 4)
+        if buf is None or buf.numel() < words:
+            buf = torch.empty(words, dtype=torch.int64)
+        fresh = buf[:words].random_(-(2**63), None, generator=self._rng).view(torch.int16)
+        out = torch.cat([self._carry, fresh]) if have else fresh
+        if out.numel() > m:  # at most 3 words left over, kept for the next block
+            self._carry = out[m:].clone()
+        elif have:
+            self._carry = self._carry[:0]
+        return out[:m]
+
 
 def _max_abs(blk: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
     """Each row's max |x| into ``out``: |x| into a cache-resident ``scratch`` of ``blk``'s shape, one reduction.
@@ -241,7 +281,8 @@ class Quantize(Codec):
     ``scale="max"`` uses the chunk's max-abs value; ``scale="norm"`` its L2 norm, as in QSGD (Alistarh et al.
     2017, https://arxiv.org/abs/1610.02132), whose variance bound is stated in terms of the norm.
     ``stochastic=True`` rounds up with probability equal to the fractional part, which makes the codec
-    unbiased: E[decode(encode(x))] = x. Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus
+    unbiased: E[decode(encode(x))] = x, to within 2⁻¹⁷ of a step (the noise has 16 bits; see :class:`Dither`,
+    whose words come from the encode call's ``torch.Generator``, so a seed fixes the bytes). Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus
     4 bytes a chunk.
     """
 
@@ -277,8 +318,8 @@ class Quantize(Codec):
         One pass over the input: a block of whole chunks (``ENCODE_BLOCK_VALUES`` values) gets its scales,
         its codes (in a small scratch buffer) and its bit-packed bytes, written straight into the output.
         No tensor-sized temporary is allocated (a fresh one costs page faults as much as a memcpy). The
-        uniform noise of ``stochastic=True`` is drawn block after block in value order, which is the stream
-        a single draw over the tensor gives.
+        noise of ``stochastic=True`` is taken block after block from one :class:`Dither` stream in value
+        order, which gives the words a single draw over the tensor gives.
         """
         flat = x.detach().reshape(-1).float()
         n, bits, levels = flat.numel(), self.bits, self._levels()
@@ -290,13 +331,14 @@ class Quantize(Codec):
         codes = (
             torch.from_numpy(packed) if bits == 8 else None if direct else torch.empty(n, dtype=torch.uint8)
         )
+        dither = Dither(rng) if self.stochastic and n else None
         row = 0
         for start, part in chunk_views(flat, self.chunk):
             rows, cols = part.shape
             norms = _chunk_scales(part, "norm") if self.scale == "norm" else None
             step = max(1, ENCODE_BLOCK_VALUES // cols)
             work = torch.empty(min(step, rows), cols)
-            noise = torch.empty_like(work) if self.stochastic else None
+            words = torch.empty(ceil_div(work.numel(), 4), dtype=torch.int64) if dither else None
             scratch = torch.empty(ceil_div(work.numel(), 8) * 8, dtype=torch.uint8) if codes is None else None
             for r0 in range(0, rows, step):
                 blk = part[r0 : r0 + step]
@@ -307,9 +349,8 @@ class Quantize(Codec):
                 else:
                     s.copy_(norms[r0 : r0 + h])
                 o = scratch[:m] if codes is None else codes[v0 : v0 + m]
-                self._codes(
-                    blk, s, levels, o.view(h, cols), work[:h], None if noise is None else noise[:h], rng
-                )
+                d = None if dither is None else dither.take(m, words).view(h, cols)
+                self._codes(blk, s, levels, o.view(h, cols), work[:h], d)
                 if codes is None:
                     _pack_block(scratch, m, bits, packed[v0 * bits // 8 : ceil_div((v0 + m) * bits, 8)])
             row += rows
@@ -326,11 +367,13 @@ class Quantize(Codec):
         levels: int,
         out: Tensor,
         work: Tensor,
-        noise: Tensor | None,
-        rng: torch.Generator,
+        dither: Tensor | None,
     ) -> None:
-        """Write the uint8 codes of ``blk`` (``(rows, chunk)``, chunk scales ``s``) into ``out``."""
-        if self.bits == 1 and noise is None:  # deterministic: the sign
+        """Write the uint8 codes of ``blk`` (``(rows, chunk)``, chunk scales ``s``) into ``out``.
+
+        ``dither``: the block's :class:`Dither` words (int16, ``blk``'s shape) when rounding stochastically.
+        """
+        if self.bits == 1 and dither is None:  # deterministic: the sign
             torch.ge(blk, 0, out=out)
             return
         if self.bits == 1:
@@ -341,15 +384,15 @@ class Quantize(Codec):
             # code = trunc(x·L/scale + L + ½) = round-half-up(x·L/scale) + L: the uint8 cast truncates,
             # and every value is >= 0, so one multiply, one add and the cast do the rounding
             mul = torch.where(s > 0, torch.reciprocal(s).mul_(levels), 0.0)[:, None]
-            add = levels + (0.0 if noise is not None else 0.5)
+            add = levels + (_U0 if dither is not None else 0.5)
         w = torch.mul(blk, mul, out=work).add_(add)
-        if noise is not None:
-            noise.uniform_(generator=rng)
-            if self.bits == 1:
-                torch.lt(noise, w, out=out)
+        if dither is not None:
+            if self.bits == 1:  # u < w, as w - word·2⁻¹⁶ > ½ + 2⁻¹⁷
+                torch.gt(w.sub_(dither, alpha=_ULP), _U0, out=out)
                 return
-            # floor(q + u) with u ~ U[0, 1); the clamp guards q = L(1 + 2⁻²⁴) from rounding
-            w.add_(noise).clamp_(max=2 * levels)
+            # floor(q + u), u = ½ + 2⁻¹⁷ + word·2⁻¹⁶ (the first two added with L above); the clamp
+            # guards q = 2L (or just below) from rounding up to 2L + 1
+            w.add_(dither, alpha=_ULP).clamp_(max=2 * levels)
         # numpy's float -> uint8 cast truncates as torch's copy_ does (NaN and ±Inf, which a subnormal
         # scale can make, to 0 as well) in a third of the time
         with np.errstate(invalid="ignore"):
@@ -361,9 +404,9 @@ class Quantize(Codec):
         Row ``i`` is byte-for-byte ``encode(x[i], rngs[i])``: every chunk of a row is the chunk ``encode``
         would make (the whole chunks, then the row's shorter tail), and the arithmetic is element-wise, so
         it rounds the same whatever the batch. ``scale="norm"`` takes each row's chunk norms on their own
-        (a reduction over a larger matrix may sum in another order). With ``stochastic=True`` the uniform
-        noise is still drawn row by row from each row's own generator, in the very calls ``encode`` makes,
-        and only the rounding is batched.
+        (a reduction over a larger matrix may sum in another order). With ``stochastic=True`` each row
+        takes its noise from its own :class:`Dither` on its own generator, the words ``encode`` takes (a
+        stream does not depend on how it is cut into blocks), and only the rounding is batched.
         """
         shared = self.stochastic and len({id(g) for g in rngs}) != len(rngs)
         if shared or x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
@@ -379,6 +422,8 @@ class Quantize(Codec):
             [flat[:, full * self.chunk :].reshape(rows, 1, tail)] if tail else []
         )
         scales, codes = [], []
+        # each row's own stream, taken part after part as encode takes it block after block
+        dithers = [Dither(rng) for rng in rngs] if self.stochastic else []
         for part in parts:
             if self.scale == "max":
                 s = _chunk_scales(part.reshape(-1, part.shape[2]), "max").view(rows, -1)
@@ -392,20 +437,16 @@ class Quantize(Codec):
                 mul, add = torch.where(s > 0, 0.5 / s, 0.0)[..., None], 0.5
             else:
                 mul = torch.where(s > 0, levels / s, 0.0)[..., None]
-                add = levels + (0.0 if self.stochastic else 0.5)
+                add = levels + (_U0 if self.stochastic else 0.5)
             w = torch.mul(part, mul).add_(add)
             if not self.stochastic:
                 codes.append(w.to(torch.uint8))
                 continue
-            noise = torch.empty_like(w)
-            for r, rng in enumerate(rngs):
-                # encode's draws for this part of this row: one uniform_ per block of rows, into a buffer
-                # of the block size; the parts of a row come in order, as in encode
-                self._draw(noise[r], rng)
+            noise = torch.stack([d.take(part[r].numel()).view(part.shape[1:]) for r, d in enumerate(dithers)])
             if self.bits == 1:
-                codes.append(torch.lt(noise, w).to(torch.uint8))
+                codes.append(torch.gt(w.sub_(noise, alpha=_ULP), _U0).to(torch.uint8))
             else:
-                codes.append(w.add_(noise).clamp_(max=2 * levels).to(torch.uint8))
+                codes.append(w.add_(noise, alpha=_ULP).clamp_(max=2 * levels).to(torch.uint8))
         scale_t = torch.cat(scales, dim=1)
         code_t = torch.cat([c.reshape(rows, -1) for c in codes], dim=1).numpy()
         shape, spec = tuple(x.shape[1:]), self.spec
@@ -444,16 +485,6 @@ class Quantize(Codec):
         if tail:
             value[:, full * self.chunk :].mul_(mul[:, full:])
         return value.reshape(len(rows), *rows[0].shape)
-
-    @staticmethod
-    def _draw(out: Tensor, rng: torch.Generator) -> None:
-        """Fill ``out`` (``(chunks, cols)``) with the uniform draws :meth:`encode` makes for that part."""
-        chunks, cols = out.shape
-        step = _blocks(chunks, cols).step
-        buf = torch.empty(min(step, chunks), cols)
-        for r0 in _blocks(chunks, cols):
-            blk = buf[: min(step, chunks - r0)].uniform_(generator=rng)
-            out[r0 : r0 + blk.shape[0]].copy_(blk)
 
     def check(self, e: Encoded) -> None:
         super().check(e)
