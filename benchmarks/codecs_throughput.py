@@ -48,8 +48,8 @@ SPECS = [
     "policy(rules='*.bias | *LayerNorm*: fp16; *: topk(0.01, approx=true) | quant(bits=8)')",
 ]
 #: encode speed as a fraction of torch.clone, CPU time (issue #16 part 4; issue #3 asked 0.25 and 0.10):
-#: quantization, stochastic quantization (the noise alone, torch's serial Mersenne Twister, costs ~2× a clone)
-#: and top-k (exact and approx)
+#: quantization, stochastic quantization (its noise comes from torch's serial Mersenne Twister: 16 bits a
+#: value, see ``quantize.Dither``) and top-k (exact and approx)
 TARGETS = {"quant": 0.5, "quant-stochastic": 0.25, "topk": 0.3}
 
 
