@@ -93,11 +93,11 @@ BEFORE = {
     "ternary": "f432ccbf8cc06d39",
     "ternary(chunk=64)": "9b259723a2275fc2",
 }
-#: stochastic quantization, re-recorded deliberately on 2026-12-02 (issue #16 part 4): its noise changed from
-#: float ``uniform_`` draws (32 generator bits a value, the 16366f1 digests 8f76929020ff9e30, 742f7d29bb412ec7,
-#: 11d834d6673046ce, acade7cd565e24dc, 18587b6332279b27) to ``quantize.Dither``'s 16-bit words (16 bits a
-#: value, half the Mersenne Twister work): the same rounding rule on another noise stream, so other codes and
-#: another generator state; scales and the wire format are unchanged. When recorded, every case's bytes
+#: stochastic quantization, re-recorded deliberately on 2026-12-02 (issue #16 part 4): its noise changed
+#: from float ``uniform_`` draws (32 generator bits a value; the 16366f1 digests were 8f76929020ff9e30,
+#: 742f7d29bb412ec7, 11d834d6673046ce, acade7cd565e24dc, 18587b6332279b27) to ``quantize.Dither``'s 16-bit
+#: words (16 bits a value, half the Mersenne Twister work): the same rounding rule on another noise stream,
+#: so other codes and another generator state; scales and the wire format are unchanged. When recorded, every case's bytes
 #: equalled the whole-tensor reference ``_ref_quant`` below (``test_quant_matches_a_whole_tensor_reference``),
 #: and the statistical tests in test_unbiased.py hold on this stream.
 BEFORE |= {

@@ -281,9 +281,9 @@ class Quantize(Codec):
     ``scale="max"`` uses the chunk's max-abs value; ``scale="norm"`` its L2 norm, as in QSGD (Alistarh et al.
     2017, https://arxiv.org/abs/1610.02132), whose variance bound is stated in terms of the norm.
     ``stochastic=True`` rounds up with probability equal to the fractional part, which makes the codec
-    unbiased: E[decode(encode(x))] = x, to within 2⁻¹⁷ of a step (the noise has 16 bits; see :class:`Dither`,
-    whose words come from the encode call's ``torch.Generator``, so a seed fixes the bytes). Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus
-    4 bytes a chunk.
+    unbiased: E[decode(encode(x))] = x, to within 2⁻¹⁷ of a step plus float32's rounding (the noise has 16
+    bits; see :class:`Dither`, whose words come from the encode call's ``torch.Generator``, so a seed fixes
+    the bytes). Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus 4 bytes a chunk.
     """
 
     name = "quant"
