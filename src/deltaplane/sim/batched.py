@@ -271,11 +271,14 @@ class BatchedTrainer:
         elif isinstance(pool := self._executor(), ProcessPoolExecutor):
             # as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file descriptor
             # handed over on a socket connection of its own, ~1 ms each (measured: 30-40 ms a round)
-            sent = [_tree_map(job, Tensor, lambda t: t.numpy()) for job in jobs]
-            parts = [
-                _tree_map(p, np.ndarray, torch.from_numpy)
-                for p in pool.map(_train_forked, [id(self)] * len(jobs), sent)
+            # The caller trains the first group itself meanwhile (it would only wait): `workers` CPUs in all.
+            own = math.ceil(len(groups[0]) / chunk)
+            futures = [
+                pool.submit(_train_forked, id(self), _tree_map(job, Tensor, lambda t: t.numpy()))
+                for job in jobs[own:]
             ]
+            parts = [self._train_chunk(**job) for job in jobs[:own]]
+            parts += [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in futures]
         else:
             parts = list(pool.map(lambda job: self._train_chunk(**job), jobs))
         done = [c for members in chunks for c in members]
@@ -296,7 +299,7 @@ class BatchedTrainer:
                 _FORKED[id(self)] = self  # what the forked workers find (_train_forked)
                 try:
                     pool = ProcessPoolExecutor(
-                        self.workers,
+                        self.workers - 1,  # and the caller
                         mp_context=multiprocessing.get_context("fork"),
                         initializer=torch.set_num_threads,
                         initargs=(1,),
