@@ -271,14 +271,15 @@ class BatchedTrainer:
         elif isinstance(pool := self._executor(), ProcessPoolExecutor):
             # as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file descriptor
             # handed over on a socket connection of its own, ~1 ms each (measured: 30-40 ms a round)
-            # The caller trains the first group itself meanwhile (it would only wait): `workers` CPUs in all.
-            own = math.ceil(len(groups[0]) / chunk)
+            # The caller trains the last (lightest) group itself meanwhile, instead of waiting: `workers` CPUs
+            # in all.
+            own = len(jobs) - math.ceil(len(groups[-1]) / chunk)
             futures = [
                 pool.submit(_train_forked, id(self), _tree_map(job, Tensor, lambda t: t.numpy()))
-                for job in jobs[own:]
+                for job in jobs[:own]
             ]
-            parts = [self._train_chunk(**job) for job in jobs[:own]]
-            parts += [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in futures]
+            mine = [self._train_chunk(**job) for job in jobs[own:]]
+            parts = [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in futures] + mine
         else:
             parts = list(pool.map(lambda job: self._train_chunk(**job), jobs))
         done = [c for members in chunks for c in members]
