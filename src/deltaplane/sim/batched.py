@@ -111,8 +111,9 @@ class BatchedTrainer:
         loss: the task's loss, ``loss(logits, y, reduction="none")`` (cross-entropy by default).
         memory_budget: bytes the stacked weights and activations of one chunk may use; clients beyond what
             fits are trained in further chunks (see :func:`clients_per_chunk`).
-        workers: threads that train disjoint groups of the clients side by side, each with one torch
-            intra-op thread (see :meth:`train`). Results do not depend on it beyond float rounding.
+        workers: disjoint groups of the clients trained side by side, each with one torch intra-op thread:
+            the caller's thread and ``workers - 1`` forked processes (threads where the platform cannot fork;
+            see :meth:`_executor`). Results do not depend on it beyond float rounding.
 
     Raises:
         ConfigError: if ``model`` cannot be batched (:func:`batching_blocker`).
@@ -269,10 +270,9 @@ class BatchedTrainer:
         if n_workers == 1:
             parts = [self._train_chunk(**job) for job in jobs]
         elif isinstance(pool := self._executor(), ProcessPoolExecutor):
-            # as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file descriptor
-            # handed over on a socket connection of its own, ~1 ms each (measured: 30-40 ms a round)
             # The caller trains the last (lightest) group itself meanwhile, instead of waiting: `workers` CPUs
-            # in all.
+            # in all. Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory
+            # file descriptor handed over on a socket connection of its own, ~1 ms each (30-40 ms a round).
             own = len(jobs) - math.ceil(len(groups[-1]) / chunk)
             futures = [
                 pool.submit(_train_forked, id(self), _tree_map(job, Tensor, lambda t: t.numpy()))
@@ -289,11 +289,12 @@ class BatchedTrainer:
         """The workers, started once, each running torch on one intra-op thread (never oversubscribed:
         ``workers`` CPUs in all, instead of ``workers`` × torch's own pool).
 
-        Processes forked from this one where the platform can fork (Linux): two worker *threads* of one process
-        hardly beat one on a 2-core machine (measured: 166 ms against 179 ms for one round's training, two
-        forked processes 87 ms), since every one of a step's hundreds of small kernels hands the GIL back and
-        forth. A forked worker inherits this trainer (model, loss), so only a chunk's data, its batch plan
-        and the start weights travel, through shared memory (``torch.multiprocessing``). Elsewhere: threads.
+        Where the platform can fork (Linux): ``workers - 1`` processes forked from this one, the caller being
+        the last worker. Two worker *threads* of one process hardly beat one on a 2-core machine (measured:
+        166 ms against 179 ms for one round's training, two forked processes 87 ms), since every one of a
+        step's hundreds of small kernels hands the GIL back and forth. A forked worker inherits this trainer
+        (model, loss) as it was at the fork, so only a chunk's data, its batch plan and the start weights
+        travel. Elsewhere: ``workers`` threads.
         """
         if self._pool is None:
             if "fork" in multiprocessing.get_all_start_methods():
