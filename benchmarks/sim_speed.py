@@ -63,6 +63,61 @@ def our_startup(cfg: RunConfig) -> tuple[float, float]:
     return imports, setup
 
 
+PHASES = {  # what the in-process driver calls in a round, by the name a reader knows it
+    "train_batched": "local training (all clients, stacked)",
+    "_upload_stacked": "encode every update into its payload",
+    "deliver": "server: decode, validate, FedAvg",
+    "evaluate_clients": "score every client's held-out data",
+    "round_scores": "score the test set",
+}
+
+
+def breakdown(cfg: RunConfig) -> tuple[dict[str, float], float, float]:
+    """Where a batched round's wall time goes: median seconds per round of each driver phase (rounds 2..), the
+    median round, and the share of local training spent inside oneDNN's convolution kernels (torch profiler
+    over three more trainings of one round's clients)."""
+    from torch.profiler import profile
+
+    import deltaplane.sim.simulation as driver
+
+    spent: dict[str, list[float]] = {name: [] for name in PHASES}
+    captured: dict[str, tuple] = {}
+    originals = {name: getattr(driver, name) for name in PHASES}
+
+    def timed(name: str):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                spent[name].append(time.perf_counter() - t0)
+                if name == "train_batched":
+                    captured["train"] = (args, kwargs)
+
+        return call
+
+    try:
+        for name in PHASES:
+            setattr(driver, name, timed(name))
+        _, per_round, _ = ours(cfg)
+    finally:
+        for name, fn in originals.items():
+            setattr(driver, name, fn)
+    phases = {name: statistics.median(t[1:]) for name, t in spent.items()}
+    args, kwargs = captured["train"]
+    with profile() as prof:
+        for _ in range(3):
+            originals["train_batched"](*args, **kwargs)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward")
+    )
+    return phases, statistics.median(per_round[1:]), conv / total
+
+
 def flower(cfg: RunConfig, rounds: int) -> tuple[float, list[float], float]:
     """Start-up seconds, per-round seconds and final test accuracy of Flower's simulation engine."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -248,8 +303,9 @@ def main() -> None:
         "the new model on every client's held-out data and on the test set; Flower's: the same local training "
         "(our `Client.local_update`), FedAvg, test-set evaluation. Our engines ran twice back to back, "
         "interleaved, so machine load hits them alike. Flower runs 2 Ray actors of 1 CPU each (the machine has 2 "
-        "cores); ours run with 1 torch thread, and the batched engine also with `threads=2`: two worker threads of "
-        "one torch thread each, each training half of the round's clients (`BatchedTrainer(workers=2)`)."
+        "cores); ours run with 1 torch thread, and the batched engine also with `threads=2`: half of the round's "
+        "clients trained in the process itself and half in one forked worker process, one torch thread each "
+        "(`BatchedTrainer(workers=2)`)."
         "\n\n"
         + "\n\n".join(sections)
         + f"\n\nEquivalence over the full {full.rounds}-round default run, same seed: max over rounds of "
@@ -277,12 +333,21 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
             times[name] += per_round[1:]
             accs[name] = result.final.test_accuracy  # type: ignore[attr-defined]
     med = {name: statistics.median(t) for name, t in times.items()}
+    phases, round_s, conv_share = breakdown(engines["batched"])
+    parts = ", ".join(f"{PHASES[name]} {t * 1000:.1f}" for name, t in phases.items())
+    where = (
+        f"Where a batched round goes (1 thread, one more run, median ms per round over rounds 2–{args.rounds}; "
+        f"round {round_s * 1000:.1f}): {parts}; the rest (sampling, server close, metrics) "
+        f"{(round_s - sum(phases.values())) * 1000:.1f}. oneDNN's convolution kernels (forward and backward of "
+        f"the two convolutions) take {conv_share:.0%} of local training's CPU time (torch profiler)"
+    )
     imports, setup = our_startup(work)
     notes = [
+        where,
         f"deltaplane start-up (fresh interpreter: imports {imports:.1f} s, then task, data, devices and model "
         f"{setup:.2f} s, until round 1 begins): {imports + setup:.1f} s; test accuracy after {args.rounds} "
         f"rounds: {accs['sequential']:.3f} (sequential), {accs['batched']:.3f} (batched, 1 thread), "
-        f"{accs['batched2']:.3f} (batched, 2 threads)"
+        f"{accs['batched2']:.3f} (batched, 2 threads)",
     ]
     if not args.skip_flower:
         startup, f_times, f_acc = flower(work, args.rounds)
@@ -307,13 +372,24 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
         ("pfl", "pfl-research 0.6.0 (SimulatedBackend)"),
         ("sequential", "deltaplane engine=sequential, 1 thread"),
         ("batched", "deltaplane engine=batched, 1 thread"),
-        ("batched2", "deltaplane engine=batched, threads=2 (2 worker threads)"),
+        ("batched2", "deltaplane engine=batched, threads=2 (+1 forked worker process)"),
     ]:
         if name in med:
             rows.append([row_label, f"{med[name] * 1000:.1f}", f"{med[name] / ref:.3f}×"])
             print(
                 f"[{label}] {row_label}: {med[name] * 1000:.1f} ms/round ({med[name] / ref:.3f}× {ref_name})"
             )
+    two = med["batched2"] / med["batched"]
+    notes.append(
+        f"`threads=2` (a second share of the clients in a forked worker process) took {two:.2f}× the one-thread "
+        f"round in this run: "
+        + (
+            "the second core helped"
+            if two < 0.95
+            else "no gain on this machine at this load (training is ~3/4 of a round, and the two workers "
+            "share the 2 cores with everything else running)"
+        )
+    )
     for n in notes:
         print(f"[{label}] {n}")
     if "flower" in med and "pfl" in med:

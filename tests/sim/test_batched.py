@@ -1,4 +1,6 @@
 import dataclasses
+import multiprocessing
+import os
 import warnings
 
 import pytest
@@ -85,13 +87,55 @@ def test_batched_deltas_equal_sequential_ones(budget: int, path: str, workers: i
 
 
 def test_worker_threads_run_one_torch_thread_each() -> None:
-    """The trainer's own threads never oversubscribe: each runs torch with one intra-op thread."""
+    """The trainer's own workers never oversubscribe: each runs torch with one intra-op thread."""
     trainer = BatchedTrainer(build_model(0), workers=2)
-    seen = list(trainer._executor().map(lambda _: torch.get_num_threads(), range(2)))
-    assert seen == [1, 1]
+    seen = [trainer._executor().submit(torch.get_num_threads).result() for _ in range(4)]
+    assert seen == [1, 1, 1, 1]
     trainer.close()
     with pytest.raises(ConfigError, match="workers must be at least 1"):
         BatchedTrainer(build_model(0), workers=0)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers are forked processes (no GIL between them): the same chunks give bit-identical deltas to worker
+    threads (the fallback where a platform cannot fork), the batch orders are drawn in the caller (its
+    generators advance), and the processes stop once the trainer is gone, even unclosed."""
+    model = build_model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = _shards()
+
+    def run() -> tuple[dict, list[torch.Generator], BatchedTrainer]:
+        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+        trainer = BatchedTrainer(build_model(0), workers=2)
+        out = trainer.train(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+        return out, gens, trainer
+
+    # the caller trains one share itself, with its own torch threads: one, as the simulator sets, as each worker
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        forked, gens_forked, trainer = run()
+    finally:
+        torch.set_num_threads(before)
+    assert trainer._executor().submit(os.getpid).result() != os.getpid()
+    assert len(multiprocessing.active_children()) == 1  # and the caller
+    with monkeypatch.context() as m:
+        m.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+        torch.set_num_threads(1)
+        try:
+            threaded, gens_threaded, in_threads = run()
+        finally:
+            torch.set_num_threads(before)
+    assert in_threads._executor().submit(os.getpid).result() == os.getpid()
+    for name in forked:
+        assert torch.equal(forked[name], threaded[name]), name
+    for a, b in zip(gens_forked, gens_threaded, strict=True):
+        assert torch.equal(a.get_state(), b.get_state())
+    del trainer
+    assert multiprocessing.active_children() == []
 
 
 def test_fedprox_term_is_batched_too() -> None:

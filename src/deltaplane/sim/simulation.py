@@ -158,7 +158,7 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         )
     prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
-    # The batched engine spends its threads on worker threads of one torch thread each (see _run).
+    # The batched engine spends its threads on workers of one torch thread each (see _run).
     torch.set_num_threads(config.threads)
     try:
         return _run(config, progress)
@@ -208,8 +208,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
     if trainer is not None:
-        # `threads` worker threads train groups of clients side by side; everything else (scoring, the
-        # server's element-wise work on one model) runs on this thread alone. An intra-op pool would make
+        # `threads` workers (this thread and forked processes, BatchedTrainer._executor) train groups of
+        # clients side by side, one torch thread each; everything else (scoring, the server's element-wise
+        # work on one model) runs on this thread alone. An intra-op pool would make
         # each of the thousands of small kernels of a round wait for its slowest thread: on a busy machine a
         # descheduled pool thread stalls them all (docs/sim-speed.md, benchmarks/busy_machine.py).
         torch.set_num_threads(1)
