@@ -76,3 +76,47 @@ def test_a_run_that_never_beats_the_pruned_model_gives_it_back_unchanged():
     assert all(torch.equal(student.state_dict()[k], v) for k, v in pruned.items())
     with pytest.raises(ConfigError):
         distill_recover(teacher, cal, task="sentence-embedding", epochs=1, holdout=1.0)
+
+
+def test_a_monitor_draws_the_curve_but_never_picks_the_weights():
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    result = nm_prune(student, 2, 4)
+    cal = random_tokens(97, 80, 10, seed=4)
+    probe = torch.from_numpy(random_tokens(97, 6, 10, seed=5))
+    with torch.no_grad():
+        ref = teacher(input_ids=probe[:, 0], attention_mask=probe[:, 1]).last_hidden_state.mean(1)
+    calls: list[bool] = []
+
+    def cosine(model) -> dict[str, float]:
+        calls.append(model.training)
+        out = model(input_ids=probe[:, 0], attention_mask=probe[:, 1]).last_hidden_state.mean(1)
+        c = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+        return {"cos_min": c.min(), "cos_mean": c.mean()}
+
+    lines: list[str] = []
+
+    def run(monitor):
+        s = copy.deepcopy(student)
+        rec = distill_recover(
+            teacher,
+            cal,
+            task="sentence-embedding",
+            epochs=3,
+            lr=3e-3,
+            batch_size=8,
+            progress=lines.append,
+            monitor=monitor,
+        )
+        return s, rec(s, result)
+
+    watched, report = run(cosine)
+    plain, plain_report = run(None)
+    hist = report["history"]
+    assert hist[0]["step"] == 0 and len(calls) == len(hist) and not any(calls)  # eval mode, once per point
+    assert all(0 < h["cos_min"] <= h["cos_mean"] <= 1 for h in hist)
+    assert hist[-1]["cos_mean"] > hist[0]["cos_mean"]  # distillation moves the probe towards fp32
+    assert any("cos_min" in line for line in lines)
+    # the monitor only observes: the same steps, the same kept weights as an unmonitored run
+    assert report["best_step"] == plain_report["best_step"]
+    assert all(torch.equal(watched.state_dict()[k], v) for k, v in plain.state_dict().items())

@@ -129,6 +129,7 @@ def _token_inputs(
     tokenizer_dir: Path | None,
     random_ids: bool,
     distill_sentences: int,
+    calibration_size: int = 512,
 ):
     """Evaluation, calibration and distillation token arrays, and what they are (for the card).
 
@@ -162,12 +163,20 @@ def _token_inputs(
         if random_ids:
             raise ConfigError("--random-tokens and a tokenizer contradict each other; drop one")
         ev = tokens_from_sentences(tokenizer, eval_sentences)
-        cal = tokens_from_sentences(tokenizer, CALIBRATION_SENTENCES)
-        extra, _ = corpus_split(distill_sentences) if distill_sentences else ([], [])
-        distill = tokens_from_sentences(tokenizer, [*CALIBRATION_SENTENCES, *extra], max_length=64)
+        # pruning / static-int8 calibration: the built-in sentences, then the corpus's calibration part in its
+        # fixed order; distillation text is the same prefix extended to --recover-sentences (so it contains
+        # the calibration sentences whenever it is at least as long), never the evaluation sentences
+        n_corpus = max(distill_sentences, calibration_size - len(CALIBRATION_SENTENCES))
+        extra, _ = corpus_split(n_corpus) if n_corpus > 0 else ([], [])
+        pool = [*CALIBRATION_SENTENCES, *extra]
+        cal = tokens_from_sentences(tokenizer, pool[:calibration_size], max_length=64)
+        distill = tokens_from_sentences(
+            tokenizer, pool[: len(CALIBRATION_SENTENCES) + distill_sentences], max_length=64
+        )
         note = (
             f"Fidelity measured on {len(eval_sentences)} held-out English sentences; calibration on "
-            f"{len(CALIBRATION_SENTENCES)} others."
+            f"{min(calibration_size, len(pool))} others ({len(CALIBRATION_SENTENCES)} written for it, the rest "
+            "from the standard library's docstrings)."
         )
         return ev, cal, distill, note, None
     if sentences is not None:
@@ -185,11 +194,12 @@ def _token_inputs(
     if vocab < 2:
         raise ConfigError(f"{model_dir} has no tokenizer files and its config gives no vocab_size")
     ev = random_tokens(vocab, 32, 16, seed=seed + 1)
-    cal = random_tokens(vocab, 24, 16, seed=seed + 2)
+    cal = random_tokens(vocab, calibration_size, 16, seed=seed + 2)
     distill = random_tokens(vocab, 256, 16, seed=seed + 3)
     note = (
         "--random-tokens: fidelity measured on 32 seeded random token sequences (16 tokens), calibration on "
-        "24 others; this measures how far compression moves the outputs, not quality on real text."
+        f"{calibration_size} others; this measures how far compression moves the outputs, not quality on real "
+        "text."
     )
     return ev, cal, distill, note, note
 
@@ -435,6 +445,16 @@ def register(app: typer.Typer) -> None:
                 "topics added to the 64 built-in calibration sentences (10% held out for early stopping)"
             ),
         ] = 4000,
+        calibration_size: Annotated[
+            int | None,
+            typer.Option(
+                help="inputs that pruning (Wanda, SparseGPT) and static int8 calibrate on: text models take the "
+                "64 built-in calibration sentences, then standard-library docstring sentences (never the "
+                "evaluation ones; distillation text starts with the same sentences); classifiers the first N "
+                "training inputs",
+                show_default="512 sentences (token models), 256 inputs (classifiers), 128 (ONNX inputs; 24 random feeds)",
+            ),
+        ] = None,
         tokenizer: Annotated[
             Path | None,
             typer.Option(
@@ -478,10 +498,12 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
                 if recover_sentences < 0:
                     raise ConfigError(f"--recover-sentences must be >= 0. Found {recover_sentences}")
+                if calibration_size is not None and calibration_size < 1:
+                    raise ConfigError(f"--calibration-size must be >= 1. Found {calibration_size}")
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
-                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say)
+                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say, calibration_size)
                 else:
                     ckpt = load_checkpoint(model, builder=builder)
                     kind = task or infer_task(ckpt)
@@ -494,6 +516,7 @@ def register(app: typer.Typer) -> None:
                             "tokenizer_dir": tokenizer,
                             "random_ids": random_tokens,
                             "distill_sentences": recover_sentences if rec is not None else 0,
+                            "calibration_size": calibration_size or 512,
                         }
                         res = _deploy_tokens(
                             ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps
@@ -515,6 +538,7 @@ def register(app: typer.Typer) -> None:
                             say=say,
                             eps=eps,
                             rec=rec,
+                            calibration_size=calibration_size or 256,
                         )
                     else:
                         raise ConfigError(
@@ -537,7 +561,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
 
 
-def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
+def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None):
     """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
     import onnx
 
@@ -550,11 +574,11 @@ def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say):
         raise DecodeError(f"{model} is not a readable ONNX model: {e}") from e
     xtr, _, xte, yte, note = _classifier_data({}, None, seed)
     feeds, labels, inputs_note = digits_feeds(graph, xte), yte, None
-    calib = digits_feeds(graph, xtr[:128])
+    calib = digits_feeds(graph, xtr[: calibration_size or 128])
     if feeds is None:
         feeds, calib, labels = (
             onnx_feeds(graph, 32, seed=seed + 1),
-            onnx_feeds(graph, 24, seed=seed + 2),
+            onnx_feeds(graph, calibration_size or 24, seed=seed + 2),
             None,
         )
         note = (
@@ -616,7 +640,22 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, 
 
 
 def _deploy_classifier(
-    ckpt, model: Path, out, *, prune, quant, fmt, epochs, exclude, seed, data, gates, say, eps, rec
+    ckpt,
+    model: Path,
+    out,
+    *,
+    prune,
+    quant,
+    fmt,
+    epochs,
+    exclude,
+    seed,
+    data,
+    gates,
+    say,
+    eps,
+    rec,
+    calibration_size,
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
     from deltaplane.deploy.profile import corruptions
@@ -636,7 +675,7 @@ def _deploy_classifier(
         out,
         x_test=xte,
         y_test=yte,
-        x_calib=xtr[:256],
+        x_calib=xtr[:calibration_size],
         prune=prune,
         quant=quant,
         fmt=fmt,

@@ -23,9 +23,9 @@ or derived from stated numbers by the arithmetic shown; nothing else is claimed.
 - ``phone`` — M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, pp. 10–14,
   doi:10.1109/ISSCC.2014.6757323, energy table for 45 nm at 0.9 V: fp32 multiply 3.7 pJ + fp32 add 0.9 pJ
   → 4.6 pJ per fp32 MAC; 8-bit integer multiply 0.2 pJ + 8-bit add 0.03 pJ → 0.23 pJ per int8 MAC; DRAM
-  1.3–2.6 nJ per 64-bit access → 1.3 nJ / 8 bytes ≈ 160 pJ per byte (the low end; the same 640 pJ per 32-bit
-  DRAM access that Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS
-  2015, Table 1, quote from Horowitz). 45 nm is a decade old: 5–7 nm SoCs and LPDDR5 are several times lower in
+  1.3–2.6 nJ per 64-bit access → 1.3 nJ / 8 bytes = 162.5 ≈ 160 pJ per byte (the low end; 160 is exactly the
+  640 pJ per 32-bit DRAM access that Han et al., "Learning both Weights and Connections for Efficient Neural
+  Networks", NeurIPS 2015, Table 1, quote from Horowitz). 45 nm is a decade old: 5–7 nm SoCs and LPDDR5 are several times lower in
   absolute terms; the *ratios* fp32 : int8 and compute : memory are what the profile is for.
 - ``mcu`` — not a published per-MAC figure but an estimate from two data sheets, shown with its arithmetic:
   STMicroelectronics' STM32L476 data sheet gives about 100 µA/MHz in run mode (range 1, from flash) at 3 V
@@ -44,6 +44,10 @@ or derived from stated numbers by the arithmetic shown; nothing else is claimed.
   throughputs (6 Mbit/s up, 13 Mbit/s down, from its 4GTest measurements); Wi-Fi at 10 / 20 Mbit/s, an
   assumption of ours. The radio's tail energy after a transfer (long for LTE, the main reason the paper
   finds LTE up to 23× less efficient than Wi-Fi in real traces) is left out, so these are lower bounds.
+
+Checked against sources on 2026-12-02 (docs/deploy.md, "What was checked"): every Horowitz figure above, and
+Huang et al.'s median throughputs and 23× finding; Huang et al.'s Table 3 coefficients could not be checked
+against a copy of the table and are the one unverified input.
 """
 
 from __future__ import annotations

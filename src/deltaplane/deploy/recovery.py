@@ -13,7 +13,9 @@ inputs are the data (Hinton et al. 2015, https://arxiv.org/abs/1503.02531). What
   https://arxiv.org/abs/2203.07259) — plus ``1 − cos`` of the pooled sentence embeddings.
 
 Adam on every weight except the embedding tables (pruning leaves those as they were), linear warm-up then cosine
-decay, and early stopping on a held-out slice of the calibration inputs (the best weights are kept). After every
+decay, and early stopping on a held-out slice of the calibration inputs (the best weights are kept; dropout is
+seeded, so a run is reproducible). An optional ``monitor`` draws the curve of any figure (e.g. min cosine on an
+evaluation set) at every held-out measurement without choosing anything by it. After every
 step the pruning masks are re-applied, so the sparsity pattern (2:4 included) is exactly kept. How much text it
 needs: on 64 sentences MiniLM memorises them (training loss falls, held-out fidelity does not follow), so the
 CLI and the benchmark distil on thousands of sentences from :func:`deltaplane.deploy.sentences.corpus_split`.
@@ -126,6 +128,7 @@ def distill_recover(
     evals_per_epoch: int = 2,
     warmup: float = 0.05,
     progress: Callable[[str], None] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> Callable[[nn.Module, PruneResult | None], dict[str, Any]]:
     """A ``recover(student, prune_result) -> report`` callable that distills ``teacher`` into ``student``.
 
@@ -142,6 +145,11 @@ def distill_recover(
         task: ``classification``, ``sentence-embedding``, ``text-classification`` or ``next-token``.
         epochs: the most passes over the training part of ``calibration``. lr, batch_size: Adam settings.
         temperature: KL softening. progress: called with a line at every held-out measurement.
+        monitor: called with the student (in eval mode, masks applied) before training and at every held-out
+            measurement; the figures it returns (e.g. min / mean cosine on an evaluation set) go into the
+            progress line and the report's ``history``, so a long run shows its curve as it goes. They are
+            only recorded: early stopping and the kept weights follow the held-out distillation loss alone,
+            so an evaluation set measured here stays held out.
     """
     if task not in ("classification", *TOKEN_TASKS):
         raise ConfigError(f"cannot distill task {task!r}")
@@ -184,10 +192,27 @@ def distill_recover(
         return float(sum(v * n for v, n in vals) / sum(n for _, n in vals))
 
     def recover(student: nn.Module, result: PruneResult | None) -> dict[str, Any]:
+        # dropout draws from torch's global generator: seed a private copy so a run is the same every time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _recover(student, result)
+
+    def _recover(student: nn.Module, result: PruneResult | None) -> dict[str, Any]:
         start = time.perf_counter()
         params = _trainable(student, task)
         watch = held if n_held else train
         before = mean_loss(student, watch)
+
+        def watched() -> dict[str, float]:
+            if monitor is None:
+                return {}
+            student.eval()
+            with torch.no_grad():
+                return {k: float(v) for k, v in monitor(student).items()}
+
+        start_figures = watched()
+        if start_figures:
+            say("distill step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in start_figures.items()))
         opt = torch.optim.Adam(params, lr=lr)
         per_epoch = -(-len(train) // batch_size)
         total = epochs * per_epoch
@@ -196,7 +221,10 @@ def distill_recover(
         )
         eval_at = {round(per_epoch * (k + 1) / evals_per_epoch) for k in range(evals_per_epoch)}
         g = torch.Generator().manual_seed(seed)
-        best, best_step, since, steps, history = before, 0, 0, 0, []
+        best, best_step, since, steps = before, 0, 0, 0
+        history: list[dict[str, Any]] = (
+            [{"step": 0, "epoch": 0.0, "holdout_loss": before, **start_figures}] if n_held else []
+        )
         # the pruned model is the first candidate: a run that never beats it on held-out text changes nothing
         best_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if n_held else None
         stopped = False
@@ -214,8 +242,14 @@ def distill_recover(
                 if not n_held or (b + 1) not in eval_at:
                     continue
                 now = mean_loss(student, held)
-                history.append({"step": steps, "epoch": epoch + (b + 1) / per_epoch, "holdout_loss": now})
-                say(f"distill step {steps}/{total}: held-out loss {now:.4g} (best {min(best, now):.4g})")
+                figures = watched()
+                history.append(
+                    {"step": steps, "epoch": epoch + (b + 1) / per_epoch, "holdout_loss": now, **figures}
+                )
+                say(
+                    f"distill step {steps}/{total}: held-out loss {now:.4g} (best {min(best, now):.4g})"
+                    + "".join(f", {k} {v:.4f}" for k, v in figures.items())
+                )
                 if now < best:
                     best, best_step, since = now, steps, 0
                     best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}

@@ -213,12 +213,18 @@ def deploy_token_model(
     result: PruneResult | None = None
     recovery: dict[str, Any] | None = None
     if spec is not None:
+        # batches of 8 cut after their last real position: trailing padding every row of a batch has changes
+        # no real token's activations, and calibration text padded to its longest sentence is mostly padding
+        # (a left-padded batch keeps its full length)
+        cuts = [
+            (i, 1 + int(np.flatnonzero(cal[i : i + 8, 1].any(0))[-1:].sum())) for i in range(0, len(cal), 8)
+        ]
         calib = [
             {
-                "input_ids": torch.from_numpy(cal[i : i + 8, 0]),
-                "attention_mask": torch.from_numpy(cal[i : i + 8, 1]),
+                "input_ids": torch.from_numpy(cal[i : i + 8, 0, :n]),
+                "attention_mask": torch.from_numpy(cal[i : i + 8, 1, :n]),
             }
-            for i in range(0, len(cal), 8)
+            for i, n in cuts
         ]
         say(f"pruning ({prune})")
         work, result = prune_model(work, spec, calibration=calib)
