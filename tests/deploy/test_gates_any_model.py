@@ -216,8 +216,11 @@ def test_token_model_without_tokenizer_is_refused_unless_given_one(tmp_path):
     _word_tokenizer(tmp_path / "tok", words[:95])  # 97 tokens: this model's vocabulary
     r = CliRunner().invoke(
         _app(),
-        ["deploy", str(folder), "--tokenizer", str(tmp_path / "tok"), "--attack-eps", "0", "-o", str(out)],
-    )
+        # a random-init classifier's logits are near-ties: int8 may flip 1 of the 32 sentences (3.1 points)
+        # depending on the CPU's int8 kernels, so the accuracy bar is the tokenizer test's, not a shipping one
+        ["deploy", str(folder), "--tokenizer", str(tmp_path / "tok"), "--attack-eps", "0",
+         "--max-accuracy-drop", "10", "-o", str(out)],
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["fidelity"]["inputs"] == len(EVAL_SENTENCES) and "inputs_note" not in m

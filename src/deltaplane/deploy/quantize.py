@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
+import platform
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -222,6 +224,24 @@ def quantize_onnx(
     return dst
 
 
+@functools.cache
+def saturating_int8() -> bool:
+    """Whether this CPU's int8 GEMM can saturate: x86-64 without VNNI (AVX2/AVX-512 only).
+
+    There ONNX Runtime's u8·s8 kernels sum pairs of products with ``VPMADDUBSW`` into int16, which overflows for
+    large activations times large weights; ORT's quantization guide recommends ``reduce_range`` (7-bit weights)
+    on such machines. With VNNI (``avx512_vnni``/``avx_vnni``/AMX) or on ARM the products accumulate in int32
+    and full-range 8-bit weights are exact. Read from ``/proc/cpuinfo``; off Linux x86 it answers False.
+    """
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def _run_quantizer(
     src: str | os.PathLike[str],
     tmp: Path,
@@ -257,6 +277,7 @@ def _run_quantizer(
             str(tmp),
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
+            reduce_range=saturating_int8(),
             op_types_to_quantize=list(op_types) if op_types else None,
         )
     else:
@@ -279,6 +300,7 @@ def _run_quantizer(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
+            reduce_range=saturating_int8(),
             calibrate_method=method,
             op_types_to_quantize=list(op_types) if op_types else None,
         )
