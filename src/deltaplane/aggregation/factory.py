@@ -195,12 +195,15 @@ def build_aggregator(
         raise ConfigError(f"dp_noise must be non-negative. Found {dp_noise!r}")
     inner = parse_defense(defense, seed=seed + 2)
     plain = isinstance(inner, FedAvg) or (
-        isinstance(inner, NormBound) and isinstance(inner.inner, FedAvg) and not inner.noise
+        isinstance(inner, NormBound)
+        and isinstance(inner.inner, FedAvg)
+        and not inner.noise
+        and not inner.estimator.adaptive  # its bound would follow raw norms that DP does not release
     )
     if dp_noise > 0 and not plain:
         raise IncompatibleDefense(
             f"defense {defense!r} cannot be combined with DP noise: DP-FedAvg calibrates noise to a clipped *sum*; "
-            "use defense='norm_bound:…' (or none) with --dp-noise"
+            "use a fixed norm bound without noise (defense='norm_bound(2.0)') or none with --dp-noise"
         )
     node: Aggregator = inner
     if dp_noise > 0:
