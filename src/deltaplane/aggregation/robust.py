@@ -98,18 +98,47 @@ class _Buffered:
 
 class CoordinateMedian(_Buffered):
     """Coordinate-wise median (Yin et al. 2018, https://arxiv.org/abs/1803.01498); mean of the two middle values
-    for an even count. Holds all updates (O(clients × model)). Not valid over sparsifying codecs."""
+    for an even count. Holds all updates (O(clients × model)). Not valid over sparsifying codecs.
+
+    With ``byzantine=b``: *mean around median* (MeaMed, Xie et al. 2018, https://arxiv.org/abs/1802.10116,
+    Definition 3): per coordinate, the mean of the ``n − b`` values nearest the median. The plain median of
+    skewed non-IID updates is a biased estimate of their mean (it cost 2.5 points on the default federation
+    without attackers, identity codec); MeaMed averages all but the ``b`` values farthest from it, so up to
+    ``b`` outliers per coordinate still cannot move it far.
+
+    Args:
+        byzantine: ``b``, the values per coordinate left out (None: the plain median).
+    """
 
     _coordinatewise = True
     sparse_ok = False
 
+    def __init__(self, *, byzantine: int | None = None) -> None:
+        super().__init__()
+        if byzantine is not None and not (isinstance(byzantine, int) and byzantine >= 0):
+            raise ConfigError(f"byzantine must be a non-negative integer or None. Found {byzantine!r}")
+        self.byzantine = byzantine
+
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         s = x.sort(dim=0).values
-        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        if self.byzantine is None:
+            return med
+        if n - self.byzantine < 1:
+            raise DeltaplaneError(
+                f"mean around median leaving out {self.byzantine} of {n} updates keeps none"
+            )
+        # the n − b nearest values form a window of consecutive sorted values: slide it and keep the nearest
+        m = n - self.byzantine
+        spread = torch.maximum(med - s[: n - m + 1], s[m - 1 :] - med)  # (windows, block): farthest value
+        best = spread.argmin(dim=0, keepdim=True)  # first (lowest) window on ties
+        csum = torch.cat([torch.zeros_like(s[:1]), s.double().cumsum(dim=0)])  # window sums in O(n · block)
+        total = csum[m:].gather(0, best) - csum[: n - m + 1].gather(0, best)
+        return (total / m).squeeze(0).to(x.dtype)
 
     def __repr__(self) -> str:
-        return "CoordinateMedian()"
+        return f"CoordinateMedian(byzantine={self.byzantine!r})"
 
 
 class TrimmedMean(_Buffered):
