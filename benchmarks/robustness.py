@@ -143,6 +143,8 @@ def accept(args: argparse.Namespace) -> None:
             rows.append(row)
         verdict += [[name, d, f"{passed[d]} of {measured[d]} measured ({len(seeds)} planned)"] for d in best]
     body = (
+        f"Codecs: default = `{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking (as "
+        "`deltaplane run`), and `identity`. "
         "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
         "relabelled 0), `engine=batched`, 1 thread. Cells: test accuracy / backdoor success "
         "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%).\n\n"
@@ -172,7 +174,8 @@ def clean(args: argparse.Namespace) -> None:
         rows.append([name, j[2], f"{r['accuracy']:.3f}", f"{pts:+.1f}", "yes" if pts >= -2 else "**no**"])
     body = (
         "No attacker, 80 rounds, seed 0: every defence against FedAvg (`none`) with the same uplink codec — "
-        "the default codec for every rule valid over it, `identity` for the rules refused over sparsifying "
+        f"the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, as "
+        "`deltaplane run`) for every rule valid over it, `identity` for the rules refused over sparsifying "
         "codecs (`IncompatibleDefense`).\n\n"
         + table(["codec", "defence", "test accuracy", "points vs FedAvg", "within 2 points"], rows)
     )

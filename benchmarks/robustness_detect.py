@@ -81,6 +81,33 @@ def auc(score: torch.Tensor, bad: torch.Tensor) -> float:
     return float(gt + 0.5 * eq)
 
 
+#: detectors and per-client scores summarised by ``--record`` (column name → key printed by :func:`study`)
+SUMMARY_DETECTORS = {
+    "flame": "flame",
+    "FLAME on models (paper)": "flame_models",
+    "FLAME, conv2 only": "flame_conv2",
+    "FLAME, fc1 only": "flame_fc1",
+    "foolsgold": "foolsgold",
+    "FoolsGold, output layer": "foolsgold_fc2",
+    "DeepSight TE, history": "deepsight_te_history",
+    "multi-Krum(4)": "multi_krum",
+}
+SUMMARY_SCORES = {
+    "history max-cos, model (FoolsGold)": "history max-cos (whole model)",
+    "history max-cos, output layer": "history max-cos (output layer)",
+    "DeepSight threshold exceedings (low)": "-threshold exceedings of the history's NEUPs (summed over rounds)",
+    "output layer, largest excess share over the median client, any class": (
+        "output-layer largest excess energy share over the median client, any class"
+    ),
+    "output layer, share on class 0 (knows the target)": (
+        "output-layer energy share on class 0, the target (summed over rounds)"
+    ),
+    "conv1 history vs the others' sum (low cos)": "-history cos to the others' sum, conv1.weight",
+    "conv2 history vs the others' sum (low cos)": "-history cos to the others' sum, conv2.weight",
+}
+SUMMARY: list[tuple[str, dict[str, str], dict[str, str]]] = []
+
+
 def study(path: str) -> None:
     rec = torch.load(path)
     ups, models = rec["updates"].double(), rec["models"].double()  # (R, n, d), (R, d)
@@ -166,6 +193,11 @@ def study(path: str) -> None:
         "| detector | attackers' share of kept weight (all / last half) | honest mean weight (all / last half) |"
     )
     print("|---|---|---|")
+    run = f"{'stc' if rec['config']['codec'] != 'identity' else 'identity'} {rec['config']['seed']}"
+    kept = {
+        name: f"{statistics.fmean(share[name]):.2f} / {statistics.fmean(honest_w[name]):.2f}"
+        for name in share
+    }
     for name in detectors:
         s, w = share[name], honest_w[name]
         print(f"| {name} | {statistics.fmean(s):.2f} / {statistics.fmean(s[half:]):.2f} | "
@@ -194,17 +226,38 @@ def study(path: str) -> None:
         scores[f"-history cos to the others' sum, {name}"] = -cos
     print("\n| per-client score over the run | AUC attackers vs honest |")
     print("|---|---|")
-    for name, s in scores.items():
-        print(f"| {name} | {auc(s, bad):.2f} |")
+    aucs = {name: f"{auc(s, bad):.2f}" for name, s in scores.items()}
+    for name in scores:
+        print(f"| {name} | {aucs[name]} |")
+    SUMMARY.append((run, kept, aucs))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recordings", nargs="+")
+    ap.add_argument("--record", action="store_true", help="write the summary into docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for path in args.recordings:
         study(path)
+    if args.record:
+        from _record import record, table
+
+        rows1 = [[run, *(kept[k] for k in SUMMARY_DETECTORS.values())] for run, kept, _ in SUMMARY]
+        rows2 = [[run, *(aucs[k] for k in SUMMARY_SCORES.values())] for run, _, aucs in SUMMARY]
+        body = (
+            "Six *undefended* engine runs (80 rounds, 20 clients, 20% `backdoor`, seeds 0–2, `stc(0.002)` with "
+            "DGC as `deltaplane run` and `identity`), recorded with `python benchmarks/robustness_diagnostics.py "
+            "--codec C --seed S --save rec_C_S.pt` and scored open-loop, round by round.\n\n"
+            "Attackers' share of the kept weight (0.20: no better than keeping everyone) / honest clients' mean "
+            "weight:\n\n"
+            + table(["run (undefended)", *SUMMARY_DETECTORS], rows1)
+            + "\n\nPer-client scores summed over the run, AUC of attackers against honest clients (1.0: every "
+            "attacker more suspicious than every honest client; 0.5: no signal):\n\n"
+            + table(["run (undefended)", *SUMMARY_SCORES], rows2)
+        )
+        print(body)
+        record("robustness-detect", "Robust aggregation: what separates the attackers, offline (#21)", body)
 
 
 if __name__ == "__main__":
