@@ -198,10 +198,7 @@ def build_aggregator(
         raise ConfigError(f"dp_noise must be non-negative. Found {dp_noise!r}")
     inner = parse_defense(defense, seed=seed + 2)
     plain = isinstance(inner, FedAvg) or (
-        isinstance(inner, NormBound)
-        and isinstance(inner.inner, FedAvg)
-        and not inner.noise
-        and not inner.estimator.adaptive  # its bound would follow raw norms that DP does not release
+        isinstance(inner, NormBound) and isinstance(inner.inner, FedAvg) and not inner.noise
     )
     if dp_noise > 0 and not plain:
         raise IncompatibleDefense(
