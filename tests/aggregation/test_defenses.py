@@ -174,6 +174,13 @@ def test_coordinatewise_rules_collapse_on_sparse_payloads_and_are_refused() -> N
         check_defense_codec(parse_defense(spec), "topk(0.01) | quant(bits=8)")
     with pytest.raises(dp.ConfigError, match="sparsifies"):
         RunConfig.from_mapping({"defense": "trimmed_mean:0.2", "codec": "randk(0.05)"})
+    # deltaplane run's default uplink (STC, sparse ternary) is a sparsifier too; sign vote is mask-aware over it
+    from deltaplane.cli import DEFAULT_RUN_CODEC
+
+    for spec in ("trimmed_mean(0.2)", "median", "median(4)"):
+        with pytest.raises(IncompatibleDefense, match="sparsifies"):
+            check_defense_codec(parse_defense(spec), DEFAULT_RUN_CODEC)
+    check_defense_codec(parse_defense("sign_vote"), DEFAULT_RUN_CODEC)
 
 
 def test_robust_rules_are_refused_inside_dp() -> None:
