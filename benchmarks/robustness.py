@@ -33,7 +33,7 @@ from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 #: exactly what ``deltaplane run`` sends with unless told otherwise (its codec and the DGC options that go with it)
 DEFAULT_CODEC = DEFAULT_RUN_CODEC
 CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
-GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba", "sign_flip"]
+GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba"]
 GRID_DEFENSES = [
     "none",
     "foolsgold",
