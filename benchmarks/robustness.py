@@ -5,9 +5,10 @@ with its defaults (20 non-IID clients, DigitsCNN, Dirichlet(0.5), 2 local epochs
 ``engine="batched"`` with one torch thread. Backdoor success = share of test images of other classes that,
 stamped with the full 2×2 trigger, are classified as the target class 0. Sections:
 
-* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, the default codec ``topk(0.01) | quant(bits=8)``
-  and ``identity``: clean FedAvg, undefended, and the candidate defences (``--best``). A seed passes when the
-  defence is within 2 points of that seed's clean run and backdoor success ≤ 10%.
+* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, ``deltaplane run``'s default codec (imported
+  from the CLI: ``stc(0.002)`` with DGC momentum correction 0.5 and momentum masking) and ``identity``: clean
+  FedAvg, undefended, and the candidate defences (``--best``). A seed passes when the defence is within 2 points
+  of that seed's clean run and backdoor success ≤ 10%.
 * ``clean``: 80 rounds, no attacker, seed 0: every defence against FedAvg, with the default codec (``identity``
   for the rules refused over sparsifying codecs).
 * ``grid``: attack × defence × {10, 20, 30}% with the default codec, seed 0, ``--grid-rounds`` rounds (80 by
@@ -27,20 +28,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_CODEC = "topk(0.01) | quant(bits=8)"
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
+
+#: exactly what ``deltaplane run`` sends with unless told otherwise (its codec and the DGC options that go with it)
+DEFAULT_CODEC = DEFAULT_RUN_CODEC
 CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
-GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba", "sign_flip"]
+GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba"]
 GRID_DEFENSES = [
     "none",
     "foolsgold",
     "flame",
     "fltrust",
     "multi_krum(4)",
-    "norm_bound(adaptive, noise=0.001)",
+    "norm_bound(adaptive)",
 ]
-REFUSED = ["trimmed_mean(0.2)", "median"]  # coordinate-wise: refused over the sparsifying default codec
+#: settings measured without attackers beside the grid's: a variant, and the norm bound with Sun et al.'s weak DP
+CLEAN_EXTRA = ["foolsgold(binary=true)", "norm_bound(adaptive, noise=0.001)", "sign_vote"]
+#: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
+REFUSED = ["trimmed_mean(0.2)", "median", "median(4)"]
 FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
+
+
+def _key(args: tuple) -> Path:
+    """The cache file of one run; the default codec's runs carry its DGC options in the name."""
+    name = "_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------"))
+    return CACHE / (name + ("_dgc" if args[0] == DEFAULT_CODEC else "") + ".json")
 
 
 def job(args: tuple) -> dict:
@@ -51,13 +64,21 @@ def job(args: tuple) -> dict:
     from deltaplane.engine.config import RunConfig
 
     codec, attack, defense, seed, rounds = args
-    key = CACHE / ("_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------")) + ".json")
+    key = _key(args)
     if key.exists():
         return json.loads(key.read_text())
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    dgc = DEFAULT_RUN_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applies them
     cfg = RunConfig(
-        rounds=rounds, codec=codec, attack=attack, defense=defense, seed=seed, engine="batched", threads=1
+        rounds=rounds,
+        codec=codec,
+        attack=attack,
+        defense=defense,
+        seed=seed,
+        engine="batched",
+        threads=1,
+        **dgc,
     )
     r = run_federation(cfg).final
     out = {"accuracy": r.test_accuracy, "backdoor": r.backdoor_success}
@@ -72,7 +93,7 @@ CACHED_ONLY = False
 
 def cached(args: tuple) -> dict | None:
     """A finished run from the cache, or None."""
-    key = CACHE / ("_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------")) + ".json")
+    key = _key(args)
     return json.loads(key.read_text()) if key.exists() else None
 
 
@@ -122,6 +143,8 @@ def accept(args: argparse.Namespace) -> None:
             rows.append(row)
         verdict += [[name, d, f"{passed[d]} of {measured[d]} measured ({len(seeds)} planned)"] for d in best]
     body = (
+        f"Codecs: default = `{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking (as "
+        "`deltaplane run`), and `identity`. "
         "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
         "relabelled 0), `engine=batched`, 1 thread. Cells: test accuracy / backdoor success "
         "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%).\n\n"
@@ -136,8 +159,8 @@ def accept(args: argparse.Namespace) -> None:
 def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
-    plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], "sign_vote"]]
-    plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over top-k
+    plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
+    plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
     jobs = [(c, None, d, 0, 80) for c, d in plan]
     by = run_all(jobs, args.workers)
     rows = []
@@ -151,7 +174,8 @@ def clean(args: argparse.Namespace) -> None:
         rows.append([name, j[2], f"{r['accuracy']:.3f}", f"{pts:+.1f}", "yes" if pts >= -2 else "**no**"])
     body = (
         "No attacker, 80 rounds, seed 0: every defence against FedAvg (`none`) with the same uplink codec — "
-        "the default codec for every rule valid over it, `identity` for the rules refused over sparsifying "
+        f"the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, as "
+        "`deltaplane run`) for every rule valid over it, `identity` for the rules refused over sparsifying "
         "codecs (`IncompatibleDefense`).\n\n"
         + table(["codec", "defence", "test accuracy", "points vs FedAvg", "within 2 points"], rows)
     )
@@ -181,12 +205,12 @@ def grid(args: argparse.Namespace) -> None:
         for a in args.attacks
     ]
     body = (
-        f"Default codec `{DEFAULT_CODEC}`, seed 0, **{rounds} rounds**, clean FedAvg "
+        f"Default codec `{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, seed 0, **{rounds} rounds**, clean FedAvg "
         f"{by[jobs[0]]['accuracy']:.3f}. Cells: test accuracy / backdoor success (the share of triggered "
         "test images of other classes classified as the target 0). "
         f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
-        "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine.\n\n"
-        + table(["attack", "malicious", *args.defenses], rows)
+        "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine; a cell that says *not run* "
+        "did not finish in the session's time.\n\n" + table(["attack", "malicious", *args.defenses], rows)
     )
     print(body)
     record(

@@ -12,7 +12,7 @@ max-cosine, cosine to the leave-one-out mean, norm over the round's median) and 
 Usage::
 
     python benchmarks/robustness_diagnostics.py --codec identity --rounds 80
-    python benchmarks/robustness_diagnostics.py --codec "topk(0.01) | quant(bits=8)" --defense fltrust
+    python benchmarks/robustness_diagnostics.py --defense fltrust  # deltaplane run's default codec
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from deltaplane.aggregation import FLTrust
 from deltaplane.apps.runner import run_federation
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.engine import server as server_mod
 from deltaplane.engine.attacks import choose_malicious
 from deltaplane.engine.config import RunConfig
@@ -32,17 +33,22 @@ from deltaplane.engine.seeding import Stream, numpy_rng
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--codec", default="topk(0.01) | quant(bits=8)")
+    ap.add_argument("--codec", default=DEFAULT_RUN_CODEC)
     ap.add_argument("--defense", default="none")
     ap.add_argument("--attack", default="backdoor:0.2")
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument(
+        "--save", help="write every round's decoded updates and global model to this .pt file "
+        "(for offline detection studies: benchmarks/robustness_detect.py)"
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
+    dgc = DEFAULT_RUN_DGC if args.codec == DEFAULT_RUN_CODEC else {}  # as `deltaplane run` applies them
     cfg = RunConfig(
         rounds=args.rounds, codec=args.codec, attack=args.attack, defense=args.defense,
-        seed=args.seed, engine="batched",
+        seed=args.seed, engine="batched", **dgc,
     )  # fmt: skip
     malicious = {str(i) for i in choose_malicious(cfg.clients, 0.2, numpy_rng(cfg.seed, Stream.ATTACK))}
     seen: dict[str, torch.Tensor] = {}
@@ -50,16 +56,28 @@ def main() -> None:
     original = server_mod.ServerStep.receive_delta
     original_open = server_mod.ServerStep.open
 
+    layout: list[tuple[str, int]] = []
+    saved: dict[str, list[torch.Tensor]] = {"updates": [], "models": []}
+
     def recording(self, client_id, delta, weight):
         seen[client_id] = delta.flatten().double()
+        if not layout:
+            layout.extend((k, v.numel()) for k, v in delta.items() if v.is_floating_point())
         return original(self, client_id, delta, weight)
 
     rows: list[dict[str, float]] = []
 
+    def keep(seen):
+        if args.save:
+            saved["updates"].append(torch.stack([seen[i] for i in sorted(seen, key=int)]).float())
+
     def opening(self, rnd, **kw):
         if seen:
             rows.append(summarize(seen, malicious, refs[-1] if refs else None))
+            keep(seen)
             seen.clear()
+        if args.save:  # the global model the round's updates start from
+            saved["models"].append(torch.cat([v.reshape(-1).float() for v in self.state.values()]))
         original_open(self, rnd, **kw)
         ft = self.aggregator.find(FLTrust)
         refs.append(ft._ref_flat if isinstance(ft, FLTrust) else None)
@@ -68,6 +86,19 @@ def main() -> None:
     server_mod.ServerStep.open = opening
     result = run_federation(cfg)
     rows.append(summarize(seen, malicious, refs[-1] if refs else None))
+    keep(seen)
+    if args.save:
+        torch.save(
+            {
+                "updates": torch.stack(saved["updates"]),  # (rounds, clients, d), clients in id order
+                "models": torch.stack(saved["models"][: len(saved["updates"])]),  # (rounds, d)
+                "layout": layout,
+                "malicious": sorted(int(i) for i in malicious),
+                "config": cfg.model_dump(),
+                "final": {"accuracy": result.final.test_accuracy, "backdoor": result.final.backdoor_success},
+            },
+            args.save,
+        )
     print(
         f"# {cfg.attack}, defense {cfg.defense}, codec {cfg.codec}, seed {cfg.seed}, malicious {sorted(malicious)}"
     )

@@ -46,3 +46,28 @@ def test_norm_bound_is_clip_under_its_robustness_name() -> None:
     agg.add(dp.Delta({"w": torch.tensor([0.0, -5.0])}))
     assert agg.result()["w"].tolist() == [0.0, -1.0]
     assert agg.streaming
+
+
+def test_adaptive_norm_bound_starts_from_the_first_rounds_median_norm() -> None:
+    # the old start (0.1, Andrew et al.'s DP default) shrank norm-3 updates ~30x for the first rounds
+    rng = np.random.default_rng(1)
+    agg = dp.NormBound(dp.FedAvg(), max_norm="adaptive")
+    first = rng.lognormal(mean=np.log(3.0), sigma=0.3, size=21)
+    for n in first:
+        agg.add(dp.Delta({"w": torch.tensor([float(n), 0.0])}))
+    assert agg.result()["w"][0].item() == pytest.approx(first.mean(), rel=1e-6)  # round 1: nothing bounded
+    assert "clip" not in agg.measurements and agg.measurements["clipped_fraction"] == 0.0
+    assert agg.estimator.value == pytest.approx(float(np.median(first)))
+    agg.reset()
+    agg.add(dp.Delta({"w": torch.tensor([0.0, 100.0])}))  # a boosted update in round 2 is bounded
+    assert agg.result()["w"][1].item() == pytest.approx(float(np.median(first)), rel=1e-6)
+    assert agg.measurements["clip"] == pytest.approx(float(np.median(first)))
+
+
+def test_a_start_from_raw_norms_is_refused_under_dp() -> None:
+    with pytest.raises(dp.ConfigError, match="public initial clip"):
+        QuantileClip(initial=None, count_noise_std=2.0)
+    from deltaplane.aggregation import build_aggregator
+
+    with pytest.raises(dp.ConfigError, match="un-noised"):  # DPFedAvg refuses an adaptive bound inside it
+        build_aggregator(defense="norm_bound(adaptive)", dp_noise=1.0, clip=1.0, expected_clients=10)

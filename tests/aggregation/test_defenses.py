@@ -1,5 +1,7 @@
 """The defences of issue #21 against independent checks: planted clusters, sybils, majorities, refusals."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -97,6 +99,33 @@ def test_sign_vote_follows_the_majority_whatever_the_minority_norm() -> None:
     assert agg.result()["w"].tolist() == [0.5, -0.5, 0.0]  # γ = median of (0.5, 0.5, 0.5, 1e6, 1e6)
 
 
+def test_sign_vote_over_sparse_payloads_steps_like_the_mean() -> None:
+    # stc(0.002)-like payloads: each client sends a few ±μ values on coordinates of its own; where a single
+    # client votes, the majority is that client and the step must be what the mean gives it (μ / n), not μ
+    codec = get_codec("stc(0.01)")
+    g = torch.Generator().manual_seed(1)
+    vote, mean = SignVote(), dp.FedAvg()
+    payloads = []
+    for i in range(10):
+        x = torch.zeros(10_000)
+        x[i * 1000 : (i + 1) * 1000] = torch.randn(1000, generator=g)  # disjoint supports
+        payloads.append(codec.decode(codec.encode(x, g)))
+    mu = statistics.median(float(p[p != 0].abs().mean()) for p in payloads)
+    for p in payloads:
+        vote.add(dp.Delta({"w": p}))
+        mean.add(dp.Delta({"w": p}))
+    v, m = vote.result()["w"], mean.result()["w"]
+    assert torch.equal(torch.sign(v), torch.sign(m))
+    assert torch.allclose(v[v != 0].abs(), torch.full_like(v[v != 0], mu / 10))
+    assert float(v.norm() / m.norm()) == pytest.approx(1.0, rel=0.1)  # before: 10x the mean's step
+    assert vote.measurements["turnout"] == pytest.approx(0.01)
+    # dense updates: every client votes everywhere, and the rule is the paper's γ · sign(Σ sign)
+    dense = SignVote()
+    for t in ([1.0, -2.0], [3.0, -1.0], [-1.0, -1.0]):
+        dense.add(dp.Delta({"w": torch.tensor(t)}))
+    assert dense.result()["w"].tolist() == [1.5, -1.5]  # γ = median(1.5, 2.0, 1.0)
+
+
 def test_norm_bound_weak_dp_noise() -> None:
     plain = dp.NormBound(dp.FedAvg(), max_norm=1.0)
     noisy = parse_defense("norm_bound(max_norm=1.0, noise=0.02)", seed=5)
@@ -145,6 +174,13 @@ def test_coordinatewise_rules_collapse_on_sparse_payloads_and_are_refused() -> N
         check_defense_codec(parse_defense(spec), "topk(0.01) | quant(bits=8)")
     with pytest.raises(dp.ConfigError, match="sparsifies"):
         RunConfig.from_mapping({"defense": "trimmed_mean:0.2", "codec": "randk(0.05)"})
+    # deltaplane run's default uplink (STC, sparse ternary) is a sparsifier too; sign vote is mask-aware over it
+    from deltaplane.cli import DEFAULT_RUN_CODEC
+
+    for spec in ("trimmed_mean(0.2)", "median", "median(4)"):
+        with pytest.raises(IncompatibleDefense, match="sparsifies"):
+            check_defense_codec(parse_defense(spec), DEFAULT_RUN_CODEC)
+    check_defense_codec(parse_defense("sign_vote"), DEFAULT_RUN_CODEC)
 
 
 def test_robust_rules_are_refused_inside_dp() -> None:

@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 import deltaplane as dp
+from deltaplane.aggregation import parse_defense
 
 
 def _d(*v: float) -> dp.Delta:
@@ -70,3 +72,42 @@ def test_norm_bound_ignores_a_claimed_weight_of_a_million() -> None:
     assert agg.result()["w"].tolist() == pytest.approx([(9 * 0.5 - 1.0) / 10, 0.0])
     with pytest.raises(dp.InvalidUpdate, match="weight"):
         dp.NormBound(dp.FedAvg(), max_norm=1.0).add(_d(0.1), weight=-1.0)
+
+
+def _meamed_reference(x: np.ndarray, b: int) -> np.ndarray:
+    """Xie et al. 2018's mean around median, straight from its definition: per coordinate, sort the values by
+    their distance to the median and average the n − b nearest (a loop, nothing shared with the class)."""
+    n, d = x.shape
+    out = np.empty(d)
+    for j in range(d):
+        col = x[:, j]
+        med = np.median(col)
+        out[j] = col[np.argsort(np.abs(col - med), kind="stable")[: n - b]].mean()
+    return out
+
+
+@pytest.mark.parametrize(("n", "b"), [(20, 4), (7, 2), (10, 0), (5, 4)])
+def test_mean_around_median_matches_its_definition(n, b) -> None:
+    rng = np.random.default_rng(n + b)
+    x = rng.standard_t(df=2, size=(n, 300))  # heavy tails: the nearest set is not the trimmed one
+    agg = parse_defense(f"median({b})")
+    for row in x:
+        agg.add(dp.Delta({"w": torch.tensor(row, dtype=torch.float32)}))
+    got = agg.result()["w"].double().numpy()
+    np.testing.assert_allclose(got, _meamed_reference(x.astype(np.float32).astype(np.float64), b), atol=1e-5)
+    if b == 0:  # nothing left out: the mean
+        np.testing.assert_allclose(got, x.mean(0), atol=1e-5)
+
+
+def test_mean_around_median_bounds_b_outliers_and_is_unbiased_where_the_median_is_not() -> None:
+    rng = np.random.default_rng(3)
+    honest = rng.exponential(1.0, size=(16, 500))  # skewed, like non-IID update coordinates
+    poisoned = np.vstack([honest, np.full((4, 500), 1e6)])
+    agg, med = parse_defense("median(byzantine=4)"), parse_defense("median")
+    for row in poisoned:
+        for a in (agg, med):
+            a.add(dp.Delta({"w": torch.tensor(row, dtype=torch.float32)}))
+    out, plain = agg.result()["w"].numpy(), med.result()["w"].numpy()
+    assert out.max() < 10  # four values of 1e6 per coordinate never enter the mean
+    # the honest values' mean is 1; the plain median of this skewed sample (pushed up by the outliers) is not
+    assert abs(float(out.mean()) - 1.0) < abs(float(plain.mean()) - 1.0)

@@ -47,6 +47,8 @@ def test_a_backdoor_is_stopped_on_the_engine_with_a_compressed_uplink() -> None:
         "sign_vote",
         "trimmed_mean(0.2)",
         "median",
+        "median(2)",
+        "norm_bound(adaptive)",
     ],
 )
 def test_no_defence_collapses_a_clean_run(defense) -> None:

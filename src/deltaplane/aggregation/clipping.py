@@ -94,8 +94,14 @@ class QuantileClipState:
 class QuantileClip:
     """Adaptive clip tracking the ``target_quantile`` of client update norms (Andrew et al. 2021).
 
+    With ``initial=None`` the first round is not clipped and the tracker starts from that round's
+    ``target_quantile`` of the update norms, then follows the geometric update. A fixed start far from the norms
+    costs rounds: from 0.1 to honest norms ~2 the update (at most ``e^{η/2}`` a round) needs ~30 rounds, in
+    which a norm bound shrinks every honest update. This start reads raw norms, so it is refused with count noise
+    (under DP the start must be a public number).
+
     Args:
-        initial: clip norm of the first round.
+        initial: clip norm of the first round; None: no clip in the first round, then its quantile.
         target_quantile: fraction ``γ`` of clients that should be unclipped (0.5 = median norm).
         learning_rate: ``η`` of the geometric update ``C ← C · exp(−η (b̄ − γ))``.
         count_noise_std: std ``σ_b`` of the Gaussian noise added to the centred count ``Σ(bᵢ − ½)`` of
@@ -110,19 +116,25 @@ class QuantileClip:
     def __init__(
         self,
         *,
-        initial: float = 0.1,
+        initial: float | None = 0.1,
         target_quantile: float = 0.5,
         learning_rate: float = 0.2,
         count_noise_std: float = 0.0,
         expected_clients: int | None = None,
         seed: int = 0,
     ) -> None:
-        _positive("initial", initial)
+        if initial is not None:
+            _positive("initial", initial)
         if not 0.0 < target_quantile < 1.0:
             raise ConfigError(f"target_quantile must be in (0, 1). Found {target_quantile!r}")
         _positive("learning_rate", learning_rate)
         if not (math.isfinite(count_noise_std) and count_noise_std >= 0):
             raise ConfigError(f"count_noise_std must be non-negative. Found {count_noise_std!r}")
+        if initial is None and count_noise_std:
+            raise ConfigError(
+                "initial=None starts the clip from the first round's raw update norms, which DP cannot release; "
+                "give a public initial clip with count_noise_std > 0"
+            )
         if expected_clients is not None and expected_clients < 1:
             raise ConfigError(f"expected_clients must be at least 1. Found {expected_clients!r}")
         self.initial = initial
@@ -131,11 +143,18 @@ class QuantileClip:
         self.count_noise_std = count_noise_std
         self.expected_clients = expected_clients
         self.seed = seed
-        self.state = QuantileClipState(value=float(initial), rng=np.random.default_rng(seed))
+        start = math.inf if initial is None else float(initial)
+        self.state = QuantileClipState(value=start, rng=np.random.default_rng(seed))
 
     @property
     def value(self) -> float:
         return self.state.value
+
+    def start(self, norms: list[float]) -> None:
+        """End of the unclipped first round (``initial=None``): start from the quantile of its norms."""
+        if norms:
+            self.state.value = max(float(np.quantile(norms, self.target_quantile)), 1e-12)
+            self.state.rounds += 1
 
     def update(self, below: int, count: int) -> None:
         """Release the centred count ``Σ(bᵢ − ½)`` (+ noise) and move the clip toward the target quantile.
@@ -198,6 +217,7 @@ class Clip(AggregatorWrapper):
         self._below = 0
         self._count = 0
         self._norm_sum = 0.0
+        self._norms: list[float] = []  # this round's norms, for an estimator that starts from them
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         delta.check_finite()
@@ -208,21 +228,26 @@ class Clip(AggregatorWrapper):
         self._below += norm <= c
         self._count += 1
         self._norm_sum += norm
+        if not math.isfinite(c):
+            self._norms.append(norm)
 
     def _finish(self) -> Delta:
         out = self.inner.result()
         c = self.estimator.value
         self._own = {
-            "clip": c,
             "clipped_fraction": 1.0 - self._below / self._count if self._count else 0.0,
             "mean_norm": self._norm_sum / self._count if self._count else 0.0,
         }
-        self.estimator.update(self._below, self._count)
+        if math.isfinite(c):
+            self._own["clip"] = c
+            self.estimator.update(self._below, self._count)
+        else:  # an unclipped first round (QuantileClip(initial=None)): start from its norms
+            self.estimator.start(self._norms)  # type: ignore[attr-defined]
         return out
 
     def reset(self) -> None:
         super().reset()
-        self._below, self._count, self._norm_sum = 0, 0, 0.0
+        self._below, self._count, self._norm_sum, self._norms = 0, 0, 0.0, []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r}, clip={self.clip!r})"
@@ -234,6 +259,9 @@ class NormBound(Clip):
     its robustness name with ``max_norm`` as the bound, plus the paper's *weak DP*: ``noise > 0`` adds
     ``N(0, noise²)`` to every coordinate of the mean (seeded by ``seed``; not a privacy guarantee — use
     :class:`~deltaplane.aggregation.dp.DPFedAvg` for that). Streaming, O(model).
+
+    ``max_norm="adaptive"`` bounds by the median update norm: the first round is not bounded and gives the start
+    (its median norm), then :class:`QuantileClip` tracks the median round by round.
 
     Like every robust rule it **ignores client weights**: each bounded update enters the mean with weight 1. A
     weight (``num_examples``) is something a client claims, and one client claiming 10⁶ examples would otherwise
@@ -256,7 +284,9 @@ class NormBound(Clip):
         noise: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(inner, clip=max_norm)
+        # "adaptive": the median norm, tracked from the first round's median (QuantileClip(initial=None)) rather
+        # than from Andrew et al.'s DP start of 0.1, which shrank every honest update for ~30 rounds
+        super().__init__(inner, clip=QuantileClip(initial=None) if max_norm == "adaptive" else max_norm)
         if not (isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0):
             raise ConfigError(f"noise must be a finite non-negative number. Found {noise!r}")
         self.max_norm = max_norm

@@ -37,7 +37,7 @@ SERVER_OPTIMIZERS = {name: AGGREGATORS.load(name) for name in AGGREGATORS}
 DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),
     "trimmed_mean": ("beta",),
-    "median": (),
+    "median": ("byzantine",),
     "krum": ("byzantine",),
     "multi_krum": ("byzantine",),
     "norm_bound": ("max_norm", "noise"),
@@ -53,7 +53,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     """A defence spec → the innermost aggregator; every defence ignores client-claimed weights.
 
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
-    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"multi_krum(byzantine=4)"``,
+    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"median(4)"`` (mean around median), ``"multi_krum(byzantine=4)"``,
     ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
@@ -100,7 +100,10 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     if name == "trimmed_mean":
         return TrimmedMean(beta=float(params.get("beta", 0.1)))
     if name == "median":
-        return CoordinateMedian()
+        b = params.get("byzantine")
+        if b is not None and not isinstance(b, int):
+            raise ConfigError(f"defense 'median': byzantine must be an integer. Found {b!r}")
+        return CoordinateMedian(byzantine=b)
     if name in ("krum", "multi_krum"):
         f = params.get("byzantine", 1)
         if not isinstance(f, int):
@@ -200,7 +203,7 @@ def build_aggregator(
     if dp_noise > 0 and not plain:
         raise IncompatibleDefense(
             f"defense {defense!r} cannot be combined with DP noise: DP-FedAvg calibrates noise to a clipped *sum*; "
-            "use defense='norm_bound:…' (or none) with --dp-noise"
+            "use a fixed norm bound without noise (defense='norm_bound(2.0)') or none with --dp-noise"
         )
     node: Aggregator = inner
     if dp_noise > 0:

@@ -98,18 +98,47 @@ class _Buffered:
 
 class CoordinateMedian(_Buffered):
     """Coordinate-wise median (Yin et al. 2018, https://arxiv.org/abs/1803.01498); mean of the two middle values
-    for an even count. Holds all updates (O(clients × model)). Not valid over sparsifying codecs."""
+    for an even count. Holds all updates (O(clients × model)). Not valid over sparsifying codecs.
+
+    With ``byzantine=b``: *mean around median* (MeaMed, Xie et al. 2018, https://arxiv.org/abs/1802.10116,
+    Definition 3): per coordinate, the mean of the ``n − b`` values nearest the median. The plain median of
+    skewed non-IID updates is a biased estimate of their mean (it cost 2.5 points on the default federation
+    without attackers, identity codec); MeaMed averages all but the ``b`` values farthest from it, so up to
+    ``b`` outliers per coordinate still cannot move it far.
+
+    Args:
+        byzantine: ``b``, the values per coordinate left out (None: the plain median).
+    """
 
     _coordinatewise = True
     sparse_ok = False
 
+    def __init__(self, *, byzantine: int | None = None) -> None:
+        super().__init__()
+        if byzantine is not None and not (isinstance(byzantine, int) and byzantine >= 0):
+            raise ConfigError(f"byzantine must be a non-negative integer or None. Found {byzantine!r}")
+        self.byzantine = byzantine
+
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         s = x.sort(dim=0).values
-        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        if self.byzantine is None:
+            return med
+        if n - self.byzantine < 1:
+            raise DeltaplaneError(
+                f"mean around median leaving out {self.byzantine} of {n} updates keeps none"
+            )
+        # the n − b nearest values form a window of consecutive sorted values: slide it and keep the nearest
+        m = n - self.byzantine
+        spread = torch.maximum(med - s[: n - m + 1], s[m - 1 :] - med)  # (windows, block): farthest value
+        best = spread.argmin(dim=0, keepdim=True)  # first (lowest) window on ties
+        csum = torch.cat([torch.zeros_like(s[:1]), s.double().cumsum(dim=0)])  # window sums in O(n · block)
+        total = csum[m:].gather(0, best) - csum[: n - m + 1].gather(0, best)
+        return (total / m).squeeze(0).to(x.dtype)
 
     def __repr__(self) -> str:
-        return "CoordinateMedian()"
+        return f"CoordinateMedian(byzantine={self.byzantine!r})"
 
 
 class TrimmedMean(_Buffered):
@@ -442,17 +471,24 @@ class FoolsGold(_Buffered):
 
 class SignVote:
     """signSGD with majority vote (Bernstein et al. 2019, ICLR, https://arxiv.org/abs/1810.05291): the result is
-    ``γ · sign(Σᵢ sign(gᵢ))`` with ``γ`` the median over clients of each update's mean absolute value over its
-    non-zero coordinates (a sign codec's decoded magnitude). A minority of attackers can flip a coordinate only
-    where honest clients are split; every client's vote counts once, whatever its norm or claimed weight.
-    Streaming: O(model) for the vote plus one float per client. Valid with every codec (a sparsified update
-    abstains where it sent nothing)."""
+    ``γ · sign(Σᵢ sign(gᵢ)) · vⱼ / n`` with ``γ`` the median over clients of each update's mean absolute value over
+    its non-zero coordinates (a sign codec's decoded magnitude) and ``vⱼ`` the number of clients that voted on
+    coordinate ``j`` (sent a non-zero value). A minority of attackers can flip a coordinate only where honest
+    clients are split; every client's vote counts once, whatever its norm or claimed weight. Streaming: O(model)
+    for the vote and the voter count plus one float per client.
+
+    Valid with every codec: a sparsified update abstains where it sent nothing, and an abstention counts in the
+    denominator as it does in a mean. With dense updates ``vⱼ = n`` and this is the paper's rule. Without the
+    ``vⱼ / n`` factor a coordinate that one client of ``n`` sent moved by that client's full ``γ`` instead of
+    ``γ / n``: over ``stc(0.002)`` (about 43 coordinates a client, rarely the same) that is an ``n``-fold step on
+    almost every coordinate, and the default federation collapsed to chance (0.100) without any attacker."""
 
     streaming = True
     sparse_ok = True
 
     def __init__(self) -> None:
         self._votes: torch.Tensor | None = None
+        self._voters: torch.Tensor | None = None
         self._like: Delta | None = None
         self._scales: list[float] = []
         self._own: dict[str, float] = {}
@@ -461,19 +497,25 @@ class SignVote:
         self._like = _admit(self._like, delta, weight)
         g = delta.flatten()
         s = torch.sign(g)
-        self._votes = s if self._votes is None else self._votes + s
+        voted = s.abs()  # 0 where the client abstained (sent nothing)
+        if self._votes is None or self._voters is None:
+            self._votes, self._voters = s, voted
+        else:
+            self._votes, self._voters = self._votes + s, self._voters + voted
         nnz = int((g != 0).sum())
         self._scales.append(float(g.abs().sum()) / nnz if nnz else 0.0)
 
     def result(self) -> Delta:
-        if self._like is None or self._votes is None:
+        if self._like is None or self._votes is None or self._voters is None:
             raise DeltaplaneError("no client delta was added; nothing to aggregate")
+        n = len(self._scales)
         gamma = float(np.median(self._scales))
-        self._own = {"clients": float(len(self._scales)), "sign_scale": gamma}
-        return self._like.unflatten(gamma * torch.sign(self._votes))
+        turnout = float(self._voters.sum()) / (n * self._voters.numel()) if self._voters.numel() else 0.0
+        self._own = {"clients": float(n), "sign_scale": gamma, "turnout": turnout}
+        return self._like.unflatten(gamma * torch.sign(self._votes) * (self._voters / n))
 
     def reset(self) -> None:
-        self._votes, self._like, self._scales = None, None, []
+        self._votes, self._voters, self._like, self._scales = None, None, None, []
 
     @property
     def measurements(self) -> dict[str, float]:
