@@ -5,8 +5,8 @@ with its defaults (20 non-IID clients, DigitsCNN, Dirichlet(0.5), 2 local epochs
 ``engine="batched"`` with one torch thread. Backdoor success = share of test images of other classes that,
 stamped with the full 2×2 trigger, are classified as the target class 0. Sections:
 
-* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, the default codec ``topk(0.01) | quant(bits=8)``
-  and ``identity``: clean FedAvg, undefended, and the candidate defences (``--best``). A seed passes when the
+* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, ``deltaplane run``'s default codec (imported
+  from the CLI: ``stc(0.002)`` with DGC momentum correction 0.5 and momentum masking) and ``identity``: clean FedAvg, undefended, and the candidate defences (``--best``). A seed passes when the
   defence is within 2 points of that seed's clean run and backdoor success ≤ 10%.
 * ``clean``: 80 rounds, no attacker, seed 0: every defence against FedAvg, with the default codec (``identity``
   for the rules refused over sparsifying codecs).
@@ -27,7 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_CODEC = "topk(0.01) | quant(bits=8)"
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
+
+#: exactly what ``deltaplane run`` sends with unless told otherwise (its codec and the DGC options that go with it)
+DEFAULT_CODEC = DEFAULT_RUN_CODEC
 CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
 GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba", "sign_flip"]
 GRID_DEFENSES = [
@@ -43,6 +46,12 @@ FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
 
 
+def _key(args: tuple) -> Path:
+    """The cache file of one run; the default codec's runs carry its DGC options in the name."""
+    name = "_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------"))
+    return CACHE / (name + ("_dgc" if args[0] == DEFAULT_CODEC else "") + ".json")
+
+
 def job(args: tuple) -> dict:
     """One federation run (cached): (codec, attack or None, defence, seed, rounds) → accuracy, backdoor."""
     import torch
@@ -51,13 +60,21 @@ def job(args: tuple) -> dict:
     from deltaplane.engine.config import RunConfig
 
     codec, attack, defense, seed, rounds = args
-    key = CACHE / ("_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------")) + ".json")
+    key = _key(args)
     if key.exists():
         return json.loads(key.read_text())
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    dgc = DEFAULT_RUN_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applies them
     cfg = RunConfig(
-        rounds=rounds, codec=codec, attack=attack, defense=defense, seed=seed, engine="batched", threads=1
+        rounds=rounds,
+        codec=codec,
+        attack=attack,
+        defense=defense,
+        seed=seed,
+        engine="batched",
+        threads=1,
+        **dgc,
     )
     r = run_federation(cfg).final
     out = {"accuracy": r.test_accuracy, "backdoor": r.backdoor_success}
@@ -72,7 +89,7 @@ CACHED_ONLY = False
 
 def cached(args: tuple) -> dict | None:
     """A finished run from the cache, or None."""
-    key = CACHE / ("_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------")) + ".json")
+    key = _key(args)
     return json.loads(key.read_text()) if key.exists() else None
 
 
