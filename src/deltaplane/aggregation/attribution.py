@@ -13,11 +13,11 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    out of it so far, so that a backdoor it is keeping out stays visible to the search.
 2. **Attribution** (server-side, in the spirit of FLIP, Zhang et al. 2023, ICLR, https://arxiv.org/abs/2210.10272,
    which inverts on the clients): each update ``Δᵢ``, scaled to the round's median norm, is applied to the global
-   model and scored by how much it lowers the loss of the reconstructed trigger towards ``t`` *beyond* what it
-   does to the clean root inputs towards ``t``: ``sᵢ = [L_trig(θ + Δᵢ) − L_trig(θ)] − [L_clean(θ + Δᵢ) −
-   L_clean(θ)]``. The difference cancels an honest client whose data is rich in label ``t`` (it raises ``t``
-   everywhere); a backdoor update raises ``t`` on the trigger only. Scores become robust z-scores across the
-   round's clients (median / MAD), clipped to ±5.
+   model and scored by how much it lowers the loss of the reconstructed trigger towards ``t``:
+   ``sᵢ = L_trig(θ + Δᵢ) − L_trig(θ)``. Scores become robust z-scores across the round's clients (median / MAD),
+   clipped to ±5. (Subtracting the same change on the clean root inputs, to cancel honest clients rich in label
+   ``t``, separated the attackers in the first 10 rounds but reversed once the model held the backdoor:
+   ``benchmarks/robustness_attribution.py``.)
 3. **Reputation** (per-client history, as in FLDetector, Zhang et al. 2022, KDD): each client's z-scores add up
    over the rounds it takes part in; with ``Rᵢ`` the sum over ``kᵢ`` rounds, a client is excluded while
    ``Rᵢ / √kᵢ < −threshold`` (a sum of ``k`` standard scores has standard deviation ``√k``), at most
@@ -48,8 +48,9 @@ from deltaplane.errors import ConfigError, DeltaplaneError, IncompatibleDefense,
 
 __all__ = ["AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
 
-#: Neural Cleanse's anomaly-index threshold: a label this many robust deviations below the median is infected
-ANOMALY_INDEX = 2.0
+#: the anomaly index above which a label counts as infected (Neural Cleanse uses 2; on the default federation's
+#: round-40 undefended model the backdoor's label 0 scored 1.6 with every other label below it, so 1.5)
+ANOMALY_INDEX = 1.5
 #: the share of stamped inputs a trigger must flip for its label to count as reached
 REACHED = 0.75
 #: per-round z-scores are clipped to this magnitude so one degenerate round cannot decide a reputation
@@ -129,8 +130,8 @@ class BackdoorAttribution(_Buffered):
         self,
         *,
         every: int = 5,
-        steps: int = 60,
-        lam: float = 0.03,
+        steps: int = 300,
+        lam: float = 0.01,
         threshold: float = 3.0,
         state: AttributionState | None = None,
     ) -> None:
@@ -247,7 +248,7 @@ class BackdoorAttribution(_Buffered):
         st.mask, st.pattern, st.label, st.anomaly = m[t].clone(), p[t].clone(), t, float(index[t])
 
     def _scores(self, probe: TriggerProbe, like: Delta, x: Tensor) -> Tensor:
-        """Robust z-scores of each update's differential trigger effect (negative: it plants the trigger)."""
+        """Robust z-scores of each update's effect on the trigger's loss (negative: it plants the trigger)."""
         st = self.state
         assert st.mask is not None and st.pattern is not None
         t = st.label
@@ -255,22 +256,19 @@ class BackdoorAttribution(_Buffered):
         clean = probe.x[keep]
         stamped = (1 - st.mask) * clean + st.mask * st.pattern
         target = torch.full((len(clean),), t, dtype=torch.long)
-        both = torch.cat([stamped, clean])
         base = {k: v.detach() for k, v in probe.state.items()}
         norms = x.norm(dim=1)
         step = float(norms.median())
 
-        def losses(state: StateDict) -> tuple[float, float]:
-            ce = F.cross_entropy(probe.logits(state, both), torch.cat([target, target]), reduction="none")
-            return float(ce[: len(clean)].mean()), float(ce[len(clean) :].mean())
+        def loss(state: StateDict) -> float:
+            return float(F.cross_entropy(probe.logits(state, stamped), target))
 
         with torch.no_grad():
-            trig0, clean0 = losses(base)
+            trig0 = loss(base)
             s = []
             for row, n in zip(x, norms.tolist(), strict=True):
                 d = like.unflatten(row * (step / n if n > 0 else 0.0))
-                trig, cl = losses({k: v + d[k] if k in d else v for k, v in base.items()})
-                s.append((trig - trig0) - (cl - clean0))
+                s.append(loss({k: v + d[k] if k in d else v for k, v in base.items()}) - trig0)
         sc = torch.tensor(s, dtype=torch.float64)
         med = sc.median()
         mad = 1.4826 * (sc - med).abs().median()
