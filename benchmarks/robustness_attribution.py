@@ -155,7 +155,8 @@ def ranks(rec: dict, model, stamped: torch.Tensor, clean: torch.Tensor, label: i
 
 
 def main() -> None:
-    from _record import record as write, table
+    from _record import record as write
+    from _record import table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
