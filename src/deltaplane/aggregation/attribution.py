@@ -123,6 +123,8 @@ class BackdoorAttribution(_Buffered):
         steps: Adam steps per inversion.
         lam: ``λ``, the L1 weight of the mask.
         threshold: exclude a client while its reputation ``Rᵢ/√kᵢ`` is below ``−threshold``.
+        unlearn: SGD steps of unlearning the current trigger from each round's new global model (0: none).
+        unlearn_lr: their learning rate.
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -133,16 +135,19 @@ class BackdoorAttribution(_Buffered):
         steps: int = 300,
         lam: float = 0.01,
         threshold: float = 3.0,
+        unlearn: int = 10,
+        unlearn_lr: float = 0.05,
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("every", every), ("steps", steps)):
+        for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
             if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name} must be a positive integer. Found {value!r}")
-        for name, value in (("lam", lam), ("threshold", threshold)):
+        for name, value in (("lam", lam), ("threshold", threshold), ("unlearn_lr", unlearn_lr)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive. Found {value!r}")
         self.every, self.steps, self.lam, self.threshold = every, steps, float(lam), float(threshold)
+        self.unlearn, self.unlearn_lr = unlearn, float(unlearn_lr)
         self.state = state if state is not None else AttributionState()
         self._probe: TriggerProbe | None = None
         self._next_id: str | None = None
@@ -191,12 +196,35 @@ class BackdoorAttribution(_Buffered):
         out = x[keep].mean(dim=0)
         removed = mean_all - out
         st.shadow = removed.clone() if st.shadow is None else st.shadow + removed
+        if self.unlearn and st.label >= 0:
+            out = self._unlearn(probe, like, out)
         self._own = {
             "attribution_excluded": float(len(drop)),
             "attribution_label": float(st.label),
             "attribution_anomaly": st.anomaly,
         }
         return out
+
+    def _unlearn(self, probe: TriggerProbe, like: Delta, out: Tensor) -> Tensor:
+        """Neural Cleanse's unlearning on the server: ``unlearn`` SGD steps of the new global model on the root
+        data and the same inputs stamped with the reconstructed trigger *under their true labels*, so a backdoor
+        that entered before its senders were found loses its hold; returns the adjusted update."""
+        st = self.state
+        assert st.mask is not None and st.pattern is not None
+        base = {k: v.detach() for k, v in probe.state.items()}
+        d = like.unflatten(out)
+        keys = [k for k, v in d.items() if v.is_floating_point()]  # the order flatten() uses
+        params = {k: (v + d[k]).clone().requires_grad_() if k in keys else v for k, v in base.items()}
+        inputs = torch.cat([probe.x, (1 - st.mask) * probe.x + st.mask * st.pattern])
+        labels = torch.cat([probe.y, probe.y])
+        trained = [params[k] for k in keys]
+        opt = torch.optim.SGD(trained, lr=self.unlearn_lr)
+        for _ in range(self.unlearn):
+            loss = F.cross_entropy(probe.logits(params, inputs), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.cat([(params[k].detach() - base[k]).reshape(-1).float() for k in keys])
 
     def _invert(self, probe: TriggerProbe, like: Delta) -> None:
         """Neural Cleanse on the shadow model: keep the trigger of the most anomalous label if it is infected."""
@@ -281,5 +309,5 @@ class BackdoorAttribution(_Buffered):
     def __repr__(self) -> str:
         return (
             f"BackdoorAttribution(every={self.every!r}, steps={self.steps!r}, lam={self.lam!r}, "
-            f"threshold={self.threshold!r})"
+            f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r})"
         )
