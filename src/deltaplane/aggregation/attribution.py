@@ -23,8 +23,13 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    ``Rᵢ / √kᵢ < −threshold`` (a sum of ``k`` standard scores has standard deviation ``√k``), at most
    ``⌊(n − 1)/2⌋`` of a round's ``n`` clients, the most suspicious first.
 
-The result is the unweighted mean of the kept updates (client weights are claims an attacker controls). Valid
-with every uplink codec: the scores come from the decoded updates' effect on the model, so sparse top-k/STC
+4. **Unlearning** (Neural Cleanse's mitigation): once a trigger is known, the new global model takes
+   ``unlearn`` SGD steps on the root data, clean and stamped with the trigger under their *true* labels, so a
+   backdoor that entered before its senders were found loses its hold (without it, exclusion came too late on
+   the default federation: the backdoor stayed at 0.88–0.92).
+
+The result is the unweighted mean of the kept updates, then unlearned (client weights are claims an attacker
+controls). Valid with every uplink codec: the scores come from the decoded updates' effect on the model, so sparse top-k/STC
 payloads are scored like dense ones. Holds every update of the round (``streaming = False``).
 
 Needs a task whose inputs are continuous (images, features) and whose labels are class indices: inverting a
