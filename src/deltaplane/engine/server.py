@@ -202,7 +202,13 @@ class ServerStep:
             )
         sessions = Sessions.for_config(config, base_id)
         step = cls(
-            agg, publisher, initial_state, base_id=base_id, reference=reference, probe=probe, sessions=sessions
+            agg,
+            publisher,
+            initial_state,
+            base_id=base_id,
+            reference=reference,
+            probe=probe,
+            sessions=sessions,
         )
         if config.personalization != "none":  # FedPer's head, FedBN's norms: never uploaded nor aggregated
             step.local_keys = config.make_personalizer().local_keys(task.build_model(0))
