@@ -45,6 +45,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "flame": ("noise",),
     "foolsgold": ("confidence", "centred", "binary"),
     "sign_vote": (),
+    "trigger_attribution": ("threshold", "every", "steps", "lam", "unlearn", "unlearn_lr"),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
 
@@ -87,6 +88,10 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             raise ConfigError(f"defense {name!r}: {key!r} given twice")
         params[key] = value
     for key, value in params.items():
+        if key in ("every", "steps", "unlearn") and not (
+            isinstance(value, int) and not isinstance(value, bool)
+        ):
+            raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
         if key in ("centred", "binary"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -127,6 +132,17 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
         )
     if name == "sign_vote":
         return SignVote()
+    if name == "trigger_attribution":
+        from deltaplane.aggregation.attribution import BackdoorAttribution
+
+        return BackdoorAttribution(
+            threshold=float(params.get("threshold", 3.0)),
+            every=params.get("every", 5),
+            steps=params.get("steps", 300),
+            lam=float(params.get("lam", 0.01)),
+            unlearn=params.get("unlearn", 10),
+            unlearn_lr=float(params.get("unlearn_lr", 0.05)),
+        )
     return FLTrust()
 
 

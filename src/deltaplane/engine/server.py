@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
+from deltaplane.aggregation.attribution import BackdoorAttribution, TriggerProbe
 from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
 from deltaplane.codecs import Compressor, Layout, WireSession, decompress, is_compact
 from deltaplane.data.dataset import Dataset
@@ -103,6 +104,8 @@ class ServerStep:
         base_id: the model lineage payload headers must name.
         reference: FLTrust's server update for a round, ``reference(rnd, state)`` (required when the chain
             holds :class:`~deltaplane.aggregation.FLTrust`).
+        probe: the server's model and root data around a round's global model, ``probe(state)`` (required
+            when the chain holds :class:`~deltaplane.aggregation.attribution.BackdoorAttribution`).
 
     Use :meth:`for_run` to build one from a :class:`RunConfig` and a :class:`Task`.
     """
@@ -115,6 +118,7 @@ class ServerStep:
         *,
         base_id: str,
         reference: Callable[[int, StateDict], Delta] | None = None,
+        probe: Callable[[StateDict], TriggerProbe] | None = None,
         sessions: Sessions | None = None,
     ) -> None:
         self.aggregator = aggregator
@@ -131,6 +135,12 @@ class ServerStep:
                 "FLTrust needs the server's own root dataset to train a reference update; give the server a task"
             )
         self._reference = reference
+        if isinstance(aggregator.find(BackdoorAttribution), BackdoorAttribution) and probe is None:
+            raise ConfigError(
+                "trigger_attribution needs the server's model and root dataset to invert triggers; give the "
+                "server a task"
+            )
+        self._probe = probe
         self._round = 0
         self._uplink = 0
         self._accepted = 0
@@ -153,8 +163,16 @@ class ServerStep:
         """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
         ``publisher`` is given), the tensors personalization keeps on the devices (:attr:`local_keys`) and,
         for FLTrust, a reference trained on :func:`root_dataset`."""
-        reference = None
+        reference = probe = None
         agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+        if isinstance(agg.find(BackdoorAttribution), BackdoorAttribution):
+            root = root_dataset(config, task)
+            scratch = task.build_model(0)  # weights never read: the probe calls it with the round's state
+            TriggerProbe(scratch, root.x, root.y, {})  # refuse a task it cannot invert before any round
+
+            def probe(state: StateDict) -> TriggerProbe:
+                return TriggerProbe(scratch, root.x, root.y, state)
+
         if isinstance(agg.find(FLTrust), FLTrust):
             root = root_dataset(config, task)
             model = task.build_model(0)  # scratch module: training overwrites its weights
@@ -183,7 +201,15 @@ class ServerStep:
                 base_id,
             )
         sessions = Sessions.for_config(config, base_id)
-        step = cls(agg, publisher, initial_state, base_id=base_id, reference=reference, sessions=sessions)
+        step = cls(
+            agg,
+            publisher,
+            initial_state,
+            base_id=base_id,
+            reference=reference,
+            probe=probe,
+            sessions=sessions,
+        )
         if config.personalization != "none":  # FedPer's head, FedBN's norms: never uploaded nor aggregated
             step.local_keys = config.make_personalizer().local_keys(task.build_model(0))
         return step
@@ -202,6 +228,9 @@ class ServerStep:
         self.aggregator.reset()
         if self._fltrust is not None:
             self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+        attribution = self.aggregator.find(BackdoorAttribution)
+        if isinstance(attribution, BackdoorAttribution):
+            attribution.set_probe(self._probe(self.state))  # type: ignore[misc]
 
     def checkpoint(self) -> tuple[Any, ...]:
         """The step's mutable state (aggregate, counts, version, weights), for a transport that must undo an
