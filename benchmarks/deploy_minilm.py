@@ -227,7 +227,7 @@ def main() -> None:
             f"--calibration-size {PRUNE_CAL}`); distillation on those plus the rest of {CORPUS:,} "
             "sentences of the standard library's docstrings and help topics (`corpus_split`), none of them in "
             f"either evaluation set (the 32 sentences, and {HELD_OUT_TEXT} held-out corpus sentences). Latency: p50 "
-            "ratio vs fp32 PyTorch, 1 thread each, same run, measured at `nice -n 19` on a shared machine (see "
+            "ratio vs fp32 PyTorch, 1 thread each, same run, measured on a shared machine (see "
             "load). Gates: `deltaplane deploy` defaults (min cosine 0.98).",
             table(
                 [
