@@ -41,6 +41,7 @@ GRID_DEFENSES = [
     "fltrust",
     "multi_krum(4)",
     "norm_bound(adaptive)",
+    "trigger_attribution",
 ]
 #: settings measured without attackers beside the grid's: a variant, and the norm bound with Sun et al.'s weak DP
 CLEAN_EXTRA = ["foolsgold(binary=true)", "norm_bound(adaptive, noise=0.001)", "sign_vote"]
