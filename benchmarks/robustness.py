@@ -46,7 +46,7 @@ GRID_DEFENSES = [
 #: settings measured without attackers beside the grid's: a variant, and the norm bound with Sun et al.'s weak DP
 CLEAN_EXTRA = ["foolsgold(binary=true)", "norm_bound(adaptive, noise=0.001)", "sign_vote"]
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
-REFUSED = ["trimmed_mean(0.2)", "median", "median(4)"]
+REFUSED = ["trimmed_mean(0.2)", "median", "median(4)", "median(bucket=2)"]
 FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
 
