@@ -44,7 +44,12 @@ GRID_DEFENSES = [
     "trigger_attribution",
 ]
 #: settings measured without attackers beside the grid's: a variant, and the norm bound with Sun et al.'s weak DP
-CLEAN_EXTRA = ["foolsgold(binary=true)", "norm_bound(adaptive, noise=0.001)", "sign_vote"]
+CLEAN_EXTRA = [
+    "foolsgold(binary=true)",
+    "norm_bound(adaptive, noise=0.001)",
+    "sign_vote",
+    "trigger_attribution(sticky=true)",
+]
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
 REFUSED = ["trimmed_mean(0.2)", "median", "median(4)", "median(bucket=2)"]
 FRACTIONS = [0.1, 0.2, 0.3]
