@@ -41,11 +41,17 @@ GRID_DEFENSES = [
     "fltrust",
     "multi_krum(4)",
     "norm_bound(adaptive)",
+    "trigger_attribution",
 ]
 #: settings measured without attackers beside the grid's: a variant, and the norm bound with Sun et al.'s weak DP
-CLEAN_EXTRA = ["foolsgold(binary=true)", "norm_bound(adaptive, noise=0.001)", "sign_vote"]
+CLEAN_EXTRA = [
+    "foolsgold(binary=true)",
+    "norm_bound(adaptive, noise=0.001)",
+    "sign_vote",
+    "trigger_attribution(sticky=true)",
+]
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
-REFUSED = ["trimmed_mean(0.2)", "median", "median(4)"]
+REFUSED = ["trimmed_mean(0.2)", "median", "median(4)", "median(bucket=2)"]
 FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
 
@@ -159,25 +165,44 @@ def accept(args: argparse.Namespace) -> None:
 def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
+    seeds = list(range(args.clean_seeds))
     plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
     plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
-    jobs = [(c, None, d, 0, 80) for c, d in plan]
+    jobs = [(c, None, d, s, 80) for c, d in plan for s in seeds]
     by = run_all(jobs, args.workers)
     rows = []
-    for j, r in by.items():
-        base = by[(j[0], None, "none", 0, 80)]
-        name = "default" if j[0] == DEFAULT_CODEC else j[0]
-        if r is None or base is None:
-            rows.append([name, j[2], "not run", "", ""])
+    for c, d in plan:
+        name = "default" if c == DEFAULT_CODEC else c
+        runs = [by[(c, None, d, s, 80)] for s in seeds]
+        bases = [by[(c, None, "none", s, 80)] for s in seeds]
+        cells = [f"{r['accuracy']:.3f}" if r else "not run" for r in runs]
+        done = [(r, b) for r, b in zip(runs, bases, strict=True) if r is not None and b is not None]
+        if len(done) < len(seeds):
+            rows.append([name, d, *cells, "", "", ""])
             continue
-        pts = 100 * (r["accuracy"] - base["accuracy"])
-        rows.append([name, j[2], f"{r['accuracy']:.3f}", f"{pts:+.1f}", "yes" if pts >= -2 else "**no**"])
+        mean = sum(r["accuracy"] for r, _ in done) / len(done)
+        pts = 100 * (mean - sum(b["accuracy"] for _, b in done) / len(done))
+        worst = min(100 * (r["accuracy"] - b["accuracy"]) for r, b in done)
+        ok = "yes" if pts >= -2 else "**no**"
+        rows.append([name, d, *cells, f"{mean:.3f}", f"{pts:+.1f} (worst seed {worst:+.1f})", ok])
     body = (
-        "No attacker, 80 rounds, seed 0: every defence against FedAvg (`none`) with the same uplink codec — "
-        f"the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, as "
-        "`deltaplane run`) for every rule valid over it, `identity` for the rules refused over sparsifying "
-        "codecs (`IncompatibleDefense`).\n\n"
-        + table(["codec", "defence", "test accuracy", "points vs FedAvg", "within 2 points"], rows)
+        f"No attacker, 80 rounds, seeds {', '.join(map(str, seeds))}: every defence against FedAvg (`none`) with "
+        f"the same uplink codec and seed — the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 "
+        "and momentum masking, as `deltaplane run`) for every rule valid over it, `identity` for the rules "
+        "refused over sparsifying codecs (`IncompatibleDefense`). The default codec's final accuracy moves by "
+        "several points between seeds (and between CPUs: FedAvg seed 0 was 0.964 on an AVX2 machine, 0.922 on "
+        "this AVX-512 one), so the verdict reads the mean over seeds.\n\n"
+        + table(
+            [
+                "codec",
+                "defence",
+                *(f"seed {s}" for s in seeds),
+                "mean",
+                "points vs FedAvg (mean)",
+                "within 2 points",
+            ],
+            rows,
+        )
     )
     print(body)
     record("robustness-clean", "Robust aggregation: no attacker, every defence vs FedAvg (#21)", body)
@@ -225,6 +250,7 @@ def main() -> None:
     ap.add_argument("section", choices=["accept", "clean", "grid"])
     ap.add_argument("--best", nargs="+", default=["foolsgold"])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--clean-seeds", type=int, default=3, help="seeds of the no-attacker comparison")
     ap.add_argument("--grid-rounds", type=int, default=80)
     ap.add_argument("--attacks", nargs="+", default=GRID_ATTACKS)
     ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)

@@ -122,3 +122,26 @@ def test_a_restored_server_continues_the_reputations_and_the_shadow_bit_for_bit(
     fresh, fresh_reputation, _ = _rounds(4, restart_at=3, snapshot=False)
     assert fresh_reputation != reputation
     assert not all(torch.equal(straight[k], fresh[k]) for k in straight)
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_sticky_keeps_the_infected_label_and_its_evidence(sticky: bool) -> None:
+    rule = parse_defense(f"trigger_attribution(sticky={'true' if sticky else 'false'})")
+    assert isinstance(rule, BackdoorAttribution) and rule.sticky is sticky
+    st = rule.state
+    m, p = torch.zeros(1, 8, 8), torch.ones(1, 8, 8)
+    assert rule._adopt(0, 2.06, m, p)  # the backdoor's label found
+    st.reputation, st.rounds_seen = {"attacker": -9.0}, {"attacker": 9}
+    assert rule._adopt(0, 1.6, m, p)  # the same label again, weaker after unlearning: evidence kept
+    assert st.reputation == {"attacker": -9.0}
+    # a clean label's outlier, less anomalous than label 0 ever was
+    assert rule._adopt(1, 1.85, m + 0.5, p) is not sticky
+    if sticky:
+        assert (st.label, st.anomaly, st.reputation) == (0, 2.06, {"attacker": -9.0})
+    else:
+        assert (st.label, st.anomaly, st.reputation) == (1, 1.85, {})
+    # a label more anomalous than anything seen replaces the trigger either way
+    assert rule._adopt(2, 3.0, m, p)
+    assert (st.label, st.reputation) == (2, {})
+    with pytest.raises(ConfigError, match="sticky must be true or false"):
+        parse_defense("trigger_attribution(sticky=1)")

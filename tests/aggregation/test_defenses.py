@@ -247,3 +247,60 @@ def test_foolsgold_matches_the_reference_code_over_rounds() -> None:
     assert (
         sum(w == 0 for w in agg.weights[5:]) >= 2
     )  # the three clients sharing a direction lose their weight
+
+
+def _skewed(n: int = 20, d: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    """Non-IID-like updates: each coordinate's values are exponential (skewed), so median ≠ mean."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.empty(d).exponential_(1.0, generator=g) for _ in range(n)]
+
+
+def test_bucketing_is_the_rule_over_random_bucket_means() -> None:
+    """Karimireddy et al. 2022, Algorithm 1, recomputed with numpy from the same permutation."""
+    import numpy as np
+
+    ups = _skewed()
+    agg = parse_defense("median(bucket=3)", seed=7)
+    for u in ups:
+        agg.add(dp.Delta({"w": u}))
+    out = agg.result()["w"].numpy()
+    perm = torch.randperm(len(ups), generator=torch.Generator().manual_seed(7)).numpy()
+    x = np.stack([u.numpy() for u in ups])[perm]
+    means = np.stack([x[i : i + 3].mean(0) for i in range(0, len(ups), 3)])  # 7 buckets, the last of 2
+    np.testing.assert_allclose(out, np.median(means, axis=0), rtol=1e-5, atol=1e-6)
+    assert agg.measurements["buckets"] == 7
+    # a fresh order every round, from the same seeded stream
+    agg.reset()
+    for u in ups:
+        agg.add(dp.Delta({"w": u}))
+    assert not np.allclose(agg.result()["w"].numpy(), out)
+
+
+def test_bucketing_brings_the_median_of_skewed_updates_towards_their_mean() -> None:
+    ups = _skewed(n=40, d=2000)
+    mean = torch.stack(ups).mean(0)
+    err = {}
+    for s in (1, 2, 4):
+        agg = parse_defense(f"median(bucket={s})")
+        for u in ups:
+            agg.add(dp.Delta({"w": u}))
+        err[s] = float((agg.result()["w"] - mean).norm() / mean.norm())
+    # exponential values: median ≈ ln 2 ≈ 0.69 of the mean; averaging buckets shrinks that bias
+    assert err[1] > 0.25 and err[2] < 0.8 * err[1] and err[4] < 0.8 * err[2], err
+
+
+def test_bucketed_median_still_resists_a_minority_of_attackers() -> None:
+    honest, bad = _planted(n_honest=16, n_bad=4)
+    agg = parse_defense("median(bucket=2)")
+    for t in [*honest, *bad]:
+        agg.add(dp.Delta({"w": t}))
+    out = agg.result()["w"]
+    hm = torch.stack(honest).median(0).values
+    bm = torch.stack(bad).mean(0)
+    assert float((out - hm).norm()) < 0.5 * float((out - bm).norm())
+
+
+@pytest.mark.parametrize("spec", ["median(bucket=0)", "trimmed_mean(0.2, bucket=1.5)", "median(bucket=true)"])
+def test_bad_bucket_sizes_are_refused(spec: str) -> None:
+    with pytest.raises(dp.DeltaplaneError, match="bucket"):
+        parse_defense(spec)

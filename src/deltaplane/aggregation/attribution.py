@@ -130,6 +130,12 @@ class BackdoorAttribution(_Buffered):
         threshold: exclude a client while its reputation ``Rᵢ/√kᵢ`` is below ``−threshold``.
         unlearn: SGD steps of unlearning the current trigger from each round's new global model (0: none).
         unlearn_lr: their learning rate.
+        sticky: once a label is found infected, move to another label only when that one's anomaly index is
+            larger than the largest index the current label has had. Without it every inversion that ranks
+            another label first replaces the trigger and wipes the reputations: unlearning hides the backdoor
+            from the next inversion, a clean label's outlier then wins, and the attackers' evidence is lost
+            (default codec, seed 2: label 0 found at round 51 with index 2.06, replaced by label 1 at 1.85
+            five rounds later).
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -142,9 +148,13 @@ class BackdoorAttribution(_Buffered):
         threshold: float = 3.0,
         unlearn: int = 10,
         unlearn_lr: float = 0.05,
+        sticky: bool = False,
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(sticky, bool):
+            raise ConfigError(f"sticky must be true or false. Found {sticky!r}")
+        self.sticky = sticky
         for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
             if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name} must be a positive integer. Found {value!r}")
@@ -275,10 +285,22 @@ class BackdoorAttribution(_Buffered):
         # has no median trigger size to compare with; an empty mask is no trigger either
         if int((flip >= REACHED).sum()) * 2 < t_n or float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:
             return
-        if t != st.label:  # scores against another trigger do not add up: start the reputations again
+        self._adopt(t, float(index[t]), m[t].clone(), p[t].clone())
+
+    def _adopt(self, label: int, anomaly: float, mask: Tensor, pattern: Tensor) -> bool:
+        """Make an inverted trigger the current one (unless ``sticky`` keeps the earlier label); returns
+        whether it was taken. Another label's trigger restarts the reputations: scores against different
+        triggers do not add up."""
+        st = self.state
+        if self.sticky and st.label >= 0 and label != st.label and anomaly <= st.anomaly:
+            return False
+        if label != st.label:
             st.reputation.clear()
             st.rounds_seen.clear()
-        st.mask, st.pattern, st.label, st.anomaly = m[t].clone(), p[t].clone(), t, float(index[t])
+        elif self.sticky:  # the bar another label must clear: the strongest evidence seen for this one
+            anomaly = max(anomaly, st.anomaly)
+        st.mask, st.pattern, st.label, st.anomaly = mask, pattern, label, anomaly
+        return True
 
     def _scores(self, probe: TriggerProbe, like: Delta, x: Tensor) -> Tensor:
         """Robust z-scores of each update's effect on the trigger's loss (negative: it plants the trigger)."""
@@ -314,5 +336,6 @@ class BackdoorAttribution(_Buffered):
     def __repr__(self) -> str:
         return (
             f"BackdoorAttribution(every={self.every!r}, steps={self.steps!r}, lam={self.lam!r}, "
-            f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r})"
+            f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r}, "
+            f"sticky={self.sticky!r})"
         )

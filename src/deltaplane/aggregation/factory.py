@@ -36,8 +36,8 @@ SERVER_OPTIMIZERS = {name: AGGREGATORS.load(name) for name in AGGREGATORS}
 #: defence name → (builder, parameters in positional order with defaults); ``name(param=value)`` specs.
 DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "trimmed_mean": ("beta",),
-    "median": ("byzantine",),
+    "trimmed_mean": ("beta", "bucket"),
+    "median": ("byzantine", "bucket"),
     "krum": ("byzantine",),
     "multi_krum": ("byzantine",),
     "norm_bound": ("max_norm", "noise"),
@@ -45,7 +45,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "flame": ("noise",),
     "foolsgold": ("confidence", "centred", "binary"),
     "sign_vote": (),
-    "trigger_attribution": ("threshold", "every", "steps", "lam", "unlearn", "unlearn_lr"),
+    "trigger_attribution": ("threshold", "every", "steps", "lam", "unlearn", "unlearn_lr", "sticky"),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
 
@@ -54,7 +54,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     """A defence spec → the innermost aggregator; every defence ignores client-claimed weights.
 
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
-    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"median(4)"`` (mean around median), ``"multi_krum(byzantine=4)"``,
+    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"median(4)"`` (mean around median), ``"median(bucket=2)"`` (bucketing), ``"multi_krum(byzantine=4)"``,
     ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
@@ -88,11 +88,11 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             raise ConfigError(f"defense {name!r}: {key!r} given twice")
         params[key] = value
     for key, value in params.items():
-        if key in ("every", "steps", "unlearn") and not (
+        if key in ("every", "steps", "unlearn", "bucket") and not (
             isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
-        if key in ("centred", "binary"):
+        if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
             continue
@@ -103,12 +103,12 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     if name == "none":
         return FedAvg()
     if name == "trimmed_mean":
-        return TrimmedMean(beta=float(params.get("beta", 0.1)))
+        return TrimmedMean(beta=float(params.get("beta", 0.1)), bucket=params.get("bucket", 1), seed=seed)
     if name == "median":
         b = params.get("byzantine")
         if b is not None and not isinstance(b, int):
             raise ConfigError(f"defense 'median': byzantine must be an integer. Found {b!r}")
-        return CoordinateMedian(byzantine=b)
+        return CoordinateMedian(byzantine=b, bucket=params.get("bucket", 1), seed=seed)
     if name in ("krum", "multi_krum"):
         f = params.get("byzantine", 1)
         if not isinstance(f, int):
@@ -142,6 +142,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             lam=float(params.get("lam", 0.01)),
             unlearn=params.get("unlearn", 10),
             unlearn_lr=float(params.get("unlearn_lr", 0.05)),
+            sticky=bool(params.get("sticky", False)),
         )
     return FLTrust()
 
