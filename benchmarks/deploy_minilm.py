@@ -52,6 +52,15 @@ CORPUS = int(ARGS[1]) if len(ARGS) > 1 else 8000
 LR = float(ARGS[2]) if len(ARGS) > 2 else 5e-4
 BATCH = 16
 HELD_OUT_TEXT = 256
+LEVEL_COLUMNS = [
+    "level",
+    "artifact bytes",
+    "smaller",
+    "cosine min / mean",
+    "latency b=1",
+    "latency b=32",
+    "gates",
+]
 PRUNE_CAL = 512  # sentences Wanda and SparseGPT calibrate on (`deploy --calibration-size` default)
 
 
@@ -229,18 +238,7 @@ def main() -> None:
             f"either evaluation set (the 32 sentences, and {HELD_OUT_TEXT} held-out corpus sentences). Latency: p50 "
             "ratio vs fp32 PyTorch, 1 thread each, same run, measured on a shared machine (see "
             "load). Gates: `deltaplane deploy` defaults (min cosine 0.98).",
-            table(
-                [
-                    "level",
-                    "artifact bytes",
-                    "smaller",
-                    "cosine min / mean",
-                    "latency b=1",
-                    "latency b=32",
-                    "gates",
-                ],
-                rows,
-            ),
+            table(LEVEL_COLUMNS, rows),
             f"- int8 ≥ 3.9× smaller: **{'met' if ok_size else 'MISSED'}** ({base / m8['sizes']['artifact_bytes']:.2f}×); "
             f"min cosine ≥ 0.99 on the held-out set: **{'met' if ok_cos else 'MISSED'}** "
             f"({m8['fidelity']['cosine_min']:.4f}).",
@@ -248,18 +246,7 @@ def main() -> None:
             f"{'7' if saturating() else '8'}-bit weights; the other setting is forced): SmoothQuant (Xiao et al. "
             "2023) on the 24 LayerNorm-fed Linears (Q/K/V, FFN-in) moves the activations' outlier channels into "
             "the weights before export; without it 7-bit weights fall short of 0.99:\n\n"
-            + table(
-                [
-                    "level",
-                    "artifact bytes",
-                    "smaller",
-                    "cosine min / mean",
-                    "latency b=1",
-                    "latency b=32",
-                    "gates",
-                ],
-                [rows[0], *ablation],
-            )
+            + table(LEVEL_COLUMNS, [rows[0], *ablation])
             + "\n",
             f"- `--prune 2:4 --quant int8` is **{'refused (exit 3, nothing written)' if refused else 'NOT refused'}**.",
             f"- Recovery: SparseGPT 2:4 alone (PyTorch, before int8) gives min / mean cosine {pruned['cosine_min']:.4f} / "
