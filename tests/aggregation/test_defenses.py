@@ -304,3 +304,28 @@ def test_bucketed_median_still_resists_a_minority_of_attackers() -> None:
 def test_bad_bucket_sizes_are_refused(spec: str) -> None:
     with pytest.raises(dp.DeltaplaneError, match="bucket"):
         parse_defense(spec)
+
+
+def test_a_restored_bucketed_median_continues_the_same_bucket_order() -> None:
+    """The buckets' generator is part of the server snapshot, so a restarted server aggregates bit for bit."""
+    from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
+
+    ups = _skewed()
+
+    def one_round(agg) -> torch.Tensor:
+        agg.reset()
+        for u in ups:
+            agg.add(dp.Delta({"w": u}))
+        return agg.result()["w"]
+
+    live = parse_defense("median(bucket=2)", seed=3)
+    one_round(live)
+    snap = chain_state(live)
+    restored = parse_defense("median(bucket=2)", seed=3)
+    load_chain_state(restored, snap)
+    fresh = parse_defense(
+        "median(bucket=2)", seed=3
+    )  # a restart without the snapshot repeats round 1's order
+    expected = one_round(live)
+    assert torch.equal(one_round(restored), expected)
+    assert not torch.equal(one_round(fresh), expected)

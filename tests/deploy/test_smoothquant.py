@@ -128,3 +128,11 @@ def test_a_tied_lm_head_is_left_alone_and_the_decoder_stays_exact():
     assert torch.equal(model.transformer.wte.weight, emb)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_calibration_activations_are_refused_with_the_layer():
+    model = _outlier_bert(1)
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight[5] = float("nan")  # a corrupt checkpoint
+    with pytest.raises(ConfigError, match="encoder.layer.0.attention.self.query.*not finite"):
+        smooth_layernorm_inputs(model, _batches(1))

@@ -88,7 +88,6 @@ class _Buffered:
 
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
-    _bucket_rng: torch.Generator | None = None
 
     def _bucketed(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Bucketing (Karimireddy, He & Jaggi 2022, ICLR, https://arxiv.org/abs/2006.09365, Algorithm 1).
@@ -100,8 +99,6 @@ class _Buffered:
         """
         if self.bucket <= 1 or len(rows) <= 1:
             return rows
-        if self._bucket_rng is None:
-            self._bucket_rng = torch.Generator().manual_seed(self._bucket_seed)
         order = torch.randperm(len(rows), generator=self._bucket_rng).tolist()
         self._own = {**self._own, "buckets": float(-(-len(rows) // self.bucket))}
         return [
@@ -112,7 +109,10 @@ class _Buffered:
     def _set_bucket(self, bucket: int, seed: int) -> None:
         if isinstance(bucket, bool) or not (isinstance(bucket, int) and bucket >= 1):
             raise ConfigError(f"bucket must be a positive integer (1: no bucketing). Found {bucket!r}")
-        self.bucket, self._bucket_seed, self._bucket_rng = bucket, seed, None
+        self.bucket = bucket
+        self._bucket_rng = torch.Generator().manual_seed(
+            seed
+        )  # in the snapshot: a restart continues its order
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (d,)
         raise NotImplementedError
@@ -203,7 +203,7 @@ class TrimmedMean(_Buffered):
         k = math.floor(self.beta * n)
         if n - 2 * k < 1:
             raise DeltaplaneError(f"trimmed mean with beta={self.beta} leaves no update out of {n}")
-        self._own = {"trimmed_per_side": float(k)}
+        self._own = {**self._own, "trimmed_per_side": float(k)}
         return x.sort(dim=0).values[k : n - k].mean(dim=0)
 
     def __repr__(self) -> str:

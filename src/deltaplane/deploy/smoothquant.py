@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltaplane.deploy.prune import run_calibration
 from deltaplane.errors import ConfigError
 
 __all__ = ["SmoothedLinear", "layernorm_fed_linears", "smooth_layernorm_inputs"]
@@ -46,13 +47,6 @@ class SmoothedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x * self.inv_scale)
-
-
-def _run(model: nn.Module, batch: Mapping[str, Tensor] | Tensor) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
 
 
 def layernorm_fed_linears(model: nn.Module, batch: Mapping[str, Tensor] | Tensor) -> list[list[str]]:
@@ -90,8 +84,7 @@ def layernorm_fed_linears(model: nn.Module, batch: Mapping[str, Tensor] | Tensor
         elif isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1:  # a tied head stays as it is
             handles.append(m.register_forward_pre_hook(on_linear(name)))
     try:
-        with torch.inference_mode():
-            _run(model, batch)
+        run_calibration(model, [batch])
     finally:
         for h in handles:
             h.remove()
@@ -137,14 +130,17 @@ def smooth_layernorm_inputs(
     for g in groups:
         handles.append(modules[g[0]].register_forward_pre_hook(record(g[0])))
     try:
-        with torch.inference_mode():
-            for b in batches:
-                _run(model, b)
+        run_calibration(model, batches)
     finally:
         for h in handles:
             h.remove()
     worst = 0.0
     for g in groups:
+        if not torch.isfinite(amax[g[0]]).all():
+            raise ConfigError(
+                f"SmoothQuant: the calibration activations entering {g[0]!r} are not finite (NaN or Inf); "
+                "the model or its calibration inputs are broken"
+            )
         xmax = amax[g[0]].clamp_min(1e-5)
         worst = max(worst, float(xmax.max() / xmax.median()))
         wmax = torch.stack([modules[n].weight.detach().abs().amax(0) for n in g]).amax(0).clamp_min(1e-5)
