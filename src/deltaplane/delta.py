@@ -226,6 +226,12 @@ class Delta(Mapping[str, Tensor]):
             raise InvalidUpdate(f"tensor '{bad}' holds NaN or Inf values; refusing the update")
         self._finite_at = versions
 
+    def mark_finite(self) -> None:
+        """Record that every tensor is finite as they are now, for a caller that has just checked them all
+        another way (a batch decoder's one reduction over many updates): :meth:`check_finite` is then free
+        until a tensor changes in place."""
+        self._finite_at = tuple(t._version for t in self._tensors.values())
+
     def allclose(self, other: StateDict, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
         """True if ``other`` has the same layout and every tensor is close."""
         try:

@@ -29,6 +29,7 @@ from deltaplane.codecs.compressor import (
     compress_many,
     decode_delta,
     decompress,
+    decompress_many,
     encode_delta,
     read_header,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "decode_delta",
     "decode_tree",
     "decompress",
+    "decompress_many",
     "encode_delta",
     "format_spec",
     "get_codec",

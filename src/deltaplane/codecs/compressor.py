@@ -48,7 +48,15 @@ from deltaplane.errors import (
     VersionMismatch,
 )
 
-__all__ = ["Compressor", "CompressorState", "compress_many", "decode_delta", "decompress", "encode_delta"]
+__all__ = [
+    "Compressor",
+    "CompressorState",
+    "compress_many",
+    "decode_delta",
+    "decompress",
+    "decompress_many",
+    "encode_delta",
+]
 
 
 def encode_delta(
@@ -163,15 +171,108 @@ def _decompress_compact(
         raise VersionMismatch(
             f"wire session is for base {session.base_id!r}, but the receiver holds {expect_base[0]!r}"
         )
-    layout = session.layout
     if expect_layout is not None:
         check_session_layout(session, Layout.of(expect_layout))
+    return decode_delta(_compact_trees(payload, session, expect_base, limits))
+
+
+def _compact_trees(
+    payload: bytes,
+    session: WireSession,
+    expect_base: tuple[str, int] | None,
+    limits: Limits | None,
+) -> dict[str, tuple[torch.dtype, Encoded]]:
+    """A compact frame's trees, read strictly and within budget (the session and base checked by the caller
+    of :meth:`WireSession.read_table`); nothing decoded yet."""
+    layout = session.layout
     table, stored = session.read_table(
         payload, expect_base_version=expect_base[1] if expect_base is not None else None, limits=limits
     )
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-    trees = session.read_body(table, stored, max_inflated_bytes=min(budget, layout.decoded_bytes))
-    return decode_delta(trees)
+    return session.read_body(table, stored, max_inflated_bytes=min(budget, layout.decoded_bytes))
+
+
+def decompress_many(
+    payloads: Sequence[bytes],
+    *,
+    session: WireSession,
+    expect_base: tuple[str, int] | None = None,
+    expect_layout: Layout | Mapping[str, torch.Tensor] | None = None,
+    limits: Limits | None = None,
+) -> list[Delta | DeltaplaneError]:
+    """Decode many compact payloads of one wire session: exactly ``[decompress(p, session=session, ...)
+    for p in payloads]``, with each payload's error in its place instead of raised.
+
+    A server receives a round's updates together; decoding them one at a time costs a few dozen small tensor
+    operations per tensor per payload, which for a small model is most of the server's time. Here each
+    payload's frame is still read and checked on its own (checksum, session, base version, skeleton, budget,
+    every node's counts: the same strict reader), but the tensors are decoded on the stack, one
+    :func:`~deltaplane.codecs.base.decode_tree_rows` per tensor for all payloads, and checked for NaN/Inf
+    with one reduction per tensor. The returned deltas are row views of those stacks (memory: the decoded
+    payloads, as when decoded one by one). A payload whose stacked decode fails sends every payload back
+    to the one-by-one decoder, so each error is the one :func:`decompress` raises.
+
+    Raises:
+        VersionMismatch: the session is for another base model (every payload would be refused).
+        ShapeMismatch: ``expect_layout`` differs from the session's layout.
+    """
+    if expect_base is not None and expect_base[0] != session.base_id:
+        raise VersionMismatch(
+            f"wire session is for base {session.base_id!r}, but the receiver holds {expect_base[0]!r}"
+        )
+    if expect_layout is not None:
+        check_session_layout(session, Layout.of(expect_layout))
+    out: list[Delta | DeltaplaneError | None] = [None] * len(payloads)
+    good: list[int] = []
+    trees: list[dict[str, tuple[torch.dtype, Encoded]]] = []
+    for i, payload in enumerate(payloads):
+        try:
+            t = _compact_trees(payload, session, expect_base, limits)
+            check_nodes(t)
+        except DeltaplaneError as exc:
+            out[i] = exc
+            continue
+        trees.append(t)
+        good.append(i)
+    if good:
+        for i, delta in zip(good, _decode_stacked(trees), strict=True):
+            out[i] = delta
+    return out  # type: ignore[return-value]
+
+
+def _decode_stacked(trees: list[dict[str, tuple[torch.dtype, Encoded]]]) -> list[Delta | DeltaplaneError]:
+    """:func:`decode_delta` of every tree set (nodes already checked), on the stack where they are alike."""
+
+    def one(t: dict[str, tuple[torch.dtype, Encoded]]) -> Delta | DeltaplaneError:
+        try:
+            return decode_delta(t)
+        except DeltaplaneError as exc:
+            return exc
+
+    if len(trees) == 1:
+        return [one(trees[0])]
+    try:
+        stacks = {
+            name: decode_tree_rows([t[name][1] for t in trees]).to(dtype)
+            for name, (dtype, _) in trees[0].items()
+        }
+    except DeltaplaneError:  # one malformed payload: decode each alone, so each gets its own error
+        return [one(t) for t in trees]
+    floats = [s.reshape(len(trees), -1) for s in stacks.values() if s.is_floating_point() and s[0].numel()]
+    finite = (
+        torch.stack([f.sum(1, dtype=torch.float32) for f in floats]).sum(0).isfinite()
+        if floats
+        else torch.ones(len(trees), dtype=torch.bool)
+    )
+    result: list[Delta | DeltaplaneError] = []
+    for row, (ok, t) in enumerate(zip(finite.tolist(), trees, strict=True)):
+        if not ok:  # NaN/Inf, or a sum that overflowed: the exact per-payload check decides
+            result.append(one(t))
+            continue
+        delta = Delta({name: s[row] for name, s in stacks.items()})
+        delta.mark_finite()
+        result.append(delta)
+    return result
 
 
 def read_header(payload: bytes, *, limits: Limits | None = None) -> WireHeader:

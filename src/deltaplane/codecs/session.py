@@ -85,6 +85,9 @@ COMPACT_VERSION = 1
 SESSION_ID_BYTES = 6
 _CRC = struct.Struct("<I")
 #: smallest possible frame: magic, version, id, base version, skeleton length, CRC
+#: skeletons up to this size are remembered, the most recent this many per session (WireSession.read_table)
+_SKELETON_CACHE_BYTES = 4096
+_SKELETON_CACHE_SIZE = 64
 _MIN_FRAME = len(COMPACT_MAGIC) + 1 + SESSION_ID_BYTES + 1 + 1 + _CRC.size
 #: the template's reference update: a seeded normal delta, scaled like a small training step
 _TEMPLATE_SEED = 20261202
@@ -562,7 +565,43 @@ class WireSession:
                 f"v{expect_base_version}; fetch the current model first"
             )
         skel_len = cur.varint("the skeleton length")
-        skel = _Cursor(buf, cur.pos, cur.pos + len(cur.take(skel_len, "the skeleton")))
+        skel_view = cur.take(skel_len, "the skeleton")
+        skel_end = cur.pos
+        # The skeleton alone decides the tensor table: a skeleton read before (a round's updates of a
+        # dense or fixed-count codec usually share one) is not parsed and checked again.
+        key = (bytes(skel_view), limits)
+        cached = self._skeletons.get(key)
+        if cached is None:
+            cached = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
+            if skel_len <= _SKELETON_CACHE_BYTES:
+                while len(self._skeletons) >= _SKELETON_CACHE_SIZE:
+                    self._skeletons.pop(next(iter(self._skeletons)), None)
+                self._skeletons[key] = cached
+        trees, stored = dict(cached[0]), list(cached[1])
+        size = sum(s for _, s in stored)
+        body = buf[skel_end : len(buf) - _CRC.size]
+        zstd = self._zstd_level is not None
+        if zstd and size > limits.max_inflated_bytes:
+            raise _fail(
+                f"data would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
+            )
+        if not zstd and size != len(body):
+            raise _fail(f"the skeleton claims {size} data bytes but the payload has {len(body)}")
+        header = WireHeader(self.base_id, base_version, self.codec, {})
+        return Table(header, trees, body, zstd, size), stored
+
+    @cached_property
+    def _skeletons(
+        self,
+    ) -> dict[tuple[bytes, Limits], tuple[dict[str, tuple[torch.dtype, Encoded]], list[tuple[int, int]]]]:
+        """Recently read skeletons and the tensor tables they decode to (see :meth:`read_table`)."""
+        return {}
+
+    def _read_skeleton(
+        self, skel: _Cursor, limits: Limits
+    ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], list[tuple[int, int]]]:
+        """Parse and check a compact frame's skeleton: each tensor's node, rebuilt from the template and its
+        changes, through the self-describing reader's checks; and each byte field's (coding, stored length)."""
         reader = _Reader(limits)
         trees: dict[str, tuple[torch.dtype, Encoded]] = {}
         stored: list[tuple[int, int]] = []
@@ -601,17 +640,7 @@ class WireSession:
             trees[name] = (want.dtype, tree)
         if skel.pos != skel.end:
             raise _fail(f"{skel.end - skel.pos} trailing skeleton bytes")
-        size = sum(s for _, s in stored)
-        body = buf[skel.end : len(buf) - _CRC.size]
-        zstd = self._zstd_level is not None
-        if zstd and size > limits.max_inflated_bytes:
-            raise _fail(
-                f"data would inflate to {size} bytes, beyond the {limits.max_inflated_bytes}-byte limit"
-            )
-        if not zstd and size != len(body):
-            raise _fail(f"the skeleton claims {size} data bytes but the payload has {len(body)}")
-        header = WireHeader(self.base_id, base_version, self.codec, {})
-        return Table(header, trees, body, zstd, size), stored
+        return trees, stored
 
     def read_body(
         self, table: Table, stored: list[tuple[int, int]], *, max_inflated_bytes: int | None = None

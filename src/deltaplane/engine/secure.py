@@ -56,11 +56,16 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
 def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rnd: int) -> None:
     """Hand one in-process round's uploads to the server step, in order: a device's error is refused, a payload
     is decoded and aggregated, and the secure inputs (under SecAgg) reach it only as their SecAgg sum."""
+    run: list[tuple[str, bytes, float]] = []  # consecutive payloads, decoded together (receive_payloads)
     for u in uploads:
+        if u.payload is not None and u.error is None:
+            run.append((str(u.cid), u.payload, u.num_samples))
+            continue
+        server.receive_payloads(run)
+        run = []
         if u.error is not None:
             server.refuse(str(u.cid), u.error)
-        elif u.payload is not None:
-            server.receive_payload(str(u.cid), u.payload, u.num_samples)
+    server.receive_payloads(run)
     if config.secagg and any(u.secure is not None for u in uploads):
         mean, sent = secure_round(config, uploads, rnd)
         server.receive_secure_sum(

@@ -17,7 +17,7 @@ in that case. :meth:`ServerStep.close` compresses the update for the downlink an
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
 from deltaplane.aggregation.attribution import BackdoorAttribution, TriggerProbe
 from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
-from deltaplane.codecs import Compressor, Layout, WireSession, decompress, is_compact
+from deltaplane.codecs import Compressor, Layout, WireSession, decompress, decompress_many, is_compact
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
@@ -320,6 +320,41 @@ class ServerStep:
             self.refuse(client_id, exc)
             return False
         return self.receive_delta(client_id, delta, weight)
+
+    def receive_payloads(self, uploads: Sequence[tuple[str, bytes, float]]) -> list[bool]:
+        """:meth:`receive_payload` for each ``(client id, payload, weight)``, in order, with the same result
+        and the same refusals; compact payloads are decoded together (:func:`decompress_many`), in groups
+        of at most :attr:`DECODE_BATCH_BYTES` decoded bytes."""
+        session = self.sessions.get(self.layout)
+        if session is None or len(uploads) < 2:
+            return [self.receive_payload(cid, payload, weight) for cid, payload, weight in uploads]
+        per_group = max(1, self.DECODE_BATCH_BYTES // max(1, session.layout.decoded_bytes))
+        accepted: list[bool] = []
+        for at in range(0, len(uploads), per_group):
+            group = uploads[at : at + per_group]
+            compact = [is_compact(payload) for _, payload, _ in group]
+            decoded = iter(
+                decompress_many(
+                    [payload for (_, payload, _), c in zip(group, compact, strict=True) if c],
+                    session=session,
+                    expect_base=(self.base_id, self.version),
+                )
+            )
+            for (cid, payload, weight), c in zip(group, compact, strict=True):
+                if not c:  # self-describing (or garbage): the one-by-one path says why
+                    accepted.append(self.receive_payload(cid, payload, weight))
+                    continue
+                self._uplink += len(payload)
+                delta = next(decoded)
+                if isinstance(delta, DeltaplaneError):
+                    self.refuse(cid, delta)
+                    accepted.append(False)
+                else:
+                    accepted.append(self.receive_delta(cid, delta, weight))
+        return accepted
+
+    #: decoded bytes :meth:`receive_payloads` holds at once (the decoded updates of one group)
+    DECODE_BATCH_BYTES = 64 * 2**20
 
     def _expected_layout(self) -> Layout:
         """The layout uploads must have: the current state's shared tensors (kept until either changes)."""
