@@ -107,11 +107,25 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shards = _shards()
 
+    later = [s.subset(range(0, max(1, len(s) // 2))) for s in shards]  # new datasets after the fork
+
     def run() -> tuple[dict, list[torch.Generator], BatchedTrainer]:
         gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
         trainer = BatchedTrainer(build_model(0), workers=2)
         out = trainer.train(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
-        return out, gens, trainer
+        # a second round: the worker uses the data it inherited at the fork (only weights and plan travel),
+        # and data it never saw (a round of other clients) travels with the job
+        again = trainer.train(state, later, gens, epochs=1, batch_size=16, lr=0.1, momentum=0.5)
+        third = trainer.train(state, shards, gens, epochs=1, batch_size=32, lr=0.2, momentum=0.9)
+        return (
+            {
+                **out,
+                **{f"again.{k}": v for k, v in again.items()},
+                **{f"third.{k}": v for k, v in third.items()},
+            },
+            gens,
+            trainer,
+        )
 
     # the caller trains one share itself, with its own torch threads: one, as the simulator sets, as each worker
     before = torch.get_num_threads()
@@ -265,3 +279,28 @@ def test_docs_examples_run() -> None:
     assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "docs/sim-speed.md", "exec"), {})
+
+
+def test_worker_groups_balance_estimated_time() -> None:
+    """Every client lands in exactly one group, each group stays longest first, and the groups' estimated
+    times (fixed cost per step + a share per client-step) differ by less than one client's work; dealing
+    clients out in turn put the longest client and more steps in one group."""
+    from deltaplane.sim.batched import _STEP_OVERHEAD_CLIENTS, _balanced_groups
+
+    sizes = [107, 75, 67, 66, 65, 64, 63, 62, 62, 60, 59, 58, 56, 54, 54, 46, 46, 40, 26, 20]  # default run
+    steps = [2 * -(-n // 32) for n in sizes]
+    order = list(range(len(sizes)))
+
+    def cost(g: list[int]) -> float:
+        return _STEP_OVERHEAD_CLIENTS * max(steps[c] for c in g) + sum(steps[c] for c in g)
+
+    for n in (2, 3):
+        groups = _balanced_groups(order, steps, n)
+        assert sorted(c for g in groups for c in g) == order
+        assert all(g == sorted(g) for g in groups)
+        costs = [cost(g) for g in groups]
+        assert max(costs) - min(costs) <= max(steps) * (1 + _STEP_OVERHEAD_CLIENTS)
+        dealt = [order[w::n] for w in range(n)]
+        assert max(costs) <= max(cost(g) for g in dealt)
+    assert _balanced_groups(order, steps, 1) == [order]
+    assert _balanced_groups([0], [4], 2) == [[0]]

@@ -43,8 +43,10 @@ class FedAvg:
         else:
             assert self._like is not None
             check_compatible(self._like, delta, "aggregate and client delta")
-        for k, v in delta.items():
-            self._sum[k].add_(v.detach().to(torch.float64), alpha=float(weight))
+        # one multi-tensor add, each float32 value promoted into its float64 sum (no float64 temporaries)
+        torch._foreach_add_(
+            [self._sum[k] for k in delta], [v.detach() for v in delta.values()], alpha=float(weight)
+        )
         self._total += float(weight)
         self.count += 1
 

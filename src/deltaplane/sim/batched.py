@@ -46,7 +46,13 @@ from torch.func import functional_call, grad, vmap
 from deltaplane.data.dataset import Dataset
 from deltaplane.errors import ConfigError
 
-__all__ = ["BatchedTrainer", "batching_blocker", "clients_per_chunk", "per_client_bytes"]
+__all__ = [
+    "BatchedTrainer",
+    "batching_blocker",
+    "clients_per_chunk",
+    "per_client_bytes",
+    "retain_freed_memory",
+]
 
 _F32 = 4
 
@@ -69,6 +75,43 @@ def batching_blocker(model: nn.Module) -> str | None:
     if not any(True for _ in model.parameters()):
         return f"model {type(model).__name__} has no parameters"
     return None
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_TUNED = False
+
+
+def retain_freed_memory(trim_threshold: int = 256 * 2**20, mmap_threshold: int = 32 * 2**20) -> bool:
+    """Let glibc's allocator keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A batched step allocates and frees a few megabytes of activations and gradients, thousands of times a
+    run. With glibc's defaults those blocks are mapped fresh (``mmap``) or the heap top is trimmed after each
+    step, so every step pays page faults to zero new pages: ``fill_`` of max-pool's 2.6 MB gradient showed as
+    10% of a step. Raising the trim and mmap thresholds (as ``MALLOC_TRIM_THRESHOLD_`` /
+    ``MALLOC_MMAP_THRESHOLD_`` would; PyTorch's CPU performance guide suggests jemalloc or tcmalloc for the
+    same reason) took 10-15% off a simulated round (``benchmarks/sim_speed.py``). The process keeps up to
+    ``trim_threshold`` bytes of freed heap; nothing else changes. Done once per process, on glibc only;
+    returns whether it applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        )
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok
 
 
 def per_client_bytes(model: nn.Module, sample: Tensor, batch_size: int) -> int:
@@ -147,6 +190,7 @@ class BatchedTrainer:
             raise ConfigError(f"cannot train clients batched: {reason}")
         if memory_budget <= 0:
             raise ConfigError(f"memory_budget must be positive. Found {memory_budget}")
+        retain_freed_memory()
         self.model = model
         self.memory_budget = memory_budget
         self.workers = workers
@@ -190,6 +234,8 @@ class BatchedTrainer:
         self._data_cache: dict[tuple[int, ...], tuple[list[Dataset], Tensor, Tensor]] = {}
         self._chunk_cache: dict[tuple[tuple[int, ...], int], int] = {}
         self._pool: Executor | None = None
+        # the stacked data the forked workers already hold: what _data_cache held when they were forked
+        self._forked_data: set[tuple[int, ...]] = set()
 
     def _stacked_data(self, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor]:
         """``x`` ``(C, n_max, ...)`` and ``y`` ``(C, n_max)``: each client's samples, zero-padded."""
@@ -243,10 +289,11 @@ class BatchedTrainer:
             raise ConfigError("every client needs at least one training sample")
         chunk = self._clients_per_chunk(datasets[0].x[:1], batch_size)
         # Clients of similar size share a chunk, so few of them idle while the longest one finishes; with
-        # several workers, worker w takes every w-th client of that order, so the groups get similar work.
+        # several workers, the groups get similar estimated work (_balanced_groups).
         order = sorted(range(len(datasets)), key=lambda c: -len(datasets[c]))
         n_workers = min(self.workers, len(order))
-        groups = [order[w::n_workers] for w in range(n_workers)]
+        steps = [epochs * math.ceil(len(datasets[c]) / batch_size) for c in order]
+        groups = _balanced_groups(order, steps, n_workers)
         chunks = [g[i : i + chunk] for g in groups for i in range(0, len(g), chunk)]
 
         # Batch orders are drawn here, in the caller's process and thread, so every client's generator advances
@@ -258,6 +305,7 @@ class BatchedTrainer:
             idx, weight, active = _batch_plan(shards, [generators[c] for c in members], epochs, batch_size)
             jobs.append(
                 {
+                    "data_key": tuple(id(d) for d in shards),
                     "global_state": global_state,
                     "x": x,
                     "y": y,
@@ -268,20 +316,24 @@ class BatchedTrainer:
                 }
             )
         if n_workers == 1:
-            parts = [self._train_chunk(**job) for job in jobs]
+            parts = [self._train_chunk(**_own(job)) for job in jobs]
         elif isinstance(pool := self._executor(), ProcessPoolExecutor):
             # The caller trains the last (lightest) group itself meanwhile, instead of waiting: `workers` CPUs
             # in all. Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory
             # file descriptor handed over on a socket connection of its own, ~1 ms each (30-40 ms a round).
             own = len(jobs) - math.ceil(len(groups[-1]) / chunk)
             futures = [
-                pool.submit(_train_forked, id(self), _tree_map(job, Tensor, lambda t: t.numpy()))
+                pool.submit(
+                    _train_forked,
+                    id(self),
+                    _tree_map(_lean(job, self._forked_data), Tensor, lambda t: t.numpy()),
+                )
                 for job in jobs[:own]
             ]
-            mine = [self._train_chunk(**job) for job in jobs[own:]]
+            mine = [self._train_chunk(**_own(job)) for job in jobs[own:]]
             parts = [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in futures] + mine
         else:
-            parts = list(pool.map(lambda job: self._train_chunk(**job), jobs))
+            parts = list(pool.map(lambda job: self._train_chunk(**_own(job)), jobs))
         done = [c for members in chunks for c in members]
         return {name: torch.cat([p[name] for p in parts])[_inverse(done)] for name in self.names}
 
@@ -299,6 +351,7 @@ class BatchedTrainer:
         if self._pool is None:
             if "fork" in multiprocessing.get_all_start_methods():
                 _FORKED[id(self)] = self  # what the forked workers find (_train_forked)
+                self._forked_data = set(self._data_cache)  # and the stacked data they inherit with it
                 try:
                     pool = ProcessPoolExecutor(
                         self.workers - 1,  # and the caller
@@ -372,8 +425,25 @@ _FORKED: dict[int, BatchedTrainer] = {}
 
 def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray]:
     """A forked worker's share of :meth:`BatchedTrainer.train`: one chunk (runs in the worker process)."""
-    deltas = _FORKED[key]._train_chunk(**_tree_map(job, np.ndarray, torch.from_numpy))
+    trainer = _FORKED[key]
+    job = _tree_map(job, np.ndarray, torch.from_numpy)
+    if "x" not in job:  # data the worker inherited at the fork (_lean)
+        _, job["x"], job["y"] = trainer._data_cache[job["data_key"]]
+    deltas = trainer._train_chunk(**_own(job))
     return _tree_map(deltas, Tensor, lambda t: t.numpy())
+
+
+def _lean(job: dict[str, Any], held: set[tuple[int, ...]]) -> dict[str, Any]:
+    """``job`` without the chunk's stacked data if the forked workers hold it already (``held``): a
+    full-participation run sends each worker only the start weights and the batch plan each round."""
+    if job["data_key"] in held:
+        return {k: v for k, v in job.items() if k not in ("x", "y")}
+    return job
+
+
+def _own(job: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`BatchedTrainer._train_chunk`'s arguments of a job (without its data key)."""
+    return {k: v for k, v in job.items() if k != "data_key"}
 
 
 def _tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
@@ -385,6 +455,32 @@ def _tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
     if isinstance(tree, tuple | list):
         return type(tree)(_tree_map(v, kind, fn) for v in tree)
     return tree
+
+
+#: estimated cost of one batched step: a fixed part (kernel launches, autograd) worth this many clients'
+#: shares of it (DigitsCNN, batch 32, one thread: about 1.0 ms for 1 client, 4.4 ms for 10, 8 ms for 20)
+_STEP_OVERHEAD_CLIENTS = 1.6
+
+
+def _balanced_groups(order: list[int], steps: list[int], n: int) -> list[list[int]]:
+    """Split clients (``order``, longest first, with their step counts ``steps``) into ``n`` groups of
+    similar estimated time, each kept longest first.
+
+    A group's time is about ``overhead · (its most steps) + Σ its clients' steps``: every step pays a fixed
+    cost plus a share per client still training. Greedy longest-processing-time assignment on that estimate
+    (deterministic: it depends only on the sizes, so the split, and with it the float rounding, is the same
+    every run). Dealing clients out in turn gave the worker holding the longest client two more steps than
+    the other on the default federation.
+    """
+    if n == 1:
+        return [list(order)]
+    groups: list[list[int]] = [[] for _ in range(n)]
+    most, total = [0] * n, [0] * n
+    for c, k in zip(order, steps, strict=True):
+        w = min(range(n), key=lambda g: _STEP_OVERHEAD_CLIENTS * max(most[g], k) + total[g] + k)
+        groups[w].append(c)
+        most[w], total[w] = max(most[w], k), total[w] + k
+    return [g for g in groups if g]
 
 
 def _inverse(order: list[int]) -> Tensor:
