@@ -304,3 +304,31 @@ def test_worker_groups_balance_estimated_time() -> None:
         assert max(costs) <= max(cost(g) for g in dealt)
     assert _balanced_groups(order, steps, 1) == [order]
     assert _balanced_groups([0], [4], 2) == [[0]]
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With worker processes the simulator starts round r+1's training before it scores round r. The run must
+    be the one it is when each round is trained in its turn: same weights, same metrics, bit for bit; and
+    the early start must really happen (every round after the first comes from it)."""
+    import deltaplane.sim.simulation as simulation
+    from deltaplane.sim import RunConfig, run_simulation
+
+    cfg = RunConfig(clients=6, rounds=4, engine="batched", threads=2, sample_fraction=0.5)
+    started: list[int] = []
+    real_start = simulation.start_batched
+
+    def counting(*args: object, **kwargs: object) -> object:
+        started.append(int(args[4]))  # type: ignore[arg-type]
+        return real_start(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(simulation, "start_batched", counting)
+    early = run_simulation(cfg)
+    assert started == [1, 2, 3, 4]  # round 1 in turn; rounds 2-4 begun while the previous one was scored
+    monkeypatch.setattr(simulation, "_PREFETCH", False)
+    in_turn = run_simulation(cfg)
+    assert started == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert [r.test_accuracy for r in early.rounds] == [r.test_accuracy for r in in_turn.rounds]
+    assert all(torch.equal(early.final_state[k], in_turn.final_state[k]) for k in early.final_state)

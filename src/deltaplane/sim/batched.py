@@ -35,7 +35,7 @@ import math
 import multiprocessing
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,33 @@ class BatchedTrainer:
         ``torch.randperm`` per epoch) and is advanced as it would be there. ``prox_mu > 0`` adds FedProx's
         proximal term ``μ/2 ‖w − w_global‖²`` (https://arxiv.org/abs/1812.06127), as the sequential path does.
         """
+        return self.start(
+            global_state,
+            datasets,
+            generators,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            prox_mu=prox_mu,
+        ).result()
+
+    def start(
+        self,
+        global_state: dict[str, Tensor],
+        datasets: Sequence[Dataset],
+        generators: Sequence[torch.Generator],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        prox_mu: float = 0.0,
+    ) -> PendingTraining:
+        """:meth:`train`, begun: the batch orders are drawn (the generators advance now) and the forked
+        workers' shares are sent off; :meth:`PendingTraining.result` trains the caller's own share and
+        collects. In between the caller is free: a simulator scores the last round while the workers
+        already train the next one."""
         if prox_mu < 0:
             raise ConfigError(f"prox_mu must be non-negative. Found {prox_mu}")
         if len(datasets) != len(generators):
@@ -315,12 +342,13 @@ class BatchedTrainer:
                     "prox_mu": prox_mu,
                 }
             )
+        done = [c for members in chunks for c in members]
         if n_workers == 1:
-            parts = [self._train_chunk(**_own(job)) for job in jobs]
-        elif isinstance(pool := self._executor(), ProcessPoolExecutor):
-            # The caller trains the last (lightest) group itself meanwhile, instead of waiting: `workers` CPUs
-            # in all. Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory
-            # file descriptor handed over on a socket connection of its own, ~1 ms each (30-40 ms a round).
+            return PendingTraining(self, [], jobs, done)
+        if isinstance(pool := self._executor(), ProcessPoolExecutor):
+            # The caller trains the last group itself meanwhile, instead of waiting: `workers` CPUs in all.
+            # Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file
+            # descriptor handed over on a socket connection of its own, ~1 ms each (30-40 ms a round).
             own = len(jobs) - math.ceil(len(groups[-1]) / chunk)
             futures = [
                 pool.submit(
@@ -330,12 +358,10 @@ class BatchedTrainer:
                 )
                 for job in jobs[:own]
             ]
-            mine = [self._train_chunk(**_own(job)) for job in jobs[own:]]
-            parts = [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in futures] + mine
-        else:
-            parts = list(pool.map(lambda job: self._train_chunk(**_own(job)), jobs))
-        done = [c for members in chunks for c in members]
-        return {name: torch.cat([p[name] for p in parts])[_inverse(done)] for name in self.names}
+            return PendingTraining(self, futures, jobs[own:], done)
+        # worker threads (no fork here): every share on the pool, tensors in and out
+        futures = [pool.submit(lambda job=job: self._train_chunk(**_own(job))) for job in jobs]
+        return PendingTraining(self, futures, [], done)
 
     def _executor(self) -> Executor:
         """The workers, started once, each running torch on one intra-op thread (never oversubscribed:
@@ -416,6 +442,26 @@ class BatchedTrainer:
                 torch._foreach_add_(live_bufs, g)
                 torch._foreach_add_(live, live_bufs, alpha=-lr)
         return {n: p - t for n, p, t in zip(self.names, params, start, strict=True)}
+
+
+class PendingTraining:
+    """A round begun with :meth:`BatchedTrainer.start`: the workers' shares under way, the caller's to train."""
+
+    def __init__(
+        self, trainer: BatchedTrainer, futures: list[Future], own: list[dict[str, Any]], done: list[int]
+    ) -> None:
+        self._trainer, self._futures, self._own, self._done = trainer, futures, own, done
+        self._result: dict[str, Tensor] | None = None
+
+    def result(self) -> dict[str, Tensor]:
+        """Train the caller's share, collect the workers', and return every client's delta stacked
+        ``{name: (C, *shape)}`` in the order the datasets were given (computed once)."""
+        if self._result is None:
+            mine = [self._trainer._train_chunk(**_own(job)) for job in self._own]
+            parts = [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in self._futures] + mine
+            inverse = _inverse(self._done)
+            self._result = {n: torch.cat([p[n] for p in parts])[inverse] for n in self._trainer.names}
+        return self._result
 
 
 #: Trainers whose workers are forked processes, by ``id``: a forked worker finds its trainer here, inherited

@@ -44,7 +44,7 @@ from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
-from deltaplane.sim.batched import BatchedTrainer, batching_blocker
+from deltaplane.sim.batched import BatchedTrainer, PendingTraining, batching_blocker
 
 __all__ = [
     "BASE_ID",
@@ -69,6 +69,9 @@ def federation_data(config: RunConfig) -> tuple[Dataset, Dataset]:
         ), task.test
     return task.train, task.test
 
+
+#: Start a round's training while the last one is scored (see _run); off only to compare against in tests.
+_PREFETCH = True
 
 #: Fallback reasons already reported, so that a sweep of many runs says each one once.
 _REPORTED_FALLBACKS: set[str] = set()
@@ -109,7 +112,20 @@ def train_batched(
     """Every client's local update this round, trained at once, stacked ``{name: (clients, *shape)}``; equal
     to ``Client.local_update``'s up to float rounding because each client's batches come from the same stream
     ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way (tests/sim/test_batched.py)."""
-    return trainer.train(
+    return start_batched(config, trainer, global_state, clients, rnd, data).result()
+
+
+def start_batched(
+    config: RunConfig,
+    trainer: BatchedTrainer,
+    global_state: dict[str, Tensor],
+    clients: list[Client],
+    rnd: int,
+    data: list[Dataset] | None = None,
+) -> PendingTraining:
+    """:func:`train_batched`, begun (:meth:`BatchedTrainer.start`): the forked workers train while the caller
+    does something else, then ``.result()``."""
+    return trainer.start(
         global_state,
         data if data is not None else [c.train for c in clients],
         [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
@@ -219,22 +235,36 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     history: list[RoundMetrics] = []
     stopped: str | None = None
     cum_up = cum_down = 0
-    for rnd in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        version = server.version  # the global model every client trains from this round
-        global_state = server.state
-        chosen = sample_clients(
+
+    def chosen_in(rnd: int) -> list[int]:
+        return sample_clients(
             config.clients,
             config.sample_fraction,
             numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
             central_dp=config.dp_noise > 0,
         )
+
+    # With worker processes, the next round's training starts (its workers' shares) as soon as the new global
+    # model exists, while this process scores the round just done; nothing that training reads (the model,
+    # the sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
+    # poisoning keeps per-round state) or personalization (it updates the clients after the round).
+    prefetch = _PREFETCH and trainer is not None and config.threads > 1 and not step.malicious
+    pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
+    for rnd in range(1, config.rounds + 1):
+        t0 = time.perf_counter()
+        version = server.version  # the global model every client trains from this round
+        global_state = server.state
+        chosen = chosen_in(rnd)
         server.open(rnd)
         batch = [clients[c] for c in chosen]
         if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
             # a malicious device trains on its poisoned data (ClientStep.training_data), as in the loop
-            data = [step.training_data(c, rnd) for c in batch]
-            stacked = train_batched(config, trainer, global_state, batch, rnd, data)
+            if pending is not None and pending[0] == rnd and pending[1] is global_state:
+                stacked = pending[2].result()
+            else:
+                data = [step.training_data(c, rnd) for c in batch]
+                stacked = train_batched(config, trainer, global_state, batch, rnd, data)
+            pending = None
             if step.stackable:
                 uploads = _upload_stacked(step, batch, stacked, version)
             else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
@@ -258,6 +288,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
             break
         global_state = outcome.state
+        if prefetch and rnd < config.rounds and step.personalizer.name == "none":
+            assert trainer is not None
+            upcoming = [clients[c] for c in chosen_in(rnd + 1)]
+            if upcoming:
+                pending = (
+                    rnd + 1,
+                    global_state,
+                    start_batched(config, trainer, global_state, upcoming, rnd + 1),
+                )
         down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync
         cum_up += outcome.uplink_bytes
         cum_down += down
