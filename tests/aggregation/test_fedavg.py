@@ -43,3 +43,33 @@ def test_zero_total_weight() -> None:
     agg.add(dp.Delta({"w": torch.ones(2)}), weight=0)
     with pytest.raises(dp.DeltaplaneError, match="sum to zero"):
         agg.result()
+
+
+def test_mixed_dtypes_and_views_against_numpy() -> None:
+    """The multi-tensor add promotes every dtype into the float64 sum exactly as a float64 numpy mean does:
+    bf16 and fp16 tensors, an integer buffer, an empty tensor, and row views of one stack (what the server's
+    batch decoder hands over)."""
+    g = torch.Generator().manual_seed(1)
+    stack = torch.randn(4, 6, 5, generator=g)
+    deltas = [
+        dp.Delta(
+            {
+                "w": stack[i],  # a row view, not a tensor of its own
+                "h": torch.randn(7, generator=g).to(torch.bfloat16),
+                "f": torch.randn(3, generator=g).to(torch.float16),
+                "n": torch.randint(-5, 5, (2,), generator=g),
+                "e": torch.empty(0),
+            }
+        )
+        for i in range(4)
+    ]
+    weights = [2.0, 0.5, 3.0, 1.0]
+    agg = dp.FedAvg()
+    for d, w in zip(deltas, weights, strict=True):
+        agg.add(d, weight=w)
+    out = agg.result()
+    for k in ("w", "h", "f", "n", "e"):
+        ref = sum(w * d[k].double().numpy() for d, w in zip(deltas, weights, strict=True)) / sum(weights)
+        want = torch.from_numpy(ref).to(deltas[0][k].dtype)
+        assert out[k].dtype == deltas[0][k].dtype and torch.equal(out[k], want), k
+    assert torch.equal(stack[0], deltas[0]["w"])  # the inputs are left as they were
