@@ -203,3 +203,30 @@ def test_compress_many_with_a_session_is_the_per_device_loop() -> None:
     for i in range(3):
         one = dp.Compressor(s.codec, seed=i).compress(_delta(i), base_version=2, session=s)
         assert many[i] == one
+
+
+def test_a_remembered_skeleton_skips_no_check() -> None:
+    """WireSession.read_table remembers skeletons it has read; a payload sharing a remembered skeleton is
+    still held to everything else (checksum, body length, base version), the same skeleton under tighter
+    limits is checked again, and the memory stays bounded however many skeletons arrive."""
+    from deltaplane.codecs import session as session_module
+    from deltaplane.codecs.wire import Limits
+
+    _, compact, s = _pair("identity", entropy=False)
+    want = dp.decompress(compact, session=s)
+    assert len(s._skeletons) == 1
+    again = dp.decompress(compact, session=s)  # from the remembered skeleton: the same delta
+    assert all(torch.equal(again[k], want[k]) for k in want)
+    lie = _reframe(compact, compact[:-5])  # one data byte short, valid CRC
+    with pytest.raises(DecodeError, match="data bytes"):
+        dp.decompress(lie, session=s)
+    with pytest.raises(VersionMismatch):
+        dp.decompress(compact, session=s, expect_base=("cnn", 5))
+    with pytest.raises(DecodeError):
+        dp.decompress(compact, session=s, limits=Limits(max_numel=16))
+    q = _session("quant(bits=8)")
+    for seed in range(
+        2 * session_module._SKELETON_CACHE_SIZE
+    ):  # every payload a skeleton (scales) of its own
+        dp.decompress(_pair("quant(bits=8)", seed=seed)[1], session=q)
+    assert len(q._skeletons) <= session_module._SKELETON_CACHE_SIZE

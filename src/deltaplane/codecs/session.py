@@ -569,11 +569,11 @@ class WireSession:
         skel_end = cur.pos
         # The skeleton alone decides the tensor table: a skeleton read before (a round's updates of a
         # dense or fixed-count codec usually share one) is not parsed and checked again.
-        key = (bytes(skel_view), limits)
-        cached = self._skeletons.get(key)
+        key = (bytes(skel_view), limits) if skel_len <= _SKELETON_CACHE_BYTES else None
+        cached = self._skeletons.get(key) if key is not None else None
         if cached is None:
             cached = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
-            if skel_len <= _SKELETON_CACHE_BYTES:
+            if key is not None:
                 while len(self._skeletons) >= _SKELETON_CACHE_SIZE:
                     self._skeletons.pop(next(iter(self._skeletons)), None)
                 self._skeletons[key] = cached
