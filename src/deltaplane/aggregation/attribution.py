@@ -243,6 +243,18 @@ class BackdoorAttribution(_Buffered):
 
     def _invert(self, probe: TriggerProbe, like: Delta) -> None:
         """Neural Cleanse on the shadow model: keep the trigger of the most anomalous label if it is infected."""
+        index, flip, norms, m, p = self._inverted(probe, like)
+        t = int(index.argmax())
+        t_n = len(index)
+        # a model that reaches fewer than half the labels (early rounds: it predicts one class for everything)
+        # has no median trigger size to compare with; an empty mask is no trigger either
+        if int((flip >= REACHED).sum()) * 2 < t_n or float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:
+            return
+        self._adopt(t, float(index[t]), m[t].clone(), p[t].clone())
+
+    def _inverted(self, probe: TriggerProbe, like: Delta) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One trigger per label on the shadow model: each label's anomaly index, the share of stamped inputs
+        its trigger flips, its mask's L1 norm (the full mask when not reached), and the masks and patterns."""
         st = self.state
         model_state = dict(probe.state)
         if st.shadow is not None:
@@ -280,12 +292,7 @@ class BackdoorAttribution(_Buffered):
             med = norms.median()
             mad = 1.4826 * (norms - med).abs().median()
             index = (med - norms) / mad.clamp_min(1e-6)
-        t = int(index.argmax())
-        # a model that reaches fewer than half the labels (early rounds: it predicts one class for everything)
-        # has no median trigger size to compare with; an empty mask is no trigger either
-        if int((flip >= REACHED).sum()) * 2 < t_n or float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:
-            return
-        self._adopt(t, float(index[t]), m[t].clone(), p[t].clone())
+        return index, flip, norms, m, p
 
     def _adopt(self, label: int, anomaly: float, mask: Tensor, pattern: Tensor) -> bool:
         """Make an inverted trigger the current one (unless ``sticky`` keeps the earlier label); returns
