@@ -240,31 +240,3 @@ def test_switch_and_sticky_must_agree() -> None:
         parse_defense("trigger_attribution(switch=evidence, sticky=true)")
     with pytest.raises(ConfigError, match="switch must be one of"):
         BackdoorAttribution(switch="Evidence")
-
-
-def test_a_saturated_shadow_model_hands_the_inversion_to_the_global_model() -> None:
-    """Once the kept-out backdoor saturates the shadow model (it answers the target everywhere: labels not
-    reached, an empty mask), the trigger is inverted on the global model instead of freezing."""
-    rule = parse_defense("trigger_attribution")
-    assert isinstance(rule, BackdoorAttribution)
-    rule.state.shadow = torch.zeros(3)
-    n = 10
-    masks, patterns = torch.rand(n, 1, 8, 8), torch.rand(n, 1, 8, 8)
-    index = torch.tensor([3.09, -0.4, -2.03, 0.99, 0.11, -0.37, -2.03, 0.0, 0.98, -0.67])
-    empty_mask = torch.full((n,), 15.0)
-    empty_mask[0] = 0.1  # the shadow reaches label 0 with nothing stamped
-    calls: list[bool] = []
-
-    def inverted(probe: object, like: object, *, shadow: bool = True) -> tuple[torch.Tensor, ...]:
-        calls.append(shadow)
-        return index, torch.ones(n), empty_mask if shadow else torch.full((n,), 15.0), masks, patterns
-
-    rule._inverted = inverted  # type: ignore[method-assign]
-    rule._invert(None, None)  # type: ignore[arg-type]
-    assert calls == [True, False]
-    assert rule.state.label == 0 and torch.equal(rule.state.mask, masks[0])
-    # a usable shadow inversion is kept: no second inversion
-    calls.clear()
-    empty_mask[0] = 15.0
-    rule._invert(None, None)  # type: ignore[arg-type]
-    assert calls == [True]

@@ -10,10 +10,7 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    ``CE + λ‖m‖₁`` (Adam). An infected label needs an anomalously small mask: with ``nₜ = ‖mₜ‖₁`` (the full mask
    for a label the search could not reach), its anomaly index ``(median n − nₜ) / (1.4826 · MAD n)`` is at least
    2. The inversion runs on the server's *shadow* model: the global model plus everything this rule has kept
-   out of it so far, so that a backdoor it is keeping out stays visible to the search. One inversion is noisy: a
-   half-trained model has outlier labels, and once the backdoor's trigger is unlearned a clean label's outlier
-   often ranks first. So each label's anomaly indices add up over the inversions (its *evidence*), and a newly
-   flagged label replaces the current one only when its evidence is the larger (``switch``, see the class).
+   out of it so far, so that a backdoor it is keeping out stays visible to the search.
 2. **Attribution** (server-side, in the spirit of FLIP, Zhang et al. 2023, ICLR, https://arxiv.org/abs/2210.10272,
    which inverts on the clients): each update ``Δᵢ``, scaled to the round's median norm, is applied to the global
    model and scored by how much it lowers the loss of the reconstructed trigger towards ``t``:
@@ -125,18 +122,6 @@ class AttributionState:
     anomaly: float = 0.0
     rounds: int = 0
     evidence: dict[int, float] = field(default_factory=dict)
-
-
-def _reaches_half(flip: Tensor) -> bool:
-    """Whether an inversion reached at least half the labels: a model that reaches fewer (early rounds, or a
-    shadow saturated with a backdoor: it predicts one class for everything) has no median trigger size."""
-    return int((flip >= REACHED).sum()) * 2 >= len(flip)
-
-
-def _usable(flip: Tensor, norms: Tensor, index: Tensor) -> bool:
-    """Whether an inversion can name a trigger: it reaches half the labels and the most anomalous label's
-    mask is not empty (an empty mask is no trigger)."""
-    return _reaches_half(flip) and float(norms[int(index.argmax())]) >= 0.5
 
 
 class BackdoorAttribution(_Buffered):
@@ -280,24 +265,17 @@ class BackdoorAttribution(_Buffered):
         return torch.cat([(params[k].detach() - base[k]).reshape(-1).float() for k in keys])
 
     def _invert(self, probe: TriggerProbe, like: Delta) -> None:
-        """Neural Cleanse on the shadow model: keep the trigger of the most anomalous label if it is infected.
-
-        Once the rule has kept many rounds of attackers out, the shadow model can hold so much of the backdoor
-        that it answers the target for almost every input: fewer than half the labels are reached, or the most
-        anomalous label needs an empty mask. Such an inversion has no trigger shape to give, so it is done again
-        on the global model — the model unlearning cleans. (Identity seed 2: without it the trigger froze at
-        round 56, all 4 attackers were out from round 62, and the backdoor the global model already held
-        stayed at 0.81–0.93 to round 80.)"""
-        inverted = self._inverted(probe, like, shadow=True)
-        if self.state.shadow is not None and not _usable(inverted[1], inverted[2], inverted[0]):
-            inverted = self._inverted(probe, like, shadow=False)
-        self._consider(*inverted)
+        """Neural Cleanse on the shadow model: keep the trigger of the most anomalous label if it is infected."""
+        self._consider(*self._inverted(probe, like))
 
     def _consider(self, index: Tensor, flip: Tensor, norms: Tensor, masks: Tensor, patterns: Tensor) -> None:
         """Weigh one inversion (:meth:`_inverted`'s outputs): add each label's anomaly index to its evidence
         and offer the most anomalous label's trigger to :meth:`_adopt` if that label is infected."""
         st = self.state
-        if not _reaches_half(flip):
+        t_n = len(index)
+        # a model that reaches fewer than half the labels (early rounds: it predicts one class for everything)
+        # has no median trigger size to compare with
+        if int((flip >= REACHED).sum()) * 2 < t_n:
             return
         for label, value in enumerate(index.tolist()):
             value = min(max(value, -Z_CLIP), Z_CLIP)
@@ -305,19 +283,16 @@ class BackdoorAttribution(_Buffered):
                 value = max(value, 0.0)
             st.evidence[label] = st.evidence.get(label, 0.0) + value
         t = int(index.argmax())
-        if not _usable(flip, norms, index) or float(index[t]) < ANOMALY_INDEX:
+        if float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:  # an empty mask is no trigger either
             return
         self._adopt(t, float(index[t]), masks[t].clone(), patterns[t].clone())
 
-    def _inverted(
-        self, probe: TriggerProbe, like: Delta, *, shadow: bool = True
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One trigger per label on the shadow model (or the global model: ``shadow=False``): each label's
-        anomaly index, the share of stamped inputs its trigger flips, its mask's L1 norm (the full mask when not
-        reached), and the masks and patterns."""
+    def _inverted(self, probe: TriggerProbe, like: Delta) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One trigger per label on the shadow model: each label's anomaly index, the share of stamped inputs
+        its trigger flips, its mask's L1 norm (the full mask when not reached), and the masks and patterns."""
         st = self.state
         model_state = dict(probe.state)
-        if shadow and st.shadow is not None:
+        if st.shadow is not None:
             off = like.unflatten(st.shadow)
             model_state = {k: v + off[k] if k in off else v for k, v in model_state.items()}
         x, y = probe.x, probe.y
