@@ -10,7 +10,10 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    ``CE + λ‖m‖₁`` (Adam). An infected label needs an anomalously small mask: with ``nₜ = ‖mₜ‖₁`` (the full mask
    for a label the search could not reach), its anomaly index ``(median n − nₜ) / (1.4826 · MAD n)`` is at least
    2. The inversion runs on the server's *shadow* model: the global model plus everything this rule has kept
-   out of it so far, so that a backdoor it is keeping out stays visible to the search.
+   out of it so far, so that a backdoor it is keeping out stays visible to the search. One inversion is noisy: a
+   half-trained model has outlier labels, and once the backdoor's trigger is unlearned a clean label's outlier
+   often ranks first. So each label's anomaly indices add up over the inversions (its *evidence*), and a newly
+   flagged label replaces the current one only when its evidence is the larger (``switch``, see the class).
 2. **Attribution** (server-side, in the spirit of FLIP, Zhang et al. 2023, ICLR, https://arxiv.org/abs/2210.10272,
    which inverts on the clients): each update ``Δᵢ``, scaled to the round's median norm, is applied to the global
    model and scored by how much it lowers the loss of the reconstructed trigger towards ``t``:
