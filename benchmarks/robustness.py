@@ -25,10 +25,14 @@ import sys
 import warnings
 from multiprocessing import Pool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
+
+if TYPE_CHECKING:
+    from deltaplane.engine.config import RunConfig
 
 #: exactly what ``deltaplane run`` sends with unless told otherwise (its codec and the DGC options that go with it)
 DEFAULT_CODEC = DEFAULT_RUN_CODEC
@@ -62,21 +66,14 @@ def _key(args: tuple) -> Path:
     return CACHE / (name + ("_dgc" if args[0] == DEFAULT_CODEC else "") + ".json")
 
 
-def job(args: tuple) -> dict:
-    """One federation run (cached): (codec, attack or None, defence, seed, rounds) → accuracy, backdoor."""
-    import torch
-
-    from deltaplane.apps.runner import run_federation
+def config(args: tuple) -> RunConfig:
+    """The run of (codec, attack or None, defence, seed, rounds), as every section measures it (also used by
+    per-round diagnostics, so that they watch the very run the tables report)."""
     from deltaplane.engine.config import RunConfig
 
     codec, attack, defense, seed, rounds = args
-    key = _key(args)
-    if key.exists():
-        return json.loads(key.read_text())
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
     dgc = DEFAULT_RUN_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applies them
-    cfg = RunConfig(
+    return RunConfig(
         rounds=rounds,
         codec=codec,
         attack=attack,
@@ -86,7 +83,20 @@ def job(args: tuple) -> dict:
         threads=1,
         **dgc,
     )
-    r = run_federation(cfg).final
+
+
+def job(args: tuple) -> dict:
+    """One federation run (cached): (codec, attack or None, defence, seed, rounds) → accuracy, backdoor."""
+    import torch
+
+    from deltaplane.apps.runner import run_federation
+
+    key = _key(args)
+    if key.exists():
+        return json.loads(key.read_text())
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    r = run_federation(config(args)).final
     out = {"accuracy": r.test_accuracy, "backdoor": r.backdoor_success}
     CACHE.mkdir(parents=True, exist_ok=True)
     key.write_text(json.dumps(out))

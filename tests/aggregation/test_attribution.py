@@ -145,3 +145,98 @@ def test_sticky_keeps_the_infected_label_and_its_evidence(sticky: bool) -> None:
     assert (st.label, st.reputation) == (2, {})
     with pytest.raises(ConfigError, match="sticky must be true or false"):
         parse_defense("trigger_attribution(sticky=1)")
+
+
+#: anomaly indices of the labels 0–9 measured by the rule's inversions on the default federation (20% backdoor,
+#: target label 0; every label's trigger reached): identity seed 0 in rounds 11, 16 and 21 of the sticky run
+#: (label 4 is an outlier of the half-trained model, accuracy 0.63), and the default codec's seed 2 in rounds 16–66
+#: of the plain run (label 0 found in round 51; labels 1 and 2 are one-off outliers after unlearning).
+IDENTITY_SEED0 = [
+    [2.49, 0.0, 0.51, -0.67, 2.85, -0.62, 0.38, -1.58, -2.24, -0.91],
+    [1.14, -0.12, 0.98, -0.07, -0.89, 1.02, 0.0, -0.03, -0.72, 0.67],
+    [2.39, 0.0, 1.7, -0.05, -1.12, 1.65, -0.29, -0.67, -0.35, 1.24],
+]
+DEFAULT_SEED2 = [
+    [0.77, -1.27, 0.67, -1.43, 0.0, 0.67, -0.6, 0.16, -4.02, -1.22],
+    [0.0, -2.18, -8.96, 0.67, 0.49, 0.16, -1.64, 0.24, -10.95, -8.73],
+    [0.0, -0.26, 0.67, -0.79, 0.53, 1.05, 0.87, -0.22, -2.22, -1.38],
+    [-0.05, -1.55, 1.15, -0.95, 0.67, 0.0, -1.09, 0.21, -2.26, 0.61],
+    [1.48, 0.0, 0.67, -0.0, 0.33, -0.84, -1.17, 0.24, -5.72, -0.73],
+    [0.88, 0.67, -0.75, 0.0, 0.26, -1.27, -0.78, 0.45, -3.84, -0.54],
+    [2.06, 0.09, 0.02, 0.0, -2.05, -1.14, -0.67, 0.69, -3.08, -0.19],
+    [-0.71, 1.85, -0.24, -1.14, 0.0, 0.58, -1.85, 1.44, -0.32, 0.67],
+    [2.2, -5.38, 1.15, -1.34, -0.64, 0.04, -0.67, 0.0, -0.42, 1.26],
+    [0.0, -0.13, 4.79, -0.67, 0.6, 0.05, -5.99, 3.74, -7.51, -4.36],
+]
+
+
+def _replay(switch: str, inversions: list[list[float]]) -> tuple[BackdoorAttribution, list[int]]:
+    """Feed measured inversions to the rule's decision; the attackers' reputation is set once label 0 is
+    taken. Returns the rule and its label after each inversion."""
+    rule = parse_defense(f"trigger_attribution(switch={switch})")
+    assert isinstance(rule, BackdoorAttribution)
+    labels = []
+    for index in inversions:
+        n = len(index)
+        reached, norms = torch.ones(n), torch.full((n,), 15.0)
+        rule._consider(torch.tensor(index), reached, norms, torch.rand(n, 1, 8, 8), torch.rand(n, 1, 8, 8))
+        if rule.state.label == 0 and not rule.state.reputation:
+            rule.state.reputation, rule.state.rounds_seen = {"attacker": -9.0}, {"attacker": 9}
+        labels.append(rule.state.label)
+    return rule, labels
+
+
+@pytest.mark.parametrize(
+    ("switch", "identity_label", "default_label"),
+    [("evidence", 0, 0), ("latest", 0, 2), ("sticky", 4, 2)],
+)
+def test_the_evidence_switch_follows_the_label_that_stays_anomalous(
+    switch: str, identity_label: int, default_label: int
+) -> None:
+    # identity seed 0: only the summed evidence moves from the half-trained model's outlier to the backdoor
+    rule, labels = _replay(switch, IDENTITY_SEED0)
+    assert labels[0] == 4 and labels[-1] == identity_label
+    # default seed 2: label 0 found, then outliers after unlearning (1 at 1.85, 2 at 4.79): only the summed
+    # evidence keeps label 0 and the attackers' reputation; the other rules end on clean label 2
+    rule, labels = _replay(switch, DEFAULT_SEED2)
+    assert labels[6] == 0 and labels[-1] == default_label
+    if switch == "evidence":
+        assert labels[6:] == [0, 0, 0, 0]
+        assert rule.state.reputation == {"attacker": -9.0}
+        assert rule.state.evidence[0] > rule.state.evidence[2] > rule.state.evidence[1]
+
+
+def test_the_label_evidence_survives_a_snapshot() -> None:
+    import io
+
+    from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
+
+    rule, _ = _replay("evidence", DEFAULT_SEED2)
+    buf = io.BytesIO()
+    torch.save(chain_state(rule), buf)
+    fresh = parse_defense("trigger_attribution")
+    load_chain_state(fresh, torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert isinstance(fresh, BackdoorAttribution)
+    assert fresh.state.evidence == rule.state.evidence and fresh.state.label == 0
+    # and the restored rule decides as the original would: label 1's outlier again does not displace label 0
+    outlier = DEFAULT_SEED2[7]
+    for r in (rule, fresh):
+        r._consider(
+            torch.tensor(outlier),
+            torch.ones(10),
+            torch.full((10,), 15.0),
+            torch.rand(10, 1, 8, 8),
+            torch.rand(10, 1, 8, 8),
+        )
+    assert fresh.state.label == rule.state.label == 0 and fresh.state.evidence == rule.state.evidence
+
+
+def test_switch_and_sticky_must_agree() -> None:
+    assert parse_defense("trigger_attribution").switch == "evidence"  # type: ignore[attr-defined]
+    assert parse_defense("trigger_attribution(sticky=false)").switch == "latest"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="switch must be one of"):
+        parse_defense("trigger_attribution(switch=newest)")
+    with pytest.raises(ConfigError, match="give one of the two"):
+        parse_defense("trigger_attribution(switch=evidence, sticky=true)")
+    with pytest.raises(ConfigError, match="switch must be one of"):
+        BackdoorAttribution(switch="Evidence")

@@ -10,7 +10,10 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    ``CE + λ‖m‖₁`` (Adam). An infected label needs an anomalously small mask: with ``nₜ = ‖mₜ‖₁`` (the full mask
    for a label the search could not reach), its anomaly index ``(median n − nₜ) / (1.4826 · MAD n)`` is at least
    2. The inversion runs on the server's *shadow* model: the global model plus everything this rule has kept
-   out of it so far, so that a backdoor it is keeping out stays visible to the search.
+   out of it so far, so that a backdoor it is keeping out stays visible to the search. One inversion is noisy: a
+   half-trained model has outlier labels, and once the backdoor's trigger is unlearned a clean label's outlier
+   often ranks first. So each label's anomaly indices add up over the inversions (its *evidence*), and a newly
+   flagged label replaces the current one only when its evidence is the larger (``switch``, see the class).
 2. **Attribution** (server-side, in the spirit of FLIP, Zhang et al. 2023, ICLR, https://arxiv.org/abs/2210.10272,
    which inverts on the clients): each update ``Δᵢ``, scaled to the round's median norm, is applied to the global
    model and scored by how much it lowers the loss of the reconstructed trigger towards ``t``:
@@ -51,7 +54,7 @@ from deltaplane.aggregation.robust import _Buffered
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError, DeltaplaneError, IncompatibleDefense, InvalidUpdate
 
-__all__ = ["AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
+__all__ = ["SWITCHES", "AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
 
 #: the anomaly index above which a label counts as infected (Neural Cleanse uses 2; on the default federation's
 #: round-40 undefended model the backdoor's label 0 scored 1.6 with every other label below it, so 1.5)
@@ -60,6 +63,8 @@ ANOMALY_INDEX = 1.5
 REACHED = 0.75
 #: per-round z-scores are clipped to this magnitude so one degenerate round cannot decide a reputation
 Z_CLIP = 5.0
+#: how the rule moves from the current infected label to another one an inversion flags (``switch=``)
+SWITCHES = ("evidence", "latest", "sticky")
 
 
 def check_task(x: Tensor, y: Tensor) -> None:
@@ -108,7 +113,8 @@ class TriggerProbe:
 @dataclass
 class AttributionState:
     """What the rule learns across rounds (checkpointed with the server): each client's summed z-scores and
-    round count, the mass kept out of the global model so far (the shadow offset), the current trigger."""
+    round count, the mass kept out of the global model so far (the shadow offset), the current trigger, and
+    each label's anomaly evidence (its anomaly indices summed over the inversions, ``switch="evidence"``)."""
 
     reputation: dict[str, float] = field(default_factory=dict)
     rounds_seen: dict[str, int] = field(default_factory=dict)
@@ -118,6 +124,7 @@ class AttributionState:
     label: int = -1
     anomaly: float = 0.0
     rounds: int = 0
+    evidence: dict[int, float] = field(default_factory=dict)
 
 
 class BackdoorAttribution(_Buffered):
@@ -130,12 +137,22 @@ class BackdoorAttribution(_Buffered):
         threshold: exclude a client while its reputation ``Rᵢ/√kᵢ`` is below ``−threshold``.
         unlearn: SGD steps of unlearning the current trigger from each round's new global model (0: none).
         unlearn_lr: their learning rate.
-        sticky: once a label is found infected, move to another label only when that one's anomaly index is
-            larger than the largest index the current label has had. Without it every inversion that ranks
-            another label first replaces the trigger and wipes the reputations: unlearning hides the backdoor
-            from the next inversion, a clean label's outlier then wins, and the attackers' evidence is lost
-            (default codec, seed 2: label 0 found at round 51 with index 2.06, replaced by label 1 at 1.85
-            five rounds later).
+        switch: when another label's trigger replaces the current one (which restarts the reputations), once a
+            label has been found infected:
+
+            * ``"evidence"`` (default): when the flagged label's *evidence* — its anomaly indices summed over
+              every inversion so far, each clipped to ±``Z_CLIP`` — exceeds the current label's. The current
+              label's own index counts only when positive: the server's unlearning, not the clients, pushes
+              it down. A backdoor's label stands out inversion after inversion, a clean label's outlier once.
+            * ``"latest"``: whenever an inversion flags another label. Unlearning hides the backdoor from the
+              next inversion, a clean label's outlier then wins and the attackers' evidence is lost (default
+              codec, seed 2: label 0 found at round 51 with index 2.06, replaced by label 1 at 1.85 five
+              rounds later, by label 2 at 4.79 after it came back).
+            * ``"sticky"``: when the flagged label's index is larger than the largest the current label has
+              had. An outlier of a half-trained model then holds for good (identity, seed 0: label 4 at 2.85
+              in round 11, at accuracy 0.63, never flagged again; the backdoor's label 0 at 2.39 in round 21
+              cannot displace it and keeps 0.96 backdoor success).
+        sticky: the older spelling: ``True`` is ``switch="sticky"``, ``False`` is ``switch="latest"``.
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -148,13 +165,22 @@ class BackdoorAttribution(_Buffered):
         threshold: float = 3.0,
         unlearn: int = 10,
         unlearn_lr: float = 0.05,
-        sticky: bool = False,
+        switch: str | None = None,
+        sticky: bool | None = None,
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(sticky, bool):
+        if sticky is not None and not isinstance(sticky, bool):
             raise ConfigError(f"sticky must be true or false. Found {sticky!r}")
-        self.sticky = sticky
+        if switch is not None and switch not in SWITCHES:
+            raise ConfigError(f"switch must be one of {list(SWITCHES)}. Found {switch!r}")
+        implied = None if sticky is None else ("sticky" if sticky else "latest")
+        if switch is not None and implied is not None and switch != implied:
+            raise ConfigError(
+                f"sticky={sticky} means switch={implied!r}, not {switch!r}: give one of the two"
+            )
+        self.switch: str = switch or implied or "evidence"
+        self.sticky = self.switch == "sticky"
         for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
             if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name} must be a positive integer. Found {value!r}")
@@ -243,6 +269,30 @@ class BackdoorAttribution(_Buffered):
 
     def _invert(self, probe: TriggerProbe, like: Delta) -> None:
         """Neural Cleanse on the shadow model: keep the trigger of the most anomalous label if it is infected."""
+        self._consider(*self._inverted(probe, like))
+
+    def _consider(self, index: Tensor, flip: Tensor, norms: Tensor, masks: Tensor, patterns: Tensor) -> None:
+        """Weigh one inversion (:meth:`_inverted`'s outputs): add each label's anomaly index to its evidence
+        and offer the most anomalous label's trigger to :meth:`_adopt` if that label is infected."""
+        st = self.state
+        t_n = len(index)
+        # a model that reaches fewer than half the labels (early rounds: it predicts one class for everything)
+        # has no median trigger size to compare with
+        if int((flip >= REACHED).sum()) * 2 < t_n:
+            return
+        for label, value in enumerate(index.tolist()):
+            value = min(max(value, -Z_CLIP), Z_CLIP)
+            if label == st.label:  # being unlearned: its drop is the server's doing, not evidence
+                value = max(value, 0.0)
+            st.evidence[label] = st.evidence.get(label, 0.0) + value
+        t = int(index.argmax())
+        if float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:  # an empty mask is no trigger either
+            return
+        self._adopt(t, float(index[t]), masks[t].clone(), patterns[t].clone())
+
+    def _inverted(self, probe: TriggerProbe, like: Delta) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One trigger per label on the shadow model: each label's anomaly index, the share of stamped inputs
+        its trigger flips, its mask's L1 norm (the full mask when not reached), and the masks and patterns."""
         st = self.state
         model_state = dict(probe.state)
         if st.shadow is not None:
@@ -280,20 +330,18 @@ class BackdoorAttribution(_Buffered):
             med = norms.median()
             mad = 1.4826 * (norms - med).abs().median()
             index = (med - norms) / mad.clamp_min(1e-6)
-        t = int(index.argmax())
-        # a model that reaches fewer than half the labels (early rounds: it predicts one class for everything)
-        # has no median trigger size to compare with; an empty mask is no trigger either
-        if int((flip >= REACHED).sum()) * 2 < t_n or float(norms[t]) < 0.5 or float(index[t]) < ANOMALY_INDEX:
-            return
-        self._adopt(t, float(index[t]), m[t].clone(), p[t].clone())
+        return index, flip, norms, m, p
 
     def _adopt(self, label: int, anomaly: float, mask: Tensor, pattern: Tensor) -> bool:
-        """Make an inverted trigger the current one (unless ``sticky`` keeps the earlier label); returns
+        """Make an inverted trigger the current one (unless ``switch`` keeps the earlier label); returns
         whether it was taken. Another label's trigger restarts the reputations: scores against different
         triggers do not add up."""
         st = self.state
-        if self.sticky and st.label >= 0 and label != st.label and anomaly <= st.anomaly:
-            return False
+        if st.label >= 0 and label != st.label:
+            if self.switch == "sticky" and anomaly <= st.anomaly:
+                return False
+            if self.switch == "evidence" and st.evidence.get(label, 0.0) <= st.evidence.get(st.label, 0.0):
+                return False
         if label != st.label:
             st.reputation.clear()
             st.rounds_seen.clear()
@@ -337,5 +385,5 @@ class BackdoorAttribution(_Buffered):
         return (
             f"BackdoorAttribution(every={self.every!r}, steps={self.steps!r}, lam={self.lam!r}, "
             f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r}, "
-            f"sticky={self.sticky!r})"
+            f"switch={self.switch!r})"
         )

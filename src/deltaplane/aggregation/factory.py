@@ -45,7 +45,16 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "flame": ("noise",),
     "foolsgold": ("confidence", "centred", "binary"),
     "sign_vote": (),
-    "trigger_attribution": ("threshold", "every", "steps", "lam", "unlearn", "unlearn_lr", "sticky"),
+    "trigger_attribution": (
+        "threshold",
+        "every",
+        "steps",
+        "lam",
+        "unlearn",
+        "unlearn_lr",
+        "switch",
+        "sticky",
+    ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
 
@@ -92,6 +101,14 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
+        if key == "switch":
+            from deltaplane.aggregation.attribution import SWITCHES
+
+            if value not in SWITCHES:
+                raise ConfigError(
+                    f"defense {name!r}: switch must be one of {list(SWITCHES)}. Found {value!r}"
+                )
+            continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -142,7 +159,8 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             lam=float(params.get("lam", 0.01)),
             unlearn=params.get("unlearn", 10),
             unlearn_lr=float(params.get("unlearn_lr", 0.05)),
-            sticky=bool(params.get("sticky", False)),
+            switch=params.get("switch"),
+            sticky=params.get("sticky"),
         )
     return FLTrust()
 

@@ -1,0 +1,154 @@
+"""Per-round trace of ``trigger_attribution`` in one run of ``robustness.py accept`` (issue #21 diagnostics).
+
+Runs the very federation the accept table reports (:func:`robustness.config`: 80 rounds, 20% ``backdoor``,
+``engine="batched"``, one thread) and watches the rule without changing it — thin wrappers around
+:class:`~deltaplane.aggregation.attribution.BackdoorAttribution`'s inversion, adoption, scoring and combining
+record, per round: every label's anomaly index and reach at each inversion (and whether it ran on the shadow
+model), each trigger offered and whether it was taken, the label in force, every client's z-score, the excluded
+clients against the true attackers, and the test accuracy and backdoor success. Prints a compact trace and writes
+the whole record as JSON. The run's final figures go into the accept section's cache when it has none for them.
+
+Usage::
+
+    python benchmarks/robustness_trace.py identity 0 'trigger_attribution(sticky=true)' trace.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import robustness as rb
+
+
+def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, Any]:
+    """One traced run: ``codec`` is ``default`` or ``identity``; returns the record (see the module docstring)."""
+    import torch
+
+    from deltaplane.aggregation import attribution as A
+    from deltaplane.apps.runner import run_federation
+    from deltaplane.engine.attacks import choose_malicious
+    from deltaplane.engine.seeding import Stream, numpy_rng
+
+    args = (rb.CODECS[codec], "backdoor:0.2", defense, seed, rounds)
+    cfg = rb.config(args)
+    attackers = {str(i) for i in choose_malicious(cfg.clients, 0.2, numpy_rng(seed, Stream.ATTACK))}
+    log: list[dict[str, Any]] = []
+    rule = A.BackdoorAttribution
+    inverted, adopt, scores, combine = rule._inverted, rule._adopt, rule._scores, rule._combine
+
+    def w_inverted(self: Any, probe: Any, like: Any, **kw: Any) -> Any:
+        out = inverted(self, probe, like, **kw)
+        index, flip = out[0], out[1]
+        log.append(
+            {
+                "kind": "inversion",
+                "round": self.state.rounds + 1,
+                "shadow": kw.get("shadow", True),
+                "index": [round(float(v), 2) for v in index],
+                "reached": [round(float(v), 2) for v in flip],
+            }
+        )
+        print(f"  inversion round {self.state.rounds + 1}: {log[-1]['index']}", flush=True)
+        return out
+
+    def w_adopt(self: Any, label: int, anomaly: float, mask: Any, pattern: Any) -> bool:
+        before = self.state.label
+        taken = adopt(self, label, anomaly, mask, pattern)
+        log.append(
+            {
+                "kind": "offer",
+                "round": self.state.rounds + 1,
+                "label": label,
+                "anomaly": anomaly,
+                "taken": taken,
+                "before": before,
+            }
+        )
+        print(
+            f"  offer label {label} ({anomaly:.2f}) over {before}: {'taken' if taken else 'refused'}",
+            flush=True,
+        )
+        return taken
+
+    def w_scores(self: Any, probe: Any, like: Any, x: Any) -> Any:
+        z = scores(self, probe, like, x)
+        log.append(
+            {"kind": "z", "round": self.state.rounds, "z": dict(zip(self._ids, map(float, z), strict=True))}
+        )
+        return z
+
+    def w_combine(self: Any, x: Any) -> Any:
+        out = combine(self, x)
+        st, out_ids = self.state, set(self.excluded)
+        log.append(
+            {
+                "kind": "round",
+                "round": st.rounds,
+                "label": st.label,
+                "excluded": sorted(out_ids),
+                "attackers_out": len(out_ids & attackers),
+                "honest_out": len(out_ids - attackers),
+            }
+        )
+        return out
+
+    rule._inverted, rule._adopt, rule._scores, rule._combine = w_inverted, w_adopt, w_scores, w_combine  # type: ignore[method-assign]
+    start = time.time()
+
+    def progress(m: Any) -> None:
+        log.append(
+            {"kind": "metrics", "round": m.round, "accuracy": m.test_accuracy, "backdoor": m.backdoor_success}
+        )
+        r = next((e for e in reversed(log) if e["kind"] == "round"), None)
+        if r is not None and m.round % 5 == 0:
+            print(
+                f"round {m.round}: label {r['label']}, out {r['attackers_out']} attackers + {r['honest_out']} "
+                f"honest; accuracy {m.test_accuracy:.3f}, backdoor {m.backdoor_success:.2f} "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    try:
+        final = run_federation(cfg, progress=progress).final
+    finally:
+        rule._inverted, rule._adopt, rule._scores, rule._combine = inverted, adopt, scores, combine  # type: ignore[method-assign]
+    result = {"accuracy": final.test_accuracy, "backdoor": final.backdoor_success}
+    key = rb._key(args)
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_text(json.dumps(result))
+    return {
+        "codec": codec,
+        "seed": seed,
+        "defense": defense,
+        "attackers": sorted(attackers),
+        "final": result,
+        "log": log,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("codec", choices=sorted(rb.CODECS))
+    ap.add_argument("seed", type=int)
+    ap.add_argument("defense", help="a trigger_attribution spec, e.g. 'trigger_attribution(switch=latest)'")
+    ap.add_argument("out", type=Path, help="where to write the JSON record")
+    ap.add_argument("--rounds", type=int, default=80, help="80: the accept section's run")
+    a = ap.parse_args()
+    record = trace(a.codec, a.seed, a.defense, a.rounds)
+    a.out.write_text(json.dumps(record))
+    print("final", record["final"], "attackers", record["attackers"])
+
+
+if __name__ == "__main__":
+    main()
