@@ -64,7 +64,7 @@ def our_startup(cfg: RunConfig) -> tuple[float, float]:
 
 
 PHASES = {  # what the in-process driver calls in a round, by the name a reader knows it
-    "train_batched": "local training (all clients, stacked)",
+    "start_batched": "local training (all clients, stacked)",
     "_upload_stacked": "encode every update into its payload",
     "deliver": "server: decode, validate, FedAvg",
     "evaluate_clients": "score every client's held-out data",
@@ -88,11 +88,13 @@ def breakdown(cfg: RunConfig) -> tuple[dict[str, float], float, float]:
         def call(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return originals[name](*args, **kwargs)
+                out = originals[name](*args, **kwargs)
+                if name == "start_batched":  # the training itself, not only its start
+                    out.result()
+                    captured["train"] = (args, kwargs)
+                return out
             finally:
                 spent[name].append(time.perf_counter() - t0)
-                if name == "train_batched":
-                    captured["train"] = (args, kwargs)
 
         return call
 
@@ -107,7 +109,7 @@ def breakdown(cfg: RunConfig) -> tuple[dict[str, float], float, float]:
     args, kwargs = captured["train"]
     with profile() as prof:
         for _ in range(3):
-            originals["train_batched"](*args, **kwargs)
+            originals["start_batched"](*args, **kwargs).result()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(

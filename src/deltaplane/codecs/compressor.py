@@ -167,13 +167,22 @@ def _decompress_compact(
     expect_layout: Layout | Mapping[str, torch.Tensor] | None,
     limits: Limits | None,
 ) -> Delta:
+    _check_receiver(session, expect_base, expect_layout)
+    return decode_delta(_compact_trees(payload, session, expect_base, limits))
+
+
+def _check_receiver(
+    session: WireSession,
+    expect_base: tuple[str, int] | None,
+    expect_layout: Layout | Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Refuse a session for another base model or layout than the receiver's, before any payload is read."""
     if expect_base is not None and expect_base[0] != session.base_id:
         raise VersionMismatch(
             f"wire session is for base {session.base_id!r}, but the receiver holds {expect_base[0]!r}"
         )
     if expect_layout is not None:
         check_session_layout(session, Layout.of(expect_layout))
-    return decode_delta(_compact_trees(payload, session, expect_base, limits))
 
 
 def _compact_trees(
@@ -216,12 +225,7 @@ def decompress_many(
         VersionMismatch: the session is for another base model (every payload would be refused).
         ShapeMismatch: ``expect_layout`` differs from the session's layout.
     """
-    if expect_base is not None and expect_base[0] != session.base_id:
-        raise VersionMismatch(
-            f"wire session is for base {session.base_id!r}, but the receiver holds {expect_base[0]!r}"
-        )
-    if expect_layout is not None:
-        check_session_layout(session, Layout.of(expect_layout))
+    _check_receiver(session, expect_base, expect_layout)
     out: list[Delta | DeltaplaneError | None] = [None] * len(payloads)
     good: list[int] = []
     trees: list[dict[str, tuple[torch.dtype, Encoded]]] = []

@@ -317,9 +317,15 @@ class ServerStep:
                 payload, expect_base=(self.base_id, self.version), expect_layout=layout, session=session
             )
         except DeltaplaneError as exc:  # one bad client is refused, the round goes on
-            self.refuse(client_id, exc)
+            return self._take(client_id, exc, weight)
+        return self._take(client_id, delta, weight)
+
+    def _take(self, client_id: str, decoded: Delta | DeltaplaneError, weight: float) -> bool:
+        """A decoded upload into the chain, or its decoding error refused (the round goes on)."""
+        if isinstance(decoded, DeltaplaneError):
+            self.refuse(client_id, decoded)
             return False
-        return self.receive_delta(client_id, delta, weight)
+        return self.receive_delta(client_id, decoded, weight)
 
     def receive_payloads(self, uploads: Sequence[tuple[str, bytes, float]]) -> list[bool]:
         """:meth:`receive_payload` for each ``(client id, payload, weight)``, in order, with the same result
@@ -345,12 +351,7 @@ class ServerStep:
                     accepted.append(self.receive_payload(cid, payload, weight))
                     continue
                 self._uplink += len(payload)
-                delta = next(decoded)
-                if isinstance(delta, DeltaplaneError):
-                    self.refuse(cid, delta)
-                    accepted.append(False)
-                else:
-                    accepted.append(self.receive_delta(cid, delta, weight))
+                accepted.append(self._take(cid, next(decoded), weight))
         return accepted
 
     #: decoded bytes :meth:`receive_payloads` holds at once (the decoded updates of one group)

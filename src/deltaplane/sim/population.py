@@ -53,7 +53,7 @@ from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
-from deltaplane.sim.simulation import BASE_ID, _upload_stacked, train_batched
+from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched
 
 __all__ = [
     "ClientPopulation",
@@ -290,7 +290,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         honest = [c for c in clients if c.cid not in step.malicious]
         uploads: dict[int, Upload] = {}
         if honest:
-            stacked = train_batched(config, trainer, global_state, honest, rnd)
+            stacked = start_batched(config, trainer, global_state, honest, rnd).result()
             if step.stackable:
                 # every sampled update compressed on the stack, each with its own residual and generator
                 for u in _upload_stacked(step, honest, stacked, version):

@@ -101,20 +101,6 @@ def _batched_trainer(
     )
 
 
-def train_batched(
-    config: RunConfig,
-    trainer: BatchedTrainer,
-    global_state: dict[str, Tensor],
-    clients: list[Client],
-    rnd: int,
-    data: list[Dataset] | None = None,
-) -> dict[str, Tensor]:
-    """Every client's local update this round, trained at once, stacked ``{name: (clients, *shape)}``; equal
-    to ``Client.local_update``'s up to float rounding because each client's batches come from the same stream
-    ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way (tests/sim/test_batched.py)."""
-    return start_batched(config, trainer, global_state, clients, rnd, data).result()
-
-
 def start_batched(
     config: RunConfig,
     trainer: BatchedTrainer,
@@ -123,8 +109,11 @@ def start_batched(
     rnd: int,
     data: list[Dataset] | None = None,
 ) -> PendingTraining:
-    """:func:`train_batched`, begun (:meth:`BatchedTrainer.start`): the forked workers train while the caller
-    does something else, then ``.result()``."""
+    """Every client's local update this round, trained at once: ``.result()`` gives them stacked
+    ``{name: (clients, *shape)}``, equal to ``Client.local_update``'s up to float rounding because each client's
+    batches come from the same stream ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way
+    (tests/sim/test_batched.py). Begun with :meth:`BatchedTrainer.start`: the forked workers train while the
+    caller does something else until it asks for the result."""
     return trainer.start(
         global_state,
         data if data is not None else [c.train for c in clients],
@@ -248,7 +237,13 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # model exists, while this process scores the round just done; nothing that training reads (the model,
     # the sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
     # poisoning keeps per-round state) or personalization (it updates the clients after the round).
-    prefetch = _PREFETCH and trainer is not None and config.threads > 1 and not step.malicious
+    prefetch = (
+        _PREFETCH
+        and trainer is not None
+        and config.threads > 1
+        and not step.malicious
+        and step.personalizer.name == "none"
+    )
     pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -263,7 +258,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 stacked = pending[2].result()
             else:
                 data = [step.training_data(c, rnd) for c in batch]
-                stacked = train_batched(config, trainer, global_state, batch, rnd, data)
+                stacked = start_batched(config, trainer, global_state, batch, rnd, data).result()
             pending = None
             if step.stackable:
                 uploads = _upload_stacked(step, batch, stacked, version)
@@ -288,7 +283,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
             break
         global_state = outcome.state
-        if prefetch and rnd < config.rounds and step.personalizer.name == "none":
+        if prefetch and rnd < config.rounds:
             assert trainer is not None
             upcoming = [clients[c] for c in chosen_in(rnd + 1)]
             if upcoming:
