@@ -305,6 +305,42 @@ def test_worker_groups_balance_estimated_time() -> None:
     assert _balanced_groups(order, steps, 1) == [order]
     assert _balanced_groups([0], [4], 2) == [[0]]
 
+    # a caller with a share of 0.5 gets about half a worker's estimated time
+    worker, caller = (cost(g) for g in _balanced_groups(order, steps, 2, caller_share=0.5))
+    assert abs(caller / 0.5 - worker) <= max(steps) * (1 + _STEP_OVERHEAD_CLIENTS) / 0.5
+    assert caller < 0.75 * worker
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_the_callers_share_moves_clients_not_their_training() -> None:
+    """A smaller caller share hands clients to the forked worker; every client's delta stays the same up to
+    float rounding (a client's stack-mates change, its arithmetic does not). A share outside (0, 1] is
+    refused."""
+    state = {k: v.clone() for k, v in build_model(3).state_dict().items()}
+    shards = _shards()
+    trainer = BatchedTrainer(build_model(0), workers=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for share in (1.0, 0.4):
+            gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+            pending = trainer.start(
+                state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9, caller_share=share
+            )
+            out[share] = (len(pending._futures), sum(j["x"].shape[0] for j in pending._own), pending.result())
+    finally:
+        torch.set_num_threads(before)
+        trainer.close()
+    assert out[0.4][1] < out[1.0][1]  # fewer clients trained by the caller
+    for k, v in out[1.0][2].items():
+        torch.testing.assert_close(v, out[0.4][2][k], rtol=1e-4, atol=1e-6, msg=k)
+    for bad in (0, 1.5, -1, float("nan")):
+        with pytest.raises(ConfigError, match="caller_share"):
+            trainer.start(
+                state, shards, gens, epochs=1, batch_size=32, lr=0.2, momentum=0.9, caller_share=bad
+            )
+
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
 def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(

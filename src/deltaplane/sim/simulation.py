@@ -44,7 +44,7 @@ from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
-from deltaplane.sim.batched import BatchedTrainer, PendingTraining, batching_blocker
+from deltaplane.sim.batched import PREFETCH_CALLER_SHARE, BatchedTrainer, PendingTraining, batching_blocker
 
 __all__ = [
     "BASE_ID",
@@ -108,6 +108,8 @@ def start_batched(
     clients: list[Client],
     rnd: int,
     data: list[Dataset] | None = None,
+    *,
+    caller_share: float = 1.0,
 ) -> PendingTraining:
     """Every client's local update this round, trained at once: ``.result()`` gives them stacked
     ``{name: (clients, *shape)}``, equal to ``Client.local_update``'s up to float rounding because each client's
@@ -123,6 +125,7 @@ def start_batched(
         lr=config.client_lr(rnd),
         momentum=config.momentum,
         prox_mu=config.prox_mu,
+        caller_share=caller_share,
     )
 
 
@@ -237,13 +240,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # model exists, while this process scores the round just done; nothing that training reads (the model,
     # the sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
     # poisoning keeps per-round state) or personalization (it updates the clients after the round).
-    prefetch = (
-        _PREFETCH
-        and trainer is not None
-        and config.threads > 1
-        and not step.malicious
-        and step.personalizer.name == "none"
+    overlap = (
+        trainer is not None and config.threads > 1 and not step.malicious and step.personalizer.name == "none"
     )
+    prefetch = _PREFETCH and overlap
+    # The worker gets a head start while this process scores, so this process takes a smaller share. The
+    # split can change the float rounding of a client's delta, so every round of the run uses the same one,
+    # prefetched or not (and _PREFETCH=False gives the very same run).
+    caller_share = PREFETCH_CALLER_SHARE if overlap else 1.0
     pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -258,7 +262,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 stacked = pending[2].result()
             else:
                 data = [step.training_data(c, rnd) for c in batch]
-                stacked = start_batched(config, trainer, global_state, batch, rnd, data).result()
+                stacked = start_batched(
+                    config, trainer, global_state, batch, rnd, data, caller_share=caller_share
+                ).result()
             pending = None
             if step.stackable:
                 uploads = _upload_stacked(step, batch, stacked, version)
@@ -290,7 +296,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 pending = (
                     rnd + 1,
                     global_state,
-                    start_batched(config, trainer, global_state, upcoming, rnd + 1),
+                    start_batched(
+                        config, trainer, global_state, upcoming, rnd + 1, caller_share=caller_share
+                    ),
                 )
         down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync
         cum_up += outcome.uplink_bytes
