@@ -152,6 +152,33 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_forked_workers_run_tasks_in_order_and_report_failures() -> None:
+    """The forked workers' pipes: results come back to the right futures in the order sent, also when an
+    earlier future is never asked (an abandoned prefetch); a task's exception is raised by its future; a
+    worker that dies gives a DeltaplaneError naming its exit code, not a hang."""
+    from deltaplane.errors import DeltaplaneError
+    from deltaplane.sim.batched import ForkedWorkers
+
+    pool = ForkedWorkers(2)
+    try:
+        abandoned = pool.submit_to(0, abs, -1)
+        futures = [pool.submit_to(w, abs, -n) for n, w in ((2, 0), (3, 1), (4, 0))]
+        assert [f.result() for f in reversed(futures)] == [4, 3, 2]
+        assert abandoned.done() and abandoned.result() == 1
+        with pytest.raises(ValueError, match="invalid literal"):
+            pool.submit_to(1, int, "x").result()
+        assert pool.submit_to(1, abs, -5).result() == 5  # the worker goes on after a failed task
+        pool.submit_to(0, os._exit, 3)
+        with pytest.raises(DeltaplaneError, match="exit code 3"):
+            pool.submit_to(0, abs, 1).result()
+    finally:
+        pool.shutdown()
+    assert multiprocessing.active_children() == []
+    with pytest.raises(DeltaplaneError, match="shut down"):
+        pool.submit(abs, 1)
+
+
 def test_fedprox_term_is_batched_too() -> None:
     cfg = RunConfig(local_epochs=1, prox_mu=0.5)
     model = build_model(3)
