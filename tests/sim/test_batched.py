@@ -153,6 +153,36 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result() -> None:
+    """``PendingTraining.parts()`` yields the caller's share (trained on the spot) before the worker's, with
+    every client exactly once and the very deltas ``result()`` stacks; an iteration abandoned after the
+    first share does not lose the second."""
+    state = {k: v.clone() for k, v in build_model(3).state_dict().items()}
+    shards = _shards()
+    trainer = BatchedTrainer(build_model(0), workers=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+        pending = trainer.start(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+        first = next(pending.parts())  # abandoned after the caller's share
+        assert not pending._futures[0].done()  # the worker's share was not collected for it
+        parts = list(pending.parts())
+        stacked = pending.result()
+    finally:
+        torch.set_num_threads(before)
+        trainer.close()
+    assert parts[0] is first and len(parts) == 2
+    positions = [c for members, _ in parts for c in members]
+    assert sorted(positions) == list(range(len(shards)))
+    own = set(first[0])
+    assert own and own != set(positions)  # the caller trained some of the clients, the worker the others
+    for members, deltas in parts:
+        for k, v in deltas.items():
+            assert torch.equal(v, stacked[k][members]), k
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
 def test_forked_workers_run_tasks_in_order_and_report_failures() -> None:
     """The forked workers' pipes: results come back to the right futures in the order sent, also when an
     earlier future is never asked (an abandoned prefetch); a task's exception is raised by its future; a

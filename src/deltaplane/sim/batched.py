@@ -36,7 +36,7 @@ import math
 import multiprocessing
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -333,7 +333,6 @@ class BatchedTrainer:
         steps = [epochs * math.ceil(len(datasets[c]) / batch_size) for c in order]
         groups = _balanced_groups(order, steps, n_workers, caller_share=caller_share)
         chunks = [g[i : i + chunk] for g in groups for i in range(0, len(g), chunk)]
-        done = [c for members in chunks for c in members]
 
         # Batch orders are drawn here, in the caller's process and thread, so every client's generator advances
         # exactly as the sequential loop advances it, whichever worker then trains the client.
@@ -353,7 +352,7 @@ class BatchedTrainer:
             }
 
         if n_workers == 1:
-            return PendingTraining(self, [], [job(m) for m in chunks], done)
+            return PendingTraining(self, [], [job(m) for m in chunks], chunks)
         if isinstance(pool := self._executor(), ForkedWorkers):
             # The caller trains the last group itself meanwhile, instead of waiting: `workers` CPUs in all.
             # Each worker job is sent off as soon as it is planned, before the caller plans its own share.
@@ -369,11 +368,11 @@ class BatchedTrainer:
                 )
                 for worker, m in _chunk_workers(groups, chunks[:own], chunk)
             ]
-            return PendingTraining(self, futures, [job(m) for m in chunks[own:]], done)
+            return PendingTraining(self, futures, [job(m) for m in chunks[own:]], chunks)
         # worker threads (no fork here): every share on the pool, tensors in and out
         jobs = [job(m) for m in chunks]
         futures = [pool.submit(lambda job=job: self._train_chunk(**_own(job))) for job in jobs]
-        return PendingTraining(self, futures, [], done)
+        return PendingTraining(self, futures, [], chunks)
 
     def _executor(self) -> Executor:
         """The workers, started once, each running torch on one intra-op thread (never oversubscribed:
@@ -454,19 +453,42 @@ class PendingTraining:
     """A round begun with :meth:`BatchedTrainer.start`: the workers' shares under way, the caller's to train."""
 
     def __init__(
-        self, trainer: BatchedTrainer, futures: list[Future], own: list[dict[str, Any]], done: list[int]
+        self,
+        trainer: BatchedTrainer,
+        futures: list[Future],
+        own: list[dict[str, Any]],
+        members: list[list[int]],
     ) -> None:
-        self._trainer, self._futures, self._own, self._done = trainer, futures, own, done
+        # members: each job's clients (positions in the input order), the futures' jobs first, then own's
+        self._trainer, self._futures, self._own, self._members = trainer, futures, own, members
+        self._parts: list[tuple[list[int], dict[str, Tensor]]] = []
         self._result: dict[str, Tensor] | None = None
+
+    def parts(self) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+        """Every client's delta, share by share as it becomes available: first the caller's own share
+        (trained now), then each worker's (waited for). Yields ``(positions, stacked)``: the clients'
+        positions in the order the datasets were given and their deltas stacked in that order, so a caller
+        can encode and send the first share's updates while the workers still train. Computed once."""
+        n_futures = len(self._futures)
+        shares: list[tuple[list[int], Callable[[], dict[str, Tensor]]]] = [
+            (members, lambda job=job: self._trainer._train_chunk(**_own(job)))
+            for job, members in zip(self._own, self._members[n_futures:], strict=True)
+        ] + [
+            (members, lambda f=f: _tree_map(f.result(), np.ndarray, torch.from_numpy))
+            for f, members in zip(self._futures, self._members, strict=False)
+        ]
+        for i, (members, get) in enumerate(shares):
+            if i == len(self._parts):  # not computed by an earlier (possibly abandoned) iteration
+                self._parts.append((members, get()))
+            yield self._parts[i]
 
     def result(self) -> dict[str, Tensor]:
         """Train the caller's share, collect the workers', and return every client's delta stacked
         ``{name: (C, *shape)}`` in the order the datasets were given (computed once)."""
         if self._result is None:
-            mine = [self._trainer._train_chunk(**_own(job)) for job in self._own]
-            parts = [_tree_map(f.result(), np.ndarray, torch.from_numpy) for f in self._futures] + mine
-            inverse = _inverse(self._done)
-            self._result = {n: torch.cat([p[n] for p in parts])[inverse] for n in self._trainer.names}
+            parts = list(self.parts())
+            inverse = _inverse([c for members, _ in parts for c in members])
+            self._result = {n: torch.cat([p[n] for _, p in parts])[inverse] for n in self._trainer.names}
         return self._result
 
 
@@ -640,11 +662,12 @@ def _tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
 #: shares of it (DigitsCNN, batch 32, one thread: about 1.0 ms for 1 client, 4.4 ms for 10, 8 ms for 20)
 _STEP_OVERHEAD_CLIENTS = 1.6
 
-#: the caller's share (``BatchedTrainer.start(caller_share=...)``) when it scores the last round before it
-#: trains. Default workload, medians over 40 rounds: with an equal split (and at 0.95, the same split) the forked
-#: worker finished 2.6-3.3 ms before the caller finished its own share, so the worker idled; at 0.9 it
-#: finishes 1.1-2.5 ms after, the caller waiting that long (one client more moves about 2 ms)
-PREFETCH_CALLER_SHARE = 0.9
+#: the caller's share (``BatchedTrainer.start(caller_share=...)``) when rounds overlap: the caller scores the
+#: last round before it trains, and encodes and delivers its own share's updates before it needs the workers'
+#: (simulation._run). Default workload, medians over 40 rounds, worker done minus caller asking for its result:
+#: at 1.0 −5.6 to −7.6 ms (the worker idles), 0.8 −2.8 to −3.1, 0.75 −2.5 to +0.5, 0.7 −1.3 to +3.0 (the
+#: caller waits); one client more or less moves about 2 ms.
+PREFETCH_CALLER_SHARE = 0.75
 
 
 def _balanced_groups(

@@ -259,16 +259,29 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
             # a malicious device trains on its poisoned data (ClientStep.training_data), as in the loop
             if pending is not None and pending[0] == rnd and pending[1] is global_state:
-                stacked = pending[2].result()
+                training = pending[2]
             else:
                 data = [step.training_data(c, rnd) for c in batch]
-                stacked = start_batched(
+                training = start_batched(
                     config, trainer, global_state, batch, rnd, data, caller_share=caller_share
-                ).result()
+                )
             pending = None
-            if step.stackable:
-                uploads = _upload_stacked(step, batch, stacked, version)
+            if overlap and step.stackable:
+                # Share by share: this process encodes and delivers its own share's updates while the workers
+                # still train theirs, so only the last share's framing waits for training to end. The
+                # server receives the updates in share order (deterministic, the same prefetched or not).
+                for positions, stacked in training.parts():
+                    deliver(
+                        config,
+                        server,
+                        _upload_stacked(step, [batch[i] for i in positions], stacked, version),
+                        rnd,
+                    )
+                uploads = []
+            elif step.stackable:
+                uploads = _upload_stacked(step, batch, training.result(), version)
             else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
+                stacked = training.result()
                 uploads = [
                     step.finish(
                         c,
