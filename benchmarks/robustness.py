@@ -127,6 +127,14 @@ def cell(r: dict | None) -> str:
     return f"{r['accuracy']:.3f} / {bd}"
 
 
+def _section(args: argparse.Namespace, key: str, title: str) -> tuple[str, str]:
+    """The benchmarks page section a run records into: with ``--key-suffix``, a section of its own beside the
+    full table (a subset measured later, e.g. one more defence), so the full table is not overwritten."""
+    if not args.key_suffix:
+        return key, title
+    return f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
+
+
 def accept(args: argparse.Namespace) -> None:
     from _record import record, table
 
@@ -169,15 +177,23 @@ def accept(args: argparse.Namespace) -> None:
         + table(["codec", "defence", "seeds passing"], verdict)
     )
     print(body)
-    record("robustness", "Robust aggregation on the engine: 20% backdoor, 3 seeds, two codecs (#21)", body)
+    record(
+        *_section(
+            args, "robustness", "Robust aggregation on the engine: 20% backdoor, 3 seeds, two codecs (#21)"
+        ),
+        body,
+    )
 
 
 def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
     seeds = list(range(args.clean_seeds))
-    plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
-    plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
+    if args.clean_defenses:  # a subset, with the default codec: its own section (see --key-suffix)
+        plan = [(DEFAULT_CODEC, d) for d in ["none", *args.clean_defenses]]
+    else:
+        plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
+        plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
     jobs = [(c, None, d, s, 80) for c, d in plan for s in seeds]
     by = run_all(jobs, args.workers)
     rows = []
@@ -215,7 +231,10 @@ def clean(args: argparse.Namespace) -> None:
         )
     )
     print(body)
-    record("robustness-clean", "Robust aggregation: no attacker, every defence vs FedAvg (#21)", body)
+    record(
+        *_section(args, "robustness-clean", "Robust aggregation: no attacker, every defence vs FedAvg (#21)"),
+        body,
+    )
 
 
 def grid(args: argparse.Namespace) -> None:
@@ -249,8 +268,11 @@ def grid(args: argparse.Namespace) -> None:
     )
     print(body)
     record(
-        "robustness-grid",
-        f"Robust aggregation: attack × defence × fraction, default codec, {rounds} rounds (#21)",
+        *_section(
+            args,
+            "robustness-grid",
+            f"Robust aggregation: attack × defence × fraction, default codec, {rounds} rounds (#21)",
+        ),
         body,
     )
 
@@ -266,6 +288,13 @@ def main() -> None:
     ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--clean-defenses", nargs="+", help="clean: only these defences (and FedAvg), with the default codec"
+    )
+    ap.add_argument(
+        "--key-suffix",
+        help="record into a section of its own (key and title get this suffix) instead of the full table's",
+    )
     ap.add_argument("--cached-only", action="store_true", help="record the finished runs, run nothing")
     args = ap.parse_args()
     global CACHED_ONLY

@@ -54,6 +54,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "unlearn_lr",
         "switch",
         "sticky",
+        "score",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -109,6 +110,12 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
                     f"defense {name!r}: switch must be one of {list(SWITCHES)}. Found {value!r}"
                 )
             continue
+        if key == "score":
+            from deltaplane.aggregation.attribution import SCORES
+
+            if value not in SCORES:
+                raise ConfigError(f"defense {name!r}: score must be one of {list(SCORES)}. Found {value!r}")
+            continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -161,6 +168,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             unlearn_lr=float(params.get("unlearn_lr", 0.05)),
             switch=params.get("switch"),
             sticky=params.get("sticky"),
+            score=params.get("score", "trigger"),
         )
     return FLTrust()
 
