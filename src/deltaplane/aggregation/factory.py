@@ -168,7 +168,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             unlearn_lr=float(params.get("unlearn_lr", 0.05)),
             switch=params.get("switch"),
             sticky=params.get("sticky"),
-            score=params.get("score", "trigger"),
+            score=params.get("score", "both"),
         )
     return FLTrust()
 
