@@ -55,7 +55,7 @@ CLEAN_EXTRA = [
     "trigger_attribution(sticky=true)",
 ]
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
-REFUSED = ["trimmed_mean(0.2)", "median", "median(4)", "median(bucket=2)"]
+REFUSED = ["trimmed_mean(0.2)", "median", "median(bucket=1)", "median(4)"]
 FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
 
@@ -189,8 +189,9 @@ def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
     seeds = list(range(args.clean_seeds))
-    if args.clean_defenses:  # a subset, with the default codec: its own section (see --key-suffix)
-        plan = [(DEFAULT_CODEC, d) for d in ["none", *args.clean_defenses]]
+    if args.clean_defenses:  # a subset, with one codec: its own section (see --key-suffix)
+        codec = DEFAULT_CODEC if args.clean_codec == "default" else args.clean_codec
+        plan = [(codec, d) for d in ["none", *args.clean_defenses]]
     else:
         plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
         plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
@@ -289,7 +290,13 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument(
-        "--clean-defenses", nargs="+", help="clean: only these defences (and FedAvg), with the default codec"
+        "--clean-defenses", nargs="+", help="clean: only these defences (and FedAvg), with --clean-codec"
+    )
+    ap.add_argument(
+        "--clean-codec",
+        default="default",
+        help="clean with --clean-defenses: the uplink codec ('default': deltaplane run's; 'identity' for the "
+        "coordinate-wise rules refused over it)",
     )
     ap.add_argument(
         "--key-suffix",
