@@ -55,7 +55,7 @@ CLEAN_EXTRA = [
     "trigger_attribution(sticky=true)",
 ]
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
-REFUSED = ["trimmed_mean(0.2)", "median", "median(4)", "median(bucket=2)"]
+REFUSED = ["trimmed_mean(0.2)", "median", "median(bucket=1)", "median(4)"]
 FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
 
@@ -127,6 +127,14 @@ def cell(r: dict | None) -> str:
     return f"{r['accuracy']:.3f} / {bd}"
 
 
+def _section(args: argparse.Namespace, key: str, title: str) -> tuple[str, str]:
+    """The benchmarks page section a run records into: with ``--key-suffix``, a section of its own beside the
+    full table (a subset measured later, e.g. one more defence), so the full table is not overwritten."""
+    if not args.key_suffix:
+        return key, title
+    return f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
+
+
 def accept(args: argparse.Namespace) -> None:
     from _record import record, table
 
@@ -169,15 +177,24 @@ def accept(args: argparse.Namespace) -> None:
         + table(["codec", "defence", "seeds passing"], verdict)
     )
     print(body)
-    record("robustness", "Robust aggregation on the engine: 20% backdoor, 3 seeds, two codecs (#21)", body)
+    record(
+        *_section(
+            args, "robustness", "Robust aggregation on the engine: 20% backdoor, 3 seeds, two codecs (#21)"
+        ),
+        body,
+    )
 
 
 def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
     seeds = list(range(args.clean_seeds))
-    plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
-    plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
+    if args.clean_defenses:  # a subset, with one codec: its own section (see --key-suffix)
+        codec = DEFAULT_CODEC if args.clean_codec == "default" else args.clean_codec
+        plan = [(codec, d) for d in ["none", *args.clean_defenses]]
+    else:
+        plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
+        plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
     jobs = [(c, None, d, s, 80) for c, d in plan for s in seeds]
     by = run_all(jobs, args.workers)
     rows = []
@@ -215,7 +232,10 @@ def clean(args: argparse.Namespace) -> None:
         )
     )
     print(body)
-    record("robustness-clean", "Robust aggregation: no attacker, every defence vs FedAvg (#21)", body)
+    record(
+        *_section(args, "robustness-clean", "Robust aggregation: no attacker, every defence vs FedAvg (#21)"),
+        body,
+    )
 
 
 def grid(args: argparse.Namespace) -> None:
@@ -249,8 +269,11 @@ def grid(args: argparse.Namespace) -> None:
     )
     print(body)
     record(
-        "robustness-grid",
-        f"Robust aggregation: attack × defence × fraction, default codec, {rounds} rounds (#21)",
+        *_section(
+            args,
+            "robustness-grid",
+            f"Robust aggregation: attack × defence × fraction, default codec, {rounds} rounds (#21)",
+        ),
         body,
     )
 
@@ -266,6 +289,19 @@ def main() -> None:
     ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--clean-defenses", nargs="+", help="clean: only these defences (and FedAvg), with --clean-codec"
+    )
+    ap.add_argument(
+        "--clean-codec",
+        default="default",
+        help="clean with --clean-defenses: the uplink codec ('default': deltaplane run's; 'identity' for the "
+        "coordinate-wise rules refused over it)",
+    )
+    ap.add_argument(
+        "--key-suffix",
+        help="record into a section of its own (key and title get this suffix) instead of the full table's",
+    )
     ap.add_argument("--cached-only", action="store_true", help="record the finished runs, run nothing")
     args = ap.parse_args()
     global CACHED_ONLY

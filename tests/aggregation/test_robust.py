@@ -12,7 +12,7 @@ def _d(*v: float) -> dp.Delta:
 
 def test_median_and_trimmed_mean_by_hand() -> None:
     vals = [(1.0, 10.0), (2.0, -1.0), (100.0, 0.0), (3.0, 2.0), (-50.0, 1.0)]
-    med, tm = dp.CoordinateMedian(), dp.TrimmedMean(beta=0.2)
+    med, tm = dp.CoordinateMedian(bucket=1), dp.TrimmedMean(beta=0.2)
     for v in vals:
         med.add(_d(*v))
         tm.add(_d(*v))
@@ -103,7 +103,7 @@ def test_mean_around_median_bounds_b_outliers_and_is_unbiased_where_the_median_i
     rng = np.random.default_rng(3)
     honest = rng.exponential(1.0, size=(16, 500))  # skewed, like non-IID update coordinates
     poisoned = np.vstack([honest, np.full((4, 500), 1e6)])
-    agg, med = parse_defense("median(byzantine=4)"), parse_defense("median")
+    agg, med = parse_defense("median(byzantine=4)"), parse_defense("median(bucket=1)")
     for row in poisoned:
         for a in (agg, med):
             a.add(dp.Delta({"w": torch.tensor(row, dtype=torch.float32)}))

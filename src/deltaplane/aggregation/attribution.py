@@ -20,7 +20,10 @@ asks the model instead, with the server's own small clean root dataset (FLTrust'
    ``sᵢ = L_trig(θ + Δᵢ) − L_trig(θ)``. Scores become robust z-scores across the round's clients (median / MAD),
    clipped to ±5. (Subtracting the same change on the clean root inputs, to cancel honest clients rich in label
    ``t``, separated the attackers in the first 10 rounds but reversed once the model held the backdoor:
-   ``benchmarks/robustness_attribution.py``.)
+   ``benchmarks/robustness_attribution.py``.) That score confuses honest clients rich in label ``t`` with the
+   attackers once the model holds the backdoor; ``score="mix"`` judges instead the push of the other labels'
+   *clean* inputs towards ``t`` beyond what the update's gain on the genuine inputs of ``t`` predicts, and
+   ``score="both"`` sums the two z-scores (see the class).
 3. **Reputation** (per-client history, as in FLDetector, Zhang et al. 2022, KDD): each client's z-scores add up
    over the rounds it takes part in; with ``Rᵢ`` the sum over ``kᵢ`` rounds, a client is excluded while
    ``Rᵢ / √kᵢ < −threshold`` (a sum of ``k`` standard scores has standard deviation ``√k``), at most
@@ -54,7 +57,7 @@ from deltaplane.aggregation.robust import _Buffered
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError, DeltaplaneError, IncompatibleDefense, InvalidUpdate
 
-__all__ = ["SWITCHES", "AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
+__all__ = ["SCORES", "SWITCHES", "AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
 
 #: the anomaly index above which a label counts as infected (Neural Cleanse uses 2; on the default federation's
 #: round-40 undefended model the backdoor's label 0 scored 1.6 with every other label below it, so 1.5)
@@ -65,6 +68,30 @@ REACHED = 0.75
 Z_CLIP = 5.0
 #: how the rule moves from the current infected label to another one an inversion flags (``switch=``)
 SWITCHES = ("evidence", "latest", "sticky")
+#: how an update's effect on the trigger is measured (``score=``, see the class)
+SCORES = ("trigger", "mix", "both")
+
+
+def _theil_sen_residuals(y: list[float], x: list[float]) -> list[float]:
+    """``y`` less the Theil–Sen line of ``y`` on ``x`` (the median of the pairwise slopes, then the median
+    intercept): what ``y`` says beyond what ``x`` predicts, robust to a minority of outliers."""
+    slopes = sorted(
+        (y[j] - y[i]) / (x[j] - x[i])
+        for i in range(len(x))
+        for j in range(i + 1, len(x))
+        if abs(x[j] - x[i]) > 1e-12
+    )
+    b = slopes[len(slopes) // 2] if slopes else 0.0
+    a = sorted(yi - b * xi for xi, yi in zip(x, y, strict=True))[len(x) // 2]
+    return [yi - a - b * xi for xi, yi in zip(x, y, strict=True)]
+
+
+def _robust_z(values: list[float]) -> Tensor:
+    """Robust z-scores (median, 1.4826 · MAD) of one round's per-client values, clipped to ±``Z_CLIP``."""
+    sc = torch.tensor(values, dtype=torch.float64)
+    med = sc.median()
+    mad = 1.4826 * (sc - med).abs().median()
+    return ((sc - med) / mad.clamp_min(1e-12)).clamp(-Z_CLIP, Z_CLIP)
 
 
 def check_task(x: Tensor, y: Tensor) -> None:
@@ -153,6 +180,20 @@ class BackdoorAttribution(_Buffered):
               in round 11, at accuracy 0.63, never flagged again; the backdoor's label 0 at 2.39 in round 21
               cannot displace it and keeps 0.96 backdoor success).
         sticky: the older spelling: ``True`` is ``switch="sticky"``, ``False`` is ``switch="latest"``.
+        score: what an update is judged by, each update scaled to the round's median norm and applied to the
+            global model, towards the infected label ``t``:
+
+            * ``"trigger"`` (the default until ``both`` passed identity seed 2): how much it lowers the loss of the root inputs of the other labels stamped with
+              the reconstructed trigger. Once the model holds the backdoor, planting it again barely moves that
+              loss, while an honest client rich in label ``t`` lowers it by pushing every input towards ``t``
+              (identity, seed 2: clients with 17–55% of label 0 scored as low as the attackers).
+            * ``"mix"``: how much it lowers the loss of the *clean* root inputs of the other labels towards
+              ``t``, less what its gain on the genuine root inputs of label ``t`` predicts (the residual of a
+              Theil–Sen line across the round's clients): a client rich in ``t`` lowers both, an attacker
+              pushes other labels' inputs towards ``t`` without learning ``t`` itself. Uses the label, not
+              the trigger's pixels.
+            * ``"both"`` (default): the two z-scores summed and divided by ``√2``. On the default federation at
+              20% ``backdoor`` it passes all six seed × codec runs of #21 (``trigger`` five, ``mix`` five).
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -167,6 +208,7 @@ class BackdoorAttribution(_Buffered):
         unlearn_lr: float = 0.05,
         switch: str | None = None,
         sticky: bool | None = None,
+        score: str = "both",
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()
@@ -179,6 +221,9 @@ class BackdoorAttribution(_Buffered):
             raise ConfigError(
                 f"sticky={sticky} means switch={implied!r}, not {switch!r}: give one of the two"
             )
+        if score not in SCORES:
+            raise ConfigError(f"score must be one of {list(SCORES)}. Found {score!r}")
+        self.score = score
         self.switch: str = switch or implied or "evidence"
         self.sticky = self.switch == "sticky"
         for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
@@ -351,31 +396,43 @@ class BackdoorAttribution(_Buffered):
         return True
 
     def _scores(self, probe: TriggerProbe, like: Delta, x: Tensor) -> Tensor:
-        """Robust z-scores of each update's effect on the trigger's loss (negative: it plants the trigger)."""
+        """Robust z-scores of each update's effect towards the infected label, as ``score`` measures it (see
+        the class; negative: suspicious)."""
         st = self.state
         assert st.mask is not None and st.pattern is not None
         t = st.label
         keep = probe.y != t
         clean = probe.x[keep]
-        stamped = (1 - st.mask) * clean + st.mask * st.pattern
-        target = torch.full((len(clean),), t, dtype=torch.long)
+        inputs = {"clean": clean, "own": probe.x[~keep]}  # other labels' inputs, and label t's own
+        if self.score in ("trigger", "both"):
+            inputs["stamped"] = (1 - st.mask) * clean + st.mask * st.pattern
+        if self.score == "trigger":
+            del inputs["clean"], inputs["own"]
         base = {k: v.detach() for k, v in probe.state.items()}
         norms = x.norm(dim=1)
         step = float(norms.median())
 
-        def loss(state: StateDict) -> float:
-            return float(F.cross_entropy(probe.logits(state, stamped), target))
+        def losses(state: StateDict) -> dict[str, float]:
+            """The loss towards ``t`` of each input set (0 for an empty one: a root set without label ``t``)."""
+            return {
+                k: float(F.cross_entropy(probe.logits(state, v), torch.full((len(v),), t))) if len(v) else 0.0
+                for k, v in inputs.items()
+            }
 
         with torch.no_grad():
-            trig0 = loss(base)
-            s = []
+            before = losses(base)
+            moves: dict[str, list[float]] = {k: [] for k in inputs}
             for row, n in zip(x, norms.tolist(), strict=True):
                 d = like.unflatten(row * (step / n if n > 0 else 0.0))
-                s.append(loss({k: v + d[k] if k in d else v for k, v in base.items()}) - trig0)
-        sc = torch.tensor(s, dtype=torch.float64)
-        med = sc.median()
-        mad = 1.4826 * (sc - med).abs().median()
-        return ((sc - med) / mad.clamp_min(1e-12)).clamp(-Z_CLIP, Z_CLIP)
+                after = losses({k: v + d[k] if k in d else v for k, v in base.items()})
+                for k in inputs:
+                    moves[k].append(after[k] - before[k])
+        if self.score == "trigger":
+            return _robust_z(moves["stamped"])
+        mix = _robust_z(_theil_sen_residuals(moves["clean"], moves["own"]))
+        if self.score == "mix":
+            return mix
+        return ((_robust_z(moves["stamped"]) + mix) / math.sqrt(2)).clamp(-Z_CLIP, Z_CLIP)
 
     def reset(self) -> None:
         super().reset()
@@ -385,5 +442,5 @@ class BackdoorAttribution(_Buffered):
         return (
             f"BackdoorAttribution(every={self.every!r}, steps={self.steps!r}, lam={self.lam!r}, "
             f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r}, "
-            f"switch={self.switch!r})"
+            f"switch={self.switch!r}, score={self.score!r})"
         )

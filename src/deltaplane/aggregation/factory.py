@@ -54,6 +54,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "unlearn_lr",
         "switch",
         "sticky",
+        "score",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -63,7 +64,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     """A defence spec → the innermost aggregator; every defence ignores client-claimed weights.
 
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
-    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"``, ``"median(4)"`` (mean around median), ``"median(bucket=2)"`` (bucketing), ``"multi_krum(byzantine=4)"``,
+    parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"`` (bucketed by 2), ``"median(bucket=1)"`` (the plain median), ``"median(4)"`` (mean around median), ``"multi_krum(byzantine=4)"``,
     ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
@@ -109,6 +110,12 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
                     f"defense {name!r}: switch must be one of {list(SWITCHES)}. Found {value!r}"
                 )
             continue
+        if key == "score":
+            from deltaplane.aggregation.attribution import SCORES
+
+            if value not in SCORES:
+                raise ConfigError(f"defense {name!r}: score must be one of {list(SCORES)}. Found {value!r}")
+            continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -125,7 +132,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
         b = params.get("byzantine")
         if b is not None and not isinstance(b, int):
             raise ConfigError(f"defense 'median': byzantine must be an integer. Found {b!r}")
-        return CoordinateMedian(byzantine=b, bucket=params.get("bucket", 1), seed=seed)
+        return CoordinateMedian(byzantine=b, bucket=params.get("bucket"), seed=seed)
     if name in ("krum", "multi_krum"):
         f = params.get("byzantine", 1)
         if not isinstance(f, int):
@@ -161,6 +168,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             unlearn_lr=float(params.get("unlearn_lr", 0.05)),
             switch=params.get("switch"),
             sticky=params.get("sticky"),
+            score=params.get("score", "both"),
         )
     return FLTrust()
 
