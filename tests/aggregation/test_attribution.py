@@ -266,9 +266,9 @@ def test_theil_sen_residuals_ignore_what_the_line_explains_and_keep_the_outlier(
     assert _theil_sen_residuals([1.0, 3.0, 2.0], [0.0, 0.0, 0.0]) == [-1.0, 1.0, 0.0]  # no slope: the median
 
 
-def _mixed_round_scores(score: str, rounds: int = 6) -> dict[str, float]:
-    """Summed z-scores over ``rounds`` independent rounds of 11 updates from a model that already holds the
-    backdoor (trained on digits with 200 stamped images labelled 0): ten honest clients whose data are 0–60%
+def _mixed_round_scores(score: str, rounds: int = 6, seed: int = 0) -> dict[str, float]:
+    """Summed z-scores over ``rounds`` independent rounds of 11 updates from a model (initialised with
+    ``seed``) that already holds the backdoor (trained on digits with 200 stamped images labelled 0): ten honest clients whose data are 0–60%
     label 0 and one attacker (the attack's recipe: half its images stamped and labelled 0), each 10 SGD steps on
     64 images; the rule knows the true trigger and label 0."""
     import torch.nn.functional as F
@@ -278,9 +278,9 @@ def _mixed_round_scores(score: str, rounds: int = 6) -> dict[str, float]:
     from deltaplane.delta import Delta
     from deltaplane.engine.attacks import add_trigger
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     task = make_task(RunConfig())
-    model = task.build_model(0)
+    model = task.build_model(seed)
     pool = task.train if task.train is not None else task.clients[0]
     x, y = pool.x, pool.y
     zero = torch.zeros(200, dtype=torch.long)
@@ -337,12 +337,29 @@ def _mixed_round_scores(score: str, rounds: int = 6) -> dict[str, float]:
     return total
 
 
-def test_the_mix_score_tells_a_trigger_planter_from_honest_clients_rich_in_the_label() -> None:
+@pytest.fixture
+def one_thread():
+    """The backdoored model is 300 SGD steps at lr 0.2: its trajectory (and every score after it) changes with
+    torch's reduction order, so the states below are pinned to one intra-op thread to be the same everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _attacker_rank(scores: dict[str, float]) -> int:
+    """0: the attacker has the lowest (most suspicious) score of the eleven clients."""
+    return sorted(scores, key=scores.__getitem__).index("attacker")
+
+
+def test_the_mix_score_tells_a_trigger_planter_from_honest_clients_rich_in_the_label(one_thread) -> None:
     # the model already holds the backdoor: planting it again barely moves the trigger's loss, so the trigger
-    # score ranks the attacker among the honest clients (measured: 6.2 summed, four honest clients lower);
-    # the mix score — the push of the other labels' clean inputs towards 0 beyond what the update's gain on
-    # genuine 0s explains — ranks it the most suspicious, below the clients with 40–60% zeros
-    trigger, mix = _mixed_round_scores("trigger"), _mixed_round_scores("mix")
-    assert min(mix, key=mix.__getitem__) == "attacker"
-    assert mix["attacker"] < min(v for k, v in mix.items() if k != "attacker") - 2
-    assert sorted(trigger.values()).index(trigger["attacker"]) >= 3
+    # score often ranks the attacker among the honest clients; the mix score — the push of the other labels'
+    # clean inputs towards 0 beyond what the update's gain on genuine 0s explains — ranks it among the two most
+    # suspicious on every one of four independently backdoored models, first on most. Measured (one thread):
+    # mix ranks 1, 0, 0, 0; trigger 0, 5, 0, 3. One model alone is a coin: its ranking flips with the thread count.
+    mix = [_attacker_rank(_mixed_round_scores("mix", seed=s)) for s in range(4)]
+    trigger = [_attacker_rank(_mixed_round_scores("trigger", seed=s)) for s in range(4)]
+    assert max(mix) <= 1, mix
+    assert mix.count(0) >= 3, mix
+    assert sum(mix) < sum(trigger), (mix, trigger)
