@@ -43,18 +43,6 @@ CANDIDATES = tuple(
 )
 
 
-def theil_sen_resid(y: list[float], x: list[float]) -> list[float]:
-    slopes = sorted(
-        (y[j] - y[i]) / (x[j] - x[i])
-        for i in range(len(x))
-        for j in range(i + 1, len(x))
-        if abs(x[j] - x[i]) > 1e-12
-    )
-    b = slopes[len(slopes) // 2] if slopes else 0.0
-    a = sorted(yi - b * xi for xi, yi in zip(x, y, strict=True))[len(x) // 2]
-    return [yi - a - b * xi for xi, yi in zip(x, y, strict=True)]
-
-
 def probe_run(codec: str, seed: int, defense: str, unlearn_copy: int, rounds: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -141,9 +129,9 @@ def probe_run(codec: str, seed: int, defense: str, unlearn_copy: int, rounds: in
             # margins rise when an update plants: minus, so that negative is suspicious like the losses
             out[pre + "mdiff"] = [-(r[pre + "mtrig"] - r["mclean"]) for r in rows]
             out[pre + "mtrig"] = [-r[pre + "mtrig"] for r in rows]
-            out[pre + "resid"] = theil_sen_resid(out[pre + "trig"], out["clean"])
+            out[pre + "resid"] = A._theil_sen_residuals(out[pre + "trig"], out["clean"])
         out["mclean"] = [-v for v in out["mclean"]]
-        out["cres"] = theil_sen_resid(out["clean"], out["tt"])
+        out["cres"] = A._theil_sen_residuals(out["clean"], out["tt"])
         out["base"] = [b["trig"], b["clean"], b["f_trig"], b["o_trig"], float(fm.sum())]
         return out
 
