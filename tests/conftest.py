@@ -22,6 +22,16 @@ BYO_DOC = Path(__file__).resolve().parents[1] / "docs" / "byo.md"
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one intra-op thread during the test, as the simulator and the CLI run it: a float reduction
+    sums in the same order everywhere, so results recorded or compared across runs stay the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def byo_task(tmp_path, monkeypatch) -> str:
     """docs/byo.md's ``mytask.py`` (the block starting ``# mytask.py``), written into a user folder on sys.path,
     as a reader would save it; yields the task path ``"mytask:make_task"``."""

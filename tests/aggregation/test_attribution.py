@@ -337,16 +337,6 @@ def _mixed_round_scores(score: str, rounds: int = 6, seed: int = 0) -> dict[str,
     return total
 
 
-@pytest.fixture
-def one_thread():
-    """The backdoored model is 300 SGD steps at lr 0.2: its trajectory (and every score after it) changes with
-    torch's reduction order, so the states below are pinned to one intra-op thread to be the same everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _attacker_rank(scores: dict[str, float]) -> int:
     """0: the attacker has the lowest (most suspicious) score of the eleven clients."""
     return sorted(scores, key=scores.__getitem__).index("attacker")
@@ -357,7 +347,8 @@ def test_the_mix_score_tells_a_trigger_planter_from_honest_clients_rich_in_the_l
     # score often ranks the attacker among the honest clients; the mix score — the push of the other labels'
     # clean inputs towards 0 beyond what the update's gain on genuine 0s explains — ranks it among the two most
     # suspicious on every one of four independently backdoored models, first on most. Measured (one thread):
-    # mix ranks 1, 0, 0, 0; trigger 0, 5, 0, 3. One model alone is a coin: its ranking flips with the thread count.
+    # mix ranks 1, 0, 0, 0; trigger 0, 5, 0, 3. One model alone is a coin: its ranking flips with the thread count
+    # (300 SGD steps at lr 0.2 amplify the reduction order), hence one thread.
     mix = [_attacker_rank(_mixed_round_scores("mix", seed=s)) for s in range(4)]
     trigger = [_attacker_rank(_mixed_round_scores("trigger", seed=s)) for s in range(4)]
     assert max(mix) <= 1, mix

@@ -109,13 +109,8 @@ BEFORE |= {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Recorded on one torch thread: a multi-threaded reduction (``scale=norm``) may sum in another order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# recorded on one torch thread (the shared one_thread fixture): a multi-threaded reduction (scale=norm) may sum
+# in another order
 
 
 @pytest.mark.parametrize("spec", sorted(BEFORE))

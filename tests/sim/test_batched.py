@@ -152,26 +152,29 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
     assert multiprocessing.active_children() == []
 
 
+@pytest.fixture
+def two_shares(one_thread):
+    """A trainer with one forked worker (the caller trains the other share, on one thread as the simulator
+    sets), a start model and the test shards; the worker is stopped afterwards."""
+    trainer = BatchedTrainer(build_model(0), workers=2)
+    try:
+        yield trainer, {k: v.clone() for k, v in build_model(3).state_dict().items()}, _shards()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
-def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result() -> None:
+def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result(two_shares) -> None:
     """``PendingTraining.parts()`` yields the caller's share (trained on the spot) before the worker's, with
     every client exactly once and the very deltas ``result()`` stacks; an iteration abandoned after the
     first share does not lose the second."""
-    state = {k: v.clone() for k, v in build_model(3).state_dict().items()}
-    shards = _shards()
-    trainer = BatchedTrainer(build_model(0), workers=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
-        pending = trainer.start(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
-        first = next(pending.parts())  # abandoned after the caller's share
-        assert not pending._futures[0].done()  # the worker's share was not collected for it
-        parts = list(pending.parts())
-        stacked = pending.result()
-    finally:
-        torch.set_num_threads(before)
-        trainer.close()
+    trainer, state, shards = two_shares
+    gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+    pending = trainer.start(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+    first = next(pending.parts())  # abandoned after the caller's share
+    assert not pending._futures[0].done()  # the worker's share was not collected for it
+    parts = list(pending.parts())
+    stacked = pending.result()
     assert parts[0] is first and len(parts) == 2
     positions = [c for members, _ in parts for c in members]
     assert sorted(positions) == list(range(len(shards)))
@@ -369,26 +372,18 @@ def test_worker_groups_balance_estimated_time() -> None:
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
-def test_the_callers_share_moves_clients_not_their_training() -> None:
+def test_the_callers_share_moves_clients_not_their_training(two_shares) -> None:
     """A smaller caller share hands clients to the forked worker; every client's delta stays the same up to
     float rounding (a client's stack-mates change, its arithmetic does not). A share outside (0, 1] is
     refused."""
-    state = {k: v.clone() for k, v in build_model(3).state_dict().items()}
-    shards = _shards()
-    trainer = BatchedTrainer(build_model(0), workers=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = {}
-        for share in (1.0, 0.4):
-            gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
-            pending = trainer.start(
-                state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9, caller_share=share
-            )
-            out[share] = (len(pending._futures), sum(j["x"].shape[0] for j in pending._own), pending.result())
-    finally:
-        torch.set_num_threads(before)
-        trainer.close()
+    trainer, state, shards = two_shares
+    out = {}
+    for share in (1.0, 0.4):
+        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+        pending = trainer.start(
+            state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9, caller_share=share
+        )
+        out[share] = (len(pending._futures), sum(j["x"].shape[0] for j in pending._own), pending.result())
     assert out[0.4][1] < out[1.0][1]  # fewer clients trained by the caller
     for k, v in out[1.0][2].items():
         torch.testing.assert_close(v, out[0.4][2][k], rtol=1e-4, atol=1e-6, msg=k)

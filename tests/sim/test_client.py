@@ -10,13 +10,8 @@ from deltaplane.sim.seeding import Stream, torch_generator
 CFG = RunConfig(clients=6, local_epochs=1, codec="topk(0.05) | quant(bits=8)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # As run_simulation does: a tiny CNN trains fastest (and repeatably) on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# As run_simulation does: a tiny CNN trains fastest (and repeatably) on one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
