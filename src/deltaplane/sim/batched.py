@@ -556,11 +556,7 @@ class ForkedWorkers(Executor):
         try:
             self._conns[worker].send((fn, args, kwargs))
         except OSError as exc:
-            code = self._procs[worker].exitcode
-            raise DeltaplaneError(
-                f"a batched-training worker process died (exit code {code}): {exc!r}; close the trainer "
-                "and start a new one"
-            ) from exc
+            raise self._died(worker, exc) from exc
         self._waiting[worker].append(future)
         return future
 
@@ -571,15 +567,20 @@ class ForkedWorkers(Executor):
             ok, value = self._conns[worker].recv()
         except (EOFError, OSError) as exc:
             self._procs[worker].join(timeout=1.0)  # a closed pipe: the process is ending, if not gone
-            code = self._procs[worker].exitcode
-            future.set_exception(
-                DeltaplaneError(f"a batched-training worker process died (exit code {code}): {exc!r}")
-            )
+            future.set_exception(self._died(worker, exc))
             return
         if ok:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+    def _died(self, worker: int, exc: BaseException) -> DeltaplaneError:
+        """The error for a worker whose pipe broke: its exit code, and what to do."""
+        code = self._procs[worker].exitcode
+        return DeltaplaneError(
+            f"a batched-training worker process died (exit code {code}): {exc!r}; close the trainer and "
+            "start a new one"
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers (each finishes the task it runs)."""
