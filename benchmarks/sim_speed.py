@@ -67,8 +67,7 @@ PHASES = {  # what the in-process driver calls in a round, by the name a reader 
     "start_batched": "local training (all clients, stacked)",
     "_upload_stacked": "encode every update into its payload",
     "deliver": "server: decode, validate, FedAvg",
-    "evaluate_clients": "score every client's held-out data",
-    "round_scores": "score the test set",
+    "score_round": "score the test set and every client's held-out data",
 }
 
 

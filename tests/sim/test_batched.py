@@ -398,25 +398,38 @@ def test_the_callers_share_moves_clients_not_their_training(two_shares) -> None:
 def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With worker processes the simulator starts round r+1's training before it scores round r. The run must
-    be the one it is when each round is trained in its turn: same weights, same metrics, bit for bit; and
-    the early start must really happen (every round after the first comes from it)."""
+    """With worker processes the simulator starts round r+1's training as soon as round r's model exists, and
+    the worker scores round r after its share of round r+1 (the last round is scored here). The run must be
+    the one it is when each round is trained and scored in its turn: same weights, same metrics, bit for
+    bit, in order, each reported once; and the early start and the worker's scoring must really happen."""
     import deltaplane.sim.simulation as simulation
     from deltaplane.sim import RunConfig, run_simulation
 
     cfg = RunConfig(clients=6, rounds=4, engine="batched", threads=2, sample_fraction=0.5)
     started: list[int] = []
-    real_start = simulation.start_batched
+    scored_here: list[int] = []
+    real_start, real_score = simulation.start_batched, simulation.score_round
 
     def counting(*args: object, **kwargs: object) -> object:
         started.append(int(args[4]))  # type: ignore[arg-type]
         return real_start(*args, **kwargs)  # type: ignore[arg-type]
 
+    def scoring_here(*args: object, **kwargs: object) -> object:
+        scored_here.append(len(started))
+        return real_score(*args, **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(simulation, "start_batched", counting)
-    early = run_simulation(cfg)
-    assert started == [1, 2, 3, 4]  # round 1 in turn; rounds 2-4 begun while the previous one was scored
+    monkeypatch.setattr(simulation, "score_round", scoring_here)
+    reported: list[int] = []
+    early = run_simulation(cfg, progress=lambda m: reported.append(m.round))
+    assert started == [1, 2, 3, 4]  # round 1 in turn; rounds 2-4 begun as soon as the previous one closed
+    assert scored_here == [4]  # rounds 1-3 scored in the worker
+    assert reported == [1, 2, 3, 4]
     monkeypatch.setattr(simulation, "_PREFETCH", False)
     in_turn = run_simulation(cfg)
     assert started == [1, 2, 3, 4, 1, 2, 3, 4]
-    assert [r.test_accuracy for r in early.rounds] == [r.test_accuracy for r in in_turn.rounds]
+    assert scored_here == [4, 5, 6, 7, 8]
+    for a, b in zip(early.rounds, in_turn.rounds, strict=True):
+        assert {**vars(a), "seconds": 0} == {**vars(b), "seconds": 0}
+        assert a.seconds > 0
     assert all(torch.equal(early.final_state[k], in_turn.final_state[k]) for k in early.final_state)

@@ -307,8 +307,7 @@ class BatchedTrainer:
     ) -> PendingTraining:
         """:meth:`train`, begun: the batch orders are drawn (the generators advance now) and the forked
         workers' shares are sent off; :meth:`PendingTraining.result` trains the caller's own share and
-        collects. In between the caller is free: a simulator scores the last round while the workers
-        already train the next one.
+        collects. In between the caller is free for other work while the workers train.
 
         ``caller_share`` is the caller's capacity relative to a worker's when the clients are split (1: equal
         estimated work each). A caller that does other work before it asks for the result gives the workers
@@ -404,6 +403,19 @@ class BatchedTrainer:
             # the workers would outlive a trainer nobody closed: stop them with it
             weakref.finalize(self, self._pool.shutdown)
         return self._pool
+
+    def run_in_worker(self, fn: Callable[..., Any], /, *args: Any) -> Future | None:
+        """``fn(*args)`` in a forked worker process, after the jobs already sent to it (the first worker's), as
+        a future; ``None`` where the trainer has no forked worker (one worker, or no fork on this platform)
+        or has not started them yet (:meth:`start` does).
+
+        For work the caller would otherwise do while a worker idles: a worker that has trained its share
+        waits for the next round's model, which the caller is still closing. ``fn`` and ``args`` are pickled
+        (``fn`` by name: a module-level function), and ``fn`` sees the worker's memory as it was at the fork.
+        """
+        if not isinstance(self._pool, ForkedWorkers):
+            return None
+        return self._pool.submit_to(0, fn, *args)
 
     def close(self) -> None:
         """Stop the workers (they stop with the process anyway; a new :meth:`train` restarts them)."""
@@ -663,12 +675,13 @@ def _tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
 #: shares of it (DigitsCNN, batch 32, one thread: about 1.0 ms for 1 client, 4.4 ms for 10, 8 ms for 20)
 _STEP_OVERHEAD_CLIENTS = 1.6
 
-#: the caller's share (``BatchedTrainer.start(caller_share=...)``) when rounds overlap: the caller scores the
-#: last round before it trains, and encodes and delivers its own share's updates before it needs the workers'
-#: (simulation._run). Default workload, medians over 40 rounds, worker done minus caller asking for its result:
-#: at 1.0 −5.6 to −7.6 ms (the worker idles), 0.8 −2.8 to −3.1, 0.75 −2.5 to +0.5, 0.7 −1.3 to +3.0 (the
-#: caller waits); one client more or less moves about 2 ms.
-PREFETCH_CALLER_SHARE = 0.75
+#: the caller's share (``BatchedTrainer.start(caller_share=...)``) when rounds overlap: the caller sends the
+#: worker its job, trains its own share, and encodes and delivers that share's updates before it needs the
+#: worker's; the worker scores the last round after its share (simulation._run, sim.worker_scoring). On the
+#: default workload 0.95 splits the clients' steps evenly (44 and 44 client-steps; 0.75 gave 50 and 38, which
+#: suited the caller scoring first) and the caller waits ~0.5 ms a round for the worker (median over rounds
+#: 3-14 of 16 runs); 1.0 (46 and 42) measured the same within noise.
+PREFETCH_CALLER_SHARE = 0.95
 
 
 def _balanced_groups(

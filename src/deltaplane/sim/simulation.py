@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -33,9 +34,7 @@ from deltaplane.engine import (
     Task,
     Upload,
     deliver,
-    evaluate_clients,
     make_task,
-    round_scores,
     sample_clients,
 )
 from deltaplane.engine.federation import Client, build_clients
@@ -45,6 +44,7 @@ from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import PREFETCH_CALLER_SHARE, BatchedTrainer, PendingTraining, batching_blocker
+from deltaplane.sim.worker_scoring import WorkerScoring, score_round
 
 __all__ = [
     "BASE_ID",
@@ -237,17 +237,41 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         )
 
     # With worker processes, the next round's training starts (its workers' shares) as soon as the new global
-    # model exists, while this process scores the round just done; nothing that training reads (the model,
-    # the sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
+    # model exists, before the round just done is scored; nothing that training reads (the model, the
+    # sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
     # poisoning keeps per-round state) or personalization (it updates the clients after the round).
     overlap = (
         trainer is not None and config.threads > 1 and not step.malicious and step.personalizer.name == "none"
     )
     prefetch = _PREFETCH and overlap
-    # The worker gets a head start while this process scores, so this process takes a smaller share. The
-    # split can change the float rounding of a client's delta, so every round of the run uses the same one,
-    # prefetched or not (and _PREFETCH=False gives the very same run).
+    # This process's share (PREFETCH_CALLER_SHARE): it also frames and delivers its share's updates before it
+    # needs the worker's. The split can change the float rounding of a client's delta, so every round of the
+    # run uses the same one, prefetched or not (and _PREFETCH=False gives the very same run).
     caller_share = PREFETCH_CALLER_SHARE if overlap else 1.0
+    # The forked worker scores each round's model after it has trained its share of the next round, instead
+    # of this process before its own share (deltaplane.sim.worker_scoring); set up before the first start()
+    # forks the worker. Such a round's metrics are reported once the next round has closed.
+    scoring = (
+        WorkerScoring(trainer, model, task.test, clients)
+        if prefetch and trainer is not None and backdoor_target is None
+        else None
+    )
+    # the round being scored in the worker: its other metrics, its start, and the scores to come
+    deferred: tuple[dict[str, Any], float, Future] | None = None
+
+    def report(fields: dict[str, Any], seconds: float, scores: dict[str, Any]) -> None:
+        history.append(RoundMetrics(**fields, **scores, seconds=seconds))
+        if progress is not None:
+            progress(history[-1])
+
+    def report_deferred(until: float) -> None:
+        """The round scored in the worker, which took until ``until`` (the next round's start)."""
+        nonlocal deferred
+        if deferred is not None:
+            fields, began, scores = deferred
+            deferred = None
+            report(fields, until - began, {**scores.result(), "backdoor_success": None})
+
     pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -299,6 +323,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         try:
             outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
         except PrivacyBudgetExceeded as exc:
+            report_deferred(t0)
             stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
             break
         global_state = outcome.state
@@ -323,28 +348,32 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             personal, rows = personal_metrics(step, model, global_state, task.test, clients, task.num_classes)  # type: ignore[arg-type]
             if rnd == config.rounds:
                 client_rows = rows
-        model.load_state_dict(global_state)
-        # the global model on each device's held-out data; personalized figures are in `personal`
-        client_acc = evaluate_clients(model, clients)
-        epsilon = round_epsilon(config, step, outcome.measurements)
-        metrics = RoundMetrics(
+        fields = dict(
             round=rnd,
             clients=len(chosen),
-            **round_scores(model, task.test, client_acc),
             uplink_bytes=outcome.uplink_bytes,
             downlink_bytes=down,
             cumulative_uplink_bytes=cum_up,
             cumulative_downlink_bytes=cum_down,
-            seconds=time.perf_counter() - t0,
-            epsilon=epsilon,
+            epsilon=round_epsilon(config, step, outcome.measurements),
             rejected=len(outcome.rejections),
-            backdoor_success=backdoor_success(model, task.test, backdoor_target),
             clipped_fraction=outcome.measurements.get("clipped_fraction"),
             **personal,
         )
-        history.append(metrics)
-        if progress is not None:
-            progress(metrics)
+        # scored in the worker when it trains the next round (its share sent above, the scoring queued after it)
+        scores = scoring.submit(global_state) if scoring is not None and pending is not None else None
+        report_deferred(t0)  # the previous round: the worker scored it while this process closed this one
+        if scores is not None:
+            deferred = (fields, t0, scores)
+            continue
+        # here: the global model on the test set and on each device's held-out data (personalized figures
+        # are in `personal`); the round's time includes its scoring
+        scored = score_round(model, global_state, task.test, clients)
+        scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
+        report(fields, time.perf_counter() - t0, scored)
+    report_deferred(time.perf_counter())  # a run that stops with a round scored in the worker
+    if scoring is not None:
+        scoring.close()
     return RunResult(
         config=config,
         rounds=history,

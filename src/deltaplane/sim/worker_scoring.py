@@ -1,0 +1,75 @@
+"""Scoring a round's global model in a forked training worker, in the time it would otherwise idle.
+
+With a second share of training in a forked worker (``threads=2``, :class:`~deltaplane.sim.batched.BatchedTrainer`)
+the batched simulator starts round r+1's training as soon as round r's model exists. The worker then trains its
+share and waits while this process encodes and delivers the worker's updates, closes round r+1 and sends the
+next job: about 7 ms a round on the default workload (docs/sim-speed.md). Scoring round r's model (test set
+and every device's held-out data, ~3.5 ms) fits in that wait, so the worker does it there, after its share,
+instead of this process before its own share: this process's round is shorter by the scoring and the worker's
+otherwise idle time is used. The scores are the same bits as scored here (the same functions and data, one
+torch thread in both processes); they arrive a round later, so the run reports each round's metrics once the
+next round has closed.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deltaplane.data.dataset import Dataset
+from deltaplane.engine.metrics import evaluate_clients, round_scores
+from deltaplane.errors import DeltaplaneError
+from deltaplane.sim.batched import BatchedTrainer
+
+__all__ = ["WorkerScoring", "score_round"]
+
+#: What each run's forked worker scores with (a copy of the model, the test set, the devices), by the
+#: trainer's ``id``; set before the trainer forks its workers, which inherit it with the rest of memory.
+_CONTEXT: dict[int, tuple[nn.Module, Dataset, list[Any]]] = {}
+
+
+def score_round(
+    model: nn.Module, state: dict[str, Tensor], test: Dataset, clients: list[Any]
+) -> dict[str, float]:
+    """The accuracy fields of a round's metrics for the global model ``state``: the test set and each
+    device's held-out data (:func:`~deltaplane.engine.metrics.round_scores`); loads ``state`` into ``model``."""
+    model.load_state_dict(state)
+    return round_scores(model, test, evaluate_clients(model, clients))
+
+
+def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`score_round` in a forked worker, with the context it inherited at the fork."""
+    context = _CONTEXT.get(key)
+    if context is None:  # the trainer forked before WorkerScoring registered (not how the simulator runs)
+        raise DeltaplaneError("this worker was forked before its run's scoring context was registered")
+    model, test, clients = context
+    return score_round(model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients)
+
+
+class WorkerScoring:
+    """Round scores computed by ``trainer``'s forked worker (see the module's docstring).
+
+    Create it before the trainer's first :meth:`~deltaplane.sim.batched.BatchedTrainer.start` (the fork) and
+    :meth:`close` it after the run. The devices' held-out data must not change during the run (the worker
+    holds their copy from the fork): the simulator defers scoring only without personalization and attacks.
+    """
+
+    def __init__(self, trainer: BatchedTrainer, model: nn.Module, test: Dataset, clients: list[Any]) -> None:
+        self._trainer, self._key = trainer, id(trainer)
+        # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
+        _CONTEXT[self._key] = (copy.deepcopy(model), test, clients)
+
+    def submit(self, state: dict[str, Tensor]) -> Future | None:
+        """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
+        next round's share: send that first); ``None`` where the trainer has no forked worker."""
+        arrays = {k: v.detach().numpy() for k, v in state.items()}  # numpy crosses the pipe by value
+        return self._trainer.run_in_worker(_score_forked, self._key, arrays)
+
+    def close(self) -> None:
+        """Forget the run's context (the worker keeps its copy until the trainer stops it)."""
+        _CONTEXT.pop(self._key, None)
