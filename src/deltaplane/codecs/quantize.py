@@ -83,9 +83,12 @@ class Identity(Codec):
         if x.dim() < 1 or x.shape[0] != len(rngs):
             return super().encode_rows(x, rngs)
         x = x.detach().contiguous().cpu()  # once for the stack: every row is then a contiguous view
-        meta, shape = {"dtype": DTYPE_NAMES[x.dtype]}, tuple(x.shape[1:])
+        spec, name, shape = self.spec, DTYPE_NAMES[x.dtype], tuple(x.shape[1:])
+        # one byte view of the whole stack, cut into rows: the bytes tensor_buffer(x[i]) gives for each row
+        whole, size = tensor_buffer(x), x[0].numel() * x.element_size() if len(rngs) else 0
         return [
-            Encoded(self.spec, shape, dict(meta), {"data": tensor_buffer(x[i])}) for i in range(len(rngs))
+            Encoded(spec, shape, {"dtype": name}, {"data": whole[i * size : (i + 1) * size]})
+            for i in range(len(rngs))
         ]
 
     def decode(self, e: Encoded) -> Tensor:

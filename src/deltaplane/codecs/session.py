@@ -88,6 +88,9 @@ _CRC = struct.Struct("<I")
 #: skeletons up to this size are remembered, the most recent this many per session (WireSession.read_table)
 _SKELETON_CACHE_BYTES = 4096
 _SKELETON_CACHE_SIZE = 64
+#: skeleton parts :meth:`WireSession.pack` remembers per session (see _tree_key)
+_PACK_MEMO_SIZE = 1024
+_F64 = struct.Struct("<d")
 _MIN_FRAME = len(COMPACT_MAGIC) + 1 + SESSION_ID_BYTES + 1 + 1 + _CRC.size
 #: the template's reference update: a seeded normal delta, scaled like a small training step
 _TEMPLATE_SEED = 20261202
@@ -216,6 +219,38 @@ def _values(doc: dict[str, Any], out: list[Any], codings: Iterator[tuple[int, in
         else:
             coding, stored = next(codings) if codings is not None else (0, v)
             out.extend((v, coding, stored - v))
+
+
+def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None:
+    """Everything of a finalized tree its compact skeleton part depends on, as a type-exact hashable key:
+    codecs, shapes, meta (a float by its 8 bytes, so -0.0 and NaN payloads stay apart; bool and int apart),
+    field names, kinds and byte lengths; collects ``(plain float field?, bytes)`` of each byte field into
+    ``raw`` as :func:`_node_doc` does. ``None`` (and ``raw`` unusable) for anything unusual: such a tree is
+    framed from scratch, and :func:`_node_doc` says what is wrong with it."""
+    codec, shape = e.codec, e.shape
+    if type(codec) is not str or type(shape) is not tuple or any(type(d) is not int for d in shape):
+        return None
+    meta = []
+    for k, v in e.meta.items():
+        t = type(v)
+        if type(k) is not str or t not in (int, bool, str, float):
+            return None
+        meta.append((k, t, _F64.pack(v) if t is float else v))
+    fields = []
+    for k, v in e.fields.items():
+        if type(k) is not str:
+            return None
+        if isinstance(v, Encoded):
+            sub = _tree_key(v, raw)
+            if sub is None:
+                return None
+            fields.append((k, sub))
+        elif isinstance(v, bytes | bytearray | memoryview):
+            fields.append((k, len(v)))
+            raw.append((_plain(codec, k), v))
+        else:
+            return None
+    return (codec, shape, tuple(meta), tuple(fields))
 
 
 def _rebuild(
@@ -476,20 +511,29 @@ class WireSession:
 
         skeleton = bytearray()
         chunks: list[bytes | memoryview] = []
+        memo = self._packed
         for i, (name, (dtype, tree)) in enumerate(trees.items()):
             want = self.layout[name]
             if dtype != want.dtype or tuple(tree.shape) != want.shape:
                 raise ShapeMismatch(
                     f"tensor '{name}' differs from the session layout ({want.shape}, {want.dtype})"
                 )
+            # A node's skeleton part depends only on its _tree_key and its fields' codings: a round's
+            # updates (every update of a dense codec) share a few, which are remembered, not worked out again.
             raw: list[tuple[bool, bytes]] = []
-            doc = _node_doc(tree, raw)
-            sig: list[Any] = []
-            _signature(doc, sig)
-            if tuple(sig) != self._signatures[i]:
-                text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-                _put_varint(skeleton, 0)
-                _put_varint(skeleton, len(text))
+            key = _tree_key(tree, raw)
+            doc: dict[str, Any] | None = None
+            if key is None:
+                raw = []
+                doc = _node_doc(tree, raw)
+                text = self._whole_node(i, doc)
+            else:
+                text = memo.get((i, key))
+                if text is None:
+                    doc = _node_doc(tree)
+                    text = self._whole_node(i, doc)
+                    self._remember((i, key), text)
+            if text:  # a tree shaped unlike the template: sent whole, its fields raw
                 skeleton += text
                 chunks.extend(data for _, data in raw)
                 continue
@@ -498,18 +542,12 @@ class WireSession:
                 coding, stored = encode_field(data) if self.entropy and not plain else (0, data)
                 codings.append((coding, len(stored)))
                 chunks.append(stored)
-            vals: list[Any] = []
-            _values(doc, vals, iter(codings))
-            old = self._template_values[i]
-            changes = [
-                j for j, (a, b) in enumerate(zip(vals, old, strict=True)) if a != b or type(a) is not type(b)
-            ]
-            _put_varint(skeleton, len(changes) + 1)
-            prev = -1
-            for j in changes:
-                _put_varint(skeleton, j - prev - 1)
-                _put_value(skeleton, vals[j], old[j], self._vocab)
-                prev = j
+            part = memo.get((i, key, tuple(codings))) if key is not None else None
+            if part is None:
+                part = self._changed_values(i, doc if doc is not None else _node_doc(tree), codings)
+                if key is not None:
+                    self._remember((i, key, tuple(codings)), part)
+            skeleton += part
         head = bytearray(COMPACT_MAGIC)
         head.append(COMPACT_VERSION)
         head += self.id
@@ -524,6 +562,47 @@ class WireSession:
         for c in chunks:
             crc = crc32c.crc32c(c, crc)
         return b"".join([bytes(head), *chunks, _CRC.pack(crc)])
+
+    def _whole_node(self, i: int, doc: dict[str, Any]) -> bytes:
+        """Tensor ``i``'s skeleton part if its node is shaped unlike the template (``h = 0``, the node as JSON),
+        else ``b""`` (it travels as changes: :meth:`_changed_values`)."""
+        sig: list[Any] = []
+        _signature(doc, sig)
+        if tuple(sig) == self._signatures[i]:
+            return b""
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        out = bytearray()
+        _put_varint(out, 0)
+        _put_varint(out, len(text))
+        return bytes(out + text)
+
+    def _changed_values(self, i: int, doc: dict[str, Any], codings: list[tuple[int, int]]) -> bytes:
+        """Tensor ``i``'s skeleton part as changes from the template (``h = d + 1``), its byte fields coded as
+        ``codings`` says."""
+        vals: list[Any] = []
+        _values(doc, vals, iter(codings))
+        old = self._template_values[i]
+        changes = [
+            j for j, (a, b) in enumerate(zip(vals, old, strict=True)) if a != b or type(a) is not type(b)
+        ]
+        out = bytearray()
+        _put_varint(out, len(changes) + 1)
+        prev = -1
+        for j in changes:
+            _put_varint(out, j - prev - 1)
+            _put_value(out, vals[j], old[j], self._vocab)
+            prev = j
+        return bytes(out)
+
+    @cached_property
+    def _packed(self) -> dict[tuple[Any, ...], bytes]:
+        """Skeleton parts :meth:`pack` worked out recently, by tensor and :func:`_tree_key` (and codings)."""
+        return {}
+
+    def _remember(self, key: tuple[Any, ...], part: bytes) -> None:
+        while len(self._packed) >= _PACK_MEMO_SIZE:
+            self._packed.pop(next(iter(self._packed)), None)
+        self._packed[key] = part
 
     # -- decoding ----------------------------------------------------------------------------------------
     def read_table(
