@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -90,6 +91,9 @@ _SKELETON_CACHE_BYTES = 4096
 _SKELETON_CACHE_SIZE = 64
 #: skeleton parts :meth:`WireSession.pack` remembers per session (see _tree_key)
 _PACK_MEMO_SIZE = 1024
+#: guards the two caches' evictions: a service decodes uploads in several threads with one session, and
+#: ``next(iter(cache))`` raises if another thread changes the dict between the two calls
+_CACHE_LOCK = threading.Lock()
 _F64 = struct.Struct("<d")
 _MIN_FRAME = len(COMPACT_MAGIC) + 1 + SESSION_ID_BYTES + 1 + 1 + _CRC.size
 #: the template's reference update: a seeded normal delta, scaled like a small training step
@@ -219,6 +223,14 @@ def _values(doc: dict[str, Any], out: list[Any], codings: Iterator[tuple[int, in
         else:
             coding, stored = next(codings) if codings is not None else (0, v)
             out.extend((v, coding, stored - v))
+
+
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+    """``cache[key] = value``, first dropping the oldest entries so that at most ``size`` remain."""
+    with _CACHE_LOCK:
+        while len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
 
 
 def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None:
@@ -600,9 +612,7 @@ class WireSession:
         return {}
 
     def _remember(self, key: tuple[Any, ...], part: bytes) -> None:
-        while len(self._packed) >= _PACK_MEMO_SIZE:
-            self._packed.pop(next(iter(self._packed)), None)
-        self._packed[key] = part
+        _bounded_put(self._packed, key, part, _PACK_MEMO_SIZE)
 
     # -- decoding ----------------------------------------------------------------------------------------
     def read_table(
@@ -653,9 +663,7 @@ class WireSession:
         if cached is None:
             cached = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
             if key is not None:
-                while len(self._skeletons) >= _SKELETON_CACHE_SIZE:
-                    self._skeletons.pop(next(iter(self._skeletons)), None)
-                self._skeletons[key] = cached
+                _bounded_put(self._skeletons, key, cached, _SKELETON_CACHE_SIZE)
         trees, stored = dict(cached[0]), list(cached[1])
         size = sum(s for _, s in stored)
         body = buf[skel_end : len(buf) - _CRC.size]
