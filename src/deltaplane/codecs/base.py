@@ -95,6 +95,11 @@ class Codec:
     #: True for a stage that sends only some coordinates (top-k, rand-k, threshold, STC): most decoded values
     #: are zero, which coordinate-wise robust rules cannot tell from a vote for zero
     sparsifies: ClassVar[bool] = False
+    #: True when :meth:`check` reads only a node's codec, shape, meta, nested nodes' shapes and its byte
+    #: fields' kinds and lengths, never their bytes: its verdict is then the same for every payload of one
+    #: compact skeleton, which a wire session checks once (:func:`~deltaplane.codecs.preflight.check_nodes`).
+    #: False (the default) for a check that reads a field's content (an index stream's Golomb parameter).
+    structural_check: ClassVar[bool] = False
 
     @property
     def contractive(self) -> bool:

@@ -190,15 +190,31 @@ def _compact_trees(
     session: WireSession,
     expect_base: tuple[str, int] | None,
     limits: Limits | None,
+    *,
+    check: bool = False,
 ) -> dict[str, tuple[torch.dtype, Encoded]]:
     """A compact frame's trees, read strictly and within budget (the session and base checked by the caller
-    of :meth:`WireSession.read_table`); nothing decoded yet."""
+    of :meth:`WireSession.read_table`), and with ``check`` every node checked (:func:`check_nodes`); nothing
+    decoded yet.
+
+    What depends on the frame's skeleton alone (the layout and decode budget of its tensor table, its
+    fields' lengths, structural node checks) is checked for the first payload of a skeleton the session
+    remembers and then known for the others (:meth:`WireSession.read_frame`); everything a payload carries
+    beyond its skeleton (checksum, session id, base version, data length) is checked on every payload.
+    """
     layout = session.layout
-    table, stored = session.read_table(
+    table, stored, facts = session.read_frame(
         payload, expect_base_version=expect_base[1] if expect_base is not None else None, limits=limits
     )
-    budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-    return session.read_body(table, stored, max_inflated_bytes=min(budget, layout.decoded_bytes))
+    # with the layout given, the budget does not depend on the payload's size: it holds for the skeleton
+    inflate = facts.get("max_inflated_bytes")
+    if inflate is None:
+        budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
+        inflate = facts["max_inflated_bytes"] = min(budget, layout.decoded_bytes)
+    trees = session.read_body(table, stored, max_inflated_bytes=inflate, facts=facts)
+    if check:
+        check_nodes(trees, memo=facts)
+    return trees
 
 
 def decompress_many(
@@ -231,8 +247,7 @@ def decompress_many(
     trees: list[dict[str, tuple[torch.dtype, Encoded]]] = []
     for i, payload in enumerate(payloads):
         try:
-            t = _compact_trees(payload, session, expect_base, limits)
-            check_nodes(t)
+            t = _compact_trees(payload, session, expect_base, limits, check=True)
         except DeltaplaneError as exc:
             out[i] = exc
             continue

@@ -31,6 +31,8 @@ class PowerSGD(Codec):
     (``r (m + n) >= m n``) are encoded with ``fallback`` instead (their node names that codec).
     """
 
+    structural_check = True  # check() reads lengths and shapes only
+
     name = "powersgd"
     positional = ("rank",)
     stateful = True

@@ -21,6 +21,7 @@ and only runs generators or index decoders over sizes the payload backs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -115,13 +116,41 @@ def check_budget(
     return budget
 
 
-def check_nodes(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> None:
-    """Every node's codec, fields, nested sizes and counts/lengths (:meth:`~deltaplane.codecs.base.Codec.check`)."""
+def check_nodes(
+    trees: Mapping[str, tuple[torch.dtype, Encoded]], *, memo: dict[str, Any] | None = None
+) -> None:
+    """Every node's codec, fields, nested sizes and counts/lengths (:meth:`~deltaplane.codecs.base.Codec.check`).
+
+    ``memo``: the facts a wire session keeps about one compact skeleton (:meth:`WireSession.read_frame
+    <deltaplane.codecs.session.WireSession.read_frame>`). Every payload of that skeleton has the same codecs,
+    shapes, meta and field lengths, so when every node's check is structural (reads no field's bytes:
+    :attr:`~deltaplane.codecs.base.Codec.structural_check`) the verdict of the first is every payload's,
+    and a passed check is remembered there.
+    """
+    if memo is not None and memo.get("nodes_checked"):
+        return
     for name, (dtype, tree) in trees.items():
         try:
             _check_node(tree, dtype)
         except DecodeError as exc:
             raise DecodeError(f"tensor '{name}': {exc}") from None
+    if memo is not None and all(_structural(tree) for _, tree in trees.values()):
+        memo["nodes_checked"] = True
+
+
+def _structural(e: Encoded) -> bool:
+    """Whether every check of ``e``'s subtree reads only shapes, meta and byte lengths: the class that
+    defines each codec's ``check`` declares ``structural_check = True`` itself (a subclass that overrides
+    ``check`` without saying so is not trusted)."""
+    codec = _node_codec(e)
+    for klass in type(codec).__mro__:
+        if "check" in vars(klass):
+            if vars(klass).get("structural_check") is not True:
+                return False
+            break
+    else:
+        return False
+    return all(_structural(c) for c in e.fields.values() if isinstance(c, Encoded))
 
 
 def preflight(

@@ -67,6 +67,8 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
 class Identity(Codec):
     """No compression: the tensor's raw bytes in its own dtype (the fp32 baseline, and integer buffers)."""
 
+    structural_check = True  # check() reads lengths and shapes only
+
     name = "identity"
     exact = True
     byte_fields = ("data",)
@@ -132,6 +134,7 @@ class Identity(Codec):
 
 
 class _Cast(Codec):
+    structural_check = True  # check() reads lengths and shapes only
     dtype: torch.dtype
     byte_fields = ("data",)
 
@@ -314,6 +317,8 @@ class Quantize(Codec):
     bits; see :class:`Dither`, whose words come from the encode call's ``torch.Generator``, so a seed fixes
     the bytes). Codes are bit-packed: n values take ``ceil(n * bits / 8)`` bytes plus 4 bytes a chunk.
     """
+
+    structural_check = True  # check() reads lengths and shapes only
 
     name = "quant"
     positional = ("bits",)
@@ -554,6 +559,8 @@ class Sign(Codec):
     https://arxiv.org/abs/1901.09847): ``C(x) = (||x||_1 / d) · sign(x)``. Biased; use it with the
     :class:`~deltaplane.codecs.compressor.Compressor`'s error feedback. ``ceil(n / 8) + 4`` bytes.
     """
+
+    structural_check = True  # check() reads lengths and shapes only
 
     name = "sign"
     byte_fields = ("signs", "scales")

@@ -627,6 +627,20 @@ class WireSession:
         Returns the :class:`~deltaplane.codecs.wire.Table` (byte fields placed at their decoded offsets)
         and each byte field's ``(coding, stored length)`` in order, for :meth:`read_body`.
         """
+        table, stored, _ = self.read_frame(payload, expect_base_version=expect_base_version, limits=limits)
+        return table, stored
+
+    def read_frame(
+        self,
+        payload: bytes | bytearray | memoryview,
+        *,
+        expect_base_version: int | None = None,
+        limits: Limits | None = None,
+    ) -> tuple[Table, list[tuple[int, int]], dict[str, Any]]:
+        """:meth:`read_table`, and the facts known about the frame's skeleton: a dict that every payload of
+        the same (remembered) skeleton shares, where checks that depend on the skeleton alone record that
+        they passed (the decode budget, the fields' lengths, every node's check: see
+        :func:`~deltaplane.codecs.compressor.decompress_many`); a fresh dict for a skeleton not remembered."""
         limits = limits or Limits()
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise _fail(f"expected bytes, got {type(payload).__name__}")
@@ -661,11 +675,11 @@ class WireSession:
         key = (bytes(skel_view), limits) if skel_len <= _SKELETON_CACHE_BYTES else None
         cached = self._skeletons.get(key) if key is not None else None
         if cached is None:
-            cached = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
+            t, st = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
+            cached = (t, st, sum(s for _, s in st), {})
             if key is not None:
                 _bounded_put(self._skeletons, key, cached, _SKELETON_CACHE_SIZE)
-        trees, stored = dict(cached[0]), list(cached[1])
-        size = sum(s for _, s in stored)
+        trees, stored, size, facts = dict(cached[0]), list(cached[1]), cached[2], cached[3]
         body = buf[skel_end : len(buf) - _CRC.size]
         zstd = self._zstd_level is not None
         if zstd and size > limits.max_inflated_bytes:
@@ -675,13 +689,17 @@ class WireSession:
         if not zstd and size != len(body):
             raise _fail(f"the skeleton claims {size} data bytes but the payload has {len(body)}")
         header = WireHeader(self.base_id, base_version, self.codec, {})
-        return Table(header, trees, body, zstd, size), stored
+        return Table(header, trees, body, zstd, size), stored, facts
 
     @cached_property
     def _skeletons(
         self,
-    ) -> dict[tuple[bytes, Limits], tuple[dict[str, tuple[torch.dtype, Encoded]], list[tuple[int, int]]]]:
-        """Recently read skeletons and the tensor tables they decode to (see :meth:`read_table`)."""
+    ) -> dict[
+        tuple[bytes, Limits],
+        tuple[dict[str, tuple[torch.dtype, Encoded]], list[tuple[int, int]], int, dict[str, Any]],
+    ]:
+        """Recently read skeletons: the tensor tables they decode to, their fields' codings and stored sizes,
+        and the facts checked about them (see :meth:`read_frame`)."""
         return {}
 
     def _read_skeleton(
@@ -730,9 +748,18 @@ class WireSession:
         return trees, stored
 
     def read_body(
-        self, table: Table, stored: list[tuple[int, int]], *, max_inflated_bytes: int | None = None
+        self,
+        table: Table,
+        stored: list[tuple[int, int]],
+        *,
+        max_inflated_bytes: int | None = None,
+        facts: dict[str, Any] | None = None,
     ) -> dict[str, tuple[torch.dtype, Encoded]]:
-        """The trees of a :meth:`read_table` result, every byte field decoded to its declared length."""
+        """The trees of a :meth:`read_table` result, every byte field decoded to its declared length.
+
+        ``facts``: :meth:`read_frame`'s facts of the frame's skeleton, where the fields' declared lengths
+        and, for raw fields, their agreement with the stored lengths are remembered (they depend on the
+        skeleton alone)."""
         from deltaplane.codecs.fieldcoding import decode_field
         from deltaplane.codecs.wire import _materialize
 
@@ -746,18 +773,25 @@ class WireSession:
             data = memoryview(zstd_decompress(bytes(table.body), table.size))
         else:
             data = table.body
-        lengths = [n for _, (_, tree) in table.trees.items() for n in _field_lengths(tree)]
-        if len(lengths) != len(stored):  # a reader bug, never a payload's
-            raise DecodeError("compact payload: field count differs between table and skeleton")
-        if max_inflated_bytes is not None and sum(lengths) > max_inflated_bytes:
+        known = facts.get("lengths") if facts is not None else None
+        if known is None:
+            lengths = [n for _, (_, tree) in table.trees.items() for n in _field_lengths(tree)]
+            if len(lengths) != len(stored):  # a reader bug, never a payload's
+                raise DecodeError("compact payload: field count differs between table and skeleton")
+            known = (lengths, sum(lengths))
+        lengths, declared = known
+        if max_inflated_bytes is not None and declared > max_inflated_bytes:
             # coded fields expand to their declared lengths: bounded before any is decoded
-            raise _fail(
-                f"fields declare {sum(lengths)} bytes, beyond the decode budget of {max_inflated_bytes}"
-            )
+            raise _fail(f"fields declare {declared} bytes, beyond the decode budget of {max_inflated_bytes}")
+        if facts is not None:
+            facts["lengths"] = known
         if all(c == 0 for c, _ in stored):
-            for n, (_, s) in zip(lengths, stored, strict=True):
-                if n != s:
-                    raise _fail(f"a raw field stores {s} bytes but declares {n}")
+            if facts is None or not facts.get("raw_lengths_agree"):
+                for n, (_, s) in zip(lengths, stored, strict=True):
+                    if n != s:
+                        raise _fail(f"a raw field stores {s} bytes but declares {n}")
+                if facts is not None:
+                    facts["raw_lengths_agree"] = True
             return {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in table.trees.items()}
         # each field its own buffer (a coded one decoded to its declared length): no joined copy of them all
         parts, at = [], 0

@@ -328,6 +328,8 @@ class RandK(Codec):
     sends them as they are, which suits error feedback better.
     """
 
+    structural_check = True  # check() reads lengths and shapes only
+
     name = "randk"
     sparsifies = True
     positional = ("ratio",)

@@ -61,6 +61,8 @@ class Ternary(Codec):
     4 bytes a chunk.
     """
 
+    structural_check = True  # check() reads lengths and shapes only
+
     name = "ternary"
     byte_fields = ("trits", "scales")
 
