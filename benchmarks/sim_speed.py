@@ -384,7 +384,7 @@ def compare(work: RunConfig, label: str, args: argparse.Namespace) -> str:
         ("batched", "deltaplane engine=batched, 1 thread"),
         (
             "batched2",
-            "deltaplane engine=batched, threads=2 (+1 forked worker process; next round begun while scoring)",
+            "deltaplane engine=batched, threads=2 (+1 forked worker process: next round begun at once, the last one scored in the worker)",
         ),
     ]:
         if name in med:
