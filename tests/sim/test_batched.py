@@ -433,3 +433,28 @@ def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(
         assert {**vars(a), "seconds": 0} == {**vars(b), "seconds": 0}
         assert a.seconds > 0
     assert all(torch.equal(early.final_state[k], in_turn.final_state[k]) for k in early.final_state)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_a_run_that_fails_leaves_no_scoring_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's scoring context (a model copy, the test set, the devices) goes with the run's trainer,
+    also when the run raises before it could close it."""
+    import gc
+
+    import deltaplane.sim.simulation as simulation
+    import deltaplane.sim.worker_scoring as worker_scoring
+    from deltaplane.sim import RunConfig, run_simulation
+
+    real_deliver, calls = simulation.deliver, []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:  # round 2, its second share: a round is being scored in the worker
+            raise RuntimeError("injected")
+        return real_deliver(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(simulation, "deliver", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_simulation(RunConfig(clients=6, rounds=4, engine="batched", threads=2))
+    gc.collect()
+    assert worker_scoring._CONTEXT == {}

@@ -14,6 +14,7 @@ next round has closed.
 from __future__ import annotations
 
 import copy
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -63,6 +64,8 @@ class WorkerScoring:
         self._trainer, self._key = trainer, id(trainer)
         # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
         _CONTEXT[self._key] = (copy.deepcopy(model), test, clients)
+        # a run that raises never reaches close(): the context goes with the trainer
+        weakref.finalize(trainer, _CONTEXT.pop, self._key, None)
 
     def submit(self, state: dict[str, Tensor]) -> Future | None:
         """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
