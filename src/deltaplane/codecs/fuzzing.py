@@ -275,10 +275,8 @@ def serialize_compact(
         COMPACT_MAGIC,
         COMPACT_VERSION,
         _plain,
-        _put_value,
         _put_varint,
         _signature,
-        _values,
     )
 
     rows = doc.get("t") if isinstance(doc, dict) else None
@@ -342,20 +340,8 @@ def serialize_compact(
     skeleton = bytearray()
     for i, (node, start, end, same) in enumerate(nodes):
         if same:
-            vals: list[Any] = []
-            _values(node, vals, iter([(f[0], len(f[1])) for f in fields[start:end]]))
-            old = session._template_values[i]
-            changes = [
-                j for j, (a, b) in enumerate(zip(vals, old, strict=True)) if a != b or type(a) is not type(b)
-            ]
-            part = bytearray()
-            _put_varint(part, len(changes) + 1)
-            prev = -1
-            try:
-                for j in changes:
-                    _put_varint(part, j - prev - 1)
-                    _put_value(part, vals[j], old[j], session._vocab)
-                    prev = j
+            try:  # the encoder's own changes from the template, with the (possibly lying) field codings
+                part = session._changed_values(i, node, [(f[0], len(f[1])) for f in fields[start:end]])
             except CodecError:  # a value no change can carry (an object, a list, null): the node goes whole
                 same = False
                 for f in fields[start:end]:
