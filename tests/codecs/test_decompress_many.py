@@ -20,26 +20,7 @@ from deltaplane.codecs import WireSession, decompress_many
 from deltaplane.codecs.fuzzing import SPECS, Mutator, fuzz_model
 from deltaplane.errors import DeltaplaneError, VersionMismatch
 
-
-def _one_by_one(payloads: list[bytes], session: WireSession, base: tuple[str, int]) -> list[object]:
-    out: list[object] = []
-    for p in payloads:
-        try:
-            out.append(dp.decompress(p, session=session, expect_base=base))
-        except DeltaplaneError as exc:
-            out.append(exc)
-    return out
-
-
-def _assert_same(got: list[object], want: list[object]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        if isinstance(w, DeltaplaneError):
-            assert type(g) is type(w) and str(g) == str(w)
-        else:
-            assert isinstance(g, dp.Delta) and list(g) == list(w)  # type: ignore[arg-type]
-            for k in w:  # type: ignore[union-attr]
-                assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k])  # type: ignore[index]
+from .conftest import assert_same_outcomes, decode_one_by_one
 
 
 def _valid(spec: str, session: WireSession, n: int) -> list[bytes]:
@@ -66,7 +47,7 @@ def test_valid_payloads_decode_as_one_by_one(spec: str) -> None:
     session = WireSession.create(dp.Layout.of(fuzz_model()), spec, base_id="m")
     payloads = _valid(spec, session, 5)
     got = decompress_many(payloads, session=session, expect_base=("m", 3))
-    _assert_same(got, _one_by_one(payloads, session, ("m", 3)))
+    assert_same_outcomes(got, decode_one_by_one(payloads, lambda: session, ("m", 3)))
     assert all(isinstance(d, dp.Delta) for d in got)
 
 
@@ -86,9 +67,9 @@ def test_fuzzed_payloads_get_the_one_by_one_errors_whatever_their_neighbours() -
         for _ in range(8):
             batch.append(mutator.mutate_compact(sessions, source=src)[0])
         random.Random(src).shuffle(batch)
-        want = _one_by_one(batch, session, ("m", 3))
+        want = decode_one_by_one(batch, lambda s=session: s, ("m", 3))
         refused += sum(isinstance(w, DeltaplaneError) for w in want)
-        _assert_same(decompress_many(batch, session=session, expect_base=("m", 3)), want)
+        assert_same_outcomes(decompress_many(batch, session=session, expect_base=("m", 3)), want)
     assert refused > 30  # the batches did hold malformed payloads
 
 
@@ -109,10 +90,10 @@ def test_a_nan_update_is_refused_and_its_neighbours_are_kept() -> None:
     )
     bad = _with_nan(good, model[name])
     batch = [good, bad, good]
-    want = _one_by_one(batch, session, ("m", 3))
+    want = decode_one_by_one(batch, lambda: session, ("m", 3))
     assert isinstance(want[1], DeltaplaneError) and "NaN" in str(want[1])
     got = decompress_many(batch, session=session, expect_base=("m", 3))
-    _assert_same(got, want)
+    assert_same_outcomes(got, want)
     got[0][name].add_(1.0)  # type: ignore[index]  # row views of one stack, yet each update is its own
     assert torch.equal(got[2][name], model[name])  # type: ignore[index]
 

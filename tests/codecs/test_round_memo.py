@@ -22,6 +22,8 @@ from deltaplane.codecs.fuzzing import SPECS, Mutator, fuzz_model
 from deltaplane.codecs.session import _node_doc, _put_varint
 from deltaplane.errors import DeltaplaneError
 
+from .conftest import assert_same_outcomes, decode_one_by_one
+
 
 def _cold(session: WireSession) -> WireSession:
     """``session`` with nothing remembered (what it framed and read before is forgotten)."""
@@ -79,28 +81,6 @@ def test_pack_tells_apart_values_that_compare_equal() -> None:
     assert len(seen) == 9  # every distinct value framed differently (the repeated 5 alike)
 
 
-def _cold_decode(payloads: list[bytes], session: WireSession, base: tuple[str, int]) -> list[object]:
-    """Each payload decoded alone by a session that remembers nothing (the strict reference)."""
-    out: list[object] = []
-    for p in payloads:
-        try:
-            out.append(dp.decompress(p, session=_cold(session), expect_base=base))
-        except DeltaplaneError as exc:
-            out.append(exc)
-    return out
-
-
-def _same(got: list[object], want: list[object]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        if isinstance(w, DeltaplaneError):
-            assert type(g) is type(w) and str(g) == str(w)
-        else:
-            assert isinstance(g, dp.Delta) and list(g) == list(w)  # type: ignore[arg-type]
-            for k in w:  # type: ignore[union-attr]
-                assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k])  # type: ignore[index]
-
-
 def _reframe(payload: bytes, body: bytes) -> bytes:
     """``body`` (a compact frame less its checksum) with a valid CRC32C: a lie the checksum cannot catch."""
     del payload
@@ -138,10 +118,10 @@ def test_a_warm_session_refuses_what_a_cold_one_refuses(spec: str) -> None:
         at = p.index(raw)
         bad.append(_reframe(p, p[:at] + struct.pack("<f", float("nan")) + p[at + 4 : -4]))  # NaN
     batch = [good[1], *bad, good[2]]
-    want = _cold_decode(batch, session, ("m", 3))
+    want = decode_one_by_one(batch, lambda: _cold(session), ("m", 3))
     assert all(isinstance(w, DeltaplaneError) for w in want[1:-1])
     assert isinstance(want[0], dp.Delta) and isinstance(want[-1], dp.Delta)
-    _same(decompress_many(batch, session=session, expect_base=("m", 3)), want)
+    assert_same_outcomes(decompress_many(batch, session=session, expect_base=("m", 3)), want)
 
 
 def _whole(session: WireSession, trees: dict, base_version: int) -> bytes:
@@ -188,10 +168,10 @@ def test_a_wrong_layout_sent_whole_is_refused_after_good_ones() -> None:
         )
         batch.append(_whole(session, variant, 3))
     batch.append(good[2])
-    want = _cold_decode(batch, session, ("m", 3))
+    want = decode_one_by_one(batch, lambda: _cold(session), ("m", 3))
     assert isinstance(want[0], dp.Delta) and isinstance(want[-1], dp.Delta)
     assert all(isinstance(w, DeltaplaneError) for w in want[1:-1])
-    _same(decompress_many(batch, session=session, expect_base=("m", 3)), want)
+    assert_same_outcomes(decompress_many(batch, session=session, expect_base=("m", 3)), want)
 
 
 def test_fuzzed_payloads_after_good_ones_get_the_cold_errors() -> None:
@@ -212,9 +192,9 @@ def test_fuzzed_payloads_after_good_ones_get_the_cold_errors() -> None:
         decompress_many(good, session=session, expect_base=("m", 3))
         batch = [*good, *(mutator.mutate_compact(sessions, source=src)[0] for _ in range(6))]
         random.Random(src).shuffle(batch)
-        want = _cold_decode(batch, session, ("m", 3))
+        want = decode_one_by_one(batch, lambda s=session: _cold(s), ("m", 3))
         refused += sum(isinstance(w, DeltaplaneError) for w in want)
-        _same(decompress_many(batch, session=session, expect_base=("m", 3)), want)
+        assert_same_outcomes(decompress_many(batch, session=session, expect_base=("m", 3)), want)
     assert refused > 20
 
 
@@ -234,9 +214,9 @@ def test_a_check_that_reads_field_bytes_runs_on_every_payload() -> None:
     at = start + table.trees[golomb[0]][1].fields["idx"].offset
     bad = _reframe(p, p[:at] + b"\xff" + p[at + 1 : -4])
     batch = [good[1], bad, good[2]]
-    want = _cold_decode(batch, session, ("m", 3))
+    want = decode_one_by_one(batch, lambda: _cold(session), ("m", 3))
     assert isinstance(want[1], DeltaplaneError) and "Golomb" in str(want[1])
-    _same(decompress_many(batch, session=session, expect_base=("m", 3)), want)
+    assert_same_outcomes(decompress_many(batch, session=session, expect_base=("m", 3)), want)
 
 
 @pytest.mark.parametrize(
