@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 
-__all__ = ["accuracy", "evaluate_clients", "label_mix_accuracy", "logits", "round_scores"]
+__all__ = ["accuracy", "evaluate_clients", "label_mix_accuracy", "logits", "round_scores", "score_round"]
 
 
 @torch.no_grad()
@@ -68,6 +68,16 @@ def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> di
         "client_accuracy_p90": float(np.quantile(client_acc, 0.9)),
         "client_accuracy_max": float(np.max(client_acc)),
     }
+
+
+def score_round(
+    model: nn.Module, state: dict[str, Tensor], test: Dataset, clients: Sequence[Any]
+) -> dict[str, float]:
+    """:func:`round_scores` of the global model ``state`` (loaded into ``model``), with every device's held-out
+    data scored by :func:`evaluate_clients`: for a driver that needs the per-device accuracies for nothing
+    else (the in-process simulator; its forked worker, :mod:`deltaplane.sim.worker_scoring`)."""
+    model.load_state_dict(state)
+    return round_scores(model, test, evaluate_clients(model, clients))
 
 
 @torch.no_grad()

@@ -39,12 +39,13 @@ from deltaplane.engine import (
 )
 from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import PREFETCH_CALLER_SHARE, BatchedTrainer, PendingTraining, batching_blocker
-from deltaplane.sim.worker_scoring import WorkerScoring, score_round
+from deltaplane.sim.worker_scoring import WorkerScoring
 
 __all__ = [
     "BASE_ID",
@@ -371,7 +372,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         scored = score_round(model, global_state, task.test, clients)
         scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
         report(fields, time.perf_counter() - t0, scored)
-    report_deferred(time.perf_counter())  # a run that stops with a round scored in the worker
+    assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one
     if scoring is not None:
         scoring.close()
     return RunResult(

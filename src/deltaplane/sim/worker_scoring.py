@@ -23,28 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
-from deltaplane.engine.metrics import evaluate_clients, round_scores
+from deltaplane.engine.metrics import score_round
 from deltaplane.errors import DeltaplaneError
 from deltaplane.sim.batched import BatchedTrainer
 
-__all__ = ["WorkerScoring", "score_round"]
+__all__ = ["WorkerScoring"]
 
 #: What each run's forked worker scores with (a copy of the model, the test set, the devices), by the
 #: trainer's ``id``; set before the trainer forks its workers, which inherit it with the rest of memory.
 _CONTEXT: dict[int, tuple[nn.Module, Dataset, list[Any]]] = {}
 
 
-def score_round(
-    model: nn.Module, state: dict[str, Tensor], test: Dataset, clients: list[Any]
-) -> dict[str, float]:
-    """The accuracy fields of a round's metrics for the global model ``state``: the test set and each
-    device's held-out data (:func:`~deltaplane.engine.metrics.round_scores`); loads ``state`` into ``model``."""
-    model.load_state_dict(state)
-    return round_scores(model, test, evaluate_clients(model, clients))
-
-
 def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float]:
-    """:func:`score_round` in a forked worker, with the context it inherited at the fork."""
+    """:func:`~deltaplane.engine.metrics.score_round` in a forked worker, with the context it inherited at the fork."""
     context = _CONTEXT.get(key)
     if context is None:  # the trainer forked before WorkerScoring registered (not how the simulator runs)
         raise DeltaplaneError("this worker was forked before its run's scoring context was registered")
