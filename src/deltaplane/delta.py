@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from pathlib import Path
 
 import torch
@@ -139,6 +139,17 @@ class Delta(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+    # the dict's own views, not Mapping's generic ones (which call __getitem__ per key, in Python): a server
+    # compares and iterates every upload's names several times (check_compatible, aggregators, codecs)
+    def keys(self) -> KeysView[str]:
+        return self._tensors.keys()
+
+    def values(self) -> ValuesView[Tensor]:
+        return self._tensors.values()
+
+    def items(self) -> ItemsView[str, Tensor]:
+        return self._tensors.items()
 
     def __repr__(self) -> str:
         return f"Delta({len(self)} tensors, {self.numel()} values, norm={self.norm():.4g})"
