@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import deltaplane.sim.batched as batched
 import deltaplane.sim.simulation as simulation
 from deltaplane.data.digits import load_digits
 from deltaplane.engine import make_task
@@ -150,6 +151,37 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
         assert torch.equal(a.get_state(), b.get_state())
     del trainer
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_forked_worker_inherits_the_data_of_chunks_it_trains_every_round(
+    two_shares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks' data is stacked before the first start() forks the worker, so training the same clients
+    round after round (full participation) sends the worker only its start weights and batch plan, also in
+    the first round; other clients' data still travels with their job, and the deltas are the same."""
+    trainer, state, shards = two_shares
+    sent: list[set[str]] = []
+    submit_to = batched.ForkedWorkers.submit_to
+
+    def spy(self, worker, fn, *args, **kwargs):
+        if fn is batched._train_forked:
+            sent.append(set(args[1]))
+        return submit_to(self, worker, fn, *args, **kwargs)
+
+    monkeypatch.setattr(batched.ForkedWorkers, "submit_to", spy)
+
+    def train(clients: list) -> dict[str, torch.Tensor]:
+        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(clients))]
+        return trainer.train(state, clients, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+
+    first, second = train(shards), train(shards)
+    others = [s.subset(range(0, max(1, len(s) // 2))) for s in shards]
+    train(others)
+    assert len(sent) == 3 and not any({"x", "y"} & keys for keys in sent[:2]), sent
+    assert {"x", "y"} <= sent[2]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 @pytest.fixture
