@@ -1,7 +1,9 @@
 import dataclasses
+import gc
 import multiprocessing
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -242,6 +244,28 @@ def test_forked_workers_run_tasks_in_order_and_report_failures() -> None:
     assert multiprocessing.active_children() == []
     with pytest.raises(DeltaplaneError, match="shut down"):
         pool.submit(abs, 1)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_data_a_forked_worker_holds_keeps_its_datasets_alive(two_shares) -> None:
+    """A chunk's data is known to the worker by its datasets' ids. The trainer keeps the datasets whose data
+    the worker inherited alive, also once its own cache has dropped them, so no later dataset can take one
+    of their ids and be trained on the inherited data in its place."""
+    trainer, state, _ = two_shares
+    data = load_digits()
+    first = [data.subset(range(40 * i, 40 * i + 40)) for i in range(4)]
+    alive = [weakref.ref(d) for d in first]
+
+    def train(shards: list) -> None:
+        gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+        trainer.train(state, shards, gens, epochs=1, batch_size=32, lr=0.1, momentum=0.9)
+
+    train(first)  # forks the worker, which inherits these chunks' data
+    del first
+    for r in range(10):  # other clients: more chunks than the trainer's cache keeps
+        train([data.subset(range(300 + 25 * r + i, 320 + 25 * r + i)) for i in range(4)])
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
 
 
 def test_fedprox_term_is_batched_too() -> None:

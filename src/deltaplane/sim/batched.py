@@ -36,7 +36,7 @@ import math
 import multiprocessing
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -236,8 +236,10 @@ class BatchedTrainer:
         self._data_cache: dict[tuple[int, ...], tuple[list[Dataset], Tensor, Tensor]] = {}
         self._chunk_cache: dict[tuple[tuple[int, ...], int], int] = {}
         self._pool: Executor | None = None
-        # the stacked data the forked workers already hold: what _data_cache held when they were forked
-        self._forked_data: set[tuple[int, ...]] = set()
+        # the stacked data the forked workers already hold: what _data_cache held when they were forked, by
+        # key (the chunk's dataset ids), with the datasets themselves: holding them keeps another dataset from
+        # taking one of their ids, and so a key, while the workers hold that key's data
+        self._forked_data: dict[tuple[int, ...], list[Dataset]] = {}
 
     def _stacked_data(self, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor]:
         """``x`` ``(C, n_max, ...)`` and ``y`` ``(C, n_max)``: each client's samples, zero-padded."""
@@ -395,7 +397,8 @@ class BatchedTrainer:
         if self._pool is None:
             if "fork" in multiprocessing.get_all_start_methods():
                 _FORKED[id(self)] = self  # what the forked workers find (_train_forked)
-                self._forked_data = set(self._data_cache)  # and the stacked data they inherit with it
+                # and the stacked data they inherit with it
+                self._forked_data = {key: entry[0] for key, entry in self._data_cache.items()}
                 try:
                     pool = ForkedWorkers(self.workers - 1)  # and the caller
                 finally:
@@ -655,7 +658,7 @@ def _serve_forked(conn: Any) -> None:
             )
 
 
-def _lean(job: dict[str, Any], held: set[tuple[int, ...]]) -> dict[str, Any]:
+def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, Any]:
     """``job`` without the chunk's stacked data if the forked workers hold it already (``held``): a
     full-participation run sends each worker only the start weights and the batch plan each round."""
     if job["data_key"] in held:
