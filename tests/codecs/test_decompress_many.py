@@ -17,10 +17,10 @@ import torch
 
 import deltaplane as dp
 from deltaplane.codecs import WireSession, decompress_many
-from deltaplane.codecs.fuzzing import SPECS, Mutator, fuzz_model
+from deltaplane.codecs.fuzzing import SPECS, fuzz_model
 from deltaplane.errors import DeltaplaneError, VersionMismatch
 
-from .conftest import assert_same_outcomes, decode_one_by_one
+from .conftest import assert_same_outcomes, decode_one_by_one, fuzz_sessions
 
 
 def _valid(spec: str, session: WireSession, n: int) -> list[bytes]:
@@ -52,15 +52,7 @@ def test_valid_payloads_decode_as_one_by_one(spec: str) -> None:
 
 
 def test_fuzzed_payloads_get_the_one_by_one_errors_whatever_their_neighbours() -> None:
-    layout = dp.Layout.of(fuzz_model())
-    sessions = [WireSession.create(layout, s, base_id="m") for s in SPECS]
-    plain = [
-        dp.Compressor(s, error_feedback=False, seed=i).compress(
-            dp.Delta(fuzz_model()), base_id="m", base_version=3
-        )
-        for i, s in enumerate(SPECS)
-    ]
-    mutator = Mutator(plain, random.Random(7))
+    sessions, mutator = fuzz_sessions(7)
     refused = 0
     for src, session in enumerate(sessions):
         batch = _valid(SPECS[src], session, 3)

@@ -18,11 +18,11 @@ import torch
 
 import deltaplane as dp
 from deltaplane.codecs import WireSession, decompress_many
-from deltaplane.codecs.fuzzing import SPECS, Mutator, fuzz_model
+from deltaplane.codecs.fuzzing import SPECS, fuzz_model
 from deltaplane.codecs.session import _node_doc, _put_varint
 from deltaplane.errors import DeltaplaneError
 
-from .conftest import assert_same_outcomes, decode_one_by_one
+from .conftest import assert_same_outcomes, decode_one_by_one, fuzz_sessions
 
 
 def _cold(session: WireSession) -> WireSession:
@@ -177,15 +177,7 @@ def test_a_wrong_layout_sent_whole_is_refused_after_good_ones() -> None:
 def test_fuzzed_payloads_after_good_ones_get_the_cold_errors() -> None:
     """The structure-aware fuzzer's CRC-valid lies, decoded by sessions that already read good payloads of
     each codec (remembered skeletons and facts), get the errors a cold session gives."""
-    layout = dp.Layout.of(fuzz_model())
-    sessions = [WireSession.create(layout, s, base_id="m") for s in SPECS]
-    plain = [
-        dp.Compressor(s, error_feedback=False, seed=i).compress(
-            dp.Delta(fuzz_model()), base_id="m", base_version=3
-        )
-        for i, s in enumerate(SPECS)
-    ]
-    mutator = Mutator(plain, random.Random(11))
+    sessions, mutator = fuzz_sessions(11)
     refused = 0
     for src, session in enumerate(sessions):
         good = _compact(SPECS[src], session, 2)
