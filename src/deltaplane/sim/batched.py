@@ -16,9 +16,11 @@ The result equals the sequential path's up to floating-point rounding, because e
 
 * each client's batch order is drawn from *its own* generator with the same ``torch.randperm(n)`` calls per
   epoch, in the same order, as :meth:`deltaplane.sim.client.Client.local_update`;
-* clients hold different numbers of samples, so batches are padded to ``B`` with a 0/1 weight per sample,
-  and the loss of a batch is ``Σ wᵢ·ℓᵢ / Σ wᵢ`` — the mean over its real samples, as ``cross_entropy``
-  computes it for the short last batch;
+* clients hold different numbers of samples, so batches are padded to ``B`` with a weight per sample, ``1/n``
+  for each of a batch's ``n`` real samples and 0 for padding, and the loss of a batch is ``Σ wᵢ·ℓᵢ`` — the
+  mean over its real samples, as ``cross_entropy`` computes it for the short last batch (the gradient of
+  each ``ℓᵢ`` is the same ``1/n`` as dividing the 0/1-masked sum by ``n`` gives, bit for bit, in one
+  ``torch.dot`` instead of five small operations and their backward nodes);
 * SGD with momentum is written out as ``torch.optim.SGD`` computes it (``buf ← μ·buf + g``, the first step
   ``buf = g``; ``p ← p − lr·buf``), fresh every round. Clients are stacked longest first, so the ones still
   training at a step are a prefix of the stack; a finished client drops out of the computation.
@@ -203,9 +205,8 @@ class BatchedTrainer:
 
         def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
             logits = functional_call(model, params, (x,))
-            losses = task_loss(logits, y, reduction="none")
-            # Mean over the real samples of this (possibly short, padded) batch.
-            return (losses * w).sum() / w.sum().clamp(min=1.0)
+            # Mean over the real samples of this (possibly short, padded) batch: w is 1/n_real or 0 (_batch_plan)
+            return torch.dot(task_loss(logits, y, reduction="none"), w)
 
         stacked_forward = getattr(model, "forward_stacked", None)
         if callable(stacked_forward):
@@ -216,9 +217,9 @@ class BatchedTrainer:
                 leaves = [p.detach().requires_grad_(True) for p in params]
                 with torch.enable_grad():
                     logits = stacked_forward(dict(zip(names, leaves, strict=True)), x)  # (K, B, classes)
-                    losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none").view(w.shape)
-                    loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
-                    return list(torch.autograd.grad(loss, leaves))
+                    # Σ over clients of each one's mean over its real samples: w is 1/n_real or 0 (_batch_plan)
+                    losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none")
+                    return list(torch.autograd.grad(torch.dot(losses, w.flatten()), leaves))
 
         else:
             per_client = vmap(grad(batch_loss))
@@ -730,7 +731,8 @@ def _inverse(order: list[int]) -> Tensor:
 def _batch_plan(
     datasets: Sequence[Dataset], generators: Sequence[torch.Generator], epochs: int, batch_size: int
 ) -> tuple[Tensor, Tensor, list[int]]:
-    """Sample indices ``(S, C, B)``, 0/1 weights ``(S, C, B)`` and the number of clients active at each step.
+    """Sample indices ``(S, C, B)``, sample weights ``(S, C, B)`` (``1/n`` for each of a batch's ``n`` real samples,
+    0 for padding) and the number of clients active at each step.
 
     ``datasets`` come longest first. Client ``c`` runs ``epochs · ⌈n_c / B⌉`` steps, the first ones of the
     ``S`` (the most any client runs); its epoch ``e`` is ``torch.randperm(n_c, generator)`` cut into batches,
@@ -749,4 +751,8 @@ def _batch_plan(
             weight[c, e * slots : e * slots + n] = 1.0
     shape = (len(datasets), total, batch_size)
     active = [sum(1 for n in steps if n > s) for s in range(total)]
-    return idx.view(shape).transpose(0, 1), weight.view(shape).transpose(0, 1), active
+    # 1/n_real per real sample of a batch: the step's loss Σ wᵢ·ℓᵢ is then the mean over the batch's real
+    # samples, and its gradient wrt ℓᵢ is exactly the 1/n_real that dividing the masked sum by n_real gives
+    weight = weight.view(shape)
+    weight /= weight.sum(-1, keepdim=True).clamp(min=1.0)
+    return idx.view(shape).transpose(0, 1), weight.transpose(0, 1), active
