@@ -33,11 +33,9 @@ sequential loop. The number of clients trained at once adapts to a memory budget
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import weakref
-from collections import deque
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -48,7 +46,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from deltaplane.data.dataset import Dataset
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.errors import ConfigError
+from deltaplane.sim.forked_workers import ForkedWorkers, tree_map
 
 __all__ = [
     "BatchedTrainer",
@@ -201,6 +200,7 @@ class BatchedTrainer:
         # the step closures below name `names`, not `self`: no reference cycle, so a trainer nobody closes is
         # freed (and its worker processes stopped) as soon as its last reference goes
         self.names = names = [name for name, _ in model.named_parameters()]
+        self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         task_loss = loss
 
         def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
@@ -363,7 +363,7 @@ class BatchedTrainer:
             # buffer kept the caller writing until the worker, busy scoring, read it.
             for members in chunks:
                 self._stacked_data([datasets[c] for c in members])
-        if isinstance(pool := self._executor(), ForkedWorkers):
+        if isinstance(pool := self._executor(arena_bytes=chunk * self._param_bytes), ForkedWorkers):
             # The caller trains the last group itself meanwhile, instead of waiting: `workers` CPUs in all.
             # Each worker job is sent off as soon as it is planned, before the caller plans its own share.
             # Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file
@@ -374,7 +374,7 @@ class BatchedTrainer:
                     worker,
                     _train_forked,
                     id(self),
-                    _tree_map(_lean(job(m), self._forked_data), Tensor, lambda t: t.numpy()),
+                    tree_map(_lean(job(m), self._forked_data), Tensor, lambda t: t.numpy()),
                 )
                 for worker, m in _chunk_workers(groups, chunks[:own], chunk)
             ]
@@ -384,7 +384,7 @@ class BatchedTrainer:
         futures = [pool.submit(lambda job=job: self._train_chunk(**_own(job))) for job in jobs]
         return PendingTraining(self, futures, [], chunks)
 
-    def _executor(self) -> Executor:
+    def _executor(self, *, arena_bytes: int = 0) -> Executor:
         """The workers, started once, each running torch on one intra-op thread (never oversubscribed:
         ``workers`` CPUs in all, instead of ``workers`` × torch's own pool).
 
@@ -393,7 +393,8 @@ class BatchedTrainer:
         166 ms against 179 ms for one round's training, two forked processes 87 ms), since every one of a
         step's hundreds of small kernels hands the GIL back and forth. A forked worker inherits this trainer
         (model, loss) as it was at the fork, so only a chunk's data, its batch plan and the start weights
-        travel. Elsewhere: ``workers`` threads.
+        travel; a chunk's deltas come back in shared memory (``arena_bytes``, at most :data:`_MAX_ARENA`; see
+        :mod:`deltaplane.sim.forked_workers`). Elsewhere: ``workers`` threads.
         """
         if self._pool is None:
             if "fork" in multiprocessing.get_all_start_methods():
@@ -401,7 +402,8 @@ class BatchedTrainer:
                 # and the stacked data they inherit with it
                 self._forked_data = {key: entry[0] for key, entry in self._data_cache.items()}
                 try:
-                    pool = ForkedWorkers(self.workers - 1)  # and the caller
+                    arena = arena_bytes if arena_bytes <= _MAX_ARENA else 0  # larger: the pipe
+                    pool = ForkedWorkers(self.workers - 1, arena_bytes=arena)  # and the caller
                 finally:
                     del _FORKED[id(self)]  # the workers hold their copy; here it would keep the trainer alive
                 self._pool = pool
@@ -498,7 +500,7 @@ class PendingTraining:
             (members, lambda job=job: self._trainer._train_chunk(**_own(job)))
             for job, members in zip(self._own, self._members[n_futures:], strict=True)
         ] + [
-            (members, lambda f=f: _tree_map(f.result(), np.ndarray, torch.from_numpy))
+            (members, lambda f=f: tree_map(f.result(), np.ndarray, torch.from_numpy))
             for f, members in zip(self._futures, self._members, strict=False)
         ]
         for i, (members, get) in enumerate(shares):
@@ -516,6 +518,10 @@ class PendingTraining:
         return self._result
 
 
+#: the most shared memory a forked worker gets for handing back a chunk's deltas (its arena, only touched
+#: pages of which take memory); a chunk whose deltas need more sends them down the pipe
+_MAX_ARENA = 1 << 30
+
 #: Trainers whose workers are forked processes, by ``id``: a forked worker finds its trainer here, inherited
 #: from the parent's memory, so the model and the loss (often a closure) are never pickled.
 _FORKED: dict[int, BatchedTrainer] = {}
@@ -524,11 +530,11 @@ _FORKED: dict[int, BatchedTrainer] = {}
 def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray]:
     """A forked worker's share of :meth:`BatchedTrainer.train`: one chunk (runs in the worker process)."""
     trainer = _FORKED[key]
-    job = _tree_map(job, np.ndarray, torch.from_numpy)
+    job = tree_map(job, np.ndarray, torch.from_numpy)
     if "x" not in job:  # data the worker inherited at the fork (_lean)
         _, job["x"], job["y"] = trainer._data_cache[job["data_key"]]
     deltas = trainer._train_chunk(**_own(job))
-    return _tree_map(deltas, Tensor, lambda t: t.numpy())
+    return tree_map(deltas, Tensor, lambda t: t.numpy())
 
 
 def _chunk_workers(
@@ -538,125 +544,6 @@ def _chunk_workers(
     come group by group, ``⌈len(group)/chunk⌉`` of them each)."""
     owners = [g for g, members in enumerate(groups) for _ in range(math.ceil(len(members) / chunk))]
     return list(zip(owners, chunks, strict=False))
-
-
-class ForkedWorkers(Executor):
-    """Forked worker processes, each fed over a pipe of its own by the calling thread.
-
-    :class:`~concurrent.futures.ProcessPoolExecutor` hands a task from the caller to a management thread and
-    then to a queue-feeder thread, and a result back through the management thread; each hop waits for the
-    interpreter lock, which the caller (scoring or training in the meantime) holds between kernels. On the
-    default workload a share reached its worker 1.1 ms after it was submitted (up to 6 ms) and came back
-    1.1 ms after it was done. Here the caller pickles a task and writes it to the worker's pipe itself, and
-    reads the result when it asks for it: no thread in between. Tasks on one worker run in the order sent.
-    Workers run torch with one intra-op thread and inherit the caller's memory at the fork (``_FORKED``).
-    """
-
-    def __init__(self, n: int) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self._conns: list[Any] = []
-        self._procs: list[Any] = []
-        self._waiting: list[deque[_PipeFuture]] = []
-        for _ in range(n):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve_forked, args=(theirs,), daemon=True, name="batched-trainer")
-            proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
-            self._waiting.append(deque())
-        self._next = 0
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` on the next worker in turn."""
-        worker, self._next = self._next, (self._next + 1) % max(1, len(self._conns))
-        return self.submit_to(worker, fn, *args, **kwargs)
-
-    def submit_to(self, worker: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` on worker ``worker``, after the tasks sent to it before."""
-        if not self._conns:
-            raise DeltaplaneError("the batched trainer's workers were shut down")
-        future = _PipeFuture(self, worker)
-        try:
-            self._conns[worker].send((fn, args, kwargs))
-        except OSError as exc:
-            raise self._died(worker, exc) from exc
-        self._waiting[worker].append(future)
-        return future
-
-    def _collect(self, worker: int) -> None:
-        """Read worker ``worker``'s next result into the oldest of its futures."""
-        future = self._waiting[worker].popleft()
-        try:
-            ok, value = self._conns[worker].recv()
-        except (EOFError, OSError) as exc:
-            self._procs[worker].join(timeout=1.0)  # a closed pipe: the process is ending, if not gone
-            future.set_exception(self._died(worker, exc))
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def _died(self, worker: int, exc: BaseException) -> DeltaplaneError:
-        """The error for a worker whose pipe broke: its exit code, and what to do."""
-        code = self._procs[worker].exitcode
-        return DeltaplaneError(
-            f"a batched-training worker process died (exit code {code}): {exc!r}; close the trainer and "
-            "start a new one"
-        )
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the workers (each finishes the task it runs)."""
-        conns, procs, self._conns, self._procs = self._conns, self._procs, [], []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.send(None)
-        for conn, proc in zip(conns, procs, strict=True):
-            if wait:
-                proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-            conn.close()
-
-
-class _PipeFuture(Future):
-    """A task's result on a :class:`ForkedWorkers` pipe, read when asked for."""
-
-    def __init__(self, pool: ForkedWorkers, worker: int) -> None:
-        super().__init__()
-        self._pool, self._worker = pool, worker
-        self.set_running_or_notify_cancel()
-
-    def result(self, timeout: float | None = None) -> Any:
-        while not self.done():
-            self._pool._collect(self._worker)
-        return super().result(timeout)
-
-
-def _serve_forked(conn: Any) -> None:
-    """A forked worker's loop: run each task sent on ``conn`` and send back ``(True, result)`` or
-    ``(False, exception)``, until ``None`` (or the caller is gone)."""
-    torch.set_num_threads(1)
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        fn, args, kwargs = task
-        try:
-            reply = (True, fn(*args, **kwargs))
-        except BaseException as exc:
-            reply = (False, exc)
-        try:
-            conn.send(reply)
-        except Exception as exc:  # an unpicklable result or exception
-            conn.send(
-                (False, DeltaplaneError(f"a batched-training worker could not send its result: {exc!r}"))
-            )
 
 
 def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, Any]:
@@ -670,17 +557,6 @@ def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, An
 def _own(job: dict[str, Any]) -> dict[str, Any]:
     """:meth:`BatchedTrainer._train_chunk`'s arguments of a job (without its data key)."""
     return {k: v for k, v in job.items() if k != "data_key"}
-
-
-def _tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
-    """``tree`` (dicts, tuples, lists) with every leaf of type ``kind`` replaced by ``fn(leaf)``."""
-    if isinstance(tree, kind):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _tree_map(v, kind, fn) for k, v in tree.items()}
-    if isinstance(tree, tuple | list):
-        return type(tree)(_tree_map(v, kind, fn) for v in tree)
-    return tree
 
 
 #: estimated cost of one batched step: a fixed part (kernel launches, autograd) worth this many clients'
