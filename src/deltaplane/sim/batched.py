@@ -33,6 +33,7 @@ sequential loop. The number of clients trained at once adapts to a memory budget
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import weakref
@@ -614,21 +615,34 @@ def _batch_plan(
     ``S`` (the most any client runs); its epoch ``e`` is ``torch.randperm(n_c, generator)`` cut into batches,
     as the sequential loop does.
     """
-    steps = [epochs * math.ceil(len(d) / batch_size) for d in datasets]
+    sizes = tuple(len(d) for d in datasets)
+    steps = [epochs * math.ceil(n / batch_size) for n in sizes]
     total = steps[0]
-    # client-major while filling, so each epoch's slots are one contiguous run of memory
+    # client-major while filling, so each epoch's slots are one contiguous run of memory that randperm fills
     idx = torch.zeros((len(datasets), total * batch_size), dtype=torch.long)
-    weight = torch.zeros((len(datasets), total * batch_size), dtype=torch.float32)
-    for c, (d, gen) in enumerate(zip(datasets, generators, strict=True)):
-        n = len(d)
+    for c, (n, gen) in enumerate(zip(sizes, generators, strict=True)):
         slots = math.ceil(n / batch_size) * batch_size  # one epoch, its last batch padded
         for e in range(epochs):
-            idx[c, e * slots : e * slots + n] = torch.randperm(n, generator=gen)
-            weight[c, e * slots : e * slots + n] = 1.0
-    shape = (len(datasets), total, batch_size)
+            torch.randperm(n, generator=gen, out=idx[c, e * slots : e * slots + n])
     active = [sum(1 for n in steps if n > s) for s in range(total)]
-    # 1/n_real per real sample of a batch: the step's loss Σ wᵢ·ℓᵢ is then the mean over the batch's real
-    # samples, and its gradient wrt ℓᵢ is exactly the 1/n_real that dividing the masked sum by n_real gives
-    weight = weight.view(shape)
+    weight = _sample_weights(sizes, epochs, batch_size)
+    return idx.view(weight.shape).transpose(0, 1), weight.transpose(0, 1), active
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_weights(sizes: tuple[int, ...], epochs: int, batch_size: int) -> Tensor:
+    """:func:`_batch_plan`'s weights, client-major ``(C, S, B)``: they depend only on the clients' sizes, so a
+    run that trains the same clients every round reuses them (read-only: never changed in place).
+
+    ``1/n`` for each of a batch's ``n`` real samples: a step's loss ``Σ wᵢ·ℓᵢ`` is then the mean over the
+    batch's real samples, and its gradient wrt ``ℓᵢ`` is exactly the ``fl(1/n)`` that dividing the 0/1-masked
+    sum by ``n`` gives."""
+    total = epochs * math.ceil(sizes[0] / batch_size)
+    weight = torch.zeros((len(sizes), total * batch_size), dtype=torch.float32)
+    for c, n in enumerate(sizes):
+        slots = math.ceil(n / batch_size) * batch_size
+        for e in range(epochs):
+            weight[c, e * slots : e * slots + n] = 1.0
+    weight = weight.view(len(sizes), total, batch_size)
     weight /= weight.sum(-1, keepdim=True).clamp(min=1.0)
-    return idx.view(shape).transpose(0, 1), weight.transpose(0, 1), active
+    return weight
