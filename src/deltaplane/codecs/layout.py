@@ -54,7 +54,7 @@ class Layout(Mapping[str, TensorLayout]):
     (:meth:`from_json`) or from ``(name, shape, dtype)`` triples. It is immutable and compares by value.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_digest", "_entries")
 
     def __init__(self, entries: Iterable[tuple[str, Sequence[int], torch.dtype | str]]) -> None:
         out: dict[str, TensorLayout] = {}
@@ -75,6 +75,7 @@ class Layout(Mapping[str, TensorLayout]):
                 )
             out[name] = TensorLayout(dims, dt)
         self._entries = out
+        self._digest: str | None = None  # computed on first use: hashing a layout (dict keys) needs it
 
     @classmethod
     def of(cls, state: Mapping[str, Tensor] | Layout) -> Layout:
@@ -152,8 +153,10 @@ class Layout(Mapping[str, TensorLayout]):
 
     def digest(self) -> str:
         """SHA-256 (hex) of the canonical text form: two parties holding equal layouts get equal digests."""
-        text = json.dumps(self.to_json(), separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        if self._digest is None:  # a layout never changes: worked out once
+            text = json.dumps(self.to_json(), separators=(",", ":"))
+            self._digest = hashlib.sha256(text.encode()).hexdigest()
+        return self._digest
 
     # -- checking ------------------------------------------------------------------------------------------
     def check(self, declared: Mapping[str, tuple[torch.dtype, Sequence[int]]]) -> None:
