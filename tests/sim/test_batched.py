@@ -220,6 +220,25 @@ def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result(two_sh
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_a_worker_finishes_its_share_as_asked_and_result_refuses_it(two_shares) -> None:
+    """``start(worker_finish=(fn, args))``: the worker's share comes out of parts() as ``fn(deltas, *args)``
+    (here the number of tensors), the caller's as deltas; result() cannot stack a finished share."""
+    from deltaplane.errors import DeltaplaneError
+    from deltaplane.sim.batched import FinishedShare
+
+    trainer, state, shards = two_shares
+    gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+    pending = trainer.start(
+        state, shards, gens, epochs=1, batch_size=32, lr=0.2, momentum=0.9, worker_finish=(len, ())
+    )
+    (own_members, own), (members, finished) = pending.parts()
+    assert isinstance(own, dict) and set(own) == set(state)
+    assert finished == FinishedShare(len(state)) and members and not set(members) & set(own_members)
+    with pytest.raises(DeltaplaneError, match="read them with parts"):
+        pending.result()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
 def test_forked_workers_run_tasks_in_order_and_report_failures() -> None:
     """The forked workers' pipes: results come back to the right futures in the order sent, also when an
     earlier future is never asked (an abandoned prefetch); a task's exception is raised by its future; a

@@ -17,13 +17,15 @@ pytestmark = pytest.mark.skipif(
 
 
 def _arrays(seed: int, n: int = 100_000) -> dict[str, object]:
-    """A result like a share's deltas: float32 arrays of several shapes, an int64 one and a plain value."""
+    """A result like a share's deltas or payloads: float32 arrays of several shapes, an int64 one, bytes (one
+    empty) and a plain value."""
     rng = np.random.default_rng(seed)
     return {
         "w": rng.standard_normal((n // 100, 100), dtype=np.float32),
         "b": rng.standard_normal(3, dtype=np.float32),
         "i": (rng.integers(0, 1 << 40, 7), "tag"),
         "seed": seed,
+        "payloads": [rng.bytes(n // 10), b""],
     }
 
 
@@ -34,6 +36,8 @@ def _equal(a: dict, b: dict) -> bool:
         and np.array_equal(a["i"][0], b["i"][0])
         and a["i"][1] == b["i"][1]
         and a["seed"] == b["seed"]
+        and a["payloads"] == b["payloads"]
+        and all(type(p) is bytes for p in b["payloads"])
     )
 
 

@@ -361,6 +361,27 @@ class Compressor:
         per_tensor, self._lossless = split_lossless(new)
         self._exact = per_tensor.exact
 
+    @property
+    def memoryless(self) -> bool:
+        """Whether encoding an update changes nothing here but the round count: an exact codec (which draws
+        no randomness), not a stateful one, and no residual or codec state carried in. Any copy of such a
+        compressor then encodes this device's next update to the very bytes this one would: the simulator's
+        forked workers encode their clients' updates with copies (:mod:`deltaplane.sim.worker_encoding`),
+        and :meth:`count_encoded_copy` leaves this one as its own :meth:`compress` would have."""
+        return (
+            self._exact and not self.codec.stateful and self.state.residual is None and not self.state.codec
+        )
+
+    def count_encoded_copy(self) -> None:
+        """Leave this compressor as :meth:`compress` leaves it, for an update a copy of it compressed while it
+        was :attr:`memoryless` (one round more; nothing else changes)."""
+        if not self.memoryless:
+            raise CodecError(
+                f"this compressor ({self.codec.spec}) carries state that compressing changes; compress its "
+                "updates itself"
+            )
+        self.state.rounds += 1
+
     def encode(self, delta: Delta) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
         """Encode ``delta`` (plus the carried residual); returns the trees and the delta the receiver will see."""
         trees, sent = self._encode(delta, want_sent=True)

@@ -39,6 +39,7 @@ import multiprocessing
 import weakref
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,11 +48,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from deltaplane.data.dataset import Dataset
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.sim.forked_workers import ForkedWorkers, tree_map
 
 __all__ = [
     "BatchedTrainer",
+    "FinishedShare",
     "batching_blocker",
     "clients_per_chunk",
     "per_client_bytes",
@@ -308,6 +310,7 @@ class BatchedTrainer:
         momentum: float,
         prox_mu: float = 0.0,
         caller_share: float = 1.0,
+        worker_finish: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
     ) -> PendingTraining:
         """:meth:`train`, begun: the batch orders are drawn (the generators advance now) and the forked
         workers' shares are sent off; :meth:`PendingTraining.result` trains the caller's own share and
@@ -317,7 +320,15 @@ class BatchedTrainer:
         estimated work each). A caller that does other work before it asks for the result gives the workers
         a head start and should take less (the simulator passes :data:`PREFETCH_CALLER_SHARE`). The split
         moves whole clients between groups: a client's arithmetic stays the same, but its stack-mates change,
-        which can change the float rounding of its delta, so a run keeps one share for all its rounds."""
+        which can change the float rounding of its delta, so a run keeps one share for all its rounds.
+
+        ``worker_finish=(fn, args)`` has each forked worker hand back ``fn(deltas, *args)`` for its share instead
+        of the deltas (``deltas`` stacked ``{name: (C, *shape)}``, its clients in the order
+        :meth:`PendingTraining.parts` gives their positions): the simulator's workers encode their clients'
+        payloads there (:mod:`deltaplane.sim.worker_encoding`). ``fn`` is pickled by name (a module-level
+        function) and sees the worker's memory as it was at the fork. Such a share comes out of
+        :meth:`PendingTraining.parts` as a :class:`FinishedShare`; shares trained by the caller, or on worker
+        threads, are deltas as always."""
         if prox_mu < 0:
             raise ConfigError(f"prox_mu must be non-negative. Found {prox_mu}")
         if len(datasets) != len(generators):
@@ -375,7 +386,12 @@ class BatchedTrainer:
                     worker,
                     _train_forked,
                     id(self),
-                    tree_map(_lean(job(m), self._forked_data), Tensor, lambda t: t.numpy()),
+                    tree_map(
+                        _lean(job(m), self._forked_data)
+                        | ({"finish": worker_finish} if worker_finish else {}),
+                        Tensor,
+                        lambda t: t.numpy(),
+                    ),
                 )
                 for worker, m in _chunk_workers(groups, chunks[:own], chunk)
             ]
@@ -488,20 +504,21 @@ class PendingTraining:
     ) -> None:
         # members: each job's clients (positions in the input order), the futures' jobs first, then own's
         self._trainer, self._futures, self._own, self._members = trainer, futures, own, members
-        self._parts: list[tuple[list[int], dict[str, Tensor]]] = []
+        self._parts: list[tuple[list[int], dict[str, Tensor] | FinishedShare]] = []
         self._result: dict[str, Tensor] | None = None
 
-    def parts(self) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+    def parts(self) -> Iterator[tuple[list[int], dict[str, Tensor] | FinishedShare]]:
         """Every client's delta, share by share as it becomes available: first the caller's own share
         (trained now), then each worker's (waited for). Yields ``(positions, stacked)``: the clients'
         positions in the order the datasets were given and their deltas stacked in that order, so a caller
-        can encode and send the first share's updates while the workers still train. Computed once."""
+        can encode and send the first share's updates while the workers still train; a worker's share
+        finished there (``start(worker_finish=...)``) is a :class:`FinishedShare` instead. Computed once."""
         n_futures = len(self._futures)
-        shares: list[tuple[list[int], Callable[[], dict[str, Tensor]]]] = [
+        shares: list[tuple[list[int], Callable[[], dict[str, Tensor] | FinishedShare]]] = [
             (members, lambda job=job: self._trainer._train_chunk(**_own(job)))
             for job, members in zip(self._own, self._members[n_futures:], strict=True)
         ] + [
-            (members, lambda f=f: tree_map(f.result(), np.ndarray, torch.from_numpy))
+            (members, lambda f=f: _share(f.result()))
             for f, members in zip(self._futures, self._members, strict=False)
         ]
         for i, (members, get) in enumerate(shares):
@@ -514,6 +531,11 @@ class PendingTraining:
         ``{name: (C, *shape)}`` in the order the datasets were given (computed once)."""
         if self._result is None:
             parts = list(self.parts())
+            if any(isinstance(p, FinishedShare) for _, p in parts):
+                raise DeltaplaneError(
+                    "this training's worker shares were finished in the workers (start(worker_finish=...)); "
+                    "read them with parts()"
+                )
             inverse = _inverse([c for members, _ in parts for c in members])
             self._result = {n: torch.cat([p[n] for _, p in parts])[inverse] for n in self._trainer.names}
         return self._result
@@ -535,7 +557,28 @@ def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray]:
     if "x" not in job:  # data the worker inherited at the fork (_lean)
         _, job["x"], job["y"] = trainer._data_cache[job["data_key"]]
     deltas = trainer._train_chunk(**_own(job))
+    if "finish" in job:  # start(worker_finish=...): what the caller wants of the deltas, made here
+        fn, args = job["finish"]
+        return (_FINISHED, fn(deltas, *args))
     return tree_map(deltas, Tensor, lambda t: t.numpy())
+
+
+#: tags a forked worker's reply that is ``worker_finish``'s result, not deltas (a dict of arrays)
+_FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class FinishedShare:
+    """A worker's share as ``start(worker_finish=(fn, args))`` made it: ``value`` is ``fn``'s result."""
+
+    value: Any
+
+
+def _share(reply: Any) -> dict[str, Tensor] | FinishedShare:
+    """A forked worker's reply to :func:`_train_forked`: its share's deltas as tensors, or what it finished."""
+    if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == _FINISHED:
+        return FinishedShare(reply[1])
+    return tree_map(reply, np.ndarray, torch.from_numpy)
 
 
 def _chunk_workers(
@@ -557,7 +600,7 @@ def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, An
 
 def _own(job: dict[str, Any]) -> dict[str, Any]:
     """:meth:`BatchedTrainer._train_chunk`'s arguments of a job (without its data key)."""
-    return {k: v for k, v in job.items() if k != "data_key"}
+    return {k: v for k, v in job.items() if k not in ("data_key", "finish")}
 
 
 #: estimated cost of one batched step: a fixed part (kernel launches, autograd) worth this many clients'
@@ -566,11 +609,12 @@ _STEP_OVERHEAD_CLIENTS = 1.6
 
 #: the caller's share (``BatchedTrainer.start(caller_share=...)``) when rounds overlap: the caller sends the
 #: worker its job, trains its own share, and encodes and delivers that share's updates before it needs the
-#: worker's; the worker scores the last round after its share (simulation._run, sim.worker_scoring). On the
-#: default workload 0.95 splits the clients' steps evenly (44 and 44 client-steps; 0.75 gave 50 and 38, which
-#: suited the caller scoring first) and the caller waits ~0.5 ms a round for the worker (median over rounds
-#: 3-14 of 16 runs); 1.0 (46 and 42) measured the same within noise.
-PREFETCH_CALLER_SHARE = 0.95
+#: worker's; the worker scores the last round after its share (simulation._run, sim.worker_scoring) and, with
+#: a memoryless codec such as the default identity, encodes its share's payloads (sim.worker_encoding). On the
+#: default workload 1.0 gives the worker 42 client-steps and the caller 46; 0.95 (44 and 44) left the worker,
+#: which now also encodes, the longer of the two (a round's median paired ratio 1.002 against 0.982 for 1.0,
+#: 16 fresh-process pairs each). Before the worker encoded, 0.95 split best.
+PREFETCH_CALLER_SHARE = 1.0
 
 
 def _balanced_groups(

@@ -12,7 +12,7 @@ A share's result (its clients' deltas, ~730 KB on the default workload) is large
 (~208 KB): sent down the pipe, the worker's write blocked until the caller, still busy with its own share's
 updates, read it (~1.1 ms a round in which the worker could not score), and the bytes were copied four times
 (pickled, written, read, unpickled). Each worker therefore gets an *arena*: an anonymous shared mapping made
-before the fork, into which it copies a result's arrays, sending only their places down the pipe; the caller
+before the fork, into which it copies a result's arrays (and ``bytes``: payloads a worker encoded), sending only their places down the pipe; the caller
 copies them out when it collects the result, which frees the arena for the next. One result per worker is in
 the arena at a time (later ones, and any that does not fit, take the pipe), so no result is overwritten
 before it was read.
@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from types import UnionType
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,14 @@ __all__ = ["ForkedWorkers"]
 #: a result's arrays start at multiples of this in the arena (cache lines; any dtype's alignment)
 _ALIGN = 64
 
+#: :class:`_InArena`'s dtype for a ``bytes`` leaf (not a numpy dtype string)
+_BYTES = "bytes"
+
 
 @dataclass(frozen=True)
 class _InArena:
-    """One array of a result placed in the arena: where it starts, its dtype and shape."""
+    """One array (or ``bytes``: dtype :data:`_BYTES`, shape its length) of a result placed in the arena: where
+    it starts, its dtype and shape."""
 
     offset: int
     dtype: str
@@ -185,7 +190,7 @@ def _serve(conn: Any, arena: mmap.mmap | None) -> None:
             )
 
 
-def tree_map(tree: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
+def tree_map(tree: Any, kind: type | UnionType, fn: Callable[[Any], Any]) -> Any:
     """``tree`` (dicts, tuples, lists) with every leaf of type ``kind`` replaced by ``fn(leaf)``."""
     if isinstance(tree, kind):
         return fn(tree)
@@ -203,9 +208,9 @@ class _Placed:
     tree: Any
 
 
-def _arrays(tree: Any, into: list[np.ndarray]) -> list[np.ndarray]:
-    """The numpy arrays of ``tree`` (dicts, tuples, lists), in :func:`tree_map`'s order."""
-    if isinstance(tree, np.ndarray):
+def _arrays(tree: Any, into: list[np.ndarray | bytes]) -> list[np.ndarray | bytes]:
+    """The numpy arrays and ``bytes`` of ``tree`` (dicts, tuples, lists), in :func:`tree_map`'s order."""
+    if isinstance(tree, np.ndarray | bytes):
         into.append(tree)
     elif isinstance(tree, dict):
         for v in tree.values():
@@ -217,31 +222,38 @@ def _arrays(tree: Any, into: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _to_arena(result: Any, arena: mmap.mmap) -> Any:
-    """``result`` with its numpy arrays copied into ``arena`` (a :class:`_Placed`); ``result`` itself if it has
-    none, or they do not all fit (it then crosses the pipe)."""
-    arrays = _arrays(result, [])
+    """``result`` with its numpy arrays and ``bytes`` copied into ``arena`` (a :class:`_Placed`); ``result``
+    itself if it has none, or they do not all fit (it then crosses the pipe)."""
+    leaves = _arrays(result, [])
+    if any(isinstance(a, np.ndarray) and a.dtype.hasobject for a in leaves):
+        return result
     end, offsets = 0, []
-    for a in arrays:
+    for a in leaves:
         offsets.append(end)
-        end += -(-a.nbytes // _ALIGN) * _ALIGN
-    if not arrays or end > len(arena) or any(a.dtype.hasobject for a in arrays):
+        end += -(-(len(a) if isinstance(a, bytes) else a.nbytes) // _ALIGN) * _ALIGN
+    if not leaves or end > len(arena):
         return result
     places = iter(offsets)
 
-    def place(a: np.ndarray) -> _InArena:
+    def place(a: np.ndarray | bytes) -> _InArena:
         offset = next(places)
+        if isinstance(a, bytes):
+            arena[offset : offset + len(a)] = a
+            return _InArena(offset, _BYTES, (len(a),))
         np.frombuffer(arena, a.dtype, a.size, offset).reshape(a.shape)[...] = a
         return _InArena(offset, a.dtype.str, a.shape)
 
-    return _Placed(tree_map(result, np.ndarray, place))
+    return _Placed(tree_map(result, np.ndarray | bytes, place))
 
 
 def _from_arena(value: Any, arena: mmap.mmap) -> Any:
-    """A result read back: each array a :class:`_Placed` result holds in ``arena`` copied out of it."""
+    """A result read back: each array (and ``bytes``) a :class:`_Placed` result holds in ``arena`` copied out."""
     if not isinstance(value, _Placed):
         return value
 
-    def copy_out(p: _InArena) -> np.ndarray:
+    def copy_out(p: _InArena) -> np.ndarray | bytes:
+        if p.dtype == _BYTES:
+            return arena[p.offset : p.offset + p.shape[0]]  # one copy, straight into a bytes object
         dtype = np.dtype(p.dtype)
         return np.frombuffer(arena, dtype, int(np.prod(p.shape)), p.offset).reshape(p.shape).copy()
 

@@ -44,7 +44,14 @@ from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
-from deltaplane.sim.batched import PREFETCH_CALLER_SHARE, BatchedTrainer, PendingTraining, batching_blocker
+from deltaplane.sim.batched import (
+    PREFETCH_CALLER_SHARE,
+    BatchedTrainer,
+    FinishedShare,
+    PendingTraining,
+    batching_blocker,
+)
+from deltaplane.sim.worker_encoding import WorkerEncoding
 from deltaplane.sim.worker_scoring import WorkerScoring
 
 __all__ = [
@@ -111,12 +118,16 @@ def start_batched(
     data: list[Dataset] | None = None,
     *,
     caller_share: float = 1.0,
+    encoding: WorkerEncoding | None = None,
+    version: int = 0,
 ) -> PendingTraining:
     """Every client's local update this round, trained at once: ``.result()`` gives them stacked
     ``{name: (clients, *shape)}``, equal to ``Client.local_update``'s up to float rounding because each client's
     batches come from the same stream ``(seed, LOCAL_TRAINING, rnd, cid)`` in the same way
     (tests/sim/test_batched.py). Begun with :meth:`BatchedTrainer.start`: the forked workers train while the
-    caller does something else until it asks for the result."""
+    caller does something else until it asks for the result. With ``encoding`` (and every device of the round
+    covered by it) the workers also encode their shares' payloads for global version ``version``
+    (:mod:`deltaplane.sim.worker_encoding`)."""
     return trainer.start(
         global_state,
         data if data is not None else [c.train for c in clients],
@@ -127,6 +138,7 @@ def start_batched(
         momentum=config.momentum,
         prox_mu=config.prox_mu,
         caller_share=caller_share,
+        worker_finish=encoding.finish(version) if encoding is not None and encoding.covers(clients) else None,
     )
 
 
@@ -257,6 +269,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         if prefetch and trainer is not None and backdoor_target is None
         else None
     )
+    # The forked worker encodes its share's payloads where the devices' compressors are memoryless (the
+    # default identity codec): the same bytes, and this process no longer frames them after its own share
+    # (deltaplane.sim.worker_encoding); registered before the first start() forks the worker.
+    encoding = (
+        WorkerEncoding(trainer, step, clients) if overlap and step.stackable and trainer is not None else None
+    )
     # the round being scored in the worker: its other metrics, its start, and the scores to come
     deferred: tuple[dict[str, Any], float, Future] | None = None
 
@@ -288,7 +306,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             else:
                 data = [step.training_data(c, rnd) for c in batch]
                 training = start_batched(
-                    config, trainer, global_state, batch, rnd, data, caller_share=caller_share
+                    config,
+                    trainer,
+                    global_state,
+                    batch,
+                    rnd,
+                    data,
+                    caller_share=caller_share,
+                    encoding=encoding,
+                    version=version,
                 )
             pending = None
             if overlap and step.stackable:
@@ -296,10 +322,13 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 # still train theirs, so only the last share's framing waits for training to end. The
                 # server receives the updates in share order (deterministic, the same prefetched or not).
                 for positions, stacked in training.parts():
+                    share = [batch[i] for i in positions]
                     deliver(
                         config,
                         server,
-                        _upload_stacked(step, [batch[i] for i in positions], stacked, version),
+                        WorkerEncoding.uploads(share, stacked)
+                        if isinstance(stacked, FinishedShare)
+                        else _upload_stacked(step, share, stacked, version),
                         rnd,
                     )
                 uploads = []
@@ -336,7 +365,14 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     rnd + 1,
                     global_state,
                     start_batched(
-                        config, trainer, global_state, upcoming, rnd + 1, caller_share=caller_share
+                        config,
+                        trainer,
+                        global_state,
+                        upcoming,
+                        rnd + 1,
+                        caller_share=caller_share,
+                        encoding=encoding,
+                        version=server.version,
                     ),
                 )
         down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync
@@ -375,6 +411,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one
     if scoring is not None:
         scoring.close()
+    if encoding is not None:
+        encoding.close()
     return RunResult(
         config=config,
         rounds=history,
