@@ -220,6 +220,40 @@ def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result(two_sh
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+def test_clients_given_as_seeds_are_drawn_where_they_train(
+    two_shares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's generator may come as its seed: the forked worker then draws its share's batch orders itself
+    (its job carries the seeds, no plan), and every delta is the one the seeded generators give."""
+    from deltaplane.engine.seeding import derive_seed
+    from deltaplane.errors import ConfigError
+
+    trainer, state, shards = two_shares
+    sent: list[set[str]] = []
+    submit_to = batched.ForkedWorkers.submit_to
+
+    def spy(self, worker, fn, *args, **kwargs):
+        if fn is batched._train_forked:
+            sent.append(set(args[1]))
+        return submit_to(self, worker, fn, *args, **kwargs)
+
+    monkeypatch.setattr(batched.ForkedWorkers, "submit_to", spy)
+    seeds = [derive_seed(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
+    kw = dict(epochs=2, batch_size=32, lr=0.2, momentum=0.9)
+    by_seed = trainer.train(state, shards, seeds, **kw)
+    by_generator = trainer.train(
+        state, shards, [torch_generator(0, Stream.LOCAL_TRAINING, 1, c) for c in range(len(shards))], **kw
+    )
+    assert "draw" in sent[0] and "plan" not in sent[0]
+    assert "plan" in sent[1] and "draw" not in sent[1]
+    for name in by_seed:
+        assert torch.equal(by_seed[name], by_generator[name]), name
+    for bad in (-1, 2**63, 1.5, True):
+        with pytest.raises(ConfigError, match="seed in"):
+            trainer.train(state, shards[:1], [bad], **kw)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
 def test_a_worker_finishes_its_share_as_asked_and_result_refuses_it(two_shares) -> None:
     """``start(worker_finish=(fn, args))``: the worker's share comes out of parts() as ``fn(deltas, *args)``
     (here the number of tensors), the caller's as deltas; result() cannot stack a finished share."""

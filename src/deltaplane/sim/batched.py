@@ -273,7 +273,7 @@ class BatchedTrainer:
         self,
         global_state: dict[str, Tensor],
         datasets: Sequence[Dataset],
-        generators: Sequence[torch.Generator],
+        generators: Sequence[torch.Generator | int],
         *,
         epochs: int,
         batch_size: int,
@@ -284,7 +284,9 @@ class BatchedTrainer:
         """Train one copy of ``global_state`` per dataset; return the deltas stacked as ``(C, *shape)``.
 
         ``generators[i]`` decides client ``i``'s batch order exactly as in the sequential path (one
-        ``torch.randperm`` per epoch) and is advanced as it would be there. ``prox_mu > 0`` adds FedProx's
+        ``torch.randperm`` per epoch) and is advanced as it would be there; or it is a seed (an ``int``), and
+        a fresh ``torch.Generator().manual_seed(seed)`` does that where the client trains (a forked worker
+        draws its own clients' batch orders: the caller neither draws nor sends them). ``prox_mu > 0`` adds FedProx's
         proximal term ``μ/2 ‖w − w_global‖²`` (https://arxiv.org/abs/1812.06127), as the sequential path does.
         """
         return self.start(
@@ -302,7 +304,7 @@ class BatchedTrainer:
         self,
         global_state: dict[str, Tensor],
         datasets: Sequence[Dataset],
-        generators: Sequence[torch.Generator],
+        generators: Sequence[torch.Generator | int],
         *,
         epochs: int,
         batch_size: int,
@@ -339,6 +341,11 @@ class BatchedTrainer:
             raise ConfigError("every client needs at least one training sample")
         if not (isinstance(caller_share, int | float) and 0 < caller_share <= 1):
             raise ConfigError(f"caller_share must be in (0, 1]. Found {caller_share!r}")
+        for g in generators:
+            if not isinstance(g, torch.Generator) and not (type(g) is int and 0 <= g < 2**63):
+                raise ConfigError(
+                    f"each generator must be a torch.Generator or a seed in [0, 2**63). Found {g!r}"
+                )
         chunk = self._clients_per_chunk(datasets[0].x[:1], batch_size)
         # Clients of similar size share a chunk, so few of them idle while the longest one finishes; with
         # several workers, the groups get similar estimated work (_balanced_groups).
@@ -349,17 +356,24 @@ class BatchedTrainer:
         chunks = [g[i : i + chunk] for g in groups for i in range(0, len(g), chunk)]
 
         # Batch orders are drawn here, in the caller's process and thread, so every client's generator advances
-        # exactly as the sequential loop advances it, whichever worker then trains the client.
-        def job(members: list[int]) -> dict[str, Any]:
+        # exactly as the sequential loop advances it, whichever worker then trains the client; a chunk of a
+        # forked worker whose clients all come as seeds is drawn there instead (the same draws: _draw_plan).
+        def job(members: list[int], *, forked: bool = False) -> dict[str, Any]:
             shards = [datasets[c] for c in members]
             x, y = self._stacked_data(shards)
-            idx, weight, active = _batch_plan(shards, [generators[c] for c in members], epochs, batch_size)
+            sizes = [len(d) for d in shards]
+            gens = [generators[c] for c in members]
+            seeded = forked and all(isinstance(g, int) for g in gens)
             return {
                 "data_key": tuple(id(d) for d in shards),
                 "global_state": global_state,
                 "x": x,
                 "y": y,
-                "plan": (idx, weight, active),
+                **(
+                    {"draw": (sizes, gens, epochs, batch_size)}
+                    if seeded
+                    else {"plan": _batch_plan(sizes, [_generator(g) for g in gens], epochs, batch_size)}
+                ),
                 "lr": lr,
                 "momentum": momentum,
                 "prox_mu": prox_mu,
@@ -387,7 +401,7 @@ class BatchedTrainer:
                     _train_forked,
                     id(self),
                     tree_map(
-                        _lean(job(m), self._forked_data)
+                        _lean(job(m, forked=True), self._forked_data)
                         | ({"finish": worker_finish} if worker_finish else {}),
                         Tensor,
                         lambda t: t.numpy(),
@@ -556,6 +570,9 @@ def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray]:
     job = tree_map(job, np.ndarray, torch.from_numpy)
     if "x" not in job:  # data the worker inherited at the fork (_lean)
         _, job["x"], job["y"] = trainer._data_cache[job["data_key"]]
+    if "draw" in job:  # its clients came as seeds: their batch orders are drawn here
+        sizes, seeds, epochs, batch_size = job["draw"]
+        job["plan"] = _batch_plan(sizes, [_generator(s) for s in seeds], epochs, batch_size)
     deltas = trainer._train_chunk(**_own(job))
     if "finish" in job:  # start(worker_finish=...): what the caller wants of the deltas, made here
         fn, args = job["finish"]
@@ -600,7 +617,7 @@ def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, An
 
 def _own(job: dict[str, Any]) -> dict[str, Any]:
     """:meth:`BatchedTrainer._train_chunk`'s arguments of a job (without its data key)."""
-    return {k: v for k, v in job.items() if k not in ("data_key", "finish")}
+    return {k: v for k, v in job.items() if k not in ("data_key", "finish", "draw")}
 
 
 #: estimated cost of one batched step: a fixed part (kernel launches, autograd) worth this many clients'
@@ -649,21 +666,26 @@ def _inverse(order: list[int]) -> Tensor:
     return inverse
 
 
+def _generator(g: torch.Generator | int) -> torch.Generator:
+    """``g`` itself, or a fresh generator seeded with it (a client given as a seed: start()'s ``generators``)."""
+    return g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(g)
+
+
 def _batch_plan(
-    datasets: Sequence[Dataset], generators: Sequence[torch.Generator], epochs: int, batch_size: int
+    sizes: Sequence[int], generators: Sequence[torch.Generator], epochs: int, batch_size: int
 ) -> tuple[Tensor, Tensor, list[int]]:
     """Sample indices ``(S, C, B)``, sample weights ``(S, C, B)`` (``1/n`` for each of a batch's ``n`` real samples,
     0 for padding) and the number of clients active at each step.
 
-    ``datasets`` come longest first. Client ``c`` runs ``epochs · ⌈n_c / B⌉`` steps, the first ones of the
+    ``sizes`` (the clients' sample counts) come longest first. Client ``c`` runs ``epochs · ⌈n_c / B⌉`` steps, the first ones of the
     ``S`` (the most any client runs); its epoch ``e`` is ``torch.randperm(n_c, generator)`` cut into batches,
     as the sequential loop does.
     """
-    sizes = tuple(len(d) for d in datasets)
+    sizes = tuple(sizes)
     steps = [epochs * math.ceil(n / batch_size) for n in sizes]
     total = steps[0]
     # client-major while filling, so each epoch's slots are one contiguous run of memory that randperm fills
-    idx = torch.zeros((len(datasets), total * batch_size), dtype=torch.long)
+    idx = torch.zeros((len(sizes), total * batch_size), dtype=torch.long)
     for c, (n, gen) in enumerate(zip(sizes, generators, strict=True)):
         slots = math.ceil(n / batch_size) * batch_size  # one epoch, its last batch padded
         for e in range(epochs):

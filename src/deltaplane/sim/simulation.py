@@ -42,7 +42,7 @@ from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
-from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
+from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import (
     PREFETCH_CALLER_SHARE,
@@ -131,7 +131,8 @@ def start_batched(
     return trainer.start(
         global_state,
         data if data is not None else [c.train for c in clients],
-        [torch_generator(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
+        # each client's batch-order stream as its seed: a forked worker draws its own clients' batch orders
+        [derive_seed(config.seed, Stream.LOCAL_TRAINING, rnd, c.cid) for c in clients],
         epochs=config.local_epochs,
         batch_size=config.batch_size,
         lr=config.client_lr(rnd),
