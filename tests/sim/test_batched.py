@@ -342,18 +342,24 @@ def test_fedprox_term_is_batched_too() -> None:
     )
 
 
-def test_stacked_forward_equals_the_model_on_each_client() -> None:
+@pytest.mark.parametrize("n", [3, 4])  # an even count pairs the clients in conv1's groups
+def test_stacked_forward_equals_the_model_on_each_client(n: int) -> None:
+    """Each stacked copy's logits, and its weights' gradients, are the plain model's on its own inputs."""
     model = build_model(0)
-    copies = [build_model(s) for s in range(3)]
+    copies = [build_model(s) for s in range(n)]
     params = {
-        n: torch.stack([dict(m.named_parameters())[n].detach() for m in copies])
-        for n, _ in model.named_parameters()
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in copies]).requires_grad_(True)
+        for name, _ in model.named_parameters()
     }
-    x = load_digits().x[:96].view(3, 32, 1, 8, 8)
+    x = load_digits().x[: 32 * n].view(n, 32, 1, 8, 8)
+    r = torch.randn(n, 32, 10, generator=torch.Generator().manual_seed(n))
     out = model.forward_stacked(params, x)
+    grads = torch.autograd.grad((out * r).sum(), list(params.values()))
     for k, m in enumerate(copies):
-        with torch.no_grad():
-            assert torch.allclose(out[k], m(x[k]), rtol=0, atol=1e-5)
+        own = m(x[k])
+        assert torch.allclose(out[k], own.detach(), rtol=0, atol=1e-5)
+        for g, mine in zip(grads, torch.autograd.grad((own * r[k]).sum(), list(m.parameters())), strict=True):
+            assert torch.allclose(g[k], mine, rtol=0, atol=1e-4), k
 
 
 def test_same_seed_same_accuracy_batched_and_sequential() -> None:
