@@ -9,7 +9,7 @@ import multiprocessing
 import pytest
 import torch
 
-from deltaplane.codecs import Compressor, available_codecs
+from deltaplane.codecs import Compressor, Layout, available_codecs
 from deltaplane.delta import Delta
 from deltaplane.errors import CodecError
 from deltaplane.sim import RunConfig, run_simulation
@@ -131,3 +131,19 @@ def test_exact_codecs_draw_no_randomness(spec: str) -> None:
     before = compressor._rng.get_state()
     compressor.compress(Delta({"w": torch.randn(64, 16)}))
     assert torch.equal(before, compressor._rng.get_state()) and compressor.memoryless
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_an_identity_payload_fits_the_arenas_room_per_client(compact: bool) -> None:
+    """A worker's arena holds a chunk's payloads (so they skip the pipe) if an identity payload is at most its
+    delta's bytes plus the framing allowance, in either wire format, also for a model of many tensors."""
+    from deltaplane.engine.wire import Sessions
+    from deltaplane.sim.batched import framing_allowance
+
+    for n in (8, 200):
+        delta = Delta({f"layer{i:03d}.attention.output.dense.weight": torch.randn(3, 5) for i in range(n)})
+        session = Sessions("identity", "sim/some-base-model", compact=compact).get(Layout.of(delta))
+        payload = Compressor("identity").compress(
+            delta, base_id="sim/some-base-model", base_version=123_456, session=session
+        )
+        assert len(payload) + 64 <= delta.nbytes + framing_allowance(n), (n, len(payload) - delta.nbytes)

@@ -389,7 +389,9 @@ class BatchedTrainer:
             # buffer kept the caller writing until the worker, busy scoring, read it.
             for members in chunks:
                 self._stacked_data([datasets[c] for c in members])
-        if isinstance(pool := self._executor(arena_bytes=chunk * self._param_bytes), ForkedWorkers):
+        # a chunk's deltas, or the payloads a worker encodes from them (a little framing more each)
+        arena = chunk * (self._param_bytes + framing_allowance(len(self.names)))
+        if isinstance(pool := self._executor(arena_bytes=arena), ForkedWorkers):
             # The caller trains the last group itself meanwhile, instead of waiting: `workers` CPUs in all.
             # Each worker job is sent off as soon as it is planned, before the caller plans its own share.
             # Jobs cross as numpy arrays, which pickle by value: a tensor would cross as a shared-memory file
@@ -553,6 +555,13 @@ class PendingTraining:
             inverse = _inverse([c for members, _ in parts for c in members])
             self._result = {n: torch.cat([p[n] for _, p in parts])[inverse] for n in self._trainer.names}
         return self._result
+
+
+def framing_allowance(n_tensors: int) -> int:
+    """Room per client in a forked worker's arena beyond its delta's bytes: an identity payload's framing
+    (header, tensor table, CRC; the self-describing table grows with the tensors) and the arena's alignment.
+    A share that still does not fit goes down the pipe."""
+    return 1024 + 256 * n_tensors
 
 
 #: the most shared memory a forked worker gets for handing back a chunk's deltas (its arena, only touched
