@@ -156,22 +156,12 @@ def test_worker_processes_equal_worker_threads_and_stop_with_the_trainer(
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
-def test_forked_worker_inherits_the_data_of_chunks_it_trains_every_round(
-    two_shares, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_forked_worker_inherits_the_data_of_chunks_it_trains_every_round(two_shares, sent_jobs) -> None:
     """The chunks' data is stacked before the first start() forks the worker, so training the same clients
     round after round (full participation) sends the worker only its start weights and batch plan, also in
     the first round; other clients' data still travels with their job, and the deltas are the same."""
     trainer, state, shards = two_shares
-    sent: list[set[str]] = []
-    submit_to = batched.ForkedWorkers.submit_to
-
-    def spy(self, worker, fn, *args, **kwargs):
-        if fn is batched._train_forked:
-            sent.append(set(args[1]))
-        return submit_to(self, worker, fn, *args, **kwargs)
-
-    monkeypatch.setattr(batched.ForkedWorkers, "submit_to", spy)
+    sent = sent_jobs
 
     def train(clients: list) -> dict[str, torch.Tensor]:
         gens = [torch_generator(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(clients))]
@@ -184,6 +174,21 @@ def test_forked_worker_inherits_the_data_of_chunks_it_trains_every_round(
     assert {"x", "y"} <= sent[2]
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.fixture
+def sent_jobs(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
+    """The keys of every training job sent to a forked worker, in order."""
+    sent: list[set[str]] = []
+    submit_to = batched.ForkedWorkers.submit_to
+
+    def spy(self, worker, fn, *args, **kwargs):
+        if fn is batched._train_forked:
+            sent.append(set(args[1]))
+        return submit_to(self, worker, fn, *args, **kwargs)
+
+    monkeypatch.setattr(batched.ForkedWorkers, "submit_to", spy)
+    return sent
 
 
 @pytest.fixture
@@ -220,24 +225,14 @@ def test_parts_give_the_callers_share_first_and_the_same_deltas_as_result(two_sh
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
-def test_clients_given_as_seeds_are_drawn_where_they_train(
-    two_shares, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_clients_given_as_seeds_are_drawn_where_they_train(two_shares, sent_jobs) -> None:
     """A client's generator may come as its seed: the forked worker then draws its share's batch orders itself
     (its job carries the seeds, no plan), and every delta is the one the seeded generators give."""
     from deltaplane.engine.seeding import derive_seed
     from deltaplane.errors import ConfigError
 
     trainer, state, shards = two_shares
-    sent: list[set[str]] = []
-    submit_to = batched.ForkedWorkers.submit_to
-
-    def spy(self, worker, fn, *args, **kwargs):
-        if fn is batched._train_forked:
-            sent.append(set(args[1]))
-        return submit_to(self, worker, fn, *args, **kwargs)
-
-    monkeypatch.setattr(batched.ForkedWorkers, "submit_to", spy)
+    sent = sent_jobs
     seeds = [derive_seed(0, Stream.LOCAL_TRAINING, 1, cid) for cid in range(len(shards))]
     kw = dict(epochs=2, batch_size=32, lr=0.2, momentum=0.9)
     by_seed = trainer.train(state, shards, seeds, **kw)
@@ -551,12 +546,13 @@ def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
-def test_a_run_that_fails_leaves_no_scoring_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's scoring context (a model copy, the test set, the devices) goes with the run's trainer,
-    also when the run raises before it could close it."""
+def test_a_run_that_fails_leaves_no_worker_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's scoring context (a model copy, the test set, the devices) and encoding context (the wire
+    sessions, the codec) go with the run's trainer, also when the run raises before it could close them."""
     import gc
 
     import deltaplane.sim.simulation as simulation
+    import deltaplane.sim.worker_encoding as worker_encoding
     import deltaplane.sim.worker_scoring as worker_scoring
     from deltaplane.sim import RunConfig, run_simulation
 
@@ -573,3 +569,4 @@ def test_a_run_that_fails_leaves_no_scoring_context(monkeypatch: pytest.MonkeyPa
         run_simulation(RunConfig(clients=6, rounds=4, engine="batched", threads=2))
     gc.collect()
     assert worker_scoring._CONTEXT == {}
+    assert worker_encoding._CONTEXT == {}

@@ -100,3 +100,27 @@ def test_without_an_arena_results_take_the_pipe(placed) -> None:
         pool.shutdown()
     with pytest.raises(DeltaplaneError, match="arena_bytes"):
         ForkedWorkers(1, arena_bytes=-1)
+
+
+def test_fork_contexts_go_with_their_trainer_and_name_what_is_missing() -> None:
+    """A run's context is found by its trainer's id until forgotten or until the trainer goes; a worker that
+    asks for one that was never registered gets an error naming which."""
+    import gc
+
+    from deltaplane.sim.forked_workers import ForkContexts
+
+    class Trainer:
+        pass
+
+    contexts = ForkContexts("scoring")
+    kept, dropped = Trainer(), Trainer()
+    key = contexts.register(kept, ("model", "test"))
+    gone = contexts.register(dropped, "x")
+    assert contexts.of(key) == ("model", "test")
+    del dropped
+    gc.collect()
+    assert gone not in contexts and key in contexts
+    contexts.forget(key)
+    assert contexts == {}
+    with pytest.raises(DeltaplaneError, match="before its run's scoring context was registered"):
+        contexts.of(key)

@@ -3,7 +3,6 @@ bytes the device's own would, and the run is then the run this process encoding 
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 
 import pytest
@@ -78,26 +77,6 @@ def test_lossy_codecs_with_error_feedback_are_encoded_here(monkeypatch: pytest.M
     cfg = RunConfig(clients=8, rounds=3, engine="batched", threads=2, codec="topk(0.1) | quant(bits=8)")
     _, got, state = _run(cfg, monkeypatch, in_worker=True)
     assert state["encoded_in_worker"] == [] and len(got) == 8 * 3
-
-
-@forking
-def test_a_run_that_fails_leaves_no_encoding_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    import deltaplane.sim.simulation as simulation
-    import deltaplane.sim.worker_encoding as worker_encoding
-
-    real_deliver, calls = simulation.deliver, []
-
-    def failing(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        return real_deliver(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(simulation, "deliver", failing)
-    with pytest.raises(RuntimeError, match="injected"):
-        run_simulation(RunConfig(clients=6, rounds=4, engine="batched", threads=2))
-    gc.collect()
-    assert worker_encoding._CONTEXT == {}
 
 
 def test_memoryless_compressors_and_counting_a_copys_round() -> None:

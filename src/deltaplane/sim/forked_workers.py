@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -35,7 +36,7 @@ import torch
 
 from deltaplane.errors import DeltaplaneError
 
-__all__ = ["ForkedWorkers"]
+__all__ = ["ForkContexts", "ForkedWorkers"]
 
 #: a result's arrays start at multiples of this in the arena (cache lines; any dtype's alignment)
 _ALIGN = 64
@@ -52,6 +53,39 @@ class _InArena:
     offset: int
     dtype: str
     shape: tuple[int, ...]
+
+
+class ForkContexts(dict[int, Any]):
+    """What a forked worker's tasks need of one run (a model copy and test data to score, a codec to encode),
+    by the run's trainer's ``id``: registered before the trainer forks its workers, which inherit it with the
+    rest of memory, so it never crosses a pipe. ``what`` names it in the error of a worker forked too early.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def register(self, trainer: object, value: Any) -> int:
+        """Hold ``value`` for ``trainer``'s run until :meth:`forget`, or until the trainer goes (a run that
+        raises never reaches its close); returns the key its workers' tasks pass."""
+        key = id(trainer)
+        self[key] = value
+        weakref.finalize(trainer, self.pop, key, None)
+        return key
+
+    def of(self, key: int) -> Any:
+        """The run's context, in a forked worker."""
+        if (
+            key not in self
+        ):  # the trainer forked before the context was registered (not how the simulator runs)
+            raise DeltaplaneError(
+                f"this worker was forked before its run's {self.what} context was registered"
+            )
+        return self[key]
+
+    def forget(self, key: int) -> None:
+        """Drop the run's context here (a worker keeps its copy until the trainer stops it)."""
+        self.pop(key, None)
 
 
 class ForkedWorkers(Executor):

@@ -14,7 +14,6 @@ as before: its state lives with the device.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import Tensor
@@ -22,26 +21,22 @@ from torch import Tensor
 from deltaplane.codecs import Compressor, Layout, compress_many
 from deltaplane.engine import ClientStep, Upload
 from deltaplane.engine.federation import Client
-from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError
 from deltaplane.sim.batched import BatchedTrainer, FinishedShare
+from deltaplane.sim.forked_workers import ForkContexts
 
 __all__ = ["WorkerEncoding"]
 
 #: What each run's forked worker encodes with (the run's wire sessions, base id, codec spec, error-feedback
-#: setting, and the copies of compressors it made), by the trainer's ``id``; set before the trainer forks its
-#: workers, which inherit it with the rest of memory.
-_CONTEXT: dict[int, tuple[Sessions, str, str, bool, list[Compressor]]] = {}
+#: setting, and the copies of compressors it made).
+_CONTEXT = ForkContexts("encoding")
 
 
 def _encode_forked(deltas: dict[str, Tensor], key: int, version: int) -> list[bytes | DeltaplaneError]:
     """A worker share's payloads (runs in the forked worker): its deltas ``{name: (C, *shape)}`` compressed
     with copies of the devices' memoryless compressors, as :func:`~deltaplane.sim.simulation._upload_stacked`
     compresses them; a device whose compression fails gets its error."""
-    context = _CONTEXT.get(key)
-    if context is None:  # the trainer forked before WorkerEncoding registered (not how the simulator runs)
-        raise DeltaplaneError("this worker was forked before its run's encoding context was registered")
-    sessions, base_id, spec, error_feedback, copies = context
+    sessions, base_id, spec, error_feedback, copies = _CONTEXT.of(key)
     rows = next(iter(deltas.values())).shape[0]
     while len(copies) < rows:  # made once, reused: a memoryless compressor stays so
         copies.append(Compressor(spec, error_feedback=error_feedback))
@@ -65,15 +60,15 @@ class WorkerEncoding:
     """
 
     def __init__(self, trainer: BatchedTrainer, step: ClientStep, clients: list[Client]) -> None:
-        self._key, self._step = id(trainer), step
+        self._step = step
         # the run's codec and setting, as its devices' compressors were built (a device whose compressor
         # differs, or carries state, is not covered)
         first = clients[0].compressor if clients else None
         self._spec = first.codec.spec if first is not None else ""
         self._error_feedback = first.error_feedback if first is not None else False
-        _CONTEXT[self._key] = (step.sessions, step.base_id, self._spec, self._error_feedback, [])
-        # a run that raises never reaches close(): the context goes with the trainer
-        weakref.finalize(trainer, _CONTEXT.pop, self._key, None)
+        self._key = _CONTEXT.register(
+            trainer, (step.sessions, step.base_id, self._spec, self._error_feedback, [])
+        )
 
     def covers(self, clients: list[Client]) -> bool:
         """Whether the worker may encode these devices' updates: every stage after training leaves them as
@@ -108,4 +103,4 @@ class WorkerEncoding:
 
     def close(self) -> None:
         """Forget the run's context (the worker keeps its copy until the trainer stops it)."""
-        _CONTEXT.pop(self._key, None)
+        _CONTEXT.forget(self._key)

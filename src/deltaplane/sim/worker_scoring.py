@@ -14,7 +14,6 @@ next round has closed.
 from __future__ import annotations
 
 import copy
-import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -24,22 +23,18 @@ from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 from deltaplane.engine.metrics import score_round
-from deltaplane.errors import DeltaplaneError
 from deltaplane.sim.batched import BatchedTrainer
+from deltaplane.sim.forked_workers import ForkContexts
 
 __all__ = ["WorkerScoring"]
 
-#: What each run's forked worker scores with (a copy of the model, the test set, the devices), by the
-#: trainer's ``id``; set before the trainer forks its workers, which inherit it with the rest of memory.
-_CONTEXT: dict[int, tuple[nn.Module, Dataset, list[Any]]] = {}
+#: What each run's forked worker scores with (a copy of the model, the test set, the devices).
+_CONTEXT = ForkContexts("scoring")
 
 
 def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float]:
     """:func:`~deltaplane.engine.metrics.score_round` in a forked worker, with the context it inherited at the fork."""
-    context = _CONTEXT.get(key)
-    if context is None:  # the trainer forked before WorkerScoring registered (not how the simulator runs)
-        raise DeltaplaneError("this worker was forked before its run's scoring context was registered")
-    model, test, clients = context
+    model, test, clients = _CONTEXT.of(key)
     return score_round(model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients)
 
 
@@ -52,11 +47,9 @@ class WorkerScoring:
     """
 
     def __init__(self, trainer: BatchedTrainer, model: nn.Module, test: Dataset, clients: list[Any]) -> None:
-        self._trainer, self._key = trainer, id(trainer)
+        self._trainer = trainer
         # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
-        _CONTEXT[self._key] = (copy.deepcopy(model), test, clients)
-        # a run that raises never reaches close(): the context goes with the trainer
-        weakref.finalize(trainer, _CONTEXT.pop, self._key, None)
+        self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients))
 
     def submit(self, state: dict[str, Tensor]) -> Future | None:
         """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
@@ -66,4 +59,4 @@ class WorkerScoring:
 
     def close(self) -> None:
         """Forget the run's context (the worker keeps its copy until the trainer stops it)."""
-        _CONTEXT.pop(self._key, None)
+        _CONTEXT.forget(self._key)
