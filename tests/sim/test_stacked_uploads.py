@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import deltaplane.sim.simulation as simulation
+import deltaplane.engine.client as client_step
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError
 from deltaplane.sim import RunConfig, run_simulation
@@ -36,16 +36,16 @@ def test_batched_run_has_the_same_bytes_and_accuracy(monkeypatch: pytest.MonkeyP
         clients=6, rounds=3, engine="batched", codec="topk(0.01) | quant(bits=8)", error_feedback=feedback
     )
     calls: list[int] = []
-    real = simulation.compress_many
+    real = client_step.compress_many
 
     def counting(compressors, *args, **kwargs):
         calls.append(len(compressors))
         return real(compressors, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "compress_many", counting)
+    monkeypatch.setattr(client_step, "compress_many", counting)
     stacked = run_simulation(cfg)
     assert calls == [6, 6, 6]  # every round's uploads went through the stacked path
-    monkeypatch.setattr(simulation, "compress_many", _one_by_one)
+    monkeypatch.setattr(client_step, "compress_many", _one_by_one)
     loop = run_simulation(cfg)
     assert [r.uplink_bytes for r in stacked.rounds] == [r.uplink_bytes for r in loop.rounds]
     assert [r.test_accuracy for r in stacked.rounds] == [r.test_accuracy for r in loop.rounds]
@@ -60,20 +60,20 @@ def test_local_dp_keeps_the_per_client_path(monkeypatch: pytest.MonkeyPatch) -> 
     def refuse(*args, **kwargs):
         raise AssertionError("compress_many must not run with local DP")
 
-    monkeypatch.setattr(simulation, "compress_many", refuse)
+    monkeypatch.setattr(client_step, "compress_many", refuse)
     cfg = RunConfig(clients=4, rounds=1, engine="batched", clip="1.0", local_dp_noise=0.5)
     assert run_simulation(cfg).final.clients == 4
 
 
 def test_stacked_upload_failure_is_one_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client whose compression fails is refused, as in the per-client loop; the round goes on."""
-    real = simulation.compress_many
+    real = client_step.compress_many
 
     def poison_first(compressors, stacked, **kwargs):
         stacked = {k: v.clone() for k, v in stacked.items()}
         next(iter(stacked.values()))[0].fill_(float("nan"))
         return real(compressors, stacked, **kwargs)
 
-    monkeypatch.setattr(simulation, "compress_many", poison_first)
+    monkeypatch.setattr(client_step, "compress_many", poison_first)
     result = run_simulation(RunConfig(clients=4, rounds=1, engine="batched", codec="quant(bits=8)"))
     assert result.final.rejected == 1 and result.final.clients == 4

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deltaplane.aggregation import privatize
-from deltaplane.codecs import Layout, decompress
+from deltaplane.codecs import Compressor, Layout, compress_many, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
@@ -129,6 +129,23 @@ class ClientStep:
             or self.malicious
             or self.personalizer.name != "none"
             or self.dgc.active
+        )
+
+    def compress_stacked(
+        self, compressors: list[Compressor], stacked: dict[str, torch.Tensor], *, version: int
+    ) -> list[bytes | DeltaplaneError]:
+        """Stage 5 of a :attr:`stackable` round's devices at once: row ``i`` of the deltas ``stacked``
+        (``{name: (C, *shape)}``) compressed by ``compressors[i]`` for global version ``version``, in the
+        session of their layout (:func:`~deltaplane.codecs.compress_many`: the same bytes and compressor
+        states as one by one); a device whose compression fails gets its error, to be refused like any bad
+        update."""
+        return compress_many(
+            compressors,
+            stacked,
+            base_id=self.base_id,
+            base_version=version,
+            return_exceptions=True,
+            session=self.sessions.get(Layout.of({k: v[0] for k, v in stacked.items()})),
         )
 
     def origin(self, client: Client, global_state: StateDict, model: nn.Module) -> StateDict:

@@ -242,23 +242,11 @@ class _Placed:
     tree: Any
 
 
-def _arrays(tree: Any, into: list[np.ndarray | bytes]) -> list[np.ndarray | bytes]:
-    """The numpy arrays and ``bytes`` of ``tree`` (dicts, tuples, lists), in :func:`tree_map`'s order."""
-    if isinstance(tree, np.ndarray | bytes):
-        into.append(tree)
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            _arrays(v, into)
-    elif isinstance(tree, tuple | list):
-        for v in tree:
-            _arrays(v, into)
-    return into
-
-
 def _to_arena(result: Any, arena: mmap.mmap) -> Any:
     """``result`` with its numpy arrays and ``bytes`` copied into ``arena`` (a :class:`_Placed`); ``result``
     itself if it has none, or they do not all fit (it then crosses the pipe)."""
-    leaves = _arrays(result, [])
+    leaves: list[np.ndarray | bytes] = []
+    tree_map(result, np.ndarray | bytes, leaves.append)  # the same walk, in the same order, as place() below
     if any(isinstance(a, np.ndarray) and a.dtype.hasobject for a in leaves):
         return result
     end, offsets = 0, []

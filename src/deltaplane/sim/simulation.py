@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.codecs import Layout, compress_many
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -196,14 +195,7 @@ def _upload_stacked(
     The same bytes, and the same compressor states, as each client's own compression one by one; a client
     whose compression fails gets its error, to be refused like any bad update.
     """
-    payloads = compress_many(
-        [c.compressor for c in clients],
-        stacked,
-        base_id=step.base_id,
-        base_version=version,
-        return_exceptions=True,
-        session=step.sessions.get(Layout.of({k: v[0] for k, v in stacked.items()})),
-    )
+    payloads = step.compress_stacked([c.compressor for c in clients], stacked, version=version)
     return [
         Upload(c.cid, c.num_samples, error=p)
         if isinstance(p, DeltaplaneError)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from deltaplane.codecs import Compressor, Layout, compress_many
+from deltaplane.codecs import Compressor
 from deltaplane.engine import ClientStep, Upload
 from deltaplane.engine.federation import Client
 from deltaplane.errors import DeltaplaneError
@@ -27,27 +27,20 @@ from deltaplane.sim.forked_workers import ForkContexts
 
 __all__ = ["WorkerEncoding"]
 
-#: What each run's forked worker encodes with (the run's wire sessions, base id, codec spec, error-feedback
-#: setting, and the copies of compressors it made).
+#: What each run's forked worker encodes with (the run's client step, whose wire sessions and base id frame
+#: the payloads, its codec spec and error-feedback setting, and the copies of compressors it made).
 _CONTEXT = ForkContexts("encoding")
 
 
 def _encode_forked(deltas: dict[str, Tensor], key: int, version: int) -> list[bytes | DeltaplaneError]:
     """A worker share's payloads (runs in the forked worker): its deltas ``{name: (C, *shape)}`` compressed
-    with copies of the devices' memoryless compressors, as :func:`~deltaplane.sim.simulation._upload_stacked`
+    with copies of the devices' memoryless compressors, as :meth:`~deltaplane.engine.ClientStep.compress_stacked`
     compresses them; a device whose compression fails gets its error."""
-    sessions, base_id, spec, error_feedback, copies = _CONTEXT.of(key)
+    step, spec, error_feedback, copies = _CONTEXT.of(key)
     rows = next(iter(deltas.values())).shape[0]
     while len(copies) < rows:  # made once, reused: a memoryless compressor stays so
         copies.append(Compressor(spec, error_feedback=error_feedback))
-    return compress_many(
-        copies[:rows],
-        deltas,
-        base_id=base_id,
-        base_version=version,
-        return_exceptions=True,
-        session=sessions.get(Layout.of({k: v[0] for k, v in deltas.items()})),
-    )
+    return step.compress_stacked(copies[:rows], deltas, version=version)
 
 
 class WorkerEncoding:
@@ -66,9 +59,7 @@ class WorkerEncoding:
         first = clients[0].compressor if clients else None
         self._spec = first.codec.spec if first is not None else ""
         self._error_feedback = first.error_feedback if first is not None else False
-        self._key = _CONTEXT.register(
-            trainer, (step.sessions, step.base_id, self._spec, self._error_feedback, [])
-        )
+        self._key = _CONTEXT.register(trainer, (step, self._spec, self._error_feedback, []))
 
     def covers(self, clients: list[Client]) -> bool:
         """Whether the worker may encode these devices' updates: every stage after training leaves them as
