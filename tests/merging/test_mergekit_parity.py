@@ -354,8 +354,11 @@ def test_signal_mid_merge_leaves_no_temp_folder(llama, sig: signal.Signals) -> N
         "models": [{"model": f"m{i}", "parameters": {"weight": 1.0}} for i in range(3)],
     }
     path = _cfg(root, cfg)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT: give the child Python's own handler, as an interactive run has (`make test &` would else fail).
     code = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from deltaplane.merging import merge_files
         def slow(done, total, name):
             print("tensor", done, flush=True)
