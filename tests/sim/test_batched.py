@@ -397,6 +397,10 @@ class _WithBatchNorm(nn.Module):
 def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert batching_blocker(build_model(0)) is None
     assert "buffers" in batching_blocker(_WithBatchNorm())
+    # float64 and bfloat16 models go to the loop too (the batch plan's weights and the workers' numpy
+    # hand-over are float32); before, they passed here and then failed in torch.dot
+    for dtype in (torch.float64, torch.bfloat16):
+        assert "batched training is for float32 models" in batching_blocker(build_model(0).to(dtype))
     with pytest.raises(ConfigError, match="cannot train clients batched"):
         BatchedTrainer(_WithBatchNorm())
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +131,150 @@ def test_fork_contexts_go_with_their_trainer_and_name_what_is_missing() -> None:
     assert contexts == {}
     with pytest.raises(DeltaplaneError, match="before its run's scoring context was registered"):
         contexts.of(key)
+
+
+def _big(n: int) -> np.ndarray:
+    return np.ones(n)  # n float64s: far more than a socket's buffer
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _in_child(code: str, pids: Path, *, timeout: float = 60) -> int:
+    """``code`` in a fresh interpreter whose workers write their process ids to ``pids``; its exit code. A
+    hang fails the test (``TimeoutExpired``) instead of stalling the run, and no worker outlives the test."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.DEVNULL,  # a worker holding the output open must not keep run() waiting
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+        ).returncode
+    finally:
+        time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        workers = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in workers if not _gone(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"workers {left} outlived their caller"
+
+
+_WRITE_PIDS = """
+    from pathlib import Path
+    from deltaplane.sim.forked_workers import ForkedWorkers
+    def forked(n):
+        pool = ForkedWorkers(n)
+        Path({pids!r}).write_text(" ".join(str(p.pid) for p in pool._procs))
+        return pool
+"""
+
+
+_needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+
+
+@_needs_proc
+def test_a_large_reply_and_a_large_task_cross_without_deadlock(tmp_path: Path) -> None:
+    """A worker writing a reply larger than the socket's buffer, which the caller has not read yet, while the
+    caller writes it a task larger than the buffer: before, each waited for the other to read, forever (the
+    simulator does this with a model over ~200 KB: a second chunk's deltas, then the model to score)."""
+    pids = tmp_path / "pids"
+    code = (
+        _WRITE_PIDS.format(pids=str(pids))
+        + """
+    import numpy as np
+    pool = forked(1)  # no arena: the reply takes the pipe
+    reply = pool.submit_to(0, np.ones, 1_000_000)
+    task = pool.submit_to(0, len, bytes(4_000_000))
+    assert reply.result().shape == (1_000_000,) and task.result() == 4_000_000
+    pool.shutdown()
+    """
+    )
+    assert _in_child(code, pids) == 0
+
+
+@_needs_proc
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_workers_exit_when_their_caller_is_killed(tmp_path: Path, sig: signal.Signals) -> None:
+    """Each worker closes its copies of the caller's pipe ends, so a caller that dies without shutting its
+    workers down (killed) leaves them an end of file, not a pipe they hold open themselves."""
+    pids = tmp_path / "pids"
+    code = (
+        _WRITE_PIDS.format(pids=str(pids))
+        + f"""
+    import os
+    pool = forked(2)
+    os.kill(os.getpid(), {int(sig)})
+    """
+    )
+    assert _in_child(code, pids) == -sig  # and _in_child checks that both workers are gone
+    assert len(pids.read_text().split()) == 2
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, a: object, b: object) -> None:
+        super().__init__(a)  # pickled as _NeedsTwo(a): cannot be rebuilt on the caller's side
+
+
+def _raise_needs_two() -> None:
+    raise _NeedsTwo(1, 2)
+
+
+def test_a_reply_that_cannot_be_unpickled_fails_its_own_future_only() -> None:
+    pool = ForkedWorkers(1)
+    try:
+        bad, good = pool.submit_to(0, _raise_needs_two), pool.submit_to(0, abs, -4)
+        with pytest.raises(DeltaplaneError, match="could not be read"):
+            bad.result()
+        with pytest.raises(DeltaplaneError, match="could not be read"):
+            bad.result()  # asked again: the same answer, not another worker's reply
+        assert good.result() == 4
+    finally:
+        pool.shutdown()
+
+
+def test_an_interrupted_read_stops_the_workers_and_fails_every_result_due() -> None:
+    """Ctrl-C while the caller waits for a reply: where the next reply starts is unknown, so the workers stop
+    and every result still due fails; before, the next task's future read the old reply (a reused trainer
+    returned the previous round's deltas)."""
+    pool = ForkedWorkers(1)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        slow, after = pool.submit_to(0, time.sleep, 5), pool.submit_to(0, abs, -1)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            slow.result()
+        assert pool.stopped
+        for future in (slow, after):
+            with pytest.raises(DeltaplaneError):
+                future.result()
+        with pytest.raises(DeltaplaneError, match="shut down"):
+            pool.submit_to(0, abs, -2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        pool.shutdown()
+
+
+def test_shutdown_does_not_wait_on_an_unread_reply() -> None:
+    """A reply larger than the pipe that nobody reads (a run that raised mid-round): the worker gets a broken
+    pipe when the caller closes its end, instead of keeping shutdown waiting its 10 s; the unread result then
+    fails clearly instead of with an IndexError."""
+    pool = ForkedWorkers(1)
+    unread = pool.submit_to(0, _big, 1_000_000)
+    time.sleep(0.5)  # the worker is writing it by now
+    start = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - start < 5
+    with pytest.raises(DeltaplaneError, match="shut down before this result was read"):
+        unread.result()

@@ -67,7 +67,8 @@ def batching_blocker(model: nn.Module) -> str | None:
     """Why ``model`` cannot be trained by :class:`BatchedTrainer`, or ``None`` if it can.
 
     Buffers (BatchNorm running statistics, say) would be updated in place during the forward pass, which
-    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient.
+    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient; other
+    float types than float32 are left to the sequential loop.
     """
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
@@ -78,6 +79,12 @@ def batching_blocker(model: nn.Module) -> str | None:
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     if len(dtypes) > 1:  # the clients' weights are stacked as one (clients × parameters) tensor
         return f"model {type(model).__name__} mixes parameter dtypes ({', '.join(dtypes)})"
+    if dtypes and dtypes != [str(torch.float32)]:
+        # the batch plan's sample weights, the memory estimate and the forked workers' numpy hand-over are
+        # float32 (numpy has no bfloat16)
+        return (
+            f"model {type(model).__name__} has {dtypes[0]} parameters; batched training is for float32 models"
+        )
     if not any(True for _ in model.parameters()):
         return f"model {type(model).__name__} has no parameters"
     return None
@@ -429,6 +436,8 @@ class BatchedTrainer:
         travel; a chunk's deltas come back in shared memory (``arena_bytes``, at most :data:`_MAX_ARENA`; see
         :mod:`deltaplane.sim.forked_workers`). Elsewhere: ``workers`` threads.
         """
+        if isinstance(self._pool, ForkedWorkers) and self._pool.stopped:  # interrupted: start afresh
+            self._pool = None
         if self._pool is None:
             if "fork" in multiprocessing.get_all_start_methods():
                 _FORKED[id(self)] = self  # what the forked workers find (_train_forked)

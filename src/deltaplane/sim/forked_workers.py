@@ -15,7 +15,8 @@ updates, read it (~1.1 ms a round in which the worker could not score), and the 
 before the fork, into which it copies a result's arrays (and ``bytes``: payloads a worker encoded), sending only their places down the pipe; the caller
 copies them out when it collects the result, which frees the arena for the next. One result per worker is in
 the arena at a time (later ones, and any that does not fit, take the pipe), so no result is overwritten
-before it was read.
+before it was read. A reply too large for the pipe's buffer goes out from a sender thread (:class:`_Replies`),
+so a worker never stops reading tasks while the caller writes it one.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
+import queue
+import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from types import UnionType
 from typing import Any
 
@@ -43,6 +47,10 @@ _ALIGN = 64
 
 #: :class:`_InArena`'s dtype for a ``bytes`` leaf (not a numpy dtype string)
 _BYTES = "bytes"
+
+#: a worker's reply of more pickled bytes than this goes out from a sender thread (:class:`_Replies`): a socket
+#: buffer holds ~208 KB, and a write that fills it waits for the caller to read
+_DIRECT_REPLY_BYTES = 16 * 2**10
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,10 @@ class ForkedWorkers(Executor):
         for _ in range(n):
             arena = mmap.mmap(-1, arena_bytes) if arena_bytes else None
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(theirs, arena), daemon=True, name="batched-trainer")
+            # the child closes its copies of the caller's ends (this pipe's and the earlier workers'): while it
+            # held one, a caller that died (SIGKILL, SIGTERM) left it waiting for a task forever
+            ends = [ours, *self._conns]
+            proc = ctx.Process(target=_serve, args=(theirs, arena, ends), daemon=True, name="batched-trainer")
             proc.start()
             theirs.close()
             self._conns.append(ours)
@@ -140,6 +151,8 @@ class ForkedWorkers(Executor):
 
     def _collect(self, worker: int) -> None:
         """Read worker ``worker``'s next result into the oldest of its futures."""
+        if not self._conns:
+            raise DeltaplaneError("the batched trainer's workers were shut down before this result was read")
         future = self._waiting[worker].popleft()
         try:
             try:
@@ -148,6 +161,21 @@ class ForkedWorkers(Executor):
                 self._procs[worker].join(timeout=1.0)  # a closed pipe: the process is ending, if not gone
                 future.set_exception(self._died(worker, exc))
                 return
+            except (
+                Exception
+            ) as exc:  # read whole, but not unpickled (an exception class that cannot be rebuilt)
+                future.set_exception(
+                    DeltaplaneError(f"a batched-training worker's result could not be read: {exc!r}")
+                )
+                return
+            except BaseException:
+                # interrupted (Ctrl-C) part-way through a reply: where the next one starts is unknown, so no
+                # later result could be trusted to be its task's. Stop the workers; every result still due fails.
+                future.set_exception(
+                    DeltaplaneError("interrupted while reading a batched-training worker's result")
+                )
+                self.shutdown(wait=False)
+                raise
             if ok:
                 arena = self._arenas[worker]
                 future.set_result(_from_arena(value, arena) if future.used_arena and arena else value)
@@ -165,19 +193,34 @@ class ForkedWorkers(Executor):
             "start a new one"
         )
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the workers were stopped (:meth:`shutdown`, or an interrupted read): start a new pool."""
+        return not self._conns
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the workers (each finishes the task it runs)."""
+        """Stop the workers (each finishes the task it runs; ``wait=False``: stop them now). Results not read
+        yet are dropped: their futures fail with a :class:`DeltaplaneError`."""
         conns, procs, self._conns, self._procs = self._conns, self._procs, [], []
+        for waiting in self._waiting:
+            while waiting:
+                waiting.popleft().set_exception(
+                    DeltaplaneError(
+                        "the batched trainer's workers were shut down before this result was read"
+                    )
+                )
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.send(None)
-        for conn, proc in zip(conns, procs, strict=True):
+            # closed at once: a worker whose unread reply fills the pipe gets a broken pipe instead of waiting
+            # (the stop request stays readable in its buffer)
+            conn.close()
+        for proc in procs:
             if wait:
                 proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-            conn.close()
         arenas, self._arenas = self._arenas, []
         for arena in arenas:
             if arena is not None:
@@ -198,30 +241,83 @@ class _PipeFuture(Future):
         return super().result(timeout)
 
 
-def _serve(conn: Any, arena: mmap.mmap | None) -> None:
+def _serve(conn: Any, arena: mmap.mmap | None, callers_ends: Sequence[Any] = ()) -> None:
     """A forked worker's loop: run each task sent on ``conn`` and send back ``(True, result)`` (its arrays in
     ``arena`` where the task may use it and they fit) or ``(False, exception)``, until ``None`` (or the caller
-    is gone)."""
+    is gone). ``callers_ends``: the caller's ends of the pipes, which the fork copied here, closed first."""
+    for end in callers_ends:
+        end.close()
     torch.set_num_threads(1)
-    while True:
+    replies = _Replies(conn)
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):
+                return
+            if task is None:
+                return
+            fn, args, kwargs, use_arena = task
+            try:
+                result = fn(*args, **kwargs)
+                reply = (True, _to_arena(result, arena) if use_arena and arena is not None else result)
+            except BaseException as exc:
+                reply = (False, exc)
+            replies.send(reply)
+    finally:
+        replies.drain()
+
+
+class _Replies:
+    """A worker's replies, in order, without its task loop ever waiting on a large one.
+
+    A reply larger than the socket's buffer blocks its write until the caller reads; a caller that meanwhile
+    writes the worker a large task blocks too, as the worker reads no task while it writes, and neither moves
+    again. So a large reply (and every reply behind one not yet out) goes out from a sender thread, and the
+    loop goes on reading tasks; a small one, with nothing ahead of it, goes out at once (the common case:
+    results in the arena, scores). Failing to pickle a reply sends the error instead.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.pending = 0  # replies queued and not yet written
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def send(self, reply: tuple[bool, Any]) -> None:
         try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        fn, args, kwargs, use_arena = task
-        try:
-            result = fn(*args, **kwargs)
-            reply = (True, _to_arena(result, arena) if use_arena and arena is not None else result)
-        except BaseException as exc:
-            reply = (False, exc)
-        try:
-            conn.send(reply)
+            data = bytes(ForkingPickler.dumps(reply))
         except Exception as exc:  # an unpicklable result or exception
-            conn.send(
-                (False, DeltaplaneError(f"a batched-training worker could not send its result: {exc!r}"))
-            )
+            error = DeltaplaneError(f"a batched-training worker could not send its result: {exc!r}")
+            data = bytes(ForkingPickler.dumps((False, error)))
+        with self.lock:
+            direct = self.pending == 0 and len(data) <= _DIRECT_REPLY_BYTES
+            if not direct:
+                self.pending += 1
+        if direct:
+            self._write(data)
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="batched-trainer-replies", daemon=True)
+            self.thread.start()
+        self.queue.put(data)
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the caller is gone, or stopped this worker: nobody reads
+            self.conn.send_bytes(data)
+
+    def _run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            self._write(data)
+            with self.lock:
+                self.pending -= 1
+
+    def drain(self) -> None:
+        """Write what is queued before the worker exits (a daemon thread would die part-way through a reply)."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
 
 
 def tree_map(tree: Any, kind: type | UnionType, fn: Callable[[Any], Any]) -> Any:
