@@ -205,7 +205,7 @@ def test_compress_many_with_a_session_is_the_per_device_loop() -> None:
         assert many[i] == one
 
 
-def test_a_remembered_skeleton_skips_no_check() -> None:
+def test_a_remembered_skeleton_skips_no_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """WireSession.read_table remembers skeletons it has read; a payload sharing a remembered skeleton is
     still held to everything else (checksum, body length, base version), the same skeleton under tighter
     limits is checked again, and the memory stays bounded however many skeletons arrive."""
@@ -213,20 +213,36 @@ def test_a_remembered_skeleton_skips_no_check() -> None:
     from deltaplane.codecs.wire import Limits
 
     _, compact, s = _pair("identity", entropy=False)
+    lie = _reframe(compact, compact[:-5])  # one data byte short, valid CRC
+    with pytest.raises(DecodeError, match="data bytes"):
+        dp.decompress(lie, session=s)
+    assert not s._skeletons  # a refused frame's skeleton is not remembered (it could push out good ones)
     want = dp.decompress(compact, session=s)
     assert len(s._skeletons) == 1
     again = dp.decompress(compact, session=s)  # from the remembered skeleton: the same delta
     assert all(torch.equal(again[k], want[k]) for k in want)
-    lie = _reframe(compact, compact[:-5])  # one data byte short, valid CRC
     with pytest.raises(DecodeError, match="data bytes"):
         dp.decompress(lie, session=s)
     with pytest.raises(VersionMismatch):
         dp.decompress(compact, session=s, expect_base=("cnn", 5))
     with pytest.raises(DecodeError):
         dp.decompress(compact, session=s, limits=Limits(max_numel=16))
-    q = _session("quant(bits=8)")
-    for seed in range(
-        2 * session_module._SKELETON_CACHE_SIZE
-    ):  # every payload a skeleton (scales) of its own
-        dp.decompress(_pair("quant(bits=8)", seed=seed)[1], session=q)
-    assert len(q._skeletons) <= session_module._SKELETON_CACHE_SIZE
+    q = _session("quant(bits=4)")
+    monkeypatch.setattr(session_module, "_SKELETON_CACHE_SIZE", 8)
+    for seed in range(40):  # rANS-coded: many a skeleton of its own
+        dp.decompress(_pair("quant(bits=4)", seed=seed)[1], session=q)
+    assert len(q._skeletons) == 8
+
+
+def test_the_skeleton_cache_is_bounded_by_tensors_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remembered skeleton holds a table of every tensor (~750 B each): a layout of thousands of tiny
+    tensors remembers fewer skeletons, so a session's cache stays ~12 MB whatever the layout (64 skeletons of
+    a 4,000-tensor layout held ~190 MB)."""
+    from deltaplane.codecs import session as session_module
+
+    q = _session("quant(bits=4)")
+    tensors = len(dp.decompress(_pair("quant(bits=4)", seed=0)[1], session=q))
+    monkeypatch.setattr(session_module, "_SKELETON_CACHE_TENSORS", 3 * tensors)
+    for seed in range(1, 12):  # rANS-coded: most a skeleton of their own
+        dp.decompress(_pair("quant(bits=4)", seed=seed)[1], session=q)
+    assert len(q._skeletons) == 3

@@ -89,6 +89,9 @@ _CRC = struct.Struct("<I")
 #: skeletons up to this size are remembered, the most recent this many per session (WireSession.read_table)
 _SKELETON_CACHE_BYTES = 4096
 _SKELETON_CACHE_SIZE = 64
+#: ...and at most this many tensors' tables in all: a remembered table holds ~750 bytes per tensor, so a layout
+#: of thousands of tiny tensors remembers fewer skeletons (64 of a 4,000-tensor layout held ~190 MB; now ≤ ~12 MB)
+_SKELETON_CACHE_TENSORS = 16_384
 #: skeleton parts :meth:`WireSession.pack` remembers per session (see _tree_key)
 _PACK_MEMO_SIZE = 1024
 #: guards the two caches' evictions: a service decodes uploads in several threads with one session, and
@@ -644,6 +647,8 @@ class WireSession:
         limits = limits or Limits()
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise _fail(f"expected bytes, got {type(payload).__name__}")
+        if isinstance(payload, memoryview) and not payload.c_contiguous:
+            payload = payload.tobytes()  # cast() below takes contiguous views only
         buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
         if len(buf) < _MIN_FRAME:
             raise _fail(f"truncated: {len(buf)} bytes is shorter than the {_MIN_FRAME}-byte frame")
@@ -674,11 +679,11 @@ class WireSession:
         # dense or fixed-count codec usually share one) is not parsed and checked again.
         key = (bytes(skel_view), limits) if skel_len <= _SKELETON_CACHE_BYTES else None
         cached = self._skeletons.get(key) if key is not None else None
+        remember = False
         if cached is None:
             t, st = self._read_skeleton(_Cursor(buf, skel_end - skel_len, skel_end), limits)
             cached = (t, st, sum(s for _, s in st), {})
-            if key is not None:
-                _bounded_put(self._skeletons, key, cached, _SKELETON_CACHE_SIZE)
+            remember = key is not None
         trees, stored, size, facts = dict(cached[0]), list(cached[1]), cached[2], cached[3]
         body = buf[skel_end : len(buf) - _CRC.size]
         zstd = self._zstd_level is not None
@@ -688,6 +693,9 @@ class WireSession:
             )
         if not zstd and size != len(body):
             raise _fail(f"the skeleton claims {size} data bytes but the payload has {len(body)}")
+        if remember:  # only a frame that passed the checks above: refused ones must not push out good entries
+            room = min(_SKELETON_CACHE_SIZE, _SKELETON_CACHE_TENSORS // max(1, len(trees)))
+            _bounded_put(self._skeletons, key, cached, max(1, room))
         header = WireHeader(self.base_id, base_version, self.codec, {})
         return Table(header, trees, body, zstd, size), stored, facts
 
