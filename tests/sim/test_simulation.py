@@ -108,3 +108,58 @@ def test_diverging_training_is_refused_with_where_and_why() -> None:
 
     with pytest.raises(InvalidUpdate, match=r"round 1, client \d+: .*NaN or Inf.*lower lr"):
         run_simulation(TINY.replace(lr=1e30, momentum=0.0))
+
+
+def test_a_bucketed_defence_gets_the_same_updates_in_the_same_order_at_any_thread_count() -> None:
+    """median buckets by 2 by default, over the updates' arrival order; with a second share the caller used
+    to deliver share by share (its share's clients, then the worker's), so the buckets, and the model, changed
+    with `threads` (final weights 0.19 apart). Order-sensitive rules now get the sampled order."""
+    import torch
+
+    from deltaplane.aggregation.base import arrival_order_matters
+    from deltaplane.aggregation.factory import build_aggregator
+
+    assert arrival_order_matters(build_aggregator(defense="median"))
+    assert arrival_order_matters(build_aggregator(defense="trimmed_mean(0.2, bucket=2)", clip=1.0))
+    assert not arrival_order_matters(build_aggregator(defense="median(bucket=1)"))
+    assert not arrival_order_matters(build_aggregator())
+    runs = [
+        run_simulation(
+            RunConfig(clients=6, rounds=2, seed=1, lr=0.05, defense="median", engine="batched", threads=t)
+        )
+        for t in (1, 2)
+    ]
+    assert [m.test_accuracy for m in runs[0].rounds] == [m.test_accuracy for m in runs[1].rounds]
+    one, two = runs[0].final_state, runs[1].final_state
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert all(torch.isfinite(v).all() for v in two.values())
+
+
+def test_a_failing_round_still_reports_the_round_before_and_stops_the_workers(monkeypatch) -> None:
+    """With a second share a round's scores arrive with the next round; a next round that raises used to
+    take the finished round's report with it (threads=1 reported it), and the worker process lived on while
+    anything held the exception's traceback."""
+    import os
+    from pathlib import Path
+
+    import deltaplane.engine.server as server_module
+
+    close = server_module.ServerStep.close
+
+    def failing(self):
+        if self._round == 3:
+            raise RuntimeError("boom at round 3")
+        return close(self)
+
+    monkeypatch.setattr(server_module.ServerStep, "close", failing)
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    for threads in (1, 2):
+        seen: list[int] = []
+        with pytest.raises(RuntimeError, match="boom") as caught:
+            run_simulation(
+                RunConfig(clients=4, rounds=5, seed=1, engine="batched", threads=threads),
+                progress=lambda m, seen=seen: seen.append(m.round),
+            )
+        assert seen == [1, 2], threads
+        if children.exists():  # the traceback (held by `caught`) no longer keeps a worker alive
+            assert caught.value is not None and children.read_text().split() == []

@@ -89,6 +89,11 @@ class _Buffered:
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
 
+    @property
+    def arrival_order_matters(self) -> bool:
+        """Buckets are drawn over the updates' arrival positions (:meth:`_bucketed`)."""
+        return self.bucket > 1
+
     def _bucketed(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Bucketing (Karimireddy, He & Jaggi 2022, ICLR, https://arxiv.org/abs/2006.09365, Algorithm 1).
 

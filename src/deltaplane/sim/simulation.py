@@ -13,6 +13,7 @@ from a stream derived from ``(seed, purpose, round, client)``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltaplane.aggregation.base import arrival_order_matters
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -254,6 +256,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # needs the worker's. The split can change the float rounding of a client's delta, so every round of the
     # run uses the same one, prefetched or not (and _PREFETCH=False gives the very same run).
     caller_share = PREFETCH_CALLER_SHARE if overlap else 1.0
+    # Share by share delivery (below) reaches the server in share order; a rule whose result depends on the
+    # arrival order (bucketing) gets the round's updates in the sampled order instead, as without overlap.
+    share_by_share = overlap and step.stackable and not arrival_order_matters(server.aggregator)
     # The forked worker scores each round's model after it has trained its share of the next round, instead
     # of this process before its own share (deltaplane.sim.worker_scoring); set up before the first start()
     # forks the worker. Such a round's metrics are reported once the next round has closed.
@@ -265,9 +270,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # The forked worker encodes its share's payloads where the devices' compressors are memoryless (the
     # default identity codec): the same bytes, and this process no longer frames them after its own share
     # (deltaplane.sim.worker_encoding); registered before the first start() forks the worker.
-    encoding = (
-        WorkerEncoding(trainer, step, clients) if overlap and step.stackable and trainer is not None else None
-    )
+    encoding = WorkerEncoding(trainer, step, clients) if share_by_share and trainer is not None else None
     # the round being scored in the worker: its other metrics, its start, and the scores to come
     deferred: tuple[dict[str, Any], float, Future] | None = None
 
@@ -284,140 +287,155 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             deferred = None
             report(fields, until - began, {**scores.result(), "backdoor_success": None})
 
-    pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
-    for rnd in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        version = server.version  # the global model every client trains from this round
-        global_state = server.state
-        chosen = chosen_in(rnd)
-        server.open(rnd)
-        batch = [clients[c] for c in chosen]
-        if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
-            # a malicious device trains on its poisoned data (ClientStep.training_data), as in the loop
-            if pending is not None and pending[0] == rnd and pending[1] is global_state:
-                training = pending[2]
-            else:
-                data = [step.training_data(c, rnd) for c in batch]
-                training = start_batched(
-                    config,
-                    trainer,
-                    global_state,
-                    batch,
-                    rnd,
-                    data,
-                    caller_share=caller_share,
-                    encoding=encoding,
-                    version=version,
-                )
-            pending = None
-            if overlap and step.stackable:
-                # Share by share: this process encodes and delivers its own share's updates while the workers
-                # still train theirs, so only the last share's framing waits for training to end. The
-                # server receives the updates in share order (deterministic, the same prefetched or not).
-                for positions, stacked in training.parts():
-                    share = [batch[i] for i in positions]
-                    deliver(
-                        config,
-                        server,
-                        WorkerEncoding.uploads(share, stacked)
-                        if isinstance(stacked, FinishedShare)
-                        else _upload_stacked(step, share, stacked, version),
-                        rnd,
-                    )
-                uploads = []
-            elif step.stackable:
-                uploads = _upload_stacked(step, batch, training.result(), version)
-            else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
-                stacked = training.result()
-                uploads = [
-                    step.finish(
-                        c,
-                        Delta({k: t[i] for k, t in stacked.items()}),
-                        model=model,
-                        global_state=global_state,
-                        rnd=rnd,
-                        version=version,
-                    )
-                    for i, c in enumerate(batch)
-                ]
-        else:
-            uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
-        deliver(config, server, uploads, rnd)
-        try:
-            outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
-        except PrivacyBudgetExceeded as exc:
-            report_deferred(t0)
-            stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
-            break
-        global_state = outcome.state
-        if prefetch and rnd < config.rounds:
-            assert trainer is not None
-            upcoming = [clients[c] for c in chosen_in(rnd + 1)]
-            if upcoming:
-                pending = (
-                    rnd + 1,
-                    global_state,
-                    start_batched(
+    try:
+        pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
+        for rnd in range(1, config.rounds + 1):
+            t0 = time.perf_counter()
+            version = server.version  # the global model every client trains from this round
+            global_state = server.state
+            chosen = chosen_in(rnd)
+            server.open(rnd)
+            batch = [clients[c] for c in chosen]
+            if trainer is not None and batch:  # Poisson sampling (central DP) may choose nobody
+                # a malicious device trains on its poisoned data (ClientStep.training_data), as in the loop
+                if pending is not None and pending[0] == rnd and pending[1] is global_state:
+                    training = pending[2]
+                else:
+                    data = [step.training_data(c, rnd) for c in batch]
+                    training = start_batched(
                         config,
                         trainer,
                         global_state,
-                        upcoming,
-                        rnd + 1,
+                        batch,
+                        rnd,
+                        data,
                         caller_share=caller_share,
                         encoding=encoding,
-                        version=server.version,
-                    ),
-                )
-        down = len(outcome.downlink_payload) * len(clients)  # every device applies the update to stay in sync
-        cum_up += outcome.uplink_bytes
-        cum_down += down
+                        version=version,
+                    )
+                pending = None
+                if share_by_share:
+                    # Share by share: this process encodes and delivers its own share's updates while the workers
+                    # still train theirs, so only the last share's framing waits for training to end. The
+                    # server receives the updates in share order (deterministic, the same prefetched or not).
+                    for positions, stacked in training.parts():
+                        share = [batch[i] for i in positions]
+                        deliver(
+                            config,
+                            server,
+                            WorkerEncoding.uploads(share, stacked)
+                            if isinstance(stacked, FinishedShare)
+                            else _upload_stacked(step, share, stacked, version),
+                            rnd,
+                        )
+                    uploads = []
+                elif step.stackable:
+                    uploads = _upload_stacked(step, batch, training.result(), version)
+                else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
+                    stacked = training.result()
+                    uploads = [
+                        step.finish(
+                            c,
+                            Delta({k: t[i] for k, t in stacked.items()}),
+                            model=model,
+                            global_state=global_state,
+                            rnd=rnd,
+                            version=version,
+                        )
+                        for i, c in enumerate(batch)
+                    ]
+            else:
+                uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
+            deliver(config, server, uploads, rnd)
+            try:
+                outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
+            except PrivacyBudgetExceeded as exc:
+                report_deferred(t0)
+                stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
+                break
+            global_state = outcome.state
+            if prefetch and rnd < config.rounds:
+                assert trainer is not None
+                upcoming = [clients[c] for c in chosen_in(rnd + 1)]
+                if upcoming:
+                    pending = (
+                        rnd + 1,
+                        global_state,
+                        start_batched(
+                            config,
+                            trainer,
+                            global_state,
+                            upcoming,
+                            rnd + 1,
+                            caller_share=caller_share,
+                            encoding=encoding,
+                            version=server.version,
+                        ),
+                    )
+            down = len(outcome.downlink_payload) * len(
+                clients
+            )  # every device applies the update to stay in sync
+            cum_up += outcome.uplink_bytes
+            cum_down += down
 
-        personal: dict[str, float] = {}
-        if step.personalizer.name != "none":
-            step.after_round(clients, model, global_state, rnd)
-            personal, rows = personal_metrics(step, model, global_state, task.test, clients, task.num_classes)  # type: ignore[arg-type]
-            if rnd == config.rounds:
-                client_rows = rows
-        fields = dict(
-            round=rnd,
-            clients=len(chosen),
-            uplink_bytes=outcome.uplink_bytes,
-            downlink_bytes=down,
-            cumulative_uplink_bytes=cum_up,
-            cumulative_downlink_bytes=cum_down,
-            epsilon=round_epsilon(config, step, outcome.measurements),
-            rejected=len(outcome.rejections),
-            clipped_fraction=outcome.measurements.get("clipped_fraction"),
-            **personal,
+            personal: dict[str, float] = {}
+            if step.personalizer.name != "none":
+                step.after_round(clients, model, global_state, rnd)
+                personal, rows = personal_metrics(
+                    step, model, global_state, task.test, clients, task.num_classes
+                )  # type: ignore[arg-type]
+                if rnd == config.rounds:
+                    client_rows = rows
+            fields = dict(
+                round=rnd,
+                clients=len(chosen),
+                uplink_bytes=outcome.uplink_bytes,
+                downlink_bytes=down,
+                cumulative_uplink_bytes=cum_up,
+                cumulative_downlink_bytes=cum_down,
+                epsilon=round_epsilon(config, step, outcome.measurements),
+                rejected=len(outcome.rejections),
+                clipped_fraction=outcome.measurements.get("clipped_fraction"),
+                **personal,
+            )
+            # scored in the worker when it trains the next round (its share sent above, the scoring queued after it)
+            scores = scoring.submit(global_state) if scoring is not None and pending is not None else None
+            report_deferred(t0)  # the previous round: the worker scored it while this process closed this one
+            if scores is not None:
+                deferred = (fields, t0, scores)
+                continue
+            # here: the global model on the test set and on each device's held-out data (personalized figures
+            # are in `personal`); the round's time includes its scoring
+            scored = score_round(model, global_state, task.test, clients)
+            scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
+            report(fields, time.perf_counter() - t0, scored)
+        assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one
+        if scoring is not None:
+            scoring.close()
+        if encoding is not None:
+            encoding.close()
+        return RunResult(
+            config=config,
+            rounds=history,
+            num_params=sum(v.numel() for v in server.state.values()),
+            raw_update_bytes=raw_bytes,
+            wall_time_s=time.perf_counter() - start,
+            final_state=server.state,
+            clients=client_rows,
+            stopped=stopped,
+            personal_states=(
+                {c.cid: step.personal_state(c, server.state) for c in clients}
+                if step.personalizer.name != "none"
+                else {}
+            ),
         )
-        # scored in the worker when it trains the next round (its share sent above, the scoring queued after it)
-        scores = scoring.submit(global_state) if scoring is not None and pending is not None else None
-        report_deferred(t0)  # the previous round: the worker scored it while this process closed this one
-        if scores is not None:
-            deferred = (fields, t0, scores)
-            continue
-        # here: the global model on the test set and on each device's held-out data (personalized figures
-        # are in `personal`); the round's time includes its scoring
-        scored = score_round(model, global_state, task.test, clients)
-        scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
-        report(fields, time.perf_counter() - t0, scored)
-    assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one
-    if scoring is not None:
-        scoring.close()
-    if encoding is not None:
-        encoding.close()
-    return RunResult(
-        config=config,
-        rounds=history,
-        num_params=sum(v.numel() for v in server.state.values()),
-        raw_update_bytes=raw_bytes,
-        wall_time_s=time.perf_counter() - start,
-        final_state=server.state,
-        clients=client_rows,
-        stopped=stopped,
-        personal_states=(
-            {c.cid: step.personal_state(c, server.state) for c in clients}
-            if step.personalizer.name != "none"
-            else {}
-        ),
-    )
+    except Exception:
+        # a later round failed after the one before it finished: that one is reported, as without overlap
+        # (its scores come from the worker, which may be what failed)
+        if deferred is not None:
+            with contextlib.suppress(Exception):
+                report_deferred(time.perf_counter())
+        raise
+    finally:
+        if trainer is not None:  # its workers stop now, not when a traceback holding this frame goes
+            trainer.close()
