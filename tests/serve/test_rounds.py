@@ -212,3 +212,45 @@ def test_a_tampered_server_step_snapshot_is_refused(tmp_path):
     with pytest.raises(ServiceError, match="does not match its hash") as info:
         restart(svc).admin.open_round("cnn")
     assert info.value.status == 409  # IntegrityError: the round is not opened on a state it cannot trust
+
+
+def _blob_files(svc) -> set[str]:
+    return {p.name for p in (svc.reg.home / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"}
+
+
+def test_refused_uploads_leave_no_blob_behind(service):
+    """A device re-sending (409) wrote each payload's blob before the refusal, and nothing removed it: one
+    device token could fill the disk at the rate limit. The refusal now comes first, and a blob written for
+    an upload refused afterwards is removed."""
+    service.admin.open_round("cnn")
+    dev = service.device("d1")
+    before = _blob_files(service)
+    dev.upload("cnn", 1, payload(service, 0))
+    accepted = _blob_files(service) - before
+    assert len(accepted) == 1
+    for seed in range(1, 6):
+        with pytest.raises(ServiceError, match="already uploaded"):
+            dev.upload("cnn", 1, payload(service, seed))
+    assert _blob_files(service) - before == accepted
+    assert service.reg.verify(signatures=False).orphans == []
+
+
+def test_gc_keeps_an_open_rounds_uploads_and_the_restart_that_needs_them(tmp_path):
+    """`registry gc` counted an open round's accepted uploads as orphans and deleted them; the next start
+    then failed (the round's uploads are replayed from their blobs). They are referenced while the round is
+    open, and collectable once it closed."""
+    from deltaplane.registry import Registry
+
+    svc = Service(tmp_path / "home")
+    svc.admin.open_round("cnn")
+    for i in range(2):
+        svc.device(f"d{i}").upload("cnn", 1, payload(svc, i))
+    other = Registry(svc.reg.home)
+    assert other.verify(signatures=False).orphans == []
+    assert other.gc(min_age_s=0) == 0
+    restart(svc)
+    assert svc.device("x").round("cnn")["uploads"] == 2
+    assert svc.admin.close_round("cnn", 1)["uploads"] == 2
+    assert len(Registry(svc.reg.home).verify(signatures=False).orphans) == 2  # closed: only hashes are kept
+    restart(svc)
+    assert svc.admin.open_round("cnn")["round"] == 2

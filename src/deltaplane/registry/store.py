@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -1066,6 +1067,16 @@ class Registry:
             referenced.add(sha)
             if not self.blob_path(sha).exists():
                 report.problems.append(f"card blob {sha} is missing")
+        # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
+        # replays them, so they are no orphans (a closed round's rows keep only the hashes, for replays)
+        with contextlib.suppress(sqlite3.OperationalError):  # no such tables: never served device rounds
+            for (sha,) in con.execute(
+                "SELECT u.sha256 FROM round_uploads u JOIN rounds r ON r.model = u.model AND r.number = u.round "
+                "WHERE r.state = 'open'"
+            ):
+                referenced.add(sha)
+                if not self.blob_path(sha).exists():
+                    report.problems.append(f"blob {sha} of an open round's upload is missing")
         for table, col in (("tags", "number"), ("tag_history", "number")):
             for model, number in con.execute(f"SELECT model, {col} FROM {table} WHERE {col} IS NOT NULL"):
                 if not con.execute(
@@ -1089,6 +1100,21 @@ class Registry:
                     report.orphans.append(sha)
         report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))
         return report
+
+    def discard_blob(self, sha256: str) -> bool:
+        """Delete blob ``sha256`` unless a row names it (a version, a card, an upload of a device round): what a
+        write refused after its blob was stored leaves behind. Returns whether it was deleted."""
+        con = self._connect()
+        for table in ("artifacts", "cards", "round_uploads"):
+            try:
+                if con.execute(f"SELECT 1 FROM {table} WHERE sha256=? LIMIT 1", (sha256,)).fetchone():
+                    return False
+            except sqlite3.OperationalError:  # no such table: this registry never served device rounds
+                continue
+        path = self.blob_path(sha256)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed
 
     def gc(self, *, min_age_s: float = 3600.0) -> int:
         """Delete orphan blobs and temp files older than ``min_age_s`` (left by interrupted writes)."""

@@ -383,14 +383,30 @@ def round_router(
 
         def commit() -> int:
             # In a worker thread: the payload's blob is fsynced before the lock, the row under it, and the
-            # event loop never waits on the disk.
-            if r.record is not None:
-                rounds_store.store_payload(payload)
+            # event loop never waits on the disk. What would be refused anyway is refused before the blob is
+            # written, and a blob written for an upload then refused is removed: refused uploads (a device
+            # re-sending, a rule refusing it) must not fill the disk.
             with state.lock:
-                if state.rounds.get(model) is not r or r.closing:
-                    raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
-                if ident.device_id in r.devices:
-                    raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
+                refused()
+            if r.record is None:
+                return accept()
+            digest = rounds_store.store_payload(payload)
+            try:
+                return accept()
+            except BaseException:
+                rounds_store.discard_payload(digest)
+                raise
+
+        def refused() -> None:
+            """Under the lock: 409 if the round closed or the device already uploaded to it."""
+            if state.rounds.get(model) is not r or r.closing:
+                raise HTTPException(409, f"round {round_id} closed while the upload was being checked")
+            if ident.device_id in r.devices:
+                raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
+
+        def accept() -> int:
+            with state.lock:
+                refused()  # again: another upload may have got in while the blob was written
                 step = state.steps[model]
                 # the chain validates first (NaN/Inf, norm bound); only an accepted update is made durable,
                 # and a durable write that fails (a replay, a full disk) takes the update back out

@@ -132,6 +132,11 @@ class RoundStore:
         """Write the payload's blob durably (before taking any lock); returns its SHA-256."""
         return self.registry.put_blob(payload)
 
+    def discard_payload(self, digest: str) -> None:
+        """Remove the blob :meth:`store_payload` wrote for an upload that was then refused (unless a row names
+        the same bytes): refused uploads must not fill the disk."""
+        self.registry.discard_blob(digest)
+
     def add_upload(
         self,
         rec: RoundRecord,
