@@ -8,8 +8,9 @@ from deltaplane.serve import ServiceConfig
 from .conftest import ADMIN, Service
 
 
-def call(app, method, path, *, token=None, chunks=(), content_length=None, client="10.0.0.1"):
-    """Drive the ASGI app directly; return (status, body, how many body chunks the app pulled)."""
+def call(app, method, path, *, token=None, chunks=(), content_length=None, client="10.0.0.1", stall=False):
+    """Drive the ASGI app directly; return (status, body, how many body chunks the app pulled). ``stall``: the
+    body never ends (its last chunk says more is coming, and none does)."""
     headers = [(b"host", b"testserver")]
     if token:
         headers.append((b"authorization", f"Bearer {token}".encode()))
@@ -37,7 +38,8 @@ def call(app, method, path, *, token=None, chunks=(), content_length=None, clien
         nonlocal pulled
         if pulled < len(chunks):
             pulled += 1
-            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+            more = pulled < len(chunks) or stall
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": more}
         await asyncio.sleep(3600)
 
     async def send(message):
@@ -104,3 +106,25 @@ def test_small_unauthenticated_bodies_get_a_clean_401_on_a_real_socket(tmp_path)
         body = b"\0" * (32 << 10)  # sent after the headers: still in flight when the guard answers
         codes = [http.post("/v1/models/cnn/rounds/1/update", content=body).status_code for _ in range(30)]
     assert codes == [401] * 30
+
+
+def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout(service_factory):
+    """uvicorn's header deadline does not cover the body: a client could trickle (or stall) it forever and
+    hold the connection and up to a body cap of memory; any route, authenticated or not."""
+    import time
+
+    svc = service_factory(body_timeout_s=0.5)
+    token = svc.admin.issue_token("d1")
+    for path, tok, length in (
+        ("/v1/models/cnn/report", token, None),  # authenticated, chunked: the read stalls
+        ("/nowhere", None, 10_000),  # outside /v1 and /admin: the guard reads the body first
+        ("/v1/models/cnn/report", None, 10_000),  # unauthenticated, small: drained before the 401
+    ):
+        start = time.monotonic()
+        status, body, _ = call(
+            svc.app, "POST", path, token=tok, chunks=[b"{"], content_length=length, stall=True
+        )
+        assert time.monotonic() - start < 10, path
+        assert status == (401 if tok is None and path.startswith("/v1") else 408), (path, status, body)
+    assert svc.state.counters["rejected.body_timeout"] == 3
+    assert ServiceConfig(home="h", admin_token="a" * 32).body_timeout_s == 120.0

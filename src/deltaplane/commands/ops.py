@@ -592,6 +592,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         max_json_bytes: Annotated[int, typer.Option(help="Limit of every non-upload request body.")] = 2
         << 20,
+        body_timeout: Annotated[
+            float, typer.Option(help="Seconds a request body may take to arrive in full (408 after that).")
+        ] = 120.0,
         tls_cert: Annotated[
             Path | None,
             typer.Option(
@@ -658,6 +661,7 @@ def register(app: typer.Typer) -> None:
                 burst=burst,
                 runs_dir=str(runs_dir) if runs_dir else "",
                 max_json_bytes=max_json_bytes,
+                body_timeout_s=body_timeout,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             if (tls_cert is None) != (tls_key is None):

@@ -91,6 +91,7 @@ class ServiceConfig:
         token_ttl_s: default lifetime of a device token; ``max_token_ttl_s`` caps what an admin may ask for.
         max_upload_bytes: uploads above this are refused with 413 before they are decoded.
         max_json_bytes: every other request body above this is refused with 413 while it streams.
+        body_timeout_s: a request body must arrive in full within this many seconds of its head (408).
         auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
             and in a burst) before that address gets 429 without a token check.
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
@@ -113,6 +114,7 @@ class ServiceConfig:
     device_secret: str = ""
     max_upload_bytes: int = 8 << 20
     max_json_bytes: int = 2 << 20
+    body_timeout_s: float = 120.0
     auth_failure_rate: float = 1.0
     auth_failure_burst: int = 20
     token_ttl_s: float = 30 * 86400
@@ -153,6 +155,8 @@ class ServiceConfig:
             raise ConfigError(f"max_update_norm_ratio must be positive. Found {self.max_update_norm_ratio}")
         if self.max_json_bytes < 1024:
             raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
 
 
 @dataclass
@@ -416,6 +420,7 @@ def create_app(
         max_json_bytes=config.max_json_bytes,
         failures=RateLimiter(rate=config.auth_failure_rate, burst=config.auth_failure_burst),
         on_reject=lambda name: state.counters.update((name,)),
+        body_timeout=config.body_timeout_s,
     )
 
     @app.exception_handler(DeltaplaneError)

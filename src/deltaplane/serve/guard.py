@@ -10,6 +10,8 @@
 3. Every body is capped: the upload route at ``max_upload_bytes``, everything else at ``max_json_bytes``. A
    declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
    streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
+4. Every body must arrive within ``body_timeout`` seconds of the request head, or the request gets 408:
+   uvicorn's header deadline (:mod:`deltaplane.serve.server`) does not cover a body trickled a byte at a time.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -17,6 +19,7 @@ the token a second time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -50,6 +53,7 @@ class RequestGuard:
         max_json_bytes: cap of every other body.
         failures: token bucket per client address, spent by failed authentications.
         on_reject: called with a counter name for every rejection (service statistics).
+        body_timeout: seconds a request body may take to arrive in full (408 after that).
     """
 
     def __init__(
@@ -62,8 +66,10 @@ class RequestGuard:
         max_json_bytes: int,
         failures: RateLimiter,
         on_reject: Callable[[str], None] = lambda _: None,
+        body_timeout: float = 120.0,
     ) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.check_device = check_device
         self.admin_token = admin_token.encode()
         self.max_upload_bytes = max_upload_bytes
@@ -103,7 +109,7 @@ class RequestGuard:
                 if declared.isdigit() and int(declared) <= _SMALL_BODY:
                     # a small body still in flight is read and dropped first: closing a socket with unread
                     # bytes makes the kernel send a reset, and the client would lose the 401
-                    await _drain(receive)
+                    await self._drain(receive)
                 self.failures.acquire(client)
                 self.on_reject(
                     "rejected.unauthenticated" if area == "device" else "rejected.unauthenticated_admin"
@@ -125,26 +131,32 @@ class RequestGuard:
             if area is not None and declared.isdigit() and int(declared) <= _DRAIN_FACTOR * limit:
                 # an authenticated, moderately oversized body is read and dropped (memory stays flat) so
                 # the client, still sending, reads a clean 413 instead of a connection reset
-                await _drain(receive)
+                await self._drain(receive)
             await _reply(
                 send, 413, f"body of {declared.decode(errors='replace')} bytes exceeds the {limit}-byte limit"
             )
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:  # a chunked or lying body: stop reading at the cap
-                self.on_reject("rejected.too_large")
-                await _reply(send, 413, f"body exceeds the {limit}-byte limit")
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > limit:  # a chunked or lying body: stop reading at the cap
+                        self.on_reject("rejected.too_large")
+                        await _reply(send, 413, f"body exceeds the {limit}-byte limit")
+                        return
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            self.on_reject("rejected.body_timeout")
+            await _reply(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+            return
         replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def bounded_receive() -> Message:
@@ -153,6 +165,14 @@ class RequestGuard:
             return await receive()  # after the body: wait for the disconnect like the server would
 
         await self.app(scope, bounded_receive, send)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop the rest of a body, for at most ``body_timeout`` seconds (then the reply goes out)."""
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                await _drain(receive)
+        except TimeoutError:
+            self.on_reject("rejected.body_timeout")
 
 
 async def _drain(receive: Receive) -> None:
