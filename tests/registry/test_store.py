@@ -128,3 +128,24 @@ def test_verify_reports_missing_blob_and_orphans(reg):
 def test_open_without_registry_says_how_to_create(tmp_path):
     with pytest.raises(NotFound, match="registry init"):
         Registry(tmp_path / "nothing")
+
+
+def test_blob_names_are_digests_and_a_crafted_order_is_a_decode_error(tmp_path):
+    """blob_path built a path from any string ("../x" reached outside blobs/, and discard_blob deleted it);
+    a safetensors file whose 'deltaplane.order' lists non-names raised a bare TypeError."""
+    import json
+
+    from safetensors.torch import save
+
+    from deltaplane.errors import DecodeError
+
+    reg = Registry.create(tmp_path / "home")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    for name in ("../../victim.txt", "..//" + str(victim), "AB" * 32, "a" * 63):
+        with pytest.raises(IntegrityError, match="not a blob name"):
+            reg.discard_blob(name)
+    assert victim.read_text() == "keep"
+    data = save({"w": torch.zeros(3)}, metadata={"deltaplane.order": json.dumps([1, "w"])})
+    with pytest.raises(DecodeError, match="deltaplane.order"):
+        reg.register_model("m", data)

@@ -212,9 +212,14 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         order = json.loads(meta.get("deltaplane.order", "null")) or list(tensors)
     except (SafetensorError, ValueError, TypeError) as exc:
         raise DecodeError(f"model bytes are not a safetensors state dict: {exc}") from exc
+    if not (isinstance(order, list) and all(isinstance(k, str) for k in order)):
+        raise DecodeError(f"model bytes: 'deltaplane.order' must list tensor names. Found {order!r:.80}")
     if sorted(order) != sorted(tensors):
         order = list(tensors)
     return {k: tensors[k] for k in order}
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -513,6 +518,9 @@ class Registry:
 
     # -- blobs -----------------------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
+        """Where blob ``sha256`` lives; anything but a SHA-256 hex digest is refused (no path outside blobs/)."""
+        if not _SHA256_HEX.fullmatch(sha256):
+            raise IntegrityError(f"not a blob name (a SHA-256 hex digest): {sha256!r:.80}")
         return self.home / "blobs" / sha256[:2] / sha256[2:]
 
     @property
