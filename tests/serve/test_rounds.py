@@ -6,7 +6,8 @@ from fastapi.testclient import TestClient
 
 from deltaplane.codecs import Compressor
 from deltaplane.delta import Delta
-from deltaplane.serve import AdminClient, ServiceError, create_app
+from deltaplane.errors import ConfigError
+from deltaplane.serve import AdminClient, ServiceConfig, ServiceError, create_app
 from deltaplane.serve import rounds as rounds_module
 
 from .conftest import ADMIN, Service
@@ -254,3 +255,27 @@ def test_gc_keeps_an_open_rounds_uploads_and_the_restart_that_needs_them(tmp_pat
     assert len(Registry(svc.reg.home).verify(signatures=False).orphans) == 2  # closed: only hashes are kept
     restart(svc)
     assert svc.admin.open_round("cnn")["round"] == 2
+
+
+def test_an_upload_claiming_more_examples_than_the_bound_is_refused(service, service_factory):
+    # num_examples weights FedAvg: unbounded, one device claiming 1e12 examples published its own update
+    service.admin.open_round("cnn")
+    mallory, blobs = service.device("mallory"), _blob_files(service)
+    for claim in (100_001, 1e12):  # above the default bound (ServiceConfig.max_examples = 100_000)
+        with pytest.raises(ServiceError) as e:
+            mallory.upload("cnn", 1, payload(service, 0), num_examples=claim)
+        assert e.value.status == 422 and "max-examples" in e.value.detail and "100000" in e.value.detail
+    # the round is as it was: no upload counted, no blob kept, the device not marked as having uploaded
+    assert mallory.round("cnn")["uploads"] == 0 and _blob_files(service) == blobs
+    assert service.state.counters["rejected.too_many_examples"] == 2
+    assert mallory.upload("cnn", 1, payload(service, 0), num_examples=100_000)["accepted"]  # at the bound
+    service.device("d1").upload("cnn", 1, payload(service, 1), num_examples=3)
+    closed = service.admin.close_round("cnn", 1)
+    assert closed["uploads"] == 2 and service.reg.get("cnn", closed["version"]).lineage["examples"] == 100_003
+    # the operator's bound
+    svc = service_factory(max_examples=10)
+    svc.admin.open_round("cnn")
+    with pytest.raises(ServiceError, match="bound of 10 examples"):
+        svc.device("d").upload("cnn", 1, payload(svc, 0), num_examples=11)
+    with pytest.raises(ConfigError, match="max_examples"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_examples=0)

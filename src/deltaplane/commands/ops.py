@@ -595,6 +595,12 @@ def register(app: typer.Typer) -> None:
         body_timeout: Annotated[
             float, typer.Option(help="Seconds a request body may take to arrive in full (408 after that).")
         ] = 120.0,
+        max_examples: Annotated[
+            float,
+            typer.Option(
+                help="Largest num_examples an upload may claim (its weight in FedAvg); 422 above it."
+            ),
+        ] = 100_000,
         tls_cert: Annotated[
             Path | None,
             typer.Option(
@@ -662,6 +668,7 @@ def register(app: typer.Typer) -> None:
                 runs_dir=str(runs_dir) if runs_dir else "",
                 max_json_bytes=max_json_bytes,
                 body_timeout_s=body_timeout,
+                max_examples=max_examples,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             if (tls_cert is None) != (tls_key is None):

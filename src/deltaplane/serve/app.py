@@ -61,7 +61,7 @@ from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, d
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
-from deltaplane.serve.rounds import RoundState, restore_rounds, round_router
+from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
 from deltaplane.serve.service_store import ServiceStore
@@ -106,6 +106,9 @@ class ServiceConfig:
         downlink_cache_bytes: byte budget of planned downlinks kept in memory (least recently used evicted).
         max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
             least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
+        max_examples: the largest ``num_examples`` an upload may claim (422 above it, never clipped). The
+            claim is the update's weight in (clipped) FedAvg, so without a bound one device claiming 10¹²
+            examples would make the round's model its own update; DP-FedAvg and the robust rules ignore it.
         tolerance: promotion gate limits (metric -> allowed drop).
     """
 
@@ -127,6 +130,7 @@ class ServiceConfig:
     server_lr: float = 1.0
     federation: RunConfig | None = None
     max_update_norm_ratio: float | None = 10.0
+    max_examples: float = 100_000
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
@@ -155,6 +159,8 @@ class ServiceConfig:
             raise ConfigError(f"max_update_norm_ratio must be positive. Found {self.max_update_norm_ratio}")
         if self.max_json_bytes < 1024:
             raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
+        if not 1 <= self.max_examples <= MAX_EXAMPLES:
+            raise ConfigError(f"max_examples must be in [1, {MAX_EXAMPLES:g}]. Found {self.max_examples}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
 

@@ -6,8 +6,9 @@ Device and admin endpoints for rounds live here, out of :func:`~deltaplane.serve
 
 * ``GET  /v1/models/{model}/round`` — the open round and its base version;
 * ``POST /v1/models/{model}/rounds/{round}/update?num_examples=N`` — a compressed update (wire format),
-  checked for size (413), round and duplicate (409), base version (409 stale), format (400), shape (422),
-  then handed to the server step, whose chain validates it (NaN/Inf, norm bound: 422);
+  checked for its claimed example count (at most ``max_examples``: 422), size (413), round and duplicate
+  (409), base version (409 stale), format (400), shape (422), then handed to the server step, whose chain
+  validates it (NaN/Inf, norm bound: 422);
 * ``POST /admin/models/{model}/rounds`` and ``.../rounds/{round}/close`` — open a round; close it: the
   server step aggregates (the configured chain: robust rule, clipping, DP-FedAvg with its accountant and
   budget, FedAdam & co. or server SGD), compresses the downlink and publishes a signed version; the response
@@ -55,8 +56,10 @@ if TYPE_CHECKING:
     from deltaplane.serve.app import ServiceConfig, ServiceState
 
 __all__ = [
+    "MAX_EXAMPLES",
     "RegistryPublisher",
     "RoundState",
+    "check_examples",
     "check_round_binding",
     "check_update_norm",
     "restore_rounds",
@@ -65,6 +68,10 @@ __all__ = [
     "server_step_for",
     "step_bytes",
 ]
+
+
+#: the schema's bound on an upload's ``num_examples``; the operator's bound is ``ServiceConfig.max_examples``
+MAX_EXAMPLES = 1e12
 
 
 @dataclass
@@ -150,6 +157,22 @@ def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
         )
     if cohort in r.record.excluded:
         raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
+
+
+def check_examples(num_examples: float, bound: float, counters: Any) -> None:
+    """Refuse (422, never clip) an upload claiming more than ``bound`` examples.
+
+    The claim is the update's weight in (clipped) FedAvg: unbounded, one device claiming 10¹² examples makes
+    the round's model its own update. Refused rather than clipped so the device learns that its weight was
+    not what it asked for.
+    """
+    if num_examples > bound:
+        counters["rejected.too_many_examples"] += 1
+        raise InvalidUpdate(
+            f"num_examples={num_examples:g} exceeds this service's bound of {bound:g} examples per update "
+            "(an update's weight in the average is its claimed example count); send at most that, or ask the "
+            "operator to raise it (deltaplane serve --max-examples)"
+        )
 
 
 def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -> None:
@@ -322,8 +345,9 @@ def round_router(
         round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
         request: Request,
         ident: device,
-        num_examples: Annotated[float, Query(gt=0, le=1e12)] = 1.0,
+        num_examples: Annotated[float, Query(gt=0, le=MAX_EXAMPLES)] = 1.0,
     ) -> UploadAccepted:
+        check_examples(num_examples, config.max_examples, state.counters)
         limit = config.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > 4 * limit):
