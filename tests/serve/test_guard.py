@@ -81,10 +81,31 @@ def test_failed_authentication_is_throttled_per_address(tmp_path):
     good = svc.admin.issue_token("d1")
     codes = [call(svc.app, "GET", "/v1/models/cnn/round", token=f"guess{i}.x")[0] for i in range(8)]
     assert codes == [401] * 5 + [429] * 3
-    # the throttled address is refused even with a valid token (guessing is slowed, not just failures)
-    assert call(svc.app, "GET", "/v1/models/cnn/download", token=good)[0] == 429
+    # bad tokens from the throttled address stay refused, their bodies unread
+    status, _, pulled = call(svc.app, "POST", "/v1/models/cnn/report", token="guess.y", chunks=[b"{}"])
+    assert status == 429 and pulled == 0
     # another address is unaffected
     assert call(svc.app, "GET", "/v1/models/cnn/download", token=good, client="10.0.0.2")[0] == 200
+
+
+def test_a_valid_device_token_passes_an_address_throttled_by_bad_ones(tmp_path):
+    """A device behind the same NAT as an attacker sending bad tokens was locked out with a valid token; a
+    device token (a 256-bit MAC) cannot be guessed, so checking it on a throttled address is no oracle."""
+    svc = Service(tmp_path / "h", auth_failure_burst=5, auth_failure_rate=0.01)
+    good = svc.admin.issue_token("d1")
+    flood = [call(svc.app, "GET", "/v1/models/cnn/round", token=f"guess{i}.x")[0] for i in range(20)]
+    assert flood == [401] * 5 + [429] * 15
+    assert call(svc.app, "GET", "/v1/models/cnn/download", token=good)[0] == 200
+    body = json.dumps({"version": 1, "metrics": {"accuracy": 0.5}}).encode()
+    assert call(svc.app, "POST", "/v1/models/cnn/report", token=good, chunks=[body])[0] == 202
+    assert call(svc.app, "GET", "/v1/models/cnn/round", token="guess.z")[0] == 429  # still throttled
+    # the device flood does not throttle the admin from that address; guessing the admin token throttles
+    # the admin token, which then gets no check (a static secret: no verdict while throttled)
+    assert call(svc.app, "GET", "/admin/stats", token=ADMIN)[0] == 200
+    guesses = [call(svc.app, "GET", "/admin/stats", token=f"admin-guess-{i:08d}")[0] for i in range(6)]
+    assert guesses == [401] * 5 + [429]
+    assert call(svc.app, "GET", "/admin/stats", token=ADMIN)[0] == 429
+    assert call(svc.app, "GET", "/v1/models/cnn/download", token=good)[0] == 200
 
 
 def test_json_cap_is_configurable():

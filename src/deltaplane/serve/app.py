@@ -93,7 +93,8 @@ class ServiceConfig:
         max_json_bytes: every other request body above this is refused with 413 while it streams.
         body_timeout_s: a request body must arrive in full within this many seconds of its head (408).
         auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
-            and in a burst) before that address gets 429 without a token check.
+            and in a burst; device and admin tokens apart) before that address gets 429 for every token that
+            fails (a valid device token still passes; the admin token is not even checked).
         rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
