@@ -3,6 +3,9 @@
 import asyncio
 import json
 
+import pytest
+
+from deltaplane.errors import ConfigError
 from deltaplane.serve import ServiceConfig
 
 from .conftest import ADMIN, Service
@@ -109,10 +112,6 @@ def test_a_valid_device_token_passes_an_address_throttled_by_bad_ones(tmp_path):
 
 
 def test_json_cap_is_configurable():
-    import pytest
-
-    from deltaplane.errors import ConfigError
-
     with pytest.raises(ConfigError, match="max_json_bytes"):
         ServiceConfig(home=".", admin_token=ADMIN, max_json_bytes=10)
 
@@ -149,3 +148,38 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout(service_fact
         assert status == (401 if tok is None and path.startswith("/v1") else 408), (path, status, body)
     assert svc.state.counters["rejected.body_timeout"] == 3
     assert ServiceConfig(home="h", admin_token="a" * 32).body_timeout_s == 120.0
+
+
+def test_connections_beyond_max_connections_get_503(tmp_path, monkeypatch):
+    """uvicorn was started without limit_concurrency: a connection flood could hold every file descriptor."""
+    import socket
+    import time
+
+    import httpx
+    import uvicorn
+
+    from deltaplane.serve import BackgroundServer, create_app, serve
+
+    svc = Service(tmp_path / "h", max_connections=3)
+    app = create_app(svc.config)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    serve(app)  # what `deltaplane serve` starts
+    assert seen["limit_concurrency"] == 3
+    assert Service(tmp_path / "d").config.max_connections == 1000  # the default
+    token = svc.admin.issue_token("d1")
+    with BackgroundServer(app) as s:
+        assert s._config.limit_concurrency == 3
+        host, port = s.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]  # hold three connections
+        time.sleep(0.3)
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=s.url, headers=auth) as http:
+            assert http.get("/v1/models/cnn/download").status_code == 503
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        with httpx.Client(base_url=s.url, headers=auth) as http:
+            assert http.get("/v1/models/cnn/download").status_code == 200
+    with pytest.raises(ConfigError, match="max_connections"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_connections=1)

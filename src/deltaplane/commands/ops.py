@@ -601,6 +601,9 @@ def register(app: typer.Typer) -> None:
                 help="Largest num_examples an upload may claim (its weight in FedAvg); 422 above it."
             ),
         ] = 100_000,
+        max_connections: Annotated[
+            int, typer.Option(help="Connections held at once; a request beyond them gets 503.")
+        ] = 1000,
         tls_cert: Annotated[
             Path | None,
             typer.Option(
@@ -669,6 +672,7 @@ def register(app: typer.Typer) -> None:
                 max_json_bytes=max_json_bytes,
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,
+                max_connections=max_connections,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             if (tls_cert is None) != (tls_key is None):

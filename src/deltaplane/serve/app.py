@@ -107,6 +107,9 @@ class ServiceConfig:
         downlink_cache_bytes: byte budget of planned downlinks kept in memory (least recently used evicted).
         max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
             least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
+        max_connections: connections (and requests in flight) the server holds at once, the new request's own
+            included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
+            flood cannot exhaust file descriptors or memory.
         max_examples: the largest ``num_examples`` an upload may claim (422 above it, never clipped). The
             claim is the update's weight in (clipped) FedAvg, so without a bound one device claiming 10¹²
             examples would make the round's model its own update; DP-FedAvg and the robust rules ignore it.
@@ -132,6 +135,7 @@ class ServiceConfig:
     federation: RunConfig | None = None
     max_update_norm_ratio: float | None = 10.0
     max_examples: float = 100_000
+    max_connections: int = 1000
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
@@ -162,6 +166,8 @@ class ServiceConfig:
             raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")
         if not 1 <= self.max_examples <= MAX_EXAMPLES:
             raise ConfigError(f"max_examples must be in [1, {MAX_EXAMPLES:g}]. Found {self.max_examples}")
+        if self.max_connections < 2:  # uvicorn counts the request's own connection: 1 would refuse all
+            raise ConfigError(f"max_connections must be at least 2. Found {self.max_connections}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
 
@@ -418,6 +424,7 @@ def create_app(
     )
     mount_offline_docs(app)
     app.state.deltaplane = state
+    app.state.service_config = config  # serve() and BackgroundServer read the connection limit from it
     app.state.authority = authority
     app.add_middleware(
         RequestGuard,

@@ -29,16 +29,25 @@ def serve(
     import uvicorn
 
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level, **_hardening(header_timeout), **(ssl_options or {})
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        **_hardening(app, header_timeout),
+        **(ssl_options or {}),
     )
 
 
-def _hardening(header_timeout: float = 10.0) -> dict[str, Any]:
-    """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline)."""
+def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
+    """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline) and,
+    for the service's app, too many connections: ``ServiceConfig.max_connections`` becomes uvicorn's
+    ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors."""
+    config = getattr(app.state, "service_config", None)
     return {
         "http": header_deadline_protocol(header_timeout),
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": 16 * 1024,
+        "limit_concurrency": getattr(config, "max_connections", None),
     }
 
 
@@ -107,7 +116,7 @@ class BackgroundServer:
             access_log=False,
             backlog=4096,
             timeout_graceful_shutdown=2,
-            **{**_hardening(header_timeout), "timeout_keep_alive": 30},
+            **{**_hardening(app, header_timeout), "timeout_keep_alive": 30},
             **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
