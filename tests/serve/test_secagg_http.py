@@ -188,3 +188,50 @@ def test_transport_http_secagg_reproduces_the_in_process_run_exactly() -> None:
     for k, v in local.final_state.items():
         assert torch.equal(http.final_state[k], v), k
     assert http.transport["uploads_accepted"] == 0  # no plain upload endpoint was used: only SecAgg messages
+
+
+def _secagg_round_to_unmasking(svc, names: list[str], seed: int) -> int:
+    """Open a SecAgg round for ``names`` and walk every stage up to unmasking (every device answers)."""
+    clients = {d: svc.device(d) for d in names}
+    rnd = svc.admin.open_secagg("cnn", names)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+    deltas = _deltas(svc.reg.load_state("cnn@1"), len(names), seed)
+    for i, (dev, delta) in enumerate(zip(devs, deltas, strict=True)):
+        dev.set_update(delta, 1, np.random.default_rng([seed, i]))
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            svc.admin.advance_secagg("cnn", rnd)
+    return rnd
+
+
+def test_a_secagg_close_that_fails_late_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch) -> None:
+    """Closing a SecAgg round registered the version, moved the tag and stored the step's state in separate
+    transactions: a failure in the last one left a published version and a moved tag, and the round could not
+    be closed again (its protocol had ended)."""
+    from deltaplane.serve.rounds_store import RoundStore
+
+    from .conftest import Service
+
+    names = ["a", "b", "c"]
+    control, svc = Service(tmp_path / "control"), Service(tmp_path / "failing")
+    control_closed = control.admin.close_secagg("cnn", _secagg_round_to_unmasking(control, names, 3))
+    rnd = _secagg_round_to_unmasking(svc, names, 3)
+    real = RoundStore.save_step
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # the last step: the server step's stored state
+
+    monkeypatch.setattr(RoundStore, "save_step", disk_full)
+    with pytest.raises(OSError):
+        svc.admin.close_secagg("cnn", rnd)
+    assert [v.number for v in svc.reg.versions("cnn")] == [1]  # no version, no delta
+    assert svc.reg.tags("cnn") == {"production": 1}  # tag unchanged
+    assert svc.admin._get(f"/admin/models/cnn/secagg/{rnd}")["published"] is None  # still open
+    monkeypatch.setattr(RoundStore, "save_step", real)
+    closed = svc.admin.close_secagg("cnn", rnd)  # closable after, and as if nothing had failed
+    assert closed["published"]["version"] == control_closed["published"]["version"] == 2
+    assert svc.reg.tags("cnn")["training"] == 2
+    assert svc.reg.get("cnn", 2).sha256 == control.reg.get("cnn", 2).sha256
+    assert closed["published"]["sum_sha256"] == control_closed["published"]["sum_sha256"]

@@ -33,7 +33,8 @@ import io
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -67,6 +68,7 @@ __all__ = [
     "round_router",
     "server_step_for",
     "step_bytes",
+    "undo_on_failure",
 ]
 
 
@@ -208,6 +210,23 @@ def resume_step(
                 dp.accountant.state.steps = store.released(model)  # ε already spent is never forgotten
         state.steps[model] = step
     return step
+
+
+@contextmanager
+def undo_on_failure(step: ServerStep) -> Iterator[None]:
+    """Put the server step and its publisher (downlink residual, published versions) back as they were if the
+    block raises: a round close that fails in the registry (whose transaction rolls its own writes back) must
+    not leave the step a round ahead of the registry."""
+    checkpoint = step.checkpoint()
+    publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
+    saved = (publisher.compressor.state_dict(), list(publisher.published))
+    try:
+        yield
+    except BaseException:
+        step.restore(checkpoint)
+        publisher.compressor.load_state_dict(saved[0])
+        publisher.published[:] = saved[1]
+        raise
 
 
 def step_bytes(step: ServerStep) -> bytes:
@@ -521,9 +540,6 @@ def round_router(
             "round_cohorts": sorted(r.cohorts),
             **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
         }
-        # the step's state before closing: put back if anything fails (the registry rolls back its writes)
-        checkpoint = step.checkpoint()
-        saved = (publisher.compressor.state_dict(), list(publisher.published))
 
         def publish() -> tuple[int | None, Any]:
             if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
@@ -535,15 +551,13 @@ def round_router(
             return version.number, (version, outcome)
 
         try:
-            result = (
-                rounds_store.close(r.record, publish, snapshot=lambda: step_bytes(step))
-                if r.record is not None
-                else publish()[1]
-            )
+            with undo_on_failure(step):
+                result = (
+                    rounds_store.close(r.record, publish, snapshot=lambda: step_bytes(step))
+                    if r.record is not None
+                    else publish()[1]
+                )
         except BaseException:
-            step.restore(checkpoint)
-            publisher.compressor.load_state_dict(saved[0])
-            publisher.published[:] = saved[1]
             r.closing = False
             raise
         with state.lock:

@@ -7,7 +7,8 @@ walks the four stages — every body is a SecAgg message in its strict byte enco
 read. The operator (or a scheduler with deadlines) closes each stage with ``advance``; a device that has not
 spoken by then has dropped out of that stage, and anything it sends later is refused with 409. Closing the
 round unmasks the sum, turns it into the (example-weighted) mean update and publishes a new signed version,
-exactly like a plain round. No endpoint ever receives or stores a device's plaintext update.
+exactly like a plain round: the version, its delta, the ``training`` tag and the server step's stored state
+commit in one registry transaction, and a close that fails leaves none of them and can be retried. No endpoint ever receives or stores a device's plaintext update.
 
 Device endpoints (``Authorization: Bearer <device token>``; only invited devices):
 
@@ -52,7 +53,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
-from deltaplane.serve.rounds import resume_step, step_bytes
+from deltaplane.serve.rounds import resume_step, step_bytes, undo_on_failure
 from deltaplane.serve.rounds_store import RoundStore
 
 __all__ = ["SecAggRound", "install_secagg_routes"]
@@ -366,36 +367,43 @@ def install_secagg_routes(
         r = get_round(model, number)
         if r.published is not None:
             raise HTTPException(409, f"SecAgg round {number} is already closed")
-        if r.endpoint.stage != Stage.UNMASK:
+        if r.endpoint.stage not in (Stage.UNMASK, Stage.DONE):  # DONE: a close that failed after unmasking
             raise HTTPException(
                 409, f"SecAgg round {number} is at stage '{r.endpoint.stage}'; advance to unmasking"
             )
-        total = protocol(r.endpoint.result, r)
+        total = protocol(r.endpoint.result, r)  # computed once, kept: a failed close can be retried
         survivors = list(r.endpoint.server.survivors)
         mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
+            if r.published is not None:
+                raise HTTPException(409, f"SecAgg round {number} is already closed")
             if model in state.rounds:
                 raise HTTPException(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
                 )
             step = resume_step(config, state, store, model, r.base_version)
-            # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
-            step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
-            step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
-            outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
-        version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
-        reg.set_tag(model, "training", version.number, action="round", reason=f"SecAgg round {number}")
-        store.save_step(model, number, version.number, step_bytes(step))
-        r.published = {
-            "version": version.number,
-            "delta_bytes": len(outcome.downlink_payload),
-            "full_bytes": version.size,
-            "sum_sha256": hashlib.sha256(total.astype("<u8").tobytes()).hexdigest(),
-            "total_weight": weight,
-            "uplink_bytes": uplink,
-            "measurements": {k: float(v) for k, v in outcome.measurements.items()},
-        }
+            # The new version, its delta, the training tag and the step's stored state commit together or
+            # not at all, and the step is put back if anything fails: the round stays closable.
+            with undo_on_failure(step), reg.transaction():
+                # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
+                step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
+                step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
+                outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
+                version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
+                reg.set_tag(
+                    model, "training", version.number, action="round", reason=f"SecAgg round {number}"
+                )
+                store.save_step(model, number, version.number, step_bytes(step))
+            r.published = {  # under the lock: a concurrent close sees the round closed
+                "version": version.number,
+                "delta_bytes": len(outcome.downlink_payload),
+                "full_bytes": version.size,
+                "sum_sha256": hashlib.sha256(total.astype("<u8").tobytes()).hexdigest(),
+                "total_weight": weight,
+                "uplink_bytes": uplink,
+                "measurements": {k: float(v) for k, v in outcome.measurements.items()},
+            }
         state.counters["secagg.rounds_closed"] += 1
         return r.status()
 
