@@ -99,8 +99,20 @@ _SMALL = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1, codec="topk(0.05
         {"defense": "fltrust"},
         {"attack": "sign_flip:0.4", "train_shifts": 1, "server_lr": 0.5, "prox_mu": 0.1},
         {"clip": "1.0", "local_dp_noise": 0.3, "downlink_codec": "quant(bits=8)"},
+        # the service's norm guard (10x the base model's norm) used to refuse these, which the engine accepts:
+        # every identity-coded local-DP update (noise z*clip per coordinate), a scaled attacker's update
+        {"clip": "1.0", "local_dp_noise": 0.5, "codec": "identity"},
+        {"attack": "sign_flip(0.34, scale=200)"},
     ],
-    ids=["dp-budget-fedadam", "dp-adaptive-clip", "fltrust", "attack-shifts", "local-dp"],
+    ids=[
+        "dp-budget-fedadam",
+        "dp-adaptive-clip",
+        "fltrust",
+        "attack-shifts",
+        "local-dp",
+        "local-dp-identity",
+        "scaled-attack",
+    ],
 )  # the rest of the features: tests/flower/test_parity_matrix.py
 def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:
     """The service used to hard-code FedAvg and the transport to ignore train_shifts; now every option runs

@@ -604,6 +604,13 @@ def register(app: typer.Typer) -> None:
         max_connections: Annotated[
             int, typer.Option(help="Connections held at once; a request beyond them gets 503.")
         ] = 1000,
+        max_update_norm_ratio: Annotated[
+            float,
+            typer.Option(
+                min=0,
+                help="Refuse uploads whose norm exceeds this many times the base model's (0: no guard).",
+            ),
+        ] = 10.0,
         tls_cert: Annotated[
             Path | None,
             typer.Option(
@@ -673,6 +680,7 @@ def register(app: typer.Typer) -> None:
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,
                 max_connections=max_connections,
+                max_update_norm_ratio=max_update_norm_ratio or None,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             if (tls_cert is None) != (tls_key is None):

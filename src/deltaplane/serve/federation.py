@@ -142,6 +142,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         burst=1_000_000,
         max_upload_bytes=max(8 << 20, 4 * Delta.zeros_like(initial).nbytes),
         federation=config,  # the server step: this run's aggregator chain, privacy and downlink
+        # the run's own bound on an update is its max_update_norm (the server step's chain applies it, as in
+        # process); the service's sanity guard (10x the base model's norm) would refuse what the engine
+        # accepts: an attacker's scaled update, every local-DP device's noise
+        max_update_norm_ratio=None,
     )
     # Drift reference: pixel histograms of the training set and the label prior (what a good model predicts).
     flat_train = train.x.reshape(len(train), -1).numpy()

@@ -54,6 +54,7 @@ from deltaplane.registry import Governance, Registry, publish_update
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
 if TYPE_CHECKING:
+    from deltaplane.engine import RunConfig
     from deltaplane.serve.app import ServiceConfig, ServiceState
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "RegistryPublisher",
     "RoundState",
     "check_examples",
+    "check_guard_admits_local_dp",
     "check_round_binding",
     "check_update_norm",
     "restore_rounds",
@@ -177,6 +179,10 @@ def check_examples(num_examples: float, bound: float, counters: Any) -> None:
         )
 
 
+def _base_norm(base: dict[str, Any]) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in base.values() if v.is_floating_point()))
+
+
 def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -> None:
     """Refuse updates that are not finite or absurdly large relative to the model they change."""
     norm = float(delta.norm())
@@ -184,11 +190,39 @@ def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -
         raise InvalidUpdate(f"update norm is {norm}; refusing a non-finite update")
     if ratio is None:
         return
-    base_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in base.values() if v.is_floating_point()))
+    base_norm = _base_norm(base)
     bound = ratio * max(base_norm, 1.0)
     if norm > bound:
         raise InvalidUpdate(
             f"update norm {norm:.4g} exceeds {ratio:g}x the base model's norm ({base_norm:.4g}); refused"
+        )
+
+
+def check_guard_admits_local_dp(
+    run: "RunConfig | None", base: dict[str, Any], local_keys: frozenset[str], ratio: float | None
+) -> None:
+    """Refuse to open a round of a local-DP federation whose noised updates the norm guard would refuse.
+
+    Under local DP each device clips its update to ``clip`` and adds Gaussian noise of std ``z·clip`` per
+    coordinate itself, so an honest update's norm is about ``clip·(1 + z·√d)`` (``d`` shared parameters):
+    far above 10x the norm of a small model. A guard below that refuses every update of the round; the
+    operator must widen or remove it (the federation's ``max_update_norm``, if set, still bounds updates).
+    """
+    if run is None or run.local_dp_noise <= 0 or ratio is None:
+        return
+    clip = float(run.clip)  # type: ignore[arg-type]  # local DP needs a numeric clip (RunConfig checks)
+    shared = sum(v.numel() for k, v in base.items() if v.is_floating_point() and k not in local_keys)
+    expected = clip * (1 + run.local_dp_noise * math.sqrt(shared))
+    base_norm = _base_norm(base)
+    bound = ratio * max(base_norm, 1.0)
+    if expected > bound:
+        raise ConfigError(
+            f"this federation's devices add local DP noise (local_dp_noise={run.local_dp_noise:g}, "
+            f"clip={clip:g}, {shared} shared parameters): an honest update's norm is about {expected:.4g}, above "
+            f"the service's update-norm guard of {bound:.4g} ({ratio:g}x the base model's norm {base_norm:.4g}), "
+            "which would refuse every update of the round. Restart the service with "
+            f"--max-update-norm-ratio {math.ceil(1.5 * expected / max(base_norm, 1.0))} or 0 (no guard; "
+            "the federation's max_update_norm, if set, still bounds each update)"
         )
 
 
@@ -503,6 +537,12 @@ def round_router(
                     409, f"round {state.rounds[model].number} of {model!r} is still open; close it first"
                 )
             step = resume_step(config, state, rounds_store, model, base)
+            check_guard_admits_local_dp(
+                config.federation,
+                state.base_state(model, base),
+                step.local_keys,
+                config.max_update_norm_ratio,
+            )
             # numbered from the database: never reused after a restart
             rec = rounds_store.open(model, base, excluded=excluded)
             step.open(rec.number, version=base, state=state.base_state(model, base))

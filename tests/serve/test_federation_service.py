@@ -1,0 +1,65 @@
+"""A service started with a federation config (`deltaplane serve --federation`) means what that config says,
+or refuses with the reason: its norm guard versus local DP, SecAgg-only federations, SecAgg weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deltaplane.serve as serve_pkg
+from deltaplane.cli import app
+from deltaplane.codecs import Compressor
+from deltaplane.delta import Delta
+from deltaplane.engine import RunConfig
+from deltaplane.engine.client import local_privacy
+from deltaplane.errors import InvalidUpdate
+from deltaplane.serve.client import ServiceError
+from deltaplane.serve.rounds import check_update_norm
+
+LOCAL_DP = RunConfig(clients=3, local_dp_noise=2.0, clip="1.0", downlink_codec="identity", codec="identity")
+
+
+def _noised_update(state: dict[str, torch.Tensor]) -> Delta:
+    """What an honest local-DP device sends: a small update, clipped to 1 and noised (std z*clip) on the device."""
+    small = Delta({k: torch.full_like(v, 1e-3) for k, v in state.items()})
+    return local_privacy(small, clip=1.0, noise_multiplier=2.0, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_local_dp_federation_is_not_opened_under_a_guard_that_refuses_its_noise(
+    service_factory, make_state
+):
+    noised = _noised_update(make_state(0))
+    # the default guard (10x the base model's norm) refuses such an update: every update of a round would be
+    with pytest.raises(InvalidUpdate, match="exceeds 10x"):
+        check_update_norm(noised, make_state(0), 10.0)
+    svc = service_factory(federation=LOCAL_DP)
+    with pytest.raises(ServiceError, match="max-update-norm-ratio") as info:
+        svc.admin.open_round("cnn")
+    assert info.value.status == 422 and "local DP noise" in info.value.detail
+    assert svc.state.rounds == {}  # nothing was opened
+
+
+def test_a_local_dp_federation_runs_without_the_guard(service_factory, make_state):
+    svc = service_factory(federation=LOCAL_DP, max_update_norm_ratio=None)
+    opened = svc.admin.open_round("cnn")
+    payload = Compressor("identity").compress(
+        _noised_update(make_state(0)), base_id="cnn", base_version=opened["base_version"]
+    )
+    assert svc.device("d0").upload("cnn", opened["round"], payload, num_examples=10)["accepted"]
+
+
+def test_serve_can_turn_the_norm_guard_off(tmp_path, monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(serve_pkg, "create_app", lambda config, **kw: seen.setdefault("config", config))
+    monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: None)
+    base = ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20]
+    for flag, want in [
+        ([], 10.0),
+        (["--max-update-norm-ratio", "0"], None),
+        (["--max-update-norm-ratio", "30"], 30.0),
+    ]:
+        seen.clear()
+        r = CliRunner().invoke(app, base + flag)
+        assert r.exit_code == 0, r.output
+        assert seen["config"].max_update_norm_ratio == want
