@@ -63,3 +63,22 @@ def test_serve_can_turn_the_norm_guard_off(tmp_path, monkeypatch) -> None:
         r = CliRunner().invoke(app, base + flag)
         assert r.exit_code == 0, r.output
         assert seen["config"].max_update_norm_ratio == want
+
+
+SECAGG = RunConfig(clients=3, secagg=True, clip="2.0", downlink_codec="identity", wire="self-describing")
+
+
+def test_a_secagg_federation_takes_no_plain_round_and_no_plaintext_update(service_factory, make_state):
+    """Its devices clip before masking and its chain sees only the unmasked sum: a plaintext update used to be
+    accepted and published unclipped (norm 4.7 with clip 2.0)."""
+    svc = service_factory(federation=SECAGG)
+    with pytest.raises(ServiceError, match="SecAgg") as info:
+        svc.admin.open_round("cnn")
+    assert info.value.status == 409 and "POST /admin/models/cnn/secagg" in info.value.detail
+    big = Delta({k: torch.full_like(v, 0.06) for k, v in make_state(0).items()})
+    payload = Compressor("identity").compress(big, base_id="cnn", base_version=1)
+    with pytest.raises(ServiceError, match="plaintext") as info:
+        svc.device("d0").upload("cnn", 1, payload, num_examples=10, nonce="n")
+    assert info.value.status == 409
+    assert [v.number for v in svc.reg.versions("cnn")] == [1]  # nothing published
+    assert svc.admin.open_secagg("cnn", ["d0", "d1"], weight_scale=10.0)["round"] == 1  # SecAgg rounds open

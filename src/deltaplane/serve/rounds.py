@@ -65,6 +65,7 @@ __all__ = [
     "check_guard_admits_local_dp",
     "check_round_binding",
     "check_update_norm",
+    "refuse_plaintext_under_secagg",
     "restore_rounds",
     "resume_step",
     "round_router",
@@ -224,6 +225,27 @@ def check_guard_admits_local_dp(
             f"--max-update-norm-ratio {math.ceil(1.5 * expected / max(base_norm, 1.0))} or 0 (no guard; "
             "the federation's max_update_norm, if set, still bounds each update)"
         )
+
+
+def refuse_plaintext_under_secagg(config: "ServiceConfig", model: str, who: str) -> None:
+    """409 for a plain round or an individual upload when the federation aggregates through SecAgg.
+
+    Such a federation's devices clip their updates before masking and its chain expects only the unmasked
+    sum: a plaintext update would reach the published model unclipped and individually visible.
+    """
+    run = config.federation
+    if run is None or not run.secagg:
+        return
+    where = (
+        f"open a SecAgg round at POST /admin/models/{model}/secagg"
+        if who == "admin"
+        else f"send your update masked, in the SecAgg round you are invited to (GET /v1/models/{model}/secagg/N)"
+    )
+    raise HTTPException(
+        409,
+        "this federation aggregates through SecAgg (secagg: true): it takes no plain rounds and no plaintext "
+        f"updates; {where}",
+    )
 
 
 def resume_step(
@@ -421,6 +443,7 @@ def round_router(
                 413, f"upload of {declared or 'more than ' + str(limit)} bytes exceeds the {limit}-byte limit"
             )
         payload = b"".join(chunks)
+        refuse_plaintext_under_secagg(config, model, "device")
         r = state.rounds.get(model)
         if r is None:
             raise HTTPException(409, f"no open round for {model!r}; wait for the next round")
@@ -531,6 +554,7 @@ def round_router(
         return start_round(model, base, excluded=())
 
     def start_round(model: str, base: int, *, excluded: tuple[str, ...]) -> RoundInfo:
+        refuse_plaintext_under_secagg(config, model, "admin")
         with state.lock:
             if model in state.rounds:
                 raise HTTPException(
