@@ -103,6 +103,8 @@ _SMALL = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1, codec="topk(0.05
         # every identity-coded local-DP update (noise z*clip per coordinate), a scaled attacker's update
         {"clip": "1.0", "local_dp_noise": 0.5, "codec": "identity"},
         {"attack": "sign_flip(0.34, scale=200)"},
+        # compact uploads in the session the devices fetched from the service, of the shared layers only
+        {"personalization": "fedper"},
     ],
     ids=[
         "dp-budget-fedadam",
@@ -112,6 +114,7 @@ _SMALL = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1, codec="topk(0.05
         "local-dp",
         "local-dp-identity",
         "scaled-attack",
+        "fedper",
     ],
 )  # the rest of the features: tests/flower/test_parity_matrix.py
 def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:

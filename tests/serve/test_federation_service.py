@@ -82,3 +82,31 @@ def test_a_secagg_federation_takes_no_plain_round_and_no_plaintext_update(servic
     assert info.value.status == 409
     assert [v.number for v in svc.reg.versions("cnn")] == [1]  # nothing published
     assert svc.admin.open_secagg("cnn", ["d0", "d1"], weight_scale=10.0)["round"] == 1  # SecAgg rounds open
+
+
+def test_a_fedper_device_compresses_with_the_served_session_and_uploads(tmp_path):
+    """The served session used to frame the full model while uploads were checked against the shared layers:
+    a device following the protocol (fetch the session, compress its shared update in it) got ShapeMismatch."""
+    from fastapi.testclient import TestClient
+
+    from deltaplane.engine import make_task
+    from deltaplane.registry import Registry
+    from deltaplane.serve import AdminClient, DeviceClient, ServiceConfig, create_app
+
+    run = RunConfig(clients=3, personalization="fedper", codec="topk(0.05) | quant(bits=8)")
+    reg = Registry.create(tmp_path / "h")
+    state = make_task(run).build_model(0).state_dict()
+    reg.set_tag("digits-cnn", "production", reg.register_model("digits-cnn", state).number)
+    service = create_app(ServiceConfig(home=str(tmp_path / "h"), admin_token="a" * 20, federation=run))
+    http = TestClient(service)
+    admin = AdminClient("http://testserver", "a" * 20, client=http)
+    device = DeviceClient("http://testserver", admin.issue_token("d0"), verifier=reg.verifier, client=http)
+    opened = admin.open_round("digits-cnn")
+    session = device.session("digits-cnn")
+    local = {"fc2.weight", "fc2.bias"}  # FedPer keeps the classifier head on the device
+    assert set(state) - set(session.layout) == local
+    shared = Delta({k: torch.full_like(v, 1e-3) for k, v in state.items() if k not in local})
+    payload = Compressor(run.codec, seed=0).compress(
+        shared, base_version=opened["base_version"], base_id="digits-cnn", session=session
+    )
+    assert device.upload("digits-cnn", opened["round"], payload, num_examples=5)["accepted"]

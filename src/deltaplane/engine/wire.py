@@ -43,6 +43,13 @@ class Sessions:
             return None
         key = layout.digest()
         session = self._by_layout.get(key)
+        if session is None and self.fetched:
+            # the server's word is the session: a device whose update has another layout than the one the server
+            # framed cannot upload compact, and must not frame it in a session of its own the server never saw
+            raise ConfigError(
+                "the wire session fetched from the server is for another layout than this update's "
+                f"({len(layout)} tensors); fetch the session of the model being trained"
+            )
         if session is None:
             session = WireSession.create(layout, self.codec, base_id=self.base_id, entropy=self.entropy)
             self._by_layout[key] = session

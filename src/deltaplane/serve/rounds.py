@@ -366,6 +366,11 @@ def round_router(
     reg = state.registry
     ModelName = Annotated[str, PathParam(pattern=name_pattern, max_length=128, description="model name")]
 
+    def upload_layout(model: str, base_version: int) -> Layout:
+        """The layout of a round's uploads (and of its wire session): the base's, less the layers a
+        personalized federation's devices keep to themselves (FedPer's head, FedBN's norms)."""
+        return Layout.of(state.base_state(model, base_version)).without(state.steps[model].local_keys)
+
     @router.get(
         "/v1/models/{model}/round", tags=["device"], response_model=RoundInfo, responses={404: errors[404]}
     )
@@ -395,7 +400,7 @@ def round_router(
         r = state.rounds.get(model)
         if r is None:
             raise NotFound(f"no open round for {model!r}")
-        session = state.steps[model].sessions.get(Layout.of(state.base_state(model, r.base_version)))
+        session = state.steps[model].sessions.get(upload_layout(model, r.base_version))
         if session is None:
             raise NotFound(f"{model!r} takes self-describing uploads: it has no wire session")
         return session.to_json()
@@ -464,8 +469,7 @@ def round_router(
             # must not make the server allocate it; then finite and of a sane norm. A compact payload
             # decodes in the round's wire session (GET .../session), a self-describing one on its own.
             base = state.base_state(model, r.base_version)
-            # a personalized federation's devices keep some layers to themselves and upload only the rest
-            layout = Layout.of(base).without(state.steps[model].local_keys)
+            layout = upload_layout(model, r.base_version)
             session = None
             if is_compact(payload):
                 session = state.steps[model].sessions.get(layout)
