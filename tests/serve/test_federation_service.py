@@ -110,3 +110,37 @@ def test_a_fedper_device_compresses_with_the_served_session_and_uploads(tmp_path
         shared, base_version=opened["base_version"], base_id="digits-cnn", session=session
     )
     assert device.upload("digits-cnn", opened["round"], payload, num_examples=5)["accepted"]
+
+
+def test_a_service_secagg_round_is_example_weighted_or_refused_without_a_scale(service_factory, make_state):
+    """Its default used to be an unweighted mean (weight_scale=0), while plain rounds and every in-process
+    SecAgg round weight by example count: two devices with 1 and 9 examples moved the model by 0.020, not 0.028."""
+    import numpy as np
+
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    svc = service_factory(federation=SECAGG.replace(clients=2, clip="10.0"))
+    devices = [svc.device(f"d{i}") for i in range(2)]
+    with pytest.raises(ServiceError, match="weight_scale") as info:
+        svc.admin.open_secagg("cnn", ["d0", "d1"])
+    assert info.value.status == 422 and "example count" in info.value.detail
+    base = make_state(0)
+    counts = [(0.01, 1), (0.03, 9)]
+    opened = svc.admin.open_secagg("cnn", ["d0", "d1"], weight_scale=float(np.mean([n for _, n in counts])))
+    fleet = []
+    for d, (value, n) in zip(devices, counts, strict=True):
+        s = SecAggDevice(d, "cnn", opened["round"])
+        s.set_update(
+            Delta({k: torch.full_like(v, value) for k, v in base.items()}), n, np.random.default_rng(0)
+        )
+        fleet.append(s)
+    for stage in ("advertise", "share", "upload"):
+        for s in fleet:
+            getattr(s, stage)()
+        svc.admin.advance_secagg("cnn", opened["round"])
+    for s in fleet:
+        s.unmask()
+    closed = svc.admin.close_secagg("cnn", opened["round"])
+    new = svc.reg.load_state(f"cnn@{closed['published']['version']}")
+    moved = float((new["fc.bias"] - base["fc.bias"]).mean())
+    assert moved == pytest.approx((0.01 * 1 + 0.03 * 9) / 10, abs=2e-4)  # quantization: 2/2^16 per value

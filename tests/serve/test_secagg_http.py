@@ -137,7 +137,7 @@ def test_secagg_endpoints_refuse_strangers_oversized_and_bad_rounds(service) -> 
     names = ["a", "b", "c"]
     for d in names:
         service.device(d)
-    opened = service.admin._post("/admin/models/cnn/secagg", {"devices": names})
+    opened = service.admin._post("/admin/models/cnn/secagg", {"devices": names, "weight_scale": 0})
     rnd = opened["round"]
     stranger = service.device("mallory")
     with pytest.raises(ServiceError) as exc:
@@ -193,7 +193,7 @@ def test_transport_http_secagg_reproduces_the_in_process_run_exactly() -> None:
 def _secagg_round_to_unmasking(svc, names: list[str], seed: int) -> int:
     """Open a SecAgg round for ``names`` and walk every stage up to unmasking (every device answers)."""
     clients = {d: svc.device(d) for d in names}
-    rnd = svc.admin.open_secagg("cnn", names)["round"]
+    rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]  # unweighted: every weight is 1
     devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
     deltas = _deltas(svc.reg.load_state("cnn@1"), len(names), seed)
     for i, (dev, delta) in enumerate(zip(devs, deltas, strict=True)):

@@ -63,7 +63,7 @@ def run_secagg_fleet(
     dropouts: Dropouts | None = None,
     bits: int = 16,
     clip_range: float = 1.0,
-    weight_scale: float = 0.0,
+    weight_scale: float | None = None,
     neighbours: int | None = None,
     seed: int = 0,
     workers: int = 8,
@@ -72,10 +72,13 @@ def run_secagg_fleet(
 
     Device ``i`` holds ``updates[i]`` (relative to the round's base version) and ``weights[i]`` examples; it
     quantizes them into the ring itself with :func:`device_rng` ``(seed, i)``. Secret randomness comes from the
-    OS. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    OS. ``weight_scale`` defaults to the mean of ``weights`` (as in process: the round publishes the
+    example-weighted mean); 0 averages unweighted. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
     dropouts = dropouts or Dropouts()
+    if weight_scale is None:
+        weight_scale = float(np.mean(weights))
     limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
     with httpx.Client(base_url=base_url, timeout=120, limits=limits) as http:
         admin = AdminClient(base_url, admin_token, client=http)

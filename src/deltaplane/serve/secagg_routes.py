@@ -113,8 +113,15 @@ class OpenSecAggRequest(BaseModel):
         le=1e6,
         description="per-value clip range of the update (default: federation's or 1)",
     )
-    weight_scale: float = Field(
-        default=0.0, ge=0, le=1e9, description="typical example count; 0: unweighted mean of the updates"
+    weight_scale: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e9,
+        description=(
+            "typical example count of the invited devices (e.g. their mean): each device scales its values by "
+            "its count / weight_scale, and the round publishes the example-weighted mean, like plain rounds; "
+            "0: an unweighted mean. Required: the service never sees the counts (they travel masked)"
+        ),
     )
     threshold: int | None = Field(default=None, ge=2, description="default: a majority of each neighbourhood")
     neighbours: int | None = Field(default=None, ge=2, description="SecAgg+ degree (even); default complete")
@@ -316,6 +323,13 @@ def install_secagg_routes(
                 if k not in step.local_keys
             }
         )
+        if body.weight_scale is None:
+            raise ConfigError(
+                "a SecAgg round weights each update by its device's example count, as plain rounds and every "
+                "other driver do, but the counts travel masked: give weight_scale, the typical example count of "
+                "the invited devices (e.g. their mean; a device scales its values by count / weight_scale "
+                "before clipping them to ±clip_range), or weight_scale: 0 for an unweighted mean"
+            )
         n = len(body.devices)
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
         try:
