@@ -144,3 +144,39 @@ def test_a_service_secagg_round_is_example_weighted_or_refused_without_a_scale(s
     new = svc.reg.load_state(f"cnn@{closed['published']['version']}")
     moved = float((new["fc.bias"] - base["fc.bias"]).mean())
     assert moved == pytest.approx((0.01 * 1 + 0.03 * 9) / 10, abs=2e-4)  # quantization: 2/2^16 per value
+
+
+def test_a_service_refuses_simulation_only_options_and_names_the_device_side_ones(
+    service_factory, caplog
+) -> None:
+    """`deltaplane serve --federation` builds only the server step: an attack (or any device-side option) in
+    the YAML used to reach no device, and nothing refused or reported it."""
+    from deltaplane.errors import UnsupportedOption
+    from deltaplane.serve.federation import run_http_simulation
+
+    with pytest.raises(UnsupportedOption, match="not ours to poison"):
+        service_factory(federation=RunConfig(attack="backdoor:0.34"))
+    with pytest.raises(UnsupportedOption, match="train_shifts"):
+        service_factory(federation=RunConfig(train_shifts=1))
+    device_side = RunConfig(
+        local_dp_noise=1.0,
+        clip="1.0",
+        prox_mu=0.5,
+        momentum_correction=0.9,
+        local_epochs=5,
+        downlink_codec="identity",
+    )
+    with caplog.at_level("WARNING", logger="deltaplane.serve.app"):
+        service_factory(federation=device_side, max_update_norm_ratio=None)
+    notice = " ".join(r.getMessage() for r in caplog.records)
+    for option in (
+        "local_dp_noise=1.0",
+        "prox_mu=0.5",
+        "momentum_correction=0.9",
+        "local_epochs=5",
+        "clip=1.0",
+    ):
+        assert option in notice
+    assert "configure your devices" in notice
+    # the HTTP simulation's devices are the engine's: they run the attack, as in process
+    assert run_http_simulation(RunConfig(clients=3, rounds=1, local_epochs=1, attack="sign_flip:0.34")).rounds

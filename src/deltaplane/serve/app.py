@@ -21,6 +21,7 @@ rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``doc
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
+import logging
 import math
 import secrets
 import sqlite3
@@ -59,6 +60,7 @@ from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.bounded import ByteLRU
+from deltaplane.serve.device_side import check_real_devices, device_side_notice
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
@@ -69,6 +71,7 @@ from deltaplane.ui import mount_ui
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
+log = logging.getLogger(__name__)
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 #: the fleet page remembers at most this many devices (the least recently seen are forgotten)
 MAX_DEVICES_SEEN = 10_000
@@ -114,6 +117,10 @@ class ServiceConfig:
             claim is the update's weight in (clipped) FedAvg, so without a bound one device claiming 10¹²
             examples would make the round's model its own update; DP-FedAvg and the robust rules ignore it.
         tolerance: promotion gate limits (metric -> allowed drop).
+        simulated_devices: the devices are the engine's simulated ones (``deltaplane run --transport http``),
+            which may run simulation-only options such as ``attack``; a service with real devices refuses
+            them, and states at start which of the federation's options its devices must apply themselves
+            (:mod:`deltaplane.serve.device_side`).
     """
 
     home: str
@@ -140,6 +147,7 @@ class ServiceConfig:
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
     runs_dir: str = ""
+    simulated_devices: bool = False
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
@@ -158,6 +166,8 @@ class ServiceConfig:
                 raise ConfigError(
                     f"set {', '.join(clash)} in the federation config, not on the service, when it has one"
                 )
+            if not self.simulated_devices:
+                check_real_devices(self.federation)
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
         if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 0:
@@ -393,6 +403,8 @@ def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
+    if config.federation is not None and not config.simulated_devices:
+        log.warning(device_side_notice(config.federation))
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry

@@ -146,6 +146,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         # process); the service's sanity guard (10x the base model's norm) would refuse what the engine
         # accepts: an attacker's scaled update, every local-DP device's noise
         max_update_norm_ratio=None,
+        simulated_devices=True,  # the engine's client step runs every device-side option (attack included)
     )
     # Drift reference: pixel histograms of the training set and the label prior (what a good model predicts).
     flat_train = train.x.reshape(len(train), -1).numpy()

@@ -1,0 +1,89 @@
+"""Which options of a service's federation config act on the devices, and which only a simulation can run.
+
+``deltaplane serve --federation run.yaml`` builds the federation's *server* step (aggregator chain, central DP,
+robust rule, downlink). The devices are not the service's: it tells them the round, its base version and the
+wire session (codec and layout), nothing else, so the device-side options of the same YAML (local training,
+FedProx, local DP, DGC, personal training) reach no device unless the devices are configured with them. The
+service says so when it starts (:func:`device_side_notice`) rather than pretend to apply them, and refuses the
+options that only a simulation can carry out (:func:`check_real_devices`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltaplane.engine import RunConfig
+from deltaplane.errors import UnsupportedOption
+
+__all__ = [
+    "DEVICE_SIDE",
+    "SIMULATION_ONLY",
+    "check_real_devices",
+    "device_side_notice",
+    "device_side_options",
+]
+
+#: RunConfig options the devices apply (the engine's ClientStep), which a service can neither apply nor check
+DEVICE_SIDE = (
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "lr_decay",
+    "momentum",
+    "prox_mu",
+    "codec",
+    "error_feedback",
+    "local_dp_noise",
+    "momentum_correction",
+    "local_clip",
+    "momentum_masking",
+    "sparsity_warmup",
+    "personal_epochs",
+    "personal_lr",
+    "ditto_lambda",
+)
+
+#: options only a simulation can run on its devices, with the physical reason
+SIMULATION_ONLY = {
+    "attack": "a real device's update is not ours to poison: real devices choose their own updates "
+    "(simulate an attack over HTTP with `deltaplane run --transport http`)",
+    "train_shifts": "it adds shifted copies of the simulated devices' training images; a real device trains "
+    "on its own data",
+}
+
+
+def device_side_options(run: RunConfig) -> dict[str, Any]:
+    """The device-side options ``run`` sets away from their defaults (what the devices must be told)."""
+    default = RunConfig()
+    return {k: getattr(run, k) for k in DEVICE_SIDE if getattr(run, k) != getattr(default, k)}
+
+
+def device_side_notice(run: RunConfig) -> str:
+    """One line for the operator: which of the federation's options the devices must apply themselves."""
+    chosen = device_side_options(run)
+    clip = (
+        f"; the devices also clip to clip={run.clip} before {'noising' if run.local_dp_noise else 'masking'}"
+        if run.clip is not None and (run.local_dp_noise > 0 or run.secagg)
+        else ""
+    )
+    if not chosen:
+        return (
+            "federation: this service runs its server step only; local training, the uplink codec, local DP, "
+            f"FedProx and DGC run on the devices with their own settings{clip}"
+        )
+    listed = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+    return (
+        f"federation: device-side options {listed} act on the devices, not on this service, which neither "
+        f"applies nor checks them: configure your devices with them{clip}"
+    )
+
+
+def check_real_devices(run: RunConfig) -> None:
+    """Refuse, with the physical reason, options only a simulation can run (a service's devices are real)."""
+    refused = [
+        f"{k}={getattr(run, k)!r}: {why}"
+        for k, why in SIMULATION_ONLY.items()
+        if getattr(run, k) != getattr(RunConfig(), k)
+    ]
+    if refused:
+        raise UnsupportedOption("a service with real devices cannot run " + "; ".join(refused))
