@@ -60,7 +60,7 @@ from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.bounded import ByteLRU
-from deltaplane.serve.device_side import check_real_devices, device_side_notice
+from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
@@ -404,7 +404,9 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
     if config.federation is not None and not config.simulated_devices:
-        log.warning(device_side_notice(config.federation))
+        # a warning when the federation sets options this service cannot apply (the devices must)
+        level = logging.WARNING if device_side_options(config.federation) else logging.INFO
+        log.log(level, device_side_notice(config.federation))
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry

@@ -55,26 +55,26 @@ SIMULATION_ONLY = {
 def device_side_options(run: RunConfig) -> dict[str, Any]:
     """The device-side options ``run`` sets away from their defaults (what the devices must be told)."""
     default = RunConfig()
-    return {k: getattr(run, k) for k in DEVICE_SIDE if getattr(run, k) != getattr(default, k)}
+    chosen = {k: getattr(run, k) for k in DEVICE_SIDE if getattr(run, k) != getattr(default, k)}
+    if run.wire == "compact":
+        chosen.pop("codec", None)  # the wire session the service serves carries it to the devices
+    if run.clip is not None and (run.local_dp_noise > 0 or run.secagg):
+        chosen["clip"] = run.clip  # the device clips before its noise, or before SecAgg masks its update
+    return chosen
 
 
 def device_side_notice(run: RunConfig) -> str:
     """One line for the operator: which of the federation's options the devices must apply themselves."""
     chosen = device_side_options(run)
-    clip = (
-        f"; the devices also clip to clip={run.clip} before {'noising' if run.local_dp_noise else 'masking'}"
-        if run.clip is not None and (run.local_dp_noise > 0 or run.secagg)
-        else ""
-    )
     if not chosen:
         return (
             "federation: this service runs its server step only; local training, the uplink codec, local DP, "
-            f"FedProx and DGC run on the devices with their own settings{clip}"
+            "FedProx and DGC run on the devices with their own settings"
         )
     listed = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
     return (
         f"federation: device-side options {listed} act on the devices, not on this service, which neither "
-        f"applies nor checks them: configure your devices with them{clip}"
+        "applies nor checks them: configure your devices with them"
     )
 
 
