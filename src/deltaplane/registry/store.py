@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
-from deltaplane.registry.encryption import KeyRing, is_sealed
+from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
@@ -388,6 +388,7 @@ class Registry:
         self._verifier = verifier
         self._local = threading.local()
         self._ring: KeyRing | None = None
+        self._ring_fingerprint: tuple[object, ...] | None = None
         settings = self.home / SETTINGS_NAME
         try:
             self._settings: dict[str, Any] = json.loads(settings.read_text()) if settings.exists() else {}
@@ -530,8 +531,26 @@ class Registry:
 
     @property
     def keyring(self) -> KeyRing:
+        """The key-encryption keys as last loaded (see :meth:`_fresh_keyring` for when they are reloaded)."""
         if self._ring is None:
-            self._ring = KeyRing.load(self.home)
+            self._reload_keyring()
+        assert self._ring is not None
+        return self._ring
+
+    def _reload_keyring(self) -> KeyRing:
+        fingerprint = KeyRing.fingerprint(self.home)  # before reading, so a change meanwhile reloads again
+        self._ring = KeyRing.load(self.home)
+        self._ring_fingerprint = fingerprint
+        return self._ring
+
+    def _fresh_keyring(self) -> KeyRing:
+        """The key ring as the key sources are now; call with :func:`key_lock` held (no rotation under way).
+
+        Another handle or process may have rotated the key since this one loaded its ring: sealing with the
+        cached current key would use a key whose file the rotation deleted.
+        """
+        if self._ring is None or KeyRing.fingerprint(self.home) != self._ring_fingerprint:
+            return self._reload_keyring()
         return self._ring
 
     def _decode_blob(self, raw: bytes, sha256: str) -> bytes:
@@ -539,6 +558,19 @@ class Registry:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
         return data
+
+    def _read_blob_file(self, path: Path, sha256: str) -> tuple[bytes, bytes]:
+        """(stored bytes, decoded bytes) of a blob file; FileNotFoundError when it does not exist.
+
+        A blob wrapped by a key this handle has not loaded was re-wrapped by a rotation (elsewhere) after the
+        ring was loaded, or is being: wait for any rotation, reload the keys and read the file again.
+        """
+        raw = path.read_bytes()
+        if is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
+            with key_lock(self.home, exclusive=False, required=False):
+                self._fresh_keyring()
+                raw = path.read_bytes()
+        return raw, self._decode_blob(raw, sha256)
 
     def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -559,14 +591,18 @@ class Registry:
         """
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
-        if path.exists():
-            try:
-                self._decode_blob(path.read_bytes(), digest)
-                return digest
-            except IntegrityError:
-                pass  # corrupt or undecryptable: write it again below
-        stored = self.keyring.seal(data, digest) if self.encrypted else data
-        self._write_blob_file(path, stored, digest)
+        try:
+            self._read_blob_file(path, digest)
+            return digest
+        except (FileNotFoundError, IntegrityError):
+            pass  # absent, corrupt or undecryptable: write it below
+        if not self.encrypted:
+            self._write_blob_file(path, data, digest)
+            return digest
+        # shared with other writers, exclusive with a rotation: the key chosen stays current until the
+        # sealed blob is in place (a rotation then re-wraps it, or has finished and its key is the current one)
+        with key_lock(self.home, exclusive=False):
+            self._write_blob_file(path, self._fresh_keyring().seal(data, digest), digest)
         return digest
 
     def get_blob(self, sha256: str) -> bytes:
@@ -575,24 +611,60 @@ class Registry:
         Messages name the blob by hash only, never by server path (they may reach devices).
         """
         try:
-            raw = self.blob_path(sha256).read_bytes()
+            return self._read_blob_file(self.blob_path(sha256), sha256)[1]
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha256} is missing from the registry") from None
-        return self._decode_blob(raw, sha256)
 
-    def rotate_kek(self, new_key: bytes | None = None) -> int:
-        """Re-wrap every blob's data key with a new key-encryption key; returns how many blobs changed.
+    def rotate_kek(self, new_key: bytes | None = None) -> KekRotation:
+        """Re-wrap every blob's data key with the current (or a new) key-encryption key and retire the others.
 
-        The new KEK is written to ``<home>/keys/kek/`` (0600) and becomes current; only blob headers are
-        rewritten (atomically, one blob at a time, so an interrupted rotation leaves every blob readable with
-        the old or the new key). Old key files are removed once every blob is re-wrapped.
+        Key files: ``new_key`` (default: a random one) is written to ``<home>/keys/kek/`` (0600) and becomes
+        current; the old key files are deleted once every blob is re-wrapped. Keys from the environment
+        (``$DELTAPLANE_KEK``, ``$DELTAPLANE_KEK_FILE``): the first key there is current and every blob is
+        re-wrapped to it; nothing in the environment can be deleted from here, so the result's ``advice`` says
+        which keys to remove from it. ``new_key`` is then refused (:class:`ConfigError`): a key file would not
+        take over from the environment after a restart.
+
+        Only blob headers are rewritten (atomically, one blob at a time: an interrupted rotation leaves every
+        blob readable with the old or the new key). The rotation holds the key lock exclusively throughout,
+        so handles in other processes seal no blob meanwhile and reload the keys afterwards; the retired key
+        ids are recorded, and a handle whose current key is one of them refuses to seal.
         """
         if not self.encrypted:
             raise ConfigError(f"the registry at {self.home} is not encrypted; there is no key to rotate")
-        old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
-        kid = KeyRing.create_key_file(self.home, new_key)
-        ring = KeyRing.load(self.home)
-        ring = KeyRing(ring.keys, kid)
+        with key_lock(self.home, exclusive=True):
+            ring = KeyRing.load(self.home)
+            if ring.from_environment and new_key is not None:
+                where = ring.sources[ring.current].split(" ")[0]
+                raise ConfigError(
+                    f"the current key-encryption key comes from {where}, so a new key file would not take "
+                    f"over after a restart: put the new key first in {where} (comma-separated, the old keys "
+                    f"after it), restart the processes that use this registry, then run "
+                    f"`deltaplane registry rotate-key` without a key (Registry.rotate_kek())"
+                )
+            old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
+            if not ring.from_environment:
+                kid = KeyRing.create_key_file(self.home, new_key)
+                loaded = KeyRing.load(self.home)
+                ring = KeyRing(loaded.keys, kid, sources=loaded.sources, retired=loaded.retired)
+            changed = self._rewrap_all(ring)
+            retired = (set(ring.retired) | set(ring.keys)) - {ring.current}
+            KeyRing.save_retired(self.home, retired)
+            removed = tuple(f.name for f in old_files if f.stem != ring.current)
+            for name in removed:
+                (KeyRing.key_dir(self.home) / name).unlink(missing_ok=True)
+            self._reload_keyring()
+        return KekRotation(
+            rewrapped=changed,
+            current=ring.current,
+            source=ring.sources[ring.current],
+            removed_files=removed,
+            retired=tuple(sorted(set(ring.keys) - {ring.current})),
+            advice=self._rotation_advice(ring, removed),
+        )
+
+    def _rewrap_all(self, ring: KeyRing) -> int:
+        """Re-wrap every sealed blob to ``ring.current``; returns how many changed."""
         changed = 0
         for sub in sorted(p for p in (self.home / "blobs").iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):
@@ -603,11 +675,22 @@ class Registry:
                 if new is not None:
                     self._write_blob_file(f, new, sub.name + f.name)
                     changed += 1
-        for old in old_files:
-            if old.stem != kid:
-                old.unlink(missing_ok=True)
-        self._ring = ring
         return changed
+
+    @staticmethod
+    def _rotation_advice(ring: KeyRing, removed: tuple[str, ...]) -> str:
+        """What is left for the operator after a rotation: the retired keys the environment still holds."""
+        lines = [f"every blob is wrapped by key {ring.current} (from {ring.sources[ring.current]})"]
+        if removed:
+            lines.append(f"deleted old key files: {', '.join(removed)}")
+        in_env = sorted(k for k in ring.keys if k != ring.current and ring.sources[k].startswith("$"))
+        if in_env:
+            places = sorted({ring.sources[k].split(" ")[0] for k in in_env})
+            lines.append(
+                f"the old keys {', '.join(in_env)} are no longer needed: remove them from "
+                f"{' and '.join(places)} (keep only the current key) and restart the processes that use it"
+            )
+        return "; ".join(lines)
 
     # -- registration ----------------------------------------------------------------------------------
     def _insert(
@@ -1096,9 +1179,10 @@ class Registry:
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
-                raw = f.read_bytes()
                 try:
-                    self._decode_blob(raw, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                    raw, _ = self._read_blob_file(f, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
+                    continue
                 except (IntegrityError, NotFound) as exc:
                     report.problems.append(f"{exc}" if "blob" in str(exc) else f"blob {sha}: {exc}")
                     continue
