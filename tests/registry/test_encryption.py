@@ -3,6 +3,7 @@
 import base64
 import os
 import shutil
+import sqlite3
 
 import pytest
 import torch
@@ -143,6 +144,9 @@ def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
 def test_a_registry_from_before_encryption_stays_plaintext(tmp_path):
     reg = Registry.create(tmp_path / "h", encrypt=False)
     reg.register_model("m", state())
-    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane
+    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane: no file, no record
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    con.execute("DROP TABLE settings")
+    con.close()
     again = Registry.create(tmp_path / "h")
     assert not again.encrypted and again.verify().ok

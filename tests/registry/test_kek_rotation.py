@@ -5,7 +5,9 @@ second process writing blobs during the rotation, a fresh Registry opened after 
 """
 
 import base64
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -180,3 +182,60 @@ def test_cli_rotate_key_with_environment_keys(tmp_path):
     r = runner.invoke(app, ["registry", "rotate-key", "--home", home], env={KEK_ENV: b64(new, old)})
     out = " ".join(r.output.split())
     assert r.exit_code == 0 and f"with key {kek_id(new)}" in out and "remove them from $DELTAPLANE_KEK" in out
+
+
+# -- 3. the encryption setting cannot be dropped with registry.json ----------------------------------------
+def recorded(home):
+    con = sqlite3.connect(home / "registry.db")
+    try:
+        return con.execute("SELECT value FROM settings WHERE name='encryption'").fetchone()
+    finally:
+        con.close()
+
+
+def test_deleting_or_editing_registry_json_does_not_turn_encryption_off(tmp_path):
+    home = tmp_path / "h"
+    Registry.create(home).register_model("m", state(0))
+    settings = home / "registry.json"
+    settings.unlink()
+    with pytest.raises(ConfigError, match=r"registry.json is missing.*'aes-256-gcm'.*restore it"):
+        Registry(home)
+    with pytest.raises(ConfigError, match="is missing"):
+        Registry.create(home)  # `registry init` again neither
+    assert not settings.exists()  # ... nor writes a plaintext setting
+    settings.write_text(json.dumps({"encryption": "none"}))
+    with pytest.raises(ConfigError, match="cannot be changed by editing the file"):
+        Registry(home)
+    settings.write_text(json.dumps({"encryption": "aes-256-gcm"}))  # restored as the message says
+    reg = Registry(home)
+    a = reg.register_model("m", state(1))
+    assert reg.encrypted and reg.blob_path(a.sha256).read_bytes()[:4] == b"DPEB" and reg.verify().ok
+
+
+def test_a_registry_from_before_the_recorded_setting_gets_it_from_registry_json(tmp_path):
+    enc, plain = tmp_path / "enc", tmp_path / "plain"
+    Registry.create(enc).register_model("m", state(0))
+    Registry.create(plain, encrypt=False).register_model("m", state(0))
+    for home in (enc, plain):  # as an older deltaplane left them
+        con = sqlite3.connect(home / "registry.db")
+        con.execute("DROP TABLE IF EXISTS settings")
+        con.close()
+    assert Registry(enc).encrypted and not Registry(plain).encrypted
+    assert recorded(enc) == ("aes-256-gcm",) and recorded(plain) == ("none",)
+    (enc / "registry.json").unlink()
+    with pytest.raises(ConfigError, match="is missing"):
+        Registry(enc)
+
+
+def test_a_registry_from_before_encryption_opens_as_plaintext(tmp_path):
+    home = tmp_path / "h"
+    Registry.create(home, encrypt=False).register_model("m", state(0))
+    (home / "registry.json").unlink()  # neither the file nor the record existed then
+    con = sqlite3.connect(home / "registry.db")
+    con.execute("DROP TABLE settings")
+    con.close()
+    old = Registry(home)
+    assert not old.encrypted and old.verify().ok
+    b = old.register_model("m", state(1))
+    assert b"deltaplane.order" in old.blob_path(b.sha256).read_bytes()
+    assert not Registry.create(home).encrypted and recorded(home) == ("none",)

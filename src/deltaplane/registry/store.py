@@ -118,12 +118,44 @@ CREATE TABLE IF NOT EXISTS rollbacks (
 );
 """
 
+# The registry's settings (encryption), also in registry.json: the copy in the database is what a deleted or
+# edited registry.json is checked against. Registries made before it get the table on first open.
+_SETTINGS_TABLE = "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+
+def _recorded_setting(con: sqlite3.Connection, name: str) -> str | None:
+    """A setting as the database records it; None when it does not (yet), e.g. a registry from before."""
+    try:
+        row = con.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return None
+    return None if row is None else str(row[0])
+
+
 # Created on first use, so registries made before promotion verdicts were kept gain it without a migration.
 _DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS promotion_decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, candidate INTEGER NOT NULL,
     previous INTEGER, promoted INTEGER NOT NULL, evaluator TEXT NOT NULL, metrics TEXT NOT NULL,
     baseline TEXT, reasons TEXT NOT NULL, at REAL NOT NULL
 )"""
+
+
+def _setting_in(db: Path, name: str) -> str | None:
+    """A setting recorded in the database file ``db`` (None when there is none, or no readable database)."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(db, timeout=60)
+    except sqlite3.DatabaseError:
+        return None
+    try:
+        return _recorded_setting(con, name)
+    except sqlite3.DatabaseError:
+        return None  # opening the registry reports the broken database
+    finally:
+        con.close()
 
 
 def rollback_statement(model: str, tag: str, number: int, supersedes: int, sha256: str) -> dict[str, Any]:
@@ -391,15 +423,63 @@ class Registry:
         self._ring_fingerprint: tuple[object, ...] | None = None
         settings = self.home / SETTINGS_NAME
         try:
-            self._settings: dict[str, Any] = json.loads(settings.read_text()) if settings.exists() else {}
+            found = json.loads(settings.read_text()) if settings.exists() else None
         except ValueError as exc:
             raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
+        if found is not None and not isinstance(found, dict):
+            raise ConfigError(f'{settings} must hold a JSON object such as {{"encryption": "{ENCRYPTION}"}}')
         try:
-            self._connect()  # fail early on a broken database
+            recorded = self._record_encryption(found)  # also fails early on a broken database
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(
                 f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
             ) from None
+        self._settings: dict[str, Any] = self._checked_settings(found, recorded)
+
+    def _record_encryption(self, found: dict[str, Any] | None) -> str | None:
+        """The encryption setting the database records; recorded from registry.json first when it has none.
+
+        That first recording is the migration of registries made before the setting was kept in the database.
+        A read-only database keeps the file's word (nothing is written through such a handle anyway).
+        """
+        con = self._connect()
+        recorded = _recorded_setting(con, "encryption")
+        if recorded is not None or found is None:
+            return recorded
+        try:
+            with self.transaction() as con:
+                con.execute(_SETTINGS_TABLE)
+                con.execute(
+                    "INSERT OR IGNORE INTO settings (name, value) VALUES ('encryption', ?)",
+                    (str(found.get("encryption", "none")),),
+                )
+                return _recorded_setting(con, "encryption")  # another process may have recorded it first
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY":
+                raise
+            return None
+
+    def _checked_settings(self, found: dict[str, Any] | None, recorded: str | None) -> dict[str, Any]:
+        """registry.json's settings, refused when the file is missing or disagrees with the database.
+
+        Without this check, deleting or editing registry.json would make an encrypted registry write new
+        blobs in plaintext, silently. A registry from before encryption (no file, no record) stays plaintext.
+        """
+        settings, db = self.home / SETTINGS_NAME, self.home / "registry.db"
+        if recorded is None:
+            return found or {}
+        restore = f"restore it from a backup or write {json.dumps({'encryption': recorded})} to it"
+        if found is None:
+            raise ConfigError(
+                f"{settings} is missing, but {db} records encryption {recorded!r} for this registry: {restore} "
+                f"(the registry does not open without it, so that losing it cannot change how blobs are stored)"
+            )
+        if str(found.get("encryption", "none")) != recorded:
+            raise ConfigError(
+                f"{settings} says encryption {found.get('encryption', 'none')!r}, but {db} records {recorded!r}: "
+                f"an existing registry's encryption cannot be changed by editing the file; {restore}"
+            )
+        return found
 
     @classmethod
     def create(
@@ -412,10 +492,12 @@ class Registry:
     ) -> Registry:
         """Create (or open) a registry; also create a signing key when ``keys`` and none exists.
 
-        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out, recorded in
-        ``<home>/registry.json``). The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE``
-        when set, else a new key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it
-        the blobs cannot be read). Opening an existing registry never changes its setting.
+        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out). The setting is
+        kept in ``<home>/registry.json`` and in the database; a registry whose file is missing or disagrees
+        with the database does not open (:class:`ConfigError`), so deleting the file cannot turn encryption
+        off. The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE`` when set, else a new
+        key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it the blobs cannot be
+        read). Opening an existing registry never changes its setting.
         """
         from deltaplane.registry.signing import PRIVATE_NAME, init_keys
 
@@ -424,7 +506,7 @@ class Registry:
         if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
             signer = init_keys(home)
         settings = home / SETTINGS_NAME
-        if not settings.exists():
+        if not settings.exists() and _setting_in(home / "registry.db", "encryption") is None:
             # a registry made before encryption existed stays plaintext (its blobs are plaintext)
             encrypt = encrypt and not (home / "registry.db").exists()
             if encrypt:
@@ -443,7 +525,7 @@ class Registry:
             con.executescript(_SCHEMA)
         finally:
             con.close()
-        return cls(home, signer=signer)
+        return cls(home, signer=signer)  # records the setting in the database (see _record_encryption)
 
     # -- connection & transactions ---------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
