@@ -3,6 +3,7 @@
 import base64
 import os
 import shutil
+import sqlite3
 
 import pytest
 import torch
@@ -65,19 +66,18 @@ def test_kek_from_the_environment_and_rotation(tmp_path, monkeypatch):
     monkeypatch.delenv(KEK_ENV)
     with pytest.raises(NotFound, match="no key-encryption key"):
         Registry(tmp_path / "h").get_blob(arts[0].sha256)  # no key at all: nothing readable
-    monkeypatch.setenv(KEK_ENV, base64.b64encode(key).decode())
-    new = os.urandom(32)
-    assert reg.rotate_kek(new) == 3
+    new = os.urandom(32)  # the new key goes first in the variable, the old one after it
+    monkeypatch.setenv(KEK_ENV, f"{base64.b64encode(new).decode()},{base64.b64encode(key).decode()}")
+    assert reg.rotate_kek().rewrapped == 3
     for a in arts:
         raw = reg.blob_path(a.sha256).read_bytes()
         assert raw != before[a.sha256] and raw[-100:] == before[a.sha256][-100:]  # only the header changed
         assert kek_id(new).encode() in raw[:40]
-    monkeypatch.delenv(KEK_ENV)  # the old key is gone: the new key file alone reads everything
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(new).decode())  # the old key is gone
     fresh = Registry(tmp_path / "h")
     assert all(torch.equal(fresh.load_state(a)["w"], state(i)["w"]) for i, a in enumerate(arts))
     assert fresh.verify().ok
     monkeypatch.setenv(KEK_ENV, base64.b64encode(key).decode())
-    shutil.rmtree(KeyRing.key_dir(tmp_path / "h"))
     with pytest.raises(IntegrityError):  # the old key no longer opens rotated blobs
         Registry(tmp_path / "h").get_blob(arts[0].sha256)
 
@@ -132,7 +132,7 @@ def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
     assert runner.invoke(app, ["registry", "init", "--home", home]).exit_code == 0
     Registry(home).register_model("m", state())
     r = runner.invoke(app, ["registry", "rotate-key", "--home", home])
-    assert r.exit_code == 0 and "1 blobs re-wrapped" in r.output
+    assert r.exit_code == 0 and "1 blobs re-wrapped" in r.output and "deleted old key files" in r.output
     assert runner.invoke(app, ["registry", "verify", "--home", home]).exit_code == 0
     for f in ("registry.db-wal", "registry.db-shm"):
         (tmp_path / "h" / f).unlink(missing_ok=True)
@@ -144,6 +144,9 @@ def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
 def test_a_registry_from_before_encryption_stays_plaintext(tmp_path):
     reg = Registry.create(tmp_path / "h", encrypt=False)
     reg.register_model("m", state())
-    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane
+    (tmp_path / "h" / "registry.json").unlink()  # as written by an older deltaplane: no file, no record
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    con.execute("DROP TABLE settings")
+    con.close()
     again = Registry.create(tmp_path / "h")
     assert not again.encrypted and again.verify().ok

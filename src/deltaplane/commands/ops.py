@@ -192,15 +192,21 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="New KEK (base64 of 32 bytes) [default: a random one].")
         ] = None,
     ) -> None:
-        """Re-wrap every blob's data key with a new key-encryption key; old key files are removed."""
+        """Re-wrap every blob's data key with a new key-encryption key; old key files are removed.
+
+        With $DELTAPLANE_KEK (or $DELTAPLANE_KEK_FILE) set, put the new key first there (comma-separated, the
+        old keys after it) and run this without --key-file: blobs are re-wrapped to that first key, and the
+        output says which old keys to remove from the variable.
+        """
         from deltaplane.registry import Registry
         from deltaplane.registry.encryption import parse_key
 
         with _errors():
             reg = Registry(_home(home))
             new = parse_key(key_file.read_bytes(), str(key_file)) if key_file else None
-            n = reg.rotate_kek(new)
-        console.print(f"{n} blobs re-wrapped with key {reg.keyring.current}")
+            done = reg.rotate_kek(new)
+        console.print(f"{done.rewrapped} blobs re-wrapped with key {done.current}")
+        console.print(done.advice)
 
     @reg_app.command("register")
     def registry_register(

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
-from deltaplane.registry.encryption import KeyRing, is_sealed
+from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
@@ -118,12 +118,44 @@ CREATE TABLE IF NOT EXISTS rollbacks (
 );
 """
 
+# The registry's settings (encryption), also in registry.json: the copy in the database is what a deleted or
+# edited registry.json is checked against. Registries made before it get the table on first open.
+_SETTINGS_TABLE = "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+
+def _recorded_setting(con: sqlite3.Connection, name: str) -> str | None:
+    """A setting as the database records it; None when it does not (yet), e.g. a registry from before."""
+    try:
+        row = con.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return None
+    return None if row is None else str(row[0])
+
+
 # Created on first use, so registries made before promotion verdicts were kept gain it without a migration.
 _DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS promotion_decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, tag TEXT NOT NULL, candidate INTEGER NOT NULL,
     previous INTEGER, promoted INTEGER NOT NULL, evaluator TEXT NOT NULL, metrics TEXT NOT NULL,
     baseline TEXT, reasons TEXT NOT NULL, at REAL NOT NULL
 )"""
+
+
+def _setting_in(db: Path, name: str) -> str | None:
+    """A setting recorded in the database file ``db`` (None when there is none, or no readable database)."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(db, timeout=60)
+    except sqlite3.DatabaseError:
+        return None
+    try:
+        return _recorded_setting(con, name)
+    except sqlite3.DatabaseError:
+        return None  # opening the registry reports the broken database
+    finally:
+        con.close()
 
 
 def rollback_statement(model: str, tag: str, number: int, supersedes: int, sha256: str) -> dict[str, Any]:
@@ -388,17 +420,66 @@ class Registry:
         self._verifier = verifier
         self._local = threading.local()
         self._ring: KeyRing | None = None
+        self._ring_fingerprint: tuple[object, ...] | None = None
         settings = self.home / SETTINGS_NAME
         try:
-            self._settings: dict[str, Any] = json.loads(settings.read_text()) if settings.exists() else {}
+            found = json.loads(settings.read_text()) if settings.exists() else None
         except ValueError as exc:
             raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
+        if found is not None and not isinstance(found, dict):
+            raise ConfigError(f'{settings} must hold a JSON object such as {{"encryption": "{ENCRYPTION}"}}')
         try:
-            self._connect()  # fail early on a broken database
+            recorded = self._record_encryption(found)  # also fails early on a broken database
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(
                 f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
             ) from None
+        self._settings: dict[str, Any] = self._checked_settings(found, recorded)
+
+    def _record_encryption(self, found: dict[str, Any] | None) -> str | None:
+        """The encryption setting the database records; recorded from registry.json first when it has none.
+
+        That first recording is the migration of registries made before the setting was kept in the database.
+        A read-only database keeps the file's word (nothing is written through such a handle anyway).
+        """
+        con = self._connect()
+        recorded = _recorded_setting(con, "encryption")
+        if recorded is not None or found is None:
+            return recorded
+        try:
+            with self.transaction() as con:
+                con.execute(_SETTINGS_TABLE)
+                con.execute(
+                    "INSERT OR IGNORE INTO settings (name, value) VALUES ('encryption', ?)",
+                    (str(found.get("encryption", "none")),),
+                )
+                return _recorded_setting(con, "encryption")  # another process may have recorded it first
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY":
+                raise
+            return None
+
+    def _checked_settings(self, found: dict[str, Any] | None, recorded: str | None) -> dict[str, Any]:
+        """registry.json's settings, refused when the file is missing or disagrees with the database.
+
+        Without this check, deleting or editing registry.json would make an encrypted registry write new
+        blobs in plaintext, silently. A registry from before encryption (no file, no record) stays plaintext.
+        """
+        settings, db = self.home / SETTINGS_NAME, self.home / "registry.db"
+        if recorded is None:
+            return found or {}
+        restore = f"restore it from a backup or write {json.dumps({'encryption': recorded})} to it"
+        if found is None:
+            raise ConfigError(
+                f"{settings} is missing, but {db} records encryption {recorded!r} for this registry: {restore} "
+                f"(the registry does not open without it, so that losing it cannot change how blobs are stored)"
+            )
+        if str(found.get("encryption", "none")) != recorded:
+            raise ConfigError(
+                f"{settings} says encryption {found.get('encryption', 'none')!r}, but {db} records {recorded!r}: "
+                f"an existing registry's encryption cannot be changed by editing the file; {restore}"
+            )
+        return found
 
     @classmethod
     def create(
@@ -411,10 +492,12 @@ class Registry:
     ) -> Registry:
         """Create (or open) a registry; also create a signing key when ``keys`` and none exists.
 
-        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out, recorded in
-        ``<home>/registry.json``). The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE``
-        when set, else a new key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it
-        the blobs cannot be read). Opening an existing registry never changes its setting.
+        New registries encrypt blobs at rest unless ``encrypt=False`` (an explicit opt-out). The setting is
+        kept in ``<home>/registry.json`` and in the database; a registry whose file is missing or disagrees
+        with the database does not open (:class:`ConfigError`), so deleting the file cannot turn encryption
+        off. The key-encryption key is ``$DELTAPLANE_KEK`` / ``$DELTAPLANE_KEK_FILE`` when set, else a new
+        key file in ``<home>/keys/kek/`` (keep a copy apart from the data: without it the blobs cannot be
+        read). Opening an existing registry never changes its setting.
         """
         from deltaplane.registry.signing import PRIVATE_NAME, init_keys
 
@@ -423,7 +506,7 @@ class Registry:
         if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
             signer = init_keys(home)
         settings = home / SETTINGS_NAME
-        if not settings.exists():
+        if not settings.exists() and _setting_in(home / "registry.db", "encryption") is None:
             # a registry made before encryption existed stays plaintext (its blobs are plaintext)
             encrypt = encrypt and not (home / "registry.db").exists()
             if encrypt:
@@ -442,7 +525,7 @@ class Registry:
             con.executescript(_SCHEMA)
         finally:
             con.close()
-        return cls(home, signer=signer)
+        return cls(home, signer=signer)  # records the setting in the database (see _record_encryption)
 
     # -- connection & transactions ---------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -530,8 +613,26 @@ class Registry:
 
     @property
     def keyring(self) -> KeyRing:
+        """The key-encryption keys as last loaded (see :meth:`_fresh_keyring` for when they are reloaded)."""
         if self._ring is None:
-            self._ring = KeyRing.load(self.home)
+            self._reload_keyring()
+        assert self._ring is not None
+        return self._ring
+
+    def _reload_keyring(self) -> KeyRing:
+        fingerprint = KeyRing.fingerprint(self.home)  # before reading, so a change meanwhile reloads again
+        self._ring = KeyRing.load(self.home)
+        self._ring_fingerprint = fingerprint
+        return self._ring
+
+    def _fresh_keyring(self) -> KeyRing:
+        """The key ring as the key sources are now; call with :func:`key_lock` held (no rotation under way).
+
+        Another handle or process may have rotated the key since this one loaded its ring: sealing with the
+        cached current key would use a key whose file the rotation deleted.
+        """
+        if self._ring is None or KeyRing.fingerprint(self.home) != self._ring_fingerprint:
+            return self._reload_keyring()
         return self._ring
 
     def _decode_blob(self, raw: bytes, sha256: str) -> bytes:
@@ -539,6 +640,19 @@ class Registry:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
         return data
+
+    def _read_blob_file(self, path: Path, sha256: str) -> tuple[bytes, bytes]:
+        """(stored bytes, decoded bytes) of a blob file; FileNotFoundError when it does not exist.
+
+        A blob wrapped by a key this handle has not loaded was re-wrapped by a rotation (elsewhere) after the
+        ring was loaded, or is being: wait for any rotation, reload the keys and read the file again.
+        """
+        raw = path.read_bytes()
+        if is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
+            with key_lock(self.home, exclusive=False, required=False):
+                self._fresh_keyring()
+                raw = path.read_bytes()
+        return raw, self._decode_blob(raw, sha256)
 
     def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -559,14 +673,18 @@ class Registry:
         """
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
-        if path.exists():
-            try:
-                self._decode_blob(path.read_bytes(), digest)
-                return digest
-            except IntegrityError:
-                pass  # corrupt or undecryptable: write it again below
-        stored = self.keyring.seal(data, digest) if self.encrypted else data
-        self._write_blob_file(path, stored, digest)
+        try:
+            self._read_blob_file(path, digest)
+            return digest
+        except (FileNotFoundError, IntegrityError):
+            pass  # absent, corrupt or undecryptable: write it below
+        if not self.encrypted:
+            self._write_blob_file(path, data, digest)
+            return digest
+        # shared with other writers, exclusive with a rotation: the key chosen stays current until the
+        # sealed blob is in place (a rotation then re-wraps it, or has finished and its key is the current one)
+        with key_lock(self.home, exclusive=False):
+            self._write_blob_file(path, self._fresh_keyring().seal(data, digest), digest)
         return digest
 
     def get_blob(self, sha256: str) -> bytes:
@@ -575,24 +693,60 @@ class Registry:
         Messages name the blob by hash only, never by server path (they may reach devices).
         """
         try:
-            raw = self.blob_path(sha256).read_bytes()
+            return self._read_blob_file(self.blob_path(sha256), sha256)[1]
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha256} is missing from the registry") from None
-        return self._decode_blob(raw, sha256)
 
-    def rotate_kek(self, new_key: bytes | None = None) -> int:
-        """Re-wrap every blob's data key with a new key-encryption key; returns how many blobs changed.
+    def rotate_kek(self, new_key: bytes | None = None) -> KekRotation:
+        """Re-wrap every blob's data key with the current (or a new) key-encryption key and retire the others.
 
-        The new KEK is written to ``<home>/keys/kek/`` (0600) and becomes current; only blob headers are
-        rewritten (atomically, one blob at a time, so an interrupted rotation leaves every blob readable with
-        the old or the new key). Old key files are removed once every blob is re-wrapped.
+        Key files: ``new_key`` (default: a random one) is written to ``<home>/keys/kek/`` (0600) and becomes
+        current; the old key files are deleted once every blob is re-wrapped. Keys from the environment
+        (``$DELTAPLANE_KEK``, ``$DELTAPLANE_KEK_FILE``): the first key there is current and every blob is
+        re-wrapped to it; nothing in the environment can be deleted from here, so the result's ``advice`` says
+        which keys to remove from it. ``new_key`` is then refused (:class:`ConfigError`): a key file would not
+        take over from the environment after a restart.
+
+        Only blob headers are rewritten (atomically, one blob at a time: an interrupted rotation leaves every
+        blob readable with the old or the new key). The rotation holds the key lock exclusively throughout,
+        so handles in other processes seal no blob meanwhile and reload the keys afterwards; the retired key
+        ids are recorded, and a handle whose current key is one of them refuses to seal.
         """
         if not self.encrypted:
             raise ConfigError(f"the registry at {self.home} is not encrypted; there is no key to rotate")
-        old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
-        kid = KeyRing.create_key_file(self.home, new_key)
-        ring = KeyRing.load(self.home)
-        ring = KeyRing(ring.keys, kid)
+        with key_lock(self.home, exclusive=True):
+            ring = KeyRing.load(self.home)
+            if ring.from_environment and new_key is not None:
+                where = ring.sources[ring.current].split(" ")[0]
+                raise ConfigError(
+                    f"the current key-encryption key comes from {where}, so a new key file would not take "
+                    f"over after a restart: put the new key first in {where} (comma-separated, the old keys "
+                    f"after it), restart the processes that use this registry, then run "
+                    f"`deltaplane registry rotate-key` without a key (Registry.rotate_kek())"
+                )
+            old_files = sorted(KeyRing.key_dir(self.home).glob("*.key"))
+            if not ring.from_environment:
+                kid = KeyRing.create_key_file(self.home, new_key)
+                loaded = KeyRing.load(self.home)
+                ring = KeyRing(loaded.keys, kid, sources=loaded.sources, retired=loaded.retired)
+            changed = self._rewrap_all(ring)
+            retired = (set(ring.retired) | set(ring.keys)) - {ring.current}
+            KeyRing.save_retired(self.home, retired)
+            removed = tuple(f.name for f in old_files if f.stem != ring.current)
+            for name in removed:
+                (KeyRing.key_dir(self.home) / name).unlink(missing_ok=True)
+            self._reload_keyring()
+        return KekRotation(
+            rewrapped=changed,
+            current=ring.current,
+            source=ring.sources[ring.current],
+            removed_files=removed,
+            retired=tuple(sorted(set(ring.keys) - {ring.current})),
+            advice=self._rotation_advice(ring, removed),
+        )
+
+    def _rewrap_all(self, ring: KeyRing) -> int:
+        """Re-wrap every sealed blob to ``ring.current``; returns how many changed."""
         changed = 0
         for sub in sorted(p for p in (self.home / "blobs").iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):
@@ -603,11 +757,22 @@ class Registry:
                 if new is not None:
                     self._write_blob_file(f, new, sub.name + f.name)
                     changed += 1
-        for old in old_files:
-            if old.stem != kid:
-                old.unlink(missing_ok=True)
-        self._ring = ring
         return changed
+
+    @staticmethod
+    def _rotation_advice(ring: KeyRing, removed: tuple[str, ...]) -> str:
+        """What is left for the operator after a rotation: the retired keys the environment still holds."""
+        lines = [f"every blob is wrapped by key {ring.current} (from {ring.sources[ring.current]})"]
+        if removed:
+            lines.append(f"deleted old key files: {', '.join(removed)}")
+        in_env = sorted(k for k in ring.keys if k != ring.current and ring.sources[k].startswith("$"))
+        if in_env:
+            places = sorted({ring.sources[k].split(" ")[0] for k in in_env})
+            lines.append(
+                f"the old keys {', '.join(in_env)} are no longer needed: remove them from "
+                f"{' and '.join(places)} (keep only the current key) and restart the processes that use it"
+            )
+        return "; ".join(lines)
 
     # -- registration ----------------------------------------------------------------------------------
     def _insert(
@@ -1096,9 +1261,10 @@ class Registry:
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
-                raw = f.read_bytes()
                 try:
-                    self._decode_blob(raw, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                    raw, _ = self._read_blob_file(f, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
+                    continue
                 except (IntegrityError, NotFound) as exc:
                     report.problems.append(f"{exc}" if "blob" in str(exc) else f"blob {sha}: {exc}")
                     continue
