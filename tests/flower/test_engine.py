@@ -62,17 +62,30 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
 
 
 def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
-    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     from deltaplane.engine import sample_clients
     from deltaplane.engine.seeding import Stream, numpy_rng
-    from deltaplane.flower.digits import SeededSampling
+    from deltaplane.flower.digits import DEVICE_KEY, SeededSampling
 
-    class Grid:  # node ids in another order than the partitions; sampling sorts them
+    # node ids unrelated to the partitions (real Flower's are random); sampling orders nodes by partition-id
+    nodes = [130, 100, 120, 110, 190, 150, 160, 170, 180, 140]  # nodes[i] runs partition i
+
+    class Grid:
         def get_node_ids(self):
-            return [130, 100, 120, 110, 140, 150, 160, 170, 180, 190]
+            return sorted(nodes)
 
-    nodes = sorted(Grid().get_node_ids())
+        def send_and_receive(self, messages, *, timeout=None):  # the nodes answer the device query
+            return [
+                Message(
+                    RecordDict(
+                        {DEVICE_KEY: ConfigRecord({"partition-id": nodes.index(m.metadata.dst_node_id)})}
+                    ),
+                    reply_to=m,
+                )
+                for m in messages
+            ]
+
     for dp in (True, False):
         inner = SeededSampling(
             seed=3, central_dp=dp, fraction_train=0.3, min_train_nodes=1, min_available_nodes=10

@@ -36,3 +36,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """With personalization: the node adapts its personal state (kept in its Context) and reports accuracies."""
     return _delegate(msg, context)
+
+
+@app.query("device")
+def device(msg: Message, context: Context) -> Message:
+    """Which device (partition-id) this SuperNode runs: the server samples and orders nodes by it."""
+    return _delegate(msg, context)
