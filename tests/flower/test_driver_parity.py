@@ -4,6 +4,9 @@ weight scale in sampled rounds, and what ``downlink_bytes`` counts. Flower's rea
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -12,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from deltaplane.aggregation import FedAvg, Validate
 from deltaplane.engine import RunConfig
-from deltaplane.errors import InvalidUpdate
+from deltaplane.errors import InvalidUpdate, UnsupportedOption
 from deltaplane.flower import DeltaStrategy, delta_mod, task_client_app, task_server_app
 from deltaplane.flower.records import UPLINK_KEY, state_to_arrays
 from deltaplane.sim import run_simulation
@@ -153,3 +156,27 @@ def test_downlink_bytes_mean_the_round_payload_for_every_device_as_in_process(lo
     ]
     # what Flower really sent stays measured: the full model to every node on first contact
     assert traffic[0].downlink_message_bytes > seq.raw_update_bytes * cfg.clients
+
+
+def test_a_client_app_for_real_supernodes_refuses_simulation_only_options() -> None:
+    cfg = BASE.replace(attack="sign_flip(0.34)")
+    with pytest.raises(UnsupportedOption, match="attack='sign_flip"):
+        task_client_app(cfg, simulation=False)
+    task_client_app(BASE, simulation=False)  # nothing simulation-only: a deployable app
+    task_client_app(cfg)  # Flower's simulation engine (run_flower) simulates the attack, as in process
+
+
+def test_the_example_flower_app_refuses_an_attack_on_its_supernodes(monkeypatch) -> None:
+    """examples/flower-app is a deployable App: its SuperNodes answer an attack config with the typed refusal."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples" / "flower-app"))
+    client_app = importlib.import_module("deltaplane_app.client_app")
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"clients": 3, "attack": "sign_flip(0.34)"},
+    )
+    ask = Message(RecordDict(), dst_node_id=7, message_type="query.device")
+    with pytest.raises(UnsupportedOption, match="runs only on simulated devices"):
+        client_app.app(ask, context)

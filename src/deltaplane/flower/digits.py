@@ -39,6 +39,7 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -130,25 +131,33 @@ class SeededSampling(FlowerFedAvg):
 
 
 # One federation per process: Ray reuses its actors, so each builds the devices once per config.
-_FEDERATIONS: dict[str, tuple[Task, list[Client], ClientStep]] = {}
+_FEDERATIONS: dict[tuple[str, bool], tuple[Task, list[Client], ClientStep]] = {}
 
 
-def _federation(config: RunConfig) -> tuple[Task, list[Client], ClientStep]:
-    key = config.model_dump_json()
+def _federation(config: RunConfig, *, simulation: bool = True) -> tuple[Task, list[Client], ClientStep]:
+    key = (config.model_dump_json(), simulation)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
         task = make_task(config)
-        _FEDERATIONS[key] = (task, build_clients(config, task), ClientStep(config, task, base_id=BASE_ID))
+        step = ClientStep(config, task, base_id=BASE_ID, simulation=simulation)
+        _FEDERATIONS[key] = (task, build_clients(config, task), step)
     return _FEDERATIONS[key]
 
 
-def task_client_app(config: RunConfig) -> ClientApp:
+def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
     """A ClientApp that runs the engine's client step on device ``partition-id``, behind :func:`delta_mod`.
 
     Partner: :func:`task_server_app`. The handler reads the ``arrays`` and the ``server-round`` config and
     returns the trained ``arrays`` with ``num-examples`` (plain Flower), or, when a later stage changed the
     update (local DP, an attack), the update itself under ``DELTA_KEY``; compression is the mod's job.
+
+    ``simulation=False`` is for SuperNodes that may be real devices (a deployed Flower App): options only a
+    simulation may run on a device (an attack) are refused.
+
+    Raises:
+        UnsupportedOption: ``simulation`` is False and ``config`` asks for a simulation-only option.
     """
+    require_simulation(config, simulation=simulation)
     # the node's uplink is compact like the in-process engine's (the server step derives the same session);
     # under SecAgg the payload never leaves the node (it masks the decoded update), so it stays self-describing
     wire = "self-describing" if config.secagg else config.wire
@@ -179,7 +188,7 @@ def task_client_app(config: RunConfig) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(config.threads)
-        task, clients, step = _federation(config)
+        task, clients, step = _federation(config, simulation=simulation)
         client = clients[int(context.node_config["partition-id"])]
         rnd = int(msg.content.config_records["config"]["server-round"])
         state = arrays_to_state(msg.content.array_records["arrays"])
@@ -207,7 +216,7 @@ def task_client_app(config: RunConfig) -> ClientApp:
             after a round in process, and reports its row of :func:`~deltaplane.engine.scoring.personal_row`
             (accuracies only: the personal model never leaves the node)."""
             torch.set_num_threads(config.threads)
-            task, clients, step = _federation(config)
+            task, clients, step = _federation(config, simulation=simulation)
             client = clients[int(context.node_config["partition-id"])]
             rnd = int(msg.content.config_records["config"]["server-round"])
             state = arrays_to_state(msg.content.array_records["arrays"])
