@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="the 'flower' extra is not installed")
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -21,16 +21,23 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-class LoopbackGrid:
-    """A Flower Grid stand-in: node *i* (id ``100 + i``) runs ``app`` with partition-id *i* and its own
-    persistent Context, called synchronously. Everything but the transport is Flower's real code path."""
+#: Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+CLIENT_APP_RAISED_EXCEPTION = 2
 
-    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+
+class LoopbackGrid:
+    """A Flower Grid stand-in: node *i* (id ``node_ids[i]``, default ``100 + i``) runs ``app`` with
+    partition-id *i* and its own persistent Context, called synchronously. A ClientApp that raises answers
+    with an error reply, as Flower's runtimes do (``vce_api.py``, ``run_clientapp.py``). Everything but the
+    transport is Flower's real code path."""
+
+    def __init__(self, app: ClientApp, num_nodes: int, node_ids: list[int] | None = None) -> None:
         self.app = app
+        ids = node_ids if node_ids is not None else [100 + i for i in range(num_nodes)]
         self.contexts = {
-            100 + i: Context(
+            ids[i]: Context(
                 run_id=1,
-                node_id=100 + i,
+                node_id=ids[i],
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
@@ -46,7 +53,11 @@ class LoopbackGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # what Flower's runtime does with any ClientApp exception
+                error = Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>")
+                replies.append(Message(error, reply_to=msg))
         return replies
 
 

@@ -22,7 +22,9 @@ def _delegate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     key = cfg.model_dump_json()
     if key not in _apps:
-        _apps[key] = digits_client_app(cfg)
+        # this App's SuperNodes may be real devices: options only a simulation may run on a device (an attack)
+        # are refused (UnsupportedOption); `deltaplane run --engine flower` simulates them
+        _apps[key] = digits_client_app(cfg, simulation=False)
     return _apps[key](msg, context)
 
 
@@ -35,4 +37,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """With personalization: the node adapts its personal state (kept in its Context) and reports accuracies."""
+    return _delegate(msg, context)
+
+
+@app.query("device")
+def device(msg: Message, context: Context) -> Message:
+    """Which device (partition-id) this SuperNode runs: the server samples and orders nodes by it."""
     return _delegate(msg, context)

@@ -38,7 +38,19 @@ from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
 from deltaplane.personalization import Personalizer
 
-__all__ = ["ClientStep", "Upload", "clip_to", "local_privacy", "personalize", "poison"]
+__all__ = ["ClientStep", "Upload", "clip_to", "local_privacy", "personalize", "poison", "require_simulation"]
+
+
+def require_simulation(config: RunConfig, *, simulation: bool) -> None:
+    """Refuse, for devices that are not simulated, the options only a simulation may run on them.
+
+    Raises:
+        UnsupportedOption: ``config.attack`` is set and ``simulation`` is False.
+    """
+    if config.attack and not simulation:
+        raise UnsupportedOption(
+            f"attack={config.attack!r} runs only on simulated devices; real devices choose their own updates"
+        )
 
 
 @dataclass
@@ -98,10 +110,7 @@ class ClientStep:
         self.base_id = base_id
         self.personalizer: Personalizer = config.make_personalizer()
         attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
-        if config.attack and not simulation:
-            raise UnsupportedOption(
-                "attack runs only on simulated devices; real devices choose their own updates"
-            )
+        require_simulation(config, simulation=simulation)
         self.attack = attack
         self.dgc = config.make_dgc()
         self.malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))

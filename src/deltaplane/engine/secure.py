@@ -36,7 +36,12 @@ def device_seed(seed: int, rnd: int, cid: int) -> int:
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
     """The example-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
-    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares)."""
+    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares).
+
+    The public weight scale is the mean example count of the round's sampled devices (``uploads``, a device
+    whose client step failed included): a transport fixes it before any device has trained (Flower sends it
+    with the key advertisement), so every driver uses the same one.
+    """
     from deltaplane.aggregation.secagg import secure_mean
 
     inputs = [u for u in uploads if u.secure is not None]
@@ -49,6 +54,7 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         seed=derive_seed(config.seed, Stream.SECAGG, rnd),
         # each device rounds with its own stream, so the Flower and HTTP drivers unmask the very same sum
         device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
+        weight_scale=float(np.mean([int(u.num_samples) for u in uploads])),
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))
 

@@ -39,6 +39,7 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -69,10 +70,18 @@ class FlowerRunError(DeltaplaneError):
     """The Flower run ended without completing every round (see Flower's log for the cause)."""
 
 
+#: Flower message type asking a node which device it runs (its ``partition-id``); answered by the task's ClientApp
+DEVICE_QUERY = "query.device"
+#: ConfigRecord of the answer: ``partition-id``
+DEVICE_KEY = "deltaplane.device"
+
+
 class SeededSampling(FlowerFedAvg):
     """Flower's ``FedAvg`` choosing a round's nodes as every deltaplane driver chooses devices.
 
-    The available nodes, sorted by id, are drawn by :func:`~deltaplane.engine.sample_clients` from the run's
+    Flower gives nodes ids of its own (random on its real engines), so before its first draw the sampler asks
+    every node which device it runs (a :data:`DEVICE_QUERY` message; :attr:`devices` maps node id → device id).
+    The available nodes, sorted by device id, are drawn by :func:`~deltaplane.engine.sample_clients` from the run's
     ``(seed, CLIENT_SAMPLING, round)`` stream: Poisson sampling at the accountant's rate under central DP (what
     its ε assumes; Flower's own sampler takes a fixed-size subset), else ``round(fraction · n)`` nodes without
     replacement. A round may then choose nobody; the server step still releases its DP noise.
@@ -82,12 +91,38 @@ class SeededSampling(FlowerFedAvg):
         super().__init__(**kwargs)
         self.seed = seed
         self.central_dp = central_dp
+        #: node id → device id (``partition-id``), learned from the nodes themselves
+        self.devices: dict[int, int] = {}
+
+    def learn_devices(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask the nodes not yet known which device they run.
+
+        Raises:
+            FlowerRunError: a node did not answer with a device id, or two nodes claim the same device.
+        """
+        unknown = [n for n in nodes if n not in self.devices]
+        if not unknown:
+            return
+        asks = [Message(RecordDict(), dst_node_id=n, message_type=DEVICE_QUERY) for n in unknown]
+        for reply in grid.send_and_receive(asks):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or DEVICE_KEY not in reply.content.config_records:
+                why = reply.error.reason if reply.has_error() else "no device record"
+                raise FlowerRunError(f"node {node} did not say which device it runs ({why})")
+            self.devices[node] = int(reply.content.config_records[DEVICE_KEY]["partition-id"])
+        missing = [n for n in nodes if n not in self.devices]
+        if missing:
+            raise FlowerRunError(f"nodes {missing} did not say which device they run")
+        claimed = [self.devices[n] for n in nodes]
+        if len(set(claimed)) != len(claimed):
+            raise FlowerRunError(f"two nodes run the same device (partition-ids {sorted(claimed)})")
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         _, available = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
-        nodes = sorted(available)
+        self.learn_devices(grid, list(available))
+        nodes = sorted(available, key=self.devices.__getitem__)
         rng = numpy_rng(self.seed, Stream.CLIENT_SAMPLING, server_round)
         chosen = sample_clients(len(nodes), self.fraction_train, rng, central_dp=self.central_dp)
         config["server-round"] = server_round
@@ -96,25 +131,33 @@ class SeededSampling(FlowerFedAvg):
 
 
 # One federation per process: Ray reuses its actors, so each builds the devices once per config.
-_FEDERATIONS: dict[str, tuple[Task, list[Client], ClientStep]] = {}
+_FEDERATIONS: dict[tuple[str, bool], tuple[Task, list[Client], ClientStep]] = {}
 
 
-def _federation(config: RunConfig) -> tuple[Task, list[Client], ClientStep]:
-    key = config.model_dump_json()
+def _federation(config: RunConfig, *, simulation: bool = True) -> tuple[Task, list[Client], ClientStep]:
+    key = (config.model_dump_json(), simulation)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
         task = make_task(config)
-        _FEDERATIONS[key] = (task, build_clients(config, task), ClientStep(config, task, base_id=BASE_ID))
+        step = ClientStep(config, task, base_id=BASE_ID, simulation=simulation)
+        _FEDERATIONS[key] = (task, build_clients(config, task), step)
     return _FEDERATIONS[key]
 
 
-def task_client_app(config: RunConfig) -> ClientApp:
+def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
     """A ClientApp that runs the engine's client step on device ``partition-id``, behind :func:`delta_mod`.
 
     Partner: :func:`task_server_app`. The handler reads the ``arrays`` and the ``server-round`` config and
     returns the trained ``arrays`` with ``num-examples`` (plain Flower), or, when a later stage changed the
     update (local DP, an attack), the update itself under ``DELTA_KEY``; compression is the mod's job.
+
+    ``simulation=False`` is for SuperNodes that may be real devices (a deployed Flower App): options only a
+    simulation may run on a device (an attack) are refused.
+
+    Raises:
+        UnsupportedOption: ``simulation`` is False and ``config`` asks for a simulation-only option.
     """
+    require_simulation(config, simulation=simulation)
     # the node's uplink is compact like the in-process engine's (the server step derives the same session);
     # under SecAgg the payload never leaves the node (it masks the decoded update), so it stays self-describing
     wire = "self-describing" if config.secagg else config.wire
@@ -136,10 +179,16 @@ def task_client_app(config: RunConfig) -> ClientApp:
 
     personalized = config.personalization != "none"
 
+    @app.query("device")
+    def device(msg: Message, context: Context) -> Message:
+        """Which device this node runs (its ``partition-id``): the server samples and orders by it."""
+        record = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({DEVICE_KEY: record}), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(config.threads)
-        task, clients, step = _federation(config)
+        task, clients, step = _federation(config, simulation=simulation)
         client = clients[int(context.node_config["partition-id"])]
         rnd = int(msg.content.config_records["config"]["server-round"])
         state = arrays_to_state(msg.content.array_records["arrays"])
@@ -167,7 +216,7 @@ def task_client_app(config: RunConfig) -> ClientApp:
             after a round in process, and reports its row of :func:`~deltaplane.engine.scoring.personal_row`
             (accuracies only: the personal model never leaves the node)."""
             torch.set_num_threads(config.threads)
-            task, clients, step = _federation(config)
+            task, clients, step = _federation(config, simulation=simulation)
             client = clients[int(context.node_config["partition-id"])]
             rnd = int(msg.content.config_records["config"]["server-round"])
             state = arrays_to_state(msg.content.array_records["arrays"])
@@ -242,28 +291,34 @@ def task_server_app(
             return MetricRecord(personal_summary(rows))
 
         personalized = config.personalization != "none"
+        sampling = SeededSampling(
+            seed=config.seed,
+            central_dp=config.dp_noise > 0,
+            fraction_train=config.sample_fraction,
+            # with personalization every node adapts to each new global model, as in process
+            fraction_evaluate=1.0 if personalized else 0.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=config.clients if personalized else 2,
+            min_available_nodes=config.clients,
+            evaluate_metrics_aggr_fn=personal_rows_of if personalized else None,
+        )
         options = dict(
-            inner=SeededSampling(
-                seed=config.seed,
-                central_dp=config.dp_noise > 0,
-                fraction_train=config.sample_fraction,
-                # with personalization every node adapts to each new global model, as in process
-                fraction_evaluate=1.0 if personalized else 0.0,
-                min_train_nodes=1,
-                min_evaluate_nodes=config.clients if personalized else 2,
-                min_available_nodes=config.clients,
-                evaluate_metrics_aggr_fn=personal_rows_of if personalized else None,
-            ),
+            inner=sampling,
+            # replies are aggregated in device order and refusals named by device, as in process
+            device_ids=sampling.devices,
             server_step=ServerStep.for_run(config, task, initial_state, base_id=BASE_ID),
             base_id=BASE_ID,
         )
         if config.secagg:
             # SecAgg's stages travel as Flower messages; the public weight scale is the mean example count
-            # of the devices (with every device taking part, the in-process drivers' scale)
+            # of the round's sampled devices, as in process and over HTTP
+            def weight_scale(nodes: list[int]) -> float:
+                return float(np.mean([clients[sampling.devices[n]].num_samples for n in nodes]))
+
             strategy: DeltaStrategy = SecAggStrategy(
                 bits=config.secagg_bits,
                 clip_range=config.secagg_range,
-                weight_scale=float(np.mean([c.num_samples for c in clients])),
+                weight_scale=weight_scale,
                 **options,
             )
         else:
@@ -283,8 +338,11 @@ def task_server_app(
             assert outcome is not None
             for node in traffic.node_ids:
                 sampled[node] = sampled.get(node, 0) + 1
+            # what every device needs to stay in sync, as the in-process drivers count it: the round's
+            # payload per device (Flower sends it later, in chains; traffic.downlink_message_bytes says that)
+            down = traffic.downlink_payload_bytes * len(clients)
             cum["up"] += traffic.uplink_payload_bytes
-            cum["down"] += traffic.downlink_message_bytes
+            cum["down"] += down
             client_acc = evaluate_clients(model, clients)
             personal: dict[str, float] = {}
             if personalized:
@@ -308,7 +366,7 @@ def task_server_app(
                 clients=traffic.clients,
                 **round_scores(model, task.test, client_acc),
                 uplink_bytes=traffic.uplink_payload_bytes,
-                downlink_bytes=traffic.downlink_message_bytes,
+                downlink_bytes=down,
                 cumulative_uplink_bytes=cum["up"],
                 cumulative_downlink_bytes=cum["down"],
                 seconds=time.perf_counter() - clock[0],

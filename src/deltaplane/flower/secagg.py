@@ -177,7 +177,8 @@ class SecAggStrategy(DeltaStrategy):
             mean as the round's only update and runs the chain, the downlink and the publisher.
         bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update.
         weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
-            mean.
+            mean; or ``weight_scale(nodes)``, the scale of a round from its sampled node ids (the in-process
+            drivers use the mean example count of the round's devices, which the server knows: it is public).
         neighbours: SecAgg+ degree (None: every node masks with every other).
         timeout: seconds each protocol stage waits for replies (None: until every node answered).
     """
@@ -187,7 +188,7 @@ class SecAggStrategy(DeltaStrategy):
         *,
         bits: int = 16,
         clip_range: float = 1.0,
-        weight_scale: float = 0.0,
+        weight_scale: float | Callable[[list[int]], float] = 0.0,
         neighbours: int | None = None,
         timeout: float | None = None,
         **kwargs: object,
@@ -197,11 +198,15 @@ class SecAggStrategy(DeltaStrategy):
             raise ConfigError(
                 "SecAggStrategy hands the unmasked mean to the engine's server step; pass server_step="
             )
-        self.encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
+        #: the public ring parameters; ``encoding.weight_scale`` is 0 when ``weight_scale`` is a callable
+        self.encoding = RingEncoding(
+            bits=bits, clip_range=clip_range, weight_scale=0.0 if callable(weight_scale) else weight_scale
+        )
+        self.weight_scale = weight_scale
         self.neighbours = neighbours
         self.timeout = timeout
         self._grid: Grid | None = None
-        self._round: tuple[ServerEndpoint, dict[int, int], int] | None = None
+        self._round: tuple[ServerEndpoint, dict[int, int], int, RingEncoding] | None = None
         self.secagg_bytes: list[int] = []
 
     def _stage(
@@ -227,6 +232,13 @@ class SecAggStrategy(DeltaStrategy):
             return 0  # late, out of order or malformed: refused, the node has dropped out
         return len(data)
 
+    def round_encoding(self, nodes: list[int]) -> RingEncoding:
+        """The ring encoding of a round that sampled ``nodes``: ``weight_scale(nodes)`` when it is a callable."""
+        if not callable(self.weight_scale):
+            return self.encoding
+        scale = float(self.weight_scale(nodes)) if nodes else 0.0
+        return RingEncoding(bits=self.encoding.bits, clip_range=self.encoding.clip_range, weight_scale=scale)
+
     def _shared_zeros(self) -> Delta:
         """Zeros shaped like what the nodes mask: the global model less the layers personalization keeps home."""
         keep = self.server_step.local_keys if self.server_step is not None else frozenset()
@@ -238,7 +250,8 @@ class SecAggStrategy(DeltaStrategy):
         """Key advertisement and share exchange with the sampled nodes, then train instructions with inboxes."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         assert self._global is not None
-        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        nodes = sorted((m.metadata.dst_node_id for m in messages), key=self.device_id)
+        encoding = self.round_encoding(nodes)
         ids = {node: i for i, node in enumerate(nodes)}
         n = len(nodes)
         group = (self.neighbours if self.neighbours is not None else n - 1) + 1
@@ -246,13 +259,13 @@ class SecAggStrategy(DeltaStrategy):
             num_clients=n,
             threshold=group // 2 + 1,
             bits=self.encoding.bits,
-            vector_size=self.encoding.vector_size(self._shared_zeros()),
+            vector_size=encoding.vector_size(self._shared_zeros()),
             neighbours=self.neighbours,
             round_id=server_round,
             graph_seed=server_round,
         )
         server = ServerEndpoint(cfg)
-        enc = json.dumps([self.encoding.bits, self.encoding.clip_range, self.encoding.weight_scale])
+        enc = json.dumps([encoding.bits, encoding.clip_range, encoding.weight_scale])
         sent = self._stage(
             grid,
             server,
@@ -289,7 +302,7 @@ class SecAggStrategy(DeltaStrategy):
             m.content[SECAGG_KEY] = ConfigRecord({"round": server_round, "inbox": server.inbox(ids[node])})
             out.append(m)
         self._grid = grid
-        self._round = (server, ids, sent)
+        self._round = (server, ids, sent, encoding)
         return out
 
     def aggregate_train(
@@ -297,39 +310,41 @@ class SecAggStrategy(DeltaStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold the masked inputs, run the unmasking stage, and publish the unmasked weighted mean."""
         assert self._round is not None and self._grid is not None and self._global is not None
-        server, ids, sent = self._round
+        server, ids, sent, encoding = self._round
         self._round = None
-        replies = list(replies)
+        replies = sorted(replies, key=lambda m: self.device_id(m.metadata.src_node_id))
         up_msg = 0
-        for m in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        for m in replies:
             sent += self._take(server, ids, m)
             up_msg += content_bytes(m.content) if not m.has_error() else 0
-        request = server.unmask_request()
-        by_id = {i: node for node, i in ids.items()}
-        sent += self._stage(
-            self._grid,
-            server,
-            ids,
-            {
-                by_id[u]: ConfigRecord({"stage": "unmask", "request": request, "round": server_round})
-                for u in server.server.survivors
-            },
-        )
-        total = server.result()
-        survivors = list(server.server.survivors)
-        mean, _ = self.encoding.decode_sum(total, count=len(survivors), like=self._shared_zeros())
-        ok = sorted(
-            (m for m in replies if not m.has_error() and ids.get(m.metadata.src_node_id) in survivors),
-            key=lambda m: m.metadata.src_node_id,
-        )
-        for m in replies:
-            if m.has_error():  # its cached model is unknown now: send it the full model next time
-                self._node_version.pop(m.metadata.src_node_id, None)
-        self.secagg_bytes.append(sent)
-        # the engine's server step gets the unmasked weighted mean and nothing else: its chain, its downlink
         step = self.server_step
         assert step is not None
         step.open(server_round, version=self._version, state=self._global)
-        step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=sent)
-        outcome = self.last_outcome = step.close()
+        for m in replies:
+            if m.has_error():  # its cached model is unknown now: send it the full model next time
+                self._node_version.pop(m.metadata.src_node_id, None)
+                # a node whose ClientApp failed sent no masked input: refused, as in process a device
+                # whose client step failed (its masks are recovered from the others' shares)
+                step.refuse(self._client_id(m), self._failure(m))
+        ok = [m for m in replies if not m.has_error()]  # each holds this round's base model now
+        # with no masked input there is nothing to unmask: the step's close refuses the round
+        if server.server.uploaded:
+            request = server.unmask_request()
+            by_id = {i: node for node, i in ids.items()}
+            sent += self._stage(
+                self._grid,
+                server,
+                ids,
+                {
+                    by_id[u]: ConfigRecord({"stage": "unmask", "request": request, "round": server_round})
+                    for u in server.server.survivors
+                },
+            )
+            total = server.result()
+            survivors = list(server.server.survivors)
+            mean, _ = encoding.decode_sum(total, count=len(survivors), like=self._shared_zeros())
+            # the engine's server step gets the unmasked weighted mean and nothing else: its chain, its downlink
+            step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=sent)
+        self.secagg_bytes.append(sent)
+        outcome = self.last_outcome = step.close()  # raises InvalidUpdate when every node was refused
         return self._take_outcome(server_round, ok, outcome, up_msg)

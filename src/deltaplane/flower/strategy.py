@@ -15,7 +15,7 @@ engine) and the full record sizes Flower reports (``Record.count_bytes``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,7 +28,7 @@ from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, 
 from deltaplane.delta import Delta
 from deltaplane.engine.server import RoundOutcome, ServerStep
 from deltaplane.engine.wire import Sessions
-from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, InvalidUpdate
 from deltaplane.flower.records import (
     CONTROL_KEY,
     DOWNLINK_KEY,
@@ -57,16 +57,21 @@ class RoundTraffic:
     """What one round sent, measured on the Flower messages themselves."""
 
     round: int
+    #: nodes sampled for the round (sent a train instruction), as ``RoundMetrics.clients`` counts devices
     clients: int
     #: summed lengths of the uplink wire payloads (what the in-process engine counts)
     uplink_payload_bytes: int
     #: summed sizes of the reply messages' records (payload plus Flower's metrics/config records)
     uplink_message_bytes: int
-    #: summed sizes of the downlink: payload chains, or full weights on a node's first contact
+    #: summed sizes of the downlink messages really sent: payload chains, or full weights on a node's first
+    #: contact (not ``RoundMetrics.downlink_bytes``, which charges every device this round's payload)
     downlink_message_bytes: int
     #: length of this round's downlink payload (what one node receives if it was in the last round)
     downlink_payload_bytes: int
+    #: the nodes that answered the round (its update accepted or refused), in device order
     node_ids: list[int] = field(default_factory=list)
+    #: nodes whose reply was refused (an error reply, an undecodable or invalid update)
+    rejected: int = 0
 
 
 class DeltaStrategy(Strategy):
@@ -96,6 +101,14 @@ class DeltaStrategy(Strategy):
         server_step: the engine's :class:`~deltaplane.engine.ServerStep` to run every round (decode +
             validate, the whole aggregator chain incl. FLTrust's reference, downlink compress); it replaces
             ``aggregator``, ``downlink_codec`` and ``server_lr``, which must then keep their defaults.
+        device_ids: node id → device id (a task's ``partition-id``), a mapping the caller may fill later
+            (:func:`~deltaplane.flower.task_server_app`'s sampler learns it before the first round). Replies
+            are aggregated in device-id order and named by it, as the in-process drivers order and name
+            devices; a node missing from it goes by its node id.
+
+    A node whose ClientApp failed (an error reply), or whose reply cannot be decoded or is refused by the
+    aggregator, is refused and counted (``rejected``); the round goes on without it, and a round where every
+    reply was refused raises :class:`~deltaplane.errors.InvalidUpdate`, as in process.
 
     Example:
         >>> from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -118,6 +131,7 @@ class DeltaStrategy(Strategy):
         server_step: ServerStep | None = None,
         uplink_codec: str | Codec | None = None,
         entropy_coding: bool = True,
+        device_ids: Mapping[int, int] | None = None,
     ) -> None:
         if server_lr <= 0:
             raise ConfigError(f"server_lr must be positive. Found {server_lr}")
@@ -152,6 +166,44 @@ class DeltaStrategy(Strategy):
         )
         #: the last round's outcome when a server step runs (measurements, rejections)
         self.last_outcome: RoundOutcome | None = None
+        self.device_ids: Mapping[int, int] = device_ids if device_ids is not None else {}
+        self._pending_down = self._pending_sampled = 0
+
+    def device_id(self, node_id: int) -> int:
+        """The device id of ``node_id`` (see ``device_ids``; the node id itself when unknown)."""
+        return int(self.device_ids.get(node_id, node_id))
+
+    def _client_id(self, m: Message) -> str:
+        """How a reply's sender is named to the server step: its device id, as in process."""
+        return str(self.device_id(m.metadata.src_node_id))
+
+    @staticmethod
+    def _failure(m: Message) -> InvalidUpdate:
+        """Why an error reply brings no update: its node's ClientApp failed (Flower's error reason says how)."""
+        return InvalidUpdate(
+            f"node {m.metadata.src_node_id} sent no update: its ClientApp failed ({m.error.reason})"
+        )
+
+    def _upload(self, m: Message) -> tuple[bytes, float]:
+        """A reply's uplink payload and weight.
+
+        Raises:
+            InvalidUpdate: the reply is an error (the node's ClientApp failed) or carries no payload or weight.
+        """
+        node = m.metadata.src_node_id
+        if m.has_error():
+            raise self._failure(m)
+        try:
+            payload = m.content.config_records[UPLINK_KEY]["payload"]
+            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidUpdate(
+                f"node {node}'s reply holds no deltaplane payload and '{self.weighted_by_key}' metric "
+                f"(is delta_mod in its ClientApp's mods?): {exc!r}"
+            ) from exc
+        if not isinstance(payload, bytes):
+            raise InvalidUpdate(f"node {node}'s uplink payload is {type(payload).__name__}, not bytes")
+        return payload, weight
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this when :meth:`start` begins)."""
@@ -168,6 +220,7 @@ class DeltaStrategy(Strategy):
         messages, self._pending_down = self._instruct(
             self.inner.configure_train(server_round, full, config, grid)
         )
+        self._pending_sampled = len(messages)
         return messages
 
     def _instruct(self, instructions: Iterable[Message]) -> tuple[list[Message], int]:
@@ -192,45 +245,70 @@ class DeltaStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode every payload against the current version, aggregate, and compress the downlink."""
+        """Decode every payload against the current version, aggregate, and compress the downlink.
+
+        Raises:
+            InvalidUpdate: every reply of the round was refused (an error reply counts as refused).
+        """
         assert self._global is not None, "configure_train runs first"
-        replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
+        # A fixed order (the devices') makes the float sums, and so the run, independent of reply arrival order.
+        replies = sorted(replies, key=lambda m: self.device_id(m.metadata.src_node_id))
         for m in replies:
             if m.has_error():  # its cached model is unknown now: send it the full model next time
                 self._node_version.pop(m.metadata.src_node_id, None)
-        if not ok and not (self.server_step is not None and not replies):
-            return None, None
-        # (a round that sampled nobody still closes the server step: DP releases its noise, as in process)
-        # A fixed order makes the float sums, and so the run, independent of reply arrival order.
-        ok.sort(key=lambda m: m.metadata.src_node_id)
         if self.server_step is not None:
-            return self._engine_round(server_round, ok)
+            # (a round that sampled nobody still closes the server step: DP releases its noise, as in process)
+            return self._engine_round(server_round, replies)
+        if not replies:
+            return None, None
         base = (self.base_id, self._version)
         up_payload = up_msg = 0
         decoded: list[tuple[Delta, float, Message]] = []
-        for m in ok:
-            payload = m.content.config_records[UPLINK_KEY]["payload"]
+        refused: list[tuple[str, DeltaplaneError]] = []
+        for m in replies:
+            try:
+                payload, weight = self._upload(m)
+            except InvalidUpdate as exc:  # a failed node is refused, the round goes on
+                refused.append((self._client_id(m), exc))
+                continue
             up_payload += len(payload)
             up_msg += content_bytes(m.content)
-            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
             session = self.uplink_sessions.get(Layout.of(self._global)) if is_compact(payload) else None
-            if is_compact(payload) and session is None:
+            if is_compact(payload) and session is None:  # this strategy's configuration, not the node's fault
                 raise DecodeError("a compact uplink payload: give DeltaStrategy the nodes' uplink_codec")
-            delta = decompress(payload, expect_base=base, expect_layout=self._global, session=session)
+            try:
+                delta = decompress(payload, expect_base=base, expect_layout=self._global, session=session)
+            except DeltaplaneError as exc:  # one bad payload is refused, the round goes on
+                refused.append((self._client_id(m), exc))
+                continue
             decoded.append((delta, weight, m))
 
+        accepted: list[Message] = []
         if self.aggregator is not None:
             self.aggregator.reset()
-            for delta, weight, _ in decoded:
-                self.aggregator.add(delta, weight=weight)
+            for delta, weight, m in decoded:
+                # a validating aggregator says False when it refuses an update (bad norm, NaN, stale base)
+                if self.aggregator.add(delta, weight=weight) is False:
+                    said = getattr(self.aggregator, "rejections", None)
+                    why = said[-1].error if said else InvalidUpdate("refused by the aggregator")
+                    refused.append((self._client_id(m), why))
+                else:
+                    accepted.append(m)
+        else:
+            accepted = [m for _, _, m in decoded]
+        if not accepted:
+            client, error = refused[0]
+            raise InvalidUpdate(
+                f"round {server_round}, client {client}: {error} (every update of the round was refused)"
+            ) from error
+        if self.aggregator is not None:
             update = self.aggregator.result()
             # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
             measured = getattr(self.aggregator, "measurements", {}) or {}
             metrics = MetricRecord(
                 {
                     **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
-                    "clients": len(ok),
+                    "clients": len(accepted),
                 }
             )
         else:  # the wrapped Flower strategy averages full weights; give it what the nodes meant to send
@@ -246,15 +324,25 @@ class DeltaStrategy(Strategy):
 
         payload = self._downlink.compress(update, base_id=self.base_id, base_version=self._version)
         self._global = decompress(payload, expect_base=base, expect_layout=self._global).apply(self._global)
-        self._advance(server_round, ok, payload, up_payload, up_msg)
+        answered = [m for m in replies if not m.has_error()]
+        self._advance(server_round, answered, payload, up_payload, up_msg, rejected=len(refused))
         out = MetricRecord(dict(metrics) if metrics is not None else {})
         out["uplink-payload-bytes"] = up_payload
+        out["rejected"] = len(refused)
         return state_to_arrays(self._global), out
 
     def _advance(
-        self, server_round: int, ok: list[Message], payload: bytes, up_payload: int, up_msg: int
+        self,
+        server_round: int,
+        ok: list[Message],
+        payload: bytes,
+        up_payload: int,
+        up_msg: int,
+        *,
+        rejected: int,
     ) -> None:
-        """Publish the round's downlink ``payload``: remember it, the version each node now holds, the traffic."""
+        """Publish the round's downlink ``payload``: remember it, the version each node now holds (``ok``: the
+        nodes that answered), the traffic."""
         self._downlink_payloads.append(payload)
         for m in ok:  # each holds the model it trained from; next time it needs the downlink from there on
             self._node_version[m.metadata.src_node_id] = self._version
@@ -262,29 +350,36 @@ class DeltaStrategy(Strategy):
         self.traffic.append(
             RoundTraffic(
                 round=server_round,
-                clients=len(ok),
+                clients=self._pending_sampled,
                 uplink_payload_bytes=up_payload,
                 uplink_message_bytes=up_msg,
                 downlink_message_bytes=self._pending_down,
                 downlink_payload_bytes=len(payload),
                 node_ids=[m.metadata.src_node_id for m in ok],
+                rejected=rejected,
             )
         )
 
     def _engine_round(
-        self, server_round: int, ok: list[Message]
+        self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The engine's server step over the replies: decode + validate, chain, downlink."""
+        """The engine's server step over the replies: decode + validate, chain, downlink. A node that sent no
+        usable reply is refused through the step, as in process a device whose client step failed."""
         step = self.server_step
         assert step is not None and self._global is not None
         step.open(server_round, version=self._version, state=self._global)
         up_msg = 0
-        for m in ok:
-            payload = m.content.config_records[UPLINK_KEY]["payload"]
+        ok = []
+        for m in replies:
+            try:
+                payload, weight = self._upload(m)
+            except InvalidUpdate as exc:
+                step.refuse(self._client_id(m), exc)
+                continue
             up_msg += content_bytes(m.content)
-            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
-            step.receive_payload(str(m.metadata.src_node_id), payload, weight)
-        outcome = self.last_outcome = step.close()
+            step.receive_payload(self._client_id(m), payload, weight)
+            ok.append(m)  # refused or not, the node holds this round's base model now
+        outcome = self.last_outcome = step.close()  # raises InvalidUpdate when every reply was refused
         return self._take_outcome(server_round, ok, outcome, up_msg)
 
     def _take_outcome(
@@ -292,7 +387,14 @@ class DeltaStrategy(Strategy):
     ) -> tuple[ArrayRecord, MetricRecord]:
         """A closed engine round: the new global model, its downlink, node versions, traffic and metrics."""
         self._global = outcome.state
-        self._advance(server_round, ok, outcome.downlink_payload, outcome.uplink_bytes, up_msg)
+        self._advance(
+            server_round,
+            ok,
+            outcome.downlink_payload,
+            outcome.uplink_bytes,
+            up_msg,
+            rejected=len(outcome.rejections),
+        )
         out = MetricRecord(
             {k: float(v) for k, v in outcome.measurements.items() if isinstance(v, int | float)}
         )

@@ -342,7 +342,7 @@ def _secagg_round(
 
     Each device rounds into the ring with the same seed as in process
     (:func:`~deltaplane.engine.secure.device_seed`) and the public weight scale is the mean example count of
-    the round's devices, as in process, so the unmasked sum — and the model — are the same.
+    the round's sampled devices, as in process, so the unmasked sum — and the model — are the same.
     """
     from deltaplane.engine.secure import device_seed
     from deltaplane.serve.secagg_client import SecAggDevice
@@ -355,7 +355,8 @@ def _secagg_round(
         raise InvalidUpdate(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )
-    weights = [clients[cid].num_samples for cid in secure]
+    # the round's sampled devices, a failed one included: a real fleet fixes the scale before training
+    weights = [clients[cid].num_samples for cid in chosen]
     opened = admin.open_secagg(
         MODEL,
         [f"client-{cid}" for cid in secure],

@@ -173,6 +173,7 @@ def secure_mean(
     round_id: int = 0,
     seed: int | None = None,
     device_seeds: Sequence[int] | None = None,
+    weight_scale: float | None = None,
 ) -> tuple[Delta, SecAggReport]:
     """The (example-weighted, with ``weights``) mean of the surviving clients' deltas, via secure aggregation.
 
@@ -181,6 +182,8 @@ def secure_mean(
     only masked ring elements. ``seed`` makes the whole round reproducible (client secrets included) — for
     simulations only; None uses the OS's secure randomness. ``device_seeds`` (one per delta) seed each device's
     stochastic rounding on its own, so another transport running the same devices unmasks the very same sum.
+    ``weight_scale`` is the public typical example count the devices scale by (default: the mean of
+    ``weights``); a transport fixes it before the devices train, from the round's sampled devices.
     """
     if not deltas:
         raise DeltaplaneError("no client delta was given; nothing to aggregate")
@@ -190,7 +193,8 @@ def secure_mean(
     n = len(deltas)
     if weights is not None and len(weights) != n:
         raise ConfigError(f"{len(weights)} weights for {n} deltas")
-    weight_scale = float(np.mean(weights)) if weights is not None else 0.0
+    if weight_scale is None:
+        weight_scale = float(np.mean(weights)) if weights is not None else 0.0
     enc = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
     group = (neighbours if neighbours is not None else n - 1) + 1
     threshold = threshold if threshold is not None else group // 2 + 1

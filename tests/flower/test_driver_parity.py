@@ -1,0 +1,182 @@
+"""The Flower driver gives a feature the sequential driver's meaning where the two used to differ: a node whose
+ClientApp fails, nodes whose Flower ids do not follow their partition-ids (real Flower's are random), SecAgg's
+weight scale in sampled rounds, and what ``downlink_bytes`` counts. Flower's real app code on a loopback grid."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from deltaplane.aggregation import FedAvg, Validate
+from deltaplane.engine import RunConfig
+from deltaplane.errors import InvalidUpdate, UnsupportedOption
+from deltaplane.flower import DeltaStrategy, delta_mod, task_client_app, task_server_app
+from deltaplane.flower.records import UPLINK_KEY, state_to_arrays
+from deltaplane.sim import run_simulation
+
+BASE = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1)
+#: node ids in another order than the partitions, like the random ids real Flower gives its nodes
+SHUFFLED_IDS = [907, 113, 505, 42]
+
+
+def _flower(cfg: RunConfig, loopback_grid, node_ids: list[int] | None = None):
+    rounds, finals = [], {}
+    server = task_server_app(
+        cfg, on_round=lambda m, t: rounds.append((m, t)), on_done=lambda s, st: finals.update(st)
+    )
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server(grid=loopback_grid(task_client_app(cfg), cfg.clients, node_ids), context=context)
+    return [m for m, _ in rounds], [t for _, t in rounds], finals
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fields(r) -> tuple:
+    return (r.test_accuracy, r.clients, r.rejected, r.uplink_bytes, r.downlink_bytes)
+
+
+def test_a_node_whose_client_app_fails_is_refused_and_counted_as_in_process(loopback_grid) -> None:
+    # the attacker's 1e39-scaled update overflows to Inf: its compression raises InvalidUpdate on the node
+    cfg = BASE.replace(attack="sign_flip(0.34, scale=1e39)")
+    seq = run_simulation(cfg)
+    rounds, traffic, final = _flower(cfg, loopback_grid)
+    assert [r.rejected for r in seq.rounds] == [1, 1]
+    assert [_fields(r) for r in rounds] == [_fields(r) for r in seq.rounds]
+    assert [t.rejected for t in traffic] == [1, 1]
+    assert _same(seq.final_state, final)
+
+
+def test_a_round_where_every_node_fails_raises_invalid_update_as_in_process(loopback_grid) -> None:
+    cfg = BASE.replace(attack="sign_flip(0.99, scale=1e39)")
+    with pytest.raises(InvalidUpdate, match="every update of the round was refused"):
+        run_simulation(cfg)
+    with pytest.raises(InvalidUpdate, match="every update of the round was refused") as raised:
+        _flower(cfg, loopback_grid)
+    assert "client 0" in str(raised.value) and "NaN or Inf" in str(raised.value)
+
+
+def test_a_failing_node_under_secagg_is_refused_and_counted_as_in_process(loopback_grid) -> None:
+    cfg = BASE.replace(clients=4, secagg=True, clip="2.0", attack="sign_flip(0.25, scale=1e39)")
+    seq = run_simulation(cfg)
+    rounds, _, final = _flower(cfg, loopback_grid)
+    assert [r.rejected for r in seq.rounds] == [1, 1]
+    assert [_fields(r)[:3] for r in rounds] == [_fields(r)[:3] for r in seq.rounds]
+    assert _same(seq.final_state, final)
+
+
+def _const_app(values: dict[int, bytes | float]) -> ClientApp:
+    """Node *i* answers with the update +values[i] (a float), or with the raw uplink bytes values[i]."""
+
+    def garble(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        value = values[int(context.node_config["partition-id"])]
+        if isinstance(value, bytes):  # outside delta_mod: replace its payload on the way out
+            reply.content.config_records[UPLINK_KEY]["payload"] = value
+        return reply
+
+    app = ClientApp(mods=[garble, delta_mod(codec="identity")])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        value = values[int(context.node_config["partition-id"])]
+        state = msg.content.array_records["arrays"].to_torch_state_dict()
+        arrays = ArrayRecord({k: v + (value if isinstance(value, float) else 0.0) for k, v in state.items()})
+        return Message(
+            RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg
+        )
+
+    return app
+
+
+def _standalone(loopback_grid, values: dict[int, bytes | float], aggregator=None) -> tuple:
+    strategy = DeltaStrategy(
+        inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=len(values)),
+        aggregator=aggregator if aggregator is not None else FedAvg(),
+        base_id="m",
+    )
+    state = {"w": torch.zeros(4, 5)}
+    result = strategy.start(
+        loopback_grid(_const_app(values), len(values)), state_to_arrays(state), num_rounds=1
+    )
+    return strategy, result
+
+
+def test_a_standalone_strategy_refuses_an_undecodable_payload_and_goes_on(loopback_grid) -> None:
+    strategy, result = _standalone(loopback_grid, {0: 1.0, 1: b"not a payload", 2: 3.0})
+    assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((4, 5), 2.0))  # (1 + 3) / 2
+    assert strategy.traffic[-1].rejected == 1 and strategy.traffic[-1].clients == 3
+    assert result.train_metrics_clientapp[1]["rejected"] == 1
+
+
+def test_a_standalone_strategy_counts_what_its_aggregator_refuses(loopback_grid) -> None:
+    strategy, result = _standalone(
+        loopback_grid, {0: 1.0, 1: 1e6, 2: 3.0}, Validate(FedAvg(), max_norm=100.0)
+    )
+    assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((4, 5), 2.0))
+    assert strategy.traffic[-1].rejected == 1
+    assert result.train_metrics_clientapp[1]["clients"] == 2
+
+
+def test_a_standalone_strategy_raises_when_every_reply_is_refused(loopback_grid) -> None:
+    with pytest.raises(InvalidUpdate, match="every update of the round was refused"):
+        _standalone(loopback_grid, {0: b"junk", 1: b"more junk"})
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [
+        {"sample_fraction": 0.5},
+        {"defense": "median"},
+        {"secagg": True, "clip": "2.0", "sample_fraction": 0.5},
+    ],
+    ids=["sampled", "median-buckets", "secagg-sampled"],
+)
+def test_nodes_are_sampled_and_ordered_by_partition_id_not_by_flower_node_id(loopback_grid, feature) -> None:
+    cfg = BASE.replace(clients=4, **feature)
+    seq = run_simulation(cfg)
+    rounds, _, final = _flower(cfg, loopback_grid, SHUFFLED_IDS)
+    assert [_fields(r)[:3] for r in rounds] == [_fields(r)[:3] for r in seq.rounds]
+    assert _same(seq.final_state, final)
+
+
+def test_downlink_bytes_mean_the_round_payload_for_every_device_as_in_process(loopback_grid) -> None:
+    cfg = BASE.replace(rounds=3, downlink_codec="topk(0.2) | quant(bits=8)")
+    seq = run_simulation(cfg)
+    rounds, traffic, _ = _flower(cfg, loopback_grid)
+    assert [(r.downlink_bytes, r.cumulative_downlink_bytes) for r in rounds] == [
+        (r.downlink_bytes, r.cumulative_downlink_bytes) for r in seq.rounds
+    ]
+    # what Flower really sent stays measured: the full model to every node on first contact
+    assert traffic[0].downlink_message_bytes > seq.raw_update_bytes * cfg.clients
+
+
+def test_a_client_app_for_real_supernodes_refuses_simulation_only_options() -> None:
+    cfg = BASE.replace(attack="sign_flip(0.34)")
+    with pytest.raises(UnsupportedOption, match="attack='sign_flip"):
+        task_client_app(cfg, simulation=False)
+    task_client_app(BASE, simulation=False)  # nothing simulation-only: a deployable app
+    task_client_app(cfg)  # Flower's simulation engine (run_flower) simulates the attack, as in process
+
+
+def test_the_example_flower_app_refuses_an_attack_on_its_supernodes(monkeypatch) -> None:
+    """examples/flower-app is a deployable App: its SuperNodes answer an attack config with the typed refusal."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples" / "flower-app"))
+    client_app = importlib.import_module("deltaplane_app.client_app")
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={"clients": 3, "attack": "sign_flip(0.34)"},
+    )
+    ask = Message(RecordDict(), dst_node_id=7, message_type="query.device")
+    with pytest.raises(UnsupportedOption, match="runs only on simulated devices"):
+        client_app.app(ask, context)
