@@ -363,6 +363,8 @@ def register(app: typer.Typer) -> None:
             f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
             f"{len(rep.orphans)} orphan blobs, {len(rep.temp_files)} temp files (safe to gc)"
         )
+        for n in rep.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
         for p in rep.problems:
             err_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
         if not rep.ok:
