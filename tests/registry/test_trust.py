@@ -136,3 +136,92 @@ def test_full_downlink_of_a_new_artifact_verifies_on_a_device(home):
     assert dl.kind == "full"
     got = apply_downlink(dl, reg.signer.verifier())
     assert torch.equal(got["a.bias"], reg.load_state("m@2")["a.bias"])
+
+
+def _take_over(home) -> None:
+    """What a writer of the home can do: replace keys/ with a key pair of its own and re-sign every artifact
+    (here after clearing m@2's governance, so a withdrawal of 'eu' would miss it)."""
+    from deltaplane.registry import init_keys
+
+    _tamper(home, """UPDATE artifacts SET governance='{"cohorts": []}' WHERE number=2""")
+    evil = init_keys(home, overwrite=True)
+    for a in Registry(home, verifier=evil.verifier()).versions():
+        _tamper(
+            home, "UPDATE artifacts SET signature=? WHERE id=?", (evil.sign(a.statement()).to_text(), a.id)
+        )
+
+
+def _pin(home, where) -> None:
+    """Keep the registry's public key outside the home (a directory of *.pub files)."""
+    where.mkdir()
+    (where / "registry.pub").write_bytes((home / "keys" / "signing.ed25519.pub").read_bytes())
+
+
+def test_a_pin_outside_the_home_refuses_a_home_whose_keys_were_replaced(home, tmp_path, monkeypatch):
+    from deltaplane.registry.signing import TRUSTED_KEYS_ENV
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    _pin(home, tmp_path / "pin")
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(tmp_path / "pin"))
+    assert Registry(home).verify().ok  # the pin trusts the registry's real key
+    _take_over(home)
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV)
+    assert Registry(home).verify().ok  # trusting the home's own keys: the take-over verifies
+    assert Registry(home).get("m", 2).governance.cohorts == ()
+
+    for pin in (tmp_path / "pin", tmp_path / "pin" / "registry.pub"):  # a directory or a file of keys
+        monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
+        reg = Registry(home)
+        report = reg.verify()
+        assert len(report.problems) == 3 and all("untrusted key" in p for p in report.problems)
+        with pytest.raises(SignatureError, match="untrusted key"):
+            reg.load_state("m@2")
+    # an explicit verifier is the same pin from Python
+    from deltaplane.registry.signing import load_trusted_keys
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV)
+    assert not Registry(home, verifier=load_trusted_keys(tmp_path / "pin")).verify().ok
+
+
+def test_cli_verify_takes_a_pin(home, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+    from deltaplane.registry.signing import TRUSTED_KEYS_ENV
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    _pin(home, tmp_path / "pin")
+    runner = CliRunner()
+    verify = ["registry", "verify", "--home", str(home)]
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "pin")])
+    assert r.exit_code == 0 and "registry OK" in r.output and "pinned" in r.output
+    _take_over(home)
+    r = runner.invoke(app, verify)
+    assert r.exit_code == 0 and "keys inside the home" in r.output  # says what it proved: not much
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "pin")])
+    assert r.exit_code == 1 and "untrusted key" in r.output
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "nowhere" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("", "no public keys"),
+        ("# only a comment\n", "no public keys"),
+        ("not base64!\n", "line 1"),
+        ("QUJD\n", "32 bytes"),  # base64 of 3 bytes
+    ],
+    ids=["missing", "empty", "comment", "garbage", "short"],
+)
+def test_a_bad_pin_is_a_config_error(tmp_path, content, message):
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry.signing import load_trusted_keys
+
+    path = tmp_path / "keys.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_trusted_keys(path)

@@ -408,7 +408,9 @@ class Registry:
     Args:
         home: the registry folder; :func:`default_home` when None.
         signer: the key that signs new artifacts; loaded from ``<home>/keys`` on first write when None.
-        verifier: trusted public keys for reads; loaded from ``<home>/keys`` when None.
+        verifier: trusted public keys for reads; when None, the keys pinned by ``$DELTAPLANE_TRUSTED_KEYS`` if
+            set, else those in ``<home>/keys`` (:func:`~deltaplane.registry.signing.load_verifier`). Only a
+            pin kept outside the home proves anything against someone who can write the home.
     """
 
     def __init__(
