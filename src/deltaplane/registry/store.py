@@ -126,16 +126,6 @@ _DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS promotion_decisions (
 )"""
 
 
-STATEMENT_VERSION = 2
-"""The statement new artifacts are signed over (see :meth:`Artifact.statement`); kept per row in
-``artifacts.statement_version``, so a signature is checked against the one statement it was made over."""
-
-
-def _json_digest(value: Any) -> str:
-    """SHA-256 of ``value`` as canonical JSON (sorted keys, compact): how a statement covers free-form metadata."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def rollback_statement(model: str, tag: str, number: int, supersedes: int, sha256: str) -> dict[str, Any]:
     """What a rollback record's signature covers (see :meth:`Registry.record_rollback`)."""
     return {
@@ -230,6 +220,35 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+# -- what artifact signatures cover ----------------------------------------------------------------------
+STATEMENT_VERSION = 2
+"""The statement new artifacts are signed over (see :meth:`Artifact.statement`); kept per row in
+``artifacts.statement_version``, so a signature is checked against the one statement it was made over."""
+
+
+def _json_digest(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON (sorted keys, compact): how a statement covers free-form metadata."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _add_statement_version(con: sqlite3.Connection) -> None:
+    """Give a registry made before metadata signing its ``statement_version`` column (existing rows: 1).
+
+    Which statement a signature was made over is stored, never inferred (trying both would let a row's
+    metadata be swapped for any that an old signature did not cover). Runs on each new connection, outside any
+    transaction; ``ALTER TABLE … ADD COLUMN`` is atomic on its own.
+    """
+    have = {r[1] for r in con.execute("PRAGMA table_info(artifacts)")}
+    if not have or "statement_version" in have:
+        return  # no artifacts table (an unreadable registry is reported elsewhere) or already there
+    try:
+        con.execute("ALTER TABLE artifacts ADD COLUMN statement_version INTEGER NOT NULL DEFAULT 1")
+    except sqlite3.OperationalError as exc:
+        # another connection added it first; or a read-only database, whose rows then all read as statement 1
+        if "duplicate column" not in str(exc) and "readonly" not in str(exc):
+            raise
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -436,7 +455,6 @@ class Registry:
             raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
         try:
             self._connect()  # fail early on a broken database
-            self._add_statement_version()
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(
                 f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
@@ -496,6 +514,11 @@ class Registry:
             con.execute("PRAGMA synchronous=FULL")  # a returned commit survives power loss, not only SIGKILL
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=60000")
+            try:
+                _add_statement_version(con)
+            except BaseException:
+                con.close()
+                raise
             self._local.con = con
         return con
 
@@ -529,29 +552,6 @@ class Registry:
         con.execute("COMMIT")
 
     _write = transaction
-
-    def _add_statement_version(self) -> None:
-        """Give a registry made before metadata signing its ``statement_version`` column (old rows: 1).
-
-        Which statement a signature was made over is stored, never inferred (trying both would let a row's
-        metadata be swapped for any an old signature did not cover). Skipped when the database is read-only.
-        """
-
-        def columns(con: sqlite3.Connection) -> set[str]:
-            return {r[1] for r in con.execute("PRAGMA table_info(artifacts)")}
-
-        have = columns(self._connect())
-        if not have or "statement_version" in have:
-            return  # no artifacts table (an unreadable registry is reported elsewhere) or already there
-        try:
-            with self.transaction() as con:
-                if "statement_version" not in columns(con):  # another process may have added it meanwhile
-                    con.execute(
-                        "ALTER TABLE artifacts ADD COLUMN statement_version INTEGER NOT NULL DEFAULT 1"
-                    )
-        except sqlite3.OperationalError as exc:
-            if "readonly" not in str(exc):
-                raise
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only statement on this thread's connection (for layers that keep tables here)."""
