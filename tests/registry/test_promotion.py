@@ -105,3 +105,70 @@ def test_gate_blocks_a_missing_metric(tmp_path, train, evaluate):
     cand = reg.register_model("digits", train(1200), parent=good.number)
     res = promote(reg, cand.ref, evaluator=lambda s: {"accuracy": 0.99}, raise_on_refusal=False)
     assert not res.promoted and "returned no 'ood_accuracy'" in res.regressions[0]
+
+
+def _three_productions(home) -> Registry:
+    reg = Registry.create(home)
+    for i in range(3):
+        v = reg.register_model("m", {"w": torch.full((2,), float(i))})
+        reg.set_tag("m", "production", v.number)
+    return reg
+
+
+def test_a_failed_rollback_record_leaves_the_tag_and_its_history(tmp_path, monkeypatch):
+    """The tag move and the signed rollback record are one transaction: no moved tag without its record."""
+    reg = _three_productions(tmp_path / "h")
+    history = reg.tag_history("m", "production")
+
+    def broken_sign(context):
+        raise OSError("signing key unreadable")
+
+    monkeypatch.setattr(reg.signer, "sign", broken_sign)
+    with pytest.raises(OSError, match="signing key unreadable"):
+        rollback(reg, "m")
+    fresh = Registry(tmp_path / "h")  # another connection sees what was committed
+    assert fresh.tag("m", "production") == 3
+    assert fresh.tag_history("m", "production") == history
+    assert fresh.rollback_record("m", 2, 3) is None
+
+
+def test_concurrent_rollbacks_each_pop_one_version(tmp_path, monkeypatch):
+    """Two rollbacks at once (two registry handles, as two processes) go two versions back, not twice to one.
+
+    Each computation of the stack waits (briefly) for the other one: before the fix both computed the same
+    stack and both moved the tag to version 2.
+    """
+    import contextlib
+    import threading
+
+    from deltaplane.registry import promotion
+
+    _three_productions(tmp_path / "h")
+    meet = threading.Barrier(2, timeout=1.5)
+    real = promotion.production_stack
+
+    def slow_stack(registry, model, tag="production"):
+        stack = real(registry, model, tag)
+        # with the fix the other rollback is blocked on the write lock: this wait times out
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meet.wait()
+        return stack
+
+    monkeypatch.setattr(promotion, "production_stack", slow_stack)
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            got.append(rollback(Registry(tmp_path / "h"), "m").number)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sorted(got) == [1, 2]
+    assert Registry(tmp_path / "h").tag("m", "production") == 1

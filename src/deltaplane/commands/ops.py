@@ -354,14 +354,25 @@ def register(app: typer.Typer) -> None:
     def registry_verify(
         home: Home = None,
         no_signatures: Annotated[bool, typer.Option("--no-signatures", help="Only check hashes.")] = False,
+        trusted: Annotated[
+            Path | None,
+            typer.Option(
+                "--trusted",
+                help="Trust only these public keys (a file of base64 keys, one a line, or a folder of *.pub), "
+                "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
+            ),
+        ] = None,
     ) -> None:
         """Integrity check: every blob's hash, every row's blob, every signature. Exit 1 on problems."""
         from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
+        from deltaplane.registry.signing import TRUSTED_KEYS_ENV, load_trusted_keys
 
+        pin = trusted or os.environ.get(TRUSTED_KEYS_ENV) or None
         with _errors():
             try:
-                rep = Registry(_home(home)).verify(signatures=not no_signatures)
+                verifier = load_trusted_keys(pin) if pin and not no_signatures else None
+                rep = Registry(_home(home), verifier=verifier).verify(signatures=not no_signatures)
             except IntegrityError as exc:  # the database itself is unreadable: a finding, not a crash
                 err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
@@ -369,6 +380,16 @@ def register(app: typer.Typer) -> None:
             f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
             f"{len(rep.orphans)} orphan blobs, {len(rep.temp_files)} temp files (safe to gc)"
         )
+        if not no_signatures:  # what the signatures prove depends on where the trusted keys live
+            console.print(
+                f"signatures checked against the keys pinned in {escape(str(pin))}"
+                if pin
+                else "signatures checked against the keys inside the home: this shows the home is consistent, "
+                "not that its keys are yours (pin them with --trusted or $DELTAPLANE_TRUSTED_KEYS)",
+                soft_wrap=True,
+            )
+        for n in rep.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
         for p in rep.problems:
             err_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
         if not rep.ok:

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deltaplane.registry.downlink import Downlink, apply_downlink, plan_downlink, publish_update
     from deltaplane.registry.promotion import Evaluator, PromotionResult, Tolerance, promote, rollback
-    from deltaplane.registry.signing import Signature, Signer, Verifier, init_keys, load_signer, load_verifier
+    from deltaplane.registry.signing import (
+        Signature,
+        Signer,
+        Verifier,
+        init_keys,
+        load_signer,
+        load_trusted_keys,
+        load_verifier,
+    )
     from deltaplane.registry.store import (
         Artifact,
         Governance,
@@ -33,6 +41,7 @@ _LAZY = {
     "init_keys": "deltaplane.registry.signing",
     "IntegrityReport": "deltaplane.registry.store",
     "load_signer": "deltaplane.registry.signing",
+    "load_trusted_keys": "deltaplane.registry.signing",
     "load_verifier": "deltaplane.registry.signing",
     "plan_downlink": "deltaplane.registry.downlink",
     "promote": "deltaplane.registry.promotion",
@@ -64,6 +73,7 @@ __all__ = [
     "default_home",
     "init_keys",
     "load_signer",
+    "load_trusted_keys",
     "load_verifier",
     "plan_downlink",
     "promote",

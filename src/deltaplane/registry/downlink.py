@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -229,10 +229,15 @@ def plan_downlink(
     if hops:
         body = pack_chain([(h.base, h.target, registry.read(h)) for h in hops])  # read() verifies each hop
         if len(body) < target.size:
-            dl = Downlink("delta", model, want, have, body, "", target.sha256, target.size)
-            return Downlink(**{**dl.__dict__, "signature": signer.sign(dl.statement()).to_text()})
+            return _signed(Downlink("delta", model, want, have, body, "", target.sha256, target.size), signer)
+    # read() verifies the artifact's own signature; the device gets one over the device statement, which the
+    # stored one no longer is (it also covers registry metadata devices never see)
     body = registry.read(target)
-    return Downlink("full", model, want, None, body, target.signature, target.sha256, target.size)
+    return _signed(Downlink("full", model, want, None, body, "", target.sha256, target.size), signer)
+
+
+def _signed(dl: Downlink, signer: Signer) -> Downlink:
+    return replace(dl, signature=signer.sign(dl.statement()).to_text())
 
 
 def apply_downlink(

@@ -8,7 +8,7 @@ trained on a cohort that has since withdrawn consent. Silent regressions (an ove
 still looks fine on one metric) are what the gate is for.
 
 Rollback walks the tag's history as a stack: promotions push, rollbacks pop, so two rollbacks in a row go two
-versions back. Versions are immutable content-addressed blobs, so the restored weights are byte-identical.
+versions back (also when they run at once: each is one transaction). Versions are immutable content-addressed blobs, so the restored weights are byte-identical.
 """
 
 from __future__ import annotations
@@ -202,18 +202,24 @@ def production_stack(registry: Registry, model: str, tag: str = "production") ->
 
 
 def rollback(registry: Registry, model: str, *, tag: str = "production", reason: str = "") -> Artifact:
-    """Point ``model:tag`` back at the version it held before the current one; returns that version."""
-    if model not in registry.models():
-        known = ", ".join(registry.models()) or "none yet"
-        raise NotFound(f"no model {model!r} in the registry (models: {known})")
-    if tag not in registry.tags(model):
-        raise NotFound(
-            f"{model} has no tag {tag!r} to roll back (tags: {sorted(registry.tags(model)) or 'none'})"
-        )
-    stack = production_stack(registry, model, tag)
-    if len(stack) < 2:
-        raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
-    target = stack[-2]
-    registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
-    registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
+    """Point ``model:tag`` back at the version it held before the current one; returns that version.
+
+    Reading the tag's history, moving the tag and signing the rollback record are one registry transaction
+    (its write lock is taken first): a failure leaves neither a moved tag without the record devices need to
+    follow it, and a concurrent rollback waits and then pops the next version instead of the same one.
+    """
+    with registry.transaction():
+        if model not in registry.models():
+            known = ", ".join(registry.models()) or "none yet"
+            raise NotFound(f"no model {model!r} in the registry (models: {known})")
+        if tag not in registry.tags(model):
+            raise NotFound(
+                f"{model} has no tag {tag!r} to roll back (tags: {sorted(registry.tags(model)) or 'none'})"
+            )
+        stack = production_stack(registry, model, tag)
+        if len(stack) < 2:
+            raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
+        target = stack[-2]
+        registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+        registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

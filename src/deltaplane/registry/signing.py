@@ -6,6 +6,10 @@ delta cannot be presented as a full model. Keys live under ``<home>/keys`` (``de
 or service trusts the public keys it was given and refuses everything else with
 :class:`~deltaplane.errors.SignatureError`. Ed25519 (RFC 8032, https://www.rfc-editor.org/rfc/rfc8032) via the
 ``cryptography`` package.
+
+Trust that lives in the home proves only that the home is consistent: whoever can write ``<home>`` can put a
+key pair of their own in ``<home>/keys`` and re-sign everything. ``$DELTAPLANE_TRUSTED_KEYS``
+(:func:`load_trusted_keys`) pins trust outside it: then only the keys it names are trusted.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaplane.errors import NotFound, SignatureError
+from deltaplane.errors import ConfigError, NotFound, SignatureError
 
 __all__ = [
     "DOMAIN",
+    "TRUSTED_KEYS_ENV",
     "Signature",
     "Signer",
     "Verifier",
     "init_keys",
     "key_id_of",
     "load_signer",
+    "load_trusted_keys",
     "load_verifier",
     "statement",
     "write_secret_file",
@@ -38,6 +44,7 @@ __all__ = [
 DOMAIN = b"deltaplane/artifact/v1\x00"
 PRIVATE_NAME = "signing.ed25519.pem"
 PUBLIC_NAME = "signing.ed25519.pub"
+TRUSTED_KEYS_ENV = "DELTAPLANE_TRUSTED_KEYS"
 
 
 def statement(context: Mapping[str, Any]) -> bytes:
@@ -206,10 +213,53 @@ def load_signer(home: str | os.PathLike[str]) -> Signer:
 
 
 def load_verifier(home: str | os.PathLike[str]) -> Verifier:
-    """Trust the home's own public key plus every ``*.pub`` file in ``<home>/keys/trusted/``."""
+    """The keys a registry at ``home`` trusts: the pinned ones when ``$DELTAPLANE_TRUSTED_KEYS`` is set (and
+    then only those), else the home's own public key plus every ``*.pub`` file in ``<home>/keys/trusted/``."""
+    pinned = os.environ.get(TRUSTED_KEYS_ENV)
+    if pinned:
+        return load_trusted_keys(pinned)
     keys = Path(home) / "keys"
     files = [keys / PUBLIC_NAME, *sorted((keys / "trusted").glob("*.pub"))]
     raws = [base64.b64decode(f.read_text().strip()) for f in files if f.exists()]
     if not raws:
         raise NotFound(f"no public keys under {keys}; run `deltaplane keys init --home {home}`")
     return Verifier(raws)
+
+
+def load_trusted_keys(path: str | os.PathLike[str]) -> Verifier:
+    """Trust exactly the Ed25519 public keys at ``path``, kept apart from any registry home.
+
+    ``path`` is a file with one base64 public key per line (blank lines and ``#`` comments skipped; a
+    ``signing.ed25519.pub`` is such a file) or a directory whose ``*.pub`` files are. Anything else is a
+    :class:`ConfigError` naming the file and line: a pin that silently trusted nothing, or something else, would
+    defeat its purpose.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(
+            f"trusted keys {root} does not exist; point ${TRUSTED_KEYS_ENV} (or --trusted) at a file of base64 "
+            "public keys or a directory of *.pub files (e.g. a copy of HOME/keys/signing.ed25519.pub)"
+        )
+    files = sorted(root.glob("*.pub")) if root.is_dir() else [root]
+    raws = [raw for f in files for raw in _public_keys_in(f)]
+    if not raws:
+        raise ConfigError(
+            f"no public keys in {root} (expected base64 Ed25519 keys, one a line, or *.pub files)"
+        )
+    return Verifier(raws)
+
+
+def _public_keys_in(file: Path) -> list[bytes]:
+    out = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except ValueError:
+            raise ConfigError(f"{file} line {n} is not base64: {line[:40]!r}") from None
+        if len(raw) != 32:
+            raise ConfigError(f"{file} line {n} is {len(raw)} bytes, not a 32 bytes Ed25519 public key")
+        out.append(raw)
+    return out

@@ -254,6 +254,35 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
+# -- what artifact signatures cover ----------------------------------------------------------------------
+STATEMENT_VERSION = 2
+"""The statement new artifacts are signed over (see :meth:`Artifact.statement`); kept per row in
+``artifacts.statement_version``, so a signature is checked against the one statement it was made over."""
+
+
+def _json_digest(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON (sorted keys, compact): how a statement covers free-form metadata."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _add_statement_version(con: sqlite3.Connection) -> None:
+    """Give a registry made before metadata signing its ``statement_version`` column (existing rows: 1).
+
+    Which statement a signature was made over is stored, never inferred (trying both would let a row's
+    metadata be swapped for any that an old signature did not cover). Runs on each new connection, outside any
+    transaction; ``ALTER TABLE … ADD COLUMN`` is atomic on its own.
+    """
+    have = {r[1] for r in con.execute("PRAGMA table_info(artifacts)")}
+    if not have or "statement_version" in have:
+        return  # no artifacts table (an unreadable registry is reported elsewhere) or already there
+    try:
+        con.execute("ALTER TABLE artifacts ADD COLUMN statement_version INTEGER NOT NULL DEFAULT 1")
+    except sqlite3.OperationalError as exc:
+        # another connection added it first; or a read-only database, whose rows then all read as statement 1
+        if "duplicate column" not in str(exc) and "readonly" not in str(exc):
+            raise
+
+
 # -- records ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Governance:
@@ -318,20 +347,44 @@ class Artifact:
     governance: Governance
     signature: str
     created_at: float
+    statement_version: int = STATEMENT_VERSION
 
     @property
     def ref(self) -> str:
         return f"{self.model}@{self.number}"
 
     def statement(self) -> dict[str, Any]:
-        """What the signature covers: kind, model, number, base/target and the SHA-256 of the bytes."""
-        return {
+        """What the signature covers, in the version of the statement it was made over.
+
+        Statement 2 (every artifact registered since metadata is signed): kind, model, number, base/target,
+        the SHA-256 and size of the bytes, parent, codec and the SHA-256 of the canonical JSON of lineage and
+        governance (as read back, so what callers see is what was signed). Statement 1 (older artifacts)
+        covered kind, model, number, base/target and the SHA-256 only: their metadata is unsigned, which
+        :meth:`Registry.verify` notes. An unknown version is a :class:`SignatureError` (never guessed).
+        """
+        core = {
             "kind": self.kind,
             "model": self.model,
             "version": self.number,
             "base": self.base,
             "target": self.target,
             "sha256": self.sha256,
+        }
+        if self.statement_version == 1:
+            return core
+        if self.statement_version != STATEMENT_VERSION:
+            raise SignatureError(
+                f"{self.ref} names signed statement version {self.statement_version!r}; this deltaplane knows "
+                f"1 and {STATEMENT_VERSION}: the row was altered or written by a newer release"
+            )
+        return {
+            **core,
+            "statement": STATEMENT_VERSION,
+            "size": self.size,
+            "parent": self.parent,
+            "codec": self.codec,
+            "lineage_sha256": _json_digest(self.lineage),
+            "governance_sha256": _json_digest(self.governance.to_dict()),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,6 +402,7 @@ class Artifact:
             "lineage": self.lineage,
             "governance": self.governance.to_dict(),
             "signature": self.signature,
+            "statement_version": self.statement_version,
             "created_at": self.created_at,
         }
 
@@ -360,6 +414,7 @@ class IntegrityReport:
     blobs_checked: int = 0
     rows_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not failures (e.g. unsigned metadata)
     orphans: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
 
@@ -384,6 +439,9 @@ def _artifact(row: sqlite3.Row) -> Artifact:
         governance=Governance.from_dict(json.loads(row["governance"])),
         signature=row["signature"],
         created_at=row["created_at"],
+        # absent only in a registry.db made before metadata signing, opened read-only: all its rows are statement 1
+        # (`in row` would search a sqlite3.Row's values, not its column names)
+        statement_version=row["statement_version"] if "statement_version" in row.keys() else 1,  # noqa: SIM118
     )
 
 
@@ -401,7 +459,9 @@ class Registry:
     Args:
         home: the registry folder; :func:`default_home` when None.
         signer: the key that signs new artifacts; loaded from ``<home>/keys`` on first write when None.
-        verifier: trusted public keys for reads; loaded from ``<home>/keys`` when None.
+        verifier: trusted public keys for reads; when None, the keys pinned by ``$DELTAPLANE_TRUSTED_KEYS`` if
+            set, else those in ``<home>/keys`` (:func:`~deltaplane.registry.signing.load_verifier`). Only a
+            pin kept outside the home proves anything against someone who can write the home.
     """
 
     def __init__(
@@ -537,6 +597,11 @@ class Registry:
             con.execute("PRAGMA synchronous=FULL")  # a returned commit survives power loss, not only SIGKILL
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=60000")
+            try:
+                _add_statement_version(con)
+            except BaseException:
+                con.close()
+                raise
             self._local.con = con
         return con
 
@@ -791,6 +856,7 @@ class Registry:
         _check_name("model name", model)
         gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
         lineage_json = json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+        governance_json = json.dumps(gov.to_dict(), sort_keys=True)
         digest = self.put_blob(data)  # durable before any row references it
         with self._write() as con:
             for label, ref in (("parent", parent), ("base", base), ("target", target)):
@@ -804,19 +870,28 @@ class Registry:
             number = con.execute(
                 "SELECT COALESCE(MAX(number), 0) + 1 FROM artifacts WHERE model=?", (model,)
             ).fetchone()[0]
-            stmt = {
-                "kind": kind,
-                "model": model,
-                "version": number,
-                "base": base,
-                "target": target,
-                "sha256": digest,
-            }
-            sig = self.signer.sign(stmt).to_text()
             now = time.time()
+            # sign the row as it will be read back (lineage and governance parsed from their stored JSON)
+            draft = Artifact(
+                id=0,
+                model=model,
+                number=number,
+                kind=kind,
+                sha256=digest,
+                size=len(data),
+                parent=parent,
+                base=base,
+                target=target,
+                codec=codec,
+                lineage=json.loads(lineage_json),
+                governance=Governance.from_dict(json.loads(governance_json)),
+                signature="",
+                created_at=now,
+            )
+            sig = self.signer.sign(draft.statement()).to_text()
             cur = con.execute(
                 "INSERT INTO artifacts (model, number, kind, sha256, size, parent, base, target, codec, lineage,"
-                " governance, signature, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " governance, signature, created_at, statement_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     model,
                     number,
@@ -828,9 +903,10 @@ class Registry:
                     target,
                     codec,
                     lineage_json,
-                    json.dumps(gov.to_dict(), sort_keys=True),
+                    governance_json,
                     sig,
                     now,
+                    draft.statement_version,
                 ),
             )
             row = con.execute("SELECT * FROM artifacts WHERE id=?", (cur.lastrowid,)).fetchone()
@@ -1225,8 +1301,11 @@ class Registry:
         if check != "ok":
             report.problems.append(f"sqlite integrity_check: {check}")
         referenced: set[str] = set()
+        unsigned_metadata: list[str] = []
         for a in self.versions():
             report.rows_checked += 1
+            if a.statement_version == 1:
+                unsigned_metadata.append(a.ref)
             referenced.add(a.sha256)
             try:
                 data = self.get_blob(a.sha256)
@@ -1236,6 +1315,13 @@ class Registry:
                     self.verifier.verify_bytes(data, a.statement(), a.signature)
             except (IntegrityError, SignatureError) as exc:
                 report.problems.append(f"{a.ref}: {exc}")
+        if signatures and unsigned_metadata:
+            refs = ", ".join(unsigned_metadata[:10]) + (", …" if len(unsigned_metadata) > 10 else "")
+            report.notes.append(
+                f"{len(unsigned_metadata)} artifacts were signed before metadata was signed ({refs}): their "
+                "bytes, version and base/target are verified, their parent, codec, lineage and governance are "
+                "not covered by the signature"
+            )
         for (sha,) in con.execute("SELECT sha256 FROM cards"):
             referenced.add(sha)
             if not self.blob_path(sha).exists():

@@ -1,0 +1,227 @@
+"""What a registry signature proves against someone who can write ``registry.db`` (or the whole home).
+
+The attacker here edits the SQLite file directly (dropping the immutability trigger is one statement), as anyone
+with write access to the home can; the checks are the public read and verify paths on a fresh handle.
+"""
+
+import sqlite3
+
+import pytest
+import torch
+
+from deltaplane.codecs import Compressor
+from deltaplane.delta import Delta
+from deltaplane.errors import SignatureError
+from deltaplane.registry import Registry, publish_update
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(16, 16, generator=g), "a.bias": torch.randn(16, generator=g)}
+
+
+def _tamper(home, sql: str, args=()) -> None:
+    """Change artifact rows behind the registry's back, as a writer of registry.db can."""
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    try:
+        con.execute("DROP TRIGGER IF EXISTS artifacts_immutable_u")
+        assert con.execute(sql, args).rowcount == 1
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def home(tmp_path):
+    """m@1, then a published m@2 (parent 1, cohort 'eu', lineage round 1) with its delta m@3 (codec set)."""
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", _state(0), governance={"cohorts": ["us"]})
+    g = torch.Generator().manual_seed(5)
+    update = Delta({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in _state(0).items()})
+    comp = Compressor("topk(0.25) | quant(bits=8)", seed=0)
+    v2, d = publish_update(
+        reg, "m", 1, update, compressor=comp, lineage={"round": 1}, governance={"cohorts": ["eu"]}
+    )
+    assert (v2.number, d.number, d.codec) == (2, 3, comp.codec.spec)
+    assert Registry(tmp_path / "h").verify().ok
+    return tmp_path / "h"
+
+
+@pytest.mark.parametrize(
+    ("what", "sql", "number"),
+    [
+        # drop a cohort, so a withdrawal of 'eu' no longer reaches m@2
+        ("governance", """UPDATE artifacts SET governance='{"cohorts": ["us"]}' WHERE number=2""", 2),
+        (
+            "lineage",
+            """UPDATE artifacts SET lineage='{"downlink_codec": "x", "round": 7}' WHERE number=2""",
+            2,
+        ),
+        ("parent", "UPDATE artifacts SET parent=NULL WHERE number=2", 2),  # cut the lineage walk
+        ("codec", "UPDATE artifacts SET codec='raw' WHERE number=3", 3),
+    ],
+    ids=["governance", "lineage", "parent", "codec"],
+)
+def test_tampered_metadata_fails_verification(home, what, sql, number):
+    _tamper(home, sql)
+    reg = Registry(home)
+    report = reg.verify()
+    assert not report.ok and any(p.startswith(f"m@{number}:") for p in report.problems), report.problems
+    art = reg.get("m", number)
+    with pytest.raises(SignatureError, match="altered"):
+        reg.read(art)
+    if art.kind == "model":
+        with pytest.raises(SignatureError):
+            reg.load_state(art, verify=True)
+    assert [p.partition(":")[0] for p in report.problems] == [f"m@{number}"]
+    assert reg.load_state("m@1")  # the untouched version still loads
+
+
+@pytest.mark.parametrize("version", [1, 3, 0])
+def test_a_new_signature_cannot_be_relabelled_as_another_statement(home, version):
+    """A row signed over the metadata cannot be passed off as an old-format row (nor an unknown format)."""
+    _tamper(home, "UPDATE artifacts SET statement_version=? WHERE number=2", (version,))
+    reg = Registry(home)
+    with pytest.raises(SignatureError):
+        reg.load_state("m@2")
+    assert [p.partition(":")[0] for p in reg.verify().problems] == ["m@2"]
+
+
+def test_rows_signed_before_metadata_was_signed_still_verify(home):
+    """A registry written before the change (no statement_version column, signature over the old statement)
+    opens, verifies (with a note that the metadata is not covered) and loads."""
+    reg = Registry(home)
+    old = reg.get("m", 2)
+    for a in reg.versions():
+        # the old statement, exactly as releases before metadata signing signed it
+        legacy = {
+            "kind": a.kind,
+            "model": a.model,
+            "version": a.number,
+            "base": a.base,
+            "target": a.target,
+            "sha256": a.sha256,
+        }
+        sig = reg.signer.sign(legacy).to_text()
+        _tamper(home, "UPDATE artifacts SET signature=? WHERE id=?", (sig, a.id))
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.execute("ALTER TABLE artifacts DROP COLUMN statement_version")  # as an old registry.db has it
+    con.close()
+    reg = Registry(home)  # adds the column: existing rows are version 1
+    assert reg.get("m", 2).statement_version == 1
+    report = reg.verify()
+    assert report.ok, report.problems
+    assert [n.partition(" (")[0] for n in report.notes] == [
+        "3 artifacts were signed before metadata was signed"
+    ]
+    assert "m@1, m@2, m@3" in report.notes[0] and "not covered" in report.notes[0]
+    assert torch.equal(reg.load_state("m@2")["a.bias"], Registry(home).load_state(old)["a.bias"])
+    # what an old-format signature never covered: its metadata is not checked (hence the note) ...
+    _tamper(home, """UPDATE artifacts SET governance='{"cohorts": []}' WHERE number=2""")
+    assert Registry(home).verify().ok
+    # ... but its bytes and version still are
+    _tamper(home, "UPDATE artifacts SET number=9 WHERE number=2")
+    assert not Registry(home).verify().ok
+    # new rows in the migrated registry are signed over their metadata
+    new = Registry(home).register_model("m", _state(3), parent=1)
+    assert new.statement_version == 2 and "statement" in new.statement()
+
+
+def test_full_downlink_of_a_new_artifact_verifies_on_a_device(home):
+    """Devices verify a full model against the device statement (kind, model, version, sha256): the service
+    signs it, since the stored signature now covers more."""
+    from deltaplane.registry import apply_downlink, plan_downlink
+
+    reg = Registry(home)
+    dl = plan_downlink(reg, reg.signer, "m", want=2, have=None)
+    assert dl.kind == "full"
+    got = apply_downlink(dl, reg.signer.verifier())
+    assert torch.equal(got["a.bias"], reg.load_state("m@2")["a.bias"])
+
+
+def _take_over(home) -> None:
+    """What a writer of the home can do: replace keys/ with a key pair of its own and re-sign every artifact
+    (here after clearing m@2's governance, so a withdrawal of 'eu' would miss it)."""
+    from deltaplane.registry import init_keys
+
+    _tamper(home, """UPDATE artifacts SET governance='{"cohorts": []}' WHERE number=2""")
+    evil = init_keys(home, overwrite=True)
+    for a in Registry(home, verifier=evil.verifier()).versions():
+        _tamper(
+            home, "UPDATE artifacts SET signature=? WHERE id=?", (evil.sign(a.statement()).to_text(), a.id)
+        )
+
+
+def _pin(home, where) -> None:
+    """Keep the registry's public key outside the home (a directory of *.pub files)."""
+    where.mkdir()
+    (where / "registry.pub").write_bytes((home / "keys" / "signing.ed25519.pub").read_bytes())
+
+
+def test_a_pin_outside_the_home_refuses_a_home_whose_keys_were_replaced(home, tmp_path, monkeypatch):
+    from deltaplane.registry.signing import TRUSTED_KEYS_ENV
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    _pin(home, tmp_path / "pin")
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(tmp_path / "pin"))
+    assert Registry(home).verify().ok  # the pin trusts the registry's real key
+    _take_over(home)
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV)
+    assert Registry(home).verify().ok  # trusting the home's own keys: the take-over verifies
+    assert Registry(home).get("m", 2).governance.cohorts == ()
+
+    for pin in (tmp_path / "pin", tmp_path / "pin" / "registry.pub"):  # a directory or a file of keys
+        monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
+        reg = Registry(home)
+        report = reg.verify()
+        assert len(report.problems) == 3 and all("untrusted key" in p for p in report.problems)
+        with pytest.raises(SignatureError, match="untrusted key"):
+            reg.load_state("m@2")
+    # an explicit verifier is the same pin from Python
+    from deltaplane.registry.signing import load_trusted_keys
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV)
+    assert not Registry(home, verifier=load_trusted_keys(tmp_path / "pin")).verify().ok
+
+
+def test_cli_verify_takes_a_pin(home, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+    from deltaplane.registry.signing import TRUSTED_KEYS_ENV
+
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    _pin(home, tmp_path / "pin")
+    runner = CliRunner()
+    verify = ["registry", "verify", "--home", str(home)]
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "pin")])
+    assert r.exit_code == 0 and "registry OK" in r.output and "pinned" in r.output
+    _take_over(home)
+    r = runner.invoke(app, verify)
+    assert r.exit_code == 0 and "keys inside the home" in r.output  # says what it proved: not much
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "pin")])
+    assert r.exit_code == 1 and "untrusted key" in r.output
+    r = runner.invoke(app, [*verify, "--trusted", str(tmp_path / "nowhere")])
+    assert r.exit_code != 0 and "nowhere" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("", "no public keys"),
+        ("# only a comment\n", "no public keys"),
+        ("not base64!\n", "line 1"),
+        ("QUJD\n", "32 bytes"),  # base64 of 3 bytes
+    ],
+    ids=["missing", "empty", "comment", "garbage", "short"],
+)
+def test_a_bad_pin_is_a_config_error(tmp_path, content, message):
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry.signing import load_trusted_keys
+
+    path = tmp_path / "keys.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_trusted_keys(path)
