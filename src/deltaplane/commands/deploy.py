@@ -471,6 +471,14 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                "--overwrite",
+                help="replace OUT even when it holds files that are not a deploy's output (a previous deploy's "
+                "output is always replaced, as a whole)",
+            ),
+        ] = False,
         threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
@@ -480,6 +488,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
+        from deltaplane.deploy.publish import check_out_dir
         from deltaplane.errors import ConfigError, QualityGateFailed
 
         console = Console()
@@ -492,6 +501,7 @@ def register(app: typer.Typer) -> None:
             try:
                 gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
+                check_out_dir(out, overwrite=overwrite)  # so does an OUT that cannot or must not be replaced
                 if recover not in ("none", "distill"):
                     raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
                 if recover == "distill" and (prune == "none" or epochs < 1):
@@ -503,7 +513,9 @@ def register(app: typer.Typer) -> None:
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
-                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say, calibration_size)
+                    res = _deploy_onnx(
+                        model, out, prune, quant, seed, gates, say, calibration_size, overwrite=overwrite
+                    )
                 else:
                     ckpt = load_checkpoint(model, builder=builder)
                     kind = task or infer_task(ckpt)
@@ -519,7 +531,7 @@ def register(app: typer.Typer) -> None:
                             "calibration_size": calibration_size or 512,
                         }
                         res = _deploy_tokens(
-                            ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps
+                            ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps, overwrite
                         )
                     elif kind == "classification":
                         eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
@@ -539,6 +551,7 @@ def register(app: typer.Typer) -> None:
                             eps=eps,
                             rec=rec,
                             calibration_size=calibration_size or 256,
+                            overwrite=overwrite,
                         )
                     else:
                         raise ConfigError(
@@ -561,7 +574,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
 
 
-def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None):
+def _deploy_onnx(
+    model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None, *, overwrite=False
+):
     """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
     import onnx
 
@@ -597,10 +612,13 @@ def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say, calibra
         progress=say,
         card_info={"data": note},
         inputs_note=inputs_note,
+        overwrite=overwrite,
     )
 
 
-def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps):
+def _deploy_tokens(
+    ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps, overwrite=False
+):
     from deltaplane.deploy.tokens import deploy_token_model
 
     sentences = text.pop("sentences")
@@ -636,6 +654,7 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, 
         extra=extra,
         recover=recover,
         adversarial_eps=eps,
+        overwrite=overwrite,
     )
 
 
@@ -656,6 +675,7 @@ def _deploy_classifier(
     eps,
     rec,
     calibration_size,
+    overwrite=False,
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
     from deltaplane.deploy.profile import corruptions
@@ -688,4 +708,5 @@ def _deploy_classifier(
         gates=gates,
         progress=say,
         adversarial_eps=eps,
+        overwrite=overwrite,
     )
