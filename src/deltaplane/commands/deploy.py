@@ -60,13 +60,14 @@ def _classifier_data(
             raise ConfigError(
                 f"--data {data} must be an .npz with x_train, y_train, x_test, y_test ({e})"
             ) from e
-        return (
-            arrays["x_train"].astype(np.float32),
-            arrays["y_train"].astype(np.int64),
-            arrays["x_test"].astype(np.float32),
-            arrays["y_test"].astype(np.int64),
-            f"{data.name} ({len(arrays['y_train'])} train / {len(arrays['y_test'])} test)",
-        )
+        xtr, ytr = _split_arrays(arrays["x_train"], arrays["y_train"], f"--data {data}", "train")
+        xte, yte = _split_arrays(arrays["x_test"], arrays["y_test"], f"--data {data}", "test")
+        if xtr.shape[1:] != xte.shape[1:]:
+            raise ConfigError(
+                f"--data {data}: x_train samples have shape {xtr.shape[1:]} but x_test samples {xte.shape[1:]}; "
+                "both must have the model's input shape"
+            )
+        return xtr, ytr, xte, yte, f"{data.name} ({len(ytr)} train / {len(yte)} test)"
     from deltaplane.data.digits import load_digits, train_test_split
 
     train, test = train_test_split(load_digits(), seed=seed)
@@ -82,6 +83,75 @@ def _classifier_data(
         "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
     )
     return xtr, ytr, xte, yte, note
+
+
+MIN_TEST_SAMPLES = 100  # below this one sample is a point or more of accuracy: the gates measure noise
+
+
+def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x_<split>`` as float32 and ``y_<split>`` as int64 labels, refusing what would ship a meaningless
+    evaluation or fail later with a traceback: no samples, lengths that differ, non-integer labels."""
+    import numpy as np
+
+    from deltaplane.errors import ConfigError
+
+    if x.ndim < 2 or not len(x):
+        raise ConfigError(
+            f"{source}: x_{split} has shape {x.shape}; it needs at least one sample (N × the model's input shape)"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConfigError(
+            f"{source}: y_{split} has shape {y.shape} but x_{split} holds {len(x)} samples; give one label per "
+            "sample (a 1-D array of class indices)"
+        )
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+    )
+    if not integral:
+        raise ConfigError(f"{source}: y_{split} ({y.dtype}) must hold integer class indices")
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        raise ConfigError(f"{source}: x_{split} ({x.dtype}) must be numeric")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, source: str, say):
+    """One sample through the model: the data's shape fits its input and every label names one of its outputs.
+
+    Refused with :class:`~deltaplane.errors.ConfigError` naming ``source`` (``--data FILE`` or the digits'
+    reshape) and the shapes, before anything is pruned or exported; fewer than :data:`MIN_TEST_SAMPLES` test
+    samples ship with a warning (the accuracy gates then measure a handful of samples)."""
+    import torch
+
+    from deltaplane.errors import ConfigError
+
+    try:
+        with torch.inference_mode():
+            out = model.eval()(torch.from_numpy(xte[:1]))
+    except Exception as e:  # whatever the model's first layer says about a wrong input
+        raise ConfigError(
+            f"{source}: the model does not run on its samples of shape {tuple(xte.shape[1:])} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give x_train / x_test in the "
+            "model's input shape"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{source}: the model maps one sample of shape {tuple(xte.shape[1:])} to {shape}, not to "
+            "(1, classes) logits; a tensor classifier is expected"
+        )
+    classes = int(out.shape[1])
+    for split, y in (("train", ytr), ("test", yte)):
+        if y.min() < 0 or y.max() >= classes:
+            raise ConfigError(
+                f"{source}: y_{split} holds labels in [{int(y.min())}, {int(y.max())}] but the model has "
+                f"{classes} outputs; labels must be class indices in [0, {classes})"
+            )
+    if len(yte) < MIN_TEST_SAMPLES:
+        say(
+            f"[yellow]warning:[/yellow] {source}: only {len(yte)} test samples (fewer than "
+            f"{MIN_TEST_SAMPLES}): one sample is {100 / len(yte):.1f} accuracy points, so the accuracy gates "
+            "measure noise"
+        )
 
 
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
@@ -681,6 +751,16 @@ def _deploy_classifier(
     from deltaplane.deploy.profile import corruptions
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
+    source = (
+        f"--data {data}"
+        if data is not None
+        else f"the digits images reshaped to config input_shape {ckpt.config.get('input_shape', [1, 8, 8])}"
+    )
+    _check_fits(ckpt.model, xtr, ytr, xte, yte, source, say)
+    if len(yte) < MIN_TEST_SAMPLES:
+        note += (
+            f" Only {len(yte)} test samples: accuracy figures are coarse ({100 / len(yte):.1f} points each)."
+        )
     ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
     if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
         from deltaplane.deploy.recovery import distill_recover
