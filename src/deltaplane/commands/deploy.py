@@ -154,6 +154,29 @@ def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: n
         )
 
 
+def _ood_variants(
+    xte: np.ndarray, data: Path | None, seed: int
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The corrupted test sets (noise, rotation, blur, shift), or ``None`` and why there are none.
+
+    The digits are corrupted as the 8×8 images they are and then reshaped to the model's input (so an MLP on
+    ``[64]`` gets the same OOD evaluation as the CNN); ``--data`` test samples are corrupted when they are images
+    (N×C×H×W), and otherwise the OOD evaluation, and with it the ``--max-ood-drop`` gate, is reported as not done.
+    """
+    from deltaplane.deploy.profile import corruptions
+
+    if data is None:
+        images = xte.reshape(len(xte), 1, 8, 8)  # undo the reshape to config input_shape (same order)
+        return {k: v.reshape(xte.shape) for k, v in corruptions(images, seed=seed).items()}, None
+    if xte.ndim == 4:
+        return corruptions(xte, seed=seed), None
+    return None, (
+        f"No OOD evaluation: --data {data.name} test samples have shape {tuple(xte.shape[1:])}, not images "
+        "(C×H×W), which the corruptions (noise, rotation, blur, shift) need; the max-ood-drop gate was not "
+        "evaluated."
+    )
+
+
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
     import torch
 
@@ -376,6 +399,8 @@ def _table(manifest: dict[str, Any], title: str):
             f"{r['measured']:.4g}{unit}",
             f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
         )
+    for ne in (manifest.get("gates") or {}).get("not_evaluated", []):
+        t.add_row(f"[yellow]gate {ne['gate']}[/yellow]", "", "[yellow]not evaluated[/yellow]", ne["why"])
     if results:
         passed = [r for r in results if r["passed"]]
         tight = min(results, key=lambda r: r["margin"])
@@ -748,7 +773,6 @@ def _deploy_classifier(
     overwrite=False,
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
-    from deltaplane.deploy.profile import corruptions
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
     source = (
@@ -769,7 +793,9 @@ def _deploy_classifier(
         ft = distill_recover(
             ckpt.model, xtr, task="classification", epochs=d_epochs, lr=lr or 1e-3, seed=seed
         )
-    variants = corruptions(xte, seed=seed) if xte.ndim == 4 else None  # image corruptions need N×C×H×W
+    variants, ood_note = _ood_variants(xte, data, seed)
+    if ood_note is not None:  # the manifest, the table's gate rows and the card's limitations say it too
+        say(f"[yellow]warning:[/yellow] {ood_note}")
     return deploy_classifier(
         ckpt.model,
         out,
@@ -789,4 +815,5 @@ def _deploy_classifier(
         progress=say,
         adversarial_eps=eps,
         overwrite=overwrite,
+        ood_note=ood_note,
     )

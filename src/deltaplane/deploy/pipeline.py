@@ -174,6 +174,29 @@ def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
         )
 
 
+def _record_unevaluated_ood(
+    manifest: dict[str, Any], gates: Gates | None, variants: dict[str, np.ndarray] | None, why: str | None
+) -> None:
+    """Without corrupted variants there is no OOD figure: say so in the manifest (``ood``) and, when the OOD gate
+    is on, list it under ``gates.not_evaluated`` — a gate that could not be evaluated is not a gate that passed."""
+    if variants:
+        return
+    why = why or "No OOD evaluation: no corrupted variants of the test set were given (variants=None)."
+    manifest["ood"] = {"evaluated": False, "why": why}
+    if gates is not None and gates.max_ood_drop is not None and "gates" in manifest:
+        manifest["gates"].setdefault("not_evaluated", []).append({"gate": "max-ood-drop", "why": why})
+
+
+def _ood_limitation(card_info: dict[str, str] | None, manifest: dict[str, Any]) -> dict[str, str] | None:
+    """The card's limitations, with the missing OOD evaluation first when there was none."""
+    ood = manifest.get("ood") or {}
+    if ood.get("evaluated", True):
+        return card_info
+    info = dict(card_info or {})
+    info["limitations"] = " ".join(x for x in (ood["why"], info.get("limitations", "")) if x)
+    return info
+
+
 @dataclass
 class DeployResult:
     """Paths written and the side-by-side evaluation."""
@@ -235,6 +258,7 @@ def deploy_classifier(
     device_cost: bool = True,
     adversarial_eps: Sequence[float] = (),
     overwrite: bool = False,
+    ood_note: str | None = None,
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -266,6 +290,9 @@ def deploy_classifier(
         overwrite: replace a non-empty ``out_dir`` that is not a previous deploy's output (else refused before
             any work, :func:`~deltaplane.deploy.publish.check_out_dir`). The folder is always replaced as a
             whole: no file of an earlier deploy survives beside the new ones.
+        ood_note: why there are no ``variants`` (recorded with the not-evaluated OOD gate). Without variants the
+            ``max_ood_drop`` gate cannot be evaluated: it is listed in ``manifest["gates"]["not_evaluated"]``
+            (and the table and card say so) rather than silently passing.
     """
     import copy
 
@@ -443,7 +470,11 @@ def deploy_classifier(
             quality = manifest.pop("quality")
             manifest.update(extra(reference, work, cand_predict))
             manifest["quality"] = quality | manifest.get("quality", {})
-        _check_gates(manifest, gates)
+        try:
+            _check_gates(manifest, gates)
+        finally:  # a refused deploy's table shows it too
+            _record_unevaluated_ood(manifest, gates, variants, ood_note)
+        card_info = _ood_limitation(card_info, manifest)
         files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
