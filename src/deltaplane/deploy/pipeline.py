@@ -2,8 +2,9 @@
 
 :func:`deploy_classifier` is what ``deltaplane deploy`` runs. It evaluates the artifact *as shipped* — the ORT
 session is built from the bytes read back from the artifact file — so the reported accuracy is the accuracy of
-what a device runs, not of an intermediate model. Everything is written to a temporary folder first and moved
-into place at the end: a failure at any step leaves no partial artifact.
+what a device runs, not of an intermediate model. The output folder is checked before any work, everything is
+written to a hidden sibling folder and swapped in as a whole at the end (:mod:`deltaplane.deploy.publish`): a
+failure at any step leaves no partial artifact, and the folder is always one complete deploy, never a mix.
 """
 
 from __future__ import annotations
