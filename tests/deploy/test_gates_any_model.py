@@ -286,12 +286,15 @@ def test_cli_deploys_a_user_defined_model_by_builder(tmp_path, monkeypatch, digi
                 "3",
                 "--attack-eps",
                 "0.02",
+                "--max-ood-drop",  # an MLP on [64] gets the digits' OOD splits too; 2:4 costs it ~13 on rotation
+                "20",
                 "-o",
                 str(out),
             ],
         )
         assert r.exit_code == 0, r.output
         m = json.loads((out / "manifest.json").read_text())
+        assert set(m["quality"]["ood_excess_drop_points"]) == {"noise", "rotation", "blur", "shift"}
         assert m["weight_sparsity"] == pytest.approx(0.5) and m["baseline"]["accuracy"]["clean"] > 0.85
     r = CliRunner().invoke(
         _app(), ["deploy", str(ckpt), "--builder", "my_models:nope", "-o", str(tmp_path / "y")]

@@ -60,13 +60,14 @@ def _classifier_data(
             raise ConfigError(
                 f"--data {data} must be an .npz with x_train, y_train, x_test, y_test ({e})"
             ) from e
-        return (
-            arrays["x_train"].astype(np.float32),
-            arrays["y_train"].astype(np.int64),
-            arrays["x_test"].astype(np.float32),
-            arrays["y_test"].astype(np.int64),
-            f"{data.name} ({len(arrays['y_train'])} train / {len(arrays['y_test'])} test)",
-        )
+        xtr, ytr = _split_arrays(arrays["x_train"], arrays["y_train"], f"--data {data}", "train")
+        xte, yte = _split_arrays(arrays["x_test"], arrays["y_test"], f"--data {data}", "test")
+        if xtr.shape[1:] != xte.shape[1:]:
+            raise ConfigError(
+                f"--data {data}: x_train samples have shape {xtr.shape[1:]} but x_test samples {xte.shape[1:]}; "
+                "both must have the model's input shape"
+            )
+        return xtr, ytr, xte, yte, f"{data.name} ({len(ytr)} train / {len(yte)} test)"
     from deltaplane.data.digits import load_digits, train_test_split
 
     train, test = train_test_split(load_digits(), seed=seed)
@@ -82,6 +83,98 @@ def _classifier_data(
         "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
     )
     return xtr, ytr, xte, yte, note
+
+
+MIN_TEST_SAMPLES = 100  # below this one sample is a point or more of accuracy: the gates measure noise
+
+
+def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x_<split>`` as float32 and ``y_<split>`` as int64 labels, refusing what would ship a meaningless
+    evaluation or fail later with a traceback: no samples, lengths that differ, non-integer labels."""
+    import numpy as np
+
+    from deltaplane.errors import ConfigError
+
+    if x.ndim < 2 or not len(x):
+        raise ConfigError(
+            f"{source}: x_{split} has shape {x.shape}; it needs at least one sample (N × the model's input shape)"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConfigError(
+            f"{source}: y_{split} has shape {y.shape} but x_{split} holds {len(x)} samples; give one label per "
+            "sample (a 1-D array of class indices)"
+        )
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+    )
+    if not integral:
+        raise ConfigError(f"{source}: y_{split} ({y.dtype}) must hold integer class indices")
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        raise ConfigError(f"{source}: x_{split} ({x.dtype}) must be numeric")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, source: str, say):
+    """One sample through the model: the data's shape fits its input and every label names one of its outputs.
+
+    Refused with :class:`~deltaplane.errors.ConfigError` naming ``source`` (``--data FILE`` or the digits'
+    reshape) and the shapes, before anything is pruned or exported; fewer than :data:`MIN_TEST_SAMPLES` test
+    samples ship with a warning (the accuracy gates then measure a handful of samples)."""
+    import torch
+
+    from deltaplane.errors import ConfigError
+
+    try:
+        with torch.inference_mode():
+            out = model.eval()(torch.from_numpy(xte[:1]))
+    except Exception as e:  # whatever the model's first layer says about a wrong input
+        raise ConfigError(
+            f"{source}: the model does not run on its samples of shape {tuple(xte.shape[1:])} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give x_train / x_test in the "
+            "model's input shape"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{source}: the model maps one sample of shape {tuple(xte.shape[1:])} to {shape}, not to "
+            "(1, classes) logits; a tensor classifier is expected"
+        )
+    classes = int(out.shape[1])
+    for split, y in (("train", ytr), ("test", yte)):
+        if y.min() < 0 or y.max() >= classes:
+            raise ConfigError(
+                f"{source}: y_{split} holds labels in [{int(y.min())}, {int(y.max())}] but the model has "
+                f"{classes} outputs; labels must be class indices in [0, {classes})"
+            )
+    if len(yte) < MIN_TEST_SAMPLES:
+        say(
+            f"[yellow]warning:[/yellow] {source}: only {len(yte)} test samples (fewer than "
+            f"{MIN_TEST_SAMPLES}): one sample is {100 / len(yte):.1f} accuracy points, so the accuracy gates "
+            "measure noise"
+        )
+
+
+def _ood_variants(
+    xte: np.ndarray, data: Path | None, seed: int
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The corrupted test sets (noise, rotation, blur, shift), or ``None`` and why there are none.
+
+    The digits are corrupted as the 8×8 images they are and then reshaped to the model's input (so an MLP on
+    ``[64]`` gets the same OOD evaluation as the CNN); ``--data`` test samples are corrupted when they are images
+    (N×C×H×W), and otherwise the OOD evaluation, and with it the ``--max-ood-drop`` gate, is reported as not done.
+    """
+    from deltaplane.deploy.profile import corruptions
+
+    if data is None:
+        images = xte.reshape(len(xte), 1, 8, 8)  # undo the reshape to config input_shape (same order)
+        return {k: v.reshape(xte.shape) for k, v in corruptions(images, seed=seed).items()}, None
+    if xte.ndim == 4:
+        return corruptions(xte, seed=seed), None
+    return None, (
+        f"No OOD evaluation: --data {data.name} test samples have shape {tuple(xte.shape[1:])}, not images "
+        "(C×H×W), which the corruptions (noise, rotation, blur, shift) need; the max-ood-drop gate was not "
+        "evaluated."
+    )
 
 
 def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
@@ -306,6 +399,8 @@ def _table(manifest: dict[str, Any], title: str):
             f"{r['measured']:.4g}{unit}",
             f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
         )
+    for ne in (manifest.get("gates") or {}).get("not_evaluated", []):
+        t.add_row(f"[yellow]gate {ne['gate']}[/yellow]", "", "[yellow]not evaluated[/yellow]", ne["why"])
     if results:
         passed = [r for r in results if r["passed"]]
         tight = min(results, key=lambda r: r["margin"])
@@ -471,6 +566,14 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         no_gates: Annotated[bool, typer.Option("--no-gates", help="ship whatever the numbers are")] = False,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                "--overwrite",
+                help="replace OUT even when it holds files that are not a deploy's output (a previous deploy's "
+                "output is always replaced, as a whole)",
+            ),
+        ] = False,
         threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Prune, quantize, export and package MODEL for devices; print fp32 vs compressed side by side.
@@ -480,6 +583,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
+        from deltaplane.deploy.publish import check_out_dir
         from deltaplane.errors import ConfigError, QualityGateFailed
 
         console = Console()
@@ -492,6 +596,7 @@ def register(app: typer.Typer) -> None:
             try:
                 gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
+                check_out_dir(out, overwrite=overwrite)  # so does an OUT that cannot or must not be replaced
                 if recover not in ("none", "distill"):
                     raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
                 if recover == "distill" and (prune == "none" or epochs < 1):
@@ -503,7 +608,9 @@ def register(app: typer.Typer) -> None:
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
-                    res = _deploy_onnx(model, out, prune, quant, seed, gates, say, calibration_size)
+                    res = _deploy_onnx(
+                        model, out, prune, quant, seed, gates, say, calibration_size, overwrite=overwrite
+                    )
                 else:
                     ckpt = load_checkpoint(model, builder=builder)
                     kind = task or infer_task(ckpt)
@@ -519,7 +626,7 @@ def register(app: typer.Typer) -> None:
                             "calibration_size": calibration_size or 512,
                         }
                         res = _deploy_tokens(
-                            ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps
+                            ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps, overwrite
                         )
                     elif kind == "classification":
                         eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
@@ -539,6 +646,7 @@ def register(app: typer.Typer) -> None:
                             eps=eps,
                             rec=rec,
                             calibration_size=calibration_size or 256,
+                            overwrite=overwrite,
                         )
                     else:
                         raise ConfigError(
@@ -561,7 +669,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
 
 
-def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None):
+def _deploy_onnx(
+    model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None, *, overwrite=False
+):
     """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
     import onnx
 
@@ -597,10 +707,13 @@ def _deploy_onnx(model: Path, out: Path, prune, quant, seed, gates, say, calibra
         progress=say,
         card_info={"data": note},
         inputs_note=inputs_note,
+        overwrite=overwrite,
     )
 
 
-def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps):
+def _deploy_tokens(
+    ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps, overwrite=False
+):
     from deltaplane.deploy.tokens import deploy_token_model
 
     sentences = text.pop("sentences")
@@ -636,6 +749,7 @@ def _deploy_tokens(ckpt, model: Path, out: Path, task: str, prune, quant, text, 
         extra=extra,
         recover=recover,
         adversarial_eps=eps,
+        overwrite=overwrite,
     )
 
 
@@ -656,11 +770,21 @@ def _deploy_classifier(
     eps,
     rec,
     calibration_size,
+    overwrite=False,
 ):
     from deltaplane.deploy.pipeline import deploy_classifier
-    from deltaplane.deploy.profile import corruptions
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
+    source = (
+        f"--data {data}"
+        if data is not None
+        else f"the digits images reshaped to config input_shape {ckpt.config.get('input_shape', [1, 8, 8])}"
+    )
+    _check_fits(ckpt.model, xtr, ytr, xte, yte, source, say)
+    if len(yte) < MIN_TEST_SAMPLES:
+        note += (
+            f" Only {len(yte)} test samples: accuracy figures are coarse ({100 / len(yte):.1f} points each)."
+        )
     ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
     if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
         from deltaplane.deploy.recovery import distill_recover
@@ -669,7 +793,9 @@ def _deploy_classifier(
         ft = distill_recover(
             ckpt.model, xtr, task="classification", epochs=d_epochs, lr=lr or 1e-3, seed=seed
         )
-    variants = corruptions(xte, seed=seed) if xte.ndim == 4 else None  # image corruptions need N×C×H×W
+    variants, ood_note = _ood_variants(xte, data, seed)
+    if ood_note is not None:  # the manifest, the table's gate rows and the card's limitations say it too
+        say(f"[yellow]warning:[/yellow] {ood_note}")
     return deploy_classifier(
         ckpt.model,
         out,
@@ -688,4 +814,6 @@ def _deploy_classifier(
         gates=gates,
         progress=say,
         adversarial_eps=eps,
+        overwrite=overwrite,
+        ood_note=ood_note,
     )

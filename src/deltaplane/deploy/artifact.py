@@ -20,7 +20,9 @@ initializers stripped out and stored as tensors). Each tensor is:
 
 zstd (https://facebook.github.io/zstd/) then squeezes what redundancy is left (runs in bitmaps, repeated codes,
 the graph's protobuf). Reading is strict: magic, version, header bounds, checksum and every byte range are
-checked and a bad file raises :class:`~deltaplane.errors.DecodeError`; writing is atomic.
+checked and a bad file raises :class:`~deltaplane.errors.DecodeError`, and what a file may decode to is bounded by
+the wire format's decode budget (:data:`DECODE_LIMITS`) before anything is inflated or allocated; writing is
+atomic.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits, unpack_bits
+from deltaplane.codecs.wire import Limits
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant
 from deltaplane.errors import ConfigError, DecodeError
@@ -59,6 +62,11 @@ _PREFIX = struct.Struct("<4sBI")
 MAX_HEADER = 16 << 20
 MAX_TENSORS = 100_000
 MAX_PAYLOAD = 8 << 30
+#: the wire format's decode budget (:meth:`~deltaplane.codecs.wire.Limits.decode_budget`): a file of ``n`` bytes
+#: decodes to at most ``max(64 MiB, 4096 × n)`` bytes, never beyond ``MAX_PAYLOAD`` (a dense raw payload decodes
+#: to its own size, so the absolute cap is the payload's); checked before anything is inflated or allocated,
+#: so a 300-byte file cannot declare a 1 GiB tensor of zeros
+DECODE_LIMITS = Limits(max_decoded_bytes=MAX_PAYLOAD)
 QUANT_SCHEMES = ("none", "int8", "int4")
 DEFAULT_GROUP = {"int8": 128, "int4": 32}
 _NP_DTYPES = {
@@ -157,6 +165,27 @@ def _encode_tensor(
         entry["group_size"] = g
         bufs += [pack_bits(gq.codes, bits), gq.scales.astype("<f2").tobytes()]
     return entry, bufs
+
+
+def _declared_nbytes(e: Any) -> int:
+    """Bytes the tensor entry ``e`` decodes to, from its shape and dtype alone (nothing is allocated)."""
+    try:
+        shape = [int(s) for s in e["shape"]]
+        itemsize = np.dtype(_NP_DTYPES[e["dtype"]]).itemsize
+    except (KeyError, TypeError, ValueError) as err:
+        raise DecodeError(f"malformed tensor entry {e!r}: {err}") from err
+    if any(s < 0 for s in shape):
+        raise DecodeError(f"tensor {e['name']!r}: bad shape {shape}")
+    return math.prod(shape) * itemsize
+
+
+def _check_budget(what: str, nbytes: int, file_nbytes: int) -> None:
+    budget = DECODE_LIMITS.decode_budget(file_nbytes)
+    if nbytes > budget:
+        raise DecodeError(
+            f"artifact of {file_nbytes} bytes declares {what} of {nbytes} bytes, beyond its decode budget of "
+            f"{budget} (max(64 MiB, 4096 × the file's size), at most {MAX_PAYLOAD}): not a file deploy writes"
+        )
 
 
 def _decode_tensor(e: Mapping[str, Any], bufs: list[bytes]) -> np.ndarray:
@@ -287,6 +316,7 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         raise DecodeError(f"artifact header is not valid JSON of the expected shape: {e}") from e
     if not 0 <= raw_size <= MAX_PAYLOAD:
         raise DecodeError(f"artifact declares a payload of {raw_size} bytes (limit {MAX_PAYLOAD})")
+    _check_budget("a payload", raw_size, len(data))  # before inflating: no zstd bomb
     try:
         payload = zstandard.ZstdDecompressor().decompress(
             data[_PREFIX.size + hlen :], max_output_size=raw_size
@@ -305,8 +335,15 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         entries = table["tensors"]
     except (ValueError, KeyError, TypeError) as e:
         raise DecodeError(f"artifact tensor table is not valid JSON of the expected shape: {e}") from e
-    if len(entries) > MAX_TENSORS:
-        raise DecodeError(f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS})")
+    if not isinstance(entries, list) or len(entries) > MAX_TENSORS:
+        raise DecodeError(
+            f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS}) or no list of them"
+        )
+    for e in entries:
+        if not isinstance(e, dict) or "name" not in e:
+            raise DecodeError(f"malformed tensor entry {e!r}")
+    # before allocating any tensor: all of them together within the budget (sparse ones decode to full size)
+    _check_budget("tensors", sum(_declared_nbytes(e) for e in entries), len(data))
     buffers = payload[4 + tlen :]
 
     def view(rng: Any) -> bytes:
@@ -320,8 +357,6 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
 
     tensors = {}
     for e in entries:
-        if not isinstance(e, dict) or "name" not in e:
-            raise DecodeError(f"malformed tensor entry {e!r}")
         tensors[e["name"]] = _decode_tensor(e, [view(r) for r in e.get("buffers", [])])
     graph = view(table["graph"]) if table.get("graph") is not None else None
     return Artifact(tensors, dict(header.get("manifest", {})), graph)

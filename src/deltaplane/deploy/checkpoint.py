@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from deltaplane.delta import atomic_write_bytes
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -209,11 +209,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     the architecture lookup (module docstring); the config then need not name an architecture.
 
     Raises:
-        ConfigError: missing files, no architecture named, or an unknown architecture.
+        ConfigError: missing files, a config that is not a JSON object (config.json or the ``config`` metadata),
+            no architecture named, or an unknown architecture.
+        DecodeError: the weights file is not readable safetensors (truncated, junk); the message names it.
         ShapeMismatch: the weights do not match the config (missing/unexpected tensors, wrong shapes); the
             message lists them, so a config/weights mix-up is caught before anything is pruned or shipped.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -227,15 +229,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
     elif p.suffix == ".safetensors" and p.exists():
         weights = p
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
         if "config" not in meta:
             raise ConfigError(
                 f"{p} has no 'config' metadata; put a config.json beside it in a folder instead"
             )
-        config = json.loads(meta["config"])
+        try:
+            config = json.loads(meta["config"])
+        except ValueError as e:
+            raise ConfigError(f"the 'config' metadata of {p} is not valid JSON: {e}") from e
+        cfg_path = p
     else:
         raise ConfigError(f"{p} is neither a checkpoint folder nor a .safetensors file")
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"the config of {p} ({cfg_path.name}) must be a JSON object, not {type(config).__name__}"
+        )
     arch = config.get("architecture") or (config.get("architectures") or [None])[0]
     if builder is not None:
         build = resolve_builder(builder)
@@ -254,7 +267,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         raise ConfigError(f"building {arch!r} from the config of {p} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies
+        raise DecodeError(
+            f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
+        ) from e
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
     # Older checkpoints also save buffers that newer model code keeps non-persistent (BERT's position_ids):

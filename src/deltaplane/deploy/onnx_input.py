@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from deltaplane.deploy.encoder import cosine_similarity_rows
 from deltaplane.deploy.gates import Gates
 from deltaplane.deploy.onnx import ort_session
 from deltaplane.deploy.prune import nm_mask
+from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.errors import ConfigError, DecodeError, UnsupportedLayer
 
@@ -162,11 +162,14 @@ def deploy_onnx_model(
     progress: Callable[[str], None] | None = None,
     card_info: dict[str, str] | None = None,
     inputs_note: str | None = None,
+    overwrite: bool = False,
 ) -> OnnxDeployResult:
     """Prune → quantize → pack an ONNX model and measure the artifact as shipped against the original graph.
 
     ``quant``: ``int8`` / ``int8-dynamic`` (ORT dynamic), ``int8-static`` (needs ``calib_feeds``), ``int4``,
     ``none``. ``eval_feeds``: batch-1 feeds; ``labels``: one per feed (optional) for an accuracy figure.
+    ``out_dir``: replaced as a whole when published; a non-empty folder that is not a deploy's output is refused
+    unless ``overwrite`` (:func:`~deltaplane.deploy.publish.check_out_dir`).
     """
     import onnx
 
@@ -177,6 +180,7 @@ def deploy_onnx_model(
         raise ConfigError(f"quant must be one of {', '.join(QUANTS)}. Found {quant!r}")
     if not eval_feeds:
         raise ConfigError("deploy_onnx_model needs evaluation feeds")
+    out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
     src = Path(src)
     data = src.read_bytes()
     try:
@@ -191,9 +195,7 @@ def deploy_onnx_model(
     if spec is not None:
         say(f"pruning ONNX weights ({prune})")
         sparsity, skipped = prune_onnx(model, spec)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         pruned = tmp / "pruned.onnx"
         onnx.save(model, str(pruned))
@@ -284,7 +286,7 @@ def deploy_onnx_model(
         if inputs_note:
             manifest["inputs_note"] = inputs_note
         _check_gates(manifest, gates)
-        files = _publish(tmp, out_dir, manifest, card_info)
+        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return OnnxDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

@@ -2,18 +2,17 @@
 
 :func:`deploy_classifier` is what ``deltaplane deploy`` runs. It evaluates the artifact *as shipped* — the ORT
 session is built from the bytes read back from the artifact file — so the reported accuracy is the accuracy of
-what a device runs, not of an intermediate model. Everything is written to a temporary folder first and moved
-into place at the end: a failure at any step leaves no partial artifact.
+what a device runs, not of an intermediate model. The output folder is checked before any work, everything is
+written to a hidden sibling folder and swapped in as a whole at the end (:mod:`deltaplane.deploy.publish`): a
+failure at any step leaves no partial artifact, and the folder is always one complete deploy, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from deltaplane.deploy.prune import (
     sparsity_of,
     wanda_prune,
 )
+from deltaplane.deploy.publish import check_out_dir, publish_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
@@ -140,16 +140,19 @@ def _embedded(
 
 
 def _publish(
-    tmp: Path, out_dir: Path, manifest: dict[str, Any], card_info: dict[str, str] | None
+    tmp: Path,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    card_info: dict[str, str] | None,
+    *,
+    overwrite: bool = False,
 ) -> list[str]:
-    """Write manifest + card into the staging folder, then move every file into ``out_dir`` (atomic renames)."""
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
-    files = sorted(p.name for p in tmp.iterdir())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        os.replace(tmp / name, out_dir / name)
-    return files
+    """Write manifest (with the model files' SHA-256) + card into the staging folder ``tmp``, then make ``tmp``
+    the new ``out_dir`` in one rename (:func:`~deltaplane.deploy.publish.publish_dir`): ``out_dir`` is the old
+    complete deploy or the new one, never a mix, and no file of an earlier deploy survives beside the new ones."""
+    return publish_dir(
+        tmp, out_dir, manifest, lambda m: render_model_card(m, **(card_info or {})), overwrite=overwrite
+    )
 
 
 def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
@@ -170,6 +173,29 @@ def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
             results=results,
             manifest=manifest,
         )
+
+
+def _record_unevaluated_ood(
+    manifest: dict[str, Any], gates: Gates | None, variants: dict[str, np.ndarray] | None, why: str | None
+) -> None:
+    """Without corrupted variants there is no OOD figure: say so in the manifest (``ood``) and, when the OOD gate
+    is on, list it under ``gates.not_evaluated`` — a gate that could not be evaluated is not a gate that passed."""
+    if variants:
+        return
+    why = why or "No OOD evaluation: no corrupted variants of the test set were given (variants=None)."
+    manifest["ood"] = {"evaluated": False, "why": why}
+    if gates is not None and gates.max_ood_drop is not None and "gates" in manifest:
+        manifest["gates"].setdefault("not_evaluated", []).append({"gate": "max-ood-drop", "why": why})
+
+
+def _ood_limitation(card_info: dict[str, str] | None, manifest: dict[str, Any]) -> dict[str, str] | None:
+    """The card's limitations, with the missing OOD evaluation first when there was none."""
+    ood = manifest.get("ood") or {}
+    if ood.get("evaluated", True):
+        return card_info
+    info = dict(card_info or {})
+    info["limitations"] = " ".join(x for x in (ood["why"], info.get("limitations", "")) if x)
+    return info
 
 
 @dataclass
@@ -232,6 +258,8 @@ def deploy_classifier(
     extra: Callable[[nn.Module, nn.Module, Callable[[np.ndarray], np.ndarray]], dict[str, Any]] | None = None,
     device_cost: bool = True,
     adversarial_eps: Sequence[float] = (),
+    overwrite: bool = False,
+    ood_note: str | None = None,
 ) -> DeployResult:
     """Compress a single-input classifier into ``out_dir`` (artifact + manifest + model card) and evaluate it.
 
@@ -260,6 +288,12 @@ def deploy_classifier(
             compressed (:func:`~deltaplane.deploy.cost.deploy_cost`; ``onnx`` format only).
         adversarial_eps: L∞ budgets for FGSM and PGD accuracy, fp32 vs the artifact as shipped
             (:func:`~deltaplane.deploy.adversarial.adversarial_eval`); gated by ``gates.max_adv_drop``.
+        overwrite: replace a non-empty ``out_dir`` that is not a previous deploy's output (else refused before
+            any work, :func:`~deltaplane.deploy.publish.check_out_dir`). The folder is always replaced as a
+            whole: no file of an earlier deploy survives beside the new ones.
+        ood_note: why there are no ``variants`` (recorded with the not-evaluated OOD gate). Without variants the
+            ``max_ood_drop`` gate cannot be evaluated: it is listed in ``manifest["gates"]["not_evaluated"]``
+            (and the table and card say so) rather than silently passing.
     """
     import copy
 
@@ -272,7 +306,7 @@ def deploy_classifier(
             f"quant={quant} runs in ONNX Runtime; use --format onnx, or int8/int4 weight storage"
         )
     spec = parse_prune(prune)
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
     x_test = np.ascontiguousarray(x_test, dtype=np.float32)
     x_calib = np.ascontiguousarray(x_calib, dtype=np.float32)
     calib_batches = [torch.from_numpy(x_calib[i : i + 64]) for i in range(0, len(x_calib), 64)]
@@ -306,8 +340,7 @@ def deploy_classifier(
                 }
     weight_sparsity = sparsity_of(work)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         artifact_path = tmp / "model.dpla"
         say(f"exporting ({fmt}) and quantizing ({quant})")
@@ -438,8 +471,12 @@ def deploy_classifier(
             quality = manifest.pop("quality")
             manifest.update(extra(reference, work, cand_predict))
             manifest["quality"] = quality | manifest.get("quality", {})
-        _check_gates(manifest, gates)
-        files = _publish(tmp, out_dir, manifest, card_info)
+        try:
+            _check_gates(manifest, gates)
+        finally:  # a refused deploy's table shows it too
+            _record_unevaluated_ood(manifest, gates, variants, ood_note)
+        card_info = _ood_limitation(card_info, manifest)
+        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)
@@ -472,6 +509,7 @@ def deploy_encoder(
     gates: Gates | None = None,
     recover: Callable[[nn.Module, PruneResult | None], dict[str, Any] | None] | None = None,
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> TokenDeployResult:
     """Compress a BERT-style sentence encoder into ``out_dir`` and measure embedding fidelity and latency.
 
@@ -505,4 +543,5 @@ def deploy_encoder(
         latency_iters=latency_iters,
         card_info=card_info,
         progress=progress,
+        overwrite=overwrite,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from deltaplane.deploy.gates import Gates
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import measure_latency
 from deltaplane.deploy.prune import PruneResult, apply_masks, sparsity_of
+from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.smoothquant import smooth_layernorm_inputs
 from deltaplane.errors import ConfigError
@@ -174,6 +174,7 @@ def deploy_token_model(
     device_cost: bool = True,
     adversarial_eps: Sequence[float] = (),
     smooth: float | None = 0.5,
+    overwrite: bool = False,
 ) -> TokenDeployResult:
     """Compress a token model into ``out_dir`` (artifact, ONNX graph, manifest, model card) and measure it.
 
@@ -201,6 +202,8 @@ def deploy_token_model(
             on the calibration inputs): moves the LayerNorm outputs' outlier channels into the weights before
             export, an exact rewrite in fp32 that keeps min cosine ≥ 0.99 on MiniLM even with 7-bit weights
             (``reduce_range`` on CPUs without VNNI). ``None`` exports the model as it is.
+        overwrite: replace a non-empty ``out_dir`` that is not a previous deploy's output (else refused before
+            any work, :func:`~deltaplane.deploy.publish.check_out_dir`); the folder is replaced as a whole.
     """
     from deltaplane.deploy.pipeline import (
         QUANTS,
@@ -226,7 +229,7 @@ def deploy_token_model(
     cal = np.ascontiguousarray(calib_tokens, dtype=np.int64)
     if ev.ndim != 3 or ev.shape[1] != 2 or not len(ev) or cal.ndim != 3 or not len(cal):
         raise ConfigError("eval_tokens and calib_tokens must be non-empty (N, 2, T) arrays of ids and masks")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
     reference = wrap_for_task(model, task).eval()
     say(f"fp32 reference on {len(ev)} evaluation inputs")
     with torch.inference_mode():
@@ -266,8 +269,7 @@ def deploy_token_model(
     out_name = "embedding" if task == "sentence-embedding" else "logits"
     out_axes = {0: "batch", 1: "tokens"} if task == "next-token" else {0: "batch"}
     axes = {n: {0: "batch", 1: "tokens"} for n in names} | {out_name: out_axes}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         say("exporting ONNX")
         example = (torch.from_numpy(ev[:2, 0]), torch.from_numpy(ev[:2, 1]))
@@ -381,7 +383,7 @@ def deploy_token_model(
             manifest.update(extra(reference, wrapped, ort_predict))
         manifest["quality"] = quality_of(task, fidelity) | manifest.get("quality", {})
         _check_gates(manifest, gates)
-        files = _publish(tmp, out_dir, manifest, card_info)
+        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

@@ -1,0 +1,76 @@
+"""A corrupt checkpoint is a typed error naming the file, never a SafetensorError / JSONDecodeError traceback."""
+
+import json
+
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from deltaplane.commands.deploy import register
+from deltaplane.deploy import load_checkpoint, register_architecture, save_checkpoint
+from deltaplane.errors import ConfigError, DecodeError
+
+
+def _model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 10))
+
+
+@pytest.fixture(autouse=True)
+def _arch():
+    register_architecture("TinyMLP", lambda cfg: _model())
+
+
+def _folder(tmp_path):
+    return save_checkpoint(_model(), tmp_path / "ck", {"architecture": "TinyMLP"})
+
+
+def test_truncated_weights_are_a_decode_error_naming_the_file(tmp_path):
+    ck = _folder(tmp_path)
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(DecodeError, match=r"model.safetensors is not a readable safetensors file"):
+        load_checkpoint(ck)
+
+
+def test_junk_single_file_is_a_decode_error(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"\xff" * 64)
+    with pytest.raises(DecodeError, match="junk.safetensors is not a readable safetensors file"):
+        load_checkpoint(p)
+
+
+def test_bad_config_metadata_is_a_config_error(tmp_path):
+    sd = {k: v.contiguous() for k, v in _model().state_dict().items()}
+    p = tmp_path / "m.safetensors"
+    save_file(sd, str(p), metadata={"config": "{architecture: TinyMLP"})
+    with pytest.raises(ConfigError, match=r"'config' metadata of .*m.safetensors is not valid JSON"):
+        load_checkpoint(p)
+    save_file(sd, str(p), metadata={"config": json.dumps(["TinyMLP"])})
+    with pytest.raises(ConfigError, match="must be a JSON object, not list"):
+        load_checkpoint(p)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    ck = _folder(tmp_path)
+    (ck / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config.json\) must be a JSON object"):
+        load_checkpoint(ck)
+
+
+def test_cli_says_error_and_exits_1(tmp_path):
+    """A DecodeError is exit 1 (a failure reading an input), like every DecodeError in the CLI (docs/cli.md)."""
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
+        pass
+
+    ck = _folder(tmp_path)
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:20])
+    r = CliRunner().invoke(app, ["deploy", str(ck), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "error:" in r.output, r.output
+    assert "model.safetensors is not a readable safetensors file" in " ".join(r.output.split())

@@ -1,0 +1,110 @@
+"""``deploy --data FILE.npz`` is checked against the model before anything runs: bad data is exit 2 with a
+message naming --data and what to fix, never a traceback or a shipped 0%-vs-0% evaluation."""
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from deltaplane.commands.deploy import register
+from deltaplane.deploy import register_architecture, save_checkpoint
+
+
+@pytest.fixture()
+def app():
+    a = typer.Typer()
+    register(a)
+
+    @a.command("noop")
+    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
+        pass
+
+    return a
+
+
+@pytest.fixture()
+def ckpt(tmp_path, trained_cnn):
+    from deltaplane.sim.model import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(trained_cnn.state_dict())
+    register_architecture("DigitsCNN", lambda cfg: DigitsCNN())
+    return save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
+
+
+FAST = ["--quant", "none", "--attack-eps", "0"]
+
+
+def _npz(tmp_path, name, **arrays):
+    p = tmp_path / f"{name}.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+def _cases(digits):
+    xtr, ytr, xte, yte = digits
+    flat = {"x_train": xtr.reshape(len(xtr), 64), "x_test": xte.reshape(len(xte), 64)}
+    return {
+        "labels_out_of_range": (
+            {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte + 100},
+            r"y_test holds labels in \[100, 109\] but the model has 10 outputs",
+        ),
+        "negative_train_label": (
+            {"x_train": xtr, "y_train": ytr - 1, "x_test": xte, "y_test": yte},
+            r"y_train holds labels in \[-1, 8\]",
+        ),
+        "empty_test": (
+            {"x_train": xtr, "y_train": ytr, "x_test": xte[:0], "y_test": yte[:0]},
+            "x_test has shape .0, 1, 8, 8.; it needs at least one sample",
+        ),
+        "lengths_differ": (
+            {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte[:10]},
+            r"y_test has shape \(10,\) but x_test holds \d+ samples",
+        ),
+        "flat_for_a_cnn": (
+            {**flat, "y_train": ytr, "y_test": yte},
+            r"the model does not run on its samples of shape \(64,\)",
+        ),
+        "fractional_labels": (
+            {"x_train": xtr, "y_train": ytr + 0.5, "x_test": xte, "y_test": yte},
+            "y_train .float64. must hold integer class indices",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "labels_out_of_range",
+        "negative_train_label",
+        "empty_test",
+        "lengths_differ",
+        "flat_for_a_cnn",
+        "fractional_labels",
+    ],
+)
+def test_bad_data_is_refused_naming_data(tmp_path, app, ckpt, digits, case):
+    arrays, match = _cases(digits)[case]
+    data = _npz(tmp_path, case, **arrays)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["deploy", str(ckpt), "--data", str(data), "-o", str(out), *FAST])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error:") or "\nerror:" in r.output, r.output
+    text = " ".join(r.output.split())
+    assert f"--data {data}" in text
+    import re
+
+    assert re.search(match, text), text
+    assert not out.exists()
+
+
+def test_few_test_samples_ship_with_a_warning(tmp_path, app, ckpt, digits):
+    xtr, ytr, xte, yte = digits
+    data = _npz(tmp_path, "tiny", x_train=xtr, y_train=ytr, x_test=xte[:5], y_test=yte[:5])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        app, ["deploy", str(ckpt), "--data", str(data), "-o", str(out), "--no-gates", *FAST]
+    )
+    assert r.exit_code == 0, r.output
+    assert "only 5 test samples" in " ".join(r.output.split())
+    assert "Only 5 test samples" in (out / "MODEL_CARD.md").read_text()
