@@ -236,7 +236,6 @@ class BackdoorAttribution(_Buffered):
         self.unlearn, self.unlearn_lr = unlearn, float(unlearn_lr)
         self.state = state if state is not None else AttributionState()
         self._probe: TriggerProbe | None = None
-        self._next_id: str | None = None
         self._ids: list[str] = []
         self.excluded: list[str] = []
 
@@ -244,15 +243,12 @@ class BackdoorAttribution(_Buffered):
         """The round's global model and the server's root data (before :meth:`add`)."""
         self._probe = probe
 
-    def identify(self, client_id: str | None) -> None:
-        """The id of the client whose update the next :meth:`add` receives."""
-        self._next_id = client_id
-
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        cid, self._next_id = self._next_id, None
-        if cid is None:
-            raise InvalidUpdate("trigger_attribution needs the sender of every update: pass client_id")
-        if cid in self._ids:
+        cid = self._next_id  # (super().add consumes it; _Buffered.identify sets it)
+        if cid is None or cid in self._ids:
+            self._next_id = None
+            if cid is None:
+                raise InvalidUpdate("trigger_attribution needs the sender of every update: pass client_id")
             raise InvalidUpdate(f"client {cid} sent two updates in one round")
         super().add(delta, weight)
         self._ids.append(cid)

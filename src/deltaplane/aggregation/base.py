@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from deltaplane.delta import Delta
 
-__all__ = ["Aggregator", "AggregatorWrapper", "arrival_order_matters"]
+__all__ = ["Aggregator", "AggregatorWrapper"]
 
 
 @runtime_checkable
@@ -89,16 +89,3 @@ class AggregatorWrapper:
                 return node
             node = getattr(node, "inner", None)
         return None
-
-
-def arrival_order_matters(aggregator: object) -> bool:
-    """Whether ``aggregator`` (or one it wraps) gives a result that depends on the order its updates arrive
-    in, beyond float rounding: bucketing draws its buckets over arrival positions (``median``'s default). A
-    driver that can deliver a round's updates in the sampled order then does, so that its runs equal the
-    sequential driver's."""
-    node: object | None = aggregator
-    while node is not None:
-        if getattr(node, "arrival_order_matters", False):
-            return True
-        node = getattr(node, "inner", None)
-    return False

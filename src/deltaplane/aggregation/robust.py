@@ -19,6 +19,7 @@ model stops learning (trimmed mean over ``topk(0.01)`` collapses the default fed
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,11 +66,21 @@ class _Buffered:
     def __init__(self) -> None:
         self._like: Delta | None = None
         self._rows: list[torch.Tensor] = []
+        self._senders: list[str | None] = []  # the client id of each row (None: not told)
+        self._next_id: str | None = None
         self._own: dict[str, float] = {}
 
+    def identify(self, client_id: str | None) -> None:
+        """The id of the client whose update the next :meth:`add` receives
+        (:class:`~deltaplane.aggregation.validation.Validate` says it): buckets are drawn over client ids,
+        not over arrival positions (:meth:`_bucketed`)."""
+        self._next_id = client_id
+
     def add(self, delta: Delta, weight: float = 1.0) -> None:
+        sender, self._next_id = self._next_id, None  # told for this update only, kept or refused
         self._like = _admit(self._like, delta, weight)
         self._rows.append(delta.flatten())
+        self._senders.append(sender)
 
     def result(self) -> Delta:
         if not self._rows or self._like is None:
@@ -89,11 +100,6 @@ class _Buffered:
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
 
-    @property
-    def arrival_order_matters(self) -> bool:
-        """Buckets are drawn over the updates' arrival positions (:meth:`_bucketed`)."""
-        return self.bucket > 1
-
     def _bucketed(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Bucketing (Karimireddy, He & Jaggi 2022, ICLR, https://arxiv.org/abs/2006.09365, Algorithm 1).
 
@@ -101,10 +107,16 @@ class _Buffered:
         the robust rule then runs over the ⌈n/s⌉ bucket means. Averaging shrinks the spread that non-IID data
         puts between honest updates (a median of skewed updates is a biased mean), while ``b`` attackers still
         spoil at most ``b`` buckets — a rule that tolerates a fraction δ of bad inputs tolerates δ/s attackers.
+
+        The random order permutes the updates sorted by their senders' ids (:func:`sender_order`), not their
+        arrival positions: which devices share a bucket, and the result bit for bit, depend only on the round's
+        (client id, update) pairs and the seed, whatever order a network or a worker pool delivers them in.
         """
         if self.bucket <= 1 or len(rows) <= 1:
             return rows
-        order = torch.randperm(len(rows), generator=self._bucket_rng).tolist()
+        by_sender = sender_order(self._senders)
+        drawn = torch.randperm(len(rows), generator=self._bucket_rng).tolist()
+        order = [by_sender[i] for i in drawn]
         self._own = {**self._own, "buckets": float(-(-len(rows) // self.bucket))}
         return [
             torch.stack([rows[i] for i in order[lo : lo + self.bucket]]).mean(dim=0)
@@ -123,11 +135,31 @@ class _Buffered:
         raise NotImplementedError
 
     def reset(self) -> None:
-        self._like, self._rows = None, []
+        self._like, self._rows, self._senders, self._next_id = None, [], [], None
 
     @property
     def measurements(self) -> dict[str, float]:
         return {"clients": float(len(self._rows)), **self._own}
+
+
+def _natural(client_id: str) -> tuple[tuple[str | int, ...], str]:
+    """``client_id``'s sort key: digit runs compare as numbers (``client-2`` before ``client-10``, ``2``
+    before ``10``), then the id itself (``01`` and ``1`` stay apart)."""
+    parts = re.split(r"(\d+)", client_id)  # text at even positions, digit runs at odd ones
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), client_id
+
+
+def sender_order(senders: list[str | None]) -> list[int]:
+    """The row positions of ``senders`` (each row's client id, None where unknown) in a fixed order: identified
+    rows by id in natural order (digit runs as numbers), so that the same devices sort alike on every driver —
+    ``3`` in process and on Flower (device id = partition id), ``client-3`` on the HTTP federation — then
+    unidentified rows in arrival order (an aggregator used directly, without
+    :class:`~deltaplane.aggregation.validation.Validate`, keeps the order it was fed). Two rows of one id (a
+    driver that let a device send twice) keep their arrival order."""
+    known = sorted(
+        (i for i, s in enumerate(senders) if s is not None), key=lambda i: _natural(str(senders[i]))
+    )
+    return known + [i for i, s in enumerate(senders) if s is None]
 
 
 #: bucket size of the plain coordinate-wise median when none is given (see :class:`CoordinateMedian`)
@@ -465,19 +497,17 @@ class FoolsGold(_Buffered):
             raise ConfigError(f"confidence must be positive. Found {confidence!r}")
         self.confidence = confidence
         self.state = state if state is not None else FoolsGoldState()
-        self._next_id: str | None = None
         self._ids: list[str] = []
         self.weights: list[float] = []
 
-    def identify(self, client_id: str | None) -> None:
-        """The id of the client whose update the next :meth:`add` receives."""
-        self._next_id = client_id
-
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        cid, self._next_id = self._next_id, None
-        if cid is None:
-            raise InvalidUpdate("FoolsGold needs the sender of every update: pass client_id to Validate.add")
-        if cid in self._ids:
+        cid = self._next_id  # (super().add consumes it)
+        if cid is None or cid in self._ids:
+            self._next_id = None
+            if cid is None:
+                raise InvalidUpdate(
+                    "FoolsGold needs the sender of every update: pass client_id to Validate.add"
+                )
             raise InvalidUpdate(f"client {cid} sent two updates in one round")
         super().add(delta, weight)
         self._ids.append(cid)

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.aggregation.base import arrival_order_matters
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -256,9 +255,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # needs the worker's. The split can change the float rounding of a client's delta, so every round of the
     # run uses the same one, prefetched or not (and _PREFETCH=False gives the very same run).
     caller_share = PREFETCH_CALLER_SHARE if overlap else 1.0
-    # Share by share delivery (below) reaches the server in share order; a rule whose result depends on the
-    # arrival order (bucketing) gets the round's updates in the sampled order instead, as without overlap.
-    share_by_share = overlap and step.stackable and not arrival_order_matters(server.aggregator)
+    # Share by share delivery (below) reaches the server in share order, not the sampled order: a bucketed
+    # rule draws its buckets over client ids, not arrival positions (robust._Buffered._bucketed), so only
+    # float sums see the difference, as with any other delivery order.
+    share_by_share = overlap and step.stackable
     # The forked worker scores each round's model after it has trained its share of the next round, instead
     # of this process before its own share (deltaplane.sim.worker_scoring); set up before the first start()
     # forks the worker. Such a round's metrics are reported once the next round has closed.
