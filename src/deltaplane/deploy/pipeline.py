@@ -26,7 +26,13 @@ from torch import nn
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
 from deltaplane.deploy.card import render_model_card
 from deltaplane.deploy.cost import deploy_cost
-from deltaplane.deploy.gates import Gates, ood_excess_drops
+from deltaplane.deploy.gates import (
+    Gates,
+    classifier_quality,
+    ood_excess_drops,
+    refuse_non_finite_outputs,
+    refuse_non_finite_tensors,
+)
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import (
     Comparison,
@@ -49,13 +55,14 @@ from deltaplane.deploy.prune import (
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
-from deltaplane.errors import ConfigError, QualityGateFailed
+from deltaplane.errors import ConfigError, ExportError, QualityGateFailed
 
 __all__ = [
     "DeployResult",
     "EncoderDeployResult",
     "deploy_classifier",
     "deploy_encoder",
+    "manifest_json",
     "parse_prune",
     "prune_model",
 ]
@@ -143,7 +150,7 @@ def _publish(
     tmp: Path, out_dir: Path, manifest: dict[str, Any], card_info: dict[str, str] | None
 ) -> list[str]:
     """Write manifest + card into the staging folder, then move every file into ``out_dir`` (atomic renames)."""
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / "manifest.json").write_text(manifest_json(manifest))
     (tmp / "MODEL_CARD.md").write_text(render_model_card(manifest, **(card_info or {})))
     files = sorted(p.name for p in tmp.iterdir())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,10 +159,35 @@ def _publish(
     return files
 
 
+def _non_finite_key(obj: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN/Inf float in a JSON-like ``obj``, or ``None``."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return path or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for k, v in items:
+        found = _non_finite_key(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def manifest_json(manifest: dict[str, Any]) -> str:
+    """The manifest as strict JSON (``allow_nan=False``: ``NaN`` is not JSON, and a NaN metric means a broken
+    measurement, never a number to ship); :class:`~deltaplane.errors.ExportError` names the key if one is."""
+    bad = _non_finite_key(manifest)
+    if bad is not None:
+        raise ExportError(f"manifest value {bad} is NaN or Inf; refusing to publish a non-finite metric")
+    return json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+
+
 def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
-    """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss."""
+    """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss.
+
+    ``gates=None`` (``--no-gates``) records ``{"off": true, "passed": null}``: nothing was checked, which is not
+    the same as everything passed (the registry copies this into the lineage, the card says so).
+    """
     if gates is None:
-        manifest["gates"] = {"thresholds": None, "results": [], "passed": True}
+        manifest["gates"] = {"off": True, "thresholds": None, "results": [], "passed": None}
         return
     results = gates.check(manifest.get("quality", {}))
     failed = [r for r in results if not r.passed]
@@ -279,6 +311,12 @@ def deploy_classifier(
     example = torch.from_numpy(x_test[:1])
     model = model.eval()
     reference = (reference if reference is not None else model).eval()
+    refuse_non_finite_tensors(model.state_dict(), model_name)
+    if reference is not model:
+        refuse_non_finite_tensors(reference.state_dict(), f"{model_name} (fp32 reference)")
+    with torch.inference_mode():  # finite weights can still overflow: a source that outputs NaN/Inf is broken
+        ref = reference(torch.from_numpy(x_test)).numpy()
+    refuse_non_finite_outputs(ref, f"the fp32 model {model_name}")
     fp32_bytes = _fp32_safetensors_nbytes(reference)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
 
@@ -363,6 +401,8 @@ def deploy_classifier(
             cand_predict = torch_predictor(runnable)
             export_diff = None
         say("evaluating fp32 and the artifact as shipped")
+        shipped_out = cand_predict(x_test)
+        refuse_non_finite_outputs(shipped_out, f"the compressed artifact ({fmt}, {quant})", ExportError)
         with _torch_threads(threads):
             base = evaluate(
                 "fp32 (PyTorch)",
@@ -383,9 +423,7 @@ def deploy_classifier(
                 size_bytes=info.nbytes,
             )
         cmp = compare(base, cand)
-        with torch.inference_mode():
-            ref = reference(torch.from_numpy(x_test)).numpy()
-        fidelity = float(np.max(np.abs(cand_predict(x_test) - ref)))
+        fidelity = float(np.max(np.abs(shipped_out - ref)))
         manifest = {
             "model": model_name,
             "source_sha256": source_sha256,
@@ -410,6 +448,7 @@ def deploy_classifier(
             "quality": {
                 "accuracy_drop_points": cmp.drops["clean"],
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
+                **classifier_quality(ref, shipped_out, y_test),
             },
         }
         if recovery is not None:
