@@ -104,9 +104,29 @@ def test_shipped_model_that_disagrees_with_fp32_is_refused_even_if_more_accurate
         )  # fmt: skip
     failed = {r.gate: r for r in e.value.results if not r.passed}
     assert set(failed) == {"max-disagreement"}, failed
+    assert failed["max-disagreement"].what == "top-1 disagreement with the fp32 source"
     assert e.value.manifest["quality"]["accuracy_drop_points"] < -10  # accuracy went *up*
     assert failed["max-disagreement"].measured > 10
     assert not (tmp_path / "o").exists()
+
+
+def test_after_fine_tuning_agreement_is_with_the_fine_tuned_model(tmp_path, helpers, trained_cnn, digits):
+    xtr, ytr, xte, yte = digits
+    source = copy.deepcopy(trained_cnn).eval()  # answers 3 for 8 and 8 for 3; fine-tuning on labels fixes it
+    with torch.no_grad():
+        source.fc2.weight[[3, 8]] = source.fc2.weight[[8, 3]].clone()
+        source.fc2.bias[[3, 8]] = source.fc2.bias[[8, 3]].clone()
+
+    def finetune(model, result):
+        helpers.fit(model, xtr, ytr, epochs=3, lr=0.01, masks=result.masks)
+
+    r = deploy_classifier(
+        source, tmp_path / "o", x_test=xte, y_test=yte, x_calib=xtr[:64], prune="0.5", quant="none",
+        finetune=finetune, gates=Gates(), **FAST,
+    )  # fmt: skip
+    q = r.manifest["quality"]
+    assert q["disagreement_with"] == "fine-tuned fp32 model" and q["disagreement_points"] <= 5
+    assert q["disagreement_vs_source_points"] > 10 and q["accuracy_drop_points"] < -10  # recorded, not gated
 
 
 def test_untrained_classifier_is_refused_and_min_accuracy_applies(tmp_path, helpers, trained_cnn, digits):

@@ -458,7 +458,10 @@ def register(app: typer.Typer) -> None:
         ] = 5.0,
         min_accuracy: Annotated[
             float | None,
-            typer.Option(help="gate: lowest clean accuracy of the shipped model, a fraction (0.9 = 90%)"),
+            typer.Option(
+                help="gate: lowest clean accuracy of the shipped model, a fraction (0.9 = 90%)",
+                show_default="off",
+            ),
         ] = None,
         min_above_chance: Annotated[
             float,

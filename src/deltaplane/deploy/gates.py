@@ -11,8 +11,9 @@ model.dpla" and ships it. Every pipeline therefore summarises what it measured i
   0, so an OOD split is only blamed for what it loses on its own);
 - ``adversarial_drop_points``: per attack and ε, adversarial accuracy lost vs fp32 under the same attack;
 - ``disagreement_points``: 100 × the share of evaluation inputs whose top-1 class differs between the shipped
-  model and fp32 (labelled classifiers: a shipped model that computes something else is refused even when its
-  accuracy went *up*);
+  model and the fp32 model it was exported from (``disagreement_with``: the source, or the fine-tuned model when
+  the pipeline trained after pruning); labelled classifiers: a shipped model that computes something else is
+  refused even when its accuracy went *up*;
 - ``accuracy`` / ``accuracy_fp32``: clean accuracy of the shipped model and of fp32 (fractions), and ``chance``:
   the accuracy of guessing without looking at the input — the better of uniform guessing (1 / classes) and
   always answering the test set's most common label — with ``num_classes``.
@@ -251,7 +252,7 @@ class Gates:
         dis = quality.get("disagreement_points")
         if self.max_disagreement is not None and dis is not None:
             m = self.max_disagreement - float(dis)
-            what = "top-1 disagreement with fp32"
+            what = f"top-1 disagreement with the {quality.get('disagreement_with', 'fp32 model')}"
             out.append(GateResult("max-disagreement", what, self.max_disagreement, float(dis), m, m >= 0))
         out += self._accuracy_floors(quality)
         if self.max_ood_drop is not None:

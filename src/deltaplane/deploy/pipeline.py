@@ -234,6 +234,25 @@ def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+def _agreement(
+    ref: np.ndarray, tuned: np.ndarray | None, shipped: np.ndarray, y: np.ndarray
+) -> dict[str, Any]:
+    """The classifier gates' figures (:func:`~deltaplane.deploy.gates.classifier_quality`).
+
+    Top-1 disagreement is measured against the model the artifact was exported from: the fp32 source, or, when
+    the pipeline fine-tuned (or distilled) the pruned model — training meant to change predictions, judged by the
+    accuracy gates — that fine-tuned PyTorch model; the disagreement with the source is then recorded too.
+    """
+    q = classifier_quality(ref, shipped, y)
+    if tuned is None:
+        return q | {"disagreement_with": "fp32 source"}
+    return q | {
+        "disagreement_points": classifier_quality(tuned, shipped, None)["disagreement_points"],
+        "disagreement_with": "fine-tuned fp32 model",
+        "disagreement_vs_source_points": q["disagreement_points"],
+    }
+
+
 def _fp32_safetensors_nbytes(model: nn.Module) -> int:
     from safetensors.torch import save
 
@@ -343,6 +362,10 @@ def deploy_classifier(
                     "accuracy_recovered": _accuracy(work, x_test, y_test),
                 }
     weight_sparsity = sparsity_of(work)
+    tuned = None  # the fine-tuned PyTorch model's logits: what the artifact must agree with after training
+    if spec is not None and finetune is not None:
+        with torch.inference_mode():
+            tuned = work.eval()(torch.from_numpy(x_test)).numpy()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -448,7 +471,7 @@ def deploy_classifier(
             "quality": {
                 "accuracy_drop_points": cmp.drops["clean"],
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
-                **classifier_quality(ref, shipped_out, y_test),
+                **_agreement(ref, tuned, shipped_out, y_test),
             },
         }
         if recovery is not None:
