@@ -314,7 +314,7 @@ def _table(manifest: dict[str, Any], title: str):
         unit = r.get("unit", "" if r["gate"] == "min-cosine" else " pts")
         t.add_row(
             f"[bold red]gate {r['gate']}[/bold red] ({r['what']})",
-            f"limit {r['threshold']:g}{unit}",
+            f"limit {r['threshold']:.4g}{unit}",
             f"{r['measured']:.4g}{unit}",
             f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
         )

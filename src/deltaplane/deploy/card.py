@@ -136,7 +136,7 @@ def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
     for r in results:
         unit = r.get("unit", "" if r["gate"] == "min-cosine" else " pts")
         lines.append(
-            f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:g}{unit} | "
+            f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:.4g}{unit} | "
             f"{'pass' if r['passed'] else 'FAIL'} (margin {r['margin']:+.4g}) |"
         )
     return lines
