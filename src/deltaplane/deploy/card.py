@@ -126,7 +126,8 @@ def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
             "",
             "## Quality gates",
             "",
-            "**Quality gates were OFF** (`--no-gates`): nothing was checked before this model shipped; the "
+            "**Quality gates were OFF** (`--no-gates`, or `gates=None` in Python): nothing was checked before "
+            "this model shipped; the "
             "numbers above are measured but no threshold was applied to them.",
         ]
     results = gates.get("results") or []
