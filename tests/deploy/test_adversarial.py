@@ -64,7 +64,7 @@ def test_cli_adversarial_gate_blocks_a_level(tmp_path, trained_cnn):
     register(app)
     app.command("noop")(lambda: None)
     base = ["deploy", str(ckpt), "--prune", "0.97", "--finetune-epochs", "0", "--attack-eps", "0.05"]
-    loose = ["--max-accuracy-drop", "100", "--max-ood-drop", "100"]
+    loose = ["--max-accuracy-drop", "100", "--max-ood-drop", "100", "--max-disagreement", "100"]
     r = CliRunner().invoke(app, [*base, *loose, "--max-adv-drop", "100", "-o", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ok" / "manifest.json").read_text())

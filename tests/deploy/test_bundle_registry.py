@@ -11,6 +11,7 @@ from deltaplane.commands.deploy import register as register_deploy
 from deltaplane.commands.ops import register as register_ops
 from deltaplane.deploy import deploy_classifier, read_artifact
 from deltaplane.deploy.bundle import load_deployable
+from deltaplane.deploy.gates import Gates
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.registry import Registry
 
@@ -19,8 +20,15 @@ from deltaplane.registry import Registry
 def deployed(tmp_path_factory, trained_cnn, digits):
     xtr, _, xte, yte = digits
     out = tmp_path_factory.mktemp("dep") / "out"
-    deploy_classifier(
-        trained_cnn, out, x_test=xte, y_test=yte, x_calib=xtr[:64], quant="int8", latency_iters=5
+    deploy_classifier(  # with the default gates: the lineage's "passed" means they were checked
+        trained_cnn,
+        out,
+        x_test=xte,
+        y_test=yte,
+        x_calib=xtr[:64],
+        quant="int8",
+        latency_iters=5,
+        gates=Gates(),
     )
     return out
 

@@ -8,8 +8,11 @@ or ``--builder``) and decides the evaluation from what the model does (:func:`~d
 - a token model (sentence encoder, sequence classifier, decoder) is compared with fp32 on held-out inputs:
   embedding cosine, top-1 agreement, next-token agreement and KL.
 
-Quality gates (``--min-cosine``, ``--max-accuracy-drop``, ``--max-ood-drop``, on by default) turn a broken
-compression into exit code 3 with the failed gate and its margin in the table, and nothing written.
+Quality gates (``--min-cosine``, ``--max-accuracy-drop``, ``--max-ood-drop``, ``--max-adv-drop``,
+``--max-disagreement``, ``--min-above-chance``, on by default; ``--min-accuracy`` when given) turn a broken
+compression into exit code 3 with the failed gate and its margin in the table, and nothing written. A model
+with NaN/Inf weights, or one that outputs NaN/Inf on the evaluation set, is refused before any gate (exit 1),
+``--no-gates`` or not.
 """
 
 from __future__ import annotations
@@ -321,6 +324,13 @@ def _table(manifest: dict[str, Any], title: str):
                 f"{fid['cosine_min']:.4f} / {fid['cosine_mean']:.4f}",
                 "",
             )
+        if "r2" in fid:
+            t.add_row(
+                "R² to fp32 over the batch (corr.)",
+                "1.0000",
+                f"{fid['r2']:.4f} ({fid['correlation']:.4f})",
+                "",
+            )
         if "top1_agreement" in fid:
             what = "next-token top-1 agreement" if "positions" in fid else "top-1 agreement"
             t.add_row(what, "1.0000", f"{fid['top1_agreement']:.4f}", "")
@@ -388,14 +398,16 @@ def _table(manifest: dict[str, Any], title: str):
     rec = manifest.get("recovery")
     if rec:
         t.add_row("recovery", "", rec.get("summary", ""), "")
+    if (manifest.get("gates") or {}).get("off"):
+        t.add_row("[bold yellow]gates[/bold yellow]", "", "[bold yellow]OFF[/bold yellow] (--no-gates)", "")
     results = (manifest.get("gates") or {}).get("results", [])
     for r in results:
         if r["passed"]:
             continue
-        unit = "" if r["gate"] == "min-cosine" else " pts"
+        unit = r.get("unit", "" if r["gate"] == "min-cosine" else " pts")
         t.add_row(
             f"[bold red]gate {r['gate']}[/bold red] ({r['what']})",
-            f"limit {r['threshold']:g}{unit}",
+            f"limit {r['threshold']:.4g}{unit}",
             f"{r['measured']:.4g}{unit}",
             f"[bold red]FAIL[/bold red] ({r['margin']:+.3g})",
         )
@@ -436,11 +448,35 @@ def _check_options(prune: str, quant: str, fmt: str) -> None:
 
 
 def _gates(
-    min_cosine: float, max_accuracy_drop: float, max_ood_drop: float, max_adv_drop: float, no_gates: bool
+    min_cosine: float,
+    max_accuracy_drop: float,
+    max_ood_drop: float,
+    max_adv_drop: float,
+    no_gates: bool,
+    *,
+    max_disagreement: float = 5.0,
+    min_accuracy: float | None = None,
+    min_above_chance: float = 0.1,
+    min_r2: float = 0.95,
 ):
+    """The :class:`~deltaplane.deploy.gates.Gates` the options ask for; ``None`` for ``--no-gates``.
+
+    ``--min-above-chance 0`` switches that gate off (0 would only ask for accuracy ≥ chance, which a constant
+    guess meets)."""
     from deltaplane.deploy.gates import Gates
 
-    return None if no_gates else Gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop)
+    if no_gates:
+        return None
+    return Gates(
+        min_cosine,
+        max_accuracy_drop,
+        max_ood_drop,
+        max_adv_drop,
+        max_disagreement=max_disagreement,
+        min_accuracy=min_accuracy,
+        min_above_chance=min_above_chance or None,
+        min_r2=min_r2,
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -508,6 +544,34 @@ def register(app: typer.Typer) -> None:
                 "vs fp32 at any ε"
             ),
         ] = 10.0,
+        max_disagreement: Annotated[
+            float,
+            typer.Option(
+                help="gate (labelled classifiers): % of test inputs whose top-1 class differs from fp32's, even "
+                "if accuracy went up"
+            ),
+        ] = 5.0,
+        min_accuracy: Annotated[
+            float | None,
+            typer.Option(
+                help="gate: lowest clean accuracy of the shipped model, a fraction (0.9 = 90%)",
+                show_default="off",
+            ),
+        ] = None,
+        min_above_chance: Annotated[
+            float,
+            typer.Option(
+                help="gate: fp32 clean accuracy must close this fraction of the gap from chance (1/classes or "
+                "the majority label) to 100%; 0 turns it off"
+            ),
+        ] = 0.1,
+        min_r2: Annotated[
+            float,
+            typer.Option(
+                help="gate (ONNX models with one output value per input): R² of the outputs to fp32's over the "
+                "evaluation batch"
+            ),
+        ] = 0.95,
         attack_eps: Annotated[
             list[float] | None,
             typer.Option(
@@ -594,7 +658,17 @@ def register(app: typer.Typer) -> None:
         # --threads: pruning, fine-tuning and evaluation; the latency figures stay single-threaded (a device's)
         with clean_errors(), cpu_threads(threads):
             try:
-                gates = _gates(min_cosine, max_accuracy_drop, max_ood_drop, max_adv_drop, no_gates)
+                gates = _gates(
+                    min_cosine,
+                    max_accuracy_drop,
+                    max_ood_drop,
+                    max_adv_drop,
+                    no_gates,
+                    max_disagreement=max_disagreement,
+                    min_accuracy=min_accuracy,
+                    min_above_chance=min_above_chance,
+                    min_r2=min_r2,
+                )
                 _check_options(prune, quant, fmt)  # bad options fail before anything slow runs
                 check_out_dir(out, overwrite=overwrite)  # so does an OUT that cannot or must not be replaced
                 if recover not in ("none", "distill"):

@@ -121,14 +121,23 @@ def _measured_limitations(manifest: Mapping[str, Any], flags: list[str]) -> list
 
 def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
     gates = manifest.get("gates") or {}
+    if gates.get("off"):
+        return [
+            "",
+            "## Quality gates",
+            "",
+            "**Quality gates were OFF** (`--no-gates`, or `gates=None` in Python): nothing was checked before "
+            "this model shipped; the "
+            "numbers above are measured but no threshold was applied to them.",
+        ]
     results = gates.get("results") or []
     if not results:
         return []
     lines = ["", "## Quality gates", "", "| gate | measured | threshold | result |", "|---|---|---|---|"]
     for r in results:
-        unit = "" if r["gate"] == "min-cosine" else " pts"
+        unit = r.get("unit", "" if r["gate"] == "min-cosine" else " pts")
         lines.append(
-            f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:g}{unit} | "
+            f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:.4g}{unit} | "
             f"{'pass' if r['passed'] else 'FAIL'} (margin {r['margin']:+.4g}) |"
         )
     return lines
@@ -209,6 +218,11 @@ def _token_metrics(manifest: Mapping[str, Any], lines: list[str]) -> list[str]:
     if "top1_agreement" in fid:
         where = f"{fid['positions']} token positions" if "positions" in fid else f"{fid['inputs']} inputs"
         lines.append(f"| top-1 agreement with fp32 over {where} | {fid['top1_agreement']:.4f} |")
+    if "r2" in fid:
+        lines += [
+            f"| R² of the outputs to fp32's over {fid['inputs']} inputs | {fid['r2']:.4f} |",
+            f"| correlation with fp32's outputs | {fid['correlation']:.4f} |",
+        ]
     if "kl_mean_nats" in fid:
         lines.append(f"| mean KL(fp32 ‖ compressed), nats per position | {fid['kl_mean_nats']:.4g} |")
     if "logit_cosine_min" in fid:

@@ -139,16 +139,32 @@ def export_onnx(
             got = session.run(None, feeds)
             if len(got) != len(ref):
                 raise ExportError(f"ONNX model has {len(got)} outputs, PyTorch {len(ref)}")
-            for r, g in zip(ref, got, strict=True):
+            names = [*output_names, *(f"#{i}" for i in range(len(output_names), len(ref)))]
+            for name, r, g in zip(names, ref, got, strict=False):
                 if tuple(r.shape) != tuple(g.shape):
                     raise ExportError(f"output shape {tuple(g.shape)} differs from PyTorch {tuple(r.shape)}")
-                worst = max(worst, float(np.max(np.abs(r.detach().cpu().numpy() - g))) if r.numel() else 0.0)
+                worst = max(worst, _parity(name, r.detach().cpu().numpy(), g))
         if not worst <= atol:
             raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (max abs) > atol={atol:g}")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(path, worst, path.stat().st_size, opset)
+
+
+def _parity(name: str, ref: np.ndarray, got: np.ndarray) -> float:
+    """Max abs difference of one output; :class:`ExportError` if either side holds NaN/Inf.
+
+    Checked first because ``max(worst, nan)`` is ``worst`` in Python: a NaN difference would otherwise pass
+    as 0.0.
+    """
+    bad_ref, bad_got = int(np.size(ref) - np.isfinite(ref).sum()), int(np.size(got) - np.isfinite(got).sum())
+    if bad_ref or bad_got:
+        raise ExportError(
+            f"output {name!r}: PyTorch gives {bad_ref} and ONNX Runtime {bad_got} NaN/Inf values (of "
+            f"{np.size(got)}) on the verification inputs; refusing an export that computes non-finite values"
+        )
+    return float(np.max(np.abs(ref - got))) if np.size(ref) else 0.0
 
 
 def _flatten_outputs(out: Any) -> Tensor | tuple[Tensor, ...]:

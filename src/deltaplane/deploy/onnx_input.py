@@ -7,10 +7,13 @@ and prunes the weight matrices in the graph itself: the constant weight of every
 per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``). Wanda and channel pruning need
 activations or a traced module and are refused here.
 
-Fidelity is measured against the original ONNX model on evaluation feeds: per-sample cosine similarity of the
-first output, top-1 agreement when that output is ``(batch, classes)`` logits, and accuracy when labels are
-given; the gates read the accuracy drop (or top-1 disagreement) for logits and the minimum cosine for any
-other output. Device cost records activation memory and bytes (no MAC count: there is no PyTorch module to count).
+Fidelity is measured against the original ONNX model on evaluation feeds, on its first output. With labels and
+``(batch, classes)`` logits that cover them, the model is a classifier and is gated as one: accuracy drop, top-1
+disagreement, accuracy floor and above-chance (the logits' cosine is recorded). Any other output with several
+values per input (an embedding, or logits on random inputs) is gated on the minimum per-input cosine similarity
+and, when it is ``(batch, k)``, on top-1 agreement as well. An output with one value per input (a regressor, a score) is gated on R² over
+the batch (:func:`~deltaplane.deploy.gates.batch_r2`): a 1-element cosine is only the sign of a product. Weight
+initializers with NaN/Inf are refused on load, and NaN/Inf outputs before any gate. Device cost records activation memory and bytes (no MAC count: there is no PyTorch module to count).
 """
 
 from __future__ import annotations
@@ -28,12 +31,18 @@ import torch
 from deltaplane.deploy.artifact import pack_onnx, read_artifact
 from deltaplane.deploy.cost import activation_memory, cost_row, count_onnx_macs
 from deltaplane.deploy.encoder import cosine_similarity_rows
-from deltaplane.deploy.gates import Gates
+from deltaplane.deploy.gates import (
+    Gates,
+    batch_r2,
+    classifier_quality,
+    refuse_non_finite_outputs,
+    refuse_non_finite_tensors,
+)
 from deltaplane.deploy.onnx import ort_session
 from deltaplane.deploy.prune import nm_mask
 from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
-from deltaplane.errors import ConfigError, DecodeError, UnsupportedLayer
+from deltaplane.errors import ConfigError, DecodeError, ExportError, UnsupportedLayer
 
 __all__ = ["OnnxDeployResult", "deploy_onnx_model", "onnx_feeds", "prune_onnx"]
 
@@ -188,6 +197,7 @@ def deploy_onnx_model(
         onnx.checker.check_model(model)
     except Exception as e:  # onnx raises its own ValidationError / protobuf errors
         raise DecodeError(f"{src} is not a valid ONNX model: {e}") from e
+    refuse_non_finite_tensors(_constant_tensors(model), str(src))
     import hashlib
 
     spec = parse_prune(prune)
@@ -225,32 +235,11 @@ def deploy_onnx_model(
         for f in (pruned, tmp / "q.onnx"):
             f.unlink(missing_ok=True)
         ref = _run(ort_session(data), eval_feeds)
+        refuse_non_finite_outputs(ref, f"the source model {src.name}")
         out = _run(ort_session(onnx_bytes), eval_feeds)
-        flat_ref, flat_out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
-        cos = cosine_similarity_rows(flat_out, flat_ref)
-        fidelity: dict[str, Any] = {
-            "inputs": len(eval_feeds),
-            "cosine_min": float(cos.min()),
-            "cosine_mean": float(cos.mean()),
-        }
-        quality: dict[str, Any] = {}
-        if ref.ndim == 2 and ref.shape[1] > 1:  # logits: judged by predictions, not by the logits' direction
-            agree = float((out.argmax(1) == ref.argmax(1)).mean())
-            fidelity["top1_agreement"] = agree
-            quality |= {
-                "accuracy_drop_points": 100 * (1 - agree),
-                "accuracy_label": "top-1 disagreement with fp32",
-            }
-            if labels is not None:
-                acc_ref = float((ref.argmax(1) == labels).mean())
-                acc = float((out.argmax(1) == labels).mean())
-                fidelity |= {"accuracy_fp32": acc_ref, "accuracy": acc}
-                quality |= {
-                    "accuracy_drop_points": 100 * (acc_ref - acc),
-                    "accuracy_label": "clean accuracy drop",
-                }
-        else:
-            quality["cosine_min"] = float(cos.min())
+        refuse_non_finite_outputs(out, f"the compressed artifact ({quant})", ExportError)
+        fidelity, quality = output_fidelity(ref, out, labels)
+        fidelity = {"inputs": len(eval_feeds), **fidelity}
         say("device cost (MACs from the graph, activation memory, energy estimates)")
         device_cost: dict[str, Any] = {}
         for key, graph, nbytes, int8 in (
@@ -290,6 +279,70 @@ def deploy_onnx_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return OnnxDeployResult(out_dir, out_dir / "model.dpla", manifest, files)
+
+
+def output_fidelity(
+    ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fidelity of the shipped outputs ``out`` to the source's ``ref`` (rows = inputs) and its gate summary.
+
+    One value per input: R² over the batch (plus the correlation, for the record). Several: the per-input cosine
+    for every such output, and for ``(batch, classes)`` logits top-1 agreement (with labels: accuracies, the
+    accuracy drop, disagreement and chance as for PyTorch classifiers).
+    """
+    flat_ref, flat_out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    fidelity: dict[str, Any] = {}
+    quality: dict[str, Any] = {}
+    if flat_ref.shape[1] == 1:  # a scalar per input: judged over the batch, never per row
+        r2 = batch_r2(flat_out, flat_ref)
+        a, b = flat_ref[:, 0].astype(np.float64), flat_out[:, 0].astype(np.float64)
+        corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float(np.array_equal(a, b))
+        fidelity |= {"r2": r2, "correlation": corr}
+        quality["r2_min"] = r2
+        return fidelity, quality
+    cos = cosine_similarity_rows(flat_out, flat_ref)
+    fidelity |= {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+    if ref.ndim == 2 and labels is not None and ref.shape[1] > int(np.max(labels)):
+        # labelled logits: a classifier, judged by what it predicts (accuracy, agreement, floors); the logits'
+        # direction is recorded, not gated (a 50%-pruned digits CNN: logit cosine 0.96 at 99.7% accuracy)
+        q = classifier_quality(ref, out, labels)
+        fidelity |= {
+            "top1_agreement": 1 - q["disagreement_points"] / 100,
+            "accuracy_fp32": q["accuracy_fp32"],
+            "accuracy": q["accuracy"],
+        }
+        quality |= q | {
+            "accuracy_drop_points": 100 * (q["accuracy_fp32"] - q["accuracy"]),
+            "accuracy_label": "clean accuracy drop",
+        }
+        return fidelity, quality
+    # unknown meaning (embedding or logits): the direction of every output is gated, and for (batch, k) the
+    # top-1 agreement too, so an embedding whose argmax never moves is not waved through
+    quality["cosine_min"] = float(cos.min())
+    if ref.ndim == 2:
+        agree = float((out.argmax(1) == ref.argmax(1)).mean())
+        fidelity["top1_agreement"] = agree
+        quality |= {
+            "accuracy_drop_points": 100 * (1 - agree),
+            "accuracy_label": "top-1 disagreement with fp32",
+        }
+    return fidelity, quality
+
+
+def _constant_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """Every floating-point constant of the graph (initializers and ``Constant`` nodes), by name."""
+    from onnx import numpy_helper
+
+    protos = [(i.name, i) for i in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            protos += [(node.output[0], a.t) for a in node.attribute if a.name == "value"]
+    out = {}
+    for name, proto in protos:
+        arr = numpy_helper.to_array(proto)
+        if np.issubdtype(arr.dtype, np.floating):
+            out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+    return out
 
 
 def digits_feeds(model: Any, x: np.ndarray, input_shape: Sequence[int] | None = None) -> Feeds | None:

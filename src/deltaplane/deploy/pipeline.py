@@ -25,7 +25,13 @@ from torch import nn
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
 from deltaplane.deploy.card import render_model_card
 from deltaplane.deploy.cost import deploy_cost
-from deltaplane.deploy.gates import Gates, ood_excess_drops
+from deltaplane.deploy.gates import (
+    Gates,
+    classifier_quality,
+    ood_excess_drops,
+    refuse_non_finite_outputs,
+    refuse_non_finite_tensors,
+)
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import (
     Comparison,
@@ -45,17 +51,18 @@ from deltaplane.deploy.prune import (
     sparsity_of,
     wanda_prune,
 )
-from deltaplane.deploy.publish import check_out_dir, publish_dir, staging_dir
+from deltaplane.deploy.publish import check_out_dir, manifest_json, publish_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
-from deltaplane.errors import ConfigError, QualityGateFailed
+from deltaplane.errors import ConfigError, ExportError, QualityGateFailed
 
 __all__ = [
     "DeployResult",
     "EncoderDeployResult",
     "deploy_classifier",
     "deploy_encoder",
+    "manifest_json",
     "parse_prune",
     "prune_model",
 ]
@@ -156,9 +163,13 @@ def _publish(
 
 
 def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
-    """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss."""
+    """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss.
+
+    ``gates=None`` (``--no-gates``) records ``{"off": true, "passed": null}``: nothing was checked, which is not
+    the same as everything passed (the registry copies this into the lineage, the card says so).
+    """
     if gates is None:
-        manifest["gates"] = {"thresholds": None, "results": [], "passed": True}
+        manifest["gates"] = {"off": True, "thresholds": None, "results": [], "passed": None}
         return
     results = gates.check(manifest.get("quality", {}))
     failed = [r for r in results if not r.passed]
@@ -226,6 +237,25 @@ def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.inference_mode():
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def _agreement(
+    ref: np.ndarray, tuned: np.ndarray | None, shipped: np.ndarray, y: np.ndarray
+) -> dict[str, Any]:
+    """The classifier gates' figures (:func:`~deltaplane.deploy.gates.classifier_quality`).
+
+    Top-1 disagreement is measured against the model the artifact was exported from: the fp32 source, or, when
+    the pipeline fine-tuned (or distilled) the pruned model — training meant to change predictions, judged by the
+    accuracy gates — that fine-tuned PyTorch model; the disagreement with the source is then recorded too.
+    """
+    q = classifier_quality(ref, shipped, y)
+    if tuned is None:
+        return q | {"disagreement_with": "fp32 source"}
+    return q | {
+        "disagreement_points": classifier_quality(tuned, shipped, None)["disagreement_points"],
+        "disagreement_with": "fine-tuned fp32 model",
+        "disagreement_vs_source_points": q["disagreement_points"],
+    }
 
 
 def _fp32_safetensors_nbytes(model: nn.Module) -> int:
@@ -313,6 +343,12 @@ def deploy_classifier(
     example = torch.from_numpy(x_test[:1])
     model = model.eval()
     reference = (reference if reference is not None else model).eval()
+    refuse_non_finite_tensors(model.state_dict(), model_name)
+    if reference is not model:
+        refuse_non_finite_tensors(reference.state_dict(), f"{model_name} (fp32 reference)")
+    with torch.inference_mode():  # finite weights can still overflow: a source that outputs NaN/Inf is broken
+        ref = reference(torch.from_numpy(x_test)).numpy()
+    refuse_non_finite_outputs(ref, f"the fp32 model {model_name}")
     fp32_bytes = _fp32_safetensors_nbytes(reference)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
 
@@ -339,6 +375,10 @@ def deploy_classifier(
                     "accuracy_recovered": _accuracy(work, x_test, y_test),
                 }
     weight_sparsity = sparsity_of(work)
+    tuned = None  # the fine-tuned PyTorch model's logits: what the artifact must agree with after training
+    if spec is not None and finetune is not None:
+        with torch.inference_mode():
+            tuned = work.eval()(torch.from_numpy(x_test)).numpy()
 
     tmp = staging_dir(out_dir)
     try:
@@ -396,6 +436,8 @@ def deploy_classifier(
             cand_predict = torch_predictor(runnable)
             export_diff = None
         say("evaluating fp32 and the artifact as shipped")
+        shipped_out = cand_predict(x_test)
+        refuse_non_finite_outputs(shipped_out, f"the compressed artifact ({fmt}, {quant})", ExportError)
         with _torch_threads(threads):
             base = evaluate(
                 "fp32 (PyTorch)",
@@ -416,9 +458,7 @@ def deploy_classifier(
                 size_bytes=info.nbytes,
             )
         cmp = compare(base, cand)
-        with torch.inference_mode():
-            ref = reference(torch.from_numpy(x_test)).numpy()
-        fidelity = float(np.max(np.abs(cand_predict(x_test) - ref)))
+        fidelity = float(np.max(np.abs(shipped_out - ref)))
         manifest = {
             "model": model_name,
             "source_sha256": source_sha256,
@@ -443,6 +483,7 @@ def deploy_classifier(
             "quality": {
                 "accuracy_drop_points": cmp.drops["clean"],
                 "ood_excess_drop_points": ood_excess_drops(cmp.drops),
+                **_agreement(ref, tuned, shipped_out, y_test),
             },
         }
         if recovery is not None:

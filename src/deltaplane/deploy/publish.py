@@ -16,6 +16,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,9 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from deltaplane.delta import _UMASK
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ExportError
 
-__all__ = ["DEPLOY_FILES", "check_out_dir", "file_sha256", "is_deploy_output", "publish_dir", "staging_dir"]
+__all__ = [
+    "DEPLOY_FILES",
+    "check_out_dir",
+    "file_sha256",
+    "is_deploy_output",
+    "manifest_json",
+    "publish_dir",
+    "staging_dir",
+]
 
 #: the files a deploy writes; a folder holding only these (and a manifest) is a previous deploy's output
 DEPLOY_FILES = frozenset({"model.dpla", "model.onnx", "manifest.json", "MODEL_CARD.md"})
@@ -142,7 +151,7 @@ def publish_dir(
     out = check_out_dir(out_dir, overwrite=overwrite)
     target = _target(out)
     manifest["sha256"] = {n: file_sha256(tmp / n) for n in MODEL_FILES if (tmp / n).is_file()}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / "manifest.json").write_text(manifest_json(manifest))
     (tmp / "MODEL_CARD.md").write_text(render_card(manifest))
     files = sorted(p.name for p in tmp.iterdir())
     try:
@@ -164,3 +173,24 @@ def publish_dir(
     except OSError as e:
         raise ConfigError(f"could not publish into '{out}': {e}; nothing was changed there") from e
     return files
+
+
+def _non_finite_key(obj: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN/Inf float in a JSON-like ``obj``, or ``None``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for k, v in items:
+        found = _non_finite_key(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def manifest_json(manifest: dict[str, Any]) -> str:
+    """The manifest as strict JSON (``allow_nan=False``: ``NaN`` is not JSON, and a NaN metric means a broken
+    measurement, never a number to ship); :class:`~deltaplane.errors.ExportError` names the key if one is."""
+    bad = _non_finite_key(manifest)
+    if bad is not None:
+        raise ExportError(f"manifest value {bad} is NaN or Inf; refusing to publish a non-finite metric")
+    return json.dumps(manifest, indent=2, allow_nan=False) + "\n"

@@ -34,14 +34,14 @@ from torch import Tensor, nn
 from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256
 from deltaplane.deploy.cost import deploy_cost
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
-from deltaplane.deploy.gates import Gates
+from deltaplane.deploy.gates import Gates, refuse_non_finite_outputs, refuse_non_finite_tensors
 from deltaplane.deploy.onnx import export_onnx, ort_session
 from deltaplane.deploy.profile import measure_latency
 from deltaplane.deploy.prune import PruneResult, apply_masks, sparsity_of
 from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.smoothquant import smooth_layernorm_inputs
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ExportError
 
 __all__ = ["TASKS", "TokenDeployResult", "TokenOutput", "deploy_token_model", "token_fidelity"]
 
@@ -230,10 +230,12 @@ def deploy_token_model(
     if ev.ndim != 3 or ev.shape[1] != 2 or not len(ev) or cal.ndim != 3 or not len(cal):
         raise ConfigError("eval_tokens and calib_tokens must be non-empty (N, 2, T) arrays of ids and masks")
     out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
+    refuse_non_finite_tensors(model.state_dict(), model_name)
     reference = wrap_for_task(model, task).eval()
     say(f"fp32 reference on {len(ev)} evaluation inputs")
     with torch.inference_mode():
         ref = reference(torch.from_numpy(ev[:, 0]), torch.from_numpy(ev[:, 1])).numpy()
+    refuse_non_finite_outputs(ref, f"the fp32 model {model_name}")
     fp32_nbytes = fp32_nbytes or _fp32_nbytes(model)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
     work = copy.deepcopy(model).eval()
@@ -318,7 +320,9 @@ def deploy_token_model(
                 return reference(torch.from_numpy(x[:, 0]), torch.from_numpy(x[:, 1])).numpy()
 
         say("evaluating the artifact as shipped")
-        fidelity = token_fidelity(task, ort_predict(ev), ref, ev[:, 1])
+        shipped_out = ort_predict(ev)
+        refuse_non_finite_outputs(shipped_out, f"the compressed artifact ({quant})", ExportError)
+        fidelity = token_fidelity(task, shipped_out, ref, ev[:, 1])
         latency = {}
         say("timing fp32 and compressed")
         with _torch_threads(threads):
