@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from deltaplane.report.charts import report_charts
 from deltaplane.report.svg import Series, line_chart
@@ -96,7 +96,7 @@ def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> s
 
 
 def _card(label: str, value: str, field: str) -> str:
-    return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{field}">{value}</div></div>'
+    return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{escape(field)}">{value}</div></div>'
 
 
 def login_page(error: str = "") -> str:
@@ -218,7 +218,9 @@ def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str) -> str:
         if c[1] in ("round", "clients") or any(r.get(c[1]) is not None for r in rounds)
     ]
     rows = [
-        f'<tr data-round="{r["round"]}">' + "".join(_num(r.get(k), f, k) for _, k, f in cols) + "</tr>"
+        f'<tr data-round="{escape(str(r.get("round")))}">'
+        + "".join(_num(r.get(k), f, k) for _, k, f in cols)
+        + "</tr>"
         for r in rounds
     ]
     return _table([h for h, _, _ in cols], rows, table_id=table_id)
@@ -307,7 +309,7 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
 
 def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
     rows = [
-        f'<tr><td><a href="/ui/registry/{escape(m["model"])}">{escape(m["model"])}</a></td>'
+        f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
         + _num(m["deltas"], "{}", "deltas")
         + _num(m["latest"], "{}", "latest")
@@ -349,9 +351,11 @@ def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
         parts.append(
             f'<rect x="{x}" y="43" width="{w}" height="{h}" rx="4" fill="#eef0f4" stroke="#14213d"/>'
         )
-        parts.append(f'<text x="{x + w / 2}" y="58" font-size="12" text-anchor="middle">@{a.number}</text>')
         parts.append(
-            f'<text x="{x + w / 2}" y="72" font-size="10" text-anchor="middle">{escape(str(src))[:14]}</text>'
+            f'<text x="{x + w / 2}" y="58" font-size="12" text-anchor="middle">@{escape(str(a.number))}</text>'
+        )
+        parts.append(
+            f'<text x="{x + w / 2}" y="72" font-size="10" text-anchor="middle">{escape(str(src)[:14])}</text>'
         )
     parts.insert(
         2,
@@ -377,16 +381,16 @@ def model_page(view: Mapping[str, Any]) -> str:
             for e in v["evaluations"][-1:]
         )
         vrows.append(
-            f'<tr data-version="{a.number}" data-kind="{escape(a.kind)}"><td>{escape(a.ref)}</td><td>{escape(a.kind)}</td>'
+            f'<tr data-version="{escape(str(a.number))}" data-kind="{escape(a.kind)}"><td>{escape(a.ref)}</td><td>{escape(a.kind)}</td>'
             + _num(a.size, "{:,}", "size")
-            + f"<td>{'' if a.parent is None else a.parent}</td>"
-            f"<td>{'' if a.base is None else f'{a.base} → {a.target}'}</td>"
+            + f"<td>{'' if a.parent is None else escape(str(a.parent))}</td>"
+            f"<td>{'' if a.base is None else escape(f'{a.base} → {a.target}')}</td>"
             f"<td>{escape(a.codec or '')}</td>"
             f"<td data-field='signature'>{sig}</td>"
             f"<td>{escape(', '.join(v['tags']))}</td>"
             f"<td>{escape(', '.join(gov.cohorts))}{problems}</td>"
             f"<td>{escape(', '.join(gov.excluded_cohorts))}</td>"
-            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True))[:160]}</code></td>"
+            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True)[:160])}</code></td>"
             f"<td>{escape(evals)}</td><td>{_when(a.created_at)}</td></tr>"
         )
     versions = _table(
@@ -409,8 +413,8 @@ def model_page(view: Mapping[str, Any]) -> str:
         table_id="versions",
     )
     hist_rows = [
-        f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{h['number']}</td>"
-        f"<td>{'' if h['previous'] is None else h['previous']}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
+        f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{escape(str(h['number']))}</td>"
+        f"<td>{'' if h['previous'] is None else escape(str(h['previous']))}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
         for tag, hist in view["history"].items()
         for h in hist
     ]
@@ -424,7 +428,7 @@ def model_page(view: Mapping[str, Any]) -> str:
             if isinstance(v, int | float)
         )
         dec_rows.append(
-            f'<tr data-promoted="{str(d["promoted"]).lower()}"><td>@{d["candidate"]} → :{escape(d["tag"])}</td>'
+            f'<tr data-promoted="{str(d["promoted"]).lower()}"><td>@{escape(str(d["candidate"]))} → :{escape(d["tag"])}</td>'
             f"<td>{verdict}</td><td>{escape(nums)}</td><td>{escape('; '.join(d['reasons']))}</td>"
             f"<td>{escape(d['evaluator'])}</td><td>{_when(d['at'])}</td></tr>"
         )
@@ -509,7 +513,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             )
         )
     alerts = [
-        f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{a.get('version', '')}</td>"
+        f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{escape(str(a.get('version', '')))}</td>"
         f"<td>{_when(a.get('at'))}</td></tr>"
         for a in reversed(fleet.get("alerts", []))
     ]

@@ -1,0 +1,86 @@
+"""The dashboard against hostile or broken inputs: injected report fields, guessed tokens, malformed reports,
+broken registries. Plain HTTP (FastAPI's TestClient), no browser: each test is a request and its answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from deltaplane.registry import Registry
+from deltaplane.report.writer import REPORT_FORMAT
+from deltaplane.serve import ServiceConfig, create_app
+from deltaplane.ui import create_ui_app
+
+ADMIN = "admin-token-for-the-hardening-test"
+BEARER = {"Authorization": f"Bearer {ADMIN}"}
+SCRIPT = '1"><script>alert(document.cookie)</script><x y="'
+
+
+def _ui(runs: Path | None = None, home: Path | None = None) -> TestClient:
+    app = create_ui_app(
+        admin_token=ADMIN, runs_dir=str(runs) if runs else None, registry_home=str(home) if home else None
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _report(runs: Path, folder: str, doc: object) -> None:
+    (runs / folder).mkdir(parents=True, exist_ok=True)
+    (runs / folder / "report.json").write_text(json.dumps(doc))
+
+
+def _good(name: str = "a") -> dict:
+    return {
+        "format": REPORT_FORMAT,
+        "title": "good",
+        "runs": [
+            {
+                "name": name,
+                "config": {"codec": "identity"},
+                "final": {"test_accuracy": 0.5, "cumulative_uplink_bytes": 10},
+                "rounds": [{"round": 1, "test_accuracy": 0.5, "cumulative_uplink_bytes": 10}],
+            }
+        ],
+    }
+
+
+# -- 1. injection and defence-in-depth headers ---------------------------------------------------------------
+
+
+def test_a_string_round_in_a_report_is_escaped(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "evil", {"format": REPORT_FORMAT, "runs": [{"name": "r", "rounds": [{"round": SCRIPT}]}]})
+    r = _ui(runs).get("/ui/run", params={"report": "evil", "name": "r"}, headers=BEARER)
+    assert "<script>" not in r.text
+    assert r.status_code in (200, 400)
+
+
+def test_every_ui_response_carries_the_security_headers(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs)
+    answers = [
+        c.get("/ui/login"),
+        c.get("/ui/", follow_redirects=False),  # the redirect to the sign-in page
+        c.get("/ui/run", params={"report": "demo", "name": "a"}, headers=BEARER),
+        c.get("/ui/run", headers=BEARER),  # 422: the query string is incomplete
+        c.post("/ui/login", data={"token": "wrong"}),
+    ]
+    for r in answers:
+        csp = r.headers.get("content-security-policy", "")
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, (r.status_code, r.headers)
+        assert "script-src" not in csp and "unsafe-eval" not in csp  # the pages run no script at all
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+    page = answers[2].text
+    assert "<script" not in page  # nothing the CSP would block: the pages are HTML, inline CSS and SVG only
+    assert "<svg" in page and "<style>" in page
+
+
+def test_the_service_sends_the_headers_on_ui_and_not_on_the_device_api(tmp_path):
+    Registry.create(tmp_path / "home")
+    c = TestClient(create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN)))
+    assert c.get("/ui/fleet", headers=BEARER).headers["x-frame-options"] == "DENY"
+    assert "x-frame-options" not in c.get("/admin/stats", headers=BEARER).headers
