@@ -84,3 +84,49 @@ def test_the_service_sends_the_headers_on_ui_and_not_on_the_device_api(tmp_path)
     c = TestClient(create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN)))
     assert c.get("/ui/fleet", headers=BEARER).headers["x-frame-options"] == "DENY"
     assert "x-frame-options" not in c.get("/admin/stats", headers=BEARER).headers
+
+
+# -- 2. guessing the admin token -----------------------------------------------------------------------------
+
+
+def test_wrong_bearer_tokens_on_ui_are_throttled_like_sign_ins():
+    c = _ui()
+    wrong = {"Authorization": "Bearer wrong-guess-xxxxxxxxxxxx"}
+    codes = [c.get("/ui/", headers=wrong, follow_redirects=False).status_code for _ in range(7)]
+    assert codes[:5] == [303] * 5 and codes[5:] == [429, 429], codes
+    r = c.get("/ui/fleet", headers=BEARER, follow_redirects=False)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # no verdict on the real token either
+    # the lockout is shared with the sign-in form (and the other way round)
+    assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 429
+
+
+def test_a_sign_in_lockout_lasts_the_full_minute_after_the_fifth_failure(monkeypatch):
+    """Five failures spread over 50 s lock the address out for 60 s from the fifth, as docs/dashboard.md says."""
+    from types import SimpleNamespace
+
+    import deltaplane.ui.router as router
+
+    now = [1000.0]
+    monkeypatch.setattr(router, "time", SimpleNamespace(monotonic=lambda: now[0]))  # the throttle's clock
+    c = _ui()
+
+    def sign_in(token: str) -> int:
+        return c.post("/ui/login", data={"token": token}, follow_redirects=False).status_code
+
+    for t in (0, 10, 20, 30):
+        now[0] = 1000.0 + t
+        assert sign_in("wrong") == 401
+    now[0] = 1050.0
+    assert sign_in("wrong") == 401  # the fifth failure
+    now[0] = 1051.0
+    assert sign_in("wrong") == 429  # locked out: one failure fewer never locks anything
+    now[0] = 1109.0
+    assert sign_in(ADMIN) == 429, "the lockout must last 60 s from the fifth failure, not the first"
+    now[0] = 1111.0
+    assert sign_in(ADMIN) == 303
+
+
+def test_four_failures_do_not_lock_an_address_out():
+    c = _ui()
+    assert [c.post("/ui/login", data={"token": "no"}).status_code for _ in range(4)] == [401] * 4
+    assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303

@@ -32,30 +32,53 @@ class _LoginRequired(Exception):
     pass
 
 
-class LoginThrottle:
-    """After ``limit`` failed sign-ins from one address, refuse that address for ``lockout_s`` seconds.
+class _Throttled(Exception):
+    """An address locked out by the :class:`LoginThrottle` tried a bearer token: 429, the token unchecked."""
 
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
+class LoginThrottle:
+    """After ``limit`` failed sign-ins from one address within ``lockout_s`` seconds, refuse that address for
+    ``lockout_s`` seconds counted from the failure that reached the limit (not from the first one: five failures
+    spread over 59 s must still lock the address out for a whole minute).
+
+    Failed sign-ins on ``/ui/login`` and wrong ``Authorization: Bearer`` tokens on any ``/ui`` page count alike.
     Bounded: at most ``max_keys`` addresses are remembered (the oldest are forgotten first).
     """
 
-    def __init__(self, *, limit: int = 5, lockout_s: float = 60.0, max_keys: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = 5,
+        lockout_s: float = 60.0,
+        max_keys: int = 10_000,
+    ) -> None:
         self.limit, self.lockout_s, self.max_keys = limit, lockout_s, max_keys
-        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # address -> (failures in the current window, window start, locked until)
+        self._fails: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def blocked(self, key: str) -> float:
         """Seconds ``key`` must still wait (0.0 when it may try)."""
         with self._lock:
-            count, since = self._fails.get(key, (0, 0.0))
-            wait = since + self.lockout_s - time.monotonic()
-            return wait if count >= self.limit and wait > 0 else 0.0
+            _, _, until = self._fails.get(key, (0, 0.0, 0.0))
+            return max(0.0, until - time.monotonic())
 
     def failed(self, key: str) -> None:
+        """Count one failure of ``key``; the ``limit``-th within ``lockout_s`` locks it out from now."""
         with self._lock:
-            count, since = self._fails.pop(key, (0, time.monotonic()))
-            if time.monotonic() - since > self.lockout_s:
-                count, since = 0, time.monotonic()
-            self._fails[key] = (count + 1, since)
+            now = time.monotonic()
+            count, since, until = self._fails.pop(key, (0, now, 0.0))
+            if until > now:  # already locked out: the lockout is not extended by refused tries
+                self._fails[key] = (count, since, until)
+                return
+            if now - since > self.lockout_s or until:  # the window (or an earlier lockout) has passed
+                count, since = 0, now
+            count += 1
+            self._fails[key] = (count, since, now + self.lockout_s if count >= self.limit else 0.0)
             while len(self._fails) > self.max_keys:
                 self._fails.popitem(last=False)
 
@@ -126,10 +149,17 @@ def create_ui_router(
 
     def signed_in(request: Request) -> None:
         auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and hmac.compare_digest(
-            auth[7:].strip().encode(), admin_token.encode()
-        ):
-            return
+        if auth.lower().startswith("bearer "):
+            # a bearer token is the admin token itself: guesses count against the sign-in throttle, and a
+            # locked-out address gets no verdict on it at all (as on /ui/login and the service's /admin)
+            who = _client(request)
+            wait = throttle.blocked(who)
+            if wait:
+                raise _Throttled(wait)
+            if hmac.compare_digest(auth[7:].strip().encode(), admin_token.encode()):
+                return
+            throttle.failed(who)
+        # a session cookie carries an HMAC under the admin token: it cannot be guessed, so it is not throttled
         if not check_cookie(admin_token, request.cookies.get(COOKIE)):
             raise _LoginRequired
 
@@ -155,10 +185,12 @@ def create_ui_router(
 
     @router.post("/login")
     async def login(request: Request) -> Response:
-        who = request.client.host if request.client else "?"
+        who = _client(request)
         wait = throttle.blocked(who)
         if wait:
-            return _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+            resp = _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+            resp.headers["Retry-After"] = str(max(1, round(wait)))
+            return resp
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -235,6 +267,10 @@ def create_ui_router(
     return router
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
 def install_login_redirect(app: Any) -> None:
     """Send a browser without a session to the sign-in page instead of a bare 401."""
 
@@ -243,3 +279,14 @@ def install_login_redirect(app: Any) -> None:
         if request.method == "GET":
             return RedirectResponse("/ui/login", status_code=303)
         return _html(pages.login_page("sign in first"), 401)
+
+    @app.exception_handler(_Throttled)
+    async def _throttled(request: Request, exc: _Throttled) -> Response:
+        resp = _html(
+            pages.error_page(
+                429, f"too many failed sign-ins from this address; try again in {exc.wait:.0f} s"
+            ),
+            429,
+        )
+        resp.headers["Retry-After"] = str(max(1, round(exc.wait)))
+        return resp
