@@ -4,8 +4,11 @@ broken registries. Plain HTTP (FastAPI's TestClient), no browser: each test is a
 from __future__ import annotations
 
 import json
+from html import unescape
 from pathlib import Path
 
+import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from deltaplane.registry import Registry
@@ -130,3 +133,79 @@ def test_four_failures_do_not_lock_an_address_out():
     c = _ui()
     assert [c.post("/ui/login", data={"token": "no"}).status_code for _ in range(4)] == [401] * 4
     assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+# -- 3. malformed reports ------------------------------------------------------------------------------------
+
+ODD_REPORTS = {
+    "no-runs": {"format": REPORT_FORMAT},
+    "nameless-run": {"format": REPORT_FORMAT, "runs": [{"rounds": []}]},
+    "runs-object": {"format": REPORT_FORMAT, "runs": {"x": 1}},
+    "run-not-object": {"format": REPORT_FORMAT, "runs": ["r"]},
+    "summary-strings": {"format": REPORT_FORMAT, "runs": [], "summary": ["x"]},
+    "not-json": "{",
+}
+
+
+@pytest.mark.parametrize("odd", sorted(ODD_REPORTS))
+def test_one_malformed_report_is_listed_as_skipped_not_a_500(tmp_path, odd):
+    runs = tmp_path / "runs"
+    _report(runs, "good", _good())
+    (runs / "odd").mkdir()
+    doc = ODD_REPORTS[odd]
+    (runs / "odd" / "report.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    c = _ui(runs)
+    for page in ("/ui/", "/ui/runs"):
+        r = c.get(page, headers=BEARER)
+        assert r.status_code == 200, (page, r.status_code)
+        assert "good / a" in r.text  # the good report is still there
+        skipped = r.text[r.text.index('id="skipped-reports"') :]
+        assert "<code>odd</code>" in skipped, page
+
+
+@pytest.mark.parametrize(
+    ("rounds", "shown"),
+    [
+        ([{"test_accuracy": 0.5}], 400),  # a round without its number
+        ([{"round": "one"}], 400),
+        ([{"round": 1, "test_accuracy": 0.5}], 200),  # accuracy but no cumulative bytes: that chart skips it
+        ([{"round": 1, "test_accuracy": "n/a", "uplink_bytes": "lots"}], 200),  # shown as written
+    ],
+)
+def test_a_malformed_run_gets_a_clear_page_not_a_500(tmp_path, rounds, shown):
+    runs = tmp_path / "runs"
+    _report(runs, "odd", {"format": REPORT_FORMAT, "runs": [{"name": "r", "rounds": rounds}]})
+    r = _ui(runs).get("/ui/run", params={"report": "odd", "name": "r"}, headers=BEARER)
+    assert r.status_code == shown, r.text[-400:]
+    if shown == 400:
+        assert "report 'odd' is malformed" in unescape(r.text) and "'round'" in unescape(r.text)
+
+
+# -- 4. broken registries ------------------------------------------------------------------------------------
+
+
+def _registry(home: Path) -> Registry:
+    reg = Registry.create(home)
+    reg.register_model("digits", {"w": torch.zeros(3)}, lineage={"source": "run"})
+    return reg
+
+
+@pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
+def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
+    home = tmp_path / "home"
+    _registry(home)
+    if damage == "registry.json deleted":
+        (home / "registry.json").unlink()
+        cause = "registry.json"
+    else:
+        (home / "registry.db").write_bytes(b"not sqlite" * 100)
+        cause = "database disk image is malformed"
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs, home)
+    for page in ("/ui/registry", "/ui/registry/digits"):
+        r = c.get(page, headers=BEARER)
+        assert r.status_code == 503, (page, r.status_code)
+        assert cause in r.text and "registry verify" in r.text
+    home_page = c.get("/ui/", headers=BEARER)  # the overview still shows the runs, and the registry's problem
+    assert home_page.status_code == 200 and "demo / a" in home_page.text and cause in home_page.text

@@ -75,9 +75,7 @@ def _page(title: str, body: str, *, here: str = "", nav: bool = True) -> str:
 
 def _num(value: Any, fmt: str = "{:.4f}", field: str = "") -> str:
     attr = f' data-field="{escape(field)}"' if field else ""
-    if value is None or (isinstance(value, float) and not finite(value)):
-        return f'<td class="num"{attr}>—</td>'
-    return f'<td class="num"{attr}>{escape(fmt.format(value))}</td>'
+    return f'<td class="num"{attr}>{_fmt(value, fmt)}</td>'
 
 
 def _when(ts: float | None) -> str:
@@ -117,8 +115,20 @@ def error_page(status: int, message: str) -> str:
     )
 
 
+def _skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """A visible note for the reports left out of a listing, each with the reason."""
+    if not skipped:
+        return ""
+    items = "".join(f"<li><code>{escape(rel)}</code>: {escape(why)}</li>" for rel, why in skipped)
+    return f'<div id="skipped-reports"><p class="bad">{len(skipped)} report(s) left out:</p><ul>{items}</ul></div>'
+
+
 def home_page(
-    runs: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] | None
+    runs: Sequence[Mapping[str, Any]],
+    models: Sequence[Mapping[str, Any]],
+    fleet: Mapping[str, Any] | None,
+    skipped: Sequence[tuple[str, str]] = (),
+    registry_error: str = "",
 ) -> str:
     open_rounds = len(fleet.get("open_rounds", [])) if fleet else None
     devices = len(fleet.get("devices", [])) if fleet else None
@@ -141,12 +151,18 @@ def home_page(
     return _page(
         "Overview",
         f'<div class="cards">{cards}</div>{fleet_note}<h2>Latest runs</h2>'
-        + _table(["run", "final test accuracy"], [latest]),
+        + _table(["run", "final test accuracy"], [latest])
+        + _skipped(skipped)
+        + (
+            f'<p class="bad" id="registry-error">registry: {escape(registry_error)}</p>'
+            if registry_error
+            else ""
+        ),
         here="/ui/",
     )
 
 
-def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
+def runs_page(runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = ()) -> str:
     rows = []
     for r in runs:
         q = urlencode({"report": r["report"], "name": r["name"]})
@@ -181,7 +197,7 @@ def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
     body = (
         '<form method="get" action="/ui/compare"><p>Tick two runs and '
         '<button type="submit">compare</button> them side by side.</p>'
-        f"{table}</form>"
+        f"{table}</form>{_skipped(skipped)}"
     )
     return _page("Runs", body, here="/ui/runs")
 
@@ -242,7 +258,14 @@ def _headline(run: Mapping[str, Any], prefix: str = "") -> str:
 
 
 def _fmt(v: Any, fmt: str) -> str:
-    return "—" if v is None or (isinstance(v, float) and not finite(v)) else escape(fmt.format(v))
+    """``v`` in ``fmt``, "—" when absent or not finite; a value of the wrong type (a hand-edited report's
+    ``"n/a"``) is shown as it is rather than failing the page."""
+    if v is None or (isinstance(v, float) and not finite(v)):
+        return "—"
+    try:
+        return escape(fmt.format(v))
+    except (TypeError, ValueError):
+        return escape(str(v))
 
 
 def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.ui import pages
 from deltaplane.ui.session import COOKIE, SESSION_SECONDS, check_cookie, make_cookie
-from deltaplane.ui.sources import FleetSource, RegistryView, RunRef, RunsSource
+from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
 __all__ = ["LoginThrottle", "create_ui_router"]
 
@@ -165,16 +165,24 @@ def create_ui_router(
 
     Admin = Depends(signed_in)
 
-    def guarded(render: Callable[..., str]) -> Callable[..., Response]:
-        def wrapper(*args: Any, **kwargs: Any) -> Response:
-            try:
-                return _html(render(*args, **kwargs))
-            except NotFound as exc:
-                return _html(pages.error_page(404, str(exc)), 404)
-            except DeltaplaneError as exc:
-                return _html(pages.error_page(400, str(exc)), 400)
+    def guarded(render: Callable[[], str]) -> Response:
+        """``render()`` as a page; a deltaplane error (or a broken registry database) as an error page saying
+        what is wrong. Everything a page reads must be read *inside* ``render``."""
+        try:
+            return _html(render())
+        except NotFound as exc:
+            return _html(pages.error_page(404, str(exc)), 404)
+        except RegistryUnavailable as exc:
+            return _html(pages.error_page(503, str(exc)), 503)
+        except DeltaplaneError as exc:
+            return _html(pages.error_page(400, str(exc)), 400)
 
-        return wrapper
+    def models_or_error() -> tuple[list[dict[str, Any]], str]:
+        """The registry's models for the overview, or none and why (a broken registry must not hide the runs)."""
+        try:
+            return registry.models(), ""
+        except RegistryUnavailable as exc:
+            return [], str(exc)
 
     def snapshot() -> Any:
         return fleet() if fleet is not None else None
@@ -221,11 +229,20 @@ def create_ui_router(
 
     @router.get("/", dependencies=[Admin])
     def home() -> Response:
-        return guarded(pages.home_page)(runs.listing(), registry.models(), snapshot())
+        def render() -> str:
+            listing = runs.listing()
+            models, problem = models_or_error()
+            return pages.home_page(listing.rows, models, snapshot(), listing.skipped, problem)
+
+        return guarded(render)
 
     @router.get("/runs", dependencies=[Admin])
     def runs_list() -> Response:
-        return guarded(pages.runs_page)(runs.listing())
+        def render() -> str:
+            listing = runs.listing()
+            return pages.runs_page(listing.rows, listing.skipped)
+
+        return guarded(render)
 
     @router.get("/run", dependencies=[Admin])
     def run_detail(
@@ -235,7 +252,7 @@ def create_ui_router(
             doc, run = runs.run(RunRef(report, name))
             return pages.run_page(report, doc, run)
 
-        return guarded(render)()
+        return guarded(render)
 
     @router.get("/compare", dependencies=[Admin])
     def compare(run: Annotated[list[str], Query(max_length=1300)] = []) -> Response:  # noqa: B006
@@ -250,19 +267,19 @@ def create_ui_router(
                 pair.append((key, runs.run(RunRef(report, name))[1]))
             return pages.compare_page(pair[0], pair[1])
 
-        return guarded(render)()
+        return guarded(render)
 
     @router.get("/registry", dependencies=[Admin])
     def registry_list() -> Response:
-        return guarded(pages.registry_page)(registry.models(), registry_home)
+        return guarded(lambda: pages.registry_page(registry.models(), registry_home))
 
     @router.get("/registry/{model}", dependencies=[Admin])
     def model_detail(model: str) -> Response:
-        return guarded(lambda: pages.model_page(registry.model(model)))()
+        return guarded(lambda: pages.model_page(registry.model(model)))
 
     @router.get("/fleet", dependencies=[Admin])
     def fleet_view() -> Response:
-        return guarded(pages.fleet_page)(snapshot())
+        return guarded(lambda: pages.fleet_page(snapshot()))
 
     return router
 

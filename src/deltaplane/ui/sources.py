@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,16 @@ from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.registry.store import Artifact, Registry
 from deltaplane.report.writer import load_report
 
-__all__ = ["FleetSource", "RegistryView", "RunRef", "RunsSource", "config_diff"]
+__all__ = [
+    "FleetSource",
+    "Listing",
+    "RegistryUnavailable",
+    "RegistryView",
+    "RunRef",
+    "RunsSource",
+    "check_report",
+    "config_diff",
+]
 
 #: A callable returning the live fleet snapshot (see :meth:`deltaplane.serve.app.ServiceState.fleet_snapshot`),
 #: or None when the dashboard runs without a service (``deltaplane ui``).
@@ -40,6 +51,51 @@ class RunRef:
     @property
     def key(self) -> str:
         return f"{self.report}::{self.name}"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The runs table: one row per run of every usable report, and (folder, why) for each report left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_report(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` if it has the shape the pages read, else :class:`ConfigError` naming the first field to fix.
+
+    ``load_report`` checks only the format tag; a report edited by hand or written by another tool may still
+    lack ``runs`` or a run's ``name``, and one odd file must not take the overview down.
+    """
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"report {where!r} is malformed: {what}")
+
+    runs = doc.get("runs")
+    if not isinstance(runs, list):
+        raise bad(f"'runs' must be a list of runs, not {type(runs).__name__}")
+    summary = doc.get("summary", [])
+    if not isinstance(summary, list) or not all(isinstance(x, dict) for x in summary):
+        raise bad("'summary' must be a list of objects")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}] must be an object, not {type(run).__name__}")
+        if not isinstance(run.get("name"), str) or not run["name"]:
+            raise bad(f"runs[{i}] has no 'name' string")
+        for key in ("config", "final"):
+            if not isinstance(run.get(key, {}), dict):
+                raise bad(f"run {run['name']!r}: '{key}' must be an object")
+        rounds = run.get("rounds", [])
+        if not isinstance(rounds, list):
+            raise bad(f"run {run['name']!r}: 'rounds' must be a list")
+        for j, rnd in enumerate(rounds):
+            if not isinstance(rnd, dict) or not _is_number(rnd.get("round")):
+                raise bad(f"run {run['name']!r}: rounds[{j}] needs a numeric 'round'")
+    return doc
 
 
 class RunsSource:
@@ -76,7 +132,7 @@ class RunsSource:
             raise NotFound(f"no report {report!r} under {self.root}")
         if path.stat().st_size > MAX_REPORT_BYTES:
             raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
-        return load_report(path)
+        return check_report(load_report(path), report)
 
     def run(self, ref: RunRef) -> tuple[dict[str, Any], dict[str, Any]]:
         """(report document, run) for ``ref``."""
@@ -88,34 +144,42 @@ class RunsSource:
             f"report {ref.report!r} has no run {ref.name!r}; runs: {[r['name'] for r in doc['runs']]}"
         )
 
-    def listing(self) -> list[dict[str, Any]]:
-        """One row per run of every readable report: headline figures for the runs table."""
-        rows = []
+    def listing(self) -> Listing:
+        """One row per run of every usable report (headline figures for the runs table), and the reports left
+        out with the reason, so a malformed file is shown as such instead of breaking the page."""
+        rows: list[dict[str, Any]] = []
+        skipped: list[tuple[str, str]] = []
         for rel, path in self.reports():
             try:
-                doc = load_report(path)
-            except DeltaplaneError:
-                continue
-            summary = {s["name"]: s for s in doc.get("summary", [])}
-            for run in doc["runs"]:
-                final = run.get("final", {})
-                s = summary.get(run["name"], {})
-                rows.append(
-                    {
-                        "report": rel,
-                        "name": run["name"],
-                        "title": doc.get("title", ""),
-                        "codec": s.get("codec", run.get("config", {}).get("codec", "?")),
-                        "rounds": len(run.get("rounds", [])),
-                        "test_accuracy": final.get("test_accuracy"),
-                        "epsilon": final.get("epsilon"),
-                        "uplink_bytes": final.get("cumulative_uplink_bytes"),
-                        "downlink_bytes": final.get("cumulative_downlink_bytes"),
-                        "stopped": run.get("stopped"),
-                        "wall_time_s": run.get("wall_time_s"),
-                    }
-                )
-        return rows
+                rows.extend(_rows(rel, check_report(load_report(path), rel)))
+            except DeltaplaneError as exc:
+                skipped.append((rel, str(exc)))
+        return Listing(rows, skipped)
+
+
+def _rows(rel: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs-table rows of one checked report."""
+    summary = {s.get("name"): s for s in doc.get("summary", [])}
+    rows = []
+    for run in doc["runs"]:
+        final = run.get("final", {})
+        s = summary.get(run["name"], {})
+        rows.append(
+            {
+                "report": rel,
+                "name": run["name"],
+                "title": doc.get("title", ""),
+                "codec": s.get("codec", run.get("config", {}).get("codec", "?")),
+                "rounds": len(run.get("rounds", [])),
+                "test_accuracy": final.get("test_accuracy"),
+                "epsilon": final.get("epsilon"),
+                "uplink_bytes": final.get("cumulative_uplink_bytes"),
+                "downlink_bytes": final.get("cumulative_downlink_bytes"),
+                "stopped": run.get("stopped"),
+                "wall_time_s": run.get("wall_time_s"),
+            }
+        )
+    return rows
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -141,6 +205,25 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, A
     return rows
 
 
+class RegistryUnavailable(ConfigError):
+    """The registry cannot be opened or read (``registry.json`` missing, a corrupt ``registry.db``): the pages
+    say so with the cause, as a 503, instead of failing with a bare 500."""
+
+
+@contextmanager
+def _readable(home: Path | None) -> Iterator[None]:
+    try:
+        yield
+    except NotFound:
+        raise
+    except (ConfigError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, RegistryUnavailable):
+            raise
+        raise RegistryUnavailable(
+            f"the registry at {home} cannot be read: {exc} (the operator should run `deltaplane registry verify`)"
+        ) from exc
+
+
 class RegistryView:
     """Read-only questions the dashboard asks of a registry (opened lazily: it may not exist yet)."""
 
@@ -153,10 +236,16 @@ class RegistryView:
     @property
     def registry(self) -> Registry | None:
         if self._registry is None and self.home is not None and (self.home / "registry.db").exists():
-            self._registry = Registry(self.home)
+            with _readable(self.home):
+                self._registry = Registry(self.home)
         return self._registry
 
     def models(self) -> list[dict[str, Any]]:
+        """One row per model for the registry table; :class:`RegistryUnavailable` when it cannot be read."""
+        with _readable(self.home):
+            return self._models()
+
+    def _models(self) -> list[dict[str, Any]]:
         reg = self.registry
         if reg is None:
             return []
@@ -176,6 +265,10 @@ class RegistryView:
 
     def model(self, model: str) -> dict[str, Any]:
         """Everything the model page shows: versions, tags and their history, decisions, governance."""
+        with _readable(self.home):
+            return self._model(model)
+
+    def _model(self, model: str) -> dict[str, Any]:
         reg = self.registry
         if reg is None or model not in reg.models():
             raise NotFound(f"no model {model!r} in the registry")
