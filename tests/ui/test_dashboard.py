@@ -248,9 +248,12 @@ def test_pages_need_the_admin_token(world):
         for path in ("/ui/", "/ui/runs", "/ui/registry/digits", "/ui/fleet", "/ui/run?report=demo&name=dp"):
             r = c.get(path)
             assert r.status_code == 303 and r.headers["location"] == "/ui/login", path
-        # a device token is not an admin session
+        # a device token is not an admin session (and counts as a failed sign-in of this address)
         assert c.get("/ui/fleet", headers={"Authorization": "Bearer x" * 3}).status_code == 303
         assert c.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        # a successful sign-in clears the address's failures (the later throttle test counts from zero)
+        assert c.post("/ui/login", data={"token": ADMIN}).status_code == 303
+        c.cookies.clear()
         # a forged or expired cookie does not pass
         c.cookies.set("deltaplane_ui", "9999999999.deadbeef", path="/ui")
         assert c.get("/ui/").status_code == 303

@@ -209,3 +209,22 @@ def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
         assert cause in r.text and "registry verify" in r.text
     home_page = c.get("/ui/", headers=BEARER)  # the overview still shows the runs, and the registry's problem
     assert home_page.status_code == 200 and "demo / a" in home_page.text and cause in home_page.text
+
+
+# -- signing out ---------------------------------------------------------------------------------------------
+
+
+def test_signing_out_ends_the_session_on_the_server_too():
+    """A copy of the cookie taken before the sign-out (a stolen one, a second tab's) no longer works; another
+    browser's session does."""
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None)
+    first, second = TestClient(app), TestClient(app)
+    for c in (first, second):
+        assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    stolen = first.cookies.get("deltaplane_ui")
+    assert first.post("/ui/logout", follow_redirects=False).status_code == 303
+    replay = TestClient(app, cookies={"deltaplane_ui": stolen})
+    r = replay.get("/ui/fleet", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    assert second.get("/ui/fleet", follow_redirects=False).status_code == 200
+    assert stolen != second.cookies.get("deltaplane_ui")  # every sign-in gets its own session

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.ui import pages
-from deltaplane.ui.session import COOKIE, SESSION_SECONDS, check_cookie, make_cookie
+from deltaplane.ui.session import COOKIE, SESSION_SECONDS, RevokedSessions, cookie_expiry, make_cookie
 from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
 __all__ = ["LoginThrottle", "create_ui_router"]
@@ -145,6 +145,7 @@ def create_ui_router(
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
+    revoked = RevokedSessions()
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
@@ -160,7 +161,8 @@ def create_ui_router(
                 return
             throttle.failed(who)
         # a session cookie carries an HMAC under the admin token: it cannot be guessed, so it is not throttled
-        if not check_cookie(admin_token, request.cookies.get(COOKIE)):
+        cookie = request.cookies.get(COOKIE)
+        if cookie_expiry(admin_token, cookie) is None or cookie in revoked:
             raise _LoginRequired
 
     Admin = Depends(signed_in)
@@ -222,7 +224,12 @@ def create_ui_router(
         return resp
 
     @router.post("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        # end the session on the server too: a copy of the cookie taken before the sign-out stops working
+        cookie = request.cookies.get(COOKIE)
+        expiry = cookie_expiry(admin_token, cookie)
+        if cookie is not None and expiry is not None:
+            revoked.revoke(cookie, expiry)
         resp = RedirectResponse("/ui/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/ui")
         return resp
