@@ -228,3 +228,28 @@ def test_signing_out_ends_the_session_on_the_server_too():
     assert r.status_code == 303 and r.headers["location"] == "/ui/login"
     assert second.get("/ui/fleet", follow_redirects=False).status_code == 200
     assert stolen != second.cookies.get("deltaplane_ui")  # every sign-in gets its own session
+
+
+# -- 5. work per page view -----------------------------------------------------------------------------------
+
+
+def test_listings_parse_each_report_once_until_it_changes(tmp_path, monkeypatch):
+    import deltaplane.ui.sources as sources
+
+    parsed: list[str] = []
+    real = sources.load_report
+    monkeypatch.setattr(
+        sources, "load_report", lambda path: parsed.append(Path(path).parent.name) or real(path)
+    )
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c"):
+        _report(runs, name, _good(name))
+    c = _ui(runs)
+    for page in ("/ui/", "/ui/runs", "/ui/"):
+        assert c.get(page, headers=BEARER).status_code == 200
+    assert sorted(parsed) == ["a", "b", "c"], parsed  # three views, each report read once
+    _report(runs, "b", _good("renamed"))  # rewritten: a different size, so it is read again
+    r = c.get("/ui/runs", headers=BEARER)
+    assert sorted(parsed) == ["a", "b", "b", "c"] and "b / renamed" in r.text
+    (runs / "c" / "report.json").unlink()
+    assert "c / c" not in c.get("/ui/runs", headers=BEARER).text

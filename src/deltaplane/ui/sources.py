@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,9 +104,17 @@ class RunsSource:
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).resolve() if root is not None else None
+        # path -> ((mtime_ns, size), the report's rows or why it was left out): a listing re-parses only the
+        # reports that changed since the last view (each may be up to MAX_REPORT_BYTES of JSON)
+        self._parsed: dict[Path, tuple[tuple[int, int], list[dict[str, Any]] | str]] = {}
+        self._lock = threading.Lock()
 
     def reports(self) -> list[tuple[str, Path]]:
         """(relative folder, path) of each report.json, newest first."""
+        return [(rel, path) for rel, path, _ in self._found()]
+
+    def _found(self) -> list[tuple[str, Path, tuple[int, int]]]:
+        """(relative folder, path, (mtime_ns, size)) of each report.json, newest first."""
         if self.root is None or not self.root.is_dir():
             return []
         found = []
@@ -115,12 +124,12 @@ class RunsSource:
             except OSError:
                 continue
             if st.st_size <= MAX_REPORT_BYTES:
-                found.append((st.st_mtime, path))
+                found.append((st.st_mtime_ns, st.st_size, path))
         found.sort(reverse=True)
         out = []
-        for _, path in found[:MAX_REPORTS]:
+        for mtime_ns, size, path in found[:MAX_REPORTS]:
             rel = path.parent.relative_to(self.root).as_posix()
-            out.append((rel or ".", path))
+            out.append((rel or ".", path, (mtime_ns, size)))
         return out
 
     def load(self, report: str) -> dict[str, Any]:
@@ -149,11 +158,25 @@ class RunsSource:
         out with the reason, so a malformed file is shown as such instead of breaking the page."""
         rows: list[dict[str, Any]] = []
         skipped: list[tuple[str, str]] = []
-        for rel, path in self.reports():
-            try:
-                rows.extend(_rows(rel, check_report(load_report(path), rel)))
-            except DeltaplaneError as exc:
-                skipped.append((rel, str(exc)))
+        found = self._found()
+        for rel, path, stamp in found:
+            with self._lock:
+                cached = self._parsed.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    cached = (stamp, _rows(rel, check_report(load_report(path), rel)))
+                except DeltaplaneError as exc:
+                    cached = (stamp, str(exc))
+                with self._lock:
+                    self._parsed[path] = cached
+            if isinstance(cached[1], str):
+                skipped.append((rel, cached[1]))
+            else:
+                rows.extend(cached[1])
+        with self._lock:  # forget reports that are gone (the cache never outgrows MAX_REPORTS by much)
+            keep = {path for _, path, _ in found}
+            for path in [p for p in self._parsed if p not in keep]:
+                del self._parsed[path]
         return Listing(rows, skipped)
 
 
