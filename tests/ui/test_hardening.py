@@ -253,3 +253,39 @@ def test_listings_parse_each_report_once_until_it_changes(tmp_path, monkeypatch)
     assert sorted(parsed) == ["a", "b", "b", "c"] and "b / renamed" in r.text
     (runs / "c" / "report.json").unlink()
     assert "c / c" not in c.get("/ui/runs", headers=BEARER).text
+
+
+def test_the_runs_table_is_paged(tmp_path):
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"] = [dict(doc["runs"][0], name=f"run{i:03d}") for i in range(120)]
+    _report(runs, "many", doc)
+    c = _ui(runs)
+    first = c.get("/ui/runs", headers=BEARER).text
+    assert first.count('name="run"') == 50 and "rows 1–50 of 120" in first
+    assert 'href="/ui/runs?page=2"' in first
+    last = c.get("/ui/runs?page=3", headers=BEARER).text
+    assert last.count('name="run"') == 20 and "many / run119" in last and "many / run000" not in last
+    assert c.get("/ui/runs?page=0", headers=BEARER).status_code == 422
+
+
+def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    reg = _registry(home)
+    for i in range(64):
+        reg.register_model("digits", {"w": torch.full((3,), float(i))}, parent=i + 1)
+    for i in range(120):
+        reg.set_tag("digits", "production", 1 + i % 60, reason=f"move {i}")
+    reads: list[int] = []
+    real = Registry.read
+    monkeypatch.setattr(
+        Registry, "read", lambda self, art, **kw: reads.append(art.number) or real(self, art, **kw)
+    )
+    c = _ui(home=home)
+    first = c.get("/ui/registry/digits", headers=BEARER).text
+    assert first.count("<tr data-version=") == 50 and "rows 1–50 of 65" in first
+    assert sorted(reads) == list(range(16, 66)), "only the shown page's signatures are checked (newest first)"
+    assert first.count("move ") == 50  # the tag history, newest first, one page of it
+    assert "move 119" in first and "move 0<" not in first
+    older = c.get("/ui/registry/digits?page=2&history=3", headers=BEARER).text
+    assert older.count("<tr data-version=") == 15 and older.count("move ") == 20 and "move 0<" in older

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 from deltaplane.report.charts import report_charts
 from deltaplane.report.svg import Series, line_chart
-from deltaplane.ui.sources import config_diff, finite
+from deltaplane.ui.sources import PAGE_ROWS, config_diff, finite
 
 __all__ = [
     "compare_page",
@@ -93,6 +93,29 @@ def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> s
     return f"<table{tid}><thead><tr>{ths}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _page_of(items: Sequence[Any], page: int) -> list[Any]:
+    """Page ``page`` (from 1) of ``items``, :data:`PAGE_ROWS` a page."""
+    return list(items[(page - 1) * PAGE_ROWS : page * PAGE_ROWS])
+
+
+def _pager(path: str, query: Mapping[str, Any], param: str, page: int, total: int) -> str:
+    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept)."""
+    if total <= PAGE_ROWS and page == 1:
+        return ""
+    last = max(1, -(-total // PAGE_ROWS))
+
+    def link(n: int, label: str) -> str:
+        return f'<a href="{escape(path)}?{escape(urlencode({**query, param: n}))}" rel="nofollow">{label}</a>'
+
+    first_row, last_row = min(total, (page - 1) * PAGE_ROWS + 1), min(total, page * PAGE_ROWS)
+    parts = [f"rows {first_row}–{last_row} of {total}"]
+    if page > 1:
+        parts.append(link(min(page - 1, last), "← newer"))
+    if page < last:
+        parts.append(link(page + 1, "older →"))
+    return f'<p class="pager" data-pager="{escape(param)}">{" · ".join(parts)}</p>'
+
+
 def _card(label: str, value: str, field: str) -> str:
     return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{escape(field)}">{value}</div></div>'
 
@@ -162,9 +185,11 @@ def home_page(
     )
 
 
-def runs_page(runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = ()) -> str:
+def runs_page(
+    runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = (), page: int = 1
+) -> str:
     rows = []
-    for r in runs:
+    for r in _page_of(runs, page):
         q = urlencode({"report": r["report"], "name": r["name"]})
         stopped = f' <span class="bad">{escape(str(r["stopped"]))}</span>' if r.get("stopped") else ""
         rows.append(
@@ -197,7 +222,7 @@ def runs_page(runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, st
     body = (
         '<form method="get" action="/ui/compare"><p>Tick two runs and '
         '<button type="submit">compare</button> them side by side.</p>'
-        f"{table}</form>{_skipped(skipped)}"
+        f"{table}</form>{_pager('/ui/runs', {}, 'page', page, len(runs))}{_skipped(skipped)}"
     )
     return _page("Runs", body, here="/ui/runs")
 
@@ -389,8 +414,11 @@ def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def model_page(view: Mapping[str, Any]) -> str:
+def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, decisions: int = 1) -> str:
+    """One model; ``view`` holds page ``page`` of its versions, the three long tables are paged separately."""
     model = view["model"]
+    here = f"/ui/registry/{quote(model, safe='')}"
+    query = {"page": page, "history": history, "decisions": decisions}
     vrows = []
     for v in view["versions"]:
         a = v["artifact"]
@@ -438,11 +466,10 @@ def model_page(view: Mapping[str, Any]) -> str:
     hist_rows = [
         f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{escape(str(h['number']))}</td>"
         f"<td>{'' if h['previous'] is None else escape(str(h['previous']))}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
-        for tag, hist in view["history"].items()
-        for h in hist
+        for tag, h in _page_of(view["history"], history)
     ]
     dec_rows = []
-    for d in view["decisions"]:
+    for d in _page_of(sorted(view["decisions"], key=lambda d: -(d.get("at") or 0)), decisions):
         verdict = '<span class="ok">promoted</span>' if d["promoted"] else '<span class="bad">refused</span>'
         nums = "; ".join(
             f"{k}: {v:.4f}"
@@ -458,19 +485,24 @@ def model_page(view: Mapping[str, Any]) -> str:
     withdrawn = ", ".join(view["withdrawn"]) or "none"
     body = (
         "<h2>Lineage</h2>"
-        + _lineage_svg(view["versions"])
+        + _lineage_svg(
+            [{"artifact": a} for a in view.get("artifacts", [v["artifact"] for v in view["versions"]])]
+        )
         + "<h2>Versions</h2>"
         + versions
+        + _pager(here, query, "page", page, view.get("version_count", len(view["versions"])))
         + "<h2>Tags</h2>"
         + _table(
             ["tag", "action", "version", "previous", "reason", "when"], hist_rows, table_id="tag-history"
         )
+        + _pager(here, query, "history", history, len(view["history"]))
         + "<h2>Promotion decisions</h2>"
         + _table(
             ["candidate", "verdict", "gate numbers", "reasons", "evaluator", "when"],
             dec_rows,
             table_id="decisions",
         )
+        + _pager(here, query, "decisions", decisions, len(view["decisions"]))
         + f"<h2>Governance</h2><p>Withdrawn cohorts: <span data-field='withdrawn'>{escape(withdrawn)}</span></p>"
     )
     return _page(f"Model {model}", body, here="/ui/registry")

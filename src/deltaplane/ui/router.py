@@ -26,6 +26,8 @@ __all__ = ["LoginThrottle", "create_ui_router"]
 #: A login form body is one short field; anything longer is refused before it is parsed.
 MAX_LOGIN_BODY = 4096
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
+#: A ``?page=`` number of a paged table (from 1).
+Page = Annotated[int, Query(ge=1, le=1_000_000)]
 
 
 class _LoginRequired(Exception):
@@ -244,10 +246,10 @@ def create_ui_router(
         return guarded(render)
 
     @router.get("/runs", dependencies=[Admin])
-    def runs_list() -> Response:
+    def runs_list(page: Page = 1) -> Response:
         def render() -> str:
             listing = runs.listing()
-            return pages.runs_page(listing.rows, listing.skipped)
+            return pages.runs_page(listing.rows, listing.skipped, page)
 
         return guarded(render)
 
@@ -281,8 +283,12 @@ def create_ui_router(
         return guarded(lambda: pages.registry_page(registry.models(), registry_home))
 
     @router.get("/registry/{model}", dependencies=[Admin])
-    def model_detail(model: str) -> Response:
-        return guarded(lambda: pages.model_page(registry.model(model)))
+    def model_detail(model: str, page: Page = 1, history: Page = 1, decisions: Page = 1) -> Response:
+        return guarded(
+            lambda: pages.model_page(
+                registry.model(model, page=page), page=page, history=history, decisions=decisions
+            )
+        )
 
     @router.get("/fleet", dependencies=[Admin])
     def fleet_view() -> Response:

@@ -40,6 +40,8 @@ FleetSource = Callable[[], Mapping[str, Any]]
 MAX_REPORT_BYTES = 64 << 20
 #: At most this many report.json files are listed (newest first).
 MAX_REPORTS = 500
+#: Rows per page of the long tables (runs, a model's versions, tag moves and decisions).
+PAGE_ROWS = 50
 
 
 @dataclass(frozen=True)
@@ -286,21 +288,26 @@ class RegistryView:
             )
         return rows
 
-    def model(self, model: str) -> dict[str, Any]:
-        """Everything the model page shows: versions, tags and their history, decisions, governance."""
+    def model(self, model: str, *, page: int = 1, per_page: int = PAGE_ROWS) -> dict[str, Any]:
+        """Everything the model page shows: versions (newest first, page ``page`` of ``per_page``; only those
+        are checked and looked up), tags and their history (newest first), decisions, governance."""
         with _readable(self.home):
-            return self._model(model)
+            return self._model(model, page, per_page)
 
-    def _model(self, model: str) -> dict[str, Any]:
+    def _model(self, model: str, page: int, per_page: int) -> dict[str, Any]:
         reg = self.registry
         if reg is None or model not in reg.models():
             raise NotFound(f"no model {model!r} in the registry")
         versions = reg.versions(model)
         withdrawn = reg.withdrawn_cohorts()
         tags = reg.tags(model)
-        history = {t: reg.tag_history(model, t) for t in sorted(tags)}
+        history = sorted(
+            ((t, h) for t in tags for h in reg.tag_history(model, t)), key=lambda th: -(th[1].get("at") or 0)
+        )
+        newest_first = sorted(versions, key=lambda v: v.number, reverse=True)
+        shown = newest_first[(page - 1) * per_page : page * per_page]
         rows = []
-        for v in versions:
+        for v in shown:
             rows.append(
                 {
                     "artifact": v,
@@ -313,6 +320,8 @@ class RegistryView:
         return {
             "model": model,
             "versions": rows,
+            "version_count": len(versions),
+            "artifacts": versions,
             "tags": tags,
             "history": history,
             "decisions": reg.promotion_decisions(model),
