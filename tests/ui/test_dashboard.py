@@ -136,6 +136,13 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
             lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else external.append(r.url),
         )
 
+        # the pages must render under their own Content-Security-Policy: the browser reports what it blocks
+        blocked: list[str] = []
+        page.on(
+            "console",
+            lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+        )
+
         def shot(name: str) -> None:
             for d in _shots(tmp_path):
                 d.mkdir(parents=True, exist_ok=True)
@@ -238,6 +245,7 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         shot("fleet")
 
         assert external == [], f"the dashboard requested outside addresses: {external}"
+        assert blocked == [], f"the Content-Security-Policy blocked part of a page: {blocked}"
         browser.close()
     assert (tmp_path / "dashboard-run.png").stat().st_size > 10_000
 

@@ -7,7 +7,9 @@ sees with the source document.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
@@ -51,6 +53,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f3f3f3; padding: 0.5rem; overflow-x: auto; }
 form.inline { display: inline; }
 """
+
+#: The CSP source of the one stylesheet every page inlines: the browser applies that ``<style>`` and nothing
+#: else (no injected ``<style>``, no ``style=`` attribute), without allowing inline styles in general.
+STYLE_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode() + "'"
 
 _NAV = (("/ui/", "Overview"), ("/ui/runs", "Runs"), ("/ui/registry", "Registry"), ("/ui/fleet", "Fleet"))
 

@@ -90,11 +90,11 @@ class LoginThrottle:
 
 
 #: Sent with every ``/ui`` response, as defence in depth should a value ever reach a page unescaped: the pages
-#: need only their inline ``<style>`` and inline SVG (no script at all, so none may run), post forms only to
-#: themselves and must not be framed (clickjacking of the sign-out and compare forms).
+#: need only their one inline stylesheet (allowed by its hash) and inline SVG (no script at all, so none may
+#: run), post forms only to themselves and must not be framed (clickjacking of the sign-out and compare forms).
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+        f"default-src 'none'; style-src {pages.STYLE_HASH}; img-src 'self' data:; form-action 'self'; "
         "base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Frame-Options": "DENY",
