@@ -136,6 +136,13 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
             lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else external.append(r.url),
         )
 
+        # the pages must render under their own Content-Security-Policy: the browser reports what it blocks
+        blocked: list[str] = []
+        page.on(
+            "console",
+            lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+        )
+
         def shot(name: str) -> None:
             for d in _shots(tmp_path):
                 d.mkdir(parents=True, exist_ok=True)
@@ -238,6 +245,7 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         shot("fleet")
 
         assert external == [], f"the dashboard requested outside addresses: {external}"
+        assert blocked == [], f"the Content-Security-Policy blocked part of a page: {blocked}"
         browser.close()
     assert (tmp_path / "dashboard-run.png").stat().st_size > 10_000
 
@@ -248,9 +256,12 @@ def test_pages_need_the_admin_token(world):
         for path in ("/ui/", "/ui/runs", "/ui/registry/digits", "/ui/fleet", "/ui/run?report=demo&name=dp"):
             r = c.get(path)
             assert r.status_code == 303 and r.headers["location"] == "/ui/login", path
-        # a device token is not an admin session
+        # a device token is not an admin session (and counts as a failed sign-in of this address)
         assert c.get("/ui/fleet", headers={"Authorization": "Bearer x" * 3}).status_code == 303
         assert c.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        # a successful sign-in clears the address's failures (the later throttle test counts from zero)
+        assert c.post("/ui/login", data={"token": ADMIN}).status_code == 303
+        c.cookies.clear()
         # a forged or expired cookie does not pass
         c.cookies.set("deltaplane_ui", "9999999999.deadbeef", path="/ui")
         assert c.get("/ui/").status_code == 303

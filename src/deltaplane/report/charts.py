@@ -75,7 +75,7 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
                     [
                         (r["cumulative_uplink_bytes"], r["test_accuracy"])
                         for r in run["rounds"]
-                        if _ok(r.get("test_accuracy"))
+                        if _ok(r.get("test_accuracy")) and _ok(r.get("cumulative_uplink_bytes"))
                     ],
                 )
                 for run in runs

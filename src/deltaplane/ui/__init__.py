@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deltaplane.ui.router import LoginThrottle, create_ui_router, install_login_redirect
+from deltaplane.ui.router import LoginThrottle, SecurityHeaders, create_ui_router, install_login_redirect
 from deltaplane.ui.sources import FleetSource
 
 __all__ = ["FleetSource", "LoginThrottle", "create_ui_app", "create_ui_router", "mount_ui"]
@@ -28,6 +28,7 @@ def mount_ui(
         create_ui_router(admin_token=admin_token, runs_dir=runs_dir, registry_home=registry_home, fleet=fleet)
     )
     install_login_redirect(app)
+    app.add_middleware(SecurityHeaders)
 
 
 def create_ui_app(*, admin_token: str, runs_dir: str | None, registry_home: str | None) -> Any:

@@ -7,16 +7,18 @@ sees with the source document.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from deltaplane.report.charts import report_charts
 from deltaplane.report.svg import Series, line_chart
-from deltaplane.ui.sources import config_diff, finite
+from deltaplane.ui.sources import PAGE_ROWS, config_diff, finite
 
 __all__ = [
     "compare_page",
@@ -52,6 +54,10 @@ pre { background: #f3f3f3; padding: 0.5rem; overflow-x: auto; }
 form.inline { display: inline; }
 """
 
+#: The CSP source of the one stylesheet every page inlines: the browser applies that ``<style>`` and nothing
+#: else (no injected ``<style>``, no ``style=`` attribute), without allowing inline styles in general.
+STYLE_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode() + "'"
+
 _NAV = (("/ui/", "Overview"), ("/ui/runs", "Runs"), ("/ui/registry", "Registry"), ("/ui/fleet", "Fleet"))
 
 
@@ -75,9 +81,7 @@ def _page(title: str, body: str, *, here: str = "", nav: bool = True) -> str:
 
 def _num(value: Any, fmt: str = "{:.4f}", field: str = "") -> str:
     attr = f' data-field="{escape(field)}"' if field else ""
-    if value is None or (isinstance(value, float) and not finite(value)):
-        return f'<td class="num"{attr}>—</td>'
-    return f'<td class="num"{attr}>{escape(fmt.format(value))}</td>'
+    return f'<td class="num"{attr}>{_fmt(value, fmt)}</td>'
 
 
 def _when(ts: float | None) -> str:
@@ -95,8 +99,31 @@ def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> s
     return f"<table{tid}><thead><tr>{ths}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _page_of(items: Sequence[Any], page: int) -> list[Any]:
+    """Page ``page`` (from 1) of ``items``, :data:`PAGE_ROWS` a page."""
+    return list(items[(page - 1) * PAGE_ROWS : page * PAGE_ROWS])
+
+
+def _pager(path: str, query: Mapping[str, Any], param: str, page: int, total: int) -> str:
+    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept)."""
+    if total <= PAGE_ROWS and page == 1:
+        return ""
+    last = max(1, -(-total // PAGE_ROWS))
+
+    def link(n: int, label: str) -> str:
+        return f'<a href="{escape(path)}?{escape(urlencode({**query, param: n}))}" rel="nofollow">{label}</a>'
+
+    first_row, last_row = min(total, (page - 1) * PAGE_ROWS + 1), min(total, page * PAGE_ROWS)
+    parts = [f"rows {first_row}–{last_row} of {total}"]
+    if page > 1:
+        parts.append(link(min(page - 1, last), "← newer"))
+    if page < last:
+        parts.append(link(page + 1, "older →"))
+    return f'<p class="pager" data-pager="{escape(param)}">{" · ".join(parts)}</p>'
+
+
 def _card(label: str, value: str, field: str) -> str:
-    return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{field}">{value}</div></div>'
+    return f'<div class="card"><div class="muted">{escape(label)}</div><div class="v" data-field="{escape(field)}">{value}</div></div>'
 
 
 def login_page(error: str = "") -> str:
@@ -117,8 +144,20 @@ def error_page(status: int, message: str) -> str:
     )
 
 
+def _skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """A visible note for the reports left out of a listing, each with the reason."""
+    if not skipped:
+        return ""
+    items = "".join(f"<li><code>{escape(rel)}</code>: {escape(why)}</li>" for rel, why in skipped)
+    return f'<div id="skipped-reports"><p class="bad">{len(skipped)} report(s) left out:</p><ul>{items}</ul></div>'
+
+
 def home_page(
-    runs: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] | None
+    runs: Sequence[Mapping[str, Any]],
+    models: Sequence[Mapping[str, Any]],
+    fleet: Mapping[str, Any] | None,
+    skipped: Sequence[tuple[str, str]] = (),
+    registry_error: str = "",
 ) -> str:
     open_rounds = len(fleet.get("open_rounds", [])) if fleet else None
     devices = len(fleet.get("devices", [])) if fleet else None
@@ -141,14 +180,22 @@ def home_page(
     return _page(
         "Overview",
         f'<div class="cards">{cards}</div>{fleet_note}<h2>Latest runs</h2>'
-        + _table(["run", "final test accuracy"], [latest]),
+        + _table(["run", "final test accuracy"], [latest])
+        + _skipped(skipped)
+        + (
+            f'<p class="bad" id="registry-error">registry: {escape(registry_error)}</p>'
+            if registry_error
+            else ""
+        ),
         here="/ui/",
     )
 
 
-def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
+def runs_page(
+    runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = (), page: int = 1
+) -> str:
     rows = []
-    for r in runs:
+    for r in _page_of(runs, page):
         q = urlencode({"report": r["report"], "name": r["name"]})
         stopped = f' <span class="bad">{escape(str(r["stopped"]))}</span>' if r.get("stopped") else ""
         rows.append(
@@ -181,7 +228,7 @@ def runs_page(runs: Sequence[Mapping[str, Any]]) -> str:
     body = (
         '<form method="get" action="/ui/compare"><p>Tick two runs and '
         '<button type="submit">compare</button> them side by side.</p>'
-        f"{table}</form>"
+        f"{table}</form>{_pager('/ui/runs', {}, 'page', page, len(runs))}{_skipped(skipped)}"
     )
     return _page("Runs", body, here="/ui/runs")
 
@@ -218,7 +265,9 @@ def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str) -> str:
         if c[1] in ("round", "clients") or any(r.get(c[1]) is not None for r in rounds)
     ]
     rows = [
-        f'<tr data-round="{r["round"]}">' + "".join(_num(r.get(k), f, k) for _, k, f in cols) + "</tr>"
+        f'<tr data-round="{escape(str(r.get("round")))}">'
+        + "".join(_num(r.get(k), f, k) for _, k, f in cols)
+        + "</tr>"
         for r in rounds
     ]
     return _table([h for h, _, _ in cols], rows, table_id=table_id)
@@ -240,7 +289,14 @@ def _headline(run: Mapping[str, Any], prefix: str = "") -> str:
 
 
 def _fmt(v: Any, fmt: str) -> str:
-    return "—" if v is None or (isinstance(v, float) and not finite(v)) else escape(fmt.format(v))
+    """``v`` in ``fmt``, "—" when absent or not finite; a value of the wrong type (a hand-edited report's
+    ``"n/a"``) is shown as it is rather than failing the page."""
+    if v is None or (isinstance(v, float) and not finite(v)):
+        return "—"
+    try:
+        return escape(fmt.format(v))
+    except (TypeError, ValueError):
+        return escape(str(v))
 
 
 def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str:
@@ -307,7 +363,7 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
 
 def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
     rows = [
-        f'<tr><td><a href="/ui/registry/{escape(m["model"])}">{escape(m["model"])}</a></td>'
+        f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
         + _num(m["deltas"], "{}", "deltas")
         + _num(m["latest"], "{}", "latest")
@@ -349,9 +405,11 @@ def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
         parts.append(
             f'<rect x="{x}" y="43" width="{w}" height="{h}" rx="4" fill="#eef0f4" stroke="#14213d"/>'
         )
-        parts.append(f'<text x="{x + w / 2}" y="58" font-size="12" text-anchor="middle">@{a.number}</text>')
         parts.append(
-            f'<text x="{x + w / 2}" y="72" font-size="10" text-anchor="middle">{escape(str(src))[:14]}</text>'
+            f'<text x="{x + w / 2}" y="58" font-size="12" text-anchor="middle">@{escape(str(a.number))}</text>'
+        )
+        parts.append(
+            f'<text x="{x + w / 2}" y="72" font-size="10" text-anchor="middle">{escape(str(src)[:14])}</text>'
         )
     parts.insert(
         2,
@@ -362,8 +420,11 @@ def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def model_page(view: Mapping[str, Any]) -> str:
+def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, decisions: int = 1) -> str:
+    """One model; ``view`` holds page ``page`` of its versions, the three long tables are paged separately."""
     model = view["model"]
+    here = f"/ui/registry/{quote(model, safe='')}"
+    query = {"page": page, "history": history, "decisions": decisions}
     vrows = []
     for v in view["versions"]:
         a = v["artifact"]
@@ -377,16 +438,16 @@ def model_page(view: Mapping[str, Any]) -> str:
             for e in v["evaluations"][-1:]
         )
         vrows.append(
-            f'<tr data-version="{a.number}" data-kind="{escape(a.kind)}"><td>{escape(a.ref)}</td><td>{escape(a.kind)}</td>'
+            f'<tr data-version="{escape(str(a.number))}" data-kind="{escape(a.kind)}"><td>{escape(a.ref)}</td><td>{escape(a.kind)}</td>'
             + _num(a.size, "{:,}", "size")
-            + f"<td>{'' if a.parent is None else a.parent}</td>"
-            f"<td>{'' if a.base is None else f'{a.base} → {a.target}'}</td>"
+            + f"<td>{'' if a.parent is None else escape(str(a.parent))}</td>"
+            f"<td>{'' if a.base is None else escape(f'{a.base} → {a.target}')}</td>"
             f"<td>{escape(a.codec or '')}</td>"
             f"<td data-field='signature'>{sig}</td>"
             f"<td>{escape(', '.join(v['tags']))}</td>"
             f"<td>{escape(', '.join(gov.cohorts))}{problems}</td>"
             f"<td>{escape(', '.join(gov.excluded_cohorts))}</td>"
-            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True))[:160]}</code></td>"
+            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True)[:160])}</code></td>"
             f"<td>{escape(evals)}</td><td>{_when(a.created_at)}</td></tr>"
         )
     versions = _table(
@@ -409,13 +470,12 @@ def model_page(view: Mapping[str, Any]) -> str:
         table_id="versions",
     )
     hist_rows = [
-        f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{h['number']}</td>"
-        f"<td>{'' if h['previous'] is None else h['previous']}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
-        for tag, hist in view["history"].items()
-        for h in hist
+        f"<tr><td>{escape(tag)}</td><td>{escape(h['action'])}</td><td>{escape(str(h['number']))}</td>"
+        f"<td>{'' if h['previous'] is None else escape(str(h['previous']))}</td><td>{escape(h['reason'])}</td><td>{_when(h['at'])}</td></tr>"
+        for tag, h in _page_of(view["history"], history)
     ]
     dec_rows = []
-    for d in view["decisions"]:
+    for d in _page_of(sorted(view["decisions"], key=lambda d: -(d.get("at") or 0)), decisions):
         verdict = '<span class="ok">promoted</span>' if d["promoted"] else '<span class="bad">refused</span>'
         nums = "; ".join(
             f"{k}: {v:.4f}"
@@ -424,26 +484,31 @@ def model_page(view: Mapping[str, Any]) -> str:
             if isinstance(v, int | float)
         )
         dec_rows.append(
-            f'<tr data-promoted="{str(d["promoted"]).lower()}"><td>@{d["candidate"]} → :{escape(d["tag"])}</td>'
+            f'<tr data-promoted="{str(d["promoted"]).lower()}"><td>@{escape(str(d["candidate"]))} → :{escape(d["tag"])}</td>'
             f"<td>{verdict}</td><td>{escape(nums)}</td><td>{escape('; '.join(d['reasons']))}</td>"
             f"<td>{escape(d['evaluator'])}</td><td>{_when(d['at'])}</td></tr>"
         )
     withdrawn = ", ".join(view["withdrawn"]) or "none"
     body = (
         "<h2>Lineage</h2>"
-        + _lineage_svg(view["versions"])
+        + _lineage_svg(
+            [{"artifact": a} for a in view.get("artifacts", [v["artifact"] for v in view["versions"]])]
+        )
         + "<h2>Versions</h2>"
         + versions
+        + _pager(here, query, "page", page, view.get("version_count", len(view["versions"])))
         + "<h2>Tags</h2>"
         + _table(
             ["tag", "action", "version", "previous", "reason", "when"], hist_rows, table_id="tag-history"
         )
+        + _pager(here, query, "history", history, len(view["history"]))
         + "<h2>Promotion decisions</h2>"
         + _table(
             ["candidate", "verdict", "gate numbers", "reasons", "evaluator", "when"],
             dec_rows,
             table_id="decisions",
         )
+        + _pager(here, query, "decisions", decisions, len(view["decisions"]))
         + f"<h2>Governance</h2><p>Withdrawn cohorts: <span data-field='withdrawn'>{escape(withdrawn)}</span></p>"
     )
     return _page(f"Model {model}", body, here="/ui/registry")
@@ -509,7 +574,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             )
         )
     alerts = [
-        f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{a.get('version', '')}</td>"
+        f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{escape(str(a.get('version', '')))}</td>"
         f"<td>{_when(a.get('at'))}</td></tr>"
         for a in reversed(fleet.get("alerts", []))
     ]

@@ -18,50 +18,115 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.ui import pages
-from deltaplane.ui.session import COOKIE, SESSION_SECONDS, check_cookie, make_cookie
-from deltaplane.ui.sources import FleetSource, RegistryView, RunRef, RunsSource
+from deltaplane.ui.session import COOKIE, SESSION_SECONDS, RevokedSessions, cookie_expiry, make_cookie
+from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
 __all__ = ["LoginThrottle", "create_ui_router"]
 
 #: A login form body is one short field; anything longer is refused before it is parsed.
 MAX_LOGIN_BODY = 4096
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
+#: A ``?page=`` number of a paged table (from 1).
+Page = Annotated[int, Query(ge=1, le=1_000_000)]
 
 
 class _LoginRequired(Exception):
     pass
 
 
-class LoginThrottle:
-    """After ``limit`` failed sign-ins from one address, refuse that address for ``lockout_s`` seconds.
+class _Throttled(Exception):
+    """An address locked out by the :class:`LoginThrottle` tried a bearer token: 429, the token unchecked."""
 
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
+class LoginThrottle:
+    """After ``limit`` failed sign-ins from one address within ``lockout_s`` seconds, refuse that address for
+    ``lockout_s`` seconds counted from the failure that reached the limit (not from the first one: five failures
+    spread over 59 s must still lock the address out for a whole minute).
+
+    Failed sign-ins on ``/ui/login`` and wrong ``Authorization: Bearer`` tokens on any ``/ui`` page count alike.
     Bounded: at most ``max_keys`` addresses are remembered (the oldest are forgotten first).
     """
 
-    def __init__(self, *, limit: int = 5, lockout_s: float = 60.0, max_keys: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = 5,
+        lockout_s: float = 60.0,
+        max_keys: int = 10_000,
+    ) -> None:
         self.limit, self.lockout_s, self.max_keys = limit, lockout_s, max_keys
-        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # address -> (failures in the current window, window start, locked until)
+        self._fails: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def blocked(self, key: str) -> float:
         """Seconds ``key`` must still wait (0.0 when it may try)."""
         with self._lock:
-            count, since = self._fails.get(key, (0, 0.0))
-            wait = since + self.lockout_s - time.monotonic()
-            return wait if count >= self.limit and wait > 0 else 0.0
+            _, _, until = self._fails.get(key, (0, 0.0, 0.0))
+            return max(0.0, until - time.monotonic())
 
     def failed(self, key: str) -> None:
+        """Count one failure of ``key``; the ``limit``-th within ``lockout_s`` locks it out from now."""
         with self._lock:
-            count, since = self._fails.pop(key, (0, time.monotonic()))
-            if time.monotonic() - since > self.lockout_s:
-                count, since = 0, time.monotonic()
-            self._fails[key] = (count + 1, since)
+            now = time.monotonic()
+            count, since, until = self._fails.pop(key, (0, now, 0.0))
+            if until > now:  # already locked out: the lockout is not extended by refused tries
+                self._fails[key] = (count, since, until)
+                return
+            if now - since > self.lockout_s or until:  # the window (or an earlier lockout) has passed
+                count, since = 0, now
+            count += 1
+            self._fails[key] = (count, since, now + self.lockout_s if count >= self.limit else 0.0)
             while len(self._fails) > self.max_keys:
                 self._fails.popitem(last=False)
 
     def succeeded(self, key: str) -> None:
         with self._lock:
             self._fails.pop(key, None)
+
+
+#: Sent with every ``/ui`` response, as defence in depth should a value ever reach a page unescaped: the pages
+#: need only their one inline stylesheet (allowed by its hash) and inline SVG (no script at all, so none may
+#: run), post forms only to themselves and must not be framed (clickjacking of the sign-out and compare forms).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        f"default-src 'none'; style-src {pages.STYLE_HASH}; img-src 'self' data:; form-action 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response under ``/ui`` (pages, redirects, and
+    the errors raised before a route runs, such as a 422 for a bad query string)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path == "/ui" or path.startswith("/ui/")):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *(h for h in _RAW_HEADERS if h[0] not in have),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:
@@ -82,29 +147,46 @@ def create_ui_router(
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
+    revoked = RevokedSessions()
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
         auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and hmac.compare_digest(
-            auth[7:].strip().encode(), admin_token.encode()
-        ):
-            return
-        if not check_cookie(admin_token, request.cookies.get(COOKIE)):
+        if auth.lower().startswith("bearer "):
+            # a bearer token is the admin token itself: guesses count against the sign-in throttle, and a
+            # locked-out address gets no verdict on it at all (as on /ui/login and the service's /admin)
+            who = _client(request)
+            wait = throttle.blocked(who)
+            if wait:
+                raise _Throttled(wait)
+            if hmac.compare_digest(auth[7:].strip().encode(), admin_token.encode()):
+                return
+            throttle.failed(who)
+        # a session cookie carries an HMAC under the admin token: it cannot be guessed, so it is not throttled
+        cookie = request.cookies.get(COOKIE)
+        if cookie_expiry(admin_token, cookie) is None or cookie in revoked:
             raise _LoginRequired
 
     Admin = Depends(signed_in)
 
-    def guarded(render: Callable[..., str]) -> Callable[..., Response]:
-        def wrapper(*args: Any, **kwargs: Any) -> Response:
-            try:
-                return _html(render(*args, **kwargs))
-            except NotFound as exc:
-                return _html(pages.error_page(404, str(exc)), 404)
-            except DeltaplaneError as exc:
-                return _html(pages.error_page(400, str(exc)), 400)
+    def guarded(render: Callable[[], str]) -> Response:
+        """``render()`` as a page; a deltaplane error (or a broken registry database) as an error page saying
+        what is wrong. Everything a page reads must be read *inside* ``render``."""
+        try:
+            return _html(render())
+        except NotFound as exc:
+            return _html(pages.error_page(404, str(exc)), 404)
+        except RegistryUnavailable as exc:
+            return _html(pages.error_page(503, str(exc)), 503)
+        except DeltaplaneError as exc:
+            return _html(pages.error_page(400, str(exc)), 400)
 
-        return wrapper
+    def models_or_error() -> tuple[list[dict[str, Any]], str]:
+        """The registry's models for the overview, or none and why (a broken registry must not hide the runs)."""
+        try:
+            return registry.models(), ""
+        except RegistryUnavailable as exc:
+            return [], str(exc)
 
     def snapshot() -> Any:
         return fleet() if fleet is not None else None
@@ -115,10 +197,12 @@ def create_ui_router(
 
     @router.post("/login")
     async def login(request: Request) -> Response:
-        who = request.client.host if request.client else "?"
+        who = _client(request)
         wait = throttle.blocked(who)
         if wait:
-            return _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+            resp = _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+            resp.headers["Retry-After"] = str(max(1, round(wait)))
+            return resp
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -142,18 +226,32 @@ def create_ui_router(
         return resp
 
     @router.post("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        # end the session on the server too: a copy of the cookie taken before the sign-out stops working
+        cookie = request.cookies.get(COOKIE)
+        expiry = cookie_expiry(admin_token, cookie)
+        if cookie is not None and expiry is not None:
+            revoked.revoke(cookie, expiry)
         resp = RedirectResponse("/ui/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/ui")
         return resp
 
     @router.get("/", dependencies=[Admin])
     def home() -> Response:
-        return guarded(pages.home_page)(runs.listing(), registry.models(), snapshot())
+        def render() -> str:
+            listing = runs.listing()
+            models, problem = models_or_error()
+            return pages.home_page(listing.rows, models, snapshot(), listing.skipped, problem)
+
+        return guarded(render)
 
     @router.get("/runs", dependencies=[Admin])
-    def runs_list() -> Response:
-        return guarded(pages.runs_page)(runs.listing())
+    def runs_list(page: Page = 1) -> Response:
+        def render() -> str:
+            listing = runs.listing()
+            return pages.runs_page(listing.rows, listing.skipped, page)
+
+        return guarded(render)
 
     @router.get("/run", dependencies=[Admin])
     def run_detail(
@@ -163,7 +261,7 @@ def create_ui_router(
             doc, run = runs.run(RunRef(report, name))
             return pages.run_page(report, doc, run)
 
-        return guarded(render)()
+        return guarded(render)
 
     @router.get("/compare", dependencies=[Admin])
     def compare(run: Annotated[list[str], Query(max_length=1300)] = []) -> Response:  # noqa: B006
@@ -178,21 +276,29 @@ def create_ui_router(
                 pair.append((key, runs.run(RunRef(report, name))[1]))
             return pages.compare_page(pair[0], pair[1])
 
-        return guarded(render)()
+        return guarded(render)
 
     @router.get("/registry", dependencies=[Admin])
     def registry_list() -> Response:
-        return guarded(pages.registry_page)(registry.models(), registry_home)
+        return guarded(lambda: pages.registry_page(registry.models(), registry_home))
 
     @router.get("/registry/{model}", dependencies=[Admin])
-    def model_detail(model: str) -> Response:
-        return guarded(lambda: pages.model_page(registry.model(model)))()
+    def model_detail(model: str, page: Page = 1, history: Page = 1, decisions: Page = 1) -> Response:
+        return guarded(
+            lambda: pages.model_page(
+                registry.model(model, page=page), page=page, history=history, decisions=decisions
+            )
+        )
 
     @router.get("/fleet", dependencies=[Admin])
     def fleet_view() -> Response:
-        return guarded(pages.fleet_page)(snapshot())
+        return guarded(lambda: pages.fleet_page(snapshot()))
 
     return router
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
 
 
 def install_login_redirect(app: Any) -> None:
@@ -203,3 +309,14 @@ def install_login_redirect(app: Any) -> None:
         if request.method == "GET":
             return RedirectResponse("/ui/login", status_code=303)
         return _html(pages.login_page("sign in first"), 401)
+
+    @app.exception_handler(_Throttled)
+    async def _throttled(request: Request, exc: _Throttled) -> Response:
+        resp = _html(
+            pages.error_page(
+                429, f"too many failed sign-ins from this address; try again in {exc.wait:.0f} s"
+            ),
+            429,
+        )
+        resp.headers["Retry-After"] = str(max(1, round(exc.wait)))
+        return resp

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,16 @@ from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.registry.store import Artifact, Registry
 from deltaplane.report.writer import load_report
 
-__all__ = ["FleetSource", "RegistryView", "RunRef", "RunsSource", "config_diff"]
+__all__ = [
+    "FleetSource",
+    "Listing",
+    "RegistryUnavailable",
+    "RegistryView",
+    "RunRef",
+    "RunsSource",
+    "check_report",
+    "config_diff",
+]
 
 #: A callable returning the live fleet snapshot (see :meth:`deltaplane.serve.app.ServiceState.fleet_snapshot`),
 #: or None when the dashboard runs without a service (``deltaplane ui``).
@@ -28,6 +40,8 @@ FleetSource = Callable[[], Mapping[str, Any]]
 MAX_REPORT_BYTES = 64 << 20
 #: At most this many report.json files are listed (newest first).
 MAX_REPORTS = 500
+#: Rows per page of the long tables (runs, a model's versions, tag moves and decisions).
+PAGE_ROWS = 50
 
 
 @dataclass(frozen=True)
@@ -42,14 +56,67 @@ class RunRef:
         return f"{self.report}::{self.name}"
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The runs table: one row per run of every usable report, and (folder, why) for each report left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_report(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` if it has the shape the pages read, else :class:`ConfigError` naming the first field to fix.
+
+    ``load_report`` checks only the format tag; a report edited by hand or written by another tool may still
+    lack ``runs`` or a run's ``name``, and one odd file must not take the overview down.
+    """
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"report {where!r} is malformed: {what}")
+
+    runs = doc.get("runs")
+    if not isinstance(runs, list):
+        raise bad(f"'runs' must be a list of runs, not {type(runs).__name__}")
+    summary = doc.get("summary", [])
+    if not isinstance(summary, list) or not all(isinstance(x, dict) for x in summary):
+        raise bad("'summary' must be a list of objects")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}] must be an object, not {type(run).__name__}")
+        if not isinstance(run.get("name"), str) or not run["name"]:
+            raise bad(f"runs[{i}] has no 'name' string")
+        for key in ("config", "final"):
+            if not isinstance(run.get(key, {}), dict):
+                raise bad(f"run {run['name']!r}: '{key}' must be an object")
+        rounds = run.get("rounds", [])
+        if not isinstance(rounds, list):
+            raise bad(f"run {run['name']!r}: 'rounds' must be a list")
+        for j, rnd in enumerate(rounds):
+            if not isinstance(rnd, dict) or not _is_number(rnd.get("round")):
+                raise bad(f"run {run['name']!r}: rounds[{j}] needs a numeric 'round'")
+    return doc
+
+
 class RunsSource:
     """The runs under a folder: every ``report.json`` below ``root`` (at most :data:`MAX_REPORTS`)."""
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).resolve() if root is not None else None
+        # path -> ((mtime_ns, size), the report's rows or why it was left out): a listing re-parses only the
+        # reports that changed since the last view (each may be up to MAX_REPORT_BYTES of JSON)
+        self._parsed: dict[Path, tuple[tuple[int, int], list[dict[str, Any]] | str]] = {}
+        self._lock = threading.Lock()
 
     def reports(self) -> list[tuple[str, Path]]:
         """(relative folder, path) of each report.json, newest first."""
+        return [(rel, path) for rel, path, _ in self._found()]
+
+    def _found(self) -> list[tuple[str, Path, tuple[int, int]]]:
+        """(relative folder, path, (mtime_ns, size)) of each report.json, newest first."""
         if self.root is None or not self.root.is_dir():
             return []
         found = []
@@ -59,12 +126,12 @@ class RunsSource:
             except OSError:
                 continue
             if st.st_size <= MAX_REPORT_BYTES:
-                found.append((st.st_mtime, path))
+                found.append((st.st_mtime_ns, st.st_size, path))
         found.sort(reverse=True)
         out = []
-        for _, path in found[:MAX_REPORTS]:
+        for mtime_ns, size, path in found[:MAX_REPORTS]:
             rel = path.parent.relative_to(self.root).as_posix()
-            out.append((rel or ".", path))
+            out.append((rel or ".", path, (mtime_ns, size)))
         return out
 
     def load(self, report: str) -> dict[str, Any]:
@@ -76,7 +143,7 @@ class RunsSource:
             raise NotFound(f"no report {report!r} under {self.root}")
         if path.stat().st_size > MAX_REPORT_BYTES:
             raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
-        return load_report(path)
+        return check_report(load_report(path), report)
 
     def run(self, ref: RunRef) -> tuple[dict[str, Any], dict[str, Any]]:
         """(report document, run) for ``ref``."""
@@ -88,34 +155,56 @@ class RunsSource:
             f"report {ref.report!r} has no run {ref.name!r}; runs: {[r['name'] for r in doc['runs']]}"
         )
 
-    def listing(self) -> list[dict[str, Any]]:
-        """One row per run of every readable report: headline figures for the runs table."""
-        rows = []
-        for rel, path in self.reports():
-            try:
-                doc = load_report(path)
-            except DeltaplaneError:
-                continue
-            summary = {s["name"]: s for s in doc.get("summary", [])}
-            for run in doc["runs"]:
-                final = run.get("final", {})
-                s = summary.get(run["name"], {})
-                rows.append(
-                    {
-                        "report": rel,
-                        "name": run["name"],
-                        "title": doc.get("title", ""),
-                        "codec": s.get("codec", run.get("config", {}).get("codec", "?")),
-                        "rounds": len(run.get("rounds", [])),
-                        "test_accuracy": final.get("test_accuracy"),
-                        "epsilon": final.get("epsilon"),
-                        "uplink_bytes": final.get("cumulative_uplink_bytes"),
-                        "downlink_bytes": final.get("cumulative_downlink_bytes"),
-                        "stopped": run.get("stopped"),
-                        "wall_time_s": run.get("wall_time_s"),
-                    }
-                )
-        return rows
+    def listing(self) -> Listing:
+        """One row per run of every usable report (headline figures for the runs table), and the reports left
+        out with the reason, so a malformed file is shown as such instead of breaking the page."""
+        rows: list[dict[str, Any]] = []
+        skipped: list[tuple[str, str]] = []
+        found = self._found()
+        for rel, path, stamp in found:
+            with self._lock:
+                cached = self._parsed.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    cached = (stamp, _rows(rel, check_report(load_report(path), rel)))
+                except DeltaplaneError as exc:
+                    cached = (stamp, str(exc))
+                with self._lock:
+                    self._parsed[path] = cached
+            if isinstance(cached[1], str):
+                skipped.append((rel, cached[1]))
+            else:
+                rows.extend(cached[1])
+        with self._lock:  # forget reports that are gone (the cache never outgrows MAX_REPORTS by much)
+            keep = {path for _, path, _ in found}
+            for path in [p for p in self._parsed if p not in keep]:
+                del self._parsed[path]
+        return Listing(rows, skipped)
+
+
+def _rows(rel: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs-table rows of one checked report."""
+    summary = {s.get("name"): s for s in doc.get("summary", [])}
+    rows = []
+    for run in doc["runs"]:
+        final = run.get("final", {})
+        s = summary.get(run["name"], {})
+        rows.append(
+            {
+                "report": rel,
+                "name": run["name"],
+                "title": doc.get("title", ""),
+                "codec": s.get("codec", run.get("config", {}).get("codec", "?")),
+                "rounds": len(run.get("rounds", [])),
+                "test_accuracy": final.get("test_accuracy"),
+                "epsilon": final.get("epsilon"),
+                "uplink_bytes": final.get("cumulative_uplink_bytes"),
+                "downlink_bytes": final.get("cumulative_downlink_bytes"),
+                "stopped": run.get("stopped"),
+                "wall_time_s": run.get("wall_time_s"),
+            }
+        )
+    return rows
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -141,6 +230,25 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, A
     return rows
 
 
+class RegistryUnavailable(ConfigError):
+    """The registry cannot be opened or read (``registry.json`` missing, a corrupt ``registry.db``): the pages
+    say so with the cause, as a 503, instead of failing with a bare 500."""
+
+
+@contextmanager
+def _readable(home: Path | None) -> Iterator[None]:
+    try:
+        yield
+    except NotFound:
+        raise
+    except (ConfigError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, RegistryUnavailable):
+            raise
+        raise RegistryUnavailable(
+            f"the registry at {home} cannot be read: {exc} (the operator should run `deltaplane registry verify`)"
+        ) from exc
+
+
 class RegistryView:
     """Read-only questions the dashboard asks of a registry (opened lazily: it may not exist yet)."""
 
@@ -153,10 +261,16 @@ class RegistryView:
     @property
     def registry(self) -> Registry | None:
         if self._registry is None and self.home is not None and (self.home / "registry.db").exists():
-            self._registry = Registry(self.home)
+            with _readable(self.home):
+                self._registry = Registry(self.home)
         return self._registry
 
     def models(self) -> list[dict[str, Any]]:
+        """One row per model for the registry table; :class:`RegistryUnavailable` when it cannot be read."""
+        with _readable(self.home):
+            return self._models()
+
+    def _models(self) -> list[dict[str, Any]]:
         reg = self.registry
         if reg is None:
             return []
@@ -174,17 +288,26 @@ class RegistryView:
             )
         return rows
 
-    def model(self, model: str) -> dict[str, Any]:
-        """Everything the model page shows: versions, tags and their history, decisions, governance."""
+    def model(self, model: str, *, page: int = 1, per_page: int = PAGE_ROWS) -> dict[str, Any]:
+        """Everything the model page shows: versions (newest first, page ``page`` of ``per_page``; only those
+        are checked and looked up), tags and their history (newest first), decisions, governance."""
+        with _readable(self.home):
+            return self._model(model, page, per_page)
+
+    def _model(self, model: str, page: int, per_page: int) -> dict[str, Any]:
         reg = self.registry
         if reg is None or model not in reg.models():
             raise NotFound(f"no model {model!r} in the registry")
         versions = reg.versions(model)
         withdrawn = reg.withdrawn_cohorts()
         tags = reg.tags(model)
-        history = {t: reg.tag_history(model, t) for t in sorted(tags)}
+        history = sorted(
+            ((t, h) for t in tags for h in reg.tag_history(model, t)), key=lambda th: -(th[1].get("at") or 0)
+        )
+        newest_first = sorted(versions, key=lambda v: v.number, reverse=True)
+        shown = newest_first[(page - 1) * per_page : page * per_page]
         rows = []
-        for v in versions:
+        for v in shown:
             rows.append(
                 {
                     "artifact": v,
@@ -197,6 +320,8 @@ class RegistryView:
         return {
             "model": model,
             "versions": rows,
+            "version_count": len(versions),
+            "artifacts": versions,
             "tags": tags,
             "history": history,
             "decisions": reg.promotion_decisions(model),

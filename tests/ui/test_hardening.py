@@ -1,0 +1,291 @@
+"""The dashboard against hostile or broken inputs: injected report fields, guessed tokens, malformed reports,
+broken registries. Plain HTTP (FastAPI's TestClient), no browser: each test is a request and its answer."""
+
+from __future__ import annotations
+
+import json
+from html import unescape
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from deltaplane.registry import Registry
+from deltaplane.report.writer import REPORT_FORMAT
+from deltaplane.serve import ServiceConfig, create_app
+from deltaplane.ui import create_ui_app
+
+ADMIN = "admin-token-for-the-hardening-test"
+BEARER = {"Authorization": f"Bearer {ADMIN}"}
+SCRIPT = '1"><script>alert(document.cookie)</script><x y="'
+
+
+def _ui(runs: Path | None = None, home: Path | None = None) -> TestClient:
+    app = create_ui_app(
+        admin_token=ADMIN, runs_dir=str(runs) if runs else None, registry_home=str(home) if home else None
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _report(runs: Path, folder: str, doc: object) -> None:
+    (runs / folder).mkdir(parents=True, exist_ok=True)
+    (runs / folder / "report.json").write_text(json.dumps(doc))
+
+
+def _good(name: str = "a") -> dict:
+    return {
+        "format": REPORT_FORMAT,
+        "title": "good",
+        "runs": [
+            {
+                "name": name,
+                "config": {"codec": "identity"},
+                "final": {"test_accuracy": 0.5, "cumulative_uplink_bytes": 10},
+                "rounds": [{"round": 1, "test_accuracy": 0.5, "cumulative_uplink_bytes": 10}],
+            }
+        ],
+    }
+
+
+# -- 1. injection and defence-in-depth headers ---------------------------------------------------------------
+
+
+def test_a_string_round_in_a_report_is_escaped(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "evil", {"format": REPORT_FORMAT, "runs": [{"name": "r", "rounds": [{"round": SCRIPT}]}]})
+    r = _ui(runs).get("/ui/run", params={"report": "evil", "name": "r"}, headers=BEARER)
+    assert "<script>" not in r.text
+    assert r.status_code in (200, 400)
+
+
+def test_every_ui_response_carries_the_security_headers(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs)
+    answers = [
+        c.get("/ui/login"),
+        c.get("/ui/", follow_redirects=False),  # the redirect to the sign-in page
+        c.get("/ui/run", params={"report": "demo", "name": "a"}, headers=BEARER),
+        c.get("/ui/run", headers=BEARER),  # 422: the query string is incomplete
+        c.post("/ui/login", data={"token": "wrong"}),
+    ]
+    for r in answers:
+        csp = r.headers.get("content-security-policy", "")
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, (r.status_code, r.headers)
+        assert "script-src" not in csp and "unsafe-" not in csp  # no script at all; one stylesheet, by hash
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+    page = answers[2].text
+    assert "<script" not in page  # nothing the CSP would block: the pages are HTML, inline CSS and SVG only
+    assert "<svg" in page and "<style>" in page
+
+
+def test_the_service_sends_the_headers_on_ui_and_not_on_the_device_api(tmp_path):
+    Registry.create(tmp_path / "home")
+    c = TestClient(create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN)))
+    assert c.get("/ui/fleet", headers=BEARER).headers["x-frame-options"] == "DENY"
+    assert "x-frame-options" not in c.get("/admin/stats", headers=BEARER).headers
+
+
+# -- 2. guessing the admin token -----------------------------------------------------------------------------
+
+
+def test_wrong_bearer_tokens_on_ui_are_throttled_like_sign_ins():
+    c = _ui()
+    wrong = {"Authorization": "Bearer wrong-guess-xxxxxxxxxxxx"}
+    codes = [c.get("/ui/", headers=wrong, follow_redirects=False).status_code for _ in range(7)]
+    assert codes[:5] == [303] * 5 and codes[5:] == [429, 429], codes
+    r = c.get("/ui/fleet", headers=BEARER, follow_redirects=False)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # no verdict on the real token either
+    # the lockout is shared with the sign-in form (and the other way round)
+    assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 429
+
+
+def test_a_sign_in_lockout_lasts_the_full_minute_after_the_fifth_failure(monkeypatch):
+    """Five failures spread over 50 s lock the address out for 60 s from the fifth, as docs/dashboard.md says."""
+    from types import SimpleNamespace
+
+    import deltaplane.ui.router as router
+
+    now = [1000.0]
+    monkeypatch.setattr(router, "time", SimpleNamespace(monotonic=lambda: now[0]))  # the throttle's clock
+    c = _ui()
+
+    def sign_in(token: str) -> int:
+        return c.post("/ui/login", data={"token": token}, follow_redirects=False).status_code
+
+    for t in (0, 10, 20, 30):
+        now[0] = 1000.0 + t
+        assert sign_in("wrong") == 401
+    now[0] = 1050.0
+    assert sign_in("wrong") == 401  # the fifth failure
+    now[0] = 1051.0
+    assert sign_in("wrong") == 429  # locked out: one failure fewer never locks anything
+    now[0] = 1109.0
+    assert sign_in(ADMIN) == 429, "the lockout must last 60 s from the fifth failure, not the first"
+    now[0] = 1111.0
+    assert sign_in(ADMIN) == 303
+
+
+def test_four_failures_do_not_lock_an_address_out():
+    c = _ui()
+    assert [c.post("/ui/login", data={"token": "no"}).status_code for _ in range(4)] == [401] * 4
+    assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+# -- 3. malformed reports ------------------------------------------------------------------------------------
+
+ODD_REPORTS = {
+    "no-runs": {"format": REPORT_FORMAT},
+    "nameless-run": {"format": REPORT_FORMAT, "runs": [{"rounds": []}]},
+    "runs-object": {"format": REPORT_FORMAT, "runs": {"x": 1}},
+    "run-not-object": {"format": REPORT_FORMAT, "runs": ["r"]},
+    "summary-strings": {"format": REPORT_FORMAT, "runs": [], "summary": ["x"]},
+    "not-json": "{",
+}
+
+
+@pytest.mark.parametrize("odd", sorted(ODD_REPORTS))
+def test_one_malformed_report_is_listed_as_skipped_not_a_500(tmp_path, odd):
+    runs = tmp_path / "runs"
+    _report(runs, "good", _good())
+    (runs / "odd").mkdir()
+    doc = ODD_REPORTS[odd]
+    (runs / "odd" / "report.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    c = _ui(runs)
+    for page in ("/ui/", "/ui/runs"):
+        r = c.get(page, headers=BEARER)
+        assert r.status_code == 200, (page, r.status_code)
+        assert "good / a" in r.text  # the good report is still there
+        skipped = r.text[r.text.index('id="skipped-reports"') :]
+        assert "<code>odd</code>" in skipped, page
+
+
+@pytest.mark.parametrize(
+    ("rounds", "shown"),
+    [
+        ([{"test_accuracy": 0.5}], 400),  # a round without its number
+        ([{"round": "one"}], 400),
+        ([{"round": 1, "test_accuracy": 0.5}], 200),  # accuracy but no cumulative bytes: that chart skips it
+        ([{"round": 1, "test_accuracy": "n/a", "uplink_bytes": "lots"}], 200),  # shown as written
+    ],
+)
+def test_a_malformed_run_gets_a_clear_page_not_a_500(tmp_path, rounds, shown):
+    runs = tmp_path / "runs"
+    _report(runs, "odd", {"format": REPORT_FORMAT, "runs": [{"name": "r", "rounds": rounds}]})
+    r = _ui(runs).get("/ui/run", params={"report": "odd", "name": "r"}, headers=BEARER)
+    assert r.status_code == shown, r.text[-400:]
+    if shown == 400:
+        assert "report 'odd' is malformed" in unescape(r.text) and "'round'" in unescape(r.text)
+
+
+# -- 4. broken registries ------------------------------------------------------------------------------------
+
+
+def _registry(home: Path) -> Registry:
+    reg = Registry.create(home)
+    reg.register_model("digits", {"w": torch.zeros(3)}, lineage={"source": "run"})
+    return reg
+
+
+@pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
+def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
+    home = tmp_path / "home"
+    _registry(home)
+    if damage == "registry.json deleted":
+        (home / "registry.json").unlink()
+        cause = "registry.json"
+    else:
+        (home / "registry.db").write_bytes(b"not sqlite" * 100)
+        cause = "database disk image is malformed"
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs, home)
+    for page in ("/ui/registry", "/ui/registry/digits"):
+        r = c.get(page, headers=BEARER)
+        assert r.status_code == 503, (page, r.status_code)
+        assert cause in r.text and "registry verify" in r.text
+    home_page = c.get("/ui/", headers=BEARER)  # the overview still shows the runs, and the registry's problem
+    assert home_page.status_code == 200 and "demo / a" in home_page.text and cause in home_page.text
+
+
+# -- signing out ---------------------------------------------------------------------------------------------
+
+
+def test_signing_out_ends_the_session_on_the_server_too():
+    """A copy of the cookie taken before the sign-out (a stolen one, a second tab's) no longer works; another
+    browser's session does."""
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None)
+    first, second = TestClient(app), TestClient(app)
+    for c in (first, second):
+        assert c.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    stolen = first.cookies.get("deltaplane_ui")
+    assert first.post("/ui/logout", follow_redirects=False).status_code == 303
+    replay = TestClient(app, cookies={"deltaplane_ui": stolen})
+    r = replay.get("/ui/fleet", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    assert second.get("/ui/fleet", follow_redirects=False).status_code == 200
+    assert stolen != second.cookies.get("deltaplane_ui")  # every sign-in gets its own session
+
+
+# -- 5. work per page view -----------------------------------------------------------------------------------
+
+
+def test_listings_parse_each_report_once_until_it_changes(tmp_path, monkeypatch):
+    import deltaplane.ui.sources as sources
+
+    parsed: list[str] = []
+    real = sources.load_report
+    monkeypatch.setattr(
+        sources, "load_report", lambda path: parsed.append(Path(path).parent.name) or real(path)
+    )
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c"):
+        _report(runs, name, _good(name))
+    c = _ui(runs)
+    for page in ("/ui/", "/ui/runs", "/ui/"):
+        assert c.get(page, headers=BEARER).status_code == 200
+    assert sorted(parsed) == ["a", "b", "c"], parsed  # three views, each report read once
+    _report(runs, "b", _good("renamed"))  # rewritten: a different size, so it is read again
+    r = c.get("/ui/runs", headers=BEARER)
+    assert sorted(parsed) == ["a", "b", "b", "c"] and "b / renamed" in r.text
+    (runs / "c" / "report.json").unlink()
+    assert "c / c" not in c.get("/ui/runs", headers=BEARER).text
+
+
+def test_the_runs_table_is_paged(tmp_path):
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"] = [dict(doc["runs"][0], name=f"run{i:03d}") for i in range(120)]
+    _report(runs, "many", doc)
+    c = _ui(runs)
+    first = c.get("/ui/runs", headers=BEARER).text
+    assert first.count('name="run"') == 50 and "rows 1–50 of 120" in first
+    assert 'href="/ui/runs?page=2"' in first
+    last = c.get("/ui/runs?page=3", headers=BEARER).text
+    assert last.count('name="run"') == 20 and "many / run119" in last and "many / run000" not in last
+    assert c.get("/ui/runs?page=0", headers=BEARER).status_code == 422
+
+
+def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    reg = _registry(home)
+    for i in range(64):
+        reg.register_model("digits", {"w": torch.full((3,), float(i))}, parent=i + 1)
+    for i in range(120):
+        reg.set_tag("digits", "production", 1 + i % 60, reason=f"move {i}")
+    reads: list[int] = []
+    real = Registry.read
+    monkeypatch.setattr(
+        Registry, "read", lambda self, art, **kw: reads.append(art.number) or real(self, art, **kw)
+    )
+    c = _ui(home=home)
+    first = c.get("/ui/registry/digits", headers=BEARER).text
+    assert first.count("<tr data-version=") == 50 and "rows 1–50 of 65" in first
+    assert sorted(reads) == list(range(16, 66)), "only the shown page's signatures are checked (newest first)"
+    assert first.count("move ") == 50  # the tag history, newest first, one page of it
+    assert "move 119" in first and "move 0<" not in first
+    older = c.get("/ui/registry/digits?page=2&history=3", headers=BEARER).text
+    assert older.count("<tr data-version=") == 15 and older.count("move ") == 20 and "move 0<" in older
