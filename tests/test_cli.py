@@ -130,11 +130,15 @@ def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) ->
     assert after["personalization"]["devices"] == 3
     assert set(after["merge"]["results"]) == {"global", "ties", "task_arithmetic"}
     d = after["deploy"]
-    assert (out / "deploy" / "model.dpla").stat().st_size == d["artifact_bytes"]
-    assert (out / "deploy" / "MODEL_CARD.md").exists() and (out / "deploy" / "manifest.json").exists()
-    assert d["compression_ratio"] >= 7.5
-    for title in ("personalization (alpha_mix", "merge (3 personalized models", "deploy (prune 80% + int8)"):
+    # two rounds of three clients leave the model at chance: the deploy's default quality gates refuse it, the
+    # run still succeeds (its federation, personalization and merge are fine) and says why nothing shipped
+    assert d["refused"] is True and not (out / "deploy").exists()
+    assert any(r.startswith("min-above-chance") for r in d["reasons"]), d["reasons"]
+    for title in (
+        "personalization (alpha_mix",
+        "merge (3 personalized models",
+        "deploy refused by its quality",
+    ):
         assert title in result.output
-    assert f"{d['compression_ratio']:.2f}×" in result.output
     html = (out / "report.html").read_text()
     assert "<h2>Personalization</h2>" in html and "<h2>Deploy</h2>" in html

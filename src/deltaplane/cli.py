@@ -409,11 +409,16 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
             if name not in changes and name not in cfg.model_fields_set:
                 changes[name] = value
     cfg = cfg.replace(**changes)
-    return _small(cfg) if os.environ.get(SMALL_ENV, "") not in ("", "0") else cfg
+    return _small(cfg) if small_mode() else cfg
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"
 SMALL_ROUNDS, SMALL_CLIENTS = 2, 4
+
+
+def small_mode() -> bool:
+    """Whether ``DELTAPLANE_SMALL`` asks for small runs (docs/cli.md)."""
+    return os.environ.get(SMALL_ENV, "") not in ("", "0")
 
 
 def _small(cfg: RunConfig) -> RunConfig:
@@ -485,8 +490,16 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
         mer.add_column(h, justify="right")
     for method, r in m["results"].items():
         mer.add_row(method, f"{r['test_accuracy']:.4f}", _fmt(r.get("mean_device_accuracy")))
+    if d.get("refused"):
+        dep = Table(title="deploy refused by its quality gates (no artifact written)", min_width=70, **style)
+        dep.add_column("gate missed")
+        for reason in d["reasons"]:
+            dep.add_row(escape(reason))
+        return [pers, mer, dep]
     dep = Table(
-        title=f"deploy (prune {float(d['prune']):.0%} + {d['quant']}) → {escape(d['artifact'])}", **style
+        title=f"deploy (prune {float(d['prune']):.0%} + {d['quant']}, {d['gates_passed']} quality gates passed) "
+        f"→ {escape(d['artifact'])}",
+        **style,
     )
     for h in ("fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1"):
         dep.add_column(h, justify="right", no_wrap=True)

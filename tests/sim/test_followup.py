@@ -28,7 +28,9 @@ FAST = {"personal_epochs": 1, "finetune_epochs": 2, "latency_iters": 20}
 def done(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, dict, Path]:
     run = run_simulation(TINY)
     out = tmp_path_factory.mktemp("followup") / "deploy"
-    return run, run_followup(run, out, **FAST), out
+    # two rounds leave the model at chance, which the default gates refuse to ship (tested below): these
+    # tests are about the artifact's mechanics, so they deploy without gates
+    return run, run_followup(run, out, gates=None, **FAST), out
 
 
 def test_personalization_reports_every_device(done: tuple[RunResult, dict, Path]) -> None:
@@ -89,6 +91,27 @@ def test_artifact_is_written_and_smaller_than_fp32(done: tuple[RunResult, dict, 
     assert manifest["sizes"]["artifact_bytes"] == d["artifact_bytes"]
     assert read_artifact(artifact).manifest["quant"] == "int8"
     assert 0.0 < d["accuracy_compressed"] <= 1.0 and d["latency_ratio_batch1"] > 0
+    assert manifest["gates"]["off"] is True and d["gates_passed"] == 0  # gates=None is recorded as off
+
+
+def test_a_model_at_chance_is_not_shipped(done: tuple[RunResult, dict, Path], tmp_path: Path) -> None:
+    run, shipped, _ = done
+    out = tmp_path / "deploy"
+    after = run_followup(run, out, **FAST)  # the default gates, as `deltaplane run` deploys
+    d = after["deploy"]
+    assert d["refused"] is True and not out.exists()  # nothing written, no partial folder
+    assert d["accuracy_fp32"] == pytest.approx(shipped["deploy"]["accuracy_fp32"])
+    assert d["accuracy_fp32"] < 0.2  # the 2-round model is at chance: the gate, not noise, refuses it
+    assert any(r.startswith("min-above-chance") for r in d["reasons"]), d["reasons"]
+    same = {k: v for k, v in after["personalization"].items() if k != "seconds"}
+    assert same == {
+        k: v for k, v in shipped["personalization"].items() if k != "seconds"
+    }  # the rest still ran
+    doc = json.loads(
+        write_report([{"name": "c", **run.to_dict()}], tmp_path, followup=after).json_path.read_text()
+    )
+    html = render_html(doc)
+    assert "<h2>Deploy</h2><p>Refused" in html and "min-above-chance" in html
 
 
 def test_report_carries_the_followup_sections(done: tuple[RunResult, dict, Path], tmp_path: Path) -> None:

@@ -456,17 +456,26 @@ def _gates(
     *,
     max_disagreement: float = 5.0,
     min_accuracy: float | None = None,
-    min_above_chance: float = 0.1,
+    min_above_chance: float | None = None,
     min_r2: float = 0.95,
 ):
     """The :class:`~deltaplane.deploy.gates.Gates` the options ask for; ``None`` for ``--no-gates``.
 
     ``--min-above-chance 0`` switches that gate off (0 would only ask for accuracy ≥ chance, which a constant
-    guess meets)."""
+    guess meets). Unset, it is 0.1, or off under ``DELTAPLANE_SMALL=1``: that mode caps ``deltaplane run`` at 2
+    rounds over 4 devices (docs/cli.md), too short to train past chance, so a gate asking whether training
+    happened would refuse every model it makes; the command says so."""
+    from deltaplane.cli import SMALL_ENV, small_mode
     from deltaplane.deploy.gates import Gates
 
     if no_gates:
         return None
+    if min_above_chance is None:
+        min_above_chance = 0.0 if small_mode() else 0.1
+        if small_mode():
+            typer.echo(
+                f"{SMALL_ENV} is set: the min-above-chance gate is off (small runs stay at chance)", err=True
+            )
     return Gates(
         min_cosine,
         max_accuracy_drop,
@@ -559,12 +568,13 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         min_above_chance: Annotated[
-            float,
+            float | None,
             typer.Option(
                 help="gate: fp32 clean accuracy must close this fraction of the gap from chance (1/classes or "
-                "the majority label) to 100%; 0 turns it off"
+                "the majority label) to 100%; 0 turns it off",
+                show_default="0.1; off under DELTAPLANE_SMALL=1, whose runs stay at chance",
             ),
-        ] = 0.1,
+        ] = None,
         min_r2: Annotated[
             float,
             typer.Option(

@@ -158,11 +158,19 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
         "<table><thead><tr><th>model</th><th>test acc.</th><th>device acc. mean</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
     )
+    if d.get("refused"):
+        missed = "".join(f"<li>{escape(r)}</li>" for r in d["reasons"])
+        dep = (
+            "<h2>Deploy</h2><p>Refused: the global model missed the quality gates <code>deltaplane deploy</code> "
+            f"applies by default, so no artifact was written.</p><ul>{missed}</ul>"
+        )
+        return pers + mer + dep
     files = ", ".join(f"<code>{escape(f)}</code>" for f in d["files"])
     dep = (
         f"<h2>Deploy</h2><p>Global model, magnitude-pruned to {escape(str(d['prune']))} sparsity (fine-tuned "
         f"{d['finetune_epochs']} epochs with masks held), {escape(d['quant_scheme'])}; written to "
-        f"<code>{escape(d['out_dir'])}</code>: {files}.</p>"
+        f"<code>{escape(d['out_dir'])}</code>: {files}. It passed the {d['gates_passed']} quality gates "
+        "<code>deltaplane deploy</code> applies by default.</p>"
         "<table><tbody>"
         f'<tr><th>fp32 safetensors</th><td class="num">{d["fp32_safetensors_bytes"]:,} B</td></tr>'
         f'<tr><th>artifact</th><td class="num">{d["artifact_bytes"]:,} B '
