@@ -235,3 +235,67 @@ def test_a_secagg_close_that_fails_late_leaves_nothing_and_can_be_retried(tmp_pa
     assert svc.reg.tags("cnn")["training"] == 2
     assert svc.reg.get("cnn", 2).sha256 == control.reg.get("cnn", 2).sha256
     assert closed["published"]["sum_sha256"] == control_closed["published"]["sum_sha256"]
+
+
+def _tamper_weight_slot(dev: SecAggDevice, shift: int) -> None:
+    """Make ``dev`` malicious: it adds ``shift`` (mod the ring) to its masked weight slot. Masks cannot stop a
+    device from editing its own input, so the unmasked weight sum moves by ``shift``."""
+    from deltaplane.aggregation.secagg import MaskedInput
+    from deltaplane.aggregation.secagg.ring import pack, unpack
+
+    cfg, real = dev.config, dev.endpoint.masked_input
+    k = cfg.ring_bits
+
+    def tampered(inbox):
+        m = MaskedInput.from_bytes(real(inbox), cfg)
+        y = unpack(m.packed, k, cfg.vector_size).astype(np.int64)
+        y[-1] = (y[-1] + shift) % (1 << k)
+        return MaskedInput(cfg.round_id, m.client_id, pack(y.astype(np.uint32), k)).to_bytes()
+
+    dev.endpoint.masked_input = tampered
+
+
+@pytest.mark.parametrize("weight_sum", [0, 1])
+def test_a_malicious_device_wrapping_the_weight_sum_gets_the_close_refused(service, weight_sum) -> None:
+    """One device wrapped its weight slot: a weight sum of 0 made close answer 500 on every retry (a bare
+    ZeroDivisionError), a sum of 1 published a mean ~4x too large. Now the out-of-range sum is refused (409)."""
+    names = ["a", "b", "c", "d"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=1.0)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+    for i, (dev, delta) in enumerate(zip(devs, _deltas(service.reg.load_state("cnn@1"), 4, 5), strict=True)):
+        dev.set_update(delta, 1, np.random.default_rng(i))
+    _tamper_weight_slot(devs[3], weight_sum - 4)  # four honest weights of 1 -> the sum becomes weight_sum
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            service.admin.advance_secagg("cnn", rnd)
+    for _ in range(2):  # a retry is refused the same way, never a 500
+        with pytest.raises(ServiceError) as err:
+            service.admin.close_secagg("cnn", rnd)
+        assert err.value.status == 409 and f"weight sum is {weight_sum}" in err.value.detail
+    assert [v.number for v in service.reg.versions("cnn")] == [1]  # nothing published
+
+
+def test_a_secagg_mean_above_the_update_norm_guard_is_not_published(service) -> None:
+    """The service refuses plain uploads far larger than the model (max_update_norm_ratio); a SecAgg round's
+    mean skipped that guard, so in-range but huge inputs were published. Now close refuses it (422)."""
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0, clip_range=100.0)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+    base = service.reg.load_state("cnn@1")
+    for i, dev in enumerate(devs):
+        dev.set_update(
+            Delta({k: torch.full_like(v, 90.0) for k, v in base.items()}), 1, np.random.default_rng(i)
+        )
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            service.admin.advance_secagg("cnn", rnd)
+    with pytest.raises(ServiceError) as err:
+        service.admin.close_secagg("cnn", rnd)
+    assert err.value.status == 422 and "norm" in err.value.detail
+    assert [v.number for v in service.reg.versions("cnn")] == [1]

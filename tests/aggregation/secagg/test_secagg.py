@@ -6,6 +6,7 @@ import torch
 
 import deltaplane as dp
 from deltaplane.aggregation.secagg import (
+    RingEncoding,
     SecAggClient,
     SecAggConfig,
     SecAggError,
@@ -174,3 +175,22 @@ def test_hundred_clients_thirty_percent_dropout_exact() -> None:
     total, rep = run_secagg(codes, cfg, drop_before_upload=drop, randbytes=np.random.default_rng(2).bytes)
     assert len(rep.survivors) == 70
     assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in range(n) if u not in drop))
+
+
+def test_decode_sum_refuses_sums_no_honest_devices_can_produce() -> None:
+    """decode_sum divided by the unmasked weight sum unchecked: a device that wrapped its slots got a
+    ZeroDivisionError or a mean many times too large. Sums outside the honest range are refused now."""
+    like = dp.Delta({"w": torch.zeros(3)})
+    levels = (1 << 8) - 1
+    weighted, plain = RingEncoding(bits=8, weight_scale=10.0), RingEncoding(bits=8)
+    ok = np.array([levels, 0, 3 * levels // 2, 30], dtype=np.uint32)  # 3 devices, weights 10 each
+    mean, w = weighted.decode_sum(ok, count=3, like=like)
+    assert w == 30 and torch.allclose(mean["w"], torch.tensor([-1 / 3, -1.0, 0.0]), atol=1e-2)
+    for weight in (0, 1, 2, 3 * levels + 1):  # below one example per device, or above the ring's codes
+        with pytest.raises(SecAggError, match="weight sum"):
+            weighted.decode_sum(np.array([0, 0, 0, weight], dtype=np.uint32), count=3, like=like)
+    with pytest.raises(SecAggError, match="weight sum"):  # unweighted: each device's slot is exactly 1
+        plain.decode_sum(np.array([0, 0, 0, 4], dtype=np.uint32), count=3, like=like)
+    with pytest.raises(SecAggError, match="value sum"):
+        plain.decode_sum(np.array([0, 3 * levels + 1, 0, 3], dtype=np.uint32), count=3, like=like)
+    assert plain.decode_sum(np.array([0, 3 * levels, 0, 3], dtype=np.uint32), count=3, like=like)[1] == 3
