@@ -46,7 +46,7 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     recorder, bodies = _record_bodies(svc.app)
     svc.http = TestClient(recorder)
     svc.admin._http = svc.http
-    n = 12
+    n = 16  # threshold 11 (> 2/3 of 16): the 4 dropouts before unmasking and 1 after leave 11 answering
     names = [f"dev-{i}" for i in range(n)]
     clients = [svc.device(d) for d in names]
     for c in clients:
@@ -101,8 +101,8 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     with pytest.raises(ServiceError) as exc:
         devices[3].post("masked", late)
     assert exc.value.status == 409 and "too late" in exc.value.detail
-    # stage 3: device 11 uploaded but vanishes before unmasking (it stays in the sum)
-    for dev in devices[4:11]:
+    # stage 3: the last device uploaded but vanishes before unmasking (it stays in the sum)
+    for dev in devices[4 : n - 1]:
         dev.unmask()
     closed = svc.admin.close_secagg("cnn", rnd)
     survivors = list(range(4, n))
@@ -299,3 +299,51 @@ def test_a_secagg_mean_above_the_update_norm_guard_is_not_published(service) -> 
         service.admin.close_secagg("cnn", rnd)
     assert err.value.status == 422 and "norm" in err.value.detail
     assert [v.number for v in service.reg.versions("cnn")] == [1]
+
+
+class _Invitation:
+    """A device connection whose server sends a chosen SecAgg invitation (a server that picks the parameters)."""
+
+    def __init__(self, config: dict) -> None:
+        self.doc = {
+            "base_version": 1,
+            "client_id": 0,
+            "config": config,
+            "encoding": {"bits": 8, "clip_range": 1.0, "weight_scale": 0.0},
+        }
+
+    def request(self, method: str, path: str, **kwargs):
+        return self
+
+    def json(self) -> dict:
+        return self.doc
+
+
+@pytest.mark.parametrize(
+    ("neighbours", "threshold", "named"),
+    [(2, 2, "neighbours=2"), (12, 8, "threshold=8"), (None, 26, "threshold=26")],
+)
+def test_a_device_refuses_an_invitation_that_lets_the_server_unmask_it(neighbours, threshold, named) -> None:
+    """Devices accepted any valid degree and threshold the server sent: with 50 devices, degree 2 and threshold
+    2 the server seats two colluders as a device's only neighbours and recovers its input. Now the device
+    refuses (SecAggError naming the parameter) a group below 2⌈log₂ n⌉ + 1 or a threshold ≤ 2/3 of it."""
+    from deltaplane.aggregation.secagg import SecAggConfig, SecAggError
+
+    cfg = SecAggConfig(num_clients=50, threshold=threshold, bits=8, vector_size=4, neighbours=neighbours)
+    with pytest.raises(SecAggError, match=named):
+        SecAggDevice(_Invitation(cfg.to_dict()), "cnn", 1)
+    safe = SecAggConfig(num_clients=50, threshold=9, bits=8, vector_size=4, neighbours=12)  # group 13
+    assert SecAggDevice(_Invitation(safe.to_dict()), "cnn", 1).config == safe
+
+
+def test_the_service_opens_only_rounds_its_devices_accept(service) -> None:
+    """Open defaults to a threshold devices accept, and refuses (422) a degree or threshold they would not."""
+    names = [f"d{i}" for i in range(16)]
+    for d in names:
+        service.device(d)
+    opened = service.admin.open_secagg("cnn", names, weight_scale=0)
+    assert opened["config"]["threshold"] == 11  # > 2/3 of 16
+    for bad, named in (({"neighbours": 2}, "neighbours=2"), ({"threshold": 9}, "threshold=9")):
+        with pytest.raises(ServiceError) as err:
+            service.admin.open_secagg("cnn", names, weight_scale=0, **bad)
+        assert err.value.status == 422 and named in err.value.detail

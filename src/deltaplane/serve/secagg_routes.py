@@ -49,7 +49,9 @@ from deltaplane.aggregation.secagg import (
     ShareKeys,
     Stage,
     UnmaskResponse,
+    check_device_policy,
     decode_message,
+    default_threshold,
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
@@ -341,13 +343,17 @@ def install_secagg_routes(
             number = state.round_counter.get(model, 0) + 1
             cfg = SecAggConfig(
                 num_clients=n,
-                threshold=body.threshold if body.threshold is not None else group // 2 + 1,
+                threshold=body.threshold if body.threshold is not None else default_threshold(group),
                 bits=bits,
                 vector_size=vector,
                 neighbours=body.neighbours,
                 round_id=number,
                 graph_seed=int.from_bytes(hashlib.sha256(f"{model}/{number}".encode()).digest()[:4], "big"),
             )  # raises ConfigError (422) for an impossible threshold, graph or ring
+            try:  # devices would refuse the round at their invitation: say so now
+                check_device_policy(cfg)
+            except SecAggError as exc:
+                raise ConfigError(str(exc)) from None
             state.round_counter[model] = number
             rounds[(model, number)] = SecAggRound(
                 model,
