@@ -12,6 +12,7 @@ from deltaplane.aggregation.secagg import (
     SecAggError,
     SecAggServer,
     UnmaskRequest,
+    UnmaskResponse,
     pack,
     run_secagg,
     secure_mean,
@@ -194,3 +195,37 @@ def test_decode_sum_refuses_sums_no_honest_devices_can_produce() -> None:
     with pytest.raises(SecAggError, match="value sum"):
         plain.decode_sum(np.array([0, 3 * levels + 1, 0, 3], dtype=np.uint32), count=3, like=like)
     assert plain.decode_sum(np.array([0, 3 * levels, 0, 3], dtype=np.uint32), count=3, like=like)[1] == 3
+
+
+@pytest.mark.parametrize("liar", [0, 2, 3])  # among the shares combined (0, 2) or the extra one (3)
+def test_a_corrupted_unmasking_share_is_refused_not_summed(liar) -> None:
+    """A survivor that shifted its share of another client's self-mask seed made result() return a wrong sum
+    with no error (the seed still decoded to 32 bytes). With more than t shares the extra one must lie on the
+    polynomial the others define: any single corrupted share now raises SecAggError instead."""
+    n, d, bits = 5, 16, 8
+    _, codes, clients, server = _round_to_masked(n, d, bits, seed=3, threshold=3)
+    for u, c in clients.items():
+        server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
+    request = server.unmask_request()
+    for u in range(4):  # four answers, threshold 3: one more share than needed
+        response = clients[u].unmask(request)
+        if u == liar:  # malicious: shift its share of client 4's seed by one field element
+            shares = dict(response.shares)
+            shares[4] = shamir.share_to_bytes((shamir.share_from_bytes(shares[4]) + 1) % shamir.PRIME)
+            response = UnmaskResponse(response.round_id, u, shares)
+        server.receive_unmask(response)
+    with pytest.raises(SecAggError, match="client 4's secret are inconsistent"):
+        server.result()
+
+
+def test_honest_unmasking_with_extra_shares_still_sums_exactly() -> None:
+    n, d, bits = 6, 16, 8
+    _, codes, clients, server = _round_to_masked(n, d, bits, seed=4, threshold=4)
+    for u, c in clients.items():
+        if u != 5:  # client 5 drops before uploading: its mask key is rebuilt from 5 shares
+            server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
+    request = server.unmask_request()
+    for u in range(5):
+        server.receive_unmask(clients[u].unmask(request))
+    expected = sum(codes[u].astype(np.uint64) for u in range(5))
+    assert np.array_equal(server.result(), expected)

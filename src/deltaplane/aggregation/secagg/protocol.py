@@ -58,7 +58,7 @@ from deltaplane.aggregation.secagg.messages import (
 )
 from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
-from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 
 __all__ = [
     "SecAggClient",
@@ -660,15 +660,28 @@ class SecAggServer:
         self.responses[responder] = dict(msg.shares)
         self._count(responder, msg.wire_size())
 
-    def _recover(self, owner: int, lam_cache: dict[frozenset[int], dict[int, int]]) -> bytes:
+    def _recover(self, owner: int, lam_cache: dict[tuple[int, ...], dict[int, int]]) -> bytes:
         t = self.config.threshold
         pts = {r + 1: shamir.share_from_bytes(sh[owner]) for r, sh in self.responses.items() if owner in sh}
         if len(pts) < t:
             raise SecAggError(f"only {len(pts)} shares of client {owner}'s secret arrived; threshold {t}")
-        xs = frozenset(sorted(pts)[:t])
+        points = sorted(pts)
+        xs = tuple(points[:t])
         if xs not in lam_cache:
-            lam_cache[xs] = shamir.lagrange_at_zero(sorted(xs))
-        return shamir.combine(pts, threshold=t, lam=lam_cache[xs])
+            lam_cache[xs] = shamir.lagrange_at_zero(xs)
+        check = None
+        if len(points) > t:  # the extra share checks the others: keyed by the points and the extra point
+            key = (*xs, -points[t])
+            if key not in lam_cache:
+                lam_cache[key] = shamir.lagrange_at(xs, points[t])
+            check = lam_cache[key]
+        try:
+            return shamir.combine(pts, threshold=t, lam=lam_cache[xs], check=check)
+        except DeltaplaneError as exc:  # a corrupted share: the sum would be wrong, so refuse it
+            raise SecAggError(
+                f"the unmasking shares of client {owner}'s secret are inconsistent ({exc}); some survivor sent a "
+                "corrupted share, so the sum cannot be trusted"
+            ) from None
 
     def result(self) -> np.ndarray:
         """The exact integer sum (uint64) of the frozen survivors' codes; ends the round.
@@ -681,7 +694,7 @@ class SecAggServer:
         self._expect(Stage.UNMASK, "computing the result")
         cfg, req = self.config, self._request
         assert req is not None
-        lam: dict[frozenset[int], dict[int, int]] = {}
+        lam: dict[tuple[int, ...], dict[int, int]] = {}
         # every secret is rebuilt before any mask is expanded: a missing share fails fast, changing nothing
         masks = [(_self_key(cfg, self._recover(u, lam), u), -1) for u in req.survivors]
         for u in req.dropped:
