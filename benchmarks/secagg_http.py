@@ -184,7 +184,7 @@ def main() -> None:
         "secagg_http",
         "Secure aggregation over HTTP (issue #13 acceptance 2)",
         "50 simulated devices against a real `deltaplane serve` process on loopback (digits CNN, 16-bit codes, "
-        "complete graph, threshold 26), 30% dropping out at different stages:\n\n"
+        "complete graph, threshold 34), 30% dropping out at different stages:\n\n"
         + table(["measure", "value"], rows),
     )
 

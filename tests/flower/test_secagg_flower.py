@@ -131,3 +131,30 @@ def test_ray_flower_engine_with_secagg_matches_in_process() -> None:
     expected = run_simulation(cfg)
     assert [r.test_accuracy for r in flower.rounds] == [r.test_accuracy for r in expected.rounds]
     assert [r.uplink_bytes for r in flower.rounds] == [r.uplink_bytes for r in expected.rounds]
+
+
+@pytest.mark.parametrize(
+    ("neighbours", "threshold", "named"),
+    [(2, 2, "neighbours=2"), (None, 26, "threshold=26")],  # 50 nodes: a degree-2 graph; a bare majority
+)
+def test_a_node_refuses_secagg_parameters_that_let_the_server_unmask_it(neighbours, threshold, named) -> None:
+    """The server picks the SecAgg+ degree and threshold; nodes took any valid ones, so a server could seat two
+    colluders as a node's only neighbours (degree 2, threshold 2). The node now refuses, naming the parameter."""
+    import json
+
+    from flwr.app import Message
+
+    from deltaplane.aggregation.secagg import SecAggConfig, SecAggError
+
+    cfg = SecAggConfig(num_clients=50, threshold=threshold, bits=8, vector_size=4, neighbours=neighbours)
+    rec = ConfigRecord(
+        {
+            "stage": "advertise",
+            "config": json.dumps(cfg.to_dict()),
+            "encoding": "[8, 1.0, 0.0]",
+            "client-id": 0,
+        }
+    )
+    msg = Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE)
+    with pytest.raises(SecAggError, match=named):
+        flower_secagg.secagg_query(msg, _context())

@@ -46,7 +46,7 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     recorder, bodies = _record_bodies(svc.app)
     svc.http = TestClient(recorder)
     svc.admin._http = svc.http
-    n = 12
+    n = 16  # threshold 11 (> 2/3 of 16): the 4 dropouts before unmasking and 1 after leave 11 answering
     names = [f"dev-{i}" for i in range(n)]
     clients = [svc.device(d) for d in names]
     for c in clients:
@@ -101,8 +101,8 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     with pytest.raises(ServiceError) as exc:
         devices[3].post("masked", late)
     assert exc.value.status == 409 and "too late" in exc.value.detail
-    # stage 3: device 11 uploaded but vanishes before unmasking (it stays in the sum)
-    for dev in devices[4:11]:
+    # stage 3: the last device uploaded but vanishes before unmasking (it stays in the sum)
+    for dev in devices[4 : n - 1]:
         dev.unmask()
     closed = svc.admin.close_secagg("cnn", rnd)
     survivors = list(range(4, n))
@@ -235,3 +235,115 @@ def test_a_secagg_close_that_fails_late_leaves_nothing_and_can_be_retried(tmp_pa
     assert svc.reg.tags("cnn")["training"] == 2
     assert svc.reg.get("cnn", 2).sha256 == control.reg.get("cnn", 2).sha256
     assert closed["published"]["sum_sha256"] == control_closed["published"]["sum_sha256"]
+
+
+def _tamper_weight_slot(dev: SecAggDevice, shift: int) -> None:
+    """Make ``dev`` malicious: it adds ``shift`` (mod the ring) to its masked weight slot. Masks cannot stop a
+    device from editing its own input, so the unmasked weight sum moves by ``shift``."""
+    from deltaplane.aggregation.secagg import MaskedInput
+    from deltaplane.aggregation.secagg.ring import pack, unpack
+
+    cfg, real = dev.config, dev.endpoint.masked_input
+    k = cfg.ring_bits
+
+    def tampered(inbox):
+        m = MaskedInput.from_bytes(real(inbox), cfg)
+        y = unpack(m.packed, k, cfg.vector_size).astype(np.int64)
+        y[-1] = (y[-1] + shift) % (1 << k)
+        return MaskedInput(cfg.round_id, m.client_id, pack(y.astype(np.uint32), k)).to_bytes()
+
+    dev.endpoint.masked_input = tampered
+
+
+@pytest.mark.parametrize("weight_sum", [0, 1])
+def test_a_malicious_device_wrapping_the_weight_sum_gets_the_close_refused(service, weight_sum) -> None:
+    """One device wrapped its weight slot: a weight sum of 0 made close answer 500 on every retry (a bare
+    ZeroDivisionError), a sum of 1 published a mean ~4x too large. Now the out-of-range sum is refused (409)."""
+    names = ["a", "b", "c", "d"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=1.0)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+    for i, (dev, delta) in enumerate(zip(devs, _deltas(service.reg.load_state("cnn@1"), 4, 5), strict=True)):
+        dev.set_update(delta, 1, np.random.default_rng(i))
+    _tamper_weight_slot(devs[3], weight_sum - 4)  # four honest weights of 1 -> the sum becomes weight_sum
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            service.admin.advance_secagg("cnn", rnd)
+    for _ in range(2):  # a retry is refused the same way, never a 500
+        with pytest.raises(ServiceError) as err:
+            service.admin.close_secagg("cnn", rnd)
+        assert err.value.status == 409 and f"weight sum is {weight_sum}" in err.value.detail
+    assert [v.number for v in service.reg.versions("cnn")] == [1]  # nothing published
+
+
+def test_a_secagg_mean_above_the_update_norm_guard_is_not_published(service) -> None:
+    """The service refuses plain uploads far larger than the model (max_update_norm_ratio); a SecAgg round's
+    mean skipped that guard, so in-range but huge inputs were published. Now close refuses it (422)."""
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0, clip_range=100.0)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+    base = service.reg.load_state("cnn@1")
+    for i, dev in enumerate(devs):
+        dev.set_update(
+            Delta({k: torch.full_like(v, 90.0) for k, v in base.items()}), 1, np.random.default_rng(i)
+        )
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            service.admin.advance_secagg("cnn", rnd)
+    with pytest.raises(ServiceError) as err:
+        service.admin.close_secagg("cnn", rnd)
+    assert err.value.status == 422 and "norm" in err.value.detail
+    assert [v.number for v in service.reg.versions("cnn")] == [1]
+
+
+class _Invitation:
+    """A device connection whose server sends a chosen SecAgg invitation (a server that picks the parameters)."""
+
+    def __init__(self, config: dict) -> None:
+        self.doc = {
+            "base_version": 1,
+            "client_id": 0,
+            "config": config,
+            "encoding": {"bits": 8, "clip_range": 1.0, "weight_scale": 0.0},
+        }
+
+    def request(self, method: str, path: str, **kwargs):
+        return self
+
+    def json(self) -> dict:
+        return self.doc
+
+
+@pytest.mark.parametrize(
+    ("neighbours", "threshold", "named"),
+    [(2, 2, "neighbours=2"), (12, 8, "threshold=8"), (None, 26, "threshold=26")],
+)
+def test_a_device_refuses_an_invitation_that_lets_the_server_unmask_it(neighbours, threshold, named) -> None:
+    """Devices accepted any valid degree and threshold the server sent: with 50 devices, degree 2 and threshold
+    2 the server seats two colluders as a device's only neighbours and recovers its input. Now the device
+    refuses (SecAggError naming the parameter) a group below 2⌈log₂ n⌉ + 1 or a threshold ≤ 2/3 of it."""
+    from deltaplane.aggregation.secagg import SecAggConfig, SecAggError
+
+    cfg = SecAggConfig(num_clients=50, threshold=threshold, bits=8, vector_size=4, neighbours=neighbours)
+    with pytest.raises(SecAggError, match=named):
+        SecAggDevice(_Invitation(cfg.to_dict()), "cnn", 1)
+    safe = SecAggConfig(num_clients=50, threshold=9, bits=8, vector_size=4, neighbours=12)  # group 13
+    assert SecAggDevice(_Invitation(safe.to_dict()), "cnn", 1).config == safe
+
+
+def test_the_service_opens_only_rounds_its_devices_accept(service) -> None:
+    """Open defaults to a threshold devices accept, and refuses (422) a degree or threshold they would not."""
+    names = [f"d{i}" for i in range(16)]
+    for d in names:
+        service.device(d)
+    opened = service.admin.open_secagg("cnn", names, weight_scale=0)
+    assert opened["config"]["threshold"] == 11  # > 2/3 of 16
+    for bad, named in (({"neighbours": 2}, "neighbours=2"), ({"threshold": 9}, "threshold=9")):
+        with pytest.raises(ServiceError) as err:
+            service.admin.open_secagg("cnn", names, weight_scale=0, **bad)
+        assert err.value.status == 422 and named in err.value.detail

@@ -39,6 +39,8 @@ from deltaplane.aggregation.secagg import (
     RingEncoding,
     SecAggConfig,
     ServerEndpoint,
+    check_device_policy,
+    default_threshold,
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
@@ -90,6 +92,7 @@ def secagg_query(msg: Message, context: Context) -> Message:
     stage = str(rec["stage"])
     if stage == "advertise":
         config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
+        check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
         bits, clip, scale = json.loads(str(rec["encoding"]))
         ep = DeviceEndpoint(
             int(rec["client-id"]),
@@ -257,7 +260,7 @@ class SecAggStrategy(DeltaStrategy):
         group = (self.neighbours if self.neighbours is not None else n - 1) + 1
         cfg = SecAggConfig(
             num_clients=n,
-            threshold=group // 2 + 1,
+            threshold=default_threshold(group),
             bits=self.encoding.bits,
             vector_size=encoding.vector_size(self._shared_zeros()),
             neighbours=self.neighbours,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, SecAggConfig
+from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, SecAggConfig, check_device_policy
 from deltaplane.delta import Delta
 from deltaplane.serve.client import DeviceClient, ServiceError
 
@@ -51,6 +51,7 @@ class SecAggDevice:
         self.invitation = inv
         self.base_version = int(inv["base_version"])
         self.config = SecAggConfig.from_dict(inv["config"])
+        check_device_policy(self.config)  # the server chose the graph and threshold: refuse unsafe ones
         enc = inv["encoding"]
         self.encoding = RingEncoding(
             bits=int(enc["bits"]),

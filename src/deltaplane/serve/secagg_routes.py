@@ -49,11 +49,13 @@ from deltaplane.aggregation.secagg import (
     ShareKeys,
     Stage,
     UnmaskResponse,
+    check_device_policy,
     decode_message,
+    default_threshold,
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
-from deltaplane.serve.rounds import resume_step, step_bytes, undo_on_failure
+from deltaplane.serve.rounds import check_update_norm, resume_step, step_bytes, undo_on_failure
 from deltaplane.serve.rounds_store import RoundStore
 
 __all__ = ["SecAggRound", "install_secagg_routes"]
@@ -341,13 +343,17 @@ def install_secagg_routes(
             number = state.round_counter.get(model, 0) + 1
             cfg = SecAggConfig(
                 num_clients=n,
-                threshold=body.threshold if body.threshold is not None else group // 2 + 1,
+                threshold=body.threshold if body.threshold is not None else default_threshold(group),
                 bits=bits,
                 vector_size=vector,
                 neighbours=body.neighbours,
                 round_id=number,
                 graph_seed=int.from_bytes(hashlib.sha256(f"{model}/{number}".encode()).digest()[:4], "big"),
             )  # raises ConfigError (422) for an impossible threshold, graph or ring
+            try:  # devices would refuse the round at their invitation: say so now
+                check_device_policy(cfg)
+            except SecAggError as exc:
+                raise ConfigError(str(exc)) from None
             state.round_counter[model] = number
             rounds[(model, number)] = SecAggRound(
                 model,
@@ -387,7 +393,16 @@ def install_secagg_routes(
             )
         total = protocol(r.endpoint.result, r)  # computed once, kept: a failed close can be retried
         survivors = list(r.endpoint.server.survivors)
-        mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
+        try:
+            mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
+        except SecAggError as exc:  # an out-of-range sum: every retry would refuse it the same way
+            state.counters["secagg.refused"] += 1
+            raise HTTPException(
+                409,
+                f"{exc}. Leave this round unpublished and open a new SecAgg round without the faulty device",
+            ) from None
+        # the same guard as a plain upload: in-range inputs can still poison the mean (InvalidUpdate, 422)
+        check_update_norm(mean, state.base_state(model, r.base_version), config.max_update_norm_ratio)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
             if r.published is not None:

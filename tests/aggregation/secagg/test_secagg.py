@@ -6,11 +6,13 @@ import torch
 
 import deltaplane as dp
 from deltaplane.aggregation.secagg import (
+    RingEncoding,
     SecAggClient,
     SecAggConfig,
     SecAggError,
     SecAggServer,
     UnmaskRequest,
+    UnmaskResponse,
     pack,
     run_secagg,
     secure_mean,
@@ -174,3 +176,56 @@ def test_hundred_clients_thirty_percent_dropout_exact() -> None:
     total, rep = run_secagg(codes, cfg, drop_before_upload=drop, randbytes=np.random.default_rng(2).bytes)
     assert len(rep.survivors) == 70
     assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in range(n) if u not in drop))
+
+
+def test_decode_sum_refuses_sums_no_honest_devices_can_produce() -> None:
+    """decode_sum divided by the unmasked weight sum unchecked: a device that wrapped its slots got a
+    ZeroDivisionError or a mean many times too large. Sums outside the honest range are refused now."""
+    like = dp.Delta({"w": torch.zeros(3)})
+    levels = (1 << 8) - 1
+    weighted, plain = RingEncoding(bits=8, weight_scale=10.0), RingEncoding(bits=8)
+    ok = np.array([levels, 0, 3 * levels // 2, 30], dtype=np.uint32)  # 3 devices, weights 10 each
+    mean, w = weighted.decode_sum(ok, count=3, like=like)
+    assert w == 30 and torch.allclose(mean["w"], torch.tensor([-1 / 3, -1.0, 0.0]), atol=1e-2)
+    for weight in (0, 1, 2, 3 * levels + 1):  # below one example per device, or above the ring's codes
+        with pytest.raises(SecAggError, match="weight sum"):
+            weighted.decode_sum(np.array([0, 0, 0, weight], dtype=np.uint32), count=3, like=like)
+    with pytest.raises(SecAggError, match="weight sum"):  # unweighted: each device's slot is exactly 1
+        plain.decode_sum(np.array([0, 0, 0, 4], dtype=np.uint32), count=3, like=like)
+    with pytest.raises(SecAggError, match="value sum"):
+        plain.decode_sum(np.array([0, 3 * levels + 1, 0, 3], dtype=np.uint32), count=3, like=like)
+    assert plain.decode_sum(np.array([0, 3 * levels, 0, 3], dtype=np.uint32), count=3, like=like)[1] == 3
+
+
+@pytest.mark.parametrize("liar", [0, 2, 3])  # among the shares combined (0, 2) or the extra one (3)
+def test_a_corrupted_unmasking_share_is_refused_not_summed(liar) -> None:
+    """A survivor that shifted its share of another client's self-mask seed made result() return a wrong sum
+    with no error (the seed still decoded to 32 bytes). With more than t shares the extra one must lie on the
+    polynomial the others define: any single corrupted share now raises SecAggError instead."""
+    n, d, bits = 5, 16, 8
+    _, codes, clients, server = _round_to_masked(n, d, bits, seed=3, threshold=3)
+    for u, c in clients.items():
+        server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
+    request = server.unmask_request()
+    for u in range(4):  # four answers, threshold 3: one more share than needed
+        response = clients[u].unmask(request)
+        if u == liar:  # malicious: shift its share of client 4's seed by one field element
+            shares = dict(response.shares)
+            shares[4] = shamir.share_to_bytes((shamir.share_from_bytes(shares[4]) + 1) % shamir.PRIME)
+            response = UnmaskResponse(response.round_id, u, shares)
+        server.receive_unmask(response)
+    with pytest.raises(SecAggError, match="client 4's secret are inconsistent"):
+        server.result()
+
+
+def test_honest_unmasking_with_extra_shares_still_sums_exactly() -> None:
+    n, d, bits = 6, 16, 8
+    _, codes, clients, server = _round_to_masked(n, d, bits, seed=4, threshold=4)
+    for u, c in clients.items():
+        if u != 5:  # client 5 drops before uploading: its mask key is rebuilt from 5 shares
+            server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
+    request = server.unmask_request()
+    for u in range(5):
+        server.receive_unmask(clients[u].unmask(request))
+    expected = sum(codes[u].astype(np.uint64) for u in range(5))
+    assert np.array_equal(server.result(), expected)

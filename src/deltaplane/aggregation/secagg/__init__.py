@@ -17,7 +17,16 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskResponse,
     decode_message,
 )
-from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer, Stage, neighbours
+from deltaplane.aggregation.secagg.protocol import (
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    Stage,
+    check_device_policy,
+    default_threshold,
+    min_group_size,
+    neighbours,
+)
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
 from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchange, run_secagg, secure_mean
 
@@ -41,9 +50,12 @@ __all__ = [
     "Stage",
     "UnmaskRequest",
     "UnmaskResponse",
+    "check_device_policy",
     "decode_message",
+    "default_threshold",
     "dequantize_sum",
     "exchange",
+    "min_group_size",
     "neighbours",
     "pack",
     "quantize",

@@ -75,16 +75,44 @@ class RingEncoding:
         return np.concatenate([codes, np.array([slot], dtype=np.uint32)])
 
     def decode_sum(self, total: np.ndarray, *, count: int, like: Delta) -> tuple[Delta, int]:
-        """(mean update, total weight) from the exact integer sum of ``count`` devices' codes."""
+        """(mean update, total weight) from the exact integer sum of ``count`` devices' codes.
+
+        Masks hide each input but cannot stop a malicious device from sending any ring value in place of its
+        codes. Every honest sum lies in a known range (each of ``count`` codes is in ``[0, 2^bits − 1]``, each
+        weight in ``[1, 2^bits − 1]``, or exactly 1 unweighted), so a sum outside it proves some input was out
+        of range and is refused with :class:`SecAggError` rather than decoded into a wrong mean (a weight sum
+        wrapped to 0 or 1 would divide by zero or inflate the mean by the true total weight). A malicious
+        device can still add any *in-range* value: that is a poisoning the norm guard may catch, not this.
+        """
         _check_float(like)
         n = like.numel()
         if total.shape != (n + 1,):
             raise SecAggError(f"the unmasked sum has {total.shape[0]} values, expected {n + 1}")
         if count < 1:
             raise SecAggError("no device is in the sum")
+        levels = (1 << self.bits) - 1
         weight = int(total[n])
+        low, high = (count, count * levels) if self.weighted else (count, count)
+        if not low <= weight <= high:
+            raise SecAggError(
+                f"the unmasked weight sum is {weight}, outside [{low}, {high}] for {count} devices' "
+                f"{'example counts' if self.weighted else 'unweighted slots (1 each)'}: some device sent an "
+                "out-of-range input, so the sum cannot be trusted; the round cannot be published"
+            )
+        top = int(total[:n].max()) if n else 0
+        if top > count * levels:
+            raise SecAggError(
+                f"an unmasked value sum is {top}, above {count * levels} ({count} devices' {self.bits}-bit codes): "
+                "some device sent an out-of-range input, so the sum cannot be trusted; the round cannot be published"
+            )
         summed = dequantize_sum(total[:n], count=count, clip_range=self.clip_range, bits=self.bits)
         mean = summed * (self.weight_scale / weight) if self.weighted else summed / count
+        # each device's (scaled) values are clipped to ±clip_range, so |mean| ≤ clip_range · weight_scale·count/Σw
+        bound = self.clip_range * (self.weight_scale * count / weight if self.weighted else 1.0) * (1 + 1e-9)
+        if n and not (np.isfinite(mean).all() and float(np.abs(mean).max()) <= bound):
+            raise SecAggError(
+                f"the decoded mean leaves ±{bound:.6g}, the range the encoding allows; the round cannot be published"
+            )
         return like.unflatten(torch.from_numpy(mean).to(torch.float32)), weight
 
 

@@ -33,6 +33,7 @@ server and clients (no signatures / consistency round, which the malicious-secur
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,9 +58,18 @@ from deltaplane.aggregation.secagg.messages import (
 )
 from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
-from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 
-__all__ = ["SecAggClient", "SecAggConfig", "SecAggServer", "Stage", "neighbours"]
+__all__ = [
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggServer",
+    "Stage",
+    "check_device_policy",
+    "default_threshold",
+    "min_group_size",
+    "neighbours",
+]
 
 _FIELDS = ("num_clients", "threshold", "bits", "vector_size", "neighbours", "round_id", "graph_seed")
 
@@ -144,6 +154,54 @@ class SecAggConfig:
             if not (v is None and k == "neighbours") and (type(v) is not int or not 0 <= v < 2**32):
                 raise ConfigError(f"SecAgg config field {k!r} must be an integer in [0, 2^32). Found {v!r}")
         return cls(**doc)  # type: ignore[arg-type]
+
+
+def default_threshold(group: int) -> int:
+    """The smallest threshold devices accept for neighbourhoods of ``group``: more than two thirds of it.
+
+    Why two thirds: the server can send some of a target's neighbours an unmasking request that lists the
+    target as a survivor and others one that lists it as dropped. Honest devices answer one kind each, so with
+    ``c`` colluders in the group the server gets ``t`` shares of both secrets only if ``2t ≤ group + c``, i.e.
+    ``c ≥ 2t − group``. With ``t > 2·group/3`` that needs more than a third of the group colluding (and
+    ``c ≥ t`` reveals a secret anyway); with a bare majority ``t = group//2 + 1`` one or two colluders suffice.
+    Bonawitz et al. (CCS 2017) state their actively-secure variant for ``t > 2n/3`` for the same reason. The
+    price: unmasking needs ``t`` survivors of each neighbourhood, so fewer than a third of it may drop.
+    """
+    return 2 * group // 3 + 1
+
+
+def min_group_size(num_clients: int) -> int:
+    """The smallest neighbourhood (a device and its neighbours) devices accept in a round of ``num_clients``.
+
+    SecAgg+ (Bell et al., CCS 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead") keeps
+    its guarantee only for graphs of degree ``Θ(log n)``, with constants set by the fractions of corrupt and
+    dropped devices tolerated (their concrete parameters are larger still: e.g. about 3% of 10⁴ clients).
+    A server-chosen degree of 2 lets it seat two colluders as a target's only neighbours. This floor,
+    ``2⌈log₂ n⌉ + 1`` (capped at ``n``: the complete graph), refuses such degenerate graphs; it is a floor,
+    not Bell et al.'s bound for a given corruption rate, which an operator should use for large rounds.
+    """
+    return min(num_clients, 2 * math.ceil(math.log2(num_clients)) + 1)
+
+
+def check_device_policy(config: SecAggConfig) -> None:
+    """What a real device checks before it takes part: the server chose these parameters, not the device.
+
+    Raises :class:`SecAggError` naming the parameter when the neighbourhood is smaller than
+    :func:`min_group_size` or the threshold is at most two thirds of it (:func:`default_threshold`).
+    """
+    group, floor = config.group_size, min_group_size(config.num_clients)
+    if group < floor:
+        raise SecAggError(
+            f"refusing this SecAgg round: neighbours={config.neighbours} gives neighbourhoods of {group} of "
+            f"{config.num_clients} devices; devices need at least {floor} (degree {floor - 1}, or the complete "
+            "graph) so the server cannot surround a device with colluders"
+        )
+    if config.threshold < default_threshold(group):
+        raise SecAggError(
+            f"refusing this SecAgg round: threshold={config.threshold} for neighbourhoods of {group}; devices "
+            f"need more than two thirds of the neighbourhood ({default_threshold(group)}) so inconsistent "
+            "unmasking requests cannot reveal both secrets of a device"
+        )
 
 
 def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
@@ -602,15 +660,28 @@ class SecAggServer:
         self.responses[responder] = dict(msg.shares)
         self._count(responder, msg.wire_size())
 
-    def _recover(self, owner: int, lam_cache: dict[frozenset[int], dict[int, int]]) -> bytes:
+    def _recover(self, owner: int, lam_cache: dict[tuple[int, ...], dict[int, int]]) -> bytes:
         t = self.config.threshold
         pts = {r + 1: shamir.share_from_bytes(sh[owner]) for r, sh in self.responses.items() if owner in sh}
         if len(pts) < t:
             raise SecAggError(f"only {len(pts)} shares of client {owner}'s secret arrived; threshold {t}")
-        xs = frozenset(sorted(pts)[:t])
+        points = sorted(pts)
+        xs = tuple(points[:t])
         if xs not in lam_cache:
-            lam_cache[xs] = shamir.lagrange_at_zero(sorted(xs))
-        return shamir.combine(pts, threshold=t, lam=lam_cache[xs])
+            lam_cache[xs] = shamir.lagrange_at_zero(xs)
+        check = None
+        if len(points) > t:  # the extra share checks the others: keyed by the points and the extra point
+            key = (*xs, -points[t])
+            if key not in lam_cache:
+                lam_cache[key] = shamir.lagrange_at(xs, points[t])
+            check = lam_cache[key]
+        try:
+            return shamir.combine(pts, threshold=t, lam=lam_cache[xs], check=check)
+        except DeltaplaneError as exc:  # a corrupted share: the sum would be wrong, so refuse it
+            raise SecAggError(
+                f"the unmasking shares of client {owner}'s secret are inconsistent ({exc}); some survivor sent a "
+                "corrupted share, so the sum cannot be trusted"
+            ) from None
 
     def result(self) -> np.ndarray:
         """The exact integer sum (uint64) of the frozen survivors' codes; ends the round.
@@ -623,7 +694,7 @@ class SecAggServer:
         self._expect(Stage.UNMASK, "computing the result")
         cfg, req = self.config, self._request
         assert req is not None
-        lam: dict[frozenset[int], dict[int, int]] = {}
+        lam: dict[tuple[int, ...], dict[int, int]] = {}
         # every secret is rebuilt before any mask is expanded: a missing share fails fast, changing nothing
         masks = [(_self_key(cfg, self._recover(u, lam), u), -1) for u in req.survivors]
         for u in req.dropped:

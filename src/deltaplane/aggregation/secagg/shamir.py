@@ -17,9 +17,25 @@ from collections.abc import Callable, Sequence
 
 from deltaplane.errors import DecodeError, DeltaplaneError
 
-__all__ = ["PRIME", "SHARE_BYTES", "combine", "share_from_bytes", "share_to_bytes", "split"]
+__all__ = [
+    "PRIME",
+    "SHARE_BYTES",
+    "ShareMismatch",
+    "combine",
+    "lagrange_at",
+    "lagrange_at_zero",
+    "share_from_bytes",
+    "share_to_bytes",
+    "split",
+]
 
 PRIME = (1 << 521) - 1
+
+
+class ShareMismatch(DeltaplaneError):
+    """More shares than the threshold arrived and they do not agree: at least one is corrupted."""
+
+
 SHARE_BYTES = 66  # ceil(521 / 8)
 
 
@@ -51,24 +67,49 @@ def split(
 
 def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
     """Lagrange coefficients ``λⱼ`` with ``f(0) = Σ λⱼ f(xⱼ)``; reused for every secret shared at the same points."""
+    return lagrange_at(xs, 0)
+
+
+def lagrange_at(xs: Sequence[int], at: int) -> dict[int, int]:
+    """Lagrange coefficients ``λⱼ`` with ``f(at) = Σ λⱼ f(xⱼ)`` for any polynomial of degree < ``len(xs)``."""
     lam = {}
     for j in xs:
         num, den = 1, 1
         for m in xs:
             if m != j:
-                num = num * m % PRIME
+                num = num * (m - at) % PRIME
                 den = den * (m - j) % PRIME
         lam[j] = num * pow(den, -1, PRIME) % PRIME
     return lam
 
 
 def combine(
-    shares: dict[int, int], *, threshold: int, size: int = 32, lam: dict[int, int] | None = None
+    shares: dict[int, int],
+    *,
+    threshold: int,
+    size: int = 32,
+    lam: dict[int, int] | None = None,
+    check: dict[int, int] | None = None,
 ) -> bytes:
-    """Recover the ``size``-byte secret from at least ``threshold`` shares ``{x: y}``."""
+    """Recover the ``size``-byte secret from at least ``threshold`` shares ``{x: y}``.
+
+    The secret comes from the ``threshold`` lowest points. With one share more, that share must lie on the
+    polynomial those points define, else :class:`ShareMismatch`: a single corrupted share among the points
+    used would otherwise give a wrong secret silently (if the corrupted share is the extra one, it disagrees
+    itself). ``lam`` and ``check`` are cached :func:`lagrange_at_zero` and :func:`lagrange_at` coefficients.
+    """
     if len(shares) < threshold:
         raise DeltaplaneError(f"{len(shares)} shares cannot recover a secret with threshold {threshold}")
-    xs = sorted(shares)[:threshold]
+    points = sorted(shares)
+    xs = points[:threshold]
+    if len(points) > threshold:
+        extra = points[threshold]
+        mu = check if check is not None and set(check) == set(xs) else lagrange_at(xs, extra)
+        if sum(mu[x] * shares[x] for x in xs) % PRIME != shares[extra]:
+            raise ShareMismatch(
+                f"the shares at points {points[: threshold + 1]} do not lie on one polynomial of degree "
+                f"{threshold - 1}: some share is corrupted"
+            )
     lam = lam if lam is not None and set(lam) == set(xs) else lagrange_at_zero(xs)
     secret = sum(lam[x] * shares[x] for x in xs) % PRIME
     if secret >= 1 << (8 * size):
