@@ -95,3 +95,69 @@ def test_model_card_roundtrip_and_markdown():
     assert "# Model card: cnn@3" in md and "| accuracy | 0.9700 |" in md and "excluded cohorts: us" in md
     assert "feature drift on f3" in md
     assert ModelCard.from_dict(card.to_dict()).to_dict() == card.to_dict()
+
+
+def _shifted_feature_rows(spec, ref_x, live_x, **kw):
+    mon = DriftMonitor(spec, summarize(spec, ref_x), window=1, **kw)
+    report = mon.ingest(summarize(spec, live_x))
+    return {r["name"]: r for r in report.rows}
+
+
+def test_spec_without_feature_names_still_monitors_every_feature():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 3))
+    d = DriftSpec.fit(ref).to_dict()
+    del d["feature_names"]
+    spec = DriftSpec.from_dict(d)
+    assert spec.feature_names == ("f0", "f1", "f2")
+    rows = _shifted_feature_rows(spec, ref, rng.normal(size=(500, 3)) + 3.0)
+    assert sorted(rows) == ["f0", "f1", "f2"] and all(r["drifted"] for r in rows.values())
+    with pytest.raises(ConfigError, match="1 feature_names for 3"):
+        DriftSpec.from_dict({**d, "feature_names": ["f0"]})
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [[[0.0, float("nan")]], [[1.0, 0.0]], [[0.0, 0.0, 1.0]], [[]], [[0.0, float("inf")]]],
+)
+def test_spec_edges_must_be_finite_and_strictly_increasing(edges):
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        DriftSpec.from_dict({"feature_edges": edges})
+
+
+def test_few_valued_features_get_edges_that_separate_their_values():
+    """A constant or rare-binary feature used to get edges (0.0,): every value >= 0 shared one bin."""
+    from scipy.stats import fisher_exact
+
+    rng = np.random.default_rng(0)
+    flag = (rng.random(5000) < 0.05).astype(float)
+    atom = np.where(rng.random(5000) < 0.7, 0.0, rng.exponential(size=5000))  # point mass + spread
+    ref = np.c_[np.zeros(5000), flag, atom]
+    spec = DriftSpec.fit(ref, feature_names=["constant", "flag", "atom"])
+    live_flag = np.ones(2000)
+    live = np.c_[np.full(2000, 7.0), live_flag, rng.exponential(size=2000)]  # atom at 0 vanishes
+    # independent evidence that each shift is real: exact test on the raw 2x2 tables
+    for a, b in ((ref[:, 1] == 1, live_flag == 1), (ref[:, 2] == 0, live[:, 2] == 0)):
+        assert fisher_exact([[a.sum(), (~a).sum()], [b.sum(), (~b).sum()]]).pvalue < 1e-10
+    rows = _shifted_feature_rows(spec, ref, live)
+    assert all(r["drifted"] for r in rows.values()), rows
+    # and the same distributions again do not alarm
+    again = np.c_[np.zeros(2000), (rng.random(2000) < 0.05).astype(float)]
+    again = np.c_[again, np.where(rng.random(2000) < 0.7, 0.0, rng.exponential(size=2000))]
+    assert not any(r["drifted"] for r in _shifted_feature_rows(spec, ref, again).values())
+
+
+def test_unreachable_psi_threshold_is_refused():
+    from deltaplane.monitor.drift import PSI_MAX
+
+    rng = np.random.default_rng(0)
+    worst = max(
+        psi(rng.integers(0, 5, 10) * (rng.random(10) < 0.3) + np.eye(10)[0], np.eye(10)[k])
+        for k in range(1, 10)
+    )
+    assert worst <= PSI_MAX and psi([1, 0], [0, 1]) == pytest.approx(PSI_MAX)
+    spec = DriftSpec.fit(rng.normal(size=(100, 1)))
+    ref = summarize(spec, rng.normal(size=(100, 1)))
+    with pytest.raises(ConfigError, match="never fires"):
+        DriftMonitor(spec, ref, psi_threshold=25)
+    DriftMonitor(spec, ref, psi_threshold=0.9 * PSI_MAX)

@@ -41,8 +41,13 @@ __all__ = [
     "summarize",
 ]
 
+PSI_EPS = 1e-4
+#: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
+#: bin to another): a threshold at or above it could never fire.
+PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
 
-def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = 1e-4) -> float:
+
+def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_EPS) -> float:
     """Population stability index between two count (or fraction) vectors over the same bins."""
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
@@ -105,13 +110,10 @@ class DriftSpec:
         """Edges at the reference's quantiles (so each bin holds ~1/n_bins of the reference)."""
         if n_bins < 2:
             raise ConfigError(f"n_bins must be at least 2. Found {n_bins}")
-        qs = np.linspace(0, 1, n_bins + 1)[1:-1]
         edges: list[tuple[float, ...]] = []
         if features is not None:
             x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-            for j in range(x.shape[1]):
-                e = np.unique(np.quantile(x[:, j], qs))
-                edges.append(tuple(float(v) for v in e))
+            edges = [_fit_edges(x[:, j], n_bins) for j in range(x.shape[1])]
         names = tuple(feature_names) if feature_names else tuple(f"f{j}" for j in range(len(edges)))
         if len(names) != len(edges):
             raise ConfigError(f"{len(names)} feature names for {len(edges)} features")
@@ -124,9 +126,7 @@ class DriftSpec:
             p /= np.linalg.norm(p, axis=1, keepdims=True)
             proj = tuple(tuple(float(v) for v in row) for row in p)
             z = emb @ p.T
-            pedges = [
-                tuple(float(v) for v in np.unique(np.quantile(z[:, k], qs))) for k in range(n_projections)
-            ]
+            pedges = [_fit_edges(z[:, k], n_bins) for k in range(n_projections)]
         return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges))
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,15 +138,75 @@ class DriftSpec:
             "projection_edges": [list(e) for e in self.projection_edges],
         }
 
+    def __post_init__(self) -> None:
+        """Refuse a spec that would monitor nothing, or bin values wrongly, without saying so."""
+        if len(self.feature_names) != len(self.feature_edges):
+            raise ConfigError(
+                f"drift spec has {len(self.feature_names)} feature_names for {len(self.feature_edges)} "
+                "feature_edges rows: give one name per feature (or none, for f0..f{n-1})"
+            )
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ConfigError("drift spec feature_names must be unique")
+        for what, rows in (
+            ("feature_edges", self.feature_edges),
+            ("projection_edges", self.projection_edges),
+        ):
+            for i, e in enumerate(rows):
+                a = np.asarray(e, dtype=np.float64)
+                if a.size == 0 or not np.isfinite(a).all() or (np.diff(a) <= 0).any():
+                    raise ConfigError(
+                        f"drift spec {what}[{i}] must be a non-empty list of finite, strictly increasing "
+                        f"numbers. Found {list(e)[:8]}"
+                    )
+        if self.n_classes < 0:
+            raise ConfigError(f"drift spec n_classes must be >= 0. Found {self.n_classes}")
+        if len(self.projection_edges) != len(self.projections):
+            raise ConfigError(
+                f"drift spec has {len(self.projection_edges)} projection_edges rows for "
+                f"{len(self.projections)} projections"
+            )
+        dims = {len(p) for p in self.projections}
+        if len(dims) > 1 or 0 in dims or not all(np.isfinite(p).all() for p in self.projections):
+            raise ConfigError("drift spec projections must be finite rows of one embedding dimension")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
+        edges = d.get("feature_edges", ())
+        names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
         return cls(
-            tuple(tuple(map(float, e)) for e in d.get("feature_edges", ())),
-            tuple(d.get("feature_names", ())),
+            tuple(tuple(map(float, e)) for e in edges),
+            tuple(map(str, names)),
             int(d.get("n_classes", 0)),
             tuple(tuple(map(float, p)) for p in d.get("projections", ())),
             tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
         )
+
+
+def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
+    """Bin edges for one reference column, used with ``side="right"`` binning (bin i is [e[i-1], e[i])).
+
+    Edges sit at the reference quantiles, so each bin holds ~1/n_bins of the reference. Quantiles collapse
+    on few-valued columns (a constant, a 5% binary flag): ``np.unique`` of them leaves e.g. ``(0.0,)`` and
+    every value >= 0 — 0, 1 or 7 alike — falls in one bin, so no shift could ever be seen. A column with at
+    most ``n_bins`` distinct values is therefore binned as categorical (edges halfway between the distinct
+    values, plus one just outside each end so an unseen value gets its own bin); a column where some
+    quantiles coincide (a point mass inside a continuous spread) gets an extra edge just above the atom so the
+    atom has a bin of its own.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ConfigError("cannot fit drift bins on a column with no finite values")
+    distinct = np.unique(v)
+    if len(distinct) <= n_bins:
+        gap = float(np.min(np.diff(distinct))) if len(distinct) > 1 else max(abs(float(distinct[0])), 1.0)
+        mids = (distinct[:-1] + distinct[1:]) / 2
+        e = np.concatenate([[distinct[0] - gap / 2], mids, [distinct[-1] + gap / 2]])
+    else:
+        q = np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1])
+        atoms = q[1:][np.diff(q) == 0]
+        e = np.unique(np.concatenate([q, np.nextafter(atoms, np.inf)]))
+    return tuple(float(x) for x in np.unique(e))
 
 
 @dataclass
@@ -290,13 +350,22 @@ class DriftMonitor:
         window: int = 20,
         embedding_cosine_threshold: float = 0.05,
     ) -> None:
-        if psi_threshold <= 0:
-            raise ConfigError(f"psi_threshold must be positive. Found {psi_threshold}")
+        if not 0 < psi_threshold < PSI_MAX:
+            raise ConfigError(
+                f"psi_threshold must be in (0, {PSI_MAX:.2f}): PSI cannot exceed {PSI_MAX:.2f} (all mass moving "
+                f"between two bins, with the {PSI_EPS:g} floor on empty bins), so a larger threshold never "
+                f"fires; 0.1-0.25 is the usual range. Found {psi_threshold}"
+            )
         if not 0 < alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1). Found {alpha}")
         if window < 1:
             raise ConfigError(f"window must be at least 1. Found {window}")
         reference.validate(spec)
+        if spec.feature_edges and not reference.feature_counts:
+            raise ConfigError(
+                f"the drift spec has {len(spec.feature_edges)} features but the reference summary has no "
+                "feature_counts: summarize the reference data with this spec"
+            )
         self.spec = spec
         self.reference = reference
         self.psi_threshold = psi_threshold
@@ -346,10 +415,11 @@ class DriftMonitor:
                     f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}"
                 )
 
-        for name, r, c in zip(
-            self.spec.feature_names, self.reference.feature_counts, live.feature_counts, strict=False
-        ):
-            row("feature", name, r, c, "ks")
+        if live.feature_counts:  # validate() made every non-empty count list match the spec
+            for name, r, c in zip(
+                self.spec.feature_names, self.reference.feature_counts, live.feature_counts, strict=True
+            ):
+                row("feature", name, r, c, "ks")
         if self.reference.prediction_counts and live.prediction_counts:
             row(
                 "prediction",
