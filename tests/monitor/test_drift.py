@@ -161,3 +161,39 @@ def test_unreachable_psi_threshold_is_refused():
     with pytest.raises(ConfigError, match="never fires"):
         DriftMonitor(spec, ref, psi_threshold=25)
     DriftMonitor(spec, ref, psi_threshold=0.9 * PSI_MAX)
+
+
+def test_prediction_test_false_alarm_rate_stays_at_alpha_on_small_windows():
+    """No drift: reference and live windows drawn from one distribution with rare classes (sparse χ² tables).
+
+    The asymptotic χ² p-value alarmed 13.8% / 9.1% / 5.5% / 2.9% of the time at 3 / 10 / 30 / 100 samples with
+    alpha 1%. PSI is switched off (threshold ~0) so the p-value alone decides; the reference is redrawn each
+    trial, as the null hypothesis (both windows from one distribution) says.
+    """
+    probs = np.r_[np.full(10, 0.095), np.full(10, 0.005)]
+    spec = DriftSpec(n_classes=20)
+    rng = np.random.default_rng(0)
+    alpha, trials = 0.01, 400
+    bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)  # 3 Monte-Carlo standard errors
+    for m in (3, 10, 30, 100):
+        alarms = 0
+        for _ in range(trials):
+            ref = summarize(spec, predictions=rng.choice(20, 2000, p=probs))
+            mon = DriftMonitor(spec, ref, alpha=alpha, psi_threshold=1e-9, min_samples=1)
+            alarms += mon.compare(summarize(spec, predictions=rng.choice(20, m, p=probs))).rows[0]["drifted"]
+        assert alarms / trials <= bound, (m, alarms / trials)
+    # the test keeps its power: a real shift of 100 samples onto the rare classes is caught
+    shifted = np.r_[np.full(10, 0.07), np.full(10, 0.03)]
+    mon = DriftMonitor(spec, summarize(spec, predictions=rng.choice(20, 2000, p=probs)), psi_threshold=0.1)
+    assert mon.compare(summarize(spec, predictions=rng.choice(20, 100, p=shifted))).rows[0]["drifted"]
+
+
+def test_small_windows_report_not_enough_samples_instead_of_a_verdict():
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(rng.normal(size=(1000, 1)), n_classes=3)
+    mon = DriftMonitor(spec, summarize(spec, rng.normal(size=(1000, 1)), rng.integers(0, 3, 1000)))
+    rows = mon.compare(summarize(spec, rng.normal(size=(10, 1)) + 5, np.zeros(10, int))).rows
+    assert len(rows) == 2 and all(not r["drifted"] and r["p"] is None for r in rows)
+    assert all("not enough samples" in r["note"] for r in rows)
+    with pytest.raises(ConfigError, match="min_samples"):
+        DriftMonitor(spec, summarize(spec, rng.normal(size=(10, 1))), min_samples=0)
