@@ -271,6 +271,25 @@ class Summary:
             raise InvalidUpdate("embedding_sum has the wrong dimension for the drift spec")
         if not all(np.isfinite(self.embedding_sum)):
             raise InvalidUpdate("embedding_sum holds NaN or Inf")
+        self._check_totals()
+
+    def _check_totals(self) -> None:
+        """Counts must add up to the report's own sample counts (every feature row bins the same inputs)."""
+        sums = {sum(r) for r in self.feature_counts}
+        if len(sums) > 1:
+            raise InvalidUpdate(
+                f"feature_counts rows sum to different totals {sorted(sums)[:4]}: each bins all n inputs"
+            )
+        if sums and max(sums) > self.n:
+            raise InvalidUpdate(f"feature_counts sum to {max(sums)} but the summary says n={self.n}")
+        if sum(self.prediction_counts) > self.n:
+            raise InvalidUpdate(f"prediction_counts sum to {sum(self.prediction_counts)} > n={self.n}")
+        if self.embedding_n > self.n:
+            raise InvalidUpdate(f"embedding_n={self.embedding_n} > n={self.n}")
+        if any(sum(r) != self.embedding_n for r in self.projection_counts):
+            raise InvalidUpdate(f"every projection_counts row must sum to embedding_n={self.embedding_n}")
+        if self.embedding_sum and not self.embedding_n:
+            raise InvalidUpdate("embedding_sum without embedding_n (the number of embeddings summed)")
 
     def merge(self, other: Summary) -> Summary:
         """Element-wise sum of two summaries (a window is the merge of many device reports)."""
@@ -339,6 +358,7 @@ class DriftReport:
     n_live: int
     rows: list[dict[str, Any]]
     alerts: list[str]
+    devices: int = 1  # distinct devices in the live window, each weighted equally
 
     @property
     def drifted(self) -> bool:
@@ -350,11 +370,35 @@ class DriftReport:
             "n_live": self.n_live,
             "rows": self.rows,
             "alerts": self.alerts,
+            "devices": self.devices,
         }
 
 
+def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
+    """Equal-weight pooling of one signal's counts from several devices.
+
+    Each device's counts become fractions and the window's distribution is their mean, so a device sending
+    huge counts (1e9 per bin) weighs no more than one sending 100. The returned pseudo-counts are those
+    fractions times Kish's effective sample size ``D² / Σ 1/n_d`` of that weighting, which is what the KS and
+    χ² tests should see: it equals n for a single device, D·n for D equal devices, and a device claiming a huge
+    n raises it by at most one device's worth. ``None`` when no device reported this signal.
+    """
+    arrs = [np.asarray(r, dtype=np.float64) for r in rows]
+    arrs = [a for a in arrs if a.sum() > 0]
+    if not arrs:
+        return None
+    n = np.array([a.sum() for a in arrs])
+    fractions = np.mean([a / a.sum() for a in arrs], axis=0)
+    n_eff = len(arrs) ** 2 / float(np.sum(1.0 / n))
+    return fractions * n_eff, n_eff
+
+
 class DriftMonitor:
-    """Compares merged live windows of device summaries against a reference summary.
+    """Compares live windows of device summaries against a reference summary.
+
+    A window closes when it holds ``window`` reports from at least ``min_devices`` distinct devices; each
+    device gets equal weight in it (see :func:`_pool`), so one device can neither hide a drift the others see
+    nor raise an alert alone. Reports passed without a device id count as distinct devices.
 
     Args:
         spec: the binning devices use.
@@ -363,8 +407,11 @@ class DriftMonitor:
         alpha: significance level of the KS / χ² test that must also reject.
         window: device reports merged into one live window before it is evaluated.
         embedding_cosine_threshold: centroid cosine distance that flags embedding drift on its own.
-        min_samples: a signal whose live window holds fewer samples is reported as "not enough samples"
-            (``drifted`` false, no PSI or p-value) rather than tested: a PSI on a handful of samples is noise.
+        min_samples: a signal whose live window holds fewer (effective) samples is reported as "not enough
+            samples" (``drifted`` false, no PSI or p-value) rather than tested: a PSI on a handful of samples
+            is noise.
+        min_devices: distinct devices a window needs before it is evaluated (a window keeps collecting
+            reports until it has them).
     """
 
     def __init__(
@@ -377,6 +424,7 @@ class DriftMonitor:
         window: int = 20,
         embedding_cosine_threshold: float = 0.05,
         min_samples: int = 30,
+        min_devices: int = 1,
     ) -> None:
         if not 0 < psi_threshold < PSI_MAX:
             raise ConfigError(
@@ -390,6 +438,8 @@ class DriftMonitor:
             raise ConfigError(f"min_samples must be at least 1. Found {min_samples}")
         if window < 1:
             raise ConfigError(f"window must be at least 1. Found {window}")
+        if not 1 <= min_devices <= window:
+            raise ConfigError(f"min_devices must be in [1, window={window}]. Found {min_devices}")
         reference.validate(spec)
         if spec.feature_edges and not reference.feature_counts:
             raise ConfigError(
@@ -402,84 +452,71 @@ class DriftMonitor:
         self.alpha = alpha
         self.window = window
         self.min_samples = min_samples
+        self.min_devices = min_devices
         self.embedding_cosine_threshold = embedding_cosine_threshold
-        self._live = Summary()
+        self._live: dict[str, Summary] = {}
         self._reports = 0
+        self._anonymous = 0
         self.history: list[DriftReport] = []
 
-    def ingest(self, summary: Summary) -> DriftReport | None:
-        """Add one device report; returns the window's report when the window fills, else None."""
+    def ingest(self, summary: Summary, device: str | None = None) -> DriftReport | None:
+        """Add one report (from ``device``); returns the window's report when the window closes, else None."""
         summary.validate(self.spec)
-        self._live = self._live.merge(summary)
+        if device is None:
+            self._anonymous += 1
+            device = f"\0anonymous-{self._anonymous}"  # cannot collide with a real device id
+        prev = self._live.get(device)
+        self._live[device] = summary if prev is None else prev.merge(summary)
         self._reports += 1
-        if self._reports < self.window:
+        if self._reports < self.window or len(self._live) < self.min_devices:
             return None
-        report = self.compare(self._live)
+        report = self.compare(list(self._live.values()))
         self.history.append(report)
-        self._live, self._reports = Summary(), 0
+        self._live, self._reports = {}, 0
         return report
 
-    def compare(self, live: Summary) -> DriftReport:
-        """Drift figures of ``live`` against the reference, with alerts for flagged signals."""
+    def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
+        """Drift figures of a live window against the reference, with alerts for flagged signals.
+
+        ``live`` is one summary or one per device; devices are weighted equally.
+        """
+        devices = [live] if isinstance(live, Summary) else list(live)
         rows: list[dict[str, Any]] = []
         alerts: list[str] = []
 
-        def row(kind: str, name: str, ref: list[int], cur: list[int], test: str) -> None:
-            if sum(ref) == 0 or sum(cur) == 0:
+        def row(kind: str, name: str, ref: Sequence[float], cur: list[Sequence[float]], test: str) -> None:
+            pooled = _pool(cur)
+            if sum(ref) == 0 or pooled is None:
                 return
-            if sum(cur) < self.min_samples:  # too few to test: say so instead of a noisy verdict
-                rows.append(
-                    {
-                        "kind": kind,
-                        "name": name,
-                        "psi": None,
-                        "test": test,
-                        "stat": None,
-                        "p": None,
-                        "drifted": False,
-                        "note": f"not enough samples: {sum(cur):g} < min_samples {self.min_samples}",
-                    }
-                )
+            counts, n_eff = pooled
+            base = {"kind": kind, "name": name, "test": test, "devices": sum(1 for c in cur if sum(c) > 0)}
+            if n_eff < self.min_samples:  # too few to test: say so instead of a noisy verdict
+                note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+                rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
                 return
-            value = psi(ref, cur)
-            stat, p = ks_from_counts(ref, cur) if test == "ks" else chi2_from_counts(ref, cur)
+            value = psi(ref, counts)
+            stat, p = ks_from_counts(ref, counts) if test == "ks" else chi2_from_counts(ref, counts)
             drifted = value > self.psi_threshold and p < self.alpha
-            rows.append(
-                {
-                    "kind": kind,
-                    "name": name,
-                    "psi": value,
-                    "test": test,
-                    "stat": stat,
-                    "p": p,
-                    "drifted": drifted,
-                }
-            )
+            rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": drifted})
             if drifted:
                 alerts.append(
                     f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}"
                 )
 
-        if live.feature_counts:  # validate() made every non-empty count list match the spec
-            for name, r, c in zip(
-                self.spec.feature_names, self.reference.feature_counts, live.feature_counts, strict=True
-            ):
-                row("feature", name, r, c, "ks")
-        if self.reference.prediction_counts and live.prediction_counts:
-            row(
-                "prediction",
-                "predicted class",
-                self.reference.prediction_counts,
-                live.prediction_counts,
-                "chi2",
-            )
-        for k, (r, c) in enumerate(
-            zip(self.reference.projection_counts, live.projection_counts, strict=False)
-        ):
-            row("embedding", f"projection {k}", r, c, "ks")
-        if self.reference.embedding_n and live.embedding_n:
+        if self.reference.feature_counts:  # validate() made every non-empty count list match the spec
+            for j, name in enumerate(self.spec.feature_names):
+                cur = [d.feature_counts[j] for d in devices if d.feature_counts]
+                row("feature", name, self.reference.feature_counts[j], cur, "ks")
+        if self.reference.prediction_counts:
+            cur = [d.prediction_counts for d in devices if d.prediction_counts]
+            row("prediction", "predicted class", self.reference.prediction_counts, cur, "chi2")
+        for k, ref_counts in enumerate(self.reference.projection_counts):
+            cur = [d.projection_counts[k] for d in devices if d.projection_counts]
+            row("embedding", f"projection {k}", ref_counts, cur, "ks")
+        centroids = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
+        if self.reference.embedding_n and centroids:
             a = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-            b = np.asarray(live.embedding_sum) / live.embedding_n
+            b = np.mean(centroids, axis=0)
             cos = 1.0 - float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
             drifted = cos > self.embedding_cosine_threshold
             rows.append(
@@ -497,4 +534,5 @@ class DriftMonitor:
                 alerts.append(
                     f"embedding drift: centroid cosine distance {cos:.3f} > {self.embedding_cosine_threshold}"
                 )
-        return DriftReport(self.reference.n, live.n, rows, alerts)
+        n_live = sum(d.n for d in devices)
+        return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))

@@ -345,6 +345,11 @@ class DriftReferenceRequest(_Strict):
     psi_threshold: float = Field(default=0.2, gt=0)
     alpha: float = Field(default=0.01, gt=0, lt=1)
     window: int = Field(default=20, ge=1, le=100_000)
+    #: distinct devices a window needs before it is evaluated; default min(3, window), so that one device can
+    #: neither fill a window alone nor (with equal per-device weights) outvote the others
+    min_devices: int | None = Field(default=None, ge=1, le=100_000)
+    #: live samples (effective, after per-device weighting) a signal needs before it is tested
+    min_samples: int = Field(default=30, ge=1, le=10**9)
 
 
 class Message(BaseModel):
@@ -647,7 +652,7 @@ def create_app(
             del log[:-1000]
             mon = state.monitors.get(model)
             if body.summary is not None and mon is not None:
-                result = mon.ingest(Summary(**body.summary.model_dump()))
+                result = mon.ingest(Summary(**body.summary.model_dump()), device=ident.device_id)
                 del mon.history[:-MAX_DRIFT_HISTORY]
                 if result is not None:
                     evaluated = True
@@ -783,10 +788,17 @@ def create_app(
             psi_threshold=body.psi_threshold,
             alpha=body.alpha,
             window=body.window,
+            min_samples=body.min_samples,
+            min_devices=body.min_devices if body.min_devices is not None else min(3, body.window),
         )
         with state.lock:
             state.monitors[model] = mon
-        return {"model": model, "features": len(spec.feature_edges), "window": body.window}
+        return {
+            "model": model,
+            "features": len(spec.feature_edges),
+            "window": body.window,
+            "min_devices": mon.min_devices,
+        }
 
     @app.get("/admin/alerts", tags=["admin"], dependencies=[Admin])
     def alerts(
