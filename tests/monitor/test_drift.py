@@ -64,7 +64,7 @@ def test_monitor_flags_shifted_feature_and_embeddings_but_not_stable_windows():
         )
     kinds = {(r["kind"], r["name"]) for r in report.rows if r["drifted"]}
     assert ("feature", "f3") in kinds and ("prediction", "predicted class") in kinds
-    assert ("embedding", "centroid cosine distance") in kinds
+    assert ("embedding", "centroid shift") in kinds
     assert not any(k == ("feature", f"f{j}") for k in kinds for j in (0, 1, 2, 4))
     assert len(mon.history) == 2
 
@@ -197,3 +197,52 @@ def test_small_windows_report_not_enough_samples_instead_of_a_verdict():
     assert all("not enough samples" in r["note"] for r in rows)
     with pytest.raises(ConfigError, match="min_samples"):
         DriftMonitor(spec, summarize(spec, rng.normal(size=(10, 1))), min_samples=0)
+
+
+def _centroid_row(report):
+    return next(r for r in report.rows if r["name"] == "centroid shift")
+
+
+@pytest.mark.parametrize("scales", ["isotropic", "one dominant direction"])
+def test_centroid_shift_false_alarm_rate_on_centred_embeddings(scales):
+    """Zero-mean embeddings with no drift: the old centroid cosine fired on 50 of 50 windows.
+
+    The threshold is ~0 so the p-value alone decides; simulated null windows must alarm at most alpha (+3 s.e.),
+    also when one direction carries most of the variance (the χ²₁ bound's worst case is anisotropic).
+    """
+    rng = np.random.default_rng(0)
+    d = 32
+    sd = np.ones(d) if scales == "isotropic" else np.r_[10.0, np.ones(d - 1)]
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(5000, d)) * sd, n_projections=4)
+    alpha, trials = 0.05, 300
+    alarms = 0
+    for _ in range(trials):
+        ref = summarize(spec, embeddings=rng.normal(size=(2000, d)) * sd)
+        mon = DriftMonitor(spec, ref, alpha=alpha, embedding_shift_threshold=1e-9)
+        alarms += _centroid_row(mon.compare(summarize(spec, embeddings=rng.normal(size=(500, d)) * sd)))[
+            "drifted"
+        ]
+    assert alarms / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials), alarms
+    # default threshold (a shift of 0.1 x the reference spread), large windows: a significant but negligible
+    # shift does not alarm on centred no-drift windows; a shift of 0.3 sd in every dimension does
+    ref = summarize(spec, embeddings=rng.normal(size=(20000, d)) * sd)
+    mon = DriftMonitor(spec, ref)
+    for _ in range(20):
+        live = summarize(spec, embeddings=rng.normal(size=(2000, d)) * sd)
+        assert not _centroid_row(mon.compare(live))["drifted"]
+    moved = summarize(spec, embeddings=rng.normal(size=(500, d)) * sd + 0.3 * np.sqrt((sd**2).mean()))
+    assert _centroid_row(mon.compare(moved))["drifted"]
+    assert not _centroid_row(DriftMonitor(spec, ref, embedding_shift_threshold=5).compare(moved))["drifted"]
+
+
+def test_absurd_embedding_values_are_refused_and_a_nan_statistic_alerts():
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(500, 4)) + 1, n_projections=2)
+    mon = DriftMonitor(spec, summarize(spec, embeddings=rng.normal(size=(500, 4)) + 1), window=1)
+    with pytest.raises(InvalidUpdate, match="embedding_n"):
+        mon.ingest(Summary(n=1, embedding_sum=[1e308] * 4, embedding_n=1))
+    # a statistic that still comes out non-finite (a summary that skipped validate) is an alert, not "no drift"
+    live = summarize(spec, embeddings=rng.normal(size=(100, 4)))
+    live.embedding_sum = [1e300] * 4
+    row = _centroid_row(report := mon.compare(live))
+    assert row["drifted"] and "not finite" in row["error"] and report.alerts

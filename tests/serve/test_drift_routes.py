@@ -77,3 +77,30 @@ def test_a_window_needs_distinct_devices_and_counts_must_match_n(service):
     with pytest.raises(ServiceError) as e:
         one.report("cnn", version=1, summary=bad)
     assert e.value.status == 422 and "n=10" in e.value.detail
+
+
+def test_absurd_embedding_sums_are_422_and_the_history_stays_readable(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(500, 4)) + 1
+    spec = DriftSpec.fit(embeddings=ref, n_projections=2)
+    out = service.admin.set_drift_reference(
+        "cnn",
+        spec.to_dict(),
+        summarize(spec, embeddings=ref).to_dict(),
+        window=2,
+        embedding_shift_threshold=0.5,
+    )
+    assert service.state.monitors["cnn"].embedding_shift_threshold == 0.5 and out["window"] == 2
+    for i in range(2):
+        with pytest.raises(ServiceError) as e:
+            service.device(f"d{i}").report(
+                "cnn", version=1, summary={"n": 1, "embedding_sum": [1e308] * 4, "embedding_n": 1}
+            )
+        assert e.value.status == 422 and "embedding_sum" in e.value.detail
+    # finite but absurd for its n: refused by the library check (|mean| > 1e6)
+    with pytest.raises(ServiceError) as e:
+        service.device("d9").report(
+            "cnn", version=1, summary={"n": 1, "embedding_sum": [1e12] * 4, "embedding_n": 1}
+        )
+    assert e.value.status == 422
+    assert service.http.get("/admin/models/cnn/drift", headers=service.admin._headers).status_code == 200

@@ -41,6 +41,9 @@ __all__ = [
     "summarize",
 ]
 
+#: largest |mean| an embedding dimension may report; real embeddings are O(1), and this keeps merged sums far
+#: from float overflow (a NaN centroid statistic would hide any drift)
+MAX_EMBEDDING_MEAN = 1e6
 PSI_EPS = 1e-4
 #: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
 #: bin to another): a threshold at or above it could never fire.
@@ -119,6 +122,9 @@ class DriftSpec:
     n_classes: int = 0
     projections: tuple[tuple[float, ...], ...] = ()
     projection_edges: tuple[tuple[float, ...], ...] = ()
+    #: trace of the reference embeddings' covariance (total variance): the scale centroid shifts are measured
+    #: against; 0 when the spec has no embeddings (or predates this field)
+    embedding_trace: float = 0.0
 
     @classmethod
     def fit(
@@ -152,7 +158,10 @@ class DriftSpec:
             proj = tuple(tuple(float(v) for v in row) for row in p)
             z = emb @ p.T
             pedges = [_fit_edges(z[:, k], n_bins) for k in range(n_projections)]
-        return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges))
+            trace = float(emb.var(axis=0, ddof=1).sum()) if len(emb) > 1 else 0.0
+        return cls(
+            tuple(edges), names, int(n_classes), proj, tuple(pedges), trace if embeddings is not None else 0.0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +170,7 @@ class DriftSpec:
             "n_classes": self.n_classes,
             "projections": [list(p) for p in self.projections],
             "projection_edges": [list(e) for e in self.projection_edges],
+            "embedding_trace": self.embedding_trace,
         }
 
     def __post_init__(self) -> None:
@@ -193,6 +203,10 @@ class DriftSpec:
         dims = {len(p) for p in self.projections}
         if len(dims) > 1 or 0 in dims or not all(np.isfinite(p).all() for p in self.projections):
             raise ConfigError("drift spec projections must be finite rows of one embedding dimension")
+        if not (np.isfinite(self.embedding_trace) and self.embedding_trace >= 0):
+            raise ConfigError(
+                f"drift spec embedding_trace must be finite and >= 0. Found {self.embedding_trace}"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
@@ -204,6 +218,7 @@ class DriftSpec:
             int(d.get("n_classes", 0)),
             tuple(tuple(map(float, p)) for p in d.get("projections", ())),
             tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
+            float(d.get("embedding_trace", 0.0)),
         )
 
 
@@ -271,6 +286,16 @@ class Summary:
             raise InvalidUpdate("embedding_sum has the wrong dimension for the drift spec")
         if not all(np.isfinite(self.embedding_sum)):
             raise InvalidUpdate("embedding_sum holds NaN or Inf")
+        if self.embedding_sum and not spec.projections:
+            raise InvalidUpdate("embedding_sum sent but the drift spec has no embeddings")
+        if (
+            self.embedding_n
+            and np.abs(self.embedding_sum).max(initial=0) / self.embedding_n > MAX_EMBEDDING_MEAN
+        ):
+            raise InvalidUpdate(
+                f"embedding_sum / embedding_n exceeds {MAX_EMBEDDING_MEAN:g} in some dimension: not an embedding "
+                "mean (and sums that large overflow when windows are merged)"
+            )
         self._check_totals()
 
     def _check_totals(self) -> None:
@@ -406,7 +431,11 @@ class DriftMonitor:
         psi_threshold: PSI above which a signal may be flagged (0.2 is the common "significant shift" rule).
         alpha: significance level of the KS / χ² test that must also reject.
         window: device reports merged into one live window before it is evaluated.
-        embedding_cosine_threshold: centroid cosine distance that flags embedding drift on its own.
+        embedding_shift_threshold: the standardised centroid shift ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``
+            (the live centroid's distance from the reference one, as a fraction of the reference cloud's RMS
+            radius) above which embedding drift may be flagged; the shift must also be significant at
+            ``alpha``. Scale-free, and meaningful for centred embeddings (a cosine between centroids near the
+            origin is noise).
         min_samples: a signal whose live window holds fewer (effective) samples is reported as "not enough
             samples" (``drifted`` false, no PSI or p-value) rather than tested: a PSI on a handful of samples
             is noise.
@@ -422,7 +451,7 @@ class DriftMonitor:
         psi_threshold: float = 0.2,
         alpha: float = 0.01,
         window: int = 20,
-        embedding_cosine_threshold: float = 0.05,
+        embedding_shift_threshold: float = 0.1,
         min_samples: int = 30,
         min_devices: int = 1,
     ) -> None:
@@ -431,6 +460,10 @@ class DriftMonitor:
                 f"psi_threshold must be in (0, {PSI_MAX:.2f}): PSI cannot exceed {PSI_MAX:.2f} (all mass moving "
                 f"between two bins, with the {PSI_EPS:g} floor on empty bins), so a larger threshold never "
                 f"fires; 0.1-0.25 is the usual range. Found {psi_threshold}"
+            )
+        if not (np.isfinite(embedding_shift_threshold) and embedding_shift_threshold > 0):
+            raise ConfigError(
+                f"embedding_shift_threshold must be positive. Found {embedding_shift_threshold}"
             )
         if not 0 < alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1). Found {alpha}")
@@ -453,7 +486,7 @@ class DriftMonitor:
         self.window = window
         self.min_samples = min_samples
         self.min_devices = min_devices
-        self.embedding_cosine_threshold = embedding_cosine_threshold
+        self.embedding_shift_threshold = embedding_shift_threshold
         self._live: dict[str, Summary] = {}
         self._reports = 0
         self._anonymous = 0
@@ -496,6 +529,9 @@ class DriftMonitor:
                 return
             value = psi(ref, counts)
             stat, p = ks_from_counts(ref, counts) if test == "ks" else chi2_from_counts(ref, counts)
+            if not np.isfinite([value, stat, p]).all():
+                _failed(rows, alerts, base, f"{kind} {name}")
+                return
             drifted = value > self.psi_threshold and p < self.alpha
             rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": drifted})
             if drifted:
@@ -513,26 +549,55 @@ class DriftMonitor:
         for k, ref_counts in enumerate(self.reference.projection_counts):
             cur = [d.projection_counts[k] for d in devices if d.projection_counts]
             row("embedding", f"projection {k}", ref_counts, cur, "ks")
-        centroids = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
-        if self.reference.embedding_n and centroids:
-            a = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-            b = np.mean(centroids, axis=0)
-            cos = 1.0 - float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-            drifted = cos > self.embedding_cosine_threshold
-            rows.append(
-                {
-                    "kind": "embedding",
-                    "name": "centroid cosine distance",
-                    "psi": None,
-                    "test": "cosine",
-                    "stat": cos,
-                    "p": None,
-                    "drifted": drifted,
-                }
-            )
-            if drifted:
-                alerts.append(
-                    f"embedding drift: centroid cosine distance {cos:.3f} > {self.embedding_cosine_threshold}"
-                )
+        if self.reference.embedding_n:
+            self._centroid_row(devices, rows, alerts)
         n_live = sum(d.n for d in devices)
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
+
+    def _centroid_row(self, devices: list[Summary], rows: list[dict[str, Any]], alerts: list[str]) -> None:
+        """Standardised centroid shift of the embeddings, with a p-value calibrated on the reference spread.
+
+        Under no drift the live-minus-reference centroid difference is ~ N(0, Σ (1/n_live + 1/n_ref)) (CLT),
+        so ``T = ||diff||² / (trace(Σ) (1/n_live + 1/n_ref))`` is a weighted sum of χ²₁ variables with weights
+        summing to 1; its tail is at most that of χ²₁ for p-values below 0.215 (Székely & Bakirov 2003,
+        "Extremal probabilities for Gaussian quadratic forms"), so ``chi2.sf(T, 1)`` is a conservative
+        p-value whatever the (unknown) shape of Σ. n_live is the effective n of the equal-weight device pool.
+        """
+        from scipy.stats import chi2
+
+        means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
+        if not means:
+            return
+        base = {"kind": "embedding", "name": "centroid shift", "test": "centroid", "devices": len(means)}
+        n = np.array([d.embedding_n for d in devices if d.embedding_n], dtype=np.float64)
+        n_eff = len(means) ** 2 / float(np.sum(1.0 / n))
+        if n_eff < self.min_samples:
+            note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            return
+        trace = self.spec.embedding_trace
+        if trace <= 0:
+            note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
+            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            return
+        diff = np.mean(means, axis=0) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        sq = float(diff @ diff)
+        stat = float(np.sqrt(sq / trace))
+        p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
+        if not np.isfinite([stat, p]).all():
+            _failed(rows, alerts, base, "embedding centroid")
+            return
+        drifted = stat > self.embedding_shift_threshold and p < self.alpha
+        rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": drifted})
+        if drifted:
+            alerts.append(
+                f"embedding drift: centroid shift {stat:.3f} x reference spread > "
+                f"{self.embedding_shift_threshold}, p={p:.2g}"
+            )
+
+
+def _failed(rows: list[dict[str, Any]], alerts: list[str], base: dict[str, Any], what: str) -> None:
+    """A non-finite statistic is an alert, never a quiet "not drifted" (NaN compares false with any threshold)."""
+    msg = f"drift check failed on {what}: the statistic is not finite (check the reports' values)"
+    rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": True, "error": msg})
+    alerts.append(msg)

@@ -318,7 +318,9 @@ class SummaryModel(_Strict):
     projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
         default_factory=list, max_length=1024
     )
-    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+    # |sum| <= 1e15 = 1e9 embeddings x |mean| 1e6 (monitor.drift.MAX_EMBEDDING_MEAN): larger is no embedding
+    # sum, and values near 1e308 overflow to NaN when a window merges them
+    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]] = Field(
         default_factory=list, max_length=65536
     )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
@@ -350,6 +352,8 @@ class DriftReferenceRequest(_Strict):
     min_devices: int | None = Field(default=None, ge=1, le=100_000)
     #: live samples (effective, after per-device weighting) a signal needs before it is tested
     min_samples: int = Field(default=30, ge=1, le=10**9)
+    #: standardised centroid shift (fraction of the reference embeddings' RMS spread) that may flag drift
+    embedding_shift_threshold: float = Field(default=0.1, gt=0, le=1e6)
 
 
 class Message(BaseModel):
@@ -789,6 +793,7 @@ def create_app(
             alpha=body.alpha,
             window=body.window,
             min_samples=body.min_samples,
+            embedding_shift_threshold=body.embedding_shift_threshold,
             min_devices=body.min_devices if body.min_devices is not None else min(3, body.window),
         )
         with state.lock:
