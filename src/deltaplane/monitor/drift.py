@@ -12,12 +12,16 @@ reference:
   (``scipy.stats.kstwobign``) — binning can only hide differences, so the p-value is conservative;
 * **χ²** test of homogeneity on the two count vectors (``scipy.stats.chi2_contingency``), used for discrete
   features and predicted classes;
-* **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): cosine distance between reference and live
-  centroids plus PSI of the embeddings projected on seeded random directions (Rabanser et al. 2019,
-  "Failing Loudly", https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
+* **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): the centroid shift standardised by the
+  reference spread, ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``, with a χ²₁-bounded p-value, plus PSI of
+  the embeddings projected on seeded random directions (Rabanser et al. 2019, "Failing Loudly",
+  https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
 
 A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejects at ``alpha``: with
-thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size.
+thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size. Windows weigh
+each device equally (a device's counts count as fractions) and need ``min_devices`` distinct devices; a signal
+with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
+``docs/ops.md`` for the measured false-alarm rates.
 """
 
 from __future__ import annotations
