@@ -153,6 +153,7 @@ class DriftSpec:
         if len(names) != len(edges):
             raise ConfigError(f"{len(names)} feature names for {len(edges)} features")
         proj: tuple[tuple[float, ...], ...] = ()
+        trace = 0.0
         pedges: list[tuple[float, ...]] = []
         if embeddings is not None:
             emb = np.asarray(embeddings, dtype=np.float64)
@@ -163,9 +164,7 @@ class DriftSpec:
             z = emb @ p.T
             pedges = [_fit_edges(z[:, k], n_bins) for k in range(n_projections)]
             trace = float(emb.var(axis=0, ddof=1).sum()) if len(emb) > 1 else 0.0
-        return cls(
-            tuple(edges), names, int(n_classes), proj, tuple(pedges), trace if embeddings is not None else 0.0
-        )
+        return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges), trace)
 
     def to_dict(self) -> dict[str, Any]:
         return {
