@@ -64,7 +64,7 @@ def test_monitor_flags_shifted_feature_and_embeddings_but_not_stable_windows():
         )
     kinds = {(r["kind"], r["name"]) for r in report.rows if r["drifted"]}
     assert ("feature", "f3") in kinds and ("prediction", "predicted class") in kinds
-    assert ("embedding", "centroid cosine distance") in kinds
+    assert ("embedding", "centroid shift") in kinds
     assert not any(k == ("feature", f"f{j}") for k in kinds for j in (0, 1, 2, 4))
     assert len(mon.history) == 2
 
@@ -95,3 +95,154 @@ def test_model_card_roundtrip_and_markdown():
     assert "# Model card: cnn@3" in md and "| accuracy | 0.9700 |" in md and "excluded cohorts: us" in md
     assert "feature drift on f3" in md
     assert ModelCard.from_dict(card.to_dict()).to_dict() == card.to_dict()
+
+
+def _shifted_feature_rows(spec, ref_x, live_x, **kw):
+    mon = DriftMonitor(spec, summarize(spec, ref_x), window=1, **kw)
+    report = mon.ingest(summarize(spec, live_x))
+    return {r["name"]: r for r in report.rows}
+
+
+def test_spec_without_feature_names_still_monitors_every_feature():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 3))
+    d = DriftSpec.fit(ref).to_dict()
+    del d["feature_names"]
+    spec = DriftSpec.from_dict(d)
+    assert spec.feature_names == ("f0", "f1", "f2")
+    rows = _shifted_feature_rows(spec, ref, rng.normal(size=(500, 3)) + 3.0)
+    assert sorted(rows) == ["f0", "f1", "f2"] and all(r["drifted"] for r in rows.values())
+    with pytest.raises(ConfigError, match="1 feature_names for 3"):
+        DriftSpec.from_dict({**d, "feature_names": ["f0"]})
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [[[0.0, float("nan")]], [[1.0, 0.0]], [[0.0, 0.0, 1.0]], [[]], [[0.0, float("inf")]]],
+)
+def test_spec_edges_must_be_finite_and_strictly_increasing(edges):
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        DriftSpec.from_dict({"feature_edges": edges})
+
+
+def test_few_valued_features_get_edges_that_separate_their_values():
+    """A constant or rare-binary feature used to get edges (0.0,): every value >= 0 shared one bin."""
+    from scipy.stats import fisher_exact
+
+    rng = np.random.default_rng(0)
+    flag = (rng.random(5000) < 0.05).astype(float)
+    atom = np.where(rng.random(5000) < 0.7, 0.0, rng.exponential(size=5000))  # point mass + spread
+    ref = np.c_[np.zeros(5000), flag, atom]
+    spec = DriftSpec.fit(ref, feature_names=["constant", "flag", "atom"])
+    live_flag = np.ones(2000)
+    live = np.c_[np.full(2000, 7.0), live_flag, rng.exponential(size=2000)]  # atom at 0 vanishes
+    # independent evidence that each shift is real: exact test on the raw 2x2 tables
+    for a, b in ((ref[:, 1] == 1, live_flag == 1), (ref[:, 2] == 0, live[:, 2] == 0)):
+        assert fisher_exact([[a.sum(), (~a).sum()], [b.sum(), (~b).sum()]]).pvalue < 1e-10
+    rows = _shifted_feature_rows(spec, ref, live)
+    assert all(r["drifted"] for r in rows.values()), rows
+    # and the same distributions again do not alarm
+    again = np.c_[np.zeros(2000), (rng.random(2000) < 0.05).astype(float)]
+    again = np.c_[again, np.where(rng.random(2000) < 0.7, 0.0, rng.exponential(size=2000))]
+    assert not any(r["drifted"] for r in _shifted_feature_rows(spec, ref, again).values())
+
+
+def test_unreachable_psi_threshold_is_refused():
+    from deltaplane.monitor.drift import PSI_MAX
+
+    rng = np.random.default_rng(0)
+    worst = max(
+        psi(rng.integers(0, 5, 10) * (rng.random(10) < 0.3) + np.eye(10)[0], np.eye(10)[k])
+        for k in range(1, 10)
+    )
+    assert worst <= PSI_MAX and psi([1, 0], [0, 1]) == pytest.approx(PSI_MAX)
+    spec = DriftSpec.fit(rng.normal(size=(100, 1)))
+    ref = summarize(spec, rng.normal(size=(100, 1)))
+    with pytest.raises(ConfigError, match="never fires"):
+        DriftMonitor(spec, ref, psi_threshold=25)
+    DriftMonitor(spec, ref, psi_threshold=0.9 * PSI_MAX)
+
+
+def test_prediction_test_false_alarm_rate_stays_at_alpha_on_small_windows():
+    """No drift: reference and live windows drawn from one distribution with rare classes (sparse χ² tables).
+
+    The asymptotic χ² p-value alarmed 13.8% / 9.1% / 5.5% / 2.9% of the time at 3 / 10 / 30 / 100 samples with
+    alpha 1%. PSI is switched off (threshold ~0) so the p-value alone decides; the reference is redrawn each
+    trial, as the null hypothesis (both windows from one distribution) says.
+    """
+    probs = np.r_[np.full(10, 0.095), np.full(10, 0.005)]
+    spec = DriftSpec(n_classes=20)
+    rng = np.random.default_rng(0)
+    alpha, trials = 0.01, 400
+    bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)  # 3 Monte-Carlo standard errors
+    for m in (3, 10, 30, 100):
+        alarms = 0
+        for _ in range(trials):
+            ref = summarize(spec, predictions=rng.choice(20, 2000, p=probs))
+            mon = DriftMonitor(spec, ref, alpha=alpha, psi_threshold=1e-9, min_samples=1)
+            alarms += mon.compare(summarize(spec, predictions=rng.choice(20, m, p=probs))).rows[0]["drifted"]
+        assert alarms / trials <= bound, (m, alarms / trials)
+    # the test keeps its power: a real shift of 100 samples onto the rare classes is caught
+    shifted = np.r_[np.full(10, 0.07), np.full(10, 0.03)]
+    mon = DriftMonitor(spec, summarize(spec, predictions=rng.choice(20, 2000, p=probs)), psi_threshold=0.1)
+    assert mon.compare(summarize(spec, predictions=rng.choice(20, 100, p=shifted))).rows[0]["drifted"]
+
+
+def test_small_windows_report_not_enough_samples_instead_of_a_verdict():
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(rng.normal(size=(1000, 1)), n_classes=3)
+    mon = DriftMonitor(spec, summarize(spec, rng.normal(size=(1000, 1)), rng.integers(0, 3, 1000)))
+    rows = mon.compare(summarize(spec, rng.normal(size=(10, 1)) + 5, np.zeros(10, int))).rows
+    assert len(rows) == 2 and all(not r["drifted"] and r["p"] is None for r in rows)
+    assert all("not enough samples" in r["note"] for r in rows)
+    with pytest.raises(ConfigError, match="min_samples"):
+        DriftMonitor(spec, summarize(spec, rng.normal(size=(10, 1))), min_samples=0)
+
+
+def _centroid_row(report):
+    return next(r for r in report.rows if r["name"] == "centroid shift")
+
+
+@pytest.mark.parametrize("scales", ["isotropic", "one dominant direction"])
+def test_centroid_shift_false_alarm_rate_on_centred_embeddings(scales):
+    """Zero-mean embeddings with no drift: the old centroid cosine fired on 50 of 50 windows.
+
+    The threshold is ~0 so the p-value alone decides; simulated null windows must alarm at most alpha (+3 s.e.),
+    also when one direction carries most of the variance (the χ²₁ bound's worst case is anisotropic).
+    """
+    rng = np.random.default_rng(0)
+    d = 32
+    sd = np.ones(d) if scales == "isotropic" else np.r_[10.0, np.ones(d - 1)]
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(5000, d)) * sd, n_projections=4)
+    alpha, trials = 0.05, 300
+    alarms = 0
+    for _ in range(trials):
+        ref = summarize(spec, embeddings=rng.normal(size=(2000, d)) * sd)
+        mon = DriftMonitor(spec, ref, alpha=alpha, embedding_shift_threshold=1e-9)
+        alarms += _centroid_row(mon.compare(summarize(spec, embeddings=rng.normal(size=(500, d)) * sd)))[
+            "drifted"
+        ]
+    assert alarms / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials), alarms
+    # default threshold (a shift of 0.1 x the reference spread), large windows: a significant but negligible
+    # shift does not alarm on centred no-drift windows; a shift of 0.3 sd in every dimension does
+    ref = summarize(spec, embeddings=rng.normal(size=(20000, d)) * sd)
+    mon = DriftMonitor(spec, ref)
+    for _ in range(20):
+        live = summarize(spec, embeddings=rng.normal(size=(2000, d)) * sd)
+        assert not _centroid_row(mon.compare(live))["drifted"]
+    moved = summarize(spec, embeddings=rng.normal(size=(500, d)) * sd + 0.3 * np.sqrt((sd**2).mean()))
+    assert _centroid_row(mon.compare(moved))["drifted"]
+    assert not _centroid_row(DriftMonitor(spec, ref, embedding_shift_threshold=5).compare(moved))["drifted"]
+
+
+def test_absurd_embedding_values_are_refused_and_a_nan_statistic_alerts():
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(500, 4)) + 1, n_projections=2)
+    mon = DriftMonitor(spec, summarize(spec, embeddings=rng.normal(size=(500, 4)) + 1), window=1)
+    with pytest.raises(InvalidUpdate, match="embedding_n"):
+        mon.ingest(Summary(n=1, embedding_sum=[1e308] * 4, embedding_n=1))
+    # a statistic that still comes out non-finite (a summary that skipped validate) is an alert, not "no drift"
+    live = summarize(spec, embeddings=rng.normal(size=(100, 4)))
+    live.embedding_sum = [1e300] * 4
+    row = _centroid_row(report := mon.compare(live))
+    assert row["drifted"] and "not finite" in row["error"] and report.alerts

@@ -12,12 +12,16 @@ reference:
   (``scipy.stats.kstwobign``) — binning can only hide differences, so the p-value is conservative;
 * **χ²** test of homogeneity on the two count vectors (``scipy.stats.chi2_contingency``), used for discrete
   features and predicted classes;
-* **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): cosine distance between reference and live
-  centroids plus PSI of the embeddings projected on seeded random directions (Rabanser et al. 2019,
-  "Failing Loudly", https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
+* **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): the centroid shift standardised by the
+  reference spread, ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``, with a χ²₁-bounded p-value, plus PSI of
+  the embeddings projected on seeded random directions (Rabanser et al. 2019, "Failing Loudly",
+  https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
 
 A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejects at ``alpha``: with
-thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size.
+thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size. Windows weigh
+each device equally (a device's counts count as fractions) and need ``min_devices`` distinct devices; a signal
+with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
+``docs/ops.md`` for the measured false-alarm rates.
 """
 
 from __future__ import annotations
@@ -41,8 +45,16 @@ __all__ = [
     "summarize",
 ]
 
+#: largest |mean| an embedding dimension may report; real embeddings are O(1), and this keeps merged sums far
+#: from float overflow (a NaN centroid statistic would hide any drift)
+MAX_EMBEDDING_MEAN = 1e6
+PSI_EPS = 1e-4
+#: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
+#: bin to another): a threshold at or above it could never fire.
+PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
 
-def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = 1e-4) -> float:
+
+def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_EPS) -> float:
     """Population stability index between two count (or fraction) vectors over the same bins."""
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
@@ -68,16 +80,41 @@ def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[f
     return d, float(kstwobign.sf(d * np.sqrt(n * m / (n + m))))
 
 
-def chi2_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[float, float]:
-    """χ² test of homogeneity of two count vectors (bins empty in both are dropped)."""
-    from scipy.stats import chi2_contingency
+def chi2_from_counts(
+    reference: Sequence[float], live: Sequence[float], *, mc_samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """χ² test of homogeneity of two count vectors (bins empty in both are dropped).
+
+    The asymptotic χ² p-value is only trusted when every expected count is at least 5 (Cochran's rule); on
+    sparse tables (small live windows, rare classes) it rejects far more often than ``alpha``, so there the
+    p-value is a seeded Monte-Carlo permutation p-value: tables with the same margins are drawn
+    (``scipy.stats.random_table``, i.e. the exact conditional null) and ``p = (1 + #{χ²_sim >= χ²_obs}) /
+    (mc_samples + 1)``, which never rejects more often than ``alpha`` under no drift. Counts are rounded to
+    integers for that draw.
+    """
+    from scipy.stats import chi2_contingency, random_table
 
     table = np.vstack([np.asarray(reference, dtype=np.float64), np.asarray(live, dtype=np.float64)])
     table = table[:, table.sum(axis=0) > 0]
     if table.shape[1] < 2 or (table.sum(axis=1) <= 0).any():
         return 0.0, 1.0  # a single occupied bin in both windows cannot differ
-    stat, p, _, _ = chi2_contingency(table, correction=False)
-    return float(stat), float(p)
+    stat, p, _, expected = chi2_contingency(table, correction=False)
+    if expected.min() >= 5:
+        return float(stat), float(p)
+    counts = np.rint(table).astype(np.int64)
+    counts = counts[:, counts.sum(axis=0) > 0]
+    if counts.shape[1] < 2 or (counts.sum(axis=1) <= 0).any():
+        return float(stat), 1.0
+    rows, cols = counts.sum(axis=1), counts.sum(axis=0)
+    e = np.outer(rows, cols) / counts.sum()
+
+    def chi2_stat(t: np.ndarray) -> np.ndarray:
+        return (((t - e) ** 2) / e).sum(axis=(-2, -1))
+
+    sims = random_table(rows, cols, seed=seed).rvs(mc_samples)
+    observed = chi2_stat(counts)
+    exceed = int(np.sum(chi2_stat(sims) >= observed * (1 - 1e-12)))  # ties count against rejecting
+    return float(observed), (1 + exceed) / (mc_samples + 1)
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,9 @@ class DriftSpec:
     n_classes: int = 0
     projections: tuple[tuple[float, ...], ...] = ()
     projection_edges: tuple[tuple[float, ...], ...] = ()
+    #: trace of the reference embeddings' covariance (total variance): the scale centroid shifts are measured
+    #: against; 0 when the spec has no embeddings (or predates this field)
+    embedding_trace: float = 0.0
 
     @classmethod
     def fit(
@@ -105,17 +145,15 @@ class DriftSpec:
         """Edges at the reference's quantiles (so each bin holds ~1/n_bins of the reference)."""
         if n_bins < 2:
             raise ConfigError(f"n_bins must be at least 2. Found {n_bins}")
-        qs = np.linspace(0, 1, n_bins + 1)[1:-1]
         edges: list[tuple[float, ...]] = []
         if features is not None:
             x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-            for j in range(x.shape[1]):
-                e = np.unique(np.quantile(x[:, j], qs))
-                edges.append(tuple(float(v) for v in e))
+            edges = [_fit_edges(x[:, j], n_bins) for j in range(x.shape[1])]
         names = tuple(feature_names) if feature_names else tuple(f"f{j}" for j in range(len(edges)))
         if len(names) != len(edges):
             raise ConfigError(f"{len(names)} feature names for {len(edges)} features")
         proj: tuple[tuple[float, ...], ...] = ()
+        trace = 0.0
         pedges: list[tuple[float, ...]] = []
         if embeddings is not None:
             emb = np.asarray(embeddings, dtype=np.float64)
@@ -124,10 +162,9 @@ class DriftSpec:
             p /= np.linalg.norm(p, axis=1, keepdims=True)
             proj = tuple(tuple(float(v) for v in row) for row in p)
             z = emb @ p.T
-            pedges = [
-                tuple(float(v) for v in np.unique(np.quantile(z[:, k], qs))) for k in range(n_projections)
-            ]
-        return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges))
+            pedges = [_fit_edges(z[:, k], n_bins) for k in range(n_projections)]
+            trace = float(emb.var(axis=0, ddof=1).sum()) if len(emb) > 1 else 0.0
+        return cls(tuple(edges), names, int(n_classes), proj, tuple(pedges), trace)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,17 +173,83 @@ class DriftSpec:
             "n_classes": self.n_classes,
             "projections": [list(p) for p in self.projections],
             "projection_edges": [list(e) for e in self.projection_edges],
+            "embedding_trace": self.embedding_trace,
         }
+
+    def __post_init__(self) -> None:
+        """Refuse a spec that would monitor nothing, or bin values wrongly, without saying so."""
+        if len(self.feature_names) != len(self.feature_edges):
+            raise ConfigError(
+                f"drift spec has {len(self.feature_names)} feature_names for {len(self.feature_edges)} "
+                "feature_edges rows: give one name per feature (or none, for f0..f{n-1})"
+            )
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ConfigError("drift spec feature_names must be unique")
+        for what, rows in (
+            ("feature_edges", self.feature_edges),
+            ("projection_edges", self.projection_edges),
+        ):
+            for i, e in enumerate(rows):
+                a = np.asarray(e, dtype=np.float64)
+                if a.size == 0 or not np.isfinite(a).all() or (np.diff(a) <= 0).any():
+                    raise ConfigError(
+                        f"drift spec {what}[{i}] must be a non-empty list of finite, strictly increasing "
+                        f"numbers. Found {list(e)[:8]}"
+                    )
+        if self.n_classes < 0:
+            raise ConfigError(f"drift spec n_classes must be >= 0. Found {self.n_classes}")
+        if len(self.projection_edges) != len(self.projections):
+            raise ConfigError(
+                f"drift spec has {len(self.projection_edges)} projection_edges rows for "
+                f"{len(self.projections)} projections"
+            )
+        dims = {len(p) for p in self.projections}
+        if len(dims) > 1 or 0 in dims or not all(np.isfinite(p).all() for p in self.projections):
+            raise ConfigError("drift spec projections must be finite rows of one embedding dimension")
+        if not (np.isfinite(self.embedding_trace) and self.embedding_trace >= 0):
+            raise ConfigError(
+                f"drift spec embedding_trace must be finite and >= 0. Found {self.embedding_trace}"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
+        edges = d.get("feature_edges", ())
+        names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
         return cls(
-            tuple(tuple(map(float, e)) for e in d.get("feature_edges", ())),
-            tuple(d.get("feature_names", ())),
+            tuple(tuple(map(float, e)) for e in edges),
+            tuple(map(str, names)),
             int(d.get("n_classes", 0)),
             tuple(tuple(map(float, p)) for p in d.get("projections", ())),
             tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
+            float(d.get("embedding_trace", 0.0)),
         )
+
+
+def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
+    """Bin edges for one reference column, used with ``side="right"`` binning (bin i is [e[i-1], e[i])).
+
+    Edges sit at the reference quantiles, so each bin holds ~1/n_bins of the reference. Quantiles collapse
+    on few-valued columns (a constant, a 5% binary flag): ``np.unique`` of them leaves e.g. ``(0.0,)`` and
+    every value >= 0 — 0, 1 or 7 alike — falls in one bin, so no shift could ever be seen. A column with at
+    most ``n_bins`` distinct values is therefore binned as categorical (edges halfway between the distinct
+    values, plus one just outside each end so an unseen value gets its own bin); a column where some
+    quantiles coincide (a point mass inside a continuous spread) gets an extra edge just above the atom so the
+    atom has a bin of its own.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ConfigError("cannot fit drift bins on a column with no finite values")
+    distinct = np.unique(v)
+    if len(distinct) <= n_bins:
+        gap = float(np.min(np.diff(distinct))) if len(distinct) > 1 else max(abs(float(distinct[0])), 1.0)
+        mids = (distinct[:-1] + distinct[1:]) / 2
+        e = np.concatenate([[distinct[0] - gap / 2], mids, [distinct[-1] + gap / 2]])
+    else:
+        q = np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1])
+        atoms = q[1:][np.diff(q) == 0]
+        e = np.unique(np.concatenate([q, np.nextafter(atoms, np.inf)]))
+    return tuple(float(x) for x in np.unique(e))
 
 
 @dataclass
@@ -186,6 +289,35 @@ class Summary:
             raise InvalidUpdate("embedding_sum has the wrong dimension for the drift spec")
         if not all(np.isfinite(self.embedding_sum)):
             raise InvalidUpdate("embedding_sum holds NaN or Inf")
+        if self.embedding_sum and not spec.projections:
+            raise InvalidUpdate("embedding_sum sent but the drift spec has no embeddings")
+        if (
+            self.embedding_n
+            and np.abs(self.embedding_sum).max(initial=0) / self.embedding_n > MAX_EMBEDDING_MEAN
+        ):
+            raise InvalidUpdate(
+                f"embedding_sum / embedding_n exceeds {MAX_EMBEDDING_MEAN:g} in some dimension: not an embedding "
+                "mean (and sums that large overflow when windows are merged)"
+            )
+        self._check_totals()
+
+    def _check_totals(self) -> None:
+        """Counts must add up to the report's own sample counts (every feature row bins the same inputs)."""
+        sums = {sum(r) for r in self.feature_counts}
+        if len(sums) > 1:
+            raise InvalidUpdate(
+                f"feature_counts rows sum to different totals {sorted(sums)[:4]}: each bins all n inputs"
+            )
+        if sums and max(sums) > self.n:
+            raise InvalidUpdate(f"feature_counts sum to {max(sums)} but the summary says n={self.n}")
+        if sum(self.prediction_counts) > self.n:
+            raise InvalidUpdate(f"prediction_counts sum to {sum(self.prediction_counts)} > n={self.n}")
+        if self.embedding_n > self.n:
+            raise InvalidUpdate(f"embedding_n={self.embedding_n} > n={self.n}")
+        if any(sum(r) != self.embedding_n for r in self.projection_counts):
+            raise InvalidUpdate(f"every projection_counts row must sum to embedding_n={self.embedding_n}")
+        if self.embedding_sum and not self.embedding_n:
+            raise InvalidUpdate("embedding_sum without embedding_n (the number of embeddings summed)")
 
     def merge(self, other: Summary) -> Summary:
         """Element-wise sum of two summaries (a window is the merge of many device reports)."""
@@ -254,6 +386,7 @@ class DriftReport:
     n_live: int
     rows: list[dict[str, Any]]
     alerts: list[str]
+    devices: int = 1  # distinct devices in the live window, each weighted equally
 
     @property
     def drifted(self) -> bool:
@@ -265,11 +398,35 @@ class DriftReport:
             "n_live": self.n_live,
             "rows": self.rows,
             "alerts": self.alerts,
+            "devices": self.devices,
         }
 
 
+def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
+    """Equal-weight pooling of one signal's counts from several devices.
+
+    Each device's counts become fractions and the window's distribution is their mean, so a device sending
+    huge counts (1e9 per bin) weighs no more than one sending 100. The returned pseudo-counts are those
+    fractions times Kish's effective sample size ``D² / Σ 1/n_d`` of that weighting, which is what the KS and
+    χ² tests should see: it equals n for a single device, D·n for D equal devices, and a device claiming a huge
+    n raises it by at most one device's worth. ``None`` when no device reported this signal.
+    """
+    arrs = [np.asarray(r, dtype=np.float64) for r in rows]
+    arrs = [a for a in arrs if a.sum() > 0]
+    if not arrs:
+        return None
+    n = np.array([a.sum() for a in arrs])
+    fractions = np.mean([a / a.sum() for a in arrs], axis=0)
+    n_eff = len(arrs) ** 2 / float(np.sum(1.0 / n))
+    return fractions * n_eff, n_eff
+
+
 class DriftMonitor:
-    """Compares merged live windows of device summaries against a reference summary.
+    """Compares live windows of device summaries against a reference summary.
+
+    A window closes when it holds ``window`` reports from at least ``min_devices`` distinct devices; each
+    device gets equal weight in it (see :func:`_pool`), so one device can neither hide a drift the others see
+    nor raise an alert alone. Reports passed without a device id count as distinct devices.
 
     Args:
         spec: the binning devices use.
@@ -277,7 +434,16 @@ class DriftMonitor:
         psi_threshold: PSI above which a signal may be flagged (0.2 is the common "significant shift" rule).
         alpha: significance level of the KS / χ² test that must also reject.
         window: device reports merged into one live window before it is evaluated.
-        embedding_cosine_threshold: centroid cosine distance that flags embedding drift on its own.
+        embedding_shift_threshold: the standardised centroid shift ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``
+            (the live centroid's distance from the reference one, as a fraction of the reference cloud's RMS
+            radius) above which embedding drift may be flagged; the shift must also be significant at
+            ``alpha``. Scale-free, and meaningful for centred embeddings (a cosine between centroids near the
+            origin is noise).
+        min_samples: a signal whose live window holds fewer (effective) samples is reported as "not enough
+            samples" (``drifted`` false, no PSI or p-value) rather than tested: a PSI on a handful of samples
+            is noise.
+        min_devices: distinct devices a window needs before it is evaluated (a window keeps collecting
+            reports until it has them).
     """
 
     def __init__(
@@ -288,98 +454,153 @@ class DriftMonitor:
         psi_threshold: float = 0.2,
         alpha: float = 0.01,
         window: int = 20,
-        embedding_cosine_threshold: float = 0.05,
+        embedding_shift_threshold: float = 0.1,
+        min_samples: int = 30,
+        min_devices: int = 1,
     ) -> None:
-        if psi_threshold <= 0:
-            raise ConfigError(f"psi_threshold must be positive. Found {psi_threshold}")
+        if not 0 < psi_threshold < PSI_MAX:
+            raise ConfigError(
+                f"psi_threshold must be in (0, {PSI_MAX:.2f}): PSI cannot exceed {PSI_MAX:.2f} (all mass moving "
+                f"between two bins, with the {PSI_EPS:g} floor on empty bins), so a larger threshold never "
+                f"fires; 0.1-0.25 is the usual range. Found {psi_threshold}"
+            )
+        if not (np.isfinite(embedding_shift_threshold) and embedding_shift_threshold > 0):
+            raise ConfigError(
+                f"embedding_shift_threshold must be positive. Found {embedding_shift_threshold}"
+            )
         if not 0 < alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1). Found {alpha}")
+        if min_samples < 1:
+            raise ConfigError(f"min_samples must be at least 1. Found {min_samples}")
         if window < 1:
             raise ConfigError(f"window must be at least 1. Found {window}")
+        if not 1 <= min_devices <= window:
+            raise ConfigError(f"min_devices must be in [1, window={window}]. Found {min_devices}")
         reference.validate(spec)
+        if spec.feature_edges and not reference.feature_counts:
+            raise ConfigError(
+                f"the drift spec has {len(spec.feature_edges)} features but the reference summary has no "
+                "feature_counts: summarize the reference data with this spec"
+            )
         self.spec = spec
         self.reference = reference
         self.psi_threshold = psi_threshold
         self.alpha = alpha
         self.window = window
-        self.embedding_cosine_threshold = embedding_cosine_threshold
-        self._live = Summary()
+        self.min_samples = min_samples
+        self.min_devices = min_devices
+        self.embedding_shift_threshold = embedding_shift_threshold
+        self._live: dict[str, Summary] = {}
         self._reports = 0
+        self._anonymous = 0
         self.history: list[DriftReport] = []
 
-    def ingest(self, summary: Summary) -> DriftReport | None:
-        """Add one device report; returns the window's report when the window fills, else None."""
+    def ingest(self, summary: Summary, device: str | None = None) -> DriftReport | None:
+        """Add one report (from ``device``); returns the window's report when the window closes, else None."""
         summary.validate(self.spec)
-        self._live = self._live.merge(summary)
+        if device is None:
+            self._anonymous += 1
+            device = f"\0anonymous-{self._anonymous}"  # cannot collide with a real device id
+        prev = self._live.get(device)
+        self._live[device] = summary if prev is None else prev.merge(summary)
         self._reports += 1
-        if self._reports < self.window:
+        if self._reports < self.window or len(self._live) < self.min_devices:
             return None
-        report = self.compare(self._live)
+        report = self.compare(list(self._live.values()))
         self.history.append(report)
-        self._live, self._reports = Summary(), 0
+        self._live, self._reports = {}, 0
         return report
 
-    def compare(self, live: Summary) -> DriftReport:
-        """Drift figures of ``live`` against the reference, with alerts for flagged signals."""
+    def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
+        """Drift figures of a live window against the reference, with alerts for flagged signals.
+
+        ``live`` is one summary or one per device; devices are weighted equally.
+        """
+        devices = [live] if isinstance(live, Summary) else list(live)
         rows: list[dict[str, Any]] = []
         alerts: list[str] = []
 
-        def row(kind: str, name: str, ref: list[int], cur: list[int], test: str) -> None:
-            if sum(ref) == 0 or sum(cur) == 0:
+        def row(kind: str, name: str, ref: Sequence[float], cur: list[Sequence[float]], test: str) -> None:
+            pooled = _pool(cur)
+            if sum(ref) == 0 or pooled is None:
                 return
-            value = psi(ref, cur)
-            stat, p = ks_from_counts(ref, cur) if test == "ks" else chi2_from_counts(ref, cur)
+            counts, n_eff = pooled
+            base = {"kind": kind, "name": name, "test": test, "devices": sum(1 for c in cur if sum(c) > 0)}
+            if n_eff < self.min_samples:  # too few to test: say so instead of a noisy verdict
+                note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+                rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+                return
+            value = psi(ref, counts)
+            stat, p = ks_from_counts(ref, counts) if test == "ks" else chi2_from_counts(ref, counts)
+            if not np.isfinite([value, stat, p]).all():
+                _failed(rows, alerts, base, f"{kind} {name}")
+                return
             drifted = value > self.psi_threshold and p < self.alpha
-            rows.append(
-                {
-                    "kind": kind,
-                    "name": name,
-                    "psi": value,
-                    "test": test,
-                    "stat": stat,
-                    "p": p,
-                    "drifted": drifted,
-                }
-            )
+            rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": drifted})
             if drifted:
                 alerts.append(
                     f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}"
                 )
 
-        for name, r, c in zip(
-            self.spec.feature_names, self.reference.feature_counts, live.feature_counts, strict=False
-        ):
-            row("feature", name, r, c, "ks")
-        if self.reference.prediction_counts and live.prediction_counts:
-            row(
-                "prediction",
-                "predicted class",
-                self.reference.prediction_counts,
-                live.prediction_counts,
-                "chi2",
+        if self.reference.feature_counts:  # validate() made every non-empty count list match the spec
+            for j, name in enumerate(self.spec.feature_names):
+                cur = [d.feature_counts[j] for d in devices if d.feature_counts]
+                row("feature", name, self.reference.feature_counts[j], cur, "ks")
+        if self.reference.prediction_counts:
+            cur = [d.prediction_counts for d in devices if d.prediction_counts]
+            row("prediction", "predicted class", self.reference.prediction_counts, cur, "chi2")
+        for k, ref_counts in enumerate(self.reference.projection_counts):
+            cur = [d.projection_counts[k] for d in devices if d.projection_counts]
+            row("embedding", f"projection {k}", ref_counts, cur, "ks")
+        if self.reference.embedding_n:
+            self._centroid_row(devices, rows, alerts)
+        n_live = sum(d.n for d in devices)
+        return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
+
+    def _centroid_row(self, devices: list[Summary], rows: list[dict[str, Any]], alerts: list[str]) -> None:
+        """Standardised centroid shift of the embeddings, with a p-value calibrated on the reference spread.
+
+        Under no drift the live-minus-reference centroid difference is ~ N(0, Σ (1/n_live + 1/n_ref)) (CLT),
+        so ``T = ||diff||² / (trace(Σ) (1/n_live + 1/n_ref))`` is a weighted sum of χ²₁ variables with weights
+        summing to 1; its tail is at most that of χ²₁ for p-values below 0.215 (Székely & Bakirov 2003,
+        "Extremal probabilities for Gaussian quadratic forms"), so ``chi2.sf(T, 1)`` is a conservative
+        p-value whatever the (unknown) shape of Σ. n_live is the effective n of the equal-weight device pool.
+        """
+        from scipy.stats import chi2
+
+        means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
+        if not means:
+            return
+        base = {"kind": "embedding", "name": "centroid shift", "test": "centroid", "devices": len(means)}
+        n = np.array([d.embedding_n for d in devices if d.embedding_n], dtype=np.float64)
+        n_eff = len(means) ** 2 / float(np.sum(1.0 / n))
+        if n_eff < self.min_samples:
+            note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            return
+        trace = self.spec.embedding_trace
+        if trace <= 0:
+            note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
+            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            return
+        diff = np.mean(means, axis=0) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        sq = float(diff @ diff)
+        stat = float(np.sqrt(sq / trace))
+        p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
+        if not np.isfinite([stat, p]).all():
+            _failed(rows, alerts, base, "embedding centroid")
+            return
+        drifted = stat > self.embedding_shift_threshold and p < self.alpha
+        rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": drifted})
+        if drifted:
+            alerts.append(
+                f"embedding drift: centroid shift {stat:.3f} x reference spread > "
+                f"{self.embedding_shift_threshold}, p={p:.2g}"
             )
-        for k, (r, c) in enumerate(
-            zip(self.reference.projection_counts, live.projection_counts, strict=False)
-        ):
-            row("embedding", f"projection {k}", r, c, "ks")
-        if self.reference.embedding_n and live.embedding_n:
-            a = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-            b = np.asarray(live.embedding_sum) / live.embedding_n
-            cos = 1.0 - float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-            drifted = cos > self.embedding_cosine_threshold
-            rows.append(
-                {
-                    "kind": "embedding",
-                    "name": "centroid cosine distance",
-                    "psi": None,
-                    "test": "cosine",
-                    "stat": cos,
-                    "p": None,
-                    "drifted": drifted,
-                }
-            )
-            if drifted:
-                alerts.append(
-                    f"embedding drift: centroid cosine distance {cos:.3f} > {self.embedding_cosine_threshold}"
-                )
-        return DriftReport(self.reference.n, live.n, rows, alerts)
+
+
+def _failed(rows: list[dict[str, Any]], alerts: list[str], base: dict[str, Any], what: str) -> None:
+    """A non-finite statistic is an alert, never a quiet "not drifted" (NaN compares false with any threshold)."""
+    msg = f"drift check failed on {what}: the statistic is not finite (check the reports' values)"
+    rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": True, "error": msg})
+    alerts.append(msg)

@@ -318,7 +318,9 @@ class SummaryModel(_Strict):
     projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
         default_factory=list, max_length=1024
     )
-    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+    # |sum| <= 1e15 = 1e9 embeddings x |mean| 1e6 (monitor.drift.MAX_EMBEDDING_MEAN): larger is no embedding
+    # sum, and values near 1e308 overflow to NaN when a window merges them
+    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]] = Field(
         default_factory=list, max_length=65536
     )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
@@ -345,6 +347,13 @@ class DriftReferenceRequest(_Strict):
     psi_threshold: float = Field(default=0.2, gt=0)
     alpha: float = Field(default=0.01, gt=0, lt=1)
     window: int = Field(default=20, ge=1, le=100_000)
+    #: distinct devices a window needs before it is evaluated; default min(3, window), so that one device can
+    #: neither fill a window alone nor (with equal per-device weights) outvote the others
+    min_devices: int | None = Field(default=None, ge=1, le=100_000)
+    #: live samples (effective, after per-device weighting) a signal needs before it is tested
+    min_samples: int = Field(default=30, ge=1, le=10**9)
+    #: standardised centroid shift (fraction of the reference embeddings' RMS spread) that may flag drift
+    embedding_shift_threshold: float = Field(default=0.1, gt=0, le=1e6)
 
 
 class Message(BaseModel):
@@ -647,7 +656,7 @@ def create_app(
             del log[:-1000]
             mon = state.monitors.get(model)
             if body.summary is not None and mon is not None:
-                result = mon.ingest(Summary(**body.summary.model_dump()))
+                result = mon.ingest(Summary(**body.summary.model_dump()), device=ident.device_id)
                 del mon.history[:-MAX_DRIFT_HISTORY]
                 if result is not None:
                     evaluated = True
@@ -783,10 +792,18 @@ def create_app(
             psi_threshold=body.psi_threshold,
             alpha=body.alpha,
             window=body.window,
+            min_samples=body.min_samples,
+            embedding_shift_threshold=body.embedding_shift_threshold,
+            min_devices=body.min_devices if body.min_devices is not None else min(3, body.window),
         )
         with state.lock:
             state.monitors[model] = mon
-        return {"model": model, "features": len(spec.feature_edges), "window": body.window}
+        return {
+            "model": model,
+            "features": len(spec.feature_edges),
+            "window": body.window,
+            "min_devices": mon.min_devices,
+        }
 
     @app.get("/admin/alerts", tags=["admin"], dependencies=[Admin])
     def alerts(

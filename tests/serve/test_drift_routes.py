@@ -1,0 +1,106 @@
+"""The service's drift routes: the reference PUT and device reports feeding it."""
+
+import numpy as np
+import pytest
+
+from deltaplane.monitor import DriftSpec, summarize
+from deltaplane.serve.client import ServiceError
+
+
+def test_reference_without_feature_names_monitors_every_feature(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 3))
+    spec = DriftSpec.fit(ref)
+    d = spec.to_dict()
+    del d["feature_names"]
+    out = service.admin.set_drift_reference("cnn", d, summarize(spec, ref).to_dict(), window=1)
+    assert out["features"] == 3
+    report = service.device("d0").report(
+        "cnn", version=1, summary=summarize(spec, rng.normal(size=(500, 3)) + 3.0).to_dict()
+    )
+    assert sorted(a.split(":")[0] for a in report["alerts"]) == [f"feature drift on f{j}" for j in range(3)]
+    with pytest.raises(ServiceError) as e:
+        service.admin.set_drift_reference(
+            "cnn", {**d, "feature_names": ["f0"]}, summarize(spec, ref).to_dict()
+        )
+    assert e.value.status == 422 and "feature_names" in e.value.detail
+    with pytest.raises(ServiceError) as e:
+        service.admin.set_drift_reference("cnn", d, summarize(spec, ref).to_dict(), psi_threshold=25)
+    assert e.value.status == 422 and "psi_threshold" in e.value.detail
+
+
+def _liar(spec, x):
+    """A device claiming 1e9 samples: counts of 5000 real ones, each multiplied by 200,000 (n consistent)."""
+    s = summarize(spec, x).to_dict()
+    s["feature_counts"] = [[v * 200_000 for v in row] for row in s["feature_counts"]]
+    s["n"] = 10**9
+    return s
+
+
+def test_one_device_can_neither_hide_drift_nor_raise_an_alert(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    spec = DriftSpec.fit(ref)
+    devs = [service.device(f"d{i}") for i in range(10)]
+
+    def window(honest_shift, liar_shift):
+        service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=10)
+        for d in devs[:9]:
+            x = rng.normal(size=(300, 2)) + honest_shift
+            out = d.report("cnn", version=1, summary=summarize(spec, x).to_dict())
+            assert not out["drift_evaluated"]
+        return devs[9].report("cnn", version=1, summary=_liar(spec, rng.normal(size=(5000, 2)) + liar_shift))
+
+    hidden = window(honest_shift=2.0, liar_shift=0.0)  # 9 devices see a 2-sigma shift, the liar says "none"
+    assert hidden["drift_evaluated"] and len(hidden["alerts"]) == 2, hidden
+    framed = window(honest_shift=0.0, liar_shift=3.0)  # 9 devices see nothing, the liar claims a big shift
+    assert framed["drift_evaluated"] and framed["alerts"] == [], framed
+
+
+def test_a_window_needs_distinct_devices_and_counts_must_match_n(service):
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(2000, 2))
+    spec = DriftSpec.fit(ref)
+    out = service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=5)
+    assert out["min_devices"] == 3
+    one = service.device("solo")
+    for _ in range(6):  # one device fills the window alone: no verdict, however shifted its data
+        out = one.report("cnn", version=1, summary=summarize(spec, rng.normal(size=(300, 2)) + 3).to_dict())
+        assert not out["drift_evaluated"]
+    for i in range(2):  # two more devices: the window closes (it has 8 reports from 3 devices)
+        out = service.device(f"d{i}").report(
+            "cnn", version=1, summary=summarize(spec, rng.normal(size=(300, 2)) + 3).to_dict()
+        )
+    assert out["drift_evaluated"] and len(out["alerts"]) == 2
+    bad = summarize(spec, rng.normal(size=(300, 2))).to_dict()
+    bad["n"] = 10  # counts claim 300 samples
+    with pytest.raises(ServiceError) as e:
+        one.report("cnn", version=1, summary=bad)
+    assert e.value.status == 422 and "n=10" in e.value.detail
+
+
+def test_absurd_embedding_sums_are_422_and_the_history_stays_readable(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(500, 4)) + 1
+    spec = DriftSpec.fit(embeddings=ref, n_projections=2)
+    out = service.admin.set_drift_reference(
+        "cnn",
+        spec.to_dict(),
+        summarize(spec, embeddings=ref).to_dict(),
+        window=2,
+        embedding_shift_threshold=0.5,
+    )
+    assert service.state.monitors["cnn"].embedding_shift_threshold == 0.5 and out["window"] == 2
+    for i in range(2):
+        with pytest.raises(ServiceError) as e:
+            service.device(f"d{i}").report(
+                "cnn", version=1, summary={"n": 1, "embedding_sum": [1e308] * 4, "embedding_n": 1}
+            )
+        assert e.value.status == 422 and "embedding_sum" in e.value.detail
+    # finite but absurd for its n: refused by the library check (|mean| > 1e6)
+    with pytest.raises(ServiceError) as e:
+        service.device("d9").report(
+            "cnn", version=1, summary={"n": 1, "embedding_sum": [1e12] * 4, "embedding_n": 1}
+        )
+    assert e.value.status == 422
+    assert service.http.get("/admin/models/cnn/drift", headers=service.admin._headers).status_code == 200
