@@ -468,3 +468,31 @@ def test_float64_sums_are_stated_in_the_output(llama, method: str, params: dict,
     else:
         assert len(stated) == 1 and said in stated[0] and "mergekit sums in the compute dtype" in stated[0]
         assert stated[0] in card
+
+
+def test_card_title_is_the_output_folder_without_name(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": f"m{i}", "parameters": {"weight": 1.0}} for i in range(2)],
+    }
+    merge_files(_cfg(root, cfg), root / "my-soup")
+    card = (root / "my-soup" / "README.md").read_text()
+    assert "\n# my-soup\n" in card  # not the temporary staging folder's name
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [1.0, -1.0]])
+def test_linear_refuses_weights_summing_to_zero(llama, weights) -> None:  # type: ignore[no-untyped-def]
+    root, _, models = llama
+    cfg = {"merge_method": "linear", "models": [{"model": f"m{i}", "parameters": {"weight": w}}
+                                                for i, w in enumerate(weights)]}  # fmt: skip
+    path = _cfg(root, cfg)
+    with pytest.raises(dp.ConfigError, match=r"merge\.yaml.*weights sum to 0.*normalize: false"):
+        merge_files(path, root / "out")
+    assert not (root / "out").exists()
+    with pytest.raises(dp.ConfigError, match="weights sum to 0"):
+        merge("linear", None, [models[0], models[1]], weights=weights)
+    # without normalizing, the plain weighted sum is what was asked for
+    got = merge("linear", None, [models[0], models[1]], weights=weights, normalize=False)
+    k = "model.norm.weight"
+    torch.testing.assert_close(got[k], weights[0] * models[0][k] + weights[1] * models[1][k])
