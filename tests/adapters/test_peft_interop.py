@@ -223,3 +223,22 @@ def test_factors_round_trip_and_checks():
     assert torch.allclose(back["fc.weight"].delta_weight(), 4 * lora["fc.weight"].delta_weight())
     with pytest.raises(AdapterMismatch, match="missing"):
         lora.with_factors({"fc.lora_A.weight": f["fc.lora_A.weight"]})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("alpha_pattern", {"query": "x"}, r"alpha_pattern\['query'\] must be a finite positive number"),
+        ("alpha_pattern", {"query": float("nan")}, r"alpha_pattern\['query'\]"),
+        ("rank_pattern", {"query": "4"}, r"rank_pattern\['query'\] must be a positive integer"),
+        ("rank_pattern", {"query": 4.5}, r"rank_pattern\['query'\]"),
+        ("r", 0, "'r' must be a positive integer"),
+        ("lora_alpha", float("nan"), "'lora_alpha' must be a finite positive number"),
+        ("lora_alpha", float("inf"), "'lora_alpha'"),
+    ],
+)
+def test_bad_config_numbers_are_typed_and_name_key_and_file(tmp_path, field, value, named):
+    folder = _saved(tmp_path)
+    _edit_config(folder, **{field: value})
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: " + named):
+        load_peft(folder)

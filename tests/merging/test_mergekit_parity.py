@@ -496,3 +496,13 @@ def test_linear_refuses_weights_summing_to_zero(llama, weights) -> None:  # type
     got = merge("linear", None, [models[0], models[1]], weights=weights, normalize=False)
     k = "model.norm.weight"
     torch.testing.assert_close(got[k], weights[0] * models[0][k] + weights[1] * models[1][k])
+
+
+def test_slerp_model_count_error_names_the_config(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {"merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5},
+           "models": [{"model": "m0"}, {"model": "m1"}]}  # fmt: skip
+    with pytest.raises(
+        dp.ConfigError, match=r"merge\.yaml: merge method 'slerp' interpolates exactly two models"
+    ):
+        merge_files(_cfg(root, cfg), root / "out")

@@ -14,6 +14,7 @@ rewrite the base weights...), ranks are checked against the config, and unknown 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -120,12 +121,25 @@ def check_config(cfg: Any, where: str = CONFIG_NAME) -> None:
             f"{where}: init_lora_weights={init!r} rewrites the base weights, so these factors do not apply to the "
             "original base; save with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA"
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), int | float) or isinstance(cfg.get(key), bool):
-            raise AdapterError(f"{where}: '{key}' must be a number. Found {cfg.get(key)!r}")
+    _check_number(cfg.get("r"), "'r'", where, rank=True)
+    _check_number(cfg.get("lora_alpha"), "'lora_alpha'", where, rank=False)
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
             raise AdapterError(f"{where}: '{key}' must be an object. Found {cfg.get(key)!r}")
+        for name, value in pattern.items():
+            _check_number(value, f"{key}[{name!r}]", where, rank=key == "rank_pattern")
+
+
+def _check_number(value: Any, what: str, where: str, *, rank: bool) -> None:
+    """Raise :class:`AdapterError` naming ``what`` and the file unless ``value`` is a finite positive number (an
+    integer for a rank): PEFT builds its layers from these, so anything else is a broken config, not a LoRA."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if ok and rank:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if rank else "a finite positive number"
+        raise AdapterError(f"{where}: {what} must be {kind}. Found {value!r}")
 
 
 def load_peft(path: str | os.PathLike[str]) -> LoRADelta:

@@ -185,7 +185,10 @@ def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
             entries.append(ModelEntry(model=base_ref))
         if method.needs_base and base_ref is None:
             raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
-        method.check_models(len(entries), base_used and base_ref is not None)
+        try:
+            method.check_models(len(entries), base_used and base_ref is not None)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         base = Source(open_ck(base_ref), "", base_ref) if base_used and base_ref is not None else None
         models = [(open_ck(e.model), e.model, e.parameters, 0) for e in entries]
         ref = base.checkpoint if base is not None else models[0][0]
