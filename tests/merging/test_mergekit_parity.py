@@ -171,6 +171,48 @@ def test_gradient_and_filter_are_applied_per_layer(llama) -> None:  # type: igno
     torch.testing.assert_close(got[e], base[e] + 0.25 * (models[0][e] - base[e]))
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"merge_method": "slerp", "base_model": "a", "parameters": {"t": [0.0, 0.5, 0.3, 0.7, 1.0]},
+         "models": [{"model": "a"}, {"model": "b"}]},
+        {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [1.0, 0.0]}},
+                                              {"model": "b", "parameters": {"weight": [0.2, 1.0]}}]},
+    ],
+)  # fmt: skip
+def test_gradients_outside_the_layers_match_mergekit_end_to_end(tmp_path, cfg) -> None:
+    """Pre *and* post weights (embedding, final norm, head) take a gradient's value at t = 0, as mergekit's planner
+    does since v0.1.2 (mergekit/plan.py, plan_module: one ConfigReader(t=0) for pre and post weights; before
+    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama."""
+    transformers = pytest.importorskip("transformers")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    cfg = json.loads(json.dumps(cfg).replace('"a"', json.dumps(str(tmp_path / "a"))).replace(
+        '"b"', json.dumps(str(tmp_path / "b"))))  # fmt: skip
+    cfg["dtype"] = "float32"
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(lazy_unpickle=False))
+    merge_files(_cfg(tmp_path, cfg), tmp_path / "dp")
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "dp" / "model.safetensors")
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    assert mk.keys() == ours.keys()
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
+    if cfg["merge_method"] == "slerp":  # t = 0 outside the layers: the base's final norm and head
+        assert torch.equal(mk["model.norm.weight"], a["model.norm.weight"])
+        assert torch.equal(mk["lm_head.weight"], a["lm_head.weight"])
+
+
 def test_slices_stack_layers_and_renumber(llama) -> None:  # type: ignore[no-untyped-def]
     root, _base, models = llama
     cfg = {"merge_method": "passthrough", "slices": [

@@ -11,7 +11,8 @@ outside the layers are *pre* weights when their name mentions ``embed``, ``wte``
   merged by the config's method and renumbered consecutively over the slices; the pre weights come from the first
   slice's sources and the post weights from the last's, as in mergekit.
 - Gradients are evaluated at ``t = n / (len − 1)`` within a slice (``t = 1`` for a one-layer slice) and at
-  ``t = 0`` for pre and post weights, as mergekit does.
+  ``t = 0`` for pre and post weights, as mergekit does since v0.1.2 (``plan_module`` reads both with one
+  ``ConfigReader(t=0)``; before arcee-ai/mergekit#534 it read the post weights at ``t = 1``).
 """
 
 from __future__ import annotations
