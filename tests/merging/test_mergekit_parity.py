@@ -548,3 +548,22 @@ def test_slerp_model_count_error_names_the_config(llama) -> None:  # type: ignor
         dp.ConfigError, match=r"merge\.yaml: merge method 'slerp' interpolates exactly two models"
     ):
         merge_files(_cfg(root, cfg), root / "out")
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-3])
+def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
+    """mergekit's rescaled_masked_tensor leaves the masked vector unscaled when ‖τ‖₁ or ‖τ̂‖₁ is under eps = 1e-7
+    (no division by a vanishing norm); ours must do the same, and rescale as usual above it."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(40, 30)  # τ = the model itself, so no base value hides the tiny entries
+    models = [scale * torch.randn(40, 30, generator=g) for _ in range(2)]
+    params = {"weight": [1.0, 0.5], "density": 0.5, "rescale": True}
+    want = _mk("ties", [base, *models], 0, **params)
+    got = merge(
+        "ties", {"w": base}, [{"w": m} for m in models], weights=[1.0, 0.5], density=0.5, rescale=True
+    )["w"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+    unscaled = _mk("ties", [base, *models], 0, **(params | {"rescale": False}))
+    assert torch.equal(want, unscaled) == (
+        scale < 1e-9
+    )  # the case is sensitive: rescaling changes the values
