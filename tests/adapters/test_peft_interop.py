@@ -223,3 +223,78 @@ def test_factors_round_trip_and_checks():
     assert torch.allclose(back["fc.weight"].delta_weight(), 4 * lora["fc.weight"].delta_weight())
     with pytest.raises(AdapterMismatch, match="missing"):
         lora.with_factors({"fc.lora_A.weight": f["fc.lora_A.weight"]})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("alpha_pattern", {"query": "x"}, r"alpha_pattern\['query'\] must be a finite positive number"),
+        ("alpha_pattern", {"query": float("nan")}, r"alpha_pattern\['query'\]"),
+        ("rank_pattern", {"query": "4"}, r"rank_pattern\['query'\] must be a positive integer"),
+        ("rank_pattern", {"query": 4.5}, r"rank_pattern\['query'\]"),
+        ("r", 0, "'r' must be a positive integer"),
+        ("lora_alpha", float("nan"), "'lora_alpha' must be a finite positive number"),
+        ("lora_alpha", float("inf"), "'lora_alpha'"),
+    ],
+)
+def test_bad_config_numbers_are_typed_and_name_key_and_file(tmp_path, field, value, named):
+    folder = _saved(tmp_path)
+    _edit_config(folder, **{field: value})
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: " + named):
+        load_peft(folder)
+
+
+@pytest.mark.parametrize(
+    "layer_kwargs",
+    [
+        dict(layers_to_transform=[1], layers_pattern="layer"),
+        dict(layers_to_transform=1, layers_pattern=["nope", "layer"]),
+        dict(layers_to_transform=[0]),  # no layers_pattern: the number after the second dotted segment
+    ],
+)
+def test_layers_to_transform_selects_the_layers_peft_adapts(tmp_path, layer_kwargs):
+    from safetensors.torch import load_file, save_file
+
+    targets = ["query", "dense"]
+    # which modules PEFT itself wraps (the pooler's 'dense' has no layer index: PEFT skips it too) under these options, over every module PEFT's targets match
+    wrapped = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=targets, **layer_kwargs))
+    peft_set = {
+        n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")
+    }
+    # an adapter trained on every layer, whose config then says layers_to_transform: factors PEFT would skip
+    folder = tmp_path / "a"
+    pm = train_peft_adapter(
+        tiny_bert(), peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False), 1
+    )
+    pm.save_pretrained(folder)
+    _edit_config(folder, **layer_kwargs)
+    f = folder / "adapter_model.safetensors"
+    every = load_file(f)
+    modules = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in every}
+    assert peft_set < modules  # the options do drop some layers
+    with pytest.raises(AdapterError, match="outside layers_to_transform"):
+        load_peft(folder)
+    # keep only the factors PEFT applies: then both agree on the merged weights
+    save_file(
+        {
+            k: v
+            for k, v in every.items()
+            if k.removeprefix("base_model.model.").split(".lora_")[0] in peft_set
+        },
+        f,
+    )
+    base = tiny_bert()
+    expected = peft.PeftModel.from_pretrained(tiny_bert(), folder).merge_and_unload().state_dict()
+    lora = load_peft(folder)
+    assert {k.removesuffix(".weight") for k in lora} == peft_set
+    assert max_diff(lora.merged_into(base.state_dict()), expected) <= 1e-6
+
+
+def test_malformed_layers_to_transform_is_typed(tmp_path):
+    folder = _saved(tmp_path)
+    _edit_config(folder, layers_to_transform=["1"])
+    with pytest.raises(AdapterError, match="adapter_config.json: 'layers_to_transform' must be"):
+        load_peft(folder)
+    _edit_config(folder, layers_to_transform=[1], layers_pattern=3)
+    with pytest.raises(AdapterError, match="'layers_pattern' must be"):
+        load_peft(folder)

@@ -171,6 +171,48 @@ def test_gradient_and_filter_are_applied_per_layer(llama) -> None:  # type: igno
     torch.testing.assert_close(got[e], base[e] + 0.25 * (models[0][e] - base[e]))
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"merge_method": "slerp", "base_model": "a", "parameters": {"t": [0.0, 0.5, 0.3, 0.7, 1.0]},
+         "models": [{"model": "a"}, {"model": "b"}]},
+        {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [1.0, 0.0]}},
+                                              {"model": "b", "parameters": {"weight": [0.2, 1.0]}}]},
+    ],
+)  # fmt: skip
+def test_gradients_outside_the_layers_match_mergekit_end_to_end(tmp_path, cfg) -> None:
+    """Pre *and* post weights (embedding, final norm, head) take a gradient's value at t = 0, as mergekit's planner
+    does since v0.1.2 (mergekit/plan.py, plan_module: one ConfigReader(t=0) for pre and post weights; before
+    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama."""
+    transformers = pytest.importorskip("transformers")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    cfg = json.loads(json.dumps(cfg).replace('"a"', json.dumps(str(tmp_path / "a"))).replace(
+        '"b"', json.dumps(str(tmp_path / "b"))))  # fmt: skip
+    cfg["dtype"] = "float32"
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(lazy_unpickle=False))
+    merge_files(_cfg(tmp_path, cfg), tmp_path / "dp")
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "dp" / "model.safetensors")
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    assert mk.keys() == ours.keys()
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
+    if cfg["merge_method"] == "slerp":  # t = 0 outside the layers: the base's final norm and head
+        assert torch.equal(mk["model.norm.weight"], a["model.norm.weight"])
+        assert torch.equal(mk["lm_head.weight"], a["lm_head.weight"])
+
+
 def test_slices_stack_layers_and_renumber(llama) -> None:  # type: ignore[no-untyped-def]
     root, _base, models = llama
     cfg = {"merge_method": "passthrough", "slices": [
@@ -468,3 +510,60 @@ def test_float64_sums_are_stated_in_the_output(llama, method: str, params: dict,
     else:
         assert len(stated) == 1 and said in stated[0] and "mergekit sums in the compute dtype" in stated[0]
         assert stated[0] in card
+
+
+def test_card_title_is_the_output_folder_without_name(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": f"m{i}", "parameters": {"weight": 1.0}} for i in range(2)],
+    }
+    merge_files(_cfg(root, cfg), root / "my-soup")
+    card = (root / "my-soup" / "README.md").read_text()
+    assert "\n# my-soup\n" in card  # not the temporary staging folder's name
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [1.0, -1.0]])
+def test_linear_refuses_weights_summing_to_zero(llama, weights) -> None:  # type: ignore[no-untyped-def]
+    root, _, models = llama
+    cfg = {"merge_method": "linear", "models": [{"model": f"m{i}", "parameters": {"weight": w}}
+                                                for i, w in enumerate(weights)]}  # fmt: skip
+    path = _cfg(root, cfg)
+    with pytest.raises(dp.ConfigError, match=r"merge\.yaml.*weights sum to 0.*normalize: false"):
+        merge_files(path, root / "out")
+    assert not (root / "out").exists()
+    with pytest.raises(dp.ConfigError, match="weights sum to 0"):
+        merge("linear", None, [models[0], models[1]], weights=weights)
+    # without normalizing, the plain weighted sum is what was asked for
+    got = merge("linear", None, [models[0], models[1]], weights=weights, normalize=False)
+    k = "model.norm.weight"
+    torch.testing.assert_close(got[k], weights[0] * models[0][k] + weights[1] * models[1][k])
+
+
+def test_slerp_model_count_error_names_the_config(llama) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = llama
+    cfg = {"merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5},
+           "models": [{"model": "m0"}, {"model": "m1"}]}  # fmt: skip
+    with pytest.raises(
+        dp.ConfigError, match=r"merge\.yaml: merge method 'slerp' interpolates exactly two models"
+    ):
+        merge_files(_cfg(root, cfg), root / "out")
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-3])
+def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
+    """mergekit's rescaled_masked_tensor leaves the masked vector unscaled when ‖τ‖₁ or ‖τ̂‖₁ is under eps = 1e-7
+    (no division by a vanishing norm); ours must do the same, and rescale as usual above it."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(40, 30)  # τ = the model itself, so no base value hides the tiny entries
+    models = [scale * torch.randn(40, 30, generator=g) for _ in range(2)]
+    params = {"weight": [1.0, 0.5], "density": 0.5, "rescale": True}
+    want = _mk("ties", [base, *models], 0, **params)
+    got = merge(
+        "ties", {"w": base}, [{"w": m} for m in models], weights=[1.0, 0.5], density=0.5, rescale=True
+    )["w"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+    unscaled = _mk("ties", [base, *models], 0, **(params | {"rescale": False}))
+    assert torch.equal(want, unscaled) == (
+        scale < 1e-9
+    )  # the case is sensitive: rescaling changes the values

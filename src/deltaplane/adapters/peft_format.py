@@ -14,6 +14,7 @@ rewrite the base weights...), ranks are checked against the config, and unknown 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -85,6 +86,29 @@ def _is_target(module: str, targets: Any) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
+def _in_layers(module: str, cfg: Mapping[str, Any]) -> bool:
+    """Whether ``layers_to_transform`` / ``layers_pattern`` keep ``module``, as PEFT's ``check_target_module_exists``
+    decides it: only for a list of target names (or PEFT's defaults, or ``all-linear``, which PEFT expands into
+    one) that ``module`` matches by suffix, not when it names ``module`` whole or is a regex. The layer index is
+    the first number after a ``layers_pattern`` segment (or, without one, after the second dotted segment)."""
+    indexes, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    targets = cfg.get("target_modules")
+    if indexes is None or indexes == [] or (isinstance(targets, str) and targets != "all-linear"):
+        return True
+    if isinstance(targets, list) and module in targets:
+        return True
+    if not patterns:  # PEFT: an empty layers_pattern accepts any layer name
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            if match := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module):
+                break
+    if not match:
+        return False
+    index = int(match["idx"])
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -120,12 +144,41 @@ def check_config(cfg: Any, where: str = CONFIG_NAME) -> None:
             f"{where}: init_lora_weights={init!r} rewrites the base weights, so these factors do not apply to the "
             "original base; save with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA"
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), int | float) or isinstance(cfg.get(key), bool):
-            raise AdapterError(f"{where}: '{key}' must be a number. Found {cfg.get(key)!r}")
+    indexes, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if indexes is not None and not (
+        _is_index(indexes) or (isinstance(indexes, list) and all(_is_index(i) for i in indexes))
+    ):
+        raise AdapterError(
+            f"{where}: 'layers_to_transform' must be a layer index or a list of them. Found {indexes!r}"
+        )
+    if patterns is not None and not (
+        isinstance(patterns, str)
+        or (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns))
+    ):
+        raise AdapterError(f"{where}: 'layers_pattern' must be a name or a list of names. Found {patterns!r}")
+    _check_number(cfg.get("r"), "'r'", where, rank=True)
+    _check_number(cfg.get("lora_alpha"), "'lora_alpha'", where, rank=False)
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
             raise AdapterError(f"{where}: '{key}' must be an object. Found {cfg.get(key)!r}")
+        for name, value in pattern.items():
+            _check_number(value, f"{key}[{name!r}]", where, rank=key == "rank_pattern")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_number(value: Any, what: str, where: str, *, rank: bool) -> None:
+    """Raise :class:`AdapterError` naming ``what`` and the file unless ``value`` is a finite positive number (an
+    integer for a rank): PEFT builds its layers from these, so anything else is a broken config, not a LoRA."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if ok and rank:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if rank else "a finite positive number"
+        raise AdapterError(f"{where}: {what} must be {kind}. Found {value!r}")
 
 
 def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
@@ -212,6 +265,12 @@ def from_peft_state(
             raise AdapterError(
                 f"{weights}: layer '{module}' is not covered by target_modules={targets!r} "
                 f"(exclude_modules={excluded!r}); add it to target_modules"
+            )
+        if not _in_layers(module, cfg):
+            raise AdapterError(
+                f"{weights}: layer '{module}' is outside layers_to_transform={cfg.get('layers_to_transform')!r} "
+                f"(layers_pattern={cfg.get('layers_pattern')!r}), so PEFT would not apply it; add its layer to "
+                "layers_to_transform or delete its factors"
             )
         rk = pattern_key(rank_pattern, module)
         r_cfg = rank_pattern[rk] if rk is not None else cfg["r"]

@@ -277,6 +277,11 @@ class MergeMethod(ABC):
         row chunks, such as DELLA's ranks of a 1-D tensor). The streaming merge then holds that whole tensor."""
         return False
 
+    def check_params(self, params: MergeParams, where: str) -> None:
+        """Raise :class:`ConfigError` naming ``where`` if resolved parameters are individually valid but unusable
+        together (e.g. linear weights summing to 0). Called by :func:`resolve_params`; the default accepts all."""
+        return None
+
     def check_models(self, n_models: int, has_base: bool) -> None:
         """Raise :class:`ConfigError` if this method cannot merge ``n_models`` models (with/without a base)."""
         if self.needs_base and not has_base:
@@ -484,7 +489,9 @@ def resolve_params(
             else:
                 resolved[p.name] = p.default
         out_models.append(resolved)
-    return MergeParams(out_shared, out_models)
+    params = MergeParams(out_shared, out_models)
+    method.check_params(params, where)
+    return params
 
 
 def _split_kwargs(method: MergeMethod, n_models: int, kwargs: Mapping[str, Any]) -> MergeParams:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltaplane.merging.base import ChunkedMergeMethod, Param, TensorChunk, register_method
+from deltaplane.errors import ConfigError
+from deltaplane.merging.base import ChunkedMergeMethod, MergeParams, Param, TensorChunk, register_method
 
 __all__ = ["Linear"]
 
@@ -30,6 +31,15 @@ class Linear(ChunkedMergeMethod):
         Param("normalize", True, kind="bool", doc="divide by the sum of weights"),
     )
 
+    def check_params(self, params: MergeParams, where: str) -> None:
+        """Refuse normalizing by a sum of 0: it would divide by zero (mergekit yields Inf/NaN), and skipping the
+        division would silently give an all-zero model (weights 0, 0) or a plain difference (1, −1)."""
+        if params.shared["normalize"] and abs(sum(params.column("weight"))) <= 1e-12:
+            raise ConfigError(
+                f"{where}: linear weights sum to 0 ({params.column('weight')}); set normalize: false or change the "
+                "weights"
+            )
+
     def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
         params, tensors = chunk.params, chunk.tensors
         weights = params.column("weight")
@@ -37,8 +47,8 @@ class Linear(ChunkedMergeMethod):
         for w, t in zip(weights, tensors, strict=True):
             out.add_(t, alpha=w)
         total = sum(weights)
-        if params.shared["normalize"] and abs(total) > 1e-12:
-            out /= total
+        if params.shared["normalize"]:
+            out /= total  # never 0: check_params refuses it
         return out
 
 

@@ -162,8 +162,13 @@ def write_extras(
     n_layers: int | None,
     model_labels: list[str],
     notes: list[str],
+    title: str,
 ) -> list[str]:
-    """Write config, tokenizer, recipe and card into ``out``; returns the file names written."""
+    """Write config, tokenizer, recipe and card into ``out``; returns the file names written.
+
+    ``title`` is the card's title when the config has no ``name:``: the final output folder's name, since ``out``
+    is usually a temporary staging folder that is renamed into place afterwards.
+    """
     written = []
     for name in CONFIG_FILES:
         f = donor / name
@@ -212,7 +217,7 @@ def write_extras(
     recipe = cfg.text if cfg.text is not None else _dump(cfg)
     (out / "mergekit_config.yml").write_text(recipe if recipe.endswith("\n") else recipe + "\n")
     written.append("mergekit_config.yml")
-    (out / "README.md").write_text(_card(cfg, method, out, model_labels, recipe, notes))
+    (out / "README.md").write_text(_card(cfg, method, title, model_labels, recipe, notes))
     written.append("README.md")
     return written
 
@@ -224,9 +229,14 @@ def _dump(cfg: MergeConfig) -> str:
 
 
 def _card(
-    cfg: MergeConfig, method: MergeMethod, out: Path, models: list[str], recipe: str, notes: list[str]
+    cfg: MergeConfig,
+    method: MergeMethod,
+    default_title: str,
+    models: list[str],
+    recipe: str,
+    notes: list[str],
 ) -> str:
-    title = cfg.name or out.name
+    title = cfg.name or default_title
     link = f"[{method.name}]({method.url})" if method.url else method.name
     bases = [cfg.base_model] if cfg.base_model else []
     lines = [

@@ -11,7 +11,8 @@ outside the layers are *pre* weights when their name mentions ``embed``, ``wte``
   merged by the config's method and renumbered consecutively over the slices; the pre weights come from the first
   slice's sources and the post weights from the last's, as in mergekit.
 - Gradients are evaluated at ``t = n / (len − 1)`` within a slice (``t = 1`` for a one-layer slice) and at
-  ``t = 0`` for pre and post weights, as mergekit does.
+  ``t = 0`` for pre and post weights, as mergekit does since v0.1.2 (``plan_module`` reads both with one
+  ``ConfigReader(t=0)``; before arcee-ai/mergekit#534 it read the post weights at ``t = 1``).
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
             entries.append(ModelEntry(model=base_ref))
         if method.needs_base and base_ref is None:
             raise ConfigError(f"{where}: merge method '{method.name}' needs base_model")
-        method.check_models(len(entries), base_used and base_ref is not None)
+        try:
+            method.check_models(len(entries), base_used and base_ref is not None)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         base = Source(open_ck(base_ref), "", base_ref) if base_used and base_ref is not None else None
         models = [(open_ck(e.model), e.model, e.parameters, 0) for e in entries]
         ref = base.checkpoint if base is not None else models[0][0]

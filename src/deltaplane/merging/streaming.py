@@ -317,7 +317,7 @@ def merge_files(
                 files.append(INDEX_NAME)
             float_out = next((t.out_dtype for t in tensors if t.out_dtype.is_floating_point), None)
             files += write_extras(
-                cfg, method, tmp, plan.donor.folder, tok, float_out, plan.n_layers, labels, notes
+                cfg, method, tmp, plan.donor.folder, tok, float_out, plan.n_layers, labels, notes, out.name
             )
             with _signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
