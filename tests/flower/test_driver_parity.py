@@ -13,8 +13,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from deltaplane.aggregation import FedAvg, Validate
-from deltaplane.engine import RunConfig
+from deltaplane.aggregation import FedAvg, FoolsGold, Validate
+from deltaplane.codecs import Compressor
+from deltaplane.engine import MemoryPublisher, RunConfig, ServerStep
 from deltaplane.errors import InvalidUpdate, UnsupportedOption
 from deltaplane.flower import DeltaStrategy, delta_mod, task_client_app, task_server_app
 from deltaplane.flower.records import UPLINK_KEY, state_to_arrays
@@ -72,8 +73,8 @@ def test_a_failing_node_under_secagg_is_refused_and_counted_as_in_process(loopba
     assert _same(seq.final_state, final)
 
 
-def _const_app(values: dict[int, bytes | float]) -> ClientApp:
-    """Node *i* answers with the update +values[i] (a float), or with the raw uplink bytes values[i]."""
+def _const_app(values: dict[int, bytes | float | torch.Tensor]) -> ClientApp:
+    """Node *i* answers with the update +values[i] (a float or a tensor), or with the raw uplink bytes values[i]."""
 
     def garble(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
@@ -88,7 +89,7 @@ def _const_app(values: dict[int, bytes | float]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         value = values[int(context.node_config["partition-id"])]
         state = msg.content.array_records["arrays"].to_torch_state_dict()
-        arrays = ArrayRecord({k: v + (value if isinstance(value, float) else 0.0) for k, v in state.items()})
+        arrays = ArrayRecord({k: v + (0.0 if isinstance(value, bytes) else value) for k, v in state.items()})
         return Message(
             RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg
         )
@@ -96,13 +97,19 @@ def _const_app(values: dict[int, bytes | float]) -> ClientApp:
     return app
 
 
-def _standalone(loopback_grid, values: dict[int, bytes | float], aggregator=None) -> tuple:
-    strategy = DeltaStrategy(
-        inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=len(values)),
-        aggregator=aggregator if aggregator is not None else FedAvg(),
-        base_id="m",
-    )
+def _standalone(
+    loopback_grid, values: dict[int, bytes | float | torch.Tensor], aggregator=None, *, step=None
+):
+    """One round of a DeltaStrategy over ``values`` (see :func:`_const_app`): standalone with ``aggregator``,
+    or through the server step ``step(initial_state)`` builds."""
     state = {"w": torch.zeros(4, 5)}
+    inner = FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=len(values))
+    if step is not None:
+        strategy = DeltaStrategy(inner=inner, server_step=step(state), base_id="m")
+    else:
+        strategy = DeltaStrategy(
+            inner=inner, aggregator=aggregator if aggregator is not None else FedAvg(), base_id="m"
+        )
     result = strategy.start(
         loopback_grid(_const_app(values), len(values)), state_to_arrays(state), num_rounds=1
     )
@@ -123,6 +130,26 @@ def test_a_standalone_strategy_counts_what_its_aggregator_refuses(loopback_grid)
     assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((4, 5), 2.0))
     assert strategy.traffic[-1].rejected == 1
     assert result.train_metrics_clientapp[1]["clients"] == 2
+
+
+def test_a_standalone_strategy_tells_its_chain_who_sent_each_update_as_the_server_step_does(
+    loopback_grid,
+) -> None:
+    # FoolsGold refuses an update whose sender it is not told; honest updates point in different directions
+    gen = torch.Generator().manual_seed(0)
+    values = {i: torch.randn(4, 5, generator=gen) for i in range(3)}
+    strategy, result = _standalone(loopback_grid, values, Validate(FoolsGold()))
+    assert strategy.traffic[-1].rejected == 0 and result.train_metrics_clientapp[1]["clients"] == 3
+    assert sorted(strategy.aggregator.inner.state.history) == ["100", "101", "102"]  # the nodes' device ids
+
+    def step(state: dict) -> ServerStep:
+        publisher = MemoryPublisher(Compressor("identity"), "m")
+        return ServerStep(Validate(FoolsGold()), publisher, state, base_id="m")
+
+    _, by_step = _standalone(loopback_grid, values, step=step)
+    assert torch.allclose(
+        result.arrays.to_torch_state_dict()["w"], by_step.arrays.to_torch_state_dict()["w"], atol=1e-6
+    )
 
 
 def test_a_standalone_strategy_raises_when_every_reply_is_refused(loopback_grid) -> None:

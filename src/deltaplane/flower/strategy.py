@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
-from deltaplane.aggregation import Aggregator, FedAvg
+from deltaplane.aggregation import Aggregator, FedAvg, Validate
 from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine.server import RoundOutcome, ServerStep
@@ -288,7 +288,7 @@ class DeltaStrategy(Strategy):
             self.aggregator.reset()
             for delta, weight, m in decoded:
                 # a validating aggregator says False when it refuses an update (bad norm, NaN, stale base)
-                if self.aggregator.add(delta, weight=weight) is False:
+                if self._add(delta, weight, m) is False:
                     said = getattr(self.aggregator, "rejections", None)
                     why = said[-1].error if said else InvalidUpdate("refused by the aggregator")
                     refused.append((self._client_id(m), why))
@@ -359,6 +359,15 @@ class DeltaStrategy(Strategy):
                 rejected=rejected,
             )
         )
+
+    def _add(self, delta: Delta, weight: float, m: Message) -> bool | None:
+        """Fold ``m``'s decoded update into the standalone aggregator. A :class:`Validate` chain is told the
+        sender's device id, as the server step tells it: FoolsGold and attribution refuse an update without
+        it, and bucketing orders updates by it (a bare rule's ``add`` takes no client id)."""
+        assert self.aggregator is not None
+        if isinstance(self.aggregator, Validate):
+            return self.aggregator.add(delta, weight=weight, client_id=self._client_id(m))
+        return self.aggregator.add(delta, weight=weight)
 
     def _engine_round(
         self, server_round: int, replies: list[Message]
