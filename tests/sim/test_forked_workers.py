@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import os
 import signal
@@ -278,3 +279,26 @@ def test_shutdown_does_not_wait_on_an_unread_reply() -> None:
     assert time.monotonic() - start < 5
     with pytest.raises(DeltaplaneError, match="shut down before this result was read"):
         unread.result()
+
+
+def _sleep_then(seconds: float, value: object) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def test_a_result_not_back_in_time_raises_timeout_error_and_stays_readable() -> None:
+    """``result(timeout)`` waits at most ``timeout`` as :class:`concurrent.futures.Future` does; before, it
+    waited for the reply however long it took. The futures stay pending, and each later gets its own reply."""
+    pool = ForkedWorkers(1)
+    try:
+        slow, after = pool.submit_to(0, _sleep_then, 1.5, "slow"), pool.submit_to(0, abs, -3)
+        start = time.monotonic()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            after.result(timeout=0.2)  # behind the slow task on the worker's pipe
+        with pytest.raises(TimeoutError):
+            slow.exception(timeout=0.1)
+        assert time.monotonic() - start < 1.0
+        assert not slow.done() and not after.done()
+        assert after.result(timeout=30) == 3 and slow.result(timeout=0) == "slow"
+    finally:
+        pool.shutdown()

@@ -26,6 +26,7 @@ import mmap
 import multiprocessing
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -149,6 +150,16 @@ class ForkedWorkers(Executor):
         self._waiting[worker].append(future)
         return future
 
+    def _arrived(self, worker: int, timeout: float | None) -> bool:
+        """Whether worker ``worker``'s next reply (or its pipe's end) arrived within ``timeout`` seconds
+        (``None``: wait for it). True when the workers were stopped, which :meth:`_collect` reports."""
+        if not self._conns or timeout is None:
+            return True
+        try:
+            return bool(self._conns[worker].poll(timeout))
+        except (EOFError, OSError):  # a broken pipe: _collect reads the error
+            return True
+
     def _collect(self, worker: int) -> None:
         """Read worker ``worker``'s next result into the oldest of its futures."""
         if not self._conns:
@@ -236,9 +247,27 @@ class _PipeFuture(Future):
         self.set_running_or_notify_cancel()
 
     def result(self, timeout: float | None = None) -> Any:
+        """The task's result, read from the pipe if not yet; raises :class:`TimeoutError` (the future stays
+        pending, its result readable later) when no reply arrived within ``timeout`` seconds."""
+        self._read(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception (``None`` if it returned), read as :meth:`result` reads it."""
+        self._read(timeout)
+        return super().exception(0)
+
+    def _read(self, timeout: float | None) -> None:
+        """Read the worker's replies (earlier tasks' first: the pipe answers in order) until this one's came.
+
+        A reply is read only once its first bytes are in the pipe, so a timeout never leaves one half read
+        (a reply that started arriving is read whole: the worker is writing it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done():
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._pool._arrived(self._worker, wait):
+                raise TimeoutError(f"no result from the batched-training worker within {timeout} s")
             self._pool._collect(self._worker)
-        return super().result(timeout)
 
 
 def _serve(conn: Any, arena: mmap.mmap | None, callers_ends: Sequence[Any] = ()) -> None:
