@@ -130,6 +130,15 @@ class RunConfig(BaseModel):
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    dp_noise_source: Literal["auto", "secure", "seeded"] = Field(
+        "auto",
+        description=(
+            "where DP noise (central, adaptive-clip count, local) and DP client sampling come from: 'secure' = "
+            "the OS CSPRNG (nobody can reproduce it); 'seeded' = derived from `seed` (reproducible, but NOT "
+            "private against anyone who knows the seed); 'auto' = secure on real devices (HTTP service, deployed "
+            "Flower, device-side client step), seeded in simulations"
+        ),
+    )
     local_dp_noise: float = Field(
         0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
     )
@@ -289,8 +298,19 @@ class RunConfig(BaseModel):
             parts.append(self.personalization)
         return " + ".join(parts)
 
-    def build_aggregator(self, *, seed: int = 0):  # -> deltaplane.aggregation.Validate
-        """The server's aggregator chain for these options (validation → server opt → DP → clip → defense).
+    def seeded_dp_noise(self, *, simulation: bool) -> bool:
+        """Whether DP noise and DP client sampling derive from ``seed`` (reproducible, not private against
+        whoever knows the seed) rather than from the OS CSPRNG; ``simulation`` says whether the driver
+        simulates its devices (``dp_noise_source="auto"`` is seeded only then)."""
+        if self.dp_noise_source == "auto":
+            return simulation
+        return self.dp_noise_source == "seeded"
+
+    def build_aggregator(
+        self, *, seed: int = 0, secure_noise: bool = False
+    ):  # -> deltaplane.aggregation.Validate
+        """The server's aggregator chain for these options (validation → server opt → DP → clip → defense);
+        ``secure_noise`` draws the DP noise from the OS CSPRNG instead of ``seed``.
 
         With ``secagg`` the server never sees single updates: clients clip before masking, and the chain is
         only the server optimizer, fed the securely computed mean."""
@@ -313,6 +333,7 @@ class RunConfig(BaseModel):
             epsilon_budget=self.epsilon_budget,
             max_norm=self.max_update_norm,
             seed=seed,
+            secure_noise=secure_noise,
         )
 
     def make_dgc(self) -> DGC:
@@ -420,7 +441,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "privacy": {
         "clip": "clip", "noise": "dp_noise", "delta": "dp_delta", "epsilon_budget": "epsilon_budget",
-        "local_noise": "local_dp_noise",
+        "local_noise": "local_dp_noise", "noise_source": "dp_noise_source",
     },
     "secagg": {"enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range"},
     "attack": {"spec": "attack"},

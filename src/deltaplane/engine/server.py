@@ -159,12 +159,17 @@ class ServerStep:
         *,
         base_id: str,
         publisher: Publisher | None = None,
+        simulation: bool = True,
     ) -> ServerStep:
         """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
         ``publisher`` is given), the tensors personalization keeps on the devices (:attr:`local_keys`) and,
-        for FLTrust, a reference trained on :func:`root_dataset`."""
+        for FLTrust, a reference trained on :func:`root_dataset`. ``simulation`` False (a server of real
+        devices) draws DP noise from the OS CSPRNG unless ``config.dp_noise_source`` is ``"seeded"``."""
         reference = probe = None
-        agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+        agg = config.build_aggregator(
+            seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31,
+            secure_noise=not config.seeded_dp_noise(simulation=simulation),
+        )
         if isinstance(agg.find(BackdoorAttribution), BackdoorAttribution):
             root = root_dataset(config, task)
             scratch = task.build_model(0)  # weights never read: the probe calls it with the round's state

@@ -147,7 +147,12 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
         seed=derive_seed(run.seed, Stream.DOWNLINK_CODEC),
     )
     return ServerStep.for_run(
-        run, make_task(run), initial, base_id=model, publisher=RegistryPublisher(registry, model, compressor)
+        run,
+        make_task(run),
+        initial,
+        base_id=model,
+        publisher=RegistryPublisher(registry, model, compressor),
+        simulation=False,  # the service's devices are real: its DP noise must not derive from the config
     )
 
 
