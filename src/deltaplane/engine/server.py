@@ -394,13 +394,17 @@ class ServerStep:
         """Aggregate, compress the downlink, publish the new version; the outcome carries the new state.
 
         Raises:
-            InvalidUpdate: every update of the round was refused.
+            InvalidUpdate: every update of the round was refused (without central DP noise; under it the round
+                releases its noise like an empty round).
             PrivacyBudgetExceeded: this round would spend more ε than the budget allows.
         """
         dp = self.aggregator.find(DPFedAvg)
-        if self._accepted == 0 and isinstance(dp, DPFedAvg) and not self._rejections:
+        noised = isinstance(dp, DPFedAvg) and dp.noise_multiplier > 0
+        if self._accepted == 0 and isinstance(dp, DPFedAvg) and (noised or not self._rejections):
             # Poisson sampling (central DP) may pick nobody: the round still releases its noise, as the
-            # accountant assumes; the shared tensors' layout tells DP-FedAvg what to noise
+            # accountant assumes; the shared tensors' layout tells DP-FedAvg what to noise. Under noise a round
+            # whose every update was refused releases (and spends) too: aborting it instead would tell apart
+            # "the refused client's data" from its neighbouring dataset without the client, with no noise at all
             zeros = Delta.zeros_like(self.state)
             dp.set_layout(Delta({k: v for k, v in zeros.items() if k not in self.local_keys}))
         elif self._accepted == 0:
