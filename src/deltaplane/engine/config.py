@@ -6,6 +6,7 @@ Every hyperparameter of a run lives here and nowhere else, so a run is reproduce
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -128,7 +129,12 @@ class RunConfig(BaseModel):
     dp_noise: float = Field(
         0.0, ge=0, description="DP-FedAvg noise multiplier z (0: no differential privacy)"
     )
-    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+    dp_delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="delta at which epsilon is reported; under DP it must be below 1/clients",
+    )
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
     dp_noise_source: Literal["auto", "secure", "seeded"] = Field(
         "auto",
@@ -254,6 +260,14 @@ class RunConfig(BaseModel):
             dgc.codec_for(self.codec, 1)  # a warm-up needs a sparsifier to warm up
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
+        if (self.dp_noise > 0 or self.local_dp_noise > 0) and self.dp_delta * self.clients >= 1:
+            # (ε, δ)-DP with δ ≥ 1/N admits "publish one random client's data in the clear"; δ ≪ 1/N is the
+            # standard requirement (Dwork & Roth 2014, §2.3), whether δ was given or left at its default
+            raise ValueError(
+                f"dp_delta={self.dp_delta:g} is not below 1/clients = {1 / self.clients:g}: a δ that large allows "
+                "a mechanism that releases a client's data outright; set dp_delta well below 1/clients, e.g. "
+                f"{10 ** math.floor(math.log10(0.1 / self.clients)):g}"
+            )
         if self.local_dp_noise > 0:
             if self.clip is None or self.clip == "adaptive":
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
