@@ -70,3 +70,29 @@ def test_seeded_noise_on_the_service_is_an_explicit_choice(tmp_path: Path) -> No
     a, _ = _release(tmp_path / "a", run)
     b, _ = _release(tmp_path / "b", run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seeded_noise_never_repeats_across_a_restart_without_the_step_snapshot(tmp_path: Path) -> None:
+    """A restart without the stored server step used to restart the seeded generator: round 2 re-released round
+    1's noise, so the difference of the two releases cancelled it (/tmp/review-dp/r6_restart_nosnapshot.py)."""
+    from .test_rounds import restart
+
+    svc = Service(tmp_path / "h", federation=_run(dp_noise_source="seeded"), max_update_norm_ratio=None)
+    noises = []
+    for rnd in (1, 2):
+        o = svc.admin.open_round("cnn")
+        base = o["base_version"]
+        st = svc.reg.load_state(f"cnn@{base}")
+        g = torch.Generator().manual_seed(rnd)
+        ups = [Delta({k: 0.001 * torch.randn(v.shape, generator=g) for k, v in st.items()}) for _ in range(N)]
+        for i, u in enumerate(ups):
+            p = Compressor("identity").compress(u, base_id="cnn", base_version=base)
+            svc.device(f"d{i}").upload("cnn", o["round"], p)
+        c = svc.admin.close_round("cnn", o["round"])
+        new = svc.reg.load_state(f"cnn@{c['version']}")
+        noises.append({k: new[k].double() - st[k].double() - sum(u[k].double() for u in ups) / N for k in st})
+        if rnd == 1:
+            with svc.reg.transaction() as con:
+                con.execute("DELETE FROM server_steps")
+            restart(svc)
+    assert max(float((noises[1][k] - noises[0][k]).abs().max()) for k in noises[0]) > 1e-2
