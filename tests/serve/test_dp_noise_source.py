@@ -96,3 +96,13 @@ def test_seeded_noise_never_repeats_across_a_restart_without_the_step_snapshot(t
                 con.execute("DELETE FROM server_steps")
             restart(svc)
     assert max(float((noises[1][k] - noises[0][k]).abs().max()) for k in noises[0]) > 1e-2
+
+
+def test_a_secure_noise_service_resumes_from_its_snapshot(tmp_path: Path) -> None:
+    """A secure-noise step has no generator to store: its snapshot still loads after a restart, ε continues."""
+    from .test_rounds import _federated_rounds
+
+    run = RunConfig(clients=3, aggregator="fedadam", clip="adaptive", dp_noise=0.5)
+    restarted = _federated_rounds(Service(tmp_path / "a", federation=run), 3, restart_between=True)
+    control = _federated_rounds(Service(tmp_path / "b", federation=run), 3)
+    assert [e for _, e in restarted] == [e for _, e in control]
