@@ -38,3 +38,14 @@ def test_a_simulation_keeps_seeded_local_noise() -> None:
     a, _ = _noised(simulation=True)
     b, _ = _noised(simulation=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_seeded_dp_run_says_in_its_report_that_it_is_not_private_against_the_seed() -> None:
+    from deltaplane.engine.results import RunResult
+
+    def note(cfg: RunConfig) -> str | None:
+        return RunResult(cfg, [], 0, 0, 0.0).privacy_note
+
+    assert "not private against anyone who knows the seed" in note(CFG)
+    assert note(CFG.replace(dp_noise_source="secure")) is None
+    assert note(RunConfig()) is None  # no DP, nothing to say
