@@ -317,6 +317,8 @@ def run(
             console.print(cost_table)
         for row in rows:
             _warn_far_below_baseline(row)
+        for note in dict.fromkeys(r["privacy_note"] for r in results if r.get("privacy_note")):
+            console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
         stopped = [r for r in results if r.get("stopped")]
         saved = _save_checkpoint(
             finished[-1], out, name=results[-1]["name"], task=task_name, personal=save_personal

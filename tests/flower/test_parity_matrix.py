@@ -25,15 +25,24 @@ from deltaplane.serve.federation import run_http_simulation
 from deltaplane.sim import run_simulation
 
 BASE = RunConfig(clients=3, rounds=2, local_epochs=1, lr=0.1)
+#: DP noise from the run seed: the drivers are compared bit for bit (the service defaults to the OS CSPRNG)
+SEEDED = {"dp_noise_source": "seeded"}
 FEATURES = {
     "fedavg": {},
     "fedadam": {"aggregator": "fedadam"},
-    "dp-fixed": {"clip": "1.0", "dp_noise": 0.5},
-    "dp-adaptive": {"clip": "adaptive", "dp_noise": 0.5},
+    "dp-fixed": {"clip": "1.0", "dp_noise": 0.5, **SEEDED},
+    "dp-adaptive": {"clip": "adaptive", "dp_noise": 0.5, **SEEDED},
     # Poisson sampling at the accountant's rate on every driver (Flower's nodes drawn like the devices)
-    "dp-sampled": {"clip": "1.0", "dp_noise": 0.5, "sample_fraction": 0.5, "clients": 4},
+    "dp-sampled": {"clip": "1.0", "dp_noise": 0.5, "sample_fraction": 0.5, "clients": 4, **SEEDED},
     # seed 13 samples nobody in round 2: every driver still releases that round's noise (and counts its ε)
-    "dp-empty-round": {"clip": "1.0", "dp_noise": 0.3, "sample_fraction": 1 / 3, "clients": 6, "seed": 13},
+    "dp-empty-round": {
+        "clip": "1.0",
+        "dp_noise": 0.3,
+        "sample_fraction": 1 / 3,
+        "clients": 6,
+        "seed": 13,
+        **SEEDED,
+    },
     "trimmed-mean": {"defense": "trimmed_mean:0.2"},
     "topk-quant-ef": {"codec": "topk(0.05) | quant(bits=8)"},
     "downlink": {"downlink_codec": "topk(0.2) | quant(bits=8)"},
@@ -101,7 +110,7 @@ def test_every_driver_matches_the_sequential_one(feature, loopback_grid) -> None
 
 
 def test_flower_stops_at_the_privacy_budget_like_the_sequential_driver(loopback_grid) -> None:
-    dp = BASE.replace(rounds=3, dp_noise=1.0, clip="1.0", dp_delta=1e-3)
+    dp = BASE.replace(rounds=3, dp_noise=1.0, clip="1.0", dp_delta=1e-3, **SEEDED)
     eps = [r.epsilon for r in run_simulation(dp).rounds]
     cfg = dp.replace(epsilon_budget=(eps[1] + eps[2]) / 2)  # room for two rounds, not three
     seq = run_simulation(cfg)

@@ -158,6 +158,9 @@ def test_a_service_refuses_simulation_only_options_and_names_the_device_side_one
         service_factory(federation=RunConfig(attack="backdoor:0.34"))
     with pytest.raises(UnsupportedOption, match="train_shifts"):
         service_factory(federation=RunConfig(train_shifts=1))
+    # any device may upload to an open round: ε with sampling amplification (q = m/N) would be too small
+    with pytest.raises(UnsupportedOption, match="does not sample devices"):
+        service_factory(federation=RunConfig(clients=10, sample_fraction=0.2, dp_noise=1.0, clip="1.0"))
     device_side = RunConfig(
         local_dp_noise=1.0,
         clip="1.0",

@@ -188,12 +188,14 @@ def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path):
         aggregator="fedadam",
         clip="adaptive",
         dp_noise=0.5,
+        dp_noise_source="seeded",  # bit-for-bit comparison of two services: noise from the seed, on purpose
         downlink_codec="topk(0.2) | quant(bits=8, stochastic=true)",
     )
     control = _federated_rounds(Service(tmp_path / "a", federation=run), 3)
     restarted = _federated_rounds(Service(tmp_path / "b", federation=run), 3, restart_between=True)
     assert restarted == control
-    # without the stored state the service restarts its optimizer and residual (the old behaviour): the
+    # without the stored state the service restarts its optimizer and residual, and draws its DP noise from
+    # the OS CSPRNG rather than restart the seeded generator (which would repeat round 1's noise): the
     # published models differ from round 2 on, while ε still resumes from the rounds already released
     forgot = _federated_rounds(
         Service(tmp_path / "c", federation=run), 3, restart_between=True, forget_snapshot=True

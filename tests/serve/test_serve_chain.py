@@ -34,13 +34,16 @@ def test_serve_flags_build_the_federation_chain(tmp_path, captured) -> None:
         "--fleet",
         "1000",
         "--per-round",
-        "50",
+        "1000",
     ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     run = captured["config"].federation
     assert run.aggregator == "fedadam" and run.dp_noise == 0.8 and run.epsilon_budget == 8.0
-    assert run.clients_per_round() == 50 and run.clients == 1000
+    assert run.clients_per_round() == 1000 and run.clients == 1000
+    # fewer per round than the fleet would claim sampling amplification the service never performs
+    r = CliRunner().invoke(app, [*args[:-1], "50"])
+    assert r.exit_code != 0 and "does not sample devices" in r.output
     chain = repr(run.build_aggregator())
     assert "FedAdam" in chain and "DPFedAvg" in chain and "Clip" in chain
 

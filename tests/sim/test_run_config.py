@@ -96,3 +96,19 @@ def test_describe_aggregation_names_the_server_side() -> None:
     cfg = RunConfig(aggregator="fedadam", clip="1.0", dp_noise=1.1, defense="norm_bound:2.0")
     assert cfg.describe_aggregation() == "FedAdam + clip 1.0 + DP z=1.1 + norm_bound:2.0"
     assert RunConfig(prox_mu=0.1, personalization="alpha_mix").describe_aggregation() == "FedProx + alpha_mix"
+
+
+@pytest.mark.parametrize(
+    ("clients", "delta"),
+    [(1_000_000, 1e-5), (10, 0.5), (200_000, None)],  # None: the default 1e-5, too large for 200,000 clients
+)
+def test_dp_delta_must_be_below_one_over_the_population(clients, delta) -> None:
+    """δ ≥ 1/N admits releasing one client's data outright; it used to be accepted (/tmp/review-dp/r5_misc.py)."""
+    from deltaplane.engine import RunConfig
+
+    extra = {} if delta is None else {"dp_delta": delta}
+    for dp in ({"dp_noise": 1.0, "clip": "1.0"}, {"local_dp_noise": 1.0, "clip": "1.0"}):
+        with pytest.raises(ValueError, match="below 1/clients"):
+            RunConfig(clients=clients, **dp, **extra)
+    RunConfig(clients=clients, **extra)  # without DP δ means nothing and is not checked
+    RunConfig(clients=clients, dp_noise=1.0, clip="1.0", dp_delta=0.01 / clients)

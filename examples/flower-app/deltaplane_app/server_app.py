@@ -29,5 +29,6 @@ def main(grid: Grid, context: Context) -> None:
             flush=True,
         )
 
-    digits_server_app(cfg, on_round=report)(grid=grid, context=context)
+    # SuperNodes may be real devices: DP noise and DP sampling from the OS CSPRNG, not the config seed
+    digits_server_app(cfg, on_round=report, simulation=False)(grid=grid, context=context)
     print(f"deltaplane done: {cfg.rounds} rounds", flush=True)

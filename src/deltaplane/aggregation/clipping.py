@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.aggregation.noise import secure_normal
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, InvalidUpdate
 
@@ -82,11 +83,12 @@ class ConstantClip:
 
 @dataclass
 class QuantileClipState:
-    """The learned part of :class:`QuantileClip`: the current clip and the count-noise generator."""
+    """The learned part of :class:`QuantileClip`: the current clip and the count-noise generator (None: the
+    count noise comes from the OS CSPRNG, see :mod:`~deltaplane.aggregation.noise`)."""
 
     value: float
     rounds: int = 0
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    rng: np.random.Generator | None = field(default_factory=lambda: np.random.default_rng(0))
     #: ``b̄`` of the last update as released (noised under DP): the estimated unclipped fraction
     released_fraction: float | None = None
 
@@ -108,7 +110,8 @@ class QuantileClip:
             unclipped clients (0 without DP; Andrew et al. suggest ``expected_clients / 20``); its noise
             multiplier is ``2σ_b`` since one client moves the centred count by ½.
         expected_clients: denominator of ``b̄``; the actual number of clients when None.
-        seed: seed of the count-noise generator.
+        seed: seed of the count-noise generator (reproducible simulations only: whoever knows it can subtract
+            the noise); None draws the count noise from the OS CSPRNG, as real deployments do.
     """
 
     adaptive = True
@@ -121,7 +124,7 @@ class QuantileClip:
         learning_rate: float = 0.2,
         count_noise_std: float = 0.0,
         expected_clients: int | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         if initial is not None:
             _positive("initial", initial)
@@ -144,7 +147,7 @@ class QuantileClip:
         self.expected_clients = expected_clients
         self.seed = seed
         start = math.inf if initial is None else float(initial)
-        self.state = QuantileClipState(value=start, rng=np.random.default_rng(seed))
+        self.state = QuantileClipState(value=start, rng=None if seed is None else np.random.default_rng(seed))
 
     @property
     def value(self) -> float:
@@ -166,7 +169,9 @@ class QuantileClip:
             return
         centred = below - count / 2  # one client more or fewer moves it by exactly ½
         if self.count_noise_std:
-            centred += self.state.rng.normal(0.0, self.count_noise_std)
+            rng = self.state.rng
+            noise = secure_normal if rng is None else lambda std: rng.normal(0.0, std)
+            centred += noise(self.count_noise_std)
         frac = centred / m + 0.5
         self.state.value *= math.exp(-self.learning_rate * (frac - self.target_quantile))
         self.state.released_fraction = frac

@@ -36,6 +36,7 @@ from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
 from deltaplane.aggregation.fedavg import FedAvg
+from deltaplane.aggregation.noise import secure_randn
 from deltaplane.delta import Delta, StateDict, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError, NotPrivatizable
 
@@ -44,9 +45,10 @@ __all__ = ["DPFedAvg", "DPState", "local_epsilon", "privatize"]
 
 @dataclass
 class DPState:
-    """Server-side DP state: the noise generator and rounds released so far."""
+    """Server-side DP state: the noise generator (None: secure noise, see :mod:`~deltaplane.aggregation.noise`)
+    and rounds released so far."""
 
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    generator: torch.Generator | None = field(default_factory=lambda: torch.Generator().manual_seed(0))
     rounds: int = 0
 
 
@@ -64,7 +66,9 @@ class DPFedAvg(AggregatorWrapper):
             DP-FedAvg's fixed denominator, so the number of participants is not released unnoised. Required
             when ``noise_multiplier > 0``; without noise the actual count is used when None.
         accountant: a :class:`PrivacyAccountant`; each round spends from it *before* releasing the aggregate.
-        seed: seed of the noise generator.
+        seed: seed of the noise generator, for reproducible simulations only: anyone who knows it can subtract
+            the noise. ``None`` (what real deployments use) draws the noise from the OS CSPRNG
+            (:func:`~deltaplane.aggregation.noise.secure_randn`), which nobody can reproduce.
         like: the layout (names, shapes, dtypes) of the updates, so that a round no client took part in still
             releases its noise (Poisson sampling makes such rounds); learned from the first update when None.
 
@@ -90,7 +94,7 @@ class DPFedAvg(AggregatorWrapper):
         noise_multiplier: float,
         expected_clients: int | None = None,
         accountant: PrivacyAccountant | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         like: StateDict | None = None,
     ) -> None:
         if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier)) or (
@@ -120,7 +124,7 @@ class DPFedAvg(AggregatorWrapper):
                     count_noise_std=(
                         max(expected_clients / 20, noise_multiplier) if expected_clients else 0.0
                     ),
-                    seed=seed + 1,
+                    seed=None if seed is None else seed + 1,
                 )
             clipper = Clip(inner, clip=clip)
         super().__init__(clipper)
@@ -132,7 +136,7 @@ class DPFedAvg(AggregatorWrapper):
         self.seed = seed
         self.like = like
         self.clipper = clipper
-        self.state = DPState(generator=torch.Generator().manual_seed(seed))
+        self.state = DPState(generator=None if seed is None else torch.Generator().manual_seed(seed))
         self._layout: dict[str, torch.Tensor] | None = None if like is None else _layout(like)
         self._count = 0
         self.sum_noise_multiplier = self._split_noise()
@@ -201,7 +205,7 @@ class DPFedAvg(AggregatorWrapper):
         def noised(t: torch.Tensor) -> torch.Tensor:
             total = t.double() * self._count
             if std > 0:
-                total += std * torch.randn(t.shape, generator=g, dtype=torch.float64)
+                total += std * gaussian(t.shape, g)
             return (total / denom).to(t.dtype)
 
         out = mean.map(lambda _, t: noised(t))
@@ -225,8 +229,13 @@ class DPFedAvg(AggregatorWrapper):
         )
 
 
-def privatize(delta: Delta, *, clip: float, noise_multiplier: float, generator: torch.Generator) -> Delta:
+def privatize(
+    delta: Delta, *, clip: float, noise_multiplier: float, generator: torch.Generator | None
+) -> Delta:
     """Local DP on the device: clip ``delta`` to L2 norm ``clip`` and add N(0, (z·clip)²) to every value.
+
+    ``generator`` None draws the noise from the OS CSPRNG (what a real device does: the server must not be able
+    to reproduce it); a seeded generator is for reproducible simulations only.
 
     Any two clipped updates differ by at most ``2·clip``, so each release is a Gaussian mechanism with
     multiplier ``z / 2`` against an arbitrary change of the device's data; see :func:`local_epsilon`.
@@ -242,9 +251,16 @@ def privatize(delta: Delta, *, clip: float, noise_multiplier: float, generator: 
     std = noise_multiplier * clip
 
     def noised(t: torch.Tensor) -> torch.Tensor:
-        return (t.double() + std * torch.randn(t.shape, generator=generator, dtype=torch.float64)).to(t.dtype)
+        return (t.double() + std * gaussian(t.shape, generator)).to(t.dtype)
 
     return scaled.map(lambda _, t: noised(t))
+
+
+def gaussian(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """float64 N(0, 1) noise of ``shape``: from ``generator`` when seeded, else from the OS CSPRNG."""
+    if generator is None:
+        return secure_randn(shape)
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
 def local_epsilon(*, noise_multiplier: float, rounds: int, delta: float, method: str = "rdp") -> float:

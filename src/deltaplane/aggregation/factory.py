@@ -213,6 +213,7 @@ def build_aggregator(
     max_norm: float | None = None,
     expected_version: str | int | None = None,
     seed: int = 0,
+    secure_noise: bool = False,
 ) -> Validate:
     """The composed chain for these options (see the module docstring for the order).
 
@@ -233,7 +234,10 @@ def build_aggregator(
         accountant: ``"rdp"`` or ``"pld"``.
         max_norm: validation bound on incoming update norms (reject above it).
         expected_version: base model version that updates must declare.
-        seed: seeds DP noise and adaptive-clip count noise.
+        seed: seeds DP noise and adaptive-clip count noise (unless ``secure_noise``) and defences' noise.
+        secure_noise: draw the DP noise and the adaptive-clip count noise from the OS CSPRNG instead of
+            ``seed`` (:mod:`~deltaplane.aggregation.noise`): what every real deployment needs, since anyone who
+            knows a seed can subtract the noise it made.
     """
     if aggregator not in SERVER_OPTIMIZERS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {list(SERVER_OPTIMIZERS)}")
@@ -249,6 +253,7 @@ def build_aggregator(
             "use a fixed norm bound without noise (defense='norm_bound(2.0)') or none with --dp-noise"
         )
     node: Aggregator = inner
+    dp_seed = None if secure_noise else seed
     if dp_noise > 0:
         if clip is None:
             raise ConfigError("DP noise needs a clip norm: set clip to a number or 'adaptive'")
@@ -257,7 +262,11 @@ def build_aggregator(
                 raise ConfigError("clip='adaptive' with DP needs expected_clients")
             # Andrew et al. suggest σ_b = m/20; at least z, so the sum keeps ≥ 3/4 of the noise budget
             sigma_b = max(expected_clients / 20, dp_noise)
-            est = QuantileClip(expected_clients=expected_clients, count_noise_std=sigma_b, seed=seed + 1)
+            est = QuantileClip(
+                expected_clients=expected_clients,
+                count_noise_std=sigma_b,
+                seed=None if dp_seed is None else dp_seed + 1,
+            )
             node = Clip(node, clip=est)
         else:
             node = Clip(node, clip=clip)
@@ -269,7 +278,7 @@ def build_aggregator(
             budget=epsilon_budget,
         )
         node = DPFedAvg(
-            node, noise_multiplier=dp_noise, expected_clients=expected_clients, accountant=acc, seed=seed
+            node, noise_multiplier=dp_noise, expected_clients=expected_clients, accountant=acc, seed=dp_seed
         )
     elif clip is not None:
         node = Clip(

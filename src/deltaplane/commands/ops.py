@@ -597,7 +597,10 @@ def register(app: typer.Typer) -> None:
         fleet: Annotated[
             int | None,
             typer.Option(
-                help="Devices in the fleet (DP accounting: sampling rate = per round / fleet).",
+                help=(
+                    "Devices in the fleet (DP accounting: the service does not sample devices, so under "
+                    "--dp-noise --per-round must be the whole fleet and ε is accounted at q = 1)."
+                ),
                 show_default="the federation's clients",
             ),
         ] = None,

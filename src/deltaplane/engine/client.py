@@ -83,8 +83,11 @@ def poison(attack: Attack, delta: Delta, generator: torch.Generator) -> Delta:
     return attack.poison_update(delta, generator)
 
 
-def local_privacy(delta: Delta, *, clip: float, noise_multiplier: float, generator: torch.Generator) -> Delta:
-    """Local DP: the device clips its update to ``clip`` and adds Gaussian noise ``z·clip`` itself."""
+def local_privacy(
+    delta: Delta, *, clip: float, noise_multiplier: float, generator: torch.Generator | None
+) -> Delta:
+    """Local DP: the device clips its update to ``clip`` and adds Gaussian noise ``z·clip`` itself (from the OS
+    CSPRNG when ``generator`` is None, so the server cannot reproduce it)."""
     return privatize(delta, clip=clip, noise_multiplier=noise_multiplier, generator=generator)
 
 
@@ -106,6 +109,8 @@ class ClientStep:
 
     def __init__(self, config: RunConfig, task: Task, *, base_id: str, simulation: bool = True) -> None:
         self.config = config
+        #: local DP noise from the run's seed (simulation) or from the OS CSPRNG (a real device)
+        self.seeded_dp_noise = config.seeded_dp_noise(simulation=simulation)
         self.task = task
         self.base_id = base_id
         self.personalizer: Personalizer = config.make_personalizer()
@@ -208,7 +213,11 @@ class ClientStep:
                 delta,
                 clip=float(c.clip),  # type: ignore[arg-type]
                 noise_multiplier=c.local_dp_noise,
-                generator=torch_generator(c.seed, Stream.LOCAL_DP, rnd, client.cid),
+                generator=(
+                    torch_generator(c.seed, Stream.LOCAL_DP, rnd, client.cid)
+                    if self.seeded_dp_noise
+                    else None
+                ),
             )
             self.participations[client.cid] = self.participations.get(client.cid, 0) + 1
         if c.secagg and c.clip is not None:

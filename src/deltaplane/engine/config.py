@@ -6,6 +6,7 @@ Every hyperparameter of a run lives here and nowhere else, so a run is reproduce
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -128,8 +129,22 @@ class RunConfig(BaseModel):
     dp_noise: float = Field(
         0.0, ge=0, description="DP-FedAvg noise multiplier z (0: no differential privacy)"
     )
-    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+    dp_delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="delta at which epsilon is reported; under DP it must be below 1/clients",
+    )
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    dp_noise_source: Literal["auto", "secure", "seeded"] = Field(
+        "auto",
+        description=(
+            "where DP noise (central, adaptive-clip count, local) and DP client sampling come from: 'secure' = "
+            "the OS CSPRNG (nobody can reproduce it); 'seeded' = derived from `seed` (reproducible, but NOT "
+            "private against anyone who knows the seed); 'auto' = secure on real devices (HTTP service, deployed "
+            "Flower, device-side client step), seeded in simulations"
+        ),
+    )
     local_dp_noise: float = Field(
         0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
     )
@@ -245,6 +260,14 @@ class RunConfig(BaseModel):
             dgc.codec_for(self.codec, 1)  # a warm-up needs a sparsifier to warm up
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
+        if (self.dp_noise > 0 or self.local_dp_noise > 0) and self.dp_delta * self.clients >= 1:
+            # (ε, δ)-DP with δ ≥ 1/N admits "publish one random client's data in the clear"; δ ≪ 1/N is the
+            # standard requirement (Dwork & Roth 2014, §2.3), whether δ was given or left at its default
+            raise ValueError(
+                f"dp_delta={self.dp_delta:g} is not below 1/clients = {1 / self.clients:g}: a δ that large allows "
+                "a mechanism that releases a client's data outright; set dp_delta well below 1/clients, e.g. "
+                f"{10 ** math.floor(math.log10(0.1 / self.clients)):g}"
+            )
         if self.local_dp_noise > 0:
             if self.clip is None or self.clip == "adaptive":
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
@@ -289,8 +312,19 @@ class RunConfig(BaseModel):
             parts.append(self.personalization)
         return " + ".join(parts)
 
-    def build_aggregator(self, *, seed: int = 0):  # -> deltaplane.aggregation.Validate
-        """The server's aggregator chain for these options (validation → server opt → DP → clip → defense).
+    def seeded_dp_noise(self, *, simulation: bool) -> bool:
+        """Whether DP noise and DP client sampling derive from ``seed`` (reproducible, not private against
+        whoever knows the seed) rather than from the OS CSPRNG; ``simulation`` says whether the driver
+        simulates its devices (``dp_noise_source="auto"`` is seeded only then)."""
+        if self.dp_noise_source == "auto":
+            return simulation
+        return self.dp_noise_source == "seeded"
+
+    def build_aggregator(
+        self, *, seed: int = 0, secure_noise: bool = False
+    ):  # -> deltaplane.aggregation.Validate
+        """The server's aggregator chain for these options (validation → server opt → DP → clip → defense);
+        ``secure_noise`` draws the DP noise from the OS CSPRNG instead of ``seed``.
 
         With ``secagg`` the server never sees single updates: clients clip before masking, and the chain is
         only the server optimizer, fed the securely computed mean."""
@@ -313,6 +347,7 @@ class RunConfig(BaseModel):
             epsilon_budget=self.epsilon_budget,
             max_norm=self.max_update_norm,
             seed=seed,
+            secure_noise=secure_noise,
         )
 
     def make_dgc(self) -> DGC:
@@ -420,7 +455,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "privacy": {
         "clip": "clip", "noise": "dp_noise", "delta": "dp_delta", "epsilon_budget": "epsilon_budget",
-        "local_noise": "local_dp_noise",
+        "local_noise": "local_dp_noise", "noise_source": "dp_noise_source",
     },
     "secagg": {"enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range"},
     "attack": {"spec": "attack"},

@@ -85,9 +85,22 @@ class RunResult:
     def total_downlink_bytes(self) -> int:
         return self.final.cumulative_downlink_bytes
 
+    @property
+    def privacy_note(self) -> str | None:
+        """What the run's ε does not cover because the run was a simulation: with seeded DP noise
+        (``dp_noise_source`` seeded, or auto in a simulation) anyone who knows the seed can subtract the noise."""
+        c = self.config
+        if (c.dp_noise > 0 or c.local_dp_noise > 0) and c.seeded_dp_noise(simulation=True):
+            return (
+                "simulation: DP noise is derived from the run seed; not private against anyone who knows the "
+                "seed (set dp_noise_source: secure for noise from the OS CSPRNG)"
+            )
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the final model weights are left out)."""
         return {
+            "privacy_note": self.privacy_note,
             "config": self.config.to_dict(),
             "num_params": self.num_params,
             "raw_update_bytes": self.raw_update_bytes,

@@ -159,12 +159,17 @@ class ServerStep:
         *,
         base_id: str,
         publisher: Publisher | None = None,
+        simulation: bool = True,
     ) -> ServerStep:
         """The server step of ``config``: its aggregator chain, its downlink codec (in memory unless another
         ``publisher`` is given), the tensors personalization keeps on the devices (:attr:`local_keys`) and,
-        for FLTrust, a reference trained on :func:`root_dataset`."""
+        for FLTrust, a reference trained on :func:`root_dataset`. ``simulation`` False (a server of real
+        devices) draws DP noise from the OS CSPRNG unless ``config.dp_noise_source`` is ``"seeded"``."""
         reference = probe = None
-        agg = config.build_aggregator(seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31)
+        agg = config.build_aggregator(
+            seed=derive_seed(config.seed, Stream.AGGREGATION) % 2**31,
+            secure_noise=not config.seeded_dp_noise(simulation=simulation),
+        )
         if isinstance(agg.find(BackdoorAttribution), BackdoorAttribution):
             root = root_dataset(config, task)
             scratch = task.build_model(0)  # weights never read: the probe calls it with the round's state
@@ -389,13 +394,17 @@ class ServerStep:
         """Aggregate, compress the downlink, publish the new version; the outcome carries the new state.
 
         Raises:
-            InvalidUpdate: every update of the round was refused.
+            InvalidUpdate: every update of the round was refused (without central DP noise; under it the round
+                releases its noise like an empty round).
             PrivacyBudgetExceeded: this round would spend more ε than the budget allows.
         """
         dp = self.aggregator.find(DPFedAvg)
-        if self._accepted == 0 and isinstance(dp, DPFedAvg) and not self._rejections:
+        noised = isinstance(dp, DPFedAvg) and dp.noise_multiplier > 0
+        if self._accepted == 0 and isinstance(dp, DPFedAvg) and (noised or not self._rejections):
             # Poisson sampling (central DP) may pick nobody: the round still releases its noise, as the
-            # accountant assumes; the shared tensors' layout tells DP-FedAvg what to noise
+            # accountant assumes; the shared tensors' layout tells DP-FedAvg what to noise. Under noise a round
+            # whose every update was refused releases (and spends) too: aborting it instead would tell apart
+            # "the refused client's data" from its neighbouring dataset without the client, with no noise at all
             zeros = Delta.zeros_like(self.state)
             dp.set_layout(Delta({k: v for k, v in zeros.items() if k not in self.local_keys}))
         elif self._accepted == 0:

@@ -13,6 +13,7 @@ default task).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +250,7 @@ def task_server_app(
     on_done: Callable[[DeltaStrategy, dict[str, torch.Tensor]], None] | None = None,
     on_clients: Callable[[list[dict[str, Any]]], None] | None = None,
     on_stop: Callable[[str], None] | None = None,
+    simulation: bool = True,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
@@ -267,6 +269,9 @@ def task_server_app(
             personal accuracy on its label mix, α), as the nodes reported them.
         on_stop: called with the reason when the run stops early at its privacy budget (the server step
             refuses a round that would exceed it); ``on_done`` then gets the last released model.
+        simulation: False for a deployed Flower App whose SuperNodes may be real devices: DP noise and DP
+            client sampling then come from the OS CSPRNG, not from ``config.seed`` (unless
+            ``config.dp_noise_source`` is ``"seeded"``).
     """
     app = ServerApp()
 
@@ -291,8 +296,10 @@ def task_server_app(
             return MetricRecord(personal_summary(rows))
 
         personalized = config.personalization != "none"
+        seeded = config.seeded_dp_noise(simulation=simulation) or config.dp_noise == 0
         sampling = SeededSampling(
-            seed=config.seed,
+            # under DP on real devices the draw must not be predictable from the config (secrets: OS CSPRNG)
+            seed=config.seed if seeded else secrets.randbits(62),
             central_dp=config.dp_noise > 0,
             fraction_train=config.sample_fraction,
             # with personalization every node adapts to each new global model, as in process
@@ -306,7 +313,9 @@ def task_server_app(
             inner=sampling,
             # replies are aggregated in device order and refusals named by device, as in process
             device_ids=sampling.devices,
-            server_step=ServerStep.for_run(config, task, initial_state, base_id=BASE_ID),
+            server_step=ServerStep.for_run(
+                config, task, initial_state, base_id=BASE_ID, simulation=simulation
+            ),
             base_id=BASE_ID,
         )
         if config.secagg:

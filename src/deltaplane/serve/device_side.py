@@ -85,5 +85,13 @@ def check_real_devices(run: RunConfig) -> None:
         for k, why in SIMULATION_ONLY.items()
         if getattr(run, k) != getattr(RunConfig(), k)
     ]
+    if run.dp_noise > 0 and run.sample_fraction < 1:
+        # ε with sampling amplification assumes each device is in a round with probability q = m/N, chosen by
+        # a sampler the devices cannot influence; the service opens a round to every authenticated device
+        refused.append(
+            f"dp_noise with sample_fraction={run.sample_fraction:g}: the service does not sample devices (any "
+            "authenticated device may upload to an open round), so the privacy amplification of sampling "
+            "cannot be claimed; use sample_fraction: 1 (ε is then accounted at q = 1)"
+        )
     if refused:
         raise UnsupportedOption("a service with real devices cannot run " + "; ".join(refused))

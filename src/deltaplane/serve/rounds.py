@@ -30,6 +30,7 @@ put back as it was and the round stays open with its uploads).
 """
 
 import io
+import logging
 import math
 import secrets
 import time
@@ -52,6 +53,8 @@ from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from deltaplane.engine import RunConfig
@@ -147,7 +150,12 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
         seed=derive_seed(run.seed, Stream.DOWNLINK_CODEC),
     )
     return ServerStep.for_run(
-        run, make_task(run), initial, base_id=model, publisher=RegistryPublisher(registry, model, compressor)
+        run,
+        make_task(run),
+        initial,
+        base_id=model,
+        publisher=RegistryPublisher(registry, model, compressor),
+        simulation=False,  # the service's devices are real: its DP noise must not derive from the config
     )
 
 
@@ -263,9 +271,28 @@ def resume_step(
         else:
             dp = step.aggregator.find(DPFedAvg)
             if isinstance(dp, DPFedAvg) and dp.accountant is not None:
-                dp.accountant.state.steps = store.released(model)  # ε already spent is never forgotten
+                released = store.released(model)
+                dp.accountant.state.steps = released  # ε already spent is never forgotten
+                if released:
+                    forget_noise_seed(dp)
         state.steps[model] = step
     return step
+
+
+def forget_noise_seed(dp: DPFedAvg) -> None:
+    """Draw ``dp``'s noise (and its adaptive clip's count noise) from the OS CSPRNG from now on.
+
+    A seeded step resumed without its snapshot would restart its generators from the seed and release the
+    noise of its first rounds again: the difference of two such releases cancels the noise (and the noise
+    itself is then known to whoever saw the first round's inputs). Fresh entropy never repeats."""
+    dp.state.generator = None
+    est_state = getattr(dp.clipper.estimator, "state", None)
+    if est_state is not None and hasattr(est_state, "rng"):
+        est_state.rng = None
+    log.warning(
+        "server step of a DP federation resumed without its stored snapshot: its seeded noise would repeat "
+        "earlier rounds' noise, so its noise now comes from the OS CSPRNG (runs are no longer reproducible)"
+    )
 
 
 @contextmanager
