@@ -60,8 +60,8 @@ def _instrument(monkeypatch, watch):
 
     build = RunConfig.build_aggregator
 
-    def spy_build(self, *, seed=0):
-        agg = build(self, seed=seed)
+    def spy_build(self, *, seed=0, **options):
+        agg = build(self, seed=seed, **options)
         add = agg.add
 
         def spy_add(delta, *a, **kw):
