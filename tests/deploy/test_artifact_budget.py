@@ -72,6 +72,17 @@ def test_a_payload_cannot_inflate_far_beyond_its_file():
         read_artifact(data)
 
 
+def test_a_zstd_frame_lying_about_its_content_size_is_a_decode_error():
+    # one flipped bit in the frame header (found by the corruption property test) made zstandard's one-shot
+    # decompress allocate what the frame declares: MemoryError, not DecodeError
+    good = craft([empty_sparse([4])])
+    header_end = _PREFIX.size + _PREFIX.unpack_from(good)[2]
+    # a hand-made frame: 8-byte content size 2**50, a 1 KiB window, one raw last block of one byte
+    frame = b"\x28\xb5\x2f\xfd" + bytes([0xC0, 0x00]) + (2**50).to_bytes(8, "little") + b"\x09\x00\x00" + b"x"
+    with pytest.raises(DecodeError, match="declares"):
+        read_artifact(good[:header_end] + frame)
+
+
 def test_registry_register_path_refuses_the_bomb(tmp_path):
     p = tmp_path / "bomb.dpla"
     p.write_bytes(craft([empty_sparse([2**28])]))

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits, unpack_bits
+from deltaplane.codecs.lossless import zstd_decompress
 from deltaplane.codecs.wire import Limits
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant
@@ -297,7 +298,6 @@ def write_artifact(
 
 def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     """Decode an artifact file (or its bytes); raises :class:`DecodeError` on anything malformed."""
-    import zstandard
 
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     if len(data) < _PREFIX.size:
@@ -317,12 +317,10 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     if not 0 <= raw_size <= MAX_PAYLOAD:
         raise DecodeError(f"artifact declares a payload of {raw_size} bytes (limit {MAX_PAYLOAD})")
     _check_budget("a payload", raw_size, len(data))  # before inflating: no zstd bomb
-    try:
-        payload = zstandard.ZstdDecompressor().decompress(
-            data[_PREFIX.size + hlen :], max_output_size=raw_size
-        )
-    except zstandard.ZstdError as e:
-        raise DecodeError(f"artifact payload does not decompress: {e}") from e
+    # the wire format's hardened inflate: the frame must declare exactly raw_size bytes before anything is
+    # allocated (zstandard's one-shot decompress allocates what a frame declares: a flipped header bit asked
+    # for petabytes and raised MemoryError), one frame, no trailing bytes
+    payload = zstd_decompress(data[_PREFIX.size + hlen :], raw_size)
     if len(payload) != raw_size or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise DecodeError("artifact payload size or SHA-256 does not match its header")
     if raw_size < 4:
