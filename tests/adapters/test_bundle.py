@@ -78,3 +78,26 @@ def test_malformed_bundles_and_bad_adapters(tmp_path):
     with pytest.raises(AdapterMismatch, match="enc.k"):
         write_bundle(tmp_path / "never.dplb", base, wrong)
     assert not (tmp_path / "never.dplb").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("manifest", 123), ("manifest", [1, 2]), ("base_id", {"a": 1})])
+def test_a_header_field_of_the_wrong_type_is_a_decode_error(tmp_path, key, value):
+    # from a review: a non-object manifest escaped as a bare TypeError, and any base_id was str()-ed
+    import json
+
+    from deltaplane.adapters.bundle import _PREFIX
+
+    base = {"fc.weight": torch.randn(8, 16)}
+    good = tmp_path / "b.dplb"
+    write_bundle(
+        good, base, {"u": LoRADelta({"fc.weight": LoRALayer(torch.randn(2, 16), torch.randn(8, 2), 2.0)})}
+    )
+    data = good.read_bytes()
+    magic, version, hlen = _PREFIX.unpack(data[: _PREFIX.size])
+    header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+    header[key] = value
+    hb = json.dumps(header).encode()
+    bad = tmp_path / "bad.dplb"
+    bad.write_bytes(_PREFIX.pack(magic, version, len(hb)) + hb + data[_PREFIX.size + hlen :])
+    with pytest.raises(DecodeError, match=key):
+        AdapterBundle(bad)

@@ -163,3 +163,13 @@ def test_cli(tmp_path):
                                    "--rank", "3", "-o", str(tmp_path / "x")])  # fmt: skip
     assert res.exit_code == 2 and "not found" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_low_rank_factors_refuses_non_finite_input_before_the_svd():
+    # from a review: the SVD ran first and failed with torch's bare _LinAlgError
+    from deltaplane.errors import InvalidUpdate
+
+    delta = torch.randn(6, 4)
+    delta[1, 2] = float("nan")
+    with pytest.raises(InvalidUpdate, match="NaN or Inf"):
+        low_rank_factors(delta, rank=2)

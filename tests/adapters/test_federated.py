@@ -86,3 +86,33 @@ def test_refactor_is_the_best_rank_r_approximation_of_the_average_product(r):
 def test_pairs_must_be_complete():
     with pytest.raises(AdapterMismatch, match="no matching"):
         factor_pairs(["x.lora_A.w"])
+
+
+@pytest.mark.parametrize(
+    ("name", "delta", "error"),
+    [
+        ("missing B", {"fc.lora_A.weight": torch.randn(2, 16)}, "no factor 'fc.lora_B.weight'"),
+        (
+            "another rank",
+            {"fc.lora_A.weight": torch.randn(3, 16), "fc.lora_B.weight": torch.randn(8, 3)},
+            "shape",
+        ),
+        (
+            "NaN",
+            {"fc.lora_A.weight": torch.full((2, 16), float("nan")), "fc.lora_B.weight": torch.ones(8, 2)},
+            "NaN",
+        ),
+    ],
+)
+def test_refactor_refuses_a_bad_update_when_it_arrives(name, delta, error):
+    # from a review: a missing factor was a KeyError, another rank a bare RuntimeError, and a NaN factor entered
+    # the running sum so the whole round's SVD failed later; each is refused by add(), naming the tensor
+    from deltaplane.errors import DeltaplaneError
+
+    initial = {"fc.lora_A.weight": torch.randn(2, 16), "fc.lora_B.weight": torch.zeros(8, 2)}
+    agg = LoRARefactor(FedAvg(), initial)
+    good = {"fc.lora_A.weight": torch.randn(2, 16) * 0.1, "fc.lora_B.weight": torch.randn(8, 2) * 0.1}
+    agg.add(Delta(good))
+    with pytest.raises(DeltaplaneError, match=error):
+        agg.add(Delta(delta))
+    assert set(agg.result()) == set(initial)  # the round still closes on the good update

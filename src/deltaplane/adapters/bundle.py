@@ -172,6 +172,10 @@ class AdapterBundle:
                 adapters = blobs["adapters"]
                 if not isinstance(adapters, dict) or len(adapters) > MAX_ADAPTERS:
                     raise TypeError("adapters must be an object of at most the adapter limit")
+                if not isinstance(header.get("manifest", {}), dict):
+                    raise TypeError("manifest must be an object")
+                if not isinstance(header.get("base_id", ""), str):
+                    raise TypeError("base_id must be a string")
             except (ValueError, KeyError, TypeError) as exc:
                 raise DecodeError(
                     f"{self.path}: bundle header is not valid JSON of the expected shape: {exc}"

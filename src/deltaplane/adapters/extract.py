@@ -91,6 +91,8 @@ def low_rank_factors(
     ``rank`` cap (it needs the whole spectrum). Computed in float32 (float64 for float64 input).
     """
     work = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(work).all()):  # before the SVD, which would fail with a bare linalg error
+        raise InvalidUpdate(f"cannot factor a change holding NaN or Inf values (shape {tuple(work.shape)})")
     small = min(work.shape)
     k_max = min(rank if rank is not None else small, small)
     randomized = small >= randomized_above and (k_max + oversample) * 4 <= small

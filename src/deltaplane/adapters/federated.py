@@ -20,6 +20,7 @@ Devices training a LoRA upload the change of their factors. Three ways to combin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta, StateDict
-from deltaplane.errors import AdapterMismatch, ConfigError
+from deltaplane.errors import AdapterMismatch, ConfigError, InvalidUpdate
 
 __all__ = ["LoRARefactor", "factor_pairs", "fedit_bias"]
 
@@ -81,6 +82,7 @@ class LoRARefactor(AggregatorWrapper):
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         factor_keys = set(self.factors)
+        self._check(delta, weight)  # a bad update is refused here, before it is in the round's running sum
         for layer, (ka, kb) in self.pairs.items():
             A = (self.factors[ka] + delta[ka]).double()
             B = (self.factors[kb] + delta[kb]).double()
@@ -91,6 +93,22 @@ class LoRARefactor(AggregatorWrapper):
         if rest:
             self.inner.add(Delta(rest), weight)
             self._rest = True
+
+    def _check(self, delta: Delta, weight: float) -> None:
+        """:class:`InvalidUpdate` / :class:`AdapterMismatch` naming the tensor for an update that cannot be summed."""
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidUpdate(f"LoRARefactor: an update's weight must be finite and ≥ 0. Found {weight}")
+        for key, current in self.factors.items():
+            if key not in delta:
+                raise AdapterMismatch(f"LoRARefactor: the update has no factor {key!r}")
+            got = delta[key]
+            if tuple(got.shape) != tuple(current.shape):
+                raise AdapterMismatch(
+                    f"LoRARefactor: factor {key!r} has shape {tuple(got.shape)}, the adapter's is "
+                    f"{tuple(current.shape)} (another rank or layer)"
+                )
+            if not bool(torch.isfinite(got).all()):
+                raise InvalidUpdate(f"LoRARefactor: factor {key!r} holds NaN or Inf values")
 
     def _finish(self) -> Delta:
         if self._weight <= 0:
