@@ -71,3 +71,20 @@ def helpers():
         acc = staticmethod(accuracy)
 
     return H
+
+
+@pytest.fixture()
+def app():
+    """The `deploy` command on its own Typer app, for CliRunner (tests of the CLI's deploy)."""
+    import typer
+
+    from deltaplane.commands.deploy import register
+
+    a = typer.Typer()
+    register(a)
+
+    @a.command("noop")
+    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
+        pass
+
+    return a

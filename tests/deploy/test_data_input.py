@@ -3,23 +3,9 @@ message naming --data and what to fix, never a traceback or a shipped 0%-vs-0% e
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import register_architecture, save_checkpoint
-
-
-@pytest.fixture()
-def app():
-    a = typer.Typer()
-    register(a)
-
-    @a.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return a
 
 
 @pytest.fixture()

@@ -7,27 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import Gates, deploy_classifier, save_checkpoint
 from deltaplane.deploy.profile import corruptions
 
 SPLITS = {"noise", "rotation", "blur", "shift"}
 FAST = ["--quant", "none", "--attack-eps", "0"]
-
-
-@pytest.fixture()
-def app():
-    a = typer.Typer()
-    register(a)
-
-    @a.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return a
 
 
 def _mlp() -> torch.nn.Module:
