@@ -5,11 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from torch import nn
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import save_checkpoint, torch_predictor
 from deltaplane.deploy.adversarial import adversarial_eval, fgsm, pgd, token_adversarial_eval
 from deltaplane.errors import ConfigError
@@ -54,15 +52,12 @@ def test_same_model_has_zero_adversarial_drop(trained_cnn, digits):
         adversarial_eval(trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte, yte, eps=(-1,))
 
 
-def test_cli_adversarial_gate_blocks_a_level(tmp_path, trained_cnn):
+def test_cli_adversarial_gate_blocks_a_level(app, tmp_path, trained_cnn):
     from deltaplane.sim.model import DigitsCNN
 
     model = DigitsCNN()
     model.load_state_dict(trained_cnn.state_dict())
     ckpt = save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
     base = ["deploy", str(ckpt), "--prune", "0.97", "--finetune-epochs", "0", "--attack-eps", "0.05"]
     loose = ["--max-accuracy-drop", "100", "--max-ood-drop", "100", "--max-disagreement", "100"]
     r = CliRunner().invoke(app, [*base, *loose, "--max-adv-drop", "100", "-o", str(tmp_path / "ok")])
@@ -135,12 +130,9 @@ def test_sequence_classifier_attack_targets_fp32s_clean_class():
     assert pgd[0.5] < 1.0 and pgd[2.0] < 1.0  # a real budget flips some of them
 
 
-def test_cli_gates_a_pruned_decoder_on_adversarial_next_token_accuracy(tmp_path):
+def test_cli_gates_a_pruned_decoder_on_adversarial_next_token_accuracy(app, tmp_path):
     lm = _tiny("gpt2")
     lm.save_pretrained(tmp_path / "lm")
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
     base = ["deploy", str(tmp_path / "lm"), "--random-tokens", "--prune", "0.9", "--quant", "none"]
     base += ["--attack-eps", "0.5", "--max-accuracy-drop", "100"]
     r = CliRunner().invoke(app, [*base, "--max-adv-drop", "100", "-o", str(tmp_path / "ok")])

@@ -4,26 +4,14 @@ import os
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from deltaplane.commands.deploy import _token_inputs, register
+from deltaplane.commands.deploy import _token_inputs
 from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES, corpus_split
 
 transformers = pytest.importorskip("transformers")
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return app
 
 
 class _Recorder:
@@ -83,7 +71,7 @@ def test_calibration_and_distillation_text_come_from_one_prefix_and_never_the_ev
     assert len(cals) == 200 and dists == cals[: len(CALIBRATION_SENTENCES) + 10]
 
 
-def test_cli_passes_the_calibration_size_to_pruning_and_refuses_zero(tmp_path, monkeypatch) -> None:
+def test_cli_passes_the_calibration_size_to_pruning_and_refuses_zero(app, tmp_path, monkeypatch) -> None:
     import deltaplane.deploy.pipeline as pipeline
 
     torch.manual_seed(0)
@@ -105,11 +93,9 @@ def test_cli_passes_the_calibration_size_to_pruning_and_refuses_zero(tmp_path, m
 
     monkeypatch.setattr(pipeline, "prune_model", spy)  # deploy_token_model imports it at call time
     base = ["deploy", str(tmp_path / "bert"), "--random-tokens", "--prune", "wanda:2:4", "--attack-eps", "0"]
-    r = CliRunner().invoke(
-        _app(), [*base, "--calibration-size", "40", "--no-gates", "-o", str(tmp_path / "a")]
-    )
+    r = CliRunner().invoke(app, [*base, "--calibration-size", "40", "--no-gates", "-o", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     assert seen == [40]
-    r = CliRunner().invoke(_app(), [*base, "--calibration-size", "0", "-o", str(tmp_path / "b")])
+    r = CliRunner().invoke(app, [*base, "--calibration-size", "0", "-o", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--calibration-size must be >= 1" in r.output
     assert not (tmp_path / "b").exists()

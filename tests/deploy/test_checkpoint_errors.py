@@ -4,11 +4,9 @@ import json
 
 import pytest
 import torch
-import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import load_checkpoint, register_architecture, save_checkpoint
 from deltaplane.errors import ConfigError, DecodeError
 
@@ -59,15 +57,8 @@ def test_config_json_that_is_not_an_object(tmp_path):
         load_checkpoint(ck)
 
 
-def test_cli_says_error_and_exits_1(tmp_path):
+def test_cli_says_error_and_exits_1(app, tmp_path):
     """A DecodeError is exit 1 (a failure reading an input), like every DecodeError in the CLI (docs/cli.md)."""
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
     ck = _folder(tmp_path)
     w = ck / "model.safetensors"
     w.write_bytes(w.read_bytes()[:20])

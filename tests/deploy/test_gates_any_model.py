@@ -8,28 +8,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import load_checkpoint, register_architecture, render_model_card, save_checkpoint
 from deltaplane.deploy.checkpoint import infer_task
 from deltaplane.deploy.gates import Gates, ood_excess_drops
 from deltaplane.deploy.profile import Evaluation, Latency, compare
 from deltaplane.errors import ConfigError
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return app
 
 
 def test_ood_flag_only_on_a_real_drop_beyond_the_clean_drop():
@@ -108,16 +95,16 @@ def digits_ckpt(tmp_path, trained_cnn):
     return save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
 
 
-def test_cli_gate_failure_exits_3_with_margin_and_writes_nothing(tmp_path, digits_ckpt):
+def test_cli_gate_failure_exits_3_with_margin_and_writes_nothing(app, tmp_path, digits_ckpt):
     out = tmp_path / "out"
     args = ["deploy", str(digits_ckpt), "--prune", "0.97", "--finetune-epochs", "0", "-o", str(out)]
-    r = CliRunner().invoke(_app(), args)
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 3, r.output
     assert "REFUSED" in r.output and "max-accuracy-drop" in r.output and "FAIL" in r.output
     assert "refused to ship:" in r.output and "over by" in r.output
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no artifact, no temp dir
     # the same compression ships when the operator lowers the bar explicitly
-    r = CliRunner().invoke(_app(), [*args, "--no-gates"])
+    r = CliRunner().invoke(app, [*args, "--no-gates"])
     assert r.exit_code == 0, r.output
     assert (out / "model.dpla").exists()
     m = json.loads((out / "manifest.json").read_text())
@@ -162,16 +149,14 @@ def _tiny_hf(tmp_path, kind: str, initializer_range: float = 0.02):
         ("gpt2", "next-token", "KL(fp32"),
     ],
 )
-def test_cli_deploys_hf_architectures_built_from_config(tmp_path, kind, task, row):
+def test_cli_deploys_hf_architectures_built_from_config(app, tmp_path, kind, task, row):
     folder, model = _tiny_hf(tmp_path, kind)
     ck = load_checkpoint(folder)
     assert infer_task(ck) == task and type(ck.model).__name__ == type(model).__name__
     for k, v in model.state_dict().items():  # strict load, tied LM head included
         assert torch.equal(ck.model.state_dict()[k], v), k
     out = tmp_path / "out"
-    r = CliRunner().invoke(
-        _app(), ["deploy", str(folder), "--quant", "int8", "--random-tokens", "-o", str(out)]
-    )
+    r = CliRunner().invoke(app, ["deploy", str(folder), "--quant", "int8", "--random-tokens", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert row in r.output and "exporting ONNX" in r.output  # progress per stage
     assert "WARNING:root" not in r.output
@@ -205,18 +190,18 @@ def _word_tokenizer(folder, words: list[str]) -> None:
     fast.save_pretrained(str(folder))
 
 
-def test_token_model_without_tokenizer_is_refused_unless_given_one(tmp_path):
+def test_token_model_without_tokenizer_is_refused_unless_given_one(app, tmp_path):
     from deltaplane.deploy.sentences import EVAL_SENTENCES
 
     folder, _ = _tiny_hf(tmp_path, "bert-cls")  # vocab 97, no tokenizer files
     out = tmp_path / "out"
-    r = CliRunner().invoke(_app(), ["deploy", str(folder), "--attack-eps", "0", "-o", str(out)])
+    r = CliRunner().invoke(app, ["deploy", str(folder), "--attack-eps", "0", "-o", str(out)])
     assert r.exit_code == 2 and "--tokenizer" in r.output and "--random-tokens" in r.output, r.output
     assert not out.exists()  # refused before anything ran
     words = sorted({w for s in EVAL_SENTENCES for w in s.replace(".", " ").replace("?", " ").split()})
     _word_tokenizer(tmp_path / "tok", words[:95])  # 97 tokens: this model's vocabulary
     r = CliRunner().invoke(
-        _app(),
+        app,
         # a random-init classifier's logits are near-ties: int8 may flip 1 of the 32 sentences (3.1 points)
         # depending on the CPU's int8 kernels, so the accuracy bar is the tokenizer test's, not a shipping one
         ["deploy", str(folder), "--tokenizer", str(tmp_path / "tok"), "--attack-eps", "0",
@@ -229,7 +214,7 @@ def test_token_model_without_tokenizer_is_refused_unless_given_one(tmp_path):
     assert "held-out English sentences" in card and "random token" not in card
     _word_tokenizer(tmp_path / "big", words[:150])  # ids past the embedding table: another model's tokenizer
     r = CliRunner().invoke(
-        _app(), ["deploy", str(folder), "--tokenizer", str(tmp_path / "big"), "-o", str(tmp_path / "o2")]
+        app, ["deploy", str(folder), "--tokenizer", str(tmp_path / "big"), "-o", str(tmp_path / "o2")]
     )
     assert r.exit_code == 2 and "vocab_size 97" in r.output, r.output
 
@@ -253,7 +238,7 @@ USER_MODULE = textwrap.dedent(
 )
 
 
-def test_cli_deploys_a_user_defined_model_by_builder(tmp_path, monkeypatch, digits):
+def test_cli_deploys_a_user_defined_model_by_builder(app, tmp_path, monkeypatch, digits):
     (tmp_path / "my_models.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     import my_models
@@ -270,12 +255,12 @@ def test_cli_deploys_a_user_defined_model_by_builder(tmp_path, monkeypatch, digi
     ckpt = save_checkpoint(
         net, tmp_path / "mlp", {"architecture": "MyMLP", "hidden": 32, "input_shape": [64]}
     )
-    r = CliRunner().invoke(_app(), ["deploy", str(ckpt), "-o", str(tmp_path / "x")])
+    r = CliRunner().invoke(app, ["deploy", str(ckpt), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "unknown architecture 'MyMLP'" in r.output and "--builder" in r.output
     for spec in ("my_models:build", f"{tmp_path / 'my_models.py'}:build"):
         out = tmp_path / f"out{len(spec)}"
         r = CliRunner().invoke(
-            _app(),
+            app,
             [
                 "deploy",
                 str(ckpt),
@@ -298,7 +283,7 @@ def test_cli_deploys_a_user_defined_model_by_builder(tmp_path, monkeypatch, digi
         assert set(m["quality"]["ood_excess_drop_points"]) == {"noise", "rotation", "blur", "shift"}
         assert m["weight_sparsity"] == pytest.approx(0.5) and m["baseline"]["accuracy"]["clean"] > 0.85
     r = CliRunner().invoke(
-        _app(), ["deploy", str(ckpt), "--builder", "my_models:nope", "-o", str(tmp_path / "y")]
+        app, ["deploy", str(ckpt), "--builder", "my_models:nope", "-o", str(tmp_path / "y")]
     )
     assert r.exit_code == 2 and "no callable 'nope'" in r.output
     sys.modules.pop("my_models", None)

@@ -6,21 +6,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import typer
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import export_onnx, parse_prune
 from deltaplane.deploy.onnx_input import onnx_feeds, prune_onnx
 from deltaplane.errors import UnsupportedLayer
-
-
-def _app():
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
-    return app
 
 
 def test_prune_onnx_2_4_groups_run_along_the_input_dimension(tmp_path):
@@ -42,10 +33,10 @@ def test_prune_onnx_2_4_groups_run_along_the_input_dimension(tmp_path):
         prune_onnx(m, parse_prune("wanda:2:4"))
 
 
-def test_cli_deploys_an_onnx_file(tmp_path, trained_cnn, digits):
+def test_cli_deploys_an_onnx_file(app, tmp_path, trained_cnn, digits):
     path = export_onnx(trained_cnn.eval(), torch.from_numpy(digits[2][:1]), tmp_path / "cnn.onnx").path
     out = tmp_path / "out"
-    r = CliRunner().invoke(_app(), ["deploy", str(path), "--prune", "0.5", "--quant", "int8", "-o", str(out)])
+    r = CliRunner().invoke(app, ["deploy", str(path), "--prune", "0.5", "--quant", "int8", "-o", str(out)])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["task"] == "onnx" and m["sizes"]["compression_ratio"] > 4
@@ -61,11 +52,11 @@ def test_cli_deploys_an_onnx_file(tmp_path, trained_cnn, digits):
     # a graph whose input is not an image: random feeds, and the card says so
     lin = torch.nn.Sequential(torch.nn.Linear(10, 3)).eval()
     p2 = export_onnx(lin, torch.randn(1, 10), tmp_path / "lin.onnx").path
-    r = CliRunner().invoke(_app(), ["deploy", str(p2), "--quant", "int8", "-o", str(tmp_path / "o2")])
+    r = CliRunner().invoke(app, ["deploy", str(p2), "--quant", "int8", "-o", str(tmp_path / "o2")])
     assert r.exit_code == 0, r.output
     assert "random inputs" in (tmp_path / "o2" / "MODEL_CARD.md").read_text()
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
-    r = CliRunner().invoke(_app(), ["deploy", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "o3")])
+    r = CliRunner().invoke(app, ["deploy", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "o3")])
     assert r.exit_code == 1 and "error:" in r.output and not (tmp_path / "o3").exists()  # unreadable input
 
 

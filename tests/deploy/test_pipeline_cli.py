@@ -3,11 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import (
     deploy_classifier,
     load_checkpoint,
@@ -133,14 +131,7 @@ def test_checkpoint_config_must_match_weights(tmp_path, checkpoint, trained_cnn)
         load_checkpoint(tmp_path / "missing")
 
 
-def test_cli_deploy_prints_table_and_writes_outputs(tmp_path, checkpoint):
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
+def test_cli_deploy_prints_table_and_writes_outputs(app, tmp_path, checkpoint):
     out = tmp_path / "out"
     r = CliRunner().invoke(
         app,

@@ -8,10 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import deploy_classifier, register_architecture, save_checkpoint
 from deltaplane.errors import ConfigError
 
@@ -127,18 +125,12 @@ def test_exchange_swaps_two_folders_in_one_step(tmp_path):
 
 
 @pytest.fixture()
-def app():
+def app(app):
+    """conftest's deploy app, with DigitsCNN registered as an architecture."""
     from deltaplane.sim.model import DigitsCNN
 
     register_architecture("DigitsCNN", lambda cfg: DigitsCNN())
-    a = typer.Typer()
-    register(a)
-
-    @a.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return a
+    return app
 
 
 def test_cli_checks_out_before_loading_and_takes_overwrite(tmp_path, app, trained_cnn):

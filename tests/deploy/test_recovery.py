@@ -5,10 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import deploy_classifier, load_checkpoint, save_checkpoint
 from deltaplane.deploy.recovery import distill_recover
 from deltaplane.deploy.tokens import deploy_token_model, random_tokens
@@ -75,15 +73,12 @@ def test_distill_recovers_a_2_4_pruned_encoder(tmp_path):
     assert res.manifest["weight_sparsity"] == pytest.approx(0.5)
 
 
-def test_cli_recover_distill(tmp_path, trained_cnn):
+def test_cli_recover_distill(app, tmp_path, trained_cnn):
     from deltaplane.sim.model import DigitsCNN
 
     model = DigitsCNN()
     model.load_state_dict(trained_cnn.state_dict())
     ckpt = save_checkpoint(model, tmp_path / "ckpt", {"architecture": "DigitsCNN"})
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
     args = [
         "deploy",
         str(ckpt),

@@ -13,12 +13,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import typer
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from deltaplane.commands.deploy import register
 from deltaplane.deploy import deploy_classifier, save_checkpoint
 from deltaplane.deploy.bundle import load_deployable
 from deltaplane.deploy.gates import Gates
@@ -27,17 +25,6 @@ from deltaplane.deploy.onnx_input import deploy_onnx_model, onnx_feeds
 from deltaplane.errors import ExportError, InvalidUpdate, QualityGateFailed
 
 FAST = {"latency_iters": 3, "device_cost": False}
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command so typer keeps `deploy` as a subcommand
-        pass
-
-    return app
 
 
 def _digits_ckpt(folder, state):
@@ -52,13 +39,13 @@ def _digits_ckpt(folder, state):
     ("tensor", "value", "quant"),
     [("fc2.bias", float("nan"), "none"), ("fc1.weight", float("inf"), "int8-dynamic")],
 )
-def test_cli_refuses_a_checkpoint_with_non_finite_weights(tmp_path, trained_cnn, tensor, value, quant):
+def test_cli_refuses_a_checkpoint_with_non_finite_weights(app, tmp_path, trained_cnn, tensor, value, quant):
     state = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
     state[tensor].view(-1)[0] = value
     ckpt = _digits_ckpt(tmp_path / "ckpt", state)
     out = tmp_path / "out"
     args = ["deploy", str(ckpt), "--quant", quant, "--attack-eps", "0", "-o", str(out)]
-    r = CliRunner().invoke(_app(), args)
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 1, r.output  # a broken input, not a gate: refused before anything is measured
     assert f"'{tensor}'" in r.output and ("NaN" in r.output or "Inf" in r.output)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
@@ -149,22 +136,22 @@ def test_untrained_classifier_is_refused_and_min_accuracy_applies(tmp_path, help
     assert gates["min-accuracy"]["passed"] and gates["min-above-chance"]["passed"]
 
 
-def test_cli_min_accuracy_and_no_gates_recorded_as_off(tmp_path, trained_cnn):
+def test_cli_min_accuracy_and_no_gates_recorded_as_off(app, tmp_path, trained_cnn):
     from deltaplane.sim.model import DigitsCNN
 
     torch.manual_seed(0)
     untrained = _digits_ckpt(tmp_path / "untrained", DigitsCNN().state_dict())
     args = ["deploy", str(untrained), "--quant", "none", "--attack-eps", "0", "-o", str(tmp_path / "u")]
-    r = CliRunner().invoke(_app(), args)
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 3 and "min-above-chance" in r.output and not (tmp_path / "u").exists()
-    r = CliRunner().invoke(_app(), [*args, "--min-above-chance", "0", "--min-accuracy", "0.5"])
+    r = CliRunner().invoke(app, [*args, "--min-above-chance", "0", "--min-accuracy", "0.5"])
     assert r.exit_code == 3 and "min-accuracy" in r.output and "min-above-chance" not in r.output
     ckpt = _digits_ckpt(tmp_path / "ckpt", trained_cnn.state_dict())
     base = ["deploy", str(ckpt), "--quant", "none", "--attack-eps", "0"]
-    r = CliRunner().invoke(_app(), [*base, "--min-accuracy", "90", "-o", str(tmp_path / "a")])
+    r = CliRunner().invoke(app, [*base, "--min-accuracy", "90", "-o", str(tmp_path / "a")])
     assert r.exit_code == 2 and "fraction" in r.output  # 90 meant 90%: said loudly, not read as 9000%
     out = tmp_path / "off"
-    r = CliRunner().invoke(_app(), [*base, "--no-gates", "-o", str(out)])
+    r = CliRunner().invoke(app, [*base, "--no-gates", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "OFF" in r.output
     m = json.loads((out / "manifest.json").read_text())
