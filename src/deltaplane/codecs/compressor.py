@@ -156,7 +156,10 @@ def decompress(
     layout = Layout.of(expect_layout) if expect_layout is not None else None
     # layout and budget from the table alone, before the body is inflated or read
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-    trees = read_body(table, max_inflated_bytes=layout.decoded_bytes if layout is not None else budget)
+    # the body may inflate to the decode budget, not to the model's size: a legitimate body can exceed the
+    # model (top-k at density ~1 adds its positions to every value, 8-bit codes with small chunks their
+    # scales, and a tiny model's fields their fixed overhead), and the codecs' checks then bound each field
+    trees = read_body(table, max_inflated_bytes=budget)
     return decode_delta(trees)
 
 
@@ -206,11 +209,12 @@ def _compact_trees(
     table, stored, facts = session.read_frame(
         payload, expect_base_version=expect_base[1] if expect_base is not None else None, limits=limits
     )
-    # with the layout given, the budget does not depend on the payload's size: it holds for the skeleton
+    # with the layout given, the budget does not depend on the payload's size: it holds for the skeleton.
+    # Fields may expand to the decode budget (as a self-describing body may inflate to it, see decompress)
     inflate = facts.get("max_inflated_bytes")
     if inflate is None:
         budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-        inflate = facts["max_inflated_bytes"] = min(budget, layout.decoded_bytes)
+        inflate = facts["max_inflated_bytes"] = budget
     trees = session.read_body(table, stored, max_inflated_bytes=inflate, facts=facts)
     if check:
         check_nodes(trees, memo=facts)

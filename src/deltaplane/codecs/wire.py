@@ -108,7 +108,10 @@ class Limits:
     min_decoded_bytes: int = 1 << 26
     max_expansion: int = 4096
     #: decode budget with an expected layout: ``layout_factor ×`` the layout's decoded size (its tensors
-    #: must match the layout exactly; nested nodes such as top-k's values or PowerSGD's factors are smaller)
+    #: must match the layout exactly; nested nodes such as top-k's values or PowerSGD's factors are smaller).
+    #: A zstd body (a compact frame's fields) may inflate to the same budget: a legitimate body can be larger
+    #: than the model (top-k at density ~1 sends positions besides every value; 8-bit codes with small chunks
+    #: a 4-byte scale every few values)
     layout_factor: int = 3
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None) -> int:
