@@ -386,16 +386,19 @@ class Compressor:
             )
         self.state.rounds += 1
 
-    def encode(self, delta: Delta) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
+    def encode(
+        self, delta: Delta | Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
         """Encode ``delta`` (plus the carried residual); returns the trees and the delta the receiver will see."""
         trees, sent = self._encode(delta, want_sent=True)
         assert sent is not None
         return trees, sent
 
     def _encode(
-        self, delta: Delta, *, want_sent: bool
+        self, delta: Delta | Mapping[str, torch.Tensor], *, want_sent: bool
     ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta | None]:
-        target = delta
+        # a plain state-dict-like mapping is taken as a Delta: adding the residual to it needs one
+        target = delta = delta if isinstance(delta, Delta) else Delta(delta)
         if self.error_feedback and self.state.residual is not None:
             try:
                 target = delta + self.state.residual
@@ -423,20 +426,22 @@ class Compressor:
 
     def compress(
         self,
-        delta: Delta,
+        delta: Delta | Mapping[str, torch.Tensor],
         *,
         base_id: str = "",
         base_version: int = 0,
         meta: Mapping[str, Any] | None = None,
         session: WireSession | None = None,
     ) -> bytes:
-        """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
+        """Encode ``delta`` (a :class:`~deltaplane.delta.Delta`, or a mapping of names to tensors taken as
+        one) into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
 
         With ``session`` (a :class:`~deltaplane.codecs.WireSession` of this compressor's codec) the payload
         is a compact frame of that session instead: its base id is the session's, and ``meta`` is refused
         (a compact frame carries none).
         """
-        (delta if isinstance(delta, Delta) else Delta(delta)).check_finite()
+        delta = delta if isinstance(delta, Delta) else Delta(delta)
+        delta.check_finite()
         if session is not None:
             _check_session(self, session, base_id, meta)
         trees, _ = self._encode(delta, want_sent=False)
