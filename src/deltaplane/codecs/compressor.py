@@ -33,6 +33,7 @@ from deltaplane.codecs.wire import (
     Limits,
     WireHeader,
     check_base,
+    check_header,
     finalize,
     pack,
     read_body,
@@ -444,13 +445,20 @@ class Compressor:
         delta.check_finite()
         if session is not None:
             _check_session(self, session, base_id, meta)
+        header = WireHeader(
+            session.base_id if session is not None else base_id,
+            base_version,
+            self.codec.spec,
+            dict(meta or {}),
+        )
+        # before encoding: a header refused after it would leave the residual and generator moved on for a
+        # payload that was never made
+        check_header(header)
         trees, _ = self._encode(delta, want_sent=False)
         if session is not None:
             return session.pack(trees, base_version)
         level = getattr(self._lossless, "level", None)
-        return pack(
-            trees, WireHeader(base_id, base_version, self.codec.spec, dict(meta or {})), zstd_level=level
-        )
+        return pack(trees, header, zstd_level=level)
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
