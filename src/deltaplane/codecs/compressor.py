@@ -445,6 +445,9 @@ class Compressor:
         delta.check_finite()
         if session is not None:
             _check_session(self, session, base_id, meta)
+            # before encoding, as the header below: refused after it, the residual would take this delta's
+            # layout and every later update of the session's layout would be refused against it
+            _check_session_delta(session, delta)
         header = WireHeader(
             session.base_id if session is not None else base_id,
             base_version,
@@ -497,6 +500,18 @@ def _check_session(
         raise CodecError(f"wire session is for base {session.base_id!r}, not {base_id!r}")
     if meta:
         raise CodecError("a compact frame carries no metadata; send it in the self-describing format")
+
+
+def _check_session_delta(session: WireSession, delta: Delta) -> None:
+    """Refuse a delta whose tensors (names, order, shapes, dtypes) are not the session layout's, naming the
+    first difference."""
+    layout = Layout.of(delta)
+    if layout != session.layout:
+        session.layout.check({k: (t.dtype, t.shape) for k, t in layout.items()})  # names what differs
+        raise ShapeMismatch(
+            f"update tensors {list(layout)[:5]} are in another order than the session layout's "
+            f"{list(session.layout)[:5]}; agree on a new session for another model"
+        )
 
 
 def compress_many(
