@@ -140,3 +140,18 @@ def test_powersgd_with_error_feedback_tracks_a_drifting_low_rank_signal() -> Non
         out = dp.decompress(comp.compress(d))
         errs.append(float((out["w"] - d["w"]).norm() / d["w"].norm()))
     assert errs[-1] < 0.05
+
+
+def test_a_plain_mapping_compresses_like_a_delta_round_after_round() -> None:
+    """compress() takes a name -> tensor mapping (it checked one for NaN), but with error feedback the second
+    round added the residual to the dict: TypeError. Each round's bytes equal those of the same deltas."""
+    g = torch.Generator().manual_seed(0)
+    rounds = [{"w": torch.randn(40, 5, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
+    as_dict = dp.Compressor("topk(0.1) | quant(bits=4)", seed=3)
+    as_delta = dp.Compressor("topk(0.1) | quant(bits=4)", seed=3)
+    for d in rounds:
+        assert as_dict.compress(d, base_version=1) == as_delta.compress(dp.Delta(d), base_version=1)
+        _, sent = as_dict.encode(d)
+        assert sent.keys() == d.keys()
+        as_delta.encode(dp.Delta(d))
+    assert torch.equal(as_dict.state.residual["w"], as_delta.state.residual["w"])

@@ -322,3 +322,24 @@ def test_ceil_div_matches_math_where_floats_are_exact() -> None:
 
     for a, b in [(0, 1), (1, 1), (5, 2), (512, 512), (513, 512), (7, 10**330)]:
         assert ceil_div(a, b) == (math.ceil(a / b) if b < 2**53 else (1 if a else 0))
+
+
+@pytest.mark.parametrize("spec", ["topk(1.0)", "topk(1.0) | zstd", "stc(0.5) | zstd"])
+@pytest.mark.parametrize("wire", ["self-describing", "compact", "compact-entropy"])
+def test_bodies_larger_than_the_model_decode_against_its_layout(spec: str, wire: str) -> None:
+    """An honest body may exceed the model's size: top-k at density 1 sends a bitmap besides every value, and
+    a tiny model's fields carry fixed overhead (stc of one value: position, sign and a 4-byte scale). With the
+    receiver's layout such payloads were refused ("would inflate ... beyond its decode budget" of 1 x the
+    model); they decode within the decode budget, to exactly what was sent (every value, here)."""
+    g = torch.Generator().manual_seed(0)
+    d = dp.Delta({"w": torch.randn(64, 256, generator=g) if "topk" in spec else torch.randn(1, generator=g)})
+    layout = Layout.of(d)
+    comp = dp.Compressor(spec, error_feedback=False, seed=0)
+    if wire == "self-describing":
+        payload = comp.compress(d, base_id="m", base_version=1)
+        got = dp.decompress(payload, expect_layout=layout, expect_base=("m", 1))
+    else:
+        session = dp.codecs.WireSession.create(layout, spec, base_id="m", entropy=wire.endswith("entropy"))
+        payload = comp.compress(d, base_version=1, session=session)
+        got = dp.decompress(payload, session=session, expect_base=("m", 1))
+    assert torch.equal(got["w"], d["w"])

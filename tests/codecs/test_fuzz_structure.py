@@ -106,3 +106,30 @@ def test_compact_serializer_rebuilds_payloads_exactly() -> None:
         want = dp.decompress(compact, session=session)
         got = dp.decompress(again, session=session)
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_pool_parser_reads_untrusted_payloads_strictly_and_bounded() -> None:
+    """A Mutator's pool may come from anywhere: a zstd frame declaring 2**50 bytes (CRC valid) is a DecodeError
+    (zstandard's one-shot decompress allocated what the frame declared: MemoryError), as is a zlib header bomb."""
+    import random
+    import struct
+    import zlib
+
+    import crc32c
+
+    good = dp.Compressor("quant(bits=8) | zstd", error_feedback=False).compress(
+        dp.Delta({"w": torch.ones(64)})
+    )
+    (hlen,) = struct.unpack_from("<I", good, 6)
+    frame = b"\x28\xb5\x2f\xfd" + bytes([0xC0, 0x00]) + (2**50).to_bytes(8, "little") + b"\x09\x00\x00" + b"x"
+    head = good[: 10 + hlen] + frame
+    bomb = head + struct.pack("<I", crc32c.crc32c(head))
+    header = zlib.compress(b" " * (20 << 20), 9)  # 20 MiB of JSON whitespace: beyond the 16 MiB limit
+    framed = fuzzing.MAGIC + bytes([fuzzing.VERSION, 1]) + struct.pack("<I", len(header)) + header
+    zlib_bomb = framed + struct.pack("<I", crc32c.crc32c(framed))
+    for payload in (bomb, zlib_bomb, good[:-1] + bytes([good[-1] ^ 1])):
+        with pytest.raises(dp.DecodeError):
+            parse(payload)
+        with pytest.raises(dp.DecodeError):
+            Mutator([payload], random.Random(0))
+    assert parse(good).zstd  # a good payload still parses, its framing kept

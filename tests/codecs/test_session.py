@@ -246,3 +246,27 @@ def test_the_skeleton_cache_is_bounded_by_tensors_too(monkeypatch: pytest.Monkey
     for seed in range(1, 12):  # rANS-coded: most a skeleton of their own
         dp.decompress(_pair("quant(bits=4)", seed=seed)[1], session=q)
     assert len(q._skeletons) == 3
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {k: v for k, v in MODEL.items() if k != "fc.bias"},  # a tensor missing
+        {**MODEL, "fc.weight": torch.zeros(10, 65)},  # another shape
+        dict(reversed(list(MODEL.items()))),  # another order
+    ],
+)
+def test_a_delta_of_another_layout_is_refused_before_it_moves_the_error_feedback_state(other: dict) -> None:
+    """The session layout was checked when framing, after encoding: the residual took the wrong delta's layout,
+    and every later update of the session's own layout was refused against it (the device was stuck)."""
+    s = _session("topk(0.1) | quant(bits=4)")
+    comp = dp.Compressor(s.codec, seed=0)
+    twin = dp.Compressor(s.codec, seed=0)
+    wrong = dp.Delta({k: torch.ones(v.shape, dtype=v.dtype) for k, v in other.items()})
+    with pytest.raises(ShapeMismatch):
+        comp.compress(wrong, base_version=1, session=s)
+    assert comp.state.rounds == 0 and comp.state.residual is None
+    for seed in (1, 2):
+        assert comp.compress(_delta(seed), base_version=1, session=s) == twin.compress(
+            _delta(seed), base_version=1, session=s
+        )

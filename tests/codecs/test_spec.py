@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import deltaplane as dp
 from deltaplane.codecs import format_spec, parse_spec
@@ -62,3 +63,43 @@ def test_pipe_operator() -> None:
     assert isinstance(p, dp.Pipeline)
     assert p.spec == dp.get_codec("topk(0.1) | quant(8)").spec
     assert p == dp.get_codec(p.spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "quant(bits=4) | topk(0.1)",
+        "identity | quant(4)",
+        "fp16 | bf16",
+        "sign | quant(4)",
+        "ternary | quant(4) | zstd",
+        "stc(0.1) | quant(8)",
+        "powersgd(rank=2) | quant(8) | topk(0.1)",
+    ],
+)
+def test_a_stage_that_would_never_run_is_a_spec_error(spec: str) -> None:
+    """A stage compresses only the float fields the stage before it leaves: after quant, sign, stc... (no
+    float field) it never ran, and such a pipeline was accepted and silently sent the first stage alone
+    (``quant(4) | topk(0.1)``: every value at 4 bits, not a tenth of them)."""
+    with pytest.raises(dp.SpecError, match="would never run"):
+        dp.get_codec(spec)
+    first, *rest = spec.split(" | ")
+    with pytest.raises(dp.CodecError, match="would never run"):
+        dp.Pipeline([dp.get_codec(first), *(dp.get_codec(r) for r in rest)])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk(0.1) | topk(0.5) | quant(4)",
+        "randk(0.1) | stc(0.1)",
+        "powersgd(rank=1, min_size=0, fallback=sign) | bf16",
+        "fp16 | zstd",
+        "threshold(0.1) | fp16 | zstd",
+    ],
+)
+def test_stages_that_each_compress_what_the_last_left_are_pipelines(spec: str) -> None:
+    codec = dp.get_codec(spec)
+    d = dp.Delta({"w": torch.linspace(-1, 1, 600).reshape(20, 30)})
+    payload = dp.Compressor(codec, error_feedback=False).compress(d)
+    assert dp.decompress(payload, expect_layout=d)["w"].shape == (20, 30)

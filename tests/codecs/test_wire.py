@@ -301,3 +301,49 @@ def test_header_compressions_are_exclusive_and_dictionary_is_used() -> None:
         dp.decompress(_with_crc(p[:5] + bytes([p[5] | 1]) + p[6:-4]))
     with pytest.raises(dp.DecodeError, match="corrupt|truncated"):
         dp.decompress(_with_crc(p[:5] + bytes([1]) + p[6:-4]))  # a dictionary stream read as zlib
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"base_version": 1.5},  # framed, then refused by every reader ("'base' must be [model id, version]")
+        {"base_version": True},
+        {"base_version": -1},  # the compact writer refused it; the self-describing one framed it
+        {"base_id": 7},
+        {"meta": {"x": float("nan")}},  # json's bare ValueError
+        {"meta": {"x": torch.ones(1)}},  # json's bare TypeError
+        {"meta": {1: "a"}},  # came back as {"1": "a"}
+    ],
+)
+def test_the_writer_refuses_headers_the_reader_would_refuse_or_change(header: dict) -> None:
+    d = dp.Delta({"w": torch.ones(4)})
+    with pytest.raises(dp.CodecError, match="payload header"):
+        dp.Compressor("fp16", error_feedback=False).compress(d, **header)
+    with pytest.raises(dp.CodecError, match="payload header"):
+        dp.codecs.compress_many(
+            [dp.Compressor("fp16", error_feedback=False)], {"w": torch.ones(1, 4)}, **header
+        )
+    good = dp.Compressor("fp16").compress(d, base_id="m", base_version=2, meta={"round": 3, "tags": ["a"]})
+    assert dp.codecs.read_header(good) == dp.codecs.WireHeader("m", 2, "fp16", {"round": 3, "tags": ["a"]})
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_refused_header_leaves_the_error_feedback_state_as_it_was(compact: bool) -> None:
+    """The header was checked after encoding (the compact writer's base version check, and json's), so a
+    refused compress() had already moved the residual, the generator and the round count on for a payload
+    that was never made: what error feedback carries was lost."""
+    g = torch.Generator().manual_seed(1)
+    d = dp.Delta({"w": torch.randn(30, 4, generator=g)})
+    session = dp.codecs.WireSession.create(dp.Layout.of(d), "topk(0.2) | quant(bits=4)") if compact else None
+    comp = dp.Compressor("topk(0.2) | quant(bits=4)", seed=0)
+    twin = dp.Compressor("topk(0.2) | quant(bits=4)", seed=0)
+    assert comp.compress(d, base_version=1, session=session) == twin.compress(
+        d, base_version=1, session=session
+    )
+    with pytest.raises(dp.CodecError, match="base version"):
+        comp.compress(d * 2.0, base_version=-1, session=session)
+    assert comp.state.rounds == twin.state.rounds == 1
+    assert torch.equal(comp.state.residual["w"], twin.state.residual["w"])
+    assert comp.compress(d, base_version=2, session=session) == twin.compress(
+        d, base_version=2, session=session
+    )

@@ -429,6 +429,15 @@ class Pipeline(Codec):
                     f"'{s.name}' chooses a codec per tensor: it can only be followed by a lossless stage; "
                     "put the other stages inside its rules"
                 )
+            later = flat[i + 1] if i + 1 < len(flat) else None
+            if later is not None and not later.lossless and not s.tensor_fields:
+                # a stage only ever compresses the float fields the one before it leaves: after a stage that
+                # leaves none (quant, sign, stc, identity...) it would silently never run
+                raise CodecError(
+                    f"'{s.spec}' leaves no float field for a later stage to compress, so '{later.spec}' would "
+                    "never run; a stage that keeps float values (topk, randk, threshold, powersgd) comes first, "
+                    "e.g. 'topk(0.01) | quant(bits=4)'"
+                )
         self.stages = flat
 
     @property

@@ -33,6 +33,7 @@ from deltaplane.codecs.wire import (
     Limits,
     WireHeader,
     check_base,
+    check_header,
     finalize,
     pack,
     read_body,
@@ -156,7 +157,10 @@ def decompress(
     layout = Layout.of(expect_layout) if expect_layout is not None else None
     # layout and budget from the table alone, before the body is inflated or read
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-    trees = read_body(table, max_inflated_bytes=layout.decoded_bytes if layout is not None else budget)
+    # the body may inflate to the decode budget, not to the model's size: a legitimate body can exceed the
+    # model (top-k at density ~1 adds its positions to every value, 8-bit codes with small chunks their
+    # scales, and a tiny model's fields their fixed overhead), and the codecs' checks then bound each field
+    trees = read_body(table, max_inflated_bytes=budget)
     return decode_delta(trees)
 
 
@@ -206,11 +210,12 @@ def _compact_trees(
     table, stored, facts = session.read_frame(
         payload, expect_base_version=expect_base[1] if expect_base is not None else None, limits=limits
     )
-    # with the layout given, the budget does not depend on the payload's size: it holds for the skeleton
+    # with the layout given, the budget does not depend on the payload's size: it holds for the skeleton.
+    # Fields may expand to the decode budget (as a self-describing body may inflate to it, see decompress)
     inflate = facts.get("max_inflated_bytes")
     if inflate is None:
         budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
-        inflate = facts["max_inflated_bytes"] = min(budget, layout.decoded_bytes)
+        inflate = facts["max_inflated_bytes"] = budget
     trees = session.read_body(table, stored, max_inflated_bytes=inflate, facts=facts)
     if check:
         check_nodes(trees, memo=facts)
@@ -382,16 +387,19 @@ class Compressor:
             )
         self.state.rounds += 1
 
-    def encode(self, delta: Delta) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
+    def encode(
+        self, delta: Delta | Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta]:
         """Encode ``delta`` (plus the carried residual); returns the trees and the delta the receiver will see."""
         trees, sent = self._encode(delta, want_sent=True)
         assert sent is not None
         return trees, sent
 
     def _encode(
-        self, delta: Delta, *, want_sent: bool
+        self, delta: Delta | Mapping[str, torch.Tensor], *, want_sent: bool
     ) -> tuple[dict[str, tuple[torch.dtype, Encoded]], Delta | None]:
-        target = delta
+        # a plain state-dict-like mapping is taken as a Delta: adding the residual to it needs one
+        target = delta = delta if isinstance(delta, Delta) else Delta(delta)
         if self.error_feedback and self.state.residual is not None:
             try:
                 target = delta + self.state.residual
@@ -419,29 +427,41 @@ class Compressor:
 
     def compress(
         self,
-        delta: Delta,
+        delta: Delta | Mapping[str, torch.Tensor],
         *,
         base_id: str = "",
         base_version: int = 0,
         meta: Mapping[str, Any] | None = None,
         session: WireSession | None = None,
     ) -> bytes:
-        """Encode ``delta`` into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
+        """Encode ``delta`` (a :class:`~deltaplane.delta.Delta`, or a mapping of names to tensors taken as
+        one) into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
 
         With ``session`` (a :class:`~deltaplane.codecs.WireSession` of this compressor's codec) the payload
         is a compact frame of that session instead: its base id is the session's, and ``meta`` is refused
         (a compact frame carries none).
         """
-        (delta if isinstance(delta, Delta) else Delta(delta)).check_finite()
+        delta = delta if isinstance(delta, Delta) else Delta(delta)
+        delta.check_finite()
         if session is not None:
             _check_session(self, session, base_id, meta)
+            # before encoding, as the header below: refused after it, the residual would take this delta's
+            # layout and every later update of the session's layout would be refused against it
+            _check_session_delta(session, delta)
+        header = WireHeader(
+            session.base_id if session is not None else base_id,
+            base_version,
+            self.codec.spec,
+            dict(meta or {}),
+        )
+        # before encoding: a header refused after it would leave the residual and generator moved on for a
+        # payload that was never made
+        check_header(header)
         trees, _ = self._encode(delta, want_sent=False)
         if session is not None:
             return session.pack(trees, base_version)
         level = getattr(self._lossless, "level", None)
-        return pack(
-            trees, WireHeader(base_id, base_version, self.codec.spec, dict(meta or {})), zstd_level=level
-        )
+        return pack(trees, header, zstd_level=level)
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -480,6 +500,18 @@ def _check_session(
         raise CodecError(f"wire session is for base {session.base_id!r}, not {base_id!r}")
     if meta:
         raise CodecError("a compact frame carries no metadata; send it in the self-describing format")
+
+
+def _check_session_delta(session: WireSession, delta: Delta) -> None:
+    """Refuse a delta whose tensors (names, order, shapes, dtypes) are not the session layout's, naming the
+    first difference."""
+    layout = Layout.of(delta)
+    if layout != session.layout:
+        session.layout.check({k: (t.dtype, t.shape) for k, t in layout.items()})  # names what differs
+        raise ShapeMismatch(
+            f"update tensors {list(layout)[:5]} are in another order than the session layout's "
+            f"{list(session.layout)[:5]}; agree on a new session for another model"
+        )
 
 
 def compress_many(

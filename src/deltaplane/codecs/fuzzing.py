@@ -41,9 +41,10 @@ from deltaplane.codecs.base import available_codecs, get_codec
 from deltaplane.codecs.compressor import Compressor, decompress
 from deltaplane.codecs.entropy import bitmap_encode, decode_indices, golomb_encode, varint_encode
 from deltaplane.codecs.layout import Layout
+from deltaplane.codecs.lossless import zstd_decompress
 from deltaplane.codecs.quantize import DTYPES
 from deltaplane.codecs.session import WireSession
-from deltaplane.codecs.wire import HEADER_DICT, MAGIC, VERSION, Limits
+from deltaplane.codecs.wire import HEADER_DICT, MAGIC, VERSION, Limits, _read_header, read_table
 from deltaplane.delta import Delta
 from deltaplane.errors import CodecError, DeltaplaneError
 
@@ -178,20 +179,17 @@ class Parsed:
 
 
 def parse(payload: bytes) -> Parsed:
-    """Take a valid payload apart (the inverse of :func:`serialize` with the same framing)."""
-    _, _, flags, hlen = struct.unpack_from("<4sBBI", payload)
-    raw = payload[10 : 10 + hlen]
-    if flags & 1:
-        raw = zlib.decompress(raw)
-    elif flags & 4:
-        d = zlib.decompressobj(-15, zdict=HEADER_DICT)
-        raw = d.decompress(raw) + d.flush()
-    doc = json.loads(raw)
-    body = payload[10 + hlen : -4]
-    if flags & 2:
-        import zstandard
+    """Take a valid payload apart (the inverse of :func:`serialize` with the same framing).
 
-        body = zstandard.ZstdDecompressor().decompress(body)
+    The pool a :class:`Mutator` starts from may be any payloads (a corpus from elsewhere), so they are read
+    by the wire reader itself: frame, checksum, bounded header inflation and tensor table are checked, and a
+    zstd body is inflated with :func:`~deltaplane.codecs.lossless.zstd_decompress`, which refuses a frame
+    declaring another size than the table's before allocating it. Anything malformed is a
+    :class:`~deltaplane.errors.DecodeError`.
+    """
+    table = read_table(payload)  # every check of the frame and table, the body left unread
+    doc, _, _ = _read_header(payload, Limits())  # the header document the table was read from
+    body = zstd_decompress(bytes(table.body), table.size) if table.zstd else bytes(table.body)
     offset = 0
 
     def walk(node: dict[str, Any]) -> None:
@@ -205,7 +203,7 @@ def parse(payload: bytes) -> Parsed:
 
     for row in doc["t"]:
         walk(row[2])
-    return Parsed(doc, bool(flags & 2))
+    return Parsed(doc, table.zstd)
 
 
 def serialize(doc: Any, *, header: str = "raw", zstd: bool = False, trailing: bytes = b"") -> bytes:

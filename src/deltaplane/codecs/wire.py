@@ -30,7 +30,7 @@ from torch import Tensor
 
 from deltaplane.codecs.base import Encoded
 from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
-from deltaplane.errors import DecodeError, VersionMismatch
+from deltaplane.errors import CodecError, DecodeError, VersionMismatch
 
 __all__ = [
     "MAGIC",
@@ -38,6 +38,7 @@ __all__ = [
     "Limits",
     "Table",
     "WireHeader",
+    "check_header",
     "finalize",
     "pack",
     "read_body",
@@ -108,7 +109,10 @@ class Limits:
     min_decoded_bytes: int = 1 << 26
     max_expansion: int = 4096
     #: decode budget with an expected layout: ``layout_factor ×`` the layout's decoded size (its tensors
-    #: must match the layout exactly; nested nodes such as top-k's values or PowerSGD's factors are smaller)
+    #: must match the layout exactly; nested nodes such as top-k's values or PowerSGD's factors are smaller).
+    #: A zstd body (a compact frame's fields) may inflate to the same budget: a legitimate body can be larger
+    #: than the model (top-k at density ~1 sends positions besides every value; 8-bit codes with small chunks
+    #: a 4-byte scale every few values)
     layout_factor: int = 3
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None) -> int:
@@ -142,6 +146,27 @@ def finalize(e: Encoded) -> Encoded:
 
 
 # -- encoding --------------------------------------------------------------------------------------------
+def check_header(header: WireHeader) -> None:
+    """Refuse (:class:`~deltaplane.errors.CodecError`) a header the reader would refuse or JSON cannot hold.
+
+    The writer must never frame what :func:`read_table` refuses (a float or boolean base version), nor fail
+    with a bare ``ValueError``/``TypeError`` from ``json`` (NaN or a tensor in ``meta``), nor change a
+    value on the way (a non-string ``meta`` key would come back as a string).
+    """
+    if not isinstance(header.base_id, str) or not isinstance(header.codec, str):
+        raise CodecError(f"payload header: base id and codec must be strings, got {header.base_id!r}")
+    if type(header.base_version) is not int or header.base_version < 0:
+        raise CodecError(
+            f"payload header: base version must be a non-negative integer, got {header.base_version!r}"
+        )
+    if not isinstance(header.meta, Mapping) or not all(isinstance(k, str) for k in header.meta):
+        raise CodecError("payload header: meta must map strings to JSON values")
+    try:
+        json.dumps(dict(header.meta), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CodecError(f"payload header: meta is not JSON without NaN/Inf ({exc})") from None
+
+
 def pack(
     tensors: Mapping[str, tuple[torch.dtype, Encoded]], header: WireHeader, *, zstd_level: int | None = None
 ) -> bytes:
@@ -170,6 +195,7 @@ def pack(
         out["f"] = fields
         return out
 
+    check_header(header)
     table = [[name, DTYPE_NAMES[dtype], node(e)] for name, (dtype, e) in tensors.items()]
     doc = {"base": [header.base_id, header.base_version], "codec": header.codec, "t": table}
     if header.meta:
