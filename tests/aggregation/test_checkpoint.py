@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from typing import Any
 
 import pytest
 import torch
 
 import deltaplane as dp
-from deltaplane.aggregation import build_aggregator
+from deltaplane.aggregation import ServerOptimizerState, build_aggregator
 from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
 
 
@@ -90,14 +91,27 @@ def test_a_snapshot_of_another_configuration_is_refused_and_changes_nothing(save
     assert repr(after) == repr(before)  # nothing restored halfway
 
 
+def _corrupt(snap: dict[str, Any], name: str, fn) -> dict[str, Any]:
+    """``snap`` with the FedAdam moments ``name`` ("m" or "v") of the chain below mapped by ``fn``."""
+    snap = copy.deepcopy(snap)
+    items = snap["attrs"]["inner"]["attrs"]["state"]["attrs"][name]["items"]
+    for item in items:
+        item[1] = fn(item[1])
+    return snap
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
+        (lambda s: _corrupt(s, "m", lambda t: t * math.nan), "holds NaN"),
+        (lambda s: _corrupt(s, "v", lambda t: -t - 1.0), "negative"),
+        (lambda s: _corrupt(s, "v", lambda t: torch.ones(1, dtype=torch.float64)), "shape"),
         (lambda s: {k: v for k, v in s.items() if k != "attrs"}, "malformed"),
     ],
 )
 def test_a_corrupted_snapshot_is_refused_and_changes_nothing(mutate, match) -> None:
-    """A snapshot missing a field was a bare KeyError."""
+    """A NaN moment or a negative v was restored and the next round released a NaN update; a v of another shape
+    was broadcast (a wrong step, silently); a snapshot missing a field was a bare KeyError."""
     live = build_aggregator(aggregator="fedadam")
     _round(live, 0)
     snap = _saved(live)
@@ -108,3 +122,31 @@ def test_a_corrupted_snapshot_is_refused_and_changes_nothing(mutate, match) -> N
         load_chain_state(chain, mutate(snap))
     assert all(torch.equal(before[k], t) for k, t in _moments(chain).items())
     assert _round(chain, 2).is_finite()
+
+
+def test_server_optimizer_state_dicts_are_checked() -> None:
+    opt = dp.FedAdam()
+    opt.add(dp.Delta({"w": torch.ones(3)}))
+    opt.result()
+    sd = opt.state.state_dict()
+    assert ServerOptimizerState.from_state_dict(sd).step == 1
+    with pytest.raises(dp.ConfigError, match="step"):
+        ServerOptimizerState.from_state_dict({k: t for k, t in sd.items() if k != "step"})
+    with pytest.raises(dp.ConfigError, match="negative"):
+        ServerOptimizerState.from_state_dict({**sd, "v.w": -sd["v.w"]})
+    with pytest.raises(dp.ConfigError, match="NaN"):
+        dp.FedAdam(
+            state=ServerOptimizerState(step=1, m={"w": torch.full((3,), math.nan, dtype=torch.float64)})
+        )
+
+
+def test_a_second_moment_of_another_layout_than_the_round_is_refused() -> None:
+    """Only m was compared with the round's delta: a v of shape (1,) was broadcast into every coordinate."""
+    state = ServerOptimizerState(
+        step=1, m={"w": torch.zeros(3, dtype=torch.float64)}, v={"w": torch.zeros(3, dtype=torch.float64)}
+    )
+    opt = dp.FedAdam(state=state)
+    state.v["w"] = torch.ones(1, dtype=torch.float64)  # changed after the constructor's check
+    opt.add(dp.Delta({"w": torch.ones(3)}))
+    with pytest.raises(dp.ShapeMismatch, match="shape"):
+        opt.result()

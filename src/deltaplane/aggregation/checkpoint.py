@@ -15,7 +15,8 @@ A snapshot carries the chain's configuration too (every attribute is written), a
 attribute named after a constructor parameter (``lr``, ``max_norm``, ``seed``...) must hold the value the new
 chain was built with. Restoring used to overwrite them, so a server restarted with a new ``max_norm``, server
 ``lr`` or DP noise source silently ran with the old one. A restore that fails (another configuration, a
-malformed snapshot) raises :class:`~deltaplane.errors.ConfigError` and leaves the chain as it was.
+malformed snapshot, learned state that does not hold together) raises :class:`~deltaplane.errors.ConfigError`
+and leaves the chain as it was. An object may define ``check_state()`` to check what was restored into it.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def load_chain_state(aggregator: Any, state: dict[str, Any]) -> None:
     """Put a :func:`chain_state` snapshot into ``aggregator`` (built with the same configuration), in place.
 
     Raises:
-        ConfigError: the snapshot was taken from a chain of another shape or configuration, or is malformed;
-            ``aggregator`` is then left as it was.
+        ConfigError: the snapshot was taken from a chain of another shape or configuration, is malformed, or
+            holds learned state that does not hold together; ``aggregator`` is then left as it was.
     """
     try:  # a dry run on a copy first: a refusal halfway must not leave the live chain half restored
         _decode_into(copy.deepcopy(aggregator), state, "aggregator")
@@ -169,3 +170,6 @@ def _decode_into(obj: Any, doc: Any, path: str) -> None:
             )
         else:
             setattr(obj, name, _decode(value, f"{path}.{name}"))
+    check = getattr(obj, "check_state", None)
+    if callable(check):
+        check()
