@@ -146,3 +146,21 @@ def test_registry() -> None:
         get_personalizer("magic")
     with pytest.raises(dp.ConfigError, match="lam must be non-negative"):
         get_personalizer("ditto", lam=-1)
+
+
+def test_a_partial_personalization_that_keeps_every_tensor_local_is_refused() -> None:
+    """A FedPer head covering every layer left nothing to federate: every upload was empty and the server's
+    mean crashed with torch's RuntimeError. Refused when the layout is worked out, before any round."""
+    with pytest.raises(dp.ConfigError, match="nothing would be federated"):
+        FedPer(head=["fc1", "fc2"]).local_keys(Net())
+    assert FedPer(head=["fc1"]).local_keys(Net()) == {"fc1.weight", "fc1.bias"}
+
+    class OnlyNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+    with pytest.raises(dp.ConfigError, match="nothing would be federated"):
+        FedBN().local_keys(OnlyNorm())
+    with pytest.raises(dp.ConfigError, match="head must be"):
+        FedPer(head=["fc2", 3])  # type: ignore[list-item]
