@@ -1,5 +1,7 @@
 """Personalizers on plain torch modules: what stays local, α selection, Ditto's proximal pull."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -164,3 +166,34 @@ def test_a_partial_personalization_that_keeps_every_tensor_local_is_refused() ->
         FedBN().local_keys(OnlyNorm())
     with pytest.raises(dp.ConfigError, match="head must be"):
         FedPer(head=["fc2", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Ditto(lam=math.inf), "lam"),
+        (lambda: Ditto(lam=math.nan), "lam"),
+        (lambda: Ditto(lr=math.nan), "lr"),
+        (lambda: AlphaMix(lr=math.inf), "lr"),
+        (lambda: AlphaMix(alphas=(0.0, 0.5, 2.0)), r"\[0, 1\]"),
+        (lambda: AlphaMix(alphas=(0.0, math.nan)), r"\[0, 1\]"),
+        (lambda: AlphaMix(batch_size=0), "batch_size"),
+        (lambda: Ditto(epochs=1.5), "epochs"),
+    ],
+)
+def test_personalizer_options_no_run_can_use_are_refused(make, match) -> None:
+    """NaN passed ``lam < 0`` and ``lr <= 0``; λ = ∞ and lr = ∞ passed too and trained the personal model to NaN
+    (``deltaplane run --personalization ditto`` with ``ditto_lambda: .inf`` served a NaN model); an α of 2
+    extrapolated past the personal model although APFL's mix, and the simulator's report, keep α in [0, 1]."""
+    with pytest.raises(dp.ConfigError, match=match):
+        make()
+
+
+def test_ditto_with_an_infinite_lambda_was_a_nan_model() -> None:
+    """What λ = ∞ did (the proximal gradient overflows): train_sgd now refuses it, as the constructor does."""
+    m = Net()
+    with pytest.raises(dp.ConfigError, match="prox_lambda"):
+        train_sgd(
+            m, m.state_dict(), _data(0), epochs=1, lr=0.1, generator=torch.Generator().manual_seed(0),
+            prox_center={k: v + 1 for k, v in m.state_dict().items()}, prox_lambda=math.inf,
+        )  # fmt: skip
