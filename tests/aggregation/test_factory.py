@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -42,3 +44,11 @@ def test_illegal_combinations_are_config_errors() -> None:
         build_aggregator(defense="krum:x")
     with pytest.raises(dp.ConfigError, match="epsilon_budget needs DP"):
         build_aggregator(epsilon_budget=1.0)
+
+
+@pytest.mark.parametrize("noise", [math.nan, -1.0, "1.0"])
+def test_a_dp_noise_that_is_not_a_non_negative_number_is_refused(noise) -> None:
+    """``dp_noise=nan`` passed the ``< 0`` check and failed the ``> 0`` one: the chain was built with no DP at all
+    (no clip, no noise, no accountant) and nothing said so."""
+    with pytest.raises(dp.ConfigError, match="dp_noise"):
+        build_aggregator(dp_noise=noise, clip=1.0, expected_clients=5)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,38 @@ def test_mixed_dtypes_and_views_against_numpy() -> None:
         want = torch.from_numpy(ref).to(deltas[0][k].dtype)
         assert out[k].dtype == deltas[0][k].dtype and torch.equal(out[k], want), k
     assert torch.equal(stack[0], deltas[0]["w"])  # the inputs are left as they were
+
+
+@pytest.mark.parametrize(
+    ("dtype", "uploads"),
+    [
+        (torch.float32, [(0.5, 1.0), (1e10, 1e300), (-0.25, 3.0)]),  # weight × value overflows
+        (torch.float64, [(0.5, 1.0), (1e308, 1.0), (1e308, 1.0), (-0.25, 3.0)]),  # the second 1e308 overflows
+        (torch.float64, [(0.5, 1.0), (1.0, 1e308), (1.0, 1e308), (-0.25, 3.0)]),  # the total weight overflows
+    ],
+)
+def test_an_update_that_would_overflow_the_float64_sum_is_refused(dtype, uploads) -> None:
+    """Finite weights times finite values can overflow the float64 running sums (or the total weight): the mean
+    was released as inf, or NaN (inf/inf). The update that would overflow is refused before it touches the sums;
+    the mean of the accepted ones is exact (numpy)."""
+    agg = dp.Validate(dp.FedAvg())
+    accepted = [
+        (v, w) for v, w in uploads if agg.add(dp.Delta({"w": torch.tensor([v], dtype=dtype)}), weight=w)
+    ]
+    assert len(accepted) == len(uploads) - 1
+    assert isinstance(agg.rejections[0].error, dp.InvalidUpdate) and "overflow" in str(
+        agg.rejections[0].error
+    )
+    out = float(agg.result()["w"])
+    assert math.isfinite(out)
+    assert out == pytest.approx(np.average([v for v, _ in accepted], weights=[w for _, w in accepted]))
+
+
+def test_an_update_of_no_tensors_aggregates_to_none() -> None:
+    """A layout with nothing in it (every tensor kept on the device) was a RuntimeError from the multi-tensor
+    add; it is the empty mean, as in the robust rules."""
+    agg = dp.FedAvg()
+    agg.add(dp.Delta({}), weight=2.0)
+    agg.add(dp.Delta({}), weight=1.0)
+    assert dict(agg.result()) == {}
+    assert agg.count == 2

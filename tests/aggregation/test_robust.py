@@ -154,3 +154,31 @@ def test_buckets_follow_client_ids_not_arrival_order(make) -> None:
     for i in shuffled:
         bare.add(updates[i])
     assert not torch.equal(bare.result()["w"], want[0])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["median", "trimmed_mean(0.2)", "multi_krum(1)", "flame(noise=0)", "foolsgold", "sign_vote", "fltrust"],
+)
+def test_float64_values_beyond_float32_are_refused_before_they_reach_a_robust_rule(spec: str) -> None:
+    """A float64 update can hold finite values that float32 (the rules' working precision) cannot: 1e39 passed
+    every finiteness check and became inf in the flattened row, so FoolsGold released NaN and FLAME's HDBSCAN
+    raised a ValueError (the round was lost). Refused on arrival; the honest updates aggregate as without it."""
+    rule = parse_defense(spec)
+    if isinstance(rule, dp.FLTrust):
+        rule.set_reference(dp.Delta({"w": torch.ones(3, dtype=torch.float64)}))
+    agg = dp.Validate(rule)
+    honest = [
+        dp.Delta({"w": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (1 + i / 10)}) for i in range(6)
+    ]
+    huge = dp.Delta({"w": torch.tensor([1e39, 2.0, 3.0], dtype=torch.float64)})
+    assert huge.is_finite()  # finite in float64: only the cast to float32 overflows
+    assert not agg.add(huge, client_id="attacker")
+    assert isinstance(agg.rejections[0].error, dp.InvalidUpdate)
+    assert "float32" in str(agg.rejections[0].error)
+    for i, d in enumerate(honest):
+        assert agg.add(d, client_id=str(i))
+    out = agg.result()
+    assert out.is_finite()
+    assert out["w"].dtype == torch.float64
+    assert float(out["w"].abs().max()) < 10.0

@@ -1,5 +1,7 @@
 """Personalizers on plain torch modules: what stays local, α selection, Ditto's proximal pull."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -146,3 +148,52 @@ def test_registry() -> None:
         get_personalizer("magic")
     with pytest.raises(dp.ConfigError, match="lam must be non-negative"):
         get_personalizer("ditto", lam=-1)
+
+
+def test_a_partial_personalization_that_keeps_every_tensor_local_is_refused() -> None:
+    """A FedPer head covering every layer left nothing to federate: every upload was empty and the server's
+    mean crashed with torch's RuntimeError. Refused when the layout is worked out, before any round."""
+    with pytest.raises(dp.ConfigError, match="nothing would be federated"):
+        FedPer(head=["fc1", "fc2"]).local_keys(Net())
+    assert FedPer(head=["fc1"]).local_keys(Net()) == {"fc1.weight", "fc1.bias"}
+
+    class OnlyNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+    with pytest.raises(dp.ConfigError, match="nothing would be federated"):
+        FedBN().local_keys(OnlyNorm())
+    with pytest.raises(dp.ConfigError, match="head must be"):
+        FedPer(head=["fc2", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Ditto(lam=math.inf), "lam"),
+        (lambda: Ditto(lam=math.nan), "lam"),
+        (lambda: Ditto(lr=math.nan), "lr"),
+        (lambda: AlphaMix(lr=math.inf), "lr"),
+        (lambda: AlphaMix(alphas=(0.0, 0.5, 2.0)), r"\[0, 1\]"),
+        (lambda: AlphaMix(alphas=(0.0, math.nan)), r"\[0, 1\]"),
+        (lambda: AlphaMix(batch_size=0), "batch_size"),
+        (lambda: Ditto(epochs=1.5), "epochs"),
+    ],
+)
+def test_personalizer_options_no_run_can_use_are_refused(make, match) -> None:
+    """NaN passed ``lam < 0`` and ``lr <= 0``; λ = ∞ and lr = ∞ passed too and trained the personal model to NaN
+    (``deltaplane run --personalization ditto`` with ``ditto_lambda: .inf`` served a NaN model); an α of 2
+    extrapolated past the personal model although APFL's mix, and the simulator's report, keep α in [0, 1]."""
+    with pytest.raises(dp.ConfigError, match=match):
+        make()
+
+
+def test_ditto_with_an_infinite_lambda_was_a_nan_model() -> None:
+    """What λ = ∞ did (the proximal gradient overflows): train_sgd now refuses it, as the constructor does."""
+    m = Net()
+    with pytest.raises(dp.ConfigError, match="prox_lambda"):
+        train_sgd(
+            m, m.state_dict(), _data(0), epochs=1, lr=0.1, generator=torch.Generator().manual_seed(0),
+            prox_center={k: v + 1 for k, v in m.state_dict().items()}, prox_lambda=math.inf,
+        )  # fmt: skip

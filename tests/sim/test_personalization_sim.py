@@ -47,3 +47,8 @@ def test_no_personalization_keeps_metrics_unset_and_bad_names_fail() -> None:
         RunConfig.from_mapping({"personalization": "magic"})
     with pytest.raises(dp.ConfigError, match="batch-norm"):
         run_simulation(RunConfig(personalization="fedbn", **SMALL))
+
+
+def test_a_fedper_head_over_every_layer_is_refused_before_the_first_round() -> None:
+    with pytest.raises(dp.ConfigError, match="nothing would be federated"):
+        run_simulation(RunConfig(personalization="fedper", fedper_head="conv1, conv2, fc1, fc2", **SMALL))

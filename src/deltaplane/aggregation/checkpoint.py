@@ -10,11 +10,20 @@ and ``torch.load(weights_only=True)`` reads it back, so a snapshot can never run
 
 Snapshots are taken between rounds: the chain is :meth:`~deltaplane.aggregation.Aggregator.reset` first
 (on a copy), so a round's partial sums are never part of one.
+
+A snapshot carries the chain's configuration too (every attribute is written), and a restore checks it: an
+attribute named after a constructor parameter (``lr``, ``max_norm``, ``seed``...) must hold the value the new
+chain was built with. Restoring used to overwrite them, so a server restarted with a new ``max_norm``, server
+``lr`` or DP noise source silently ran with the old one. A restore that fails (another configuration, a
+malformed snapshot, learned state that does not hold together) raises :class:`~deltaplane.errors.ConfigError`
+and leaves the chain as it was. An object may define ``check_state()`` to check what was restored into it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import types
 from typing import Any
 
@@ -22,7 +31,7 @@ import numpy as np
 import torch
 
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 __all__ = ["chain_state", "load_chain_state"]
 
@@ -45,9 +54,31 @@ def load_chain_state(aggregator: Any, state: dict[str, Any]) -> None:
     """Put a :func:`chain_state` snapshot into ``aggregator`` (built with the same configuration), in place.
 
     Raises:
-        ConfigError: the snapshot was taken from a chain of another shape.
+        ConfigError: the snapshot was taken from a chain of another shape or configuration, is malformed, or
+            holds learned state that does not hold together; ``aggregator`` is then left as it was.
     """
+    try:  # a dry run on a copy first: a refusal halfway must not leave the live chain half restored
+        _decode_into(copy.deepcopy(aggregator), state, "aggregator")
+    except DeltaplaneError:
+        raise
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the server checkpoint is malformed ({type(exc).__name__}: {exc})") from None
     _decode_into(aggregator, state, "aggregator")
+
+
+def _is_value(v: Any) -> bool:
+    return v is None or isinstance(v, bool | int | float | str)
+
+
+def _configuration(obj: Any) -> frozenset[str]:
+    """The attributes of ``obj`` that hold its configuration: those named after a parameter of its constructor.
+    A dataclass is a state holder (its fields are what was learned: a step, moments, a generator), not one."""
+    if dataclasses.is_dataclass(obj):
+        return frozenset()
+    try:
+        return frozenset(inspect.signature(type(obj).__init__).parameters) - {"self"}
+    except (TypeError, ValueError):  # a constructor without a signature (a builtin)
+        return frozenset()
 
 
 def _is_node(v: Any) -> bool:
@@ -123,6 +154,7 @@ def _decode_into(obj: Any, doc: Any, path: str) -> None:
             f"{path}: the checkpoint holds a {found}, this chain a {type(obj).__qualname__}; "
             "restore it into a chain built from the same configuration"
         )
+    configuration = _configuration(obj)
     for name, value in doc["attrs"].items():
         current = getattr(obj, name, None)
         if isinstance(value, dict) and value.get(_KIND) == "ref":
@@ -131,5 +163,13 @@ def _decode_into(obj: Any, doc: Any, path: str) -> None:
             if not _is_node(current):
                 raise ConfigError(f"{path}.{name}: the checkpoint holds an object this chain does not have")
             _decode_into(current, value, f"{path}.{name}")
+        elif name in configuration and _is_value(value) and _is_value(current) and value != current:
+            raise ConfigError(
+                f"{path}.{name}: the checkpoint was taken with {name}={value!r}, this chain is configured with "
+                f"{name}={current!r}; restore it into a chain built from the same configuration"
+            )
         else:
             setattr(obj, name, _decode(value, f"{path}.{name}"))
+    check = getattr(obj, "check_state", None)
+    if callable(check):
+        check()

@@ -241,8 +241,9 @@ def build_aggregator(
     """
     if aggregator not in SERVER_OPTIMIZERS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {list(SERVER_OPTIMIZERS)}")
-    if dp_noise < 0:
-        raise ConfigError(f"dp_noise must be non-negative. Found {dp_noise!r}")
+    # a NaN passes `dp_noise < 0` and fails `dp_noise > 0`: it built a chain without any DP, silently
+    if isinstance(dp_noise, bool) or not (isinstance(dp_noise, int | float) and dp_noise >= 0):
+        raise ConfigError(f"dp_noise must be a non-negative number (0: no DP). Found {dp_noise!r}")
     inner = parse_defense(defense, seed=seed + 2)
     plain = isinstance(inner, FedAvg) or (
         isinstance(inner, NormBound) and isinstance(inner.inner, FedAvg) and not inner.noise

@@ -11,6 +11,25 @@ from deltaplane.errors import DeltaplaneError, InvalidUpdate
 
 __all__ = ["FedAvg"]
 
+_FLOAT64_MAX = torch.finfo(torch.float64).max
+
+
+def _peak(delta: Delta) -> float:
+    """A bound on ``max |Δ|``: measured for float64 tensors, the largest finite value of the dtype for the other
+    floating-point ones (float32, float16 and bfloat16 values cannot come near overflowing a float64 sum), and
+    measured for the rest (integer buffers, usually a few values)."""
+    peak = 0.0
+    for v in delta.values():
+        if not v.numel():
+            continue
+        if v.is_floating_point() and v.dtype != torch.float64:
+            peak = max(peak, float(torch.finfo(v.dtype).max))
+        elif v.dtype == torch.bool:
+            peak = max(peak, 1.0)
+        else:
+            peak = max(peak, float(v.detach().abs().max()))
+    return peak
+
 
 class FedAvg:
     """Weighted mean ``Σ wᵢ·Δᵢ / Σ wᵢ`` kept as a running float64 sum (memory O(model), order-independent
@@ -31,23 +50,33 @@ class FedAvg:
         self._sum: dict[str, torch.Tensor] | None = None
         self._like: Delta | None = None
         self._total = 0.0
+        self._bound = 0.0  # Σ wᵢ·maxⱼ|Δᵢⱼ| (by dtype, below): no running sum can exceed it
         self.count = 0
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
         delta.check_finite()
+        if self._like is not None:
+            check_compatible(self._like, delta, "aggregate and client delta")
+        bound = self._bound + float(weight) * _peak(delta)
+        if not (bound < _FLOAT64_MAX and self._total + float(weight) < _FLOAT64_MAX):
+            # a finite weight times finite values can still overflow the float64 sums: the mean would be ±inf or
+            # NaN (inf/inf). Refused before it touches them, so the round goes on with the others
+            raise InvalidUpdate(
+                f"weight {float(weight):.3g} times this update's values would overflow the float64 sum; "
+                "refusing the update"
+            )
         if self._sum is None:
             self._like = delta
             self._sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in delta.items()}
-        else:
-            assert self._like is not None
-            check_compatible(self._like, delta, "aggregate and client delta")
-        # one multi-tensor add, each float32 value promoted into its float64 sum (no float64 temporaries)
-        torch._foreach_add_(
-            [self._sum[k] for k in delta], [v.detach() for v in delta.values()], alpha=float(weight)
-        )
+        if self._sum:  # (an update of no tensors has nothing to add)
+            # one multi-tensor add, each float32 value promoted into its float64 sum (no float64 temporaries)
+            torch._foreach_add_(
+                [self._sum[k] for k in delta], [v.detach() for v in delta.values()], alpha=float(weight)
+            )
         self._total += float(weight)
+        self._bound = bound
         self.count += 1
 
     def result(self) -> Delta:
@@ -58,7 +87,7 @@ class FedAvg:
         return Delta({k: (s / self._total).to(self._like[k].dtype) for k, s in self._sum.items()})
 
     def reset(self) -> None:
-        self._sum, self._like, self._total, self.count = None, None, 0.0, 0
+        self._sum, self._like, self._total, self._bound, self.count = None, None, 0.0, 0.0, 0
 
     @property
     def measurements(self) -> dict[str, float]:

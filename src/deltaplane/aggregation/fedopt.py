@@ -24,7 +24,7 @@ import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta, check_compatible
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ShapeMismatch
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState", "ServerSGD"]
 
@@ -46,10 +46,48 @@ class ServerOptimizerState:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ServerOptimizerState:
-        """Inverse of :meth:`state_dict`."""
+        """Inverse of :meth:`state_dict`.
+
+        Raises:
+            ConfigError: ``sd`` is not such a state (see :meth:`check_state`).
+        """
+        step = sd.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point()):
+            raise ConfigError(f"server optimizer state: 'step' must be one integer tensor. Found {step!r}")
         m = {k[2:]: t for k, t in sd.items() if k.startswith("m.")}
         v = {k[2:]: t for k, t in sd.items() if k.startswith("v.")}
-        return cls(step=int(sd["step"]), m=m, v=v)
+        state = cls(step=int(step), m=m, v=v)
+        state.check_state()
+        return state
+
+    def check_state(self) -> None:
+        """Refuse moments that no run of :class:`FedOpt` produces (a corrupted or hand-made checkpoint): a NaN
+        moment or a negative ``v`` released a NaN update (``√v``), and a ``v`` of another shape than ``m`` was
+        silently broadcast. Moments are finite float64 tensors, ``v ≥ 0``, and ``v`` (when kept) has ``m``'s
+        names and shapes.
+
+        Raises:
+            ConfigError: naming the tensor.
+        """
+        if isinstance(self.step, bool) or not (isinstance(self.step, int) and self.step >= 0):
+            raise ConfigError(
+                f"server optimizer state: step must be a non-negative integer. Found {self.step!r}"
+            )
+        for name, moments in (("m", self.m), ("v", self.v)):
+            if not isinstance(moments, dict):
+                raise ConfigError(f"server optimizer state: {name} must be a dict of tensors")
+            for k, t in moments.items():
+                if not (isinstance(t, torch.Tensor) and t.dtype == torch.float64):
+                    raise ConfigError(f"server optimizer state: {name}[{k!r}] must be a float64 tensor")
+                if not bool(torch.isfinite(t).all()):
+                    raise ConfigError(f"server optimizer state: {name}[{k!r}] holds NaN or Inf")
+                if name == "v" and bool((t < 0).any()):
+                    raise ConfigError(f"server optimizer state: v[{k!r}] is negative somewhere")
+        if self.v:
+            try:
+                check_compatible(self.m, self.v, "server optimizer moments m and v")
+            except ShapeMismatch as exc:
+                raise ConfigError(f"server optimizer state: {exc}") from None
 
 
 def _check(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -98,14 +136,18 @@ class FedOpt(AggregatorWrapper):
         self.beta1 = beta1
         self.beta2 = beta2
         self.tau = tau
+        if state is not None:
+            state.check_state()
         self.state = state if state is not None else ServerOptimizerState()
 
     def _finish(self) -> Delta:
         delta = self.inner.result()
         s = self.state
-        if s.m:
+        if s.m or s.v:
             floats = {k: t.double() for k, t in delta.items() if t.is_floating_point()}
             check_compatible(s.m, floats, "server optimizer state and round delta")
+            if s.v:  # (a v of another shape than the delta was broadcast: a silently wrong step)
+                check_compatible(s.v, floats, "server optimizer state and round delta")
         out: dict[str, torch.Tensor] = {}
         b1, b2 = self.beta1, self.beta2
         for k, t in delta.items():

@@ -54,6 +54,24 @@ def _admit(like: Delta | None, delta: Delta, weight: float) -> Delta:
     return like
 
 
+def _row(delta: Delta) -> torch.Tensor:
+    """``delta`` as the one float32 vector the rules compare (:meth:`Delta.flatten`), refusing values beyond
+    float32's range: a float64 tensor can hold them finite, and the cast turns them into ±inf, which passed
+    every finiteness check and then made FoolsGold release NaN and FLAME's clustering raise (a round lost)."""
+    row = delta.flatten()
+    if any(v.dtype == torch.float64 for v in delta.values()) and not bool(torch.isfinite(row).all()):
+        bad = next(
+            k
+            for k, v in delta.items()
+            if v.dtype == torch.float64 and not bool(torch.isfinite(v.float()).all())
+        )
+        raise InvalidUpdate(
+            f"tensor '{bad}' holds values beyond float32's range (±{torch.finfo(torch.float32).max:.3g}); "
+            "robust rules compare updates in float32: refusing the update"
+        )
+    return row
+
+
 class _Buffered:
     """Holds the round's updates as rows of an (n, d) float32 matrix, built incrementally."""
 
@@ -78,8 +96,10 @@ class _Buffered:
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         sender, self._next_id = self._next_id, None  # told for this update only, kept or refused
-        self._like = _admit(self._like, delta, weight)
-        self._rows.append(delta.flatten())
+        like = _admit(self._like, delta, weight)
+        row = _row(delta)
+        self._like = like
+        self._rows.append(row)
         self._senders.append(sender)
 
     def result(self) -> Delta:
@@ -326,7 +346,7 @@ class FLTrust:
     def set_reference(self, reference: Delta) -> None:
         """The server's trusted update ``g₀`` for this round (must be set before :meth:`add`)."""
         reference.check_finite()
-        flat = reference.flatten().double()
+        flat = _row(reference).double()
         if float(flat.norm()) == 0.0:
             raise InvalidUpdate("the FLTrust reference update is zero; it cannot score client updates")
         self._ref, self._ref_flat = reference, flat
@@ -336,7 +356,7 @@ class FLTrust:
             raise DeltaplaneError("FLTrust needs the server reference update: call set_reference() first")
         delta.check_finite()
         check_compatible(self._ref, delta, "reference and client delta")
-        g = delta.flatten().double()
+        g = _row(delta).double()
         gn, rn = float(g.norm()), float(self._ref_flat.norm())
         ts = max(0.0, float(g @ self._ref_flat) / (gn * rn)) if gn > 0 else 0.0
         if self._sum is None:
@@ -581,8 +601,9 @@ class SignVote:
         self._own: dict[str, float] = {}
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        self._like = _admit(self._like, delta, weight)
-        g = delta.flatten()
+        like = _admit(self._like, delta, weight)
+        g = _row(delta)
+        self._like = like
         s = torch.sign(g)
         voted = s.abs()  # 0 where the client abstained (sent nothing)
         if self._votes is None or self._voters is None:

@@ -23,7 +23,7 @@ from torch import nn
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError
 from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import as_xy, train_sgd
+from deltaplane.personalization.training import as_xy, check_training_options, train_sgd
 
 __all__ = ["AlphaMix", "choose_alpha"]
 
@@ -76,7 +76,7 @@ class AlphaMix(Personalizer):
         epochs: local epochs of personal fine-tuning per round.
         lr: fine-tuning learning rate.
         batch_size: fine-tuning mini-batch size.
-        alphas: candidate mixing weights; must include 0 so the device can always fall back to global.
+        alphas: candidate mixing weights in [0, 1]; must include 0 so the device can always fall back to global.
         tie_alpha_max: the largest α taken when no candidate is strictly more accurate on local validation than
             the global model (see :func:`choose_alpha`).
     """
@@ -92,12 +92,11 @@ class AlphaMix(Personalizer):
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         tie_alpha_max: float = 0.25,
     ) -> None:
-        if epochs < 1:
-            raise ConfigError(f"epochs must be >= 1. Found {epochs}")
-        if lr <= 0:
-            raise ConfigError(f"lr must be positive. Found {lr}")
-        if 0.0 not in alphas or any(a < 0 for a in alphas):
-            raise ConfigError(f"alphas must be non-negative and include 0.0. Found {list(alphas)}")
+        check_training_options(epochs=epochs, lr=lr, batch_size=batch_size)
+        # APFL's mix α·v + (1 − α)·w = w + α(v − w) interpolates for α in [0, 1]; α > 1 extrapolates past the
+        # personal model (it was accepted), and a NaN α was never served but was scored
+        if 0.0 not in alphas or not all(isinstance(a, int | float) and 0.0 <= a <= 1.0 for a in alphas):
+            raise ConfigError(f"alphas must lie in [0, 1] and include 0.0. Found {list(alphas)}")
         if not 0 <= tie_alpha_max <= 1:
             raise ConfigError(f"tie_alpha_max must be in [0, 1]. Found {tie_alpha_max}")
         self.epochs = epochs

@@ -8,6 +8,7 @@ training) against the global model (λ → ∞).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from deltaplane.delta import StateDict
 from deltaplane.errors import ConfigError
 from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import train_sgd
+from deltaplane.personalization.training import check_training_options, train_sgd
 
 __all__ = ["Ditto"]
 
@@ -34,10 +35,10 @@ class Ditto(Personalizer):
     name = "ditto"
 
     def __init__(self, *, lam: float = 0.1, epochs: int = 2, lr: float = 0.05, batch_size: int = 32) -> None:
-        if lam < 0:
-            raise ConfigError(f"lam must be non-negative. Found {lam}")
-        if epochs < 1 or lr <= 0:
-            raise ConfigError(f"epochs must be >= 1 and lr positive. Found {epochs}, {lr}")
+        # λ = ∞ is the global model itself, and its gradient overflows: say so instead of training to NaN
+        if isinstance(lam, bool) or not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
+            raise ConfigError(f"lam must be non-negative and finite. Found {lam!r}")
+        check_training_options(epochs=epochs, lr=lr, batch_size=batch_size)
         self.lam = lam
         self.epochs = epochs
         self.lr = lr

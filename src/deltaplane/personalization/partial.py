@@ -19,13 +19,24 @@ from deltaplane.personalization.base import Personalizer
 __all__ = ["FedBN", "FedPer"]
 
 
+def _leaves_something_shared(model: nn.Module, keys: frozenset[str], what: str) -> frozenset[str]:
+    """``keys``, unless they cover every floating-point tensor of ``model``: then nothing would be federated
+    (every upload empty), which is local training under another name; it crashed the server's mean."""
+    if all(k in keys for k, v in model.state_dict().items() if v.is_floating_point()):
+        raise ConfigError(
+            f"{what} keeps every tensor of the model on the device, so nothing would be federated; "
+            "keep fewer layers local"
+        )
+    return keys
+
+
 class FedPer(Personalizer):
     """Keep the layers whose names start with one of ``head`` (e.g. ``("fc2",)``) on the device."""
 
     name = "fedper"
 
     def __init__(self, *, head: Sequence[str] = ("fc2",)) -> None:
-        if isinstance(head, str) or not head:
+        if isinstance(head, str) or not head or not all(isinstance(h, str) and h for h in head):
             raise ConfigError(f"head must be a non-empty list of layer-name prefixes. Found {head!r}")
         self.head = tuple(head)
 
@@ -35,7 +46,7 @@ class FedPer(Personalizer):
         )
         if not keys:
             raise ConfigError(f"FedPer head {list(self.head)} matches no tensor of the model")
-        return keys
+        return _leaves_something_shared(model, keys, f"FedPer head {list(self.head)}")
 
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -57,4 +68,4 @@ class FedBN(Personalizer):
                 keys |= {f"{mname}.{k}" if mname else k for k in module.state_dict()}
         if not keys:
             raise ConfigError("FedBN needs a model with batch-norm layers; this model has none")
-        return frozenset(keys)
+        return _leaves_something_shared(model, frozenset(keys), "FedBN")

@@ -6,6 +6,7 @@ comes only from the ``torch.Generator`` passed in, so a device's personalization
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,21 @@ from torch import Tensor, nn
 
 from deltaplane.errors import ConfigError
 
-__all__ = ["accuracy", "as_xy", "train_sgd"]
+__all__ = ["accuracy", "as_xy", "check_training_options", "train_sgd"]
+
+
+def check_training_options(*, epochs: int, lr: float, batch_size: int, min_epochs: int = 1) -> None:
+    """Refuse training options no run can use: a NaN or infinite learning rate passed ``lr <= 0`` and trained
+    the personal model to NaN; a non-integer or non-positive batch size or epoch count.
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    for name, value, least in (("epochs", epochs, min_epochs), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= least):
+            raise ConfigError(f"{name} must be an integer >= {least}. Found {value!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite positive number. Found {lr!r}")
 
 
 def as_xy(data: Any) -> tuple[Tensor, Tensor]:
@@ -43,10 +58,9 @@ def train_sgd(
 
     With ``prox_center`` the loss gets Ditto's proximal term ``λ/2 ‖θ − θ_center‖²`` over the parameters.
     """
-    if epochs < 0 or lr <= 0 or batch_size <= 0:
-        raise ConfigError(
-            f"epochs must be >= 0, lr and batch_size positive. Found {epochs}, {lr}, {batch_size}"
-        )
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, min_epochs=0)
+    if not (isinstance(prox_lambda, int | float) and math.isfinite(prox_lambda) and prox_lambda >= 0):
+        raise ConfigError(f"prox_lambda must be a finite non-negative number. Found {prox_lambda!r}")
     x, y = as_xy(data)
     model.load_state_dict(dict(start))
     model.train()

@@ -1,0 +1,152 @@
+"""Server checkpoints (aggregation/checkpoint.py): a chain restored from a saved snapshot continues bit for bit;
+a snapshot of another configuration, a malformed one or one with impossible optimizer moments is refused with a
+ConfigError, and the chain it was offered to is left as it was."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import deltaplane as dp
+from deltaplane.aggregation import ServerOptimizerState, build_aggregator
+from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
+
+
+def _round(agg: Any, seed: int) -> dp.Delta:
+    agg.reset()
+    g = torch.Generator().manual_seed(seed)
+    for c in range(5):
+        agg.add(
+            dp.Delta({"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}),
+            1.0 + c,
+            client_id=str(c),
+        )
+    return agg.result()
+
+
+def _saved(agg: Any) -> dict[str, Any]:
+    """What a restarted process reads back: the snapshot through torch.save / torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(chain_state(agg), buf)
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+
+def _moments(agg: Any) -> dict[str, torch.Tensor]:
+    return {k: t.clone() for k, t in agg.find(dp.FedOpt).state.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"aggregator": "fedadam"},
+        {"aggregator": "fedyogi", "clip": "adaptive"},
+        {"aggregator": "fedavgm", "defense": "median"},
+    ],
+)
+def test_a_restored_chain_continues_bit_for_bit(options) -> None:
+    live = build_aggregator(**options)
+    for r in range(2):
+        _round(live, r)
+    snap = _saved(live)
+    restored = build_aggregator(**options)
+    load_chain_state(restored, snap)
+    for r in range(2, 4):
+        a, b = _round(live, r), _round(restored, r)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("saved", "offered", "field"),
+    [
+        ({"aggregator": "fedadam", "lr": 0.01}, {"aggregator": "fedadam", "lr": 0.5}, "lr"),
+        (
+            {"aggregator": "fedadam", "max_norm": 100.0},
+            {"aggregator": "fedadam", "max_norm": 5.0},
+            "max_norm",
+        ),
+        # a federation switched from seeded to OS-CSPRNG noise kept drawing the snapshot's seeded noise
+        (
+            {"dp_noise": 1.0, "clip": 1.0, "expected_clients": 5, "seed": 3},
+            {"dp_noise": 1.0, "clip": 1.0, "expected_clients": 5, "secure_noise": True},
+            "seed",
+        ),
+    ],
+)
+def test_a_snapshot_of_another_configuration_is_refused_and_changes_nothing(saved, offered, field) -> None:
+    """Restoring overwrote every attribute, configuration included: a server restarted with a tighter max_norm,
+    another server lr or secure DP noise ran on with the snapshot's values and said nothing."""
+    old = build_aggregator(**saved)
+    _round(old, 0)
+    chain = build_aggregator(**offered)
+    _round(chain, 1)
+    before = copy.deepcopy(chain_state(chain))
+    with pytest.raises(dp.ConfigError, match=f"{field}=.*configured with {field}="):
+        load_chain_state(chain, _saved(old))
+    after = chain_state(chain)
+    assert repr(after) == repr(before)  # nothing restored halfway
+
+
+def _corrupt(snap: dict[str, Any], name: str, fn) -> dict[str, Any]:
+    """``snap`` with the FedAdam moments ``name`` ("m" or "v") of the chain below mapped by ``fn``."""
+    snap = copy.deepcopy(snap)
+    items = snap["attrs"]["inner"]["attrs"]["state"]["attrs"][name]["items"]
+    for item in items:
+        item[1] = fn(item[1])
+    return snap
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda s: _corrupt(s, "m", lambda t: t * math.nan), "holds NaN"),
+        (lambda s: _corrupt(s, "v", lambda t: -t - 1.0), "negative"),
+        (lambda s: _corrupt(s, "v", lambda t: torch.ones(1, dtype=torch.float64)), "shape"),
+        (lambda s: {k: v for k, v in s.items() if k != "attrs"}, "malformed"),
+    ],
+)
+def test_a_corrupted_snapshot_is_refused_and_changes_nothing(mutate, match) -> None:
+    """A NaN moment or a negative v was restored and the next round released a NaN update; a v of another shape
+    was broadcast (a wrong step, silently); a snapshot missing a field was a bare KeyError."""
+    live = build_aggregator(aggregator="fedadam")
+    _round(live, 0)
+    snap = _saved(live)
+    chain = build_aggregator(aggregator="fedadam")
+    _round(chain, 1)
+    before = _moments(chain)
+    with pytest.raises(dp.ConfigError, match=match):
+        load_chain_state(chain, mutate(snap))
+    assert all(torch.equal(before[k], t) for k, t in _moments(chain).items())
+    assert _round(chain, 2).is_finite()
+
+
+def test_server_optimizer_state_dicts_are_checked() -> None:
+    opt = dp.FedAdam()
+    opt.add(dp.Delta({"w": torch.ones(3)}))
+    opt.result()
+    sd = opt.state.state_dict()
+    assert ServerOptimizerState.from_state_dict(sd).step == 1
+    with pytest.raises(dp.ConfigError, match="step"):
+        ServerOptimizerState.from_state_dict({k: t for k, t in sd.items() if k != "step"})
+    with pytest.raises(dp.ConfigError, match="negative"):
+        ServerOptimizerState.from_state_dict({**sd, "v.w": -sd["v.w"]})
+    with pytest.raises(dp.ConfigError, match="NaN"):
+        dp.FedAdam(
+            state=ServerOptimizerState(step=1, m={"w": torch.full((3,), math.nan, dtype=torch.float64)})
+        )
+
+
+def test_a_second_moment_of_another_layout_than_the_round_is_refused() -> None:
+    """Only m was compared with the round's delta: a v of shape (1,) was broadcast into every coordinate."""
+    state = ServerOptimizerState(
+        step=1, m={"w": torch.zeros(3, dtype=torch.float64)}, v={"w": torch.zeros(3, dtype=torch.float64)}
+    )
+    opt = dp.FedAdam(state=state)
+    state.v["w"] = torch.ones(1, dtype=torch.float64)  # changed after the constructor's check
+    opt.add(dp.Delta({"w": torch.ones(3)}))
+    with pytest.raises(dp.ShapeMismatch, match="shape"):
+        opt.result()
