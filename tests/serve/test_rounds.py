@@ -300,3 +300,21 @@ def test_a_bucketed_rule_publishes_the_same_weights_whatever_order_uploads_arriv
             svc.device(f"d{i}").upload("cnn", 1, p)
         published.append(svc.reg.get("cnn", svc.admin.close_round("cnn", 1)["version"]).sha256)
     assert published[0] == published[1]
+
+
+def test_a_service_restarted_with_another_configuration_refuses_the_stored_step(tmp_path):
+    """The stored server step holds FedAdam's moments taken with lr=0.01. A restart configured with lr=0.5 used
+    to run on with the snapshot's lr, silently; it is refused, saying what to do, and nothing is opened."""
+    import dataclasses
+
+    svc = Service(tmp_path / "a", federation=RunConfig(clients=3, aggregator="fedadam", server_opt_lr=0.01))
+    _federated_rounds(svc, 1)
+    changed = RunConfig(clients=3, aggregator="fedadam", server_opt_lr=0.5)
+    svc.config = dataclasses.replace(svc.config, federation=changed)
+    with pytest.raises(ServiceError, match="configuration the federation ran with") as info:
+        restart(svc).admin.open_round("cnn")
+    assert info.value.status == 422 and "lr=0.01" in str(info.value) and "lr=0.5" in str(info.value)
+    svc.config = dataclasses.replace(
+        svc.config, federation=RunConfig(clients=3, aggregator="fedadam", server_opt_lr=0.01)
+    )
+    assert restart(svc).admin.open_round("cnn")["round"] == 2

@@ -267,7 +267,15 @@ def resume_step(
         step = server_step_for(config, state.registry, model, base)
         saved = store.step_snapshot(model)
         if saved is not None:
-            step.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+            try:
+                step.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"the server state stored for {model!r} (optimizer moments, DP accountant, residuals) was "
+                    f"saved under another federation configuration than this service's: {exc}. Start the "
+                    "service with the configuration the federation ran with; a changed one cannot continue "
+                    "its stored state (start a new federation under another model name instead)"
+                ) from None
         else:
             dp = step.aggregator.find(DPFedAvg)
             if isinstance(dp, DPFedAvg) and dp.accountant is not None:
