@@ -118,3 +118,25 @@ def test_population_keeps_each_devices_dgc_velocity() -> None:
     warm = run_population(base.replace(codec="topk(0.01)", sparsity_warmup=2), registered=6, per_round=6)
     cold = run_population(base.replace(codec="topk(0.01)"), registered=6, per_round=6)
     assert warm.uplink_bytes > 3 * cold.uplink_bytes  # rounds 1–2 send 22% and 5% of the values
+
+
+def test_a_poisson_round_that_samples_nobody_still_releases_its_noise() -> None:
+    """Central DP samples each device with probability q (Poisson): seed 13 picks nobody of 6 in round 2. The
+    population driver crashed there (torch.cat of no held-out sets); like every other driver it now closes the
+    round (noise only, ε spent) and has no sampled device to score."""
+    import math
+
+    cfg = RunConfig(
+        clients=6, rounds=2, local_epochs=1, sample_fraction=1 / 3, clip="1.0", dp_noise=0.3, seed=13
+    )
+    result = run_population(cfg)
+    first, empty = result.rounds
+    assert first.clients > 0 and empty.clients == 0
+    assert empty.epsilon > first.epsilon  # the empty round was released, and counted
+    assert any(not torch.equal(result.final_state[k], v) for k, v in _after_round_1(cfg).items())
+    assert math.isnan(empty.client_accuracy_mean) and math.isnan(result.sampled_accuracy[-1])
+    assert 0 <= empty.test_accuracy <= 1
+
+
+def _after_round_1(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return run_population(cfg.replace(rounds=1)).final_state

@@ -319,10 +319,15 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         uplink += outcome.uplink_bytes
         model.load_state_dict(outcome.state)
         test_acc.append(accuracy(model, task.test))
-        holdout = Dataset(
-            torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
-        )
-        sampled_acc.append(accuracy(model, holdout))
+        # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
+        # no sampled device to score (NaN, as round_scores gives)
+        if clients:
+            holdout = Dataset(
+                torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
+            )
+            sampled_acc.append(accuracy(model, holdout))
+        else:
+            sampled_acc.append(float("nan"))
         eps = round_epsilon(config, step, outcome.measurements)
         epsilon.append(eps)
         seconds.append(time.perf_counter() - t0)
