@@ -140,3 +140,28 @@ def test_a_poisson_round_that_samples_nobody_still_releases_its_noise() -> None:
 
 def _after_round_1(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return run_population(cfg.replace(rounds=1)).final_state
+
+
+def test_a_stateful_codec_keeps_each_devices_state_across_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PowerSGD warm-starts each tensor's power iteration from the device's Q of its last round (as on the
+    sequential driver). The population driver builds a fresh compressor per round and carried only the
+    residual, so every round started cold from a random Q, silently."""
+    from deltaplane.codecs.lowrank import PowerSGD
+
+    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (Q given, Q kept) per matrix encode
+    encode = PowerSGD.encode_stateful
+
+    def spy(self, x, rng, state):
+        given = state.get("q")
+        out = encode(self, x, rng, state)
+        if "q" in state:
+            calls.append((None if given is None else given.clone(), state["q"].clone()))
+        return out
+
+    monkeypatch.setattr(PowerSGD, "encode_stateful", spy)
+    cfg = RunConfig(rounds=2, local_epochs=1, codec="powersgd(rank=2, min_size=64)")
+    run_population(cfg, registered=4, per_round=4)  # every device in both rounds
+    warm = [(i, given) for i, (given, _) in enumerate(calls) if given is not None]
+    assert len(warm) == 4 * 4  # round 2: each device's four matrices (conv1, conv2, fc1, fc2)
+    for i, given in warm:  # each warm start is the very Q a device kept from an earlier round
+        assert any(torch.equal(given, kept) for _, kept in calls[:i])

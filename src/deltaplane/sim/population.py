@@ -24,6 +24,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,8 +215,9 @@ def run_population(
     at once (:class:`BatchedTrainer`); the rest of the client step (:class:`~deltaplane.engine.ClientStep`)
     and the server step (:class:`~deltaplane.engine.ServerStep`: the full aggregator chain, DP and its
     accountant, robust rules, downlink codec) are the engine's. A device's error-feedback residual lives in
-    the :class:`ResidualStore`; its uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)``
-    because no compressor object outlives a round. Reports accuracy on the global test set and on the sampled
+    the :class:`ResidualStore`, a stateful codec's state (PowerSGD's warm start) in a dict of the devices that
+    trained; its uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)`` because no compressor
+    object outlives a round. Reports accuracy on the global test set and on the sampled
     devices' held-out data (evaluating all registered devices every round would dominate the cost).
 
     ``registered`` and ``per_round`` default to ``config.clients`` and ``config.clients_per_round()``.
@@ -260,6 +262,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     store = ResidualStore(clients=registered, like=initial)
     # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
     velocities = ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
+    # a stateful codec's per-device state (PowerSGD's warm-start Q, a few values per matrix), for the devices
+    # that have trained: no compressor object outlives a round, so without it every round would start cold
+    codec_states: dict[int, dict[str, dict[str, Any]]] = {}
     seconds, test_acc, sampled_acc, epsilon = [], [], [], []
     history: list[RoundMetrics] = []
     stopped: str | None = None
@@ -283,6 +288,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
             )
             comp.state.residual = store.get(client.cid) if config.error_feedback else None
+            comp.state.codec = codec_states.pop(client.cid, {})
             client.compressor = comp
             if velocities is not None:
                 client.velocity = velocities.get(client.cid)
@@ -310,6 +316,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 store.put(client.cid, client.compressor.state.residual)
             if velocities is not None and client.velocity is not None:
                 velocities.put(client.cid, client.velocity)
+            if client.compressor.state.codec:
+                codec_states[client.cid] = client.compressor.state.codec
         deliver(config, server, ordered, rnd)
         try:
             outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
