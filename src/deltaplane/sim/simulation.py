@@ -169,15 +169,16 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         >>> result.raw_update_bytes * 4 > 50 * result.final.uplink_bytes  # 4 clients' raw fp32 vs payloads
         True
     """
-    if config.engine == "population":
-        from deltaplane.sim.population import run_population_rounds
-
-        return run_population_rounds(config, progress=progress)
+    # before any in-process engine runs: the population engine too would otherwise ignore the transport
     if config.engine == "flower" or config.transport != "inproc":
         raise UnsupportedOption(
             f"run_simulation runs the in-process engines; engine={config.engine!r} transport={config.transport!r} "
             "run through deltaplane.apps.runner.run_federation (or deltaplane run)"
         )
+    if config.engine == "population":
+        from deltaplane.sim.population import run_population_rounds
+
+        return run_population_rounds(config, progress=progress)
     prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
     # The batched engine spends its threads on workers of one torch thread each (see _run).
