@@ -50,7 +50,9 @@ class RunConfig(BaseModel):
     larger residual to catch up on.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no float option means anything at ±inf or NaN (an infinite lr or FedProx μ only diverged in round 1,
+    # an infinite memory budget or Dirichlet α crashed the batched and population engines): refused here
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # -- task (the model and data; see deltaplane.engine.Task) ---------------------------------------
     task: str = Field(
