@@ -8,7 +8,7 @@ any training. Here instead:
 * a client is *materialized lazily* when sampled: :meth:`ClientPopulation.client` rebuilds its shard from its
   own random stream ``(seed, PARTITION, cid)``, so it is the same every time and costs nothing while idle;
 * per-client state (the error-feedback residual) lives in :class:`ResidualStore`, one fp16 row per client
-  in a zero-initialised ``(clients, params)`` tensor whose pages the OS only backs once a client has trained;
+  that has trained (a registered client that never trained holds nothing);
 * sampled clients train at once with :class:`~deltaplane.sim.batched.BatchedTrainer`, and every update still
   goes through the client's compressor into a real wire payload that the server decodes.
 
@@ -67,11 +67,13 @@ __all__ = [
 
 
 class ResidualStore:
-    """Error-feedback residuals of many clients as one ``(clients, params)`` fp16 tensor.
+    """Error-feedback residuals of many clients, one fp16 row each, held only for clients that have trained.
 
     fp16 halves the memory of fp32 state; the residual is a small correction (what the codec did not send),
-    and its rounding error (relative 2⁻¹¹) is far below the codec's own. Rows start at zero: memory from
-    ``torch.zeros`` is mapped lazily by the OS, so only the rows of clients that have trained take RAM.
+    and its rounding error (relative 2⁻¹¹) is far below the codec's own. A client that never trained has no
+    row: the store grows with the clients that took part, not with those registered. (It was one zeroed
+    ``(clients, params)`` tensor, assumed to be backed lazily; ``torch.zeros`` writes every page, so 10,000
+    clients of DigitsCNN took 350 MiB before a round and a million asked for 34 GiB at once.)
     """
 
     def __init__(self, *, clients: int, like: dict[str, Tensor]) -> None:
@@ -81,25 +83,35 @@ class ResidualStore:
         self.names = list(like)
         self.shapes = [tuple(t.shape) for t in like.values()]
         self.sizes = [t.numel() for t in like.values()]
-        self.data = torch.zeros((clients, sum(self.sizes)), dtype=torch.float16)
-        self._seen = np.zeros(clients, dtype=bool)
+        self._rows: dict[int, Tensor] = {}
 
     @property
     def nbytes(self) -> int:
         """Bytes the store may occupy once every client has trained."""
-        return self.data.numel() * self.data.element_size()
+        return self.clients * sum(self.sizes) * 2
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the rows held now (the clients that have trained)."""
+        return len(self._rows) * sum(self.sizes) * 2
+
+    def _check(self, cid: int) -> None:
+        if not 0 <= cid < self.clients:
+            raise ConfigError(f"client id must be in [0, {self.clients}). Found {cid}")
 
     def get(self, cid: int) -> Delta | None:
         """Client ``cid``'s residual in fp32 (``None`` before its first round)."""
-        if not self._seen[cid]:
+        self._check(cid)
+        row = self._rows.get(cid)
+        if row is None:
             return None
-        parts = self.data[cid].float().split(self.sizes)
+        parts = row.float().split(self.sizes)
         return Delta({n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)})
 
     def put(self, cid: int, residual: Delta) -> None:
         """Store client ``cid``'s residual (rounded to fp16)."""
-        self.data[cid] = torch.cat([residual[n].reshape(-1) for n in self.names]).to(torch.float16)
-        self._seen[cid] = True
+        self._check(cid)
+        self._rows[cid] = torch.cat([residual[n].reshape(-1) for n in self.names]).to(torch.float16)
 
 
 class ClientPopulation:
