@@ -191,3 +191,25 @@ def test_a_stateful_codec_keeps_each_devices_state_across_rounds(monkeypatch: py
     assert len(warm) == 4 * 4  # round 2: each device's four matrices (conv1, conv2, fc1, fc2)
     for i, given in warm:  # each warm start is the very Q a device kept from an earlier round
         assert any(torch.equal(given, kept) for _, kept in calls[:i])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists child processes from /proc")
+def test_a_failing_population_run_stops_its_training_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With threads=2 a forked worker trains a share of each round. A run that raised left it running for as
+    long as anything held the exception's traceback (the sequential/batched driver already stopped its own)."""
+    import os
+
+    import deltaplane.engine.server as server_module
+
+    close = server_module.ServerStep.close
+
+    def failing(self):
+        if self._round == 2:
+            raise RuntimeError("boom at round 2")
+        return close(self)
+
+    monkeypatch.setattr(server_module.ServerStep, "close", failing)
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    with pytest.raises(RuntimeError, match="boom") as caught:
+        run_population(RunConfig(rounds=3, local_epochs=1, threads=2), registered=8, per_round=4)
+    assert caught.value is not None and children.read_text().split() == []

@@ -268,126 +268,133 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     trainer = BatchedTrainer(
         model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss, workers=config.threads
     )
-    step = ClientStep(config, task, base_id=BASE_ID)
-    server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
-    step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
-    store = ResidualStore(clients=registered, like=initial)
-    # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
-    velocities = ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
-    # a stateful codec's per-device state (PowerSGD's warm-start Q, a few values per matrix), for the devices
-    # that have trained: no compressor object outlives a round, so without it every round would start cold
-    codec_states: dict[int, dict[str, dict[str, Any]]] = {}
-    seconds, test_acc, sampled_acc, epsilon = [], [], [], []
-    history: list[RoundMetrics] = []
-    stopped: str | None = None
-    per_round = 0
-    uplink = cum_down = 0
-    for rnd in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        version, global_state = server.version, server.state
-        chosen = sample_clients(
-            registered,
-            config.sample_fraction,
-            numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
-            central_dp=config.dp_noise > 0,
+    # its forked workers stop now, also when a round raises (a traceback holding this frame would keep them)
+    try:
+        step = ClientStep(config, task, base_id=BASE_ID)
+        server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
+        # one wire session per run, built once (both sides would build the same)
+        step.sessions = server.sessions
+        store = ResidualStore(clients=registered, like=initial)
+        # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
+        velocities = (
+            ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
         )
-        clients = [population.client(cid) for cid in chosen]
-        per_round = len(chosen)
-        for client in clients:
-            comp = Compressor(
-                config.codec,
-                error_feedback=config.error_feedback,
-                seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
+        # a stateful codec's per-device state (PowerSGD's warm-start Q, a few values per matrix), for the
+        # devices that have trained: no compressor object outlives a round, without it every round starts cold
+        codec_states: dict[int, dict[str, dict[str, Any]]] = {}
+        seconds, test_acc, sampled_acc, epsilon = [], [], [], []
+        history: list[RoundMetrics] = []
+        stopped: str | None = None
+        per_round = 0
+        uplink = cum_down = 0
+        for rnd in range(1, config.rounds + 1):
+            t0 = time.perf_counter()
+            version, global_state = server.version, server.state
+            chosen = sample_clients(
+                registered,
+                config.sample_fraction,
+                numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+                central_dp=config.dp_noise > 0,
             )
-            comp.state.residual = store.get(client.cid) if config.error_feedback else None
-            comp.state.codec = codec_states.pop(client.cid, {})
-            client.compressor = comp
-            if velocities is not None:
-                client.velocity = velocities.get(client.cid)
-        server.open(rnd)
-        honest = [c for c in clients if c.cid not in step.malicious]
-        uploads: dict[int, Upload] = {}
-        if honest:
-            stacked = start_batched(config, trainer, global_state, honest, rnd).result()
-            if step.stackable:
-                # every sampled update compressed on the stack, each with its own residual and generator
-                for u in _upload_stacked(step, honest, stacked, version):
-                    uploads[u.cid] = u
+            clients = [population.client(cid) for cid in chosen]
+            per_round = len(chosen)
+            for client in clients:
+                comp = Compressor(
+                    config.codec,
+                    error_feedback=config.error_feedback,
+                    seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
+                )
+                comp.state.residual = store.get(client.cid) if config.error_feedback else None
+                comp.state.codec = codec_states.pop(client.cid, {})
+                client.compressor = comp
+                if velocities is not None:
+                    client.velocity = velocities.get(client.cid)
+            server.open(rnd)
+            honest = [c for c in clients if c.cid not in step.malicious]
+            uploads: dict[int, Upload] = {}
+            if honest:
+                stacked = start_batched(config, trainer, global_state, honest, rnd).result()
+                if step.stackable:
+                    # every sampled update compressed on the stack, each with its own residual and generator
+                    for u in _upload_stacked(step, honest, stacked, version):
+                        uploads[u.cid] = u
+                else:
+                    for i, c in enumerate(honest):
+                        delta = Delta({k: t[i] for k, t in stacked.items()})
+                        uploads[c.cid] = step.finish(
+                            c, delta, model=model, global_state=global_state, rnd=rnd, version=version
+                        )
+            for c in clients:  # a malicious device poisons its own data: it trains on its own
+                if c.cid in step.malicious:
+                    uploads[c.cid] = step.run(c, model, global_state, rnd, version)
+            ordered = [uploads[c.cid] for c in clients]
+            for client in clients:
+                if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
+                    store.put(client.cid, client.compressor.state.residual)
+                if velocities is not None and client.velocity is not None:
+                    velocities.put(client.cid, client.velocity)
+                if client.compressor.state.codec:
+                    codec_states[client.cid] = client.compressor.state.codec
+            deliver(config, server, ordered, rnd)
+            try:
+                outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
+            except PrivacyBudgetExceeded as exc:
+                stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
+                break
+            uplink += outcome.uplink_bytes
+            model.load_state_dict(outcome.state)
+            test_acc.append(accuracy(model, task.test))
+            # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
+            # no sampled device to score (NaN, as round_scores gives)
+            if clients:
+                holdout = Dataset(
+                    torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
+                )
+                sampled_acc.append(accuracy(model, holdout))
             else:
-                for i, c in enumerate(honest):
-                    delta = Delta({k: t[i] for k, t in stacked.items()})
-                    uploads[c.cid] = step.finish(
-                        c, delta, model=model, global_state=global_state, rnd=rnd, version=version
-                    )
-        for c in clients:  # a malicious device poisons its own data: it trains on its own
-            if c.cid in step.malicious:
-                uploads[c.cid] = step.run(c, model, global_state, rnd, version)
-        ordered = [uploads[c.cid] for c in clients]
-        for client in clients:
-            if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
-                store.put(client.cid, client.compressor.state.residual)
-            if velocities is not None and client.velocity is not None:
-                velocities.put(client.cid, client.velocity)
-            if client.compressor.state.codec:
-                codec_states[client.cid] = client.compressor.state.codec
-        deliver(config, server, ordered, rnd)
-        try:
-            outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
-        except PrivacyBudgetExceeded as exc:
-            stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
-            break
-        uplink += outcome.uplink_bytes
-        model.load_state_dict(outcome.state)
-        test_acc.append(accuracy(model, task.test))
-        # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
-        # no sampled device to score (NaN, as round_scores gives)
-        if clients:
-            holdout = Dataset(
-                torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
+                sampled_acc.append(float("nan"))
+            eps = round_epsilon(config, step, outcome.measurements)
+            epsilon.append(eps)
+            seconds.append(time.perf_counter() - t0)
+            down = len(outcome.downlink_payload) * registered  # every device applies it, when it next syncs
+            cum_down += down
+            history.append(
+                RoundMetrics(
+                    round=rnd,
+                    clients=len(chosen),
+                    **round_scores(model, task.test, evaluate_clients(model, clients)),
+                    uplink_bytes=outcome.uplink_bytes,
+                    downlink_bytes=down,
+                    cumulative_uplink_bytes=uplink,
+                    cumulative_downlink_bytes=cum_down,
+                    seconds=seconds[-1],
+                    epsilon=eps,
+                    rejected=len(outcome.rejections),
+                    backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
+                    clipped_fraction=outcome.measurements.get("clipped_fraction"),
+                )
             )
-            sampled_acc.append(accuracy(model, holdout))
-        else:
-            sampled_acc.append(float("nan"))
-        eps = round_epsilon(config, step, outcome.measurements)
-        epsilon.append(eps)
-        seconds.append(time.perf_counter() - t0)
-        down = len(outcome.downlink_payload) * registered  # every device applies it, when it next syncs
-        cum_down += down
-        history.append(
-            RoundMetrics(
-                round=rnd,
-                clients=len(chosen),
-                **round_scores(model, task.test, evaluate_clients(model, clients)),
-                uplink_bytes=outcome.uplink_bytes,
-                downlink_bytes=down,
-                cumulative_uplink_bytes=uplink,
-                cumulative_downlink_bytes=cum_down,
-                seconds=seconds[-1],
-                epsilon=eps,
-                rejected=len(outcome.rejections),
-                backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
-                clipped_fraction=outcome.measurements.get("clipped_fraction"),
-            )
+            if progress is not None:
+                progress(history[-1])
+        return PopulationResult(
+            registered=registered,
+            per_round=per_round,
+            seconds=seconds,
+            test_accuracy=test_acc,
+            sampled_accuracy=sampled_acc,
+            uplink_bytes=uplink,
+            residual_store_bytes=store.nbytes,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+            wall_time_s=time.perf_counter() - start,
+            epsilon=epsilon,
+            rounds=history,
+            final_state=server.state,
+            num_params=sum(v.numel() for v in initial.values()),
+            raw_update_bytes=Delta.zeros_like(initial).nbytes,
+            stopped=stopped,
         )
-        if progress is not None:
-            progress(history[-1])
-    return PopulationResult(
-        registered=registered,
-        per_round=per_round,
-        seconds=seconds,
-        test_accuracy=test_acc,
-        sampled_accuracy=sampled_acc,
-        uplink_bytes=uplink,
-        residual_store_bytes=store.nbytes,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
-        wall_time_s=time.perf_counter() - start,
-        epsilon=epsilon,
-        rounds=history,
-        final_state=server.state,
-        num_params=sum(v.numel() for v in initial.values()),
-        raw_update_bytes=Delta.zeros_like(initial).nbytes,
-        stopped=stopped,
-    )
+    finally:
+        trainer.close()
 
 
 def run_population_rounds(
