@@ -213,3 +213,16 @@ def test_a_failing_population_run_stops_its_training_worker(monkeypatch: pytest.
     with pytest.raises(RuntimeError, match="boom") as caught:
         run_population(RunConfig(rounds=3, local_epochs=1, threads=2), registered=8, per_round=4)
     assert caught.value is not None and children.read_text().split() == []
+
+
+def test_a_pool_without_some_label_still_deals_out_clients() -> None:
+    """A task's class count can include a label only its test set holds. ClientPopulation drew each client's
+    label mix over every class, and a client given samples of the missing label was a bare ValueError from
+    numpy ("a cannot be empty"); the sequential driver's partition ran. Mixes now cover the pool's labels."""
+    train, _ = train_test_split(load_digits())
+    keep = train.y != 9
+    pool = type(train)(train.x[keep], train.y[keep])
+    pop = ClientPopulation(RunConfig(alpha=0.1), pool, size=200, num_classes=10)
+    clients = [pop.client(cid) for cid in range(200)]
+    assert all(9 not in c.train.y.tolist() + c.holdout.y.tolist() for c in clients)
+    assert len({int(y) for c in clients for y in c.train.y}) == 9

@@ -140,6 +140,11 @@ class ClientPopulation:
         labels = train.y.numpy()
         self.num_classes = num_classes or int(labels.max()) + 1
         self._by_label = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
+        # a client's label mix covers the labels the pool holds: a task's class count may include one only its
+        # test set has, and no sample of it could be drawn (the same draws as before when every label is there)
+        self._labels = [c for c in range(self.num_classes) if len(self._by_label[c])]
+        if not self._labels:
+            raise ConfigError("the training pool is empty: the population engine has no samples to deal out")
 
     def client(self, cid: int) -> Client:
         """Client ``cid`` (same shard every call): Dirichlet label mix, size in [min_client_samples, max]."""
@@ -147,10 +152,16 @@ class ClientPopulation:
             raise ConfigError(f"client id must be in [0, {self.size}). Found {cid}")
         rng = numpy_rng(self.config.seed, Stream.PARTITION, cid)
         n = int(rng.integers(self.config.min_client_samples, self.max_samples + 1))
-        mix = rng.dirichlet(np.full(self.num_classes, self.config.alpha))
+        mix = rng.dirichlet(np.full(len(self._labels), self.config.alpha))
         counts = rng.multinomial(n, mix)
         idx = np.sort(
-            np.concatenate([rng.choice(self._by_label[c], size=k) for c, k in enumerate(counts) if k > 0])
+            np.concatenate(
+                [
+                    rng.choice(self._by_label[c], size=k)
+                    for c, k in zip(self._labels, counts, strict=True)
+                    if k > 0
+                ]
+            )
         )
         local, held = split_holdout(idx, self.config.holdout_fraction, rng)
         return Client(cid, self.train.subset(local), self.train.subset(held), compressor=None)  # type: ignore[arg-type]
