@@ -606,3 +606,25 @@ def test_a_batch_size_beyond_every_client_pads_nothing() -> None:
         assert torch.allclose(huge[name], t, rtol=0, atol=1e-6), name
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         train(0)
+
+
+@pytest.mark.parametrize("engine", ["batched", "population"])
+def test_no_more_workers_are_forked_than_a_round_has_clients(engine, monkeypatch) -> None:
+    """A round splits its clients over at most that many workers; threads=6 on 2 clients forked 5 processes,
+    4 of which never trained (threads=24 on 4 clients: 23). The results are the same at any such count."""
+    import deltaplane.sim.forked_workers as forked_workers
+
+    forked: list[int] = []
+    init = forked_workers.ForkedWorkers.__init__
+
+    def spy(self, n, **kwargs):
+        forked.append(n)
+        init(self, n, **kwargs)
+
+    monkeypatch.setattr(forked_workers.ForkedWorkers, "__init__", spy)
+    cfg = RunConfig(clients=2, rounds=1, local_epochs=1, engine=engine)
+    many = run_simulation(cfg.replace(threads=6))
+    assert forked == [1]  # the caller and one forked worker: two clients
+    two = run_simulation(cfg.replace(threads=2))
+    for k, v in two.final_state.items():
+        assert torch.equal(many.final_state[k], v), k

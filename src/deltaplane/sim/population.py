@@ -54,7 +54,7 @@ from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
-from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched
+from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
 
 __all__ = [
     "ClientPopulation",
@@ -277,7 +277,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = BatchedTrainer(
-        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss, workers=config.threads
+        model,
+        memory_budget=int(config.memory_budget_mb * 2**20),
+        loss=task.loss,
+        workers=trainer_workers(config),
     )
     # its forked workers stop now, also when a round raises (a traceback holding this frame would keep them)
     try:

@@ -105,8 +105,17 @@ def _batched_trainer(
         return None
     loss = task.loss if task is not None else nn.functional.cross_entropy
     return BatchedTrainer(
-        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss, workers=config.threads
+        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss, workers=trainer_workers(config)
     )
+
+
+def trainer_workers(config: RunConfig) -> int:
+    """The batched trainer's workers: ``threads``, but no more than the most clients a round trains (every
+    client under central DP's Poisson sampling, else ``clients_per_round``). A round splits its clients over
+    at most that many workers, so more would be forked processes that never train (threads=24 on 4 clients
+    forked 23); the split, and so every result, is the same."""
+    most = config.clients if config.dp_noise > 0 else config.clients_per_round()
+    return max(1, min(config.threads, most))
 
 
 def start_batched(
