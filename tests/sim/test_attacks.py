@@ -76,3 +76,19 @@ def test_attack_specs_in_the_shared_grammar() -> None:
         parse_attack("backdoor(0.1, 5)")
     with pytest.raises(dp.ConfigError, match="must be a number"):
         parse_attack("backdoor(0.1, boost=big)")
+
+
+def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused() -> None:
+    """backdoor(0.1) of 4 clients is round(0.4) = 0 malicious devices: the run went ahead with no attacker at
+    all (and reported a backdoor success for an attack that never ran)."""
+    from deltaplane.engine.attacks import choose_malicious
+    from deltaplane.errors import ConfigError
+    from deltaplane.sim import RunConfig
+    from deltaplane.sim.seeding import Stream, numpy_rng
+
+    for spec in ("backdoor:0.1", "sign_flip(0.12)"):
+        with pytest.raises(ConfigError, match="rounds to no malicious client"):
+            RunConfig.from_mapping({"clients": 4, "attack": spec})
+    cfg = RunConfig(clients=4, attack="backdoor:0.25")  # one of four: accepted, and it attacks
+    assert len(choose_malicious(cfg.clients, 0.25, numpy_rng(0, Stream.ATTACK))) == 1
+    RunConfig(clients=4, attack="none")  # no attack at all stays fine

@@ -574,3 +574,57 @@ def test_a_run_that_fails_leaves_no_worker_context(monkeypatch: pytest.MonkeyPat
     gc.collect()
     assert worker_scoring._CONTEXT == {}
     assert worker_encoding._CONTEXT == {}
+
+
+def test_a_batch_size_beyond_every_client_pads_nothing() -> None:
+    """With batch_size far above every client's sample count each client's epoch is one batch of its whole
+    data, as in the sequential loop; the batched trainer padded every batch to batch_size, so a huge
+    batch_size made it compute on that many zeros per client (10**6 on 3 clients ran for minutes)."""
+    data = load_digits()
+    shards = [data.subset(range(0, 30)), data.subset(range(30, 80))]
+    model = build_model(0)
+    trainer = BatchedTrainer(model)
+    widths: list[int] = []
+    step = trainer._step_grads
+
+    def spy(params, x, y, w):
+        widths.append(x.shape[1])
+        return step(params, x, y, w)
+
+    trainer._step_grads = spy
+
+    def train(batch_size: int) -> dict[str, torch.Tensor]:
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return trainer.train(
+            model.state_dict(), shards, gens, epochs=2, batch_size=batch_size, lr=0.1, momentum=0.9
+        )
+
+    whole = train(50)
+    huge = train(20_000)
+    assert max(widths) == 50  # no sample beyond the largest client's 50
+    for name, t in whole.items():
+        assert torch.allclose(huge[name], t, rtol=0, atol=1e-6), name
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        train(0)
+
+
+@pytest.mark.parametrize("engine", ["batched", "population"])
+def test_no_more_workers_are_forked_than_a_round_has_clients(engine, monkeypatch) -> None:
+    """A round splits its clients over at most that many workers; threads=6 on 2 clients forked 5 processes,
+    4 of which never trained (threads=24 on 4 clients: 23). The results are the same at any such count."""
+    import deltaplane.sim.forked_workers as forked_workers
+
+    forked: list[int] = []
+    init = forked_workers.ForkedWorkers.__init__
+
+    def spy(self, n, **kwargs):
+        forked.append(n)
+        init(self, n, **kwargs)
+
+    monkeypatch.setattr(forked_workers.ForkedWorkers, "__init__", spy)
+    cfg = RunConfig(clients=2, rounds=1, local_epochs=1, engine=engine)
+    many = run_simulation(cfg.replace(threads=6))
+    assert forked == [1]  # the caller and one forked worker: two clients
+    two = run_simulation(cfg.replace(threads=2))
+    for k, v in two.final_state.items():
+        assert torch.equal(many.final_state[k], v), k

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +36,30 @@ def test_residual_store_is_fp16_and_lazy() -> None:
     assert float((back["w"] - 0.1).abs().max()) <= 0.1 * 2**-11  # fp16 rounding, relative 2^-11
     assert torch.equal(back["b"], torch.arange(5.0))
     assert store.get(4) is None
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (not its peak), from /proc."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_residual_store_takes_memory_only_for_clients_that_trained() -> None:
+    """The store was one zeroed (clients, params) fp16 tensor, said to be backed by the OS only row by row;
+    torch.zeros writes every page, so 50,000 registered clients of 2,048 values took 195 MiB before any of
+    them trained (10,000 of DigitsCNN: 350 MiB; a million: a 34 GiB allocation that failed)."""
+    like = {"w": torch.zeros(2048)}
+    before = _resident_bytes()
+    store = ResidualStore(clients=50_000, like=like)
+    assert store.nbytes == 50_000 * 2048 * 2  # what it would hold if every client trained
+    assert _resident_bytes() - before < 16 * 2**20
+    store.put(49_999, Delta({"w": torch.ones(2048)}))
+    assert store.stored_bytes == 2048 * 2 and torch.equal(store.get(49_999)["w"], torch.ones(2048))
+    with pytest.raises(ConfigError, match=r"client id must be in \[0, 50000\)"):
+        store.get(50_000)
 
 
 def _check(result, registered: int, per_round: int, rounds: int) -> None:
@@ -118,3 +144,85 @@ def test_population_keeps_each_devices_dgc_velocity() -> None:
     warm = run_population(base.replace(codec="topk(0.01)", sparsity_warmup=2), registered=6, per_round=6)
     cold = run_population(base.replace(codec="topk(0.01)"), registered=6, per_round=6)
     assert warm.uplink_bytes > 3 * cold.uplink_bytes  # rounds 1–2 send 22% and 5% of the values
+
+
+def test_a_poisson_round_that_samples_nobody_still_releases_its_noise() -> None:
+    """Central DP samples each device with probability q (Poisson): seed 13 picks nobody of 6 in round 2. The
+    population driver crashed there (torch.cat of no held-out sets); like every other driver it now closes the
+    round (noise only, ε spent) and has no sampled device to score."""
+    import math
+
+    cfg = RunConfig(
+        clients=6, rounds=2, local_epochs=1, sample_fraction=1 / 3, clip="1.0", dp_noise=0.3, seed=13
+    )
+    result = run_population(cfg)
+    first, empty = result.rounds
+    assert first.clients > 0 and empty.clients == 0
+    assert empty.epsilon > first.epsilon  # the empty round was released, and counted
+    assert any(not torch.equal(result.final_state[k], v) for k, v in _after_round_1(cfg).items())
+    assert math.isnan(empty.client_accuracy_mean) and math.isnan(result.sampled_accuracy[-1])
+    assert 0 <= empty.test_accuracy <= 1
+
+
+def _after_round_1(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return run_population(cfg.replace(rounds=1)).final_state
+
+
+def test_a_stateful_codec_keeps_each_devices_state_across_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PowerSGD warm-starts each tensor's power iteration from the device's Q of its last round (as on the
+    sequential driver). The population driver builds a fresh compressor per round and carried only the
+    residual, so every round started cold from a random Q, silently."""
+    from deltaplane.codecs.lowrank import PowerSGD
+
+    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (Q given, Q kept) per matrix encode
+    encode = PowerSGD.encode_stateful
+
+    def spy(self, x, rng, state):
+        given = state.get("q")
+        out = encode(self, x, rng, state)
+        if "q" in state:
+            calls.append((None if given is None else given.clone(), state["q"].clone()))
+        return out
+
+    monkeypatch.setattr(PowerSGD, "encode_stateful", spy)
+    cfg = RunConfig(rounds=2, local_epochs=1, codec="powersgd(rank=2, min_size=64)")
+    run_population(cfg, registered=4, per_round=4)  # every device in both rounds
+    warm = [(i, given) for i, (given, _) in enumerate(calls) if given is not None]
+    assert len(warm) == 4 * 4  # round 2: each device's four matrices (conv1, conv2, fc1, fc2)
+    for i, given in warm:  # each warm start is the very Q a device kept from an earlier round
+        assert any(torch.equal(given, kept) for _, kept in calls[:i])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists child processes from /proc")
+def test_a_failing_population_run_stops_its_training_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With threads=2 a forked worker trains a share of each round. A run that raised left it running for as
+    long as anything held the exception's traceback (the sequential/batched driver already stopped its own)."""
+    import os
+
+    import deltaplane.engine.server as server_module
+
+    close = server_module.ServerStep.close
+
+    def failing(self):
+        if self._round == 2:
+            raise RuntimeError("boom at round 2")
+        return close(self)
+
+    monkeypatch.setattr(server_module.ServerStep, "close", failing)
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    with pytest.raises(RuntimeError, match="boom") as caught:
+        run_population(RunConfig(rounds=3, local_epochs=1, threads=2), registered=8, per_round=4)
+    assert caught.value is not None and children.read_text().split() == []
+
+
+def test_a_pool_without_some_label_still_deals_out_clients() -> None:
+    """A task's class count can include a label only its test set holds. ClientPopulation drew each client's
+    label mix over every class, and a client given samples of the missing label was a bare ValueError from
+    numpy ("a cannot be empty"); the sequential driver's partition ran. Mixes now cover the pool's labels."""
+    train, _ = train_test_split(load_digits())
+    keep = train.y != 9
+    pool = type(train)(train.x[keep], train.y[keep])
+    pop = ClientPopulation(RunConfig(alpha=0.1), pool, size=200, num_classes=10)
+    clients = [pop.client(cid) for cid in range(200)]
+    assert all(9 not in c.train.y.tolist() + c.holdout.y.tolist() for c in clients)
+    assert len({int(y) for c in clients for y in c.train.y}) == 9

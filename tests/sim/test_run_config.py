@@ -112,3 +112,28 @@ def test_dp_delta_must_be_below_one_over_the_population(clients, delta) -> None:
             RunConfig(clients=clients, **dp, **extra)
     RunConfig(clients=clients, **extra)  # without DP δ means nothing and is not checked
     RunConfig(clients=clients, dp_noise=1.0, clip="1.0", dp_delta=0.01 / clients)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "lr",
+        "alpha",
+        "prox_mu",
+        "local_clip",
+        "memory_budget_mb",
+        "secagg_range",
+        "personal_lr",
+        "ditto_lambda",
+    ],
+)
+def test_an_infinite_value_is_refused_naming_the_field(field: str, tmp_path: Path) -> None:
+    """Every float option passed `gt=0` at infinity: lr/prox_mu diverged in round 1 (InvalidUpdate), an
+    infinite memory_budget_mb was a bare OverflowError in the batched engine, alpha a bare ValueError in the
+    population engine's Dirichlet draw."""
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        RunConfig.from_mapping({field: float("inf")})
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{field}: .inf\n")  # YAML's infinity
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        RunConfig.from_yaml(path)

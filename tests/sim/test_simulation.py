@@ -157,3 +157,13 @@ def test_a_failing_round_still_reports_the_round_before_and_stops_the_workers(mo
         assert seen == [1, 2], threads
         if children.exists():  # the traceback (held by `caught`) no longer keeps a worker alive
             assert caught.value is not None and children.read_text().split() == []
+
+
+@pytest.mark.parametrize("engine", ["sequential", "batched", "population"])
+def test_run_simulation_refuses_another_transport_on_every_engine(engine: str) -> None:
+    """run_simulation is the in-process driver: transport='http' belongs to run_federation. The population
+    engine was dispatched before that check and ran in process, silently ignoring the transport."""
+    from deltaplane.errors import UnsupportedOption
+
+    with pytest.raises(UnsupportedOption, match="transport='http'"):
+        run_simulation(RunConfig(clients=2, rounds=1, local_epochs=1, engine=engine, transport="http"))

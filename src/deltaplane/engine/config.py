@@ -50,7 +50,9 @@ class RunConfig(BaseModel):
     larger residual to catch up on.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no float option means anything at ±inf or NaN (an infinite lr or FedProx μ only diverged in round 1,
+    # an infinite memory budget or Dirichlet α crashed the batched and population engines): refused here
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # -- task (the model and data; see deltaplane.engine.Task) ---------------------------------------
     task: str = Field(
@@ -268,6 +270,7 @@ class RunConfig(BaseModel):
                 "a mechanism that releases a client's data outright; set dp_delta well below 1/clients, e.g. "
                 f"{10 ** math.floor(math.log10(0.1 / self.clients)):g}"
             )
+        self._check_attackers()
         if self.local_dp_noise > 0:
             if self.clip is None or self.clip == "adaptive":
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
@@ -287,6 +290,21 @@ class RunConfig(BaseModel):
             if self.clip == "adaptive":
                 raise ValueError("with secagg, clip must be a number (clients clip before masking)")
         return self
+
+    def _check_attackers(self) -> None:
+        """An attack must leave at least one malicious device (``choose_malicious`` takes
+        ``round(fraction · clients)`` of them); otherwise the run would silently have no attacker."""
+        if not self.attack:
+            return
+        from deltaplane.engine.attacks import parse_attack
+
+        _, fraction = parse_attack(self.attack)
+        if fraction > 0 and round(fraction * self.clients) == 0:
+            raise ValueError(
+                f"attack {self.attack!r}: a malicious fraction of {fraction:g} of {self.clients} clients rounds to "
+                f"no malicious client, so the attack would not run; use a fraction of at least "
+                f"{1 / self.clients:.3g} (one client) or more clients"
+            )
 
     def clients_per_round(self) -> int:
         """How many clients train in each round."""

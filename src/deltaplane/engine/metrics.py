@@ -55,9 +55,27 @@ def evaluate_clients(model: nn.Module, clients: Sequence[Any]) -> list[float]:
     return [float(part.mean()) if len(part) else 0.0 for part in correct.split(sizes)]
 
 
+#: the per-client fields of :func:`round_scores`
+_CLIENT_FIELDS = (
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "client_accuracy_p10",
+    "client_accuracy_median",
+    "client_accuracy_p90",
+    "client_accuracy_max",
+)
+
+
 def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> dict[str, float]:
     """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean, worst, quantiles
-    (10%, median, 90%) and best of the per-client accuracies (:func:`evaluate_clients`)."""
+    (10%, median, 90%) and best of the per-client accuracies (:func:`evaluate_clients`).
+
+    With no client accuracies (a driver that scores the round's sampled devices, in a Poisson-sampled round
+    that sampled nobody) the client figures are NaN: there is no device to score, and no value would be
+    honest (a report writes NaN as null)."""
+    if not client_acc:
+        nan = float("nan")
+        return {"test_accuracy": accuracy(model, test)} | dict.fromkeys(_CLIENT_FIELDS, nan)
     return {
         "test_accuracy": accuracy(model, test),
         "client_accuracy_mean": float(np.mean(client_acc)),

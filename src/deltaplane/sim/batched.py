@@ -346,6 +346,12 @@ class BatchedTrainer:
             raise ConfigError("no clients to train")
         if any(len(d) == 0 for d in datasets):
             raise ConfigError("every client needs at least one training sample")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1. Found {batch_size}")
+        # A batch never holds more than a client's samples: beyond the largest client, batch_size only pads
+        # (every client then takes its whole data as one batch an epoch, as with the largest client's count),
+        # and padding costs as much as real samples (batch_size 10**6 on 3 clients trained for minutes).
+        batch_size = min(batch_size, max(len(d) for d in datasets))
         if not (isinstance(caller_share, int | float) and 0 < caller_share <= 1):
             raise ConfigError(f"caller_share must be in (0, 1]. Found {caller_share!r}")
         for g in generators:

@@ -8,7 +8,7 @@ any training. Here instead:
 * a client is *materialized lazily* when sampled: :meth:`ClientPopulation.client` rebuilds its shard from its
   own random stream ``(seed, PARTITION, cid)``, so it is the same every time and costs nothing while idle;
 * per-client state (the error-feedback residual) lives in :class:`ResidualStore`, one fp16 row per client
-  in a zero-initialised ``(clients, params)`` tensor whose pages the OS only backs once a client has trained;
+  that has trained (a registered client that never trained holds nothing);
 * sampled clients train at once with :class:`~deltaplane.sim.batched.BatchedTrainer`, and every update still
   goes through the client's compressor into a real wire payload that the server decodes.
 
@@ -24,6 +24,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer
-from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched
+from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
 
 __all__ = [
     "ClientPopulation",
@@ -66,11 +67,13 @@ __all__ = [
 
 
 class ResidualStore:
-    """Error-feedback residuals of many clients as one ``(clients, params)`` fp16 tensor.
+    """Error-feedback residuals of many clients, one fp16 row each, held only for clients that have trained.
 
     fp16 halves the memory of fp32 state; the residual is a small correction (what the codec did not send),
-    and its rounding error (relative 2⁻¹¹) is far below the codec's own. Rows start at zero: memory from
-    ``torch.zeros`` is mapped lazily by the OS, so only the rows of clients that have trained take RAM.
+    and its rounding error (relative 2⁻¹¹) is far below the codec's own. A client that never trained has no
+    row: the store grows with the clients that took part, not with those registered. (It was one zeroed
+    ``(clients, params)`` tensor, assumed to be backed lazily; ``torch.zeros`` writes every page, so 10,000
+    clients of DigitsCNN took 350 MiB before a round and a million asked for 34 GiB at once.)
     """
 
     def __init__(self, *, clients: int, like: dict[str, Tensor]) -> None:
@@ -80,25 +83,35 @@ class ResidualStore:
         self.names = list(like)
         self.shapes = [tuple(t.shape) for t in like.values()]
         self.sizes = [t.numel() for t in like.values()]
-        self.data = torch.zeros((clients, sum(self.sizes)), dtype=torch.float16)
-        self._seen = np.zeros(clients, dtype=bool)
+        self._rows: dict[int, Tensor] = {}
 
     @property
     def nbytes(self) -> int:
         """Bytes the store may occupy once every client has trained."""
-        return self.data.numel() * self.data.element_size()
+        return self.clients * sum(self.sizes) * 2
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the rows held now (the clients that have trained)."""
+        return len(self._rows) * sum(self.sizes) * 2
+
+    def _check(self, cid: int) -> None:
+        if not 0 <= cid < self.clients:
+            raise ConfigError(f"client id must be in [0, {self.clients}). Found {cid}")
 
     def get(self, cid: int) -> Delta | None:
         """Client ``cid``'s residual in fp32 (``None`` before its first round)."""
-        if not self._seen[cid]:
+        self._check(cid)
+        row = self._rows.get(cid)
+        if row is None:
             return None
-        parts = self.data[cid].float().split(self.sizes)
+        parts = row.float().split(self.sizes)
         return Delta({n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)})
 
     def put(self, cid: int, residual: Delta) -> None:
         """Store client ``cid``'s residual (rounded to fp16)."""
-        self.data[cid] = torch.cat([residual[n].reshape(-1) for n in self.names]).to(torch.float16)
-        self._seen[cid] = True
+        self._check(cid)
+        self._rows[cid] = torch.cat([residual[n].reshape(-1) for n in self.names]).to(torch.float16)
 
 
 class ClientPopulation:
@@ -127,6 +140,11 @@ class ClientPopulation:
         labels = train.y.numpy()
         self.num_classes = num_classes or int(labels.max()) + 1
         self._by_label = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
+        # a client's label mix covers the labels the pool holds: a task's class count may include one only its
+        # test set has, and no sample of it could be drawn (the same draws as before when every label is there)
+        self._labels = [c for c in range(self.num_classes) if len(self._by_label[c])]
+        if not self._labels:
+            raise ConfigError("the training pool is empty: the population engine has no samples to deal out")
 
     def client(self, cid: int) -> Client:
         """Client ``cid`` (same shard every call): Dirichlet label mix, size in [min_client_samples, max]."""
@@ -134,10 +152,16 @@ class ClientPopulation:
             raise ConfigError(f"client id must be in [0, {self.size}). Found {cid}")
         rng = numpy_rng(self.config.seed, Stream.PARTITION, cid)
         n = int(rng.integers(self.config.min_client_samples, self.max_samples + 1))
-        mix = rng.dirichlet(np.full(self.num_classes, self.config.alpha))
+        mix = rng.dirichlet(np.full(len(self._labels), self.config.alpha))
         counts = rng.multinomial(n, mix)
         idx = np.sort(
-            np.concatenate([rng.choice(self._by_label[c], size=k) for c, k in enumerate(counts) if k > 0])
+            np.concatenate(
+                [
+                    rng.choice(self._by_label[c], size=k)
+                    for c, k in zip(self._labels, counts, strict=True)
+                    if k > 0
+                ]
+            )
         )
         local, held = split_holdout(idx, self.config.holdout_fraction, rng)
         return Client(cid, self.train.subset(local), self.train.subset(held), compressor=None)  # type: ignore[arg-type]
@@ -214,8 +238,9 @@ def run_population(
     at once (:class:`BatchedTrainer`); the rest of the client step (:class:`~deltaplane.engine.ClientStep`)
     and the server step (:class:`~deltaplane.engine.ServerStep`: the full aggregator chain, DP and its
     accountant, robust rules, downlink codec) are the engine's. A device's error-feedback residual lives in
-    the :class:`ResidualStore`; its uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)``
-    because no compressor object outlives a round. Reports accuracy on the global test set and on the sampled
+    the :class:`ResidualStore`, a stateful codec's state (PowerSGD's warm start) in a dict of the devices that
+    trained; its uplink codec's random stream is ``(seed, UPLINK_CODEC, client, round)`` because no compressor
+    object outlives a round. Reports accuracy on the global test set and on the sampled
     devices' held-out data (evaluating all registered devices every round would dominate the cost).
 
     ``registered`` and ``per_round`` default to ``config.clients`` and ``config.clients_per_round()``.
@@ -252,117 +277,138 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = BatchedTrainer(
-        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=task.loss, workers=config.threads
+        model,
+        memory_budget=int(config.memory_budget_mb * 2**20),
+        loss=task.loss,
+        workers=trainer_workers(config),
     )
-    step = ClientStep(config, task, base_id=BASE_ID)
-    server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
-    step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
-    store = ResidualStore(clients=registered, like=initial)
-    # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
-    velocities = ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
-    seconds, test_acc, sampled_acc, epsilon = [], [], [], []
-    history: list[RoundMetrics] = []
-    stopped: str | None = None
-    per_round = 0
-    uplink = cum_down = 0
-    for rnd in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        version, global_state = server.version, server.state
-        chosen = sample_clients(
-            registered,
-            config.sample_fraction,
-            numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
-            central_dp=config.dp_noise > 0,
+    # its forked workers stop now, also when a round raises (a traceback holding this frame would keep them)
+    try:
+        step = ClientStep(config, task, base_id=BASE_ID)
+        server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
+        # one wire session per run, built once (both sides would build the same)
+        step.sessions = server.sessions
+        store = ResidualStore(clients=registered, like=initial)
+        # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
+        velocities = (
+            ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
         )
-        clients = [population.client(cid) for cid in chosen]
-        per_round = len(chosen)
-        for client in clients:
-            comp = Compressor(
-                config.codec,
-                error_feedback=config.error_feedback,
-                seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
+        # a stateful codec's per-device state (PowerSGD's warm-start Q, a few values per matrix), for the
+        # devices that have trained: no compressor object outlives a round, without it every round starts cold
+        codec_states: dict[int, dict[str, dict[str, Any]]] = {}
+        seconds, test_acc, sampled_acc, epsilon = [], [], [], []
+        history: list[RoundMetrics] = []
+        stopped: str | None = None
+        per_round = 0
+        uplink = cum_down = 0
+        for rnd in range(1, config.rounds + 1):
+            t0 = time.perf_counter()
+            version, global_state = server.version, server.state
+            chosen = sample_clients(
+                registered,
+                config.sample_fraction,
+                numpy_rng(config.seed, Stream.CLIENT_SAMPLING, rnd),
+                central_dp=config.dp_noise > 0,
             )
-            comp.state.residual = store.get(client.cid) if config.error_feedback else None
-            client.compressor = comp
-            if velocities is not None:
-                client.velocity = velocities.get(client.cid)
-        server.open(rnd)
-        honest = [c for c in clients if c.cid not in step.malicious]
-        uploads: dict[int, Upload] = {}
-        if honest:
-            stacked = start_batched(config, trainer, global_state, honest, rnd).result()
-            if step.stackable:
-                # every sampled update compressed on the stack, each with its own residual and generator
-                for u in _upload_stacked(step, honest, stacked, version):
-                    uploads[u.cid] = u
+            clients = [population.client(cid) for cid in chosen]
+            per_round = len(chosen)
+            for client in clients:
+                comp = Compressor(
+                    config.codec,
+                    error_feedback=config.error_feedback,
+                    seed=derive_seed(config.seed, Stream.UPLINK_CODEC, client.cid, rnd),
+                )
+                comp.state.residual = store.get(client.cid) if config.error_feedback else None
+                comp.state.codec = codec_states.pop(client.cid, {})
+                client.compressor = comp
+                if velocities is not None:
+                    client.velocity = velocities.get(client.cid)
+            server.open(rnd)
+            honest = [c for c in clients if c.cid not in step.malicious]
+            uploads: dict[int, Upload] = {}
+            if honest:
+                stacked = start_batched(config, trainer, global_state, honest, rnd).result()
+                if step.stackable:
+                    # every sampled update compressed on the stack, each with its own residual and generator
+                    for u in _upload_stacked(step, honest, stacked, version):
+                        uploads[u.cid] = u
+                else:
+                    for i, c in enumerate(honest):
+                        delta = Delta({k: t[i] for k, t in stacked.items()})
+                        uploads[c.cid] = step.finish(
+                            c, delta, model=model, global_state=global_state, rnd=rnd, version=version
+                        )
+            for c in clients:  # a malicious device poisons its own data: it trains on its own
+                if c.cid in step.malicious:
+                    uploads[c.cid] = step.run(c, model, global_state, rnd, version)
+            ordered = [uploads[c.cid] for c in clients]
+            for client in clients:
+                if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
+                    store.put(client.cid, client.compressor.state.residual)
+                if velocities is not None and client.velocity is not None:
+                    velocities.put(client.cid, client.velocity)
+                if client.compressor.state.codec:
+                    codec_states[client.cid] = client.compressor.state.codec
+            deliver(config, server, ordered, rnd)
+            try:
+                outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
+            except PrivacyBudgetExceeded as exc:
+                stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
+                break
+            uplink += outcome.uplink_bytes
+            model.load_state_dict(outcome.state)
+            test_acc.append(accuracy(model, task.test))
+            # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
+            # no sampled device to score (NaN, as round_scores gives)
+            if clients:
+                holdout = Dataset(
+                    torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
+                )
+                sampled_acc.append(accuracy(model, holdout))
             else:
-                for i, c in enumerate(honest):
-                    delta = Delta({k: t[i] for k, t in stacked.items()})
-                    uploads[c.cid] = step.finish(
-                        c, delta, model=model, global_state=global_state, rnd=rnd, version=version
-                    )
-        for c in clients:  # a malicious device poisons its own data: it trains on its own
-            if c.cid in step.malicious:
-                uploads[c.cid] = step.run(c, model, global_state, rnd, version)
-        ordered = [uploads[c.cid] for c in clients]
-        for client in clients:
-            if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
-                store.put(client.cid, client.compressor.state.residual)
-            if velocities is not None and client.velocity is not None:
-                velocities.put(client.cid, client.velocity)
-        deliver(config, server, ordered, rnd)
-        try:
-            outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
-        except PrivacyBudgetExceeded as exc:
-            stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
-            break
-        uplink += outcome.uplink_bytes
-        model.load_state_dict(outcome.state)
-        test_acc.append(accuracy(model, task.test))
-        holdout = Dataset(
-            torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
-        )
-        sampled_acc.append(accuracy(model, holdout))
-        eps = round_epsilon(config, step, outcome.measurements)
-        epsilon.append(eps)
-        seconds.append(time.perf_counter() - t0)
-        down = len(outcome.downlink_payload) * registered  # every device applies it, when it next syncs
-        cum_down += down
-        history.append(
-            RoundMetrics(
-                round=rnd,
-                clients=len(chosen),
-                **round_scores(model, task.test, evaluate_clients(model, clients)),
-                uplink_bytes=outcome.uplink_bytes,
-                downlink_bytes=down,
-                cumulative_uplink_bytes=uplink,
-                cumulative_downlink_bytes=cum_down,
-                seconds=seconds[-1],
-                epsilon=eps,
-                rejected=len(outcome.rejections),
-                backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
-                clipped_fraction=outcome.measurements.get("clipped_fraction"),
+                sampled_acc.append(float("nan"))
+            eps = round_epsilon(config, step, outcome.measurements)
+            epsilon.append(eps)
+            seconds.append(time.perf_counter() - t0)
+            down = len(outcome.downlink_payload) * registered  # every device applies it, when it next syncs
+            cum_down += down
+            history.append(
+                RoundMetrics(
+                    round=rnd,
+                    clients=len(chosen),
+                    **round_scores(model, task.test, evaluate_clients(model, clients)),
+                    uplink_bytes=outcome.uplink_bytes,
+                    downlink_bytes=down,
+                    cumulative_uplink_bytes=uplink,
+                    cumulative_downlink_bytes=cum_down,
+                    seconds=seconds[-1],
+                    epsilon=eps,
+                    rejected=len(outcome.rejections),
+                    backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
+                    clipped_fraction=outcome.measurements.get("clipped_fraction"),
+                )
             )
+            if progress is not None:
+                progress(history[-1])
+        return PopulationResult(
+            registered=registered,
+            per_round=per_round,
+            seconds=seconds,
+            test_accuracy=test_acc,
+            sampled_accuracy=sampled_acc,
+            uplink_bytes=uplink,
+            residual_store_bytes=store.nbytes,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+            wall_time_s=time.perf_counter() - start,
+            epsilon=epsilon,
+            rounds=history,
+            final_state=server.state,
+            num_params=sum(v.numel() for v in initial.values()),
+            raw_update_bytes=Delta.zeros_like(initial).nbytes,
+            stopped=stopped,
         )
-        if progress is not None:
-            progress(history[-1])
-    return PopulationResult(
-        registered=registered,
-        per_round=per_round,
-        seconds=seconds,
-        test_accuracy=test_acc,
-        sampled_accuracy=sampled_acc,
-        uplink_bytes=uplink,
-        residual_store_bytes=store.nbytes,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
-        wall_time_s=time.perf_counter() - start,
-        epsilon=epsilon,
-        rounds=history,
-        final_state=server.state,
-        num_params=sum(v.numel() for v in initial.values()),
-        raw_update_bytes=Delta.zeros_like(initial).nbytes,
-        stopped=stopped,
-    )
+    finally:
+        trainer.close()
 
 
 def run_population_rounds(

@@ -105,8 +105,17 @@ def _batched_trainer(
         return None
     loss = task.loss if task is not None else nn.functional.cross_entropy
     return BatchedTrainer(
-        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss, workers=config.threads
+        model, memory_budget=int(config.memory_budget_mb * 2**20), loss=loss, workers=trainer_workers(config)
     )
+
+
+def trainer_workers(config: RunConfig) -> int:
+    """The batched trainer's workers: ``threads``, but no more than the most clients a round trains (every
+    client under central DP's Poisson sampling, else ``clients_per_round``). A round splits its clients over
+    at most that many workers, so more would be forked processes that never train (threads=24 on 4 clients
+    forked 23); the split, and so every result, is the same."""
+    most = config.clients if config.dp_noise > 0 else config.clients_per_round()
+    return max(1, min(config.threads, most))
 
 
 def start_batched(
@@ -169,15 +178,16 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         >>> result.raw_update_bytes * 4 > 50 * result.final.uplink_bytes  # 4 clients' raw fp32 vs payloads
         True
     """
-    if config.engine == "population":
-        from deltaplane.sim.population import run_population_rounds
-
-        return run_population_rounds(config, progress=progress)
+    # before any in-process engine runs: the population engine too would otherwise ignore the transport
     if config.engine == "flower" or config.transport != "inproc":
         raise UnsupportedOption(
             f"run_simulation runs the in-process engines; engine={config.engine!r} transport={config.transport!r} "
             "run through deltaplane.apps.runner.run_federation (or deltaplane run)"
         )
+    if config.engine == "population":
+        from deltaplane.sim.population import run_population_rounds
+
+        return run_population_rounds(config, progress=progress)
     prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
     # The batched engine spends its threads on workers of one torch thread each (see _run).
