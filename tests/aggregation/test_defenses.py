@@ -351,3 +351,36 @@ def test_the_median_buckets_by_two_unless_told_otherwise() -> None:
     np.testing.assert_allclose(
         by_default.result()["w"].numpy(), np.median(means, axis=0), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("defense", "clients", "sample_fraction", "need"),
+    [
+        ("krum", 4, 1.0, 5),  # Krum with f = 1 needs n > 2f + 2
+        ("multi_krum(2)", 20, 0.3, 7),  # 6 clients a round
+        ("median(4)", 4, 1.0, 5),  # the mean around the median leaving out 4 of 4 keeps none
+    ],
+)
+def test_a_rule_that_cannot_close_a_round_of_this_size_is_refused_up_front(
+    defense, clients, sample_fraction, need
+):
+    """These configurations used to be accepted, train a whole round, and fail at its close with a
+    DeltaplaneError; the rule's own close is the independent check that the bound is the right one."""
+    from deltaplane.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"needs at least {need} updates a round"):
+        RunConfig.from_mapping({"clients": clients, "sample_fraction": sample_fraction, "defense": defense})
+    cfg = RunConfig.from_mapping({"clients": 40, "defense": defense})
+    rule = cfg.build_aggregator()
+    while getattr(rule, "inner", None) is not None:
+        rule = rule.inner
+    for n in (need - 1, need):  # the rule itself closes with `need` updates and not one fewer
+        agg = type(rule)(**{k: getattr(rule, k) for k in ("byzantine",) if hasattr(rule, k)})
+        agg.bucket = rule.bucket
+        for i in range(n):
+            agg.add(dp.Delta({"w": torch.full((3,), float(i))}))
+        if n < need:
+            with pytest.raises(dp.errors.DeltaplaneError):
+                agg.result()
+        else:
+            assert agg.result()["w"].shape == (3,)

@@ -46,3 +46,12 @@ def test_section_mistakes_are_one_line_config_errors() -> None:
         RunConfig.from_mapping({"dp_noise": 1.0, "privacy": {"noise": 1.0}, "clip": "1"})
     with pytest.raises(ConfigError, match="engine"):
         RunConfig.from_mapping({"engine": {"name": "warp"}})
+
+
+def test_keyword_construction_raises_config_error_naming_the_field():
+    """RunConfig(lr=-1) raised pydantic's ValidationError, which `except DeltaplaneError` does not catch."""
+    with pytest.raises(ConfigError, match="field 'lr'.*greater than 0"):
+        RunConfig(lr=-1)
+    with pytest.raises(ConfigError, match="field 'clinets': unknown field"):
+        RunConfig(clinets=3)
+    assert RunConfig(lr=0.5).lr == 0.5

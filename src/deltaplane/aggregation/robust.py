@@ -119,6 +119,15 @@ class _Buffered:
 
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
+    #: rows (bucket means) :meth:`_combine` needs to give a result
+    min_rows = 1
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates a round needs for this rule to close: ⌈n/s⌉ buckets must reach
+        :attr:`min_rows`. Run configurations check it against their clients per round up front, so a run does
+        not train a whole round only to fail at its close."""
+        return (self.min_rows - 1) * self.bucket + 1
 
     def _bucketed(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Bucketing (Karimireddy, He & Jaggi 2022, ICLR, https://arxiv.org/abs/2006.09365, Algorithm 1).
@@ -225,6 +234,10 @@ class CoordinateMedian(_Buffered):
             bucket = DEFAULT_MEDIAN_BUCKET if byzantine is None else 1
         self._set_bucket(bucket, seed)
 
+    @property
+    def min_rows(self) -> int:  # type: ignore[override]
+        return 1 if self.byzantine is None else self.byzantine + 1
+
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         s = x.sort(dim=0).values
@@ -300,6 +313,10 @@ class Krum(_Buffered):
         self.byzantine = byzantine
         self.select = select
         self.selected: list[int] = []
+
+    @property
+    def min_rows(self) -> int:  # type: ignore[override]
+        return 2 * self.byzantine + 3
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n, f = x.shape[0], self.byzantine

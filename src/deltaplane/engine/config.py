@@ -255,6 +255,13 @@ class RunConfig(BaseModel):
                 defence = defence.inner
             if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
                 check_defense_codec(defence, self.codec)
+            need = getattr(defence, "min_updates", 1)
+            if need > self.clients_per_round():
+                raise ConfigError(
+                    f"defense {self.defense!r} needs at least {need} updates a round to close, and this run "
+                    f"trains {self.clients_per_round()} a round; raise clients or sample_fraction, or tolerate "
+                    "fewer byzantine clients"
+                )
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
         try:
@@ -396,6 +403,14 @@ class RunConfig(BaseModel):
         return cls(**{k: v for k, v in options.items() if k in takes})
 
     # -- construction -------------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        """Validate the keyword fields; a bad one is a :class:`ConfigError` naming every bad field, as from
+        :meth:`from_mapping` (pydantic's own ``ValidationError`` is not a deltaplane error)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "RunConfig")) from None
+
     @classmethod
     def from_mapping(cls, data: Any, *, source: str = "config") -> RunConfig:
         """Validate a mapping (e.g. parsed YAML); raise :class:`ConfigError` naming every bad field.
