@@ -140,7 +140,7 @@ def test_full_downlink_of_a_new_artifact_verifies_on_a_device(home):
 
 def _take_over(home) -> None:
     """What a writer of the home can do: replace keys/ with a key pair of its own and re-sign every artifact
-    (here after clearing m@2's governance, so a withdrawal of 'eu' would miss it)."""
+    (here after clearing m@2's governance, so a withdrawal of 'eu' would miss it) and the signed state log."""
     from deltaplane.registry import init_keys
 
     _tamper(home, """UPDATE artifacts SET governance='{"cohorts": []}' WHERE number=2""")
@@ -149,6 +149,12 @@ def _take_over(home) -> None:
         _tamper(
             home, "UPDATE artifacts SET signature=? WHERE id=?", (evil.sign(a.statement()).to_text(), a.id)
         )
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.execute("DROP TRIGGER IF EXISTS state_log_append_only_u")
+    for seq, digest in con.execute("SELECT seq, sha256 FROM state_log").fetchall():
+        sig = evil.sign({"kind": "state-log", "seq": seq, "sha256": digest}).to_text()
+        con.execute("UPDATE state_log SET signature=? WHERE seq=?", (sig, seq))
+    con.close()
 
 
 def _pin(home, where) -> None:
@@ -174,7 +180,8 @@ def test_a_pin_outside_the_home_refuses_a_home_whose_keys_were_replaced(home, tm
         monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
         reg = Registry(home)
         report = reg.verify()
-        assert len(report.problems) == 3 and all("untrusted key" in p for p in report.problems)
+        # the three artifacts and the state log's first entry (the chain is not checked past it)
+        assert len(report.problems) == 4 and all("untrusted key" in p for p in report.problems)
         with pytest.raises(SignatureError, match="untrusted key"):
             reg.load_state("m@2")
     # an explicit verifier is the same pin from Python

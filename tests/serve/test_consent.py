@@ -97,3 +97,35 @@ def test_cli_withdraw_lists_affected_versions_and_the_rebuild_base(tmp_path):
     r = CliRunner().invoke(app, ["registry", "withdraw", "--cohort", "eu", "--home", str(home)])
     assert r.exit_code == 0, r.output
     assert "affected versions: cnn@2" in r.output and "rebuild from cnn@1" in r.output
+
+
+def test_the_service_refuses_to_serve_from_tags_or_withdrawals_edited_in_the_database(tmp_path):
+    """Downloads decide on tags and withdrawals verified against the registry's signed state log: a withdrawal
+    deleted, or production moved, in registry.db is a 409, not a served model."""
+    import sqlite3
+
+    svc = Service(tmp_path / "h")
+    v2 = svc.reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
+    svc.reg.set_tag("cnn", "production", v2.number)
+    svc.reg.withdraw_cohort("eu")
+    device = svc.device("d", "us")
+    with pytest.raises(ServiceError) as e:
+        device.fetch("cnn")
+    assert e.value.status == 451
+    db = sqlite3.connect(tmp_path / "h" / "registry.db", isolation_level=None)
+    db.execute("DELETE FROM withdrawals")
+    with pytest.raises(ServiceError) as e:
+        device.fetch("cnn")
+    assert e.value.status == 409 and "withdrawals: cohort 'eu' is missing" in e.value.detail
+    db.execute(
+        "INSERT INTO withdrawals SELECT json_extract(entry, '$.cohort'), json_extract(entry, '$.reason'), "
+        "json_extract(entry, '$.at') FROM state_log WHERE json_extract(entry, '$.op') = 'withdraw'"
+    )
+    with pytest.raises(ServiceError) as e:
+        device.fetch("cnn")
+    assert e.value.status == 451  # restored: the withdrawal holds again
+    db.execute("UPDATE tags SET number=1 WHERE tag='production'")  # serve the version before it instead
+    db.close()
+    with pytest.raises(ServiceError) as e:
+        device.fetch("cnn")
+    assert e.value.status == 409 and "tags: cnn:production points to version 1" in e.value.detail

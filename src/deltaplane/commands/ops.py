@@ -362,8 +362,18 @@ def register(app: typer.Typer) -> None:
                 "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
             ),
         ] = None,
+        expect_head: Annotated[
+            str | None,
+            typer.Option(
+                "--expect-head",
+                metavar="INDEX:SHA256",
+                help="A state log head printed by an earlier verify and kept outside HOME: fail unless the log "
+                "still contains it (catches newest tag/withdrawal entries removed, which signatures cannot).",
+            ),
+        ] = None,
     ) -> None:
-        """Integrity check: every blob's hash, every row's blob, every signature. Exit 1 on problems."""
+        """Integrity check: every blob's hash, every row's blob, every signature, and the signed state log (tags,
+        tag history, withdrawals). Exit 1 on problems."""
         from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
         from deltaplane.registry.signing import TRUSTED_KEYS_ENV, load_trusted_keys
@@ -372,7 +382,9 @@ def register(app: typer.Typer) -> None:
         with _errors():
             try:
                 verifier = load_trusted_keys(pin) if pin and not no_signatures else None
-                rep = Registry(_home(home), verifier=verifier).verify(signatures=not no_signatures)
+                rep = Registry(_home(home), verifier=verifier).verify(
+                    signatures=not no_signatures, expect_head=expect_head
+                )
             except IntegrityError as exc:  # the database itself is unreadable: a finding, not a crash
                 err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
@@ -386,6 +398,12 @@ def register(app: typer.Typer) -> None:
                 if pin
                 else "signatures checked against the keys inside the home: this shows the home is consistent, "
                 "not that its keys are yours (pin them with --trusted or $DELTAPLANE_TRUSTED_KEYS)",
+                soft_wrap=True,
+            )
+        if rep.log_head is not None:
+            console.print(
+                f"state log head {rep.log_head}: keep it outside HOME and pass it to a later verify as "
+                "--expect-head to detect removed tag/withdrawal entries",
                 soft_wrap=True,
             )
         for n in rep.notes:

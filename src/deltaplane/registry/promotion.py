@@ -5,7 +5,9 @@ same run (never against remembered numbers from another harness), and refuses wh
 accuracy, out-of-distribution accuracy — drops by more than its tolerance, when a gated metric of the candidate
 is missing or not finite (the gate fails closed: ``NaN > tolerance`` is False), or when the candidate was
 trained on a cohort that has since withdrawn consent. Silent regressions (an over-pruned or backdoored model that
-still looks fine on one metric) are what the gate is for.
+still looks fine on one metric) are what the gate is for. The gate reads the tag and the withdrawals verified
+against the registry's signed state log (:mod:`deltaplane.registry.eventlog`): a tag moved or a withdrawal
+deleted in the database behind the registry's back is an :class:`~deltaplane.errors.IntegrityError`, not a pass.
 
 Rollback walks the tag's history as a stack: promotions push, rollbacks pop, so two rollbacks in a row go two
 versions back (also when they run at once: each is one transaction). Versions are immutable content-addressed blobs, so the restored weights are byte-identical.
@@ -123,16 +125,18 @@ def promote(
     Raises:
         PromotionRefused: the candidate regressed beyond ``tolerance`` or contains a withdrawn cohort (unless
             ``raise_on_refusal`` is False, in which case the refused result is returned).
+        IntegrityError: the tags or withdrawals differ from the registry's signed state log (nothing is
+            evaluated, recorded or moved).
     """
     tolerance = tolerance or Tolerance()
-    cand = registry.resolve(ref)
+    cand = registry.resolve(ref, verify=True)
     if cand.kind != "model":
         raise ConfigError(f"{cand.ref} is a delta; only model versions can be promoted")
     name = evaluator_name or getattr(evaluator, "__qualname__", type(evaluator).__name__)
     gated = list(tolerance.limits)
-    regressions = registry.governance_problems(cand)
+    regressions = registry.governance_problems(cand, verify=True)
     try:
-        prev: Artifact | None = registry.get(cand.model, registry.tag(cand.model, to))
+        prev: Artifact | None = registry.get(cand.model, registry.tag(cand.model, to, verify=True))
     except NotFound:
         prev = None
     cand_metrics = _evaluate(registry, cand, evaluator, name)
@@ -206,12 +210,15 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
 
     Reading the tag's history, moving the tag and signing the rollback record are one registry transaction
     (its write lock is taken first): a failure leaves neither a moved tag without the record devices need to
-    follow it, and a concurrent rollback waits and then pops the next version instead of the same one.
+    follow it, and a concurrent rollback waits and then pops the next version instead of the same one. The tag
+    and its history are checked against the signed state log first (:class:`~deltaplane.errors.IntegrityError`
+    when they differ): a forged history must not choose the version the signed rollback record vouches for.
     """
     with registry.transaction():
         if model not in registry.models():
             known = ", ".join(registry.models()) or "none yet"
             raise NotFound(f"no model {model!r} in the registry (models: {known})")
+        registry.check_state(model=model, tag=tag)
         if tag not in registry.tags(model):
             raise NotFound(
                 f"{model} has no tag {tag!r} to roll back (tags: {sorted(registry.tags(model)) or 'none'})"

@@ -32,6 +32,7 @@ __all__ = [
     "Signature",
     "Signer",
     "Verifier",
+    "canonical_json",
     "init_keys",
     "key_id_of",
     "load_signer",
@@ -47,9 +48,15 @@ PUBLIC_NAME = "signing.ed25519.pub"
 TRUSTED_KEYS_ENV = "DELTAPLANE_TRUSTED_KEYS"
 
 
+def canonical_json(value: Any) -> bytes:
+    """``value`` as canonical JSON (sorted keys, compact separators): one byte string per value, so it can be
+    hashed and signed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
 def statement(context: Mapping[str, Any]) -> bytes:
     """The exact bytes that are signed: the domain tag then ``context`` as canonical (sorted, compact) JSON."""
-    return DOMAIN + json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode()
+    return DOMAIN + canonical_json(dict(context))
 
 
 def key_id_of(public_raw: bytes) -> str:
@@ -134,9 +141,13 @@ class Verifier:
         try:
             key.verify(sig.value, statement(context))
         except InvalidSignature:
+            what = (
+                f"{context.get('kind', 'artifact')} {context.get('model', '')}@{context.get('version', '')}"
+                if "model" in context
+                else f"{context.get('kind', 'statement')} {context.get('seq', '')}".rstrip()
+            )
             raise SignatureError(
-                f"signature by {sig.key_id} does not verify for {context.get('kind', 'artifact')} "
-                f"{context.get('model', '')}@{context.get('version', '')}: the bytes or metadata were altered"
+                f"signature by {sig.key_id} does not verify for {what}: the bytes or metadata were altered"
             ) from None
 
     def verify_bytes(self, data: bytes, context: Mapping[str, Any], signature: Signature | str) -> None:

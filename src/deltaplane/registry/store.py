@@ -10,7 +10,9 @@ Storage is two parts, each crash-safe on its own and together by ordering:
 A SIGKILL therefore leaves at worst an orphan blob or temp file (reported by :meth:`Registry.verify`, removed by
 :meth:`Registry.gc`), never a row without its bytes nor a half-written row. Artifact rows are immutable
 (SQLite triggers refuse UPDATE and DELETE); tags move, and every move is kept in ``tag_history`` so a
-rollback knows the previous production version.
+rollback knows the previous production version. Tag moves and consent withdrawals are also appended, signed
+and hash-chained, to the state log (:mod:`deltaplane.registry.eventlog`) in the same transaction, so
+:meth:`Registry.verify` and verified reads catch those tables edited behind the registry's back.
 
 Example:
     >>> import tempfile, torch
@@ -43,8 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
+from deltaplane.registry import eventlog
 from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
-from deltaplane.registry.signing import Signer, Verifier, load_signer, load_verifier
+from deltaplane.registry.signing import Signer, Verifier, canonical_json, load_signer, load_verifier
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
     import torch
@@ -262,7 +265,7 @@ STATEMENT_VERSION = 2
 
 def _json_digest(value: Any) -> str:
     """SHA-256 of ``value`` as canonical JSON (sorted keys, compact): how a statement covers free-form metadata."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
 def _add_statement_version(con: sqlite3.Connection) -> None:
@@ -417,6 +420,8 @@ class IntegrityReport:
     notes: list[str] = field(default_factory=list)  # worth knowing, not failures (e.g. unsigned metadata)
     orphans: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    # the signed state log's newest entry (INDEX:SHA256): record it elsewhere to detect a log cut short later
+    log_head: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -495,6 +500,30 @@ class Registry:
                 f"{self.home / 'registry.db'} is not a readable SQLite database: {exc}"
             ) from None
         self._settings: dict[str, Any] = self._checked_settings(found, recorded)
+        self._signed: eventlog.SignedState | None = None  # the state log as last verified (see _reading)
+        self._start_state_log()
+
+    def _start_state_log(self) -> None:
+        """Give a registry without a signed state log its first entry: a checkpoint of its current tags, tag
+        history and withdrawals (the migration of registries made before the log).
+
+        Needs the signing key; a handle without one (or on a read-only database) leaves it to the first write,
+        which needs the key anyway. An emptied log is left as found: verify reports it, and writes refuse.
+        """
+        from deltaplane.registry.signing import PRIVATE_NAME
+
+        if eventlog.read_head(self._connect()) is not None:
+            return
+        if self._signer is None and not (self.home / "keys" / PRIVATE_NAME).exists():
+            return
+        try:
+            with self.transaction() as con:
+                eventlog.ensure_started(con, self.signer)
+        except IntegrityError:
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY":
+                raise
 
     def _record_encryption(self, found: dict[str, Any] | None) -> str | None:
         """The encryption setting the database records; recorded from registry.json first when it has none.
@@ -635,6 +664,47 @@ class Registry:
         con.execute("COMMIT")
 
     _write = transaction
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Reads that see one consistent state: the open transaction, else a read transaction of their own."""
+        con = self._connect()
+        if getattr(self._local, "depth", 0) or con.in_transaction:
+            yield con
+            return
+        con.execute("BEGIN")
+        try:
+            yield con
+        finally:
+            con.execute("COMMIT")
+
+    @contextmanager
+    def _reading(
+        self,
+        verify: bool,
+        *,
+        model: str | None = None,
+        tag: str | None = None,
+        parts: Sequence[str] = eventlog.PARTS,
+    ) -> Iterator[sqlite3.Connection]:
+        """A connection to read tags/withdrawals from; with ``verify``, first checked against the signed state log
+        in the same snapshot (:func:`eventlog.check`: :class:`IntegrityError` / :class:`SignatureError`)."""
+        if not verify:
+            yield self._connect()
+            return
+        with self._snapshot() as con:
+            self._signed = eventlog.check(con, self.verifier, self._signed, model=model, tag=tag, parts=parts)
+            yield con
+
+    def check_state(self, *, model: str | None = None, tag: str | None = None) -> eventlog.Head:
+        """Check that tags, tag history and withdrawals (of ``model``/``tag``) are what the signed state log says.
+
+        Raises :class:`IntegrityError` naming what differs (or a broken chain), :class:`SignatureError` for an
+        entry without a trusted signature; returns the log's head.
+        """
+        with self._reading(True, model=model, tag=tag) as _:
+            assert self._signed is not None and self._signed.head is not None
+            return self._signed.head
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only statement on this thread's connection (for layers that keep tables here)."""
@@ -1017,8 +1087,9 @@ class Registry:
             raise NotFound(f"{model}@{number} does not exist; {model} has versions {known[-10:]}")
         return _artifact(row)
 
-    def resolve(self, ref: str) -> Artifact:
-        """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag``."""
+    def resolve(self, ref: str, *, verify: bool = False) -> Artifact:
+        """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag`` (with ``verify``, the tag
+        is checked against the signed state log)."""
         m = _REF.fullmatch(ref or "")
         if not m or not m.group("sep"):
             raise ConfigError(
@@ -1026,7 +1097,7 @@ class Registry:
             )
         model, sep, what = m.group("model"), m.group("sep"), m.group("what")
         if sep == ":":
-            return self.get(model, self.tag(model, what))
+            return self.get(model, self.tag(model, what, verify=verify))
         if what == "latest":
             rows = self.versions(model, kind="model")
             if not rows:
@@ -1056,46 +1127,57 @@ class Registry:
         return data
 
     def load_state(self, ref: str | Artifact, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The state dict of a model version, verified before it is returned."""
-        art = self.resolve(ref) if isinstance(ref, str) else ref
+        """The state dict of a model version, verified before it is returned (a ``model:tag`` reference: the tag too)."""
+        art = self.resolve(ref, verify=verify) if isinstance(ref, str) else ref
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; load_state needs a model version")
         return state_from_bytes(self.read(art, verify=verify))
 
     # -- tags ------------------------------------------------------------------------------------------
-    def tag(self, model: str, tag: str) -> int:
-        row = (
-            self._connect()
-            .execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag))
-            .fetchone()
-        )
+    def tag(self, model: str, tag: str, *, verify: bool = False) -> int:
+        """The version ``model:tag`` points to; ``verify`` checks the tag against the signed state log first."""
+        with self._reading(verify, model=model, tag=tag, parts=("tags",)) as con:
+            row = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
         if row is None:
             raise NotFound(f"{model} has no tag {tag!r}; tags: {sorted(self.tags(model))}")
         return int(row[0])
 
-    def tags(self, model: str) -> dict[str, int]:
-        rows = self._connect().execute("SELECT tag, number FROM tags WHERE model=?", (model,))
+    def tags(self, model: str, *, verify: bool = False) -> dict[str, int]:
+        """Every tag of ``model``; ``verify`` checks them against the signed state log first."""
+        with self._reading(verify, model=model, parts=("tags",)) as con:
+            rows = con.execute("SELECT tag, number FROM tags WHERE model=?", (model,)).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
     def set_tag(self, model: str, tag: str, number: int, *, reason: str = "", action: str = "set") -> None:
-        """Point ``model:tag`` at model version ``number`` (recorded in the tag history)."""
+        """Point ``model:tag`` at model version ``number`` (recorded in the tag history and the signed state log).
+
+        Refused (:class:`IntegrityError`) when the tag or its history already differ from the signed state log:
+        the move would otherwise sign a ``previous`` version that someone else wrote.
+        """
         _check_name("tag", tag)
+        signer = self.signer  # before the write lock: loading the key reads a file
         with self._write() as con:
             if not con.execute(
                 "SELECT 1 FROM artifacts WHERE model=? AND number=? AND kind='model'", (model, number)
             ).fetchone():
                 raise NotFound(f"{model}@{number} is not a registered model version")
+            eventlog.ensure_started(con, signer)
+            self._signed = eventlog.check(
+                con, self.verifier, self._signed, model=model, tag=tag, parts=("tags", "tag_history")
+            )
             prev = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
-            now = time.time()
+            previous, now = (prev[0] if prev else None), time.time()
             con.execute(
                 "INSERT INTO tags (model, tag, number, updated_at) VALUES (?,?,?,?) "
                 "ON CONFLICT (model, tag) DO UPDATE SET number=excluded.number, updated_at=excluded.updated_at",
                 (model, tag, number, now),
             )
-            con.execute(
+            row = con.execute(
                 "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) VALUES (?,?,?,?,?,?,?)",
-                (model, tag, number, prev[0] if prev else None, action, reason, now),
-            )
+                (model, tag, number, previous, action, reason, now),
+            ).lastrowid
+            change = eventlog.tag_change(model, tag, number, previous, action, reason, now, int(row or 0))
+            eventlog.append(con, signer, change)
 
     def record_rollback(self, model: str, tag: str, number: int) -> dict[str, Any]:
         """Sign and store a rollback record: ``model:tag`` now serves ``number``, superseding every newer version.
@@ -1133,10 +1215,12 @@ class Registry:
             return None
         return {"tag": row[0], "version": row[1], "supersedes": row[2], "signature": row[3]}
 
-    def tag_history(self, model: str, tag: str) -> list[dict[str, Any]]:
-        rows = self._connect().execute(
-            "SELECT * FROM tag_history WHERE model=? AND tag=? ORDER BY id", (model, tag)
-        )
+    def tag_history(self, model: str, tag: str, *, verify: bool = False) -> list[dict[str, Any]]:
+        """Every move of ``model:tag``, oldest first; ``verify`` checks them against the signed state log first."""
+        with self._reading(verify, model=model, tag=tag, parts=("tag_history",)) as con:
+            rows = con.execute(
+                "SELECT * FROM tag_history WHERE model=? AND tag=? ORDER BY id", (model, tag)
+            ).fetchall()
         return [dict(r) for r in rows]
 
     # -- cards, evaluations, governance ----------------------------------------------------------------
@@ -1235,15 +1319,22 @@ class Registry:
         rebuild without the cohort starts from.
         """
         _check_name("cohort", cohort)
+        signer = self.signer
         with self._write() as con:
+            # never refused for a state log that differs elsewhere: a withdrawal must always be recorded
+            now = time.time()
             con.execute(
                 "INSERT OR REPLACE INTO withdrawals (cohort, reason, at) VALUES (?,?,?)",
-                (cohort, reason, time.time()),
+                (cohort, reason, now),
             )
+            eventlog.append(con, signer, eventlog.withdraw_change(cohort, reason, now))
         return self.affected_by(cohort)
 
-    def withdrawn_cohorts(self) -> set[str]:
-        return {r[0] for r in self._connect().execute("SELECT cohort FROM withdrawals")}
+    def withdrawn_cohorts(self, *, verify: bool = False) -> set[str]:
+        """Every cohort that withdrew consent; ``verify`` checks them against the signed state log first (a deleted
+        withdrawal would let versions trained on the cohort pass the promotion gate and be served)."""
+        with self._reading(verify, parts=("withdrawals",)) as con:
+            return {r[0] for r in con.execute("SELECT cohort FROM withdrawals").fetchall()}
 
     def contributors(self, artifact: Artifact, _memo: dict[str, set[str]] | None = None) -> set[str]:
         """Every cohort in ``artifact``: its own governance plus its parent's and sources', transitively.
@@ -1272,14 +1363,15 @@ class Registry:
         memo: dict[str, set[str]] = {}
         return [a for a in self.versions() if cohort in self.contributors(a, memo)]
 
-    def governance_problems(self, artifact: Artifact) -> list[str]:
-        """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent."""
-        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts())
+    def governance_problems(self, artifact: Artifact, *, verify: bool = False) -> list[str]:
+        """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent (``verify``:
+        the withdrawals are checked against the signed state log first)."""
+        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts(verify=verify))
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
 
-    def last_unaffected(self, model: str, number: int) -> Artifact | None:
+    def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
         """The newest model version on ``model@number``'s parent chain free of every withdrawn cohort."""
-        withdrawn = self.withdrawn_cohorts()
+        withdrawn = self.withdrawn_cohorts(verify=verify)
         cur: Artifact | None = self.get(model, number)
         while cur is not None:
             if cur.kind == "model" and not (self.contributors(cur) & withdrawn):
@@ -1288,8 +1380,18 @@ class Registry:
         return None
 
     # -- integrity -------------------------------------------------------------------------------------
-    def verify(self, *, signatures: bool = True) -> IntegrityReport:
-        """Check every blob's hash, that every row points to an existing blob, and (optionally) signatures."""
+    def verify(
+        self, *, signatures: bool = True, expect_head: str | eventlog.Head | None = None
+    ) -> IntegrityReport:
+        """Check every blob's hash, that every row points to an existing blob, and (optionally) signatures.
+
+        Also replays the signed state log (:mod:`~deltaplane.registry.eventlog`): its hash chain, its signatures
+        (with ``signatures``) and that ``tags``, ``tag_history`` and ``withdrawals`` equal what it replays to.
+        ``expect_head`` (``INDEX:SHA256``, a ``log_head`` recorded from an earlier verify and kept elsewhere) must
+        still be in the log: the one check that catches a log whose newest entries were removed.
+        """
+        if isinstance(expect_head, str):
+            expect_head = eventlog.Head.parse(expect_head)  # a bad value is a ConfigError, before any work
         report = IntegrityReport()
         try:
             con = self._connect()
@@ -1342,6 +1444,11 @@ class Registry:
                     "SELECT 1 FROM artifacts WHERE model=? AND number=?", (model, number)
                 ).fetchone():
                     report.problems.append(f"{table} points to missing version {model}@{number}")
+        with self._snapshot() as snap:
+            log = eventlog.verify(snap, self.verifier if signatures else None, expect_head=expect_head)
+        report.problems += log.problems
+        report.notes += log.notes
+        report.log_head = None if log.head is None else str(log.head)
         blobs = self.home / "blobs"
         for sub in sorted(p for p in blobs.iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):

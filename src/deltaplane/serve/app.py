@@ -530,7 +530,8 @@ def create_app(
     )
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
-        tags = reg.tags(model)
+        # verified against the signed state log: a tag moved in the database is a 409, never served
+        tags = reg.tags(model, verify=True)
         for tag in (f"{channel}.{cohort}", channel):
             if tag in tags:
                 return tags[tag]
@@ -546,7 +547,7 @@ def create_app(
 
     def check_consent(model: str, version: int) -> None:
         """451 for a version that contains a cohort which withdrew consent (it may not be served)."""
-        withdrawn = reg.withdrawn_cohorts()
+        withdrawn = reg.withdrawn_cohorts(verify=True)  # a deleted withdrawal is a 409, not a pass
         if not withdrawn:
             return
         key = (model, version)

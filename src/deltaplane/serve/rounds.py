@@ -492,7 +492,7 @@ def round_router(
                 409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
-        if ident.cohort in reg.withdrawn_cohorts():
+        if ident.cohort in reg.withdrawn_cohorts(verify=True):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
             )
@@ -587,7 +587,7 @@ def round_router(
         art = reg.get(model, base)
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
-        problems = reg.governance_problems(art)
+        problems = reg.governance_problems(art, verify=True)
         if problems:
             raise HTTPException(409, f"{problems[0]}; rebuild instead: POST /admin/models/{model}/rebuild")
         return start_round(model, base, excluded=())
@@ -716,13 +716,13 @@ def round_router(
         Devices of withdrawn cohorts are refused in that round; the version it publishes records the
         exclusion (governance ``excluded_cohorts`` and lineage), and later rounds on it inherit it.
         """
-        withdrawn = tuple(sorted(reg.withdrawn_cohorts()))
+        withdrawn = tuple(sorted(reg.withdrawn_cohorts(verify=True)))
         if not withdrawn:
             raise HTTPException(409, "no cohort has withdrawn consent; nothing to rebuild")
         head = (
             resolve_tag(model, tag, "")
             if tag in ("training", "production", "staging")
-            else reg.tag(model, tag)
+            else reg.tag(model, tag, verify=True)
         )
         base = reg.last_unaffected(model, head)
         if base is None:

@@ -308,7 +308,7 @@ def install_secagg_routes(
         if body.base_version is not None:
             base = body.base_version
         else:
-            tags = reg.tags(model)
+            tags = reg.tags(model, verify=True)  # checked against the signed state log
             if "training" not in tags and "production" not in tags:
                 raise NotFound(f"{model!r} has no training or production version to train from")
             base = tags.get("training", tags.get("production"))

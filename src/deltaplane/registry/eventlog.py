@@ -1,0 +1,505 @@
+"""The signed state log: an append-only, hash-chained record of every change to tags, tag history and withdrawals.
+
+Artifact rows are signed one by one, but tags move and withdrawals accumulate, so no row can carry a signature
+that says "this is the current state": whoever could write ``registry.db`` could move ``production`` back to an
+old version, rewrite a tag's history or delete a consent withdrawal, and every artifact signature would still
+verify. So every change to those tables (:meth:`Registry.set_tag`, :meth:`Registry.withdraw_cohort`) appends
+an entry to ``state_log`` in the same transaction as the change itself:
+
+* an entry is canonical JSON (:func:`~deltaplane.registry.signing.canonical_json`) holding its index ``seq``,
+  ``prev`` — the SHA-256 of the entry before it (editing, removing or inserting an entry breaks every later
+  link) — and the change with every column value it wrote;
+* the registry's Ed25519 key signs ``{"kind": "state-log", "seq": n, "sha256": SHA-256(entry)}``, the same
+  domain-separated statement as artifacts (:func:`~deltaplane.registry.signing.statement`).
+
+Replaying the log from entry 1 gives the tables' exact content. :meth:`Registry.verify` checks the chain, every
+signature against the trusted keys (a pin applies) and that the tables equal the replay; verified reads
+(``tags(model, verify=True)``, promotion, rollback, the service's downloads) refuse a registry where they differ.
+
+What a chain cannot show: a log cut short (its newest entries removed — or all of them, with the marker the
+first entry leaves in ``settings``) is still a valid chain of validly signed entries. The head (index and hash of
+the newest entry) is in verify's output; an operator who keeps it elsewhere can check that a later log still
+contains it (``deltaplane registry verify --expect-head INDEX:SHA256``). Detecting it without the operator needs a
+second key, outside the registry, that regularly signs the current head with an expiry — TUF's timestamp role
+(https://theupdateframework.github.io/specification/latest/#timestamp-role); deltaplane does not implement one.
+
+Registries made before the log get a ``checkpoint`` entry of the state they hold on their first open with the
+signing key: what happened before it is unsigned, and verify says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from deltaplane.errors import ConfigError, IntegrityError, SignatureError
+from deltaplane.registry.signing import Signer, Verifier, canonical_json
+
+__all__ = [
+    "PARTS",
+    "Head",
+    "LogReport",
+    "SignedState",
+    "append",
+    "check",
+    "ensure_started",
+    "read_head",
+    "verify",
+]
+
+FORMAT = 1
+GENESIS_PREV = "0" * 64  # what entry 1 names as its predecessor
+MARKER = "state_log"  # a settings row written with entry 1: an emptied log is then a finding, not a new start
+PARTS = ("tags", "tag_history", "withdrawals")
+_HISTORY_COLUMNS = ("model", "tag", "number", "previous", "action", "reason", "at")
+_HEAD = re.compile(r"(?P<index>[0-9]{1,18}):(?P<sha>[0-9a-f]{64})")
+
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS state_log (
+        seq INTEGER PRIMARY KEY, prev TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL UNIQUE,
+        entry TEXT NOT NULL, signature TEXT NOT NULL
+    )""",
+    # accidents, not attackers (a writer of the file can drop them): the signatures are what an attacker meets
+    "CREATE TRIGGER IF NOT EXISTS state_log_append_only_u BEFORE UPDATE ON state_log "
+    "BEGIN SELECT RAISE(ABORT, 'the state log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS state_log_append_only_d BEFORE DELETE ON state_log "
+    "BEGIN SELECT RAISE(ABORT, 'the state log is append-only'); END",
+    "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest entry of the log: its index and SHA-256 (``INDEX:SHA256`` as text)."""
+
+    index: int
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.index}:{self.sha256}"
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        """Parse ``INDEX:SHA256`` (what verify prints); :class:`ConfigError` otherwise."""
+        m = _HEAD.fullmatch((text or "").strip().lower())
+        if not m or int(m.group("index")) < 1:
+            raise ConfigError(
+                f"a state log head is INDEX:SHA256 (e.g. 12:{'ab' * 32}), as `deltaplane registry verify` "
+                f"prints it. Found {text!r:.100}"
+            )
+        return cls(int(m.group("index")), m.group("sha"))
+
+
+@dataclass
+class SignedState:
+    """The content of ``tags``, ``tag_history`` and ``withdrawals``: as the log replays to, or as the tables hold.
+
+    ``tags`` maps (model, tag) to (number, updated_at); ``tag_history`` maps a row id to its columns
+    (:data:`_HISTORY_COLUMNS`); ``withdrawals`` maps a cohort to (reason, at).
+    """
+
+    tags: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    tag_history: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    withdrawals: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    head: Head | None = None
+    checkpoint_at: float | None = None  # set when the log starts from a non-empty checkpoint (a migration)
+
+    def copy(self) -> SignedState:
+        return replace(
+            self, tags=dict(self.tags), tag_history=dict(self.tag_history), withdrawals=dict(self.withdrawals)
+        )
+
+    def restricted(self, model: str | None, tag: str | None) -> SignedState:
+        """Only the tags and history rows of ``model`` (and ``tag``), when given."""
+
+        def keep(m: str, t: str) -> bool:
+            return (model is None or m == model) and (tag is None or t == tag)
+
+        return replace(
+            self,
+            tags={k: v for k, v in self.tags.items() if keep(*k)},
+            tag_history={k: v for k, v in self.tag_history.items() if keep(v[0], v[1])},
+        )
+
+
+@dataclass
+class LogReport:
+    """What :func:`verify` found: failures, notes, and the head to record elsewhere."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    head: Head | None = None
+
+
+def _statement(seq: int, sha256: str) -> dict[str, Any]:
+    """What an entry's signature covers (the entry names its predecessor, so the signature covers the chain)."""
+    return {"kind": "state-log", "seq": seq, "sha256": sha256}
+
+
+# -- reading the tables ----------------------------------------------------------------------------------
+def read_tables(
+    con: sqlite3.Connection, *, model: str | None = None, tag: str | None = None, parts: Iterable[str] = PARTS
+) -> SignedState:
+    """The tables' current content (of ``model``/``tag`` when given; withdrawals are registry-wide)."""
+    where, args = "", []
+    if model is not None:
+        where, args = " WHERE model=?", [model]
+        if tag is not None:
+            where, args = where + " AND tag=?", [model, tag]
+    parts, out = set(parts), SignedState()
+    if "tags" in parts:
+        rows = con.execute(f"SELECT model, tag, number, updated_at FROM tags{where}", args)
+        out.tags = {(r[0], r[1]): (r[2], r[3]) for r in rows}
+    if "tag_history" in parts:
+        cols = ", ".join(_HISTORY_COLUMNS)
+        rows = con.execute(f"SELECT id, {cols} FROM tag_history{where}", args)
+        out.tag_history = {r[0]: tuple(r[1:]) for r in rows}
+    if "withdrawals" in parts:
+        out.withdrawals = {
+            r[0]: (r[1], r[2]) for r in con.execute("SELECT cohort, reason, at FROM withdrawals")
+        }
+    return out
+
+
+def read_head(con: sqlite3.Connection) -> Head | None:
+    """The newest entry, or None when the log is empty or does not exist (a registry from before it)."""
+    try:
+        row = con.execute("SELECT seq, sha256 FROM state_log ORDER BY seq DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return None
+    return None if row is None else Head(int(row[0]), str(row[1]))
+
+
+def _marked(con: sqlite3.Connection) -> bool:
+    """Whether the registry recorded that its log was started (so an empty log means a deleted one)."""
+    try:
+        return con.execute("SELECT 1 FROM settings WHERE name=?", (MARKER,)).fetchone() is not None
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return False
+
+
+def _deleted(what: str = "") -> IntegrityError:
+    return IntegrityError(
+        "the signed state log is empty, but this registry recorded that it was started: its entries were "
+        f"deleted{what}; restore registry.db from a backup"
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+def _write(con: sqlite3.Connection, signer: Signer, head: Head | None, change: Mapping[str, Any]) -> Head:
+    seq = 1 if head is None else head.index + 1
+    prev = GENESIS_PREV if head is None else head.sha256
+    text = canonical_json({**change, "log": FORMAT, "seq": seq, "prev": prev}).decode()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    signature = signer.sign(_statement(seq, digest)).to_text()
+    con.execute(
+        "INSERT INTO state_log (seq, prev, sha256, entry, signature) VALUES (?,?,?,?,?)",
+        (seq, prev, digest, text, signature),
+    )
+    return Head(seq, digest)
+
+
+def ensure_started(con: sqlite3.Connection, signer: Signer) -> Head:
+    """The log's head, after starting the log with a checkpoint of the current tables if it has no entries.
+
+    Call inside a write transaction. The checkpoint is how a registry made before the log is migrated (for a
+    new registry it is empty). :class:`IntegrityError` when the log was started once and is now empty: a new
+    checkpoint would vouch for whatever state its deleter left.
+    """
+    for ddl in _DDL:
+        con.execute(ddl)
+    head = read_head(con)
+    if head is not None:
+        return head
+    if _marked(con):
+        raise _deleted()
+    now = read_tables(con)
+    checkpoint = {
+        "op": "checkpoint",
+        "at": time.time(),
+        "tags": [[m, t, *v] for (m, t), v in sorted(now.tags.items())],
+        "tag_history": [[i, *v] for i, v in sorted(now.tag_history.items())],
+        "withdrawals": [[c, *v] for c, v in sorted(now.withdrawals.items())],
+    }
+    head = _write(con, signer, None, checkpoint)
+    con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (MARKER, str(FORMAT)))
+    return head
+
+
+def append(con: sqlite3.Connection, signer: Signer, change: Mapping[str, Any]) -> Head:
+    """Sign and append ``change`` (see :func:`tag_change`, :func:`withdraw_change`) after the current head.
+
+    Call inside the write transaction that makes the change: it commits, or rolls back, with it. The
+    transaction's write lock (``BEGIN IMMEDIATE``) is what keeps the chain linear across processes; the
+    table's UNIQUE ``prev`` refuses a fork even so.
+    """
+    return _write(con, signer, ensure_started(con, signer), change)
+
+
+def tag_change(
+    model: str, tag: str, number: int, previous: int | None, action: str, reason: str, at: float, row: int
+) -> dict[str, Any]:
+    """A tag move: the ``tags`` row it sets and the ``tag_history`` row (id ``row``) it adds."""
+    return {
+        "op": "tag",
+        "model": model,
+        "tag": tag,
+        "number": number,
+        "previous": previous,
+        "action": action,
+        "reason": reason,
+        "at": at,
+        "history_id": row,
+    }
+
+
+def withdraw_change(cohort: str, reason: str, at: float) -> dict[str, Any]:
+    """A consent withdrawal: the ``withdrawals`` row it sets."""
+    return {"op": "withdraw", "cohort": cohort, "reason": reason, "at": at}
+
+
+# -- replaying -------------------------------------------------------------------------------------------
+def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
+    op = entry["op"]
+    if op == "checkpoint":
+        if seq != 1:
+            raise IntegrityError(f"state log entry {seq} is a checkpoint; only entry 1 may be one")
+        state.tags = {(m, t): (n, u) for m, t, n, u in entry["tags"]}
+        state.tag_history = {int(r[0]): tuple(r[1:]) for r in entry["tag_history"]}
+        state.withdrawals = {c: (r, a) for c, r, a in entry["withdrawals"]}
+        if state.tags or state.tag_history or state.withdrawals:
+            state.checkpoint_at = float(entry["at"])
+    elif seq == 1:
+        raise IntegrityError(f"state log entry 1 is a {op!r} change; the log must start with a checkpoint")
+    elif op == "tag":
+        row = int(entry["history_id"])
+        if row in state.tag_history:
+            raise IntegrityError(f"state log entry {seq} adds tag_history row {row} a second time")
+        state.tags[(entry["model"], entry["tag"])] = (entry["number"], entry["at"])
+        state.tag_history[row] = tuple(entry[c] for c in _HISTORY_COLUMNS)
+    elif op == "withdraw":
+        state.withdrawals[entry["cohort"]] = (entry["reason"], entry["at"])
+    else:
+        raise IntegrityError(
+            f"state log entry {seq} has unknown operation {op!r} (written by a newer release?)"
+        )
+
+
+def replay(
+    con: sqlite3.Connection, verifier: Verifier | None, base: SignedState | None = None
+) -> SignedState:
+    """Replay the log (the entries after ``base.head`` onto ``base``, when given), checking as it goes.
+
+    Every entry must be the next index, hash to its recorded SHA-256, name the previous entry's hash and (with a
+    ``verifier``) carry a trusted key's signature. Raises :class:`IntegrityError` (broken chain, altered or
+    malformed entry) or :class:`SignatureError` (bad or untrusted signature), naming the entry.
+    """
+    state = base.copy() if base is not None else SignedState()
+    head = state.head
+    rows = con.execute(
+        "SELECT seq, prev, sha256, entry, signature FROM state_log WHERE seq > ? ORDER BY seq",
+        (head.index if head else 0,),
+    )
+    for seq, prev, digest, text, signature in rows:
+        want_seq, want_prev = (1, GENESIS_PREV) if head is None else (head.index + 1, head.sha256)
+        if seq != want_seq:
+            raise IntegrityError(
+                f"state log entry {want_seq} is missing (the next one is {seq}): entries were removed"
+            )
+        actual = hashlib.sha256(str(text).encode()).hexdigest()
+        if actual != digest:
+            raise IntegrityError(
+                f"state log entry {seq} was altered: it hashes to {actual[:16]}…, its row says {str(digest)[:16]}…"
+            )
+        if verifier is not None:
+            try:
+                verifier.verify(_statement(seq, digest), signature)
+            except SignatureError as exc:
+                raise SignatureError(f"state log entry {seq}: {exc}") from None
+        try:
+            entry = json.loads(text)
+            if entry.get("seq") != seq or entry.get("prev") != want_prev or prev != want_prev:
+                raise IntegrityError(
+                    f"state log entry {seq} does not follow entry {seq - 1}: the hash chain is broken (an entry "
+                    "was edited, removed or inserted)"
+                )
+            _apply(state, entry, seq)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"state log entry {seq} is malformed: {exc!r:.200}") from None
+        head = Head(seq, digest)
+    state.head = head
+    return state
+
+
+def _hash_at(con: sqlite3.Connection, index: int) -> str | None:
+    row = con.execute("SELECT sha256 FROM state_log WHERE seq=?", (index,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def signed_state(
+    con: sqlite3.Connection, verifier: Verifier, cached: SignedState | None = None
+) -> SignedState:
+    """The verified replay of the log; ``cached`` (an earlier result) is reused while the log only grew after it.
+
+    Only the new entries are then checked: edits to entries before ``cached.head`` that leave it in place do not
+    change what this returns (the tables are compared with the state verified earlier); :func:`verify` checks
+    the whole chain.
+    """
+    head = read_head(con)
+    if head is None:
+        if _marked(con):
+            raise _deleted()
+        raise IntegrityError(
+            "this registry has no signed state log yet, so its tags and withdrawals cannot be verified: open it "
+            "once with its signing key (any `deltaplane registry` command on the home that holds the key) to "
+            "start it"
+        )
+    if cached is not None and cached.head == head:
+        return cached
+    if (
+        cached is not None
+        and cached.head is not None
+        and cached.head.index < head.index
+        and _hash_at(con, cached.head.index) == cached.head.sha256
+    ):
+        return replay(con, verifier, cached)
+    return replay(con, verifier)
+
+
+def check(
+    con: sqlite3.Connection,
+    verifier: Verifier,
+    cached: SignedState | None = None,
+    *,
+    model: str | None = None,
+    tag: str | None = None,
+    parts: Iterable[str] = PARTS,
+) -> SignedState:
+    """Verify the log and that the tables (``parts``, of ``model``/``tag`` when given) equal its replay.
+
+    Run inside one transaction, so the log and the tables are read from the same snapshot. Returns the verified
+    state (pass it back as ``cached``); raises :class:`IntegrityError` naming what differs.
+    """
+    parts = tuple(parts)
+    signed = signed_state(con, verifier, cached)
+    diffs = differences(
+        signed.restricted(model, tag), read_tables(con, model=model, tag=tag, parts=parts), parts
+    )
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise IntegrityError(
+            f"the registry's {', '.join(parts)} differ from its signed state log, so they were changed outside "
+            f"deltaplane: {'; '.join(diffs[:3])}{more}. `deltaplane registry verify` lists every difference"
+        )
+    return signed
+
+
+# -- comparing -------------------------------------------------------------------------------------------
+def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] = PARTS) -> list[str]:
+    """How ``tables`` differ from the ``signed`` state, one line per row (empty when they are equal)."""
+    parts, out = set(parts), []
+    if "tags" in parts:
+        for key in sorted(set(signed.tags) | set(tables.tags), key=str):
+            s, t = signed.tags.get(key), tables.tags.get(key)
+            name = f"{key[0]}:{key[1]}"
+            if s == t:
+                continue
+            if t is None:
+                out.append(f"tags: {name} is missing; the signed log has it at version {s[0]}")  # type: ignore[index]
+            elif s is None:
+                out.append(f"tags: {name} -> {t[0]} is not in the signed log")
+            elif s[0] != t[0]:
+                out.append(f"tags: {name} points to version {t[0]}, the signed log says {s[0]}")
+            else:
+                out.append(f"tags: {name} was updated at {t[1]!r}, the signed log says {s[1]!r}")
+    if "tag_history" in parts:
+        for row in sorted(set(signed.tag_history) | set(tables.tag_history), key=str):
+            s, t = signed.tag_history.get(row), tables.tag_history.get(row)
+            if s == t:
+                continue
+            if t is None:
+                out.append(f"tag_history: row {row} ({s[0]}:{s[1]} -> {s[2]}) is missing")  # type: ignore[index]
+            elif s is None:
+                out.append(f"tag_history: row {row} ({t[0]}:{t[1]} -> {t[2]}) is not in the signed log")
+            else:
+                cols = ", ".join(
+                    f"{c} {b!r} (signed: {a!r})"
+                    for c, a, b in zip(_HISTORY_COLUMNS, s, t, strict=True)
+                    if a != b
+                )
+                out.append(f"tag_history: row {row} ({s[0]}:{s[1]}) differs from the signed log: {cols}")
+    if "withdrawals" in parts:
+        for cohort in sorted(set(signed.withdrawals) | set(tables.withdrawals), key=str):
+            s, t = signed.withdrawals.get(cohort), tables.withdrawals.get(cohort)
+            if s == t:
+                continue
+            if t is None:
+                out.append(
+                    f"withdrawals: cohort {cohort!r} is missing; the signed log records its withdrawal"
+                )
+            elif s is None:
+                out.append(f"withdrawals: cohort {cohort!r} is not in the signed log")
+            else:
+                out.append(
+                    f"withdrawals: cohort {cohort!r} is ({t[0]!r}, at {t[1]!r}), the signed log says {s!r}"
+                )
+    return out
+
+
+def verify(
+    con: sqlite3.Connection, verifier: Verifier | None, *, expect_head: Head | None = None
+) -> LogReport:
+    """Check the whole log (signatures too, given a ``verifier``) and that the tables equal its replay.
+
+    ``expect_head`` (recorded by the operator from an earlier verify) must still be in the log with the same hash:
+    this is what catches a log cut short, which the chain alone cannot. Run inside one transaction.
+    """
+    report = LogReport(head=read_head(con))
+    if report.head is None:
+        if _marked(con):
+            report.problems.append(str(_deleted(": tags, tag history and withdrawals cannot be verified")))
+        else:
+            report.notes.append(
+                "this registry has no signed state log yet (it is started on the first open with the signing "
+                "key): its tags, tag history and withdrawals are not verified"
+            )
+    else:
+        try:
+            signed = replay(con, verifier)
+        except (IntegrityError, SignatureError) as exc:
+            report.problems.append(
+                f"{exc} (so tags, tag history and withdrawals could not be checked against it)"
+            )
+        else:
+            report.problems += differences(signed, read_tables(con))
+            if signed.checkpoint_at is not None:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signed.checkpoint_at))
+                report.notes.append(
+                    f"tags, tag history and withdrawals are signed from state log entry 1 on, a checkpoint of the "
+                    f"state this registry held when the log was started ({when}): their history before it is "
+                    "unsigned; the checkpoint vouches for that state as it was found"
+                )
+    if expect_head is not None:
+        have = _hash_at(con, expect_head.index) if report.head is not None else None
+        if have is None:
+            ends = f"ends at entry {report.head.index}" if report.head else "has no entries"
+            report.problems.append(
+                f"the state log {ends}, but the recorded head {expect_head} is entry {expect_head.index}: "
+                "entries were removed since it was recorded (or the log was replaced)"
+            )
+        elif have != expect_head.sha256:
+            report.problems.append(
+                f"state log entry {expect_head.index} hashes to {have}, not to the recorded {expect_head.sha256}: "
+                "the log was rewritten since the head was recorded"
+            )
+    return report

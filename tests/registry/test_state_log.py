@@ -1,0 +1,407 @@
+"""The signed state log: tags, tag history and consent withdrawals edited behind the registry's back are caught.
+
+The attacker edits ``registry.db`` directly, as anyone who can write the home can (dropping a trigger is one
+statement); every check goes through the public API or CLI on a fresh handle.
+"""
+
+import hashlib
+import itertools
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from deltaplane.errors import ConfigError, IntegrityError, SignatureError
+from deltaplane.registry import Registry, promote, rollback
+from deltaplane.registry.signing import TRUSTED_KEYS_ENV, Signer
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4,), float(seed))}
+
+
+def _sql(home, *statements, args=()) -> None:
+    """Run SQL on registry.db as a writer of the file can (the append-only triggers dropped first)."""
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    try:
+        con.execute("DROP TRIGGER IF EXISTS state_log_append_only_u")
+        con.execute("DROP TRIGGER IF EXISTS state_log_append_only_d")
+        for s in statements:
+            con.execute(s, args)
+    finally:
+        con.close()
+
+
+def _pass(evaluator_state) -> dict[str, float]:
+    return {"accuracy": 1.0, "ood_accuracy": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def _no_pin(monkeypatch):
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+
+
+@pytest.fixture
+def home(tmp_path):
+    """m@1..3; production 1 -> 2 (promoted) -> 3; staging -> 1; cohort 'eu' (in m@3) withdrawn."""
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", _state(1))
+    reg.register_model("m", _state(2), parent=1)
+    reg.register_model("m", _state(3), parent=2, governance={"cohorts": ["eu"]})
+    reg.set_tag("m", "production", 1)
+    reg.set_tag("m", "production", 2, action="promote")
+    reg.set_tag("m", "staging", 1)
+    reg.set_tag("m", "production", 3, action="promote")
+    reg.withdraw_cohort("eu", reason="consent withdrawn")
+    report = Registry(tmp_path / "h").verify()
+    assert report.ok and not report.notes, (report.problems, report.notes)
+    return tmp_path / "h"
+
+
+def _problems(home) -> list[str]:
+    report = Registry(home).verify()
+    assert not report.ok
+    return report.problems
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE tags SET number=1 WHERE tag='production'", "tags: m:production points to version 1"),
+        ("DELETE FROM tags WHERE tag='production'", "tags: m:production is missing"),
+        ("INSERT INTO tags VALUES ('m', 'canary', 1, 0.0)", "tags: m:canary -> 1 is not in the signed log"),
+    ],
+    ids=["moved", "deleted", "inserted"],
+)
+def test_a_tag_changed_in_the_database_fails_verify_and_verified_reads(home, sql, expected):
+    _sql(home, sql)
+    assert any(p.startswith(expected) for p in _problems(home)), _problems(home)
+    reg = Registry(home)
+    with pytest.raises(IntegrityError, match="differ from its signed state log"):
+        reg.tags("m", verify=True)
+    if "canary" not in sql:
+        with pytest.raises(IntegrityError, match="m:production"):
+            reg.load_state("m:production")  # a tag reference resolved with verification
+    assert reg.load_state("m@1")  # a version number needs no tag
+    tag = "canary" if "canary" in sql else "production"
+    with pytest.raises(IntegrityError, match="differ"):
+        reg.set_tag("m", tag, 2)  # a move would sign a 'previous' that someone else wrote
+    reg.set_tag("m", "staging", 2)  # another tag still moves
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE tag_history SET number=1 WHERE id=2", "tag_history: row 2 (m:production) differs"),
+        ("DELETE FROM tag_history WHERE id=2", "tag_history: row 2 (m:production -> 2) is missing"),
+        (
+            "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) "
+            "VALUES ('m', 'production', 1, 3, 'promote', '', 0.0)",
+            "tag_history: row 5 (m:production -> 1) is not in the signed log",
+        ),
+    ],
+    ids=["edited", "deleted", "inserted"],
+)
+def test_a_tag_history_row_changed_in_the_database_fails_verify_and_rollback(home, sql, expected):
+    _sql(home, sql)
+    assert any(p.startswith(expected) for p in _problems(home)), _problems(home)
+    reg = Registry(home)
+    with pytest.raises(IntegrityError, match="tag_history"):
+        rollback(reg, "m")  # the forged history would choose the version the signed rollback record names
+    assert reg.tags("m") == {"production": 3, "staging": 1}
+    assert reg.rollback_record("m", 2, 3) is None and reg.rollback_record("m", 1, 3) is None
+    with pytest.raises(IntegrityError):
+        reg.tag_history("m", "production", verify=True)
+
+
+def test_a_deleted_withdrawal_fails_verify_and_the_promotion_gate(home):
+    from deltaplane.errors import PromotionRefused
+
+    reg = Registry(home)
+    reg.set_tag("m", "production", 2, action="set")
+    with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
+        promote(reg, "m@3", evaluator=_pass)
+    evaluated = len(reg.evaluations(reg.get("m", 3)))
+    _sql(home, "DELETE FROM withdrawals WHERE cohort='eu'")
+    assert _problems(home) == ["withdrawals: cohort 'eu' is missing; the signed log records its withdrawal"]
+    reg = Registry(home)
+    assert reg.withdrawn_cohorts() == set()  # what the table says, unverified
+    with pytest.raises(IntegrityError, match="withdrawals: cohort 'eu' is missing"):
+        promote(reg, "m@3", evaluator=_pass)
+    assert reg.tag("m", "production") == 2  # not promoted
+    assert len(reg.evaluations(reg.get("m", 3))) == evaluated  # refused before anything was evaluated
+    with pytest.raises(IntegrityError):
+        reg.governance_problems(reg.get("m", 3), verify=True)
+
+
+def test_a_withdrawal_is_recorded_even_when_the_tags_were_tampered_with(home):
+    """Recording a withdrawal is never blocked by tampering elsewhere (the tag move is, see above)."""
+    _sql(home, "UPDATE tags SET number=1 WHERE tag='production'")
+    reg = Registry(home)
+    reg.withdraw_cohort("us")
+    assert Registry(home).withdrawn_cohorts(verify=True) == {"eu", "us"}
+
+
+def _entries(home) -> list[tuple]:
+    con = sqlite3.connect(home / "registry.db")
+    try:
+        return con.execute(
+            "SELECT seq, prev, sha256, entry, signature FROM state_log ORDER BY seq"
+        ).fetchall()
+    finally:
+        con.close()
+
+
+def test_log_entry_edits_fail_verify(home):
+    """Each way of editing the log itself: the text alone, the text and its hash, a removed entry."""
+    seq, _, _, text, _ = _entries(home)[-2]  # the last production move (-> 3)
+    forged = text.replace('"number":3', '"number":1')
+    assert forged != text
+    cases = [
+        (f"UPDATE state_log SET entry=? WHERE seq={seq}", (forged,), f"state log entry {seq} was altered"),
+        (
+            f"UPDATE state_log SET entry=?, sha256=? WHERE seq={seq}",
+            (forged, hashlib.sha256(forged.encode()).hexdigest()),
+            f"state log entry {seq}: signature by",
+        ),
+        (f"DELETE FROM state_log WHERE seq={seq - 1}", (), f"state log entry {seq - 1} is missing"),
+    ]
+    for sql, args, expected in cases:
+        backup = _entries(home)
+        _sql(home, sql, args=args)
+        problems = _problems(home)
+        assert len(problems) == 1 and problems[0].startswith(expected), problems
+        with pytest.raises((IntegrityError, SignatureError)):
+            Registry(home).tags("m", verify=True)
+        _sql(home, "DELETE FROM state_log")
+        con = sqlite3.connect(home / "registry.db", isolation_level=None)
+        con.executemany("INSERT INTO state_log VALUES (?,?,?,?,?)", backup)
+        con.close()
+        assert Registry(home).verify().ok
+
+
+def _rewrite_log(home, signer: Signer, edit) -> None:
+    """An attacker who knows the format rewrites the log, re-chaining and re-signing every entry with ``signer``
+    (``edit`` returns the entry to write, or None to leave it out)."""
+    rows = _entries(home)
+    _sql(home, "DELETE FROM state_log")
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    prev, seq = "0" * 64, 0
+    for *_, text, _ in rows:
+        entry = edit(json.loads(text))
+        if entry is None:
+            continue
+        seq += 1
+        entry = {**entry, "prev": prev, "seq": seq}
+        new = json.dumps(entry, sort_keys=True, separators=(",", ":"))  # the documented canonical form
+        digest = hashlib.sha256(new.encode()).hexdigest()
+        sig = signer.sign({"kind": "state-log", "seq": seq, "sha256": digest}).to_text()
+        con.execute("INSERT INTO state_log VALUES (?,?,?,?,?)", (seq, prev, digest, new, sig))
+        prev = digest
+    con.close()
+
+
+def test_a_log_re_signed_with_the_wrong_key_fails(home):
+    """A consistent forgery (tables and log agree) signed by a key the registry does not trust."""
+    _sql(home, "DELETE FROM withdrawals")
+    _rewrite_log(home, Signer.generate(), lambda e: None if e["op"] == "withdraw" else e)
+    problems = _problems(home)
+    assert len(problems) == 1 and "untrusted key" in problems[0], problems
+
+
+def _take_over(home) -> None:
+    """A writer of the home replaces keys/ with its own pair, re-signs every artifact, moves production back to
+    m@1 and drops the withdrawal — and rewrites the log to match, signed with its key."""
+    from deltaplane.registry import init_keys
+
+    evil = init_keys(home, overwrite=True)
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.execute("DROP TRIGGER IF EXISTS artifacts_immutable_u")
+    for a in Registry(home, verifier=evil.verifier()).versions():
+        con.execute("UPDATE artifacts SET signature=? WHERE id=?", (evil.sign(a.statement()).to_text(), a.id))
+    con.execute("UPDATE tags SET number=1 WHERE tag='production'")
+    con.execute("UPDATE tag_history SET number=1 WHERE id=4")
+    con.execute("DELETE FROM withdrawals")
+    con.close()
+
+    def edit(e):
+        if e["op"] == "withdraw":
+            return None
+        return {**e, "number": 1} if e.get("history_id") == 4 else e
+
+    _rewrite_log(home, evil, edit)
+
+
+def test_a_pin_outside_the_home_refuses_a_home_whose_keys_were_replaced(home, tmp_path, monkeypatch):
+    """Mirrors tests/registry/test_trust.py for artifacts: the take-over verifies against the home's own keys
+    and fails against a pin kept outside the home."""
+    pin = tmp_path / "pin"
+    pin.mkdir()
+    (pin / "registry.pub").write_bytes((home / "keys" / "signing.ed25519.pub").read_bytes())
+    _take_over(home)
+    reg = Registry(home)
+    assert reg.verify().ok, reg.verify().problems  # trusting the home's own keys: the take-over verifies
+    assert reg.tag("m", "production", verify=True) == 1 and reg.withdrawn_cohorts(verify=True) == set()
+
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
+    reg = Registry(home)
+    problems = reg.verify().problems
+    assert any(p.startswith("state log entry 1: signed by untrusted key") for p in problems), problems
+    with pytest.raises(SignatureError, match="untrusted key"):
+        reg.tag("m", "production", verify=True)
+    with pytest.raises(SignatureError, match="untrusted key"):
+        promote(reg, "m@3", evaluator=_pass)
+
+
+def test_concurrent_tag_moves_from_two_processes_keep_the_chain_linear(home, tmp_path):
+    """Two processes move tags at once; every move is in the log, in one unbroken chain, matching the tables."""
+    go = tmp_path / "go"
+    worker = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from deltaplane.registry.store import Registry
+        reg = Registry(sys.argv[1])
+        while not Path(sys.argv[2]).exists():
+            time.sleep(0.005)
+        for i in range(25):
+            reg.set_tag("m", sys.argv[3], 1 + i % 3, reason=f"{sys.argv[3]} {i}")
+        """
+    )
+    before = len(_entries(home))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", worker, str(home), str(go), tag], stderr=subprocess.PIPE)
+        for tag in ("production", "canary")
+    ]
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    entries = _entries(home)
+    assert [e[0] for e in entries] == list(range(1, before + 51))
+    assert all(e[1] == p[2] for p, e in itertools.pairwise(entries))  # each names its predecessor
+    report = Registry(home).verify()
+    assert report.ok, report.problems
+    reg = Registry(home)
+    assert len(reg.tag_history("m", "production", verify=True)) == 3 + 25
+    assert len(reg.tag_history("m", "canary", verify=True)) == 25
+    assert report.log_head == f"{before + 50}:{entries[-1][2]}"
+
+
+def test_a_failed_signature_leaves_no_tag_move(home, monkeypatch):
+    """The table change and its log entry are one transaction: no move without its signed entry."""
+    reg = Registry(home)
+
+    def broken(context):
+        raise OSError("signing key unreadable")
+
+    monkeypatch.setattr(reg.signer, "sign", broken)
+    with pytest.raises(OSError, match="unreadable"):
+        reg.set_tag("m", "production", 1)
+    with pytest.raises(OSError, match="unreadable"):
+        reg.withdraw_cohort("us")
+    fresh = Registry(home)
+    assert fresh.tags("m") == {"production": 3, "staging": 1} and fresh.withdrawn_cohorts() == {"eu"}
+    assert fresh.verify().ok
+
+
+def _make_old(home) -> None:
+    """Turn a registry into one made before the log (no state_log table, no marker), as old releases left it."""
+    _sql(home, "DROP TABLE state_log", "DELETE FROM settings WHERE name='state_log'")
+
+
+def test_an_old_registry_is_migrated_with_a_signed_checkpoint(home):
+    _make_old(home)
+    reg = Registry(home)  # the first open with the signing key writes the checkpoint
+    report = reg.verify()
+    assert report.ok and report.log_head.startswith("1:"), report.problems
+    assert len(report.notes) == 1 and "history before it is unsigned" in report.notes[0]
+    assert reg.tags("m", verify=True) == {"production": 3, "staging": 1}
+    assert reg.withdrawn_cohorts(verify=True) == {"eu"}
+    # later changes append to it ...
+    reg.set_tag("m", "staging", 2)
+    report = Registry(home).verify()
+    assert report.ok and report.log_head.startswith("2:") and len(report.notes) == 1
+    # ... and it protects what it found
+    _sql(home, "DELETE FROM withdrawals")
+    assert _problems(home) == ["withdrawals: cohort 'eu' is missing; the signed log records its withdrawal"]
+
+
+def test_migration_needs_the_signing_key_and_verified_reads_refuse_until_then(home, tmp_path):
+    _make_old(home)
+    key = home / "keys" / "signing.ed25519.pem"
+    saved = key.read_bytes()
+    key.unlink()
+    reg = Registry(home)
+    report = reg.verify()
+    assert report.ok and report.log_head is None
+    assert any("no signed state log yet" in n for n in report.notes), report.notes
+    with pytest.raises(IntegrityError, match="no signed state log yet"):
+        reg.tags("m", verify=True)
+    key.write_bytes(saved)
+    assert Registry(home).tags("m", verify=True) == {"production": 3, "staging": 1}
+
+
+def test_an_emptied_log_is_not_restarted(home):
+    """Deleting every entry (but not the marker entry 1 left) does not make the registry look like an old one."""
+    _sql(home, "DELETE FROM state_log")
+    reg = Registry(home)  # opens; writes no new checkpoint
+    assert _entries(home) == []
+    assert any("entries were deleted" in p for p in _problems(home))
+    with pytest.raises(IntegrityError, match="deleted"):
+        reg.set_tag("m", "staging", 2)
+    with pytest.raises(IntegrityError, match="deleted"):
+        reg.tags("m", verify=True)
+
+
+def test_expect_head_catches_a_truncated_log(home):
+    """The limit of a chain: removing the newest entries leaves a valid log. A head recorded elsewhere catches it."""
+    recorded = Registry(home).verify().log_head
+    reg = Registry(home)
+    reg.set_tag("m", "staging", 2)
+    assert reg.verify(expect_head=recorded).ok  # the log grew past the recorded head: fine
+    # an attacker removes the newest entries (the withdrawal and the last promotion) and their table rows
+    n = int(recorded.partition(":")[0])
+    _sql(home, f"DELETE FROM state_log WHERE seq >= {n - 1}")
+    _sql(home, "DELETE FROM withdrawals", "DELETE FROM tag_history WHERE id >= 4")
+    _sql(
+        home,
+        "UPDATE tags SET number=2, updated_at=(SELECT at FROM tag_history WHERE id=2) WHERE tag='production'",
+    )
+    _sql(
+        home,
+        "UPDATE tags SET number=1, updated_at=(SELECT at FROM tag_history WHERE id=3) WHERE tag='staging'",
+    )
+    assert Registry(home).verify().ok  # the documented limit: a shorter chain is still a valid chain
+    problems = Registry(home).verify(expect_head=recorded).problems
+    assert problems == [
+        f"the state log ends at entry {n - 2}, but the recorded head {recorded} is entry {n}: entries were "
+        "removed since it was recorded (or the log was replaced)"
+    ]
+    with pytest.raises(ConfigError, match="INDEX:SHA256"):
+        Registry(home).verify(expect_head="12:abc")
+
+
+def test_cli_verify_prints_the_head_and_checks_expect_head(home):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    runner = CliRunner()
+    verify = ["registry", "verify", "--home", str(home)]
+    r = runner.invoke(app, verify)
+    head = Registry(home).verify().log_head
+    assert r.exit_code == 0 and f"state log head {head}" in r.output and "registry OK" in r.output
+    assert runner.invoke(app, [*verify, "--expect-head", head]).exit_code == 0
+    rewritten = f"{head.partition(':')[0]}:{'0' * 64}"
+    r = runner.invoke(app, [*verify, "--expect-head", rewritten])
+    assert r.exit_code == 1 and "the log was rewritten" in r.output
+    _sql(home, "UPDATE tags SET number=1 WHERE tag='production'")
+    r = runner.invoke(app, verify)
+    assert r.exit_code == 1 and "tags: m:production points to version 1, the signed log says 3" in r.output
+    r = runner.invoke(app, [*verify, "--expect-head", "nonsense"])
+    assert r.exit_code == 2 and "INDEX:SHA256" in r.output and "Traceback" not in r.output
