@@ -347,3 +347,47 @@ def test_the_service_opens_only_rounds_its_devices_accept(service) -> None:
         with pytest.raises(ServiceError) as err:
             service.admin.open_secagg("cnn", names, weight_scale=0, **bad)
         assert err.value.status == 422 and named in err.value.detail
+
+
+def test_secagg_rounds_keep_consent_like_plain_rounds(service) -> None:
+    """A SecAgg round published a version without the cohorts of its devices (a later withdrawal did not reach
+    it), took devices of a withdrawn cohort and trained on a base built from one; each now as plain rounds."""
+    svc, cohort = service, {"a": "eu", "b": "eu", "c": "us", "d": "us", "e": "us"}
+    clients = {d: svc.device(d, cohort[d]) for d in cohort}
+
+    def walk(names: list[str], *, withdraw_after_upload: str | None = None) -> int:
+        rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+        devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
+        for i, (dev, delta) in enumerate(zip(devs, _deltas(svc.reg.load_state("cnn@1"), len(names), 5))):
+            dev.set_update(delta, 1, np.random.default_rng([5, i]))
+        for stage in ("advertise", "share", "upload", "unmask"):
+            for name, dev in zip(names, devs):
+                try:
+                    getattr(dev, stage)()
+                except ServiceError as exc:  # from the withdrawal on, its devices take no part
+                    assert exc.status == 403 and cohort[name] == withdraw_after_upload
+            if stage == "upload" and withdraw_after_upload:
+                svc.reg.withdraw_cohort(withdraw_after_upload, reason="test")
+            if stage != "unmask":
+                svc.admin.advance_secagg("cnn", rnd)
+        return rnd
+
+    closed = svc.admin.close_secagg("cnn", walk(["a", "c", "d"]))
+    v2 = svc.reg.get("cnn", closed["published"]["version"])
+    assert set(v2.governance.cohorts) >= {"eu", "us"}
+    assert v2.lineage["round_cohorts"] == ["eu", "us"]
+
+    # a cohort withdrawing while its device's input is in the sum: the round is never published
+    before = [v.number for v in svc.reg.versions("cnn")]
+    with pytest.raises(ServiceError, match="withdrew consent after") as info:
+        svc.admin.close_secagg("cnn", walk(["b", "c", "d", "e"], withdraw_after_upload="eu"))
+    assert info.value.status == 409 and [v.number for v in svc.reg.versions("cnn")] == before
+
+    # version 2 holds eu's data: no round trains on it; a device of eu takes no part in a round on version 1
+    with pytest.raises(ServiceError, match="withdrawn cohort 'eu'") as info:
+        svc.admin.open_secagg("cnn", ["c", "d"], weight_scale=0, base_version=2)
+    assert info.value.status == 409
+    rnd = svc.admin.open_secagg("cnn", ["a", "c", "d"], weight_scale=0, base_version=1)["round"]
+    with pytest.raises(ServiceError, match="withdrew consent") as info:
+        SecAggDevice(clients["a"], "cnn", rnd).advertise()
+    assert info.value.status == 403

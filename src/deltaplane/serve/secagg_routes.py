@@ -55,6 +55,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DecodeError, NotFound
+from deltaplane.registry import Governance
 from deltaplane.serve.rounds import check_update_norm, resume_step, step_bytes, undo_on_failure
 from deltaplane.serve.rounds_store import RoundStore
 
@@ -78,6 +79,7 @@ class SecAggRound:
     like: Delta = field(repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock)
     published: dict[str, Any] | None = None
+    cohorts: dict[str, str] = field(default_factory=dict)  # device id -> cohort its token names
 
     @property
     def config(self) -> SecAggConfig:
@@ -181,10 +183,38 @@ def install_secagg_routes(
         return r
 
     def client_of(r: SecAggRound, ident: Any) -> int:
+        """The invited device's client id in the round; a device of a cohort that withdrew consent takes no
+        part (to the protocol it is a dropout), as plain rounds refuse its uploads."""
         u = r.clients.get(ident.device_id)
         if u is None:
             raise HTTPException(403, f"device {ident.device_id} is not invited to SecAgg round {r.number}")
+        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+            raise HTTPException(
+                403, f"cohort {ident.cohort!r} withdrew consent; it takes no part in SecAgg round {r.number}"
+            )
+        r.cohorts[ident.device_id] = ident.cohort
         return u
+
+    def round_governance(r: SecAggRound, survivors: list[int]) -> tuple[Governance, dict[str, Any]]:
+        """The governance and lineage of the version a round publishes: the base's cohorts and those of the
+        devices whose input is in the sum, as a plain round records them, so a later withdrawal of any of
+        them reaches the version. A cohort that withdrew after its device uploaded cannot be taken out of
+        the sum: the round is refused (409), never published."""
+        device_of = {u: d for d, u in r.clients.items()}
+        summed = {r.cohorts[device_of[u]] for u in survivors if device_of[u] in r.cohorts}
+        withdrawn = sorted(summed & reg.withdrawn_cohorts(verify=True))
+        if withdrawn:
+            raise HTTPException(
+                409,
+                f"cohort {withdrawn[0]!r} withdrew consent after its devices' inputs entered this round's sum; "
+                "leave this round unpublished and open a new SecAgg round",
+            )
+        gov = reg.get(r.model, r.base_version).governance
+        cohorts = tuple(sorted(set(gov.cohorts) | summed))
+        governance = Governance(
+            gov.data_sources, cohorts, tuple(sorted(set(gov.excluded_cohorts) - set(cohorts))), gov.notes
+        )
+        return governance, {"secagg_round": r.number, "round_cohorts": sorted(summed)}
 
     def protocol(fn: Callable[[], Any], r: SecAggRound) -> Any:
         """Run a protocol step under the round's lock; its refusals become 409 (order) and 422 (cannot go on)."""
@@ -315,6 +345,9 @@ def install_secagg_routes(
         art = reg.get(model, base)
         if art.kind != "model":
             raise ConfigError(f"{art.ref} is a delta; a round needs a model version as its base")
+        problems = reg.governance_problems(art, verify=True)
+        if problems:  # as a plain round: never train on a version built from a withdrawn cohort's data
+            raise HTTPException(409, f"{problems[0]}; rebuild instead: POST /admin/models/{model}/rebuild")
         with state.lock:
             step = resume_step(config, state, store, model, base)
         # a personalized federation's devices mask only the layers they share (FedPer's head stays home)
@@ -403,6 +436,7 @@ def install_secagg_routes(
             ) from None
         # the same guard as a plain upload: in-range inputs can still poison the mean (InvalidUpdate, 422)
         check_update_norm(mean, state.base_state(model, r.base_version), config.max_update_norm_ratio)
+        governance, lineage = round_governance(r, survivors)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
             if r.published is not None:
@@ -412,6 +446,8 @@ def install_secagg_routes(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
                 )
             step = resume_step(config, state, store, model, r.base_version)
+            publisher = step.publisher
+            publisher.governance, publisher.lineage = governance, lineage  # type: ignore[attr-defined]
             # The new version, its delta, the training tag and the step's stored state commit together or
             # not at all, and the step is put back if anything fails: the round stays closable.
             with undo_on_failure(step), reg.transaction():
