@@ -154,6 +154,14 @@ def run(
     clients: Annotated[
         int | None, typer.Option(show_default="20", help="Number of simulated devices.")
     ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            show_default="0.5",
+            help="Label skew of the devices' data: Dirichlet concentration (smaller: each device sees fewer "
+            "classes).",
+        ),
+    ] = None,
     rounds: Annotated[int | None, typer.Option(show_default="120", help="Communication rounds.")] = None,
     seed: Annotated[
         int | None, typer.Option(show_default="0", help="Seed of the partition, model and rounds.")
@@ -275,8 +283,9 @@ def run(
             raise ConfigError(
                 f"--transport: unknown transport {transport!r}; choose one of {TRANSPORTS.names()}"
             )
-        cfg = _run_config(
-            config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
+        full = _run_config(
+            config, small=False, codec=codec, downlink_codec=downlink, error_feedback=error_feedback,
+            clients=clients, alpha=alpha,
             momentum_correction=momentum_correction, local_clip=local_clip, momentum_masking=momentum_masking,
             sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
@@ -286,14 +295,18 @@ def run(
             engine=None if engine in (None, Engine.inprocess) else str(engine), transport=transport,
             threads=threads,
         )  # fmt: skip
-        check_threads(cfg.threads)
+        check_threads(full.threads)
         from deltaplane.apps.runner import preflight
 
         if os.getcwd() not in sys.path and "" not in sys.path:
             # --task mytask:make_task finds mytask.py in the working directory
             sys.path.insert(0, os.getcwd())
 
-        preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
+        # A bad task, data that cannot be split into the devices asked for, an option the driver cannot run:
+        # one line, before anything starts. Checked at the size asked for, so that DELTAPLANE_SMALL=1 (which
+        # the docs' tests set) shortens a documented command but never hides that it fails at its real size.
+        preflight(full)
+        cfg = _small(full) if small_mode() else full
         if save_personal and cfg.engine == "flower" and cfg.transport == "inproc":
             raise ConfigError(
                 "--save-personal: with --engine flower each device's personal model stays on its node and never "
@@ -400,7 +413,9 @@ def _task_options(base: dict[str, Any], items: list[str] | None) -> dict[str, An
     return options
 
 
-def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
+def _run_config(config_file: Path | None, *, small: bool | None = None, **options: Any) -> RunConfig:
+    """The run's config: ``config_file`` (or the defaults) with the options given, the default codec unless one
+    is set, and capped by ``DELTAPLANE_SMALL`` when ``small`` (default: whether it is set)."""
     from deltaplane.engine.config import RunConfig
 
     cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
@@ -411,7 +426,7 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
             if name not in changes and name not in cfg.model_fields_set:
                 changes[name] = value
     cfg = cfg.replace(**changes)
-    return _small(cfg) if small_mode() else cfg
+    return _small(cfg) if (small_mode() if small is None else small) else cfg
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"
