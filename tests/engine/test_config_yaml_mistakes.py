@@ -49,3 +49,12 @@ def test_an_empty_section_is_its_defaults(tmp_path: Path) -> None:
     """`privacy:` with every key commented out (YAML: null) is the defaults, not an unknown field."""
     cfg = _load(tmp_path, "privacy:\n  # noise: 1.0\nclients:\n  count: 3\nattack:\n")
     assert cfg == RunConfig(clients=3)
+
+
+def test_a_numeric_clip_is_a_number_in_yaml(tmp_path: Path) -> None:
+    """`clip: 1.0` is how YAML writes the clip norm; it was refused as 'Input should be a valid string'."""
+    cfg = _load(tmp_path, "privacy: {clip: 1.0, noise: 0.8}\n")
+    assert cfg.clip == "1.0" and cfg == RunConfig(clip="1.0", dp_noise=0.8)
+    assert _load(tmp_path, "clip: 2\n").clip == "2"
+    with pytest.raises(ConfigError, match="field 'clip'"):
+        _load(tmp_path, "clip: true\n")

@@ -247,6 +247,14 @@ class RunConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return spec
 
+    @field_validator("clip", mode="before")
+    @classmethod
+    def _clip_number(cls, clip: Any) -> Any:
+        """``clip: 1.0`` in YAML is a number; the field holds a number or 'adaptive' as text."""
+        if isinstance(clip, int | float) and not isinstance(clip, bool):
+            return str(clip)
+        return clip
+
     @field_validator("clip")
     @classmethod
     def _valid_clip(cls, clip: str | None) -> str | None:
