@@ -308,6 +308,9 @@ def run(
         # the docs' tests set) shortens a documented command but never hides that it fails at its real size.
         preflight(full)
         cfg = _small(full) if small_mode() else full
+        if save_personal and cfg.personalization == "none":  # now, not after the whole run
+            others = ", ".join(n for n in PERSONALIZATIONS if n != "none")
+            raise ConfigError(f"--save-personal needs --personalization ({others})")
         if save_personal and cfg.engine == "flower" and cfg.transport == "inproc":
             raise ConfigError(
                 "--save-personal: with --engine flower each device's personal model stays on its node and never "

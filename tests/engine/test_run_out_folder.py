@@ -94,3 +94,9 @@ def test_an_interrupted_overwrite_keeps_the_earlier_run_whole(tmp_path: Path, mo
     assert r.exit_code != 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_save_personal_without_personalization_is_refused_before_the_run(tmp_path: Path, no_runs) -> None:
+    r = _run("--save-personal", "-o", str(tmp_path / "run"))
+    assert r.exit_code == 2 and "--save-personal needs --personalization" in r.output, r.output
+    assert not (tmp_path / "run").exists()
