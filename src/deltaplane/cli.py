@@ -515,8 +515,14 @@ def small_mode() -> bool:
 
 
 def _small(cfg: RunConfig) -> RunConfig:
-    """Cap rounds and devices (DELTAPLANE_SMALL=1): the docs' commands run in seconds in CI, and say so."""
-    rounds, clients = min(cfg.rounds, SMALL_ROUNDS), min(cfg.clients, SMALL_CLIENTS)
+    """Cap rounds and devices (DELTAPLANE_SMALL=1): the docs' commands run in seconds in CI, and say so.
+
+    A task that brings its own devices (``charlm``: one per module) keeps them all: it runs with exactly those.
+    """
+    from deltaplane.engine import make_task
+
+    keep = make_task(cfg).natural_split
+    rounds, clients = min(cfg.rounds, SMALL_ROUNDS), cfg.clients if keep else min(cfg.clients, SMALL_CLIENTS)
     if (rounds, clients) != (cfg.rounds, cfg.clients):
         err_console.print(
             f"{SMALL_ENV} is set: {rounds} rounds (not {cfg.rounds}) over {clients} devices (not {cfg.clients})"

@@ -50,3 +50,13 @@ def test_a_guide_command_that_fits_runs_small(byo_task, no_runs, monkeypatch, tm
     assert isinstance(r.exception, _Started), r.output
     (plan,) = no_runs
     assert [(name, c.clients, c.alpha) for name, c in plan] == [("baseline", 4, 2.0), ("compressed", 4, 2.0)]
+
+
+def test_small_runs_keep_the_devices_a_task_brings(no_runs, monkeypatch, tmp_path: Path) -> None:
+    """`DELTAPLANE_SMALL=1 deltaplane run --task charlm` capped its 20 natural devices to 4, then failed with
+    'task charlm brings its own 20 devices; set clients to 20'."""
+    monkeypatch.setenv("DELTAPLANE_SMALL", "1")
+    args = ["run", "--task", "charlm", "--task-option", "devices=6", "--task-option", "per_device=20"]
+    r = CliRunner().invoke(cli.app, [*args, "--clients", "6", "-o", str(tmp_path / "o")])
+    assert isinstance(r.exception, _Started), r.output
+    assert [(c.clients, c.rounds) for _, c in no_runs[0]] == [(6, 2), (6, 2)]
