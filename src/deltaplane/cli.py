@@ -11,6 +11,7 @@ import importlib
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltaplane import commands
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import EXIT_REFUSED, check_threads, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
@@ -75,8 +77,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any
+) -> None:
+    """A warning as one yellow line on stderr (``--quiet`` hides it; ``-v`` adds where it came from), instead of
+    Python's ``/path/to/module.py:186: UserWarning: ...`` followed by a line of deltaplane's source."""
+    where = f" ({category.__name__}, {Path(filename).name}:{lineno})" if commands.verbosity > 0 else ""
+    err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(str(message))}{where}", soft_wrap=True)
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -93,6 +105,11 @@ def main(
     if quiet and verbose:
         raise typer.BadParameter("--quiet and --verbose contradict each other; pick one")
     set_verbosity(-1 if quiet else 1 if verbose else 0)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    ctx.call_on_close(
+        lambda: setattr(warnings, "showwarning", previous)
+    )  # an in-process caller keeps its own
 
 
 @app.command()
