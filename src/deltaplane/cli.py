@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -21,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltaplane import commands
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import EXIT_REFUSED, check_threads, clean_errors, err_console, set_verbosity
 from deltaplane.commands import console as shared_console
@@ -74,8 +77,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any
+) -> None:
+    """A warning as one yellow line on stderr (``--quiet`` hides it; ``-v`` adds where it came from), instead of
+    Python's ``/path/to/module.py:186: UserWarning: ...`` followed by a line of deltaplane's source."""
+    where = f" ({category.__name__}, {Path(filename).name}:{lineno})" if commands.verbosity > 0 else ""
+    err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(str(message))}{where}", soft_wrap=True)
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -92,6 +105,11 @@ def main(
     if quiet and verbose:
         raise typer.BadParameter("--quiet and --verbose contradict each other; pick one")
     set_verbosity(-1 if quiet else 1 if verbose else 0)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    ctx.call_on_close(
+        lambda: setattr(warnings, "showwarning", previous)
+    )  # an in-process caller keeps its own
 
 
 @app.command()
@@ -153,6 +171,14 @@ def run(
     ] = None,
     clients: Annotated[
         int | None, typer.Option(show_default="20", help="Number of simulated devices.")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            show_default="0.5",
+            help="Label skew of the devices' data: Dirichlet concentration (smaller: each device sees fewer "
+            "classes).",
+        ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(show_default="120", help="Communication rounds.")] = None,
     seed: Annotated[
@@ -275,8 +301,9 @@ def run(
             raise ConfigError(
                 f"--transport: unknown transport {transport!r}; choose one of {TRANSPORTS.names()}"
             )
-        cfg = _run_config(
-            config, codec=codec, downlink_codec=downlink, error_feedback=error_feedback, clients=clients,
+        full = _run_config(
+            config, small=False, codec=codec, downlink_codec=downlink, error_feedback=error_feedback,
+            clients=clients, alpha=alpha,
             momentum_correction=momentum_correction, local_clip=local_clip, momentum_masking=momentum_masking,
             sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
@@ -286,58 +313,48 @@ def run(
             engine=None if engine in (None, Engine.inprocess) else str(engine), transport=transport,
             threads=threads,
         )  # fmt: skip
-        check_threads(cfg.threads)
+        check_threads(full.threads)
         from deltaplane.apps.runner import preflight
 
         if os.getcwd() not in sys.path and "" not in sys.path:
             # --task mytask:make_task finds mytask.py in the working directory
             sys.path.insert(0, os.getcwd())
 
-        preflight(cfg)  # a bad task or an option the driver cannot run: one line, before anything starts
+        # A bad task, data that cannot be split into the devices asked for, an option the driver cannot run:
+        # one line, before anything starts. Checked at the size asked for, so that DELTAPLANE_SMALL=1 (which
+        # the docs' tests set) shortens a documented command but never hides that it fails at its real size.
+        preflight(full)
+        cfg = _small(full) if small_mode() else full
+        if save_personal and cfg.personalization == "none":  # now, not after the whole run
+            others = ", ".join(n for n in PERSONALIZATIONS if n != "none")
+            raise ConfigError(f"--save-personal needs --personalization ({others})")
         if save_personal and cfg.engine == "flower" and cfg.transport == "inproc":
             raise ConfigError(
                 "--save-personal: with --engine flower each device's personal model stays on its node and never "
                 "reaches the server; run the sequential engine to save them"
             )
         plan = _plan_runs(cfg, with_baseline=baseline)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            # the same rule as `deltaplane merge`: never replace earlier results silently
-            raise ConfigError(f"output folder '{out}' already holds files; pass --overwrite to replace them")
-        results, finished = _execute(plan)
-        task_name = _task_name(cfg)
-        rows = _summarize(results)
-        where = (
-            " over HTTP (simulated devices ↔ a real deltaplane serve on loopback)"
-            if cfg.transport == "http"
-            else ""
-        )
-        console.print(_summary_table(rows, cfg.describe_aggregation() + where, task_name))
-        cost_table = _device_cost_table(results)
-        if cost_table is not None:
-            console.print(cost_table)
-        for row in rows:
-            _warn_far_below_baseline(row)
-        for note in dict.fromkeys(r["privacy_note"] for r in results if r.get("privacy_note")):
-            console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
-        stopped = [r for r in results if r.get("stopped")]
-        saved = _save_checkpoint(
-            finished[-1], out, name=results[-1]["name"], task=task_name, personal=save_personal
-        )
-        after = None
-        if stopped:
-            pass  # the report still gets every round done before the stop; follow-up steps are skipped
-        elif followup and cfg.task != DEFAULT_TASK:
-            console.print("follow-up (personalize, merge, deploy) is the digits demo; skipped for --task")
-        elif followup:
-            after = _followup(finished[-1], out / "deploy", name=results[-1]["name"])
-        from deltaplane.report import write_report
+        target = _check_run_out(out, overwrite=overwrite)  # before the run: a bad --out fails fast
+        # Every file goes into a hidden sibling folder that becomes --out in one rename once all are written:
+        # an error or Ctrl-C half way leaves --out as it was (an earlier run's complete files, or nothing),
+        # and --overwrite leaves no file of the earlier run behind (its personal/ or deploy/ next to new ones).
+        # Made now, so a folder that cannot be written is refused before the run, not after it.
+        stage = _staging(out, target)
+        try:
+            results, stopped = _run_into(
+                stage, out, plan, cfg, save_personal=save_personal, followup=followup
+            )
+            try:
+                from deltaplane.deploy.publish import replace_dir
 
-        files = write_report(
-            results,
-            out,
-            baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None,
-            followup=after,
-        )
+                replace_dir(
+                    stage, _check_run_out(out, overwrite=overwrite)
+                )  # --out may have changed meanwhile
+            except OSError as exc:
+                raise ConfigError(f"could not write '{out}': {exc}; nothing was changed there") from None
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
@@ -349,11 +366,12 @@ def run(
                 )
         # soft_wrap: a path broken across lines cannot be copied or clicked
         console.print(
-            f"model:  {escape(str(saved))} (deltaplane registry register NAME {escape(str(out))})",
+            f"model:  {escape(str(out / 'model.safetensors'))} (deltaplane registry register NAME "
+            f"{escape(str(out))})",
             soft_wrap=True,
         )
-        console.print(f"report: [bold]{escape(str(files.html_path))}[/bold]", soft_wrap=True)
-        console.print(f"data:   {escape(str(files.json_path))}", soft_wrap=True)
+        console.print(f"report: [bold]{escape(str(out / 'report.html'))}[/bold]", soft_wrap=True)
+        console.print(f"data:   {escape(str(out / 'report.json'))}", soft_wrap=True)
     if stopped:
         for r in stopped:
             err_console.print(
@@ -361,6 +379,63 @@ def run(
             )
         err_console.print("the report holds every round done before the stop; follow-up steps were skipped")
         raise typer.Exit(code=EXIT_REFUSED)
+
+
+def _run_into(
+    stage: Path,
+    out: Path,
+    plan: list[tuple[str, RunConfig]],
+    cfg: RunConfig,
+    *,
+    save_personal: bool,
+    followup: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``plan``, print its tables, and write the model, follow-up and report into ``stage`` (which becomes
+    ``out``). Returns the runs' results and those the privacy budget stopped."""
+    from deltaplane.report import write_report
+
+    results, finished = _execute(plan)
+    task_name = _task_name(cfg)
+    rows = _summarize(results)
+    where = (
+        " over HTTP (simulated devices ↔ a real deltaplane serve on loopback)"
+        if cfg.transport == "http"
+        else ""
+    )
+    console.print(_summary_table(rows, cfg.describe_aggregation() + where, task_name))
+    cost_table = _device_cost_table(results)
+    if cost_table is not None:
+        console.print(cost_table)
+    for row in rows:
+        _warn_far_below_baseline(row)
+    for note in dict.fromkeys(r["privacy_note"] for r in results if r.get("privacy_note")):
+        console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
+    stopped = [r for r in results if r.get("stopped")]
+    _save_checkpoint(finished[-1], stage, name=results[-1]["name"], task=task_name, personal=save_personal)
+    after = None
+    if stopped:
+        pass  # the report still gets every round done before the stop; follow-up steps are skipped
+    elif followup and cfg.task != DEFAULT_TASK:
+        console.print("follow-up (personalize, merge, deploy) is the digits demo; skipped for --task")
+    elif followup:
+        after = _followup(finished[-1], stage / "deploy", out / "deploy", name=results[-1]["name"])
+    write_report(
+        results,
+        stage,
+        baseline=BASELINE if any(r["name"] == BASELINE for r in results) else None,
+        followup=after,
+    )
+    return results, stopped
+
+
+def _staging(out: Path, target: Path) -> Path:
+    """The hidden sibling folder the run writes into (:func:`~deltaplane.deploy.publish.staging_dir`)."""
+    from deltaplane.deploy.publish import staging_dir
+
+    try:
+        return staging_dir(target)
+    except OSError as exc:
+        raise ConfigError(f"output '{out}' cannot be written: {exc.strerror or exc}") from None
 
 
 #: A compressed run this many accuracy points or more below its baseline gets a warning next to its byte ratio.
@@ -375,6 +450,37 @@ def _warn_far_below_baseline(row: dict[str, Any]) -> None:
             f"{drop:.2f} points below the baseline's accuracy: its byte savings cost accuracy",
             soft_wrap=True,
         )
+
+
+#: What ``deltaplane run`` writes into ``--out``: a folder holding only these is an earlier run's output.
+RUN_OUTPUTS = frozenset(
+    {"model.safetensors", "model.json", "report.json", "report.html", "deploy", "personal"}
+)
+
+
+def _check_run_out(out: Path, *, overwrite: bool) -> Path:
+    """The folder ``--out`` names, if the run may write it; else :class:`ConfigError` saying what to change.
+
+    It must be (or become) a writable folder, and hold nothing unless ``overwrite``; even then only an earlier
+    run's files, because the new run replaces the folder as a whole (``-o . --overwrite`` must not take a
+    project's sources with it).
+    """
+    from deltaplane.deploy.publish import check_writable_dir
+
+    target = Path(os.path.abspath(check_writable_dir(out, hint="pass --out a folder path")))
+    if Path.cwd().resolve().is_relative_to(target.resolve()):
+        raise ConfigError(f"--out '{out}' is the folder you are in (or holds it); name a folder below it")
+    names = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if names and not overwrite:
+        # the same rule as `deltaplane merge`: never replace earlier results silently
+        raise ConfigError(f"output folder '{out}' already holds files; pass --overwrite to replace them")
+    foreign = [n for n in names if n not in RUN_OUTPUTS]
+    if foreign:
+        raise ConfigError(
+            f"output folder '{out}' holds files that are not a run's ({', '.join(foreign[:5])}); --overwrite "
+            "replaces an earlier run's folder as a whole, so choose another folder or move them"
+        )
+    return target
 
 
 def cfg_task_options(config_file: Path | None) -> dict[str, Any]:
@@ -400,7 +506,9 @@ def _task_options(base: dict[str, Any], items: list[str] | None) -> dict[str, An
     return options
 
 
-def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
+def _run_config(config_file: Path | None, *, small: bool | None = None, **options: Any) -> RunConfig:
+    """The run's config: ``config_file`` (or the defaults) with the options given, the default codec unless one
+    is set, and capped by ``DELTAPLANE_SMALL`` when ``small`` (default: whether it is set)."""
     from deltaplane.engine.config import RunConfig
 
     cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
@@ -411,7 +519,7 @@ def _run_config(config_file: Path | None, **options: Any) -> RunConfig:
             if name not in changes and name not in cfg.model_fields_set:
                 changes[name] = value
     cfg = cfg.replace(**changes)
-    return _small(cfg) if small_mode() else cfg
+    return _small(cfg) if (small_mode() if small is None else small) else cfg
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"
@@ -424,8 +532,14 @@ def small_mode() -> bool:
 
 
 def _small(cfg: RunConfig) -> RunConfig:
-    """Cap rounds and devices (DELTAPLANE_SMALL=1): the docs' commands run in seconds in CI, and say so."""
-    rounds, clients = min(cfg.rounds, SMALL_ROUNDS), min(cfg.clients, SMALL_CLIENTS)
+    """Cap rounds and devices (DELTAPLANE_SMALL=1): the docs' commands run in seconds in CI, and say so.
+
+    A task that brings its own devices (``charlm``: one per module) keeps them all: it runs with exactly those.
+    """
+    from deltaplane.engine import make_task
+
+    keep = make_task(cfg).natural_split
+    rounds, clients = min(cfg.rounds, SMALL_ROUNDS), cfg.clients if keep else min(cfg.clients, SMALL_CLIENTS)
     if (rounds, clients) != (cfg.rounds, cfg.clients):
         err_console.print(
             f"{SMALL_ENV} is set: {rounds} rounds (not {cfg.rounds}) over {clients} devices (not {cfg.clients})"
@@ -455,13 +569,17 @@ def _summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row.to_dict() for row in summarize(results, baseline)]
 
 
-def _followup(result: RunResult, deploy_dir: Path, *, name: str) -> dict[str, Any]:
-    """Personalize, merge and deploy ``result``'s global model, printing a table per step."""
+def _followup(result: RunResult, deploy_dir: Path, shown: Path, *, name: str) -> dict[str, Any]:
+    """Personalize, merge and deploy ``result``'s global model into ``deploy_dir``, printing a table per step;
+    the report and tables name the deploy folder ``shown``, where ``deploy_dir`` will be once published."""
     from deltaplane.apps.digits.followup import run_followup
 
     console.print(f"[bold]after the federation[/bold] (global model of run '{escape(name)}'):")
     with console.status("starting…") as status:
         after = run_followup(result, deploy_dir, progress=lambda msg: status.update(escape(msg)))
+    deploy = after["deploy"]
+    if not deploy.get("refused"):
+        deploy["out_dir"], deploy["artifact"] = str(shown), str(shown / Path(deploy["artifact"]).name)
     for table in _followup_tables(after):
         console.print(table)
     return {"run": name, **after}

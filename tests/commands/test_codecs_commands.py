@@ -1,5 +1,6 @@
 """`deltaplane compress` / `decompress` driven through a Typer app, on safetensors files."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -103,3 +104,29 @@ def test_errors_are_reported_without_writing(tmp_path: Path) -> None:
     r = runner.invoke(_app(), ["decompress", str(bad), "-o", str(tmp_path / "y.safetensors")])
     assert r.exit_code == 1 and "invalid deltaplane payload" in r.output
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_a_folder_given_as_the_output_file_is_a_usage_error(tmp_path: Path) -> None:
+    """Before: the whole compression ran, then exit 1 on '[Errno 21] Is a directory: .../.adir.x.tmp -> adir'."""
+    base_p, new_p, _, _ = _files(tmp_path)
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    runner = CliRunner()
+    r = runner.invoke(
+        _app(), ["compress", str(new_p), "--base", str(base_p), "--codec", "topk(0.1)", "-o", str(folder)]
+    )
+    assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), r.output
+    payload = tmp_path / "u.dpln"
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "topk(0.1)", "-o", str(payload)]
+    assert runner.invoke(_app(), args).exit_code == 0
+    r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(folder)])
+    assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), r.output
+    assert (
+        list(folder.iterdir()) == []
+        and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    )
+
+
+def _unboxed(text: str) -> str:
+    """Typer's error box, as one line of words."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())

@@ -68,3 +68,14 @@ def test_error_with_brackets_is_printed_verbatim(tmp_path: Path) -> None:
     )
     res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert res.exit_code == 2 and "[gone]" in res.output
+
+
+def test_an_output_under_a_file_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    """Before: `-o afile/x` was a FileExistsError traceback (exit 1), `-o afile` 'output folder already exists'."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, words in ((afile, "afile' is a file, not a folder"), (afile / "x", "cannot be created")):
+        res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "m.yaml"), "-o", str(out)])
+        assert res.exit_code == 2 and words in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert afile.read_text() == "mine"

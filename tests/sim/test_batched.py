@@ -17,7 +17,7 @@ from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, build_model, run_simulation
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker, clients_per_chunk, per_client_bytes
 from deltaplane.sim.client import Client
-from deltaplane.sim.seeding import Stream, torch_generator
+from deltaplane.sim.seeding import Stream, derive_seed, torch_generator
 
 # Shards of awkward sizes: one short batch, exact multiples of the batch size, a single sample.
 SIZES = [45, 32, 7, 1, 70]
@@ -628,3 +628,25 @@ def test_no_more_workers_are_forked_than_a_round_has_clients(engine, monkeypatch
     two = run_simulation(cfg.replace(threads=2))
     for k, v in two.final_state.items():
         assert torch.equal(many.final_state[k], v), k
+
+
+def _frozen_first_layer() -> nn.Module:
+    model = build_model(0)
+    model.conv1.requires_grad_(False)  # a frozen feature extractor, as in transfer learning
+    return model
+
+
+def test_frozen_parameters_stay_frozen_on_the_batched_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched engine trained a user's frozen layers (the loop's SGD leaves them): it now falls back."""
+    assert "frozen parameters (conv1.weight, conv1.bias" in batching_blocker(_frozen_first_layer())
+    task = dataclasses.replace(make_task(RunConfig()), model=_frozen_first_layer)
+    monkeypatch.setattr(simulation, "make_task", lambda cfg: task)
+    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
+    start = task.build_model(derive_seed(0, Stream.MODEL_INIT)).state_dict()
+    cfg = RunConfig(clients=3, rounds=2, local_epochs=1, codec="identity")
+    with pytest.warns(UserWarning, match="frozen parameters"):
+        batched = run_simulation(cfg.replace(engine="batched")).final_state
+    sequential = run_simulation(cfg).final_state
+    for name in ("conv1.weight", "conv1.bias"):
+        assert torch.equal(batched[name], start[name]) and torch.equal(sequential[name], start[name])
+    assert not torch.equal(batched["fc2.weight"], start["fc2.weight"])

@@ -133,3 +133,12 @@ def test_followup_needs_final_weights(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="final_state"):
         run_followup(run, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_digits_mlp_follows_up_too(tmp_path: Path) -> None:
+    """`deltaplane run --task-option model=mlp` ran its whole federation, then failed in the follow-up (exit 2,
+    no report): the deploy was told to leave out `conv1`, which the MLP does not have."""
+    run = run_simulation(RunConfig(clients=3, rounds=1, task_options={"model": "mlp"}))
+    after = run_followup(run, tmp_path / "deploy", gates=None, **FAST)
+    manifest = json.loads((tmp_path / "deploy" / "manifest.json").read_text())
+    assert after["deploy"]["artifact"].endswith("model.dpla") and "mlp" in json.dumps(manifest)

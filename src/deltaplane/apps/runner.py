@@ -22,11 +22,14 @@ def preflight(config: RunConfig) -> None:
 
     Raises:
         TaskError: the task does not load or its model and data disagree.
+        ConfigError: the task's data cannot be split into ``config.clients`` devices.
         UnsupportedOption: the driver cannot run an option (the message says why).
     """
-    from deltaplane.engine import make_task
+    from deltaplane.engine import build_clients, make_task
 
-    make_task(config)
+    task = make_task(config)
+    if config.engine != "population":  # which synthesizes its devices lazily, from a pooled set
+        build_clients(config, task)  # the very devices every other driver builds: refused now, not in round 1
     if config.transport == "http":
         if config.engine == "flower":
             raise UnsupportedOption(

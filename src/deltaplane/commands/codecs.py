@@ -36,7 +36,8 @@ def compress(
     codec: Annotated[
         str, typer.Option("--codec", help="codec spec, e.g. 'topk(0.01) | quant(bits=4) | zstd'")
     ],
-    out: Annotated[Path, typer.Option("-o", "--out", help="payload to write (.dpln)")],
+    # dir_okay=False: a folder given as -o is a usage error before the work, not an OSError naming a temp file
+    out: Annotated[Path, typer.Option("-o", "--out", help="payload to write (.dpln)", dir_okay=False)],
     base_id: Annotated[str, typer.Option(help="base model id recorded in the payload")] = "",
     base_version: Annotated[int, typer.Option(help="base model version recorded in the payload")] = 0,
     seed: Annotated[int, typer.Option(help="seed of stochastic codecs")] = 0,
@@ -70,7 +71,7 @@ def compress(
 
 def decompress(
     payload: Annotated[Path, typer.Argument(help="payload written by 'deltaplane compress'", exists=True)],
-    out: Annotated[Path, typer.Option("-o", "--out", help="safetensors file to write")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="safetensors file to write", dir_okay=False)],
     base: Annotated[
         Path | None, typer.Option("--base", help="apply the delta to this checkpoint and write the result")
     ] = None,

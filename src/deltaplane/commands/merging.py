@@ -49,13 +49,17 @@ def merge_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from deltaplane.deploy.publish import check_writable_dir
     from deltaplane.merging.streaming import merge_files
 
     console = Console(stderr=True)
     shard_bytes = _parse_size(max_shard_size)
-    # clean_errors is outermost, so the progress bar has stopped before an error line is printed
+    with clean_errors():  # a file, a path under a file: before any work, not a traceback after it
+        check_writable_dir(out, hint="pass -o a folder path")
+    # clean_errors is outermost, so the progress bar has stopped before an error line is printed; OSError: a
+    # folder the checks above cannot foresee refusing the output (a read-only or virtual file system)
     with (
-        clean_errors(),
+        clean_errors(OSError),
         cpu_threads(threads),
         Progress(
             TextColumn("[bold]merge"),

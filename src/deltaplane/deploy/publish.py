@@ -31,10 +31,12 @@ from deltaplane.errors import ConfigError, ExportError
 __all__ = [
     "DEPLOY_FILES",
     "check_out_dir",
+    "check_writable_dir",
     "file_sha256",
     "is_deploy_output",
     "manifest_json",
     "publish_dir",
+    "replace_dir",
     "staging_dir",
 ]
 
@@ -76,18 +78,7 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -
     :class:`~deltaplane.errors.ConfigError` saying what to change.
     """
     out = Path(out_dir)
-    target = _target(out)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(
-            f"output '{out}' is a file, not a folder; pass -o a folder path (new or a deploy's)"
-        )
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"output '{out}' cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"output '{out}' cannot be written: no write permission in {parent}")
+    target = check_writable_dir(out, hint="pass -o a folder path (new or a deploy's)")
     if target.is_dir() and not overwrite and any(target.iterdir()) and not is_deploy_output(target):
         raise ConfigError(
             f"output folder '{out}' already holds files that are not a deploy's output "
@@ -95,6 +86,24 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -
             "from Python) to replace it, or choose another folder"
         )
     return out
+
+
+def check_writable_dir(out_dir: str | os.PathLike[str], *, hint: str = "give a folder path") -> Path:
+    """The folder a command will create or replace for ``out_dir`` (a symlink: the folder it points at), or
+    :class:`~deltaplane.errors.ConfigError` if it cannot: a file (``hint`` says what to pass instead), a path
+    under a file, or a folder without write permission. What is in the folder is the caller's to judge."""
+    out = Path(out_dir)
+    target = _target(out)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output '{out}' is a file, not a folder; {hint}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output '{out}' cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output '{out}' cannot be written: no write permission in {parent}")
+    return target
 
 
 def staging_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -155,24 +164,36 @@ def publish_dir(
     (tmp / "MODEL_CARD.md").write_text(render_card(manifest))
     files = sorted(p.name for p in tmp.iterdir())
     try:
-        if not target.exists():
-            os.rename(tmp, target)
-            return files
-        if _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
-            return files
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / "x")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(old / "x", target)  # put the old output back
-            old.rmdir()
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     except OSError as e:
         raise ConfigError(f"could not publish into '{out}': {e}; nothing was changed there") from e
     return files
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Make the folder ``tmp`` the folder ``target`` (a sibling) and delete what ``target`` held.
+
+    An existing ``target`` is exchanged with ``tmp`` atomically where the OS can (Linux); elsewhere it is moved
+    aside first, so for an instant ``target`` is absent (never half old, half new).
+
+    Raises:
+        OSError: the rename failed; ``target`` is then as it was.
+    """
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / "x")
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        os.rename(old / "x", target)  # put the old output back
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _non_finite_key(obj: Any, path: str = "") -> str | None:

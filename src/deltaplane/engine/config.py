@@ -6,6 +6,7 @@ Every hyperparameter of a run lives here and nowhere else, so a run is reproduce
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,33 @@ if TYPE_CHECKING:
     from deltaplane.personalization import Personalizer
 
 __all__ = ["CHOICES", "RunConfig"]
+
+
+def _unique_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+    """A YAML mapping that refuses a key given twice (:class:`ConfigError`): PyYAML keeps the last silently, so a
+    second ``rounds:`` further down a long config would quietly win over the first."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """``yaml.SafeLoader`` with :func:`_unique_mapping` for every mapping (built on first use: yaml loads lazily)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` whose mappings refuse duplicate keys."""
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+    return UniqueKeyLoader
+
 
 #: The fields whose value is a registered name, and the registry each one reads (:mod:`deltaplane.choices`).
 #: ``codec``/``downlink_codec``, ``defense`` and ``attack`` are specs checked by their own registries.
@@ -219,6 +247,14 @@ class RunConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return spec
 
+    @field_validator("clip", mode="before")
+    @classmethod
+    def _clip_number(cls, clip: Any) -> Any:
+        """``clip: 1.0`` in YAML is a number; the field holds a number or 'adaptive' as text."""
+        if isinstance(clip, int | float) and not isinstance(clip, bool):
+            return str(clip)
+        return clip
+
     @field_validator("clip")
     @classmethod
     def _valid_clip(cls, clip: str | None) -> str | None:
@@ -228,8 +264,8 @@ class RunConfig(BaseModel):
             value = float(clip)
         except ValueError:
             raise ValueError(f"clip must be a positive number or 'adaptive'. Found {clip!r}") from None
-        if not value > 0:
-            raise ValueError(f"clip must be positive. Found {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"clip must be a positive finite number. Found {value!r}")
         return clip
 
     @field_validator("attack")
@@ -421,11 +457,11 @@ class RunConfig(BaseModel):
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
-        data = flatten_sections(data, source=source)
+        data, where = _flatten(data, source=source)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(_describe(exc, source, where)) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
@@ -438,9 +474,11 @@ class RunConfig(BaseModel):
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # safe: a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        except ConfigError as exc:  # a duplicate key
+            raise ConfigError(f"invalid {path}: {exc}") from None
         return cls.from_mapping({} if data is None else data, source=str(path))
 
     def client_lr(self, rnd: int) -> float:
@@ -506,9 +544,17 @@ SECTIONS: dict[str, dict[str, str]] = {
 def flatten_sections(data: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
     """``data`` with every nested section (a mapping under a :data:`SECTIONS` name) spread into flat fields.
 
+    An empty section (``privacy:`` with every key commented out, which YAML reads as null) is no section.
+
     Raises:
-        ConfigError: an unknown key in a section (naming the section's keys), or a field given twice.
+        ConfigError: an unknown key in a section (naming the section's keys), a section given a plain value, or
+            a field given twice.
     """
+    return _flatten(data, source=source)[0]
+
+
+def _flatten(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`flatten_sections`, and where each flat field was given (``clients.count``), for messages."""
     flat: dict[str, Any] = {}
     given: dict[str, str] = {}
 
@@ -520,6 +566,8 @@ def flatten_sections(data: dict[str, Any], *, source: str = "config") -> dict[st
 
     for key, value in data.items():
         section = SECTIONS.get(key)
+        if section is not None and value is None:
+            continue  # `privacy:` alone: a section left empty, every field at its default
         if section is not None and isinstance(value, dict):
             for sub, v in value.items():
                 if sub not in section:
@@ -527,15 +575,25 @@ def flatten_sections(data: dict[str, Any], *, source: str = "config") -> dict[st
                         f"invalid {source}: unknown key '{key}.{sub}'; valid keys of '{key}': {', '.join(section)}"
                     )
                 put(section[sub], v, f"{key}.{sub}")
+        elif section is not None and key not in RunConfig.model_fields:
+            raise ConfigError(
+                f"invalid {source}: '{key}' is a section, not a value: give its keys as a mapping, e.g. "
+                f"'{key}: {{{next(iter(section))}: ...}}'; valid keys of '{key}': {', '.join(section)}"
+            )
         else:
             put(key, value, key)
-    return flat
+    return flat, given
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _describe(exc: ValidationError, source: str, where: dict[str, str] | None = None) -> str:
+    """One line naming every bad field as the user wrote it (``clients.count``, not the flat ``clients``)."""
+    where = where or {}
     problems = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
+        loc = [str(p) for p in err["loc"]]
+        if loc and loc[0] in where:
+            loc[0] = where[loc[0]]
+        field = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown field; valid fields: {', '.join(RunConfig.model_fields)}"

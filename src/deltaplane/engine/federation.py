@@ -98,14 +98,28 @@ def _uplink(config: RunConfig, cid: int) -> Compressor:
 
 
 def make_clients(config: RunConfig, train: Dataset) -> list[Client]:
-    """Partition ``train`` across ``config.clients`` devices (Dirichlet label skew), each with a compressor."""
-    shards = dirichlet_partition(
-        train.y.numpy(),
-        config.clients,
-        config.alpha,
-        numpy_rng(config.seed, Stream.PARTITION),
-        min_size=config.min_client_samples,
-    )
+    """Partition ``train`` across ``config.clients`` devices (Dirichlet label skew), each with a compressor.
+
+    Raises:
+        ConfigError: no partition gives every device ``min_client_samples`` samples; the message names the
+            run options that change that (as CLI flags and YAML keys).
+    """
+    try:
+        shards = dirichlet_partition(
+            train.y.numpy(),
+            config.clients,
+            config.alpha,
+            numpy_rng(config.seed, Stream.PARTITION),
+            min_size=config.min_client_samples,
+        )
+    except ConfigError:
+        # the partition's own words (n_clients, min_size) are not the run's: say which options to change
+        raise ConfigError(
+            f"cannot partition {len(train)} training samples across {config.clients} devices of at least "
+            f"{config.min_client_samples} samples each (Dirichlet label skew, alpha={config.alpha:g}); use fewer "
+            "devices (--clients; YAML clients.count), a larger alpha (--alpha; clients.alpha) or a smaller "
+            "min_client_samples (clients.min_samples)"
+        ) from None
     clients = []
     for cid, shard in enumerate(shards):
         local, held = split_holdout(
@@ -122,7 +136,8 @@ def build_clients(config: RunConfig, task: Task) -> list[Client]:
         return make_clients(config, task.train)  # type: ignore[arg-type]
     if config.clients != len(task.clients):
         raise ConfigError(
-            f"task {task.name!r} brings its own {len(task.clients)} devices; set clients to {len(task.clients)}"
+            f"task {task.name!r} brings its own {len(task.clients)} devices; set clients to {len(task.clients)} "
+            f"(--clients {len(task.clients)}; YAML clients.count)"
         )
     clients = []
     for cid, data in enumerate(task.clients):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from deltaplane.choices import TASKS
 from deltaplane.data.dataset import Dataset
-from deltaplane.errors import TaskError
+from deltaplane.errors import DeltaplaneError, TaskError
 
 __all__ = ["DEFAULT_TASK", "Dataset", "Task", "check_task", "load_task"]
 
@@ -72,8 +74,10 @@ class Task:
             raise TaskError(f"task {self.name!r}: clients is empty; give at least one device's dataset")
         if self.num_classes is None:
             parts = [self.test, *(self.clients or [self.train])]  # type: ignore[list-item]
-            top = max(int(d.y.max()) for d in parts if len(d))
-            object.__setattr__(self, "num_classes", top + 1)
+            tops = [int(d.y.max()) for d in parts if len(d)]
+            if not tops:
+                raise TaskError(f"task {self.name!r}: its datasets hold no samples")
+            object.__setattr__(self, "num_classes", max(tops) + 1)
 
     @property
     def natural_split(self) -> bool:
@@ -87,22 +91,102 @@ class Task:
             return self.model()
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: enough to say what failed, on one line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: Where Python's and installed packages' own files live: a frame there is not the user's code.
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _where(exc: BaseException) -> str:
+    """``"; at file.py:line"``: the innermost frame of the user's own code (not Python's, torch's or ours) that
+    ``exc`` passed through, so a one-line message still points at the line to fix; ``""`` if there is none."""
+    here = str(Path(__file__).resolve().parents[1])  # deltaplane itself
+    found, tb = "", exc.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if not file.startswith(("<", here, *_LIBRARY_DIRS)):
+            found = f"; at {Path(file).name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def _datasets(task: Task) -> list[tuple[str, Dataset]]:
+    """Every dataset of ``task`` with the name a message gives it (``test``, ``train``, ``clients[3]``)."""
+    own = [(f"clients[{i}]", d) for i, d in enumerate(task.clients)] if task.clients is not None else []
+    return [("test", task.test), *own, *([("train", task.train)] if task.train is not None else [])]
+
+
+def _check_data(task: Task) -> None:
+    """Labels are int class ids in ``[0, num_classes)`` and float inputs are finite, in every dataset.
+
+    A label out of range is an index error deep in the loss, in round 1; a NaN feature makes its device's
+    every update NaN, which the server then refuses round after round without saying why.
+    """
+    if len(task.test) == 0:
+        raise TaskError(f"task {task.name!r}: the test set is empty; every round is scored on it")
+    for name, d in _datasets(task):
+        if d.y.is_floating_point() or d.y.is_complex() or d.y.dtype == torch.bool:
+            raise TaskError(
+                f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} values; labels "
+                "are integer class ids 0..C-1 (y.long())"
+            )
+        if len(d) and (int(d.y.min()) < 0 or int(d.y.max()) >= task.num_classes):  # type: ignore[operator]
+            raise TaskError(
+                f"task {task.name!r}: {name}.y holds labels from {int(d.y.min())} to {int(d.y.max())}, but class "
+                f"ids must be in [0, {task.num_classes}) (num_classes={task.num_classes}); map them to 0..C-1 "
+                "or raise num_classes"
+            )
+        if d.x.is_floating_point() and len(d):
+            bad = ~torch.isfinite(d.x.reshape(len(d), -1)).all(dim=1)
+            if bool(bad.any()):
+                raise TaskError(
+                    f"task {task.name!r}: {name}.x has NaN or Inf values in {int(bad.sum())} samples (the first is "
+                    f"sample {int(bad.nonzero()[0, 0])}); impute or drop them"
+                )
+
+
+def _build_checked_model(task: Task) -> nn.Module:
+    """``task.model()`` as the engine calls it, or :class:`TaskError` saying what ``model`` must be."""
+    if isinstance(task.model, nn.Module) or not callable(task.model):
+        raise TaskError(
+            f"task {task.name!r}: model must be a function that builds a fresh model (model=MyNet or "
+            f"model=lambda: MyNet(...)), not a {type(task.model).__name__} instance: the engine builds one per "
+            "seed and per device"
+        )
+    try:
+        model = task.build_model(0)
+    except Exception as exc:
+        raise TaskError(
+            f"task {task.name!r}: building the model failed ({_first_line(exc)}{_where(exc)}); check the task's "
+            "options and its model function"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def check_task(task: Task) -> None:
     """Raise :class:`TaskError` unless the model accepts the data's inputs and has one logit per class.
 
-    Runs the model on two test samples: a wrong input shape, a wrong number of outputs or a label beyond the
-    outputs is caught here, with both shapes named, rather than as a stack trace in round 1.
+    Runs the model and the loss on two test samples: a wrong input shape or dtype, a wrong number of outputs or
+    labels the loss cannot take are caught here, with both shapes named, rather than as a stack trace in round 1;
+    so are labels out of ``[0, num_classes)``, non-integer labels and NaN/Inf inputs anywhere in the data.
     """
-    model = task.build_model(0)
+    _check_data(task)
+    model = _build_checked_model(task)
     sample = task.test.x[:2]
     try:
         with torch.no_grad():
             out = model(sample)
     except Exception as exc:
         raise TaskError(
-            f"task {task.name!r}: the model rejects inputs of shape {list(sample.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); make the model's input "
-            "layer match the data"
+            f"task {task.name!r}: the model rejects inputs of shape {list(sample.shape[1:])} and dtype "
+            f"{str(sample.dtype).removeprefix('torch.')} ({_first_line(exc)}); make the model's input layer "
+            "match the data (float inputs: x.float())"
         ) from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != sample.shape[0]:
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -115,6 +199,16 @@ def check_task(task: Task) -> None:
             f"task {task.name!r}: the model has {out.shape[1]} outputs but the labels go up to "
             f"{task.num_classes - 1}; give the last layer {task.num_classes} outputs"  # type: ignore[operator]
         )
+    labels = task.test.y[: sample.shape[0]]
+    try:
+        with torch.no_grad():
+            task.loss(out, labels)
+    except Exception as exc:
+        raise TaskError(
+            f"task {task.name!r}: the loss rejects the model's output with labels of dtype "
+            f"{str(labels.dtype).removeprefix('torch.')} ({_first_line(exc)}); labels are int64 class ids "
+            "(y.long()) and loss(logits, y, reduction=...) must take them"
+        ) from None
     for d in task.clients or [task.train]:  # type: ignore[list-item]
         if tuple(d.x.shape[1:]) != tuple(task.test.x.shape[1:]):
             raise TaskError(
@@ -142,6 +236,11 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr.isidentifier():
         raise TaskError(f"task {spec!r}: expected 'package.module:factory', e.g. {DEFAULT_TASK!r}")
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise TaskError(
+            f"task {spec!r}: {module_name!r} is not a module name; name the module as Python imports it "
+            "('mytask:make_task' for mytask.py), from its folder or with that folder on PYTHONPATH"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -149,16 +248,27 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
             f"task {spec!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
             "check the path and that its folder is on PYTHONPATH"
         ) from None
+    except Exception as exc:  # the user's module itself fails (a syntax error, a missing data file)
+        raise TaskError(
+            f"task {spec!r}: importing module {module_name!r} failed ({_first_line(exc)}{_where(exc)})"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise TaskError(f"task {spec!r}: module {module_name!r} has no callable {attr!r}")
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
-        raise TaskError(f"task {spec!r}: options {sorted(options)} do not fit the factory ({exc})") from None
+        raise TaskError(
+            f"task {spec!r}: options {_misfits(factory, options)} do not fit the factory ({exc})"
+        ) from None
     except ValueError:  # builtins without a signature: let the call itself decide
         pass
-    task = factory(**options)
+    try:
+        task = factory(**options)
+    except DeltaplaneError:
+        raise  # already says what is wrong (a Dataset of numpy arrays, a Task without data)
+    except Exception as exc:  # the user's code: name where it failed, keep the cause for a debugger
+        raise TaskError(f"task {spec!r}: the factory failed ({_first_line(exc)}{_where(exc)})") from exc
     if not isinstance(task, Task):
         raise TaskError(
             f"task {spec!r}: the factory returned {type(task).__name__}, not a deltaplane.engine.Task"
@@ -167,3 +277,11 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
         object.__setattr__(task, "options", dict(options))
     check_task(task)
     return task
+
+
+def _misfits(factory: Callable[..., Any], options: Mapping[str, Any]) -> list[str]:
+    """The option names ``factory`` does not take (all of them when it cannot tell)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return sorted(options)
+    return sorted(set(options) - set(params)) or sorted(options)

@@ -67,8 +67,8 @@ def batching_blocker(model: nn.Module) -> str | None:
     """Why ``model`` cannot be trained by :class:`BatchedTrainer`, or ``None`` if it can.
 
     Buffers (BatchNorm running statistics, say) would be updated in place during the forward pass, which
-    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient; other
-    float types than float32 are left to the sequential loop.
+    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient; frozen ones
+    (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential loop.
     """
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
@@ -76,6 +76,10 @@ def batching_blocker(model: nn.Module) -> str | None:
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
         return f"model {type(model).__name__} has non-float parameters ({', '.join(ints[:3])})"
+    # the stacked step updates every parameter; the loop's torch.optim.SGD leaves a frozen one (no grad) as it is
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        return f"model {type(model).__name__} has frozen parameters ({', '.join(frozen[:3])}, requires_grad=False)"
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     if len(dtypes) > 1:  # the clients' weights are stacked as one (clients × parameters) tensor
         return f"model {type(model).__name__} mixes parameter dtypes ({', '.join(dtypes)})"

@@ -185,8 +185,9 @@ def run_followup(
                 prune=DEPLOY_PRUNE,
                 quant=DEPLOY_QUANT,
                 finetune=finetune,
-                exclude=_EXCLUDE,
-                model_name="digits-cnn-global",
+                # the CNNs' first convolution; the digits MLP (--task-option model=mlp) has none to leave out
+                exclude=tuple(name for name in _EXCLUDE if hasattr(model, name)),
+                model_name=f"digits-{cfg.task_options.get('model', 'cnn').replace('_', '-')}-global",
                 latency_iters=latency_iters,
                 gates=gates,
                 adversarial_eps=ADVERSARIAL_EPS,  # FGSM/PGD at `deltaplane deploy`'s ε, gated as it does

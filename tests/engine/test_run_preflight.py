@@ -1,0 +1,62 @@
+"""`deltaplane run` refuses a federation whose devices cannot be built before anything runs, at the size asked
+for: docs/byo.md's `--engine batched` and `--transport http` commands, at their default 20 devices, failed in a
+newcomer's hands (456 samples cannot give 20 label-skewed devices 20 samples each) while the docs' tests, which
+set DELTAPLANE_SMALL=1 (4 devices), passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deltaplane import cli
+
+
+class _Started(Exception):
+    """Raised instead of running the plan: the command got past every check."""
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """Record the plan ``deltaplane run`` would execute, run nothing."""
+    plans: list = []
+
+    def execute(plan):
+        plans.append(plan)
+        raise _Started
+
+    monkeypatch.setattr(cli, "_execute", execute)
+    return plans
+
+
+@pytest.mark.parametrize("small", ["1", "0"])
+def test_devices_that_cannot_be_built_are_refused_before_the_run_even_small(
+    byo_task, no_runs, monkeypatch, tmp_path: Path, small: str
+) -> None:
+    monkeypatch.setenv("DELTAPLANE_SMALL", small)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli.app, ["run", "--task", byo_task, "--engine", "batched", "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "cannot partition 456 training samples across 20 devices" in r.output
+    assert "--clients" in r.output and "--alpha" in r.output
+    assert not no_runs and not out.exists()
+
+
+def test_a_guide_command_that_fits_runs_small(byo_task, no_runs, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DELTAPLANE_SMALL", "1")
+    args = ["run", "--task", byo_task, "--clients", "5", "--alpha", "2.0", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(cli.app, args)
+    assert isinstance(r.exception, _Started), r.output
+    (plan,) = no_runs
+    assert [(name, c.clients, c.alpha) for name, c in plan] == [("baseline", 4, 2.0), ("compressed", 4, 2.0)]
+
+
+def test_small_runs_keep_the_devices_a_task_brings(no_runs, monkeypatch, tmp_path: Path) -> None:
+    """`DELTAPLANE_SMALL=1 deltaplane run --task charlm` capped its 20 natural devices to 4, then failed with
+    'task charlm brings its own 20 devices; set clients to 20'."""
+    monkeypatch.setenv("DELTAPLANE_SMALL", "1")
+    args = ["run", "--task", "charlm", "--task-option", "devices=6", "--task-option", "per_device=20"]
+    r = CliRunner().invoke(cli.app, [*args, "--clients", "6", "-o", str(tmp_path / "o")])
+    assert isinstance(r.exception, _Started), r.output
+    assert [(c.clients, c.rounds) for _, c in no_runs[0]] == [(6, 2), (6, 2)]

@@ -1,0 +1,148 @@
+"""A user's task with odd data or an odd model is one TaskError at load, naming what to fix — never an index
+error in the loss in round 1, a NaN device the server refuses forever, or a traceback from the user's code.
+
+Each factory below is a mistake a newcomer makes (docs/byo.md's task with one thing changed); the test loads it
+as ``deltaplane run --task`` does, and then runs the CLI on two of them for the exit code and the one line.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from deltaplane.engine import load_task
+from deltaplane.errors import TaskError
+
+ODD = """
+import numpy as np
+import torch
+from torch import nn
+from deltaplane.engine import Dataset, Task
+
+g = torch.Generator().manual_seed(0)
+X = torch.randn(200, 6, generator=g)
+Y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()  # classes 0, 1, 2
+
+
+def mlp(out=3):
+    return lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, out))
+
+
+def task(train=None, test=None, **kw):
+    train = Dataset(X[40:], Y[40:]) if train is None else train
+    test = Dataset(X[:40], Y[:40]) if test is None else test
+    return Task(name="odd", model=kw.pop("model", mlp()), train=train, test=test, **kw)
+
+
+def numpy_arrays():  # straight from scikit-learn
+    return task(Dataset(X[40:].numpy(), Y[40:].numpy()), Dataset(X[:40].numpy(), Y[:40].numpy()))
+
+def string_labels():
+    names = np.array(["low", "mid", "high"])[Y.numpy()]
+    return task(Dataset(X[40:], names[40:]), Dataset(X[:40], names[:40]))
+
+def float_labels():
+    return task(Dataset(X[40:], Y[40:].float()), Dataset(X[:40], Y[:40].float()))
+
+def column_labels():
+    return task(Dataset(X[40:], Y[40:, None]))
+
+def negative_labels():  # -1 .. 1
+    return task(Dataset(X[40:], Y[40:] - 1), Dataset(X[:40], Y[:40] - 1))
+
+def label_beyond_num_classes():
+    y = Y.clone()
+    y[100] = 7
+    return task(Dataset(X[40:], y[40:]), num_classes=3)
+
+def int32_labels():
+    return task(Dataset(X[40:], Y[40:].int()), Dataset(X[:40], Y[:40].int()))
+
+def float64_inputs():
+    return task(Dataset(X[40:].double(), Y[40:]), Dataset(X[:40].double(), Y[:40]))
+
+def empty_test():
+    return task(test=Dataset(X[:0], Y[:0]))
+
+def nan_feature():
+    x = X.clone()
+    x[57, 2] = float("nan")
+    return task(Dataset(x[40:], Y[40:]))
+
+def model_instance():
+    return task(model=mlp()())
+
+def model_fails(hidden="abc"):
+    return task(model=lambda: nn.Linear(6, hidden))
+
+def factory_fails():
+    raise FileNotFoundError("data/patients.csv")
+"""
+
+
+@pytest.fixture
+def odd(tmp_path, monkeypatch):
+    (tmp_path / "oddtasks.py").write_text(textwrap.dedent(ODD))
+    (tmp_path / "brokenmod.py").write_text("def make_task(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "oddtasks"
+    for name in ("oddtasks", "brokenmod"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (
+            "numpy_arrays",
+            r"Dataset x must be a torch.Tensor, not numpy.ndarray; convert it with torch.as_tensor",
+        ),
+        ("string_labels", r"Dataset y must be a torch.Tensor, not numpy.ndarray.*map strings to 0..C-1"),
+        ("float_labels", r"test.y holds float32 values; labels are integer class ids 0..C-1 \(y.long\(\)\)"),
+        ("column_labels", r"one class id per sample, shape \(N,\); got shape \[160, 1\].*y.squeeze\(1\)"),
+        ("negative_labels", r"test.y holds labels from -1 to 1, but class ids must be in \[0, 2\)"),
+        ("label_beyond_num_classes", r"train.y holds labels from 0 to 7, but class ids must be in \[0, 3\)"),
+        ("int32_labels", r"the loss rejects the model's output with labels of dtype int32.*y.long\(\)"),
+        ("float64_inputs", r"rejects inputs of shape \[6\] and dtype float64.*x.float\(\)"),
+        ("empty_test", r"the test set is empty"),
+        ("nan_feature", r"train.x has NaN or Inf values in 1 samples \(the first is sample 17\)"),
+        ("model_instance", r"model must be a function that builds a fresh model.*not a Sequential instance"),
+        ("model_fails", r"building the model failed \(TypeError: .*; at oddtasks.py:\d+\)"),
+        ("factory_fails", r"the factory failed \(FileNotFoundError: data/patients.csv; at oddtasks.py:\d+\)"),
+    ],
+)
+def test_odd_data_and_models_are_one_line_task_errors(odd: str, factory: str, match: str) -> None:
+    with pytest.raises(TaskError, match=match) as info:
+        load_task(f"{odd}:{factory}")
+    assert "\n" not in str(info.value)
+
+
+def test_a_module_that_fails_to_import_or_a_file_path_is_a_task_error(odd: str) -> None:
+    with pytest.raises(TaskError, match=r"importing module 'brokenmod' failed \(SyntaxError"):
+        load_task("brokenmod:make_task")
+    with pytest.raises(
+        TaskError, match=r"'\./oddtasks' is not a module name.*'mytask:make_task' for mytask.py"
+    ):
+        load_task("./oddtasks:numpy_arrays")
+
+
+def test_an_option_the_factory_lacks_is_named_alone(odd: str) -> None:
+    with pytest.raises(TaskError, match=r"options \['colour'\] do not fit"):
+        load_task(f"{odd}:model_fails", {"hidden": 4, "colour": "red"})
+
+
+def test_the_cli_prints_one_line_and_exits_2(odd: str, tmp_path) -> None:
+    from deltaplane.cli import app
+
+    for factory, words in (
+        ("negative_labels", "class ids must be in [0, 2)"),
+        ("factory_fails", "patients.csv"),
+    ):
+        out = tmp_path / factory
+        result = CliRunner().invoke(app, ["run", "--task", f"{odd}:{factory}", "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert words in result.output and "Traceback" not in result.output
+        assert not out.exists()
