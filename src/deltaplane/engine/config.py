@@ -445,7 +445,7 @@ class RunConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, "RunConfig")) from None
+            raise _FieldErrors(exc) from None
 
     @classmethod
     def from_mapping(cls, data: Any, *, source: str = "config") -> RunConfig:
@@ -461,7 +461,7 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source, where)) from None
+            raise ConfigError(_describe(_unwrap(exc), source, where)) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
@@ -583,6 +583,22 @@ def _flatten(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict
         else:
             put(key, value, key)
     return flat, given
+
+
+class _FieldErrors(ConfigError):
+    """Bad fields given to ``RunConfig(...)``; keeps pydantic's errors so :meth:`RunConfig.from_mapping`
+    (whose ``model_validate`` goes through ``__init__``) can name them as the user wrote them."""
+
+    def __init__(self, exc: ValidationError) -> None:
+        super().__init__(_describe(exc, "RunConfig"))
+        self.validation = exc
+
+
+def _unwrap(exc: ValidationError) -> ValidationError:
+    """The field errors behind ``exc`` when it only wraps :class:`_FieldErrors` raised by ``__init__``."""
+    errors = exc.errors()
+    inner = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
+    return inner.validation if isinstance(inner, _FieldErrors) else exc
 
 
 def _describe(exc: ValidationError, source: str, where: dict[str, str] | None = None) -> str:
