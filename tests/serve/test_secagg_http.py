@@ -358,10 +358,12 @@ def test_secagg_rounds_keep_consent_like_plain_rounds(service) -> None:
     def walk(names: list[str], *, withdraw_after_upload: str | None = None) -> int:
         rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]
         devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
-        for i, (dev, delta) in enumerate(zip(devs, _deltas(svc.reg.load_state("cnn@1"), len(names), 5))):
+        for i, (dev, delta) in enumerate(
+            zip(devs, _deltas(svc.reg.load_state("cnn@1"), len(names), 5), strict=True)
+        ):
             dev.set_update(delta, 1, np.random.default_rng([5, i]))
         for stage in ("advertise", "share", "upload", "unmask"):
-            for name, dev in zip(names, devs):
+            for name, dev in zip(names, devs, strict=True):
                 try:
                     getattr(dev, stage)()
                 except ServiceError as exc:  # from the withdrawal on, its devices take no part
