@@ -1,6 +1,7 @@
 """The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-2 mask layout.
 
-* ring packing by 64-bit group words == the bit-plane packer it replaced (kept here as the reference);
+* ring packing == a bit-by-bit reference and the bit-plane packer it replaced; the 9-15-bit lane packer on every
+  length (whole groups and a ragged last group), values taken modulo 2^bits, unpacked into uint16 or uint32 sums;
 * ``add_masks`` (every keystream a block at a time, reduced once) == the sum of the masks expanded one by one;
 * the keystream layout of version 2, pinned by a known-answer value of AES-256;
 * exact integer sums with dropouts at every stage, for rings of at most 16 bits (16-bit mask words) and wider
@@ -34,12 +35,42 @@ def test_ring_packing_is_the_little_endian_bit_stream(bits: int) -> None:
         assert data == _ref_pack(v, bits), n
         if bits <= 16:
             assert pack(v.astype(np.uint16), bits) == data  # the device packs its uint16 masked vector
+        high = (rng.integers(0, 1 << 32, n, dtype=np.uint64) << np.uint64(bits)) % (1 << 32)
+        assert pack((v | high).astype(np.uint32), bits) == data, n  # taken modulo 2^bits
         assert np.array_equal(unpack(data, bits, n), v), n
         acc = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
         want = acc + v  # wraps mod 2^32
         assert np.array_equal(unpack(data, bits, n, add_to=acc), want), n
     with pytest.raises(DecodeError, match="expected"):
         unpack(b"\0" * 3, bits, 100)
+
+
+def _bit_by_bit_pack(values: list[int], bits: int) -> bytes:
+    """The plainest reference: bit ``b`` of value ``i`` goes to bit ``(i · bits + b) mod 8`` of byte ``…// 8``."""
+    out = bytearray((len(values) * bits + 7) // 8)
+    for i, x in enumerate(values):
+        for b in range(bits):
+            if x >> b & 1:
+                pos = i * bits + b
+                out[pos // 8] |= 1 << (pos % 8)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bits", [9, 10, 11, 12, 13, 14, 15])
+def test_lane_packing_of_9_to_15_bits_is_bit_by_bit_exact_on_every_length(bits: int) -> None:
+    rng = np.random.default_rng(100 + bits)
+    for n in [*range(1, 42), 199]:  # whole groups of 8, a ragged last group, and a group alone
+        v = rng.integers(0, 1 << 16, n).astype(np.uint16)  # the device's wrapped uint16 sum: reduced by pack
+        low = [int(x) % (1 << bits) for x in v]
+        data = pack(v, bits)
+        assert data == _bit_by_bit_pack(low, bits), n
+        assert pack(v.astype(np.uint32), bits) == data, n
+        assert unpack(data, bits, n).tolist() == low, n
+        acc16 = rng.integers(0, 1 << 16, n).astype(np.uint16)
+        want = [(int(a) + x) % (1 << 16) for a, x in zip(acc16, low, strict=True)]
+        assert unpack(data, bits, n, add_to=acc16).tolist() == want, n  # the server's sum in mask words
+    with pytest.raises(DecodeError, match="uint16 for rings of at most 16 bits"):
+        unpack(pack(np.zeros(8, np.uint16), 20), 20, 8, add_to=np.zeros(8, np.uint16))
 
 
 def _keystream_words(key: bytes, n: int, width: int) -> np.ndarray:
