@@ -56,7 +56,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
+from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 
@@ -244,12 +244,12 @@ def _pair_key(
     config: SecAggConfig, s_private: X25519PrivateKey, s_public_peer: bytes, u: int, v: int
 ) -> bytes:
     """The PRG key of the pairwise mask of ``u`` and ``v`` (both derive it; the server only from shares)."""
-    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
+    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v), MASK_KEY_BYTES)
 
 
 def _self_key(config: SecAggConfig, seed: bytes, u: int) -> bytes:
     """The PRG key of ``u``'s self-mask, from its seed ``bᵤ``."""
-    return derive(seed, "self-mask", config.context + b"/" + str(u).encode())
+    return derive(seed, "self-mask", config.context + b"/" + str(u).encode(), MASK_KEY_BYTES)
 
 
 class Stage:
