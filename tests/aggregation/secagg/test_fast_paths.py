@@ -1,10 +1,12 @@
-"""The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-2 mask layout.
+"""The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-3 mask layout.
 
-* ring packing by 64-bit group words == the bit-plane packer it replaced (kept here as the reference);
+* ring packing == a bit-by-bit reference and the bit-plane packer it replaced; the 9-15-bit lane packer on every
+  length (whole groups and a ragged last group), values taken modulo 2^bits, unpacked into uint16 or uint32 sums;
 * ``add_masks`` (every keystream a block at a time, reduced once) == the sum of the masks expanded one by one;
-* the keystream layout of version 2, pinned by a known-answer value of AES-256;
+* the keystream layout of version 3: AES-128-CTR of a 16-byte key, pinned by FIPS-197's known answer and
+  checked against ``cryptography``'s AES-128 directly; a key of another length is refused;
 * exact integer sums with dropouts at every stage, for rings of at most 16 bits (16-bit mask words) and wider
-  ones (32-bit words), complete graph and SecAgg+; a version-1 message is refused, not summed.
+  ones (32-bit words), complete graph and SecAgg+; version-1 and version-2 messages are refused, not summed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from deltaplane.aggregation.secagg import Dropouts, MaskedInput, SecAggConfig, pack, run_secagg, unpack
+from deltaplane.aggregation.secagg.errors import SecAggError
 from deltaplane.aggregation.secagg.messages import decode_message
 from deltaplane.aggregation.secagg.prg import add_masks, expand_mask, mask_word_bits
 from deltaplane.errors import DecodeError
@@ -34,6 +37,8 @@ def test_ring_packing_is_the_little_endian_bit_stream(bits: int) -> None:
         assert data == _ref_pack(v, bits), n
         if bits <= 16:
             assert pack(v.astype(np.uint16), bits) == data  # the device packs its uint16 masked vector
+        high = (rng.integers(0, 1 << 32, n, dtype=np.uint64) << np.uint64(bits)) % (1 << 32)
+        assert pack((v | high).astype(np.uint32), bits) == data, n  # taken modulo 2^bits
         assert np.array_equal(unpack(data, bits, n), v), n
         acc = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
         want = acc + v  # wraps mod 2^32
@@ -42,30 +47,63 @@ def test_ring_packing_is_the_little_endian_bit_stream(bits: int) -> None:
         unpack(b"\0" * 3, bits, 100)
 
 
+def _bit_by_bit_pack(values: list[int], bits: int) -> bytes:
+    """The plainest reference: bit ``b`` of value ``i`` goes to bit ``(i · bits + b) mod 8`` of byte ``…// 8``."""
+    out = bytearray((len(values) * bits + 7) // 8)
+    for i, x in enumerate(values):
+        for b in range(bits):
+            if x >> b & 1:
+                pos = i * bits + b
+                out[pos // 8] |= 1 << (pos % 8)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bits", [9, 10, 11, 12, 13, 14, 15])
+def test_lane_packing_of_9_to_15_bits_is_bit_by_bit_exact_on_every_length(bits: int) -> None:
+    rng = np.random.default_rng(100 + bits)
+    for n in [*range(1, 42), 199]:  # whole groups of 8, a ragged last group, and a group alone
+        v = rng.integers(0, 1 << 16, n).astype(np.uint16)  # the device's wrapped uint16 sum: reduced by pack
+        low = [int(x) % (1 << bits) for x in v]
+        data = pack(v, bits)
+        assert data == _bit_by_bit_pack(low, bits), n
+        assert pack(v.astype(np.uint32), bits) == data, n
+        assert unpack(data, bits, n).tolist() == low, n
+        acc16 = rng.integers(0, 1 << 16, n).astype(np.uint16)
+        want = [(int(a) + x) % (1 << 16) for a, x in zip(acc16, low, strict=True)]
+        assert unpack(data, bits, n, add_to=acc16).tolist() == want, n  # the server's sum in mask words
+    with pytest.raises(DecodeError, match="uint16 for rings of at most 16 bits"):
+        unpack(pack(np.zeros(8, np.uint16), 20), 20, 8, add_to=np.zeros(8, np.uint16))
+
+
 def _keystream_words(key: bytes, n: int, width: int) -> np.ndarray:
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    enc = Cipher(algorithms.AES128(key), modes.CTR(b"\0" * 16)).encryptor()
     raw = enc.update(bytes(n * width // 8)) + enc.finalize()
     return np.frombuffer(raw, dtype=f"<u{width // 8}").astype(np.uint64)
 
 
-def test_mask_layout_of_version_2() -> None:
-    # AES-256 of the zero block under the zero key (the first CTR block with a zero counter)
-    first = bytes.fromhex("dc95c078a2408989ad48a21492842087")
-    assert expand_mask(bytes(32), 8, 15)[0] == int.from_bytes(first[:2], "little") & 0x7FFF
-    assert expand_mask(bytes(32), 8, 20)[0] == int.from_bytes(first[:4], "little") & 0xFFFFF
-    key = bytes(range(32))
+def test_mask_layout_of_version_3_is_aes_128_ctr() -> None:
+    # FIPS-197: AES-128 of the zero block under the zero key (the first CTR block with a zero counter)
+    first = bytes.fromhex("66e94bd4ef8a2c3b884cfa59ca342b2e")
+    assert expand_mask(bytes(16), 8, 15)[0] == int.from_bytes(first[:2], "little") & 0x7FFF
+    assert expand_mask(bytes(16), 8, 20)[0] == int.from_bytes(first[:4], "little") & 0xFFFFF
+    key = bytes(range(16))
     for bits in (1, 8, 15, 16, 17, 24, 31, 32):
         width = mask_word_bits(bits)
         assert width == (16 if bits <= 16 else 32)
         want = _keystream_words(key, 1000, width) & np.uint64((1 << bits) - 1)
         assert np.array_equal(expand_mask(key, 1000, bits), want.astype(np.uint32))
+    for wrong in (bytes(32), bytes(24)):  # AES-256 / AES-192 keys would expand other masks
+        with pytest.raises(SecAggError, match="16 bytes"):
+            expand_mask(wrong, 8, 15)
+        with pytest.raises(SecAggError, match="16 bytes"):
+            add_masks(np.zeros(8, np.uint16), [(wrong, 1)], 15)
 
 
 @pytest.mark.parametrize("bits", [12, 15, 16, 20, 32])
 @pytest.mark.parametrize("n", [1, 1000, 70_001])  # one step of add_masks and several, with a ragged end
 def test_add_masks_equals_adding_expanded_masks_one_by_one(bits: int, n: int) -> None:
     rng = np.random.default_rng(n + bits)
-    masks = [(rng.bytes(32), int(rng.choice([-1, 1]))) for _ in range(7)]
+    masks = [(rng.bytes(16), int(rng.choice([-1, 1]))) for _ in range(7)]
     start = rng.integers(0, 1 << bits, n).astype(np.uint32)
     want = start.astype(np.int64)
     for key, sign in masks:
@@ -98,12 +136,12 @@ def test_exact_sums_with_dropouts_at_every_stage_for_both_mask_widths(bits: int,
     assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in rep.survivors))
 
 
-def test_masked_input_size_and_a_version_1_message_is_refused() -> None:
+def test_masked_input_size_and_version_1_and_2_messages_are_refused() -> None:
     cfg = SecAggConfig(num_clients=100, threshold=11, bits=8, vector_size=1001, neighbours=20)
     msg = MaskedInput(0, 3, bytes(cfg.packed_bytes))
     data = msg.to_bytes()
     assert len(data) == msg.wire_size() == 10 + 4 + -(-1001 * 15 // 8)  # the additive-masking limit
     assert decode_message(data, cfg) == msg
-    old = data[:4] + b"\x01" + data[5:]
-    with pytest.raises(DecodeError, match="version 1 is not supported"):
-        decode_message(old, cfg)
+    for old in (1, 2):  # 2: AES-256 masks; its masked inputs would unmask to garbage, so they are refused
+        with pytest.raises(DecodeError, match=f"version {old} is not supported"):
+            decode_message(data[:4] + bytes([old]) + data[5:], cfg)

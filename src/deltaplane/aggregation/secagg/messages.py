@@ -49,9 +49,10 @@ __all__ = [
 
 MAGIC = b"DPSA"
 #: 2: masks of a ring of at most 16 bits are expanded from 16-bit keystream words, not 32-bit ones
-#: (:func:`~deltaplane.aggregation.secagg.prg.mask_word_bits`); a version-1 peer would unmask with other masks,
-#: so its messages are refused rather than summed
-VERSION = 2
+#: (:func:`~deltaplane.aggregation.secagg.prg.mask_word_bits`). 3: masks are AES-128-CTR keystreams of 16-byte
+#: keys, not AES-256-CTR of 32-byte ones (:mod:`~deltaplane.aggregation.secagg.prg` says why). A peer of another
+#: version would unmask with other masks, so its messages are refused rather than summed
+VERSION = 3
 _HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
 KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)

@@ -56,7 +56,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import add_masks, agree, derive, mask_word_bits
+from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive, mask_word_bits
 from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 
@@ -222,6 +222,11 @@ def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
     }
 
 
+def _word_dtype(config: SecAggConfig) -> type[np.unsignedinteger]:
+    """uint16 or uint32: the masks' word (:func:`mask_word_bits`), in which devices and server add masked values."""
+    return np.uint16 if mask_word_bits(config.ring_bits) == 16 else np.uint32
+
+
 def _raw_private(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
@@ -231,20 +236,20 @@ def _raw_public(key: X25519PrivateKey) -> bytes:
 
 
 def _pair_context(config: SecAggConfig, u: int, v: int) -> bytes:
-    a, b = min(u, v), max(u, v)
-    return config.context + b"/" + str(a).encode() + b"-" + str(b).encode()
+    # config.context + b"/a-b" in one formatting step: every device builds ~4 per neighbour
+    return b"round:%d/%d-%d" % ((config.round_id, u, v) if u < v else (config.round_id, v, u))
 
 
 def _pair_key(
     config: SecAggConfig, s_private: X25519PrivateKey, s_public_peer: bytes, u: int, v: int
 ) -> bytes:
     """The PRG key of the pairwise mask of ``u`` and ``v`` (both derive it; the server only from shares)."""
-    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v))
+    return derive(agree(s_private, s_public_peer), "mask", _pair_context(config, u, v), MASK_KEY_BYTES)
 
 
 def _self_key(config: SecAggConfig, seed: bytes, u: int) -> bytes:
     """The PRG key of ``u``'s self-mask, from its seed ``bᵤ``."""
-    return derive(seed, "self-mask", config.context + b"/" + str(u).encode())
+    return derive(seed, "self-mask", config.context + b"/" + str(u).encode(), MASK_KEY_BYTES)
 
 
 class Stage:
@@ -390,9 +395,10 @@ class SecAggClient:
         s_sh = shamir.split(_raw_private(self._s_key), threshold=cfg.threshold, xs=xs, randbytes=self._rand)
         self._own_shares = (b_sh[u + 1], s_sh[u + 1])
         out = {}
-        for v in peers:
+        nonces = self._rand(12 * len(peers))  # one draw for every neighbour's fresh 12-byte nonce
+        for i, v in enumerate(peers):
             plain = shamir.share_to_bytes(b_sh[v + 1]) + shamir.share_to_bytes(s_sh[v + 1])
-            nonce = self._rand(12)
+            nonce = nonces[12 * i : 12 * i + 12]
             out[v] = nonce + self._aead(v).encrypt(nonce, plain, _aad(cfg, u, v))
         self.stage = Stage.SHARE
         return ShareKeys(cfg.round_id, u, out)
@@ -427,15 +433,14 @@ class SecAggClient:
         self._received = dict(inbox.ciphertexts)
         # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, in words of the masks' width: they wrap
         # modulo 2^16 or 2^32, multiples of 2^k
-        y = codes.astype(np.uint16 if mask_word_bits(cfg.ring_bits) == 16 else np.uint32)
+        y = codes.astype(_word_dtype(cfg))
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
             for v in sorted(self._received)
         ]
         add_masks(y, masks, cfg.ring_bits)
         self.stage = Stage.MASKED
-        y &= y.dtype.type((1 << cfg.ring_bits) - 1)
-        return MaskedInput(cfg.round_id, u, pack(y, cfg.ring_bits))
+        return MaskedInput(cfg.round_id, u, pack(y, cfg.ring_bits))  # packing reduces modulo 2^k
 
     # -- stage 3 ----------------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -499,7 +504,8 @@ class SecAggServer:
         self.mailbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.share_senders: set[int] = set()
         self.uploaded: list[int] = []
-        self.masked_sum = np.zeros(config.vector_size, dtype=np.uint32)
+        # in words of the masks' width: 2^k divides 2^16 or 2^32, so the wrapping sum reduces to the ring's
+        self.masked_sum = np.zeros(config.vector_size, dtype=_word_dtype(config))
         self.responses: dict[int, dict[int, bytes]] = {}  # responder -> owner -> share
         self.bytes_received: dict[int, int] = {}
         self._roster: KeyRoster | None = None
@@ -615,7 +621,7 @@ class SecAggServer:
             )
         if sender in self.uploaded:
             raise SecAggOrderError(f"client {sender} already uploaded its masked input", stage=self.stage)
-        # unpacked straight into the running sum; wraps mod 2^32, reduced mod 2^k at the end
+        # unpacked straight into the running sum; wraps mod 2^16 or 2^32, reduced mod 2^k at the end
         unpack(msg.packed, cfg.ring_bits, cfg.vector_size, add_to=self.masked_sum)
         self.uploaded.append(sender)
         self._count(sender, msg.wire_size())
@@ -705,8 +711,8 @@ class SecAggServer:
                     masks.append((_pair_key(cfg, s_key, self.keys[v][1], u, v), -1 if v < u else 1))
         total = self.masked_sum.copy()
         add_masks(total, masks, cfg.ring_bits)
-        self._result = (total & np.uint32((1 << cfg.ring_bits) - 1)).astype(np.uint64)
-        self.masked_sum = np.zeros(0, dtype=np.uint32)
+        self._result = (total & total.dtype.type((1 << cfg.ring_bits) - 1)).astype(np.uint64)
+        self.masked_sum = np.zeros(0, dtype=total.dtype)
         self.stage = Stage.DONE
         return self._result
 

@@ -53,8 +53,9 @@ def split(
         raise DeltaplaneError(f"threshold must be in [1, {len(xs)}]. Found {threshold}")
     if any(x % PRIME == 0 for x in xs) or len(set(xs)) != len(xs):
         raise DeltaplaneError("share points must be distinct and nonzero")
+    pool = randbytes(SHARE_BYTES * (threshold - 1))  # one draw for every random coefficient
     coeffs = [int.from_bytes(secret, "big")] + [
-        int.from_bytes(randbytes(SHARE_BYTES), "big") % PRIME for _ in range(threshold - 1)
+        int.from_bytes(pool[i : i + SHARE_BYTES], "big") % PRIME for i in range(0, len(pool), SHARE_BYTES)
     ]
     out = {}
     for x in xs:
