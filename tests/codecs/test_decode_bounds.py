@@ -343,3 +343,67 @@ def test_bodies_larger_than_the_model_decode_against_its_layout(spec: str, wire:
         payload = comp.compress(d, base_version=1, session=session)
         got = dp.decompress(payload, session=session, expect_base=("m", 1))
     assert torch.equal(got["w"], d["w"])
+
+
+# -- PowerSGD's decode work: m·n·rank multiply-adds, so the rank a payload may ask for is bounded ---------
+MAX_RANK = 64  # the documented limit (docs/codecs.md, wire-format §3)
+
+
+def _powersgd_rank_payload(m: int, rank: int) -> bytes:
+    """A CRC-valid m×m PowerSGD node at ``rank``, its factors 1-bit codes (a few KB for a 4 MB matrix)."""
+    quant = "quant(bits=1, stochastic=false, chunk=1000000000, scale=max)"
+
+    def factor(rows: int) -> dict:
+        return {"c": quant, "s": [rows, rank], "f": {"codes": (rows * rank + 7) // 8, "scales": 4}}
+
+    node = {
+        "c": f"powersgd(rank={rank}, iters=1, min_size=4096, fallback=fp16)",
+        "s": [m, m],
+        "f": {"p": factor(m), "q": factor(m)},
+    }
+    body = (bytes((m * rank + 7) // 8) + struct.pack("<f", 1.0)) * 2
+    return frame(table(("w", "float32", node)), body)
+
+
+def test_powersgd_rank_beyond_the_limit_is_refused() -> None:
+    """A rank just under m·n/(m+n) (1023 on 2048²) passed every size check, and one ~0.5 MB payload cost
+    m·n·r ≈ 4.3 G multiply-adds to decode (growing as size^1.5; 0.8 s of CPU on 4096²). Any rank above
+    MAX_RANK is refused before decoding, with the receiver's layout or without it."""
+    m = 2048
+    for rank in (MAX_RANK + 1, m * m // (2 * m) - 1):
+        payload = _powersgd_rank_payload(m, rank)
+        refused(payload, match="rank must be an integer in 1..64")
+        refused(payload, match="rank must be an integer in 1..64", expect_layout={"w": torch.zeros(m, m)})
+    with pytest.raises(dp.SpecError, match="rank must be an integer in 1..64"):
+        dp.get_codec(f"powersgd(rank={MAX_RANK + 1})")
+
+
+def test_powersgd_at_the_largest_rank_decodes() -> None:
+    """The largest allowed rank stays an honest configuration: it encodes, and decodes to what was sent."""
+    d = dp.Delta({"w": torch.randn(512, 512, generator=torch.Generator().manual_seed(0))})
+    payload = dp.Compressor(f"powersgd(rank={MAX_RANK})", error_feedback=False, seed=0).compress(d)
+    with bounded():
+        got = dp.decompress(payload, expect_layout=Layout.of(d))
+    assert tuple(got["w"].shape) == (512, 512)
+    assert float((got["w"] - d["w"]).norm() / d["w"].norm()) < 1.0
+
+
+def test_compact_frame_cannot_ask_for_a_higher_rank_than_its_session() -> None:
+    """In a wire session a node may travel whole (skeleton ``h = 0``) and name any codec, so a frame of a
+    rank-2 session could ask for rank 64: 32x the decode work the session agreed to. It is refused, naming
+    the session's rank; the session's own rank, sent whole the same way, decodes."""
+    from deltaplane.codecs.compressor import encode_delta
+
+    d = dp.Delta({"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))})
+    session = dp.codecs.WireSession.create(Layout.of(d), "powersgd(rank=2)", base_id="m")
+    for rank, ok in ((2, True), (3, False), (64, False)):
+        # iters=2: a codec string unlike the template's, so the node travels whole (h = 0)
+        trees = encode_delta(d, dp.get_codec(f"powersgd(rank={rank}, iters=2)"), torch.Generator(), {})
+        payload = session.pack(trees, base_version=1)
+        if ok:
+            assert tuple(dp.decompress(payload, session=session)["w"].shape) == (256, 256)
+        else:
+            refused(payload, match="above the session codec's rank 2", session=session)
+    other = dp.codecs.WireSession.create(Layout.of(d), "fp16", base_id="m")
+    trees = encode_delta(d, dp.get_codec("powersgd(rank=1)"), torch.Generator(), {})
+    refused(other.pack(trees, base_version=1), match="uses no PowerSGD", session=other)
