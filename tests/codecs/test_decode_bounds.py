@@ -407,3 +407,28 @@ def test_compact_frame_cannot_ask_for_a_higher_rank_than_its_session() -> None:
     other = dp.codecs.WireSession.create(Layout.of(d), "fp16", base_id="m")
     trees = encode_delta(d, dp.get_codec("powersgd(rank=1)"), torch.Generator(), {})
     refused(other.pack(trees, base_version=1), match="uses no PowerSGD", session=other)
+
+
+def _bool_payload(data: bytes) -> bytes:
+    node = {"c": "identity", "s": [len(data)], "m": {"dtype": "bool"}, "f": {"data": len(data)}}
+    return frame(table(("mask", "bool", node)), data)
+
+
+@pytest.mark.parametrize("data", [bytes([2, 0, 255, 1]), bytes([0, 1, 0, 0x80])])
+def test_bool_bytes_other_than_0_and_1_are_refused(data: bytes) -> None:
+    """torch keeps a bool byte as it is: [2, 0, 255, 1] decoded to a mask that reads True but is not
+    ``== True``, sums to 258 as int and stays True under ``~``. Refused, one by one and in a batch."""
+    layout = {"mask": torch.zeros(4, dtype=torch.bool)}
+    refused(_bool_payload(data), match="bytes other than 0", expect_layout=layout)
+    got = dp.decompress(_bool_payload(bytes([1, 0, 1, 0])), expect_layout=layout)["mask"]
+    assert got.tolist() == [True, False, True, False] and int(got.sum()) == 2
+    # compact frames decoded together (decode_rows joins the rows' bytes): the frame's last 4 data bytes
+    session = dp.codecs.WireSession.create(Layout.of(layout), "identity", base_id="m", entropy=False)
+    honest = dp.Compressor("identity", error_feedback=False).compress(
+        dp.Delta({"mask": torch.tensor([True, False, True, False])}), base_version=1, session=session
+    )
+    head = honest[:-8] + data
+    bad = head + struct.pack("<I", crc32c.crc32c(head))
+    out = dp.codecs.decompress_many([honest, bad, honest], session=session)
+    assert out[0]["mask"].tolist() == out[2]["mask"].tolist() == [True, False, True, False]
+    assert isinstance(out[1], dp.DecodeError) and "bytes other than 0" in str(out[1])
