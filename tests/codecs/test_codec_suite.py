@@ -177,7 +177,7 @@ def test_powersgd_factors_feed_the_next_stage() -> None:
         ("randk(0)", r"ratio must be in \(0, 1\]"),
         ("threshold(tau=-1)", "tau must be a positive"),
         ("stc(1.5)", "ratio"),
-        ("powersgd(rank=0)", "rank must be a positive"),
+        ("powersgd(rank=0)", "rank must be an integer in 1..64"),
         ("powersgd(fallback='powersgd')", "fallback must be a plain codec"),
         ("powersgd(fallback='nope')", "bad fallback"),
         ("zstd(level=30)", "level must be an integer in 1..22"),

@@ -343,3 +343,124 @@ def test_bodies_larger_than_the_model_decode_against_its_layout(spec: str, wire:
         payload = comp.compress(d, base_version=1, session=session)
         got = dp.decompress(payload, session=session, expect_base=("m", 1))
     assert torch.equal(got["w"], d["w"])
+
+
+# -- PowerSGD's decode work: m·n·rank multiply-adds, so the rank a payload may ask for is bounded ---------
+MAX_RANK = 64  # the documented limit (docs/codecs.md, wire-format §3)
+
+
+def _powersgd_rank_payload(m: int, rank: int) -> bytes:
+    """A CRC-valid m×m PowerSGD node at ``rank``, its factors 1-bit codes (a few KB for a 4 MB matrix)."""
+    quant = "quant(bits=1, stochastic=false, chunk=1000000000, scale=max)"
+
+    def factor(rows: int) -> dict:
+        return {"c": quant, "s": [rows, rank], "f": {"codes": (rows * rank + 7) // 8, "scales": 4}}
+
+    node = {
+        "c": f"powersgd(rank={rank}, iters=1, min_size=4096, fallback=fp16)",
+        "s": [m, m],
+        "f": {"p": factor(m), "q": factor(m)},
+    }
+    body = (bytes((m * rank + 7) // 8) + struct.pack("<f", 1.0)) * 2
+    return frame(table(("w", "float32", node)), body)
+
+
+def test_powersgd_rank_beyond_the_limit_is_refused() -> None:
+    """A rank just under m·n/(m+n) (1023 on 2048²) passed every size check, and one ~0.5 MB payload cost
+    m·n·r ≈ 4.3 G multiply-adds to decode (growing as size^1.5; 0.8 s of CPU on 4096²). Any rank above
+    MAX_RANK is refused before decoding, with the receiver's layout or without it."""
+    m = 2048
+    for rank in (MAX_RANK + 1, m * m // (2 * m) - 1):
+        payload = _powersgd_rank_payload(m, rank)
+        refused(payload, match="rank must be an integer in 1..64")
+        refused(payload, match="rank must be an integer in 1..64", expect_layout={"w": torch.zeros(m, m)})
+    with pytest.raises(dp.SpecError, match="rank must be an integer in 1..64"):
+        dp.get_codec(f"powersgd(rank={MAX_RANK + 1})")
+
+
+def test_powersgd_at_the_largest_rank_decodes() -> None:
+    """The largest allowed rank stays an honest configuration: it encodes, and decodes to what was sent."""
+    d = dp.Delta({"w": torch.randn(512, 512, generator=torch.Generator().manual_seed(0))})
+    payload = dp.Compressor(f"powersgd(rank={MAX_RANK})", error_feedback=False, seed=0).compress(d)
+    with bounded():
+        got = dp.decompress(payload, expect_layout=Layout.of(d))
+    assert tuple(got["w"].shape) == (512, 512)
+    assert float((got["w"] - d["w"]).norm() / d["w"].norm()) < 1.0
+
+
+def test_compact_frame_cannot_ask_for_a_higher_rank_than_its_session() -> None:
+    """In a wire session a node may travel whole (skeleton ``h = 0``) and name any codec, so a frame of a
+    rank-2 session could ask for rank 64: 32x the decode work the session agreed to. It is refused, naming
+    the session's rank; the session's own rank, sent whole the same way, decodes."""
+    from deltaplane.codecs.compressor import encode_delta
+
+    d = dp.Delta({"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))})
+    session = dp.codecs.WireSession.create(Layout.of(d), "powersgd(rank=2)", base_id="m")
+    for rank, ok in ((2, True), (3, False), (64, False)):
+        # iters=2: a codec string unlike the template's, so the node travels whole (h = 0)
+        trees = encode_delta(d, dp.get_codec(f"powersgd(rank={rank}, iters=2)"), torch.Generator(), {})
+        payload = session.pack(trees, base_version=1)
+        if ok:
+            assert tuple(dp.decompress(payload, session=session)["w"].shape) == (256, 256)
+        else:
+            refused(payload, match="above the session codec's rank 2", session=session)
+    other = dp.codecs.WireSession.create(Layout.of(d), "fp16", base_id="m")
+    trees = encode_delta(d, dp.get_codec("powersgd(rank=1)"), torch.Generator(), {})
+    refused(other.pack(trees, base_version=1), match="uses no PowerSGD", session=other)
+
+
+def _bool_payload(data: bytes) -> bytes:
+    node = {"c": "identity", "s": [len(data)], "m": {"dtype": "bool"}, "f": {"data": len(data)}}
+    return frame(table(("mask", "bool", node)), data)
+
+
+@pytest.mark.parametrize("data", [bytes([2, 0, 255, 1]), bytes([0, 1, 0, 0x80])])
+def test_bool_bytes_other_than_0_and_1_are_refused(data: bytes) -> None:
+    """torch keeps a bool byte as it is: [2, 0, 255, 1] decoded to a mask that reads True but is not
+    ``== True``, sums to 258 as int and stays True under ``~``. Refused, one by one and in a batch."""
+    layout = {"mask": torch.zeros(4, dtype=torch.bool)}
+    refused(_bool_payload(data), match="bytes other than 0", expect_layout=layout)
+    got = dp.decompress(_bool_payload(bytes([1, 0, 1, 0])), expect_layout=layout)["mask"]
+    assert got.tolist() == [True, False, True, False] and int(got.sum()) == 2
+    # compact frames decoded together (decode_rows joins the rows' bytes): the frame's last 4 data bytes
+    session = dp.codecs.WireSession.create(Layout.of(layout), "identity", base_id="m", entropy=False)
+    honest = dp.Compressor("identity", error_feedback=False).compress(
+        dp.Delta({"mask": torch.tensor([True, False, True, False])}), base_version=1, session=session
+    )
+    head = honest[:-8] + data
+    bad = head + struct.pack("<I", crc32c.crc32c(head))
+    out = dp.codecs.decompress_many([honest, bad, honest], session=session)
+    assert out[0]["mask"].tolist() == out[2]["mask"].tolist() == [True, False, True, False]
+    assert isinstance(out[1], dp.DecodeError) and "bytes other than 0" in str(out[1])
+
+
+ALL_EMPTY = {"w": torch.zeros(0), "b": torch.zeros(5, 0, dtype=torch.float16)}
+
+
+@pytest.mark.parametrize(
+    "spec", ["sign", "stc(0.3)", "ternary", "randk(0.5)", "quant(bits=4)", "stc(0.3) | zstd"]
+)
+@pytest.mark.parametrize("wire", ["self-describing", "compact"])
+def test_a_model_of_empty_tensors_round_trips(spec: str, wire: str) -> None:
+    """sign's and STC's fixed 4-byte scale exceeded the decode budget of a model made only of empty tensors
+    (3 x 0 bytes), so every compact update of it was refused; each tensor now has a small fixed allowance."""
+    d = dp.Delta(ALL_EMPTY)
+    layout = Layout.of(d)
+    comp = dp.Compressor(spec, error_feedback=False, seed=0)
+    if wire == "self-describing":
+        got = dp.decompress(comp.compress(d, base_id="m", base_version=1), expect_layout=layout)
+    else:
+        session = dp.codecs.WireSession.create(layout, spec, base_id="m")
+        got = dp.decompress(comp.compress(d, base_version=1, session=session), session=session)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in d.items()}
+
+
+def test_the_per_tensor_allowance_stays_small() -> None:
+    """The allowance is a few dozen bytes a tensor, not a way around the budget: a zstd body of an empty
+    tensor's sign node inflating to 1 KB is refused before it is inflated."""
+    from deltaplane.codecs.fuzzing import Buf, parse, serialize
+
+    d = dp.Delta({"w": torch.zeros(0)})
+    p = parse(dp.Compressor("sign", error_feedback=False).compress(d, base_id="m", base_version=1))
+    p.doc["t"][0][2]["f"]["signs"] = Buf(bytes(1024))
+    refused(serialize(p.doc, zstd=True), match="beyond its decode budget of 64", expect_layout=Layout.of(d))

@@ -103,3 +103,40 @@ def test_stages_that_each_compress_what_the_last_left_are_pipelines(spec: str) -
     d = dp.Delta({"w": torch.linspace(-1, 1, 600).reshape(20, 30)})
     payload = dp.Compressor(codec, error_feedback=False).compress(d)
     assert dp.decompress(payload, expect_layout=d)["w"].shape == (20, 30)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # a missing comma read 'quant(bits=4 chunk=8)' as two arguments, a trailing one was skipped
+        ("quant(bits=4 chunk=8)", r"at character 14: expected ',' or '\)' after an argument, got 'chunk'"),
+        ("quant(4 8)", r"at character 9: expected ',' or '\)'"),
+        ("quant(bits=4,)", r"at character 14: trailing ',' before '\)'"),
+        ("quant(bits=4, )", r"at character 15: trailing ','"),
+        ("topk(ratio=0.1,, )", "at character 16: unexpected ','"),
+        ("quant(,4)", "at character 7: unexpected ','"),
+        # '1_000' was float('1_000') = 1000.0, so the error said "Found 1000.0"
+        ("quant(chunk=1_000)", "at character 13: cannot read number '1_000'"),
+        ("topk(1_0)", "at character 6: cannot read number '1_0'"),
+        ("quant(bits=4) quant", "at character 15: expected '|', got 'quant'"),
+    ],
+)
+def test_the_grammar_is_strict_and_errors_name_the_position(spec: str, message: str) -> None:
+    with pytest.raises(dp.SpecError, match=message):
+        dp.get_codec(spec)
+
+
+def test_the_same_strictness_holds_for_defences() -> None:
+    """Defences share the grammar (docs/aggregation.md, 'One spec grammar')."""
+    from deltaplane.aggregation.factory import parse_defense
+
+    with pytest.raises(dp.ConfigError, match="expected ',' or"):
+        parse_defense("norm_bound(max_norm=2.0 noise=0.001)")
+    parse_defense("norm_bound(max_norm=2.0, noise=0.001)")
+
+
+def test_spacing_and_plain_numbers_still_parse() -> None:
+    assert parse_spec(" a ( 1 , x = -2.5e-3 , y = .5, z = 5. ) |b( )") == [
+        ("a", [1], {"x": -2.5e-3, "y": 0.5, "z": 5.0}),
+        ("b", [], {}),
+    ]

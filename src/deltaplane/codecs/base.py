@@ -276,6 +276,10 @@ def format_spec(name: str, params: dict[str, Scalar]) -> str:
     return f"{name}(" + ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) + ")"
 
 
+#: a float as written in a spec: decimal digits with an optional point and exponent (no ``_``, hex, ``nan``)
+_FLOAT = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def _parse_value(tok: str, kind: str) -> Scalar:
     if kind == "str":
         return tok[1:-1]
@@ -289,69 +293,112 @@ def _parse_value(tok: str, kind: str) -> Scalar:
         if len(tok) > 20 or not -(2**63) <= int(tok) < 2**63:
             raise SpecError(f"integer {tok[:24]}{'...' if len(tok) > 24 else ''} is out of the 64-bit range")
         return int(tok)
-    try:
-        return float(tok)
-    except ValueError:
-        raise SpecError(f"cannot read value {tok!r}") from None
+    if not _FLOAT.fullmatch(tok):
+        # float() would also read '1_000' (as 1000.0), ' 1', 'nan' or 'infinity': none is a spec number
+        raise SpecError(
+            f"cannot read number {tok!r}; write an integer like 1000 or a float like 0.01 or 1e-3"
+        )
+    return float(tok)
+
+
+class _Tokens:
+    """A spec's tokens (kind, text, character position), read left to right; errors name the position."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.toks: list[tuple[str, str, int]] = []
+        for m in _TOKEN.finditer(spec):
+            group = m.lastindex or 4  # _TOKEN's groups: ident, string, number, any other character
+            text = m.group(group)
+            if group != 4 or text.strip():
+                self.toks.append((("ident", "str", "num", "op")[group - 1], text, m.start(group)))
+        self.i = 0
+
+    def fail(self, message: str) -> SpecError:
+        """``message`` about the current token (or the end), naming its position in the spec."""
+        where = self.toks[self.i][2] if self.i < len(self.toks) else len(self.spec)
+        return SpecError(f"in codec spec {self.spec!r} at character {where + 1}: {message}")
+
+    def peek(self, ahead: int = 0) -> tuple[str, str]:
+        """The (kind, text) ``ahead`` tokens on, ``("end", "end of spec")`` past the last."""
+        j = self.i + ahead
+        return self.toks[j][:2] if j < len(self.toks) else ("end", "end of spec")
+
+    def take(self, kind: str, value: str | None = None) -> str:
+        got = self.peek()
+        if got[0] != kind or (value is not None and got[1] != value):
+            raise self.fail(f"expected {repr(value) if value else kind}, got {got[1]!r}")
+        self.i += 1
+        return got[1]
+
+    def value(self) -> Scalar:
+        kind, text = self.peek()
+        if kind not in ("ident", "str", "num"):
+            raise self.fail(f"expected a value, got {text!r}")
+        try:
+            out = _parse_value(text, kind)
+        except SpecError as exc:
+            raise self.fail(str(exc)) from None
+        self.i += 1
+        return out
+
+
+def _parse_args(t: _Tokens) -> tuple[list[Scalar], dict[str, Scalar]]:
+    """``value (',' value)* [',' kw] | kw`` up to (not including) ``)``: exactly one comma between two
+    arguments, none trailing; positional values before keywords."""
+    args: list[Scalar] = []
+    kwargs: dict[str, Scalar] = {}
+    if t.peek() == ("op", ")"):
+        return args, kwargs
+    while True:
+        if t.peek()[0] == "ident" and t.peek(1) == ("op", "="):
+            key = t.take("ident")
+            t.i += 1  # '='
+            if t.peek()[0] not in ("ident", "str", "num"):
+                raise t.fail(f"missing value for '{key}'")
+            if key in kwargs:
+                raise t.fail(f"'{key}' given twice")
+            kwargs[key] = t.value()
+        else:
+            if t.peek()[0] == "op":
+                raise t.fail(f"unexpected {t.peek()[1]!r}")
+            if kwargs:
+                raise t.fail("positional value after keyword")
+            args.append(t.value())
+        if t.peek() == ("op", ")"):
+            return args, kwargs
+        if t.peek() != ("op", ","):
+            raise t.fail(f"expected ',' or ')' after an argument, got {t.peek()[1]!r}")
+        t.i += 1
+        if t.peek() == ("op", ")"):
+            raise t.fail("trailing ',' before ')'")
 
 
 def parse_spec(spec: str) -> list[tuple[str, list[Scalar], dict[str, Scalar]]]:
-    """Parse ``"a(1, x=2) | b"`` into ``[("a", [1], {"x": 2}), ("b", [], {})]``."""
+    """Parse ``"a(1, x=2) | b"`` into ``[("a", [1], {"x": 2}), ("b", [], {})]``.
+
+    The grammar (docs/wire-format.md §5): ``spec := stage ('|' stage)*``, ``stage := name ['(' [args] ')']``,
+    ``args := value (',' value)* [',' kw] | kw``, ``kw := key '=' value (',' key '=' value)*``. Anything else
+    (a missing or trailing comma, ``1_000``) is a :class:`~deltaplane.errors.SpecError` naming the position.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(
             f"empty codec spec {spec!r}; try e.g. 'quant(bits=8)' or 'topk(0.01) | quant(bits=8)'"
         )
-    toks: list[tuple[str, str]] = []
-    for m in _TOKEN.finditer(spec):
-        ident, string, number, other = m.groups()
-        if ident is not None:
-            toks.append(("ident", ident))
-        elif string is not None:
-            toks.append(("str", string))
-        elif number is not None:
-            toks.append(("num", number))
-        elif other is not None and other.strip():
-            toks.append(("op", other))
+    t = _Tokens(spec)
     stages: list[tuple[str, list[Scalar], dict[str, Scalar]]] = []
-    i = 0
-
-    def expect(kind: str, value: str | None = None) -> str:
-        nonlocal i
-        if i >= len(toks) or toks[i][0] != kind or (value is not None and toks[i][1] != value):
-            got = toks[i][1] if i < len(toks) else "end of spec"
-            raise SpecError(f"in codec spec {spec!r}: expected {value or kind}, got {got!r}")
-        i += 1
-        return toks[i - 1][1]
-
     while True:
-        name = expect("ident")
+        name = t.take("ident")
         args: list[Scalar] = []
         kwargs: dict[str, Scalar] = {}
-        if i < len(toks) and toks[i] == ("op", "("):
-            i += 1
-            while i < len(toks) and toks[i] != ("op", ")"):
-                if toks[i][0] == "ident" and i + 1 < len(toks) and toks[i + 1] == ("op", "="):
-                    key = toks[i][1]
-                    i += 2
-                    if i >= len(toks) or toks[i][0] == "op":
-                        raise SpecError(f"in codec spec {spec!r}: missing value for '{key}'")
-                    if key in kwargs:
-                        raise SpecError(f"in codec spec {spec!r}: '{key}' given twice")
-                    kwargs[key] = _parse_value(toks[i][1], toks[i][0])
-                else:
-                    if kwargs:
-                        raise SpecError(f"in codec spec {spec!r}: positional value after keyword")
-                    if toks[i][0] == "op":
-                        raise SpecError(f"in codec spec {spec!r}: unexpected {toks[i][1]!r}")
-                    args.append(_parse_value(toks[i][1], toks[i][0]))
-                i += 1
-                if i < len(toks) and toks[i] == ("op", ","):
-                    i += 1
-            expect("op", ")")
+        if t.peek() == ("op", "("):
+            t.i += 1
+            args, kwargs = _parse_args(t)
+            t.take("op", ")")
         stages.append((name, args, kwargs))
-        if i == len(toks):
+        if t.peek()[0] == "end":
             return stages
-        expect("op", "|")
+        t.take("op", "|")
 
 
 def _build(name: str, args: list[Scalar], kwargs: dict[str, Scalar]) -> Codec:

@@ -11,7 +11,13 @@ from torch import Tensor
 from deltaplane.codecs.base import Codec, Encoded, get_codec, register_codec, split_lossless
 from deltaplane.errors import CodecError, DecodeError, SpecError
 
-__all__ = ["PowerSGD"]
+__all__ = ["MAX_RANK", "PowerSGD"]
+
+#: The largest rank PowerSGD encodes or decodes. Decoding ``P Qᵀ`` costs ``m·n·r`` multiply-adds, so a
+#: payload may only ask for work proportional to its tensor's size (at most ``MAX_RANK`` per value), never
+#: ``(m·n)^1.5`` at a rank just under ``m·n / (m + n)``. PowerSGD is used at ranks 1-32 (Vogels et al.
+#: use 1-4); a higher rank rarely compresses an update at all.
+MAX_RANK = 64
 
 
 @register_codec
@@ -29,6 +35,8 @@ class PowerSGD(Codec):
 
     Tensors that are 1-D, smaller than ``min_size`` values, or for which rank ``r`` would not save space
     (``r (m + n) >= m n``) are encoded with ``fallback`` instead (their node names that codec).
+    ``rank`` is at most :data:`MAX_RANK`, so decoding any payload costs at most that many multiply-adds per
+    value.
     """
 
     structural_check = True  # check() reads lengths and shapes only
@@ -41,8 +49,8 @@ class PowerSGD(Codec):
     def __init__(
         self, *, rank: int = 4, iters: int = 1, min_size: int = 4096, fallback: str = "fp16"
     ) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise CodecError(f"powersgd: rank must be a positive integer. Found {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+            raise CodecError(f"powersgd: rank must be an integer in 1..{MAX_RANK}. Found {rank!r}")
         if not isinstance(iters, int) or isinstance(iters, bool) or not 1 <= iters <= 16:
             raise CodecError(f"powersgd: iters must be an integer in 1..16. Found {iters!r}")
         if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:

@@ -101,7 +101,10 @@ def check_budget(
     limits = limits or Limits()
     if layout is not None:
         layout.check({name: (dtype, tree.shape) for name, (dtype, tree) in trees.items()})
-    budget = limits.decode_budget(payload_bytes, layout.decoded_bytes if layout is not None else None)
+    if layout is None:
+        budget = limits.decode_budget(payload_bytes)
+    else:
+        budget = limits.decode_budget(payload_bytes, layout.decoded_bytes, len(layout))
     total = decoded_bytes(trees)
     if total > budget:
         hint = (

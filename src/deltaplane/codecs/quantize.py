@@ -48,8 +48,16 @@ def tensor_buffer(x: Tensor) -> memoryview:
     return memoryview(x.numpy()).cast("B")
 
 
+def _check_bools(buf: bytearray) -> None:
+    """Refuse raw bool data with a byte other than 0 or 1. torch keeps such a byte as it is: the tensor then
+    reads True yet ``!= True``, ``.int()`` and ``.sum()`` count the byte, and ``~`` leaves it True, so it is not
+    a value any sender's bool tensor holds."""
+    if buf and bool((torch.frombuffer(buf, dtype=torch.uint8) > 1).any()):
+        raise DecodeError("raw bool data holds bytes other than 0 (False) and 1 (True)")
+
+
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
-    """Inverse of :func:`tensor_to_bytes`, checking the length first."""
+    """Inverse of :func:`tensor_to_bytes`, checking the length first (and that bool bytes are 0 or 1)."""
     item = dtype.itemsize
     if len(data) != n * item:
         raise DecodeError(
@@ -58,6 +66,8 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
     if n == 0:
         return torch.empty(0, dtype=dtype)
     buf = bytearray(data)  # writable copy: torch.frombuffer warns on read-only memory
+    if dtype == torch.bool:
+        _check_bools(buf)
     if dtype == torch.bfloat16:
         return torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16)
     return torch.frombuffer(buf, dtype=dtype)
@@ -119,6 +129,8 @@ class Identity(Codec):
         if size == 0:
             return torch.empty((len(rows), *first.shape), dtype=dtype)
         buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
+        if dtype == torch.bool:
+            _check_bools(buf)
         if dtype == torch.bfloat16:
             flat = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16)
         else:

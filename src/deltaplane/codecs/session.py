@@ -59,9 +59,10 @@ from typing import Any
 import crc32c
 import torch
 
-from deltaplane.codecs.base import Codec, Encoded, get_codec, split_lossless
+from deltaplane.codecs.base import Codec, Encoded, _decoder, get_codec, split_lossless
 from deltaplane.codecs.entropy import INDEX_CODERS
 from deltaplane.codecs.layout import Layout
+from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
 from deltaplane.errors import (
     CodecError,
@@ -213,6 +214,30 @@ def _signature(doc: dict[str, Any], sig: list[Any]) -> None:
     for v in fields.values():
         if isinstance(v, dict):
             _signature(v, sig)
+
+
+def _rank(spec: str) -> int:
+    """The PowerSGD rank a node's codec spec asks for (0 for any other codec, or a spec the node checks
+    refuse anyway)."""
+    try:
+        codec = _decoder(spec)
+    except SpecError:
+        return 0
+    return codec.rank if isinstance(codec, PowerSGD) else 0
+
+
+def _check_rank(e: Encoded, agreed: int, where: str) -> None:
+    """Refuse a node (or nested node) of ``e`` asking for a PowerSGD rank above the session's ``agreed`` one:
+    decoding costs ``m·n·rank``, and an honest sender's nodes name the template's codecs."""
+    rank = _rank(e.codec)
+    if rank > agreed:
+        raise _fail(
+            f"{where}: '{e.codec}' asks for PowerSGD rank {rank}, above the session codec's "
+            + (f"rank {agreed}" if agreed else "none (it uses no PowerSGD)")
+        )
+    for child in e.fields.values():
+        if isinstance(child, Encoded):
+            _check_rank(child, agreed, where)
 
 
 def _values(doc: dict[str, Any], out: list[Any], codings: Iterator[tuple[int, int]] | None) -> None:
@@ -491,6 +516,11 @@ class WireSession:
         return tuple(out)
 
     @cached_property
+    def _agreed_rank(self) -> int:
+        """The largest PowerSGD rank any template node uses (0 if none): what a frame's node may ask for."""
+        return max((_rank(sig[0]) for node in self._signatures for sig in node), default=0)
+
+    @cached_property
     def _template_values(self) -> tuple[tuple[Any, ...], ...]:
         out = []
         for node in self.template:
@@ -728,6 +758,8 @@ class WireSession:
                 except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                     raise _fail(f"{where}: node is not valid JSON ({type(exc).__name__})") from None
                 tree = reader.node(doc, where, 0)
+                # a node sent whole may name any codec: not a larger decode (m·n·rank) than the session's
+                _check_rank(tree, self._agreed_rank, where)
                 # a node sent whole carries its fields raw: stored lengths are the declared ones
                 stored.extend((0, n) for n in _field_lengths(tree))
             else:

@@ -114,11 +114,16 @@ class Limits:
     #: than the model (top-k at density ~1 sends positions besides every value; 8-bit codes with small chunks
     #: a 4-byte scale every few values)
     layout_factor: int = 3
+    #: ...plus this many bytes per layout tensor: a codec's fixed fields (sign's and STC's 4-byte scale,
+    #: rand-k's 8-byte seed) do not shrink with the tensor, so a model of empty tensors (budget 3 × 0) refused
+    #: every such codec; the allowance keeps the budget linear in the model (at most 6.4 MB at 100,000 tensors)
+    tensor_overhead_bytes: int = 64
 
-    def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None) -> int:
-        """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields)."""
+    def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None, tensors: int = 0) -> int:
+        """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields);
+        ``tensors``: how many tensors the expected layout (of ``layout_bytes``) holds."""
         if layout_bytes is not None:
-            return self.layout_factor * layout_bytes
+            return self.layout_factor * layout_bytes + self.tensor_overhead_bytes * tensors
         return min(self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * payload_bytes))
 
 
