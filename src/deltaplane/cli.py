@@ -540,11 +540,21 @@ def _small(cfg: RunConfig) -> RunConfig:
 
     keep = make_task(cfg).natural_split
     rounds, clients = min(cfg.rounds, SMALL_ROUNDS), cfg.clients if keep else min(cfg.clients, SMALL_CLIENTS)
+    while True:
+        # the fewest devices at which the options still mean what they say (an attack fraction of 0.1 needs
+        # one attacker, Krum n > 2f + 2): never a refusal the full-size run would not get
+        try:
+            small = cfg.replace(rounds=rounds, clients=clients)
+            break
+        except ConfigError:
+            if clients >= cfg.clients:
+                raise
+            clients += 1
     if (rounds, clients) != (cfg.rounds, cfg.clients):
         err_console.print(
             f"{SMALL_ENV} is set: {rounds} rounds (not {cfg.rounds}) over {clients} devices (not {cfg.clients})"
         )
-    return cfg.replace(rounds=rounds, clients=clients)
+    return small
 
 
 #: the DGC options of a run turned off (the fp32 baseline is plain FedAvg)

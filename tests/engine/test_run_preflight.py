@@ -60,3 +60,19 @@ def test_small_runs_keep_the_devices_a_task_brings(no_runs, monkeypatch, tmp_pat
     r = CliRunner().invoke(cli.app, [*args, "--clients", "6", "-o", str(tmp_path / "o")])
     assert isinstance(r.exception, _Started), r.output
     assert [(c.clients, c.rounds) for _, c in no_runs[0]] == [(6, 2), (6, 2)]
+
+
+@pytest.mark.parametrize(
+    ("options", "devices"),
+    [(["--attack", "sign_flip:0.1"], 6), (["--defense", "krum"], 5), (["--codec", "identity"], 4)],
+)
+def test_small_runs_keep_enough_devices_for_their_options(
+    no_runs, monkeypatch, tmp_path, options, devices
+) -> None:
+    """docs/aggregation.md's `deltaplane run --secagg --attack sign_flip:0.1 ...` failed under DELTAPLANE_SMALL:
+    0.1 of the 4 small devices rounds to no attacker, which the run config refuses. Small mode now keeps the
+    fewest devices at which the options hold (0.1 · 6 rounds to one attacker; Krum needs n > 4)."""
+    monkeypatch.setenv("DELTAPLANE_SMALL", "1")
+    r = CliRunner().invoke(cli.app, ["run", *options, "-o", str(tmp_path / "o")])
+    assert isinstance(r.exception, _Started), r.output
+    assert {c.clients for _, c in no_runs[0]} == {devices}

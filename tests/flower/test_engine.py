@@ -43,7 +43,7 @@ def test_cli_flower_engine_matches_in_process_engine(tmp_path: Path) -> None:
 
 
 def test_config_must_fit_the_data() -> None:
-    with pytest.raises(ConfigError, match="use fewer clients"):
+    with pytest.raises(ConfigError, match="use fewer devices"):
         run_simulation(RunConfig(clients=1000, rounds=1))
 
 

@@ -114,7 +114,7 @@ def test_fedprox_keeps_the_client_closer_to_the_global_model() -> None:
     [({"secagg": True, "defense": "median"}, "secagg hides individual updates"),
      ({"secagg": True, "dp_noise": 1.0, "clip": "1"}, "distributed"),
      ({"dp_noise": 1.0}, "needs a clip"), ({"attack": "backdoor"}, "malicious fraction"),
-     ({"clip": "-2"}, "clip must be positive")],
+     ({"clip": "-2"}, "clip must be a positive")],
 )  # fmt: skip
 def test_bad_combinations_are_config_errors(opts, match) -> None:
     with pytest.raises(dp.ConfigError, match=match):
