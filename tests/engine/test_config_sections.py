@@ -55,3 +55,14 @@ def test_keyword_construction_raises_config_error_naming_the_field():
     with pytest.raises(ConfigError, match="field 'clinets': unknown field"):
         RunConfig(clinets=3)
     assert RunConfig(lr=0.5).lr == 0.5
+
+
+def test_true_and_false_are_not_numbers(tmp_path):
+    """`clients: {count: true}` ran with 1 client (pydantic reads a bool as 1); only bool fields take them."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("clients: {count: true}\n")
+    with pytest.raises(ConfigError, match="field 'clients.count': takes a number, not true"):
+        RunConfig.from_yaml(cfg)
+    with pytest.raises(ConfigError, match="field 'dp_noise': takes a number, not false"):
+        RunConfig(dp_noise=False)
+    assert RunConfig(error_feedback=False, secagg=True, clip="1.0").secagg is True

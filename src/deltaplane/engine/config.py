@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -246,6 +247,18 @@ class RunConfig(BaseModel):
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
         return spec
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``clients: {count: true}`` was 1 client: pydantic reads a bool as the int 1 or 0. Only a field that
+        holds a bool takes true/false."""
+        if isinstance(value, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = typing.get_args(ann) or (ann,)
+            if bool not in kinds and any(k in (int, float) for k in kinds):
+                raise ValueError(f"takes a number, not {str(value).lower()}")
+        return value
 
     @field_validator("clip", mode="before")
     @classmethod
