@@ -289,7 +289,7 @@ def run(
         ),
     ] = True,
 ) -> None:
-    """Federate the digits dataset over simulated devices with compressed updates, and report.
+    """Federate a task (digits by default, charlm, or your own: --task) over devices with compressed updates, and report.
 
     Runs the fp32 baseline (codec 'identity') and the chosen codec with otherwise identical settings, prints
     a comparison table and writes report.json and report.html into --out. With --followup (the default), the
