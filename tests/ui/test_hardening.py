@@ -289,3 +289,31 @@ def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypa
     assert "move 119" in first and "move 0<" not in first
     older = c.get("/ui/registry/digits?page=2&history=3", headers=BEARER).text
     assert older.count("<tr data-version=") == 15 and older.count("move ") == 20 and "move 0<" in older
+
+
+@pytest.mark.parametrize(
+    ("statement", "cause"),
+    [
+        ("UPDATE tags SET number=1 WHERE tag='production'", "digits:production points to version 1"),
+        ("DELETE FROM withdrawals", "withdrawals"),
+    ],
+)
+def test_tags_and_withdrawals_edited_in_sqlite_are_not_shown_as_fact(tmp_path, statement, cause):
+    """The dashboard read tags and withdrawals straight from the tables: a tag moved (or a consent withdrawal
+    deleted) in registry.db showed as the registry's state. It reads them verified against the signed state
+    log, and says what differs."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    reg = _registry(home)
+    v2 = reg.register_model("digits", {"w": torch.ones(3)}, parent=1, lineage={"source": "run"})
+    reg.set_tag("digits", "production", v2.number)
+    reg.withdraw_cohort("eu", reason="test")
+    reg.close()
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.execute(statement)
+    con.close()
+    c = _ui(None, home)
+    r = c.get("/ui/registry/digits", headers=BEARER)
+    assert r.status_code == 503, r.status_code
+    assert "signed state log" in unescape(r.text) and cause in unescape(r.text)

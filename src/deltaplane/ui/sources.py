@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
+from deltaplane.errors import ConfigError, DeltaplaneError, IntegrityError, NotFound, SignatureError
 from deltaplane.registry.store import Artifact, Registry
 from deltaplane.report.writer import load_report
 
@@ -241,6 +241,12 @@ def _readable(home: Path | None) -> Iterator[None]:
         yield
     except NotFound:
         raise
+    except (IntegrityError, SignatureError) as exc:
+        # tags, tag history or withdrawals edited outside the registry: show no tag or consent state as fact
+        raise RegistryUnavailable(
+            f"the registry at {home} does not match its signed state log: {exc} (the operator should run "
+            "`deltaplane registry verify` and restore the registry from a backup)"
+        ) from exc
     except (ConfigError, sqlite3.DatabaseError) as exc:
         if isinstance(exc, RegistryUnavailable):
             raise
@@ -283,7 +289,7 @@ class RegistryView:
                     "versions": sum(1 for v in versions if v.kind == "model"),
                     "deltas": sum(1 for v in versions if v.kind != "model"),
                     "latest": max((v.number for v in versions if v.kind == "model"), default=None),
-                    "tags": reg.tags(model),
+                    "tags": reg.tags(model, verify=True),
                 }
             )
         return rows
@@ -299,10 +305,12 @@ class RegistryView:
         if reg is None or model not in reg.models():
             raise NotFound(f"no model {model!r} in the registry")
         versions = reg.versions(model)
-        withdrawn = reg.withdrawn_cohorts()
-        tags = reg.tags(model)
+        # verified against the registry's signed state log: an edited tag or a deleted withdrawal is an error
+        withdrawn = reg.withdrawn_cohorts(verify=True)
+        tags = reg.tags(model, verify=True)
         history = sorted(
-            ((t, h) for t in tags for h in reg.tag_history(model, t)), key=lambda th: -(th[1].get("at") or 0)
+            ((t, h) for t in tags for h in reg.tag_history(model, t, verify=True)),
+            key=lambda th: -(th[1].get("at") or 0),
         )
         newest_first = sorted(versions, key=lambda v: v.number, reverse=True)
         shown = newest_first[(page - 1) * per_page : page * per_page]
