@@ -182,3 +182,28 @@ def test_float64_values_beyond_float32_are_refused_before_they_reach_a_robust_ru
     assert out.is_finite()
     assert out["w"].dtype == torch.float64
     assert float(out["w"].abs().max()) < 10.0
+
+
+@pytest.mark.parametrize(
+    "spec", ["median", "median(bucket=1)", "trimmed_mean(0.2)", "krum(1)", "flame", "foolsgold"]
+)
+def test_integer_tensors_take_the_median_whatever_arrives_first(spec):
+    """Robust rules filled integer tensors (BatchNorm's num_batches_tracked delta) from the first update to
+    arrive: an attacker arriving first set the count to 10**9, and the result depended on arrival order."""
+    import numpy as np
+
+    from deltaplane.aggregation import build_aggregator
+
+    counts = [10**9, 1, 2, 2, 3, 1, 2]
+    updates = [
+        dp.Delta({"w": torch.full((4,), 0.01 * (i + 1)), "n": torch.tensor([c], dtype=torch.int64)})
+        for i, c in enumerate(counts)
+    ]
+    expected = int(np.sort(counts)[(len(counts) - 1) // 2])  # numpy's lower median: 2
+    results = []
+    for order in (range(7), reversed(range(7)), [3, 0, 6, 1, 5, 2, 4]):
+        agg = build_aggregator(defense=spec)
+        for i in order:
+            agg.add(updates[i], 1.0, client_id=f"c{i}")
+        results.append(int(agg.result()["n"][0]))
+    assert results == [expected] * 3

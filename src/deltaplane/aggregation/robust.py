@@ -87,6 +87,7 @@ class _Buffered:
         self._senders: list[str | None] = []  # the client id of each row (None: not told)
         self._next_id: str | None = None
         self._own: dict[str, float] = {}
+        self._ints: dict[str, list[torch.Tensor]] = {}  # each update's integer tensors (counters), by name
 
     def identify(self, client_id: str | None) -> None:
         """The id of the client whose update the next :meth:`add` receives
@@ -101,6 +102,9 @@ class _Buffered:
         self._like = like
         self._rows.append(row)
         self._senders.append(sender)
+        for k, v in delta.items():
+            if not v.is_floating_point():
+                self._ints.setdefault(k, []).append(v)
 
     def result(self) -> Delta:
         if not self._rows or self._like is None:
@@ -114,8 +118,20 @@ class _Buffered:
             for lo in range(0, d, self.block):
                 hi = min(d, lo + self.block)
                 out[lo:hi] = self._combine(torch.stack([r[lo:hi] for r in rows]))
-            return self._like.unflatten(out)
-        return self._like.unflatten(self._combine(torch.stack(rows)))
+            return self._integer_medians(self._like.unflatten(out))
+        return self._integer_medians(self._like.unflatten(self._combine(torch.stack(rows))))
+
+    def _integer_medians(self, out: Delta) -> Delta:
+        """Integer tensors (e.g. BatchNorm's ``num_batches_tracked`` delta) get their coordinate-wise median over
+        the round's updates: ``unflatten`` fills them from the first update to arrive, a value that update's
+        sender chose and that depended on arrival order. The lower median of integers is an integer and does
+        not depend on the order."""
+        if not self._ints:
+            return out
+        merged = dict(out.items())
+        for k, vs in self._ints.items():
+            merged[k] = torch.stack(vs).median(dim=0).values
+        return Delta(merged)
 
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
@@ -165,6 +181,7 @@ class _Buffered:
 
     def reset(self) -> None:
         self._like, self._rows, self._senders, self._next_id = None, [], [], None
+        self._ints = {}
 
     @property
     def measurements(self) -> dict[str, float]:
