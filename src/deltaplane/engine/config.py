@@ -6,7 +6,6 @@ Every hyperparameter of a run lives here and nowhere else, so a run is reproduce
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import typing
@@ -25,38 +24,13 @@ from pydantic import (
 
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS, Choices
 from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.yamlio import load_yaml
 
 if TYPE_CHECKING:
     from deltaplane.engine.dgc import DGC
     from deltaplane.personalization import Personalizer
 
 __all__ = ["CHOICES", "RunConfig"]
-
-
-def _unique_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-    """A YAML mapping that refuses a key given twice (:class:`ConfigError`): PyYAML keeps the last silently, so a
-    second ``rounds:`` further down a long config would quietly win over the first."""
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(
-                f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one"
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-@functools.cache
-def _unique_key_loader() -> type:
-    """``yaml.SafeLoader`` with :func:`_unique_mapping` for every mapping (built on first use: yaml loads lazily)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """``yaml.SafeLoader`` whose mappings refuse duplicate keys."""
-
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-    return UniqueKeyLoader
 
 
 #: The fields whose value is a registered name, and the registry each one reads (:mod:`deltaplane.choices`).
@@ -487,7 +461,7 @@ class RunConfig(BaseModel):
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         try:
-            data = yaml.load(text, Loader=_unique_key_loader())  # safe: a SafeLoader subclass
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         except ConfigError as exc:  # a duplicate key

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.checkpoint import parse_dtype
+from deltaplane.yamlio import load_yaml
 
 __all__ = [
     "MergeConfig",
@@ -334,13 +335,15 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read merge config ({exc.strerror or exc})") from exc
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             where = ""
             mark = getattr(exc, "problem_mark", None)
             if mark is not None:
                 where = f" at line {mark.line + 1}, column {mark.column + 1}"
             raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        except ConfigError as exc:  # a key given twice
+            raise ConfigError(f"{path}: {exc}") from None
         root = path.resolve().parent
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a mapping with merge_method and models")
