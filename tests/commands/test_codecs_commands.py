@@ -130,3 +130,29 @@ def test_a_folder_given_as_the_output_file_is_a_usage_error(tmp_path: Path) -> N
 def _unboxed(text: str) -> str:
     """Typer's error box, as one line of words."""
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_an_output_under_a_file_is_a_usage_error_before_any_work(tmp_path: Path) -> None:
+    """Before: compress -o afile/x.dpln exited 1 with '[Errno 17] File exists: 'afile''."""
+    base_p, new_p, _, _ = _files(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    runner = CliRunner()
+    args = [
+        "compress",
+        str(new_p),
+        "--base",
+        str(base_p),
+        "--codec",
+        "topk(0.1)",
+        "-o",
+        str(afile / "x.dpln"),
+    ]
+    r = runner.invoke(_app(), args)
+    assert r.exit_code == 2 and "is a file, not a folder" in _unboxed(r.output), r.output
+    payload = tmp_path / "u.dpln"
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "topk(0.1)", "-o", str(payload)]
+    assert runner.invoke(_app(), args).exit_code == 0
+    r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(afile / "d.safetensors")])
+    assert r.exit_code == 2 and "is a file, not a folder" in _unboxed(r.output), r.output
+    assert afile.read_text() == "not a folder"

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+from deltaplane.deploy.publish import check_writable_dir
 
 __all__ = ["register"]
 
@@ -48,6 +49,7 @@ def compress(
     from deltaplane.delta import Delta, atomic_write_bytes
 
     with clean_errors(OSError), cpu_threads(threads):
+        check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
         delta = Delta.between(_load_state(base), _load_state(new))
         comp = Compressor(codec, error_feedback=False, seed=seed)
         payload = comp.compress(delta, base_id=base_id, base_version=base_version)
@@ -89,6 +91,7 @@ def decompress(
     from deltaplane.delta import Delta
 
     with clean_errors(OSError), cpu_threads(threads):
+        check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
         data = payload.read_bytes()
         header = read_header(data)
         expect = None
