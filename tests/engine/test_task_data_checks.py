@@ -80,6 +80,9 @@ def model_fails(hidden="abc"):
 
 def factory_fails():
     raise FileNotFoundError("data/patients.csv")
+
+def mismatched_lengths():
+    return task(Dataset(X[40:], Y[41:]))
 """
 
 
@@ -112,6 +115,7 @@ def odd(tmp_path, monkeypatch):
         ("model_instance", r"model must be a function that builds a fresh model.*not a Sequential instance"),
         ("model_fails", r"building the model failed \(TypeError: .*; at oddtasks.py:\d+\)"),
         ("factory_fails", r"the factory failed \(FileNotFoundError: data/patients.csv; at oddtasks.py:\d+\)"),
+        ("mismatched_lengths", r"dataset has 160 inputs but 159 labels; at oddtasks.py:\d+"),
     ],
 )
 def test_odd_data_and_models_are_one_line_task_errors(odd: str, factory: str, match: str) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from deltaplane.choices import TASKS
 from deltaplane.data.dataset import Dataset
-from deltaplane.errors import DeltaplaneError, TaskError
+from deltaplane.errors import ConfigError, DeltaplaneError, TaskError
 
 __all__ = ["DEFAULT_TASK", "Dataset", "Task", "check_task", "load_task"]
 
@@ -265,8 +265,10 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
         pass
     try:
         task = factory(**options)
-    except DeltaplaneError:
+    except (TaskError, ConfigError):
         raise  # already says what is wrong (a Dataset of numpy arrays, a Task without data)
+    except DeltaplaneError as exc:  # e.g. a Dataset of 100 inputs, 99 labels: bad task data
+        raise TaskError(f"task {spec!r}: {exc}{_where(exc)}") from exc
     except Exception as exc:  # the user's code: name where it failed, keep the cause for a debugger
         raise TaskError(f"task {spec!r}: the factory failed ({_first_line(exc)}{_where(exc)})") from exc
     if not isinstance(task, Task):
