@@ -226,3 +226,42 @@ def test_a_pool_without_some_label_still_deals_out_clients() -> None:
     clients = [pop.client(cid) for cid in range(200)]
     assert all(9 not in c.train.y.tolist() + c.holdout.y.tolist() for c in clients)
     assert len({int(y) for c in clients for y in c.train.y}) == 9
+
+
+def test_a_model_that_cannot_be_stacked_is_refused_before_the_run(tmp_path, monkeypatch):
+    """The population engine refused a BatchNorm model only inside round 1 (its progress bar already running);
+    the preflight `deltaplane run` calls (check_supported) now says so before anything starts."""
+    import sys
+    import textwrap
+
+    from deltaplane.errors import UnsupportedOption
+    from deltaplane.sim.population import check_supported
+
+    (tmp_path / "bntask.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from deltaplane.engine import Dataset, Task
+
+            X = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+            Y = (X[:, 0] > 0).long()
+
+            def make():
+                return Task(
+                    name="bn",
+                    model=lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+                    train=Dataset(X[80:], Y[80:]),
+                    test=Dataset(X[:80], Y[:80]),
+                )
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(
+            UnsupportedOption, match=r"has buffers \(1\.running_mean.*use the sequential engine"
+        ):
+            check_supported(RunConfig(task="bntask:make", clients=4, engine="population"))
+    finally:
+        sys.modules.pop("bntask", None)

@@ -72,7 +72,10 @@ def batching_blocker(model: nn.Module) -> str | None:
     """
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
-        return f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}) updated during training"
+        return (
+            f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}), which its forward pass may "
+            "update (BatchNorm's running statistics) and stacked training cannot replay per client"
+        )
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
         return f"model {type(model).__name__} has non-float parameters ({', '.join(ints[:3])})"

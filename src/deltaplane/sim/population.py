@@ -53,7 +53,7 @@ from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
-from deltaplane.sim.batched import BatchedTrainer
+from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
 
 __all__ = [
@@ -212,6 +212,12 @@ def check_supported(config: RunConfig) -> None:
         raise UnsupportedOption(
             f"the population engine synthesizes devices from one pooled training set; task "
             f"{make_task(config).name!r} brings its own devices: use the sequential or batched engine"
+        )
+    # checked here, before any run starts: the trainer itself would refuse the model only in round 1
+    blocker = batching_blocker(make_task(config).build_model(derive_seed(config.seed, Stream.MODEL_INIT)))
+    if blocker is not None:
+        raise UnsupportedOption(
+            f"the population engine trains its devices stacked, and {blocker}: use the sequential engine"
         )
 
 
