@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
-from deltaplane.deploy.publish import check_writable_dir
 
 __all__ = ["register"]
 
@@ -47,6 +46,7 @@ def compress(
     """Compress NEW - BASE into a framed, checksummed payload (wire format v1)."""
     from deltaplane.codecs import Compressor, decompress
     from deltaplane.delta import Delta, atomic_write_bytes
+    from deltaplane.deploy.publish import check_writable_dir
 
     with clean_errors(OSError), cpu_threads(threads):
         check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
@@ -89,6 +89,7 @@ def decompress(
     from deltaplane.codecs import decompress as decode_payload
     from deltaplane.codecs import read_header
     from deltaplane.delta import Delta
+    from deltaplane.deploy.publish import check_writable_dir
 
     with clean_errors(OSError), cpu_threads(threads):
         check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
