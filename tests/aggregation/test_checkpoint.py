@@ -150,3 +150,28 @@ def test_a_second_moment_of_another_layout_than_the_round_is_refused() -> None:
     opt.add(dp.Delta({"w": torch.ones(3)}))
     with pytest.raises(dp.ShapeMismatch, match="shape"):
         opt.result()
+
+
+def test_another_models_moments_are_refused_at_load_given_the_layout_and_named_at_the_round_without() -> None:
+    """A FedAdam snapshot of another model loaded silently and failed at the next round's close with a bare
+    ShapeMismatch. Given the model's layout the restore refuses it (ConfigError naming the tensor, chain left as
+    it was); without one, the round's check says the moments belong to another model."""
+    from deltaplane.codecs.layout import Layout
+
+    live = build_aggregator(aggregator="fedadam")
+    _round(live, 0)  # moments for w (4, 3) and b (3,)
+    snap = _saved(live)
+    other = Layout.of({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+    chain = build_aggregator(aggregator="fedadam")
+    with pytest.raises(
+        dp.ConfigError, match=r"m\['w'\] has shape \(4, 3\), this model's tensor 'w' \(2, 3\)"
+    ):
+        load_chain_state(chain, snap, layout=other)
+    assert not chain.find(dp.FedOpt).state.m and chain.find(dp.FedOpt).state.step == 0
+    load_chain_state(chain, snap, layout=Layout.of({"w": torch.zeros(4, 3), "b": torch.zeros(3)}))  # its own
+
+    blind = build_aggregator(aggregator="fedadam")
+    load_chain_state(blind, snap)  # no layout at hand: cannot tell yet
+    blind.add(dp.Delta({"w": torch.ones(2, 3), "b": torch.ones(3)}), client_id="x")
+    with pytest.raises(dp.ShapeMismatch, match=r"m\['w'\].*belong to another model"):
+        blind.result()

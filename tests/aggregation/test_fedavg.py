@@ -71,6 +71,8 @@ def test_mixed_dtypes_and_views_against_numpy() -> None:
     out = agg.result()
     for k in ("w", "h", "f", "n", "e"):
         ref = sum(w * d[k].double().numpy() for d, w in zip(deltas, weights, strict=True)) / sum(weights)
+        if not deltas[0][k].is_floating_point():  # an integer mean rounds to the nearest (numpy's rint)
+            ref = np.rint(ref)
         want = torch.from_numpy(ref).to(deltas[0][k].dtype)
         assert out[k].dtype == deltas[0][k].dtype and torch.equal(out[k], want), k
     assert torch.equal(stack[0], deltas[0]["w"])  # the inputs are left as they were
@@ -109,3 +111,15 @@ def test_an_update_of_no_tensors_aggregates_to_none() -> None:
     agg.add(dp.Delta({}), weight=1.0)
     assert dict(agg.result()) == {}
     assert agg.count == 2
+
+
+def test_integer_tensors_are_rounded_to_the_nearest_not_truncated():
+    """FedAvg cast the float64 mean of integer tensors (BatchNorm's num_batches_tracked delta) back with a bare
+    cast: 2.75 became 2 and -2.75 became -2. It rounds to the nearest integer, half to even, as numpy's rint."""
+    counts = [[2, -2, 1, 7, 3], [3, -3, 2, 0, 2], [3, -3, 2, 0, 3], [3, -3, 0, 0, 2]]
+    weights = [1.0, 1.0, 1.0, 1.0]
+    agg = dp.FedAvg()
+    for c, w in zip(counts, weights, strict=True):
+        agg.add(dp.Delta({"n": torch.tensor(c, dtype=torch.int64)}), weight=w)
+    expected = np.rint(np.average(np.array(counts, dtype=np.float64), axis=0, weights=weights))
+    assert agg.result()["n"].tolist() == expected.astype(np.int64).tolist() == [3, -3, 1, 2, 2]

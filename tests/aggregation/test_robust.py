@@ -185,11 +185,25 @@ def test_float64_values_beyond_float32_are_refused_before_they_reach_a_robust_ru
 
 
 @pytest.mark.parametrize(
-    "spec", ["median", "median(bucket=1)", "trimmed_mean(0.2)", "krum(1)", "flame", "foolsgold"]
+    "spec",
+    [
+        "median",
+        "median(bucket=1)",
+        "trimmed_mean(0.2)",
+        "krum(1)",
+        "multi_krum(1)",
+        "flame",
+        "foolsgold",
+        "norm_bound(1.0)",
+        "norm_bound(1.0, noise=0.01)",
+        "sign_vote",
+    ],
 )
 def test_integer_tensors_take_the_median_whatever_arrives_first(spec):
     """Robust rules filled integer tensors (BatchNorm's num_batches_tracked delta) from the first update to
-    arrive: an attacker arriving first set the count to 10**9, and the result depended on arrival order."""
+    arrive: an attacker arriving first set the count to 10**9, and the result depended on arrival order.
+    NormBound averaged them (the norm is taken over floats only: 10**9/7 got through) and SignVote took the
+    first update's."""
     import numpy as np
 
     from deltaplane.aggregation import build_aggregator
@@ -205,5 +219,24 @@ def test_integer_tensors_take_the_median_whatever_arrives_first(spec):
         agg = build_aggregator(defense=spec)
         for i in order:
             agg.add(updates[i], 1.0, client_id=f"c{i}")
+        results.append(int(agg.result()["n"][0]))
+    assert results == [expected] * 3
+
+
+def test_fltrust_takes_the_integer_median_of_the_trusted_updates_not_the_references():
+    """FLTrust filled integer tensors from the server's reference (its few root batches), whatever the clients
+    counted; a client it does not trust (score 0) must not vote on the count either."""
+    ref = dp.Delta({"w": torch.tensor([1.0, 0.0]), "n": torch.tensor([99], dtype=torch.int64)})
+    honest = [(torch.tensor([1.0, 0.1 * i]), c) for i, c in enumerate([3, 5, 4, 4])]
+    liar = (torch.tensor([-1.0, 0.0]), 10**9)  # opposite direction: trust 0
+    updates = [liar, *honest]
+    expected = int(np.sort([c for _, c in honest])[(len(honest) - 1) // 2])  # numpy's lower median: 4
+    results = []
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        agg = dp.FLTrust()
+        agg.set_reference(ref)
+        for i in order:
+            w, c = updates[i]
+            agg.add(dp.Delta({"w": w, "n": torch.tensor([c], dtype=torch.int64)}))
         results.append(int(agg.result()["n"][0]))
     assert results == [expected] * 3

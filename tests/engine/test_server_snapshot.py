@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from deltaplane.aggregation import FedOpt
 from deltaplane.delta import Delta
 from deltaplane.engine import RunConfig, ServerStep, make_task
 from deltaplane.errors import ConfigError
@@ -79,3 +80,38 @@ def test_a_snapshot_of_another_chain_is_refused() -> None:
     plain = ServerStep.for_run(RunConfig(), task, init, base_id="m")
     with pytest.raises(ConfigError, match="checkpoint holds a FedAdam"):
         plain.load_state_dict(adam.state_dict())
+
+
+def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
+    """FedAdam's moments of another model (other tensor names or shapes) loaded without error; the mismatch
+    surfaced only as a ShapeMismatch at the next round's close, after a round of client training. The step
+    knows its model's layout: the restore refuses them, naming the tensor, and leaves the step as it was."""
+    cfg = RunConfig(clients=4, aggregator="fedadam")
+    task = make_task(cfg)
+    init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
+    trained = ServerStep.for_run(cfg, task, init, base_id="m")
+    trained.open(1)
+    for c in range(4):
+        g = torch.Generator().manual_seed(c)
+        trained.receive_delta(
+            str(c), Delta({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in init.items()}), 1
+        )
+    trained.close()
+    snap = io.BytesIO()
+    torch.save(trained.state_dict(), snap)
+
+    name = next(
+        k for k, v in init.items() if v.dim() == 2
+    )  # a weight matrix, one output more in the other model
+    wider = dict(init) | {name: torch.zeros(init[name].shape[0] + 1, *init[name].shape[1:])}
+    for other, cause in (
+        (wider, f"m['{name}'] has shape"),
+        ({**init, "extra.weight": torch.zeros(3)}, "extra.weight"),
+    ):
+        step = ServerStep.for_run(cfg, task, other, base_id="m")
+        with pytest.raises(ConfigError, match="belong to another model") as refused:
+            step.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))
+        assert cause in str(refused.value)
+        assert not step.aggregator.find(FedOpt).state.m  # left as it was: nothing restored
+    same = ServerStep.for_run(cfg, task, init, base_id="m")
+    same.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))  # its own model: loads

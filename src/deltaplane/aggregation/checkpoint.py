@@ -16,7 +16,10 @@ attribute named after a constructor parameter (``lr``, ``max_norm``, ``seed``...
 chain was built with. Restoring used to overwrite them, so a server restarted with a new ``max_norm``, server
 ``lr`` or DP noise source silently ran with the old one. A restore that fails (another configuration, a
 malformed snapshot, learned state that does not hold together) raises :class:`~deltaplane.errors.ConfigError`
-and leaves the chain as it was. An object may define ``check_state()`` to check what was restored into it.
+and leaves the chain as it was. An object may define ``check_state()`` to check what was restored into it, and
+``check_layout(layout)`` to check it against the model the chain aggregates (the server optimizer's moments
+must be the model's float tensors, by name and shape): given the model's layout, a restore refuses a snapshot of
+another model, which used to load and fail only at the next round's close, after a round of client training.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ import copy
 import dataclasses
 import inspect
 import types
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, DeltaplaneError
+
+if TYPE_CHECKING:
+    from deltaplane.codecs.layout import TensorLayout
 
 __all__ = ["chain_state", "load_chain_state"]
 
@@ -50,20 +57,44 @@ def chain_state(aggregator: Any) -> dict[str, Any]:
     return _encode_object(agg, "aggregator", {})
 
 
-def load_chain_state(aggregator: Any, state: dict[str, Any]) -> None:
+def load_chain_state(
+    aggregator: Any, state: dict[str, Any], *, layout: Mapping[str, TensorLayout] | None = None
+) -> None:
     """Put a :func:`chain_state` snapshot into ``aggregator`` (built with the same configuration), in place.
 
+    ``layout``: the model the chain aggregates (name -> shape and dtype of every tensor an update carries);
+    when given, learned state that belongs to another model is refused here rather than at the next round.
+
     Raises:
-        ConfigError: the snapshot was taken from a chain of another shape or configuration, is malformed, or
-            holds learned state that does not hold together; ``aggregator`` is then left as it was.
+        ConfigError: the snapshot was taken from a chain of another shape or configuration or (``layout``) from a
+            run of another model, is malformed, or holds learned state that does not hold together;
+            ``aggregator`` is then left as it was.
     """
     try:  # a dry run on a copy first: a refusal halfway must not leave the live chain half restored
-        _decode_into(copy.deepcopy(aggregator), state, "aggregator")
+        trial = copy.deepcopy(aggregator)
+        _decode_into(trial, state, "aggregator")
+        if layout is not None:
+            _check_layout(trial, layout, set())
     except DeltaplaneError:
         raise
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"the server checkpoint is malformed ({type(exc).__name__}: {exc})") from None
     _decode_into(aggregator, state, "aggregator")
+
+
+def _check_layout(obj: Any, layout: Mapping[str, TensorLayout], seen: set[int]) -> None:
+    """Call ``check_layout(layout)`` on every object of the chain that defines it (wrappers' ``inner``, the
+    state objects they hold), each once."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    check = getattr(obj, "check_layout", None)
+    if callable(check):
+        check(layout)
+    for value in vars(obj).values():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if _is_node(item):
+                _check_layout(item, layout, seen)
 
 
 def _is_value(v: Any) -> bool:

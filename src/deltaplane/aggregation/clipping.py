@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.aggregation.counters import IntegerMedians
 from deltaplane.aggregation.noise import secure_normal
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, InvalidUpdate
@@ -298,9 +299,11 @@ class NormBound(Clip):
         self.noise = float(noise)
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
+        # integer tensors escape the norm (it is taken over floats): their lower median, not the inner mean
+        self._counters = IntegerMedians()
 
     def _finish(self) -> Delta:
-        out = super()._finish()
+        out = self._counters.apply(super()._finish())
         if self.noise > 0:  # Sun et al.'s weak DP: a small N(0, noise²) on every coordinate of the mean
             out = out.map(
                 lambda _, t: (
@@ -316,6 +319,11 @@ class NormBound(Clip):
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
         super().add(delta, 1.0)  # the claimed weight is checked, then ignored (see the class docstring)
+        self._counters.add(delta)  # (once the inner aggregator accepted it)
+
+    def reset(self) -> None:
+        super().reset()
+        self._counters.reset()
 
     def __repr__(self) -> str:
         return f"NormBound({self.inner!r}, max_norm={self.max_norm!r}, noise={self.noise!r})"

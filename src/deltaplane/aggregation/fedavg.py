@@ -84,7 +84,14 @@ class FedAvg:
             raise DeltaplaneError("no client delta was added; nothing to aggregate")
         if self._total <= 0:
             raise DeltaplaneError("the weights of the added deltas sum to zero; nothing to average")
-        return Delta({k: (s / self._total).to(self._like[k].dtype) for k, s in self._sum.items()})
+        return Delta({k: self._mean(s, self._like[k].dtype) for k, s in self._sum.items()})
+
+    def _mean(self, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The float64 sum over the total weight, in ``dtype``: integer tensors (a counter such as BatchNorm's
+        ``num_batches_tracked`` delta) rounded to the nearest integer (half to even, as numpy's ``rint``); a bare
+        cast truncated toward zero, so clients that ran 2, 2 and 3 batches counted 2."""
+        mean = total / self._total
+        return (mean if dtype.is_floating_point else mean.round()).to(dtype)
 
     def reset(self) -> None:
         self._sum, self._like, self._total, self._bound, self.count = None, None, 0.0, 0.0, 0

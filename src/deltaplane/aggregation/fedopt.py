@@ -18,13 +18,18 @@ registered settings of it (the mergekit pattern). The optimizer moments live in 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, ShapeMismatch
+
+if TYPE_CHECKING:
+    from deltaplane.codecs.layout import TensorLayout
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState", "ServerSGD"]
 
@@ -89,6 +94,40 @@ class ServerOptimizerState:
             except ShapeMismatch as exc:
                 raise ConfigError(f"server optimizer state: {exc}") from None
 
+    def check_layout(self, layout: Mapping[str, TensorLayout]) -> None:
+        """Refuse moments of another model: kept moments must be those of ``layout``'s floating-point tensors,
+        by name and shape (moments are kept for every float tensor of the round's update from the first round
+        on). Without this check a snapshot of another model loaded, and the mismatch surfaced only as a
+        ShapeMismatch at the next round's close, after a round of client training.
+
+        Raises:
+            ConfigError: naming the first tensor that differs.
+        """
+        floats = {k: tuple(t.shape) for k, t in layout.items() if t.dtype.is_floating_point}
+        for name, moments in (("m", self.m), ("v", self.v)):
+            if not moments:
+                continue  # a fresh state (no round taken yet) fits any model
+            problem = _layout_difference(moments, floats)
+            if problem:
+                raise ConfigError(
+                    f"server optimizer state: {name}{problem}: the snapshot's moments belong to another model; "
+                    "restore a snapshot taken from a run of this model"
+                )
+
+
+def _layout_difference(moments: dict[str, torch.Tensor], floats: dict[str, tuple[int, ...]]) -> str:
+    """How ``moments`` differ from a model's float tensors (``name -> shape``), naming the first tensor that
+    does; empty if they match."""
+    for k, t in moments.items():
+        if k not in floats:
+            return f"[{k!r}] is for a tensor this model does not have"
+        if tuple(t.shape) != floats[k]:
+            return f"[{k!r}] has shape {tuple(t.shape)}, this model's tensor {k!r} {floats[k]}"
+    missing = sorted(set(floats) - set(moments))
+    if missing:
+        return f" has no moment for this model's tensor {missing[0]!r}"
+    return ""
+
 
 def _check(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
     ok = isinstance(value, int | float) and math.isfinite(value) and (value > lo if lo_open else value >= lo)
@@ -144,10 +183,15 @@ class FedOpt(AggregatorWrapper):
         delta = self.inner.result()
         s = self.state
         if s.m or s.v:
-            floats = {k: t.double() for k, t in delta.items() if t.is_floating_point()}
-            check_compatible(s.m, floats, "server optimizer state and round delta")
-            if s.v:  # (a v of another shape than the delta was broadcast: a silently wrong step)
-                check_compatible(s.v, floats, "server optimizer state and round delta")
+            floats = {k: tuple(t.shape) for k, t in delta.items() if t.is_floating_point()}
+            # (a v of another shape than the delta was broadcast: a silently wrong step)
+            for name, moments in (("m", s.m), ("v", s.v)):
+                problem = _layout_difference(moments, floats) if moments else ""
+                if problem:  # restored from another model's snapshot without the model's layout at hand
+                    raise ShapeMismatch(
+                        f"server optimizer state: {name}{problem} in this round's update: the optimizer's "
+                        "moments belong to another model (a snapshot of another model's run restored?)"
+                    )
         out: dict[str, torch.Tensor] = {}
         b1, b2 = self.beta1, self.beta2
         for k, t in delta.items():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from deltaplane.aggregation.clipping import NormBound
+from deltaplane.aggregation.counters import IntegerMedians
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
 
@@ -87,7 +88,9 @@ class _Buffered:
         self._senders: list[str | None] = []  # the client id of each row (None: not told)
         self._next_id: str | None = None
         self._own: dict[str, float] = {}
-        self._ints: dict[str, list[torch.Tensor]] = {}  # each update's integer tensors (counters), by name
+        self._counters = (
+            IntegerMedians()
+        )  # each update's integer tensors (see deltaplane.aggregation.counters)
 
     def identify(self, client_id: str | None) -> None:
         """The id of the client whose update the next :meth:`add` receives
@@ -102,9 +105,7 @@ class _Buffered:
         self._like = like
         self._rows.append(row)
         self._senders.append(sender)
-        for k, v in delta.items():
-            if not v.is_floating_point():
-                self._ints.setdefault(k, []).append(v)
+        self._counters.add(delta)
 
     def result(self) -> Delta:
         if not self._rows or self._like is None:
@@ -118,20 +119,9 @@ class _Buffered:
             for lo in range(0, d, self.block):
                 hi = min(d, lo + self.block)
                 out[lo:hi] = self._combine(torch.stack([r[lo:hi] for r in rows]))
-            return self._integer_medians(self._like.unflatten(out))
-        return self._integer_medians(self._like.unflatten(self._combine(torch.stack(rows))))
-
-    def _integer_medians(self, out: Delta) -> Delta:
-        """Integer tensors (e.g. BatchNorm's ``num_batches_tracked`` delta) get their coordinate-wise median over
-        the round's updates: ``unflatten`` fills them from the first update to arrive, a value that update's
-        sender chose and that depended on arrival order. The lower median of integers is an integer and does
-        not depend on the order."""
-        if not self._ints:
-            return out
-        merged = dict(out.items())
-        for k, vs in self._ints.items():
-            merged[k] = torch.stack(vs).median(dim=0).values
-        return Delta(merged)
+            return self._counters.apply(self._like.unflatten(out))
+        # integer tensors: their lower median (unflatten fills them from the first update to arrive)
+        return self._counters.apply(self._like.unflatten(self._combine(torch.stack(rows))))
 
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
@@ -181,7 +171,7 @@ class _Buffered:
 
     def reset(self) -> None:
         self._like, self._rows, self._senders, self._next_id = None, [], [], None
-        self._ints = {}
+        self._counters.reset()
 
     @property
     def measurements(self) -> dict[str, float]:
@@ -376,6 +366,7 @@ class FLTrust:
         self._count = 0
         self._zero = 0
         self._own: dict[str, float] = {}
+        self._counters = IntegerMedians()  # the trusted updates' integer tensors, not the reference's
 
     def set_reference(self, reference: Delta) -> None:
         """The server's trusted update ``g₀`` for this round (must be set before :meth:`add`)."""
@@ -397,6 +388,7 @@ class FLTrust:
             self._sum = torch.zeros_like(self._ref_flat)
         if ts > 0:
             self._sum.add_(g, alpha=ts * rn / gn)
+            self._counters.add(delta)
         else:
             self._zero += 1
         self._trust += ts
@@ -407,11 +399,12 @@ class FLTrust:
             raise DeltaplaneError("no client delta was added; nothing to aggregate")
         self._own = {"clients": float(self._count), "zero_trust": float(self._zero), "trust_sum": self._trust}
         flat = self._sum / self._trust if self._trust > 0 else torch.zeros_like(self._sum)
-        return self._ref.unflatten(flat.float())
+        return self._counters.apply(self._ref.unflatten(flat.float()))
 
     def reset(self) -> None:
         self._sum, self._trust, self._count, self._zero = None, 0.0, 0, 0
         self._ref, self._ref_flat = None, None
+        self._counters.reset()
 
     @property
     def measurements(self) -> dict[str, float]:
@@ -633,11 +626,13 @@ class SignVote:
         self._like: Delta | None = None
         self._scales: list[float] = []
         self._own: dict[str, float] = {}
+        self._counters = IntegerMedians()  # integer tensors get no vote: their lower median
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         like = _admit(self._like, delta, weight)
         g = _row(delta)
         self._like = like
+        self._counters.add(delta)
         s = torch.sign(g)
         voted = s.abs()  # 0 where the client abstained (sent nothing)
         if self._votes is None or self._voters is None:
@@ -654,10 +649,13 @@ class SignVote:
         gamma = float(np.median(self._scales))
         turnout = float(self._voters.sum()) / (n * self._voters.numel()) if self._voters.numel() else 0.0
         self._own = {"clients": float(n), "sign_scale": gamma, "turnout": turnout}
-        return self._like.unflatten(gamma * torch.sign(self._votes) * (self._voters / n))
+        return self._counters.apply(
+            self._like.unflatten(gamma * torch.sign(self._votes) * (self._voters / n))
+        )
 
     def reset(self) -> None:
         self._votes, self._voters, self._like, self._scales = None, None, None, []
+        self._counters.reset()
 
     @property
     def measurements(self) -> dict[str, float]:

@@ -274,7 +274,8 @@ class ServerStep:
         Raises:
             ConfigError: the snapshot does not fit this step's chain or downlink.
         """
-        load_chain_state(self.aggregator, state["aggregator"])
+        # against the model's layout: another model's optimizer moments are refused here, not at the next close
+        load_chain_state(self.aggregator, state["aggregator"], layout=self.layout)
         fltrust = self.aggregator.find(FLTrust)
         self._fltrust = fltrust if isinstance(fltrust, FLTrust) else None
         compressor = getattr(self.publisher, "compressor", None)
