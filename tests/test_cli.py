@@ -119,6 +119,19 @@ def test_help_lists_the_run_command() -> None:
     assert "--baseline" in result.output and "--codec" in result.output
 
 
+def test_help_describes_run_as_running_any_task() -> None:
+    """'deltaplane --help' said run federates 'the digits dataset'; it runs digits, charlm or the user's --task."""
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    # the run row and its wrapped continuation lines (blank command column), as one sentence
+    rows = re.findall(r"^│ (\S*)\s+(.*?)\s*│$", result.output, re.MULTILINE)
+    start = next(i for i, (name, _) in enumerate(rows) if name == "run")
+    end = next((i for i in range(start + 1, len(rows)) if rows[i][0]), len(rows))
+    text = " ".join(desc for _, desc in rows[start:end])
+    assert "digits dataset" not in text
+    assert text.startswith("Federate a task") and "charlm" in text and "--task" in text
+
+
 def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["run", "--clients", "3", "--rounds", "2", "--no-baseline", "--out", str(out)]

@@ -416,6 +416,31 @@ def test_models_with_buffers_fall_back_to_the_loop_and_say_so_once(monkeypatch: 
     assert result.final.clients == 3
 
 
+class _ConstantIntBuffer(nn.Module):
+    """A buffer no forward pass changes: an int scale, as in the CLI review's oddtasks.py int_param."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.ones(3, dtype=torch.int32))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_a_constant_buffer_is_refused_for_what_is_true_of_it() -> None:
+    """The fallback said a constant int buffer was 'updated during training'; it never is. The reason given is
+    the real one: stacked training shares one copy of a buffer and cannot tell a constant one from BatchNorm's."""
+    model = _ConstantIntBuffer()
+    before = model.scale.clone()
+    model(torch.randn(4, 6))
+    assert torch.equal(model.scale, before)  # constant indeed
+    reason = batching_blocker(model)
+    assert "updated during training" not in reason
+    assert reason.startswith("model _ConstantIntBuffer has buffers (scale); stacked training keeps one copy")
+    assert "cannot tell a constant buffer from one each client's forward pass updates" in reason
+
+
 def test_personalized_runs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
     cfg = RunConfig(clients=3, rounds=1, local_epochs=1, personalization="fedper", engine="batched")

@@ -66,15 +66,20 @@ _F32 = 4
 def batching_blocker(model: nn.Module) -> str | None:
     """Why ``model`` cannot be trained by :class:`BatchedTrainer`, or ``None`` if it can.
 
-    Buffers (BatchNorm running statistics, say) would be updated in place during the forward pass, which
-    ``vmap`` over stacked weights does not replay per client; non-float parameters have no gradient; frozen ones
-    (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential loop.
+    Stacked training gives each client its own copy of the parameters only: the model's buffers are one copy
+    shared by every client, so a buffer the forward pass updates in place (BatchNorm's running statistics) would
+    mix the clients, and a constant one cannot be told from it; non-float parameters have no gradient; frozen
+    ones (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential
+    loop.
     """
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
+        # the reason as it is: a constant int buffer is refused too, not because it changes but because
+        # nothing here can tell it from one that does
         return (
-            f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}), which its forward pass may "
-            "update (BatchNorm's running statistics) and stacked training cannot replay per client"
+            f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}); stacked training keeps one "
+            "copy of a buffer for all clients, and cannot tell a constant buffer from one each client's forward "
+            "pass updates (as BatchNorm's running statistics)"
         )
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
