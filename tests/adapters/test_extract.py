@@ -163,6 +163,11 @@ def test_cli(tmp_path):
                                    "--rank", "3", "-o", str(tmp_path / "x")])  # fmt: skip
     assert res.exit_code == 2 and "not found" in res.output
     assert not (tmp_path / "x").exists()
+    # an output under a file: a usage error before any work (was exit 1, "[Errno 17] File exists: 'afile'")
+    (tmp_path / "afile").write_text("not a folder")
+    res = CliRunner().invoke(app, ["extract-lora", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
+                                   "--rank", "3", "-o", str(tmp_path / "afile" / "lora")])  # fmt: skip
+    assert res.exit_code == 2 and "is a file, not a folder" in " ".join(res.output.split()), res.output
 
 
 def test_low_rank_factors_refuses_non_finite_input_before_the_svd():

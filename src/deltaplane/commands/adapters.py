@@ -57,6 +57,9 @@ def extract_lora_command(
 
     console = Console(soft_wrap=True)
     with clean_errors(OSError), cpu_threads(threads):
+        from deltaplane.deploy.publish import check_writable_dir
+
+        check_writable_dir(out, hint="give -o a folder path")  # under a file, unwritable: before any work
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             from deltaplane.errors import ConfigError
 
