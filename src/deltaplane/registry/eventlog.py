@@ -34,7 +34,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -405,15 +405,20 @@ def check(
 
 
 # -- comparing -------------------------------------------------------------------------------------------
+def _differing(signed: dict[Any, Any], tables: dict[Any, Any]) -> Iterator[tuple[Any, Any, Any]]:
+    """``(key, signed value, table value)`` for every key whose values differ (None where one side lacks it)."""
+    for key in sorted(set(signed) | set(tables), key=str):
+        s, t = signed.get(key), tables.get(key)
+        if s != t:
+            yield key, s, t
+
+
 def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] = PARTS) -> list[str]:
     """How ``tables`` differ from the ``signed`` state, one line per row (empty when they are equal)."""
     parts, out = set(parts), []
     if "tags" in parts:
-        for key in sorted(set(signed.tags) | set(tables.tags), key=str):
-            s, t = signed.tags.get(key), tables.tags.get(key)
+        for key, s, t in _differing(signed.tags, tables.tags):
             name = f"{key[0]}:{key[1]}"
-            if s == t:
-                continue
             if t is None:
                 out.append(f"tags: {name} is missing; the signed log has it at version {s[0]}")  # type: ignore[index]
             elif s is None:
@@ -423,10 +428,7 @@ def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] =
             else:
                 out.append(f"tags: {name} was updated at {t[1]!r}, the signed log says {s[1]!r}")
     if "tag_history" in parts:
-        for row in sorted(set(signed.tag_history) | set(tables.tag_history), key=str):
-            s, t = signed.tag_history.get(row), tables.tag_history.get(row)
-            if s == t:
-                continue
+        for row, s, t in _differing(signed.tag_history, tables.tag_history):
             if t is None:
                 out.append(f"tag_history: row {row} ({s[0]}:{s[1]} -> {s[2]}) is missing")  # type: ignore[index]
             elif s is None:
@@ -439,10 +441,7 @@ def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] =
                 )
                 out.append(f"tag_history: row {row} ({s[0]}:{s[1]}) differs from the signed log: {cols}")
     if "withdrawals" in parts:
-        for cohort in sorted(set(signed.withdrawals) | set(tables.withdrawals), key=str):
-            s, t = signed.withdrawals.get(cohort), tables.withdrawals.get(cohort)
-            if s == t:
-                continue
+        for cohort, s, t in _differing(signed.withdrawals, tables.withdrawals):
             if t is None:
                 out.append(
                     f"withdrawals: cohort {cohort!r} is missing; the signed log records its withdrawal"
