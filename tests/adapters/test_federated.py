@@ -116,3 +116,48 @@ def test_refactor_refuses_a_bad_update_when_it_arrives(name, delta, error):
     with pytest.raises(DeltaplaneError, match=error):
         agg.add(Delta(delta))
     assert set(agg.result()) == set(initial)  # the round still closes on the good update
+
+
+def _refactored_error(initial: dict, deltas: list[Delta], a: str, b: str) -> tuple[float, float]:
+    """``‖B A − mean‖`` after one LoRARefactor round, and the best rank-r error (Eckart–Young) of the exact
+    average product: the independent reference."""
+    agg = LoRARefactor(FedAvg(), initial)
+    for d in deltas:
+        agg.add(d, 1.0)
+    out = agg.result()
+    assert tuple(out[a].shape) == tuple(initial[a].shape) and tuple(out[b].shape) == tuple(initial[b].shape)
+    A, B = initial[a] + out[a], initial[b] + out[b]
+    mean = sum((initial[b] + d[b]) @ (initial[a] + d[a]) for d in deltas) / len(deltas)
+    s = np.linalg.svd(mean.numpy(), compute_uv=False)
+    return float((B @ A - mean).norm()), float(np.sqrt((s[initial[a].shape[0] :] ** 2).sum()))
+
+
+def test_refactor_averages_embedding_factors_too():
+    """An embedding's lora_embedding_A/B (PEFT's names in a model's state_dict) used to be left to the inner
+    FedAvg: FedIT's biased factor average, silently, next to re-factorized linear layers."""
+    g = torch.Generator().manual_seed(0)
+    a, b = "emb.lora_embedding_A.default", "emb.lora_embedding_B.default"
+    initial = {
+        a: torch.randn(2, 10, generator=g, dtype=torch.float64),
+        b: torch.zeros(4, 2, dtype=torch.float64),
+    }
+    deltas = [Delta({k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in initial.items()})
+              for _ in range(3)]  # fmt: skip
+    assert factor_pairs(initial) == {"emb.default": (a, b)}
+    got, best = _refactored_error(initial, deltas, a, b)
+    assert got == pytest.approx(best, abs=1e-9)
+
+
+def test_refactor_keeps_a_rank_above_the_layers_size():
+    """PEFT allows r > min(out, in); the re-factored factors used to come back with min(out, in) rows, and the
+    update failed with a torch RuntimeError. The extra rows stay zero and the average is exact."""
+    g = torch.Generator().manual_seed(1)
+    a, b = "fc.lora_A.weight", "fc.lora_B.weight"
+    initial = {
+        a: torch.randn(8, 6, generator=g, dtype=torch.float64),
+        b: torch.zeros(4, 8, dtype=torch.float64),
+    }
+    deltas = [Delta({k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in initial.items()})
+              for _ in range(2)]  # fmt: skip
+    got, best = _refactored_error(initial, deltas, a, b)
+    assert best == 0.0 and got < 1e-9

@@ -146,3 +146,28 @@ def test_bad_merges_are_typed():
     with pytest.raises(UnsupportedAdapter, match="modules_to_save"):
         merge_adapters([head, a], [1, 1])
     assert set(COMBINATION_TYPES) >= {"linear", "ties", "dare_ties", "svd", "ties_svd", "cat"}
+
+
+@pytest.mark.parametrize("kind", ["cat", "svd", "linear"])
+def test_a_lora_bias_is_merged_not_dropped(kind):
+    """merge_adapters used to drop every lora_B.bias (lora_bias=True) silently: the merged model kept the
+    base's biases. The bias changes wᵢ sᵢ bᵢ are vectors, so cat / svd / linear sum them exactly."""
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.zeros(4, 6), "fc.bias": torch.zeros(4)}
+
+    def adapter(bias: bool) -> LoRADelta:
+        A, B = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
+        return LoRADelta(
+            {"fc.weight": LoRALayer(A, B, 3.0, bias=torch.randn(4, generator=g) if bias else None)}
+        )
+
+    adapters, weights = [adapter(True), adapter(False), adapter(True)], [1.0, 0.5, -2.0]
+    # what each adapter alone does to the bias, weighted: the independent reference
+    want = sum(w * (a.merged_into(base)["fc.bias"]) for a, w in zip(adapters, weights, strict=True))
+    merged = merge_adapters(adapters, weights, kind, density=1.0, svd_rank=6)
+    got = merged.merged_into(base)["fc.bias"]
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert float(want.abs().max()) > 0.5
+    assert merge_adapters(adapters[1:2], [1.0], kind)["fc.weight"].bias is None
+    # TIES trims and elects signs on the bias changes too: not the sum, but never dropped
+    assert merge_adapters(adapters, weights, "ties", density=0.5)["fc.weight"].bias is not None

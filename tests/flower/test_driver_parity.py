@@ -152,6 +152,38 @@ def test_a_standalone_strategy_tells_its_chain_who_sent_each_update_as_the_serve
     )
 
 
+def _claiming_app(claims: dict[int, object]) -> ClientApp:
+    """Node *i* moves every weight by +(i + 1) and claims ``claims.get(i, 1)`` examples."""
+    app = ClientApp(mods=[delta_mod(codec="identity")])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        i = int(context.node_config["partition-id"])
+        state = msg.content.array_records["arrays"].to_torch_state_dict()
+        arrays = ArrayRecord({k: v + (i + 1) for k, v in state.items()})
+        metrics = MetricRecord({"num-examples": claims.get(i, 1)})  # type: ignore[dict-item]
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("claim", "aggregator"),
+    [(c, a) for c in (float("nan"), float("inf"), -5.0) for a in ("fedavg", "flower")] + [(1e308, "fedavg")],
+)
+def test_a_node_claiming_an_absurd_example_count_is_refused_alone(loopback_grid, claim, aggregator) -> None:
+    """The weight is the node's claim: a NaN, infinite or negative one (or one that overflows FedAvg's sums)
+    used to raise out of the bare aggregator and end the run for every node, or (negative) to go into the
+    wrapped Flower strategy's mean; now only that node is refused, as the engine's server step refuses it."""
+    inner = FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3)
+    strategy = DeltaStrategy(inner=inner, aggregator=FedAvg() if aggregator == "fedavg" else None)
+    result = strategy.start(
+        loopback_grid(_claiming_app({1: claim}), 3), state_to_arrays({"w": torch.zeros(2, 2)}), num_rounds=1
+    )
+    assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # (1 + 3) / 2
+    assert strategy.traffic[-1].rejected == 1 and result.train_metrics_clientapp[1]["rejected"] == 1
+
+
 def test_a_standalone_strategy_raises_when_every_reply_is_refused(loopback_grid) -> None:
     with pytest.raises(InvalidUpdate, match="every update of the round was refused"):
         _standalone(loopback_grid, {0: b"junk", 1: b"more junk"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 import deltaplane.flower.secagg as flower_secagg
 from deltaplane.aggregation.secagg.encoding import RingEncoding
@@ -158,3 +158,32 @@ def test_a_node_refuses_secagg_parameters_that_let_the_server_unmask_it(neighbou
     msg = Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE)
     with pytest.raises(SecAggError, match=named):
         flower_secagg.secagg_query(msg, _context())
+
+
+@pytest.mark.parametrize(
+    "garbled",
+    [ConfigRecord({"message": "not bytes"}), ConfigRecord({"other": b"x"}), MetricRecord({"message": 1.0})],
+    ids=["str-message", "no-message", "not-a-config-record"],
+)
+def test_flower_secagg_drops_a_node_whose_reply_is_malformed(loopback_grid, garbled) -> None:
+    """A node's SecAgg record with no bytes 'message' (or not a ConfigRecord) used to raise KeyError /
+    TypeError out of the strategy and end the run for every node; it is now that node dropping out."""
+    cfg = CFG.replace(clients=6, rounds=1, clip=None)
+
+    class GarblingGrid(loopback_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            out = super().send_and_receive(messages, timeout=timeout)
+            if {m.metadata.message_type for m in messages} == {"train"}:
+                for r in out:
+                    if r.metadata.src_node_id == 103:
+                        r.content = RecordDict({**r.content, SECAGG_KEY: garbled})
+            return out
+
+    rounds, strategies = [], []
+    server = digits_server_app(
+        cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: strategies.append(s)
+    )
+    server(grid=GarblingGrid(digits_client_app(cfg), cfg.clients), context=_context())
+    assert len(rounds) == 1 and np.isfinite(rounds[0].test_accuracy)
+    assert rounds[0].clients == 6  # sampled; node 3 dropped out of the sum, the others were unmasked

@@ -33,16 +33,22 @@ from deltaplane.errors import AdapterMismatch, ConfigError, InvalidUpdate
 __all__ = ["LoRARefactor", "factor_pairs", "fedit_bias"]
 
 
+#: PEFT's names of a layer's factors: linear layers, and embeddings (``ΔW = (B A)ᵀ``: the same product to average)
+_FACTOR_NAMES = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+
 def factor_pairs(names: list[str] | Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
-    """``layer → (A name, B name)`` for every ``…lora_A…`` / ``…lora_B…`` pair among ``names`` (PEFT's names)."""
+    """``layer → (A name, B name)`` for every ``…lora_A…`` / ``…lora_B…`` (or ``…lora_embedding_A…`` /
+    ``…lora_embedding_B…``) pair among ``names`` (PEFT's names)."""
     keys = list(names)
     pairs = {}
     for k in keys:
-        if "lora_A" in k:
-            kb = k.replace("lora_A", "lora_B")
-            if kb not in keys:
-                raise AdapterMismatch(f"factor '{k}' has no matching '{kb}'")
-            pairs[k.replace(".lora_A", "")] = (k, kb)
+        for a, b in _FACTOR_NAMES:
+            if a in k:
+                kb = k.replace(a, b)
+                if kb not in keys:
+                    raise AdapterMismatch(f"factor '{k}' has no matching '{kb}'")
+                pairs[k.replace("." + a, "")] = (k, kb)
     return pairs
 
 
@@ -117,12 +123,14 @@ class LoRARefactor(AggregatorWrapper):
         residual = 0.0
         for layer, (ka, kb) in self.pairs.items():
             mean = self._sum[layer] / self._weight
-            r = self.factors[ka].shape[0]
             u, s, vh = torch.linalg.svd(mean, full_matrices=False)
-            root = s[:r].sqrt()
-            A_new = (root[:, None] * vh[:r]).to(self.factors[ka].dtype)
-            B_new = (u[:, :r] * root[None, :]).to(self.factors[kb].dtype)
-            residual = max(residual, float(s[r:].norm() / s.norm()) if s.norm() > 0 else 0.0)
+            # a rank above min(out, in) (PEFT allows it) keeps its shape: the extra factor rows stay zero
+            k = min(self.factors[ka].shape[0], s.numel())
+            root = s[:k].sqrt()
+            A_new, B_new = torch.zeros_like(self.factors[ka]), torch.zeros_like(self.factors[kb])
+            A_new[:k] = root[:, None] * vh[:k]
+            B_new[:, :k] = u[:, :k] * root[None, :]
+            residual = max(residual, float(s[k:].norm() / s.norm()) if s.norm() > 0 else 0.0)
             out[ka] = A_new - self.factors[ka]
             out[kb] = B_new - self.factors[kb]
             self.factors[ka], self.factors[kb] = A_new, B_new

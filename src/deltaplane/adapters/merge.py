@@ -14,6 +14,9 @@ factored again:
 - ``cat`` concatenates ``A = [w₁s₁A₁; w₂s₂A₂; …]`` and ``B = [B₁ B₂ …]``: ``B A = Σ wᵢ sᵢ BᵢAᵢ`` exactly, at the
   sum of the ranks.
 
+Bias changes (``lora_B.bias``) are vectors: ``wᵢ sᵢ bᵢ`` are combined like the full changes (exactly summed by
+``linear``, ``svd`` and ``cat``), never dropped.
+
 The merged adapter has ``α = r`` (scaling 1), as PEFT writes it. Where PEFT's numbers and ours can differ, by
 design: TIES elects the sign on the *weighted* trimmed vectors (as mergekit and our full-model merge do) while
 PEFT elects on the unweighted ones — identical whenever the adapters' weights × scalings are equal; DARE's random
@@ -108,6 +111,31 @@ def _svd_factors(delta: Tensor, rank: int, clamp: float | None) -> tuple[Tensor,
     return A.to(delta.dtype), B.to(delta.dtype)
 
 
+def _merged_bias(
+    name: str,
+    present: list[tuple[LoRALayer, float]],
+    kind: str,
+    density: float | None,
+    sign_method: str,
+    seed: int,
+) -> Tensor | None:
+    """The merged layer's ``lora_B.bias`` (``lora_bias``), or ``None`` when no adapter changes the bias.
+
+    A bias change ``sᵢ bᵢ`` is a plain vector, not a product of factors, so the changes ``wᵢ sᵢ bᵢ`` are combined
+    as the full changes are (``cat`` and ``svd`` sum them exactly; ``ties``/``dare``/``magnitude_prune`` and
+    their ``_svd`` forms trim them the same way); an adapter that leaves the bias alone counts as zero. The
+    merged layer has scaling 1, so the result is the bias change itself."""
+    if all(layer.bias is None for layer, _ in present):
+        return None
+    out_rows = present[0][0].B.shape[0]
+    changes = [
+        w * layer.delta_bias() if layer.bias is not None else torch.zeros(out_rows, dtype=layer.B.dtype)  # type: ignore[operator]
+        for layer, w in present
+    ]
+    bias_kind = "linear" if kind in ("cat", "svd") else kind.removesuffix("_svd")
+    return _combine(name + ".bias", changes, bias_kind, density, sign_method, seed).contiguous()
+
+
 def merge_adapters(
     adapters: Sequence[LoRADelta],
     weights: Sequence[float],
@@ -188,7 +216,8 @@ def merge_adapters(
             A, B = A.contiguous(), B.contiguous()
         out[name] = LoRALayer(
             A.to(ref.A.dtype), B.to(ref.B.dtype), alpha=float(A.shape[0]), embedding=ref.embedding,
-            fan_in_fan_out=ref.fan_in_fan_out,
+            fan_in_fan_out=ref.fan_in_fan_out, bias=_merged_bias(name, present, kind, density, majority_sign_method,
+                                                                 seed),
         )  # fmt: skip
     if not out:
         raise AdapterError("merge_adapters: the adapters hold no layers")

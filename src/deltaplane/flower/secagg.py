@@ -228,9 +228,13 @@ class SecAggStrategy(DeltaStrategy):
     def _take(self, server: ServerEndpoint, ids: dict[int, int], reply: Message) -> int:
         if reply.has_error() or SECAGG_KEY not in reply.content:
             return 0  # the node dropped out of this stage
-        data = bytes(reply.content.config_records[SECAGG_KEY]["message"])
+        record = reply.content.config_records.get(SECAGG_KEY)
+        data = record.get("message") if record is not None else None
+        sender = ids.get(reply.metadata.src_node_id)
+        if not isinstance(data, bytes) or sender is None:
+            return 0  # not a SecAgg message, or from a node outside the round: one node's fault, it drops out
         try:
-            server.receive(data, sender=ids[reply.metadata.src_node_id])
+            server.receive(data, sender=sender)
         except DeltaplaneError:
             return 0  # late, out of order or malformed: refused, the node has dropped out
         return len(data)

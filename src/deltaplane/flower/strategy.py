@@ -15,6 +15,7 @@ engine) and the full record sizes Flower reports (``Record.count_bytes``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -203,6 +204,13 @@ class DeltaStrategy(Strategy):
             ) from exc
         if not isinstance(payload, bytes):
             raise InvalidUpdate(f"node {node}'s uplink payload is {type(payload).__name__}, not bytes")
+        # the weight is the node's own claim: a NaN, infinite or negative one is that node's fault, refused here
+        # so it cannot abort the round for everyone in the aggregator (or skew the wrapped Flower strategy's mean)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise InvalidUpdate(
+                f"node {node}'s '{self.weighted_by_key}' metric is {weight!r}; it must be a finite non-negative "
+                "number (the node's example count)"
+            )
         return payload, weight
 
     def summary(self) -> None:
@@ -287,10 +295,8 @@ class DeltaStrategy(Strategy):
         if self.aggregator is not None:
             self.aggregator.reset()
             for delta, weight, m in decoded:
-                # a validating aggregator says False when it refuses an update (bad norm, NaN, stale base)
-                if self._add(delta, weight, m) is False:
-                    said = getattr(self.aggregator, "rejections", None)
-                    why = said[-1].error if said else InvalidUpdate("refused by the aggregator")
+                why = self._add(delta, weight, m)
+                if why is not None:
                     refused.append((self._client_id(m), why))
                 else:
                     accepted.append(m)
@@ -360,14 +366,26 @@ class DeltaStrategy(Strategy):
             )
         )
 
-    def _add(self, delta: Delta, weight: float, m: Message) -> bool | None:
-        """Fold ``m``'s decoded update into the standalone aggregator. A :class:`Validate` chain is told the
-        sender's device id, as the server step tells it: FoolsGold and attribution refuse an update without
-        it, and bucketing orders updates by it (a bare rule's ``add`` takes no client id)."""
+    def _add(self, delta: Delta, weight: float, m: Message) -> DeltaplaneError | None:
+        """Fold ``m``'s decoded update into the standalone aggregator; the reason it was refused, or ``None``.
+
+        A :class:`Validate` chain is told the sender's device id, as the server step tells it: FoolsGold and
+        attribution refuse an update without it, and bucketing orders updates by it (a bare rule's ``add``
+        takes no client id). A validating aggregator refuses by returning ``False`` (bad norm, NaN, stale
+        base); a bare rule by raising (FedAvg's float64 overflow guard): either way only that node is refused,
+        the round goes on, as :class:`Validate` and the engine's server step treat it."""
         assert self.aggregator is not None
-        if isinstance(self.aggregator, Validate):
-            return self.aggregator.add(delta, weight=weight, client_id=self._client_id(m))
-        return self.aggregator.add(delta, weight=weight)
+        try:
+            if isinstance(self.aggregator, Validate):
+                ok = self.aggregator.add(delta, weight=weight, client_id=self._client_id(m))
+            else:
+                ok = self.aggregator.add(delta, weight=weight)
+        except InvalidUpdate as exc:
+            return exc
+        if ok is not False:
+            return None
+        said = getattr(self.aggregator, "rejections", None)
+        return said[-1].error if said else InvalidUpdate("refused by the aggregator")
 
     def _engine_round(
         self, server_round: int, replies: list[Message]
