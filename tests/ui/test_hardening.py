@@ -317,3 +317,23 @@ def test_tags_and_withdrawals_edited_in_sqlite_are_not_shown_as_fact(tmp_path, s
     r = c.get("/ui/registry/digits", headers=BEARER)
     assert r.status_code == 503, r.status_code
     assert "signed state log" in unescape(r.text) and cause in unescape(r.text)
+
+
+def test_a_run_still_being_written_is_not_listed(tmp_path):
+    """`deltaplane run -o runs/out` writes into a hidden sibling (deploy.publish.staging_dir) and renames it into
+    place when complete; the replaced output leaves through a hidden folder too. The dashboard found every
+    report.json below its folder, so a half-written run (or the old one on its way out) showed as a report."""
+    from deltaplane.deploy.publish import staging_dir
+
+    runs = tmp_path / "runs"
+    _report(runs, "done", _good("finished"))
+    stage = staging_dir(runs / "out")  # what `deltaplane run -o runs/out` writes into until it is complete
+    _report(runs, stage.name, _good("half_written"))
+    _report(runs, ".done.old-x/x", _good("replaced"))
+    c = _ui(runs)
+    page = c.get("/ui/runs", headers=BEARER).text
+    assert "done / finished" in page
+    assert "half_written" not in page and "replaced" not in page and stage.name not in page
+    r = c.get("/ui/run", params={"report": stage.name, "name": "half_written"}, headers=BEARER)
+    assert r.status_code == 404
+    assert c.get("/ui/run", params={"report": "done", "name": "finished"}, headers=BEARER).status_code == 200
