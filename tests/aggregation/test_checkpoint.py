@@ -175,3 +175,94 @@ def test_another_models_moments_are_refused_at_load_given_the_layout_and_named_a
     blind.add(dp.Delta({"w": torch.ones(2, 3), "b": torch.ones(3)}), client_id="x")
     with pytest.raises(dp.ShapeMismatch, match=r"m\['w'\].*belong to another model"):
         blind.result()
+
+
+def _foolsgold_history_of(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A saved FoolsGold chain after one round of 4 clients of a model with these float tensors."""
+    live = build_aggregator(defense="foolsgold")
+    g = torch.Generator().manual_seed(0)
+    for c in range(4):
+        live.add(dp.Delta({k: torch.randn(s, generator=g) for k, s in shapes.items()}), 1.0, client_id=str(c))
+    live.result()
+    return _saved(live)
+
+
+def test_another_models_foolsgold_history_is_refused_at_load_and_named_at_the_round_without_a_layout() -> (
+    None
+):
+    """FoolsGold's client histories of another model loaded silently, and the next round's close failed with a
+    bare RuntimeError (vectors of two lengths summed) after a round of client training. Given the model's layout
+    the restore refuses them (ConfigError naming the tensor, the chain left as it was); without one, the round
+    says the histories belong to another model."""
+    from deltaplane.aggregation.robust import FoolsGold
+    from deltaplane.codecs.layout import Layout
+
+    snap = _foolsgold_history_of({"w": (4, 3), "b": (3,)})
+    for other, cause in (
+        ({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, r"tensors\['w'\] has shape \(4, 3\), this model's tensor 'w' \(2, 3\)"),
+        ({"w": torch.zeros(4, 3), "c": torch.zeros(3)}, r"tensors\['b'\] is for a tensor this model does not have"),
+        ({"w": torch.zeros(4, 3), "b": torch.zeros(3), "e": torch.zeros(2)}, r"has no values for this model's tensor 'e'"),
+    ):  # fmt: skip
+        chain = build_aggregator(defense="foolsgold")
+        with pytest.raises(dp.ConfigError, match=cause) as refused:
+            load_chain_state(chain, snap, layout=Layout.of(other))
+        assert "belong to another model" in str(refused.value)
+        assert not chain.find(FoolsGold).state.history  # left as it was
+    own = build_aggregator(defense="foolsgold")
+    load_chain_state(own, snap, layout=Layout.of({"w": torch.zeros(4, 3), "b": torch.zeros(3)}))
+    assert set(own.find(FoolsGold).state.history) == {"0", "1", "2", "3"}
+
+    # a snapshot from before the tensors were recorded: its histories' length still tells another model
+    blind = build_aggregator(defense="foolsgold")
+    load_chain_state(blind, snap)  # no layout at hand: cannot tell yet
+    blind.find(FoolsGold).state.tensors = {}  # as restored from a snapshot without the record
+    chain2 = copy.deepcopy(blind)
+    with pytest.raises(dp.ConfigError, match=r"history\['0'\] holds 15 values, this model's float tensors 9"):
+        load_chain_state(
+            chain2, chain_state(blind), layout=Layout.of({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        )
+    for c in range(4):
+        blind.add(dp.Delta({"w": torch.ones(2, 3), "b": torch.ones(3)}), 1.0, client_id=str(c))
+    with pytest.raises(dp.ShapeMismatch, match=r"history\['0'\] holds 15 values.*belong to another model"):
+        blind.result()
+
+
+def test_another_models_attribution_shadow_is_refused_at_load() -> None:
+    """trigger_attribution keeps the mass it held out of the model as one flat vector (the shadow offset) across
+    rounds: another model's loaded silently and failed at the next inversion. Given the layout it is refused."""
+    from deltaplane.aggregation.attribution import BackdoorAttribution
+    from deltaplane.codecs.layout import Layout
+
+    chain = build_aggregator(defense="trigger_attribution")
+    st = chain.find(BackdoorAttribution).state
+    st.shadow, st.tensors = (
+        torch.zeros(15),
+        {"w": (4, 3), "b": (3,)},
+    )  # what a round of a (4, 3) + (3,) model keeps
+    snap = _saved(chain)
+    fresh = build_aggregator(defense="trigger_attribution")
+    with pytest.raises(
+        dp.ConfigError, match=r"tensors\['w'\] has shape \(4, 3\).*shadow offset belongs to another"
+    ):
+        load_chain_state(fresh, snap, layout=Layout.of({"w": torch.zeros(2, 3), "b": torch.zeros(3)}))
+    assert fresh.find(BackdoorAttribution).state.shadow is None
+    load_chain_state(fresh, snap, layout=Layout.of({"w": torch.zeros(4, 3), "b": torch.zeros(3)}))
+    assert fresh.find(BackdoorAttribution).state.shadow is not None
+
+
+def test_a_foolsgold_history_no_run_makes_is_refused() -> None:
+    """A NaN history or one of another length (a corrupted or hand-made snapshot) loaded silently; now
+    the restore refuses it, naming the client, as the optimizer's moments are."""
+    from deltaplane.aggregation.robust import FoolsGold
+
+    snap = _foolsgold_history_of({"w": (4, 3), "b": (3,)})
+    live = build_aggregator(defense="foolsgold")
+    load_chain_state(live, snap)
+    live.find(FoolsGold).state.history["2"][0] = math.nan
+    chain = build_aggregator(defense="foolsgold")
+    with pytest.raises(dp.ConfigError, match=r"history\['2'\] holds NaN"):
+        load_chain_state(chain, _saved(live))
+    live.find(FoolsGold).state.history["2"] = torch.zeros(7, dtype=torch.float64)
+    with pytest.raises(dp.ConfigError, match="differ in length"):
+        load_chain_state(chain, _saved(live))
+    assert not chain.find(FoolsGold).state.history

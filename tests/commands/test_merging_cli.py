@@ -79,3 +79,41 @@ def test_an_output_under_a_file_is_a_usage_error_not_a_traceback(tmp_path: Path)
         assert res.exit_code == 2 and words in res.output, res.output
         assert res.exception is None or isinstance(res.exception, SystemExit)
     assert afile.read_text() == "mine"
+
+
+def test_a_bad_config_is_refused_before_the_progress_bar(tmp_path: Path) -> None:
+    """Before: the bar ('merge ━━━ 0/?') was drawn, then the error printed under it. Now every check the config
+    allows runs first: the error is the only output, exit 2, and nothing is written."""
+    for name in ("base", "a"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.zeros(2, 2)}, tmp_path / name / "model.safetensors")
+    models = [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "base", "parameters": {"weight": 1.0}}]
+    bad = {
+        "unknown method": (
+            {"merge_method": "nosuch", "models": models},
+            "c.yaml: unknown merge method 'nosuch'",
+        ),
+        "missing model": (
+            {"merge_method": "linear", "models": [*models, {"model": "gone"}]},
+            "gone' not found",
+        ),
+        "bad weight": (
+            {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": "x"}}, models[1]]},
+            "'weight' must be a finite float",
+        ),
+        "bad density": (
+            {
+                "merge_method": "ties",
+                "base_model": "base",
+                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 7}}],
+            },
+            "'density' must be in (0, 1]",
+        ),
+    }
+    for case, (cfg, words) in bad.items():
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 2, (case, res.output)
+        assert res.output.startswith("error:") and words in res.output, (case, res.output)
+        assert "━" not in res.output and "0/?" not in res.output, (case, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base", "c.yaml"]

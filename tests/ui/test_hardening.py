@@ -230,6 +230,33 @@ def test_signing_out_ends_the_session_on_the_server_too():
     assert stolen != second.cookies.get("deltaplane_ui")  # every sign-in gets its own session
 
 
+def test_a_sign_out_survives_a_restart_of_the_dashboard(tmp_path):
+    """Revocations were held in memory: a dashboard restarted with the same admin token (a deployment's
+    DELTAPLANE_ADMIN_TOKEN, `deltaplane serve`'s) accepted a signed-out cookie again for the rest of its 8 hours.
+    With a registry they are kept in its database: after the restart the copy is still refused, a new sign-in
+    works, and the database holds no cookie, only its hash."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    Registry.create(home)
+    before = TestClient(create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home)))
+    assert before.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    stolen = before.cookies.get("deltaplane_ui")
+    assert before.post("/ui/logout", follow_redirects=False).status_code == 303
+
+    restarted = create_ui_app(
+        admin_token=ADMIN, runs_dir=None, registry_home=str(home)
+    )  # a new process's state
+    r = TestClient(restarted, cookies={"deltaplane_ui": stolen}).get("/ui/fleet", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    fresh = TestClient(restarted)
+    assert fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    assert fresh.get("/ui/fleet", follow_redirects=False).status_code == 200
+    with sqlite3.connect(home / "registry.db") as con:
+        dump = "\n".join(con.iterdump())
+    assert stolen not in dump and stolen.rsplit(".", 1)[1] not in dump
+
+
 # -- 5. work per page view -----------------------------------------------------------------------------------
 
 
@@ -317,3 +344,23 @@ def test_tags_and_withdrawals_edited_in_sqlite_are_not_shown_as_fact(tmp_path, s
     r = c.get("/ui/registry/digits", headers=BEARER)
     assert r.status_code == 503, r.status_code
     assert "signed state log" in unescape(r.text) and cause in unescape(r.text)
+
+
+def test_a_run_still_being_written_is_not_listed(tmp_path):
+    """`deltaplane run -o runs/out` writes into a hidden sibling (deploy.publish.staging_dir) and renames it into
+    place when complete; the replaced output leaves through a hidden folder too. The dashboard found every
+    report.json below its folder, so a half-written run (or the old one on its way out) showed as a report."""
+    from deltaplane.deploy.publish import staging_dir
+
+    runs = tmp_path / "runs"
+    _report(runs, "done", _good("finished"))
+    stage = staging_dir(runs / "out")  # what `deltaplane run -o runs/out` writes into until it is complete
+    _report(runs, stage.name, _good("half_written"))
+    _report(runs, ".done.old-x/x", _good("replaced"))
+    c = _ui(runs)
+    page = c.get("/ui/runs", headers=BEARER).text
+    assert "done / finished" in page
+    assert "half_written" not in page and "replaced" not in page and stage.name not in page
+    r = c.get("/ui/run", params={"report": stage.name, "name": "half_written"}, headers=BEARER)
+    assert r.status_code == 404
+    assert c.get("/ui/run", params={"report": "done", "name": "finished"}, headers=BEARER).status_code == 200

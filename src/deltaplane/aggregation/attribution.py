@@ -46,16 +46,22 @@ token) — :func:`check_task` refuses those with :class:`~deltaplane.errors.Inco
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from deltaplane.aggregation.checkpoint import flat_state_difference, float_shapes
 from deltaplane.aggregation.robust import _Buffered
 from deltaplane.delta import Delta, StateDict
-from deltaplane.errors import ConfigError, DeltaplaneError, IncompatibleDefense, InvalidUpdate
+from deltaplane.errors import ConfigError, DeltaplaneError, IncompatibleDefense, InvalidUpdate, ShapeMismatch
+
+if TYPE_CHECKING:
+    from deltaplane.codecs.layout import TensorLayout
 
 __all__ = ["SCORES", "SWITCHES", "AttributionState", "BackdoorAttribution", "TriggerProbe", "check_task"]
 
@@ -152,6 +158,30 @@ class AttributionState:
     anomaly: float = 0.0
     rounds: int = 0
     evidence: dict[int, float] = field(default_factory=dict)
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The float tensors (name -> shape) whose flattened values ``shadow`` holds, recorded with it."""
+
+    def layout_problem(self, floats: dict[str, tuple[int, ...]]) -> str:
+        """How the shadow offset differs from a model whose float tensors are ``floats``; empty if it fits (no
+        shadow yet fits any model)."""
+        if self.shadow is None:
+            return ""
+        problem = flat_state_difference(self.tensors, {"shadow": self.shadow}, floats)
+        return f"trigger_attribution state: {problem}" if problem else ""
+
+    def check_layout(self, layout: Mapping[str, TensorLayout]) -> None:
+        """Refuse another model's shadow offset at restore (it used to load, and the next inversion failed on
+        it after a round of client training).
+
+        Raises:
+            ConfigError: naming the first tensor that differs.
+        """
+        problem = self.layout_problem(float_shapes(layout))
+        if problem:
+            raise ConfigError(
+                f"{problem}: the snapshot's shadow offset belongs to another model; restore a snapshot taken "
+                "from a run of this model"
+            )
 
 
 class BackdoorAttribution(_Buffered):
@@ -262,6 +292,14 @@ class BackdoorAttribution(_Buffered):
         st = self.state
         like = self._like
         assert like is not None
+        floats = float_shapes(like)
+        problem = st.layout_problem(floats)
+        if problem:  # restored from another model's snapshot without the model's layout at hand
+            raise ShapeMismatch(
+                f"{problem} in this round's update: the shadow offset belongs to another model (a snapshot of "
+                "another model's run restored?)"
+            )
+        st.tensors = floats
         if st.rounds % self.every == 0:
             self._invert(probe, like)
         st.rounds += 1

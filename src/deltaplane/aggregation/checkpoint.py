@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from deltaplane.errors import ConfigError, DeltaplaneError
 if TYPE_CHECKING:
     from deltaplane.codecs.layout import TensorLayout
 
-__all__ = ["chain_state", "load_chain_state"]
+__all__ = ["chain_state", "flat_state_difference", "float_shapes", "layout_difference", "load_chain_state"]
 
 _KIND = "__kind__"
 
@@ -95,6 +96,48 @@ def _check_layout(obj: Any, layout: Mapping[str, TensorLayout], seen: set[int]) 
         for item in value if isinstance(value, list | tuple) else [value]:
             if _is_node(item):
                 _check_layout(item, layout, seen)
+
+
+def float_shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of the floating-point tensors of a layout or a delta (what the server's learned state is
+    kept for: integer tensors are counters, never averaged)."""
+    return {k: tuple(t.shape) for k, t in tensors.items() if t.dtype.is_floating_point}
+
+
+def layout_difference(
+    shapes: Mapping[str, tuple[int, ...]], floats: Mapping[str, tuple[int, ...]], held: str = "moment"
+) -> str:
+    """How state kept per tensor (``shapes``: name -> shape) differs from a model's float tensors (``floats``),
+    naming the first tensor that does, as ``[name] ...`` to follow the state's name; empty if they match."""
+    for k, shape in shapes.items():
+        if k not in floats:
+            return f"[{k!r}] is for a tensor this model does not have"
+        if tuple(shape) != floats[k]:
+            return f"[{k!r}] has shape {tuple(shape)}, this model's tensor {k!r} {floats[k]}"
+    missing = sorted(set(floats) - set(shapes))
+    if missing:
+        return f" has no {held} for this model's tensor {missing[0]!r}"
+    return ""
+
+
+def flat_state_difference(
+    tensors: Mapping[str, tuple[int, ...]],
+    vectors: Mapping[str, torch.Tensor],
+    floats: Mapping[str, tuple[int, ...]],
+) -> str:
+    """How state kept as flattened model vectors (``vectors``, by the name a message gives each: a robust rule's
+    per-client histories, say), recorded for the float tensors ``tensors`` (name -> shape; empty in a snapshot older than the
+    record), differs from a model whose float tensors are ``floats``: the first tensor that differs, else the
+    first vector whose length is not the model's; empty if it fits."""
+    if tensors:
+        problem = layout_difference(tensors, floats, held="values")
+        if problem:
+            return f"tensors{problem}"
+    size = sum(math.prod(shape) for shape in floats.values())
+    for label, v in vectors.items():
+        if v.numel() != size:
+            return f"{label} holds {v.numel()} values, this model's float tensors {size}"
+    return ""
 
 
 def _is_value(v: Any) -> bool:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.aggregation.checkpoint import float_shapes, layout_difference
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, ShapeMismatch
 
@@ -103,11 +104,11 @@ class ServerOptimizerState:
         Raises:
             ConfigError: naming the first tensor that differs.
         """
-        floats = {k: tuple(t.shape) for k, t in layout.items() if t.dtype.is_floating_point}
+        floats = float_shapes(layout)
         for name, moments in (("m", self.m), ("v", self.v)):
             if not moments:
                 continue  # a fresh state (no round taken yet) fits any model
-            problem = _layout_difference(moments, floats)
+            problem = layout_difference(_shapes(moments), floats)
             if problem:
                 raise ConfigError(
                     f"server optimizer state: {name}{problem}: the snapshot's moments belong to another model; "
@@ -115,18 +116,8 @@ class ServerOptimizerState:
                 )
 
 
-def _layout_difference(moments: dict[str, torch.Tensor], floats: dict[str, tuple[int, ...]]) -> str:
-    """How ``moments`` differ from a model's float tensors (``name -> shape``), naming the first tensor that
-    does; empty if they match."""
-    for k, t in moments.items():
-        if k not in floats:
-            return f"[{k!r}] is for a tensor this model does not have"
-        if tuple(t.shape) != floats[k]:
-            return f"[{k!r}] has shape {tuple(t.shape)}, this model's tensor {k!r} {floats[k]}"
-    missing = sorted(set(floats) - set(moments))
-    if missing:
-        return f" has no moment for this model's tensor {missing[0]!r}"
-    return ""
+def _shapes(moments: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in moments.items()}
 
 
 def _check(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -183,10 +174,10 @@ class FedOpt(AggregatorWrapper):
         delta = self.inner.result()
         s = self.state
         if s.m or s.v:
-            floats = {k: tuple(t.shape) for k, t in delta.items() if t.is_floating_point()}
+            floats = float_shapes(delta)
             # (a v of another shape than the delta was broadcast: a silently wrong step)
             for name, moments in (("m", s.m), ("v", s.v)):
-                problem = _layout_difference(moments, floats) if moments else ""
+                problem = layout_difference(_shapes(moments), floats) if moments else ""
                 if problem:  # restored from another model's snapshot without the model's layout at hand
                     raise ShapeMismatch(
                         f"server optimizer state: {name}{problem} in this round's update: the optimizer's "

@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from deltaplane.aggregation.checkpoint import flat_state_difference, float_shapes
 from deltaplane.aggregation.clipping import NormBound
 from deltaplane.aggregation.counters import IntegerMedians
 from deltaplane.delta import Delta, check_compatible
-from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate
+from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, ShapeMismatch
+
+if TYPE_CHECKING:
+    from deltaplane.codecs.layout import TensorLayout
 
 __all__ = [
     "FLAME",
@@ -494,6 +500,52 @@ class FoolsGoldState:
     Kept apart from the rule so that it can be checkpointed and inspected."""
 
     history: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The float tensors (name -> shape) whose flattened values the histories hold, recorded at the first round:
+    a history is one flat vector, so without them a restore could tell another model only by its length."""
+
+    def check_state(self) -> None:
+        """Refuse histories no run produces (a corrupted or hand-made snapshot): each is a finite, flat float64
+        vector of the recorded tensors' length.
+
+        Raises:
+            ConfigError: naming the client.
+        """
+        for cid, h in self.history.items():
+            if not (isinstance(h, torch.Tensor) and h.dtype == torch.float64 and h.dim() == 1):
+                raise ConfigError(f"FoolsGold state: history[{cid!r}] must be a flat float64 tensor")
+            if not bool(torch.isfinite(h).all()):
+                raise ConfigError(f"FoolsGold state: history[{cid!r}] holds NaN or Inf")
+        lengths = {h.numel() for h in self.history.values()}
+        if self.tensors:
+            lengths.add(sum(math.prod(shape) for shape in self.tensors.values()))
+        if len(lengths) > 1:
+            raise ConfigError(
+                f"FoolsGold state: the client histories and the tensors they are of differ in length ({sorted(lengths)})"
+            )
+
+    def layout_problem(self, floats: dict[str, tuple[int, ...]]) -> str:
+        """How the histories differ from a model whose float tensors are ``floats`` (name -> shape); empty if
+        they fit (a state with no history fits any model)."""
+        if not self.history:
+            return ""
+        histories = {f"history[{cid!r}]": h for cid, h in self.history.items()}
+        problem = flat_state_difference(self.tensors, histories, floats)
+        return f"FoolsGold state: {problem}" if problem else ""
+
+    def check_layout(self, layout: Mapping[str, TensorLayout]) -> None:
+        """Refuse client histories of another model at restore. They used to load, and the next round's close
+        failed with a bare RuntimeError (a sum of vectors of two lengths) after a round of client training.
+
+        Raises:
+            ConfigError: naming the first tensor that differs (or the client, for a snapshot without the record).
+        """
+        problem = self.layout_problem(float_shapes(layout))
+        if problem:
+            raise ConfigError(
+                f"{problem}: the snapshot's client histories belong to another model; restore a snapshot taken "
+                "from a run of this model"
+            )
 
 
 class FoolsGold(_Buffered):
@@ -560,6 +612,15 @@ class FoolsGold(_Buffered):
         self._ids.append(cid)
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._like is not None
+        floats = float_shapes(self._like)
+        problem = self.state.layout_problem(floats)
+        if problem:  # restored from another model's snapshot without the model's layout at hand
+            raise ShapeMismatch(
+                f"{problem} in this round's update: the client histories belong to another model (a snapshot of "
+                "another model's run restored?)"
+            )
+        self.state.tensors = floats
         hist = self.state.history
         for cid, row in zip(self._ids, x, strict=True):
             hist[cid] = hist[cid] + row.double() if cid in hist else row.double().clone()

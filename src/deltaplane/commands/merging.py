@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+from deltaplane.commands import DEFAULT_THREADS, Threads, check_threads, clean_errors, cpu_threads
 
 __all__ = ["register"]
 
@@ -50,16 +50,30 @@ def merge_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deltaplane.deploy.publish import check_writable_dir
-    from deltaplane.merging.streaming import merge_files
+    from deltaplane.merging.streaming import prepare_merge
 
     console = Console(stderr=True)
     shard_bytes = _parse_size(max_shard_size)
-    with clean_errors():  # a file, a path under a file: before any work, not a traceback after it
+    # every check (output, config, method, models, parameters, --threads) before the bar is drawn or any work
+    # starts: a bad config is an error line, not an error under an empty progress bar. OSError: an input that
+    # cannot be read (exit 1)
+    with clean_errors(OSError):
         check_writable_dir(out, hint="pass -o a folder path")
+        check_threads(threads)
+        job = prepare_merge(
+            config,
+            out,
+            overwrite=overwrite,
+            max_shard_bytes=shard_bytes,
+            chunk_elements=chunk_elements,
+            exact_accumulation=exact_accumulation,
+            threads=threads,
+        )
     # clean_errors is outermost, so the progress bar has stopped before an error line is printed; OSError: a
     # folder the checks above cannot foresee refusing the output (a read-only or virtual file system)
     with (
         clean_errors(OSError),
+        job,
         cpu_threads(threads),
         Progress(
             TextColumn("[bold]merge"),
@@ -72,21 +86,12 @@ def merge_command(
             transient=False,
         ) as bar,
     ):
-        task = bar.add_task("merge", total=None, tensor="")
+        task = bar.add_task("merge", total=len(job.plan.tensors), tensor="")
 
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, tensor=name)
 
-        result = merge_files(
-            config,
-            out,
-            progress=progress,
-            overwrite=overwrite,
-            max_shard_bytes=shard_bytes,
-            chunk_elements=chunk_elements,
-            exact_accumulation=exact_accumulation,
-            threads=threads,
-        )
+        result = job.run(progress)
     out = Console(soft_wrap=True)
     out.print(
         f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "

@@ -29,7 +29,7 @@ from deltaplane.merging.passthrough import Passthrough
 from deltaplane.merging.sce import Sce
 from deltaplane.merging.selective import ArceeFusion, NearSwap
 from deltaplane.merging.slerp import NuSlerp, Slerp, slerp
-from deltaplane.merging.streaming import MergeResult, merge_files
+from deltaplane.merging.streaming import MergeResult, PreparedMerge, merge_files, prepare_merge
 from deltaplane.merging.task_arithmetic import GeneralizedTaskArithmetic, sign_consensus_mask, sparsify
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "NuSlerp",
     "Param",
     "Passthrough",
+    "PreparedMerge",
     "Router",
     "Sce",
     "Slerp",
@@ -59,6 +60,7 @@ __all__ = [
     "load_config",
     "merge",
     "merge_files",
+    "prepare_merge",
     "register_method",
     "resolve_params",
     "sign_consensus_mask",

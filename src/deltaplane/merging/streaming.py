@@ -49,10 +49,16 @@ from deltaplane.merging.base import (
 )
 from deltaplane.merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsWriter, TensorInfo
 from deltaplane.merging.config import MergeConfig, load_config
-from deltaplane.merging.output import CONFIG_FILES, TOKENIZER_FILES, plan_tokenizer, write_extras
-from deltaplane.merging.plan import PlannedTensor, plan_tensors
+from deltaplane.merging.output import (
+    CONFIG_FILES,
+    TOKENIZER_FILES,
+    TokenizerPlan,
+    plan_tokenizer,
+    write_extras,
+)
+from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
 
-__all__ = ["COPIED_FILES", "MergeResult", "ProgressFn", "merge_files"]
+__all__ = ["COPIED_FILES", "MergeResult", "PreparedMerge", "ProgressFn", "merge_files", "prepare_merge"]
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, tensor_name)``, called after each merged tensor (the CLI draws a bar with it)."""
@@ -239,6 +245,75 @@ def merge_files(
         DecodeError: an input file is not valid safetensors.
         InvalidUpdate: an input tensor holds NaN or Inf; names the file and the tensor (no output is left).
     """
+    with prepare_merge(
+        config,
+        out_dir,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        chunk_elements=chunk_elements,
+        exact_accumulation=exact_accumulation,
+        cache_bytes=cache_bytes,
+        threads=threads,
+    ) as job:
+        return job.run(progress)
+
+
+@dataclass
+class PreparedMerge:
+    """A merge whose config, inputs (headers), parameters and output were all checked: nothing was written yet.
+
+    Made by :func:`prepare_merge`; :meth:`run` does the work and closes the inputs. Use it as a context manager
+    (or call :meth:`close`) so the inputs are closed if it never runs. Splitting the checks from the work lets a
+    caller refuse a bad config before it shows anything of the work (the CLI's progress bar).
+    """
+
+    cfg: MergeConfig
+    method: MergeMethod
+    plan: Plan
+    out: Path
+    tok: TokenizerPlan
+    notes: list[str]
+    labels: list[str]
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]]
+    shard_names: list[str]
+    chunk_elements: int
+    exact_accumulation: bool
+    cache_bytes: int
+    threads: int | None
+    t0: float
+
+    def close(self) -> None:
+        """Close every input file (idempotent)."""
+        for ck in self.plan.checkpoints:
+            ck.close()
+
+    def __enter__(self) -> PreparedMerge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, progress: ProgressFn | None = None) -> MergeResult:
+        """Merge into a hidden folder beside the output and rename it into place when complete (see
+        :func:`merge_files`); ``progress(done, total, name)`` is called after each tensor."""
+        return _run(self, progress)
+
+
+def prepare_merge(
+    config: str | os.PathLike[str] | Mapping[str, Any] | MergeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    exact_accumulation: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    threads: int | None = 1,
+) -> PreparedMerge:
+    """Every check :func:`merge_files` makes before it reads a tensor's values (same arguments and errors,
+    except ``progress``), with nothing written: the config, the method and its parameters for every tensor, the
+    inputs' names, shapes and dtypes, the tokenizer, the options, and that ``out_dir`` does not exist (unless
+    ``overwrite``). Only what needs the tensors' values (NaN/Inf) is left to :meth:`PreparedMerge.run`."""
     t0 = time.perf_counter()
     cfg = load_config(dict(config) if isinstance(config, Mapping) else config)
     out = Path(out_dir)
@@ -254,12 +329,19 @@ def merge_files(
         raise ConfigError(f"cache_bytes must be 0 or more. Found {cache_bytes}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1. Found {threads}")
-    method = get_method(cfg.merge_method)
+    try:
+        method = get_method(cfg.merge_method)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: {exc}") from None
     plan = plan_tensors(cfg, method)
-    tensors = plan.tensors
-    labels = list(dict.fromkeys(s.label for t in tensors for s in t.inputs))
-    _check_tensor_params(method, tensors)
-    tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
+    try:
+        tensors = plan.tensors
+        _check_tensor_params(method, tensors)
+        tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
+    except BaseException:
+        for ck in plan.checkpoints:
+            ck.close()
+        raise
     notes = list(plan.notes)
     sums = next(
         (w for t in tensors if t.in_dtype.is_floating_point and (w := method.float64_sums_with(t.params))), ""
@@ -281,9 +363,31 @@ def merge_files(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    return PreparedMerge(
+        cfg=cfg,
+        method=method,
+        plan=plan,
+        out=out,
+        tok=tok,
+        notes=notes,
+        labels=list(dict.fromkeys(s.label for t in tensors for s in t.inputs)),
+        shards=shards,
+        shard_names=shard_names,
+        chunk_elements=chunk_elements,
+        exact_accumulation=exact_accumulation,
+        cache_bytes=cache_bytes,
+        threads=threads,
+        t0=t0,
+    )
+
+
+def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
+    """Do a prepared merge (:meth:`PreparedMerge.run`); closes its inputs when done, whatever happens."""
+    cfg, method, plan, out, tensors = job.cfg, job.method, job.plan, job.out, job.plan.tensors
+    shards, shard_names = job.shards, job.shard_names
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = nbytes = done = 0
-    with _exit_on_terminate(), _torch_threads(threads):
+    with _exit_on_terminate(), _torch_threads(job.threads):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             os.chmod(
@@ -296,7 +400,7 @@ def merge_files(
                     for name, _shape, out_dtype in shard:
                         planned = by_name[name]
                         for part in _merge_one(
-                            method, planned, chunk_elements, exact_accumulation, cache_bytes
+                            method, planned, job.chunk_elements, job.exact_accumulation, job.cache_bytes
                         ):
                             writer.write(name, part.to(out_dtype))
                             del part
@@ -317,8 +421,9 @@ def merge_files(
                 files.append(INDEX_NAME)
             float_out = next((t.out_dtype for t in tensors if t.out_dtype.is_floating_point), None)
             files += write_extras(
-                cfg, method, tmp, plan.donor.folder, tok, float_out, plan.n_layers, labels, notes, out.name
-            )
+                cfg, method, tmp, plan.donor.folder, job.tok, float_out, plan.n_layers, job.labels, job.notes,
+                out.name,
+            )  # fmt: skip
             with _signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
                     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -331,10 +436,9 @@ def merge_files(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            for ck in plan.checkpoints:
-                ck.close()
+            job.close()
     return MergeResult(
-        out, tuple(files), len(tensors), n_params, nbytes, time.perf_counter() - t0, tuple(notes)
+        out, tuple(files), len(tensors), n_params, nbytes, time.perf_counter() - job.t0, tuple(job.notes)
     )
 
 

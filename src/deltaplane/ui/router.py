@@ -6,6 +6,7 @@ Mounted by ``deltaplane serve`` (with the live fleet) and served alone by ``delt
 from __future__ import annotations
 
 import hmac
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -147,7 +148,7 @@ def create_ui_router(
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
-    revoked = RevokedSessions()
+    revoked = RevokedSessions(lambda: registry.registry)  # kept in its database: a restart remembers
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
@@ -230,9 +231,19 @@ def create_ui_router(
         # end the session on the server too: a copy of the cookie taken before the sign-out stops working
         cookie = request.cookies.get(COOKIE)
         expiry = cookie_expiry(admin_token, cookie)
+        resp: Response = RedirectResponse("/ui/login", status_code=303)
         if cookie is not None and expiry is not None:
-            revoked.revoke(cookie, expiry)
-        resp = RedirectResponse("/ui/login", status_code=303)
+            try:
+                revoked.revoke(cookie, expiry)
+            except (DeltaplaneError, sqlite3.Error) as exc:  # ended in this process only: say so
+                resp = _html(
+                    pages.error_page(
+                        503,
+                        f"signed out, but the sign-out could not be saved in the registry ({exc}): a restart of "
+                        "the dashboard would accept this session's cookie again until it expires",
+                    ),
+                    503,
+                )
         resp.delete_cookie(COOKIE, path="/ui")
         return resp
 

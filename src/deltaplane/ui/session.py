@@ -5,18 +5,29 @@ A browser cannot attach ``Authorization: Bearer`` to a link it follows, so the d
 nonce)``. The cookie never contains the token, is ``HttpOnly`` and ``SameSite=Strict`` (no cross-site request
 carries it), ``Secure`` when served over TLS, scoped to ``/ui``, and dies after :data:`SESSION_SECONDS`;
 rotating the admin token ends every session. Signing out revokes that one cookie on the server
-(:class:`RevokedSessions`, kept in the process until the cookie would have expired anyway), so a copy of it
-taken before the sign-out no longer works. The random nonce makes each sign-in's cookie distinct, so revoking
-one never ends another browser's session. Programs may still send the bearer token directly.
+(:class:`RevokedSessions`, until the cookie would have expired anyway), so a copy of it taken before the sign-out
+no longer works. With a registry (``deltaplane serve``, ``deltaplane ui --home``) the revocation is kept in its
+database and survives a restart: held in memory only, a restart with the same admin token made a signed-out
+cookie valid again for the rest of its 8 hours. The random nonce makes each sign-in's cookie distinct, so
+revoking one never ends another browser's session. Programs may still send the bearer token directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from deltaplane.errors import DeltaplaneError
+
+if TYPE_CHECKING:
+    from deltaplane.registry import Registry
 
 __all__ = ["COOKIE", "SESSION_SECONDS", "RevokedSessions", "check_cookie", "make_cookie"]
 
@@ -56,25 +67,79 @@ def check_cookie(admin_token: str, value: str | None, *, now: float | None = Non
     return cookie_expiry(admin_token, value, now=now) is not None
 
 
+_SCHEMA = """CREATE TABLE IF NOT EXISTS ui_revoked_sessions (
+    digest TEXT PRIMARY KEY, expires_at INTEGER NOT NULL, at REAL NOT NULL)"""
+
+
+def _digest(value: str) -> str:
+    # the store keeps a hash, not the cookie: a copy of the database gives no cookie to present
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 class RevokedSessions:
     """Cookies signed out before they expired, remembered until they would have expired.
 
     Only a valid cookie can be revoked (it takes the admin token to make one), so the set holds at most the
     sessions actually signed out in the last :data:`SESSION_SECONDS`; expired entries are dropped as new ones
-    come in. Held in memory: a restart forgets it, which :data:`SESSION_SECONDS` bounds.
+    come in. With ``registry`` (a callable returning the dashboard's registry, or None while there is none) the
+    revocations are also written to a table of its database (SHA-256 of the cookie and its expiry, as the
+    service keeps its token revocations) and read back when the dashboard starts, so a restart does not bring
+    a signed-out cookie back. Without a registry they are held in memory, which :data:`SESSION_SECONDS` bounds.
     """
 
-    def __init__(self) -> None:
-        self._until: dict[str, int] = {}
+    def __init__(self, registry: Callable[[], Registry | None] | None = None) -> None:
+        self._until: dict[str, int] = {}  # digest -> expiry
         self._lock = threading.Lock()
+        self._registry = registry
+        self._loaded = False
+
+    def _store(self) -> Registry | None:
+        reg = self._registry() if self._registry is not None else None
+        if reg is not None:
+            with reg.transaction() as con:
+                con.execute(_SCHEMA)
+        return reg
+
+    def _load(self) -> None:
+        """Read the stored revocations once (lazily: the registry may be created after the dashboard starts)."""
+        if self._loaded:
+            return
+        reg = self._store()
+        if reg is None:
+            return
+        rows = reg.query(
+            "SELECT digest, expires_at FROM ui_revoked_sessions WHERE expires_at >= ?", (time.time(),)
+        )
+        for digest, expiry in rows:
+            self._until[str(digest)] = int(expiry)
+        self._loaded = True
 
     def revoke(self, value: str, expiry: int) -> None:
+        """Revoke ``value`` until ``expiry``; stored before this returns when there is a registry.
+
+        Raises:
+            sqlite3.Error or a registry error: the revocation could not be stored (it holds in this process).
+        """
+        digest = _digest(value)
         with self._lock:
             now = time.time()
             for old in [v for v, until in self._until.items() if until < now]:
                 del self._until[old]
-            self._until[value] = expiry
+            self._until[digest] = expiry
+            reg = self._store()
+            if reg is not None:
+                with reg.transaction() as con:
+                    con.execute("DELETE FROM ui_revoked_sessions WHERE expires_at < ?", (now,))
+                    con.execute(
+                        "INSERT OR REPLACE INTO ui_revoked_sessions (digest, expires_at, at) VALUES (?,?,?)",
+                        (digest, expiry, now),
+                    )
 
     def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str):
+            return False
         with self._lock:
-            return value in self._until
+            # a registry that cannot be read (its pages say so): this process's revocations, and a retry next time
+            with contextlib.suppress(DeltaplaneError, sqlite3.Error):
+                self._load()
+            return _digest(value) in self._until

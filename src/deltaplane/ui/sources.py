@@ -102,7 +102,8 @@ def check_report(doc: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 class RunsSource:
-    """The runs under a folder: every ``report.json`` below ``root`` (at most :data:`MAX_REPORTS`)."""
+    """The runs under a folder: every ``report.json`` below ``root`` outside hidden folders (a run being written,
+    see :func:`_hidden`), at most :data:`MAX_REPORTS`."""
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).resolve() if root is not None else None
@@ -121,6 +122,8 @@ class RunsSource:
             return []
         found = []
         for path in self.root.rglob("report.json"):
+            if _hidden(path.parent.relative_to(self.root)):
+                continue
             try:
                 st = path.stat()
             except OSError:
@@ -139,7 +142,7 @@ class RunsSource:
         if self.root is None:
             raise NotFound("this dashboard was started without a runs folder")
         path = (self.root / report / "report.json").resolve()
-        if not path.is_relative_to(self.root) or not path.is_file():
+        if not path.is_relative_to(self.root) or _hidden(Path(report)) or not path.is_file():
             raise NotFound(f"no report {report!r} under {self.root}")
         if path.stat().st_size > MAX_REPORT_BYTES:
             raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
@@ -180,6 +183,14 @@ class RunsSource:
             for path in [p for p in self._parsed if p not in keep]:
                 del self._parsed[path]
         return Listing(rows, skipped)
+
+
+def _hidden(rel: Path) -> bool:
+    """Whether a folder (relative to the runs root) is or is under a hidden one. ``deltaplane run -o OUT`` (and
+    merge, deploy) write into a hidden sibling ``.OUT.*`` and rename it into place when complete, and the
+    replaced output passes through one on its way out: listing those showed a half-written run, or a duplicate
+    of the old one, as a report."""
+    return any(part.startswith(".") and part not in (".", "..") for part in rel.parts)
 
 
 def _rows(rel: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
