@@ -426,19 +426,23 @@ class SecAggClient:
         codes = np.asarray(codes)
         if codes.shape != (cfg.vector_size,):
             raise SecAggError(f"client {u}: input has shape {codes.shape}, expected ({cfg.vector_size},)")
+        bad = SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
         signed = codes.dtype.kind == "i"  # an unsigned array needs no pass for its minimum
         if codes.dtype.kind not in "ui" or (
-            codes.size and ((signed and codes.min() < 0) or codes.max() >= 1 << cfg.bits)
+            codes.size and signed and (codes.min() < 0 or codes.max() >= 1 << cfg.bits)
         ):
-            raise SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
+            raise bad
         if len(inbox.ciphertexts) + 1 < cfg.threshold:
             raise SecAggError(
                 f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
+        try:  # an unsigned input's range is checked block by block as it is read into the words
+            y = to_words(codes, cfg.ring_bits, below=None if signed else 1 << cfg.bits)
+        except ValueError:
+            raise bad from None
         self._received = dict(inbox.ciphertexts)
         # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, on lane words (ring.to_words): they wrap
         # modulo 2^64, a multiple of every word's group, which packing reduces to
-        y = to_words(codes, cfg.ring_bits)
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
             for v in sorted(self._received)

@@ -279,25 +279,38 @@ def _lane_dtype(width: int) -> np.dtype:
     return np.dtype(f"<u{width // 8}")
 
 
-def to_words(values: np.ndarray, k: int) -> np.ndarray:
+#: values per block of :func:`to_words`: a block of the input and of the words stays in a core's cache
+_WORDS_BLOCK = 1 << 16
+
+
+def to_words(values: np.ndarray, k: int, *, below: int | None = None) -> np.ndarray:
     """The words (uint64) of ``values`` (integers in ``[0, 2^k)``): lanes of ``k`` bits, unused lanes zero.
 
     The values are written into lanes of 8, 16 or 32 bits, which then close up pairwise (``x − (x >> w)·c``
     in words of twice the width: the upper half moves down by ``c`` bits while the lower stays) until each
-    64-bit word holds its lanes ``k`` bits apart: a few contiguous passes, no per-lane loop.
+    64-bit word holds its lanes ``k`` bits apart: a few passes, no per-lane loop, a cache-sized block at a
+    time, so each block of a device's (large, uncached) input is read from memory once. ``below``: raise
+    :class:`ValueError` unless every value is below it, checked on each block as it is read (an unsigned
+    ``values`` only; a larger value would spill into the next lane).
     """
     lanes = lane_count(k)
-    width = 64 // lanes
     n = len(values)
-    x = np.zeros(word_count(n, k) * lanes, _lane_dtype(width))
-    x[:n] = values
-    content = k
-    while width < 64:
-        v = x.view(_lane_dtype(2 * width))  # two lanes per element, ``content`` bits each
-        t = v >> width
-        t *= (1 << width) - (1 << content)
-        v -= t
-        width, content = 2 * width, 2 * content
+    x = np.zeros(word_count(n, k) * lanes, _lane_dtype(64 // lanes))
+    tmp = np.empty(_WORDS_BLOCK * x.itemsize, np.uint8)
+    for lo in range(0, len(x), _WORDS_BLOCK):
+        block = values[lo : lo + _WORDS_BLOCK]
+        if below is not None and len(block) and block.max() >= below:
+            raise ValueError(f"a value is not below {below}")
+        xb = x[lo : lo + _WORDS_BLOCK]
+        xb[: len(block)] = block
+        width, content = 64 // lanes, k
+        while width < 64:
+            v = xb.view(_lane_dtype(2 * width))  # two lanes per element, ``content`` bits each
+            t = tmp[: v.nbytes].view(v.dtype)
+            np.right_shift(v, width, out=t)
+            np.multiply(t, (1 << width) - (1 << content), out=t)
+            np.subtract(v, t, out=v)
+            width, content = 2 * width, 2 * content
     return x.view(np.uint64)
 
 
