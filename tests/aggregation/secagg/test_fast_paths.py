@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from deltaplane.aggregation.secagg import Dropouts, MaskedInput, SecAggConfig, pack, run_secagg, unpack
+from deltaplane.aggregation.secagg import (
+    Dropouts,
+    MaskedInput,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    pack,
+    run_secagg,
+    unpack,
+)
 from deltaplane.aggregation.secagg.errors import SecAggError
 from deltaplane.aggregation.secagg.messages import decode_message
 from deltaplane.aggregation.secagg.prg import add_masks, expand_mask
@@ -211,3 +220,29 @@ def test_masked_input_size_and_versions_1_to_3_are_refused() -> None:
     for size in (cfg.packed_bytes - 1, cfg.packed_bytes + 1):  # one byte short or over: refused, not summed
         with pytest.raises(DecodeError):
             decode_message(MaskedInput(0, 3, bytes(size)).to_bytes(), cfg)
+
+
+def test_an_out_of_range_input_is_refused_and_changes_nothing() -> None:
+    """A code at 2^bits (in the last block of a long input, where the range is checked as it is read) or a
+    negative one would spill into the next lane of its word: refused before the device stores anything."""
+    d = 200_001
+    cfg = SecAggConfig(num_clients=3, threshold=2, bits=8, vector_size=d)
+    server = SecAggServer(cfg)
+    clients = [SecAggClient(u, cfg) for u in range(3)]
+    for c in clients:
+        server.receive_keys(c.advertise_keys())
+    roster = server.roster()
+    for c in clients:
+        server.receive_shares(c.share_keys(roster))
+    server.close_shares()
+    before = clients[0].export_state()
+    high = np.zeros(d, np.uint32)
+    high[-1] = 256
+    negative = np.zeros(d, np.int64)
+    negative[7] = -1
+    for bad in (high, negative, high.astype(np.float64)):
+        with pytest.raises(SecAggError, match=r"integer codes in \[0, 2\^8\)"):
+            clients[0].masked_input(server.inbox(0), bad)
+        assert clients[0].export_state() == before
+    high[-1] = 255
+    server.receive_masked_input(clients[0].masked_input(server.inbox(0), high))  # the top code is fine

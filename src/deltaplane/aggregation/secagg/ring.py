@@ -2,8 +2,9 @@
 
 Each client maps its clipped values to unsigned ``bits``-bit integers with unbiased stochastic rounding; the
 server adds masked codes modulo ``2ᵏ`` with ``k = bits + ⌈log₂ n⌉``, so the sum of ``n`` codes never wraps and
-the unmasked ring sum *is* the integer sum. Masks live in the same ring, so masking works directly on the
-quantized update (no float ever crosses the wire). Values are packed at exactly ``k`` bits each.
+the unmasked ring sum *is* the integer sum. Masks act on lane words of several ring values (:func:`to_words`,
+since message version 4), so masking works directly on the quantized update (no float ever crosses the wire).
+Values are packed at exactly ``k`` bits each.
 """
 
 from __future__ import annotations
