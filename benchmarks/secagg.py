@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from deltaplane.aggregation.secagg import SecAggConfig, pack, ring_bits, run_secagg, unpack
 from deltaplane.aggregation.secagg.prg import add_masks
 from deltaplane.aggregation.secagg.protocol import default_threshold
+from deltaplane.aggregation.secagg.ring import word_count
 
 D = 1_000_000
 BITS = 8
@@ -79,11 +80,11 @@ def crypto_floor(n: int, d: int, neighbours: int) -> tuple[float, float, int, in
     ring = ring_bits(BITS, n)
     per_device = [[(rng.bytes(16), 1) for _ in range(neighbours + 1)] for _ in range(n)]
     server = [(rng.bytes(16), -1) for _ in range(n)]
-    acc = np.zeros(d, dtype=np.uint16 if ring <= 16 else np.uint32)
+    acc = np.zeros(word_count(d, ring), dtype=np.uint64)  # lane words (message version 4)
     c0 = time.process_time()
     for masks in per_device:
-        add_masks(acc, masks, ring)
-    add_masks(acc, server, ring)
+        add_masks(acc, masks)
+    add_masks(acc, server)
     t_masks = time.process_time() - c0
     agreements = 2 * n * neighbours
     mine, peer = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
@@ -181,7 +182,7 @@ def main() -> None:
         time_rows.append(row)
         print(row, flush=True)
     t_masks, t_agree, n_masks, n_agree = crypto_floor(100, D, 20)
-    keystream_gb = n_masks * D * 2 / 1e9  # 16-bit words: the 15-bit ring of 100 clients' 8-bit codes
+    keystream_gb = n_masks * word_count(D, ring_bits(BITS, 100)) * 8 / 1e9  # a 64-bit word per 4 values
     rest, ratio = c_plus - t_masks - t_agree, c_plus / c_plain
     floor = (t_masks + t_agree) / c_plain
     met = (
@@ -192,8 +193,8 @@ def main() -> None:
     out.append(
         "Round time, all parties' compute on one core, 1,000,000 values: CPU seconds (wall seconds), and the ratio "
         "of CPU times to the plaintext round measured in the same run (target: SecAgg+ with 100 clients ≤ "
-        f"{TARGET:.0f}×). Masks are AES-128-CTR keystreams (message version 3); for a ring of ≤ 16 bits (here "
-        "8-bit codes: 12 to 15 bits) each mask value is a 16-bit keystream word:\n\n"
+        f"{TARGET:.0f}×). Masks are AES-128-CTR keystreams added to lane words (message version 4): for a ring of "
+        "9 to 16 bits (here 8-bit codes: 12 to 15 bits) each 64-bit keystream word masks a word of 4 values:\n\n"
         + table(
             [
                 "clients",
@@ -209,12 +210,13 @@ def main() -> None:
     )
     out.append(
         f"Where the SecAgg+ round of 100 clients goes ({c_plus:.2f} s CPU; each part below measured alone in this "
-        f"run): expanding and adding its {n_masks:,} masks of 1,000,000 words (each device its self mask and 20 "
+        f"run): expanding and adding its {n_masks:,} masks of 250,000 64-bit words (each device its self mask and 20 "
         f"pairwise masks, the server the 100 self masks back out; {keystream_gb:.1f} GB of AES-128-CTR keystream) "
         f"takes {t_masks:.2f} s ({t_masks / c_plain:.1f}× the plaintext round) and its {n_agree:,} X25519 "
         f"agreements (two key pairs per device, as in Bell et al.) {t_agree:.2f} s ({t_agree / c_plain:.1f}×): "
-        f"{floor:.1f}× before anything else. Everything else (packing the 15-bit masked values and unpacking them "
-        f"into the server's sum, Shamir sharing and recovery, HKDF, AES-GCM of the shares, the messages) takes "
+        f"{floor:.1f}× before anything else. Everything else (putting each device's codes into 60-bit lane words "
+        f"and packing its masked words, adding each upload's words to the server's sum, Shamir sharing and "
+        f"recovery, HKDF, AES-GCM of the shares, the messages) takes "
         f"{max(rest, 0.0):.2f} s ({max(rest, 0.0) / c_plain:.1f}×). {met}. The plaintext round is memory-bound "
         "and slows more than the SecAgg+ round when other jobs share the machine, so the ratio falls with the "
         "load (see the load line above): compare figures measured at similar load."

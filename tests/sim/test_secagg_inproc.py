@@ -95,7 +95,7 @@ def test_simulator_server_side_never_holds_a_plaintext_update(monkeypatch, plain
 def test_the_watch_catches_a_device_that_forgets_to_mask(monkeypatch, plaintext_watch) -> None:
     """The control: with masking switched off, the same instrument finds the plaintext in the upload."""
     received, *_ = _instrument(monkeypatch, plaintext_watch)
-    monkeypatch.setattr(secagg_protocol, "add_masks", lambda acc, masks, bits: None)  # every mask is zero
+    monkeypatch.setattr(secagg_protocol, "add_masks", lambda acc, masks: None)  # every mask is zero
     run_simulation(TINY)
     with pytest.raises(AssertionError, match="plaintext reached the server"):
         for name, data in received:

@@ -1,12 +1,14 @@
-"""The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-3 mask layout.
+"""The vectorized SecAgg paths (issue #16, part 5) against simple references, and the version-4 mask layout.
 
 * ring packing == a bit-by-bit reference and the bit-plane packer it replaced; the 9-15-bit lane packer on every
   length (whole groups and a ragged last group), values taken modulo 2^bits, unpacked into uint16 or uint32 sums;
 * ``add_masks`` (every keystream a block at a time, reduced once) == the sum of the masks expanded one by one;
-* the keystream layout of version 3: AES-128-CTR of a 16-byte key, pinned by FIPS-197's known answer and
-  checked against ``cryptography``'s AES-128 directly; a key of another length is refused;
-* exact integer sums with dropouts at every stage, for rings of at most 16 bits (16-bit mask words) and wider
-  ones (32-bit words), complete graph and SecAgg+; version-1 and version-2 messages are refused, not summed.
+* the keystream layout of version 4: 64-bit words of AES-128-CTR of a 16-byte key, pinned by FIPS-197's known
+  answer and checked against ``cryptography``'s AES-128 directly; a key of another length is refused;
+* lane words (the masks' group since version 4) == a plain-Python reference for every ring width, their wire
+  bytes == the values packed bit by bit, so uploads keep the additive-masking size;
+* exact integer sums with dropouts at every stage, for 8, 4 and 2 lanes per word, complete graph and SecAgg+,
+  and on extreme inputs (all zeros, all the largest code) for 100 clients; versions 1-3 are refused, not summed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from deltaplane.aggregation.secagg import Dropouts, MaskedInput, SecAggConfig, pack, run_secagg, unpack
+from deltaplane.aggregation.secagg import (
+    Dropouts,
+    MaskedInput,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    pack,
+    run_secagg,
+    unpack,
+)
 from deltaplane.aggregation.secagg.errors import SecAggError
 from deltaplane.aggregation.secagg.messages import decode_message
-from deltaplane.aggregation.secagg.prg import add_masks, expand_mask, mask_word_bits
+from deltaplane.aggregation.secagg.prg import add_masks, expand_mask
+from deltaplane.aggregation.secagg.ring import from_words, pack_words, to_words, unpack_words, word_moduli
 from deltaplane.errors import DecodeError
 
 
@@ -75,56 +87,114 @@ def test_lane_packing_of_9_to_15_bits_is_bit_by_bit_exact_on_every_length(bits: 
         unpack(pack(np.zeros(8, np.uint16), 20), 20, 8, add_to=np.zeros(8, np.uint16))
 
 
-def _keystream_words(key: bytes, n: int, width: int) -> np.ndarray:
+def _keystream_words(key: bytes, n: int) -> np.ndarray:
     enc = Cipher(algorithms.AES128(key), modes.CTR(b"\0" * 16)).encryptor()
-    raw = enc.update(bytes(n * width // 8)) + enc.finalize()
-    return np.frombuffer(raw, dtype=f"<u{width // 8}").astype(np.uint64)
+    return np.frombuffer(enc.update(bytes(8 * n)) + enc.finalize(), dtype="<u8").astype(np.uint64)
 
 
-def test_mask_layout_of_version_3_is_aes_128_ctr() -> None:
+def test_mask_layout_of_version_4_is_aes_128_ctr_in_64_bit_words() -> None:
     # FIPS-197: AES-128 of the zero block under the zero key (the first CTR block with a zero counter)
     first = bytes.fromhex("66e94bd4ef8a2c3b884cfa59ca342b2e")
-    assert expand_mask(bytes(16), 8, 15)[0] == int.from_bytes(first[:2], "little") & 0x7FFF
-    assert expand_mask(bytes(16), 8, 20)[0] == int.from_bytes(first[:4], "little") & 0xFFFFF
+    assert expand_mask(bytes(16), 2).tolist() == [
+        int.from_bytes(first[:8], "little"),
+        int.from_bytes(first[8:], "little"),
+    ]
     key = bytes(range(16))
-    for bits in (1, 8, 15, 16, 17, 24, 31, 32):
-        width = mask_word_bits(bits)
-        assert width == (16 if bits <= 16 else 32)
-        want = _keystream_words(key, 1000, width) & np.uint64((1 << bits) - 1)
-        assert np.array_equal(expand_mask(key, 1000, bits), want.astype(np.uint32))
+    assert np.array_equal(expand_mask(key, 1000), _keystream_words(key, 1000))
     for wrong in (bytes(32), bytes(24)):  # AES-256 / AES-192 keys would expand other masks
         with pytest.raises(SecAggError, match="16 bytes"):
-            expand_mask(wrong, 8, 15)
+            expand_mask(wrong, 8)
         with pytest.raises(SecAggError, match="16 bytes"):
-            add_masks(np.zeros(8, np.uint16), [(wrong, 1)], 15)
+            add_masks(np.zeros(8, np.uint64), [(wrong, 1)])
+    with pytest.raises(SecAggError, match="uint64"):
+        add_masks(np.zeros(8, np.uint16), [(key, 1)])
 
 
-@pytest.mark.parametrize("bits", [12, 15, 16, 20, 32])
 @pytest.mark.parametrize("n", [1, 1000, 70_001])  # one step of add_masks and several, with a ragged end
-def test_add_masks_equals_adding_expanded_masks_one_by_one(bits: int, n: int) -> None:
-    rng = np.random.default_rng(n + bits)
+def test_add_masks_equals_adding_expanded_masks_one_by_one(n: int) -> None:
+    rng = np.random.default_rng(n)
     masks = [(rng.bytes(16), int(rng.choice([-1, 1]))) for _ in range(7)]
-    start = rng.integers(0, 1 << bits, n).astype(np.uint32)
-    want = start.astype(np.int64)
+    start = rng.integers(0, 1 << 64, n, dtype=np.uint64)
+    want = [int(x) for x in start]
     for key, sign in masks:
-        want += sign * expand_mask(key, n, bits).astype(np.int64)
-    want %= 1 << bits
-    for dtype in (np.uint16, np.uint32) if bits <= 16 else (np.uint32,):
-        acc = start.astype(dtype)
-        add_masks(acc, masks, bits)
-        assert np.array_equal(acc.astype(np.int64) % (1 << bits), want), dtype
+        want = [(w + sign * int(m)) % (1 << 64) for w, m in zip(want, expand_mask(key, n), strict=True)]
+    acc = start.copy()
+    add_masks(acc, masks)
+    assert acc.tolist() == want
+
+
+def _ref_words(values: list[int], k: int) -> list[int]:
+    """Plain Python: ``L`` values per word, value ``L·i + j`` at bit ``k·j`` of word ``i``."""
+    lanes = 8 if k <= 8 else 4 if k <= 16 else 2
+    return [
+        sum(v << (k * j) for j, v in enumerate(values[i : i + lanes])) for i in range(0, len(values), lanes)
+    ]
+
+
+@pytest.mark.parametrize("k", range(2, 33))
+def test_lane_words_are_the_ring_bit_stream_for_every_ring_width(k: int) -> None:
+    """Every ring width (2..32 bits: 8, 4 or 2 lanes per word, whole-byte, half-byte and odd word widths):
+    words == a plain-Python reference; their wire bytes == the values bit by bit (the additive-masking limit),
+    whatever bits a device's wrapping sum holds above each word's width; read back they add exactly."""
+    rng = np.random.default_rng(300 + k)
+    for n in [*range(1, 20), 63, 1001]:
+        values = rng.integers(0, 1 << k, n, dtype=np.uint64)
+        words = to_words(values.astype(np.uint32), k)
+        ref = _ref_words([int(v) for v in values], k)
+        assert words.tolist() == ref, n
+        assert from_words(words, k, n).tolist() == values.tolist(), n
+        full, last = word_moduli(n, k)
+        noisy = words.copy()  # the device's sum wraps modulo 2^64: bits above each word's group are noise
+        noise = rng.integers(0, 1 << 64, len(words), dtype=np.uint64)
+        noisy[:-1] |= noise[:-1] & np.uint64(~full & (1 << 64) - 1)
+        noisy[-1] |= noise[-1] & np.uint64(~last & (1 << 64) - 1)
+        data = pack_words(noisy, k, n)
+        assert data == _bit_by_bit_pack([int(v) for v in values], k) == pack(values.astype(np.uint32), k), n
+        acc = rng.integers(0, 1 << 64, len(words), dtype=np.uint64)
+        want = [(int(a) + w) % (1 << 64) for a, w in zip(acc, ref, strict=True)]
+        assert unpack_words(data, k, n, acc).tolist() == want, n
+        with pytest.raises(DecodeError, match="expected"):
+            unpack_words(data + b"\0", k, n, acc)
+        with pytest.raises(DecodeError, match="expected"):
+            unpack_words(data[:-1], k, n, acc)
+    with pytest.raises(DecodeError, match="uint64"):
+        unpack_words(pack(np.zeros(8, np.uint32), k), k, 8, np.zeros(8, np.uint16))
+
+
+@pytest.mark.parametrize("bits", [1, 8, 15, 16, 25])
+def test_100_clients_extreme_inputs_sum_exactly_with_and_without_dropouts(bits: int) -> None:
+    """All zeros, all the largest code (the ring's lane sums reach their top: the carries that must never
+    cross a lane), and random codes: the unmasked sum equals the plaintext integer sum, computed independently,
+    when every device uploads and when 10 drop before uploading (their masks rebuilt from shares)."""
+    n, d = 100, 1003  # a ragged last word for every lane count
+    cfg = SecAggConfig(num_clients=n, threshold=11, bits=bits, vector_size=d, neighbours=20)
+    top = (1 << bits) - 1
+    rng = np.random.default_rng(bits)
+    cases = {
+        "zeros": {u: np.zeros(d, np.uint32) for u in range(n)},
+        "max": {u: np.full(d, top, np.uint32) for u in range(n)},
+        "random": {u: rng.integers(0, top + 1, d).astype(np.uint32) for u in range(n)},
+    }
+    dropped = set(rng.choice(n, 10, replace=False).tolist())  # every neighbourhood of 21 keeps 11
+    for name, codes in cases.items():
+        for drop in (set(), dropped):
+            total, rep = run_secagg(codes, cfg, drop_before_upload=drop, randbytes=rng.bytes)
+            assert rep.survivors == [u for u in range(n) if u not in drop]
+            want = [sum(int(codes[u][i]) for u in rep.survivors) for i in range(d)]
+            assert total.dtype == np.uint64 and total.tolist() == want, (name, len(drop))
 
 
 @pytest.mark.parametrize(
     ("bits", "n", "neighbours"), [(8, 40, None), (8, 40, 10), (12, 40, None), (14, 40, 10)]
 )
-def test_exact_sums_with_dropouts_at_every_stage_for_both_mask_widths(bits: int, n: int, neighbours) -> None:
+def test_exact_sums_with_dropouts_at_every_stage_for_several_lane_counts(
+    bits: int, n: int, neighbours
+) -> None:
     d = 5003
     group = (neighbours if neighbours is not None else n - 1) + 1
     cfg = SecAggConfig(
         num_clients=n, threshold=group // 2 + 1, bits=bits, vector_size=d, neighbours=neighbours
     )
-    assert mask_word_bits(cfg.ring_bits) == (16 if bits + 6 <= 16 else 32)
     rng = np.random.default_rng(bits * 100 + n)
     codes = {u: rng.integers(0, 1 << bits, d).astype(np.uint32) for u in range(n)}
     drops = Dropouts(
@@ -136,12 +206,43 @@ def test_exact_sums_with_dropouts_at_every_stage_for_both_mask_widths(bits: int,
     assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in rep.survivors))
 
 
-def test_masked_input_size_and_version_1_and_2_messages_are_refused() -> None:
+def test_masked_input_size_and_versions_1_to_3_are_refused() -> None:
     cfg = SecAggConfig(num_clients=100, threshold=11, bits=8, vector_size=1001, neighbours=20)
     msg = MaskedInput(0, 3, bytes(cfg.packed_bytes))
     data = msg.to_bytes()
     assert len(data) == msg.wire_size() == 10 + 4 + -(-1001 * 15 // 8)  # the additive-masking limit
     assert decode_message(data, cfg) == msg
-    for old in (1, 2):  # 2: AES-256 masks; its masked inputs would unmask to garbage, so they are refused
-        with pytest.raises(DecodeError, match=f"version {old} is not supported"):
+    assert data[4] == 4
+    # 2: AES-256 masks, 3: value-by-value masks; their masked inputs would unmask to garbage, so are refused
+    for old in (1, 2, 3):
+        with pytest.raises(DecodeError, match=f"version {old} is not supported.*same release"):
             decode_message(data[:4] + bytes([old]) + data[5:], cfg)
+    for size in (cfg.packed_bytes - 1, cfg.packed_bytes + 1):  # one byte short or over: refused, not summed
+        with pytest.raises(DecodeError):
+            decode_message(MaskedInput(0, 3, bytes(size)).to_bytes(), cfg)
+
+
+def test_an_out_of_range_input_is_refused_and_changes_nothing() -> None:
+    """A code at 2^bits (in the last block of a long input, where the range is checked as it is read) or a
+    negative one would spill into the next lane of its word: refused before the device stores anything."""
+    d = 200_001
+    cfg = SecAggConfig(num_clients=3, threshold=2, bits=8, vector_size=d)
+    server = SecAggServer(cfg)
+    clients = [SecAggClient(u, cfg) for u in range(3)]
+    for c in clients:
+        server.receive_keys(c.advertise_keys())
+    roster = server.roster()
+    for c in clients:
+        server.receive_shares(c.share_keys(roster))
+    server.close_shares()
+    before = clients[0].export_state()
+    high = np.zeros(d, np.uint32)
+    high[-1] = 256
+    negative = np.zeros(d, np.int64)
+    negative[7] = -1
+    for bad in (high, negative, high.astype(np.float64)):
+        with pytest.raises(SecAggError, match=r"integer codes in \[0, 2\^8\)"):
+            clients[0].masked_input(server.inbox(0), bad)
+        assert clients[0].export_state() == before
+    high[-1] = 255
+    server.receive_masked_input(clients[0].masked_input(server.inbox(0), high))  # the top code is fine

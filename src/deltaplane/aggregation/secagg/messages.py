@@ -14,7 +14,7 @@ message                direction             body
 ``KeyRoster``          server → devices      count, then (id, c, s) per client that advertised
 ``ShareKeys``          device → server       sender, count, then (recipient, AES-GCM ciphertext)
 ``ShareInbox``         server → device       recipient, count, then (sender, ciphertext) addressed to it
-``MaskedInput``        device → server       id, the masked vector packed at ``ring_bits`` bits per value
+``MaskedInput``        device → server       id, the masked lane words: ``ring_bits`` bits per value
 ``UnmaskRequest``      server → devices      survivors, then dropped clients
 ``UnmaskResponse``     device → server       id, count, then (owner, Shamir share) per owner asked for
 =====================  ====================  =======================================================
@@ -49,10 +49,13 @@ __all__ = [
 
 MAGIC = b"DPSA"
 #: 2: masks of a ring of at most 16 bits are expanded from 16-bit keystream words, not 32-bit ones
-#: (:func:`~deltaplane.aggregation.secagg.prg.mask_word_bits`). 3: masks are AES-128-CTR keystreams of 16-byte
-#: keys, not AES-256-CTR of 32-byte ones (:mod:`~deltaplane.aggregation.secagg.prg` says why). A peer of another
-#: version would unmask with other masks, so its messages are refused rather than summed
-VERSION = 3
+#: (version 3 had 16-bit keystream words for rings of at most 16 bits). 3: masks are AES-128-CTR keystreams of 16-byte
+#: keys, not AES-256-CTR of 32-byte ones (:mod:`~deltaplane.aggregation.secagg.prg` says why). 4: masks are added
+#: to lane words of several ring values (2 to 8 per 64-bit word, in ``Z / 2^W``,
+#: :func:`~deltaplane.aggregation.secagg.ring.to_words`), one 64-bit keystream word each, not value by value in
+#: ``Z / 2^k``; the masked input's bytes keep their size and bit layout. A peer of another version would unmask
+#: with other masks, so its messages are refused rather than summed
+VERSION = 4
 _HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
 KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
@@ -263,7 +266,12 @@ class ShareInbox(_Addressed):
 
 @dataclass(frozen=True)
 class MaskedInput(Message):
-    """Stage 2, device → server: the masked vector, ``vector_size`` values packed at ``ring_bits`` bits."""
+    """Stage 2, device → server: the masked lane words of ``vector_size`` values, ``ring_bits`` bits per value.
+
+    Each word of ``L`` values is masked in ``Z / 2^(L·ring_bits)`` (:func:`~deltaplane.aggregation.secagg.ring.
+    pack_words`) and travels at exactly its width, so the body is ``⌈vector_size · ring_bits / 8⌉`` bytes: the
+    additive-masking limit, as in version 3.
+    """
 
     KIND: ClassVar[int] = 5
     round_id: int
@@ -377,7 +385,10 @@ def decode_message(data: bytes, config: SecAggConfig) -> Message:
     if magic != MAGIC:
         raise DecodeError(f"not a SecAgg message (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
-        raise DecodeError(f"SecAgg message version {version} is not supported (this reader knows {VERSION})")
+        raise DecodeError(
+            f"SecAgg message version {version} is not supported (this reader knows {VERSION}): the peer runs "
+            "another deltaplane release, whose masks would not cancel with these; upgrade both sides to the same release"
+        )
     cls = _KINDS.get(kind)
     if cls is None:
         raise DecodeError(f"unknown SecAgg message kind {kind}")

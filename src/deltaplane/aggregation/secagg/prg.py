@@ -4,15 +4,17 @@
 * HKDF-SHA256 turns it into independent keys, bound to the round and the pair by its ``info`` string, so no key
   is reused across rounds or purposes: 16-byte mask keys (:data:`MASK_KEY_BYTES`), 32-byte share-encryption keys.
 * AES-128 in CTR mode expands a mask key into a mask of any length (a standard PRG: the keystream of a fresh key
-  with a zero counter); each key encrypts exactly one stream, so the fixed nonce is safe. :func:`add_masks` adds
+  with a zero counter); each key encrypts exactly one stream, so the fixed nonce is safe. Since message version 4
+  a mask is one 64-bit keystream word per lane word of packed ring values
+  (:func:`~deltaplane.aggregation.secagg.ring.to_words`), reduced modulo the word's group. :func:`add_masks` adds
   or subtracts many such masks in place, a cache-sized block of every keystream at a time.
 * AES-256-GCM encrypts the Shamir shares that travel through the server.
 
 Why AES-128 for the masks (message version 3; version 2 used AES-256-CTR): the scheme's security level is
 already set at about 128 bits by X25519 (RFC 7748 puts curve25519 at the ~128-bit level), which produces every
 pairwise mask key, so a 128-bit mask key does not lower it; AES-128-CTR as a PRG is standard (NIST SP 800-90A's
-CTR_DRBG is specified with AES-128), and one key drives at most 2^29 blocks (2^31 values of 4 bytes), far from
-CTR's birthday bound of 2^64. The masks are most of a round's work and AES-128 runs 10 rounds to AES-256's 14:
+CTR_DRBG is specified with AES-128), and one key drives at most 2^29 blocks (2^30 words of 8 bytes, each
+holding at least 2 values), far from CTR's birthday bound of 2^64. The masks are most of a round's work and AES-128 runs 10 rounds to AES-256's 14:
 on the benchmark machine it expands keystream about 1.35× as fast (11.8 vs 8.7 GB/s in the 128 KB steps of
 :func:`add_masks`).
 """
@@ -30,9 +32,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deltaplane.aggregation.secagg.errors import SecAggError
 
-__all__ = ["MASK_KEY_BYTES", "add_masks", "agree", "derive", "expand_mask", "mask_word_bits"]
+__all__ = ["MASK_KEY_BYTES", "add_masks", "agree", "derive", "expand_mask"]
 
-#: bytes of a mask key: AES-128 (message version 3)
+#: bytes of a mask key: AES-128 (since message version 3)
 MASK_KEY_BYTES = 16
 
 #: keystream bytes per step of :func:`add_masks`: that block of keystream and of the sum stay in a core's L2
@@ -57,64 +59,44 @@ def _keystream(key: bytes) -> CipherContext:
     return Cipher(algorithms.AES128(key), modes.CTR(b"\0" * 16)).encryptor()
 
 
-def mask_word_bits(bits: int) -> int:
-    """Keystream bits behind each mask value in a ``bits``-bit ring: 16 up to 16 bits, else 32.
+def expand_mask(key: bytes, count: int) -> np.ndarray:
+    """The ``count`` little-endian 64-bit words (uint64) of the AES-128-CTR keystream of mask key ``key``.
 
-    Since version 2 of the messages (:mod:`~deltaplane.aggregation.secagg.messages`); version 1 used 32-bit words
-    for every ring, so a ring of at most 16 bits (8-bit codes, up to 256 clients) now costs half the AES.
+    Since message version 4 the mask of lane word ``i`` (:func:`~deltaplane.aggregation.secagg.ring.to_words`)
+    is keystream word ``i`` reduced modulo the word's group (``2^W``, a divisor of 2^64), so it is exactly
+    uniform there; versions 2 and 3 masked each value with a 16- or 32-bit word of its own.
     """
-    return 16 if bits <= 16 else 32
-
-
-def expand_mask(key: bytes, n: int, bits: int) -> np.ndarray:
-    """``n`` uniform values in ``[0, 2^bits)`` (uint32) from the AES-128-CTR keystream of mask key ``key``.
-
-    Value ``i`` is the ``i``-th little-endian word of :func:`mask_word_bits` bits of the keystream (bytes
-    ``wi … wi + w − 1`` for ``w``-byte words), reduced to its low ``bits`` bits: 2^bits divides the word
-    range, so the values are exactly uniform.
-    """
-    w = mask_word_bits(bits) // 8
     enc = _keystream(key)
-    buf = bytearray(w * n + 15)  # update_into wants room for one block more than the input
-    enc.update_into(_zeros(w * n), buf)
-    out = np.frombuffer(buf, dtype=f"<u{w}", count=n).astype(np.uint32)
-    return out & np.uint32((1 << bits) - 1) if bits < 32 else out
+    buf = bytearray(8 * count + 15)  # update_into wants room for one block more than the input
+    enc.update_into(_zeros(8 * count), buf)
+    return np.frombuffer(buf, dtype="<u8", count=count).astype(np.uint64)
 
 
-def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], bits: int) -> None:
-    """``acc += Σ sign · PRG(key)`` modulo ``2^(8 · acc.itemsize)``, in place, for mask keys ``key``, sign ±1.
+def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
+    """``acc += Σ sign · PRG(key)`` modulo 2^64, in place, for mask keys ``key``, sign ±1.
 
-    ``PRG(key)`` is :func:`expand_mask`'s keystream words for a ``bits``-bit ring, before their reduction to
-    ``bits`` bits: ``2^bits`` divides the word and the accumulator ranges, so reduced modulo ``2^bits``
-    afterwards the sum is exactly that of the reduced masks, and the reduction is done once on the sum
-    instead of once per mask. ``acc`` is uint32, or uint16 for a ring of at most 16 bits. Every keystream is
-    read a block at a time (CTR mode continues the stream across calls) and added while that block of
-    ``acc`` is in cache: no mask-sized array is ever allocated.
+    ``acc`` holds lane words (contiguous 1-D uint64) and ``PRG(key)`` is :func:`expand_mask`'s keystream
+    words: every word's group ``2^W`` divides 2^64, so reduced once at the end the sum is exactly that of the
+    reduced masks. Every keystream is read a block at a time (CTR mode continues the stream across calls) and
+    added while that block of ``acc`` is in cache: no mask-sized array is ever allocated.
     """
-    w = mask_word_bits(bits) // 8
-    if (
-        acc.dtype not in (np.uint16, np.uint32)
-        or acc.itemsize < w
-        or not acc.flags.c_contiguous
-        or acc.ndim != 1
-    ):
+    if acc.dtype != np.uint64 or not acc.flags.c_contiguous or acc.ndim != 1:
         raise SecAggError(
-            f"masks of a {bits}-bit ring are added to a contiguous 1-D uint{8 * max(w, 2)} or wider array, "
-            f"not {acc.dtype} {acc.shape}"
+            f"masks are added to a contiguous 1-D uint64 array of words, not {acc.dtype} {acc.shape}"
         )
     streams = [(_keystream(key), sign) for key, sign in masks]
     if any(sign not in (1, -1) for _, sign in streams):
         raise SecAggError("a mask's sign must be +1 or -1")
     n = len(acc)
-    step = max(1, min(n, MASK_BLOCK_BYTES // w))
-    zeros = memoryview(_zeros(w * step))
-    buf = bytearray(w * step + 15)  # update_into wants room for one block more than the input
-    words = np.frombuffer(buf, dtype=f"<u{w}", count=step)
+    step = max(1, min(n, MASK_BLOCK_BYTES // 8))
+    zeros = memoryview(_zeros(8 * step))
+    buf = bytearray(8 * step + 15)  # update_into wants room for one block more than the input
+    words = np.frombuffer(buf, dtype="<u8", count=step)
     for lo in range(0, n, step):
         m = min(step, n - lo)
         part, x = acc[lo : lo + m], words[:m]
         for enc, sign in streams:
-            enc.update_into(zeros[: w * m], buf)
+            enc.update_into(zeros[: 8 * m], buf)
             (np.add if sign > 0 else np.subtract)(part, x, out=part)
 
 

@@ -10,8 +10,10 @@ as an option. Four rounds, each a method on :class:`SecAggClient` and its partne
 1. **Share keys** — ``u`` draws a self-mask seed ``bᵤ`` and Shamir-shares ``bᵤ`` and its mask key ``sᵤ`` (t of
    its neighbours needed), encrypting each neighbour's pair of shares under ``HKDF(X25519(cᵤ, c_v))`` with
    AES-GCM; the server only routes the ciphertexts.
-2. **Masked input** — ``u`` uploads ``yᵤ = xᵤ + PRG(bᵤ) + Σ_{v>u} PRG(sᵤᵥ) − Σ_{v<u} PRG(sᵤᵥ)  (mod 2ᵏ)`` where
-   ``xᵤ`` are its quantized codes and ``sᵤᵥ = HKDF(X25519(sᵤ, s_v))``. The server folds ``yᵤ`` into a running
+2. **Masked input** — ``u`` uploads ``yᵤ = xᵤ + PRG(bᵤ) + Σ_{v>u} PRG(sᵤᵥ) − Σ_{v<u} PRG(sᵤᵥ)`` where
+   ``xᵤ`` are its quantized codes packed into lane words (several ``k``-bit values per 64-bit word, each word
+   masked modulo ``2^W``, :func:`~deltaplane.aggregation.secagg.ring.to_words`) and
+   ``sᵤᵥ = HKDF(X25519(sᵤ, s_v))``. The server folds ``yᵤ`` into a running
    sum and drops it: pairwise masks cancel in the sum, self-masks hide ``yᵤ`` even if pairwise masks are later
    revealed.
 3. **Unmask** — the server closes stage 2 and *freezes* who uploaded (survivors) and who did not (dropped);
@@ -56,8 +58,16 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive, mask_word_bits
-from deltaplane.aggregation.secagg.ring import pack, ring_bits, unpack
+from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive
+from deltaplane.aggregation.secagg.ring import (
+    from_words,
+    pack_words,
+    reduce_words,
+    ring_bits,
+    to_words,
+    unpack_words,
+    word_count,
+)
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 
 __all__ = [
@@ -220,11 +230,6 @@ def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
     return {
         u: frozenset(int(order[(pos[u] + d) % n]) for d in range(-half, half + 1) if d != 0) for u in range(n)
     }
-
-
-def _word_dtype(config: SecAggConfig) -> type[np.unsignedinteger]:
-    """uint16 or uint32: the masks' word (:func:`mask_word_bits`), in which devices and server add masked values."""
-    return np.uint16 if mask_word_bits(config.ring_bits) == 16 else np.uint32
 
 
 def _raw_private(key: X25519PrivateKey) -> bytes:
@@ -421,26 +426,30 @@ class SecAggClient:
         codes = np.asarray(codes)
         if codes.shape != (cfg.vector_size,):
             raise SecAggError(f"client {u}: input has shape {codes.shape}, expected ({cfg.vector_size},)")
+        bad = SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
         signed = codes.dtype.kind == "i"  # an unsigned array needs no pass for its minimum
         if codes.dtype.kind not in "ui" or (
-            codes.size and ((signed and codes.min() < 0) or codes.max() >= 1 << cfg.bits)
+            codes.size and signed and (codes.min() < 0 or codes.max() >= 1 << cfg.bits)
         ):
-            raise SecAggError(f"client {u}: inputs must be integer codes in [0, 2^{cfg.bits})")
+            raise bad
         if len(inbox.ciphertexts) + 1 < cfg.threshold:
             raise SecAggError(
                 f"client {u}: only {len(inbox.ciphertexts)} neighbours left; aborting the round"
             )
+        try:  # an unsigned input's range is checked block by block as it is read into the words
+            y = to_words(codes, cfg.ring_bits, below=None if signed else 1 << cfg.bits)
+        except ValueError:
+            raise bad from None
         self._received = dict(inbox.ciphertexts)
-        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, in words of the masks' width: they wrap
-        # modulo 2^16 or 2^32, multiples of 2^k
-        y = codes.astype(_word_dtype(cfg))
+        # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, on lane words (ring.to_words): they wrap
+        # modulo 2^64, a multiple of every word's group, which packing reduces to
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
             for v in sorted(self._received)
         ]
-        add_masks(y, masks, cfg.ring_bits)
+        add_masks(y, masks)
         self.stage = Stage.MASKED
-        return MaskedInput(cfg.round_id, u, pack(y, cfg.ring_bits))  # packing reduces modulo 2^k
+        return MaskedInput(cfg.round_id, u, pack_words(y, cfg.ring_bits, cfg.vector_size))
 
     # -- stage 3 ----------------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -504,8 +513,8 @@ class SecAggServer:
         self.mailbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.share_senders: set[int] = set()
         self.uploaded: list[int] = []
-        # in words of the masks' width: 2^k divides 2^16 or 2^32, so the wrapping sum reduces to the ring's
-        self.masked_sum = np.zeros(config.vector_size, dtype=_word_dtype(config))
+        # lane words (ring.to_words), wrapping modulo 2^64: a multiple of each word's group, reduced at the end
+        self.masked_sum = np.zeros(word_count(config.vector_size, config.ring_bits), dtype=np.uint64)
         self.responses: dict[int, dict[int, bytes]] = {}  # responder -> owner -> share
         self.bytes_received: dict[int, int] = {}
         self._roster: KeyRoster | None = None
@@ -621,8 +630,8 @@ class SecAggServer:
             )
         if sender in self.uploaded:
             raise SecAggOrderError(f"client {sender} already uploaded its masked input", stage=self.stage)
-        # unpacked straight into the running sum; wraps mod 2^16 or 2^32, reduced mod 2^k at the end
-        unpack(msg.packed, cfg.ring_bits, cfg.vector_size, add_to=self.masked_sum)
+        # its words added straight into the running sum; wraps mod 2^64, reduced to each word's group at the end
+        unpack_words(msg.packed, cfg.ring_bits, cfg.vector_size, self.masked_sum)
         self.uploaded.append(sender)
         self._count(sender, msg.wire_size())
 
@@ -710,8 +719,10 @@ class SecAggServer:
                     # v added +PRG(s_uv) if v < u else −PRG(s_uv) for its pair with u; take it back out
                     masks.append((_pair_key(cfg, s_key, self.keys[v][1], u, v), -1 if v < u else 1))
         total = self.masked_sum.copy()
-        add_masks(total, masks, cfg.ring_bits)
-        self._result = (total & total.dtype.type((1 << cfg.ring_bits) - 1)).astype(np.uint64)
+        add_masks(total, masks)
+        self._result = from_words(
+            reduce_words(total, cfg.vector_size, cfg.ring_bits), cfg.ring_bits, cfg.vector_size
+        )
         self.masked_sum = np.zeros(0, dtype=total.dtype)
         self.stage = Stage.DONE
         return self._result

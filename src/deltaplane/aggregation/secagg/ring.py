@@ -2,8 +2,9 @@
 
 Each client maps its clipped values to unsigned ``bits``-bit integers with unbiased stochastic rounding; the
 server adds masked codes modulo ``2ᵏ`` with ``k = bits + ⌈log₂ n⌉``, so the sum of ``n`` codes never wraps and
-the unmasked ring sum *is* the integer sum. Masks live in the same ring, so masking works directly on the
-quantized update (no float ever crosses the wire). Values are packed at exactly ``k`` bits each.
+the unmasked ring sum *is* the integer sum. Masks act on lane words of several ring values (:func:`to_words`,
+since message version 4), so masking works directly on the quantized update (no float ever crosses the wire).
+Values are packed at exactly ``k`` bits each.
 """
 
 from __future__ import annotations
@@ -14,7 +15,21 @@ import numpy as np
 
 from deltaplane.errors import ConfigError, DecodeError
 
-__all__ = ["dequantize_sum", "pack", "quantize", "ring_bits", "unpack"]
+__all__ = [
+    "dequantize_sum",
+    "from_words",
+    "lane_count",
+    "pack",
+    "pack_words",
+    "quantize",
+    "reduce_words",
+    "ring_bits",
+    "to_words",
+    "unpack",
+    "unpack_words",
+    "word_count",
+    "word_moduli",
+]
 
 
 def ring_bits(bits: int, num_clients: int) -> int:
@@ -221,3 +236,179 @@ def unpack(data: bytes, bits: int, n: int, *, add_to: np.ndarray | None = None) 
         np.frombuffer(data, dtype=np.uint8), bitorder="little", count=n * bits
     ).reshape(n, bits)
     return np.packbits(planes, axis=1, bitorder="little").view("<u4").reshape(n).astype(np.uint32)
+
+
+# -- lane words: the masks' group since message version 4 --------------------------------------------------------
+# A device's ``n`` values of a ``k``-bit ring go into 64-bit words of ``L`` lanes of ``k`` bits each (value
+# ``L·i + j`` in bits ``k·j … k·j + k − 1`` of word ``i``; ``L`` = 64 / the smallest of 8, 16, 32 bits holding
+# ``k``), so a word holds ``W = L·k`` bits and the masks live in ``Z / 2^W`` (the last word, with ``r`` values,
+# in ``Z / 2^(r·k)``). Adding words modulo 2^W is exact lane by lane because the ring never wraps: the sum of
+# every lane is below 2^k, so no carry ever crosses into the next lane. Words travel at exactly ``W`` bits, which
+# is the same little-endian bit stream as the ``n`` values packed at ``k`` bits (:func:`pack`): the wire
+# carries ``⌈n·k / 8⌉`` bytes as before. What changes is the mask: a 64-bit keystream word per ``L`` values
+# (16 bits per value for rings of 9-16 bits, as before), and the server folds an upload with ``n / L`` 64-bit
+# additions.
+def lane_count(k: int) -> int:
+    """``L``: values of a ``k``-bit ring per 64-bit word (8, 4 or 2)."""
+    if not 1 <= k <= 32:
+        raise ConfigError(f"ring bits must be in [1, 32]. Found {k}")
+    return 8 if k <= 8 else 4 if k <= 16 else 2
+
+
+def word_count(n: int, k: int) -> int:
+    """Words holding ``n`` values of a ``k``-bit ring."""
+    return -(-n // lane_count(k))
+
+
+def word_moduli(n: int, k: int) -> tuple[int, int]:
+    """``(2^W − 1, 2^(r·k) − 1)``: the masks reducing every word but the last, and the last (``r`` values)."""
+    lanes = lane_count(k)
+    last = n - (word_count(n, k) - 1) * lanes
+    return (1 << lanes * k) - 1, (1 << last * k) - 1
+
+
+def reduce_words(words: np.ndarray, n: int, k: int) -> np.ndarray:
+    """``words`` (uint64) reduced in place modulo the word group (``2^W``, the last word ``2^(r·k)``)."""
+    full, last = word_moduli(n, k)
+    if full != (1 << 64) - 1:
+        np.bitwise_and(words, np.uint64(full), out=words)
+    words[-1] &= np.uint64(last)
+    return words
+
+
+def _lane_dtype(width: int) -> np.dtype:
+    return np.dtype(f"<u{width // 8}")
+
+
+#: values per block of :func:`to_words`: a block of the input and of the words stays in a core's cache
+_WORDS_BLOCK = 1 << 16
+
+
+def to_words(values: np.ndarray, k: int, *, below: int | None = None) -> np.ndarray:
+    """The words (uint64) of ``values`` (integers in ``[0, 2^k)``): lanes of ``k`` bits, unused lanes zero.
+
+    The values are written into lanes of 8, 16 or 32 bits, which then close up pairwise (``x − (x >> w)·c``
+    in words of twice the width: the upper half moves down by ``c`` bits while the lower stays) until each
+    64-bit word holds its lanes ``k`` bits apart: a few passes, no per-lane loop, a cache-sized block at a
+    time, so each block of a device's (large, uncached) input is read from memory once. ``below``: raise
+    :class:`ValueError` unless every value is below it, checked on each block as it is read (an unsigned
+    ``values`` only; a larger value would spill into the next lane).
+    """
+    lanes = lane_count(k)
+    n = len(values)
+    x = np.zeros(word_count(n, k) * lanes, _lane_dtype(64 // lanes))
+    tmp = np.empty(_WORDS_BLOCK * x.itemsize, np.uint8)
+    for lo in range(0, len(x), _WORDS_BLOCK):
+        block = values[lo : lo + _WORDS_BLOCK]
+        if below is not None and len(block) and block.max() >= below:
+            raise ValueError(f"a value is not below {below}")
+        xb = x[lo : lo + _WORDS_BLOCK]
+        xb[: len(block)] = block
+        width, content = 64 // lanes, k
+        while width < 64:
+            v = xb.view(_lane_dtype(2 * width))  # two lanes per element, ``content`` bits each
+            t = tmp[: v.nbytes].view(v.dtype)
+            np.right_shift(v, width, out=t)
+            np.multiply(t, (1 << width) - (1 << content), out=t)
+            np.subtract(v, t, out=v)
+            width, content = 2 * width, 2 * content
+    return x.view(np.uint64)
+
+
+def from_words(words: np.ndarray, k: int, n: int) -> np.ndarray:
+    """The ``n`` values (uint64) in the lanes of ``words``, each word reduced (:func:`reduce_words`)."""
+    lanes = lane_count(k)
+    x = np.array(words, dtype="<u8")  # a copy: opened in place
+    width, content = 64, lanes * k
+    while width > 64 // lanes:  # each element: a | b << (content / 2)  →  a | b << (width / 2)
+        v = x.view(_lane_dtype(width))
+        half = content // 2
+        t = v >> half
+        t *= (1 << width // 2) - (1 << half)
+        v += t
+        width, content = width // 2, half
+    return x.view(_lane_dtype(width))[:n].astype(np.uint64)
+
+
+def _tail_words(data: bytes, first: int, count: int, word_bits: int) -> list[int]:
+    """``count`` words of ``word_bits`` bits from the bytes from ``first`` on (a byte boundary) to the end."""
+    big = int.from_bytes(data[first:], "little")
+    low = (1 << word_bits) - 1
+    return [(big >> (word_bits * i)) & low for i in range(count)]
+
+
+def pack_words(words: np.ndarray, k: int, n: int) -> bytes:
+    """The ``⌈n·k / 8⌉`` wire bytes of the words of ``n`` values: each word reduced and kept at ``W`` bits.
+
+    Exactly :func:`pack` of the lane values (the same bit stream), written directly from the words: whole
+    words of ``W`` = 16, 24, …, 64 bits are byte slices of them, and words of ``W ≡ 4 (mod 8)`` bits (rings of
+    9-15 odd bits, e.g. the 15-bit ring of 100 clients' 8-bit codes: 60-bit words) go in pairs of ``W / 4``
+    bytes through two overlapping unaligned 64-bit views; other widths through :func:`pack` of the values.
+    ``words`` may hold bits above ``W`` (the device's wrapping sum): they are dropped, and ``words`` is not
+    changed.
+    """
+    m, bits = len(words), lane_count(k) * k
+    full, last = word_moduli(n, k)
+    need = (n * k + 7) // 8
+    if bits % 8 and bits % 8 != 4:
+        return pack(from_words(reduce_words(words.copy(), n, k), k, n), k)
+    out = np.empty(need + 16, np.uint8)  # room for the tail's whole bytes
+    if bits % 8 == 0:
+        head = m - 1  # every word but the last, whole bytes each
+        step = bits // 8
+        out[: head * step].reshape(head, step)[...] = words[:head].view(np.uint8).reshape(head, 8)[:, :step]
+    else:
+        head = 2 * ((m - 1) // 2)  # whole pairs of words, leaving the last word (and one more) to the tail
+        step = bits // 4
+        pairs = words[:head].reshape(-1, 2)
+        t = np.left_shift(pairs[:, 1], np.uint64(64 - bits))  # the pair's last 8 bytes: word 1 at their top
+        _group_words(out, head // 2, step, step - 8)[...] = t
+        np.left_shift(pairs[:, 1], np.uint64(bits), out=t)  # its first 8: word 0, then word 1's low bits
+        t |= pairs[:, 0] & np.uint64(full)
+        _group_words(out, head // 2, step, 0)[...] = t
+    first = head * bits // 8
+    tail = [int(w) & full for w in words[head:]]
+    tail[-1] &= last
+    value = sum(w << (bits * i) for i, w in enumerate(tail))
+    out[first:need] = np.frombuffer(value.to_bytes(need - first, "little"), np.uint8)
+    return out[:need].tobytes()
+
+
+def unpack_words(data: bytes, k: int, n: int, add_to: np.ndarray) -> np.ndarray:
+    """Add the words of the ``n`` values in ``data`` (:func:`pack_words`' bytes) to ``add_to`` (uint64), in place.
+
+    Raises :class:`DecodeError` unless ``data`` holds exactly ``⌈n·k / 8⌉`` bytes. Each word is read reduced
+    (bits of the last byte past the ``n``-th value are ignored, as :func:`unpack` ignores them); the sum wraps
+    modulo 2^64, a multiple of every word's modulus, and :func:`reduce_words` reduces it once at the end.
+    """
+    m, bits = word_count(n, k), lane_count(k) * k
+    need = (n * k + 7) // 8
+    if len(data) != need:
+        raise DecodeError(f"packed {k}-bit ring values: {len(data)} bytes for {n} values, expected {need}")
+    if add_to.dtype != np.uint64 or add_to.shape != (m,) or not add_to.flags.c_contiguous:
+        raise DecodeError(
+            f"words are added to a contiguous uint64 array of {m}, not {add_to.dtype} {add_to.shape}"
+        )
+    full, last = word_moduli(n, k)
+    if bits % 8 and bits % 8 != 4:
+        add_to += to_words(unpack(data, k, n), k)
+        return add_to
+    if bits % 8 == 0:
+        step = bits // 8
+        head = min(m - 1, (len(data) - 8) // step + 1 if len(data) >= 8 else 0)  # reads inside the data
+        if head:
+            w = np.bitwise_and(_group_words(data, head, step, 0), np.uint64(full))
+            add_to[:head] += w
+    else:
+        step = bits // 4
+        head = 2 * ((m - 1) // 2)
+        if head:
+            acc = add_to[:head].reshape(-1, 2)
+            w = np.bitwise_and(_group_words(data, head // 2, step, 0), np.uint64(full))
+            acc[:, 0] += w
+            np.right_shift(_group_words(data, head // 2, step, step - 8), np.uint64(64 - bits), out=w)
+            acc[:, 1] += w
+    tail = _tail_words(data, head * bits // 8, m - head, bits)
+    tail[-1] &= last
+    add_to[head:] += np.array(tail, dtype=np.uint64)
+    return add_to
