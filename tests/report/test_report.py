@@ -122,3 +122,28 @@ def test_a_secagg_run_shows_what_was_really_sent() -> None:
     run["config"] = dict(run["config"], secagg=True, secagg_bits=16)
     (row,) = summarize([run])
     assert row.codec.startswith("SecAgg masked 16-bit ring values")
+
+
+@pytest.mark.parametrize(
+    "ys",
+    [
+        [1e308, -1e308],  # finite, but the span overflows to inf
+        [0.0, 5e-324],  # a span below the float resolution of a tick step
+        [0.5],  # one point
+        [0.5, 0.5, 0.5],  # constant
+        [-3.0, -1.0, -2.0],  # negative
+    ],
+)
+def test_line_chart_draws_or_says_why_for_any_finite_values(ys: list[float]) -> None:
+    from deltaplane.report.svg import Series, line_chart
+
+    svg = line_chart([Series("s", list(enumerate(ys)))], title="t", x_label="x", y_label="y")
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert "nan" not in svg and "inf" not in svg  # no coordinate is NaN or infinite
+
+
+def test_report_charts_of_a_run_without_rounds_are_empty_not_a_key_error() -> None:
+    from deltaplane.report.charts import report_charts
+
+    charts = report_charts([{"name": "r", "config": {"codec": "identity"}}])
+    assert charts and all("no data" in c for c in charts)
