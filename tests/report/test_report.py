@@ -147,3 +147,19 @@ def test_report_charts_of_a_run_without_rounds_are_empty_not_a_key_error() -> No
 
     charts = report_charts([{"name": "r", "config": {"codec": "identity"}}])
     assert charts and all("no data" in c for c in charts)
+
+
+def test_the_drift_section_escapes_what_it_prints_and_shows_unmeasured_psi(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    run = _run("d", "identity", 100, [0.5])
+    run["drift"] = [
+        {"round": evil, "prediction_psi": None, "max_feature_psi": float("nan"), "alerts": [evil]},
+        {"round": 2, "prediction_psi": 0.25, "max_feature_psi": 0.5, "alerts": []},
+    ]
+    run["transport"] = {"requests": evil, "uploads_accepted": evil, "registry_ok": True}
+    html = write_report([run], tmp_path).html_path.read_text()
+    drift = html[html.index("<h2>Drift</h2>") :]
+    assert "<script>" not in html and drift.count("&lt;script&gt;") == 4
+    assert drift.count('<td class="num">—</td>') == 2  # None, and NaN (written to report.json as null)
+    assert '<td class="num">0.250</td><td class="num">0.500</td>' in drift
+
