@@ -163,3 +163,18 @@ def test_the_drift_section_escapes_what_it_prints_and_shows_unmeasured_psi(tmp_p
     assert drift.count('<td class="num">—</td>') == 2  # None, and NaN (written to report.json as null)
     assert '<td class="num">0.250</td><td class="num">0.500</td>' in drift
 
+
+def test_a_report_that_cannot_be_rendered_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    write_report(RUNS, tmp_path, baseline="baseline", title="first")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(report: dict) -> str:
+        raise ValueError("a chart cannot draw this")
+
+    monkeypatch.setattr("deltaplane.report.writer.render_html", broken)
+    with pytest.raises(ValueError, match="cannot draw"):
+        write_report(RUNS[:1], tmp_path, title="second")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new json beside the old html
+    with pytest.raises(ValueError, match="cannot draw"):
+        write_report(RUNS[:1], tmp_path / "new")
+    assert not (tmp_path / "new" / "report.json").exists()
