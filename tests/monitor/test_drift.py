@@ -246,3 +246,32 @@ def test_absurd_embedding_values_are_refused_and_a_nan_statistic_alerts():
     live.embedding_sum = [1e300] * 4
     row = _centroid_row(report := mon.compare(live))
     assert row["drifted"] and "not finite" in row["error"] and report.alerts
+
+
+def _card_html(card: ModelCard) -> str:
+    """The card's Markdown as a GFM renderer shows it (markdown-it-py, which rich already depends on)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").render(card.to_markdown())
+
+
+def test_model_card_metrics_render_as_a_table_and_a_clean_window_says_no_alerts():
+    card = ModelCard("cnn", 3, metrics={"accuracy": 0.97, "a|b": 1, "note": None}, drift={"alerts": []})
+    html = _card_html(card)
+    table = html[html.index("<table>") : html.index("</table>")]
+    assert table.count("<tr>") == 4 and "<td>accuracy</td>" in table and ">0.9700</td>" in table
+    assert "<td>a|b</td>" in table and ">None</td>" in table  # a pipe stays in its cell; None is no crash
+    assert "<li>no alerts</li>" in html
+
+
+def test_a_model_card_value_cannot_open_a_section_of_its_own():
+    forged = "run\n\n## Metrics\n\n| metric | value |\n| --- | --- |\n| accuracy | 0.9999 |"
+    card = ModelCard(
+        "cnn",
+        3,
+        lineage={"source": forged},
+        governance={"cohorts": ["eu\n# Model card: other@1"]},
+        metrics={"accuracy": 0.5},
+    )
+    html = _card_html(card)
+    assert html.count("<h2>Metrics</h2>") == 1 and html.count("<h1>") == 1 and "0.9999</td>" not in html
