@@ -275,3 +275,48 @@ def test_a_model_card_value_cannot_open_a_section_of_its_own():
     )
     html = _card_html(card)
     assert html.count("<h2>Metrics</h2>") == 1 and html.count("<h1>") == 1 and "0.9999</td>" not in html
+
+
+def _digits_like_monitor(**kw):
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((400, 2))
+    spec = DriftSpec.fit(
+        ref, n_bins=4, n_classes=3, embeddings=rng.standard_normal((400, 5)), n_projections=2
+    )
+    return spec, DriftMonitor(spec, summarize(spec, ref, rng.integers(0, 3, 400)), window=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n": 100, "prediction_counts": [float("nan"), 50, 50]},  # NaN sum > n is False: it used to pass
+        {"n": float("nan"), "feature_counts": [[25, 25, 25, 25]] * 2},
+        {"n": 100, "feature_counts": [[12.5] * 4] * 2},
+        {"n": 4, "feature_counts": [[True] * 4] * 2},
+    ],
+)
+def test_a_library_summary_with_counts_that_are_not_whole_numbers_is_refused(bad):
+    _, mon = _digits_like_monitor()
+    with pytest.raises(InvalidUpdate, match="whole numbers"):
+        mon.ingest(Summary(**bad))
+    assert not mon.history  # nothing was evaluated on it
+
+
+def test_predictions_that_are_scores_are_refused_not_truncated_into_class_zero():
+    spec, _ = _digits_like_monitor()
+    with pytest.raises(ConfigError, match="class ids"):
+        summarize(
+            spec, predictions=np.array([0.7, 0.9, 0.2])
+        )  # probabilities: the cast made them all class 0
+    assert summarize(spec, predictions=np.array([0.0, 2.0, 1.0])).prediction_counts == [1, 1, 1]
+
+
+def test_embeddings_and_count_vectors_of_the_wrong_shape_are_config_errors():
+    spec, _ = _digits_like_monitor()
+    with pytest.raises(ConfigError, match=r"\(n, 5\)"):
+        summarize(spec, embeddings=np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match="no embeddings"):
+        summarize(DriftSpec.fit(np.zeros((10, 1)) + np.arange(10)[:, None]), embeddings=np.zeros((3, 4)))
+    for test in (ks_from_counts, chi2_from_counts):
+        with pytest.raises(ConfigError, match="same length"):
+            test([1, 2, 3], [1, 2])
