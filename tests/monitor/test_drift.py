@@ -246,3 +246,77 @@ def test_absurd_embedding_values_are_refused_and_a_nan_statistic_alerts():
     live.embedding_sum = [1e300] * 4
     row = _centroid_row(report := mon.compare(live))
     assert row["drifted"] and "not finite" in row["error"] and report.alerts
+
+
+def _card_html(card: ModelCard) -> str:
+    """The card's Markdown as a GFM renderer shows it (markdown-it-py, which rich already depends on)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").render(card.to_markdown())
+
+
+def test_model_card_metrics_render_as_a_table_and_a_clean_window_says_no_alerts():
+    card = ModelCard("cnn", 3, metrics={"accuracy": 0.97, "a|b": 1, "note": None}, drift={"alerts": []})
+    html = _card_html(card)
+    table = html[html.index("<table>") : html.index("</table>")]
+    assert table.count("<tr>") == 4 and "<td>accuracy</td>" in table and ">0.9700</td>" in table
+    assert "<td>a|b</td>" in table and ">None</td>" in table  # a pipe stays in its cell; None is no crash
+    assert "<li>no alerts</li>" in html
+
+
+def test_a_model_card_value_cannot_open_a_section_of_its_own():
+    forged = "run\n\n## Metrics\n\n| metric | value |\n| --- | --- |\n| accuracy | 0.9999 |"
+    card = ModelCard(
+        "cnn",
+        3,
+        lineage={"source": forged},
+        governance={"cohorts": ["eu\n# Model card: other@1"]},
+        metrics={"accuracy": 0.5},
+    )
+    html = _card_html(card)
+    assert html.count("<h2>Metrics</h2>") == 1 and html.count("<h1>") == 1 and "0.9999</td>" not in html
+
+
+def _digits_like_monitor(**kw):
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((400, 2))
+    spec = DriftSpec.fit(
+        ref, n_bins=4, n_classes=3, embeddings=rng.standard_normal((400, 5)), n_projections=2
+    )
+    return spec, DriftMonitor(spec, summarize(spec, ref, rng.integers(0, 3, 400)), window=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n": 100, "prediction_counts": [float("nan"), 50, 50]},  # NaN sum > n is False: it used to pass
+        {"n": float("nan"), "feature_counts": [[25, 25, 25, 25]] * 2},
+        {"n": 100, "feature_counts": [[12.5] * 4] * 2},
+        {"n": 4, "feature_counts": [[True] * 4] * 2},
+    ],
+)
+def test_a_library_summary_with_counts_that_are_not_whole_numbers_is_refused(bad):
+    _, mon = _digits_like_monitor()
+    with pytest.raises(InvalidUpdate, match="whole numbers"):
+        mon.ingest(Summary(**bad))
+    assert not mon.history  # nothing was evaluated on it
+
+
+def test_predictions_that_are_scores_are_refused_not_truncated_into_class_zero():
+    spec, _ = _digits_like_monitor()
+    with pytest.raises(ConfigError, match="class ids"):
+        summarize(
+            spec, predictions=np.array([0.7, 0.9, 0.2])
+        )  # probabilities: the cast made them all class 0
+    assert summarize(spec, predictions=np.array([0.0, 2.0, 1.0])).prediction_counts == [1, 1, 1]
+
+
+def test_embeddings_and_count_vectors_of_the_wrong_shape_are_config_errors():
+    spec, _ = _digits_like_monitor()
+    with pytest.raises(ConfigError, match=r"\(n, 5\)"):
+        summarize(spec, embeddings=np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match="no embeddings"):
+        summarize(DriftSpec.fit(np.zeros((10, 1)) + np.arange(10)[:, None]), embeddings=np.zeros((3, 4)))
+    for test in (ks_from_counts, chi2_from_counts):
+        with pytest.raises(ConfigError, match="same length"):
+            test([1, 2, 3], [1, 2])

@@ -122,3 +122,59 @@ def test_a_secagg_run_shows_what_was_really_sent() -> None:
     run["config"] = dict(run["config"], secagg=True, secagg_bits=16)
     (row,) = summarize([run])
     assert row.codec.startswith("SecAgg masked 16-bit ring values")
+
+
+@pytest.mark.parametrize(
+    "ys",
+    [
+        [1e308, -1e308],  # finite, but the span overflows to inf
+        [0.0, 5e-324],  # a span below the float resolution of a tick step
+        [0.5],  # one point
+        [0.5, 0.5, 0.5],  # constant
+        [-3.0, -1.0, -2.0],  # negative
+    ],
+)
+def test_line_chart_draws_or_says_why_for_any_finite_values(ys: list[float]) -> None:
+    from deltaplane.report.svg import Series, line_chart
+
+    svg = line_chart([Series("s", list(enumerate(ys)))], title="t", x_label="x", y_label="y")
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert "nan" not in svg and "inf" not in svg  # no coordinate is NaN or infinite
+
+
+def test_report_charts_of_a_run_without_rounds_are_empty_not_a_key_error() -> None:
+    from deltaplane.report.charts import report_charts
+
+    charts = report_charts([{"name": "r", "config": {"codec": "identity"}}])
+    assert charts and all("no data" in c for c in charts)
+
+
+def test_the_drift_section_escapes_what_it_prints_and_shows_unmeasured_psi(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    run = _run("d", "identity", 100, [0.5])
+    run["drift"] = [
+        {"round": evil, "prediction_psi": None, "max_feature_psi": float("nan"), "alerts": [evil]},
+        {"round": 2, "prediction_psi": 0.25, "max_feature_psi": 0.5, "alerts": []},
+    ]
+    run["transport"] = {"requests": evil, "uploads_accepted": evil, "registry_ok": True}
+    html = write_report([run], tmp_path).html_path.read_text()
+    drift = html[html.index("<h2>Drift</h2>") :]
+    assert "<script>" not in html and drift.count("&lt;script&gt;") == 4
+    assert drift.count('<td class="num">—</td>') == 2  # None, and NaN (written to report.json as null)
+    assert '<td class="num">0.250</td><td class="num">0.500</td>' in drift
+
+
+def test_a_report_that_cannot_be_rendered_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    write_report(RUNS, tmp_path, baseline="baseline", title="first")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(report: dict) -> str:
+        raise ValueError("a chart cannot draw this")
+
+    monkeypatch.setattr("deltaplane.report.writer.render_html", broken)
+    with pytest.raises(ValueError, match="cannot draw"):
+        write_report(RUNS[:1], tmp_path, title="second")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new json beside the old html
+    with pytest.raises(ValueError, match="cannot draw"):
+        write_report(RUNS[:1], tmp_path / "new")
+    assert not (tmp_path / "new" / "report.json").exists()

@@ -158,3 +158,32 @@ def test_the_service_runs_the_same_server_step_as_in_process(change) -> None:
 def test_options_the_transport_cannot_run_are_refused_with_the_reason(change, match) -> None:
     with pytest.raises(UnsupportedOption, match=match):
         run_http_simulation(_SMALL.replace(**change))
+
+
+def test_a_round_whose_drift_window_is_too_small_to_test_still_reports(tmp_path):
+    """Tiny holdouts (3 devices x ~4 samples, under the monitor's min_samples of 30) leave every PSI of the
+    window unmeasured (None): the run used to crash in max() on them; now the report shows — for them."""
+    from deltaplane.cli import app
+
+    (tmp_path / "small.yaml").write_text("holdout_fraction: 0.01\n")
+    out = tmp_path / "out"
+    args = [
+        "run",
+        "-c",
+        str(tmp_path / "small.yaml"),
+        "--transport",
+        "http",
+        "--clients",
+        "3",
+        "--rounds",
+        "1",
+    ]
+    r = CliRunner().invoke(
+        app, [*args, "--codec", "identity", "--no-baseline", "--no-followup", "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads((out / "report.json").read_text())["runs"][0]["drift"]
+    assert row["max_feature_psi"] is None and row["prediction_psi"] is None  # not measured, not 0
+    html = (out / "report.html").read_text()
+    drift = html[html.index("<h2>Drift</h2>") :]
+    assert '<td class="num">—</td><td class="num">—</td>' in drift and "too few samples" in drift

@@ -181,6 +181,24 @@ def test_a_malformed_run_gets_a_clear_page_not_a_500(tmp_path, rounds, shown):
         assert "report 'odd' is malformed" in unescape(r.text) and "'round'" in unescape(r.text)
 
 
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"name": "r"},  # no "rounds" at all: check_report allows it, the charts read it as no points
+        {
+            "name": "r",
+            "rounds": [{"round": 1, "test_accuracy": 1e308}, {"round": 2, "test_accuracy": -1e308}],
+        },
+    ],
+    ids=["no-rounds", "span-overflows"],
+)
+def test_a_run_the_charts_cannot_draw_gets_a_page_not_a_500(tmp_path, run):
+    runs = tmp_path / "runs"
+    _report(runs, "odd", {"format": REPORT_FORMAT, "runs": [run]})
+    r = _ui(runs).get("/ui/run", params={"report": "odd", "name": "r"}, headers=BEARER)
+    assert r.status_code == 200, r.text[-400:]
+
+
 # -- 4. broken registries ------------------------------------------------------------------------------------
 
 

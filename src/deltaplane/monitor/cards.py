@@ -53,27 +53,54 @@ class ModelCard:
         )
 
     def to_markdown(self) -> str:
-        """The card as Markdown (sections: use, lineage, data & consent, metrics, drift, limitations)."""
+        """The card as Markdown (sections: use, lineage, data & consent, metrics, drift, limitations).
+
+        Every value is printed on one line (newlines collapsed): a lineage value or cohort name must not be
+        able to open a section of its own, e.g. a forged "## Metrics" with better numbers.
+        """
         g = self.governance
-        out = [f"# Model card: {self.model}@{self.version}", ""]
+        out = [f"# Model card: {_line(self.model)}@{self.version}", ""]
         if self.intended_use:
-            out += ["## Intended use", self.intended_use, ""]
-        out += ["## Lineage"] + [f"- {k}: {v}" for k, v in self.lineage.items()] + [""]
+            out += ["## Intended use", _line(self.intended_use), ""]
+        out += ["## Lineage"] + [f"- {_line(k)}: {_line(v)}" for k, v in self.lineage.items()] + [""]
         out += [
             "## Data and consent",
-            f"- data sources: {', '.join(g.get('data_sources', [])) or 'not recorded'}",
-            f"- contributing cohorts: {', '.join(g.get('cohorts', [])) or 'not recorded'}",
-            f"- excluded cohorts: {', '.join(g.get('excluded_cohorts', [])) or 'none'}",
+            f"- data sources: {_joined(g.get('data_sources')) or 'not recorded'}",
+            f"- contributing cohorts: {_joined(g.get('cohorts')) or 'not recorded'}",
+            f"- excluded cohorts: {_joined(g.get('excluded_cohorts')) or 'none'}",
             "",
             "## Metrics",
         ]
-        out += [f"| {k} | {v:.4f} |" for k, v in self.metrics.items()] or ["not evaluated"]
+        if self.metrics:  # a header row and a delimiter row make it a table (GFM), not one run-on paragraph
+            out += ["| metric | value |", "| --- | ---: |"]
+            out += [f"| {_cell(k)} | {_cell(_number(v))} |" for k, v in self.metrics.items()]
+        else:
+            out.append("not evaluated")
         out.append("")
         if self.drift:
-            out += ["## Drift (latest window)"] + [f"- {a}" for a in self.drift.get("alerts", [])] or [
-                "- no alerts"
-            ]
-            out.append("")
+            alerts = [f"- {_line(a)}" for a in self.drift.get("alerts", [])]
+            out += ["## Drift (latest window)", *(alerts or ["- no alerts"]), ""]
         if self.limitations:
-            out += ["## Limitations"] + [f"- {x}" for x in self.limitations] + [""]
+            out += ["## Limitations"] + [f"- {_line(x)}" for x in self.limitations] + [""]
         return "\n".join(out)
+
+
+def _line(value: Any) -> str:
+    """``value`` as one line of text: newlines and runs of spaces become one space."""
+    return " ".join(str(value).split())
+
+
+def _joined(values: Any) -> str:
+    return ", ".join(_line(v) for v in values or ())
+
+
+def _cell(value: Any) -> str:
+    """One table cell: one line, with ``|`` escaped so it cannot split the cell."""
+    return _line(value).replace("|", "\\|")
+
+
+def _number(value: Any) -> str:
+    """A metric to 4 decimals; anything else (a missing value, a label) as written rather than a crash."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return str(value)

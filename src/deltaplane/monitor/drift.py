@@ -54,12 +54,18 @@ PSI_EPS = 1e-4
 PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
 
 
-def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_EPS) -> float:
-    """Population stability index between two count (or fraction) vectors over the same bins."""
+def _pair(reference: Sequence[float], live: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins."""
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
     if r.shape != q.shape or r.ndim != 1:
-        raise ConfigError(f"psi needs two count vectors of the same length, got {r.shape} and {q.shape}")
+        raise ConfigError(f"{what} needs two count vectors of the same length, got {r.shape} and {q.shape}")
+    return r, q
+
+
+def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_EPS) -> float:
+    """Population stability index between two count (or fraction) vectors over the same bins."""
+    r, q = _pair(reference, live, "psi")
     if r.sum() <= 0 or q.sum() <= 0:
         raise InvalidUpdate("psi needs non-empty reference and live counts")
     r = np.clip(r / r.sum(), eps, None)  # empty bins would make ln() infinite; eps is the usual floor
@@ -71,8 +77,7 @@ def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[f
     """Two-sample Kolmogorov–Smirnov statistic and asymptotic p-value from binned counts (ordered bins)."""
     from scipy.stats import kstwobign
 
-    r = np.asarray(reference, dtype=np.float64)
-    q = np.asarray(live, dtype=np.float64)
+    r, q = _pair(reference, live, "ks")
     n, m = r.sum(), q.sum()
     if n <= 0 or m <= 0:
         raise InvalidUpdate("ks needs non-empty reference and live counts")
@@ -94,7 +99,7 @@ def chi2_from_counts(
     """
     from scipy.stats import chi2_contingency, random_table
 
-    table = np.vstack([np.asarray(reference, dtype=np.float64), np.asarray(live, dtype=np.float64)])
+    table = np.vstack(_pair(reference, live, "chi2"))
     table = table[:, table.sum(axis=0) > 0]
     if table.shape[1] < 2 or (table.sum(axis=1) <= 0).any():
         return 0.0, 1.0  # a single occupied bin in both windows cannot differ
@@ -265,6 +270,7 @@ class Summary:
 
     def validate(self, spec: DriftSpec) -> None:
         """Refuse a summary whose shape does not match ``spec`` (devices are untrusted)."""
+        self._check_whole_numbers()
 
         def check(name: str, counts: list[list[int]], edges: tuple[tuple[float, ...], ...]) -> None:
             if counts and (
@@ -300,6 +306,20 @@ class Summary:
                 "mean (and sums that large overflow when windows are merged)"
             )
         self._check_totals()
+
+    def _check_whole_numbers(self) -> None:
+        """Every count is a whole number (the service's schema says so; a library caller must too): a NaN
+        count compares false with every bound and would drop the device from the window without a word."""
+        scalars = {"n": self.n, "embedding_n": self.embedding_n}
+        rows = {
+            "feature_counts": [v for r in self.feature_counts for v in r],
+            "prediction_counts": list(self.prediction_counts),
+            "projection_counts": [v for r in self.projection_counts for v in r],
+        }
+        for name, values in [*((k, [v]) for k, v in scalars.items()), *rows.items()]:
+            bad = [v for v in values if not _is_count(v)]
+            if bad:
+                raise InvalidUpdate(f"{name} must be whole numbers >= 0 (counts of inputs). Found {bad[:3]}")
 
     def _check_totals(self) -> None:
         """Counts must add up to the report's own sample counts (every feature row bins the same inputs)."""
@@ -342,6 +362,12 @@ class Summary:
         return dict(self.__dict__)
 
 
+def _is_count(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        return False
+    return bool(np.isfinite(v) and v >= 0 and float(v).is_integer())
+
+
 def _bin(values: np.ndarray, edges: Sequence[float]) -> list[int]:
     return np.bincount(
         np.searchsorted(np.asarray(edges), values, side="right"), minlength=len(edges) + 1
@@ -363,13 +389,26 @@ def summarize(
         s.n = len(x)
         s.feature_counts = [_bin(x[:, j], e) for j, e in enumerate(spec.feature_edges)]
     if predictions is not None:
-        p = np.asarray(predictions, dtype=np.int64).reshape(-1)
+        raw = np.asarray(predictions).reshape(-1)
+        # a cast would truncate probabilities or scores (0.7 -> class 0) into a false prediction drift
+        if raw.dtype.kind not in "iub" and not (np.isfinite(raw) & (raw == np.round(raw))).all():
+            raise ConfigError(
+                "predictions must be class ids (whole numbers), not probabilities or scores: pass argmax(...)"
+            )
+        p = raw.astype(np.int64)
         if len(p) and (p.min() < 0 or p.max() >= spec.n_classes):
             raise ConfigError(f"predictions must be class ids in [0, {spec.n_classes})")
         s.prediction_counts = np.bincount(p, minlength=spec.n_classes).tolist()
         s.n = max(s.n, len(p))
     if embeddings is not None:
         emb = np.asarray(embeddings, dtype=np.float64)
+        dim = len(spec.projections[0]) if spec.projections else 0
+        if not dim or emb.ndim != 2 or emb.shape[1] != dim:
+            raise ConfigError(
+                f"embeddings must be an (n, {dim}) array for this drift spec. Found shape {emb.shape}"
+                if dim
+                else "the drift spec has no embeddings: fit it with DriftSpec.fit(..., embeddings=...)"
+            )
         z = emb @ np.asarray(spec.projections).T
         s.projection_counts = [_bin(z[:, k], e) for k, e in enumerate(spec.projection_edges)]
         s.embedding_sum = emb.sum(axis=0).tolist()

@@ -21,6 +21,12 @@ def _ok(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _rounds(run: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+    # a report.json edited by hand (the dashboard reads any) may lack "rounds": no points, not a KeyError
+    rounds = run.get("rounds")
+    return rounds if isinstance(rounds, list) else []
+
+
 def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float | None]]:
     return [(r["round"], r.get(key) if _ok(r.get(key)) else None) for r in rounds]
 
@@ -31,14 +37,14 @@ def _label(run: Mapping[str, Any]) -> str:
 
 
 def _any(runs: Sequence[Mapping[str, Any]], key: str) -> bool:
-    return any(_ok(r.get(key)) for run in runs for r in run.get("rounds", []))
+    return any(_ok(r.get(key)) for run in runs for r in _rounds(run))
 
 
 def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> list[str]:
     """The report's SVG charts for ``runs`` (``RunResult.to_dict()`` plus ``name``), in reading order."""
     charts = [
         line_chart(
-            [Series(_label(run), _series(run["rounds"], "test_accuracy")) for run in runs],
+            [Series(_label(run), _series(_rounds(run), "test_accuracy")) for run in runs],
             title="global test accuracy per round",
             x_label="round",
             y_label="accuracy",
@@ -48,10 +54,10 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
             [
                 Series(
                     f"{run['name']}: client median (band p10–p90)",
-                    _series(run["rounds"], "client_accuracy_median"),
+                    _series(_rounds(run), "client_accuracy_median"),
                     band=[
                         (r["round"], r["client_accuracy_p10"], r["client_accuracy_p90"])
-                        for r in run["rounds"]
+                        for r in _rounds(run)
                         if _ok(r.get("client_accuracy_p10")) and _ok(r.get("client_accuracy_p90"))
                     ],
                 )
@@ -59,7 +65,7 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
             ]
             + [
                 Series(
-                    f"{run['name']}: worst client", _series(run["rounds"], "client_accuracy_min"), dashed=True
+                    f"{run['name']}: worst client", _series(_rounds(run), "client_accuracy_min"), dashed=True
                 )
                 for run in runs
             ],
@@ -74,7 +80,7 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
                     _label(run),
                     [
                         (r["cumulative_uplink_bytes"], r["test_accuracy"])
-                        for r in run["rounds"]
+                        for r in _rounds(run)
                         if _ok(r.get("test_accuracy")) and _ok(r.get("cumulative_uplink_bytes"))
                     ],
                 )
@@ -87,9 +93,9 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
             chart_id=f"{prefix}chart-accuracy-bytes",
         ),
         line_chart(
-            [Series(f"{run['name']} uplink", _series(run["rounds"], "uplink_bytes")) for run in runs]
+            [Series(f"{run['name']} uplink", _series(_rounds(run), "uplink_bytes")) for run in runs]
             + [
-                Series(f"{run['name']} downlink", _series(run["rounds"], "downlink_bytes"), dashed=True)
+                Series(f"{run['name']} downlink", _series(_rounds(run), "downlink_bytes"), dashed=True)
                 for run in runs
             ],
             title="bytes per round",
@@ -106,10 +112,10 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
         ("backdoor_success", "backdoor success (simulated attack)", "share", 1.0),
     )
     for key, title, unit, top in optional:
-        if _any(runs, key) and (key != "rejected" or any(r.get(key) for run in runs for r in run["rounds"])):
+        if _any(runs, key) and (key != "rejected" or any(r.get(key) for run in runs for r in _rounds(run))):
             charts.append(
                 line_chart(
-                    [Series(_label(run), _series(run["rounds"], key)) for run in runs],
+                    [Series(_label(run), _series(_rounds(run), key)) for run in runs],
                     title=title,
                     x_label="round",
                     y_label=unit,
@@ -120,7 +126,7 @@ def report_charts(runs: Sequence[Mapping[str, Any]], *, prefix: str = "") -> lis
             )
     charts.append(
         line_chart(
-            [Series(_label(run), _series(run["rounds"], "seconds")) for run in runs],
+            [Series(_label(run), _series(_rounds(run), "seconds")) for run in runs],
             title="time per round",
             x_label="round",
             y_label="seconds",

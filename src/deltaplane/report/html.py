@@ -60,6 +60,11 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
+def _psi(x: Any) -> str:
+    """A PSI to 3 decimals; "—" where none was measured (too few samples in the window)."""
+    return f"{x:.3f}" if isinstance(x, int | float) and not isinstance(x, bool) else "—"
+
+
 def _drift_section(runs: Any) -> str:
     """Per-round drift figures of runs that carry them (``deltaplane run --transport http``), else nothing."""
     parts = []
@@ -68,7 +73,9 @@ def _drift_section(runs: Any) -> str:
         if not rows:
             continue
         body = "".join(
-            f"<tr><td>{r['round']}</td><td>{r['prediction_psi']:.3f}</td><td>{r['max_feature_psi']:.3f}</td>"
+            f"<tr><td>{escape(str(r['round']))}</td>"
+            f'<td class="num">{_psi(r.get("prediction_psi"))}</td>'
+            f'<td class="num">{_psi(r.get("max_feature_psi"))}</td>'
             f"<td>{escape('; '.join(r['alerts'])) or 'none'}</td></tr>"
             for r in rows
         )
@@ -76,8 +83,10 @@ def _drift_section(runs: Any) -> str:
         parts.append(
             f"<h3>{escape(run['name'])}</h3><p>Computed by the service from device-reported histograms "
             f"(pixel intensities per feature, predicted-class counts) against the training set and label prior; "
-            f"{t.get('requests', '?')} HTTP requests, {t.get('uploads_accepted', '?')} uploads accepted, "
-            f"registry integrity {'ok' if t.get('registry_ok') else 'NOT ok'}.</p>"
+            f"{escape(str(t.get('requests', '?')))} HTTP requests, "
+            f"{escape(str(t.get('uploads_accepted', '?')))} uploads accepted, "
+            f"registry integrity {'ok' if t.get('registry_ok') else 'NOT ok'}. A PSI of — means the round's "
+            "window held too few samples to test (the monitor's <code>min_samples</code>).</p>"
             "<table><thead><tr><th>round</th><th>prediction PSI</th><th>max feature PSI</th><th>alerts</th>"
             f"</tr></thead><tbody>{body}</tbody></table>"
         )

@@ -30,9 +30,9 @@ class Series:
 
 
 def _ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
-    if hi <= lo:
-        return [lo]
     raw = (hi - lo) / n
+    if not (math.isfinite(raw) and raw > 0):  # hi <= lo, or a span below the float resolution: just the ends
+        return [lo] if hi <= lo else [lo, hi]
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     if integer:  # rounds and windows are whole numbers: no tick at 1.5
@@ -104,6 +104,12 @@ def line_chart(
         hi = hi + pad if y_max is None else hi
     if x1 == x0:
         x1 = x0 + 1
+    if not all(map(math.isfinite, (hi - lo, x1 - x0))):
+        # finite values so far apart (±1e308) that their span overflows: no axis can place them, say so
+        out.append(
+            f'<text x="{left}" y="{height // 2}" font-size="12">values out of plottable range</text></svg>'
+        )
+        return "".join(out)
     pw, ph = width - left - right, height - top - bottom
 
     def sx(x: float) -> float:

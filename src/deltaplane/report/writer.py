@@ -49,14 +49,20 @@ def write_report(
     """Write ``report.json`` (all data) and ``report.html`` (plots + summary) for ``runs`` into ``out_dir``.
 
     Each run is a mapping like ``{"name": "topk", **RunResult.to_dict()}``; ``followup`` adds the
-    personalization, merge and deploy sections (plain data, see :func:`~deltaplane.report.summary.build_report`). Files are replaced atomically,
-    so a reader never sees half a report.
+    personalization, merge and deploy sections (plain data, see :func:`~deltaplane.report.summary.build_report`).
+    Each file is replaced atomically, so a reader never sees half a file, and both are rendered before either
+    is written, so an error (a value a chart cannot draw) leaves the folder as it was.
     """
     report = _json_safe(build_report(runs, baseline=baseline, title=title, followup=followup))
+    # Both documents are made before either is written: a run that cannot be rendered leaves the folder as it
+    # was, never a new report.json beside no (or an older run's) report.html. report.json goes last, as the
+    # dashboard lists folders by it.
+    doc = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
+    page = render_html(report).encode()
     out = Path(out_dir)
     json_path, html_path = out / "report.json", out / "report.html"
-    atomic_write_bytes(json_path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    atomic_write_bytes(html_path, render_html(report).encode())
+    atomic_write_bytes(html_path, page)
+    atomic_write_bytes(json_path, doc)
     return ReportFiles(json_path, html_path, report)
 
 

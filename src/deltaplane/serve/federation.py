@@ -231,16 +231,17 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
                 )["alerts"]
             requests += len(devices) + 2
             rows = admin._get(f"/admin/models/{MODEL}/drift")[-1]["rows"]
-            feature_psi = [r["psi"] for r in rows if r["kind"] == "feature"]
-            pred = next(r for r in rows if r["kind"] == "prediction")
+            # a signal with too few samples to test has psi None ("not enough samples"): report None, not 0
+            feature_psi = [r["psi"] for r in rows if r["kind"] == "feature" and r["psi"] is not None]
+            pred = next((r for r in rows if r["kind"] == "prediction"), {})
             drift.append(
                 {
                     "round": rnd,
                     "version": closed["version"],
                     "alerts": alerts,
-                    "max_feature_psi": max(feature_psi) if feature_psi else 0.0,
-                    "prediction_psi": pred["psi"],
-                    "prediction_p": pred["p"],
+                    "max_feature_psi": max(feature_psi) if feature_psi else None,
+                    "prediction_psi": pred.get("psi"),
+                    "prediction_p": pred.get("p"),
                 }
             )
             metrics = RoundMetrics(
