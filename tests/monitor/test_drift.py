@@ -320,3 +320,18 @@ def test_embeddings_and_count_vectors_of_the_wrong_shape_are_config_errors():
     for test in (ks_from_counts, chi2_from_counts):
         with pytest.raises(ConfigError, match="same length"):
             test([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"features": np.zeros((0, 3))},
+        {"features": []},
+        {"features": np.zeros((5, 2)), "embeddings": np.zeros((0, 8))},
+        {"embeddings": np.zeros(8)},
+    ],
+)
+def test_fitting_a_spec_on_an_empty_reference_is_a_config_error_saying_what_to_pass(kw):
+    """A 0-row reference raised numpy's bare ValueError ("cannot reshape array of size 0")."""
+    with pytest.raises(ConfigError, match="reference|embeddings must be"):
+        DriftSpec.fit(**kw)

@@ -152,7 +152,7 @@ class DriftSpec:
             raise ConfigError(f"n_bins must be at least 2. Found {n_bins}")
         edges: list[tuple[float, ...]] = []
         if features is not None:
-            x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+            x = _reference_rows(features, "features")
             edges = [_fit_edges(x[:, j], n_bins) for j in range(x.shape[1])]
         names = tuple(feature_names) if feature_names else tuple(f"f{j}" for j in range(len(edges)))
         if len(names) != len(edges):
@@ -161,7 +161,9 @@ class DriftSpec:
         trace = 0.0
         pedges: list[tuple[float, ...]] = []
         if embeddings is not None:
-            emb = np.asarray(embeddings, dtype=np.float64)
+            emb = _reference_rows(embeddings, "embeddings")
+            if np.ndim(embeddings) != 2:
+                raise ConfigError(f"embeddings must be an (n, dim) array. Found shape {np.shape(embeddings)}")
             rng = np.random.default_rng(seed)
             p = rng.standard_normal((n_projections, emb.shape[1]))
             p /= np.linalg.norm(p, axis=1, keepdims=True)
@@ -228,6 +230,21 @@ class DriftSpec:
             tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
             float(d.get("embedding_trace", 0.0)),
         )
+
+
+def _reference_rows(values: Any, what: str) -> np.ndarray:
+    """The reference ``values`` as an (n, columns) float array; :class:`ConfigError` when there are no rows.
+
+    Bin edges are reference quantiles, so an empty reference has nothing to fit them on (numpy's own error,
+    "cannot reshape array of size 0", says nothing about what to pass instead).
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 0 or len(a) == 0:
+        raise ConfigError(
+            f"DriftSpec.fit got no reference {what} (shape {a.shape}): pass the rows of a trusted reference "
+            "window (e.g. the training set), one row per input"
+        )
+    return a.reshape(len(a), -1)
 
 
 def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
