@@ -390,3 +390,18 @@ def test_the_corrected_window_still_catches_a_shifted_feature_and_a_prediction_c
     # the Monte-Carlo p-value resolves far below 1/2001 when asked to (and stays exactly valid)
     _, p = chi2_from_counts([500] * 10, [30] + [0] * 9, min_p=1e-4)
     assert p < 1e-3
+
+
+def test_the_window_size_a_report_shows_is_the_effective_one_a_lying_device_cannot_inflate():
+    """n_live summed what devices claimed, so one device reporting 1e9 inputs showed a window of a billion,
+    while the statistics (equal weight per device) used Kish's effective size: the report now shows that."""
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(rng.normal(size=(1000, 1)), n_bins=4)
+    mon = DriftMonitor(spec, summarize(spec, rng.normal(size=(1000, 1))))
+    honest = [summarize(spec, rng.normal(size=(100, 1))) for _ in range(9)]
+    liar = Summary(n=10**9, feature_counts=[[10**9 // 4] * 4])
+    liar.validate(spec)
+    report = mon.compare([*honest, liar])
+    assert 900 <= report.n_live <= 1200, report.n_live  # about ten devices of 100, not 1e9 + 900
+    assert report.rows[0]["n"] == pytest.approx(report.n_live)  # the figure the test saw
+    assert mon.compare(honest[0]).n_live == 100  # one device: its own n

@@ -488,7 +488,10 @@ class DriftReport:
     """Per-signal drift figures for one live window, and the alerts they raise."""
 
     n_reference: int
-    n_live: int
+    #: the window's effective sample size, Kish's ``D² / Σ 1/n_d`` over the devices' reported ``n`` (what the
+    #: tests see, see :func:`_pool`), not the sum of what devices claim: one device claiming 1e9 inputs adds
+    #: at most about one device's worth, as it does in the statistics
+    n_live: float
     rows: list[dict[str, Any]]
     alerts: list[str]
     devices: int = 1  # distinct devices in the live window, each weighted equally
@@ -520,10 +523,16 @@ def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
     arrs = [a for a in arrs if a.sum() > 0]
     if not arrs:
         return None
-    n = np.array([a.sum() for a in arrs])
     fractions = np.mean([a / a.sum() for a in arrs], axis=0)
-    n_eff = len(arrs) ** 2 / float(np.sum(1.0 / n))
+    n_eff = _effective_n([a.sum() for a in arrs])
     return fractions * n_eff, n_eff
+
+
+def _effective_n(counts: Sequence[float]) -> float:
+    """Kish's effective sample size ``D² / Σ 1/n_d`` of an equal-weight pool of the D devices with ``n_d > 0``
+    (0 when there are none): n for one device, D·n for D equal ones."""
+    n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
+    return float(len(n) ** 2 / np.sum(1.0 / n)) if n.size else 0.0
 
 
 class DriftMonitor:
@@ -638,7 +647,13 @@ class DriftMonitor:
             if sum(ref) == 0 or pooled is None:
                 return
             counts, n_eff = pooled
-            base = {"kind": kind, "name": name, "test": test, "devices": sum(1 for c in cur if sum(c) > 0)}
+            base = {
+                "kind": kind,
+                "name": name,
+                "test": test,
+                "devices": sum(1 for c in cur if sum(c) > 0),
+                "n": n_eff,  # the effective sample size this signal's test sees
+            }
             if n_eff < self.min_samples:  # too few to test: say so instead of a noisy verdict
                 note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
                 rows.append({**base, **_UNTESTED, "note": note})
@@ -673,7 +688,7 @@ class DriftMonitor:
         if self.reference.embedding_n:
             self._centroid_row(devices, rows, alerts, tested)
         self._decide(tested, alerts)
-        n_live = sum(d.n for d in devices)
+        n_live = _effective_n([d.n for d in devices])
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
 
     def _n_signals(self) -> int:
@@ -719,9 +734,14 @@ class DriftMonitor:
         means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
         if not means:
             return
-        base = {"kind": "embedding", "name": "centroid shift", "test": "centroid", "devices": len(means)}
-        n = np.array([d.embedding_n for d in devices if d.embedding_n], dtype=np.float64)
-        n_eff = len(means) ** 2 / float(np.sum(1.0 / n))
+        n_eff = _effective_n([d.embedding_n for d in devices])
+        base = {
+            "kind": "embedding",
+            "name": "centroid shift",
+            "test": "centroid",
+            "devices": len(means),
+            "n": n_eff,
+        }
         if n_eff < self.min_samples:
             note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
             rows.append({**base, **_UNTESTED, "note": note})
