@@ -405,3 +405,52 @@ def test_the_window_size_a_report_shows_is_the_effective_one_a_lying_device_cann
     assert 900 <= report.n_live <= 1200, report.n_live  # about ten devices of 100, not 1e9 + 900
     assert report.rows[0]["n"] == pytest.approx(report.n_live)  # the figure the test saw
     assert mon.compare(honest[0]).n_live == 100  # one device: its own n
+
+
+def test_missing_feature_values_are_their_own_signal_not_a_shift_to_high_values():
+    """NaN sorted above every edge, so half the inputs missing read as PSI 0.81 toward the top bin. Missing
+    values are now counted apart (missing_counts) and tested as a share of their own (the way Evidently and
+    NannyML report missing values next to drift): the values' row is clean, the missing row alerts."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1000, 1))
+    spec = DriftSpec.fit(ref, n_bins=5)
+    live = rng.standard_normal((200, 1))
+    live[:100] = np.nan
+    s = summarize(spec, live)
+    assert s.missing_counts == [100] and sum(s.feature_counts[0]) == 100 and s.n == 200
+    report = DriftMonitor(spec, summarize(spec, ref)).compare(s)
+    rows = {r["kind"]: r for r in report.rows}
+    assert not rows["feature"]["drifted"] and rows["feature"]["psi"] < 0.2
+    assert rows["missing values"]["drifted"] and report.alerts == [a for a in report.alerts if "missing" in a]
+    assert len(report.alerts) == 1 and "f0" in report.alerts[0]
+
+
+def test_a_steady_share_of_missing_values_raises_no_alert_and_a_window_without_any_has_no_missing_row():
+    rng = np.random.default_rng(1)
+
+    def draw(n):
+        x = rng.standard_normal((n, 3))
+        x[rng.random((n, 3)) < 0.1] = np.nan  # 10% missing in reference and live alike
+        return x
+
+    x_ref = draw(4000)
+    spec = DriftSpec.fit(x_ref)
+    mon = DriftMonitor(spec, summarize(spec, x_ref), alpha=0.05)
+    alarms = sum(mon.compare([summarize(spec, draw(60)) for _ in range(3)]).drifted for _ in range(100))
+    assert alarms <= 12  # alpha 5% + 3 binomial s.e.
+    clean = rng.standard_normal((4000, 3))
+    mon = DriftMonitor(spec, summarize(spec, clean))
+    assert {r["kind"] for r in mon.compare(summarize(spec, clean[:500])).rows} == {"feature"}
+
+
+def test_missing_counts_are_validated_and_nan_embeddings_are_refused():
+    spec = DriftSpec.fit(np.arange(100.0).reshape(50, 2), embeddings=np.eye(50, 4) + 1, n_projections=2)
+    good = summarize(spec, np.arange(20.0).reshape(10, 2))
+    good.validate(spec)
+    for bad in ([1], [1, 0], [-1, 0], [0.5, 0]):  # wrong length, totals off, negative, not whole
+        s = summarize(spec, np.arange(20.0).reshape(10, 2))
+        s.missing_counts = bad
+        with pytest.raises(InvalidUpdate):
+            s.validate(spec)
+    with pytest.raises(ConfigError, match="NaN"):
+        summarize(spec, embeddings=np.full((3, 4), np.nan))

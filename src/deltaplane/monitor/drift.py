@@ -12,6 +12,8 @@ reference:
   (``scipy.stats.kstwobign``) — binning can only hide differences, so the p-value is conservative;
 * **χ²** test of homogeneity on the two count vectors (``scipy.stats.chi2_contingency``), used for discrete
   features and predicted classes;
+* **missing values**: NaN feature values are counted apart from the bins, and each feature's share of missing
+  inputs is a χ² signal of its own (a sensor going dark is drift, not a shift to high values);
 * **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): the centroid shift standardised by the
   reference spread, ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``, with a χ²₁-bounded p-value, plus PSI of
   the embeddings projected on seeded random directions (Rabanser et al. 2019, "Failing Loudly",
@@ -28,7 +30,7 @@ with fewer than ``min_samples`` live samples is reported as "not enough samples"
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,6 +335,10 @@ class Summary:
     projection_counts: list[list[int]] = field(default_factory=list)
     embedding_sum: list[float] = field(default_factory=list)
     embedding_n: int = 0
+    #: inputs whose feature value was missing (NaN), one count per feature; they are not in feature_counts
+    #: (binning NaN put missing inputs in the top bin, a false shift to high values) and form a signal of
+    #: their own. Empty (a report from before this field) means none missing.
+    missing_counts: list[int] = field(default_factory=list)
 
     def validate(self, spec: DriftSpec) -> None:
         """Refuse a summary whose shape does not match ``spec`` (devices are untrusted)."""
@@ -350,6 +356,11 @@ class Summary:
                 raise InvalidUpdate(f"{name} holds negative counts")
 
         check("feature_counts", self.feature_counts, spec.feature_edges)
+        if self.missing_counts and len(self.missing_counts) != len(self.feature_counts):
+            raise InvalidUpdate(
+                f"missing_counts has {len(self.missing_counts)} entries for {len(self.feature_counts)} "
+                "feature_counts rows: one count of missing inputs per feature"
+            )
         check("projection_counts", self.projection_counts, spec.projection_edges)
         if self.prediction_counts and len(self.prediction_counts) != spec.n_classes:
             raise InvalidUpdate(
@@ -381,6 +392,7 @@ class Summary:
             "feature_counts": [v for r in self.feature_counts for v in r],
             "prediction_counts": list(self.prediction_counts),
             "projection_counts": [v for r in self.projection_counts for v in r],
+            "missing_counts": list(self.missing_counts),
         }
         for name, values in [*((k, [v]) for k, v in scalars.items()), *rows.items()]:
             bad = [v for v in values if not _is_count(v)]
@@ -388,14 +400,18 @@ class Summary:
                 raise InvalidUpdate(f"{name} must be whole numbers >= 0 (counts of inputs). Found {bad[:3]}")
 
     def _check_totals(self) -> None:
-        """Counts must add up to the report's own sample counts (every feature row bins the same inputs)."""
-        sums = {sum(r) for r in self.feature_counts}
+        """Counts must add up to the report's own sample counts (every feature row bins the same inputs, less
+        those missing that feature)."""
+        sums = {sum(r) + m for r, m in zip(self.feature_counts, self._missing(), strict=True)}
         if len(sums) > 1:
             raise InvalidUpdate(
-                f"feature_counts rows sum to different totals {sorted(sums)[:4]}: each bins all n inputs"
+                f"feature_counts rows plus missing_counts sum to different totals {sorted(sums)[:4]}: each "
+                "feature bins all n inputs or counts them missing"
             )
         if sums and max(sums) > self.n:
-            raise InvalidUpdate(f"feature_counts sum to {max(sums)} but the summary says n={self.n}")
+            raise InvalidUpdate(
+                f"feature_counts and missing_counts sum to {max(sums)} but the summary says n={self.n}"
+            )
         if sum(self.prediction_counts) > self.n:
             raise InvalidUpdate(f"prediction_counts sum to {sum(self.prediction_counts)} > n={self.n}")
         if self.embedding_n > self.n:
@@ -404,6 +420,10 @@ class Summary:
             raise InvalidUpdate(f"every projection_counts row must sum to embedding_n={self.embedding_n}")
         if self.embedding_sum and not self.embedding_n:
             raise InvalidUpdate("embedding_sum without embedding_n (the number of embeddings summed)")
+
+    def _missing(self) -> list[int]:
+        """Missing inputs per feature (zeros for a report that has no missing_counts)."""
+        return list(self.missing_counts) or [0] * len(self.feature_counts)
 
     def merge(self, other: Summary) -> Summary:
         """Element-wise sum of two summaries (a window is the merge of many device reports)."""
@@ -422,6 +442,7 @@ class Summary:
             add(self.projection_counts, other.projection_counts),
             add(self.embedding_sum, other.embedding_sum),
             self.embedding_n + other.embedding_n,
+            add(self.missing_counts, other.missing_counts),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -453,7 +474,9 @@ def summarize(
         if x.shape[1] != len(spec.feature_edges):
             raise ConfigError(f"features have {x.shape[1]} columns, the spec has {len(spec.feature_edges)}")
         s.n = len(x)
-        s.feature_counts = [_bin(x[:, j], e) for j, e in enumerate(spec.feature_edges)]
+        missing = np.isnan(x)  # not a value: counted apart, never binned (NaN sorts above every edge)
+        s.feature_counts = [_bin(x[~missing[:, j], j], e) for j, e in enumerate(spec.feature_edges)]
+        s.missing_counts = missing.sum(axis=0).tolist()
     if predictions is not None:
         raw = np.asarray(predictions).reshape(-1)
         # a cast would truncate probabilities or scores (0.7 -> class 0) into a false prediction drift
@@ -474,6 +497,11 @@ def summarize(
                 f"embeddings must be an (n, {dim}) array for this drift spec. Found shape {emb.shape}"
                 if dim
                 else "the drift spec has no embeddings: fit it with DriftSpec.fit(..., embeddings=...)"
+            )
+        if not np.isfinite(emb).all():
+            raise ConfigError(
+                "embeddings hold NaN or Inf: an encoder does not produce missing values, so these inputs "
+                "failed upstream; drop them (or fix the encoder) before summarizing"
             )
         z = emb @ np.asarray(spec.projections).T
         s.projection_counts = [_bin(z[:, k], e) for k, e in enumerate(spec.projection_edges)]
@@ -679,6 +707,7 @@ class DriftMonitor:
             for j, name in enumerate(self.spec.feature_names):
                 cur = [d.feature_counts[j] for d in devices if d.feature_counts]
                 row("feature", name, self.reference.feature_counts[j], cur, "ks")
+            self._missing_rows(devices, row)
         if self.reference.prediction_counts:
             cur = [d.prediction_counts for d in devices if d.prediction_counts]
             row("prediction", "predicted class", self.reference.prediction_counts, cur, "chi2")
@@ -691,11 +720,23 @@ class DriftMonitor:
         n_live = _effective_n([d.n for d in devices])
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
 
+    def _missing_rows(self, devices: list[Summary], row: Callable[..., None]) -> None:
+        """One "missing values" signal per feature that the reference or this window has missing inputs
+        for: a χ² test of the share missing (counts [present, missing]), gated by its PSI like any signal.
+        A feature never missing on either side has nothing to test and stays out of the window's family."""
+        ref_missing = self.reference._missing()
+        live = [(d.feature_counts, d._missing()) for d in devices if d.feature_counts]
+        for j, name in enumerate(self.spec.feature_names):
+            if not ref_missing[j] and not any(m[j] for _, m in live):
+                continue
+            ref = [sum(self.reference.feature_counts[j]), ref_missing[j]]
+            row("missing values", name, ref, [[sum(c[j]), m[j]] for c, m in live], "chi2")
+
     def _n_signals(self) -> int:
         """How many signals a window can test at most (the size of the family Holm corrects over)."""
         ref = self.reference
         return (
-            len(ref.feature_counts)
+            2 * len(ref.feature_counts)  # each feature's values, and its share of missing values
             + bool(ref.prediction_counts)
             + len(ref.projection_counts)
             + bool(ref.embedding_n)
