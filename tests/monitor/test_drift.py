@@ -320,3 +320,137 @@ def test_embeddings_and_count_vectors_of_the_wrong_shape_are_config_errors():
     for test in (ks_from_counts, chi2_from_counts):
         with pytest.raises(ConfigError, match="same length"):
             test([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"features": np.zeros((0, 3))},
+        {"features": []},
+        {"features": np.zeros((5, 2)), "embeddings": np.zeros((0, 8))},
+        {"embeddings": np.zeros(8)},
+    ],
+)
+def test_fitting_a_spec_on_an_empty_reference_is_a_config_error_saying_what_to_pass(kw):
+    """A 0-row reference raised numpy's bare ValueError ("cannot reshape array of size 0")."""
+    with pytest.raises(ConfigError, match="reference|embeddings must be"):
+        DriftSpec.fit(**kw)
+
+
+def test_holm_adjusted_p_values_match_the_worked_example():
+    """Holm's step-down on four p-values (the textbook example): sorted 0.005, 0.01, 0.03, 0.04 are multiplied
+    by 4, 3, 2, 1 and made monotone, so at alpha 0.05 the first two are rejected and the others are not."""
+    from deltaplane.monitor import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([]) == [] and holm([0.7]) == [0.7] and holm([0.6, 0.9]) == [1.0, 1.0]
+
+
+def _clean_windows_alarming(n_features, n_live, devices, trials, alpha, seed=0):
+    rng = np.random.default_rng(seed)
+    spec = DriftSpec.fit(rng.standard_normal((5000, n_features)), n_bins=10)
+    mon = DriftMonitor(spec, summarize(spec, rng.standard_normal((5000, n_features))), alpha=alpha)
+    alarms = 0
+    for _ in range(trials):
+        live = [summarize(spec, rng.standard_normal((n_live, n_features))) for _ in range(devices)]
+        alarms += mon.compare(live).drifted
+    return alarms
+
+
+@pytest.mark.parametrize(("n_features", "n_live"), [(64, 20), (20, 20)])
+def test_a_clean_window_raises_any_alert_at_most_alpha_of_the_time(n_features, n_live):
+    """Each feature's test held its own rate at alpha, but a window tests every feature: with 64 features
+    (3 devices x 20 samples) 16.7% of clean windows alerted at alpha 1%. With Holm's correction over the
+    window's signals, the share of clean windows with any alert stays within alpha (+3 binomial s.e.)."""
+    alpha, trials = 0.05, 300
+    alarms = _clean_windows_alarming(n_features, n_live, 3, trials, alpha)
+    assert alarms / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials), alarms
+
+
+def test_the_corrected_window_still_catches_a_shifted_feature_and_a_prediction_collapse():
+    """Power after the correction: among 64 features one moves by one standard deviation (caught in every
+    window, nothing else flagged), and predictions collapsing onto one class on a sparse window (Monte-Carlo χ²,
+    65 signals) are caught: a fixed 2,000 draws put the smallest p-value at 1/2001, which Holm's x65 could never
+    bring below alpha 1%."""
+    rng = np.random.default_rng(3)
+    x_ref = rng.standard_normal((5000, 64))
+    spec = DriftSpec.fit(x_ref, n_classes=10, n_bins=8)
+    mon = DriftMonitor(spec, summarize(spec, x_ref, rng.integers(0, 10, 5000)), window=3, min_devices=3)
+    for _ in range(20):
+        devices = []
+        for _ in range(3):
+            x = rng.standard_normal((40, 64))
+            x[:, 7] += 1.0
+            devices.append(summarize(spec, x, np.where(rng.random(40) < 0.8, 0, rng.integers(0, 10, 40))))
+        report = mon.compare(devices)
+        flagged = {r["name"] for r in report.rows if r["drifted"]}
+        assert flagged == {"f7", "predicted class"}, flagged
+        rows = {r["name"]: r for r in report.rows}
+        assert rows["f7"]["p"] <= rows["f7"]["p_adjusted"] < 0.01  # the signal's own p stays visible
+    # the Monte-Carlo p-value resolves far below 1/2001 when asked to (and stays exactly valid)
+    _, p = chi2_from_counts([500] * 10, [30] + [0] * 9, min_p=1e-4)
+    assert p < 1e-3
+
+
+def test_the_window_size_a_report_shows_is_the_effective_one_a_lying_device_cannot_inflate():
+    """n_live summed what devices claimed, so one device reporting 1e9 inputs showed a window of a billion,
+    while the statistics (equal weight per device) used Kish's effective size: the report now shows that."""
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(rng.normal(size=(1000, 1)), n_bins=4)
+    mon = DriftMonitor(spec, summarize(spec, rng.normal(size=(1000, 1))))
+    honest = [summarize(spec, rng.normal(size=(100, 1))) for _ in range(9)]
+    liar = Summary(n=10**9, feature_counts=[[10**9 // 4] * 4])
+    liar.validate(spec)
+    report = mon.compare([*honest, liar])
+    assert 900 <= report.n_live <= 1200, report.n_live  # about ten devices of 100, not 1e9 + 900
+    assert report.rows[0]["n"] == pytest.approx(report.n_live)  # the figure the test saw
+    assert mon.compare(honest[0]).n_live == 100  # one device: its own n
+
+
+def test_missing_feature_values_are_their_own_signal_not_a_shift_to_high_values():
+    """NaN sorted above every edge, so half the inputs missing read as PSI 0.81 toward the top bin. Missing
+    values are now counted apart (missing_counts) and tested as a share of their own (the way Evidently and
+    NannyML report missing values next to drift): the values' row is clean, the missing row alerts."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1000, 1))
+    spec = DriftSpec.fit(ref, n_bins=5)
+    live = rng.standard_normal((200, 1))
+    live[:100] = np.nan
+    s = summarize(spec, live)
+    assert s.missing_counts == [100] and sum(s.feature_counts[0]) == 100 and s.n == 200
+    report = DriftMonitor(spec, summarize(spec, ref)).compare(s)
+    rows = {r["kind"]: r for r in report.rows}
+    assert not rows["feature"]["drifted"] and rows["feature"]["psi"] < 0.2
+    assert rows["missing values"]["drifted"] and report.alerts == [a for a in report.alerts if "missing" in a]
+    assert len(report.alerts) == 1 and "f0" in report.alerts[0]
+
+
+def test_a_steady_share_of_missing_values_raises_no_alert_and_a_window_without_any_has_no_missing_row():
+    rng = np.random.default_rng(1)
+
+    def draw(n):
+        x = rng.standard_normal((n, 3))
+        x[rng.random((n, 3)) < 0.1] = np.nan  # 10% missing in reference and live alike
+        return x
+
+    x_ref = draw(4000)
+    spec = DriftSpec.fit(x_ref)
+    mon = DriftMonitor(spec, summarize(spec, x_ref), alpha=0.05)
+    alarms = sum(mon.compare([summarize(spec, draw(60)) for _ in range(3)]).drifted for _ in range(100))
+    assert alarms <= 12  # alpha 5% + 3 binomial s.e.
+    clean = rng.standard_normal((4000, 3))
+    mon = DriftMonitor(spec, summarize(spec, clean))
+    assert {r["kind"] for r in mon.compare(summarize(spec, clean[:500])).rows} == {"feature"}
+
+
+def test_missing_counts_are_validated_and_nan_embeddings_are_refused():
+    spec = DriftSpec.fit(np.arange(100.0).reshape(50, 2), embeddings=np.eye(50, 4) + 1, n_projections=2)
+    good = summarize(spec, np.arange(20.0).reshape(10, 2))
+    good.validate(spec)
+    for bad in ([1], [1, 0], [-1, 0], [0.5, 0]):  # wrong length, totals off, negative, not whole
+        s = summarize(spec, np.arange(20.0).reshape(10, 2))
+        s.missing_counts = bad
+        with pytest.raises(InvalidUpdate):
+            s.validate(spec)
+    with pytest.raises(ConfigError, match="NaN"):
+        summarize(spec, embeddings=np.full((3, 4), np.nan))

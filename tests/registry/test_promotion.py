@@ -44,7 +44,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
     card = reg.card(
         reg.get("digits", better.number)
     )  # promotion attaches a model card with the gate's metrics
-    assert card["metrics"] == r2.candidate_metrics and card["lineage"]["promoted_to"] == "production"
+    assert card["metrics"] == r2.candidate_metrics and card["evaluation"]["promoted_to"] == "production"
     assert reg.card(pruned) is None
 
     before = reg.get_blob(reg.get("digits", good.number).sha256)
@@ -172,3 +172,57 @@ def test_concurrent_rollbacks_each_pop_one_version(tmp_path, monkeypatch):
     assert not errors, errors
     assert sorted(got) == [1, 2]
     assert Registry(tmp_path / "h").tag("m", "production") == 1
+
+
+def test_a_promotion_card_states_its_evaluator_and_data_and_drift_not_measured(tmp_path, train, evaluate):
+    """The card said nothing of which evaluator and data produced its metrics, filed promoted_to under lineage
+    and left drift blank."""
+    from deltaplane.monitor import ModelCard
+
+    reg = Registry.create(tmp_path / "h")
+    first = reg.register_model("digits", train(600), lineage={"round": 3})
+    promote(
+        reg, first.ref, evaluator=evaluate, evaluator_name="tests:evaluate", evaluation_data="held-out 20%"
+    )
+    cand = reg.register_model("digits", train(1200), parent=first.number)
+
+    def scored(state):
+        return evaluate(state)
+
+    scored.data = "digits test split, noisy copy for OOD"  # what an evaluator declares, like .tolerance
+    promote(reg, cand.ref, evaluator=scored)
+    card = reg.card(cand)
+    assert "promoted_to" not in card["lineage"] and card["lineage"]["parent"] == first.number
+    ev = card["evaluation"]
+    assert ev["data"] == scored.data and "scored" in ev["evaluator"] and ev["promoted_to"] == "production"
+    assert ev["compared_with"] == first.ref and "accuracy may drop by at most 0.01" in ev["gate"]
+    assert card["drift"]["status"] == "not measured"
+    first_card = reg.card(first)
+    assert first_card["evaluation"]["data"] == "held-out 20%" and first_card["lineage"] == {
+        "parent": None,
+        "round": 3,
+    }
+    md = ModelCard.from_dict(card).to_markdown()
+    assert "- data: digits test split" in md and "- not measured" in md
+    assert "## Lineage\n- parent: 1\n\n" in md  # the tag it moved is not lineage
+
+
+def test_a_failed_card_attach_leaves_the_tag_unmoved(tmp_path, train, evaluate, monkeypatch):
+    """The card was attached after the tag moved, outside a transaction: a failed attach left a promoted
+    version with no card. Now the move and the card are one transaction."""
+    reg = Registry.create(tmp_path / "h")
+    first = reg.register_model("digits", train(600))
+    promote(reg, first.ref, evaluator=evaluate)
+    cand = reg.register_model("digits", train(1200), parent=first.number)
+    history = reg.tag_history("digits", "production")
+
+    def broken_attach(artifact, card):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reg, "attach_card", broken_attach)
+    with pytest.raises(OSError, match="disk full"):
+        promote(reg, cand.ref, evaluator=evaluate)
+    fresh = Registry(tmp_path / "h")  # what was committed, seen from another connection
+    assert fresh.tag("digits", "production") == first.number
+    assert fresh.tag_history("digits", "production") == history and fresh.card(cand) is None
+    fresh.check_state(model="digits", tag="production")  # the signed state log agrees with the tags

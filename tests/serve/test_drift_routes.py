@@ -104,3 +104,17 @@ def test_absurd_embedding_sums_are_422_and_the_history_stays_readable(service):
         )
     assert e.value.status == 422
     assert service.http.get("/admin/models/cnn/drift", headers=service.admin._headers).status_code == 200
+
+
+def test_a_device_reporting_missing_feature_values_gets_a_missing_values_alert(service):
+    """The service's schema refused the new missing_counts (422); now the NaN inputs a device counted apart
+    raise a "missing values" alert instead of passing for a shift to high values."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 2))
+    spec = DriftSpec.fit(ref)
+    service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=1)
+    x = rng.normal(size=(300, 2))
+    x[:150, 1] = np.nan
+    out = service.device("d0").report("cnn", version=1, summary=summarize(spec, x).to_dict())
+    assert out["drift_evaluated"] and out["alerts"] and all("missing values" in a for a in out["alerts"])
+    assert "f1" in out["alerts"][0]

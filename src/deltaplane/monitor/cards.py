@@ -1,7 +1,7 @@
 """Model cards (Mitchell et al. 2019, https://arxiv.org/abs/1810.03993) built from what the system knows.
 
 A card gathers a version's lineage, governance (data sources, contributing and excluded cohorts), evaluation
-metrics and latest drift report into one JSON document that the registry attaches to the version, and renders
+metrics with how they were measured (evaluator, data, gate) and latest drift report into one JSON document that the registry attaches to the version, and renders
 it as Markdown for humans. Plain dicts in, so the monitor layer does not depend on the registry.
 """
 
@@ -11,7 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelCard"]
+__all__ = ["NOT_MEASURED", "ModelCard"]
+
+#: the drift entry of a card with no drift report: said outright rather than left blank (a blank reads as
+#: "no drift"); a drift mapping without ``alerts`` is read the same way
+NOT_MEASURED: dict[str, Any] = {"status": "not measured"}
 
 
 @dataclass
@@ -26,6 +30,9 @@ class ModelCard:
     metrics: Mapping[str, float] = field(default_factory=dict)
     drift: Mapping[str, Any] | None = None
     limitations: Sequence[str] = ()
+    #: how ``metrics`` were produced: evaluator, data, and for a promotion the gate (tolerances, the version
+    #: compared against, the tag it moved)
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,8 +42,9 @@ class ModelCard:
             "lineage": dict(self.lineage),
             "governance": dict(self.governance),
             "metrics": dict(self.metrics),
-            "drift": dict(self.drift) if self.drift else None,
+            "drift": dict(self.drift) if self.drift else dict(NOT_MEASURED),
             "limitations": list(self.limitations),
+            "evaluation": dict(self.evaluation),
         }
 
     @classmethod
@@ -50,10 +58,12 @@ class ModelCard:
             d.get("metrics", {}),
             d.get("drift"),
             tuple(d.get("limitations", ())),
+            d.get("evaluation", {}),
         )
 
     def to_markdown(self) -> str:
-        """The card as Markdown (sections: use, lineage, data & consent, metrics, drift, limitations).
+        """The card as Markdown (sections: use, lineage, data & consent, metrics and how they were measured,
+        drift — "not measured" when the card has no drift report —, limitations).
 
         Every value is printed on one line (newlines collapsed): a lineage value or cohort name must not be
         able to open a section of its own, e.g. a forged "## Metrics" with better numbers.
@@ -77,12 +87,22 @@ class ModelCard:
         else:
             out.append("not evaluated")
         out.append("")
-        if self.drift:
-            alerts = [f"- {_line(a)}" for a in self.drift.get("alerts", [])]
-            out += ["## Drift (latest window)", *(alerts or ["- no alerts"]), ""]
+        if self.evaluation:
+            out += (
+                ["## Evaluation"] + [f"- {_line(k)}: {_line(v)}" for k, v in self.evaluation.items()] + [""]
+            )
+        out += ["## Drift (latest window)", *self._drift_lines(), ""]
         if self.limitations:
             out += ["## Limitations"] + [f"- {_line(x)}" for x in self.limitations] + [""]
         return "\n".join(out)
+
+    def _drift_lines(self) -> list[str]:
+        """The drift section's lines: a measured window (it has ``alerts``) lists them or says "no alerts";
+        anything else says "not measured", never an empty section that reads as a clean bill."""
+        if self.drift and "alerts" in self.drift:
+            return [f"- {_line(a)}" for a in self.drift["alerts"]] or ["- no alerts"]
+        note = (self.drift or {}).get("note")
+        return ["- not measured" + (f": {_line(note)}" if note else "")]
 
 
 def _line(value: Any) -> str:

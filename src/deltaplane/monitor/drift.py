@@ -12,13 +12,17 @@ reference:
   (``scipy.stats.kstwobign``) — binning can only hide differences, so the p-value is conservative;
 * **χ²** test of homogeneity on the two count vectors (``scipy.stats.chi2_contingency``), used for discrete
   features and predicted classes;
+* **missing values**: NaN feature values are counted apart from the bins, and each feature's share of missing
+  inputs is a χ² signal of its own (a sensor going dark is drift, not a shift to high values);
 * **embedding drift** (e.g. all-MiniLM-L6-v2 sentence embeddings): the centroid shift standardised by the
   reference spread, ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``, with a χ²₁-bounded p-value, plus PSI of
   the embeddings projected on seeded random directions (Rabanser et al. 2019, "Failing Loudly",
   https://arxiv.org/abs/1810.11953, find random projections a strong drift detector).
 
-A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejects at ``alpha``: with
-thousands of samples a test alone flags negligible shifts, and PSI alone ignores sample size. Windows weigh
+A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejects at ``alpha`` after Holm's
+correction over all the signals the window tests (:func:`holm`): with thousands of samples a test alone flags
+negligible shifts, PSI alone ignores sample size, and uncorrected tests over 64 features alert on 1 clean
+window in 6. So ``alpha`` bounds the chance that a window without drift raises *any* alert. Windows weigh
 each device equally (a device's counts count as fractions) and need ``min_devices`` distinct devices; a signal
 with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
 ``docs/ops.md`` for the measured false-alarm rates.
@@ -26,7 +30,7 @@ with fewer than ``min_samples`` live samples is reported as "not enough samples"
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +44,7 @@ __all__ = [
     "DriftSpec",
     "Summary",
     "chi2_from_counts",
+    "holm",
     "ks_from_counts",
     "psi",
     "summarize",
@@ -52,6 +57,8 @@ PSI_EPS = 1e-4
 #: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
 #: bin to another): a threshold at or above it could never fire.
 PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
+#: Monte-Carlo χ² draws stop once this many simulated tables reach the observed statistic (Besag–Clifford)
+MC_EXCEEDANCES = 50
 
 
 def _pair(reference: Sequence[float], live: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,16 +93,28 @@ def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[f
 
 
 def chi2_from_counts(
-    reference: Sequence[float], live: Sequence[float], *, mc_samples: int = 2000, seed: int = 0
+    reference: Sequence[float],
+    live: Sequence[float],
+    *,
+    mc_samples: int = 2000,
+    seed: int = 0,
+    min_p: float | None = None,
 ) -> tuple[float, float]:
     """χ² test of homogeneity of two count vectors (bins empty in both are dropped).
 
     The asymptotic χ² p-value is only trusted when every expected count is at least 5 (Cochran's rule); on
     sparse tables (small live windows, rare classes) it rejects far more often than ``alpha``, so there the
     p-value is a seeded Monte-Carlo permutation p-value: tables with the same margins are drawn
-    (``scipy.stats.random_table``, i.e. the exact conditional null) and ``p = (1 + #{χ²_sim >= χ²_obs}) /
-    (mc_samples + 1)``, which never rejects more often than ``alpha`` under no drift. Counts are rounded to
-    integers for that draw.
+    (``scipy.stats.random_table``, i.e. the exact conditional null), which never rejects more often than
+    ``alpha`` under no drift. Counts are rounded to integers for that draw.
+
+    The draws follow Besag & Clifford's sequential rule (1991, "Sequential Monte Carlo p-values",
+    Biometrika 78:301): stop once ``MC_EXCEEDANCES`` tables reach the observed χ² after ``l`` draws (``p = h /
+    l``), else after ``N`` draws with ``g`` such tables (``p = (g + 1) / (N + 1)``); the p-value is exactly
+    valid either way. ``N`` is ``mc_samples``, raised to ``MC_EXCEEDANCES / min_p`` when the caller must
+    resolve p-values down to ``min_p`` (a family-wise correction over m signals needs about ``alpha / m``:
+    with a fixed 2,000 draws the smallest p-value is 1/2001, so a corrected test could never reject). Clean
+    tables stop after a few hundred draws, so the extra draws are only spent where the evidence is strong.
     """
     from scipy.stats import chi2_contingency, random_table
 
@@ -116,10 +135,42 @@ def chi2_from_counts(
     def chi2_stat(t: np.ndarray) -> np.ndarray:
         return (((t - e) ** 2) / e).sum(axis=(-2, -1))
 
-    sims = random_table(rows, cols, seed=seed).rvs(mc_samples)
     observed = chi2_stat(counts)
-    exceed = int(np.sum(chi2_stat(sims) >= observed * (1 - 1e-12)))  # ties count against rejecting
-    return float(observed), (1 + exceed) / (mc_samples + 1)
+    n_max = max(mc_samples, int(np.ceil(MC_EXCEEDANCES / min_p)) if min_p else 0)
+    null = random_table(rows, cols, seed=seed)
+    drawn = exceed = 0
+    while (
+        drawn < n_max
+    ):  # in chunks, so a large N neither holds every table in memory nor is drawn needlessly
+        sims = null.rvs(min(mc_samples, n_max - drawn))
+        hits = np.cumsum(chi2_stat(sims) >= observed * (1 - 1e-12))  # ties count against rejecting
+        if exceed + hits[-1] >= MC_EXCEEDANCES:
+            stop = drawn + int(np.argmax(exceed + hits >= MC_EXCEEDANCES)) + 1
+            return float(observed), MC_EXCEEDANCES / stop
+        exceed += int(hits[-1])
+        drawn += len(sims)
+    return float(observed), (1 + exceed) / (drawn + 1)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
+    procedure", Scand. J. Statist. 6:65): rejecting every signal whose adjusted p-value is below ``alpha``
+    keeps the chance of *any* false rejection among them at most ``alpha``, whatever their dependence, and
+    rejects everything Bonferroni does and more.
+
+    The i-th smallest of m p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``. statsmodels'
+    ``multipletests(method="holm")`` computes the same numbers, but statsmodels is not a dependency of
+    deltaplane, and these lines are the whole method.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.size == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()
 
 
 @dataclass(frozen=True)
@@ -152,7 +203,7 @@ class DriftSpec:
             raise ConfigError(f"n_bins must be at least 2. Found {n_bins}")
         edges: list[tuple[float, ...]] = []
         if features is not None:
-            x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+            x = _reference_rows(features, "features")
             edges = [_fit_edges(x[:, j], n_bins) for j in range(x.shape[1])]
         names = tuple(feature_names) if feature_names else tuple(f"f{j}" for j in range(len(edges)))
         if len(names) != len(edges):
@@ -161,7 +212,9 @@ class DriftSpec:
         trace = 0.0
         pedges: list[tuple[float, ...]] = []
         if embeddings is not None:
-            emb = np.asarray(embeddings, dtype=np.float64)
+            emb = _reference_rows(embeddings, "embeddings")
+            if np.ndim(embeddings) != 2:
+                raise ConfigError(f"embeddings must be an (n, dim) array. Found shape {np.shape(embeddings)}")
             rng = np.random.default_rng(seed)
             p = rng.standard_normal((n_projections, emb.shape[1]))
             p /= np.linalg.norm(p, axis=1, keepdims=True)
@@ -230,6 +283,21 @@ class DriftSpec:
         )
 
 
+def _reference_rows(values: Any, what: str) -> np.ndarray:
+    """The reference ``values`` as an (n, columns) float array; :class:`ConfigError` when there are no rows.
+
+    Bin edges are reference quantiles, so an empty reference has nothing to fit them on (numpy's own error,
+    "cannot reshape array of size 0", says nothing about what to pass instead).
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 0 or len(a) == 0:
+        raise ConfigError(
+            f"DriftSpec.fit got no reference {what} (shape {a.shape}): pass the rows of a trusted reference "
+            "window (e.g. the training set), one row per input"
+        )
+    return a.reshape(len(a), -1)
+
+
 def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
     """Bin edges for one reference column, used with ``side="right"`` binning (bin i is [e[i-1], e[i])).
 
@@ -267,6 +335,10 @@ class Summary:
     projection_counts: list[list[int]] = field(default_factory=list)
     embedding_sum: list[float] = field(default_factory=list)
     embedding_n: int = 0
+    #: inputs whose feature value was missing (NaN), one count per feature; they are not in feature_counts
+    #: (binning NaN put missing inputs in the top bin, a false shift to high values) and form a signal of
+    #: their own. Empty (a report from before this field) means none missing.
+    missing_counts: list[int] = field(default_factory=list)
 
     def validate(self, spec: DriftSpec) -> None:
         """Refuse a summary whose shape does not match ``spec`` (devices are untrusted)."""
@@ -284,6 +356,11 @@ class Summary:
                 raise InvalidUpdate(f"{name} holds negative counts")
 
         check("feature_counts", self.feature_counts, spec.feature_edges)
+        if self.missing_counts and len(self.missing_counts) != len(self.feature_counts):
+            raise InvalidUpdate(
+                f"missing_counts has {len(self.missing_counts)} entries for {len(self.feature_counts)} "
+                "feature_counts rows: one count of missing inputs per feature"
+            )
         check("projection_counts", self.projection_counts, spec.projection_edges)
         if self.prediction_counts and len(self.prediction_counts) != spec.n_classes:
             raise InvalidUpdate(
@@ -315,6 +392,7 @@ class Summary:
             "feature_counts": [v for r in self.feature_counts for v in r],
             "prediction_counts": list(self.prediction_counts),
             "projection_counts": [v for r in self.projection_counts for v in r],
+            "missing_counts": list(self.missing_counts),
         }
         for name, values in [*((k, [v]) for k, v in scalars.items()), *rows.items()]:
             bad = [v for v in values if not _is_count(v)]
@@ -322,14 +400,18 @@ class Summary:
                 raise InvalidUpdate(f"{name} must be whole numbers >= 0 (counts of inputs). Found {bad[:3]}")
 
     def _check_totals(self) -> None:
-        """Counts must add up to the report's own sample counts (every feature row bins the same inputs)."""
-        sums = {sum(r) for r in self.feature_counts}
+        """Counts must add up to the report's own sample counts (every feature row bins the same inputs, less
+        those missing that feature)."""
+        sums = {sum(r) + m for r, m in zip(self.feature_counts, self._missing(), strict=True)}
         if len(sums) > 1:
             raise InvalidUpdate(
-                f"feature_counts rows sum to different totals {sorted(sums)[:4]}: each bins all n inputs"
+                f"feature_counts rows plus missing_counts sum to different totals {sorted(sums)[:4]}: each "
+                "feature bins all n inputs or counts them missing"
             )
         if sums and max(sums) > self.n:
-            raise InvalidUpdate(f"feature_counts sum to {max(sums)} but the summary says n={self.n}")
+            raise InvalidUpdate(
+                f"feature_counts and missing_counts sum to {max(sums)} but the summary says n={self.n}"
+            )
         if sum(self.prediction_counts) > self.n:
             raise InvalidUpdate(f"prediction_counts sum to {sum(self.prediction_counts)} > n={self.n}")
         if self.embedding_n > self.n:
@@ -338,6 +420,10 @@ class Summary:
             raise InvalidUpdate(f"every projection_counts row must sum to embedding_n={self.embedding_n}")
         if self.embedding_sum and not self.embedding_n:
             raise InvalidUpdate("embedding_sum without embedding_n (the number of embeddings summed)")
+
+    def _missing(self) -> list[int]:
+        """Missing inputs per feature (zeros for a report that has no missing_counts)."""
+        return list(self.missing_counts) or [0] * len(self.feature_counts)
 
     def merge(self, other: Summary) -> Summary:
         """Element-wise sum of two summaries (a window is the merge of many device reports)."""
@@ -356,6 +442,7 @@ class Summary:
             add(self.projection_counts, other.projection_counts),
             add(self.embedding_sum, other.embedding_sum),
             self.embedding_n + other.embedding_n,
+            add(self.missing_counts, other.missing_counts),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -387,7 +474,9 @@ def summarize(
         if x.shape[1] != len(spec.feature_edges):
             raise ConfigError(f"features have {x.shape[1]} columns, the spec has {len(spec.feature_edges)}")
         s.n = len(x)
-        s.feature_counts = [_bin(x[:, j], e) for j, e in enumerate(spec.feature_edges)]
+        missing = np.isnan(x)  # not a value: counted apart, never binned (NaN sorts above every edge)
+        s.feature_counts = [_bin(x[~missing[:, j], j], e) for j, e in enumerate(spec.feature_edges)]
+        s.missing_counts = missing.sum(axis=0).tolist()
     if predictions is not None:
         raw = np.asarray(predictions).reshape(-1)
         # a cast would truncate probabilities or scores (0.7 -> class 0) into a false prediction drift
@@ -409,6 +498,11 @@ def summarize(
                 if dim
                 else "the drift spec has no embeddings: fit it with DriftSpec.fit(..., embeddings=...)"
             )
+        if not np.isfinite(emb).all():
+            raise ConfigError(
+                "embeddings hold NaN or Inf: an encoder does not produce missing values, so these inputs "
+                "failed upstream; drop them (or fix the encoder) before summarizing"
+            )
         z = emb @ np.asarray(spec.projections).T
         s.projection_counts = [_bin(z[:, k], e) for k, e in enumerate(spec.projection_edges)]
         s.embedding_sum = emb.sum(axis=0).tolist()
@@ -422,7 +516,10 @@ class DriftReport:
     """Per-signal drift figures for one live window, and the alerts they raise."""
 
     n_reference: int
-    n_live: int
+    #: the window's effective sample size, Kish's ``D² / Σ 1/n_d`` over the devices' reported ``n`` (what the
+    #: tests see, see :func:`_pool`), not the sum of what devices claim: one device claiming 1e9 inputs adds
+    #: at most about one device's worth, as it does in the statistics
+    n_live: float
     rows: list[dict[str, Any]]
     alerts: list[str]
     devices: int = 1  # distinct devices in the live window, each weighted equally
@@ -454,10 +551,16 @@ def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
     arrs = [a for a in arrs if a.sum() > 0]
     if not arrs:
         return None
-    n = np.array([a.sum() for a in arrs])
     fractions = np.mean([a / a.sum() for a in arrs], axis=0)
-    n_eff = len(arrs) ** 2 / float(np.sum(1.0 / n))
+    n_eff = _effective_n([a.sum() for a in arrs])
     return fractions * n_eff, n_eff
+
+
+def _effective_n(counts: Sequence[float]) -> float:
+    """Kish's effective sample size ``D² / Σ 1/n_d`` of an equal-weight pool of the D devices with ``n_d > 0``
+    (0 when there are none): n for one device, D·n for D equal ones."""
+    n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
+    return float(len(n) ** 2 / np.sum(1.0 / n)) if n.size else 0.0
 
 
 class DriftMonitor:
@@ -471,7 +574,10 @@ class DriftMonitor:
         spec: the binning devices use.
         reference: the reference window's summary (``summarize(spec, reference_data...)``).
         psi_threshold: PSI above which a signal may be flagged (0.2 is the common "significant shift" rule).
-        alpha: significance level of the KS / χ² test that must also reject.
+        alpha: family-wise significance level of a window: a signal's KS / χ² / centroid test must also
+            reject after Holm's correction over the window's tested signals, so a window without drift raises
+            any alert with probability at most ``alpha`` (rows keep each signal's own ``p`` and its
+            ``p_adjusted``).
         window: device reports merged into one live window before it is evaluated.
         embedding_shift_threshold: the standardised centroid shift ``||mu_live - mu_ref|| / sqrt(trace(cov_ref))``
             (the live centroid's distance from the reference one, as a fraction of the reference cloud's RMS
@@ -553,38 +659,55 @@ class DriftMonitor:
     def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
         """Drift figures of a live window against the reference, with alerts for flagged signals.
 
-        ``live`` is one summary or one per device; devices are weighted equally.
+        ``live`` is one summary or one per device; devices are weighted equally. Every tested signal's row
+        keeps its own p-value (``p``) and gets its Holm-adjusted one (``p_adjusted``, over the window's tested
+        signals); a signal is flagged on the adjusted one, so a window without drift raises any alert with
+        probability at most ``alpha`` (see :meth:`_decide`).
         """
         devices = [live] if isinstance(live, Summary) else list(live)
         rows: list[dict[str, Any]] = []
         alerts: list[str] = []
+        tested: list[_Tested] = []
+        min_p = self.alpha / max(1, self._n_signals())  # what a Monte-Carlo p-value must be able to reach
 
         def row(kind: str, name: str, ref: Sequence[float], cur: list[Sequence[float]], test: str) -> None:
             pooled = _pool(cur)
             if sum(ref) == 0 or pooled is None:
                 return
             counts, n_eff = pooled
-            base = {"kind": kind, "name": name, "test": test, "devices": sum(1 for c in cur if sum(c) > 0)}
+            base = {
+                "kind": kind,
+                "name": name,
+                "test": test,
+                "devices": sum(1 for c in cur if sum(c) > 0),
+                "n": n_eff,  # the effective sample size this signal's test sees
+            }
             if n_eff < self.min_samples:  # too few to test: say so instead of a noisy verdict
                 note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
-                rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+                rows.append({**base, **_UNTESTED, "note": note})
                 return
             value = psi(ref, counts)
-            stat, p = ks_from_counts(ref, counts) if test == "ks" else chi2_from_counts(ref, counts)
+            if test == "ks":
+                stat, p = ks_from_counts(ref, counts)
+            else:
+                stat, p = chi2_from_counts(ref, counts, min_p=min_p)
             if not np.isfinite([value, stat, p]).all():
                 _failed(rows, alerts, base, f"{kind} {name}")
                 return
-            drifted = value > self.psi_threshold and p < self.alpha
-            rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": drifted})
-            if drifted:
-                alerts.append(
-                    f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}"
+            rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": False})
+            tested.append(
+                _Tested(
+                    rows[-1],
+                    value > self.psi_threshold,
+                    f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}",
                 )
+            )
 
         if self.reference.feature_counts:  # validate() made every non-empty count list match the spec
             for j, name in enumerate(self.spec.feature_names):
                 cur = [d.feature_counts[j] for d in devices if d.feature_counts]
                 row("feature", name, self.reference.feature_counts[j], cur, "ks")
+            self._missing_rows(devices, row)
         if self.reference.prediction_counts:
             cur = [d.prediction_counts for d in devices if d.prediction_counts]
             row("prediction", "predicted class", self.reference.prediction_counts, cur, "chi2")
@@ -592,11 +715,53 @@ class DriftMonitor:
             cur = [d.projection_counts[k] for d in devices if d.projection_counts]
             row("embedding", f"projection {k}", ref_counts, cur, "ks")
         if self.reference.embedding_n:
-            self._centroid_row(devices, rows, alerts)
-        n_live = sum(d.n for d in devices)
+            self._centroid_row(devices, rows, alerts, tested)
+        self._decide(tested, alerts)
+        n_live = _effective_n([d.n for d in devices])
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
 
-    def _centroid_row(self, devices: list[Summary], rows: list[dict[str, Any]], alerts: list[str]) -> None:
+    def _missing_rows(self, devices: list[Summary], row: Callable[..., None]) -> None:
+        """One "missing values" signal per feature that the reference or this window has missing inputs
+        for: a χ² test of the share missing (counts [present, missing]), gated by its PSI like any signal.
+        A feature never missing on either side has nothing to test and stays out of the window's family."""
+        ref_missing = self.reference._missing()
+        live = [(d.feature_counts, d._missing()) for d in devices if d.feature_counts]
+        for j, name in enumerate(self.spec.feature_names):
+            if not ref_missing[j] and not any(m[j] for _, m in live):
+                continue
+            ref = [sum(self.reference.feature_counts[j]), ref_missing[j]]
+            row("missing values", name, ref, [[sum(c[j]), m[j]] for c, m in live], "chi2")
+
+    def _n_signals(self) -> int:
+        """How many signals a window can test at most (the size of the family Holm corrects over)."""
+        ref = self.reference
+        return (
+            2 * len(ref.feature_counts)  # each feature's values, and its share of missing values
+            + bool(ref.prediction_counts)
+            + len(ref.projection_counts)
+            + bool(ref.embedding_n)
+        )
+
+    def _decide(self, tested: list[_Tested], alerts: list[str]) -> None:
+        """Flag the window's tested signals with Holm's correction over all of them.
+
+        Each signal's own test holds its false-alarm rate at ``alpha``, but a window tests one signal per
+        feature, class histogram and projection: with 64 clean features, 3 devices x 20 samples, 16.7% of
+        clean windows alerted at ``alpha`` 1%. Holm-adjusted p-values bring the chance that a clean window
+        raises *any* alert back to at most ``alpha``. The effect-size gate (PSI, or the centroid shift) is not a
+        test and adds no false alarms of its own: a signal must pass it *and* reject after the correction, so
+        the alerts are a subset of Holm's rejections.
+        """
+        adjusted = holm([t.row["p"] for t in tested])
+        for t, p_adj in zip(tested, adjusted, strict=True):
+            t.row["p_adjusted"] = p_adj
+            t.row["drifted"] = bool(t.large_effect and p_adj < self.alpha)
+            if t.row["drifted"]:
+                alerts.append(f"{t.alert} (Holm-adjusted p={p_adj:.2g} over {len(tested)} signals)")
+
+    def _centroid_row(
+        self, devices: list[Summary], rows: list[dict[str, Any]], alerts: list[str], tested: list[_Tested]
+    ) -> None:
         """Standardised centroid shift of the embeddings, with a p-value calibrated on the reference spread.
 
         Under no drift the live-minus-reference centroid difference is ~ N(0, Σ (1/n_live + 1/n_ref)) (CLT),
@@ -610,17 +775,22 @@ class DriftMonitor:
         means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
         if not means:
             return
-        base = {"kind": "embedding", "name": "centroid shift", "test": "centroid", "devices": len(means)}
-        n = np.array([d.embedding_n for d in devices if d.embedding_n], dtype=np.float64)
-        n_eff = len(means) ** 2 / float(np.sum(1.0 / n))
+        n_eff = _effective_n([d.embedding_n for d in devices])
+        base = {
+            "kind": "embedding",
+            "name": "centroid shift",
+            "test": "centroid",
+            "devices": len(means),
+            "n": n_eff,
+        }
         if n_eff < self.min_samples:
             note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
-            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            rows.append({**base, **_UNTESTED, "note": note})
             return
         trace = self.spec.embedding_trace
         if trace <= 0:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
-            rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": False, "note": note})
+            rows.append({**base, **_UNTESTED, "note": note})
             return
         diff = np.mean(means, axis=0) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
         sq = float(diff @ diff)
@@ -629,17 +799,33 @@ class DriftMonitor:
         if not np.isfinite([stat, p]).all():
             _failed(rows, alerts, base, "embedding centroid")
             return
-        drifted = stat > self.embedding_shift_threshold and p < self.alpha
-        rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": drifted})
-        if drifted:
-            alerts.append(
+        rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": False})
+        tested.append(
+            _Tested(
+                rows[-1],
+                stat > self.embedding_shift_threshold,
                 f"embedding drift: centroid shift {stat:.3f} x reference spread > "
-                f"{self.embedding_shift_threshold}, p={p:.2g}"
+                f"{self.embedding_shift_threshold}, p={p:.2g}",
             )
+        )
+
+
+#: the figures of a row that was not tested (too few samples, no reference spread)
+_UNTESTED: dict[str, Any] = {"psi": None, "stat": None, "p": None, "p_adjusted": None, "drifted": False}
+
+
+@dataclass
+class _Tested:
+    """A tested signal awaiting the window's multiplicity correction: its row, whether its effect size
+    (PSI or centroid shift) passes the threshold, and the alert text if it is flagged."""
+
+    row: dict[str, Any]
+    large_effect: bool
+    alert: str
 
 
 def _failed(rows: list[dict[str, Any]], alerts: list[str], base: dict[str, Any], what: str) -> None:
     """A non-finite statistic is an alert, never a quiet "not drifted" (NaN compares false with any threshold)."""
     msg = f"drift check failed on {what}: the statistic is not finite (check the reports' values)"
-    rows.append({**base, "psi": None, "stat": None, "p": None, "drifted": True, "error": msg})
+    rows.append({**base, **_UNTESTED, "drifted": True, "error": msg})
     alerts.append(msg)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from deltaplane.errors import ConfigError, NotFound, PromotionRefused
-from deltaplane.monitor.cards import ModelCard
+from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
 from deltaplane.registry.store import Artifact, Registry
 
 if TYPE_CHECKING:
@@ -118,9 +118,14 @@ def promote(
     evaluator: Evaluator,
     tolerance: Tolerance | None = None,
     evaluator_name: str = "",
+    evaluation_data: str = "",
     raise_on_refusal: bool = True,
 ) -> PromotionResult:
     """Move tag ``to`` onto version ``ref`` if it passes the evaluation and governance gates.
+
+    A promoted version gets a model card in the same transaction as the tag move, stating the gate's metrics,
+    the evaluator, the data it scored (``evaluation_data``, else the evaluator's ``data`` attribute, as in
+    ``evaluate.data = "digits test split"``), the tolerances and the version compared against.
 
     Raises:
         PromotionRefused: the candidate regressed beyond ``tolerance`` or contains a withdrawn cohort (unless
@@ -179,16 +184,45 @@ def promote(
         if raise_on_refusal:
             raise PromotionRefused(result.summary())
         return result
-    registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
-    card = ModelCard(
+    data = evaluation_data or str(getattr(evaluator, "data", ""))
+    card = _promotion_card(cand, prev, to, cand_metrics, name, data, tolerance)
+    # one transaction: a failed attach leaves the tag where it was, never a promoted version with no card
+    with registry.transaction():
+        registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
+        registry.attach_card(cand, card.to_dict())
+    return result
+
+
+def _promotion_card(
+    cand: Artifact,
+    prev: Artifact | None,
+    to: str,
+    metrics: Mapping[str, float],
+    evaluator: str,
+    data: str,
+    tolerance: Tolerance,
+) -> ModelCard:
+    """The card a promotion attaches: the gate's metrics and how they were measured (evaluator, data,
+    tolerances, the version compared against, the tag moved: the gate's record, not the model's lineage).
+
+    The registry keeps no drift report per version (the service's monitor reports per model and window), so
+    drift says "not measured" outright rather than being left blank.
+    """
+    return ModelCard(
         cand.model,
         cand.number,
-        lineage={"parent": cand.parent, **cand.lineage, "promoted_to": to},
+        lineage={"parent": cand.parent, **cand.lineage},
         governance=cand.governance.to_dict(),
-        metrics=cand_metrics,
+        metrics=metrics,
+        drift={**NOT_MEASURED, "note": "the registry holds no drift report for this version"},
+        evaluation={
+            "evaluator": evaluator,
+            "data": data or "not stated (declare it as `evaluate.data = '...'` or pass evaluation_data=)",
+            "compared_with": prev.ref if prev is not None and prev.number != cand.number else "nothing",
+            "gate": ", ".join(f"{k} may drop by at most {v:g}" for k, v in tolerance.limits.items()),
+            "promoted_to": to,
+        },
     )
-    registry.attach_card(cand, card.to_dict())
-    return result
 
 
 def production_stack(registry: Registry, model: str, tag: str = "production") -> list[int]:

@@ -324,6 +324,8 @@ class SummaryModel(_Strict):
         default_factory=list, max_length=65536
     )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
+    #: inputs missing (NaN) per feature, counted apart from feature_counts (see monitor.drift.Summary)
+    missing_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(default_factory=list, max_length=4096)
 
 
 class ReportRequest(_Strict):

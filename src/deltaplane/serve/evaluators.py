@@ -37,3 +37,10 @@ def digits(state: dict[str, torch.Tensor]) -> dict[str, float]:
         "ood_accuracy": accuracy(model, noisy),
         "ood_rotate90_accuracy": accuracy(model, Dataset(apply_domain("rotate90", test.x), test.y)),
     }
+
+
+#: what the evaluator scores, stated in the model card of every version it promotes
+digits.data = (  # type: ignore[attr-defined]
+    "digits test split (20%, seed 0); ood_accuracy on a copy with Gaussian pixel noise (std 0.2, seed 0); "
+    "ood_rotate90_accuracy on the split rotated by 90 degrees"
+)

@@ -562,13 +562,14 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             + _num(r.get("psi"), "{:.3f}")
             + _num(r.get("stat"), "{:.3f}")
             + _num(r.get("p"), "{:.3g}")
+            + _num(r.get("p_adjusted"), "{:.3g}")  # what "drifted" is decided on (Holm over the window)
             + f"<td>{'<span class=bad>yes</span>' if r.get('drifted') else 'no'}</td></tr>"
             for r in last.get("rows", [])
         ]
         drift_parts.append(
             f"<h3>{escape(model)}</h3><div class='charts'><div>{chart}</div></div>"
             + _table(
-                ["kind", "feature", "PSI", "test statistic", "p", "drifted"],
+                ["kind", "feature", "PSI", "test statistic", "p", "p (Holm)", "drifted"],
                 rows,
                 table_id=f"drift-table-{model}",
             )
