@@ -287,8 +287,8 @@ def from_peft_state(
                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) and not embedding.get(module, False),
                 bias=ab.get("bias"),
             )
-        except AdapterMismatch as exc:
-            raise AdapterMismatch(f"{weights}: layer '{module}': {exc}") from None
+        except AdapterError as exc:
+            raise type(exc)(f"{weights}: layer '{module}': {exc}") from None
         if layer.rank != r_cfg:
             where = f"rank_pattern[{rk!r}]" if rk is not None else "r"
             raise AdapterMismatch(
