@@ -18,6 +18,7 @@ PREFIX = "base_model.model."
 
 
 def _folder(tmp_path, tensors: dict[str, torch.Tensor], **cfg):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"]} | cfg
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
@@ -56,3 +57,13 @@ def test_float_factors_still_merge(tmp_path):
     )
     merged = load_peft(folder).merged_into({"fc.weight": torch.zeros(4, 6)})
     assert torch.equal(merged["fc.weight"], torch.full((4, 6), 4.0))  # 4/2 · (B A = 2)
+
+
+def test_an_adapter_file_with_no_lora_factors_is_refused(tmp_path):
+    # No tensors at all: it would load as a 0-layer adapter whose merge changes nothing.
+    with pytest.raises(AdapterError, match=r"holds no lora_A/lora_B tensors although .* targets \['fc'\]"):
+        load_peft(_folder(tmp_path / "empty", {}))
+    # Only a saved module, no factor: still not a LoRA adapter.
+    head = {PREFIX + "head.weight": torch.ones(3, 4)}
+    with pytest.raises(AdapterError, match="holds no lora_A/lora_B tensors"):
+        load_peft(_folder(tmp_path / "head_only", head, modules_to_save=["head"]))
