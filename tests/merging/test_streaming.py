@@ -160,6 +160,31 @@ def test_slerp_and_fisher_files(zoo) -> None:  # type: ignore[no-untyped-def]
     assert all(torch.equal(got[k], exp[k]) for k in exp)
 
 
+def _fisher_cfg(root: Path, n: int = 3) -> dict:
+    for i in range(n - 1):  # the last model's Fisher file is missing
+        save_file({"w": torch.rand(3)}, root / f"fisher{i}.safetensors")
+    return {"merge_method": "fisher",
+            "models": [{"model": f"m{i}", "parameters": {"fisher": f"fisher{i}.safetensors"}} for i in range(n)]}  # fmt: skip
+
+
+def test_a_missing_fisher_file_is_named_as_one(zoo) -> None:  # type: ignore[no-untyped-def]
+    """It was reported as "model '…/fisher2.safetensors' not found": a model path the config never named."""
+    root, _, models = zoo
+    path = _write_cfg(root, _fisher_cfg(root))
+    with pytest.raises(dp.ConfigError, match=r"parameter 'fisher' of model 'm2': fisher file '.*fisher2.safetensors' "
+                                             r"not found") as info:  # fmt: skip
+        merge_files(path, root / "out")
+    assert str(path) in str(info.value)
+    with pytest.raises(dp.ConfigError, match=r"^fisher file '.*nowhere.safetensors' not found"):
+        merge(
+            "fisher",
+            None,
+            models[:2],
+            fishers=[str(root / "fisher0.safetensors"), str(root / "nowhere.safetensors")],
+        )
+    _no_leftovers(root)
+
+
 def test_sharded_output_and_out_dtype(zoo) -> None:  # type: ignore[no-untyped-def]
     root, base, models = zoo
     cfg = MERGEKIT_TIES | {"out_dtype": "bfloat16"}

@@ -136,12 +136,17 @@ class _Resolver:
                         f"'{out_name}'); mergekit requires it too: add e.g. `parameters: {{{p}: 1.0}}`"
                     )
         params = resolve_params(m, len(per_model), shared, per_model, where=where, model_names=list(labels))
-        for mp in params.per_model:
+        for mp, label in zip(params.per_model, labels, strict=True):
             for p in m.model_params:
                 if p.kind == "tensors" and isinstance(mp[p.name], str):
                     path = str(self.cfg.resolve(mp[p.name]))
                     if path not in self.files:
-                        self.files[path] = Checkpoint(path)
+                        try:
+                            self.files[path] = Checkpoint(path, what=f"{p.name} file")
+                        except ConfigError as exc:
+                            raise ConfigError(
+                                f"{where}: parameter '{p.name}' of model '{label}': {exc}"
+                            ) from None
                     mp[p.name] = self.files[path]
         self.cache[key] = params
         return params
