@@ -115,3 +115,49 @@ def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
         assert not step.aggregator.find(FedOpt).state.m  # left as it was: nothing restored
     same = ServerStep.for_run(cfg, task, init, base_id="m")
     same.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))  # its own model: loads
+
+
+def test_a_downlink_residual_of_another_model_is_refused_at_load() -> None:
+    """The downlink compressor's error-feedback residual of another model (other tensor names or shapes) loaded
+    without error and failed only as a ShapeMismatch at the next round's close. It is refused at load, naming
+    the tensor, before anything is restored: the chain's moments and the downlink are left as they were."""
+    cfg = RunConfig(clients=4, aggregator="fedadam", downlink_codec="topk(0.2)")
+    task = make_task(cfg)
+    init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
+    trained = ServerStep.for_run(cfg, task, init, base_id="m")
+    trained.open(1)
+    for c in range(4):
+        g = torch.Generator().manual_seed(c)
+        trained.receive_delta(
+            str(c), Delta({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in init.items()}), 1
+        )
+    trained.close()
+    snap = io.BytesIO()
+    torch.save(trained.state_dict(), snap)
+    assert trained.publisher.compressor.state.residual is not None  # a lossy downlink keeps one
+
+    name = next(k for k, v in init.items() if v.dim() == 2)
+    wider = dict(init) | {name: torch.zeros(init[name].shape[0] + 1, *init[name].shape[1:])}
+    for other, cause in (
+        (wider, f"residual['{name}'] has shape"),
+        ({**init, "extra.weight": torch.zeros(3)}, "no residual for this model's tensor 'extra.weight'"),
+    ):
+        step = ServerStep.for_run(cfg, task, other, base_id="m")
+        with pytest.raises(ConfigError, match="downlink error feedback belongs to another model") as refused:
+            step.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))
+        assert cause in str(refused.value)
+        assert step.publisher.compressor.state.residual is None  # left as it was: nothing restored
+        assert step.publisher.compressor.state.rounds == 0
+        assert not step.aggregator.find(FedOpt).state.m
+        assert step.version == 0
+    # another downlink codec: a ConfigError too, and again before the chain is restored
+    step = ServerStep.for_run(RunConfig(clients=4, aggregator="fedadam", downlink_codec="topk(0.1)"), task, init,
+                              base_id="m")  # fmt: skip
+    with pytest.raises(ConfigError, match="codec 'topk"):
+        step.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))
+    assert not step.aggregator.find(FedOpt).state.m
+    same = ServerStep.for_run(cfg, task, init, base_id="m")
+    same.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))  # its own model: loads
+    assert (
+        same.publisher.compressor.state.residual.keys() == trained.publisher.compressor.state.residual.keys()
+    )

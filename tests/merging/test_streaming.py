@@ -160,6 +160,70 @@ def test_slerp_and_fisher_files(zoo) -> None:  # type: ignore[no-untyped-def]
     assert all(torch.equal(got[k], exp[k]) for k in exp)
 
 
+def _fisher_cfg(root: Path, n: int = 3) -> dict:
+    for i in range(n - 1):  # the last model's Fisher file is missing
+        save_file({"w": torch.rand(3)}, root / f"fisher{i}.safetensors")
+    return {"merge_method": "fisher",
+            "models": [{"model": f"m{i}", "parameters": {"fisher": f"fisher{i}.safetensors"}} for i in range(n)]}  # fmt: skip
+
+
+def test_a_missing_fisher_file_is_named_as_one(zoo) -> None:  # type: ignore[no-untyped-def]
+    """It was reported as "model '…/fisher2.safetensors' not found": a model path the config never named."""
+    root, _, models = zoo
+    path = _write_cfg(root, _fisher_cfg(root))
+    with pytest.raises(dp.ConfigError, match=r"parameter 'fisher' of model 'm2': fisher file '.*fisher2.safetensors' "
+                                             r"not found") as info:  # fmt: skip
+        merge_files(path, root / "out")
+    assert str(path) in str(info.value)
+    with pytest.raises(dp.ConfigError, match=r"^fisher file '.*nowhere.safetensors' not found"):
+        merge(
+            "fisher",
+            None,
+            models[:2],
+            fishers=[str(root / "fisher0.safetensors"), str(root / "nowhere.safetensors")],
+        )
+    _no_leftovers(root)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"models": [{"model": "m0"}, {"model": "m1"}, {"model": "nowhere"}]},  # refused while opening the models
+        "fisher",  # refused while opening the Fisher files, after the models
+        {"base_model": "base", "merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5},
+         "models": [{"model": "m0"}, {"model": "m1"}], "tokenizer_source": "nowhere"},  # refused after planning
+    ],
+)  # fmt: skip
+def test_inputs_opened_before_a_refusal_are_closed(zoo, monkeypatch, change) -> None:  # type: ignore[no-untyped-def]
+    """Checkpoints opened before a refusal partway through opening the inputs were left for the caller, who
+    never got them; every one that was opened is closed (a Checkpoint counting its own closes stands in for one
+    holding an OS handle)."""
+    root, _, _ = zoo
+    opened: list[Checkpoint] = []
+
+    class Counted(Checkpoint):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.closes = 0
+            opened.append(self)
+
+        def close(self) -> None:
+            self.closes += 1
+
+    import deltaplane.merging.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "Checkpoint", Counted)
+    cfg = (
+        _fisher_cfg(root)
+        if change == "fisher"
+        else {"merge_method": "linear", "parameters": {"weight": 1.0}} | change
+    )
+    with pytest.raises(dp.ConfigError):
+        merge_files(_write_cfg(root, cfg), root / "out")
+    assert len(opened) >= 2  # the refusal came after some inputs were open
+    assert [ck.closes for ck in opened] == [1] * len(opened), [ck.path.name for ck in opened]
+
+
 def test_sharded_output_and_out_dtype(zoo) -> None:  # type: ignore[no-untyped-def]
     root, base, models = zoo
     cfg = MERGEKIT_TIES | {"out_dtype": "bfloat16"}

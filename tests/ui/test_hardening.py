@@ -275,6 +275,41 @@ def test_a_sign_out_survives_a_restart_of_the_dashboard(tmp_path):
     assert stolen not in dump and stolen.rsplit(".", 1)[1] not in dump
 
 
+def test_a_sign_out_that_cannot_be_saved_answers_503_and_still_ends_the_session_here(tmp_path):
+    """The registry refuses the write (a trigger stands in for a full disk or a read-only database): the page
+    says 503 with the cause and what it means, clears the cookie, and this process still refuses a copy of it;
+    a restarted dashboard, which has only the registry to go on, accepts it again, as the page warns."""
+    import sqlite3
+
+    from deltaplane.ui.session import _SCHEMA
+
+    home = tmp_path / "home"
+    Registry.create(home)
+    with sqlite3.connect(home / "registry.db") as con:
+        con.execute(_SCHEMA)
+        con.execute(
+            "CREATE TRIGGER full_disk BEFORE INSERT ON ui_revoked_sessions "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    browser = TestClient(app)
+    assert browser.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    stolen = browser.cookies.get("deltaplane_ui")
+    r = browser.post("/ui/logout", follow_redirects=False)
+    assert r.status_code == 503
+    text = unescape(r.text)
+    assert "the sign-out could not be saved in the registry" in text and "database or disk is full" in text
+    assert "would accept this session's cookie again" in text
+    assert 'deltaplane_ui=""' in r.headers["set-cookie"]  # the browser's cookie is cleared all the same
+    replay = TestClient(app, cookies={"deltaplane_ui": stolen}).get("/ui/fleet", follow_redirects=False)
+    assert replay.status_code == 303 and replay.headers["location"] == "/ui/login"  # revoked in this process
+    with sqlite3.connect(home / "registry.db") as con:
+        assert con.execute("SELECT COUNT(*) FROM ui_revoked_sessions").fetchone() == (0,)
+    restarted = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    after = TestClient(restarted, cookies={"deltaplane_ui": stolen}).get("/ui/fleet", follow_redirects=False)
+    assert after.status_code == 200  # the documented limit: nothing was saved for a new process to refuse
+
+
 # -- 5. work per page view -----------------------------------------------------------------------------------
 
 

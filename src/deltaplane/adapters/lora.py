@@ -59,6 +59,11 @@ class LoRALayer:
     bias: Tensor | None = None
 
     def __post_init__(self) -> None:
+        # ΔW = s·B A is a floating-point product: integer or bool factors would load fine and only fail (untyped,
+        # inside torch's matmul) when merged, so they are refused here, where the adapter is built.
+        for which, t in (("lora_A", self.A), ("lora_B", self.B), ("lora_B.bias", self.bias)):
+            if t is not None and not t.is_floating_point():
+                raise AdapterError(f"{which} has dtype {t.dtype}; LoRA factors must be floating point")
         if self.A.dim() != 2 or self.B.dim() != 2:
             raise AdapterMismatch(
                 f"LoRA factors must be matrices: A has shape {tuple(self.A.shape)}, B {tuple(self.B.shape)}"
@@ -300,7 +305,10 @@ class LoRADelta(Mapping[str, LoRALayer]):
         for name, layer in self.items():
             ka, kb = self.factor_names(name)
             bias = factors[f"{module_of(name)}.lora_B.bias"] if layer.bias is not None else None
-            layers[name] = replace(layer, A=factors[ka], B=factors[kb], bias=bias)
+            try:
+                layers[name] = replace(layer, A=factors[ka], B=factors[kb], bias=bias)
+            except AdapterError as exc:
+                raise type(exc)(f"adapter layer '{name}': {exc}") from None
         return self.replace(layers=layers, modules_to_save={k: factors[k] for k in self.modules_to_save})
 
     def replace(

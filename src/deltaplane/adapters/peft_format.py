@@ -185,8 +185,8 @@ def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
     """Read a PEFT LoRA adapter folder into a :class:`LoRADelta`.
 
     Raises:
-        AdapterError: the folder, config or tensor file is missing or malformed; a tensor key is not a LoRA
-            factor or a ``modules_to_save`` tensor; a factor lacks its partner.
+        AdapterError: the folder, config or tensor file is missing or malformed; the file holds no LoRA factor; a
+            tensor key is not a LoRA factor or a ``modules_to_save`` tensor; a factor lacks its partner.
         UnsupportedAdapter: the config uses a PEFT feature we do not handle (the message names the field).
         AdapterMismatch: a layer's rank disagrees between ``lora_A``, ``lora_B`` and ``r`` / ``rank_pattern``.
         InvalidUpdate: a tensor holds NaN or Inf.
@@ -254,6 +254,13 @@ def from_peft_state(
         )
 
     targets = cfg.get("target_modules")
+    if not factors:
+        # A file emptied by a failed save (or holding only saved modules) would load as an adapter that changes no
+        # LoRA layer, so merging or federating it would silently do nothing; refuse it while the file is named.
+        raise AdapterError(
+            f"{weights}: holds no lora_A/lora_B tensors although {CONFIG_NAME} targets {targets!r}; "
+            "re-save the adapter (an adapter with no LoRA layers changes nothing)"
+        )
     excluded = cfg.get("exclude_modules")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     layers: dict[str, LoRALayer] = {}
@@ -287,8 +294,8 @@ def from_peft_state(
                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) and not embedding.get(module, False),
                 bias=ab.get("bias"),
             )
-        except AdapterMismatch as exc:
-            raise AdapterMismatch(f"{weights}: layer '{module}': {exc}") from None
+        except AdapterError as exc:
+            raise type(exc)(f"{weights}: layer '{module}': {exc}") from None
         if layer.rank != r_cfg:
             where = f"rank_pattern[{rk!r}]" if rk is not None else "r"
             raise AdapterMismatch(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
 from deltaplane.aggregation.attribution import BackdoorAttribution, TriggerProbe
-from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
+from deltaplane.aggregation.checkpoint import chain_state, layout_difference, load_chain_state
 from deltaplane.codecs import Compressor, Layout, WireSession, decompress, decompress_many, is_compact
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -274,16 +274,47 @@ class ServerStep:
         Raises:
             ConfigError: the snapshot does not fit this step's chain or downlink.
         """
+        # Everything is checked before anything is restored, so a refusal leaves the step as it was.
+        compressor = getattr(self.publisher, "compressor", None)
+        downlink = state["downlink"]
+        if (downlink is None) != (not isinstance(compressor, Compressor)):
+            raise ConfigError("the snapshot's downlink does not fit this server step's publisher")
+        if isinstance(compressor, Compressor):
+            self._check_downlink(compressor, downlink)
+        version = int(state["version"])
         # against the model's layout: another model's optimizer moments are refused here, not at the next close
         load_chain_state(self.aggregator, state["aggregator"], layout=self.layout)
         fltrust = self.aggregator.find(FLTrust)
         self._fltrust = fltrust if isinstance(fltrust, FLTrust) else None
-        compressor = getattr(self.publisher, "compressor", None)
-        if (state["downlink"] is None) != (not isinstance(compressor, Compressor)):
-            raise ConfigError("the snapshot's downlink does not fit this server step's publisher")
         if isinstance(compressor, Compressor):
-            compressor.load_state_dict(state["downlink"])
-        self.version = int(state["version"])
+            compressor.load_state_dict(downlink)
+        self.version = version
+
+    def _check_downlink(self, compressor: Compressor, downlink: Any) -> None:
+        """Refuse a downlink compressor state that would fail only at the next round's close (after a round of
+        client training): another codec, a malformed state, or an error-feedback residual of another model
+        (other tensor names or shapes than the updates this step publishes).
+
+        Raises:
+            ConfigError: naming the codec or the first tensor that differs.
+        """
+        try:
+            copy.deepcopy(compressor).load_state_dict(downlink)  # a trial: the live compressor is untouched
+            residual = downlink.get("residual") or {}
+            shapes = {k: tuple(t.shape) for k, t in residual.items()}
+        except DeltaplaneError as exc:
+            raise ConfigError(f"the snapshot's downlink does not fit this server step: {exc}") from None
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"the server checkpoint's downlink is malformed ({type(exc).__name__}: {exc})"
+            ) from None
+        model = {k: tuple(t.shape) for k, t in self.layout.items()}
+        problem = layout_difference(shapes, model, held="residual") if shapes else ""
+        if problem:
+            raise ConfigError(
+                f"downlink residual{problem}: the snapshot's downlink error feedback belongs to another model; "
+                "restore a snapshot taken from a run of this model"
+            )
 
     @property
     def last_rejection(self) -> Rejection | None:

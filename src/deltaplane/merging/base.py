@@ -617,7 +617,7 @@ def merge(
             if p.kind == "tensors" and isinstance(mp[p.name], str):
                 from deltaplane.merging.checkpoint import Checkpoint
 
-                mp[p.name] = Checkpoint(mp[p.name])
+                mp[p.name] = Checkpoint(mp[p.name], what=f"{p.name} file")
     out: dict[str, Tensor] = {}
     for name, first in models[0].items():
         if not first.is_floating_point():

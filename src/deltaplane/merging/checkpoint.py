@@ -111,14 +111,16 @@ class Checkpoint(Mapping[str, Tensor]):
     Args:
         path: a folder holding ``model.safetensors`` or ``model.safetensors.index.json`` + shards (Hugging Face
             layout), a folder holding exactly one ``*.safetensors`` file, or a ``.safetensors`` file.
+        what: what the file is, for error messages (``"model"``; ``"fisher file"`` for a tensor-valued parameter).
 
     Raises:
         ConfigError: the path does not exist or holds no safetensors weights (nothing is downloaded).
         DecodeError: a file or the index is malformed; the message names the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, what: str = "model") -> None:
         self.path = Path(path)
+        self.what = what
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.infos: dict[str, TensorInfo] = {}
         for file in self._files():
@@ -131,13 +133,13 @@ class Checkpoint(Mapping[str, Tensor]):
         p = self.path
         if not p.exists():
             raise ConfigError(
-                f"model '{p}' not found (deltaplane merges local files; it never downloads from a hub)"
+                f"{self.what} '{p}' not found (deltaplane merges local files; it never downloads from a hub)"
             )
         if p.is_file():
             if p.suffix in _PICKLE_SUFFIXES:
                 raise ConfigError(_convert_hint(p, [p]))
             if p.suffix != ".safetensors":
-                raise ConfigError(f"model '{p}' is not a .safetensors file")
+                raise ConfigError(f"{self.what} '{p}' is not a .safetensors file")
             return [p]
         index = p / INDEX_NAME
         if index.exists():
@@ -163,7 +165,7 @@ class Checkpoint(Mapping[str, Tensor]):
             if pickles:
                 raise ConfigError(_convert_hint(p, pickles))
         what = f"{len(found)} .safetensors files but no {INDEX_NAME}" if found else "no .safetensors weights"
-        raise ConfigError(f"model folder '{p}' holds {what}")
+        raise ConfigError(f"{self.what} folder '{p}' holds {what}")
 
     def __getitem__(self, name: str) -> Tensor:
         info = self.infos[name]

@@ -136,12 +136,17 @@ class _Resolver:
                         f"'{out_name}'); mergekit requires it too: add e.g. `parameters: {{{p}: 1.0}}`"
                     )
         params = resolve_params(m, len(per_model), shared, per_model, where=where, model_names=list(labels))
-        for mp in params.per_model:
+        for mp, label in zip(params.per_model, labels, strict=True):
             for p in m.model_params:
                 if p.kind == "tensors" and isinstance(mp[p.name], str):
                     path = str(self.cfg.resolve(mp[p.name]))
                     if path not in self.files:
-                        self.files[path] = Checkpoint(path)
+                        try:
+                            self.files[path] = Checkpoint(path, what=f"{p.name} file")
+                        except ConfigError as exc:
+                            raise ConfigError(
+                                f"{where}: parameter '{p.name}' of model '{label}': {exc}"
+                            ) from None
                     mp[p.name] = self.files[path]
         self.cache[key] = params
         return params
@@ -159,8 +164,20 @@ def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
             and tensor), a slice whose sources lack the layers it asks for.
         ShapeMismatch: inputs of one output tensor disagree on names, shapes or (without ``dtype:``) float-ness.
     """
-    where = cfg.source
     opened: dict[Path, Checkpoint] = {}
+    resolver = _Resolver(method, cfg)
+    try:
+        return _plan(cfg, method, opened, resolver)
+    except BaseException:
+        # a refusal partway (a missing model, a bad Fisher file, a shape mismatch) closes what was opened so far
+        for ck in [*opened.values(), *resolver.files.values()]:
+            ck.close()
+        raise
+
+
+def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint], resolver: _Resolver) -> Plan:
+    """:func:`plan_tensors`' work; every checkpoint it opens is recorded in ``opened`` or ``resolver.files``."""
+    where = cfg.source
 
     def open_ck(ref: str) -> Checkpoint:
         path = cfg.resolve(ref).resolve()
@@ -236,7 +253,6 @@ def plan_tensors(cfg: MergeConfig, method: MergeMethod) -> Plan:
                     )
             scopes.append((_Scope(base, models, sl.parameters, base_first, length), list(range(length))))
         n_layers = sum(len(offsets) for _, offsets in scopes)
-    resolver = _Resolver(method, cfg)
     tensors: list[PlannedTensor] = []
     first_scope, last_scope = scopes[0][0], scopes[-1][0]
     ref_ck = (first_scope.base or Source(first_scope.models[0][0], "", "")).checkpoint

@@ -335,13 +335,30 @@ def prepare_merge(
         raise ConfigError(f"{cfg.source}: {exc}") from None
     plan = plan_tensors(cfg, method)
     try:
-        tensors = plan.tensors
-        _check_tensor_params(method, tensors)
-        tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
-    except BaseException:
+        return _prepared(cfg, method, plan, out, max_shard_bytes, chunk_elements, exact_accumulation,
+                         cache_bytes, threads, t0)  # fmt: skip
+    except BaseException:  # the inputs are the caller's to close only once it holds the PreparedMerge
         for ck in plan.checkpoints:
             ck.close()
         raise
+
+
+def _prepared(
+    cfg: MergeConfig,
+    method: MergeMethod,
+    plan: Plan,
+    out: Path,
+    max_shard_bytes: int,
+    chunk_elements: int,
+    exact_accumulation: bool,
+    cache_bytes: int,
+    threads: int | None,
+    t0: float,
+) -> PreparedMerge:
+    """:func:`prepare_merge`'s checks once the inputs are open, and the job they make."""
+    tensors = plan.tensors
+    _check_tensor_params(method, tensors)
+    tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
     notes = list(plan.notes)
     sums = next(
         (w for t in tensors if t.in_dtype.is_floating_point and (w := method.float64_sums_with(t.params))), ""
