@@ -226,3 +226,44 @@ def test_a_failed_card_attach_leaves_the_tag_unmoved(tmp_path, train, evaluate, 
     assert fresh.tag("digits", "production") == first.number
     assert fresh.tag_history("digits", "production") == history and fresh.card(cand) is None
     fresh.check_state(model="digits", tag="production")  # the signed state log agrees with the tags
+
+
+def test_a_tag_moved_by_another_process_during_the_evaluation_is_not_overwritten(tmp_path, train, evaluate):
+    """Two promotions at once: each gate read the tag before evaluating. The one finishing second compared its
+    candidate with a version the tag no longer held, and moved the tag over the other's promotion anyway."""
+    from deltaplane.errors import Conflict
+
+    reg = Registry.create(tmp_path / "h")
+    prod = reg.register_model("digits", train(300))
+    reg.set_tag("digits", "production", prod.number)
+    strong = reg.register_model("digits", train(1200), parent=prod.number)
+    weaker = reg.register_model("digits", train(600, seed=1), parent=prod.number)
+    other = Registry(tmp_path / "h")  # another process's connection
+
+    def evaluator(state):
+        if not getattr(evaluator, "raced", False):  # while this gate evaluates, the other one finishes
+            evaluator.raced = True
+            promote(other, strong.ref, evaluator=evaluate)
+        return evaluate(state)
+
+    with pytest.raises(Conflict, match=rf"moved to v{strong.number} while .* evaluated against {prod.ref}"):
+        promote(reg, weaker.ref, evaluator=evaluator)
+    assert reg.tag("digits", "production") == strong.number  # the other promotion stands
+    assert reg.card(weaker) is None
+    assert [d["candidate"] for d in reg.promotion_decisions("digits")] == [strong.number]
+    assert promote(reg, weaker.ref, evaluator=evaluate, raise_on_refusal=False).baseline_metrics is not None
+
+
+def test_a_cohort_withdrawn_during_the_evaluation_stops_the_promotion(tmp_path, train, evaluate):
+    reg = Registry.create(tmp_path / "h")
+    cand = reg.register_model("digits", train(600), governance={"cohorts": ["eu"]})
+    other = Registry(tmp_path / "h")
+
+    def evaluator(state):
+        other.withdraw_cohort("eu")
+        return evaluate(state)
+
+    with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
+        promote(reg, cand.ref, evaluator=evaluator)
+    with pytest.raises(NotFound):
+        reg.tag("digits", "production")

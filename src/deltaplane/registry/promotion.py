@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from deltaplane.errors import ConfigError, NotFound, PromotionRefused
+from deltaplane.errors import ConfigError, Conflict, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
 from deltaplane.registry.store import Artifact, Registry
 
@@ -132,6 +132,8 @@ def promote(
             ``raise_on_refusal`` is False, in which case the refused result is returned).
         IntegrityError: the tags or withdrawals differ from the registry's signed state log (nothing is
             evaluated, recorded or moved).
+        Conflict: another process moved tag ``to`` while the candidate was evaluated, so the gate compared it
+            with a version the tag no longer holds (nothing is recorded or moved; promote again).
     """
     tolerance = tolerance or Tolerance()
     cand = registry.resolve(ref, verify=True)
@@ -169,28 +171,55 @@ def promote(
         baseline_metrics=base_metrics,
         regressions=regressions,
     )
-    registry.record_promotion_decision(
-        cand.model,
-        to,
-        cand.number,
-        previous=prev.number if prev else None,
-        promoted=not regressions,
-        evaluator=name,
-        metrics=cand_metrics,
-        baseline=base_metrics,
-        reasons=regressions,
-    )
+    decision = {
+        "previous": prev.number if prev else None,
+        "evaluator": name,
+        "metrics": cand_metrics,
+        "baseline": base_metrics,
+    }
     if regressions:
+        registry.record_promotion_decision(
+            cand.model, to, cand.number, promoted=False, reasons=regressions, **decision
+        )
         if raise_on_refusal:
             raise PromotionRefused(result.summary())
         return result
     data = evaluation_data or str(getattr(evaluator, "data", ""))
     card = _promotion_card(cand, prev, to, cand_metrics, name, data, tolerance)
-    # one transaction: a failed attach leaves the tag where it was, never a promoted version with no card
+    # One write transaction (the registry's write lock): the tag and the consent the gate read are checked
+    # again under it, so a promotion or withdrawal by another process while this one evaluated is never
+    # overwritten by a decision taken on stale state; a failed attach leaves the tag where it was, never a
+    # promoted version with no card.
     with registry.transaction():
+        _check_unchanged(registry, cand, to, prev)
+        registry.record_promotion_decision(cand.model, to, cand.number, promoted=True, reasons=[], **decision)
         registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
         registry.attach_card(cand, card.to_dict())
     return result
+
+
+def _check_unchanged(registry: Registry, cand: Artifact, to: str, prev: Artifact | None) -> None:
+    """Refuse to move ``to`` if it left ``prev`` or ``cand`` lost its consent since the gate read them.
+
+    Raises:
+        Conflict: the tag moved meanwhile (the gate compared against a version no longer there).
+        PromotionRefused: a cohort of the candidate was withdrawn meanwhile.
+    """
+    try:
+        now: int | None = registry.tag(cand.model, to, verify=True)
+    except NotFound:
+        now = None
+    expected = prev.number if prev is not None else None
+    if now != expected:
+        holder = f"v{now}" if now is not None else "nothing"
+        gated = prev.ref if prev is not None else "nothing"
+        raise Conflict(
+            f"{cand.model}:{to} moved to {holder} while {cand.ref} was evaluated against {gated}; nothing was "
+            "changed: promote again to gate against the version the tag holds now"
+        )
+    late = registry.governance_problems(cand, verify=True)
+    if late:
+        raise PromotionRefused(f"{cand.ref} was not promoted to {to!r}: " + "; ".join(late))
 
 
 def _promotion_card(
