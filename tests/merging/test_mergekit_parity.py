@@ -567,3 +567,17 @@ def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
     assert torch.equal(want, unscaled) == (
         scale < 1e-9
     )  # the case is sensitive: rescaling changes the values
+
+
+@pytest.mark.parametrize("zero", ["base", "model", "tiny"])
+def test_slerp_with_a_zero_endpoint_matches_mergekit(zero: str) -> None:
+    """A zero (or norm ≤ 1e-8) endpoint — a zero-initialised bias — is orthogonal to the other in mergekit's slerp
+    (its norm counts as 1): ``cos(πt/2) v₀ + sin(πt/2) v₁``, not the linear interpolation ``(1 − t) v₀ + t v₁``."""
+    _, (a, b) = _tensors((37,), 2)
+    if zero == "tiny":
+        a = a * 1e-10
+    else:
+        (a if zero == "base" else b).zero_()
+    want = _mk("slerp", [a, b], 0, t=0.3)
+    got = merge("slerp", {"w": a}, [{"w": b}], t=0.3)["w"]
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
