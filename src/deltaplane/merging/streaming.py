@@ -402,6 +402,10 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
                         for part in _merge_one(
                             method, planned, job.chunk_elements, job.exact_accumulation, job.cache_bytes
                         ):
+                            if not job.exact_accumulation:
+                                # mergekit's kernels return the compute dtype (linear and slerp compute a half
+                                # type in float32 but round back to it); out_dtype is a cast of that
+                                part = part.to(planned.in_dtype)
                             writer.write(name, part.to(out_dtype))
                             del part
                         n_params += TensorInfo(Path(), planned.shape, out_dtype).numel
