@@ -109,6 +109,14 @@ def test_a_bad_config_is_refused_before_the_progress_bar(tmp_path: Path) -> None
             },
             "'density' must be in (0, 1]",
         ),
+        "della density ± epsilon": (  # was checked per tensor, during the merge, under the bar
+            {
+                "merge_method": "della",
+                "base_model": "base",
+                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.15}}],
+            },
+            "c.yaml, model 0: DELLA needs density ± epsilon inside (0, 1)",
+        ),
     }
     for case, (cfg, words) in bad.items():
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
