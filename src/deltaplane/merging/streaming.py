@@ -131,6 +131,24 @@ def _check_tensor_params(method: MergeMethod, tensors: list[PlannedTensor]) -> N
                     )
 
 
+def _refuse_output_over_inputs(out: Path, cfg: MergeConfig, plan: Plan) -> None:
+    """Raise :class:`ConfigError` if ``out`` is, or is a folder above, a file the merge reads (a model's weights, a
+    Fisher file, the config itself): with ``overwrite`` the finished merge replaces ``out`` as a whole, which would
+    delete those inputs. An output inside an input's folder replaces nothing of it and is allowed."""
+    target = out.resolve()
+    files = [info.file for ck in plan.checkpoints for info in ck.infos.values()]
+    files += [ck.path for ck in plan.checkpoints]
+    if cfg.source != "config":  # loaded from a file
+        files.append(Path(cfg.source))
+    for f in dict.fromkeys(files):
+        real = f.resolve()
+        if real == target or target in real.parents:
+            raise ConfigError(
+                f"output folder '{out}' holds the input '{f}': replacing it with the merge would delete that input. "
+                "Choose an output folder that holds none of the models or the config"
+            )
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -335,6 +353,7 @@ def prepare_merge(
         raise ConfigError(f"{cfg.source}: {exc}") from None
     plan = plan_tensors(cfg, method)
     try:
+        _refuse_output_over_inputs(out, cfg, plan)
         tensors = plan.tensors
         _check_tensor_params(method, tensors)
         tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
