@@ -109,6 +109,14 @@ def test_a_bad_config_is_refused_before_the_progress_bar(tmp_path: Path) -> None
             },
             "'density' must be in (0, 1]",
         ),
+        "della density ± epsilon": (  # was checked per tensor, during the merge, under the bar
+            {
+                "merge_method": "della",
+                "base_model": "base",
+                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.15}}],
+            },
+            "c.yaml, model 0: DELLA needs density ± epsilon inside (0, 1)",
+        ),
     }
     for case, (cfg, words) in bad.items():
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -117,3 +125,32 @@ def test_a_bad_config_is_refused_before_the_progress_bar(tmp_path: Path) -> None
         assert res.output.startswith("error:") and words in res.output, (case, res.output)
         assert "━" not in res.output and "0/?" not in res.output, (case, res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base", "c.yaml"]
+
+
+def test_an_output_folder_holding_an_input_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    """Before: `--overwrite` with -o an input model's folder (or a folder above the inputs, or the config's) merged,
+    then replaced that folder with the output: the input models were deleted."""
+    (tmp_path / "zoo").mkdir()
+    for name in ("base", "a", "zoo/b"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(2, 2)}, tmp_path / name / "model.safetensors")
+    cfg = {"merge_method": "task_arithmetic", "base_model": "base",
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "zoo/b", "parameters": {"weight": 1.0}}]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, held in (("a", "a"), ("zoo", "zoo/b"), ("base", "base"), (".", "base")):
+        res = CliRunner().invoke(
+            _app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), "--overwrite", "-q"]
+        )
+        assert res.exit_code == 2, (out, res.output)
+        assert "holds the input" in res.output and f"{held}/model.safetensors" in res.output, (
+            out,
+            res.output,
+        )
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    # an output inside an input's folder replaces nothing of it: allowed
+    res = CliRunner().invoke(
+        _app(), ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "a" / "merged")]
+    )
+    assert res.exit_code == 0, res.output
+    assert torch.equal(load_file(tmp_path / "a" / "model.safetensors")["w"], torch.ones(2, 2))

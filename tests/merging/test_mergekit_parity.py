@@ -567,3 +567,46 @@ def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
     assert torch.equal(want, unscaled) == (
         scale < 1e-9
     )  # the case is sensitive: rescaling changes the values
+
+
+@pytest.mark.parametrize("zero", ["base", "model", "tiny"])
+def test_slerp_with_a_zero_endpoint_matches_mergekit(zero: str) -> None:
+    """A zero (or norm ≤ 1e-8) endpoint — a zero-initialised bias — is orthogonal to the other in mergekit's slerp
+    (its norm counts as 1): ``cos(πt/2) v₀ + sin(πt/2) v₁``, not the linear interpolation ``(1 − t) v₀ + t v₁``."""
+    _, (a, b) = _tensors((37,), 2)
+    if zero == "tiny":
+        a = a * 1e-10
+    else:
+        (a if zero == "base" else b).zero_()
+    want = _mk("slerp", [a, b], 0, t=0.3)
+    got = merge("slerp", {"w": a}, [{"w": b}], t=0.3)["w"]
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(("method", "params"), [("linear", {"weight": [1.0, 0.5]}), ("slerp", {"t": 0.3})])
+def test_out_dtype_casts_the_half_result_of_an_upcasting_kernel(
+    tmp_path: Path, method: str, params: dict
+) -> None:
+    """mergekit's linear and slerp compute bfloat16 inputs in float32 but return bfloat16; ``out_dtype: float32``
+    casts that result, so the output holds bfloat16 values (not the float32 intermediate)."""
+    base = _layered_state(0)
+    for i in (1, 2):
+        _save(
+            tmp_path / f"m{i}",
+            {k: v.bfloat16() for k, v in _layered_state(i, base).items()},
+            dtype="bfloat16",
+        )
+    weights = params.get("weight", [None, None])
+    cfg = {"merge_method": method, "out_dtype": "float32",
+           "models": [{"model": f"m{i}", **({"parameters": {"weight": w}} if w else {})}
+                      for i, w in zip((1, 2), weights, strict=True)],
+           "parameters": {k: v for k, v in params.items() if k != "weight"}}  # fmt: skip
+    if method == "slerp":
+        cfg["base_model"] = "m1"
+    merge_files(_cfg(tmp_path, cfg), tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    ins = [load_file(tmp_path / f"m{i}" / "model.safetensors") for i in (1, 2)]
+    for k in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        want = _mk(method, [m[k] for m in ins], 0 if method == "slerp" else None, **params)
+        assert want.dtype == torch.bfloat16 and got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], want.float(), rtol=0, atol=0)

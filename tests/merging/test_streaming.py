@@ -464,3 +464,33 @@ def test_peak_memory_is_bounded_by_tensors_not_models(tmp_path: Path) -> None:
     before_mb, peak_mb = int(out[0]), int(out[1])
     # in-memory would need ≥ 192 MB more; streaming needs a few 2 MB tensors plus TIES scratch
     assert peak_mb - before_mb < 60, (before_mb, peak_mb)
+
+
+@pytest.mark.parametrize(
+    ("values", "extra", "words"),
+    [  # finite inputs whose merge overflows float16 (largest 65504): was written as Inf, silently
+        (
+            (4e4, 4e4),
+            {"out_dtype": "float16", "parameters": {"normalize": False}},
+            "merge overflows float32 / float16",
+        ),
+        ((4e4, 4e4), {"dtype": "float16", "parameters": {"normalize": False}}, "merge overflows float16"),
+        # a finite input beyond the config's dtype: was "holds NaN or Inf values", blaming a sound file
+        ((7e4, 1.0), {"dtype": "float16"}, "a/model.safetensors: tensor 'w' holds values beyond the range"),
+    ],
+)
+def test_overflow_of_a_half_dtype_is_refused_and_explained(tmp_path: Path, values, extra, words) -> None:  # type: ignore[no-untyped-def]
+    for name, v in zip("ab", values, strict=True):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((4, 3), v), "b": torch.ones(3)}, tmp_path / name / "model.safetensors")
+    cfg = {"merge_method": "linear", **extra,
+           "models": [{"model": m, "parameters": {"weight": 1.0}} for m in "ab"]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(dp.InvalidUpdate, match="float32 or bfloat16") as err:
+        merge_files(tmp_path / "c.yaml", tmp_path / "out")
+    assert words in str(err.value) and "'w'" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a",
+        "b",
+        "c.yaml",
+    ]  # no output, no temporary folder

@@ -4,7 +4,8 @@ Shoemake 1985, "Animating rotation with quaternion curves", https://doi.org/10.1
 weights as popularised by mergekit: each tensor pair is treated as two vectors; with
 ``Ω = arccos(⟨v₀/‖v₀‖, v₁/‖v₁‖⟩)`` the result is ``sin((1−t)Ω)/sin Ω · v₀ + sin(tΩ)/sin Ω · v₁``. When the
 vectors are (anti)colinear — ``|cos Ω|`` above ``dot_threshold`` — ``sin Ω`` vanishes and the formula is
-ill-conditioned, so the tensor falls back to linear interpolation ``(1−t) v₀ + t v₁``.
+ill-conditioned, so the tensor falls back to linear interpolation ``(1−t) v₀ + t v₁``. A zero vector is taken as
+orthogonal to the other (``Ω = π/2``), as mergekit does.
 
 Endpoints: ``base`` → the single model (mergekit's layout: ``base_model`` plus one other model), or, without a
 base, the first → the second model.
@@ -48,10 +49,14 @@ def slerp_coefficients(
     eps: float = 1e-8,
 ) -> tuple[float, float] | None:
     """``(c₀, c₁)`` with ``slerp = c₀ v₀ + c₁ v₁`` from the squared norms and dot product; ``None`` → interpolate
-    linearly (a zero vector has no direction; (anti)colinear vectors make ``sin Ω`` vanish)."""
+    linearly ((anti)colinear vectors make ``sin Ω`` vanish).
+
+    A vector of norm at most ``eps`` (a zero-initialised bias) is not normalised — its norm counts as 1, as in
+    mergekit's ``slerp`` — so its dot product with the other is about 0, ``Ω = π/2`` and the result is
+    ``cos(πt/2) v₀ + sin(πt/2) v₁``, not a linear interpolation.
+    """
     n0, n1 = math.sqrt(norm0_sq), math.sqrt(norm1_sq)
-    if n0 < eps or n1 < eps:
-        return None
+    n0, n1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
     cos = max(-1.0, min(1.0, dot / (n0 * n1)))
     if abs(cos) > dot_threshold:
         return None

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.delta import all_finite
+from deltaplane.errors import ConfigError, InvalidUpdate, ShapeMismatch
 from deltaplane.merging.base import (
     MergeMethod,
     MergeParams,
@@ -129,6 +130,24 @@ def _check_tensor_params(method: MergeMethod, tensors: list[PlannedTensor]) -> N
                         f"tensor '{src.name}': shape {tuple(fshape)} in {key} '{where}' of model '{src.label}' "
                         f"but {t.shape} in '{src.checkpoint.infos[src.name].file}'"
                     )
+
+
+def _refuse_output_over_inputs(out: Path, cfg: MergeConfig, plan: Plan) -> None:
+    """Raise :class:`ConfigError` if ``out`` is, or is a folder above, a file the merge reads (a model's weights, a
+    Fisher file, the config itself): with ``overwrite`` the finished merge replaces ``out`` as a whole, which would
+    delete those inputs. An output inside an input's folder replaces nothing of it and is allowed."""
+    target = out.resolve()
+    files = [info.file for ck in plan.checkpoints for info in ck.infos.values()]
+    files += [ck.path for ck in plan.checkpoints]
+    if cfg.source != "config":  # loaded from a file
+        files.append(Path(cfg.source))
+    for f in dict.fromkeys(files):
+        real = f.resolve()
+        if real == target or target in real.parents:
+            raise ConfigError(
+                f"output folder '{out}' holds the input '{f}': replacing it with the merge would delete that input. "
+                "Choose an output folder that holds none of the models or the config"
+            )
 
 
 def _umask() -> int:
@@ -243,7 +262,8 @@ def merge_files(
         ConfigError: bad config, unknown method/parameter, missing model path or base, ``out_dir`` exists.
         ShapeMismatch: the models disagree on tensor names, shapes or dtypes; names the file and the tensor.
         DecodeError: an input file is not valid safetensors.
-        InvalidUpdate: an input tensor holds NaN or Inf; names the file and the tensor (no output is left).
+        InvalidUpdate: an input tensor holds NaN or Inf, or overflows the config's ``dtype``, or the merged tensor
+            overflows the compute or output dtype; names the file or the tensor (no output is left).
     """
     with prepare_merge(
         config,
@@ -356,6 +376,7 @@ def _prepared(
     t0: float,
 ) -> PreparedMerge:
     """:func:`prepare_merge`'s checks once the inputs are open, and the job they make."""
+    _refuse_output_over_inputs(out, cfg, plan)
     tensors = plan.tensors
     _check_tensor_params(method, tensors)
     tok = plan_tokenizer(cfg, plan.donor.folder, [ck.folder for ck in plan.models])
@@ -419,7 +440,13 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
                         for part in _merge_one(
                             method, planned, job.chunk_elements, job.exact_accumulation, job.cache_bytes
                         ):
-                            writer.write(name, part.to(out_dtype))
+                            if not job.exact_accumulation:
+                                # mergekit's kernels return the compute dtype (linear and slerp compute a half
+                                # type in float32 but round back to it); out_dtype is a cast of that
+                                part = part.to(planned.in_dtype)
+                            part = part.to(out_dtype)
+                            _refuse_overflow(planned, part)
+                            writer.write(name, part)
                             del part
                         n_params += TensorInfo(Path(), planned.shape, out_dtype).numel
                         done += 1
@@ -457,6 +484,32 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
     return MergeResult(
         out, tuple(files), len(tensors), n_params, nbytes, time.perf_counter() - job.t0, tuple(job.notes)
     )
+
+
+def _refuse_overflow(planned: PlannedTensor, part: Tensor) -> None:
+    """Raise :class:`InvalidUpdate` if a block of the merged tensor (from finite inputs) holds NaN or Inf: the merge
+    overflowed its compute or output dtype (float16 tops out at 65504). mergekit writes such a model silently."""
+    if part.is_floating_point() and not all_finite(part):
+        dtypes = dict.fromkeys(str(d).removeprefix("torch.") for d in (planned.in_dtype, planned.out_dtype))
+        largest = min(torch.finfo(planned.in_dtype).max, torch.finfo(planned.out_dtype).max)
+        raise InvalidUpdate(
+            f"merged tensor '{planned.name}' holds NaN or Inf although its inputs are finite: the merge overflows "
+            f"{' / '.join(dtypes)} (largest value {largest:g}). Compute and write it in float32 or bfloat16 "
+            "(dtype: / out_dtype:), or lower the weights or lambda"
+        )
+
+
+def _refuse_cast_overflow(planned: PlannedTensor, start: int, stop: int) -> None:
+    """Raise :class:`InvalidUpdate` if an input's rows are finite on disk but not once cast to the config's ``dtype``
+    (a float32 value above float16's 65504): the input itself is fine, the ``dtype`` is too narrow for it."""
+    for src in ([planned.base] if planned.base is not None else []) + planned.inputs:
+        raw = src.checkpoint.read_rows(src.name, start, stop)
+        if all_finite(raw) and not all_finite(raw.to(planned.in_dtype)):
+            raise InvalidUpdate(
+                f"{src.checkpoint.infos[src.name].file}: tensor '{src.name}' holds values beyond the range of the "
+                f"config's dtype {str(planned.in_dtype).removeprefix('torch.')} (largest "
+                f"{torch.finfo(planned.in_dtype).max:g}): cast to it they become Inf. Set dtype: float32 or bfloat16"
+            )
 
 
 def _rows(chunk: TensorChunk, start: int, stop: int) -> TensorChunk:
@@ -501,7 +554,11 @@ def _merge_one(
         b = base.checkpoint.read_rows(base.name, start, stop).to(planned.in_dtype).to(cdt) if base else None
         ts = [s.checkpoint.read_rows(s.name, start, stop).to(planned.in_dtype).to(cdt) for s in inputs]
         if start not in checked:
-            refuse_non_finite(name, [b, *ts], files)
+            try:
+                refuse_non_finite(name, [b, *ts], files)
+            except InvalidUpdate:
+                _refuse_cast_overflow(planned, start, stop)
+                raise
             checked.add(start)
         per_model = []
         for src, mp in zip(inputs, params.per_model, strict=True):

@@ -368,7 +368,8 @@ def della_probabilities(a: Tensor, density: float, epsilon: float) -> Tensor:
 def _check_della(density: float, epsilon: float, where: str) -> None:
     if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         raise ConfigError(
-            f"{where}: DELLA needs density ± epsilon inside (0, 1); density {density} with epsilon {epsilon} is not"
+            f"{where}: DELLA needs density ± epsilon inside (0, 1); density {density} with epsilon {epsilon} is "
+            "not: lower epsilon or move density away from 0 and 1"
         )
 
 
@@ -464,6 +465,12 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                       doc="keep probabilities spread over density ± epsilon by magnitude rank")
             )  # fmt: skip
         self.params = tuple(params)
+
+    def check_params(self, params: MergeParams, where: str) -> None:
+        # DELLA's keep probabilities span density ± epsilon: refused with the config, before any tensor is read
+        if self.sparsification == "della":
+            for i, mp in enumerate(params.per_model):
+                _check_della(mp["density"], mp["epsilon"], f"{where}, model {i}")
 
     def float64_sums_with(self, params: MergeParams) -> str:
         if self.sparsification and params.shared.get("rescale") and params.shared.get("rescale_norm") == "l1":
