@@ -337,7 +337,7 @@ def _tail_words(data: bytes, first: int, count: int, word_bits: int) -> list[int
     return [(big >> (word_bits * i)) & low for i in range(count)]
 
 
-def pack_words(words: np.ndarray, k: int, n: int) -> bytes:
+def pack_words(words: np.ndarray, k: int, n: int) -> bytes | memoryview:
     """The ``⌈n·k / 8⌉`` wire bytes of the words of ``n`` values: each word reduced and kept at ``W`` bits.
 
     Exactly :func:`pack` of the lane values (the same bit stream), written directly from the words: whole
@@ -345,7 +345,8 @@ def pack_words(words: np.ndarray, k: int, n: int) -> bytes:
     9-15 odd bits, e.g. the 15-bit ring of 100 clients' 8-bit codes: 60-bit words) go in pairs of ``W / 4``
     bytes through two overlapping unaligned 64-bit views; other widths through :func:`pack` of the values.
     ``words`` may hold bits above ``W`` (the device's wrapping sum): they are dropped, and ``words`` is not
-    changed.
+    changed. Returns a read-only bytes-like object (a view of the packed buffer, not a copy of it: the message
+    framing copies it once into the wire bytes).
     """
     m, bits = len(words), lane_count(k) * k
     full, last = word_moduli(n, k)
@@ -371,7 +372,8 @@ def pack_words(words: np.ndarray, k: int, n: int) -> bytes:
     tail[-1] &= last
     value = sum(w << (bits * i) for i, w in enumerate(tail))
     out[first:need] = np.frombuffer(value.to_bytes(need - first, "little"), np.uint8)
-    return out[:need].tobytes()
+    out.flags.writeable = False
+    return memoryview(out[:need])
 
 
 def unpack_words(data: bytes, k: int, n: int, add_to: np.ndarray) -> np.ndarray:
