@@ -283,13 +283,9 @@ _POINT_SETS = [
     list(range(1, 22)),
     [5, 17, 33, 48, 51, 60, 72, 90, 99, 100, 101],
     list(range(1, 201, 3)),
-    [2**32 - 1, 7, 2**31, 12345],  # huge points: the lazy reduction must kick in
-    [
-        shamir.PRIME - 1,
-        shamir.PRIME - 2,
-        2**600,
-        9,
-    ],  # points beyond the prime, and ones equal to -1, -2 mod p
+    [2**32 - 1, 7, 2**31, 12345],  # large points, still reduced lazily
+    [shamir.PRIME - 1, shamir.PRIME - 2, 2**600, 9],  # beyond the prime, and equal to -1, -2 mod p
+    [2**600 + i for i in range(5)],  # thresholds 2-3 reduce lazily, 5 at every step
 ]
 
 

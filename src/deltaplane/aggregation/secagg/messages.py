@@ -234,15 +234,24 @@ class _Addressed(Message):
     client_id: int
     ciphertexts: dict[int, bytes]
 
-    def body(self) -> bytes:
-        parts = [_U32.pack(self.client_id), _U32.pack(len(self.ciphertexts))]
-        for v, ct in _items_sorted(self.ciphertexts):
+    def _checked(self) -> list[tuple[int, bytes]]:
+        items = _items_sorted(self.ciphertexts)
+        for v, ct in items:
             if len(ct) != CIPHERTEXT_BYTES:
                 raise DecodeError(
                     f"share ciphertext for client {v} is {len(ct)} bytes, not {CIPHERTEXT_BYTES}"
                 )
+        return items
+
+    def body(self) -> bytes:
+        items = self._checked()
+        parts = [_U32.pack(self.client_id), _U32.pack(len(items))]
+        for v, ct in items:
             parts += [_U32.pack(v), ct]
         return b"".join(parts)
+
+    def wire_size(self) -> int:  # counted, not encoded again: the server counts every sender's bytes
+        return _HEAD.size + 8 + len(self._checked()) * _CIPHERTEXT_ENTRY.size
 
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:
@@ -356,6 +365,9 @@ class UnmaskResponse(Message):
         for v, sh in _items_sorted(self.shares):
             parts += [_U32.pack(v), sh]
         return b"".join(parts)
+
+    def wire_size(self) -> int:  # counted, not encoded again
+        return _HEAD.size + 8 + sum(4 + len(sh) for sh in self.shares.values())
 
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:

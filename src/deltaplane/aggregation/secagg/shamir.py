@@ -59,22 +59,24 @@ def split(
         int.from_bytes(pool[i : i + SHARE_BYTES], "big") % PRIME for i in range(0, len(pool), SHARE_BYTES)
     ]
     rev = coeffs[::-1]
+    # Horner without a reduction per step when the points are small (client id + 1): ``y`` then grows by a few
+    # bits a step and one ``% PRIME`` at the end gives the same value; large points reduce every step
+    lazy = (threshold - 1) * max(x.bit_length() for x in xs) <= _LAZY_BITS
     out = {}
     for x in xs:
-        # Horner without a reduction per step: share points are small (client id + 1), so ``y`` grows by a few
-        # bits a step and one ``% PRIME`` at the end (or when it passes _LAZY_BITS) gives the same value
         y = 0
-        for c in rev:
-            y = y * x + c
-            if y.bit_length() > _LAZY_BITS:
-                y %= PRIME
+        if lazy:
+            for c in rev:
+                y = y * x + c
+        else:
+            for c in rev:
+                y = (y * x + c) % PRIME
         out[x] = y % PRIME
     return out
 
 
-#: bits a Horner accumulator of :func:`split` may reach before it is reduced (twice the field's, so a step with
-#: a point below 2^521 cannot make it much larger)
-_LAZY_BITS = 2 * 521
+#: growth in bits (over the field's 521) that :func:`split`'s Horner accumulator may reach unreduced
+_LAZY_BITS = 2048
 
 
 def lagrange_at_zero(xs: Sequence[int]) -> dict[int, int]:
