@@ -26,6 +26,7 @@ from deltaplane.aggregation.secagg import (
     SecAggConfig,
     SecAggServer,
     pack,
+    ring,
     run_secagg,
     shamir,
     unpack,
@@ -319,3 +320,25 @@ def test_lagrange_refuses_repeated_points() -> None:
         shamir.lagrange_at([1, 2, 2], 0)
     with pytest.raises(DeltaplaneError, match="distinct"):
         shamir.lagrange_at([1, 1 + shamir.PRIME], 0)
+
+
+@pytest.mark.parametrize("k", [7, 8, 12, 15, 16, 20, 31])
+def test_lane_words_over_several_blocks_and_the_range_check_in_the_last(k: int) -> None:
+    """Across :func:`to_words`' cache-sized blocks (3 and a bit): the words == a per-lane numpy reference, and
+    a value out of range in the last block is caught; a dtype that cannot exceed the bound needs no check."""
+    lanes = 8 if k <= 8 else 4 if k <= 16 else 2
+    n = 3 * ring._WORDS_BLOCK + 13
+    values = np.random.default_rng(k).integers(0, 1 << k, n, dtype=np.uint64).astype(np.uint32)
+    padded = np.zeros(-(-n // lanes) * lanes, np.uint64)
+    padded[:n] = values
+    ref = np.zeros(len(padded) // lanes, np.uint64)
+    for j in range(lanes):
+        ref |= padded[j::lanes] << np.uint64(k * j)
+    assert np.array_equal(to_words(values, k, below=1 << k), ref)
+    bad = values.copy()
+    bad[-1] = 1 << k
+    with pytest.raises(ValueError, match="not below"):
+        to_words(bad, k, below=1 << k)
+    if k >= 8:  # uint8 codes are all below 2^8: same words, no check needed
+        small = (values & 0xFF).astype(np.uint8)
+        assert np.array_equal(to_words(small, k, below=256), to_words(small.astype(np.uint32), k))
