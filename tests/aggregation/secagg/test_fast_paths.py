@@ -8,7 +8,9 @@
 * lane words (the masks' group since version 4) == a plain-Python reference for every ring width, their wire
   bytes == the values packed bit by bit, so uploads keep the additive-masking size;
 * exact integer sums with dropouts at every stage, for 8, 4 and 2 lanes per word, complete graph and SecAgg+,
-  and on extreme inputs (all zeros, all the largest code) for 100 clients; versions 1-3 are refused, not summed.
+  and on extreme inputs (all zeros, all the largest code) for 100 clients; versions 1-3 are refused, not summed;
+* Shamir: the lazily reduced Horner split == Horner reduced at every step, and Lagrange coefficients with one
+  inversion == one inversion per point (the textbook formula), on small and huge points and thresholds.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from deltaplane.aggregation.secagg import (
     SecAggConfig,
     SecAggServer,
     pack,
+    ring,
     run_secagg,
+    shamir,
     unpack,
 )
 from deltaplane.aggregation.secagg.errors import SecAggError
 from deltaplane.aggregation.secagg.messages import decode_message
 from deltaplane.aggregation.secagg.prg import add_masks, expand_mask
 from deltaplane.aggregation.secagg.ring import from_words, pack_words, to_words, unpack_words, word_moduli
-from deltaplane.errors import DecodeError
+from deltaplane.errors import DecodeError, DeltaplaneError
 
 
 def _ref_pack(values: np.ndarray, bits: int) -> bytes:
@@ -154,7 +158,7 @@ def test_lane_words_are_the_ring_bit_stream_for_every_ring_width(k: int) -> None
         want = [(int(a) + w) % (1 << 64) for a, w in zip(acc, ref, strict=True)]
         assert unpack_words(data, k, n, acc).tolist() == want, n
         with pytest.raises(DecodeError, match="expected"):
-            unpack_words(data + b"\0", k, n, acc)
+            unpack_words(bytes(data) + b"\0", k, n, acc)
         with pytest.raises(DecodeError, match="expected"):
             unpack_words(data[:-1], k, n, acc)
     with pytest.raises(DecodeError, match="uint64"):
@@ -246,3 +250,95 @@ def test_an_out_of_range_input_is_refused_and_changes_nothing() -> None:
         assert clients[0].export_state() == before
     high[-1] = 255
     server.receive_masked_input(clients[0].masked_input(server.inbox(0), high))  # the top code is fine
+
+
+def _ref_split(secret: bytes, threshold: int, xs: list[int], pool: bytes) -> dict[int, int]:
+    """Textbook Shamir: coefficients from ``pool`` as :func:`shamir.split` draws them, Horner mod p every step."""
+    size, p = shamir.SHARE_BYTES, shamir.PRIME
+    coeffs = [int.from_bytes(secret, "big")]
+    coeffs += [int.from_bytes(pool[i : i + size], "big") % p for i in range(0, len(pool), size)]
+    out = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):
+            y = (y * x + c) % p
+        out[x] = y
+    return out
+
+
+def _ref_lagrange(xs: list[int], at: int) -> dict[int, int]:
+    """Textbook Lagrange coefficients modulo p: one modular inversion per point."""
+    p, lam = shamir.PRIME, {}
+    for j in xs:
+        num = den = 1
+        for m in xs:
+            if m != j:
+                num, den = num * (m - at) % p, den * (m - j) % p
+        lam[j] = num * pow(den, -1, p) % p
+    return lam
+
+
+_POINT_SETS = [
+    [1, 2],
+    [3, 1, 2],
+    list(range(1, 22)),
+    [5, 17, 33, 48, 51, 60, 72, 90, 99, 100, 101],
+    list(range(1, 201, 3)),
+    [2**32 - 1, 7, 2**31, 12345],  # large points, still reduced lazily
+    [shamir.PRIME - 1, shamir.PRIME - 2, 2**600, 9],  # beyond the prime, and equal to -1, -2 mod p
+    [2**600 + i for i in range(5)],  # thresholds 2-3 reduce lazily, 5 at every step
+]
+
+
+@pytest.mark.parametrize("xs", _POINT_SETS)
+def test_shamir_split_with_lazy_reduction_equals_reducing_every_step(xs: list[int]) -> None:
+    rng = np.random.default_rng(len(xs))
+    for threshold in sorted({1, 2, len(xs) // 2 + 1, len(xs)}):
+        secret = rng.bytes(32)
+        pool = rng.bytes(shamir.SHARE_BYTES * (threshold - 1))
+        got = shamir.split(secret, threshold=threshold, xs=xs, randbytes=lambda n, pool=pool: pool[:n])
+        assert got == _ref_split(secret, threshold, xs, pool)
+        assert shamir.combine(dict(list(got.items())[:threshold]), threshold=threshold) == secret
+
+
+@pytest.mark.parametrize("xs", _POINT_SETS)
+def test_lagrange_with_one_inversion_equals_one_inversion_per_point(xs: list[int]) -> None:
+    others = [0, 1, -3, max(xs) + 1, 2**40 + 3, shamir.PRIME + 5, *xs[:1]]  # at a share point itself, too
+    for at in others:
+        want = _ref_lagrange(xs, at) if at not in xs else {j: int(j == at) for j in xs}
+        assert shamir.lagrange_at(xs, at) == want, at
+    # and the coefficients interpolate: a random polynomial through the points, evaluated anywhere
+    p, rng = shamir.PRIME, np.random.default_rng(7)
+    coeffs = [int.from_bytes(rng.bytes(64), "big") % p for _ in xs]
+    f = {x: sum(c * pow(x, i, p) for i, c in enumerate(coeffs)) % p for x in [*xs, 0, 12345]}
+    for at in (0, 12345):
+        assert sum(lam * f[x] for x, lam in shamir.lagrange_at(xs, at).items()) % p == f[at]
+
+
+def test_lagrange_refuses_repeated_points() -> None:
+    with pytest.raises(DeltaplaneError, match="distinct"):
+        shamir.lagrange_at([1, 2, 2], 0)
+    with pytest.raises(DeltaplaneError, match="distinct"):
+        shamir.lagrange_at([1, 1 + shamir.PRIME], 0)
+
+
+@pytest.mark.parametrize("k", [7, 8, 12, 15, 16, 20, 31])
+def test_lane_words_over_several_blocks_and_the_range_check_in_the_last(k: int) -> None:
+    """Across :func:`to_words`' cache-sized blocks (3 and a bit): the words == a per-lane numpy reference, and
+    a value out of range in the last block is caught; a dtype that cannot exceed the bound needs no check."""
+    lanes = 8 if k <= 8 else 4 if k <= 16 else 2
+    n = 3 * ring._WORDS_BLOCK + 13
+    values = np.random.default_rng(k).integers(0, 1 << k, n, dtype=np.uint64).astype(np.uint32)
+    padded = np.zeros(-(-n // lanes) * lanes, np.uint64)
+    padded[:n] = values
+    ref = np.zeros(len(padded) // lanes, np.uint64)
+    for j in range(lanes):
+        ref |= padded[j::lanes] << np.uint64(k * j)
+    assert np.array_equal(to_words(values, k, below=1 << k), ref)
+    bad = values.copy()
+    bad[-1] = 1 << k
+    with pytest.raises(ValueError, match="not below"):
+        to_words(bad, k, below=1 << k)
+    if k >= 8:  # uint8 codes are all below 2^8: same words, no check needed
+        small = (values & 0xFF).astype(np.uint8)
+        assert np.array_equal(to_words(small, k, below=256), to_words(small.astype(np.uint32), k))

@@ -50,6 +50,23 @@ def test_every_message_round_trips_exactly(i: int) -> None:
     back = type(msg).from_bytes(data, CFG)
     assert back == msg and back.to_bytes() == data
     assert decode_message(data, CFG) == msg
+    # what the server counts as uploaded is the encoding's length, for sent and received messages alike
+    assert msg.wire_size() == back.wire_size() == len(data)
+
+
+def test_a_decoded_masked_input_is_a_read_only_view_of_the_message() -> None:
+    masked = next(m for m in _messages() if isinstance(m, MaskedInput))
+    data = masked.to_bytes()
+    back = MaskedInput.from_bytes(data, CFG)
+    assert bytes(back.packed) == bytes(masked.packed) == data[-len(masked.packed) :]
+    for packed in (back.packed, masked.packed):  # neither side can change what was sent or received
+        with pytest.raises(TypeError):
+            memoryview(packed)[0] = 1
+    # a ciphertext of the wrong length is refused when the message is sized, as when it is encoded
+    bad = ShareKeys(3, 1, {2: b"\0" * 10})
+    for f in (bad.to_bytes, bad.wire_size):
+        with pytest.raises(DecodeError, match="not 160"):
+            f()
 
 
 def test_masked_input_is_exactly_the_additive_masking_size() -> None:

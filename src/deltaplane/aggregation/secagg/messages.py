@@ -62,6 +62,8 @@ KEY_BYTES = 32
 CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
 _U32 = struct.Struct(">I")
 _ROSTER_ENTRY = struct.Struct(f">I{KEY_BYTES}s{KEY_BYTES}s")  # id, c public key, s public key
+_CIPHERTEXT_ENTRY = struct.Struct(f">I{CIPHERTEXT_BYTES}s")  # peer id, ciphertext
+_SHARE_ENTRY = struct.Struct(f">I{shamir.SHARE_BYTES}s")  # owner id, Shamir share
 
 
 class _Reader:
@@ -70,14 +72,23 @@ class _Reader:
     def __init__(self, data: bytes, offset: int, what: str) -> None:
         self.data, self.pos, self.what = data, offset, what
 
-    def take(self, n: int) -> bytes:
+    def _advance(self, n: int) -> int:
+        """Where the next ``n`` bytes start; moves past them, or raises if fewer are left."""
         if n < 0 or self.pos + n > len(self.data):
             raise DecodeError(
                 f"{self.what}: truncated ({len(self.data)} bytes, needs more than {self.pos + n})"
             )
-        out = self.data[self.pos : self.pos + n]
         self.pos += n
-        return out
+        return self.pos - n
+
+    def take(self, n: int) -> bytes:
+        at = self._advance(n)
+        return self.data[at : at + n]
+
+    def view(self, n: int) -> memoryview:
+        """Like :meth:`take`, as a read-only view of the message's bytes: no copy of a large body."""
+        at = self._advance(n)
+        return memoryview(self.data)[at : at + n]
 
     def u32(self) -> int:
         return _U32.unpack(self.take(4))[0]
@@ -109,6 +120,21 @@ class _Reader:
             )
         if any(a >= b for a, b in itertools.pairwise(out)):
             raise DecodeError(f"{self.what}: {field}s must be strictly increasing")
+        return out
+
+    def entries(self, config: SecAggConfig, n: int, entry: struct.Struct, field: str) -> list[tuple]:
+        """``n`` entries ``(id, …)`` of the fixed layout ``entry``, unpacked in one call over their bytes (every
+        device and the server read many), with ids checked in range and strictly increasing."""
+        out = list(entry.iter_unpack(self.take(n * entry.size)))
+        last = -1
+        for e in out:
+            if e[0] >= config.num_clients:
+                raise DecodeError(
+                    f"{self.what}: {field} {e[0]} is not a client of this round (0..{config.num_clients - 1})"
+                )
+            if e[0] <= last:
+                raise DecodeError(f"{self.what}: {field}s must be strictly increasing")
+            last = e[0]
         return out
 
     def end(self) -> None:
@@ -196,18 +222,7 @@ class KeyRoster(Message):
     @classmethod
     def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> KeyRoster:
         n = r.count(config.num_clients, 4 + 2 * KEY_BYTES, "clients")
-        keys: dict[int, tuple[bytes, bytes]] = {}
-        last = -1
-        # every device reads the roster: one unpacking call per entry, with the checks of _Reader.client
-        for u, c, s in _ROSTER_ENTRY.iter_unpack(r.take(n * _ROSTER_ENTRY.size)):
-            if u >= config.num_clients:
-                raise DecodeError(
-                    f"{r.what}: client id {u} is not a client of this round (0..{config.num_clients - 1})"
-                )
-            if u <= last:
-                raise DecodeError(f"{r.what}: client ids must be strictly increasing")
-            last = u
-            keys[u] = (c, s)
+        keys = {u: (c, s) for u, c, s in r.entries(config, n, _ROSTER_ENTRY, "client id")}
         return cls(round_id, keys)
 
 
@@ -219,15 +234,24 @@ class _Addressed(Message):
     client_id: int
     ciphertexts: dict[int, bytes]
 
-    def body(self) -> bytes:
-        parts = [_U32.pack(self.client_id), _U32.pack(len(self.ciphertexts))]
-        for v, ct in _items_sorted(self.ciphertexts):
+    def _checked(self) -> list[tuple[int, bytes]]:
+        items = _items_sorted(self.ciphertexts)
+        for v, ct in items:
             if len(ct) != CIPHERTEXT_BYTES:
                 raise DecodeError(
                     f"share ciphertext for client {v} is {len(ct)} bytes, not {CIPHERTEXT_BYTES}"
                 )
+        return items
+
+    def body(self) -> bytes:
+        items = self._checked()
+        parts = [_U32.pack(self.client_id), _U32.pack(len(items))]
+        for v, ct in items:
             parts += [_U32.pack(v), ct]
         return b"".join(parts)
+
+    def wire_size(self) -> int:  # counted, not encoded again: the server counts every sender's bytes
+        return _HEAD.size + 8 + len(self._checked()) * _CIPHERTEXT_ENTRY.size
 
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:
@@ -237,16 +261,9 @@ class _Addressed(Message):
     def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> _Addressed:
         u = r.client(config, "client id")
         n = r.count(config.num_clients - 1, 4 + CIPHERTEXT_BYTES, "ciphertexts")
-        cts: dict[int, bytes] = {}
-        last = -1
-        for _ in range(n):
-            v = r.client(config, "peer id")
-            if v <= last or v == u:
-                raise DecodeError(
-                    f"{r.what}: peer ids must be strictly increasing and differ from the client's"
-                )
-            last = v
-            cts[v] = r.take(CIPHERTEXT_BYTES)
+        cts = dict(r.entries(config, n, _CIPHERTEXT_ENTRY, "peer id"))
+        if u in cts:
+            raise DecodeError(f"{r.what}: peer ids must be strictly increasing and differ from the client's")
         return cls(round_id, u, cts)
 
 
@@ -276,7 +293,8 @@ class MaskedInput(Message):
     KIND: ClassVar[int] = 5
     round_id: int
     client_id: int
-    packed: bytes
+    #: read-only bytes-like: a view of the decoded message's bytes, or of the device's packed words
+    packed: bytes | memoryview
 
     def body(self) -> bytes:
         return _U32.pack(self.client_id) + self.packed
@@ -297,7 +315,8 @@ class MaskedInput(Message):
     @classmethod
     def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> MaskedInput:
         u = r.client(config, "client id")
-        return cls(round_id, u, r.take(config.packed_bytes))
+        # a view, not a copy, of the largest message's body: the server adds it to its sum and drops it
+        return cls(round_id, u, r.view(config.packed_bytes))
 
 
 @dataclass(frozen=True)
@@ -347,6 +366,9 @@ class UnmaskResponse(Message):
             parts += [_U32.pack(v), sh]
         return b"".join(parts)
 
+    def wire_size(self) -> int:  # counted, not encoded again
+        return _HEAD.size + 8 + sum(4 + len(sh) for sh in self.shares.values())
+
     @classmethod
     def max_bytes(cls, config: SecAggConfig) -> int:
         return _HEAD.size + 8 + config.num_clients * (4 + shamir.SHARE_BYTES)
@@ -355,16 +377,9 @@ class UnmaskResponse(Message):
     def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> UnmaskResponse:
         u = r.client(config, "client id")
         n = r.count(config.num_clients, 4 + shamir.SHARE_BYTES, "shares")
-        shares: dict[int, bytes] = {}
-        last = -1
-        for _ in range(n):
-            v = r.client(config, "owner id")
-            if v <= last:
-                raise DecodeError(f"{r.what}: owner ids must be strictly increasing")
-            last = v
-            raw = r.take(shamir.SHARE_BYTES)
+        shares = dict(r.entries(config, n, _SHARE_ENTRY, "owner id"))
+        for raw in shares.values():
             shamir.share_from_bytes(raw)  # range check now, not when the server combines
-            shares[v] = raw
         return cls(round_id, u, shares)
 
 

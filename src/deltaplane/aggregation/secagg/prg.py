@@ -42,6 +42,10 @@ MASK_KEY_BYTES = 16
 MASK_BLOCK_BYTES = 1 << 17
 
 
+#: CTR mode from a zero counter block: every mask key drives exactly one stream (one object for all of them)
+_CTR_ZERO = modes.CTR(bytes(16))
+
+
 def derive(secret: bytes, purpose: str, context: bytes, length: int = 32) -> bytes:
     """A ``length``-byte key for ``purpose`` bound to ``context`` (round id, client ids), via HKDF-SHA256."""
     info = b"deltaplane/secagg/" + purpose.encode() + b"/" + context
@@ -56,7 +60,7 @@ def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
 def _keystream(key: bytes) -> CipherContext:
     if len(key) != MASK_KEY_BYTES:  # AES would silently pick AES-192/256 and expand other masks
         raise SecAggError(f"a mask key has {MASK_KEY_BYTES} bytes (AES-128), not {len(key)}")
-    return Cipher(algorithms.AES128(key), modes.CTR(b"\0" * 16)).encryptor()
+    return Cipher(algorithms.AES128(key), _CTR_ZERO).encryptor()
 
 
 def expand_mask(key: bytes, count: int) -> np.ndarray:
@@ -84,9 +88,11 @@ def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
         raise SecAggError(
             f"masks are added to a contiguous 1-D uint64 array of words, not {acc.dtype} {acc.shape}"
         )
-    streams = [(_keystream(key), sign) for key, sign in masks]
-    if any(sign not in (1, -1) for _, sign in streams):
+    masks = list(masks)
+    if any(sign not in (1, -1) for _, sign in masks):
         raise SecAggError("a mask's sign must be +1 or -1")
+    # (write the next keystream block, add or subtract it): looked up once, called ~20 times per block
+    streams = [(_keystream(key).update_into, np.add if sign > 0 else np.subtract) for key, sign in masks]
     n = len(acc)
     step = max(1, min(n, MASK_BLOCK_BYTES // 8))
     zeros = memoryview(_zeros(8 * step))
@@ -94,10 +100,10 @@ def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
     words = np.frombuffer(buf, dtype="<u8", count=step)
     for lo in range(0, n, step):
         m = min(step, n - lo)
-        part, x = acc[lo : lo + m], words[:m]
-        for enc, sign in streams:
-            enc.update_into(zeros[: 8 * m], buf)
-            (np.add if sign > 0 else np.subtract)(part, x, out=part)
+        part, x, zero = acc[lo : lo + m], words[:m], zeros[: 8 * m]
+        for update_into, op in streams:
+            update_into(zero, buf)
+            op(part, x, part)
 
 
 @lru_cache(maxsize=4)

@@ -467,7 +467,9 @@ class SecAggClient:
         if len(surv) < cfg.threshold:
             raise SecAggError(f"client {u}: only {len(surv)} survivors; threshold {cfg.threshold}")
         out: dict[int, bytes] = {}
-        for v in sorted(surv | drop):
+        # only clients this one holds shares of (or has revealed before) can matter: its neighbours, not the round
+        held = self._received.keys() | {u} | self._revealed.keys()
+        for v in sorted((surv | drop) & held):
             want = "b" if v in surv else "s"
             if self._revealed.get(v, want) != want:
                 raise SecAggError(f"client {u}: refusing to reveal both secrets of client {v}")
