@@ -154,3 +154,23 @@ def test_an_output_folder_holding_an_input_is_refused_even_with_overwrite(tmp_pa
     )
     assert res.exit_code == 0, res.output
     assert torch.equal(load_file(tmp_path / "a" / "model.safetensors")["w"], torch.ones(2, 2))
+
+
+def test_the_working_directory_as_output_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Before: `-o . --overwrite` from a folder holding no input merged, then failed to move the working directory
+    aside (EBUSY, exit 1) and left a hidden '..old-XXXX' folder behind with the folder's files in it."""
+    for name in ("base", "a"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(2, 2)}, tmp_path / name / "model.safetensors")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        res = CliRunner().invoke(_app(), ["merge", str(tmp_path / "c.yaml"), "-o", out, "--overwrite", "-q"])
+        assert res.exit_code == 2, (out, res.output)
+        assert "is the working directory or holds it" in " ".join(res.output.split()), res.output
+    assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == ["notes.txt", "sub"]

@@ -137,6 +137,14 @@ def _refuse_output_over_inputs(out: Path, cfg: MergeConfig, plan: Plan) -> None:
     Fisher file, the config itself): with ``overwrite`` the finished merge replaces ``out`` as a whole, which would
     delete those inputs. An output inside an input's folder replaces nothing of it and is allowed."""
     target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        # the finished merge is swapped in for the whole folder, which cannot be renamed away while it is the
+        # working directory (EBUSY, leaving the old folder half moved aside) and would take everything in it
+        raise ConfigError(
+            f"output folder '{out}' is the working directory or holds it: the merge replaces its output folder "
+            "as a whole. Choose a new folder for the merged model (e.g. -o merged)"
+        )
     files = [info.file for ck in plan.checkpoints for info in ck.infos.values()]
     files += [ck.path for ck in plan.checkpoints]
     if cfg.source != "config":  # loaded from a file
