@@ -494,3 +494,15 @@ def test_overflow_of_a_half_dtype_is_refused_and_explained(tmp_path: Path, value
         "b",
         "c.yaml",
     ]  # no output, no temporary folder
+
+
+def test_the_in_memory_merge_refuses_a_half_overflow_as_merge_files_does() -> None:
+    """Before: merge() of float16 inputs computed in float32 and cast back, returning Inf for 6e4 + 6e4 silently,
+    where merge_files refuses the same merge."""
+    half = {"w": torch.full((2,), 6e4, dtype=torch.float16), "b": torch.ones(2, dtype=torch.float16)}
+    with pytest.raises(
+        dp.InvalidUpdate, match=r"merged tensor 'w' .* overflows float16 \(largest value 65504\)"
+    ):
+        merge("linear", None, [half, half], normalize=False)
+    ok = merge("linear", None, [half, half])  # the mean stays in range
+    assert ok["w"].dtype == torch.float16 and torch.equal(ok["w"], half["w"])

@@ -596,7 +596,8 @@ def merge(
     Raises:
         ConfigError: unknown method or parameter, bad value, wrong number of models, missing base.
         ShapeMismatch: the models (or base) disagree on tensor names, shapes or dtypes; names the tensor.
-        InvalidUpdate: an input tensor holds NaN or Inf; names the input and the tensor.
+        InvalidUpdate: an input tensor holds NaN or Inf (names the input and the tensor), or the merged tensor
+            overflows the inputs' dtype (a float16 sum beyond 65504; names the tensor), as :func:`merge_files`.
     """
     m = get_method(method)
     models = list(models)
@@ -627,8 +628,14 @@ def merge(
         b = base[name].detach().to(cdt, copy=True) if base is not None else None
         ts = [x[name].detach().to(cdt, copy=True) for x in models]  # copies: methods may work in place
         refuse_non_finite(name, [b, *ts], ["base", *(f"model {i}" for i in range(len(ts)))])
-        merged = m.merge_tensor(name, b, ts, lookup_tensor_params(m, resolved, name))
-        out[name] = merged.to(first.dtype)
+        merged = m.merge_tensor(name, b, ts, lookup_tensor_params(m, resolved, name)).to(first.dtype)
+        if not all_finite(merged):  # finite inputs: the result overflowed (float16 tops out at 65504)
+            raise InvalidUpdate(
+                f"merged tensor '{name}' holds NaN or Inf although its inputs are finite: the merge overflows "
+                f"{str(first.dtype).removeprefix('torch.')} (largest value {torch.finfo(first.dtype).max:g}). "
+                "Merge the models cast to float32 or bfloat16, or lower the weights or lambda"
+            )
+        out[name] = merged
     if deltas:
         d = Delta(out)
         return d.apply(apply_to) if apply_to is not None else d
