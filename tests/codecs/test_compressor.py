@@ -155,3 +155,17 @@ def test_a_plain_mapping_compresses_like_a_delta_round_after_round() -> None:
         assert sent.keys() == d.keys()
         as_delta.encode(dp.Delta(d))
     assert torch.equal(as_dict.state.residual["w"], as_delta.state.residual["w"])
+
+
+def test_a_state_of_another_codec_is_a_config_error_and_restores_nothing() -> None:
+    """Before: a bare DeltaplaneError, which callers mapping ConfigError to HTTP 422 or exit 2 did not catch."""
+    from deltaplane.codecs import Compressor
+    from deltaplane.errors import ConfigError
+
+    quant = Compressor("quant(bits=8)")
+    rounds = quant.state.rounds
+    with pytest.raises(
+        ConfigError, match=r"state is for codec 'topk\(ratio=0.1\)', this compressor uses 'quant\(bits=8"
+    ):
+        quant.load_state_dict(Compressor("topk(0.1)").state_dict())
+    assert quant.state.rounds == rounds

@@ -42,6 +42,7 @@ from deltaplane.codecs.wire import (
 from deltaplane.delta import Delta, all_finite, first_non_finite
 from deltaplane.errors import (
     CodecError,
+    ConfigError,
     DecodeError,
     DeltaplaneError,
     InvalidUpdate,
@@ -477,10 +478,15 @@ class Compressor:
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict` (the codec spec must match)."""
+        """Restore a state produced by :meth:`state_dict` (the codec spec must match).
+
+        Raises:
+            ConfigError: the state was saved by a compressor of another codec (nothing is restored).
+        """
         if sd.get("codec") != self.codec.spec:
-            raise DeltaplaneError(
-                f"state is for codec {sd.get('codec')!r}, this compressor uses {self.codec.spec!r}"
+            raise ConfigError(
+                f"state is for codec {sd.get('codec')!r}, this compressor uses {self.codec.spec!r}: restore it "
+                "into a compressor of the same codec, or start this one afresh"
             )
         self.state.rounds = int(sd["rounds"])
         self._rng.set_state(sd["rng_state"])
