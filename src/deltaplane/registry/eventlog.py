@@ -23,6 +23,10 @@ contains it (``deltaplane registry verify --expect-head INDEX:SHA256``). Detecti
 second key, outside the registry, that regularly signs the current head with an expiry — TUF's timestamp role
 (https://theupdateframework.github.io/specification/latest/#timestamp-role); deltaplane does not implement one.
 
+Tables that differ from a log that verifies are rewritten from it by :meth:`Registry.repair_from_log`
+(:func:`rewrite_tables`; CLI ``deltaplane registry repair``): a replay holds every column the tables have, so
+the rows come back as they were signed; a log that does not verify is refused, as it cannot be the source.
+
 Registries made before the log get a ``checkpoint`` entry of the state they hold on their first open with the
 signing key: what happened before it is unsigned, and verify says so.
 """
@@ -401,7 +405,8 @@ def check(
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise IntegrityError(
             f"the registry's {', '.join(parts)} differ from its signed state log, so they were changed outside "
-            f"deltaplane: {'; '.join(diffs[:3])}{more}. `deltaplane registry verify` lists every difference"
+            f"deltaplane: {'; '.join(diffs[:3])}{more}. `deltaplane registry verify` lists every difference; "
+            "`deltaplane registry repair` rewrites them from the log once it verifies"
         )
     return signed
 
