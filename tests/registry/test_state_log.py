@@ -405,3 +405,174 @@ def test_cli_verify_prints_the_head_and_checks_expect_head(home):
     assert r.exit_code == 1 and "tags: m:production points to version 1, the signed log says 3" in r.output
     r = runner.invoke(app, [*verify, "--expect-head", "nonsense"])
     assert r.exit_code == 2 and "INDEX:SHA256" in r.output and "Traceback" not in r.output
+
+
+# -- repair: the tables rewritten from the verified log ------------------------------------------------------
+def _dump(home) -> dict[str, list[tuple]]:
+    """Every row of every table of registry.db (the log, artifacts and evaluations included), read by a second
+    connection; sorted, as a row's place in the file is not its content."""
+    con = sqlite3.connect(home / "registry.db")
+    try:
+        names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return {n: sorted(con.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in names}
+    finally:
+        con.close()
+
+
+_FORGE_ALL = (
+    "UPDATE tags SET number=1, updated_at=0.0 WHERE tag='production'",
+    "DELETE FROM withdrawals WHERE cohort='eu'",
+    "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) "
+    "VALUES ('m', 'production', 1, 3, 'rollback', 'forged', 0.0)",
+)
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [_FORGE_ALL[:1], _FORGE_ALL[1:2], _FORGE_ALL[2:], _FORGE_ALL],
+    ids=["forged-tag", "deleted-withdrawal", "fake-history-row", "all-three"],
+)
+def test_repair_restores_the_tables_from_the_signed_log(home, statements):
+    from deltaplane.errors import PromotionRefused
+
+    Registry(home).record_evaluation(Registry(home).get("m", 1), "e", {"accuracy": 0.5})
+    before = _dump(home)
+    _sql(home, *statements)
+    with pytest.raises(IntegrityError, match="differ from its signed state log"):
+        Registry(home).check_state()  # what promotion, rollback and the service refuse on
+    head = Registry(home).verify().log_head
+    report = Registry(home).repair_from_log(expect_head=head)
+    assert report.applied and report.log_head == head and len(report.differences) == len(statements)
+    assert Registry(home).verify(expect_head=head).ok
+    after = _dump(home)
+    # every row as it was, to the column; artifacts, evaluations and the log untouched
+    assert after == before | {"sqlite_sequence": after["sqlite_sequence"]}
+    assert Registry(home).repair_from_log().differences == []
+    reg = Registry(home)
+    with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):  # the gate sees the withdrawal again
+        promote(reg, "m@3", to="staging", evaluator=_pass)
+    assert promote(reg, "m@2", evaluator=_pass).promoted  # promotion works again
+    assert reg.tag("m", "production", verify=True) == 2 and reg.verify().ok
+
+
+def test_repair_dry_run_changes_nothing(home):
+    _sql(home, *_FORGE_ALL)
+    before = _dump(home)
+    report = Registry(home).repair_from_log(dry_run=True)
+    assert not report.applied and len(report.differences) == 3
+    assert any("no --expect-head given" in n for n in report.notes), report.notes
+    assert _dump(home) == before
+
+
+def test_repair_warns_about_each_withdrawal_it_removes(home):
+    _sql(home, "INSERT INTO withdrawals VALUES ('us', 'unsigned', 1.0)")
+    report = Registry(home).repair_from_log()
+    assert report.differences == ["withdrawals: cohort 'us' is not in the signed log"]
+    assert any("record it again (`deltaplane registry withdraw us`)" in n for n in report.notes), report.notes
+    assert Registry(home).withdrawn_cohorts(verify=True) == {"eu"}
+
+
+def _bad_signature(home) -> None:
+    seq, *_ = _entries(home)[-1]
+    from deltaplane.registry import load_signer
+
+    # the registry's own key, over another statement: a signature that does not verify, not an untrusted key
+    bogus = load_signer(home).sign({"kind": "state-log", "seq": seq, "sha256": "0" * 64}).to_text()
+    _sql(home, f"UPDATE state_log SET signature=? WHERE seq={seq}", args=(bogus,))
+
+
+def _edited_entry(home) -> None:
+    seq, _, _, text, _ = _entries(home)[-2]
+    forged = text.replace('"number":3', '"number":1')
+    digest = hashlib.sha256(forged.encode()).hexdigest()
+    _sql(home, f"UPDATE state_log SET entry=?, sha256=? WHERE seq={seq}", args=(forged, digest))
+
+
+def _wrong_key(home) -> None:
+    _rewrite_log(home, Signer.generate(), lambda e: None if e["op"] == "withdraw" else e)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (_edited_entry, "signature by"),
+        (_bad_signature, "state log entry 6: signature by"),
+        (_wrong_key, "untrusted key"),
+        (lambda home: _sql(home, "DELETE FROM state_log WHERE seq=3"), "entry 3 is missing"),
+        (lambda home: _sql(home, "DELETE FROM state_log"), "entries were deleted"),
+    ],
+    ids=["edited-entry", "bad-signature", "re-signed-with-another-key", "removed-entry", "emptied"],
+)
+def test_repair_refuses_a_log_that_does_not_verify_and_changes_nothing(home, tamper, expected):
+    # a table change too: what a repair from a forged log would otherwise "fix" the wrong way
+    _sql(home, "DELETE FROM withdrawals")
+    tamper(home)
+    before = _dump(home)
+    for dry_run in (True, False):
+        with pytest.raises(IntegrityError, match="does not verify") as exc:
+            Registry(home).repair_from_log(dry_run=dry_run)
+        assert expected in str(exc.value) and "Nothing was changed" in str(exc.value)
+    assert _dump(home) == before
+
+
+def test_repair_applies_the_trust_pin(home, tmp_path, monkeypatch):
+    pin = tmp_path / "pin"
+    pin.mkdir()
+    (pin / "registry.pub").write_bytes((home / "keys" / "signing.ed25519.pub").read_bytes())
+    _take_over(home)
+    _sql(home, "INSERT INTO withdrawals VALUES ('eu', 'the owner knows', 1.0)")
+    assert Registry(home).repair_from_log(dry_run=True).differences  # the attacker's keys would "repair" it
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
+    before = _dump(home)
+    with pytest.raises(IntegrityError, match="untrusted key"):
+        Registry(home).repair_from_log()
+    assert _dump(home) == before
+
+
+def test_repair_refuses_a_truncated_log_given_the_recorded_head(home):
+    recorded = Registry(home).verify().log_head
+    n = int(recorded.partition(":")[0])
+    _sql(home, f"DELETE FROM state_log WHERE seq >= {n - 1}")  # the withdrawal and the last promotion
+    before = _dump(home)
+    with pytest.raises(IntegrityError, match=f"ends at entry {n - 2}.*Nothing was changed"):
+        Registry(home).repair_from_log(expect_head=recorded)
+    rewritten = f"{n - 2}:{'0' * 64}"
+    with pytest.raises(IntegrityError, match="the log was rewritten"):
+        Registry(home).repair_from_log(expect_head=rewritten)
+    with pytest.raises(ConfigError, match="INDEX:SHA256"):
+        Registry(home).repair_from_log(expect_head="nonsense")
+    assert _dump(home) == before
+    # the documented limit: without the head, the shorter log verifies and the repair reverts to it
+    report = Registry(home).repair_from_log(dry_run=True)
+    assert "withdrawals: cohort 'eu' is not in the signed log" in report.differences
+
+
+def test_cli_repair(home):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    runner = CliRunner()
+    repair = ["registry", "repair", "--home", str(home)]
+    head = Registry(home).verify().log_head
+    r = runner.invoke(app, repair)
+    assert r.exit_code == 0 and "nothing to repair" in r.output, r.output
+    _sql(home, *_FORGE_ALL)
+    before = _dump(home)
+    r = runner.invoke(app, [*repair, "--dry-run"])
+    assert r.exit_code == 0 and "would rewrite: tags: m:production points to version 1" in r.output, r.output
+    assert "nothing changed" in r.output and _dump(home) == before
+    r = runner.invoke(app, [*repair, "--expect-head", f"{head.partition(':')[0]}:{'0' * 64}"])
+    assert r.exit_code == 1 and "the log was rewritten" in r.output and _dump(home) == before
+    r = runner.invoke(app, [*repair, "--expect-head", "nonsense"])
+    assert r.exit_code == 2 and "INDEX:SHA256" in r.output and _dump(home) == before
+    r = runner.invoke(app, [*repair, "--expect-head", head])
+    assert r.exit_code == 0, r.output
+    assert "rewrote: withdrawals: cohort 'eu' is missing" in r.output and "repaired 3 rows" in r.output
+    assert "tag_history: row 5 (m:production -> 1) is not in the signed log" in r.output
+    assert (
+        runner.invoke(app, ["registry", "verify", "--home", str(home), "--expect-head", head]).exit_code == 0
+    )
+    _bad_signature(home)
+    r = runner.invoke(app, repair)
+    assert r.exit_code == 1 and "does not verify" in r.output and "Traceback" not in r.output

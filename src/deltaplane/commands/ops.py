@@ -414,6 +414,68 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(code=1)
         console.print("[green]registry OK[/green]")
 
+    @reg_app.command("repair")
+    def registry_repair(
+        home: Home = None,
+        trusted: Annotated[
+            Path | None,
+            typer.Option(
+                "--trusted",
+                help="Trust only these public keys (a file of base64 keys, one a line, or a folder of *.pub), "
+                "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
+            ),
+        ] = None,
+        expect_head: Annotated[
+            str | None,
+            typer.Option(
+                "--expect-head",
+                metavar="INDEX:SHA256",
+                help="A state log head printed by an earlier verify and kept outside HOME: refuse unless the log "
+                "still contains it (a log cut short would otherwise revert the tables to its older state).",
+            ),
+        ] = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Only list what differs and would be rewritten.")
+        ] = False,
+    ) -> None:
+        """Rewrite tags, tag history and withdrawals to what the signed state log replays to, after verifying the
+        log (chain, every signature, --expect-head). Exit 1, changing nothing, when the log does not verify."""
+        from deltaplane.errors import IntegrityError
+        from deltaplane.registry import Registry
+        from deltaplane.registry.signing import TRUSTED_KEYS_ENV, load_trusted_keys
+
+        pin = trusted or os.environ.get(TRUSTED_KEYS_ENV) or None
+        with _errors():
+            verifier = load_trusted_keys(pin) if pin else None
+            try:
+                rep = Registry(_home(home), verifier=verifier).repair_from_log(expect_head, dry_run=dry_run)
+                if rep.applied:  # a fresh handle replays the whole log again and compares it with the tables
+                    Registry(_home(home), verifier=verifier).check_state()
+            except IntegrityError as exc:  # a log that does not verify: a finding, as for verify
+                err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(code=1) from None
+        if not rep.differences:
+            console.print(
+                f"nothing to repair: the tables equal the signed state log (head {rep.log_head})",
+                soft_wrap=True,
+            )
+            return
+        verb = "would rewrite" if dry_run else "rewrote"
+        for d in rep.differences:
+            console.print(f"{verb}: {escape(d)}", soft_wrap=True)
+        for n in rep.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
+        if dry_run:
+            console.print(
+                f"dry run: {len(rep.differences)} rows differ from the signed state log; nothing changed"
+            )
+        else:
+            console.print(
+                f"[green]repaired {len(rep.differences)} rows: the tables equal the signed state log "
+                f"(head {rep.log_head})[/green]",
+                soft_wrap=True,
+            )
+
     @reg_app.command("tag")
     def registry_tag(
         ref: Annotated[str, typer.Argument(help="model@N")],

@@ -23,6 +23,10 @@ contains it (``deltaplane registry verify --expect-head INDEX:SHA256``). Detecti
 second key, outside the registry, that regularly signs the current head with an expiry — TUF's timestamp role
 (https://theupdateframework.github.io/specification/latest/#timestamp-role); deltaplane does not implement one.
 
+Tables that differ from a log that verifies are rewritten from it by :meth:`Registry.repair_from_log`
+(:func:`rewrite_tables`; CLI ``deltaplane registry repair``): a replay holds every column the tables have, so
+the rows come back as they were signed; a log that does not verify is refused, as it cannot be the source.
+
 Registries made before the log get a ``checkpoint`` entry of the state they hold on their first open with the
 signing key: what happened before it is unsigned, and verify says so.
 """
@@ -49,7 +53,9 @@ __all__ = [
     "append",
     "check",
     "ensure_started",
+    "head_problem",
     "read_head",
+    "rewrite_tables",
     "verify",
 ]
 
@@ -399,7 +405,8 @@ def check(
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise IntegrityError(
             f"the registry's {', '.join(parts)} differ from its signed state log, so they were changed outside "
-            f"deltaplane: {'; '.join(diffs[:3])}{more}. `deltaplane registry verify` lists every difference"
+            f"deltaplane: {'; '.join(diffs[:3])}{more}. `deltaplane registry verify` lists every difference; "
+            "`deltaplane registry repair` rewrites them from the log once it verifies"
         )
     return signed
 
@@ -489,16 +496,65 @@ def verify(
                     "unsigned; the checkpoint vouches for that state as it was found"
                 )
     if expect_head is not None:
-        have = _hash_at(con, expect_head.index) if report.head is not None else None
-        if have is None:
-            ends = f"ends at entry {report.head.index}" if report.head else "has no entries"
-            report.problems.append(
-                f"the state log {ends}, but the recorded head {expect_head} is entry {expect_head.index}: "
-                "entries were removed since it was recorded (or the log was replaced)"
-            )
-        elif have != expect_head.sha256:
-            report.problems.append(
-                f"state log entry {expect_head.index} hashes to {have}, not to the recorded {expect_head.sha256}: "
-                "the log was rewritten since the head was recorded"
-            )
+        problem = head_problem(con, report.head, expect_head)
+        if problem is not None:
+            report.problems.append(problem)
     return report
+
+
+def head_problem(con: sqlite3.Connection, head: Head | None, expect_head: Head) -> str | None:
+    """Why the log whose newest entry is ``head`` does not contain ``expect_head`` (None when it does)."""
+    have = _hash_at(con, expect_head.index) if head is not None else None
+    if have is None:
+        ends = f"ends at entry {head.index}" if head else "has no entries"
+        return (
+            f"the state log {ends}, but the recorded head {expect_head} is entry {expect_head.index}: "
+            "entries were removed since it was recorded (or the log was replaced)"
+        )
+    if have != expect_head.sha256:
+        return (
+            f"state log entry {expect_head.index} hashes to {have}, not to the recorded {expect_head.sha256}: "
+            "the log was rewritten since the head was recorded"
+        )
+    return None
+
+
+# -- repairing -------------------------------------------------------------------------------------------
+def rewrite_tables(con: sqlite3.Connection, signed: SignedState, tables: SignedState) -> int:
+    """Make ``tags``, ``tag_history`` and ``withdrawals`` hold exactly ``signed`` (a verified replay); returns the
+    number of rows written or deleted.
+
+    ``tables`` is their current content (:func:`read_tables`, same transaction): only rows that differ are
+    touched. Every column comes from the log (a replay holds each column its entry wrote), so nothing is made up.
+    Call inside the write transaction that also re-checks the result.
+    """
+    writes = (
+        (
+            signed.tags,
+            tables.tags,
+            "DELETE FROM tags WHERE model=? AND tag=?",
+            "INSERT OR REPLACE INTO tags (model, tag, number, updated_at) VALUES (?,?,?,?)",
+        ),
+        (
+            signed.tag_history,
+            tables.tag_history,
+            "DELETE FROM tag_history WHERE id=?",
+            f"INSERT OR REPLACE INTO tag_history (id, {', '.join(_HISTORY_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?)",
+        ),
+        (
+            signed.withdrawals,
+            tables.withdrawals,
+            "DELETE FROM withdrawals WHERE cohort=?",
+            "INSERT OR REPLACE INTO withdrawals (cohort, reason, at) VALUES (?,?,?)",
+        ),
+    )
+    count = 0
+    for want, have, delete, upsert in writes:
+        for key, s, _ in _differing(want, have):
+            keys = key if isinstance(key, tuple) else (key,)
+            if s is None:
+                con.execute(delete, keys)
+            else:
+                con.execute(upsert, (*keys, *s))
+            count += 1
+    return count

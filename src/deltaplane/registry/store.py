@@ -59,6 +59,7 @@ __all__ = [
     "Governance",
     "IntegrityReport",
     "Registry",
+    "RepairReport",
     "default_home",
     "rollback_statement",
     "state_from_bytes",
@@ -426,6 +427,17 @@ class IntegrityReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class RepairReport:
+    """Result of :meth:`Registry.repair_from_log`: what differed from the signed state log, and whether it was
+    rewritten (``applied``; False for a dry run and when nothing differed)."""
+
+    log_head: str  # the verified log's newest entry (INDEX:SHA256) the tables now equal (or would)
+    differences: list[str] = field(default_factory=list)  # one line per row, as verify names them
+    notes: list[str] = field(default_factory=list)  # what the operator should know about the rewrite
+    applied: bool = False
 
 
 def _artifact(row: sqlite3.Row) -> Artifact:
@@ -1467,6 +1479,67 @@ class Registry:
                     report.orphans.append(sha)
         report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))
         return report
+
+    def repair_from_log(
+        self, expect_head: str | eventlog.Head | None = None, *, dry_run: bool = False
+    ) -> RepairReport:
+        """Rewrite ``tags``, ``tag_history`` and ``withdrawals`` to what the signed state log replays to.
+
+        The log is the source of truth only when it verifies: its whole chain and every signature are checked
+        against the trusted keys (a pin applies) and, given ``expect_head`` (``INDEX:SHA256`` recorded from an
+        earlier verify), it must still contain that head; otherwise :class:`IntegrityError` and nothing changes.
+        Only the rows that differ are rewritten, in one transaction that re-checks the tables against the log
+        before it commits. Artifacts, blobs, evaluations, rollback records and the log itself are not touched, and
+        nothing is signed (no key needed). ``dry_run`` only reports the differences.
+
+        The limit: a log whose newest entries were removed is still a valid chain, and repairing from it reverts
+        the tables to its older state; only ``expect_head`` catches that.
+        """
+        if isinstance(expect_head, str):
+            expect_head = eventlog.Head.parse(expect_head)  # a bad value is a ConfigError, before any work
+        verifier = self.verifier  # before the write lock: loading the keys reads files
+        with self._snapshot() if dry_run else self.transaction() as con:
+            signed = self._verified_log(con, verifier, expect_head)
+            tables = eventlog.read_tables(con)
+            assert signed.head is not None  # a log without entries was refused above
+            report = RepairReport(str(signed.head), eventlog.differences(signed, tables))
+            gone = sorted(set(tables.withdrawals) - set(signed.withdrawals))
+            report.notes += [
+                f"cohort {c!r} is withdrawn in the table but not in the signed log, so the repair removes its "
+                f"withdrawal: if it did withdraw consent, record it again (`deltaplane registry withdraw {c}`)"
+                for c in gone
+            ]
+            if expect_head is None and report.differences:
+                report.notes.append(
+                    "no --expect-head given: a log whose newest entries were removed also verifies, and repairing "
+                    "from it reverts the tables to its older state; pass the head recorded from an earlier verify"
+                )
+            if dry_run or not report.differences:
+                return report
+            eventlog.rewrite_tables(con, signed, tables)
+            self._signed = eventlog.check(con, verifier, signed)  # raises, so rolls back, unless equal now
+            report.applied = True
+        return report
+
+    @staticmethod
+    def _verified_log(
+        con: sqlite3.Connection, verifier: Verifier, expect_head: eventlog.Head | None
+    ) -> eventlog.SignedState:
+        """The whole log replayed, every signature checked, containing ``expect_head``; IntegrityError if not."""
+        try:
+            signed = eventlog.signed_state(con, verifier)  # no cache: every entry is checked
+        except (IntegrityError, SignatureError) as exc:
+            raise IntegrityError(
+                f"the signed state log does not verify, so it cannot be the source of a repair: {exc}. Nothing "
+                "was changed; restore registry.db from a backup"
+            ) from None
+        problem = None if expect_head is None else eventlog.head_problem(con, signed.head, expect_head)
+        if problem is not None:
+            raise IntegrityError(
+                f"{problem}. Nothing was changed: repairing from this log would revert the tables to its state; "
+                "restore registry.db from a backup"
+            )
+        return signed
 
     def discard_blob(self, sha256: str) -> bool:
         """Delete blob ``sha256`` unless a row names it (a version, a card, an upload of a device round): what a
