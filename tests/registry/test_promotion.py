@@ -267,3 +267,32 @@ def test_a_cohort_withdrawn_during_the_evaluation_stops_the_promotion(tmp_path, 
         promote(reg, cand.ref, evaluator=evaluator)
     with pytest.raises(NotFound):
         reg.tag("digits", "production")
+
+
+def test_a_forged_tag_history_is_refused_before_anything_is_evaluated(tmp_path):
+    """Before: a tag_history row written straight into registry.db let promote() run the evaluator and record
+    verdicts for both versions, and only the tag move was refused (a deleted withdrawal was refused up front)."""
+    import sqlite3
+
+    from deltaplane.errors import IntegrityError
+
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", {"w": torch.zeros(2)})
+    reg.register_model("m", {"w": torch.ones(2)}, parent=1)
+    reg.set_tag("m", "production", 1)
+    con = sqlite3.connect(tmp_path / "h" / "registry.db", isolation_level=None)
+    con.execute(
+        "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) "
+        "VALUES ('m', 'production', 1, 2, 'rollback', '', 0)"
+    )
+    con.close()
+    reg = Registry(tmp_path / "h")
+    calls = []
+
+    def evaluator(state):
+        calls.append(1)
+        return {"accuracy": 1.0, "ood_accuracy": 1.0}
+
+    with pytest.raises(IntegrityError, match="tag_history|history"):
+        promote(reg, "m@2", evaluator=evaluator)
+    assert calls == [] and reg.evaluations(reg.get("m", 2)) == [] and reg.evaluations(reg.get("m", 1)) == []

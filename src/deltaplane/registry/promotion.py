@@ -139,6 +139,9 @@ def promote(
     cand = registry.resolve(ref, verify=True)
     if cand.kind != "model":
         raise ConfigError(f"{cand.ref} is a delta; only model versions can be promoted")
+    # the tag's history too, not only its holder: set_tag refuses a tag whose history differs from the log,
+    # and it must do so before the evaluator runs and its verdicts are recorded
+    registry.check_state(model=cand.model, tag=to)
     name = evaluator_name or getattr(evaluator, "__qualname__", type(evaluator).__name__)
     gated = list(tolerance.limits)
     regressions = registry.governance_problems(cand, verify=True)
