@@ -96,9 +96,10 @@ class DigitsCNN(nn.Module):
         # values are the same (rounding is monotonic, so max(fl(z + b)) = fl(max(z) + b)); the pooling picks
         # its maximum among the z, as exact arithmetic would among the z + b (an exact tie stays a tie).
         h = self.pool(h)
-        h = _ClientMajor.apply(h).view(b, k, -1, h.shape[-2] * h.shape[-1])  # (B, K, 16, 4·4)
+        out, area = self.conv2.out_channels, h.shape[-2] * h.shape[-1]
+        h = _ClientMajor.apply(h).view(b, k, out, area)  # (B, K, 16, 4·4); sizes, not -1: B may be 0
         h = torch.relu(h + params["conv2.bias"].unsqueeze(-1))
-        h = h.view(b, k, -1).transpose(0, 1)  # (K, B, 256), each row flattened as in forward()
+        h = h.view(b, k, out * area).transpose(0, 1)  # (K, B, 256), each row flattened as in forward()
         h = torch.relu(
             torch.baddbmm(params["fc1.bias"].unsqueeze(1), h, params["fc1.weight"].transpose(1, 2))
         )
