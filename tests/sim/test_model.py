@@ -58,3 +58,21 @@ def test_scoring_logits_are_the_plain_models_whatever_the_batch_size() -> None:
         assert got.shape == (n, 10)
         assert torch.allclose(got, want, rtol=0, atol=1e-5), n
         assert torch.equal(got.argmax(1), want.argmax(1)), n
+
+
+def test_scoring_hands_a_models_forward_stacked_real_weight_copies() -> None:
+    """A model's own ``forward_stacked`` may ``view()`` its stacked weights (the batched engine hands it real
+    stacks): scoring's copies must be real tensors too, not a stride-0 ``expand()`` that cannot be viewed."""
+    from deltaplane.data.digits import load_digits
+    from deltaplane.data.models import DigitsCNN
+    from deltaplane.engine.metrics import logits
+
+    class Flattening(DigitsCNN):
+        def forward_stacked(self, params, x):  # type: ignore[no-untyped-def]
+            flat = {k: v.view(-1) for k, v in params.items()}  # as a model packing its weights might
+            return super().forward_stacked({k: flat[k].view(v.shape) for k, v in params.items()}, x)
+
+    model = Flattening()
+    x = load_digits().x[:100]
+    with torch.no_grad():
+        assert torch.allclose(logits(model, x), model(x), rtol=0, atol=1e-5)

@@ -36,7 +36,8 @@ def logits(model: nn.Module, x: Tensor) -> Tensor:
         rows = -(-n // k)
         if rows * k > n:
             x = torch.cat([x, x.new_zeros(rows * k - n, *x.shape[1:])])
-        params = {name: p.detach().unsqueeze(0).expand(k, *p.shape) for name, p in model.named_parameters()}
+        # real copies, not an expand()ed view: a model's forward_stacked may view() its stacked weights
+        params = {name: p.detach().expand(k, *p.shape).contiguous() for name, p in model.named_parameters()}
         return stacked(params, x.reshape(k, rows, *x.shape[1:])).flatten(0, 1)[:n]
     return model(x)
 
