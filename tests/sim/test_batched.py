@@ -342,8 +342,8 @@ def test_fedprox_term_is_batched_too() -> None:
 def test_stacked_forward_equals_the_model_on_each_client(n: int, blank: bool) -> None:
     """Each stacked copy's logits, and its weights' gradients, are the plain model's on its own inputs.
 
-    ``blank``: every other image all zeros, so conv2's outputs tie exactly inside many pooling windows: the
-    stacked path pools before adding conv2's bias, the plain model after it, and both must agree there too."""
+    ``blank``: every other image all zeros, so conv2's outputs tie exactly inside many pooling windows, where
+    the stacked path (pooling before ReLU, then a layout copy) must route the gradient as the plain model."""
     model = build_model(0)
     copies = [build_model(s) for s in range(n)]
     params = {

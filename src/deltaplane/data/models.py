@@ -26,8 +26,8 @@ class _ClientMajor(torch.autograd.Function):
     ``x.contiguous()`` alone does the forward copy, but its backward passes the gradient through in the
     plain layout, so the layout change lands on the next backward kernel: max-pooling's backward, or a
     ReLU's ``threshold_backward`` between them, then reads one operand channels-last and the other plain,
-    element by element (DigitsCNN, ten clients: 171 µs for a 164k-element ReLU backward that takes 12 µs
-    with matching layouts, 7% of a step).
+    element by element (DigitsCNN, ten clients: 188 µs of a 2.3 ms step for a 164k-element ReLU backward
+    that takes 14 µs with matching layouts; the two copies take 67 µs).
     """
 
     @staticmethod
@@ -64,10 +64,9 @@ class DigitsCNN(nn.Module):
         Why not ``vmap(functional_call(...))``: the batched engine trains all clients of a round as one
         computation, and on CPU the vmapped convolution's backward pass plus pooling on its output layout cost
         about 2.5× this. Here the copies share one *grouped* convolution (client ``k`` owns channel group
-        ``k``) in channels-last layout, which oneDNN runs fastest for grouped convolutions; conv2's bias and
-        ReLU follow the pooling (``relu(max(z) + b) = max(relu(z + b))`` exactly, on a quarter of the values),
-        after one explicit copy to each client's rows (:class:`_ClientMajor`); the dense layers are batched
-        matrix products. One step of 20 clients takes about half the time of one plain model on all
+        ``k``) in channels-last layout, which oneDNN runs fastest for grouped convolutions; ReLU follows the
+        pooling (``relu(max(z)) = max(relu(z))`` exactly, on a quarter of the values) and one explicit copy to
+        each client's row (:class:`_ClientMajor`); the dense layers are batched matrix products. One step of 20 clients takes about half the time of one plain model on all
         640 samples (``benchmarks/sim_speed.py``).
         """
         cl = torch.channels_last
@@ -86,20 +85,20 @@ class DigitsCNN(nn.Module):
                 out, ks = conv.out_channels, conv.kernel_size
                 pair = weight.reshape(k // 2, 2, out, 1, *ks) * _PAIR.view(1, 2, 1, 2, 1, 1)
                 weight, groups = pair.reshape(k * out, 2, *ks), k // 2
-            # conv2's bias is added after the pooling (below): max(z + b) = max(z) + b
-            bias = params[f"{name}.bias"].reshape(-1) if name == "conv1" else None
-            h = nn.functional.conv2d(h, weight.contiguous(memory_format=cl), bias, padding=1, groups=groups)
+            h = nn.functional.conv2d(
+                h,
+                weight.contiguous(memory_format=cl),
+                params[f"{name}.bias"].reshape(-1),
+                padding=1,
+                groups=groups,
+            )
             if name == "conv1":
                 h = torch.relu(h)
-        # conv2's bias after the pooling, on a quarter of the values, and its gradient a sum over those: oneDNN's
-        # bias gradient in the convolution's backward pass read all of them, slowly (2% of a step). The pooled
-        # values are the same (rounding is monotonic, so max(fl(z + b)) = fl(max(z) + b)); the pooling picks
-        # its maximum among the z, as exact arithmetic would among the z + b (an exact tie stays a tie).
-        h = self.pool(h)
-        out, area = self.conv2.out_channels, h.shape[-2] * h.shape[-1]
-        h = _ClientMajor.apply(h).view(b, k, out, area)  # (B, K, 16, 4·4); sizes, not -1: B may be 0
-        h = torch.relu(h + params["conv2.bias"].unsqueeze(-1))
-        h = h.view(b, k, out * area).transpose(0, 1)  # (K, B, 256), each row flattened as in forward()
+        # (B, K·16, 4, 4) channels-last → (B, K, 256): each client's row, flattened as in forward(); ReLU after
+        # the copy, on the layout fc1 reads (the same values: the copy moves them, ReLU is element-wise)
+        n_features = self.conv2.out_channels * (h.shape[-2] // 2) * (h.shape[-1] // 2)
+        h = torch.relu(_ClientMajor.apply(self.pool(h)).view(b, k, n_features))  # sizes, not -1: B may be 0
+        h = h.transpose(0, 1)  # (K, B, 256)
         h = torch.relu(
             torch.baddbmm(params["fc1.bias"].unsqueeze(1), h, params["fc1.weight"].transpose(1, 2))
         )
