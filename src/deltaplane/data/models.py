@@ -66,8 +66,8 @@ class DigitsCNN(nn.Module):
         about 2.5× this. Here the copies share one *grouped* convolution (client ``k`` owns channel group
         ``k``) in channels-last layout, which oneDNN runs fastest for grouped convolutions; ReLU follows the
         pooling (``relu(max(z)) = max(relu(z))`` exactly, on a quarter of the values) and one explicit copy to
-        each client's row (:class:`_ClientMajor`); the dense layers are batched matrix products. One step of 20 clients takes about half the time of one plain model on all
-        640 samples (``benchmarks/sim_speed.py``).
+        each client's row (:class:`_ClientMajor`); the dense layers are batched matrix products. One step of 20
+        clients takes about half the time of one plain model on all 640 samples (``benchmarks/sim_speed.py``).
         """
         cl = torch.channels_last
         k, b = x.shape[0], x.shape[1]
