@@ -337,16 +337,22 @@ def test_fedprox_term_is_batched_too() -> None:
     )
 
 
+@pytest.mark.parametrize("blank", [False, True])
 @pytest.mark.parametrize("n", [3, 4])  # an even count pairs the clients in conv1's groups
-def test_stacked_forward_equals_the_model_on_each_client(n: int) -> None:
-    """Each stacked copy's logits, and its weights' gradients, are the plain model's on its own inputs."""
+def test_stacked_forward_equals_the_model_on_each_client(n: int, blank: bool) -> None:
+    """Each stacked copy's logits, and its weights' gradients, are the plain model's on its own inputs.
+
+    ``blank``: every other image all zeros, so conv2's outputs tie exactly inside many pooling windows, where
+    the stacked path (pooling before ReLU, then a layout copy) must route the gradient as the plain model."""
     model = build_model(0)
     copies = [build_model(s) for s in range(n)]
     params = {
         name: torch.stack([dict(m.named_parameters())[name].detach() for m in copies]).requires_grad_(True)
         for name, _ in model.named_parameters()
     }
-    x = load_digits().x[: 32 * n].view(n, 32, 1, 8, 8)
+    x = load_digits().x[: 32 * n].view(n, 32, 1, 8, 8).clone()
+    if blank:
+        x[:, ::2] = 0.0
     r = torch.randn(n, 32, 10, generator=torch.Generator().manual_seed(n))
     out = model.forward_stacked(params, x)
     grads = torch.autograd.grad((out * r).sum(), list(params.values()))

@@ -40,3 +40,39 @@ def test_accuracy() -> None:
     data = Dataset(torch.zeros(4, 1, 8, 8), torch.tensor([3, 3, 1, 3]))
     assert accuracy(model, data) == 0.75
     assert accuracy(model, Dataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))) == 0.0
+
+
+def test_scoring_logits_are_the_plain_models_whatever_the_batch_size() -> None:
+    """``logits`` cuts a scoring batch into up to four stacked copies (the last padded with zero samples):
+    every sample's logits are still the plain model's, none dropped or shifted, for sizes that divide
+    evenly, that need padding, and that are too small to cut."""
+    from deltaplane.data.digits import load_digits
+    from deltaplane.engine.metrics import logits
+
+    model = build_model(3)
+    x = load_digits().x
+    for n in (0, 1, 15, 16, 33, 64, 101, 359):
+        got = logits(model, x[:n])
+        with torch.no_grad():
+            want = model(x[:n])
+        assert got.shape == (n, 10)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), n
+        assert torch.equal(got.argmax(1), want.argmax(1)), n
+
+
+def test_scoring_hands_a_models_forward_stacked_real_weight_copies() -> None:
+    """A model's own ``forward_stacked`` may ``view()`` its stacked weights (the batched engine hands it real
+    stacks): scoring's copies must be real tensors too, not a stride-0 ``expand()`` that cannot be viewed."""
+    from deltaplane.data.digits import load_digits
+    from deltaplane.data.models import DigitsCNN
+    from deltaplane.engine.metrics import logits
+
+    class Flattening(DigitsCNN):
+        def forward_stacked(self, params, x):  # type: ignore[no-untyped-def]
+            flat = {k: v.view(-1) for k, v in params.items()}  # as a model packing its weights might
+            return super().forward_stacked({k: flat[k].view(v.shape) for k, v in params.items()}, x)
+
+    model = Flattening()
+    x = load_digits().x[:100]
+    with torch.no_grad():
+        assert torch.allclose(logits(model, x), model(x), rtol=0, atol=1e-5)

@@ -14,14 +14,31 @@ from deltaplane.data.dataset import Dataset
 __all__ = ["accuracy", "evaluate_clients", "label_mix_accuracy", "logits", "round_scores", "score_round"]
 
 
+#: :func:`logits` cuts a scoring batch into at most this many stacked copies of the model, of at least
+#: :data:`_SCORE_ROWS` samples each
+_SCORE_COPIES, _SCORE_ROWS = 4, 16
+
+
 @torch.no_grad()
 def logits(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)`` for scoring: a model with ``forward_stacked`` (DigitsCNN) runs it with one stacked copy,
-    which gives the same logits up to float rounding about 2.5× faster on CPU (channels-last convolutions)."""
+    """``model(x)`` for scoring: a model with ``forward_stacked`` (DigitsCNN) runs it on stacked copies of
+    itself, which gives the same logits up to float rounding about 2.5× faster on CPU (channels-last
+    convolutions).
+
+    The samples are cut into up to four equal parts, one per copy (the last padded with zero samples, whose
+    logits are dropped): oneDNN runs DigitsCNN's second convolution about twice as fast as four groups of
+    90 samples as one convolution of 359 (8 input channels per group either way), so scoring the digits test
+    set took 0.70 instead of 1.05 ms (one thread; the logits came out bit for bit the same)."""
     stacked = getattr(model, "forward_stacked", None)
     if callable(stacked):
-        params = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
-        return stacked(params, x.unsqueeze(0))[0]
+        n = x.shape[0]
+        k = max(1, min(_SCORE_COPIES, n // _SCORE_ROWS))
+        rows = -(-n // k)
+        if rows * k > n:
+            x = torch.cat([x, x.new_zeros(rows * k - n, *x.shape[1:])])
+        # real copies, not an expand()ed view: a model's forward_stacked may view() its stacked weights
+        params = {name: p.detach().expand(k, *p.shape).contiguous() for name, p in model.named_parameters()}
+        return stacked(params, x.reshape(k, rows, *x.shape[1:])).flatten(0, 1)[:n]
     return model(x)
 
 
