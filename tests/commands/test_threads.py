@@ -46,13 +46,13 @@ def test_the_command_runs_with_its_threads_and_restores_the_callers(
 ) -> None:
     """merge's tensor work sees --threads (default 1); the in-process caller's own setting comes back."""
     seen: list[int] = []
-    real = streaming.merge_files
+    real = streaming._run  # the merge's tensor work (PreparedMerge.run), after prepare_merge's checks
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "merge_files", spy)
+    monkeypatch.setattr(streaming, "_run", spy)
     g = torch.Generator().manual_seed(0)
     for name in ("base", "a", "b"):
         save_file({"w": torch.randn(8, 8, generator=g)}, tmp_path / f"{name}.safetensors")
