@@ -132,6 +132,12 @@ def _refactored_error(initial: dict, deltas: list[Delta], a: str, b: str) -> tup
     return float((B @ A - mean).norm()), float(np.sqrt((s[initial[a].shape[0] :] ** 2).sum()))
 
 
+def _random_deltas(initial: dict, n: int, g: torch.Generator) -> list[Delta]:
+    """``n`` float64 deltas of ``initial``'s shapes, drawn from ``g``."""
+    return [Delta({k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in initial.items()})
+            for _ in range(n)]  # fmt: skip
+
+
 def test_refactor_averages_embedding_factors_too():
     """An embedding's lora_embedding_A/B (PEFT's names in a model's state_dict) used to be left to the inner
     FedAvg: FedIT's biased factor average, silently, next to re-factorized linear layers."""
@@ -141,8 +147,7 @@ def test_refactor_averages_embedding_factors_too():
         a: torch.randn(2, 10, generator=g, dtype=torch.float64),
         b: torch.zeros(4, 2, dtype=torch.float64),
     }
-    deltas = [Delta({k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in initial.items()})
-              for _ in range(3)]  # fmt: skip
+    deltas = _random_deltas(initial, 3, g)
     assert factor_pairs(initial) == {"emb.default": (a, b)}
     got, best = _refactored_error(initial, deltas, a, b)
     assert got == pytest.approx(best, abs=1e-9)
@@ -157,7 +162,6 @@ def test_refactor_keeps_a_rank_above_the_layers_size():
         a: torch.randn(8, 6, generator=g, dtype=torch.float64),
         b: torch.zeros(4, 8, dtype=torch.float64),
     }
-    deltas = [Delta({k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in initial.items()})
-              for _ in range(2)]  # fmt: skip
+    deltas = _random_deltas(initial, 2, g)
     got, best = _refactored_error(initial, deltas, a, b)
     assert best == 0.0 and got < 1e-9

@@ -82,11 +82,8 @@ def test_a_snapshot_of_another_chain_is_refused() -> None:
         plain.load_state_dict(adam.state_dict())
 
 
-def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
-    """FedAdam's moments of another model (other tensor names or shapes) loaded without error; the mismatch
-    surfaced only as a ShapeMismatch at the next round's close, after a round of client training. The step
-    knows its model's layout: the restore refuses them, naming the tensor, and leaves the step as it was."""
-    cfg = RunConfig(clients=4, aggregator="fedadam")
+def _trained_step(cfg: RunConfig):
+    """(task, initial weights, a server step after one round of 4 clients' random deltas, its saved snapshot)."""
     task = make_task(cfg)
     init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
     trained = ServerStep.for_run(cfg, task, init, base_id="m")
@@ -99,6 +96,15 @@ def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
     trained.close()
     snap = io.BytesIO()
     torch.save(trained.state_dict(), snap)
+    return task, init, trained, snap
+
+
+def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
+    """FedAdam's moments of another model (other tensor names or shapes) loaded without error; the mismatch
+    surfaced only as a ShapeMismatch at the next round's close, after a round of client training. The step
+    knows its model's layout: the restore refuses them, naming the tensor, and leaves the step as it was."""
+    cfg = RunConfig(clients=4, aggregator="fedadam")
+    task, init, _, snap = _trained_step(cfg)
 
     name = next(
         k for k, v in init.items() if v.dim() == 2
@@ -122,18 +128,7 @@ def test_a_downlink_residual_of_another_model_is_refused_at_load() -> None:
     without error and failed only as a ShapeMismatch at the next round's close. It is refused at load, naming
     the tensor, before anything is restored: the chain's moments and the downlink are left as they were."""
     cfg = RunConfig(clients=4, aggregator="fedadam", downlink_codec="topk(0.2)")
-    task = make_task(cfg)
-    init = {k: v.detach().clone() for k, v in task.build_model(0).state_dict().items()}
-    trained = ServerStep.for_run(cfg, task, init, base_id="m")
-    trained.open(1)
-    for c in range(4):
-        g = torch.Generator().manual_seed(c)
-        trained.receive_delta(
-            str(c), Delta({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in init.items()}), 1
-        )
-    trained.close()
-    snap = io.BytesIO()
-    torch.save(trained.state_dict(), snap)
+    task, init, trained, snap = _trained_step(cfg)
     assert trained.publisher.compressor.state.residual is not None  # a lossy downlink keeps one
 
     name = next(k for k, v in init.items() if v.dim() == 2)

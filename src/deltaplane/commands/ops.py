@@ -30,6 +30,24 @@ Home = Annotated[
 ]
 
 
+Trusted = Annotated[
+    Path | None,
+    typer.Option(
+        "--trusted",
+        help="Trust only these public keys (a file of base64 keys, one a line, or a folder of *.pub), "
+        "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
+    ),
+]
+
+
+def _pin(trusted: Path | None) -> Path | str | None:
+    """The trusted keys to check signatures against: ``--trusted``, else ``$DELTAPLANE_TRUSTED_KEYS``, else None
+    (the keys inside the home)."""
+    from deltaplane.registry.signing import TRUSTED_KEYS_ENV
+
+    return trusted or os.environ.get(TRUSTED_KEYS_ENV) or None
+
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
 
 
@@ -354,14 +372,7 @@ def register(app: typer.Typer) -> None:
     def registry_verify(
         home: Home = None,
         no_signatures: Annotated[bool, typer.Option("--no-signatures", help="Only check hashes.")] = False,
-        trusted: Annotated[
-            Path | None,
-            typer.Option(
-                "--trusted",
-                help="Trust only these public keys (a file of base64 keys, one a line, or a folder of *.pub), "
-                "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
-            ),
-        ] = None,
+        trusted: Trusted = None,
         expect_head: Annotated[
             str | None,
             typer.Option(
@@ -376,9 +387,9 @@ def register(app: typer.Typer) -> None:
         tag history, withdrawals). Exit 1 on problems."""
         from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
-        from deltaplane.registry.signing import TRUSTED_KEYS_ENV, load_trusted_keys
+        from deltaplane.registry.signing import load_trusted_keys
 
-        pin = trusted or os.environ.get(TRUSTED_KEYS_ENV) or None
+        pin = _pin(trusted)
         with _errors():
             try:
                 verifier = load_trusted_keys(pin) if pin and not no_signatures else None
@@ -417,14 +428,7 @@ def register(app: typer.Typer) -> None:
     @reg_app.command("repair")
     def registry_repair(
         home: Home = None,
-        trusted: Annotated[
-            Path | None,
-            typer.Option(
-                "--trusted",
-                help="Trust only these public keys (a file of base64 keys, one a line, or a folder of *.pub), "
-                "kept outside HOME; default $DELTAPLANE_TRUSTED_KEYS, else HOME/keys.",
-            ),
-        ] = None,
+        trusted: Trusted = None,
         expect_head: Annotated[
             str | None,
             typer.Option(
@@ -442,9 +446,9 @@ def register(app: typer.Typer) -> None:
         log (chain, every signature, --expect-head). Exit 1, changing nothing, when the log does not verify."""
         from deltaplane.errors import IntegrityError
         from deltaplane.registry import Registry
-        from deltaplane.registry.signing import TRUSTED_KEYS_ENV, load_trusted_keys
+        from deltaplane.registry.signing import load_trusted_keys
 
-        pin = trusted or os.environ.get(TRUSTED_KEYS_ENV) or None
+        pin = _pin(trusted)
         with _errors():
             verifier = load_trusted_keys(pin) if pin else None
             try:
