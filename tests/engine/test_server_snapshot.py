@@ -123,6 +123,27 @@ def test_a_snapshot_of_another_models_run_is_refused_at_load() -> None:
     same.load_state_dict(torch.load(io.BytesIO(snap.getvalue()), weights_only=True))  # its own model: loads
 
 
+def test_a_downlink_residual_of_another_dtype_is_refused_at_load() -> None:
+    """A downlink residual with this model's names and shapes but another dtype (float16, float64, int64: a
+    snapshot edited or written by other code) loaded and failed only as a ShapeMismatch at the next round's
+    close, after a round of client training. It is refused at load, naming the tensor and both dtypes, and
+    nothing is restored."""
+    cfg = RunConfig(clients=4, aggregator="fedadam", downlink_codec="topk(0.2)")
+    task, init, _, snap = _trained_step(cfg)
+    state = torch.load(io.BytesIO(snap.getvalue()), weights_only=True)
+    name = next(iter(state["downlink"]["residual"]))
+    for dtype in (torch.float16, torch.float64, torch.int64):
+        residual = dict(state["downlink"]["residual"]) | {name: state["downlink"]["residual"][name].to(dtype)}
+        step = ServerStep.for_run(cfg, task, init, base_id="m")
+        with pytest.raises(ConfigError, match="downlink error feedback belongs to another model") as refused:
+            step.load_state_dict({**state, "downlink": {**state["downlink"], "residual": residual}})
+        assert f"[{name!r}] is {dtype}, this model's tensor {name!r} torch.float32" in str(refused.value)
+        assert step.publisher.compressor.state.residual is None  # left as it was: nothing restored
+        assert not step.aggregator.find(FedOpt).state.m
+    same = ServerStep.for_run(cfg, task, init, base_id="m")
+    same.load_state_dict(state)  # the snapshot as written loads
+
+
 def test_a_downlink_residual_of_another_model_is_refused_at_load() -> None:
     """The downlink compressor's error-feedback residual of another model (other tensor names or shapes) loaded
     without error and failed only as a ShapeMismatch at the next round's close. It is refused at load, naming

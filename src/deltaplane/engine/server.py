@@ -293,7 +293,7 @@ class ServerStep:
     def _check_downlink(self, compressor: Compressor, downlink: Any) -> None:
         """Refuse a downlink compressor state that would fail only at the next round's close (after a round of
         client training): another codec, a malformed state, or an error-feedback residual of another model
-        (other tensor names or shapes than the updates this step publishes).
+        (other tensor names, shapes or dtypes than the updates this step publishes).
 
         Raises:
             ConfigError: naming the codec or the first tensor that differs.
@@ -310,6 +310,17 @@ class ServerStep:
             ) from None
         model = {k: tuple(t.shape) for k, t in self.layout.items()}
         problem = layout_difference(shapes, model, held="residual") if shapes else ""
+        if (
+            not problem
+        ):  # the same names and shapes: the dtypes too (one of another dtype fails the next close)
+            problem = next(
+                (
+                    f"[{k!r}] is {t.dtype}, this model's tensor {k!r} {self.layout[k].dtype}"
+                    for k, t in residual.items()
+                    if t.dtype != self.layout[k].dtype
+                ),
+                "",
+            )
         if problem:
             raise ConfigError(
                 f"downlink residual{problem}: the snapshot's downlink error feedback belongs to another model; "
