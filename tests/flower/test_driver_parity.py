@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from deltaplane.aggregation import FedAvg, FoolsGold, Validate
 from deltaplane.codecs import Compressor
 from deltaplane.engine import MemoryPublisher, RunConfig, ServerStep
-from deltaplane.errors import InvalidUpdate, UnsupportedOption
+from deltaplane.errors import ConfigError, InvalidUpdate, UnsupportedOption
 from deltaplane.flower import DeltaStrategy, delta_mod, task_client_app, task_server_app
 from deltaplane.flower.records import UPLINK_KEY, state_to_arrays
 from deltaplane.sim import run_simulation
@@ -182,6 +182,35 @@ def test_a_node_claiming_an_absurd_example_count_is_refused_alone(loopback_grid,
     )
     assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # (1 + 3) / 2
     assert strategy.traffic[-1].rejected == 1 and result.train_metrics_clientapp[1]["rejected"] == 1
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "flower"])
+def test_a_node_claiming_more_examples_than_the_bound_is_refused_alone(loopback_grid, aggregator) -> None:
+    """A finite claim is still the node's weight: one node claiming 10⁹ examples made the round's model its own
+    update (w = 2 here instead of the honest mean). Above ``max_examples`` (the service's ``--max-examples``,
+    same default) the node is refused alone, never clipped; a claim at the bound is taken."""
+    inner = FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3)
+    strategy = DeltaStrategy(inner=inner, aggregator=FedAvg() if aggregator == "fedavg" else None)
+    result = strategy.start(
+        loopback_grid(_claiming_app({1: 1e9}), 3), state_to_arrays({"w": torch.zeros(2, 2)}), num_rounds=1
+    )
+    assert torch.equal(result.arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))  # (1 + 3) / 2
+    assert strategy.traffic[-1].rejected == 1
+
+    strategy = DeltaStrategy(inner=inner, max_examples=3)
+    result = strategy.start(
+        loopback_grid(_claiming_app({0: 3, 1: 1}), 3), state_to_arrays({"w": torch.zeros(2, 2)}), num_rounds=1
+    )
+    assert torch.equal(
+        result.arrays.to_torch_state_dict()["w"], torch.full((2, 2), 1.6)
+    )  # (3·1 + 2 + 3) / 5, the claim at the bound taken
+    assert strategy.traffic[-1].rejected == 0
+
+
+@pytest.mark.parametrize("bound", [0, 0.5, float("nan"), 2e12, True, "10"])
+def test_a_strategy_refuses_an_unusable_example_bound(bound) -> None:
+    with pytest.raises(ConfigError, match="max_examples must be a number"):
+        DeltaStrategy(max_examples=bound)
 
 
 def test_a_standalone_strategy_raises_when_every_reply_is_refused(loopback_grid) -> None:

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from deltaplane.aggregation import Aggregator, FedAvg, Validate
 from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, is_compact
 from deltaplane.delta import Delta
+from deltaplane.engine.admission import DEFAULT_MAX_EXAMPLES, check_examples, check_max_examples
 from deltaplane.engine.server import RoundOutcome, ServerStep
 from deltaplane.engine.wire import Sessions
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, InvalidUpdate
@@ -106,6 +107,10 @@ class DeltaStrategy(Strategy):
             (:func:`~deltaplane.flower.task_server_app`'s sampler learns it before the first round). Replies
             are aggregated in device-id order and named by it, as the in-process drivers order and name
             devices; a node missing from it goes by its node id.
+        max_examples: the largest example count (the ``weighted_by_key`` metric) a node may claim; a node
+            claiming more is refused for the round, never clipped (the service's ``--max-examples``, with the
+            same default). The claim is the node's weight in FedAvg: unbounded, one node claiming 10¹²
+            examples makes the round's model its own update.
 
     A node whose ClientApp failed (an error reply), or whose reply cannot be decoded or is refused by the
     aggregator, is refused and counted (``rejected``); the round goes on without it, and a round where every
@@ -133,7 +138,9 @@ class DeltaStrategy(Strategy):
         uplink_codec: str | Codec | None = None,
         entropy_coding: bool = True,
         device_ids: Mapping[int, int] | None = None,
+        max_examples: float = DEFAULT_MAX_EXAMPLES,
     ) -> None:
+        self.max_examples = check_max_examples(max_examples)
         if server_lr <= 0:
             raise ConfigError(f"server_lr must be positive. Found {server_lr}")
         if server_step is not None and (
@@ -211,6 +218,7 @@ class DeltaStrategy(Strategy):
                 f"node {node}'s '{self.weighted_by_key}' metric is {weight!r}; it must be a finite non-negative "
                 "number (the node's example count)"
             )
+        check_examples(weight, self.max_examples, fix="DeltaStrategy(max_examples=...)")
         return payload, weight
 
     def summary(self) -> None:

@@ -49,6 +49,7 @@ from deltaplane.aggregation import DPFedAvg, build_aggregator
 from deltaplane.codecs import Compressor, Layout, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
+from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update
@@ -76,10 +77,6 @@ __all__ = [
     "step_bytes",
     "undo_on_failure",
 ]
-
-
-#: the schema's bound on an upload's ``num_examples``; the operator's bound is ``ServiceConfig.max_examples``
-MAX_EXAMPLES = 1e12
 
 
 @dataclass
@@ -170,22 +167,6 @@ def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
         )
     if cohort in r.record.excluded:
         raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
-
-
-def check_examples(num_examples: float, bound: float, counters: Any) -> None:
-    """Refuse (422, never clip) an upload claiming more than ``bound`` examples.
-
-    The claim is the update's weight in (clipped) FedAvg: unbounded, one device claiming 10¹² examples makes
-    the round's model its own update. Refused rather than clipped so the device learns that its weight was
-    not what it asked for.
-    """
-    if num_examples > bound:
-        counters["rejected.too_many_examples"] += 1
-        raise InvalidUpdate(
-            f"num_examples={num_examples:g} exceeds this service's bound of {bound:g} examples per update "
-            "(an update's weight in the average is its claimed example count); send at most that, or ask the "
-            "operator to raise it (deltaplane serve --max-examples)"
-        )
 
 
 def _base_norm(base: dict[str, Any]) -> float:
@@ -462,7 +443,9 @@ def round_router(
         ident: device,
         num_examples: Annotated[float, Query(gt=0, le=MAX_EXAMPLES)] = 1.0,
     ) -> UploadAccepted:
-        check_examples(num_examples, config.max_examples, state.counters)
+        check_examples(
+            num_examples, config.max_examples, state.counters, fix="deltaplane serve --max-examples"
+        )
         limit = config.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > 4 * limit):
