@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, RecordDict
 
-from deltaplane.engine import RunConfig
+from deltaplane.engine import RunConfig, build_clients, make_task
 from deltaplane.flower import task_client_app, task_server_app
 from deltaplane.sim import run_simulation
 
@@ -22,5 +22,45 @@ def test_users_task_on_flower_equals_the_sequential_driver(byo_task, loopback_gr
     assert [(r.test_accuracy, r.uplink_bytes) for r in rounds] == [
         (r.test_accuracy, r.uplink_bytes) for r in expected.rounds
     ]
+    for k, v in expected.final_state.items():
+        torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+BIG_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+def make_task() -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300_000, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    return Task(name="big", model=lambda: nn.Linear(2, 2), train=Dataset(x[:-1000], y[:-1000]),
+                test=Dataset(x[-1000:], y[-1000:]))
+"""
+
+
+def test_devices_larger_than_the_default_example_bound_are_taken_on_flower(
+    tmp_path, monkeypatch, loopback_grid
+) -> None:
+    """The strategy bounds the example count a node claims (100,000 by default, as the service); the task's
+    own partitions are known to ``task_server_app``, so a device holding more (here ~120,000 training samples
+    each) is taken as in process, not refused."""
+    (tmp_path / "bigtask.py").write_text(BIG_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = RunConfig(
+        task="bigtask:make_task", clients=2, rounds=1, alpha=100.0, batch_size=8192, local_epochs=1
+    )
+    expected = run_simulation(cfg)
+    assert min(c.num_samples for c in build_clients(cfg, make_task(cfg))) > 100_000
+    rounds, finals = [], {}
+    server = task_server_app(
+        cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
+    )
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+    assert [r.rejected for r in rounds] == [0]
     for k, v in expected.final_state.items():
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)

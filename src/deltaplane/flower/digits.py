@@ -40,6 +40,7 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.admission import DEFAULT_MAX_EXAMPLES, MAX_EXAMPLES
 from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
@@ -317,6 +318,9 @@ def task_server_app(
                 config, task, initial_state, base_id=BASE_ID, simulation=simulation
             ),
             base_id=BASE_ID,
+            # the task's partitions are known here: a node may claim its own partition's size, however large
+            # (as in process), and no more than the default bound above the largest one
+            max_examples=min(MAX_EXAMPLES, max([DEFAULT_MAX_EXAMPLES, *(c.num_samples for c in clients)])),
         )
         if config.secagg:
             # SecAgg's stages travel as Flower messages; the public weight scale is the mean example count
