@@ -42,6 +42,32 @@ def byo_task(tmp_path, monkeypatch) -> str:
     sys.modules.pop("mytask", None)
 
 
+BIG_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+def make_task() -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300_000, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    return Task(name="big", model=lambda: nn.Linear(2, 2), train=Dataset(x[:-1000], y[:-1000]),
+                test=Dataset(x[-1000:], y[-1000:]))
+"""
+
+
+@pytest.fixture
+def big_task(tmp_path, monkeypatch) -> str:
+    """A user's task whose two devices (``clients=2``) each hold ~120,000 training samples, more than a server's
+    default bound on a claimed example count (100,000); yields its task path."""
+    (tmp_path / "bigtask.py").write_text(BIG_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "bigtask:make_task"
+    sys.modules.pop("bigtask", None)
+
+
 class PlaintextWatch:
     """Byte patterns of plaintext updates that must never reach the server, and the checks that look for them."""
 

@@ -26,33 +26,11 @@ def test_users_task_on_flower_equals_the_sequential_driver(byo_task, loopback_gr
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
 
 
-BIG_TASK = """
-import torch
-from torch import nn
-
-from deltaplane.engine import Dataset, Task
-
-
-def make_task() -> Task:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300_000, 2, generator=g)
-    y = (x[:, 0] > 0).long()
-    return Task(name="big", model=lambda: nn.Linear(2, 2), train=Dataset(x[:-1000], y[:-1000]),
-                test=Dataset(x[-1000:], y[-1000:]))
-"""
-
-
-def test_devices_larger_than_the_default_example_bound_are_taken_on_flower(
-    tmp_path, monkeypatch, loopback_grid
-) -> None:
+def test_devices_larger_than_the_default_example_bound_are_taken_on_flower(big_task, loopback_grid) -> None:
     """The strategy bounds the example count a node claims (100,000 by default, as the service); the task's
     own partitions are known to ``task_server_app``, so a device holding more (here ~120,000 training samples
     each) is taken as in process, not refused."""
-    (tmp_path / "bigtask.py").write_text(BIG_TASK)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = RunConfig(
-        task="bigtask:make_task", clients=2, rounds=1, alpha=100.0, batch_size=8192, local_epochs=1
-    )
+    cfg = RunConfig(task=big_task, clients=2, rounds=1, alpha=100.0, batch_size=8192, local_epochs=1)
     expected = run_simulation(cfg)
     assert min(c.num_samples for c in build_clients(cfg, make_task(cfg))) > 100_000
     rounds, finals = [], {}

@@ -187,3 +187,16 @@ def test_a_round_whose_drift_window_is_too_small_to_test_still_reports(tmp_path)
     html = (out / "report.html").read_text()
     drift = html[html.index("<h2>Drift</h2>") :]
     assert '<td class="num">—</td><td class="num">—</td>' in drift and "too few samples" in drift
+
+
+def test_devices_larger_than_the_default_example_bound_are_taken_over_http(big_task, tmp_path) -> None:
+    """The service bounds the example count an upload claims (``--max-examples``, 100,000 by default); an engine
+    run over HTTP knows its devices' sizes, so a device holding more is taken as in process, not refused."""
+    from deltaplane.engine import build_clients, make_task
+
+    cfg = RunConfig(task=big_task, clients=2, rounds=1, alpha=100.0, batch_size=8192, local_epochs=1)
+    assert min(c.num_samples for c in build_clients(cfg, make_task(cfg))) > 100_000
+    a, b = run_simulation(cfg), run_http_simulation(cfg, home=tmp_path / "h")
+    assert [r.rejected for r in b.rounds] == [0]
+    for k, v in a.final_state.items():
+        torch.testing.assert_close(b.final_state[k], v, rtol=0, atol=0)

@@ -4,11 +4,11 @@ HTTP service and Flower's :class:`~deltaplane.flower.DeltaStrategy`), so a claim
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 
 from deltaplane.errors import ConfigError, InvalidUpdate
 
-__all__ = ["DEFAULT_MAX_EXAMPLES", "MAX_EXAMPLES", "check_examples", "check_max_examples"]
+__all__ = ["DEFAULT_MAX_EXAMPLES", "MAX_EXAMPLES", "check_examples", "check_max_examples", "examples_bound"]
 
 #: the largest bound an operator may set on a claimed example count (and the HTTP schema's own bound)
 MAX_EXAMPLES = 1e12
@@ -25,6 +25,13 @@ def check_max_examples(bound: float) -> float:
     if isinstance(bound, bool) or not isinstance(bound, int | float) or not 1 <= bound <= MAX_EXAMPLES:
         raise ConfigError(f"max_examples must be a number in [1, {MAX_EXAMPLES:g}]. Found {bound!r}")
     return float(bound)
+
+
+def examples_bound(sizes: Iterable[float]) -> float:
+    """The bound for a federation whose devices' true sizes the server knows (an engine run over HTTP or
+    Flower): the default, or the largest device's size where that is larger, so every device may claim its
+    own size, as in process."""
+    return min(MAX_EXAMPLES, max([DEFAULT_MAX_EXAMPLES, *sizes]))
 
 
 def check_examples(

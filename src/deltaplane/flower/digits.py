@@ -40,7 +40,7 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
-from deltaplane.engine.admission import DEFAULT_MAX_EXAMPLES, MAX_EXAMPLES
+from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
@@ -320,7 +320,7 @@ def task_server_app(
             base_id=BASE_ID,
             # the task's partitions are known here: a node may claim its own partition's size, however large
             # (as in process), and no more than the default bound above the largest one
-            max_examples=min(MAX_EXAMPLES, max([DEFAULT_MAX_EXAMPLES, *(c.num_samples for c in clients)])),
+            max_examples=examples_bound(c.num_samples for c in clients),
         )
         if config.secagg:
             # SecAgg's stages travel as Flower messages; the public weight scale is the mean example count

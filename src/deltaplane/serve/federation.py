@@ -40,6 +40,7 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -146,6 +147,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         # process); the service's sanity guard (10x the base model's norm) would refuse what the engine
         # accepts: an attacker's scaled update, every local-DP device's noise
         max_update_norm_ratio=None,
+        # the devices' true sizes are known: each may claim its own, however large (as in process)
+        max_examples=examples_bound(c.num_samples for c in clients),
         simulated_devices=True,  # the engine's client step runs every device-side option (attack included)
     )
     # Drift reference: pixel histograms of the training set and the label prior (what a good model predicts).
