@@ -45,7 +45,7 @@ from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits,
 from deltaplane.codecs.lossless import zstd_decompress
 from deltaplane.codecs.wire import Limits
 from deltaplane.delta import atomic_write_bytes
-from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant
+from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant, group_quant_fits
 from deltaplane.errors import ConfigError, DecodeError
 
 __all__ = [
@@ -138,7 +138,13 @@ def _encode_tensor(
         raise ConfigError(f"tensor {name!r}: dtype {dtype} cannot be stored")
     flat = np.ascontiguousarray(arr).reshape(-1)
     n = flat.size
-    lossy = quant != "none" and arr.dtype.kind == "f" and arr.ndim >= 2
+    # a tensor whose values float16 scales cannot hold (|x| > qmax × 65504) is stored losslessly, not as NaN
+    lossy = (
+        quant != "none"
+        and arr.dtype.kind == "f"
+        and arr.ndim >= 2
+        and group_quant_fits(arr, {"int8": 8, "int4": 4}[quant])
+    )
     scheme = quant if lossy else "none"
     bits = {"int8": 8, "int4": 4}.get(scheme, arr.dtype.itemsize * 8)
     nz = np.flatnonzero(flat)
