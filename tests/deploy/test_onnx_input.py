@@ -66,3 +66,34 @@ def test_onnx_feeds_follow_the_signature(tmp_path):
     f = onnx_feeds(m, 3, seed=0)
     assert len(f) == 3 and f[0]["input"].shape == (1, 10) and f[0]["input"].dtype == np.float32
     assert np.array_equal(onnx_feeds(m, 1, seed=0)[0]["input"], f[0]["input"])
+
+
+def test_pruning_an_fp16_onnx_model_keeps_its_weights_fp16(tmp_path):
+    # prune_onnx wrote every pruned weight back as float32: an fp16 graph then failed to load in ONNX Runtime
+    # ("Type parameter (T) of Optype (Gemm) bound to different types") with a raw ORT traceback
+    import onnxruntime as ort
+
+    from deltaplane.deploy.onnx_input import deploy_onnx_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).half().eval()
+    src = tmp_path / "fp16.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            net, (torch.randn(1, 16).half(),), str(src), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False,
+        )  # fmt: skip
+    feeds = onnx_feeds(onnx.load(str(src)), 8, seed=0)
+    res = deploy_onnx_model(src, tmp_path / "out", eval_feeds=feeds, prune="0.5", quant="none", gates=None)
+    shipped = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    weights = [numpy_helper.to_array(i) for i in shipped.graph.initializer if len(i.dims) == 2]
+    assert weights and all(w.dtype == np.float16 for w in weights)
+    assert res.manifest["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    sess = ort.InferenceSession(shipped.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = feeds[0]["x"]
+    pruned = {n: numpy_helper.to_array(i) for n, i in ((i.name, i) for i in shipped.graph.initializer)}
+    with torch.no_grad():  # an independent forward pass with the shipped weights in PyTorch
+        for name, p in net.named_parameters():
+            p.copy_(torch.from_numpy(pruned[name]))
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, atol=2e-2)

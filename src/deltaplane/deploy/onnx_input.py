@@ -92,7 +92,9 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
     for init in model.graph.initializer:
         if init.name not in targets:
             continue
-        w = numpy_helper.to_array(init).astype(np.float32)
+        orig = numpy_helper.to_array(init)
+        # scored in float32, written back in the graph's own dtype (fp16 stays fp16)
+        w = orig.astype(np.float32)
         if w.ndim < 2:
             skipped[init.name] = "not a matrix"
             continue
@@ -111,7 +113,7 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
             if k:
                 flat = score.flatten()
                 keep.reshape(-1)[torch.topk(flat, k, largest=False).indices.numpy()] = False
-        rows = np.where(keep, rows, 0.0).astype(np.float32)
+        rows = np.where(keep, rows, 0.0).astype(orig.dtype)
         new = rows.reshape(w.shape) if out_in else rows.T
         init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
         zeros += int((new == 0).sum())
