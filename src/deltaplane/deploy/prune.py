@@ -94,6 +94,34 @@ def _rows(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def _conv_columns(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """The im2col rows ``(positions, in·kh·kw)`` of a Conv2d's input ``x``: what each output row multiplies.
+
+    Padded as the layer pads: ``padding="same"`` (split left/right as torch does, ``total // 2`` first),
+    ``"valid"``, or numbers, with the layer's ``padding_mode`` (``reflect``, ``replicate``, ``circular`` pad with
+    input values, not zeros). ``unfold``'s own ``padding`` takes neither strings nor modes.
+    """
+    if layer.padding == "valid":
+        pads = [0, 0, 0, 0]
+    elif layer.padding == "same":
+        pads = []
+        for d, k in zip(
+            reversed(layer.dilation), reversed(layer.kernel_size), strict=True
+        ):  # F.pad: W, then H
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+    else:
+        ph, pw = layer.padding  # type: ignore[misc]
+        pads = [pw, pw, ph, ph]
+    if x.dim() == 3:  # an unbatched (C, H, W) input
+        x = x.unsqueeze(0)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    if any(pads):
+        x = nn.functional.pad(x, pads, mode=mode)
+    cols = nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 @dataclass
 class PruneResult:
     """What a pruner did: the masks it applied (``True`` = kept) and layers it left alone, with the reason."""
@@ -249,10 +277,7 @@ def wanda_scores(
                     raise UnsupportedLayer(
                         f"Wanda: grouped conv {name!r} (groups={layer.groups}) is not supported"
                     )
-                cols = nn.functional.unfold(
-                    x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-                )  # (B, C·kh·kw, L)
-                x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+                x = _conv_columns(layer, x)  # (B·L, C·kh·kw)
             else:
                 x = x.reshape(-1, x.shape[-1])  # (tokens, in)
             s = (x * x).sum(0)

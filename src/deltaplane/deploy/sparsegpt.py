@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.deploy.prune import PruneResult, check_sparsity, prunable_layers, run_calibration
+from deltaplane.deploy.prune import (
+    PruneResult,
+    _conv_columns,
+    check_sparsity,
+    prunable_layers,
+    run_calibration,
+)
 from deltaplane.errors import ConfigError, UnsupportedLayer
 
 __all__ = ["input_hessian", "sparsegpt_prune", "sparsegpt_weights"]
@@ -41,10 +47,7 @@ def _layer_inputs(layer: nn.Module, x: Tensor, name: str) -> Tensor:
             raise UnsupportedLayer(
                 f"SparseGPT: grouped conv {name!r} (groups={layer.groups}) is not supported"
             )
-        cols = nn.functional.unfold(
-            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-        )
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return _conv_columns(layer, x)
     return x.reshape(-1, x.shape[-1])
 
 
