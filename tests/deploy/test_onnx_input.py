@@ -97,3 +97,33 @@ def test_pruning_an_fp16_onnx_model_keeps_its_weights_fp16(tmp_path):
             p.copy_(torch.from_numpy(pruned[name]))
         want = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, atol=2e-2)
+
+
+def test_onnx_inputs_the_model_cannot_run_are_a_usage_error(app, tmp_path):
+    # a token model with a 50-row embedding table, fed the CLI's random integers in [0, 100), and feeds under
+    # the wrong input name: both ended in a raw onnxruntime traceback
+    from deltaplane.deploy.onnx_input import deploy_onnx_model
+    from deltaplane.errors import ConfigError
+
+    class Emb(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.lin = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.e(ids).mean(1))
+
+    src = tmp_path / "emb.onnx"
+    export_onnx(
+        Emb().eval(), torch.zeros(1, 5, dtype=torch.long), src, input_names=["ids"],
+        dynamic_axes={"ids": {0: "b", 1: "t"}, "output": {0: "b"}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["deploy", str(src), "--quant", "int8", "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "does not run on its evaluation inputs" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    ok = [{"ids": np.zeros((1, 4), np.int64)}]
+    with pytest.raises(ConfigError, match="the model takes"):
+        deploy_onnx_model(src, out, eval_feeds=[{"input_ids": ok[0]["ids"]}], quant="none")
+    assert deploy_onnx_model(src, out, eval_feeds=ok, quant="none").manifest["fidelity"]["inputs"] == 1
