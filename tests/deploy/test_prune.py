@@ -284,3 +284,25 @@ def test_wanda_and_sparsegpt_see_the_conv_inputs_the_layer_multiplies(conv):
     torch.testing.assert_close(h, 2 * cols.T @ cols / len(cols), rtol=1e-9, atol=1e-9)
     assert sparsegpt_prune(copy.deepcopy(net), [x], sparsity=0.5).sparsity > 0.4
     assert wanda_prune(copy.deepcopy(net), [x], sparsity=0.5).sparsity > 0.4
+
+
+def test_calibration_batches_that_do_not_fit_the_model_are_a_config_error():
+    # flat (N, 64) batches for a CNN crashed inside the pruners' hooks with raw IndexError / NotImplementedError
+    from deltaplane.deploy.smoothquant import smooth_layernorm_inputs
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+
+    flat = [torch.randn(4, 64)]
+    for prune in (
+        lambda m: wanda_prune(m, flat, sparsity=0.5),
+        lambda m: wanda_prune(m, flat, sparsity=0.5, sequential=True),
+        lambda m: sparsegpt_prune(m, flat, n=2, m=4),
+        lambda m: smooth_layernorm_inputs(m, flat),
+    ):
+        with pytest.raises(ConfigError, match=r"calibration batch 0 \(\(4, 64\)\) does not fit Sequential"):
+            prune(cnn())
+    with pytest.raises(
+        UnsupportedLayer, match="grouped conv"
+    ):  # deltaplane's own errors pass through as they are
+        wanda_prune(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), [torch.randn(1, 2, 5, 5)], sparsity=0.5)

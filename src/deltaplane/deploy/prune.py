@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.errors import ConfigError, UnsupportedLayer
+from deltaplane.errors import ConfigError, DeltaplaneError, UnsupportedLayer
 
 __all__ = [
     "ChannelPruneResult",
@@ -237,16 +237,42 @@ def nm_prune(
     return PruneResult(masks, skipped)
 
 
+def _describe_batch(b: Any) -> str:
+    """A calibration batch's shapes, for an error message: ``(16, 64)``, ``input_ids (2, 9)``..."""
+
+    def shape(t: Any) -> str:
+        return str(tuple(t.shape)) if hasattr(t, "shape") else type(t).__name__
+
+    if isinstance(b, Mapping):
+        return ", ".join(f"{k} {shape(v)}" for k, v in b.items())
+    if isinstance(b, tuple | list):
+        return ", ".join(shape(v) for v in b)
+    return shape(b)
+
+
 def run_calibration(model: nn.Module, batches: Iterable[Any]) -> None:
-    """Feed calibration batches through ``model`` (a tensor, a tuple of positional args, or a dict of kwargs)."""
+    """Feed calibration batches through ``model`` (a tensor, a tuple of positional args, or a dict of kwargs).
+
+    A batch the model cannot take (a wrong shape or type) is a :class:`ConfigError` naming the batch's shapes,
+    not whatever the first layer (or a pruner's hook on it) raises.
+    """
     with torch.no_grad():
-        for b in batches:
-            if isinstance(b, Mapping):
-                model(**b)
-            elif isinstance(b, tuple | list):
-                model(*b)
-            else:
-                model(b)
+        for i, b in enumerate(batches):
+            try:
+                if isinstance(b, Mapping):
+                    model(**b)
+                elif isinstance(b, tuple | list):
+                    model(*b)
+                else:
+                    model(b)
+            except DeltaplaneError:
+                raise
+            except Exception as e:  # torch raises RuntimeError, IndexError, TypeError... for a wrong input
+                raise ConfigError(
+                    f"calibration batch {i} ({_describe_batch(b)}) does not fit {type(model).__name__}: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass calibration inputs "
+                    "shaped like the model's input"
+                ) from e
 
 
 @torch.no_grad()
