@@ -306,3 +306,37 @@ def test_calibration_batches_that_do_not_fit_the_model_are_a_config_error():
         UnsupportedLayer, match="grouped conv"
     ):  # deltaplane's own errors pass through as they are
         wanda_prune(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), [torch.randn(1, 2, 5, 5)], sparsity=0.5)
+
+
+@pytest.mark.parametrize("tokens", [5, 6])  # 6 == the Linear's 6 channels: shapes fit, the function did not
+def test_channel_prune_never_changes_what_kept_channels_compute(tokens):
+    # a Linear on (B, T, C) flattened into a Linear: the consumer lost the columns of whole *tokens* (as if
+    # channels were dim 1), an IndexError when T != C and a silently different model when T == C
+    class TokenMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(tokens * 6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.flatten(torch.relu(self.a(x)), 1))
+
+    class ConvNet(nn.Module):  # channels on dim 1: flatten's per-channel blocks are pruned
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6 * 16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.flatten(torch.relu(self.a(x)), 1))
+
+    torch.manual_seed(0)
+    for model, x in ((TokenMLP(), torch.randn(3, tokens, 4)), (ConvNet(), torch.randn(3, 1, 4, 4))):
+        r = channel_prune(model, 0.5, example_input=x)
+        # independent reference: the original model with the removed channels zeroed computes the same thing
+        ref = copy.deepcopy(model)
+        dropped = torch.ones(6, dtype=torch.bool)
+        dropped[r.kept.get("a", torch.arange(6))] = False
+        with torch.no_grad():
+            ref.a.weight[dropped] = 0
+            ref.a.bias[dropped] = 0
+            torch.testing.assert_close(r.model(x), ref(x))
+        assert ("a" in r.kept) == isinstance(model, ConvNet), r.skipped

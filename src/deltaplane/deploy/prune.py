@@ -625,6 +625,10 @@ def channel_prune(
                 u
             ) == 1:
                 shape = cur.meta["tensor_meta"].shape
+                if isinstance(layer, nn.Linear) and len(shape) > 2:
+                    # a Linear's channels are its last dim: flatten(1) of (B, T, C) interleaves them with T
+                    skipped[name] = f"its {len(shape)}-D output is flattened (channels on the last dim)"
+                    break
                 spatial = math.prod(shape[2:])
             elif not (
                 (u.op == "call_module" and isinstance(modules.get(u.target), _PASS_MODULES))
