@@ -129,6 +129,11 @@ def sparsegpt_weights(
         raise UnsupportedLayer(f"input size {cols} (and block size {blocksize}) must be multiples of m={m}")
     if hessian.shape != (cols, cols):
         raise ConfigError(f"hessian has shape {tuple(hessian.shape)}, expected {(cols, cols)}")
+    if not bool(torch.isfinite(hessian).all()):  # else a raw LinAlgError from the Cholesky factorization
+        raise ConfigError(
+            "the input Hessian holds NaN/Inf: the calibration inputs (or the activations the layers before "
+            "compute from them) are not finite; pass finite calibration data"
+        )
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
