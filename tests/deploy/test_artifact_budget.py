@@ -123,3 +123,19 @@ def test_real_artifacts_still_read(tmp_path):
     info = write_artifact(tmp_path / "m.dpla", {"w": w, "b": np.zeros(256, np.float32)}, quant="int8")
     art = read_artifact(info.path)
     assert art.tensors["w"].shape == (256, 256) and not art.tensors["b"].any()
+
+
+def test_malformed_header_manifest_or_tensor_names_are_decode_errors():
+    # the header is outside the payload's SHA-256: a non-object manifest raised a raw TypeError/ValueError;
+    # a non-string or repeated tensor name decoded (the second silently replacing the first)
+    good = craft([{**empty_sparse([4]), "name": "w"}])
+    hlen = _PREFIX.unpack_from(good)[2]
+    header = json.loads(good[_PREFIX.size : _PREFIX.size + hlen])
+    for manifest in (5, "abc", [1]):
+        h = json.dumps({**header, "manifest": manifest}).encode()
+        with pytest.raises(DecodeError, match="header"):
+            read_artifact(_PREFIX.pack(MAGIC, VERSION, len(h)) + h + good[_PREFIX.size + hlen :])
+    with pytest.raises(DecodeError, match="malformed tensor entry"):
+        read_artifact(craft([{**empty_sparse([4]), "name": 5}]))
+    with pytest.raises(DecodeError, match="twice"):
+        read_artifact(craft([empty_sparse([4]), empty_sparse([4])]))

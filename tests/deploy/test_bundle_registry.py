@@ -82,3 +82,25 @@ def test_registry_register_accepts_deploy_outputs(deployed, tmp_path, monkeypatc
     )  # bad input data
     assert len(r.output.strip().splitlines()) == 1
     assert json.loads(json.dumps(v1.lineage))  # lineage stays plain JSON
+
+
+def test_deploy_folder_whose_manifest_describes_another_artifact_is_refused(deployed, tmp_path):
+    # a refused model's model.dpla copied beside a passing deploy's manifest used to be registered with the
+    # passing deploy's quality and gates in its lineage
+    import shutil
+
+    import numpy as np
+
+    from deltaplane.deploy import write_artifact
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(deployed, mixed)
+    write_artifact(mixed / "model.dpla", {"w": np.zeros((2, 2), np.float32)}, manifest={"model": "other"})
+    with pytest.raises(DecodeError, match="describes another model.dpla"):
+        load_deployable(mixed)
+    (mixed / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DecodeError, match="not a deploy manifest"):
+        load_deployable(mixed)
+    (mixed / "manifest.json").write_text('"gates"')
+    with pytest.raises(DecodeError, match="not a deploy manifest"):
+        load_deployable(mixed)

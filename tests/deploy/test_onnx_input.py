@@ -66,3 +66,64 @@ def test_onnx_feeds_follow_the_signature(tmp_path):
     f = onnx_feeds(m, 3, seed=0)
     assert len(f) == 3 and f[0]["input"].shape == (1, 10) and f[0]["input"].dtype == np.float32
     assert np.array_equal(onnx_feeds(m, 1, seed=0)[0]["input"], f[0]["input"])
+
+
+def test_pruning_an_fp16_onnx_model_keeps_its_weights_fp16(tmp_path):
+    # prune_onnx wrote every pruned weight back as float32: an fp16 graph then failed to load in ONNX Runtime
+    # ("Type parameter (T) of Optype (Gemm) bound to different types") with a raw ORT traceback
+    import onnxruntime as ort
+
+    from deltaplane.deploy.onnx_input import deploy_onnx_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).half().eval()
+    src = tmp_path / "fp16.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            net, (torch.randn(1, 16).half(),), str(src), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False,
+        )  # fmt: skip
+    feeds = onnx_feeds(onnx.load(str(src)), 8, seed=0)
+    res = deploy_onnx_model(src, tmp_path / "out", eval_feeds=feeds, prune="0.5", quant="none", gates=None)
+    shipped = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    weights = [numpy_helper.to_array(i) for i in shipped.graph.initializer if len(i.dims) == 2]
+    assert weights and all(w.dtype == np.float16 for w in weights)
+    assert res.manifest["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    sess = ort.InferenceSession(shipped.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = feeds[0]["x"]
+    pruned = {n: numpy_helper.to_array(i) for n, i in ((i.name, i) for i in shipped.graph.initializer)}
+    with torch.no_grad():  # an independent forward pass with the shipped weights in PyTorch
+        for name, p in net.named_parameters():
+            p.copy_(torch.from_numpy(pruned[name]))
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, atol=2e-2)
+
+
+def test_onnx_inputs_the_model_cannot_run_are_a_usage_error(app, tmp_path):
+    # a token model with a 50-row embedding table, fed the CLI's random integers in [0, 100), and feeds under
+    # the wrong input name: both ended in a raw onnxruntime traceback
+    from deltaplane.deploy.onnx_input import deploy_onnx_model
+    from deltaplane.errors import ConfigError
+
+    class Emb(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.lin = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.e(ids).mean(1))
+
+    src = tmp_path / "emb.onnx"
+    export_onnx(
+        Emb().eval(), torch.zeros(1, 5, dtype=torch.long), src, input_names=["ids"],
+        dynamic_axes={"ids": {0: "b", 1: "t"}, "output": {0: "b"}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["deploy", str(src), "--quant", "int8", "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "does not run on its evaluation inputs" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    ok = [{"ids": np.zeros((1, 4), np.int64)}]
+    with pytest.raises(ConfigError, match="the model takes"):
+        deploy_onnx_model(src, out, eval_feeds=[{"input_ids": ok[0]["ids"]}], quant="none")
+    assert deploy_onnx_model(src, out, eval_feeds=ok, quant="none").manifest["fidelity"]["inputs"] == 1

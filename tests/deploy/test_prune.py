@@ -14,6 +14,7 @@ from deltaplane.deploy import (
     nm_mask,
     nm_prune,
     prunable_layers,
+    sparsegpt_prune,
     sparsity_of,
     wanda_prune,
     wanda_scores,
@@ -240,3 +241,102 @@ def test_sequential_wanda_prunes_in_forward_order_and_is_no_worse():
     assert errs[True] <= errs[False] * 1.05
     with pytest.raises(ConfigError, match="not both"):
         wanda_prune(copy.deepcopy(net), calib, sparsity=0.5, n=2, m=4)
+
+
+def _identity_conv_columns(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """What a Conv2d's weight rows multiply, from the layer's own forward: a copy whose filters are the identity
+    over the ``in·kh·kw`` inputs outputs exactly those inputs at every position (its own padding mode included)."""
+    eye = copy.deepcopy(layer).double()
+    k = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    eye.out_channels, eye.bias = k, None
+    eye.weight = nn.Parameter(torch.eye(k, dtype=torch.float64).reshape(k, *layer.weight.shape[1:]))
+    with torch.no_grad():
+        out = eye(x.double())  # (B, k, H', W')
+    return out.permute(0, 2, 3, 1).reshape(-1, k)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=4, padding="same", dilation=2),  # even kernel: torch pads one more on the right
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(kernel_size=3, padding=1, padding_mode="circular"),
+        dict(kernel_size=3, padding="valid", stride=2),
+    ],
+)
+def test_wanda_and_sparsegpt_see_the_conv_inputs_the_layer_multiplies(conv):
+    # Wanda's and SparseGPT's im2col ignored padding strings ('same' raised a raw TypeError from unfold) and the
+    # padding mode (reflect/circular layers were scored on zero padding they never see)
+    from deltaplane.deploy.sparsegpt import input_hessian
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, **conv), nn.ReLU(), nn.Flatten(1), nn.LazyLinear(3))
+    x = torch.randn(5, 2, 9, 9)
+    net(x)  # materialise the lazy head
+    cols = _identity_conv_columns(net[0], x)
+    scores = wanda_scores(net, [x], include=["0"])["0"]
+    w = net[0].weight.detach().abs().reshape(4, -1).double()
+    torch.testing.assert_close(
+        scores.reshape(4, -1).double(), w * cols.pow(2).sum(0).sqrt(), rtol=1e-5, atol=1e-6
+    )
+    h = input_hessian(net, "0", [x])
+    torch.testing.assert_close(h, 2 * cols.T @ cols / len(cols), rtol=1e-9, atol=1e-9)
+    assert sparsegpt_prune(copy.deepcopy(net), [x], sparsity=0.5).sparsity > 0.4
+    assert wanda_prune(copy.deepcopy(net), [x], sparsity=0.5).sparsity > 0.4
+
+
+def test_calibration_batches_that_do_not_fit_the_model_are_a_config_error():
+    # flat (N, 64) batches for a CNN crashed inside the pruners' hooks with raw IndexError / NotImplementedError
+    from deltaplane.deploy.smoothquant import smooth_layernorm_inputs
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+
+    flat = [torch.randn(4, 64)]
+    for prune in (
+        lambda m: wanda_prune(m, flat, sparsity=0.5),
+        lambda m: wanda_prune(m, flat, sparsity=0.5, sequential=True),
+        lambda m: sparsegpt_prune(m, flat, n=2, m=4),
+        lambda m: smooth_layernorm_inputs(m, flat),
+    ):
+        with pytest.raises(ConfigError, match=r"calibration batch 0 \(\(4, 64\)\) does not fit Sequential"):
+            prune(cnn())
+    with pytest.raises(
+        UnsupportedLayer, match="grouped conv"
+    ):  # deltaplane's own errors pass through as they are
+        wanda_prune(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), [torch.randn(1, 2, 5, 5)], sparsity=0.5)
+
+
+@pytest.mark.parametrize("tokens", [5, 6])  # 6 == the Linear's 6 channels: shapes fit, the function did not
+def test_channel_prune_never_changes_what_kept_channels_compute(tokens):
+    # a Linear on (B, T, C) flattened into a Linear: the consumer lost the columns of whole *tokens* (as if
+    # channels were dim 1), an IndexError when T != C and a silently different model when T == C
+    class TokenMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(tokens * 6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.flatten(torch.relu(self.a(x)), 1))
+
+    class ConvNet(nn.Module):  # channels on dim 1: flatten's per-channel blocks are pruned
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6 * 16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.flatten(torch.relu(self.a(x)), 1))
+
+    torch.manual_seed(0)
+    for model, x in ((TokenMLP(), torch.randn(3, tokens, 4)), (ConvNet(), torch.randn(3, 1, 4, 4))):
+        r = channel_prune(model, 0.5, example_input=x)
+        # independent reference: the original model with the removed channels zeroed computes the same thing
+        ref = copy.deepcopy(model)
+        dropped = torch.ones(6, dtype=torch.bool)
+        dropped[r.kept.get("a", torch.arange(6))] = False
+        with torch.no_grad():
+            ref.a.weight[dropped] = 0
+            ref.a.bias[dropped] = 0
+            torch.testing.assert_close(r.model(x), ref(x))
+        assert ("a" in r.kept) == isinstance(model, ConvNet), r.skipped

@@ -146,3 +146,33 @@ def test_corrupted_artifact_raises_decode_error_or_decodes_exactly(tmp_path_fact
     assert set(art.tensors) == set(ref.tensors)
     for k in ref.tensors:
         assert np.array_equal(art.tensors[k], ref.tensors[k])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_artifact_values_beyond_float16_scales_stored_losslessly_not_nan(tmp_path, quant):
+    # one weight of 1e7 needs a group scale of 1e7 / 127 > 65504, the largest float16: it used to overflow to
+    # Inf, and the whole group (here the whole tensor) decoded as NaN
+    w = np.random.default_rng(3).normal(size=(4, 32)).astype(np.float32)
+    w[0, 0] = 1e7
+    info = write_artifact(tmp_path / "a.dpla", {"w": w}, quant=quant)
+    assert info.tensors[0]["quant"] == "none"  # visibly unquantized
+    assert np.array_equal(read_artifact(tmp_path / "a.dpla").tensors["w"], w)
+
+
+def test_artifact_tiny_values_survive_quantization(tmp_path):
+    # a group of 1e-6 values has scale 7.9e-9, below float16's smallest subnormal: rounded to nearest it became
+    # 0 and the group decoded as zeros; the scale is now rounded up, so values come back within half a step
+    w = np.full((4, 32), 1e-6, np.float32)
+    w[1] *= -3
+    write_artifact(tmp_path / "a.dpla", {"w": w}, quant="int8")
+    got = read_artifact(tmp_path / "a.dpla").tensors["w"]
+    step = float(np.finfo(np.float16).smallest_subnormal)
+    assert np.all(np.abs(got - w) <= step / 2 + 1e-12) and np.all(np.sign(got) == np.sign(w))
+
+
+def test_weight_only_quantize_refuses_values_float16_scales_cannot_hold():
+    lin = torch.nn.Linear(32, 4)
+    with torch.no_grad():
+        lin.weight[0, 0] = 1e6
+    with pytest.raises(ConfigError, match="layer '': .*float16"):
+        weight_only_quantize(lin, bits=4)

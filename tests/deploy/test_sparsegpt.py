@@ -121,3 +121,12 @@ def test_bad_input_is_config_error():
         sparsegpt_prune(model, [torch.randn(2, 6)], n=4, m=4)
     with pytest.raises(ConfigError, match="never reached"):
         input_hessian(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), "1", [])
+
+
+def test_non_finite_calibration_is_a_config_error_not_a_linalg_error():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    bad = torch.randn(16, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="Hessian holds NaN/Inf"):
+        sparsegpt_prune(net, [bad], n=2, m=4)

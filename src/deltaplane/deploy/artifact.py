@@ -45,7 +45,7 @@ from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits,
 from deltaplane.codecs.lossless import zstd_decompress
 from deltaplane.codecs.wire import Limits
 from deltaplane.delta import atomic_write_bytes
-from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant
+from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant, group_quant_fits
 from deltaplane.errors import ConfigError, DecodeError
 
 __all__ = [
@@ -138,7 +138,13 @@ def _encode_tensor(
         raise ConfigError(f"tensor {name!r}: dtype {dtype} cannot be stored")
     flat = np.ascontiguousarray(arr).reshape(-1)
     n = flat.size
-    lossy = quant != "none" and arr.dtype.kind == "f" and arr.ndim >= 2
+    # a tensor whose values float16 scales cannot hold (|x| > qmax × 65504) is stored losslessly, not as NaN
+    lossy = (
+        quant != "none"
+        and arr.dtype.kind == "f"
+        and arr.ndim >= 2
+        and group_quant_fits(arr, {"int8": 8, "int4": 4}[quant])
+    )
     scheme = quant if lossy else "none"
     bits = {"int8": 8, "int4": 4}.get(scheme, arr.dtype.itemsize * 8)
     nz = np.flatnonzero(flat)
@@ -312,7 +318,8 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     try:
         header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
         raw_size = int(header["payload_nbytes"])
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = dict(header.get("manifest", {}))  # the header is not hashed: a JSON object, or refused
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DecodeError(f"artifact header is not valid JSON of the expected shape: {e}") from e
     if not 0 <= raw_size <= MAX_PAYLOAD:
         raise DecodeError(f"artifact declares a payload of {raw_size} bytes (limit {MAX_PAYLOAD})")
@@ -338,8 +345,10 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
             f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS}) or no list of them"
         )
     for e in entries:
-        if not isinstance(e, dict) or "name" not in e:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise DecodeError(f"malformed tensor entry {e!r}")
+    if len({e["name"] for e in entries}) != len(entries):  # a second entry would silently replace the first
+        raise DecodeError("artifact tensor table names a tensor twice")
     # before allocating any tensor: all of them together within the budget (sparse ones decode to full size)
     _check_budget("tensors", sum(_declared_nbytes(e) for e in entries), len(data))
     buffers = payload[4 + tlen :]
@@ -357,7 +366,7 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     for e in entries:
         tensors[e["name"]] = _decode_tensor(e, [view(r) for r in e.get("buffers", [])])
     graph = view(table["graph"]) if table.get("graph") is not None else None
-    return Artifact(tensors, dict(header.get("manifest", {})), graph)
+    return Artifact(tensors, manifest, graph)
 
 
 def pack_onnx(

@@ -63,6 +63,29 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in _MANIFEST_KEYS if k in manifest}
 
 
+def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
+    """A deploy folder's ``manifest.json``, refused (:class:`DecodeError`) unless it is a JSON object that
+    describes the folder's ``model.dpla``: its recorded ``sha256["model.dpla"]``, when present, must be the
+    file's. Otherwise another model's quality and gates (a refused model's file copied beside a passing
+    deploy's manifest) would be registered as this model's lineage."""
+    try:
+        manifest = json.loads(mf.read_text())
+    except ValueError as e:
+        raise DecodeError(f"{mf} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise DecodeError(
+            f"{mf} is not a deploy manifest (a JSON object); it holds a {type(manifest).__name__}"
+        )
+    recorded = manifest.get("sha256")
+    recorded = recorded.get("model.dpla") if isinstance(recorded, dict) else None
+    if recorded is not None and recorded != artifact_sha256:
+        raise DecodeError(
+            f"{mf} describes another model.dpla (SHA-256 {str(recorded)[:16]}…, the file's is "
+            f"{artifact_sha256[:16]}…): the folder mixes two deploys; register the .dpla file alone or deploy again"
+        )
+    return manifest
+
+
 def load_deployable(path: str | os.PathLike[str]) -> Deployable:
     """The state dict and provenance of a ``.safetensors``, ``.dpla`` or ``.onnx`` file or a deploy folder.
 
@@ -76,10 +99,7 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             out = load_deployable(p / "model.dpla")
             mf = p / "manifest.json"
             if mf.is_file():
-                try:
-                    out.lineage["deploy"] = _summary(json.loads(mf.read_text()))
-                except ValueError as e:
-                    raise DecodeError(f"{mf} is not valid JSON: {e}") from e
+                out.lineage["deploy"] = _summary(_folder_manifest(mf, out.lineage["source"]["sha256"]))
             return out
         out = _hf_folder(p)
         if out is not None:

@@ -92,7 +92,9 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
     for init in model.graph.initializer:
         if init.name not in targets:
             continue
-        w = numpy_helper.to_array(init).astype(np.float32)
+        orig = numpy_helper.to_array(init)
+        # scored in float32, written back in the graph's own dtype (fp16 stays fp16)
+        w = orig.astype(np.float32)
         if w.ndim < 2:
             skipped[init.name] = "not a matrix"
             continue
@@ -111,7 +113,7 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
             if k:
                 flat = score.flatten()
                 keep.reshape(-1)[torch.topk(flat, k, largest=False).indices.numpy()] = False
-        rows = np.where(keep, rows, 0.0).astype(np.float32)
+        rows = np.where(keep, rows, 0.0).astype(orig.dtype)
         new = rows.reshape(w.shape) if out_in else rows.T
         init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
         zeros += int((new == 0).sum())
@@ -158,6 +160,26 @@ def _run(session: Any, feeds: Feeds) -> np.ndarray:
     return np.concatenate([session.run(None, f)[0] for f in feeds])
 
 
+def _run_source(data: bytes, feeds: Feeds, src: Path) -> np.ndarray:
+    """The source model's first output on ``feeds``; :class:`ConfigError` (not ONNX Runtime's own error) when
+    ONNX Runtime cannot load it or the feeds do not fit it (an input name or shape, an integer input beyond an
+    embedding table's rows)."""
+    try:
+        session = ort_session(data)
+    except Exception as e:  # onnxruntime's own error types
+        raise ConfigError(f"ONNX Runtime cannot load {src}: {e}") from e
+    try:
+        return _run(session, feeds)
+    except Exception as e:
+        names = {i.name: i.shape for i in session.get_inputs()}
+        given = {k: (v.dtype.name, list(v.shape)) for k, v in feeds[0].items()} if feeds else {}
+        raise ConfigError(
+            f"{src} does not run on its evaluation inputs ({given}; the model takes {names}): "
+            f"{str(e).splitlines()[0]}. Pass inputs that fit the model (deploy_onnx_model(eval_feeds=...) from "
+            "Python; the CLI's random integers lie in [0, 100))"
+        ) from e
+
+
 def deploy_onnx_model(
     src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -198,6 +220,7 @@ def deploy_onnx_model(
     except Exception as e:  # onnx raises its own ValidationError / protobuf errors
         raise DecodeError(f"{src} is not a valid ONNX model: {e}") from e
     refuse_non_finite_tensors(_constant_tensors(model), str(src))
+    ref = _run_source(data, eval_feeds, src)  # before any work: feeds that do not fit fail fast, typed
     import hashlib
 
     spec = parse_prune(prune)
@@ -234,9 +257,13 @@ def deploy_onnx_model(
         (tmp / "model.onnx").write_bytes(onnx_bytes)
         for f in (pruned, tmp / "q.onnx"):
             f.unlink(missing_ok=True)
-        ref = _run(ort_session(data), eval_feeds)
         refuse_non_finite_outputs(ref, f"the source model {src.name}")
-        out = _run(ort_session(onnx_bytes), eval_feeds)
+        try:
+            out = _run(ort_session(onnx_bytes), eval_feeds)
+        except Exception as e:  # onnxruntime's own error types; the source ran on these feeds
+            raise ExportError(
+                f"the compressed artifact ({quant}) does not run on feeds the source model runs on: {e}"
+            ) from e
         refuse_non_finite_outputs(out, f"the compressed artifact ({quant})", ExportError)
         fidelity, quality = output_fidelity(ref, out, labels)
         fidelity = {"inputs": len(eval_feeds), **fidelity}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.errors import ConfigError, UnsupportedLayer
+from deltaplane.errors import ConfigError, DeltaplaneError, UnsupportedLayer
 
 __all__ = [
     "ChannelPruneResult",
@@ -92,6 +92,34 @@ def prunable_layers(
 def _rows(weight: Tensor) -> Tensor:
     # (out, in) for Linear, (out, in·kh·kw) for Conv2d: the "input features" each output row reads.
     return weight.reshape(weight.shape[0], -1)
+
+
+def _conv_columns(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """The im2col rows ``(positions, in·kh·kw)`` of a Conv2d's input ``x``: what each output row multiplies.
+
+    Padded as the layer pads: ``padding="same"`` (split left/right as torch does, ``total // 2`` first),
+    ``"valid"``, or numbers, with the layer's ``padding_mode`` (``reflect``, ``replicate``, ``circular`` pad with
+    input values, not zeros). ``unfold``'s own ``padding`` takes neither strings nor modes.
+    """
+    if layer.padding == "valid":
+        pads = [0, 0, 0, 0]
+    elif layer.padding == "same":
+        pads = []
+        for d, k in zip(
+            reversed(layer.dilation), reversed(layer.kernel_size), strict=True
+        ):  # F.pad: W, then H
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+    else:
+        ph, pw = layer.padding  # type: ignore[misc]
+        pads = [pw, pw, ph, ph]
+    if x.dim() == 3:  # an unbatched (C, H, W) input
+        x = x.unsqueeze(0)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    if any(pads):
+        x = nn.functional.pad(x, pads, mode=mode)
+    cols = nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 @dataclass
@@ -209,16 +237,42 @@ def nm_prune(
     return PruneResult(masks, skipped)
 
 
+def _describe_batch(b: Any) -> str:
+    """A calibration batch's shapes, for an error message: ``(16, 64)``, ``input_ids (2, 9)``..."""
+
+    def shape(t: Any) -> str:
+        return str(tuple(t.shape)) if hasattr(t, "shape") else type(t).__name__
+
+    if isinstance(b, Mapping):
+        return ", ".join(f"{k} {shape(v)}" for k, v in b.items())
+    if isinstance(b, tuple | list):
+        return ", ".join(shape(v) for v in b)
+    return shape(b)
+
+
 def run_calibration(model: nn.Module, batches: Iterable[Any]) -> None:
-    """Feed calibration batches through ``model`` (a tensor, a tuple of positional args, or a dict of kwargs)."""
+    """Feed calibration batches through ``model`` (a tensor, a tuple of positional args, or a dict of kwargs).
+
+    A batch the model cannot take (a wrong shape or type) is a :class:`ConfigError` naming the batch's shapes,
+    not whatever the first layer (or a pruner's hook on it) raises.
+    """
     with torch.no_grad():
-        for b in batches:
-            if isinstance(b, Mapping):
-                model(**b)
-            elif isinstance(b, tuple | list):
-                model(*b)
-            else:
-                model(b)
+        for i, b in enumerate(batches):
+            try:
+                if isinstance(b, Mapping):
+                    model(**b)
+                elif isinstance(b, tuple | list):
+                    model(*b)
+                else:
+                    model(b)
+            except DeltaplaneError:
+                raise
+            except Exception as e:  # torch raises RuntimeError, IndexError, TypeError... for a wrong input
+                raise ConfigError(
+                    f"calibration batch {i} ({_describe_batch(b)}) does not fit {type(model).__name__}: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass calibration inputs "
+                    "shaped like the model's input"
+                ) from e
 
 
 @torch.no_grad()
@@ -249,10 +303,7 @@ def wanda_scores(
                     raise UnsupportedLayer(
                         f"Wanda: grouped conv {name!r} (groups={layer.groups}) is not supported"
                     )
-                cols = nn.functional.unfold(
-                    x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-                )  # (B, C·kh·kw, L)
-                x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+                x = _conv_columns(layer, x)  # (B·L, C·kh·kw)
             else:
                 x = x.reshape(-1, x.shape[-1])  # (tokens, in)
             s = (x * x).sum(0)
@@ -574,6 +625,10 @@ def channel_prune(
                 u
             ) == 1:
                 shape = cur.meta["tensor_meta"].shape
+                if isinstance(layer, nn.Linear) and len(shape) > 2:
+                    # a Linear's channels are its last dim: flatten(1) of (B, T, C) interleaves them with T
+                    skipped[name] = f"its {len(shape)}-D output is flattened (channels on the last dim)"
+                    break
                 spatial = math.prod(shape[2:])
             elif not (
                 (u.op == "call_module" and isinstance(modules.get(u.target), _PASS_MODULES))

@@ -31,6 +31,7 @@ __all__ = [
     "GroupQuant",
     "dequantize_int4",
     "dequantize_int8",
+    "group_quant_fits",
     "quantize_dynamic_torch",
     "quantize_int4",
     "quantize_int8",
@@ -53,16 +54,38 @@ class GroupQuant:
         return 1 << (self.bits - 1)
 
 
+#: the largest finite float16: a group scale (max |x| / qmax) beyond it cannot be stored
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def group_quant_fits(x: np.ndarray, bits: int) -> bool:
+    """Whether ``bits``-bit codes with float16 scales can hold ``x``: finite, and ``max |x| / qmax`` a finite
+    float16 (|x| up to about 8.3e6 at 8 bits, 4.6e5 at 4 bits). Beyond that the scale overflows to Inf and every
+    value of its group decodes to NaN."""
+    a = np.abs(np.asarray(x, np.float32))
+    return a.size == 0 or bool(np.isfinite(a).all() and a.max() / ((1 << (bits - 1)) - 1) <= _FP16_MAX)
+
+
 def _group_quant(x: np.ndarray, group_size: int, bits: int) -> GroupQuant:
     if group_size < 1:
         raise ConfigError(f"group_size must be positive. Found {group_size}")
     x = np.asarray(x, np.float32).reshape(-1)
+    if not group_quant_fits(x, bits):
+        raise ConfigError(
+            f"values up to {float(np.abs(x).max()):.4g} (or NaN/Inf) do not fit {bits}-bit codes with float16 "
+            "scales; keep this tensor unquantized (the device artifact stores such tensors losslessly)"
+        )
     n = len(x)
     pad = (-n) % group_size
     g = np.concatenate([x, np.zeros(pad, np.float32)]).reshape(-1, group_size)
     qmax = (1 << (bits - 1)) - 1  # symmetric: zero stays exactly zero, so pruned weights stay pruned
-    scale = np.abs(g).max(axis=1) / qmax
-    scale = scale.astype(np.float16).astype(np.float32)  # the scale the decoder will see
+    exact = np.abs(g).max(axis=1) / qmax
+    # the scale the decoder will see: the smallest float16 >= the exact scale. Rounded to nearest, the scale of a
+    # group of tiny values (max |x| below qmax × 2^-25) became 0 and the group decoded as zeros; among float16
+    # subnormals, rounding down also made codes clip at qmax
+    half = exact.astype(np.float16)
+    half = np.where(half.astype(np.float32) < exact, np.nextafter(half, np.float16(np.inf)), half)
+    scale = half.astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)
     q = np.clip(np.rint(g / safe[:, None]), -qmax, qmax).astype(np.int16)
     codes = (q + (1 << (bits - 1))).astype(np.uint8).reshape(-1)[:n]
@@ -114,7 +137,10 @@ def weight_only_quantize(
     for name, mod in out.named_modules():
         if isinstance(mod, nn.Linear | nn.Conv2d) and name not in exclude:
             w = mod.weight.detach().cpu().numpy()
-            gq = _group_quant(w, group_size, bits)
+            try:
+                gq = _group_quant(w, group_size, bits)
+            except ConfigError as e:
+                raise ConfigError(f"layer {name!r}: {e}; exclude it") from None
             mod.weight.copy_(torch.from_numpy(_group_dequant(gq).reshape(w.shape)))
     return out
 

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.deploy.prune import PruneResult, check_sparsity, prunable_layers, run_calibration
+from deltaplane.deploy.prune import (
+    PruneResult,
+    _conv_columns,
+    check_sparsity,
+    prunable_layers,
+    run_calibration,
+)
 from deltaplane.errors import ConfigError, UnsupportedLayer
 
 __all__ = ["input_hessian", "sparsegpt_prune", "sparsegpt_weights"]
@@ -41,10 +47,7 @@ def _layer_inputs(layer: nn.Module, x: Tensor, name: str) -> Tensor:
             raise UnsupportedLayer(
                 f"SparseGPT: grouped conv {name!r} (groups={layer.groups}) is not supported"
             )
-        cols = nn.functional.unfold(
-            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-        )
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return _conv_columns(layer, x)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -126,6 +129,11 @@ def sparsegpt_weights(
         raise UnsupportedLayer(f"input size {cols} (and block size {blocksize}) must be multiples of m={m}")
     if hessian.shape != (cols, cols):
         raise ConfigError(f"hessian has shape {tuple(hessian.shape)}, expected {(cols, cols)}")
+    if not bool(torch.isfinite(hessian).all()):  # else a raw LinAlgError from the Cholesky factorization
+        raise ConfigError(
+            "the input Hessian holds NaN/Inf: the calibration inputs (or the activations the layers before "
+            "compute from them) are not finite; pass finite calibration data"
+        )
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
