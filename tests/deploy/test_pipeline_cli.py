@@ -29,6 +29,10 @@ def test_parse_prune_specs():
             parse_prune(bad)
     with pytest.raises(ConfigError, match="not understood"):
         parse_prune("sometimes")
+    # N:M with n >= m or n = 0 is refused when the spec is read, before a model is loaded and calibrated
+    for bad in ("4:2", "4:4", "0:4", "wanda:5:4", "sparsegpt:0:2"):
+        with pytest.raises(ConfigError, match="needs 0 < n < m"):
+            parse_prune(bad)
 
 
 def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):

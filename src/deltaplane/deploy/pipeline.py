@@ -80,7 +80,13 @@ def parse_prune(spec: str | None) -> dict[str, Any] | None:
     s = spec.strip().lower()
     m = re.fullmatch(r"(?:(wanda|sparsegpt):)?(\d+):(\d+)", s)
     if m:
-        return {"method": m.group(1) or "nm", "n": int(m.group(2)), "m": int(m.group(3))}
+        n, of = int(m.group(2)), int(m.group(3))
+        if not 0 < n < of:  # checked here, not only when pruning starts (after loading and calibrating)
+            raise ConfigError(
+                f"prune spec {spec!r}: N:M keeps the n largest of every m weights and needs 0 < n < m "
+                "(e.g. 2:4)"
+            )
+        return {"method": m.group(1) or "nm", "n": n, "m": of}
     m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|sparsegpt|channels):)?([-+0-9.eE]+)", s)
     if not m:
         raise ConfigError(
