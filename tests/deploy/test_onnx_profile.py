@@ -55,6 +55,26 @@ def test_failed_export_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_leaves_the_model_in_the_modes_it_came_in(tmp_path):
+    """Export runs in eval mode (dropout off, batch norm on its running statistics) but used to leave the
+    caller's model there: a model still being trained lost its dropout. Each module's own mode comes back,
+    after a successful and after a failed export, and the export itself is the eval-mode function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    model[1].eval()  # frozen statistics in a model that trains: a mixed state that must survive too
+    x = torch.randn(16, 4)
+    res = export_onnx(model, x, tmp_path / "m.onnx")
+    assert [m.training for m in model] == [True, False, True, True] and model.training
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = ort_session(res.path).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    model.train()
+    with pytest.raises(ExportError):
+        export_onnx(model, x, tmp_path / "d.onnx", atol=-1.0)  # nothing can pass a negative tolerance
+    assert all(m.training for m in model.modules())
+
+
 def test_onnx_int8_static_and_dynamic(tmp_path, trained_cnn, digits):
     xtr, _, xte, yte = digits
     exp = export_onnx(trained_cnn, torch.from_numpy(xte[:1]), tmp_path / "m.onnx")

@@ -80,7 +80,8 @@ def export_onnx(
     an order of magnitude faster than the ``torch.export`` route and handles dynamic batch axes directly.
 
     Args:
-        model: the model (put in eval mode by the caller or here).
+        model: the model; exported and verified in eval mode, and left in the modes it came in (a model
+            still being trained keeps its dropout and batch-norm updates).
         example_inputs: tensors traced for export.
         path: destination ``.onnx`` file; written only after verification succeeds.
         input_names, output_names: ONNX graph input/output names (what sessions are fed with).
@@ -93,10 +94,39 @@ def export_onnx(
         UnsupportedLayer: the model uses an operator the exporter cannot express.
         ExportError: export failed, or ONNX Runtime's outputs differ by more than ``atol``.
     """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        return _export_verified(
+            model.eval(),
+            example_inputs,
+            Path(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset=opset,
+            atol=atol,
+            verify_inputs=verify_inputs,
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _export_verified(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+    opset: int,
+    atol: float,
+    verify_inputs: Sequence[Tensor | Sequence[Tensor]] | None,
+) -> ExportResult:
+    """:func:`export_onnx` on a model already in eval mode."""
     import onnx
 
-    path = Path(path)
-    model = model.eval()
     example = _as_tuple(example_inputs)
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
