@@ -52,6 +52,32 @@ def test_revocation_is_enforced_and_survives_a_restart(tmp_path):
     )
 
 
+def test_a_revocation_outlives_a_lowered_max_token_ttl(tmp_path, monkeypatch):
+    """A revoked token stays refused after restarts for as long as the token itself is valid, even when the
+    service that revoked it capped token lifetimes below that token's (the operator lowered
+    --max-token-ttl after issuing it): the revocation list used to drop the id after max_token_ttl_s."""
+    from fastapi.testclient import TestClient
+
+    svc = Service(tmp_path / "h")  # issues 30-day tokens
+    info = svc.admin.issue_token_info("d1", "eu")
+    headers = {"Authorization": f"Bearer {info['token']}"}
+    lowered = svc.config.__class__(
+        home=svc.config.home, admin_token=ADMIN, device_secret="s" * 32, max_token_ttl_s=86400
+    )
+    first = TestClient(create_app(lowered))
+    revoked = first.post(
+        "/admin/tokens/revoke",
+        json={"token_id": info["token_id"]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert revoked.status_code == 200
+    assert first.get("/v1/models/cnn/round", headers=headers).status_code == 401
+    now = auth_module.time.time()
+    monkeypatch.setattr(auth_module.time, "time", lambda: now + 2 * 86400)  # the token has 28 days left
+    restarted = TestClient(create_app(lowered))
+    assert restarted.get("/v1/models/cnn/round", headers=headers).status_code == 401
+
+
 def test_tokens_survive_a_restart_without_a_configured_secret(tmp_path):
     from fastapi.testclient import TestClient
 
