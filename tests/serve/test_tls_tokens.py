@@ -29,6 +29,20 @@ def test_expired_token_is_refused(monkeypatch):
     assert authority.check(forged) is None
 
 
+def test_a_device_revocation_covers_a_token_issued_a_fraction_of_a_millisecond_before(monkeypatch):
+    """revoke_device refuses every token issued up to the revocation time; the issue time used to be rounded
+    to the millisecond, so a token issued at x.0006 s carried x.001 and escaped a revocation at x.0008 s."""
+    authority = TokenAuthority(b"k" * 32, ttl_s=3600)
+    issued = float(int(auth_module.time.time())) + 0.0006
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued)
+    token = authority.issue("d1", "eu")
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued + 0.0002)
+    authority.revoke_device("d1")
+    assert authority.check(token) is None
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued + 0.0004)
+    assert authority.check(authority.issue("d1", "eu")).device_id == "d1"  # a later token works
+
+
 def test_revocation_is_enforced_and_survives_a_restart(tmp_path):
     svc = Service(tmp_path / "h")
     info = svc.admin.issue_token_info("d1", "eu")
