@@ -206,6 +206,28 @@ def _secagg_round_to_unmasking(svc, names: list[str], seed: int) -> int:
     return rnd
 
 
+def test_secagg_messages_above_the_json_cap_pass_the_guard(service_factory) -> None:
+    """A masked input holds a ring value per parameter: above max_json_bytes for a large model. The request
+    guard capped SecAgg messages at max_json_bytes (2 MiB by default, ~1M parameters), so every device of
+    such a round got 413 although the endpoint's own cap allowed it; they are capped like uploads now."""
+    from deltaplane.aggregation.secagg import MaskedInput
+
+    svc = service_factory(max_json_bytes=1024, downlink_codec="identity")  # the cnn's masked input: ~15 kB
+    rnd = _secagg_round_to_unmasking(svc, ["a", "b", "c"], seed=5)
+    cfg = svc.app.state.secagg_rounds[("cnn", rnd)].config
+    assert MaskedInput.max_bytes(cfg) > 1024
+    assert svc.admin.close_secagg("cnn", rnd)["published"]["version"] == 2
+
+
+def test_a_secagg_round_whose_messages_exceed_the_upload_cap_is_not_opened(service_factory) -> None:
+    svc = service_factory(max_upload_bytes=1024)  # below the cnn's masked input
+    for d in ("a", "b", "c"):
+        svc.device(d)
+    with pytest.raises(ServiceError) as exc:
+        svc.admin.open_secagg("cnn", ["a", "b", "c"], weight_scale=0)
+    assert exc.value.status == 422 and "--max-upload-bytes" in exc.value.detail
+
+
 def test_a_secagg_close_that_fails_late_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch) -> None:
     """Closing a SecAgg round registered the version, moved the tag and stored the step's state in separate
     transactions: a failure in the last one left a published version and a moved tag, and the round could not

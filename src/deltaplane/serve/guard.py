@@ -10,7 +10,7 @@
    its body unread. A valid device token still passes (a device behind the same NAT as an attacker is not
    locked out; a device token cannot be guessed, it carries a 256-bit MAC, so its verdict is no oracle); the
    admin token, a static secret, gets no check at all while its bucket is spent.
-3. Every body is capped: the upload route at ``max_upload_bytes``, everything else at ``max_json_bytes``. A
+3. Every body is capped: uploads and SecAgg messages at ``max_upload_bytes``, the rest at ``max_json_bytes``. A
    declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
    streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
 4. Every body must arrive within ``body_timeout`` seconds of the request head, or the request gets 408:
@@ -42,7 +42,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DEVICE_SCOPE_KEY = "deltaplane.device"
 _DRAIN_FACTOR = 4
 _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained before the 401
-_UPLOAD = re.compile(r"^/v1/models/[^/]+/rounds/[^/]+/update$")
+# bodies the size of a model: plain uploads and SecAgg messages (a masked input holds one ring value per
+# parameter, so it passes max_json_bytes for a model of about a million parameters); the endpoint then caps a
+# SecAgg message at its stage's exact maximum
+_UPLOAD = re.compile(r"^/v1/models/[^/]+/(rounds/[^/]+/update|secagg/[^/]+/(keys|shares|masked|unmask))$")
 
 
 class RequestGuard:
@@ -52,7 +55,7 @@ class RequestGuard:
         app: the ASGI app behind the guard.
         check_device: maps a bearer token to a :class:`DeviceIdentity`, or None when invalid/expired/revoked.
         admin_token: the static admin bearer token.
-        max_upload_bytes: cap of the update-upload route.
+        max_upload_bytes: cap of the update-upload route and of the SecAgg stages' messages.
         max_json_bytes: cap of every other body.
         failures: token bucket per client address and area (device, admin), spent by failed authentications.
         on_reject: called with a counter name for every rejection (service statistics).

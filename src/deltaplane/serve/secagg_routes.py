@@ -153,6 +153,22 @@ _MESSAGE = {
 }
 
 
+def _check_message_caps(cfg: SecAggConfig, max_upload_bytes: int) -> None:
+    """Refuse to open a round whose devices' messages the request guard would refuse (413 at every device).
+
+    The guard caps SecAgg messages at ``max_upload_bytes`` before the endpoint reads them: a masked input
+    is one ring value per parameter, a share message one ciphertext per neighbour.
+    """
+    for cls in (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse):
+        need = cls.max_bytes(cfg)
+        if need > max_upload_bytes:
+            raise ConfigError(
+                f"a {cls.__name__} of this round can take {need} bytes, above the service's "
+                f"max_upload_bytes of {max_upload_bytes}, so every device's would be refused; restart the "
+                f"service with --max-upload-bytes {need} or more, or invite fewer devices / use fewer bits"
+            )
+
+
 def install_secagg_routes(
     app: FastAPI,
     state: Any,
@@ -387,6 +403,7 @@ def install_secagg_routes(
                 check_device_policy(cfg)
             except SecAggError as exc:
                 raise ConfigError(str(exc)) from None
+            _check_message_caps(cfg, config.max_upload_bytes)
             state.round_counter[model] = number
             rounds[(model, number)] = SecAggRound(
                 model,
