@@ -156,3 +156,18 @@ def test_downgrade_needs_a_signed_rollback_record(service, mitm):
         dev.fetch("cnn")
     m.rewrite = None
     assert dev.fetch("cnn")[0] == 1
+
+
+def test_a_tls_context_with_a_plain_http_url_is_refused(tmp_path, service):
+    """DeviceClient(http://..., tls=ctx) used to speak plain HTTP and send the token in clear, ignoring the
+    context; a TLS context with a non-https URL is a configuration error now."""
+    from deltaplane.errors import ConfigError
+    from deltaplane.serve import AdminClient
+    from deltaplane.serve.tls import client_context, make_tls_bundle
+
+    ctx = client_context(make_tls_bundle(tmp_path / "tls").ca_cert)
+    with pytest.raises(ConfigError, match="https://"):
+        DeviceClient("http://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx)
+    with pytest.raises(ConfigError, match="https://"):
+        AdminClient("http://127.0.0.1:8000", "t" * 16, tls=ctx)
+    DeviceClient("https://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx).close()

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import torch
 
-from deltaplane.errors import DecodeError, DeltaplaneError, DowngradeRefused, IntegrityError, SignatureError
+from deltaplane.errors import (
+    ConfigError,
+    DecodeError,
+    DeltaplaneError,
+    DowngradeRefused,
+    IntegrityError,
+    SignatureError,
+)
 from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
@@ -50,6 +57,17 @@ def _check(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
+def _http_client(base_url: str, timeout: float, tls: ssl.SSLContext | None) -> httpx.Client:
+    """An ``httpx.Client`` for ``base_url``; a TLS context with a non-``https://`` URL is refused rather than
+    ignored (httpx would silently speak plain HTTP and send the bearer token in clear)."""
+    if tls is not None and httpx.URL(base_url).scheme != "https":
+        raise ConfigError(
+            f"a TLS context was given for {base_url!r}, which is not an https:// URL: the connection would be "
+            "plain HTTP and the token sent in clear; use https://"
+        )
+    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+
+
 class DeviceClient:
     """A device's connection: fetch verified models/deltas, upload compressed updates, report summaries.
 
@@ -59,7 +77,7 @@ class DeviceClient:
         verifier: the public keys this device trusts.
         client: an existing ``httpx.Client`` (connection pooling, tests with ``transport=``).
         tls: for ``https://`` URLs, an SSL context (:func:`deltaplane.serve.tls.client_context`: trust only the
-            service's CA, optionally present a device certificate).
+            service's CA, optionally present a device certificate); refused with another scheme.
     """
 
     def __init__(
@@ -74,7 +92,7 @@ class DeviceClient:
     ) -> None:
         self.base_url = base_url
         self.verifier = verifier
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+        self._http = client or _http_client(base_url, timeout, tls)
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
@@ -247,7 +265,7 @@ class AdminClient:
         timeout: float = 60.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+        self._http = client or _http_client(base_url, timeout, tls)
         self._headers = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
