@@ -415,3 +415,32 @@ def test_secagg_rounds_keep_consent_like_plain_rounds(service) -> None:
     with pytest.raises(ServiceError, match="withdrew consent") as info:
         SecAggDevice(clients["a"], "cnn", rnd).advertise()
     assert info.value.status == 403
+
+
+def test_a_secagg_message_waiting_for_its_round_does_not_stall_the_service(service) -> None:
+    """A SecAgg POST ran its protocol step on the event loop under the round's lock: while an admin close
+    held that lock (unmasking takes seconds on a large model) one device's message blocked every request of
+    the service, /healthz included. The step runs in a worker thread now."""
+    import threading
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    r = service.app.state.secagg_rounds[("cnn", rnd)]
+    with BackgroundServer(service.app) as srv:
+        for c in clients.values():
+            c._http = httpx.Client(base_url=srv.url, timeout=30)
+        a = SecAggDevice(clients["a"], "cnn", rnd)
+        body = a.endpoint.advertise()
+        with r.lock:  # as a long unmasking close holds it
+            sender = threading.Thread(target=a.post, args=("keys", body))
+            sender.start()
+            time.sleep(0.3)  # the message is waiting for the lock
+            assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
+        sender.join(10)
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1

@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -280,7 +281,9 @@ def install_secagg_routes(
                     raise DecodeError(f"this endpoint takes a {cls.__name__}, got a {type(msg).__name__}")
                 r.endpoint.receive(body, sender=u)
 
-            protocol(apply, r)
+            # in a worker thread: decoding and folding a masked input is model-sized work, and the round's lock
+            # may be held for seconds by an unmasking close; on the event loop either would stall every request
+            await run_in_threadpool(protocol, apply, r)
             state.counters[f"secagg.{path}"] += 1
             state.counters["secagg.bytes"] += len(body)
             return Accepted(accepted=True, kind=cls.__name__, stage=r.endpoint.stage)
