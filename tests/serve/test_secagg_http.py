@@ -358,6 +358,28 @@ def test_a_device_refuses_an_invitation_that_lets_the_server_unmask_it(neighbour
     assert SecAggDevice(_Invitation(safe.to_dict()), "cnn", 1).config == safe
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda doc: doc.pop("config"),
+        lambda doc: doc["encoding"].update(bits="eight"),
+        lambda doc: doc.update(encoding=None),
+        lambda doc: doc.update(client_id=[0]),
+    ],
+    ids=["no config", "bits not a number", "encoding null", "client id a list"],
+)
+def test_a_malformed_invitation_is_a_decode_error(spoil) -> None:
+    """A server (or proxy) sending JSON that is no invitation made SecAggDevice raise a bare KeyError,
+    ValueError or TypeError; it is a DecodeError naming the invitation now."""
+    from deltaplane.aggregation.secagg import SecAggConfig
+    from deltaplane.errors import DecodeError
+
+    invitation = _Invitation(SecAggConfig(num_clients=3, threshold=3, bits=8, vector_size=4).to_dict())
+    spoil(invitation.doc)
+    with pytest.raises(DecodeError, match="invitation .* is malformed"):
+        SecAggDevice(invitation, "cnn", 1)
+
+
 def test_the_service_opens_only_rounds_its_devices_accept(service) -> None:
     """Open defaults to a threshold devices accept, and refuses (422) a degree or threshold they would not."""
     names = [f"d{i}" for i in range(16)]
