@@ -2,6 +2,7 @@
 
 :class:`RequestGuard` is a plain ASGI middleware that runs *before* FastAPI reads or parses anything:
 
+0. A request head (path, query string, headers) above ``MAX_HEAD_BYTES`` (16 KiB) gets 431.
 1. ``/v1/…`` needs a valid device token and ``/admin/…`` the admin token, checked from the ``Authorization``
    header alone; a request without one is answered 401 with ``Connection: close`` and its body is never read
    (an unauthenticated 200 MB JSON costs the server a header parse, not 1.2 GB of parsed objects).
@@ -31,7 +32,7 @@ from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
 
-__all__ = ["DEVICE_SCOPE_KEY", "RequestGuard"]
+__all__ = ["DEVICE_SCOPE_KEY", "MAX_HEAD_BYTES", "RequestGuard"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +41,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEVICE_SCOPE_KEY = "deltaplane.device"
+#: the most bytes a request head (request line and headers) may take; uvicorn's h11 refuses a head that
+#: passes it while it arrives in pieces, but parses one delivered in a single read (up to ~256 KiB) whole
+MAX_HEAD_BYTES = 16 << 10
 _DRAIN_FACTOR = 4
 _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained before the 401
 # bodies the size of a model: plain uploads and SecAgg messages (a masked input holds one ring value per
@@ -86,6 +90,17 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head += sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # "name: value\r\n"
+        if head > MAX_HEAD_BYTES:
+            self.on_reject("rejected.head_too_large")
+            await _reply(
+                send,
+                431,
+                f"request head of {head} bytes (path, query string and headers) exceeds the "
+                f"{MAX_HEAD_BYTES}-byte limit; send shorter headers or query",
+            )
             return
         path: str = scope["path"]
         area = "device" if path.startswith("/v1/") else "admin" if path.startswith("/admin") else None
