@@ -183,3 +183,26 @@ def test_connections_beyond_max_connections_get_503(tmp_path, monkeypatch):
             assert http.get("/v1/models/cnn/download").status_code == 200
     with pytest.raises(ConfigError, match="max_connections"):
         ServiceConfig(home=".", admin_token=ADMIN, max_connections=1)
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+def test_a_request_head_above_16_kib_gets_431_on_a_real_socket(tmp_path, where):
+    """docs/security.md says request heads must fit in 16 KiB, but uvicorn's h11 limit only catches a head
+    arriving in pieces: one delivered in a single read (a 100 kB header, an 80 kB query) was parsed and
+    served. The guard refuses any head above MAX_HEAD_BYTES with 431 now."""
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h")
+    token = svc.admin.issue_token("d1")
+    big = "a" * (40 << 10)
+    with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url) as http:
+        headers = {"Authorization": f"Bearer {token}"}
+        ok = http.get("/v1/models/cnn/download", headers=headers)
+        if where == "header":
+            resp = http.get("/v1/models/cnn/download", headers={**headers, "X-Padding": big})
+        else:
+            resp = http.get(f"/v1/models/cnn/download?pad={big}", headers=headers)
+    assert ok.status_code == 200
+    assert resp.status_code == 431 and "16384-byte limit" in resp.json()["detail"]

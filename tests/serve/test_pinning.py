@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from deltaplane.errors import DowngradeRefused, SignatureError
+from deltaplane.errors import DecodeError, DowngradeRefused, SignatureError
 from deltaplane.serve import DeviceClient
 
 
@@ -156,3 +156,65 @@ def test_downgrade_needs_a_signed_rollback_record(service, mitm):
         dev.fetch("cnn")
     m.rewrite = None
     assert dev.fetch("cnn")[0] == 1
+
+
+class _Endless(httpx.SyncByteStream):
+    """A body that never ends; ``pulled[0]`` counts the bytes the device read from it."""
+
+    def __init__(self, pulled: list[int]) -> None:
+        self.pulled = pulled
+
+    def __iter__(self):
+        while True:
+            self.pulled[0] += 64 << 10
+            yield b"\0" * (64 << 10)
+
+
+@pytest.mark.parametrize("path", ["download", "round"])
+def test_an_endless_answer_is_refused_at_the_device_cap(service, path):
+    """A man in the middle (or a broken server) streaming an endless body: the device read it all into memory
+    (httpx's resp.content) whatever its size; it now stops at max_response_bytes with a DecodeError."""
+    pulled = [0]
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        headers = {"x-deltaplane-model": "cnn", "content-type": "application/json"}
+        return httpx.Response(200, headers=headers, stream=_Endless(pulled))
+
+    client = httpx.Client(base_url="http://testserver", transport=httpx.MockTransport(endless))
+    dev = DeviceClient(
+        "http://testserver", "t", verifier=service.verifier, client=client, max_response_bytes=1 << 20
+    )
+    with pytest.raises(DecodeError, match="max_response_bytes"):
+        dev.fetch("cnn") if path == "download" else dev.round("cnn")
+    assert pulled[0] <= (1 << 20) + (64 << 10)
+
+
+def test_a_gzip_bomb_is_counted_by_what_it_inflates_to(service):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (8 << 20))  # ~8 kB on the wire, 8 MiB inflated
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, content=bomb)
+
+    client = httpx.Client(base_url="http://testserver", transport=httpx.MockTransport(handler))
+    dev = DeviceClient(
+        "http://testserver", "t", verifier=service.verifier, client=client, max_response_bytes=1 << 20
+    )
+    with pytest.raises(DecodeError, match="max_response_bytes"):
+        dev.round("cnn")
+
+
+def test_a_tls_context_with_a_plain_http_url_is_refused(tmp_path, service):
+    """DeviceClient(http://..., tls=ctx) used to speak plain HTTP and send the token in clear, ignoring the
+    context; a TLS context with a non-https URL is a configuration error now."""
+    from deltaplane.errors import ConfigError
+    from deltaplane.serve import AdminClient
+    from deltaplane.serve.tls import client_context, make_tls_bundle
+
+    ctx = client_context(make_tls_bundle(tmp_path / "tls").ca_cert)
+    with pytest.raises(ConfigError, match="https://"):
+        DeviceClient("http://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx)
+    with pytest.raises(ConfigError, match="https://"):
+        AdminClient("http://127.0.0.1:8000", "t" * 16, tls=ctx)
+    DeviceClient("https://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx).close()

@@ -206,6 +206,28 @@ def _secagg_round_to_unmasking(svc, names: list[str], seed: int) -> int:
     return rnd
 
 
+def test_secagg_messages_above_the_json_cap_pass_the_guard(service_factory) -> None:
+    """A masked input holds a ring value per parameter: above max_json_bytes for a large model. The request
+    guard capped SecAgg messages at max_json_bytes (2 MiB by default, ~1M parameters), so every device of
+    such a round got 413 although the endpoint's own cap allowed it; they are capped like uploads now."""
+    from deltaplane.aggregation.secagg import MaskedInput
+
+    svc = service_factory(max_json_bytes=1024, downlink_codec="identity")  # the cnn's masked input: ~15 kB
+    rnd = _secagg_round_to_unmasking(svc, ["a", "b", "c"], seed=5)
+    cfg = svc.app.state.secagg_rounds[("cnn", rnd)].config
+    assert MaskedInput.max_bytes(cfg) > 1024
+    assert svc.admin.close_secagg("cnn", rnd)["published"]["version"] == 2
+
+
+def test_a_secagg_round_whose_messages_exceed_the_upload_cap_is_not_opened(service_factory) -> None:
+    svc = service_factory(max_upload_bytes=1024)  # below the cnn's masked input
+    for d in ("a", "b", "c"):
+        svc.device(d)
+    with pytest.raises(ServiceError) as exc:
+        svc.admin.open_secagg("cnn", ["a", "b", "c"], weight_scale=0)
+    assert exc.value.status == 422 and "--max-upload-bytes" in exc.value.detail
+
+
 def test_a_secagg_close_that_fails_late_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch) -> None:
     """Closing a SecAgg round registered the version, moved the tag and stored the step's state in separate
     transactions: a failure in the last one left a published version and a moved tag, and the round could not
@@ -336,6 +358,28 @@ def test_a_device_refuses_an_invitation_that_lets_the_server_unmask_it(neighbour
     assert SecAggDevice(_Invitation(safe.to_dict()), "cnn", 1).config == safe
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda doc: doc.pop("config"),
+        lambda doc: doc["encoding"].update(bits="eight"),
+        lambda doc: doc.update(encoding=None),
+        lambda doc: doc.update(client_id=[0]),
+    ],
+    ids=["no config", "bits not a number", "encoding null", "client id a list"],
+)
+def test_a_malformed_invitation_is_a_decode_error(spoil) -> None:
+    """A server (or proxy) sending JSON that is no invitation made SecAggDevice raise a bare KeyError,
+    ValueError or TypeError; it is a DecodeError naming the invitation now."""
+    from deltaplane.aggregation.secagg import SecAggConfig
+    from deltaplane.errors import DecodeError
+
+    invitation = _Invitation(SecAggConfig(num_clients=3, threshold=3, bits=8, vector_size=4).to_dict())
+    spoil(invitation.doc)
+    with pytest.raises(DecodeError, match="invitation .* is malformed"):
+        SecAggDevice(invitation, "cnn", 1)
+
+
 def test_the_service_opens_only_rounds_its_devices_accept(service) -> None:
     """Open defaults to a threshold devices accept, and refuses (422) a degree or threshold they would not."""
     names = [f"d{i}" for i in range(16)]
@@ -393,3 +437,32 @@ def test_secagg_rounds_keep_consent_like_plain_rounds(service) -> None:
     with pytest.raises(ServiceError, match="withdrew consent") as info:
         SecAggDevice(clients["a"], "cnn", rnd).advertise()
     assert info.value.status == 403
+
+
+def test_a_secagg_message_waiting_for_its_round_does_not_stall_the_service(service) -> None:
+    """A SecAgg POST ran its protocol step on the event loop under the round's lock: while an admin close
+    held that lock (unmasking takes seconds on a large model) one device's message blocked every request of
+    the service, /healthz included. The step runs in a worker thread now."""
+    import threading
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    r = service.app.state.secagg_rounds[("cnn", rnd)]
+    with BackgroundServer(service.app) as srv:
+        for c in clients.values():
+            c._http = httpx.Client(base_url=srv.url, timeout=30)
+        a = SecAggDevice(clients["a"], "cnn", rnd)
+        body = a.endpoint.advertise()
+        with r.lock:  # as a long unmasking close holds it
+            sender = threading.Thread(target=a.post, args=("keys", body))
+            sender.start()
+            time.sleep(0.3)  # the message is waiting for the lock
+            assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
+        sender.join(10)
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1

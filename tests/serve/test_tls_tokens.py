@@ -29,6 +29,20 @@ def test_expired_token_is_refused(monkeypatch):
     assert authority.check(forged) is None
 
 
+def test_a_device_revocation_covers_a_token_issued_a_fraction_of_a_millisecond_before(monkeypatch):
+    """revoke_device refuses every token issued up to the revocation time; the issue time used to be rounded
+    to the millisecond, so a token issued at x.0006 s carried x.001 and escaped a revocation at x.0008 s."""
+    authority = TokenAuthority(b"k" * 32, ttl_s=3600)
+    issued = float(int(auth_module.time.time())) + 0.0006
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued)
+    token = authority.issue("d1", "eu")
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued + 0.0002)
+    authority.revoke_device("d1")
+    assert authority.check(token) is None
+    monkeypatch.setattr(auth_module.time, "time", lambda: issued + 0.0004)
+    assert authority.check(authority.issue("d1", "eu")).device_id == "d1"  # a later token works
+
+
 def test_revocation_is_enforced_and_survives_a_restart(tmp_path):
     svc = Service(tmp_path / "h")
     info = svc.admin.issue_token_info("d1", "eu")
@@ -50,6 +64,32 @@ def test_revocation_is_enforced_and_survives_a_restart(tmp_path):
     assert (
         again.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {fresh}"}).status_code == 200
     )
+
+
+def test_a_revocation_outlives_a_lowered_max_token_ttl(tmp_path, monkeypatch):
+    """A revoked token stays refused after restarts for as long as the token itself is valid, even when the
+    service that revoked it capped token lifetimes below that token's (the operator lowered
+    --max-token-ttl after issuing it): the revocation list used to drop the id after max_token_ttl_s."""
+    from fastapi.testclient import TestClient
+
+    svc = Service(tmp_path / "h")  # issues 30-day tokens
+    info = svc.admin.issue_token_info("d1", "eu")
+    headers = {"Authorization": f"Bearer {info['token']}"}
+    lowered = svc.config.__class__(
+        home=svc.config.home, admin_token=ADMIN, device_secret="s" * 32, max_token_ttl_s=86400
+    )
+    first = TestClient(create_app(lowered))
+    revoked = first.post(
+        "/admin/tokens/revoke",
+        json={"token_id": info["token_id"]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert revoked.status_code == 200
+    assert first.get("/v1/models/cnn/round", headers=headers).status_code == 401
+    now = auth_module.time.time()
+    monkeypatch.setattr(auth_module.time, "time", lambda: now + 2 * 86400)  # the token has 28 days left
+    restarted = TestClient(create_app(lowered))
+    assert restarted.get("/v1/models/cnn/round", headers=headers).status_code == 401
 
 
 def test_tokens_survive_a_restart_without_a_configured_secret(tmp_path):

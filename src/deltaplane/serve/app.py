@@ -92,7 +92,8 @@ class ServiceConfig:
         device_secret: HMAC key for device tokens; when empty, ``<home>/keys/device-secret`` (created 0600 on
             first start), so tokens survive restarts.
         token_ttl_s: default lifetime of a device token; ``max_token_ttl_s`` caps what an admin may ask for.
-        max_upload_bytes: uploads above this are refused with 413 before they are decoded.
+        max_upload_bytes: uploads (and SecAgg messages) above this are refused with 413 before they are
+            decoded; a SecAgg round whose messages could exceed it is not opened.
         max_json_bytes: every other request body above this is refused with 413 while it streams.
         body_timeout_s: a request body must arrive in full within this many seconds of its head (408).
         auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,

@@ -117,7 +117,9 @@ class TokenAuthority:
         if ttl <= 0:
             raise ConfigError(f"token ttl must be positive. Found {ttl}")
         tid = _b64(secrets.token_bytes(12))
-        doc = {"d": device_id, "c": cohort, "j": tid, "i": round(now, 3), "e": round(now + ttl, 3)}
+        # "i" unrounded: rounded to the millisecond it could land after a device revocation made just after
+        # issuing, and the token would escape it (revoke_device compares issued_at <= revocation time)
+        doc = {"d": device_id, "c": cohort, "j": tid, "i": now, "e": round(now + ttl, 3)}
         body = _b64(json.dumps(doc, separators=(",", ":")).encode())
         return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, doc["e"])
 

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import torch
 
-from deltaplane.errors import DecodeError, DeltaplaneError, DowngradeRefused, IntegrityError, SignatureError
+from deltaplane.errors import (
+    ConfigError,
+    DecodeError,
+    DeltaplaneError,
+    DowngradeRefused,
+    IntegrityError,
+    SignatureError,
+)
 from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
@@ -50,6 +57,39 @@ def _check(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
+#: the default bound on one answer's (decompressed) size a device reads; a full model download is the largest
+MAX_RESPONSE_BYTES = 1 << 30
+_FRAMING = ("content-encoding", "content-length", "transfer-encoding")
+
+
+def _http_client(base_url: str, timeout: float, tls: ssl.SSLContext | None) -> httpx.Client:
+    """An ``httpx.Client`` for ``base_url``; a TLS context with a non-``https://`` URL is refused rather than
+    ignored (httpx would silently speak plain HTTP and send the bearer token in clear)."""
+    if tls is not None and httpx.URL(base_url).scheme != "https":
+        raise ConfigError(
+            f"a TLS context was given for {base_url!r}, which is not an https:// URL: the connection would be "
+            "plain HTTP and the token sent in clear; use https://"
+        )
+    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+
+
+def _read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
+    """The (decoded) body of a streamed answer, refused past ``limit`` bytes while it arrives."""
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise DecodeError(f"the answer to {what} declares {declared} bytes, above max_response_bytes={limit}")
+    chunks, size = [], 0
+    for chunk in resp.iter_bytes():  # decoded: a gzip bomb is counted by what it inflates to
+        size += len(chunk)
+        if size > limit:
+            raise DecodeError(
+                f"the answer to {what} exceeds max_response_bytes={limit}; refused (raise it if your models "
+                "are larger)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class DeviceClient:
     """A device's connection: fetch verified models/deltas, upload compressed updates, report summaries.
 
@@ -59,7 +99,9 @@ class DeviceClient:
         verifier: the public keys this device trusts.
         client: an existing ``httpx.Client`` (connection pooling, tests with ``transport=``).
         tls: for ``https://`` URLs, an SSL context (:func:`deltaplane.serve.tls.client_context`: trust only the
-            service's CA, optionally present a device certificate).
+            service's CA, optionally present a device certificate); refused with another scheme.
+        max_response_bytes: the most bytes one answer may take once decompressed (a full model is the
+            largest); a server or proxy sending more is refused (:class:`DecodeError`) before it fills memory.
     """
 
     def __init__(
@@ -71,10 +113,12 @@ class DeviceClient:
         client: httpx.Client | None = None,
         timeout: float = 30.0,
         tls: ssl.SSLContext | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.base_url = base_url
         self.verifier = verifier
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+        self.max_response_bytes = max_response_bytes
+        self._http = client or _http_client(base_url, timeout, tls)
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
@@ -85,6 +129,17 @@ class DeviceClient:
     def close(self) -> None:
         self._http.close()
 
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One request whose answer is read at most ``max_response_bytes`` far (then refused)."""
+        request = self._http.build_request(method, path, **kw)
+        resp = self._http.send(request, stream=True)
+        try:
+            body = _read_capped(resp, self.max_response_bytes, f"{method} {path}")
+        finally:
+            resp.close()
+        headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _FRAMING]
+        return httpx.Response(resp.status_code, headers=headers, content=body, request=request)
+
     def _download(
         self, model: str, *, have: int | None, channel: str, nonce: str
     ) -> tuple[Downlink, httpx.Headers]:
@@ -93,7 +148,7 @@ class DeviceClient:
             params["have"] = have
         if nonce:
             params["nonce"] = nonce
-        resp = _check(self._http.get(f"/v1/models/{model}/download", params=params, headers=self._headers))
+        resp = _check(self._send("GET", f"/v1/models/{model}/download", params=params, headers=self._headers))
         h = resp.headers
         announced = h.get("x-deltaplane-model", "")
         if announced != model:
@@ -174,18 +229,18 @@ class DeviceClient:
         headers = dict(self._headers)
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
-        return _check(self._http.request(method, path, content=content, headers=headers))
+        return _check(self._send(method, path, content=content, headers=headers))
 
     def session(self, model: str) -> WireSession:
         """The wire session of ``model``'s open round (``GET /v1/models/{model}/session``), validated strictly:
         compress with it (``Compressor.compress(..., session=...)``) to send compact uploads."""
         from deltaplane.codecs import WireSession
 
-        resp = _check(self._http.get(f"/v1/models/{model}/session", headers=self._headers))
+        resp = _check(self._send("GET", f"/v1/models/{model}/session", headers=self._headers))
         return WireSession.from_bytes(resp.content)
 
     def round(self, model: str) -> dict[str, Any]:
-        return _check(self._http.get(f"/v1/models/{model}/round", headers=self._headers)).json()
+        return _check(self._send("GET", f"/v1/models/{model}/round", headers=self._headers)).json()
 
     def upload(
         self,
@@ -206,7 +261,8 @@ class DeviceClient:
             if info["round"] != round_id:
                 raise ServiceError(409, f"round {round_id} is not open; the open round is {info['round']}")
             nonce = info["nonce"]
-        resp = self._http.post(
+        resp = self._send(
+            "POST",
             f"/v1/models/{model}/rounds/{round_id}/update",
             params={"num_examples": num_examples},
             content=payload,
@@ -232,7 +288,9 @@ class DeviceClient:
             body["summary"] = dict(summary)
         if round_id is not None:
             body["round"] = round_id
-        return _check(self._http.post(f"/v1/models/{model}/report", json=body, headers=self._headers)).json()
+        return _check(
+            self._send("POST", f"/v1/models/{model}/report", json=body, headers=self._headers)
+        ).json()
 
 
 class AdminClient:
@@ -247,7 +305,7 @@ class AdminClient:
         timeout: float = 60.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._http = client or httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+        self._http = client or _http_client(base_url, timeout, tls)
         self._headers = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 :class:`RequestGuard` is a plain ASGI middleware that runs *before* FastAPI reads or parses anything:
 
+0. A request head (path, query string, headers) above ``MAX_HEAD_BYTES`` (16 KiB) gets 431.
 1. ``/v1/…`` needs a valid device token and ``/admin/…`` the admin token, checked from the ``Authorization``
    header alone; a request without one is answered 401 with ``Connection: close`` and its body is never read
    (an unauthenticated 200 MB JSON costs the server a header parse, not 1.2 GB of parsed objects).
@@ -10,7 +11,7 @@
    its body unread. A valid device token still passes (a device behind the same NAT as an attacker is not
    locked out; a device token cannot be guessed, it carries a 256-bit MAC, so its verdict is no oracle); the
    admin token, a static secret, gets no check at all while its bucket is spent.
-3. Every body is capped: the upload route at ``max_upload_bytes``, everything else at ``max_json_bytes``. A
+3. Every body is capped: uploads and SecAgg messages at ``max_upload_bytes``, the rest at ``max_json_bytes``. A
    declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
    streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
 4. Every body must arrive within ``body_timeout`` seconds of the request head, or the request gets 408:
@@ -31,7 +32,7 @@ from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
 
-__all__ = ["DEVICE_SCOPE_KEY", "RequestGuard"]
+__all__ = ["DEVICE_SCOPE_KEY", "MAX_HEAD_BYTES", "RequestGuard"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,9 +41,15 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEVICE_SCOPE_KEY = "deltaplane.device"
+#: the most bytes a request head (request line and headers) may take; uvicorn's h11 refuses a head that
+#: passes it while it arrives in pieces, but parses one delivered in a single read (up to ~256 KiB) whole
+MAX_HEAD_BYTES = 16 << 10
 _DRAIN_FACTOR = 4
 _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained before the 401
-_UPLOAD = re.compile(r"^/v1/models/[^/]+/rounds/[^/]+/update$")
+# bodies the size of a model: plain uploads and SecAgg messages (a masked input holds one ring value per
+# parameter, so it passes max_json_bytes for a model of about a million parameters); the endpoint then caps a
+# SecAgg message at its stage's exact maximum
+_UPLOAD = re.compile(r"^/v1/models/[^/]+/(rounds/[^/]+/update|secagg/[^/]+/(keys|shares|masked|unmask))$")
 
 
 class RequestGuard:
@@ -52,7 +59,7 @@ class RequestGuard:
         app: the ASGI app behind the guard.
         check_device: maps a bearer token to a :class:`DeviceIdentity`, or None when invalid/expired/revoked.
         admin_token: the static admin bearer token.
-        max_upload_bytes: cap of the update-upload route.
+        max_upload_bytes: cap of the update-upload route and of the SecAgg stages' messages.
         max_json_bytes: cap of every other body.
         failures: token bucket per client address and area (device, admin), spent by failed authentications.
         on_reject: called with a counter name for every rejection (service statistics).
@@ -83,6 +90,17 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head += sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # "name: value\r\n"
+        if head > MAX_HEAD_BYTES:
+            self.on_reject("rejected.head_too_large")
+            await _reply(
+                send,
+                431,
+                f"request head of {head} bytes (path, query string and headers) exceeds the "
+                f"{MAX_HEAD_BYTES}-byte limit; send shorter headers or query",
+            )
             return
         path: str = scope["path"]
         area = "device" if path.startswith("/v1/") else "admin" if path.startswith("/admin") else None

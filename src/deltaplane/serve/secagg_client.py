@@ -17,6 +17,7 @@ import numpy as np
 
 from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, SecAggConfig, check_device_policy
 from deltaplane.delta import Delta
+from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.client import DeviceClient, ServiceError
 
 __all__ = ["SecAggDevice"]
@@ -49,16 +50,24 @@ class SecAggDevice:
         self._path = f"/v1/models/{model}/secagg/{round_id}"
         inv = client.request("GET", self._path).json()
         self.invitation = inv
-        self.base_version = int(inv["base_version"])
-        self.config = SecAggConfig.from_dict(inv["config"])
-        check_device_policy(self.config)  # the server chose the graph and threshold: refuse unsafe ones
-        enc = inv["encoding"]
-        self.encoding = RingEncoding(
-            bits=int(enc["bits"]),
-            clip_range=float(enc["clip_range"]),
-            weight_scale=float(enc["weight_scale"]),
-        )
-        self.endpoint = DeviceEndpoint(int(inv["client_id"]), self.config, self.encoding, randbytes=randbytes)
+        try:
+            self.base_version = int(inv["base_version"])
+            self.config = SecAggConfig.from_dict(inv["config"])
+            check_device_policy(self.config)  # the server chose the graph and threshold: refuse unsafe ones
+            enc = inv["encoding"]
+            self.encoding = RingEncoding(
+                bits=int(enc["bits"]),
+                clip_range=float(enc["clip_range"]),
+                weight_scale=float(enc["weight_scale"]),
+            )
+            client_id = int(inv["client_id"])
+        except DeltaplaneError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:  # the server's JSON is not an invitation
+            raise DecodeError(
+                f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
+            ) from None
+        self.endpoint = DeviceEndpoint(client_id, self.config, self.encoding, randbytes=randbytes)
         self.bytes_sent = 0
 
     @property

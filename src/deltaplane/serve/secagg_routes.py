@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -153,6 +154,22 @@ _MESSAGE = {
 }
 
 
+def _check_message_caps(cfg: SecAggConfig, max_upload_bytes: int) -> None:
+    """Refuse to open a round whose devices' messages the request guard would refuse (413 at every device).
+
+    The guard caps SecAgg messages at ``max_upload_bytes`` before the endpoint reads them: a masked input
+    is one ring value per parameter, a share message one ciphertext per neighbour.
+    """
+    for cls in (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse):
+        need = cls.max_bytes(cfg)
+        if need > max_upload_bytes:
+            raise ConfigError(
+                f"a {cls.__name__} of this round can take {need} bytes, above the service's "
+                f"max_upload_bytes of {max_upload_bytes}, so every device's would be refused; restart the "
+                f"service with --max-upload-bytes {need} or more, or invite fewer devices / use fewer bits"
+            )
+
+
 def install_secagg_routes(
     app: FastAPI,
     state: Any,
@@ -264,7 +281,9 @@ def install_secagg_routes(
                     raise DecodeError(f"this endpoint takes a {cls.__name__}, got a {type(msg).__name__}")
                 r.endpoint.receive(body, sender=u)
 
-            protocol(apply, r)
+            # in a worker thread: decoding and folding a masked input is model-sized work, and the round's lock
+            # may be held for seconds by an unmasking close; on the event loop either would stall every request
+            await run_in_threadpool(protocol, apply, r)
             state.counters[f"secagg.{path}"] += 1
             state.counters["secagg.bytes"] += len(body)
             return Accepted(accepted=True, kind=cls.__name__, stage=r.endpoint.stage)
@@ -387,6 +406,7 @@ def install_secagg_routes(
                 check_device_policy(cfg)
             except SecAggError as exc:
                 raise ConfigError(str(exc)) from None
+            _check_message_caps(cfg, config.max_upload_bytes)
             state.round_counter[model] = number
             rounds[(model, number)] = SecAggRound(
                 model,

@@ -13,6 +13,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from deltaplane.serve.guard import MAX_HEAD_BYTES
+
 __all__ = ["BackgroundServer", "serve"]
 
 
@@ -46,7 +48,7 @@ def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
     return {
         "http": header_deadline_protocol(header_timeout),
         "timeout_keep_alive": 5,
-        "h11_max_incomplete_event_size": 16 * 1024,
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # a head arriving in one read: RequestGuard
         "limit_concurrency": getattr(config, "max_connections", None),
     }
 

@@ -46,12 +46,14 @@ class ServiceStore:
             )
 
     def revocations(self) -> tuple[set[str], dict[str, float]]:
-        """Revoked token ids that have not expired yet, and per-device revocation times."""
-        now = time.time()
-        ids = {
-            r[0]
-            for r in self.registry.query("SELECT token_id FROM revoked_tokens WHERE expires_at > ?", (now,))
-        }
+        """Every revoked token id, and per-device revocation times.
+
+        All ids, whatever their row's ``expires_at``: a revocation names only the token id, so that column is
+        a guess (the service's ``max_token_ttl_s`` when it was revoked), not the token's expiry, which is
+        inside the token. A service restarted with a lower ``max_token_ttl_s``, or whose default
+        ``token_ttl_s`` exceeds it, would otherwise forget a revocation while its token is still valid.
+        """
+        ids = {r[0] for r in self.registry.query("SELECT token_id FROM revoked_tokens")}
         devices = {
             r[0]: float(r[1]) for r in self.registry.query("SELECT device_id, before FROM revoked_devices")
         }
