@@ -61,6 +61,15 @@ def label_beyond_num_classes():
 def int32_labels():
     return task(Dataset(X[40:], Y[40:].int()), Dataset(X[:40], Y[:40].int()))
 
+def int32_train_labels():  # the test set's are int64: only they go through the loss at load
+    return task(Dataset(X[40:], Y[40:].int()))
+
+def uint8_labels():  # cross-entropy takes them; the batched trainer's gather did not
+    return task(Dataset(X[40:], Y[40:].to(torch.uint8)), Dataset(X[:40], Y[:40].to(torch.uint8)))
+
+def float64_train_inputs():  # the test set's are float32: only they go through the model at load
+    return task(Dataset(X[40:].double(), Y[40:]))
+
 def float64_inputs():
     return task(Dataset(X[40:].double(), Y[40:]), Dataset(X[:40].double(), Y[:40]))
 
@@ -108,7 +117,16 @@ def odd(tmp_path, monkeypatch):
         ("column_labels", r"one class id per sample, shape \(N,\); got shape \[160, 1\].*y.squeeze\(1\)"),
         ("negative_labels", r"test.y holds labels from -1 to 1, but class ids must be in \[0, 2\)"),
         ("label_beyond_num_classes", r"train.y holds labels from 0 to 7, but class ids must be in \[0, 3\)"),
-        ("int32_labels", r"the loss rejects the model's output with labels of dtype int32.*y.long\(\)"),
+        ("int32_labels", r"test.y holds int32 labels; the engine takes int64 class ids .*\(y.long\(\)\)"),
+        (
+            "int32_train_labels",
+            r"train.y holds int32 labels; the engine takes int64 class ids .*\(y.long\(\)\)",
+        ),
+        ("uint8_labels", r"test.y holds uint8 labels; the engine takes int64 class ids .*\(y.long\(\)\)"),
+        (
+            "float64_train_inputs",
+            r"training inputs have dtype float64 but test inputs float32; .*\(float inputs: x.float\(\)\)",
+        ),
         ("float64_inputs", r"rejects inputs of shape \[6\] and dtype float64.*x.float\(\)"),
         ("empty_test", r"the test set is empty"),
         ("nan_feature", r"train.x has NaN or Inf values in 1 samples \(the first is sample 17\)"),

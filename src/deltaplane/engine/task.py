@@ -134,6 +134,13 @@ def _check_data(task: Task) -> None:
                 f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} values; labels "
                 "are integer class ids 0..C-1 (y.long())"
             )
+        if d.y.dtype != torch.int64:
+            # the test set's labels alone go through the loss in check_task; int32 training labels failed in
+            # cross-entropy in round 1, uint8 ones in the batched trainer's gather (the sequential loop took them)
+            raise TaskError(
+                f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} labels; the engine "
+                "takes int64 class ids in every dataset (y.long())"
+            )
         if len(d) and (int(d.y.min()) < 0 or int(d.y.max()) >= task.num_classes):  # type: ignore[operator]
             raise TaskError(
                 f"task {task.name!r}: {name}.y holds labels from {int(d.y.min())} to {int(d.y.max())}, but class "
@@ -174,7 +181,8 @@ def check_task(task: Task) -> None:
 
     Runs the model and the loss on two test samples: a wrong input shape or dtype, a wrong number of outputs or
     labels the loss cannot take are caught here, with both shapes named, rather than as a stack trace in round 1;
-    so are labels out of ``[0, num_classes)``, non-integer labels and NaN/Inf inputs anywhere in the data.
+    so are labels out of ``[0, num_classes)``, labels that are not int64, NaN/Inf inputs anywhere in the data,
+    and training inputs of another shape or dtype than the test inputs the model was tried on.
     """
     _check_data(task)
     model = _build_checked_model(task)
@@ -214,6 +222,12 @@ def check_task(task: Task) -> None:
             raise TaskError(
                 f"task {task.name!r}: training inputs have shape {list(d.x.shape[1:])} but test inputs "
                 f"{list(task.test.x.shape[1:])}; all data must share one input shape"
+            )
+        if d.x.dtype != task.test.x.dtype:  # only the test inputs went through the model above
+            raise TaskError(
+                f"task {task.name!r}: training inputs have dtype {str(d.x.dtype).removeprefix('torch.')} but "
+                f"test inputs {str(task.test.x.dtype).removeprefix('torch.')}; give all data the dtype the model "
+                "takes (float inputs: x.float())"
             )
 
 
