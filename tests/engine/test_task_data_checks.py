@@ -99,9 +99,10 @@ def mismatched_lengths():
 def odd(tmp_path, monkeypatch):
     (tmp_path / "oddtasks.py").write_text(textwrap.dedent(ODD))
     (tmp_path / "brokenmod.py").write_text("def make_task(:\n")
+    (tmp_path / "needsdep.py").write_text("import not_installed_dep_xyz\n\ndef make_task():\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "oddtasks"
-    for name in ("oddtasks", "brokenmod"):
+    for name in ("oddtasks", "brokenmod", "needsdep"):
         sys.modules.pop(name, None)
 
 
@@ -149,6 +150,24 @@ def test_a_module_that_fails_to_import_or_a_file_path_is_a_task_error(odd: str) 
         TaskError, match=r"'\./oddtasks' is not a module name.*'mytask:make_task' for mytask.py"
     ):
         load_task("./oddtasks:numpy_arrays")
+
+
+def test_a_missing_dependency_of_the_task_module_is_not_blamed_on_the_path(odd: str) -> None:
+    # the module is found; what it imports is not installed: the path and PYTHONPATH are not what to fix
+    with pytest.raises(TaskError) as info:
+        load_task("needsdep:make_task")
+    message = str(info.value)
+    assert (
+        "importing module 'needsdep' failed (ModuleNotFoundError: No module named 'not_installed_dep_xyz'"
+        in message
+    )
+    assert "at needsdep.py:1" in message and "install what it imports" in message
+    assert "PYTHONPATH" not in message
+    # a module that is not there still points at the path
+    with pytest.raises(TaskError, match=r"module 'nosuchmod_xyz' does not import .*PYTHONPATH"):
+        load_task("nosuchmod_xyz:make_task")
+    with pytest.raises(TaskError, match=r"module 'oddtasks.sub' does not import .*PYTHONPATH"):
+        load_task("oddtasks.sub:make_task")
 
 
 def test_an_option_the_factory_lacks_is_named_alone(odd: str) -> None:

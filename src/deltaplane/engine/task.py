@@ -258,6 +258,11 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if not _is_itself(module_name, exc):  # found, but something it imports is missing: not a path problem
+            raise TaskError(
+                f"task {spec!r}: importing module {module_name!r} failed ({_first_line(exc)}{_where(exc)}); "
+                "install what it imports or fix that import"
+            ) from exc
         raise TaskError(
             f"task {spec!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
             "check the path and that its folder is on PYTHONPATH"
@@ -293,6 +298,13 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
         object.__setattr__(task, "options", dict(options))
     check_task(task)
     return task
+
+
+def _is_itself(module_name: str, exc: ImportError) -> bool:
+    """Whether ``exc`` says ``module_name`` itself (or a package above it) is not found, rather than a module it
+    imports: only then are the path and PYTHONPATH what to check."""
+    missing = exc.name
+    return missing is None or module_name == missing or module_name.startswith(missing + ".")
 
 
 def _misfits(factory: Callable[..., Any], options: Mapping[str, Any]) -> list[str]:
