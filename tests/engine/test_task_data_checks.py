@@ -73,6 +73,12 @@ def float64_train_inputs():  # the test set's are float32: only they go through 
 def float64_inputs():
     return task(Dataset(X[40:].double(), Y[40:]), Dataset(X[:40].double(), Y[:40]))
 
+def num_classes_float():
+    return task(num_classes=3.0)
+
+def num_classes_zero():
+    return task(num_classes=0)
+
 def empty_test():
     return task(test=Dataset(X[:0], Y[:0]))
 
@@ -129,6 +135,8 @@ def odd(tmp_path, monkeypatch):
             r"training inputs have dtype float64 but test inputs float32; .*\(float inputs: x.float\(\)\)",
         ),
         ("float64_inputs", r"rejects inputs of shape \[6\] and dtype float64.*x.float\(\)"),
+        ("num_classes_float", r"num_classes must be a positive integer \(the model's outputs\), not 3.0"),
+        ("num_classes_zero", r"num_classes must be a positive integer \(the model's outputs\), not 0"),
         ("empty_test", r"the test set is empty"),
         ("nan_feature", r"train.x has NaN or Inf values in 1 samples \(the first is sample 17\)"),
         ("model_instance", r"model must be a function that builds a fresh model.*not a Sequential instance"),

@@ -72,6 +72,15 @@ class Task:
             )
         if self.clients is not None and not self.clients:
             raise TaskError(f"task {self.name!r}: clients is empty; give at least one device's dataset")
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 1
+        ):  # a float count reached range() in the population engine as a TypeError
+            raise TaskError(
+                f"task {self.name!r}: num_classes must be a positive integer (the model's outputs), not "
+                f"{self.num_classes!r}; leave it out to use the largest label + 1"
+            )
         if self.num_classes is None:
             parts = [self.test, *(self.clients or [self.train])]  # type: ignore[list-item]
             tops = [int(d.y.max()) for d in parts if len(d)]
