@@ -79,6 +79,10 @@ def num_classes_float():
 def num_classes_zero():
     return task(num_classes=0)
 
+def features_with_grad():  # embeddings from an encoder run outside torch.no_grad()
+    x = X * torch.ones(6, requires_grad=True)
+    return task(Dataset(x[40:], Y[40:]), Dataset(x[:40], Y[:40]))
+
 def empty_test():
     return task(test=Dataset(X[:0], Y[:0]))
 
@@ -137,6 +141,7 @@ def odd(tmp_path, monkeypatch):
         ("float64_inputs", r"rejects inputs of shape \[6\] and dtype float64.*x.float\(\)"),
         ("num_classes_float", r"num_classes must be a positive integer \(the model's outputs\), not 3.0"),
         ("num_classes_zero", r"num_classes must be a positive integer \(the model's outputs\), not 0"),
+        ("features_with_grad", r"test.x requires grad .*outside torch.no_grad\(\)\); pass x.detach\(\)"),
         ("empty_test", r"the test set is empty"),
         ("nan_feature", r"train.x has NaN or Inf values in 1 samples \(the first is sample 17\)"),
         ("model_instance", r"model must be a function that builds a fresh model.*not a Sequential instance"),

@@ -138,6 +138,13 @@ def _check_data(task: Task) -> None:
     if len(task.test) == 0:
         raise TaskError(f"task {task.name!r}: the test set is empty; every round is scored on it")
     for name, d in _datasets(task):
+        if d.x.requires_grad:
+            # features computed by a model outside torch.no_grad() carry its graph: the first backward pass of
+            # local training freed it, and the second failed ("backward through the graph a second time")
+            raise TaskError(
+                f"task {task.name!r}: {name}.x requires grad (it was computed from tensors that do, e.g. by an "
+                "encoder outside torch.no_grad()); pass x.detach()"
+            )
         if d.y.is_floating_point() or d.y.is_complex() or d.y.dtype == torch.bool:
             raise TaskError(
                 f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} values; labels "
