@@ -38,6 +38,15 @@ def test_split_is_stratified_disjoint_and_fixed() -> None:
     assert not torch.equal(other.x, test.x)
 
 
+def test_split_keeps_every_sample_of_any_label() -> None:
+    """It looped over the digits' ten classes: a dataset with labels 10..14 lost them from both parts."""
+    data = Dataset(torch.arange(300.0)[:, None], torch.arange(300) % 15)
+    train, test = train_test_split(data, test_fraction=0.2, seed=1)
+    ids = sorted(train.x[:, 0].tolist() + test.x[:, 0].tolist())
+    assert ids == list(range(300))  # each sample in exactly one part
+    assert torch.equal(torch.bincount(test.y, minlength=15), torch.full((15,), 4))  # 20% of each label's 20
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_split_rejects_bad_fraction(fraction: float) -> None:
     with pytest.raises(ConfigError, match="test_fraction"):

@@ -61,8 +61,27 @@ def label_beyond_num_classes():
 def int32_labels():
     return task(Dataset(X[40:], Y[40:].int()), Dataset(X[:40], Y[:40].int()))
 
+def int32_train_labels():  # the test set's are int64: only they go through the loss at load
+    return task(Dataset(X[40:], Y[40:].int()))
+
+def uint8_labels():  # cross-entropy takes them; the batched trainer's gather did not
+    return task(Dataset(X[40:], Y[40:].to(torch.uint8)), Dataset(X[:40], Y[:40].to(torch.uint8)))
+
+def float64_train_inputs():  # the test set's are float32: only they go through the model at load
+    return task(Dataset(X[40:].double(), Y[40:]))
+
 def float64_inputs():
     return task(Dataset(X[40:].double(), Y[40:]), Dataset(X[:40].double(), Y[:40]))
+
+def num_classes_float():
+    return task(num_classes=3.0)
+
+def num_classes_zero():
+    return task(num_classes=0)
+
+def features_with_grad():  # embeddings from an encoder run outside torch.no_grad()
+    x = X * torch.ones(6, requires_grad=True)
+    return task(Dataset(x[40:], Y[40:]), Dataset(x[:40], Y[:40]))
 
 def empty_test():
     return task(test=Dataset(X[:0], Y[:0]))
@@ -90,9 +109,10 @@ def mismatched_lengths():
 def odd(tmp_path, monkeypatch):
     (tmp_path / "oddtasks.py").write_text(textwrap.dedent(ODD))
     (tmp_path / "brokenmod.py").write_text("def make_task(:\n")
+    (tmp_path / "needsdep.py").write_text("import not_installed_dep_xyz\n\ndef make_task():\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "oddtasks"
-    for name in ("oddtasks", "brokenmod"):
+    for name in ("oddtasks", "brokenmod", "needsdep"):
         sys.modules.pop(name, None)
 
 
@@ -108,8 +128,20 @@ def odd(tmp_path, monkeypatch):
         ("column_labels", r"one class id per sample, shape \(N,\); got shape \[160, 1\].*y.squeeze\(1\)"),
         ("negative_labels", r"test.y holds labels from -1 to 1, but class ids must be in \[0, 2\)"),
         ("label_beyond_num_classes", r"train.y holds labels from 0 to 7, but class ids must be in \[0, 3\)"),
-        ("int32_labels", r"the loss rejects the model's output with labels of dtype int32.*y.long\(\)"),
+        ("int32_labels", r"test.y holds int32 labels; the engine takes int64 class ids .*\(y.long\(\)\)"),
+        (
+            "int32_train_labels",
+            r"train.y holds int32 labels; the engine takes int64 class ids .*\(y.long\(\)\)",
+        ),
+        ("uint8_labels", r"test.y holds uint8 labels; the engine takes int64 class ids .*\(y.long\(\)\)"),
+        (
+            "float64_train_inputs",
+            r"training inputs have dtype float64 but test inputs float32; .*\(float inputs: x.float\(\)\)",
+        ),
         ("float64_inputs", r"rejects inputs of shape \[6\] and dtype float64.*x.float\(\)"),
+        ("num_classes_float", r"num_classes must be a positive integer \(the model's outputs\), not 3.0"),
+        ("num_classes_zero", r"num_classes must be a positive integer \(the model's outputs\), not 0"),
+        ("features_with_grad", r"test.x requires grad .*outside torch.no_grad\(\)\); pass x.detach\(\)"),
         ("empty_test", r"the test set is empty"),
         ("nan_feature", r"train.x has NaN or Inf values in 1 samples \(the first is sample 17\)"),
         ("model_instance", r"model must be a function that builds a fresh model.*not a Sequential instance"),
@@ -131,6 +163,24 @@ def test_a_module_that_fails_to_import_or_a_file_path_is_a_task_error(odd: str) 
         TaskError, match=r"'\./oddtasks' is not a module name.*'mytask:make_task' for mytask.py"
     ):
         load_task("./oddtasks:numpy_arrays")
+
+
+def test_a_missing_dependency_of_the_task_module_is_not_blamed_on_the_path(odd: str) -> None:
+    # the module is found; what it imports is not installed: the path and PYTHONPATH are not what to fix
+    with pytest.raises(TaskError) as info:
+        load_task("needsdep:make_task")
+    message = str(info.value)
+    assert (
+        "importing module 'needsdep' failed (ModuleNotFoundError: No module named 'not_installed_dep_xyz'"
+        in message
+    )
+    assert "at needsdep.py:1" in message and "install what it imports" in message
+    assert "PYTHONPATH" not in message
+    # a module that is not there still points at the path
+    with pytest.raises(TaskError, match=r"module 'nosuchmod_xyz' does not import .*PYTHONPATH"):
+        load_task("nosuchmod_xyz:make_task")
+    with pytest.raises(TaskError, match=r"module 'oddtasks.sub' does not import .*PYTHONPATH"):
+        load_task("oddtasks.sub:make_task")
 
 
 def test_an_option_the_factory_lacks_is_named_alone(odd: str) -> None:

@@ -92,3 +92,66 @@ def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused() -> None:
     cfg = RunConfig(clients=4, attack="backdoor:0.25")  # one of four: accepted, and it attacks
     assert len(choose_malicious(cfg.clients, 0.25, numpy_rng(0, Stream.ATTACK))) == 1
     RunConfig(clients=4, attack="none")  # no attack at all stays fine
+
+
+TABULAR = """
+import torch
+from torch import nn
+from deltaplane.engine import Dataset, Task
+
+X = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] > 0).long()  # two classes
+
+
+def make():
+    return Task(
+        name="tabular",
+        model=lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)),
+        train=Dataset(X[60:], Y[60:]),
+        test=Dataset(X[:60], Y[:60]),
+    )
+"""
+
+
+@pytest.fixture
+def tabular(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "tabulartask.py").write_text(TABULAR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tabulartask:make"
+    sys.modules.pop("tabulartask", None)
+
+
+@pytest.mark.parametrize("engine", ["sequential", "batched", "population"])
+def test_label_flip_flips_within_the_tasks_classes(tabular: str, engine: str) -> None:
+    """label_flip flipped with the digits' 10 classes whatever the task: a 2-class task's labels became 9 and
+    8, an index error in the loss in round 1. It now flips within the task's classes (1 ↔ 0)."""
+    from deltaplane.apps.runner import run_federation
+    from deltaplane.engine import RunConfig, make_task
+
+    cfg = RunConfig(task=tabular, clients=4, rounds=1, engine=engine, attack="label_flip(0.5)")
+    assert len(run_federation(cfg).rounds) == 1
+    task = make_task(cfg)
+    flip = parse_attack("label_flip(0.5)")[0].fit(task)
+    y = torch.tensor([0, 1, 1])
+    assert flip.poison_data(task.test.x[:3], y, torch.Generator())[1].tolist() == [1, 0, 0]
+    with pytest.raises(
+        dp.errors.ConfigError, match=r"flips labels into 0..9, but task 'tabular' has 2 classes"
+    ):
+        parse_attack("label_flip(0.5, num_classes=10)")[0].fit(task)
+
+
+@pytest.mark.parametrize("attack", ["backdoor(0.5)", "dba(0.5)", "model_replacement(0.5)"])
+def test_a_pixel_trigger_on_inputs_that_are_not_images_is_refused_before_the_run(
+    tabular: str, attack: str
+) -> None:
+    """The trigger indexes the last two axes as pixels: on inputs (N, 6) it overwrote two features of two
+    samples and the run reported a backdoor success for a backdoor never planted. Refused, with the reason."""
+    from deltaplane.apps.runner import preflight
+    from deltaplane.engine import RunConfig
+
+    with pytest.raises(dp.errors.UnsupportedOption, match=r"stamps a pixel square on images .*shape \[6\]"):
+        preflight(RunConfig(task=tabular, clients=4, rounds=1, attack=attack))
+    with pytest.raises(dp.errors.ConfigError, match=r"target 12 is not a class of task 'digits' \(0..9\)"):
+        preflight(RunConfig(clients=4, rounds=1, attack="backdoor(0.5, target=12)"))

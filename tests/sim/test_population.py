@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deltaplane.data.dataset import Dataset
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError
@@ -120,7 +121,8 @@ def test_population_runs_the_whole_server_chain() -> None:
         {"downlink_codec": "quant(bits=4)"},
     ):
         other = run_population(base.replace(**change), registered=200, per_round=8)
-        assert other.test_accuracy != plain.test_accuracy, change
+        # the final weights, not the accuracy: two runs that learned nothing both score chance
+        assert any(not torch.equal(other.final_state[k], v) for k, v in plain.final_state.items()), change
 
 
 def test_population_refuses_personalization_with_the_reason() -> None:
@@ -265,3 +267,21 @@ def test_a_model_that_cannot_be_stacked_is_refused_before_the_run(tmp_path, monk
             check_supported(RunConfig(task="bntask:make", clients=4, engine="population"))
     finally:
         sys.modules.pop("bntask", None)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5])
+def test_a_devices_held_out_samples_are_not_in_its_training_data(alpha: float) -> None:
+    """Clients draw their samples with replacement, and the holdout was split off the draw by position: a
+    sample drawn twice could land on both sides, so a device's held-out accuracy (the sampled and client
+    accuracies every round reports) partly scored its own training samples. Every sample here carries its id
+    as its only feature; no id may be on both sides. One label has a single sample: a draw of it alone must not
+    be a client that trains and tests on the same sample either."""
+    y = torch.tensor([0] * 40 + [1] * 30 + [2])
+    pool = Dataset(torch.arange(len(y), dtype=torch.float32)[:, None], y)
+    pop = ClientPopulation(RunConfig(alpha=alpha), pool, size=300)
+    for cid in range(300):
+        c = pop.client(cid)
+        train_ids, held_ids = set(c.train.x[:, 0].tolist()), set(c.holdout.x[:, 0].tolist())
+        assert held_ids and train_ids and not train_ids & held_ids, cid
+    with pytest.raises(ConfigError, match="training pool holds 1 sample"):
+        ClientPopulation(RunConfig(), Dataset(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)), size=3)

@@ -28,6 +28,10 @@ def preflight(config: RunConfig) -> None:
     from deltaplane.engine import build_clients, make_task
 
     task = make_task(config)
+    if config.attack:  # an attack that cannot poison this task's data (a pixel trigger on tabular inputs)
+        from deltaplane.engine.attacks import parse_attack
+
+        parse_attack(config.attack)[0].fit(task)
     if config.engine != "population":  # which synthesizes its devices lazily, from a pooled set
         build_clients(config, task)  # the very devices every other driver builds: refused now, not in round 1
     if config.transport == "http":

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, UnsupportedOption
 
 __all__ = [
     "ATTACKS",
@@ -80,8 +81,13 @@ class Attack:
         """The attack as the ``rank``-th malicious client runs it (the same for all but distributed attacks)."""
         return self
 
+    def fit(self, task: Any) -> Attack:
+        """The attack on ``task``'s data (a :class:`~deltaplane.engine.Task`): itself unless it depends on the
+        data; raises :class:`ConfigError` or :class:`UnsupportedOption` when it cannot apply to that data."""
+        return self
+
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
 
 
@@ -124,10 +130,24 @@ class LabelFlip(Attack):
 
     name = "label_flip"
 
-    def __init__(self, *, num_classes: int = 10) -> None:
-        if num_classes < 2:
+    def __init__(self, *, num_classes: int | None = None) -> None:
+        if num_classes is not None and num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2. Found {num_classes!r}")
-        self.num_classes = num_classes
+        #: given in the spec, else the task's (:meth:`fit`); 10, the digits', for an attack not fitted to a task
+        self._given = num_classes
+        self.num_classes = 10 if num_classes is None else num_classes
+
+    def fit(self, task: Any) -> Attack:
+        # flipped with the digits' 10 classes, a 2-class task's labels became 9 and 8: an index error in the
+        # loss in round 1
+        if self._given is None:
+            return LabelFlip(num_classes=task.num_classes)
+        if self._given > task.num_classes:
+            raise ConfigError(
+                f"attack label_flip(num_classes={self._given}) flips labels into 0..{self._given - 1}, but task "
+                f"{task.name!r} has {task.num_classes} classes; leave num_classes out to use the task's"
+            )
+        return self
 
     def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return x, self.num_classes - 1 - y
@@ -148,6 +168,22 @@ class Backdoor(Attack):
         self.target = target
         self.poison_fraction = poison_fraction
         self.boost = boost
+
+    def fit(self, task: Any) -> Attack:
+        shape = list(task.test.x.shape[1:])
+        if len(shape) != 3 or min(shape[1:]) < 3:
+            # add_trigger indexes the last two axes as pixels: on inputs (N, features) it overwrote two
+            # features of the last samples but one, and the run reported a backdoor that was never planted
+            raise UnsupportedOption(
+                f"attack {self.name!r} stamps a pixel square on images (C, H, W of 3×3 or more), and task "
+                f"{task.name!r} has inputs of shape {shape}; use sign_flip, gaussian or label_flip"
+            )
+        if not (isinstance(self.target, int) and 0 <= self.target < task.num_classes):
+            raise ConfigError(
+                f"attack {self.name!r}: target {self.target!r} is not a class of task {task.name!r} "
+                f"(0..{task.num_classes - 1})"
+            )
+        return self
 
     def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         n = len(y)

@@ -116,7 +116,7 @@ class ClientStep:
         self.personalizer: Personalizer = config.make_personalizer()
         attack, fraction = parse_attack(config.attack) if config.attack else (Attack(), 0.0)
         require_simulation(config, simulation=simulation)
-        self.attack = attack
+        self.attack = attack.fit(task)  # one that cannot poison this task's data is refused here
         self.dgc = config.make_dgc()
         self.malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
         #: devices that released a locally privatized update, and in how many rounds (local ε)

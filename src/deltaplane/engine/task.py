@@ -72,6 +72,15 @@ class Task:
             )
         if self.clients is not None and not self.clients:
             raise TaskError(f"task {self.name!r}: clients is empty; give at least one device's dataset")
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 1
+        ):  # a float count reached range() in the population engine as a TypeError
+            raise TaskError(
+                f"task {self.name!r}: num_classes must be a positive integer (the model's outputs), not "
+                f"{self.num_classes!r}; leave it out to use the largest label + 1"
+            )
         if self.num_classes is None:
             parts = [self.test, *(self.clients or [self.train])]  # type: ignore[list-item]
             tops = [int(d.y.max()) for d in parts if len(d)]
@@ -129,10 +138,24 @@ def _check_data(task: Task) -> None:
     if len(task.test) == 0:
         raise TaskError(f"task {task.name!r}: the test set is empty; every round is scored on it")
     for name, d in _datasets(task):
+        if d.x.requires_grad:
+            # features computed by a model outside torch.no_grad() carry its graph: the first backward pass of
+            # local training freed it, and the second failed ("backward through the graph a second time")
+            raise TaskError(
+                f"task {task.name!r}: {name}.x requires grad (it was computed from tensors that do, e.g. by an "
+                "encoder outside torch.no_grad()); pass x.detach()"
+            )
         if d.y.is_floating_point() or d.y.is_complex() or d.y.dtype == torch.bool:
             raise TaskError(
                 f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} values; labels "
                 "are integer class ids 0..C-1 (y.long())"
+            )
+        if d.y.dtype != torch.int64:
+            # the test set's labels alone go through the loss in check_task; int32 training labels failed in
+            # cross-entropy in round 1, uint8 ones in the batched trainer's gather (the sequential loop took them)
+            raise TaskError(
+                f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} labels; the engine "
+                "takes int64 class ids in every dataset (y.long())"
             )
         if len(d) and (int(d.y.min()) < 0 or int(d.y.max()) >= task.num_classes):  # type: ignore[operator]
             raise TaskError(
@@ -174,7 +197,8 @@ def check_task(task: Task) -> None:
 
     Runs the model and the loss on two test samples: a wrong input shape or dtype, a wrong number of outputs or
     labels the loss cannot take are caught here, with both shapes named, rather than as a stack trace in round 1;
-    so are labels out of ``[0, num_classes)``, non-integer labels and NaN/Inf inputs anywhere in the data.
+    so are labels out of ``[0, num_classes)``, labels that are not int64, NaN/Inf inputs anywhere in the data,
+    and training inputs of another shape or dtype than the test inputs the model was tried on.
     """
     _check_data(task)
     model = _build_checked_model(task)
@@ -215,6 +239,12 @@ def check_task(task: Task) -> None:
                 f"task {task.name!r}: training inputs have shape {list(d.x.shape[1:])} but test inputs "
                 f"{list(task.test.x.shape[1:])}; all data must share one input shape"
             )
+        if d.x.dtype != task.test.x.dtype:  # only the test inputs went through the model above
+            raise TaskError(
+                f"task {task.name!r}: training inputs have dtype {str(d.x.dtype).removeprefix('torch.')} but "
+                f"test inputs {str(task.test.x.dtype).removeprefix('torch.')}; give all data the dtype the model "
+                "takes (float inputs: x.float())"
+            )
 
 
 def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Task:
@@ -244,6 +274,11 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if not _is_itself(module_name, exc):  # found, but something it imports is missing: not a path problem
+            raise TaskError(
+                f"task {spec!r}: importing module {module_name!r} failed ({_first_line(exc)}{_where(exc)}); "
+                "install what it imports or fix that import"
+            ) from exc
         raise TaskError(
             f"task {spec!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
             "check the path and that its folder is on PYTHONPATH"
@@ -279,6 +314,13 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
         object.__setattr__(task, "options", dict(options))
     check_task(task)
     return task
+
+
+def _is_itself(module_name: str, exc: ImportError) -> bool:
+    """Whether ``exc`` says ``module_name`` itself (or a package above it) is not found, rather than a module it
+    imports: only then are the path and PYTHONPATH what to check."""
+    missing = exc.name
+    return missing is None or module_name == missing or module_name.startswith(missing + ".")
 
 
 def _misfits(factory: Callable[..., Any], options: Mapping[str, Any]) -> list[str]:

@@ -114,6 +114,10 @@ class ResidualStore:
         self._rows[cid] = torch.cat([residual[n].reshape(-1) for n in self.names]).to(torch.float16)
 
 
+#: draws of a client's samples before giving up on two distinct ones (ClientPopulation.client)
+_MAX_DRAWS = 100
+
+
 class ClientPopulation:
     """``size`` registered clients over one training set, each built on demand from its own seed stream."""
 
@@ -145,16 +149,17 @@ class ClientPopulation:
         self._labels = [c for c in range(self.num_classes) if len(self._by_label[c])]
         if not self._labels:
             raise ConfigError("the training pool is empty: the population engine has no samples to deal out")
+        if len(train) < 2:
+            raise ConfigError(
+                "the training pool holds 1 sample: each device needs one to train on and another to hold out"
+            )
 
-    def client(self, cid: int) -> Client:
-        """Client ``cid`` (same shard every call): Dirichlet label mix, size in [min_client_samples, max]."""
-        if not 0 <= cid < self.size:
-            raise ConfigError(f"client id must be in [0, {self.size}). Found {cid}")
-        rng = numpy_rng(self.config.seed, Stream.PARTITION, cid)
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One client's sample indices (sorted, with repeats): its size, its Dirichlet label mix, its samples."""
         n = int(rng.integers(self.config.min_client_samples, self.max_samples + 1))
         mix = rng.dirichlet(np.full(len(self._labels), self.config.alpha))
         counts = rng.multinomial(n, mix)
-        idx = np.sort(
+        return np.sort(
             np.concatenate(
                 [
                     rng.choice(self._by_label[c], size=k)
@@ -163,7 +168,31 @@ class ClientPopulation:
                 ]
             )
         )
-        local, held = split_holdout(idx, self.config.holdout_fraction, rng)
+
+    def client(self, cid: int) -> Client:
+        """Client ``cid`` (same shard every call): Dirichlet label mix, size in [min_client_samples, max].
+
+        Its held-out samples are distinct samples of its draw, none of them in its training data: drawn with
+        replacement, a sample can appear several times in a draw, and splitting the draw by position put
+        copies of one sample on both sides (half of the digits clients scored some of their own training
+        images as held out).
+        """
+        if not 0 <= cid < self.size:
+            raise ConfigError(f"client id must be in [0, {self.size}). Found {cid}")
+        rng = numpy_rng(self.config.seed, Stream.PARTITION, cid)
+        for _ in range(_MAX_DRAWS):
+            idx = self._draw(rng)
+            distinct = np.unique(idx)
+            # a draw of one sample repeated (a label with one sample, a mix all on it) cannot hold one out
+            if len(distinct) >= 2:
+                break
+        else:
+            raise ConfigError(
+                f"client {cid}: {_MAX_DRAWS} draws gave no two distinct samples; raise alpha or add samples "
+                "to the labels that have only one"
+            )
+        _, held = split_holdout(distinct, self.config.holdout_fraction, rng)
+        local = idx[~np.isin(idx, held)]
         return Client(cid, self.train.subset(local), self.train.subset(held), compressor=None)  # type: ignore[arg-type]
 
 
