@@ -96,6 +96,30 @@ def test_bad_arguments_give_clean_errors(cli):
     assert r.exit_code == 2 and "module:function" in r.output
 
 
+def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
+    """A --home / --out that is a file or lies under one, or a --key-file that is missing, is one line and
+    exit 2 (or 1), before any work: they were NotADirectoryError / FileNotFoundError tracebacks."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    cases = [
+        (["keys", "init", "--home", str(afile)], "give --home a folder path"),
+        (["registry", "init", "--home", str(afile / "h")], "afile is a file, not a folder"),
+        (["keys", "tls", "--out", str(afile)], "give --out a folder path"),
+        (["keys", "tls", "--out", str(afile / "tls")], "afile is a file, not a folder"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert cli("registry", "init").exit_code == 0
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    r = cli("registry", "pull", "m@1", "--out", str(afile / "x"))
+    assert r.exit_code == 2 and "afile is a file, not a folder" in r.output, r.output
+    r = cli("registry", "rotate-key", "--key-file", str(tmp_path / "missing.key"))
+    assert r.exit_code == 1 and "missing.key" in r.output and not isinstance(r.exception, OSError), r.output
+    assert afile.read_text() == "not a folder"
+
+
 def test_deltaplane_serve_starts_and_answers(tmp_path):
     import os
     import socket
