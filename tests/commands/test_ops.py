@@ -120,6 +120,43 @@ def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
     assert afile.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("when", ["model", "manifest"])
+def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monkeypatch, when):
+    """Ctrl-C while pulling left model.safetensors.tmp behind, or (during the manifest) the new model beside the
+    previous pull's manifest: a folder whose manifest names another version than its model."""
+    import pathlib
+
+    import safetensors.torch
+
+    cli("registry", "init")
+    for value in (1.0, 2.0):
+        save_file({"w": torch.full((3,), value)}, str(tmp_path / "m.safetensors"))
+        assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    out = tmp_path / "pulled"
+    assert cli("registry", "pull", "m@1", "--out", str(out)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if when == "model":
+        real = safetensors.torch.save_file
+
+        def interrupted(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    else:
+        real_write = pathlib.Path.write_text
+
+        def interrupted_write(self, *args, **kwargs):
+            if self.name.startswith("manifest.json"):
+                raise KeyboardInterrupt
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", interrupted_write)
+    r = cli("registry", "pull", "m@2", "--out", str(out))
+    assert r.exit_code != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_deltaplane_serve_starts_and_answers(tmp_path):
     import os
     import socket

@@ -303,10 +303,15 @@ def register(app: typer.Typer) -> None:
             art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest")
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "model.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            tmp.replace(out / "model.safetensors")
-            (out / "manifest.json").write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+            model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
+            try:  # both written in full before either replaces a previous pull's: never a model with another's manifest
+                save_file({k: v.contiguous() for k, v in state.items()}, str(model_tmp))
+                manifest_tmp.write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+                model_tmp.replace(out / "model.safetensors")
+                manifest_tmp.replace(out / "manifest.json")
+            finally:  # an error or Ctrl-C half way leaves no partial file behind
+                model_tmp.unlink(missing_ok=True)
+                manifest_tmp.unlink(missing_ok=True)
         console.print(
             f"pulled [bold]{art.ref}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → {out}"
         )
