@@ -89,8 +89,20 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     assert r.exit_code == 1 and "cnn@2" in r.output
 
 
-def test_bad_arguments_give_clean_errors(cli):
+def test_bad_arguments_give_clean_errors(cli, tmp_path):
     cli("registry", "init")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    # an evaluator that raises or returns no mapping: one line naming it, nothing tagged (was a traceback)
+    (tmp_path / "broken_eval.py").write_text("def crash(state):\n    raise KeyError('w2')\n"
+                                             "def nothing(state):\n    return 0.9\n")  # fmt: skip
+    for fn, message in (("crash", "evaluator 'broken_eval:crash' failed on m@1 (KeyError: 'w2')"),
+                        ("nothing", "must return a mapping of metric name to number; it returned float")):  # fmt: skip
+        r = cli("registry", "promote", "m@1", "--evaluator", f"broken_eval:{fn}")
+        assert (
+            r.exit_code == 2 and message in r.output and not isinstance(r.exception, KeyError | TypeError)
+        ), r.output
+    assert Registry(tmp_path / "home").tags("m") == {}
     assert "version reference" in cli("registry", "show", "cnn").output
     r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
     assert r.exit_code == 2 and "module:function" in r.output
