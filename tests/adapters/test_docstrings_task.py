@@ -48,3 +48,13 @@ def test_ffa_lora_federates_b_only():
     task = make_task(lora_rank=4, freeze_a=True, max_length=12, max_train=48, max_test=16)
     state = task.build_model(0).state_dict()
     assert not any("lora_A" in k for k in state) and any("lora_B" in k for k in state)
+
+
+@pytest.mark.parametrize("option", ["max_train", "max_test"])
+@pytest.mark.parametrize("value", [-5, 0])
+def test_caps_must_be_positive(option: str, value: int) -> None:
+    """max_train=-5 kept all but the last 5 examples and max_train=0 an empty split, silently."""
+    from deltaplane.errors import TaskError
+
+    with pytest.raises(TaskError, match=f"{option} must be a positive integer"):
+        make_task(**{option: value})

@@ -168,6 +168,12 @@ def test_cli(tmp_path):
     res = CliRunner().invoke(app, ["extract-lora", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
                                    "--rank", "3", "-o", str(tmp_path / "afile" / "lora")])  # fmt: skip
     assert res.exit_code == 2 and "is a file, not a folder" in " ".join(res.output.split()), res.output
+    # a pattern that is not a regex: a usage error naming it (was a re.error traceback, exit 1), no output
+    for option in ("--include", "--exclude"):
+        res = CliRunner().invoke(app, ["extract-lora", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
+                                       "--rank", "3", option, "[[", "-o", str(tmp_path / "y")])  # fmt: skip
+        assert res.exit_code == 2 and "'[[' is not a regular expression" in res.output, res.output
+        assert not (tmp_path / "y").exists()
 
 
 def test_low_rank_factors_refuses_non_finite_input_before_the_svd():

@@ -89,11 +89,84 @@ def test_registry_lifecycle_through_the_cli(cli, tmp_path):
     assert r.exit_code == 1 and "cnn@2" in r.output
 
 
-def test_bad_arguments_give_clean_errors(cli):
+def test_bad_arguments_give_clean_errors(cli, tmp_path):
     cli("registry", "init")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    # an evaluator that raises or returns no mapping: one line naming it, nothing tagged (was a traceback)
+    (tmp_path / "broken_eval.py").write_text("def crash(state):\n    raise KeyError('w2')\n"
+                                             "def nothing(state):\n    return 0.9\n")  # fmt: skip
+    for fn, message in (("crash", "evaluator 'broken_eval:crash' failed on m@1 (KeyError: 'w2')"),
+                        ("nothing", "must return a mapping of metric name to number; it returned float")):  # fmt: skip
+        r = cli("registry", "promote", "m@1", "--evaluator", f"broken_eval:{fn}")
+        assert (
+            r.exit_code == 2 and message in r.output and not isinstance(r.exception, KeyError | TypeError)
+        ), r.output
+    assert Registry(tmp_path / "home").tags("m") == {}
     assert "version reference" in cli("registry", "show", "cnn").output
     r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
     assert r.exit_code == 2 and "module:function" in r.output
+
+
+def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
+    """A --home / --out that is a file or lies under one, or a --key-file that is missing, is one line and
+    exit 2 (or 1), before any work: they were NotADirectoryError / FileNotFoundError tracebacks."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    cases = [
+        (["keys", "init", "--home", str(afile)], "give --home a folder path"),
+        (["registry", "init", "--home", str(afile / "h")], "afile is a file, not a folder"),
+        (["keys", "tls", "--out", str(afile)], "give --out a folder path"),
+        (["keys", "tls", "--out", str(afile / "tls")], "afile is a file, not a folder"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert cli("registry", "init").exit_code == 0
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    r = cli("registry", "pull", "m@1", "--out", str(afile / "x"))
+    assert r.exit_code == 2 and "afile is a file, not a folder" in r.output, r.output
+    r = cli("registry", "rotate-key", "--key-file", str(tmp_path / "missing.key"))
+    assert r.exit_code == 1 and "missing.key" in r.output and not isinstance(r.exception, OSError), r.output
+    assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("when", ["model", "manifest"])
+def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monkeypatch, when):
+    """Ctrl-C while pulling left model.safetensors.tmp behind, or (during the manifest) the new model beside the
+    previous pull's manifest: a folder whose manifest names another version than its model."""
+    import pathlib
+
+    import safetensors.torch
+
+    cli("registry", "init")
+    for value in (1.0, 2.0):
+        save_file({"w": torch.full((3,), value)}, str(tmp_path / "m.safetensors"))
+        assert cli("registry", "register", "m", str(tmp_path / "m.safetensors")).exit_code == 0
+    out = tmp_path / "pulled"
+    assert cli("registry", "pull", "m@1", "--out", str(out)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if when == "model":
+        real = safetensors.torch.save_file
+
+        def interrupted(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    else:
+        real_write = pathlib.Path.write_text
+
+        def interrupted_write(self, *args, **kwargs):
+            if self.name.startswith("manifest.json"):
+                raise KeyboardInterrupt
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", interrupted_write)
+    r = cli("registry", "pull", "m@2", "--out", str(out))
+    assert r.exit_code != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_deltaplane_serve_starts_and_answers(tmp_path):

@@ -154,7 +154,8 @@ def extract_lora(
         progress: ``progress(done, total, name)`` after each tensor.
 
     Raises:
-        ConfigError: neither ``rank`` nor ``energy``, or a value out of range.
+        ConfigError: neither ``rank`` nor ``energy``, a value out of range, or an include/exclude pattern that
+            is not a regular expression.
         AdapterMismatch: the two models disagree on a tensor's presence or shape.
         InvalidUpdate: a change holds NaN or Inf.
     """
@@ -164,6 +165,11 @@ def extract_lora(
         raise ConfigError(f"rank must be a positive integer. Found {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"energy must be in (0, 1]. Found {energy!r}")
+    for pattern in (*(include or ()), *exclude):  # before any file is opened, not on the first weight name
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"include/exclude {pattern!r} is not a regular expression: {exc}") from None
     ft, bs = _open(finetuned), _open(base)
     if set(ft) != set(bs):
         missing, extra = sorted(set(bs) - set(ft)), sorted(set(ft) - set(bs))

@@ -121,6 +121,12 @@ def make_task(
         raise TaskError("lora_rank must be ≥ 0, lora_alpha > 0, max_length ≥ 4 and test_fraction in (0, 1)")
     if freeze_a and lora_rank == 0:
         raise TaskError("freeze_a (FFA-LoRA) needs lora_rank > 0")
+    for name, cap in (("max_train", max_train), ("max_test", max_test)):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            # a negative cap would slice from the end (all but the last |cap| examples), 0 would empty the split
+            raise TaskError(
+                f"{name} must be a positive integer (or unset for the whole split). Found {cap!r}"
+            )
     try:
         from transformers import AutoTokenizer
     except ImportError:

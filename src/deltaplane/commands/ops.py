@@ -51,6 +51,14 @@ def _pin(trusted: Path | None) -> Path | str | None:
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
 
 
+def _writable(folder: Path, option: str) -> None:
+    """:class:`ConfigError` (exit 2) before any work if ``folder`` cannot be a folder this command writes into:
+    a file, a path under a file, no write permission (they were raw ``NotADirectoryError`` tracebacks)."""
+    from deltaplane.deploy.publish import check_writable_dir
+
+    check_writable_dir(folder, hint=f"give {option} a folder path")
+
+
 def human_time(ts: float) -> str:
     """A timestamp as local time people read (``2026-12-02 09:15:03``), not seconds since 1970."""
     import datetime as dt
@@ -150,7 +158,8 @@ def register(app: typer.Typer) -> None:
         """Create the signing key pair under HOME/keys (private key mode 0600)."""
         from deltaplane.registry import init_keys
 
-        with _errors():
+        with _errors(OSError):
+            _writable(_home(home), "--home")
             signer = init_keys(_home(home), overwrite=force)
         console.print(f"signing key [bold]{signer.key_id}[/bold] written to {_home(home) / 'keys'}")
 
@@ -177,7 +186,8 @@ def register(app: typer.Typer) -> None:
         """Create a private CA and a server certificate signed by it (keys 0600); devices trust ca.pem."""
         from deltaplane.serve.tls import make_tls_bundle
 
-        with _errors():
+        with _errors(OSError):
+            _writable(out or _home(home) / "tls", "--out" if out else "--home")
             b = make_tls_bundle(
                 out or _home(home) / "tls",
                 hosts=host or ["127.0.0.1", "localhost"],
@@ -198,7 +208,8 @@ def register(app: typer.Typer) -> None:
         """Create a registry (and a signing key if there is none); blobs are encrypted at rest by default."""
         from deltaplane.registry import Registry
 
-        with _errors():
+        with _errors(OSError):
+            _writable(_home(home), "--home")
             reg = Registry.create(_home(home), encrypt=not no_encrypt)
             at_rest = f"AES-256-GCM, key {reg.keyring.current}" if reg.encrypted else "plaintext (opted out)"
             console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id}; blobs: {at_rest})")
@@ -219,7 +230,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.registry import Registry
         from deltaplane.registry.encryption import parse_key
 
-        with _errors():
+        with _errors(OSError):  # OSError: a --key-file that cannot be read
             reg = Registry(_home(home))
             new = parse_key(key_file.read_bytes(), str(key_file)) if key_file else None
             done = reg.rotate_kek(new)
@@ -286,15 +297,21 @@ def register(app: typer.Typer) -> None:
 
         from deltaplane.registry import Registry
 
-        with _errors():
+        with _errors(OSError):
+            _writable(out, "--out")  # before the registry is read: a path under a file, no permission
             reg = Registry(_home(home))
             art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest")
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "model.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            tmp.replace(out / "model.safetensors")
-            (out / "manifest.json").write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+            model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
+            try:  # both written in full before either replaces a previous pull's: never a model with another's manifest
+                save_file({k: v.contiguous() for k, v in state.items()}, str(model_tmp))
+                manifest_tmp.write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+                model_tmp.replace(out / "model.safetensors")
+                manifest_tmp.replace(out / "manifest.json")
+            finally:  # an error or Ctrl-C half way leaves no partial file behind
+                model_tmp.unlink(missing_ok=True)
+                manifest_tmp.unlink(missing_ok=True)
         console.print(
             f"pulled [bold]{art.ref}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → {out}"
         )

@@ -11,6 +11,7 @@ building experts from one base). Only the selected experts run for each example.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +24,59 @@ __all__ = ["MixtureOfExperts", "Router"]
 
 
 def _flatten(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
+    return x.flatten(1)  # unlike reshape(B, -1), also defined for an empty batch
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_labels(labels: Tensor, name: str, n: int, classes: int, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``labels`` are ``n`` integer indices in ``[0, classes)``."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ConfigError(f"{name} must be integer {what} indices. Found dtype {labels.dtype}")
+    if labels.dim() == 0 or labels.shape[0] != n:
+        raise ConfigError(f"{name} has {labels.shape[0] if labels.dim() else 0} labels for {n} examples")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ConfigError(
+            f"{name} must be {what} indices in [0, {classes}). Found {int(labels.min())}..{int(labels.max())}"
+        )
+
+
+def _same_outputs(outputs: Sequence[Tensor], experts: Sequence[int]) -> None:
+    """Raise :class:`ShapeMismatch` unless every expert's output has the first one's per-example shape."""
+    first = tuple(outputs[0].shape[1:])
+    for out, e in zip(outputs[1:], experts[1:], strict=True):
+        if tuple(out.shape[1:]) != first:
+            raise ShapeMismatch(
+                f"expert {e} gives outputs of shape {tuple(out.shape[1:])}, expert {experts[0]} {first}; "
+                "a mixture needs experts with the same output shape"
+            )
+
+
+def _reset_router(router: nn.Module, g: torch.Generator) -> None:
+    """Re-initialise ``router`` from ``g`` alone: linear layers uniform in ±1/√fan_in with zero biases, any
+    other layer by its own ``reset_parameters`` (a LayerNorm's weight back to 1) under a global RNG seeded from
+    ``g``, so the result depends on the seed only; parameters of neither kind as a linear layer's."""
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in router.modules():
+            own = list(module.parameters(recurse=False))
+            if not own or isinstance(module, nn.Linear):
+                continue
+            if callable(getattr(module, "reset_parameters", None)):
+                with torch.random.fork_rng(devices=[p.device for p in own if p.device.type == "cuda"]):
+                    torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+                    module.reset_parameters()  # type: ignore[operator]
+                done.update(id(p) for p in own)
+        for p in router.parameters():
+            if id(p) in done:
+                continue
+            if p.dim() > 1:
+                bound = 1 / p.shape[1] ** 0.5
+                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+            else:
+                p.zero_()
 
 
 class Router(nn.Module):
@@ -79,6 +132,8 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         if len(experts) < 1:
             raise ConfigError("a mixture needs at least one expert")
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise ConfigError(f"top_k must be an integer. Found {top_k!r}")
         if not 1 <= top_k <= len(experts):
             raise ConfigError(
                 f"top_k must be between 1 and the number of experts ({len(experts)}). Found {top_k}"
@@ -135,14 +190,23 @@ class MixtureOfExperts(nn.Module):
         return cls(modules, top_k=top_k, features=features, in_features=in_features, hidden=hidden)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k gate values ``(B, k)`` (summing to 1 per row) and expert indices ``(B, k)``."""
+        """Top-k gate values ``(B, k)`` (summing to 1 per row) and expert indices ``(B, k)``.
+
+        Experts with equal scores are taken in index order (a stable sort: ``topk`` leaves ties to the kernel).
+        """
         probs = torch.softmax(self.router(self.features(x)), dim=-1)
-        values, index = probs.topk(self.top_k, dim=-1)
+        values, index = probs.sort(dim=-1, descending=True, stable=True)
+        values, index = values[:, : self.top_k], index[:, : self.top_k]
         return values / values.sum(dim=-1, keepdim=True), index
 
     def forward(self, x: Tensor) -> Tensor:
         gates, index = self.route(x)
+        if (
+            x.shape[0] == 0
+        ):  # no example routes anywhere: expert 0 on the empty batch gives the output's shape
+            return self.experts[0](x)
         out: Tensor | None = None
+        first = -1
         for e, expert in enumerate(self.experts):
             hit = index == e  # (B, k)
             rows = hit.any(dim=-1).nonzero(as_tuple=True)[0]
@@ -150,10 +214,11 @@ class MixtureOfExperts(nn.Module):
                 continue  # an expert nobody is routed to costs nothing
             y = expert(x[rows])
             if out is None:
-                out = torch.zeros((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+                out, first = torch.zeros((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device), e
+            _same_outputs([out, y], [first, e])
             g = (gates[rows] * hit[rows]).sum(dim=-1).reshape(-1, *([1] * (y.dim() - 1)))
             out[rows] += g * y
-        assert out is not None
+        assert out is not None  # every row routes to top_k ≥ 1 experts
         return out
 
     def fit_router(
@@ -174,29 +239,45 @@ class MixtureOfExperts(nn.Module):
         dense mixture ``Σₑ gₑ(x) expertₑ(x)`` (experts' outputs computed once), so the router learns to prefer the
         expert that is right for each input.
 
+        The router is re-initialised from ``seed`` first, so the result depends on the data and the seed only.
+
         Returns:
             the mean training loss of each epoch.
+
+        Raises:
+            ConfigError: no labels, no examples, labels that are not indices of the experts (``expert_labels``)
+                or of the experts' output classes (``y``), one per example; inputs holding NaN or Inf; a
+                non-positive or non-integer ``epochs`` / ``batch_size``, a non-positive or non-finite ``lr``.
+            ShapeMismatch: experts whose outputs differ in shape.
         """
         if expert_labels is None and y is None:
             raise ConfigError("fit_router needs task labels y or expert_labels")
-        if epochs <= 0 or lr <= 0 or batch_size <= 0:
+        if not (_positive_int(epochs) and _positive_int(batch_size) and 0 < lr < math.inf):
             raise ConfigError(
-                f"epochs, lr and batch_size must be positive. Found {epochs}, {lr}, {batch_size}"
+                "epochs and batch_size must be positive integers, lr must be positive and finite. "
+                f"Found {epochs!r}, {batch_size!r}, {lr!r}"
             )
-        g = torch.Generator().manual_seed(seed)
-        # a fixed init from the seed makes routing reproducible regardless of global RNG state
-        with torch.no_grad():
-            for p in self.router.parameters():
-                if p.dim() > 1:
-                    bound = 1 / p.shape[1] ** 0.5
-                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
-                else:
-                    p.zero_()
+        n = x.shape[0]
+        if n == 0:
+            raise ConfigError("fit_router was given no examples (x is empty)")
+        if expert_labels is not None:
+            _check_labels(expert_labels, "expert_labels", n, len(self.experts), "expert")
         feats = self.features(x).detach()
+        bad = int((~torch.isfinite(feats)).flatten(1).any(dim=1).sum()) if feats.is_floating_point() else 0
+        if bad:
+            raise ConfigError(f"x holds NaN or Inf in {bad} example(s); drop or fix them before fit_router")
         outputs = None
         if expert_labels is None:
+            assert y is not None
             with torch.no_grad():
-                outputs = torch.stack([e(x) for e in self.experts], dim=1)  # (N, K, C)
+                each = [e(x) for e in self.experts]
+            _same_outputs(each, list(range(len(each))))
+            outputs = torch.stack(each, dim=1)  # (N, K, C)
+            if not (y.is_floating_point() and y.shape == outputs[:, 0].shape):  # not class probabilities
+                _check_labels(y, "y", n, outputs.shape[2], "class")
+        g = torch.Generator().manual_seed(seed)
+        # a fixed init from the seed makes routing reproducible regardless of global RNG state
+        _reset_router(self.router, g)
         opt = torch.optim.Adam(self.router.parameters(), lr=lr)
         losses = []
         self.router.train()

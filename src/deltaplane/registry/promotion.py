@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from deltaplane.errors import ConfigError, Conflict, NotFound, PromotionRefused
+from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
 from deltaplane.registry.store import Artifact, Registry
 
@@ -89,8 +89,19 @@ def _number(v: object) -> float:
 
 
 def _evaluate(registry: Registry, art: Artifact, evaluator: Evaluator, name: str) -> dict[str, float]:
-    raw = evaluator(registry.load_state(art))
-    metrics = {str(k): _number(v) for k, v in dict(raw).items()}
+    state = registry.load_state(art)
+    try:
+        raw = evaluator(state)
+    except DeltaplaneError:
+        raise
+    except Exception as exc:  # the caller's code: say whose and on what, keep the cause for a debugger
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"evaluator {name!r} failed on {art.ref} ({type(exc).__name__}: {first})") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"evaluator {name!r} must return a mapping of metric name to number; it returned {type(raw).__name__}"
+        )
+    metrics = {str(k): _number(v) for k, v in raw.items()}
     registry.record_evaluation(art, name, metrics)
     return metrics
 
@@ -134,6 +145,8 @@ def promote(
             evaluated, recorded or moved).
         Conflict: another process moved tag ``to`` while the candidate was evaluated, so the gate compared it
             with a version the tag no longer holds (nothing is recorded or moved; promote again).
+        ConfigError: the evaluator raised (the cause is chained) or returned something else than a mapping
+            (nothing is recorded or moved).
     """
     tolerance = tolerance or Tolerance()
     cand = registry.resolve(ref, verify=True)
