@@ -132,6 +132,34 @@ def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
     assert afile.read_text() == "not a folder"
 
 
+def test_contradictory_or_out_of_range_options_change_nothing(cli, tmp_path):
+    """Options that were taken silently: two different cohorts (the --cohort one was withdrawn), a negative gc
+    age (which also removes temp files of writes still in progress), a torture run of no kills (exit 0 after
+    creating a registry), and a dashboard whose --home is a file (it served without a registry)."""
+    cli("registry", "init")
+    home = tmp_path / "home"
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--cohort", "c2").exit_code == 0
+    r = cli("registry", "withdraw", "c1", "--cohort", "c2")
+    assert r.exit_code == 2 and "two cohorts given ('c1' and --cohort 'c2')" in r.output, r.output
+    assert Registry(home).withdrawn_cohorts() == set()
+    assert cli("registry", "withdraw", "c2", "--cohort", "c2").exit_code == 0  # the same one twice is fine
+    tmp = home / "blobs" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "in-flight.tmp").write_bytes(b"a write in progress")
+    for age in ("-1", "nan", "inf"):
+        r = cli("registry", "gc", "--min-age", age)
+        assert r.exit_code == 2 and "min_age_s must be a finite number of seconds >= 0" in r.output, r.output
+    assert (tmp / "in-flight.tmp").exists()
+    r = cli("registry", "torture", "--kills", "-3", "--home", str(tmp_path / "tort"))
+    assert r.exit_code == 2 and "kills must be a positive integer" in r.output, r.output
+    assert not (tmp_path / "tort").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("not a registry")
+    r = cli("ui", "--home", str(afile), "--port", "1")
+    assert r.exit_code == 2 and "is a file; give the registry's folder" in r.output, r.output
+
+
 @pytest.mark.parametrize("when", ["model", "manifest"])
 def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monkeypatch, when):
     """Ctrl-C while pulling left model.safetensors.tmp behind, or (during the manifest) the new model beside the

@@ -583,6 +583,10 @@ def register(app: typer.Typer) -> None:
         from deltaplane.registry import Registry
 
         with _errors():
+            if cohort and cohort_arg and cohort != cohort_arg:
+                raise ConfigError(
+                    f"two cohorts given ({cohort_arg!r} and --cohort {cohort!r}); name one per withdrawal"
+                )
             name = cohort or cohort_arg
             if not name:
                 raise ConfigError("name the cohort: `deltaplane registry withdraw --cohort eu`")
@@ -856,6 +860,10 @@ def register(app: typer.Typer) -> None:
             if admin_token is None:
                 err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
             reg_home = _home(home)
+            if reg_home.exists() and not reg_home.is_dir():
+                raise ConfigError(f"--home {reg_home} is a file; give the registry's folder")
+            if home is not None and not (reg_home / "registry.db").exists():
+                err_console.print(f"no registry in {reg_home}: showing the runs only")
             app_ = create_ui_app(
                 admin_token=token,
                 runs_dir=str(runs_dir),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -1557,7 +1558,21 @@ class Registry:
         return existed
 
     def gc(self, *, min_age_s: float = 3600.0) -> int:
-        """Delete orphan blobs and temp files older than ``min_age_s`` (left by interrupted writes)."""
+        """Delete orphan blobs and temp files older than ``min_age_s`` (left by interrupted writes).
+
+        Raises:
+            ConfigError: ``min_age_s`` is negative or not a finite number (a negative age would also delete
+                the temp files of writes still in progress in another process).
+        """
+        if (
+            isinstance(min_age_s, bool)
+            or not isinstance(min_age_s, int | float)
+            or not 0 <= min_age_s < math.inf
+        ):
+            raise ConfigError(
+                f"min_age_s must be a finite number of seconds >= 0 (younger files may belong to writes in "
+                f"progress). Found {min_age_s!r}"
+            )
         cutoff = time.time() - min_age_s
         report = self.verify(signatures=False)
         paths = [self.blob_path(s) for s in report.orphans]

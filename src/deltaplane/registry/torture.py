@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from deltaplane.errors import IntegrityError
+from deltaplane.errors import ConfigError, IntegrityError
 from deltaplane.registry.store import Registry
 
 __all__ = ["TortureReport", "torture"]
@@ -85,7 +85,13 @@ def torture(
     size: int = 50_000,
     max_delay_s: float = 0.25,
 ) -> TortureReport:
-    """Kill a registry writer ``kills`` times at random points; returns what the checks found."""
+    """Kill a registry writer ``kills`` times at random points; returns what the checks found.
+
+    Raises:
+        ConfigError: ``kills`` is not a positive integer (checked before the scratch registry is created).
+    """
+    if isinstance(kills, bool) or not isinstance(kills, int) or kills < 1:
+        raise ConfigError(f"kills must be a positive integer. Found {kills!r}")
     home = Path(home)
     if not (home / "registry.db").exists():
         Registry.create(home)
