@@ -121,6 +121,14 @@ def test_a_folder_given_as_the_output_file_is_a_usage_error(tmp_path: Path) -> N
     assert runner.invoke(_app(), args).exit_code == 0
     r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(folder)])
     assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), r.output
+    # a folder given as an input (the payload, or --base) is a usage error too (it was exit 1, "[Errno 21]")
+    out = tmp_path / "d.safetensors"
+    for args in (["decompress", str(folder), "-o", str(out)],
+                 ["decompress", str(payload), "--base", str(folder), "-o", str(out)],
+                 ["compress", str(new_p), "--base", str(folder), "--codec", "topk(0.1)", "-o", str(out)]):  # fmt: skip
+        r = runner.invoke(_app(), args)
+        assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), (args, r.output)
+    assert not out.exists()
     assert (
         list(folder.iterdir()) == []
         and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -31,7 +31,10 @@ def compress(
         Path, typer.Argument(help="fine-tuned checkpoint (.safetensors)", exists=True, dir_okay=False)
     ],
     base: Annotated[
-        Path, typer.Option("--base", help="base checkpoint the delta is taken against", exists=True)
+        Path,
+        typer.Option(
+            "--base", help="base checkpoint the delta is taken against", exists=True, dir_okay=False
+        ),
     ],
     codec: Annotated[
         str, typer.Option("--codec", help="codec spec, e.g. 'topk(0.01) | quant(bits=4) | zstd'")
@@ -72,10 +75,18 @@ def compress(
 
 
 def decompress(
-    payload: Annotated[Path, typer.Argument(help="payload written by 'deltaplane compress'", exists=True)],
+    payload: Annotated[
+        Path, typer.Argument(help="payload written by 'deltaplane compress'", exists=True, dir_okay=False)
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="safetensors file to write", dir_okay=False)],
     base: Annotated[
-        Path | None, typer.Option("--base", help="apply the delta to this checkpoint and write the result")
+        Path | None,
+        typer.Option(
+            "--base",
+            help="apply the delta to this checkpoint and write the result",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     expect_base_id: Annotated[
         str | None, typer.Option(help="refuse a payload made for another base id")
