@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from deltaplane.apps.runner import run_federation
 from deltaplane.engine import RunConfig
+from deltaplane.errors import TaskError
 
 
 def test_the_users_task_runs_identically_on_sequential_and_http_and_closely_batched(byo_task) -> None:
@@ -36,3 +40,21 @@ def test_a_naturally_split_text_task_runs_batched_through_vmap() -> None:
     seq, bat = run_federation(cfg), run_federation(cfg.replace(engine="batched"))
     assert seq.final.test_accuracy > 0.1  # 97 symbols: chance is ~0.01; spaces alone are ~0.15
     assert abs(seq.final.test_accuracy - bat.final.test_accuracy) <= 2 / 400
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"devices": True}, "devices must be an integer. Found True"),
+        ({"per_device": 2.5}, "per_device must be an integer. Found 2.5"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"devices": 1, "context": 10**6}, "context=1000000 is longer than argparse.py's test part"),
+    ],
+)
+def test_the_text_tasks_options_are_checked_with_their_names(options, message) -> None:
+    """charlm's options: True was taken as one device, 2.5 and -1 got numpy's wording, and a context longer
+    than a module's text gave "the test set is empty", which did not point at the context."""
+    from deltaplane.apps.charlm import make_task
+
+    with pytest.raises(TaskError, match=re.escape(message)):
+        make_task(**options)

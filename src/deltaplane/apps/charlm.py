@@ -78,10 +78,16 @@ def make_task(
     Raises:
         TaskError: a module is missing from this Python's standard library, or an option is out of range.
     """
+    for name, value in (("devices", devices), ("per_device", per_device), ("context", context),
+                        ("test_per_device", test_per_device), ("seed", seed)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int):  # True is not one device, 2.5 not a count
+            raise TaskError(f"{name} must be an integer. Found {value!r}")
     if not 1 <= devices <= len(MODULES):
         raise TaskError(f"devices must be in [1, {len(MODULES)}]. Found {devices}")
     if per_device < 2 or test_per_device < 1 or context < 1:
         raise TaskError("per_device must be at least 2, test_per_device and context at least 1")
+    if seed < 0:
+        raise TaskError(f"seed must be a non-negative integer. Found {seed}")
     root = Path(sysconfig.get_paths()["stdlib"])
     rng = np.random.default_rng(seed)
     train, tests = [], []
@@ -96,6 +102,11 @@ def make_task(
         cut = int(0.8 * len(codes))
         first = np.arange(0, cut - context)
         last = np.arange(cut, len(codes) - context)
+        if len(first) < 2 or len(last) < 1:  # a window longer than the module's training or test part
+            raise TaskError(
+                f"context={context} is longer than {path.name}'s test part ({len(codes) - cut} characters): "
+                "choose a shorter context"
+            )
         train.append(
             _windows(
                 codes, np.sort(rng.choice(first, size=min(per_device, len(first)), replace=False)), context
