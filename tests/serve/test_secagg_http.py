@@ -530,3 +530,42 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
         service.admin._get(f"/admin/models/cnn/secagg/{rnd}")
     assert exc.value.status == 404
     assert service.admin._get(f"/admin/models/cnn/secagg/{stuck}")["finished"] == "aborted"
+
+
+def test_a_secagg_post_does_not_read_consent_on_the_event_loop(service, monkeypatch) -> None:
+    """A SecAgg stage POST checked withdrawn cohorts (a signed-log read in the database, which can wait on the
+    registry's write lock) on the event loop before handing its work to a worker thread: while that read
+    waited, every request of the service did, /healthz included. It runs in a worker thread now."""
+    import threading
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    reg = service.app.state.deltaplane.registry
+    with BackgroundServer(service.app) as srv:
+        for c in clients.values():
+            c._http = httpx.Client(base_url=srv.url, timeout=30)
+        a = SecAggDevice(clients["a"], "cnn", rnd)
+        body = a.endpoint.advertise()
+        reading, release = threading.Event(), threading.Event()
+        real = reg.withdrawn_cohorts
+
+        def slow_read(*args, **kwargs):  # as a read waiting on a busy database
+            reading.set()
+            release.wait(10)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(reg, "withdrawn_cohorts", slow_read)
+        sender = threading.Thread(target=a.post, args=("keys", body))
+        sender.start()
+        try:
+            assert reading.wait(10)
+            assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
+        finally:
+            release.set()
+            sender.join(15)
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1

@@ -328,7 +328,8 @@ def install_secagg_routes(
         )
         async def receive(model: ModelName, number: RoundId, request: Request, ident: Device) -> Accepted:
             r = get_round(model, number)
-            u = client_of(r, ident)
+            # in a worker thread: the consent check reads (and verifies) the signed state log in the database
+            u = await run_in_threadpool(client_of, r, ident)
             body = await read_capped(request, cls.max_bytes(r.config))
 
             def apply() -> None:
