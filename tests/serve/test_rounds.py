@@ -63,9 +63,74 @@ def test_replay_into_a_later_round_is_refused(service):
     with pytest.raises(ServiceError) as e:  # the captured request, path rewritten to the new round
         dev.upload("cnn", r2["round"], captured, nonce=r1["nonce"])
     assert e.value.status == 409 and "nonce" in e.value.detail.lower()
-    with pytest.raises(ServiceError, match="already accepted in round 1"):  # even with the fresh nonce
-        service.device("d2").upload("cnn", r2["round"], captured, nonce=r2["nonce"])
+    with pytest.raises(ServiceError, match="already had this exact update accepted in round 1"):
+        dev.upload("cnn", r2["round"], captured, nonce=r2["nonce"])  # even with the fresh nonce
     assert service.device("d2").upload("cnn", r2["round"], payload(service, 5))["accepted"]
+
+
+def _zero_payload(svc, base=1):
+    state = svc.reg.load_state(f"cnn@{base}")
+    zero = Delta({k: torch.zeros_like(v) for k, v in state.items()})
+    return Compressor("identity").compress(zero, base_id="cnn", base_version=base)
+
+
+def test_two_devices_may_upload_identical_bytes_but_a_device_may_not_replay_its_own(service):
+    """Uploads were unique per model by payload hash across devices, so the second of two honest devices
+    whose updates compress to the same bytes (both zero) got 409 "replays are refused". The check is per
+    device now; the device re-sending its own bytes into a later round is still refused, and both uploads
+    survive a restart."""
+    service.admin.open_round("cnn")
+    zero = _zero_payload(service)
+    for name in ("d1", "d2"):
+        assert service.device(name).upload("cnn", 1, zero)["accepted"]
+    restart(service)
+    assert service.device("x").round("cnn")["uploads"] == 2
+    assert service.admin.close_round("cnn", 1)["uploads"] == 2
+    r2 = service.admin.open_round("cnn", base_version=1)
+    with pytest.raises(ServiceError) as e:
+        service.device("d1").upload("cnn", r2["round"], zero, nonce=r2["nonce"])
+    assert e.value.status == 409 and "replays are refused" in e.value.detail
+    assert service.device("d3").upload("cnn", r2["round"], zero, nonce=r2["nonce"])["accepted"]
+
+
+def test_a_store_made_with_per_model_replay_keys_is_migrated_in_place(tmp_path):
+    """A store from before (round_uploads UNIQUE (model, sha256)) is rebuilt on start with the per-device key:
+    the open round keeps its uploads, in order, and closed rounds' replay records stay."""
+    import sqlite3
+
+    svc = Service(tmp_path / "h")
+    svc.admin.open_round("cnn")
+    svc.device("d0").upload("cnn", 1, payload(svc, 0))
+    svc.admin.close_round("cnn", 1)
+    svc.admin.open_round("cnn", base_version=1)
+    for i in (1, 2):
+        svc.device(f"d{i}").upload("cnn", 2, payload(svc, i))
+    svc.reg.close()
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    with con:  # the table as older versions created it
+        before = con.execute("SELECT * FROM round_uploads ORDER BY id").fetchall()
+        con.execute("ALTER TABLE round_uploads RENAME TO kept")
+        con.execute(
+            """CREATE TABLE round_uploads (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, round INTEGER NOT NULL,
+            device_id TEXT NOT NULL, cohort TEXT NOT NULL, weight REAL NOT NULL, sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL, at REAL NOT NULL,
+            UNIQUE (model, round, device_id), UNIQUE (model, sha256))"""
+        )
+        con.execute("INSERT INTO round_uploads SELECT * FROM kept")
+        con.execute("DROP TABLE kept")
+    con.close()
+    restart(svc)
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    assert con.execute("SELECT * FROM round_uploads ORDER BY id").fetchall() == before
+    con.close()
+    assert svc.device("x").round("cnn")["uploads"] == 2
+    zero = _zero_payload(svc)
+    for name in ("d3", "d4"):
+        assert svc.device(name).upload("cnn", 2, zero)["accepted"]
+    with pytest.raises(ServiceError, match="replays are refused"):
+        svc.device("d0").upload("cnn", 2, payload(svc, 0))  # d0's round-1 bytes, still refused
+    assert svc.admin.close_round("cnn", 2)["uploads"] == 4
 
 
 def test_a_failed_close_keeps_the_round_and_publishes_nothing(service, monkeypatch):

@@ -104,6 +104,8 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     # stage 3: the last device uploaded but vanishes before unmasking (it stays in the sum)
     for dev in devices[4 : n - 1]:
         dev.unmask()
+    # nothing the service holds carries a device's plaintext (closing then drops the round's state)
+    assert plaintext_watch.check_object(svc.app.state.secagg_rounds, "secagg rounds") > 20
     closed = svc.admin.close_secagg("cnn", rnd)
     survivors = list(range(4, n))
     assert closed["survivors"] == survivors
@@ -129,7 +131,6 @@ def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, pl
     assert sum(1 for p, _ in bodies if "/secagg/" in p) >= 30
     for path, body in bodies:
         plaintext_watch.check_bytes(body, path)
-    assert plaintext_watch.check_object(svc.app.state.secagg_rounds, "secagg rounds") > 20
     plaintext_watch.check_object(svc.app.state.deltaplane, "service state")
 
 
@@ -465,4 +466,106 @@ def test_a_secagg_message_waiting_for_its_round_does_not_stall_the_service(servi
             time.sleep(0.3)  # the message is waiting for the lock
             assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
         sender.join(10)
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1
+
+
+def _walk(svc, names: list[str], *, stages=("advertise", "share", "upload", "unmask")) -> tuple[int, list]:
+    """Open a SecAgg round for ``names`` and run it through ``stages``, advancing after each but the last."""
+    clients = [svc.device(d) for d in names]
+    rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    devs = [SecAggDevice(c, "cnn", rnd) for c in clients]
+    for i, (dev, delta) in enumerate(
+        zip(devs, _deltas(svc.reg.load_state("cnn@1"), len(names), 3), strict=True)
+    ):
+        dev.set_update(delta, 1, np.random.default_rng([3, i]))
+    for stage in stages:
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            svc.admin.advance_secagg("cnn", rnd)
+    return rnd, devs
+
+
+def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> None:
+    """Every SecAgg round's protocol state (keys, shares, each device's model-sized masked input) stayed in
+    memory for as long as the process ran, published or not. Publishing or aborting a round now drops it;
+    what later requests need is kept (a late device message gets 409, the admin status still answers), for
+    the last FINISHED_KEPT rounds only."""
+    import gc
+    import weakref
+
+    from deltaplane.serve import secagg_routes
+
+    monkeypatch.setattr(secagg_routes, "FINISHED_KEPT", 2, raising=False)
+    names = ["a", "b", "c"]
+    rnd, devs = _walk(service, names)
+    held = weakref.ref(service.app.state.secagg_rounds[("cnn", rnd)].endpoint)
+    closed = service.admin.close_secagg("cnn", rnd)
+    gc.collect()
+    assert held() is None, "the published round's protocol state is still held"
+    assert closed["finished"] == "published" and closed["survivors"] == [0, 1, 2]
+    with pytest.raises(ServiceError) as exc:
+        devs[0].get("unmask")  # a device that missed the close
+    assert exc.value.status == 409 and "published as version" in exc.value.detail
+    with pytest.raises(ServiceError) as exc:
+        service.admin.close_secagg("cnn", rnd)
+    assert exc.value.status == 409
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}") == closed
+
+    # a round given up (here: stuck at share keys) is dropped by abort, and refuses everything after
+    stuck, devs = _walk(service, names, stages=("advertise",))
+    held = weakref.ref(service.app.state.secagg_rounds[("cnn", stuck)].endpoint)
+    assert service.admin.abort_secagg("cnn", stuck)["finished"] == "aborted"
+    gc.collect()
+    assert held() is None, "the aborted round's protocol state is still held"
+    for call in (lambda: devs[1].share(), lambda: service.admin.close_secagg("cnn", stuck)):
+        with pytest.raises(ServiceError) as exc:
+            call()
+        assert exc.value.status == 409 and "aborted" in exc.value.detail
+
+    # only the last FINISHED_KEPT finished rounds are remembered; older ones are unknown (404)
+    third, _ = _walk(service, names, stages=())
+    service.admin.abort_secagg("cnn", third)
+    with pytest.raises(ServiceError) as exc:
+        service.admin._get(f"/admin/models/cnn/secagg/{rnd}")
+    assert exc.value.status == 404
+    assert service.admin._get(f"/admin/models/cnn/secagg/{stuck}")["finished"] == "aborted"
+
+
+def test_a_secagg_post_does_not_read_consent_on_the_event_loop(service, monkeypatch) -> None:
+    """A SecAgg stage POST checked withdrawn cohorts (a signed-log read in the database, which can wait on the
+    registry's write lock) on the event loop before handing its work to a worker thread: while that read
+    waited, every request of the service did, /healthz included. It runs in a worker thread now."""
+    import threading
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    names = ["a", "b", "c"]
+    clients = {d: service.device(d) for d in names}
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    reg = service.app.state.deltaplane.registry
+    with BackgroundServer(service.app) as srv:
+        for c in clients.values():
+            c._http = httpx.Client(base_url=srv.url, timeout=30)
+        a = SecAggDevice(clients["a"], "cnn", rnd)
+        body = a.endpoint.advertise()
+        reading, release = threading.Event(), threading.Event()
+        real = reg.withdrawn_cohorts
+
+        def slow_read(*args, **kwargs):  # as a read waiting on a busy database
+            reading.set()
+            release.wait(10)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(reg, "withdrawn_cohorts", slow_read)
+        sender = threading.Thread(target=a.post, args=("keys", body))
+        sender.start()
+        try:
+            assert reading.wait(10)
+            assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
+        finally:
+            release.set()
+            sender.join(15)
     assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1

@@ -1,7 +1,12 @@
 """TLS (server, CA-pinned client, mutual TLS), token expiry and revocation, tokens surviving a restart."""
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import stat
+import time
 
 import httpx
 import pytest
@@ -15,7 +20,7 @@ from .conftest import ADMIN, Service
 
 
 def test_expired_token_is_refused(monkeypatch):
-    authority = TokenAuthority(b"k" * 32, ttl_s=60)
+    authority = TokenAuthority(b"k" * 32, audience="svc-test", ttl_s=60)
     token = authority.issue("d1", "eu")
     assert authority.check(token).device_id == "d1"
     now = auth_module.time.time()
@@ -32,7 +37,7 @@ def test_expired_token_is_refused(monkeypatch):
 def test_a_device_revocation_covers_a_token_issued_a_fraction_of_a_millisecond_before(monkeypatch):
     """revoke_device refuses every token issued up to the revocation time; the issue time used to be rounded
     to the millisecond, so a token issued at x.0006 s carried x.001 and escaped a revocation at x.0008 s."""
-    authority = TokenAuthority(b"k" * 32, ttl_s=3600)
+    authority = TokenAuthority(b"k" * 32, audience="svc-test", ttl_s=3600)
     issued = float(int(auth_module.time.time())) + 0.0006
     monkeypatch.setattr(auth_module.time, "time", lambda: issued)
     token = authority.issue("d1", "eu")
@@ -106,6 +111,50 @@ def test_tokens_survive_a_restart_without_a_configured_secret(tmp_path):
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     second = TestClient(create_app(config))
     assert second.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_token_works_only_at_the_service_that_issued_it(tmp_path):
+    """Two services given the same device secret (two federations, one $DELTAPLANE_DEVICE_SECRET) used to
+    accept each other's tokens, even one revoked at its issuer (revocations are kept per registry): a token
+    now names its service, and another service refuses it with 401 saying what to do. The issuer keeps
+    accepting it across a restart (the audience is stable)."""
+    from fastapi.testclient import TestClient
+
+    a, b = Service(tmp_path / "a"), Service(tmp_path / "b")  # both device_secret="s" * 32
+    info = a.admin.issue_token_info("dev1")
+    assert a.http.get("/v1/models/cnn/download", headers=_bearer(info["token"])).status_code == 200
+    restarted = TestClient(create_app(a.config))
+    assert restarted.get("/v1/models/cnn/download", headers=_bearer(info["token"])).status_code == 200
+    at_b = b.http.get("/v1/models/cnn/download", headers=_bearer(info["token"]))
+    assert at_b.status_code == 401
+    assert "another deltaplane service" in at_b.json()["detail"]
+    assert "POST /admin/devices" in at_b.json()["detail"]
+    a.admin.revoke_token(info["token_id"])
+    assert a.http.get("/v1/models/cnn/download", headers=_bearer(info["token"])).status_code == 401
+    assert b.http.get("/v1/models/cnn/download", headers=_bearer(info["token"])).status_code == 401
+    # and B's own tokens still work at B, not at A
+    own = b.admin.issue_token("dev1")
+    assert b.http.get("/v1/models/cnn/download", headers=_bearer(own)).status_code == 200
+    assert a.http.get("/v1/models/cnn/download", headers=_bearer(own)).status_code == 401
+
+
+def test_a_token_issued_before_audiences_is_refused_with_a_re_enroll_message(tmp_path):
+    """A token of the first format (no audience, no version), MAC'd with the service's own secret as the
+    service used to issue them, gets a 401 asking to re-enroll, not a 500 and not a pass."""
+    svc = Service(tmp_path / "h")
+    now = time.time()
+    doc = {"d": "dev1", "c": "default", "j": "old-token-id", "i": now, "e": now + 3600}
+    body = base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    mac = hmac.new(b"s" * 32, body.encode(), hashlib.sha256).digest()
+    token = body + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    for method, path in (("GET", "/v1/models/cnn/download"), ("POST", "/v1/models/cnn/report")):
+        reply = svc.http.request(method, path, headers=_bearer(token), json={})
+        assert reply.status_code == 401, (path, reply.text)
+        assert "re-enroll" in reply.json()["detail"]
 
 
 def test_private_keys_are_never_world_readable(tmp_path, monkeypatch):

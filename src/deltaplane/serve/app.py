@@ -430,6 +430,7 @@ def create_app(
     revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
         config.device_secret.encode() if config.device_secret else device_secret(reg.home),
+        audience=service_store.audience(),
         ttl_s=config.token_ttl_s,
         revoked_ids=revoked_ids,
         revoked_devices=revoked_devices,
@@ -454,7 +455,7 @@ def create_app(
     app.state.authority = authority
     app.add_middleware(
         RequestGuard,
-        check_device=authority.check,
+        check_device=authority.verify,
         admin_token=config.admin_token,
         max_upload_bytes=config.max_upload_bytes,
         max_json_bytes=config.max_json_bytes,
@@ -492,12 +493,12 @@ def create_app(
     ) -> DeviceIdentity:
         ident = request.scope.get("state", {}).get(DEVICE_SCOPE_KEY)  # checked by the RequestGuard
         if ident is None:
-            ident = authority.check(creds.credentials) if creds else None
-        if ident is None:
+            ident = authority.verify(creds.credentials) if creds else ""
+        if not isinstance(ident, DeviceIdentity):
             state.counters["rejected.unauthenticated"] += 1
             raise HTTPException(
                 401,
-                "missing or invalid device token; ask an admin for one (POST /admin/devices)",
+                ident or "missing or invalid device token; ask an admin for one (POST /admin/devices)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         wait = limiter.acquire(ident.device_id)

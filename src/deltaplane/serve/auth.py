@@ -1,11 +1,16 @@
 """Device tokens (with expiry and revocation) and per-key rate limiting for the service.
 
-Device tokens are stateless: ``base64url({"d": device_id, "c": cohort, "j": token_id, "i": issued, "e": expires})
-"." base64url(HMAC-SHA256(secret, …))``, so the service can authenticate any number of devices without a token
-table, and a device cannot change its id, cohort or expiry without invalidating the MAC. A token past its
-expiry, a revoked token id, or any token of a device revoked after it was issued is refused; the revocation
-list is small (only revoked ids) and kept in the registry database so it survives restarts. Admin endpoints
-use a separate static token; a device token never passes as an admin token.
+Device tokens are stateless: ``base64url({"v": 2, "a": audience, "d": device_id, "c": cohort, "j": token_id,
+"i": issued, "e": expires}) "." base64url(HMAC-SHA256(secret, …))``, so the service can authenticate any number
+of devices without a token table, and a device cannot change its id, cohort, audience or expiry without
+invalidating the MAC. A token past its expiry, a revoked token id, or any token of a device revoked after it
+was issued is refused; the revocation list is small (only revoked ids) and kept in the registry database so it
+survives restarts. Admin endpoints use a separate static token; a device token never passes as an admin token.
+
+The audience is the issuing service's id (:meth:`deltaplane.serve.service_store.ServiceStore.audience`, random
+per registry and kept in its database): two services given the same secret would otherwise accept each
+other's tokens, a token revoked at one included, revocations being kept per registry. Tokens of format 1 (no
+audience) are refused with a message asking the device to re-enroll.
 
 The HMAC secret is, in order: the configured one, else ``<home>/keys/device-secret`` (created 0600 on first
 start), so tokens survive a restart.
@@ -31,6 +36,9 @@ from deltaplane.registry.signing import write_secret_file
 __all__ = ["DeviceIdentity", "IssuedToken", "RateLimiter", "TokenAuthority", "device_secret"]
 
 SECRET_NAME = "device-secret"
+#: the format of issued tokens: 2 binds the token to a service (``"a"``); 1 (no ``"v"``) did not
+TOKEN_FORMAT = 2
+_ENROLL = "ask this service's admin for a new one (POST /admin/devices)"
 
 
 def _b64(data: bytes) -> str:
@@ -83,6 +91,7 @@ class TokenAuthority:
 
     Args:
         secret: HMAC key (at least 16 bytes).
+        audience: the service's id; issued tokens carry it and only tokens carrying it are accepted.
         ttl_s: default lifetime of issued tokens.
         revoked_ids: token ids revoked so far; revoked_devices: device id -> time before which every token
             of that device is revoked (both loaded from the registry database at start).
@@ -92,6 +101,7 @@ class TokenAuthority:
         self,
         secret: bytes,
         *,
+        audience: str,
         ttl_s: float = 30 * 86400,
         revoked_ids: set[str] | None = None,
         revoked_devices: dict[str, float] | None = None,
@@ -100,7 +110,10 @@ class TokenAuthority:
             raise ConfigError(f"device token secret must be at least 16 bytes. Found {len(secret)}")
         if ttl_s <= 0:
             raise ConfigError(f"token ttl must be positive. Found {ttl_s}")
+        if not audience:
+            raise ConfigError("a token authority needs a non-empty audience (the service's id)")
         self._secret = secret
+        self.audience = audience
         self.ttl_s = ttl_s
         self.revoked_ids = set(revoked_ids or ())
         self.revoked_devices = dict(revoked_devices or {})
@@ -119,7 +132,15 @@ class TokenAuthority:
         tid = _b64(secrets.token_bytes(12))
         # "i" unrounded: rounded to the millisecond it could land after a device revocation made just after
         # issuing, and the token would escape it (revoke_device compares issued_at <= revocation time)
-        doc = {"d": device_id, "c": cohort, "j": tid, "i": now, "e": round(now + ttl, 3)}
+        doc = {
+            "v": TOKEN_FORMAT,
+            "a": self.audience,
+            "d": device_id,
+            "c": cohort,
+            "j": tid,
+            "i": now,
+            "e": round(now + ttl, 3),
+        }
         body = _b64(json.dumps(doc, separators=(",", ":")).encode())
         return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, doc["e"])
 
@@ -129,22 +150,45 @@ class TokenAuthority:
 
     def check(self, token: str) -> DeviceIdentity | None:
         """The identity in a valid token, or None for anything forged, malformed, expired or revoked."""
+        found = self.verify(token)
+        return found if isinstance(found, DeviceIdentity) else None
+
+    def verify(self, token: str) -> DeviceIdentity | str:
+        """The identity in a valid token, or why it is refused: a message for the device, "" when it says nothing.
+
+        Only a token with a valid MAC gets a reason (it was issued with this secret, so telling its holder that
+        it is of another service or an old format helps them and tells a guesser nothing); anything forged or
+        malformed gets "".
+        """
         body, _, mac = (token or "").partition(".")
         if not body or not mac or len(token) > 4096:
-            return None
+            return ""
         try:
             if not hmac.compare_digest(self._mac(body), mac):
-                return None
+                return ""
             doc = json.loads(_unb64(body))
+            if not isinstance(doc, dict):
+                return ""
+            if doc.get("v") != TOKEN_FORMAT:
+                return (
+                    f"this device token is of format {doc.get('v', 1)}, which names no service and is no longer "
+                    f"accepted (format {TOKEN_FORMAT} is); re-enroll the device: {_ENROLL}"
+                )
             ident = DeviceIdentity(
                 str(doc["d"]), str(doc["c"]), str(doc["j"]), float(doc["i"]), float(doc["e"])
             )
+            audience = str(doc["a"])
         except (ValueError, KeyError, TypeError, UnicodeError):
-            return None
+            return ""
+        if audience != self.audience:  # not a secret: a plain comparison
+            return (
+                f"this device token was issued by another deltaplane service (audience {audience[:40]!r}, this "
+                f"service is {self.audience!r}), which shares this one's device secret; {_ENROLL}"
+            )
         if ident.expires_at <= time.time() or ident.token_id in self.revoked_ids:
-            return None
+            return ""
         if ident.issued_at <= self.revoked_devices.get(ident.device_id, -1.0):
-            return None
+            return ""
         return ident
 
     def revoke(self, token_id: str) -> None:

@@ -363,6 +363,10 @@ class AdminClient:
         """Unmask the SecAgg round's sum and publish the new version."""
         return self._post(f"/admin/models/{model}/secagg/{round_id}/close")
 
+    def abort_secagg(self, model: str, round_id: int) -> dict[str, Any]:
+        """Give the SecAgg round up unpublished (its protocol state is dropped); returns its final status."""
+        return self._post(f"/admin/models/{model}/secagg/{round_id}/abort")
+
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(
             f"/admin/models/{model}/promote", json={"version": version, "to": to}, headers=self._headers

@@ -57,7 +57,8 @@ class RequestGuard:
 
     Args:
         app: the ASGI app behind the guard.
-        check_device: maps a bearer token to a :class:`DeviceIdentity`, or None when invalid/expired/revoked.
+        check_device: maps a bearer token to a :class:`DeviceIdentity`, or to why it is refused: a message for
+            the device (a token of another service, of an old format), or "" / None for a generic 401.
         admin_token: the static admin bearer token.
         max_upload_bytes: cap of the update-upload route and of the SecAgg stages' messages.
         max_json_bytes: cap of every other body.
@@ -70,7 +71,7 @@ class RequestGuard:
         self,
         app: ASGIApp,
         *,
-        check_device: Callable[[str], DeviceIdentity | None],
+        check_device: Callable[[str], DeviceIdentity | str | None],
         admin_token: str,
         max_upload_bytes: int,
         max_json_bytes: int,
@@ -114,7 +115,8 @@ class RequestGuard:
             # must not be locked out): checking one costs an HMAC of at most 4 KiB (~5 us), and its verdict
             # tells a guesser nothing, a valid token needing a 256-bit MAC. The admin token is a static
             # secret an operator chose, so a throttled address gets no verdict on it at all.
-            ok = (area == "device" or wait <= 0) and self._authenticate(area, token, scope)
+            refused = self._authenticate(area, token, scope) if area == "device" or wait <= 0 else ""
+            ok = refused is None
             if not ok and wait > 0:
                 self.on_reject("rejected.auth_throttled")
                 await _reply(
@@ -134,7 +136,7 @@ class RequestGuard:
                 self.on_reject(
                     "rejected.unauthenticated" if area == "device" else "rejected.unauthenticated_admin"
                 )
-                what = (
+                what = refused or (
                     "missing, invalid, expired or revoked device token; ask an admin for one (POST /admin/devices)"
                     if area == "device"
                     else "missing or invalid admin token"
@@ -186,16 +188,20 @@ class RequestGuard:
 
         await self.app(scope, bounded_receive, send)
 
-    def _authenticate(self, area: str, token: str, scope: Scope) -> bool:
-        """Whether ``token`` is valid for ``area``; a device's identity is left in the scope for the endpoint."""
+    def _authenticate(self, area: str, token: str, scope: Scope) -> str | None:
+        """None when ``token`` is valid for ``area``, else the 401's detail ("" for the generic one).
+
+        A device's identity is left in the scope for the endpoint.
+        """
         if not token:
-            return False
+            return ""
         if area == "admin":
-            return secrets.compare_digest(token.encode(), self.admin_token)
+            return None if secrets.compare_digest(token.encode(), self.admin_token) else ""
         ident = self.check_device(token)
-        if ident is not None:
-            scope.setdefault("state", {})[DEVICE_SCOPE_KEY] = ident
-        return ident is not None
+        if not isinstance(ident, DeviceIdentity):
+            return ident or ""
+        scope.setdefault("state", {})[DEVICE_SCOPE_KEY] = ident
+        return None
 
     async def _drain(self, receive: Receive) -> None:
         """Read and drop the rest of a body, for at most ``body_timeout`` seconds (then the reply goes out)."""

@@ -19,8 +19,8 @@ accountant and the downlink residual are state of the federation, not of one rou
 
 Rounds are durable (:class:`~deltaplane.serve.rounds_store.RoundStore`): a round's record and every accepted
 upload are in the registry database before the upload is acknowledged; an upload names its round's nonce
-(``X-Deltaplane-Round-Nonce``), so a captured upload cannot be replayed into a later round, and the same bytes
-are never accepted twice. After a restart the open rounds come back and their uploads are replayed into a fresh
+(``X-Deltaplane-Round-Nonce``), so a captured upload cannot be replayed into a later round, and a device's
+bytes are never accepted twice (two devices may send identical bytes). After a restart the open rounds come back and their uploads are replayed into a fresh
 server step, which continues from the state stored with the last published round (server optimizer moments,
 DP accountant, adaptive clip, random generators, downlink residual: :meth:`ServerStep.state_dict`, written in
 the round's closing transaction), so a restarted service publishes bit for bit what an uninterrupted one

@@ -5,8 +5,9 @@ that is deleted before its version is published disappears when publishing fails
 
 * ``open`` allocates the next round number for the model from the database (never reused) and a random
   ``nonce``; uploads must name both (path + ``X-Deltaplane-Round-Nonce``), so a captured upload cannot be
-  replayed into a later round — and every accepted payload's SHA-256 is unique per model, so the same bytes
-  are refused a second time in any round;
+  replayed into a later round — and every accepted payload's SHA-256 is unique per model *and device*, so a
+  device's bytes are refused a second time in any round (a replay needs that device's token anyway; two
+  honest devices whose updates compress to the same bytes, both zero say, are both accepted);
 * ``add_upload`` stores the payload as a blob (durable before its row commits) and records device, cohort
   and weight; :meth:`RoundStore.restore` rebuilds the streaming aggregate of every open round after a
   restart by decoding the stored payloads in acceptance order;
@@ -41,23 +42,52 @@ __all__ = ["RoundConflict", "RoundRecord", "RoundStore"]
 
 T = TypeVar("T")
 
+# Replays are refused per device: UNIQUE (model, device_id, sha256). Stores made before had UNIQUE (model,
+# sha256), which refused the second of two honest devices sending identical bytes; RoundStore migrates them.
+_UPLOADS = """CREATE TABLE IF NOT EXISTS {name} (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, round INTEGER NOT NULL,
+        device_id TEXT NOT NULL, cohort TEXT NOT NULL, weight REAL NOT NULL, sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL, at REAL NOT NULL,
+        UNIQUE (model, round, device_id), UNIQUE (model, device_id, sha256))"""
+_UPLOAD_COLUMNS = "id, model, round, device_id, cohort, weight, sha256, size, at"
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rounds (
         model TEXT NOT NULL, number INTEGER NOT NULL, base_version INTEGER NOT NULL, nonce TEXT NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')), excluded TEXT NOT NULL,
         opened_at REAL NOT NULL, closed_at REAL, version INTEGER,
         PRIMARY KEY (model, number))""",
-    """CREATE TABLE IF NOT EXISTS round_uploads (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, round INTEGER NOT NULL,
-        device_id TEXT NOT NULL, cohort TEXT NOT NULL, weight REAL NOT NULL, sha256 TEXT NOT NULL,
-        size INTEGER NOT NULL, at REAL NOT NULL,
-        UNIQUE (model, round, device_id), UNIQUE (model, sha256))""",
+    _UPLOADS.format(name="round_uploads"),
     "CREATE INDEX IF NOT EXISTS rounds_open ON rounds (model, state)",
     # the server step's learned state after the model's last published round (ServerStep.state_dict)
     """CREATE TABLE IF NOT EXISTS server_steps (
         model TEXT PRIMARY KEY, round INTEGER NOT NULL, version INTEGER, sha256 TEXT NOT NULL,
         state BLOB NOT NULL, at REAL NOT NULL)""",
 )
+
+
+def _unique_keys(con: Any, table: str) -> set[tuple[str, ...]]:
+    """The column lists of ``table``'s UNIQUE constraints and indexes."""
+    keys = set()
+    for index in con.execute(f"PRAGMA index_list({table})").fetchall():
+        if index[2]:  # unique
+            cols = con.execute(f"PRAGMA index_info({index[1]})").fetchall()  # (seqno, cid, name)
+            keys.add(tuple(str(c[2]) for c in sorted(cols, key=lambda c: int(c[0]))))
+    return keys
+
+
+def _migrate_uploads(con: Any) -> None:
+    """Rebuild a ``round_uploads`` table of a store made when replays were refused per model (UNIQUE (model,
+    sha256)) with the per-device key, in the caller's transaction: SQLite cannot drop a constraint. Every row
+    is copied with its id (acceptance order, which a restart replays in), so no round loses an upload."""
+    if ("model", "sha256") not in _unique_keys(con, "round_uploads"):
+        return
+    con.execute(_UPLOADS.format(name="round_uploads_migrated"))
+    con.execute(
+        f"INSERT INTO round_uploads_migrated ({_UPLOAD_COLUMNS}) SELECT {_UPLOAD_COLUMNS} FROM round_uploads"
+    )
+    con.execute("DROP TABLE round_uploads")
+    con.execute("ALTER TABLE round_uploads_migrated RENAME TO round_uploads")
 
 
 def _put_snapshot(con: Any, model: str, round_number: int, version: int | None, data: bytes) -> None:
@@ -91,6 +121,7 @@ class RoundStore:
         with registry.transaction() as con:
             for stmt in _SCHEMA:
                 con.execute(stmt)
+            _migrate_uploads(con)  # under the same write lock: two starting workers migrate once
 
     # -- rounds ----------------------------------------------------------------------------------------
     def open(self, model: str, base_version: int, *, excluded: tuple[str, ...] = ()) -> RoundRecord:
@@ -150,16 +181,20 @@ class RoundStore:
         """Record an accepted upload durably; returns the round's upload count.
 
         ``stored``: the caller already wrote the blob with :meth:`store_payload`. Raises
-        :class:`RoundConflict` for a second upload of the device in this round, or for bytes already
-        accepted in any round of this model (a replay).
+        :class:`RoundConflict` for a second upload of the device in this round, or for bytes this device
+        already had accepted in any round of this model (a replay). The same bytes from another device are
+        accepted: honest devices can send identical updates (both zero, say), and replaying a device's
+        upload needs that device's token.
         """
         digest = hashlib.sha256(payload).hexdigest()
         seen = self.registry.query(
-            "SELECT round, device_id FROM round_uploads WHERE model=? AND sha256=?", (rec.model, digest)
+            "SELECT round FROM round_uploads WHERE model=? AND device_id=? AND sha256=?",
+            (rec.model, device_id, digest),
         )
         if seen:
             raise RoundConflict(
-                f"this exact update was already accepted in round {seen[0][0]}; replays are refused"
+                f"device {device_id} already had this exact update accepted in round {seen[0][0]}; "
+                f"replays are refused (send the update computed for this round)"
             )
         if not stored:
             self.registry.put_blob(payload)  # durable before the row that names it

@@ -23,11 +23,19 @@ Device endpoints (``Authorization: Bearer <device token>``; only invited devices
 
 Admin endpoints: ``POST /admin/models/{model}/secagg`` (open), ``GET /admin/models/{model}/secagg/{round}``
 (status), ``POST /admin/models/{model}/secagg/{round}/advance`` (close the current stage),
-``POST /admin/models/{model}/secagg/{round}/close`` (unmask, publish).
+``POST /admin/models/{model}/secagg/{round}/close`` (unmask, publish),
+``POST /admin/models/{model}/secagg/{round}/abort`` (give the round up unpublished).
+
+A round's protocol state (keys, shares, every masked input: model-sized per device) is dropped as soon as the
+round is published or aborted; only its final status is kept, for the last :data:`FINISHED_KEPT` finished
+rounds, so that a late device message gets 409 (the round is closed or aborted) and the admin status still
+answers. Older finished rounds are 404, like rounds that never existed.
 """
 
 import hashlib
 import threading
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -60,7 +68,10 @@ from deltaplane.registry import Governance
 from deltaplane.serve.rounds import check_update_norm, resume_step, step_bytes, undo_on_failure
 from deltaplane.serve.rounds_store import RoundStore
 
-__all__ = ["SecAggRound", "install_secagg_routes"]
+__all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
+
+#: how many finished (published or aborted) rounds keep their final status, so late requests get 409 not 404
+FINISHED_KEPT = 256
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
@@ -101,7 +112,36 @@ class SecAggRound:
             "survivors": list(srv.survivors),
             "dropped": list(srv.dropped),
             "published": self.published,
+            "finished": None,  # "published" or "aborted" once it is (FinishedRound)
         }
+
+
+@dataclass(frozen=True)
+class FinishedRound:
+    """What is kept of a published or aborted round: its final status, client ids packed (4 bytes each), so
+    that the :data:`FINISHED_KEPT` kept rounds stay small whatever their size."""
+
+    outcome: str  # "published" or "aborted"
+    summary: dict[str, Any]
+    survivors: array
+    dropped: array
+
+    @classmethod
+    def of(cls, r: SecAggRound, outcome: str) -> "FinishedRound":
+        status = r.status()
+        survivors, dropped = status.pop("survivors"), status.pop("dropped")
+        return cls(outcome, status | {"finished": outcome}, array("I", survivors), array("I", dropped))
+
+    def status(self) -> dict[str, Any]:
+        return self.summary | {"survivors": self.survivors.tolist(), "dropped": self.dropped.tolist()}
+
+    def refusal(self) -> str:
+        """Why a device's request to this round is refused (409)."""
+        if self.outcome == "published":
+            what = f"closed (published as version {self.summary['published']['version']})"
+        else:
+            what = "aborted"
+        return f"SecAgg round {self.summary['round']} of {self.summary['model']!r} is {what}; it takes no more messages"
 
 
 class OpenSecAggRequest(BaseModel):
@@ -188,16 +228,31 @@ def install_secagg_routes(
     with ``rounds_store`` the step resumes from, and stores after each round, its durable state.
     """
     store = rounds_store if rounds_store is not None else RoundStore(state.registry)
-    rounds: dict[tuple[str, int], SecAggRound] = {}
+    rounds: dict[tuple[str, int], SecAggRound] = {}  # open rounds only
+    finished: OrderedDict[tuple[str, int], FinishedRound] = OrderedDict()  # the last FINISHED_KEPT closed
     reg = state.registry
     router = APIRouter()
     Device = Annotated[Any, Depends(device)]
 
     def get_round(model: str, number: int) -> SecAggRound:
+        """The open round; 409 for a finished one, 404 for one this service does not know (any more)."""
         r = rounds.get((model, number))
         if r is None:
+            done = finished.get((model, number))
+            if done is not None:
+                raise HTTPException(409, done.refusal())
             raise NotFound(f"no SecAgg round {number} for {model!r}")
         return r
+
+    def finish(r: SecAggRound, outcome: str) -> dict[str, Any]:
+        """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
+        keeping its final status; returns that status."""
+        done = FinishedRound.of(r, outcome)
+        rounds.pop((r.model, r.number), None)
+        finished[(r.model, r.number)] = done
+        while len(finished) > FINISHED_KEPT:
+            finished.popitem(last=False)
+        return done.status()
 
     def client_of(r: SecAggRound, ident: Any) -> int:
         """The invited device's client id in the round; a device of a cohort that withdrew consent takes no
@@ -224,7 +279,8 @@ def install_secagg_routes(
             raise HTTPException(
                 409,
                 f"cohort {withdrawn[0]!r} withdrew consent after its devices' inputs entered this round's sum; "
-                "leave this round unpublished and open a new SecAgg round",
+                f"leave this round unpublished (abort it: POST /admin/models/{r.model}/secagg/{r.number}/abort) "
+                "and open a new SecAgg round",
             )
         gov = reg.get(r.model, r.base_version).governance
         cohorts = tuple(sorted(set(gov.cohorts) | summed))
@@ -272,7 +328,8 @@ def install_secagg_routes(
         )
         async def receive(model: ModelName, number: RoundId, request: Request, ident: Device) -> Accepted:
             r = get_round(model, number)
-            u = client_of(r, ident)
+            # in a worker thread: the consent check reads (and verifies) the signed state log in the database
+            u = await run_in_threadpool(client_of, r, ident)
             body = await read_capped(request, cls.max_bytes(r.config))
 
             def apply() -> None:
@@ -421,7 +478,8 @@ def install_secagg_routes(
 
     @router.get("/admin/models/{model}/secagg/{number}", tags=["admin", "secagg"], dependencies=AdminDep)
     def status(model: ModelName, number: RoundId) -> dict[str, Any]:
-        return get_round(model, number).status()
+        done = finished.get((model, number))
+        return done.status() if done is not None else get_round(model, number).status()
 
     @router.post(
         "/admin/models/{model}/secagg/{number}/advance", tags=["admin", "secagg"], dependencies=AdminDep
@@ -434,12 +492,22 @@ def install_secagg_routes(
         return r.status()
 
     @router.post(
+        "/admin/models/{model}/secagg/{number}/abort", tags=["admin", "secagg"], dependencies=AdminDep
+    )
+    def abort(model: ModelName, number: RoundId) -> dict[str, Any]:
+        """Give the round up unpublished (a close refused for good, devices gone): its state is dropped."""
+        r = get_round(model, number)
+        with state.lock:  # not while a close publishes it
+            if rounds.get((model, number)) is not r:
+                raise HTTPException(409, f"SecAgg round {number} of {model!r} finished meanwhile")
+            state.counters["secagg.rounds_aborted"] += 1
+            return finish(r, "aborted")
+
+    @router.post(
         "/admin/models/{model}/secagg/{number}/close", tags=["admin", "secagg"], dependencies=AdminDep
     )
     def close(model: ModelName, number: RoundId) -> dict[str, Any]:
         r = get_round(model, number)
-        if r.published is not None:
-            raise HTTPException(409, f"SecAgg round {number} is already closed")
         if r.endpoint.stage not in (Stage.UNMASK, Stage.DONE):  # DONE: a close that failed after unmasking
             raise HTTPException(
                 409, f"SecAgg round {number} is at stage '{r.endpoint.stage}'; advance to unmasking"
@@ -452,15 +520,16 @@ def install_secagg_routes(
             state.counters["secagg.refused"] += 1
             raise HTTPException(
                 409,
-                f"{exc}. Leave this round unpublished and open a new SecAgg round without the faulty device",
+                f"{exc}. Leave this round unpublished (abort it: POST /admin/models/{model}/secagg/{number}/abort) "
+                "and open a new SecAgg round without the faulty device",
             ) from None
         # the same guard as a plain upload: in-range inputs can still poison the mean (InvalidUpdate, 422)
         check_update_norm(mean, state.base_state(model, r.base_version), config.max_update_norm_ratio)
         governance, lineage = round_governance(r, survivors)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
-            if r.published is not None:
-                raise HTTPException(409, f"SecAgg round {number} is already closed")
+            if rounds.get((model, number)) is not r:  # a concurrent close published it, or an abort
+                raise HTTPException(409, f"SecAgg round {number} of {model!r} finished meanwhile")
             if model in state.rounds:
                 raise HTTPException(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
@@ -489,8 +558,9 @@ def install_secagg_routes(
                 "uplink_bytes": uplink,
                 "measurements": {k: float(v) for k, v in outcome.measurements.items()},
             }
+            closed = finish(r, "published")
         state.counters["secagg.rounds_closed"] += 1
-        return r.status()
+        return closed
 
     app.include_router(router)
     return rounds

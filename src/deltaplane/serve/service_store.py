@@ -2,11 +2,14 @@
 
 The registry owns model versions; the service adds its own tables beside them (same file, same WAL, same
 ``synchronous=FULL`` durability) so that one transaction can cover both — see
-:meth:`deltaplane.registry.Registry.transaction`. This module holds the token revocation list.
+:meth:`deltaplane.registry.Registry.transaction`. This module holds the token revocation list and the
+service's id (the audience of its device tokens).
 """
 
 from __future__ import annotations
 
+import base64
+import secrets
 import time
 
 from deltaplane.registry import Registry
@@ -18,6 +21,7 @@ _SCHEMA = (
         token_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, expires_at REAL NOT NULL, at REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS revoked_devices (
         device_id TEXT PRIMARY KEY, before REAL NOT NULL, at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS service_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
 )
 
 
@@ -29,6 +33,20 @@ class ServiceStore:
         with registry.transaction() as con:
             for stmt in _SCHEMA:
                 con.execute(stmt)
+
+    def audience(self) -> str:
+        """This service's id, the audience its device tokens carry: random, made on first use and kept in the
+        database, so it is the same for every restart and worker over this registry and differs between two
+        registries (a copied registry home keeps it: give a copy its own device secret).
+        """
+        with self.registry.transaction() as con:
+            # INSERT OR IGNORE then read: two workers starting together agree on the first one written
+            con.execute(
+                "INSERT OR IGNORE INTO service_settings (name, value) VALUES ('audience', ?)",
+                ("svc-" + base64.urlsafe_b64encode(secrets.token_bytes(12)).decode(),),
+            )
+            row = con.execute("SELECT value FROM service_settings WHERE name='audience'").fetchone()
+        return str(row[0])
 
     def revoke_token(self, token_id: str, device_id: str, expires_at: float) -> None:
         with self.registry.transaction() as con:
