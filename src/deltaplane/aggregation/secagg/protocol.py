@@ -58,7 +58,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive
+from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, contributory, derive
 from deltaplane.aggregation.secagg.ring import (
     from_words,
     pack_words,
@@ -371,11 +371,14 @@ class SecAggClient:
         )
 
     # -- stage 1 ----------------------------------------------------------------------------------------
+    def _share_cipher(self, peer: int, c_public: bytes) -> AESGCM:
+        """The AES-GCM cipher of the shares between this client and ``peer`` (SecAggError: a low-order key)."""
+        context = _pair_context(self.config, self.client_id, peer)
+        return AESGCM(derive(agree(self._c_key, c_public), "share-encryption", context))
+
     def _aead(self, peer: int) -> AESGCM:
         if peer not in self._aeads:  # one X25519 agreement per neighbour: sharing and unmasking both need it
-            shared = agree(self._c_key, self._peers[peer][0])
-            context = _pair_context(self.config, self.client_id, peer)
-            self._aeads[peer] = AESGCM(derive(shared, "share-encryption", context))
+            self._aeads[peer] = self._share_cipher(peer, self._peers[peer][0])
         return self._aeads[peer]
 
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
@@ -393,7 +396,9 @@ class SecAggClient:
             raise SecAggError(
                 f"client {u}: only {len(peers)} neighbours advertised keys; threshold {cfg.threshold}"
             )
-        self._peers = peers
+        # every agreement before any state changes: a roster with a low-order key is refused as a whole
+        aeads = {v: self._share_cipher(v, c) for v, (c, _) in peers.items()}
+        self._peers, self._aeads = peers, aeads
         self._self_seed = self._rand(32)
         xs = [v + 1 for v in [*peers, u]]  # share points are id + 1 (0 is the secret)
         b_sh = shamir.split(self._self_seed, threshold=cfg.threshold, xs=xs, randbytes=self._rand)
@@ -440,13 +445,14 @@ class SecAggClient:
             y = to_words(codes, cfg.ring_bits, below=None if signed else 1 << cfg.bits)
         except ValueError:
             raise bad from None
-        self._received = dict(inbox.ciphertexts)
         # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, on lane words (ring.to_words): they wrap
-        # modulo 2^64, a multiple of every word's group, which packing reduces to
+        # modulo 2^64, a multiple of every word's group, which packing reduces to. Every key is agreed before
+        # the state changes (a roster's low-order key is a SecAggError that leaves this client as it was)
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
-            for v in sorted(self._received)
+            for v in sorted(inbox.ciphertexts)
         ]
+        self._received = dict(inbox.ciphertexts)
         add_masks(y, masks)
         self.stage = Stage.MASKED
         return MaskedInput(cfg.round_id, u, pack_words(y, cfg.ring_bits, cfg.vector_size))
@@ -555,6 +561,12 @@ class SecAggServer:
             raise DecodeError(f"malformed key advertisement from client {msg.client_id}")
         if msg.client_id in self.keys:
             raise SecAggOrderError(f"client {msg.client_id} already advertised keys", stage=self.stage)
+        # a low-order key makes every agreement with it fail: each neighbour's masking, and the unmasking
+        if not (contributory(msg.c_public) and contributory(msg.s_public)):
+            raise DecodeError(
+                f"key advertisement from client {msg.client_id} holds a low-order X25519 point, with which no "
+                "shared secret can be agreed; send keys made by X25519PrivateKey.generate()"
+            )
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
         self._count(msg.client_id, msg.wire_size())
 
