@@ -371,3 +371,42 @@ def test_a_low_order_public_key_is_refused_by_the_server_and_by_every_device(poi
     with pytest.raises(SecAggError, match="low-order"):
         c0.masked_input(inbox, codes[0])
     assert c0.stage == Stage.SHARE and c0.export_state() == snapshot
+
+
+@pytest.mark.parametrize(
+    ("n", "degree", "seed"), [(2, None, 0), (9, None, 3), (9, 2, 3), (40, 8, 11), (41, 40, 5)]
+)
+def test_a_device_builds_the_same_neighbourhood_as_the_server(n: int, degree: int | None, seed: int) -> None:
+    from deltaplane.aggregation.secagg import neighbours
+
+    cfg = SecAggConfig(
+        num_clients=n,
+        threshold=((degree or n - 1) + 1) // 2 + 1,
+        bits=4,
+        vector_size=3,
+        neighbours=degree,
+        graph_seed=seed,
+    )
+    graph = neighbours(cfg)
+    assert sorted(graph) == list(range(n))
+    for u in range(n):
+        assert SecAggClient(u, cfg)._graph == graph[u]
+        assert all(u in graph[v] for v in graph[u]) and u not in graph[u]  # undirected, no loops
+
+
+def test_a_device_invited_to_a_large_round_does_not_build_everyones_neighbourhood() -> None:
+    """A device built the whole communication graph to read its own row: O(clients²) memory for the complete
+    graph (~0.6 GB at 3,000 clients), so a server inviting it to a large round could exhaust it. It now
+    builds its own neighbourhood only."""
+    import tracemalloc
+
+    n = 2500
+    cfg = SecAggConfig(num_clients=n, threshold=2 * n // 3 + 1, bits=8, vector_size=4, graph_seed=987_654)
+    tracemalloc.start()
+    try:
+        client = SecAggClient(n - 1, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert client._graph == frozenset(range(n - 1))
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB to set up one device"
