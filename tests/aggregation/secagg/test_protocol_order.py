@@ -410,3 +410,22 @@ def test_a_device_invited_to_a_large_round_does_not_build_everyones_neighbourhoo
         tracemalloc.stop()
     assert client._graph == frozenset(range(n - 1))
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB to set up one device"
+
+
+def test_a_repeated_share_key_is_refused_by_the_server_not_by_every_device() -> None:
+    """Devices refuse a roster that repeats a share-encryption key. The server accepted a second device
+    advertising another's key, so two colluding devices made every honest device of their neighbourhoods
+    refuse the roster: the round died. The server now refuses the repeat (SecAggError, nothing stored) and
+    the honest devices share as usual."""
+    cfg, _codes, clients, server, out = _to_stage(Stage.ADVERTISE)
+    for u in range(N - 1):
+        server.receive_keys(out["adv"][u])
+    copy = AdvertiseKeys(cfg.round_id, N - 1, out["adv"][0].c_public, out["adv"][N - 1].s_public)
+    before = _state(server)
+    with pytest.raises(SecAggError, match="client 0 already advertised"):
+        server.receive_keys(copy)
+    assert _same(before, _state(server))
+    roster = server.roster()
+    for u in range(N - 1):
+        server.receive_shares(clients[u].share_keys(roster))
+    server.close_shares()  # N - 1 devices shared: above the threshold, the round goes on

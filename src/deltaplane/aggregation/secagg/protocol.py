@@ -539,6 +539,7 @@ class SecAggServer:
         self.graph = neighbours(config)
         self.stage = Stage.ADVERTISE
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self._c_owner: dict[bytes, int] = {}  # share-encryption public key -> the client that advertised it
         self.mailbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.share_senders: set[int] = set()
         self.uploaded: list[int] = []
@@ -588,7 +589,16 @@ class SecAggServer:
                 f"key advertisement from client {msg.client_id} holds a low-order X25519 point, with which no "
                 "shared secret can be agreed; send keys made by X25519PrivateKey.generate()"
             )
+        # devices refuse a roster that repeats a share key (protocol.SecAggClient.share_keys): a repeat would let
+        # two colluding devices stop every neighbourhood holding both, so the later one is refused instead
+        first = self._c_owner.get(msg.c_public)
+        if first is not None:
+            raise SecAggError(
+                f"client {msg.client_id} advertised the share-encryption key client {first} already advertised; "
+                "refused (devices would refuse a roster that repeats it): send freshly generated keys"
+            )
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
+        self._c_owner[msg.c_public] = msg.client_id
         self._count(msg.client_id, msg.wire_size())
 
     def roster(self) -> KeyRoster:
