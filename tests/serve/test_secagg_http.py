@@ -568,4 +568,22 @@ def test_a_secagg_post_does_not_read_consent_on_the_event_loop(service, monkeypa
         finally:
             release.set()
             sender.join(15)
+
+
+def test_a_device_advertising_a_low_order_key_gets_400_and_the_round_goes_on(service) -> None:
+    """A low-order X25519 key (here all zeros) was accepted (202); every honest neighbour's masking then failed
+    with a bare ValueError, so one device knocked its whole neighbourhood out of the round. Now the
+    advertisement is refused (400), nothing is stored, and the device may still send real keys."""
+    names = ["a", "b", "c"]
+    for d in names:
+        service.device(d)
+    rnd = service.admin._post("/admin/models/cnn/secagg", {"devices": names, "weight_scale": 0})["round"]
+    a = SecAggDevice(service.device("a"), "cnn", rnd)
+    real = AdvertiseKeys.from_bytes(a.endpoint.advertise(), a.config)
+    for c, s in [(bytes(32), real.s_public), (real.c_public, bytes(32))]:
+        with pytest.raises(ServiceError) as exc:
+            a.post("keys", AdvertiseKeys(rnd, a.client_id, c, s).to_bytes())
+        assert exc.value.status == 400 and "low-order" in exc.value.detail
+    assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 0
+    a.advertise()
     assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1

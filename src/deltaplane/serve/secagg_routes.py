@@ -168,7 +168,11 @@ class OpenSecAggRequest(BaseModel):
             "0: an unweighted mean. Required: the service never sees the counts (they travel masked)"
         ),
     )
-    threshold: int | None = Field(default=None, ge=2, description="default: a majority of each neighbourhood")
+    threshold: int | None = Field(
+        default=None,
+        ge=2,
+        description="default: ⌊2g/3⌋ + 1 for neighbourhoods of g, the least devices accept (check_device_policy)",
+    )
     neighbours: int | None = Field(default=None, ge=2, description="SecAgg+ degree (even); default complete")
     base_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 

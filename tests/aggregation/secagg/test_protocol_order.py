@@ -309,3 +309,123 @@ def test_a_client_resumed_from_its_exported_state_finishes_the_round_exactly() -
 
     with pytest.raises(DecodeError, match="malformed SecAgg client state"):
         SecAggClient.restore(cfg, b'{"client_id": 1}')
+
+
+#: X25519 public keys of order 1, 2, 4 or 8 (cr.yp.to/ecdh.html, RFC 7748 §6.1), some non-canonical (u ≥ p):
+#: every private key agrees on the all-zero secret with them
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    (2**255 - 19 - 1).to_bytes(32, "little"),
+    (2**255 - 19).to_bytes(32, "little"),
+    (2**255 - 19 + 1).to_bytes(32, "little"),
+]
+
+
+@pytest.mark.parametrize("point", range(len(LOW_ORDER)))
+@pytest.mark.parametrize("which", ["c", "s"])
+def test_a_low_order_public_key_is_refused_by_the_server_and_by_every_device(point: int, which: str) -> None:
+    """A malicious device advertising a low-order point made every neighbour's masking (and the server's
+    unmasking) raise a bare ValueError: one device stopped the round for all. The server now refuses the
+    advertisement (DecodeError, nothing stored), and a device handed such a key in a roster refuses the roster
+    (SecAggError) without changing its state."""
+    from deltaplane.errors import DecodeError
+
+    low = LOW_ORDER[point]
+    cfg, codes, clients, server, out = _to_stage(Stage.ADVERTISE)
+    for u in range(N - 1):
+        server.receive_keys(out["adv"][u])
+    honest = out["adv"][N - 1]
+    bad = AdvertiseKeys(
+        cfg.round_id,
+        N - 1,
+        low if which == "c" else honest.c_public,
+        low if which == "s" else honest.s_public,
+    )
+    before = _state(server)
+    with pytest.raises(DecodeError, match="low-order"):
+        server.receive_keys(bad)
+    assert _same(before, _state(server))
+    server.receive_keys(honest)  # the device may still advertise real keys
+
+    # a server that forwards such a key anyway: the devices refuse it with a typed error, state unchanged
+    keys = {u: (m.c_public, m.s_public) for u, m in out["adv"].items()}
+    keys[N - 1] = (bad.c_public, bad.s_public)
+    roster = KeyRoster(cfg.round_id, keys)
+    c0 = clients[0]
+    if which == "c":
+        snapshot = c0.export_state()
+        with pytest.raises(SecAggError, match="low-order"):
+            c0.share_keys(roster)
+        assert c0.stage == Stage.ADVERTISE and c0.export_state() == snapshot
+        return
+    server.roster()
+    for u in range(N - 1):
+        server.receive_shares(clients[u].share_keys(roster))  # the c keys are fine: sharing works
+    server.close_shares()
+    inbox = ShareInbox(cfg.round_id, 0, dict(server.inbox(0).ciphertexts))
+    inbox.ciphertexts[N - 1] = next(iter(inbox.ciphertexts.values()))  # as if N-1 had shared too
+    snapshot = c0.export_state()
+    with pytest.raises(SecAggError, match="low-order"):
+        c0.masked_input(inbox, codes[0])
+    assert c0.stage == Stage.SHARE and c0.export_state() == snapshot
+
+
+@pytest.mark.parametrize(
+    ("n", "degree", "seed"), [(2, None, 0), (9, None, 3), (9, 2, 3), (40, 8, 11), (41, 40, 5)]
+)
+def test_a_device_builds_the_same_neighbourhood_as_the_server(n: int, degree: int | None, seed: int) -> None:
+    from deltaplane.aggregation.secagg import neighbours
+
+    cfg = SecAggConfig(
+        num_clients=n,
+        threshold=((degree or n - 1) + 1) // 2 + 1,
+        bits=4,
+        vector_size=3,
+        neighbours=degree,
+        graph_seed=seed,
+    )
+    graph = neighbours(cfg)
+    assert sorted(graph) == list(range(n))
+    for u in range(n):
+        assert SecAggClient(u, cfg)._graph == graph[u]
+        assert all(u in graph[v] for v in graph[u]) and u not in graph[u]  # undirected, no loops
+
+
+def test_a_device_invited_to_a_large_round_does_not_build_everyones_neighbourhood() -> None:
+    """A device built the whole communication graph to read its own row: O(clients²) memory for the complete
+    graph (~0.6 GB at 3,000 clients), so a server inviting it to a large round could exhaust it. It now
+    builds its own neighbourhood only."""
+    import tracemalloc
+
+    n = 2500
+    cfg = SecAggConfig(num_clients=n, threshold=2 * n // 3 + 1, bits=8, vector_size=4, graph_seed=987_654)
+    tracemalloc.start()
+    try:
+        client = SecAggClient(n - 1, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert client._graph == frozenset(range(n - 1))
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB to set up one device"
+
+
+def test_a_repeated_share_key_is_refused_by_the_server_not_by_every_device() -> None:
+    """Devices refuse a roster that repeats a share-encryption key. The server accepted a second device
+    advertising another's key, so two colluding devices made every honest device of their neighbourhoods
+    refuse the roster: the round died. The server now refuses the repeat (SecAggError, nothing stored) and
+    the honest devices share as usual."""
+    cfg, _codes, clients, server, out = _to_stage(Stage.ADVERTISE)
+    for u in range(N - 1):
+        server.receive_keys(out["adv"][u])
+    copy = AdvertiseKeys(cfg.round_id, N - 1, out["adv"][0].c_public, out["adv"][N - 1].s_public)
+    before = _state(server)
+    with pytest.raises(SecAggError, match="client 0 already advertised"):
+        server.receive_keys(copy)
+    assert _same(before, _state(server))
+    roster = server.roster()
+    for u in range(N - 1):
+        server.receive_shares(clients[u].share_keys(roster))
+    server.close_shares()  # N - 1 devices shared: above the threshold, the round goes on

@@ -26,6 +26,7 @@ from deltaplane.aggregation.secagg.protocol import (
     default_threshold,
     min_group_size,
     neighbours,
+    neighbours_of,
 )
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
 from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchange, run_secagg, secure_mean
@@ -57,6 +58,7 @@ __all__ = [
     "exchange",
     "min_group_size",
     "neighbours",
+    "neighbours_of",
     "pack",
     "quantize",
     "ring_bits",

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deltaplane.aggregation.secagg.errors import SecAggError
 
-__all__ = ["MASK_KEY_BYTES", "add_masks", "agree", "derive", "expand_mask"]
+__all__ = ["MASK_KEY_BYTES", "add_masks", "agree", "contributory", "derive", "expand_mask"]
 
 #: bytes of a mask key: AES-128 (since message version 3)
 MASK_KEY_BYTES = 16
@@ -53,8 +53,38 @@ def derive(secret: bytes, purpose: str, context: bytes, length: int = 32) -> byt
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
-    """X25519 shared secret with the peer's raw 32-byte public key."""
-    return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    """X25519 shared secret with the peer's raw 32-byte public key.
+
+    Raises :class:`SecAggError` when ``peer_public`` is a low-order point (:func:`contributory`): a key that
+    makes every agreement fail would otherwise surface as ``cryptography``'s bare ``ValueError``.
+    """
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:
+        raise SecAggError(
+            "a peer's X25519 public key is a low-order point (no shared secret can be agreed with it); "
+            "the key roster is refused"
+        ) from None
+
+
+#: any private key tells low-order points apart (see :func:`contributory`); made once, never a secret
+_PROBE = X25519PrivateKey.generate()
+
+
+def contributory(public: bytes) -> bool:
+    """Whether X25519 agreements with the raw public key ``public`` can succeed (it is not a low-order point).
+
+    X25519 clamps every private scalar to a multiple of the cofactor 8, so a point of order 1, 2, 4 or 8 (on
+    the curve or its twist, in any encoding, e.g. all zeros) gives the all-zero shared secret with *every*
+    private key, which ``cryptography`` refuses with ``ValueError`` (RFC 7748 §6.1). One agreement with any key
+    therefore decides it for all of them. A device advertising such a key would make each of its neighbours'
+    agreements, and the server's unmasking, fail.
+    """
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
 
 
 def _keystream(key: bytes) -> CipherContext:

@@ -58,7 +58,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, derive
+from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, contributory, derive
 from deltaplane.aggregation.secagg.ring import (
     from_words,
     pack_words,
@@ -79,6 +79,7 @@ __all__ = [
     "default_threshold",
     "min_group_size",
     "neighbours",
+    "neighbours_of",
 ]
 
 _FIELDS = ("num_clients", "threshold", "bits", "vector_size", "neighbours", "round_id", "graph_seed")
@@ -219,17 +220,37 @@ def neighbours(config: SecAggConfig) -> dict[int, frozenset[int]]:
     return dict(_graph(config.num_clients, config.neighbours, config.graph_seed))
 
 
+def neighbours_of(config: SecAggConfig, u: int) -> frozenset[int]:
+    """Client ``u``'s neighbours in :func:`neighbours`' graph, built alone: O(clients) time and memory.
+
+    A device needs only its own neighbourhood. Building the whole graph costs O(clients²) for the complete
+    one (about 0.6 GB at 3,000 clients), so a server that invites a device to a large round could exhaust it.
+    """
+    n, degree = config.num_clients, config.neighbours
+    if degree is None:
+        return frozenset(range(n)) - {u}
+    order = _order(n, config.graph_seed)
+    return _harary(order, int(np.flatnonzero(order == u)[0]), degree)
+
+
+def _order(n: int, seed: int) -> np.ndarray:
+    # the public random permutation the SecAgg+ Harary graph is laid on
+    return np.random.default_rng(seed).permutation(n)
+
+
+def _harary(order: np.ndarray, pos: int, degree: int) -> frozenset[int]:
+    # the neighbours of the client at position ``pos`` of ``order``: ``degree / 2`` on each side, wrapping
+    half, n = degree // 2, len(order)
+    return frozenset(int(order[(pos + d) % n]) for d in range(-half, half + 1) if d != 0)
+
+
 @lru_cache(maxsize=8)
 def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
-    # every client and the server build the same graph (O(clients · degree)): once per round's parameters
+    # the server's whole graph (O(clients · degree)): once per round's parameters
     if degree is None:
         return {u: frozenset(set(range(n)) - {u}) for u in range(n)}
-    order = np.random.default_rng(seed).permutation(n)
-    pos = {int(u): i for i, u in enumerate(order)}
-    half = degree // 2
-    return {
-        u: frozenset(int(order[(pos[u] + d) % n]) for d in range(-half, half + 1) if d != 0) for u in range(n)
-    }
+    order = _order(n, seed)
+    return dict(sorted((int(u), _harary(order, i, degree)) for i, u in enumerate(order)))
 
 
 def _raw_private(key: X25519PrivateKey) -> bytes:
@@ -297,7 +318,7 @@ class SecAggClient:
         self.client_id = client_id
         self.config = config
         self._rand = randbytes
-        self._graph = neighbours(config)[client_id]
+        self._graph = neighbours_of(config, client_id)  # its own neighbourhood only: O(clients)
         self._c_key = X25519PrivateKey.from_private_bytes(randbytes(32))
         self._s_key = X25519PrivateKey.from_private_bytes(randbytes(32))
         self._self_seed = b""
@@ -371,11 +392,14 @@ class SecAggClient:
         )
 
     # -- stage 1 ----------------------------------------------------------------------------------------
+    def _share_cipher(self, peer: int, c_public: bytes) -> AESGCM:
+        """The AES-GCM cipher of the shares between this client and ``peer`` (SecAggError: a low-order key)."""
+        context = _pair_context(self.config, self.client_id, peer)
+        return AESGCM(derive(agree(self._c_key, c_public), "share-encryption", context))
+
     def _aead(self, peer: int) -> AESGCM:
         if peer not in self._aeads:  # one X25519 agreement per neighbour: sharing and unmasking both need it
-            shared = agree(self._c_key, self._peers[peer][0])
-            context = _pair_context(self.config, self.client_id, peer)
-            self._aeads[peer] = AESGCM(derive(shared, "share-encryption", context))
+            self._aeads[peer] = self._share_cipher(peer, self._peers[peer][0])
         return self._aeads[peer]
 
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
@@ -393,7 +417,9 @@ class SecAggClient:
             raise SecAggError(
                 f"client {u}: only {len(peers)} neighbours advertised keys; threshold {cfg.threshold}"
             )
-        self._peers = peers
+        # every agreement before any state changes: a roster with a low-order key is refused as a whole
+        aeads = {v: self._share_cipher(v, c) for v, (c, _) in peers.items()}
+        self._peers, self._aeads = peers, aeads
         self._self_seed = self._rand(32)
         xs = [v + 1 for v in [*peers, u]]  # share points are id + 1 (0 is the secret)
         b_sh = shamir.split(self._self_seed, threshold=cfg.threshold, xs=xs, randbytes=self._rand)
@@ -440,13 +466,14 @@ class SecAggClient:
             y = to_words(codes, cfg.ring_bits, below=None if signed else 1 << cfg.bits)
         except ValueError:
             raise bad from None
-        self._received = dict(inbox.ciphertexts)
         # + PRG(bᵤ), + PRG(sᵤᵥ) for v > u, − PRG(sᵤᵥ) for v < u, on lane words (ring.to_words): they wrap
-        # modulo 2^64, a multiple of every word's group, which packing reduces to
+        # modulo 2^64, a multiple of every word's group, which packing reduces to. Every key is agreed before
+        # the state changes (a roster's low-order key is a SecAggError that leaves this client as it was)
         masks = [(_self_key(cfg, self._self_seed, u), 1)] + [
             (_pair_key(cfg, self._s_key, self._peers[v][1], u, v), 1 if u < v else -1)
-            for v in sorted(self._received)
+            for v in sorted(inbox.ciphertexts)
         ]
+        self._received = dict(inbox.ciphertexts)
         add_masks(y, masks)
         self.stage = Stage.MASKED
         return MaskedInput(cfg.round_id, u, pack_words(y, cfg.ring_bits, cfg.vector_size))
@@ -512,6 +539,7 @@ class SecAggServer:
         self.graph = neighbours(config)
         self.stage = Stage.ADVERTISE
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self._c_owner: dict[bytes, int] = {}  # share-encryption public key -> the client that advertised it
         self.mailbox: dict[int, dict[int, bytes]] = {}  # recipient -> sender -> ciphertext
         self.share_senders: set[int] = set()
         self.uploaded: list[int] = []
@@ -555,7 +583,22 @@ class SecAggServer:
             raise DecodeError(f"malformed key advertisement from client {msg.client_id}")
         if msg.client_id in self.keys:
             raise SecAggOrderError(f"client {msg.client_id} already advertised keys", stage=self.stage)
+        # a low-order key makes every agreement with it fail: each neighbour's masking, and the unmasking
+        if not (contributory(msg.c_public) and contributory(msg.s_public)):
+            raise DecodeError(
+                f"key advertisement from client {msg.client_id} holds a low-order X25519 point, with which no "
+                "shared secret can be agreed; send keys made by X25519PrivateKey.generate()"
+            )
+        # devices refuse a roster that repeats a share key (protocol.SecAggClient.share_keys): a repeat would let
+        # two colluding devices stop every neighbourhood holding both, so the later one is refused instead
+        first = self._c_owner.get(msg.c_public)
+        if first is not None:
+            raise SecAggError(
+                f"client {msg.client_id} advertised the share-encryption key client {first} already advertised; "
+                "refused (devices would refuse a roster that repeats it): send freshly generated keys"
+            )
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
+        self._c_owner[msg.c_public] = msg.client_id
         self._count(msg.client_id, msg.wire_size())
 
     def roster(self) -> KeyRoster:
