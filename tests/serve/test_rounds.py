@@ -93,6 +93,37 @@ def test_two_devices_may_upload_identical_bytes_but_a_device_may_not_replay_its_
     assert service.device("d3").upload("cnn", r2["round"], zero, nonce=r2["nonce"])["accepted"]
 
 
+def test_an_accepted_upload_keeps_its_blob_when_a_refused_upload_of_the_same_bytes_discards_it(
+    service, monkeypatch
+):
+    """A refused upload removes the blob it stored (unless a row names it), outside any lock; with identical
+    bytes now normal (two devices, or two models), another upload that had stored the same bytes but not yet
+    written its row recorded a blob that was gone: the round's restore then lost it. The discard and a check
+    of the blob now happen under the service's lock, and an upload whose blob vanished writes it again."""
+    from deltaplane.serve.rounds_store import RoundStore
+
+    service.admin.open_round("cnn")
+    zero = _zero_payload(service)
+    real = RoundStore.store_payload
+
+    calls = []
+
+    def stored_then_discarded_by_another(self, data: bytes) -> str:
+        digest = real(self, data)
+        if not calls:  # once: as a refused upload of the same bytes does, before this one's row
+            self.discard_payload(digest)
+        calls.append(digest)
+        return digest
+
+    monkeypatch.setattr(RoundStore, "store_payload", stored_then_discarded_by_another)
+    assert service.device("d1").upload("cnn", 1, zero)["accepted"]
+    monkeypatch.setattr(RoundStore, "store_payload", real)
+    assert len(calls) == 2  # the upload found its blob gone and wrote it again
+    restart(service)  # the open round is rebuilt from its rows and their blobs
+    assert service.device("x").round("cnn")["uploads"] == 1
+    assert service.admin.close_round("cnn", 1)["uploads"] == 1
+
+
 def test_a_store_made_with_per_model_replay_keys_is_migrated_in_place(tmp_path):
     """A store from before (round_uploads UNIQUE (model, sha256)) is rebuilt on start with the per-device key:
     the open round keeps its uploads, in order, and closed rounds' replay records stay."""
@@ -383,3 +414,37 @@ def test_a_service_restarted_with_another_configuration_refuses_the_stored_step(
         svc.config, federation=RunConfig(clients=3, aggregator="fedadam", server_opt_lr=0.01)
     )
     assert restart(svc).admin.open_round("cnn")["round"] == 2
+
+
+def test_a_plain_upload_does_not_read_consent_on_the_event_loop(service, monkeypatch) -> None:
+    """A plain upload checked withdrawn cohorts (a signed-log read, which can wait on the registry's write lock)
+    on the event loop: while it waited, every request did, /healthz included (SecAgg posts had the same fault,
+    fixed before). It runs in a worker thread now."""
+    import threading
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    rnd = service.admin.open_round("cnn")["round"]
+    zero = _zero_payload(service)
+    dev = service.device("d1")
+    reg = service.app.state.deltaplane.registry
+    real, reading, release = reg.withdrawn_cohorts, threading.Event(), threading.Event()
+
+    def slow_read(*args, **kwargs):  # as a read waiting on a busy database
+        reading.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    with BackgroundServer(service.app) as srv:
+        dev._http = httpx.Client(base_url=srv.url, timeout=30)
+        monkeypatch.setattr(reg, "withdrawn_cohorts", slow_read)
+        sender = threading.Thread(target=dev.upload, args=("cnn", rnd, zero))
+        sender.start()
+        try:
+            assert reading.wait(10)
+            assert httpx.get(f"{srv.url}/healthz", timeout=3).status_code == 200
+        finally:
+            release.set()
+            sender.join(15)

@@ -475,7 +475,8 @@ def round_router(
                 409, f"round {round_id} is not open; the open round of {model!r} is {r.number}"
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        # a signed-log read that can wait on the registry's write lock: off the event loop (as SecAgg's)
+        if ident.cohort in await run_in_threadpool(reg.withdrawn_cohorts, verify=True):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
             )
@@ -511,12 +512,16 @@ def round_router(
             with state.lock:
                 refused()
             if r.record is None:
-                return accept()
+                return accept(None)
             digest = rounds_store.store_payload(payload)
             try:
-                return accept()
+                return accept(digest)
             except BaseException:
-                rounds_store.discard_payload(digest)
+                # under the lock, as accept() checks the blob: identical bytes of another upload (another
+                # device, another model) stored meanwhile either have their row already, which keeps the
+                # blob, or find it gone in accept() and write it again
+                with state.lock:
+                    rounds_store.discard_payload(digest)
                 raise
 
         def refused() -> None:
@@ -526,7 +531,7 @@ def round_router(
             if ident.device_id in r.devices:
                 raise HTTPException(409, f"device {ident.device_id} already uploaded to round {round_id}")
 
-        def accept() -> int:
+        def accept(digest: str | None) -> int:
             with state.lock:
                 refused()  # again: another upload may have got in while the blob was written
                 step = state.steps[model]
@@ -536,6 +541,9 @@ def round_router(
                 if not step.receive_delta(ident.device_id, delta, num_examples):
                     raise InvalidUpdate(f"update refused: {step.last_rejection.error}")  # type: ignore[union-attr]
                 if r.record is not None:  # durable before it counts: refuses replays of accepted bytes
+                    if digest is not None and not rounds_store.has_payload(digest):
+                        # a refused upload of the same bytes discarded the blob after this one stored it
+                        rounds_store.store_payload(payload)
                     try:
                         rounds_store.add_upload(
                             r.record,

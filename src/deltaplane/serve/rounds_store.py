@@ -163,6 +163,10 @@ class RoundStore:
         """Write the payload's blob durably (before taking any lock); returns its SHA-256."""
         return self.registry.put_blob(payload)
 
+    def has_payload(self, digest: str) -> bool:
+        """Whether the blob of a payload :meth:`store_payload` wrote is (still) in the registry."""
+        return self.registry.blob_path(digest).exists()
+
     def discard_payload(self, digest: str) -> None:
         """Remove the blob :meth:`store_payload` wrote for an upload that was then refused (unless a row names
         the same bytes): refused uploads must not fill the disk."""
