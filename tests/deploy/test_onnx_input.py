@@ -127,3 +127,51 @@ def test_onnx_inputs_the_model_cannot_run_are_a_usage_error(app, tmp_path):
     with pytest.raises(ConfigError, match="the model takes"):
         deploy_onnx_model(src, out, eval_feeds=[{"input_ids": ok[0]["ids"]}], quant="none")
     assert deploy_onnx_model(src, out, eval_feeds=ok, quant="none").manifest["fidelity"]["inputs"] == 1
+
+
+def _nm_holds(rows: np.ndarray, n: int = 2, m: int = 4) -> bool:
+    """At most ``n`` nonzeros in every group of ``m`` along the last (input) dimension of ``(out, in)`` rows."""
+    return bool(((rows.reshape(rows.shape[0], -1, m) != 0).sum(-1) <= n).all())
+
+
+def test_a_weight_shared_by_nodes_of_different_orientations_is_not_nm_pruned_along_one_of_them():
+    # prune_onnx kept one orientation per initializer, the last node's: a weight read as (in, out) by a MatMul
+    # and as (out, in) by a Gemm(transB=1) was pruned 2:4 along the Gemm's input only, and the MatMul shipped
+    # a pattern that is not 2:4 along its own input dimension
+    from onnx import TensorProto, helper
+
+    g = np.random.default_rng(0)
+    shared, other = g.standard_normal((8, 8)).astype(np.float32), g.standard_normal((8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"]),
+        helper.make_node("Gemm", ["x", "W"], ["b"], transB=1),
+        helper.make_node("MatMul", ["a", "V"], ["c"]),
+        helper.make_node("Add", ["b", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(shared, "W"), numpy_helper.from_array(other, "V")],
+    )  # fmt: skip
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sparsity, skipped = prune_onnx(m, parse_prune("2:4"))
+    w = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    # every node's own view of its weight as (out, in) rows, read off the graph: 2:4 or left dense
+    for node in m.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            rows = w[node.input[1]] if node.op_type == "Gemm" else w[node.input[1]].T
+            dense = np.array_equal(w[node.input[1]], {"W": shared, "V": other}[node.input[1]])
+            assert _nm_holds(rows) or dense, node.op_type
+    assert "different orientations" in skipped["W"] and "MatMul" in skipped["W"]
+    assert _nm_holds(w["V"].T) and sparsity == pytest.approx(0.5)
+    # unstructured magnitude pruning does not depend on the orientation: the shared weight is pruned
+    m2 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prune_onnx(m2, parse_prune("0.5"))
+    assert (numpy_helper.to_array(m2.graph.initializer[0]) == 0).mean() == pytest.approx(0.5)
+    # a graph whose only weight is such a shared one: refused, saying why
+    only = helper.make_graph(
+        [*nodes[:2], helper.make_node("Add", ["a", "b"], ["y"])], "g", list(graph.input), list(graph.output),
+        [numpy_helper.from_array(shared, "W")],
+    )  # fmt: skip
+    with pytest.raises(UnsupportedLayer, match="different orientations"):
+        prune_onnx(helper.make_model(only, opset_imports=[helper.make_opsetid("", 17)]), parse_prune("2:4"))

@@ -4,7 +4,8 @@ An ``.onnx`` file is a model too: ``deltaplane deploy model.onnx`` compresses wh
 int8 dynamic / static and int4 weight-only quantization (:func:`~deltaplane.deploy.quantize.quantize_onnx`) —
 and prunes the weight matrices in the graph itself: the constant weight of every ``MatMul`` (``(in, out)``),
 ``Gemm`` (``(out, in)`` with ``transB=1``, else ``(in, out)``) and ``Conv`` (``(out, in, kh, kw)``), by magnitude
-per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``). Wanda and channel pruning need
+per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``; a weight shared by nodes that read it
+in different orientations is left dense under N:M and reported as skipped). Wanda and channel pruning need
 activations or a traced module and are refused here.
 
 Fidelity is measured against the original ONNX model on evaluation feeds, on its first output. With labels and
@@ -59,21 +60,33 @@ class OnnxDeployResult:
     files: list[str] = field(default_factory=list)
 
 
-def _weights(model: Any) -> dict[str, tuple[str, bool]]:
-    """Initializer name → (op type, whether its rows are (out, in)) for every prunable constant weight."""
+def _weights(model: Any) -> dict[str, tuple[str, bool | None]]:
+    """Initializer name → (op types, whether its rows are (out, in)) for every prunable constant weight.
+
+    One initializer can feed several nodes (a weight tied between layers). When they read it in different
+    orientations (a ``MatMul``'s ``(in, out)`` and a ``Gemm``'s ``(out, in)`` with ``transB=1``), the orientation
+    is ``None``: there is no single input dimension to run N:M groups along.
+    """
     inits = {i.name for i in model.graph.initializer}
-    out = {}
+    seen: dict[str, tuple[list[str], set[bool]]] = {}
     for node in model.graph.node:
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         if node.op_type == "MatMul":
-            out[node.input[1]] = ("MatMul", False)
+            out_in = False
         elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            out[node.input[1]] = ("Gemm", bool(trans_b))
+            out_in = bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
         elif node.op_type == "Conv":
-            out[node.input[1]] = ("Conv", True)
-    return out
+            out_in = True
+        else:
+            continue
+        ops, orientations = seen.setdefault(node.input[1], ([], set()))
+        ops.append(node.op_type + ("(transB=1)" if node.op_type == "Gemm" and out_in else ""))
+        orientations.add(out_in)
+    return {
+        name: (", ".join(sorted(set(ops))), orient.pop() if len(orient) == 1 else None)
+        for name, (ops, orient) in seen.items()
+    }
 
 
 def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, str]]:
@@ -98,7 +111,15 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
         if w.ndim < 2:
             skipped[init.name] = "not a matrix"
             continue
-        _, out_in = targets[init.name]
+        ops, out_in = targets[init.name]
+        if out_in is None:
+            if method == "nm":  # N:M along one node's input dimension is not N:M along the other's
+                skipped[init.name] = (
+                    f"shared by nodes that read it in different orientations ({ops}): no single input "
+                    "dimension for N:M groups"
+                )
+                continue
+            out_in = True  # magnitude masks are elementwise: the orientation does not change them
         rows = w.reshape(w.shape[0], -1) if out_in else w.T  # (out, in): groups run along the input dim
         score = torch.from_numpy(np.abs(rows).copy())
         if method == "nm":
@@ -119,7 +140,11 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
         zeros += int((new == 0).sum())
         total += new.size
     if total == 0:
-        raise UnsupportedLayer("the ONNX model has no MatMul/Gemm/Conv with a constant weight to prune")
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise UnsupportedLayer(
+            "the ONNX model has no MatMul/Gemm/Conv with a constant weight to prune"
+            + (f" (not pruned: {why})" if why else "")
+        )
     return zeros / total, skipped
 
 
