@@ -99,30 +99,65 @@ def test_pruning_an_fp16_onnx_model_keeps_its_weights_fp16(tmp_path):
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, atol=2e-2)
 
 
+class _Emb(torch.nn.Module):
+    """Token ids → a ``rows``-row embedding table (looked up at ``ids + offset``) → mean → linear."""
+
+    def __init__(self, rows: int, offset: int = 0) -> None:
+        super().__init__()
+        self.e, self.lin, self.offset = torch.nn.Embedding(rows, 8), torch.nn.Linear(8, 4), offset
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.e(ids + self.offset if self.offset else ids).mean(1))
+
+
+def _export_emb(path, rows: int, offset: int = 0):
+    torch.manual_seed(0)
+    return export_onnx(
+        _Emb(rows, offset).eval(), torch.full((1, 5), -offset, dtype=torch.long), path, input_names=["ids"],
+        dynamic_axes={"ids": {0: "b", 1: "t"}, "output": {0: "b"}},
+    ).path  # fmt: skip
+
+
+def test_the_cli_feeds_a_token_model_ids_its_embedding_table_has(app, tmp_path):
+    # the CLI's random integers went up to 100, so an ONNX token model with a vocabulary under 100 could not
+    # be deployed at all (ConfigError, exit 2): ids are now capped at the rows of the table the input indexes
+    import onnxruntime as ort
+
+    src = _export_emb(tmp_path / "emb.onnx", rows=7)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["deploy", str(src), "--quant", "int8", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    ids = m["eval_inputs"]["integer_ranges"]["ids"]
+    assert (ids["low"], ids["high"]) == (0, 7) and "7-row table" in ids["why"]
+    assert m["eval_inputs"]["source"] == "random" and m["fidelity"]["inputs"] == 32
+    assert "'ids' integers in [0, 7)" in " ".join((out / "MODEL_CARD.md").read_text().split())
+    # independently: ONNX Runtime refuses id 7 on the source graph, and the feeds used all run on it
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="out of bounds|indices"):
+        sess.run(None, {"ids": np.full((1, 4), 7, np.int64)})
+    feeds = onnx_feeds(onnx.load(str(src)), 32, seed=1)
+    assert max(int(f["ids"].max()) for f in feeds) == 6
+    # a table of 100 rows or more keeps the default range
+    from deltaplane.deploy.onnx_input import integer_input_ranges
+
+    big = onnx.load(str(_export_emb(tmp_path / "big.onnx", rows=500)))
+    assert integer_input_ranges(big)["ids"]["high"] == 100
+
+
 def test_onnx_inputs_the_model_cannot_run_are_a_usage_error(app, tmp_path):
-    # a token model with a 50-row embedding table, fed the CLI's random integers in [0, 100), and feeds under
-    # the wrong input name: both ended in a raw onnxruntime traceback
+    # a model the CLI cannot feed (its ids are shifted by 60 before a 50-row lookup: no range of random ids is
+    # traced to fit it), and feeds under the wrong input name: both ended in a raw onnxruntime traceback
     from deltaplane.deploy.onnx_input import deploy_onnx_model
     from deltaplane.errors import ConfigError
 
-    class Emb(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e, self.lin = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.lin(self.e(ids).mean(1))
-
-    src = tmp_path / "emb.onnx"
-    export_onnx(
-        Emb().eval(), torch.zeros(1, 5, dtype=torch.long), src, input_names=["ids"],
-        dynamic_axes={"ids": {0: "b", 1: "t"}, "output": {0: "b"}},
-    )  # fmt: skip
+    src = _export_emb(tmp_path / "emb.onnx", rows=50, offset=60)
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["deploy", str(src), "--quant", "int8", "-o", str(out)])
     assert r.exit_code == 2, r.output
     assert "does not run on its evaluation inputs" in r.output and "Traceback" not in r.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    src = _export_emb(tmp_path / "emb50.onnx", rows=50)
     ok = [{"ids": np.zeros((1, 4), np.int64)}]
     with pytest.raises(ConfigError, match="the model takes"):
         deploy_onnx_model(src, out, eval_feeds=[{"input_ids": ok[0]["ids"]}], quant="none")

@@ -45,7 +45,7 @@ from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.errors import ConfigError, DecodeError, ExportError, UnsupportedLayer
 
-__all__ = ["OnnxDeployResult", "deploy_onnx_model", "onnx_feeds", "prune_onnx"]
+__all__ = ["OnnxDeployResult", "deploy_onnx_model", "integer_input_ranges", "onnx_feeds", "prune_onnx"]
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -148,15 +148,94 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
     return zeros / total, skipped
 
 
+#: Random integers the CLI feeds an integer input it cannot trace to a table: [0, INT_HIGH).
+INT_HIGH = 100
+#: Ops that pass an integer input's values through unchanged (only its shape or dtype changes), traced from the
+#: input to the ``Gather`` whose indices it becomes.
+_PASS_VALUES = {
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Flatten",
+    "Transpose",
+    "Expand",
+    "Slice",
+}
+
+
+def _constant_shapes(model: Any) -> dict[str, list[int]]:
+    """Shape of every constant tensor of the graph (initializers, ``Constant`` nodes, ``Identity`` of either)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = list(a.t.dims)
+        elif node.op_type == "Identity" and node.input[0] in shapes:
+            shapes[node.output[0]] = shapes[node.input[0]]
+    return shapes
+
+
+def integer_input_ranges(model: Any) -> dict[str, dict[str, Any]]:
+    """For every integer input, the range ``[low, high)`` :func:`onnx_feeds` draws from, and why.
+
+    An input whose values reach a ``Gather``'s indices (an embedding lookup), through ops that do not change
+    values (``Cast``, ``Reshape``, ``Unsqueeze``...), is capped at the rows of the smallest constant table it
+    indexes: ids beyond it are out of range for ONNX Runtime. Otherwise [0, ``INT_HIGH``).
+    """
+    from onnx import TensorProto
+
+    shapes = _constant_shapes(model)
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, i))
+    inits = {i.name for i in model.graph.initializer}
+    ints = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64}
+    ints |= {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits or inp.type.tensor_type.elem_type not in ints:
+            continue
+        tables: dict[str, int] = {}
+        todo, seen = [inp.name], {inp.name}
+        while todo:
+            for node, i in users.get(todo.pop(), []):
+                if node.op_type == "Gather" and i == 1 and node.input[0] in shapes:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    dims = shapes[node.input[0]]
+                    if dims:
+                        tables[node.input[0]] = int(dims[axis])
+                elif node.op_type in _PASS_VALUES and i == 0:
+                    todo += [o for o in node.output if o not in seen]
+                    seen |= set(node.output)
+        if tables:
+            table = min(tables, key=tables.__getitem__)
+            high = min(INT_HIGH, tables[table])
+            why = f"indexes the {tables[table]}-row table '{table}' (Gather)"
+        else:
+            high, why = INT_HIGH, "default: not traced to a lookup table"
+        out[inp.name] = {"low": 0, "high": high, "why": why}
+    return out
+
+
 def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
-    """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in [0, 100).
+    """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in
+    [0, 100), or below the rows of the table an integer input indexes (:func:`integer_input_ranges`).
 
     Symbolic dimensions other than the first (batch) become ``sym``. For models whose inputs mean something
-    (token ids of a given vocabulary, images in a range), pass real feeds instead.
+    (token ids of a given vocabulary, images in a range), pass real feeds instead. :class:`ConfigError` when an
+    integer input indexes an empty table (nothing can be fed to it).
     """
     from onnx import helper
 
     inits = {i.name for i in model.graph.initializer}
+    ranges = integer_input_ranges(model)
+    for name, r in ranges.items():
+        if r["high"] <= r["low"]:
+            raise ConfigError(f"cannot generate inputs for '{name}': it {r['why']}; pass real inputs")
     g = np.random.default_rng(seed)
     specs = []
     for inp in model.graph.input:
@@ -172,7 +251,8 @@ def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
         f = {}
         for name, dims, dt in specs:
             if np.issubdtype(dt, np.integer):
-                f[name] = g.integers(0, 100, size=dims).astype(dt)
+                r = ranges.get(name, {"low": 0, "high": INT_HIGH})
+                f[name] = g.integers(r["low"], r["high"], size=dims).astype(dt)
             elif dt == np.bool_:
                 f[name] = np.ones(dims, bool)
             else:
@@ -201,7 +281,7 @@ def _run_source(data: bytes, feeds: Feeds, src: Path) -> np.ndarray:
         raise ConfigError(
             f"{src} does not run on its evaluation inputs ({given}; the model takes {names}): "
             f"{str(e).splitlines()[0]}. Pass inputs that fit the model (deploy_onnx_model(eval_feeds=...) from "
-            "Python; the CLI's random integers lie in [0, 100))"
+            "Python; the CLI draws integers in [0, 100), or below the rows of the table an input indexes)"
         ) from e
 
 
@@ -218,12 +298,15 @@ def deploy_onnx_model(
     progress: Callable[[str], None] | None = None,
     card_info: dict[str, str] | None = None,
     inputs_note: str | None = None,
+    eval_inputs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> OnnxDeployResult:
     """Prune → quantize → pack an ONNX model and measure the artifact as shipped against the original graph.
 
     ``quant``: ``int8`` / ``int8-dynamic`` (ORT dynamic), ``int8-static`` (needs ``calib_feeds``), ``int4``,
     ``none``. ``eval_feeds``: batch-1 feeds; ``labels``: one per feed (optional) for an accuracy figure.
+    ``eval_inputs``: how the feeds were made (e.g. random, with :func:`integer_input_ranges`), recorded as
+    ``manifest["eval_inputs"]``.
     ``out_dir``: replaced as a whole when published; a non-empty folder that is not a deploy's output is refused
     unless ``overwrite`` (:func:`~deltaplane.deploy.publish.check_out_dir`).
     """
@@ -326,6 +409,8 @@ def deploy_onnx_model(
         }
         if inputs_note:
             manifest["inputs_note"] = inputs_note
+        if eval_inputs is not None:
+            manifest["eval_inputs"] = dict(eval_inputs)
         _check_gates(manifest, gates)
         files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
