@@ -210,3 +210,39 @@ def test_a_weight_shared_by_nodes_of_different_orientations_is_not_nm_pruned_alo
     )  # fmt: skip
     with pytest.raises(UnsupportedLayer, match="different orientations"):
         prune_onnx(helper.make_model(only, opset_imports=[helper.make_opsetid("", 17)]), parse_prune("2:4"))
+
+
+def test_an_onnx_model_lists_the_robustness_gates_it_does_not_evaluate(tmp_path, trained_cnn, digits):
+    # an ONNX digits classifier was never checked for OOD or adversarial drops, yet unlike a PyTorch classifier
+    # its manifest did not list those gates under gates.not_evaluated: whatever its inputs, it now does, with
+    # why, in the manifest, the card's gate table and its limitations (a refusal's manifest too)
+    from deltaplane.deploy import Gates
+    from deltaplane.deploy.onnx_input import deploy_onnx_model, digits_feeds
+    from deltaplane.errors import QualityGateFailed
+
+    _, _, xte, yte = digits
+    cnn = export_onnx(trained_cnn.eval(), torch.from_numpy(xte[:1]), tmp_path / "cnn.onnx").path
+    lin = export_onnx(torch.nn.Linear(10, 3).eval(), torch.randn(1, 10), tmp_path / "lin.onnx").path
+    kinds = {
+        "digits": (cnn, digits_feeds(onnx.load(str(cnn)), xte[:64]), yte[:64]),
+        "random": (lin, onnx_feeds(onnx.load(str(lin)), 16, seed=0), None),
+    }
+    for kind, (src, feeds, labels) in kinds.items():
+        out = tmp_path / kind
+        res = deploy_onnx_model(src, out, eval_feeds=feeds, labels=labels, quant="none", gates=Gates())
+        listed = {g["gate"]: g["why"] for g in res.manifest["gates"]["not_evaluated"]}
+        assert set(listed) == {"max-ood-drop", "max-adv-drop"}, kind
+        assert "No OOD evaluation" in listed["max-ood-drop"] and "gradients" in listed["max-adv-drop"]
+        on_disk = json.loads((out / "manifest.json").read_text())["gates"]["not_evaluated"]
+        assert on_disk == res.manifest["gates"]["not_evaluated"]
+        card = (out / "MODEL_CARD.md").read_text()
+        assert "| max-adv-drop | — | 10 pts | **not evaluated**" in card and listed["max-ood-drop"] in card
+    # refused by min-above-chance (labels it gets all wrong): what was not evaluated is still said
+    wrong = (yte[:64] + 1) % 10
+    with pytest.raises(QualityGateFailed, match="min-above-chance") as e:
+        deploy_onnx_model(cnn, tmp_path / "r", eval_feeds=kinds["digits"][1], labels=wrong, quant="none",
+                          gates=Gates())  # fmt: skip
+    assert {g["gate"] for g in e.value.manifest["gates"]["not_evaluated"]} == {"max-ood-drop", "max-adv-drop"}
+    # gates off: nothing is listed as not evaluated, the card says the gates were off
+    res = deploy_onnx_model(lin, tmp_path / "off", eval_feeds=kinds["random"][1], quant="none", gates=None)
+    assert "not_evaluated" not in res.manifest["gates"] and res.manifest["gates"]["off"]

@@ -49,6 +49,18 @@ __all__ = ["OnnxDeployResult", "deploy_onnx_model", "integer_input_ranges", "onn
 
 Feeds = list[dict[str, np.ndarray]]
 
+#: Why an ONNX model's robustness gates are not evaluated, whatever its inputs (digits images or random feeds).
+ONNX_NOT_EVALUATED = {
+    "max-ood-drop": (
+        "No OOD evaluation: an ONNX input is measured on clean inputs only (corrupted variants are made for "
+        "PyTorch classifiers); deploy the PyTorch checkpoint for the OOD gate."
+    ),
+    "max-adv-drop": (
+        "No adversarial evaluation: FGSM/PGD need the model's gradients, which an ONNX graph run by ONNX Runtime "
+        "does not give; deploy the PyTorch checkpoint for the adversarial gate."
+    ),
+}
+
 
 @dataclass
 class OnnxDeployResult:
@@ -411,7 +423,7 @@ def deploy_onnx_model(
             manifest["inputs_note"] = inputs_note
         if eval_inputs is not None:
             manifest["eval_inputs"] = dict(eval_inputs)
-        _check_gates(manifest, gates)
+        _check_gates(manifest, gates, ONNX_NOT_EVALUATED)
         files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
