@@ -41,6 +41,11 @@ def user_module(tmp_path, monkeypatch):
                 t = good()
                 return Task(name="toy", model=lambda: nn.Linear(4, 1), train=t.train, test=t.test)
 
+            def too_many_outputs(num_classes=None):
+                t = good()
+                return Task(name="toy", model=lambda: nn.Linear(4, 10), train=t.train, test=t.test,
+                            num_classes=num_classes)
+
             def not_a_task():
                 return 42
             """
@@ -72,7 +77,22 @@ def test_user_task_loads_with_options(user_module: str) -> None:
         ("mytasks:good", {"colour": "red"}, "options \\['colour'\\] do not fit the factory"),
         ("mytasks:not_a_task", {}, "returned int, not a deltaplane.engine.Task"),
         ("mytasks:wrong_input", {}, "the model rejects inputs of shape \\[4\\]"),
-        ("mytasks:too_few_outputs", {}, "the model has 1 outputs but the labels go up to 1"),
+        (
+            "mytasks:too_few_outputs",
+            {},
+            r"the model has 1 outputs but the task has 2 classes \(labels up to 1\); ",
+        ),
+        # more outputs than classes was accepted silently (extra logits take predictions)
+        (
+            "mytasks:too_many_outputs",
+            {},
+            r"10 outputs but the task has 2 classes \(labels up to 1\); .*num_classes=10",
+        ),
+        (
+            "mytasks:too_many_outputs",
+            {"num_classes": 3},
+            r"10 outputs but the task has 3 classes \(num_classes\); give",
+        ),
     ],
 )
 def test_bad_tasks_are_one_line_task_errors(user_module, spec, options, match) -> None:
