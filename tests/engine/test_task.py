@@ -46,6 +46,13 @@ def user_module(tmp_path, monkeypatch):
                 return Task(name="toy", model=lambda: nn.Linear(4, 10), train=t.train, test=t.test,
                             num_classes=num_classes)
 
+            def sparse_labels():  # raw ids (e.g. a database's): 3 classes named 0, 7 and 10**9
+                t, ids = good(), torch.tensor([0, 7, 10**9])
+                g = torch.Generator().manual_seed(2)
+                train, test = (Dataset(d.x, ids[torch.randint(0, 3, (len(d),), generator=g)])
+                               for d in (t.train, t.test))
+                return Task(name="toy", model=lambda: nn.Linear(4, 3), train=train, test=test)
+
             def not_a_task():
                 return 42
             """
@@ -99,6 +106,16 @@ def test_bad_tasks_are_one_line_task_errors(user_module, spec, options, match) -
     with pytest.raises(TaskError, match=match) as info:
         load_task(spec, options)
     assert "\n" not in str(info.value)
+
+
+def test_sparse_label_ids_are_told_to_be_mapped_not_given_a_billion_outputs(user_module) -> None:
+    # labels 0, 7 and 10**9 said "give the last layer 1000000001 outputs"
+    with pytest.raises(TaskError) as info:
+        load_task(f"{user_module}:sparse_labels")
+    msg = str(info.value)
+    assert "only 3 distinct ids from 0 to 1000000000; map them to 0..2" in msg
+    assert "the model has 3 outputs but the task has 1000000001 classes (labels up to 1000000000)" in msg
+    assert msg.endswith("give the last layer 3 outputs") and "\n" not in msg
 
 
 def test_task_needs_exactly_one_kind_of_training_data() -> None:

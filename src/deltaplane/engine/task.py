@@ -198,6 +198,11 @@ def _build_checked_model(task: Task) -> nn.Module:
     return model
 
 
+def _label_ids(task: Task) -> Tensor:
+    """The distinct label ids of all of ``task``'s datasets, sorted."""
+    return torch.unique(torch.cat([d.y.reshape(-1) for _, d in _datasets(task)]))
+
+
 def _check_outputs(task: Task, outputs: int) -> None:
     """:class:`TaskError` unless the model has exactly one output per class, naming both numbers.
 
@@ -210,6 +215,16 @@ def _check_outputs(task: Task, outputs: int) -> None:
         return
     given = "num_classes" if task.num_classes_given else f"labels up to {classes - 1}"
     if outputs < classes:
+        ids = _label_ids(task)
+        if (
+            len(ids) <= classes // 2
+        ):  # most ids unused (e.g. raw ids like 10**9): a bigger layer is not the fix
+            raise TaskError(
+                f"task {task.name!r}: the model has {outputs} outputs but the task has {classes} classes "
+                f"({given}), and the labels use only {len(ids)} distinct ids from {int(ids[0])} to {int(ids[-1])}; "
+                f"map them to 0..{len(ids) - 1} (the same map for every dataset, e.g. torch.unique(y, "
+                f"return_inverse=True) on all labels) and give the last layer {len(ids)} outputs"
+            )
         raise TaskError(
             f"task {task.name!r}: the model has {outputs} outputs but the task has {classes} classes ({given}); "
             f"give the last layer {classes} outputs"
