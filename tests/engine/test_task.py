@@ -144,3 +144,46 @@ def test_digits_task_has_an_mlp_option() -> None:
     assert wide(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(TaskError, match="model must be one of \\['cnn', 'cnn_wide', 'mlp'\\]"):
         load_task(DEFAULT_TASK, {"model": "resnet"})
+
+
+def test_make_task_reloads_a_task_module_edited_in_the_same_process(tmp_path, monkeypatch) -> None:
+    # make_task cached by path and options only, and import returned the module already loaded: a notebook that
+    # rewrote mytask.py kept getting the old task. Both rewrites below keep the file's size and whole-second
+    # mtime (what Python's bytecode check compares), the hardest case for a reload.
+    import os
+
+    source = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from deltaplane.engine import Dataset, Task
+
+        def make():
+            x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+            y = (x[:, 0] > 0).long()
+            return Task(name="{name}", model=lambda: nn.Linear(3, 2), train=Dataset(x[20:], y[20:]),
+                        test=Dataset(x[:20], y[:20]))
+        """
+    )
+    path = tmp_path / "edited_task.py"
+    second = (os.stat(tmp_path).st_mtime_ns // 10**9) * 10**9
+
+    def write(name: str, ms: int) -> None:
+        path.write_text(source.replace("{name}", name))
+        os.utime(path, ns=(second + ms * 10**6, second + ms * 10**6))
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_task", raising=False)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as for most users: a stale .pyc could be reused
+    cfg = RunConfig(task="edited_task:make")
+    try:
+        write("v1", 100)
+        first = make_task(cfg)
+        assert first.name == "v1" and make_task(cfg) is first  # unchanged: the cached task
+        write("v2", 200)
+        assert make_task(cfg).name == "v2"
+        write("v3", 300)
+        again = make_task(cfg)
+        assert again.name == "v3" and make_task(cfg) is again
+    finally:
+        sys.modules.pop("edited_task", None)
