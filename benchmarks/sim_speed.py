@@ -254,8 +254,8 @@ def scale(rounds: int, registered: int, per_round: int) -> None:
     med = statistics.median(r.seconds[1:]) if len(r.seconds) > 1 else r.seconds[0]
     line = (
         f"{registered:,} registered clients, {per_round} sampled per round, {rounds} rounds, codec "
-        f"`{cfg.codec}` with error feedback (fp16 residual store, {r.residual_store_bytes / 2**20:.0f} MiB if "
-        f"every client trained), batched engine: wall time {r.wall_time_s:.1f} s, median {med:.2f} s/round, "
+        f"`{cfg.codec}` with error feedback (fp16 residual store, {r.residual_store_bytes / 2**20:.0f} MiB held "
+        f"at the end, {r.residual_store_max_bytes / 2**20:.0f} MiB if every client trained), batched engine: wall time {r.wall_time_s:.1f} s, median {med:.2f} s/round, "
         f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB (whole process, torch included; target < 2048 MiB), "
         f"test accuracy after the last round {r.test_accuracy[-1]:.3f} (max over rounds "
         f"{max(r.test_accuracy):.3f}), uplink {r.uplink_bytes / 2**20:.1f} MiB."

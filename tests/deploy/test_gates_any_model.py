@@ -326,6 +326,9 @@ def test_pruned_encoder_below_min_cosine_is_refused(tmp_path):
     with pytest.raises(QualityGateFailed, match="min-cosine: min cosine to fp32") as e:
         deploy_token_model(ck.model, tmp_path / "o", gates=Gates(), prune="2:4", **kw)
     assert e.value.manifest["fidelity"]["cosine_min"] < 0.9 and not e.value.manifest["gates"]["passed"]
+    # a token model has no OOD variants and was given no FGSM/PGD budget: both gates are listed, with why
+    listed = {g["gate"]: g["why"] for g in e.value.manifest["gates"]["not_evaluated"]}
+    assert "token model" in listed["max-ood-drop"] and "adversarial_eps" in listed["max-adv-drop"]
     assert not (tmp_path / "o").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bert"]
     r = deploy_token_model(ck.model, tmp_path / "o", gates=Gates(), **kw)  # int8 alone passes the default
     assert r.manifest["gates"]["results"][0]["passed"] and (tmp_path / "o" / "model.dpla").exists()

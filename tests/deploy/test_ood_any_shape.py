@@ -43,7 +43,10 @@ def test_an_mlp_on_digits_gets_the_ood_evaluation_and_gate(tmp_path, app, mlp_ck
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["quality"]["ood_excess_drop_points"]) == SPLITS
     assert {r["what"].split()[0] for r in m["gates"]["results"] if r["gate"] == "max-ood-drop"} == SPLITS
-    assert "not_evaluated" not in m["gates"] and "accuracy rotation" in r.output
+    # --attack-eps 0: only the adversarial gate is not evaluated
+    assert [g["gate"] for g in m["gates"]["not_evaluated"]] == [
+        "max-adv-drop"
+    ] and "accuracy rotation" in r.output
     # independently: the rotated digits as images, flattened for the MLP, give the fp32 accuracy recorded
     from deltaplane.data.digits import load_digits, train_test_split
 
@@ -68,7 +71,10 @@ def test_flat_data_reports_the_ood_gate_as_not_evaluated(tmp_path, app, mlp_ckpt
     assert "not evaluated" in text and "No OOD evaluation" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["ood"]["evaluated"] is False
-    assert [g["gate"] for g in m["gates"]["not_evaluated"]] == ["max-ood-drop"]
+    assert [g["gate"] for g in m["gates"]["not_evaluated"]] == [
+        "max-ood-drop",
+        "max-adv-drop",
+    ]  # --attack-eps 0
     assert "No OOD evaluation" in (out / "MODEL_CARD.md").read_text()
 
 
@@ -86,5 +92,6 @@ def test_library_without_variants_lists_the_gate_as_not_evaluated(tmp_path, digi
         device_cost=False,
         gates=Gates(min_cosine=None, max_accuracy_drop=5.0),
     )
-    assert res.manifest["gates"]["not_evaluated"][0]["gate"] == "max-ood-drop"
+    listed = {g["gate"]: g["why"] for g in res.manifest["gates"]["not_evaluated"]}
+    assert "No OOD evaluation" in listed["max-ood-drop"] and "adversarial_eps" in listed["max-adv-drop"]
     assert "No OOD evaluation" in (tmp_path / "out" / "MODEL_CARD.md").read_text()

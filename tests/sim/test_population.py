@@ -79,7 +79,13 @@ def test_small_population_is_deterministic_and_compact() -> None:
     assert again.test_accuracy == result.test_accuracy
     assert again.sampled_accuracy == result.sampled_accuracy
     assert again.uplink_bytes == result.uplink_bytes
-    assert result.residual_store_bytes == 500 * 18_346 * 2  # one fp16 row per registered client
+    # the store holds one fp16 row per client that trained (reported as what every registered client would
+    # take); at most the clients sampled over the rounds, at least those of the largest round
+    row, sampled = 18_346 * 2, [r.clients for r in result.rounds]
+    assert max(sampled) * row <= result.residual_store_bytes <= sum(sampled) * row
+    assert result.residual_store_max_bytes == 500 * row  # the ceiling: every registered client trained
+    one = run_population(cfg.replace(rounds=1), registered=500, per_round=10)
+    assert one.residual_store_bytes == one.rounds[0].clients * row
     with pytest.raises(ConfigError, match="per_round must be in"):
         run_population(cfg, registered=5, per_round=6)
 

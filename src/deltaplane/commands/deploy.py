@@ -759,7 +759,12 @@ def _deploy_onnx(
     """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
     import onnx
 
-    from deltaplane.deploy.onnx_input import deploy_onnx_model, digits_feeds, onnx_feeds
+    from deltaplane.deploy.onnx_input import (
+        deploy_onnx_model,
+        digits_feeds,
+        integer_input_ranges,
+        onnx_feeds,
+    )
     from deltaplane.errors import DecodeError
 
     try:
@@ -769,14 +774,20 @@ def _deploy_onnx(
     xtr, _, xte, yte, note = _classifier_data({}, None, seed)
     feeds, labels, inputs_note = digits_feeds(graph, xte), yte, None
     calib = digits_feeds(graph, xtr[: calibration_size or 128])
+    eval_inputs: dict[str, Any] = {"source": "digits test set", "count": len(xte)}
     if feeds is None:
         feeds, calib, labels = (
             onnx_feeds(graph, 32, seed=seed + 1),
             onnx_feeds(graph, calibration_size or 24, seed=seed + 2),
             None,
         )
-        note = (
-            "32 seeded random inputs from the model's input signature (floats N(0,1), integers in [0, 100))."
+        ranges = integer_input_ranges(graph)
+        eval_inputs = {"source": "random", "count": 32, "seed": seed + 1, "integer_ranges": ranges}
+        ints = "; ".join(
+            f"'{k}' integers in [{r['low']}, {r['high']}) ({r['why']})" for k, r in ranges.items()
+        )
+        note = "32 seeded random inputs from the model's input signature (floats N(0,1)" + (
+            f"; {ints})." if ints else ")."
         )
         inputs_note = "Measured on random inputs: how far compression moves the outputs, not task quality."
     return deploy_onnx_model(
@@ -791,6 +802,7 @@ def _deploy_onnx(
         progress=say,
         card_info={"data": note},
         inputs_note=inputs_note,
+        eval_inputs=eval_inputs,
         overwrite=overwrite,
     )
 

@@ -28,8 +28,9 @@ def render_model_card(
     Classifier manifests (``deploy_classifier``) get accuracy per split with OOD flags, ECE and latency; token
     model manifests (``task``: sentence-embedding, text-classification, next-token) get their fidelity to fp32
     and latency. Device cost, adversarial robustness and quality gates get a section when measured. The
-    limitations are written from the measured numbers (which splits lost accuracy, by how much), so they can
-    never contradict the metrics table.
+    limitations start with each gate that was not evaluated and why (``gates.not_evaluated``, also rows of the
+    gate table), then are written from the measured numbers (which splits lost accuracy, by how much), so they
+    can never contradict the metrics table.
     """
     sizes = manifest["sizes"]
     lines = [
@@ -64,7 +65,8 @@ def render_model_card(
     for section in _extra_sections(manifest):
         lines += ["", *section]
     lines += _gate_lines(manifest)
-    lim = [limitations] if limitations else []
+    lim = _unevaluated(manifest)
+    lim += [limitations] if limitations else []
     lim += _measured_limitations(manifest, flags)
     lim.append(
         "Latency was measured on the build machine's CPU with one thread; device latency differs. "
@@ -72,6 +74,16 @@ def render_model_card(
     )
     lines += ["", "## Limitations", *[f"- {x}" for x in lim], ""]
     return "\n".join(lines)
+
+
+def _unevaluated(manifest: Mapping[str, Any]) -> list[str]:
+    """Why each gate listed under ``gates.not_evaluated`` was not evaluated (and why there is no OOD figure, when
+    the OOD gate was off): the card's limitations start with what was not checked."""
+    whys = [ne["why"] for ne in (manifest.get("gates") or {}).get("not_evaluated", [])]
+    ood = manifest.get("ood") or {}
+    if not ood.get("evaluated", True) and ood.get("why") not in whys:
+        whys.insert(0, ood["why"])
+    return whys
 
 
 def _measured_limitations(manifest: Mapping[str, Any], flags: list[str]) -> list[str]:
@@ -130,8 +142,8 @@ def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
             "this model shipped; the "
             "numbers above are measured but no threshold was applied to them.",
         ]
-    results = gates.get("results") or []
-    if not results:
+    results, unevaluated = gates.get("results") or [], gates.get("not_evaluated") or []
+    if not results and not unevaluated:
         return []
     lines = ["", "## Quality gates", "", "| gate | measured | threshold | result |", "|---|---|---|---|"]
     for r in results:
@@ -140,6 +152,11 @@ def _gate_lines(manifest: Mapping[str, Any]) -> list[str]:
             f"| {r['gate']}: {r['what']} | {r['measured']:.4g}{unit} | {r['threshold']:.4g}{unit} | "
             f"{'pass' if r['passed'] else 'FAIL'} (margin {r['margin']:+.4g}) |"
         )
+    thresholds = gates.get("thresholds") or {}
+    for ne in unevaluated:
+        limit = thresholds.get(ne["gate"].replace("-", "_"))
+        shown = f"{limit:.4g} pts" if isinstance(limit, int | float) else ""
+        lines.append(f"| {ne['gate']} | — | {shown} | **not evaluated**: {ne['why']} |")
     return lines
 
 

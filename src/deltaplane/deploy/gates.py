@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "NOT_MEASURED_WHY",
     "GateResult",
     "Gates",
     "batch_r2",
@@ -54,6 +55,16 @@ __all__ = [
 
 #: Gates that bound a quantity from below (the rest bound a drop from above).
 _LOWER_BOUNDS = ("min-cosine", "min-r2", "min-accuracy", "min-above-chance")
+
+#: The robustness gates apply to every model, whatever its inputs, but are measured only with what they need
+#: (corrupted variants of the inputs, an FGSM/PGD budget and the model's gradients): one that is on and was not
+#: measured is reported as not evaluated, with why (the pipeline's reason, else this one), never as passed.
+NOT_MEASURED_WHY = {
+    "max-ood-drop": "No OOD evaluation: no corrupted variants of the evaluation inputs were given.",
+    "max-adv-drop": (
+        "No adversarial evaluation: no FGSM/PGD budget was given (adversarial_eps empty, or --attack-eps 0)."
+    ),
+}
 
 
 def refuse_non_finite_tensors(tensors: Mapping[str, Tensor], what: str) -> None:
@@ -282,6 +293,26 @@ class Gates:
                     )
                 )
         return out
+
+    def not_evaluated(
+        self, quality: Mapping[str, Any], why: Mapping[str, str] | None = None
+    ) -> list[dict[str, str]]:
+        """``{"gate", "why"}`` for every robustness gate that is on but whose quantity ``quality`` lacks.
+
+        ``why``: the pipeline's reason per gate name (e.g. an ONNX graph gives no gradients for FGSM/PGD);
+        :data:`NOT_MEASURED_WHY` otherwise. The fidelity gates (cosine, R², accuracy) are chosen by what the
+        output is and are not listed: an encoder has no accuracy to gate.
+        """
+        measured = {
+            "max-ood-drop": (self.max_ood_drop, "ood_excess_drop_points"),
+            "max-adv-drop": (self.max_adv_drop, "adversarial_drop_points"),
+        }
+        why = why or {}
+        return [
+            {"gate": gate, "why": why.get(gate) or NOT_MEASURED_WHY[gate]}
+            for gate, (threshold, key) in measured.items()
+            if threshold is not None and not quality.get(key)
+        ]
 
     def _accuracy_floors(self, quality: Mapping[str, Any]) -> list[GateResult]:
         """``min-accuracy`` on the shipped model and ``min-above-chance`` on fp32, when accuracy was measured."""

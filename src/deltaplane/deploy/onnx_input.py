@@ -4,7 +4,8 @@ An ``.onnx`` file is a model too: ``deltaplane deploy model.onnx`` compresses wh
 int8 dynamic / static and int4 weight-only quantization (:func:`~deltaplane.deploy.quantize.quantize_onnx`) —
 and prunes the weight matrices in the graph itself: the constant weight of every ``MatMul`` (``(in, out)``),
 ``Gemm`` (``(out, in)`` with ``transB=1``, else ``(in, out)``) and ``Conv`` (``(out, in, kh, kw)``), by magnitude
-per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``). Wanda and channel pruning need
+per layer (``0.8``, ``layer:0.8``) or N:M along the input dimension (``2:4``; a weight shared by nodes that read it
+in different orientations is left dense under N:M and reported as skipped). Wanda and channel pruning need
 activations or a traced module and are refused here.
 
 Fidelity is measured against the original ONNX model on evaluation feeds, on its first output. With labels and
@@ -44,9 +45,21 @@ from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.errors import ConfigError, DecodeError, ExportError, UnsupportedLayer
 
-__all__ = ["OnnxDeployResult", "deploy_onnx_model", "onnx_feeds", "prune_onnx"]
+__all__ = ["OnnxDeployResult", "deploy_onnx_model", "integer_input_ranges", "onnx_feeds", "prune_onnx"]
 
 Feeds = list[dict[str, np.ndarray]]
+
+#: Why an ONNX model's robustness gates are not evaluated, whatever its inputs (digits images or random feeds).
+ONNX_NOT_EVALUATED = {
+    "max-ood-drop": (
+        "No OOD evaluation: an ONNX input is measured on clean inputs only (corrupted variants are made for "
+        "PyTorch classifiers); deploy the PyTorch checkpoint for the OOD gate."
+    ),
+    "max-adv-drop": (
+        "No adversarial evaluation: FGSM/PGD need the model's gradients, which an ONNX graph run by ONNX Runtime "
+        "does not give; deploy the PyTorch checkpoint for the adversarial gate."
+    ),
+}
 
 
 @dataclass
@@ -59,21 +72,33 @@ class OnnxDeployResult:
     files: list[str] = field(default_factory=list)
 
 
-def _weights(model: Any) -> dict[str, tuple[str, bool]]:
-    """Initializer name → (op type, whether its rows are (out, in)) for every prunable constant weight."""
+def _weights(model: Any) -> dict[str, tuple[str, bool | None]]:
+    """Initializer name → (op types, whether its rows are (out, in)) for every prunable constant weight.
+
+    One initializer can feed several nodes (a weight tied between layers). When they read it in different
+    orientations (a ``MatMul``'s ``(in, out)`` and a ``Gemm``'s ``(out, in)`` with ``transB=1``), the orientation
+    is ``None``: there is no single input dimension to run N:M groups along.
+    """
     inits = {i.name for i in model.graph.initializer}
-    out = {}
+    seen: dict[str, tuple[list[str], set[bool]]] = {}
     for node in model.graph.node:
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         if node.op_type == "MatMul":
-            out[node.input[1]] = ("MatMul", False)
+            out_in = False
         elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            out[node.input[1]] = ("Gemm", bool(trans_b))
+            out_in = bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
         elif node.op_type == "Conv":
-            out[node.input[1]] = ("Conv", True)
-    return out
+            out_in = True
+        else:
+            continue
+        ops, orientations = seen.setdefault(node.input[1], ([], set()))
+        ops.append(node.op_type + ("(transB=1)" if node.op_type == "Gemm" and out_in else ""))
+        orientations.add(out_in)
+    return {
+        name: (", ".join(sorted(set(ops))), orient.pop() if len(orient) == 1 else None)
+        for name, (ops, orient) in seen.items()
+    }
 
 
 def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, str]]:
@@ -98,7 +123,15 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
         if w.ndim < 2:
             skipped[init.name] = "not a matrix"
             continue
-        _, out_in = targets[init.name]
+        ops, out_in = targets[init.name]
+        if out_in is None:
+            if method == "nm":  # N:M along one node's input dimension is not N:M along the other's
+                skipped[init.name] = (
+                    f"shared by nodes that read it in different orientations ({ops}): no single input "
+                    "dimension for N:M groups"
+                )
+                continue
+            out_in = True  # magnitude masks are elementwise: the orientation does not change them
         rows = w.reshape(w.shape[0], -1) if out_in else w.T  # (out, in): groups run along the input dim
         score = torch.from_numpy(np.abs(rows).copy())
         if method == "nm":
@@ -119,19 +152,102 @@ def prune_onnx(model: Any, spec: Mapping[str, Any]) -> tuple[float, dict[str, st
         zeros += int((new == 0).sum())
         total += new.size
     if total == 0:
-        raise UnsupportedLayer("the ONNX model has no MatMul/Gemm/Conv with a constant weight to prune")
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise UnsupportedLayer(
+            "the ONNX model has no MatMul/Gemm/Conv with a constant weight to prune"
+            + (f" (not pruned: {why})" if why else "")
+        )
     return zeros / total, skipped
 
 
+#: Random integers the CLI feeds an integer input it cannot trace to a table: [0, INT_HIGH).
+INT_HIGH = 100
+#: Ops that pass an integer input's values through unchanged (only its shape or dtype changes), traced from the
+#: input to the ``Gather`` whose indices it becomes.
+_PASS_VALUES = {
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Flatten",
+    "Transpose",
+    "Expand",
+    "Slice",
+}
+
+
+def _constant_shapes(model: Any) -> dict[str, list[int]]:
+    """Shape of every constant tensor of the graph (initializers, ``Constant`` nodes, ``Identity`` of either)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = list(a.t.dims)
+        elif node.op_type == "Identity" and node.input[0] in shapes:
+            shapes[node.output[0]] = shapes[node.input[0]]
+    return shapes
+
+
+def integer_input_ranges(model: Any) -> dict[str, dict[str, Any]]:
+    """For every integer input, the range ``[low, high)`` :func:`onnx_feeds` draws from, and why.
+
+    An input whose values reach a ``Gather``'s indices (an embedding lookup), through ops that do not change
+    values (``Cast``, ``Reshape``, ``Unsqueeze``...), is capped at the rows of the smallest constant table it
+    indexes: ids beyond it are out of range for ONNX Runtime. Otherwise [0, ``INT_HIGH``).
+    """
+    from onnx import TensorProto
+
+    shapes = _constant_shapes(model)
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, i))
+    inits = {i.name for i in model.graph.initializer}
+    ints = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64}
+    ints |= {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits or inp.type.tensor_type.elem_type not in ints:
+            continue
+        tables: dict[str, int] = {}
+        todo, seen = [inp.name], {inp.name}
+        while todo:
+            for node, i in users.get(todo.pop(), []):
+                if node.op_type == "Gather" and i == 1 and node.input[0] in shapes:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    dims = shapes[node.input[0]]
+                    if dims:
+                        tables[node.input[0]] = int(dims[axis])
+                elif node.op_type in _PASS_VALUES and i == 0:
+                    todo += [o for o in node.output if o not in seen]
+                    seen |= set(node.output)
+        if tables:
+            table = min(tables, key=tables.__getitem__)
+            high = min(INT_HIGH, tables[table])
+            why = f"indexes the {tables[table]}-row table '{table}' (Gather)"
+        else:
+            high, why = INT_HIGH, "default: not traced to a lookup table"
+        out[inp.name] = {"low": 0, "high": high, "why": why}
+    return out
+
+
 def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
-    """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in [0, 100).
+    """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in
+    [0, 100), or below the rows of the table an integer input indexes (:func:`integer_input_ranges`).
 
     Symbolic dimensions other than the first (batch) become ``sym``. For models whose inputs mean something
-    (token ids of a given vocabulary, images in a range), pass real feeds instead.
+    (token ids of a given vocabulary, images in a range), pass real feeds instead. :class:`ConfigError` when an
+    integer input indexes an empty table (nothing can be fed to it).
     """
     from onnx import helper
 
     inits = {i.name for i in model.graph.initializer}
+    ranges = integer_input_ranges(model)
+    for name, r in ranges.items():
+        if r["high"] <= r["low"]:
+            raise ConfigError(f"cannot generate inputs for '{name}': it {r['why']}; pass real inputs")
     g = np.random.default_rng(seed)
     specs = []
     for inp in model.graph.input:
@@ -147,7 +263,8 @@ def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
         f = {}
         for name, dims, dt in specs:
             if np.issubdtype(dt, np.integer):
-                f[name] = g.integers(0, 100, size=dims).astype(dt)
+                r = ranges.get(name, {"low": 0, "high": INT_HIGH})
+                f[name] = g.integers(r["low"], r["high"], size=dims).astype(dt)
             elif dt == np.bool_:
                 f[name] = np.ones(dims, bool)
             else:
@@ -176,7 +293,7 @@ def _run_source(data: bytes, feeds: Feeds, src: Path) -> np.ndarray:
         raise ConfigError(
             f"{src} does not run on its evaluation inputs ({given}; the model takes {names}): "
             f"{str(e).splitlines()[0]}. Pass inputs that fit the model (deploy_onnx_model(eval_feeds=...) from "
-            "Python; the CLI's random integers lie in [0, 100))"
+            "Python; the CLI draws integers in [0, 100), or below the rows of the table an input indexes)"
         ) from e
 
 
@@ -193,12 +310,15 @@ def deploy_onnx_model(
     progress: Callable[[str], None] | None = None,
     card_info: dict[str, str] | None = None,
     inputs_note: str | None = None,
+    eval_inputs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> OnnxDeployResult:
     """Prune → quantize → pack an ONNX model and measure the artifact as shipped against the original graph.
 
     ``quant``: ``int8`` / ``int8-dynamic`` (ORT dynamic), ``int8-static`` (needs ``calib_feeds``), ``int4``,
     ``none``. ``eval_feeds``: batch-1 feeds; ``labels``: one per feed (optional) for an accuracy figure.
+    ``eval_inputs``: how the feeds were made (e.g. random, with :func:`integer_input_ranges`), recorded as
+    ``manifest["eval_inputs"]``.
     ``out_dir``: replaced as a whole when published; a non-empty folder that is not a deploy's output is refused
     unless ``overwrite`` (:func:`~deltaplane.deploy.publish.check_out_dir`).
     """
@@ -301,7 +421,9 @@ def deploy_onnx_model(
         }
         if inputs_note:
             manifest["inputs_note"] = inputs_note
-        _check_gates(manifest, gates)
+        if eval_inputs is not None:
+            manifest["eval_inputs"] = dict(eval_inputs)
+        _check_gates(manifest, gates, ONNX_NOT_EVALUATED)
         files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,51 +168,37 @@ def _publish(
     )
 
 
-def _check_gates(manifest: dict[str, Any], gates: Gates | None) -> None:
+def _check_gates(
+    manifest: dict[str, Any], gates: Gates | None, not_evaluated_why: Mapping[str, str] | None = None
+) -> None:
     """Record every gate's outcome in the manifest; raise :class:`QualityGateFailed` (nothing published) on a miss.
 
     ``gates=None`` (``--no-gates``) records ``{"off": true, "passed": null}``: nothing was checked, which is not
-    the same as everything passed (the registry copies this into the lineage, the card says so).
+    the same as everything passed (the registry copies this into the lineage, the card says so). A robustness
+    gate that is on but was not measured is listed under ``gates.not_evaluated`` with why
+    (``not_evaluated_why``: the pipeline's reason per gate, :meth:`Gates.not_evaluated`), also on a refusal —
+    a gate that could not be evaluated is not a gate that passed.
     """
     if gates is None:
         manifest["gates"] = {"off": True, "thresholds": None, "results": [], "passed": None}
         return
-    results = gates.check(manifest.get("quality", {}))
+    quality = manifest.get("quality", {})
+    results = gates.check(quality)
     failed = [r for r in results if not r.passed]
     manifest["gates"] = {
         "thresholds": gates.to_dict(),
         "results": [r.to_dict() for r in results],
         "passed": not failed,
     }
+    unevaluated = gates.not_evaluated(quality, not_evaluated_why)
+    if unevaluated:
+        manifest["gates"]["not_evaluated"] = unevaluated
     if failed:
         raise QualityGateFailed(
             "refused to ship: " + "; ".join(r.describe() for r in failed),
             results=results,
             manifest=manifest,
         )
-
-
-def _record_unevaluated_ood(
-    manifest: dict[str, Any], gates: Gates | None, variants: dict[str, np.ndarray] | None, why: str | None
-) -> None:
-    """Without corrupted variants there is no OOD figure: say so in the manifest (``ood``) and, when the OOD gate
-    is on, list it under ``gates.not_evaluated`` — a gate that could not be evaluated is not a gate that passed."""
-    if variants:
-        return
-    why = why or "No OOD evaluation: no corrupted variants of the test set were given (variants=None)."
-    manifest["ood"] = {"evaluated": False, "why": why}
-    if gates is not None and gates.max_ood_drop is not None and "gates" in manifest:
-        manifest["gates"].setdefault("not_evaluated", []).append({"gate": "max-ood-drop", "why": why})
-
-
-def _ood_limitation(card_info: dict[str, str] | None, manifest: dict[str, Any]) -> dict[str, str] | None:
-    """The card's limitations, with the missing OOD evaluation first when there was none."""
-    ood = manifest.get("ood") or {}
-    if ood.get("evaluated", True):
-        return card_info
-    info = dict(card_info or {})
-    info["limitations"] = " ".join(x for x in (ood["why"], info.get("limitations", "")) if x)
-    return info
 
 
 @dataclass
@@ -518,11 +504,16 @@ def deploy_classifier(
             quality = manifest.pop("quality")
             manifest.update(extra(reference, work, cand_predict))
             manifest["quality"] = quality | manifest.get("quality", {})
-        try:
-            _check_gates(manifest, gates)
-        finally:  # a refused deploy's table shows it too
-            _record_unevaluated_ood(manifest, gates, variants, ood_note)
-        card_info = _ood_limitation(card_info, manifest)
+        ood_why = None
+        if (
+            not variants
+        ):  # no OOD figure: the manifest says so, and the gate (if on) is listed as not evaluated
+            ood_why = (
+                ood_note
+                or "No OOD evaluation: no corrupted variants of the test set were given (variants=None)."
+            )
+            manifest["ood"] = {"evaluated": False, "why": ood_why}
+        _check_gates(manifest, gates, {"max-ood-drop": ood_why} if ood_why else None)
         files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -608,13 +608,54 @@ def _describe(exc: ValidationError, source: str, where: dict[str, str] | None = 
 #: Flat RunConfig fields that are options of the default (digits) task, with their defaults.
 DIGITS_OPTIONS = {"test_fraction": 0.2, "split_seed": 0, "train_shifts": 0}
 _TASKS: dict[str, Any] = {}
+#: The source file stamp (path, mtime in ns, size) of each task module when make_task last loaded it.
+_STAMPS: dict[str, tuple[str, int, int] | None] = {}
+
+
+def _source_stamp(module_name: str) -> tuple[str, int, int] | None:
+    """(path, mtime in ns, size) of ``module_name``'s source file, or None when it has none or cannot be found
+    (:func:`~deltaplane.engine.task.load_task` then says why it does not import)."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get(module_name)
+    try:
+        file = (
+            getattr(module, "__file__", None)
+            if module
+            else getattr(importlib.util.find_spec(module_name), "origin", None)
+        )
+        st = os.stat(file)  # type: ignore[arg-type]
+    except Exception:  # not found, a namespace package, a built-in: nothing to compare
+        return None
+    return (str(file), st.st_mtime_ns, st.st_size)
+
+
+def _reload_if_edited(module_name: str, stamp: tuple[str, int, int] | None) -> None:
+    """Re-import ``module_name`` when its source changed since make_task last loaded it (a task edited in a
+    notebook): ``import`` alone returns the module already in ``sys.modules``, old code and all."""
+    import importlib
+    import importlib.util
+    import sys
+
+    before = _STAMPS.get(module_name)
+    _STAMPS[module_name] = stamp
+    module = sys.modules.get(module_name)
+    if module is None or before is None or stamp is None or before == stamp:
+        return
+    # a rewrite within the same second and of the same size passes Python's bytecode check (whole seconds and
+    # size): drop the cached bytecode so the reload compiles the new source
+    Path(importlib.util.cache_from_source(stamp[0])).unlink(missing_ok=True)
+    importlib.reload(module)
 
 
 def make_task(config: RunConfig):  # -> deltaplane.engine.task.Task
-    """The :class:`~deltaplane.engine.Task` ``config`` names, loaded once per process and options.
+    """The :class:`~deltaplane.engine.Task` ``config`` names, loaded once per process, options and source file.
 
     ``train_shifts``, ``test_fraction`` and ``split_seed`` are options of the digits task; with another task
-    they are refused (its own options go in ``task_options``), never ignored.
+    they are refused (its own options go in ``task_options``), never ignored. The cache is keyed by the task
+    module's source file too (mtime and size): a module edited since it was loaded is re-imported and its task
+    built again, so a notebook that rewrites ``mytask.py`` gets the new task, not the old one.
     """
     import json
 
@@ -632,9 +673,12 @@ def make_task(config: RunConfig):  # -> deltaplane.engine.task.Task
                 f"{', '.join(changed)} are options of the digits task, not of {config.task!r}; "
                 "pass your task's own options in task_options"
             )
-    key = json.dumps([config.task, options], sort_keys=True, default=str)
+    module_name = config.task.partition(":")[0]
+    stamp = _source_stamp(module_name)
+    key = json.dumps([config.task, options, stamp], sort_keys=True, default=str)
     if key not in _TASKS:
         if len(_TASKS) > 8:
             _TASKS.clear()
+        _reload_if_edited(module_name, stamp)
         _TASKS[key] = load_task(config.task, options)
     return _TASKS[key]

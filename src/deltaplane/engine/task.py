@@ -87,6 +87,12 @@ class Task:
             if not tops:
                 raise TaskError(f"task {self.name!r}: its datasets hold no samples")
             object.__setattr__(self, "num_classes", max(tops) + 1)
+            object.__setattr__(self, "_classes_from_labels", True)
+
+    @property
+    def num_classes_given(self) -> bool:
+        """Whether ``num_classes`` was given, rather than taken as the largest label + 1 (messages say which)."""
+        return not getattr(self, "_classes_from_labels", False)
 
     @property
     def natural_split(self) -> bool:
@@ -192,6 +198,44 @@ def _build_checked_model(task: Task) -> nn.Module:
     return model
 
 
+def _label_ids(task: Task) -> Tensor:
+    """The distinct label ids of all of ``task``'s datasets, sorted."""
+    return torch.unique(torch.cat([d.y.reshape(-1) for _, d in _datasets(task)]))
+
+
+def _check_outputs(task: Task, outputs: int) -> None:
+    """:class:`TaskError` unless the model has exactly one output per class, naming both numbers.
+
+    Fewer outputs than classes is an index error in the loss; more is accepted by the loss but wrong all the
+    same: the extra logits take softmax mass and predictions, as classes no label ever names, and the population
+    engine sizes its per-class statistics by ``num_classes``.
+    """
+    classes: int = task.num_classes  # type: ignore[assignment]
+    if outputs == classes:
+        return
+    given = "num_classes" if task.num_classes_given else f"labels up to {classes - 1}"
+    if outputs < classes:
+        ids = _label_ids(task)
+        if (
+            len(ids) <= classes // 2
+        ):  # most ids unused (e.g. raw ids like 10**9): a bigger layer is not the fix
+            raise TaskError(
+                f"task {task.name!r}: the model has {outputs} outputs but the task has {classes} classes "
+                f"({given}), and the labels use only {len(ids)} distinct ids from {int(ids[0])} to {int(ids[-1])}; "
+                f"map them to 0..{len(ids) - 1} (the same map for every dataset, e.g. torch.unique(y, "
+                f"return_inverse=True) on all labels) and give the last layer {len(ids)} outputs"
+            )
+        raise TaskError(
+            f"task {task.name!r}: the model has {outputs} outputs but the task has {classes} classes ({given}); "
+            f"give the last layer {classes} outputs"
+        )
+    raise TaskError(
+        f"task {task.name!r}: the model has {outputs} outputs but the task has {classes} classes ({given}); "
+        f"give the last layer {classes} outputs"
+        + ("" if task.num_classes_given else f", or set num_classes={outputs} if some classes have no sample")
+    )
+
+
 def check_task(task: Task) -> None:
     """Raise :class:`TaskError` unless the model accepts the data's inputs and has one logit per class.
 
@@ -218,11 +262,7 @@ def check_task(task: Task) -> None:
             f"task {task.name!r}: the model returns {shape} for a batch of {sample.shape[0]}; it must return "
             "logits of shape (batch, classes)"
         )
-    if out.shape[1] < task.num_classes:  # type: ignore[operator]
-        raise TaskError(
-            f"task {task.name!r}: the model has {out.shape[1]} outputs but the labels go up to "
-            f"{task.num_classes - 1}; give the last layer {task.num_classes} outputs"  # type: ignore[operator]
-        )
+    _check_outputs(task, int(out.shape[1]))
     labels = task.test.y[: sample.shape[0]]
     try:
         with torch.no_grad():

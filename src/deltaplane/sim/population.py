@@ -206,6 +206,7 @@ class PopulationResult:
     test_accuracy: list[float]
     sampled_accuracy: list[float]
     uplink_bytes: int
+    #: bytes the error-feedback residual store holds at the end: one fp16 row per client that trained
     residual_store_bytes: int
     peak_rss_bytes: int
     wall_time_s: float
@@ -218,6 +219,8 @@ class PopulationResult:
     raw_update_bytes: int = 0
     #: why the run ended before ``config.rounds`` (the privacy budget), else None
     stopped: str | None = None
+    #: bytes the residual store would hold had every registered client trained (its ceiling)
+    residual_store_max_bytes: int = 0
 
 
 #: Options the population driver refuses, with the physical reason (everything else runs as in process).
@@ -432,7 +435,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             test_accuracy=test_acc,
             sampled_accuracy=sampled_acc,
             uplink_bytes=uplink,
-            residual_store_bytes=store.nbytes,
+            residual_store_bytes=store.stored_bytes,  # what it holds, not what it could
+            residual_store_max_bytes=store.nbytes,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
             wall_time_s=time.perf_counter() - start,
             epsilon=epsilon,
