@@ -7,7 +7,6 @@ The service runs in this process (uvicorn over TLS with a private CA); devices a
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import subprocess
 import sys
@@ -308,7 +307,7 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
             for i in range(3)
         ]
         done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",

@@ -330,14 +330,18 @@ def install_secagg_routes(
         plain = state.rounds.get(model)
         if plain is not None and not plain.closing:
             nonce = plain.record.nonce if plain.record else ""
-            found.append(OpenRound(kind="plain", round=plain.number, base_version=plain.base_version, nonce=nonce))
+            found.append(
+                OpenRound(kind="plain", round=plain.number, base_version=plain.base_version, nonce=nonce)
+            )
         withdrawn = ident.cohort in reg.withdrawn_cohorts(verify=True)
         for (m, number), r in sorted(rounds.items()):
             if m != model or withdrawn or ident.device_id not in r.clients:
                 continue
             if r.published is None and r.endpoint.stage != Stage.DONE:
                 found.append(
-                    OpenRound(kind="secagg", round=number, base_version=r.base_version, stage=r.endpoint.stage)
+                    OpenRound(
+                        kind="secagg", round=number, base_version=r.base_version, stage=r.endpoint.stage
+                    )
                 )
         return OpenRounds(model=model, rounds=found)
 
