@@ -166,7 +166,8 @@ def register(app: typer.Typer) -> None:
             typer.Option("--devices", min=1, help="How many devices.", show_default="the federation's"),
         ] = None,
         federation: Annotated[
-            Path | None, typer.Option("--federation", help="Read the device count from this YAML.")
+            Path | None,
+            typer.Option("--federation", help="Read the device count from this YAML.", show_default="none"),
         ] = None,
         cohort: Annotated[str, typer.Option(help="Cohort the tokens name (consent withdrawal).")] = "fleet",
     ) -> None:
@@ -204,6 +205,7 @@ def register(app: typer.Typer) -> None:
                 "--trusted",
                 envvar="DELTAPLANE_TRUSTED_KEYS",
                 help="The registry's public signing key(s) the device trusts (HOME/keys/signing.ed25519.pub).",
+                show_default="required",
             ),
         ] = None,
         rounds: Annotated[
