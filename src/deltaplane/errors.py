@@ -26,6 +26,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "QualityGateFailed",
+    "ServiceUnreachable",
     "SessionMismatch",
     "ShapeMismatch",
     "SignatureError",
@@ -169,3 +170,8 @@ class DowngradeRefused(SignatureError):
 
 class Conflict(DeltaplaneError, RuntimeError):
     """The request conflicts with stored state: a round not open, a duplicate or replayed upload."""
+
+
+class ServiceUnreachable(DeltaplaneError, ConnectionError):
+    """The service could not be reached or did not prove its identity (TLS verification failed): the message
+    says which, and what to check (the URL, the CA file); no request was sent in clear instead."""

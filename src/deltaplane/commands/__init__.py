@@ -42,6 +42,7 @@ __all__ = [
     "err_console",
     "exit_code_for",
     "set_verbosity",
+    "working_dir_on_path",
 ]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -148,3 +149,11 @@ def cpu_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def working_dir_on_path() -> None:
+    """Let ``task: mytask:make_task`` find ``mytask.py`` in the working directory, as ``deltaplane run`` does."""
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())

@@ -17,7 +17,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from deltaplane.choices import AGGREGATORS
-from deltaplane.commands import DEFAULT_THREADS, Threads, check_threads, console, cpu_threads, err_console
+from deltaplane.commands import (
+    DEFAULT_THREADS,
+    Threads,
+    check_threads,
+    console,
+    cpu_threads,
+    err_console,
+    working_dir_on_path,
+)
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
 
@@ -796,6 +804,7 @@ def register(app: typer.Typer) -> None:
             if federation is not None or chain or fleet is not None or per_round is not None:
                 from deltaplane.engine import RunConfig
 
+                working_dir_on_path()  # a federation of `task: mytask:make_task` finds mytask.py here
                 run = RunConfig.from_yaml(federation) if federation is not None else RunConfig()
                 if fleet is not None or per_round is not None:
                     size = fleet if fleet is not None else run.clients

@@ -77,6 +77,7 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_DEVICES_SEEN = 10_000
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+MAX_CLOSED_ROUNDS = 200  # the fleet page's "closed rounds" table
 MAX_ALERTS = 10_000  # each entry is bounded (names <= 128 chars, alert text from the monitor)
 MAX_DRIFT_HISTORY = 1_000  # drift reports kept per monitored model
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
@@ -196,6 +197,10 @@ class ServiceState:
     round_counter: dict[str, int] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
+    #: SecAgg rounds by (model, number), open and closed (their protocol state is in memory only)
+    secagg_rounds: dict[tuple[str, int], Any] = field(default_factory=dict)
+    #: the last closed rounds, plain and SecAgg, newest last (the dashboard's fleet page lists them)
+    closed_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
     downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
@@ -216,6 +221,29 @@ class ServiceState:
             while len(self.seen) > MAX_DEVICES_SEEN:
                 self.seen.popitem(last=False)
 
+    def record_closed(
+        self,
+        model: str,
+        number: int,
+        kind: str,
+        version: int | None,
+        contributors: int,
+        measurements: dict[str, float],
+    ) -> None:
+        """Remember a closed round for the fleet page: what it published, from how many devices, its ε."""
+        with self.lock:
+            self.closed_rounds.append(
+                {
+                    "model": model,
+                    "round": number,
+                    "kind": kind,
+                    "version": version,
+                    "contributors": contributors,
+                    "epsilon": measurements.get("epsilon"),
+                    "closed_at": time.time(),
+                }
+            )
+
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
         with self.lock:
@@ -233,11 +261,26 @@ class ServiceState:
                         "model": m,
                         "round": r.number,
                         "base_version": r.base_version,
+                        "kind": "plain",
                         "uploads": len(r.devices),
                         "opened_at": r.opened_at,
                     }
                     for m, r in sorted(self.rounds.items())
+                ]
+                + [
+                    {
+                        "model": m,
+                        "round": n,
+                        "kind": "secagg",
+                        "stage": r.endpoint.stage,
+                        "base_version": r.base_version,
+                        "uploads": len(r.endpoint.server.uploaded),
+                        "opened_at": r.opened_at,
+                    }
+                    for (m, n), r in sorted(self.secagg_rounds.items())
+                    if r.published is None and r.endpoint.stage != "done"
                 ],
+                "closed_rounds": list(reversed(self.closed_rounds)),
                 "devices": [
                     {"device": d, "cohort": c, "requests": n, "last_seen": t}
                     for d, (c, n, t) in reversed(self.seen.items())

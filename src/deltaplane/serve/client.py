@@ -239,6 +239,13 @@ class DeviceClient:
         resp = _check(self._send("GET", f"/v1/models/{model}/session", headers=self._headers))
         return WireSession.from_bytes(resp.content)
 
+    def open_rounds(self, model: str) -> list[dict[str, Any]]:
+        """Every open round of ``model`` this device may take part in (``GET /v1/models/{model}/rounds/open``):
+        ``{"kind": "plain", "round", "base_version", "nonce"}`` or ``{"kind": "secagg", "round",
+        "base_version", "stage"}`` (SecAgg rounds it is invited to); empty when nothing is open."""
+        resp = _check(self._send("GET", f"/v1/models/{model}/rounds/open", headers=self._headers))
+        return list(resp.json()["rounds"])
+
     def round(self, model: str) -> dict[str, Any]:
         return _check(self._send("GET", f"/v1/models/{model}/round", headers=self._headers)).json()
 
@@ -358,6 +365,10 @@ class AdminClient:
     def advance_secagg(self, model: str, round_id: int) -> dict[str, Any]:
         """Close the SecAgg round's current stage (its deadline passed); devices that did not speak dropped."""
         return self._post(f"/admin/models/{model}/secagg/{round_id}/advance")
+
+    def secagg_status(self, model: str, round_id: int) -> dict[str, Any]:
+        """The SecAgg round's stage and how many devices spoke in each (``advertised``, ``shared``...)."""
+        return self._get(f"/admin/models/{model}/secagg/{round_id}")
 
     def close_secagg(self, model: str, round_id: int) -> dict[str, Any]:
         """Unmask the SecAgg round's sum and publish the new version."""

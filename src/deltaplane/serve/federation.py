@@ -51,7 +51,7 @@ from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.server import BackgroundServer
 
-__all__ = ["HttpRunResult", "run_http_simulation"]
+__all__ = ["HttpRunResult", "drift_reference", "holdout_summary", "run_http_simulation"]
 
 MODEL = "digits-cnn"
 
@@ -71,6 +71,25 @@ def _predictions(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return model(x).argmax(1).numpy()
+
+
+def drift_reference(task: Any, clients: list) -> tuple[DriftSpec, Any]:
+    """The drift monitor's reference: pixel (feature) histograms of the training set and the label prior (what a
+    good model predicts). Deterministic in the task, so a coordinator and every device compute the same one."""
+    train = (
+        task.train
+        if task.train is not None
+        else Dataset(torch.cat([c.train.x for c in clients]), torch.cat([c.train.y for c in clients]))
+    )
+    flat_train = train.x.reshape(len(train), -1).numpy()
+    spec = DriftSpec.fit(flat_train, n_classes=int(task.num_classes), n_bins=8)
+    return spec, summarize(spec, flat_train, train.y.numpy())
+
+
+def holdout_summary(spec: DriftSpec, model: torch.nn.Module, client: Any) -> Any:
+    """A device's drift summary of its held-out data and the model's predictions on it (histograms only)."""
+    x = client.holdout.x.reshape(len(client.holdout), -1).numpy()
+    return summarize(spec, x, _predictions(model, client.holdout.x))
 
 
 def run_http_simulation(
@@ -121,11 +140,6 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = ClientStep(config, task, base_id=MODEL)
     step.local_keys(model)
-    train = (
-        task.train
-        if task.train is not None
-        else Dataset(torch.cat([c.train.x for c in clients]), torch.cat([c.train.y for c in clients]))
-    )
     reg = Registry.create(home)
     v0 = reg.register_model(
         MODEL,
@@ -151,10 +165,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         max_examples=examples_bound(c.num_samples for c in clients),
         simulated_devices=True,  # the engine's client step runs every device-side option (attack included)
     )
-    # Drift reference: pixel histograms of the training set and the label prior (what a good model predicts).
-    flat_train = train.x.reshape(len(train), -1).numpy()
-    spec = DriftSpec.fit(flat_train, n_classes=int(task.num_classes), n_bins=8)
-    reference = summarize(spec, flat_train, train.y.numpy())
+    spec, reference = drift_reference(task, clients)
     raw_bytes = Delta.zeros_like(initial).nbytes
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
@@ -223,8 +234,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
             client_acc = evaluate_clients(model, clients)
             alerts: list[str] = []
             for c, d in zip(clients, devices, strict=True):  # summaries only: histograms and class counts
-                x = c.holdout.x.reshape(len(c.holdout), -1).numpy()
-                s = summarize(spec, x, _predictions(model, c.holdout.x))
+                s = holdout_summary(spec, model, c)
                 alerts += d.report(
                     MODEL,
                     version=closed["version"],

@@ -657,10 +657,12 @@ def round_router(
         with state.lock:
             state.rounds.pop(model, None)
         if result is None:
+            state.record_closed(model, r.number, "plain", None, 0, {})
             return CloseRoundResponse(
                 model=model, round=r.number, uploads=0, version=None, delta_bytes=0, full_bytes=0
             )
         version, outcome = result
+        state.record_closed(model, r.number, "plain", version.number, len(r.devices), outcome.measurements)
         return CloseRoundResponse(
             model=model,
             round=r.number,

@@ -12,6 +12,9 @@ commit in one registry transaction, and a close that fails leaves none of them a
 
 Device endpoints (``Authorization: Bearer <device token>``; only invited devices):
 
+* ``GET  /v1/models/{model}/rounds/open`` — discovery: every open round this device may take part in, plain
+  (number, base version, nonce) or SecAgg (number, base version, current stage; only rounds it is invited to),
+  so a device agent that polls one endpoint learns what to do next (:mod:`deltaplane.serve.fleet`).
 * ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage.
 * ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys``.
 * ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (409 until key advertisement closed).
@@ -34,6 +37,7 @@ answers. Older finished rounds are 404, like rounds that never existed.
 
 import hashlib
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
@@ -92,6 +96,7 @@ class SecAggRound:
     lock: threading.Lock = field(default_factory=threading.Lock)
     published: dict[str, Any] | None = None
     cohorts: dict[str, str] = field(default_factory=dict)  # device id -> cohort its token names
+    opened_at: float = field(default_factory=time.time)
 
     @property
     def config(self) -> SecAggConfig:
@@ -187,6 +192,21 @@ class Invitation(BaseModel):
     stage: str
 
 
+class OpenRound(BaseModel):
+    kind: str = Field(description="'plain' (upload a compressed update) or 'secagg' (run the SecAgg stages)")
+    round: int
+    base_version: int
+    nonce: str | None = Field(default=None, description="plain rounds: send it as X-Deltaplane-Round-Nonce")
+    stage: str | None = Field(
+        default=None, description="SecAgg rounds: the stage open now ('advertise keys' until keys close)"
+    )
+
+
+class OpenRounds(BaseModel):
+    model: str
+    rounds: list[OpenRound]
+
+
 class Accepted(BaseModel):
     accepted: bool
     kind: str
@@ -232,7 +252,8 @@ def install_secagg_routes(
     with ``rounds_store`` the step resumes from, and stores after each round, its durable state.
     """
     store = rounds_store if rounds_store is not None else RoundStore(state.registry)
-    rounds: dict[tuple[str, int], SecAggRound] = {}  # open rounds only
+    # open rounds only (the service state's: devices discover theirs through /v1/models/{m}/rounds/open)
+    rounds: dict[tuple[str, int], SecAggRound] = state.secagg_rounds
     finished: OrderedDict[tuple[str, int], FinishedRound] = OrderedDict()  # the last FINISHED_KEPT closed
     reg = state.registry
     router = APIRouter()
@@ -358,6 +379,33 @@ def install_secagg_routes(
 
     def octets(data: bytes) -> Response:
         return Response(data, media_type="application/octet-stream")
+
+    @router.get(
+        "/v1/models/{model}/rounds/open",
+        tags=["device"],
+        response_model=OpenRounds,
+        summary="Every open round this device may take part in: plain, or SecAgg it is invited to",
+    )
+    def open_rounds(model: ModelName, ident: Device) -> OpenRounds:
+        """What a polling device does next: an empty list when nothing is open (not an error: poll again)."""
+        found = []
+        plain = state.rounds.get(model)
+        if plain is not None and not plain.closing:
+            nonce = plain.record.nonce if plain.record else ""
+            found.append(
+                OpenRound(kind="plain", round=plain.number, base_version=plain.base_version, nonce=nonce)
+            )
+        withdrawn = ident.cohort in reg.withdrawn_cohorts(verify=True)
+        for (m, number), r in sorted(rounds.items()):
+            if m != model or withdrawn or ident.device_id not in r.clients:
+                continue
+            if r.published is None and r.endpoint.stage != Stage.DONE:
+                found.append(
+                    OpenRound(
+                        kind="secagg", round=number, base_version=r.base_version, stage=r.endpoint.stage
+                    )
+                )
+        return OpenRounds(model=model, rounds=found)
 
     @router.get("/v1/models/{model}/secagg/{number}", tags=["secagg"], response_model=Invitation)
     def invitation(model: ModelName, number: RoundId, ident: Device) -> Invitation:
@@ -564,6 +612,9 @@ def install_secagg_routes(
             }
             closed = finish(r, "published")
         state.counters["secagg.rounds_closed"] += 1
+        state.record_closed(
+            model, number, "secagg", version.number, len(survivors), r.published["measurements"]
+        )
         return closed
 
     app.include_router(router)

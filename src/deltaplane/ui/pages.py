@@ -514,6 +514,11 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
     return _page(f"Model {model}", body, here="/ui/registry")
 
 
+def _kind(r: Mapping[str, Any]) -> str:
+    """A round's kind as the fleet page prints it: plain, or SecAgg with its open stage."""
+    return f"secagg ({r.get('stage')})" if r.get("kind") == "secagg" else str(r.get("kind", "plain"))
+
+
 def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     if not fleet:
         return _page(
@@ -525,10 +530,21 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     rounds = [
         f"<tr><td>{escape(r['model'])}</td>"
         + _num(r["round"], "{}", "round")
+        + f"<td>{escape(_kind(r))}</td>"
         + _num(r["base_version"], "{}")
         + _num(r["uploads"], "{}", "uploads")
         + f"<td>{_when(r.get('opened_at'))}</td></tr>"
         for r in fleet.get("open_rounds", [])
+    ]
+    closed = [
+        f"<tr><td>{escape(r['model'])}</td>"
+        + _num(r["round"], "{}", "round")
+        + f"<td>{escape(r['kind'])}</td>"
+        + _num(r["version"], "{}", "version")
+        + _num(r["contributors"], "{}", "contributors")
+        + _num(r["epsilon"], "{:.3f}", "epsilon")
+        + f"<td>{_when(r.get('closed_at'))}</td></tr>"
+        for r in fleet.get("closed_rounds", [])
     ]
     devices = [
         f"<tr><td>{escape(d['device'])}</td><td>{escape(d['cohort'])}</td>"
@@ -581,7 +597,15 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     ]
     body = (
         "<h2>Open rounds</h2>"
-        + _table(["model", "round", "base version", "uploads", "opened"], rounds, table_id="open-rounds")
+        + _table(
+            ["model", "round", "kind", "base version", "uploads", "opened"], rounds, table_id="open-rounds"
+        )
+        + "<h2>Closed rounds</h2>"
+        + _table(
+            ["model", "round", "kind", "version", "devices in it", "ε spent", "closed"],
+            closed,
+            table_id="closed-rounds",
+        )
         + "<h2>Uploads</h2>"
         + _table(["outcome", "count"], uploads, table_id="uploads")
         + "<h2>Devices seen</h2>"

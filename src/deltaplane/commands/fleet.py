@@ -1,0 +1,274 @@
+"""``deltaplane fleet``: run a federation of real device processes against ``deltaplane serve`` (docs/fleet.md).
+
+``init`` registers the task's initial model in the service's registry, ``enroll`` issues one device token per
+device into a folder (one file each, mode 0600), ``device`` runs one device process, ``coordinate`` runs the
+operator's rounds. Both sides read the same federation YAML: the service its server step, the devices their
+local training, codec, clip and local DP (:mod:`deltaplane.serve.fleet`). Imports are light at module level:
+torch loads only when a command runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+
+from deltaplane.commands import (
+    DEFAULT_THREADS,
+    Threads,
+    console,
+    cpu_threads,
+    err_console,
+    working_dir_on_path,
+)
+from deltaplane.commands import clean_errors as _errors
+from deltaplane.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from deltaplane.engine import RunConfig
+
+__all__ = ["register"]
+
+Url = Annotated[str, typer.Option("--url", help="The service, e.g. https://127.0.0.1:8443.")]
+Ca = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca", help="The CA that signed the service's certificate (HOME/tls/ca.pem).", show_default="none"
+    ),
+]
+Federation = Annotated[
+    Path, typer.Option("--federation", help="The federation YAML `deltaplane serve --federation` runs.")
+]
+Model = Annotated[str, typer.Option("--model", help="The model name in the service's registry.")]
+ADMIN_ENV = "DELTAPLANE_ADMIN_TOKEN"
+
+
+def _tls(url: str, ca: Path | None) -> ssl.SSLContext | None:
+    """The TLS context for ``url``: ``--ca`` for https (never the system store, never a silent fallback to
+    plain HTTP); plain HTTP only on loopback, as ``deltaplane serve`` allows it."""
+    from deltaplane.serve.tls import client_context
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        if ca is None:
+            raise ConfigError(
+                f"{url} is HTTPS: pass --ca with the CA that signed its certificate (HOME/tls/ca.pem)"
+            )
+        return client_context(ca)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(f"--url must be an https:// (or loopback http://) address. Found {url!r}")
+    if ca is not None:
+        raise ConfigError(f"--ca was given for {url}, which is plain HTTP: use its https:// address")
+    try:
+        loopback = parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"refusing plain HTTP to {parts.hostname}: the token would travel in clear; use https://"
+        )
+    return None
+
+
+def _admin_token() -> str:
+    token = os.environ.get(ADMIN_ENV, "")
+    if not token:
+        raise ConfigError(f"set ${ADMIN_ENV} to the admin token `deltaplane serve` runs with")
+    return token
+
+
+def _federation(path: Path) -> RunConfig:
+    from deltaplane.engine import RunConfig
+
+    if not path.is_file():
+        raise ConfigError(f"federation file {path} does not exist")
+    working_dir_on_path()  # the YAML's task may be a mytask.py next to it
+    return RunConfig.from_yaml(path)
+
+
+def _connected(url: str, fn: Any) -> Any:
+    """Run ``fn``; a connection that failed becomes one typed line (TLS failures name the CA to check)."""
+    import httpx
+
+    from deltaplane.serve.fleet import unreachable
+
+    try:
+        return fn()
+    except httpx.TransportError as exc:
+        raise unreachable(exc, url) from None
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM / SIGINT: the device finishes the request in flight and stops."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``deltaplane fleet init|enroll|device|coordinate``."""
+    fleet = typer.Typer(
+        help="A federation of real device processes over `deltaplane serve` (docs/fleet.md).",
+        no_args_is_help=True,
+    )
+    app.add_typer(fleet, name="fleet")
+
+    @fleet.command("init")
+    def init_cmd(
+        federation: Federation,
+        model: Model,
+        home: Annotated[
+            Path | None,
+            typer.Option(
+                "--home", envvar="DELTAPLANE_HOME", help="Registry folder.", show_default="~/.deltaplane"
+            ),
+        ] = None,
+    ) -> None:
+        """Register the task's initial model (seeded by the federation's seed) and tag it production."""
+        from deltaplane.engine import make_task
+        from deltaplane.engine.seeding import Stream, derive_seed
+        from deltaplane.registry import Registry, default_home
+
+        with _errors(OSError):
+            run = _federation(federation)
+            reg = Registry.create(home or default_home())
+            if reg.versions(model):
+                raise ConfigError(
+                    f"{model!r} is already in the registry at {reg.home}; choose another --model"
+                )
+            task = make_task(run)
+            net = task.build_model(derive_seed(run.seed, Stream.MODEL_INIT))
+            v = reg.register_model(
+                model,
+                net.state_dict(),
+                lineage={"round": 0, "run_config": run.to_dict()},
+                governance={"data_sources": [f"task {task.name}"], "cohorts": []},
+            )
+            reg.set_tag(model, "production", v.number, reason="initial model of the fleet")
+        console.print(f"{model}@{v.number} registered in {reg.home} (production); serve it with --federation")
+
+    @fleet.command("enroll")
+    def enroll_cmd(
+        url: Url,
+        out: Annotated[Path, typer.Option("--out", help="Folder for the token files (one per device).")],
+        ca: Ca = None,
+        devices: Annotated[
+            int | None,
+            typer.Option("--devices", min=1, help="How many devices.", show_default="the federation's"),
+        ] = None,
+        federation: Annotated[
+            Path | None,
+            typer.Option("--federation", help="Read the device count from this YAML.", show_default="none"),
+        ] = None,
+        cohort: Annotated[str, typer.Option(help="Cohort the tokens name (consent withdrawal).")] = "fleet",
+    ) -> None:
+        """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
+        $DELTAPLANE_ADMIN_TOKEN."""
+        from deltaplane.registry.signing import write_secret_file
+        from deltaplane.serve.client import AdminClient
+        from deltaplane.serve.fleet import device_id
+
+        with _errors(OSError):
+            if devices is None:
+                if federation is None:
+                    raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
+                devices = _federation(federation).clients
+            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
+            out.mkdir(parents=True, exist_ok=True)
+            for i in range(devices):
+                token = _connected(url, lambda i=i: admin.issue_token(device_id(i), cohort))
+                write_secret_file(out / f"{device_id(i)}.token", token.encode())
+        console.print(
+            f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
+        )
+
+    @fleet.command("device")
+    def device_cmd(
+        url: Url,
+        token_file: Annotated[Path, typer.Option("--token-file", help="This device's token (fleet enroll).")],
+        federation: Federation,
+        device: Annotated[int, typer.Option("--device", min=0, help="This device's partition of the task.")],
+        model: Model,
+        ca: Ca = None,
+        trusted: Annotated[
+            Path | None,
+            typer.Option(
+                "--trusted",
+                envvar="DELTAPLANE_TRUSTED_KEYS",
+                help="The registry's public signing key(s) the device trusts (HOME/keys/signing.ed25519.pub).",
+                show_default="required",
+            ),
+        ] = None,
+        rounds: Annotated[
+            int | None, typer.Option(min=1, help="Stop after this many rounds.", show_default="until stopped")
+        ] = None,
+        stage_wait: Annotated[
+            float, typer.Option(min=1, help="Seconds to wait for a SecAgg stage or a round to publish.")
+        ] = 300.0,
+        threads: Threads = DEFAULT_THREADS,
+    ) -> None:
+        """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
+        from deltaplane.registry.signing import load_trusted_keys
+        from deltaplane.serve.client import DeviceClient
+        from deltaplane.serve.fleet import load_device, run_device
+
+        with _errors(OSError), cpu_threads(threads):
+            if trusted is None:
+                raise ConfigError(
+                    "pass --trusted with the registry's public key (HOME/keys/signing.ed25519.pub): the device "
+                    "applies only models signed by it"
+                )
+            run = _federation(federation).replace(threads=threads)
+            token = token_file.read_text().strip()
+            conn = DeviceClient(url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca))
+            dev = load_device(conn, run, device, model=model)
+            dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
+            done = run_device(dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait)
+        console.print(f"device {device}: took part in {len(done)} published rounds")
+
+    @fleet.command("coordinate")
+    def coordinate_cmd(
+        url: Url,
+        federation: Federation,
+        model: Model,
+        rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")],
+        deadline: Annotated[
+            float, typer.Option(min=0.1, help="Seconds each round (each SecAgg stage) waits for its devices.")
+        ],
+        ca: Ca = None,
+        weight_scale: Annotated[
+            float | None,
+            typer.Option(
+                help="SecAgg's public weight scale.", show_default="the devices' mean example count"
+            ),
+        ] = None,
+    ) -> None:
+        """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
+        admin token from $DELTAPLANE_ADMIN_TOKEN."""
+        from deltaplane.serve.client import AdminClient
+        from deltaplane.serve.fleet import coordinate
+
+        with _errors(OSError):
+            run = _federation(federation)
+            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
+            _connected(
+                url,
+                lambda: coordinate(
+                    admin,
+                    run,
+                    model=model,
+                    rounds=rounds,
+                    deadline=deadline,
+                    weight_scale=weight_scale,
+                    progress=lambda s: console.print(s.line(rounds)),
+                ),
+            )

@@ -1,0 +1,443 @@
+"""A fleet of real device processes, and the operator's loop that runs their rounds over the service.
+
+Partner of ``deltaplane serve --federation run.yaml``: the service runs the federation's *server* step; this
+module runs the rest of the same :class:`~deltaplane.engine.RunConfig` on each side.
+
+* :func:`run_device` is one device: it polls ``GET /v1/models/{m}/rounds/open`` with backoff; on a plain round
+  it fetches the verified training model, runs the engine's :class:`~deltaplane.engine.ClientStep` on its own
+  partition of the task (``device`` is the partition id, as Flower's ``partition-id``) and uploads the
+  compressed update; on a SecAgg round it runs the client step, then each SecAgg stage as the operator opens
+  it (:class:`~deltaplane.serve.secagg_client.SecAggDevice`, with OS randomness: a real device never derives
+  its secrets from the run's seed). Once the round's version is published it reports its held-out accuracy
+  and drift summary. It stops after ``rounds`` rounds, or when ``stop`` is set.
+* :func:`coordinate` is the operator: per round it opens a plain or SecAgg round for the enrolled devices,
+  waits until every invited device has uploaded (or posted the stage) or a deadline passes, advances SecAgg
+  stages, and closes; devices that missed a deadline are dropouts.
+
+A plain round gives the same model as ``deltaplane run --transport http`` (:mod:`deltaplane.serve.federation`)
+with the same YAML and seed when the devices' uploads reach the service in device order (FedAvg sums in arrival
+order); SecAgg rounds differ by their stochastic rounding, which a real device draws from the OS.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from deltaplane.aggregation.secagg import Stage
+from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
+from deltaplane.engine.scoring import round_epsilon
+from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, ServiceUnreachable
+from deltaplane.monitor import DriftSpec
+from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.federation import drift_reference, holdout_summary
+from deltaplane.serve.secagg_client import SecAggDevice
+
+__all__ = [
+    "Device",
+    "RoundSummary",
+    "coordinate",
+    "device_id",
+    "load_device",
+    "run_device",
+    "unreachable",
+]
+
+log = logging.getLogger(__name__)
+
+#: the SecAgg stages a device acts in, in order: the stage that must be open, and the device's method
+SECAGG_STEPS = (
+    (Stage.ADVERTISE, "advertise"),
+    (Stage.SHARE, "share"),
+    (Stage.MASKED, "upload"),
+    (Stage.UNMASK, "unmask"),
+)
+#: statuses that mean "this device is out of this round" (too late, not invited, not a survivor, round gone)
+_OUT_OF_ROUND = (403, 404, 409, 422)
+
+
+def device_id(partition: int) -> str:
+    """The device id ``deltaplane fleet enroll`` gives partition ``partition`` (what SecAgg rounds invite)."""
+    return f"device-{partition}"
+
+
+def unreachable(exc: httpx.TransportError, url: str) -> ServiceUnreachable:
+    """One line for a connection that failed: a TLS verification failure names the CA to check."""
+    cause = exc.__context__ or exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return ServiceUnreachable(
+            f"the service at {url} did not prove its identity (TLS: {cause or exc}); nothing was sent. Pass "
+            "--ca the CA that signed its certificate (`deltaplane keys tls` wrote it as HOME/tls/ca.pem) and a "
+            "URL whose host the certificate names (--host of `deltaplane keys tls`)"
+        )
+    return ServiceUnreachable(
+        f"cannot reach the service at {url} ({type(exc).__name__}: {exc}); check the URL and that "
+        "`deltaplane serve` is running"
+    )
+
+
+# -- the device ------------------------------------------------------------------------------------------------
+@dataclass
+class Device:
+    """One device: its connection, its partition of the task and the engine's client step."""
+
+    conn: DeviceClient
+    model: str
+    config: RunConfig
+    client: Any  # deltaplane.engine.federation.Client: this device's data, compressor, personal state
+    step: ClientStep
+    net: torch.nn.Module
+    spec: DriftSpec
+    #: (round, base version) of the last round taken part in whose new version is not reported yet
+    pending: tuple[int, int] | None = None
+    log: Callable[[str], None] = print
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model: str) -> Device:
+    """Device ``partition`` of ``config``'s task: its data, the client step of a real device (no attack, local
+    DP noise from the OS), and the drift reference its summaries are binned on."""
+    if not 0 <= partition < config.clients:
+        raise ConfigError(
+            f"--device {partition} is not a partition of this federation (clients: {config.clients}); use "
+            f"0 to {config.clients - 1}"
+        )
+    task = make_task(config)
+    clients = build_clients(config, task)
+    net = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    step = ClientStep(config, task, base_id=model, simulation=False)
+    step.local_keys(net)
+    spec, _ = drift_reference(task, clients)
+    return Device(conn, model, config, clients[partition], step, net, spec)
+
+
+def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
+    """The verified training model if it is the round's base; None (the device sits the round out) if not."""
+    report_pending(dev)
+    version, state = dev.conn.fetch(dev.model, channel="training")
+    if version != base:
+        dev.log(f"round base is version {base} but the training tag serves {version}; sitting this round out")
+        return None
+    return state
+
+
+def plain_round(dev: Device, info: dict[str, Any]) -> bool:
+    """Train on the round's base, upload the compressed update bound to the round's nonce; True if accepted."""
+    number, base = int(info["round"]), int(info["base_version"])
+    state = _fetch_base(dev, base)
+    if state is None:
+        return False
+    sessions = dev.step.sessions
+    if sessions.compact and not sessions.fetched:  # the server's word for the wire session, as in process
+        sessions.install(dev.conn.session(dev.model))
+    up = dev.step.run(dev.client, dev.net, state, number, base)
+    if up.payload is None:
+        dev.log(f"round {number}: no update ({up.error}); sitting it out")
+        return False
+    dev.conn.upload(dev.model, number, up.payload, num_examples=dev.client.num_samples, nonce=info["nonce"])
+    dev.pending = (number, base)
+    return True
+
+
+def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, poll: float) -> bool:
+    """Poll until SecAgg round ``number`` is at ``stage``; False if it moved past it, ended, or time ran out."""
+    order = [s for s, _ in SECAGG_STEPS]
+    delay = poll
+    while time.monotonic() < deadline:
+        now = next(
+            (r for r in dev.conn.open_rounds(dev.model) if r["kind"] == "secagg" and r["round"] == number),
+            None,
+        )
+        if now is None or order.index(now["stage"]) > order.index(stage):
+            return False
+        if now["stage"] == stage:
+            return True
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    return False
+
+
+def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float = 0.1) -> bool:
+    """Train, then run the SecAgg stages as the operator opens them; only masked bytes leave the device.
+
+    Returns True once the device answered the unmasking request; False if it sat the round out or dropped
+    out (a stage closed before it spoke: the others' round goes on without it)."""
+    number, base = int(info["round"]), int(info["base_version"])
+    state = _fetch_base(dev, base)
+    if state is None:
+        return False
+    up = dev.step.run(dev.client, dev.net, state, number, base)
+    if up.secure is None:
+        dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
+        return False
+    sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0)  # secret keys from the OS, never from the seed
+    sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
+    for stage, method in SECAGG_STEPS:
+        if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
+            dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
+            return False
+        try:
+            getattr(sa, method)()
+        except ServiceError as exc:
+            if exc.status not in _OUT_OF_ROUND:
+                raise
+            dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
+            return False
+    dev.pending = (number, base)
+    return True
+
+
+def report_pending(dev: Device) -> bool:
+    """Once the round the device took part in has published, report on the new version: held-out accuracy and
+    the drift summary (histograms and class counts only). True if it reported."""
+    if dev.pending is None:
+        return False
+    number, base = dev.pending
+    version, state = dev.conn.fetch(dev.model, channel="training")
+    if version == base:
+        return False  # not published yet
+    if dev.step.personalizer.name != "none":
+        dev.step.after_round([dev.client], dev.net, state, number)
+    dev.net.load_state_dict(state)
+    accuracy = float(evaluate_clients(dev.net, [dev.client])[0])
+    metrics = {"holdout_accuracy": accuracy}
+    epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
+    if epsilon is not None:
+        metrics["epsilon"] = epsilon
+    dev.conn.report(
+        dev.model,
+        version=version,
+        metrics=metrics,
+        summary=holdout_summary(dev.spec, dev.net, dev.client).to_dict(),
+        round_id=number,
+    )
+    dev.rounds.append({"round": number, "version": version, **metrics})
+    eps = f", local ε {epsilon:.3f}" if epsilon is not None else ""
+    dev.log(f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{eps} reported")
+    dev.pending = None
+    return True
+
+
+def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | None:
+    """The first open round this device has not looked at yet (a SecAgg round past its first stage is seen
+    and skipped: the device was not in its key advertisement)."""
+    for r in dev.conn.open_rounds(dev.model):
+        key = (r["kind"], int(r["round"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        if r["kind"] == "secagg" and r["stage"] != Stage.ADVERTISE:
+            dev.log(f"SecAgg round {r['round']} is past key advertisement; waiting for the next round")
+            continue
+        return r
+    return None
+
+
+def take_part(dev: Device, info: dict[str, Any], *, stage_wait: float) -> bool:
+    """Take part in one open round (plain or SecAgg); True if the device's update went in."""
+    if info["kind"] == "plain":
+        return plain_round(dev, info)
+    return secagg_round(dev, info, wait=stage_wait)
+
+
+def run_device(
+    dev: Device,
+    *,
+    rounds: int | None = None,
+    stop: threading.Event | None = None,
+    poll: float = 0.2,
+    max_poll: float = 2.0,
+    stage_wait: float = 300.0,
+    patience: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Take part in the model's rounds until ``rounds`` rounds have opened (whether this device made it into
+    each or not) and the last one it took part in is reported, or until ``stop`` is set; returns one row per
+    reported round.
+
+    Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
+    for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
+    ``patience`` seconds without a connection, and at once when the service fails TLS verification."""
+    stop = stop or threading.Event()
+    torch.set_num_threads(dev.config.threads)
+    seen: set[tuple[str, int]] = set()
+    delay, lost_since, finished_at = poll, None, None
+    while not stop.is_set():
+        try:
+            if rounds is not None and len(seen) >= rounds:
+                report_pending(dev)
+                finished_at = finished_at or time.monotonic()
+                if dev.pending is None or time.monotonic() - finished_at > stage_wait:
+                    break
+            else:
+                todo = _next_round(dev, seen)
+                if todo is not None:
+                    take_part(dev, todo, stage_wait=stage_wait)
+                    delay = poll
+                    continue
+                report_pending(dev)
+            lost_since = None
+        except httpx.TransportError as exc:
+            err = unreachable(exc, dev.conn.base_url)
+            if "did not prove its identity" in str(err):
+                raise err from None  # never retried, never downgraded to plain HTTP
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > patience:
+                raise err from None
+        except ServiceError as exc:
+            if exc.status != 429:  # rate-limited: back off; anything else is the operator's to see
+                raise
+        stop.wait(delay)
+        delay = min(2 * delay, max_poll)
+    return dev.rounds
+
+
+# -- the coordinator -------------------------------------------------------------------------------------------
+@dataclass
+class RoundSummary:
+    """What one coordinated round did."""
+
+    index: int
+    kind: str
+    number: int
+    invited: int
+    contributors: int
+    version: int | None
+    epsilon: float | None
+    seconds: float
+    measurements: dict[str, float] = field(default_factory=dict)
+    failed: str | None = None
+
+    @property
+    def dropouts(self) -> int:
+        return self.invited - self.contributors
+
+    def line(self, rounds: int) -> str:
+        """The progress line ``deltaplane fleet coordinate`` prints."""
+        head = f"round {self.index}/{rounds} ({self.kind} #{self.number})"
+        if self.failed:
+            return f"{head}: failed: {self.failed}"
+        eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
+        return (
+            f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out), "
+            f"version {self.version}{eps}, {self.seconds:.1f} s"
+        )
+
+
+def _wait(done: Callable[[], bool], deadline: float, poll: float) -> None:
+    """Poll ``done`` until it holds or ``deadline`` (monotonic) passes."""
+    while not done() and time.monotonic() < deadline:
+        time.sleep(poll)
+
+
+def _plain(admin: AdminClient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
+    opened = admin.open_round(model)
+    number = int(opened["round"])
+
+    def uploads() -> int:
+        return int(admin.stats()["rounds"].get(model, {}).get("uploads", 0))
+
+    _wait(lambda: uploads() >= len(names), time.monotonic() + deadline, poll)
+    closed = admin.close_round(model, number)
+    return number, int(closed["uploads"]), closed["version"], closed["measurements"]
+
+
+def _secagg(
+    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, weight_scale: float
+) -> tuple:
+    opened = admin.open_secagg(model, names, weight_scale=weight_scale)
+    number = int(opened["round"])
+    expected = len(names)
+    for counted in ("advertised", "shared", "uploaded"):
+        _wait(
+            lambda c=counted, e=expected: admin.secagg_status(model, number)[c] >= e,
+            time.monotonic() + deadline,
+            poll,
+        )
+        expected = int(admin.advance_secagg(model, number)[counted])
+    survivors = len(admin.secagg_status(model, number)["survivors"])
+    _wait(
+        lambda: admin.secagg_status(model, number)["responded"] >= survivors,
+        time.monotonic() + deadline,
+        poll,
+    )
+    closed = admin.close_secagg(model, number)
+    published = closed["published"]
+    return number, survivors, published["version"], published["measurements"]
+
+
+def weight_scale_of(config: RunConfig) -> float:
+    """The public weight scale of SecAgg rounds: the devices' mean example count (as every driver uses), from
+    the same partition of the task the devices compute."""
+    return float(np.mean([c.num_samples for c in build_clients(config, make_task(config))]))
+
+
+def coordinate(
+    admin: AdminClient,
+    config: RunConfig,
+    *,
+    model: str,
+    rounds: int,
+    deadline: float,
+    devices: list[str] | None = None,
+    weight_scale: float | None = None,
+    drift: bool = True,
+    poll: float = 0.2,
+    progress: Callable[[RoundSummary], None] | None = None,
+) -> list[RoundSummary]:
+    """Run ``rounds`` rounds of ``model`` with the enrolled devices (default: ``device-0`` … one per partition).
+
+    Each round is SecAgg when ``config.secagg`` (the service refuses plain rounds then), else plain. A stage (a
+    plain round's uploads; each SecAgg stage) waits until every device still in the round has spoken or
+    ``deadline`` seconds pass; latecomers are dropouts. A round the service cannot complete (too few devices
+    for SecAgg's threshold) is reported as failed and the next one starts; a round that would exceed the
+    privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to.
+    """
+    if config.sample_fraction < 1:
+        raise ConfigError(
+            f"sample_fraction={config.sample_fraction:g}: the coordinator invites every enrolled device to every "
+            "round (it does not sample devices); use sample_fraction: 1"
+        )
+    names = devices or [device_id(i) for i in range(config.clients)]
+    if config.secagg and weight_scale is None:
+        weight_scale = weight_scale_of(config)
+    if drift:
+        task = make_task(config)
+        spec, reference = drift_reference(task, build_clients(config, task))
+        admin.set_drift_reference(model, spec.to_dict(), reference.to_dict(), window=len(names))
+    done: list[RoundSummary] = []
+    for index in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        kind = "secagg" if config.secagg else "plain"
+        try:
+            if config.secagg:
+                number, n, version, measured = _secagg(
+                    admin, model, names, deadline, poll, weight_scale or 0.0
+                )
+            else:
+                number, n, version, measured = _plain(admin, model, names, deadline, poll)
+        except ServiceError as exc:
+            if exc.error == PrivacyBudgetExceeded.__name__:
+                raise PrivacyBudgetExceeded(f"round {index}: {exc.detail}") from None
+            if exc.status >= 500 or exc.status in (401, 403):
+                raise
+            summary = RoundSummary(index, kind, 0, len(names), 0, None, None, time.perf_counter() - t0)
+            summary.failed = exc.detail
+        else:
+            summary = RoundSummary(
+                index, kind, number, len(names), n, version, measured.get("epsilon"),
+                time.perf_counter() - t0, dict(measured),
+            )  # fmt: skip
+        done.append(summary)
+        if progress is not None:
+            progress(summary)
+    return done

@@ -1,0 +1,324 @@
+"""A fleet of real devices over TLS: discovery, the device agent, the coordinator, the CLI (docs/fleet.md).
+
+The service runs in this process (uvicorn over TLS with a private CA); devices are threads running
+:func:`deltaplane.serve.fleet.run_device`, or separate processes running ``deltaplane fleet device``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from deltaplane.engine import ClientStep, RunConfig, build_clients, make_task
+from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.registry import Registry
+from deltaplane.serve import ServiceConfig, create_app, fleet
+from deltaplane.serve.client import AdminClient, DeviceClient
+from deltaplane.serve.server import BackgroundServer
+from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
+
+MODEL = "mytask"
+ADMIN = "admin-token-for-fleet-tests"
+
+
+def _recording(app):
+    """An ASGI wrapper keeping every request body the service receives (path, body)."""
+    bodies: list[tuple[str, bytes]] = []
+
+    async def recorder(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        chunks: list[bytes] = []
+
+        async def spy():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    bodies.append((scope["path"], b"".join(chunks)))
+            return msg
+
+        return await app(scope, spy, send)
+
+    recorder.state = app.state  # type: ignore[attr-defined]  # the server reads the service's limits there
+    return recorder, bodies
+
+
+class Fleet:
+    """A registry with the task's initial model, a TLS service on loopback running ``config``'s server step."""
+
+    def __init__(self, root: Path, config: RunConfig) -> None:
+        self.root, self.config = root, config
+        self.reg = Registry.create(root / "home")
+        net = make_task(config).build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+        v = self.reg.register_model(MODEL, net.state_dict(), lineage={"round": 0})
+        self.reg.set_tag(MODEL, "production", v.number)
+        self.initial = {k: t.clone() for k, t in net.state_dict().items()}
+        self.tls = make_tls_bundle(root / "tls", hosts=["127.0.0.1"])
+        service = ServiceConfig(
+            home=str(root / "home"), admin_token=ADMIN, device_secret="s" * 32, federation=config,
+            rate=1e6, burst=1_000_000,
+        )  # fmt: skip
+        self.app = create_app(service)
+        recorder, self.bodies = _recording(self.app)
+        self.server = BackgroundServer(
+            recorder, ssl_options=server_ssl_options(self.tls.server_cert, self.tls.server_key)
+        )
+
+    def __enter__(self) -> Fleet:
+        self.server.__enter__()
+        self.url = self.server.url
+        self.ctx = client_context(self.tls.ca_cert)
+        self.admin = AdminClient(self.url, ADMIN, tls=self.ctx)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.__exit__(*exc)
+
+    def device(self, i: int) -> fleet.Device:
+        token = self.admin.issue_token(fleet.device_id(i), "fleet")
+        conn = DeviceClient(self.url, token, verifier=self.reg.verifier, tls=self.ctx)
+        dev = fleet.load_device(conn, self.config, i, model=MODEL)
+        dev.log = lambda line: None
+        return dev
+
+    @property
+    def state(self):
+        return self.app.state.deltaplane
+
+
+def _threads(devices, **kw) -> list[threading.Thread]:
+    errors: list[BaseException] = []
+
+    def run(dev):
+        try:
+            fleet.run_device(dev, poll=0.05, max_poll=0.3, **kw)
+        except BaseException as exc:  # a device that dies: its thread ends, the others go on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _config(byo_task: str, **kw) -> RunConfig:
+    base = {"task": byo_task, "clients": 3, "rounds": 2, "downlink_codec": "identity", "seed": 3}
+    return RunConfig(**(base | kw))
+
+
+def test_central_dp_plain_rounds_over_tls_match_the_http_simulation(byo_task, tmp_path, one_thread) -> None:
+    """Plain rounds with central DP: ε in the measurements, the fleet page lists them, and — with the devices'
+    uploads arriving in device order, as the simulation sends them — the same weights as
+    ``deltaplane run --transport http`` for the same seed... up to the DP noise, which a real service draws
+    from the OS: so the parity is checked without noise, and the DP run for its ε."""
+    from deltaplane.serve.federation import run_http_simulation
+
+    plain = _config(byo_task, clip="1.0")
+    with Fleet(tmp_path / "a", plain) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_round(MODEL)
+        infos = [r for r in devices[0].conn.open_rounds(MODEL)]
+        assert infos == [
+            {"kind": "plain", "round": 1, "base_version": 1, "nonce": opened["nonce"], "stage": None}
+        ]
+        for dev in devices:  # one after another: FedAvg sums in device order, as the simulation's
+            assert fleet.take_part(dev, infos[0], stage_wait=5)
+        closed = f.admin.close_round(MODEL, opened["round"])
+        got = f.reg.load_state(f.reg.get(MODEL, closed["version"]))
+    sim = run_http_simulation(plain.replace(rounds=1))
+    assert all(torch.equal(got[k], sim.final_state[k]) for k in got)
+
+    dp = _config(byo_task, clip="1.0", dp_noise=0.8, dp_delta=1e-3)
+    with Fleet(tmp_path / "b", dp) as f:
+        threads = _threads([f.device(i) for i in range(3)], rounds=2)
+        lines: list[str] = []
+        out = fleet.coordinate(f.admin, dp, model=MODEL, rounds=2, deadline=60, poll=0.05,
+                               progress=lambda s: lines.append(s.line(2)))  # fmt: skip
+        for t in threads:
+            t.join(60)
+        assert [s.contributors for s in out] == [3, 3] and all(s.version for s in out)
+        assert 0 < out[0].epsilon < out[1].epsilon and "ε" in lines[1]
+        page = httpx.get(f.url + "/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
+        assert 'id="closed-rounds"' in page and page.count('data-field="contributors">3<') == 2
+        reports = f.state.reports[MODEL]
+        assert {r["device"] for r in reports} == {"device-0", "device-1", "device-2"}
+        assert f.state.monitors[MODEL].history  # the drift summaries reached the monitor
+
+
+def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
+    byo_task, tmp_path, monkeypatch, plaintext_watch
+) -> None:
+    """A device that dies after sharing its keys is a dropout: the others' masks are recovered and the round
+    publishes; no device's plaintext update reaches the service (every body, and the SecAgg rounds it holds).
+    Four devices: SecAgg's default threshold (more than 2/3 of them) tolerates one dropout from four, none
+    from three."""
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
+    real_upload = SecAggDevice.upload
+
+    def dies_on_device_2(self):
+        if self.client is victim.conn:
+            raise SystemExit("device 2 lost power")
+        return real_upload(self)
+
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(4)]
+        victim = devices[2]
+        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        # what each device will compute in round 1 (the float update, before SecAgg's rounding): never sent
+        watch_updates = []
+        for dev in devices:
+            step = ClientStep(cfg, make_task(cfg), base_id=MODEL, simulation=False)
+            client = build_clients(cfg, make_task(cfg))[dev.client.cid]
+            up = step.run(client, make_task(cfg).build_model(0), f.initial, 1, 1)
+            watch_updates.append(up.secure)
+        threads = _threads(devices, rounds=1, stage_wait=20)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed is None and out[0].contributors == 3 and out[0].dropouts == 1
+        assert out[0].version is not None
+        rounds = f.app.state.secagg_rounds
+        bodies = f.bodies
+    watch = plaintext_watch
+    for i, u in enumerate(watch_updates):
+        watch.add_floats(u.flatten(), label=f"device {i}")
+    assert len(watch.patterns) > 10
+    assert sum(1 for p, _ in bodies if "/secagg/" in p) >= 10
+    for path, body in bodies:
+        watch.check_bytes(body, path)
+    assert watch.check_object(rounds, "secagg rounds") > 5
+
+
+def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_secagg(MODEL, ["device-0", "device-1"], weight_scale=10.0)
+        assert devices[0].conn.open_rounds(MODEL) == [
+            {"kind": "secagg", "round": opened["round"], "base_version": 1, "nonce": None,
+             "stage": "advertise keys"}
+        ]  # fmt: skip
+        assert devices[2].conn.open_rounds(MODEL) == []  # not invited: nothing to do
+        from deltaplane.serve.secagg_client import SecAggDevice
+
+        for dev in devices[:2]:
+            SecAggDevice(dev.conn, MODEL, opened["round"]).advertise()
+        f.admin.advance_secagg(MODEL, opened["round"])
+        assert devices[1].conn.open_rounds(MODEL)[0]["stage"] == "share keys"
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAPLANE_")}
+    return env | {
+        "PYTHONPATH": os.pathsep.join([src, str(tmp_path)]),
+        "OMP_NUM_THREADS": "1",
+        "DELTAPLANE_ADMIN_TOKEN": ADMIN,
+        "COLUMNS": "200",
+    }
+
+
+def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo_task, tmp_path) -> None:
+    cfg = _config(byo_task)
+    (tmp_path / "fleet.yaml").write_text(f"task: {{path: '{byo_task}'}}\nclients: {{count: 3}}\nseed: 3\n")
+    with Fleet(tmp_path / "svc", cfg) as f:
+        env = _env(tmp_path)
+        done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation", "fleet.yaml",
+                    "--out", "tokens", cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        files = sorted((tmp_path / "tokens").iterdir())
+        assert [p.name for p in files] == ["device-0.token", "device-1.token", "device-2.token"]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+        other = make_tls_bundle(tmp_path / "other", hosts=["127.0.0.1"])
+        before = len(f.bodies)
+        done = _cli("fleet", "device", "--url", f.url, "--ca", str(other.ca_cert), "--token-file",
+                    str(files[0]), "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"),
+                    "--federation", "fleet.yaml", "--model", MODEL, "--device", "0", "--rounds", "1",
+                    cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 1
+        assert "did not prove its identity" in done.stderr and "Traceback" not in done.stderr
+        assert len(f.bodies) == before  # not one request reached the service
+        plain = f.url.replace("https://", "http://")
+        done = _cli("fleet", "device", "--url", plain, "--ca", str(f.tls.ca_cert), "--token-file",
+                    str(files[0]), "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"),
+                    "--federation", "fleet.yaml", "--model", MODEL, "--device", "0",
+                    cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 2 and "use its https:// address" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task, tmp_path) -> None:
+    """docs/fleet.md end to end with separate processes: SecAgg with local DP, 2 rounds, 3 devices."""
+    yaml = (
+        f"task: {{path: '{byo_task}'}}\nclients: {{count: 3, rounds: 2}}\nsecagg: {{enabled: true}}\nclip: 2.0\n"
+        "local_dp_noise: 0.3\ndp_delta: 0.001\ndownlink_codec: identity\nwire: self-describing\n"
+    )
+    (tmp_path / "fleet.yaml").write_text(yaml)
+    cfg = RunConfig.from_yaml(tmp_path / "fleet.yaml")
+    with Fleet(tmp_path / "svc", cfg) as f:
+        env = _env(tmp_path)
+        assert _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "3", "--out",
+                    "tokens", cwd=tmp_path, env=env).returncode == 0  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "deltaplane.cli",
+                    "fleet",
+                    "device",
+                    "--url",
+                    f.url,
+                    "--ca",
+                    str(f.tls.ca_cert),
+                    "--token-file",
+                    f"tokens/device-{i}.token",
+                    "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"),
+                    "--federation",
+                    "fleet.yaml",
+                    "--model",
+                    MODEL,
+                    "--device",
+                    str(i),
+                    "--rounds",
+                    "2",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",
+                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60",
+                    cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert done.returncode == 0, done.stderr
+        assert "round 2/2 (secagg #2): 3/3 devices" in done.stdout
+        for out, err in outs:
+            assert "took part in 2 published rounds" in out, err
+            assert "local ε" in err
+        assert len(f.reg.versions(MODEL, kind="model")) == 3
+        assert [r["kind"] for r in f.state.closed_rounds] == ["secagg", "secagg"]
+        assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted
