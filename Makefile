@@ -27,6 +27,8 @@ test: $(STAMP)
 flower-example: $(STAMP)
 	cd examples/flower-app && FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 ../../$(VENV)/bin/flwr run . local --stream
 
+# Every section of docs/benchmarks.md with the command that recorded it (hours; see benchmarks/run_all.py).
+# PFL_PYTHON: a python with pfl-research installed, for the sim_speed section (not refreshed without it).
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 

@@ -120,7 +120,8 @@ def main() -> None:
         + table(
             ["workload", "requests/s", "p50 ms", "p99 ms", "errors", "uploads accepted", "lost uploads"], rows
         )
-        + f"\n\nService throughput relative to the bare-uvicorn baseline: {rep.rps / b_rps:.2f}×. "
+        + f"\n\nRound throughput relative to the baseline row (`/healthz` on the same service process, which "
+        f"does no work per request): {rep.rps / b_rps:.2f}×. "
         f"Downlink: {s['delta_downloads']} signed delta downloads, each {s['delta_saving']}× smaller than the full "
         f"model (whole run incl. the first full downloads: {s['downlink_saving']}×). "
         f"Bad requests mixed in (expected code, got codes × count): {bad}. "
