@@ -48,8 +48,8 @@ class RunConfig(BaseModel):
 
     The defaults were tuned with ``benchmarks/foundation.py``: fp32 FedAvg over 20 non-IID clients reaches
     0.967 test accuracy in 120 rounds (about 35 s of CPU per run on one core), and 1% top-k + 8-bit with
-    error feedback, which lags fp32 for the first ~100 rounds, matches it by round 120 at 90× fewer uplink
-    bytes. Two local epochs at lr 0.2 suit both: more local work per round helps fp32 but leaves top-k a
+    error feedback, which lags fp32 for the first ~100 rounds, matches it by round 120 at 120× fewer uplink
+    bytes (the ``foundation`` section of docs/benchmarks.md). Two local epochs at lr 0.2 suit both: more local work per round helps fp32 but leaves top-k a
     larger residual to catch up on.
     """
 

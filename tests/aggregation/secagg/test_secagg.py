@@ -167,6 +167,28 @@ def test_secure_mean_of_deltas_is_close_to_the_plain_mean() -> None:
     assert torch.equal(mean["w"], again["w"])
 
 
+def test_a_seeded_rounds_public_config_does_not_carry_the_seed_of_its_secrets(monkeypatch) -> None:
+    """secure_mean(seed=s) seeds every device's secrets with s and used s itself as the config's graph seed,
+    which every party receives: whoever held the config could regenerate each device's keys (the first
+    32 bytes of ``default_rng(s)`` are device 0's first secret). The graph seed is now derived one-way."""
+    from deltaplane.aggregation.secagg import session
+
+    seen: list = []
+    real = session.ServerEndpoint.__init__
+
+    def keep(self, config, *args, **kwargs):
+        seen.append(config)
+        real(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(session.ServerEndpoint, "__init__", keep)
+    deltas = [dp.Delta({"w": torch.full((6,), 0.01 * i)}) for i in range(5)]
+    for seed in (0, 1, 12345):
+        mean, _ = secure_mean(deltas, bits=16, clip_range=1.0, neighbours=2, seed=seed)
+        assert seen[-1].graph_seed != seed
+        assert torch.allclose(mean["w"], torch.full((6,), 0.02), atol=1e-4)  # the sum is still exact
+    assert len({c.graph_seed for c in seen}) == 3
+
+
 @pytest.mark.slow
 def test_hundred_clients_thirty_percent_dropout_exact() -> None:
     n, d, bits = 100, 5_000, 8

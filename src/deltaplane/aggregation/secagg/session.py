@@ -8,6 +8,7 @@ masked input arriving after the unmasking request) are delivered and refused, as
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -200,7 +201,7 @@ def secure_mean(
     threshold = threshold if threshold is not None else default_threshold(group)
     cfg = SecAggConfig(
         num_clients=n, threshold=threshold, bits=bits, vector_size=enc.vector_size(like),
-        neighbours=neighbours, round_id=round_id, graph_seed=0 if seed is None else seed,
+        neighbours=neighbours, round_id=round_id, graph_seed=_graph_seed(seed),
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     randbytes = rng.bytes if seed is not None else secrets.token_bytes
@@ -215,3 +216,14 @@ def secure_mean(
     total, report = exchange(devices, ServerEndpoint(cfg), d)
     mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
     return mean, report
+
+
+def _graph_seed(seed: int | None) -> int:
+    """The public seed of the SecAgg+ graph, derived one-way from the simulation's secret ``seed``: the config
+    travels to every party, and the same ``seed`` also seeds every device's secrets (``seed`` itself as the
+    graph seed let whoever held the config rebuild every mask); a real round (``seed`` None) draws it fresh."""
+    if seed is None:
+        return secrets.randbits(32)
+    return int.from_bytes(
+        hashlib.sha256(b"deltaplane/secagg-graph/" + str(int(seed)).encode()).digest()[:4], "big"
+    )
