@@ -23,6 +23,18 @@ HEADER = (
 )
 
 
+def code_fingerprint() -> str:
+    """A short hash of the library's source (every ``src/deltaplane`` Python file, path and bytes): benchmark
+    caches are kept per fingerprint, so a result computed by other code is never recorded as today's."""
+    import hashlib
+
+    src = Path(__file__).resolve().parent.parent / "src" / "deltaplane"
+    h = hashlib.sha256()
+    for path in sorted(src.rglob("*.py")):
+        h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def machine() -> str:
     """A one-line description of the machine the figures were measured on."""
     import torch

@@ -14,7 +14,8 @@ stamped with the full 2×2 trigger, are classified as the target class 0. Sectio
 * ``grid``: attack × defence × {10, 20, 30}% with the default codec, seed 0, ``--grid-rounds`` rounds (80 by
   default; the section says how many), ``--defenses`` the columns.
 
-Finished runs are cached in ``.bench-cache/robustness-engine/`` so a rerun only computes what is missing.
+Finished runs are cached in ``.bench-cache/robustness-engine/<code fingerprint>/`` so a rerun on the same code only
+computes what is missing (other code's results are not reused).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _record import code_fingerprint
 from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 
 if TYPE_CHECKING:
@@ -57,7 +59,8 @@ CLEAN_EXTRA = [
 #: coordinate-wise: refused over the sparsifying default codec (``median(4)``: mean around median)
 REFUSED = ["trimmed_mean(0.2)", "median", "median(bucket=1)", "median(4)"]
 FRACTIONS = [0.1, 0.2, 0.3]
-CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine"
+# per version of the library's code: a result of other code is recomputed, never recorded as today's
+CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine" / code_fingerprint()
 
 
 def _key(args: tuple) -> Path:

@@ -38,6 +38,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _record import code_fingerprint
 from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.delta import Delta
 from deltaplane.engine.attacks import add_trigger, choose_malicious
@@ -45,7 +46,9 @@ from deltaplane.engine.config import RunConfig, make_task
 from deltaplane.engine.seeding import Stream, numpy_rng
 from deltaplane.engine.server import root_dataset
 
-CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-attribution"
+CACHE = (
+    Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-attribution" / code_fingerprint()
+)
 CODECS = {"default": DEFAULT_RUN_CODEC, "identity": "identity"}
 INVERT_ROUND = 40
 
