@@ -211,6 +211,34 @@ def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
     assert watch.check_object(rounds, "secagg rounds") > 5
 
 
+def test_a_secagg_round_that_cannot_complete_is_aborted_and_named(byo_task, tmp_path, monkeypatch) -> None:
+    """Two of four devices die before their masked upload: too few survive SecAgg's threshold (3 of 4), so the
+    round cannot be unmasked. The coordinator used to report it as round 0 and leave it open on the service
+    (its state held, its devices waiting); it now aborts it there and names its number."""
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
+    real_upload = SecAggDevice.upload
+
+    def two_die(self):
+        if self.client in (dead[0].conn, dead[1].conn):
+            raise SystemExit("lost power")
+        return real_upload(self)
+
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(4)]
+        dead = devices[1:3]
+        monkeypatch.setattr(SecAggDevice, "upload", two_die)
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed and out[0].version is None and out[0].number >= 1
+        status = f.admin.secagg_status(MODEL, out[0].number)
+        assert status["finished"] == "aborted"
+        assert not f.app.state.secagg_rounds  # nothing left open on the service
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:

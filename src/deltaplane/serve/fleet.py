@@ -21,6 +21,7 @@ order); SecAgg rounds differ by their stochastic rounding, which a real device d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -339,9 +340,34 @@ def _wait(done: Callable[[], bool], deadline: float, poll: float) -> None:
         time.sleep(poll)
 
 
+class _RoundFailed(Exception):
+    """A round the service opened but could not complete; it was given up on the service (aborted)."""
+
+    def __init__(self, number: int, error: ServiceError) -> None:
+        super().__init__(error.detail)
+        self.number, self.error = number, error
+
+
+def _given_up(abort: Callable[[], Any], number: int, error: ServiceError) -> _RoundFailed:
+    """Abort the round ``number`` on the service (a failed round left open would hold its state, and its
+    devices would wait on it); an abort that fails too is not the error to report."""
+    with contextlib.suppress(ServiceError, httpx.HTTPError):
+        abort()
+    return _RoundFailed(number, error)
+
+
 def _plain(admin: AdminClient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
     opened = admin.open_round(model)
     number = int(opened["round"])
+    try:
+        return _plain_round(admin, model, names, deadline, poll, number)
+    except ServiceError as exc:
+        raise _given_up(lambda: admin.abort_round(model, number), number, exc) from None
+
+
+def _plain_round(
+    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, number: int
+) -> tuple:
 
     def uploads() -> int:
         return int(admin.stats()["rounds"].get(model, {}).get("uploads", 0))
@@ -356,6 +382,15 @@ def _secagg(
 ) -> tuple:
     opened = admin.open_secagg(model, names, weight_scale=weight_scale)
     number = int(opened["round"])
+    try:
+        return _secagg_round(admin, model, names, deadline, poll, number)
+    except ServiceError as exc:
+        raise _given_up(lambda: admin.abort_secagg(model, number), number, exc) from None
+
+
+def _secagg_round(
+    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, number: int
+) -> tuple:
     expected = len(names)
     for counted in ("advertised", "shared", "uploaded"):
         _wait(
@@ -425,12 +460,15 @@ def coordinate(
                 )
             else:
                 number, n, version, measured = _plain(admin, model, names, deadline, poll)
-        except ServiceError as exc:
+        except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up
+            exc, number = (
+                (failure.error, failure.number) if isinstance(failure, _RoundFailed) else (failure, 0)
+            )
             if exc.error == PrivacyBudgetExceeded.__name__:
                 raise PrivacyBudgetExceeded(f"round {index}: {exc.detail}") from None
             if exc.status >= 500 or exc.status in (401, 403):
-                raise
-            summary = RoundSummary(index, kind, 0, len(names), 0, None, None, time.perf_counter() - t0)
+                raise exc from None
+            summary = RoundSummary(index, kind, number, len(names), 0, None, None, time.perf_counter() - t0)
             summary.failed = exc.detail
         else:
             summary = RoundSummary(
