@@ -56,6 +56,19 @@ FEATURES = {
         "downlink_codec": "topk(0.2) | quant(bits=8)",
     },
     "secagg": {"secagg": True, "clip": "2.0"},
+    # distributed DP: the devices noise under SecAgg (from the seed), Poisson-sampled at q = 1/2; seed 2 samples
+    # 1, 3 and 2 devices: a lone device (no SecAgg round), a published sum, a sum short of m_min = 3 (refused)
+    "secagg-dp": {
+        "secagg": True,
+        "clip": "1.0",
+        "dp_noise": 0.5,
+        "clients": 6,
+        "sample_fraction": 0.5,
+        "rounds": 3,
+        "seed": 2,
+        "secagg_min_contributors": 3,
+        **SEEDED,
+    },
     "dgc": {
         "codec": "topk(0.05)",
         "momentum_correction": 0.5,

@@ -112,7 +112,8 @@ def test_fedprox_keeps_the_client_closer_to_the_global_model() -> None:
 @pytest.mark.parametrize(
     ("opts", "match"),
     [({"secagg": True, "defense": "median"}, "secagg hides individual updates"),
-     ({"secagg": True, "dp_noise": 1.0, "clip": "1"}, "distributed"),
+     ({"secagg": True, "dp_noise": 1.0, "clip": "1", "clients": 2, "secagg_min_contributors": 3},
+      "exceeds the 2 clients"),
      ({"dp_noise": 1.0}, "needs a clip"), ({"attack": "backdoor"}, "malicious fraction"),
      ({"clip": "-2"}, "clip must be a positive")],
 )  # fmt: skip

@@ -38,9 +38,17 @@ from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.noise import secure_randn
 from deltaplane.delta import Delta, StateDict, check_compatible
-from deltaplane.errors import ConfigError, DeltaplaneError, NotPrivatizable
+from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, NotPrivatizable
 
-__all__ = ["DPFedAvg", "DPState", "local_epsilon", "privatize"]
+__all__ = [
+    "DPFedAvg",
+    "DPState",
+    "DistributedDP",
+    "distributed_noise",
+    "distributed_noise_std",
+    "local_epsilon",
+    "privatize",
+]
 
 
 @dataclass
@@ -226,6 +234,138 @@ class DPFedAvg(AggregatorWrapper):
         return (
             f"DPFedAvg({self.inner!r}, noise_multiplier={self.noise_multiplier!r}, "
             f"expected_clients={self.expected_clients!r})"
+        )
+
+
+def distributed_noise_std(noise_multiplier: float, clip: float, min_contributors: int) -> float:
+    """σ_d = z·C/√m_min: the Gaussian noise std each device adds under SecAgg, so that the sum of at least
+    ``min_contributors`` devices' noise has std ≥ z·C, what central DP-FedAvg adds to the clipped sum."""
+    return noise_multiplier * clip / math.sqrt(min_contributors)
+
+
+def distributed_noise(delta: Delta, *, clip: float, std: float, generator: torch.Generator | None) -> Delta:
+    """A device's share of distributed DP (before SecAgg encodes it into the ring): ``delta`` clipped to L2
+    norm ``clip`` (the sum's sensitivity) plus N(0, std²) on every value.
+
+    The clip is applied to what is actually summed (the codec's output, error feedback included), so the
+    sensitivity is ``clip`` whatever the codec did. ``generator`` None draws from the OS CSPRNG (a real
+    device: the server must not be able to subtract the noise); a seeded one is for simulations only."""
+    _refuse_non_float(delta, "distributed DP")
+    delta.check_finite()
+    norm = delta.norm()
+    scaled = delta * (clip / norm) if norm > clip else delta
+    return scaled.map(lambda _, t: (t.double() + std * gaussian(t.shape, generator)).to(t.dtype))
+
+
+class DistributedDP(DPFedAvg):
+    """The server side of distributed DP under secure aggregation (Kairouz et al. 2021's setting, with
+    continuous Gaussian noise): each device clipped its update to ``clip`` and added N(0, σ_d²),
+    σ_d = z·C/√m_min (:func:`distributed_noise`), before SecAgg masked it; the server receives only the
+    unmasked, *unweighted* mean of ``n`` contributors (:meth:`expect_sum` then :meth:`add`) and adds no noise.
+
+    A sum of ``n ≥ min_contributors`` carries noise of std √n·σ_d ≥ z·C, at least central DP-FedAvg's, so the
+    release is published as DP-FedAvg's: the noisy sum over the fixed ``expected_clients``, after the same
+    accountant (Poisson rate q, z, δ, budget) has spent the round. A sum of fewer contributors carries less
+    than z·C: it is **not published** (the round's update is zero and ``secure_sum_published`` is 0); the round
+    still spends ε, so the schedule, and ε, never depend on how many devices contributed. A round without any
+    contributor publishes nothing either (its devices added no noise; the server adds none).
+
+    Measurements: ``clip``, ``noise_std`` (z·C, the least noise std on a published sum), ``device_noise_std``
+    (σ_d), ``noise_multiplier_sum`` (z), ``secure_sum_published`` (1 or 0), ``epsilon``/``delta`` (the
+    central accountant's, against whoever sees the published models) and ``epsilon_vs_server`` (the same
+    Gaussian without amplification by sampling: the server knows which devices took part, so against it
+    each round counts with q = 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: float,
+        noise_multiplier: float,
+        expected_clients: int,
+        min_contributors: int,
+        accountant: PrivacyAccountant | None = None,
+        like: StateDict | None = None,
+    ) -> None:
+        if isinstance(min_contributors, bool) or not (
+            isinstance(min_contributors, int) and min_contributors >= 1
+        ):
+            raise ConfigError(f"min_contributors must be a positive integer. Found {min_contributors!r}")
+        if not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"distributed DP needs a positive numeric clip. Found {clip!r}")
+        super().__init__(
+            Clip(FedAvg(), clip=float(clip)),
+            noise_multiplier=noise_multiplier,
+            expected_clients=expected_clients,
+            accountant=accountant,
+            seed=None,  # the server draws no noise
+            like=like,
+        )
+        self.min_contributors = min_contributors
+        self.device_noise_std = distributed_noise_std(noise_multiplier, float(clip), min_contributors)
+        self._contributors = 0
+        self._mean: Delta | None = None
+
+    def expect_sum(self, contributors: int) -> None:
+        """Say how many devices' noised updates the next :meth:`add` (the unmasked mean) sums."""
+        self._contributors = int(contributors)
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        """The round's unmasked unweighted mean (``weight`` is ignored: every device weighs 1, as in DP-FedAvg)."""
+        if self._mean is not None:
+            raise InvalidUpdate("distributed DP takes one secure sum per round, not individual updates")
+        _refuse_non_float(delta, "distributed DP")
+        if self._layout is not None:
+            check_compatible(self._layout, delta, "distributed DP layout and the secure sum")
+        else:
+            self._layout = _layout(delta)
+        self._mean = delta
+        self._count = self._contributors
+
+    def _finish(self) -> Delta:
+        if self._mean is None and self._layout is None:
+            raise DeltaplaneError("no secure sum was added; nothing to aggregate")
+        epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
+        n = self._contributors if self._mean is not None else 0
+        published = n >= self.min_contributors
+        denom = float(self.expected_clients)  # fixed, as DP-FedAvg's (set: noise > 0)
+        if published:
+            out = self._mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))  # type: ignore[union-attr]
+        else:  # too little noise in this sum (or none): publish nothing of it
+            out = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
+        self.state.rounds += 1
+        c = float(self.clipper.estimator.value)
+        self._own = {
+            "clip": c,
+            "noise_std": self.noise_multiplier * c,
+            "device_noise_std": self.device_noise_std,
+            "noise_multiplier_sum": self.noise_multiplier,
+            "secure_sum_published": 1.0 if published else 0.0,
+        }
+        if epsilon is not None:
+            acc = self.accountant
+            self._own |= {
+                "epsilon": epsilon,
+                "delta": acc.delta,  # type: ignore[union-attr]
+                "epsilon_vs_server": epsilon_for(
+                    noise_multiplier=self.noise_multiplier,
+                    sampling_rate=1.0,
+                    steps=acc.state.steps,  # type: ignore[union-attr]
+                    delta=acc.delta,  # type: ignore[union-attr]
+                    method=acc.method,  # type: ignore[union-attr]
+                ),
+            }
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._mean = None
+        self._contributors = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedDP(clip={self.clipper.estimator.value!r}, noise_multiplier={self.noise_multiplier!r}, "
+            f"expected_clients={self.expected_clients!r}, min_contributors={self.min_contributors!r})"
         )
 
 

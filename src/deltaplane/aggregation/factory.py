@@ -13,7 +13,7 @@ from __future__ import annotations
 from deltaplane.aggregation.accounting import PrivacyAccountant
 from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
-from deltaplane.aggregation.dp import DPFedAvg
+from deltaplane.aggregation.dp import DistributedDP, DPFedAvg
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
@@ -214,6 +214,7 @@ def build_aggregator(
     expected_version: str | int | None = None,
     seed: int = 0,
     secure_noise: bool = False,
+    distributed_min_contributors: int | None = None,
 ) -> Validate:
     """The composed chain for these options (see the module docstring for the order).
 
@@ -238,6 +239,10 @@ def build_aggregator(
         secure_noise: draw the DP noise and the adaptive-clip count noise from the OS CSPRNG instead of
             ``seed`` (:mod:`~deltaplane.aggregation.noise`): what every real deployment needs, since anyone who
             knows a seed can subtract the noise it made.
+        distributed_min_contributors: with ``dp_noise``, the devices add the noise under SecAgg (distributed
+            DP) and a sum of fewer contributors than this is not published: the chain's DP node is then
+            :class:`~deltaplane.aggregation.dp.DistributedDP` (no server noise, the same accountant), fed the
+            unmasked unweighted mean; ``clip`` must be a number and ``defense`` none.
     """
     if aggregator not in SERVER_OPTIMIZERS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {list(SERVER_OPTIMIZERS)}")
@@ -258,7 +263,18 @@ def build_aggregator(
     if dp_noise > 0:
         if clip is None:
             raise ConfigError("DP noise needs a clip norm: set clip to a number or 'adaptive'")
-        if clip == "adaptive":
+        acc = PrivacyAccountant(
+            noise_multiplier=dp_noise,
+            sampling_rate=sampling_rate,
+            delta=dp_delta,
+            method=accountant,
+            budget=epsilon_budget,
+        )
+        if distributed_min_contributors is not None:
+            node = _distributed(
+                inner, clip, dp_noise, expected_clients, distributed_min_contributors, acc, defense
+            )
+        elif clip == "adaptive":
             if expected_clients is None:
                 raise ConfigError("clip='adaptive' with DP needs expected_clients")
             # Andrew et al. suggest σ_b = m/20; at least z, so the sum keeps ≥ 3/4 of the noise budget
@@ -271,16 +287,14 @@ def build_aggregator(
             node = Clip(node, clip=est)
         else:
             node = Clip(node, clip=clip)
-        acc = PrivacyAccountant(
-            noise_multiplier=dp_noise,
-            sampling_rate=sampling_rate,
-            delta=dp_delta,
-            method=accountant,
-            budget=epsilon_budget,
-        )
-        node = DPFedAvg(
-            node, noise_multiplier=dp_noise, expected_clients=expected_clients, accountant=acc, seed=dp_seed
-        )
+        if not isinstance(node, DistributedDP):
+            node = DPFedAvg(
+                node,
+                noise_multiplier=dp_noise,
+                expected_clients=expected_clients,
+                accountant=acc,
+                seed=dp_seed,
+            )
     elif clip is not None:
         node = Clip(
             node, clip=QuantileClip(expected_clients=expected_clients) if clip == "adaptive" else clip
@@ -300,3 +314,33 @@ def build_aggregator(
     elif server_lr != 1.0:
         node = ServerSGD(node, lr=server_lr)
     return Validate(node, expected_version=expected_version, max_norm=max_norm)
+
+
+def _distributed(
+    inner: Aggregator,
+    clip: float | str,
+    dp_noise: float,
+    expected_clients: int | None,
+    min_contributors: int,
+    acc: PrivacyAccountant,
+    defense: str | None,
+) -> DistributedDP:
+    """The DP node of distributed DP under SecAgg; what it cannot serve is refused with the reason."""
+    if not isinstance(inner, FedAvg) or (defense or "none").strip() != "none":
+        raise IncompatibleDefense(
+            f"defense {defense!r} cannot run under SecAgg: the server sees only the unmasked sum"
+        )
+    if clip == "adaptive":
+        raise ConfigError(
+            "distributed DP needs a numeric clip: each device clips before masking, and an adaptive clip would "
+            "need the devices' clipped counts in the clear"
+        )
+    if expected_clients is None:
+        raise ConfigError("distributed DP needs expected_clients (the fixed denominator, q·N)")
+    return DistributedDP(
+        clip=float(clip),
+        noise_multiplier=dp_noise,
+        expected_clients=expected_clients,
+        min_contributors=min_contributors,
+        accountant=acc,
+    )

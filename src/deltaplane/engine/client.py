@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deltaplane.aggregation import privatize
+from deltaplane.aggregation.dp import distributed_noise
 from deltaplane.codecs import Compressor, Layout, compress_many, decompress
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -246,10 +247,25 @@ class ClientStep:
             if velocity is not None:
                 client.velocity = dgc.settle(velocity, sent)
             if self.config.secagg:
-                return Upload(client.cid, client.num_samples, secure=sent)
+                return Upload(
+                    client.cid, client.num_samples, secure=self.distributed_privacy(client.cid, sent, rnd)
+                )
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)
         return Upload(client.cid, client.num_samples, payload=payload)
+
+    def distributed_privacy(self, cid: int, sent: Delta, rnd: int) -> Delta:
+        """Distributed DP's device share (``dp_noise`` with SecAgg): what the codec sent, clipped to ``clip`` and
+        noised with σ_d = z·clip/√m_min (:meth:`RunConfig.device_noise_std`) before SecAgg encodes it into
+        the ring (whose rounding and range clip are post-processing). The noise comes from the OS CSPRNG on a
+        real device, from the run's seed in a simulation (device ``cid``'s stream of round ``rnd``). Without
+        distributed DP, ``sent`` as it is. Every driver calls it: in process and over HTTP through
+        :meth:`uplink`, on Flower from :func:`~deltaplane.flower.secagg.secagg_mod` on the node."""
+        c = self.config
+        if not (c.secagg and c.dp_noise > 0):
+            return sent
+        g = torch_generator(c.seed, Stream.DISTRIBUTED_DP, rnd, cid) if self.seeded_dp_noise else None
+        return distributed_noise(sent, clip=float(c.clip), std=c.device_noise_std(), generator=g)  # type: ignore[arg-type]
 
     def finish(
         self,

@@ -158,6 +158,13 @@ class RunConfig(BaseModel):
     secagg_range: float = Field(
         8.0, gt=0, description="per-value clip range of the securely aggregated update"
     )
+    secagg_min_contributors: int | None = Field(
+        None,
+        ge=1,
+        description="distributed DP (dp_noise with secagg): each device adds noise z·clip/sqrt(this), and a "
+        "round whose secure sum has fewer contributors is not published (its noise would be below z·clip); "
+        "default: SecAgg's threshold for a round of the expected size, 2·m//3 + 1 (m clients per round)",
+    )
     attack: str | None = Field(
         None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
     )
@@ -312,14 +319,54 @@ class RunConfig(BaseModel):
                     "secagg hides individual updates, so per-update defenses and norm checks cannot run on the "
                     "server; drop defense / max_update_norm or secagg"
                 )
-            if self.dp_noise > 0:
-                raise ValueError(
-                    "dp_noise with secagg would need distributed (client-side) noise, which is not implemented; "
-                    "use dp_noise without secagg"
-                )
             if self.clip == "adaptive":
                 raise ValueError("with secagg, clip must be a number (clients clip before masking)")
+        self._check_distributed_dp()
         return self
+
+    def _check_distributed_dp(self) -> None:
+        """dp_noise with secagg is distributed DP: the devices add the noise, and a sum of fewer than
+        :meth:`min_contributors` is not published; a round that can never reach that many is refused here."""
+        distributed = self.secagg and self.dp_noise > 0
+        if self.secagg_min_contributors is not None and not distributed:
+            raise ValueError(
+                "secagg_min_contributors sizes the devices' noise of distributed DP; it needs secagg and dp_noise"
+            )
+        if not distributed:
+            return
+        if self.clip is None:
+            raise ValueError("dp_noise with secagg needs a numeric clip (each device clips, then adds noise)")
+        m, need = self.clients_per_round(), self.min_contributors()
+        if need < 2:
+            raise ValueError(
+                "secagg_min_contributors must be at least 2: SecAgg cannot hide a lone device's input, so a "
+                "sum of one is never published"
+            )
+        if need > m:
+            raise ValueError(
+                f"secagg_min_contributors={need} exceeds the {m} clients this run expects per round: no round "
+                "could be published (a sum of fewer devices carries less than z·clip of noise); raise clients "
+                "or sample_fraction, or lower secagg_min_contributors"
+            )
+
+    def min_contributors(self) -> int:
+        """m_min of distributed DP: ``secagg_min_contributors``, or SecAgg's threshold for a round of the expected
+        size (:func:`~deltaplane.aggregation.secagg.default_threshold`): a sum of that many devices has noise
+        of std at least z·clip, and the threshold wastes fewer Poisson rounds than m itself (about half of
+        which fall short of their mean) for 1.5× the per-device noise variance."""
+        if self.secagg_min_contributors is not None:
+            return self.secagg_min_contributors
+        from deltaplane.aggregation.secagg import default_threshold
+
+        return default_threshold(self.clients_per_round())
+
+    def device_noise_std(self) -> float:
+        """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
+        if not (self.secagg and self.dp_noise > 0):
+            return 0.0
+        from deltaplane.aggregation.dp import distributed_noise_std
+
+        return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
 
     def _check_attackers(self) -> None:
         """An attack must leave at least one malicious device (``choose_malicious`` takes
@@ -349,7 +396,7 @@ class RunConfig(BaseModel):
         if self.clip is not None:
             parts.append(f"clip {self.clip}")
         if self.dp_noise > 0:
-            parts.append(f"DP z={self.dp_noise:g}")
+            parts.append(f"{'distributed ' if self.secagg else ''}DP z={self.dp_noise:g}")
         if self.local_dp_noise > 0:
             parts.append(f"local DP z={self.local_dp_noise:g}")
         if self.secagg:
@@ -375,9 +422,25 @@ class RunConfig(BaseModel):
         ``secure_noise`` draws the DP noise from the OS CSPRNG instead of ``seed``.
 
         With ``secagg`` the server never sees single updates: clients clip before masking, and the chain is
-        only the server optimizer, fed the securely computed mean."""
+        only the server optimizer, fed the securely computed mean; with ``dp_noise`` too (distributed DP) the
+        devices add the noise and the chain holds :class:`~deltaplane.aggregation.dp.DistributedDP` (the same
+        accountant as central DP-FedAvg, no server noise)."""
         from deltaplane.aggregation import build_aggregator
 
+        if self.secagg and self.dp_noise > 0:
+            return build_aggregator(
+                aggregator=self.aggregator,
+                lr=self.server_opt_lr,
+                server_lr=self.server_lr,
+                clip=self.clip,
+                dp_noise=self.dp_noise,
+                expected_clients=self.clients_per_round(),
+                sampling_rate=self.clients_per_round() / self.clients,
+                dp_delta=self.dp_delta,
+                epsilon_budget=self.epsilon_budget,
+                seed=seed,
+                distributed_min_contributors=self.min_contributors(),
+            )
         if self.secagg:
             return build_aggregator(
                 aggregator=self.aggregator, lr=self.server_opt_lr, server_lr=self.server_lr, seed=seed
@@ -515,7 +578,10 @@ SECTIONS: dict[str, dict[str, str]] = {
         "clip": "clip", "noise": "dp_noise", "delta": "dp_delta", "epsilon_budget": "epsilon_budget",
         "local_noise": "local_dp_noise", "noise_source": "dp_noise_source",
     },
-    "secagg": {"enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range"},
+    "secagg": {
+        "enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range",
+        "min_contributors": "secagg_min_contributors",
+    },
     "attack": {"spec": "attack"},
     "personalization": {
         "method": "personalization", "epochs": "personal_epochs", "lr": "personal_lr",

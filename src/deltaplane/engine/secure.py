@@ -26,12 +26,28 @@ from deltaplane.engine.seeding import Stream, derive_seed
 if TYPE_CHECKING:
     from deltaplane.engine.server import ServerStep
 
-__all__ = ["deliver", "device_seed", "secure_round"]
+__all__ = ["deliver", "device_seed", "secure_quorum", "secure_round", "secure_weight_scale"]
 
 
 def device_seed(seed: int, rnd: int, cid: int) -> int:
     """The seed of device ``cid``'s stochastic rounding into the ring in round ``rnd`` (same on every driver)."""
     return derive_seed(seed, Stream.SECAGG, rnd, cid)
+
+
+def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
+    """The public weight scale of a SecAgg round whose sampled devices hold ``num_samples`` examples: their
+    mean (an example-weighted mean, as plain FedAvg), or 0 (an unweighted mean) under distributed DP, where,
+    as in DP-FedAvg, every device weighs 1 so that one device moves the sum by at most ``clip``."""
+    if config.dp_noise > 0:
+        return 0.0
+    return float(np.mean([int(n) for n in num_samples]))
+
+
+def secure_quorum(config: RunConfig) -> int:
+    """The fewest secure inputs a round runs SecAgg with: 1 (as ever), or under distributed DP 2, since SecAgg
+    cannot hide one device's input from the server; a round of fewer is closed without a sum (nothing is
+    published, ε is still spent, as for any sum of fewer than ``min_contributors``)."""
+    return 2 if config.dp_noise > 0 else 1
 
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
@@ -54,7 +70,7 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         seed=derive_seed(config.seed, Stream.SECAGG, rnd),
         # each device rounds with its own stream, so the Flower and HTTP drivers unmask the very same sum
         device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
-        weight_scale=float(np.mean([int(u.num_samples) for u in uploads])),
+        weight_scale=secure_weight_scale(config, [u.num_samples for u in uploads]),
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))
 
@@ -72,7 +88,7 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
         if u.error is not None:
             server.refuse(str(u.cid), u.error)
     server.receive_payloads(run)
-    if config.secagg and any(u.secure is not None for u in uploads):
+    if config.secagg and sum(u.secure is not None for u in uploads) >= secure_quorum(config):
         mean, sent = secure_round(config, uploads, rnd)
         server.receive_secure_sum(
             mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent

@@ -32,6 +32,7 @@ class Stream(IntEnum):
     SECAGG = 10
     PERSONALIZATION = 11
     LOCAL_DP = 12
+    DISTRIBUTED_DP = 13
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -28,6 +28,7 @@ from torch import Tensor
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
 from deltaplane.aggregation.attribution import BackdoorAttribution, TriggerProbe
 from deltaplane.aggregation.checkpoint import chain_state, layout_difference, load_chain_state
+from deltaplane.aggregation.dp import DistributedDP
 from deltaplane.codecs import Compressor, Layout, WireSession, decompress, decompress_many, is_compact
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -425,9 +426,14 @@ class ServerStep:
 
     def receive_secure_sum(self, mean: Delta, *, contributors: int, uplink_bytes: int) -> None:
         """The securely aggregated (unmasked) weighted mean of ``contributors`` updates: the only view of the
-        round's updates the server gets under SecAgg. It enters the chain as one update of weight 1."""
+        round's updates the server gets under SecAgg. It enters the chain as one update of weight 1; under
+        distributed DP (:class:`~deltaplane.aggregation.dp.DistributedDP`) the mean must be unweighted and the
+        chain learns ``contributors`` (a sum of fewer than its minimum is not published)."""
         if self._accepted:
             raise InvalidUpdate("this round already aggregated individual updates; SecAgg cannot join it")
+        ddp = self.aggregator.find(DistributedDP)
+        if isinstance(ddp, DistributedDP):
+            ddp.expect_sum(contributors)
         self._secure = True
         self._uplink += uplink_bytes
         self._accepted = contributors

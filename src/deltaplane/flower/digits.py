@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from deltaplane.aggregation import local_epsilon
+from deltaplane.delta import Delta
 from deltaplane.engine import (
     Client,
     ClientStep,
@@ -44,6 +44,7 @@ from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
+from deltaplane.engine.secure import secure_weight_scale
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded
 from deltaplane.flower.mod import delta_mod
@@ -174,7 +175,12 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
         )
     ]
     if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it
-        mods.insert(0, secagg_mod(seed=config.seed))
+
+        def privacy(update: Delta, rnd: int, context: Context) -> Delta:  # distributed DP, on the node
+            step = _federation(config, simulation=simulation)[2]
+            return step.distributed_privacy(int(context.node_config["partition-id"]), update, rnd)
+
+        mods.insert(0, secagg_mod(seed=config.seed, privacy=privacy if config.dp_noise > 0 else None))
     app = ClientApp(mods=mods)
     if config.secagg:
         add_secagg(app)
@@ -326,7 +332,7 @@ def task_server_app(
             # SecAgg's stages travel as Flower messages; the public weight scale is the mean example count
             # of the round's sampled devices, as in process and over HTTP
             def weight_scale(nodes: list[int]) -> float:
-                return float(np.mean([clients[sampling.devices[n]].num_samples for n in nodes]))
+                return secure_weight_scale(config, [clients[sampling.devices[n]].num_samples for n in nodes])
 
             strategy: DeltaStrategy = SecAggStrategy(
                 bits=config.secagg_bits,

@@ -119,14 +119,21 @@ def add_secagg(app: ClientApp) -> ClientApp:
     return app
 
 
-def secagg_mod(*, seed: int = 0, seed_fn: Callable[[int, int, Context], int] | None = None) -> Mod:
+def secagg_mod(
+    *,
+    seed: int = 0,
+    seed_fn: Callable[[int, int, Context], int] | None = None,
+    privacy: Callable[[Delta, int, Context], Delta] | None = None,
+) -> Mod:
     """A ClientApp mod that turns a node's compressed update into its masked SecAgg input.
 
     Partner: :class:`SecAggStrategy`. Place it *before* :func:`~deltaplane.flower.delta_mod` in
     ``ClientApp(mods=[secagg_mod(...), delta_mod(...)])``: it receives delta_mod's reply (the compressed payload),
     decodes it on the node, quantizes it into the ring seeded by ``seed_fn(seed, round, context)`` (default: the
     in-process engine's :func:`~deltaplane.engine.secure.device_seed` of the node's ``partition-id``) and replies
-    with the masked input alone. Messages without a SecAgg record pass through untouched.
+    with the masked input alone. Messages without a SecAgg record pass through untouched. ``privacy(update,
+    round, context)``, when given, runs on the decoded update before it enters the ring: distributed DP's
+    clip and noise (:meth:`~deltaplane.engine.ClientStep.distributed_privacy`).
     """
 
     def default_seed(s: int, rnd: int, context: Context) -> int:
@@ -151,6 +158,8 @@ def secagg_mod(*, seed: int = 0, seed_fn: Callable[[int, int, Context], int] | N
         payload = reply.content.config_records[UPLINK_KEY]["payload"]
         # still on the node: it decodes its own payload, so its codec and error feedback shape what it masks
         update = decompress(payload, expect_base=(str(ctrl["base-id"]), int(ctrl["base-version"])))
+        if privacy is not None:
+            update = privacy(update, ep.config.round_id, context)
         metrics = reply.content.metric_records["metrics"]
         ep.set_update(
             update,
@@ -211,6 +220,8 @@ class SecAggStrategy(DeltaStrategy):
         self._grid: Grid | None = None
         self._round: tuple[ServerEndpoint, dict[int, int], int, RingEncoding] | None = None
         self.secagg_bytes: list[int] = []
+        #: this round sampled too few nodes for SecAgg under distributed DP (closed without a sum)
+        self._short = False
 
     def _stage(
         self, grid: Grid, server: ServerEndpoint, ids: dict[int, int], records: dict[int, ConfigRecord]
@@ -239,6 +250,13 @@ class SecAggStrategy(DeltaStrategy):
             return 0  # late, out of order or malformed: refused, the node has dropped out
         return len(data)
 
+    def _distributed(self) -> bool:
+        """Whether the server step runs distributed DP (its devices noise their inputs under SecAgg)."""
+        from deltaplane.aggregation.dp import DistributedDP
+
+        step = self.server_step
+        return step is not None and isinstance(step.aggregator.find(DistributedDP), DistributedDP)
+
     def round_encoding(self, nodes: list[int]) -> RingEncoding:
         """The ring encoding of a round that sampled ``nodes``: ``weight_scale(nodes)`` when it is a callable."""
         if not callable(self.weight_scale):
@@ -258,6 +276,11 @@ class SecAggStrategy(DeltaStrategy):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         assert self._global is not None
         nodes = sorted((m.metadata.dst_node_id for m in messages), key=self.device_id)
+        self._short = self._distributed() and len(nodes) < 2
+        if self._short:  # distributed DP: SecAgg cannot hide a lone input; the round closes without a sum
+            self._grid, self._round = grid, None
+            self._pending_down = self._pending_sampled = 0
+            return []
         encoding = self.round_encoding(nodes)
         ids = {node: i for i, node in enumerate(nodes)}
         n = len(nodes)
@@ -316,6 +339,13 @@ class SecAggStrategy(DeltaStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold the masked inputs, run the unmasking stage, and publish the unmasked weighted mean."""
+        if self._short:  # too few nodes for SecAgg under distributed DP: no sum
+            step = self.server_step
+            assert step is not None
+            step.open(server_round, version=self._version, state=self._global)
+            self.secagg_bytes.append(0)
+            outcome = self.last_outcome = step.close()  # publishes nothing new, spends the round's ε
+            return self._take_outcome(server_round, [], outcome, 0)
         assert self._round is not None and self._grid is not None and self._global is not None
         server, ids, sent, encoding = self._round
         self._round = None

@@ -358,13 +358,17 @@ def _secagg_round(
     (:func:`~deltaplane.engine.secure.device_seed`) and the public weight scale is the mean example count of
     the round's sampled devices, as in process, so the unmasked sum — and the model — are the same.
     """
-    from deltaplane.engine.secure import device_seed
+    from deltaplane.engine.secure import device_seed, secure_quorum, secure_weight_scale
     from deltaplane.serve.secagg_client import SecAggDevice
 
     ups = {
         cid: step.run(clients[cid], model, devices[cid].state, rnd, devices[cid].version) for cid in chosen
     }
     secure = [cid for cid in chosen if ups[cid].secure is not None]
+    if config.dp_noise > 0 and len(secure) < secure_quorum(config):
+        # distributed DP: too few devices for SecAgg; the service closes the round with no sum, as in process
+        opened, closed, _, _ = _plain_round(step, model, clients, devices, [], admin, rnd)
+        return opened, closed, 0, len(chosen) - len(secure)
     if not secure:
         raise InvalidUpdate(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
@@ -376,7 +380,7 @@ def _secagg_round(
         [f"client-{cid}" for cid in secure],
         bits=config.secagg_bits,
         clip_range=config.secagg_range,
-        weight_scale=float(np.mean(weights)),
+        weight_scale=secure_weight_scale(config, weights),
         base_version=devices[secure[0]].version,
     )
     number = opened["round"]

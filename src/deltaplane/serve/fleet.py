@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 
 from deltaplane.aggregation.secagg import Stage
@@ -412,8 +411,10 @@ def _secagg_round(
 
 def weight_scale_of(config: RunConfig) -> float:
     """The public weight scale of SecAgg rounds: the devices' mean example count (as every driver uses), from
-    the same partition of the task the devices compute."""
-    return float(np.mean([c.num_samples for c in build_clients(config, make_task(config))]))
+    the same partition of the task the devices compute; 0 (an unweighted mean) under distributed DP."""
+    from deltaplane.engine.secure import secure_weight_scale
+
+    return secure_weight_scale(config, [c.num_samples for c in build_clients(config, make_task(config))])
 
 
 def coordinate(

@@ -220,10 +220,13 @@ def refuse_plaintext_under_secagg(config: "ServiceConfig", model: str, who: str)
     """409 for a plain round or an individual upload when the federation aggregates through SecAgg.
 
     Such a federation's devices clip their updates before masking and its chain expects only the unmasked
-    sum: a plaintext update would reach the published model unclipped and individually visible.
+    sum: a plaintext update would reach the published model unclipped and individually visible. Under distributed
+    DP (``dp_noise`` with ``secagg``) the admin may open a plain round all the same: devices still cannot upload
+    into it, so it closes with no sum, which is how a round that sampled too few devices for SecAgg publishes
+    nothing and spends its ε (as every driver does).
     """
     run = config.federation
-    if run is None or not run.secagg:
+    if run is None or not run.secagg or (who == "admin" and run.dp_noise > 0):
         return
     where = (
         f"open a SecAgg round at POST /admin/models/{model}/secagg"

@@ -50,6 +50,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from deltaplane.aggregation.dp import DistributedDP
 from deltaplane.aggregation.secagg import (
     AdvertiseKeys,
     MaskedInput,
@@ -492,6 +493,12 @@ def install_secagg_routes(
                 "other driver do, but the counts travel masked: give weight_scale, the typical example count of "
                 "the invited devices (e.g. their mean; a device scales its values by count / weight_scale "
                 "before clipping them to ±clip_range), or weight_scale: 0 for an unweighted mean"
+            )
+        if body.weight_scale and isinstance(step.aggregator.find(DistributedDP), DistributedDP):
+            raise ConfigError(
+                f"this federation runs distributed DP (dp_noise with secagg): every device weighs 1, as in "
+                f"DP-FedAvg, so that one device moves the sum by at most clip; open the round with "
+                f"weight_scale: 0 (an unweighted mean), not {body.weight_scale:g}"
             )
         n = len(body.devices)
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
