@@ -239,6 +239,22 @@ def test_a_secagg_round_that_cannot_complete_is_aborted_and_named(byo_task, tmp_
         assert not f.app.state.secagg_rounds  # nothing left open on the service
 
 
+def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp_path) -> None:
+    """Distributed DP on the real service: each device noises its clipped update before masking; the service
+    publishes the unmasked mean and reports ε, growing round by round, on the coordinator's lines."""
+    cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3,
+                  wire="self-describing")  # fmt: skip
+    with Fleet(tmp_path, cfg) as f:
+        threads = _threads([f.device(i) for i in range(4)], rounds=2, stage_wait=20)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=20, poll=0.05)
+        for t in threads:
+            t.join(60)
+    assert [s.failed for s in out] == [None, None], [s.failed for s in out]
+    assert [s.contributors for s in out] == [4, 4] and all(s.version for s in out)
+    assert 0 < out[0].epsilon < out[1].epsilon
+    assert out[0].measurements["secure_sum_published"] == 1.0
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:
