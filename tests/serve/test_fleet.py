@@ -321,11 +321,13 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
 
 @pytest.mark.slow
 def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task, tmp_path) -> None:
-    """docs/fleet.md end to end with separate processes: SecAgg with local DP, 2 rounds, 3 devices."""
-    yaml = (
-        f"task: {{path: '{byo_task}'}}\nclients: {{count: 3, rounds: 2}}\nsecagg: {{enabled: true}}\nclip: 2.0\n"
-        "local_dp_noise: 0.3\ndp_delta: 0.001\ndownlink_codec: identity\nwire: self-describing\n"
-    )
+    """docs/fleet.md end to end with separate processes: its fleet.yaml (SecAgg with distributed DP), 2 rounds,
+    3 devices."""
+    import re
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "fleet.md").read_text()
+    yaml = next(b for b in re.findall(r"```yaml\n(.*?)```", guide, re.S) if b.startswith("task:"))
+    assert "mytask:make_task" in yaml and byo_task == "mytask:make_task"  # the guide's task file, in tmp_path
     (tmp_path / "fleet.yaml").write_text(yaml)
     cfg = RunConfig.from_yaml(tmp_path / "fleet.yaml")
     with Fleet(tmp_path / "svc", cfg) as f:
@@ -371,9 +373,10 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
         outs = [p.communicate(timeout=120) for p in procs]
         assert done.returncode == 0, done.stderr
         assert "round 2/2 (secagg #2): 3/3 devices" in done.stdout
+        eps = [float(e) for e in re.findall(r", ε ([0-9.]+)", done.stdout)]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1], done.stdout  # the service's accountant, every round
         for out, err in outs:
             assert "took part in 2 published rounds" in out, err
-            assert "local ε" in err
         assert len(f.reg.versions(MODEL, kind="model")) == 3
         assert [r["kind"] for r in f.state.closed_rounds] == ["secagg", "secagg"]
         assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted

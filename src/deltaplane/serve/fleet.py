@@ -327,6 +327,8 @@ class RoundSummary:
         if self.failed:
             return f"{head}: failed: {self.failed}"
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
+        if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
+            eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
         return (
             f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out), "
             f"version {self.version}{eps}, {self.seconds:.1f} s"
