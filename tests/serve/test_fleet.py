@@ -380,3 +380,10 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
         assert len(f.reg.versions(MODEL, kind="model")) == 3
         assert [r["kind"] for r in f.state.closed_rounds] == ["secagg", "secagg"]
         assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted
+
+
+def test_the_coordinators_line_says_when_a_distributed_dp_sum_was_not_published() -> None:
+    published = fleet.RoundSummary(1, "secagg", 1, 3, 3, 2, 1.5, 2.0, {"secure_sum_published": 1.0})
+    short = fleet.RoundSummary(2, "secagg", 2, 3, 2, 4, 2.5, 2.0, {"secure_sum_published": 0.0})
+    assert "not published" not in published.line(2)
+    assert "the sum was not published, ε still spent" in short.line(2) and "ε 2.500" in short.line(2)
