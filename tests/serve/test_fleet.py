@@ -255,6 +255,39 @@ def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp
     assert out[0].measurements["secure_sum_published"] == 1.0
 
 
+def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_path) -> None:
+    """The round ends while a device trains (the coordinator's deadline passed; a SecAgg round was aborted):
+    the service refuses it (409), and the device used to stop on that refusal (the CLI exited with
+    `HTTP 409`); it now sits that round out and takes part in the next one."""
+    cfg = _config(byo_task)
+    with Fleet(tmp_path / "plain", cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for dev in devices[:2]:
+            assert fleet.take_part(dev, info, stage_wait=5)
+        late, real_run = devices[2], devices[2].step.run
+
+        def deadline_passes_while_training(*args, **kw):
+            out = real_run(*args, **kw)
+            f.admin.close_round(MODEL, opened["round"])
+            return out
+
+        late.step.run = deadline_passes_while_training
+        assert fleet.take_part(late, info, stage_wait=5) is False
+        late.step.run = real_run
+        f.admin.open_round(MODEL)
+        assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
+
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    with Fleet(tmp_path / "secagg", cfg) as f:
+        dev = f.device(0)
+        opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=10.0)
+        info = dev.conn.open_rounds(MODEL)[0]
+        f.admin.abort_secagg(MODEL, opened["round"])  # between the device's discovery and its invitation
+        assert fleet.take_part(dev, info, stage_wait=5) is False
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:

@@ -244,10 +244,20 @@ def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | Non
 
 
 def take_part(dev: Device, info: dict[str, Any], *, stage_wait: float) -> bool:
-    """Take part in one open round (plain or SecAgg); True if the device's update went in."""
-    if info["kind"] == "plain":
-        return plain_round(dev, info)
-    return secagg_round(dev, info, wait=stage_wait)
+    """Take part in one open round (plain or SecAgg); True if the device's update went in.
+
+    A round that ends or refuses the device while it trains or speaks (the coordinator's deadline passed, the
+    round was aborted, the device is not a survivor) leaves the device out of that round only: it waits for the
+    next one instead of stopping."""
+    try:
+        if info["kind"] == "plain":
+            return plain_round(dev, info)
+        return secagg_round(dev, info, wait=stage_wait)
+    except ServiceError as exc:
+        if exc.status not in _OUT_OF_ROUND:
+            raise
+        dev.log(f"round {info['round']}: refused ({exc.detail}); sitting it out")
+        return False
 
 
 def run_device(
