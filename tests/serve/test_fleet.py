@@ -279,13 +279,46 @@ def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_
         f.admin.open_round(MODEL)
         assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
 
-    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing", codec="topk(0.1)")
     with Fleet(tmp_path / "secagg", cfg) as f:
         dev = f.device(0)
         opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=10.0)
         info = dev.conn.open_rounds(MODEL)[0]
         f.admin.abort_secagg(MODEL, opened["round"])  # between the device's discovery and its invitation
         assert fleet.take_part(dev, info, stage_wait=5) is False
+        # nothing left the device: its error feedback holds no residual of an update it never sent
+        assert dev.client.compressor.state_dict()["residual"] is None
+
+
+def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(byo_task, tmp_path) -> None:
+    """A device whose update is refused (the round closed while it trained) sends, in the next round, exactly
+    what a device that never heard of the refused round sends: its compressor's error-feedback residual used to
+    keep the refused round's update as if delivered, so every later update carried a stale part."""
+    cfg = _config(byo_task, codec="topk(0.1)", wire="self-describing")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for dev in devices[:2]:
+            assert fleet.take_part(dev, info, stage_wait=5)
+        late, real_run = devices[2], devices[2].step.run
+
+        def deadline_passes_while_training(*args, **kw):
+            out = real_run(*args, **kw)
+            f.admin.close_round(MODEL, opened["round"])
+            return out
+
+        late.step.run = deadline_passes_while_training
+        assert fleet.take_part(late, info, stage_wait=5) is False
+        late.step.run = real_run
+        f.admin.open_round(MODEL)
+        info = late.conn.open_rounds(MODEL)[0]
+        assert fleet.take_part(late, info, stage_wait=5)
+        sent = [body for path, body in f.bodies if path.endswith(f"/rounds/{info['round']}/update")]
+        fresh = f.device(2)  # the same partition, first heard of the model at round 2
+        version, state = fresh.conn.fetch(MODEL, channel="training")
+        expected = fresh.step.run(fresh.client, fresh.net, state, info["round"], version)
+    assert sent == [expected.payload]
 
 
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
