@@ -339,6 +339,17 @@ def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task,
         assert devices[1].conn.open_rounds(MODEL)[0]["stage"] == "share keys"
 
 
+def test_discovery_shows_a_withdrawn_cohort_no_round(byo_task, tmp_path) -> None:
+    """A device of a cohort that withdrew consent was still shown the open plain round (only SecAgg rounds were
+    hidden from it): it trained on its data for an update every round refuses. It now sees nothing."""
+    with Fleet(tmp_path, _config(byo_task)) as f:
+        dev = f.device(0)
+        f.admin.open_round(MODEL)
+        assert [r["kind"] for r in dev.conn.open_rounds(MODEL)] == ["plain"]
+        f.admin.withdraw("fleet", "consent withdrawn")
+        assert dev.conn.open_rounds(MODEL) == []
+
+
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
