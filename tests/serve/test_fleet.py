@@ -350,6 +350,33 @@ def test_discovery_shows_a_withdrawn_cohort_no_round(byo_task, tmp_path) -> None
         assert dev.conn.open_rounds(MODEL) == []
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"model": "another", "rounds": [{"kind": "plain", "round": 1, "base_version": 1, "nonce": "n"}]},
+        {"model": MODEL, "rounds": [{"kind": "secagg", "round": 1, "base_version": 1, "stage": "whatever"}]},
+        {"model": MODEL, "rounds": [{"kind": "plain", "round": "1; drop", "base_version": 1, "nonce": "n"}]},
+        {"model": MODEL, "rounds": [{"kind": "plain", "round": 0, "base_version": -5, "nonce": "n"}]},
+        {"model": MODEL, "rounds": "everything"},
+    ],
+)
+def test_a_device_refuses_a_malformed_discovery_answer_in_one_typed_line(byo_task, answer) -> None:
+    """A buggy or hostile service's discovery answer (another model's rounds, an unknown SecAgg stage, a round
+    number that is not one) is a DecodeError the CLI prints in one line; it used to be acted on, or to crash the
+    device with a raw ValueError/TypeError traceback."""
+    from deltaplane.errors import DecodeError
+
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answer)
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    conn = DeviceClient("https://service.test", "token", verifier=None, client=http)  # type: ignore[arg-type]
+    dev = fleet.load_device(conn, _config(byo_task), 0, model=MODEL)
+    dev.log = lambda line: None
+    with pytest.raises(DecodeError, match="malformed"):
+        fleet.run_device(dev, rounds=1, poll=0.01)
+
+
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
