@@ -255,6 +255,72 @@ def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp
     assert out[0].measurements["secure_sum_published"] == 1.0
 
 
+def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_path) -> None:
+    """The round ends while a device trains (the coordinator's deadline passed; a SecAgg round was aborted):
+    the service refuses it (409), and the device used to stop on that refusal (the CLI exited with
+    `HTTP 409`); it now sits that round out and takes part in the next one."""
+    cfg = _config(byo_task)
+    with Fleet(tmp_path / "plain", cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for dev in devices[:2]:
+            assert fleet.take_part(dev, info, stage_wait=5)
+        late, real_run = devices[2], devices[2].step.run
+
+        def deadline_passes_while_training(*args, **kw):
+            out = real_run(*args, **kw)
+            f.admin.close_round(MODEL, opened["round"])
+            return out
+
+        late.step.run = deadline_passes_while_training
+        assert fleet.take_part(late, info, stage_wait=5) is False
+        late.step.run = real_run
+        f.admin.open_round(MODEL)
+        assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
+
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing", codec="topk(0.1)")
+    with Fleet(tmp_path / "secagg", cfg) as f:
+        dev = f.device(0)
+        opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=10.0)
+        info = dev.conn.open_rounds(MODEL)[0]
+        f.admin.abort_secagg(MODEL, opened["round"])  # between the device's discovery and its invitation
+        assert fleet.take_part(dev, info, stage_wait=5) is False
+        # nothing left the device: its error feedback holds no residual of an update it never sent
+        assert dev.client.compressor.state_dict()["residual"] is None
+
+
+def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(byo_task, tmp_path) -> None:
+    """A device whose update is refused (the round closed while it trained) sends, in the next round, exactly
+    what a device that never heard of the refused round sends: its compressor's error-feedback residual used to
+    keep the refused round's update as if delivered, so every later update carried a stale part."""
+    cfg = _config(byo_task, codec="topk(0.1)", wire="self-describing")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for dev in devices[:2]:
+            assert fleet.take_part(dev, info, stage_wait=5)
+        late, real_run = devices[2], devices[2].step.run
+
+        def deadline_passes_while_training(*args, **kw):
+            out = real_run(*args, **kw)
+            f.admin.close_round(MODEL, opened["round"])
+            return out
+
+        late.step.run = deadline_passes_while_training
+        assert fleet.take_part(late, info, stage_wait=5) is False
+        late.step.run = real_run
+        f.admin.open_round(MODEL)
+        info = late.conn.open_rounds(MODEL)[0]
+        assert fleet.take_part(late, info, stage_wait=5)
+        sent = [body for path, body in f.bodies if path.endswith(f"/rounds/{info['round']}/update")]
+        fresh = f.device(2)  # the same partition, first heard of the model at round 2
+        version, state = fresh.conn.fetch(MODEL, channel="training")
+        expected = fresh.step.run(fresh.client, fresh.net, state, info["round"], version)
+    assert sent == [expected.payload]
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:
@@ -271,6 +337,44 @@ def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task,
             SecAggDevice(dev.conn, MODEL, opened["round"]).advertise()
         f.admin.advance_secagg(MODEL, opened["round"])
         assert devices[1].conn.open_rounds(MODEL)[0]["stage"] == "share keys"
+
+
+def test_discovery_shows_a_withdrawn_cohort_no_round(byo_task, tmp_path) -> None:
+    """A device of a cohort that withdrew consent was still shown the open plain round (only SecAgg rounds were
+    hidden from it): it trained on its data for an update every round refuses. It now sees nothing."""
+    with Fleet(tmp_path, _config(byo_task)) as f:
+        dev = f.device(0)
+        f.admin.open_round(MODEL)
+        assert [r["kind"] for r in dev.conn.open_rounds(MODEL)] == ["plain"]
+        f.admin.withdraw("fleet", "consent withdrawn")
+        assert dev.conn.open_rounds(MODEL) == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"model": "another", "rounds": [{"kind": "plain", "round": 1, "base_version": 1, "nonce": "n"}]},
+        {"model": MODEL, "rounds": [{"kind": "secagg", "round": 1, "base_version": 1, "stage": "whatever"}]},
+        {"model": MODEL, "rounds": [{"kind": "plain", "round": "1; drop", "base_version": 1, "nonce": "n"}]},
+        {"model": MODEL, "rounds": [{"kind": "plain", "round": 0, "base_version": -5, "nonce": "n"}]},
+        {"model": MODEL, "rounds": "everything"},
+    ],
+)
+def test_a_device_refuses_a_malformed_discovery_answer_in_one_typed_line(byo_task, answer) -> None:
+    """A buggy or hostile service's discovery answer (another model's rounds, an unknown SecAgg stage, a round
+    number that is not one) is a DecodeError the CLI prints in one line; it used to be acted on, or to crash the
+    device with a raw ValueError/TypeError traceback."""
+    from deltaplane.errors import DecodeError
+
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answer)
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    conn = DeviceClient("https://service.test", "token", verifier=None, client=http)  # type: ignore[arg-type]
+    dev = fleet.load_device(conn, _config(byo_task), 0, model=MODEL)
+    dev.log = lambda line: None
+    with pytest.raises(DecodeError, match="malformed"):
+        fleet.run_device(dev, rounds=1, poll=0.01)
 
 
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:

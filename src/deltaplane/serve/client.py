@@ -90,6 +90,30 @@ def _read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
+def _open_rounds_of(model: str, body: Any) -> list[dict[str, Any]]:
+    """The open rounds in a discovery answer, checked before a device acts on them: for ``model``, each a plain
+    round or a SecAgg round at a stage a device acts in, with positive round and version numbers (a buggy or
+    hostile service's answer raises ``KeyError``/``TypeError``/``ValueError``)."""
+    from deltaplane.aggregation.secagg import Stage
+
+    stages = (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+    if body["model"] != model:
+        raise ValueError(f"the answer is for model {body['model']!r}")
+    rounds = []
+    for r in body["rounds"]:
+        kind, number, base = r["kind"], r["round"], r["base_version"]
+        if kind not in ("plain", "secagg") or type(number) is not int or type(base) is not int:
+            raise ValueError(f"not an open round: {r!r:.200}")
+        if number < 1 or base < 1:
+            raise ValueError(f"round {number} on version {base}: both must be at least 1")
+        if kind == "plain" and not isinstance(r.get("nonce"), str):
+            raise ValueError(f"plain round {number} has no nonce")
+        if kind == "secagg" and r.get("stage") not in stages:
+            raise ValueError(f"SecAgg round {number} is at an unknown stage {r.get('stage')!r:.80}")
+        rounds.append(dict(r))
+    return rounds
+
+
 class DeviceClient:
     """A device's connection: fetch verified models/deltas, upload compressed updates, report summaries.
 
@@ -244,7 +268,13 @@ class DeviceClient:
         ``{"kind": "plain", "round", "base_version", "nonce"}`` or ``{"kind": "secagg", "round",
         "base_version", "stage"}`` (SecAgg rounds it is invited to); empty when nothing is open."""
         resp = _check(self._send("GET", f"/v1/models/{model}/rounds/open", headers=self._headers))
-        return list(resp.json()["rounds"])
+        try:
+            return _open_rounds_of(model, resp.json())
+        except (KeyError, TypeError, ValueError) as exc:  # the server's JSON is not a list of open rounds
+            raise DecodeError(
+                f"the open rounds of {model!r} the service sent are malformed ({type(exc).__name__}: {exc}); "
+                "refused"
+            ) from None
 
     def round(self, model: str) -> dict[str, Any]:
         return _check(self._send("GET", f"/v1/models/{model}/round", headers=self._headers)).json()

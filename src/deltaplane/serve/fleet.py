@@ -22,11 +22,12 @@ order); SecAgg rounds differ by their stochastic rounding, which a real device d
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,26 @@ def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
     return state
 
 
+@contextlib.contextmanager
+def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
+    """Put the device's uplink state (its compressor's error-feedback residual and generator, DGC's velocity)
+    back as it was before the round unless the block marks the update sent (``sent[0] = True``).
+
+    The client step moves that state as if its update were delivered; a device that drops out before its
+    update leaves (a refusal, a closed stage, a lost connection) would otherwise carry a residual missing what
+    it never sent into the next round. An update whose sending was attempted counts as sent (it may have
+    arrived): resending it through the residual would count it twice."""
+    client = dev.client
+    saved = copy.deepcopy((client.compressor.state_dict(), client.velocity))
+    sent = [False]
+    try:
+        yield sent
+    finally:
+        if not sent[0]:
+            client.compressor.load_state_dict(saved[0])
+            client.velocity = saved[1]
+
+
 def plain_round(dev: Device, info: dict[str, Any]) -> bool:
     """Train on the round's base, upload the compressed update bound to the round's nonce; True if accepted."""
     number, base = int(info["round"]), int(info["base_version"])
@@ -140,11 +161,19 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
     sessions = dev.step.sessions
     if sessions.compact and not sessions.fetched:  # the server's word for the wire session, as in process
         sessions.install(dev.conn.session(dev.model))
-    up = dev.step.run(dev.client, dev.net, state, number, base)
-    if up.payload is None:
-        dev.log(f"round {number}: no update ({up.error}); sitting it out")
-        return False
-    dev.conn.upload(dev.model, number, up.payload, num_examples=dev.client.num_samples, nonce=info["nonce"])
+    with _uplink_kept_unless_sent(dev) as sent:
+        up = dev.step.run(dev.client, dev.net, state, number, base)
+        if up.payload is None:
+            dev.log(f"round {number}: no update ({up.error}); sitting it out")
+            return False
+        sent[0] = True  # from here it may arrive (a lost answer) ...
+        try:
+            dev.conn.upload(
+                dev.model, number, up.payload, num_examples=dev.client.num_samples, nonce=info["nonce"]
+            )
+        except ServiceError:
+            sent[0] = False  # ... unless the service answered that it refused it
+            raise
     dev.pending = (number, base)
     return True
 
@@ -176,23 +205,27 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
     state = _fetch_base(dev, base)
     if state is None:
         return False
-    up = dev.step.run(dev.client, dev.net, state, number, base)
-    if up.secure is None:
-        dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
-        return False
-    sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0)  # secret keys from the OS, never from the seed
-    sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
-    for stage, method in SECAGG_STEPS:
-        if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
-            dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
+    with _uplink_kept_unless_sent(dev) as sent:
+        up = dev.step.run(dev.client, dev.net, state, number, base)
+        if up.secure is None:
+            dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
-        try:
-            getattr(sa, method)()
-        except ServiceError as exc:
-            if exc.status not in _OUT_OF_ROUND:
-                raise
-            dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
-            return False
+        sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0)  # secret keys from the OS, never the seed
+        sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
+        for stage, method in SECAGG_STEPS:
+            if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
+                dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
+                return False
+            sent[0] = sent[0] or stage == Stage.MASKED  # the masked update may be in the sum from here
+            try:
+                getattr(sa, method)()
+            except ServiceError as exc:
+                if stage == Stage.MASKED:
+                    sent[0] = False  # the service refused the masked update: it is not in the sum
+                if exc.status not in _OUT_OF_ROUND:
+                    raise
+                dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
+                return False
     dev.pending = (number, base)
     return True
 
@@ -244,10 +277,20 @@ def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | Non
 
 
 def take_part(dev: Device, info: dict[str, Any], *, stage_wait: float) -> bool:
-    """Take part in one open round (plain or SecAgg); True if the device's update went in."""
-    if info["kind"] == "plain":
-        return plain_round(dev, info)
-    return secagg_round(dev, info, wait=stage_wait)
+    """Take part in one open round (plain or SecAgg); True if the device's update went in.
+
+    A round that ends or refuses the device while it trains or speaks (the coordinator's deadline passed, the
+    round was aborted, the device is not a survivor) leaves the device out of that round only: it waits for the
+    next one instead of stopping."""
+    try:
+        if info["kind"] == "plain":
+            return plain_round(dev, info)
+        return secagg_round(dev, info, wait=stage_wait)
+    except ServiceError as exc:
+        if exc.status not in _OUT_OF_ROUND:
+            raise
+        dev.log(f"round {info['round']}: refused ({exc.detail}); sitting it out")
+        return False
 
 
 def run_device(

@@ -12,7 +12,8 @@ commit in one registry transaction, and a close that fails leaves none of them a
 
 Device endpoints (``Authorization: Bearer <device token>``; only invited devices):
 
-* ``GET  /v1/models/{model}/rounds/open`` — discovery: every open round this device may take part in, plain
+* ``GET  /v1/models/{model}/rounds/open`` — discovery: every open round this device may take part in (none for a
+  withdrawn cohort), plain
   (number, base version, nonce) or SecAgg (number, base version, current stage; only rounds it is invited to),
   so a device agent that polls one endpoint learns what to do next (:mod:`deltaplane.serve.fleet`).
 * ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage.
@@ -388,17 +389,19 @@ def install_secagg_routes(
         summary="Every open round this device may take part in: plain, or SecAgg it is invited to",
     )
     def open_rounds(model: ModelName, ident: Device) -> OpenRounds:
-        """What a polling device does next: an empty list when nothing is open (not an error: poll again)."""
-        found = []
+        """What a polling device does next: an empty list when nothing is open (not an error: poll again). A
+        device of a cohort that withdrew consent sees none: every round would refuse its update."""
+        found: list[OpenRound] = []
+        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+            return OpenRounds(model=model, rounds=found)
         plain = state.rounds.get(model)
         if plain is not None and not plain.closing:
             nonce = plain.record.nonce if plain.record else ""
             found.append(
                 OpenRound(kind="plain", round=plain.number, base_version=plain.base_version, nonce=nonce)
             )
-        withdrawn = ident.cohort in reg.withdrawn_cohorts(verify=True)
         for (m, number), r in sorted(rounds.items()):
-            if m != model or withdrawn or ident.device_id not in r.clients:
+            if m != model or ident.device_id not in r.clients:
                 continue
             if r.published is None and r.endpoint.stage != Stage.DONE:
                 found.append(
