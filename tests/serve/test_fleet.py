@@ -421,6 +421,26 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
                     "--federation", "fleet.yaml", "--model", MODEL, "--device", "0",
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "use its https:// address" in done.stderr
+        # enrolling again into the same folder would overwrite tokens that stay valid on the service
+        tokens = [p.read_bytes() for p in files]
+        done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "3",
+                    "--out", "tokens", cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 2 and "device-0.token already exists" in done.stderr, done.stderr
+        assert [p.read_bytes() for p in files] == tokens
+        # a wrong admin token: refused, and no folder or file left behind (an empty folder was)
+        done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "2",
+                    "--out", "tokens2", cwd=tmp_path, env=env | {"DELTAPLANE_ADMIN_TOKEN": "w" * 20})  # fmt: skip
+        assert done.returncode != 0 and not (tmp_path / "tokens2").exists(), done.stderr
+        # a missing token file is a usage error (exit 2), not an OSError (exit 1)
+        done = _cli("fleet", "device", "--url", f.url, "--ca", str(f.tls.ca_cert), "--token-file", "nope.token",
+                    "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation", "fleet.yaml",
+                    "--model", MODEL, "--device", "0", cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 2 and "nope.token" in done.stderr, done.stderr
+        # a coordinator whose every round fails (no device running) exits 1, saying so
+        done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",
+                    "fleet.yaml", "--model", MODEL, "--rounds", "1", "--deadline", "0.5",
+                    cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 1 and "1 of 1 rounds failed" in done.stderr, (done.stdout, done.stderr)
 
 
 @pytest.mark.slow

@@ -182,11 +182,21 @@ def register(app: typer.Typer) -> None:
                 if federation is None:
                     raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
                 devices = _federation(federation).clients
+            files = [out / f"{device_id(i)}.token" for i in range(devices)]
+            held = next((f for f in files if f.exists()), None)
+            if held is not None:  # its token stays valid on the service: overwriting would only lose it
+                raise ConfigError(
+                    f"{held} already exists; choose another --out, or remove the old files (and revoke their "
+                    f"tokens: POST /admin/devices/{held.stem}/revoke)"
+                )
             admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
+            # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
+            tokens = [
+                _connected(url, lambda i=i: admin.issue_token(device_id(i), cohort)) for i in range(devices)
+            ]
             out.mkdir(parents=True, exist_ok=True)
-            for i in range(devices):
-                token = _connected(url, lambda i=i: admin.issue_token(device_id(i), cohort))
-                write_secret_file(out / f"{device_id(i)}.token", token.encode())
+            for path, token in zip(files, tokens, strict=True):
+                write_secret_file(path, token.encode())
         console.print(
             f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
         )
@@ -194,7 +204,12 @@ def register(app: typer.Typer) -> None:
     @fleet.command("device")
     def device_cmd(
         url: Url,
-        token_file: Annotated[Path, typer.Option("--token-file", help="This device's token (fleet enroll).")],
+        token_file: Annotated[
+            Path,
+            typer.Option(
+                "--token-file", help="This device's token (fleet enroll).", exists=True, dir_okay=False
+            ),
+        ],
         federation: Federation,
         device: Annotated[int, typer.Option("--device", min=0, help="This device's partition of the task.")],
         model: Model,
@@ -260,7 +275,7 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             run = _federation(federation)
             admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
-            _connected(
+            done = _connected(
                 url,
                 lambda: coordinate(
                     admin,
@@ -272,3 +287,7 @@ def register(app: typer.Typer) -> None:
                     progress=lambda s: console.print(s.line(rounds)),
                 ),
             )
+        failed = sum(1 for s in done if s.failed)
+        if failed:  # a script must be able to tell: exit 1 when a round was not published
+            err_console.print(f"{failed} of {len(done)} rounds failed (not published)")
+            raise typer.Exit(code=1)

@@ -521,6 +521,8 @@ def coordinate(
                 index, kind, number, len(names), n, version, measured.get("epsilon"),
                 time.perf_counter() - t0, dict(measured),
             )  # fmt: skip
+            if version is None:  # closed without an update (no device uploaded): nothing was published
+                summary.failed = "no device took part; nothing was published"
         done.append(summary)
         if progress is not None:
             progress(summary)
