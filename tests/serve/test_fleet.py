@@ -339,6 +339,32 @@ def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task,
         assert devices[1].conn.open_rounds(MODEL)[0]["stage"] == "share keys"
 
 
+def test_a_secagg_round_left_open_does_not_keep_devices_from_the_coordinators(byo_task, tmp_path) -> None:
+    """A SecAgg round opened by hand and left open beside the coordinator's: devices took the older first and
+    waited there for stages that never came, while the coordinator's round went on without them and failed.
+    They now take the newest open round and skip older ones for good. (A device already waiting in a stale
+    round when the coordinator starts still waits out its --stage-wait: docs/fleet.md.)"""
+    import time
+
+    cfg = _config(byo_task, clients=3, secagg=True, clip="2.0", wire="self-describing", rounds=1)
+    with Fleet(tmp_path, cfg) as f:
+        stale = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)["round"]
+        out: list = []
+
+        def coordinate() -> None:
+            out.extend(fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=10, poll=0.05))
+
+        coordinator = threading.Thread(target=coordinate)
+        coordinator.start()
+        while len(f.app.state.secagg_rounds) < 2 and coordinator.is_alive():  # both rounds open
+            time.sleep(0.02)
+        threads = _threads([f.device(i) for i in range(3)], rounds=1, stage_wait=10)
+        coordinator.join(60)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed is None and out[0].number > stale and out[0].contributors == 3, out[0]
+
+
 def test_discovery_shows_a_withdrawn_cohort_no_round(byo_task, tmp_path) -> None:
     """A device of a cohort that withdrew consent was still shown the open plain round (only SecAgg rounds were
     hidden from it): it trained on its data for an update every round refuses. It now sees nothing."""

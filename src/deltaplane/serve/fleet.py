@@ -262,13 +262,20 @@ def report_pending(dev: Device) -> bool:
 
 
 def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | None:
-    """The first open round this device has not looked at yet (a SecAgg round past its first stage is seen
-    and skipped: the device was not in its key advertisement)."""
-    for r in dev.conn.open_rounds(dev.model):
-        key = (r["kind"], int(r["round"]))
-        if key in seen:
+    """The newest open round this device has not looked at yet. A SecAgg round past its first stage is seen
+    and skipped (the device was not in its key advertisement), and so is a SecAgg round older than another
+    open one: rounds are numbered as they open, the coordinator runs one at a time, and a device waiting on a
+    round left open by hand would miss the coordinator's, whose stages go on without it."""
+    fresh = [r for r in dev.conn.open_rounds(dev.model) if (r["kind"], int(r["round"])) not in seen]
+    newest_secagg = max((int(r["round"]) for r in fresh if r["kind"] == "secagg"), default=None)
+    for r in fresh:  # all of them now: later polls must not fall back to an older round
+        if r["kind"] == "secagg" and int(r["round"]) != newest_secagg:
+            seen.add(("secagg", int(r["round"])))
+            dev.log(f"SecAgg round {r['round']} is older than round {newest_secagg}, also open; skipping it")
+    for r in sorted(fresh, key=lambda r: -int(r["round"])):
+        if (r["kind"], int(r["round"])) in seen:
             continue
-        seen.add(key)
+        seen.add((r["kind"], int(r["round"])))
         if r["kind"] == "secagg" and r["stage"] != Stage.ADVERTISE:
             dev.log(f"SecAgg round {r['round']} is past key advertisement; waiting for the next round")
             continue
