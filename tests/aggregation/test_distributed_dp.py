@@ -103,3 +103,29 @@ def test_the_default_m_min_is_the_secagg_threshold_of_an_expected_round() -> Non
     cfg = RunConfig(clients=20, sample_fraction=0.5, secagg=True, clip="2.0", dp_noise=1.0, dp_delta=1e-3)
     assert cfg.min_contributors() == 7  # 2·10//3 + 1
     assert cfg.device_noise_std() == pytest.approx(1.0 * 2.0 / math.sqrt(7))
+
+
+def test_a_round_sampling_fewer_than_m_min_devices_unmasks_no_sum(monkeypatch) -> None:
+    # the server sees every sum SecAgg unmasks, published or not: one of fewer than m_min devices carries noise
+    # below z·clip, which epsilon_vs_server does not allow for. Spied on SecAgg itself, not on the chain.
+    import deltaplane.aggregation.secagg as secagg
+
+    unmasked: list[int] = []
+    real = secagg.secure_mean
+
+    def spy(deltas, **kwargs):
+        unmasked.append(len(deltas))
+        return real(deltas, **kwargs)
+
+    monkeypatch.setattr(secagg, "secure_mean", spy)
+    cfg = RunConfig(
+        clients=12, sample_fraction=0.5, rounds=6, secagg=True, clip="1.0", dp_noise=1.0, dp_delta=1e-3,
+        local_epochs=1, seed=1, dp_noise_source="seeded",
+    )  # fmt: skip
+    rounds = run_simulation(cfg).rounds
+    m_min = cfg.min_contributors()  # 5: 2·6//3 + 1
+    short = [r for r in rounds if 2 <= r.clients < m_min]
+    assert short, "the seed must sample a round of 2..m_min-1 devices for this test to mean anything"
+    assert unmasked and min(unmasked) >= m_min
+    assert len(unmasked) == sum(r.clients >= m_min for r in rounds)
+    assert [r.epsilon for r in rounds] == sorted({r.epsilon for r in rounds})  # every round still spent ε

@@ -57,7 +57,8 @@ FEATURES = {
     },
     "secagg": {"secagg": True, "clip": "2.0"},
     # distributed DP: the devices noise under SecAgg (from the seed), Poisson-sampled at q = 1/2; seed 2 samples
-    # 1, 3 and 2 devices: a lone device (no SecAgg round), a published sum, a sum short of m_min = 3 (refused)
+    # 1, 3 and 2 devices: a lone device, a published sum, a pair short of m_min = 3 (neither short round runs
+    # SecAgg: nothing is unmasked)
     "secagg-dp": {
         "secagg": True,
         "clip": "1.0",

@@ -44,10 +44,12 @@ def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
 
 
 def secure_quorum(config: RunConfig) -> int:
-    """The fewest secure inputs a round runs SecAgg with: 1 (as ever), or under distributed DP 2, since SecAgg
-    cannot hide one device's input from the server; a round of fewer is closed without a sum (nothing is
-    published, ε is still spent, as for any sum of fewer than ``min_contributors``)."""
-    return 2 if config.dp_noise > 0 else 1
+    """The fewest secure inputs a round runs SecAgg with: 1 (as ever), or under distributed DP m_min
+    (:meth:`RunConfig.min_contributors`, at least 2). The server unmasks whatever sum SecAgg gives it, and a sum
+    of fewer than m_min devices carries noise below z·clip: withholding it from the published model is not
+    enough, since the server itself would see it (``epsilon_vs_server`` assumes z·clip in every sum it sees).
+    A round of fewer is closed without a sum: nothing is unmasked or published, ε is still spent."""
+    return config.min_contributors() if config.secagg and config.dp_noise > 0 else 1
 
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:

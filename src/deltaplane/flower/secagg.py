@@ -250,12 +250,15 @@ class SecAggStrategy(DeltaStrategy):
             return 0  # late, out of order or malformed: refused, the node has dropped out
         return len(data)
 
-    def _distributed(self) -> bool:
-        """Whether the server step runs distributed DP (its devices noise their inputs under SecAgg)."""
+    def _min_inputs(self) -> int:
+        """The fewest sampled nodes a round runs SecAgg with: no floor (0) as ever, or under distributed DP (the
+        server step holds :class:`~deltaplane.aggregation.dp.DistributedDP`) its m_min, since the server would
+        see the unmasked sum of fewer nodes, whose noise is below z·clip, even though it does not publish it."""
         from deltaplane.aggregation.dp import DistributedDP
 
         step = self.server_step
-        return step is not None and isinstance(step.aggregator.find(DistributedDP), DistributedDP)
+        ddp = step.aggregator.find(DistributedDP) if step is not None else None
+        return ddp.min_contributors if isinstance(ddp, DistributedDP) else 0
 
     def round_encoding(self, nodes: list[int]) -> RingEncoding:
         """The ring encoding of a round that sampled ``nodes``: ``weight_scale(nodes)`` when it is a callable."""
@@ -276,8 +279,8 @@ class SecAggStrategy(DeltaStrategy):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         assert self._global is not None
         nodes = sorted((m.metadata.dst_node_id for m in messages), key=self.device_id)
-        self._short = self._distributed() and len(nodes) < 2
-        if self._short:  # distributed DP: SecAgg cannot hide a lone input; the round closes without a sum
+        self._short = len(nodes) < self._min_inputs()
+        if self._short:  # distributed DP, fewer nodes than m_min: no sum, nothing unmasked
             self._grid, self._round = grid, None
             self._pending_down = self._pending_sampled = 0
             return []
