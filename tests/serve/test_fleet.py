@@ -321,6 +321,42 @@ def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(b
     assert sent == [expected.payload]
 
 
+def test_distributed_dp_never_unmasks_a_sum_of_fewer_than_m_min_devices(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """Distributed DP calibrates each device's noise to m_min devices. With m_min = 4 and SecAgg's threshold 3
+    of 4, one device dying before its masked input left 3 survivors, enough for SecAgg: the service unmasked
+    that under-noised sum (then withheld it from the model), but the server saw it. Now fewer masked inputs
+    than m_min are never unmasked (the round fails and is aborted), and a round inviting fewer than m_min
+    devices is refused."""
+    from deltaplane.serve.client import ServiceError
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3,
+                  secagg_min_contributors=4, wire="self-describing")  # fmt: skip
+    real_upload = SecAggDevice.upload
+
+    def dies_on_device_2(self):
+        if self.client is victim.conn:
+            raise SystemExit("device 2 lost power")
+        return real_upload(self)
+
+    with Fleet(tmp_path, cfg) as f:
+        with pytest.raises(ServiceError) as refused:
+            f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)
+        assert refused.value.status == 422 and "invite at least 4" in refused.value.detail
+        devices = [f.device(i) for i in range(4)]
+        victim = devices[2]
+        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed and "distributed DP needs 4" in out[0].failed, out[0]
+        assert f.admin.secagg_status(MODEL, out[0].number)["finished"] == "aborted"
+        assert len(f.reg.versions(MODEL, kind="model")) == 1  # nothing published
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:

@@ -297,7 +297,9 @@ class SecAggStrategy(DeltaStrategy):
             round_id=server_round,
             graph_seed=server_round,
         )
-        server = ServerEndpoint(cfg)
+        server = ServerEndpoint(
+            cfg, min_inputs=self._min_inputs()
+        )  # distributed DP: never unmask below m_min
         enc = json.dumps([encoding.bits, encoding.clip_range, encoding.weight_scale])
         sent = self._stage(
             grid,

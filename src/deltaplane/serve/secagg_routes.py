@@ -504,6 +504,13 @@ def install_secagg_routes(
                 f"weight_scale: 0 (an unweighted mean), not {body.weight_scale:g}"
             )
         n = len(body.devices)
+        ddp = step.aggregator.find(DistributedDP)
+        m_min = ddp.min_contributors if isinstance(ddp, DistributedDP) else 0
+        if n < m_min:
+            raise ConfigError(
+                f"this federation runs distributed DP calibrated to {m_min} devices (secagg_min_contributors): "
+                f"a round of {n} would give the server a sum with too little noise; invite at least {m_min}"
+            )
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
@@ -533,7 +540,7 @@ def install_secagg_routes(
                 base,
                 {d: i for i, d in enumerate(body.devices)},
                 encoding,
-                ServerEndpoint(cfg),
+                ServerEndpoint(cfg, min_inputs=m_min),  # fewer masked inputs than m_min: never unmasked
                 like,
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}

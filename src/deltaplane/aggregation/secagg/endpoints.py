@@ -135,9 +135,9 @@ class ServerEndpoint:
     stages and return what devices fetch next.
     """
 
-    def __init__(self, config: SecAggConfig) -> None:
+    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0) -> None:
         self.config = config
-        self.server = SecAggServer(config)
+        self.server = SecAggServer(config, min_inputs=min_inputs)
 
     @property
     def stage(self) -> str:

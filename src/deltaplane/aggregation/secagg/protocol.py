@@ -534,8 +534,11 @@ class SecAggServer:
     messages (O(clients · neighbours) with SecAgg+).
     """
 
-    def __init__(self, config: SecAggConfig) -> None:
+    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0) -> None:
         self.config = config
+        #: the fewest masked inputs the server unmasks (besides the threshold): distributed DP's m_min, whose
+        #: noise is calibrated to that many devices; a sum of fewer would reach the server under-noised
+        self.min_inputs = min_inputs
         self.graph = neighbours(config)
         self.stage = Stage.ADVERTISE
         self.keys: dict[int, tuple[bytes, bytes]] = {}
@@ -687,6 +690,11 @@ class SecAggServer:
             if len(self.uploaded) < self.config.threshold:
                 raise SecAggError(
                     f"only {len(self.uploaded)} masked inputs arrived; threshold {self.config.threshold}"
+                )
+            if len(self.uploaded) < self.min_inputs:
+                raise SecAggError(
+                    f"only {len(self.uploaded)} masked inputs arrived; distributed DP needs {self.min_inputs} "
+                    "(its noise is calibrated to that many devices): the sum is not unmasked"
                 )
             self._request = UnmaskRequest(
                 self.config.round_id,
