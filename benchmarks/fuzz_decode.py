@@ -84,7 +84,7 @@ def main() -> int:
     rows = [[k, checked[k], unchecked[k]] for k in checked]
     rows.append(
         [
-            "worst peak memory / (4 x model + 10 x payload)",
+            "worst peak memory / (4 x model + 10 x payload + 1 MiB)",
             f"{report.max_memory_ratio:.2f}",
             f"{baseline.max_memory_ratio:.2f}",
         ]
@@ -138,7 +138,7 @@ def _compact(args: argparse.Namespace) -> int:
     summary = _summary(report)
     summary["refused SessionMismatch"] = report.outcomes["refused:SessionMismatch"]
     summary["refused VersionMismatch"] = report.outcomes["refused:VersionMismatch"]
-    summary["worst peak memory / (4 x model + 10 x payload)"] = f"{report.max_memory_ratio:.2f}"
+    summary["worst peak memory / (4 x model + 10 x payload + 1 MiB)"] = f"{report.max_memory_ratio:.2f}"
     summary["largest peak memory"] = f"{report.max_peak_bytes / 2**20:.1f} MiB"
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(report.kinds.items()))
     body = (

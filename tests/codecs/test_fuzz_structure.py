@@ -1,7 +1,7 @@
 """The structure-aware wire fuzzer (issue #14 item 9): mutations that reach the decoder's semantic checks.
 
 Every outcome must be a well-formed delta of the expected layout (exactly the original where the mutation
-keeps the meaning) or a DeltaplaneError, within 1 s of CPU and 4 × model + 10 × payload of memory.
+keeps the meaning) or a DeltaplaneError, within 1 s of CPU and 4 × model + 10 × payload (+ 1 MiB of RSS granularity) of memory.
 ``benchmarks/fuzz_decode.py`` runs the same fuzzer at 20,000+ mutations.
 """
 

@@ -44,8 +44,8 @@ def _instrument(monkeypatch, watch):
         monkeypatch.setattr(SecAggServer, name, spy)
     init = SecAggServer.__init__
 
-    def spy_init(self, config):
-        init(self, config)
+    def spy_init(self, config, **kwargs):
+        init(self, config, **kwargs)
         servers.append(self)
 
     monkeypatch.setattr(SecAggServer, "__init__", spy_init)
