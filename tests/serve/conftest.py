@@ -53,3 +53,27 @@ def make_state():
 @pytest.fixture
 def service_factory(tmp_path):
     return lambda **config: Service(tmp_path / "custom", **config)
+
+
+def record_bodies(app):
+    """An ASGI wrapper keeping a copy of every request body the service receives, as (path, body); it carries
+    the app's ``state`` (the server reads the service's limits there)."""
+    bodies: list[tuple[str, bytes]] = []
+
+    async def recorder(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        chunks: list[bytes] = []
+
+        async def spy():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    bodies.append((scope["path"], b"".join(chunks)))
+            return msg
+
+        return await app(scope, spy, send)
+
+    recorder.state = app.state  # type: ignore[attr-defined]
+    return recorder, bodies

@@ -25,31 +25,10 @@ from deltaplane.serve.client import AdminClient, DeviceClient
 from deltaplane.serve.server import BackgroundServer
 from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
 
+from .conftest import record_bodies
+
 MODEL = "mytask"
 ADMIN = "admin-token-for-fleet-tests"
-
-
-def _recording(app):
-    """An ASGI wrapper keeping every request body the service receives (path, body)."""
-    bodies: list[tuple[str, bytes]] = []
-
-    async def recorder(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        chunks: list[bytes] = []
-
-        async def spy():
-            msg = await receive()
-            if msg["type"] == "http.request":
-                chunks.append(msg.get("body", b""))
-                if not msg.get("more_body"):
-                    bodies.append((scope["path"], b"".join(chunks)))
-            return msg
-
-        return await app(scope, spy, send)
-
-    recorder.state = app.state  # type: ignore[attr-defined]  # the server reads the service's limits there
-    return recorder, bodies
 
 
 class Fleet:
@@ -68,7 +47,7 @@ class Fleet:
             rate=1e6, burst=1_000_000,
         )  # fmt: skip
         self.app = create_app(service)
-        recorder, self.bodies = _recording(self.app)
+        recorder, self.bodies = record_bodies(self.app)
         self.server = BackgroundServer(
             recorder, ssl_options=server_ssl_options(self.tls.server_cert, self.tls.server_key)
         )
@@ -108,6 +87,26 @@ def _threads(devices, **kw) -> list[threading.Thread]:
     for t in threads:
         t.start()
     return threads
+
+
+def _late_for_a_plain_round(f: Fleet, devices: list) -> fleet.Device:
+    """Open a plain round, let all devices but the last take part, and close it while the last one trains: its
+    upload is refused (409); returns that device, whose take_part said it sat the round out."""
+    opened = f.admin.open_round(MODEL)
+    info = devices[0].conn.open_rounds(MODEL)[0]
+    for dev in devices[:-1]:
+        assert fleet.take_part(dev, info, stage_wait=5)
+    late, real_run = devices[-1], devices[-1].step.run
+
+    def deadline_passes_while_training(*args, **kw):
+        out = real_run(*args, **kw)
+        f.admin.close_round(MODEL, opened["round"])
+        return out
+
+    late.step.run = deadline_passes_while_training
+    assert fleet.take_part(late, info, stage_wait=5) is False
+    late.step.run = real_run
+    return late
 
 
 def _config(byo_task: str, **kw) -> RunConfig:
@@ -262,20 +261,7 @@ def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_
     cfg = _config(byo_task)
     with Fleet(tmp_path / "plain", cfg) as f:
         devices = [f.device(i) for i in range(3)]
-        opened = f.admin.open_round(MODEL)
-        info = devices[0].conn.open_rounds(MODEL)[0]
-        for dev in devices[:2]:
-            assert fleet.take_part(dev, info, stage_wait=5)
-        late, real_run = devices[2], devices[2].step.run
-
-        def deadline_passes_while_training(*args, **kw):
-            out = real_run(*args, **kw)
-            f.admin.close_round(MODEL, opened["round"])
-            return out
-
-        late.step.run = deadline_passes_while_training
-        assert fleet.take_part(late, info, stage_wait=5) is False
-        late.step.run = real_run
+        late = _late_for_a_plain_round(f, devices)
         f.admin.open_round(MODEL)
         assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
 
@@ -297,20 +283,7 @@ def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(b
     cfg = _config(byo_task, codec="topk(0.1)", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(3)]
-        opened = f.admin.open_round(MODEL)
-        info = devices[0].conn.open_rounds(MODEL)[0]
-        for dev in devices[:2]:
-            assert fleet.take_part(dev, info, stage_wait=5)
-        late, real_run = devices[2], devices[2].step.run
-
-        def deadline_passes_while_training(*args, **kw):
-            out = real_run(*args, **kw)
-            f.admin.close_round(MODEL, opened["round"])
-            return out
-
-        late.step.run = deadline_passes_while_training
-        assert fleet.take_part(late, info, stage_wait=5) is False
-        late.step.run = real_run
+        late = _late_for_a_plain_round(f, devices)
         f.admin.open_round(MODEL)
         info = late.conn.open_rounds(MODEL)[0]
         assert fleet.take_part(late, info, stage_wait=5)

@@ -11,39 +11,19 @@ from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
 
+from .conftest import record_bodies
+
 
 def _deltas(like: dict, n: int, seed: int) -> list[Delta]:
     g = torch.Generator().manual_seed(seed)
     return [Delta({k: 0.02 * torch.randn(v.shape, generator=g) for k, v in like.items()}) for _ in range(n)]
 
 
-def _record_bodies(app):
-    """An ASGI wrapper that keeps a copy of every request body the service receives."""
-    bodies: list[tuple[str, bytes]] = []
-
-    async def recorder(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        chunks: list[bytes] = []
-
-        async def spy():
-            msg = await receive()
-            if msg["type"] == "http.request":
-                chunks.append(msg.get("body", b""))
-                if not msg.get("more_body"):
-                    bodies.append((scope["path"], b"".join(chunks)))
-            return msg
-
-        return await app(scope, spy, send)
-
-    return recorder, bodies
-
-
 def test_secagg_round_over_http_with_dropouts_at_every_stage(service_factory, plaintext_watch) -> None:
     from fastapi.testclient import TestClient
 
     svc = service_factory(downlink_codec="identity")
-    recorder, bodies = _record_bodies(svc.app)
+    recorder, bodies = record_bodies(svc.app)
     svc.http = TestClient(recorder)
     svc.admin._http = svc.http
     n = 16  # threshold 11 (> 2/3 of 16): the 4 dropouts before unmasking and 1 after leave 11 answering

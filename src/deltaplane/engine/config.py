@@ -427,21 +427,7 @@ class RunConfig(BaseModel):
         accountant as central DP-FedAvg, no server noise)."""
         from deltaplane.aggregation import build_aggregator
 
-        if self.secagg and self.dp_noise > 0:
-            return build_aggregator(
-                aggregator=self.aggregator,
-                lr=self.server_opt_lr,
-                server_lr=self.server_lr,
-                clip=self.clip,
-                dp_noise=self.dp_noise,
-                expected_clients=self.clients_per_round(),
-                sampling_rate=self.clients_per_round() / self.clients,
-                dp_delta=self.dp_delta,
-                epsilon_budget=self.epsilon_budget,
-                seed=seed,
-                distributed_min_contributors=self.min_contributors(),
-            )
-        if self.secagg:
+        if self.secagg and self.dp_noise == 0:
             return build_aggregator(
                 aggregator=self.aggregator, lr=self.server_opt_lr, server_lr=self.server_lr, seed=seed
             )
@@ -459,6 +445,8 @@ class RunConfig(BaseModel):
             max_norm=self.max_update_norm,
             seed=seed,
             secure_noise=secure_noise,
+            # under SecAgg the devices add the noise (defense and max_norm are refused with secagg)
+            distributed_min_contributors=self.min_contributors() if self.secagg else None,
         )
 
     def make_dgc(self) -> DGC:
