@@ -26,6 +26,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "QualityGateFailed",
+    "RoundLost",
     "ServiceUnreachable",
     "SessionMismatch",
     "ShapeMismatch",
@@ -170,6 +171,11 @@ class DowngradeRefused(SignatureError):
 
 class Conflict(DeltaplaneError, RuntimeError):
     """The request conflicts with stored state: a round not open, a duplicate or replayed upload."""
+
+
+class RoundLost(Conflict):
+    """A round that can never complete: the service stopped while it was open (a SecAgg round's keys, shares
+    and masked inputs live in the service's memory only). HTTP 409; wait for the next round."""
 
 
 class ServiceUnreachable(DeltaplaneError, ConnectionError):

@@ -479,6 +479,7 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
     monkeypatch.setattr(secagg_routes, "FINISHED_KEPT", 2, raising=False)
     names = ["a", "b", "c"]
     rnd, devs = _walk(service, names)
+    first = devs[0]
     held = weakref.ref(service.app.state.secagg_rounds[("cnn", rnd)].endpoint)
     closed = service.admin.close_secagg("cnn", rnd)
     gc.collect()
@@ -503,12 +504,15 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
             call()
         assert exc.value.status == 409 and "aborted" in exc.value.detail
 
-    # only the last FINISHED_KEPT finished rounds are remembered; older ones are unknown (404)
+    # only the last FINISHED_KEPT finished rounds keep their full status; older ones answer from the store
+    # (their outcome and version), and still refuse messages with 409
     third, _ = _walk(service, names, stages=())
     service.admin.abort_secagg("cnn", third)
+    old = service.admin._get(f"/admin/models/cnn/secagg/{rnd}")
+    assert old["finished"] == "published" and old["published"] == {"version": closed["published"]["version"]}
     with pytest.raises(ServiceError) as exc:
-        service.admin._get(f"/admin/models/cnn/secagg/{rnd}")
-    assert exc.value.status == 404
+        first.get("unmask")
+    assert exc.value.status == 409 and "published as version" in exc.value.detail
     assert service.admin._get(f"/admin/models/cnn/secagg/{stuck}")["finished"] == "aborted"
 
 
@@ -567,3 +571,69 @@ def test_a_device_advertising_a_low_order_key_gets_400_and_the_round_goes_on(ser
     assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 0
     a.advertise()
     assert service.admin._get(f"/admin/models/cnn/secagg/{rnd}")["advertised"] == 1
+
+
+def test_secagg_round_numbers_continue_after_a_restart_and_an_open_round_is_lost(service) -> None:
+    """SecAgg round numbers were counted in memory: after a restart the same model's rounds were numbered 1,
+    2, ... again, so two different rounds shared the round id that binds every key and AAD (and names the
+    round in lineage and logs). They now continue from the store; a round open when the service stopped is
+    recorded lost, and its devices get a clear 409 (RoundLost), never a 500 or a round resurrected."""
+    from fastapi.testclient import TestClient
+
+    from deltaplane.serve import AdminClient, create_app
+
+    names = ["a", "b", "c"]
+    published, _ = _walk(service, names)
+    version = service.admin.close_secagg("cnn", published)["published"]["version"]
+    assert service.reg.get("cnn", version).lineage["secagg_round"] == published
+    stuck, devs = _walk(service, names, stages=("advertise", "share"))  # open, at masked inputs
+    # a restart: a new app over the same home, nothing shared in memory
+    service.reg.close()
+    service.app = create_app(service.config)
+    service.http = TestClient(service.app)
+    service.admin = AdminClient("http://testserver", "admin-token-0123456789", client=service.http)
+    for dev in devs:
+        dev.client._http = service.http  # the same devices, their tokens still valid
+    status = service.admin._get(f"/admin/models/cnn/secagg/{stuck}")
+    assert status["finished"] == "lost" and status["published"] is None
+    for call in (
+        devs[0].upload,
+        lambda: devs[1].get("inbox"),
+        lambda: service.admin.advance_secagg("cnn", stuck),
+    ):
+        with pytest.raises(ServiceError) as exc:
+            call()
+        assert exc.value.status == 409 and exc.value.error == "RoundLost", exc.value
+        assert "lost" in exc.value.detail and "next round" in exc.value.detail
+    with pytest.raises(ServiceError) as exc:
+        service.admin.abort_secagg("cnn", stuck)
+    assert exc.value.status == 409
+    assert devs[0].client.open_rounds("cnn") == []  # not offered to anyone
+    assert service.admin._get(f"/admin/models/cnn/secagg/{published}")["published"] == {"version": version}
+    again, _ = _walk(service, names, stages=("advertise",))
+    assert again == stuck + 1  # never a number an earlier round had
+    cfg = service.app.state.secagg_rounds[("cnn", again)].config
+    assert cfg.round_id == again
+    with pytest.raises(ServiceError) as exc:
+        service.admin._get(f"/admin/models/cnn/secagg/{again + 1}")
+    assert exc.value.status == 404  # one that never existed
+
+
+def test_secagg_numbers_of_a_store_from_before_continue_past_its_published_rounds(service) -> None:
+    """A store from before SecAgg numbers were recorded has none; its published versions' lineage says how far
+    its rounds got, so the first round after the upgrade does not reuse a published round's number."""
+    from fastapi.testclient import TestClient
+
+    from deltaplane.serve import AdminClient, create_app
+
+    names = ["a", "b", "c"]
+    for _ in range(2):
+        rnd, _devs = _walk(service, names)
+        service.admin.close_secagg("cnn", rnd)
+    with service.reg.transaction() as con:
+        con.execute("DROP TABLE IF EXISTS secagg_rounds")  # as the store was before
+    service.reg.close()
+    service.app = create_app(service.config)
+    service.http = TestClient(service.app)
+    service.admin = AdminClient("http://testserver", "admin-token-0123456789", client=service.http)
+    assert service.admin.open_secagg("cnn", names, weight_scale=0)["round"] == rnd + 1

@@ -193,11 +193,10 @@ class ServiceState:
     rounds: dict[str, RoundState] = field(default_factory=dict)
     #: one engine server step per model, alive across rounds (optimizer moments, DP accountant, downlink EF)
     steps: dict[str, ServerStep] = field(default_factory=dict)
-    #: SecAgg rounds' numbers (in memory: their protocol state is not durable; plain rounds number from the DB)
-    round_counter: dict[str, int] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
-    #: SecAgg rounds by (model, number), open and closed (their protocol state is in memory only)
+    #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
+    #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
     secagg_rounds: dict[tuple[str, int], Any] = field(default_factory=dict)
     #: the last closed rounds, plain and SecAgg, newest last (the dashboard's fleet page lists them)
     closed_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))

@@ -376,6 +376,10 @@ class AdminClient:
     def close_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/close")
 
+    def round_status(self, model: str, round_id: int) -> dict[str, Any]:
+        """A plain round as stored: ``state`` (open, closed, aborted), the ``version`` it published, ``uploads``."""
+        return self._get(f"/admin/models/{model}/rounds/{round_id}")
+
     def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
 

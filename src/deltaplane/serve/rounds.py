@@ -9,6 +9,7 @@ Device and admin endpoints for rounds live here, out of :func:`~deltaplane.serve
   checked for its claimed example count (at most ``max_examples``: 422), size (413), round and duplicate
   (409), base version (409 stale), format (400), shape (422), then handed to the server step, whose chain
   validates it (NaN/Inf, norm bound: 422);
+* ``GET /admin/models/{model}/rounds/{round}`` — a round as stored (open, closed with its version, aborted);
 * ``POST /admin/models/{model}/rounds`` and ``.../rounds/{round}/close`` — open a round; close it: the
   server step aggregates (the configured chain: robust rule, clipping, DP-FedAvg with its accountant and
   budget, FedAdam & co. or server SGD), compresses the downlink and publishes a signed version; the response
@@ -361,6 +362,17 @@ class CloseRoundResponse(BaseModel):
     measurements: dict[str, float] = Field(default_factory=dict)
 
 
+class RoundRecordInfo(BaseModel):
+    model: str
+    round: int
+    base_version: int
+    state: str = Field(description="'open', 'closed' or 'aborted'")
+    version: int | None = Field(description="the version its close published (null: none, or not closed)")
+    uploads: int
+    opened_at: float
+    closed_at: float | None
+
+
 class AbortRoundResponse(BaseModel):
     model: str
     round: int
@@ -607,6 +619,23 @@ def round_router(
         return RoundInfo(
             model=model, round=rec.number, base_version=base, uploads=0, open=True, nonce=rec.nonce
         )
+
+    @router.get(
+        "/admin/models/{model}/rounds/{round_id}",
+        tags=["admin"],
+        dependencies=[admin],
+        response_model=RoundRecordInfo,
+        responses={404: errors[404]},
+    )
+    def round_record(
+        model: ModelName, round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+    ) -> RoundRecordInfo:
+        """A plain round as stored: open, closed (with the version it published, if any) or aborted. What an
+        operator whose connection broke reads back to learn whether its open or close went through."""
+        rec = rounds_store.record(model, round_id)
+        if rec is None:
+            raise NotFound(f"no round {round_id} for {model!r}")
+        return RoundRecordInfo(**rec)
 
     @router.post(
         "/admin/models/{model}/rounds/{round_id}/close",

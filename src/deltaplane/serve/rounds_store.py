@@ -17,10 +17,16 @@ that is deleted before its version is published disappears when publishing fails
 * ``abort`` closes a round without publishing (empty or unwanted rounds);
 * the server step's learned state (:meth:`~deltaplane.engine.ServerStep.state_dict`: optimizer moments, DP
   accountant, adaptive clip, generators, downlink residual) is stored with every published round, in the
-  same transaction, so a restarted service continues bit for bit (:meth:`RoundStore.step_snapshot`).
+  same transaction, so a restarted service continues bit for bit (:meth:`RoundStore.step_snapshot`);
+* SecAgg rounds are numbered here too (:meth:`RoundStore.open_secagg`), and their outcome recorded: their
+  protocol state (keys, shares, masked inputs) lives in the service's memory only, but their numbers bind
+  every key and AAD of the round (``SecAggConfig.round_id``) and name the round in lineage and logs, so they
+  must never be reused after a restart. A round open when the service stopped is marked ``lost`` on the next
+  start (:meth:`RoundStore.lose_open_secagg`): it cannot go on, and devices asking for it are told so.
 
-Interface used by the service (``serve/app.py``): ``open``, ``current``, ``add_upload``, ``close``,
-``abort``, ``restore``, ``cohorts``.
+Interface used by the service (``serve/app.py``): ``open``, ``current``, ``record``, ``add_upload``,
+``close``, ``abort``, ``restore``, ``cohorts``; SecAgg's (``serve/secagg_routes.py``): ``open_secagg``,
+``finish_secagg``, ``secagg_record``, ``lose_open_secagg``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
 
-__all__ = ["RoundConflict", "RoundRecord", "RoundStore"]
+__all__ = ["SECAGG_OUTCOMES", "RoundConflict", "RoundRecord", "RoundStore"]
+
+#: how a SecAgg round ended: published, aborted by the operator, or lost (the service stopped while it was open)
+SECAGG_OUTCOMES = ("published", "aborted", "lost")
 
 T = TypeVar("T")
 
@@ -63,6 +72,12 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS server_steps (
         model TEXT PRIMARY KEY, round INTEGER NOT NULL, version INTEGER, sha256 TEXT NOT NULL,
         state BLOB NOT NULL, at REAL NOT NULL)""",
+    # SecAgg rounds' numbers and outcomes (their protocol state is in memory only: never stored)
+    """CREATE TABLE IF NOT EXISTS secagg_rounds (
+        model TEXT NOT NULL, number INTEGER NOT NULL, base_version INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'published', 'aborted', 'lost')),
+        invited INTEGER NOT NULL, opened_at REAL NOT NULL, closed_at REAL, version INTEGER,
+        PRIMARY KEY (model, number))""",
 )
 
 
@@ -314,6 +329,24 @@ class RoundStore:
             raise IntegrityError(f"the stored server-step state of {model!r} does not match its hash")
         return data
 
+    def record(self, model: str, number: int) -> dict[str, Any] | None:
+        """Round ``number`` of ``model`` as stored (``state``: open, closed or aborted; ``version`` it published,
+        ``uploads`` accepted), or None if it never existed: what an operator re-reads after losing an answer."""
+        rows = self.registry.query(
+            "SELECT base_version, state, version, opened_at, closed_at FROM rounds WHERE model=? AND number=?",
+            (model, number),
+        )
+        if not rows:
+            return None
+        base, state, version, opened, closed = rows[0]
+        uploads = self.registry.query(
+            "SELECT COUNT(*) FROM round_uploads WHERE model=? AND round=?", (model, number)
+        )[0][0]
+        return {
+            "model": model, "round": number, "base_version": int(base), "state": str(state),
+            "version": version, "uploads": int(uploads), "opened_at": opened, "closed_at": closed,
+        }  # fmt: skip
+
     def abort(self, rec: RoundRecord) -> None:
         """Close the round without publishing; its uploads stay recorded (and their hashes stay refused)."""
         with self.registry.transaction() as con:
@@ -321,3 +354,72 @@ class RoundStore:
                 "UPDATE rounds SET state='aborted', closed_at=? WHERE model=? AND number=? AND state='open'",
                 (time.time(), rec.model, rec.number),
             )
+
+    # -- SecAgg rounds: numbers and outcomes only ----------------------------------------------------------
+    def open_secagg(
+        self, model: str, base_version: int, invited: int, make: Callable[[int], T]
+    ) -> tuple[int, T]:
+        """Allocate ``model``'s next SecAgg round number and record the round open, in one transaction with
+        ``make(number)`` (which builds the round and may refuse it: then nothing is recorded and the number is
+        not taken). Numbers are never reused, across restarts too: each binds the round's keys and AAD."""
+        with self.registry.transaction() as con:
+            number = self._next_secagg(con, model)
+            made = make(number)
+            con.execute(
+                "INSERT INTO secagg_rounds (model, number, base_version, state, invited, opened_at) "
+                "VALUES (?,?,?,'open',?,?)",
+                (model, number, base_version, invited, time.time()),
+            )
+        return number, made
+
+    @staticmethod
+    def _next_secagg(con: Any, model: str) -> int:
+        """One more than the highest SecAgg round number ``model`` ever had. A store from before SecAgg numbers
+        were recorded has none: its published versions' lineage (``secagg_round``) says how far it got."""
+        last = con.execute("SELECT MAX(number) FROM secagg_rounds WHERE model=?", (model,)).fetchone()[0]
+        if last is None:
+            last = con.execute(
+                "SELECT MAX(CAST(json_extract(lineage, '$.secagg_round') AS INTEGER)) FROM artifacts "
+                "WHERE model=? AND kind='model'",
+                (model,),
+            ).fetchone()[0]
+        return int(last or 0) + 1
+
+    def finish_secagg(self, model: str, number: int, outcome: str, version: int | None = None) -> None:
+        """Record how SecAgg round ``number`` ended (:data:`SECAGG_OUTCOMES`); called inside the transaction
+        that publishes it, so a version is never published by a round still recorded open."""
+        if outcome not in SECAGG_OUTCOMES:
+            raise ValueError(f"unknown SecAgg outcome {outcome!r}")
+        with self.registry.transaction() as con:
+            con.execute(
+                "UPDATE secagg_rounds SET state=?, closed_at=?, version=? WHERE model=? AND number=?",
+                (outcome, time.time(), version, model, number),
+            )
+
+    def secagg_record(self, model: str, number: int) -> dict[str, Any] | None:
+        """SecAgg round ``number`` of ``model`` as recorded (None if it never existed): ``finished`` is its
+        outcome, or None while it is open."""
+        rows = self.registry.query(
+            "SELECT base_version, state, invited, opened_at, closed_at, version FROM secagg_rounds "
+            "WHERE model=? AND number=?",
+            (model, number),
+        )
+        if not rows:
+            return None
+        base, state, invited, opened, closed, version = rows[0]
+        return {
+            "model": model, "round": number, "base_version": int(base), "invited": int(invited),
+            "finished": None if state == "open" else str(state),
+            "published": None if version is None else {"version": int(version)},
+            "opened_at": opened, "closed_at": closed,
+        }  # fmt: skip
+
+    def lose_open_secagg(self) -> list[tuple[str, int]]:
+        """On a service's start: every SecAgg round recorded open was open when the service stopped; its
+        protocol state died with that process, so it can never complete. Mark it lost; returns which."""
+        with self.registry.transaction() as con:
+            lost = con.execute("SELECT model, number FROM secagg_rounds WHERE state='open'").fetchall()
+            con.execute(
+                "UPDATE secagg_rounds SET state='lost', closed_at=? WHERE state='open'", (time.time(),)
+            )
+        return [(str(m), int(n)) for m, n in lost]

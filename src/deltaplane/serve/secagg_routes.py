@@ -30,13 +30,19 @@ Admin endpoints: ``POST /admin/models/{model}/secagg`` (open), ``GET /admin/mode
 ``POST /admin/models/{model}/secagg/{round}/close`` (unmask, publish),
 ``POST /admin/models/{model}/secagg/{round}/abort`` (give the round up unpublished).
 
-A round's protocol state (keys, shares, every masked input: model-sized per device) is dropped as soon as the
-round is published or aborted; only its final status is kept, for the last :data:`FINISHED_KEPT` finished
-rounds, so that a late device message gets 409 (the round is closed or aborted) and the admin status still
-answers. Older finished rounds are 404, like rounds that never existed.
+A round's protocol state (keys, shares, every masked input: model-sized per device) lives in memory only and
+is dropped as soon as the round is published or aborted; its full final status (survivors, dropouts) is kept
+for the last :data:`FINISHED_KEPT` finished rounds. Its number and outcome are durable
+(:meth:`~deltaplane.serve.rounds_store.RoundStore.open_secagg`): numbers continue after a restart and are never
+reused (each binds the round's keys and AAD, and names the round in lineage and logs), and a round open when
+the service stopped is ``lost`` on the next start: it can never complete, and every request for it gets 409
+(:class:`~deltaplane.errors.RoundLost`, ``"error": "RoundLost"``) while the admin status answers
+``"finished": "lost"``. Any request for a finished round gets 409 saying how it ended; 404 is for rounds that
+never existed.
 """
 
 import hashlib
+import logging
 import threading
 import time
 from array import array
@@ -69,12 +75,14 @@ from deltaplane.aggregation.secagg import (
     default_threshold,
 )
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError, DecodeError, NotFound
+from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundLost
 from deltaplane.registry import Governance
 from deltaplane.serve.rounds import check_update_norm, resume_step, step_bytes, undo_on_failure
 from deltaplane.serve.rounds_store import RoundStore
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
+
+log = logging.getLogger(__name__)
 
 #: how many finished (published or aborted) rounds keep their final status, so late requests get 409 not 404
 FINISHED_KEPT = 256
@@ -260,16 +268,49 @@ def install_secagg_routes(
     reg = state.registry
     router = APIRouter()
     Device = Annotated[Any, Depends(device)]
+    # rounds open when the service last stopped died with it: recorded lost, so nobody waits on them
+    for model, number in store.lose_open_secagg():
+        log.warning(
+            "SecAgg round %d of %r was open when the service stopped; its protocol state was in memory only, "
+            "so it is lost (devices asking for it get 409; open a new round)",
+            number,
+            model,
+        )
+
+    def recorded(model: str, number: int) -> dict[str, Any]:
+        """A round this process does not hold, as the store recorded it: 409 saying how it ended (RoundLost
+        for a round the service stopped under), 404 if it never existed."""
+        rec = store.secagg_record(model, number)
+        if rec is None:
+            raise NotFound(f"no SecAgg round {number} for {model!r}")
+        outcome = rec["finished"]
+        if outcome == "lost":
+            raise RoundLost(
+                f"SecAgg round {number} of {model!r} was lost: the service stopped while it was open, and a "
+                "SecAgg round's keys, shares and masked inputs live in its memory only; it takes no more "
+                "messages and will never publish. Wait for the next round"
+            )
+        if outcome is None:  # recorded open, yet not in this process: another service over this registry
+            raise Conflict(
+                f"SecAgg round {number} of {model!r} is open in another service process over this registry, "
+                "not this one; run one service per registry"
+            )
+        what = (
+            "aborted"
+            if outcome == "aborted"
+            else f"closed (published as version {rec['published']['version']})"
+        )
+        raise HTTPException(409, f"SecAgg round {number} of {model!r} is {what}; it takes no more messages")
 
     def get_round(model: str, number: int) -> SecAggRound:
-        """The open round; 409 for a finished one, 404 for one this service does not know (any more)."""
+        """The open round; 409 for a finished one (lost ones too), 404 for one that never existed."""
         r = rounds.get((model, number))
         if r is None:
             done = finished.get((model, number))
             if done is not None:
                 raise HTTPException(409, done.refusal())
-            raise NotFound(f"no SecAgg round {number} for {model!r}")
-        return r
+            recorded(model, number)
+        return r  # type: ignore[return-value]  # recorded() always raises
 
     def finish(r: SecAggRound, outcome: str) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
@@ -517,8 +558,8 @@ def install_secagg_routes(
             vector = encoding.vector_size(like)
         except SecAggError as exc:
             raise ConfigError(str(exc)) from None
-        with state.lock:
-            number = state.round_counter.get(model, 0) + 1
+
+        def make(number: int) -> SecAggConfig:
             cfg = SecAggConfig(
                 num_clients=n,
                 threshold=body.threshold if body.threshold is not None else default_threshold(group),
@@ -533,7 +574,11 @@ def install_secagg_routes(
             except SecAggError as exc:
                 raise ConfigError(str(exc)) from None
             _check_message_caps(cfg, config.max_upload_bytes)
-            state.round_counter[model] = number
+            return cfg
+
+        with state.lock:
+            # numbered from the database, in the transaction that records it open: never reused after a restart
+            number, cfg = store.open_secagg(model, base, n, make)
             rounds[(model, number)] = SecAggRound(
                 model,
                 number,
@@ -547,8 +592,18 @@ def install_secagg_routes(
 
     @router.get("/admin/models/{model}/secagg/{number}", tags=["admin", "secagg"], dependencies=AdminDep)
     def status(model: ModelName, number: RoundId) -> dict[str, Any]:
+        """The round's stage and counts; for a finished round its final status (``finished``: published,
+        aborted or lost), from the store once this process no longer holds it (after a restart)."""
         done = finished.get((model, number))
-        return done.status() if done is not None else get_round(model, number).status()
+        if done is not None:
+            return done.status()
+        r = rounds.get((model, number))
+        if r is not None:
+            return r.status()
+        rec = store.secagg_record(model, number)
+        if rec is None or rec["finished"] is None:
+            recorded(model, number)  # 404, or open in another process (409)
+        return rec  # type: ignore[return-value]
 
     @router.post(
         "/admin/models/{model}/secagg/{number}/advance", tags=["admin", "secagg"], dependencies=AdminDep
@@ -569,6 +624,7 @@ def install_secagg_routes(
         with state.lock:  # not while a close publishes it
             if rounds.get((model, number)) is not r:
                 raise HTTPException(409, f"SecAgg round {number} of {model!r} finished meanwhile")
+            store.finish_secagg(model, number, "aborted")
             state.counters["secagg.rounds_aborted"] += 1
             return finish(r, "aborted")
 
@@ -618,6 +674,7 @@ def install_secagg_routes(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
+                store.finish_secagg(model, number, "published", version.number)
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,
                 "delta_bytes": len(outcome.downlink_payload),
