@@ -42,15 +42,36 @@ class Fleet:
         self.reg.set_tag(MODEL, "production", v.number)
         self.initial = {k: t.clone() for k, t in net.state_dict().items()}
         self.tls = make_tls_bundle(root / "tls", hosts=["127.0.0.1"])
-        service = ServiceConfig(
+        self.service = ServiceConfig(
             home=str(root / "home"), admin_token=ADMIN, device_secret="s" * 32, federation=config,
             rate=1e6, burst=1_000_000,
         )  # fmt: skip
-        self.app = create_app(service)
-        recorder, self.bodies = record_bodies(self.app)
+        self._recorded: list[list[tuple[str, bytes]]] = []  # the request bodies each service received
+        self._serve()
+
+    def _serve(self, port: int = 0) -> None:
+        """A new app over the home (as a new service process: nothing shared in memory) and its server."""
+        self.app = create_app(self.service)
+        recorder, bodies = record_bodies(self.app)
+        self._recorded.append(bodies)
         self.server = BackgroundServer(
-            recorder, ssl_options=server_ssl_options(self.tls.server_cert, self.tls.server_key)
+            recorder, port=port, ssl_options=server_ssl_options(self.tls.server_cert, self.tls.server_key)
         )
+
+    @property
+    def bodies(self) -> list[tuple[str, bytes]]:
+        """Every request body the service received, as (path, body), across restarts."""
+        return [b for bodies in self._recorded for b in bodies]
+
+    def stop(self) -> None:
+        """The service stops (its in-memory state, SecAgg rounds included, dies with it)."""
+        self.server.stop()
+
+    def start_again(self) -> None:
+        """A restarted service: a new app over the same home, listening on the same address."""
+        self._serve(port=int(self.url.rsplit(":", 1)[1]))
+        self.server.start()
+        assert self.server.url == self.url
 
     def __enter__(self) -> Fleet:
         self.server.__enter__()
@@ -372,6 +393,147 @@ def test_a_secagg_round_left_open_does_not_keep_devices_from_the_coordinators(by
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].number > stale and out[0].contributors == 3, out[0]
+
+
+def _waiting_for(cond, timeout: float = 30.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_coordinator_rides_out_a_service_restart_and_finishes_the_durable_round(
+    byo_task, tmp_path
+) -> None:
+    """The service restarts while the coordinator waits for round 1's uploads. The coordinator used to exit on
+    the first refused connection (`fleet coordinate` printed one line) and leave the round open; it now waits
+    for the service, says so, finds the round it opened (durable, restored by the restart) and finishes it,
+    then runs round 2: each round published once."""
+    cfg = _config(byo_task)
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        said: list[str] = []
+        out: list = []
+
+        def coordinate() -> None:
+            out.extend(fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=30, poll=0.05,
+                                        patience=30, say=said.append))  # fmt: skip
+
+        coordinator = threading.Thread(target=coordinate)
+        coordinator.start()
+        _waiting_for(lambda: MODEL in f.state.rounds)  # round 1 is open, no device yet
+        f.stop()
+        _waiting_for(lambda: any("not answering" in line for line in said) or not coordinator.is_alive())
+        f.start_again()
+        threads = _threads(devices, rounds=2)  # the devices come up with the restarted service
+        coordinator.join(60)
+        for t in threads:
+            t.join(30)
+        assert [(s.number, s.failed, s.contributors) for s in out] == [(1, None, 3), (2, None, 3)], out
+        assert 1 < out[0].version < out[1].version
+        assert len(f.reg.versions(MODEL, kind="model")) == 3  # never published twice
+        assert any("waiting up to 30 s" in line for line in said), said
+        assert any("answers again" in line for line in said), said
+        assert [r["round"] for r in devices[0].rounds] == [1, 2]
+
+
+def test_a_lost_answer_is_read_back_and_a_coordinator_that_gives_up_names_the_open_round(
+    byo_task, tmp_path
+) -> None:
+    """The answer to a close is lost (the connection breaks after the service published): the coordinator reads
+    the round back and reports it published, rather than stop or close it again. When the service stays away
+    past --patience, it gives up in one typed line naming the round left open and how to abort it."""
+    from deltaplane.errors import ServiceUnreachable
+
+    cfg = _config(byo_task)
+    with Fleet(tmp_path, cfg) as f:
+        real_close, real_open = f.admin.close_round, f.admin.open_round
+
+        def close_answer_lost(model, number):
+            real_close(model, number)
+            raise httpx.ReadError("connection reset by peer")
+
+        def open_then_the_service_goes(model, base_version=None):
+            opened = real_open(model, base_version)
+            if opened["round"] == 2:
+                for t in threads:  # the devices have reported round 1 (they would wait for the service)
+                    t.join(30)
+                f.stop()
+            return opened
+
+        f.admin.close_round, f.admin.open_round = close_answer_lost, open_then_the_service_goes
+        threads = _threads([f.device(i) for i in range(3)], rounds=1)
+        lines: list = []
+        with pytest.raises(ServiceUnreachable) as gave_up:
+            fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=30, poll=0.05, patience=1,
+                             progress=lines.append, say=lambda line: None)  # fmt: skip
+        for t in threads:
+            t.join(30)
+        assert [(s.number, s.failed, s.version, s.contributors) for s in lines] == [(1, None, 2, 3)]
+        assert "gave up after 1 s" in str(gave_up.value)
+        assert f"Plain round 2 of '{MODEL}' stays open" in str(gave_up.value)
+        assert f"/admin/models/{MODEL}/rounds/2/abort" in str(gave_up.value)
+        f.start_again()
+        assert f.admin.round_status(MODEL, 2)["state"] == "open"  # durable: there for the operator to abort
+        assert len(f.reg.versions(MODEL, kind="model")) == 2  # round 1 published once
+
+
+def test_a_restart_mid_secagg_round_loses_it_and_the_fleet_goes_on_with_the_next(byo_task, tmp_path) -> None:
+    """The service restarts after every device sent its masked input, before unmasking. A SecAgg round does not
+    survive that (its state was in memory only), and it used to end the coordinator; and the restarted service
+    numbered the next round 1 again, which every device had seen and skipped. Now the round is recorded lost:
+    the coordinator reports it failed and opens round 2; the devices ride out the restart, learn the round was
+    lost (409 RoundLost), restore their error feedback (their update reached no model) and join round 2."""
+    cfg = _config(byo_task, clients=3, secagg=True, clip="2.0", wire="self-describing", codec="topk(0.2)")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        at_run: dict[int, list] = {i: [] for i in range(3)}  # each device's codec state as each round trains
+        for i, dev in enumerate(devices):
+
+            def run(*args, _dev=dev, _real=dev.step.run, _i=i, **kw):
+                import copy
+
+                at_run[_i].append(copy.deepcopy(_dev.client.compressor.state_dict()))
+                return _real(*args, **kw)
+
+            dev.step.run = run
+        real_advance, advances = f.admin.advance_secagg, []
+
+        def advance(model, number):
+            advances.append(number)
+            if len(advances) == 3:  # every masked input is in: the service restarts before unmasking
+                f.stop()
+                threading.Timer(0.5, f.start_again).start()
+            return real_advance(model, number)
+
+        f.admin.advance_secagg = advance
+        threads = _threads(devices, rounds=2, stage_wait=20)
+        said: list[str] = []
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=20, poll=0.05, patience=30,
+                               say=said.append)  # fmt: skip
+        for t in threads:
+            t.join(60)
+        assert out[0].number == 1 and out[0].version is None and "restarted" in out[0].failed, out[0]
+        assert (out[1].number, out[1].failed, out[1].contributors) == (2, None, 3), out[1]
+        assert f.admin.secagg_status(MODEL, 1)["finished"] == "lost"
+        assert len(f.reg.versions(MODEL, kind="model")) == 2
+        for i, dev in enumerate(devices):
+            assert [r["round"] for r in dev.rounds] == [2], (i, dev.rounds)
+            first, second = at_run[i]
+            assert _same(first, second), f"device {i} kept the lost round's error feedback"
+
+
+def _same(a, b) -> bool:
+    """Whether two state dicts (nested dicts, tensors, numbers) are equal."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def test_discovery_shows_a_withdrawn_cohort_no_round(byo_task, tmp_path) -> None:

@@ -49,6 +49,13 @@ Federation = Annotated[
 ]
 Model = Annotated[str, typer.Option("--model", help="The model name in the service's registry.")]
 ADMIN_ENV = "DELTAPLANE_ADMIN_TOKEN"
+Patience = Annotated[
+    float,
+    typer.Option(
+        min=1,
+        help="Seconds to wait for the service when it stops answering (a restart, an outage) before giving up.",
+    ),
+]
 
 
 def _tls(url: str, ca: Path | None) -> ssl.SSLContext | None:
@@ -229,6 +236,7 @@ def register(app: typer.Typer) -> None:
         stage_wait: Annotated[
             float, typer.Option(min=1, help="Seconds to wait for a SecAgg stage or a round to publish.")
         ] = 300.0,
+        patience: Patience = 300.0,
         threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
@@ -247,7 +255,9 @@ def register(app: typer.Typer) -> None:
             conn = DeviceClient(url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca))
             dev = load_device(conn, run, device, model=model)
             dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
-            done = run_device(dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait)
+            done = run_device(
+                dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
+            )
         console.print(f"device {device}: took part in {len(done)} published rounds")
 
     @fleet.command("coordinate")
@@ -266,6 +276,7 @@ def register(app: typer.Typer) -> None:
                 help="SecAgg's public weight scale.", show_default="the devices' mean example count"
             ),
         ] = None,
+        patience: Patience = 300.0,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -285,6 +296,8 @@ def register(app: typer.Typer) -> None:
                     deadline=deadline,
                     weight_scale=weight_scale,
                     progress=lambda s: console.print(s.line(rounds)),
+                    patience=patience,
+                    say=lambda line: err_console.print(line, soft_wrap=True),
                 ),
             )
         failed = sum(1 for s in done if s.failed)

@@ -342,6 +342,7 @@ class AdminClient:
         timeout: float = 60.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.base_url = base_url
         self._http = client or _http_client(base_url, timeout, tls)
         self._headers = {"Authorization": f"Bearer {token}"}
 

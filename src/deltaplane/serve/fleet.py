@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import torch
@@ -38,7 +38,7 @@ from deltaplane.aggregation.secagg import Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, ServiceUnreachable
+from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, RoundLost, ServiceUnreachable
 from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
@@ -46,6 +46,7 @@ from deltaplane.serve.secagg_client import SecAggDevice
 
 __all__ = [
     "Device",
+    "Patient",
     "RoundSummary",
     "coordinate",
     "device_id",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: the SecAgg stages a device acts in, in order: the stage that must be open, and the device's method
 SECAGG_STEPS = (
@@ -212,22 +214,61 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
             return False
         sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0)  # secret keys from the OS, never the seed
         sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
-        for stage, method in SECAGG_STEPS:
-            if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
-                dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
-                return False
-            sent[0] = sent[0] or stage == Stage.MASKED  # the masked update may be in the sum from here
-            try:
-                getattr(sa, method)()
-            except ServiceError as exc:
-                if stage == Stage.MASKED:
-                    sent[0] = False  # the service refused the masked update: it is not in the sum
-                if exc.status not in _OUT_OF_ROUND:
-                    raise
-                dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
-                return False
+        broke: httpx.TransportError | None = None
+        try:
+            spoke = _secagg_stages(dev, sa, number, sent, wait=wait, poll=poll)
+        except httpx.TransportError as exc:  # the connection broke mid-round: a restart, or an outage
+            spoke, broke = False, exc
+        if not spoke and sent[0] and _round_lost(dev, number, deadline=time.monotonic() + wait):
+            sent[0] = False  # a lost round never publishes: the masked update reached no model
+            dev.log(f"SecAgg round {number}: lost (the service restarted while it was open); sitting it out")
+            return False
+        if broke is not None:
+            raise broke  # run_device waits for the service (its patience)
+        if not spoke:
+            return False
     dev.pending = (number, base)
     return True
+
+
+def _secagg_stages(
+    dev: Device, sa: SecAggDevice, number: int, sent: list[bool], *, wait: float, poll: float
+) -> bool:
+    """Speak in each SecAgg stage as it opens; False once the device is out of the round (a stage closed before
+    it spoke, or the service refused it). ``sent[0]`` is set once the masked update may be in the sum."""
+    for stage, method in SECAGG_STEPS:
+        if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
+            dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
+            return False
+        sent[0] = sent[0] or stage == Stage.MASKED  # the masked update may be in the sum from here
+        try:
+            getattr(sa, method)()
+        except ServiceError as exc:
+            if stage == Stage.MASKED:
+                sent[0] = False  # the service refused the masked update: it is not in the sum
+            if exc.status not in _OUT_OF_ROUND:
+                raise
+            dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
+            return False
+    return True
+
+
+def _round_lost(dev: Device, number: int, *, deadline: float) -> bool:
+    """Whether SecAgg round ``number`` was lost (the service restarted while it was open: it never publishes),
+    asking the service and waiting out a broken connection until ``deadline`` (monotonic). A round still open,
+    published, aborted, or a service still away by then: not known lost."""
+    delay = 0.1
+    while True:
+        try:
+            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}")
+            return False
+        except ServiceError as exc:
+            return exc.error == RoundLost.__name__
+        except httpx.TransportError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def report_pending(dev: Device) -> bool:
@@ -385,10 +426,68 @@ class RoundSummary:
         )
 
 
-def _wait(done: Callable[[], bool], deadline: float, poll: float) -> None:
-    """Poll ``done`` until it holds or ``deadline`` (monotonic) passes."""
-    while not done() and time.monotonic() < deadline:
-        time.sleep(poll)
+class Patient:
+    """The coordinator's admin connection, riding out a service outage (a restart, a network cut).
+
+    A call that fails to connect is retried with backoff (``poll`` doubling up to 5 s) until the service
+    answers again or ``patience`` seconds have passed since it stopped answering; ``say`` tells the operator,
+    once per outage, what the coordinator waits for and when the service is back. Only reads and calls safe to
+    repeat go through :meth:`call`; a call that changes the round goes through :meth:`once`, which never
+    repeats it: the caller reads the round back to learn whether it went through (never publish twice)."""
+
+    def __init__(
+        self, admin: AdminClient, *, patience: float, say: Callable[[str], None], poll: float = 0.2
+    ) -> None:
+        self.admin, self.patience, self.say, self.poll = admin, patience, say, poll
+        #: seconds spent waiting for the service so far: a stage's deadline does not count them
+        self.down = 0.0
+
+    def call(self, fn: Callable[[], T], doing: str) -> T:
+        """``fn()``, retried through an outage; :class:`ServiceUnreachable` once ``patience`` runs out."""
+        since, delay = None, self.poll
+        while True:
+            try:
+                out = fn()
+            except httpx.TransportError as exc:
+                err = unreachable(exc, self.admin.base_url)
+                if "did not prove its identity" in str(err):
+                    raise err from None  # never retried
+                now = time.monotonic()
+                if since is None:
+                    since = now
+                    self.say(
+                        f"the service is not answering ({type(exc).__name__}); waiting up to "
+                        f"{self.patience:g} s for it to come back, to {doing}"
+                    )
+                elif now - since > self.patience:
+                    raise ServiceUnreachable(
+                        f"{err}; gave up after {self.patience:g} s waiting to {doing}"
+                    ) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            if since is not None:
+                lost = time.monotonic() - since
+                self.down += lost
+                self.say(f"the service answers again after {lost:.1f} s")
+            return out
+
+    def once(self, fn: Callable[[], T], doing: str) -> tuple[bool, T | None]:
+        """``(True, fn())``; or ``(False, None)`` when the connection failed, once the service answers again
+        (whether ``fn`` took effect is unknown: the caller reads the round back)."""
+        try:
+            return True, fn()
+        except httpx.TransportError as exc:
+            if "did not prove its identity" in str(unreachable(exc, self.admin.base_url)):
+                raise unreachable(exc, self.admin.base_url) from None
+            self.call(self.admin.stats, f"learn whether its answer to '{doing}' was lost")
+            return False, None
+
+    def wait(self, done: Callable[[], bool], deadline: float, poll: float) -> None:
+        """Poll ``done`` until it holds or ``deadline`` seconds of the service being up have passed."""
+        end, down = time.monotonic() + deadline, self.down
+        while not done() and time.monotonic() < end + (self.down - down):
+            time.sleep(poll)
 
 
 class _RoundFailed(Exception):
@@ -399,66 +498,150 @@ class _RoundFailed(Exception):
         self.number, self.error = number, error
 
 
-def _given_up(abort: Callable[[], Any], number: int, error: ServiceError) -> _RoundFailed:
+def _given_up(p: Patient, abort: Callable[[], Any], number: int, error: ServiceError) -> _RoundFailed:
     """Abort the round ``number`` on the service (a failed round left open would hold its state, and its
-    devices would wait on it); an abort that fails too is not the error to report."""
+    devices would wait on it), through an outage too; an abort refused (the round is already over) is not the
+    error to report."""
     with contextlib.suppress(ServiceError, httpx.HTTPError):
-        abort()
+        p.call(abort, f"abort round {number}")
     return _RoundFailed(number, error)
 
 
-def _plain(admin: AdminClient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
-    opened = admin.open_round(model)
-    number = int(opened["round"])
+def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachable:
+    """The final give-up, naming the round the coordinator could not close or abort, and what to do."""
+    return ServiceUnreachable(f"{exc}. {left}")
+
+
+def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
+    number = _open_plain(p, model)
     try:
-        return _plain_round(admin, model, names, deadline, poll, number)
-    except ServiceError as exc:
-        raise _given_up(lambda: admin.abort_round(model, number), number, exc) from None
+        try:
+            return _plain_round(p, model, names, deadline, poll, number)
+        except ServiceError as exc:
+            raise _given_up(p, lambda: p.admin.abort_round(model, number), number, exc) from None
+    except ServiceUnreachable as exc:  # while following the round, or aborting it
+        raise _unreachable_leaving(
+            exc,
+            f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
+            f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
+        ) from None
+
+
+def _open_plain(p: Patient, model: str) -> int:
+    """Open the model's plain round; after a lost answer, adopt the round the service opened (it is durable,
+    so it is open after a restart too) rather than open another."""
+    while True:
+        ok, opened = p.once(lambda: p.admin.open_round(model), "open a plain round")
+        if ok:
+            return int(opened["round"])  # type: ignore[index]
+        current = p.call(p.admin.stats, "read the open rounds")["rounds"].get(model)
+        if current is not None:
+            return int(current["round"])
 
 
 def _plain_round(
-    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, number: int
+    p: Patient, model: str, names: list[str], deadline: float, poll: float, number: int
 ) -> tuple:
-
     def uploads() -> int:
-        return int(admin.stats()["rounds"].get(model, {}).get("uploads", 0))
+        stats = p.call(p.admin.stats, f"count the uploads of plain round {number}")
+        return int(stats["rounds"].get(model, {}).get("uploads", 0))
 
-    _wait(lambda: uploads() >= len(names), time.monotonic() + deadline, poll)
-    closed = admin.close_round(model, number)
-    return number, int(closed["uploads"]), closed["version"], closed["measurements"]
+    p.wait(lambda: uploads() >= len(names), deadline, poll)
+    while True:
+        ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
+        if ok:
+            return number, int(closed["uploads"]), closed["version"], closed["measurements"]  # type: ignore[index]
+        # the answer was lost: the round as stored says whether the close went through (never close twice)
+        rec = p.call(lambda: p.admin.round_status(model, number), f"read plain round {number} back")
+        if rec["state"] == "closed":  # published; its measurements were in the lost answer
+            return number, int(rec["uploads"]), rec["version"], {}
+        if rec["state"] != "open":
+            raise ServiceError(409, f"plain round {number} of {model!r} was {rec['state']} meanwhile")
 
 
 def _secagg(
-    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, weight_scale: float
+    p: Patient, model: str, names: list[str], deadline: float, poll: float, weight_scale: float
 ) -> tuple:
-    opened = admin.open_secagg(model, names, weight_scale=weight_scale)
-    number = int(opened["round"])
+    number = _open_secagg(p, model, names, weight_scale)
     try:
-        return _secagg_round(admin, model, names, deadline, poll, number)
-    except ServiceError as exc:
-        raise _given_up(lambda: admin.abort_secagg(model, number), number, exc) from None
+        try:
+            return _secagg_round(p, model, names, deadline, poll, number)
+        except ServiceError as exc:
+            raise _given_up(p, lambda: p.admin.abort_secagg(model, number), number, exc) from None
+    except ServiceUnreachable as exc:  # while following the round, or aborting it
+        raise _unreachable_leaving(
+            exc,
+            f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
+            f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
+            f"{number}/abort)",
+        ) from None
+
+
+def _open_secagg(p: Patient, model: str, names: list[str], weight_scale: float) -> int:
+    """Open a SecAgg round. An open whose answer was lost may have opened a round nobody will run (its
+    number is unknown): the next open is numbered after it, and a round just below that still at key
+    advertisement for the same devices is such a stray, so it is aborted rather than left open."""
+    failed = 0
+    while True:
+        ok, opened = p.once(
+            lambda: p.admin.open_secagg(model, names, weight_scale=weight_scale), "open a round"
+        )
+        if ok:
+            break
+        failed += 1
+    number = int(opened["round"])  # type: ignore[index]
+    for stray in range(max(1, number - failed), number):
+        with contextlib.suppress(ServiceError):
+            status = p.call(lambda s=stray: p.admin.secagg_status(model, s), f"read SecAgg round {stray}")
+            ours = status.get("invited") == len(names) and status.get("stage") == Stage.ADVERTISE
+            if status.get("finished") is None and ours:
+                p.call(lambda s=stray: p.admin.abort_secagg(model, s), f"abort SecAgg round {stray}")
+    return number
+
+
+def _secagg_status(p: Patient, model: str, number: int) -> dict[str, Any]:
+    """The round's status; a round that ended without publishing (lost in a restart, aborted) is a 409 for
+    the coordinator's round to fail on."""
+    status = p.call(lambda: p.admin.secagg_status(model, number), f"follow SecAgg round {number}")
+    finished = status.get("finished")
+    if finished == "lost":
+        raise ServiceError(
+            409,
+            f"the service restarted while SecAgg round {number} was open; a SecAgg round does not survive a "
+            "restart (its keys and masked inputs were in the service's memory only): lost, nothing published",
+            "RoundLost",
+        )
+    if finished == "aborted":
+        raise ServiceError(409, f"SecAgg round {number} of {model!r} was aborted meanwhile")
+    return status
 
 
 def _secagg_round(
-    admin: AdminClient, model: str, names: list[str], deadline: float, poll: float, number: int
+    p: Patient, model: str, names: list[str], deadline: float, poll: float, number: int
 ) -> tuple:
     expected = len(names)
     for counted in ("advertised", "shared", "uploaded"):
-        _wait(
-            lambda c=counted, e=expected: admin.secagg_status(model, number)[c] >= e,
-            time.monotonic() + deadline,
-            poll,
-        )
-        expected = int(admin.advance_secagg(model, number)[counted])
-    survivors = len(admin.secagg_status(model, number)["survivors"])
-    _wait(
-        lambda: admin.secagg_status(model, number)["responded"] >= survivors,
-        time.monotonic() + deadline,
-        poll,
-    )
-    closed = admin.close_secagg(model, number)
-    published = closed["published"]
-    return number, survivors, published["version"], published["measurements"]
+        p.wait(lambda c=counted, e=expected: _secagg_status(p, model, number)[c] >= e, deadline, poll)
+        ok, advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
+        if not ok:
+            _secagg_status(p, model, number)  # lost in a restart: says so
+            raise ServiceError(
+                409,
+                f"the connection to the service broke while advancing SecAgg round {number} (whether the stage "
+                "closed is unknown: a repeated advance could close the next one)",
+            )
+        expected = int(advanced[counted])  # type: ignore[index]
+    survivors = len(_secagg_status(p, model, number)["survivors"])
+    p.wait(lambda: _secagg_status(p, model, number)["responded"] >= survivors, deadline, poll)
+    while True:
+        ok, closed = p.once(lambda: p.admin.close_secagg(model, number), f"close SecAgg round {number}")
+        if ok:
+            published = closed["published"]  # type: ignore[index]
+            return number, survivors, published["version"], published["measurements"]
+        status = _secagg_status(p, model, number)  # the answer was lost: did the close go through?
+        if status.get("finished") == "published":
+            published = status["published"]
+            return number, survivors, published["version"], published.get("measurements", {})
 
 
 def weight_scale_of(config: RunConfig) -> float:
@@ -481,6 +664,8 @@ def coordinate(
     drift: bool = True,
     poll: float = 0.2,
     progress: Callable[[RoundSummary], None] | None = None,
+    patience: float = 300.0,
+    say: Callable[[str], None] | None = None,
 ) -> list[RoundSummary]:
     """Run ``rounds`` rounds of ``model`` with the enrolled devices (default: ``device-0`` … one per partition).
 
@@ -489,6 +674,13 @@ def coordinate(
     ``deadline`` seconds pass; latecomers are dropouts. A round the service cannot complete (too few devices
     for SecAgg's threshold) is reported as failed and the next one starts; a round that would exceed the
     privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to.
+
+    A service that stops answering (a restart, an outage) is waited for up to ``patience`` seconds at a time
+    (:class:`Patient`; ``say`` hears what it waits for, default: a log warning), and the time it was down does
+    not count against a stage's deadline. Then the round goes on from what the service says: a plain round is
+    durable, so it is finished (or found already closed when only the answer to the close was lost: never
+    published twice); a SecAgg round that the restart lost fails with that reason and the next one starts.
+    Past ``patience``, :class:`ServiceUnreachable` names the round left and how to abort it.
     """
     if config.sample_fraction < 1:
         raise ConfigError(
@@ -498,21 +690,23 @@ def coordinate(
     names = devices or [device_id(i) for i in range(config.clients)]
     if config.secagg and weight_scale is None:
         weight_scale = weight_scale_of(config)
+    p = Patient(admin, patience=patience, say=say or log.warning, poll=poll)
     if drift:
         task = make_task(config)
         spec, reference = drift_reference(task, build_clients(config, task))
-        admin.set_drift_reference(model, spec.to_dict(), reference.to_dict(), window=len(names))
+        p.call(
+            lambda: admin.set_drift_reference(model, spec.to_dict(), reference.to_dict(), window=len(names)),
+            "set the drift reference",
+        )
     done: list[RoundSummary] = []
     for index in range(1, rounds + 1):
         t0 = time.perf_counter()
         kind = "secagg" if config.secagg else "plain"
         try:
             if config.secagg:
-                number, n, version, measured = _secagg(
-                    admin, model, names, deadline, poll, weight_scale or 0.0
-                )
+                number, n, version, measured = _secagg(p, model, names, deadline, poll, weight_scale or 0.0)
             else:
-                number, n, version, measured = _plain(admin, model, names, deadline, poll)
+                number, n, version, measured = _plain(p, model, names, deadline, poll)
         except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up
             exc, number = (
                 (failure.error, failure.number) if isinstance(failure, _RoundFailed) else (failure, 0)
