@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltaplane.aggregation.dp import DistributedDP
+from deltaplane.aggregation.secagg import SecAggError
 from deltaplane.delta import Delta
 from deltaplane.engine import RunConfig
 from deltaplane.engine.client import ClientStep, Upload
@@ -24,16 +25,21 @@ CFG = RunConfig(
 )
 
 
-def _unmasked_sums(contributors: int, rounds: int, d: int = 3000) -> torch.Tensor:
-    """What SecAgg unmasks (sum = mean · n) when ``contributors`` devices with all-zero updates take part."""
+def _unmasked_sums(
+    contributors: int, rounds: int, d: int = 3000, *, floor: int | None = None
+) -> torch.Tensor:
+    """What SecAgg unmasks (sum = mean · n) when ``contributors`` devices with all-zero updates take part;
+    ``floor`` lowers the unmasking floor of SecAgg's devices and server (not the devices' noise, which stays
+    calibrated to CFG's m_min) to measure a sum that the floor would refuse."""
     step = ClientStep(CFG, make_task(CFG), base_id="t")
+    agg = CFG if floor is None else CFG.replace(secagg_min_contributors=floor)
     zeros = Delta({"w": torch.zeros(d)})
     sums = []
     for rnd in range(1, rounds + 1):
         uploads = [
             Upload(cid, 10, secure=step.distributed_privacy(cid, zeros, rnd)) for cid in range(contributors)
         ]
-        mean, _ = secure_round(CFG, uploads, rnd)
+        mean, _ = secure_round(agg, uploads, rnd)
         sums.append(mean["w"].double() * contributors)
     return torch.cat(sums)
 
@@ -44,7 +50,9 @@ def test_the_unmasked_sum_carries_at_least_z_clip_of_noise_and_less_below_m_min(
     full = _unmasked_sums(4, rounds=4)  # m_min = 4 contributors
     assert abs(full.mean().item()) < 0.05 * Z * C
     assert full.std().item() >= Z * C * (1 - 0.04)
-    short = _unmasked_sums(3, rounds=4)  # one short: the sum's noise is sqrt(3/4) ≈ 0.87 of z·C
+    with pytest.raises(SecAggError, match="needs 4"):  # one short: never unmasked ...
+        _unmasked_sums(3, rounds=1)
+    short = _unmasked_sums(3, rounds=4, floor=3)  # ... since its noise is sqrt(3/4) ≈ 0.87 of z·C
     assert short.std().item() < Z * C * 0.92
 
 

@@ -360,6 +360,13 @@ class RunConfig(BaseModel):
 
         return default_threshold(self.clients_per_round())
 
+    def unmask_floor(self) -> int:
+        """The fewest masked inputs whose sum a device of this run helps unmask (and the honest server unmasks):
+        m_min under distributed DP, since each device's noise is calibrated to a sum of that many
+        (:meth:`device_noise_std`); 0 otherwise (SecAgg's threshold alone). Every driver builds its devices'
+        :class:`~deltaplane.aggregation.secagg.DeviceEndpoint` with it, from the device's own config."""
+        return self.min_contributors() if self.secagg and self.dp_noise > 0 else 0
+
     def device_noise_std(self) -> float:
         """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
         if not (self.secagg and self.dp_noise > 0):

@@ -86,8 +86,9 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
-def secagg_query(msg: Message, context: Context) -> Message:
-    """The node side of the three query stages (register with :func:`add_secagg`)."""
+def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0) -> Message:
+    """The node side of the three query stages (register with :func:`add_secagg`). ``min_inputs`` is the
+    node's own unmasking floor (distributed DP's m_min), kept in its SecAgg state from key advertisement on."""
     rec = msg.content.config_records[SECAGG_KEY]
     stage = str(rec["stage"])
     if stage == "advertise":
@@ -99,6 +100,7 @@ def secagg_query(msg: Message, context: Context) -> Message:
             config,
             RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
             randbytes=secrets.token_bytes,
+            min_inputs=min_inputs,  # the node's own, never from the server's message
         )
         out = ep.advertise()
     elif stage == "share":
@@ -113,9 +115,18 @@ def secagg_query(msg: Message, context: Context) -> Message:
     return _reply(msg, out)
 
 
-def add_secagg(app: ClientApp) -> ClientApp:
-    """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`)."""
-    app.query("secagg")(secagg_query)
+def add_secagg(app: ClientApp, *, min_inputs: int = 0) -> ClientApp:
+    """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`).
+
+    ``min_inputs``: the fewest masked inputs whose sum the node helps unmask; under distributed DP the m_min
+    its noise is calibrated to (:meth:`~deltaplane.engine.RunConfig.unmask_floor`). An unmasking request with
+    fewer survivors fails on the node (a SecAggError, so the node answers no shares and drops out of the
+    stage), whatever the server asks."""
+
+    def secagg(msg: Message, context: Context) -> Message:
+        return secagg_query(msg, context, min_inputs=min_inputs)
+
+    app.query("secagg")(secagg)
     return app
 
 
