@@ -232,3 +232,20 @@ def test_nodes_refuse_to_unmask_fewer_than_m_min_when_the_strategy_has_no_floor(
         assert (
             "refusing to unmask a sum of 5 masked inputs" in r.error.reason and "at least 6" in r.error.reason
         )
+
+
+def test_the_strategy_refuses_a_ring_range_that_would_clip_the_nodes_noised_values() -> None:
+    """Distributed DP (z 2, clip 1, m_min 2: clip + 6σ_d = 9.49): SecAggStrategy's clip_range clips each node's
+    noised values before the sum, so one below that is a ConfigError naming the least range; digits_server_app
+    passes the config's own range, which RunConfig sized so."""
+    from deltaplane.engine import ServerStep, make_task
+    from deltaplane.errors import ConfigError
+
+    cfg = RunConfig(
+        clients=4, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3, secagg_min_contributors=2
+    )
+    task = make_task(cfg)
+    step = ServerStep.for_run(cfg, task, task.build_model(0).state_dict(), base_id="m", simulation=True)
+    with pytest.raises(ConfigError, match=r"at least clip \+ 6·σ_d = 9\.49"):
+        SecAggStrategy(server_step=step, clip_range=8.0)
+    assert SecAggStrategy(server_step=step, clip_range=cfg.secagg_range).encoding.clip_range == 9.49

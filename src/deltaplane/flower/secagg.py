@@ -198,7 +198,8 @@ class SecAggStrategy(DeltaStrategy):
     Args:
         server_step: the engine's :class:`~deltaplane.engine.ServerStep` (required): it receives the unmasked
             mean as the round's only update and runs the chain, the downlink and the publisher.
-        bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update.
+        bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update (under
+            distributed DP at least clip + 6·σ_d, else a ConfigError: it clips each node's noised values).
         weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
             mean; or ``weight_scale(nodes)``, the scale of a round from its sampled node ids (the in-process
             drivers use the mean example count of the round's devices, which the server knows: it is public).
@@ -225,6 +226,11 @@ class SecAggStrategy(DeltaStrategy):
         self.encoding = RingEncoding(
             bits=bits, clip_range=clip_range, weight_scale=0.0 if callable(weight_scale) else weight_scale
         )
+        from deltaplane.aggregation.dp import DistributedDP
+
+        ddp = self.server_step.aggregator.find(DistributedDP)
+        if isinstance(ddp, DistributedDP):  # its range clip acts on each node's noised values: must not bind
+            ddp.check_ring_range(clip_range)
         self.weight_scale = weight_scale
         self.neighbours = neighbours
         self.timeout = timeout
