@@ -138,6 +138,20 @@ def _section(args: argparse.Namespace, key: str, title: str) -> tuple[str, str]:
     return f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
 
 
+def _defaults_note(defences: list[str]) -> str:
+    """What a bare ``trigger_attribution`` measured: its ``score=`` default, read from the rule itself, so a
+    re-run of a recorded command after the default changes says which score its cells are (the first tables
+    were measured under ``score=trigger``, the default then, with the same labels)."""
+    if not any(d.startswith("trigger_attribution") and "score=" not in d for d in defences):
+        return ""
+    import inspect
+
+    from deltaplane.aggregation.attribution import BackdoorAttribution
+
+    score = inspect.signature(BackdoorAttribution.__init__).parameters["score"].default
+    return f"`trigger_attribution` without `score=` runs its default score, `score={score}`. "
+
+
 def accept(args: argparse.Namespace) -> None:
     from _record import record, table
 
@@ -174,7 +188,9 @@ def accept(args: argparse.Namespace) -> None:
         "`deltaplane run`), and `identity`. "
         "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
         "relabelled 0), `engine=batched`, 1 thread. Cells: test accuracy / backdoor success "
-        "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%).\n\n"
+        "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%). "
+        + _defaults_note(best)
+        + "\n\n"
         + table(["codec", "seed", "clean FedAvg", "undefended", *best], rows)
         + "\n\nSeeds passing:\n\n"
         + table(["codec", "defence", "seeds passing"], verdict)
@@ -221,7 +237,9 @@ def clean(args: argparse.Namespace) -> None:
         "and momentum masking, as `deltaplane run`) for every rule valid over it, `identity` for the rules "
         "refused over sparsifying codecs (`IncompatibleDefense`). The default codec's final accuracy moves by "
         "several points between seeds (and between CPUs: FedAvg seed 0 was 0.964 on an AVX2 machine, 0.922 on "
-        "this AVX-512 one), so the verdict reads the mean over seeds.\n\n"
+        "this AVX-512 one), so the verdict reads the mean over seeds. "
+        + _defaults_note([d for _, d in plan])
+        + "\n\n"
         + table(
             [
                 "codec",
@@ -268,7 +286,10 @@ def grid(args: argparse.Namespace) -> None:
         "test images of other classes classified as the target 0). "
         f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
         "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine; a cell that says *not run* "
-        "did not finish in the session's time.\n\n" + table(["attack", "malicious", *args.defenses], rows)
+        "did not finish in the session's time. "
+        + _defaults_note(args.defenses)
+        + "\n\n"
+        + table(["attack", "malicious", *args.defenses], rows)
     )
     print(body)
     record(

@@ -99,3 +99,43 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_boolean_tensors_change_by_flipping() -> None:
+    """``new - base`` of a boolean tensor raised torch's RuntimeError, and ``apply`` ORed: a change that turned a
+    value off could never be applied. A boolean change is the set of flipped values (XOR), so ``apply`` gives
+    ``new`` back exactly, changes compose by XOR (``+`` and ``-``) and are their own negation."""
+    base = {"m": torch.tensor([True, True, False, False])}
+    new = {"m": torch.tensor([True, False, True, False])}
+    d = dp.Delta.between(base, new)
+    assert d["m"].dtype == torch.bool and d["m"].tolist() == [False, True, True, False]
+    assert d.apply(base)["m"].tolist() == new["m"].tolist()
+    assert d.apply(base, scale=0.5)["m"].tolist() == new["m"].tolist()  # like integer buffers: not scaled
+    back = dp.Delta.between(new, base)
+    assert (d + back)["m"].tolist() == [False] * 4  # there and back: nothing changed
+    assert (d - d)["m"].tolist() == [False] * 4 and torch.equal((-d)["m"], d["m"])
+    assert d.norm() == 0.0 and d.is_finite()
+
+
+def test_tied_tensors_save_and_load_back(tmp_path) -> None:
+    """One tensor under two names (a state dict with tied embeddings) made safetensors raise a bare RuntimeError
+    ("Some tensors share memory"); a saved checkpoint loads back as two equal tensors."""
+    shared = torch.arange(6.0).reshape(2, 3)
+    d = dp.Delta({"embed.weight": shared, "lm_head.weight": shared, "rows": shared[1]})
+    d.save(tmp_path / "tied.safetensors")
+    back = dp.Delta.load(tmp_path / "tied.safetensors")
+    assert list(back) == list(d) and all(torch.equal(back[k], d[k]) for k in d)
+
+
+@pytest.mark.parametrize("order", ["5", '[1, "a"]', '{"a": 1}', '"ab"', "[null]", "true"])
+def test_a_malformed_name_order_is_ignored_not_a_crash(tmp_path, order) -> None:
+    """``deltaplane.order`` is metadata any writer can set: a number or a list mixing numbers and names raised
+    TypeError out of ``Delta.load``. Anything but a list of exactly the file's names is ignored (file order)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {"b": torch.ones(1), "a": torch.zeros(1)},
+        tmp_path / "d.safetensors",
+        metadata={"deltaplane.order": order},
+    )
+    assert list(dp.Delta.load(tmp_path / "d.safetensors")) == ["a", "b"]

@@ -548,12 +548,19 @@ def _task_options(base: dict[str, Any], items: list[str] | None) -> dict[str, An
         return None
     import yaml
 
+    from deltaplane.yamlio import describe_yaml_error, load_yaml
+
     options = dict(base)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise ConfigError(f"--task-option must be key=value. Found {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        try:  # the same loader as the config file's task.options
+            options[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--task-option {key.strip()}: {describe_yaml_error(exc)}") from None
+        except ConfigError as exc:  # a key given twice, an alias bomb
+            raise ConfigError(f"--task-option {key.strip()}: {exc}") from None
     return options
 
 

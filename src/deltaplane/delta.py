@@ -3,6 +3,9 @@
 Devices produce deltas, codecs shrink them, aggregators combine them, mergers blend them and the registry ships
 them. Every operation is strict: names, shapes and dtypes must match exactly, otherwise :class:`ShapeMismatch`
 names the offending tensor — a silently broadcast or skipped tensor is how merged models go wrong unnoticed.
+
+Boolean tensors (a causal or pruning mask kept as a buffer) have no subtraction: their change is the set of
+values that flipped, ``new XOR base``, which applying flips back; such changes add and subtract by XOR.
 """
 
 from __future__ import annotations
@@ -72,6 +75,29 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _sub(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b``; for boolean tensors the values that differ (``a XOR b``: torch has no boolean subtraction)."""
+    return torch.logical_xor(a, b) if a.dtype == torch.bool else a - b
+
+
+def _add(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``; for boolean tensors ``a XOR b`` (a boolean change flips values; torch's ``+`` would OR, so a
+    change that turns a value off could never be applied)."""
+    return torch.logical_xor(a, b) if a.dtype == torch.bool else a + b
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with each one that shares memory with an earlier one copied: safetensors refuses to write a
+    storage twice (tied weights, one tensor under two names), and a file holds every name's values anyway."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        out[k] = t.clone() if ptr and ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename: never a partial file."""
     path = Path(path)
@@ -121,9 +147,10 @@ class Delta(Mapping[str, Tensor]):
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def between(cls, base: StateDict, new: StateDict) -> Delta:
-        """The change that turns ``base`` into ``new`` (``new - base`` per tensor, in the base's dtype)."""
+        """The change that turns ``base`` into ``new`` (``new - base`` per tensor, in the base's dtype; for a
+        boolean tensor the values that flipped, ``new XOR base``)."""
         check_compatible(base, new, "base and new")
-        return cls({k: new[k].detach() - base[k].detach() for k in base})
+        return cls({k: _sub(new[k].detach(), base[k].detach()) for k in base})
 
     @classmethod
     def zeros_like(cls, like: StateDict) -> Delta:
@@ -163,8 +190,8 @@ class Delta(Mapping[str, Tensor]):
             d = self._tensors[k]
             if b.is_floating_point():
                 out[k] = b.detach() + d if scale == 1.0 else b.detach() + scale * d
-            else:  # integer buffers (e.g. counters) take the change as is
-                out[k] = b.detach() + d
+            else:  # integer and boolean buffers (counters, masks) take the change as is
+                out[k] = _add(b.detach(), d)
         return out
 
     # -- arithmetic ---------------------------------------------------------------------------------
@@ -175,13 +202,14 @@ class Delta(Mapping[str, Tensor]):
         return Delta({k: op(v, other[k]) for k, v in self.items()})
 
     def __add__(self, other: Delta) -> Delta:
-        return self._zip(other, torch.add)
+        return self._zip(other, _add)
 
     def __sub__(self, other: Delta) -> Delta:
-        return self._zip(other, torch.sub)
+        return self._zip(other, _sub)
 
     def __neg__(self) -> Delta:
-        return Delta({k: -v for k, v in self.items()})
+        # a flip undoes itself: a boolean change is its own negation (torch refuses -bool)
+        return Delta({k: v if v.dtype == torch.bool else -v for k, v in self.items()})
 
     def __mul__(self, scalar: float) -> Delta:
         if not isinstance(scalar, int | float):
@@ -276,7 +304,7 @@ class Delta(Mapping[str, Tensor]):
         """Write the delta as safetensors, atomically (temp file + rename)."""
         from safetensors.torch import save
 
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.items()}
+        tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in self.items()})
         # safetensors sorts names; the order is kept in the metadata so a delta loads back identically
         meta = dict(metadata or {}) | {
             "format": "deltaplane.delta",
@@ -291,9 +319,13 @@ class Delta(Mapping[str, Tensor]):
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                order = json.loads((f.metadata() or {}).get("deltaplane.order", "null")) or list(f.keys())
-                if sorted(order) != sorted(f.keys()):
-                    order = list(f.keys())
+                names = list(f.keys())
+                order = json.loads((f.metadata() or {}).get("deltaplane.order", "null"))
+                # metadata any writer can set: used only if it lists exactly the file's names
+                if not (isinstance(order, list) and all(isinstance(k, str) for k in order)):
+                    order = names
+                if sorted(order) != sorted(names):
+                    order = names
                 return cls({k: f.get_tensor(k) for k in order})
         except (SafetensorError, OSError, ValueError) as exc:
             raise DecodeError(f"cannot read delta from {path}: {exc}") from exc

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from deltaplane.aggregation.dp import DistributedDP
+from deltaplane.aggregation.secagg import SecAggError
 from deltaplane.delta import Delta
 from deltaplane.engine import RunConfig
 from deltaplane.engine.client import ClientStep, Upload
@@ -24,16 +26,21 @@ CFG = RunConfig(
 )
 
 
-def _unmasked_sums(contributors: int, rounds: int, d: int = 3000) -> torch.Tensor:
-    """What SecAgg unmasks (sum = mean · n) when ``contributors`` devices with all-zero updates take part."""
+def _unmasked_sums(
+    contributors: int, rounds: int, d: int = 3000, *, floor: int | None = None
+) -> torch.Tensor:
+    """What SecAgg unmasks (sum = mean · n) when ``contributors`` devices with all-zero updates take part;
+    ``floor`` lowers the unmasking floor of SecAgg's devices and server (not the devices' noise, which stays
+    calibrated to CFG's m_min) to measure a sum that the floor would refuse."""
     step = ClientStep(CFG, make_task(CFG), base_id="t")
+    agg = CFG if floor is None else CFG.replace(secagg_min_contributors=floor)
     zeros = Delta({"w": torch.zeros(d)})
     sums = []
     for rnd in range(1, rounds + 1):
         uploads = [
             Upload(cid, 10, secure=step.distributed_privacy(cid, zeros, rnd)) for cid in range(contributors)
         ]
-        mean, _ = secure_round(CFG, uploads, rnd)
+        mean, _ = secure_round(agg, uploads, rnd)
         sums.append(mean["w"].double() * contributors)
     return torch.cat(sums)
 
@@ -44,7 +51,9 @@ def test_the_unmasked_sum_carries_at_least_z_clip_of_noise_and_less_below_m_min(
     full = _unmasked_sums(4, rounds=4)  # m_min = 4 contributors
     assert abs(full.mean().item()) < 0.05 * Z * C
     assert full.std().item() >= Z * C * (1 - 0.04)
-    short = _unmasked_sums(3, rounds=4)  # one short: the sum's noise is sqrt(3/4) ≈ 0.87 of z·C
+    with pytest.raises(SecAggError, match="needs 4"):  # one short: never unmasked ...
+        _unmasked_sums(3, rounds=1)
+    short = _unmasked_sums(3, rounds=4, floor=3)  # ... since its noise is sqrt(3/4) ≈ 0.87 of z·C
     assert short.std().item() < Z * C * 0.92
 
 
@@ -129,3 +138,72 @@ def test_a_round_sampling_fewer_than_m_min_devices_unmasks_no_sum(monkeypatch) -
     assert unmasked and min(unmasked) >= m_min
     assert len(unmasked) == sum(r.clients >= m_min for r in rounds)
     assert [r.epsilon for r in rounds] == sorted({r.epsilon for r in rounds})  # every round still spent ε
+
+
+# -- the ring range: its per-device clip must not bind on the noised values ---------------------------------------
+# z = 2, C = 1, m_min = 2: σ_d = √2 ≈ 1.414, so C + 6σ_d ≈ 9.49, above the default range 8 (C + 4.9σ_d)
+WIDE = {
+    "clients": 4,
+    "secagg": True,
+    "clip": "1.0",
+    "dp_noise": 2.0,
+    "dp_delta": 1e-3,
+    "secagg_min_contributors": 2,
+}
+
+
+def test_a_ring_range_that_would_clip_the_noised_values_is_refused_naming_the_least_range() -> None:
+    with pytest.raises(ConfigError, match=r"secagg_range=8 would clip .* at least clip \+ 6·σ_d = 9\.49"):
+        RunConfig(**WIDE, secagg_range=8.0)
+    assert RunConfig(**WIDE, secagg_range=9.49).secagg_range == 9.49  # the quoted least range passes
+    assert RunConfig(**(WIDE | {"dp_noise": 0.5}), secagg_range=4.0).secagg_range == 4.0  # C + 6·0.354 = 3.13
+
+
+def test_a_ring_range_left_out_is_sized_so_the_clip_does_not_bind() -> None:
+    """The default 8 stays where it is wide enough (results unchanged); under distributed DP with more noise it
+    grows to C + 6σ_d, and a changed copy (replace) is sized again for its own noise."""
+    auto = RunConfig(**WIDE)
+    assert auto.secagg_range == 9.49 and "secagg_range" not in auto.model_fields_set
+    assert auto.replace(dp_noise=0.5).secagg_range == 8.0
+    assert auto.replace(dp_noise=3.0).secagg_range == pytest.approx(13.73)
+    assert RunConfig(clients=4, secagg=True).secagg_range == 8.0  # no distributed DP: the plain default
+    assert RunConfig.from_mapping(auto.to_sections(), source="t").secagg_range == 9.49  # its YAML round-trips
+
+
+def test_a_config_with_an_auto_sized_range_runs_and_publishes() -> None:
+    cfg = RunConfig(**WIDE, rounds=1, local_epochs=1, seed=2, dp_noise_source="seeded")
+    (row,) = run_simulation(cfg).rounds
+    assert row.epsilon > 0 and math.isfinite(row.test_accuracy)
+
+
+@pytest.mark.parametrize(("sigmas", "binds"), [(None, False), (3.0, True)], ids=["enforced", "3-sigma"])
+def test_with_the_enforced_range_the_ring_clip_does_not_bind_on_the_devices_noised_values(
+    sigmas, binds
+) -> None:
+    """Independent of the formula: the device's own noise (ClientStep.distributed_privacy) on a coordinate at
+    the clip's extreme ±C (the most any clipped value can be), encoded into the ring by SecAgg's RingEncoding;
+    a code at either end of the ring is a clipped value. 4·10⁶ draws at the enforced range: at 6σ the expected
+    number is ~0.008, so none; the same draws at C + 3σ_d clip thousands (the check can see a binding clip)."""
+    from deltaplane.aggregation.secagg import RingEncoding
+
+    cfg = RunConfig(
+        **(WIDE | {"dp_noise": 3.0}), dp_noise_source="seeded"
+    )  # C + 6σ_d = 13.73; 8 is C + 3.3σ_d
+    sigma = cfg.device_noise_std()
+    width = cfg.secagg_range if sigmas is None else C + sigmas * sigma
+    step = ClientStep(cfg, make_task(cfg), base_id="t")
+    enc = RingEncoding(bits=cfg.secagg_bits, clip_range=width)
+    top = (1 << cfg.secagg_bits) - 1
+    clipped = draws = 0
+    for rnd in range(1, 5):
+        noise = step.distributed_privacy(0, Delta({"w": torch.zeros(1_000_000)}), rnd)["w"]
+        assert abs(noise.std().item() - sigma) < 0.01 * sigma  # the device's noise, as calibrated
+        extreme = noise + torch.where(torch.arange(noise.numel()) % 2 == 0, C, -C)  # half at +C, half at -C
+        codes = enc.encode(Delta({"w": extreme}), 1, np.random.default_rng(rnd))[:-1]
+        clipped += int(((codes == 0) | (codes == top)).sum())
+        draws += codes.size
+    assert draws == 4_000_000
+    if binds:
+        assert clipped > 1000
+    else:
+        assert clipped == 0, f"{clipped} of {draws} noised values clipped at secagg_range={width}"

@@ -71,6 +71,7 @@ def test_python_and_config_constructors_match_the_spec() -> None:
         ("", "non-empty"),
         ("*.bias fp16", "must read 'CONDITION: CODEC'"),
         ("numel<<3: fp16", "cannot read condition"),
+        ("numel<\u0663: fp16", "cannot read condition"),  # an Arabic-Indic 3: digits are ASCII, as in specs
         ("*: nope", "unknown codec"),
         ("*: quant(8) | zstd", "cannot be a policy or end in a lossless stage"),
     ],

@@ -119,6 +119,15 @@ def test_stages_that_each_compress_what_the_last_left_are_pipelines(spec: str) -
         ("quant(chunk=1_000)", "at character 13: cannot read number '1_000'"),
         ("topk(1_0)", "at character 6: cannot read number '1_0'"),
         ("quant(bits=4) quant", "at character 15: expected '|', got 'quant'"),
+        # Python's float() and int() read any script's digits: 'quant(bits=٨)' was quant(bits=8)
+        ("quant(bits=٨)", r"at character 12: non-ASCII character '٨' \(U\+0668\)"),
+        ("topk(0.٠١)", r"at character 8: non-ASCII character '٠' \(U\+0660\)"),
+        # a Cyrillic 'о' in a name: 'unknown codec' listing a 'topk' that looks the same
+        ("tоpk(0.01)", r"at character 2: non-ASCII character 'о' \(U\+043E\)"),
+        ("quant(bits=8,\u00a0chunk=64)", r"at character 14: non-ASCII character '\\xa0' \(U\+00A0\)"),
+        # float('1e999') is inf, which the grammar excludes ('no nan or inf'); it reached the codec as inf
+        ("threshold(tau=1e999)", r"at character 15: number '1e999' is out of the float range"),
+        ("topk(-1e400)", r"at character 6: number '-1e400' is out of the float range"),
     ],
 )
 def test_the_grammar_is_strict_and_errors_name_the_position(spec: str, message: str) -> None:
@@ -140,3 +149,18 @@ def test_spacing_and_plain_numbers_still_parse() -> None:
         ("a", [1], {"x": -2.5e-3, "y": 0.5, "z": 5.0}),
         ("b", [], {}),
     ]
+
+
+def test_quoted_strings_may_hold_any_character_and_round_trip() -> None:
+    codec = dp.get_codec('policy(rules="*.é: fp16; *: identity")')
+    assert dp.get_codec(codec.spec) == codec
+
+
+def test_defences_and_attacks_refuse_the_same_numbers() -> None:
+    from deltaplane.aggregation.factory import parse_defense
+    from deltaplane.engine.attacks import parse_attack
+
+    with pytest.raises(dp.ConfigError, match="non-ASCII character"):
+        parse_defense("trimmed_mean(bucket=٢)")
+    with pytest.raises(dp.ConfigError, match="out of the float range"):
+        parse_attack("sign_flip(0.2, scale=1e999)")  # was SignFlip(scale=inf)

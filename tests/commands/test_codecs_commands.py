@@ -164,3 +164,41 @@ def test_an_output_under_a_file_is_a_usage_error_before_any_work(tmp_path: Path)
     r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(afile / "d.safetensors")])
     assert r.exit_code == 2 and "is a file, not a folder" in _unboxed(r.output), r.output
     assert afile.read_text() == "not a folder"
+
+
+def test_a_checkpoint_with_boolean_and_integer_buffers_round_trips_exactly(tmp_path: Path) -> None:
+    """A boolean buffer (a causal mask, a pruning mask) made Delta.between raise torch's RuntimeError ("Subtraction
+    ... with two bool tensors is not supported"): `compress` ended in a traceback. The change of a boolean tensor
+    is which values flipped (XOR), and applying it flips them back."""
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "w": torch.randn(8, 4, generator=g),
+        "mask": torch.tensor([True, False, True, False]),
+        "steps": torch.tensor(7),
+    }
+    new = {"w": base["w"] + 0.5, "mask": torch.tensor([True, True, False, False]), "steps": torch.tensor(9)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(new, tmp_path / "new.safetensors")
+    runner = CliRunner()
+    args = ["--base", str(tmp_path / "base.safetensors")]
+    r = runner.invoke(
+        _app(),
+        [
+            "compress",
+            str(tmp_path / "new.safetensors"),
+            *args,
+            "--codec",
+            "identity",
+            "-o",
+            str(tmp_path / "u"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        _app(), ["decompress", str(tmp_path / "u"), *args, "-o", str(tmp_path / "out.safetensors")]
+    )
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "out.safetensors")
+    for k in ("mask", "steps"):
+        assert got[k].dtype == new[k].dtype and torch.equal(got[k], new[k]), k
+    assert torch.allclose(got["w"], new["w"])

@@ -25,6 +25,9 @@ def _run(args, tmp_path):
         (["--task", "no_such_pkg_zz.tasks:make"], "module 'no_such_pkg_zz.tasks' does not import"),
         (["--task-option", "oops"], "--task-option must be key=value"),
         (["--task-option", "colour=red"], "options \\['colour'\\] do not fit"),
+        # the value is YAML: malformed, it was a yaml.ParserError traceback (exit 1)
+        (["--task-option", "devices=[4"], "--task-option devices: invalid YAML at line 1"),
+        (["--task-option", "devices={a: 1, a: 2}"], "--task-option devices: key 'a' is given twice"),
         (["--engine", "flower", "--transport", "http"], "choose one of --engine flower and --transport http"),
         (["--engine", "population", "--personalization", "ditto"], "personal model per device"),
     ],

@@ -187,3 +187,65 @@ def test_flower_secagg_drops_a_node_whose_reply_is_malformed(loopback_grid, garb
     server(grid=GarblingGrid(digits_client_app(cfg), cfg.clients), context=_context())
     assert len(rounds) == 1 and np.isfinite(rounds[0].test_accuracy)
     assert rounds[0].clients == 6  # sampled; node 3 dropped out of the sum, the others were unmasked
+
+
+@pytest.mark.parametrize("one_drops", [True, False], ids=["below-m_min", "exactly-m_min"])
+def test_nodes_refuse_to_unmask_fewer_than_m_min_when_the_strategy_has_no_floor(
+    loopback_grid, monkeypatch, one_drops
+) -> None:
+    """Distributed DP with m_min = 6 of 6 nodes; the strategy's SecAgg server is built without its floor (a
+    misconfigured or protocol-breaking server) and node 3's masked input never arrives: 5 survivors, enough for
+    SecAgg's threshold of 5, so the server asks for unmasking. Each node now refuses on its own (the m_min of
+    its own config, add_secagg's min_inputs): every unmask reply is an error naming the numbers and carries no
+    share, and the sum cannot be unmasked. With all 6 (exactly m_min) they answer and the round publishes."""
+    from deltaplane.aggregation.secagg import SecAggError, ServerEndpoint
+
+    cfg = CFG.replace(clients=6, rounds=1, dp_noise=0.5, dp_delta=1e-3, secagg_min_contributors=6,
+                      secagg_range=8.0, clip="1.0")  # fmt: skip
+    monkeypatch.setattr(flower_secagg, "ServerEndpoint", lambda config, min_inputs=0: ServerEndpoint(config))
+    unmask_replies: list = []
+
+    class DroppingGrid(loopback_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            out = super().send_and_receive(messages, timeout=timeout)
+            if {m.metadata.message_type for m in messages} == {"train"} and one_drops:
+                return [r for r in out if r.metadata.src_node_id != 103]  # node 3's upload is lost
+            records = [m.content.config_records.get(SECAGG_KEY) for m in messages]
+            if records and all(r is not None and r.get("stage") == "unmask" for r in records):
+                unmask_replies.extend(out)
+            return out
+
+    rounds: list = []
+    server = digits_server_app(cfg, on_round=lambda m, t: rounds.append(m))
+    grid = DroppingGrid(digits_client_app(cfg), cfg.clients)
+    if not one_drops:
+        server(grid=grid, context=_context())
+        assert len(unmask_replies) == 6 and not any(r.has_error() for r in unmask_replies)
+        assert len(rounds) == 1 and np.isfinite(rounds[0].test_accuracy)
+        return
+    with pytest.raises(SecAggError, match="shares"):
+        server(grid=grid, context=_context())
+    assert len(unmask_replies) == 5  # the floorless server asked every survivor
+    for r in unmask_replies:
+        assert r.has_error() and not r.has_content()  # an error reply: no share
+        assert (
+            "refusing to unmask a sum of 5 masked inputs" in r.error.reason and "at least 6" in r.error.reason
+        )
+
+
+def test_the_strategy_refuses_a_ring_range_that_would_clip_the_nodes_noised_values() -> None:
+    """Distributed DP (z 2, clip 1, m_min 2: clip + 6σ_d = 9.49): SecAggStrategy's clip_range clips each node's
+    noised values before the sum, so one below that is a ConfigError naming the least range; digits_server_app
+    passes the config's own range, which RunConfig sized so."""
+    from deltaplane.engine import ServerStep, make_task
+    from deltaplane.errors import ConfigError
+
+    cfg = RunConfig(
+        clients=4, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3, secagg_min_contributors=2
+    )
+    task = make_task(cfg)
+    step = ServerStep.for_run(cfg, task, task.build_model(0).state_dict(), base_id="m", simulation=True)
+    with pytest.raises(ConfigError, match=r"at least clip \+ 6·σ_d = 9\.49"):
+        SecAggStrategy(server_step=step, clip_range=8.0)
+    assert SecAggStrategy(server_step=step, clip_range=cfg.secagg_range).encoding.clip_range == 9.49

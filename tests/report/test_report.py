@@ -105,6 +105,13 @@ def test_load_report_rejects_other_files(tmp_path: Path) -> None:
         load_report(tmp_path / "missing.json")
 
 
+def test_a_deeply_nested_report_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="cannot read report .*nested too deeply"):
+        load_report(path)
+
+
 def test_build_report_keeps_runs_verbatim() -> None:
     doc = build_report(RUNS, baseline="baseline")
     assert doc["runs"] == RUNS

@@ -351,6 +351,61 @@ def test_distributed_dp_never_unmasks_a_sum_of_fewer_than_m_min_devices(
         assert len(f.reg.versions(MODEL, kind="model")) == 1  # nothing published
 
 
+@pytest.mark.parametrize("one_dies", [True, False], ids=["below-m_min", "exactly-m_min"])
+def test_devices_refuse_to_unmask_fewer_than_m_min_when_the_server_has_no_floor(
+    byo_task, tmp_path, monkeypatch, one_dies
+) -> None:
+    """Each device's distributed-DP noise is calibrated to m_min = 4. A service whose SecAgg server lacks the
+    floor (misconfigured, or breaking the protocol: ServerEndpoint built without min_inputs) asks the 3 devices
+    left after one dies for unmasking shares, enough for SecAgg's threshold of 3. The devices used to answer,
+    so the server unmasked an under-noised sum; now each refuses on the device (its own config's m_min), sends
+    no unmask body, sits the round out without crashing, and keeps its error feedback as before the round.
+    With all 4 alive (exactly m_min) they answer and the round publishes."""
+    from deltaplane.aggregation.secagg import ServerEndpoint
+    from deltaplane.serve import secagg_routes
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3, codec="topk(0.1)",
+                  secagg_min_contributors=4, wire="self-describing")  # fmt: skip
+    monkeypatch.setattr(secagg_routes, "ServerEndpoint", lambda config, min_inputs=0: ServerEndpoint(config))
+    real_upload = SecAggDevice.upload
+
+    def dies_on_device_2(self):
+        if one_dies and self.client is victim.conn:
+            raise SystemExit("device 2 lost power")
+        return real_upload(self)
+
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(4)]
+        lines: list[str] = []
+        for dev in devices:
+            dev.log = lines.append
+        victim = devices[2]
+        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        unmasks = [body for path, body in f.bodies if path.endswith(f"/secagg/{out[0].number}/unmask")]
+        if not one_dies:
+            assert out[0].failed is None and out[0].contributors == 4 and out[0].version is not None
+            assert len(unmasks) == 4
+            return
+        status = f.admin.secagg_status(MODEL, out[0].number)
+        assert status["survivors"] == [0, 1, 3]  # the floorless server did ask for unmasking
+        assert unmasks == []  # no share left any device
+        refusals = [line for line in lines if "refused 'unmasking'" in line]
+        assert len(refusals) == 3 and all(
+            "sum of 3 masked inputs" in r and "at least 4" in r for r in refusals
+        )
+        assert out[0].failed and out[0].version is None and status["finished"] == "aborted"
+        assert len(f.reg.versions(MODEL, kind="model")) == 1  # nothing published
+        for i in (0, 1, 3):  # the refused round left no residual of an update in no published model
+            assert devices[i].client.compressor.state_dict()["residual"] is None
+            assert devices[i].pending is None
+
+
 def test_discovery_lists_only_the_secagg_rounds_a_device_is_invited_to(byo_task, tmp_path) -> None:
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     with Fleet(tmp_path, cfg) as f:

@@ -637,3 +637,25 @@ def test_secagg_numbers_of_a_store_from_before_continue_past_its_published_round
     service.http = TestClient(service.app)
     service.admin = AdminClient("http://testserver", "admin-token-0123456789", client=service.http)
     assert service.admin.open_secagg("cnn", names, weight_scale=0)["round"] == rnd + 1
+
+
+def test_a_distributed_dp_federation_refuses_a_ring_range_that_would_clip_the_noised_values(
+    service_factory,
+) -> None:
+    """Distributed DP (z 2, clip 1, m_min 2: σ_d ≈ 1.41): the ring's range clip acts on each device's noised
+    values before the sum, so the service refuses (422) a round opened with a range below clip + 6σ_d = 9.49,
+    naming it, and opens one with the federation's own range, which RunConfig sized so."""
+    from deltaplane.engine import RunConfig
+
+    run = RunConfig(clients=4, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3, secagg_min_contributors=2,
+                    downlink_codec="identity")  # fmt: skip
+    svc = service_factory(federation=run)
+    names = ["a", "b", "c"]
+    for d in names:
+        svc.device(d)
+    with pytest.raises(ServiceError) as refused:
+        svc.admin.open_secagg("cnn", names, weight_scale=0, clip_range=8.0)
+    assert refused.value.status == 422 and "at least clip + 6·σ_d = 9.49" in refused.value.detail
+    opened = svc.admin.open_secagg("cnn", names, weight_scale=0)
+    invitation = svc.device("a").request("GET", f"/v1/models/cnn/secagg/{opened['round']}").json()
+    assert invitation["encoding"]["clip_range"] == run.secagg_range == 9.49

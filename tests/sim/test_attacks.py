@@ -155,3 +155,13 @@ def test_a_pixel_trigger_on_inputs_that_are_not_images_is_refused_before_the_run
         preflight(RunConfig(task=tabular, clients=4, rounds=1, attack=attack))
     with pytest.raises(dp.errors.ConfigError, match=r"target 12 is not a class of task 'digits' \(0..9\)"):
         preflight(RunConfig(clients=4, rounds=1, attack="backdoor(0.5, target=12)"))
+
+
+@pytest.mark.parametrize(
+    "spec", ["backdoor:0.2:boost=5:target=3", "sign_flip:0.2::scale=3", "gaussian:0.1:std=2:"]
+)
+def test_the_legacy_form_refuses_a_third_colon_instead_of_dropping_what_follows(spec) -> None:
+    """'name:fraction:key=value,...' was split on every ':' and only the first three parts read: the target of
+    'backdoor:0.2:boost=5:target=3' was silently 0, the scale of 'sign_flip:0.2::scale=3' silently 1."""
+    with pytest.raises(dp.ConfigError, match="separate the parameters with ','"):
+        parse_attack(spec)

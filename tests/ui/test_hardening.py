@@ -144,6 +144,9 @@ ODD_REPORTS = {
     "run-not-object": {"format": REPORT_FORMAT, "runs": ["r"]},
     "summary-strings": {"format": REPORT_FORMAT, "runs": [], "summary": ["x"]},
     "not-json": "{",
+    # json.loads recurses per level: 100,000 nested lists (200 KB) raised RecursionError out of load_report,
+    # which only DeltaplaneError is caught from, so every view of the overview was a 500 while the file was there
+    "nested-deep": '{"format": 1, "runs": ' + "[" * 100_000 + "]" * 100_000 + "}",
 }
 
 

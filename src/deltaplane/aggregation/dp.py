@@ -46,6 +46,7 @@ __all__ = [
     "DistributedDP",
     "distributed_noise",
     "distributed_noise_std",
+    "distributed_ring_range",
     "local_epsilon",
     "privatize",
 ]
@@ -243,6 +244,22 @@ def distributed_noise_std(noise_multiplier: float, clip: float, min_contributors
     return noise_multiplier * clip / math.sqrt(min_contributors)
 
 
+#: how many of a device's noise stds the SecAgg ring range leaves beyond the clip (see distributed_ring_range)
+RING_RANGE_SIGMAS = 6.0
+
+
+def distributed_ring_range(clip: float, device_noise_std: float) -> float:
+    """The least SecAgg ring range (``secagg_range``) under distributed DP: C + 6·σ_d, rounded up to two
+    decimals (the number quoted to users, and checked, is one that passes when given back).
+
+    A device's values are clipped to L2 norm C (so each is within ±C) and then noised with N(0, σ_d²) before
+    SecAgg encodes them into the ring, whose range clip acts per device, *before* the sum: it is not
+    post-processing of the noised sum, and the Gaussian accounting holds only while it does not bind. Beyond
+    C + 6σ_d a value lands with probability about 2·10⁻⁹ (the Gaussian tail at 6σ), so the clip essentially
+    never binds."""
+    return math.ceil((clip + RING_RANGE_SIGMAS * device_noise_std) * 100 - 1e-9) / 100
+
+
 def distributed_noise(delta: Delta, *, clip: float, std: float, generator: torch.Generator | None) -> Delta:
     """A device's share of distributed DP (before SecAgg encodes it into the ring): ``delta`` clipped to L2
     norm ``clip`` (the sum's sensitivity) plus N(0, std²) on every value.
@@ -303,8 +320,21 @@ class DistributedDP(DPFedAvg):
         )
         self.min_contributors = min_contributors
         self.device_noise_std = distributed_noise_std(noise_multiplier, float(clip), min_contributors)
+        #: the least SecAgg ring range whose clip does not bind on the devices' noised values
+        self.min_ring_range = distributed_ring_range(float(clip), self.device_noise_std)
         self._contributors = 0
         self._mean: Delta | None = None
+
+    def check_ring_range(self, clip_range: float) -> None:
+        """Refuse (ConfigError) a SecAgg ring range below :attr:`min_ring_range`: its per-device clip would
+        bind on the noised values, which the accounting does not cover (every driver's server checks it)."""
+        if clip_range < self.min_ring_range:
+            raise ConfigError(
+                f"a SecAgg ring range (clip_range / secagg_range) of {clip_range:g} would clip the devices' "
+                f"noised values under distributed DP (σ_d = {self.device_noise_std:.4g}); the per-device clip is "
+                f"not post-processing of the noised sum: use a range of at least clip + 6·σ_d = "
+                f"{self.min_ring_range:g}"
+            )
 
     def expect_sum(self, contributors: int) -> None:
         """Say how many devices' noised updates the next :meth:`add` (the unmasked mean) sums."""

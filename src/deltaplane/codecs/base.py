@@ -256,7 +256,10 @@ def available_codecs() -> dict[str, type[Codec]]:
 
 
 # -- spec grammar --------------------------------------------------------------------------------------
-_TOKEN = re.compile(r"\s*(?:([A-Za-z_][\w.\-]*)|(\"[^\"]*\"|'[^']*')|(-?[\d.][\w.+\-]*)|(.))")
+# ASCII only (re.ASCII): Python's \d, \w and \s also match other scripts' digits, letters and spaces, and int()
+# and float() read those digits ('٨' is 8), so a spec that looks different would build the same codec and one
+# that looks the same (a Cyrillic 'о' in 'topk') would not; outside quotes a spec is ASCII (docs/wire-format.md §5)
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][\w.\-]*)|(\"[^\"]*\"|'[^']*')|(-?[\d.][\w.+\-]*)|(.))", re.ASCII)
 
 
 def _format_value(v: Scalar) -> str:
@@ -266,7 +269,7 @@ def _format_value(v: Scalar) -> str:
         return repr(v)
     if isinstance(v, int):
         return str(v)
-    return v if re.fullmatch(r"[A-Za-z_][\w.\-]*", v) else repr(v)
+    return v if re.fullmatch(r"[A-Za-z_][\w.\-]*", v, re.ASCII) else repr(v)
 
 
 def format_spec(name: str, params: dict[str, Scalar]) -> str:
@@ -277,7 +280,7 @@ def format_spec(name: str, params: dict[str, Scalar]) -> str:
 
 
 #: a float as written in a spec: decimal digits with an optional point and exponent (no ``_``, hex, ``nan``)
-_FLOAT = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_FLOAT = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 def _parse_value(tok: str, kind: str) -> Scalar:
@@ -288,7 +291,7 @@ def _parse_value(tok: str, kind: str) -> Scalar:
         if low in ("true", "false"):
             return low == "true"
         return tok
-    if re.fullmatch(r"-?\d+", tok):
+    if re.fullmatch(r"-?\d+", tok, re.ASCII):
         # integers are 64-bit: a 400-digit parameter would overflow every float and tensor it reaches
         if len(tok) > 20 or not -(2**63) <= int(tok) < 2**63:
             raise SpecError(f"integer {tok[:24]}{'...' if len(tok) > 24 else ''} is out of the 64-bit range")
@@ -298,7 +301,10 @@ def _parse_value(tok: str, kind: str) -> Scalar:
         raise SpecError(
             f"cannot read number {tok!r}; write an integer like 1000 or a float like 0.01 or 1e-3"
         )
-    return float(tok)
+    value = float(tok)
+    if not math.isfinite(value):  # '1e999' reads as inf, which no parameter means
+        raise SpecError(f"number {tok[:24]!r} is out of the float range (about ±1.8e308)")
+    return value
 
 
 class _Tokens:
@@ -310,6 +316,11 @@ class _Tokens:
         for m in _TOKEN.finditer(spec):
             group = m.lastindex or 4  # _TOKEN's groups: ident, string, number, any other character
             text = m.group(group)
+            if group == 4 and not text.isascii():
+                raise SpecError(
+                    f"in codec spec {spec!r} at character {m.start(group) + 1}: non-ASCII character {text!r} "
+                    f"(U+{ord(text):04X}); outside quotes a spec is written in ASCII (retype it)"
+                )
             if group != 4 or text.strip():
                 self.toks.append((("ident", "str", "num", "op")[group - 1], text, m.start(group)))
         self.i = 0

@@ -35,7 +35,8 @@ _OPS: dict[str, Callable[[int, int], bool]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
-_COMPARE = re.compile(r"^(numel|ndim)\s*(<=|>=|==|!=|<|>)\s*(\d+)$")
+# ASCII digits only, as the spec grammar: without re.ASCII, \d reads any script's digits ('numel<٣' was 3)
+_COMPARE = re.compile(r"^(numel|ndim)\s*(<=|>=|==|!=|<|>)\s*(\d+)$", re.ASCII)
 _GLOB = re.compile(r"^[\w.*?\[\]!\-/]+$")
 
 

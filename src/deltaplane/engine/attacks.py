@@ -284,6 +284,11 @@ def parse_attack(spec: str) -> tuple[Attack, float]:
     text = spec.strip()
     if "(" not in text and ":" in text:
         parts = text.split(":")
+        if len(parts) > 3:  # name:fraction:k=v,k=v — anything after a third ':' used to be dropped silently
+            raise ConfigError(
+                f"attack spec {spec!r}: write 'name:fraction:key=value,key=value' (separate the parameters "
+                f"with ',') or, better, '{parts[0].strip()}(fraction, key=value)'"
+            )
         inner = ", ".join(
             p for p in [parts[1].strip(), *(parts[2].split(",") if len(parts) > 2 else [])] if p
         )

@@ -257,9 +257,9 @@ class ClientStep:
     def distributed_privacy(self, cid: int, sent: Delta, rnd: int) -> Delta:
         """Distributed DP's device share (``dp_noise`` with SecAgg): what the codec sent, clipped to ``clip`` and
         noised with σ_d = z·clip/√m_min (:meth:`RunConfig.device_noise_std`) before SecAgg encodes it into
-        the ring (its rounding and range clip act per device, before the sum: keep ``secagg_range`` ≥ clip + 6σ_d
-        so the clip does not bind; docs/aggregation.md). The noise comes from the OS CSPRNG on a
-        real device, from the run's seed in a simulation (device ``cid``'s stream of round ``rnd``). Without
+        the ring (its rounding and range clip act per device, before the sum: ``secagg_range`` ≥ clip + 6σ_d,
+        which RunConfig enforces, keeps the clip from binding; docs/aggregation.md). The noise comes from the
+        OS CSPRNG on a real device, from the run's seed in a simulation (device ``cid``'s stream of round ``rnd``). Without
         distributed DP, ``sent`` as it is. Every driver calls it: in process and over HTTP through
         :meth:`uplink`, on Flower from :func:`~deltaplane.flower.secagg.secagg_mod` on the node."""
         c = self.config

@@ -43,6 +43,10 @@ CHOICES: dict[str, Choices] = {
 }
 
 
+#: ``secagg_range``'s default (distributed DP raises it to :meth:`RunConfig.min_secagg_range` when larger)
+SECAGG_RANGE = 8.0
+
+
 class RunConfig(BaseModel):
     """Hyperparameters of a federated run on digits; the defaults are the ``deltaplane run`` setting.
 
@@ -156,7 +160,11 @@ class RunConfig(BaseModel):
     secagg: bool = Field(False, description="aggregate through secure aggregation (server sees masked sums)")
     secagg_bits: int = Field(20, ge=2, le=24, description="bits per value of the securely aggregated update")
     secagg_range: float = Field(
-        8.0, gt=0, description="per-value clip range of the securely aggregated update"
+        SECAGG_RANGE,
+        gt=0,
+        description="per-value clip range of the securely aggregated update (default 8); under distributed DP "
+        "(dp_noise with secagg) at least clip + 6·σ_d so that it never clips a device's noised value: left "
+        "out, it is sized so (the larger of 8 and that); given smaller, the config is refused",
     )
     secagg_min_contributors: int | None = Field(
         None,
@@ -348,6 +356,24 @@ class RunConfig(BaseModel):
                 "could be published (a sum of fewer devices carries less than z·clip of noise); raise clients "
                 "or sample_fraction, or lower secagg_min_contributors"
             )
+        self._check_ring_range()
+
+    def _check_ring_range(self) -> None:
+        """Distributed DP: the ring's range clip acts on each device's noised values before the sum (it is not
+        post-processing), so it must not bind. A ``secagg_range`` left out is sized to fit; one given too small
+        is refused with the least range to use."""
+        least = self.min_secagg_range()
+        if "secagg_range" not in self.model_fields_set:
+            # frozen model: set the auto-sized default once, here, as validation does (fields_set unchanged)
+            self.__dict__["secagg_range"] = max(SECAGG_RANGE, least)
+        elif self.secagg_range < least:
+            raise ValueError(
+                f"secagg_range={self.secagg_range:g} would clip the devices' noised values: under distributed "
+                f"DP each device adds noise of std σ_d = z·clip/√m_min = {self.device_noise_std():.4g} to values "
+                "within ±clip before SecAgg's range clip, which acts per device before the sum (not "
+                "post-processing), so the privacy accounting needs it never to bind: set secagg_range to at "
+                f"least clip + 6·σ_d = {least:g}, or leave it out (it is then sized so)"
+            )
 
     def min_contributors(self) -> int:
         """m_min of distributed DP: ``secagg_min_contributors``, or SecAgg's threshold for a round of the expected
@@ -359,6 +385,22 @@ class RunConfig(BaseModel):
         from deltaplane.aggregation.secagg import default_threshold
 
         return default_threshold(self.clients_per_round())
+
+    def unmask_floor(self) -> int:
+        """The fewest masked inputs whose sum a device of this run helps unmask (and the honest server unmasks):
+        m_min under distributed DP, since each device's noise is calibrated to a sum of that many
+        (:meth:`device_noise_std`); 0 otherwise (SecAgg's threshold alone). Every driver builds its devices'
+        :class:`~deltaplane.aggregation.secagg.DeviceEndpoint` with it, from the device's own config."""
+        return self.min_contributors() if self.secagg and self.dp_noise > 0 else 0
+
+    def min_secagg_range(self) -> float:
+        """The least ``secagg_range`` under distributed DP, clip + 6·σ_d rounded up to two decimals
+        (:func:`~deltaplane.aggregation.dp.distributed_ring_range`, what the servers check); 0 without it."""
+        if not (self.secagg and self.dp_noise > 0):
+            return 0.0
+        from deltaplane.aggregation.dp import distributed_ring_range
+
+        return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]
 
     def device_noise_std(self) -> float:
         """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
@@ -528,8 +570,13 @@ class RunConfig(BaseModel):
         return self.lr * self.lr_decay ** (rnd - 1)
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes`` applied and validated (``model_copy`` would skip validation)."""
-        return self.from_mapping(self.model_dump() | changes, source="options")
+        """A copy with ``changes`` applied and validated (``model_copy`` would skip validation). A field sized
+        from the others when left out (``secagg_range`` under distributed DP) stays left out, so it is sized
+        again for the changed options."""
+        data = self.model_dump()
+        if "secagg_range" not in self.model_fields_set:
+            del data["secagg_range"]
+        return self.from_mapping(data | changes, source="options")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values of every field."""

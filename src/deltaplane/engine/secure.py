@@ -49,7 +49,7 @@ def secure_quorum(config: RunConfig) -> int:
     of fewer than m_min devices carries noise below z·clip: withholding it from the published model is not
     enough, since the server itself would see it (``epsilon_vs_server`` assumes z·clip in every sum it sees).
     A round of fewer is closed without a sum: nothing is unmasked or published, ε is still spent."""
-    return config.min_contributors() if config.secagg and config.dp_noise > 0 else 1
+    return max(1, config.unmask_floor())
 
 
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
@@ -73,6 +73,7 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         # each device rounds with its own stream, so the Flower and HTTP drivers unmask the very same sum
         device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
         weight_scale=secure_weight_scale(config, [u.num_samples for u in uploads]),
+        min_inputs=config.unmask_floor(),  # distributed DP: server and devices never unmask fewer than m_min
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))
 

@@ -86,8 +86,9 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
-def secagg_query(msg: Message, context: Context) -> Message:
-    """The node side of the three query stages (register with :func:`add_secagg`)."""
+def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0) -> Message:
+    """The node side of the three query stages (register with :func:`add_secagg`). ``min_inputs`` is the
+    node's own unmasking floor (distributed DP's m_min), kept in its SecAgg state from key advertisement on."""
     rec = msg.content.config_records[SECAGG_KEY]
     stage = str(rec["stage"])
     if stage == "advertise":
@@ -99,6 +100,7 @@ def secagg_query(msg: Message, context: Context) -> Message:
             config,
             RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
             randbytes=secrets.token_bytes,
+            min_inputs=min_inputs,  # the node's own, never from the server's message
         )
         out = ep.advertise()
     elif stage == "share":
@@ -113,9 +115,18 @@ def secagg_query(msg: Message, context: Context) -> Message:
     return _reply(msg, out)
 
 
-def add_secagg(app: ClientApp) -> ClientApp:
-    """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`)."""
-    app.query("secagg")(secagg_query)
+def add_secagg(app: ClientApp, *, min_inputs: int = 0) -> ClientApp:
+    """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`).
+
+    ``min_inputs``: the fewest masked inputs whose sum the node helps unmask; under distributed DP the m_min
+    its noise is calibrated to (:meth:`~deltaplane.engine.RunConfig.unmask_floor`). An unmasking request with
+    fewer survivors fails on the node (a SecAggError, so the node answers no shares and drops out of the
+    stage), whatever the server asks."""
+
+    def secagg(msg: Message, context: Context) -> Message:
+        return secagg_query(msg, context, min_inputs=min_inputs)
+
+    app.query("secagg")(secagg)
     return app
 
 
@@ -187,7 +198,8 @@ class SecAggStrategy(DeltaStrategy):
     Args:
         server_step: the engine's :class:`~deltaplane.engine.ServerStep` (required): it receives the unmasked
             mean as the round's only update and runs the chain, the downlink and the publisher.
-        bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update.
+        bits: bits per quantized value; clip_range: per-value clip of the (weight-scaled) update (under
+            distributed DP at least clip + 6·σ_d, else a ConfigError: it clips each node's noised values).
         weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
             mean; or ``weight_scale(nodes)``, the scale of a round from its sampled node ids (the in-process
             drivers use the mean example count of the round's devices, which the server knows: it is public).
@@ -214,6 +226,11 @@ class SecAggStrategy(DeltaStrategy):
         self.encoding = RingEncoding(
             bits=bits, clip_range=clip_range, weight_scale=0.0 if callable(weight_scale) else weight_scale
         )
+        from deltaplane.aggregation.dp import DistributedDP
+
+        ddp = self.server_step.aggregator.find(DistributedDP)
+        if isinstance(ddp, DistributedDP):  # its range clip acts on each node's noised values: must not bind
+            ddp.check_ring_range(clip_range)
         self.weight_scale = weight_scale
         self.neighbours = neighbours
         self.timeout = timeout

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.checkpoint import parse_dtype
-from deltaplane.yamlio import load_yaml
+from deltaplane.yamlio import describe_yaml_error, load_yaml
 
 __all__ = [
     "MergeConfig",
@@ -337,11 +337,7 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -
         try:
             data = load_yaml(text)
         except yaml.YAMLError as exc:
-            where = ""
-            mark = getattr(exc, "problem_mark", None)
-            if mark is not None:
-                where = f" at line {mark.line + 1}, column {mark.column + 1}"
-            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+            raise ConfigError(f"{path}: {describe_yaml_error(exc)}") from exc
         except ConfigError as exc:  # a key given twice
             raise ConfigError(f"{path}: {exc}") from None
         root = path.resolve().parent

@@ -72,6 +72,8 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read report {path}: {exc}") from None
+    except RecursionError:  # json recurses per level: a few hundred KB of '[' (the dashboard reads any file)
+        raise ConfigError(f"cannot read report {path}: it is nested too deeply to be a report") from None
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise ConfigError(f"{path} is not a deltaplane report of format {REPORT_FORMAT}")
     return report

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from deltaplane.aggregation.secagg import Stage
+from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -202,7 +202,12 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
     """Train, then run the SecAgg stages as the operator opens them; only masked bytes leave the device.
 
     Returns True once the device answered the unmasking request; False if it sat the round out or dropped
-    out (a stage closed before it spoke: the others' round goes on without it)."""
+    out (a stage closed before it spoke: the others' round goes on without it), or refused a stage itself
+    (:class:`~deltaplane.aggregation.secagg.SecAggError`: e.g. under distributed DP an unmasking request with
+    fewer survivors than the m_min its noise was calibrated to, :class:`~deltaplane.aggregation.secagg.
+    SecAggFloorError`). A device that refuses sends nothing more; after a floor refusal it keeps its error
+    feedback as before the round, as after a refused upload: every device of the run refuses the same request,
+    so its masked update is never unmasked."""
     number, base = int(info["round"]), int(info["base_version"])
     state = _fetch_base(dev, base)
     if state is None:
@@ -212,7 +217,8 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         if up.secure is None:
             dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
-        sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0)  # secret keys from the OS, never the seed
+        # secret keys from the OS, never the seed; the unmasking floor from this device's own config
+        sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0, min_inputs=dev.config.unmask_floor())
         sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
         broke: httpx.TransportError | None = None
         try:
@@ -249,6 +255,11 @@ def _secagg_stages(
             if exc.status not in _OUT_OF_ROUND:
                 raise
             dev.log(f"SecAgg round {number}: refused at '{stage}' ({exc.detail}); dropped out")
+            return False
+        except SecAggError as exc:  # this device refuses the server's message: it sits the round out
+            if stage == Stage.MASKED or isinstance(exc, SecAggFloorError):
+                sent[0] = False  # not sent, or never unmasked (every device of the run refuses it)
+            dev.log(f"SecAgg round {number}: this device refused '{stage}' ({exc}); sitting it out")
             return False
     return True
 

@@ -32,6 +32,10 @@ class SecAggDevice:
         round_id: the SecAgg round number the operator opened.
         randbytes: secret randomness (OS randomness by default; seeded only in simulations).
         wait: seconds to keep retrying a stage the server has not opened yet (0: no retry).
+        min_inputs: the fewest masked inputs whose sum this device helps unmask: under distributed DP the
+            m_min its noise was calibrated to (:meth:`~deltaplane.engine.RunConfig.unmask_floor`), from the
+            device's own config, never the invitation; an unmasking request with fewer survivors is refused
+            on the device (:class:`~deltaplane.aggregation.secagg.SecAggError`) and nothing is sent.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class SecAggDevice:
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         wait: float = 0.0,
+        min_inputs: int = 0,
     ) -> None:
         self.client = client
         self.model = model
@@ -67,7 +72,9 @@ class SecAggDevice:
             raise DecodeError(
                 f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
             ) from None
-        self.endpoint = DeviceEndpoint(client_id, self.config, self.encoding, randbytes=randbytes)
+        self.endpoint = DeviceEndpoint(
+            client_id, self.config, self.encoding, randbytes=randbytes, min_inputs=min_inputs
+        )
         self.bytes_sent = 0
 
     @property
@@ -111,5 +118,6 @@ class SecAggDevice:
         self.post("masked", self.endpoint.masked_input(self.get("inbox")))
 
     def unmask(self) -> None:
-        """Stage 3: fetch the unmasking request, send the shares it asks for (refusing any that asks for both)."""
+        """Stage 3: fetch the unmasking request, send the shares it asks for (refusing any that asks for both,
+        or has fewer survivors than ``min_inputs``: SecAggError, nothing sent)."""
         self.post("unmask", self.endpoint.unmask(self.get("unmask")))

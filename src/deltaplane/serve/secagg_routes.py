@@ -552,6 +552,10 @@ def install_secagg_routes(
                 f"this federation runs distributed DP calibrated to {m_min} devices (secagg_min_contributors): "
                 f"a round of {n} would give the server a sum with too little noise; invite at least {m_min}"
             )
+        if isinstance(
+            ddp, DistributedDP
+        ):  # its range clip acts on each device's noised values: must not bind
+            ddp.check_ring_range(clip_range)
         group = (body.neighbours if body.neighbours is not None else n - 1) + 1
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)

@@ -5,7 +5,7 @@ Needs the ``cryptography`` package (the ``aggregation`` extra); import this subp
 
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
-from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggFloorError, SecAggOrderError
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -42,6 +42,7 @@ __all__ = [
     "SecAggClient",
     "SecAggConfig",
     "SecAggError",
+    "SecAggFloorError",
     "SecAggOrderError",
     "SecAggReport",
     "SecAggServer",

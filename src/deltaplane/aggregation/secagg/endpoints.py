@@ -45,6 +45,8 @@ class DeviceEndpoint:
         config: the round's public parameters (from the server's invitation).
         encoding: how the update becomes ring codes (bits, clip range, weight scale).
         randbytes: secret randomness (OS randomness by default; seeded only in simulations).
+        min_inputs: the fewest masked inputs whose sum the device helps unmask (distributed DP's m_min, from
+            the device's own configuration; 0: SecAgg's threshold alone). See :class:`SecAggClient`.
     """
 
     def __init__(
@@ -54,12 +56,13 @@ class DeviceEndpoint:
         encoding: RingEncoding,
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        min_inputs: int = 0,
     ) -> None:
         if encoding.bits != config.bits:
             raise SecAggError(f"encoding has {encoding.bits}-bit codes, the round {config.bits}-bit")
         self.config = config
         self.encoding = encoding
-        self.client = SecAggClient(client_id, config, randbytes=randbytes)
+        self.client = SecAggClient(client_id, config, randbytes=randbytes, min_inputs=min_inputs)
         self._codes: np.ndarray | None = None
 
     @property
@@ -79,7 +82,8 @@ class DeviceEndpoint:
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> DeviceEndpoint:
-        """A device endpoint resumed from :meth:`export_state` (for devices that run each stage afresh)."""
+        """A device endpoint resumed from :meth:`export_state` (for devices that run each stage afresh); the
+        state keeps the device's ``min_inputs``."""
         out = cls.__new__(cls)
         out.config, out.encoding, out._codes = config, encoding, None
         out.client = SecAggClient.restore(config, state, randbytes=randbytes)
@@ -116,7 +120,8 @@ class DeviceEndpoint:
         return self.client.masked_input(msg, self._codes).to_bytes()  # type: ignore[arg-type]
 
     def unmask(self, request: bytes) -> bytes:
-        """Stage 3: the shares the server may have (self-mask shares of survivors, key shares of dropouts)."""
+        """Stage 3: the shares the server may have (self-mask shares of survivors, key shares of dropouts);
+        a request with fewer survivors than ``min_inputs`` is refused (:class:`SecAggError`), revealing nothing."""
         return self.client.unmask(UnmaskRequest.from_bytes(request, self.config)).to_bytes()  # type: ignore[arg-type]
 
 

@@ -1,10 +1,10 @@
-"""The errors of the secure aggregation protocol (both are :class:`~deltaplane.errors.DeltaplaneError`)."""
+"""The errors of the secure aggregation protocol (all are :class:`~deltaplane.errors.DeltaplaneError`)."""
 
 from __future__ import annotations
 
 from deltaplane.errors import DeltaplaneError
 
-__all__ = ["SecAggError", "SecAggOrderError"]
+__all__ = ["SecAggError", "SecAggFloorError", "SecAggOrderError"]
 
 
 class SecAggError(DeltaplaneError, RuntimeError):
@@ -21,3 +21,18 @@ class SecAggOrderError(SecAggError):
     def __init__(self, message: str, *, stage: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class SecAggFloorError(SecAggError):
+    """A device refuses to unmask a sum of fewer masked inputs than its own floor (``min_inputs``: under
+    distributed DP the m_min its noise was calibrated to). It revealed no share; every device of the run has
+    the same floor and refuses the same request, so the sum is not unmasked and the device's update is in no
+    published model (a fleet device keeps its error feedback as before the round).
+
+    ``survivors`` is the size of the survivor set the request named; ``floor`` the device's floor.
+    """
+
+    def __init__(self, message: str, *, survivors: int, floor: int) -> None:
+        super().__init__(message)
+        self.survivors = survivors
+        self.floor = floor

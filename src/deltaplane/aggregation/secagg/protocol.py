@@ -19,7 +19,8 @@ as an option. Four rounds, each a method on :class:`SecAggClient` and its partne
 3. **Unmask** — the server closes stage 2 and *freezes* who uploaded (survivors) and who did not (dropped);
    a masked input arriving later is refused with :class:`SecAggOrderError` and never enters the sum. Each
    responding client returns, for every neighbour, *either* its share of ``bᵤ`` (uploaded) *or* of ``sᵤ``
-   (dropped) — never both, and it refuses a request that asks for both. The server rebuilds the self-masks of
+   (dropped) — never both, and it refuses a request that asks for both, or (``min_inputs``: distributed DP's
+   m_min, from the device's own configuration) one whose survivors are fewer. The server rebuilds the self-masks of
    the survivors and the dangling pairwise masks of the dropped clients and removes them. Clients that vanish
    *after* uploading are still in the sum: their self-masks come back from their neighbours' shares.
 
@@ -48,7 +49,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from deltaplane.aggregation.secagg import shamir
-from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggFloorError, SecAggOrderError
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -304,6 +305,10 @@ class SecAggClient:
         config: the round's public parameters.
         randbytes: source of secret randomness (``secrets.token_bytes`` by default). Pass a seeded source
             only in simulations that must be reproducible.
+        min_inputs: the fewest masked inputs (survivors) whose sum this device helps unmask, besides SecAgg's
+            threshold: under distributed DP the m_min its own noise was calibrated to (0: no floor). It comes
+            from the device's own configuration, never from the server's messages, so a server that is
+            misconfigured or breaks the protocol cannot talk the device into revealing a shorter sum.
     """
 
     def __init__(
@@ -312,11 +317,15 @@ class SecAggClient:
         config: SecAggConfig,
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        min_inputs: int = 0,
     ) -> None:
         if not 0 <= client_id < config.num_clients:
             raise ConfigError(f"client_id must be in [0, {config.num_clients}). Found {client_id}")
+        if isinstance(min_inputs, bool) or not (isinstance(min_inputs, int) and min_inputs >= 0):
+            raise ConfigError(f"min_inputs must be a non-negative integer. Found {min_inputs!r}")
         self.client_id = client_id
         self.config = config
+        self.min_inputs = min_inputs
         self._rand = randbytes
         self._graph = neighbours_of(config, client_id)  # its own neighbourhood only: O(clients)
         self._c_key = X25519PrivateKey.from_private_bytes(randbytes(32))
@@ -358,6 +367,7 @@ class SecAggClient:
             "received": {str(v): ct.hex() for v, ct in self._received.items()},
             "own_shares": [str(self._own_shares[0]), str(self._own_shares[1])],
             "revealed": {str(v): w for v, w in self._revealed.items()},
+            "min_inputs": self.min_inputs,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -368,7 +378,9 @@ class SecAggClient:
         """Inverse of :meth:`export_state` for the round of ``config``; a malformed state is a DecodeError."""
         try:
             doc = json.loads(data)
-            self = cls(int(doc["client_id"]), config, randbytes=randbytes)
+            self = cls(
+                int(doc["client_id"]), config, randbytes=randbytes, min_inputs=int(doc.get("min_inputs", 0))
+            )
             if doc["stage"] not in _ORDER:
                 raise ValueError(f"unknown stage {doc['stage']!r}")
             self.stage = doc["stage"]
@@ -493,6 +505,14 @@ class SecAggClient:
             raise SecAggError(f"client {u}: refusing to unmask a round it is not listed as a survivor of")
         if len(surv) < cfg.threshold:
             raise SecAggError(f"client {u}: only {len(surv)} survivors; threshold {cfg.threshold}")
+        if len(surv) < self.min_inputs:  # checked before any share is produced: nothing is revealed
+            raise SecAggFloorError(
+                f"client {u}: refusing to unmask a sum of {len(surv)} masked inputs: this device's distributed-DP "
+                f"noise is calibrated to a sum of at least {self.min_inputs} (m_min), so a smaller one would "
+                "reveal its update with too little noise",
+                survivors=len(surv),
+                floor=self.min_inputs,
+            )
         out: dict[int, bytes] = {}
         # only clients this one holds shares of (or has revealed before) can matter: its neighbours, not the round
         held = self._received.keys() | {u} | self._revealed.keys()

@@ -175,6 +175,7 @@ def secure_mean(
     seed: int | None = None,
     device_seeds: Sequence[int] | None = None,
     weight_scale: float | None = None,
+    min_inputs: int = 0,
 ) -> tuple[Delta, SecAggReport]:
     """The (example-weighted, with ``weights``) mean of the surviving clients' deltas, via secure aggregation.
 
@@ -185,6 +186,8 @@ def secure_mean(
     stochastic rounding on its own, so another transport running the same devices unmasks the very same sum.
     ``weight_scale`` is the public typical example count the devices scale by (default: the mean of
     ``weights``); a transport fixes it before the devices train, from the round's sampled devices.
+    ``min_inputs`` (distributed DP's m_min) is the fewest survivors whose sum the server unmasks and each
+    device helps unmask (:class:`~deltaplane.aggregation.secagg.SecAggClient`): fewer is a SecAggError.
     """
     if not deltas:
         raise DeltaplaneError("no client delta was given; nothing to aggregate")
@@ -209,11 +212,11 @@ def secure_mean(
         raise ConfigError(f"{len(device_seeds)} device seeds for {n} deltas")
     devices = {}
     for u, dl in enumerate(deltas):  # device side: each quantizes its own update into the ring
-        devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes)
+        devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes, min_inputs=min_inputs)
         q = np.random.default_rng(device_seeds[u] if device_seeds is not None else rng.integers(2**63))
         devices[u].set_update(dl, int(weights[u]) if weights is not None else 1, q)
     d = (dropouts or Dropouts()).plus(before_upload=drop_before_upload, after_upload=drop_after_upload)
-    total, report = exchange(devices, ServerEndpoint(cfg), d)
+    total, report = exchange(devices, ServerEndpoint(cfg, min_inputs=min_inputs), d)
     mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
     return mean, report
 
