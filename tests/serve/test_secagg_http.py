@@ -659,3 +659,124 @@ def test_a_distributed_dp_federation_refuses_a_ring_range_that_would_clip_the_no
     opened = svc.admin.open_secagg("cnn", names, weight_scale=0)
     invitation = svc.device("a").request("GET", f"/v1/models/cnn/secagg/{opened['round']}").json()
     assert invitation["encoding"]["clip_range"] == run.secagg_range == 9.49
+
+
+def _ddp(z: float, *, clients: int = 3, m_min: int = 3):
+    """A distributed-DP federation (clip 1) whose noise is calibrated to ``m_min`` devices."""
+    from deltaplane.engine import RunConfig
+
+    return RunConfig(clients=clients, secagg=True, clip="1.0", dp_noise=z, dp_delta=1e-3,
+                     secagg_min_contributors=m_min, downlink_codec="identity")  # fmt: skip
+
+
+def _honest_ddp_updates(run, like: dict, n: int, seed: int) -> list[Delta]:
+    """What ``n`` honest devices of ``run`` mask: updates of norm clip, all in one direction (the largest mean a
+    clipped round can have), clipped and noised on the device (seeded here, for a reproducible test)."""
+    from deltaplane.aggregation.dp import distributed_noise
+
+    g = torch.Generator().manual_seed(seed)
+    signal = Delta({k: torch.randn(v.shape, generator=g) for k, v in like.items()})
+    signal = signal * (float(run.clip) / float(signal.norm()))
+    return [
+        distributed_noise(signal, clip=float(run.clip), std=run.device_noise_std(), generator=g)
+        for _ in range(n)
+    ]
+
+
+def test_a_distributed_dp_round_whose_honest_noisy_mean_the_guard_refuses_is_not_opened(tmp_path) -> None:
+    """Distributed DP on the cnn (6090 parameters, norm 7.76: guard 77.6) with z 3 and m_min 3: the mean of 3
+    devices carries noise of std z·C/3 = 1 per value, norm ≈ 78 + the clipped signal. The service opened the
+    round, ran every stage and refused the mean at close (422), every round. Now the open is refused (422),
+    naming the ratio to restart with and the threshold to open with, and nothing is recorded; both work."""
+    from .conftest import Service
+
+    names = ["a", "b", "c", "d"]
+    svc = Service(tmp_path / "refused", federation=_ddp(3.0, clients=4))
+    for d in names:
+        svc.device(d)
+    with pytest.raises(ServiceError) as refused:
+        svc.admin.open_secagg("cnn", names, weight_scale=0)
+    detail = refused.value.detail
+    assert refused.value.status == 422 and "distributed DP" in detail and "guard of 77.61" in detail
+    assert "--max-update-norm-ratio 11" in detail and "threshold of at least 4" in detail
+    assert svc.state.secagg_rounds == {}
+    assert svc.admin.open_secagg("cnn", names, weight_scale=0, threshold=4)["round"] == 1  # number not taken
+    wider = Service(tmp_path / "wider", federation=_ddp(3.0, clients=4), max_update_norm_ratio=11)
+    for d in names:
+        wider.device(d)
+    assert wider.admin.open_secagg("cnn", names, weight_scale=0)["stage"] == "advertise keys"
+
+
+def test_a_distributed_dp_round_just_inside_the_guard_opens_and_publishes(tmp_path) -> None:
+    """z 2.7 (the service admits up to about 2.73 on the cnn with 3 devices): honest devices, each adding its
+    own noise, walk every stage and the close publishes the noisy mean, which passes the guard."""
+    from deltaplane.aggregation.dp import DistributedDP
+
+    from .conftest import Service
+
+    run = _ddp(2.7)
+    svc = Service(tmp_path / "h", federation=run)
+    names = ["a", "b", "c"]
+    clients = {d: svc.device(d) for d in names}
+    rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    devs = [SecAggDevice(clients[d], "cnn", rnd, min_inputs=run.unmask_floor()) for d in names]
+    for i, (dev, update) in enumerate(
+        zip(devs, _honest_ddp_updates(run, svc.reg.load_state("cnn@1"), 3, 7), strict=True)
+    ):
+        dev.set_update(update, 1, np.random.default_rng([7, i]))
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devs:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            svc.admin.advance_secagg("cnn", rnd)
+    closed = svc.admin.close_secagg("cnn", rnd)
+    assert closed["published"]["version"] == 2
+    assert closed["published"]["measurements"]["secure_sum_published"] == 1.0
+    assert isinstance(svc.state.steps["cnn"].aggregator.find(DistributedDP), DistributedDP)
+
+
+def test_honest_distributed_dp_means_at_the_largest_z_the_service_admits_pass_its_guard(tmp_path) -> None:
+    """The admission check is not too tight: find the largest z the service opens a 3-device round for (by
+    asking it), then draw 300 honest rounds there as devices and SecAgg make them (each device's own noise,
+    stochastic rounding into the ring, the exact sum of the codes, the close's decoding) and put each mean
+    through the close's guard: none is refused. (Before, the service admitted any z: at the top of the
+    search, z 4, every mean was refused.)"""
+    from deltaplane.errors import InvalidUpdate
+    from deltaplane.serve.rounds import check_update_norm
+
+    from .conftest import Service, cnn_state
+
+    names = ["a", "b", "c"]
+
+    def admits(z: float) -> bool:
+        svc = Service(tmp_path / f"z{z:.6f}", federation=_ddp(z))
+        for d in names:
+            svc.device(d)
+        try:
+            svc.admin.open_secagg("cnn", names, weight_scale=0)
+        except ServiceError as exc:
+            assert exc.status == 422 and "--max-update-norm-ratio" in exc.detail
+            return False
+        return True
+
+    lo, hi = 1.0, 4.0
+    if admits(hi):
+        lo = hi
+    else:
+        for _ in range(7):  # to within 3/128 of the edge
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if admits(mid) else (lo, mid)
+    run = _ddp(lo)
+    base = cnn_state(0)  # the service's base model
+    enc = RingEncoding(bits=run.secagg_bits, clip_range=run.secagg_range, weight_scale=0.0)
+    refused = 0
+    for seed in range(300):
+        updates = _honest_ddp_updates(run, base, 3, seed)
+        rng = np.random.default_rng(seed)
+        total = sum(enc.encode(u, 1, rng).astype(np.uint64) for u in updates)
+        mean, _ = enc.decode_sum(total, count=3, like=Delta.zeros_like(base))
+        try:
+            check_update_norm(mean, base, 10.0)  # the service's default guard, as its close applies it
+        except InvalidUpdate:
+            refused += 1
+    assert refused == 0, f"{refused} of 300 honest means at z {lo:.3f} refused by the guard"

@@ -59,6 +59,7 @@ from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from deltaplane.aggregation.dp import DistributedDP
     from deltaplane.engine import RunConfig
     from deltaplane.serve.app import ServiceConfig, ServiceState
 
@@ -67,9 +68,12 @@ __all__ = [
     "RegistryPublisher",
     "RoundState",
     "check_examples",
+    "check_guard_admits_distributed_dp",
     "check_guard_admits_local_dp",
+    "check_guard_admits_noise",
     "check_round_binding",
     "check_update_norm",
+    "honest_norm_bound",
     "refuse_plaintext_under_secagg",
     "restore_rounds",
     "resume_step",
@@ -189,32 +193,127 @@ def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -
         )
 
 
+#: how far above its mean (σ·√d) the admission checks place the norm of an honest update's noise, in noise stds:
+#: the norm of d independent N(0, σ²) values is 1-Lipschitz in them, so it exceeds σ·(√d + t) with probability
+#: at most exp(−t²/2) (Gaussian concentration), about 1.5·10⁻⁸ at t = 6. The norm's spread (about σ/√2) does
+#: not shrink with d: a bound at its mean plus the clip refused a few percent of honest updates near its edge
+NOISE_NORM_SIGMAS = 6.0
+
+
+def honest_norm_bound(signal: float, noise_std: float, shared: int) -> float:
+    """The largest norm an honest noised update (or mean) reaches, except with probability ≤ 1.5·10⁻⁸: a
+    signal of norm at most ``signal`` plus independent noise of std ``noise_std`` on each of ``shared`` values
+    (triangle inequality, then :data:`NOISE_NORM_SIGMAS`)."""
+    return signal + noise_std * (math.sqrt(shared) + NOISE_NORM_SIGMAS)
+
+
+def check_guard_admits_noise(
+    bound_needed: float,
+    base: dict[str, Any],
+    ratio: float | None,
+    *,
+    what: str,
+    unguarded: str,
+    fix: str = "",
+) -> None:
+    """Refuse (ConfigError) to open a round whose honest noised updates can reach ``bound_needed``
+    (:func:`honest_norm_bound`) while the update-norm guard (:func:`check_update_norm`: ``ratio`` × the base
+    model's norm, at least 1) is below that: the guard would refuse them, after all of the round's work.
+
+    ``what`` says whose noise and what it checks, ``unguarded`` what still bounds updates without the guard,
+    ``fix`` another way out than widening the guard (or "")."""
+    if ratio is None:
+        return
+    base_norm = _base_norm(base)
+    floor = max(base_norm, 1.0)
+    bound = ratio * floor
+    if bound_needed > bound:
+        raise ConfigError(
+            f"{what} can reach a norm of {bound_needed:.4g}, above the service's update-norm guard of "
+            f"{bound:.4g} ({ratio:g}x the base model's norm {base_norm:.4g}), which would refuse it. Restart the "
+            f"service with --max-update-norm-ratio {math.floor(bound_needed / floor) + 1} or 0 (no guard; "
+            f"{unguarded}){fix}"
+        )
+
+
 def check_guard_admits_local_dp(
     run: "RunConfig | None", base: dict[str, Any], local_keys: frozenset[str], ratio: float | None
 ) -> None:
     """Refuse to open a round of a local-DP federation whose noised updates the norm guard would refuse.
 
     Under local DP each device clips its update to ``clip`` and adds Gaussian noise of std ``z·clip`` per
-    coordinate itself, so an honest update's norm is about ``clip·(1 + z·√d)`` (``d`` shared parameters):
-    far above 10x the norm of a small model. A guard below that refuses every update of the round; the
-    operator must widen or remove it (the federation's ``max_update_norm``, if set, still bounds updates).
+    coordinate itself, so an honest update's norm is about ``clip·(1 + z·√d)`` (``d`` shared parameters), and
+    below ``clip·(1 + z·(√d + 6))`` but with probability 1.5·10⁻⁸ (:func:`honest_norm_bound`): far above 10x
+    the norm of a small model. A guard below that refuses every update of the round; the operator must widen
+    or remove it (the federation's ``max_update_norm``, if set, still bounds updates).
     """
     if run is None or run.local_dp_noise <= 0 or ratio is None:
         return
     clip = float(run.clip)  # type: ignore[arg-type]  # local DP needs a numeric clip (RunConfig checks)
     shared = sum(v.numel() for k, v in base.items() if v.is_floating_point() and k not in local_keys)
-    expected = clip * (1 + run.local_dp_noise * math.sqrt(shared))
-    base_norm = _base_norm(base)
-    bound = ratio * max(base_norm, 1.0)
-    if expected > bound:
-        raise ConfigError(
+    check_guard_admits_noise(
+        honest_norm_bound(clip, run.local_dp_noise * clip, shared),
+        base,
+        ratio,
+        what=(
             f"this federation's devices add local DP noise (local_dp_noise={run.local_dp_noise:g}, "
-            f"clip={clip:g}, {shared} shared parameters): an honest update's norm is about {expected:.4g}, above "
-            f"the service's update-norm guard of {bound:.4g} ({ratio:g}x the base model's norm {base_norm:.4g}), "
-            "which would refuse every update of the round. Restart the service with "
-            f"--max-update-norm-ratio {math.ceil(1.5 * expected / max(base_norm, 1.0))} or 0 (no guard; "
-            "the federation's max_update_norm, if set, still bounds each update)"
-        )
+            f"clip={clip:g}, {shared} shared parameters): an honest update"
+        ),
+        unguarded="the federation's max_update_norm, if set, still bounds each update",
+    )
+
+
+def check_guard_admits_distributed_dp(
+    ddp: "DistributedDP",
+    base: dict[str, Any],
+    shared: int,
+    ratio: float | None,
+    *,
+    fewest: int,
+    ring_step: float,
+    group: int,
+) -> None:
+    """Refuse to open a SecAgg round of a distributed-DP federation whose honest noisy mean the guard would refuse.
+
+    Each device clips to C and adds N(0, σ_d²), σ_d = z·C/√m_min, then rounds its values stochastically to
+    the ring's step (unbiased, variance at most step²/4); the close divides the sum of the m survivors by m,
+    so each value of the mean carries noise of std √((σ_d² + step²/4)/m), largest for the fewest survivors
+    the round can publish: ``fewest`` = max(m_min, SecAgg's threshold) (the server unmasks no fewer). The
+    mean of clipped updates has norm at most C; :func:`honest_norm_bound` adds the noise's. On a small model
+    with few devices and a large z that is above the guard, which would refuse every round at close.
+    """
+    if ratio is None:
+        return
+    clip = float(ddp.clipper.estimator.value)
+    sigma = ddp.device_noise_std
+    std = math.sqrt((sigma**2 + ring_step**2 / 4) / fewest)
+    needed = honest_norm_bound(clip, std, shared)
+    # the fewest survivors whose mean would pass: (noise std)² falls as 1/m
+    room = ratio * max(_base_norm(base), 1.0) - clip
+    enough = (
+        math.floor((sigma**2 + ring_step**2 / 4) / (room / (math.sqrt(shared) + NOISE_NORM_SIGMAS)) ** 2) + 1
+        if room > 0
+        else None
+    )
+    fix = (
+        f", or open the round with a threshold of at least {enough} (the server then unmasks the mean of no fewer "
+        "devices, and a mean of more devices carries less noise)"
+        if enough is not None and enough <= group
+        else ""
+    )
+    check_guard_admits_noise(
+        needed,
+        base,
+        ratio,
+        what=(
+            f"this federation's devices add distributed DP noise (dp_noise={ddp.noise_multiplier:g}, "
+            f"clip={clip:g}, σ_d={sigma:.4g} per device, calibrated to secagg_min_contributors={ddp.min_contributors}"
+            f"): the unmasked mean of the fewest devices this round can publish ({fewest}, the larger of m_min and "
+            f"the round's threshold), over {shared} shared parameters, with noise std {std:.4g} per value,"
+        ),
+        unguarded="the SecAgg decoder still refuses a mean outside the ring's range",
+        fix=fix,
+    )
 
 
 def refuse_plaintext_under_secagg(config: "ServiceConfig", model: str, who: str) -> None:

@@ -77,7 +77,13 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundLost
 from deltaplane.registry import Governance
-from deltaplane.serve.rounds import check_update_norm, resume_step, step_bytes, undo_on_failure
+from deltaplane.serve.rounds import (
+    check_guard_admits_distributed_dp,
+    check_update_norm,
+    resume_step,
+    step_bytes,
+    undo_on_failure,
+)
 from deltaplane.serve.rounds_store import RoundStore
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
@@ -578,6 +584,16 @@ def install_secagg_routes(
             except SecAggError as exc:
                 raise ConfigError(str(exc)) from None
             _check_message_caps(cfg, config.max_upload_bytes)
+            if isinstance(ddp, DistributedDP):  # the guard at close must admit the honest noisy mean
+                check_guard_admits_distributed_dp(
+                    ddp,
+                    state.base_state(model, base),
+                    like.numel(),
+                    config.max_update_norm_ratio,
+                    fewest=max(m_min, cfg.threshold),  # the server unmasks no fewer masked inputs
+                    ring_step=2 * clip_range / ((1 << bits) - 1),
+                    group=group,
+                )
             return cfg
 
         with state.lock:
