@@ -242,3 +242,34 @@ def test_deltaplane_serve_starts_and_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_dashboard_refuses_plain_http_off_loopback_like_serve(cli, tmp_path, monkeypatch):
+    """`deltaplane ui --host 0.0.0.0` served the sign-in form (the admin token) and the session cookie over
+    plain HTTP to the network, where `deltaplane serve` refuses to: it now has serve's --tls-cert/--tls-key and
+    --insecure-http (behind a TLS proxy) and the same refusal."""
+    import deltaplane.serve as serve_module
+    from deltaplane.serve.tls import make_tls_bundle
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    r = cli("ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20)
+    assert r.exit_code == 2 and "refusing plain HTTP on 0.0.0.0" in r.output, r.output
+    assert served == []
+    r = cli("ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20, "--insecure-http")
+    assert r.exit_code == 0 and served[-1]["host"] == "0.0.0.0" and not served[-1].get("ssl_options"), (
+        r.output
+    )
+    bundle = make_tls_bundle(tmp_path / "tls")
+    r = cli(
+        "ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20,
+        "--tls-cert", str(bundle.server_cert), "--tls-key", str(bundle.server_key),
+    )  # fmt: skip
+    assert r.exit_code == 0 and served[-1]["ssl_options"]["ssl_certfile"], r.output
+    assert "https://0.0.0.0:8050/ui/" in r.output
+    r = cli("ui", "--runs", str(runs), "--admin-token", "a" * 20, "--tls-cert", str(bundle.server_cert))
+    assert r.exit_code == 2 and "--tls-cert and --tls-key go together" in r.output, r.output
+    assert cli("ui", "--runs", str(runs), "--admin-token", "a" * 20).exit_code == 0  # loopback: plain is fine
+    assert served[-1]["host"] == "127.0.0.1"
