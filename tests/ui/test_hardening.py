@@ -278,6 +278,25 @@ def test_a_sign_out_survives_a_restart_of_the_dashboard(tmp_path):
     assert stolen not in dump and stolen.rsplit(".", 1)[1] not in dump
 
 
+def test_a_sign_out_ends_the_session_in_every_dashboard_on_the_registry(tmp_path):
+    """`deltaplane serve` and `deltaplane ui` on one registry with one DELTAPLANE_ADMIN_TOKEN accept the same
+    cookie (a browser sends a host's cookies to every port). Revocations were read from the database once, at
+    a dashboard's first request: signing out in one left the cookie (and any copy of it) valid in the other,
+    which had already served a page, until it was restarted."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    serve_ui = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    alone_ui = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    browser = TestClient(serve_ui)
+    assert browser.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    cookie = browser.cookies.get("deltaplane_ui")
+    other = TestClient(alone_ui, cookies={"deltaplane_ui": cookie})
+    assert other.get("/ui/fleet", follow_redirects=False).status_code == 200  # both have served it
+    assert browser.post("/ui/logout", follow_redirects=False).status_code == 303
+    r = other.get("/ui/fleet", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+
+
 def test_a_sign_out_that_cannot_be_saved_answers_503_and_still_ends_the_session_here(tmp_path):
     """The registry refuses the write (a trigger stands in for a full disk or a read-only database): the page
     says 503 with the cause and what it means, clears the cookie, and this process still refuses a copy of it;

@@ -148,7 +148,9 @@ def create_ui_router(
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
-    revoked = RevokedSessions(lambda: registry.registry)  # kept in its database: a restart remembers
+    revoked = RevokedSessions(
+        lambda: registry.registry
+    )  # in its database: restarts and other processes see it
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
