@@ -211,6 +211,20 @@ def _registry(home: Path) -> Registry:
     return reg
 
 
+@pytest.mark.parametrize("report", ["a\x00b", "a" * 300, "ok/" + "b" * 300])
+def test_a_report_folder_the_filesystem_refuses_is_a_404_not_a_500(tmp_path, report):
+    """A ``report=`` with a NUL byte (ValueError from the path calls) or a name longer than the filesystem's
+    255 bytes (OSError ENAMETOOLONG from ``is_file``) escaped as a 500, on the run page and the compare page."""
+    runs = tmp_path / "runs"
+    _report(runs, "ok", _good())
+    ui = _ui(runs)
+    for r in (
+        ui.get("/ui/run", params={"report": report, "name": "a"}, headers=BEARER),
+        ui.get("/ui/compare", params={"run": [f"{report}::a", "ok::a"]}, headers=BEARER),
+    ):
+        assert r.status_code == 404 and "no report" in unescape(r.text), r.text[:300]
+
+
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
 def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
     home = tmp_path / "home"

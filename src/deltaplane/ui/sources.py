@@ -141,10 +141,15 @@ class RunsSource:
         """The report document of folder ``report`` (relative to the root); NotFound outside the root."""
         if self.root is None:
             raise NotFound("this dashboard was started without a runs folder")
-        path = (self.root / report / "report.json").resolve()
-        if not path.is_relative_to(self.root) or _hidden(Path(report)) or not path.is_file():
-            raise NotFound(f"no report {report!r} under {self.root}")
-        if path.stat().st_size > MAX_REPORT_BYTES:
+        missing = NotFound(f"no report {report!r} under {self.root}")
+        try:
+            path = (self.root / report / "report.json").resolve()
+            if not path.is_relative_to(self.root) or _hidden(Path(report)) or not path.is_file():
+                raise missing
+            size = path.stat().st_size
+        except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem: no such report
+            raise missing from None
+        if size > MAX_REPORT_BYTES:
             raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
         return check_report(load_report(path), report)
 
