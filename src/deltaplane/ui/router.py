@@ -268,11 +268,13 @@ def create_ui_router(
 
     @router.get("/run", dependencies=[Admin])
     def run_detail(
-        report: Annotated[str, Query(max_length=1024)], name: Annotated[str, Query(max_length=256)]
+        report: Annotated[str, Query(max_length=1024)],
+        name: Annotated[str, Query(max_length=256)],
+        rounds: Page = 1,
     ) -> Response:
         def render() -> str:
             doc, run = runs.run(RunRef(report, name))
-            return pages.run_page(report, doc, run)
+            return pages.run_page(report, doc, run, rounds)
 
         return guarded(render)
 

@@ -345,7 +345,6 @@ class RegistryView:
             "model": model,
             "versions": rows,
             "version_count": len(versions),
-            "artifacts": versions,
             "tags": tags,
             "history": history,
             "decisions": reg.promotion_decisions(model),
