@@ -225,6 +225,22 @@ def test_a_report_folder_the_filesystem_refuses_is_a_404_not_a_500(tmp_path, rep
         assert r.status_code == 404 and "no report" in unescape(r.text), r.text[:300]
 
 
+def test_a_report_linked_from_outside_the_runs_folder_is_left_out_with_the_reason(tmp_path):
+    """A ``report.json`` that is a symbolic link to a file outside ``--runs`` was read and its runs listed,
+    while the run page refuses it (404: outside the runs folder), so every link to it was dead. The listing
+    applies the same rule and says why it left the report out."""
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    _report(runs, "inside", _good("kept"))
+    _report(elsewhere, "x", _good("outside"))
+    (runs / "linked").mkdir()
+    (runs / "linked" / "report.json").symlink_to(elsewhere / "x" / "report.json")
+    c = _ui(runs)
+    r = c.get("/ui/runs", headers=BEARER)
+    assert "inside / kept" in r.text and "linked / outside" not in r.text
+    assert "outside the runs folder" in unescape(r.text.split('id="skipped-reports"')[1])
+    assert c.get("/ui/run", params={"report": "linked", "name": "outside"}, headers=BEARER).status_code == 404
+
+
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
 def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
     home = tmp_path / "home"

@@ -170,6 +170,9 @@ class RunsSource:
         skipped: list[tuple[str, str]] = []
         found = self._found()
         for rel, path, stamp in found:
+            if not self._inside(path):  # as load() refuses it: its run pages could not be opened
+                skipped.append((rel, "report.json is a link to a file outside the runs folder"))
+                continue
             with self._lock:
                 cached = self._parsed.get(path)
             if cached is None or cached[0] != stamp:
@@ -188,6 +191,13 @@ class RunsSource:
             for path in [p for p in self._parsed if p not in keep]:
                 del self._parsed[path]
         return Listing(rows, skipped)
+
+    def _inside(self, path: Path) -> bool:
+        """Whether ``path`` (found under the root) still lies under it once its links are followed."""
+        try:
+            return self.root is not None and path.resolve().is_relative_to(self.root)
+        except (OSError, ValueError):
+            return False
 
 
 def _hidden(rel: Path) -> bool:
