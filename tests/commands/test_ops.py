@@ -273,3 +273,21 @@ def test_the_dashboard_refuses_plain_http_off_loopback_like_serve(cli, tmp_path,
     assert r.exit_code == 2 and "--tls-cert and --tls-key go together" in r.output, r.output
     assert cli("ui", "--runs", str(runs), "--admin-token", "a" * 20).exit_code == 0  # loopback: plain is fine
     assert served[-1]["host"] == "127.0.0.1"
+
+
+def test_the_dashboard_refuses_a_port_out_of_range_and_a_runs_file(cli, tmp_path, monkeypatch):
+    """`ui --port 70000` started and printed http://127.0.0.1:70000/ui/ (uvicorn bound another port, or none:
+    `--port -1` only logged an error), and `ui --runs FILE` served an empty dashboard as if no run existed."""
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    for port in ("70000", "0", "-1"):
+        for command in ("ui", "serve"):
+            r = cli(command, "--port", port, "--admin-token", "a" * 20)
+            assert r.exit_code == 2 and "--port" in r.output, (command, port, r.output)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder of runs")
+    r = cli("ui", "--runs", str(afile), "--admin-token", "a" * 20)
+    assert r.exit_code == 2 and "--runs" in r.output and "is a file" in r.output, r.output
+    assert served == []

@@ -54,6 +54,8 @@ InsecureHttp = Annotated[
     ),
 ]
 
+#: A TCP port to listen on (uvicorn takes 70000 without a word and binds another, or none for -1).
+Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
 
 Trusted = Annotated[
     Path | None,
@@ -694,7 +696,7 @@ def register(app: typer.Typer) -> None:
     def serve_cmd(
         home: Home = None,
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+        port: Port = 8000,
         admin_token: Annotated[
             str | None,
             typer.Option(envvar="DELTAPLANE_ADMIN_TOKEN", help="Admin bearer token (>= 16 chars)."),
@@ -868,7 +870,7 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--runs", help="Folder searched for run reports (report.json).")
         ] = Path("runs"),
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="TCP port.")] = 8050,
+        port: Port = 8050,
         admin_token: Annotated[
             str | None,
             typer.Option(envvar="DELTAPLANE_ADMIN_TOKEN", help="Token to sign in with (>= 16 chars)."),
@@ -894,6 +896,8 @@ def register(app: typer.Typer) -> None:
             reg_home = _home(home)
             if reg_home.exists() and not reg_home.is_dir():
                 raise ConfigError(f"--home {reg_home} is a file; give the registry's folder")
+            if runs_dir.exists() and not runs_dir.is_dir():
+                raise ConfigError(f"--runs {runs_dir} is a file; give the folder the run reports are under")
             if home is not None and not (reg_home / "registry.db").exists():
                 err_console.print(f"no registry in {reg_home}: showing the runs only")
             ssl_options = _listen_ssl(host, tls_cert, tls_key, None, insecure_http)
