@@ -427,6 +427,32 @@ def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypa
     assert ">@65</text>" in first and ">@15</text>" in older and ">@15</text>" not in first
 
 
+def test_the_registry_table_is_paged_and_reads_only_its_page(tmp_path, monkeypatch):
+    """The registry page listed every model, reading each one's versions and verified tags on every view (and
+    the overview did the same to count them): the page grew, and its work too, with the registry."""
+    home = tmp_path / "home"
+    reg = _registry(home)
+    with reg.transaction():
+        for i in range(119):
+            reg.register_model(f"model-{i:03d}", {"w": torch.zeros(2)})
+    looked_up: list[str] = []
+    real = Registry.versions
+    monkeypatch.setattr(
+        Registry,
+        "versions",
+        lambda self, model, *a, **kw: looked_up.append(model) or real(self, model, *a, **kw),
+    )
+    c = _ui(home=home)
+    first = c.get("/ui/registry", headers=BEARER).text
+    assert first.count('<a href="/ui/registry/') == 50 and "rows 1–50 of 120" in first
+    assert len(looked_up) == 50
+    last = c.get("/ui/registry?page=3", headers=BEARER).text
+    assert last.count('<a href="/ui/registry/') == 20 and "model-118" in last and "model-000" not in last
+    looked_up.clear()
+    overview = c.get("/ui/", headers=BEARER).text
+    assert '<div class="v" data-field="models">120</div>' in overview and len(looked_up) == 50
+
+
 def test_the_per_round_table_of_a_run_is_paged(tmp_path):
     """A run's page printed one table row per round for every round: a report of the allowed 64 MiB made a page
     of about 220 MB (3.4 bytes of HTML per byte of report) built in memory per view. The rounds table is paged

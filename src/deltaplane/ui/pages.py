@@ -160,7 +160,7 @@ def _skipped(skipped: Sequence[tuple[str, str]]) -> str:
 
 def home_page(
     runs: Sequence[Mapping[str, Any]],
-    models: Sequence[Mapping[str, Any]],
+    models: int,
     fleet: Mapping[str, Any] | None,
     skipped: Sequence[tuple[str, str]] = (),
     registry_error: str = "",
@@ -169,7 +169,7 @@ def home_page(
     devices = len(fleet.get("devices", [])) if fleet else None
     cards = (
         _card("runs", str(len(runs)), "runs")
-        + _card("models", str(len(models)), "models")
+        + _card("models", str(models), "models")
         + _card("open rounds", "—" if open_rounds is None else str(open_rounds), "open_rounds")
         + _card("devices seen", "—" if devices is None else str(devices), "devices")
     )
@@ -377,7 +377,8 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
     return _page("Compare runs", body, here="/ui/runs")
 
 
-def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
+def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1) -> str:
+    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all)."""
     rows = [
         f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
@@ -389,7 +390,9 @@ def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
     where = f"<p>Registry at <code>{escape(home)}</code>.</p>" if home else "<p>No registry configured.</p>"
     return _page(
         "Registry",
-        where + _table(["model", "versions", "deltas", "latest", "tags"], rows, table_id="models"),
+        where
+        + _table(["model", "versions", "deltas", "latest", "tags"], rows, table_id="models")
+        + _pager("/ui/registry", {}, "page", page, total),
         here="/ui/registry",
     )
 

@@ -297,17 +297,19 @@ class RegistryView:
                 self._registry = Registry(self.home)
         return self._registry
 
-    def models(self) -> list[dict[str, Any]]:
-        """One row per model for the registry table; :class:`RegistryUnavailable` when it cannot be read."""
+    def models(self, *, page: int = 1, per_page: int = PAGE_ROWS) -> tuple[list[dict[str, Any]], int]:
+        """(one row per model of page ``page``, how many models in all) for the registry table: only the page's
+        models are read; :class:`RegistryUnavailable` when the registry cannot be read."""
         with _readable(self.home):
-            return self._models()
+            return self._models(page, per_page)
 
-    def _models(self) -> list[dict[str, Any]]:
+    def _models(self, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
         reg = self.registry
         if reg is None:
-            return []
+            return [], 0
+        names = reg.models()
         rows = []
-        for model in reg.models():
+        for model in names[(page - 1) * per_page : page * per_page]:
             versions = reg.versions(model)
             rows.append(
                 {
@@ -318,7 +320,7 @@ class RegistryView:
                     "tags": reg.tags(model, verify=True),
                 }
             )
-        return rows
+        return rows, len(names)
 
     def model(self, model: str, *, page: int = 1, per_page: int = PAGE_ROWS) -> dict[str, Any]:
         """Everything the model page shows: versions (newest first, page ``page`` of ``per_page``; only those
