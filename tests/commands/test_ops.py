@@ -242,3 +242,52 @@ def test_deltaplane_serve_starts_and_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_dashboard_refuses_plain_http_off_loopback_like_serve(cli, tmp_path, monkeypatch):
+    """`deltaplane ui --host 0.0.0.0` served the sign-in form (the admin token) and the session cookie over
+    plain HTTP to the network, where `deltaplane serve` refuses to: it now has serve's --tls-cert/--tls-key and
+    --insecure-http (behind a TLS proxy) and the same refusal."""
+    import deltaplane.serve as serve_module
+    from deltaplane.serve.tls import make_tls_bundle
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    r = cli("ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20)
+    assert r.exit_code == 2 and "refusing plain HTTP on 0.0.0.0" in r.output, r.output
+    assert served == []
+    r = cli("ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20, "--insecure-http")
+    assert r.exit_code == 0 and served[-1]["host"] == "0.0.0.0" and not served[-1].get("ssl_options"), (
+        r.output
+    )
+    bundle = make_tls_bundle(tmp_path / "tls")
+    r = cli(
+        "ui", "--runs", str(runs), "--host", "0.0.0.0", "--admin-token", "a" * 20,
+        "--tls-cert", str(bundle.server_cert), "--tls-key", str(bundle.server_key),
+    )  # fmt: skip
+    assert r.exit_code == 0 and served[-1]["ssl_options"]["ssl_certfile"], r.output
+    assert "https://0.0.0.0:8050/ui/" in r.output
+    r = cli("ui", "--runs", str(runs), "--admin-token", "a" * 20, "--tls-cert", str(bundle.server_cert))
+    assert r.exit_code == 2 and "--tls-cert and --tls-key go together" in r.output, r.output
+    assert cli("ui", "--runs", str(runs), "--admin-token", "a" * 20).exit_code == 0  # loopback: plain is fine
+    assert served[-1]["host"] == "127.0.0.1"
+
+
+def test_the_dashboard_refuses_a_port_out_of_range_and_a_runs_file(cli, tmp_path, monkeypatch):
+    """`ui --port 70000` started and printed http://127.0.0.1:70000/ui/ (uvicorn bound another port, or none:
+    `--port -1` only logged an error), and `ui --runs FILE` served an empty dashboard as if no run existed."""
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    for port in ("70000", "0", "-1"):
+        for command in ("ui", "serve"):
+            r = cli(command, "--port", port, "--admin-token", "a" * 20)
+            assert r.exit_code == 2 and "--port" in r.output, (command, port, r.output)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder of runs")
+    r = cli("ui", "--runs", str(afile), "--admin-token", "a" * 20)
+    assert r.exit_code == 2 and "--runs" in r.output and "is a file" in r.output, r.output
+    assert served == []

@@ -211,6 +211,36 @@ def _registry(home: Path) -> Registry:
     return reg
 
 
+@pytest.mark.parametrize("report", ["a\x00b", "a" * 300, "ok/" + "b" * 300])
+def test_a_report_folder_the_filesystem_refuses_is_a_404_not_a_500(tmp_path, report):
+    """A ``report=`` with a NUL byte (ValueError from the path calls) or a name longer than the filesystem's
+    255 bytes (OSError ENAMETOOLONG from ``is_file``) escaped as a 500, on the run page and the compare page."""
+    runs = tmp_path / "runs"
+    _report(runs, "ok", _good())
+    ui = _ui(runs)
+    for r in (
+        ui.get("/ui/run", params={"report": report, "name": "a"}, headers=BEARER),
+        ui.get("/ui/compare", params={"run": [f"{report}::a", "ok::a"]}, headers=BEARER),
+    ):
+        assert r.status_code == 404 and "no report" in unescape(r.text), r.text[:300]
+
+
+def test_a_report_linked_from_outside_the_runs_folder_is_left_out_with_the_reason(tmp_path):
+    """A ``report.json`` that is a symbolic link to a file outside ``--runs`` was read and its runs listed,
+    while the run page refuses it (404: outside the runs folder), so every link to it was dead. The listing
+    applies the same rule and says why it left the report out."""
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    _report(runs, "inside", _good("kept"))
+    _report(elsewhere, "x", _good("outside"))
+    (runs / "linked").mkdir()
+    (runs / "linked" / "report.json").symlink_to(elsewhere / "x" / "report.json")
+    c = _ui(runs)
+    r = c.get("/ui/runs", headers=BEARER)
+    assert "inside / kept" in r.text and "linked / outside" not in r.text
+    assert "outside the runs folder" in unescape(r.text.split('id="skipped-reports"')[1])
+    assert c.get("/ui/run", params={"report": "linked", "name": "outside"}, headers=BEARER).status_code == 404
+
+
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
 def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
     home = tmp_path / "home"
@@ -276,6 +306,25 @@ def test_a_sign_out_survives_a_restart_of_the_dashboard(tmp_path):
     with sqlite3.connect(home / "registry.db") as con:
         dump = "\n".join(con.iterdump())
     assert stolen not in dump and stolen.rsplit(".", 1)[1] not in dump
+
+
+def test_a_sign_out_ends_the_session_in_every_dashboard_on_the_registry(tmp_path):
+    """`deltaplane serve` and `deltaplane ui` on one registry with one DELTAPLANE_ADMIN_TOKEN accept the same
+    cookie (a browser sends a host's cookies to every port). Revocations were read from the database once, at
+    a dashboard's first request: signing out in one left the cookie (and any copy of it) valid in the other,
+    which had already served a page, until it was restarted."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    serve_ui = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    alone_ui = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    browser = TestClient(serve_ui)
+    assert browser.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    cookie = browser.cookies.get("deltaplane_ui")
+    other = TestClient(alone_ui, cookies={"deltaplane_ui": cookie})
+    assert other.get("/ui/fleet", follow_redirects=False).status_code == 200  # both have served it
+    assert browser.post("/ui/logout", follow_redirects=False).status_code == 303
+    r = other.get("/ui/fleet", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
 
 
 def test_a_sign_out_that_cannot_be_saved_answers_503_and_still_ends_the_session_here(tmp_path):
@@ -372,6 +421,66 @@ def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypa
     assert "move 119" in first and "move 0<" not in first
     older = c.get("/ui/registry/digits?page=2&history=3", headers=BEARER).text
     assert older.count("<tr data-version=") == 15 and older.count("move ") == 20 and "move 0<" in older
+    # the lineage graph drew every version of the model whatever the page (one box and arrow per version: a
+    # model with 100,000 versions made a 32 MB page); it draws the versions of the page shown
+    assert first.count("<rect") == 50 and older.count("<rect") == 15
+    assert ">@65</text>" in first and ">@15</text>" in older and ">@15</text>" not in first
+
+
+def test_the_registry_table_is_paged_and_reads_only_its_page(tmp_path, monkeypatch):
+    """The registry page listed every model, reading each one's versions and verified tags on every view (and
+    the overview did the same to count them): the page grew, and its work too, with the registry."""
+    home = tmp_path / "home"
+    reg = _registry(home)
+    with reg.transaction():
+        for i in range(119):
+            reg.register_model(f"model-{i:03d}", {"w": torch.zeros(2)})
+    looked_up: list[str] = []
+    real = Registry.versions
+    monkeypatch.setattr(
+        Registry,
+        "versions",
+        lambda self, model, *a, **kw: looked_up.append(model) or real(self, model, *a, **kw),
+    )
+    c = _ui(home=home)
+    first = c.get("/ui/registry", headers=BEARER).text
+    assert first.count('<a href="/ui/registry/') == 50 and "rows 1–50 of 120" in first
+    assert len(looked_up) == 50
+    last = c.get("/ui/registry?page=3", headers=BEARER).text
+    assert last.count('<a href="/ui/registry/') == 20 and "model-118" in last and "model-000" not in last
+    looked_up.clear()
+    overview = c.get("/ui/", headers=BEARER).text
+    assert '<div class="v" data-field="models">120</div>' in overview and len(looked_up) == 50
+
+
+def test_the_per_round_table_of_a_run_is_paged(tmp_path):
+    """A run's page printed one table row per round for every round: a report of the allowed 64 MiB made a page
+    of about 220 MB (3.4 bytes of HTML per byte of report) built in memory per view. The rounds table is paged
+    (500 rows, ``?rounds=N``); the charts still draw every round."""
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"][0]["rounds"] = [{"round": i, "test_accuracy": 0.5} for i in range(1, 1201)]
+    _report(runs, "long", doc)
+    c = _ui(runs)
+    first = c.get("/ui/run", params={"report": "long", "name": "a"}, headers=BEARER)
+    assert first.status_code == 200 and first.text.count("<tr data-round=") == 500
+    assert "rows 1–500 of 1200" in first.text and 'data-round="500"' in first.text
+    last = c.get("/ui/run", params={"report": "long", "name": "a", "rounds": 3}, headers=BEARER).text
+    assert (
+        last.count("<tr data-round=") == 200 and 'data-round="1200"' in last and 'data-round="1"' not in last
+    )
+    assert "rounds=2" in last and "report=long" in last  # the pager keeps the run
+
+
+def test_a_run_page_links_to_a_bounded_number_of_runs_to_compare_with(tmp_path):
+    """The run page listed a "compare with" link for every other run of its report, however many."""
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"] = [dict(doc["runs"][0], name=f"run{i:03d}") for i in range(120)]
+    _report(runs, "many", doc)
+    r = _ui(runs).get("/ui/run", params={"report": "many", "name": "run000"}, headers=BEARER)
+    assert r.status_code == 200 and r.text.count("compare with ") == 50
+    assert "and 69 more" in r.text and 'href="/ui/runs"' in r.text
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,25 @@ Home = Annotated[
 ]
 
 
+#: HTTPS for ``serve`` and ``ui`` (see :func:`_listen_ssl`).
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(
+        help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).",
+        show_default="none: plain HTTP, loopback only",
+    ),
+]
+TlsKey = Annotated[Path | None, typer.Option(help="Its private key (PEM).", show_default="none")]
+InsecureHttp = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-http", help="Allow plain HTTP on a non-loopback interface (behind a TLS proxy)."
+    ),
+]
+
+#: A TCP port to listen on (uvicorn takes 70000 without a word and binds another, or none for -1).
+Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
+
 Trusted = Annotated[
     Path | None,
     typer.Option(
@@ -78,6 +97,30 @@ def _home(home: Path | None) -> Path:
     from deltaplane.registry import default_home
 
     return home if home is not None else default_home()
+
+
+def _listen_ssl(
+    host: str, tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None, insecure_http: bool
+) -> dict[str, Any] | None:
+    """uvicorn's TLS options for ``serve`` and ``ui`` (None: plain HTTP), refusing plain HTTP off loopback.
+
+    Both put the admin sign-in form and its session cookie on the wire: over plain HTTP on a network interface
+    anyone on the path reads the token, so that needs TLS here or an explicit ``--insecure-http`` (a
+    TLS-terminating proxy in front).
+    """
+    from deltaplane.serve.tls import server_ssl_options
+
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    ssl_options = server_ssl_options(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+    if ssl_options is None and host not in ("127.0.0.1", "::1", "localhost") and not insecure_http:
+        raise ConfigError(
+            f"refusing plain HTTP on {host}: pass --tls-cert/--tls-key (make them with "
+            "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
+        )
+    return ssl_options
 
 
 def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -653,7 +696,7 @@ def register(app: typer.Typer) -> None:
     def serve_cmd(
         home: Home = None,
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+        port: Port = 8000,
         admin_token: Annotated[
             str | None,
             typer.Option(envvar="DELTAPLANE_ADMIN_TOKEN", help="Admin bearer token (>= 16 chars)."),
@@ -754,28 +797,15 @@ def register(app: typer.Typer) -> None:
                 help="Refuse uploads whose norm exceeds this many times the base model's (0: no guard).",
             ),
         ] = 10.0,
-        tls_cert: Annotated[
-            Path | None,
-            typer.Option(
-                help="Server certificate (PEM) for HTTPS (`deltaplane keys tls`).",
-                show_default="none: plain HTTP, loopback only",
-            ),
-        ] = None,
-        tls_key: Annotated[
-            Path | None, typer.Option(help="Its private key (PEM).", show_default="none")
-        ] = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
         tls_client_ca: Annotated[
             Path | None,
             typer.Option(
                 help="Require device certificates signed by this CA (mutual TLS).", show_default="none"
             ),
         ] = None,
-        insecure_http: Annotated[
-            bool,
-            typer.Option(
-                "--insecure-http", help="Allow plain HTTP on a non-loopback interface (behind a TLS proxy)."
-            ),
-        ] = False,
+        insecure_http: InsecureHttp = False,
         threads: Threads = DEFAULT_THREADS,
     ) -> None:
         """Start the device-facing HTTP(S) service (OpenAPI docs at /docs, dashboard at /ui).
@@ -787,7 +817,6 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
-        from deltaplane.serve.tls import server_ssl_options
 
         with _errors():
             check_threads(threads)
@@ -827,18 +856,7 @@ def register(app: typer.Typer) -> None:
                 max_update_norm_ratio=max_update_norm_ratio or None,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
-            if (tls_cert is None) != (tls_key is None):
-                raise ConfigError("--tls-cert and --tls-key go together")
-            if tls_client_ca is not None and tls_cert is None:
-                raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-            ssl_options = (
-                server_ssl_options(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
-            )
-            if ssl_options is None and host not in ("127.0.0.1", "::1", "localhost") and not insecure_http:
-                raise ConfigError(
-                    f"refusing plain HTTP on {host}: pass --tls-cert/--tls-key (make them with "
-                    "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
-                )
+            ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         scheme = "https" if ssl_options else "http"
         err_console.print(f"dashboard: {scheme}://{host}:{port}/ui/ (sign in with the admin token)")
@@ -852,13 +870,20 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--runs", help="Folder searched for run reports (report.json).")
         ] = Path("runs"),
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="TCP port.")] = 8050,
+        port: Port = 8050,
         admin_token: Annotated[
             str | None,
             typer.Option(envvar="DELTAPLANE_ADMIN_TOKEN", help="Token to sign in with (>= 16 chars)."),
         ] = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
+        insecure_http: InsecureHttp = False,
     ) -> None:
-        """Serve the dashboard (runs and registry, no fleet) for a registry home and a runs folder."""
+        """Serve the dashboard (runs and registry, no fleet) for a registry home and a runs folder.
+
+        Plain HTTP on loopback only, as ``deltaplane serve``: another --host needs --tls-cert/--tls-key, or
+        --insecure-http behind a TLS-terminating proxy.
+        """
         import secrets
 
         from deltaplane.serve import serve
@@ -871,12 +896,15 @@ def register(app: typer.Typer) -> None:
             reg_home = _home(home)
             if reg_home.exists() and not reg_home.is_dir():
                 raise ConfigError(f"--home {reg_home} is a file; give the registry's folder")
+            if runs_dir.exists() and not runs_dir.is_dir():
+                raise ConfigError(f"--runs {runs_dir} is a file; give the folder the run reports are under")
             if home is not None and not (reg_home / "registry.db").exists():
                 err_console.print(f"no registry in {reg_home}: showing the runs only")
+            ssl_options = _listen_ssl(host, tls_cert, tls_key, None, insecure_http)
             app_ = create_ui_app(
                 admin_token=token,
                 runs_dir=str(runs_dir),
                 registry_home=str(reg_home) if (reg_home / "registry.db").exists() else None,
             )
-        err_console.print(f"dashboard: http://{host}:{port}/ui/")
-        serve(app_, host=host, port=port)
+        err_console.print(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/")
+        serve(app_, host=host, port=port, ssl_options=ssl_options)

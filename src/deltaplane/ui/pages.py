@@ -99,21 +99,27 @@ def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> s
     return f"<table{tid}><thead><tr>{ths}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _page_of(items: Sequence[Any], page: int) -> list[Any]:
-    """Page ``page`` (from 1) of ``items``, :data:`PAGE_ROWS` a page."""
-    return list(items[(page - 1) * PAGE_ROWS : page * PAGE_ROWS])
+#: Rows per page of a run's per-round table: a whole ordinary run on one page, a bounded page for a long one.
+ROUND_ROWS = 500
 
 
-def _pager(path: str, query: Mapping[str, Any], param: str, page: int, total: int) -> str:
+def _page_of(items: Sequence[Any], page: int, per: int = PAGE_ROWS) -> list[Any]:
+    """Page ``page`` (from 1) of ``items``, ``per`` a page."""
+    return list(items[(page - 1) * per : page * per])
+
+
+def _pager(
+    path: str, query: Mapping[str, Any], param: str, page: int, total: int, per: int = PAGE_ROWS
+) -> str:
     """ "rows a–b of n" with links to the previous and next page (the other query parameters kept)."""
-    if total <= PAGE_ROWS and page == 1:
+    if total <= per and page == 1:
         return ""
-    last = max(1, -(-total // PAGE_ROWS))
+    last = max(1, -(-total // per))
 
     def link(n: int, label: str) -> str:
         return f'<a href="{escape(path)}?{escape(urlencode({**query, param: n}))}" rel="nofollow">{label}</a>'
 
-    first_row, last_row = min(total, (page - 1) * PAGE_ROWS + 1), min(total, page * PAGE_ROWS)
+    first_row, last_row = min(total, (page - 1) * per + 1), min(total, page * per)
     parts = [f"rows {first_row}–{last_row} of {total}"]
     if page > 1:
         parts.append(link(min(page - 1, last), "← newer"))
@@ -154,7 +160,7 @@ def _skipped(skipped: Sequence[tuple[str, str]]) -> str:
 
 def home_page(
     runs: Sequence[Mapping[str, Any]],
-    models: Sequence[Mapping[str, Any]],
+    models: int,
     fleet: Mapping[str, Any] | None,
     skipped: Sequence[tuple[str, str]] = (),
     registry_error: str = "",
@@ -163,7 +169,7 @@ def home_page(
     devices = len(fleet.get("devices", [])) if fleet else None
     cards = (
         _card("runs", str(len(runs)), "runs")
-        + _card("models", str(len(models)), "models")
+        + _card("models", str(models), "models")
         + _card("open rounds", "—" if open_rounds is None else str(open_rounds), "open_rounds")
         + _card("devices seen", "—" if devices is None else str(devices), "devices")
     )
@@ -258,7 +264,8 @@ _ROUND_COLUMNS = (
 )
 
 
-def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str) -> str:
+def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str, page: int = 1) -> str:
+    """Page ``page`` of the per-round table; its columns are those any round of the run fills."""
     cols = [
         c
         for c in _ROUND_COLUMNS
@@ -268,7 +275,7 @@ def _rounds_table(rounds: Sequence[Mapping[str, Any]], table_id: str) -> str:
         f'<tr data-round="{escape(str(r.get("round")))}">'
         + "".join(_num(r.get(k), f, k) for _, k, f in cols)
         + "</tr>"
-        for r in rounds
+        for r in _page_of(rounds, page, ROUND_ROWS)
     ]
     return _table([h for h, _, _ in cols], rows, table_id=table_id)
 
@@ -299,7 +306,8 @@ def _fmt(v: Any, fmt: str) -> str:
         return escape(str(v))
 
 
-def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str:
+def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any], rounds_page: int = 1) -> str:
+    """One run: headline, charts of every round, page ``rounds_page`` of the per-round table, config."""
     rounds = run.get("rounds", [])
     stopped = (
         f'<p class="bad" data-field="stopped">{escape(str(run["stopped"]))}</p>' if run.get("stopped") else ""
@@ -308,15 +316,23 @@ def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any]) -> str
     compare = "".join(
         f'<li><a href="/ui/compare?{urlencode([("run", report + "::" + run["name"]), ("run", report + "::" + o)])}">'
         f"compare with {escape(o)}</a></li>"
-        for o in others
+        for o in others[:PAGE_ROWS]
     )
+    if len(others) > PAGE_ROWS:  # a report of many runs: the runs table pages through them all
+        compare += (
+            f'<li class="muted">and {len(others) - PAGE_ROWS} more: tick two on the '
+            '<a href="/ui/runs">runs table</a></li>'
+        )
     body = (
         f"<p>Report <code>{escape(report)}</code> · {escape(str(doc.get('title', '')))}</p>{stopped}"
         + _headline(run)
         + (f"<ul>{compare}</ul>" if compare else "")
         + run_charts([run])
         + "<h2>Per round</h2>"
-        + _rounds_table(rounds, "rounds")
+        + _rounds_table(rounds, "rounds", rounds_page)
+        + _pager(
+            "/ui/run", {"report": report, "name": run["name"]}, "rounds", rounds_page, len(rounds), ROUND_ROWS
+        )
         + "<h2>Configuration</h2>"
         + f'<pre id="config">{escape(json.dumps(run.get("config", {}), indent=2, sort_keys=True))}</pre>'
     )
@@ -361,7 +377,8 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
     return _page("Compare runs", body, here="/ui/runs")
 
 
-def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
+def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1) -> str:
+    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all)."""
     rows = [
         f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
@@ -373,13 +390,16 @@ def registry_page(models: Sequence[Mapping[str, Any]], home: str | None) -> str:
     where = f"<p>Registry at <code>{escape(home)}</code>.</p>" if home else "<p>No registry configured.</p>"
     return _page(
         "Registry",
-        where + _table(["model", "versions", "deltas", "latest", "tags"], rows, table_id="models"),
+        where
+        + _table(["model", "versions", "deltas", "latest", "tags"], rows, table_id="models")
+        + _pager("/ui/registry", {}, "page", page, total),
         here="/ui/registry",
     )
 
 
 def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
-    """Parents as edges between version boxes (deltas drawn as base → target), newest on the right."""
+    """Parents as edges between version boxes (deltas drawn as base → target), newest on the right: the model
+    versions of ``versions`` (the page shown, so the graph is bounded like the table) and the edges among them."""
     arts = [v["artifact"] for v in versions if v["artifact"].kind == "model"]
     if not arts:
         return ""
@@ -491,9 +511,7 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
     withdrawn = ", ".join(view["withdrawn"]) or "none"
     body = (
         "<h2>Lineage</h2>"
-        + _lineage_svg(
-            [{"artifact": a} for a in view.get("artifacts", [v["artifact"] for v in view["versions"]])]
-        )
+        + _lineage_svg(view["versions"])
         + "<h2>Versions</h2>"
         + versions
         + _pager(here, query, "page", page, view.get("version_count", len(view["versions"])))

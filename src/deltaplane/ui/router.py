@@ -148,7 +148,9 @@ def create_ui_router(
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
-    revoked = RevokedSessions(lambda: registry.registry)  # kept in its database: a restart remembers
+    revoked = RevokedSessions(
+        lambda: registry.registry
+    )  # in its database: restarts and other processes see it
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
@@ -182,12 +184,13 @@ def create_ui_router(
         except DeltaplaneError as exc:
             return _html(pages.error_page(400, str(exc)), 400)
 
-    def models_or_error() -> tuple[list[dict[str, Any]], str]:
-        """The registry's models for the overview, or none and why (a broken registry must not hide the runs)."""
+    def model_count_or_error() -> tuple[int, str]:
+        """How many models for the overview, or 0 and why (a broken registry must not hide the runs). The first
+        page of the registry table is read, not only counted, so a damaged registry shows here too."""
         try:
-            return registry.models(), ""
+            return registry.models()[1], ""
         except RegistryUnavailable as exc:
-            return [], str(exc)
+            return 0, str(exc)
 
     def snapshot() -> Any:
         return fleet() if fleet is not None else None
@@ -251,7 +254,7 @@ def create_ui_router(
     def home() -> Response:
         def render() -> str:
             listing = runs.listing()
-            models, problem = models_or_error()
+            models, problem = model_count_or_error()
             return pages.home_page(listing.rows, models, snapshot(), listing.skipped, problem)
 
         return guarded(render)
@@ -266,11 +269,13 @@ def create_ui_router(
 
     @router.get("/run", dependencies=[Admin])
     def run_detail(
-        report: Annotated[str, Query(max_length=1024)], name: Annotated[str, Query(max_length=256)]
+        report: Annotated[str, Query(max_length=1024)],
+        name: Annotated[str, Query(max_length=256)],
+        rounds: Page = 1,
     ) -> Response:
         def render() -> str:
             doc, run = runs.run(RunRef(report, name))
-            return pages.run_page(report, doc, run)
+            return pages.run_page(report, doc, run, rounds)
 
         return guarded(render)
 
@@ -290,8 +295,8 @@ def create_ui_router(
         return guarded(render)
 
     @router.get("/registry", dependencies=[Admin])
-    def registry_list() -> Response:
-        return guarded(lambda: pages.registry_page(registry.models(), registry_home))
+    def registry_list(page: Page = 1) -> Response:
+        return guarded(lambda: pages.registry_page(*registry.models(page=page), registry_home, page))
 
     @router.get("/registry/{model}", dependencies=[Admin])
     def model_detail(model: str, page: Page = 1, history: Page = 1, decisions: Page = 1) -> Response:

@@ -7,8 +7,9 @@ carries it), ``Secure`` when served over TLS, scoped to ``/ui``, and dies after 
 rotating the admin token ends every session. Signing out revokes that one cookie on the server
 (:class:`RevokedSessions`, until the cookie would have expired anyway), so a copy of it taken before the sign-out
 no longer works. With a registry (``deltaplane serve``, ``deltaplane ui --home``) the revocation is kept in its
-database and survives a restart: held in memory only, a restart with the same admin token made a signed-out
-cookie valid again for the rest of its 8 hours. The random nonce makes each sign-in's cookie distinct, so
+database, survives a restart and holds in every dashboard process on that registry (``serve`` and ``ui`` with
+one admin token accept the same cookie): held in memory only, a restart with the same admin token made a
+signed-out cookie valid again for the rest of its 8 hours. The random nonce makes each sign-in's cookie distinct, so
 revoking one never ends another browser's session. Programs may still send the bearer token directly.
 """
 
@@ -83,15 +84,14 @@ class RevokedSessions:
     sessions actually signed out in the last :data:`SESSION_SECONDS`; expired entries are dropped as new ones
     come in. With ``registry`` (a callable returning the dashboard's registry, or None while there is none) the
     revocations are also written to a table of its database (SHA-256 of the cookie and its expiry, as the
-    service keeps its token revocations) and read back when the dashboard starts, so a restart does not bring
-    a signed-out cookie back. Without a registry they are held in memory, which :data:`SESSION_SECONDS` bounds.
+    service keeps its token revocations) and looked up there on every check, so neither a restart nor another
+    dashboard process on the same registry accepts a signed-out cookie. Without a registry they are held in memory, which :data:`SESSION_SECONDS` bounds.
     """
 
     def __init__(self, registry: Callable[[], Registry | None] | None = None) -> None:
         self._until: dict[str, int] = {}  # digest -> expiry
         self._lock = threading.Lock()
         self._registry = registry
-        self._loaded = False
 
     def _store(self) -> Registry | None:
         reg = self._registry() if self._registry is not None else None
@@ -100,19 +100,18 @@ class RevokedSessions:
                 con.execute(_SCHEMA)
         return reg
 
-    def _load(self) -> None:
-        """Read the stored revocations once (lazily: the registry may be created after the dashboard starts)."""
-        if self._loaded:
-            return
-        reg = self._store()
-        if reg is None:
-            return
-        rows = reg.query(
-            "SELECT digest, expires_at FROM ui_revoked_sessions WHERE expires_at >= ?", (time.time(),)
+    def _stored(self, digest: str) -> bool:
+        """Whether the registry holds a revocation of ``digest`` (by this process or any other on it).
+
+        Asked on every check, not read once: ``deltaplane serve`` and ``deltaplane ui`` on one registry with
+        one admin token accept the same cookie, and a sign-out in one must end it in the other at once. A
+        primary-key lookup, read-only (a registry without the table yet raises ``sqlite3.OperationalError``:
+        nothing was revoked there).
+        """
+        reg = self._registry() if self._registry is not None else None
+        return reg is not None and bool(
+            reg.query("SELECT 1 FROM ui_revoked_sessions WHERE digest = ?", (digest,))
         )
-        for digest, expiry in rows:
-            self._until[str(digest)] = int(expiry)
-        self._loaded = True
 
     def revoke(self, value: str, expiry: int) -> None:
         """Revoke ``value`` until ``expiry``; stored before this returns when there is a registry.
@@ -138,8 +137,11 @@ class RevokedSessions:
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, str):
             return False
+        digest = _digest(value)
         with self._lock:
-            # a registry that cannot be read (its pages say so): this process's revocations, and a retry next time
-            with contextlib.suppress(DeltaplaneError, sqlite3.Error):
-                self._load()
-            return _digest(value) in self._until
+            if digest in self._until:
+                return True
+        # a registry that cannot be read (its pages say so): this process's revocations, and a retry next time
+        with contextlib.suppress(DeltaplaneError, sqlite3.Error):
+            return self._stored(digest)
+        return False

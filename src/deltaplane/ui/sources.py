@@ -141,10 +141,15 @@ class RunsSource:
         """The report document of folder ``report`` (relative to the root); NotFound outside the root."""
         if self.root is None:
             raise NotFound("this dashboard was started without a runs folder")
-        path = (self.root / report / "report.json").resolve()
-        if not path.is_relative_to(self.root) or _hidden(Path(report)) or not path.is_file():
-            raise NotFound(f"no report {report!r} under {self.root}")
-        if path.stat().st_size > MAX_REPORT_BYTES:
+        missing = NotFound(f"no report {report!r} under {self.root}")
+        try:
+            path = (self.root / report / "report.json").resolve()
+            if not path.is_relative_to(self.root) or _hidden(Path(report)) or not path.is_file():
+                raise missing
+            size = path.stat().st_size
+        except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem: no such report
+            raise missing from None
+        if size > MAX_REPORT_BYTES:
             raise ConfigError(f"report {report!r} is larger than {MAX_REPORT_BYTES} bytes")
         return check_report(load_report(path), report)
 
@@ -165,6 +170,9 @@ class RunsSource:
         skipped: list[tuple[str, str]] = []
         found = self._found()
         for rel, path, stamp in found:
+            if not self._inside(path):  # as load() refuses it: its run pages could not be opened
+                skipped.append((rel, "report.json is a link to a file outside the runs folder"))
+                continue
             with self._lock:
                 cached = self._parsed.get(path)
             if cached is None or cached[0] != stamp:
@@ -183,6 +191,13 @@ class RunsSource:
             for path in [p for p in self._parsed if p not in keep]:
                 del self._parsed[path]
         return Listing(rows, skipped)
+
+    def _inside(self, path: Path) -> bool:
+        """Whether ``path`` (found under the root) still lies under it once its links are followed."""
+        try:
+            return self.root is not None and path.resolve().is_relative_to(self.root)
+        except (OSError, ValueError):
+            return False
 
 
 def _hidden(rel: Path) -> bool:
@@ -282,17 +297,19 @@ class RegistryView:
                 self._registry = Registry(self.home)
         return self._registry
 
-    def models(self) -> list[dict[str, Any]]:
-        """One row per model for the registry table; :class:`RegistryUnavailable` when it cannot be read."""
+    def models(self, *, page: int = 1, per_page: int = PAGE_ROWS) -> tuple[list[dict[str, Any]], int]:
+        """(one row per model of page ``page``, how many models in all) for the registry table: only the page's
+        models are read; :class:`RegistryUnavailable` when the registry cannot be read."""
         with _readable(self.home):
-            return self._models()
+            return self._models(page, per_page)
 
-    def _models(self) -> list[dict[str, Any]]:
+    def _models(self, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
         reg = self.registry
         if reg is None:
-            return []
+            return [], 0
+        names = reg.models()
         rows = []
-        for model in reg.models():
+        for model in names[(page - 1) * per_page : page * per_page]:
             versions = reg.versions(model)
             rows.append(
                 {
@@ -303,7 +320,7 @@ class RegistryView:
                     "tags": reg.tags(model, verify=True),
                 }
             )
-        return rows
+        return rows, len(names)
 
     def model(self, model: str, *, page: int = 1, per_page: int = PAGE_ROWS) -> dict[str, Any]:
         """Everything the model page shows: versions (newest first, page ``page`` of ``per_page``; only those
@@ -340,7 +357,6 @@ class RegistryView:
             "model": model,
             "versions": rows,
             "version_count": len(versions),
-            "artifacts": versions,
             "tags": tags,
             "history": history,
             "decisions": reg.promotion_decisions(model),
