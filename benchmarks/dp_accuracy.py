@@ -194,10 +194,10 @@ def main() -> int:
         f"100 clients, all in every round, {rounds} rounds, δ = {DELTA:g}, RDP accountant; the engine's "
         "batched driver on the digits task's MLP. Distributed DP is `dp_noise` + `secagg` with the default "
         f"m_min = {M_MIN}: each device adds N(0, (zC/√{M_MIN})²) before SecAgg (complete graph over the 100 "
-        f"devices, the engine's only topology: {secs['distributed']:.0f} s a run against {secs['central']:.0f} s "
-        "for central DP, the mean over the noised runs of each, two runs at a time), "
-        f"{SECAGG_BITS}-bit ring), the server none; its sum's noise std is z·C·√(100/{M_MIN}) = "
-        f"{inflate:.3f}·z·C. The first table is seed 0.\n\n"
+        f"devices, the engine's only topology; {SECAGG_BITS}-bit ring), the server none; its sum's noise std is "
+        f"z·C·√(100/{M_MIN}) = {inflate:.3f}·z·C. A distributed run took {secs['distributed']:.0f} s against "
+        f"{secs['central']:.0f} s for a central one (mean over the noised runs, two runs at a time). "
+        "The first table is seed 0.\n\n"
         + table(
             [
                 "ε reported (δ=1e-3)",
@@ -224,6 +224,8 @@ def main() -> int:
         )
         + "\n\nEvery distributed run reported exactly the ε of the central run with the same z and seed (the "
         "script fails otherwise), and every round summed all 100 devices (≥ m_min, so every sum was published). "
+        f"Central DP at {inflate:.3f}·z adds the noise the distributed sum carries, so distributed DP minus it is "
+        "SecAgg's rounding and seed-to-seed variation. "
         "`epsilon_vs_server` is in the server's round measurements but not in the run's result; with every "
         "client in every round (q = 1) it is the same Gaussian as ε. The range is the default 8 where "
         "C + 6σ_d ≤ 8, else the smallest integer above it, so the ring's clip does not bind; its rounding step "
