@@ -475,6 +475,18 @@ def test_without_a_registry_sessions_end_with_the_process():
     assert not _accepts(create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None), cookie)
 
 
+def test_a_cookie_with_non_ascii_bytes_is_a_sign_in_page_not_a_500():
+    """hmac.compare_digest raises TypeError on non-ASCII text: such a cookie (any client can send one) made
+    every /ui page and the sign-out answer 500 instead of treating it as no session."""
+    c = TestClient(
+        create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None), raise_server_exceptions=False
+    )
+    raw = [(b"cookie", "deltaplane_ui=9999999999.abc.\u00e9\u00e9".encode())]
+    r = c.get("/ui/fleet", headers=raw, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    assert c.post("/ui/logout", headers=raw, follow_redirects=False).status_code == 303
+
+
 # -- 5. work per page view -----------------------------------------------------------------------------------
 
 

@@ -143,7 +143,7 @@ def cookie_expiry(key: Callable[[], bytes], value: str | None, *, now: float | N
 
     ``key`` is called only for a well-formed, unexpired cookie: a request without one derives nothing.
     """
-    if not value or len(value) > 160:
+    if not value or len(value) > 160 or not value.isascii():  # compare_digest raises on non-ASCII text
         return None
     expiry_text, _, rest = value.partition(".")
     nonce, _, mac = rest.partition(".")
