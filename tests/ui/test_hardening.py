@@ -362,6 +362,131 @@ def test_a_sign_out_that_cannot_be_saved_answers_503_and_still_ends_the_session_
     assert after.status_code == 200  # the documented limit: nothing was saved for a new process to refuse
 
 
+# -- the session cookie's key ----------------------------------------------------------------------------------
+
+
+def _sign_in(app, token: str = ADMIN) -> str:
+    """Sign in through the app's form and return the cookie it set."""
+    browser = TestClient(app)
+    assert browser.post("/ui/login", data={"token": token}, follow_redirects=False).status_code == 303
+    return browser.cookies.get("deltaplane_ui")
+
+
+def _accepts(app, cookie: str) -> bool:
+    r = TestClient(app, cookies={"deltaplane_ui": cookie}).get("/ui/fleet", follow_redirects=False)
+    assert r.status_code in (200, 303), r.status_code
+    return r.status_code == 200
+
+
+def _mac_under_the_token(expiry: str, nonce: str) -> str:
+    """What an attacker holding a cookie computes for each guess of the token: one HMAC-SHA256 keyed by it."""
+    import hashlib
+    import hmac
+
+    return hmac.new(ADMIN.encode(), f"deltaplane-ui|{expiry}|{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_captured_cookie_gives_no_cheap_offline_test_of_the_admin_token(tmp_path):
+    """The cookie's MAC was keyed by the admin token itself: whoever captured one cookie (a shared browser
+    profile, a proxy log, a backup) could test token guesses offline at HMAC speed, and the right guess, which
+    also opens /admin, made the MAC match. Now even the right token, used as an HMAC key, does not match, and a
+    cookie made that way (the old format, or an attacker's) is refused: its users sign in again."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    for app in (
+        create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home)),
+        create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None),
+    ):
+        cookie = _sign_in(app)
+        assert _accepts(app, cookie)
+        expiry, nonce, mac = cookie.split(".")
+        assert _mac_under_the_token(expiry, nonce) != mac  # the right guess does not confirm itself
+        assert ADMIN not in cookie
+        old_format = f"{expiry}.{nonce}.{_mac_under_the_token(expiry, nonce)}"
+        assert not _accepts(app, old_format)
+
+
+def test_serve_and_ui_on_one_registry_accept_each_others_cookie_and_sign_outs(tmp_path):
+    """`deltaplane serve` and `deltaplane ui` on one registry with one admin token derive the same key (the
+    salt is the registry's): a cookie from either works in the other, after a restart too, and a sign-out in
+    either ends it in both."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    serve = create_app(ServiceConfig(home=str(home), admin_token=ADMIN))
+    alone = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    from_serve, from_ui = _sign_in(serve), _sign_in(alone)
+    assert _accepts(alone, from_serve) and _accepts(serve, from_ui)
+    restarted = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    assert _accepts(restarted, from_serve) and _accepts(restarted, from_ui)
+
+    for signed_in_at, signed_out_at in ((serve, alone), (alone, serve)):
+        cookie = _sign_in(signed_in_at)
+        assert _accepts(signed_out_at, cookie)
+        out = TestClient(signed_out_at, cookies={"deltaplane_ui": cookie})
+        assert out.post("/ui/logout", follow_redirects=False).status_code == 303
+        assert not _accepts(signed_in_at, cookie) and not _accepts(signed_out_at, cookie)
+    assert _accepts(serve, from_serve) and _accepts(alone, from_ui)  # other sessions go on
+
+
+def test_rotating_the_admin_token_ends_every_session(tmp_path):
+    """The key is derived from the token: a dashboard restarted with a new token refuses the old cookies (the
+    same registry, so the same salt), and the new token's cookies are refused by one still on the old."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    old = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    cookie = _sign_in(old)
+    rotated = create_ui_app(admin_token=ADMIN + "-rotated", runs_dir=None, registry_home=str(home))
+    assert not _accepts(rotated, cookie)
+    new_cookie = _sign_in(rotated, ADMIN + "-rotated")
+    assert _accepts(rotated, new_cookie) and not _accepts(old, new_cookie)
+    back = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    assert _accepts(back, cookie)  # refused for the token, not for the restart
+
+
+def test_the_key_is_derived_once_per_process_not_per_request(tmp_path, monkeypatch):
+    """scrypt costs ~70 ms: once, at the first sign-in or cookie, never again for the process's requests."""
+    import hashlib
+
+    calls = []
+    real = hashlib.scrypt
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counting)
+    home = tmp_path / "home"
+    Registry.create(home)
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    TestClient(app).get("/ui/fleet", headers=BEARER)  # a bearer token needs no key
+    assert calls == []
+    cookie = _sign_in(app)
+    for _ in range(5):
+        assert _accepts(app, cookie)
+    assert len(calls) == 1
+
+
+def test_without_a_registry_sessions_end_with_the_process():
+    """`deltaplane ui` without --home has nowhere to keep a salt: each process draws its own, so a restart
+    ends every session (a signed-out cookie, remembered only in memory, cannot come back either)."""
+    first = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None)
+    cookie = _sign_in(first)
+    assert _accepts(first, cookie)
+    assert not _accepts(create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None), cookie)
+
+
+def test_a_cookie_with_non_ascii_bytes_is_a_sign_in_page_not_a_500():
+    """hmac.compare_digest raises TypeError on non-ASCII text: such a cookie (any client can send one) made
+    every /ui page and the sign-out answer 500 instead of treating it as no session."""
+    c = TestClient(
+        create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None), raise_server_exceptions=False
+    )
+    raw = [(b"cookie", "deltaplane_ui=9999999999.abc.\u00e9\u00e9".encode())]
+    r = c.get("/ui/fleet", headers=raw, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    assert c.post("/ui/logout", headers=raw, follow_redirects=False).status_code == 303
+
+
 # -- 5. work per page view -----------------------------------------------------------------------------------
 
 

@@ -15,11 +15,19 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.ui import pages
-from deltaplane.ui.session import COOKIE, SESSION_SECONDS, RevokedSessions, cookie_expiry, make_cookie
+from deltaplane.ui.session import (
+    COOKIE,
+    SESSION_SECONDS,
+    RevokedSessions,
+    SessionKey,
+    cookie_expiry,
+    make_cookie,
+)
 from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
 __all__ = ["LoginThrottle", "create_ui_router"]
@@ -151,6 +159,9 @@ def create_ui_router(
     revoked = RevokedSessions(
         lambda: registry.registry
     )  # in its database: restarts and other processes see it
+    # scrypt of the token under the registry's salt, derived at the first cookie: not the token itself (a
+    # captured cookie would let its holder test guesses of the token offline at HMAC speed)
+    session_key = SessionKey(admin_token, lambda: registry.registry)
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     def signed_in(request: Request) -> None:
@@ -165,9 +176,10 @@ def create_ui_router(
             if hmac.compare_digest(auth[7:].strip().encode(), admin_token.encode()):
                 return
             throttle.failed(who)
-        # a session cookie carries an HMAC under the admin token: it cannot be guessed, so it is not throttled
+        # a session cookie carries an HMAC under a key derived from the admin token: it cannot be guessed, so
+        # it is not throttled
         cookie = request.cookies.get(COOKIE)
-        if cookie_expiry(admin_token, cookie) is None or cookie in revoked:
+        if cookie_expiry(session_key, cookie) is None or cookie in revoked:
             raise _LoginRequired
 
     Admin = Depends(signed_in)
@@ -217,10 +229,11 @@ def create_ui_router(
             throttle.failed(who)
             return _html(pages.login_page("wrong admin token"), 401)
         throttle.succeeded(who)
+        key = await run_in_threadpool(session_key)  # the first one runs scrypt: not on the event loop
         resp = RedirectResponse("/ui/", status_code=303)
         resp.set_cookie(
             COOKIE,
-            make_cookie(admin_token),
+            make_cookie(key),
             max_age=SESSION_SECONDS,
             path="/ui",
             httponly=True,
@@ -233,7 +246,7 @@ def create_ui_router(
     def logout(request: Request) -> Response:
         # end the session on the server too: a copy of the cookie taken before the sign-out stops working
         cookie = request.cookies.get(COOKIE)
-        expiry = cookie_expiry(admin_token, cookie)
+        expiry = cookie_expiry(session_key, cookie)
         resp: Response = RedirectResponse("/ui/login", status_code=303)
         if cookie is not None and expiry is not None:
             try:
