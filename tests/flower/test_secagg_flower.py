@@ -160,6 +160,34 @@ def test_a_node_refuses_secagg_parameters_that_let_the_server_unmask_it(neighbou
         flower_secagg.secagg_query(msg, _context())
 
 
+def test_a_node_refuses_a_ring_narrower_than_its_own_distributed_dp_minimum() -> None:
+    """Under distributed DP a node's least ring range is C + 6σ_d from its own config (``add_secagg(app,
+    min_range=…)``, what ``digits_client_app`` passes): a server opening a narrower ring would have it clip the
+    noised values. The node used to take any range; it now refuses at key advertisement, and joins at it."""
+    import json
+
+    from flwr.app import Message
+
+    from deltaplane.aggregation.secagg import SecAggConfig, SecAggRangeError
+
+    cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4)
+
+    def advertise(clip_range: float) -> Message:
+        rec = ConfigRecord(
+            {
+                "stage": "advertise",
+                "config": json.dumps(cfg.to_dict()),
+                "encoding": json.dumps([8, clip_range, 0.0]),
+                "client-id": 0,
+            }
+        )
+        return Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE)
+
+    with pytest.raises(SecAggRangeError, match="ring range is 3, below the 7.55"):
+        flower_secagg.secagg_query(advertise(3.0), _context(), min_range=7.55)
+    assert flower_secagg.secagg_query(advertise(7.55), _context(), min_range=7.55)
+
+
 @pytest.mark.parametrize(
     "garbled",
     [ConfigRecord({"message": "not bytes"}), ConfigRecord({"other": b"x"}), MetricRecord({"message": 1.0})],

@@ -763,3 +763,45 @@ def test_the_coordinators_line_says_when_a_distributed_dp_sum_was_not_published(
     short = fleet.RoundSummary(2, "secagg", 2, 3, 2, 4, 2.5, 2.0, {"secure_sum_published": 0.0})
     assert "not published" not in published.line(2)
     assert "the sum was not published, ε still spent" in short.line(2) and "ε 2.500" in short.line(2)
+
+
+@pytest.mark.parametrize("breaks", ["narrow-ring", "unsafe-threshold"])
+def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
+    byo_task, tmp_path, monkeypatch, breaks
+) -> None:
+    """A service that breaks the rules opens a SecAgg round the honest service refuses: a ring narrower than
+    the devices' distributed-DP minimum (C + 6σ_d from each device's own config; the ring would clip the noised
+    values), or a threshold of 2 of 3 (check_device_policy). The device used to stop (the SecAggError of the
+    invitation escaped `fleet device`; a narrow ring was not checked on the device at all); now it refuses
+    before sending anything, keeps its error feedback, and takes part in the next, valid round."""
+    from deltaplane.aggregation.dp import DistributedDP
+    from deltaplane.serve import secagg_routes
+
+    cfg = _config(byo_task, clients=3, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3, codec="topk(0.1)",
+                  secagg_min_contributors=3, wire="self-describing")  # fmt: skip
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        lines: list[str] = []
+        devices[0].log = lines.append
+        names = [fleet.device_id(i) for i in range(3)]
+        with monkeypatch.context() as m:  # the service's own checks switched off: it breaks the rules
+            if breaks == "narrow-ring":
+                m.setattr(DistributedDP, "check_ring_range", lambda self, clip_range: None)
+                opened = f.admin.open_secagg(
+                    MODEL, names, clip_range=cfg.min_secagg_range() / 2, weight_scale=0
+                )
+            else:
+                m.setattr(secagg_routes, "check_device_policy", lambda config: None)
+                opened = f.admin.open_secagg(MODEL, names, threshold=2, weight_scale=0)
+        info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
+        before = len(f.bodies)
+        assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert len(f.bodies) == before  # nothing sent
+        assert any("refused the invitation" in line for line in lines), lines
+        assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
+        f.admin.abort_secagg(MODEL, opened["round"])
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None

@@ -183,7 +183,8 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
         mods.insert(0, secagg_mod(seed=config.seed, privacy=privacy if config.dp_noise > 0 else None))
     app = ClientApp(mods=mods)
     if config.secagg:
-        add_secagg(app, min_inputs=config.unmask_floor())  # distributed DP: never help unmask below m_min
+        # distributed DP: never help unmask below m_min, nor encode into a ring that would clip the noise
+        add_secagg(app, min_inputs=config.unmask_floor(), min_range=config.min_secagg_range())
 
     personalized = config.personalization != "none"
 

@@ -86,9 +86,11 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
-def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0) -> Message:
+def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0, min_range: float = 0.0) -> Message:
     """The node side of the three query stages (register with :func:`add_secagg`). ``min_inputs`` is the
-    node's own unmasking floor (distributed DP's m_min), kept in its SecAgg state from key advertisement on."""
+    node's own unmasking floor (distributed DP's m_min), kept in its SecAgg state from key advertisement on;
+    ``min_range`` its own least ring range (distributed DP's C + 6σ_d): a narrower ``clip_range`` is refused at
+    key advertisement, before the node sends anything."""
     rec = msg.content.config_records[SECAGG_KEY]
     stage = str(rec["stage"])
     if stage == "advertise":
@@ -101,6 +103,7 @@ def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0) -> Mess
             RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
             randbytes=secrets.token_bytes,
             min_inputs=min_inputs,  # the node's own, never from the server's message
+            min_range=min_range,  # likewise
         )
         out = ep.advertise()
     elif stage == "share":
@@ -115,16 +118,18 @@ def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0) -> Mess
     return _reply(msg, out)
 
 
-def add_secagg(app: ClientApp, *, min_inputs: int = 0) -> ClientApp:
+def add_secagg(app: ClientApp, *, min_inputs: int = 0, min_range: float = 0.0) -> ClientApp:
     """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`).
 
     ``min_inputs``: the fewest masked inputs whose sum the node helps unmask; under distributed DP the m_min
     its noise is calibrated to (:meth:`~deltaplane.engine.RunConfig.unmask_floor`). An unmasking request with
     fewer survivors fails on the node (a SecAggError, so the node answers no shares and drops out of the
-    stage), whatever the server asks."""
+    stage), whatever the server asks. ``min_range``: the least ring range the node accepts (distributed DP's
+    C + 6σ_d, :meth:`~deltaplane.engine.RunConfig.min_secagg_range`); a round with a narrower ``clip_range``
+    fails on the node at key advertisement (:class:`~deltaplane.aggregation.secagg.SecAggRangeError`)."""
 
     def secagg(msg: Message, context: Context) -> Message:
-        return secagg_query(msg, context, min_inputs=min_inputs)
+        return secagg_query(msg, context, min_inputs=min_inputs, min_range=min_range)
 
     app.query("secagg")(secagg)
     return app

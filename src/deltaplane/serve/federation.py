@@ -387,7 +387,14 @@ def _secagg_round(
     rng = np.random.default_rng(derive_seed(config.seed, Stream.SECAGG, rnd))
     fleet = []
     for cid in secure:  # on each device: its masked update, keys from its own randomness
-        dev = SecAggDevice(devices[cid], MODEL, number, randbytes=rng.bytes, min_inputs=config.unmask_floor())
+        dev = SecAggDevice(
+            devices[cid],
+            MODEL,
+            number,
+            randbytes=rng.bytes,
+            min_inputs=config.unmask_floor(),
+            min_range=config.min_secagg_range(),
+        )
         dev.set_update(
             ups[cid].secure,
             clients[cid].num_samples,

@@ -38,7 +38,7 @@ from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, RoundLost, ServiceUnreachable
+from deltaplane.errors import ConfigError, DecodeError, PrivacyBudgetExceeded, RoundLost, ServiceUnreachable
 from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
@@ -205,7 +205,8 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
     out (a stage closed before it spoke: the others' round goes on without it), or refused a stage itself
     (:class:`~deltaplane.aggregation.secagg.SecAggError`: e.g. under distributed DP an unmasking request with
     fewer survivors than the m_min its noise was calibrated to, :class:`~deltaplane.aggregation.secagg.
-    SecAggFloorError`). A device that refuses sends nothing more; after a floor refusal it keeps its error
+    SecAggFloorError`), or refused the invitation itself (an unsafe graph or threshold, a ring range below
+    its own distributed-DP minimum, a malformed invitation: nothing sent). A device that refuses sends nothing more; after a floor refusal it keeps its error
     feedback as before the round, as after a refused upload: every device of the run refuses the same request,
     so its masked update is never unmasked."""
     number, base = int(info["round"]), int(info["base_version"])
@@ -218,7 +219,18 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
             dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
         # secret keys from the OS, never the seed; the unmasking floor from this device's own config
-        sa = SecAggDevice(dev.conn, dev.model, number, wait=2.0, min_inputs=dev.config.unmask_floor())
+        try:
+            sa = SecAggDevice(
+                dev.conn,
+                dev.model,
+                number,
+                wait=2.0,
+                min_inputs=dev.config.unmask_floor(),
+                min_range=dev.config.min_secagg_range(),
+            )
+        except (SecAggError, DecodeError) as exc:  # an unsafe or malformed invitation: nothing was sent
+            dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
+            return False
         sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
         broke: httpx.TransportError | None = None
         try:

@@ -36,6 +36,10 @@ class SecAggDevice:
             m_min its noise was calibrated to (:meth:`~deltaplane.engine.RunConfig.unmask_floor`), from the
             device's own config, never the invitation; an unmasking request with fewer survivors is refused
             on the device (:class:`~deltaplane.aggregation.secagg.SecAggError`) and nothing is sent.
+        min_range: the least ring range this device accepts: under distributed DP C + 6σ_d from its own config
+            (:meth:`~deltaplane.engine.RunConfig.min_secagg_range`); an invitation with a narrower
+            ``clip_range`` is refused here (:class:`~deltaplane.aggregation.secagg.SecAggRangeError`), before
+            anything is sent.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class SecAggDevice:
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         wait: float = 0.0,
         min_inputs: int = 0,
+        min_range: float = 0.0,
     ) -> None:
         self.client = client
         self.model = model
@@ -73,7 +78,12 @@ class SecAggDevice:
                 f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
             ) from None
         self.endpoint = DeviceEndpoint(
-            client_id, self.config, self.encoding, randbytes=randbytes, min_inputs=min_inputs
+            client_id,
+            self.config,
+            self.encoding,
+            randbytes=randbytes,
+            min_inputs=min_inputs,
+            min_range=min_range,
         )
         self.bytes_sent = 0
 

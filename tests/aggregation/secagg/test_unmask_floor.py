@@ -110,3 +110,17 @@ def test_a_malformed_floor_is_a_config_error(bad) -> None:
     cfg = SecAggConfig(num_clients=N, threshold=THRESHOLD, bits=BITS, vector_size=D)
     with pytest.raises(ConfigError, match="min_inputs"):
         SecAggClient(0, cfg, min_inputs=bad)
+
+
+def test_a_device_refuses_a_ring_narrower_than_its_own_minimum_before_sending_anything() -> None:
+    """Under distributed DP a device's least ring range is C + 6σ_d from its own config: a server that opens a
+    round with a narrower ``clip_range`` would have the ring clip the noised values (so the sum no longer
+    carries the accounted noise). The device refuses when it reads the invitation; at its minimum it joins."""
+    from deltaplane.aggregation.secagg import SecAggRangeError
+
+    cfg = SecAggConfig(num_clients=N, threshold=THRESHOLD, bits=BITS, vector_size=D, round_id=ROUND)
+    with pytest.raises(SecAggRangeError, match="below the 2.5") as err:
+        DeviceEndpoint(0, cfg, RingEncoding(bits=BITS, clip_range=1.5), min_range=2.5)
+    assert err.value.min_range == 2.5
+    joined = DeviceEndpoint(0, cfg, RingEncoding(bits=BITS, clip_range=2.5), min_range=2.5)
+    assert joined.advertise()  # the device takes part

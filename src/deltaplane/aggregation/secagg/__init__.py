@@ -5,7 +5,12 @@ Needs the ``cryptography`` package (the ``aggregation`` extra); import this subp
 
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
-from deltaplane.aggregation.secagg.errors import SecAggError, SecAggFloorError, SecAggOrderError
+from deltaplane.aggregation.secagg.errors import (
+    SecAggError,
+    SecAggFloorError,
+    SecAggOrderError,
+    SecAggRangeError,
+)
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -44,6 +49,7 @@ __all__ = [
     "SecAggError",
     "SecAggFloorError",
     "SecAggOrderError",
+    "SecAggRangeError",
     "SecAggReport",
     "SecAggServer",
     "ServerEndpoint",

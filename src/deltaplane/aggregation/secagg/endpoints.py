@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deltaplane.aggregation.secagg.encoding import RingEncoding
-from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError, SecAggRangeError
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -47,6 +47,10 @@ class DeviceEndpoint:
         randbytes: secret randomness (OS randomness by default; seeded only in simulations).
         min_inputs: the fewest masked inputs whose sum the device helps unmask (distributed DP's m_min, from
             the device's own configuration; 0: SecAgg's threshold alone). See :class:`SecAggClient`.
+        min_range: the least ring range the device accepts (distributed DP's C + 6σ_d from its own
+            configuration, :meth:`~deltaplane.engine.RunConfig.min_secagg_range`; 0: any). A round whose
+            ``encoding.clip_range`` is narrower would clip the device's noised values: :class:`SecAggRangeError`
+            here, before anything is sent.
     """
 
     def __init__(
@@ -57,7 +61,16 @@ class DeviceEndpoint:
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         min_inputs: int = 0,
+        min_range: float = 0.0,
     ) -> None:
+        if not encoding.clip_range >= min_range:  # NaN included
+            raise SecAggRangeError(
+                f"refusing this SecAgg round: its ring range is {encoding.clip_range:g}, below the "
+                f"{min_range:g} this device's distributed-DP noise needs (clip + 6 noise stds); a narrower ring "
+                "would clip the noised values and the published sum would not carry the accounted noise",
+                clip_range=encoding.clip_range,
+                min_range=min_range,
+            )
         if encoding.bits != config.bits:
             raise SecAggError(f"encoding has {encoding.bits}-bit codes, the round {config.bits}-bit")
         self.config = config

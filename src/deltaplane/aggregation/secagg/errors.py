@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deltaplane.errors import DeltaplaneError
 
-__all__ = ["SecAggError", "SecAggFloorError", "SecAggOrderError"]
+__all__ = ["SecAggError", "SecAggFloorError", "SecAggOrderError", "SecAggRangeError"]
 
 
 class SecAggError(DeltaplaneError, RuntimeError):
@@ -36,3 +36,18 @@ class SecAggFloorError(SecAggError):
         super().__init__(message)
         self.survivors = survivors
         self.floor = floor
+
+
+class SecAggRangeError(SecAggError):
+    """A device refuses a round whose ring range (``clip_range``) is below its own least range (``min_range``:
+    under distributed DP, C + 6σ_d for the device's own clip, noise multiplier and m_min). A narrower ring would
+    clip the device's noised values before the sum, so the published sum would not carry the Gaussian noise the
+    run's ε is computed for. Raised when the device reads the invitation, before it sends anything.
+
+    ``clip_range`` is the round's range; ``min_range`` the device's least range.
+    """
+
+    def __init__(self, message: str, *, clip_range: float, min_range: float) -> None:
+        super().__init__(message)
+        self.clip_range = clip_range
+        self.min_range = min_range
