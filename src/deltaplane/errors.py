@@ -26,6 +26,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "QualityGateFailed",
+    "RoundAborted",
     "RoundLost",
     "ServiceUnreachable",
     "SessionMismatch",
@@ -176,6 +177,12 @@ class Conflict(DeltaplaneError, RuntimeError):
 class RoundLost(Conflict):
     """A round that can never complete: the service stopped while it was open (a SecAgg round's keys, shares
     and masked inputs live in the service's memory only). HTTP 409; wait for the next round."""
+
+
+class RoundAborted(Conflict):
+    """A SecAgg round the operator gave up unpublished (too few devices left to unmask it, or aborted by hand):
+    nothing from it reaches a model. HTTP 409; a device that sent its masked update there keeps its error
+    feedback as before the round, and waits for the next round."""
 
 
 class ServiceUnreachable(DeltaplaneError, ConnectionError):

@@ -805,3 +805,42 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+
+
+def test_an_aborted_secagg_round_leaves_the_devices_error_feedback_as_before_it(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """Three devices, SecAgg's threshold 3: one dies before its masked input, so the two masked inputs that
+    arrived can never be unmasked and the coordinator aborts the round. The two devices that sent theirs used
+    to count their updates as delivered (their error-feedback residual dropped what they sent) although the
+    round reached no model; only a round lost in a restart restored it. The service now answers an aborted
+    round with a typed RoundAborted, and the devices keep their error feedback as before the round."""
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    cfg = _config(byo_task, clients=3, secagg=True, clip="1.0", codec="topk(0.1)", wire="self-describing")
+    real_upload = SecAggDevice.upload
+
+    def dies_on_device_2(self):
+        if self.client is victim.conn:
+            raise SystemExit("device 2 lost power")
+        return real_upload(self)
+
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        lines: list[str] = []
+        for dev in devices[:2]:
+            dev.log = lines.append
+        victim = devices[2]
+        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed and out[0].version is None
+        assert f.admin.secagg_status(MODEL, out[0].number)["finished"] == "aborted"
+        masked = [p for p, _ in f.bodies if p.endswith(f"/secagg/{out[0].number}/masked")]
+        assert len(masked) == 2  # devices 0 and 1 did send their masked updates
+        assert sum("aborted (it will never publish)" in line for line in lines) == 2, lines
+        for dev in devices[:2]:
+            assert dev.client.compressor.state_dict()["residual"] is None  # as before the round
+            assert dev.pending is None

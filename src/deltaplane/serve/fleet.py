@@ -38,7 +38,14 @@ from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed
-from deltaplane.errors import ConfigError, DecodeError, PrivacyBudgetExceeded, RoundLost, ServiceUnreachable
+from deltaplane.errors import (
+    ConfigError,
+    DecodeError,
+    PrivacyBudgetExceeded,
+    RoundAborted,
+    RoundLost,
+    ServiceUnreachable,
+)
 from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
@@ -237,9 +244,14 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
             spoke = _secagg_stages(dev, sa, number, sent, wait=wait, poll=poll)
         except httpx.TransportError as exc:  # the connection broke mid-round: a restart, or an outage
             spoke, broke = False, exc
-        if not spoke and sent[0] and _round_lost(dev, number, deadline=time.monotonic() + wait):
-            sent[0] = False  # a lost round never publishes: the masked update reached no model
-            dev.log(f"SecAgg round {number}: lost (the service restarted while it was open); sitting it out")
+        ended = (
+            _round_unpublished(dev, number, deadline=time.monotonic() + wait)
+            if not spoke and sent[0]
+            else None
+        )
+        if ended is not None:
+            sent[0] = False  # a lost or aborted round never publishes: the masked update reached no model
+            dev.log(f"SecAgg round {number}: {ended}; sitting it out")
             return False
         if broke is not None:
             raise broke  # run_device waits for the service (its patience)
@@ -276,20 +288,23 @@ def _secagg_stages(
     return True
 
 
-def _round_lost(dev: Device, number: int, *, deadline: float) -> bool:
-    """Whether SecAgg round ``number`` was lost (the service restarted while it was open: it never publishes),
-    asking the service and waiting out a broken connection until ``deadline`` (monotonic). A round still open,
-    published, aborted, or a service still away by then: not known lost."""
+def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | None:
+    """How SecAgg round ``number`` ended if it can never publish: lost (the service restarted while it was
+    open) or aborted (the operator gave it up: too few devices left to unmask it); None for a round still open
+    or published, or a service still away at ``deadline`` (monotonic): not known unpublished. Asks the
+    service, waiting out a broken connection."""
     delay = 0.1
     while True:
         try:
             dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}")
-            return False
+            return None
         except ServiceError as exc:
-            return exc.error == RoundLost.__name__
+            if exc.error == RoundLost.__name__:
+                return "lost (the service restarted while it was open)"
+            return "aborted (it will never publish)" if exc.error == RoundAborted.__name__ else None
         except httpx.TransportError:
             if time.monotonic() >= deadline:
-                return False
+                return None
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
 

@@ -49,7 +49,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
@@ -75,7 +75,7 @@ from deltaplane.aggregation.secagg import (
     default_threshold,
 )
 from deltaplane.delta import Delta
-from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundLost
+from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
 from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
@@ -156,13 +156,14 @@ class FinishedRound:
     def status(self) -> dict[str, Any]:
         return self.summary | {"survivors": self.survivors.tolist(), "dropped": self.dropped.tolist()}
 
-    def refusal(self) -> str:
-        """Why a device's request to this round is refused (409)."""
-        if self.outcome == "published":
-            what = f"closed (published as version {self.summary['published']['version']})"
-        else:
-            what = "aborted"
-        return f"SecAgg round {self.summary['round']} of {self.summary['model']!r} is {what}; it takes no more messages"
+    def refuse(self) -> NoReturn:
+        """Refuse a device's request to this finished round: 409, typed :class:`RoundAborted` for an aborted one
+        (a device that sent its masked update there then knows it reached no model)."""
+        head = f"SecAgg round {self.summary['round']} of {self.summary['model']!r} is"
+        if self.outcome != "published":
+            raise RoundAborted(f"{head} aborted; it takes no more messages and will never publish")
+        version = self.summary["published"]["version"]
+        raise HTTPException(409, f"{head} closed (published as version {version}); it takes no more messages")
 
 
 class OpenSecAggRequest(BaseModel):
@@ -301,12 +302,15 @@ def install_secagg_routes(
                 f"SecAgg round {number} of {model!r} is open in another service process over this registry, "
                 "not this one; run one service per registry"
             )
-        what = (
-            "aborted"
-            if outcome == "aborted"
-            else f"closed (published as version {rec['published']['version']})"
+        if outcome == "aborted":
+            raise RoundAborted(
+                f"SecAgg round {number} of {model!r} is aborted; it takes no more messages and will never publish"
+            )
+        version = rec["published"]["version"]
+        raise HTTPException(
+            409,
+            f"SecAgg round {number} of {model!r} is closed (published as version {version}); it takes no more messages",
         )
-        raise HTTPException(409, f"SecAgg round {number} of {model!r} is {what}; it takes no more messages")
 
     def get_round(model: str, number: int) -> SecAggRound:
         """The open round; 409 for a finished one (lost ones too), 404 for one that never existed."""
@@ -314,7 +318,7 @@ def install_secagg_routes(
         if r is None:
             done = finished.get((model, number))
             if done is not None:
-                raise HTTPException(409, done.refusal())
+                done.refuse()
             recorded(model, number)
         return r  # type: ignore[return-value]  # recorded() always raises
 
