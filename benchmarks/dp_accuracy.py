@@ -58,7 +58,8 @@ def secagg_range(z: float) -> float:
 
 
 def job(args):
-    """One run: (mode, z, clip, seed, rounds) → (test accuracy, ε reported, fewest clients in a round, seconds)."""
+    """One run: (mode, z, clip, seed, rounds) → (test accuracy, ε reported, fewest clients in a round, rounds
+    run, seconds, ε against the server)."""
     import torch
 
     from deltaplane.apps.runner import run_federation
@@ -81,7 +82,8 @@ def job(args):
     t0 = time.perf_counter()
     r = run_federation(cfg)
     fewest = min(m.clients for m in r.rounds)
-    return r.final.test_accuracy, r.final.epsilon, fewest, len(r.rounds), time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return r.final.test_accuracy, r.final.epsilon, fewest, len(r.rounds), seconds, r.final.epsilon_vs_server
 
 
 def _fmt(values: list[float]) -> str:
@@ -139,6 +141,10 @@ def main() -> int:
             if d[1] != c[1] or d[3] != c[3]:
                 failures.append(f"ε {e:g} seed {s}: distributed reported ε {d[1]!r} after {d[3]} rounds, "
                                 f"central ε {c[1]!r} after {c[3]} rounds (same z, same accountant)")  # fmt: skip
+            # every client in every round (q = 1): against the server, which knows who took part, the same ε
+            if d[5] is None or not math.isclose(d[5], d[1], rel_tol=1e-9) or c[5] is not None:
+                failures.append(f"ε {e:g} seed {s}: ε against the server {d[5]!r} (distributed), {c[5]!r} "
+                                f"(central), expected {d[1]!r} and None")  # fmt: skip
             if d[2] < M_MIN:
                 failures.append(
                     f"ε {e:g} seed {s}: a distributed round summed {d[2]} < m_min {M_MIN} devices"
@@ -226,8 +232,9 @@ def main() -> int:
         "script fails otherwise), and every round summed all 100 devices (≥ m_min, so every sum was published). "
         f"Central DP at {inflate:.3f}·z adds the noise the distributed sum carries, so distributed DP minus it is "
         "SecAgg's rounding and seed-to-seed variation. "
-        "`epsilon_vs_server` is in the server's round measurements but not in the run's result; with every "
-        "client in every round (q = 1) it is the same Gaussian as ε. The range is the default 8 where "
+        "Each distributed run's `epsilon_vs_server` (in the run's result) equals its ε, as it must with every "
+        "client in every round (q = 1: no amplification by sampling to lose against the server; the script "
+        "fails otherwise). The range is the default 8 where "
         "C + 6σ_d ≤ 8, else the smallest integer above it, so the ring's clip does not bind; its rounding step "
         "(third column) is negligible beside σ_d. "
         f"Load: at the start {load_start}; at the end {load_end}.\n\n"

@@ -79,17 +79,23 @@ def test_epsilon_is_dp_accountings_and_the_central_runs() -> None:
         clients=6, sample_fraction=0.5, rounds=3, secagg=True, clip="1.0", dp_noise=1.2, dp_delta=1e-3,
         secagg_min_contributors=2, dp_noise_source="seeded", local_epochs=1,
     )  # fmt: skip
-    distributed = [r.epsilon for r in run_simulation(cfg).rounds]
-    central = [
-        r.epsilon for r in run_simulation(cfg.replace(secagg=False, secagg_min_contributors=None)).rounds
-    ]
+    rounds = run_simulation(cfg).rounds
+    distributed = [r.epsilon for r in rounds]
+    central_rounds = run_simulation(cfg.replace(secagg=False, secagg_min_contributors=None)).rounds
+    central = [r.epsilon for r in central_rounds]
     ref = rdp_privacy_accountant.RdpAccountant()
-    expected = []
+    vs_server = rdp_privacy_accountant.RdpAccountant()
+    expected, expected_vs_server = [], []
     for _ in range(3):  # q = m/N = 3/6, composed one round at a time
         ref.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.2)))
         expected.append(ref.get_epsilon(1e-3))
+        vs_server.compose(dp_accounting.GaussianDpEvent(1.2))  # the server knows who took part: q = 1
+        expected_vs_server.append(vs_server.get_epsilon(1e-3))
     assert distributed == pytest.approx(expected, rel=1e-9)
     assert distributed == central
+    # the run's result carries it too (it was only in the server's round measurements)
+    assert [r.epsilon_vs_server for r in rounds] == pytest.approx(expected_vs_server, rel=1e-9)
+    assert all(r.epsilon_vs_server is None for r in central_rounds)  # central DP: no such figure
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def _seen(r):
         r.personal_accuracy_min,
         r.personal_gain_min,
     )
-    return (r.test_accuracy, r.epsilon, r.rejected, r.clipped_fraction, *personal)
+    return (r.test_accuracy, r.epsilon, r.epsilon_vs_server, r.rejected, r.clipped_fraction, *personal)
 
 
 def _flower(cfg, loopback_grid):

@@ -34,6 +34,9 @@ class RoundMetrics:
     client_accuracy_max: float | None = None
     #: ε spent so far at ``config.dp_delta`` (None without DP)
     epsilon: float | None = None
+    #: distributed DP only: ε so far against the server itself, which knows who took part (the same Gaussian
+    #: mechanism without amplification by sampling, q = 1); None otherwise
+    epsilon_vs_server: float | None = None
     #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
     rejected: int = 0
     #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)

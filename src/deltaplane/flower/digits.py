@@ -391,6 +391,7 @@ def task_server_app(
                 cumulative_downlink_bytes=cum["down"],
                 seconds=time.perf_counter() - clock[0],
                 epsilon=epsilon,
+                epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
                 rejected=len(outcome.rejections),
                 backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                 clipped_fraction=outcome.measurements.get("clipped_fraction"),

@@ -267,6 +267,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
                 cumulative_downlink_bytes=cum_down,
                 seconds=time.perf_counter() - t0,
                 epsilon=round_epsilon(config, step, closed["measurements"]),
+                epsilon_vs_server=closed["measurements"].get("epsilon_vs_server"),
                 rejected=rejected,
                 backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                 clipped_fraction=closed["measurements"].get("clipped_fraction"),

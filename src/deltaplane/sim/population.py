@@ -421,6 +421,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     cumulative_downlink_bytes=cum_down,
                     seconds=seconds[-1],
                     epsilon=eps,
+                    epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
                     rejected=len(outcome.rejections),
                     backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                     clipped_fraction=outcome.measurements.get("clipped_fraction"),

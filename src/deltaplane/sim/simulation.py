@@ -404,6 +404,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 cumulative_uplink_bytes=cum_up,
                 cumulative_downlink_bytes=cum_down,
                 epsilon=round_epsilon(config, step, outcome.measurements),
+                epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
                 rejected=len(outcome.rejections),
                 clipped_fraction=outcome.measurements.get("clipped_fraction"),
                 **personal,
