@@ -661,6 +661,55 @@ def test_a_distributed_dp_federation_refuses_a_ring_range_that_would_clip_the_no
     assert invitation["encoding"]["clip_range"] == run.secagg_range == 9.49
 
 
+def test_simulated_devices_refuse_a_ring_narrower_than_their_own_minimum_and_the_run_goes_on(
+    monkeypatch, caplog
+) -> None:
+    """`deltaplane run --transport http` under distributed DP (z 2, clip 1, m_min 2: each device's own least
+    ring range is clip + 6σ_d = 9.49) against a service that breaks the rules: its ring-range check is off
+    and it opens round 1 with the old default range 8, which clips the noised values. Each simulated device
+    refused the invitation with a SecAggRangeError that escaped the simulation and ended the run (the round left
+    open on the service); before the device-side check it took the ring. Now each device sits the round out
+    (one log line naming both numbers, nothing sent), the service's round is aborted and the round closes with
+    no sum, as a round that sampled too few devices (ε still spent); round 2, honest, publishes."""
+    import logging
+
+    from deltaplane.aggregation.dp import DistributedDP
+    from deltaplane.engine import RunConfig
+    from deltaplane.serve.client import AdminClient
+    from deltaplane.serve.federation import run_http_simulation
+
+    cfg = RunConfig(clients=4, rounds=2, local_epochs=1, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3,
+                    secagg_min_contributors=2, dp_noise_source="seeded", seed=2)  # fmt: skip
+    assert cfg.secagg_range == 9.49  # what the honest run opens its rounds with
+    # a service that breaks the rules: its own check of the ring range is off
+    monkeypatch.setattr(DistributedDP, "check_ring_range", lambda self, clip_range: None)
+    real_open, opened = AdminClient.open_secagg, []
+
+    def narrow_first(self, model, devices, **params):
+        out = real_open(self, model, devices, **(params | ({"clip_range": 8.0} if not opened else {})))
+        opened.append(int(out["round"]))
+        return out
+
+    monkeypatch.setattr(AdminClient, "open_secagg", narrow_first)
+    real_post, posted = SecAggDevice.post, []
+
+    def watched_post(self, what, body):  # every SecAgg message a simulated device sends
+        posted.append(self.round_id)
+        return real_post(self, what, body)
+
+    monkeypatch.setattr(SecAggDevice, "post", watched_post)
+    with caplog.at_level(logging.WARNING, logger="deltaplane.serve.federation"):
+        result = run_http_simulation(cfg)
+    bad, good = opened
+    assert bad not in posted and posted.count(good) == 4 * 4  # four devices, four stages
+    refusals = [r.getMessage() for r in caplog.records if f"SecAgg round {bad}: device" in r.getMessage()]
+    assert len(refusals) == 4 and all("ring range is 8, below the 9.49" in r for r in refusals), refusals
+    assert [r.round for r in result.rounds] == [1, 2]
+    assert 0 < result.rounds[0].epsilon < result.rounds[1].epsilon  # the refused round spent its ε too
+    # the initial model, round 1's version (closed with no sum, as a short round's) and round 2's
+    assert result.transport["registry_versions"] == 3 and result.transport["registry_ok"]
+
+
 def _ddp(z: float, *, clients: int = 3, m_min: int = 3):
     """A distributed-DP federation (clip 1) whose noise is calibrated to ``m_min`` devices."""
     from deltaplane.engine import RunConfig

@@ -15,6 +15,7 @@ in process and the two transports produce the same weights — which the tests c
 
 from __future__ import annotations
 
+import logging
 import secrets
 import tempfile
 import time
@@ -54,6 +55,8 @@ from deltaplane.serve.server import BackgroundServer
 __all__ = ["HttpRunResult", "drift_reference", "holdout_summary", "run_http_simulation"]
 
 MODEL = "digits-cnn"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -358,7 +361,14 @@ def _secagg_round(
     Each device rounds into the ring with the same seed as in process
     (:func:`~deltaplane.engine.secure.device_seed`) and the public weight scale is the mean example count of
     the round's sampled devices, as in process, so the unmasked sum — and the model — are the same.
+
+    A device that refuses the invitation (a graph or threshold it deems unsafe; under distributed DP a ring
+    range below its own config's C + 6σ_d, which a service that breaks the rules could send) sits the round
+    out, as a fleet device does, and sends nothing. With fewer left than
+    :func:`~deltaplane.engine.secure.secure_quorum` the SecAgg round is aborted and, under distributed DP, the
+    round closes with no sum (ε still spent), as one that sampled too few devices; without DP that is an error.
     """
+    from deltaplane.aggregation.secagg import SecAggError
     from deltaplane.engine.secure import device_seed, secure_quorum, secure_weight_scale
     from deltaplane.serve.secagg_client import SecAggDevice
 
@@ -386,22 +396,36 @@ def _secagg_round(
     )
     number = opened["round"]
     rng = np.random.default_rng(derive_seed(config.seed, Stream.SECAGG, rnd))
-    fleet = []
+    fleet, refusal = [], None
     for cid in secure:  # on each device: its masked update, keys from its own randomness
-        dev = SecAggDevice(
-            devices[cid],
-            MODEL,
-            number,
-            randbytes=rng.bytes,
-            min_inputs=config.unmask_floor(),
-            min_range=config.min_secagg_range(),
-        )
-        dev.set_update(
-            ups[cid].secure,
-            clients[cid].num_samples,
-            np.random.default_rng(device_seed(config.seed, rnd, cid)),
-        )  # type: ignore[arg-type]
+        try:  # its unmasking floor and least ring range from its own config, never the invitation
+            dev = SecAggDevice(
+                devices[cid],
+                MODEL,
+                number,
+                randbytes=rng.bytes,
+                min_inputs=config.unmask_floor(),
+                min_range=config.min_secagg_range(),
+            )
+            dev.set_update(
+                ups[cid].secure,
+                clients[cid].num_samples,
+                np.random.default_rng(device_seed(config.seed, rnd, cid)),
+            )  # type: ignore[arg-type]
+        except SecAggError as exc:  # the device refuses the invitation: it sits the round out, sends nothing
+            log.warning(
+                "SecAgg round %s: device %s refused the invitation (%s); sitting it out", number, cid, exc
+            )
+            refusal = exc
+            continue
         fleet.append(dev)
+    if len(fleet) < secure_quorum(config):  # too few took the invitation: no sum may be unmasked
+        admin.abort_secagg(MODEL, number)
+        if config.dp_noise <= 0:
+            raise SecAggError(f"round {rnd}: every device refused the SecAgg invitation ({refusal})")
+        # distributed DP: the round closes with no sum, as one that sampled too few devices (ε still spent)
+        opened, closed, _, _ = _plain_round(step, model, clients, devices, [], admin, rnd)
+        return opened, closed, 0, len(chosen) - len(secure)
     for stage in ("advertise", "share", "upload"):
         for dev in fleet:
             getattr(dev, stage)()
