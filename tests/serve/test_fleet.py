@@ -844,3 +844,41 @@ def test_an_aborted_secagg_round_leaves_the_devices_error_feedback_as_before_it(
         for dev in devices[:2]:
             assert dev.client.compressor.state_dict()["residual"] is None  # as before the round
             assert dev.pending is None
+
+
+def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """A service that breaks the rules (or runs another model) invites devices to a round whose SecAgg vector is
+    one value longer than the device's update. The device refused it in set_update (a SecAggError: the update
+    does not fit the round), but outside the invitation's handler, so `deltaplane fleet device` stopped; now
+    it sits the round out like any refused invitation (one line, nothing sent, error feedback as before) and
+    takes the next, valid round."""
+    from deltaplane.aggregation.secagg import RingEncoding
+    from deltaplane.serve import secagg_routes
+
+    class OneTooMany(RingEncoding):
+        @staticmethod
+        def vector_size(like) -> int:
+            return RingEncoding.vector_size(like) + 1
+
+    cfg = _config(byo_task, clients=3, secagg=True, clip="2.0", codec="topk(0.1)", wire="self-describing")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        lines: list[str] = []
+        devices[0].log = lines.append
+        with monkeypatch.context() as m:
+            m.setattr(secagg_routes, "RingEncoding", OneTooMany)
+            opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)
+        info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
+        before = len(f.bodies)
+        assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert [p for p, body in f.bodies[before:] if body] == []  # nothing sent
+        assert len(lines) == 1 and "refused the invitation" in lines[0] and "the round expects" in lines[0]
+        assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
+        f.admin.abort_secagg(MODEL, opened["round"])
+        threads = _threads(devices, rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None

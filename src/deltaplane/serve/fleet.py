@@ -235,10 +235,11 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
                 min_inputs=dev.config.unmask_floor(),
                 min_range=dev.config.min_secagg_range(),
             )
+            sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
         except (SecAggError, DecodeError) as exc:  # an unsafe or malformed invitation: nothing was sent
+            # (set_update refuses one whose vector size is not this device's model's)
             dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
             return False
-        sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
         broke: httpx.TransportError | None = None
         try:
             spoke = _secagg_stages(dev, sa, number, sent, wait=wait, poll=poll)
