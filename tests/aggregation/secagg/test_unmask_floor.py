@@ -124,3 +124,17 @@ def test_a_device_refuses_a_ring_narrower_than_its_own_minimum_before_sending_an
     assert err.value.min_range == 2.5
     joined = DeviceEndpoint(0, cfg, RingEncoding(bits=BITS, clip_range=2.5), min_range=2.5)
     assert joined.advertise()  # the device takes part
+
+
+def test_a_device_under_distributed_dp_refuses_a_weighted_ring() -> None:
+    """A weighted ring scales each value by count / weight_scale before the clip: at the device's least range a
+    rule-breaking server's weight_scale 1 would have the ring clip most noised values and let one device move
+    the sum by more than C. A device with a distributed-DP minimum refuses it; weight_scale 0 joins."""
+    from deltaplane.aggregation.secagg import SecAggRangeError
+
+    cfg = SecAggConfig(num_clients=N, threshold=THRESHOLD, bits=BITS, vector_size=D, round_id=ROUND)
+    weighted = RingEncoding(bits=BITS, clip_range=2.5, weight_scale=1.0)
+    with pytest.raises(SecAggRangeError, match="weight_scale=1"):
+        DeviceEndpoint(0, cfg, weighted, min_range=2.5)
+    assert DeviceEndpoint(0, cfg, weighted)  # no distributed DP on this device: weighted rings are fine
+    assert DeviceEndpoint(0, cfg, RingEncoding(bits=BITS, clip_range=2.5, weight_scale=0.0), min_range=2.5)

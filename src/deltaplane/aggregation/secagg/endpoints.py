@@ -50,7 +50,10 @@ class DeviceEndpoint:
         min_range: the least ring range the device accepts (distributed DP's C + 6σ_d from its own
             configuration, :meth:`~deltaplane.engine.RunConfig.min_secagg_range`; 0: any). A round whose
             ``encoding.clip_range`` is narrower would clip the device's noised values: :class:`SecAggRangeError`
-            here, before anything is sent.
+            here, before anything is sent. With a minimum the ring must also be unweighted (``weight_scale``
+            0, as distributed DP's mean is): a weighted ring scales each value by count / weight_scale before
+            the clip, so the range would no longer bound what is clipped, and one device could move the sum
+            by more than C.
     """
 
     def __init__(
@@ -68,6 +71,14 @@ class DeviceEndpoint:
                 f"refusing this SecAgg round: its ring range is {encoding.clip_range:g}, below the "
                 f"{min_range:g} this device's distributed-DP noise needs (clip + 6 noise stds); a narrower ring "
                 "would clip the noised values and the published sum would not carry the accounted noise",
+                clip_range=encoding.clip_range,
+                min_range=min_range,
+            )
+        if min_range > 0 and encoding.weight_scale != 0:
+            raise SecAggRangeError(
+                f"refusing this SecAgg round: its ring weights each update (weight_scale={encoding.weight_scale:g}); "
+                "under this device's distributed DP every device weighs 1 (weight_scale 0), or its noised values "
+                "would be scaled before the ring's clip and one device could move the sum by more than the clip",
                 clip_range=encoding.clip_range,
                 min_range=min_range,
             )
