@@ -95,6 +95,20 @@ class Fleet:
         return self.app.state.deltaplane
 
 
+def _lose_power_before_upload(monkeypatch, *victims: fleet.Device) -> None:
+    """The ``victims`` die (SystemExit) as they are about to send their masked input; the others upload."""
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    real_upload = SecAggDevice.upload
+
+    def upload(self):
+        if any(self.client is v.conn for v in victims):
+            raise SystemExit("lost power")
+        return real_upload(self)
+
+    monkeypatch.setattr(SecAggDevice, "upload", upload)
+
+
 def _threads(devices, **kw) -> list[threading.Thread]:
     errors: list[BaseException] = []
 
@@ -181,16 +195,8 @@ def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
     publishes; no device's plaintext update reaches the service (every body, and the SecAgg rounds it holds).
     Four devices: SecAgg's default threshold (more than 2/3 of them) tolerates one dropout from four, none
     from three."""
-    from deltaplane.serve.secagg_client import SecAggDevice
 
     cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
-    real_upload = SecAggDevice.upload
-
-    def dies_on_device_2(self):
-        if self.client is victim.conn:
-            raise SystemExit("device 2 lost power")
-        return real_upload(self)
-
     from deltaplane.serve import secagg_routes
 
     # a closed round's protocol state is dropped (only its status is kept): hold each round as it closes
@@ -205,7 +211,7 @@ def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(4)]
         victim = devices[2]
-        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        _lose_power_before_upload(monkeypatch, victim)
         # what each device will compute in round 1 (the float update, before SecAgg's rounding): never sent
         watch_updates = []
         for dev in devices:
@@ -235,20 +241,12 @@ def test_a_secagg_round_that_cannot_complete_is_aborted_and_named(byo_task, tmp_
     """Two of four devices die before their masked upload: too few survive SecAgg's threshold (3 of 4), so the
     round cannot be unmasked. The coordinator used to report it as round 0 and leave it open on the service
     (its state held, its devices waiting); it now aborts it there and names its number."""
-    from deltaplane.serve.secagg_client import SecAggDevice
 
     cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
-    real_upload = SecAggDevice.upload
-
-    def two_die(self):
-        if self.client in (dead[0].conn, dead[1].conn):
-            raise SystemExit("lost power")
-        return real_upload(self)
-
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(4)]
         dead = devices[1:3]
-        monkeypatch.setattr(SecAggDevice, "upload", two_die)
+        _lose_power_before_upload(monkeypatch, *dead)
         threads = _threads(devices, rounds=1, stage_wait=10)
         out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
         for t in threads:
@@ -324,24 +322,16 @@ def test_distributed_dp_never_unmasks_a_sum_of_fewer_than_m_min_devices(
     than m_min are never unmasked (the round fails and is aborted), and a round inviting fewer than m_min
     devices is refused."""
     from deltaplane.serve.client import ServiceError
-    from deltaplane.serve.secagg_client import SecAggDevice
 
     cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3,
                   secagg_min_contributors=4, wire="self-describing")  # fmt: skip
-    real_upload = SecAggDevice.upload
-
-    def dies_on_device_2(self):
-        if self.client is victim.conn:
-            raise SystemExit("device 2 lost power")
-        return real_upload(self)
-
     with Fleet(tmp_path, cfg) as f:
         with pytest.raises(ServiceError) as refused:
             f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)
         assert refused.value.status == 422 and "invite at least 4" in refused.value.detail
         devices = [f.device(i) for i in range(4)]
         victim = devices[2]
-        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        _lose_power_before_upload(monkeypatch, victim)
         threads = _threads(devices, rounds=1, stage_wait=10)
         out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
         for t in threads:
@@ -363,25 +353,18 @@ def test_devices_refuse_to_unmask_fewer_than_m_min_when_the_server_has_no_floor(
     With all 4 alive (exactly m_min) they answer and the round publishes."""
     from deltaplane.aggregation.secagg import ServerEndpoint
     from deltaplane.serve import secagg_routes
-    from deltaplane.serve.secagg_client import SecAggDevice
 
     cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3, codec="topk(0.1)",
                   secagg_min_contributors=4, wire="self-describing")  # fmt: skip
     monkeypatch.setattr(secagg_routes, "ServerEndpoint", lambda config, min_inputs=0: ServerEndpoint(config))
-    real_upload = SecAggDevice.upload
-
-    def dies_on_device_2(self):
-        if one_dies and self.client is victim.conn:
-            raise SystemExit("device 2 lost power")
-        return real_upload(self)
-
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(4)]
         lines: list[str] = []
         for dev in devices:
             dev.log = lines.append
         victim = devices[2]
-        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        if one_dies:
+            _lose_power_before_upload(monkeypatch, victim)
         threads = _threads(devices, rounds=1, stage_wait=10)
         out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
         for t in threads:
@@ -815,23 +798,15 @@ def test_an_aborted_secagg_round_leaves_the_devices_error_feedback_as_before_it(
     to count their updates as delivered (their error-feedback residual dropped what they sent) although the
     round reached no model; only a round lost in a restart restored it. The service now answers an aborted
     round with a typed RoundAborted, and the devices keep their error feedback as before the round."""
-    from deltaplane.serve.secagg_client import SecAggDevice
 
     cfg = _config(byo_task, clients=3, secagg=True, clip="1.0", codec="topk(0.1)", wire="self-describing")
-    real_upload = SecAggDevice.upload
-
-    def dies_on_device_2(self):
-        if self.client is victim.conn:
-            raise SystemExit("device 2 lost power")
-        return real_upload(self)
-
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(3)]
         lines: list[str] = []
         for dev in devices[:2]:
             dev.log = lines.append
         victim = devices[2]
-        monkeypatch.setattr(SecAggDevice, "upload", dies_on_device_2)
+        _lose_power_before_upload(monkeypatch, victim)
         threads = _threads(devices, rounds=1, stage_wait=10)
         out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
         for t in threads:
