@@ -138,11 +138,27 @@ def test_the_cli_feeds_a_token_model_ids_its_embedding_table_has(app, tmp_path):
         sess.run(None, {"ids": np.full((1, 4), 7, np.int64)})
     feeds = onnx_feeds(onnx.load(str(src)), 32, seed=1)
     assert max(int(f["ids"].max()) for f in feeds) == 6
-    # a table of 100 rows or more keeps the default range
+
+
+def test_random_ids_reach_every_row_of_a_large_embedding_table(tmp_path):
+    # ids were capped at 100 whatever the table's size, so the rows beyond 100 of a vocabulary (in BERT-style
+    # vocabularies, every real token: ids below 100 are [PAD] and [unused]) were never fed: what int8 did to
+    # them went unmeasured. The feeds now draw from every row the input indexes.
+    import onnxruntime as ort
+
     from deltaplane.deploy.onnx_input import integer_input_ranges
 
-    big = onnx.load(str(_export_emb(tmp_path / "big.onnx", rows=500)))
-    assert integer_input_ranges(big)["ids"]["high"] == 100
+    src = _export_emb(tmp_path / "big.onnx", rows=500)
+    big = onnx.load(str(src))
+    r = integer_input_ranges(big)["ids"]
+    assert (r["low"], r["high"]) == (0, 500) and "every row" in r["why"]
+    feeds = onnx_feeds(big, 32, seed=1)
+    ids = np.concatenate([f["ids"].ravel() for f in feeds])
+    assert int(ids.max()) >= 400 and int(ids.min()) >= 0 and (ids >= 100).mean() > 0.7
+    # independently: ONNX Runtime runs the source graph on all of them (none beyond the table)
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    for f in feeds:
+        sess.run(None, f)
 
 
 def test_onnx_inputs_the_model_cannot_run_are_a_usage_error(app, tmp_path):

@@ -194,8 +194,10 @@ def integer_input_ranges(model: Any) -> dict[str, dict[str, Any]]:
     """For every integer input, the range ``[low, high)`` :func:`onnx_feeds` draws from, and why.
 
     An input whose values reach a ``Gather``'s indices (an embedding lookup), through ops that do not change
-    values (``Cast``, ``Reshape``, ``Unsqueeze``...), is capped at the rows of the smallest constant table it
-    indexes: ids beyond it are out of range for ONNX Runtime. Otherwise [0, ``INT_HIGH``).
+    values (``Cast``, ``Reshape``, ``Unsqueeze``...), draws from every row of the smallest constant table it
+    indexes, ``[0, rows)``: ids beyond it are out of range for ONNX Runtime, and ids below a fixed cap would
+    leave most of a vocabulary's rows (and what compression did to them) unmeasured; in BERT-style vocabularies
+    ids below 100 are ``[PAD]`` and ``[unused]`` tokens. Otherwise [0, ``INT_HIGH``).
     """
     from onnx import TensorProto
 
@@ -225,8 +227,8 @@ def integer_input_ranges(model: Any) -> dict[str, dict[str, Any]]:
                     seen |= set(node.output)
         if tables:
             table = min(tables, key=tables.__getitem__)
-            high = min(INT_HIGH, tables[table])
-            why = f"indexes the {tables[table]}-row table '{table}' (Gather)"
+            high = tables[table]
+            why = f"indexes the {tables[table]}-row table '{table}' (Gather): every row"
         else:
             high, why = INT_HIGH, "default: not traced to a lookup table"
         out[inp.name] = {"low": 0, "high": high, "why": why}
@@ -235,7 +237,7 @@ def integer_input_ranges(model: Any) -> dict[str, dict[str, Any]]:
 
 def onnx_feeds(model: Any, n: int, *, seed: int, sym: int = 16) -> Feeds:
     """``n`` batch-1 feeds for the model's inputs from a seeded generator: floats ~ N(0, 1), integers in
-    [0, 100), or below the rows of the table an integer input indexes (:func:`integer_input_ranges`).
+    [0, 100), or over the rows of the table an integer input indexes (:func:`integer_input_ranges`).
 
     Symbolic dimensions other than the first (batch) become ``sym``. For models whose inputs mean something
     (token ids of a given vocabulary, images in a range), pass real feeds instead. :class:`ConfigError` when an
@@ -293,7 +295,7 @@ def _run_source(data: bytes, feeds: Feeds, src: Path) -> np.ndarray:
         raise ConfigError(
             f"{src} does not run on its evaluation inputs ({given}; the model takes {names}): "
             f"{str(e).splitlines()[0]}. Pass inputs that fit the model (deploy_onnx_model(eval_feeds=...) from "
-            "Python; the CLI draws integers in [0, 100), or below the rows of the table an input indexes)"
+            "Python; the CLI draws integers in [0, 100), or over the rows of the table an input indexes)"
         ) from e
 
 
