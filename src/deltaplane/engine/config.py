@@ -178,7 +178,7 @@ class RunConfig(BaseModel):
         ge=2,
         description="SecAgg+ (Bell et al. 2020): each device masks with and shares its secrets to only this many "
         "others (even), in a sparse graph; default: the complete graph. It must give neighbourhoods the devices "
-        "accept for a round of the expected size (at least 2⌈log₂ m⌉ + 1 devices, m clients per round); the "
+        "accept for a round of the expected size (at least min(m, 2⌈log₂ m⌉ + 1) devices, m clients per round); the "
         "threshold is ⌊2g/3⌋ + 1 of each neighbourhood of g. A round drawn larger than expected gets the least "
         "degree its devices accept, one in which every device would neighbour every other the complete graph",
     )
