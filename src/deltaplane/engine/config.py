@@ -173,6 +173,15 @@ class RunConfig(BaseModel):
         "round whose secure sum has fewer contributors is not published (its noise would be below z·clip); "
         "default: SecAgg's threshold for a round of the expected size, 2·m//3 + 1 (m clients per round)",
     )
+    secagg_neighbours: int | None = Field(
+        None,
+        ge=2,
+        description="SecAgg+ (Bell et al. 2020): each device masks with and shares its secrets to only this many "
+        "others (even), in a sparse graph; default: the complete graph. It must give neighbourhoods the devices "
+        "accept for a round of the expected size (at least min(m, 2⌈log₂ m⌉ + 1) devices, m clients per round); the "
+        "threshold is ⌊2g/3⌋ + 1 of each neighbourhood of g. A round drawn larger than expected gets the least "
+        "degree its devices accept, one in which every device would neighbour every other the complete graph",
+    )
     attack: str | None = Field(
         None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
     )
@@ -330,7 +339,61 @@ class RunConfig(BaseModel):
             if self.clip == "adaptive":
                 raise ValueError("with secagg, clip must be a number (clients clip before masking)")
         self._check_distributed_dp()
+        self._check_secagg_neighbours()
         return self
+
+    def _check_secagg_neighbours(self) -> None:
+        """SecAgg+'s degree must be one the run's devices accept for a round of the expected size: the same
+        rule (:func:`~deltaplane.aggregation.secagg.check_device_policy`) the service applies when it opens a
+        round and every real device applies to its invitation, so a run is refused here, not in round 1."""
+        degree = self.secagg_neighbours
+        if degree is None:
+            return
+        if not self.secagg:
+            raise ValueError(
+                "secagg_neighbours is SecAgg+'s degree (how many devices each one masks with); it needs secagg"
+            )
+        if degree % 2:
+            raise ValueError(
+                f"secagg_neighbours={degree} must be even: SecAgg+'s graph joins each device to "
+                "secagg_neighbours/2 devices on either side of it in a ring"
+            )
+        from deltaplane.aggregation.secagg import (
+            SecAggConfig,
+            SecAggError,
+            check_device_policy,
+            default_threshold,
+            min_group_size,
+        )
+
+        m = self.clients_per_round()
+        if degree >= m:
+            raise ValueError(
+                f"secagg_neighbours={degree}: a round of the {m} clients this run expects gives each device at most "
+                f"{m - 1} neighbours; leave secagg_neighbours out for the complete graph"
+            )
+        group = degree + 1
+        policy = SecAggConfig(
+            num_clients=m,
+            threshold=default_threshold(group),
+            bits=self.secagg_bits,
+            vector_size=1,
+            neighbours=degree,
+        )
+        try:
+            check_device_policy(policy)
+        except SecAggError:
+            least = min_group_size(m) - 1
+            fix = (
+                f"set secagg_neighbours to at least {least}"
+                if least < m - 1
+                else f"a round of {m} admits only the complete graph: leave secagg_neighbours out"
+            )
+            raise ValueError(
+                f"secagg_neighbours={degree} gives neighbourhoods of {group} of the {m} clients this run expects per "
+                f"round, and devices refuse fewer than {min_group_size(m)} (min(m, 2⌈log₂ m⌉ + 1): so the server cannot "
+                f"surround a device with colluders); {fix}"
+            ) from None
 
     def _check_distributed_dp(self) -> None:
         """dp_noise with secagg is distributed DP: the devices add the noise, and a sum of fewer than
@@ -442,7 +505,8 @@ class RunConfig(BaseModel):
         if self.local_dp_noise > 0:
             parts.append(f"local DP z={self.local_dp_noise:g}")
         if self.secagg:
-            parts.append("SecAgg")
+            degree = self.secagg_neighbours
+            parts.append("SecAgg" if degree is None else f"SecAgg+ degree {degree}")
         if self.defense:
             parts.append(self.defense)
         if self.personalization != "none":
@@ -615,7 +679,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "secagg": {
         "enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range",
-        "min_contributors": "secagg_min_contributors",
+        "min_contributors": "secagg_min_contributors", "neighbours": "secagg_neighbours",
     },
     "attack": {"spec": "attack"},
     "personalization": {

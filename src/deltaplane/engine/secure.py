@@ -26,7 +26,14 @@ from deltaplane.engine.seeding import Stream, derive_seed
 if TYPE_CHECKING:
     from deltaplane.engine.server import ServerStep
 
-__all__ = ["deliver", "device_seed", "secure_quorum", "secure_round", "secure_weight_scale"]
+__all__ = [
+    "deliver",
+    "device_seed",
+    "secure_neighbours",
+    "secure_quorum",
+    "secure_round",
+    "secure_weight_scale",
+]
 
 
 def device_seed(seed: int, rnd: int, cid: int) -> int:
@@ -52,6 +59,15 @@ def secure_quorum(config: RunConfig) -> int:
     return max(1, config.unmask_floor())
 
 
+def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
+    """The SecAgg+ degree of a round with ``num_inputs`` secure inputs (None: the complete graph): the run's
+    ``secagg_neighbours`` for that round's size (:func:`~deltaplane.aggregation.secagg.round_neighbours`).
+    Every driver opens its rounds with it: in process, the HTTP simulation, the fleet coordinator, Flower."""
+    from deltaplane.aggregation.secagg import round_neighbours
+
+    return round_neighbours(config.secagg_neighbours, num_inputs)
+
+
 def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
     """The example-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
     (every protocol message: keys, encrypted shares, masked ring values, unmasking shares).
@@ -65,6 +81,9 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
     inputs = [u for u in uploads if u.secure is not None]
     mean, report = secure_mean(
         [u.secure for u in inputs],  # type: ignore[misc]
+        # SecAgg+: the run's degree for this round's size, as the HTTP and Flower drivers open it (threshold
+        # ⌊2g/3⌋ + 1 of each neighbourhood of g, secure_mean's default, as the service's)
+        neighbours=secure_neighbours(config, len(inputs)),
         weights=[int(u.num_samples) for u in inputs],
         bits=config.secagg_bits,
         clip_range=config.secagg_range,

@@ -339,6 +339,7 @@ def task_server_app(
                 bits=config.secagg_bits,
                 clip_range=config.secagg_range,
                 weight_scale=weight_scale,
+                neighbours=config.secagg_neighbours,  # SecAgg+: each round's degree as in process
                 **options,
             )
         else:

@@ -41,6 +41,7 @@ from deltaplane.aggregation.secagg import (
     ServerEndpoint,
     check_device_policy,
     default_threshold,
+    round_neighbours,
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
@@ -208,7 +209,10 @@ class SecAggStrategy(DeltaStrategy):
         weight_scale: public typical example count (devices scale by ``n/weight_scale``); 0 for an unweighted
             mean; or ``weight_scale(nodes)``, the scale of a round from its sampled node ids (the in-process
             drivers use the mean example count of the round's devices, which the server knows: it is public).
-        neighbours: SecAgg+ degree (None: every node masks with every other).
+        neighbours: SecAgg+ degree (None: every node masks with every other), for rounds of the expected size:
+            each round runs :func:`~deltaplane.aggregation.secagg.round_neighbours` of it for the nodes it
+            sampled (the least degree the nodes accept when larger; the complete graph when it reaches every
+            node), as every driver does with a run's ``secagg_neighbours``.
         timeout: seconds each protocol stage waits for replies (None: until every node answered).
     """
 
@@ -309,13 +313,14 @@ class SecAggStrategy(DeltaStrategy):
         encoding = self.round_encoding(nodes)
         ids = {node: i for i, node in enumerate(nodes)}
         n = len(nodes)
-        group = (self.neighbours if self.neighbours is not None else n - 1) + 1
+        degree = round_neighbours(self.neighbours, n)  # for this round's size, as every driver
+        group = (degree if degree is not None else n - 1) + 1
         cfg = SecAggConfig(
             num_clients=n,
             threshold=default_threshold(group),
             bits=self.encoding.bits,
             vector_size=encoding.vector_size(self._shared_zeros()),
-            neighbours=self.neighbours,
+            neighbours=degree,
             round_id=server_round,
             graph_seed=server_round,
         )

@@ -369,7 +369,7 @@ def _secagg_round(
     round closes with no sum (ε still spent), as one that sampled too few devices; without DP that is an error.
     """
     from deltaplane.aggregation.secagg import SecAggError
-    from deltaplane.engine.secure import device_seed, secure_quorum, secure_weight_scale
+    from deltaplane.engine.secure import device_seed, secure_neighbours, secure_quorum, secure_weight_scale
     from deltaplane.serve.secagg_client import SecAggDevice
 
     ups = {
@@ -392,6 +392,9 @@ def _secagg_round(
         bits=config.secagg_bits,
         clip_range=config.secagg_range,
         weight_scale=secure_weight_scale(config, weights),
+        # SecAgg+: the run's degree for this round's size, as in process (the service's default threshold,
+        # ⌊2g/3⌋ + 1 of each neighbourhood, is the in-process one)
+        neighbours=secure_neighbours(config, len(secure)),
         base_version=devices[secure[0]].version,
     )
     number = opened["round"]

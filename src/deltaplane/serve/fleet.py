@@ -37,6 +37,7 @@ import torch
 from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
+from deltaplane.engine.secure import secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
     ConfigError,
@@ -599,9 +600,15 @@ def _plain_round(
 
 
 def _secagg(
-    p: Patient, model: str, names: list[str], deadline: float, poll: float, weight_scale: float
+    p: Patient,
+    model: str,
+    names: list[str],
+    deadline: float,
+    poll: float,
+    weight_scale: float,
+    neighbours: int | None,
 ) -> tuple:
-    number = _open_secagg(p, model, names, weight_scale)
+    number = _open_secagg(p, model, names, weight_scale, neighbours)
     try:
         try:
             return _secagg_round(p, model, names, deadline, poll, number)
@@ -616,14 +623,18 @@ def _secagg(
         ) from None
 
 
-def _open_secagg(p: Patient, model: str, names: list[str], weight_scale: float) -> int:
-    """Open a SecAgg round. An open whose answer was lost may have opened a round nobody will run (its
-    number is unknown): the next open is numbered after it, and a round just below that still at key
-    advertisement for the same devices is such a stray, so it is aborted rather than left open."""
+def _open_secagg(
+    p: Patient, model: str, names: list[str], weight_scale: float, neighbours: int | None
+) -> int:
+    """Open a SecAgg round (SecAgg+ of degree ``neighbours``; None: the complete graph). An open whose answer
+    was lost may have opened a round nobody will run (its number is unknown): the next open is numbered after
+    it, and a round just below that still at key advertisement for the same devices is such a stray, so it is
+    aborted rather than left open."""
     failed = 0
     while True:
         ok, opened = p.once(
-            lambda: p.admin.open_secagg(model, names, weight_scale=weight_scale), "open a round"
+            lambda: p.admin.open_secagg(model, names, weight_scale=weight_scale, neighbours=neighbours),
+            "open a round",
         )
         if ok:
             break
@@ -729,6 +740,8 @@ def coordinate(
     names = devices or [device_id(i) for i in range(config.clients)]
     if config.secagg and weight_scale is None:
         weight_scale = weight_scale_of(config)
+    # SecAgg+: the config's degree for a round of every invited device, as `deltaplane run` opens it
+    neighbours = secure_neighbours(config, len(names))
     p = Patient(admin, patience=patience, say=say or log.warning, poll=poll)
     if drift:
         task = make_task(config)
@@ -743,7 +756,9 @@ def coordinate(
         kind = "secagg" if config.secagg else "plain"
         try:
             if config.secagg:
-                number, n, version, measured = _secagg(p, model, names, deadline, poll, weight_scale or 0.0)
+                number, n, version, measured = _secagg(
+                    p, model, names, deadline, poll, weight_scale or 0.0, neighbours
+                )
             else:
                 number, n, version, measured = _plain(p, model, names, deadline, poll)
         except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up

@@ -73,6 +73,7 @@ from deltaplane.aggregation.secagg import (
     check_device_policy,
     decode_message,
     default_threshold,
+    round_neighbours,
 )
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
@@ -195,7 +196,14 @@ class OpenSecAggRequest(BaseModel):
         ge=2,
         description="default: ⌊2g/3⌋ + 1 for neighbourhoods of g, the least devices accept (check_device_policy)",
     )
-    neighbours: int | None = Field(default=None, ge=2, description="SecAgg+ degree (even); default complete")
+    neighbours: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "SecAgg+ degree (even); default: the --federation's secagg_neighbours for a round of this many devices "
+            "(round_neighbours), else the complete graph; null: the complete graph"
+        ),
+    )
     base_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
@@ -566,7 +574,12 @@ def install_secagg_routes(
             ddp, DistributedDP
         ):  # its range clip acts on each device's noised values: must not bind
             ddp.check_ring_range(clip_range)
-        group = (body.neighbours if body.neighbours is not None else n - 1) + 1
+        # SecAgg+'s degree: the operator's, or the federation's for a round of n, as `deltaplane run` uses it
+        if "neighbours" in body.model_fields_set or run is None:
+            degree = body.neighbours
+        else:
+            degree = round_neighbours(run.secagg_neighbours, n)
+        group = (degree if degree is not None else n - 1) + 1
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)
@@ -579,7 +592,7 @@ def install_secagg_routes(
                 threshold=body.threshold if body.threshold is not None else default_threshold(group),
                 bits=bits,
                 vector_size=vector,
-                neighbours=body.neighbours,
+                neighbours=degree,
                 round_id=number,
                 graph_seed=int.from_bytes(hashlib.sha256(f"{model}/{number}".encode()).digest()[:4], "big"),
             )  # raises ConfigError (422) for an impossible threshold, graph or ring

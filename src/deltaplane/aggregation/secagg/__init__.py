@@ -32,6 +32,7 @@ from deltaplane.aggregation.secagg.protocol import (
     min_group_size,
     neighbours,
     neighbours_of,
+    round_neighbours,
 )
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
 from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchange, run_secagg, secure_mean
@@ -69,6 +70,7 @@ __all__ = [
     "pack",
     "quantize",
     "ring_bits",
+    "round_neighbours",
     "run_secagg",
     "secure_mean",
     "unpack",

@@ -81,6 +81,7 @@ __all__ = [
     "min_group_size",
     "neighbours",
     "neighbours_of",
+    "round_neighbours",
 ]
 
 _FIELDS = ("num_clients", "threshold", "bits", "vector_size", "neighbours", "round_id", "graph_seed")
@@ -193,6 +194,23 @@ def min_group_size(num_clients: int) -> int:
     not Bell et al.'s bound for a given corruption rate, which an operator should use for large rounds.
     """
     return min(num_clients, 2 * math.ceil(math.log2(num_clients)) + 1)
+
+
+def round_neighbours(degree: int | None, num_clients: int) -> int | None:
+    """The SecAgg+ degree a round of ``num_clients`` devices runs when ``degree`` was chosen for rounds of some
+    expected size (a run's ``secagg_neighbours``, a strategy's ``neighbours``); None is the complete graph.
+
+    A round's size is known only once it is drawn (Poisson sampling, dropouts before the round), so the chosen
+    degree is adapted to it, the same way on every driver: a round larger than expected gets the least even
+    degree its devices accept (:func:`min_group_size`) when that is larger, since they would refuse a sparser
+    graph (:func:`check_device_policy`); a round in which a neighbourhood would hold every device (degree at
+    least ``num_clients - 1``) runs the complete graph, which is what that degree means there.
+    """
+    if degree is None or num_clients < 2:
+        return None
+    least = min_group_size(num_clients) - 1
+    chosen = max(degree, least + least % 2)  # SecAgg+'s Harary graph needs an even degree
+    return None if chosen >= num_clients - 1 else chosen
 
 
 def check_device_policy(config: SecAggConfig) -> None:
