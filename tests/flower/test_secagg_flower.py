@@ -277,3 +277,36 @@ def test_the_strategy_refuses_a_ring_range_that_would_clip_the_nodes_noised_valu
     with pytest.raises(ConfigError, match=r"at least clip \+ 6·σ_d = 9\.49"):
         SecAggStrategy(server_step=step, clip_range=8.0)
     assert SecAggStrategy(server_step=step, clip_range=cfg.secagg_range).encoding.clip_range == 9.49
+
+
+def test_flower_secagg_refuses_a_round_of_one_node(monkeypatch) -> None:
+    # a round that sampled one node (a strategy allowing one available node) crashed inside SecAggConfig
+    # ("num_clients must be at least 2"); it is now the lone-input error every driver gives
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from deltaplane.aggregation.secagg import SecAggError
+    from deltaplane.engine import ServerStep, make_task
+    from deltaplane.flower.strategy import DeltaStrategy
+
+    cfg = RunConfig(clients=2, secagg=True, clip="1.0")
+    task = make_task(cfg)
+    state = task.build_model(0).state_dict()
+    step = ServerStep.for_run(cfg, task, state, base_id="m", simulation=True)
+    strategy = SecAggStrategy(server_step=step, clip_range=cfg.secagg_range)
+    one = Message(RecordDict(), dst_node_id=100, message_type="train")
+    inner = DeltaStrategy.configure_train
+
+    def sample_one(self, server_round, arrays, config, grid):
+        list(inner(self, server_round, arrays, config, grid))  # the real bookkeeping (global model, sampling)
+        return [one]
+
+    class NoNodes:
+        def get_node_ids(self):
+            return [100, 101]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            raise AssertionError("nothing may be sent for a round of one node")
+
+    monkeypatch.setattr(DeltaStrategy, "configure_train", sample_one)
+    with pytest.raises(SecAggError, match="SecAgg needs at least 2: the sum of a lone masked input"):
+        strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NoNodes())

@@ -115,3 +115,65 @@ def test_secagg_mean_is_the_example_weighted_fedavg_within_a_quantization_step()
     step = 2.0 / (2**16 - 1) * np.mean(weights) / sum(weights) * len(weights)
     assert (mean["w"].double() - ref).abs().max() < step
     assert rep.survivors == [0, 1, 2, 3]
+
+
+def test_a_run_sampling_one_client_a_round_is_refused_up_front() -> None:
+    # it passed RunConfig and failed in round 1 with SecAggConfig's "num_clients must be at least 2"
+    from deltaplane.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="secagg needs at least 2 clients per round.*samples 1 of 4"):
+        RunConfig(clients=4, sample_fraction=0.25, secagg=True, clip="2.0", rounds=1)
+    RunConfig(clients=4, sample_fraction=0.5, secagg=True, clip="2.0", rounds=1)  # two a round: fine
+
+
+def _one_device_fails(monkeypatch) -> list:
+    """Device 1's client step fails every round; returns the list the secure rounds run are appended to."""
+    from deltaplane.engine import secure
+    from deltaplane.engine.client import ClientStep, Upload
+    from deltaplane.errors import InvalidUpdate
+
+    run = ClientStep.run
+
+    def failing(self, client, model, state, rnd, version):
+        up = run(self, client, model, state, rnd, version)
+        if up.cid == 1:
+            return Upload(
+                cid=up.cid, num_samples=up.num_samples, error=InvalidUpdate("the device's battery died")
+            )
+        return up
+
+    monkeypatch.setattr(ClientStep, "run", failing)
+    rounds: list = []
+    orig = secure.secure_round
+    monkeypatch.setattr(secure, "secure_round", lambda *a, **k: rounds.append(a) or orig(*a, **k))
+    return rounds
+
+
+def test_a_round_left_with_one_secure_input_unmasks_nothing_in_process(monkeypatch) -> None:
+    # one of two devices fails: the other's masked input would be "summed" alone, i.e. shown to the server.
+    # It crashed with SecAggConfig's ConfigError; the lone input is now refused and the round fails as one whose
+    # every update was refused, naming why, with no SecAgg round run
+    from deltaplane.errors import InvalidUpdate
+
+    rounds = _one_device_fails(monkeypatch)
+    cfg = RunConfig(clients=2, rounds=1, local_epochs=1, secagg=True, secagg_bits=16, secagg_range=1.0)
+    with pytest.raises(InvalidUpdate, match="every update of the round was refused") as err:
+        run_simulation(cfg)
+    assert rounds == []
+    chain = [str(err.value)]
+    e = err.value.__cause__
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    assert "battery" in " ".join(chain)
+
+
+def test_a_round_left_with_one_secure_input_is_refused_over_http(monkeypatch) -> None:
+    from deltaplane.apps.runner import run_federation
+    from deltaplane.errors import InvalidUpdate
+
+    rounds = _one_device_fails(monkeypatch)
+    cfg = RunConfig(clients=2, rounds=1, local_epochs=1, secagg=True, secagg_bits=16, secagg_range=1.0)
+    with pytest.raises(InvalidUpdate, match="SecAgg needs at least 2: the sum of a lone masked input"):
+        run_federation(cfg.replace(transport="http"))
+    assert rounds == []

@@ -338,6 +338,13 @@ class RunConfig(BaseModel):
                 )
             if self.clip == "adaptive":
                 raise ValueError("with secagg, clip must be a number (clients clip before masking)")
+            if self.clients_per_round() < 2:
+                # the "sum" of one masked input is that input: every round would fail (or show it)
+                raise ValueError(
+                    f"secagg needs at least 2 clients per round, and this run samples "
+                    f"{self.clients_per_round()} of {self.clients}: SecAgg cannot hide a lone device's update "
+                    "(the sum of one input is the input); raise sample_fraction or clients"
+                )
         self._check_distributed_dp()
         self._check_secagg_neighbours()
         return self

@@ -24,11 +24,13 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
+    from deltaplane.aggregation.secagg import SecAggError
     from deltaplane.engine.server import ServerStep
 
 __all__ = [
     "deliver",
     "device_seed",
+    "lone_input_error",
     "secure_neighbours",
     "secure_quorum",
     "secure_round",
@@ -51,12 +53,24 @@ def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
 
 
 def secure_quorum(config: RunConfig) -> int:
-    """The fewest secure inputs a round runs SecAgg with: 1 (as ever), or under distributed DP m_min
-    (:meth:`RunConfig.min_contributors`, at least 2). The server unmasks whatever sum SecAgg gives it, and a sum
-    of fewer than m_min devices carries noise below z·clip: withholding it from the published model is not
-    enough, since the server itself would see it (``epsilon_vs_server`` assumes z·clip in every sum it sees).
-    A round of fewer is closed without a sum: nothing is unmasked or published, ε is still spent."""
-    return max(1, config.unmask_floor())
+    """The fewest secure inputs a round runs SecAgg with: 2, since the sum of a lone masked input is that input,
+    or under distributed DP m_min (:meth:`RunConfig.min_contributors`, at least 2). The server unmasks whatever
+    sum SecAgg gives it, and a sum of fewer than m_min devices carries noise below z·clip: withholding it from the
+    published model is not enough, since the server itself would see it (``epsilon_vs_server`` assumes z·clip in
+    every sum it sees). Under distributed DP a round of fewer is closed without a sum: nothing is unmasked or
+    published, ε is still spent; without DP its secure inputs are refused (:func:`lone_input_error`), so a
+    round left with one fails as one whose every update was refused, and nothing of it is unmasked."""
+    return max(2, config.unmask_floor())
+
+
+def lone_input_error(rnd: int, count: int) -> SecAggError:
+    """Why a round's ``count`` (< 2) secure inputs are refused rather than summed: the sum would be the input."""
+    from deltaplane.aggregation.secagg import SecAggError
+
+    return SecAggError(
+        f"round {rnd}: {count} device sent a secure update and SecAgg needs at least 2: the sum of a lone masked "
+        "input is that input, so nothing is unmasked (devices dropped out or failed this round)"
+    )
 
 
 def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
@@ -110,7 +124,12 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
         if u.error is not None:
             server.refuse(str(u.cid), u.error)
     server.receive_payloads(run)
-    if config.secagg and sum(u.secure is not None for u in uploads) >= secure_quorum(config):
+    count = sum(u.secure is not None for u in uploads)
+    if config.secagg and 0 < count < secure_quorum(config) and config.dp_noise <= 0:
+        for u in uploads:  # a lone secure input is never unmasked; the round fails as "every update refused"
+            if u.secure is not None:
+                server.refuse(str(u.cid), lone_input_error(rnd, count))
+    if config.secagg and count >= secure_quorum(config):
         mean, sent = secure_round(config, uploads, rnd)
         server.receive_secure_sum(
             mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent

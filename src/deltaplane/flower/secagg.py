@@ -45,7 +45,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
-from deltaplane.engine.secure import device_seed
+from deltaplane.engine.secure import device_seed, lone_input_error
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
@@ -310,6 +310,8 @@ class SecAggStrategy(DeltaStrategy):
             self._grid, self._round = grid, None
             self._pending_down = self._pending_sampled = 0
             return []
+        if len(nodes) < 2:  # the "sum" of a lone masked input is that input (SecAggConfig refuses it too)
+            raise lone_input_error(server_round, len(nodes))
         encoding = self.round_encoding(nodes)
         ids = {node: i for i, node in enumerate(nodes)}
         n = len(nodes)

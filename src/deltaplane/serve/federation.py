@@ -369,7 +369,13 @@ def _secagg_round(
     round closes with no sum (ε still spent), as one that sampled too few devices; without DP that is an error.
     """
     from deltaplane.aggregation.secagg import SecAggError
-    from deltaplane.engine.secure import device_seed, secure_neighbours, secure_quorum, secure_weight_scale
+    from deltaplane.engine.secure import (
+        device_seed,
+        lone_input_error,
+        secure_neighbours,
+        secure_quorum,
+        secure_weight_scale,
+    )
     from deltaplane.serve.secagg_client import SecAggDevice
 
     ups = {
@@ -384,6 +390,8 @@ def _secagg_round(
         raise InvalidUpdate(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )
+    if len(secure) < secure_quorum(config):  # one device: its "sum" would be its update, as in process
+        raise InvalidUpdate(str(lone_input_error(rnd, len(secure))))
     # the round's sampled devices, a failed one included: a real fleet fixes the scale before training
     weights = [clients[cid].num_samples for cid in chosen]
     opened = admin.open_secagg(
@@ -425,7 +433,10 @@ def _secagg_round(
     if len(fleet) < secure_quorum(config):  # too few took the invitation: no sum may be unmasked
         admin.abort_secagg(MODEL, number)
         if config.dp_noise <= 0:
-            raise SecAggError(f"round {rnd}: every device refused the SecAgg invitation ({refusal})")
+            raise SecAggError(
+                f"round {rnd}: {len(secure) - len(fleet)} of {len(secure)} devices refused the SecAgg invitation "
+                f"and SecAgg needs at least {secure_quorum(config)} ({refusal})"
+            )
         # distributed DP: the round closes with no sum, as one that sampled too few devices (ε still spent)
         opened, closed, _, _ = _plain_round(step, model, clients, devices, [], admin, rnd)
         return opened, closed, 0, len(chosen) - len(secure)
