@@ -158,3 +158,20 @@ class PlaintextWatch:
 def plaintext_watch() -> PlaintextWatch:
     gc.collect()
     return PlaintextWatch()
+
+
+@pytest.fixture
+def secagg_servers(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every :class:`~deltaplane.aggregation.secagg.SecAggServer` any driver builds during the test (in process,
+    the service's rounds, Flower's strategy), in order: what graph and floor each driver really ran."""
+    from deltaplane.aggregation.secagg import SecAggServer
+
+    built: list[SecAggServer] = []
+    init = SecAggServer.__init__
+
+    def spy(self: SecAggServer, config: Any, **kwargs: Any) -> None:
+        init(self, config, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(SecAggServer, "__init__", spy)
+    return built

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,22 @@ class LoopbackGrid:
 @pytest.fixture
 def loopback_grid() -> type[LoopbackGrid]:
     return LoopbackGrid
+
+
+@pytest.fixture
+def run_flower(loopback_grid: type[LoopbackGrid]):
+    """``run_flower(cfg)``: the run's task on Flower's ServerApp over the loopback grid; returns the rounds'
+    metrics and the final model state."""
+    from deltaplane.flower import task_client_app, task_server_app
+
+    def run(cfg: Any) -> tuple[list, dict]:
+        rounds: list = []
+        finals: dict = {}
+        server = task_server_app(
+            cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
+        )
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+        return rounds, finals
+
+    return run

@@ -92,18 +92,8 @@ def _seen(r):
     return (r.test_accuracy, r.epsilon, r.epsilon_vs_server, r.rejected, r.clipped_fraction, *personal)
 
 
-def _flower(cfg, loopback_grid):
-    rounds, finals = [], {}
-    server = task_server_app(
-        cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
-    )
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
-    return rounds, finals
-
-
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_every_driver_matches_the_sequential_one(feature, loopback_grid) -> None:
+def test_every_driver_matches_the_sequential_one(feature, run_flower) -> None:
     cfg = BASE.replace(**FEATURES[feature])
     seq = run_simulation(cfg)
 
@@ -118,7 +108,7 @@ def test_every_driver_matches_the_sequential_one(feature, loopback_grid) -> None
     for a, b in zip(seq.rounds, http.rounds, strict=True):
         assert abs(a.uplink_bytes - b.uplink_bytes) <= 20 * cfg.clients  # header: model id and version only
 
-    rounds, finals = _flower(cfg, loopback_grid)
+    rounds, finals = run_flower(cfg)
     assert [(_seen(r), r.uplink_bytes) for r in rounds] == [(_seen(r), r.uplink_bytes) for r in seq.rounds]
     assert all(torch.equal(finals[k], v) for k, v in seq.final_state.items())
 

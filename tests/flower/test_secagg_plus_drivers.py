@@ -8,11 +8,9 @@ pass if a driver ignored the degree: each driver's server is watched to check th
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, RecordDict
 
-from deltaplane.aggregation.secagg import SecAggServer, default_threshold
+from deltaplane.aggregation.secagg import default_threshold
 from deltaplane.engine import RunConfig
-from deltaplane.flower import task_client_app, task_server_app
 from deltaplane.serve.federation import run_http_simulation
 from deltaplane.sim import run_simulation
 
@@ -20,38 +18,15 @@ from deltaplane.sim import run_simulation
 SPARSE = RunConfig(clients=8, rounds=1, local_epochs=1, lr=0.1, secagg=True, clip="2.0", secagg_neighbours=6)
 
 
-def _servers(monkeypatch) -> list[SecAggServer]:
-    """Every SecAgg server object any driver builds (in process, the service, the Flower strategy)."""
-    built: list[SecAggServer] = []
-    init = SecAggServer.__init__
-
-    def spy(self, config, **kwargs):
-        init(self, config, **kwargs)
-        built.append(self)
-
-    monkeypatch.setattr(SecAggServer, "__init__", spy)
-    return built
-
-
-def _flower(cfg, loopback_grid):
-    rounds, finals = [], {}
-    server = task_server_app(
-        cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
-    )
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
-    return rounds, finals
-
-
 def _seen(r):
     return (r.test_accuracy, r.epsilon, r.rejected, r.uplink_bytes)
 
 
-def test_every_driver_runs_the_sparse_graph_and_unmasks_the_same_sum(monkeypatch, loopback_grid) -> None:
-    servers = _servers(monkeypatch)
+def test_every_driver_runs_the_sparse_graph_and_unmasks_the_same_sum(secagg_servers, run_flower) -> None:
+    servers = secagg_servers
     seq = run_simulation(SPARSE)
     http = run_http_simulation(SPARSE)
-    rounds, finals = _flower(SPARSE, loopback_grid)
+    rounds, finals = run_flower(SPARSE)
 
     # one round per driver, each on SecAgg+'s graph of degree 6 with the neighbourhood's threshold (the
     # service's default, ⌊2·7/3⌋ + 1 = 5; the complete graph's would be 6)

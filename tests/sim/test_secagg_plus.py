@@ -144,7 +144,7 @@ def test_dropouts_within_each_neighbourhood_tolerance_still_unmask_and_beyond_it
         run_secagg(codes, sparse, drop_after_upload=gone)
 
 
-def test_distributed_dp_keeps_m_min_a_count_of_the_whole_sum_under_secagg_plus(monkeypatch) -> None:
+def test_distributed_dp_keeps_m_min_a_count_of_the_whole_sum_under_secagg_plus(secagg_servers) -> None:
     """m_min counts the devices in the sum the server unmasks, which SecAgg+ leaves the only one it sees: its
     default stays SecAgg's threshold for the whole expected round (2·8//3 + 1 = 6), not the neighbourhood's
     (5), so each device's noise and ε are those of the complete graph. The server and devices hold that floor
@@ -153,16 +153,8 @@ def test_distributed_dp_keeps_m_min_a_count_of_the_whole_sum_under_secagg_plus(m
     sparse, complete = RunConfig(**(SPARSE | ddp)), RunConfig(**(SPARSE | ddp | {"secagg_neighbours": None}))
     assert sparse.min_contributors() == complete.min_contributors() == 6
     assert sparse.device_noise_std() == complete.device_noise_std()
-    built: list[SecAggServer] = []
-    init = SecAggServer.__init__
-
-    def spy(self, config, **kwargs):
-        init(self, config, **kwargs)
-        built.append(self)
-
-    monkeypatch.setattr(SecAggServer, "__init__", spy)
     a, b = run_simulation(sparse), run_simulation(complete)
-    assert [(s.config.neighbours, s.config.threshold, s.min_inputs) for s in built] == [
+    assert [(s.config.neighbours, s.config.threshold, s.min_inputs) for s in secagg_servers] == [
         (6, 5, 6),
         (None, 6, 6),
     ]
