@@ -41,6 +41,7 @@ from deltaplane.aggregation.secagg import (
     ServerEndpoint,
     check_device_policy,
     default_threshold,
+    group_size,
     round_neighbours,
 )
 from deltaplane.codecs import decompress
@@ -316,7 +317,7 @@ class SecAggStrategy(DeltaStrategy):
         ids = {node: i for i, node in enumerate(nodes)}
         n = len(nodes)
         degree = round_neighbours(self.neighbours, n)  # for this round's size, as every driver
-        group = (degree if degree is not None else n - 1) + 1
+        group = group_size(degree, n)
         cfg = SecAggConfig(
             num_clients=n,
             threshold=default_threshold(group),

@@ -73,6 +73,7 @@ from deltaplane.aggregation.secagg import (
     check_device_policy,
     decode_message,
     default_threshold,
+    group_size,
     round_neighbours,
 )
 from deltaplane.delta import Delta
@@ -579,7 +580,7 @@ def install_secagg_routes(
             degree = body.neighbours
         else:
             degree = round_neighbours(run.secagg_neighbours, n)
-        group = (degree if degree is not None else n - 1) + 1
+        group = group_size(degree, n)
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)

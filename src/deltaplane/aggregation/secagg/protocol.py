@@ -78,6 +78,7 @@ __all__ = [
     "Stage",
     "check_device_policy",
     "default_threshold",
+    "group_size",
     "min_group_size",
     "neighbours",
     "neighbours_of",
@@ -194,6 +195,12 @@ def min_group_size(num_clients: int) -> int:
     not Bell et al.'s bound for a given corruption rate, which an operator should use for large rounds.
     """
     return min(num_clients, 2 * math.ceil(math.log2(num_clients)) + 1)
+
+
+def group_size(degree: int | None, num_clients: int) -> int:
+    """The neighbourhood of a round of ``num_clients`` devices on SecAgg+'s graph of ``degree`` (None: the
+    complete graph): a device and its neighbours, whose size sets the threshold (:func:`default_threshold`)."""
+    return (degree if degree is not None else num_clients - 1) + 1
 
 
 def round_neighbours(degree: int | None, num_clients: int) -> int | None:

@@ -19,7 +19,7 @@ import numpy as np
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
 from deltaplane.aggregation.secagg.errors import SecAggOrderError
-from deltaplane.aggregation.secagg.protocol import SecAggConfig, default_threshold
+from deltaplane.aggregation.secagg.protocol import SecAggConfig, default_threshold, group_size
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError
 
@@ -200,8 +200,7 @@ def secure_mean(
     if weight_scale is None:
         weight_scale = float(np.mean(weights)) if weights is not None else 0.0
     enc = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=weight_scale)
-    group = (neighbours if neighbours is not None else n - 1) + 1
-    threshold = threshold if threshold is not None else default_threshold(group)
+    threshold = threshold if threshold is not None else default_threshold(group_size(neighbours, n))
     cfg = SecAggConfig(
         num_clients=n, threshold=threshold, bits=bits, vector_size=enc.vector_size(like),
         neighbours=neighbours, round_id=round_id, graph_seed=_graph_seed(seed),
