@@ -132,5 +132,5 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
     if config.secagg and count >= secure_quorum(config):
         mean, sent = secure_round(config, uploads, rnd)
         server.receive_secure_sum(
-            mean, contributors=sum(u.secure is not None for u in uploads), uplink_bytes=sent
+            mean, contributors=count, uplink_bytes=sent
         )
