@@ -96,6 +96,7 @@ PLAN: list[Step] = [
     ),
     Step("adapters_minilm.py", (), ("adapters-minilm",)),
     Step("aggregation_memory.py", (), ("aggregation-memory",)),
+    Step("base_fingerprint.py", (), ("base-fingerprint",)),
     Step("busy_machine.py", ("--repeats", "5", "--rounds", "6"), ("busy-machine",)),
     Step("charlm_task.py", (), ("charlm_task",)),
     Step("cli_startup.py", (), ("cli-startup",)),

@@ -43,8 +43,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         read_header,
         register_codec,
     )
-    from deltaplane.delta import Delta, StateDict
+    from deltaplane.delta import Delta, StateDict, base_fingerprint
     from deltaplane.errors import (
+        BaseMismatch,
         CodecError,
         ConfigError,
         DecodeError,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
 _LAZY = {
     "Aggregator": "deltaplane.aggregation",
     "available_codecs": "deltaplane.codecs",
+    "BaseMismatch": "deltaplane.errors",
+    "base_fingerprint": "deltaplane.delta",
     "Clip": "deltaplane.aggregation",
     "Codec": "deltaplane.codecs",
     "CodecError": "deltaplane.errors",
@@ -107,6 +110,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
+    "BaseMismatch",
     "Clip",
     "Codec",
     "CodecError",
@@ -142,6 +146,7 @@ __all__ = [
     "VersionMismatch",
     "__version__",
     "available_codecs",
+    "base_fingerprint",
     "decompress",
     "get_codec",
     "merge",

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "AdapterMismatch",
+    "BaseMismatch",
     "CodecError",
     "ConfigError",
     "Conflict",
@@ -76,6 +77,12 @@ class SessionMismatch(DecodeError):
 
 class VersionMismatch(DeltaplaneError, ValueError):
     """A payload or model was made against a different base model version than the one it is applied to."""
+
+
+class BaseMismatch(VersionMismatch):
+    """A delta records the SHA-256 fingerprint of the base it was taken against, and the base it is being
+    applied to has another one: applying it would produce a model nobody trained. The message names both
+    fingerprints (short form) and how to override the check when the other base is intended."""
 
 
 class ConfigError(DeltaplaneError, ValueError):

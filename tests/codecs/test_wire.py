@@ -347,3 +347,43 @@ def test_a_refused_header_leaves_the_error_feedback_state_as_it_was(compact: boo
     assert comp.compress(d, base_version=2, session=session) == twin.compress(
         d, base_version=2, session=session
     )
+
+
+# -- the base fingerprint in meta ------------------------------------------------------------------------
+def _recorded() -> tuple[dict, dp.Delta]:
+    base = dict(_delta(1))
+    return base, dp.Delta.between(base, {k: v + 1 for k, v in base.items()}, record_base=True)
+
+
+def test_a_recorded_base_travels_in_meta_and_is_checked_on_apply() -> None:
+    base, d = _recorded()
+    p = dp.Compressor("identity", error_feedback=False).compress(
+        d, base_id="cnn", base_version=4, meta={"r": 1}
+    )
+    assert dp.read_header(p).meta == {"r": 1, "deltaplane.base_sha256": dp.base_fingerprint(base)}
+    got = dp.decompress(p, expect_base=("cnn", 4))
+    assert got.base_sha256 == d.base_sha256 and _same(got, d)
+    with pytest.raises(dp.BaseMismatch):
+        got.apply(dict(_delta(2)))
+    # a payload without the key (every payload before it existed) decodes as before, with no record
+    old = _payload("identity")
+    assert "meta" not in _header(old)[0] and dp.decompress(old).base_sha256 is None
+    with pytest.raises(dp.CodecError, match="names another base"):
+        dp.Compressor("identity").compress(d, meta={"deltaplane.base_sha256": "0" * 64})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, 7, ["0" * 64], "0" * 63, "0" * 65, "F" * 64, "g" * 64, " " + "0" * 63, "0" * (1 << 20)],
+)
+def test_a_bad_fingerprint_behind_a_valid_checksum_is_refused(bad) -> None:
+    _, d = _recorded()
+    doc, _, body = _header(dp.Compressor("identity", error_feedback=False).compress(d, base_id="cnn"))
+    doc["meta"]["deltaplane.base_sha256"] = bad
+    forged = _repack(doc, body)  # a well-formed frame, checksum and all
+    for read in (dp.decompress, dp.read_header):
+        with pytest.raises(dp.DecodeError, match="not a base fingerprint") as err:
+            read(forged)
+        assert len(str(err.value)) < 300  # the value is not echoed back, however large
+    with pytest.raises(dp.CodecError, match="payload header: meta 'deltaplane.base_sha256'"):
+        dp.Compressor("identity").compress(_delta(), meta={"deltaplane.base_sha256": bad})

@@ -202,3 +202,75 @@ def test_a_checkpoint_with_boolean_and_integer_buffers_round_trips_exactly(tmp_p
     for k in ("mask", "steps"):
         assert got[k].dtype == new[k].dtype and torch.equal(got[k], new[k]), k
     assert torch.allclose(got["w"], new["w"])
+
+
+def test_a_delta_is_applied_only_to_the_base_it_was_taken_against(tmp_path: Path) -> None:
+    """Before, `decompress --base other` wrote other + delta (a model nobody trained) without a word, and a
+    saved delta file recorded nothing that could tell. Now compress records the base's fingerprint, the
+    delta file keeps it, and `decompress --base` / `apply --base` refuse another base unless told."""
+    base_p, new_p, base, new = _files(tmp_path)
+    other = {k: v + 1.0 for k, v in base.items()}  # the same layout: only the fingerprint tells them apart
+    other_p = tmp_path / "other.safetensors"
+    save_file(other, other_p)
+    runner = CliRunner()
+    payload = tmp_path / "u.dpln"
+    r = runner.invoke(
+        _app(), ["compress", str(new_p), "--base", str(base_p), "--codec", "identity", "-o", str(payload)]
+    )
+    assert r.exit_code == 0, r.output
+    fp = dp.base_fingerprint(base)
+    assert dp.read_header(payload.read_bytes()).meta == {"deltaplane.base_sha256": fp}
+    out = tmp_path / "model.safetensors"
+
+    for cmd in (["decompress", str(payload)], ["apply", str(tmp_path / "d.safetensors")]):
+        if cmd[0] == "apply":  # the delta file written by decompress keeps the record
+            r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(tmp_path / "d.safetensors")])
+            assert r.exit_code == 0 and dp.Delta.load(tmp_path / "d.safetensors").base_sha256 == fp
+        r = runner.invoke(_app(), [*cmd, "--base", str(other_p), "-o", str(out)])
+        text = _unboxed(r.output)
+        assert r.exit_code == 1 and f"sha256:{fp[:12]}" in text and "--allow-other-base" in text, (cmd, text)
+        assert f"sha256:{dp.base_fingerprint(other)[:12]}" in text and not out.exists()
+        r = runner.invoke(_app(), [*cmd, "--base", str(other_p), "-o", str(out), "--allow-other-base"])
+        assert r.exit_code == 0, r.output
+        assert torch.allclose(
+            load_file(out)["fc.weight"],
+            other["fc.weight"] + (new["fc.weight"] - base["fc.weight"]),
+            atol=1e-6,
+        )
+        out.unlink()
+        r = runner.invoke(_app(), [*cmd, "--base", str(base_p), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert torch.allclose(load_file(out)["fc.weight"], new["fc.weight"], atol=1e-6)
+        out.unlink()
+
+
+def test_payloads_and_deltas_without_a_record_apply_to_any_base(tmp_path: Path) -> None:
+    base_p, new_p, base, new = _files(tmp_path)
+    other = {k: v + 1.0 for k, v in base.items()}
+    save_file(other, tmp_path / "other.safetensors")
+    runner = CliRunner()
+    payload = tmp_path / "u.dpln"
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "identity", "-o", str(payload)]
+    assert runner.invoke(_app(), [*args, "--no-record-base"]).exit_code == 0
+    assert dp.read_header(payload.read_bytes()).meta == {}
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(
+        _app(), ["decompress", str(payload), "--base", str(tmp_path / "other.safetensors"), "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    dp.Delta.between(base, new).save(tmp_path / "old.safetensors")  # a delta file from before the record
+    r = runner.invoke(
+        _app(),
+        [
+            "apply",
+            str(tmp_path / "old.safetensors"),
+            "--base",
+            str(tmp_path / "other.safetensors"),
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0 and "no base recorded" in r.output, r.output
+    assert torch.allclose(
+        load_file(out)["fc.bias"], other["fc.bias"] + (new["fc.bias"] - base["fc.bias"]), atol=1e-6
+    )

@@ -39,7 +39,7 @@ from deltaplane.codecs.wire import (
     read_body,
     read_table,
 )
-from deltaplane.delta import Delta, all_finite, first_non_finite
+from deltaplane.delta import BASE_SHA256_KEY, Delta, all_finite, first_non_finite
 from deltaplane.errors import (
     CodecError,
     ConfigError,
@@ -162,7 +162,9 @@ def decompress(
     # model (top-k at density ~1 adds its positions to every value, 8-bit codes with small chunks their
     # scales, and a tiny model's fields their fixed overhead), and the codecs' checks then bound each field
     trees = read_body(table, max_inflated_bytes=budget)
-    return decode_delta(trees)
+    delta = decode_delta(trees)
+    recorded = table.header.meta.get(BASE_SHA256_KEY)  # validated by read_table
+    return delta if recorded is None else delta.with_base_sha256(recorded)
 
 
 def _decompress_compact(
@@ -438,22 +440,32 @@ class Compressor:
         """Encode ``delta`` (a :class:`~deltaplane.delta.Delta`, or a mapping of names to tensors taken as
         one) into one framed wire payload (see :mod:`deltaplane.codecs.wire`).
 
+        A delta that records its base (:attr:`~deltaplane.delta.Delta.base_sha256`) carries the
+        fingerprint in ``meta["deltaplane.base_sha256"]``, and :func:`decompress` gives it back to the
+        decoded delta, whose :meth:`~deltaplane.delta.Delta.apply` then checks the base; ``meta`` may not
+        name another one (:class:`~deltaplane.errors.CodecError`).
+
         With ``session`` (a :class:`~deltaplane.codecs.WireSession` of this compressor's codec) the payload
         is a compact frame of that session instead: its base id is the session's, and ``meta`` is refused
-        (a compact frame carries none).
+        (a compact frame carries none; the session's base id and the frame's base version name the base).
         """
         delta = delta if isinstance(delta, Delta) else Delta(delta)
         delta.check_finite()
+        meta = dict(meta or {})
         if session is not None:
-            _check_session(self, session, base_id, meta)
+            _check_session(self, session, base_id, meta or None)
             # before encoding, as the header below: refused after it, the residual would take this delta's
             # layout and every later update of the session's layout would be refused against it
             _check_session_delta(session, delta)
+        elif delta.base_sha256 is not None:
+            if meta.get(BASE_SHA256_KEY, delta.base_sha256) != delta.base_sha256:
+                raise CodecError(
+                    f"meta {BASE_SHA256_KEY!r} names another base than the delta records "
+                    f"({delta.base_sha256}); leave it out, the delta's record is sent"
+                )
+            meta[BASE_SHA256_KEY] = delta.base_sha256
         header = WireHeader(
-            session.base_id if session is not None else base_id,
-            base_version,
-            self.codec.spec,
-            dict(meta or {}),
+            session.base_id if session is not None else base_id, base_version, self.codec.spec, meta
         )
         # before encoding: a header refused after it would leave the residual and generator moved on for a
         # payload that was never made

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from deltaplane.codecs.base import Encoded
 from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
+from deltaplane.delta import BASE_SHA256_KEY, is_base_fingerprint
 from deltaplane.errors import CodecError, DecodeError, VersionMismatch
 
 __all__ = [
@@ -170,6 +171,11 @@ def check_header(header: WireHeader) -> None:
         json.dumps(dict(header.meta), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise CodecError(f"payload header: meta is not JSON without NaN/Inf ({exc})") from None
+    if BASE_SHA256_KEY in header.meta and not is_base_fingerprint(header.meta[BASE_SHA256_KEY]):
+        raise CodecError(
+            f"payload header: meta {BASE_SHA256_KEY!r} must be a base fingerprint (64 lowercase hex digits, "
+            f"what base_fingerprint returns), got {header.meta[BASE_SHA256_KEY]!r:.80}"
+        )
 
 
 def pack(
@@ -364,6 +370,10 @@ def read_table(payload: bytes, *, limits: Limits | None = None) -> Table:
     codec, meta, table = doc.get("codec", ""), doc.get("meta", {}), doc["t"]
     if not isinstance(codec, str) or not isinstance(meta, dict) or not isinstance(table, list):
         raise _fail("header fields have the wrong types")
+    # the one meta key the reader interprets: a damaged fingerprint must not pass as "no record" (which would
+    # skip the base check) nor reach a message unbounded
+    if BASE_SHA256_KEY in meta and not is_base_fingerprint(meta[BASE_SHA256_KEY]):
+        raise _fail(f"meta {BASE_SHA256_KEY!r} is not a base fingerprint (64 lowercase hex digits)")
     if len(table) > limits.max_tensors:
         raise _fail(f"{len(table)} tensors exceed the {limits.max_tensors}-tensor limit")
     reader = _Reader(limits)

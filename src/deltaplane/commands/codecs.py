@@ -1,7 +1,9 @@
-"""``deltaplane compress`` / ``deltaplane decompress``: standalone update compression of safetensors files.
+"""``deltaplane compress`` / ``decompress`` / ``apply``: standalone update compression of safetensors files.
 
 ``compress`` turns a fine-tuned checkpoint into a compact ``.dpln`` payload of its change against a base
-checkpoint; ``decompress`` turns the payload back into a delta, or, given the base, into the new checkpoint.
+checkpoint; ``decompress`` turns the payload back into a delta, or, given the base, into the new checkpoint;
+``apply`` turns a saved delta and its base into the new checkpoint. The payload and the delta file record the
+base's SHA-256 fingerprint, and a delta is applied only to that base unless ``--allow-other-base`` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_thre
 __all__ = ["register"]
 
 _console = Console()
+
+AllowOtherBase = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base",
+        help="apply the delta even if --base is not the base it was taken against (its recorded fingerprint)",
+    ),
+]
 
 
 def _load_state(path: Path) -> dict:
@@ -44,16 +54,23 @@ def compress(
     base_id: Annotated[str, typer.Option(help="base model id recorded in the payload")] = "",
     base_version: Annotated[int, typer.Option(help="base model version recorded in the payload")] = 0,
     seed: Annotated[int, typer.Option(help="seed of stochastic codecs")] = 0,
+    record_base: Annotated[
+        bool,
+        typer.Option(
+            "--record-base/--no-record-base",
+            help="record the base's SHA-256 fingerprint in the payload, so 'decompress --base' refuses another base",
+        ),
+    ] = True,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Compress NEW - BASE into a framed, checksummed payload (wire format v1)."""
     from deltaplane.codecs import Compressor, decompress
-    from deltaplane.delta import Delta, atomic_write_bytes
+    from deltaplane.delta import Delta, atomic_write_bytes, short_fingerprint
     from deltaplane.deploy.publish import check_writable_dir
 
     with clean_errors(OSError), cpu_threads(threads):
         check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
-        delta = Delta.between(_load_state(base), _load_state(new))
+        delta = Delta.between(_load_state(base), _load_state(new), record_base=record_base)
         comp = Compressor(codec, error_feedback=False, seed=seed)
         payload = comp.compress(delta, base_id=base_id, base_version=base_version)
         sent = decompress(payload, expect_layout=delta)
@@ -71,7 +88,8 @@ def compress(
         f"{err:.4f}",
     )
     _console.print(table)
-    _console.print(f"codec {comp.codec.spec}\nwrote {out}")
+    recorded = f"; base {short_fingerprint(delta.base_sha256)}" if delta.base_sha256 else ""
+    _console.print(f"codec {comp.codec.spec}{recorded}\nwrote {out}")
 
 
 def decompress(
@@ -94,9 +112,14 @@ def decompress(
     expect_base_version: Annotated[
         int | None, typer.Option(help="refuse a payload made for another base version")
     ] = None,
+    allow_other_base: AllowOtherBase = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
-    """Decode a payload (strictly) into the delta, or into BASE + delta with --base."""
+    """Decode a payload (strictly) into the delta, or into BASE + delta with --base.
+
+    Without --base the delta file keeps the payload's base fingerprint; with it, a base other than the one the
+    payload records is refused unless --allow-other-base.
+    """
     from deltaplane.codecs import decompress as decode_payload
     from deltaplane.codecs import read_header
     from deltaplane.delta import Delta
@@ -117,7 +140,8 @@ def decompress(
         ):  # the checkpoint's layout: a payload for another model is refused before decoding
             base_state = _load_state(base)
             delta = decode_payload(data, expect_base=expect, expect_layout=base_state)
-            Delta(delta.apply(base_state)).save(out, metadata={"deltaplane.codec": header.codec})
+            new_state = delta.apply(base_state, check_base=not allow_other_base)
+            Delta(new_state).save(out, metadata={"deltaplane.codec": header.codec})
         else:
             delta = decode_payload(data, expect_base=expect)
             delta.save(out, metadata={"deltaplane.codec": header.codec})
@@ -128,7 +152,44 @@ def decompress(
     )
 
 
+def apply(
+    delta_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DELTA",
+            help="delta file (.safetensors, e.g. from 'decompress')",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    base: Annotated[
+        Path,
+        typer.Option("--base", help="checkpoint to apply the delta to", exists=True, dir_okay=False),
+    ],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="checkpoint to write (.safetensors)", dir_okay=False)
+    ],
+    allow_other_base: AllowOtherBase = False,
+    threads: Threads = DEFAULT_THREADS,
+) -> None:
+    """Write BASE + DELTA as a new checkpoint; a delta recording another base is refused."""
+    from deltaplane.delta import Delta, short_fingerprint
+    from deltaplane.deploy.publish import check_writable_dir
+
+    with clean_errors(OSError), cpu_threads(threads):
+        check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
+        delta = Delta.load(delta_path)
+        Delta(delta.apply(_load_state(base), check_base=not allow_other_base)).save(out)
+    recorded = (
+        f"taken against base {short_fingerprint(delta.base_sha256)}"
+        if delta.base_sha256
+        else "no base recorded, not checked"
+    )
+    _console.print(f"applied {len(delta)} tensors ({delta.numel():,} values; {recorded}); wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``compress`` and ``decompress`` to the deltaplane CLI."""
+    """Add ``compress``, ``decompress`` and ``apply`` to the deltaplane CLI."""
     app.command("compress")(compress)
     app.command("decompress")(decompress)
+    app.command("apply")(apply)
