@@ -109,6 +109,19 @@ def _lose_power_before_upload(monkeypatch, *victims: fleet.Device) -> None:
     monkeypatch.setattr(SecAggDevice, "upload", upload)
 
 
+def _spy_on_training(dev: fleet.Device) -> list[int]:
+    """Record the rounds ``dev`` trains in (its client step's local training), training as before."""
+    trained: list[int] = []
+    real_train = dev.step.train
+
+    def train(client, model, global_state, rnd):
+        trained.append(rnd)
+        return real_train(client, model, global_state, rnd)
+
+    dev.step.train = train
+    return trained
+
+
 def _threads(devices, **kw) -> list[threading.Thread]:
     errors: list[BaseException] = []
 
@@ -756,7 +769,8 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
     the devices' distributed-DP minimum (C + 6σ_d from each device's own config; the ring would clip the noised
     values), or a threshold of 2 of 3 (check_device_policy). The device used to stop (the SecAggError of the
     invitation escaped `fleet device`; a narrow ring was not checked on the device at all); now it refuses
-    before sending anything, keeps its error feedback, and takes part in the next, valid round."""
+    before sending anything, keeps its error feedback, and takes part in the next, valid round. It also used to
+    train first and read the invitation after: a refused round cost a full training pass; now it never trains."""
     from deltaplane.aggregation.dp import DistributedDP
     from deltaplane.serve import secagg_routes
 
@@ -778,7 +792,9 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
                 opened = f.admin.open_secagg(MODEL, names, threshold=2, weight_scale=0)
         info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
         before = len(f.bodies)
+        trained = _spy_on_training(devices[0])
         assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert trained == []  # refused before training: the round cost the device no training pass
         assert len(f.bodies) == before  # nothing sent
         assert any("refused the invitation" in line for line in lines), lines
         assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
@@ -788,6 +804,7 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert trained == [out[0].number]  # the valid round it trained for
 
 
 def test_an_aborted_secagg_round_leaves_the_devices_error_feedback_as_before_it(
@@ -828,7 +845,8 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
     one value longer than the device's update. The device refused it in set_update (a SecAggError: the update
     does not fit the round), but outside the invitation's handler, so `deltaplane fleet device` stopped; now
     it sits the round out like any refused invitation (one line, nothing sent, error feedback as before) and
-    takes the next, valid round."""
+    takes the next, valid round. The size is checked before training now (zeros shaped like what the device
+    masks): the refused round used to cost a full training pass."""
     from deltaplane.aggregation.secagg import RingEncoding
     from deltaplane.serve import secagg_routes
 
@@ -847,7 +865,9 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
             opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)
         info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
         before = len(f.bodies)
+        trained = _spy_on_training(devices[0])
         assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert trained == []  # refused before training: the round cost the device no training pass
         assert [p for p, body in f.bodies[before:] if body] == []  # nothing sent
         assert len(lines) == 1 and "refused the invitation" in lines[0] and "the round expects" in lines[0]
         assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
@@ -857,3 +877,4 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert trained == [out[0].number]  # the valid round it trained for

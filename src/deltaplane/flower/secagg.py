@@ -46,7 +46,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
-from deltaplane.engine.secure import device_seed, lone_input_error
+from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
@@ -297,7 +297,7 @@ class SecAggStrategy(DeltaStrategy):
     def _shared_zeros(self) -> Delta:
         """Zeros shaped like what the nodes mask: the global model less the layers personalization keeps home."""
         keep = self.server_step.local_keys if self.server_step is not None else frozenset()
-        return Delta({k: v for k, v in Delta.zeros_like(self._global).items() if k not in keep})  # type: ignore[arg-type]
+        return masked_zeros(self._global, keep)  # type: ignore[arg-type]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
