@@ -531,6 +531,50 @@ def test_a_lost_answer_is_read_back_and_a_coordinator_that_gives_up_names_the_op
         assert len(f.reg.versions(MODEL, kind="model")) == 2  # round 1 published once
 
 
+@pytest.mark.parametrize("kind", ["plain", "secagg"])
+def test_a_coordinator_whose_close_answer_is_lost_still_reports_the_services_epsilon(
+    byo_task, tmp_path, kind
+) -> None:
+    """Under DP the answer to a close is lost after the service published (and spent ε). The coordinator reads
+    the round back and reported it published, but with no ε: the measurements were only in the lost answer.
+    The service now keeps each close's measurements with the round (GET .../rounds/{r}, a SecAgg round's
+    status, read here from a restarted service's store), and the coordinator's line carries the ε the service
+    computed."""
+    extra = {"secagg": True, "secagg_min_contributors": 3} if kind == "secagg" else {}
+    cfg = _config(byo_task, clip="1.0", dp_noise=0.8, dp_delta=1e-3, rounds=1, **extra)
+    with Fleet(tmp_path, cfg) as f:
+        answered: list[dict] = []
+        real_close = f.admin.close_secagg if kind == "secagg" else f.admin.close_round
+
+        def close_answer_lost(model, number):
+            answered.append(real_close(model, number))
+            if kind == "secagg":  # read the status from the store, as a restarted service or another worker
+                f.stop()
+                f.start_again()
+            raise httpx.ReadError("connection reset by peer")
+
+        if kind == "secagg":
+            f.admin.close_secagg = close_answer_lost
+        else:
+            f.admin.close_round = close_answer_lost
+        threads = _threads([f.device(i) for i in range(3)], rounds=1, stage_wait=10)
+        lines: list = []
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=30, poll=0.05,
+                               progress=lines.append, say=lambda line: None)  # fmt: skip
+        for t in threads:
+            t.join(30)
+        measured = answered[0]["published" if kind == "secagg" else "measurements"]
+        measured = measured["measurements"] if kind == "secagg" else measured
+        assert len(answered) == 1 and measured["epsilon"] > 0  # closed once; the service spent ε
+        assert out[0].failed is None and out[0].version is not None
+        assert out[0].epsilon == measured["epsilon"] and out[0].measurements == measured
+        assert f"ε {measured['epsilon']:.3f}" in out[0].line(1)
+        if kind == "plain":
+            assert f.admin.round_status(MODEL, out[0].number)["measurements"] == measured
+        else:
+            assert f.admin.secagg_status(MODEL, out[0].number)["published"]["measurements"] == measured
+
+
 def test_a_restart_mid_secagg_round_loses_it_and_the_fleet_goes_on_with_the_next(byo_task, tmp_path) -> None:
     """The service restarts after every device sent its masked input, before unmasking. A SecAgg round does not
     survive that (its state was in memory only), and it used to end the coordinator; and the restarted service

@@ -612,8 +612,8 @@ def _plain_round(
             return number, int(closed["uploads"]), closed["version"], closed["measurements"]  # type: ignore[index]
         # the answer was lost: the round as stored says whether the close went through (never close twice)
         rec = p.call(lambda: p.admin.round_status(model, number), f"read plain round {number} back")
-        if rec["state"] == "closed":  # published; its measurements were in the lost answer
-            return number, int(rec["uploads"]), rec["version"], {}
+        if rec["state"] == "closed":  # published: the round as stored keeps the lost answer's measurements
+            return number, int(rec["uploads"]), rec["version"], rec.get("measurements", {})
         if rec["state"] != "open":
             raise ServiceError(409, f"plain round {number} of {model!r} was {rec['state']} meanwhile")
 

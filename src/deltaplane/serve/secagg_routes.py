@@ -707,7 +707,7 @@ def install_secagg_routes(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
-                store.finish_secagg(model, number, "published", version.number)
+                store.finish_secagg(model, number, "published", version.number, outcome.measurements)
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,
                 "delta_bytes": len(outcome.downlink_payload),
