@@ -310,3 +310,63 @@ def test_flower_secagg_refuses_a_round_of_one_node(monkeypatch) -> None:
     monkeypatch.setattr(DeltaStrategy, "configure_train", sample_one)
     with pytest.raises(SecAggError, match="SecAgg needs at least 2: the sum of a lone masked input"):
         strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), NoNodes())
+
+
+def test_a_node_that_cannot_take_part_in_a_secagg_round_does_not_train_for_it() -> None:
+    """`secagg_mod` used to run the node's training (``call_next``) and only then load the round's SecAgg state:
+    a node that missed or refused the round's key advertisement, or got a train instruction without its share
+    inbox, spent a full training pass on a round it could not take part in. It now loads and checks the state
+    first, fails with a typed SecAggError, and never trains; a node that accepted the round trains as before."""
+    import json
+
+    from flwr.app import Message, MessageType
+
+    from deltaplane.aggregation.secagg import SecAggConfig, SecAggError
+
+    class Trained(Exception):
+        pass
+
+    trained: list[int] = []
+
+    def train(msg: Message, context: Context) -> Message:  # the spy: the node's training (delta_mod and on)
+        trained.append(int(msg.metadata.message_type == MessageType.TRAIN))
+        assert (
+            SECAGG_KEY not in msg.content
+        )  # the mod hands training the instruction without its SecAgg record
+        raise Trained
+
+    def advertised(round_id: int) -> Context:
+        context = _context()
+        cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4, round_id=round_id)
+        rec = ConfigRecord(
+            {
+                "stage": "advertise",
+                "config": json.dumps(cfg.to_dict()),
+                "encoding": "[8, 1.0, 0.0]",
+                "client-id": 0,
+            }
+        )
+        flower_secagg.secagg_query(
+            Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE),
+            context,
+        )
+        return context
+
+    def instruction(**secagg) -> Message:
+        return Message(
+            RecordDict({SECAGG_KEY: ConfigRecord({"round": 3, **secagg})}), dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )  # fmt: skip
+
+    mod = flower_secagg.secagg_mod()
+    for context, msg, named in [
+        (_context(), instruction(inbox=b"shares"), "holds no SecAgg state for round 3"),
+        (advertised(2), instruction(inbox=b"shares"), "state is for round 2, not 3"),
+        (advertised(3), instruction(), "carries no share inbox"),
+    ]:
+        with pytest.raises(SecAggError, match=named):
+            mod(msg, context, train)
+        assert trained == []
+    with pytest.raises(Trained):  # accepted at key advertisement: it trains
+        mod(instruction(inbox=b"shares"), advertised(3), train)
+    assert trained == [1]

@@ -109,6 +109,19 @@ def _lose_power_before_upload(monkeypatch, *victims: fleet.Device) -> None:
     monkeypatch.setattr(SecAggDevice, "upload", upload)
 
 
+def _spy_on_training(dev: fleet.Device) -> list[int]:
+    """Record the rounds ``dev`` trains in (its client step's local training), training as before."""
+    trained: list[int] = []
+    real_train = dev.step.train
+
+    def train(client, model, global_state, rnd):
+        trained.append(rnd)
+        return real_train(client, model, global_state, rnd)
+
+    dev.step.train = train
+    return trained
+
+
 def _threads(devices, **kw) -> list[threading.Thread]:
     errors: list[BaseException] = []
 
@@ -518,6 +531,50 @@ def test_a_lost_answer_is_read_back_and_a_coordinator_that_gives_up_names_the_op
         assert len(f.reg.versions(MODEL, kind="model")) == 2  # round 1 published once
 
 
+@pytest.mark.parametrize("kind", ["plain", "secagg"])
+def test_a_coordinator_whose_close_answer_is_lost_still_reports_the_services_epsilon(
+    byo_task, tmp_path, kind
+) -> None:
+    """Under DP the answer to a close is lost after the service published (and spent ε). The coordinator reads
+    the round back and reported it published, but with no ε: the measurements were only in the lost answer.
+    The service now keeps each close's measurements with the round (GET .../rounds/{r}, a SecAgg round's
+    status, read here from a restarted service's store), and the coordinator's line carries the ε the service
+    computed."""
+    extra = {"secagg": True, "secagg_min_contributors": 3} if kind == "secagg" else {}
+    cfg = _config(byo_task, clip="1.0", dp_noise=0.8, dp_delta=1e-3, rounds=1, **extra)
+    with Fleet(tmp_path, cfg) as f:
+        answered: list[dict] = []
+        real_close = f.admin.close_secagg if kind == "secagg" else f.admin.close_round
+
+        def close_answer_lost(model, number):
+            answered.append(real_close(model, number))
+            if kind == "secagg":  # read the status from the store, as a restarted service or another worker
+                f.stop()
+                f.start_again()
+            raise httpx.ReadError("connection reset by peer")
+
+        if kind == "secagg":
+            f.admin.close_secagg = close_answer_lost
+        else:
+            f.admin.close_round = close_answer_lost
+        threads = _threads([f.device(i) for i in range(3)], rounds=1, stage_wait=10)
+        lines: list = []
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=30, poll=0.05,
+                               progress=lines.append, say=lambda line: None)  # fmt: skip
+        for t in threads:
+            t.join(30)
+        measured = answered[0]["published" if kind == "secagg" else "measurements"]
+        measured = measured["measurements"] if kind == "secagg" else measured
+        assert len(answered) == 1 and measured["epsilon"] > 0  # closed once; the service spent ε
+        assert out[0].failed is None and out[0].version is not None
+        assert out[0].epsilon == measured["epsilon"] and out[0].measurements == measured
+        assert f"ε {measured['epsilon']:.3f}" in out[0].line(1)
+        if kind == "plain":
+            assert f.admin.round_status(MODEL, out[0].number)["measurements"] == measured
+        else:
+            assert f.admin.secagg_status(MODEL, out[0].number)["published"]["measurements"] == measured
+
+
 def test_a_restart_mid_secagg_round_loses_it_and_the_fleet_goes_on_with_the_next(byo_task, tmp_path) -> None:
     """The service restarts after every device sent its masked input, before unmasking. A SecAgg round does not
     survive that (its state was in memory only), and it used to end the coordinator; and the restarted service
@@ -756,7 +813,8 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
     the devices' distributed-DP minimum (C + 6σ_d from each device's own config; the ring would clip the noised
     values), or a threshold of 2 of 3 (check_device_policy). The device used to stop (the SecAggError of the
     invitation escaped `fleet device`; a narrow ring was not checked on the device at all); now it refuses
-    before sending anything, keeps its error feedback, and takes part in the next, valid round."""
+    before sending anything, keeps its error feedback, and takes part in the next, valid round. It also used to
+    train first and read the invitation after: a refused round cost a full training pass; now it never trains."""
     from deltaplane.aggregation.dp import DistributedDP
     from deltaplane.serve import secagg_routes
 
@@ -778,7 +836,9 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
                 opened = f.admin.open_secagg(MODEL, names, threshold=2, weight_scale=0)
         info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
         before = len(f.bodies)
+        trained = _spy_on_training(devices[0])
         assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert trained == []  # refused before training: the round cost the device no training pass
         assert len(f.bodies) == before  # nothing sent
         assert any("refused the invitation" in line for line in lines), lines
         assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
@@ -788,6 +848,7 @@ def test_a_device_refusing_an_invitation_sits_the_round_out_and_joins_the_next(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert trained == [out[0].number]  # the valid round it trained for
 
 
 def test_an_aborted_secagg_round_leaves_the_devices_error_feedback_as_before_it(
@@ -828,7 +889,8 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
     one value longer than the device's update. The device refused it in set_update (a SecAggError: the update
     does not fit the round), but outside the invitation's handler, so `deltaplane fleet device` stopped; now
     it sits the round out like any refused invitation (one line, nothing sent, error feedback as before) and
-    takes the next, valid round."""
+    takes the next, valid round. The size is checked before training now (zeros shaped like what the device
+    masks): the refused round used to cost a full training pass."""
     from deltaplane.aggregation.secagg import RingEncoding
     from deltaplane.serve import secagg_routes
 
@@ -847,7 +909,9 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
             opened = f.admin.open_secagg(MODEL, [fleet.device_id(i) for i in range(3)], weight_scale=0)
         info = next(r for r in devices[0].conn.open_rounds(MODEL) if r["round"] == opened["round"])
         before = len(f.bodies)
+        trained = _spy_on_training(devices[0])
         assert fleet.take_part(devices[0], info, stage_wait=2) is False
+        assert trained == []  # refused before training: the round cost the device no training pass
         assert [p for p, body in f.bodies[before:] if body] == []  # nothing sent
         assert len(lines) == 1 and "refused the invitation" in lines[0] and "the round expects" in lines[0]
         assert devices[0].client.compressor.state_dict()["residual"] is None  # error feedback as before
@@ -857,3 +921,4 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert trained == [out[0].number]  # the valid round it trained for

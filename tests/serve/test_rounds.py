@@ -448,3 +448,42 @@ def test_a_plain_upload_does_not_read_consent_on_the_event_loop(service, monkeyp
         finally:
             release.set()
             sender.join(15)
+
+
+def test_a_store_without_the_measurements_column_is_migrated_and_closes_keep_their_measurements(tmp_path):
+    """Rounds did not keep their close's measurements: an operator whose answer to a close was lost read the round
+    back without them (no ε). A store made before gets the ``measurements`` column of rounds and SecAgg rounds
+    on start (its old rows read {}: nothing was recorded), and every close from then on keeps its
+    measurements, returned by GET /admin/models/{m}/rounds/{r} as the close answered them."""
+    import sqlite3
+
+    from deltaplane.serve.rounds_store import RoundStore
+
+    svc = Service(tmp_path / "h")
+    svc.admin.open_round("cnn")
+    svc.device("d0").upload("cnn", 1, payload(svc, 0))
+    svc.admin.close_round("cnn", 1)
+    svc.reg.close()
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    with con:  # the tables as older versions made them, with a published SecAgg round
+        for table in ("rounds", "secagg_rounds"):
+            con.execute(f"ALTER TABLE {table} DROP COLUMN measurements")
+        con.execute(
+            "INSERT INTO secagg_rounds (model, number, base_version, state, invited, opened_at, closed_at, version) "
+            "VALUES ('cnn', 1, 1, 'published', 3, 0, 1, 2)"
+        )
+    con.close()
+    restart(svc)
+    con = sqlite3.connect(tmp_path / "h" / "registry.db")
+    for table in ("rounds", "secagg_rounds"):
+        assert "measurements" in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+    con.close()
+    assert svc.admin.round_status("cnn", 1)["measurements"] == {}  # closed before they were kept
+    store = RoundStore(svc.reg)
+    assert store.secagg_record("cnn", 1)["published"] == {"version": 2, "measurements": {}}
+    svc.admin.open_round("cnn", base_version=2)
+    svc.device("d1").upload("cnn", 2, payload(svc, 1, base=2))
+    closed = svc.admin.close_round("cnn", 2)
+    assert closed["measurements"]  # what the server step measured
+    assert svc.admin.round_status("cnn", 2)["measurements"] == closed["measurements"]
+    assert restart(svc).admin.round_status("cnn", 2)["measurements"] == closed["measurements"]  # durable

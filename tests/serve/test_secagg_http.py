@@ -505,11 +505,14 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
         assert exc.value.status == 409 and "aborted" in exc.value.detail
 
     # only the last FINISHED_KEPT finished rounds keep their full status; older ones answer from the store
-    # (their outcome and version), and still refuse messages with 409
+    # (their outcome, version and close measurements), and still refuse messages with 409
     third, _ = _walk(service, names, stages=())
     service.admin.abort_secagg("cnn", third)
     old = service.admin._get(f"/admin/models/cnn/secagg/{rnd}")
-    assert old["finished"] == "published" and old["published"] == {"version": closed["published"]["version"]}
+    assert old["finished"] == "published" and old["published"] == {
+        "version": closed["published"]["version"],
+        "measurements": closed["published"]["measurements"],
+    }
     with pytest.raises(ServiceError) as exc:
         first.get("unmask")
     assert exc.value.status == 409 and "published as version" in exc.value.detail
@@ -584,7 +587,8 @@ def test_secagg_round_numbers_continue_after_a_restart_and_an_open_round_is_lost
 
     names = ["a", "b", "c"]
     published, _ = _walk(service, names)
-    version = service.admin.close_secagg("cnn", published)["published"]["version"]
+    closed = service.admin.close_secagg("cnn", published)["published"]
+    version = closed["version"]
     assert service.reg.get("cnn", version).lineage["secagg_round"] == published
     stuck, devs = _walk(service, names, stages=("advertise", "share"))  # open, at masked inputs
     # a restart: a new app over the same home, nothing shared in memory
@@ -609,7 +613,10 @@ def test_secagg_round_numbers_continue_after_a_restart_and_an_open_round_is_lost
         service.admin.abort_secagg("cnn", stuck)
     assert exc.value.status == 409
     assert devs[0].client.open_rounds("cnn") == []  # not offered to anyone
-    assert service.admin._get(f"/admin/models/cnn/secagg/{published}")["published"] == {"version": version}
+    assert service.admin._get(f"/admin/models/cnn/secagg/{published}")["published"] == {
+        "version": version,
+        "measurements": closed["measurements"],  # kept in the store: after the restart too
+    }
     again, _ = _walk(service, names, stages=("advertise",))
     assert again == stuck + 1  # never a number an earlier round had
     cfg = service.app.state.secagg_rounds[("cnn", again)].config

@@ -13,12 +13,12 @@ over their transports.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deltaplane.delta import Delta
+from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -31,6 +31,7 @@ __all__ = [
     "deliver",
     "device_seed",
     "lone_input_error",
+    "masked_zeros",
     "secure_neighbours",
     "secure_quorum",
     "secure_round",
@@ -41,6 +42,13 @@ __all__ = [
 def device_seed(seed: int, rnd: int, cid: int) -> int:
     """The seed of device ``cid``'s stochastic rounding into the ring in round ``rnd`` (same on every driver)."""
     return derive_seed(seed, Stream.SECAGG, rnd, cid)
+
+
+def masked_zeros(state: StateDict, local_keys: Collection[str] = ()) -> Delta:
+    """Zeros shaped like what a device masks in a SecAgg round on ``state``: every tensor but ``local_keys``
+    (the layers a personalized federation keeps on the device). The server sizes the round's vector from it
+    and the device checks an invitation against it before training: one function, so the two always agree."""
+    return Delta({k: v for k, v in Delta.zeros_like(state).items() if k not in local_keys})
 
 
 def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
@@ -131,6 +139,4 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
                 server.refuse(str(u.cid), lone_input_error(rnd, count))
     if config.secagg and count >= secure_quorum(config):
         mean, sent = secure_round(config, uploads, rnd)
-        server.receive_secure_sum(
-            mean, contributors=count, uplink_bytes=sent
-        )
+        server.receive_secure_sum(mean, contributors=count, uplink_bytes=sent)

@@ -38,6 +38,7 @@ from deltaplane.aggregation.secagg import (
     DeviceEndpoint,
     RingEncoding,
     SecAggConfig,
+    SecAggError,
     ServerEndpoint,
     check_device_policy,
     default_threshold,
@@ -46,7 +47,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
-from deltaplane.engine.secure import device_seed, lone_input_error
+from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
@@ -72,12 +73,20 @@ def _save(context: Context, ep: DeviceEndpoint) -> None:
 
 
 def _load(context: Context, round_id: int) -> DeviceEndpoint:
+    """The node's SecAgg endpoint for round ``round_id``, as it accepted the round at key advertisement;
+    :class:`SecAggError` if it holds none for that round (it missed or refused the advertisement)."""
     rec = context.state.config_records.get(_STATE)
     if rec is None:
-        raise DeltaplaneError("this node holds no SecAgg state: it missed the round's key advertisement")
+        raise SecAggError(
+            f"this node holds no SecAgg state for round {round_id}: it missed or refused the round's key "
+            "advertisement, so it cannot take part in it"
+        )
     config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
     if config.round_id != round_id:
-        raise DeltaplaneError(f"this node's SecAgg state is for round {config.round_id}, not {round_id}")
+        raise SecAggError(
+            f"this node's SecAgg state is for round {config.round_id}, not {round_id}: it missed or refused "
+            f"round {round_id}'s key advertisement, so it cannot take part in it"
+        )
     bits, clip, scale = json.loads(str(rec["encoding"]))
     return DeviceEndpoint.restore(
         config, RingEncoding(bits=bits, clip_range=clip, weight_scale=scale), bytes(rec["state"])
@@ -149,7 +158,10 @@ def secagg_mod(
     ``ClientApp(mods=[secagg_mod(...), delta_mod(...)])``: it receives delta_mod's reply (the compressed payload),
     decodes it on the node, quantizes it into the ring seeded by ``seed_fn(seed, round, context)`` (default: the
     in-process engine's :func:`~deltaplane.engine.secure.device_seed` of the node's ``partition-id``) and replies
-    with the masked input alone. Messages without a SecAgg record pass through untouched. ``privacy(update,
+    with the masked input alone. It loads the node's SecAgg state for the round *before* the node trains: a
+    node that missed or refused the round's key advertisement, or a train instruction without its share inbox,
+    fails with :class:`~deltaplane.aggregation.secagg.SecAggError` (an error reply) without training. Messages
+    without a SecAgg record pass through untouched. ``privacy(update,
     round, context)``, when given, runs on the decoded update before it enters the ring: distributed DP's
     clip and noise (:meth:`~deltaplane.engine.ClientStep.distributed_privacy`).
     """
@@ -163,6 +175,12 @@ def secagg_mod(
         if msg.metadata.message_type != MessageType.TRAIN or SECAGG_KEY not in msg.content:
             return call_next(msg, context)
         rec = msg.content.config_records[SECAGG_KEY]
+        # before training: a round this node accepted at key advertisement, with an inbox to mask with; a
+        # round it cannot take part in (SecAggError) must not cost it a training pass
+        ep = _load(context, int(rec["round"]))
+        inbox = rec.get("inbox")
+        if not isinstance(inbox, bytes):
+            raise SecAggError(f"the train instruction of SecAgg round {rec['round']} carries no share inbox")
         original = msg.content
         msg.content = RecordDict({k: v for k, v in original.items() if k != SECAGG_KEY})
         try:
@@ -172,7 +190,6 @@ def secagg_mod(
         if reply.has_error():
             return reply
         ctrl = original.config_records[CONTROL_KEY]
-        ep = _load(context, int(rec["round"]))
         payload = reply.content.config_records[UPLINK_KEY]["payload"]
         # still on the node: it decodes its own payload, so its codec and error feedback shape what it masks
         update = decompress(payload, expect_base=(str(ctrl["base-id"]), int(ctrl["base-version"])))
@@ -184,7 +201,7 @@ def secagg_mod(
             int(metrics["num-examples"]),
             np.random.default_rng(seeds(seed, ep.config.round_id, context)),
         )
-        masked = ep.masked_input(bytes(rec["inbox"]))
+        masked = ep.masked_input(inbox)  # set_update above checked the actual update's size
         _save(context, ep)
         # only the masked input goes back: not the payload, not the weights, not the example count
         out = RecordDict({SECAGG_KEY: ConfigRecord({"message": masked})})
@@ -297,7 +314,7 @@ class SecAggStrategy(DeltaStrategy):
     def _shared_zeros(self) -> Delta:
         """Zeros shaped like what the nodes mask: the global model less the layers personalization keeps home."""
         keep = self.server_step.local_keys if self.server_step is not None else frozenset()
-        return Delta({k: v for k, v in Delta.zeros_like(self._global).items() if k not in keep})  # type: ignore[arg-type]
+        return masked_zeros(self._global, keep)  # type: ignore[arg-type]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

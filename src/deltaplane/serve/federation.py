@@ -367,6 +367,12 @@ def _secagg_round(
     out, as a fleet device does, and sends nothing. With fewer left than
     :func:`~deltaplane.engine.secure.secure_quorum` the SecAgg round is aborted and, under distributed DP, the
     round closes with no sum (ε still spent), as one that sampled too few devices; without DP that is an error.
+
+    Unlike a fleet device (:func:`~deltaplane.serve.fleet.secagg_round`, which checks its invitation before it
+    trains), the simulation trains first and checks after: it opens the SecAgg round only for the devices whose
+    update came out (as in process), so the round's size, graph, threshold and key draws are the in-process
+    engine's; opening it before training would change them whenever a device's update fails, and the run
+    would no longer be the in-process one. Only simulated time is spent on a refused invitation.
     """
     from deltaplane.aggregation.secagg import SecAggError
     from deltaplane.engine.secure import (

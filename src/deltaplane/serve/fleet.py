@@ -6,8 +6,9 @@ module runs the rest of the same :class:`~deltaplane.engine.RunConfig` on each s
 * :func:`run_device` is one device: it polls ``GET /v1/models/{m}/rounds/open`` with backoff; on a plain round
   it fetches the verified training model, runs the engine's :class:`~deltaplane.engine.ClientStep` on its own
   partition of the task (``device`` is the partition id, as Flower's ``partition-id``) and uploads the
-  compressed update; on a SecAgg round it runs the client step, then each SecAgg stage as the operator opens
-  it (:class:`~deltaplane.serve.secagg_client.SecAggDevice`, with OS randomness: a real device never derives
+  compressed update; on a SecAgg round it fetches and checks the invitation first (a round it refuses costs
+  it no training), runs the client step, then each SecAgg stage as the operator opens it
+  (:class:`~deltaplane.serve.secagg_client.SecAggDevice`, with OS randomness: a real device never derives
   its secrets from the run's seed). Once the round's version is published it reports its held-out accuracy
   and drift summary. It stops after ``rounds`` rounds, or when ``stop`` is set.
 * :func:`coordinate` is the operator: per round it opens a plain or SecAgg round for the enrolled devices,
@@ -37,7 +38,7 @@ import torch
 from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
-from deltaplane.engine.secure import secure_neighbours
+from deltaplane.engine.secure import masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
     ConfigError,
@@ -207,38 +208,33 @@ def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, pol
 
 
 def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float = 0.1) -> bool:
-    """Train, then run the SecAgg stages as the operator opens them; only masked bytes leave the device.
+    """Check the invitation, train, then run the SecAgg stages as the operator opens them; only masked bytes
+    leave the device. An invitation the device refuses costs it no training pass (:func:`_accept_invitation`).
 
     Returns True once the device answered the unmasking request; False if it sat the round out or dropped
     out (a stage closed before it spoke: the others' round goes on without it), or refused a stage itself
     (:class:`~deltaplane.aggregation.secagg.SecAggError`: e.g. under distributed DP an unmasking request with
     fewer survivors than the m_min its noise was calibrated to, :class:`~deltaplane.aggregation.secagg.
-    SecAggFloorError`), or refused the invitation itself (an unsafe graph or threshold, a ring range below
-    its own distributed-DP minimum, a malformed invitation: nothing sent). A device that refuses sends nothing more; after a floor refusal it keeps its error
-    feedback as before the round, as after a refused upload: every device of the run refuses the same request,
-    so its masked update is never unmasked."""
+    SecAggFloorError`), or refused the invitation itself (an unsafe graph or threshold, a ring range or
+    weighting its own distributed DP forbids, a vector not the size of its update, a malformed invitation:
+    nothing sent, nothing trained). A device that refuses sends nothing more; after a floor refusal it keeps
+    its error feedback as before the round, as after a refused upload: every device of the run refuses the
+    same request, so its masked update is never unmasked."""
     number, base = int(info["round"]), int(info["base_version"])
     state = _fetch_base(dev, base)
     if state is None:
+        return False
+    sa = _accept_invitation(dev, number, state)
+    if sa is None:
         return False
     with _uplink_kept_unless_sent(dev) as sent:
         up = dev.step.run(dev.client, dev.net, state, number, base)
         if up.secure is None:
             dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
-        # secret keys from the OS, never the seed; the unmasking floor from this device's own config
-        try:
-            sa = SecAggDevice(
-                dev.conn,
-                dev.model,
-                number,
-                wait=2.0,
-                min_inputs=dev.config.unmask_floor(),
-                min_range=dev.config.min_secagg_range(),
-            )
-            sa.set_update(up.secure, dev.client.num_samples)  # stochastic rounding from the OS too
-        except (SecAggError, DecodeError) as exc:  # an unsafe or malformed invitation: nothing was sent
-            # (set_update refuses one whose vector size is not this device's model's)
+        try:  # the actual update, checked again (its size) and quantized: stochastic rounding from the OS
+            sa.set_update(up.secure, dev.client.num_samples)
+        except SecAggError as exc:
             dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
             return False
         broke: httpx.TransportError | None = None
@@ -261,6 +257,29 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
             return False
     dev.pending = (number, base)
     return True
+
+
+def _accept_invitation(dev: Device, number: int, state: dict[str, torch.Tensor]) -> SecAggDevice | None:
+    """Fetch SecAgg round ``number``'s invitation and check it *before* the device trains: a graph and threshold
+    that keep it safe, a ring range and weighting its own distributed DP allows, and a vector the size of what
+    it masks (its model on the round's base ``state``, less the layers it keeps home) with a weighted ring
+    that can carry its example count. None, logged, for an invitation the device refuses: it sits the round
+    out without spending a training pass, and nothing was sent."""
+    try:
+        # secret keys from the OS, never the seed; the unmasking floor and least range from its own config
+        sa = SecAggDevice(
+            dev.conn,
+            dev.model,
+            number,
+            wait=2.0,
+            min_inputs=dev.config.unmask_floor(),
+            min_range=dev.config.min_secagg_range(),
+        )
+        sa.check_update(masked_zeros(state, dev.step.local_keys(dev.net)), dev.client.num_samples)
+    except (SecAggError, DecodeError) as exc:
+        dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
+        return None
+    return sa
 
 
 def _secagg_stages(
@@ -593,8 +612,8 @@ def _plain_round(
             return number, int(closed["uploads"]), closed["version"], closed["measurements"]  # type: ignore[index]
         # the answer was lost: the round as stored says whether the close went through (never close twice)
         rec = p.call(lambda: p.admin.round_status(model, number), f"read plain round {number} back")
-        if rec["state"] == "closed":  # published; its measurements were in the lost answer
-            return number, int(rec["uploads"]), rec["version"], {}
+        if rec["state"] == "closed":  # published: the round as stored keeps the lost answer's measurements
+            return number, int(rec["uploads"]), rec["version"], rec.get("measurements", {})
         if rec["state"] != "open":
             raise ServiceError(409, f"plain round {number} of {model!r} was {rec['state']} meanwhile")
 

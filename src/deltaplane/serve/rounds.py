@@ -9,7 +9,8 @@ Device and admin endpoints for rounds live here, out of :func:`~deltaplane.serve
   checked for its claimed example count (at most ``max_examples``: 422), size (413), round and duplicate
   (409), base version (409 stale), format (400), shape (422), then handed to the server step, whose chain
   validates it (NaN/Inf, norm bound: 422);
-* ``GET /admin/models/{model}/rounds/{round}`` — a round as stored (open, closed with its version, aborted);
+* ``GET /admin/models/{model}/rounds/{round}`` — a round as stored (open, closed with its version and its
+  close's measurements, aborted);
 * ``POST /admin/models/{model}/rounds`` and ``.../rounds/{round}/close`` — open a round; close it: the
   server step aggregates (the configured chain: robust rule, clipping, DP-FedAvg with its accountant and
   budget, FedAdam & co. or server SGD), compresses the downlink and publishes a signed version; the response
@@ -470,6 +471,12 @@ class RoundRecordInfo(BaseModel):
     uploads: int
     opened_at: float
     closed_at: float | None
+    #: the measurements its close answered with (epsilon...), kept with the round: {} if none were recorded
+    measurements: dict[str, float] = Field(
+        default_factory=dict,
+        description="its close's measurements (epsilon, clipped_fraction...): empty while open, for an aborted "
+        "round, a close without a version, or a round closed before they were stored",
+    )
 
 
 class AbortRoundResponse(BaseModel):
@@ -778,7 +785,12 @@ def round_router(
         try:
             with undo_on_failure(step):
                 result = (
-                    rounds_store.close(r.record, publish, snapshot=lambda: step_bytes(step))
+                    rounds_store.close(
+                        r.record,
+                        publish,
+                        snapshot=lambda: step_bytes(step),
+                        measured=lambda result: None if result is None else result[1].measurements,
+                    )
                     if r.record is not None
                     else publish()[1]
                 )

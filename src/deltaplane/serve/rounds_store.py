@@ -18,6 +18,9 @@ that is deleted before its version is published disappears when publishing fails
 * the server step's learned state (:meth:`~deltaplane.engine.ServerStep.state_dict`: optimizer moments, DP
   accountant, adaptive clip, generators, downlink residual) is stored with every published round, in the
   same transaction, so a restarted service continues bit for bit (:meth:`RoundStore.step_snapshot`);
+* each closed round keeps its close's measurements (ε spent, clipped fraction, noise...) as JSON in a
+  ``measurements`` column (added to older stores on start), so an operator whose answer to a close was lost
+  reads them back with the round;
 * SecAgg rounds are numbered here too (:meth:`RoundStore.open_secagg`), and their outcome recorded: their
   protocol state (keys, shares, masked inputs) lives in the service's memory only, but their numbers bind
   every key and AAD of the round (``SecAggConfig.round_id``) and name the round in lineage and logs, so they
@@ -35,7 +38,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -64,7 +67,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rounds (
         model TEXT NOT NULL, number INTEGER NOT NULL, base_version INTEGER NOT NULL, nonce TEXT NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'aborted')), excluded TEXT NOT NULL,
-        opened_at REAL NOT NULL, closed_at REAL, version INTEGER,
+        opened_at REAL NOT NULL, closed_at REAL, version INTEGER, measurements TEXT,
         PRIMARY KEY (model, number))""",
     _UPLOADS.format(name="round_uploads"),
     "CREATE INDEX IF NOT EXISTS rounds_open ON rounds (model, state)",
@@ -76,8 +79,14 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS secagg_rounds (
         model TEXT NOT NULL, number INTEGER NOT NULL, base_version INTEGER NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('open', 'published', 'aborted', 'lost')),
-        invited INTEGER NOT NULL, opened_at REAL NOT NULL, closed_at REAL, version INTEGER,
+        invited INTEGER NOT NULL, opened_at REAL NOT NULL, closed_at REAL, version INTEGER, measurements TEXT,
         PRIMARY KEY (model, number))""",
+)
+#: columns added since the tables were first made: (table, column, declaration), added to older stores on start
+_ADDED_COLUMNS = (
+    # the round's close measurements (ε spent, clipped fraction, noise...) as JSON; NULL: none recorded
+    ("rounds", "measurements", "TEXT"),
+    ("secagg_rounds", "measurements", "TEXT"),
 )
 
 
@@ -103,6 +112,24 @@ def _migrate_uploads(con: Any) -> None:
     )
     con.execute("DROP TABLE round_uploads")
     con.execute("ALTER TABLE round_uploads_migrated RENAME TO round_uploads")
+
+
+def _add_columns(con: Any) -> None:
+    """Add :data:`_ADDED_COLUMNS` missing from a store made before them, in the caller's transaction (under the
+    write lock: two starting workers add each once). Existing rows read NULL there: nothing was recorded."""
+    for table, column, decl in _ADDED_COLUMNS:
+        if column not in {str(r[1]) for r in con.execute(f"PRAGMA table_info({table})").fetchall()}:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def _stored(measurements: Mapping[str, float] | None) -> str | None:
+    """Measurements as the ``measurements`` column stores them (JSON of floats; None: none)."""
+    return None if measurements is None else json.dumps({k: float(v) for k, v in measurements.items()})
+
+
+def _measured(text: str | None) -> dict[str, float]:
+    """A stored ``measurements`` column as a dict ({} when none was recorded)."""
+    return {str(k): float(v) for k, v in json.loads(text).items()} if text else {}
 
 
 def _put_snapshot(con: Any, model: str, round_number: int, version: int | None, data: bytes) -> None:
@@ -137,6 +164,7 @@ class RoundStore:
             for stmt in _SCHEMA:
                 con.execute(stmt)
             _migrate_uploads(con)  # under the same write lock: two starting workers migrate once
+            _add_columns(con)
 
     # -- rounds ----------------------------------------------------------------------------------------
     def open(self, model: str, base_version: int, *, excluded: tuple[str, ...] = ()) -> RoundRecord:
@@ -285,13 +313,16 @@ class RoundStore:
         publish: Callable[[], tuple[int | None, T]],
         *,
         snapshot: Callable[[], bytes] | None = None,
+        measured: Callable[[T], Mapping[str, float]] | None = None,
     ) -> T:
         """Run ``publish`` and mark the round closed in one transaction (all or nothing).
 
         ``publish`` returns ``(version number or None, anything)`` and may write to the registry (its writes
         join this transaction); any exception it raises rolls everything back and leaves the round open with
         its uploads. When a version is published, ``snapshot()`` (the server step's state after the round)
-        is stored in the same transaction (:meth:`step_snapshot`). Returns the second element.
+        is stored in the same transaction (:meth:`step_snapshot`). ``measured(anything)``, the round's
+        measurements (ε spent...), is stored with the round in the same transaction, so an operator whose
+        answer to the close was lost reads them back (:meth:`record`). Returns the second element.
         """
         with self.registry.transaction() as con:
             state = con.execute(
@@ -302,9 +333,10 @@ class RoundStore:
             if state[0] != "open":
                 raise RoundConflict(f"round {rec.number} of {rec.model!r} is already {state[0]}")
             version, result = publish()
+            measurements = _stored(measured(result)) if measured is not None else None
             con.execute(
-                "UPDATE rounds SET state='closed', closed_at=?, version=? WHERE model=? AND number=?",
-                (time.time(), version, rec.model, rec.number),
+                "UPDATE rounds SET state='closed', closed_at=?, version=?, measurements=? WHERE model=? AND number=?",
+                (time.time(), version, measurements, rec.model, rec.number),
             )
             if version is not None and snapshot is not None:
                 _put_snapshot(con, rec.model, rec.number, version, snapshot())
@@ -331,20 +363,23 @@ class RoundStore:
 
     def record(self, model: str, number: int) -> dict[str, Any] | None:
         """Round ``number`` of ``model`` as stored (``state``: open, closed or aborted; ``version`` it published,
-        ``uploads`` accepted), or None if it never existed: what an operator re-reads after losing an answer."""
+        ``uploads`` accepted, ``measurements`` of its close: {} when none were recorded), or None if it never
+        existed: what an operator re-reads after losing an answer."""
         rows = self.registry.query(
-            "SELECT base_version, state, version, opened_at, closed_at FROM rounds WHERE model=? AND number=?",
+            "SELECT base_version, state, version, opened_at, closed_at, measurements FROM rounds "
+            "WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, version, opened, closed = rows[0]
+        base, state, version, opened, closed, measurements = rows[0]
         uploads = self.registry.query(
             "SELECT COUNT(*) FROM round_uploads WHERE model=? AND round=?", (model, number)
         )[0][0]
         return {
             "model": model, "round": number, "base_version": int(base), "state": str(state),
             "version": version, "uploads": int(uploads), "opened_at": opened, "closed_at": closed,
+            "measurements": _measured(measurements),
         }  # fmt: skip
 
     def abort(self, rec: RoundRecord) -> None:
@@ -385,32 +420,42 @@ class RoundStore:
             ).fetchone()[0]
         return int(last or 0) + 1
 
-    def finish_secagg(self, model: str, number: int, outcome: str, version: int | None = None) -> None:
-        """Record how SecAgg round ``number`` ended (:data:`SECAGG_OUTCOMES`); called inside the transaction
-        that publishes it, so a version is never published by a round still recorded open."""
+    def finish_secagg(
+        self,
+        model: str,
+        number: int,
+        outcome: str,
+        version: int | None = None,
+        measurements: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record how SecAgg round ``number`` ended (:data:`SECAGG_OUTCOMES`) and, when it published, its close's
+        ``measurements``; called inside the transaction that publishes it, so a version is never published by a
+        round still recorded open."""
         if outcome not in SECAGG_OUTCOMES:
             raise ValueError(f"unknown SecAgg outcome {outcome!r}")
         with self.registry.transaction() as con:
             con.execute(
-                "UPDATE secagg_rounds SET state=?, closed_at=?, version=? WHERE model=? AND number=?",
-                (outcome, time.time(), version, model, number),
+                "UPDATE secagg_rounds SET state=?, closed_at=?, version=?, measurements=? WHERE model=? AND number=?",
+                (outcome, time.time(), version, _stored(measurements), model, number),
             )
 
     def secagg_record(self, model: str, number: int) -> dict[str, Any] | None:
         """SecAgg round ``number`` of ``model`` as recorded (None if it never existed): ``finished`` is its
-        outcome, or None while it is open."""
+        outcome, or None while it is open; ``published`` the version and the close's measurements."""
         rows = self.registry.query(
-            "SELECT base_version, state, invited, opened_at, closed_at, version FROM secagg_rounds "
+            "SELECT base_version, state, invited, opened_at, closed_at, version, measurements FROM secagg_rounds "
             "WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, invited, opened, closed, version = rows[0]
+        base, state, invited, opened, closed, version, measurements = rows[0]
         return {
             "model": model, "round": number, "base_version": int(base), "invited": int(invited),
             "finished": None if state == "open" else str(state),
-            "published": None if version is None else {"version": int(version)},
+            "published": (
+                None if version is None else {"version": int(version), "measurements": _measured(measurements)}
+            ),
             "opened_at": opened, "closed_at": closed,
         }  # fmt: skip
 

@@ -2,7 +2,8 @@
 
 Partner: :mod:`deltaplane.serve.secagg_routes`. A :class:`SecAggDevice` wraps an authenticated
 :class:`~deltaplane.serve.client.DeviceClient` and a :class:`~deltaplane.aggregation.secagg.DeviceEndpoint`: it
-fetches the invitation, quantizes the device's update into the ring *on the device*, and carries each stage's
+fetches the invitation and accepts or refuses it (before the device trains: :meth:`SecAggDevice.check_update`),
+quantizes the device's update into the ring *on the device*, and carries each stage's
 messages. Only masked or encrypted bytes leave the device. A stage whose input is not ready yet (the server has
 not closed the previous stage) answers 409; ``wait`` retries until it is, up to a deadline.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +60,24 @@ class SecAggDevice:
         self.round_id = round_id
         self.wait = wait
         self._path = f"/v1/models/{model}/secagg/{round_id}"
-        inv = client.request("GET", self._path).json()
-        self.invitation = inv
+        self.invitation = client.request("GET", self._path).json()
+        self.endpoint = self._accept_invitation(
+            self.invitation, randbytes=randbytes, min_inputs=min_inputs, min_range=min_range
+        )
+        self.bytes_sent = 0
+
+    def _accept_invitation(
+        self,
+        inv: Any,
+        *,
+        randbytes: Callable[[int], bytes],
+        min_inputs: int,
+        min_range: float,
+    ) -> DeviceEndpoint:
+        """The device's endpoint for the invitation ``inv``, once the device accepts it: a graph and threshold
+        that cannot let the server unmask it (:func:`check_device_policy`), a ring range and weighting its own
+        distributed DP allows (``min_range``, :class:`DeviceEndpoint`). Raises :class:`SecAggError` for a
+        round the device refuses, :class:`DecodeError` for JSON that is not an invitation; nothing is sent."""
         try:
             self.base_version = int(inv["base_version"])
             self.config = SecAggConfig.from_dict(inv["config"])
@@ -77,7 +95,7 @@ class SecAggDevice:
             raise DecodeError(
                 f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
             ) from None
-        self.endpoint = DeviceEndpoint(
+        return DeviceEndpoint(
             client_id,
             self.config,
             self.encoding,
@@ -85,11 +103,16 @@ class SecAggDevice:
             min_inputs=min_inputs,
             min_range=min_range,
         )
-        self.bytes_sent = 0
 
     @property
     def client_id(self) -> int:
         return self.endpoint.client_id
+
+    def check_update(self, like: Delta, weight: int) -> None:
+        """Refuse, before training, a round whose vector is not the size of this device's update (``like``:
+        zeros shaped like what it masks, :func:`~deltaplane.engine.secure.masked_zeros`) or whose weighted ring
+        cannot carry its ``weight`` (:class:`SecAggError`); :meth:`set_update` checks the actual update again."""
+        self.endpoint.check_update(like, weight)
 
     def get(self, what: str) -> bytes:
         """Fetch a stage's server message (``roster``, ``inbox``, ``unmask``), retrying a 409 for ``wait`` s."""

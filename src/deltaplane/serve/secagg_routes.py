@@ -77,6 +77,7 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.delta import Delta
+from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
 from deltaplane.serve.rounds import (
@@ -543,13 +544,7 @@ def install_secagg_routes(
         with state.lock:
             step = resume_step(config, state, store, model, base)
         # a personalized federation's devices mask only the layers they share (FedPer's head stays home)
-        like = Delta(
-            {
-                k: v
-                for k, v in Delta.zeros_like(state.base_state(model, base)).items()
-                if k not in step.local_keys
-            }
-        )
+        like = masked_zeros(state.base_state(model, base), step.local_keys)
         if body.weight_scale is None:
             raise ConfigError(
                 "a SecAgg round weights each update by its device's example count, as plain rounds and every "
@@ -712,7 +707,7 @@ def install_secagg_routes(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
-                store.finish_secagg(model, number, "published", version.number)
+                store.finish_secagg(model, number, "published", version.number, outcome.measurements)
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,
                 "delta_bytes": len(outcome.downlink_payload),

@@ -429,3 +429,28 @@ def test_a_repeated_share_key_is_refused_by_the_server_not_by_every_device() -> 
     for u in range(N - 1):
         server.receive_shares(clients[u].share_keys(roster))
     server.close_shares()  # N - 1 devices shared: above the threshold, the round goes on
+
+
+def test_a_device_checks_an_update_shape_and_weight_against_the_round_before_it_has_one() -> None:
+    """A device can refuse a round before it trains: ``check_update`` on zeros shaped like its update says
+    whether the round's vector is that size and a weighted ring carries its example count (the count sits in one
+    ``bits``-bit slot); ``set_update`` refuses the same updates with the same messages, as it did on its own."""
+    import torch
+
+    from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding
+    from deltaplane.delta import Delta
+
+    cfg = SecAggConfig(num_clients=N, threshold=4, bits=BITS, vector_size=D + 1, round_id=7)
+    fits, short = Delta({"w": torch.zeros(D)}), Delta({"w": torch.zeros(D - 1)})
+    dev = DeviceEndpoint(0, cfg, RingEncoding(bits=BITS, weight_scale=10.0))
+    dev.check_update(fits, 255)  # 255 < 2^8: fits the weight slot
+    rng = np.random.default_rng(0)
+    for like, weight, named in [
+        (short, 3, "update has 39 values; the round expects 40"),
+        (fits, 256, "Found 256"),
+    ]:
+        with pytest.raises(SecAggError, match=named):
+            dev.check_update(like, weight)
+        with pytest.raises(SecAggError, match=named):
+            dev.set_update(like, weight, rng)
+    DeviceEndpoint(0, cfg, RingEncoding(bits=BITS)).check_update(fits, 10**6)  # unweighted: any count

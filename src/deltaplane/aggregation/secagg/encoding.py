@@ -58,13 +58,19 @@ class RingEncoding:
         _check_float(like)
         return like.numel() + 1
 
+    def check_weight(self, weight: int) -> None:
+        """Refuse a weight this ring cannot carry: a weighted ring puts the example count in one ``bits``-bit
+        slot, so it must be an integer in ``[1, 2^bits)`` (any weight fits an unweighted ring: its slot is 1).
+        A device knows its count before it trains, so it can refuse a round here before spending a pass."""
+        if self.weighted and (not isinstance(weight, int | np.integer) or not 1 <= weight < (1 << self.bits)):
+            raise SecAggError(
+                f"a weighted SecAgg round needs an integer example count in [1, 2^{self.bits}). Found {weight!r}"
+            )
+
     def encode(self, delta: Delta, weight: int, rng: np.random.Generator) -> np.ndarray:
         """The device's codes: unbiased stochastic rounding of the (weight-scaled, clipped) values, then ``w``."""
+        self.check_weight(weight)
         if self.weighted:
-            if not isinstance(weight, int | np.integer) or not 1 <= weight < (1 << self.bits):
-                raise SecAggError(
-                    f"a weighted SecAgg round needs an integer example count in [1, 2^{self.bits}). Found {weight!r}"
-                )
             scale, slot = float(weight) / self.weight_scale, int(weight)
         else:
             scale, slot = 1.0, 1

@@ -113,14 +113,23 @@ class DeviceEndpoint:
         out.client = SecAggClient.restore(config, state, randbytes=randbytes)
         return out
 
+    def check_update(self, like: Delta, weight: int) -> None:
+        """Refuse an update shaped like ``like`` with ``weight`` examples that this round cannot carry: its vector
+        size is not the round's, or the weight does not fit a weighted ring (:class:`SecAggError`).
+
+        A device calls it with zeros shaped like what it will mask *before* it trains, so a round it cannot take
+        part in costs no training pass; :meth:`set_update` calls it again on the actual update."""
+        size = self.encoding.vector_size(like)
+        if size != self.config.vector_size:
+            raise SecAggError(
+                f"update has {size - 1} values; the round expects {self.config.vector_size - 1}"
+            )
+        self.encoding.check_weight(weight)
+
     def set_update(self, delta: Delta, weight: int, rng: np.random.Generator) -> None:
         """Quantize the device's update (and weight) into the ring; the codes never leave this object."""
-        codes = self.encoding.encode(delta, weight, rng)
-        if codes.shape != (self.config.vector_size,):
-            raise SecAggError(
-                f"update has {codes.shape[0] - 1} values; the round expects {self.config.vector_size - 1}"
-            )
-        self._codes = codes
+        self.check_update(delta, weight)
+        self._codes = self.encoding.encode(delta, weight, rng)
 
     def set_codes(self, codes: np.ndarray) -> None:
         """Use ready-made ring codes (integers in ``[0, 2^bits)``, one per value) instead of :meth:`set_update`."""
