@@ -654,3 +654,33 @@ def test_a_run_still_being_written_is_not_listed(tmp_path):
     r = c.get("/ui/run", params={"report": stage.name, "name": "half_written"}, headers=BEARER)
     assert r.status_code == 404
     assert c.get("/ui/run", params={"report": "done", "name": "finished"}, headers=BEARER).status_code == 200
+
+
+# -- bad query parameters --------------------------------------------------------------------------------------
+
+
+def test_a_bad_query_parameter_on_a_page_gets_an_html_422_naming_it(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs)
+    r = c.get("/ui/runs?page=0", headers=BEARER)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    text = unescape(r.text)
+    assert "<title>" in r.text and "query parameter 'page'" in text and "greater than or equal to 1" in text
+    assert "got '0'" in text
+    missing = c.get("/ui/run", params={"name": "a"}, headers=BEARER)
+    assert missing.status_code == 422 and "query parameter 'report'" in unescape(missing.text)
+    assert "Field required" in unescape(missing.text)
+
+
+def test_the_service_counts_a_ui_422_and_keeps_json_422_on_its_api(tmp_path):
+    Registry.create(tmp_path / "home")
+    app = create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN))
+    c = TestClient(app)
+    counters = app.state.deltaplane.counters
+    r = c.get("/ui/runs?page=abc", headers=BEARER)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    assert "query parameter 'page'" in unescape(r.text) and counters["rejected.validation"] == 1
+    api = c.post("/admin/devices", headers=BEARER, content=b"not json")
+    assert api.status_code == 422 and api.headers["content-type"] == "application/json"
+    assert api.json()["detail"].startswith("invalid request") and counters["rejected.validation"] == 2

@@ -67,7 +67,7 @@ from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, ro
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
 from deltaplane.serve.service_store import ServiceStore
-from deltaplane.ui import mount_ui
+from deltaplane.ui import is_ui_path, mount_ui, validation_page
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
@@ -522,8 +522,10 @@ def create_app(
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         state.counters["rejected.validation"] += 1
+        if is_ui_path(request.url.path):  # a dashboard page: an HTML error page, counted as any other 422
+            return validation_page(exc)
         errors = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]
         ]

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
@@ -30,7 +31,7 @@ from deltaplane.ui.session import (
 )
 from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
-__all__ = ["LoginThrottle", "create_ui_router"]
+__all__ = ["LoginThrottle", "create_ui_router", "is_ui_path", "validation_page"]
 
 #: A login form body is one short field; anything longer is refused before it is parsed.
 MAX_LOGIN_BODY = 4096
@@ -122,7 +123,7 @@ class SecurityHeaders:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not (path == "/ui" or path.startswith("/ui/")):
+        if not is_ui_path(path):
             await self.app(scope, receive, send)
             return
 
@@ -328,6 +329,27 @@ def create_ui_router(
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "?"
+
+
+def is_ui_path(path: str) -> bool:
+    """Whether ``path`` is one of the dashboard's (HTML) pages, under ``/ui``."""
+    return path == "/ui" or path.startswith("/ui/")
+
+
+def validation_page(exc: RequestValidationError) -> Response:
+    """A dashboard page's 422 for a request FastAPI refused before the route ran (``?page=0``, a missing
+    ``report=``): an HTML error page naming each wrong parameter and what is wrong with it, not FastAPI's JSON.
+
+    The caller counts the refusal (``deltaplane serve`` in ``rejected.validation``, as for its JSON routes).
+    """
+    problems = []
+    for e in exc.errors()[:5]:
+        loc = [str(p) for p in e.get("loc", ())]
+        where, name = (loc[0], ".".join(loc[1:])) if len(loc) > 1 else ("request", ".".join(loc))
+        what = f"{where} parameter {name!r}" if where in ("query", "path") else f"{where} {name!r}"
+        got = f" (got {e['input']!r})" if isinstance(e.get("input"), str | int | float) else ""
+        problems.append(f"{what}: {e.get('msg', 'invalid')}{got}")
+    return _html(pages.error_page(422, "invalid request: " + "; ".join(problems)), 422)
 
 
 def install_login_redirect(app: Any) -> None:
