@@ -684,3 +684,37 @@ def test_the_service_counts_a_ui_422_and_keeps_json_422_on_its_api(tmp_path):
     api = c.post("/admin/devices", headers=BEARER, content=b"not json")
     assert api.status_code == 422 and api.headers["content-type"] == "application/json"
     assert api.json()["detail"].startswith("invalid request") and counters["rejected.validation"] == 2
+
+
+# -- long runs -------------------------------------------------------------------------------------------------
+
+
+def test_a_100000_round_run_page_is_small_and_its_charts_keep_the_extremes(tmp_path):
+    """Every chart drew every round: a 100,000-round run page was several MB of SVG. Each line is now at most
+    1,000 points (min–max per block), and the global minimum and maximum are still on the line."""
+    import math
+    import re
+
+    n = 100_000
+    lo_round, hi_round = 31_337, 77_777
+    acc = {i: 0.5 + 0.1 * math.sin(i / 500) for i in range(1, n + 1)}
+    acc[lo_round], acc[hi_round] = 0.01, 0.99  # one dip and one spike a stride would miss
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"][0]["rounds"] = [
+        {"round": i, "test_accuracy": acc[i], "cumulative_uplink_bytes": 10 * i} for i in range(1, n + 1)
+    ]
+    _report(runs, "long", doc)
+    r = _ui(runs).get("/ui/run", params={"report": "long", "name": "a"}, headers=BEARER)
+    assert r.status_code == 200 and len(r.content) < 600_000, len(r.content)
+    svg = re.search(r'<svg[^>]*id="chart-accuracy".*?</svg>', r.text, re.S)
+    assert svg, "no accuracy chart"
+    lines = re.findall(r'<polyline points="([^"]*)"', svg.group(0))
+    pts = [tuple(map(float, p.split(","))) for p in lines[0].split()]
+    assert 900 <= len(pts) <= 1000
+    # the plot maps y linearly with a higher value drawn higher (smaller y pixel): the extremes are the ends
+    ys = [y for _, y in pts]
+    x_of = {y: x for x, y in pts}
+    left, width = 64, 760 - 64 - 16
+    assert round((x_of[max(ys)] - left) / width * (n - 1) + 1) == pytest.approx(lo_round, abs=150)
+    assert round((x_of[min(ys)] - left) / width * (n - 1) + 1) == pytest.approx(hi_round, abs=150)
