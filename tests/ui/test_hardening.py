@@ -718,3 +718,75 @@ def test_a_100000_round_run_page_is_small_and_its_charts_keep_the_extremes(tmp_p
     left, width = 64, 760 - 64 - 16
     assert round((x_of[max(ys)] - left) / width * (n - 1) + 1) == pytest.approx(lo_round, abs=150)
     assert round((x_of[min(ys)] - left) / width * (n - 1) + 1) == pytest.approx(hi_round, abs=150)
+
+
+# -- many addresses --------------------------------------------------------------------------------------------
+
+
+def _from(app, address: str) -> TestClient:
+    return TestClient(app, raise_server_exceptions=False, client=(address, 40000))
+
+
+def _ui_app():
+    return create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None)
+
+
+def test_ipv6_addresses_in_one_64_share_one_failure_count():
+    """Per-address counting let an IPv6 client rotate through its /64 and try five tokens from each address."""
+    app = _ui_app()
+    codes = [
+        _from(app, f"2001:db8:1:2::{i:x}").post("/ui/login", data={"token": "no"}).status_code
+        for i in range(7)
+    ]
+    assert codes == [401] * 5 + [429] * 2, codes
+    other_64 = _from(app, "2001:db8:1:3::1")  # the next /64 is another subscriber
+    assert other_64.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+def test_the_throttle_key_of_an_address():
+    from deltaplane.ui.router import throttle_key
+
+    assert throttle_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert throttle_key("2001:DB8:1:2::1%eth0") == "2001:db8:1:2::/64"
+    assert throttle_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack socket's IPv4 client is itself
+    assert throttle_key("192.0.2.7") == "192.0.2.7" and throttle_key("testclient") == "testclient"
+
+
+def test_a_global_failure_budget_refuses_unknown_addresses_but_not_the_operator(monkeypatch):
+    """30 failures a minute from 30 addresses (four each would never lock one out) close sign-in to every
+    address that has not signed in recently, with 429 and Retry-After, for the rest of the minute."""
+    from types import SimpleNamespace
+
+    import deltaplane.ui.router as router
+
+    now = [1000.0]
+    monkeypatch.setattr(router, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    app = _ui_app()
+    operator = _from(app, "192.0.2.1")
+    assert operator.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    for i in range(30):
+        now[0] = 1000.0 + i  # 30 failures within 30 s, one from each of 30 addresses (each its own /64)
+        attacker = _from(app, f"2001:db8:{i:x}::1")
+        assert attacker.post("/ui/login", data={"token": "guess"}).status_code == 401
+    now[0] = 1030.0
+    fresh = _from(app, "198.51.100.9")
+    r = fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) == 30  # until the first failure is 60 s old
+    assert "from all addresses together" in unescape(r.text)
+    bearer = fresh.get("/ui/runs", headers=BEARER, follow_redirects=False)
+    assert (
+        bearer.status_code == 429 and "retry-after" in bearer.headers
+    )  # no verdict on a bearer token either
+    # the operator's address signed in a minute ago: exempt, with the form and with the bearer token
+    assert operator.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    assert operator.get("/ui/runs", headers=BEARER).status_code == 200
+    now[0] = 1060.5  # the first failure is over a minute old: 29 in the window, below the budget
+    assert fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+def test_the_login_throttle_refuses_a_zero_limit():
+    from deltaplane.errors import ConfigError
+    from deltaplane.ui import LoginThrottle
+
+    with pytest.raises(ConfigError, match="global_limit must be at least 1"):
+        LoginThrottle(global_limit=0)

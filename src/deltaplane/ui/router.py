@@ -6,10 +6,11 @@ Mounted by ``deltaplane serve`` (with the live fleet) and served alone by ``delt
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -31,7 +32,7 @@ from deltaplane.ui.session import (
 )
 from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
-__all__ = ["LoginThrottle", "create_ui_router", "is_ui_path", "validation_page"]
+__all__ = ["LoginThrottle", "create_ui_router", "is_ui_path", "throttle_key", "validation_page"]
 
 #: A login form body is one short field; anything longer is refused before it is parsed.
 MAX_LOGIN_BODY = 4096
@@ -45,20 +46,46 @@ class _LoginRequired(Exception):
 
 
 class _Throttled(Exception):
-    """An address locked out by the :class:`LoginThrottle` tried a bearer token: 429, the token unchecked."""
+    """An address refused by the :class:`LoginThrottle` tried a bearer token: 429, the token unchecked."""
 
-    def __init__(self, wait: float) -> None:
+    def __init__(self, wait: float, why: str) -> None:
         super().__init__(wait)
-        self.wait = wait
+        self.wait, self.why = wait, why
+
+
+def throttle_key(address: str) -> str:
+    """The key an address's failed sign-ins are counted under: an IPv4 address itself, an IPv6 address its /64.
+
+    One IPv6 subscriber is routed a whole /64 (often a /56 or /48) and can send from any of its 2**64 addresses,
+    so counting per IPv6 address let one attacker try five tokens from each of them.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) is not part of it
+    except ValueError:  # not an IP address (a test client, a Unix socket): the text as it is
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class LoginThrottle:
-    """After ``limit`` failed sign-ins from one address within ``lockout_s`` seconds, refuse that address for
-    ``lockout_s`` seconds counted from the failure that reached the limit (not from the first one: five failures
-    spread over 59 s must still lock the address out for a whole minute).
+    """Failed sign-ins, counted per address and over all addresses together.
+
+    Per address (an IPv6 address counts as its /64, :func:`throttle_key`): after ``limit`` failures within
+    ``lockout_s`` seconds, that address is refused for ``lockout_s`` seconds counted from the failure that
+    reached the limit (not from the first one: five failures spread over 59 s still lock it out for a minute).
+
+    Over all addresses: after ``global_limit`` failures within ``global_window_s`` seconds (an attacker with many
+    addresses), every address *without a recent successful sign-in* is refused until the oldest of those
+    failures is ``global_window_s`` old. An address that signed in (or sent the right bearer token) within the
+    last ``known_s`` seconds is exempt, so an attack cannot lock the operator out; it is still held to its own
+    per-address limit.
 
     Failed sign-ins on ``/ui/login`` and wrong ``Authorization: Bearer`` tokens on any ``/ui`` page count alike.
-    Bounded: at most ``max_keys`` addresses are remembered (the oldest are forgotten first).
+    Bounded: at most ``max_keys`` addresses are remembered, failing and known ones each (the oldest are
+    forgotten first), and at most ``global_limit`` failure times.
     """
 
     def __init__(
@@ -66,23 +93,52 @@ class LoginThrottle:
         *,
         limit: int = 5,
         lockout_s: float = 60.0,
+        global_limit: int = 30,
+        global_window_s: float = 60.0,
+        known_s: float = 12 * 3600.0,
         max_keys: int = 10_000,
     ) -> None:
+        for name, value in (("limit", limit), ("global_limit", global_limit), ("max_keys", max_keys)):
+            if value < 1:
+                raise ConfigError(f"LoginThrottle {name} must be at least 1 (got {value})")
         self.limit, self.lockout_s, self.max_keys = limit, lockout_s, max_keys
-        # address -> (failures in the current window, window start, locked until)
+        self.global_limit, self.global_window_s, self.known_s = global_limit, global_window_s, known_s
+        # key -> (failures in the current window, window start, locked until)
         self._fails: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+        self._recent: deque[float] = deque(maxlen=global_limit)  # times of the last failures, any address
+        self._known: OrderedDict[str, float] = OrderedDict()  # key -> time of its last successful sign-in
         self._lock = threading.Lock()
 
-    def blocked(self, key: str) -> float:
-        """Seconds ``key`` must still wait (0.0 when it may try)."""
-        with self._lock:
-            _, _, until = self._fails.get(key, (0, 0.0, 0.0))
-            return max(0.0, until - time.monotonic())
-
-    def failed(self, key: str) -> None:
-        """Count one failure of ``key``; the ``limit``-th within ``lockout_s`` locks it out from now."""
+    def check(self, address: str) -> tuple[float, str]:
+        """Seconds ``address`` must still wait (0.0 when it may try) and why, as a sentence for the page."""
+        key = throttle_key(address)
         with self._lock:
             now = time.monotonic()
+            _, _, until = self._fails.get(key, (0, 0.0, 0.0))
+            if until > now:
+                return until - now, "too many failed sign-ins from this address"
+            known = self._known.get(key)
+            if known is not None and now - known <= self.known_s:
+                return 0.0, ""
+            if len(self._recent) >= self.global_limit:
+                wait = self._recent[0] + self.global_window_s - now
+                if wait > 0:
+                    return wait, (
+                        "too many failed sign-ins from all addresses together; only addresses that signed in "
+                        "recently may try now"
+                    )
+        return 0.0, ""
+
+    def blocked(self, address: str) -> float:
+        """Seconds ``address`` must still wait (0.0 when it may try)."""
+        return self.check(address)[0]
+
+    def failed(self, address: str) -> None:
+        """Count one failure of ``address``; the ``limit``-th within ``lockout_s`` locks it out from now."""
+        key = throttle_key(address)
+        with self._lock:
+            now = time.monotonic()
+            self._recent.append(now)
             count, since, until = self._fails.pop(key, (0, now, 0.0))
             if until > now:  # already locked out: the lockout is not extended by refused tries
                 self._fails[key] = (count, since, until)
@@ -94,9 +150,15 @@ class LoginThrottle:
             while len(self._fails) > self.max_keys:
                 self._fails.popitem(last=False)
 
-    def succeeded(self, key: str) -> None:
+    def succeeded(self, address: str) -> None:
+        """``address`` signed in: its failures are forgotten and it is known (exempt from the global budget)."""
+        key = throttle_key(address)
         with self._lock:
             self._fails.pop(key, None)
+            self._known.pop(key, None)
+            self._known[key] = time.monotonic()
+            while len(self._known) > self.max_keys:
+                self._known.popitem(last=False)
 
 
 #: Sent with every ``/ui`` response, as defence in depth should a value ever reach a page unescaped: the pages
@@ -171,10 +233,11 @@ def create_ui_router(
             # a bearer token is the admin token itself: guesses count against the sign-in throttle, and a
             # locked-out address gets no verdict on it at all (as on /ui/login and the service's /admin)
             who = _client(request)
-            wait = throttle.blocked(who)
+            wait, why = throttle.check(who)
             if wait:
-                raise _Throttled(wait)
+                raise _Throttled(wait, why)
             if hmac.compare_digest(auth[7:].strip().encode(), admin_token.encode()):
+                throttle.succeeded(who)  # the operator's program: exempt from the global budget
                 return
             throttle.failed(who)
         # a session cookie carries an HMAC under a key derived from the admin token: it cannot be guessed, so
@@ -215,9 +278,9 @@ def create_ui_router(
     @router.post("/login")
     async def login(request: Request) -> Response:
         who = _client(request)
-        wait = throttle.blocked(who)
+        wait, why = throttle.check(who)
         if wait:
-            resp = _html(pages.login_page(f"too many failed sign-ins; try again in {wait:.0f} s"), 429)
+            resp = _html(pages.login_page(f"{why}; try again in {max(1, round(wait))} s"), 429)
             resp.headers["Retry-After"] = str(max(1, round(wait)))
             return resp
         body = b""
@@ -364,9 +427,7 @@ def install_login_redirect(app: Any) -> None:
     @app.exception_handler(_Throttled)
     async def _throttled(request: Request, exc: _Throttled) -> Response:
         resp = _html(
-            pages.error_page(
-                429, f"too many failed sign-ins from this address; try again in {exc.wait:.0f} s"
-            ),
+            pages.error_page(429, f"{exc.why}; try again in {max(1, round(exc.wait))} s"),
             429,
         )
         resp.headers["Retry-After"] = str(max(1, round(exc.wait)))
