@@ -378,12 +378,12 @@ def _accepts(app, cookie: str) -> bool:
     return r.status_code == 200
 
 
-def _mac_under_the_token(expiry: str, nonce: str) -> str:
+def _mac_under_the_token(*fields: str) -> str:
     """What an attacker holding a cookie computes for each guess of the token: one HMAC-SHA256 keyed by it."""
     import hashlib
     import hmac
 
-    return hmac.new(ADMIN.encode(), f"deltaplane-ui|{expiry}|{nonce}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(ADMIN.encode(), "|".join(("deltaplane-ui", *fields)).encode(), hashlib.sha256).hexdigest()
 
 
 def test_a_captured_cookie_gives_no_cheap_offline_test_of_the_admin_token(tmp_path):
@@ -399,11 +399,15 @@ def test_a_captured_cookie_gives_no_cheap_offline_test_of_the_admin_token(tmp_pa
     ):
         cookie = _sign_in(app)
         assert _accepts(app, cookie)
-        expiry, nonce, mac = cookie.split(".")
-        assert _mac_under_the_token(expiry, nonce) != mac  # the right guess does not confirm itself
+        version, issued, seen, sid, mac = cookie.split(".")
+        assert (
+            _mac_under_the_token(version, issued, seen, sid) != mac
+        )  # the right guess does not confirm itself
         assert ADMIN not in cookie
-        old_format = f"{expiry}.{nonce}.{_mac_under_the_token(expiry, nonce)}"
-        assert not _accepts(app, old_format)
+        token_keyed = f"{version}.{issued}.{seen}.{sid}.{_mac_under_the_token(version, issued, seen, sid)}"
+        assert not _accepts(app, token_keyed)
+        expiry = str(int(issued) + 3600)
+        assert not _accepts(app, f"{expiry}.{sid}.{_mac_under_the_token(expiry, sid)}")  # the first format
 
 
 def test_serve_and_ui_on_one_registry_accept_each_others_cookie_and_sign_outs(tmp_path):
@@ -790,3 +794,124 @@ def test_the_login_throttle_refuses_a_zero_limit():
 
     with pytest.raises(ConfigError, match="global_limit must be at least 1"):
         LoginThrottle(global_limit=0)
+
+
+# -- session lifetime ------------------------------------------------------------------------------------------
+
+
+def _old_format_cookie(key: bytes, expiry: int) -> str:
+    """A cookie of the format before idle timeouts (``expiry.nonce.mac``), properly signed with the real key."""
+    import hashlib
+    import hmac
+
+    mac = hmac.new(key, f"deltaplane-ui|{expiry}|nonce123".encode(), hashlib.sha256).hexdigest()
+    return f"{expiry}.nonce123.{mac}"
+
+
+def test_a_cookie_of_the_earlier_format_is_refused(tmp_path):
+    """Cookies made before the idle timeout carried only an expiry: they are refused (sign in again)."""
+    import time
+
+    from deltaplane.ui.session import SessionKey
+
+    home = tmp_path / "home"
+    Registry.create(home)
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    assert _accepts(app, _sign_in(app))
+    key = SessionKey(ADMIN, lambda: Registry(home))()  # the registry's salt: the key the app uses
+    assert not _accepts(app, _old_format_cookie(key, int(time.time()) + 3600))
+
+
+def test_a_session_ends_when_idle_and_at_its_absolute_lifetime(tmp_path, monkeypatch):
+    """A session unused for the idle timeout ends; one in use is re-issued and lives on, but not past its
+    absolute lifetime counted from the sign-in."""
+    import time
+
+    from deltaplane.ui import SessionLimits, router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    app = create_ui_app(
+        admin_token=ADMIN,
+        runs_dir=None,
+        registry_home=None,
+        session_limits=SessionLimits(idle_s=30 * 60, max_s=2 * 3600),
+    )
+    browser = TestClient(app, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    start = clock[0]
+    first = browser.cookies.get("deltaplane_ui")
+    # in use every 20 minutes: each request moves the idle clock on (a new cookie), the session lives on
+    for step in range(1, 6):
+        clock[0] = start + step * 20 * 60
+        r = browser.get("/ui/fleet")
+        assert r.status_code == 200, step
+        assert "deltaplane_ui=" in r.headers["set-cookie"] and "Max-Age=" in r.headers["set-cookie"]
+    assert browser.cookies.get("deltaplane_ui") != first
+    # the first cookie, unused since the sign-in 100 minutes ago, is idle: refused
+    assert (
+        TestClient(app, cookies={"deltaplane_ui": first}).get("/ui/fleet", follow_redirects=False).status_code
+        == 303
+    )
+    clock[0] = start + 2 * 3600 - 5  # still within the lifetime
+    assert browser.get("/ui/fleet").status_code == 200
+    clock[0] = start + 2 * 3600 + 5  # used a few seconds ago, but two hours after the sign-in: ended
+    r = browser.get("/ui/fleet")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    # idle: a fresh sign-in left alone for 31 minutes
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    clock[0] += 31 * 60
+    assert browser.get("/ui/fleet").status_code == 303
+
+
+def test_sign_out_ends_every_reissue_of_the_session_in_every_process(tmp_path, monkeypatch):
+    """A sign-out revokes the session, not one cookie value: a copy taken before it, re-issued later or
+    earlier, stops working in this process and in another on the same registry."""
+    import time
+
+    from deltaplane.ui import router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    home = tmp_path / "home"
+    Registry.create(home)
+    one = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    other = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    browser = TestClient(one, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    early = browser.cookies.get("deltaplane_ui")
+    clock[0] += 120
+    assert browser.get("/ui/fleet").status_code == 200
+    late = browser.cookies.get("deltaplane_ui")
+    assert late != early and _accepts(other, late)
+    assert browser.post("/ui/logout").status_code == 303
+    for app in (one, other):
+        for cookie in (early, late):
+            assert not _accepts(app, cookie)
+
+
+@pytest.mark.parametrize(
+    ("idle", "hours", "message"), [("0.5", "12", "idle timeout"), ("30", "0", "lifetime")]
+)
+def test_the_ui_command_refuses_too_short_sessions(tmp_path, idle, hours, message):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "ui",
+            "--runs",
+            str(tmp_path),
+            "--session-idle-minutes",
+            idle,
+            "--session-max-hours",
+            hours,
+            "--port",
+            "1",
+        ],
+    )
+    assert r.exit_code != 0 and message in r.output, r.output

@@ -878,6 +878,12 @@ def register(app: typer.Typer) -> None:
         tls_cert: TlsCert = None,
         tls_key: TlsKey = None,
         insecure_http: InsecureHttp = False,
+        session_idle_minutes: Annotated[
+            float, typer.Option(help="A sign-in unused this long ends (minutes, at least 1).")
+        ] = 30,
+        session_max_hours: Annotated[
+            float, typer.Option(help="A sign-in ends this long after it began, however busy (hours).")
+        ] = 12,
     ) -> None:
         """Serve the dashboard (runs and registry, no fleet) for a registry home and a runs folder.
 
@@ -887,7 +893,7 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import serve
-        from deltaplane.ui import create_ui_app
+        from deltaplane.ui import SessionLimits, create_ui_app
 
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
@@ -905,6 +911,9 @@ def register(app: typer.Typer) -> None:
                 admin_token=token,
                 runs_dir=str(runs_dir),
                 registry_home=str(reg_home) if (reg_home / "registry.db").exists() else None,
+                session_limits=SessionLimits(
+                    idle_s=round(session_idle_minutes * 60), max_s=round(session_max_hours * 3600)
+                ),
             )
         err_console.print(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/")
         serve(app_, host=host, port=port, ssl_options=ssl_options)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from time import time as wall_time
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -24,11 +25,12 @@ from deltaplane.errors import ConfigError, DeltaplaneError, NotFound
 from deltaplane.ui import pages
 from deltaplane.ui.session import (
     COOKIE,
-    SESSION_SECONDS,
     RevokedSessions,
+    Session,
     SessionKey,
-    cookie_expiry,
+    SessionLimits,
     make_cookie,
+    read_cookie,
 )
 from deltaplane.ui.sources import FleetSource, RegistryUnavailable, RegistryView, RunRef, RunsSource
 
@@ -176,9 +178,15 @@ SECURITY_HEADERS = {
 _RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 
 
+#: Where a ``/ui`` route leaves the ``Set-Cookie`` header of a re-issued session cookie for :class:`SecurityHeaders`
+#: to send (the pages return their own responses, which a dependency cannot add a header to).
+_REFRESH_STATE = "deltaplane_ui_session_cookie"
+
+
 class SecurityHeaders:
     """ASGI middleware adding :data:`SECURITY_HEADERS` to every response under ``/ui`` (pages, redirects, and
-    the errors raised before a route runs, such as a 422 for a bad query string)."""
+    the errors raised before a route runs, such as a 422 for a bad query string), and the re-issued session
+    cookie a page's sign-in check left in the request's state (the idle clock moving on)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -192,9 +200,15 @@ class SecurityHeaders:
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 have = {k.lower() for k, _ in message.get("headers", [])}
+                refresh = scope.get("state", {}).get(_REFRESH_STATE)
                 message["headers"] = [
                     *message.get("headers", []),
                     *(h for h in _RAW_HEADERS if h[0] not in have),
+                    *(
+                        [(b"set-cookie", refresh.encode("latin-1"))]
+                        if refresh and b"set-cookie" not in have
+                        else []
+                    ),
                 ]
             await send(message)
 
@@ -205,6 +219,18 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
+def _set_session_cookie(resp: Response, request: Request, value: str, max_age: int) -> None:
+    resp.set_cookie(
+        COOKIE,
+        value,
+        max_age=max(1, max_age),
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
 def create_ui_router(
     *,
     admin_token: str,
@@ -212,13 +238,16 @@ def create_ui_router(
     registry_home: str | None,
     fleet: FleetSource | None = None,
     throttle: LoginThrottle | None = None,
+    session_limits: SessionLimits | None = None,
 ) -> APIRouter:
-    """The ``/ui`` routes. ``fleet`` returns the live snapshot (None without a service)."""
+    """The ``/ui`` routes. ``fleet`` returns the live snapshot (None without a service); ``session_limits`` how
+    long a session lasts idle and at most (30 min and 12 h by default)."""
     if len(admin_token) < 16:
         raise ConfigError("the dashboard needs an admin token of at least 16 characters")
     runs = RunsSource(runs_dir)
     registry = RegistryView(registry_home)
     throttle = throttle or LoginThrottle()
+    limits = session_limits or SessionLimits()
     revoked = RevokedSessions(
         lambda: registry.registry
     )  # in its database: restarts and other processes see it
@@ -242,9 +271,15 @@ def create_ui_router(
             throttle.failed(who)
         # a session cookie carries an HMAC under a key derived from the admin token: it cannot be guessed, so
         # it is not throttled
-        cookie = request.cookies.get(COOKIE)
-        if cookie_expiry(session_key, cookie) is None or cookie in revoked:
+        session = read_cookie(session_key, request.cookies.get(COOKIE), limits)
+        if session is None or session.id in revoked:
             raise _LoginRequired
+        now = int(wall_time())
+        if now - session.seen >= limits.refresh_s:  # in use: move its idle clock on (sent by SecurityHeaders)
+            carrier = Response()
+            value = make_cookie(session_key(), now=now, session=session)
+            _set_session_cookie(carrier, request, value, session.ends(limits) - now)
+            setattr(request.state, _REFRESH_STATE, carrier.headers["set-cookie"])
 
     Admin = Depends(signed_in)
 
@@ -295,32 +330,23 @@ def create_ui_router(
         throttle.succeeded(who)
         key = await run_in_threadpool(session_key)  # the first one runs scrypt: not on the event loop
         resp = RedirectResponse("/ui/", status_code=303)
-        resp.set_cookie(
-            COOKIE,
-            make_cookie(key),
-            max_age=SESSION_SECONDS,
-            path="/ui",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        _set_session_cookie(resp, request, make_cookie(key), limits.max_s)
         return resp
 
     @router.post("/logout")
     def logout(request: Request) -> Response:
         # end the session on the server too: a copy of the cookie taken before the sign-out stops working
-        cookie = request.cookies.get(COOKIE)
-        expiry = cookie_expiry(session_key, cookie)
+        session: Session | None = read_cookie(session_key, request.cookies.get(COOKIE), limits)
         resp: Response = RedirectResponse("/ui/login", status_code=303)
-        if cookie is not None and expiry is not None:
+        if session is not None:
             try:
-                revoked.revoke(cookie, expiry)
+                revoked.revoke(session.id, session.ends(limits))
             except (DeltaplaneError, sqlite3.Error) as exc:  # ended in this process only: say so
                 resp = _html(
                     pages.error_page(
                         503,
                         f"signed out, but the sign-out could not be saved in the registry ({exc}): a restart of "
-                        "the dashboard would accept this session's cookie again until it expires",
+                        "the dashboard would accept this session's cookie again until it ends",
                     ),
                     503,
                 )
