@@ -915,3 +915,25 @@ def test_the_ui_command_refuses_too_short_sessions(tmp_path, idle, hours, messag
         ],
     )
     assert r.exit_code != 0 and message in r.output, r.output
+
+
+def test_serve_applies_its_session_limits(monkeypatch, tmp_path):
+    """`deltaplane serve --session-idle-minutes` reaches the dashboard it mounts, as `deltaplane ui`'s does."""
+    import time
+
+    from deltaplane.errors import ConfigError
+    from deltaplane.ui import router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    Registry.create(tmp_path / "home")
+    app = create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN, session_idle_s=120))
+    browser = TestClient(app, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    clock[0] += 100
+    assert browser.get("/ui/fleet").status_code == 200
+    clock[0] += 121
+    assert browser.get("/ui/fleet").status_code == 303
+    with pytest.raises(ConfigError, match="idle timeout must be at least 1 minute"):
+        ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN, session_idle_s=10)
