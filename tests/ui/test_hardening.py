@@ -378,12 +378,12 @@ def _accepts(app, cookie: str) -> bool:
     return r.status_code == 200
 
 
-def _mac_under_the_token(expiry: str, nonce: str) -> str:
+def _mac_under_the_token(*fields: str) -> str:
     """What an attacker holding a cookie computes for each guess of the token: one HMAC-SHA256 keyed by it."""
     import hashlib
     import hmac
 
-    return hmac.new(ADMIN.encode(), f"deltaplane-ui|{expiry}|{nonce}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(ADMIN.encode(), "|".join(("deltaplane-ui", *fields)).encode(), hashlib.sha256).hexdigest()
 
 
 def test_a_captured_cookie_gives_no_cheap_offline_test_of_the_admin_token(tmp_path):
@@ -399,11 +399,15 @@ def test_a_captured_cookie_gives_no_cheap_offline_test_of_the_admin_token(tmp_pa
     ):
         cookie = _sign_in(app)
         assert _accepts(app, cookie)
-        expiry, nonce, mac = cookie.split(".")
-        assert _mac_under_the_token(expiry, nonce) != mac  # the right guess does not confirm itself
+        version, issued, seen, sid, mac = cookie.split(".")
+        assert (
+            _mac_under_the_token(version, issued, seen, sid) != mac
+        )  # the right guess does not confirm itself
         assert ADMIN not in cookie
-        old_format = f"{expiry}.{nonce}.{_mac_under_the_token(expiry, nonce)}"
-        assert not _accepts(app, old_format)
+        token_keyed = f"{version}.{issued}.{seen}.{sid}.{_mac_under_the_token(version, issued, seen, sid)}"
+        assert not _accepts(app, token_keyed)
+        expiry = str(int(issued) + 3600)
+        assert not _accepts(app, f"{expiry}.{sid}.{_mac_under_the_token(expiry, sid)}")  # the first format
 
 
 def test_serve_and_ui_on_one_registry_accept_each_others_cookie_and_sign_outs(tmp_path):
@@ -654,3 +658,282 @@ def test_a_run_still_being_written_is_not_listed(tmp_path):
     r = c.get("/ui/run", params={"report": stage.name, "name": "half_written"}, headers=BEARER)
     assert r.status_code == 404
     assert c.get("/ui/run", params={"report": "done", "name": "finished"}, headers=BEARER).status_code == 200
+
+
+# -- bad query parameters --------------------------------------------------------------------------------------
+
+
+def test_a_bad_query_parameter_on_a_page_gets_an_html_422_naming_it(tmp_path):
+    runs = tmp_path / "runs"
+    _report(runs, "demo", _good())
+    c = _ui(runs)
+    r = c.get("/ui/runs?page=0", headers=BEARER)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    text = unescape(r.text)
+    assert "<title>" in r.text and "query parameter 'page'" in text and "greater than or equal to 1" in text
+    assert "got '0'" in text
+    missing = c.get("/ui/run", params={"name": "a"}, headers=BEARER)
+    assert missing.status_code == 422 and "query parameter 'report'" in unescape(missing.text)
+    assert "Field required" in unescape(missing.text)
+
+
+def test_the_service_counts_a_ui_422_and_keeps_json_422_on_its_api(tmp_path):
+    Registry.create(tmp_path / "home")
+    app = create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN))
+    c = TestClient(app)
+    counters = app.state.deltaplane.counters
+    r = c.get("/ui/runs?page=abc", headers=BEARER)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    assert "query parameter 'page'" in unescape(r.text) and counters["rejected.validation"] == 1
+    api = c.post("/admin/devices", headers=BEARER, content=b"not json")
+    assert api.status_code == 422 and api.headers["content-type"] == "application/json"
+    assert api.json()["detail"].startswith("invalid request") and counters["rejected.validation"] == 2
+
+
+# -- long runs -------------------------------------------------------------------------------------------------
+
+
+def test_a_100000_round_run_page_is_small_and_its_charts_keep_the_extremes(tmp_path):
+    """Every chart drew every round: a 100,000-round run page was several MB of SVG. Each line is now at most
+    1,000 points (min–max per block), and the global minimum and maximum are still on the line."""
+    import math
+    import re
+
+    n = 100_000
+    lo_round, hi_round = 31_337, 77_777
+    acc = {i: 0.5 + 0.1 * math.sin(i / 500) for i in range(1, n + 1)}
+    acc[lo_round], acc[hi_round] = 0.01, 0.99  # one dip and one spike a stride would miss
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"][0]["rounds"] = [
+        {"round": i, "test_accuracy": acc[i], "cumulative_uplink_bytes": 10 * i} for i in range(1, n + 1)
+    ]
+    _report(runs, "long", doc)
+    r = _ui(runs).get("/ui/run", params={"report": "long", "name": "a"}, headers=BEARER)
+    assert r.status_code == 200 and len(r.content) < 600_000, len(r.content)
+    svg = re.search(r'<svg[^>]*id="chart-accuracy".*?</svg>', r.text, re.S)
+    assert svg, "no accuracy chart"
+    lines = re.findall(r'<polyline points="([^"]*)"', svg.group(0))
+    pts = [tuple(map(float, p.split(","))) for p in lines[0].split()]
+    assert 900 <= len(pts) <= 1000
+    # the plot maps y linearly with a higher value drawn higher (smaller y pixel): the extremes are the ends
+    ys = [y for _, y in pts]
+    x_of = {y: x for x, y in pts}
+    left, width = 64, 760 - 64 - 16
+    assert round((x_of[max(ys)] - left) / width * (n - 1) + 1) == pytest.approx(lo_round, abs=150)
+    assert round((x_of[min(ys)] - left) / width * (n - 1) + 1) == pytest.approx(hi_round, abs=150)
+
+
+# -- many addresses --------------------------------------------------------------------------------------------
+
+
+def _from(app, address: str) -> TestClient:
+    return TestClient(app, raise_server_exceptions=False, client=(address, 40000))
+
+
+def _ui_app():
+    return create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=None)
+
+
+def test_ipv6_addresses_in_one_64_share_one_failure_count():
+    """Per-address counting let an IPv6 client rotate through its /64 and try five tokens from each address."""
+    app = _ui_app()
+    codes = [
+        _from(app, f"2001:db8:1:2::{i:x}").post("/ui/login", data={"token": "no"}).status_code
+        for i in range(7)
+    ]
+    assert codes == [401] * 5 + [429] * 2, codes
+    other_64 = _from(app, "2001:db8:1:3::1")  # the next /64 is another subscriber
+    assert other_64.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+def test_the_throttle_key_of_an_address():
+    from deltaplane.ui.router import throttle_key
+
+    assert throttle_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert throttle_key("2001:DB8:1:2::1%eth0") == "2001:db8:1:2::/64"
+    assert throttle_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack socket's IPv4 client is itself
+    assert throttle_key("192.0.2.7") == "192.0.2.7" and throttle_key("testclient") == "testclient"
+
+
+def test_a_global_failure_budget_refuses_unknown_addresses_but_not_the_operator(monkeypatch):
+    """30 failures a minute from 30 addresses (four each would never lock one out) close sign-in to every
+    address that has not signed in recently, with 429 and Retry-After, for the rest of the minute."""
+    from types import SimpleNamespace
+
+    import deltaplane.ui.router as router
+
+    now = [1000.0]
+    monkeypatch.setattr(router, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    app = _ui_app()
+    operator = _from(app, "192.0.2.1")
+    assert operator.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    for i in range(30):
+        now[0] = 1000.0 + i  # 30 failures within 30 s, one from each of 30 addresses (each its own /64)
+        attacker = _from(app, f"2001:db8:{i:x}::1")
+        assert attacker.post("/ui/login", data={"token": "guess"}).status_code == 401
+    now[0] = 1030.0
+    fresh = _from(app, "198.51.100.9")
+    r = fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) == 30  # until the first failure is 60 s old
+    assert "from all addresses together" in unescape(r.text)
+    bearer = fresh.get("/ui/runs", headers=BEARER, follow_redirects=False)
+    assert (
+        bearer.status_code == 429 and "retry-after" in bearer.headers
+    )  # no verdict on a bearer token either
+    # the operator's address signed in a minute ago: exempt, with the form and with the bearer token
+    assert operator.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+    assert operator.get("/ui/runs", headers=BEARER).status_code == 200
+    now[0] = 1060.5  # the first failure is over a minute old: 29 in the window, below the budget
+    assert fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303
+
+
+def test_the_login_throttle_refuses_a_zero_limit():
+    from deltaplane.errors import ConfigError
+    from deltaplane.ui import LoginThrottle
+
+    with pytest.raises(ConfigError, match="global_limit must be at least 1"):
+        LoginThrottle(global_limit=0)
+
+
+# -- session lifetime ------------------------------------------------------------------------------------------
+
+
+def _old_format_cookie(key: bytes, expiry: int) -> str:
+    """A cookie of the format before idle timeouts (``expiry.nonce.mac``), properly signed with the real key."""
+    import hashlib
+    import hmac
+
+    mac = hmac.new(key, f"deltaplane-ui|{expiry}|nonce123".encode(), hashlib.sha256).hexdigest()
+    return f"{expiry}.nonce123.{mac}"
+
+
+def test_a_cookie_of_the_earlier_format_is_refused(tmp_path):
+    """Cookies made before the idle timeout carried only an expiry: they are refused (sign in again)."""
+    import time
+
+    from deltaplane.ui.session import SessionKey
+
+    home = tmp_path / "home"
+    Registry.create(home)
+    app = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    assert _accepts(app, _sign_in(app))
+    key = SessionKey(ADMIN, lambda: Registry(home))()  # the registry's salt: the key the app uses
+    assert not _accepts(app, _old_format_cookie(key, int(time.time()) + 3600))
+
+
+def test_a_session_ends_when_idle_and_at_its_absolute_lifetime(tmp_path, monkeypatch):
+    """A session unused for the idle timeout ends; one in use is re-issued and lives on, but not past its
+    absolute lifetime counted from the sign-in."""
+    import time
+
+    from deltaplane.ui import SessionLimits, router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    app = create_ui_app(
+        admin_token=ADMIN,
+        runs_dir=None,
+        registry_home=None,
+        session_limits=SessionLimits(idle_s=30 * 60, max_s=2 * 3600),
+    )
+    browser = TestClient(app, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    start = clock[0]
+    first = browser.cookies.get("deltaplane_ui")
+    # in use every 20 minutes: each request moves the idle clock on (a new cookie), the session lives on
+    for step in range(1, 6):
+        clock[0] = start + step * 20 * 60
+        r = browser.get("/ui/fleet")
+        assert r.status_code == 200, step
+        assert "deltaplane_ui=" in r.headers["set-cookie"] and "Max-Age=" in r.headers["set-cookie"]
+    assert browser.cookies.get("deltaplane_ui") != first
+    # the first cookie, unused since the sign-in 100 minutes ago, is idle: refused
+    assert (
+        TestClient(app, cookies={"deltaplane_ui": first}).get("/ui/fleet", follow_redirects=False).status_code
+        == 303
+    )
+    clock[0] = start + 2 * 3600 - 5  # still within the lifetime
+    assert browser.get("/ui/fleet").status_code == 200
+    clock[0] = start + 2 * 3600 + 5  # used a few seconds ago, but two hours after the sign-in: ended
+    r = browser.get("/ui/fleet")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    # idle: a fresh sign-in left alone for 31 minutes
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    clock[0] += 31 * 60
+    assert browser.get("/ui/fleet").status_code == 303
+
+
+def test_sign_out_ends_every_reissue_of_the_session_in_every_process(tmp_path, monkeypatch):
+    """A sign-out revokes the session, not one cookie value: a copy taken before it, re-issued later or
+    earlier, stops working in this process and in another on the same registry."""
+    import time
+
+    from deltaplane.ui import router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    home = tmp_path / "home"
+    Registry.create(home)
+    one = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    other = create_ui_app(admin_token=ADMIN, runs_dir=None, registry_home=str(home))
+    browser = TestClient(one, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    early = browser.cookies.get("deltaplane_ui")
+    clock[0] += 120
+    assert browser.get("/ui/fleet").status_code == 200
+    late = browser.cookies.get("deltaplane_ui")
+    assert late != early and _accepts(other, late)
+    assert browser.post("/ui/logout").status_code == 303
+    for app in (one, other):
+        for cookie in (early, late):
+            assert not _accepts(app, cookie)
+
+
+@pytest.mark.parametrize(
+    ("idle", "hours", "message"), [("0.5", "12", "idle timeout"), ("30", "0", "lifetime")]
+)
+def test_the_ui_command_refuses_too_short_sessions(tmp_path, idle, hours, message):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "ui",
+            "--runs",
+            str(tmp_path),
+            "--session-idle-minutes",
+            idle,
+            "--session-max-hours",
+            hours,
+            "--port",
+            "1",
+        ],
+    )
+    assert r.exit_code != 0 and message in r.output, r.output
+
+
+def test_serve_applies_its_session_limits(monkeypatch, tmp_path):
+    """`deltaplane serve --session-idle-minutes` reaches the dashboard it mounts, as `deltaplane ui`'s does."""
+    import time
+
+    from deltaplane.errors import ConfigError
+    from deltaplane.ui import router, session
+
+    clock = [time.time()]
+    monkeypatch.setattr(session.time, "time", lambda: clock[0])
+    monkeypatch.setattr(router, "wall_time", lambda: clock[0])
+    Registry.create(tmp_path / "home")
+    app = create_app(ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN, session_idle_s=120))
+    browser = TestClient(app, follow_redirects=False)
+    assert browser.post("/ui/login", data={"token": ADMIN}).status_code == 303
+    clock[0] += 100
+    assert browser.get("/ui/fleet").status_code == 200
+    clock[0] += 121
+    assert browser.get("/ui/fleet").status_code == 303
+    with pytest.raises(ConfigError, match="idle timeout must be at least 1 minute"):
+        ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN, session_idle_s=10)

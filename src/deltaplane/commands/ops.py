@@ -54,6 +54,14 @@ InsecureHttp = Annotated[
     ),
 ]
 
+#: How long a dashboard sign-in lasts unused, and at most (``ui`` and ``serve`` alike; see docs/dashboard.md).
+SessionIdleMinutes = Annotated[
+    float, typer.Option(help="A dashboard sign-in unused this long ends (minutes, at least 1).")
+]
+SessionMaxHours = Annotated[
+    float, typer.Option(help="A dashboard sign-in ends this long after it began, however busy (hours).")
+]
+
 #: A TCP port to listen on (uvicorn takes 70000 without a word and binds another, or none for -1).
 Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
 
@@ -807,6 +815,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         insecure_http: InsecureHttp = False,
         threads: Threads = DEFAULT_THREADS,
+        session_idle_minutes: SessionIdleMinutes = 30,
+        session_max_hours: SessionMaxHours = 12,
     ) -> None:
         """Start the device-facing HTTP(S) service (OpenAPI docs at /docs, dashboard at /ui).
 
@@ -854,6 +864,8 @@ def register(app: typer.Typer) -> None:
                 max_examples=max_examples,
                 max_connections=max_connections,
                 max_update_norm_ratio=max_update_norm_ratio or None,
+                session_idle_s=round(session_idle_minutes * 60),
+                session_max_s=round(session_max_hours * 3600),
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)
@@ -878,6 +890,8 @@ def register(app: typer.Typer) -> None:
         tls_cert: TlsCert = None,
         tls_key: TlsKey = None,
         insecure_http: InsecureHttp = False,
+        session_idle_minutes: SessionIdleMinutes = 30,
+        session_max_hours: SessionMaxHours = 12,
     ) -> None:
         """Serve the dashboard (runs and registry, no fleet) for a registry home and a runs folder.
 
@@ -887,7 +901,7 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import serve
-        from deltaplane.ui import create_ui_app
+        from deltaplane.ui import SessionLimits, create_ui_app
 
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
@@ -905,6 +919,9 @@ def register(app: typer.Typer) -> None:
                 admin_token=token,
                 runs_dir=str(runs_dir),
                 registry_home=str(reg_home) if (reg_home / "registry.db").exists() else None,
+                session_limits=SessionLimits(
+                    idle_s=round(session_idle_minutes * 60), max_s=round(session_max_hours * 3600)
+                ),
             )
         err_console.print(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/")
         serve(app_, host=host, port=port, ssl_options=ssl_options)

@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-__all__ = ["PALETTE", "Series", "line_chart"]
+__all__ = ["MAX_POINTS", "PALETTE", "Series", "decimate", "decimate_band", "line_chart"]
+
+#: The most points one chart line (or band) is drawn with: a 760-pixel-wide plot cannot show more, and a
+#: 100,000-round run drawn point by point made a run page of several MB.
+MAX_POINTS = 1000
 
 #: Colour-blind-safe palette (Okabe & Ito), one colour per series in order.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
@@ -27,6 +31,58 @@ class Series:
     points: Sequence[tuple[float, float | None]]
     band: Sequence[tuple[float, float, float]] = ()
     dashed: bool = False
+
+
+def decimate(
+    points: Sequence[tuple[float, float | None]], limit: int = MAX_POINTS
+) -> list[tuple[float, float | None]]:
+    """At most ``limit`` of ``points``, chosen by min–max decimation: the first and the last point, and from each
+    of equal blocks of the others its lowest and highest point, in their original order.
+
+    Every spike and dip of the full line is still drawn (a plain stride would skip them), so the chart's extremes
+    and its y-axis are those of the data. A gap (a ``None`` y) inside a block is kept as one gap there, so a
+    broken line stays broken. Fewer than ``limit`` points are returned unchanged.
+    """
+    if limit < 8:
+        raise ValueError(f"decimate needs a limit of at least 8 points (got {limit})")
+    n = len(points)
+    if n <= limit:
+        return list(points)
+    gaps = any(y is None for _, y in points)
+    per_block = 3 if gaps else 2  # min, max (and one gap marker)
+    blocks = (limit - 2) // per_block
+    inner = range(1, n - 1)
+    keep: list[int] = [0]
+    for b in range(blocks):
+        lo_i, hi_i = inner.start + b * len(inner) // blocks, inner.start + (b + 1) * len(inner) // blocks
+        chosen: set[int] = set()
+        ys = [(points[i][1], i) for i in range(lo_i, hi_i) if points[i][1] is not None]
+        if ys:
+            chosen.add(min(ys)[1])
+            chosen.add(max(ys)[1])
+        gap = next((i for i in range(lo_i, hi_i) if points[i][1] is None), None)
+        if gap is not None:
+            chosen.add(gap)
+        keep.extend(sorted(chosen))
+    keep.append(n - 1)
+    return [points[i] for i in keep]
+
+
+def decimate_band(
+    band: Sequence[tuple[float, float, float]], limit: int = MAX_POINTS
+) -> list[tuple[float, float, float]]:
+    """At most ``limit`` points of a shaded (x, low, high) band: per block, its lowest low and highest high at the
+    block's first and last x, so the drawn band still covers every value of the full one."""
+    n = len(band)
+    if n <= limit:
+        return list(band)
+    blocks = limit // 2
+    out: list[tuple[float, float, float]] = []
+    for b in range(blocks):
+        block = band[b * n // blocks : (b + 1) * n // blocks]
+        low, high = min(t[1] for t in block), max(t[2] for t in block)
+        out += [(block[0][0], low, high), (block[-1][0], low, high)]
+    return out
 
 
 def _ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
@@ -69,6 +125,7 @@ def line_chart(
         series = [
             Series(s.label, [(math.log10(x), y) for x, y in s.points if x > 0], (), s.dashed) for s in series
         ]
+    series = [Series(s.label, decimate(s.points), decimate_band(s.band), s.dashed) for s in series]
     xs = [x for s in series for x, y in s.points if y is not None]
     ys = [y for s in series for _, y in s.points if y is not None]
     ys += [v for s in series for _, lo, hi in s.band for v in (lo, hi)]

@@ -67,7 +67,8 @@ from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, ro
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
 from deltaplane.serve.service_store import ServiceStore
-from deltaplane.ui import mount_ui
+from deltaplane.ui import SessionLimits, is_ui_path, mount_ui, validation_page
+from deltaplane.ui.session import SESSION_IDLE_SECONDS, SESSION_MAX_SECONDS
 
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
@@ -150,10 +151,16 @@ class ServiceConfig:
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
     runs_dir: str = ""
     simulated_devices: bool = False
+    #: how long a dashboard sign-in lasts unused, and at most (``--session-idle-minutes``/``--session-max-hours``)
+    session_idle_s: int = SESSION_IDLE_SECONDS
+    session_max_s: int = SESSION_MAX_SECONDS
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
             raise ConfigError("admin_token must be at least 16 characters")
+        SessionLimits(
+            idle_s=self.session_idle_s, max_s=self.session_max_s
+        )  # refuses a session under a minute
         if self.server_lr <= 0:
             raise ConfigError(f"server_lr must be positive. Found {self.server_lr}")
         if self.federation is not None:
@@ -522,8 +529,10 @@ def create_app(
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         state.counters["rejected.validation"] += 1
+        if is_ui_path(request.url.path):  # a dashboard page: an HTML error page, counted as any other 422
+            return validation_page(exc)
         errors = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]
         ]
@@ -569,6 +578,7 @@ def create_app(
         runs_dir=config.runs_dir or None,
         registry_home=config.home,
         fleet=state.fleet_snapshot,
+        session_limits=SessionLimits(idle_s=config.session_idle_s, max_s=config.session_max_s),
     )
     # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth
     app.state.secagg_rounds = install_secagg_routes(

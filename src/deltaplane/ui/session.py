@@ -1,16 +1,20 @@
 """Admin sessions for the dashboard: a browser signs in once with the admin token and gets a short-lived cookie.
 
 A browser cannot attach ``Authorization: Bearer`` to a link it follows, so the dashboard trades the admin token
-(posted once to ``/ui/login``) for a cookie ``expiry.nonce.HMAC-SHA256(K, "deltaplane-ui" | expiry | nonce)``.
-The cookie never contains the token, is ``HttpOnly`` and ``SameSite=Strict`` (no cross-site request carries
-it), ``Secure`` when served over TLS, scoped to ``/ui``, and dies after :data:`SESSION_SECONDS`. Signing out
-revokes that one cookie on the server (:class:`RevokedSessions`, until the cookie would have expired anyway), so
-a copy of it taken before the sign-out no longer works. With a registry (``deltaplane serve``, ``deltaplane ui
---home``) the revocation is kept in its database, survives a restart and holds in every dashboard process on
-that registry (``serve`` and ``ui`` with one admin token accept the same cookie): held in memory only, a restart
-with the same admin token made a signed-out cookie valid again for the rest of its 8 hours. The random nonce
-makes each sign-in's cookie distinct, so revoking one never ends another browser's session. Programs may still
-send the bearer token directly.
+(posted once to ``/ui/login``) for a cookie ``v2.issued.seen.id.HMAC-SHA256(K, "deltaplane-ui|v2" | issued |
+seen | id)``: when the session began, when it was last used (both Unix seconds) and a random session id. The
+cookie never contains the token, is ``HttpOnly`` and ``SameSite=Strict`` (no cross-site request carries it),
+``Secure`` when served over TLS, and scoped to ``/ui``. A session ends after :data:`SESSION_IDLE_SECONDS` unused
+(30 min) and :data:`SESSION_MAX_SECONDS` after sign-in however busy (12 h); both are options of the dashboard.
+Each request re-issues the cookie with a new ``seen`` (at most once a minute), so the idle clock is in the
+signed cookie and every dashboard process on the registry applies it the same, with no server-side state per
+session. Signing out revokes the session id on the server (:class:`RevokedSessions`, until the session's
+absolute end), so neither the cookie nor any earlier or later re-issue of it works again. With a registry
+(``deltaplane serve``, ``deltaplane ui --home``) the revocation is kept in its database, survives a restart and
+holds in every dashboard process on that registry (``serve`` and ``ui`` with one admin token accept the same
+cookie). The random id makes each sign-in's session distinct, so revoking one never ends another browser's
+session. Cookies of the earlier format (``expiry.nonce.mac``, no idle time) are refused: their users sign in
+again. Programs may still send the bearer token directly.
 
 The MAC key ``K`` is :class:`SessionKey`: ``scrypt(admin token, salt)`` with a random per-registry salt kept in
 the registry's database. The key used to be the admin token itself, so one captured cookie (a shared browser
@@ -36,17 +40,32 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from deltaplane.errors import DeltaplaneError
+from deltaplane.errors import ConfigError, DeltaplaneError
 
 if TYPE_CHECKING:
     from deltaplane.registry import Registry
 
-__all__ = ["COOKIE", "SESSION_SECONDS", "RevokedSessions", "SessionKey", "check_cookie", "make_cookie"]
+__all__ = [
+    "COOKIE",
+    "SESSION_IDLE_SECONDS",
+    "SESSION_MAX_SECONDS",
+    "RevokedSessions",
+    "Session",
+    "SessionKey",
+    "SessionLimits",
+    "make_cookie",
+    "read_cookie",
+]
 
 COOKIE = "deltaplane_ui"
-SESSION_SECONDS = 8 * 3600
+#: A session unused this long ends (``deltaplane ui --session-idle-minutes``).
+SESSION_IDLE_SECONDS = 30 * 60
+#: A session ends this long after its sign-in, however busy (``deltaplane ui --session-max-hours``).
+SESSION_MAX_SECONDS = 12 * 3600
+_VERSION = "v2"
 
 #: scrypt's cost for the cookie key (RFC 7914; n=2**15, r=8: 32 MiB and ~70 ms once per process): every offline
 #: guess of the admin token from a captured cookie costs as much.
@@ -126,38 +145,76 @@ class SessionKey:
         return None
 
 
-def _mac(key: bytes, expiry: int, nonce: str) -> str:
-    return hmac.new(key, f"deltaplane-ui|{expiry}|{nonce}".encode(), hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long a dashboard session lasts: ``idle_s`` unused, ``max_s`` from its sign-in at most."""
+
+    idle_s: int = SESSION_IDLE_SECONDS
+    max_s: int = SESSION_MAX_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.idle_s < 60:
+            raise ConfigError(f"the session idle timeout must be at least 1 minute (got {self.idle_s} s)")
+        if self.max_s < 60:
+            raise ConfigError(f"the session lifetime must be at least 1 minute (got {self.max_s} s)")
+
+    @property
+    def refresh_s(self) -> int:
+        """How old ``seen`` may be before a request re-issues the cookie: often enough to keep a session in use
+        alive, rarely enough not to send a cookie with every response."""
+        return min(60, self.idle_s // 10)
 
 
-def make_cookie(key: bytes, *, now: float | None = None) -> str:
-    """A fresh session cookie value valid for :data:`SESSION_SECONDS` from ``now``, signed with ``key`` (a
-    :class:`SessionKey`'s)."""
-    expiry = int((time.time() if now is None else now) + SESSION_SECONDS)
-    nonce = secrets.token_urlsafe(16)
-    return f"{expiry}.{nonce}.{_mac(key, expiry, nonce)}"
+@dataclass(frozen=True)
+class Session:
+    """A verified session cookie: its random ``id``, and when it was ``issued`` and last ``seen`` (Unix s)."""
+
+    id: str
+    issued: int
+    seen: int
+
+    def ends(self, limits: SessionLimits) -> int:
+        """When the session ends for good (Unix s): its sign-in plus the absolute lifetime."""
+        return self.issued + limits.max_s
 
 
-def cookie_expiry(key: Callable[[], bytes], value: str | None, *, now: float | None = None) -> int | None:
-    """The expiry of an unexpired cookie made by :func:`make_cookie` with ``key()``, else None.
+def _mac(key: bytes, issued: int, seen: int, session_id: str) -> str:
+    return hmac.new(
+        key, f"deltaplane-ui|{_VERSION}|{issued}|{seen}|{session_id}".encode(), hashlib.sha256
+    ).hexdigest()
 
-    ``key`` is called only for a well-formed, unexpired cookie: a request without one derives nothing.
+
+def make_cookie(key: bytes, *, now: float | None = None, session: Session | None = None) -> str:
+    """A session cookie value signed with ``key`` (a :class:`SessionKey`'s): a new session from ``now``, or
+    ``session`` re-issued as seen at ``now`` (same id and sign-in time)."""
+    at = int(time.time() if now is None else now)
+    session_id, issued = (session.id, session.issued) if session else (secrets.token_urlsafe(16), at)
+    return f"{_VERSION}.{issued}.{at}.{session_id}.{_mac(key, issued, at, session_id)}"
+
+
+def read_cookie(
+    key: Callable[[], bytes], value: str | None, limits: SessionLimits, *, now: float | None = None
+) -> Session | None:
+    """The session of a cookie made by :func:`make_cookie` with ``key()`` that is neither idle for longer than
+    ``limits.idle_s`` nor older than ``limits.max_s``, else None (a cookie of the earlier format included).
+
+    ``key`` is called only for a well-formed, live cookie: a request without one derives nothing.
     """
-    if not value or len(value) > 160 or not value.isascii():  # compare_digest raises on non-ASCII text
+    if not value or len(value) > 200 or not value.isascii():  # compare_digest raises on non-ASCII text
         return None
-    expiry_text, _, rest = value.partition(".")
-    nonce, _, mac = rest.partition(".")
-    if not expiry_text.isdigit() or len(expiry_text) > 12 or not nonce:
+    parts = value.split(".")
+    if len(parts) != 5 or parts[0] != _VERSION:
         return None
-    expiry = int(expiry_text)
-    if expiry < (time.time() if now is None else now):
+    _, issued_text, seen_text, session_id, mac = parts
+    if not all(t.isdigit() and len(t) <= 12 for t in (issued_text, seen_text)) or not session_id:
         return None
-    return expiry if hmac.compare_digest(_mac(key(), expiry, nonce), mac) else None
-
-
-def check_cookie(key: Callable[[], bytes], value: str | None, *, now: float | None = None) -> bool:
-    """True for an unexpired cookie made by :func:`make_cookie` with ``key()``."""
-    return cookie_expiry(key, value, now=now) is not None
+    issued, seen = int(issued_text), int(seen_text)
+    at = time.time() if now is None else now
+    if seen < issued or at - seen > limits.idle_s or at - issued > limits.max_s:
+        return None
+    if not hmac.compare_digest(_mac(key(), issued, seen, session_id), mac):
+        return None
+    return Session(session_id, issued, seen)
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS ui_revoked_sessions (
@@ -165,19 +222,20 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS ui_revoked_sessions (
 
 
 def _digest(value: str) -> str:
-    # the store keeps a hash, not the cookie: a copy of the database gives no cookie to present
+    # the store keeps a hash of the session id, not the id: a copy of the database helps forge nothing
     return hashlib.sha256(value.encode()).hexdigest()
 
 
 class RevokedSessions:
-    """Cookies signed out before they expired, remembered until they would have expired.
+    """Sessions signed out before they ended, remembered (by session id) until they would have ended.
 
-    Only a valid cookie can be revoked (it takes the admin token to make one), so the set holds at most the
-    sessions actually signed out in the last :data:`SESSION_SECONDS`; expired entries are dropped as new ones
+    Only a valid cookie's session can be revoked (it takes the admin token to make one), so the set holds at
+    most the sessions actually signed out within one session lifetime; ended entries are dropped as new ones
     come in. With ``registry`` (a callable returning the dashboard's registry, or None while there is none) the
-    revocations are also written to a table of its database (SHA-256 of the cookie and its expiry, as the
+    revocations are also written to a table of its database (SHA-256 of the session id and its end, as the
     service keeps its token revocations) and looked up there on every check, so neither a restart nor another
-    dashboard process on the same registry accepts a signed-out cookie. Without a registry they are held in memory, which :data:`SESSION_SECONDS` bounds.
+    dashboard process on the same registry accepts a signed-out cookie. Without a registry they are held in
+    memory, which the session lifetime bounds.
     """
 
     def __init__(self, registry: Callable[[], Registry | None] | None = None) -> None:
@@ -206,7 +264,7 @@ class RevokedSessions:
         )
 
     def revoke(self, value: str, expiry: int) -> None:
-        """Revoke ``value`` until ``expiry``; stored before this returns when there is a registry.
+        """Revoke session id ``value`` until ``expiry``; stored before this returns when there is a registry.
 
         Raises:
             sqlite3.Error or a registry error: the revocation could not be stored (it holds in this process).
