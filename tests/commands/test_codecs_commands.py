@@ -232,14 +232,16 @@ def test_a_delta_is_applied_only_to_the_base_it_was_taken_against(tmp_path: Path
         assert f"sha256:{dp.base_fingerprint(other)[:12]}" in text and not out.exists()
         r = runner.invoke(_app(), [*cmd, "--base", str(other_p), "-o", str(out), "--allow-other-base"])
         assert r.exit_code == 0, r.output
+        assert "applied anyway (--allow-other-base)" in _unboxed(r.output), r.output  # the skip is not silent
         assert torch.allclose(
             load_file(out)["fc.weight"],
             other["fc.weight"] + (new["fc.weight"] - base["fc.weight"]),
             atol=1e-6,
         )
         out.unlink()
-        r = runner.invoke(_app(), [*cmd, "--base", str(base_p), "-o", str(out)])
-        assert r.exit_code == 0, r.output
+        for flag in ([], ["--allow-other-base"]):  # the right base: applied, with or without the flag
+            r = runner.invoke(_app(), [*cmd, "--base", str(base_p), "-o", str(out), *flag])
+            assert r.exit_code == 0 and "applied anyway" not in _unboxed(r.output), r.output
         assert torch.allclose(load_file(out)["fc.weight"], new["fc.weight"], atol=1e-6)
         out.unlink()
 

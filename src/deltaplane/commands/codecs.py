@@ -9,13 +9,18 @@ base's SHA-256 fingerprint, and a delta is applied only to that base unless ``--
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+
+if TYPE_CHECKING:
+    import torch
+
+    from deltaplane.delta import Delta
 
 __all__ = ["register"]
 
@@ -142,10 +147,11 @@ def decompress(
             delta = decode_payload(data, expect_base=expect, expect_layout=base_state)
             new_state = delta.apply(base_state, check_base=not allow_other_base)
             Delta(new_state).save(out, metadata={"deltaplane.codec": header.codec})
+            what = "checkpoint (base + delta" + _overridden(delta, base_state, allow_other_base) + ")"
         else:
             delta = decode_payload(data, expect_base=expect)
             delta.save(out, metadata={"deltaplane.codec": header.codec})
-    what = "checkpoint (base + delta)" if base is not None else "delta"
+            what = "delta"
     _console.print(
         f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "
         f"base {header.base_id!r} v{header.base_version}); wrote {what} to {out}"
@@ -179,13 +185,30 @@ def apply(
     with clean_errors(OSError), cpu_threads(threads):
         check_writable_dir(out.parent, hint="-o names a file inside a folder")  # before the work
         delta = Delta.load(delta_path)
-        Delta(delta.apply(_load_state(base), check_base=not allow_other_base)).save(out)
-    recorded = (
-        f"taken against base {short_fingerprint(delta.base_sha256)}"
-        if delta.base_sha256
-        else "no base recorded, not checked"
-    )
+        base_state = _load_state(base)
+        Delta(delta.apply(base_state, check_base=not allow_other_base)).save(out)
+        recorded = "no base recorded, not checked"
+        if delta.base_sha256:
+            recorded = f"taken against base {short_fingerprint(delta.base_sha256)}"
+        recorded += _overridden(delta, base_state, allow_other_base)
     _console.print(f"applied {len(delta)} tensors ({delta.numel():,} values; {recorded}); wrote {out}")
+
+
+def _overridden(delta: Delta, base_state: dict[str, torch.Tensor], allowed: bool) -> str:
+    """'; --base is X: applied anyway' when --allow-other-base let a base through that the check refuses.
+
+    The user asked to skip the check; the output still says it would have refused, so a log shows it.
+    """
+    from deltaplane.delta import base_fingerprint, short_fingerprint
+
+    if not (allowed and delta.base_sha256):
+        return ""
+    actual = base_fingerprint(base_state)
+    if actual == delta.base_sha256:
+        return ""
+    return (
+        f"; --base is {short_fingerprint(actual)}, not the recorded base: applied anyway (--allow-other-base)"
+    )
 
 
 def register(app: typer.Typer) -> None:
