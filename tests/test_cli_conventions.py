@@ -153,3 +153,15 @@ def test_light_commands_do_not_import_torch(argv: list[str]) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    """`python -m deltaplane` failed with 'No module named deltaplane.__main__'; it is the same app, same name."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltaplane", "decompress", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: deltaplane decompress" in proc.stdout and "--allow-other-base" in proc.stdout
