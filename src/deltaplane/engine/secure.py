@@ -131,6 +131,4 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
                 server.refuse(str(u.cid), lone_input_error(rnd, count))
     if config.secagg and count >= secure_quorum(config):
         mean, sent = secure_round(config, uploads, rnd)
-        server.receive_secure_sum(
-            mean, contributors=count, uplink_bytes=sent
-        )
+        server.receive_secure_sum(mean, contributors=count, uplink_bytes=sent)
