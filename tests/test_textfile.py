@@ -82,3 +82,20 @@ def test_json_files_are_read_bounded_and_a_fifo_is_refused(tmp_path, monkeypatch
         load_report(big)
     (tok / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
     assert _vocabulary(tok) is not None
+
+
+def test_peft_config_run_record_and_index_are_read_bounded(tmp_path, monkeypatch):
+    # adapter_config.json and a run's model.json were read whole with read_text()
+    import deltaplane.adapters.peft_format as peft_format
+    import deltaplane.commands.ops as ops
+    from deltaplane.errors import AdapterError
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "padding": "' + "x" * 200 + '"}')
+    monkeypatch.setattr(peft_format, "MANIFEST_LIMIT", 100)
+    with pytest.raises(AdapterError, match="over the 100 bytes limit for a PEFT adapter config"):
+        peft_format._read_config(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.json").write_text('{"kind": "deltaplane-run", "pad": "' + "x" * 200 + '"}')
+    monkeypatch.setattr(ops, "MANIFEST_LIMIT", 100)
+    with pytest.raises(ConfigError, match="over the 100 bytes limit for a run record"):
+        ops._run_output(tmp_path)
