@@ -117,17 +117,23 @@ def all_finite(t: Tensor) -> bool:
 
 
 def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or Inf, or ``None`` if all are finite.
+    """The name of the first floating-point or complex tensor holding NaN or Inf (in either part of a complex
+    value), or ``None`` if all are finite.
 
     Every update is checked several times on its way (device, wire, aggregator), so the common all-finite case
     costs one reduction per tensor and a single host sync: a sum is NaN/Inf whenever any element is (NaN and
     ±Inf propagate, Inf − Inf is NaN). Only if the total is not finite — a bad value, or a sum of huge finite
     values that overflowed — are the tensors checked one by one, exactly.
     """
-    floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    # a complex tensor is checked as its real and imaginary parts (nan+1j is not finite)
+    floats = [
+        (k, torch.view_as_real(v.detach().resolve_conj()) if v.is_complex() else v.detach())
+        for k, v in tensors.items()
+        if (v.is_floating_point() or v.is_complex()) and v.numel()
+    ]
     if not floats:
         return None
-    sums = [v.detach().sum(dtype=torch.float32) for _, v in floats]
+    sums = [v.sum(dtype=torch.float32) for _, v in floats]
     if math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum())):
         return None
     return next((k for k, v in floats if not bool(torch.isfinite(v).all())), None)
@@ -361,7 +367,7 @@ class Delta(Mapping[str, Tensor]):
         return sum(v.numel() * v.element_size() for v in self.values())
 
     def is_finite(self) -> bool:
-        """True if no floating-point tensor holds NaN or Inf."""
+        """True if no floating-point or complex tensor holds NaN or Inf."""
         try:
             self.check_finite()
         except InvalidUpdate:

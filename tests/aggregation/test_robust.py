@@ -240,3 +240,34 @@ def test_fltrust_takes_the_integer_median_of_the_trusted_updates_not_the_referen
             agg.add(dp.Delta({"w": w, "n": torch.tensor([c], dtype=torch.int64)}))
         results.append(int(agg.result()["n"][0]))
     assert results == [expected] * 3
+
+
+@pytest.mark.parametrize("bad", [complex(float("nan"), 1.0), complex(1.0, float("inf"))])
+def test_complex_nan_or_inf_is_not_finite(bad):
+    # a complex tensor is checked on both parts: nan+1j and 1+inf·j used to pass every finiteness check
+    d = dp.Delta({"w": torch.tensor([1.0]), "z": torch.tensor([1 + 1j, bad], dtype=torch.complex64)})
+    assert dp.Delta({"z": torch.tensor([1 + 1j])}).is_finite()
+    assert not d.is_finite()
+    with pytest.raises(dp.InvalidUpdate, match="tensor 'z' holds NaN or Inf"):
+        d.check_finite()
+
+
+@pytest.mark.parametrize(
+    "rule", ["fedavg", "median", "trimmed_mean(0.2)", "krum(1)", "flame", "foolsgold", "sign_vote", "fltrust"]
+)
+def test_every_rule_refuses_complex_updates(rule):
+    # every rule's input check is one refuse_complex: a typed refusal naming the tensor, not a torch error
+    # or a silently dropped imaginary part
+    d = dp.Delta({"w": torch.ones(3), "z": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)})
+    if rule == "fedavg":
+        agg = dp.FedAvg()
+    else:
+        from deltaplane.aggregation.robust import FLTrust
+
+        agg = parse_defense(rule)
+        if isinstance(agg, FLTrust):
+            agg.set_reference(dp.Delta({"w": torch.ones(3), "z": torch.zeros(2)}))
+        if hasattr(agg, "identify"):
+            agg.identify("c0")
+    with pytest.raises(dp.InvalidUpdate, match="tensor 'z' is complex64: .* aggregates real tensors only"):
+        agg.add(d, 1.0)

@@ -35,6 +35,34 @@ def test_parse_prune_specs():
             parse_prune(bad)
 
 
+def test_parse_prune_reads_the_spec_grammar():
+    # the grammar forms mean the same as the short forms (docs/deploy.md)
+    assert parse_prune("nm(n=2, m=4)") == parse_prune("2:4") == parse_prune("nm(2, 4)")
+    assert parse_prune("magnitude(0.8)") == parse_prune("0.8") == {"method": "magnitude", "sparsity": 0.8}
+    assert parse_prune("wanda(n=2, m=4)") == parse_prune("wanda:2:4")
+    assert parse_prune("sparsegpt(0.5)") == {"method": "sparsegpt", "sparsity": 0.5}
+    assert parse_prune("layer(sparsity=0.5)") == {"method": "layer", "sparsity": 0.5}
+    with pytest.raises(ConfigError, match="needs 0 < n < m"):
+        parse_prune("nm(n=4, m=2)")
+    with pytest.raises(ConfigError, match="takes sparsity, got \\['m', 'n'\\]"):
+        parse_prune("layer(n=2, m=4)")
+    # non-ASCII digits used to read as 2:4 (Arabic-Indic) and 0.5; a spec is ASCII, as a codec spec is
+    for bad in ("\u0662:\u0664", "0.\u0665", "nm(n=\u0662, m=4)"):
+        with pytest.raises(ConfigError, match="non-ASCII character .*retype it with the digits 0-9"):
+            parse_prune(bad)
+    # numbers are the grammar's: no leading '+', finite, no '_' or hex
+    for bad in ("+0.5", "layer:+0.5", "+2:4", "magnitude(+0.5)"):
+        with pytest.raises(ConfigError, match="without a leading '\\+'"):
+            parse_prune(bad)
+    for bad, why in (
+        ("1e999", "out of the float range"),
+        ("1_0:16", "cannot read number"),
+        ("nan", "unknown method"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            parse_prune(bad)
+
+
 def test_deploy_classifier_end_to_end(tmp_path, helpers, trained_cnn, digits):
     xtr, ytr, xte, yte = digits
 

@@ -283,3 +283,15 @@ def test_docstring_examples() -> None:
     for mod in (deltaplane.merging.base, deltaplane.merging.moe):
         res = doctest.testmod(mod)
         assert res.failed == 0 and res.attempted > 0
+
+
+@pytest.mark.parametrize("where", ["base", "model"])
+def test_merge_refuses_non_finite_complex_tensors(where):
+    # complex tensors are copied from the base unmerged; a base (or model) holding nan+1j used to yield nan+1j
+    good = {"w": torch.ones(2), "z": torch.tensor([1 + 1j], dtype=torch.complex64)}
+    bad = {"w": torch.ones(2), "z": torch.tensor([complex(float("nan"), 1.0)], dtype=torch.complex64)}
+    base, model = (bad, good) if where == "base" else (good, bad)
+    with pytest.raises(dp.InvalidUpdate, match=f"{where}.*tensor 'z' holds NaN or Inf"):
+        merge("task_arithmetic", base, [model, good])
+    out = merge("task_arithmetic", good, [good, good])
+    assert torch.equal(out["z"], good["z"])

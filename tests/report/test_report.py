@@ -185,3 +185,65 @@ def test_a_report_that_cannot_be_rendered_leaves_the_folder_as_it_was(tmp_path: 
     with pytest.raises(ValueError, match="cannot draw"):
         write_report(RUNS[:1], tmp_path / "new")
     assert not (tmp_path / "new" / "report.json").exists()
+
+
+def test_every_number_in_the_followup_and_device_cost_sections_is_escaped(monkeypatch) -> None:
+    # a report document is JSON that may have been edited: text where a number belongs shows as text. The counts
+    # and figures of the follow-up and device-cost sections were interpolated raw (a device count of
+    # '<script>' went into the page as markup)
+    from deltaplane.report import html as report_html
+
+    evil = "<script>alert(1)</script>"
+    monkeypatch.setattr(report_html, "personalization_png", lambda clients: b"png")
+    pers = {
+        "devices": evil,
+        "epochs": evil,
+        "method": "alpha",
+        "devices_personalized": evil,
+        "global_accuracy_mean": 0.5,
+        "global_accuracy_min": evil,
+        "personal_accuracy_mean": 0.625,
+        "personal_accuracy_min": None,
+        "gain_mean": 0.125,
+        "gain_min": evil,
+        "clients": [],
+    }
+    merged = {"models": evil, "base": "global model", "results": {"ties": {"test_accuracy": evil}}}
+    deploy = {
+        "prune": 0.8,
+        "finetune_epochs": evil,
+        "quant_scheme": "int8",
+        "out_dir": "out",
+        "files": ["model.onnx"],
+        "gates_passed": evil,
+        "fp32_safetensors_bytes": 12345,
+        "artifact_bytes": evil,
+        "compression_ratio": evil,
+        "accuracy_fp32": 0.9,
+        "accuracy_compressed": evil,
+        "accuracy_drop_points": evil,
+        "latency_ratio_batch1": evil,
+    }
+    html = report_html._followup_sections({"personalization": pers, "merge": merged, "deploy": deploy})
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 14
+    # numbers still read as before
+    assert "50.00%" in html and "62.50%" in html and "+12.50 points" in html and "12,345 B" in html
+    cost = {
+        "mean": {
+            "train_macs": evil,
+            "compute_uj": 2500.0,
+            "bytes_up": 1000,
+            "bytes_down": evil,
+            "radio_uj": {"wifi": evil},
+            "total_uj": {"wifi": 1500.0},
+        },
+        "sources": {"links": {"wifi": "a paper"}, "profile": "phone"},
+        "profile": "phone",
+        "train_samples_per_device": evil,
+        "local_epochs": evil,
+        "forward_macs_per_sample": evil,
+        "note": "estimates",
+    }
+    html = report_html._device_cost_section([{"name": "r", "device_cost": cost}])
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 6
+    assert '<td class="num">2.50</td>' in html and '<td class="num">1,000</td>' in html

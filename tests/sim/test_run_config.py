@@ -137,3 +137,40 @@ def test_an_infinite_value_is_refused_naming_the_field(field: str, tmp_path: Pat
     path.write_text(f"{field}: .inf\n")  # YAML's infinity
     with pytest.raises(ConfigError, match=f"field '{field}'"):
         RunConfig.from_yaml(path)
+
+
+def test_a_config_file_is_read_bounded_and_never_blocks(tmp_path):
+    # a config was read whole with read_text(): a huge file filled memory and a FIFO with no writer hung
+    import os
+    import threading
+
+    from deltaplane.merging.config import load_config as load_merge_config
+    from deltaplane.textfile import CONFIG_LIMIT, read_config_text
+
+    assert CONFIG_LIMIT == 16 * 2**20
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as f:
+        f.truncate(CONFIG_LIMIT + 1)  # sparse: no disk used
+    with pytest.raises(ConfigError, match="over the 16 MiB limit for a config file"):
+        RunConfig.from_yaml(big)
+    with pytest.raises(ConfigError, match="over the 16 MiB limit for a merge config"):
+        load_merge_config(big)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    out: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            RunConfig.from_yaml(fifo)
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading a FIFO with no writer hung"
+    assert isinstance(out[0], ConfigError) and "must be a regular file, not a FIFO" in str(out[0])
+    with pytest.raises(ConfigError, match="must be a regular file, not a directory"):
+        read_config_text(tmp_path)
+    (tmp_path / "ok.yaml").write_text("rounds: 3\n")
+    assert RunConfig.from_yaml(tmp_path / "ok.yaml").rounds == 3

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from deltaplane.adapters.lora import LoRADelta, LoRALayer, module_of
 from deltaplane.errors import AdapterError, AdapterMismatch, InvalidUpdate, UnsupportedAdapter
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
 __all__ = [
     "CONFIG_NAME",
@@ -113,8 +114,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"'{folder}' is not a PEFT adapter folder: {CONFIG_NAME} is missing")
+    text = read_bounded_text(path, limit=MANIFEST_LIMIT, what="PEFT adapter config", error=AdapterError)
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
     check_config(cfg, str(path))

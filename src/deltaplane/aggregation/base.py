@@ -19,8 +19,21 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from deltaplane.delta import Delta
+from deltaplane.errors import InvalidUpdate
 
-__all__ = ["Aggregator", "AggregatorWrapper"]
+__all__ = ["Aggregator", "AggregatorWrapper", "refuse_complex"]
+
+
+def refuse_complex(delta: Delta, rule: str) -> None:
+    """Raise :class:`InvalidUpdate` naming the first complex tensor of ``delta``: the aggregation rules sum,
+    sort and compare real values (a median or a sign of a complex number is not defined), so ``rule`` refuses
+    the update rather than mangling or dropping its imaginary part. Every rule's input check calls this."""
+    bad = next((k for k, v in delta.items() if v.is_complex()), None)
+    if bad is not None:
+        raise InvalidUpdate(
+            f"tensor '{bad}' is {str(delta[bad].dtype).removeprefix('torch.')}: {rule} aggregates real tensors "
+            "only; send the real and imaginary parts as two real tensors (torch.view_as_real)"
+        )
 
 
 @runtime_checkable

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from deltaplane.aggregation.base import refuse_complex
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import DeltaplaneError, InvalidUpdate
 
@@ -56,6 +57,7 @@ class FedAvg:
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+        refuse_complex(delta, "FedAvg")
         delta.check_finite()
         if self._like is not None:
             check_compatible(self._like, delta, "aggregate and client delta")

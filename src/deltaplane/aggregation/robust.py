@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from deltaplane.aggregation.base import refuse_complex
 from deltaplane.aggregation.checkpoint import flat_state_difference, float_shapes
 from deltaplane.aggregation.clipping import NormBound
 from deltaplane.aggregation.counters import IntegerMedians
@@ -49,11 +50,12 @@ __all__ = [
 ]
 
 
-def _admit(like: Delta | None, delta: Delta, weight: float) -> Delta:
-    """The checks every rule makes on an incoming update (finite weight and values, the round's layout);
-    returns the layout reference to keep (the first update of the round)."""
+def _admit(like: Delta | None, delta: Delta, weight: float, rule: str) -> Delta:
+    """The checks every rule makes on an incoming update (finite weight, real and finite values, the round's
+    layout); returns the layout reference to keep (the first update of the round)."""
     if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
         raise InvalidUpdate(f"weight must be a finite non-negative number. Found {weight!r}")
+    refuse_complex(delta, rule)
     delta.check_finite()
     if like is None:
         return delta
@@ -106,7 +108,7 @@ class _Buffered:
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         sender, self._next_id = self._next_id, None  # told for this update only, kept or refused
-        like = _admit(self._like, delta, weight)
+        like = _admit(self._like, delta, weight, type(self).__name__)
         row = _row(delta)
         self._like = like
         self._rows.append(row)
@@ -376,6 +378,7 @@ class FLTrust:
 
     def set_reference(self, reference: Delta) -> None:
         """The server's trusted update ``g₀`` for this round (must be set before :meth:`add`)."""
+        refuse_complex(reference, "FLTrust")
         reference.check_finite()
         flat = _row(reference).double()
         if float(flat.norm()) == 0.0:
@@ -385,6 +388,7 @@ class FLTrust:
     def add(self, delta: Delta, weight: float = 1.0) -> None:
         if self._ref is None or self._ref_flat is None:
             raise DeltaplaneError("FLTrust needs the server reference update: call set_reference() first")
+        refuse_complex(delta, "FLTrust")
         delta.check_finite()
         check_compatible(self._ref, delta, "reference and client delta")
         g = _row(delta).double()
@@ -690,7 +694,7 @@ class SignVote:
         self._counters = IntegerMedians()  # integer tensors get no vote: their lower median
 
     def add(self, delta: Delta, weight: float = 1.0) -> None:
-        like = _admit(self._like, delta, weight)
+        like = _admit(self._like, delta, weight, type(self).__name__)
         g = _row(delta)
         self._like = like
         self._counters.add(delta)

@@ -503,7 +503,8 @@ def register(app: typer.Typer) -> None:
         prune: Annotated[
             str,
             typer.Option(
-                help="none, 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, sparsegpt:2:4, sparsegpt:0.5, channels:0.5"
+                help="none, 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, sparsegpt:2:4, sparsegpt:0.5, channels:0.5, "
+                "or the spec grammar: nm(n=2, m=4), magnitude(0.8), wanda(n=2, m=4), ..."
             ),
         ] = "none",
         quant: Annotated[

@@ -28,6 +28,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
 __all__ = ["load_evaluator", "register"]
 
@@ -138,8 +139,9 @@ def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(
             f"{folder} is not a `deltaplane run` output: expected model.safetensors and model.json in it"
         )
+    text = read_bounded_text(meta, limit=MANIFEST_LIMIT, what="run record")
     try:
-        run = json.loads(meta.read_text())
+        run = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{meta} is not valid JSON: {exc}") from None
     if not isinstance(run, dict) or run.get("kind") != "deltaplane-run":

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
 __all__ = ["Deployable", "load_deployable"]
 
@@ -68,8 +69,9 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
     describes the folder's ``model.dpla``: its recorded ``sha256["model.dpla"]``, when present, must be the
     file's. Otherwise another model's quality and gates (a refused model's file copied beside a passing
     deploy's manifest) would be registered as this model's lineage."""
+    text = read_bounded_text(mf, limit=MANIFEST_LIMIT, what="manifest", error=DecodeError)
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(text)
     except ValueError as e:
         raise DecodeError(f"{mf} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
@@ -158,8 +160,9 @@ def _hf_folder(p: Path) -> Deployable | None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        text = read_bounded_text(index, limit=MANIFEST_LIMIT, what="safetensors index", error=DecodeError)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(text)["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError) as e:
             raise DecodeError(f"{index} is not a safetensors index (needs a 'weight_map'): {e}") from e
@@ -180,8 +183,9 @@ def _hf_folder(p: Path) -> Deployable | None:
         return None
     cfg = p / "config.json"
     if cfg.is_file():
+        text = read_bounded_text(cfg, limit=MANIFEST_LIMIT, what="model config", error=DecodeError)
         try:
-            conf = json.loads(cfg.read_text())
+            conf = json.loads(text)
         except ValueError as e:
             raise DecodeError(f"{cfg} is not valid JSON: {e}") from e
         out.lineage["hf_config"] = {

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -223,8 +224,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         weights, cfg_path = p / "model.safetensors", p / "config.json"
         if not weights.exists() or not cfg_path.exists():
             raise ConfigError(f"{p} must hold config.json and model.safetensors")
+        text = read_bounded_text(cfg_path, limit=MANIFEST_LIMIT, what="model config")
         try:
-            config = json.loads(cfg_path.read_text())
+            config = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
     elif p.suffix == ".safetensors" and p.exists():

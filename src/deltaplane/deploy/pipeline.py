@@ -71,34 +71,115 @@ QUANTS = ("none", "int8", "int8-static", "int8-dynamic", "int4")
 FORMATS = ("onnx", "weights")
 
 
+_PRUNE_FORMS = (
+    "use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, sparsegpt:2:4, sparsegpt:0.5 or channels:0.5, or the spec "
+    "grammar: nm(n=2, m=4), magnitude(0.8), layer(0.8), wanda(0.5), wanda(n=2, m=4), sparsegpt(n=2, m=4), "
+    "sparsegpt(0.5), channels(0.5)"
+)
+#: each prune method's parameters; wanda and sparsegpt take a sparsity or an N:M pattern
+_PRUNE_PARAMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "nm": (("n", "m"),),
+    "magnitude": (("sparsity",),),
+    "global": (("sparsity",),),
+    "layer": (("sparsity",),),
+    "channels": (("sparsity",),),
+    "wanda": (("sparsity",), ("n", "m")),
+    "sparsegpt": (("sparsity",), ("n", "m")),
+}
+
+
+def _prune_grammar_text(s: str) -> str:
+    """A short form (``2:4``, ``0.8``, ``wanda:2:4``, ``layer:0.8``) as the spec grammar writes it; grammar text
+    (``nm(n=2, m=4)``) unchanged."""
+    if "(" in s or (":" not in s and re.fullmatch(r"[a-z_]\w*", s, re.ASCII)):
+        return s
+    parts = [p.strip() for p in s.split(":")]
+    if parts[0] in _PRUNE_PARAMS:
+        method, values = parts[0], parts[1:]
+    else:
+        method, values = ("nm" if len(parts) == 2 else "magnitude"), parts
+    if len(values) == 2:
+        return f"{method}(n={values[0]}, m={values[1]})"
+    if len(values) == 1:
+        return f"{method}({values[0]})"
+    return f"{method}({', '.join(values)})"  # too many values: the method's check names what it takes
+
+
 def parse_prune(spec: str | None) -> dict[str, Any] | None:
-    """Parse a prune spec: ``"2:4"``, ``"0.8"`` / ``"magnitude:0.8"``, ``"layer:0.8"``, ``"wanda:0.5"``,
-    ``"wanda:2:4"``, ``"sparsegpt:2:4"``, ``"sparsegpt:0.5"``, ``"channels:0.5"``; ``None``/``"none"`` means no
-    pruning."""
-    if spec is None or spec == "none":
+    """Parse a prune spec into ``{"method": ..., "sparsity": ...}`` or ``{"method": ..., "n": ..., "m": ...}``.
+
+    The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``nm(n=2, m=4)``, ``magnitude(0.8)``,
+    ``layer(0.8)``, ``wanda(0.5)``, ``wanda(n=2, m=4)``, ``sparsegpt(n=2, m=4)``, ``sparsegpt(0.5)``,
+    ``channels(0.5)``. The short forms mean the same: ``"2:4"``, ``"0.8"`` (= ``magnitude:0.8``), ``"layer:0.8"``,
+    ``"wanda:0.5"``, ``"wanda:2:4"``, ``"sparsegpt:2:4"``, ``"sparsegpt:0.5"``, ``"channels:0.5"``. Numbers are
+    the grammar's: ASCII digits, finite, no leading ``+``. ``None``/``"none"`` means no pruning.
+    """
+    from deltaplane.codecs.base import parse_spec
+    from deltaplane.errors import SpecError
+
+    if spec is None:
         return None
+    if not isinstance(spec, str):
+        raise ConfigError(f"prune spec must be text such as '2:4' or 'magnitude(0.8)'. Found {spec!r}")
     s = spec.strip().lower()
-    m = re.fullmatch(r"(?:(wanda|sparsegpt):)?(\d+):(\d+)", s)
-    if m:
-        n, of = int(m.group(2)), int(m.group(3))
-        if not 0 < n < of:  # checked here, not only when pruning starts (after loading and calibrating)
-            raise ConfigError(
-                f"prune spec {spec!r}: N:M keeps the n largest of every m weights and needs 0 < n < m "
-                "(e.g. 2:4)"
-            )
-        return {"method": m.group(1) or "nm", "n": n, "m": of}
-    m = re.fullmatch(r"(?:(magnitude|global|layer|wanda|sparsegpt|channels):)?([-+0-9.eE]+)", s)
-    if not m:
+    bad = next((c for c in s if not c.isascii()), None)
+    if bad is not None:  # '٢:٤' would otherwise read as 2:4
         raise ConfigError(
-            f"prune spec {spec!r} not understood; use 2:4, 0.8, layer:0.8, wanda:0.5, wanda:2:4, "
-            "sparsegpt:2:4, sparsegpt:0.5 or channels:0.5"
+            f"prune spec {spec!r} has the non-ASCII character {bad!r} (U+{ord(bad):04X}); a prune spec is "
+            f"ASCII: retype it with the digits 0-9 ({_PRUNE_FORMS})"
         )
+    if s == "none":
+        return None
+    if re.search(r"(?:^|[(:,=])\s*\+", s):
+        raise ConfigError(
+            f"prune spec {spec!r}: a number is written without a leading '+' (e.g. 0.5, not +0.5)"
+        )
+    text = _prune_grammar_text(s)
     try:
-        value = float(m.group(2))
-    except ValueError as e:
-        raise ConfigError(f"prune spec {spec!r}: {m.group(2)!r} is not a number") from e
-    method = {"global": "magnitude", None: "magnitude"}.get(m.group(1), m.group(1))
-    return {"method": method, "sparsity": check_sparsity(value, "prune ratio")}
+        stages = parse_spec(text)
+    except SpecError as exc:
+        raise ConfigError(f"prune spec {spec!r} not understood ({exc}); {_PRUNE_FORMS}") from None
+    if len(stages) != 1:
+        raise ConfigError(f"prune spec {spec!r} names {len(stages)} methods; give exactly one")
+    name, args, kwargs = stages[0]
+    shapes = _PRUNE_PARAMS.get(name)
+    if shapes is None:
+        raise ConfigError(f"prune spec {spec!r} not understood: unknown method {name!r}; {_PRUNE_FORMS}")
+    shape = next((sh for sh in shapes if len(args) == len(sh)), None) if args else None
+    if args and shape is None:
+        raise ConfigError(
+            f"prune spec {spec!r}: {name} takes {' or '.join(str(len(sh)) for sh in shapes)} value(s), "
+            f"got {len(args)}; {_PRUNE_FORMS}"
+        )
+    params = dict(zip(shape or (), args, strict=True))
+    for k, v in kwargs.items():
+        if k in params:
+            raise ConfigError(f"prune spec {spec!r}: '{k}' given twice")
+        params[k] = v
+    shape = next((sh for sh in shapes if set(params) == set(sh)), None)
+    if shape is None:
+        want = " or ".join(", ".join(sh) for sh in shapes)
+        raise ConfigError(
+            f"prune spec {spec!r}: {name} takes {want}, got {sorted(params) or 'nothing'}; {_PRUNE_FORMS}"
+        )
+    method = "magnitude" if name == "global" else name
+    if shape == ("sparsity",):
+        value = params["sparsity"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(
+                f"prune spec {spec!r}: the sparsity must be a number such as 0.8. Found {value!r}"
+            )
+        return {"method": method, "sparsity": check_sparsity(value, "prune ratio")}
+    n, of = params["n"], params["m"]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, of)):
+        raise ConfigError(
+            f"prune spec {spec!r}: n and m are whole numbers, e.g. nm(n=2, m=4). Found {n!r}, {of!r}"
+        )
+    if not 0 < n < of:  # checked here, not only when pruning starts (after loading and calibrating)
+        raise ConfigError(
+            f"prune spec {spec!r}: N:M keeps the n largest of every m weights and needs 0 < n < m (e.g. 2:4)"
+        )
+    return {"method": method, "n": n, "m": of}
 
 
 def prune_model(

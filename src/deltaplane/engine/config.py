@@ -24,6 +24,7 @@ from pydantic import (
 
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS, Choices
 from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.textfile import read_config_text
 from deltaplane.yamlio import load_yaml
 
 if TYPE_CHECKING:
@@ -620,10 +621,7 @@ class RunConfig(BaseModel):
         import yaml
 
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        text = read_config_text(path)
         try:
             data = load_yaml(text)
         except yaml.YAMLError as exc:

@@ -622,6 +622,12 @@ def merge(
     out: dict[str, Tensor] = {}
     for name, first in models[0].items():
         if not first.is_floating_point():
+            if first.is_complex():  # copied from the base unmerged, so checked as a real tensor's inputs are
+                refuse_non_finite(
+                    name,
+                    [base[name] if base is not None else None, *(x[name] for x in models)],
+                    ["base", *(f"model {i}" for i in range(len(models)))],
+                )
             out[name] = (base[name] if base is not None else first).detach().clone()
             continue
         cdt = compute_dtype_for(first.dtype)

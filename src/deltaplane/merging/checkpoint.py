@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
 __all__ = [
     "DTYPES",
@@ -143,8 +144,9 @@ class Checkpoint(Mapping[str, Tensor]):
             return [p]
         index = p / INDEX_NAME
         if index.exists():
+            text = read_bounded_text(index, limit=MANIFEST_LIMIT, what="safetensors index", error=DecodeError)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(text)["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map is not an object")
             except (ValueError, KeyError, TypeError) as exc:

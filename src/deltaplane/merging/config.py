@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.checkpoint import parse_dtype
+from deltaplane.textfile import read_config_text
 from deltaplane.yamlio import describe_yaml_error, load_yaml
 
 __all__ = [
@@ -330,10 +331,7 @@ def load_config(config: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -
 
         path = Path(config)
         source = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read merge config ({exc.strerror or exc})") from exc
+        text = read_config_text(path, what="merge config")
         try:
             data = load_yaml(text)
         except yaml.YAMLError as exc:

@@ -25,6 +25,7 @@ import torch
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import MergeMethod
 from deltaplane.merging.config import CHATML, MergeConfig
+from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_text
 
 __all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
 
@@ -51,8 +52,11 @@ def _vocabulary(folder: Path) -> str | None:
     tj = folder / "tokenizer.json"
     h = hashlib.sha256()
     if tj.is_file():
+        text = read_bounded_text(
+            tj, limit=TOKENIZER_LIMIT, what="tokenizer file"
+        )  # (its ConfigError propagates)
         try:
-            data = json.loads(tj.read_text())
+            data = json.loads(text)
         except ValueError:
             data = None
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and "vocab" in data["model"]:
@@ -144,8 +148,11 @@ def plan_tokenizer(cfg: MergeConfig, donor: Path, inputs: list[Path]) -> Tokeniz
 def _chat_template(folder: Path) -> str | None:
     f = folder / "tokenizer_config.json"
     if f.is_file():
+        text = read_bounded_text(
+            f, limit=TOKENIZER_LIMIT, what="tokenizer config"
+        )  # (its ConfigError propagates)
         try:
-            t = json.loads(f.read_text()).get("chat_template")
+            t = json.loads(text).get("chat_template")
         except (ValueError, AttributeError):
             return None
         return t if isinstance(t, str) else None
@@ -175,8 +182,11 @@ def write_extras(
         if not f.is_file():
             continue
         if name == "config.json" and (out_dtype is not None or n_layers is not None):
+            text = read_bounded_text(
+                f, limit=MANIFEST_LIMIT, what="model config"
+            )  # (its ConfigError propagates)
             try:
-                data = json.loads(f.read_text())
+                data = json.loads(text)
             except ValueError:
                 data = None
             if isinstance(data, dict):
@@ -209,7 +219,11 @@ def write_extras(
             written.append(name)
     if tokenizer.chat_template is not None:
         tc = out / "tokenizer_config.json"
-        data = json.loads(tc.read_text()) if tc.is_file() else {}
+        data = (
+            json.loads(read_bounded_text(tc, limit=TOKENIZER_LIMIT, what="tokenizer config"))
+            if tc.is_file()
+            else {}
+        )
         data["chat_template"] = tokenizer.chat_template
         tc.write_text(json.dumps(data, indent=2) + "\n")
         if "tokenizer_config.json" not in written:

@@ -49,6 +49,7 @@ from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound
 from deltaplane.registry import eventlog
 from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import Signer, Verifier, canonical_json, load_signer, load_verifier
+from deltaplane.textfile import SETTINGS_LIMIT, read_bounded_text
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
     import torch
@@ -500,8 +501,13 @@ class Registry:
         self._ring: KeyRing | None = None
         self._ring_fingerprint: tuple[object, ...] | None = None
         settings = self.home / SETTINGS_NAME
+        text = (
+            read_bounded_text(settings, limit=SETTINGS_LIMIT, what="registry settings file")
+            if settings.exists()
+            else None
+        )
         try:
-            found = json.loads(settings.read_text()) if settings.exists() else None
+            found = json.loads(text) if text is not None else None
         except ValueError as exc:
             raise ConfigError(f"{settings} is not valid JSON: {exc}") from None
         if found is not None and not isinstance(found, dict):

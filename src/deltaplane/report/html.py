@@ -49,11 +49,25 @@ _COLUMNS = (
 )
 
 
+def _num(value: Any, fmt: str = "{}") -> str:
+    """``value`` formatted by ``fmt`` and HTML-escaped; "—" for ``None``. Every number (and every other value)
+    interpolated into the page goes through here or :func:`html.escape`: a report document is JSON that may have
+    been edited or come from elsewhere, and a string where a number belongs must show as text, not markup. A
+    value ``fmt`` cannot format (text where a number belongs) is shown as it is, escaped."""
+    if value is None:
+        return "—"
+    try:
+        text = fmt.format(value)
+    except (TypeError, ValueError):
+        text = str(value)
+    return escape(text)
+
+
 def _cell(fmt: str, value: Any) -> str:
     if value is None:
         return "<td>—</td>"
     cls = ' class="num"' if isinstance(value, int | float) else ""
-    return f"<td{cls}>{escape(fmt.format(value))}</td>"
+    return f"<td{cls}>{_num(value, fmt)}</td>"
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -62,7 +76,7 @@ def _img(png: bytes, alt: str) -> str:
 
 def _psi(x: Any) -> str:
     """A PSI to 3 decimals; "—" where none was measured (too few samples in the window)."""
-    return f"{x:.3f}" if isinstance(x, int | float) and not isinstance(x, bool) else "—"
+    return _num(x, "{:.3f}") if isinstance(x, int | float) and not isinstance(x, bool) else "—"
 
 
 def _drift_section(runs: Any) -> str:
@@ -73,7 +87,7 @@ def _drift_section(runs: Any) -> str:
         if not rows:
             continue
         body = "".join(
-            f"<tr><td>{escape(str(r['round']))}</td>"
+            f"<tr><td>{_num(r['round'])}</td>"
             f'<td class="num">{_psi(r.get("prediction_psi"))}</td>'
             f'<td class="num">{_psi(r.get("max_feature_psi"))}</td>'
             f"<td>{escape('; '.join(r['alerts'])) or 'none'}</td></tr>"
@@ -83,8 +97,8 @@ def _drift_section(runs: Any) -> str:
         parts.append(
             f"<h3>{escape(run['name'])}</h3><p>Computed by the service from device-reported histograms "
             f"(pixel intensities per feature, predicted-class counts) against the training set and label prior; "
-            f"{escape(str(t.get('requests', '?')))} HTTP requests, "
-            f"{escape(str(t.get('uploads_accepted', '?')))} uploads accepted, "
+            f"{_num(t.get('requests', '?'))} HTTP requests, "
+            f"{_num(t.get('uploads_accepted', '?'))} uploads accepted, "
             f"registry integrity {'ok' if t.get('registry_ok') else 'NOT ok'}. A PSI of — means the round's "
             "window held too few samples to test (the monitor's <code>min_samples</code>).</p>"
             "<table><thead><tr><th>round</th><th>prediction PSI</th><th>max feature PSI</th><th>alerts</th>"
@@ -104,10 +118,11 @@ def _device_cost_section(runs: Any) -> str:
         links = list(m["total_uj"])
         rows.append(
             f"<tr><td>{escape(run['name'])}</td>"
-            f'<td class="num">{m["train_macs"]:,.0f}</td><td class="num">{m["compute_uj"] / 1e3:,.2f}</td>'
-            f'<td class="num">{m["bytes_up"]:,.0f}</td><td class="num">{m["bytes_down"]:,.0f}</td>'
-            + "".join(f'<td class="num">{m["radio_uj"][k] / 1e3:,.2f}</td>' for k in links)
-            + "".join(f'<td class="num">{m["total_uj"][k] / 1e3:,.2f}</td>' for k in links)
+            f'<td class="num">{_num(m["train_macs"], "{:,.0f}")}</td>'
+            f'<td class="num">{_num(_milli(m["compute_uj"]), "{:,.2f}")}</td>'
+            f'<td class="num">{_num(m["bytes_up"], "{:,.0f}")}</td><td class="num">{_num(m["bytes_down"], "{:,.0f}")}</td>'
+            + "".join(f'<td class="num">{_num(_milli(m["radio_uj"][k]), "{:,.2f}")}</td>' for k in links)
+            + "".join(f'<td class="num">{_num(_milli(m["total_uj"][k]), "{:,.2f}")}</td>' for k in links)
             + "</tr>"
         )
         head_links = links
@@ -124,16 +139,34 @@ def _device_cost_section(runs: Any) -> str:
     return (
         "<h2>Device cost per round</h2>"
         f"<p>What one round cost a mean participating device ({escape(first['profile'])} profile), averaged "
-        f"over the rounds: local training of {first['train_samples_per_device']:.1f} samples × "
-        f"{first['local_epochs']} epoch(s) at {first['forward_macs_per_sample']:,} forward MACs per sample "
+        f"over the rounds: local training of {_num(first['train_samples_per_device'], '{:.1f}')} samples × "
+        f"{_num(first['local_epochs'])} epoch(s) at {_num(first['forward_macs_per_sample'], '{:,}')} forward MACs "
+        "per sample "
         f"(training ≈ 3× forward), and the bytes it sent and received. Estimates, not measurements: "
         f"{escape(first['note'])}. Compute: {escape(sources['profile'])}. Radio: {cites}.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
+def _scaled(x: Any, factor: float) -> Any:
+    """``x · factor`` for a number; anything else as it is (shown escaped by :func:`_num`)."""
+    return x * factor if isinstance(x, int | float) and not isinstance(x, bool) else x
+
+
+def _milli(x: Any) -> Any:
+    return _scaled(x, 1e-3)
+
+
+def _points(x: Any) -> Any:
+    return _scaled(x, 100)
+
+
+def _neg(x: Any) -> Any:
+    return _scaled(x, -1)
+
+
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
+    return _num(_points(x), "{:.2f}%")
 
 
 def _followup_sections(followup: Mapping[str, Any] | None) -> str:
@@ -143,16 +176,17 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
     p, m, d = followup["personalization"], followup["merge"], followup["deploy"]
     pers = (
         "<h2>Personalization</h2>"
-        f"<p>Each of the {p['devices']} devices fine-tuned the final global model for {p['epochs']} local "
+        f"<p>Each of the {_num(p['devices'])} devices fine-tuned the final global model for {_num(p['epochs'])} local "
         f"epoch(s) ({escape(p['method'])}: it serves global + α·personal delta, α chosen on its own held-out "
-        f"split, α = 0 allowed); {p['devices_personalized']} chose α &gt; 0. Accuracy is on each device's own "
+        f"split, α = 0 allowed); {_num(p['devices_personalized'])} chose α &gt; 0. Accuracy is on each device's own "
         "label mix (per-class test accuracy weighted by its class shares).</p>"
         "<table><thead><tr><th>model</th><th>device acc. mean</th><th>device acc. min</th></tr></thead><tbody>"
         f'<tr><td>global</td><td class="num">{_pct(p["global_accuracy_mean"])}</td>'
         f'<td class="num">{_pct(p["global_accuracy_min"])}</td></tr>'
         f'<tr><td>personalized</td><td class="num">{_pct(p["personal_accuracy_mean"])}</td>'
         f'<td class="num">{_pct(p["personal_accuracy_min"])}</td></tr></tbody></table>'
-        f"<p>Mean change {100 * p['gain_mean']:+.2f} points; worst device {100 * p['gain_min']:+.2f} points.</p>"
+        f"<p>Mean change {_num(_points(p['gain_mean']), '{:+.2f}')} points; worst device "
+        f"{_num(_points(p['gain_min']), '{:+.2f}')} points.</p>"
         + _img(personalization_png(p["clients"]), "per-device accuracy, global vs personalized")
     )
     rows = "".join(
@@ -161,7 +195,7 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
         for name, r in m["results"].items()
     )
     mer = (
-        f"<h2>Merge</h2><p>The {m['models']} personalized models merged into one around the {escape(m['base'])} "
+        f"<h2>Merge</h2><p>The {_num(m['models'])} personalized models merged into one around the {escape(m['base'])} "
         "(TIES: top-20% task-vector entries, sign consensus, disjoint mean; task arithmetic: mean task vector), "
         "scored on the global test set and on the devices' label mixes.</p>"
         "<table><thead><tr><th>model</th><th>test acc.</th><th>device acc. mean</th></tr></thead>"
@@ -176,17 +210,17 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
         return pers + mer + dep
     files = ", ".join(f"<code>{escape(f)}</code>" for f in d["files"])
     dep = (
-        f"<h2>Deploy</h2><p>Global model, magnitude-pruned to {escape(str(d['prune']))} sparsity (fine-tuned "
-        f"{d['finetune_epochs']} epochs with masks held), {escape(d['quant_scheme'])}; written to "
-        f"<code>{escape(d['out_dir'])}</code>: {files}. It passed the {d['gates_passed']} quality gates "
+        f"<h2>Deploy</h2><p>Global model, magnitude-pruned to {_num(d['prune'])} sparsity (fine-tuned "
+        f"{_num(d['finetune_epochs'])} epochs with masks held), {escape(d['quant_scheme'])}; written to "
+        f"<code>{escape(d['out_dir'])}</code>: {files}. It passed the {_num(d['gates_passed'])} quality gates "
         "<code>deltaplane deploy</code> applies by default.</p>"
         "<table><tbody>"
-        f'<tr><th>fp32 safetensors</th><td class="num">{d["fp32_safetensors_bytes"]:,} B</td></tr>'
-        f'<tr><th>artifact</th><td class="num">{d["artifact_bytes"]:,} B '
-        f"({d['compression_ratio']:.2f}× smaller)</td></tr>"
+        f'<tr><th>fp32 safetensors</th><td class="num">{_num(d["fp32_safetensors_bytes"], "{:,}")} B</td></tr>'
+        f'<tr><th>artifact</th><td class="num">{_num(d["artifact_bytes"], "{:,}")} B '
+        f"({_num(d['compression_ratio'], '{:.2f}')}× smaller)</td></tr>"
         f'<tr><th>accuracy fp32 → artifact</th><td class="num">{_pct(d["accuracy_fp32"])} → '
-        f"{_pct(d['accuracy_compressed'])} ({-d['accuracy_drop_points']:+.2f} points)</td></tr>"
-        f'<tr><th>batch-1 latency vs fp32 PyTorch</th><td class="num">{d["latency_ratio_batch1"]:.2f}×</td></tr>'
+        f"{_pct(d['accuracy_compressed'])} ({_num(_neg(d['accuracy_drop_points']), '{:+.2f}')} points)</td></tr>"
+        f'<tr><th>batch-1 latency vs fp32 PyTorch</th><td class="num">{_num(d["latency_ratio_batch1"], "{:.2f}")}×</td></tr>'
         "</tbody></table>"
     )
     return pers + mer + dep
@@ -214,7 +248,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         if row.get("stopped")
     )
     notes += "".join(
-        f'<p class="warn">Warning: <b>{escape(row["name"])}</b> is {row["accuracy_drop_points"]:.2f} accuracy '
+        f'<p class="warn">Warning: <b>{escape(row["name"])}</b> is {_num(row["accuracy_drop_points"], "{:.2f}")} accuracy '
         "points below the baseline; read its byte ratio with that in mind.</p>"
         for row in summary
         if (row.get("accuracy_drop_points") or 0) >= 1.0

@@ -14,6 +14,7 @@ from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError
 from deltaplane.report.html import render_html
 from deltaplane.report.summary import REPORT_FORMAT, build_report
+from deltaplane.textfile import REPORT_LIMIT, read_bounded_text
 
 __all__ = ["ReportFiles", "load_report", "write_report"]
 
@@ -69,7 +70,9 @@ def write_report(
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``report.json``; :class:`ConfigError` if it is unreadable or of another format version."""
     try:
-        report = json.loads(Path(path).read_text())
+        report = json.loads(read_bounded_text(path, limit=REPORT_LIMIT, what="report"))
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read report {path}: {exc}") from None
     except RecursionError:  # json recurses per level: a few hundred KB of '[' (the dashboard reads any file)

@@ -1,0 +1,119 @@
+"""Reading a user- or disk-supplied text file whole, bounded: :func:`read_bounded_text`.
+
+A config, manifest or settings file is read into memory in one piece and parsed; a path that names a multi-GiB
+file, ``/dev/zero`` or a FIFO nobody writes to would exhaust memory or hang the reader. Every such file goes
+through this one function: it opens without blocking (``O_NONBLOCK``: a FIFO with no writer opens at once
+instead of waiting), checks with ``fstat`` on the open descriptor (no race with a rename) that it is a regular
+file, and reads at most ``limit`` bytes, refusing a larger file with the limit named. Each kind of file has its
+own limit below, far above any real one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from deltaplane.errors import ConfigError, DeltaplaneError
+
+__all__ = [
+    "CONFIG_LIMIT",
+    "MANIFEST_LIMIT",
+    "REPORT_LIMIT",
+    "SETTINGS_LIMIT",
+    "TOKENIZER_LIMIT",
+    "read_bounded_text",
+    "read_config_text",
+]
+
+MIB = 1 << 20
+#: YAML run and merge configs (a merge config with per-layer parameters is kilobytes)
+CONFIG_LIMIT = 16 * MIB
+#: tokenizer files (tokenizer.json of a 250k-token vocabulary with merges is ~20 MB)
+TOKENIZER_LIMIT = 64 * MIB
+#: bundle manifests, model configs and shard indexes (an index of a 1000-shard model is a few MB)
+MANIFEST_LIMIT = 16 * MIB
+#: a run's report.json (every round of every run; tens of MB for long sweeps)
+REPORT_LIMIT = 256 * MIB
+#: a registry's settings file (a handful of keys)
+SETTINGS_LIMIT = 1 * MIB
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB and n % MIB == 0 else f"{n:,} bytes"
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_bounded_text(
+    path: str | os.PathLike[str],
+    *,
+    limit: int,
+    what: str,
+    error: type[DeltaplaneError] = ConfigError,
+) -> str:
+    """The UTF-8 text of the regular file ``path``, refusing anything larger than ``limit`` bytes.
+
+    Args:
+        path: the file.
+        limit: the most bytes accepted (one of this module's ``*_LIMIT`` constants).
+        what: what the file is, for messages ("run config", "bundle manifest").
+        error: the :class:`~deltaplane.errors.DeltaplaneError` subclass raised (default
+            :class:`~deltaplane.errors.ConfigError`).
+
+    Raises:
+        error: the file cannot be opened, is not a regular file (a FIFO, a device, a directory), is larger than
+            ``limit``, or is not UTF-8; the message names the file and what to do.
+    """
+    p = Path(path)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    )
+    try:
+        fd = os.open(p, flags)
+    except OSError as exc:
+        raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(
+                f"{p}: a {what} must be a regular file, not a {_kind(st.st_mode)}; give the file's path"
+            )
+        if st.st_size > limit:
+            raise error(
+                f"{p}: {what} is {st.st_size:,} bytes, over the {_size(limit)} limit for a {what}; "
+                "check that this is the right file"
+            )
+        chunks, got = [], 0
+        while got <= limit:  # the size may have grown since fstat: read at most one byte past the limit
+            chunk = os.read(fd, min(limit + 1 - got, MIB))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise error(f"{p}: {what} grew past the {_size(limit)} limit for a {what} while being read")
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{p}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def read_config_text(path: str | os.PathLike[str], *, what: str = "config file") -> str:
+    """The text of a YAML config file, at most :data:`CONFIG_LIMIT` (16 MiB); see :func:`read_bounded_text`."""
+    return read_bounded_text(path, limit=CONFIG_LIMIT, what=what)
