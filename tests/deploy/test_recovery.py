@@ -98,3 +98,9 @@ def test_cli_recover_distill(app, tmp_path, trained_cnn):
     assert m["recovery"]["epochs"] == 3 and np.isfinite(m["recovery"]["accuracy_recovered"])
     r = CliRunner().invoke(app, ["deploy", str(ckpt), "--recover", "distill", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "needs a --prune spec" in r.output
+    # 'NONE' is no pruning to parse_prune, so it is no pruning here too (it passed as a spec and distilled an
+    # unpruned model before)
+    r = CliRunner().invoke(
+        app, ["deploy", str(ckpt), "--prune", "NONE", "--recover", "distill", "-o", str(tmp_path / "y")]
+    )
+    assert r.exit_code == 2 and "needs a --prune spec" in r.output, r.output

@@ -658,6 +658,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
+        from deltaplane.deploy.pipeline import parse_prune
         from deltaplane.deploy.publish import check_out_dir
         from deltaplane.errors import ConfigError, QualityGateFailed
 
@@ -684,7 +685,7 @@ def register(app: typer.Typer) -> None:
                 check_out_dir(out, overwrite=overwrite)  # so does an OUT that cannot or must not be replaced
                 if recover not in ("none", "distill"):
                     raise ConfigError(f"--recover must be none or distill. Found {recover!r}")
-                if recover == "distill" and (prune == "none" or epochs < 1):
+                if recover == "distill" and (parse_prune(prune) is None or epochs < 1):  # 'NONE', ' none '
                     raise ConfigError("--recover distill needs a --prune spec and --epochs >= 1")
                 if recover_sentences < 0:
                     raise ConfigError(f"--recover-sentences must be >= 0. Found {recover_sentences}")
@@ -869,7 +870,7 @@ def _deploy_classifier(
     calibration_size,
     overwrite=False,
 ):
-    from deltaplane.deploy.pipeline import deploy_classifier
+    from deltaplane.deploy.pipeline import deploy_classifier, parse_prune
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
     source = (
@@ -882,7 +883,7 @@ def _deploy_classifier(
         note += (
             f" Only {len(yte)} test samples: accuracy figures are coarse ({100 / len(yte):.1f} points each)."
         )
-    ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if prune != "none" and epochs > 0 else None
+    ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if parse_prune(prune) is not None and epochs > 0 else None
     if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
         from deltaplane.deploy.recovery import distill_recover
 
