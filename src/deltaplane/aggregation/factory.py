@@ -69,8 +69,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
     """
-    from deltaplane.codecs.base import parse_spec  # one grammar for codecs and defences
-    from deltaplane.errors import SpecError
+    from deltaplane.codecs.base import parse_one_spec  # one grammar for codecs and defences
 
     if spec is None or spec.strip() in ("", "none"):
         return FedAvg()
@@ -78,13 +77,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     if ":" in text and "(" not in text:
         name, _, arg = text.partition(":")
         text = f"{name.strip()}({arg.strip()})" if arg.strip() else name.strip()
-    try:
-        stages = parse_spec(text)
-    except SpecError as exc:
-        raise ConfigError(f"defense spec {spec!r}: {exc}") from None
-    if len(stages) != 1:
-        raise ConfigError(f"defense spec {spec!r} names {len(stages)} rules; give exactly one")
-    name, args, kwargs = stages[0]
+    name, args, kwargs = parse_one_spec(text, label=f"defense spec {spec!r}", noun="rules")
     if name not in DEFENSE_PARAMS:
         raise ConfigError(f"unknown defense {name!r}; choose one of {list(DEFENSES)}")
     names = DEFENSE_PARAMS[name]

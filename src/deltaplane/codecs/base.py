@@ -412,6 +412,26 @@ def parse_spec(spec: str) -> list[tuple[str, list[Scalar], dict[str, Scalar]]]:
         t.take("op", "|")
 
 
+def parse_one_spec(
+    text: str, *, label: str, noun: str, hint: str = ""
+) -> tuple[str, list[Scalar], dict[str, Scalar]]:
+    """The one stage of ``text`` for a spec that names exactly one thing (a defence, an attack, a prune method).
+
+    ``label`` starts every message (``"defense spec 'x'"``), ``noun`` names the things in the plural, ``hint``
+    ends a grammar error (the forms to write). A grammar error or a pipeline of several stages is a
+    :class:`~deltaplane.errors.ConfigError`: these specs come from a run's settings, not from a codec.
+    """
+    from deltaplane.errors import ConfigError
+
+    try:
+        stages = parse_spec(text)
+    except SpecError as exc:
+        raise ConfigError(f"{label}: {exc}{hint}") from None
+    if len(stages) != 1:
+        raise ConfigError(f"{label} names {len(stages)} {noun}; give exactly one")
+    return stages[0]
+
+
 def _build(name: str, args: list[Scalar], kwargs: dict[str, Scalar]) -> Codec:
     cls = _REGISTRY.get(name)
     if cls is None:

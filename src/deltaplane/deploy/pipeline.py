@@ -114,8 +114,7 @@ def parse_prune(spec: str | None) -> dict[str, Any] | None:
     ``"wanda:0.5"``, ``"wanda:2:4"``, ``"sparsegpt:2:4"``, ``"sparsegpt:0.5"``, ``"channels:0.5"``. Numbers are
     the grammar's: ASCII digits, finite, no leading ``+``. ``None``/``"none"`` means no pruning.
     """
-    from deltaplane.codecs.base import parse_spec
-    from deltaplane.errors import SpecError
+    from deltaplane.codecs.base import parse_one_spec
 
     if spec is None:
         return None
@@ -135,13 +134,9 @@ def parse_prune(spec: str | None) -> dict[str, Any] | None:
             f"prune spec {spec!r}: a number is written without a leading '+' (e.g. 0.5, not +0.5)"
         )
     text = _prune_grammar_text(s)
-    try:
-        stages = parse_spec(text)
-    except SpecError as exc:
-        raise ConfigError(f"prune spec {spec!r} not understood ({exc}); {_PRUNE_FORMS}") from None
-    if len(stages) != 1:
-        raise ConfigError(f"prune spec {spec!r} names {len(stages)} methods; give exactly one")
-    name, args, kwargs = stages[0]
+    name, args, kwargs = parse_one_spec(
+        text, label=f"prune spec {spec!r}", noun="methods", hint=f"; {_PRUNE_FORMS}"
+    )
     shapes = _PRUNE_PARAMS.get(name)
     if shapes is None:
         raise ConfigError(f"prune spec {spec!r} not understood: unknown method {name!r}; {_PRUNE_FORMS}")

@@ -278,8 +278,7 @@ def parse_attack(spec: str) -> tuple[Attack, float]:
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`); the older
     ``"name:fraction:key=value,key=value"`` (``"backdoor:0.2:boost=5"``) means the same.
     """
-    from deltaplane.codecs.base import parse_spec
-    from deltaplane.errors import SpecError
+    from deltaplane.codecs.base import parse_one_spec
 
     text = spec.strip()
     if "(" not in text and ":" in text:
@@ -293,13 +292,7 @@ def parse_attack(spec: str) -> tuple[Attack, float]:
             p for p in [parts[1].strip(), *(parts[2].split(",") if len(parts) > 2 else [])] if p
         )
         text = f"{parts[0].strip()}({inner})"
-    try:
-        stages = parse_spec(text)
-    except SpecError as exc:
-        raise ConfigError(f"attack spec {spec!r}: {exc}") from None
-    if len(stages) != 1:
-        raise ConfigError(f"attack spec {spec!r} names {len(stages)} attacks; give exactly one")
-    name, args, kwargs = stages[0]
+    name, args, kwargs = parse_one_spec(text, label=f"attack spec {spec!r}", noun="attacks")
     if name not in ATTACKS:
         raise ConfigError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
     if name == "none":
