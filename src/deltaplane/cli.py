@@ -211,6 +211,17 @@ def run(
             "--secagg/--no-secagg", help="Aggregate through secure aggregation.", show_default="off"
         ),
     ] = None,
+    secagg_neighbours: Annotated[
+        int | None,
+        typer.Option(
+            "--secagg-neighbours",
+            metavar="K",
+            show_default="none",
+            help="SecAgg+: each device masks with and shares its secrets to only K others (even; YAML "
+            "secagg.neighbours; none: the complete graph). Needs SecAgg on (--secagg, or secagg.enabled in "
+            "--config).",
+        ),
+    ] = None,
     attack: Annotated[
         str | None,
         typer.Option(
@@ -309,6 +320,7 @@ def run(
             sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
+            secagg_neighbours=secagg_neighbours,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine in (None, Engine.inprocess) else str(engine), transport=transport,
@@ -571,6 +583,7 @@ def _run_config(config_file: Path | None, *, small: bool | None = None, **option
 
     cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
     changes = {k: v for k, v in options.items() if v is not None}
+    _secagg_degree(cfg, changes)
     if "codec" not in changes and "codec" not in cfg.model_fields_set:
         changes["codec"] = DEFAULT_RUN_CODEC
         for name, value in DEFAULT_RUN_DGC.items():  # unless the command line or the config sets them
@@ -578,6 +591,27 @@ def _run_config(config_file: Path | None, *, small: bool | None = None, **option
                 changes[name] = value
     cfg = cfg.replace(**changes)
     return _small(cfg) if (small_mode() if small is None else small) else cfg
+
+
+def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
+    """Fit ``--secagg-neighbours`` and ``--(no-)secagg`` (in ``changes``) to the config's SecAgg, like every flag
+    over ``--config``: the flag wins. ``--secagg-neighbours`` needs SecAgg on in the run (``--secagg`` or the
+    config's ``secagg.enabled``), never silently dropped; ``--no-secagg`` turns SecAgg off together with the
+    config's SecAgg+ degree, which means nothing without it. The degree itself is checked by the config."""
+    secagg = changes.get("secagg", cfg.secagg)
+    degree = changes.get("secagg_neighbours")
+    if degree is not None and not secagg:
+        how = (
+            "--no-secagg turns SecAgg off"
+            if "secagg" in changes
+            else "add --secagg (or set secagg.enabled: true in --config)"
+        )
+        raise ConfigError(
+            f"--secagg-neighbours {degree} is SecAgg+'s degree (how many devices each one masks with); it needs "
+            f"secure aggregation: {how}"
+        )
+    if not secagg and "secagg_neighbours" not in changes and cfg.secagg_neighbours is not None:
+        changes["secagg_neighbours"] = None
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"

@@ -9,6 +9,7 @@ import pytest
 
 from deltaplane.aggregation.secagg import default_threshold
 from deltaplane.engine import RunConfig
+from deltaplane.errors import ConfigError
 from deltaplane.serve.client import ServiceError
 from deltaplane.serve.fleet import coordinate
 
@@ -62,3 +63,92 @@ def test_the_fleet_coordinator_opens_each_round_with_its_config_degree(devices, 
     )  # type: ignore[arg-type]
     assert admin.opens == [{"devices": devices, "weight_scale": 0, "neighbours": degree}]
     assert done[0].failed == "recorded"
+
+
+class _CliAdmin(_Admin):
+    """:class:`_Admin` behind ``deltaplane fleet coordinate``, which also sets the drift reference first."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        super().__init__()
+
+    def set_drift_reference(self, *_: Any, **__: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def coordinate_cli(monkeypatch, tmp_path):
+    """``coordinate_cli(federation_yaml, *args)``: `deltaplane fleet coordinate` against a stand-in service; its
+    exit code, its output on one line and the SecAgg opens it asked for."""
+    from typer.testing import CliRunner
+
+    from deltaplane import cli
+    from deltaplane.serve import client
+
+    admins: list[_CliAdmin] = []
+
+    def admin(*args: Any, **kwargs: Any) -> _CliAdmin:
+        admins.append(_CliAdmin())
+        return admins[-1]
+
+    monkeypatch.setattr(client, "AdminClient", admin)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "x" * 24)
+
+    def run(federation: str, *args: str) -> tuple[int, str, list[dict[str, Any]]]:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(federation)
+        base = [
+            "fleet",
+            "coordinate",
+            "--url",
+            "http://127.0.0.1:9",
+            "--federation",
+            str(path),
+            "--model",
+            "cnn",
+        ]
+        r = CliRunner().invoke(
+            cli.app,
+            [*base, "--rounds", "1", "--deadline", "1", "--weight-scale", "0", *args],
+            terminal_width=200,
+        )
+        return r.exit_code, " ".join(r.output.split()), [o for a in admins for o in a.opens]
+
+    return run
+
+
+SECAGG_16 = "clients: {count: 16}\nprivacy: {clip: 1.0}\nsecagg: {enabled: true, neighbours: 8}\n"
+
+
+@pytest.mark.parametrize(("flag", "degree"), [([], 8), (["--secagg-neighbours", "10"], 10)])
+def test_fleet_coordinate_opens_the_degree_of_its_flag_over_the_federation(
+    coordinate_cli, flag, degree
+) -> None:
+    """`--secagg-neighbours K` sets the degree of the rounds the coordinator opens, over the federation's (the
+    devices check each invitation's graph against their own policy, not against the file's degree)."""
+    code, output, opens = coordinate_cli(SECAGG_16, *flag)
+    assert code == 1 and "1 of 1 rounds failed" in output, output  # the stand-in refused the round it opened
+    assert opens == [{"devices": 16, "weight_scale": 0, "neighbours": degree}]
+
+
+@pytest.mark.parametrize(
+    ("federation", "degree", "says"),
+    [
+        (SECAGG_16, "9", "secagg_neighbours=9 must be even"),
+        (SECAGG_16, "6", "devices refuse fewer than 9"),
+        (SECAGG_16, "16", "a round of the 16 clients this run expects gives each device at most 15"),
+        ("clients: {count: 16}\n", "8", "fleet.yaml runs plain rounds: set secagg.enabled: true there"),
+    ],
+    ids=["odd", "too-sparse", "too-dense", "no-secagg"],
+)
+def test_fleet_coordinate_refuses_a_degree_the_config_refuses(
+    coordinate_cli, federation, degree, says
+) -> None:
+    """The degree is checked as the YAML key is (the same message), before any round is opened; a federation
+    without SecAgg has no degree to set (the service and the devices read SecAgg from the same file)."""
+    code, output, opens = coordinate_cli(federation, "--secagg-neighbours", degree)
+    assert code == 2 and not opens, output
+    assert says in output
+    if "plain rounds" not in says:  # the config layer's own message, word for word
+        with pytest.raises(ConfigError) as expected:
+            FEDERATION.replace(secagg_neighbours=int(degree))
+        assert " ".join(str(expected.value).split()) in output

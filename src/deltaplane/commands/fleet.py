@@ -101,6 +101,19 @@ def _federation(path: Path) -> RunConfig:
     return RunConfig.from_yaml(path)
 
 
+def _with_degree(run: RunConfig, path: Path, degree: int) -> RunConfig:
+    """``run`` with SecAgg+ degree ``degree`` (``--secagg-neighbours``), checked as the YAML key is: even, below
+    the round's size and one the devices accept. Only a federation that runs SecAgg has a degree: the service
+    and the devices read whether rounds are SecAgg from the same file, so a flag cannot turn it on."""
+    if not run.secagg:
+        raise ConfigError(
+            f"--secagg-neighbours {degree} is SecAgg+'s degree (how many devices each one masks with); it needs "
+            f"secure aggregation, and {path} runs plain rounds: set secagg.enabled: true there (the service and "
+            "the devices read it too)"
+        )
+    return run.replace(secagg_neighbours=degree)
+
+
 def _connected(url: str, fn: Any) -> Any:
     """Run ``fn``; a connection that failed becomes one typed line (TLS failures name the CA to check)."""
     import httpx
@@ -276,6 +289,16 @@ def register(app: typer.Typer) -> None:
                 help="SecAgg's public weight scale.", show_default="the devices' mean example count"
             ),
         ] = None,
+        secagg_neighbours: Annotated[
+            int | None,
+            typer.Option(
+                "--secagg-neighbours",
+                metavar="K",
+                help="SecAgg+ degree of the rounds opened (even): each device masks with only K others; "
+                "overrides the federation's secagg.neighbours, which must run SecAgg (secagg.enabled).",
+                show_default="the federation's secagg.neighbours",
+            ),
+        ] = None,
         patience: Patience = 300.0,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
@@ -285,6 +308,8 @@ def register(app: typer.Typer) -> None:
 
         with _errors(OSError):
             run = _federation(federation)
+            if secagg_neighbours is not None:
+                run = _with_degree(run, federation, secagg_neighbours)
             admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
             done = _connected(
                 url,
