@@ -175,3 +175,24 @@ def secagg_servers(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(SecAggServer, "__init__", spy)
     return built
+
+
+class PlanStarted(Exception):
+    """Raised instead of running ``deltaplane run``'s plan: the command got past every check, the driver's
+    preflight included (the ``no_runs`` fixture)."""
+
+
+@pytest.fixture
+def no_runs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record each plan ``deltaplane run`` would execute (a list of ``(name, RunConfig)``), run nothing: the command
+    then stops with ``PlanStarted``."""
+    from deltaplane import cli
+
+    plans: list = []
+
+    def execute(plan):
+        plans.append(plan)
+        raise PlanStarted
+
+    monkeypatch.setattr(cli, "_execute", execute)
+    return plans

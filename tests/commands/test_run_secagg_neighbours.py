@@ -43,21 +43,9 @@ def _run(tmp_path: Path, *args: str, config: str = TINY) -> tuple[int, str, Path
     return r.exit_code, " ".join(r.output.split()), out
 
 
-class _Started(Exception):
-    """Raised instead of running the plan: the command got past every check, the driver's preflight included."""
-
-
-@pytest.fixture
-def planned(monkeypatch) -> list[RunConfig]:
-    """The configs ``deltaplane run`` would execute (after its preflight on the chosen driver); runs nothing."""
-    configs: list[RunConfig] = []
-
-    def execute(plan):
-        configs.extend(cfg for _, cfg in plan)
-        raise _Started
-
-    monkeypatch.setattr(cli, "_execute", execute)
-    return configs
+def _configs(plans: list) -> list[RunConfig]:
+    """The configs of the plans ``deltaplane run`` would have executed (the ``no_runs`` fixture)."""
+    return [cfg for plan in plans for _, cfg in plan]
 
 
 @pytest.mark.parametrize("driver", ["sequential", "batched", "population", "http"])
@@ -88,26 +76,28 @@ def test_the_flag_runs_secagg_plus_on_flower(secagg_servers, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("driver", list(DRIVERS))
-def test_every_driver_accepts_the_degree_before_the_run(planned, tmp_path: Path, driver: str) -> None:
+def test_every_driver_accepts_the_degree_before_the_run(no_runs, tmp_path: Path, driver: str) -> None:
     """Every driver's preflight (Flower's included, whose real run is the slow test above) takes the degree, and
     the fp32 baseline keeps it beside the default codec's run (both compared on the same SecAgg+ graph)."""
     code, output, _ = _run(tmp_path, *SPARSE, *DRIVERS[driver])
-    assert code == 1 and planned, output  # _Started: every check passed
-    assert [(c.secagg, c.secagg_neighbours) for c in planned] == [(True, 6), (True, 6)]
+    assert code == 1 and no_runs, output  # PlanStarted: every check passed
+    assert [(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)] == [(True, 6), (True, 6)]
 
 
-def test_the_flag_overrides_the_config_and_the_config_can_turn_secagg_on(planned, tmp_path: Path) -> None:
+def test_the_flag_overrides_the_config_and_the_config_can_turn_secagg_on(no_runs, tmp_path: Path) -> None:
     """As every flag over --config: the flag's degree wins over the file's; SecAgg may come from the file."""
     yaml = "clients: {count: 16, rounds: 1}\nsecagg: {enabled: true, neighbours: 8}\nprivacy: {clip: 2.0}\n"
     code, output, _ = _run(tmp_path, "--seed", "3", "--secagg-neighbours", "10", config=yaml)
-    assert code == 1 and planned, output
-    assert {(c.secagg, c.secagg_neighbours, c.clients, c.seed) for c in planned} == {(True, 10, 16, 3)}
-    planned.clear()
+    assert code == 1 and no_runs, output
+    assert {(c.secagg, c.secagg_neighbours, c.clients, c.seed) for c in _configs(no_runs)} == {
+        (True, 10, 16, 3)
+    }
+    no_runs.clear()
     code, output, _ = _run(tmp_path, "--seed", "3", config=yaml)  # no flag: the file's degree
-    assert code == 1 and {c.secagg_neighbours for c in planned} == {8}, output
+    assert code == 1 and {c.secagg_neighbours for c in _configs(no_runs)} == {8}, output
 
 
-def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(planned, tmp_path: Path) -> None:
+def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(no_runs, tmp_path: Path) -> None:
     """`--no-secagg` over a file that runs SecAgg+ was refused ('secagg_neighbours ... needs secagg'): the flag
     wins, and the degree goes with SecAgg (it means nothing without it)."""
     code, output, _ = _run(
@@ -115,8 +105,8 @@ def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(planned, tm
         "--no-secagg",
         config=TINY + "secagg: {enabled: true, neighbours: 6}\nprivacy: {clip: 2.0}\n",
     )
-    assert code == 1 and planned, output
-    assert {(c.secagg, c.secagg_neighbours) for c in planned} == {(False, None)}
+    assert code == 1 and no_runs, output
+    assert {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(False, None)}
 
 
 @pytest.mark.parametrize(
@@ -132,9 +122,9 @@ def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(planned, tm
     ],
     ids=["no-secagg-flag", "--no-secagg", "--no-secagg-over-config"],
 )
-def test_the_flag_without_secagg_is_refused(planned, tmp_path: Path, args, config, fix) -> None:
+def test_the_flag_without_secagg_is_refused(no_runs, tmp_path: Path, args, config, fix) -> None:
     code, output, out = _run(tmp_path, "--clip", "2.0", *args, config=config)
-    assert code == 2 and not planned and not out.exists()
+    assert code == 2 and not no_runs and not out.exists()
     assert (
         "--secagg-neighbours 6 is SecAgg+'s degree (how many devices each one masks with); it needs "
         in output
@@ -152,12 +142,12 @@ def test_the_flag_without_secagg_is_refused(planned, tmp_path: Path, args, confi
         (8, 0, "greater than or equal to 2"),
     ],
 )
-def test_a_bad_degree_gets_the_config_layers_error(planned, tmp_path: Path, clients, degree, says) -> None:
+def test_a_bad_degree_gets_the_config_layers_error(no_runs, tmp_path: Path, clients, degree, says) -> None:
     with pytest.raises(ConfigError) as expected:
         RunConfig(clients=clients, secagg=True, clip="2.0", secagg_neighbours=degree)
     message = " ".join(str(expected.value).removeprefix("invalid RunConfig: ").split())
     assert says in message
     args = ["--secagg", "--clip", "2.0", "--clients", str(clients), "--secagg-neighbours", str(degree)]
     code, output, out = _run(tmp_path, *args)
-    assert code == 2 and not planned and not out.exists(), output
+    assert code == 2 and not no_runs and not out.exists(), output
     assert output.endswith(message), output

@@ -8,26 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.conftest import PlanStarted
 from typer.testing import CliRunner
 
 from deltaplane import cli
-
-
-class _Started(Exception):
-    """Raised instead of running the plan: the command got past every check."""
-
-
-@pytest.fixture
-def no_runs(monkeypatch):
-    """Record the plan ``deltaplane run`` would execute, run nothing."""
-    plans: list = []
-
-    def execute(plan):
-        plans.append(plan)
-        raise _Started
-
-    monkeypatch.setattr(cli, "_execute", execute)
-    return plans
 
 
 @pytest.mark.parametrize("small", ["1", "0"])
@@ -47,7 +31,7 @@ def test_a_guide_command_that_fits_runs_small(byo_task, no_runs, monkeypatch, tm
     monkeypatch.setenv("DELTAPLANE_SMALL", "1")
     args = ["run", "--task", byo_task, "--clients", "5", "--alpha", "2.0", "-o", str(tmp_path / "o")]
     r = CliRunner().invoke(cli.app, args)
-    assert isinstance(r.exception, _Started), r.output
+    assert isinstance(r.exception, PlanStarted), r.output
     (plan,) = no_runs
     assert [(name, c.clients, c.alpha) for name, c in plan] == [("baseline", 4, 2.0), ("compressed", 4, 2.0)]
 
@@ -58,7 +42,7 @@ def test_small_runs_keep_the_devices_a_task_brings(no_runs, monkeypatch, tmp_pat
     monkeypatch.setenv("DELTAPLANE_SMALL", "1")
     args = ["run", "--task", "charlm", "--task-option", "devices=6", "--task-option", "per_device=20"]
     r = CliRunner().invoke(cli.app, [*args, "--clients", "6", "-o", str(tmp_path / "o")])
-    assert isinstance(r.exception, _Started), r.output
+    assert isinstance(r.exception, PlanStarted), r.output
     assert [(c.clients, c.rounds) for _, c in no_runs[0]] == [(6, 2), (6, 2)]
 
 
@@ -74,5 +58,5 @@ def test_small_runs_keep_enough_devices_for_their_options(
     fewest devices at which the options hold (0.1 · 6 rounds to one attacker; Krum needs n > 4)."""
     monkeypatch.setenv("DELTAPLANE_SMALL", "1")
     r = CliRunner().invoke(cli.app, ["run", *options, "-o", str(tmp_path / "o")])
-    assert isinstance(r.exception, _Started), r.output
+    assert isinstance(r.exception, PlanStarted), r.output
     assert {c.clients for _, c in no_runs[0]} == {devices}
