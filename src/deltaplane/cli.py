@@ -597,7 +597,7 @@ def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
     """Fit ``--secagg-neighbours`` and ``--(no-)secagg`` (in ``changes``) to the config's SecAgg, like every flag
     over ``--config``: the flag wins. ``--secagg-neighbours`` needs SecAgg on in the run (``--secagg`` or the
     config's ``secagg.enabled``), never silently dropped; ``--no-secagg`` turns SecAgg off together with the
-    config's SecAgg+ degree, which means nothing without it. The degree itself is checked by the config."""
+    config's SecAgg+ degree and distributed DP's ``secagg.min_contributors``, which mean nothing without it. The degree itself is checked by the config."""
     secagg = changes.get("secagg", cfg.secagg)
     degree = changes.get("secagg_neighbours")
     if degree is not None and not secagg:
@@ -610,8 +610,12 @@ def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
             f"--secagg-neighbours {degree} is SecAgg+'s degree (how many devices each one masks with); it needs "
             f"secure aggregation: {how}"
         )
-    if not secagg and "secagg_neighbours" not in changes and cfg.secagg_neighbours is not None:
-        changes["secagg_neighbours"] = None
+    if (
+        not secagg
+    ):  # SecAgg's own settings go with it (a flag that sets one was refused above or by the config)
+        for name in ("secagg_neighbours", "secagg_min_contributors"):
+            if name not in changes and getattr(cfg, name) is not None:
+                changes[name] = None
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"

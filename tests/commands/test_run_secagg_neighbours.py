@@ -109,6 +109,21 @@ def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(no_runs, tm
     assert {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(False, None)}
 
 
+def test_no_secagg_over_distributed_dp_turns_its_floor_off_too(no_runs, tmp_path: Path) -> None:
+    """`--no-secagg` over a file that runs distributed DP with an unmasking floor was refused
+    ('secagg_min_contributors ... needs secagg and dp_noise'); the floor goes with SecAgg as the degree does, and the
+    run is central DP with the file's noise."""
+    code, output, _ = _run(
+        tmp_path,
+        "--no-secagg",
+        config=TINY + "secagg: {enabled: true, min_contributors: 4}\nprivacy: {clip: 2.0, noise: 0.8}\n",
+    )
+    assert code == 1 and no_runs, output
+    assert {(c.secagg, c.secagg_min_contributors, c.dp_noise) for c in _configs(no_runs)} == {
+        (False, None, 0.8)
+    }
+
+
 @pytest.mark.parametrize(
     ("args", "config", "fix"),
     [
