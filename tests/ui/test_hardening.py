@@ -4,6 +4,8 @@ broken registries. Plain HTTP (FastAPI's TestClient), no browser: each test is a
 from __future__ import annotations
 
 import json
+import os
+import threading
 from html import unescape
 from pathlib import Path
 
@@ -658,6 +660,166 @@ def test_a_run_still_being_written_is_not_listed(tmp_path):
     r = c.get("/ui/run", params={"report": stage.name, "name": "half_written"}, headers=BEARER)
     assert r.status_code == 404
     assert c.get("/ui/run", params={"report": "done", "name": "finished"}, headers=BEARER).status_code == 200
+
+
+# -- the search for reports: bounded in depth and entries, no linked folders -----------------------------------
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s value, failing the test (rather than hanging it) if it takes longer than ``seconds``."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    assert out, "raised (see the thread's traceback above)"
+    return out[0]
+
+
+class _CountingScandir:
+    """``os.scandir`` counting the entries it hands out and the folders it opens; it raises ``error`` (by default
+    EACCES) for the folder ``refuse``."""
+
+    def __init__(self, monkeypatch, refuse: Path | None = None, error: OSError | None = None) -> None:
+        self.entries = 0
+        self.opened: list[str] = []
+        real = os.scandir
+        outer = self
+
+        class Counted:
+            def __init__(self, path) -> None:
+                self.it = real(path)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                self.it.close()
+
+            def __iter__(self):
+                for entry in self.it:
+                    outer.entries += 1
+                    yield entry
+
+        def scandir(path="."):
+            outer.opened.append(os.fspath(path))
+            if refuse is not None and os.fspath(path) == os.fspath(refuse):
+                raise error or PermissionError(13, "Permission denied", os.fspath(path))
+            return Counted(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_linked_folders_in_the_runs_folder_are_not_entered(tmp_path, monkeypatch):
+    """A link to the runs folder itself, to its parent or to ``/`` must not make the search endless, repeat
+    runs under a second name, or walk the whole disk."""
+    runs = tmp_path / "runs"
+    _report(runs, "a", _good("a"))
+    (runs / "a" / "loop").symlink_to(runs, target_is_directory=True)
+    (runs / "up").symlink_to(tmp_path, target_is_directory=True)
+    (runs / "disk").symlink_to("/", target_is_directory=True)
+    count = _CountingScandir(monkeypatch)
+    page = _within(30, lambda: _ui(runs).get("/ui/runs", headers=BEARER).text)
+    assert page.count('name="run"') == 1 and "a / a" in page
+    assert not any(("loop" in p or "up" in Path(p).parts or "disk" in p) for p in count.opened), count.opened
+    assert 'id="search-notes"' not in page
+
+
+def test_a_linked_report_json_inside_the_runs_folder_is_listed(tmp_path):
+    """docs/dashboard.md: only a report.json linked to a file *outside* --runs is left out; a link inside is
+    listed under its own folder, though the search enters no linked folder."""
+    runs = tmp_path / "runs"
+    _report(runs, "real", _good("r"))
+    (runs / "alias").mkdir()
+    (runs / "alias" / "report.json").symlink_to(runs / "real" / "report.json")
+    c = _ui(runs)
+    page = c.get("/ui/runs", headers=BEARER).text
+    assert "real / r" in page and "alias / r" in page and 'id="skipped-reports"' not in page
+    assert c.get("/ui/run", params={"report": "alias", "name": "r"}, headers=BEARER).status_code == 200
+
+
+def test_a_run_deeper_than_the_search_depth_is_not_listed(tmp_path):
+    """docs/dashboard.md: folders at most six levels below --runs are searched."""
+    runs = tmp_path / "runs"
+    _report(runs, "l1/l2/l3/l4/l5/l6", _good("deepest"))
+    _report(runs, "l1/l2/l3/l4/l5/l6/l7", _good("too_deep"))
+    page = _ui(runs).get("/ui/runs", headers=BEARER).text
+    assert "l1/l2/l3/l4/l5/l6 / deepest" in page and "too_deep" not in page
+
+
+def test_a_runs_folder_over_the_entry_limit_is_cut_with_a_note(tmp_path, monkeypatch):
+    """Every overview searches the runs folder again: one holding a dataset (or --runs pointed at a home
+    folder) was walked to its last file on every view. The search stops at its limit and the page says so."""
+    import deltaplane.ui.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_WALK_ENTRIES", 500, raising=False)  # absent before
+    runs = tmp_path / "runs"
+    _report(runs, "shallow", _good("kept"))
+    (runs / "data" / "x").mkdir(parents=True)
+    for i in range(3000):
+        (runs / "data" / "x" / f"{i}.bin").touch()
+    c = _ui(runs)
+    count = _CountingScandir(monkeypatch)
+    for page in ("/ui/", "/ui/runs"):
+        text = unescape(_within(30, lambda page=page: c.get(page, headers=BEARER).text))
+        notes = text.split('id="search-notes"')[1]
+        assert (
+            "stopped after 500 files and folders (the limit" in notes
+            and "Point --runs at a smaller folder" in notes
+        )
+        assert "shallow / kept" in text  # breadth first: the shallow run is found before the cut
+    assert count.entries <= 2 * 501, count.entries  # two views, each at most one past the limit
+
+
+def test_the_search_does_not_enter_hidden_folders(tmp_path, monkeypatch):
+    """A hidden folder (a run being written, a .git or .venv beside the runs) is never listed: the search does
+    not read it at all."""
+    runs = tmp_path / "runs"
+    _report(runs, "a", _good("a"))
+    (runs / ".venv").mkdir()
+    for i in range(2000):
+        (runs / ".venv" / f"{i}.py").touch()
+    count = _CountingScandir(monkeypatch)
+    assert "a / a" in _ui(runs).get("/ui/runs", headers=BEARER).text
+    assert not any(".venv" in p for p in count.opened) and count.entries < 10, count.entries
+
+
+@pytest.mark.parametrize("how", ["chmod", "simulated"])
+def test_an_unreadable_folder_is_passed_over_with_a_note(tmp_path, monkeypatch, request, how):
+    """A folder the search cannot read is named on the page, not silently passed over. As root (CI containers)
+    a chmod 000 folder is still readable, so the refusal is also simulated at os.scandir."""
+    runs = tmp_path / "runs"
+    _report(runs, "ok", _good("ok"))
+    _report(runs, "locked", _good("hidden_by_permissions"))
+    if how == "chmod":
+        (runs / "locked").chmod(0)
+        request.addfinalizer(lambda: (runs / "locked").chmod(0o755))  # so that tmp_path can be removed
+        try:
+            os.listdir(runs / "locked")
+            pytest.skip("this user reads a chmod 000 folder (root)")
+        except PermissionError:
+            pass
+    else:
+        _CountingScandir(monkeypatch, refuse=runs / "locked")
+    for page in ("/ui/", "/ui/runs"):
+        r = _ui(runs).get(page, headers=BEARER)
+        assert r.status_code == 200 and "ok / ok" in r.text
+        notes = unescape(r.text.split('id="search-notes"')[1])
+        assert "1 folder(s) under the runs folder could not be read" in notes
+        assert "locked (Permission denied)" in notes and "hidden_by_permissions" not in r.text
+
+
+def test_a_folder_removed_while_the_search_runs_is_no_error_and_no_note(tmp_path, monkeypatch):
+    """`deltaplane run -o runs/out` moves the output it replaces away and deletes it: a folder listed by the search
+    may be gone when it is opened. The page must not fail, nor report the vanished folder as unreadable."""
+    runs = tmp_path / "runs"
+    _report(runs, "ok", _good("ok"))
+    (runs / "gone").mkdir()
+    _CountingScandir(
+        monkeypatch, refuse=runs / "gone", error=FileNotFoundError(2, "No such file or directory")
+    )
+    r = _ui(runs).get("/ui/runs", headers=BEARER)
+    assert r.status_code == 200 and "ok / ok" in r.text and 'id="search-notes"' not in r.text
 
 
 # -- bad query parameters --------------------------------------------------------------------------------------

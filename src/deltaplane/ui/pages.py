@@ -158,12 +158,20 @@ def _skipped(skipped: Sequence[tuple[str, str]]) -> str:
     return f'<div id="skipped-reports"><p class="bad">{len(skipped)} report(s) left out:</p><ul>{items}</ul></div>'
 
 
+def _search_notes(notes: Sequence[str]) -> str:
+    """A visible note for what the search for reports could not cover (cut short, unreadable folders)."""
+    if not notes:
+        return ""
+    return '<div id="search-notes">' + "".join(f'<p class="bad">{escape(n)}</p>' for n in notes) + "</div>"
+
+
 def home_page(
     runs: Sequence[Mapping[str, Any]],
     models: int,
     fleet: Mapping[str, Any] | None,
     skipped: Sequence[tuple[str, str]] = (),
     registry_error: str = "",
+    search_notes: Sequence[str] = (),
 ) -> str:
     open_rounds = len(fleet.get("open_rounds", [])) if fleet else None
     devices = len(fleet.get("devices", [])) if fleet else None
@@ -187,6 +195,7 @@ def home_page(
         "Overview",
         f'<div class="cards">{cards}</div>{fleet_note}<h2>Latest runs</h2>'
         + _table(["run", "final test accuracy"], [latest])
+        + _search_notes(search_notes)
         + _skipped(skipped)
         + (
             f'<p class="bad" id="registry-error">registry: {escape(registry_error)}</p>'
@@ -198,7 +207,10 @@ def home_page(
 
 
 def runs_page(
-    runs: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[str, str]] = (), page: int = 1
+    runs: Sequence[Mapping[str, Any]],
+    skipped: Sequence[tuple[str, str]] = (),
+    page: int = 1,
+    search_notes: Sequence[str] = (),
 ) -> str:
     rows = []
     for r in _page_of(runs, page):
@@ -234,7 +246,8 @@ def runs_page(
     body = (
         '<form method="get" action="/ui/compare"><p>Tick two runs and '
         '<button type="submit">compare</button> them side by side.</p>'
-        f"{table}</form>{_pager('/ui/runs', {}, 'page', page, len(runs))}{_skipped(skipped)}"
+        f"{table}</form>{_pager('/ui/runs', {}, 'page', page, len(runs))}"
+        f"{_search_notes(search_notes)}{_skipped(skipped)}"
     )
     return _page("Runs", body, here="/ui/runs")
 

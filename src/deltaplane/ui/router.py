@@ -358,7 +358,9 @@ def create_ui_router(
         def render() -> str:
             listing = runs.listing()
             models, problem = model_count_or_error()
-            return pages.home_page(listing.rows, models, snapshot(), listing.skipped, problem)
+            return pages.home_page(
+                listing.rows, models, snapshot(), listing.skipped, problem, search_notes=listing.notes
+            )
 
         return guarded(render)
 
@@ -366,7 +368,7 @@ def create_ui_router(
     def runs_list(page: Page = 1) -> Response:
         def render() -> str:
             listing = runs.listing()
-            return pages.runs_page(listing.rows, listing.skipped, page)
+            return pages.runs_page(listing.rows, listing.skipped, page, search_notes=listing.notes)
 
         return guarded(render)
 

@@ -11,9 +11,10 @@ import math
 import os
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ FleetSource = Callable[[], Mapping[str, Any]]
 MAX_REPORT_BYTES = 64 << 20
 #: At most this many report.json files are listed (newest first).
 MAX_REPORTS = 500
+#: Folders more than this many levels below the runs folder are not searched: ``runs/a/b/c/d/e/f/report.json`` is
+#: the deepest report listed.
+MAX_RUNS_DEPTH = 6
+#: The search for reports stops after this many folder entries (files and folders alike), and the pages say so:
+#: every overview is a fresh search, and a runs folder holding a dataset or a home folder must not stall it.
+MAX_WALK_ENTRIES = 100_000
 #: Rows per page of the long tables (runs, a model's versions, tag moves and decisions).
 PAGE_ROWS = 50
 
@@ -62,6 +69,19 @@ class Listing:
 
     rows: list[dict[str, Any]]
     skipped: list[tuple[str, str]]
+    #: Sentences on what the search for reports could not cover (stopped at its entry limit, unreadable
+    #: folders); empty when it saw the whole folder down to :data:`MAX_RUNS_DEPTH`.
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What one search of the runs folder found: (mtime_ns, size, path) of each report.json, whether it stopped
+    at :data:`MAX_WALK_ENTRIES`, and (folder, why) of each folder it could not read."""
+
+    found: list[tuple[int, int, Path]]
+    cut: bool
+    unreadable: list[tuple[str, str]]
 
 
 def _is_number(x: Any) -> bool:
@@ -103,7 +123,8 @@ def check_report(doc: dict[str, Any], where: str) -> dict[str, Any]:
 
 class RunsSource:
     """The runs under a folder: every ``report.json`` below ``root`` outside hidden folders (a run being written,
-    see :func:`_hidden`), at most :data:`MAX_REPORTS`."""
+    see :func:`_hidden`) and linked folders, at most :data:`MAX_RUNS_DEPTH` levels down and within
+    :data:`MAX_WALK_ENTRIES` entries (see :func:`_search`), at most :data:`MAX_REPORTS`."""
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).resolve() if root is not None else None
@@ -114,26 +135,16 @@ class RunsSource:
 
     def reports(self) -> list[tuple[str, Path]]:
         """(relative folder, path) of each report.json, newest first."""
-        return [(rel, path) for rel, path, _ in self._found()]
+        return [(rel, path) for rel, path, _ in self._found(_search(self.root))]
 
-    def _found(self) -> list[tuple[str, Path, tuple[int, int]]]:
-        """(relative folder, path, (mtime_ns, size)) of each report.json, newest first."""
-        if self.root is None or not self.root.is_dir():
+    def _found(self, search: _Search) -> list[tuple[str, Path, tuple[int, int]]]:
+        """(relative folder, path, (mtime_ns, size)) of each report.json ``search`` found, newest first."""
+        root = self.root
+        if root is None:
             return []
-        found = []
-        for path in self.root.rglob("report.json"):
-            if _hidden(path.parent.relative_to(self.root)):
-                continue
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if st.st_size <= MAX_REPORT_BYTES:
-                found.append((st.st_mtime_ns, st.st_size, path))
-        found.sort(reverse=True)
         out = []
-        for mtime_ns, size, path in found[:MAX_REPORTS]:
-            rel = path.parent.relative_to(self.root).as_posix()
+        for mtime_ns, size, path in sorted(search.found, reverse=True)[:MAX_REPORTS]:
+            rel = path.parent.relative_to(root).as_posix()
             out.append((rel or ".", path, (mtime_ns, size)))
         return out
 
@@ -168,7 +179,8 @@ class RunsSource:
         out with the reason, so a malformed file is shown as such instead of breaking the page."""
         rows: list[dict[str, Any]] = []
         skipped: list[tuple[str, str]] = []
-        found = self._found()
+        search = _search(self.root)
+        found = self._found(search)
         for rel, path, stamp in found:
             if not self._inside(path):  # as load() refuses it: its run pages could not be opened
                 skipped.append((rel, "report.json is a link to a file outside the runs folder"))
@@ -190,7 +202,7 @@ class RunsSource:
             keep = {path for _, path, _ in found}
             for path in [p for p in self._parsed if p not in keep]:
                 del self._parsed[path]
-        return Listing(rows, skipped)
+        return Listing(rows, skipped, _notes(search))
 
     def _inside(self, path: Path) -> bool:
         """Whether ``path`` (found under the root) still lies under it once its links are followed."""
@@ -198,6 +210,70 @@ class RunsSource:
             return self.root is not None and path.resolve().is_relative_to(self.root)
         except (OSError, ValueError):
             return False
+
+
+def _search(root: Path | None) -> _Search:
+    """Every report.json in ``root`` and its folders down to :data:`MAX_RUNS_DEPTH` levels, outside hidden
+    folders (see :func:`_hidden`), stopping after :data:`MAX_WALK_ENTRIES` folder entries.
+
+    Breadth first, so a search cut short has still seen the shallow folders, where runs usually are. A linked
+    folder is never entered (a link to ``/`` or to its own parent would make the search endless or
+    repetitive), but a linked ``report.json`` file is listed (:meth:`RunsSource.listing` then leaves it out if
+    it points outside the root). A folder that cannot be read is recorded and passed over.
+    """
+    found: list[tuple[int, int, Path]] = []
+    unreadable: list[tuple[str, str]] = []
+    if root is None or not root.is_dir():
+        return _Search(found, False, unreadable)
+    examined = 0
+    queue: deque[tuple[str, int]] = deque([(str(root), 0)])
+    while queue:
+        folder, depth = queue.popleft()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    examined += 1
+                    if examined > MAX_WALK_ENTRIES:
+                        return _Search(found, True, unreadable)
+                    if entry.name.startswith("."):  # a run being written, or one on its way out
+                        continue
+                    try:
+                        if entry.name == "report.json" and entry.is_file():  # follows a link to a file
+                            st = entry.stat()
+                            if st.st_size <= MAX_REPORT_BYTES:
+                                found.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
+                        elif depth < MAX_RUNS_DEPTH and entry.is_dir(follow_symlinks=False):
+                            queue.append((entry.path, depth + 1))
+                    except OSError:  # gone since it was listed, or a dangling link: nothing to list
+                        continue
+        except (
+            FileNotFoundError,
+            NotADirectoryError,
+        ):  # removed or replaced since it was listed: nothing there
+            continue
+        except OSError as exc:  # unreadable (permissions, I/O): say so, or its runs would vanish unexplained
+            rel = Path(folder).relative_to(root).as_posix()
+            unreadable.append((rel, exc.strerror or type(exc).__name__))
+    return _Search(found, False, unreadable)
+
+
+def _notes(search: _Search) -> list[str]:
+    """The sentences the pages show for what ``search`` could not cover."""
+    notes = []
+    if search.cut:
+        notes.append(
+            f"The search for report.json stopped after {MAX_WALK_ENTRIES:,} files and folders (the limit that "
+            "keeps every view quick), so runs further into the runs folder may be missing from this page. Point "
+            "--runs at a smaller folder that holds only run outputs."
+        )
+    if search.unreadable:
+        shown = "; ".join(f"{rel} ({why})" for rel, why in search.unreadable[:5])
+        more = f"; and {len(search.unreadable) - 5} more" if len(search.unreadable) > 5 else ""
+        notes.append(
+            f"{len(search.unreadable)} folder(s) under the runs folder could not be read, so runs in them are "
+            f"not listed: {shown}{more}."
+        )
+    return notes
 
 
 def _hidden(rel: Path) -> bool:
