@@ -109,6 +109,21 @@ def test_apply_refuses_another_base_and_accepts_its_own() -> None:
     assert torch.equal(d.apply(other, check_base=False)["fc.weight"], other["fc.weight"] + 0.5)
 
 
+def test_a_copy_keeps_the_record_unless_told_otherwise() -> None:
+    """`Delta(d)` used to drop d's base record, so the copy applied to any base without a word."""
+    base = _base()
+    d = dp.Delta.between(base, _tuned(base), record_base=True)
+    other = {k: v.clone() for k, v in base.items()}
+    other["fc.weight"][0, 0] += 1.0
+    copy = dp.Delta(d)
+    assert copy.base_sha256 == d.base_sha256
+    with pytest.raises(dp.BaseMismatch):
+        copy.apply(other)
+    assert dp.Delta(d, base_sha256=dp.base_fingerprint(other)).base_sha256 == dp.base_fingerprint(other)
+    assert dp.Delta(d.with_base_sha256(None)).base_sha256 is None
+    assert dp.Delta(dict(d)).base_sha256 is None  # plain tensors carry no record
+
+
 def test_a_delta_without_a_record_applies_as_before() -> None:
     base = _base()
     d = dp.Delta.between(

@@ -193,6 +193,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 class Delta(Mapping[str, Tensor]):
     """An immutable-by-convention ordered mapping from parameter name to ``new - base`` tensor.
 
+    ``Delta(other_delta)`` keeps ``other_delta``'s base record (:attr:`base_sha256`) unless ``base_sha256`` is
+    given; ``other_delta.with_base_sha256(None)`` drops it.
+
     Example:
         >>> import torch, deltaplane as dp
         >>> base = {"w": torch.zeros(2, 2)}
@@ -216,6 +219,8 @@ class Delta(Mapping[str, Tensor]):
             if not isinstance(t, Tensor):
                 raise TypeError(f"Delta value for '{name}' must be a torch.Tensor, got {type(t).__name__}")
             items[name] = t
+        if base_sha256 is None and isinstance(tensors, Delta):  # a copy keeps what it is a change from
+            base_sha256 = tensors._base_sha256
         if base_sha256 is not None and not is_base_fingerprint(base_sha256):
             raise InvalidUpdate(
                 f"base_sha256 must be 64 lowercase hex digits (what base_fingerprint returns), got {base_sha256!r:.80}"
