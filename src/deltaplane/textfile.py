@@ -1,4 +1,5 @@
-"""Reading a user- or disk-supplied text file whole, bounded: :func:`read_bounded_text`.
+"""Reading a user- or disk-supplied file whole, bounded: :func:`read_bounded_text` (and its bytes,
+:func:`read_bounded_bytes`).
 
 A config, manifest or settings file is read into memory in one piece and parsed; a path that names a multi-GiB
 file, ``/dev/zero`` or a FIFO nobody writes to would exhaust memory or hang the reader. Every such file goes
@@ -22,6 +23,7 @@ __all__ = [
     "REPORT_LIMIT",
     "SETTINGS_LIMIT",
     "TOKENIZER_LIMIT",
+    "read_bounded_bytes",
     "read_bounded_text",
     "read_config_text",
 ]
@@ -56,25 +58,25 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def read_bounded_text(
+def read_bounded_bytes(
     path: str | os.PathLike[str],
     *,
     limit: int,
     what: str,
     error: type[DeltaplaneError] = ConfigError,
-) -> str:
-    """The UTF-8 text of the regular file ``path``, refusing anything larger than ``limit`` bytes.
+) -> bytes:
+    """The bytes of the regular file ``path``, refusing anything larger than ``limit`` bytes.
 
     Args:
         path: the file.
         limit: the most bytes accepted (one of this module's ``*_LIMIT`` constants).
-        what: what the file is, for messages ("run config", "bundle manifest").
+        what: what the file is, for messages ("run config", "tokenizer file").
         error: the :class:`~deltaplane.errors.DeltaplaneError` subclass raised (default
             :class:`~deltaplane.errors.ConfigError`).
 
     Raises:
-        error: the file cannot be opened, is not a regular file (a FIFO, a device, a directory), is larger than
-            ``limit``, or is not UTF-8; the message names the file and what to do.
+        error: the file cannot be opened, is not a regular file (a FIFO, a device, a directory) or is larger
+            than ``limit``; the message names the file and what to do.
     """
     p = Path(path)
     flags = (
@@ -108,10 +110,34 @@ def read_bounded_text(
         os.close(fd)
     if got > limit:
         raise error(f"{p}: {what} grew past the {_size(limit)} limit for a {what} while being read")
+    return b"".join(chunks)
+
+
+def read_bounded_text(
+    path: str | os.PathLike[str],
+    *,
+    limit: int,
+    what: str,
+    error: type[DeltaplaneError] = ConfigError,
+) -> str:
+    """The UTF-8 text of the regular file ``path``, refusing anything larger than ``limit`` bytes.
+
+    Args:
+        path: the file.
+        limit: the most bytes accepted (one of this module's ``*_LIMIT`` constants).
+        what: what the file is, for messages ("run config", "bundle manifest").
+        error: the :class:`~deltaplane.errors.DeltaplaneError` subclass raised (default
+            :class:`~deltaplane.errors.ConfigError`).
+
+    Raises:
+        error: as :func:`read_bounded_bytes`, or the file is not UTF-8; the message names the file and what to
+            do.
+    """
+    data = read_bounded_bytes(path, limit=limit, what=what, error=error)
     try:
-        return b"".join(chunks).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{p}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        raise error(f"{Path(path)}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def read_config_text(path: str | os.PathLike[str], *, what: str = "config file") -> str:

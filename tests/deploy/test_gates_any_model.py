@@ -219,6 +219,28 @@ def test_token_model_without_tokenizer_is_refused_unless_given_one(app, tmp_path
     assert r.exit_code == 2 and "vocab_size 97" in r.output, r.output
 
 
+@pytest.mark.parametrize("fifo", ["tokenizer.json", "vocab.txt", "sentences"])
+def test_a_fifo_among_the_tokenizer_files_or_sentences_is_refused_not_waited_on(app, tmp_path, fifo):
+    """AutoTokenizer.from_pretrained opened the --tokenizer folder's files itself and `--sentences` was read
+    whole with read_text: a FIFO there blocked deploy for good (and a multi-GiB file was read into memory)."""
+    from tests.test_textfile import _returns
+
+    folder, _ = _tiny_hf(tmp_path, "bert-cls")
+    _word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(95)])
+    args = ["deploy", str(folder), "--tokenizer", str(tmp_path / "tok"), "-o", str(tmp_path / "out")]
+    if fifo == "sentences":
+        os.mkfifo(tmp_path / "s.txt")
+        args += ["--sentences", str(tmp_path / "s.txt")]
+    else:
+        (tmp_path / "tok" / fifo).unlink(missing_ok=True)
+        os.mkfifo(tmp_path / "tok" / fifo)
+    results: list = []
+    assert _returns(lambda: results.append(CliRunner().invoke(app, args))) is None
+    (r,) = results
+    assert r.exit_code == 2 and "must be a regular file, not a FIFO" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()
+
+
 USER_MODULE = textwrap.dedent(
     """
     from torch import nn

@@ -195,18 +195,40 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+#: the SentencePiece models some tokenizers are made of (T5's, XLM-R's), besides merging.output.TOKENIZER_FILES
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model")
 
 
 def _load_tokenizer(folder: Path, config: dict[str, Any], option: str):
-    """The tokenizer saved in ``folder`` (``from_pretrained``, offline), checked against the model's vocabulary."""
+    """The tokenizer saved in ``folder`` (``from_pretrained``, offline), checked against the model's vocabulary.
+
+    ``from_pretrained`` opens the files itself, unbounded: a FIFO named ``vocab.txt`` would hang it and a
+    multi-GiB ``tokenizer.json`` exhaust memory. So the files a tokenizer is made of are first read through the
+    bounded reader (regular files of at most :data:`~deltaplane.textfile.TOKENIZER_LIMIT` each) into a private
+    folder, and the tokenizer is loaded from that copy (no race with the user's folder changing meanwhile)."""
+    import os
+    import tempfile
+
     from transformers import AutoTokenizer
 
     from deltaplane.errors import ConfigError
+    from deltaplane.merging.output import CONFIG_FILES
+    from deltaplane.merging.output import TOKENIZER_FILES as FILES
+    from deltaplane.textfile import TOKENIZER_LIMIT, read_bounded_bytes
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"the tokenizer files in {folder} ({option}) do not load ({e})") from e
+    with tempfile.TemporaryDirectory(prefix="deltaplane-tokenizer-") as tmp:
+        for name in (*FILES, *SENTENCEPIECE_FILES, *CONFIG_FILES):
+            if os.path.lexists(folder / name):
+                data = read_bounded_bytes(
+                    folder / name, limit=TOKENIZER_LIMIT, what=f"tokenizer file ({option})"
+                )
+                (Path(tmp) / name).write_bytes(data)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"the tokenizer files in {folder} ({option}) do not load ({str(e).replace(tmp, str(folder))})"
+            ) from e
     vocab = int(config.get("vocab_size") or 0)
     if vocab and len(tokenizer) > vocab:
         raise ConfigError(
@@ -237,13 +259,15 @@ def _token_inputs(
     from deltaplane.deploy.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES, corpus_split
     from deltaplane.deploy.tokens import random_tokens, tokens_from_sentences
     from deltaplane.errors import ConfigError, MissingTokenizer
+    from deltaplane.textfile import CONFIG_LIMIT, read_bounded_text
 
     os.environ.setdefault(
         "HF_HUB_OFFLINE", "1"
     )  # never reach for the hub: the tokenizer ships with the model
     eval_sentences = EVAL_SENTENCES
     if sentences is not None:
-        eval_sentences = [line.strip() for line in sentences.read_text().splitlines() if line.strip()]
+        text = read_bounded_text(sentences, limit=CONFIG_LIMIT, what="--sentences file")
+        eval_sentences = [line.strip() for line in text.splitlines() if line.strip()]
         if not eval_sentences:
             raise ConfigError(f"--sentences {sentences} holds no sentence")
     tokenizer = None
