@@ -55,6 +55,7 @@ def start_server(home: Path, token: str, secret: str) -> tuple[subprocess.Popen,
     cmd = [
         sys.executable, "-m", "deltaplane.cli", "serve", "--home", str(home), "--port", str(port),
         "--downlink-codec", "identity", "--rate", "1000", "--burst", "1000",
+        "--max-examples", "1000",  # the devices hold under 120 examples; a 16-bit weighted ring carries 65,535
     ]  # fmt: skip
     env = {
         **os.environ,

@@ -794,7 +794,8 @@ def register(app: typer.Typer) -> None:
         max_examples: Annotated[
             float,
             typer.Option(
-                help="Largest num_examples an upload may claim (its weight in FedAvg); 422 above it."
+                help="Largest num_examples an upload may claim (its weight in FedAvg); 422 above it. A weighted "
+                "SecAgg round must carry it: bits-bit rings carry counts up to 2^bits - 1 (422 at open otherwise)."
             ),
         ] = 100_000,
         max_connections: Annotated[

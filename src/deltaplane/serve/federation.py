@@ -164,8 +164,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
         # process); the service's sanity guard (10x the base model's norm) would refuse what the engine
         # accepts: an attacker's scaled update, every local-DP device's noise
         max_update_norm_ratio=None,
-        # the devices' true sizes are known: each may claim its own, however large (as in process)
-        max_examples=examples_bound(c.num_samples for c in clients),
+        # the devices' true sizes are known: each may claim its own, however large (as in process), within
+        # what a weighted SecAgg ring carries (the service refuses to open a ring below its bound)
+        max_examples=_examples_bound(config, clients),
         simulated_devices=True,  # the engine's client step runs every device-side option (attack included)
     )
     spec, reference = drift_reference(task, clients)
@@ -343,6 +344,20 @@ def _plain_round(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )
     return opened, admin.close_round(MODEL, opened["round"]), uplink, rejected
+
+
+def _examples_bound(config: RunConfig, clients: list) -> float:
+    """The service's ``max_examples`` for a simulated federation: :func:`examples_bound` (each device may claim
+    its own size), lowered for a weighted SecAgg run to the largest count its ring carries (the service refuses
+    to open a round on a ring below its bound). A device holding more than that fits no driver's ring: it refuses
+    the invitation here, and in process its count is refused when it is encoded."""
+    bound = examples_bound(c.num_samples for c in clients)
+    # weighted (as secure_weight_scale weighs it): each device's count travels in the ring's weight slot
+    if config.secagg and config.dp_noise <= 0:
+        from deltaplane.aggregation.secagg import max_ring_weight
+
+        bound = min(bound, float(max_ring_weight(config.secagg_bits)))
+    return bound
 
 
 def _secagg_round(

@@ -43,6 +43,7 @@ never existed.
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from array import array
@@ -74,6 +75,7 @@ from deltaplane.aggregation.secagg import (
     decode_message,
     default_threshold,
     group_size,
+    max_ring_weight,
     round_neighbours,
 )
 from deltaplane.delta import Delta
@@ -169,13 +171,17 @@ class FinishedRound:
         raise HTTPException(409, f"{head} closed (published as version {version}); it takes no more messages")
 
 
+#: the most bits per value a SecAgg round may be opened with
+MAX_OPEN_BITS = 24
+
+
 class OpenSecAggRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     devices: list[Annotated[str, Field(pattern=NAME, max_length=128)]] = Field(
         min_length=2, max_length=100_000
     )
     bits: int | None = Field(
-        default=None, ge=2, le=24, description="bits per value (default: federation's or 16)"
+        default=None, ge=2, le=MAX_OPEN_BITS, description="bits per value (default: federation's or 16)"
     )
     clip_range: float | None = Field(
         default=None,
@@ -259,6 +265,37 @@ def _check_message_caps(cfg: SecAggConfig, max_upload_bytes: int) -> None:
                 f"max_upload_bytes of {max_upload_bytes}, so every device's would be refused; restart the "
                 f"service with --max-upload-bytes {need} or more, or invite fewer devices / use fewer bits"
             )
+
+
+def check_ring_carries(encoding: RingEncoding, max_examples: float) -> None:
+    """Refuse to open a weighted round whose ring cannot carry every example count the service admits.
+
+    A device refuses an invitation whose weighted ring cannot carry its example count, before it trains
+    (:meth:`~deltaplane.aggregation.secagg.DeviceEndpoint.check_update`, through
+    :meth:`RingEncoding.check_weight`); this applies the same check to the largest count the service admits
+    (``max_examples``, ``deltaplane serve --max-examples``), so a round is never opened that a device the
+    service admits would sit out. An unweighted ring (``weight_scale`` 0) carries any count.
+
+    Raises:
+        ConfigError: the ring's weight slot (``bits`` bits) is too small for ``max_examples``.
+    """
+    most = math.floor(max_examples)
+    try:
+        encoding.check_weight(most)
+    except SecAggError:
+        top, need = max_ring_weight(encoding.bits), most.bit_length()
+        more = (
+            f"open it with bits: {need} or more (secagg.bits in the service's --federation YAML, when the open "
+            "names no bits), or "
+            if need <= MAX_OPEN_BITS
+            else ""
+        )
+        raise ConfigError(
+            f"a weighted SecAgg round of {encoding.bits}-bit codes carries example counts up to {top} "
+            f"(2^{encoding.bits} - 1), but this service admits up to {most} per device (max_examples): a device "
+            f"holding more than {top} would refuse the invitation. Fix: {more}open it with weight_scale: 0 (an "
+            f"unweighted mean), or restart the service with --max-examples {top} or less"
+        ) from None
 
 
 def install_secagg_routes(
@@ -581,6 +618,8 @@ def install_secagg_routes(
             vector = encoding.vector_size(like)
         except SecAggError as exc:
             raise ConfigError(str(exc)) from None
+        # devices check their example count fits the ring before they train: refuse a ring some would refuse
+        check_ring_carries(encoding, config.max_examples)
 
         def make(number: int) -> SecAggConfig:
             cfg = SecAggConfig(

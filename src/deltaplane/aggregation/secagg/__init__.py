@@ -3,7 +3,7 @@
 Needs the ``cryptography`` package (the ``aggregation`` extra); import this subpackage explicitly.
 """
 
-from deltaplane.aggregation.secagg.encoding import RingEncoding
+from deltaplane.aggregation.secagg.encoding import RingEncoding, max_ring_weight
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
 from deltaplane.aggregation.secagg.errors import (
     SecAggError,
@@ -66,6 +66,7 @@ __all__ = [
     "dequantize_sum",
     "exchange",
     "group_size",
+    "max_ring_weight",
     "min_group_size",
     "neighbours",
     "neighbours_of",

@@ -23,7 +23,13 @@ from deltaplane.aggregation.secagg.ring import dequantize_sum, quantize
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError
 
-__all__ = ["RingEncoding"]
+__all__ = ["RingEncoding", "max_ring_weight"]
+
+
+def max_ring_weight(bits: int) -> int:
+    """The largest example count a weighted ring of ``bits``-bit codes carries: ``2^bits − 1``, the top of its
+    weight slot (:meth:`RingEncoding.check_weight` refuses anything above it)."""
+    return (1 << bits) - 1
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,9 @@ class RingEncoding:
         """Refuse a weight this ring cannot carry: a weighted ring puts the example count in one ``bits``-bit
         slot, so it must be an integer in ``[1, 2^bits)`` (any weight fits an unweighted ring: its slot is 1).
         A device knows its count before it trains, so it can refuse a round here before spending a pass."""
-        if self.weighted and (not isinstance(weight, int | np.integer) or not 1 <= weight < (1 << self.bits)):
+        if self.weighted and (
+            not isinstance(weight, int | np.integer) or not 1 <= weight <= max_ring_weight(self.bits)
+        ):
             raise SecAggError(
                 f"a weighted SecAgg round needs an integer example count in [1, 2^{self.bits}). Found {weight!r}"
             )
