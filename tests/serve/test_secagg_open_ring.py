@@ -157,3 +157,13 @@ def test_transport_http_secagg_with_a_16_bit_weighted_ring_runs() -> None:
     for k, v in local.final_state.items():
         assert torch.equal(http.final_state[k], v), k
     assert np.isfinite([r.test_accuracy for r in http.rounds]).all()
+
+
+def test_a_default_service_opens_a_weighted_round_that_names_no_bits(service_factory) -> None:
+    """With no --federation an open that names no bits used 16-bit rings, which cannot carry the default
+    --max-examples (100,000 > 2^16 − 1): every such weighted open was refused. It now takes a run config's
+    default ring (20 bits: counts up to 1,048,575), as a federation that sets no secagg.bits does."""
+    svc = service_factory()
+    assert 2**16 - 1 < 100_000 <= 2**20 - 1
+    opened = _open(svc, weight_scale=20.0)
+    assert opened["config"]["bits"] == RunConfig().secagg_bits == 20

@@ -79,6 +79,7 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.delta import Delta
+from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
@@ -181,7 +182,10 @@ class OpenSecAggRequest(BaseModel):
         min_length=2, max_length=100_000
     )
     bits: int | None = Field(
-        default=None, ge=2, le=MAX_OPEN_BITS, description="bits per value (default: federation's or 16)"
+        default=None,
+        ge=2,
+        le=MAX_OPEN_BITS,
+        description="bits per value (default: the federation's secagg.bits, or a run config's default, 20)",
     )
     clip_range: float | None = Field(
         default=None,
@@ -561,7 +565,8 @@ def install_secagg_routes(
                 "this service's federation chain looks at individual updates, which SecAgg hides; "
                 "set secagg: true in the --federation YAML to run SecAgg rounds"
             )
-        bits = body.bits if body.bits is not None else (run.secagg_bits if run is not None else 16)
+        # without a federation, a run config's default: 20-bit rings carry any count --max-examples admits by default
+        bits = body.bits if body.bits is not None else (run if run is not None else RunConfig()).secagg_bits
         clip_range = (
             body.clip_range if body.clip_range is not None else (run.secagg_range if run is not None else 1.0)
         )
