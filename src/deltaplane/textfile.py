@@ -120,19 +120,9 @@ def read_bounded_text(
     what: str,
     error: type[DeltaplaneError] = ConfigError,
 ) -> str:
-    """The UTF-8 text of the regular file ``path``, refusing anything larger than ``limit`` bytes.
-
-    Args:
-        path: the file.
-        limit: the most bytes accepted (one of this module's ``*_LIMIT`` constants).
-        what: what the file is, for messages ("run config", "bundle manifest").
-        error: the :class:`~deltaplane.errors.DeltaplaneError` subclass raised (default
-            :class:`~deltaplane.errors.ConfigError`).
-
-    Raises:
-        error: as :func:`read_bounded_bytes`, or the file is not UTF-8; the message names the file and what to
-            do.
-    """
+    """The UTF-8 text of the regular file ``path``, refusing anything larger than ``limit`` bytes: the arguments
+    and refusals of :func:`read_bounded_bytes` ("run config", "bundle manifest" for ``what``), and ``error``
+    also when the file is not UTF-8, naming the byte."""
     data = read_bounded_bytes(path, limit=limit, what=what, error=error)
     try:
         return data.decode("utf-8")
