@@ -741,8 +741,10 @@ def coordinate(
     Each round is SecAgg when ``config.secagg`` (the service refuses plain rounds then), else plain. A stage (a
     plain round's uploads; each SecAgg stage) waits until every device still in the round has spoken or
     ``deadline`` seconds pass; latecomers are dropouts. A round the service cannot complete (too few devices
-    for SecAgg's threshold) is reported as failed and the next one starts; a round that would exceed the
-    privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to.
+    for SecAgg's threshold) is reported as failed and the next one starts; a round the service refuses to open
+    as configured (422: a ring too small for ``--max-examples``, fewer devices than distributed DP's floor...)
+    is reported and ends the run, since every later open would be the same request; a round that would exceed
+    the privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to.
 
     A service that stops answering (a restart, an outage) is waited for up to ``patience`` seconds at a time
     (:class:`Patient`; ``say`` hears what it waits for, default: a log warning), and the time it was down does
@@ -790,6 +792,14 @@ def coordinate(
                 raise exc from None
             summary = RoundSummary(index, kind, number, len(names), 0, None, None, time.perf_counter() - t0)
             summary.failed = exc.detail
+            if number == 0 and exc.status == 422:  # the open itself: the same devices and config every round
+                summary.failed += (
+                    " (the service refuses this open; every later round would be refused alike: stopped)"
+                )
+                done.append(summary)
+                if progress is not None:
+                    progress(summary)
+                break
         else:
             summary = RoundSummary(
                 index, kind, number, len(names), n, version, measured.get("epsilon"),
