@@ -19,6 +19,7 @@ from deltaplane.errors import ConfigError, DeltaplaneError
 
 __all__ = [
     "CONFIG_LIMIT",
+    "KEY_LIMIT",
     "MANIFEST_LIMIT",
     "REPORT_LIMIT",
     "SETTINGS_LIMIT",
@@ -39,6 +40,8 @@ MANIFEST_LIMIT = 16 * MIB
 REPORT_LIMIT = 256 * MIB
 #: a registry's settings file (a handful of keys)
 SETTINGS_LIMIT = 1 * MIB
+#: key, certificate, trusted-key and token files (a PEM key or a list of public keys is kilobytes)
+KEY_LIMIT = 1 * MIB
 
 
 def _size(n: int) -> str:

@@ -29,6 +29,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
+from deltaplane.textfile import KEY_LIMIT, read_bounded_text
 
 if TYPE_CHECKING:
     import ssl
@@ -264,7 +265,7 @@ def register(app: typer.Typer) -> None:
                     "applies only models signed by it"
                 )
             run = _federation(federation).replace(threads=threads)
-            token = token_file.read_text().strip()
+            token = read_bounded_text(token_file, limit=KEY_LIMIT, what="device token file").strip()
             conn = DeviceClient(url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca))
             dev = load_device(conn, run, device, model=model)
             dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)

@@ -293,7 +293,13 @@ def register(app: typer.Typer) -> None:
 
         with _errors(OSError):  # OSError: a --key-file that cannot be read
             reg = Registry(_home(home))
-            new = parse_key(key_file.read_bytes(), str(key_file)) if key_file else None
+            from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+            new = (
+                parse_key(read_bounded_bytes(key_file, limit=KEY_LIMIT, what="--key-file"), str(key_file))
+                if key_file
+                else None
+            )
             done = reg.rotate_kek(new)
         console.print(f"{done.rewrapped} blobs re-wrapped with key {done.current}")
         console.print(done.advice)

@@ -25,7 +25,7 @@ import torch
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import MergeMethod
 from deltaplane.merging.config import CHATML, MergeConfig
-from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_text
+from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
 
@@ -67,10 +67,10 @@ def _vocabulary(folder: Path) -> str | None:
     for name in ("vocab.txt", "vocab.json", "tokenizer.model"):
         f = folder / name
         if f.is_file():
-            h.update(f.read_bytes())
+            h.update(read_bounded_bytes(f, limit=TOKENIZER_LIMIT, what="tokenizer file"))
             added = folder / "added_tokens.json"
             if added.is_file():
-                h.update(added.read_bytes())
+                h.update(read_bounded_bytes(added, limit=TOKENIZER_LIMIT, what="tokenizer file"))
             return h.hexdigest()
     return None
 

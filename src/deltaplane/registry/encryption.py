@@ -172,7 +172,10 @@ class KeyRing:
             p = Path(os.environ[KEK_FILE_ENV])
             if not p.is_file():
                 raise NotFound(f"${KEK_FILE_ENV} names {p}, which does not exist")
-            ordered += [(k, f"${KEK_FILE_ENV} ({p})") for k in parse_keys(p.read_bytes(), str(p))]
+            from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+            data = read_bounded_bytes(p, limit=KEY_LIMIT, what=f"${KEK_FILE_ENV} key file")
+            ordered += [(k, f"${KEK_FILE_ENV} ({p})") for k in parse_keys(data, str(p))]
         ordered += [(parse_key(data, str(f)), str(f)) for f, data in cls._key_files(home)]
         if not ordered:
             raise NotFound(

@@ -220,7 +220,11 @@ def load_signer(home: str | os.PathLike[str]) -> Signer:
     path = Path(home) / "keys" / PRIVATE_NAME
     if not path.exists():
         raise NotFound(f"no signing key at {path}; create one with `deltaplane keys init --home {home}`")
-    return Signer(load_pem_private_key(path.read_bytes(), password=None))
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+    return Signer(
+        load_pem_private_key(read_bounded_bytes(path, limit=KEY_LIMIT, what="signing key"), password=None)
+    )
 
 
 def load_verifier(home: str | os.PathLike[str]) -> Verifier:
@@ -231,7 +235,13 @@ def load_verifier(home: str | os.PathLike[str]) -> Verifier:
         return load_trusted_keys(pinned)
     keys = Path(home) / "keys"
     files = [keys / PUBLIC_NAME, *sorted((keys / "trusted").glob("*.pub"))]
-    raws = [base64.b64decode(f.read_text().strip()) for f in files if f.exists()]
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_text
+
+    raws = [
+        base64.b64decode(read_bounded_text(f, limit=KEY_LIMIT, what="public key file").strip())
+        for f in files
+        if f.exists()
+    ]
     if not raws:
         raise NotFound(f"no public keys under {keys}; run `deltaplane keys init --home {home}`")
     return Verifier(raws)
@@ -262,7 +272,10 @@ def load_trusted_keys(path: str | os.PathLike[str]) -> Verifier:
 
 def _public_keys_in(file: Path) -> list[bytes]:
     out = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_text
+
+    text = read_bounded_text(file, limit=KEY_LIMIT, what="trusted keys file")
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

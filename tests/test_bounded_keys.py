@@ -1,0 +1,54 @@
+"""Key, trusted-key and token files are read bounded (`deltaplane.textfile.KEY_LIMIT`, regular files only).
+
+They were read whole with read_text/read_bytes: a FIFO named as `--trusted`, as a `*.pub` in a registry's
+`keys/trusted/`, or as a device's `--token-file` blocked the command for good, and a multi-GiB file was read
+into memory. Each test runs the read in a thread (`tests.test_textfile._returns`) so a hang fails it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tests.test_textfile import _returns
+from typer.testing import CliRunner
+
+from deltaplane.errors import ConfigError
+from deltaplane.registry.signing import load_trusted_keys, load_verifier
+
+
+def test_a_fifo_as_the_trusted_keys_pin_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "keys.pub")
+    err = _returns(load_trusted_keys, tmp_path / "keys.pub")
+    assert isinstance(err, ConfigError) and "must be a regular file, not a FIFO" in str(err), err
+
+
+def test_a_fifo_among_a_homes_trusted_keys_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "keys" / "trusted").mkdir(parents=True)
+    os.mkfifo(tmp_path / "keys" / "trusted" / "peer.pub")
+    err = _returns(load_verifier, tmp_path)
+    assert isinstance(err, ConfigError) and "peer.pub" in str(err) and "FIFO" in str(err), err
+
+
+def test_an_oversized_trusted_keys_file_is_refused_naming_the_limit(tmp_path: Path) -> None:
+    big = tmp_path / "keys.pub"
+    with big.open("wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: no disk used
+    with pytest.raises(ConfigError, match="over the 1 MiB limit"):
+        load_trusted_keys(big)
+
+
+def test_a_fifo_as_a_devices_token_file_is_refused(tmp_path: Path) -> None:
+    from deltaplane import cli
+
+    os.mkfifo(tmp_path / "device.token")
+    (tmp_path / "fed.yaml").write_text("clients: {count: 2, rounds: 1}\n")
+    (tmp_path / "signing.pub").write_text("")  # never reached: the token is read first
+    args = ["fleet", "device", "--url", "https://127.0.0.1:9", "--token-file", str(tmp_path / "device.token"),
+            "--federation", str(tmp_path / "fed.yaml"), "--device", "0", "--model", "cnn",
+            "--trusted", str(tmp_path / "signing.pub")]  # fmt: skip
+    results: list = []
+    assert _returns(lambda: results.append(CliRunner().invoke(cli.app, args))) is None
+    (r,) = results
+    assert r.exit_code != 0 and "must be a regular file, not a FIFO" in " ".join(r.output.split()), r.output
