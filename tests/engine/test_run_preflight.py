@@ -60,3 +60,24 @@ def test_small_runs_keep_enough_devices_for_their_options(
     r = CliRunner().invoke(cli.app, ["run", *options, "-o", str(tmp_path / "o")])
     assert isinstance(r.exception, PlanStarted), r.output
     assert {c.clients for _, c in no_runs[0]} == {devices}
+
+
+@pytest.mark.parametrize(
+    "driver", [[], ["--engine", "batched"], ["--transport", "http"], ["--engine", "flower"]]
+)
+def test_devices_a_weighted_ring_cannot_carry_are_refused_before_the_run(
+    no_runs, tmp_path: Path, driver
+) -> None:
+    """8 devices of the digits task hold ~180 examples each (1,437 training samples); a weighted SecAgg ring of 6-bit
+    codes carries counts up to 63 (a 6-bit slot, by hand). In process the run failed in round 1 at the first
+    device's encoding, over HTTP every device sat every round out: refused now, before anything runs."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("clients: {count: 8, rounds: 1}\nsecagg: {enabled: true, bits: 6}\nprivacy: {clip: 1.0}\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli.app, ["run", "-c", str(cfg), *driver, "--no-baseline", "-o", str(out)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "carries example counts up to 63 (2^6 - 1)" in text, r.output
+    assert "secagg.bits (--config) to 8 or more" in text and not no_runs and not out.exists()
+    cfg.write_text("clients: {count: 8, rounds: 1}\nsecagg: {enabled: true, bits: 8}\nprivacy: {clip: 1.0}\n")
+    r = CliRunner().invoke(cli.app, ["run", "-c", str(cfg), *driver, "--no-baseline", "-o", str(out)])
+    assert isinstance(r.exception, PlanStarted), r.output  # 8 bits carry up to 255: past every check

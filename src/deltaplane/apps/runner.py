@@ -33,7 +33,10 @@ def preflight(config: RunConfig) -> None:
 
         parse_attack(config.attack)[0].fit(task)
     if config.engine != "population":  # which synthesizes its devices lazily, from a pooled set
-        build_clients(config, task)  # the very devices every other driver builds: refused now, not in round 1
+        clients = build_clients(config, task)  # the very devices every other driver builds: refused now
+        from deltaplane.engine.secure import check_ring_carries
+
+        check_ring_carries(config, [c.num_samples for c in clients])  # not in round 1 (or never, over HTTP)
     if config.transport == "http":
         if config.engine == "flower":
             raise UnsupportedOption(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from deltaplane.engine.server import ServerStep
 
 __all__ = [
+    "check_ring_carries",
     "deliver",
     "device_seed",
     "lone_input_error",
@@ -58,6 +59,31 @@ def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
     if config.dp_noise > 0:
         return 0.0
     return float(np.mean([int(n) for n in num_samples]))
+
+
+def check_ring_carries(config: RunConfig, num_samples: Sequence[int]) -> None:
+    """Refuse, before a run, devices whose example counts a weighted SecAgg ring cannot carry.
+
+    A weighted round (SecAgg without distributed DP) carries each device's count in one ``secagg_bits``-bit
+    slot, at most ``2^bits − 1``. A device holding more fails its encoding in process and sits every round out
+    over HTTP or in a fleet (it refuses the invitation): refused here instead, the same on every driver that
+    builds its devices up front.
+
+    Raises:
+        ConfigError: a device holds more examples than the ring's weight slot carries; says which bits fit.
+    """
+    if not config.secagg or config.dp_noise > 0 or not num_samples:
+        return
+    from deltaplane.aggregation.secagg import max_ring_weight
+    from deltaplane.errors import ConfigError
+
+    most, top = max(int(n) for n in num_samples), max_ring_weight(config.secagg_bits)
+    if most > top:
+        raise ConfigError(
+            f"a device holds {most} examples, but a weighted SecAgg round of {config.secagg_bits}-bit codes carries "
+            f"example counts up to {top} (2^{config.secagg_bits} - 1): set secagg.bits (--config) to "
+            f"{most.bit_length()} or more"
+        )
 
 
 def secure_quorum(config: RunConfig) -> int:
