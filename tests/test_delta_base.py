@@ -182,3 +182,70 @@ def test_arithmetic_keeps_the_record_only_where_the_maths_keeps_the_base() -> No
         a.with_base_sha256(None).base_sha256 is None
         and a.with_base_sha256(None)["fc.weight"] is a["fc.weight"]
     )
+
+
+def _hand_built(entries: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """The documented encoding of (name, dtype name, shape, little-endian value bytes), names already sorted."""
+    h = hashlib.sha256(b"deltaplane.base_sha256/v1\0" + struct.pack("<Q", len(entries)))
+    for name, dtype, shape, raw in entries:
+        h.update(struct.pack("<I", len(name)) + name.encode() + bytes([len(dtype)]) + dtype.encode())
+        h.update(struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", n) for n in shape))
+        h.update(struct.pack("<Q", len(raw)) + raw)
+    return h.hexdigest()
+
+
+def test_conjugate_and_negative_views_hash_as_the_values_they_show() -> None:
+    # x.conj() and torch's negative views keep the un-conjugated / un-negated values in memory with a flag: the
+    # fingerprint is of the values the tensor holds, as Delta.between and apply see them (was: RuntimeError)
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()
+    w = torch._neg_view(torch.tensor([1.5, -2.0]))
+    assert z.is_conj() and w.is_neg()
+    expected = _hand_built(
+        [
+            ("w", "float32", (2,), struct.pack("<2f", -1.5, 2.0)),
+            ("z", "complex64", (2,), struct.pack("<4f", 1.0, -2.0, 3.0, 4.0)),
+        ]
+    )
+    assert dp.base_fingerprint({"z": z, "w": w}) == expected
+    d = dp.Delta.between(
+        {"z": z, "w": w}, {"z": z.resolve_conj() + 1, "w": w.resolve_neg() + 1}, record_base=True
+    )
+    assert d.base_sha256 == expected
+    d.apply({"z": z.resolve_conj(), "w": w.resolve_neg()})  # the same values, materialized: the same base
+
+
+def test_a_big_endian_machine_hashes_complex_values_as_a_little_endian_one(monkeypatch) -> None:
+    """On a big-endian machine a complex64 value is two big-endian float32s; each is swapped on its own.
+
+    Simulated: tensors whose memory holds the big-endian bytes, with the module told the machine is big-endian.
+    Swapping the whole 8-byte element (as before) put the imaginary part first.
+    """
+    import types
+
+    import deltaplane.delta as delta_mod
+
+    def as_big_endian(fmt: str, values: list[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.frombuffer(bytearray(struct.pack(">" + fmt, *values)), dtype=dtype).clone()
+
+    state = {
+        "f": as_big_endian("2f", [1.5, -2.0], torch.float32),
+        "z": as_big_endian("4f", [1.0, 2.0, -3.0, 0.5], torch.complex64),
+        "zz": as_big_endian("2d", [0.25, -8.0], torch.complex128),
+    }
+    monkeypatch.setattr(delta_mod, "sys", types.SimpleNamespace(byteorder="big"))
+    expected = _hand_built(
+        [
+            ("f", "float32", (2,), struct.pack("<2f", 1.5, -2.0)),
+            ("z", "complex64", (2,), struct.pack("<4f", 1.0, 2.0, -3.0, 0.5)),
+            ("zz", "complex128", (1,), struct.pack("<2d", 0.25, -8.0)),
+        ]
+    )
+    assert dp.base_fingerprint(state) == expected
+    monkeypatch.undo()  # the same values held little-endian, on this (little-endian) machine
+    assert sys.byteorder == "little"
+    little = {
+        "f": torch.tensor([1.5, -2.0]),
+        "z": torch.tensor([1 + 2j, -3 + 0.5j], dtype=torch.complex64),
+        "zz": torch.tensor([0.25 - 8j], dtype=torch.complex128),
+    }
+    assert dp.base_fingerprint(little) == expected

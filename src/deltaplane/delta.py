@@ -58,8 +58,9 @@ def base_fingerprint(state: StateDict) -> str:
 
     The encoding is fixed, so the fingerprint is the same in every process, on every machine and whatever
     the dict's order: a version tag, the tensor count, then for each name in sorted (code point) order its
-    UTF-8 name, dtype name (``float32``), shape, byte length and raw values in little-endian byte order, C
-    order (non-contiguous and GPU tensors are copied to contiguous CPU memory first), every length and
+    UTF-8 name, dtype name (``float32``), shape, byte length and raw values in little-endian byte order (a
+    complex value as its real then imaginary part, each little-endian), C order (non-contiguous, conjugate and
+    GPU tensors are copied to contiguous CPU memory first), every length and
     dimension as a little-endian fixed-width integer. The values are streamed into :mod:`hashlib` a tensor
     at a time (no per-element Python): about 60 ms for all-MiniLM-L6-v2's 22.7M float32 values, hashlib's own
     speed (``benchmarks/base_fingerprint.py``).
@@ -70,7 +71,8 @@ def base_fingerprint(state: StateDict) -> str:
         t = state[name]
         if not isinstance(name, str) or not isinstance(t, Tensor):
             raise TypeError(f"base_fingerprint takes a str -> torch.Tensor mapping, got {name!r}: {type(t)}")
-        t = t.detach().cpu().contiguous()
+        # a conjugate or negative view holds its values un-conjugated / un-negated in memory: resolve first
+        t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
         raw_name = name.encode("utf-8", "surrogatepass")
         dtype = str(t.dtype).removeprefix("torch.").encode()
         size = t.numel() * t.element_size()
@@ -78,8 +80,11 @@ def base_fingerprint(state: StateDict) -> str:
         h.update(struct.pack(f"<I{t.dim()}QQ", t.dim(), *t.shape, size))
         if size:
             data = t.reshape(-1).view(torch.uint8)
-            if sys.byteorder == "big" and t.element_size() > 1:  # the encoding is little-endian everywhere
-                data = data.view(-1, t.element_size()).flip(1).reshape(-1)
+            # the encoding is little-endian everywhere; a complex value is two numbers (real, imaginary), each
+            # swapped in place: swapping the whole element would also swap the two parts
+            word = t.element_size() // 2 if t.is_complex() else t.element_size()
+            if sys.byteorder == "big" and word > 1:
+                data = data.view(-1, word).flip(1).reshape(-1)
             h.update(data.numpy())
     return h.hexdigest()
 
