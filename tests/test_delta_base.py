@@ -249,3 +249,24 @@ def test_a_big_endian_machine_hashes_complex_values_as_a_little_endian_one(monke
         "zz": torch.tensor([0.25 - 8j], dtype=torch.complex128),
     }
     assert dp.base_fingerprint(little) == expected
+
+
+def test_a_merge_of_deltas_keeps_their_common_record() -> None:
+    base = _base()
+    a = dp.Delta.between(base, _tuned(base), record_base=True)
+    b = dp.Delta.between(base, {k: v.clone() for k, v in base.items()}, record_base=True)
+    merged = dp.merge("linear", None, [a, b])
+    assert merged.base_sha256 == a.base_sha256
+    assert torch.equal(merged["fc.weight"], (a["fc.weight"] + b["fc.weight"]) / 2)
+    applied = dp.merge("linear", base, [a, b])  # its own base: applied
+    assert torch.equal(applied["fc.weight"], base["fc.weight"] + merged["fc.weight"])
+    other = {k: v.clone() for k, v in base.items()}
+    other["fc.weight"] += 1
+    with pytest.raises(dp.errors.BaseMismatch):
+        dp.merge("linear", other, [a, b])
+    # deltas that record different bases (or none) give a delta recording none: nothing to check it against
+    assert dp.merge("linear", None, [a, b.with_base_sha256(None)]).base_sha256 is None
+    assert (
+        dp.merge("linear", None, [a, dp.Delta.between(other, _tuned(other), record_base=True)]).base_sha256
+        is None
+    )

@@ -586,6 +586,8 @@ def merge(
             the method does not use a base (``linear``, two-model ``slerp``).
         models: state dicts sharing names, shapes and dtypes; or :class:`Delta` objects, read as task vectors
             relative to a zero base (then the result is a :class:`Delta`, or ``base + delta`` if ``base`` given).
+            Deltas that all record the same base (:attr:`~deltaplane.delta.Delta.base_sha256`) give a delta
+            recording it, and ``base`` must then be that base (:class:`~deltaplane.errors.BaseMismatch`).
         **params: shared parameters (``density=0.2``, ``lambda_=...`` as ``**{"lambda": 0.5}``), a per-model
             parameter for all models (``weight=1``) or one per model (``weights=[1, 2, 3]``).
 
@@ -596,6 +598,7 @@ def merge(
     Raises:
         ConfigError: unknown method or parameter, bad value, wrong number of models, missing base.
         ShapeMismatch: the models (or base) disagree on tensor names, shapes or dtypes; names the tensor.
+        BaseMismatch: the deltas record a base and ``base`` is another one (its fingerprint differs).
         InvalidUpdate: an input tensor holds NaN or Inf (names the input and the tensor), or the merged tensor
             overflows the inputs' dtype (a float16 sum beyond 65504; names the tensor), as :func:`merge_files`.
     """
@@ -643,6 +646,9 @@ def merge(
             )
         out[name] = merged
     if deltas:
-        d = Delta(out)
+        # a merge of task vectors taken against one base is a change of that base, as a sum of them is: it keeps
+        # their common record, so applying it to another base is refused (BaseMismatch) as each of them would be
+        first = models[0].base_sha256
+        d = Delta(out, base_sha256=first if all(x.base_sha256 == first for x in models) else None)
         return d.apply(apply_to) if apply_to is not None else d
     return out
