@@ -1099,3 +1099,27 @@ def test_serve_applies_its_session_limits(monkeypatch, tmp_path):
     assert browser.get("/ui/fleet").status_code == 303
     with pytest.raises(ConfigError, match="idle timeout must be at least 1 minute"):
         ServiceConfig(home=str(tmp_path / "home"), admin_token=ADMIN, session_idle_s=10)
+
+
+def test_runs_the_search_passes_over_are_counted_on_the_page(tmp_path, monkeypatch):
+    """docs/dashboard.md: folders deeper than the search goes, reports past the listing's limit and reports too
+    large to load are not listed, and the page says so (before, they vanished without a word)."""
+    import deltaplane.ui.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_REPORTS", 3)
+    monkeypatch.setattr(sources, "MAX_REPORT_BYTES", 10_000)
+    runs = tmp_path / "runs"
+    for i in range(5):
+        _report(runs, f"r{i}", _good(f"run{i}"))
+        os.utime(runs / f"r{i}" / "report.json", ns=(10**18 + i * 10**9,) * 2)  # r4 is the newest
+    _report(runs, "l1/l2/l3/l4/l5/l6/l7", _good("too_deep"))
+    (runs / "l1/l2/l3/l4/l5/l6/l7b").mkdir()
+    (runs / "huge").mkdir()
+    (runs / "huge" / "report.json").write_text(json.dumps(_good("huge") | {"pad": "x" * 20_000}))
+    text = unescape(_ui(runs).get("/ui/runs", headers=BEARER).text)
+    notes = text.split('id="search-notes"')[1]
+    assert "2 folder(s) lie more than 6 levels below the runs folder" in notes
+    assert "Only the newest 3 of the 5 reports" in notes
+    assert "r4 / run4" in text and "r2 / run2" in text and "r1 / run1" not in text
+    left_out = text.split('id="skipped-reports"')[1]
+    assert "huge" in left_out and "more than the 10,000 a dashboard loads" in left_out

@@ -6,6 +6,7 @@ the registry database and the service hold — it computes nothing of its own be
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -77,11 +78,15 @@ class Listing:
 @dataclass(frozen=True)
 class _Search:
     """What one search of the runs folder found: (mtime_ns, size, path) of each report.json, whether it stopped
-    at :data:`MAX_WALK_ENTRIES`, and (folder, why) of each folder it could not read."""
+    at :data:`MAX_WALK_ENTRIES`, (folder, why) of each folder it could not read, how many folders it did not
+    enter because they lie deeper than :data:`MAX_RUNS_DEPTH`, and (path, size) of each report.json larger than
+    :data:`MAX_REPORT_BYTES`."""
 
     found: list[tuple[int, int, Path]]
     cut: bool
     unreadable: list[tuple[str, str]]
+    too_deep: int = 0
+    too_large: list[tuple[Path, int]] = field(default_factory=list)
 
 
 def _is_number(x: Any) -> bool:
@@ -143,7 +148,7 @@ class RunsSource:
         if root is None:
             return []
         out = []
-        for mtime_ns, size, path in sorted(search.found, reverse=True)[:MAX_REPORTS]:
+        for mtime_ns, size, path in heapq.nlargest(MAX_REPORTS, search.found):
             rel = path.parent.relative_to(root).as_posix()
             out.append((rel or ".", path, (mtime_ns, size)))
         return out
@@ -198,6 +203,17 @@ class RunsSource:
                 skipped.append((rel, cached[1]))
             else:
                 rows.extend(cached[1])
+        for (
+            path,
+            size,
+        ) in search.too_large:  # never read (each view stays quick), but not passed over silently
+            rel = path.parent.relative_to(self.root).as_posix() if self.root is not None else str(path)
+            skipped.append(
+                (
+                    rel or ".",
+                    f"report.json is {size:,} bytes, more than the {MAX_REPORT_BYTES:,} a dashboard loads",
+                )
+            )
         with self._lock:  # forget reports that are gone (the cache never outgrows MAX_REPORTS by much)
             keep = {path for _, path, _ in found}
             for path in [p for p in self._parsed if p not in keep]:
@@ -223,9 +239,10 @@ def _search(root: Path | None) -> _Search:
     """
     found: list[tuple[int, int, Path]] = []
     unreadable: list[tuple[str, str]] = []
+    too_large: list[tuple[Path, int]] = []
     if root is None or not root.is_dir():
         return _Search(found, False, unreadable)
-    examined = 0
+    examined = too_deep = 0
     queue: deque[tuple[str, int]] = deque([(str(root), 0)])
     while queue:
         folder, depth = queue.popleft()
@@ -234,7 +251,7 @@ def _search(root: Path | None) -> _Search:
                 for entry in entries:
                     examined += 1
                     if examined > MAX_WALK_ENTRIES:
-                        return _Search(found, True, unreadable)
+                        return _Search(found, True, unreadable, too_deep, too_large)
                     if entry.name.startswith("."):  # a run being written, or one on its way out
                         continue
                     try:
@@ -242,8 +259,13 @@ def _search(root: Path | None) -> _Search:
                             st = entry.stat()
                             if st.st_size <= MAX_REPORT_BYTES:
                                 found.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
-                        elif depth < MAX_RUNS_DEPTH and entry.is_dir(follow_symlinks=False):
-                            queue.append((entry.path, depth + 1))
+                            else:
+                                too_large.append((Path(entry.path), st.st_size))
+                        elif entry.is_dir(follow_symlinks=False):
+                            if depth < MAX_RUNS_DEPTH:
+                                queue.append((entry.path, depth + 1))
+                            else:
+                                too_deep += 1
                     except OSError:  # gone since it was listed, or a dangling link: nothing to list
                         continue
         except (
@@ -254,7 +276,7 @@ def _search(root: Path | None) -> _Search:
         except OSError as exc:  # unreadable (permissions, I/O): say so, or its runs would vanish unexplained
             rel = Path(folder).relative_to(root).as_posix()
             unreadable.append((rel, exc.strerror or type(exc).__name__))
-    return _Search(found, False, unreadable)
+    return _Search(found, False, unreadable, too_deep, too_large)
 
 
 def _notes(search: _Search) -> list[str]:
@@ -265,6 +287,16 @@ def _notes(search: _Search) -> list[str]:
             f"The search for report.json stopped after {MAX_WALK_ENTRIES:,} files and folders (the limit that "
             "keeps every view quick), so runs further into the runs folder may be missing from this page. Point "
             "--runs at a smaller folder that holds only run outputs."
+        )
+    if search.too_deep:
+        notes.append(
+            f"{search.too_deep:,} folder(s) lie more than {MAX_RUNS_DEPTH} levels below the runs folder and were not "
+            "searched, so runs in them are not listed. Point --runs at a folder nearer to them."
+        )
+    if len(search.found) > MAX_REPORTS:
+        notes.append(
+            f"Only the newest {MAX_REPORTS} of the {len(search.found):,} reports in the runs folder are listed. "
+            "Point --runs at a smaller folder, or move older runs out of it."
         )
     if search.unreadable:
         shown = "; ".join(f"{rel} ({why})" for rel, why in search.unreadable[:5])
