@@ -219,7 +219,7 @@ def run(
             show_default="none",
             help="SecAgg+: each device masks with and shares its secrets to only K others (even; YAML "
             "secagg.neighbours; none: the complete graph). Needs SecAgg on (--secagg, or secagg.enabled in "
-            "--config).",
+            "--config). 0: the complete graph, over a --config's degree.",
         ),
     ] = None,
     attack: Annotated[
@@ -596,10 +596,13 @@ def _run_config(config_file: Path | None, *, small: bool | None = None, **option
 def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
     """Fit ``--secagg-neighbours`` and ``--(no-)secagg`` (in ``changes``) to the config's SecAgg, like every flag
     over ``--config``: the flag wins. ``--secagg-neighbours`` needs SecAgg on in the run (``--secagg`` or the
-    config's ``secagg.enabled``), never silently dropped; ``--no-secagg`` turns SecAgg off together with the
+    config's ``secagg.enabled``), never silently dropped, and ``0`` asks for the complete graph (no degree, over
+    the config's); ``--no-secagg`` turns SecAgg off together with the
     config's SecAgg+ degree and distributed DP's ``secagg.min_contributors``, which mean nothing without it. The degree itself is checked by the config."""
     secagg = changes.get("secagg", cfg.secagg)
     degree = changes.get("secagg_neighbours")
+    if degree == 0:  # the complete graph: the config's degree (if any) is dropped, whatever runs SecAgg
+        changes["secagg_neighbours"] = degree = None
     if degree is not None and not secagg:
         how = (
             "--no-secagg turns SecAgg off"

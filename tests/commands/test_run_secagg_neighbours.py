@@ -97,6 +97,18 @@ def test_the_flag_overrides_the_config_and_the_config_can_turn_secagg_on(no_runs
     assert code == 1 and {c.secagg_neighbours for c in _configs(no_runs)} == {8}, output
 
 
+def test_degree_zero_is_the_complete_graph_over_the_config(no_runs, tmp_path: Path) -> None:
+    """`--secagg-neighbours 0` takes a config's SecAgg+ degree away (before, there was no way back from a file's
+    degree to the complete graph on the command line: 0 was refused as below 2), and SecAgg stays on."""
+    yaml = "clients: {count: 16, rounds: 1}\nsecagg: {enabled: true, neighbours: 8}\nprivacy: {clip: 2.0}\n"
+    code, output, _ = _run(tmp_path, "--secagg-neighbours", "0", config=yaml)
+    assert code == 1 and no_runs, output
+    assert {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(True, None)}
+    no_runs.clear()
+    code, output, _ = _run(tmp_path, "--secagg-neighbours", "0", config=TINY)  # no SecAgg: nothing to take away
+    assert code == 1 and {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(False, None)}, output
+
+
 def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(no_runs, tmp_path: Path) -> None:
     """`--no-secagg` over a file that runs SecAgg+ was refused ('secagg_neighbours ... needs secagg'): the flag
     wins, and the degree goes with SecAgg (it means nothing without it)."""

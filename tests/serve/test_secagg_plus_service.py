@@ -119,12 +119,15 @@ def coordinate_cli(monkeypatch, tmp_path):
 SECAGG_16 = "clients: {count: 16}\nprivacy: {clip: 1.0}\nsecagg: {enabled: true, neighbours: 8}\n"
 
 
-@pytest.mark.parametrize(("flag", "degree"), [([], 8), (["--secagg-neighbours", "10"], 10)])
+@pytest.mark.parametrize(
+    ("flag", "degree"), [([], 8), (["--secagg-neighbours", "10"], 10), (["--secagg-neighbours", "0"], None)]
+)
 def test_fleet_coordinate_opens_the_degree_of_its_flag_over_the_federation(
     coordinate_cli, flag, degree
 ) -> None:
     """`--secagg-neighbours K` sets the degree of the rounds the coordinator opens, over the federation's (the
-    devices check each invitation's graph against their own policy, not against the file's degree)."""
+    devices check each invitation's graph against their own policy, not against the file's degree). 0 opens
+    the complete graph (neighbours null: the service's open then takes no degree from its own federation)."""
     code, output, opens = coordinate_cli(SECAGG_16, *flag)
     assert code == 1 and "1 of 1 rounds failed" in output, output  # the stand-in refused the round it opened
     assert opens == [{"devices": 16, "weight_scale": 0, "neighbours": degree}]

@@ -105,7 +105,10 @@ def _federation(path: Path) -> RunConfig:
 def _with_degree(run: RunConfig, path: Path, degree: int) -> RunConfig:
     """``run`` with SecAgg+ degree ``degree`` (``--secagg-neighbours``), checked as the YAML key is: even, below
     the round's size and one the devices accept. Only a federation that runs SecAgg has a degree: the service
-    and the devices read whether rounds are SecAgg from the same file, so a flag cannot turn it on."""
+    and the devices read whether rounds are SecAgg from the same file, so a flag cannot turn it on. Degree 0
+    is the complete graph: the rounds are opened without SecAgg+ whatever the file's degree."""
+    if degree == 0:
+        return run.replace(secagg_neighbours=None)
     if not run.secagg:
         raise ConfigError(
             f"--secagg-neighbours {degree} is SecAgg+'s degree (how many devices each one masks with); it needs "
@@ -296,7 +299,8 @@ def register(app: typer.Typer) -> None:
                 "--secagg-neighbours",
                 metavar="K",
                 help="SecAgg+ degree of the rounds opened (even): each device masks with only K others; "
-                "overrides the federation's secagg.neighbours, which must run SecAgg (secagg.enabled).",
+                "overrides the federation's secagg.neighbours, which must run SecAgg (secagg.enabled); 0: the "
+                "complete graph.",
                 show_default="the federation's secagg.neighbours",
             ),
         ] = None,
