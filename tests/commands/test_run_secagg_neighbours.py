@@ -105,8 +105,12 @@ def test_degree_zero_is_the_complete_graph_over_the_config(no_runs, tmp_path: Pa
     assert code == 1 and no_runs, output
     assert {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(True, None)}
     no_runs.clear()
-    code, output, _ = _run(tmp_path, "--secagg-neighbours", "0", config=TINY)  # no SecAgg: nothing to take away
-    assert code == 1 and {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(False, None)}, output
+    code, output, _ = _run(
+        tmp_path, "--secagg-neighbours", "0", config=TINY
+    )  # no SecAgg: nothing to take away
+    assert code == 1 and {(c.secagg, c.secagg_neighbours) for c in _configs(no_runs)} == {(False, None)}, (
+        output
+    )
 
 
 def test_no_secagg_over_a_config_with_a_degree_turns_secagg_plus_off(no_runs, tmp_path: Path) -> None:
@@ -166,7 +170,7 @@ def test_the_flag_without_secagg_is_refused(no_runs, tmp_path: Path, args, confi
         (8, 8, "a round of the 8 clients this run expects gives each device at most 7"),
         (20, 8, "devices refuse fewer than 11"),
         (6, 4, "a round of 6 admits only the complete graph"),
-        (8, 0, "greater than or equal to 2"),
+        (8, -2, "greater than or equal to 2"),
     ],
 )
 def test_a_bad_degree_gets_the_config_layers_error(no_runs, tmp_path: Path, clients, degree, says) -> None:
