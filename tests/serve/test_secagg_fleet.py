@@ -116,3 +116,26 @@ def test_fifty_devices_secagg_over_a_real_server_process(tmp_path, make_state) -
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_simulated_fleet_takes_the_services_ring_by_default(tmp_path, make_state) -> None:
+    """run_secagg_fleet opened 16-bit rings unless told otherwise: a service with its default --max-examples
+    (100,000) refuses those (422, a weighted ring carries at most 2^bits - 1 examples), so every caller had to
+    lower the service's bound. Without ``bits`` the open names none and the service picks its own ring."""
+    from deltaplane.serve import ServiceConfig, create_app
+    from deltaplane.serve.server import BackgroundServer
+
+    home = tmp_path / "home"
+    reg = Registry.create(home)
+    base = make_state(0)
+    reg.set_tag("cnn", "production", reg.register_model("cnn", base, lineage={"round": 0}).number)
+    config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="d" * 32, rate=1e6, burst=10**6)
+    assert config.max_examples == 100_000  # the default this test is about
+    g = torch.Generator().manual_seed(0)
+    updates = [
+        Delta({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}) for _ in range(3)
+    ]
+    with BackgroundServer(create_app(config)) as server:
+        rep = run_secagg_fleet(server.url, ADMIN, "cnn", updates, [5, 7, 9], verifier=reg.verifier, workers=3)
+    assert rep.survivors == [0, 1, 2] and rep.published["version"] == 2
+    assert rep.config["bits"] == 20, rep.config  # a run config's default: it carries 100,000 examples

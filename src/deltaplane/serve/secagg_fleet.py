@@ -61,7 +61,7 @@ def run_secagg_fleet(
     *,
     verifier: Verifier,
     dropouts: Dropouts | None = None,
-    bits: int = 16,
+    bits: int | None = None,
     clip_range: float = 1.0,
     weight_scale: float | None = None,
     neighbours: int | None = None,
@@ -73,7 +73,9 @@ def run_secagg_fleet(
     Device ``i`` holds ``updates[i]`` (relative to the round's base version) and ``weights[i]`` examples; it
     quantizes them into the ring itself with :func:`device_rng` ``(seed, i)``. Secret randomness comes from the
     OS. ``weight_scale`` defaults to the mean of ``weights`` (as in process: the round publishes the
-    example-weighted mean); 0 averages unweighted. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    example-weighted mean); 0 averages unweighted. ``bits`` (the ring's bits per value) defaults to the
+    service's: its ``--federation``'s ``secagg.bits``, else a run config's default (20), which carries the
+    service's default ``--max-examples``. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
     dropouts = dropouts or Dropouts()
@@ -84,8 +86,9 @@ def run_secagg_fleet(
         admin = AdminClient(base_url, admin_token, client=http)
         names = [f"secagg-device-{i}" for i in range(n)]
         tokens = [admin.issue_token(d, "secagg") for d in names]
+        ring = {} if bits is None else {"bits": bits}  # None: the service's (its federation's, else 20)
         opened = admin.open_secagg(
-            model, names, bits=bits, clip_range=clip_range, weight_scale=weight_scale, neighbours=neighbours
+            model, names, **ring, clip_range=clip_range, weight_scale=weight_scale, neighbours=neighbours
         )
         rnd = int(opened["round"])
         clients = [DeviceClient(base_url, t, verifier=verifier, client=http) for t in tokens]
