@@ -81,3 +81,34 @@ def test_devices_a_weighted_ring_cannot_carry_are_refused_before_the_run(
     cfg.write_text("clients: {count: 8, rounds: 1}\nsecagg: {enabled: true, bits: 8}\nprivacy: {clip: 1.0}\n")
     r = CliRunner().invoke(cli.app, ["run", "-c", str(cfg), *driver, "--no-baseline", "-o", str(out)])
     assert isinstance(r.exception, PlanStarted), r.output  # 8 bits carry up to 255: past every check
+
+
+def test_the_population_driver_refuses_a_ring_narrower_than_its_devices_may_hold(
+    no_runs, tmp_path: Path
+) -> None:
+    """The population driver draws its devices lazily, so the preflight did not check them: a 6-bit weighted
+    ring (counts up to 63) passed and the run failed at the first encoding of a device holding more. It now
+    checks the most a synthesized device may hold (MAX_DEVICE_SAMPLES), which real draws reach past 63."""
+    from deltaplane.engine import RunConfig, make_task
+    from deltaplane.sim.population import MAX_DEVICE_SAMPLES, ClientPopulation
+
+    config = RunConfig(clients=200)
+    population = ClientPopulation(config, make_task(config).train, size=200)
+    held = [population.client(i).num_samples for i in range(200)]
+    assert 63 < max(held) <= MAX_DEVICE_SAMPLES == 100, max(held)
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    for bits, refused in ((6, True), (7, False)):  # 7 bits carry 127
+        cfg.write_text(
+            f"clients: {{count: 8, rounds: 1}}\nsecagg: {{enabled: true, bits: {bits}}}\nprivacy: {{clip: 1.0}}\n"
+        )
+        r = CliRunner().invoke(
+            cli.app, ["run", "-c", str(cfg), "--engine", "population", "--no-baseline", "-o", str(out)]
+        )
+        text = " ".join(r.output.split())
+        if refused:
+            assert r.exit_code == 2 and not no_runs and not out.exists(), r.output
+            assert "a device may hold up to 100 examples" in text and "(2^6 - 1)" in text, text
+            assert "secagg.bits (--config) to 7 or more" in text
+        else:
+            assert isinstance(r.exception, PlanStarted), r.output

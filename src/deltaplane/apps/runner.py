@@ -32,7 +32,7 @@ def preflight(config: RunConfig) -> None:
         from deltaplane.engine.attacks import parse_attack
 
         parse_attack(config.attack)[0].fit(task)
-    if config.engine != "population":  # which synthesizes its devices lazily, from a pooled set
+    if config.engine != "population":  # which synthesizes its devices lazily (checks its bound itself)
         clients = build_clients(config, task)  # the very devices every other driver builds: refused now
         from deltaplane.engine.secure import check_ring_carries
 

@@ -61,13 +61,13 @@ def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
     return float(np.mean([int(n) for n in num_samples]))
 
 
-def check_ring_carries(config: RunConfig, num_samples: Sequence[int]) -> None:
+def check_ring_carries(config: RunConfig, num_samples: Sequence[int], *, bound: bool = False) -> None:
     """Refuse, before a run, devices whose example counts a weighted SecAgg ring cannot carry.
 
     A weighted round (SecAgg without distributed DP) carries each device's count in one ``secagg_bits``-bit
     slot, at most ``2^bits − 1``. A device holding more fails its encoding in process and sits every round out
-    over HTTP or in a fleet (it refuses the invitation): refused here instead, the same on every driver that
-    builds its devices up front.
+    over HTTP or in a fleet (it refuses the invitation): refused here instead, the same on every driver.
+    ``bound``: ``num_samples`` holds the most a device may hold (the population driver draws its devices lazily).
 
     Raises:
         ConfigError: a device holds more examples than the ring's weight slot carries; says which bits fit.
@@ -80,7 +80,7 @@ def check_ring_carries(config: RunConfig, num_samples: Sequence[int]) -> None:
     most, top = max(int(n) for n in num_samples), max_ring_weight(config.secagg_bits)
     if most > top:
         raise ConfigError(
-            f"a device holds {most} examples, but a weighted SecAgg round of {config.secagg_bits}-bit codes carries "
+            f"a device {'may hold up to' if bound else 'holds'} {most} examples, but a weighted SecAgg round of {config.secagg_bits}-bit codes carries "
             f"example counts up to {top} (2^{config.secagg_bits} - 1): set secagg.bits (--config) to "
             f"{most.bit_length()} or more"
         )

@@ -116,6 +116,8 @@ class ResidualStore:
 
 #: draws of a client's samples before giving up on two distinct ones (ClientPopulation.client)
 _MAX_DRAWS = 100
+#: The most samples a synthesized device draws (its training set is at most this many).
+MAX_DEVICE_SAMPLES = 100
 
 
 class ClientPopulation:
@@ -127,7 +129,7 @@ class ClientPopulation:
         train: Dataset,
         *,
         size: int,
-        max_samples: int = 100,
+        max_samples: int = MAX_DEVICE_SAMPLES,
         num_classes: int | None = None,
     ) -> None:
         if size < 1:
@@ -245,12 +247,21 @@ def check_supported(config: RunConfig) -> None:
             f"the population engine synthesizes devices from one pooled training set; task "
             f"{make_task(config).name!r} brings its own devices: use the sequential or batched engine"
         )
+    _check_ring(config)
     # checked here, before any run starts: the trainer itself would refuse the model only in round 1
     blocker = batching_blocker(make_task(config).build_model(derive_seed(config.seed, Stream.MODEL_INIT)))
     if blocker is not None:
         raise UnsupportedOption(
             f"the population engine trains its devices stacked, and {blocker}: use the sequential engine"
         )
+
+
+def _check_ring(config: RunConfig) -> None:
+    """A weighted SecAgg ring must carry every count a synthesized device may hold (up to
+    :data:`MAX_DEVICE_SAMPLES`): its devices are drawn lazily, so the bound is checked, not each device."""
+    from deltaplane.engine.secure import check_ring_carries
+
+    check_ring_carries(config, [MAX_DEVICE_SAMPLES], bound=True)
 
 
 def _population_config(config: RunConfig, registered: int | None, per_round: int | None) -> RunConfig:
@@ -285,6 +296,7 @@ def run_population(
 
     Raises:
         UnsupportedOption: personalization (see ``_REFUSED`` for why), or a task that brings its own devices.
+        ConfigError: a weighted SecAgg ring (``secagg_bits``) too narrow for a device's example count.
     """
     config = _population_config(config, registered, per_round)
     for name, (off, why) in _REFUSED.items():
@@ -292,6 +304,7 @@ def run_population(
             raise UnsupportedOption(
                 f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
             )
+    _check_ring(config)
     prev_threads = torch.get_num_threads()
     # `threads` worker threads of the batched trainer, one torch thread each; the rest runs on this thread
     # (as in deltaplane.sim.simulation: no intra-op pool whose stragglers stall every small kernel)
