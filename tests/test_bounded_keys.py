@@ -52,3 +52,70 @@ def test_a_fifo_as_a_devices_token_file_is_refused(tmp_path: Path) -> None:
     assert _returns(lambda: results.append(CliRunner().invoke(cli.app, args))) is None
     (r,) = results
     assert r.exit_code != 0 and "must be a regular file, not a FIFO" in " ".join(r.output.split()), r.output
+
+
+def _keys_tls(out: Path, *extra: str):
+    from deltaplane import cli
+
+    results: list = []
+    assert (
+        _returns(
+            lambda: results.append(CliRunner().invoke(cli.app, ["keys", "tls", "--out", str(out), *extra]))
+        )
+        is None
+    )
+    (r,) = results
+    return r.exit_code, " ".join(r.output.split())
+
+
+def test_a_fifo_as_the_tls_ca_key_is_refused(tmp_path: Path) -> None:
+    """`deltaplane keys tls` over a folder with a CA read ca.key whole: a FIFO there blocked it for good."""
+    assert _keys_tls(tmp_path / "t")[0] == 0
+    (tmp_path / "t" / "ca.key").unlink()
+    os.mkfifo(tmp_path / "t" / "ca.key")
+    code, out = _keys_tls(tmp_path / "t")
+    assert code == 2 and "must be a regular file, not a FIFO" in out, out
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("garbage-key", "ca.key is not an unencrypted PEM private key"),
+        ("garbage-cert", "ca.pem is not a PEM certificate"),
+        ("no-key", "ca.pem exists but"),
+        ("no-cert", "ca.key exists but"),
+        ("other-cert", "ca.pem is not the certificate of"),
+    ],
+)
+def test_a_damaged_tls_ca_is_refused_not_replaced_or_used(tmp_path: Path, damage: str, says: str) -> None:
+    """A CA that cannot be used gave a traceback (not PEM), a bare 'No such file' (no ca.pem), certificates no
+    device could verify (a ca.pem of another key), or, with ca.key gone, a new CA written over the ca.pem every
+    device trusts. Each is refused, the files are left as they were, and --force still makes a new CA."""
+    t = tmp_path / "t"
+    assert _keys_tls(t)[0] == 0
+    if damage == "garbage-key":
+        (t / "ca.key").write_text("garbage")
+    elif damage == "garbage-cert":
+        (t / "ca.pem").write_text("garbage")
+    elif damage == "no-key":
+        (t / "ca.key").unlink()
+    elif damage == "no-cert":
+        (t / "ca.pem").unlink()
+    else:
+        assert _keys_tls(tmp_path / "other")[0] == 0
+        (t / "ca.pem").write_bytes((tmp_path / "other" / "ca.pem").read_bytes())
+    before = {p.name: p.read_bytes() for p in t.iterdir()}
+    code, out = _keys_tls(t)
+    assert code == 2 and says in out and "--force" in out, out
+    assert {p.name: p.read_bytes() for p in t.iterdir()} == before
+    code, out = _keys_tls(t, "--force")
+    assert code == 0, out
+
+
+def test_a_fifo_as_the_services_device_secret_is_refused(tmp_path: Path) -> None:
+    from deltaplane.serve.auth import device_secret
+
+    (tmp_path / "keys").mkdir()
+    os.mkfifo(tmp_path / "keys" / "device-secret")
+    err = _returns(device_secret, tmp_path)
+    assert isinstance(err, ConfigError) and "must be a regular file, not a FIFO" in str(err), err

@@ -60,7 +60,9 @@ def device_secret(home: str | os.PathLike[str]) -> bytes:
             pass
         finally:
             path.with_suffix(".new").unlink(missing_ok=True)
-    data = path.read_bytes()
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+    data = read_bounded_bytes(path, limit=KEY_LIMIT, what="device secret")  # a FIFO would block the start
     if len(data) < 16:
         raise ConfigError(f"{path} holds {len(data)} bytes; a device secret needs at least 16")
     return data

@@ -161,15 +161,11 @@ def make_tls_bundle(
     Refuses to replace an existing CA unless ``overwrite`` (every device trusting it would have to be
     re-provisioned); with an existing CA it issues only the missing certificates.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
-    if ca_key_path.exists() and not overwrite:
-        ca_key = load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    if (ca_key_path.exists() or ca_cert_path.exists()) and not overwrite:
+        ca_key, ca_cert = _existing_ca(ca_cert_path, ca_key_path)
     else:
         ca_key, ca_cert = make_ca()
         write_secret_file(ca_key_path, _pem_key(ca_key))
@@ -185,6 +181,47 @@ def make_tls_bundle(
         cert_path.write_bytes(_pem_cert(c))
         written[d] = (cert_path, key_path)
     return TlsBundle(ca_cert_path, ca_key_path, out / "server.pem", out / "server.key", written)
+
+
+def _existing_ca(cert_path: Path, key_path: Path) -> tuple[Any, Any]:
+    """The CA already in a folder: its key and certificate, read bounded (``KEY_LIMIT``: a FIFO or a huge file
+    named ``ca.key`` is refused, not read for ever) and checked to belong together.
+
+    Raises:
+        ConfigError: one of the two is missing, unreadable, not PEM, or the certificate is not the key's; says
+            how to fix it (restore the file, or ``--force`` for a new CA every device must then trust).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+    fix = "restore it, or make a new CA with --force (every device must then trust the new ca.pem)"
+    for path, other in ((key_path, cert_path), (cert_path, key_path)):
+        if not path.exists():
+            raise ConfigError(f"{other} exists but {path} does not: the CA is incomplete; {fix}")
+    try:
+        key = load_pem_private_key(
+            read_bounded_bytes(key_path, limit=KEY_LIMIT, what="CA key"), password=None
+        )
+    except (ValueError, TypeError) as exc:  # not PEM, encrypted, or an unsupported key type
+        raise ConfigError(f"{key_path} is not an unencrypted PEM private key ({exc}); {fix}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(
+            read_bounded_bytes(cert_path, limit=KEY_LIMIT, what="CA certificate")
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{cert_path} is not a PEM certificate ({exc}); {fix}") from None
+
+    def spki(public: Any) -> bytes:
+        return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(cert.public_key()) != spki(key.public_key()):
+        raise ConfigError(
+            f"{cert_path} is not the certificate of {key_path}: certificates signed with that key would not verify "
+            f"against it; {fix}"
+        )
+    return key, cert
 
 
 def server_ssl_options(
