@@ -119,3 +119,34 @@ def test_a_fifo_as_the_services_device_secret_is_refused(tmp_path: Path) -> None
     os.mkfifo(tmp_path / "keys" / "device-secret")
     err = _returns(device_secret, tmp_path)
     assert isinstance(err, ConfigError) and "must be a regular file, not a FIFO" in str(err), err
+
+
+@pytest.mark.parametrize("name", ["extra.key", "retired.json"])
+def test_a_fifo_among_a_registrys_key_encryption_keys_is_refused(tmp_path: Path, name: str) -> None:
+    """An encrypted registry read every `keys/kek/*.key` (and the retired-key list) whole at each open: a FIFO
+    there blocked every command on the registry for good."""
+    import torch
+
+    from deltaplane.registry import Registry
+    from deltaplane.registry.encryption import KeyRing
+
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", {"w": torch.ones(3)})
+    os.mkfifo(KeyRing.key_dir(tmp_path / "h") / name)
+    err = _returns(lambda: Registry(tmp_path / "h").load_state("m@1"))
+    assert isinstance(err, ConfigError) and name in str(err) and "not a FIFO" in str(err), err
+
+
+def test_a_key_file_removed_while_the_ring_loads_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    """A rotation's clean-up may delete an old key file between the listing and the read: skipped, as before."""
+    import torch
+
+    from deltaplane.registry import Registry
+    from deltaplane.registry.encryption import KeyRing
+
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", {"w": torch.ones(3)})
+    gone = KeyRing.key_dir(tmp_path / "h") / "gone.key"
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [*real_glob(self, pattern), gone])
+    assert torch.equal(Registry(tmp_path / "h").load_state("m@1")["w"], torch.ones(3))

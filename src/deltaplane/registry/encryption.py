@@ -193,12 +193,24 @@ class KeyRing:
     @classmethod
     def _key_files(cls, home: str | os.PathLike[str]) -> list[tuple[Path, bytes]]:
         """(path, contents) of every key file, newest first; a file deleted meanwhile is skipped."""
+        from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
         found: list[tuple[int, Path, bytes]] = []
         for f in cls.key_dir(home).glob("*.key"):
-            try:
-                found.append((f.stat().st_mtime_ns, f, f.read_bytes()))
+            try:  # bounded: a FIFO or a huge file among the keys would block or exhaust every registry open
+                found.append(
+                    (
+                        f.stat().st_mtime_ns,
+                        f,
+                        read_bounded_bytes(f, limit=KEY_LIMIT, what="key-encryption key file"),
+                    )
+                )
             except FileNotFoundError:
                 continue
+            except ConfigError:
+                if not f.exists():  # deleted meanwhile (a rotation's clean-up)
+                    continue
+                raise
         found.sort(key=lambda t: t[0], reverse=True)
         return [(f, data) for _, f, data in found]
 
@@ -225,11 +237,15 @@ class KeyRing:
     @classmethod
     def load_retired(cls, home: str | os.PathLike[str]) -> frozenset[str]:
         """The key ids rotations retired (``<home>/keys/kek/retired.json``); empty when none was."""
+        from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
         path = cls.key_dir(home) / RETIRED_NAME
         try:
-            ids = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return frozenset()
+            ids = json.loads(read_bounded_bytes(path, limit=KEY_LIMIT, what="retired key list"))
+        except ConfigError:
+            if not path.exists():
+                return frozenset()
+            raise
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); it lists retired key ids") from None
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
