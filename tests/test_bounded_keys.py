@@ -150,3 +150,34 @@ def test_a_key_file_removed_while_the_ring_loads_is_skipped(tmp_path: Path, monk
     real_glob = Path.glob
     monkeypatch.setattr(Path, "glob", lambda self, pattern: [*real_glob(self, pattern), gone])
     assert torch.equal(Registry(tmp_path / "h").load_state("m@1")["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_a_fifo_or_an_overlong_file_as_a_registry_blob_is_refused_not_read(
+    tmp_path: Path, encrypt: bool
+) -> None:
+    """Registry blobs were read whole: a FIFO in a blob's place blocked every reader of that version (and
+    `registry verify`) for good, and a file grown to any size was read into memory before its hash refused it.
+    A blob must be a regular file no longer than its artifact's recorded size (and the envelope)."""
+    import torch
+
+    from deltaplane.errors import IntegrityError
+    from deltaplane.registry import Registry
+
+    reg = Registry.create(tmp_path / "h", encrypt=encrypt)
+    art = reg.register_model("m", {"w": torch.ones(3)})
+    blob = reg.blob_path(art.sha256)
+    blob.unlink()
+    os.mkfifo(blob)
+    err = _returns(lambda: Registry(tmp_path / "h").load_state("m@1"))
+    assert isinstance(err, IntegrityError) and "not a regular file" in str(err), err
+    report: list = []
+    assert _returns(lambda: report.append(Registry(tmp_path / "h").verify())) is None
+    assert not report[0].ok and any("not a regular file" in p for p in report[0].problems), report[0].problems
+    blob.unlink()
+    with blob.open("wb") as f:
+        f.truncate(1 << 40)  # 1 TiB, sparse: reading it whole would exhaust memory
+    with pytest.raises(IntegrityError, match=f"more than its {art.size}-byte artifact"):
+        Registry(tmp_path / "h").load_state("m@1")
+    problems = Registry(tmp_path / "h").verify().problems
+    assert sum(f"more than its {art.size}-byte artifact" in p for p in problems) == 2, problems

@@ -464,6 +464,35 @@ def _artifact(row: sqlite3.Row) -> Artifact:
     )
 
 
+#: The most an encrypted blob's envelope (magic, key id, wrapped data key, nonce, GCM tag) adds to its data.
+_ENVELOPE_SLACK = 4096
+
+
+def _read_blob_bytes(path: Path, sha256: str, size: int | None) -> bytes:
+    """A blob file's stored bytes: a regular file only (a FIFO would block the reader for good), and no longer
+    than ``size`` plus the envelope when its artifact's size is known. FileNotFoundError when absent; messages
+    name the blob by hash only."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"blob {sha256} is not a regular file; restore it from a backup")
+        limit = st.st_size if size is None else size + _ENVELOPE_SLACK
+        if st.st_size > limit:
+            raise IntegrityError(
+                f"blob {sha256} holds {st.st_size} bytes, more than its {size}-byte artifact: corrupt"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise IntegrityError(f"blob {sha256} grew while being read")
+    return data
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -795,17 +824,19 @@ class Registry:
             raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
         return data
 
-    def _read_blob_file(self, path: Path, sha256: str) -> tuple[bytes, bytes]:
+    def _read_blob_file(self, path: Path, sha256: str, size: int | None = None) -> tuple[bytes, bytes]:
         """(stored bytes, decoded bytes) of a blob file; FileNotFoundError when it does not exist.
 
-        A blob wrapped by a key this handle has not loaded was re-wrapped by a rotation (elsewhere) after the
-        ring was loaded, or is being: wait for any rotation, reload the keys and read the file again.
+        ``size``: the decoded length its artifact records, when known; a file longer than that (and the
+        envelope's few hundred bytes) is refused before it is read. A blob wrapped by a key this handle has
+        not loaded was re-wrapped by a rotation (elsewhere) after the ring was loaded, or is being: wait for
+        any rotation, reload the keys and read the file again.
         """
-        raw = path.read_bytes()
+        raw = _read_blob_bytes(path, sha256, size)
         if is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
             with key_lock(self.home, exclusive=False, required=False):
                 self._fresh_keyring()
-                raw = path.read_bytes()
+                raw = _read_blob_bytes(path, sha256, size)
         return raw, self._decode_blob(raw, sha256)
 
     def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
@@ -841,13 +872,14 @@ class Registry:
             self._write_blob_file(path, self._fresh_keyring().seal(data, digest), digest)
         return digest
 
-    def get_blob(self, sha256: str) -> bytes:
-        """The bytes stored under ``sha256`` (decrypted); :class:`IntegrityError` if missing, tampered or corrupt.
+    def get_blob(self, sha256: str, *, size: int | None = None) -> bytes:
+        """The bytes stored under ``sha256`` (decrypted); :class:`IntegrityError` if missing, tampered or corrupt,
+        not a regular file, or (``size``: the length its artifact records) longer than that.
 
         Messages name the blob by hash only, never by server path (they may reach devices).
         """
         try:
-            return self._read_blob_file(self.blob_path(sha256), sha256)[1]
+            return self._read_blob_file(self.blob_path(sha256), sha256, size)[1]
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha256} is missing from the registry") from None
 
@@ -1140,7 +1172,7 @@ class Registry:
 
     def read(self, artifact: Artifact, *, verify: bool = True) -> bytes:
         """The artifact's bytes, hash-checked, and (``verify``) signature-checked against trusted keys."""
-        data = self.get_blob(artifact.sha256)
+        data = self.get_blob(artifact.sha256, size=artifact.size)
         if verify:
             self.verifier.verify_bytes(data, artifact.statement(), artifact.signature)
         return data
@@ -1422,14 +1454,16 @@ class Registry:
         if check != "ok":
             report.problems.append(f"sqlite integrity_check: {check}")
         referenced: set[str] = set()
+        sizes: dict[str, int] = {}  # a version's blob is read no further than its recorded size
         unsigned_metadata: list[str] = []
         for a in self.versions():
             report.rows_checked += 1
             if a.statement_version == 1:
                 unsigned_metadata.append(a.ref)
             referenced.add(a.sha256)
+            sizes[a.sha256] = a.size
             try:
-                data = self.get_blob(a.sha256)
+                data = self.get_blob(a.sha256, size=a.size)
                 if len(data) != a.size:
                     report.problems.append(f"{a.ref}: blob has {len(data)} bytes, row says {a.size}")
                 if signatures:
@@ -1474,7 +1508,9 @@ class Registry:
                 sha = sub.name + f.name
                 report.blobs_checked += 1
                 try:
-                    raw, _ = self._read_blob_file(f, sha)  # AES-GCM tags first (encrypted), then the SHA-256
+                    raw, _ = self._read_blob_file(
+                        f, sha, sizes.get(sha)
+                    )  # AES-GCM tags first (encrypted), then the SHA-256
                 except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
                     continue
                 except (IntegrityError, NotFound) as exc:
