@@ -27,6 +27,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PromotionRefused",
     "QualityGateFailed",
+    "RegistryInUse",
     "RoundAborted",
     "RoundLost",
     "ServiceUnreachable",
@@ -190,6 +191,11 @@ class RoundAborted(Conflict):
     """A SecAgg round the operator gave up unpublished (too few devices left to unmask it, or aborted by hand):
     nothing from it reaches a model. HTTP 409; a device that sent its masked update there keeps its error
     feedback as before the round, and waits for the next round."""
+
+
+class RegistryInUse(Conflict):
+    """Another process already serves this registry: each open round lives in the serving process's memory, so
+    a second service process is refused at its start (``<home>/service.lock``); the message names its pid."""
 
 
 class ServiceUnreachable(DeltaplaneError, ConnectionError):

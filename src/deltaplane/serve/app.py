@@ -460,6 +460,11 @@ def status_for(exc: Exception) -> int:
     return 400
 
 
+class _LockOwner:
+    """What holds the registry's service lock for an app (:mod:`deltaplane.serve.registry_lock`): kept on the
+    app's state, so the lock is released once the app is garbage-collected."""
+
+
 def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
@@ -468,6 +473,12 @@ def create_app(
         # a warning when the federation sets options this service cannot apply (the devices must)
         level = logging.WARNING if device_side_options(config.federation) else logging.INFO
         log.log(level, device_side_notice(config.federation))
+    # before anything touches the rounds: restore_rounds below marks SecAgg rounds open in the database lost
+    hold = Path(config.home) if state is None else state.registry.home
+    from deltaplane.serve.registry_lock import hold_service_lock
+
+    lock_owner = _LockOwner()
+    hold_service_lock(hold, lock_owner)
     state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry
@@ -500,6 +511,7 @@ def create_app(
     )
     mount_offline_docs(app)
     app.state.deltaplane = state
+    app.state.service_lock = lock_owner  # the registry's service lock is held while the app lives
     app.state.service_config = config  # serve() and BackgroundServer read the connection limit from it
     app.state.authority = authority
     app.add_middleware(
