@@ -840,3 +840,26 @@ def test_honest_distributed_dp_means_at_the_largest_z_the_service_admits_pass_it
         except InvalidUpdate:
             refused += 1
     assert refused == 0, f"{refused} of 300 honest means at z {lo:.3f} refused by the guard"
+
+
+def test_a_models_versions_say_which_kind_of_round_published_them(service) -> None:
+    """Plain and SecAgg rounds are numbered each on their own, and a version's lineage ``round`` is its round's
+    number: a plain round 1 and a SecAgg round 1 of one model both published ``round: 1``, and nothing told the
+    two versions apart. A plain round's version now names it as ``plain_round`` (a SecAgg one as
+    ``secagg_round``)."""
+    from deltaplane.codecs import Compressor
+
+    base = service.reg.load_state("cnn@1")
+    service.admin.open_round("cnn")
+    payload = Compressor("identity").compress(_deltas(base, 1, 5)[0], base_id="cnn", base_version=1)
+    service.device("p").upload("cnn", 1, payload, num_examples=4)
+    plain = service.admin.close_round("cnn", 1)["version"]
+    rnd, _ = _walk(service, ["a", "b", "c"])
+    secure = service.admin.close_secagg("cnn", rnd)["published"]["version"]
+    plain_lineage, secure_lineage = (
+        service.reg.get("cnn", plain).lineage,
+        service.reg.get("cnn", secure).lineage,
+    )
+    assert plain_lineage["round"] == secure_lineage["round"] == 1  # the same number, two numberings
+    assert plain_lineage["plain_round"] == 1 and "secagg_round" not in plain_lineage
+    assert secure_lineage["secagg_round"] == 1 and "plain_round" not in secure_lineage

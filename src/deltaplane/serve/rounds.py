@@ -768,6 +768,8 @@ def round_router(
             gov.data_sources, cohorts, tuple(sorted(excluded - set(cohorts))), gov.notes
         )
         publisher.lineage = {
+            # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
+            "plain_round": r.number,
             "examples": r.examples,
             "round_cohorts": sorted(r.cohorts),
             **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
