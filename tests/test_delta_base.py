@@ -270,3 +270,27 @@ def test_a_merge_of_deltas_keeps_their_common_record() -> None:
         dp.merge("linear", None, [a, dp.Delta.between(other, _tuned(other), record_base=True)]).base_sha256
         is None
     )
+
+
+@pytest.mark.parametrize("kind", ["quantized", "sparse", "meta"])
+def test_tensors_whose_bytes_are_not_their_values_are_refused(kind: str) -> None:
+    """A quantized tensor's bytes are its integer codes: two bases of different values (x at scale 0.1, 2x at
+    scale 0.2) hashed alike, so a delta recording one applied silently to the other. Sparse and meta tensors
+    failed with torch's own RuntimeError/NotImplementedError."""
+    import warnings
+
+    x = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    if kind == "quantized":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates quantized tensor creation
+            q1 = torch.quantize_per_tensor(x, 0.1, 0, torch.qint8)
+            q2 = torch.quantize_per_tensor(2 * x, 0.2, 0, torch.qint8)
+        assert torch.equal(q1.int_repr(), q2.int_repr()) and not torch.equal(q1.dequantize(), q2.dequantize())
+        bad, fix = q1, "t.dequantize()"
+    elif kind == "sparse":
+        bad, fix = torch.eye(3).to_sparse(), "t.to_dense()"
+    else:
+        bad, fix = torch.empty(3, device="meta"), "load the base's weights first"
+    with pytest.raises(TypeError, match="tensor 'w'") as refused:
+        dp.base_fingerprint({"w": bad})
+    assert fix in str(refused.value)

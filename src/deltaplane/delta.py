@@ -64,6 +64,12 @@ def base_fingerprint(state: StateDict) -> str:
     dimension as a little-endian fixed-width integer. The values are streamed into :mod:`hashlib` a tensor
     at a time (no per-element Python): about 60 ms for all-MiniLM-L6-v2's 22.7M float32 values, hashlib's own
     speed (``benchmarks/base_fingerprint.py``).
+
+    Raises:
+        TypeError: a key is not a string or a value not a tensor, or a tensor whose values its bytes do not
+            give: a quantized tensor (its scale and zero point are not encoded: two different bases would share
+            a fingerprint), a sparse one, or one on the ``meta`` device (no values at all). The message says
+            what to convert it to.
     """
     h = hashlib.sha256(_FINGERPRINT_TAG)
     h.update(struct.pack("<Q", len(state)))
@@ -71,6 +77,7 @@ def base_fingerprint(state: StateDict) -> str:
         t = state[name]
         if not isinstance(name, str) or not isinstance(t, Tensor):
             raise TypeError(f"base_fingerprint takes a str -> torch.Tensor mapping, got {name!r}: {type(t)}")
+        _check_fingerprintable(name, t)
         # a conjugate or negative view holds its values un-conjugated / un-negated in memory: resolve first
         t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
         raw_name = name.encode("utf-8", "surrogatepass")
@@ -87,6 +94,22 @@ def base_fingerprint(state: StateDict) -> str:
                 data = data.view(-1, word).flip(1).reshape(-1)
             h.update(data.numpy())
     return h.hexdigest()
+
+
+def _check_fingerprintable(name: str, t: Tensor) -> None:
+    """Refuse a tensor whose raw bytes are not its values (see :func:`base_fingerprint`'s Raises)."""
+    if t.is_quantized:
+        why = (
+            f"is quantized ({t.dtype}): its values depend on a scale and zero point the fingerprint does not "
+            "encode; fingerprint the float base (t.dequantize())"
+        )
+    elif t.layout != torch.strided:
+        why = f"is {str(t.layout).removeprefix('torch.')}: fingerprint its dense form (t.to_dense())"
+    elif t.is_meta:
+        why = "is on the meta device and holds no values: load the base's weights first"
+    else:
+        return
+    raise TypeError(f"base_fingerprint: tensor {name!r} {why}")
 
 
 def is_base_fingerprint(value: object) -> bool:
