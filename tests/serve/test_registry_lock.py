@@ -117,3 +117,36 @@ def test_apps_in_one_process_share_the_lock_and_release_it_when_dropped(tmp_path
     gc.collect()
     ok = subprocess.run(check, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.strip() == "serving", ok.stderr
+
+
+def test_an_app_collected_while_the_lock_table_is_busy_neither_deadlocks_nor_drops_the_lock(
+    tmp_path: Path,
+) -> None:
+    """The release runs as a finalizer, so a garbage collection may run it inside hold_service_lock itself
+    (this thread holding the guard): it must not wait for the guard (a deadlock), and the release is applied
+    at the next call."""
+    from tests.test_textfile import _returns
+
+    from deltaplane.serve import registry_lock
+
+    home, other = tmp_path / "home", tmp_path / "other"
+    home.mkdir()
+    other.mkdir()
+
+    class Owner:
+        pass
+
+    held = [Owner()]
+    registry_lock.hold_service_lock(home, held[0])
+    key = next(k for k in registry_lock._HELD if k[1] == (home / registry_lock.LOCK_NAME).stat().st_ino)
+
+    def collected_inside_the_guard() -> None:
+        with registry_lock._GUARD:  # as if a collection ran inside the guarded block
+            held.clear()  # the owner's last reference: its finalizer runs here, in this thread
+            gc.collect()
+            assert key in registry_lock._HELD  # deferred, not applied behind the holder's back
+
+    assert _returns(collected_inside_the_guard) is None  # waiting for the guard would hang here
+    keep = Owner()
+    registry_lock.hold_service_lock(other, keep)  # the next call applies it
+    assert key not in registry_lock._HELD

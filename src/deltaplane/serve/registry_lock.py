@@ -32,6 +32,8 @@ LOCK_NAME = "service.lock"
 #: (device, inode) of each lock file this process holds -> [its open descriptor, how many apps hold it]
 _HELD: dict[tuple[int, int], list[int]] = {}
 _GUARD = threading.Lock()
+#: owners gone whose release is not applied yet (see :func:`_release`)
+_PENDING: list[tuple[int, int]] = []
 
 
 def hold_service_lock(home: str | os.PathLike[str], owner: object) -> None:
@@ -47,10 +49,12 @@ def hold_service_lock(home: str | os.PathLike[str], owner: object) -> None:
     """
     path = Path(home) / LOCK_NAME
     with _GUARD:
+        _drain()
         key = _held_key(path)
         if key is None:
             key = _acquire(path, home)
         _HELD[key][1] += 1
+        _drain()
     weakref.finalize(owner, _release, key)
 
 
@@ -95,11 +99,25 @@ def _acquire(path: Path, home: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def _release(key: tuple[int, int]) -> None:
-    """One owner of ``key`` is gone; the last one closes the descriptor, which releases the lock."""
-    with _GUARD:
+    """One owner of ``key`` is gone (a finalizer: it may run inside a garbage collection triggered while this
+    thread holds the guard, so it never waits for the guard; a release it cannot make now waits for the next
+    call here or to :func:`hold_service_lock`, keeping the lock a little longer, never dropping it early)."""
+    _PENDING.append(key)
+    if _GUARD.acquire(blocking=False):
+        try:
+            _drain()
+        finally:
+            _GUARD.release()
+
+
+def _drain() -> None:
+    """Apply the pending releases (the guard held): the last owner of a lock closes its descriptor, which
+    releases the lock."""
+    while _PENDING:
+        key = _PENDING.pop()
         held = _HELD.get(key)
         if held is None:
-            return
+            continue
         held[1] -= 1
         if held[1] <= 0:
             del _HELD[key]
