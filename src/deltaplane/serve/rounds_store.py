@@ -269,7 +269,7 @@ class RoundStore:
 
     def uploads(self, rec: RoundRecord) -> list[dict[str, object]]:
         rows = self.registry.query(
-            "SELECT device_id, cohort, weight, sha256 FROM round_uploads WHERE model=? AND round=? ORDER BY id",
+            "SELECT device_id, cohort, weight, sha256, size FROM round_uploads WHERE model=? AND round=? ORDER BY id",
             (rec.model, rec.number),
         )
         return [dict(r) for r in rows]
@@ -294,7 +294,7 @@ class RoundStore:
         base = self.registry.load_state(self.registry.get(rec.model, rec.base_version))
         layout = Layout.of(base).without(local_keys)
         for u in self.uploads(rec):
-            payload = self.registry.get_blob(str(u["sha256"]))
+            payload = self.registry.get_blob(str(u["sha256"]), size=int(u["size"]))  # read no further
             yield (
                 decompress(
                     payload,
