@@ -502,3 +502,15 @@ def test_a_stored_upload_grown_past_its_recorded_size_is_not_read_on_restart(tmp
         f.truncate(1 << 28)
     with pytest.raises(IntegrityError, match=f"blob {sha} holds {1 << 28} bytes, more than its"):
         restart(svc)
+
+
+def test_registry_verify_reads_an_open_rounds_upload_no_further_than_its_recorded_size(tmp_path):
+    """registry verify checks every blob; an open round's stored upload grown on disk was read whole."""
+    svc = Service(tmp_path / "a")
+    svc.admin.open_round("cnn")
+    svc.device("d0", "eu").upload("cnn", 1, payload(svc, 0), num_examples=1)
+    (sha,) = [r["sha256"] for r in svc.reg.query("SELECT sha256 FROM round_uploads")]
+    with svc.reg.blob_path(sha).open("r+b") as f:
+        f.truncate(1 << 28)
+    problems = svc.reg.verify().problems
+    assert any(f"blob {sha} holds {1 << 28} bytes, more than its" in p for p in problems), problems

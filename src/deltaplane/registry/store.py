@@ -1484,11 +1484,12 @@ class Registry:
         # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
         # replays them, so they are no orphans (a closed round's rows keep only the hashes, for replays)
         with contextlib.suppress(sqlite3.OperationalError):  # no such tables: never served device rounds
-            for (sha,) in con.execute(
-                "SELECT u.sha256 FROM round_uploads u JOIN rounds r ON r.model = u.model AND r.number = u.round "
+            for sha, size in con.execute(
+                "SELECT u.sha256, u.size FROM round_uploads u JOIN rounds r ON r.model = u.model AND r.number = u.round "
                 "WHERE r.state = 'open'"
             ):
                 referenced.add(sha)
+                sizes.setdefault(sha, int(size))
                 if not self.blob_path(sha).exists():
                     report.problems.append(f"blob {sha} of an open round's upload is missing")
         for table, col in (("tags", "number"), ("tag_history", "number")):
