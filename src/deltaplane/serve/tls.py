@@ -159,7 +159,8 @@ def make_tls_bundle(
     """Write ``ca.pem``/``ca.key``, ``server.pem``/``server.key`` and ``device-<id>.pem``/``.key`` into ``folder``.
 
     Refuses to replace an existing CA unless ``overwrite`` (every device trusting it would have to be
-    re-provisioned); with an existing CA it issues only the missing certificates.
+    re-provisioned); with an existing CA (checked: see :func:`_existing_ca`) it keeps the CA and issues a new
+    server certificate for ``hosts`` and a certificate for each of ``devices``, over any earlier ones.
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
