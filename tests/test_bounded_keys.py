@@ -177,7 +177,26 @@ def test_a_fifo_or_an_overlong_file_as_a_registry_blob_is_refused_not_read(
     blob.unlink()
     with blob.open("wb") as f:
         f.truncate(1 << 40)  # 1 TiB, sparse: reading it whole would exhaust memory
-    with pytest.raises(IntegrityError, match=f"more than its {art.size}-byte artifact"):
+    with pytest.raises(IntegrityError, match=f"more than the {art.size} recorded for it"):
         Registry(tmp_path / "h").load_state("m@1")
     problems = Registry(tmp_path / "h").verify().problems
-    assert sum(f"more than its {art.size}-byte artifact" in p for p in problems) == 2, problems
+    assert sum(f"more than the {art.size} recorded for it" in p for p in problems) == 2, problems
+
+
+def test_registry_verify_reads_an_orphan_no_further_than_the_longest_blob_it_records(tmp_path: Path) -> None:
+    """An orphan blob (no row records its size) was read whole by `registry verify`; one longer than every blob
+    the registry records and than 64 MiB is none of its blobs, and is named without being read."""
+    import torch
+
+    from deltaplane.registry import Registry
+
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", {"w": torch.ones(3)})
+    sha = "ab" * 32
+    orphan = reg.blob_path(sha)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    with orphan.open("wb") as f:
+        f.truncate((64 << 20) + 8192)  # sparse
+    report = Registry(tmp_path / "h").verify()
+    assert any(f"blob {sha} holds {(64 << 20) + 8192} bytes, more than any blob this registry records" in p
+               for p in report.problems), report.problems  # fmt: skip

@@ -500,7 +500,7 @@ def test_a_stored_upload_grown_past_its_recorded_size_is_not_read_on_restart(tmp
     (sha,) = [r["sha256"] for r in svc.reg.query("SELECT sha256 FROM round_uploads")]
     with svc.reg.blob_path(sha).open("r+b") as f:
         f.truncate(1 << 28)
-    with pytest.raises(IntegrityError, match=f"blob {sha} holds {1 << 28} bytes, more than its"):
+    with pytest.raises(IntegrityError, match=f"blob {sha} holds {1 << 28} bytes, more than the"):
         restart(svc)
 
 
@@ -513,4 +513,4 @@ def test_registry_verify_reads_an_open_rounds_upload_no_further_than_its_recorde
     with svc.reg.blob_path(sha).open("r+b") as f:
         f.truncate(1 << 28)
     problems = svc.reg.verify().problems
-    assert any(f"blob {sha} holds {1 << 28} bytes, more than its" in p for p in problems), problems
+    assert any(f"blob {sha} holds {1 << 28} bytes, more than the" in p for p in problems), problems

@@ -464,13 +464,16 @@ def _artifact(row: sqlite3.Row) -> Artifact:
     )
 
 
+#: A blob of unknown size that ``verify`` finds is read up to the longest one the registry records, or this.
+_UNKNOWN_BLOB_FLOOR = 64 << 20
 #: The most an encrypted blob's envelope (magic, key id, wrapped data key, nonce, GCM tag) adds to its data.
 _ENVELOPE_SLACK = 4096
 
 
-def _read_blob_bytes(path: Path, sha256: str, size: int | None) -> bytes:
+def _read_blob_bytes(path: Path, sha256: str, size: int | None, *, largest: int | None = None) -> bytes:
     """A blob file's stored bytes: a regular file only (a FIFO would block the reader for good), and no longer
-    than ``size`` plus the envelope when its artifact's size is known. FileNotFoundError when absent; messages
+    than ``size`` (the length recorded for it) plus the envelope when known, else than ``largest`` (the longest
+    any blob of the registry records) plus the envelope when given. FileNotFoundError when absent; messages
     name the blob by hash only."""
     import stat
 
@@ -479,11 +482,20 @@ def _read_blob_bytes(path: Path, sha256: str, size: int | None) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise IntegrityError(f"blob {sha256} is not a regular file; restore it from a backup")
-        limit = st.st_size if size is None else size + _ENVELOPE_SLACK
-        if st.st_size > limit:
-            raise IntegrityError(
-                f"blob {sha256} holds {st.st_size} bytes, more than its {size}-byte artifact: corrupt"
-            )
+        limit = st.st_size
+        if size is not None:
+            limit = size + _ENVELOPE_SLACK
+            if st.st_size > limit:
+                raise IntegrityError(
+                    f"blob {sha256} holds {st.st_size} bytes, more than the {size} recorded for it: corrupt"
+                )
+        elif largest is not None:
+            limit = largest + _ENVELOPE_SLACK
+            if st.st_size > limit:
+                raise IntegrityError(
+                    f"blob {sha256} holds {st.st_size} bytes, more than any blob this registry records "
+                    f"({largest}): not one of its blobs"
+                )
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(limit + 1)
     finally:
@@ -824,7 +836,9 @@ class Registry:
             raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
         return data
 
-    def _read_blob_file(self, path: Path, sha256: str, size: int | None = None) -> tuple[bytes, bytes]:
+    def _read_blob_file(
+        self, path: Path, sha256: str, size: int | None = None, *, largest: int | None = None
+    ) -> tuple[bytes, bytes]:
         """(stored bytes, decoded bytes) of a blob file; FileNotFoundError when it does not exist.
 
         ``size``: the decoded length its artifact records, when known; a file longer than that (and the
@@ -832,11 +846,11 @@ class Registry:
         not loaded was re-wrapped by a rotation (elsewhere) after the ring was loaded, or is being: wait for
         any rotation, reload the keys and read the file again.
         """
-        raw = _read_blob_bytes(path, sha256, size)
+        raw = _read_blob_bytes(path, sha256, size, largest=largest)
         if is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
             with key_lock(self.home, exclusive=False, required=False):
                 self._fresh_keyring()
-                raw = _read_blob_bytes(path, sha256, size)
+                raw = _read_blob_bytes(path, sha256, size, largest=largest)
         return raw, self._decode_blob(raw, sha256)
 
     def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
@@ -1477,19 +1491,23 @@ class Registry:
                 "bytes, version and base/target are verified, their parent, codec, lineage and governance are "
                 "not covered by the signature"
             )
+        cards: set[str] = set()
         for (sha,) in con.execute("SELECT sha256 FROM cards"):
             referenced.add(sha)
+            cards.add(sha)
             if not self.blob_path(sha).exists():
                 report.problems.append(f"card blob {sha} is missing")
         # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
         # replays them, so they are no orphans (a closed round's rows keep only the hashes, for replays)
         with contextlib.suppress(sqlite3.OperationalError):  # no such tables: never served device rounds
-            for sha, size in con.execute(
-                "SELECT u.sha256, u.size FROM round_uploads u JOIN rounds r ON r.model = u.model AND r.number = u.round "
-                "WHERE r.state = 'open'"
+            for sha, size, state in con.execute(
+                "SELECT u.sha256, u.size, r.state FROM round_uploads u "
+                "JOIN rounds r ON r.model = u.model AND r.number = u.round"
             ):
+                sizes.setdefault(sha, int(size))  # a closed round's upload, if still stored, is an orphan
+                if state != "open":
+                    continue
                 referenced.add(sha)
-                sizes.setdefault(sha, int(size))
                 if not self.blob_path(sha).exists():
                     report.problems.append(f"blob {sha} of an open round's upload is missing")
         for table, col in (("tags", "number"), ("tag_history", "number")):
@@ -1504,14 +1522,17 @@ class Registry:
         report.notes += log.notes
         report.log_head = None if log.head is None else str(log.head)
         blobs = self.home / "blobs"
+        # a blob of unknown size (an orphan) is read no further than the longest this registry records, or
+        # 64 MiB: a file longer than both is none of its blobs (cards, which record no size, are not bounded)
+        largest = max(max(sizes.values(), default=0), _UNKNOWN_BLOB_FLOOR)
         for sub in sorted(p for p in blobs.iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
-                try:
+                try:  # AES-GCM tags first (encrypted), then the SHA-256
                     raw, _ = self._read_blob_file(
-                        f, sha, sizes.get(sha)
-                    )  # AES-GCM tags first (encrypted), then the SHA-256
+                        f, sha, sizes.get(sha), largest=None if sha in cards else largest
+                    )
                 except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
                     continue
                 except (IntegrityError, NotFound) as exc:
