@@ -150,3 +150,16 @@ def test_an_app_collected_while_the_lock_table_is_busy_neither_deadlocks_nor_dro
     keep = Owner()
     registry_lock.hold_service_lock(other, keep)  # the next call applies it
     assert key not in registry_lock._HELD
+
+
+def test_a_folder_without_a_registry_gets_the_registrys_message_and_no_lock_file(tmp_path: Path) -> None:
+    """The lock is taken once the registry is open: a folder that holds none still says how to create one, and
+    is left without a service.lock in it."""
+    from deltaplane.errors import NotFound
+
+    for home in (tmp_path / "missing", tmp_path / "empty"):
+        if home.name == "empty":
+            home.mkdir()
+        with pytest.raises(NotFound, match="no registry at"):
+            create_app(_config(home))
+        assert not (home / "service.lock").exists()

@@ -473,13 +473,12 @@ def create_app(
         # a warning when the federation sets options this service cannot apply (the devices must)
         level = logging.WARNING if device_side_options(config.federation) else logging.INFO
         log.log(level, device_side_notice(config.federation))
+    state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)  # NotFound: no registry
     # before anything touches the rounds: restore_rounds below marks SecAgg rounds open in the database lost
-    hold = Path(config.home) if state is None else state.registry.home
     from deltaplane.serve.registry_lock import hold_service_lock
 
     lock_owner = _LockOwner()
-    hold_service_lock(hold, lock_owner)
-    state = state or ServiceState(Registry(Path(config.home)), evaluator=evaluator)
+    hold_service_lock(state.registry.home, lock_owner)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry
     signer = reg.signer
