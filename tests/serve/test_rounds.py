@@ -489,9 +489,10 @@ def test_a_store_without_the_measurements_column_is_migrated_and_closes_keep_the
     assert restart(svc).admin.round_status("cnn", 2)["measurements"] == closed["measurements"]  # durable
 
 
-def test_a_stored_upload_grown_past_its_recorded_size_is_not_read_on_restart(tmp_path):
-    """A restart replays the open round's stored uploads; each was read whole, so a blob file grown to any size
-    (256 MiB, sparse here) was read into memory before its hash refused it. Its recorded size bounds the read."""
+def test_a_stored_upload_grown_past_its_recorded_size_is_not_read(tmp_path):
+    """A restart replays the open round's stored uploads, and registry verify checks every blob; each read the
+    blob whole, so a file grown to any size (256 MiB, sparse here) was read into memory before its hash
+    refused it. The size its row records bounds both reads."""
     from deltaplane.errors import IntegrityError
 
     svc = Service(tmp_path / "a")
@@ -500,17 +501,8 @@ def test_a_stored_upload_grown_past_its_recorded_size_is_not_read_on_restart(tmp
     (sha,) = [r["sha256"] for r in svc.reg.query("SELECT sha256 FROM round_uploads")]
     with svc.reg.blob_path(sha).open("r+b") as f:
         f.truncate(1 << 28)
-    with pytest.raises(IntegrityError, match=f"blob {sha} holds {1 << 28} bytes, more than the"):
-        restart(svc)
-
-
-def test_registry_verify_reads_an_open_rounds_upload_no_further_than_its_recorded_size(tmp_path):
-    """registry verify checks every blob; an open round's stored upload grown on disk was read whole."""
-    svc = Service(tmp_path / "a")
-    svc.admin.open_round("cnn")
-    svc.device("d0", "eu").upload("cnn", 1, payload(svc, 0), num_examples=1)
-    (sha,) = [r["sha256"] for r in svc.reg.query("SELECT sha256 FROM round_uploads")]
-    with svc.reg.blob_path(sha).open("r+b") as f:
-        f.truncate(1 << 28)
+    says = f"blob {sha} holds {1 << 28} bytes, more than the"
     problems = svc.reg.verify().problems
-    assert any(f"blob {sha} holds {1 << 28} bytes, more than the" in p for p in problems), problems
+    assert any(says in p for p in problems), problems
+    with pytest.raises(IntegrityError, match=says):
+        restart(svc)
