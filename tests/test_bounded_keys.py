@@ -200,3 +200,22 @@ def test_registry_verify_reads_an_orphan_no_further_than_the_longest_blob_it_rec
     report = Registry(tmp_path / "h").verify()
     assert any(f"blob {sha} holds {(64 << 20) + 8192} bytes, more than any blob this registry records" in p
                for p in report.problems), report.problems  # fmt: skip
+
+
+def test_registry_verify_bounds_a_model_cards_blob_too(tmp_path: Path) -> None:
+    """A model card's blob records no size; verify read it whole. It is bounded like an orphan's, and a card
+    of ordinary size still verifies."""
+    import torch
+
+    from deltaplane.registry import Registry
+
+    reg = Registry.create(tmp_path / "h")
+    art = reg.register_model("m", {"w": torch.ones(3)})
+    sha = reg.attach_card(art, {"intended_use": "x" * 10_000})  # larger than the model itself
+    assert Registry(tmp_path / "h").verify().ok
+    with reg.blob_path(sha).open("r+b") as f:
+        f.truncate((64 << 20) + 8192)
+    problems = Registry(tmp_path / "h").verify().problems
+    assert any(f"blob {sha} holds {(64 << 20) + 8192} bytes, more than any blob" in p for p in problems), (
+        problems
+    )

@@ -1491,10 +1491,8 @@ class Registry:
                 "bytes, version and base/target are verified, their parent, codec, lineage and governance are "
                 "not covered by the signature"
             )
-        cards: set[str] = set()
         for (sha,) in con.execute("SELECT sha256 FROM cards"):
             referenced.add(sha)
-            cards.add(sha)
             if not self.blob_path(sha).exists():
                 report.problems.append(f"card blob {sha} is missing")
         # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
@@ -1522,17 +1520,15 @@ class Registry:
         report.notes += log.notes
         report.log_head = None if log.head is None else str(log.head)
         blobs = self.home / "blobs"
-        # a blob of unknown size (an orphan) is read no further than the longest this registry records, or
-        # 64 MiB: a file longer than both is none of its blobs (cards, which record no size, are not bounded)
+        # a blob of unknown size (an orphan, a model card) is read no further than the longest this registry
+        # records, or 64 MiB: a file longer than both is none of its blobs
         largest = max(max(sizes.values(), default=0), _UNKNOWN_BLOB_FLOOR)
         for sub in sorted(p for p in blobs.iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):
                 sha = sub.name + f.name
                 report.blobs_checked += 1
                 try:  # AES-GCM tags first (encrypted), then the SHA-256
-                    raw, _ = self._read_blob_file(
-                        f, sha, sizes.get(sha), largest=None if sha in cards else largest
-                    )
+                    raw, _ = self._read_blob_file(f, sha, sizes.get(sha), largest=largest)
                 except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
                     continue
                 except (IntegrityError, NotFound) as exc:
