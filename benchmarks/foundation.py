@@ -1,4 +1,4 @@
-"""Foundation benchmark: the default ``deltaplane run`` setting, fp32 FedAvg vs 1% top-k + 8-bit with EF.
+"""Foundation benchmark: the default ``RunConfig``, fp32 FedAvg vs ``deltaplane run``'s default codec with EF.
 
 20 non-IID clients (Dirichlet α=0.5) on digits, the small CNN, the default RunConfig; the two runs differ only
 in the uplink codec. Bytes are real payload lengths (headers included), summed over all clients and rounds.
@@ -61,7 +61,8 @@ def main() -> None:
         + f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
     )
     print(text)
-    record("foundation", "Foundation: FedAvg on digits, fp32 vs top-k 1% + 8-bit with error feedback", text)
+    title = f"Foundation: FedAvg on digits, fp32 vs `{DEFAULT_RUN_CODEC}` with error feedback"
+    record("foundation", title, text)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,13 @@ app = create_app(ServiceConfig(home=sys.argv[2], admin_token=sys.argv[3], device
 """,
 }
 RUNNER = """
-import sys, uvicorn
+import sys, types, uvicorn
 from deltaplane.serve.server import _hardening
 {app}
+# the service's uvicorn settings for every server (a bare ASGI function has no app.state to read limits from)
+hardening = _hardening(app if hasattr(app, "state") else types.SimpleNamespace(state=types.SimpleNamespace()))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
-            backlog=4096, **_hardening())
+            backlog=4096, **hardening)
 """
 
 

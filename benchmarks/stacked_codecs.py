@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-import deltaplane.sim.simulation as simulation
+import deltaplane.engine.client as engine_client
 from _record import record, table
 from deltaplane.codecs import Compressor, compress_many
 from deltaplane.delta import Delta
@@ -31,10 +31,17 @@ REPEATS = 9
 SIM_ROUNDS = 12
 
 
-def loop_compress(compressors, stacked, *, base_id="", base_version=0, meta=None, return_exceptions=False):
-    """The per-client path: one ``Compressor.compress`` per row of the stack."""
+def loop_compress(
+    compressors, stacked, *, base_id="", base_version=0, meta=None, return_exceptions=False, session=None
+):
+    """The per-client path: one ``Compressor.compress`` per row of the stack (in the same wire session)."""
     return [
-        c.compress(Delta({k: v[i] for k, v in stacked.items()}), base_id=base_id, base_version=base_version)
+        c.compress(
+            Delta({k: v[i] for k, v in stacked.items()}),
+            base_id=base_id,
+            base_version=base_version,
+            session=session,
+        )
         for i, c in enumerate(compressors)
     ]
 
@@ -65,13 +72,13 @@ def time_codec(clients: int) -> tuple[float, float]:
 
 def time_sim(patch_loop: bool) -> tuple[float, list[int], list[float]]:
     """Median per-round seconds of rounds 2.. of the batched simulator, with its uplink bytes and accuracy."""
-    real = simulation.compress_many
+    real = engine_client.compress_many
     if patch_loop:
-        simulation.compress_many = loop_compress  # type: ignore[assignment]
+        engine_client.compress_many = loop_compress  # type: ignore[assignment]
     try:
         r = run_simulation(RunConfig(engine="batched", threads=2, codec=CODEC, rounds=SIM_ROUNDS))
     finally:
-        simulation.compress_many = real
+        engine_client.compress_many = real
     return (
         statistics.median(m.seconds for m in r.rounds[1:]),
         [m.uplink_bytes for m in r.rounds],
