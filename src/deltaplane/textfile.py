@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Literal, overload
 
 from deltaplane.errors import ConfigError, DeltaplaneError
 
@@ -61,13 +62,36 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+@overload
+def read_bounded_bytes(
+    path: str | os.PathLike[str],
+    *,
+    limit: int,
+    what: str,
+    error: type[DeltaplaneError] = ...,
+    missing_ok: Literal[False] = ...,
+) -> bytes: ...
+
+
+@overload
+def read_bounded_bytes(
+    path: str | os.PathLike[str],
+    *,
+    limit: int,
+    what: str,
+    error: type[DeltaplaneError] = ...,
+    missing_ok: Literal[True],
+) -> bytes | None: ...
+
+
 def read_bounded_bytes(
     path: str | os.PathLike[str],
     *,
     limit: int,
     what: str,
     error: type[DeltaplaneError] = ConfigError,
-) -> bytes:
+    missing_ok: bool = False,
+) -> bytes | None:
     """The bytes of the regular file ``path``, refusing anything larger than ``limit`` bytes.
 
     Args:
@@ -76,6 +100,8 @@ def read_bounded_bytes(
         what: what the file is, for messages ("run config", "tokenizer file").
         error: the :class:`~deltaplane.errors.DeltaplaneError` subclass raised (default
             :class:`~deltaplane.errors.ConfigError`).
+        missing_ok: return None when the file does not exist (a file another process may delete meanwhile)
+            instead of raising ``error``.
 
     Raises:
         error: the file cannot be opened, is not a regular file (a FIFO, a device, a directory) or is larger
@@ -87,6 +113,10 @@ def read_bounded_bytes(
     )
     try:
         fd = os.open(p, flags)
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
     except OSError as exc:
         raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
     try:

@@ -197,20 +197,14 @@ class KeyRing:
 
         found: list[tuple[int, Path, bytes]] = []
         for f in cls.key_dir(home).glob("*.key"):
-            try:  # bounded: a FIFO or a huge file among the keys would block or exhaust every registry open
-                found.append(
-                    (
-                        f.stat().st_mtime_ns,
-                        f,
-                        read_bounded_bytes(f, limit=KEY_LIMIT, what="key-encryption key file"),
-                    )
-                )
+            try:
+                mtime = f.stat().st_mtime_ns
             except FileNotFoundError:
                 continue
-            except ConfigError:
-                if not f.exists():  # deleted meanwhile (a rotation's clean-up)
-                    continue
-                raise
+            # bounded: a FIFO or a huge file among the keys would block or exhaust every registry open
+            data = read_bounded_bytes(f, limit=KEY_LIMIT, what="key-encryption key file", missing_ok=True)
+            if data is not None:  # else deleted meanwhile (a rotation's clean-up)
+                found.append((mtime, f, data))
         found.sort(key=lambda t: t[0], reverse=True)
         return [(f, data) for _, f, data in found]
 
@@ -240,12 +234,11 @@ class KeyRing:
         from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
 
         path = cls.key_dir(home) / RETIRED_NAME
+        data = read_bounded_bytes(path, limit=KEY_LIMIT, what="retired key list", missing_ok=True)
+        if data is None:
+            return frozenset()
         try:
-            ids = json.loads(read_bounded_bytes(path, limit=KEY_LIMIT, what="retired key list"))
-        except ConfigError:
-            if not path.exists():
-                return frozenset()
-            raise
+            ids = json.loads(data)
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); it lists retired key ids") from None
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
