@@ -133,22 +133,17 @@ def test_an_app_collected_while_the_lock_table_is_busy_neither_deadlocks_nor_dro
     home.mkdir()
     other.mkdir()
 
-    class Owner:
-        pass
-
-    held = [Owner()]
-    registry_lock.hold_service_lock(home, held[0])
+    held = [registry_lock.hold_service_lock(home)]
     key = next(k for k in registry_lock._HELD if k[1] == (home / registry_lock.LOCK_NAME).stat().st_ino)
 
     def collected_inside_the_guard() -> None:
         with registry_lock._GUARD:  # as if a collection ran inside the guarded block
-            held.clear()  # the owner's last reference: its finalizer runs here, in this thread
+            held.clear()  # the hold's last reference: its finalizer runs here, in this thread
             gc.collect()
             assert key in registry_lock._HELD  # deferred, not applied behind the holder's back
 
     assert _returns(collected_inside_the_guard) is None  # waiting for the guard would hang here
-    keep = Owner()
-    registry_lock.hold_service_lock(other, keep)  # the next call applies it
+    registry_lock.hold_service_lock(other)  # the next call applies it (its own hold is dropped at once)
     assert key not in registry_lock._HELD
 
 

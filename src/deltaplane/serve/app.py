@@ -460,11 +460,6 @@ def status_for(exc: Exception) -> int:
     return 400
 
 
-class _LockOwner:
-    """What holds the registry's service lock for an app (:mod:`deltaplane.serve.registry_lock`): kept on the
-    app's state, so the lock is released once the app is garbage-collected."""
-
-
 def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
@@ -477,8 +472,7 @@ def create_app(
     # before anything touches the rounds: restore_rounds below marks SecAgg rounds open in the database lost
     from deltaplane.serve.registry_lock import hold_service_lock
 
-    lock_owner = _LockOwner()
-    hold_service_lock(state.registry.home, lock_owner)
+    service_lock = hold_service_lock(state.registry.home)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
     reg = state.registry
     signer = reg.signer
@@ -510,7 +504,7 @@ def create_app(
     )
     mount_offline_docs(app)
     app.state.deltaplane = state
-    app.state.service_lock = lock_owner  # the registry's service lock is held while the app lives
+    app.state.service_lock = service_lock  # the registry's service lock is held while the app lives
     app.state.service_config = config  # serve() and BackgroundServer read the connection limit from it
     app.state.authority = authority
     app.add_middleware(

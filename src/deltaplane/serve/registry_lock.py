@@ -25,7 +25,7 @@ from pathlib import Path
 
 from deltaplane.errors import ConfigError, RegistryInUse
 
-__all__ = ["LOCK_NAME", "hold_service_lock"]
+__all__ = ["LOCK_NAME", "ServiceLock", "hold_service_lock"]
 
 LOCK_NAME = "service.lock"
 
@@ -36,10 +36,17 @@ _GUARD = threading.Lock()
 _PENDING: list[tuple[int, int]] = []
 
 
-def hold_service_lock(home: str | os.PathLike[str], owner: object) -> None:
-    """Hold the service lock of the registry at ``home`` while ``owner`` (the service's app) lives.
+class ServiceLock:
+    """A hold on a registry's service lock (:func:`hold_service_lock`): the lock is held while this object
+    lives; keep it with the service's app."""
 
-    Several owners in one process share the lock; it is released when the last of them is garbage-collected
+    __slots__ = ("__weakref__",)
+
+
+def hold_service_lock(home: str | os.PathLike[str]) -> ServiceLock:
+    """Hold the service lock of the registry at ``home``; returns the hold, which keeps it while it lives.
+
+    Several holds in one process share the lock; it is released when the last of them is garbage-collected
     (or the process ends), so a process that built many apps over many registries keeps no descriptor open
     for those it dropped.
 
@@ -55,7 +62,9 @@ def hold_service_lock(home: str | os.PathLike[str], owner: object) -> None:
             key = _acquire(path, home)
         _HELD[key][1] += 1
         _drain()
-    weakref.finalize(owner, _release, key)
+    hold = ServiceLock()
+    weakref.finalize(hold, _release, key)
+    return hold
 
 
 def _held_key(path: Path) -> tuple[int, int] | None:
