@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -268,6 +269,28 @@ def test_a_secagg_round_that_cannot_complete_is_aborted_and_named(byo_task, tmp_
         status = f.admin.secagg_status(MODEL, out[0].number)
         assert status["finished"] == "aborted"
         assert not f.app.state.secagg_rounds  # nothing left open on the service
+
+
+def test_devices_waiting_in_a_round_left_open_take_the_coordinators_round(byo_task, tmp_path) -> None:
+    """A SecAgg round opened by hand and left open: the devices join it (it is the newest when they start),
+    advertise their keys and wait for a share stage nobody opens. They used to wait there for the whole
+    ``--stage-wait`` (here 60 s), so the coordinator's round, opened meanwhile, found none of them and failed;
+    a newer round now takes them out of the stray one, and the coordinator's round publishes."""
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    with Fleet(tmp_path, cfg) as f:
+        names = [fleet.device_id(i) for i in range(3)]
+        stray = f.admin.open_secagg(MODEL, names, weight_scale=10.0)["round"]
+        threads = _threads([f.device(i) for i in range(3)], rounds=2, stage_wait=60)
+        deadline = time.monotonic() + 30
+        while f.admin.secagg_status(MODEL, stray)["advertised"] < 3:  # all three wait in the stray round
+            assert time.monotonic() < deadline, "the devices never joined the round left open"
+            time.sleep(0.05)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=20, poll=0.05)
+        for t in threads:
+            t.join(30)
+        assert out[0].number > stray
+        assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert f.admin.secagg_status(MODEL, stray)["finished"] is None  # left as the operator left it
 
 
 def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp_path) -> None:

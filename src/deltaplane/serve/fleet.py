@@ -189,22 +189,28 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
     return True
 
 
-def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, poll: float) -> bool:
-    """Poll until SecAgg round ``number`` is at ``stage``; False if it moved past it, ended, or time ran out."""
+def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, poll: float) -> str | None:
+    """Poll until SecAgg round ``number`` is at ``stage``: None then; otherwise why the device cannot speak in
+    it: the round moved past the stage or ended, time ran out, or a newer SecAgg round opened.
+
+    A newer round means this one was left open (the coordinator runs one round at a time and finishes or
+    aborts each before the next): waiting on in it would keep the device out of the coordinator's round, so
+    the device leaves it, as a dropout, and takes the newer one (:func:`_next_round`)."""
     order = [s for s, _ in SECAGG_STEPS]
     delay = poll
     while time.monotonic() < deadline:
-        now = next(
-            (r for r in dev.conn.open_rounds(dev.model) if r["kind"] == "secagg" and r["round"] == number),
-            None,
-        )
+        secagg = [r for r in dev.conn.open_rounds(dev.model) if r["kind"] == "secagg"]
+        newer = max((int(r["round"]) for r in secagg if int(r["round"]) > number), default=None)
+        if newer is not None:
+            return f"round {newer} opened after it (this one was left open); left it before '{stage}'"
+        now = next((r for r in secagg if r["round"] == number), None)
         if now is None or order.index(now["stage"]) > order.index(stage):
-            return False
+            return f"'{stage}' closed before this device spoke"
         if now["stage"] == stage:
-            return True
+            return None
         time.sleep(delay)
         delay = min(2 * delay, 1.0)
-    return False
+    return f"'{stage}' did not open within the stage wait (--stage-wait)"
 
 
 def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float = 0.1) -> bool:
@@ -288,8 +294,9 @@ def _secagg_stages(
     """Speak in each SecAgg stage as it opens; False once the device is out of the round (a stage closed before
     it spoke, or the service refused it). ``sent[0]`` is set once the masked update may be in the sum."""
     for stage, method in SECAGG_STEPS:
-        if not wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll):
-            dev.log(f"SecAgg round {number}: '{stage}' closed before this device spoke; dropped out")
+        out = wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll)
+        if out is not None:
+            dev.log(f"SecAgg round {number}: {out}; dropped out")
             return False
         sent[0] = sent[0] or stage == Stage.MASKED  # the masked update may be in the sum from here
         try:
