@@ -89,7 +89,16 @@ def _seen(r):
         r.personal_accuracy_min,
         r.personal_gain_min,
     )
-    return (r.test_accuracy, r.epsilon, r.epsilon_vs_server, r.rejected, r.clipped_fraction, *personal)
+    # `clients`: the devices sampled, also in a round that trains none of them (a lone device under SecAgg)
+    return (
+        r.clients,
+        r.test_accuracy,
+        r.epsilon,
+        r.epsilon_vs_server,
+        r.rejected,
+        r.clipped_fraction,
+        *personal,
+    )
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))

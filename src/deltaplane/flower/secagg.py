@@ -326,7 +326,8 @@ class SecAggStrategy(DeltaStrategy):
         self._short = len(nodes) < self._min_inputs()
         if self._short:  # distributed DP, fewer nodes than m_min: no sum, nothing unmasked
             self._grid, self._round = grid, None
-            self._pending_down = self._pending_sampled = 0
+            # nothing is sent, but the nodes were sampled: the round reports them, as every driver does
+            self._pending_down, self._pending_sampled = 0, len(nodes)
             return []
         if len(nodes) < 2:  # the "sum" of a lone masked input is that input (SecAggConfig refuses it too)
             raise lone_input_error(server_round, len(nodes))
