@@ -9,6 +9,7 @@ and every object it holds, and the watch fails if any registered pattern shows u
 from __future__ import annotations
 
 import gc
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,19 @@ import pytest
 import torch
 
 BYO_DOC = Path(__file__).resolve().parents[1] / "docs" / "byo.md"
+
+
+def stateful_settings(examples: int, steps: int) -> Any:
+    """Hypothesis settings of a state-machine test: ``examples`` runs of up to ``steps`` steps in CI,
+    ``$DP_STATEFUL_EXAMPLES`` runs to search longer; no deadline (a step may write to disk)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get("DP_STATEFUL_EXAMPLES", examples)),
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 @pytest.fixture

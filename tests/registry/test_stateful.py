@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests.conftest import stateful_settings
 
 from deltaplane.errors import NotFound
 from deltaplane.registry import Registry
@@ -190,10 +190,5 @@ class RegistryMachine(RuleBasedStateMachine):
             self.heads.append(report.log_head)
 
 
-RegistryMachine.TestCase.settings = settings(
-    max_examples=int(__import__("os").environ.get("DP_STATEFUL_EXAMPLES", "40")),
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+RegistryMachine.TestCase.settings = stateful_settings(40, 25)
 test_registry_under_random_operations = RegistryMachine.TestCase

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from tests.conftest import stateful_settings
 
 from deltaplane.codecs import Compressor
 from deltaplane.delta import Delta
@@ -152,10 +152,5 @@ class RoundsMachine(RuleBasedStateMachine):
         assert len(self.svc.reg.versions("cnn", kind="model")) == self.versions
 
 
-RoundsMachine.TestCase.settings = settings(
-    max_examples=int(__import__("os").environ.get("DP_STATEFUL_EXAMPLES", "15")),
-    stateful_step_count=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+RoundsMachine.TestCase.settings = stateful_settings(15, 20)
 test_rounds_under_random_requests = RoundsMachine.TestCase
