@@ -288,8 +288,9 @@ def run(
             "--threads",
             min=1,
             show_default="1",
-            help="CPU threads, unless the config sets engine.threads (the batched engine: worker threads of "
-            "one torch thread each). 1 keeps speed on a shared machine.",
+            help="CPU threads, unless the config sets engine.threads (the batched engine: that many shares of "
+            "the clients, trained side by side in worker processes of one torch thread each). 1 keeps speed "
+            "on a shared machine.",
         ),
     ] = None,
     followup: Annotated[

@@ -98,8 +98,9 @@ def clean_errors(*also: type[Exception]) -> Iterator[None]:
 # you have to yourself: ``--threads N`` with N at most the CPUs this process may run on (more would only
 # oversubscribe them, so it is refused).
 #
-# The simulator's batched engine spends ``--threads`` on worker threads of one torch thread each, which keeps
-# that property (no thread ever waits for another inside a kernel).
+# The simulator's batched engine spends ``--threads`` on shares of the clients trained side by side, in forked
+# worker processes of one torch thread each, which keeps that property (no thread ever waits for another
+# inside a kernel).
 
 #: Threads a command uses unless ``--threads`` says otherwise (see the module docstring for why one).
 DEFAULT_THREADS = 1

@@ -746,7 +746,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         clip: Annotated[
             str | None,
-            typer.Option(help="Per-update L2 clip norm: a number or 'adaptive'.", show_default="1.0"),
+            typer.Option(
+                help="Per-update L2 clip norm: a number or 'adaptive'.", show_default="none (no clipping)"
+            ),
         ] = None,
         dp_noise: Annotated[
             float | None,

@@ -306,7 +306,8 @@ def run_population(
             )
     _check_ring(config)
     prev_threads = torch.get_num_threads()
-    # `threads` worker threads of the batched trainer, one torch thread each; the rest runs on this thread
+    # `threads` workers of the batched trainer (this thread and forked processes), one torch thread each; the
+    # rest runs on this thread
     # (as in deltaplane.sim.simulation: no intra-op pool whose stragglers stall every small kernel)
     torch.set_num_threads(1)
     try:
