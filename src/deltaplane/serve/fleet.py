@@ -194,7 +194,7 @@ def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, pol
     it: the round moved past the stage or ended, time ran out, or a newer SecAgg round opened.
 
     A newer round means this one was left open (the coordinator runs one round at a time and finishes or
-    aborts each before the next): waiting on in it would keep the device out of the coordinator's round, so
+    aborts each before the next): waiting in it would keep the device out of the coordinator's round, so
     the device leaves it, as a dropout, and takes the newer one (:func:`_next_round`)."""
     order = [s for s, _ in SECAGG_STEPS]
     delay = poll
