@@ -276,3 +276,38 @@ def test_payloads_and_deltas_without_a_record_apply_to_any_base(tmp_path: Path) 
     assert torch.allclose(
         load_file(out)["fc.bias"], other["fc.bias"] + (new["fc.bias"] - base["fc.bias"]), atol=1e-6
     )
+
+
+def test_a_fifo_given_as_a_checkpoint_or_delta_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Before: compress, decompress --base and apply memory-mapped a FIFO given as a safetensors file: with no
+    writer, open() blocked for good (the command hung); now a one-line usage error before anything is written."""
+    import os
+    import subprocess
+    import sys
+
+    base_p, new_p, _, _ = _files(tmp_path)
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    payload, out = tmp_path / "u.dpln", tmp_path / "out.safetensors"
+    assert (
+        CliRunner()
+        .invoke(
+            _app(), ["compress", str(new_p), "--base", str(base_p), "--codec", "fp16", "-o", str(payload)]
+        )
+        .exit_code
+        == 0
+    )
+    for args in (
+        ["compress", str(fifo), "--base", str(base_p), "--codec", "fp16", "-o", str(tmp_path / "v.dpln")],
+        ["compress", str(new_p), "--base", str(fifo), "--codec", "fp16", "-o", str(tmp_path / "v.dpln")],
+        ["decompress", str(payload), "--base", str(fifo), "-o", str(out)],
+        ["apply", str(fifo), "--base", str(base_p), "-o", str(out)],
+        ["apply", str(new_p), "--base", str(fifo), "-o", str(out)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "deltaplane", *args], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "must be a regular file, not a FIFO (named pipe)" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "v.dpln").exists()
