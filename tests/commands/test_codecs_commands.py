@@ -311,3 +311,17 @@ def test_a_fifo_given_as_a_checkpoint_or_delta_is_refused_not_waited_on(tmp_path
         assert "must be a regular file, not a FIFO (named pipe)" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not out.exists() and not (tmp_path / "v.dpln").exists()
+
+
+def test_a_seed_beyond_64_bits_is_a_usage_error(tmp_path: Path) -> None:
+    """Before: compress --seed 18446744073709551616 ended in torch's "ValueError: Overflow when unpacking long
+    long" traceback (exit 1); now a one-line usage error naming the range, and nothing is written."""
+    base_p, new_p, _, _ = _files(tmp_path)
+    out = tmp_path / "u.dpln"
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "fp16", "-o", str(out), "--seed"]
+    for seed in (str(2**64), str(-(2**63) - 1), "99999999999999999999999"):
+        r = CliRunner().invoke(_app(), [*args, seed])
+        assert r.exit_code == 2, (seed, r.output, r.exception)
+        assert "seed must be an integer from -2**63 to 2**64 - 1" in r.output and seed in r.output
+        assert not out.exists()
+    assert CliRunner().invoke(_app(), [*args, str(2**64 - 1)]).exit_code == 0  # the largest seed torch takes
