@@ -7,6 +7,7 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import deltaplane as dp
 from deltaplane.commands.ops import register
 from deltaplane.registry import Registry
 
@@ -106,6 +107,28 @@ def test_bad_arguments_give_clean_errors(cli, tmp_path):
     assert "version reference" in cli("registry", "show", "cnn").output
     r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
     assert r.exit_code == 2 and "module:function" in r.output
+
+
+def test_a_lineage_that_is_not_a_json_object_of_json_numbers_is_a_usage_error(cli, tmp_path):
+    """Before: --lineage '[]' (or '"x"') was a TypeError traceback ('list' object is not a mapping, exit 1), and
+    --lineage '{"a": NaN}' or '{"a": 1e999}' was stored and printed back by `registry list --json` as NaN /
+    Infinity, which is not JSON. Now a usage error naming --lineage; nothing is registered."""
+    cli("registry", "init")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    for lineage, message in (
+        ("[]", "--lineage must be a JSON object"),
+        ('"x"', "--lineage must be a JSON object"),
+        ('{"a": NaN}', "NaN is not a JSON number"),
+        ('{"a": [1, -Infinity]}', "-Infinity is not a JSON number"),
+        ('{"a": 1e999}', "1e999 is beyond the float range"),
+    ):
+        r = cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--lineage", lineage)
+        assert r.exit_code == 2 and message in r.output, (lineage, r.output, r.exception)
+    assert Registry(tmp_path / "home").versions() == []
+    with pytest.raises(dp.ConfigError, match="lineage must be a mapping"):
+        Registry(tmp_path / "home").register_model("m", {"w": torch.ones(3)}, lineage=[("a", 1)])
+    r = cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--lineage", '{"a": 1.5}')
+    assert r.exit_code == 0 and json.loads(cli("registry", "list", "--json").output)[0]["lineage"]["a"] == 1.5
 
 
 def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):

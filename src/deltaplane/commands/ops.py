@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -130,6 +131,21 @@ def _listen_ssl(
             "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
         )
     return ssl_options
+
+
+def _no_json_constant(name: str) -> Any:
+    """``json.loads``' hook for NaN, Infinity and -Infinity: Python's extensions, not JSON; ``registry list
+    --json`` would print them back and break strict parsers."""
+    raise ValueError(f"{name} is not a JSON number (record it as a string)")
+
+
+def _finite_json_float(text: str) -> float:
+    """``json.loads``' float parser, refusing a number beyond the float range (1e999 would be stored as
+    Infinity, which is not JSON)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the float range (record it as a string)")
+    return value
 
 
 def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -334,9 +350,13 @@ def register(app: typer.Typer) -> None:
 
         with _errors():
             try:
-                lin = json.loads(lineage)
+                lin = json.loads(lineage, parse_constant=_no_json_constant, parse_float=_finite_json_float)
             except ValueError as exc:
                 raise ConfigError(f"--lineage is not valid JSON: {exc}") from None
+            if not isinstance(lin, dict):
+                raise ConfigError(
+                    f"--lineage must be a JSON object, e.g. '{{\"round\": 12}}'. Found {lineage!r:.80}"
+                )
             sources = list(data_source or ())
             if path.is_dir() and (path / "model.json").is_file():  # a `deltaplane run` output folder
                 path, run = _run_output(path)
