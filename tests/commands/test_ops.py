@@ -131,6 +131,41 @@ def test_a_lineage_that_is_not_a_json_object_of_json_numbers_is_a_usage_error(cl
     assert r.exit_code == 0 and json.loads(cli("registry", "list", "--json").output)[0]["lineage"]["a"] == 1.5
 
 
+def test_keys_tls_refuses_bad_host_and_device_names_before_writing(cli, tmp_path):
+    """Before: --host '' (or one over 64 characters) was a ValueError traceback from cryptography after ca.pem and
+    ca.key were written, and --device '../x' wrote its key and certificate outside --out. Now a usage error
+    naming the option, and nothing is written."""
+    out = tmp_path / "tls"
+    for option, value in (
+        ("--host", ""),
+        ("--host", "a b"),
+        ("--host", "x" * 70),
+        ("--device", "../escaped"),
+        ("--device", "a/b"),
+        ("--device", ""),
+        ("--device", "d" * 65),
+    ):
+        r = cli("keys", "tls", "--out", str(out), option, value)
+        assert r.exit_code == 2 and f"{option} must be" in r.output, (option, value, r.output, r.exception)
+        assert not out.exists() and not (tmp_path / "escaped.pem").exists()
+    r = cli(
+        "keys",
+        "tls",
+        "--out",
+        str(out),
+        "--host",
+        "*.example.org",
+        "--host",
+        "10.0.0.5",
+        "--device",
+        "dev-001",
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca.key", "ca.pem", "device-dev-001.key", "device-dev-001.pem", "server.key", "server.pem"
+    ]  # fmt: skip
+
+
 def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
     """A --home / --out that is a file or lies under one, or a --key-file that is missing, is one line and
     exit 2 (or 1), before any work: they were NotADirectoryError / FileNotFoundError tracebacks."""
