@@ -350,3 +350,30 @@ def test_the_dashboard_refuses_a_port_out_of_range_and_a_runs_file(cli, tmp_path
     r = cli("ui", "--runs", str(afile), "--admin-token", "a" * 20)
     assert r.exit_code == 2 and "--runs" in r.output and "is a file" in r.output, r.output
     assert served == []
+
+
+def test_serve_and_ui_refuse_non_finite_or_zero_numbers(cli, tmp_path, monkeypatch):
+    """Before: --session-idle-minutes nan was a ValueError traceback and --session-max-hours inf an
+    OverflowError one (exit 1), serve --fleet 0 a ZeroDivisionError, serve --per-round 0 was taken as the whole
+    fleet and serve --rate nan started a service whose rate limiter compares against NaN. Now usage errors
+    (exit 2) naming the option, and nothing is served."""
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    cli("registry", "init")
+    token = ["--admin-token", "a" * 20]
+    for command in ("serve", "ui"):
+        for option, value in (("--session-idle-minutes", "nan"), ("--session-max-hours", "inf")):
+            r = cli(command, option, value, *token)
+            assert r.exit_code == 2 and option in r.output and "must be a finite number" in r.output, (
+                command, option, r.output, r.exception
+            )  # fmt: skip
+    for option, value, message in (
+        ("--fleet", "0", "'--fleet': 0 is not in the range x>=1"),
+        ("--per-round", "0", "'--per-round': 0 is not in the range x>=1"),
+        ("--rate", "nan", "rate must be positive"),
+    ):
+        r = cli("serve", option, value, *token, "--device-secret", "s" * 32)
+        assert r.exit_code == 2 and message in r.output, (option, r.output, r.exception)
+    assert served == []

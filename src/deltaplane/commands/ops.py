@@ -56,12 +56,25 @@ InsecureHttp = Annotated[
     ),
 ]
 
+
 #: How long a dashboard sign-in lasts unused, and at most (``ui`` and ``serve`` alike; see docs/dashboard.md).
+def _finite(value: float | None) -> float | None:
+    """A parser callback refusing NaN and infinities (click's float ranges let NaN through), so that a number
+    that is turned into whole seconds is a usage error, not a ValueError or OverflowError traceback."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number. Found {value}")
+    return value
+
+
 SessionIdleMinutes = Annotated[
-    float, typer.Option(help="A dashboard sign-in unused this long ends (minutes, at least 1).")
+    float,
+    typer.Option(callback=_finite, help="A dashboard sign-in unused this long ends (minutes, at least 1)."),
 ]
 SessionMaxHours = Annotated[
-    float, typer.Option(help="A dashboard sign-in ends this long after it began, however busy (hours).")
+    float,
+    typer.Option(
+        callback=_finite, help="A dashboard sign-in ends this long after it began, however busy (hours)."
+    ),
 ]
 
 #: A TCP port to listen on (uvicorn takes 70000 without a word and binds another, or none for -1).
@@ -789,6 +802,7 @@ def register(app: typer.Typer) -> None:
         fleet: Annotated[
             int | None,
             typer.Option(
+                min=1,
                 help=(
                     "Devices in the fleet (DP accounting: the service does not sample devices, so under "
                     "--dp-noise --per-round must be the whole fleet and ε is accounted at q = 1)."
@@ -799,7 +813,9 @@ def register(app: typer.Typer) -> None:
         per_round: Annotated[
             int | None,
             typer.Option(
-                help="Devices expected per round (DP-FedAvg's denominator).", show_default="the whole fleet"
+                min=1,
+                help="Devices expected per round (DP-FedAvg's denominator).",
+                show_default="the whole fleet",
             ),
         ] = None,
         task: Annotated[
