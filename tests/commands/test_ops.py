@@ -377,3 +377,36 @@ def test_serve_and_ui_refuse_non_finite_or_zero_numbers(cli, tmp_path, monkeypat
         r = cli("serve", option, value, *token, "--device-secret", "s" * 32)
         assert r.exit_code == 2 and message in r.output, (option, r.output, r.exception)
     assert served == []
+
+
+def test_serve_refuses_tls_files_openssl_cannot_use_before_starting(cli, tmp_path, monkeypatch):
+    """Before: --tls-cert/--tls-key holding junk (or a key of another certificate) passed the check and the
+    service died in uvicorn with an ssl.SSLError traceback (exit 1); a FIFO was reported as "does not exist".
+    Now a usage error (exit 2) naming the files, before anything is served."""
+    import os
+
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    cli("registry", "init")
+    assert cli("keys", "tls", "--out", str(tmp_path / "tls")).exit_code == 0
+    tls = tmp_path / "tls"
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(os.urandom(300))
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    token = ["--admin-token", "a" * 20, "--device-secret", "s" * 32]
+    for files, message in (
+        ([junk, junk], "are not a PEM certificate and its private key"),
+        ([tls / "server.pem", tls / "ca.key"], "are not a PEM certificate and its private key"),
+        ([tls / "server.pem", tls / "server.key", junk], "--tls-client-ca"),
+        ([fifo, tls / "server.key"], "a TLS file must be a regular file, not a FIFO"),
+    ):
+        args = ["--tls-cert", str(files[0]), "--tls-key", str(files[1])]
+        args += ["--tls-client-ca", str(files[2])] if len(files) > 2 else []
+        r = cli("serve", *args, *token)
+        assert r.exit_code == 2 and message in r.output, (files, r.output, r.exception)
+    assert served == []
+    r = cli("serve", "--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key"), *token)
+    assert r.exit_code == 0 and served[0]["ssl_options"]["ssl_certfile"] == str(tls / "server.pem"), r.output

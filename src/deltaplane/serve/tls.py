@@ -21,6 +21,7 @@ from typing import Any
 
 from deltaplane.errors import ConfigError
 from deltaplane.registry.signing import write_secret_file
+from deltaplane.textfile import require_regular_file
 
 __all__ = [
     "TlsBundle",
@@ -274,10 +275,36 @@ def server_ssl_options(
     keyfile: str | os.PathLike[str],
     client_ca: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """uvicorn keyword arguments for HTTPS (and, with ``client_ca``, required client certificates)."""
+    """uvicorn keyword arguments for HTTPS (and, with ``client_ca``, required client certificates).
+
+    The files are loaded here once, so that a certificate, key or CA that OpenSSL cannot use is a
+    :class:`ConfigError` naming them before the service starts, not an ``ssl.SSLError`` traceback from uvicorn.
+
+    Raises:
+        ConfigError: a file is missing, is not a regular file (a FIFO would block OpenSSL's read), or is not a
+            PEM certificate / private key that match (or, for ``client_ca``, a PEM CA certificate).
+    """
     for p in (certfile, keyfile, client_ca):
-        if p is not None and not Path(p).is_file():
+        if p is not None and not os.path.lexists(p):
             raise ConfigError(f"TLS file {p} does not exist; make one with `deltaplane keys tls`")
+        if p is not None:
+            require_regular_file(p, what="TLS file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--tls-cert {certfile} and --tls-key {keyfile} are not a PEM certificate and its private key "
+            f"({exc}); give the server.pem and server.key `deltaplane keys tls` wrote"
+        ) from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-client-ca {client_ca} is not a PEM CA certificate ({exc}); give the ca.pem "
+                "`deltaplane keys tls` wrote"
+            ) from None
     opts: dict[str, Any] = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
     if client_ca is not None:
         opts |= {"ssl_ca_certs": str(client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
