@@ -25,6 +25,7 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    finite_number,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -58,22 +59,17 @@ InsecureHttp = Annotated[
 
 
 #: How long a dashboard sign-in lasts unused, and at most (``ui`` and ``serve`` alike; see docs/dashboard.md).
-def _finite(value: float | None) -> float | None:
-    """A parser callback refusing NaN and infinities (click's float ranges let NaN through), so that a number
-    that is turned into whole seconds is a usage error, not a ValueError or OverflowError traceback."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"must be a finite number. Found {value}")
-    return value
-
-
 SessionIdleMinutes = Annotated[
     float,
-    typer.Option(callback=_finite, help="A dashboard sign-in unused this long ends (minutes, at least 1)."),
+    typer.Option(
+        callback=finite_number, help="A dashboard sign-in unused this long ends (minutes, at least 1)."
+    ),
 ]
 SessionMaxHours = Annotated[
     float,
     typer.Option(
-        callback=_finite, help="A dashboard sign-in ends this long after it began, however busy (hours)."
+        callback=finite_number,
+        help="A dashboard sign-in ends this long after it began, however busy (hours).",
     ),
 ]
 
