@@ -498,6 +498,13 @@ class Delta(Mapping[str, Tensor]):
             mode = os.stat(path).st_mode
         except OSError as exc:
             raise DecodeError(f"cannot read delta from {path}: {exc.strerror or exc}") from exc
+        try:  # the safetensors library takes its path as UTF-8 text only
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{os.fsdecode(path)!r}: the safetensors library cannot open a path that is not UTF-8; rename the "
+                "file (or a folder above it) to a UTF-8 name"
+            ) from None
         if not stat.S_ISREG(mode):
             kind = (
                 "FIFO (named pipe)"
