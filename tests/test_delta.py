@@ -139,3 +139,19 @@ def test_a_malformed_name_order_is_ignored_not_a_crash(tmp_path, order) -> None:
         metadata={"deltaplane.order": order},
     )
     assert list(dp.Delta.load(tmp_path / "d.safetensors")) == ["a", "b"]
+
+
+def test_load_names_a_path_that_is_not_utf8_as_a_usage_error(tmp_path):
+    """Before: Delta.load of a file whose name is not UTF-8 (b'bad\\xff.safetensors') was a DecodeError
+    'Path ... is not valid UTF-8' (compress/apply: exit 1, as if the file were corrupt); the file is fine, only
+    the safetensors library cannot take its name. Now a ConfigError (exit 2) that says to rename it."""
+    import os
+
+    from safetensors.torch import save
+
+    path = tmp_path / os.fsdecode(b"bad\xff.safetensors")
+    path.write_bytes(save({"w": torch.ones(2)}))
+    with pytest.raises(dp.ConfigError, match="cannot open a path that is not UTF-8; rename the file"):
+        dp.Delta.load(path)
+    (tmp_path / "good.safetensors").write_bytes(path.read_bytes())
+    assert torch.equal(dp.Delta.load(tmp_path / "good.safetensors")["w"], torch.ones(2))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deltaplane.errors import BaseMismatch, DecodeError, InvalidUpdate, ShapeMismatch
+from deltaplane.errors import BaseMismatch, ConfigError, DecodeError, InvalidUpdate, ShapeMismatch
 
 __all__ = [
     "BASE_SHA256_KEY",
@@ -486,10 +487,36 @@ class Delta(Mapping[str, Tensor]):
         """Read a delta written by :meth:`save` (or any safetensors file of tensors), with its base record.
 
         A file whose ``deltaplane.base_sha256`` is not a fingerprint is refused (:class:`DecodeError`): a
-        damaged record must not turn into "no record" and silently skip the base check.
+        damaged record must not turn into "no record" and silently skip the base check. A path that is not a
+        regular file (a FIFO, a device, a socket) is refused (:class:`ConfigError`) before it is opened:
+        safetensors memory-maps the file, so a FIFO with no writer would block the reader for good and one
+        with a writer cannot be mapped.
         """
         from safetensors import SafetensorError, safe_open
 
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise DecodeError(f"cannot read delta from {path}: {exc.strerror or exc}") from exc
+        try:  # the safetensors library takes its path as UTF-8 text only
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{os.fsdecode(path)!r}: the safetensors library cannot open a path that is not UTF-8; rename the "
+                "file (or a folder above it) to a UTF-8 name"
+            ) from None
+        if not stat.S_ISREG(mode):
+            kind = (
+                "FIFO (named pipe)"
+                if stat.S_ISFIFO(mode)
+                else "directory"
+                if stat.S_ISDIR(mode)
+                else "device or socket"
+            )
+            raise ConfigError(
+                f"{path}: a safetensors file must be a regular file, not a {kind}; save it to a file and give "
+                "that file's path"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())

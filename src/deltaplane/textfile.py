@@ -28,6 +28,7 @@ __all__ = [
     "read_bounded_bytes",
     "read_bounded_text",
     "read_config_text",
+    "require_regular_file",
 ]
 
 MIB = 1 << 20
@@ -60,6 +61,27 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "special file"
+
+
+def require_regular_file(
+    path: str | os.PathLike[str], *, what: str, error: type[DeltaplaneError] = ConfigError
+) -> Path:
+    """``path`` if it names a regular file (after symlinks); ``error`` naming what it is otherwise.
+
+    For files another library opens itself (safetensors memory-maps them, numpy and OpenSSL read them): a FIFO
+    with no writer would block that open for good, so it is refused first, with the file's kind named.
+
+    Raises:
+        error: the path does not exist, or is a directory, FIFO, device or socket.
+    """
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as exc:
+        raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{p}: a {what} must be a regular file, not a {_kind(mode)}; give the file's path")
+    return p
 
 
 @overload

@@ -92,3 +92,32 @@ def test_impossible_schedules_are_usage_errors() -> None:
         assert out.exit_code == 2 and msg in out.output, out.output
     out = CliRunner().invoke(_app(), ["privacy", "epsilon", "-z", "-1", "-q", "0.2", "-T", "10"])
     assert out.exit_code == 2 and "--noise" in out.output and "got -1" in out.output
+
+
+def test_privacy_epsilon_refuses_what_the_accountant_cannot_compute() -> None:
+    """Before: -z 1e-300 was a ZeroDivisionError traceback and -z 1e300 an OverflowError one (exit 1), and
+    --method pld with -T 10**12 (or a weak guarantee like -z 0.5 -q 1 -T 10**7) asked numpy for 226-299 GB and
+    died with an _ArrayMemoryError traceback (z=0.3, q=0.1, T=10**7 grew to 24 GB and was killed). Now usage
+    errors (exit 2) that say what to change; the PLD bound is checked with RDP before any PLD work."""
+    runner = CliRunner()
+    for args, message in (
+        (["-z", "1e-300", "-q", "0.01", "-T", "100"], "cannot compute epsilon for noise_multiplier 1e-300"),
+        (["-z", "1e300", "-q", "0.01", "-T", "100"], "cannot compute epsilon for noise_multiplier 1e+300"),
+        (["-z", "1", "-q", "0.01", "-T", str(10**12), "--method", "pld"], "at most 10,000,000 rounds"),
+        (["-z", "0.5", "-q", "1", "-T", str(10**7), "--method", "pld"], "by RDP (vacuous)"),
+        (["-z", "0.3", "-q", "0.1", "-T", str(10**6), "--method", "pld"], "use method 'rdp'"),
+    ):
+        out = runner.invoke(_app(), ["privacy", "epsilon", *args])
+        assert out.exit_code == 2 and message in out.output, (args, out.output, out.exception)
+    out = runner.invoke(
+        _app(), ["privacy", "noise", "-e", "1", "-q", "0.01", "-T", str(10**12), "--method", "pld"]
+    )
+    assert out.exit_code == 2 and "at most 10,000,000 rounds" in out.output
+    # within the bound PLD runs as before, and stays below RDP
+    out = runner.invoke(
+        _app(), ["privacy", "epsilon", "-z", "1", "-q", "0.01", "-T", "1000", "--method", "pld"]
+    )
+    pld = float(re.search(r"ε = ([0-9.]+)", out.output).group(1))
+    assert out.exit_code == 0 and 0 < pld < epsilon_for(
+        noise_multiplier=1, sampling_rate=0.01, steps=1000, delta=1e-5
+    )

@@ -276,3 +276,52 @@ def test_payloads_and_deltas_without_a_record_apply_to_any_base(tmp_path: Path) 
     assert torch.allclose(
         load_file(out)["fc.bias"], other["fc.bias"] + (new["fc.bias"] - base["fc.bias"]), atol=1e-6
     )
+
+
+def test_a_fifo_given_as_a_checkpoint_or_delta_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Before: compress, decompress --base and apply memory-mapped a FIFO given as a safetensors file: with no
+    writer, open() blocked for good (the command hung); now a one-line usage error before anything is written."""
+    import os
+    import subprocess
+    import sys
+
+    base_p, new_p, _, _ = _files(tmp_path)
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    payload, out = tmp_path / "u.dpln", tmp_path / "out.safetensors"
+    assert (
+        CliRunner()
+        .invoke(
+            _app(), ["compress", str(new_p), "--base", str(base_p), "--codec", "fp16", "-o", str(payload)]
+        )
+        .exit_code
+        == 0
+    )
+    for args in (
+        ["compress", str(fifo), "--base", str(base_p), "--codec", "fp16", "-o", str(tmp_path / "v.dpln")],
+        ["compress", str(new_p), "--base", str(fifo), "--codec", "fp16", "-o", str(tmp_path / "v.dpln")],
+        ["decompress", str(payload), "--base", str(fifo), "-o", str(out)],
+        ["apply", str(fifo), "--base", str(base_p), "-o", str(out)],
+        ["apply", str(new_p), "--base", str(fifo), "-o", str(out)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "deltaplane", *args], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "must be a regular file, not a FIFO (named pipe)" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "v.dpln").exists()
+
+
+def test_a_seed_beyond_64_bits_is_a_usage_error(tmp_path: Path) -> None:
+    """Before: compress --seed 18446744073709551616 ended in torch's "ValueError: Overflow when unpacking long
+    long" traceback (exit 1); now a one-line usage error naming the range, and nothing is written."""
+    base_p, new_p, _, _ = _files(tmp_path)
+    out = tmp_path / "u.dpln"
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "fp16", "-o", str(out), "--seed"]
+    for seed in (str(2**64), str(-(2**63) - 1), "99999999999999999999999"):
+        r = CliRunner().invoke(_app(), [*args, seed])
+        assert r.exit_code == 2, (seed, r.output, r.exception)
+        assert "seed must be an integer from -2**63 to 2**64 - 1" in r.output and seed in r.output
+        assert not out.exists()
+    assert CliRunner().invoke(_app(), [*args, str(2**64 - 1)]).exit_code == 0  # the largest seed torch takes

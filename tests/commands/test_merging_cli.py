@@ -62,6 +62,16 @@ def test_bad_shard_size(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "size must look like" in res.output
 
 
+def test_a_shard_size_beyond_the_float_range_is_a_usage_error(tmp_path: Path) -> None:
+    """Before: --max-shard-size inf (or 1e309, 1e400GB) ended in an OverflowError traceback (exit 1)."""
+    for size in ("inf", "1e309", "1e400GB", "nan"):
+        res = CliRunner().invoke(
+            _app(), ["merge", str(tmp_path / "x.yaml"), "-o", str(tmp_path / "o"), "--max-shard-size", size]
+        )
+        assert res.exit_code == 2, (size, res.output, res.exception)
+        assert "size must look like 5GB, 500MB or 1000000" in res.output and repr(size) in res.output
+
+
 def test_error_with_brackets_is_printed_verbatim(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(
         yaml.safe_dump({"merge_method": "linear", "models": [{"model": "[gone]"}]})

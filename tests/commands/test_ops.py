@@ -7,6 +7,7 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import deltaplane as dp
 from deltaplane.commands.ops import register
 from deltaplane.registry import Registry
 
@@ -106,6 +107,63 @@ def test_bad_arguments_give_clean_errors(cli, tmp_path):
     assert "version reference" in cli("registry", "show", "cnn").output
     r = cli("registry", "promote", "cnn@1", "--evaluator", "nope")
     assert r.exit_code == 2 and "module:function" in r.output
+
+
+def test_a_lineage_that_is_not_a_json_object_of_json_numbers_is_a_usage_error(cli, tmp_path):
+    """Before: --lineage '[]' (or '"x"') was a TypeError traceback ('list' object is not a mapping, exit 1), and
+    --lineage '{"a": NaN}' or '{"a": 1e999}' was stored and printed back by `registry list --json` as NaN /
+    Infinity, which is not JSON. Now a usage error naming --lineage; nothing is registered."""
+    cli("registry", "init")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    for lineage, message in (
+        ("[]", "--lineage must be a JSON object"),
+        ('"x"', "--lineage must be a JSON object"),
+        ('{"a": NaN}', "NaN is not a JSON number"),
+        ('{"a": [1, -Infinity]}', "-Infinity is not a JSON number"),
+        ('{"a": 1e999}', "1e999 is beyond the float range"),
+    ):
+        r = cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--lineage", lineage)
+        assert r.exit_code == 2 and message in r.output, (lineage, r.output, r.exception)
+    assert Registry(tmp_path / "home").versions() == []
+    with pytest.raises(dp.ConfigError, match="lineage must be a mapping"):
+        Registry(tmp_path / "home").register_model("m", {"w": torch.ones(3)}, lineage=[("a", 1)])
+    r = cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--lineage", '{"a": 1.5}')
+    assert r.exit_code == 0 and json.loads(cli("registry", "list", "--json").output)[0]["lineage"]["a"] == 1.5
+
+
+def test_keys_tls_refuses_bad_host_and_device_names_before_writing(cli, tmp_path):
+    """Before: --host '' (or one over 64 characters) was a ValueError traceback from cryptography after ca.pem and
+    ca.key were written, and --device '../x' wrote its key and certificate outside --out. Now a usage error
+    naming the option, and nothing is written."""
+    out = tmp_path / "tls"
+    for option, value in (
+        ("--host", ""),
+        ("--host", "a b"),
+        ("--host", "x" * 70),
+        ("--device", "../escaped"),
+        ("--device", "a/b"),
+        ("--device", ""),
+        ("--device", "d" * 65),
+    ):
+        r = cli("keys", "tls", "--out", str(out), option, value)
+        assert r.exit_code == 2 and f"{option} must be" in r.output, (option, value, r.output, r.exception)
+        assert not out.exists() and not (tmp_path / "escaped.pem").exists()
+    r = cli(
+        "keys",
+        "tls",
+        "--out",
+        str(out),
+        "--host",
+        "*.example.org",
+        "--host",
+        "10.0.0.5",
+        "--device",
+        "dev-001",
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca.key", "ca.pem", "device-dev-001.key", "device-dev-001.pem", "server.key", "server.pem"
+    ]  # fmt: skip
 
 
 def test_output_folders_under_a_file_are_usage_errors(cli, tmp_path):
@@ -292,3 +350,63 @@ def test_the_dashboard_refuses_a_port_out_of_range_and_a_runs_file(cli, tmp_path
     r = cli("ui", "--runs", str(afile), "--admin-token", "a" * 20)
     assert r.exit_code == 2 and "--runs" in r.output and "is a file" in r.output, r.output
     assert served == []
+
+
+def test_serve_and_ui_refuse_non_finite_or_zero_numbers(cli, tmp_path, monkeypatch):
+    """Before: --session-idle-minutes nan was a ValueError traceback and --session-max-hours inf an
+    OverflowError one (exit 1), serve --fleet 0 a ZeroDivisionError, serve --per-round 0 was taken as the whole
+    fleet and serve --rate nan started a service whose rate limiter compares against NaN. Now usage errors
+    (exit 2) naming the option, and nothing is served."""
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    cli("registry", "init")
+    token = ["--admin-token", "a" * 20]
+    for command in ("serve", "ui"):
+        for option, value in (("--session-idle-minutes", "nan"), ("--session-max-hours", "inf")):
+            r = cli(command, option, value, *token)
+            assert r.exit_code == 2 and option in r.output and "must be a finite number" in r.output, (
+                command, option, r.output, r.exception
+            )  # fmt: skip
+    for option, value, message in (
+        ("--fleet", "0", "'--fleet': 0 is not in the range x>=1"),
+        ("--per-round", "0", "'--per-round': 0 is not in the range x>=1"),
+        ("--rate", "nan", "rate must be positive"),
+    ):
+        r = cli("serve", option, value, *token, "--device-secret", "s" * 32)
+        assert r.exit_code == 2 and message in r.output, (option, r.output, r.exception)
+    assert served == []
+
+
+def test_serve_refuses_tls_files_openssl_cannot_use_before_starting(cli, tmp_path, monkeypatch):
+    """Before: --tls-cert/--tls-key holding junk (or a key of another certificate) passed the check and the
+    service died in uvicorn with an ssl.SSLError traceback (exit 1); a FIFO was reported as "does not exist".
+    Now a usage error (exit 2) naming the files, before anything is served."""
+    import os
+
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    cli("registry", "init")
+    assert cli("keys", "tls", "--out", str(tmp_path / "tls")).exit_code == 0
+    tls = tmp_path / "tls"
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(os.urandom(300))
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    token = ["--admin-token", "a" * 20, "--device-secret", "s" * 32]
+    for files, message in (
+        ([junk, junk], "are not a PEM certificate and its private key"),
+        ([tls / "server.pem", tls / "ca.key"], "are not a PEM certificate and its private key"),
+        ([tls / "server.pem", tls / "server.key", junk], "--tls-client-ca"),
+        ([fifo, tls / "server.key"], "a TLS file must be a regular file, not a FIFO"),
+    ):
+        args = ["--tls-cert", str(files[0]), "--tls-key", str(files[1])]
+        args += ["--tls-client-ca", str(files[2])] if len(files) > 2 else []
+        r = cli("serve", *args, *token)
+        assert r.exit_code == 2 and message in r.output, (files, r.output, r.exception)
+    assert served == []
+    r = cli("serve", "--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key"), *token)
+    assert r.exit_code == 0 and served[0]["ssl_options"]["ssl_certfile"] == str(tls / "server.pem"), r.output

@@ -104,3 +104,18 @@ def test_deploy_folder_whose_manifest_describes_another_artifact_is_refused(depl
     (mixed / "manifest.json").write_text('"gates"')
     with pytest.raises(DecodeError, match="not a deploy manifest"):
         load_deployable(mixed)
+
+
+def test_a_fifo_is_named_as_one_not_reported_missing(tmp_path):
+    """Before: `registry register m pipe.safetensors` said 'pipe.safetensors does not exist' for a FIFO that
+    does exist, which sends the user looking for a missing file; now it says what the path is."""
+    import os
+
+    from deltaplane.errors import ConfigError
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="a model file must be a regular file, not a FIFO"):
+        load_deployable(fifo)
+    with pytest.raises(ConfigError, match="nowhere.safetensors does not exist"):
+        load_deployable(tmp_path / "nowhere.safetensors")

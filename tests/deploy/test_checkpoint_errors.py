@@ -65,3 +65,38 @@ def test_cli_says_error_and_exits_1(app, tmp_path):
     r = CliRunner().invoke(app, ["deploy", str(ck), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "error:" in r.output, r.output
     assert "model.safetensors is not a readable safetensors file" in " ".join(r.output.split())
+
+
+def test_a_fifo_checkpoint_is_refused_not_waited_on(tmp_path):
+    """Before: `deltaplane deploy pipe.safetensors` (or a folder whose model.safetensors is a FIFO) hung for good
+    in safetensors' open (holding the GIL, so only a separate process can time it out); now a ConfigError
+    (exit 2) naming the file and what it is, before anything is written."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    ck = _folder(tmp_path)
+    (ck / "model.safetensors").unlink()
+    os.mkfifo(ck / "model.safetensors")
+    for model, message in (
+        (fifo, "pipe.safetensors: a checkpoint must be a regular file, not a FIFO (named pipe)"),
+        (ck, "model.safetensors: a weights file must be a regular file, not a FIFO (named pipe)"),
+    ):
+        code = (
+            "from deltaplane.deploy import load_checkpoint, register_architecture\n"
+            "import torch\n"
+            "register_architecture('TinyMLP', lambda cfg: torch.nn.Sequential(torch.nn.Linear(64, 10)))\n"
+            f"load_checkpoint({str(model)!r})\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert "deltaplane.errors.ConfigError" in proc.stderr and message in proc.stderr, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltaplane", "deploy", str(fifo), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "not a FIFO (named pipe)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

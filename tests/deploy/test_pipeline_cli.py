@@ -224,3 +224,28 @@ def test_single_file_checkpoint_with_config_metadata(tmp_path, helpers, trained_
     save_file(sd, str(tmp_path / "n.safetensors"))
     with pytest.raises(ConfigError, match="no 'config' metadata"):
         load_checkpoint(tmp_path / "n.safetensors")
+
+
+def test_deploy_refuses_numbers_it_would_choke_on_or_ignore(app, tmp_path):
+    """Before: --seed -1 (or 2**64) was a numpy / torch ValueError traceback after the model was loaded,
+    --finetune-epochs -1, --attack-eps nan or -1 and --recover-lr nan were taken silently (no fine-tuning, a
+    skipped attack, NaN weights), and --data naming a FIFO hung for good in np.load. Now each is a usage error
+    (exit 2) naming the option, before anything is loaded or written."""
+    import os
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")  # never read: the options are checked first
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    for args, message in (
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2**64 - 1. Found -1"),
+        (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**64 - 1"),
+        (["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0"),
+        (["--attack-eps", "0.05", "--attack-eps", "nan"], "--attack-eps must be a finite number >= 0"),
+        (["--attack-eps", "-1"], "--attack-eps must be a finite number >= 0"),
+        (["--recover-lr", "nan"], "--recover-lr must be a positive finite learning rate"),
+        (["--data", str(fifo)], "must be a regular file, not a FIFO (named pipe)"),
+    ):
+        r = CliRunner().invoke(app, ["deploy", str(model), "-o", str(tmp_path / "out"), *args])
+        assert r.exit_code == 2 and message in r.output, (args, r.output, r.exception)
+        assert not (tmp_path / "out").exists()

@@ -185,6 +185,19 @@ def test_a_missing_fisher_file_is_named_as_one(zoo) -> None:  # type: ignore[no-
     _no_leftovers(root)
 
 
+def test_a_fifo_model_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before: a FIFO given as a model (merge, extract-lora) was taken for a folder and globbed: exit 1 with
+    "[Errno 20] Not a directory", which says neither which input nor what to fix."""
+    import os
+
+    fifo = tmp_path / "m.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(dp.ConfigError, match=r"m.safetensors: a model must be a regular file, not a FIFO"):
+        Checkpoint(fifo)
+    with pytest.raises(dp.ConfigError, match=r"a fisher file must be a regular file, not a FIFO"):
+        Checkpoint(fifo, what="fisher file")
+
+
 @pytest.mark.parametrize(
     "change",
     [

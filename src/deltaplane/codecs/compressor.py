@@ -8,6 +8,7 @@ delivers the full update over time. The residual is per-device state, so it live
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -349,6 +350,9 @@ class Compressor:
                 stacklevel=2,
             )
         self.error_feedback = error_feedback
+        # torch takes any 64-bit seed, signed or not; beyond that it raises an untyped "Overflow" ValueError
+        if not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
+            raise CodecError(f"seed must be an integer from -2**63 to 2**64 - 1 (64 bits). Found {seed!r}")
         self.seed = seed
         self._rng = torch.Generator().manual_seed(seed)
         self.state = CompressorState()

@@ -41,6 +41,7 @@ __all__ = [
     "cpu_threads",
     "err_console",
     "exit_code_for",
+    "finite_number",
     "set_verbosity",
     "working_dir_on_path",
 ]
@@ -69,6 +70,17 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, ConfigError | CodecError | TaskError):
         return EXIT_USAGE
     return EXIT_FAILURE
+
+
+def finite_number(value: float | None) -> float | None:
+    """A typer callback refusing NaN and infinities (click's float ranges let NaN through: ``min=1`` passes
+    ``nan``), so that a number of seconds, minutes or a scale is a usage error naming its option, not a
+    traceback, a wait that never ends or a NaN carried into the work."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number. Found {value}")
+    return value
 
 
 @contextmanager

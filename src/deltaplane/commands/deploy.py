@@ -460,6 +460,26 @@ def _progress(console: Console):
     return say
 
 
+def _check_numbers(
+    *, seed: int, finetune_epochs: int, attack_eps: list[float] | None, recover_lr: float | None
+) -> None:
+    """Refuse numbers the work would choke on (an untyped numpy or torch error after the model is loaded) or
+    silently treat as something else (negative epochs as none, a NaN attack ε as a skipped attack)."""
+    import math
+
+    from deltaplane.errors import ConfigError
+
+    if not 0 <= seed < 2**64:  # numpy's generators take no negative seed, torch none of 64 bits or more
+        raise ConfigError(f"--seed must be an integer from 0 to 2**64 - 1. Found {seed}")
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0 (0: no fine-tuning). Found {finetune_epochs}")
+    for eps in attack_eps or ():
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ConfigError(f"--attack-eps must be a finite number >= 0 (0: skip the attack). Found {eps}")
+    if recover_lr is not None and not (math.isfinite(recover_lr) and recover_lr > 0):
+        raise ConfigError(f"--recover-lr must be a positive finite learning rate. Found {recover_lr}")
+
+
 def _check_options(prune: str, quant: str, fmt: str) -> None:
     from deltaplane.deploy.pipeline import FORMATS, QUANTS, parse_prune
     from deltaplane.errors import ConfigError
@@ -685,6 +705,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.deploy.pipeline import parse_prune
         from deltaplane.deploy.publish import check_out_dir
         from deltaplane.errors import ConfigError, QualityGateFailed
+        from deltaplane.textfile import require_regular_file
 
         console = Console()
         say = _progress(Console(stderr=True))
@@ -715,6 +736,11 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"--recover-sentences must be >= 0. Found {recover_sentences}")
                 if calibration_size is not None and calibration_size < 1:
                     raise ConfigError(f"--calibration-size must be >= 1. Found {calibration_size}")
+                _check_numbers(
+                    seed=seed, finetune_epochs=finetune_epochs, attack_eps=attack_eps, recover_lr=recover_lr
+                )
+                if data is not None:  # np.load would wait for good on a FIFO
+                    require_regular_file(data, what="--data file (.npz)")
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":

@@ -25,11 +25,12 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    finite_number,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
-from deltaplane.textfile import KEY_LIMIT, read_bounded_text
+from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
 
 if TYPE_CHECKING:
     import ssl
@@ -54,6 +55,7 @@ Patience = Annotated[
     float,
     typer.Option(
         min=1,
+        callback=finite_number,
         help="Seconds to wait for the service when it stops answering (a restart, an outage) before giving up.",
     ),
 ]
@@ -96,8 +98,9 @@ def _admin_token() -> str:
 def _federation(path: Path) -> RunConfig:
     from deltaplane.engine import RunConfig
 
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"federation file {path} does not exist")
+    require_regular_file(path, what="federation file")  # a FIFO is not "missing": name what it is
     working_dir_on_path()  # the YAML's task may be a mytask.py next to it
     return RunConfig.from_yaml(path)
 
@@ -251,7 +254,12 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option(min=1, help="Stop after this many rounds.", show_default="until stopped")
         ] = None,
         stage_wait: Annotated[
-            float, typer.Option(min=1, help="Seconds to wait for a SecAgg stage or a round to publish.")
+            float,
+            typer.Option(
+                min=1,
+                callback=finite_number,
+                help="Seconds to wait for a SecAgg stage or a round to publish.",
+            ),
         ] = 300.0,
         patience: Patience = 300.0,
         threads: Threads = DEFAULT_THREADS,
@@ -284,13 +292,20 @@ def register(app: typer.Typer) -> None:
         model: Model,
         rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")],
         deadline: Annotated[
-            float, typer.Option(min=0.1, help="Seconds each round (each SecAgg stage) waits for its devices.")
+            float,
+            typer.Option(
+                min=0.1,
+                callback=finite_number,
+                help="Seconds each round (each SecAgg stage) waits for its devices.",
+            ),
         ],
         ca: Ca = None,
         weight_scale: Annotated[
             float | None,
             typer.Option(
-                help="SecAgg's public weight scale.", show_default="the devices' mean example count"
+                callback=finite_number,
+                help="SecAgg's public weight scale.",
+                show_default="the devices' mean example count",
             ),
         ] = None,
         secagg_neighbours: Annotated[

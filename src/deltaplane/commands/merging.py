@@ -13,6 +13,8 @@ __all__ = ["register"]
 
 
 def _parse_size(text: str) -> int:
+    """``--max-shard-size``: bytes from '5GB', '500MB' or '1000000'; a usage error for anything else,
+    including a size that is not a finite number of bytes ('inf', '1e309')."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
     t = text.strip().lower().replace(" ", "")
     num = t.rstrip("kmgib")
@@ -21,8 +23,10 @@ def _parse_size(text: str) -> int:
         raise typer.BadParameter(f"size must look like 5GB, 500MB or 1000000. Found {text!r}")
     try:
         return int(float(num) * units[unit])
-    except ValueError:
-        raise typer.BadParameter(f"size must look like 5GB, 500MB or 1000000. Found {text!r}") from None
+    except (ValueError, OverflowError):  # not a number, nan; inf or beyond the float range
+        raise typer.BadParameter(
+            f"size must look like 5GB, 500MB or 1000000 (a finite number of bytes). Found {text!r}"
+        ) from None
 
 
 def merge_command(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    finite_number,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -55,12 +57,20 @@ InsecureHttp = Annotated[
     ),
 ]
 
+
 #: How long a dashboard sign-in lasts unused, and at most (``ui`` and ``serve`` alike; see docs/dashboard.md).
 SessionIdleMinutes = Annotated[
-    float, typer.Option(help="A dashboard sign-in unused this long ends (minutes, at least 1).")
+    float,
+    typer.Option(
+        callback=finite_number, help="A dashboard sign-in unused this long ends (minutes, at least 1)."
+    ),
 ]
 SessionMaxHours = Annotated[
-    float, typer.Option(help="A dashboard sign-in ends this long after it began, however busy (hours).")
+    float,
+    typer.Option(
+        callback=finite_number,
+        help="A dashboard sign-in ends this long after it began, however busy (hours).",
+    ),
 ]
 
 #: A TCP port to listen on (uvicorn takes 70000 without a word and binds another, or none for -1).
@@ -130,6 +140,21 @@ def _listen_ssl(
             "`deltaplane keys tls --host NAME`), or --insecure-http behind a TLS-terminating proxy"
         )
     return ssl_options
+
+
+def _no_json_constant(name: str) -> Any:
+    """``json.loads``' hook for NaN, Infinity and -Infinity: Python's extensions, not JSON; ``registry list
+    --json`` would print them back and break strict parsers."""
+    raise ValueError(f"{name} is not a JSON number (record it as a string)")
+
+
+def _finite_json_float(text: str) -> float:
+    """``json.loads``' float parser, refusing a number beyond the float range (1e999 would be stored as
+    Infinity, which is not JSON)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the float range (record it as a string)")
+    return value
 
 
 def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -334,9 +359,13 @@ def register(app: typer.Typer) -> None:
 
         with _errors():
             try:
-                lin = json.loads(lineage)
+                lin = json.loads(lineage, parse_constant=_no_json_constant, parse_float=_finite_json_float)
             except ValueError as exc:
                 raise ConfigError(f"--lineage is not valid JSON: {exc}") from None
+            if not isinstance(lin, dict):
+                raise ConfigError(
+                    f"--lineage must be a JSON object, e.g. '{{\"round\": 12}}'. Found {lineage!r:.80}"
+                )
             sources = list(data_source or ())
             if path.is_dir() and (path / "model.json").is_file():  # a `deltaplane run` output folder
                 path, run = _run_output(path)
@@ -771,6 +800,7 @@ def register(app: typer.Typer) -> None:
         fleet: Annotated[
             int | None,
             typer.Option(
+                min=1,
                 help=(
                     "Devices in the fleet (DP accounting: the service does not sample devices, so under "
                     "--dp-noise --per-round must be the whole fleet and ε is accounted at q = 1)."
@@ -781,7 +811,9 @@ def register(app: typer.Typer) -> None:
         per_round: Annotated[
             int | None,
             typer.Option(
-                help="Devices expected per round (DP-FedAvg's denominator).", show_default="the whole fleet"
+                min=1,
+                help="Devices expected per round (DP-FedAvg's denominator).",
+                show_default="the whole fleet",
             ),
         ] = None,
         task: Annotated[

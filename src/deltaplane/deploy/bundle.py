@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = ["Deployable", "load_deployable"]
 
@@ -92,7 +92,8 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
     """The state dict and provenance of a ``.safetensors``, ``.dpla`` or ``.onnx`` file or a deploy folder.
 
     Raises:
-        ConfigError: a path of another kind, or a folder without ``model.dpla``/``model.safetensors``.
+        ConfigError: a path of another kind (a missing path; a FIFO, device or socket, named as such), or a
+            folder without ``model.dpla``/``model.safetensors``.
         DecodeError: a file that does not decode as what its suffix says.
     """
     p = Path(path)
@@ -111,8 +112,9 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             "(model.dpla) or a Hugging Face checkpoint (model.safetensors / model.safetensors.index.json); a .bin "
             "checkpoint must be converted first (load it with torch and save_file(state, 'model.safetensors'))"
         )
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise ConfigError(f"{p} does not exist")
+    require_regular_file(p, what="model file")  # a FIFO is not "missing": name what it is
     source = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
     suffix = p.suffix.lower()
     if suffix == ".safetensors":

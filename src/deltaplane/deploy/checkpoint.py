@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -210,7 +210,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     the architecture lookup (module docstring); the config then need not name an architecture.
 
     Raises:
-        ConfigError: missing files, a config that is not a JSON object (config.json or the ``config`` metadata),
+        ConfigError: missing files, a checkpoint or weights file that is not a regular file (a FIFO would block
+            the reader for good), a config that is not a JSON object (config.json or the ``config`` metadata),
             no architecture named, or an unknown architecture.
         DecodeError: the weights file is not readable safetensors (truncated, junk); the message names it.
         ShapeMismatch: the weights do not match the config (missing/unexpected tensors, wrong shapes); the
@@ -230,7 +231,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         except ValueError as e:
             raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
     elif p.suffix == ".safetensors" and p.exists():
-        weights = p
+        weights = require_regular_file(p, what="checkpoint")  # safe_open would block on a FIFO for good
         try:
             with safe_open(str(p), "pt") as f:
                 meta = f.metadata() or {}
@@ -269,6 +270,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         raise ConfigError(f"building {arch!r} from the config of {p} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
+    require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
     "DTYPES",
@@ -142,6 +142,8 @@ class Checkpoint(Mapping[str, Tensor]):
             if p.suffix != ".safetensors":
                 raise ConfigError(f"{self.what} '{p}' is not a .safetensors file")
             return [p]
+        if not p.is_dir():  # a FIFO, device or socket: refused by name, not "Not a directory" from a glob
+            require_regular_file(p, what=self.what)
         index = p / INDEX_NAME
         if index.exists():
             text = read_bounded_text(index, limit=MANIFEST_LIMIT, what="safetensors index", error=DecodeError)

@@ -181,6 +181,17 @@ def default_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".deltaplane")
 
 
+def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
+    """The stored JSON of a version's lineage; values JSON has no type for are stored as text.
+
+    Raises:
+        ConfigError: ``lineage`` is not a mapping (a JSON object).
+    """
+    if lineage is not None and not isinstance(lineage, Mapping):
+        raise ConfigError(f"lineage must be a mapping (a JSON object), not {type(lineage).__name__}")
+    return json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+
+
 def _check_name(what: str, name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
@@ -990,7 +1001,7 @@ class Registry:
     ) -> Artifact:
         _check_name("model name", model)
         gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
-        lineage_json = json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+        lineage_json = _lineage_json(lineage)
         governance_json = json.dumps(gov.to_dict(), sort_keys=True)
         digest = self.put_blob(data)  # durable before any row references it
         with self._write() as con:

@@ -211,7 +211,7 @@ class RateLimiter:
     """
 
     def __init__(self, *, rate: float, burst: int, max_keys: int = 100_000) -> None:
-        if rate <= 0 or burst < 1:
+        if not rate > 0 or burst < 1:  # `not >` so that NaN is refused too
             raise ConfigError(f"rate must be positive and burst at least 1. Found rate={rate}, burst={burst}")
         self.rate = rate
         self.burst = burst

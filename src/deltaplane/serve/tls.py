@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from deltaplane.errors import ConfigError
 from deltaplane.registry.signing import write_secret_file
+from deltaplane.textfile import require_regular_file
 
 __all__ = [
     "TlsBundle",
@@ -138,6 +140,39 @@ def issue_certificate(
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
+#: a DNS name a certificate can name: labels of letters, digits and inner hyphens (RFC 1123), at most 63
+#: characters each, optionally under one leading wildcard label ("*.example.org")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: a device name: it becomes the certificate's common name (at most 64 characters) and part of a file name
+_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_host(host: str) -> None:
+    """Refuse a ``--host`` that is neither an IP address nor a DNS name (an empty one, a space, a label over 63
+    characters): the certificate would be unusable, or the ``cryptography`` package would refuse it untyped."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.removeprefix("*.").split(".")
+    if not (len(host) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)):
+        raise ConfigError(
+            f"--host must be an IP address or a DNS name (letters, digits and hyphens, dot-separated labels of "
+            f"at most 63 characters, e.g. fleet.example.org). Found {host!r}"
+        )
+
+
+def _check_device(name: str) -> None:
+    """Refuse a ``--device`` name that could not be a file name in the folder (``a/b``, ``../x``, empty) or a
+    certificate's common name (over 64 characters)."""
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(
+            "--device must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            f"(it names the files device-NAME.pem/.key and the certificate). Found {name!r}"
+        )
+
+
 @dataclass(frozen=True)
 class TlsBundle:
     """Paths written by :func:`make_tls_bundle`."""
@@ -161,7 +196,15 @@ def make_tls_bundle(
     Refuses to replace an existing CA unless ``overwrite`` (every device trusting it would have to be
     re-provisioned); with an existing CA (checked: see :func:`_existing_ca`) it keeps the CA and issues a new
     server certificate for ``hosts`` and a certificate for each of ``devices``, over any earlier ones.
+
+    Raises:
+        ConfigError: a host that is neither an IP address nor a DNS name, or a device name that is not 1 to 64
+            letters, digits, '.', '_' or '-' (it names files in ``folder``); checked before anything is written.
     """
+    for host in hosts:  # every name before anything is written: no CA left behind by a bad --host
+        _check_host(host)
+    for device in devices:
+        _check_device(device)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
@@ -171,7 +214,9 @@ def make_tls_bundle(
         ca_key, ca_cert = make_ca()
         write_secret_file(ca_key_path, _pem_key(ca_key))
         ca_cert_path.write_bytes(_pem_cert(ca_cert))
-    server_key, server_cert = issue_certificate(ca_key, ca_cert, hosts[0] if hosts else "server", hosts=hosts)
+    # a common name holds at most 64 characters; the subject alternative names are what TLS clients check
+    name = hosts[0] if hosts and len(hosts[0]) <= 64 else "server"
+    server_key, server_cert = issue_certificate(ca_key, ca_cert, name, hosts=hosts)
     write_secret_file(out / "server.key", _pem_key(server_key))
     (out / "server.pem").write_bytes(_pem_cert(server_cert))
     written: dict[str, tuple[Path, Path]] = {}
@@ -230,10 +275,36 @@ def server_ssl_options(
     keyfile: str | os.PathLike[str],
     client_ca: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """uvicorn keyword arguments for HTTPS (and, with ``client_ca``, required client certificates)."""
+    """uvicorn keyword arguments for HTTPS (and, with ``client_ca``, required client certificates).
+
+    The files are loaded here once, so that a certificate, key or CA that OpenSSL cannot use is a
+    :class:`ConfigError` naming them before the service starts, not an ``ssl.SSLError`` traceback from uvicorn.
+
+    Raises:
+        ConfigError: a file is missing, is not a regular file (a FIFO would block OpenSSL's read), or is not a
+            PEM certificate / private key that match (or, for ``client_ca``, a PEM CA certificate).
+    """
     for p in (certfile, keyfile, client_ca):
-        if p is not None and not Path(p).is_file():
+        if p is not None and not os.path.lexists(p):
             raise ConfigError(f"TLS file {p} does not exist; make one with `deltaplane keys tls`")
+        if p is not None:
+            require_regular_file(p, what="TLS file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--tls-cert {certfile} and --tls-key {keyfile} are not a PEM certificate and its private key "
+            f"({exc}); give the server.pem and server.key `deltaplane keys tls` wrote"
+        ) from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-client-ca {client_ca} is not a PEM CA certificate ({exc}); give the ca.pem "
+                "`deltaplane keys tls` wrote"
+            ) from None
     opts: dict[str, Any] = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
     if client_ca is not None:
         opts |= {"ssl_ca_certs": str(client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
