@@ -801,7 +801,10 @@ def _save_checkpoint(result: RunResult, out: Path, *, name: str, task: str, pers
         "final": result.final.to_dict(),
         "total_uplink_bytes": result.total_uplink_bytes,
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=1))
+    from deltaplane.report.writer import json_safe
+
+    # strict JSON (a NaN metric as null): `registry register OUT` reads it into a version's lineage
+    (out / "model.json").write_text(json.dumps(json_safe(meta), indent=1, allow_nan=False))
     if personal:
         folder = out / "personal"
         folder.mkdir(exist_ok=True)

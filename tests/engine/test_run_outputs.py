@@ -47,3 +47,40 @@ def test_register_refuses_a_folder_that_is_not_a_run(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     r = _cli("registry", "register", "m", str(tmp_path / "empty"), "--home", str(home))
     assert r.exit_code == 2 and "`deltaplane run` output" in r.output and "model.safetensors" in r.output
+
+
+def _strict(text: str):
+    """``json.loads`` refusing NaN/Infinity (not JSON; strict readers such as JavaScript's JSON.parse fail)."""
+
+    def refuse(token: str):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_run_record_with_nan_metrics_is_strict_json_and_registers_as_nulls(tmp_path) -> None:
+    """A population run whose Poisson sampling (central DP, q = 0.1 of 4 devices) chose nobody has no sampled
+    device to score: its client accuracies are NaN. model.json held them as the NaN token, which is not JSON;
+    `registry register` then stored them in the version's lineage and `registry list --json` printed NaN. They
+    are null now, and a record written by an older run is registered with nulls too."""
+    config = tmp_path / "nan.yaml"
+    config.write_text(
+        "clients: {count: 4, rounds: 1, sample_fraction: 0.1}\ndp_noise: 1.0\nclip: 1.0\ndp_delta: 0.001\n"
+        "engine: {name: population}\n"
+    )
+    out, home = tmp_path / "run", tmp_path / "home"
+    r = _cli("run", "--config", str(config), "--no-baseline", "--no-followup", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    record = _strict((out / "model.json").read_text())
+    assert record["final"]["clients"] == 0 and record["final"]["client_accuracy_mean"] is None
+
+    old = json.loads((out / "model.json").read_text())
+    old["final"]["client_accuracy_mean"] = float("nan")  # as an older run wrote it
+    (out / "model.json").write_text(json.dumps(old))
+    assert _cli("registry", "init", "--home", str(home)).exit_code == 0
+    r = _cli("registry", "register", "nan-run", str(out), "--home", str(home))
+    assert r.exit_code == 0, r.output
+    r = _cli("--quiet", "registry", "list", "--json", "--home", str(home))
+    assert r.exit_code == 0, r.output
+    listed = _strict(r.stdout)
+    assert "client_accuracy_mean" in r.stdout and "NaN" not in r.stdout and listed

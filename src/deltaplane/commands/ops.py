@@ -171,7 +171,10 @@ def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{meta} is not valid JSON: {exc}") from None
     if not isinstance(run, dict) or run.get("kind") != "deltaplane-run":
         raise ConfigError(f"{meta} is not a run record (kind must be 'deltaplane-run')")
-    return model, {k: run.get(k) for k in ("run", "task", "config", "final", "total_uplink_bytes")}
+    from deltaplane.report.writer import json_safe
+
+    # a record written before run records were strict JSON may hold NaN metrics: kept as null in the lineage
+    return model, json_safe({k: run.get(k) for k in ("run", "task", "config", "final", "total_uplink_bytes")})
 
 
 def load_evaluator(spec: str) -> Any:

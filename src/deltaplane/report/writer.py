@@ -16,7 +16,7 @@ from deltaplane.report.html import render_html
 from deltaplane.report.summary import REPORT_FORMAT, build_report
 from deltaplane.textfile import REPORT_LIMIT, read_bounded_text
 
-__all__ = ["ReportFiles", "load_report", "write_report"]
+__all__ = ["ReportFiles", "json_safe", "load_report", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,16 @@ class ReportFiles:
     report: dict[str, Any]
 
 
-def _json_safe(value: Any) -> Any:
-    # NaN/Inf are not JSON; write null rather than the non-standard tokens json.dumps emits by default.
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by None, through mappings, lists and tuples: NaN and Inf are
+    not JSON, and ``json.dumps`` would write the non-standard tokens ``NaN``/``Infinity`` that strict readers
+    refuse (a NaN metric, e.g. the accuracy of a round that sampled nobody, is written as null)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -54,7 +56,7 @@ def write_report(
     Each file is replaced atomically, so a reader never sees half a file, and both are rendered before either
     is written, so an error (a value a chart cannot draw) leaves the folder as it was.
     """
-    report = _json_safe(build_report(runs, baseline=baseline, title=title, followup=followup))
+    report = json_safe(build_report(runs, baseline=baseline, title=title, followup=followup))
     # Both documents are made before either is written: a run that cannot be rendered leaves the folder as it
     # was, never a new report.json beside no (or an older run's) report.html. report.json goes last, as the
     # dashboard lists folders by it.
