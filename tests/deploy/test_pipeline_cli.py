@@ -249,3 +249,27 @@ def test_deploy_refuses_numbers_it_would_choke_on_or_ignore(app, tmp_path):
         r = CliRunner().invoke(app, ["deploy", str(model), "-o", str(tmp_path / "out"), *args])
         assert r.exit_code == 2 and message in r.output, (args, r.output, r.exception)
         assert not (tmp_path / "out").exists()
+
+
+def test_deploy_refuses_options_the_model_would_not_use(app, tmp_path, checkpoint):
+    """`--sentences` (and the other token-model inputs) on a classifier, `--exclude` without `--prune`, and the
+    classifier's `--data`/`--exclude` on an ONNX file were silently ignored: the model shipped was measured on
+    other inputs, or pruned otherwise, than the command line said. Each is now a usage error naming the option."""
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a sentence\n")
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"")
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"")  # never read: the options are refused first
+    for model, args, message in (
+        (checkpoint, ["--sentences", str(sentences)], "--sentences feeds a token model's evaluation text"),
+        (checkpoint, ["--random-tokens"], "--random-tokens feeds a token model random ids"),
+        (checkpoint, ["--exclude", "fc2"], "nothing is pruned: pass a --prune spec, or drop --exclude"),
+        (onnx_file, ["--prune", "0.5", "--exclude", "fc2"], "the model to deploy is an ONNX file"),
+        (onnx_file, ["--data", str(data)], "--data feeds a classifier's training and test images"),
+    ):
+        r = CliRunner().invoke(
+            app, ["deploy", str(model), "--quant", "none", "-o", str(tmp_path / "out"), *args]
+        )
+        assert r.exit_code == 2 and message in r.output, (args, r.output, r.exception)
+        assert not (tmp_path / "out").exists()

@@ -741,9 +741,16 @@ def register(app: typer.Typer) -> None:
                 )
                 if data is not None:  # np.load would wait for good on a FIFO
                     require_regular_file(data, what="--data file (.npz)")
+                if exclude and parse_prune(prune) is None:
+                    raise ConfigError(
+                        f"--exclude {' '.join(exclude)} names layers to leave unpruned, but nothing is pruned: "
+                        "pass a --prune spec, or drop --exclude"
+                    )
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
+                    _refuse_unused("an ONNX file", data=data, exclude=exclude, sentences=sentences,
+                                   tokenizer=tokenizer, random_tokens=random_tokens)  # fmt: skip
                     res = _deploy_onnx(
                         model, out, prune, quant, seed, gates, say, calibration_size, overwrite=overwrite
                     )
@@ -751,6 +758,7 @@ def register(app: typer.Typer) -> None:
                     ckpt = load_checkpoint(model, builder=builder)
                     kind = task or infer_task(ckpt)
                     if kind in ("sentence-embedding", "text-classification", "next-token"):
+                        _refuse_unused(f"a {kind} token model", data=data, exclude=exclude)
                         if fmt != "onnx":
                             raise ConfigError("token models deploy as --format onnx")
                         eps = [0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
@@ -765,6 +773,8 @@ def register(app: typer.Typer) -> None:
                             ckpt, model, out, kind, prune, quant, text, seed, gates, say, rec, eps, overwrite
                         )
                     elif kind == "classification":
+                        _refuse_unused("a classifier", sentences=sentences, tokenizer=tokenizer,
+                                       random_tokens=random_tokens)  # fmt: skip
                         eps = [0.02, 0.05, 0.1] if attack_eps is None else [e for e in attack_eps if e > 0]
                         res = _deploy_classifier(
                             ckpt,
@@ -803,6 +813,27 @@ def register(app: typer.Typer) -> None:
         for layer, why in res.manifest["prune_skipped_layers"].items():
             console.print(f"not pruned: {layer} ({why})")
         console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+
+
+#: what each model-specific option is for, in the words of its refusal
+_OPTION_USE = {
+    "data": ("--data", "feeds a classifier's training and test images"),
+    "exclude": ("--exclude", "leaves a checkpoint's layers unpruned (classifiers)"),
+    "sentences": ("--sentences", "feeds a token model's evaluation text"),
+    "tokenizer": ("--tokenizer", "tokenizes a token model's text"),
+    "random_tokens": ("--random-tokens", "feeds a token model random ids"),
+}
+
+
+def _refuse_unused(what: str, **given: Any) -> None:
+    """Refuse (:class:`~deltaplane.errors.ConfigError`, exit 2) an option the deploy of ``what`` would not use:
+    a silently ignored ``--sentences`` or ``--exclude`` ships a model measured on other inputs than asked."""
+    from deltaplane.errors import ConfigError
+
+    used = [name for name, value in given.items() if value]
+    if used:
+        flag, role = _OPTION_USE[used[0]]
+        raise ConfigError(f"{flag} {role}; the model to deploy is {what}, which does not use it: drop {flag}")
 
 
 def _deploy_onnx(
