@@ -140,6 +140,8 @@ def test_keys_tls_refuses_bad_host_and_device_names_before_writing(cli, tmp_path
         ("--host", ""),
         ("--host", "a b"),
         ("--host", "x" * 70),
+        ("--host", "999.999.1.1"),  # a mistyped IP address was taken as a DNS name: no client would match it
+        ("--host", "10.0.0.256"),
         ("--device", "../escaped"),
         ("--device", "a/b"),
         ("--device", ""),

@@ -156,6 +156,11 @@ def _check_host(host: str) -> None:
     except ValueError:
         pass
     labels = host.removeprefix("*.").split(".")
+    if labels[-1].isdigit():  # no top-level domain is all digits (RFC 3696 §2): a mistyped IP address
+        raise ConfigError(
+            f"--host must be an IP address or a DNS name; {host!r} is neither (a name ending in a number is "
+            "read as an IPv4 address, and this one is not valid: each of its four parts is 0 to 255)"
+        )
     if not (len(host) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)):
         raise ConfigError(
             f"--host must be an IP address or a DNS name (letters, digits and hyphens, dot-separated labels of "
