@@ -149,3 +149,13 @@ def test_blob_names_are_digests_and_a_crafted_order_is_a_decode_error(tmp_path):
     data = save({"w": torch.zeros(3)}, metadata={"deltaplane.order": json.dumps([1, "w"])})
     with pytest.raises(DecodeError, match="deltaplane.order"):
         reg.register_model("m", data)
+
+
+def test_a_registry_that_cannot_be_created_says_where_and_what_to_do(tmp_path):
+    """A home under a file (or in /proc, or under a read-only folder) was a bare OSError ('[Errno 20] Not a
+    directory', exit 1 from the CLI); it is a ConfigError naming the folder and the option to change."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(
+        ConfigError, match=r"cannot create a registry at .*a-file/home: Not a directory; choose"
+    ):
+        Registry.create(tmp_path / "a-file" / "home")

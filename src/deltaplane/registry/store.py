@@ -662,7 +662,13 @@ class Registry:
         from deltaplane.registry.signing import PRIVATE_NAME, init_keys
 
         home = Path(home) if home is not None else default_home()
-        (home / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            (home / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only or missing parent, a file in the way, /proc...
+            raise ConfigError(
+                f"cannot create a registry at {home}: {exc.strerror or exc}; choose a folder you can write "
+                "(--home, or $DELTAPLANE_HOME)"
+            ) from None
         if keys and signer is None and not (home / "keys" / PRIVATE_NAME).exists():
             signer = init_keys(home)
         settings = home / SETTINGS_NAME
