@@ -29,6 +29,7 @@ __all__ = [
     "read_bounded_text",
     "read_config_text",
     "require_regular_file",
+    "safetensors_path",
 ]
 
 MIB = 1 << 20
@@ -82,6 +83,25 @@ def require_regular_file(
     if not stat.S_ISREG(mode):
         raise error(f"{p}: a {what} must be a regular file, not a {_kind(mode)}; give the file's path")
     return p
+
+
+def safetensors_path(path: str | os.PathLike[str], *, what: str) -> str:
+    """``path`` as the text the safetensors library opens, refusing a name that is not UTF-8.
+
+    The library takes its path as UTF-8 text only; a file or folder named in another encoding (Linux allows
+    any bytes) would come back as its "Path ... is not valid UTF-8", which reads like a corrupt file.
+
+    Raises:
+        ConfigError: the path is not UTF-8, saying to rename it.
+    """
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{os.fsdecode(path)!r}: the safetensors library cannot open a {what} whose path is not UTF-8; "
+            "rename the file (or a folder above it) to a UTF-8 name"
+        ) from None
+    return os.fsdecode(path)
 
 
 @overload

@@ -100,3 +100,42 @@ def test_a_fifo_checkpoint_is_refused_not_waited_on(tmp_path):
     )
     assert proc.returncode == 2 and "not a FIFO (named pipe)" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_path_that_is_not_utf8_is_a_usage_error_saying_to_rename_it(app, tmp_path):
+    """Before: a checkpoint, folder, registry source or PEFT adapter whose path is not UTF-8 (Linux allows any
+    bytes in a name) came back as 'is not a readable safetensors file: Path ... is not valid UTF-8', a
+    DecodeError (exit 1) as if the file were corrupt; the file is fine, only the safetensors library cannot
+    take its name. Now a ConfigError (exit 2) that says to rename it; the same bytes under a UTF-8 name load."""
+    import os
+
+    from deltaplane.adapters import LoRADelta, LoRALayer, load_peft, save_peft
+    from deltaplane.deploy.bundle import load_deployable
+
+    good = _folder(tmp_path)
+    layer = LoRALayer(torch.randn(2, 64), torch.randn(10, 2), alpha=4.0)
+    save_peft(LoRADelta({"0.weight": layer}), tmp_path / "ad")
+    bad_adapter = tmp_path / os.fsdecode(b"ad\xfd")
+    os.rename(tmp_path / "ad", bad_adapter)
+    bad_file = tmp_path / os.fsdecode(b"m\xff.safetensors")
+    sd = {k: v.contiguous() for k, v in _model().state_dict().items()}
+    save_file(
+        sd, str(tmp_path / "m.safetensors"), metadata={"config": json.dumps({"architecture": "TinyMLP"})}
+    )
+    os.rename(tmp_path / "m.safetensors", bad_file)
+    bad_folder = tmp_path / os.fsdecode(b"ck\xfe")
+    os.rename(good, bad_folder)
+    rename = "whose path is not UTF-8; rename the file"
+    for load, path in (
+        (load_checkpoint, bad_file),
+        (load_checkpoint, bad_folder),
+        (load_deployable, bad_file),
+        (load_peft, bad_adapter),
+    ):
+        with pytest.raises(ConfigError, match=rename):
+            load(path)
+    r = CliRunner().invoke(app, ["deploy", str(bad_file), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and rename in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()
+    os.rename(bad_file, tmp_path / "m.safetensors")
+    assert set(load_checkpoint(tmp_path / "m.safetensors").model.state_dict()) == set(sd)

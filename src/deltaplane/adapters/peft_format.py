@@ -28,7 +28,7 @@ from torch import Tensor
 
 from deltaplane.adapters.lora import LoRADelta, LoRALayer, module_of
 from deltaplane.errors import AdapterError, AdapterMismatch, InvalidUpdate, UnsupportedAdapter
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, safetensors_path
 
 __all__ = [
     "CONFIG_NAME",
@@ -205,8 +205,9 @@ def load_peft(path: str | os.PathLike[str]) -> LoRADelta:
                 f"{folder}: only adapter_model.bin (pickle) is present; re-save with safe_serialization=True"
             )
         raise AdapterError(f"{folder}: {WEIGHTS_NAME} is missing")
+    name = safetensors_path(weights, what="adapter")
     try:
-        tensors = load_file(str(weights))
+        tensors = load_file(name)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: cannot read ({exc})") from None
     return from_peft_state(cfg, tensors, where=str(weights))

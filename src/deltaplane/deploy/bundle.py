@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = ["Deployable", "load_deployable"]
 
@@ -121,8 +121,9 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        name = safetensors_path(p, what="model file")
         try:
-            return Deployable(load_file(str(p)), {"source": source})
+            return Deployable(load_file(name), {"source": source})
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
     if suffix == ".dpla":
@@ -173,8 +174,9 @@ def _hf_folder(p: Path) -> Deployable | None:
             f = (p / shard).resolve()
             if not f.is_relative_to(p.resolve()) or not f.is_file():
                 raise DecodeError(f"{index} names shard {shard!r}, which is not a file inside {p}")
+            name = safetensors_path(f, what="shard")
             try:
-                state.update(load_file(str(f)))
+                state.update(load_file(name))
             except (SafetensorError, OSError, ValueError) as e:
                 raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
         missing = sorted(set(weight_map) - set(state))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -232,8 +232,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
     elif p.suffix == ".safetensors" and p.exists():
         weights = require_regular_file(p, what="checkpoint")  # safe_open would block on a FIFO for good
+        name = safetensors_path(p, what="checkpoint")
         try:
-            with safe_open(str(p), "pt") as f:
+            with safe_open(name, "pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
@@ -271,8 +272,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
     require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
+    name = safetensors_path(weights, what="weights file")
     try:
-        state = load_file(str(weights))
+        state = load_file(name)
     except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies
         raise DecodeError(
             f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
