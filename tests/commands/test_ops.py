@@ -412,3 +412,23 @@ def test_serve_refuses_tls_files_openssl_cannot_use_before_starting(cli, tmp_pat
     assert served == []
     r = cli("serve", "--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key"), *token)
     assert r.exit_code == 0 and served[0]["ssl_options"]["ssl_certfile"] == str(tls / "server.pem"), r.output
+
+
+def test_an_empty_host_is_refused_by_serve_and_ui(cli, tmp_path, monkeypatch):
+    """Before: `--host ''` said "refusing plain HTTP on : ...", and with --insecure-http (or TLS) listened on
+    every interface, which asyncio makes of an empty host. Now a usage error (exit 2) asking for an address,
+    before anything listens."""
+    import deltaplane.serve as serve_module
+
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda app, **kw: served.append(kw))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for host in ("", "  "):
+        for args in (
+            ("ui", "--runs", str(runs), "--admin-token", "a" * 20),
+            ("serve", "--home", str(tmp_path / "reg"), "--admin-token", "a" * 20),
+        ):
+            r = cli(*args, "--host", host, "--insecure-http")
+            assert r.exit_code == 2 and "--host is empty; give the address to listen on" in r.output, r.output
+    assert served == []

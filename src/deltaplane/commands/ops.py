@@ -129,6 +129,12 @@ def _listen_ssl(
     """
     from deltaplane.serve.tls import server_ssl_options
 
+    if not host.strip():
+        # asyncio reads an empty host as every interface: say so rather than print "plain HTTP on :"
+        raise ConfigError(
+            "--host is empty; give the address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 / :: "
+            "(every interface)"
+        )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if tls_client_ca is not None and tls_cert is None:
