@@ -291,3 +291,38 @@ def test_a_devices_held_out_samples_are_not_in_its_training_data(alpha: float) -
         assert held_ids and train_ids and not train_ids & held_ids, cid
     with pytest.raises(ConfigError, match="training pool holds 1 sample"):
         ClientPopulation(RunConfig(), Dataset(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)), size=3)
+
+
+def test_population_dgc_round_is_stacked_and_the_same_as_device_by_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The population runner's DGC rounds (velocities from the fp16 store, masking, clip, warm-up) run on the
+    stack, with the metrics, bytes and final weights of the device-by-device uplink; before, every DGC round
+    went device by device (the spy counts no call)."""
+    import deltaplane.engine.client as client_step
+
+    cfg = RunConfig(
+        rounds=4,
+        local_epochs=1,
+        codec="stc(0.05)",
+        momentum_correction=0.5,
+        momentum_masking=True,
+        local_clip=2.0,
+        sparsity_warmup=1,
+    )
+    calls: list[int] = []
+    real = client_step.ClientStep.uplink_stacked
+
+    def spy(self, clients, stacked, **kwargs):
+        calls.append(len(clients))
+        return real(self, clients, stacked, **kwargs)
+
+    monkeypatch.setattr(client_step.ClientStep, "uplink_stacked", spy)
+    ours = run_population(cfg, registered=12, per_round=5)
+    assert calls == [5, 5, 5, 5]
+    monkeypatch.setattr(client_step.ClientStep, "stacks_uplink", property(lambda self: False))
+    loop = run_population(cfg, registered=12, per_round=5)
+    assert calls == [5, 5, 5, 5]
+    strip = [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in ours.rounds]
+    assert strip == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in loop.rounds]
+    assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)

@@ -77,3 +77,115 @@ def test_stacked_upload_failure_is_one_rejection(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(client_step, "compress_many", poison_first)
     result = run_simulation(RunConfig(clients=4, rounds=1, engine="batched", codec="quant(bits=8)"))
     assert result.final.rejected == 1 and result.final.clients == 4
+
+
+# -- DGC on the stack ------------------------------------------------------------------------------------------
+DGC_RUN = dict(
+    clients=6,
+    rounds=5,
+    engine="batched",
+    codec="stc(0.05)",
+    momentum_correction=0.5,
+    momentum_masking=True,
+    local_clip=2.0,
+    sparsity_warmup=2,
+)
+
+
+def _metrics(result) -> list[dict]:
+    return [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in result.rounds]
+
+
+def test_dgc_round_is_stacked_and_the_same_as_device_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Momentum correction, masking, local clip and warm-up on the stack: every round's metrics, bytes and
+    the final weights are those of the device-by-device uplink (which the sequential engine runs). Before,
+    a DGC round never reached the stack (the spy counts no call)."""
+    cfg = RunConfig(**DGC_RUN)
+    stacked_rounds: list[int] = []
+    real = client_step.ClientStep.uplink_stacked
+
+    def spy(self, clients, stacked, **kwargs):
+        stacked_rounds.append(kwargs["rnd"])
+        return real(self, clients, stacked, **kwargs)
+
+    monkeypatch.setattr(client_step.ClientStep, "uplink_stacked", spy)
+    ours = run_simulation(cfg)
+    assert stacked_rounds == [1, 2, 3, 4, 5]
+    # the per-device path: the batched engine hands each trained delta to ClientStep.finish
+    monkeypatch.setattr(client_step.ClientStep, "stacks_uplink", property(lambda self: False))
+    loop = run_simulation(cfg)
+    assert stacked_rounds == [1, 2, 3, 4, 5]
+    assert _metrics(ours) == _metrics(loop)
+    assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)
+    assert ours.rounds[0].uplink_bytes > ours.rounds[-1].uplink_bytes > 0  # warm-up: denser at first
+
+
+def _dgc_devices(cfg: RunConfig):
+    from deltaplane.engine import make_task
+    from deltaplane.engine.federation import build_clients
+
+    task = make_task(cfg)
+    return client_step.ClientStep(cfg, task, base_id="m"), build_clients(cfg, task)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum_correction=0.5, momentum_masking=True, local_clip=0.3, sparsity_warmup=2),
+        dict(momentum_correction=0.9, local_clip=0.3),  # no masking: the velocity is u as it is
+        dict(momentum_correction=0.5, momentum_masking=True, error_feedback=False),
+        dict(local_clip=0.3),  # clip alone: no velocity
+        dict(sparsity_warmup=3),
+    ],
+)
+@pytest.mark.parametrize("codec", ["stc(0.05)", "topk(0.05) | quant(bits=8)", "randk(0.1)"])
+def test_uplink_stacked_equals_uplink(options: dict, codec: str) -> None:
+    """Payloads, residuals, generators, codecs and velocities after several rounds of uplink_stacked are
+    those of uplink one device at a time, with some devices' clip binding and some without a velocity yet."""
+    _check_uplink_stacked(options, codec)
+
+
+@pytest.mark.parametrize("codec", ["powersgd(rank=1)", "stc(0.05)"])
+def test_uplink_stacked_device_by_device_fallback(codec: str) -> None:
+    """Where compress_many goes device by device (a stateful codec; a NaN update), masking decodes each
+    payload as uplink does, and the failing device gets uplink's error and keeps its velocity."""
+    _check_uplink_stacked(dict(momentum_correction=0.5, momentum_masking=True), codec, nan_row=True)
+
+
+def _check_uplink_stacked(options: dict, codec: str, *, nan_row: bool = False) -> None:
+    import copy
+
+    cfg = RunConfig(clients=5, codec=codec, **options)
+    step, clients = _dgc_devices(cfg)
+    twins = copy.deepcopy(clients)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"conv.weight": (4, 3, 3), "fc.bias": (7,), "one": (1,)}
+    for rnd in range(1, 6):
+        # row 1 stays small (its clip never binds); device 4 joins in round 2 (no velocity yet, beside devices
+        # with one) and device 3 skips round 2 (a velocity from an older round)
+        chosen = [i for i in range(5) if not (rnd == 1 and i == 4) and not (rnd == 2 and i == 3)]
+        stacked = {k: torch.randn(len(chosen), *s, generator=g) * 0.2 for k, s in shapes.items()}
+        stacked["fc.bias"][0, :3] = 0.0
+        for t in stacked.values():
+            t[1 % len(chosen)] *= 0.01
+        if nan_row and rnd == 3:
+            stacked["fc.bias"][0, 2] = float("nan")
+        ours = step.uplink_stacked([clients[i] for i in chosen], stacked, version=rnd, rnd=rnd)
+        ref = [
+            step.uplink(twins[i], Delta({k: t[row] for k, t in stacked.items()}), version=rnd, rnd=rnd)
+            for row, i in enumerate(chosen)
+        ]
+        assert [(u.cid, u.payload, str(u.error)) for u in ours] == [
+            (u.cid, u.payload, str(u.error)) for u in ref
+        ]
+        assert sum(u.error is not None for u in ours) == (nan_row and rnd == 3)
+        for a, b in zip(clients, twins, strict=True):
+            sa, sb = a.compressor.state_dict(), b.compressor.state_dict()
+            assert sa["codec"] == sb["codec"] and sa["rounds"] == sb["rounds"]
+            assert torch.equal(sa["rng_state"], sb["rng_state"])
+            assert (sa["residual"] is None) == (sb["residual"] is None)
+            for k in sa["residual"] or {}:
+                assert torch.equal(sa["residual"][k], sb["residual"][k]), k
+            assert (a.velocity is None) == (b.velocity is None)
+            for k in a.velocity or {}:
+                assert torch.equal(a.velocity[k].view(torch.int32), b.velocity[k].view(torch.int32)), k

@@ -55,6 +55,7 @@ __all__ = [
     "Compressor",
     "CompressorState",
     "compress_many",
+    "compress_many_sent",
     "decode_delta",
     "decompress",
     "decompress_many",
@@ -581,6 +582,38 @@ def compress_many(
         >>> dp.decompress(payloads[2], expect_base=("cnn", 1))["w"].tolist()
         [0.0, 0.0, 10.0, 11.0]
     """
+    payloads, _ = compress_many_sent(
+        compressors,
+        stacked,
+        base_id=base_id,
+        base_version=base_version,
+        meta=meta,
+        return_exceptions=return_exceptions,
+        session=session,
+        want_sent=False,
+    )
+    return payloads
+
+
+def compress_many_sent(
+    compressors: Sequence[Compressor],
+    stacked: Mapping[str, torch.Tensor],
+    *,
+    base_id: str = "",
+    base_version: int = 0,
+    meta: Mapping[str, Any] | None = None,
+    return_exceptions: bool = False,
+    session: WireSession | None = None,
+    want_sent: bool = True,
+) -> tuple[list[bytes | DeltaplaneError], dict[str, torch.Tensor] | None]:
+    """:func:`compress_many`, and, when it took the stacked path, what every payload decodes to, stacked.
+
+    The second item is ``{name: (C, *shape)}``, row ``i`` being exactly what ``decompress(payloads[i])``
+    gives (each tensor in its own dtype, decoded from the very trees that were framed, with NaN/Inf
+    refused), or ``None`` when the devices were compressed one by one (a caller then decodes each payload
+    itself; and always with ``want_sent=False``, which spares the decode where error feedback does not
+    need it). DGC's momentum factor masking reads it (:meth:`~deltaplane.engine.ClientStep.uplink_stacked`).
+    """
     n = len(compressors)
     for name, t in stacked.items():
         if t.dim() < 1 or t.shape[0] != n:
@@ -593,7 +626,9 @@ def compress_many(
     if n and _stackable(compressors, stacked):
         snapshot = [(c._rng.get_state(), c.state.rounds) for c in compressors]
         try:
-            return list(_compress_stacked(compressors, stacked, base_id, base_version, meta, session))
+            return _compress_stacked(
+                compressors, stacked, base_id, base_version, meta, session, want_sent=want_sent
+            )
         except Exception as exc:
             # nothing but the generators was touched yet: rewind them; then the per-device loop says which
             # device failed, and leaves the states that loop leaves
@@ -613,7 +648,7 @@ def compress_many(
             if not return_exceptions:
                 raise
             out.append(exc)
-    return out
+    return out, None
 
 
 def _stackable(compressors: Sequence[Compressor], stacked: Mapping[str, torch.Tensor]) -> bool:
@@ -644,7 +679,8 @@ def _compress_stacked(
     base_version: int,
     meta: Mapping[str, Any] | None,
     session: WireSession | None = None,
-) -> list[bytes]:
+    want_sent: bool = False,
+) -> tuple[list[bytes], dict[str, torch.Tensor] | None]:
     first = compressors[0]
     body, _ = split_lossless(first.codec)
     rngs = [c._rng for c in compressors]
@@ -673,11 +709,13 @@ def _compress_stacked(
         for tree, e in zip(trees, encoded, strict=True):
             tree[name] = (x.dtype, finalize(e))
     residuals: list[Delta | None] = [None] * len(compressors)
-    if feedback and not first._exact:
-        carry: dict[str, list[torch.Tensor]] = {}
+    lossy_feedback = feedback and not first._exact
+    sents: dict[str, torch.Tensor] | None = None
+    if lossy_feedback or want_sent:
+        sents = {}
         for name, x in targets.items():
-            if not x.is_floating_point():
-                carry[name] = [torch.zeros_like(x[i]) for i in range(len(compressors))]
+            if not x.is_floating_point() or first._exact:
+                sents[name] = x  # sent raw, or by an exact codec: the receiver decodes the target itself
                 continue
             # what every device's receiver will decode (decode_delta, on the stack)
             try:
@@ -686,8 +724,16 @@ def _compress_stacked(
                 raise DecodeError(f"tensor '{name}': {exc}") from exc
             if not all_finite(sent):
                 raise DecodeError(f"decoded values: tensor '{name}' holds NaN or Inf values")
+            sents[name] = sent
+    if lossy_feedback:
+        assert sents is not None
+        carry: dict[str, list[torch.Tensor]] = {}
+        for name, x in targets.items():
+            if not x.is_floating_point():
+                carry[name] = [torch.zeros_like(x[i]) for i in range(len(compressors))]
+                continue
             # one tensor per device (a view into the stack would keep, and checkpoint, every device's rows)
-            carry[name] = [r.clone() for r in (x - sent).unbind(0)]
+            carry[name] = [r.clone() for r in (x - sents[name]).unbind(0)]
         residuals = [Delta({k: v[i] for k, v in carry.items()}) for i in range(len(compressors))]
     payloads = []
     for c, tree in zip(compressors, trees, strict=True):
@@ -702,4 +748,4 @@ def _compress_stacked(
         if feedback:
             c.state.residual = residual
         c.state.rounds += 1
-    return payloads
+    return payloads, sents if want_sent else None

@@ -7,8 +7,9 @@ train (FedProx option) ─► personalize ─► [attack: simulation only] ─�
 Each stage is one small function below, applied in this order by :meth:`ClientStep.finish`; a driver only
 decides *where* the step runs (one device after another, stacked, behind HTTP, in a Flower ClientApp) and how
 the resulting :class:`Upload` travels. The batched driver trains many devices at once and hands each trained
-delta to :meth:`ClientStep.finish`, or, when no stage after training changes a device's delta
-(:attr:`ClientStep.stackable`), compresses them all on the stack.
+delta to :meth:`ClientStep.finish`, or, when no stage before the uplink changes a device's delta
+(:attr:`ClientStep.stacks_uplink`), runs the uplink of them all on the stack (:meth:`ClientStep.uplink_stacked`:
+DGC's stage and :func:`~deltaplane.codecs.compress_many`).
 
 The last stage either compresses the delta into a wire payload (the device's own
 :class:`~deltaplane.codecs.Compressor`, error feedback included) or, with SecAgg, hands the clipped delta
@@ -27,6 +28,7 @@ from torch import nn
 from deltaplane.aggregation import privatize
 from deltaplane.aggregation.dp import distributed_noise
 from deltaplane.codecs import Compressor, Layout, compress_many, decompress
+from deltaplane.codecs.compressor import compress_many_sent
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
@@ -68,6 +70,13 @@ class Upload:
     payload: bytes | None = None
     secure: Delta | None = None
     error: DeltaplaneError | None = None
+
+
+def _upload(client: Client, payload: bytes | DeltaplaneError) -> Upload:
+    """A device's upload of a payload, or of the error that stopped it (refused like any bad update)."""
+    if isinstance(payload, DeltaplaneError):
+        return Upload(client.cid, client.num_samples, error=payload)
+    return Upload(client.cid, client.num_samples, payload=payload)
 
 
 # -- the stages, in order -----------------------------------------------------------------------------------
@@ -137,14 +146,15 @@ class ClientStep:
     def stackable(self) -> bool:
         """Whether every stage after training leaves a device's delta as it is, so that a round's updates can
         be compressed together on the stack (:func:`~deltaplane.codecs.compress_many`)."""
+        return self.stacks_uplink and not self.dgc.active
+
+    @property
+    def stacks_uplink(self) -> bool:
+        """Whether a round's trained deltas can go through stage 5 together (:meth:`uplink_stacked`): no
+        personalization, attack, local DP or SecAgg changes one device's delta on its own. DGC may be on:
+        its clip, momentum correction, warm-up codec and masking run on the stack too."""
         c = self.config
-        return not (
-            c.local_dp_noise > 0
-            or c.secagg
-            or self.malicious
-            or self.personalizer.name != "none"
-            or self.dgc.active
-        )
+        return not (c.local_dp_noise > 0 or c.secagg or self.malicious or self.personalizer.name != "none")
 
     def compress_stacked(
         self, compressors: list[Compressor], stacked: dict[str, torch.Tensor], *, version: int
@@ -162,6 +172,113 @@ class ClientStep:
             return_exceptions=True,
             session=self.sessions.get(Layout.of({k: v[0] for k, v in stacked.items()})),
         )
+
+    def uplink_stacked(
+        self, clients: list[Client], stacked: dict[str, torch.Tensor], *, version: int, rnd: int = 1
+    ) -> list[Upload]:
+        """Stage 5 (:meth:`uplink`) of a :attr:`stacks_uplink` round's devices at once: row ``i`` of
+        ``stacked`` (``{name: (C, *shape)}``) is ``clients[i]``'s trained delta.
+
+        The same payloads, compressor states (residual, generator, codec) and DGC velocities as
+        ``[uplink(c, row i) ...]``: local clipping scales a row by ``clip / norm`` with the norm taken as
+        :meth:`~deltaplane.delta.Delta.norm` takes it (row by row), the velocity ``u = m·v + Δ`` is one
+        multiply-add on the stack (a device without a velocity sends its delta as it is), every compressor
+        takes the round's (warm-up) codec, :func:`~deltaplane.codecs.compressor.compress_many_sent`
+        compresses the rows (a warm-up round's payloads self-describing, as :meth:`uplink` makes them),
+        and momentum masking zeroes the velocity where the decoded payloads carry a value, all rows at
+        once. A device whose compression (or, for masking, decoding) fails gets its error and keeps its
+        velocity, as in :meth:`uplink`.
+        """
+        dgc = self.dgc
+        compressors = [c.compressor for c in clients]
+        if not dgc.active:
+            payloads = self.compress_stacked(compressors, stacked, version=version)
+            return [_upload(c, p) for c, p in zip(clients, payloads, strict=True)]
+        n = len(clients)
+        velocities = [c.velocity for c in clients] if dgc.momentum else []
+        if not self._dgc_stacks(stacked, velocities, n):
+            return [
+                self.uplink(c, Delta({k: t[i] for k, t in stacked.items()}), version=version, rnd=rnd)
+                for i, c in enumerate(clients)
+            ]
+        x = stacked
+        if dgc.clip is not None:
+            # the norm of each row as Delta.norm takes it (its own float64 sum per tensor): a reduction over
+            # the stack might sum in another order
+            factors = [Delta({k: t[i] for k, t in stacked.items()}).norm() for i in range(n)]
+            clipped = [i for i, norm in enumerate(factors) if norm > dgc.clip]
+            if clipped:
+                x = {k: t.clone() for k, t in stacked.items()}
+                for i in clipped:
+                    scale = dgc.clip / factors[i]
+                    for k, t in x.items():
+                        t[i] = stacked[k][i] * scale  # Delta.__mul__: each float tensor times the scalar
+        u = x
+        if dgc.momentum:
+            carried = [i for i, v in enumerate(velocities) if v is not None]
+            if carried:
+                u = {}
+                for k, t in x.items():
+                    moved = torch.stack([velocities[i][k] for i in carried]) * dgc.momentum  # type: ignore[index]
+                    if len(carried) == n:
+                        u[k] = moved + t
+                    else:  # a device without a velocity sends its delta untouched (as DGC.prepare does)
+                        rows = torch.tensor(carried)
+                        u[k] = t.clone()
+                        u[k][rows] = moved + t[rows]
+        spec = dgc.codec_for(self.config.codec, rnd)
+        for comp in compressors:
+            comp.use_codec(spec)
+        # a warm-up round's codec is not the session's: its payloads describe themselves (as in uplink)
+        session = None if dgc.warming(rnd) else self.sessions.get(Layout.of({k: t[0] for k, t in u.items()}))
+        payloads, sent = compress_many_sent(
+            compressors,
+            u,
+            base_id=self.base_id,
+            base_version=version,
+            return_exceptions=True,
+            session=session,
+            want_sent=dgc.masking,
+        )
+        if not dgc.momentum:
+            return [_upload(c, p) for c, p in zip(clients, payloads, strict=True)]
+        kept = u
+        if dgc.masking and sent is not None:
+            kept = {k: torch.where(sent[k] != 0, torch.zeros_like(t), t) for k, t in u.items()}
+        uploads = []
+        for i, (client, payload) in enumerate(zip(clients, payloads, strict=True)):
+            if isinstance(payload, DeltaplaneError):  # compression failed: the velocity stays as it was
+                uploads.append(_upload(client, payload))
+                continue
+            row = Delta({k: t[i].clone() for k, t in kept.items()})  # its own tensors, not views of the stack
+            if dgc.masking and sent is None:  # compressed one by one: decode this payload as uplink does
+                try:
+                    decoded = decompress(
+                        payload, expect_base=(self.base_id, version), expect_layout=row, session=session
+                    )
+                except DeltaplaneError as exc:
+                    uploads.append(_upload(client, exc))
+                    continue
+                row = dgc.settle(row, decoded)
+            client.velocity = row
+            uploads.append(_upload(client, payload))
+        return uploads
+
+    @staticmethod
+    def _dgc_stacks(stacked: dict[str, torch.Tensor], velocities: list[Delta | None], n: int) -> bool:
+        """Whether DGC's stage can run on this stack: float tensors only (Delta's arithmetic leaves other
+        kinds alone) and every velocity laid out like the rows, dtypes included (a velocity in another
+        dtype would promote the sum row by row)."""
+        if not n or not all(t.is_floating_point() for t in stacked.values()):
+            return False
+        for v in velocities:
+            if v is None:
+                continue
+            if v.keys() != stacked.keys():
+                return False
+            if any(v[k].shape != t.shape[1:] or v[k].dtype != t.dtype for k, t in stacked.items()):
+                return False
+        return True
 
     def origin(self, client: Client, global_state: StateDict, model: nn.Module) -> StateDict:
         """The state the device trains from: the global model with its local layers, if any."""

@@ -380,9 +380,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             uploads: dict[int, Upload] = {}
             if honest:
                 stacked = start_batched(config, trainer, global_state, honest, rnd).result()
-                if step.stackable:
+                if step.stacks_uplink:
                     # every sampled update compressed on the stack, each with its own residual and generator
-                    for u in _upload_stacked(step, honest, stacked, version):
+                    # (and DGC's velocity)
+                    for u in _upload_stacked(step, honest, stacked, version, rnd):
                         uploads[u.cid] = u
                 else:
                     for i, c in enumerate(honest):

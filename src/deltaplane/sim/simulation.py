@@ -43,7 +43,7 @@ from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded, UnsupportedOption
+from deltaplane.errors import PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import (
     PREFETCH_CALLER_SHARE,
     BatchedTrainer,
@@ -199,20 +199,15 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
 
 
 def _upload_stacked(
-    step: ClientStep, clients: list[Client], stacked: dict[str, Tensor], version: int
+    step: ClientStep, clients: list[Client], stacked: dict[str, Tensor], version: int, rnd: int
 ) -> list[Upload]:
-    """Every trained client's payload, compressed on the stack (:func:`~deltaplane.codecs.compress_many`).
+    """Every trained client's upload, made on the stack (:meth:`ClientStep.uplink_stacked`: DGC's stage and
+    :func:`~deltaplane.codecs.compress_many`).
 
-    The same bytes, and the same compressor states, as each client's own compression one by one; a client
-    whose compression fails gets its error, to be refused like any bad update.
+    The same bytes, and the same compressor states and DGC velocities, as each client's own uplink one by
+    one; a client whose compression fails gets its error, to be refused like any bad update.
     """
-    payloads = step.compress_stacked([c.compressor for c in clients], stacked, version=version)
-    return [
-        Upload(c.cid, c.num_samples, error=p)
-        if isinstance(p, DeltaplaneError)
-        else Upload(c.cid, c.num_samples, payload=p)
-        for c, p in zip(clients, payloads, strict=True)
-    ]
+    return step.uplink_stacked(clients, stacked, version=version, rnd=rnd)
 
 
 def label_mix_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, client: Client) -> float:
@@ -335,12 +330,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                             server,
                             WorkerEncoding.uploads(share, stacked)
                             if isinstance(stacked, FinishedShare)
-                            else _upload_stacked(step, share, stacked, version),
+                            else _upload_stacked(step, share, stacked, version, rnd),
                             rnd,
                         )
                     uploads = []
-                elif step.stackable:
-                    uploads = _upload_stacked(step, batch, training.result(), version)
+                elif step.stacks_uplink:
+                    uploads = _upload_stacked(step, batch, training.result(), version, rnd)
                 else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
                     stacked = training.result()
                     uploads = [
