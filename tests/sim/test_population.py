@@ -326,3 +326,31 @@ def test_population_dgc_round_is_stacked_and_the_same_as_device_by_device(
     strip = [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in ours.rounds]
     assert strip == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in loop.rounds]
     assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)
+
+
+def test_population_attacked_round_stacks_the_honest_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With attackers, the population runner's honest devices are compressed on the stack (an attacker trains
+    and uploads on its own, as before), with the metrics, bytes and final weights of every honest device
+    through ClientStep.finish; before, an attacked round never reached the stack (the spy counts no call)."""
+    import deltaplane.engine.client as client_step
+
+    cfg = RunConfig(
+        rounds=3, local_epochs=1, attack="sign_flip(0.25)", codec="stc(0.05)", momentum_correction=0.5
+    )
+    calls: list[list[int]] = []
+    real = client_step.ClientStep.uplink_stacked
+
+    def spy(self, clients, stacked, **kwargs):
+        calls.append([c.cid for c in clients])
+        assert not {c.cid for c in clients} & self.malicious
+        return real(self, clients, stacked, **kwargs)
+
+    monkeypatch.setattr(client_step.ClientStep, "uplink_stacked", spy)
+    ours = run_population(cfg, registered=12, per_round=6)
+    assert len(calls) == 3 and sum(map(len, calls)) < 18  # every round, some sampled devices attacked
+    monkeypatch.setattr(client_step.ClientStep, "stacks_uplink", property(lambda self: False))
+    loop = run_population(cfg, registered=12, per_round=6)
+    assert len(calls) == 3
+    strip = [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in ours.rounds]
+    assert strip == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in loop.rounds]
+    assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)

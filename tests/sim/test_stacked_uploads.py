@@ -189,3 +189,105 @@ def _check_uplink_stacked(options: dict, codec: str, *, nan_row: bool = False) -
             assert (a.velocity is None) == (b.velocity is None)
             for k in a.velocity or {}:
                 assert torch.equal(a.velocity[k].view(torch.int32), b.velocity[k].view(torch.int32)), k
+
+
+# -- attackers and personalization: the honest devices on the stack -----------------------------------------------
+def _recorded_run(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, *, stacked: bool):
+    """The run and every upload handed to the server, in order: (round, cid, payload, error), with the stacked
+    uplink on or forced off (every device through ClientStep.finish, one by one)."""
+    import deltaplane.sim.simulation as driver
+
+    sent: list[tuple] = []
+    real = driver.deliver
+
+    def recording(config, server, uploads, rnd):
+        sent.extend((rnd, u.cid, u.payload, str(u.error)) for u in uploads)
+        return real(config, server, uploads, rnd)
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "deliver", recording)
+        if not stacked:
+            m.setattr(client_step.ClientStep, "stacks_uplink", property(lambda self: False))
+        return run_simulation(cfg), sent
+
+
+def _spy_stacked(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The devices of every call to ClientStep.uplink_stacked, by id."""
+    calls: list[list[int]] = []
+    real = client_step.ClientStep.uplink_stacked
+
+    def spy(self, clients, stacked, **kwargs):
+        calls.append([c.cid for c in clients])
+        return real(self, clients, stacked, **kwargs)
+
+    monkeypatch.setattr(client_step.ClientStep, "uplink_stacked", spy)
+    return calls
+
+
+ATTACKED = dict(clients=10, rounds=3, engine="batched", local_epochs=1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # the robustness benchmark's run: deltaplane run's codec and DGC, backdoor attackers
+        dict(attack="backdoor(0.3)", codec="stc(0.05)", momentum_correction=0.5, momentum_masking=True),
+        dict(attack="gaussian(0.2)", codec="topk(0.05) | quant(bits=8)", sample_fraction=0.6),
+        dict(attack="sign_flip(0.3)", defense="median"),
+    ],
+)
+def test_attacked_round_stacks_the_honest_devices(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    """With attackers, the honest devices' uplink runs on the stack and every attacker's poisoning and uplink
+    on its own: the server receives the same payloads in the same (sampled) order, and the run has the same
+    metrics and final weights, as with every device through ClientStep.finish. Before, no attacked round
+    reached the stack (the spy counts no call)."""
+    cfg = RunConfig(**ATTACKED, **options)
+    calls = _spy_stacked(monkeypatch)
+    ours, ours_sent = _recorded_run(monkeypatch, cfg, stacked=True)
+    step = client_step.ClientStep(cfg, _task(cfg), base_id="m")
+    assert step.malicious and len(calls) == cfg.rounds
+    assert all(c and not set(c) & step.malicious for c in calls)  # honest devices only, every round
+    assert sum(map(len, calls)) + sum(cid in step.malicious for _, cid, _, _ in ours_sent) == len(ours_sent)
+    loop, loop_sent = _recorded_run(monkeypatch, cfg, stacked=False)
+    assert len(calls) == cfg.rounds  # forced off: no further call
+    assert ours_sent == loop_sent
+    assert _metrics(ours) == _metrics(loop)
+    assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)
+
+
+def _task(cfg: RunConfig):
+    from deltaplane.engine import make_task
+
+    return make_task(cfg)
+
+
+@pytest.mark.parametrize("method", ["alpha_mix", "ditto"])
+def test_personalized_round_is_stacked(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """α-mix and Ditto share the whole trained delta (they adapt each device after the round), so their
+    uplink runs on the stack: same payloads, metrics (personal ones included), personal models and final
+    weights as device by device. Before, a personalized round never reached the stack."""
+    cfg = RunConfig(
+        clients=6, rounds=2, engine="batched", local_epochs=1, personalization=method, codec="topk(0.05)"
+    )
+    calls = _spy_stacked(monkeypatch)
+    ours, ours_sent = _recorded_run(monkeypatch, cfg, stacked=True)
+    assert calls == [list(range(6))] * 2
+    loop, loop_sent = _recorded_run(monkeypatch, cfg, stacked=False)
+    assert ours_sent == loop_sent
+    assert _metrics(ours) == _metrics(loop) and ours.clients == loop.clients
+    assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)
+    for cid, state in loop.personal_states.items():
+        assert all(torch.equal(ours.personal_states[cid][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize(
+    ("method", "stacks"), [("none", True), ("alpha_mix", True), ("ditto", True), ("fedper", False)]
+)
+def test_stacks_uplink_with_personalization(method: str, stacks: bool) -> None:
+    """Only a personalizer that keeps layers on the device (its stage 2 stores them and drops them from the
+    shared delta, device by device) keeps the per-device uplink, attackers or not; no model need be passed."""
+    for attack in (None, "sign_flip(0.5)"):
+        cfg = RunConfig(clients=4, personalization=method, attack=attack)
+        step = client_step.ClientStep(cfg, _task(cfg), base_id="m")
+        assert step.stacks_uplink is stacks
+        assert step.stackable is (stacks and attack is None)

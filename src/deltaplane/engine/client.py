@@ -7,9 +7,10 @@ train (FedProx option) ─► personalize ─► [attack: simulation only] ─�
 Each stage is one small function below, applied in this order by :meth:`ClientStep.finish`; a driver only
 decides *where* the step runs (one device after another, stacked, behind HTTP, in a Flower ClientApp) and how
 the resulting :class:`Upload` travels. The batched driver trains many devices at once and hands each trained
-delta to :meth:`ClientStep.finish`, or, when no stage before the uplink changes a device's delta
-(:attr:`ClientStep.stacks_uplink`), runs the uplink of them all on the stack (:meth:`ClientStep.uplink_stacked`:
-DGC's stage and :func:`~deltaplane.codecs.compress_many`).
+delta to :meth:`ClientStep.finish`, or, when no stage before the uplink changes an honest device's delta
+(:attr:`ClientStep.stacks_uplink`), runs the uplink of the honest ones together on the stack
+(:meth:`ClientStep.finish_stacked` → :meth:`ClientStep.uplink_stacked`: DGC's stage and
+:func:`~deltaplane.codecs.compress_many`) and each attacker's poisoning and uplink on its own.
 
 The last stage either compresses the delta into a wire payload (the device's own
 :class:`~deltaplane.codecs.Compressor`, error feedback included) or, with SecAgg, hands the clipped delta
@@ -144,17 +145,75 @@ class ClientStep:
 
     @property
     def stackable(self) -> bool:
-        """Whether every stage after training leaves a device's delta as it is, so that a round's updates can
-        be compressed together on the stack (:func:`~deltaplane.codecs.compress_many`)."""
-        return self.stacks_uplink and not self.dgc.active
+        """Whether every stage after training leaves every device's delta as it is (no attacker either), so
+        that a round's updates can be compressed together on the stack (:func:`~deltaplane.codecs.compress_many`)."""
+        return self.stacks_uplink and not self.malicious and not self.dgc.active
 
     @property
     def stacks_uplink(self) -> bool:
-        """Whether a round's trained deltas can go through stage 5 together (:meth:`uplink_stacked`): no
-        personalization, attack, local DP or SecAgg changes one device's delta on its own. DGC may be on:
-        its clip, momentum correction, warm-up codec and masking run on the stack too."""
+        """Whether a round's honest devices' trained deltas can go through stage 5 together
+        (:meth:`uplink_stacked`, as :meth:`finish_stacked` runs them): no local DP or SecAgg changes one
+        device's delta on its own, and personalization keeps no layer on the device (α-mix and Ditto share
+        the whole delta and adapt after the round; FedPer's and FedBN's devices also train from their own
+        weights, which the batched trainer does not stack). A malicious device's delta is poisoned on its
+        own: :meth:`finish_stacked` takes those rows out. DGC may be on: its clip, momentum correction,
+        warm-up codec and masking run on the stack too."""
         c = self.config
-        return not (c.local_dp_noise > 0 or c.secagg or self.malicious or self.personalizer.name != "none")
+        return not (c.local_dp_noise > 0 or c.secagg or self._keeps_layers())
+
+    def _keeps_layers(self) -> bool:
+        """Whether the personalizer keeps some layers on the device (FedPer, FedBN): stage 2 then changes each
+        delta and stores the device's own layers."""
+        if self.personalizer.name == "none":
+            return False
+        if self._local_keys is None:  # the names depend on the architecture only, not on the weights
+            self.local_keys(self.task.build_model(0))
+        return bool(self._local_keys)
+
+    def honest_rows(self, clients: list[Client]) -> list[int]:
+        """The positions in ``clients`` of the devices that run the client step as it is (not malicious)."""
+        return [i for i, c in enumerate(clients) if c.cid not in self.malicious]
+
+    def finish_stacked(
+        self,
+        clients: list[Client],
+        stacked: dict[str, torch.Tensor],
+        *,
+        model: nn.Module,
+        global_state: StateDict,
+        rnd: int,
+        version: int,
+    ) -> list[Upload]:
+        """Stages 2–5 (:meth:`finish`) of a round's devices, row ``i`` of ``stacked`` (``{name: (C, *shape)}``)
+        being ``clients[i]``'s trained delta: the same uploads, in the same order (the server's float sums
+        and some robust rules depend on it), payloads and device states as ``[finish(c, row i) ...]``.
+
+        With :attr:`stacks_uplink`, the honest devices' rows go through :meth:`uplink_stacked` together (for
+        them stages 2–4 leave the delta as it is) and each malicious device's row through :meth:`finish`
+        (its poisoning, with its own generator, then its uplink); otherwise every device through
+        :meth:`finish`, one by one.
+        """
+
+        def row(i: int) -> Delta:
+            return Delta({k: t[i] for k, t in stacked.items()})
+
+        def one(i: int) -> Upload:
+            return self.finish(
+                clients[i], row(i), model=model, global_state=global_state, rnd=rnd, version=version
+            )
+
+        if not self.stacks_uplink:
+            return [one(i) for i in range(len(clients))]
+        honest = self.honest_rows(clients)
+        if len(honest) == len(clients):
+            return self.uplink_stacked(clients, stacked, version=version, rnd=rnd)
+        uploads: dict[int, Upload] = {}
+        if honest:
+            index = torch.tensor(honest)
+            rows = {k: t.index_select(0, index) for k, t in stacked.items()}
+            together = self.uplink_stacked([clients[i] for i in honest], rows, version=version, rnd=rnd)
+            uploads = dict(zip(honest, together, strict=True))
+        return [uploads[i] if i in uploads else one(i) for i in range(len(clients))]
 
     def compress_stacked(
         self, compressors: list[Compressor], stacked: dict[str, torch.Tensor], *, version: int

@@ -376,21 +376,16 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 if velocities is not None:
                     client.velocity = velocities.get(client.cid)
             server.open(rnd)
-            honest = [c for c in clients if c.cid not in step.malicious]
+            honest = [clients[i] for i in step.honest_rows(clients)]
             uploads: dict[int, Upload] = {}
             if honest:
                 stacked = start_batched(config, trainer, global_state, honest, rnd).result()
-                if step.stacks_uplink:
-                    # every sampled update compressed on the stack, each with its own residual and generator
-                    # (and DGC's velocity)
-                    for u in _upload_stacked(step, honest, stacked, version, rnd):
-                        uploads[u.cid] = u
-                else:
-                    for i, c in enumerate(honest):
-                        delta = Delta({k: t[i] for k, t in stacked.items()})
-                        uploads[c.cid] = step.finish(
-                            c, delta, model=model, global_state=global_state, rnd=rnd, version=version
-                        )
+                # compressed on the stack (unless local DP or SecAgg), each with its own residual and
+                # generator (and DGC's velocity)
+                for u in _upload_stacked(
+                    step, honest, stacked, version, rnd, model=model, global_state=global_state
+                ):
+                    uploads[u.cid] = u
             for c in clients:  # a malicious device poisons its own data: it trains on its own
                 if c.cid in step.malicious:
                     uploads[c.cid] = step.run(c, model, global_state, rnd, version)

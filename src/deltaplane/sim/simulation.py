@@ -5,7 +5,7 @@ the client step on each (:class:`~deltaplane.engine.ClientStep`: train → perso
 local DP → compress | SecAgg); hand the uploads to the server step (:class:`~deltaplane.engine.ServerStep`:
 decode + validate → aggregator chain → downlink compress → publish); score the new global model. The batched
 driver only changes *how* training runs (all devices at once, :class:`~deltaplane.sim.batched.BatchedTrainer`)
-and compresses a round's uploads on the stack when no later stage touches them.
+and compresses a round's honest uploads on the stack when no later stage touches them.
 
 Every byte counted is a real payload; runs are deterministic given ``config.seed``: every random choice draws
 from a stream derived from ``(seed, purpose, round, client)``.
@@ -199,15 +199,26 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
 
 
 def _upload_stacked(
-    step: ClientStep, clients: list[Client], stacked: dict[str, Tensor], version: int, rnd: int
+    step: ClientStep,
+    clients: list[Client],
+    stacked: dict[str, Tensor],
+    version: int,
+    rnd: int,
+    *,
+    model: nn.Module,
+    global_state: dict[str, Tensor],
 ) -> list[Upload]:
-    """Every trained client's upload, made on the stack (:meth:`ClientStep.uplink_stacked`: DGC's stage and
-    :func:`~deltaplane.codecs.compress_many`).
+    """Every trained client's upload, in the clients' order (:meth:`ClientStep.finish_stacked`): the honest
+    ones' made together on the stack when :attr:`ClientStep.stacks_uplink` holds (DGC's stage and
+    :func:`~deltaplane.codecs.compress_many`), an attacker's poisoned and compressed on its own.
 
-    The same bytes, and the same compressor states and DGC velocities, as each client's own uplink one by
-    one; a client whose compression fails gets its error, to be refused like any bad update.
+    The same bytes, and the same compressor states and DGC velocities, as each client's own
+    :meth:`ClientStep.finish` one by one; a client whose compression fails gets its error, to be refused like
+    any bad update.
     """
-    return step.uplink_stacked(clients, stacked, version=version, rnd=rnd)
+    return step.finish_stacked(
+        clients, stacked, model=model, global_state=global_state, rnd=rnd, version=version
+    )
 
 
 def label_mix_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, client: Client) -> float:
@@ -330,25 +341,16 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                             server,
                             WorkerEncoding.uploads(share, stacked)
                             if isinstance(stacked, FinishedShare)
-                            else _upload_stacked(step, share, stacked, version, rnd),
+                            else _upload_stacked(
+                                step, share, stacked, version, rnd, model=model, global_state=global_state
+                            ),
                             rnd,
                         )
                     uploads = []
-                elif step.stacks_uplink:
-                    uploads = _upload_stacked(step, batch, training.result(), version, rnd)
-                else:  # a later stage changes each update on its own (local DP, SecAgg clipping)
-                    stacked = training.result()
-                    uploads = [
-                        step.finish(
-                            c,
-                            Delta({k: t[i] for k, t in stacked.items()}),
-                            model=model,
-                            global_state=global_state,
-                            rnd=rnd,
-                            version=version,
-                        )
-                        for i, c in enumerate(batch)
-                    ]
+                else:  # the honest updates on the stack; an attacker's, local DP's, SecAgg's one by one
+                    uploads = _upload_stacked(
+                        step, batch, training.result(), version, rnd, model=model, global_state=global_state
+                    )
             else:
                 uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
             deliver(config, server, uploads, rnd)
