@@ -580,6 +580,87 @@ def test_next_round_trained_during_scoring_is_the_round_trained_in_turn(
     assert all(torch.equal(early.final_state[k], in_turn.final_state[k]) for k in early.final_state)
 
 
+def _robustness_backdoor(rounds: int) -> RunConfig:
+    """benchmarks/robustness.py's ``config((DEFAULT_CODEC, "backdoor:0.2", "none", 0, rounds))`` at ``threads=2``."""
+    from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
+
+    return RunConfig(
+        rounds=rounds,
+        codec=DEFAULT_RUN_CODEC,
+        attack="backdoor:0.2",
+        defense="none",
+        seed=0,
+        engine="batched",
+        threads=2,
+        **DEFAULT_RUN_DGC,
+    )
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        _robustness_backdoor(5),
+        RunConfig(
+            clients=8,
+            rounds=4,
+            attack="sign_flip:0.25",
+            defense="median",
+            sample_fraction=0.5,
+            engine="batched",
+            threads=2,
+        ),
+        RunConfig(
+            clients=6, rounds=4, engine="batched", threads=2, personalization="alpha_mix", sample_fraction=0.5
+        ),
+        RunConfig(clients=6, rounds=3, engine="batched", threads=2, personalization="ditto"),
+    ],
+    ids=["backdoor", "sign_flip", "alpha_mix", "ditto"],
+)
+def test_attacked_and_personalized_rounds_overlap_and_give_the_run_in_turn(
+    monkeypatch: pytest.MonkeyPatch, cfg: RunConfig
+) -> None:
+    """Attacked runs (an attacker's poisoned data is drawn from its own stream each round, and its update
+    poisoned with the generator left from it) and α-mix / Ditto runs (which adapt each device after the round,
+    from the global model) start round r+1's training before round r is scored, and the worker scores round r
+    (the backdoor's success too): the very same run as each round trained and scored in its turn
+    (``_PREFETCH=False``: the same split), round metrics with backdoor success and bytes, personal models and
+    rows, final weights, bit for bit. Before, such runs never overlapped: round r+1 began after r's report."""
+    events: list[tuple[str, int]] = []
+    real_start, real_score = simulation.start_batched, simulation.score_round
+
+    def counting(*args: object, **kwargs: object) -> object:
+        events.append(("start", int(args[4])))  # type: ignore[arg-type]
+        return real_start(*args, **kwargs)  # type: ignore[arg-type]
+
+    def scoring_here(*args: object, **kwargs: object) -> object:
+        events.append(("scored here", 0))
+        return real_score(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(simulation, "start_batched", counting)
+    monkeypatch.setattr(simulation, "score_round", scoring_here)
+    early = run_simulation(cfg, progress=lambda m: events.append(("report", m.round)))
+    # round r+1 begun before round r is reported; only the last round scored in this process
+    for r in range(1, cfg.rounds):
+        assert events.index(("start", r + 1)) < events.index(("report", r)), events
+    assert events.count(("scored here", 0)) == 1, events
+    monkeypatch.setattr(simulation, "_PREFETCH", False)
+    events.clear()
+    in_turn = run_simulation(cfg, progress=lambda m: events.append(("report", m.round)))
+    assert events.count(("scored here", 0)) == cfg.rounds  # each round scored here, in its turn
+    for a, b in zip(early.rounds, in_turn.rounds, strict=True):
+        assert {**vars(a), "seconds": 0} == {**vars(b), "seconds": 0}
+    assert all(torch.equal(early.final_state[k], in_turn.final_state[k]) for k in early.final_state)
+    assert early.clients == in_turn.clients
+    assert early.personal_states.keys() == in_turn.personal_states.keys()
+    for cid, state in early.personal_states.items():
+        assert all(torch.equal(t, in_turn.personal_states[cid][k]) for k, t in state.items())
+    if (cfg.attack or "").startswith("backdoor"):
+        assert all(r.backdoor_success is not None for r in early.rounds)
+    if cfg.personalization != "none":
+        assert early.personal_states and early.clients
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are threads here")
 def test_a_run_that_fails_leaves_no_worker_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's scoring context (a model copy, the test set, the devices) and encoding context (the wire

@@ -260,12 +260,18 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         )
 
     # With worker processes, the next round's training starts (its workers' shares) as soon as the new global
-    # model exists, before the round just done is scored; nothing that training reads (the model, the
-    # sampled clients, their data and batch orders) depends on the scoring. Not with attackers (their
-    # poisoning keeps per-round state) or personalization (it updates the clients after the round).
-    overlap = (
-        trainer is not None and config.threads > 1 and not step.malicious and step.personalizer.name == "none"
-    )
+    # model exists, before the round just done is scored; nothing that training reads (the global state it is
+    # given, the sampled clients, their data and batch orders, each from its own stream) depends on the
+    # scoring or on what the rest of the round does:
+    # * attackers: a malicious device trains on data poisoned from its stream (seed, ATTACK, round, cid), drawn
+    #   afresh each round (ClientStep.training_data, called for round r+1 once round r has closed); the
+    #   generator it keeps for poisoning the update (_attack_streams) is taken by round r+1's finish, and every
+    #   one of round r's was taken before round r closed. The backdoor's success is scored with the round.
+    # * α-mix / Ditto: after_round adapts each device's personal state (with `model`, which the batched
+    #   trainer does not read); the devices still train from the global model on their own data.
+    # Not for FedPer / FedBN (their devices train from their own layers, which after_round may change): the
+    # batched trainer falls back to the sequential loop for them anyway (trainer is None).
+    overlap = trainer is not None and config.threads > 1 and not local_keys
     prefetch = _PREFETCH and overlap
     # This process's share (PREFETCH_CALLER_SHARE): it also frames and delivers its share's updates before it
     # needs the worker's. The split can change the float rounding of a client's delta, so every round of the
@@ -279,8 +285,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # of this process before its own share (deltaplane.sim.worker_scoring); set up before the first start()
     # forks the worker. Such a round's metrics are reported once the next round has closed.
     scoring = (
-        WorkerScoring(trainer, model, task.test, clients)
-        if prefetch and trainer is not None and backdoor_target is None
+        WorkerScoring(trainer, model, task.test, clients, backdoor_target=backdoor_target)
+        if prefetch and trainer is not None
         else None
     )
     # The forked worker encodes its share's payloads where the devices' compressors are memoryless (the
@@ -301,7 +307,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         if deferred is not None:
             fields, began, scores = deferred
             deferred = None
-            report(fields, until - began, {**scores.result(), "backdoor_success": None})
+            report(fields, until - began, scores.result())
 
     try:
         pending: tuple[int, dict[str, Tensor], PendingTraining] | None = None
@@ -374,6 +380,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                             global_state,
                             upcoming,
                             rnd + 1,
+                            [step.training_data(c, rnd + 1) for c in upcoming],
                             caller_share=caller_share,
                             encoding=encoding,
                             version=server.version,

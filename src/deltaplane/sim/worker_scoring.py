@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 from deltaplane.engine.metrics import score_round
+from deltaplane.engine.scoring import backdoor_success
 from deltaplane.sim.batched import BatchedTrainer
 from deltaplane.sim.forked_workers import ForkContexts
 
@@ -32,10 +33,16 @@ __all__ = ["WorkerScoring"]
 _CONTEXT = ForkContexts("scoring")
 
 
-def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float]:
-    """:func:`~deltaplane.engine.metrics.score_round` in a forked worker, with the context it inherited at the fork."""
-    model, test, clients = _CONTEXT.of(key)
-    return score_round(model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients)
+def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """:func:`~deltaplane.engine.metrics.score_round` and the backdoor's success
+    (:func:`~deltaplane.engine.scoring.backdoor_success`, ``None`` without a backdoor) in a forked worker, with
+    the context it inherited at the fork."""
+    model, test, clients, target = _CONTEXT.of(key)
+    scores: dict[str, float | None] = dict(
+        score_round(model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients)
+    )
+    scores["backdoor_success"] = backdoor_success(model, test, target)
+    return scores
 
 
 class WorkerScoring:
@@ -43,13 +50,24 @@ class WorkerScoring:
 
     Create it before the trainer's first :meth:`~deltaplane.sim.batched.BatchedTrainer.start` (the fork) and
     :meth:`close` it after the run. The devices' held-out data must not change during the run (the worker
-    holds their copy from the fork): the simulator defers scoring only without personalization and attacks.
+    holds their copy from the fork); neither an attack (which poisons a copy of a device's training data)
+    nor α-mix / Ditto (which adapt a device's personal state, scored by the caller) changes it.
+    ``backdoor_target``: the class a backdoor attack aims at, whose success the worker scores too
+    (:func:`~deltaplane.engine.scoring.backdoor_success`); ``None`` without one.
     """
 
-    def __init__(self, trainer: BatchedTrainer, model: nn.Module, test: Dataset, clients: list[Any]) -> None:
+    def __init__(
+        self,
+        trainer: BatchedTrainer,
+        model: nn.Module,
+        test: Dataset,
+        clients: list[Any],
+        *,
+        backdoor_target: int | None = None,
+    ) -> None:
         self._trainer = trainer
         # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
-        self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients))
+        self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients, backdoor_target))
 
     def submit(self, state: dict[str, Tensor]) -> Future | None:
         """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
