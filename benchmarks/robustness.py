@@ -236,8 +236,9 @@ def clean(args: argparse.Namespace) -> None:
         f"the same uplink codec and seed — the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 "
         "and momentum masking, as `deltaplane run`) for every rule valid over it, `identity` for the rules "
         "refused over sparsifying codecs (`IncompatibleDefense`). The default codec's final accuracy moves by "
-        "several points between seeds (and between CPUs: FedAvg seed 0 was 0.964 on an AVX2 machine, 0.922 on "
-        "this AVX-512 one), so the verdict reads the mean over seeds. "
+        "several points between seeds and between CPUs (FedAvg seed 0: 0.964 on an AVX2 machine, 0.922 on the "
+        "AVX-512 machine of the 2026-12-03 records, 0.958 on a 2-core Intel Xeon with AVX-512, the last two from the same code: "
+        "each CPU rounds the stacked training's floats its own way), so the verdict reads the mean over seeds. "
         + _defaults_note([d for _, d in plan])
         + "\n\n"
         + table(
