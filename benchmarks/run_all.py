@@ -132,7 +132,7 @@ PLAN: list[Step] = [
     Step(
         "robustness.py",
         _split(
-            f"accept --workers 1 --best '{_ATTR}(switch=evidence)' '{_ATTR}(switch=latest)' '{_ATTR}(sticky=true)'"
+            f"accept --workers 2 --best '{_ATTR}(switch=evidence)' '{_ATTR}(switch=latest)' '{_ATTR}(sticky=true)'"
         ),
         ("robustness",),
     ),
