@@ -33,6 +33,8 @@ class Stream(IntEnum):
     PERSONALIZATION = 11
     LOCAL_DP = 12
     DISTRIBUTED_DP = 13
+    #: dropout and other random layers during local training (torch's global generator, seeded per update)
+    RANDOM_LAYERS = 14
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
+from deltaplane.engine.seeding import Stream, derive_seed
 
 __all__ = ["local_train"]
 
@@ -34,11 +35,34 @@ def local_train(
     """Train ``model`` from ``start_state`` for ``epochs`` passes of SGD over ``data``; return the change.
 
     ``model`` is a scratch module (its weights are overwritten); ``generator`` alone decides the batch order
-    (one ``torch.randperm`` per epoch), so an update is a pure function of the start state and the generator.
+    (one ``torch.randperm`` per epoch) and, through its initial seed, the masks of dropout and any other random
+    layer (torch's global generator, seeded per update in a fork that leaves the caller's state as it was),
+    so an update is a pure function of the start state and the generator.
     With ``prox_mu > 0`` the loss gets FedProx's proximal term ``μ/2 ‖w − w_start‖²`` (Li et al. 2020,
     https://arxiv.org/abs/1812.06127), which keeps non-IID clients from drifting far from the global model.
     ``loss(logits, y)`` is the task's loss (mean over the batch).
     """
+    # Dropout (and any random layer) draws from torch's global generator, which nothing seeds per device: two
+    # runs of one seed trained different updates. It is seeded here from this update's own generator (its
+    # initial seed, so the batch orders drawn from it stay as they were), in a fork of the global state that
+    # the caller gets back unchanged.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS))
+        return _train(model, start_state, data, generator, epochs, batch_size, lr, momentum, prox_mu, loss)
+
+
+def _train(
+    model: nn.Module,
+    start_state: StateDict,
+    data: Dataset,
+    generator: torch.Generator,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    prox_mu: float,
+    loss: Callable[..., Tensor],
+) -> Delta:
     # A private copy of the start point: callers may pass the model's own state_dict, whose tensors
     # training would otherwise change under us (and the delta would come out as zero).
     start = {k: v.detach().clone() for k, v in start_state.items()}
