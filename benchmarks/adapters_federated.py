@@ -53,8 +53,8 @@ def run(name: str, *, lora_rank: int, freeze_a: bool = False, refactor: bool = F
         task = make_task(cfg)
         initial = task.build_model(derive_seed(cfg.seed, Stream.MODEL_INIT)).state_dict()
 
-        def build_aggregator(self, *, seed: int = 0):
-            chain = original(self, seed=seed)
+        def build_aggregator(self, **options):  # every option the engine passes (seed, secure_noise, ...)
+            chain = original(self, **options)
             chain.inner = LoRARefactor(chain.inner, initial)
             return chain
 
