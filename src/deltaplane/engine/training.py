@@ -48,39 +48,24 @@ def local_train(
     # the caller gets back unchanged.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS))
-        return _train(model, start_state, data, generator, epochs, batch_size, lr, momentum, prox_mu, loss)
-
-
-def _train(
-    model: nn.Module,
-    start_state: StateDict,
-    data: Dataset,
-    generator: torch.Generator,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    prox_mu: float,
-    loss: Callable[..., Tensor],
-) -> Delta:
-    # A private copy of the start point: callers may pass the model's own state_dict, whose tensors
-    # training would otherwise change under us (and the delta would come out as zero).
-    start = {k: v.detach().clone() for k, v in start_state.items()}
-    model.load_state_dict(start)
-    model.train()
-    # A fresh optimizer per round: momentum is not carried over, as a device would not keep it either.
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    n = len(data)
-    anchors = [start[name] for name, _ in model.named_parameters()] if prox_mu > 0 else []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for first in range(0, n, batch_size):
-            idx = order[first : first + batch_size]
-            value = loss(model(data.x[idx]), data.y[idx])
-            if anchors:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
-                value = value + 0.5 * prox_mu * prox
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-    return Delta.between(start, model.state_dict())
+        # A private copy of the start point: callers may pass the model's own state_dict, whose tensors
+        # training would otherwise change under us (and the delta would come out as zero).
+        start = {k: v.detach().clone() for k, v in start_state.items()}
+        model.load_state_dict(start)
+        model.train()
+        # A fresh optimizer per round: momentum is not carried over, as a device would not keep it either.
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        n = len(data)
+        anchors = [start[name] for name, _ in model.named_parameters()] if prox_mu > 0 else []
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for first in range(0, n, batch_size):
+                idx = order[first : first + batch_size]
+                value = loss(model(data.x[idx]), data.y[idx])
+                if anchors:
+                    prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
+                    value = value + 0.5 * prox_mu * prox
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+        return Delta.between(start, model.state_dict())
