@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
-from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.seeding import seeded_random_layers
 
 __all__ = ["local_train"]
 
@@ -46,8 +46,7 @@ def local_train(
     # runs of one seed trained different updates. It is seeded here from this update's own generator (its
     # initial seed, so the batch orders drawn from it stay as they were), in a fork of the global state that
     # the caller gets back unchanged.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS))
+    with seeded_random_layers(generator):
         # A private copy of the start point: callers may pass the model's own state_dict, whose tensors
         # training would otherwise change under us (and the delta would come out as zero).
         start = {k: v.detach().clone() for k, v in start_state.items()}

@@ -1,7 +1,9 @@
 """Local training and evaluation on plain torch modules and ``(x, y)`` data, shared by the personalizers.
 
 Data is anything with ``.x`` / ``.y`` tensors (the simulator's ``Dataset``) or an ``(x, y)`` tuple; randomness
-comes only from the ``torch.Generator`` passed in, so a device's personalization is reproducible.
+comes only from the ``torch.Generator`` passed in (the batch order, and through its seed the masks of dropout and
+any other random layer: :func:`~deltaplane.seeding.seeded_random_layers`), so a device's personalization is
+reproducible.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.errors import ConfigError
+from deltaplane.seeding import seeded_random_layers
 
 __all__ = ["accuracy", "as_xy", "check_training_options", "train_sgd"]
 
@@ -57,29 +60,33 @@ def train_sgd(
     """Load ``start`` into ``model``, run SGD on cross-entropy and return the trained state dict (a copy).
 
     With ``prox_center`` the loss gets Ditto's proximal term ``λ/2 ‖θ − θ_center‖²`` over the parameters.
+    ``generator`` decides the batch order and, through its initial seed, the masks of dropout and any other
+    random layer (:func:`~deltaplane.seeding.seeded_random_layers`: torch's global generator is seeded in a
+    fork and the caller's state comes back unchanged), so the result depends on the generator alone.
     """
     check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, min_epochs=0)
     if not (isinstance(prox_lambda, int | float) and math.isfinite(prox_lambda) and prox_lambda >= 0):
         raise ConfigError(f"prox_lambda must be a finite non-negative number. Found {prox_lambda!r}")
     x, y = as_xy(data)
-    model.load_state_dict(dict(start))
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    center = {k: v.detach() for k, v in (prox_center or {}).items()}
-    named = [(k, p) for k, p in model.named_parameters() if k in center]
-    n = x.shape[0]
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            if prox_lambda > 0 and named:
-                loss = loss + 0.5 * prox_lambda * sum((p - center[k]).pow(2).sum() for k, p in named)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with seeded_random_layers(generator):
+        model.load_state_dict(dict(start))
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        center = {k: v.detach() for k, v in (prox_center or {}).items()}
+        named = [(k, p) for k, p in model.named_parameters() if k in center]
+        n = x.shape[0]
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for s in range(0, n, batch_size):
+                idx = order[s : s + batch_size]
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                if prox_lambda > 0 and named:
+                    loss = loss + 0.5 * prox_lambda * sum((p - center[k]).pow(2).sum() for k, p in named)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()

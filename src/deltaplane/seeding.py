@@ -1,0 +1,93 @@
+"""Independent, reproducible random streams for every part of a run, derived from one seed.
+
+Drawing everything from one generator would make results depend on call order: sampling one more client
+would change every later client's batches. Instead each consumer gets its own stream keyed by what it is for
+and where it is (``derive_seed(seed, Stream.TRAIN, round, client)``), so streams never overlap and adding a
+consumer leaves the others unchanged.
+
+It sits below every package that trains (engine, personalization, adapters, merging, deploy), so they all
+seed their random layers the same way (:func:`seeded_random_layers`); :mod:`deltaplane.engine.seeding` and
+:mod:`deltaplane.sim.seeding` re-export it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+__all__ = ["Stream", "derive_seed", "numpy_rng", "seeded_random_layers", "torch_generator"]
+
+
+class Stream(IntEnum):
+    """What a random stream is used for; part of its key."""
+
+    PARTITION = 0
+    HOLDOUT = 1
+    MODEL_INIT = 2
+    CLIENT_SAMPLING = 3
+    LOCAL_TRAINING = 4
+    UPLINK_CODEC = 5
+    DOWNLINK_CODEC = 6
+    ATTACK = 7
+    ROOT_DATA = 8
+    AGGREGATION = 9
+    SECAGG = 10
+    PERSONALIZATION = 11
+    LOCAL_DP = 12
+    DISTRIBUTED_DP = 13
+    #: dropout and other random layers while training (torch's global generator, seeded per training run)
+    RANDOM_LAYERS = 14
+
+
+def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
+    """A 63-bit seed determined by ``(seed, stream, *keys)`` via NumPy's ``SeedSequence`` hashing.
+
+    The entropy starts with the number of keys because ``SeedSequence`` ignores trailing zeros:
+    ``[s, stream]`` and ``[s, stream, 0]`` would otherwise give the same stream (client 0 would share its
+    stream with the whole-run one).
+    """
+    if seed < 0 or any(k < 0 for k in keys):
+        raise ValueError(f"seed and keys must be non-negative. Found seed={seed}, keys={keys}")
+    entropy = [len(keys), seed, int(stream), *keys]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))  # torch.Generator.manual_seed wants a value that fits in int64
+
+
+def numpy_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:
+    """A NumPy generator for the stream ``(seed, stream, *keys)``."""
+    return np.random.default_rng(derive_seed(seed, stream, *keys))
+
+
+def torch_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for the stream ``(seed, stream, *keys)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, stream, *keys))
+
+
+@contextmanager
+def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
+    """Within the block, torch's global CPU generator is seeded from ``generator``; afterwards it is as it was.
+
+    Dropout and other random layers draw from torch's *global* generator, which nothing seeds per device or
+    per training run: a loop whose batch order comes from its own ``generator`` still trained another model
+    whenever anything else had drawn from the global one first. Wrap the loop in this block and its masks
+    follow the same seed: ``derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS)``. The generator is
+    only read, not advanced, so the batch orders drawn from it (and so every model without random layers)
+    stay bit for bit what they were; two generators of different seeds give different masks. Only the CPU
+    generator is forked and seeded: a model that draws on an accelerator is not covered.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(3)
+        >>> with seeded_random_layers(g):
+        ...     a = torch.nn.functional.dropout(torch.ones(8), 0.5)
+        >>> with seeded_random_layers(g):
+        ...     b = torch.nn.functional.dropout(torch.ones(8), 0.5)
+        >>> bool(torch.equal(a, b))
+        True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS))
+        yield
