@@ -61,12 +61,12 @@ def check_seeded(train: Callable[[int], Mapping[str, Tensor] | nn.Module]) -> st
 
 def hash_in_fresh_process(code: str, src: Path = SRC) -> str:
     """The last line ``code`` prints, run by a fresh interpreter with ``src`` first on the path, another hash
-    seed and a global generator drawn from first (``code`` may call this module's helpers)."""
+    seed and a global generator drawn from first (``code`` may call this module's helpers as ``rl.name``)."""
     prelude = (
         "import sys, torch\n"
         f"sys.path[:0] = [{str(src)!r}, {str(Path(__file__).parent)!r}]\n"
         "torch.manual_seed(123); torch.rand(77)\n"
-        "from random_layers import dropout_mlp, toy_data, weights_hash\n"
+        "import random_layers as rl\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "4321", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
     out = subprocess.run(
@@ -78,3 +78,20 @@ def hash_in_fresh_process(code: str, src: Path = SRC) -> str:
         timeout=300,
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def plain_sgd(
+    model: nn.Module, x: Tensor, y: Tensor, *, seed: int, epochs: int = 2, batch_size: int = 8
+) -> nn.Module:
+    """The reference loop: SGD (lr 0.1, momentum 0.9) on cross-entropy over ``torch.randperm`` batch orders
+    drawn from ``Generator().manual_seed(seed)``, with nothing else touching any generator."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=g)
+        for first in range(0, len(y), batch_size):
+            idx = order[first : first + batch_size]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model

@@ -25,9 +25,12 @@ The result equals the sequential path's up to floating-point rounding, because e
   ``buf = g``; ``p ← p − lr·buf``), fresh every round. Clients are stacked longest first, so the ones still
   training at a step are a prefix of the stack; a finished client drops out of the computation.
 
-Only models without buffers (no BatchNorm running statistics) and with only floating-point parameters are
-batched; :func:`batching_blocker` says why another model is not, and the simulator then falls back to the
-sequential loop. The number of clients trained at once adapts to a memory budget
+Only models without buffers (no BatchNorm running statistics), with only floating-point parameters and without
+random layers (dropout) are batched; :func:`batching_blocker` says why another model is not, and the simulator
+then falls back to the sequential loop. A random layer is not batched because the loop draws each device's
+masks from that device's own seed (:func:`deltaplane.seeding.seeded_random_layers`), while a stacked step can
+only draw them from one generator for the whole stack (``vmap``'s ``randomness="different"``), so a device's
+masks, and its update, would depend on which devices share its chunk and worker. The number of clients trained at once adapts to a memory budget
 (:func:`clients_per_chunk`).
 """
 
@@ -63,14 +66,16 @@ __all__ = [
 _F32 = 4
 
 
-def batching_blocker(model: nn.Module) -> str | None:
+def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | None:
     """Why ``model`` cannot be trained by :class:`BatchedTrainer`, or ``None`` if it can.
 
     Stacked training gives each client its own copy of the parameters only: the model's buffers are one copy
     shared by every client, so a buffer the forward pass updates in place (BatchNorm's running statistics) would
     mix the clients, and a constant one cannot be told from it; non-float parameters have no gradient; frozen
     ones (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential
-    loop.
+    loop. Random layers (dropout modules with ``p > 0``, RReLU) are found by type; with a ``sample`` input the
+    model also runs one forward pass in training mode, in a fork of torch's global generator, and a pass that
+    draws from it (``F.dropout`` called in ``forward``) is refused too.
     """
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
@@ -99,7 +104,41 @@ def batching_blocker(model: nn.Module) -> str | None:
         )
     if not any(True for _ in model.parameters()):
         return f"model {type(model).__name__} has no parameters"
+    random = [
+        f"{name or 'the model'}: {type(m).__name__}"
+        for name, m in model.named_modules()
+        if _is_random_layer(m)
+    ]
+    if random or (sample is not None and _draws_random_numbers(model, sample)):
+        where = (
+            f" ({', '.join(random[:3])})" if random else " (its forward pass draws from torch's generator)"
+        )
+        return (
+            f"model {type(model).__name__} has random layers{where}; the sequential loop draws each device's "
+            "dropout masks from its own seed, stacked training could only draw them for the whole stack at once"
+        )
     return None
+
+
+def _is_random_layer(module: nn.Module) -> bool:
+    """Whether ``module`` draws random numbers in training mode (the dropout family with ``p > 0``, RReLU)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return isinstance(module, nn.RReLU)
+
+
+def _draws_random_numbers(model: nn.Module, sample: Tensor) -> bool:
+    """Whether one forward pass of ``sample[:1]`` in training mode draws from torch's global CPU generator
+    (run in a fork of it, without gradients; the model's mode is restored)."""
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            before = torch.get_rng_state()
+            model(sample[:1])
+            return not torch.equal(before, torch.get_rng_state())
+    finally:
+        model.train(was)
 
 
 #: glibc's mallopt parameters (malloc.h)
@@ -212,7 +251,9 @@ class BatchedTrainer:
             raise ConfigError(f"workers must be at least 1. Found {workers}")
         reason = batching_blocker(model)
         if reason is not None:
-            raise ConfigError(f"cannot train clients batched: {reason}")
+            raise ConfigError(
+                f"cannot train clients batched: {reason}; train them one at a time (engine='sequential')"
+            )
         if memory_budget <= 0:
             raise ConfigError(f"memory_budget must be positive. Found {memory_budget}")
         retain_freed_memory()
@@ -259,6 +300,7 @@ class BatchedTrainer:
         self._data_cache: dict[tuple[int, ...], tuple[list[Dataset], Tensor, Tensor]] = {}
         self._chunk_cache: dict[tuple[tuple[int, ...], int], int] = {}
         self._pool: Executor | None = None
+        self._probed = False  # whether start() has run the model once to look for random draws
         # the stacked data the forked workers already hold: what _data_cache held when they were forked, by
         # key (the chunk's dataset ids), with the datasets themselves: holding them keeps another dataset from
         # taking one of their ids, and so a key, while the workers hold that key's data
@@ -371,6 +413,13 @@ class BatchedTrainer:
                 raise ConfigError(
                     f"each generator must be a torch.Generator or a seed in [0, 2**63). Found {g!r}"
                 )
+        if not self._probed:  # a random op the module types do not show (F.dropout in forward): refused too
+            reason = batching_blocker(self.model, datasets[0].x[:1])
+            if reason is not None:
+                raise ConfigError(
+                    f"cannot train clients batched: {reason}; train them one at a time (engine='sequential')"
+                )
+            self._probed = True
         chunk = self._clients_per_chunk(datasets[0].x[:1], batch_size)
         # Clients of similar size share a chunk, so few of them idle while the longest one finishes; with
         # several workers, the groups get similar estimated work (_balanced_groups).
@@ -513,6 +562,7 @@ class BatchedTrainer:
         # so finished ones drop out of the computation instead of being carried along as masked padding.
         idx, weight, active = plan
         n_clients = x.shape[0]
+        self.model.train()  # as the sequential loop trains (a module whose forward looks at self.training)
         rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
 
         # Each parameter holds all clients' copies, (C, *shape); the clients still training at step s are the

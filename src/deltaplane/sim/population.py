@@ -249,7 +249,9 @@ def check_supported(config: RunConfig) -> None:
         )
     _check_ring(config)
     # checked here, before any run starts: the trainer itself would refuse the model only in round 1
-    blocker = batching_blocker(make_task(config).build_model(derive_seed(config.seed, Stream.MODEL_INIT)))
+    task = make_task(config)
+    sample = task.test.x[:1] if len(task.test) else None
+    blocker = batching_blocker(task.build_model(derive_seed(config.seed, Stream.MODEL_INIT)), sample)
     if blocker is not None:
         raise UnsupportedOption(
             f"the population engine trains its devices stacked, and {blocker}: use the sequential engine"

@@ -91,7 +91,7 @@ def _batched_trainer(
     """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
     if config.engine != "batched":
         return None
-    reason = batching_blocker(model)
+    reason = batching_blocker(model, task.test.x[:1] if task is not None and len(task.test) else None)
     if reason is None and personalized:
         reason = f"personalization '{config.personalization}' starts each client from its own weights"
     if reason is not None:
