@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from deltaplane.deploy.prune import GradualPruner, apply_masks
 from deltaplane.errors import ConfigError
+from deltaplane.seeding import seeded_random_layers
 
 __all__ = ["masked_finetune"]
 
@@ -36,7 +37,9 @@ def masked_finetune(
     Args:
         model: trained in place; returned in eval mode.
         x, y: inputs and integer labels.
-        epochs, lr, batch_size, momentum: SGD settings. seed: shuffling order.
+        epochs, lr, batch_size, momentum: SGD settings. seed: the shuffling order and, through
+            :func:`~deltaplane.seeding.seeded_random_layers`, the masks of dropout and any other random layer
+            (torch's global generator is seeded in a fork: the caller's state comes back unchanged).
         masks: pruning masks to re-apply after every step (``PruneResult.masks``).
         pruner: a gradual pruner stepped after every optimizer step (its own masks are applied by it).
     """
@@ -44,18 +47,19 @@ def masked_finetune(
         raise ConfigError(f"need epochs >= 0, lr > 0, batch_size >= 1. Found {epochs}, {lr}, {batch_size}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     g = torch.Generator().manual_seed(seed)
-    step = 0
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            if masks is not None:
-                apply_masks(model, masks)
-            if pruner is not None:
-                pruner.step(step)
-            step += 1
+    with seeded_random_layers(g):
+        step = 0
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y), batch_size):
+                idx = perm[i : i + batch_size]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                if masks is not None:
+                    apply_masks(model, masks)
+                if pruner is not None:
+                    pruner.step(step)
+                step += 1
     return model.eval()
