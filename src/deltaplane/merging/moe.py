@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.seeding import seeded_random_layers
 
 __all__ = ["MixtureOfExperts", "Router"]
 
@@ -239,7 +240,9 @@ class MixtureOfExperts(nn.Module):
         dense mixture ``Σₑ gₑ(x) expertₑ(x)`` (experts' outputs computed once), so the router learns to prefer the
         expert that is right for each input.
 
-        The router is re-initialised from ``seed`` first, so the result depends on the data and the seed only.
+        The router is re-initialised from ``seed`` first, and the masks of any dropout in it are drawn from
+        the same seed (:func:`~deltaplane.seeding.seeded_random_layers`), so the result depends on the data and
+        the seed only.
 
         Returns:
             the mean training loss of each epoch.
@@ -280,23 +283,25 @@ class MixtureOfExperts(nn.Module):
         _reset_router(self.router, g)
         opt = torch.optim.Adam(self.router.parameters(), lr=lr)
         losses = []
-        self.router.train()
-        for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=g)
-            total = 0.0
-            for start in range(0, x.shape[0], batch_size):
-                idx = order[start : start + batch_size]
-                logits = self.router(feats[idx])
-                if expert_labels is not None:
-                    loss = nn.functional.cross_entropy(logits, expert_labels[idx])
-                else:
-                    assert outputs is not None and y is not None
-                    gate = torch.softmax(logits, dim=-1).unsqueeze(-1)  # (B, K, 1)
-                    loss = nn.functional.cross_entropy((gate * outputs[idx]).sum(dim=1), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-            losses.append(total / x.shape[0])
+        # a router's dropout draws from torch's global generator: seeded from this fit's seed, in a fork
+        with seeded_random_layers(g):
+            self.router.train()
+            for _ in range(epochs):
+                order = torch.randperm(x.shape[0], generator=g)
+                total = 0.0
+                for start in range(0, x.shape[0], batch_size):
+                    idx = order[start : start + batch_size]
+                    logits = self.router(feats[idx])
+                    if expert_labels is not None:
+                        loss = nn.functional.cross_entropy(logits, expert_labels[idx])
+                    else:
+                        assert outputs is not None and y is not None
+                        gate = torch.softmax(logits, dim=-1).unsqueeze(-1)  # (B, K, 1)
+                        loss = nn.functional.cross_entropy((gate * outputs[idx]).sum(dim=1), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * idx.numel()
+                losses.append(total / x.shape[0])
         self.router.eval()
         return losses
