@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tests import random_layers as rl
 from torch import nn
 
 from deltaplane.data.dataset import Dataset
@@ -59,3 +60,21 @@ def test_dropout_masks_follow_the_devices_generator_not_the_global_one() -> None
             opt.step()
     for k, v in plain.state_dict().items():
         assert torch.equal(got[k], v - start[k]), k
+
+
+def test_the_same_update_in_a_fresh_process_with_another_hash_seed() -> None:
+    """The masks depend on the device's generator alone, not on the process: a fresh interpreter (another
+    ``PYTHONHASHSEED``, its global generator drawn from first) trains the same update, bit for bit."""
+    code = (
+        "from deltaplane.data.dataset import Dataset\n"
+        "from deltaplane.engine.seeding import Stream, torch_generator\n"
+        "from deltaplane.engine.training import local_train\n"
+        "m = rl.dropout_mlp()\n"
+        "g = torch_generator(0, Stream.LOCAL_TRAINING, 1, 3)\n"
+        "d = local_train(m, m.state_dict(), Dataset(*rl.toy_data()), g, epochs=2, batch_size=8, lr=0.1, momentum=0.9)\n"
+        "print(rl.weights_hash(d))\n"
+    )
+    torch.manual_seed(9)
+    model = rl.dropout_mlp()
+    here = _train(model, model.state_dict(), Dataset(*rl.toy_data()), client=3)
+    assert rl.hash_in_fresh_process(code) == rl.weights_hash(here)
