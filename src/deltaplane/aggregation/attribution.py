@@ -140,7 +140,17 @@ class TriggerProbe:
         self.num_classes = int(self.y.max()) + 1
 
     def logits(self, state: StateDict, x: Tensor) -> Tensor:
-        return functional_call(self.model, state, (x,))
+        """The model's outputs with ``state``, in inference mode: trigger inversion, scoring and unlearning look
+        at the model as it is served, so dropout is off (its masks drew from torch's unseeded global generator
+        and the server's results changed run to run) and BatchNorm uses its running statistics (in training
+        mode it wrote batch statistics into ``state``'s buffers: the server's own global model). The model's
+        mode is restored afterwards."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, state, (x,))
+        finally:
+            self.model.train(was)
 
 
 @dataclass
