@@ -207,7 +207,9 @@ def distill_recover(
             if monitor is None:
                 return {}
             student.eval()
-            with torch.no_grad():
+            # in a fork of its own: a monitor that draws from torch's generator (a sampled evaluation) must not
+            # move the dropout masks of the training it only watches
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 return {k: float(v) for k, v in monitor(student).items()}
 
         start_figures = watched()
