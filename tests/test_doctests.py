@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "deltaplane.delta",
+    "deltaplane.seeding",
     "deltaplane.codecs",
     "deltaplane.codecs.base",
     "deltaplane.codecs.compressor",

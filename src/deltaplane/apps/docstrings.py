@@ -91,7 +91,9 @@ def _build(
             for name, p in net.named_parameters():
                 if "lora_A" in name:
                     p.requires_grad_(False)
-    net.eval()  # dropout off: local training is deterministic given the batch order (engine seeds it)
+    # built in eval mode for scoring; local training switches dropout on, its masks seeded from each device's
+    # generator (deltaplane.seeding.seeded_random_layers)
+    net.eval()
     model = TextClassifier(net)
     freeze_to_buffers(model)
     return model
