@@ -367,7 +367,7 @@ def test_the_inversion_recovers_a_planted_trigger_at_its_own_size(one_thread) ->
     # approximates the smallest trigger; the attack's has 4 pixels. With a fixed λ the optimisation stops
     # where the loss is already small and keeps a mask over twice as large (the default federation, default codec,
     # seed 2: label 0 at 11.6 pixels against a median of 14.5, index 1.45, under the 1.5 bar, while the model
-    # held 0.86 backdoor); Neural Cleanse's λ schedule, the default, finds the trigger at its own size.
+    # held 0.86 backdoor); Neural Cleanse's λ schedule (invert=schedule) finds the trigger at its own size.
     import torch.nn.functional as F
 
     from deltaplane.aggregation.attribution import ANOMALY_INDEX, TriggerProbe
@@ -394,19 +394,19 @@ def test_the_inversion_recovers_a_planted_trigger_at_its_own_size(one_thread) ->
     assert planted > 0.75  # the backdoor is in the model
     probe = TriggerProbe(task.build_model(0), root_x, root_y, state)
 
-    index, _, norms, masks, _ = BackdoorAttribution()._inverted(probe, None)  # type: ignore[arg-type]
+    index, _, norms, masks, _ = BackdoorAttribution(invert="schedule")._inverted(probe, None)  # type: ignore[arg-type]
     assert int(index.argmax()) == 0 and float(index[0]) >= ANOMALY_INDEX
     assert float(norms[0]) <= 1.25 * 4  # the planted trigger's 4 pixels
     assert float(masks[0, ..., -3:-1, -3:-1].sum()) >= 0.5 * float(
         norms[0]
     )  # and mostly where it was planted
-    _, _, fixed, _, _ = BackdoorAttribution(invert="fixed")._inverted(probe, None)  # type: ignore[arg-type]
-    assert float(fixed[0]) > 2 * 4  # the earlier rule, kept as an option
+    _, _, fixed, _, _ = BackdoorAttribution()._inverted(probe, None)  # type: ignore[arg-type]
+    assert float(fixed[0]) > 2 * 4  # the default, fixed λ
 
 
 def test_the_invert_option_is_validated() -> None:
-    assert parse_defense("trigger_attribution").invert == "schedule"  # type: ignore[attr-defined]
-    assert parse_defense("trigger_attribution(invert=fixed)").invert == "fixed"  # type: ignore[attr-defined]
+    assert parse_defense("trigger_attribution").invert == "fixed"  # type: ignore[attr-defined]
+    assert parse_defense("trigger_attribution(invert=schedule)").invert == "schedule"  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="invert must be one of"):
         parse_defense("trigger_attribution(invert=adaptive)")
     with pytest.raises(ConfigError, match="invert must be one of"):

@@ -85,7 +85,7 @@ SWITCHES = ("evidence", "latest", "sticky")
 #: how an update's effect on the trigger is measured (``score=``, see the class)
 SCORES = ("trigger", "mix", "both")
 #: how the mask's L1 weight moves during an inversion (``invert=``, see the class)
-INVERSIONS = ("schedule", "fixed")
+INVERSIONS = ("fixed", "schedule")
 #: ``invert="schedule"``: every this many Adam steps, each label's ``λ`` is raised ×1.5 if its trigger flipped at
 #: least ``LAMBDA_SUCCESS`` of the stamped inputs over the last step, lowered ÷1.5^1.5 otherwise (Neural Cleanse's
 #: cost adjustment; the reference code checks per epoch with patience, at 0.99 success)
@@ -241,15 +241,18 @@ class BackdoorAttribution(_Buffered):
               20% ``backdoor`` it passes all six seed × codec runs of #21 (``trigger`` five, ``mix`` five).
         invert: how each inversion weighs the mask's size against reaching the label:
 
-            * ``"schedule"`` (default): Neural Cleanse's cost adjustment — ``lam`` is each label's starting
-              ``λ``; every ``LAMBDA_EVERY`` steps a label's ``λ`` is multiplied by 1.5 while its trigger flips at
-              least ``LAMBDA_SUCCESS`` of the stamped inputs and divided by 1.5^1.5 otherwise, and the inversion
-              keeps each label's smallest mask that did flip them. With a fixed ``λ`` the masks stop where the
-              loss is already small, far above the smallest trigger: on the default federation (default codec,
-              seed 2, round 36, backdoor 0.86) the backdoor's label 0 kept a mask of 11.6 pixels against a
-              median 14.5 (index 1.45, under the 1.5 bar) though the attack's trigger has 4; with the schedule
-              its mask is 5.1 against 8.0 (index 2.95) and it ranks first from round 26 on.
-            * ``"fixed"``: ``λ = lam`` throughout and the final mask (the rule before the schedule).
+            * ``"fixed"`` (default): ``λ = lam`` throughout, and the final mask. The search stops where the
+              stamped inputs are already classified ``t``, so every mask ends 2–3× the smallest trigger: on the
+              default federation (default codec, seed 2, on a 2-core Xeon) the backdoor's label 0 kept 11.6
+              pixels against a median 14.5 in round 36 (index 1.45, under the 1.5 bar) at 0.86 backdoor, though
+              the attack's trigger has 4, was never flagged, and the run kept 0.91 backdoor.
+            * ``"schedule"``: Neural Cleanse's cost adjustment — ``lam`` is each label's starting ``λ``; every
+              ``LAMBDA_EVERY`` steps a label's ``λ`` is multiplied by 1.5 while its trigger flips at least
+              ``LAMBDA_SUCCESS`` of the stamped inputs and divided by 1.5^1.5 otherwise, and the inversion keeps
+              each label's smallest mask that did flip them. On that model label 0's mask is 4.0 against a
+              median 8.0 (index 3.72), and the run ends with 0.00 backdoor; it is not the default because it
+              cost default-codec seed 0 accuracy (0.916 against the fixed rule's 0.950 and clean FedAvg's 0.958
+              on that machine: two more honest clients kept out), see docs/aggregation.md.
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -265,7 +268,7 @@ class BackdoorAttribution(_Buffered):
         switch: str | None = None,
         sticky: bool | None = None,
         score: str = "both",
-        invert: str = "schedule",
+        invert: str = "fixed",
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()

@@ -171,7 +171,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             switch=params.get("switch"),
             sticky=params.get("sticky"),
             score=params.get("score", "both"),
-            invert=params.get("invert", "schedule"),
+            invert=params.get("invert", "fixed"),
         )
     return FLTrust()
 
