@@ -366,7 +366,7 @@ def test_the_inversion_recovers_a_planted_trigger_at_its_own_size(one_thread) ->
     # ~0.9 backdoor success). Neural Cleanse's premise is that the inverted mask of the infected label
     # approximates the smallest trigger; the attack's has 4 pixels. With a fixed λ the optimisation stops
     # where the loss is already small and keeps a mask over twice as large (the default federation, default codec,
-    # seed 2: label 0 at 11.6 pixels against a median of 14.5, index 1.45, under the 1.5 bar, while the model
+    # seed 2: label 0 at 11.6 pixels against a median of 14.9, index 1.45, under the 1.5 bar, while the model
     # held 0.86 backdoor); Neural Cleanse's λ schedule (invert=schedule) finds the trigger at its own size.
     import torch.nn.functional as F
 

@@ -244,7 +244,7 @@ class BackdoorAttribution(_Buffered):
             * ``"fixed"`` (default): ``λ = lam`` throughout, and the final mask. The search stops where the
               stamped inputs are already classified ``t``, so every mask ends 2–3× the smallest trigger: on the
               default federation (default codec, seed 2, on a 2-core Xeon) the backdoor's label 0 kept 11.6
-              pixels against a median 14.5 in round 36 (index 1.45, under the 1.5 bar) at 0.86 backdoor, though
+              pixels against a median 14.9 in round 36 (index 1.45, under the 1.5 bar) at 0.86 backdoor, though
               the attack's trigger has 4, was never flagged, and the run kept 0.91 backdoor.
             * ``"schedule"``: Neural Cleanse's cost adjustment — ``lam`` is each label's starting ``λ``; every
               ``LAMBDA_EVERY`` steps a label's ``λ`` is multiplied by 1.5 while its trigger flips at least
