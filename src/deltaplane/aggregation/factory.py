@@ -55,6 +55,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "switch",
         "sticky",
         "score",
+        "invert",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -109,6 +110,14 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             if value not in SCORES:
                 raise ConfigError(f"defense {name!r}: score must be one of {list(SCORES)}. Found {value!r}")
             continue
+        if key == "invert":
+            from deltaplane.aggregation.attribution import INVERSIONS
+
+            if value not in INVERSIONS:
+                raise ConfigError(
+                    f"defense {name!r}: invert must be one of {list(INVERSIONS)}. Found {value!r}"
+                )
+            continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -162,6 +171,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             switch=params.get("switch"),
             sticky=params.get("sticky"),
             score=params.get("score", "both"),
+            invert=params.get("invert", "fixed"),
         )
     return FLTrust()
 
