@@ -7,6 +7,7 @@ dominate the cost of compression.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,6 +18,7 @@ __all__ = [
     "bitmap_encode",
     "check_index_stream",
     "decode_indices",
+    "decode_indices_rows",
     "encode_indices",
     "golomb_decode",
     "golomb_encode",
@@ -356,3 +358,180 @@ def decode_indices(coder: str, data: bytes, n: int, k: int) -> np.ndarray:
     if k and (idx[-1] >= n or idx[0] < 0):
         raise DecodeError(f"index stream points outside the tensor (size {n})")
     return idx
+
+
+# -- many rows at once -----------------------------------------------------------------------------------
+def decode_indices_rows(
+    coders: Sequence[str], streams: Sequence[bytes], n: int, counts: Sequence[int]
+) -> np.ndarray:
+    """Every row's :func:`decode_indices` at once: the rows' positions, concatenated (int64).
+
+    Exactly ``np.concatenate([decode_indices(c, s, n, k) for c, s, k in zip(coders, streams, counts)])``,
+    errors included: the rows of each coder are read together, with the per-row reader's checks made on
+    every row at once, and when any row fails one of them the rows are read one by one, so the first bad
+    row raises its own error. A server decoding a round's updates reads a few streams per client per
+    tensor; one by one, the fixed cost of a dozen small numpy calls a stream dominates for small tensors.
+    """
+    ks = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if len(coders) != len(ks) or len(streams) != len(ks):
+        raise DecodeError(f"{len(coders)} coders and {len(streams)} index streams for {len(ks)} counts")
+    flat = _stacked_positions(list(coders), [bytes(s) for s in streams], n, ks)
+    if flat is None:  # a row the stacked checks refuse: the per-row reader names it and its fault
+        parts = [decode_indices(c, bytes(s), n, int(k)) for c, s, k in zip(coders, streams, ks, strict=True)]
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return flat
+
+
+def _stacked_positions(coders: list[str], streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    """The rows' positions concatenated, or ``None`` where :func:`decode_indices` would refuse a row."""
+    if not len(ks):
+        return np.zeros(0, np.int64)
+    if (ks < 0).any() or (ks > n).any() or any(c not in INDEX_CODERS for c in coders):
+        return None
+    out = np.empty(int(ks.sum()), np.int64)
+    row_of_value = None
+    for coder in INDEX_CODERS:
+        rows = [i for i, c in enumerate(coders) if c == coder]
+        if not rows:
+            continue
+        data, k = [streams[i] for i in rows], ks[rows]
+        reader = {"bitmap": _bitmap_rows, "varint": _varint_rows, "golomb": _golomb_rows}[coder]
+        gaps_or_positions = reader(data, n, k)
+        if gaps_or_positions is None:
+            return None
+        got = gaps_or_positions if coder == "bitmap" else _positions_from_gaps(gaps_or_positions, n, k)
+        if got is None:
+            return None
+        if len(rows) == len(coders):
+            return got
+        if row_of_value is None:
+            row_of_value = np.repeat(np.arange(len(ks)), ks)
+        out[np.isin(row_of_value, rows)] = got  # the rows' values in row order, as the mask selects them
+    return out
+
+
+def _positions_from_gaps(gaps: np.ndarray, n: int, ks: np.ndarray) -> np.ndarray | None:
+    """:func:`decode_indices`' bounds and running sum for each row's gaps (rows concatenated, in place)."""
+    if not len(gaps):
+        return gaps
+    if int(gaps.max()) >= n or (ks * n >= 1 << 62).any():  # beyond 2^62 the per-row reader sums in float64
+        return None
+    live = ks > 0
+    starts = np.cumsum(ks) - ks
+    totals = np.add.reduceat(gaps, starts[live])  # each gap < n, so a row's int64 sum cannot overflow
+    if (totals + ks[live] > n).any():
+        return None
+    gaps += 1
+    idx = np.cumsum(gaps, out=gaps)  # across rows: take off what the rows before each one added
+    first = starts[live]
+    before = np.where(first > 0, idx[np.maximum(first - 1, 0)], 0)
+    idx -= np.repeat(before + 1, ks[live])
+    return idx
+
+
+def _bitmap_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    need = (n + 7) // 8
+    if any(len(s) != need for s in streams):
+        return None
+    bits = np.unpackbits(
+        np.frombuffer(b"".join(streams), np.uint8).reshape(len(streams), need), axis=1, bitorder="little"
+    )
+    if bits[:, n:].any() or (bits.sum(axis=1, dtype=np.int64) != ks).any():
+        return None
+    # each row's positions in order: one 1-D scan of the bits as booleans (bytes of 0 and 1), ~7x faster
+    # than a scan of them as uint8, and 2-D nonzero would make both coordinates
+    flat = np.flatnonzero(bits.view(np.bool_))
+    flat %= bits.shape[1]
+    return flat
+
+
+def _varint_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    lens = np.array([len(s) for s in streams], np.int64)
+    if ((ks == 0) != (lens == 0)).any():
+        return None
+    b = np.frombuffer(b"".join(streams), np.uint8)
+    ends_of_rows = np.cumsum(lens)
+    if (b[ends_of_rows[lens > 0] - 1] & 0x80).any():  # a truncated row
+        return None
+    ends = np.flatnonzero(b < 0x80)  # each value's last byte; a row's last byte is one, so none straddles
+    if (np.diff(np.searchsorted(ends, ends_of_rows), prepend=0) != ks).any():
+        return None
+    if not len(ends):
+        return np.zeros(0, np.int64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > _MAX_VARINT_BYTES:
+        return None
+    value = np.zeros(len(ends), np.int64)
+    for j in range(longest):
+        sel = lengths > j
+        value[sel] |= (b[starts[sel] + j] & 0x7F).astype(np.int64) << (7 * j)
+    return value
+
+
+def _golomb_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    lens = np.array([len(s) for s in streams], np.int64)
+    if (lens < 1).any():
+        return None
+    b = np.frombuffer(b"".join(streams), np.uint8)
+    row_start = np.cumsum(lens) - lens
+    rice = b[row_start].astype(np.int64)
+    rem_len = (ks * rice + 7) // 8
+    q_len = lens - 1 - rem_len
+    if (rice > _MAX_RICE_K).any() or (q_len < 0).any() or ((ks == 0) & (lens != 1)).any():
+        return None
+    used = (ks * rice) % 8
+    padded = used > 0
+    if (b[row_start[padded] + rem_len[padded]].astype(np.int64) >> used[padded]).any():
+        return None
+    # the quotient sections, back to back: one unary stream whose rows end on byte boundaries
+    ubits = np.unpackbits(b[_ranges(row_start + 1 + rem_len, q_len)], bitorder="little")
+    zeros = np.flatnonzero(ubits == 0)
+    row_bits_end = 8 * np.cumsum(q_len)
+    if (np.diff(np.searchsorted(zeros, row_bits_end), prepend=0) != ks).any():
+        return None
+    if not len(zeros):
+        return np.zeros(0, np.int64)
+    live = ks > 0
+    last = np.cumsum(ks)[live] - 1
+    if (row_bits_end[live] - 1 - zeros[last] >= 8).any():  # trailing bytes after a row's last value
+        return None
+    first = last - ks[live] + 1
+    prev = np.empty_like(zeros)
+    prev[1:] = zeros[:-1]
+    prev[first] = (row_bits_end - 8 * q_len)[live] - 1
+    q = zeros - prev - 1
+    k_of = np.repeat(rice, ks)
+    if (q >= np.left_shift(1, 62 - k_of)).any():
+        return None
+    q <<= k_of
+    if rice[live].any():
+        # the remainder sections back to back; value j of a row: K bits from its section's start + j·K
+        rbits = np.unpackbits(b[_ranges(row_start + 1, rem_len)], bitorder="little")
+        rem_bit_start = 8 * (np.cumsum(rem_len) - rem_len)
+        offset = np.repeat(rem_bit_start, ks) + (np.arange(len(q)) - np.repeat(np.cumsum(ks) - ks, ks)) * k_of
+        for k in np.unique(rice[live]).tolist():
+            if not k:
+                continue
+            sel = np.flatnonzero(k_of == k)
+            weights = np.left_shift(1, np.arange(k, dtype=np.int64))
+            for lo in range(0, len(sel), _RICE_BLOCK):  # bounded temporaries: K bytes and K int64 a value
+                part = sel[lo : lo + _RICE_BLOCK]
+                q[part] |= rbits[offset[part, None] + np.arange(k)] @ weights
+    return q
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``np.concatenate([np.arange(s, s + m) for s, m in zip(starts, lengths)])`` without the loop."""
+    total = int(lengths.sum())
+    step = np.ones(total, np.int64)
+    heads = np.cumsum(lengths) - lengths
+    nonempty = lengths > 0
+    if total:
+        step[0] = starts[nonempty][0]
+        prev_end = (starts + lengths)[nonempty][:-1]
+        step[heads[nonempty][1:]] = starts[nonempty][1:] - prev_end + 1
+    return np.cumsum(step)
