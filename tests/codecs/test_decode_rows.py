@@ -168,3 +168,77 @@ def test_sparse_decode_rows_refuses_a_bad_row_as_decode_does(spec: str, fault, m
     with pytest.raises(DecodeError, match=match) as stacked:
         decode_tree_rows(trees)
     assert str(stacked.value) == str(one.value)
+
+
+QUANT = [
+    "quant(bits=1)",
+    "quant(bits=2)",
+    "quant(bits=3)",
+    "quant(bits=4)",
+    "quant(bits=5, chunk=7)",
+    "quant(bits=8)",
+    "quant(bits=8, chunk=4, scale=norm)",
+    "quant(bits=4, stochastic=true)",
+    "quant(bits=1, stochastic=true)",
+]
+
+
+@pytest.mark.parametrize("spec", QUANT)
+@pytest.mark.parametrize("shape", [(1,), (7,), (9,), (3, 5), (40, 25), (0,)])
+def test_quant_decode_rows_equals_the_per_row_decode(spec: str, shape: tuple[int, ...]) -> None:
+    trees = _rows(spec, shape, 5, seed=len(shape))
+    assert _same(decode_tree_rows(trees), torch.stack([decode_tree(t) for t in trees]))
+
+
+def test_quant_decode_rows_runs_on_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's codes and scales read at once: no per-row unpack (fails before)."""
+    import deltaplane.codecs.quantize as quantize
+
+    trees = _rows("quant(bits=4, chunk=64)", (40, 25), 6, seed=3)
+    expected = torch.stack([decode_tree(t) for t in trees])
+
+    def refuse(*args: object) -> object:
+        raise AssertionError("per-row read called")
+
+    monkeypatch.setattr(quantize, "unpack_bits", refuse)
+    monkeypatch.setattr(quantize, "_read_scales", refuse)
+    assert _same(decode_tree_rows(trees), expected)
+
+
+def _bump_last(e, name: str, bit: int):
+    data = bytes(e.fields[name])
+    return _with(e, **{name: data[:-1] + bytes([data[-1] | bit])})
+
+
+@pytest.mark.parametrize(
+    "spec, fault, match",
+    [
+        (
+            "quant(bits=4)",
+            lambda e: _with(e, scales=struct.pack("<f", -1.0) + bytes(e.fields["scales"])[4:]),
+            "non-negative",
+        ),
+        ("quant(bits=4)", lambda e: _with(e, scales=bytes(e.fields["scales"])[:-1]), "'scales' holds"),
+        ("quant(bits=4)", lambda e: _with(e, codes=bytes(e.fields["codes"]) + b"\0"), "packed 4-bit codes"),
+        ("quant(bits=3)", lambda e: _bump_last(e, "codes", 0x80), "padding"),
+        (
+            "quant(bits=4)",
+            lambda e: _with(e, codes=b"\xff" + bytes(e.fields["codes"])[1:]),
+            "code out of range",
+        ),
+        (
+            "quant(bits=8)",
+            lambda e: _with(e, codes=b"\xff" + bytes(e.fields["codes"])[1:]),
+            "code out of range",
+        ),
+        ("quant(bits=8)", lambda e: _with(e, codes=None), "missing field 'codes'"),
+    ],
+)
+def test_quant_decode_rows_refuses_a_bad_row_as_decode_does(spec: str, fault, match: str) -> None:
+    trees = _rows(spec, (45,), 4, seed=1)  # 45 values: the last byte of 3-bit codes has padding bits
+    trees[2] = fault(trees[2])
+    with pytest.raises(DecodeError, match=match) as one:
+        decode_tree(trees[2])
+    with pytest.raises(DecodeError, match=match) as stacked:
+        decode_tree_rows(trees)
+    assert str(stacked.value) == str(one.value)

@@ -1,4 +1,4 @@
-"""Reading many index streams at once (``decode_indices_rows``): exactly the per-row reader, errors included."""
+"""Reading many rows at once (``decode_indices_rows``, ``unpack_bits_rows``): exactly the per-row readers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from deltaplane.codecs.entropy import (
     decode_indices,
     decode_indices_rows,
     golomb_encode,
+    pack_bits,
+    unpack_bits,
+    unpack_bits_rows,
     varint_encode,
 )
 from deltaplane.errors import DecodeError
@@ -132,3 +135,25 @@ def test_golomb_rows_of_different_rice_parameters() -> None:
     _agree(["golomb"] * 5, streams, n, [len(i) for i in idx])
     got = decode_indices_rows(["golomb"] * 5, streams, n, [len(i) for i in idx])
     assert np.array_equal(got, np.concatenate(idx))
+
+
+@given(bits=st.integers(1, 8), n=st.integers(0, 40), rows=st.integers(0, 5), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_unpack_bits_rows_equals_unpack_bits(bits: int, n: int, rows: int, data) -> None:
+    """Every row's codes at once, or ``None`` exactly where the per-row unpack refuses a row."""
+    packed = []
+    for _ in range(rows):
+        codes = np.array(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=n, max_size=n)), np.uint8)
+        raw = bytearray(pack_bits(codes, bits))
+        if raw and data.draw(st.booleans()):
+            raw[-1] |= 1 << data.draw(st.integers(0, 7))  # maybe a padding bit
+        if data.draw(st.integers(0, 9)) == 0:
+            raw.append(0)  # a wrong length
+        packed.append(bytes(raw))
+    got = unpack_bits_rows(packed, bits, n)
+    try:
+        want = np.stack([unpack_bits(p, bits, n) for p in packed]) if rows else np.zeros((0, n), np.uint8)
+    except DecodeError:
+        assert got is None
+        return
+    assert got is not None and got.dtype == np.uint8 and np.array_equal(got, want)

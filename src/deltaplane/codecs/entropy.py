@@ -25,6 +25,7 @@ __all__ = [
     "index_sizes",
     "pack_bits",
     "unpack_bits",
+    "unpack_bits_rows",
     "varint_decode",
     "varint_encode",
 ]
@@ -72,6 +73,33 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
         return out.reshape(-1)[:n]
     planes = np.unpackbits(raw, bitorder="little", count=n * bits).reshape(n, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+
+
+def unpack_bits_rows(data: Sequence[bytes], bits: int, n: int) -> np.ndarray | None:
+    """:func:`unpack_bits` of every row at once, a ``(rows, n)`` uint8 matrix; ``None`` where it would refuse
+    a row (a length, padding bits), so the caller can read the rows one by one for that row's own error."""
+    need = (n * bits + 7) // 8
+    if any(len(d) != need for d in data):
+        return None
+    if not data:
+        return np.zeros((0, n), np.uint8)
+    raw = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(len(data), need)
+    if bits == 8:
+        return raw.copy()
+    used = (n * bits) % 8
+    if used and (raw[:, -1] >> used).any():
+        return None
+    if bits == 1:
+        return np.unpackbits(raw, axis=1, bitorder="little", count=n)
+    if bits in (2, 4):
+        per = 8 // bits
+        mask = np.uint8((1 << bits) - 1)
+        out = np.empty((len(data), need, per), np.uint8)
+        for j in range(per):
+            out[:, :, j] = (raw >> np.uint8(j * bits)) & mask
+        return np.ascontiguousarray(out.reshape(len(data), -1)[:, :n])
+    planes = np.unpackbits(raw, axis=1, bitorder="little", count=n * bits).reshape(len(data), n, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
 
 
 # -- varint (LEB128) --------------------------------------------------------------------------------------
