@@ -516,7 +516,8 @@ def _golomb_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | N
     if (b[row_start[padded] + rem_len[padded]].astype(np.int64) >> used[padded]).any():
         return None
     # the quotient sections, back to back: one unary stream whose rows end on byte boundaries
-    ubits = np.unpackbits(b[_ranges(row_start + 1 + rem_len, q_len)], bitorder="little")
+    sections = np.stack([np.ones_like(lens), rem_len, q_len], axis=1)  # a row: K, remainders, quotients
+    ubits = np.unpackbits(b[_part_of(sections, 2)], bitorder="little")
     zeros = np.flatnonzero(ubits == 0)
     row_bits_end = 8 * np.cumsum(q_len)
     if (np.diff(np.searchsorted(zeros, row_bits_end), prepend=0) != ks).any():
@@ -533,33 +534,36 @@ def _golomb_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | N
     prev[first] = (row_bits_end - 8 * q_len)[live] - 1
     q = zeros - prev - 1
     k_of = np.repeat(rice, ks)
-    if (q >= np.left_shift(1, 62 - k_of)).any():
+    # a value's quotient must fit 62 - K bits (its own row's K): checked value by value only when the
+    # largest quotient is beyond what the largest K allows
+    if int(q.max()) >= 1 << (62 - int(rice.max())) and (q >= np.left_shift(1, 62 - k_of)).any():
         return None
-    q <<= k_of
-    if rice[live].any():
-        # the remainder sections back to back; value j of a row: K bits from its section's start + j·K
-        rbits = np.unpackbits(b[_ranges(row_start + 1, rem_len)], bitorder="little")
-        rem_bit_start = 8 * (np.cumsum(rem_len) - rem_len)
-        offset = np.repeat(rem_bit_start, ks) + (np.arange(len(q)) - np.repeat(np.cumsum(ks) - ks, ks)) * k_of
-        for k in np.unique(rice[live]).tolist():
+    q <<= k_of if len(np.unique(rice[live])) > 1 else rice[live][0]
+    widest = int(rice[live].max())
+    if widest:
+        # every row's remainder bits without its padding, rows back to back: a row's values take the next
+        # K bits each, so the rows of one K read as one (values, K) matrix
+        rbits = np.unpackbits(b[_part_of(sections, 1)], bitorder="little")
+        bits = ks * rice
+        if (8 * rem_len != bits).any():
+            rbits = rbits[_part_of(np.stack([bits, 8 * rem_len - bits], axis=1), 0)]
+        one_k = bool((rice[live] == widest).all())
+        for k in [widest] if one_k else np.unique(rice[live]).tolist():
             if not k:
                 continue
-            sel = np.flatnonzero(k_of == k)
+            own = rbits if one_k else rbits[np.repeat(rice, bits) == k]
+            at = slice(None) if one_k else np.flatnonzero(k_of == k)
+            codes = own.reshape(-1, k)
             weights = np.left_shift(1, np.arange(k, dtype=np.int64))
-            for lo in range(0, len(sel), _RICE_BLOCK):  # bounded temporaries: K bytes and K int64 a value
-                part = sel[lo : lo + _RICE_BLOCK]
-                q[part] |= rbits[offset[part, None] + np.arange(k)] @ weights
+            rem = np.empty(len(codes), np.int64)
+            for lo in range(0, len(codes), _RICE_BLOCK):  # the product's int64 copy, a block at a time
+                rem[lo : lo + _RICE_BLOCK] = codes[lo : lo + _RICE_BLOCK] @ weights
+            q[at] |= rem
     return q
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``np.concatenate([np.arange(s, s + m) for s, m in zip(starts, lengths)])`` without the loop."""
-    total = int(lengths.sum())
-    step = np.ones(total, np.int64)
-    heads = np.cumsum(lengths) - lengths
-    nonempty = lengths > 0
-    if total:
-        step[0] = starts[nonempty][0]
-        prev_end = (starts + lengths)[nonempty][:-1]
-        step[heads[nonempty][1:]] = starts[nonempty][1:] - prev_end + 1
-    return np.cumsum(step)
+def _part_of(lengths: np.ndarray, which: int) -> np.ndarray:
+    """Mask of section ``which`` in a buffer of rows laid out back to back, row ``i`` made of sections of
+    ``lengths[i, 0], lengths[i, 1], ...`` elements."""
+    rows, parts = lengths.shape
+    return np.repeat(np.tile(np.arange(parts) == which, rows), lengths.reshape(-1))
