@@ -291,3 +291,39 @@ def test_stacks_uplink_with_personalization(method: str, stacks: bool) -> None:
         step = client_step.ClientStep(cfg, _task(cfg), base_id="m")
         assert step.stacks_uplink is stacks
         assert step.stackable is (stacks and attack is None)
+
+
+@pytest.mark.parametrize(
+    "codec, cls",
+    [
+        ("threshold(0.01)", "Threshold"),
+        ("randk(0.05)", "RandK"),
+        ("topk(0.01, approx=true)", "TopK"),
+        ("topk(0.05) | quant(bits=8)", "TopK"),
+        ("stc(0.01)", "STC"),
+    ],
+)
+def test_batched_run_decodes_sparse_updates_on_the_stack(
+    monkeypatch: pytest.MonkeyPatch, codec: str, cls: str
+) -> None:
+    """The residual's and the server's decode take the stacked path (no per-row decode, no per-row index
+    read: fails before for threshold, randk and approximate top-k; randk's encode regenerates positions row
+    by row) and give the final weights the per-row
+    decode gives, bit for bit."""
+    import deltaplane.codecs.sparsify as sparsify
+    from deltaplane.codecs.base import Codec
+
+    cfg = RunConfig(clients=5, rounds=2, engine="batched", codec=codec)
+    codec_cls = getattr(sparsify, cls)
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("per-row decode called")
+
+    with monkeypatch.context() as m:
+        m.setattr(codec_cls, "decode", refuse)
+        m.setattr(sparsify, "decode_indices", refuse)
+        stacked = run_simulation(cfg)
+    monkeypatch.setattr(codec_cls, "decode_rows", Codec.decode_rows)  # the per-row default
+    loop = run_simulation(cfg)
+    assert [r.uplink_bytes for r in stacked.rounds] == [r.uplink_bytes for r in loop.rounds]
+    assert all(torch.equal(stacked.final_state[k], loop.final_state[k]) for k in loop.final_state)

@@ -7,6 +7,7 @@ dominate the cost of compression.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,12 +18,14 @@ __all__ = [
     "bitmap_encode",
     "check_index_stream",
     "decode_indices",
+    "decode_indices_rows",
     "encode_indices",
     "golomb_decode",
     "golomb_encode",
     "index_sizes",
     "pack_bits",
     "unpack_bits",
+    "unpack_bits_rows",
     "varint_decode",
     "varint_encode",
 ]
@@ -70,6 +73,33 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
         return out.reshape(-1)[:n]
     planes = np.unpackbits(raw, bitorder="little", count=n * bits).reshape(n, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+
+
+def unpack_bits_rows(data: Sequence[bytes], bits: int, n: int) -> np.ndarray | None:
+    """:func:`unpack_bits` of every row at once, a ``(rows, n)`` uint8 matrix; ``None`` where it would refuse
+    a row (a length, padding bits), so the caller can read the rows one by one for that row's own error."""
+    need = (n * bits + 7) // 8
+    if any(len(d) != need for d in data):
+        return None
+    if not data:
+        return np.zeros((0, n), np.uint8)
+    raw = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(len(data), need)
+    if bits == 8:
+        return raw.copy()
+    used = (n * bits) % 8
+    if used and (raw[:, -1] >> used).any():
+        return None
+    if bits == 1:
+        return np.unpackbits(raw, axis=1, bitorder="little", count=n)
+    if bits in (2, 4):
+        per = 8 // bits
+        mask = np.uint8((1 << bits) - 1)
+        out = np.empty((len(data), need, per), np.uint8)
+        for j in range(per):
+            out[:, :, j] = (raw >> np.uint8(j * bits)) & mask
+        return np.ascontiguousarray(out.reshape(len(data), -1)[:, :n])
+    planes = np.unpackbits(raw, axis=1, bitorder="little", count=n * bits).reshape(len(data), n, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
 
 
 # -- varint (LEB128) --------------------------------------------------------------------------------------
@@ -356,3 +386,184 @@ def decode_indices(coder: str, data: bytes, n: int, k: int) -> np.ndarray:
     if k and (idx[-1] >= n or idx[0] < 0):
         raise DecodeError(f"index stream points outside the tensor (size {n})")
     return idx
+
+
+# -- many rows at once -----------------------------------------------------------------------------------
+def decode_indices_rows(
+    coders: Sequence[str], streams: Sequence[bytes], n: int, counts: Sequence[int]
+) -> np.ndarray:
+    """Every row's :func:`decode_indices` at once: the rows' positions, concatenated (int64).
+
+    Exactly ``np.concatenate([decode_indices(c, s, n, k) for c, s, k in zip(coders, streams, counts)])``,
+    errors included: the rows of each coder are read together, with the per-row reader's checks made on
+    every row at once, and when any row fails one of them the rows are read one by one, so the first bad
+    row raises its own error. A server decoding a round's updates reads a few streams per client per
+    tensor; one by one, the fixed cost of a dozen small numpy calls a stream dominates for small tensors.
+    """
+    ks = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if len(coders) != len(ks) or len(streams) != len(ks):
+        raise DecodeError(f"{len(coders)} coders and {len(streams)} index streams for {len(ks)} counts")
+    flat = _stacked_positions(list(coders), [bytes(s) for s in streams], n, ks)
+    if flat is None:  # a row the stacked checks refuse: the per-row reader names it and its fault
+        parts = [decode_indices(c, bytes(s), n, int(k)) for c, s, k in zip(coders, streams, ks, strict=True)]
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return flat
+
+
+def _stacked_positions(coders: list[str], streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    """The rows' positions concatenated, or ``None`` where :func:`decode_indices` would refuse a row."""
+    if not len(ks):
+        return np.zeros(0, np.int64)
+    if (ks < 0).any() or (ks > n).any() or any(c not in INDEX_CODERS for c in coders):
+        return None
+    out = np.empty(int(ks.sum()), np.int64)
+    row_of_value = None
+    for coder in INDEX_CODERS:
+        rows = [i for i, c in enumerate(coders) if c == coder]
+        if not rows:
+            continue
+        data, k = [streams[i] for i in rows], ks[rows]
+        reader = {"bitmap": _bitmap_rows, "varint": _varint_rows, "golomb": _golomb_rows}[coder]
+        gaps_or_positions = reader(data, n, k)
+        if gaps_or_positions is None:
+            return None
+        got = gaps_or_positions if coder == "bitmap" else _positions_from_gaps(gaps_or_positions, n, k)
+        if got is None:
+            return None
+        if len(rows) == len(coders):
+            return got
+        if row_of_value is None:
+            row_of_value = np.repeat(np.arange(len(ks)), ks)
+        out[np.isin(row_of_value, rows)] = got  # the rows' values in row order, as the mask selects them
+    return out
+
+
+def _positions_from_gaps(gaps: np.ndarray, n: int, ks: np.ndarray) -> np.ndarray | None:
+    """:func:`decode_indices`' bounds and running sum for each row's gaps (rows concatenated, in place)."""
+    if not len(gaps):
+        return gaps
+    if int(gaps.max()) >= n or (ks * n >= 1 << 62).any():  # beyond 2^62 the per-row reader sums in float64
+        return None
+    live = ks > 0
+    starts = np.cumsum(ks) - ks
+    totals = np.add.reduceat(gaps, starts[live])  # each gap < n, so a row's int64 sum cannot overflow
+    if (totals + ks[live] > n).any():
+        return None
+    gaps += 1
+    idx = np.cumsum(gaps, out=gaps)  # across rows: take off what the rows before each one added
+    first = starts[live]
+    before = np.where(first > 0, idx[np.maximum(first - 1, 0)], 0)
+    idx -= np.repeat(before + 1, ks[live])
+    return idx
+
+
+def _bitmap_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    need = (n + 7) // 8
+    if any(len(s) != need for s in streams):
+        return None
+    bits = np.unpackbits(
+        np.frombuffer(b"".join(streams), np.uint8).reshape(len(streams), need), axis=1, bitorder="little"
+    )
+    if bits[:, n:].any() or (bits.sum(axis=1, dtype=np.int64) != ks).any():
+        return None
+    # each row's positions in order: one 1-D scan of the bits as booleans (bytes of 0 and 1), ~7x faster
+    # than a scan of them as uint8, and 2-D nonzero would make both coordinates
+    flat = np.flatnonzero(bits.view(np.bool_))
+    flat %= bits.shape[1]
+    return flat
+
+
+def _varint_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    lens = np.array([len(s) for s in streams], np.int64)
+    if ((ks == 0) != (lens == 0)).any():
+        return None
+    b = np.frombuffer(b"".join(streams), np.uint8)
+    ends_of_rows = np.cumsum(lens)
+    if (b[ends_of_rows[lens > 0] - 1] & 0x80).any():  # a truncated row
+        return None
+    ends = np.flatnonzero(b < 0x80)  # each value's last byte; a row's last byte is one, so none straddles
+    if (np.diff(np.searchsorted(ends, ends_of_rows), prepend=0) != ks).any():
+        return None
+    if not len(ends):
+        return np.zeros(0, np.int64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > _MAX_VARINT_BYTES:
+        return None
+    value = np.zeros(len(ends), np.int64)
+    for j in range(longest):
+        sel = lengths > j
+        value[sel] |= (b[starts[sel] + j] & 0x7F).astype(np.int64) << (7 * j)
+    return value
+
+
+def _golomb_rows(streams: list[bytes], n: int, ks: np.ndarray) -> np.ndarray | None:
+    lens = np.array([len(s) for s in streams], np.int64)
+    if (lens < 1).any():
+        return None
+    b = np.frombuffer(b"".join(streams), np.uint8)
+    row_start = np.cumsum(lens) - lens
+    rice = b[row_start].astype(np.int64)
+    rem_len = (ks * rice + 7) // 8
+    q_len = lens - 1 - rem_len
+    if (rice > _MAX_RICE_K).any() or (q_len < 0).any() or ((ks == 0) & (lens != 1)).any():
+        return None
+    used = (ks * rice) % 8
+    padded = used > 0
+    if (b[row_start[padded] + rem_len[padded]].astype(np.int64) >> used[padded]).any():
+        return None
+    # the quotient sections, back to back: one unary stream whose rows end on byte boundaries
+    sections = np.stack([np.ones_like(lens), rem_len, q_len], axis=1)  # a row: K, remainders, quotients
+    ubits = np.unpackbits(b[_part_of(sections, 2)], bitorder="little")
+    zeros = np.flatnonzero(ubits == 0)
+    row_bits_end = 8 * np.cumsum(q_len)
+    if (np.diff(np.searchsorted(zeros, row_bits_end), prepend=0) != ks).any():
+        return None
+    if not len(zeros):
+        return np.zeros(0, np.int64)
+    live = ks > 0
+    last = np.cumsum(ks)[live] - 1
+    if (row_bits_end[live] - 1 - zeros[last] >= 8).any():  # trailing bytes after a row's last value
+        return None
+    first = last - ks[live] + 1
+    prev = np.empty_like(zeros)
+    prev[1:] = zeros[:-1]
+    prev[first] = (row_bits_end - 8 * q_len)[live] - 1
+    q = zeros - prev - 1
+    k_of = np.repeat(rice, ks)
+    # a value's quotient must fit 62 - K bits (its own row's K): checked value by value only when the
+    # largest quotient is beyond what the largest K allows
+    if int(q.max()) >= 1 << (62 - int(rice.max())) and (q >= np.left_shift(1, 62 - k_of)).any():
+        return None
+    q <<= k_of if len(np.unique(rice[live])) > 1 else rice[live][0]
+    widest = int(rice[live].max())
+    if widest:
+        # every row's remainder bits without its padding, rows back to back: a row's values take the next
+        # K bits each, so the rows of one K read as one (values, K) matrix
+        rbits = np.unpackbits(b[_part_of(sections, 1)], bitorder="little")
+        bits = ks * rice
+        if (8 * rem_len != bits).any():
+            rbits = rbits[_part_of(np.stack([bits, 8 * rem_len - bits], axis=1), 0)]
+        one_k = bool((rice[live] == widest).all())
+        for k in [widest] if one_k else np.unique(rice[live]).tolist():
+            if not k:
+                continue
+            own = rbits if one_k else rbits[np.repeat(rice, bits) == k]
+            at = slice(None) if one_k else np.flatnonzero(k_of == k)
+            codes = own.reshape(-1, k)
+            weights = np.left_shift(1, np.arange(k, dtype=np.int64))
+            rem = np.empty(len(codes), np.int64)
+            for lo in range(0, len(codes), _RICE_BLOCK):  # the product's int64 copy, a block at a time
+                rem[lo : lo + _RICE_BLOCK] = codes[lo : lo + _RICE_BLOCK] @ weights
+            q[at] |= rem
+    return q
+
+
+def _part_of(lengths: np.ndarray, which: int) -> np.ndarray:
+    """Mask of section ``which`` in a buffer of rows laid out back to back, row ``i`` made of sections of
+    ``lengths[i, 0], lengths[i, 1], ...`` elements."""
+    rows, parts = lengths.shape
+    return np.repeat(np.tile(np.arange(parts) == which, rows), lengths.reshape(-1))

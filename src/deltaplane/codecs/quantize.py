@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.entropy import pack_bits, unpack_bits
+from deltaplane.codecs.entropy import pack_bits, unpack_bits, unpack_bits_rows
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["BF16", "FP16", "Identity", "Quantize", "Sign", "chunk_views"]
@@ -510,21 +510,32 @@ class Quantize(Codec):
         ]
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
-        """Codes and scales read and checked per row, then ``(code - L) · scale / L`` on the whole stack."""
+        """Codes and scales of all rows read and checked at once, then ``(code - L) · scale / L`` on the stack.
+
+        A row that a check refuses (a length, a scale, padding bits, a code out of range) sends all rows
+        through the default, which raises its own error.
+        """
         n = rows[0].numel
         if not n or any(e.shape != rows[0].shape for e in rows):
             return super().decode_rows(rows)
         levels = self._levels()
-        scales, codes = [], []
-        for e in rows:  # the same checks as decode, row by row
-            scales.append(_read_scales(self, e, ceil_div(n, self.chunk)))
-            c = unpack_bits(self._field(e, "codes", bytes), self.bits, n)
-            if self.bits > 1 and int(c.max()) > 2 * levels:
-                raise DecodeError(f"quant: code out of range for {self.bits}-bit quantization")
-            codes.append(c)
-        s = torch.stack(scales)
+        count = ceil_div(n, self.chunk)
+        try:
+            raw = [self._field(e, "scales", bytes) for e in rows]
+            packed = [self._field(e, "codes", bytes) for e in rows]
+        except DecodeError:
+            return super().decode_rows(rows)
+        if any(len(r) != 4 * count for r in raw):
+            return super().decode_rows(rows)
+        scales = np.frombuffer(b"".join(raw), dtype="<f4").astype(np.float32).reshape(len(rows), count)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            return super().decode_rows(rows)
+        codes = unpack_bits_rows(packed, self.bits, n)
+        if codes is None or (self.bits > 1 and int(codes.max()) > 2 * levels):
+            return super().decode_rows(rows)
+        s = torch.from_numpy(scales)
         shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
-        value = torch.from_numpy(np.stack(codes)).float().sub_(shift)
+        value = torch.from_numpy(codes).float().sub_(shift)
         full, tail = divmod(n, self.chunk)
         if full:
             value[:, : full * self.chunk].view(len(rows), full, self.chunk).mul_(mul[:, :full, None])

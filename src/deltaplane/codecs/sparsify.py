@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, Scalar, register_codec
-from deltaplane.codecs.entropy import check_index_stream, decode_indices, encode_indices, unpack_bits
+from deltaplane.codecs.entropy import (
+    check_index_stream,
+    decode_indices,
+    decode_indices_rows,
+    encode_indices,
+    unpack_bits,
+)
 from deltaplane.codecs.quantize import _read_scales, ceil_div
 from deltaplane.errors import CodecError, DecodeError
 
@@ -22,6 +28,8 @@ __all__ = [
     "TopK",
     "magnitude_at_least",
     "random_positions",
+    "random_positions_rows",
+    "scatter_rows",
     "scatter_values",
     "topk_indices",
 ]
@@ -34,6 +42,44 @@ def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
     out = torch.zeros(e.numel, dtype=torch.float32)
     out[torch.from_numpy(idx)] = values.float()
     return out.reshape(e.shape)
+
+
+def scatter_rows(rows: Sequence[Encoded], idx: np.ndarray, counts: Sequence[int], values: Tensor) -> Tensor:
+    """The ``(C, *shape)`` stack of :func:`scatter_values` of every row, with one scatter.
+
+    ``idx`` holds the rows' flat positions back to back (``counts[i]`` of them for row ``i``) and ``values``
+    their values in the same order, so rows may keep different counts.
+    """
+    n, c = rows[0].numel, len(rows)
+    if values.dim() != 1 or values.numel() != len(idx):
+        raise DecodeError(f"{rows[0].codec}: {values.numel()} values for {len(idx)} positions")
+    flat = np.asarray(idx, np.int64) + np.repeat(
+        np.arange(c, dtype=np.int64) * n, np.asarray(counts, np.int64)
+    )
+    out = torch.zeros(c * n, dtype=torch.float32)
+    out.scatter_(0, torch.from_numpy(flat), values.float())  # distinct positions: each written once
+    return out.reshape(c, *rows[0].shape)
+
+
+def _sparse_rows(codec: Codec, rows: Sequence[Encoded], k: int | None) -> Tensor | None:
+    """The stacked decode of ``positions + values`` rows (``k``: the count every row must hold, or any).
+
+    ``None`` where the rows are not alike (shapes, an empty tensor) or any row fails a check, so the
+    caller takes the default's per-row path, which raises that row's own error.
+    """
+    n = rows[0].numel
+    if not n or any(e.shape != rows[0].shape for e in rows):
+        return None
+    try:
+        values = [codec._field(e, "values", Tensor) for e in rows]
+        if any(v.dim() != 1 or (k is not None and v.numel() != k) for v in values):
+            return None
+        counts = [v.numel() for v in values]
+        coders = [str(e.meta.get("ix")) for e in rows]
+        idx = decode_indices_rows(coders, [codec._field(e, "idx", bytes) for e in rows], n, counts)
+    except DecodeError:
+        return None
+    return scatter_rows(rows, idx, counts, torch.cat(values))
 
 
 def _check_sparse(codec: Codec, e: Encoded, k: int | None) -> int:
@@ -245,21 +291,13 @@ class TopK(Codec):
         return out
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
-        """Positions read and checked per row, one scatter of all rows' values (exact ``topk`` only)."""
-        n = rows[0].numel
-        if self.approx or not n or any(e.shape != rows[0].shape for e in rows):
-            return super().decode_rows(rows)
-        k = self.k_for(n)
-        values, idx = [], []
-        for e in rows:  # the same checks as decode, row by row
-            v = self._field(e, "values", Tensor)
-            if v.dim() != 1 or v.numel() != k:
-                raise DecodeError(f"{e.codec}: {v.numel()} values, expected {k}")
-            values.append(v)
-            idx.append(decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), n, k))
-        out = torch.zeros(len(rows), n, dtype=torch.float32)
-        out.scatter_(1, torch.from_numpy(np.stack(idx)), torch.stack(values).float())
-        return out.reshape(len(rows), *rows[0].shape)
+        """Every row's positions read at once (:func:`decode_indices_rows`), one scatter of all rows' values.
+
+        Approximate top-k rows keep different counts; they are scattered together all the same. A row
+        that a check refuses sends all rows through the default, which raises its own error.
+        """
+        out = _sparse_rows(self, rows, None if self.approx else self.k_for(rows[0].numel))
+        return super().decode_rows(rows) if out is None else out
 
     def check(self, e: Encoded) -> None:
         _check_sparse(self, e, None if self.approx else self.k_for(e.numel))
@@ -277,6 +315,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _BLOCK = 1 << 14
+_ROWS_BLOCK = 1 << 18
 
 
 def random_positions(seed: int, n: int, ratio: float, *, stop_after: int | None = None) -> np.ndarray:
@@ -315,6 +354,35 @@ def random_positions(seed: int, n: int, ratio: float, *, stop_after: int | None 
         if stop_after is not None and found > stop_after:
             break
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def random_positions_rows(seeds: Sequence[int], n: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`random_positions` of every seed: the positions back to back, and how many each seed keeps.
+
+    The same splitmix64 test on a ``(seeds, positions)`` matrix, a block of ``_ROWS_BLOCK`` entries at a time
+    (temporaries of a few MB), so many rows of a small tensor cost a few numpy calls, not a few a row.
+    """
+    rows = len(seeds)
+    if ratio >= 1 or not rows or not n:
+        return np.tile(np.arange(n, dtype=np.int64), rows), np.full(rows, n if ratio >= 1 else 0, np.int64)
+    threshold = np.uint64(min(int(ratio * 2.0**64), 2**64 - 1))
+    s = np.array(seeds, dtype=np.uint64)[:, None]
+    step = max(1, min(n, _ROWS_BLOCK // rows))
+    which, where = [], []
+    for lo in range(0, n, step):
+        z = np.arange(lo + 1, min(n, lo + step) + 1, dtype=np.uint64)[None, :] * _GOLDEN + s  # (rows, m)
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+        r, c = np.nonzero(z < threshold)  # row-major: each row's positions of this block in order
+        which.append(r)
+        where.append(c + lo)
+    row, col = np.concatenate(which), np.concatenate(where).astype(np.int64, copy=False)
+    if len(which) > 1:
+        col = col[np.argsort(row, kind="stable")]  # blocks in order, so each row's positions stay sorted
+    return col, np.bincount(row, minlength=rows).astype(np.int64)
 
 
 @register_codec
@@ -382,6 +450,27 @@ class RandK(Codec):
             raise DecodeError(f"{e.codec}: {values.numel()} values, the seed selects {len(idx)} positions")
         return scatter_values(e, idx, values)  # unbiased: the sender already scaled by 1/ratio
 
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Every row's positions regenerated at once (:func:`random_positions_rows`), one scatter of all rows.
+
+        Rows keep different counts. A row that a check refuses (a seed, a count its seed does not select)
+        sends all rows through the default, which raises its own error.
+        """
+        n = rows[0].numel
+        seeds = [e.meta.get("seed") for e in rows]
+        if not n or any(e.shape != rows[0].shape for e in rows):
+            return super().decode_rows(rows)
+        if any(type(seed) is not int or not 0 <= seed < 2**63 for seed in seeds):
+            return super().decode_rows(rows)
+        try:
+            values = [self._field(e, "values", Tensor) for e in rows]
+        except DecodeError:
+            return super().decode_rows(rows)
+        idx, counts = random_positions_rows(seeds, n, self.ratio)  # type: ignore[arg-type]
+        if any(v.dim() != 1 or v.numel() != c for v, c in zip(values, counts.tolist(), strict=True)):
+            return super().decode_rows(rows)
+        return scatter_rows(rows, idx, counts, torch.cat(values))
+
 
 @register_codec
 class Threshold(Codec):
@@ -422,6 +511,14 @@ class Threshold(Codec):
             raise DecodeError(f"{e.codec}: values must be one-dimensional")
         idx = decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), e.numel, values.numel())
         return scatter_values(e, idx, values)
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """Every row's positions read at once, one scatter of all rows (a different count per row).
+
+        A row that a check refuses sends all rows through the default, which raises its own error.
+        """
+        out = _sparse_rows(self, rows, None)
+        return super().decode_rows(rows) if out is None else out
 
 
 @register_codec
@@ -490,7 +587,7 @@ class STC(Codec):
         return scatter_values(e, idx, signs.float().mul_(2).sub_(1).mul_(mu))
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
-        """Positions read per row; ``μ`` and the signs of all rows read at once, one scatter of every row.
+        """Positions, ``μ`` and the signs of all rows read at once, one scatter of every row.
 
         Exactly the default's stack of :meth:`decode`: each value is ``(2·sign − 1)·μ`` in float32 as
         there, and any row that a check refuses (a scale, padding bits, an index stream) sends all rows
@@ -514,9 +611,9 @@ class STC(Codec):
             if used and (packed[:, -1] >> used).any():  # padding bits must be zero (unpack_bits)
                 return super().decode_rows(rows)
             bits = np.unpackbits(packed, axis=1, bitorder="little", count=k)
-            idx = np.stack(
-                [decode_indices(str(e.meta.get("ix")), self._field(e, "idx", bytes), n, k) for e in rows]
-            ).astype(np.int64, copy=False)
+            coders = [str(e.meta.get("ix")) for e in rows]
+            streams = [self._field(e, "idx", bytes) for e in rows]
+            idx = decode_indices_rows(coders, streams, n, [k] * len(rows)).reshape(len(rows), k)
         except DecodeError:
             return super().decode_rows(rows)  # the default names the row and its fault
         values = torch.from_numpy(bits).float().mul_(2).sub_(1).mul_(torch.from_numpy(mu).unsqueeze(1))
