@@ -19,10 +19,20 @@ agree with the model written here (not with the protocol's own objects):
   at most one step ``2·clip_range/(2^bits−1)`` per device, scaled by ``weight_scale/Σw``);
 * round numbers never repeat, restarts included; a round open at a restart is ``lost`` and refuses everything;
 * no request body the service received and nothing it holds carries a device's plaintext codes or update
-  (:class:`tests.conftest.PlaintextWatch`).
+  (:class:`tests.conftest.PlaintextWatch`);
+* consent: each round's devices belong to two cohorts, and the operator may withdraw any cohort at any time. A
+  device of a withdrawn cohort is refused (403) at every request to an open round and changes nothing (to the
+  protocol it has dropped out); a round whose sum holds a withdrawn cohort's input is never published (409 at
+  close, after the unmasking answers are counted); a version whose lineage holds a withdrawn cohort is named in
+  the withdrawal's answer, and no round opens on it (409), so the operator opens the next one on the newest
+  version of the training lineage free of withdrawn cohorts;
+* a plain round may be opened beside (it survives restarts, as plain rounds do) and closed or aborted: while
+  it is open a SecAgg close is refused (409) and changes nothing, and a second plain round is refused.
 
 CI runs a few short runs; ``DP_STATEFUL_EXAMPLES=200`` searches longer. Checked against planted bugs (not in the
-source): a masked input accepted twice, and an unmasking that leaves one dropped device's pairwise masks in.
+source): a masked input accepted twice, an unmasking that leaves one dropped device's pairwise masks in, a
+withdrawn cohort's device still taken in (found by CI's 5 runs), and a close that publishes a sum holding a
+withdrawn cohort's input (found in 150 runs: about 4% of runs withdraw a cohort after its input entered the sum).
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ from deltaplane.serve.secagg_client import SecAggDevice
 from .conftest import ADMIN, Service, record_bodies
 
 ADVERTISE, SHARE, MASKED, UNMASK = "advertise keys", "share keys", "masked input", "unmasking"
+DONE = (
+    "done"  # unmasked, and the close refused after it (consent, a plain round open): a close may be retried
+)
 ENDPOINTS = ("keys", "shares", "masked", "unmask")
 STAGE_OF = dict(
     zip(ENDPOINTS, (ADVERTISE, SHARE, MASKED, UNMASK), strict=True)
@@ -91,6 +104,7 @@ class Round:
     outcome: str | None = None  # "published", "aborted", "lost"
     next: list[int] = field(default_factory=list)  # each device's next stage (0: advertise ... 4: done)
     last: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # each device's last accepted message
+    cohorts: list[str] = field(default_factory=list)  # each device's cohort
 
     def __repr__(self) -> str:  # falsifying examples print it: keep them short
         return f"Round({self.number}, {len(self.names)} devices, threshold {self.threshold}, {self.stage})"
@@ -102,12 +116,25 @@ class Round:
     def stuck(self) -> bool:
         """Too few devices spoke at this stage and none can still speak at it (they spoke, gave up or came too
         late): the round can never advance, or close."""
+        if self.stage in (UNMASK, DONE) and self.holds_withdrawn(self.survivors):
+            return True  # never published: the operator can only abort it
+        if self.stage == DONE:
+            return False  # unmasked: the close can be retried
         i = (ADVERTISE, SHARE, MASKED, UNMASK).index(self.stage)
         if any(k == i for k in self.next):
             return False
         if self.stage == UNMASK:
             return not self.recoverable()
         return len((self.advertised, self.shared, self.uploaded)[i]) < self.threshold
+
+    withdrawn: set[str] = field(default_factory=set)  # the machine's withdrawn cohorts (shared, not copied)
+
+    def cut_off(self, u: int) -> bool:
+        """Device ``u``'s cohort withdrew consent: the service refuses it everything in this round."""
+        return self.cohorts[u] in self.withdrawn
+
+    def holds_withdrawn(self, devices: tuple[int, ...]) -> bool:
+        return any(self.cut_off(u) for u in devices)
 
     def recoverable(self) -> bool:
         """Every survivor's self-mask seed and every dropped device's mask key has ``threshold`` holders that
@@ -135,6 +162,12 @@ class SecAggMachine(RuleBasedStateMachine):
         self.seed = 0
         # every message the service accepted: (round, client id, endpoint, body), for replays
         self.history: list[tuple[Round, int, str, bytes]] = []
+        self.cohort_of: dict[str, str] = {}  # device name -> its cohort (its tokens carry it)
+        self.withdrawn: set[str] = set()
+        # every model version: its parent and the cohorts its lineage holds (version 1: registered, none)
+        self.parent: dict[int, int | None] = {1: None}
+        self.holds: dict[int, set[str]] = {1: set()}
+        self.plain: int | None = None  # the open plain round's number
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _wire(self) -> None:
@@ -147,7 +180,7 @@ class SecAggMachine(RuleBasedStateMachine):
 
     def client(self, name: str):
         if name not in self.clients:
-            self.clients[name] = self.svc.device(name)
+            self.clients[name] = self.svc.device(name, self.cohort_of.get(name, "default"))
         return self.clients[name]
 
     def teardown(self) -> None:
@@ -171,9 +204,21 @@ class SecAggMachine(RuleBasedStateMachine):
     def get(self, r: Round, u: int, what: str) -> bytes:
         return self.client(r.names[u]).request("GET", self.path(r, what)).content
 
+    def unaffected(self, version: int) -> int:
+        """The newest version on ``version``'s lineage whose cohorts hold none that withdrew (version 1 holds
+        none)."""
+        v: int | None = version
+        while v is not None and self.holds[v] & self.withdrawn:
+            v = self.parent[v]
+        assert v is not None
+        return v
+
     # -- rules ------------------------------------------------------------------------------------------
-    @initialize(**OPEN)
-    def first_round(self, plus, n, weighted, bits, extra_threshold) -> None:
+    @initialize(**OPEN, governance=st.booleans())
+    def first_round(self, plus, n, weighted, bits, extra_threshold, governance) -> None:
+        # half the runs also withdraw cohorts and open plain rounds beside (the other half keep the protocol's
+        # own coverage: those steps cut devices off and block closes, so fewer rounds publish)
+        self.extra = ["withdraw", "plain"] if governance else []
         self.open_round(plus, n, weighted, bits, extra_threshold)
 
     def open_round(self, plus, n, weighted, bits, extra_threshold) -> None:
@@ -186,19 +231,29 @@ class SecAggMachine(RuleBasedStateMachine):
             degree, group = None, n
         threshold = min(group, 2 * group // 3 + 1 + extra_threshold)
         names = [f"r{len(self.rounds)}-d{i}" for i in range(n)]
-        for d in names:
+        cohorts = [f"r{len(self.rounds)}-c{i % 2}" for i in range(n)]
+        for d, c in zip(names, cohorts, strict=True):
+            self.cohort_of[d] = c
             self.client(d)
-        opened = self.svc.admin.open_secagg(
-            "cnn",
-            names,
+        params = dict(
             bits=bits,
             clip_range=CLIP_RANGE,
             weight_scale=WEIGHT_SCALE if weighted else 0,
             threshold=threshold,
             neighbours=degree,
         )
+        base = self.base
+        if self.holds[base] & self.withdrawn:  # the training head holds a withdrawn cohort: no round on it
+            event("open refused: withdrawn cohort in the base")
+            self.refused(
+                lambda: self.svc.admin.open_secagg("cnn", names, **params), (409,), "withdrawn cohort"
+            )
+            base = self.unaffected(base)
+            opened = self.svc.admin.open_secagg("cnn", names, base_version=base, **params)
+        else:
+            opened = self.svc.admin.open_secagg("cnn", names, **params)
         number = opened["round"]
-        assert opened["base_version"] == self.base and opened["stage"] == ADVERTISE
+        assert opened["base_version"] == base and opened["stage"] == ADVERTISE
         assert all(number > r.number for r in self.rounds), (number, [r.number for r in self.rounds])
         cfg = opened["config"]
         assert cfg["num_clients"] == n and cfg["threshold"] == threshold and cfg["neighbours"] == degree
@@ -207,14 +262,14 @@ class SecAggMachine(RuleBasedStateMachine):
         # the graph is public: check what the docs promise of it (symmetric, degree, no self-loops)
         for u, nb in graph.items():
             assert u not in nb and len(nb) == group - 1 and all(u in graph[v] for v in nb)
-        base = self.svc.reg.load_state(f"cnn@{self.base}")
+        state = self.svc.reg.load_state(f"cnn@{base}")
         deltas, weights = [], []
         enc = RingEncoding(bits=bits, clip_range=CLIP_RANGE, weight_scale=WEIGHT_SCALE if weighted else 0)
         for i, dev in enumerate(devices):
             self.seed += 1
             g = torch.Generator().manual_seed(self.seed)
             # |values · w / weight_scale| ≤ 0.05 · 40 / 20 = 0.1 < clip_range: nothing is clipped
-            delta = {k: 0.1 * torch.rand(v.shape, generator=g) - 0.05 for k, v in base.items()}
+            delta = {k: 0.1 * torch.rand(v.shape, generator=g) - 0.05 for k, v in state.items()}
             w = int(torch.randint(1, MAX_EXAMPLES + 1, (1,), generator=g)) if weighted else 1
             dev.set_update(Delta(delta), w, np.random.default_rng(self.seed))
             # what the device keeps to itself: its codes (as the device computes them) and its float update
@@ -224,7 +279,19 @@ class SecAggMachine(RuleBasedStateMachine):
             deltas.append(delta)
             weights.append(w)
         self.open = Round(
-            number, self.base, names, threshold, graph, bits, weighted, deltas, weights, devices, next=[0] * n
+            number,
+            base,
+            names,
+            threshold,
+            graph,
+            bits,
+            weighted,
+            deltas,
+            weights,
+            devices,
+            next=[0] * n,
+            cohorts=cohorts,
+            withdrawn=self.withdrawn,
         )
         self.rounds.append(self.open)
 
@@ -234,15 +301,30 @@ class SecAggMachine(RuleBasedStateMachine):
     def step(self, data) -> None:
         r = self.open
         if r is None:
-            what = data.draw(st.sampled_from(["open"] * 4 + ["misbehave", "restart"]), label="step")
+            what = data.draw(
+                st.sampled_from(["open"] * 4 + ["misbehave", "restart", *self.extra]), label="step"
+            )
+        elif r.stage in (UNMASK, DONE) and r.holds_withdrawn(r.survivors):  # never published: closes refused
+            what = data.draw(
+                st.sampled_from(["deadline", "abort", "misbehave", "restart", *self.extra]), label="step"
+            )
+        elif r.stage == DONE and not r.stuck():  # unmasked: the close is retried (the plain round closed?)
+            what = data.draw(
+                st.sampled_from(["deadline"] * 2 + ["misbehave", "abort", "restart", *self.extra]),
+                label="step",
+            )
         elif r.stuck():  # no device left can bring it to its threshold: the operator gives it up, mostly
             what = data.draw(
-                st.sampled_from(["abort"] * 3 + ["deadline", "misbehave", "restart"]), label="step"
+                st.sampled_from(["abort"] * 3 + ["deadline", "misbehave", "restart", *self.extra]),
+                label="step",
             )
         else:
+            late = r.stage == UNMASK  # at unmasking, a close (or a plain round beside) decides
             what = data.draw(
                 st.sampled_from(
-                    ["speak", "speak+deadline"] * 3 + ["deadline", "misbehave", "abort", "restart"]
+                    ["speak", "speak+deadline"] * (3 if late else 6)
+                    + ["deadline", "misbehave", "abort", "restart"] * (1 if late else 2)
+                    + self.extra
                 ),
                 label="step",
             )
@@ -251,10 +333,15 @@ class SecAggMachine(RuleBasedStateMachine):
         elif what.startswith("speak"):
             self.devices_speak(data, deadline=what.endswith("deadline"))
         elif what == "deadline":
-            self.close() if r.stage == UNMASK else self.advance()
+            self.close() if r.stage in (UNMASK, DONE) else self.advance()
         elif what == "misbehave":
             if self.rounds:
                 self.misbehave(data)
+        elif what == "withdraw":
+            if self.rounds:
+                self.withdraw(data)
+        elif what == "plain":
+            self.plain_round(data)
         else:
             self.disrupt(what)
 
@@ -331,6 +418,9 @@ class SecAggMachine(RuleBasedStateMachine):
         unmasking)."""
         r = self.open
         n = len(r.names)
+        # in a governance run, one of the round's cohorts may withdraw first (1 in 8), at whatever stage
+        if self.extra and data.draw(st.sampled_from([False] * 7 + [True]), label="withdraw first"):
+            self.withdraw(data, r)
         order = data.draw(st.permutations(range(n)), label="order")
         # each device silent this time with probability 1/8 (shrinking towards everyone speaking)
         silent = data.draw(st.lists(st.sampled_from([False] * 7 + [True]), min_size=n, max_size=n))
@@ -339,6 +429,13 @@ class SecAggMachine(RuleBasedStateMachine):
         retry = data.draw(st.lists(st.sampled_from([False] * 7 + [True]), min_size=n, max_size=n))
         stages = (self._advertise, self._share, self._upload, self._unmask)
         for u in who:
+            if r.cut_off(u):  # refused from now on, whatever it sends: it has dropped out
+                self.refused(lambda: self.client(r.names[u]).request("GET", self.path(r)), (403,), "consent")  # noqa: B023
+                if u in r.last:
+                    what, body = r.last[u]
+                    self.refused(lambda: self.post(r, u, what, body), (403,), "consent")  # noqa: B023
+                r.next[u] = len(stages)
+                continue
             if retry[u] and u in r.last:
                 what, body = r.last[u]
                 match = "already" if STAGE_OF[what] == r.stage else "too late"
@@ -366,9 +463,20 @@ class SecAggMachine(RuleBasedStateMachine):
     def close(self) -> None:
         r = self.open
         call = lambda: self.svc.admin.close_secagg("cnn", r.number)  # noqa: E731
-        if not r.recoverable():  # some secret lacks threshold shares: refused, nothing published
+        if (
+            r.stage == UNMASK and not r.recoverable()
+        ):  # some secret lacks threshold shares: refused, nothing published
             event("close refused: too few unmasking answers")
             self.refused(call, (422,), f"threshold {r.threshold}")
+            return
+        r.stage = DONE  # unmasked: the sum is kept, and a refused close below may be retried
+        if r.holds_withdrawn(r.survivors):  # a withdrawn cohort's input is in the sum: never published
+            event("close refused: withdrawn cohort in the sum")
+            self.refused(call, (409,), "withdrew consent")
+            return
+        if self.plain is not None:
+            event("close refused: plain round open")
+            self.refused(call, (409,), f"plain round {self.plain}")
             return
         closed = call()
         assert closed["finished"] == "published" and tuple(closed["survivors"]) == r.survivors
@@ -390,6 +498,8 @@ class SecAggMachine(RuleBasedStateMachine):
             assert err <= tol, (k, err, tol, surv)
         kind = "SecAgg+" if len(r.names) == 8 else "complete"
         event(f"published: {kind}, {'weighted' if r.weighted else 'unweighted'}, {len(r.dropped)} dropped")
+        self.parent[version] = r.base
+        self.holds[version] = self.holds[r.base] | {r.cohorts[u] for u in surv}
         self.base = version
         r.outcome, r.stage = "published", "done"
         self.open = None
@@ -405,6 +515,8 @@ class SecAggMachine(RuleBasedStateMachine):
             r = data.draw(st.sampled_from(self.rounds), label="round")
             if r.outcome is None and r.stage == UNMASK:
                 self.refused(lambda: self.svc.admin.advance_secagg("cnn", r.number), (409,), "close it")
+            elif r.outcome is None and r.stage == DONE:
+                self.refused(lambda: self.svc.admin.advance_secagg("cnn", r.number), (409,))
             elif r.outcome is None:
                 self.refused(lambda: self.svc.admin.close_secagg("cnn", r.number), (409,), "advance to")
             else:
@@ -426,14 +538,53 @@ class SecAggMachine(RuleBasedStateMachine):
         if not self.history:
             return
         r, u, sent, body = self.history[data.draw(st.integers(0, len(self.history) - 1), label="message")]
+        # a device of a withdrawn cohort is refused before its message is read, in an open round
+        cut = (403,) if r.outcome is None and r.cut_off(u) else None
         if what == "replay":
-            self.refused(lambda: self.post(r, u, sent, body), (409,))
+            self.refused(lambda: self.post(r, u, sent, body), cut or (409,))
         elif what == "wrong endpoint":
             other = data.draw(st.sampled_from([e for e in ENDPOINTS if e != sent]), label="endpoint")
-            self.refused(lambda: self.post(r, u, other, body), (409,) if r.outcome else (400, 413))
+            self.refused(lambda: self.post(r, u, other, body), cut or ((409,) if r.outcome else (400, 413)))
         else:
             v = (u + 1) % len(r.names)
-            self.refused(lambda: self.post(r, u, sent, body, as_name=r.names[v]), (409,))
+            cut = (403,) if r.outcome is None and r.cut_off(v) else None
+            self.refused(lambda: self.post(r, u, sent, body, as_name=r.names[v]), cut or (409,))
+
+    def withdraw(self, data, r: Round | None = None) -> None:
+        """The operator records that one of some round's two cohorts withdrew consent (again, maybe): the answer
+        names every version whose lineage holds it."""
+        if r is None:
+            r = data.draw(st.sampled_from(self.rounds), label="round")
+        cohort = r.cohorts[data.draw(st.integers(0, 1), label="cohort")]
+        answer = self.svc.admin.withdraw(cohort)
+        self.withdrawn.add(cohort)
+        event(f"withdrawal: {'the open round at ' + r.stage if r is self.open else 'another round'}")
+        assert sorted(answer["affected"]) == sorted(f"cnn@{v}" for v, c in self.holds.items() if cohort in c)
+
+    def plain_round(self, data) -> None:
+        """The operator opens a plain round beside (none open; refused on a version holding a withdrawn
+        cohort, or when one is open already), or closes or aborts the open one (no device uploads to it: it
+        closes without a version)."""
+        if self.plain is None:
+            call = lambda: self.svc.admin.open_round("cnn")  # noqa: E731
+            if self.holds[self.base] & self.withdrawn:
+                self.refused(call, (409,), "rebuild")
+                return
+            opened = call()
+            assert opened["base_version"] == self.base and opened["open"]
+            self.plain = opened["round"]
+            event("plain round opened")
+            return
+        act = data.draw(st.sampled_from(["close", "abort", "open again"]), label="plain")
+        if act == "open again":
+            self.refused(lambda: self.svc.admin.open_round("cnn"), (409,), "still open")
+        elif act == "close":
+            closed = self.svc.admin.close_round("cnn", self.plain)
+            assert closed["version"] is None and closed["uploads"] == 0
+            self.plain = None
+        else:
+            assert self.svc.admin.abort_round("cnn", self.plain)["aborted"]
+            self.plain = None
 
     def disrupt(self, what: str) -> None:
         """The operator aborts the open round, or the service restarts over the same home (the open round is
@@ -464,6 +615,10 @@ class SecAggMachine(RuleBasedStateMachine):
                 assert status["responded"] == len(r.responded)
                 assert tuple(status["survivors"]) == r.survivors and tuple(status["dropped"]) == r.dropped
         assert len(self.svc.reg.versions("cnn", kind="model")) == self.versions
+        assert self.svc.reg.withdrawn_cohorts() == self.withdrawn
+        assert self.svc.reg.tags("cnn").get("training", 1) == self.base
+        for v, held in self.holds.items():
+            assert self.svc.reg.contributors(self.svc.reg.get("cnn", v)) == held, (v, held)
 
     @invariant()
     def no_plaintext_at_the_server(self) -> None:
