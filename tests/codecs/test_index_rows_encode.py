@@ -1,4 +1,4 @@
-"""Coding many rows' positions at once (``encode_indices_rows``): exactly the per-row coder's bytes."""
+"""Coding many rows at once (``encode_indices_rows``, ``pack_bits_rows``): exactly the per-row coders' bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltaplane.codecs.entropy as entropy
-from deltaplane.codecs.entropy import decode_indices, encode_indices, encode_indices_rows, index_sizes
+from deltaplane.codecs.entropy import (
+    decode_indices,
+    encode_indices,
+    encode_indices_rows,
+    index_sizes,
+    pack_bits,
+    pack_bits_rows,
+)
 
 
 def _row(style: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,3 +126,13 @@ def test_rows_are_coded_without_the_per_row_coder(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(entropy, "encode_indices", refuse)
     assert encode_indices_rows(m, 5000) == want
+
+
+@given(bits=st.integers(1, 8), n=st.integers(0, 40), rows=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_pack_bits_rows_equals_pack_bits(bits: int, n: int, rows: int, seed: int) -> None:
+    """Every width (1, 2, 4, 8 and the bit-plane widths), any count (a partial last byte, none)."""
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, n)).astype(np.uint8)
+    got = pack_bits_rows(codes, bits)
+    assert got == [pack_bits(r, bits) for r in codes]
+    assert all(type(b) is bytes for b in got)

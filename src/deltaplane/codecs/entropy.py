@@ -25,6 +25,7 @@ __all__ = [
     "golomb_encode",
     "index_sizes",
     "pack_bits",
+    "pack_bits_rows",
     "unpack_bits",
     "unpack_bits_rows",
     "varint_decode",
@@ -49,6 +50,30 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
         return out.tobytes()
     planes = (codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def pack_bits_rows(codes: np.ndarray, bits: int) -> list[bytes]:
+    """:func:`pack_bits` of every row of a ``(rows, n)`` matrix of codes, byte for byte: each row packed on
+    its own (padded to a byte), the rows packed together."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    rows, n = codes.shape
+    if bits == 8:
+        packed = codes
+    elif bits == 1:
+        packed = np.packbits(codes, axis=1, bitorder="little")
+    elif bits in (2, 4):
+        per = 8 // bits
+        pad = (-n) % per
+        c = np.concatenate([codes, np.zeros((rows, pad), np.uint8)], axis=1).reshape(
+            rows, (n + pad) // per, per
+        )
+        packed = np.zeros(c.shape[:2], np.uint8)
+        for j in range(per):
+            packed |= c[:, :, j] << np.uint8(j * bits)
+    else:
+        planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
+        packed = np.packbits(planes.reshape(rows, n * bits), axis=1, bitorder="little")
+    return [r.tobytes() for r in packed]
 
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
