@@ -136,3 +136,20 @@ def test_pack_bits_rows_equals_pack_bits(bits: int, n: int, rows: int, seed: int
     got = pack_bits_rows(codes, bits)
     assert got == [pack_bits(r, bits) for r in codes]
     assert all(type(b) is bytes for b in got)
+
+
+def test_blocks_of_rows_and_long_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many rows are coded a block at a time (at most 2^16 positions), rows of over 4096 positions one by
+    one (faster there); the bytes are the same either way."""
+    rng = np.random.default_rng(5)
+    n = 70_000
+    many = np.stack([np.sort(rng.choice(n, 3000, replace=False)) for _ in range(25)])  # blocks of 21 rows
+    long = np.stack([np.sort(rng.choice(1 << 20, 5000, replace=False)) for _ in range(3)])
+    want_many, want_long = [encode_indices(r, n) for r in many], [encode_indices(r, 1 << 20) for r in long]
+    blocks = []
+    block = entropy._encode_block
+    monkeypatch.setattr(entropy, "_encode_block", lambda idx, n: blocks.append(len(idx)) or block(idx, n))
+    assert encode_indices_rows(many, n) == want_many
+    assert blocks == [21, 4]
+    assert encode_indices_rows(long, 1 << 20) == want_long
+    assert blocks == [21, 4]  # no block: one by one
