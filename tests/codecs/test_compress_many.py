@@ -32,6 +32,9 @@ SPECS = [
     "topk(0.1) | quant(bits=8)",
     "topk(0.01) | quant(bits=4) | zstd",
     "stc(0.01)",
+    "stc(0.002)",
+    "quant(bits=1)",
+    "topk(0.3) | quant(bits=3)",
     "powersgd(rank=2)",  # stateful: compress_many falls back to the per-device path
 ]
 CLIENTS = 4

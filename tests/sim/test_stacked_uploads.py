@@ -327,3 +327,42 @@ def test_batched_run_decodes_sparse_updates_on_the_stack(
     loop = run_simulation(cfg)
     assert [r.uplink_bytes for r in stacked.rounds] == [r.uplink_bytes for r in loop.rounds]
     assert all(torch.equal(stacked.final_state[k], loop.final_state[k]) for k in loop.final_state)
+
+
+@pytest.mark.parametrize(
+    "codec, cls", [("stc(0.002)", "STC"), ("topk(0.01) | quant(bits=8)", "TopK"), ("topk(0.3)", "TopK")]
+)
+def test_batched_run_codes_positions_on_the_stack(
+    monkeypatch: pytest.MonkeyPatch, codec: str, cls: str
+) -> None:
+    """The sender codes every row's positions at once (encode_indices is called only for the wire session's
+    template, once per tensor, not per device and round: fails before) and the run ends with the bytes and
+    final weights of the per-row encode (the codec's own encode, row by row)."""
+    import hashlib
+
+    import deltaplane.codecs.sparsify as sparsify
+    from deltaplane.codecs.base import Codec
+
+    cfg = RunConfig(clients=5, rounds=3, engine="batched", codec=codec)
+    calls = []
+    per_row = sparsify.encode_indices
+
+    def spy(*args: object) -> tuple[str, bytes]:
+        calls.append(args)
+        return per_row(*args)
+
+    def digest(state: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    with monkeypatch.context() as m:
+        m.setattr(sparsify, "encode_indices", spy)
+        stacked = run_simulation(cfg)
+    assert 0 < len(calls) <= len(stacked.final_state)  # the session's template: one call a tensor
+    monkeypatch.setattr(getattr(sparsify, cls), "encode_rows", Codec.encode_rows)  # encode, row by row
+    loop = run_simulation(cfg)
+    assert [r.uplink_bytes for r in stacked.rounds] == [r.uplink_bytes for r in loop.rounds]
+    assert digest(stacked.final_state) == digest(loop.final_state)

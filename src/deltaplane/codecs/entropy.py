@@ -20,10 +20,12 @@ __all__ = [
     "decode_indices",
     "decode_indices_rows",
     "encode_indices",
+    "encode_indices_rows",
     "golomb_decode",
     "golomb_encode",
     "index_sizes",
     "pack_bits",
+    "pack_bits_rows",
     "unpack_bits",
     "unpack_bits_rows",
     "varint_decode",
@@ -48,6 +50,30 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
         return out.tobytes()
     planes = (codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def pack_bits_rows(codes: np.ndarray, bits: int) -> list[bytes]:
+    """:func:`pack_bits` of every row of a ``(rows, n)`` matrix of codes, byte for byte: each row packed on
+    its own (padded to a byte), the rows packed together."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    rows, n = codes.shape
+    if bits == 8:
+        packed = codes
+    elif bits == 1:
+        packed = np.packbits(codes, axis=1, bitorder="little")
+    elif bits in (2, 4):
+        per = 8 // bits
+        pad = (-n) % per
+        c = np.concatenate([codes, np.zeros((rows, pad), np.uint8)], axis=1).reshape(
+            rows, (n + pad) // per, per
+        )
+        packed = np.zeros(c.shape[:2], np.uint8)
+        for j in range(per):
+            packed |= c[:, :, j] << np.uint8(j * bits)
+    else:
+        planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
+        packed = np.packbits(planes.reshape(rows, n * bits), axis=1, bitorder="little")
+    return [r.tobytes() for r in packed]
 
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
@@ -303,6 +329,8 @@ def _varint_size(v: np.ndarray) -> int:
 
 
 INDEX_CODERS = ("bitmap", "varint", "golomb")
+#: positions coded together by :func:`encode_indices_rows` (rows of more than 1/16 of it go one by one)
+_ROWS_BLOCK = 1 << 16
 
 
 def index_sizes(idx: np.ndarray, n: int) -> dict[str, int]:
@@ -329,6 +357,114 @@ def encode_indices(idx: np.ndarray, n: int) -> tuple[str, bytes]:
     if name == "varint":
         return name, varint_encode(gaps)
     return name, golomb_encode(gaps, k)
+
+
+def encode_indices_rows(idx: np.ndarray, n: int) -> list[tuple[str, bytes]]:
+    """Every row's :func:`encode_indices` at once, for a ``(rows, k)`` matrix of positions (one count).
+
+    Exactly ``[encode_indices(row, n) for row in idx]``, byte for byte: each row's three sizes are the
+    per-row coder's (the Rice parameter from the same mean, its candidates sized exactly, ties to the
+    smaller parameter and to the coder listed first), and the rows of each coder are encoded together.
+    Every coder's streams are byte-aligned per row, so one stream of the rows back to back is cut into
+    the rows' streams: varint values take whole bytes; a bitmap row is ``ceil(n / 8)`` bytes; a
+    Golomb-Rice row's remainder and quotient sections are each padded to a byte. Rows are taken a block
+    of at most ``2^16`` positions at a time, and rows of over 4096 positions one by one.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 2:
+        raise ValueError(f"encode_indices_rows takes a (rows, k) matrix, not shape {idx.shape}")
+    rows, count = idx.shape
+    if not count or count * 16 > _ROWS_BLOCK:
+        # long rows (over 4096 positions): a row's work is large beside a call's fixed cost, and one row at a
+        # time stays in the cache (measured: 20 rows of 10^4 to 3·10^4 positions coded together took ~10%
+        # longer than one by one; of 33 to 2097 positions, 0.2-0.8x)
+        return [encode_indices(r, n) for r in idx]
+    step = _ROWS_BLOCK // count
+    out: list[tuple[str, bytes]] = []
+    for lo in range(0, rows, step):
+        out += _encode_block(idx[lo : lo + step], n)
+    return out
+
+
+def _encode_block(idx: np.ndarray, n: int) -> list[tuple[str, bytes]]:
+    """:func:`encode_indices_rows` of a block of rows (``rows · k`` at most ``_ROWS_BLOCK`` positions)."""
+    rows, count = idx.shape
+    gaps = idx - np.concatenate([np.full((rows, 1), -1, np.int64), idx[:, :-1]], axis=1) - 1
+    # sizes, as encode_indices takes them: bitmap, varint, then Golomb-Rice's best of three parameters
+    bitmap = (n + 7) // 8
+    varint = np.full(rows, count, np.int64)
+    widest = int(gaps.max())
+    for j in range(1, _MAX_VARINT_BYTES):
+        if widest < 1 << (7 * j):
+            break
+        varint += np.count_nonzero(gaps >= (1 << (7 * j)), axis=1)
+    totals = gaps.sum(axis=1).tolist()  # exact: each gap is below n; the per-row mean divides the same sum
+    ln2 = math.log(2)
+    k0 = [math.floor(math.log2(t / count * ln2)) if t / count * ln2 > 1 else 0 for t in totals]
+    if max(k0) > _MAX_RICE_K + 1:  # no parameter to choose: the per-row coder's own error
+        return [encode_indices(r, n) for r in idx]
+    cand = np.maximum(np.array(k0, np.int64) - 1, 0)[:, None] + np.arange(3)  # (rows, 3), ascending
+    hi = np.minimum(np.array(k0, np.int64) + 1, _MAX_RICE_K)[:, None]
+    shifted = {k: (gaps >> k).sum(axis=1) for k in np.unique(cand[cand <= hi]).tolist()}
+    sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
+    for k, s in shifted.items():
+        at = cand == k
+        r = np.nonzero(at)[0]
+        sizes[at] = 1 + (count * k + 7) // 8 + (s[r] + count + 7) // 8
+    best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
+    rice = cand[np.arange(rows), best]
+    golomb = sizes[np.arange(rows), best]
+    # the first coder of the smallest size: bitmap, then varint, then golomb
+    choice = np.where((bitmap <= varint) & (bitmap <= golomb), 0, np.where(varint <= golomb, 1, 2))
+    out: list[tuple[str, bytes]] = [("", b"")] * rows
+    for code, name in enumerate(INDEX_CODERS):
+        sel = np.flatnonzero(choice == code)
+        if not len(sel):
+            continue
+        if name == "bitmap":
+            mask = np.zeros((len(sel), n), np.uint8)
+            np.put_along_axis(mask, idx[sel], 1, axis=1)
+            data = np.packbits(mask, axis=1, bitorder="little").tobytes()
+            ends = np.arange(1, len(sel) + 1) * bitmap
+        elif name == "varint":
+            data = varint_encode(gaps[sel].reshape(-1))
+            ends = np.cumsum(varint[sel])
+        else:
+            for r, stream in zip(sel.tolist(), _golomb_rows_encode(gaps[sel], rice[sel]), strict=True):
+                out[r] = (name, stream)
+            continue
+        start = 0
+        for r, end in zip(sel.tolist(), ends.tolist(), strict=True):
+            out[r] = (name, data[start:end])
+            start = end
+    return out
+
+
+def _golomb_rows_encode(gaps: np.ndarray, rice: np.ndarray) -> list[bytes]:
+    """:func:`golomb_encode` of each row of ``gaps`` with its own parameter ``rice[row]``."""
+    q = gaps >> rice[:, None]
+    q += 1
+    ends = np.cumsum(q, axis=1)  # one past each value's terminating zero-bit, within its row
+    q_bits = (ends[:, -1] + 7) // 8 * 8  # each row's quotient section, padded with one-bits to a byte
+    q_start = np.cumsum(q_bits) - q_bits
+    ubits = np.ones(int(q_bits.sum()), np.uint8)
+    ends += (q_start - 1)[:, None]
+    ubits[ends.reshape(-1)] = 0
+    quot = np.packbits(ubits, bitorder="little").tobytes()  # the rows' sections back to back
+    rems = [b""] * len(rice)
+    for k in np.unique(rice).tolist():
+        if not k:
+            continue
+        sel = np.flatnonzero(rice == k)
+        planes = (gaps[sel][:, :, None] >> np.arange(k, dtype=np.int64)) & 1
+        packed = np.packbits(planes.astype(np.uint8).reshape(len(sel), -1), axis=1, bitorder="little")
+        for r, row in zip(sel.tolist(), packed, strict=True):
+            rems[r] = row.tobytes()
+    q_at = [*(q_start // 8).tolist(), len(quot)]
+    return [
+        b"".join((bytes([k]), rem, quot[q_at[r] : q_at[r + 1]]))
+        for r, (k, rem) in enumerate(zip(rice.tolist(), rems, strict=True))
+    ]
 
 
 def check_index_stream(coder: object, data: bytes, n: int, k: int) -> None:

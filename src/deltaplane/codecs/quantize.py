@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.entropy import pack_bits, unpack_bits, unpack_bits_rows
+from deltaplane.codecs.entropy import pack_bits, pack_bits_rows, unpack_bits, unpack_bits_rows
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["BF16", "FP16", "Identity", "Quantize", "Sign", "chunk_views"]
@@ -445,7 +445,8 @@ class Quantize(Codec):
             np.copyto(out.numpy(), w.numpy(), casting="unsafe")
 
     def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
-        """Scales and codes of all rows at once; bit-packing and framing per row.
+        """Scales, codes and their bit-packing (:func:`~deltaplane.codecs.entropy.pack_bits_rows`) of all rows at
+        once; framing per row.
 
         Row ``i`` is byte-for-byte ``encode(x[i], rngs[i])``: every chunk of a row is the chunk ``encode``
         would make (the whole chunks, then the row's shorter tail), and the arithmetic is element-wise, so
@@ -495,18 +496,11 @@ class Quantize(Codec):
                 codes.append(w.add_(noise, alpha=_ULP).clamp_(max=2 * levels).to(torch.uint8))
         scale_t = torch.cat(scales, dim=1)
         code_t = torch.cat([c.reshape(rows, -1) for c in codes], dim=1).numpy()
+        scale_np = scale_t.numpy().astype("<f4")
         shape, spec = tuple(x.shape[1:]), self.spec
         return [
-            Encoded(
-                spec,
-                shape,
-                {},
-                {
-                    "codes": pack_bits(code_t[r], self.bits),
-                    "scales": scale_t[r].numpy().astype("<f4").tobytes(),
-                },
-            )
-            for r in range(rows)
+            Encoded(spec, shape, {}, {"codes": packed, "scales": scale.tobytes()})
+            for packed, scale in zip(pack_bits_rows(code_t, self.bits), scale_np, strict=True)
         ]
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:

@@ -16,6 +16,7 @@ from deltaplane.codecs.entropy import (
     decode_indices,
     decode_indices_rows,
     encode_indices,
+    encode_indices_rows,
     unpack_bits,
 )
 from deltaplane.codecs.quantize import _read_scales, ceil_div
@@ -273,7 +274,8 @@ class TopK(Codec):
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
 
     def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
-        """One selection over all rows (:func:`topk_rows`); positions are coded per row.
+        """One selection over all rows (:func:`topk_rows`); every row's positions coded at once
+        (:func:`~deltaplane.codecs.entropy.encode_indices_rows`).
 
         ``approx=True`` draws a random sample per row and falls back to the per-row loop.
         """
@@ -284,11 +286,11 @@ class TopK(Codec):
         idx = topk_rows(flat.abs(), self.k_for(n))
         values = flat.gather(1, idx)
         shape, spec = tuple(x.shape[1:]), self.spec
-        out = []
-        for i in range(len(rngs)):
-            coder, data = encode_indices(idx[i].numpy(), n)
-            out.append(Encoded(spec, shape, {"ix": coder}, {"idx": data, "values": values[i]}))
-        return out
+        # unbind: every row's view in one call (indexing row by row costs a call each)
+        return [
+            Encoded(spec, shape, {"ix": coder}, {"idx": data, "values": v})
+            for (coder, data), v in zip(encode_indices_rows(idx.numpy(), n), values.unbind(0), strict=True)
+        ]
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
         """Every row's positions read at once (:func:`decode_indices_rows`), one scatter of all rows' values.
@@ -553,7 +555,8 @@ class STC(Codec):
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, fields)
 
     def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
-        """One selection over all rows (:func:`topk_rows`); ``μ``, signs and positions per row."""
+        """One selection over all rows (:func:`topk_rows`) and every row's positions coded at once
+        (:func:`~deltaplane.codecs.entropy.encode_indices_rows`); ``μ`` and the signs per row."""
         if x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
             return super().encode_rows(x, rngs)
         flat = x.detach().reshape(x.shape[0], -1).float()
@@ -562,14 +565,14 @@ class STC(Codec):
         kept = flat.gather(1, idx)
         mags = kept.abs()
         signs = np.packbits((kept >= 0).numpy(), axis=1, bitorder="little")
-        shape = tuple(x.shape[1:])
+        shape, spec = tuple(x.shape[1:]), self.spec
         out = []
-        for i in range(len(rngs)):
+        for (coder, data), sign, row in zip(
+            encode_indices_rows(idx.numpy(), n), signs, mags.unbind(0), strict=True
+        ):
             # the mean of each row on its own: a reduction over the whole matrix may sum in another order
-            mu = float(mags[i].mean())
-            coder, data = encode_indices(idx[i].numpy(), n)
-            fields = {"idx": data, "signs": signs[i].tobytes(), "scales": struct.pack("<f", mu)}
-            out.append(Encoded(self.spec, shape, {"ix": coder}, fields))
+            fields = {"idx": data, "signs": sign.tobytes(), "scales": struct.pack("<f", float(row.mean()))}
+            out.append(Encoded(spec, shape, {"ix": coder}, fields))
         return out
 
     def check(self, e: Encoded) -> None:
