@@ -47,16 +47,31 @@ def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, An
     def w_inverted(self: Any, probe: Any, like: Any, **kw: Any) -> Any:
         out = inverted(self, probe, like, **kw)
         index, flip = out[0], out[1]
+        off = self.state.shadow
+        norm, acc = 0.0, None
+        with torch.no_grad():  # the shadow model the inversion ran on: its offset's norm, its root accuracy
+            state = dict(probe.state)
+            if off is not None:
+                norm = float(off.norm())
+                d = like.unflatten(off)
+                state = {k: v + d[k] if k in d else v for k, v in state.items()}
+            acc = float((probe.logits(state, probe.x).argmax(1) == probe.y).float().mean())
         log.append(
             {
                 "kind": "inversion",
                 "round": self.state.rounds + 1,
                 "shadow": kw.get("shadow", True),
+                "shadow_norm": round(norm, 3),
+                "shadow_accuracy": round(acc, 3),
                 "index": [round(float(v), 2) for v in index],
                 "reached": [round(float(v), 2) for v in flip],
             }
         )
-        print(f"  inversion round {self.state.rounds + 1}: {log[-1]['index']}", flush=True)
+        print(
+            f"  inversion round {self.state.rounds + 1} (shadow norm {norm:.2f}, root accuracy {acc:.2f}): "
+            f"{log[-1]['index']}",
+            flush=True,
+        )
         return out
 
     def w_adopt(self: Any, label: int, anomaly: float, mask: Any, pattern: Any) -> bool:

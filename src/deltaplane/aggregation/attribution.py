@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INVERSIONS",
     "SCORES",
+    "SHADOWS",
     "SWITCHES",
     "AttributionState",
     "BackdoorAttribution",
@@ -91,6 +92,17 @@ INVERSIONS = ("fixed", "schedule")
 #: cost adjustment; the reference code checks per epoch with patience, at 0.99 success)
 LAMBDA_EVERY = 10
 LAMBDA_SUCCESS = 0.95
+#: what the shadow model holds of the mass kept out (``shadow=``, see the class)
+SHADOWS = ("full", "bounded")
+#: ``shadow="bounded"``: the share of the global model's root accuracy the shadow model must keep. The bar is the
+#: inversion's own: one that reaches fewer than half the labels is thrown away, and a shadow that has lost more
+#: than half its root accuracy is on its way there (default codec, seed 0, invert=schedule: root accuracy 0.82,
+#: 0.40, 0.09 at rounds 41, 46, 51; the first two inversions counted, the third and every later one did not).
+#: A stricter bar (within 0.1 of the global model) halved the backdoor out of the shadow with the damage, the
+#: current label's index fell to 0 and a clean label's outliers outgrew its evidence (seed 1: switch at round 66)
+SHADOW_KEEP = 0.5
+#: ``shadow="bounded"``: halvings of the offset tried before the inversion falls back to the global model
+SHADOW_HALVINGS = 10
 
 
 def _theil_sen_residuals(y: list[float], x: list[float]) -> list[float]:
@@ -263,6 +275,18 @@ class BackdoorAttribution(_Buffered):
               median 8.0 (index 3.72), and the run ends with 0.00 backdoor; it is not the default because it
               cost default-codec seed 0 accuracy (0.916 against the fixed rule's 0.950 and clean FedAvg's 0.958
               on that machine: two more honest clients kept out), see docs/aggregation.md.
+        shadow: what the shadow model the inversions run on holds of the mass kept out:
+
+            * ``"full"`` (default): the global model plus the sum of everything kept out since the first round.
+              Nothing pulls that sum back, as the honest clients' training pulls back a backdoor in the global
+              model: with the default codec it grows by about 2 (L2) a round once the attackers are kept out
+              (default codec, seed 0, ``invert=schedule``: 1.5, 6.2, 13.9 at rounds 41, 46, 51), the shadow's
+              root accuracy falls to 0.40 and then to 0.09 (every input to label 0), and every later inversion
+              is thrown away (fewer than half the labels reached).
+            * ``"bounded"``: before each inversion the offset is halved (and kept so) until the shadow model
+              keeps at least ``SHADOW_KEEP`` (half) of the global model's root accuracy; after
+              ``SHADOW_HALVINGS`` halvings it is dropped. A model past that is the sum's own damage, not the
+              kept-out clients' backdoor, and its inversion would be thrown away.
         state: learned state to continue from (a fresh one by default).
     """
 
@@ -279,6 +303,7 @@ class BackdoorAttribution(_Buffered):
         sticky: bool | None = None,
         score: str = "both",
         invert: str = "fixed",
+        shadow: str = "full",
         state: AttributionState | None = None,
     ) -> None:
         super().__init__()
@@ -297,6 +322,9 @@ class BackdoorAttribution(_Buffered):
         if invert not in INVERSIONS:
             raise ConfigError(f"invert must be one of {list(INVERSIONS)}. Found {invert!r}")
         self.invert = invert
+        if shadow not in SHADOWS:
+            raise ConfigError(f"shadow must be one of {list(SHADOWS)}. Found {shadow!r}")
+        self.shadow = shadow
         self.switch: str = switch or implied or "evidence"
         self.sticky = self.switch == "sticky"
         for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
@@ -416,6 +444,8 @@ class BackdoorAttribution(_Buffered):
         """One trigger per label on the shadow model: each label's anomaly index, the share of stamped inputs
         its trigger flips, its mask's L1 norm (the full mask when not reached), and the masks and patterns."""
         st = self.state
+        if self.shadow == "bounded":
+            self._bound_shadow(probe, like)
         model_state = dict(probe.state)
         if st.shadow is not None:
             off = like.unflatten(st.shadow)
@@ -482,6 +512,30 @@ class BackdoorAttribution(_Buffered):
             index = (med - norms) / mad.clamp_min(1e-6)
         return index, flip, norms, m, p
 
+    def _bound_shadow(self, probe: TriggerProbe, like: Delta) -> None:
+        """``shadow="bounded"``: halve the shadow offset (in the state) until the shadow model keeps at least
+        ``SHADOW_KEEP`` of the global model's root accuracy; drop it after ``SHADOW_HALVINGS`` halvings."""
+        st = self.state
+        if st.shadow is None:
+            return
+        base = {k: v.detach() for k, v in probe.state.items()}
+
+        def accuracy(offset: Tensor | None) -> float:
+            state = base
+            if offset is not None:
+                d = like.unflatten(offset)
+                state = {k: v + d[k] if k in d else v for k, v in base.items()}
+            return float((probe.logits(state, probe.x).argmax(1) == probe.y).float().mean())
+
+        with torch.no_grad():
+            floor = SHADOW_KEEP * accuracy(None)
+            for _ in range(SHADOW_HALVINGS):
+                if accuracy(st.shadow) >= floor:
+                    return
+                st.shadow = st.shadow * 0.5
+            if accuracy(st.shadow) < floor:
+                st.shadow = None
+
     def _adopt(self, label: int, anomaly: float, mask: Tensor, pattern: Tensor) -> bool:
         """Make an inverted trigger the current one (unless ``switch`` keeps the earlier label); returns
         whether it was taken. Another label's trigger restarts the reputations: scores against different
@@ -547,5 +601,5 @@ class BackdoorAttribution(_Buffered):
         return (
             f"BackdoorAttribution(every={self.every!r}, steps={self.steps!r}, lam={self.lam!r}, "
             f"threshold={self.threshold!r}, unlearn={self.unlearn!r}, unlearn_lr={self.unlearn_lr!r}, "
-            f"switch={self.switch!r}, score={self.score!r}, invert={self.invert!r})"
+            f"switch={self.switch!r}, score={self.score!r}, invert={self.invert!r}, shadow={self.shadow!r})"
         )

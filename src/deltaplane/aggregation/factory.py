@@ -56,6 +56,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "sticky",
         "score",
         "invert",
+        "shadow",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -118,6 +119,12 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
                     f"defense {name!r}: invert must be one of {list(INVERSIONS)}. Found {value!r}"
                 )
             continue
+        if key == "shadow":
+            from deltaplane.aggregation.attribution import SHADOWS
+
+            if value not in SHADOWS:
+                raise ConfigError(f"defense {name!r}: shadow must be one of {list(SHADOWS)}. Found {value!r}")
+            continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
@@ -172,6 +179,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             sticky=params.get("sticky"),
             score=params.get("score", "both"),
             invert=params.get("invert", "fixed"),
+            shadow=params.get("shadow", "full"),
         )
     return FLTrust()
 
