@@ -97,33 +97,17 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
-        if key == "switch":
-            from deltaplane.aggregation.attribution import SWITCHES
+        if key in ("switch", "score", "invert", "shadow"):  # trigger_attribution's named choices
+            from deltaplane.aggregation import attribution
 
-            if value not in SWITCHES:
-                raise ConfigError(
-                    f"defense {name!r}: switch must be one of {list(SWITCHES)}. Found {value!r}"
-                )
-            continue
-        if key == "score":
-            from deltaplane.aggregation.attribution import SCORES
-
-            if value not in SCORES:
-                raise ConfigError(f"defense {name!r}: score must be one of {list(SCORES)}. Found {value!r}")
-            continue
-        if key == "invert":
-            from deltaplane.aggregation.attribution import INVERSIONS
-
-            if value not in INVERSIONS:
-                raise ConfigError(
-                    f"defense {name!r}: invert must be one of {list(INVERSIONS)}. Found {value!r}"
-                )
-            continue
-        if key == "shadow":
-            from deltaplane.aggregation.attribution import SHADOWS
-
-            if value not in SHADOWS:
-                raise ConfigError(f"defense {name!r}: shadow must be one of {list(SHADOWS)}. Found {value!r}")
+            allowed = {
+                "switch": attribution.SWITCHES,
+                "score": attribution.SCORES,
+                "invert": attribution.INVERSIONS,
+                "shadow": attribution.SHADOWS,
+            }[key]
+            if value not in allowed:
+                raise ConfigError(f"defense {name!r}: {key} must be one of {list(allowed)}. Found {value!r}")
             continue
         if key in ("centred", "binary", "sticky"):
             if not isinstance(value, bool):
