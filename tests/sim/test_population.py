@@ -329,9 +329,10 @@ def test_population_dgc_round_is_stacked_and_the_same_as_device_by_device(
 
 
 def test_population_attacked_round_stacks_the_honest_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With attackers, the population runner's honest devices are compressed on the stack (an attacker trains
-    and uploads on its own, as before), with the metrics, bytes and final weights of every honest device
-    through ClientStep.finish; before, an attacked round never reached the stack (the spy counts no call)."""
+    """With attackers, the population runner's honest devices are compressed on the stack (an attacker, trained
+    in the stack too, is poisoned and uploads on its own), with the metrics, bytes and final weights of every
+    honest device through ClientStep.finish; before, an attacked round never reached the stack (the spy
+    counts no call)."""
     import deltaplane.engine.client as client_step
 
     cfg = RunConfig(
@@ -354,3 +355,98 @@ def test_population_attacked_round_stacks_the_honest_devices(monkeypatch: pytest
     strip = [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in ours.rounds]
     assert strip == [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in loop.rounds]
     assert all(torch.equal(ours.final_state[k], loop.final_state[k]) for k in loop.final_state)
+
+
+_ATTACKS = [
+    "model_replacement(0.25)",  # backdoor data, update boosted 10×
+    "bounded_backdoor(0.25, boost=5, max_norm=1.5)",  # boosted, then scaled to a norm
+    "dba(0.25, boost=3)",  # each attacker stamps its own trigger pixel
+    "label_flip(0.25)",
+    "sign_flip(0.25, scale=2)",
+    "gaussian(0.25)",  # the update replaced by noise from the stream data poisoning left off
+]
+
+
+@pytest.mark.parametrize(("attack", "threads"), [(a, 1) for a in _ATTACKS] + [("model_replacement(0.25)", 2)])
+def test_population_trains_attackers_in_the_stack_as_the_sequential_engine_does(
+    monkeypatch: pytest.MonkeyPatch, attack: str, threads: int
+) -> None:
+    """Attackers train in the stack (the spy sees them reach the stacked trainer; before, only the honest devices
+    did and each attacker ran ClientStep.run on its own), on the same poisoned data and with the same poisoning
+    of the update as the sequential engine's client step: each attacker's sent update (decoded from its real
+    payload) equals ClientStep.train → transform run device by device on a fresh step, to the batched
+    engine's float32 tolerance (4e-6, times the attack's scaling), and its trained row does not depend on
+    which devices share its stack (trained alone, in a stack of one)."""
+    import deltaplane.sim.population as population
+    from deltaplane.codecs import decompress
+    from deltaplane.engine import ClientStep, make_task, sample_clients
+    from deltaplane.engine.seeding import Stream, numpy_rng
+    from deltaplane.sim.batched import BatchedTrainer
+    from deltaplane.sim.simulation import BASE_ID
+
+    cfg = RunConfig(
+        rounds=2, local_epochs=1, attack=attack, codec="identity", wire="self-describing", threads=threads
+    )
+    seen: list[tuple] = []
+    real_start, real_upload = population.start_batched, population._upload_stacked
+
+    def start_spy(config, trainer, global_state, clients, rnd, data=None, **kwargs):
+        pending = real_start(config, trainer, global_state, clients, rnd, data, **kwargs)
+        state = {k: v.clone() for k, v in global_state.items()}
+        seen.append((list(clients), data, state, rnd, pending.result()))
+        return pending
+
+    sent: dict[tuple[int, int], bytes] = {}
+
+    def upload_spy(step, clients, stacked, version, rnd, **kwargs):
+        uploads = real_upload(step, clients, stacked, version, rnd, **kwargs)
+        sent.update({(rnd, u.cid): u.payload for u in uploads})
+        return uploads
+
+    monkeypatch.setattr(population, "start_batched", start_spy)
+    monkeypatch.setattr(population, "_upload_stacked", upload_spy)
+    run_population(cfg, registered=12, per_round=8)
+
+    pcfg = population._population_config(cfg, 12, 8)
+    task = make_task(pcfg)
+    malicious = ClientStep(pcfg, task, base_id=BASE_ID).malicious
+    for rnd, (clients, *_) in enumerate(seen, start=1):  # every sampled device trains in the stack
+        drawn = sample_clients(12, pcfg.sample_fraction, numpy_rng(pcfg.seed, Stream.CLIENT_SAMPLING, rnd))
+        assert [c.cid for c in clients] == drawn, f"round {rnd}: attackers {sorted(malicious & set(drawn))}"
+    assert any(c.cid in malicious for clients, *_ in seen for c in clients), "no attacker sampled"
+    model = task.build_model(0)
+    for clients, data, state, rnd, stacked in seen:
+        assert sent.keys() >= {(rnd, c.cid) for c in clients}  # every device, attackers too, uploaded
+        for i, client in enumerate(clients):
+            if client.cid not in malicious:
+                continue
+            ref = ClientStep(
+                pcfg, task, base_id=BASE_ID
+            )  # fresh attack streams: the sequential engine's step
+            poisoned = ref.training_data(client, rnd)
+            assert torch.equal(data[i].x, poisoned.x) and torch.equal(data[i].y, poisoned.y)
+            trained = ref.train(
+                client, model, state, rnd
+            )  # local_train, one device (re-poisons, same stream)
+            want = ref.transform(client, trained, model=model, global_state=state, rnd=rnd)
+            row = {k: t[i] for k, t in stacked.items()}
+            for name, t in trained.items():
+                assert torch.allclose(row[name], t, rtol=0, atol=4e-6), (attack, rnd, client.cid, name)
+            got = decompress(sent[(rnd, client.cid)], expect_base=(BASE_ID, rnd - 1))
+            scale = max(1.0, want.norm() / trained.norm())
+            for name, t in want.items():
+                assert torch.allclose(got[name], t, rtol=0, atol=4e-6 * scale), (
+                    attack,
+                    rnd,
+                    client.cid,
+                    name,
+                )
+                assert not torch.equal(t, trained[name]) or attack.startswith("label_flip")  # it was poisoned
+            # the same row trained alone: nothing of it comes from its stack-mates
+            alone = BatchedTrainer(task.build_model(0), loss=task.loss)
+            try:
+                solo = real_start(pcfg, alone, state, [client], rnd, [data[i]]).result()
+            finally:
+                alone.close()
+            for name, t in solo.items():
+                assert torch.allclose(row[name], t[0], rtol=0, atol=4e-6), (attack, rnd, client.cid, name)

@@ -9,8 +9,9 @@ any training. Here instead:
   own random stream ``(seed, PARTITION, cid)``, so it is the same every time and costs nothing while idle;
 * per-client state (the error-feedback residual) lives in :class:`ResidualStore`, one fp16 row per client
   that has trained (a registered client that never trained holds nothing);
-* sampled clients train at once with :class:`~deltaplane.sim.batched.BatchedTrainer`, and every update still
-  goes through the client's compressor into a real wire payload that the server decodes.
+* sampled clients train at once with :class:`~deltaplane.sim.batched.BatchedTrainer` (attackers too, on their
+  poisoned data, as the batched engine trains them), and every update still goes through the client's
+  compressor into a real wire payload that the server decodes.
 
 The digits training set has 1,437 images, far fewer than 10,000 clients × 20 samples, so shards here are
 *virtual*: each client draws its label mix from ``Dirichlet(alpha)`` and its samples (with replacement) from
@@ -378,20 +379,24 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 if velocities is not None:
                     client.velocity = velocities.get(client.cid)
             server.open(rnd)
-            honest = [clients[i] for i in step.honest_rows(clients)]
-            uploads: dict[int, Upload] = {}
-            if honest:
-                stacked = start_batched(config, trainer, global_state, honest, rnd).result()
-                # compressed on the stack (unless local DP or SecAgg), each with its own residual and
-                # generator (and DGC's velocity)
-                for u in _upload_stacked(
-                    step, honest, stacked, version, rnd, model=model, global_state=global_state
-                ):
-                    uploads[u.cid] = u
-            for c in clients:  # a malicious device poisons its own data: it trains on its own
-                if c.cid in step.malicious:
-                    uploads[c.cid] = step.run(c, model, global_state, rnd, version)
-            ordered = [uploads[c.cid] for c in clients]
+            ordered: list[Upload] = []
+            if clients:  # Poisson sampling (central DP) may choose nobody
+                # Every sampled device trains in the stack, a malicious one on its poisoned data
+                # (ClientStep.training_data: drawn from its stream (seed, ATTACK, round, cid), which keeps the
+                # generator for the update's poisoning), as the batched engine trains it; each device's batch
+                # order is its own stream, so no row depends on its stack-mates (beyond float32 rounding).
+                # Every attack of deltaplane.engine.attacks changes only the data before training and the
+                # update after it (poison_update: boost, sign flip, noise, norm scaling), so none needs its own
+                # training loop; one with per-device control flow inside training would have to run
+                # ClientStep.run for its devices here (docs/sim-speed.md, "Attackers in the stack").
+                data = [step.training_data(c, rnd) for c in clients]
+                stacked = start_batched(config, trainer, global_state, clients, rnd, data).result()
+                # the honest rows compressed on the stack (unless local DP or SecAgg), each with its own
+                # residual and generator (and DGC's velocity); an attacker's row poisoned (its own generator)
+                # and compressed on its own (ClientStep.finish_stacked), in the sampled order
+                ordered = _upload_stacked(
+                    step, clients, stacked, version, rnd, model=model, global_state=global_state
+                )
             for client in clients:
                 if client.compressor.state.residual is not None:  # an exact codec leaves nothing to carry
                     store.put(client.cid, client.compressor.state.residual)
