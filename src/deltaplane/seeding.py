@@ -67,17 +67,40 @@ def torch_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, stream, *keys))
 
 
+def _cuda_devices() -> list[int]:
+    """The CUDA devices whose generators :func:`seeded_random_layers` forks and seeds: every visible one once
+    CUDA is initialized in this process (a model on CUDA has initialized it), none before.
+
+    Reading a CUDA generator's state initializes CUDA (``torch.cuda.get_rng_state`` calls ``_lazy_init``):
+    forking them all in a CPU-only run would cost the CUDA start-up and GPU memory on a machine that has a GPU,
+    and a process that the batched trainer forks afterwards could no longer use CUDA. In such a fork
+    ``torch.cuda.is_initialized()`` is False, so the fork leaves CUDA alone.
+    """
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
 @contextmanager
 def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
-    """Within the block, torch's global CPU generator is seeded from ``generator``; afterwards it is as it was.
+    """Within the block, torch's global CPU generator, and the CUDA ones once CUDA is in use, are seeded from
+    ``generator``; afterwards they are as they were.
 
     Dropout and other random layers draw from torch's *global* generator, which nothing seeds per device or
     per training run: a loop whose batch order comes from its own ``generator`` still trained another model
     whenever anything else had drawn from the global one first. Wrap the loop in this block and its masks
     follow the same seed: ``derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS)``. The generator is
     only read, not advanced, so the batch orders drawn from it (and so every model without random layers)
-    stay bit for bit what they were; two generators of different seeds give different masks. Only the CPU
-    generator is forked and seeded: a model that draws on an accelerator is not covered.
+    stay bit for bit what they were; two generators of different seeds give different masks.
+
+    A model on CUDA draws its masks from the CUDA generator of its device: when CUDA is initialized on entry
+    (placing the model there initializes it), every visible CUDA device's generator is forked
+    (``torch.random.fork_rng(devices=...)``) and seeded with the same seed, so a CUDA model's dropout is
+    reproducible too (its masks are not the CPU's: CUDA's Philox generator draws other numbers from that
+    seed) and the caller's CUDA generators come back unchanged. Before CUDA is initialized nothing of it is
+    touched: reading a CUDA generator would initialize CUDA (:func:`_cuda_devices`), and seeding it then would
+    only queue the seed for whatever first uses CUDA later (``torch.manual_seed`` does that, and seeded the
+    CUDA generators without restoring them: the block used to change the caller's CUDA state). So move a model
+    to CUDA before the block, as every loop here receives it; a body that initializes CUDA itself draws from
+    CUDA's default seed. Other accelerators' generators (MPS, XPU) are neither seeded nor restored.
 
     Example:
         >>> g = torch.Generator().manual_seed(3)
@@ -88,6 +111,11 @@ def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
         >>> bool(torch.equal(a, b))
         True
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS))
+    seed = derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS)
+    cuda = _cuda_devices()
+    # exactly the generators it seeds: the CPU's (always forked) and the initialized CUDA devices'
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:  # CUDA is initialized, so this seeds every device now (it would otherwise queue the seed)
+            torch.cuda.manual_seed_all(seed)
         yield
