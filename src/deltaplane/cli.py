@@ -645,6 +645,7 @@ def _small(cfg: RunConfig) -> RunConfig:
         # one attacker, Krum n > 2f + 2): never a refusal the full-size run would not get
         try:
             small = cfg.replace(rounds=rounds, clients=clients)
+            small.attacker_count()  # checked by the driver, not by the config: asked here
             break
         except ConfigError:
             if clients >= cfg.clients:

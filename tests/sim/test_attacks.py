@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -80,18 +82,45 @@ def test_attack_specs_in_the_shared_grammar() -> None:
 
 def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused() -> None:
     """backdoor(0.1) of 4 clients is round(0.4) = 0 malicious devices: the run went ahead with no attacker at
-    all (and reported a backdoor success for an attack that never ran)."""
+    all (and reported a backdoor success for an attack that never ran). The config holds it (the population
+    engine may apply the fraction to another count); every driver's client step and the CLI's preflight refuse
+    it, naming the count."""
+    from deltaplane.apps.runner import preflight
+    from deltaplane.engine import ClientStep, make_task
     from deltaplane.engine.attacks import choose_malicious
     from deltaplane.errors import ConfigError
     from deltaplane.sim import RunConfig
     from deltaplane.sim.seeding import Stream, numpy_rng
 
     for spec in ("backdoor:0.1", "sign_flip(0.12)"):
-        with pytest.raises(ConfigError, match="rounds to no malicious client"):
-            RunConfig.from_mapping({"clients": 4, "attack": spec})
+        cfg = RunConfig.from_mapping({"clients": 4, "attack": spec})
+        msg = rf"attack '{re.escape(spec)}'.* of 4 clients rounds to no malicious client.*at least 0\.25.*raise clients"
+        with pytest.raises(ConfigError, match=msg):
+            cfg.attacker_count()
+        with pytest.raises(ConfigError, match=msg):
+            preflight(
+                cfg
+            )  # what `deltaplane run` and run_federation ask first, on every engine and transport
+        with pytest.raises(ConfigError, match=msg):  # the step every driver builds its devices' rounds with
+            ClientStep(cfg, make_task(cfg), base_id="m")
+    with pytest.raises(ConfigError, match="rounds to no malicious client"):
+        choose_malicious(4, 0.1, numpy_rng(0, Stream.ATTACK))  # it returned no attacker, silently
     cfg = RunConfig(clients=4, attack="backdoor:0.25")  # one of four: accepted, and it attacks
+    assert cfg.attacker_count() == 1
     assert len(choose_malicious(cfg.clients, 0.25, numpy_rng(0, Stream.ATTACK))) == 1
-    RunConfig(clients=4, attack="none")  # no attack at all stays fine
+    assert RunConfig(clients=4, attack="none").attacker_count() == 0  # no attack at all stays fine
+    assert RunConfig(clients=4).attacker_count() == 0
+
+
+def test_the_population_engine_counts_an_attack_fraction_over_its_registered_devices() -> None:
+    """The config's message on the population engine names its registered devices (its ``clients``)."""
+    from deltaplane.errors import ConfigError
+    from deltaplane.sim import RunConfig
+
+    cfg = RunConfig(clients=100, engine="population", attack="sign_flip(0.001)")
+    with pytest.raises(ConfigError, match=r"of 100 registered devices \(clients\) .*register more devices"):
+        cfg.attacker_count()
+    assert cfg.replace(clients=1000).attacker_count() == 1
 
 
 TABULAR = """

@@ -450,3 +450,28 @@ def test_population_trains_attackers_in_the_stack_as_the_sequential_engine_does(
                 alone.close()
             for name, t in solo.items():
                 assert torch.allclose(row[name], t[0], rtol=0, atol=4e-6), (attack, rnd, client.cid, name)
+
+
+def test_an_attack_fraction_applies_to_the_registered_devices() -> None:
+    """``sign_flip(0.001)`` of 1,000 registered devices is one attacker: it was refused because the config's
+    own ``clients`` (20) gave none, though the population engine draws its attackers among the registered
+    devices (``ClientStep`` over ``clients = registered``). A fraction giving none of the registered devices is
+    refused before the run, naming that count."""
+    from deltaplane.engine import ClientStep, make_task
+    from deltaplane.sim import population
+    from deltaplane.sim.simulation import BASE_ID
+
+    cfg = RunConfig(rounds=1, local_epochs=1, attack="sign_flip(0.001)")
+    result = run_population(cfg, registered=1000, per_round=4)
+    assert result.registered == 1000 and len(result.rounds) == 1
+    pcfg = population._population_config(cfg, 1000, 4)
+    malicious = ClientStep(pcfg, make_task(pcfg), base_id=BASE_ID).malicious
+    assert len(malicious) == 1 and all(0 <= cid < 1000 for cid in malicious)
+
+    big = RunConfig(clients=1000, rounds=1, attack="sign_flip(0.001)")  # one of its 1,000 clients
+    with pytest.raises(
+        ConfigError,
+        match=r"attack 'sign_flip\(0\.001\)': .* of 100 registered devices rounds to no malicious client.*"
+        r"at least 0\.01 .*run_population's registered",
+    ):
+        run_population(big, registered=100, per_round=4)

@@ -22,11 +22,13 @@ def preflight(config: RunConfig) -> None:
 
     Raises:
         TaskError: the task does not load or its model and data disagree.
-        ConfigError: the task's data cannot be split into ``config.clients`` devices.
+        ConfigError: the task's data cannot be split into ``config.clients`` devices, or the attack's fraction
+            of them gives no attacker.
         UnsupportedOption: the driver cannot run an option (the message says why).
     """
     from deltaplane.engine import build_clients, make_task
 
+    config.attacker_count()  # a fraction that gives no attacker, counted as this config's driver counts it
     task = make_task(config)
     if config.attack:  # an attack that cannot poison this task's data (a pixel trigger on tabular inputs)
         from deltaplane.engine.attacks import parse_attack

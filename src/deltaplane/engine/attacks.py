@@ -48,6 +48,7 @@ __all__ = [
     "SignFlip",
     "add_trigger",
     "choose_malicious",
+    "malicious_count",
     "parse_attack",
 ]
 
@@ -320,7 +321,49 @@ def parse_attack(spec: str) -> tuple[Attack, float]:
         raise ConfigError(f"attack {name!r}: {exc}") from None
 
 
-def choose_malicious(num_clients: int, fraction: float, rng: np.random.Generator) -> frozenset[int]:
-    """The ids of ``round(fraction · num_clients)`` malicious clients, fixed for the whole run."""
-    k = round(fraction * num_clients)
+def malicious_count(
+    fraction: float,
+    devices: int,
+    *,
+    spec: str | None = None,
+    counted: str = "clients",
+    fix: str = "raise clients",
+) -> int:
+    """``round(fraction · devices)``: how many of ``devices`` an attack's malicious fraction makes attackers.
+
+    ``devices`` is the count the fraction applies to on the driver that runs the attack: ``clients`` on the
+    sequential, batched, HTTP-simulation and Flower drivers, the registered devices on the population engine
+    (:func:`~deltaplane.sim.population.run_population`'s ``registered``). ``counted`` names that count and
+    ``fix`` how to raise it, for the message.
+
+    Raises:
+        ConfigError: the fraction gives no attacker at all (the run would go ahead unattacked and still report
+            a backdoor success); the message names the count used and the least fraction giving one attacker.
+    """
+    k = round(fraction * devices)
+    if fraction > 0 and k == 0:
+        what = f"attack {spec!r}: a" if spec else "A"
+        raise ConfigError(
+            f"{what} malicious fraction of {fraction:g} of {devices} {counted} rounds to no malicious client, "
+            f"so the attack would not run; use a fraction of at least {1 / devices:.3g} (one of {devices}) "
+            f"or {fix}"
+        )
+    return k
+
+
+def choose_malicious(
+    num_clients: int,
+    fraction: float,
+    rng: np.random.Generator,
+    *,
+    spec: str | None = None,
+    counted: str = "clients",
+    fix: str = "raise clients",
+) -> frozenset[int]:
+    """The ids of ``round(fraction · num_clients)`` malicious clients, fixed for the whole run.
+
+    Raises:
+        ConfigError: a positive fraction that gives no malicious client (:func:`malicious_count`).
+    """
+    k = malicious_count(fraction, num_clients, spec=spec, counted=counted, fix=fix)
     return frozenset(int(i) for i in rng.choice(num_clients, size=k, replace=False)) if k else frozenset()

@@ -129,7 +129,10 @@ class ClientStep:
         require_simulation(config, simulation=simulation)
         self.attack = attack.fit(task)  # one that cannot poison this task's data is refused here
         self.dgc = config.make_dgc()
-        self.malicious = choose_malicious(config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK))
+        # refuses a fraction that gives no attacker (on every driver: each builds its devices' step here)
+        self.malicious = choose_malicious(
+            config.clients, fraction, numpy_rng(config.seed, Stream.ATTACK), spec=config.attack
+        )
         #: devices that released a locally privatized update, and in how many rounds (local ε)
         self.participations: dict[int, int] = {}
         self._local_keys: frozenset[str] | None = None

@@ -325,7 +325,8 @@ class RunConfig(BaseModel):
                 "a mechanism that releases a client's data outright; set dp_delta well below 1/clients, e.g. "
                 f"{10 ** math.floor(math.log10(0.1 / self.clients)):g}"
             )
-        self._check_attackers()
+        # (an attack fraction's attacker count is checked by the driver that runs it, against the count it applies
+        # to, which the population engine may override: attacker_count)
         if self.local_dp_noise > 0:
             if self.clip is None or self.clip == "adaptive":
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
@@ -481,20 +482,29 @@ class RunConfig(BaseModel):
 
         return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
 
-    def _check_attackers(self) -> None:
-        """An attack must leave at least one malicious device (``choose_malicious`` takes
-        ``round(fraction · clients)`` of them); otherwise the run would silently have no attacker."""
+    def attacker_count(self) -> int:
+        """How many devices this run's attack makes malicious, ``round(fraction · clients)`` (0 without one).
+
+        ``clients`` is the count the fraction applies to on every driver that runs this config as it is: the
+        sequential, batched, HTTP-simulation and Flower drivers' devices, and the population engine's registered
+        devices (:func:`~deltaplane.sim.population.run_population` checks its own ``registered`` when given one).
+        Not checked when the config is built, for that reason; every driver checks it before its first round.
+
+        Raises:
+            ConfigError: the fraction gives no malicious device, so the attack would never run; the message
+                names the count used and what to change.
+        """
         if not self.attack:
-            return
-        from deltaplane.engine.attacks import parse_attack
+            return 0
+        from deltaplane.engine.attacks import malicious_count, parse_attack
 
         _, fraction = parse_attack(self.attack)
-        if fraction > 0 and round(fraction * self.clients) == 0:
-            raise ValueError(
-                f"attack {self.attack!r}: a malicious fraction of {fraction:g} of {self.clients} clients rounds to "
-                f"no malicious client, so the attack would not run; use a fraction of at least "
-                f"{1 / self.clients:.3g} (one client) or more clients"
-            )
+        counted, fix = (
+            ("registered devices (clients)", "register more devices (raise clients)")
+            if self.engine == "population"
+            else ("clients", "raise clients")
+        )
+        return malicious_count(fraction, self.clients, spec=self.attack, counted=counted, fix=fix)
 
     def clients_per_round(self) -> int:
         """How many clients train in each round."""

@@ -277,6 +277,25 @@ def _population_config(config: RunConfig, registered: int | None, per_round: int
     return config.replace(clients=registered, sample_fraction=per_round / registered)
 
 
+def _check_attackers(config: RunConfig) -> None:
+    """An attack's fraction applies to the registered devices (``config.clients`` once
+    :func:`_population_config` set it): :class:`~deltaplane.engine.ClientStep` draws ``round(fraction ·
+    registered)`` of them as attackers, fixed for the run, before any sampling. A fraction that gives none is
+    refused here, before the run starts, naming the registered count."""
+    if not config.attack:
+        return
+    from deltaplane.engine.attacks import malicious_count, parse_attack
+
+    _, fraction = parse_attack(config.attack)
+    malicious_count(
+        fraction,
+        config.clients,
+        spec=config.attack,
+        counted="registered devices",
+        fix="register more devices (run_population's registered, or clients)",
+    )
+
+
 def run_population(
     config: RunConfig,
     *,
@@ -299,9 +318,11 @@ def run_population(
 
     Raises:
         UnsupportedOption: personalization (see ``_REFUSED`` for why), or a task that brings its own devices.
-        ConfigError: a weighted SecAgg ring (``secagg_bits``) too narrow for a device's example count.
+        ConfigError: a weighted SecAgg ring (``secagg_bits``) too narrow for a device's example count, or an
+            attack whose fraction of the ``registered`` devices rounds to no attacker.
     """
     config = _population_config(config, registered, per_round)
+    _check_attackers(config)
     for name, (off, why) in _REFUSED.items():
         if getattr(config, name) != off:
             raise UnsupportedOption(
