@@ -19,7 +19,14 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-__all__ = ["Stream", "derive_seed", "numpy_rng", "seeded_random_layers", "torch_generator"]
+__all__ = [
+    "Stream",
+    "derive_seed",
+    "numpy_rng",
+    "seeded_global_generators",
+    "seeded_random_layers",
+    "torch_generator",
+]
 
 
 class Stream(IntEnum):
@@ -111,7 +118,21 @@ def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
         >>> bool(torch.equal(a, b))
         True
     """
-    seed = derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS)
+    with seeded_global_generators(derive_seed(generator.initial_seed(), Stream.RANDOM_LAYERS)):
+        yield
+
+
+@contextmanager
+def seeded_global_generators(seed: int) -> Iterator[None]:
+    """Within the block, torch's global CPU generator, and every visible CUDA device's once CUDA is in use, are
+    seeded with ``seed``; afterwards they are as they were.
+
+    The core of :func:`seeded_random_layers` (see there for why CUDA is left alone before it is initialized),
+    for code that draws its seed itself: a layer's own ``reset_parameters`` drawing from the global generator
+    (:mod:`deltaplane.merging.moe` re-initialising a router). On the CPU it is ``torch.manual_seed(seed)`` bit
+    for bit, without ``torch.manual_seed``'s side effects on generators it does not restore (it seeds every
+    CUDA device, or queues the seed for CUDA's start, and MPS/XPU).
+    """
     cuda = _cuda_devices()
     # exactly the generators it seeds: the CPU's (always forked) and the initialized CUDA devices'
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):

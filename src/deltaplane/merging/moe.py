@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError, ShapeMismatch
-from deltaplane.seeding import seeded_random_layers
+from deltaplane.seeding import seeded_global_generators, seeded_random_layers
 
 __all__ = ["MixtureOfExperts", "Router"]
 
@@ -66,8 +66,10 @@ def _reset_router(router: nn.Module, g: torch.Generator) -> None:
             if not own or isinstance(module, nn.Linear):
                 continue
             if callable(getattr(module, "reset_parameters", None)):
-                with torch.random.fork_rng(devices=[p.device for p in own if p.device.type == "cuda"]):
-                    torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+                # the CPU generator and, once CUDA is in use, every CUDA device's: seeded, then restored (it
+                # was torch.manual_seed, which seeded every CUDA device, or queued the seed before CUDA's
+                # start, and restored only the devices of this module's parameters)
+                with seeded_global_generators(int(torch.randint(2**62, (1,), generator=g))):
                     module.reset_parameters()  # type: ignore[operator]
                 done.update(id(p) for p in own)
         for p in router.parameters():
