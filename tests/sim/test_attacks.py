@@ -112,6 +112,17 @@ def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused() -> None:
     assert RunConfig(clients=4).attacker_count() == 0
 
 
+def test_small_mode_keeps_enough_devices_for_one_attacker() -> None:
+    """DELTAPLANE_SMALL caps a run at 4 devices, but never below what keeps the attack running: backdoor(0.1)
+    needs 6 (round(0.6) = 1). It relied on the config refusing fewer when built; the config no longer does."""
+    from deltaplane.cli import _small
+    from deltaplane.sim import RunConfig
+
+    small = _small(RunConfig(clients=40, rounds=5, attack="backdoor(0.1)"))
+    assert (small.clients, small.rounds, small.attacker_count()) == (6, 2, 1)
+    assert _small(RunConfig(clients=40, rounds=5)).clients == 4
+
+
 def test_the_population_engine_counts_an_attack_fraction_over_its_registered_devices() -> None:
     """The config's message on the population engine names its registered devices (its ``clients``)."""
     from deltaplane.errors import ConfigError

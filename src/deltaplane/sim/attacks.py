@@ -12,6 +12,7 @@ from deltaplane.engine.attacks import (
     SignFlip,
     add_trigger,
     choose_malicious,
+    malicious_count,
     parse_attack,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "SignFlip",
     "add_trigger",
     "choose_malicious",
+    "malicious_count",
     "parse_attack",
 ]
