@@ -508,36 +508,33 @@ def encode_indices_ragged(idx: np.ndarray, counts: np.ndarray, n: int) -> list[t
     Exactly ``[encode_indices(row, n) for row in rows]``, byte for byte, with each coder's rows encoded
     together as in :func:`encode_indices_rows` (the same sizes, ties and byte-aligned streams, summed per
     row segment). The same limits: rows go a block of at most ``2^16`` positions at a time, and rows of no
-    positions or of over 4096 one by one.
+    positions or of over 4096 one by one (the rows between them still share a block).
     """
     idx = np.asarray(idx, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
     if idx.ndim != 1 or counts.ndim != 1 or int(counts.sum()) != len(idx) or (counts < 0).any():
         raise ValueError(f"encode_indices_ragged: {len(idx)} positions do not split into counts {counts}")
-    ends = np.cumsum(counts).tolist()
+    ends = np.cumsum(counts)
+    out: list[tuple[str, bytes]] = [("", b"")] * len(counts)
+    # as encode_indices_rows: a row of no positions or of over 4096 on its own (it does not split a block)
+    alone = (counts == 0) | (counts * 16 > _ROWS_BLOCK)
+    for r in np.flatnonzero(alone).tolist():
+        out[r] = encode_indices(idx[ends[r] - counts[r] : ends[r]], n)
+    rows = np.flatnonzero(~alone)
+    if not len(rows):
+        return out
+    if len(rows) < len(counts):
+        idx, counts = idx[np.repeat(~alone, counts)], counts[rows]
+    # blocks of consecutive rows of at most _ROWS_BLOCK positions together
     starts = (np.cumsum(counts) - counts).tolist()
-    out: list[tuple[str, bytes]] = []
-    block: list[int] = []  # rows of the block being gathered
-    held = 0
-
-    def flush() -> None:
-        nonlocal held
-        if block:
-            lo, hi = starts[block[0]], ends[block[-1]]
-            out.extend(_encode_ragged_block(idx[lo:hi], counts[block[0] : block[-1] + 1], n))
-            block.clear()
-            held = 0
-
-    for r, c in enumerate(counts.tolist()):
-        if not c or c * 16 > _ROWS_BLOCK:  # as encode_indices_rows: such a row on its own
-            flush()
-            out.append(encode_indices(idx[starts[r] : ends[r]], n))
-            continue
+    lo, held = 0, 0
+    for r, c in enumerate([*counts.tolist(), _ROWS_BLOCK + 1]):
         if held + c > _ROWS_BLOCK:
-            flush()
-        block.append(r)
+            coded = _encode_ragged_block(idx[starts[lo] : starts[lo] + held], counts[lo:r], n)
+            for row, stream in zip(rows[lo:r].tolist(), coded, strict=True):
+                out[row] = stream
+            lo, held = r, 0
         held += c
-    flush()
     return out
 
 
@@ -545,7 +542,6 @@ def _encode_ragged_block(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tu
     """:func:`encode_indices_ragged` of a block of rows, each of 1 to 4096 positions."""
     rows = len(counts)
     starts = np.cumsum(counts) - counts
-    row_of = np.repeat(np.arange(rows), counts)
     prev = np.empty_like(idx)
     prev[1:] = idx[:-1]
     prev[starts] = -1
@@ -585,11 +581,12 @@ def _encode_ragged_block(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tu
         sel = np.flatnonzero(choice == code)
         if not len(sel):
             continue
-        picked = (choice == code)[row_of]  # the positions of the selected rows, in row order
+        # the positions of the selected rows, in row order (all of them: no copy)
+        picked = slice(None) if len(sel) == rows else np.repeat(choice == code, counts)
         if name == "bitmap":
-            local = np.cumsum(choice == code) - 1  # each selected row's place among them
+            local = np.repeat(np.arange(len(sel)) * n, counts[sel])  # each selected row's place among them
             mask = np.zeros(len(sel) * n, np.uint8)
-            mask[local[row_of[picked]] * n + idx[picked]] = 1
+            mask[local + idx[picked]] = 1
             data = np.packbits(mask.reshape(len(sel), n), axis=1, bitorder="little").tobytes()
             ends = np.arange(1, len(sel) + 1) * bitmap
         elif name == "varint":
@@ -611,33 +608,30 @@ def _encode_ragged_block(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tu
 def _golomb_ragged_encode(gaps: np.ndarray, counts: np.ndarray, rice: np.ndarray) -> list[bytes]:
     """:func:`golomb_encode` of each row (``counts[i]`` gaps back to back, at least one) with parameter
     ``rice[i]``: the rows' quotient sections and remainder sections each packed in one call."""
-    rows = len(counts)
-    starts = np.cumsum(counts) - counts
-    row_of = np.repeat(np.arange(rows), counts)
-    q = gaps >> rice[row_of]
+    q = gaps >> np.repeat(rice, counts)
     q += 1
     ends = np.cumsum(q)  # one past each value's terminating zero-bit, across all rows
-    before = np.concatenate([[0], ends[starts[1:] - 1]])  # bits of the rows before, unpadded
-    q_bits = (ends[starts + counts - 1] - before + 7) // 8 * 8  # each row's section padded with one-bits
+    upto = ends[np.cumsum(counts) - 1]  # quotient bits of the rows up to each one's end, unpadded
+    q_len = np.diff(upto, prepend=0)
+    q_bits = (q_len + 7) // 8 * 8  # each row's section padded with one-bits to a byte
     q_start = np.cumsum(q_bits) - q_bits
     ubits = np.ones(int(q_bits.sum()), np.uint8)
-    ubits[ends + (q_start - before - 1)[row_of]] = 0
+    ends += np.repeat(q_start - (upto - q_len) - 1, counts)
+    ubits[ends] = 0
     quot = np.packbits(ubits, bitorder="little").tobytes()
-    rems = [b""] * rows
+    rems = [b""] * len(rice)
     for k in np.unique(rice).tolist():
         if not k:
             continue
         sel = np.flatnonzero(rice == k)
-        picked = (rice == k)[row_of]
-        r_bits = (counts[sel] * k + 7) // 8 * 8  # each row's remainders padded with zero-bits
-        r_start = np.cumsum(r_bits) - r_bits
-        local = np.cumsum(rice == k) - 1
-        at = r_start[local[row_of[picked]]] + (np.flatnonzero(picked) - starts[row_of[picked]]) * k
-        planes = (gaps[picked][:, None] >> np.arange(k, dtype=np.int64)) & 1
-        bits = np.zeros(int(r_bits.sum()), np.uint8)
-        bits[(at[:, None] + np.arange(k)).reshape(-1)] = planes.reshape(-1)
+        g = gaps if len(sel) == len(rice) else gaps[np.repeat(rice == k, counts)]
+        bits = ((g[:, None] >> np.arange(k, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+        lengths = counts[sel] * k
+        pads = -lengths % 8  # each row's remainders padded with zero-bits to a byte
+        if pads.any():
+            bits = np.insert(bits, np.repeat(np.cumsum(lengths), pads), 0)
         packed = np.packbits(bits, bitorder="little").tobytes()
-        r_at = [*(r_start // 8).tolist(), len(packed)]
+        r_at = [0, *np.cumsum((lengths + pads) // 8).tolist()]
         for j, r in enumerate(sel.tolist()):
             rems[r] = packed[r_at[j] : r_at[j + 1]]
     q_at = [*(q_start // 8).tolist(), len(quot)]
