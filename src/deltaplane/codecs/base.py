@@ -183,6 +183,14 @@ class Codec:
         """
         return torch.stack([self.decode(e) for e in rows])
 
+    def decode_ragged(self, rows: Sequence[Encoded]) -> list[Tensor]:
+        """Decode nodes made by this codec whose shapes differ (approximate top-k's or threshold's values,
+        one count per device): exactly ``[decode(e) for e in rows]``, validation included.
+
+        Overrides decode every row's data in one pass and hand back a tensor per row.
+        """
+        return [self.decode(e) for e in rows]
+
     # -- hyperparameters, sklearn style ------------------------------------------------------------
     def get_params(self) -> dict[str, Scalar]:
         """Constructor arguments, read back from attributes of the same name."""
@@ -683,6 +691,8 @@ def decode_tree_rows(trees: Sequence[Encoded]) -> Tensor:
         vals = [e.fields[k] for e in trees]
         if all(isinstance(v, Encoded) and v.shape == vals[0].shape for v in vals):
             decoded: Sequence[Any] = decode_tree_rows(vals).unbind(0)
+        elif all(isinstance(v, Encoded) for v in vals):  # one node per row, of different shapes
+            decoded = decode_tree_ragged(vals)
         else:
             decoded = [decode_tree(v) if isinstance(v, Encoded) else v for v in vals]
         for f, v in zip(fields, decoded, strict=True):
@@ -692,6 +702,28 @@ def decode_tree_rows(trees: Sequence[Encoded]) -> Tensor:
     )
     if tuple(out.shape) != (len(trees), *first.shape):
         raise DecodeError(f"{first.codec}: decoded shape {tuple(out.shape[1:])} != declared {first.shape}")
+    return out
+
+
+def decode_tree_ragged(trees: Sequence[Encoded]) -> list[Tensor]:
+    """:func:`decode_tree` of each of many trees whose shapes differ, exactly (one tensor per tree).
+
+    Leaf nodes of one codec and the same fields (a raw float node or a ``quant`` node per row, each of
+    its own count) are decoded together (:meth:`Codec.decode_ragged`); any other trees one at a time.
+    """
+    first = trees[0]
+    if any(
+        e.codec != first.codec
+        or e.fields.keys() != first.fields.keys()
+        or any(isinstance(v, Encoded) for v in e.fields.values())
+        for e in trees
+    ):
+        return [decode_tree(e) for e in trees]
+    codec = _node_codec(first)
+    out = codec.decode_ragged(trees)
+    for e, t in zip(trees, out, strict=True):
+        if tuple(t.shape) != tuple(e.shape):
+            raise DecodeError(f"{e.codec}: decoded shape {tuple(t.shape)} != declared {e.shape}")
     return out
 
 

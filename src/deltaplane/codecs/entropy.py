@@ -20,6 +20,7 @@ __all__ = [
     "decode_indices",
     "decode_indices_rows",
     "encode_indices",
+    "encode_indices_ragged",
     "encode_indices_rows",
     "golomb_decode",
     "golomb_encode",
@@ -27,6 +28,7 @@ __all__ = [
     "pack_bits",
     "pack_bits_rows",
     "unpack_bits",
+    "unpack_bits_ragged",
     "unpack_bits_rows",
     "varint_decode",
     "varint_encode",
@@ -126,6 +128,38 @@ def unpack_bits_rows(data: Sequence[bytes], bits: int, n: int) -> np.ndarray | N
         return np.ascontiguousarray(out.reshape(len(data), -1)[:, :n])
     planes = np.unpackbits(raw, axis=1, bitorder="little", count=n * bits).reshape(len(data), n, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+
+
+def unpack_bits_ragged(data: Sequence[bytes], bits: int, sizes: Sequence[int]) -> np.ndarray | None:
+    """:func:`unpack_bits` of rows of different sizes (row ``i``: ``sizes[i]`` codes), every row's codes back to
+    back in one array; ``None`` where it would refuse a row (a length, padding bits).
+
+    Every width packs code ``j``'s bit ``b`` at bit ``j·bits + b`` of a little-endian bit stream padded to a
+    byte (bytes of 8 / ``bits`` codes for 1, 2 and 4 bits; bit planes for 3, 5, 6 and 7), so one unpacking
+    of all rows' bytes is cut at each row's first byte.
+    """
+    n = np.asarray(sizes, np.int64)
+    need = (n * bits + 7) // 8
+    if len(data) != len(n) or any(len(d) != m for d, m in zip(data, need.tolist(), strict=True)):
+        return None
+    raw = np.frombuffer(b"".join(data), dtype=np.uint8)
+    if bits == 8:
+        return raw.copy()
+    used = (n * bits) % 8
+    last = np.cumsum(need) - 1
+    tail = used > 0  # a row whose last byte is partly padding (rows of no codes have no byte)
+    if tail.any() and (raw[last[tail]] >> used[tail].astype(np.uint8)).any():
+        return None
+    total = int(n.sum())
+    stream = np.unpackbits(raw, bitorder="little")
+    first_bit = (
+        np.repeat((np.cumsum(need) - need) * 8, n)
+        + (np.arange(total) - np.repeat(np.cumsum(n) - n, n)) * bits
+    )
+    out = np.zeros(total, np.uint8)
+    for b in range(bits):
+        out |= stream[first_bit + b] << np.uint8(b)
+    return out
 
 
 # -- varint (LEB128) --------------------------------------------------------------------------------------
@@ -460,6 +494,146 @@ def _golomb_rows_encode(gaps: np.ndarray, rice: np.ndarray) -> list[bytes]:
         packed = np.packbits(planes.astype(np.uint8).reshape(len(sel), -1), axis=1, bitorder="little")
         for r, row in zip(sel.tolist(), packed, strict=True):
             rems[r] = row.tobytes()
+    q_at = [*(q_start // 8).tolist(), len(quot)]
+    return [
+        b"".join((bytes([k]), rem, quot[q_at[r] : q_at[r + 1]]))
+        for r, (k, rem) in enumerate(zip(rice.tolist(), rems, strict=True))
+    ]
+
+
+def encode_indices_ragged(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tuple[str, bytes]]:
+    """:func:`encode_indices_rows` of rows with different counts: ``idx`` holds every row's sorted positions
+    back to back, ``counts[i]`` of them for row ``i``.
+
+    Exactly ``[encode_indices(row, n) for row in rows]``, byte for byte, with each coder's rows encoded
+    together as in :func:`encode_indices_rows` (the same sizes, ties and byte-aligned streams, summed per
+    row segment). The same limits: rows go a block of at most ``2^16`` positions at a time, and rows of no
+    positions or of over 4096 one by one (the rows between them still share a block).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if idx.ndim != 1 or counts.ndim != 1 or int(counts.sum()) != len(idx) or (counts < 0).any():
+        raise ValueError(f"encode_indices_ragged: {len(idx)} positions do not split into counts {counts}")
+    ends = np.cumsum(counts)
+    out: list[tuple[str, bytes]] = [("", b"")] * len(counts)
+    # as encode_indices_rows: a row of no positions or of over 4096 on its own (it does not split a block)
+    alone = (counts == 0) | (counts * 16 > _ROWS_BLOCK)
+    for r in np.flatnonzero(alone).tolist():
+        out[r] = encode_indices(idx[ends[r] - counts[r] : ends[r]], n)
+    rows = np.flatnonzero(~alone)
+    if not len(rows):
+        return out
+    if len(rows) < len(counts):
+        idx, counts = idx[np.repeat(~alone, counts)], counts[rows]
+    # blocks of consecutive rows of at most _ROWS_BLOCK positions together
+    starts = (np.cumsum(counts) - counts).tolist()
+    lo, held = 0, 0
+    for r, c in enumerate([*counts.tolist(), _ROWS_BLOCK + 1]):
+        if held + c > _ROWS_BLOCK:
+            coded = _encode_ragged_block(idx[starts[lo] : starts[lo] + held], counts[lo:r], n)
+            for row, stream in zip(rows[lo:r].tolist(), coded, strict=True):
+                out[row] = stream
+            lo, held = r, 0
+        held += c
+    return out
+
+
+def _encode_ragged_block(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tuple[str, bytes]]:
+    """:func:`encode_indices_ragged` of a block of rows, each of 1 to 4096 positions."""
+    rows = len(counts)
+    starts = np.cumsum(counts) - counts
+    prev = np.empty_like(idx)
+    prev[1:] = idx[:-1]
+    prev[starts] = -1
+    gaps = idx - prev - 1
+    # sizes, as encode_indices takes them: bitmap, varint, then Golomb-Rice's best of three parameters
+    bitmap = (n + 7) // 8
+    varint = counts.copy()
+    widest = int(gaps.max())
+    for j in range(1, _MAX_VARINT_BYTES):
+        if widest < 1 << (7 * j):
+            break
+        varint += np.add.reduceat((gaps >= (1 << (7 * j))).astype(np.int64), starts)
+    totals = np.add.reduceat(gaps, starts).tolist()  # exact, as in _encode_block
+    ln2 = math.log(2)
+    k0 = [
+        math.floor(math.log2(t / c * ln2)) if t / c * ln2 > 1 else 0
+        for t, c in zip(totals, counts.tolist(), strict=True)
+    ]
+    if max(k0) > _MAX_RICE_K + 1:  # no parameter to choose: the per-row coder's own error
+        return [
+            encode_indices(idx[s : s + c], n) for s, c in zip(starts.tolist(), counts.tolist(), strict=True)
+        ]
+    cand = np.maximum(np.array(k0, np.int64) - 1, 0)[:, None] + np.arange(3)  # (rows, 3), ascending
+    hi = np.minimum(np.array(k0, np.int64) + 1, _MAX_RICE_K)[:, None]
+    shifted = {k: np.add.reduceat(gaps >> k, starts) for k in np.unique(cand[cand <= hi]).tolist()}
+    sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
+    for k, s in shifted.items():
+        at = cand == k
+        r = np.nonzero(at)[0]
+        sizes[at] = 1 + (counts[r] * k + 7) // 8 + (s[r] + counts[r] + 7) // 8
+    best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
+    rice = cand[np.arange(rows), best]
+    golomb = sizes[np.arange(rows), best]
+    choice = np.where((bitmap <= varint) & (bitmap <= golomb), 0, np.where(varint <= golomb, 1, 2))
+    out: list[tuple[str, bytes]] = [("", b"")] * rows
+    for code, name in enumerate(INDEX_CODERS):
+        sel = np.flatnonzero(choice == code)
+        if not len(sel):
+            continue
+        # the positions of the selected rows, in row order (all of them: no copy)
+        picked = slice(None) if len(sel) == rows else np.repeat(choice == code, counts)
+        if name == "bitmap":
+            local = np.repeat(np.arange(len(sel)) * n, counts[sel])  # each selected row's place among them
+            mask = np.zeros(len(sel) * n, np.uint8)
+            mask[local + idx[picked]] = 1
+            data = np.packbits(mask.reshape(len(sel), n), axis=1, bitorder="little").tobytes()
+            ends = np.arange(1, len(sel) + 1) * bitmap
+        elif name == "varint":
+            data = varint_encode(gaps[picked])
+            ends = np.cumsum(varint[sel])
+        else:
+            for r, stream in zip(
+                sel.tolist(), _golomb_ragged_encode(gaps[picked], counts[sel], rice[sel]), strict=True
+            ):
+                out[r] = (name, stream)
+            continue
+        start = 0
+        for r, end in zip(sel.tolist(), ends.tolist(), strict=True):
+            out[r] = (name, data[start:end])
+            start = end
+    return out
+
+
+def _golomb_ragged_encode(gaps: np.ndarray, counts: np.ndarray, rice: np.ndarray) -> list[bytes]:
+    """:func:`golomb_encode` of each row (``counts[i]`` gaps back to back, at least one) with parameter
+    ``rice[i]``: the rows' quotient sections and remainder sections each packed in one call."""
+    q = gaps >> np.repeat(rice, counts)
+    q += 1
+    ends = np.cumsum(q)  # one past each value's terminating zero-bit, across all rows
+    upto = ends[np.cumsum(counts) - 1]  # quotient bits of the rows up to each one's end, unpadded
+    q_len = np.diff(upto, prepend=0)
+    q_bits = (q_len + 7) // 8 * 8  # each row's section padded with one-bits to a byte
+    q_start = np.cumsum(q_bits) - q_bits
+    ubits = np.ones(int(q_bits.sum()), np.uint8)
+    ends += np.repeat(q_start - (upto - q_len) - 1, counts)
+    ubits[ends] = 0
+    quot = np.packbits(ubits, bitorder="little").tobytes()
+    rems = [b""] * len(rice)
+    for k in np.unique(rice).tolist():
+        if not k:
+            continue
+        sel = np.flatnonzero(rice == k)
+        g = gaps if len(sel) == len(rice) else gaps[np.repeat(rice == k, counts)]
+        bits = ((g[:, None] >> np.arange(k, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+        lengths = counts[sel] * k
+        pads = -lengths % 8  # each row's remainders padded with zero-bits to a byte
+        if pads.any():
+            bits = np.insert(bits, np.repeat(np.cumsum(lengths), pads), 0)
+        packed = np.packbits(bits, bitorder="little").tobytes()
+        r_at = [0, *np.cumsum((lengths + pads) // 8).tolist()]
+        for j, r in enumerate(sel.tolist()):
+            rems[r] = packed[r_at[j] : r_at[j + 1]]
     q_at = [*(q_start // 8).tolist(), len(quot)]
     return [
         b"".join((bytes([k]), rem, quot[q_at[r] : q_at[r + 1]]))

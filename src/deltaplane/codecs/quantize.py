@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.entropy import pack_bits, pack_bits_rows, unpack_bits, unpack_bits_rows
+from deltaplane.codecs.entropy import (
+    pack_bits,
+    pack_bits_rows,
+    unpack_bits,
+    unpack_bits_ragged,
+    unpack_bits_rows,
+)
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["BF16", "FP16", "Identity", "Quantize", "Sign", "chunk_views"]
@@ -137,6 +143,31 @@ class Identity(Codec):
             flat = torch.frombuffer(buf, dtype=dtype)
         return flat.view(len(rows), *first.shape)
 
+    def decode_ragged(self, rows: Sequence[Encoded]) -> list[Tensor]:
+        """All rows' bytes joined into one buffer, viewed as one tensor and cut into the rows (each of its
+        own shape). Rows of another dtype than the first's, a field not of exactly the declared length or
+        raw bools take the row-by-row path, which says what is wrong."""
+        dtype = DTYPES.get(str(rows[0].meta.get("dtype"))) if rows else None
+        if dtype is None or dtype == torch.bool:
+            return super().decode_ragged(rows)
+        data = [e.fields.get("data") for e in rows]
+        sizes = [e.numel for e in rows]
+        if any(
+            e.meta != rows[0].meta
+            or not isinstance(d, bytes | bytearray | memoryview)
+            or memoryview(d).nbytes != m * dtype.itemsize
+            for e, d, m in zip(rows, data, sizes, strict=True)
+        ):
+            return super().decode_ragged(rows)
+        if not sum(sizes):
+            return [torch.empty(e.shape, dtype=dtype) for e in rows]
+        buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
+        if dtype == torch.bfloat16:
+            flat = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16)
+        else:
+            flat = torch.frombuffer(buf, dtype=dtype)
+        return [t.view(e.shape) for t, e in zip(flat.split(sizes), rows, strict=True)]
+
     def check(self, e: Encoded) -> None:
         super().check(e)
         dtype = DTYPES.get(str(e.meta.get("dtype")))
@@ -160,6 +191,25 @@ class _Cast(Codec):
     def decode(self, e: Encoded) -> Tensor:
         data = self._field(e, "data", bytes)
         return tensor_from_bytes(data, self.dtype, e.numel).float().reshape(e.shape)
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """All rows' half-precision bytes joined and widened to float32 in one call (exact: every fp16 and
+        bf16 value is a float32). Rows of another shape or a field not of exactly ``2 · numel`` bytes take
+        the row-by-row path, which says what is wrong."""
+        first = rows[0]
+        data = [e.fields.get("data") for e in rows]
+        if any(
+            e.shape != first.shape
+            or not isinstance(d, bytes | bytearray | memoryview)
+            or memoryview(d).nbytes != 2 * first.numel
+            for e, d in zip(rows, data, strict=True)
+        ):
+            return super().decode_rows(rows)
+        if not first.numel:
+            return torch.empty((len(rows), *first.shape))
+        buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
+        flat = torch.frombuffer(buf, dtype=torch.int16).view(self.dtype)
+        return flat.float().view(len(rows), *first.shape)
 
 
 @register_codec
@@ -537,6 +587,40 @@ class Quantize(Codec):
             value[:, full * self.chunk :].mul_(mul[:, full:])
         return value.reshape(len(rows), *rows[0].shape)
 
+    def decode_ragged(self, rows: Sequence[Encoded]) -> list[Tensor]:
+        """Rows of different sizes (top-k's values, one count per device) read and checked at once:
+        every row's codes unpacked from one bit stream (:func:`~deltaplane.codecs.entropy.unpack_bits_ragged`)
+        and ``(code - L) · scale / L`` for all of them in one pass, each value scaled by its own row's chunk.
+
+        A row that a check refuses (a length, a scale, padding bits, a code out of range) sends all rows
+        through the default, which raises its own error.
+        """
+        sizes = [e.numel for e in rows]
+        counts = [ceil_div(m, self.chunk) for m in sizes]
+        levels = self._levels()
+        try:
+            raw = [self._field(e, "scales", bytes) for e in rows]
+            packed = [self._field(e, "codes", bytes) for e in rows]
+        except DecodeError:
+            return super().decode_ragged(rows)
+        if any(len(r) != 4 * c for r, c in zip(raw, counts, strict=True)):
+            return super().decode_ragged(rows)
+        scales = np.frombuffer(b"".join(raw), dtype="<f4").astype(np.float32)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            return super().decode_ragged(rows)
+        codes = unpack_bits_ragged(packed, self.bits, sizes)
+        if codes is None or (self.bits > 1 and len(codes) and int(codes.max()) > 2 * levels):
+            return super().decode_ragged(rows)
+        s = torch.from_numpy(scales)
+        shift, mul = (0.5, 2 * s) if self.bits == 1 else (levels, s / levels)
+        # each value's chunk: its row's first scale plus its place in the row // chunk
+        n = np.asarray(sizes, np.int64)
+        first_scale = np.cumsum(counts) - np.asarray(counts, np.int64)
+        place = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        chunk_of = np.repeat(first_scale, n) + place // self.chunk
+        value = torch.from_numpy(codes).float().sub_(shift).mul_(mul[torch.from_numpy(chunk_of)])
+        return [v.view(e.shape) for v, e in zip(value.split(sizes), rows, strict=True)]
+
     def check(self, e: Encoded) -> None:
         super().check(e)
         self._expect_len(e, "codes", e.fields["codes"], ceil_div(e.numel * self.bits, 8))
@@ -597,3 +681,26 @@ class Sign(Codec):
         scale = _read_scales(self, e, 1)
         bits = torch.from_numpy(unpack_bits(self._field(e, "signs", bytes), 1, e.numel))
         return (bits.float().mul_(2).sub_(1).mul_(scale)).reshape(e.shape)
+
+    def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
+        """The scales and sign bits of all rows read and checked at once, ``(2·bit − 1)·scale`` on the stack.
+
+        A row that a check refuses (a length, a scale, padding bits) sends all rows through the default,
+        which raises that row's own error.
+        """
+        first = rows[0]
+        if any(e.shape != first.shape for e in rows):
+            return super().decode_rows(rows)
+        try:
+            raw = [self._field(e, "scales", bytes) for e in rows]
+            signs = [self._field(e, "signs", bytes) for e in rows]
+        except DecodeError:
+            return super().decode_rows(rows)
+        if any(len(r) != 4 for r in raw):
+            return super().decode_rows(rows)
+        scales = np.frombuffer(b"".join(raw), dtype="<f4").astype(np.float32)
+        bits = unpack_bits_rows(signs, 1, first.numel)
+        if bits is None or not np.isfinite(scales).all() or (scales < 0).any():
+            return super().decode_rows(rows)
+        out = torch.from_numpy(bits).float().mul_(2).sub_(1).mul_(torch.from_numpy(scales)[:, None])
+        return out.view(len(rows), *first.shape)

@@ -16,6 +16,7 @@ from deltaplane.codecs.entropy import (
     decode_indices,
     decode_indices_rows,
     encode_indices,
+    encode_indices_ragged,
     encode_indices_rows,
     unpack_bits,
 )
@@ -81,6 +82,25 @@ def _sparse_rows(codec: Codec, rows: Sequence[Encoded], k: int | None) -> Tensor
     except DecodeError:
         return None
     return scatter_rows(rows, idx, counts, torch.cat(values))
+
+
+def _ragged_rows(codec: Codec, flat: Tensor, pos: Tensor, shape: tuple[int, ...]) -> list[Encoded]:
+    """Row nodes of ``positions + values`` from the kept positions of a ``(C, n)`` stack.
+
+    ``pos`` holds the kept entries' positions in the flattened stack, in order (each row's sorted positions,
+    row after row); every row's positions are coded in one call (:func:`encode_indices_ragged`) and its
+    values are its part of one gather, as the row's own ``flat[idx]`` would hold them.
+    """
+    rows, n = flat.shape
+    p = pos.numpy()
+    row = p // n
+    counts = np.bincount(row, minlength=rows)
+    values = flat.reshape(-1)[pos].split(counts.tolist())
+    spec = codec.spec
+    return [
+        Encoded(spec, shape, {"ix": coder}, {"idx": data, "values": v})
+        for (coder, data), v in zip(encode_indices_ragged(p - row * n, counts, n), values, strict=True)
+    ]
 
 
 def _check_sparse(codec: Codec, e: Encoded, k: int | None) -> int:
@@ -277,13 +297,24 @@ class TopK(Codec):
         """One selection over all rows (:func:`topk_rows`); every row's positions coded at once
         (:func:`~deltaplane.codecs.entropy.encode_indices_rows`).
 
-        ``approx=True`` draws a random sample per row and falls back to the per-row loop.
+        ``approx=True`` on a tensor large enough for the sampled threshold draws each row's sample from
+        its own generator, as :meth:`encode` does, then keeps every row's candidates with one comparison
+        over the stack and codes the rows' positions (a different count per row) in one call
+        (:func:`~deltaplane.codecs.entropy.encode_indices_ragged`); on a smaller tensor it selects as
+        exact top-k does, as :meth:`encode` does.
         """
-        if self.approx or x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
             return super().encode_rows(x, rngs)
         flat = x.detach().reshape(x.shape[0], -1).float()
         n = flat.shape[1]
-        idx = topk_rows(flat.abs(), self.k_for(n))
+        k = self.k_for(n)
+        if self.approx and n >= 8192 and k * 8 <= n:
+            # each row's estimate from its own generator (a row's rng is its own unless shared: then the
+            # draws still come row after row, as the per-row loop takes them)
+            t = torch.stack([_sample_threshold(row, k, False, g) for row, g in zip(flat, rngs, strict=True)])
+            pos = torch.nonzero((flat.abs() >= t.unsqueeze(1)).reshape(-1)).squeeze(1)
+            return _ragged_rows(self, flat, pos, tuple(x.shape[1:]))
+        idx = topk_rows(flat.abs(), k)
         values = flat.gather(1, idx)
         shape, spec = tuple(x.shape[1:]), self.spec
         # unbind: every row's view in one call (indexing row by row costs a call each)
@@ -503,6 +534,14 @@ class Threshold(Codec):
         idx = magnitude_at_least(flat, self.tau)
         coder, data = encode_indices(idx.numpy(), flat.numel())
         return Encoded(self.spec, tuple(x.shape), {"ix": coder}, {"idx": data, "values": flat[idx]})
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """One scan of the whole stack (:func:`magnitude_at_least`) and every row's positions, a different
+        count per row, coded in one call (:func:`~deltaplane.codecs.entropy.encode_indices_ragged`)."""
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        return _ragged_rows(self, flat, magnitude_at_least(flat, self.tau), tuple(x.shape[1:]))
 
     def check(self, e: Encoded) -> None:
         _check_sparse(self, e, None)
