@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 
 from _record import record, table
-from deltaplane.codecs.fuzzing import STACKABLE_KINDS, FuzzReport, StackReport, fuzz, fuzz_stacked
+from deltaplane.codecs.fuzzing import FEWER, STACKABLE_KINDS, FuzzReport, StackReport, fuzz, fuzz_stacked
 
 
 def _summary(r: FuzzReport) -> dict[str, object]:
@@ -186,7 +186,8 @@ def _stacked_body(r: StackReport, args: argparse.Namespace) -> str:
         ["stacks (2-6 frames of one session)", f"{r.stacks:,}"],
         ["frames", f"{r.payloads:,}"],
         *[[f"frames alone: {k}", f"{v:,}"] for k, v in sorted(r.outcomes.items())],
-        *[[f"tensors stacked: {k}", f"{v:,}"] for k, v in sorted(r.stacked.items())],
+        *[[f"tensors stacked: {k}", f"{v:,}"] for k, v in sorted(r.stacked.items()) if "fewer" not in k],
+        ["stacks with fewer than 2 frames past the frame checks", f"{r.stacked[FEWER]:,}"],
         ["untyped exceptions, or raised for the whole stack", untyped],
         ["other contract failures (another outcome than alone)", len(r.failures) - untyped],
         ["hangs (> 1 s CPU per stack)", r.hangs],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import random
@@ -49,6 +50,7 @@ from deltaplane.delta import Delta
 from deltaplane.errors import CodecError, DeltaplaneError
 
 __all__ = [
+    "FEWER",
     "SPECS",
     "STACKABLE_KINDS",
     "FuzzReport",
@@ -1196,6 +1198,8 @@ def fuzz(
 #: mutations that keep a node's codec, shape and field names (only its bytes or metadata lie), so a damaged
 #: row still stacks with the good rows and reaches the codecs' ``decode_rows`` fast paths
 STACKABLE_KINDS = ("field_bytes", "meta", "length", "recode_index")
+#: the :attr:`StackReport.stacked` key that counts stacks (not tensors) with under two frames past the checks
+FEWER = "fewer than 2 frames past the frame checks"
 
 
 @dataclass
@@ -1211,7 +1215,8 @@ class StackReport:
     #: per tensor of each stack with two or more payloads past the frame checks, what
     #: :func:`~deltaplane.codecs.base.decode_tree_rows` did: ``decoded`` (row for row what
     #: :func:`~deltaplane.codecs.base.decode_tree` gives), ``refused`` (a row refused alone, the same error
-    #: class), ``refused, rows decode alone`` (allowed: :func:`decompress_many` then decodes each alone)
+    #: class), ``refused, rows decode alone`` (allowed: :func:`decompress_many` then decodes each alone);
+    #: and per stack, :data:`FEWER`
     stacked: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     #: :func:`decompress_many` calls that took more than ``hang_seconds`` of CPU time
@@ -1430,7 +1435,7 @@ def _check_rows(
         except DeltaplaneError:
             continue
     if len(trees) < 2:
-        report.stacked["fewer than 2 rows past the frame checks"] += 1
+        report.stacked[FEWER] += 1
         return
     for name in trees[0]:
         nodes = [t[name][1] for t in trees]
@@ -1465,7 +1470,15 @@ def _check_rows(
             report.failures.append(
                 f"{where}: '{name}' stacked decoded rows {bad} that alone raise: {alone[bad[0]]}"
             )
-        elif not all(_same_values(out[i], a) for i, a in enumerate(alone)):  # type: ignore[arg-type]
+            continue
+        # rows of different codecs may decode to different dtypes (a float16 identity next to a float32
+        # quant): one stack holds them in their promoted dtype, which decompress_many casts to the tensor's
+        dtype = functools.reduce(torch.promote_types, (a.dtype for a in alone))  # type: ignore[union-attr]
+        if out.dtype != dtype:
+            report.failures.append(
+                f"{where}: '{name}' stacked as {out.dtype}, the rows alone promote to {dtype}"
+            )
+        elif not all(_same_values(out[i], a.to(dtype)) for i, a in enumerate(alone)):  # type: ignore[union-attr]
             report.failures.append(f"{where}: '{name}' stacked decoded other values than each row alone")
         else:
             report.stacked["decoded"] += 1
