@@ -133,3 +133,41 @@ def test_the_pool_parser_reads_untrusted_payloads_strictly_and_bounded() -> None
         with pytest.raises(dp.DecodeError):
             Mutator([payload], random.Random(0))
     assert parse(good).zstd  # a good payload still parses, its framing kept
+
+
+def test_stacked_decode_of_damaged_stacks() -> None:
+    """Stacks of compact frames, some damaged, decoded together (`decompress_many`, the codecs'
+    `decode_rows`) give each frame's own outcome: the same delta, or the same error class and message."""
+    from deltaplane.codecs.fuzzing import fuzz_stacked
+
+    report = fuzz_stacked(60, seed=31)
+    assert report.failures == []
+    assert report.stacks == 60
+    assert report.hangs == 0
+    # the stacked decoder saw damaged rows among good ones, and decoded or refused them like each row alone
+    assert report.stacked["decoded"] > 100
+    assert report.outcomes["decoded"] > 50 and report.outcomes["refused:DecodeError"] > 20
+    assert sum(v for k, v in report.kinds.items() if k != "valid") > 60
+
+
+def test_stacked_fuzz_catches_a_stacked_decoder_that_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It can fail: a stacked decode that hands every row the first row's values, or lets an untyped error
+    out of a codec's `decode_rows`, is reported."""
+    from deltaplane.codecs import base, compressor
+    from deltaplane.codecs.fuzzing import fuzz_stacked
+    from deltaplane.codecs.quantize import Quantize
+
+    monkeypatch.setattr(
+        compressor, "decode_tree_rows", lambda trees: torch.stack([base.decode_tree(trees[0])] * len(trees))
+    )
+    report = fuzz_stacked(12, seed=32)
+    assert any("another delta" in f or "decoded in the stack" in f for f in report.failures), report.failures
+    monkeypatch.undo()
+
+    def broken(self: Quantize, rows: object) -> torch.Tensor:
+        raise IndexError("index 9 is out of bounds")
+
+    monkeypatch.setattr(Quantize, "decode_rows", broken)
+    report = fuzz_stacked(20, seed=33, specs=["quant(bits=8)", "topk(0.05) | quant(bits=4)"])
+    assert any("raised IndexError" in f for f in report.failures), report.failures
+    assert any("stacked: untyped IndexError" in f for f in report.failures), report.failures

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import random
@@ -49,13 +50,17 @@ from deltaplane.delta import Delta
 from deltaplane.errors import CodecError, DeltaplaneError
 
 __all__ = [
+    "FEWER",
     "SPECS",
+    "STACKABLE_KINDS",
     "FuzzReport",
     "Mutator",
+    "StackReport",
     "address_space_cap",
     "check_decode",
     "fuzz",
     "fuzz_model",
+    "fuzz_stacked",
     "peak_memory",
     "serialize_compact",
 ]
@@ -452,13 +457,13 @@ class Mutator:
         return serialize(doc, header=header, zstd=zstd, trailing=trailing), kind, preserving, src
 
     def mutate_compact(
-        self, sessions: list[WireSession], source: int | None = None
+        self, sessions: list[WireSession], source: int | None = None, kind: str | None = None
     ) -> tuple[bytes, str, bool, int]:
         """:meth:`mutate`, framed as a compact payload of the source's session (``sessions[src]``), with
         compact-only mutations on top: field codings and stored lengths that lie, entropy-coded streams
         corrupted, and frames of another session or base version or with bytes cut or added (every one
-        with a valid CRC)."""
-        doc, kind, preserving, src = self.mutate_doc(source)
+        with a valid CRC). ``kind``: the first mutation's kind (see :meth:`mutate_doc`)."""
+        doc, kind, preserving, src = self.mutate_doc(source, kind)
         rnd = self.rnd
         if "table" in kind:  # names do not travel: rows map onto the session's tensors by position
             preserving = False
@@ -472,20 +477,25 @@ class Mutator:
             kind, preserving = f"{kind}+frame_{frame}", False
         return payload, kind, preserving, src
 
-    def mutate_doc(self, source: int | None = None) -> tuple[dict[str, Any], str, bool, int]:
+    def mutate_doc(
+        self, source: int | None = None, kind: str | None = None
+    ) -> tuple[dict[str, Any], str, bool, int]:
         """A mutated copy of a pool payload's document, the mutation kind, whether it keeps the meaning and
-        the source payload index (what :meth:`mutate` and :meth:`mutate_compact` frame)."""
+        the source payload index (what :meth:`mutate` and :meth:`mutate_compact` frame). ``kind``: the
+        first mutation's kind (one of :attr:`kinds` or ``"recode_index"``; default: drawn at random)."""
         rnd = self.rnd
+        if kind is not None and kind != "recode_index" and kind not in self.kinds:
+            raise ValueError(f"unknown mutation kind {kind!r}: one of {sorted(self.kinds)} or 'recode_index'")
         src = rnd.randrange(len(self.pool)) if source is None else source
         parsed = self.pool[src]
         doc = copy.deepcopy(parsed.doc)
-        if rnd.random() < 0.15:
+        if kind == "recode_index" or (kind is None and rnd.random() < 0.15):
             kind, preserving = "recode_index", self._recode_index(doc)
             if not preserving:
                 kind = "field_bytes"
                 self._field_bytes(doc)
         else:
-            kind = rnd.choice(list(self.kinds))
+            kind = kind or rnd.choice(list(self.kinds))
             preserving = self._apply(kind, doc)
             if rnd.random() < 0.2:  # a second mutation on top
                 second = rnd.choice(list(self.kinds))
@@ -1182,3 +1192,293 @@ def fuzz(
             if progress is not None:
                 progress(i)
     return report
+
+
+# -- stacked decoding: damaged payloads among good ones ------------------------------------------------------
+#: mutations that keep a node's codec, shape and field names (only its bytes or metadata lie), so a damaged
+#: row still stacks with the good rows and reaches the codecs' ``decode_rows`` fast paths
+STACKABLE_KINDS = ("field_bytes", "meta", "length", "recode_index")
+#: the :attr:`StackReport.stacked` key that counts stacks (not tensors) with under two frames past the checks
+FEWER = "fewer than 2 frames past the frame checks"
+
+
+@dataclass
+class StackReport:
+    """What :func:`fuzz_stacked` saw."""
+
+    stacks: int = 0
+    payloads: int = 0
+    #: each payload decoded alone (:func:`decompress`): ``decoded`` or ``refused:<ErrorClass>``
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: the first mutation's kind of each damaged payload (``valid``: an undamaged row)
+    kinds: Counter[str] = field(default_factory=Counter)
+    #: per tensor of each stack with two or more payloads past the frame checks, what
+    #: :func:`~deltaplane.codecs.base.decode_tree_rows` did: ``decoded`` (row for row what
+    #: :func:`~deltaplane.codecs.base.decode_tree` gives), ``refused`` (a row refused alone, the same error
+    #: class), ``refused, rows decode alone`` (allowed: :func:`decompress_many` then decodes each alone);
+    #: and per stack, :data:`FEWER`
+    stacked: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    #: :func:`decompress_many` calls that took more than ``hang_seconds`` of CPU time
+    hangs: int = 0
+    max_seconds: float = 0.0
+    max_cpu_seconds: float = 0.0
+    #: worst ratio of a stack's peak memory to rows × 5 × model bytes + 10 × its payloads' bytes + 1 MiB
+    max_memory_ratio: float = 0.0
+    max_peak_bytes: int = 0
+    seconds: float = 0.0
+    model_bytes: int = 0
+    specs: list[str] = field(default_factory=list)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shape, dtype and values, NaN where the other has NaN (a damaged row may decode to NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _outcome(x: Delta | DeltaplaneError) -> str:
+    return f"refused:{type(x).__name__}" if isinstance(x, DeltaplaneError) else "decoded"
+
+
+def fuzz_stacked(
+    stacks: int,
+    *,
+    seed: int = 0,
+    specs: list[str] | None = None,
+    max_rows: int = 6,
+    seconds: float | None = None,
+    measure_memory: bool = False,
+    hang_seconds: float = 1.0,
+    kill_after: float = 30.0,
+    progress: Callable[[int], None] | None = None,
+) -> StackReport:
+    """Decode stacks of compact payloads, some damaged, together and one by one, and compare.
+
+    Each stack holds 2 to ``max_rows`` compact payloads of one codec's
+    :class:`~deltaplane.codecs.WireSession`: good payloads of different deltas (one layout) and, in 90% of
+    the stacks, at least one damaged by the structure-aware mutations of :meth:`Mutator.mutate_compact`
+    (70% of them of a kind that keeps the stack alike: :data:`STACKABLE_KINDS`; 10% repeat an earlier
+    damaged payload of the stack). Holds :func:`decompress_many` to its contract — exactly each payload's
+    :func:`decompress` outcome in its place: the same delta, or the same error class and message — and
+    :func:`~deltaplane.codecs.base.decode_tree_rows` (the codecs' ``decode_rows``) on the payloads past the
+    frame checks, tensor by tensor, to :func:`~deltaplane.codecs.base.decode_tree` of each row: the same
+    values, or a :class:`~deltaplane.errors.DeltaplaneError` of a class some row raises alone; nothing else
+    may escape. ``seconds``: stop after this long (the stacks done are reported). Failures are collected.
+    """
+    from deltaplane.codecs.base import decode_tree, decode_tree_rows
+    from deltaplane.codecs.compressor import _compact_trees, decompress_many
+
+    specs = specs or SPECS
+    rnd = random.Random(seed)
+    model = fuzz_model(seed)
+    layout = Layout.of(model)
+    sessions = [WireSession.create(layout, spec, base_id="fuzz") for spec in specs]
+    pool = [
+        Compressor(spec, error_feedback=False, seed=seed + i).compress(
+            Delta(model), base_id="fuzz", base_version=1
+        )
+        for i, spec in enumerate(specs)
+    ]
+    mutator = Mutator(pool, rnd)
+    # good rows: four deltas of one layout per codec, each framed in its codec's session
+    deltas = [Delta(fuzz_model(seed + 1 + j)) for j in range(4)]
+    good = [
+        [
+            Compressor(spec, error_feedback=False, seed=seed + 7 * i + j).compress(
+                d, base_version=1, session=s
+            )
+            for j, d in enumerate(deltas)
+        ]
+        for i, (spec, s) in enumerate(zip(specs, sessions, strict=True))
+    ]
+    base = ("fuzz", 1)
+    report = StackReport(model_bytes=layout.nbytes, specs=list(specs))
+    cap = 4 * max_rows * layout.nbytes + 10 * max_rows * max(len(p) for p in pool) + (512 << 20)
+    t_start = time.perf_counter()
+    with address_space_cap(cap):
+        for spec, p, s in zip(specs, (g[0] for g in good), sessions, strict=True):  # warm-up: lazy tables
+            try:
+                decompress_many([p, p], session=s, expect_base=base, expect_layout=layout)
+            except Exception as exc:  # a good stack: nothing may be raised
+                report.failures.append(
+                    f"good stack on '{spec}': decompress_many raised {type(exc).__name__}: {exc}"
+                )
+        for n in range(stacks):
+            if seconds is not None and time.perf_counter() - t_start > seconds:
+                break
+            src = rnd.randrange(len(specs))
+            session, rows = sessions[src], rnd.randint(2, max_rows)
+            damaged = set(rnd.sample(range(rows), rnd.randint(1, rows))) if rnd.random() < 0.9 else set()
+            stack: list[bytes] = []
+            names: list[str] = []
+            for j in range(rows):
+                if j not in damaged:
+                    stack.append(rnd.choice(good[src]))
+                    names.append("valid")
+                elif names and names[-1] != "valid" and rnd.random() < 0.1:
+                    stack.append(stack[-1])  # the same damage twice: a skeleton the session now remembers
+                    names.append(names[-1])
+                else:
+                    kind = rnd.choice(STACKABLE_KINDS) if rnd.random() < 0.7 else None
+                    payload, kind, _, _ = mutator.mutate_compact(sessions, source=src, kind=kind)
+                    stack.append(payload)
+                    names.append(kind)
+            report.kinds.update(k.split("+")[0] for k in names)
+            where = f"stack {n} of {rows} on '{specs[src]}' ({', '.join(names)})"
+            _check_stack(
+                stack, session, layout, base, where, report, rnd, measure_memory, hang_seconds, kill_after
+            )
+            _check_rows(stack, session, base, where, report, _compact_trees, decode_tree, decode_tree_rows)
+            report.stacks += 1
+            report.payloads += rows
+            if progress is not None:
+                progress(n)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _check_stack(
+    stack: list[bytes],
+    session: WireSession,
+    layout: Layout,
+    base: tuple[str, int],
+    where: str,
+    report: StackReport,
+    rnd: random.Random,
+    measure_memory: bool,
+    hang_seconds: float,
+    kill_after: float,
+) -> None:
+    """:func:`decompress_many` of the stack against each payload's :func:`decompress` (in a random order:
+    the session remembers the skeletons it has checked, so either may see a skeleton first)."""
+    from deltaplane.codecs.compressor import decompress_many
+
+    def alone() -> list[Delta | DeltaplaneError] | None:
+        out: list[Delta | DeltaplaneError] = []
+        for p in stack:
+            try:
+                out.append(decompress(p, session=session, expect_base=base, expect_layout=layout))
+            except DeltaplaneError as exc:
+                out.append(exc)
+            except Exception as exc:  # the one-by-one decoder's own contract (fuzz() covers it too)
+                report.failures.append(f"{where}: decoded alone, untyped {type(exc).__name__}: {exc}")
+                return None
+        return out
+
+    def together() -> list[Delta | DeltaplaneError] | None:
+        peak: list[int] = [0]
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            with _alarm(kill_after), peak_memory() if measure_memory else contextlib.nullcontext([0]) as peak:
+                out = decompress_many(stack, session=session, expect_base=base, expect_layout=layout)
+        except Exception as exc:  # errors go in their payload's place; nothing may be raised for a stack
+            report.failures.append(f"{where}: decompress_many raised {type(exc).__name__}: {exc}")
+            return None
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        report.max_seconds, report.max_cpu_seconds = (
+            max(report.max_seconds, wall),
+            max(report.max_cpu_seconds, cpu),
+        )
+        report.hangs += cpu > hang_seconds
+        if measure_memory and peak and peak[-1] >= 0:
+            bound = len(stack) * 5 * layout.nbytes + 10 * sum(map(len, stack)) + RSS_ALLOWANCE
+            report.max_memory_ratio = max(report.max_memory_ratio, peak[-1] / bound)
+            report.max_peak_bytes = max(report.max_peak_bytes, peak[-1])
+        return out
+
+    if rnd.random() < 0.5:
+        want, got = alone(), together()
+    else:
+        got, want = together(), alone()
+    if want is None or got is None:
+        return
+    report.outcomes.update(_outcome(w) for w in want)
+    if len(got) != len(want):
+        report.failures.append(f"{where}: decompress_many gave {len(got)} results for {len(want)} payloads")
+        return
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if isinstance(w, DeltaplaneError):
+            if not isinstance(g, DeltaplaneError):
+                report.failures.append(f"{where}: row {i} decoded in the stack but refused alone: {w}")
+            elif type(g) is not type(w) or str(g) != str(w):
+                report.failures.append(
+                    f"{where}: row {i} refused as {_outcome(g)} '{g}', alone {_outcome(w)} '{w}'"
+                )
+        elif isinstance(g, DeltaplaneError):
+            report.failures.append(
+                f"{where}: row {i} refused in the stack ({_outcome(g)}: {g}) but decodes alone"
+            )
+        elif g.keys() != w.keys() or not all(_same_values(g[k], w[k]) for k in w):
+            report.failures.append(f"{where}: row {i} decoded in the stack to another delta than alone")
+
+
+def _check_rows(
+    stack: list[bytes],
+    session: WireSession,
+    base: tuple[str, int],
+    where: str,
+    report: StackReport,
+    compact_trees: Callable[..., dict[str, tuple[torch.dtype, Any]]],
+    decode_tree: Callable[[Any], Tensor],
+    decode_tree_rows: Callable[[list[Any]], Tensor],
+) -> None:
+    """The stacked tree decoder itself on the payloads past the frame checks, tensor by tensor, against
+    each row decoded alone (what :func:`decompress_many` relies on before it falls back)."""
+    trees = []
+    for p in stack:
+        try:
+            trees.append(compact_trees(p, session, base, None, check=True))
+        except DeltaplaneError:
+            continue
+    if len(trees) < 2:
+        report.stacked[FEWER] += 1
+        return
+    for name in trees[0]:
+        nodes = [t[name][1] for t in trees]
+        alone: list[Tensor | DeltaplaneError] = []
+        for e in nodes:
+            try:
+                alone.append(decode_tree(e))
+            except DeltaplaneError as exc:
+                alone.append(exc)
+            except Exception as exc:
+                report.failures.append(f"{where}: '{name}' alone: untyped {type(exc).__name__}: {exc}")
+                return
+        errors = {type(a) for a in alone if isinstance(a, DeltaplaneError)}
+        try:
+            out = decode_tree_rows(nodes)
+        except DeltaplaneError as exc:
+            if not errors:
+                report.stacked["refused, rows decode alone"] += 1
+            elif type(exc) not in errors:
+                names = sorted(e.__name__ for e in errors)
+                report.failures.append(
+                    f"{where}: '{name}' stacked {type(exc).__name__} ({exc}), alone {names}"
+                )
+            else:
+                report.stacked["refused"] += 1
+            continue
+        except Exception as exc:
+            report.failures.append(f"{where}: '{name}' stacked: untyped {type(exc).__name__}: {exc}")
+            continue
+        bad = [i for i, a in enumerate(alone) if isinstance(a, DeltaplaneError)]
+        if bad:
+            report.failures.append(
+                f"{where}: '{name}' stacked decoded rows {bad} that alone raise: {alone[bad[0]]}"
+            )
+            continue
+        # rows of different codecs may decode to different dtypes (a float16 identity next to a float32
+        # quant): one stack holds them in their promoted dtype, which decompress_many casts to the tensor's
+        dtype = functools.reduce(torch.promote_types, (a.dtype for a in alone))  # type: ignore[union-attr]
+        if out.dtype != dtype:
+            report.failures.append(
+                f"{where}: '{name}' stacked as {out.dtype}, the rows alone promote to {dtype}"
+            )
+        elif not all(_same_values(out[i], a.to(dtype)) for i, a in enumerate(alone)):  # type: ignore[union-attr]
+            report.failures.append(f"{where}: '{name}' stacked decoded other values than each row alone")
+        else:
+            report.stacked["decoded"] += 1
