@@ -311,7 +311,10 @@ class BackdoorAttribution(_Buffered):
               z-score ``max(threshold/√kᵢ, REPUTATION_FLOOR)`` below the median at least — the plain test for
               the first ``(threshold/REPUTATION_FLOOR)²`` ≈ 11 rounds, an effect-size bar after, so a
               persistent mean above ``−REPUTATION_FLOOR`` is never kept out however long it lasts, while the
-              attackers (mean −1.5 to −1.85 on the measured runs) are.
+              attackers (mean −1.5 to −1.85 on the measured runs) are. With ``invert="schedule",
+              shadow="bounded"`` it passes 6 of 6 acceptance runs (the sum 5 of 6: default codec seed 0, 0.944
+              against 0.925) at 0.3 points more no-attacker cost; not the default: with the default options it
+              lost 3 and 10 test images against the sum on default-codec seeds 0 and 1 (docs/aggregation.md).
         state: learned state to continue from (a fresh one by default).
     """
 
