@@ -492,3 +492,79 @@ def test_the_shadow_option_is_validated() -> None:
         parse_defense("trigger_attribution(shadow=fade)")
     with pytest.raises(ConfigError, match="shadow must be one of"):
         BackdoorAttribution(shadow="Bounded")
+
+
+def _excluded_by_round(reputation: str | None, rounds: int = 30) -> list[list[str]]:
+    """Each round's excluded clients when the rule is fed a synthetic reputation sequence through its public
+    path (identify, add, result): the trigger is known and ``_scores`` returns fixed per-client z-scores, as
+    measured on the default codec (seed 0, ``invert=schedule``): two attackers at z −3 every round, one honest
+    client rich in the label at a persistent mean −0.7 (−0.2 and −1.2 alternately), seven others at +0.3."""
+    from torch import nn
+
+    from deltaplane.aggregation.attribution import TriggerProbe
+    from deltaplane.delta import Delta
+
+    kw = {} if reputation is None else {"reputation": reputation}
+    rule = BackdoorAttribution(unlearn=0, every=10_000, **kw)
+    rule._invert = lambda probe, like: None  # type: ignore[method-assign]
+    st = rule.state
+    st.label, st.mask, st.pattern, st.rounds = 0, torch.zeros(1, 4), torch.zeros(1, 4), 1
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    ids = ["a0", "a1", "h"] + [f"c{i}" for i in range(7)]
+    out: list[list[str]] = []
+    for rnd in range(rounds):
+        z = [-3.0, -3.0, -0.2 if rnd % 2 == 0 else -1.2] + [0.3] * 7
+        rule._scores = lambda probe, like, rows, z=z: torch.tensor(z, dtype=torch.float64)  # type: ignore[method-assign]
+        rule.set_probe(TriggerProbe(model, x, y, dict(model.state_dict())))
+        for cid in ids:
+            rule.identify(cid)
+            rule.add(Delta({k: torch.zeros_like(v) for k, v in model.state_dict().items()}))
+        rule.result()
+        out.append(list(rule.excluded))
+        rule.reset()
+    return out
+
+
+def test_a_persistent_small_negative_mean_is_not_kept_out_under_the_floor() -> None:
+    # the plain sum test (reputation=sum, the default) keeps the honest client out once −0.7·√k < −3, i.e.
+    # from k ≈ (3/0.7)² = 18.4: at k = 20 (R = −14, −14/√20 = −3.13; k = 19: −12.8/√19 = −2.94)
+    old = _excluded_by_round("sum")
+    assert [("h" in e) for e in old].index(True) == 19
+    assert all("h" in e for e in old[19::2])
+    # the floor needs the mean below −0.9 as well: the honest client's running mean never goes below −0.7
+    new = _excluded_by_round("floor")
+    assert not any("h" in e for e in new)
+    # the attackers (−3·√k < −3 from k = 2, mean −3) are kept out from the second round on under both rules
+    for excluded in (old, new):
+        assert all(set(e) >= {"a0", "a1"} for e in excluded[1:])
+        assert not excluded[0]
+    assert _excluded_by_round(None) == old  # the default stays the plain sum
+
+
+def test_the_reputation_option_is_validated() -> None:
+    assert parse_defense("trigger_attribution").reputation == "sum"  # type: ignore[attr-defined]
+    rule = parse_defense("trigger_attribution(invert=schedule, shadow=bounded, reputation=floor)")
+    assert isinstance(rule, BackdoorAttribution)
+    assert (rule.reputation, rule.invert, rule.shadow) == ("floor", "schedule", "bounded")
+    assert "reputation='floor'" in repr(rule)
+    with pytest.raises(ConfigError, match=r"reputation must be one of \['sum', 'floor'\]"):
+        parse_defense("trigger_attribution(reputation=mean)")
+    with pytest.raises(ConfigError, match="reputation must be one of"):
+        parse_defense("trigger_attribution(reputation=1)")
+    with pytest.raises(ConfigError, match="reputation must be one of"):
+        BackdoorAttribution(reputation="Floor")
+
+
+def test_the_factory_checks_every_named_choice_by_its_table() -> None:
+    from deltaplane.aggregation import attribution
+    from deltaplane.aggregation.factory import ATTRIBUTION_CHOICES, DEFENSE_PARAMS
+
+    assert set(ATTRIBUTION_CHOICES) <= set(DEFENSE_PARAMS["trigger_attribution"])
+    for key, table in ATTRIBUTION_CHOICES.items():
+        values = getattr(attribution, table)
+        assert table in attribution.__all__ and isinstance(values, tuple) and values
+        for value in values:  # every legal value builds the rule with it
+            assert getattr(parse_defense(f"trigger_attribution({key}={value})"), key) == value
+        with pytest.raises(ConfigError, match=f"{key} must be one of {list(values)}".replace("[", r"\[")):
+            parse_defense(f"trigger_attribution({key}=nonesuch)")

@@ -57,9 +57,19 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "score",
         "invert",
         "shadow",
+        "reputation",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
+#: trigger_attribution's named choices: parameter -> the tuple of :mod:`~deltaplane.aggregation.attribution`
+#: that lists its legal values (read when a spec names one, so this module does not import the rule)
+ATTRIBUTION_CHOICES = {
+    "switch": "SWITCHES",
+    "score": "SCORES",
+    "invert": "INVERSIONS",
+    "shadow": "SHADOWS",
+    "reputation": "REPUTATIONS",
+}
 
 
 def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
@@ -97,15 +107,10 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
-        if key in ("switch", "score", "invert", "shadow"):  # trigger_attribution's named choices
+        if key in ATTRIBUTION_CHOICES:  # trigger_attribution's named choices
             from deltaplane.aggregation import attribution
 
-            allowed = {
-                "switch": attribution.SWITCHES,
-                "score": attribution.SCORES,
-                "invert": attribution.INVERSIONS,
-                "shadow": attribution.SHADOWS,
-            }[key]
+            allowed = getattr(attribution, ATTRIBUTION_CHOICES[key])
             if value not in allowed:
                 raise ConfigError(f"defense {name!r}: {key} must be one of {list(allowed)}. Found {value!r}")
             continue
@@ -164,6 +169,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             score=params.get("score", "both"),
             invert=params.get("invert", "fixed"),
             shadow=params.get("shadow", "full"),
+            reputation=params.get("reputation", "sum"),
         )
     return FLTrust()
 
