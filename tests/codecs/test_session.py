@@ -397,3 +397,34 @@ def test_pack_many_raises_what_pack_raises_for_the_first_failing_device() -> Non
     with pytest.raises(ShapeMismatch, match="names and order"):
         s.pack_many([trees[1], reordered], 0)
     assert s.pack_many([], 0) == []
+
+
+def test_damaged_frames_of_a_packed_round_get_the_one_by_one_errors() -> None:
+    """A round framed together and decoded together: each damaged frame is refused with the error
+    decompress gives it alone, and the others decode as they do alone."""
+    from deltaplane.codecs.compressor import decompress_many
+
+    s, trees = _round("topk(0.01) | quant(bits=8)", True)
+    frames = s.pack_many(trees, 4)
+    bad = list(frames)
+    bad[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 1])  # CRC
+    bad[2] = frames[2][:20]  # truncated
+    other = frames[3][:3] + bytes(SESSION_ID_BYTES) + frames[3][3 + SESSION_ID_BYTES : -4]
+    bad[3] = other + struct.pack("<I", crc32c.crc32c(other))  # another session, its CRC valid
+    bad[4] = s.pack(trees[4], 5)  # another base version
+    got = decompress_many(bad, session=s, expect_base=("cnn", 4))
+    for frame, out in zip(bad, got, strict=True):
+        try:
+            want = s.decompress(frame, expect_base_version=4)
+        except DeltaplaneError as exc:
+            assert type(out) is type(exc) and str(out) == str(exc)
+            continue
+        assert all(torch.equal(out[k], v) for k, v in want.items())
+    assert [type(o).__name__ for o in got] == [
+        "Delta",
+        "DecodeError",
+        "DecodeError",
+        "SessionMismatch",
+        "VersionMismatch",
+        "Delta",
+    ]

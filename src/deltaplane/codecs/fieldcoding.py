@@ -202,21 +202,21 @@ def encode_fields(datas: list[bytes | memoryview]) -> list[tuple[int, bytes | me
         blocks[-1].append(i)
         total += len(d)
     for block in blocks:
-        if block:
+        if len(block) == 1:  # one field: field_sizes' fewer numpy calls
+            out[block[0]] = encode_field(datas[block[0]])
+        elif block:
             for i, coding in zip(block, _choose([datas[i] for i in block]), strict=True):
                 out[i] = _encode_as(datas[i], coding)
     return out
 
 
 def _choose(datas: list[bytes | memoryview]) -> list[int]:
-    """The coding :func:`encode_field` picks for each field (all at least ``_MIN_BYTES`` long)."""
-    if len(datas) == 1 and len(datas[0]) > _BLOCK:
-        counts = _byte_histogram(np.frombuffer(datas[0], np.uint8))[None, :]
-    else:
-        lengths = np.array([len(d) for d in datas], np.int64)
-        joined = np.frombuffer(b"".join(datas), np.uint8).astype(np.int64)
-        joined += np.repeat(np.arange(len(datas), dtype=np.int64) * 256, lengths)
-        counts = np.bincount(joined, minlength=256 * len(datas)).reshape(len(datas), 256)
+    """The coding :func:`encode_field` picks for each field (all at least ``_MIN_BYTES`` long, together at
+    most ``_BLOCK`` bytes)."""
+    lengths = np.array([len(d) for d in datas], np.int64)
+    joined = np.frombuffer(b"".join(datas), np.uint8).astype(np.int64)
+    joined += np.repeat(np.arange(len(datas), dtype=np.int64) * 256, lengths)
+    counts = np.bincount(joined, minlength=256 * len(datas)).reshape(len(datas), 256)
     sizes = np.empty((len(datas), 1 + len(_WIDTH)))
     sizes[:, 0] = counts.sum(1)
     for coding, w in _WIDTH.items():

@@ -53,7 +53,7 @@ import struct
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import crc32c
@@ -269,19 +269,27 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
     ``raw`` as :func:`_node_doc` does. ``None`` (and ``raw`` unusable) for anything unusual: such a tree is
     framed from scratch, and :func:`_node_doc` says what is wrong with it."""
     codec, shape = e.codec, e.shape
-    if type(codec) is not str or type(shape) is not tuple or any(type(d) is not int for d in shape):
+    if type(codec) is not str or type(shape) is not tuple:
         return None
+    for d in shape:
+        if type(d) is not int:
+            return None
     meta = []
     for k, v in e.meta.items():
         t = type(v)
-        if type(k) is not str or t not in (int, bool, str, float):
+        if type(k) is not str or t not in _META_TYPES:
             return None
         meta.append((k, t, _F64.pack(v) if t is float else v))
     fields = []
+    plain = _plain_codec(codec)
     for k, v in e.fields.items():
         if type(k) is not str:
             return None
-        if isinstance(v, Encoded):
+        t = type(v)
+        if t is bytes or t is memoryview or t is bytearray:
+            fields.append((k, len(v)))
+            raw.append((plain or k == "scales", v))  # _plain(codec, k)
+        elif isinstance(v, Encoded):
             sub = _tree_key(v, raw)
             if sub is None:
                 return None
@@ -292,6 +300,16 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
         else:
             return None
     return (codec, shape, tuple(meta), tuple(fields))
+
+
+#: meta value types a skeleton key holds as they are (exact types: bool and int apart)
+_META_TYPES = (int, bool, str, float)
+
+
+@lru_cache(maxsize=256)
+def _plain_codec(codec: str) -> bool:
+    """Whether every field of ``codec`` holds plain floats (:func:`_plain`), remembered per spec."""
+    return codec.split("(")[0] in _PLAIN
 
 
 def _rebuild(
