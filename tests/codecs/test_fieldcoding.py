@@ -3,6 +3,8 @@ and strict on every malformed stream."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltaplane.codecs.entropy import pack_bits
 from deltaplane.codecs.fieldcoding import CODINGS, decode_field, encode_field
@@ -90,3 +92,62 @@ def test_output_is_bounded_by_the_declared_length() -> None:
     assert len(decode_field(coding, memoryview(stored), 4096)) == 4096
     with pytest.raises(DecodeError):  # the same stream read as a longer field does not end where it should
         decode_field(coding, memoryview(stored + b"\x01\0\0\0"), 4096)
+
+
+# -- choosing many fields' codings at once (WireSession.pack_many) ---------------------------------------
+def _field(seed: int, n: int, kind: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    if kind == 0:
+        return rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # incompressible: stays raw
+    if kind == 1:
+        codes = rng.choice(4, 4 * n, p=[0.7, 0.2, 0.05, 0.05]).astype(np.uint8)
+        return pack_bits(codes, 2)[:n]  # skewed 2-bit codes
+    if kind == 2:
+        return np.packbits(rng.random(8 * n) < 0.05, bitorder="little").tobytes()  # sparse bits
+    if kind == 3:
+        return np.clip(rng.normal(128, 3, n), 0, 255).astype(np.uint8).tobytes()  # clustered codes
+    return bytes([seed % 256]) * n  # one symbol
+
+
+@pytest.mark.parametrize("w", [1, 2, 4, 8])
+def test_symbol_histogram_counts_every_symbol(w: int) -> None:
+    from deltaplane.codecs.fieldcoding import _byte_histogram, _symbol_histogram
+
+    data = np.random.default_rng(w).integers(0, 256, (3, 999), dtype=np.uint8)
+    rows = np.stack([_byte_histogram(r) for r in data])
+    for row, counts in zip(data, _symbol_histogram(rows, w), strict=True):
+        naive = np.zeros(1 << w, np.int64)  # every symbol of every byte, counted one by one
+        for b in row.tolist():
+            for j in range(8 // w):
+                naive[(b >> (j * w)) & ((1 << w) - 1)] += 1
+        assert counts.tolist() == naive.tolist()
+        assert _symbol_histogram(_byte_histogram(row), w).tolist() == naive.tolist()
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**16), st.integers(0, 400), st.integers(0, 4)), min_size=0, max_size=30
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_encode_fields_is_encode_field_of_each(fields: list[tuple[int, int, int]]) -> None:
+    from deltaplane.codecs.fieldcoding import encode_fields
+
+    datas = [_field(*f) for f in fields]
+    got = encode_fields(datas)
+    assert [(c, bytes(s)) for c, s in got] == [(c, bytes(s)) for c, s in map(encode_field, datas)]
+
+
+@pytest.mark.parametrize("close", [0.0, float("inf")])
+def test_encode_fields_close_calls_and_large_fields(monkeypatch: pytest.MonkeyPatch, close: float) -> None:
+    """Whether every choice is the vectorised estimate's (``_CLOSE = 0``) or every one is field_sizes' own
+    (``inf``), the codings, hence the bytes, are encode_field's; fields beyond a block (1 MiB) go alone."""
+    import deltaplane.codecs.fieldcoding as fc
+
+    monkeypatch.setattr(fc, "_CLOSE", close)
+    datas = [_field(i, 17 + 37 * i, i % 5) for i in range(40)]
+    datas += [_field(1, (1 << 20) + 3, 1), _field(2, 700_000, 2), _field(3, 500_000, 3), b"", b"\1" * 15]
+    got = fc.encode_fields(datas)
+    want = [fc.encode_field(d) for d in datas]
+    assert [(c, bytes(s)) for c, s in got] == [(c, bytes(s)) for c, s in want]
+    assert {c for c, _ in want} == {0, 1, 2, 3, 4}  # every coding chosen somewhere

@@ -6,13 +6,22 @@ import struct
 import crc32c
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.codecs.test_wire import SPECS
 
 import deltaplane as dp
 from deltaplane.codecs import WireSession, is_compact
 from deltaplane.codecs.session import COMPACT_MAGIC, SESSION_ID_BYTES
 from deltaplane.codecs.wire import read_table
-from deltaplane.errors import DecodeError, SessionMismatch, ShapeMismatch, VersionMismatch
+from deltaplane.errors import (
+    CodecError,
+    DecodeError,
+    DeltaplaneError,
+    SessionMismatch,
+    ShapeMismatch,
+    VersionMismatch,
+)
 
 MODEL = {
     "conv.weight": torch.zeros(8, 1, 3, 3),
@@ -270,3 +279,152 @@ def test_a_delta_of_another_layout_is_refused_before_it_moves_the_error_feedback
         assert comp.compress(_delta(seed), base_version=1, session=s) == twin.compress(
             _delta(seed), base_version=1, session=s
         )
+
+
+# -- a round's frames together (pack_many) -------------------------------------------------------------
+_ROUND = {"conv.weight": (8, 1, 3, 3), "conv.bias": (8,), "fc.weight": (64, 256), "fc.bias": (64,)}
+_ROUND |= {"out.weight": (10, 64)}
+#: sha256 (first 16 hex digits) of six devices' frames joined, as the per-device WireSession.pack made them
+#: before pack_many existed (main 4b616c4): pack_many and pack must still make exactly these bytes
+_FRAMES_BEFORE = {
+    ("identity", True): "647af7449b79f57a",
+    ("identity", False): "61227dbe985e93ff",
+    ("quant(bits=8)", True): "8626a2da840b0da1",
+    ("quant(bits=8)", False): "a2c511abe12b4efd",
+    ("quant(bits=4)", True): "30d2c06a1be8befa",
+    ("quant(bits=4)", False): "ae61d3bcf95db07e",
+    ("stc(0.002)", True): "a46635500eaf2f70",
+    ("stc(0.002)", False): "20d9f55669ac29d4",
+    ("stc(0.05)", True): "62a66651ee2b53b6",
+    ("stc(0.05)", False): "3dd91a2dce58e0c3",
+    ("topk(0.01) | quant(bits=8)", True): "6c9e81eff3f169e9",
+    ("topk(0.01) | quant(bits=8)", False): "514049946386537b",
+    ("threshold(0.01)", True): "8733f99d9ff2c56e",
+    ("threshold(0.01)", False): "9724b9277886f917",
+    ("topk(0.05, approx=true)", True): "b6b56cb8b42dfeb7",
+    ("topk(0.05, approx=true)", False): "877124d6f7f9085e",
+    ("sign", True): "d67ec6956a311aa5",
+    ("sign", False): "061970bf28a88ba1",
+    ("randk(0.1) | quant(bits=4)", True): "f7d0a684d8e5e2f1",
+    ("randk(0.1) | quant(bits=4)", False): "1e820375dde3354a",
+    ("powersgd(rank=2, min_size=16)", True): "55ba15dd4b04505f",
+    ("powersgd(rank=2, min_size=16)", False): "07fbaa31b4d10f6a",
+    ("topk(0.2) | quant(bits=8) | zstd(level=3)", True): "1d178740d6255dec",
+    ("topk(0.2) | quant(bits=8) | zstd(level=3)", False): "932039cfe462f345",
+}
+
+
+def _round(spec: str, entropy: bool, devices: int = 6) -> tuple[WireSession, list[dict]]:
+    from deltaplane.codecs.compressor import encode_delta
+
+    layout = dp.Layout.of({k: torch.zeros(s) for k, s in _ROUND.items()})
+    s = WireSession.create(layout, spec, base_id="cnn", entropy=entropy)
+    codec = dp.codecs.get_codec(spec)
+    trees = []
+    for d in range(devices):
+        g = torch.Generator().manual_seed(100 + d)
+        delta = dp.Delta({k: torch.randn(sh, generator=g) * 0.02 * (d + 1) for k, sh in _ROUND.items()})
+        trees.append(encode_delta(delta, codec, torch.Generator().manual_seed(d), {}))
+    return s, trees
+
+
+@pytest.mark.parametrize("spec, entropy", list(_FRAMES_BEFORE))
+def test_pack_many_makes_the_per_device_frames_byte_for_byte(spec: str, entropy: bool) -> None:
+    import hashlib
+
+    s, trees = _round(spec, entropy)
+    many = s.pack_many(trees, 7)
+    assert hashlib.sha256(b"".join(many)).hexdigest()[:16] == _FRAMES_BEFORE[spec, entropy]
+    assert many == [s.pack(t, 7) for t in trees]
+    fresh, _ = _round(spec, entropy)  # nothing remembered yet: the same bytes
+    assert fresh.pack_many(trees, 7) == many
+    for frame, t in zip(many, trees, strict=True):
+        got = s.decompress(frame, expect_base_version=7)
+        assert all(torch.equal(got[k], v) for k, v in dp.codecs.compressor.decode_delta(t).items())
+
+
+def test_pack_many_codes_fields_and_sends_odd_trees_whole() -> None:
+    """Entropy-coded fields and a tree shaped unlike the template (sent whole) in one round, each frame
+    the one pack makes."""
+    from deltaplane.codecs.compressor import encode_delta
+
+    s, trees = _round("quant(bits=4)", True)
+    odd = encode_delta(
+        dp.Delta({"fc.bias": torch.ones(64)}), dp.codecs.get_codec("identity"), torch.Generator()
+    )
+    trees[2] = dict(trees[2]) | {"fc.bias": odd["fc.bias"]}
+    many = s.pack_many(trees, 1)
+    assert many == [s.pack(t, 1) for t in trees]
+    codings = {c for frame in many for c, _ in s.read_table(frame)[1]}
+    assert codings - {0}, "some field is entropy-coded"
+    assert torch.equal(s.decompress(many[2])["fc.bias"], torch.ones(64))
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**31), st.floats(1e-4, 10.0)), min_size=1, max_size=8))
+@settings(max_examples=25, deadline=None)
+def test_pack_many_equals_pack_on_any_round(devices: list[tuple[int, float]]) -> None:
+    from deltaplane.codecs.compressor import encode_delta
+
+    s = _session("topk(0.2) | quant(bits=4)")
+    codec = dp.codecs.get_codec(s.codec)
+    trees = []
+    for seed, scale in devices:
+        g = torch.Generator().manual_seed(seed)
+        delta = dp.Delta(
+            {k: (torch.randn(v.shape, generator=g) * scale).to(v.dtype) for k, v in MODEL.items()}
+        )
+        trees.append(encode_delta(delta, codec, torch.Generator().manual_seed(seed), {}))
+    assert s.pack_many(trees, 3) == [s.pack(t, 3) for t in trees]
+
+
+def test_pack_many_raises_what_pack_raises_for_the_first_failing_device() -> None:
+    from deltaplane.codecs.base import Encoded
+
+    s, trees = _round("stc(0.05)", True, devices=4)
+    with pytest.raises(CodecError, match="base version must be a non-negative integer, got -1"):
+        s.pack_many(trees, -1)
+    late = dict(trees[3]) | {"fc.bias": (torch.float32, trees[3]["conv.bias"][1])}  # wrong shape, device 3
+    bad = dict(trees[1])
+    bad["out.weight"] = (torch.float32, Encoded("stc(0.05)", (10, 64), {}, {"values": torch.zeros(3)}))
+    for later, first in ((late, bad), (bad, late)):
+        round_ = [trees[0], first, trees[2], later]
+        with pytest.raises(DeltaplaneError) as want:
+            s.pack(first, 0)
+        with pytest.raises(DeltaplaneError) as got:
+            s.pack_many(round_, 0)
+        assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    reordered = dict(reversed(list(trees[0].items())))
+    with pytest.raises(ShapeMismatch, match="names and order"):
+        s.pack_many([trees[1], reordered], 0)
+    assert s.pack_many([], 0) == []
+
+
+def test_damaged_frames_of_a_packed_round_get_the_one_by_one_errors() -> None:
+    """A round framed together and decoded together: each damaged frame is refused with the error
+    decompress gives it alone, and the others decode as they do alone."""
+    from deltaplane.codecs.compressor import decompress_many
+
+    s, trees = _round("topk(0.01) | quant(bits=8)", True)
+    frames = s.pack_many(trees, 4)
+    bad = list(frames)
+    bad[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 1])  # CRC
+    bad[2] = frames[2][:20]  # truncated
+    other = frames[3][:3] + bytes(SESSION_ID_BYTES) + frames[3][3 + SESSION_ID_BYTES : -4]
+    bad[3] = other + struct.pack("<I", crc32c.crc32c(other))  # another session, its CRC valid
+    bad[4] = s.pack(trees[4], 5)  # another base version
+    got = decompress_many(bad, session=s, expect_base=("cnn", 4))
+    for frame, out in zip(bad, got, strict=True):
+        try:
+            want = s.decompress(frame, expect_base_version=4)
+        except DeltaplaneError as exc:
+            assert type(out) is type(exc) and str(out) == str(exc)
+            continue
+        assert all(torch.equal(out[k], v) for k, v in want.items())
+    assert [type(o).__name__ for o in got] == [
+        "Delta",
+        "DecodeError",
+        "DecodeError",
+        "SessionMismatch",
+        "VersionMismatch",
+        "Delta",
+    ]

@@ -366,3 +366,40 @@ def test_batched_run_codes_positions_on_the_stack(
     loop = run_simulation(cfg)
     assert [r.uplink_bytes for r in stacked.rounds] == [r.uplink_bytes for r in loop.rounds]
     assert digest(stacked.final_state) == digest(loop.final_state)
+
+
+@pytest.mark.parametrize("engine", ["batched", "population"])
+def test_round_frames_are_made_together(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    """Every round's compact frames come from one WireSession.pack_many call for all of its devices, never
+    from pack device by device (fails before: there was no pack_many), and the run's bytes and final
+    weights are those of framing each device with pack."""
+    from deltaplane.codecs import WireSession
+    from deltaplane.sim.population import run_population
+
+    cfg = RunConfig(clients=5, rounds=2, engine="batched", codec="topk(0.05) | quant(bits=8)")
+
+    def run() -> object:
+        if engine == "population":
+            return run_population(cfg, registered=40, per_round=5)
+        return run_simulation(cfg)
+
+    calls: list[int] = []
+    real = WireSession.pack_many
+
+    def spy(self: WireSession, trees: list, base_version: int) -> list[bytes]:
+        calls.append(len(trees))
+        return real(self, trees, base_version)
+
+    def refuse(*args: object) -> bytes:
+        raise AssertionError("a frame packed device by device")
+
+    with monkeypatch.context() as m:
+        m.setattr(WireSession, "pack_many", spy)
+        m.setattr(WireSession, "pack", refuse)
+        together = run()
+    assert calls == [5, 5]
+    one = WireSession.pack
+    monkeypatch.setattr(WireSession, "pack_many", lambda self, trees, v: [one(self, t, v) for t in trees])
+    alone = run()
+    assert [r.uplink_bytes for r in together.rounds] == [r.uplink_bytes for r in alone.rounds]
+    assert all(torch.equal(together.final_state[k], v) for k, v in alone.final_state.items())

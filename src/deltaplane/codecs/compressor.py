@@ -735,14 +735,17 @@ def _compress_stacked(
             # one tensor per device (a view into the stack would keep, and checkpoint, every device's rows)
             carry[name] = [r.clone() for r in (x - sents[name]).unbind(0)]
         residuals = [Delta({k: v[i] for k, v in carry.items()}) for i in range(len(compressors))]
-    payloads = []
-    for c, tree in zip(compressors, trees, strict=True):
-        if session is not None:
-            payloads.append(session.pack(tree, base_version))
-            continue
-        level = getattr(c._lossless, "level", None)
-        header = WireHeader(base_id, base_version, c.codec.spec, dict(meta or {}))
-        payloads.append(pack(tree, header, zstd_level=level))
+    if session is not None:  # the round's frames together (their fields' codings chosen in one pass)
+        payloads = session.pack_many(trees, base_version)
+    else:
+        payloads = [
+            pack(
+                tree,
+                WireHeader(base_id, base_version, c.codec.spec, dict(meta or {})),
+                zstd_level=getattr(c._lossless, "level", None),
+            )
+            for c, tree in zip(compressors, trees, strict=True)
+        ]
     # only now, with every payload made, the states move on: a failure above leaves them as they were
     for c, residual in zip(compressors, residuals, strict=True):
         if feedback:

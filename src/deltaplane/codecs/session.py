@@ -51,9 +51,9 @@ import hashlib
 import json
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import crc32c
@@ -67,6 +67,7 @@ from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
 from deltaplane.errors import (
     CodecError,
     DecodeError,
+    DeltaplaneError,
     SessionMismatch,
     ShapeMismatch,
     SpecError,
@@ -268,19 +269,27 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
     ``raw`` as :func:`_node_doc` does. ``None`` (and ``raw`` unusable) for anything unusual: such a tree is
     framed from scratch, and :func:`_node_doc` says what is wrong with it."""
     codec, shape = e.codec, e.shape
-    if type(codec) is not str or type(shape) is not tuple or any(type(d) is not int for d in shape):
+    if type(codec) is not str or type(shape) is not tuple:
         return None
+    for d in shape:
+        if type(d) is not int:
+            return None
     meta = []
     for k, v in e.meta.items():
         t = type(v)
-        if type(k) is not str or t not in (int, bool, str, float):
+        if type(k) is not str or t not in _META_TYPES:
             return None
         meta.append((k, t, _F64.pack(v) if t is float else v))
     fields = []
+    plain = _plain_codec(codec)
     for k, v in e.fields.items():
         if type(k) is not str:
             return None
-        if isinstance(v, Encoded):
+        t = type(v)
+        if t is bytes or t is memoryview or t is bytearray:
+            fields.append((k, len(v)))
+            raw.append((plain or k == "scales", v))  # _plain(codec, k)
+        elif isinstance(v, Encoded):
             sub = _tree_key(v, raw)
             if sub is None:
                 return None
@@ -291,6 +300,16 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
         else:
             return None
     return (codec, shape, tuple(meta), tuple(fields))
+
+
+#: meta value types a skeleton key holds as they are (exact types: bool and int apart)
+_META_TYPES = (int, bool, str, float)
+
+
+@lru_cache(maxsize=256)
+def _plain_codec(codec: str) -> bool:
+    """Whether every field of ``codec`` holds plain floats (:func:`_plain`), remembered per spec."""
+    return codec.split("(")[0] in _PLAIN
 
 
 def _rebuild(
@@ -543,56 +562,104 @@ class WireSession:
     # -- encoding ----------------------------------------------------------------------------------------
     def pack(self, trees: Mapping[str, tuple[torch.dtype, Encoded]], base_version: int) -> bytes:
         """Frame finalized trees (name -> (dtype, tree), the layout's tensors) as one compact payload."""
-        if trees.keys() != self.layout.keys() or list(trees) != list(self.layout):
-            raise ShapeMismatch(
-                f"update tensors {list(trees)[:5]} differ from the session layout {list(self.layout)[:5]} "
-                "(names and order); agree on a new session for another model"
-            )
+        return self._pack_all([trees], base_version)[0]
+
+    def pack_many(
+        self, trees: Sequence[Mapping[str, tuple[torch.dtype, Encoded]]], base_version: int
+    ) -> list[bytes]:
+        """``[self.pack(t, base_version) for t in trees]``, byte for byte, and the same error if one fails.
+
+        The in-process engines frame a round's devices together (:func:`~deltaplane.codecs.compress_many`):
+        each device still gets its own frame (skeleton, fields, CRC), but the lossless coding of every
+        device's byte fields is chosen in one pass (:func:`~deltaplane.codecs.fieldcoding.encode_fields`)
+        instead of a few dozen numpy calls per field. A failure sends the devices through :meth:`pack` one
+        by one, so the error raised is the first failing device's own.
+        """
+        try:
+            return self._pack_all(trees, base_version)
+        except DeltaplaneError:
+            for t in trees:  # the first failing device raises what pack raises for it
+                self._pack_all([t], base_version)
+            raise
+
+    def _pack_all(
+        self, devices: Sequence[Mapping[str, tuple[torch.dtype, Encoded]]], base_version: int
+    ) -> list[bytes]:
+        """:meth:`pack_many`'s work: every device's skeleton parts, then all fields' codings, then the frames."""
         if type(base_version) is not int or base_version < 0:
             raise CodecError(
                 f"compact frame: base version must be a non-negative integer, got {base_version!r}"
             )
-        from deltaplane.codecs.fieldcoding import encode_field
+        from deltaplane.codecs.fieldcoding import encode_fields
 
-        skeleton = bytearray()
-        chunks: list[bytes | memoryview] = []
         memo = self._packed
-        for i, (name, (dtype, tree)) in enumerate(trees.items()):
-            want = self.layout[name]
-            if dtype != want.dtype or tuple(tree.shape) != want.shape:
+        # per device, per tensor: (i, key, doc, tree, whole-node text, its byte fields, first slot in `coded`)
+        plans: list[list[tuple[Any, ...]]] = []
+        to_code: list[bytes | memoryview] = []
+        for trees in devices:
+            if trees.keys() != self.layout.keys() or list(trees) != list(self.layout):
                 raise ShapeMismatch(
-                    f"tensor '{name}' differs from the session layout ({want.shape}, {want.dtype})"
+                    f"update tensors {list(trees)[:5]} differ from the session layout {list(self.layout)[:5]} "
+                    "(names and order); agree on a new session for another model"
                 )
-            # A node's skeleton part depends only on its _tree_key and its fields' codings: a round's
-            # updates (every update of a dense codec) share a few, which are remembered, not worked out again.
-            raw: list[tuple[bool, bytes]] = []
-            key = _tree_key(tree, raw)
-            doc: dict[str, Any] | None = None
-            if key is None:
-                raw = []
-                doc = _node_doc(tree, raw)
-                text = self._whole_node(i, doc)
-            else:
-                text = memo.get((i, key))
-                if text is None:
-                    doc = _node_doc(tree)
+            plan = []
+            for i, (name, (dtype, tree)) in enumerate(trees.items()):
+                want = self.layout[name]
+                if dtype != want.dtype or tuple(tree.shape) != want.shape:
+                    raise ShapeMismatch(
+                        f"tensor '{name}' differs from the session layout ({want.shape}, {want.dtype})"
+                    )
+                # A node's skeleton part depends only on its _tree_key and its fields' codings: a round's
+                # updates (every update of a dense codec) share a few, which are remembered, not worked out
+                # again.
+                raw: list[tuple[bool, bytes]] = []
+                key = _tree_key(tree, raw)
+                doc: dict[str, Any] | None = None
+                if key is None:
+                    raw = []
+                    doc = _node_doc(tree, raw)
                     text = self._whole_node(i, doc)
-                    self._remember((i, key), text)
-            if text:  # a tree shaped unlike the template: sent whole, its fields raw
-                skeleton += text
-                chunks.extend(data for _, data in raw)
-                continue
-            codings: list[tuple[int, int]] = []
-            for plain, data in raw:
-                coding, stored = encode_field(data) if self.entropy and not plain else (0, data)
-                codings.append((coding, len(stored)))
-                chunks.append(stored)
-            part = memo.get((i, key, tuple(codings))) if key is not None else None
-            if part is None:
-                part = self._changed_values(i, doc if doc is not None else _node_doc(tree), codings)
-                if key is not None:
-                    self._remember((i, key, tuple(codings)), part)
-            skeleton += part
+                else:
+                    text = memo.get((i, key))
+                    if text is None:
+                        doc = _node_doc(tree)
+                        text = self._whole_node(i, doc)
+                        self._remember((i, key), text)
+                plan.append((i, key, doc, tree, text, raw, len(to_code)))
+                if not text:  # a tree shaped unlike the template is sent whole, its fields raw
+                    to_code.extend(data for plain, data in raw if self.entropy and not plain)
+            plans.append(plan)
+        coded = encode_fields(to_code)
+        out = []
+        for plan in plans:
+            skeleton = bytearray()
+            chunks: list[bytes | memoryview] = []
+            for i, key, doc, tree, text, raw, slot in plan:
+                if text:
+                    skeleton += text
+                    chunks.extend(data for _, data in raw)
+                    continue
+                codings: list[tuple[int, int]] = []
+                for plain, data in raw:
+                    if self.entropy and not plain:
+                        coding, stored = coded[slot]
+                        slot += 1
+                    else:
+                        coding, stored = 0, data
+                    codings.append((coding, len(stored)))
+                    chunks.append(stored)
+                part = memo.get((i, key, tuple(codings))) if key is not None else None
+                if part is None:
+                    part = self._changed_values(i, doc if doc is not None else _node_doc(tree), codings)
+                    if key is not None:
+                        self._remember((i, key, tuple(codings)), part)
+                skeleton += part
+            out.append(self._frame(base_version, skeleton, chunks))
+        return out
+
+    def _frame(self, base_version: int, skeleton: bytearray, chunks: list[bytes | memoryview]) -> bytes:
+        """Magic, version, session id, base version, skeleton, the data (one zstd frame of it if the codec
+        ends in ``zstd``) and the CRC32C of it all."""
         head = bytearray(COMPACT_MAGIC)
         head.append(COMPACT_VERSION)
         head += self.id
