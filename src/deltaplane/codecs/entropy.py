@@ -7,7 +7,7 @@ dominate the cost of compression.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -420,6 +420,37 @@ def encode_indices_rows(idx: np.ndarray, n: int) -> list[tuple[str, bytes]]:
     return out
 
 
+def _choose_coders(
+    k0: list[int],
+    counts: np.ndarray,
+    shifted_sums: Callable[[int], np.ndarray],
+    bitmap: int,
+    varint: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's index coder, by exact size, as :func:`encode_indices` chooses it: ``(rice, choice)``.
+
+    ``k0`` is each row's Golomb-Rice estimate (its candidates are ``k0 - 1 .. k0 + 1``, as ``golomb_best_k``
+    tries), ``counts`` each row's number of positions, ``shifted_sums(k)`` each row's sum of ``gap >> k``,
+    ``bitmap`` and ``varint`` the other two coders' sizes. ``choice`` is 0 (bitmap), 1 (varint) or 2
+    (Golomb-Rice, with parameter ``rice``): the first coder of the smallest size, ties included.
+    """
+    rows = len(counts)
+    cand = np.maximum(np.array(k0, np.int64) - 1, 0)[:, None] + np.arange(3)  # (rows, 3), ascending
+    hi = np.minimum(np.array(k0, np.int64) + 1, _MAX_RICE_K)[:, None]
+    sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
+    for k in np.unique(cand[cand <= hi]).tolist():
+        s = shifted_sums(k)
+        at = cand == k
+        r = np.nonzero(at)[0]
+        sizes[at] = 1 + (counts[r] * k + 7) // 8 + (s[r] + counts[r] + 7) // 8
+    best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
+    rice = cand[np.arange(rows), best]
+    golomb = sizes[np.arange(rows), best]
+    # the first coder of the smallest size: bitmap, then varint, then golomb
+    choice = np.where((bitmap <= varint) & (bitmap <= golomb), 0, np.where(varint <= golomb, 1, 2))
+    return rice, choice
+
+
 def _encode_block(idx: np.ndarray, n: int) -> list[tuple[str, bytes]]:
     """:func:`encode_indices_rows` of a block of rows (``rows · k`` at most ``_ROWS_BLOCK`` positions)."""
     rows, count = idx.shape
@@ -437,19 +468,9 @@ def _encode_block(idx: np.ndarray, n: int) -> list[tuple[str, bytes]]:
     k0 = [math.floor(math.log2(t / count * ln2)) if t / count * ln2 > 1 else 0 for t in totals]
     if max(k0) > _MAX_RICE_K + 1:  # no parameter to choose: the per-row coder's own error
         return [encode_indices(r, n) for r in idx]
-    cand = np.maximum(np.array(k0, np.int64) - 1, 0)[:, None] + np.arange(3)  # (rows, 3), ascending
-    hi = np.minimum(np.array(k0, np.int64) + 1, _MAX_RICE_K)[:, None]
-    shifted = {k: (gaps >> k).sum(axis=1) for k in np.unique(cand[cand <= hi]).tolist()}
-    sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
-    for k, s in shifted.items():
-        at = cand == k
-        r = np.nonzero(at)[0]
-        sizes[at] = 1 + (count * k + 7) // 8 + (s[r] + count + 7) // 8
-    best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
-    rice = cand[np.arange(rows), best]
-    golomb = sizes[np.arange(rows), best]
-    # the first coder of the smallest size: bitmap, then varint, then golomb
-    choice = np.where((bitmap <= varint) & (bitmap <= golomb), 0, np.where(varint <= golomb, 1, 2))
+    rice, choice = _choose_coders(
+        k0, np.full(rows, count, np.int64), lambda k: (gaps >> k).sum(axis=1), bitmap, varint
+    )
     out: list[tuple[str, bytes]] = [("", b"")] * rows
     for code, name in enumerate(INDEX_CODERS):
         sel = np.flatnonzero(choice == code)
@@ -564,18 +585,7 @@ def _encode_ragged_block(idx: np.ndarray, counts: np.ndarray, n: int) -> list[tu
         return [
             encode_indices(idx[s : s + c], n) for s, c in zip(starts.tolist(), counts.tolist(), strict=True)
         ]
-    cand = np.maximum(np.array(k0, np.int64) - 1, 0)[:, None] + np.arange(3)  # (rows, 3), ascending
-    hi = np.minimum(np.array(k0, np.int64) + 1, _MAX_RICE_K)[:, None]
-    shifted = {k: np.add.reduceat(gaps >> k, starts) for k in np.unique(cand[cand <= hi]).tolist()}
-    sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
-    for k, s in shifted.items():
-        at = cand == k
-        r = np.nonzero(at)[0]
-        sizes[at] = 1 + (counts[r] * k + 7) // 8 + (s[r] + counts[r] + 7) // 8
-    best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
-    rice = cand[np.arange(rows), best]
-    golomb = sizes[np.arange(rows), best]
-    choice = np.where((bitmap <= varint) & (bitmap <= golomb), 0, np.where(varint <= golomb, 1, 2))
+    rice, choice = _choose_coders(k0, counts, lambda k: np.add.reduceat(gaps >> k, starts), bitmap, varint)
     out: list[tuple[str, bytes]] = [("", b"")] * rows
     for code, name in enumerate(INDEX_CODERS):
         sel = np.flatnonzero(choice == code)
