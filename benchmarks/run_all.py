@@ -164,7 +164,8 @@ PLAN: list[Step] = [
         "robustness.py",
         _split(
             f"clean --workers 1 --clean-seeds 3 --clean-defenses "
-            f"'{_ATTR}(invert=schedule, shadow=bounded, reputation=floor)' --key-suffix 'reputation option'"
+            f"'{_ATTR}(invert=schedule, shadow=bounded, reputation=floor)' '{_ATTR}(reputation=floor)' "
+            "--key-suffix 'reputation option'"
         ),
         ("robustness-clean-reputation option",),
     ),
