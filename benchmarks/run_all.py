@@ -143,6 +143,14 @@ PLAN: list[Step] = [
         ),
         ("robustness-score option",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            f"accept --workers 1 --best '{_ATTR}(invert=schedule, shadow=bounded, reputation=floor)' "
+            f"'{_ATTR}(reputation=floor)' --key-suffix 'reputation option'"
+        ),
+        ("robustness-reputation option",),
+    ),
     Step("robustness.py", ("clean", "--workers", "1"), ("robustness-clean",)),
     Step(
         "robustness.py",
@@ -151,6 +159,15 @@ PLAN: list[Step] = [
             "--key-suffix 'score option'"
         ),
         ("robustness-clean-score option",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
+            f"clean --workers 1 --clean-seeds 3 --clean-defenses "
+            f"'{_ATTR}(invert=schedule, shadow=bounded, reputation=floor)' '{_ATTR}(reputation=floor)' "
+            "--key-suffix 'reputation option'"
+        ),
+        ("robustness-clean-reputation option",),
     ),
     Step(
         "robustness.py",
