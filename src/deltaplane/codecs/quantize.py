@@ -71,7 +71,13 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, n: int) -> Tensor:
         )
     if n == 0:
         return torch.empty(0, dtype=dtype)
-    buf = bytearray(data)  # writable copy: torch.frombuffer warns on read-only memory
+    return _view_bytes(bytearray(data), dtype)  # writable copy: torch.frombuffer warns on read-only memory
+
+
+def _view_bytes(buf: bytearray, dtype: torch.dtype) -> Tensor:
+    """A writable byte buffer viewed as a flat tensor of ``dtype``, without a copy (bool bytes checked).
+
+    ``torch.frombuffer`` has no bfloat16, so those bytes are read as int16 and reinterpreted."""
     if dtype == torch.bool:
         _check_bools(buf)
     if dtype == torch.bfloat16:
@@ -135,13 +141,7 @@ class Identity(Codec):
         if size == 0:
             return torch.empty((len(rows), *first.shape), dtype=dtype)
         buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
-        if dtype == torch.bool:
-            _check_bools(buf)
-        if dtype == torch.bfloat16:
-            flat = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16)
-        else:
-            flat = torch.frombuffer(buf, dtype=dtype)
-        return flat.view(len(rows), *first.shape)
+        return _view_bytes(buf, dtype).view(len(rows), *first.shape)
 
     def decode_ragged(self, rows: Sequence[Encoded]) -> list[Tensor]:
         """All rows' bytes joined into one buffer, viewed as one tensor and cut into the rows (each of its
@@ -162,11 +162,7 @@ class Identity(Codec):
         if not sum(sizes):
             return [torch.empty(e.shape, dtype=dtype) for e in rows]
         buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
-        if dtype == torch.bfloat16:
-            flat = torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16)
-        else:
-            flat = torch.frombuffer(buf, dtype=dtype)
-        return [t.view(e.shape) for t, e in zip(flat.split(sizes), rows, strict=True)]
+        return [t.view(e.shape) for t, e in zip(_view_bytes(buf, dtype).split(sizes), rows, strict=True)]
 
     def check(self, e: Encoded) -> None:
         super().check(e)
@@ -208,8 +204,7 @@ class _Cast(Codec):
         if not first.numel:
             return torch.empty((len(rows), *first.shape))
         buf = bytearray().join(data)  # type: ignore[arg-type]  # writable: torch.frombuffer warns otherwise
-        flat = torch.frombuffer(buf, dtype=torch.int16).view(self.dtype)
-        return flat.float().view(len(rows), *first.shape)
+        return _view_bytes(buf, self.dtype).float().view(len(rows), *first.shape)
 
 
 @register_codec
