@@ -313,8 +313,10 @@ class BackdoorAttribution(_Buffered):
               persistent mean above ``−REPUTATION_FLOOR`` is never kept out however long it lasts, while the
               attackers (mean −1.5 to −1.85 on the measured runs) are. With ``invert="schedule",
               shadow="bounded"`` it passes 6 of 6 acceptance runs (the sum 5 of 6: default codec seed 0, 0.944
-              against 0.925) at 0.3 points more no-attacker cost; not the default: with the default options it
-              lost 3 and 10 test images against the sum on default-codec seeds 0 and 1 (docs/aggregation.md).
+              against 0.925) at 0.3 points more no-attacker cost; with the default options, 6 of 6 too (the
+              sum misses default-codec seed 2) at the sum's no-attacker cost, −0.3 points on the mean
+              (docs/benchmarks.md, "— reputation option"). Not yet the default: moving it changes every recorded
+              ``trigger_attribution`` figure, which are re-recorded together when it moves.
         state: learned state to continue from (a fresh one by default).
     """
 

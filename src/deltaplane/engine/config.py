@@ -482,13 +482,14 @@ class RunConfig(BaseModel):
 
         return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
 
-    def attacker_count(self) -> int:
+    def attacker_count(self, *, counted: str | None = None, fix: str | None = None) -> int:
         """How many devices this run's attack makes malicious, ``round(fraction · clients)`` (0 without one).
 
         ``clients`` is the count the fraction applies to on every driver that runs this config as it is: the
         sequential, batched, HTTP-simulation and Flower drivers' devices, and the population engine's registered
         devices (:func:`~deltaplane.sim.population.run_population` checks its own ``registered`` when given one).
         Not checked when the config is built, for that reason; every driver checks it before its first round.
+        ``counted`` and ``fix`` name that count and how to raise it in the message (by default from ``engine``).
 
         Raises:
             ConfigError: the fraction gives no malicious device, so the attack would never run; the message
@@ -499,11 +500,9 @@ class RunConfig(BaseModel):
         from deltaplane.engine.attacks import malicious_count, parse_attack
 
         _, fraction = parse_attack(self.attack)
-        counted, fix = (
-            ("registered devices (clients)", "register more devices (raise clients)")
-            if self.engine == "population"
-            else ("clients", "raise clients")
-        )
+        population = self.engine == "population"
+        counted = counted or ("registered devices (clients)" if population else "clients")
+        fix = fix or ("register more devices (raise clients)" if population else "raise clients")
         return malicious_count(fraction, self.clients, spec=self.attack, counted=counted, fix=fix)
 
     def clients_per_round(self) -> int:

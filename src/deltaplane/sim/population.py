@@ -277,25 +277,6 @@ def _population_config(config: RunConfig, registered: int | None, per_round: int
     return config.replace(clients=registered, sample_fraction=per_round / registered)
 
 
-def _check_attackers(config: RunConfig) -> None:
-    """An attack's fraction applies to the registered devices (``config.clients`` once
-    :func:`_population_config` set it): :class:`~deltaplane.engine.ClientStep` draws ``round(fraction ·
-    registered)`` of them as attackers, fixed for the run, before any sampling. A fraction that gives none is
-    refused here, before the run starts, naming the registered count."""
-    if not config.attack:
-        return
-    from deltaplane.engine.attacks import malicious_count, parse_attack
-
-    _, fraction = parse_attack(config.attack)
-    malicious_count(
-        fraction,
-        config.clients,
-        spec=config.attack,
-        counted="registered devices",
-        fix="register more devices (run_population's registered, or clients)",
-    )
-
-
 def run_population(
     config: RunConfig,
     *,
@@ -322,7 +303,11 @@ def run_population(
             attack whose fraction of the ``registered`` devices rounds to no attacker.
     """
     config = _population_config(config, registered, per_round)
-    _check_attackers(config)
+    # an attack's fraction applies to the registered devices (config.clients now): ClientStep draws
+    # round(fraction · registered) attackers, fixed for the run, before any sampling; none is refused here
+    config.attacker_count(
+        counted="registered devices", fix="register more devices (run_population's registered, or clients)"
+    )
     for name, (off, why) in _REFUSED.items():
         if getattr(config, name) != off:
             raise UnsupportedOption(
