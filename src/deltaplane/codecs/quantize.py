@@ -263,6 +263,17 @@ def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
     return parts
 
 
+def row_chunk_views(flat: Tensor, chunk: int) -> list[Tensor]:
+    """:func:`chunk_views` of every row of a ``(rows, n)`` stack at once: ``(rows, chunks, chunk)`` views of the
+    whole chunks of every row, then ``(rows, 1, tail)`` of every row's shorter tail (each row cut as
+    :func:`chunk_views` cuts it alone)."""
+    rows, n = flat.shape
+    full, tail = divmod(n, chunk)
+    return ([flat[:, : full * chunk].reshape(rows, full, chunk)] if full else []) + (
+        [flat[:, full * chunk :].reshape(rows, 1, tail)] if tail else []
+    )
+
+
 def _chunk_scales(part: Tensor, scale: str) -> Tensor:
     if scale == "max":  # max |x| as max(max x, -min x): two reductions, no |x| temporary
         # + 0.0 turns an all-zero chunk's -0.0 into 0.0: which of max(0.0, -0.0) comes back depends on the
@@ -528,13 +539,8 @@ class Quantize(Codec):
             return super().encode_rows(x, rngs)
         rows = x.shape[0]
         flat = x.detach().reshape(rows, -1).float()
-        n = flat.shape[1]
-        full, tail = divmod(n, self.chunk)
         levels = self._levels()
-        # (rows, chunks, chunk) views: the whole chunks of every row, then every row's tail chunk
-        parts = ([flat[:, : full * self.chunk].reshape(rows, full, self.chunk)] if full else []) + (
-            [flat[:, full * self.chunk :].reshape(rows, 1, tail)] if tail else []
-        )
+        parts = row_chunk_views(flat, self.chunk)
         scales, codes = [], []
         # each row's own stream, taken part after part as encode takes it block after block
         dithers = [Dither(rng) for rng in rngs] if self.stochastic else []

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.quantize import _blocks, _read_scales, ceil_div, chunk_views
+from deltaplane.codecs.quantize import _blocks, _read_scales, ceil_div, chunk_views, row_chunk_views
 from deltaplane.errors import CodecError, DecodeError
 
 __all__ = ["Ternary", "pack_trits", "pack_trits_rows", "unpack_trits"]
@@ -153,12 +153,7 @@ class Ternary(Codec):
     ) -> list[Encoded] | None:
         """:meth:`encode_rows` of a ``(rows, n)`` group; ``None`` (nothing drawn) where a scale is not finite."""
         rows, n = flat.shape
-        chunk = self._chunk(n)
-        full, tail = divmod(n, chunk)
-        # (rows, chunks, chunk) views: the whole chunks of every row, then every row's tail chunk
-        parts = ([flat[:, : full * chunk].reshape(rows, full, chunk)] if full else []) + (
-            [flat[:, full * chunk :].reshape(rows, 1, tail)] if tail else []
-        )
+        parts = row_chunk_views(flat, self._chunk(n))
         scales = [torch.linalg.vector_norm(p, ord=math.inf, dim=2) for p in parts]
         if not all(bool(torch.isfinite(s).all()) for s in scales):
             return None
