@@ -552,9 +552,9 @@ def compress_many(
     Exactly ``[compressors[i].compress(Delta({k: v[i] ...}), ...) for i ...]``, byte for byte, leaving every
     compressor in the state that loop leaves it in (residual, generator, round count, codec state), but the
     arithmetic runs on the stack: error feedback adds the residuals to all rows at once, and codecs with a
-    batched :meth:`~deltaplane.codecs.base.Codec.encode_rows` (exact ``topk``, ``stc``, ``quant``,
-    ``identity`` and pipelines of them) select and quantize all rows together; other codecs encode row by
-    row (the default ``encode_rows``). The new residual is ``target - decode(what was sent)``, as in
+    batched :meth:`~deltaplane.codecs.base.Codec.encode_rows` (every stateless per-tensor codec and
+    pipelines of them) select, quantize or cast all rows together; other codecs encode row by row (the
+    default ``encode_rows``). The new residual is ``target - decode(what was sent)``, as in
     :meth:`Compressor.compress`, decoded from each device's encoded fields and dequantized / scattered on
     the stack (:func:`~deltaplane.codecs.base.decode_tree_rows`). Index coding, bit-packing and the wire
     framing stay per device, since every device sends its own payload.

@@ -188,6 +188,17 @@ class _Cast(Codec):
         data = self._field(e, "data", bytes)
         return tensor_from_bytes(data, self.dtype, e.numel).float().reshape(e.shape)
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """One cast of the whole stack, cut into each row's bytes: row ``i`` is byte for byte
+        ``encode(x[i], rngs[i])`` (a cast is element-wise; nothing is drawn from the generators)."""
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not len(rngs):
+            return super().encode_rows(x, rngs)
+        # once for the stack: every row of the cast is then a contiguous run of its bytes
+        whole = x.detach().to(self.dtype).contiguous().cpu()
+        data, size = tensor_buffer(whole), 2 * whole[0].numel()
+        spec, shape = self.spec, tuple(x.shape[1:])
+        return [Encoded(spec, shape, {}, {"data": data[i * size : (i + 1) * size]}) for i in range(len(rngs))]
+
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
         """All rows' half-precision bytes joined and widened to float32 in one call (exact: every fp16 and
         bf16 value is a float32). Rows of another shape or a field not of exactly ``2 · numel`` bytes take
@@ -219,6 +230,17 @@ class FP16(_Cast):
             raise CodecError("fp16: values exceed the float16 range (±65504); use bf16 or quant instead")
         return super().encode(x, rng)
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """The stacked cast, once no row holds a value beyond ±65504; otherwise the rows one by one, so the
+        error is the one ``encode`` raises. Each row's max |x| is checked on its own, as ``encode`` checks it:
+        a row holding NaN compares as in range there, whatever else it holds, and a stack's max would be NaN
+        for every row."""
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not len(rngs) or not x[0].numel():
+            return Codec.encode_rows(self, x, rngs)
+        if bool((x.detach().reshape(x.shape[0], -1).abs().amax(dim=1) > 65504).any()):
+            return Codec.encode_rows(self, x, rngs)
+        return super().encode_rows(x, rngs)
+
 
 @register_codec
 class BF16(_Cast):
@@ -239,6 +261,17 @@ def chunk_views(flat: Tensor, chunk: int) -> list[tuple[int, Tensor]]:
     if n % chunk:
         parts.append((full * chunk, flat[full * chunk :].view(1, -1)))
     return parts
+
+
+def row_chunk_views(flat: Tensor, chunk: int) -> list[Tensor]:
+    """:func:`chunk_views` of every row of a ``(rows, n)`` stack at once: ``(rows, chunks, chunk)`` views of the
+    whole chunks of every row, then ``(rows, 1, tail)`` of every row's shorter tail (each row cut as
+    :func:`chunk_views` cuts it alone)."""
+    rows, n = flat.shape
+    full, tail = divmod(n, chunk)
+    return ([flat[:, : full * chunk].reshape(rows, full, chunk)] if full else []) + (
+        [flat[:, full * chunk :].reshape(rows, 1, tail)] if tail else []
+    )
 
 
 def _chunk_scales(part: Tensor, scale: str) -> Tensor:
@@ -506,13 +539,8 @@ class Quantize(Codec):
             return super().encode_rows(x, rngs)
         rows = x.shape[0]
         flat = x.detach().reshape(rows, -1).float()
-        n = flat.shape[1]
-        full, tail = divmod(n, self.chunk)
         levels = self._levels()
-        # (rows, chunks, chunk) views: the whole chunks of every row, then every row's tail chunk
-        parts = ([flat[:, : full * self.chunk].reshape(rows, full, self.chunk)] if full else []) + (
-            [flat[:, full * self.chunk :].reshape(rows, 1, tail)] if tail else []
-        )
+        parts = row_chunk_views(flat, self.chunk)
         scales, codes = [], []
         # each row's own stream, taken part after part as encode takes it block after block
         dithers = [Dither(rng) for rng in rngs] if self.stochastic else []
@@ -671,6 +699,23 @@ class Sign(Codec):
         scale = float(flat.abs().mean()) if flat.numel() else 0.0
         signs = np.packbits((flat >= 0).numpy(), bitorder="little").tobytes()
         return Encoded(self.spec, tuple(x.shape), {}, {"signs": signs, "scales": struct.pack("<f", scale)})
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Every row's sign bits packed at once (each row padded to a byte, as ``encode`` pads it); the scale
+        per row, ``float(row.mean())`` of the stack's ``|x|`` as ``encode`` takes it: a mean over the whole
+        matrix may sum in another order (see docs/sim-speed.md). Row ``i`` is byte for byte
+        ``encode(x[i], rngs[i])``; nothing is drawn."""
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        signs = np.packbits(flat.ge(0).numpy(), axis=1, bitorder="little")
+        spec, shape = self.spec, tuple(x.shape[1:])
+        return [
+            Encoded(
+                spec, shape, {}, {"signs": bits.tobytes(), "scales": struct.pack("<f", float(mag.mean()))}
+            )
+            for bits, mag in zip(signs, flat.abs().unbind(0), strict=True)
+        ]
 
     def decode(self, e: Encoded) -> Tensor:
         scale = _read_scales(self, e, 1)

@@ -454,6 +454,30 @@ class RandK(Codec):
             values = values / self.ratio
         return Encoded(self.spec, tuple(x.shape), {"seed": seed}, {"values": values})
 
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Every row's positions made at once (:func:`random_positions_rows`) and its values one gather.
+
+        Row ``i`` is ``encode(x[i], rngs[i])`` bit for bit: its seed is the one draw ``encode`` makes from
+        ``rngs[i]`` (drawn row after row, as a loop draws them, also when rows share a generator), its
+        positions are :func:`random_positions` of that seed, and the ``1/ratio`` scaling is element-wise.
+        Rows keep different counts.
+        """
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        rows, n = flat.shape
+        seeds = [int(torch.randint(0, 2**62, (1,), generator=rng)) for rng in rngs]
+        idx, counts = random_positions_rows(seeds, n, self.ratio)
+        pos = idx + np.repeat(np.arange(rows, dtype=np.int64) * n, counts)
+        values = flat.reshape(-1)[torch.from_numpy(pos)]
+        if self.unbiased:
+            values = values / self.ratio
+        spec, shape = self.spec, tuple(x.shape[1:])
+        return [
+            Encoded(spec, shape, {"seed": seed}, {"values": v})
+            for seed, v in zip(seeds, values.split(counts.tolist()), strict=True)
+        ]
+
     def check(self, e: Encoded) -> None:
         """Seed, and a count the seed could plausibly select, before regenerating any position.
 

@@ -10,12 +10,15 @@ import torch
 from torch import Tensor
 
 from deltaplane.codecs.base import Codec, Encoded, register_codec
-from deltaplane.codecs.quantize import _blocks, _read_scales, ceil_div, chunk_views
+from deltaplane.codecs.quantize import _blocks, _read_scales, ceil_div, chunk_views, row_chunk_views
 from deltaplane.errors import CodecError, DecodeError
 
-__all__ = ["Ternary", "pack_trits", "unpack_trits"]
+__all__ = ["Ternary", "pack_trits", "pack_trits_rows", "unpack_trits"]
 
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+#: values per group of rows in :meth:`Ternary.encode_rows`: its float temporaries (~1 MB each) stay small
+_ROWS_VALUES = 1 << 18
 
 
 def pack_trits(trits: np.ndarray) -> bytes:
@@ -32,6 +35,19 @@ def pack_trits(trits: np.ndarray) -> bytes:
     for j in range(1, 5):
         out += t[:, j] * _POW3[j]
     return out.tobytes()
+
+
+def pack_trits_rows(trits: np.ndarray) -> np.ndarray:
+    """:func:`pack_trits` of every row of a ``(rows, n)`` matrix at once: ``(rows, ceil(n / 5))`` bytes, each
+    row zero-padded to a multiple of five trits as ``pack_trits`` pads it."""
+    rows, n = trits.shape
+    t = np.zeros((rows, ceil_div(n, 5) * 5), np.uint8)
+    t[:, :n] = trits
+    t = t.reshape(rows, -1, 5)
+    out = t[:, :, 0].copy()
+    for j in range(1, 5):
+        out += t[:, :, j] * _POW3[j]
+    return out
 
 
 def unpack_trits(data: bytes, n: int) -> np.ndarray:
@@ -108,6 +124,58 @@ class Ternary(Codec):
             {},
             {"trits": pack_trits(trits.numpy()), "scales": scale_t.numpy().astype("<f4").tobytes()},
         )
+
+    def encode_rows(self, x: Tensor, rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Scales, trits and their packing for a group of rows at once; row ``i`` is byte for byte
+        ``encode(x[i], rngs[i])``.
+
+        ``encode`` draws one uniform a value from its generator, in value order (whole chunks, then the
+        tail; ``uniform_`` draws element by element, so its blocks do not matter): here each row draws its
+        ``n`` uniforms in one call on its own generator, row after row, which is also what rows sharing a
+        generator draw one after another. The scales (each chunk's max |x|) are exact whatever the batch,
+        and the rest is element-wise. Groups of rows hold at most ``_ROWS_VALUES`` values, so the float
+        temporaries stay small (a long row is a group of its own). A group with a non-finite scale goes
+        through ``encode`` row by row (before it draws anything).
+        """
+        if x.dim() < 1 or x.shape[0] != len(rngs) or not len(rngs) or not x[0].numel():
+            return super().encode_rows(x, rngs)
+        flat = x.detach().reshape(x.shape[0], -1).float()
+        n = flat.shape[1]
+        group = max(1, _ROWS_VALUES // n)
+        out: list[Encoded] = []
+        for r0 in range(0, flat.shape[0], group):
+            rows = self._encode_group(flat[r0 : r0 + group], rngs[r0 : r0 + group], tuple(x.shape[1:]))
+            out += rows or [self.encode(x[i], rngs[i]) for i in range(r0, min(r0 + group, len(rngs)))]
+        return out
+
+    def _encode_group(
+        self, flat: Tensor, rngs: Sequence[torch.Generator], shape: tuple[int, ...]
+    ) -> list[Encoded] | None:
+        """:meth:`encode_rows` of a ``(rows, n)`` group; ``None`` (nothing drawn) where a scale is not finite."""
+        rows, n = flat.shape
+        parts = row_chunk_views(flat, self._chunk(n))
+        scales = [torch.linalg.vector_norm(p, ord=math.inf, dim=2) for p in parts]
+        if not all(bool(torch.isfinite(s).all()) for s in scales):
+            return None
+        noise = torch.empty(rows, n)
+        for r, rng in enumerate(rngs):
+            noise[r].uniform_(generator=rng)
+        trits = torch.empty(rows, n, dtype=torch.uint8)
+        start = 0
+        for part, s in zip(parts, scales, strict=True):
+            width = part.shape[1] * part.shape[2]
+            u = noise[:, start : start + width].view(part.shape).mul_(s[..., None])
+            keep = torch.lt(u, part.abs())  # P(keep) = |x| / s
+            t = torch.sign(part).mul_(keep).add_(1)  # trit: -1 -> 0, 0 -> 1, +1 -> 2
+            trits[:, start : start + width].view(part.shape).copy_(t)
+            start += width
+        packed = pack_trits_rows(trits.numpy())
+        scale_np = torch.cat(scales, dim=1).numpy().astype("<f4")
+        spec = self.spec
+        return [
+            Encoded(spec, shape, {}, {"trits": p.tobytes(), "scales": sc.tobytes()})
+            for p, sc in zip(packed, scale_np, strict=True)
+        ]
 
     def check(self, e: Encoded) -> None:
         super().check(e)
