@@ -556,8 +556,9 @@ def compress_many(
     pipelines of them) select, quantize or cast all rows together; other codecs encode row by row (the
     default ``encode_rows``). The new residual is ``target - decode(what was sent)``, as in
     :meth:`Compressor.compress`, decoded from each device's encoded fields and dequantized / scattered on
-    the stack (:func:`~deltaplane.codecs.base.decode_tree_rows`). Index coding, bit-packing and the wire
-    framing stay per device, since every device sends its own payload.
+    the stack (:func:`~deltaplane.codecs.base.decode_tree_rows`). Index coding and bit-packing run on the
+    stack too, and with a ``session`` the round's frames are made together
+    (:meth:`~deltaplane.codecs.session.WireSession.pack_many`); each device still gets its own payload.
 
     The stacked path needs compressors sharing one codec spec and error-feedback setting, each with its own
     generator, a codec that is neither stateful (PowerSGD) nor a per-layer policy, finite deltas, and
