@@ -253,7 +253,11 @@ class ServiceState:
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
         with self.lock:
-            uploads = {"accepted": self.counters.get("uploads.accepted", 0)}
+            # plain rounds' uploads, then SecAgg rounds' masked inputs (a SecAgg federation sends no plain one)
+            uploads = {
+                "accepted": self.counters.get("uploads.accepted", 0),
+                "accepted_secagg_masked": self.counters.get("secagg.masked", 0),
+            }
             uploads.update(
                 {
                     k.removeprefix("rejected."): v
