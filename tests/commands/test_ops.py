@@ -432,3 +432,10 @@ def test_an_empty_host_is_refused_by_serve_and_ui(cli, tmp_path, monkeypatch):
             r = cli(*args, "--host", host, "--insecure-http")
             assert r.exit_code == 2 and "--host is empty; give the address to listen on" in r.output, r.output
     assert served == []
+
+
+def test_keys_help_names_both_of_its_commands(cli):
+    """`deltaplane --help` said `keys` was "Ed25519 signing keys." while it also makes serve's TLS certificates
+    (`keys tls`, the first command of docs/fleet.md): a newcomer looking for TLS found no command for it."""
+    out = " ".join(cli("--help").output.replace("│", " ").split())  # rich's box, wrapped at any width
+    assert "Ed25519 signing keys (init) and TLS certificates for serve (tls)" in out, out

@@ -79,6 +79,17 @@ def test_every_body_is_capped_while_streaming(service):
     assert call(service.app, "POST", "/v1/models/cnn/report", token=token, chunks=[ok])[0] == 202
 
 
+def test_a_refused_admin_token_says_what_to_fix(service):
+    """A wrong admin token got "missing or invalid admin token" and nothing more: `deltaplane fleet enroll`
+    and `coordinate` printed only that. The 401 now names the token to send and where it comes from."""
+    for token in (None, "wrong-admin-token-0000"):
+        status, body, _ = call(service.app, "GET", "/admin/stats", token=token)
+        detail = json.loads(body)["detail"]
+        assert status == 401 and detail.startswith("missing or invalid admin token"), detail
+        assert "DELTAPLANE_ADMIN_TOKEN" in detail and "Authorization: Bearer" in detail, detail
+    assert call(service.app, "GET", "/admin/stats", token=ADMIN)[0] == 200
+
+
 def test_failed_authentication_is_throttled_per_address(tmp_path):
     svc = Service(tmp_path / "h", auth_failure_burst=5, auth_failure_rate=0.01)
     good = svc.admin.issue_token("d1")

@@ -11,7 +11,7 @@ from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
 
-from .conftest import record_bodies
+from .conftest import ADMIN, record_bodies
 
 
 def _deltas(like: dict, n: int, seed: int) -> list[Delta]:
@@ -863,3 +863,22 @@ def test_a_models_versions_say_which_kind_of_round_published_them(service) -> No
     assert plain_lineage["round"] == secure_lineage["round"] == 1  # the same number, two numberings
     assert plain_lineage["plain_round"] == 1 and "secagg_round" not in plain_lineage
     assert secure_lineage["secagg_round"] == 1 and "plain_round" not in secure_lineage
+
+
+def test_the_dashboard_counts_a_secagg_rounds_masked_inputs(service) -> None:
+    """The fleet page's Uploads table counted plain uploads only: after a SecAgg federation (docs/fleet.md)
+    it read "accepted 0" while every device had sent its masked input. It now has a row for those, next to
+    the plain uploads, from the service's own counter of accepted masked inputs."""
+    from deltaplane.codecs import Compressor
+
+    base = service.reg.load_state("cnn@1")
+    service.admin.open_round("cnn")
+    payload = Compressor("identity").compress(_deltas(base, 1, 5)[0], base_id="cnn", base_version=1)
+    service.device("p").upload("cnn", 1, payload, num_examples=4)
+    service.admin.close_round("cnn", 1)
+    rnd, _ = _walk(service, ["a", "b", "c"])
+    service.admin.close_secagg("cnn", rnd)
+    uploads = service.state.fleet_snapshot()["uploads"]
+    assert uploads["accepted"] == 1 and uploads["accepted_secagg_masked"] == 3, uploads
+    page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert 'data-field="uploads.accepted_secagg_masked">3</td>' in page

@@ -238,7 +238,9 @@ def _tolerance(items: list[str] | None) -> Any:
 
 def register(app: typer.Typer) -> None:
     """Add the ``keys``, ``registry`` and ``serve`` commands to ``app``."""
-    keys = typer.Typer(help="Ed25519 signing keys.", no_args_is_help=True)
+    keys = typer.Typer(
+        help="Ed25519 signing keys (init) and TLS certificates for serve (tls).", no_args_is_help=True
+    )
     reg_app = typer.Typer(
         help="Signed model/delta registry: versions, tags, promotion, rollback.", no_args_is_help=True
     )

@@ -62,7 +62,7 @@ from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, d
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
-from deltaplane.serve.guard import DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
@@ -253,7 +253,11 @@ class ServiceState:
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
         with self.lock:
-            uploads = {"accepted": self.counters.get("uploads.accepted", 0)}
+            # plain rounds' uploads, then SecAgg rounds' masked inputs (a SecAgg federation sends no plain one)
+            uploads = {
+                "accepted": self.counters.get("uploads.accepted", 0),
+                "accepted_secagg_masked": self.counters.get("secagg.masked", 0),
+            }
             uploads.update(
                 {
                     k.removeprefix("rejected."): v
@@ -573,7 +577,7 @@ def create_app(
             creds.credentials.encode(), config.admin_token.encode()
         ):
             state.counters["rejected.unauthenticated_admin"] += 1
-            raise HTTPException(401, "missing or invalid admin token", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, ADMIN_TOKEN_REFUSED, headers={"WWW-Authenticate": "Bearer"})
 
     Device = Annotated[DeviceIdentity, Depends(device)]
     Admin = Depends(admin)

@@ -32,7 +32,7 @@ from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
 
-__all__ = ["DEVICE_SCOPE_KEY", "MAX_HEAD_BYTES", "RequestGuard"]
+__all__ = ["ADMIN_TOKEN_REFUSED", "DEVICE_SCOPE_KEY", "MAX_HEAD_BYTES", "RequestGuard"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,6 +41,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEVICE_SCOPE_KEY = "deltaplane.device"
+#: the 401 an ``/admin`` request without the service's admin token gets: which token to send, and how
+ADMIN_TOKEN_REFUSED = (
+    "missing or invalid admin token; send the one `deltaplane serve` runs with (its --admin-token or "
+    "$DELTAPLANE_ADMIN_TOKEN, or the token it printed at start) as Authorization: Bearer <token>; "
+    "`deltaplane fleet` reads it from $DELTAPLANE_ADMIN_TOKEN"
+)
 #: the most bytes a request head (request line and headers) may take; uvicorn's h11 refuses a head that
 #: passes it while it arrives in pieces, but parses one delivered in a single read (up to ~256 KiB) whole
 MAX_HEAD_BYTES = 16 << 10
@@ -139,7 +145,7 @@ class RequestGuard:
                 what = refused or (
                     "missing, invalid, expired or revoked device token; ask an admin for one (POST /admin/devices)"
                     if area == "device"
-                    else "missing or invalid admin token"
+                    else ADMIN_TOKEN_REFUSED
                 )
                 await _reply(send, 401, what, {"www-authenticate": "Bearer"})
                 return
