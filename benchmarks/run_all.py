@@ -204,9 +204,6 @@ HELPERS = {
 }
 #: sections of the page that no script writes (a log of many runs, compiled by hand; the section says so)
 HAND_COMPILED = {"sim_speed_repeats"}
-#: sections last recorded before ``_record.record`` wrote the machine's load (re-record them to drop them
-#: from here: ``mergekit-parity`` takes about 40 minutes on the 2-core machine)
-RECORDED_WITHOUT_LOAD = {"mergekit-parity"}
 
 
 def planned_sections() -> set[str]:
