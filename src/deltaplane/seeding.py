@@ -13,7 +13,7 @@ seed their random layers the same way (:func:`seeded_random_layers`); :mod:`delt
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from enum import IntEnum
 
 import numpy as np
@@ -86,10 +86,30 @@ def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
+def _xpu_devices() -> list[int]:
+    """The XPU devices whose generators :func:`seeded_random_layers` forks and seeds: as :func:`_cuda_devices`,
+    every visible one once XPU is initialized (reading an XPU generator initializes XPU), none before."""
+    return list(range(torch.xpu.device_count())) if torch.xpu.is_initialized() else []
+
+
+def _mps_in_use() -> bool:
+    """Whether :func:`seeded_random_layers` forks and seeds the MPS generator: when torch is built with MPS,
+    outside a child forked after MPS was touched.
+
+    MPS has no lazy start to wait for (torch has no ``torch.mps.is_initialized``): its one generator is a
+    host-side object that exists whether or not a model is on MPS, and reading, seeding or restoring it starts
+    no Metal device (``torch.manual_seed`` seeds it on every call). Asking ``torch.mps.is_available()`` would
+    create the Metal device, so it is not asked: a torch built with MPS on a machine without one gets a
+    generator seeded that nothing draws from. In a forked child MPS is not usable, and torch's own seeding
+    leaves it alone there too (``torch.mps._is_in_bad_fork``).
+    """
+    return torch.backends.mps.is_built() and not torch.mps._is_in_bad_fork()
+
+
 @contextmanager
 def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
-    """Within the block, torch's global CPU generator, and the CUDA ones once CUDA is in use, are seeded from
-    ``generator``; afterwards they are as they were.
+    """Within the block, torch's global CPU generator, and the CUDA, XPU and MPS ones once they are in use, are
+    seeded from ``generator``; afterwards they are as they were.
 
     Dropout and other random layers draw from torch's *global* generator, which nothing seeds per device or
     per training run: a loop whose batch order comes from its own ``generator`` still trained another model
@@ -107,7 +127,10 @@ def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
     only queue the seed for whatever first uses CUDA later (``torch.manual_seed`` does that, and seeded the
     CUDA generators without restoring them: the block used to change the caller's CUDA state). So move a model
     to CUDA before the block, as every loop here receives it; a body that initializes CUDA itself draws from
-    CUDA's default seed. Other accelerators' generators (MPS, XPU) are neither seeded nor restored.
+    CUDA's default seed. XPU is treated as CUDA: once initialized (:func:`_xpu_devices`), every XPU device's
+    generator is forked and seeded, before that nothing of it is touched. MPS's one generator is forked and
+    seeded whenever torch is built with MPS (:func:`_mps_in_use`: it can be read without starting the Metal
+    device), so a model on MPS gets reproducible masks and the caller's MPS state comes back.
 
     Example:
         >>> g = torch.Generator().manual_seed(3)
@@ -124,19 +147,30 @@ def seeded_random_layers(generator: torch.Generator) -> Iterator[None]:
 
 @contextmanager
 def seeded_global_generators(seed: int) -> Iterator[None]:
-    """Within the block, torch's global CPU generator, and every visible CUDA device's once CUDA is in use, are
-    seeded with ``seed``; afterwards they are as they were.
+    """Within the block, torch's global CPU generator, and every visible CUDA and XPU device's and the MPS one
+    once they are in use, are seeded with ``seed``; afterwards they are as they were.
 
-    The core of :func:`seeded_random_layers` (see there for why CUDA is left alone before it is initialized),
-    for code that draws its seed itself: a layer's own ``reset_parameters`` drawing from the global generator
-    (:mod:`deltaplane.merging.moe` re-initialising a router). On the CPU it is ``torch.manual_seed(seed)`` bit
-    for bit, without ``torch.manual_seed``'s side effects on generators it does not restore (it seeds every
-    CUDA device, or queues the seed for CUDA's start, and MPS/XPU).
+    The core of :func:`seeded_random_layers` (see there for which accelerators count as in use and why CUDA and
+    XPU are left alone before they are initialized), for code that draws its seed itself: a layer's own
+    ``reset_parameters`` drawing from the global generator (:mod:`deltaplane.merging.moe` re-initialising a
+    router). On the CPU it is ``torch.manual_seed(seed)`` bit for bit, without ``torch.manual_seed``'s side
+    effects on generators it does not restore (it seeds every CUDA and XPU device, or queues the seed for their
+    start, and MPS).
     """
-    cuda = _cuda_devices()
-    # exactly the generators it seeds: the CPU's (always forked) and the initialized CUDA devices'
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+    cuda, xpu, mps = _cuda_devices(), _xpu_devices(), _mps_in_use()
+    # exactly the generators it seeds: the CPU's (always forked, by the first fork), the initialized CUDA and
+    # XPU devices' and the MPS one when in use; a fork_rng restores one device type
+    with ExitStack() as forks:
+        forks.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+        if xpu:
+            forks.enter_context(torch.random.fork_rng(devices=xpu, device_type="xpu"))
+        if mps:  # torch.mps.get_rng_state ignores the index: there is one MPS generator
+            forks.enter_context(torch.random.fork_rng(devices=[0], device_type="mps"))
         torch.default_generator.manual_seed(seed)
         if cuda:  # CUDA is initialized, so this seeds every device now (it would otherwise queue the seed)
             torch.cuda.manual_seed_all(seed)
+        if xpu:  # likewise for XPU
+            torch.xpu.manual_seed_all(seed)
+        if mps:
+            torch.mps.manual_seed(seed)
         yield

@@ -439,3 +439,17 @@ def test_keys_help_names_both_of_its_commands(cli):
     (`keys tls`, the first command of docs/fleet.md): a newcomer looking for TLS found no command for it."""
     out = " ".join(cli("--help").output.replace("│", " ").split())  # rich's box, wrapped at any width
     assert "Ed25519 signing keys (init) and TLS certificates for serve (tls)" in out, out
+
+
+def test_keys_prints_long_paths_unbroken_when_stdout_is_no_terminal(cli, tmp_path, monkeypatch):
+    """rich wraps at 80 columns when stdout is not a terminal: `keys tls` broke its paths mid-way, and a broken
+    path cannot be copied into the next command."""
+    out = tmp_path / ("tls-" + "x" * 90) / "[bundle]"  # longer than the console, and with rich markup in it
+    r = cli("keys", "tls", "--out", str(out), "--device", "d0")
+    assert r.exit_code == 0, r.output
+    for name in ("ca.pem", "server.pem", "server.key", "device-d0.pem", "device-d0.key"):
+        assert str(out / name) in r.output, (name, r.output)
+    home = tmp_path / ("home-" + "y" * 90)
+    monkeypatch.setenv("DELTAPLANE_HOME", str(home))
+    r = cli("keys", "init")
+    assert r.exit_code == 0 and str(home / "keys") in r.output, r.output

@@ -35,3 +35,15 @@ def test_a_monitor_that_draws_random_numbers_does_not_move_the_masks() -> None:
         return {"noise": float(torch.rand(3).sum())}
 
     assert rl.weights_hash(_distill(0, sampling_monitor)) == rl.weights_hash(_distill(0))
+
+
+def test_distillation_leaves_the_accelerators_generators_as_it_found_them(monkeypatch) -> None:
+    """torch.manual_seed inside a CPU-only fork seeded every CUDA device (or queued the seed for CUDA's start)
+    without restoring it; the distillation now seeds exactly what it forks (deltaplane.seeding)."""
+    cuda_seeds: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    before = rl.weights_hash(_distill(7))
+    assert 7 not in cuda_seeds  # (the helpers' torch.manual_seed(0) for the models' init are theirs)
+    monkeypatch.undo()
+    assert rl.weights_hash(_distill(7)) == before  # the same weights: the CPU seeding is as before

@@ -58,3 +58,19 @@ def test_a_numeric_clip_is_a_number_in_yaml(tmp_path: Path) -> None:
     assert _load(tmp_path, "clip: 2\n").clip == "2"
     with pytest.raises(ConfigError, match="field 'clip'"):
         _load(tmp_path, "clip: true\n")
+
+
+def test_a_numeric_clip_reaches_the_aggregator_and_the_devices_as_a_number(tmp_path: Path) -> None:
+    """The field keeps `clip: 2.0` as text; the clipping stage of the chain (and the notice `deltaplane serve`
+    prints of the devices' options) got that text: `Clip(..., clip='2.0')`, `clip='2.0'`."""
+    from deltaplane.aggregation.clipping import Clip
+    from deltaplane.serve.device_side import device_side_notice
+
+    cfg = _load(tmp_path, "clip: 2.0\nclients: 3\nsecagg: {enabled: true}\n")
+    assert "clip=2.0 " in device_side_notice(cfg) + " " and "'2.0'" not in device_side_notice(cfg)
+    node = RunConfig(clip="2.0").build_aggregator()
+    while not isinstance(node, Clip):
+        node = node.inner
+    assert type(node.clip) is float and node.clip == 2.0 and "clip=2.0)" in repr(node)
+    assert cfg.clip_value == 2.0 and isinstance(cfg.clip_value, float)
+    assert RunConfig(clip="adaptive").clip_value == "adaptive" and RunConfig().clip_value is None

@@ -45,6 +45,10 @@ def _spy(monkeypatch: pytest.MonkeyPatch, *, initialized: bool, count: int) -> t
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "manual_seed_all", seeds.append)
+    monkeypatch.setattr(
+        torch.xpu, "is_initialized", lambda: False
+    )  # the same forks on a machine with XPU or MPS
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: False)
     return forks, seeds
 
 

@@ -177,7 +177,7 @@ def test_a_service_refuses_simulation_only_options_and_names_the_device_side_one
         "prox_mu=0.5",
         "momentum_correction=0.9",
         "local_epochs=5",
-        "clip='1.0'",
+        "clip=1.0",  # the number, as the devices take it (it said clip='1.0')
     ):
         assert option in notice
     assert "configure your devices" in notice

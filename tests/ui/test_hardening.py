@@ -1123,3 +1123,26 @@ def test_runs_the_search_passes_over_are_counted_on_the_page(tmp_path, monkeypat
     assert "r4 / run4" in text and "r2 / run2" in text and "r1 / run1" not in text
     left_out = text.split('id="skipped-reports"')[1]
     assert "huge" in left_out and "more than the 10,000 a dashboard loads" in left_out
+
+
+def test_a_service_without_a_runs_folder_says_so_rather_than_count_zero_runs(tmp_path):
+    """`deltaplane serve` without --runs (docs/fleet.md's command) showed "runs 0" on the overview, as if the
+    folder held no reports; it has no folder. With one, an empty folder still counts 0."""
+    home = tmp_path / "home"
+    Registry.create(home)
+    c = TestClient(create_app(ServiceConfig(home=str(home), admin_token=ADMIN)))
+    overview = c.get("/ui/", headers=BEARER)
+    assert overview.status_code == 200
+    assert '<div class="v" data-field="runs">—</div>' in overview.text
+    assert 'id="no-runs-folder"' in overview.text and "--runs FOLDER" in overview.text
+    listing = c.get("/ui/runs", headers=BEARER)
+    assert listing.status_code == 200 and 'id="no-runs-folder"' in listing.text
+    (tmp_path / "runs").mkdir()
+    with_runs = TestClient(
+        create_app(ServiceConfig(home=str(home), admin_token=ADMIN, runs_dir=str(tmp_path / "runs")))
+    )
+    overview = with_runs.get("/ui/", headers=BEARER)
+    assert (
+        '<div class="v" data-field="runs">0</div>' in overview.text and "no-runs-folder" not in overview.text
+    )
+    assert "no-runs-folder" not in with_runs.get("/ui/runs", headers=BEARER).text

@@ -258,7 +258,10 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             _writable(_home(home), "--home")
             signer = init_keys(_home(home), overwrite=force)
-        console.print(f"signing key [bold]{signer.key_id}[/bold] written to {_home(home) / 'keys'}")
+        console.print(
+            f"signing key [bold]{signer.key_id}[/bold] written to {escape(str(_home(home) / 'keys'))}",
+            soft_wrap=True,
+        )
 
     @keys.command("tls")
     def keys_tls(
@@ -291,9 +294,14 @@ def register(app: typer.Typer) -> None:
                 devices=device or [],
                 overwrite=force,
             )
-        console.print(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}")
+        # soft_wrap: a path broken across lines (rich wraps at 80 columns when stdout is no terminal) cannot be
+        # copied or clicked
+        console.print(
+            escape(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}"),
+            soft_wrap=True,
+        )
         for d, (c, k) in b.devices.items():
-            console.print(f"device {d}: {c} + {k}")
+            console.print(escape(f"device {d}: {c} + {k}"), soft_wrap=True)
 
     @reg_app.command("init")
     def registry_init(

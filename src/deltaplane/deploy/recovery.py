@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from deltaplane.deploy.prune import PruneResult, apply_masks
 from deltaplane.errors import ConfigError
+from deltaplane.seeding import seeded_global_generators
 
 __all__ = ["RECOVERY_METHODS", "distill_recover"]
 
@@ -192,9 +193,9 @@ def distill_recover(
         return float(sum(v * n for v, n in vals) / sum(n for _, n in vals))
 
     def recover(student: nn.Module, result: PruneResult | None) -> dict[str, Any]:
-        # dropout draws from torch's global generator: seed a private copy so a run is the same every time
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # dropout draws from torch's global generator: seed a private copy so a run is the same every time (and
+        # the accelerators' generators a student on them draws from; torch.manual_seed seeded those unrestored)
+        with seeded_global_generators(seed):
             return _recover(student, result)
 
     def _recover(student: nn.Module, result: PruneResult | None) -> dict[str, Any]:

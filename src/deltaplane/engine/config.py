@@ -474,6 +474,14 @@ class RunConfig(BaseModel):
 
         return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]
 
+    @property
+    def clip_value(self) -> float | str | None:
+        """``clip`` as the aggregators and the devices take it: a float, ``"adaptive"`` or None.
+
+        The field keeps a number as text (``clip: 2.0`` and ``--clip 2.0`` both give ``"2.0"``, beside
+        ``"adaptive"``); what acts on it, and what reports it, wants the number."""
+        return self.clip if self.clip is None or self.clip == "adaptive" else float(self.clip)
+
     def device_noise_std(self) -> float:
         """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
         if not (self.secagg and self.dp_noise > 0):
@@ -559,7 +567,7 @@ class RunConfig(BaseModel):
             lr=self.server_opt_lr,
             server_lr=self.server_lr,
             defense=self.defense,
-            clip=self.clip,
+            clip=self.clip_value,
             dp_noise=self.dp_noise,
             expected_clients=self.clients_per_round(),
             sampling_rate=self.clients_per_round() / self.clients,

@@ -59,7 +59,9 @@ def device_side_options(run: RunConfig) -> dict[str, Any]:
     if run.wire == "compact":
         chosen.pop("codec", None)  # the wire session the service serves carries it to the devices
     if run.clip is not None and (run.local_dp_noise > 0 or run.secagg):
-        chosen["clip"] = run.clip  # the device clips before its noise, or before SecAgg masks its update
+        chosen["clip"] = (
+            run.clip_value
+        )  # the device clips before its noise, or before SecAgg masks its update
     return chosen
 
 

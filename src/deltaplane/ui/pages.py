@@ -165,6 +165,13 @@ def _search_notes(notes: Sequence[str]) -> str:
     return '<div id="search-notes">' + "".join(f'<p class="bad">{escape(n)}</p>' for n in notes) + "</div>"
 
 
+#: what the overview and the runs table say when the dashboard was started without a runs folder
+_NO_RUNS_FOLDER = (
+    '<p class="muted" id="no-runs-folder">This dashboard has no runs folder: start <code>deltaplane serve</code> '
+    "with <code>--runs FOLDER</code> to list the run reports (<code>report.json</code>) under it.</p>"
+)
+
+
 def home_page(
     runs: Sequence[Mapping[str, Any]],
     models: int,
@@ -172,11 +179,14 @@ def home_page(
     skipped: Sequence[tuple[str, str]] = (),
     registry_error: str = "",
     search_notes: Sequence[str] = (),
+    runs_folder: bool = True,
 ) -> str:
+    """The overview; ``runs_folder`` False when the dashboard has no runs folder to list (``deltaplane serve``
+    without ``--runs``): the runs card then says so rather than count 0 runs."""
     open_rounds = len(fleet.get("open_rounds", [])) if fleet else None
     devices = len(fleet.get("devices", [])) if fleet else None
     cards = (
-        _card("runs", str(len(runs)), "runs")
+        _card("runs", str(len(runs)) if runs_folder else "—", "runs")
         + _card("models", str(models), "models")
         + _card("open rounds", "—" if open_rounds is None else str(open_rounds), "open_rounds")
         + _card("devices seen", "—" if devices is None else str(devices), "devices")
@@ -186,6 +196,8 @@ def home_page(
         if fleet
         else '<p class="muted">No live fleet: this dashboard was started by <code>deltaplane ui</code>.</p>'
     )
+    if not runs_folder:
+        fleet_note += _NO_RUNS_FOLDER
     latest = "".join(
         f'<tr><td><a href="/ui/run?{urlencode({"report": r["report"], "name": r["name"]})}">'
         f"{escape(r['report'])} / {escape(r['name'])}</a></td>" + _num(r["test_accuracy"]) + "</tr>"
@@ -211,7 +223,11 @@ def runs_page(
     skipped: Sequence[tuple[str, str]] = (),
     page: int = 1,
     search_notes: Sequence[str] = (),
+    runs_folder: bool = True,
 ) -> str:
+    """The runs table; ``runs_folder`` False says the dashboard has no runs folder (see :func:`home_page`)."""
+    if not runs_folder:
+        return _page("Runs", _NO_RUNS_FOLDER, here="/ui/runs")
     rows = []
     for r in _page_of(runs, page):
         q = urlencode({"report": r["report"], "name": r["name"]})

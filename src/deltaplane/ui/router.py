@@ -359,7 +359,13 @@ def create_ui_router(
             listing = runs.listing()
             models, problem = model_count_or_error()
             return pages.home_page(
-                listing.rows, models, snapshot(), listing.skipped, problem, search_notes=listing.notes
+                listing.rows,
+                models,
+                snapshot(),
+                listing.skipped,
+                problem,
+                search_notes=listing.notes,
+                runs_folder=runs.root is not None,
             )
 
         return guarded(render)
@@ -368,7 +374,13 @@ def create_ui_router(
     def runs_list(page: Page = 1) -> Response:
         def render() -> str:
             listing = runs.listing()
-            return pages.runs_page(listing.rows, listing.skipped, page, search_notes=listing.notes)
+            return pages.runs_page(
+                listing.rows,
+                listing.skipped,
+                page,
+                search_notes=listing.notes,
+                runs_folder=runs.root is not None,
+            )
 
         return guarded(render)
 
