@@ -12,6 +12,7 @@ from torch import Tensor
 from deltaplane.codecs.base import Codec, Encoded, register_codec
 from deltaplane.codecs.entropy import (
     pack_bits,
+    pack_bits_ragged,
     pack_bits_rows,
     unpack_bits,
     unpack_bits_ragged,
@@ -546,6 +547,70 @@ class Quantize(Codec):
         return [
             Encoded(spec, shape, {}, {"codes": packed, "scales": scale.tobytes()})
             for packed, scale in zip(pack_bits_rows(code_t, self.bits), scale_np, strict=True)
+        ]
+
+    def encode_ragged(self, xs: Sequence[Tensor], rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Scales, codes and bit-packing of rows of different sizes (threshold's or approximate top-k's kept
+        values, one count per device) in one pass over all rows' values joined; framing per row.
+
+        Row ``i`` is byte-for-byte ``encode(xs[i], rngs[i])``. Every row is cut into chunks as ``encode``
+        cuts it (whole chunks, then its shorter tail), and each value is scaled by its own row's chunk:
+        ``scale="max"`` is one segment maximum of ``|x|`` over every chunk of every row (a maximum is exact
+        in any order), while ``scale="norm"`` takes each row's chunk norms on their own, by ``encode``'s
+        own call (a sum over other shapes may round otherwise). The rounding is element-wise, so it does
+        not depend on the batch. With ``stochastic=True`` each row's noise is its own :class:`Dither`'s on
+        its own generator, the words ``encode`` takes. The codes are packed by
+        :func:`~deltaplane.codecs.entropy.pack_bits_ragged`, each row padded to a byte as ``encode`` pads it.
+        """
+        shared = self.stochastic and len({id(g) for g in rngs}) != len(rngs)
+        if shared or len(xs) != len(rngs) or not xs:
+            return super().encode_ragged(xs, rngs)
+        flats = [x.detach().reshape(-1).float() for x in xs]
+        sizes = [f.numel() for f in flats]
+        values = torch.cat(flats)
+        if bool(torch.isnan(values).any()):  # encode keeps a NaN chunk's own scale bits: row by row
+            return super().encode_ragged(xs, rngs)
+        n = np.asarray(sizes, np.int64)
+        counts = -(-n // self.chunk)  # chunks a row
+        first_scale = np.cumsum(counts) - counts
+        place = np.arange(len(values)) - np.repeat(np.cumsum(n) - n, n)
+        chunk_of = np.repeat(first_scale, n) + place // self.chunk  # each value's chunk among all rows'
+        if self.scale == "max":
+            # each chunk starts where its first value is: the row's start plus a multiple of chunk
+            starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
+            mag = np.abs(values.numpy())  # |-0.0| = +0.0, as encode's max(max x, -min x) + 0.0 gives
+            scales = torch.from_numpy(np.maximum.reduceat(mag, starts) if len(mag) else mag)
+        else:
+            scales = torch.cat(
+                [_chunk_scales(part, "norm") for f in flats for _, part in chunk_views(f, self.chunk)]
+                or [torch.empty(0)]
+            )
+        codes = torch.empty(len(values), dtype=torch.uint8)
+        if self.bits == 1 and not self.stochastic:
+            torch.ge(values, 0, out=codes)
+        else:
+            # encode's multiplier (reciprocal, then times L or ½) for each chunk, then gathered to its values
+            factor = 0.5 if self.bits == 1 else self._levels()
+            mul = torch.where(scales > 0, torch.reciprocal(scales).mul_(factor), 0.0)
+            add = 0.5 if self.bits == 1 else self._levels() + (_U0 if self.stochastic else 0.5)
+            w = torch.mul(values, mul[torch.from_numpy(chunk_of)]).add_(add)
+            # each row's own stream, the words its encode takes (a row of no values draws none)
+            words = [Dither(g).take(m) for g, m in zip(rngs, sizes, strict=True) if m and self.stochastic]
+            noise = torch.cat(words) if words else torch.empty(0, dtype=torch.int16)
+            if self.stochastic and self.bits == 1:
+                torch.gt(w.sub_(noise, alpha=_ULP), _U0, out=codes)
+            else:
+                if self.stochastic:
+                    w.add_(noise, alpha=_ULP).clamp_(max=2 * self._levels())
+                with np.errstate(invalid="ignore"):  # encode's cast: truncation, NaN and ±Inf to 0
+                    np.copyto(codes.numpy(), w.numpy(), casting="unsafe")
+        packed = pack_bits_ragged(codes.numpy(), self.bits, sizes)
+        raw = scales.numpy().astype("<f4").tobytes()
+        ends = (np.cumsum(counts) * 4).tolist()
+        spec = self.spec
+        return [
+            Encoded(spec, tuple(x.shape), {}, {"codes": p, "scales": raw[e - 4 * c : e]})
+            for x, p, e, c in zip(xs, packed, ends, counts.tolist(), strict=True)
         ]
 
     def decode_rows(self, rows: Sequence[Encoded]) -> Tensor:
