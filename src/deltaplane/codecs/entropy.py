@@ -96,6 +96,19 @@ def pack_bits_ragged(codes: np.ndarray, bits: int, sizes: Sequence[int]) -> list
     starts = ends - need
     if bits == 8:
         out = codes
+    elif bits in (1, 2, 4):
+        # each row's codes from the first slot of its first byte on (8 / bits slots a byte); the slots past
+        # a row's last code stay zero, its last byte's padding
+        per = 8 // bits
+        slots = np.zeros(int(ends[-1]) * per if len(n) else 0, np.uint8)
+        slots[np.repeat(starts * per - (np.cumsum(n) - n), n) + np.arange(len(codes))] = codes
+        if bits == 1:
+            out = np.packbits(slots, bitorder="little")
+        else:
+            grouped = slots.reshape(-1, per)
+            out = grouped[:, 0].copy()
+            for j in range(1, per):
+                out |= grouped[:, j] << np.uint8(j * bits)
     else:
         first_bit = np.repeat(starts * 8, n) + (np.arange(len(codes)) - np.repeat(np.cumsum(n) - n, n)) * bits
         stream = np.zeros(int(ends[-1]) * 8 if len(n) else 0, np.uint8)

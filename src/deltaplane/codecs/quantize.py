@@ -572,13 +572,14 @@ class Quantize(Codec):
             return super().encode_ragged(xs, rngs)
         n = np.asarray(sizes, np.int64)
         counts = -(-n // self.chunk)  # chunks a row
-        first_scale = np.cumsum(counts) - counts
-        place = np.arange(len(values)) - np.repeat(np.cumsum(n) - n, n)
-        chunk_of = np.repeat(first_scale, n) + place // self.chunk  # each value's chunk among all rows'
+        # every row's chunks in order, as encode cuts the row: where each starts among all values, its length
+        first = np.cumsum(counts) - counts
+        place = np.arange(int(counts.sum())) - np.repeat(first, counts)  # a chunk's place in its row
+        starts = np.repeat(np.cumsum(n) - n, counts) + place * self.chunk
+        lengths = np.minimum(np.repeat(n, counts) - place * self.chunk, self.chunk)
         if self.scale == "max":
-            # each chunk starts where its first value is: the row's start plus a multiple of chunk
-            starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
-            mag = np.abs(values.numpy())  # |-0.0| = +0.0, as encode's max(max x, -min x) + 0.0 gives
+            # a segment maximum over each chunk; |-0.0| = +0.0, as encode's max(max x, -min x) + 0.0 gives
+            mag = np.abs(values.numpy())
             scales = torch.from_numpy(np.maximum.reduceat(mag, starts) if len(mag) else mag)
         else:
             scales = torch.cat(
@@ -593,7 +594,7 @@ class Quantize(Codec):
             factor = 0.5 if self.bits == 1 else self._levels()
             mul = torch.where(scales > 0, torch.reciprocal(scales).mul_(factor), 0.0)
             add = 0.5 if self.bits == 1 else self._levels() + (_U0 if self.stochastic else 0.5)
-            w = torch.mul(values, mul[torch.from_numpy(chunk_of)]).add_(add)
+            w = torch.from_numpy(np.repeat(mul.numpy(), lengths)).mul_(values).add_(add)
             # each row's own stream, the words its encode takes (a row of no values draws none)
             words = [Dither(g).take(m) for g, m in zip(rngs, sizes, strict=True) if m and self.stochastic]
             noise = torch.cat(words) if words else torch.empty(0, dtype=torch.int16)
