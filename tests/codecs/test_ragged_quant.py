@@ -96,6 +96,32 @@ def test_quant_encode_ragged_equals_each_rows_encode(quant: str, rows, seed: int
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(rngs, ref, strict=True))
 
 
+@given(
+    quant=QUANT,
+    sizes=st.lists(st.sampled_from([0, 1, 3, 5, 6, 9, 40]), min_size=1, max_size=9),
+    block=st.integers(1, 50),
+    row=st.integers(0, 10),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=200, deadline=None)
+def test_quant_encode_ragged_in_blocks_and_long_rows_alone(
+    quant: str, sizes, block: int, row: int, seed: int
+) -> None:
+    """Rows joined in blocks and rows over the limit encoded alone, mixed: still each row's own encode."""
+    codec = get_codec(quant)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(m, generator=g) for m in sizes]
+    rngs = [torch.Generator().manual_seed(seed + i) for i in range(len(xs))]
+    ref = [torch.Generator().manual_seed(seed + i) for i in range(len(xs))]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(quantize, "RAGGED_BLOCK_VALUES", block)
+        m.setattr(quantize, "RAGGED_ROW_VALUES", row)
+        got = codec.encode_ragged(xs, rngs)
+    for a, b in zip(got, [codec.encode(x, r) for x, r in zip(xs, ref, strict=True)], strict=True):
+        _same_tree(a, b)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(rngs, ref, strict=True))
+
+
 def test_quant_encode_ragged_keeps_a_nan_chunks_scale_bits() -> None:
     """A NaN (only a direct call can pass one: the Compressor refuses it) takes each row's own encode."""
     codec = get_codec("quant(bits=4, chunk=3)")
@@ -153,7 +179,8 @@ def test_ragged_quant_runs_on_all_rows_at_once(monkeypatch: pytest.MonkeyPatch, 
     """No per-row quant encode and no per-row bit packing (fails before: the values of rows of different
     counts were quantized row by row)."""
     body, _ = split_lossless(get_codec(spec))
-    x = _stack((100, 100), 6, 3)
+    g = torch.Generator().manual_seed(3)  # no row of zeros: approximate top-k would keep all 10⁴ values of
+    x = torch.randn(6, 100, 100, generator=g) * torch.rand(6, 1, 1, generator=g)  # one, a row encoded alone
     want = [body.encode(x[i], torch.Generator().manual_seed(i)) for i in range(6)]
     assert len({w.fields["values"].shape for w in want}) > 1  # ragged indeed
 
