@@ -30,6 +30,7 @@ __all__ = [
     "Encoded",
     "Pipeline",
     "available_codecs",
+    "encode_stages_ragged",
     "encode_stages_rows",
     "format_spec",
     "get_codec",
@@ -136,6 +137,19 @@ class Codec:
                 f"{tuple(x.shape)}"
             )
         return [self.encode(x[i], rng) for i, rng in enumerate(rngs)]
+
+    def encode_ragged(self, xs: Sequence[Tensor], rngs: Sequence[torch.Generator]) -> list[Encoded]:
+        """Encode one tensor a row whose shapes differ (threshold's or approximate top-k's kept values, one
+        count per device): ``[encode(xs[i], rngs[i]) for i ...]``.
+
+        The ragged counterpart of :meth:`encode_rows`, with the same contract: every override gives exactly
+        what this default gives, bytes and random draws included, and computes on all rows at once.
+        """
+        if len(xs) != len(rngs):
+            raise CodecError(
+                f"{self.name}: encode_ragged needs one generator per row; got {len(rngs)} for {len(xs)}"
+            )
+        return [self.encode(x, rng) for x, rng in zip(xs, rngs, strict=True)]
 
     def encode_stateful(self, x: Tensor, rng: torch.Generator, state: dict[str, Any]) -> Encoded:
         """Encode with this tensor's per-device state dict (read and updated in place).
@@ -612,8 +626,8 @@ def encode_stages_rows(stages: list[Codec], x: Tensor, rngs: Sequence[torch.Gene
     rows at once (:meth:`Codec.encode_rows`), and each tensor field the rows share (same name, shape and
     dtype in every row, e.g. top-k's ``values`` with the same ``k``) is stacked and sent through the rest
     of the stages together. Fields are visited in the order one row's encode visits them, so every row's
-    generator sees the same draws; fields that differ between rows are encoded row by row. Rows sharing
-    one generator object are encoded one after the other (their draws interleave by row, not by stage).
+    generator sees the same draws; a field whose shape differs between rows (threshold's ``values``) goes
+    through the rest of the stages ragged (:func:`encode_stages_ragged`). Rows sharing one generator object are encoded one after the other (their draws interleave by row, not by stage).
     """
     if x.dim() < 1 or x.shape[0] != len(rngs):
         raise CodecError(
@@ -622,9 +636,35 @@ def encode_stages_rows(stages: list[Codec], x: Tensor, rngs: Sequence[torch.Gene
     if len({id(g) for g in rngs}) != len(rngs):
         return [encode_stages(stages, x[i], g, None) for i, g in enumerate(rngs)]
     rows = stages[0].encode_rows(x, rngs)
-    if len(stages) == 1 or not rows:
+    return _encode_fields(stages[1:], rows, rngs)
+
+
+def encode_stages_ragged(
+    stages: list[Codec], xs: Sequence[Tensor], rngs: Sequence[torch.Generator]
+) -> list[Encoded]:
+    """Row-wise :func:`encode_stages` of stateless ``stages`` over one tensor a row, of different shapes.
+
+    Gives exactly ``[encode_stages(stages, xs[i], rngs[i], None) for i ...]``: the first stage encodes all
+    rows at once (:meth:`Codec.encode_ragged`; a ``quant`` stage after threshold or approximate top-k), and
+    their tensor fields go on through the rest of the stages as :func:`encode_stages_rows` sends them.
+    """
+    if len(xs) != len(rngs):
+        raise CodecError(f"encode_ragged needs one generator per row; got {len(rngs)} for {len(xs)} rows")
+    if len({id(g) for g in rngs}) != len(rngs):
+        return [encode_stages(stages, x, g, None) for x, g in zip(xs, rngs, strict=True)]
+    return _encode_fields(stages[1:], stages[0].encode_ragged(xs, rngs), rngs)
+
+
+def _encode_fields(rest: list[Codec], rows: list[Encoded], rngs: Sequence[torch.Generator]) -> list[Encoded]:
+    """Send each tensor field of one stage's row nodes through the ``rest`` of the stages, all rows together.
+
+    Fields are visited in the order one row's encode visits them, so every row's generator sees the same
+    draws. A field of one shape and dtype in every row (top-k's ``values`` with the same ``k``) is stacked
+    (:func:`encode_stages_rows`); one of different shapes (threshold's ``values``) is encoded ragged
+    (:func:`encode_stages_ragged`).
+    """
+    if not rest or not rows:
         return rows
-    rest = stages[1:]
     layout = [(k, isinstance(v, Tensor)) for k, v in rows[0].fields.items()]
     if any([(k, isinstance(v, Tensor)) for k, v in e.fields.items()] != layout for e in rows[1:]):
         return [  # rows laid out differently: one row at a time, as encode_stages would
@@ -647,7 +687,7 @@ def encode_stages_rows(stages: list[Codec], x: Tensor, rngs: Sequence[torch.Gene
         elif all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals):
             encoded = encode_stages_rows(rest, torch.stack(vals), rngs)
         else:
-            encoded = [encode_stages(rest, v, g, None) for v, g in zip(vals, rngs, strict=True)]
+            encoded = encode_stages_ragged(rest, vals, rngs)
         for f, v in zip(fields, encoded, strict=True):
             f[k] = v
     return [Encoded(e.codec, e.shape, e.meta, f) for e, f in zip(rows, fields, strict=True)]

@@ -26,6 +26,7 @@ __all__ = [
     "golomb_encode",
     "index_sizes",
     "pack_bits",
+    "pack_bits_ragged",
     "pack_bits_rows",
     "unpack_bits",
     "unpack_bits_ragged",
@@ -76,6 +77,46 @@ def pack_bits_rows(codes: np.ndarray, bits: int) -> list[bytes]:
         planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
         packed = np.packbits(planes.reshape(rows, n * bits), axis=1, bitorder="little")
     return [r.tobytes() for r in packed]
+
+
+def pack_bits_ragged(codes: np.ndarray, bits: int, sizes: Sequence[int]) -> list[bytes]:
+    """:func:`pack_bits` of rows of different sizes (row ``i``: the next ``sizes[i]`` of ``codes``), byte for
+    byte: each row packed on its own and padded to a byte, all rows in one pass.
+
+    The counterpart of :func:`unpack_bits_ragged`: code ``j`` of a row puts its bit ``b`` at bit
+    ``j·bits + b`` of the row's little-endian bit stream (what every width of :func:`pack_bits` does), so
+    all rows' bits are laid into one stream at each row's first byte and packed at once.
+    """
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n = np.asarray(sizes, np.int64)
+    if (n < 0).any() or int(n.sum()) != len(codes):
+        raise ValueError(f"pack_bits_ragged: {len(codes)} codes do not split into sizes {n.tolist()}")
+    need = (n * bits + 7) // 8
+    ends = np.cumsum(need)
+    starts = ends - need
+    if bits == 8:
+        out = codes
+    elif bits in (1, 2, 4):
+        # each row's codes from the first slot of its first byte on (8 / bits slots a byte); the slots past
+        # a row's last code stay zero, its last byte's padding
+        per = 8 // bits
+        slots = np.zeros(int(ends[-1]) * per if len(n) else 0, np.uint8)
+        slots[np.repeat(starts * per - (np.cumsum(n) - n), n) + np.arange(len(codes))] = codes
+        if bits == 1:
+            out = np.packbits(slots, bitorder="little")
+        else:
+            grouped = slots.reshape(-1, per)
+            out = grouped[:, 0].copy()
+            for j in range(1, per):
+                out |= grouped[:, j] << np.uint8(j * bits)
+    else:
+        first_bit = np.repeat(starts * 8, n) + (np.arange(len(codes)) - np.repeat(np.cumsum(n) - n, n)) * bits
+        stream = np.zeros(int(ends[-1]) * 8 if len(n) else 0, np.uint8)
+        for b in range(bits):
+            stream[first_bit + b] = (codes >> np.uint8(b)) & np.uint8(1)
+        out = np.packbits(stream, bitorder="little")
+    joined = out.tobytes()
+    return [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
