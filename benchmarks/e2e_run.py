@@ -39,6 +39,8 @@ def main() -> None:
         doc = json.loads((out / "report.json").read_text())
         artifact_on_disk = (out / "deploy" / "model.dpla").stat().st_size
     fed_s = sum(r["wall_time_s"] for r in doc["runs"])
+    (engine,) = {r["config"]["engine"] for r in doc["runs"]}
+    (threads,) = {r["config"]["threads"] for r in doc["runs"]}
     f = doc["followup"]
     p, m, d = f["personalization"], f["merge"]["results"], f["deploy"]
     follow_s = p["seconds"] + f["merge"]["seconds"] + d["seconds"]
@@ -81,8 +83,9 @@ def main() -> None:
     print(f"wall {wall:.1f} s, cpu {cpu:.1f} s, federation {fed_s:.1f} s, follow-up {follow_s:.1f} s")
     body = "\n\n".join(
         [
-            "`deltaplane run` with its defaults (what `make run` runs): fp32 baseline and compressed federation, "
-            "then the follow-up (see docs/followup.md), as one subprocess.",
+            "`deltaplane run` with its defaults (what `make run` runs): fp32 baseline and compressed federation "
+            f"on the {engine} engine (threads {threads}), then the follow-up (see docs/followup.md), as one "
+            "subprocess.",
             table(["stage", "accuracy", "bytes", "vs"], rows),
             f"Whole command: {wall:.1f} s wall-clock, {cpu:.1f} s CPU (user + system) on a possibly shared "
             f"machine; the two federations took {fed_s:.1f} s and the follow-up {follow_s:.1f} s "

@@ -27,8 +27,8 @@ SPARSE = ["--secagg", "--clip", "2.0", "--secagg-neighbours", "6", "--no-followu
 #: one run of the fp32 codec: one SecAgg server per round to watch
 ONE_RUN = ["--codec", "identity", "--no-baseline"]
 DRIVERS = {
-    "sequential": [],
-    "batched": ["--engine", "batched"],
+    "sequential": ["--engine", "sequential"],
+    "batched": [],  # deltaplane run's default engine
     "population": ["--engine", "population"],
     "http": ["--transport", "http"],
     "flower": ["--engine", "flower"],
@@ -59,7 +59,7 @@ def test_the_flag_runs_secagg_plus_of_that_degree(secagg_servers, tmp_path: Path
     ]
     assert all(len(secagg_servers[0].graph[u]) == 6 for u in range(8))
     (run,) = json.loads((out / "report.json").read_text())["runs"]
-    engine = driver if driver in ("batched", "population") else "sequential"
+    engine = "sequential" if driver == "http" else driver
     assert (run["config"]["secagg_neighbours"], run["config"]["engine"]) == (6, engine)
     assert run["config"]["transport"] == ("http" if driver == "http" else "inproc")
     assert "SecAgg+ degree 6" in output  # the summary table's title names the graph

@@ -210,7 +210,8 @@ class RunConfig(BaseModel):
     # -- engine ---------------------------------------------------------------------------------------
     # Sequential by default: it is bit-for-bit what the HTTP transport and the Flower engine compute, so a
     # result reproduces across runtimes; 'batched' is faster but differs by float32 rounding, which 120 rounds
-    # of top-k can grow into a different final model.
+    # of top-k can grow into a different final model. `deltaplane run` picks 'batched' unless told
+    # (deltaplane.cli.DEFAULT_RUN_ENGINE): its report says which engine ran.
     engine: str = Field(
         "sequential",
         description="; ".join(f"'{name}' {c.summary}" for name, c in ENGINES.items()),

@@ -58,6 +58,7 @@ __all__ = [
     "BASE_ID",
     "RoundMetrics",
     "RunResult",
+    "batching_fallback",
     "federation_data",
     "label_mix_accuracy",
     "run_simulation",
@@ -85,15 +86,39 @@ _PREFETCH = True
 _REPORTED_FALLBACKS: set[str] = set()
 
 
+def _fallback_reason(
+    config: RunConfig, model: nn.Module, *, personalized: bool, task: Task | None = None
+) -> str | None:
+    """Why the batched engine trains ``config``'s devices one at a time (the sequential loop), or ``None``."""
+    reason = batching_blocker(model, task.test.x[:1] if task is not None and len(task.test) else None)
+    if reason is None and personalized:
+        reason = f"personalization '{config.personalization}' starts each client from its own weights"
+    return reason
+
+
+def batching_fallback(config: RunConfig) -> str | None:
+    """Why ``engine='batched'`` would fall back to the sequential client loop for ``config``, or ``None`` when it
+    trains the run's devices stacked: the reason its ``UserWarning`` would give (a model with buffers or random
+    layers, FedPer / FedBN devices that start from their own layers). Whatever ``config.engine`` says; it loads
+    the task (cached) and builds its model, as the run would.
+
+    Raises:
+        TaskError: the task does not load.
+        ConfigError: the personalization cannot run on the task's model (a FedBN model without norms).
+    """
+    task = make_task(config)
+    model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    personalized = bool(config.make_personalizer().local_keys(model))
+    return _fallback_reason(config, model, personalized=personalized, task=task)
+
+
 def _batched_trainer(
     config: RunConfig, model: nn.Module, *, personalized: bool, task: Task | None = None
 ) -> BatchedTrainer | None:
     """The batched engine for this run, or ``None`` (sequential loop), warning once when it must fall back."""
     if config.engine != "batched":
         return None
-    reason = batching_blocker(model, task.test.x[:1] if task is not None and len(task.test) else None)
-    if reason is None and personalized:
-        reason = f"personalization '{config.personalization}' starts each client from its own weights"
+    reason = _fallback_reason(config, model, personalized=personalized, task=task)
     if reason is not None:
         if reason not in _REPORTED_FALLBACKS:
             _REPORTED_FALLBACKS.add(reason)
