@@ -141,15 +141,20 @@ def _section(args: argparse.Namespace, key: str, title: str) -> tuple[str, str]:
 def _defaults_note(defences: list[str]) -> str:
     """What a bare ``trigger_attribution`` measured: its ``score=`` default, read from the rule itself, so a
     re-run of a recorded command after the default changes says which score its cells are (the first tables
-    were measured under ``score=trigger``, the default then, with the same labels)."""
-    if not any(d.startswith("trigger_attribution") and "score=" not in d for d in defences):
-        return ""
+    were measured under ``score=trigger``, the default then, with the same labels; those up to 2026-12-06 under
+    ``reputation=sum``)."""
     import inspect
 
     from deltaplane.aggregation.attribution import BackdoorAttribution
 
-    score = inspect.signature(BackdoorAttribution.__init__).parameters["score"].default
-    return f"`trigger_attribution` without `score=` runs its default score, `score={score}`. "
+    attr = [d for d in defences if d.startswith("trigger_attribution")]
+    params = inspect.signature(BackdoorAttribution.__init__).parameters
+    notes = [
+        f"`trigger_attribution` without `{name}=` runs its default {what}, `{name}={params[name].default}`. "
+        for name, what in (("score", "score"), ("reputation", "reputation test"))
+        if any(f"{name}=" not in d for d in attr)
+    ]
+    return "".join(notes)
 
 
 def accept(args: argparse.Namespace) -> None:

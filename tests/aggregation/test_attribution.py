@@ -495,7 +495,8 @@ def test_the_shadow_option_is_validated() -> None:
 
 
 def _excluded_by_round(reputation: str | None, rounds: int = 30) -> list[list[str]]:
-    """Each round's excluded clients when the rule is fed a synthetic reputation sequence through its public
+    """Each round's excluded clients when the rule (``reputation=None``: the default spec
+    ``trigger_attribution``, through the factory) is fed a synthetic reputation sequence through its public
     path (identify, add, result): the trigger is known and ``_scores`` returns fixed per-client z-scores, as
     measured on the default codec (seed 0, ``invert=schedule``): two attackers at z −3 every round, one honest
     client rich in the label at a persistent mean −0.7 (−0.2 and −1.2 alternately), seven others at +0.3."""
@@ -504,8 +505,11 @@ def _excluded_by_round(reputation: str | None, rounds: int = 30) -> list[list[st
     from deltaplane.aggregation.attribution import TriggerProbe
     from deltaplane.delta import Delta
 
-    kw = {} if reputation is None else {"reputation": reputation}
-    rule = BackdoorAttribution(unlearn=0, every=10_000, **kw)
+    if reputation is None:  # the default, as a spec names it (the factory's default, not the class's)
+        rule = parse_defense("trigger_attribution(unlearn=0, every=10000)")
+        assert isinstance(rule, BackdoorAttribution)
+    else:
+        rule = BackdoorAttribution(unlearn=0, every=10_000, reputation=reputation)
     rule._invert = lambda probe, like: None  # type: ignore[method-assign]
     st = rule.state
     st.label, st.mask, st.pattern, st.rounds = 0, torch.zeros(1, 4), torch.zeros(1, 4), 1
@@ -527,7 +531,7 @@ def _excluded_by_round(reputation: str | None, rounds: int = 30) -> list[list[st
 
 
 def test_a_persistent_small_negative_mean_is_not_kept_out_under_the_floor() -> None:
-    # the plain sum test (reputation=sum, the default) keeps the honest client out once −0.7·√k < −3, i.e.
+    # the plain sum test (reputation=sum, the default before the floor) keeps the honest client out once −0.7·√k < −3, i.e.
     # from k ≈ (3/0.7)² = 18.4: at k = 20 (R = −14, −14/√20 = −3.13; k = 19: −12.8/√19 = −2.94)
     old = _excluded_by_round("sum")
     assert [("h" in e) for e in old].index(True) == 19
@@ -539,11 +543,21 @@ def test_a_persistent_small_negative_mean_is_not_kept_out_under_the_floor() -> N
     for excluded in (old, new):
         assert all(set(e) >= {"a0", "a1"} for e in excluded[1:])
         assert not excluded[0]
-    assert _excluded_by_round(None) == old  # the default stays the plain sum
+
+
+def test_the_default_spec_keeps_the_floor() -> None:
+    # `trigger_attribution` with no reputation= never keeps out the honest client whose mean z-score is −0.7,
+    # which the plain sum keeps out from round 20 on (previous test), and keeps the attackers out as both do
+    default = _excluded_by_round(None)
+    assert not any("h" in e for e in default)
+    assert default == _excluded_by_round("floor")
+    assert default != _excluded_by_round("sum")
+    assert BackdoorAttribution().reputation == "floor"
 
 
 def test_the_reputation_option_is_validated() -> None:
-    assert parse_defense("trigger_attribution").reputation == "sum"  # type: ignore[attr-defined]
+    assert parse_defense("trigger_attribution").reputation == "floor"  # type: ignore[attr-defined]
+    assert parse_defense("trigger_attribution(reputation=sum)").reputation == "sum"  # type: ignore[attr-defined]
     rule = parse_defense("trigger_attribution(invert=schedule, shadow=bounded, reputation=floor)")
     assert isinstance(rule, BackdoorAttribution)
     assert (rule.reputation, rule.invert, rule.shadow) == ("floor", "schedule", "bounded")

@@ -169,7 +169,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             score=params.get("score", "both"),
             invert=params.get("invert", "fixed"),
             shadow=params.get("shadow", "full"),
-            reputation=params.get("reputation", "sum"),
+            reputation=params.get("reputation", "floor"),
         )
     return FLTrust()
 
