@@ -101,7 +101,7 @@ PLAN: list[Step] = [
     Step("charlm_task.py", (), ("charlm_task",)),
     Step("cli_startup.py", (), ("cli-startup",)),
     Step("codec_bounds.py", (), ("codec-bounds",)),
-    Step("codecs_accuracy.py", (), ("codecs_accuracy",)),
+    Step("codecs_accuracy.py", ("--seeds", "10"), ("codecs_accuracy",)),
     Step("codecs_accuracy.py", ("--large",), ("codecs_accuracy_large",)),
     Step("codecs_throughput.py", (), ("codecs_throughput",)),
     Step("deploy_any_model.py", (), ("deploy_any_model",)),
