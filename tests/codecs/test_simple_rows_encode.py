@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.codecs.test_ragged_rows import _digest
 
 from deltaplane.codecs import Compressor, compress_many, get_codec
 from deltaplane.codecs.base import Codec, decode_tree, decode_tree_rows, split_lossless
@@ -185,14 +184,6 @@ def test_compress_many_never_encodes_a_row_alone(
         assert a.state_dict().keys() == b.state_dict().keys()
         if feedback:
             assert all(torch.equal(a.state.residual[k], b.state.residual[k]) for k in ("w", "b"))
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.filterwarnings("ignore:codec 'ternary\\(chunk=0\\)' is not a contraction")
