@@ -1,15 +1,14 @@
 """_reset_router seeds a layer's own reset_parameters through deltaplane.seeding: which generators it touches.
 
-There is no GPU here: torch.cuda is replaced by stand-ins (as in tests/test_seeding.py) that record what is
+There is no GPU here: torch.cuda is replaced by tests/test_seeding.py's stand-ins, which record what is
 forked and what the CUDA generators are seeded with.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from tests.test_seeding import _spy
 from torch import nn
 
 from deltaplane.merging.moe import _reset_router
@@ -26,30 +25,6 @@ class _Router(nn.Module):
         self.conv = nn.Conv1d(1, 2, 3)  # kaiming_uniform_ from the global generator
         self.embed = nn.Embedding(7, 3)  # normal_ from the global generator
         self.scale = nn.Parameter(torch.full((4, 2), 9.0))
-
-
-def _spy(monkeypatch: pytest.MonkeyPatch, *, initialized: bool, count: int) -> tuple[list, list]:
-    """Pretend CUDA is (or is not) initialized with ``count`` devices; record what fork_rng forks (the CPU
-    generator is still really forked) and what the CUDA generators are seeded with."""
-    forks: list[tuple[list[int] | None, str]] = []
-    seeds: list[int] = []
-    real = torch.random.fork_rng
-
-    @contextlib.contextmanager
-    def fork_rng(devices=None, enabled=True, device_type="cuda", **kwargs):
-        forks.append((None if devices is None else list(devices), device_type))
-        with real(devices=[]):
-            yield
-
-    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeds.append)
-    monkeypatch.setattr(
-        torch.xpu, "is_initialized", lambda: False
-    )  # the same forks on a machine with XPU or MPS
-    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: False)
-    return forks, seeds
 
 
 def _drawn_seeds(seed: int, layers: int) -> list[int]:
