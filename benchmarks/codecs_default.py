@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _cell, _mean, _options, one  # noqa: E402
+from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _cell, _mean, _options, one
 
 #: ``deltaplane run``'s default before this comparison (2026-12-06): stc(0.002) + MC + masking, compact frames
 PREVIOUS = "stc(0.002) + MC + masking (the default until 2026-12-06)"
