@@ -61,7 +61,9 @@ def main() -> None:
             done[res["label"], res["seed"]] = res
     elif CACHE.exists():
         CACHE.unlink()
-    todo = [("frontier", label, changes, s) for s in seeds for label, changes in ROWS if (label, s) not in done]
+    todo = [
+        ("frontier", label, changes, s) for s in seeds for label, changes in ROWS if (label, s) not in done
+    ]
     with Pool(jobs) as pool, CACHE.open("a") as f:
         for res in pool.imap_unordered(one, todo):
             done[res["label"], res["seed"]] = res
@@ -141,7 +143,9 @@ def main() -> None:
         + "\n\n"
         + "\n\n".join(verdicts)
     )
-    command = "nice -n 19 python benchmarks/codecs_default.py" + (f" --seeds {n_seeds}" if n_seeds != 30 else "")
+    command = "nice -n 19 python benchmarks/codecs_default.py" + (
+        f" --seeds {n_seeds}" if n_seeds != 30 else ""
+    )
     title = f"Choosing `deltaplane run`'s default codec: {n_seeds} paired seeds"
     record("codecs_default", title, body, command=command)
     print("\n".join(verdicts))

@@ -5,8 +5,8 @@ with its defaults (20 non-IID clients, DigitsCNN, Dirichlet(0.5), 2 local epochs
 ``engine="batched"`` with one torch thread. Backdoor success = share of test images of other classes that,
 stamped with the full 2×2 trigger, are classified as the target class 0. Sections:
 
-* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, ``deltaplane run``'s default codec (imported
-  from the CLI: ``stc(0.002)`` with DGC momentum correction 0.5 and momentum masking) and ``identity``: clean
+* ``accept``: 80 rounds, 20% ``backdoor`` attackers, seeds 0..2, ``stc(0.002)`` with DGC momentum correction 0.5
+  and momentum masking (``deltaplane run``'s default codec until 2026-12-06: :data:`DEFAULT_CODEC`) and ``identity``: clean
   FedAvg, undefended, and the candidate defences (``--best``). A seed passes when the defence is within 2 points
   of that seed's clean run and backdoor success ≤ 10%.
 * ``clean``: 80 rounds, no attacker, seed 0: every defence against FedAvg, with the default codec (``identity``
@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import code_fingerprint
-from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 
 if TYPE_CHECKING:
     from deltaplane.engine.config import RunConfig
 
-#: exactly what ``deltaplane run`` sends with unless told otherwise (its codec and the DGC options that go with it)
-DEFAULT_CODEC = DEFAULT_RUN_CODEC
+#: the uplink every robustness section is measured with: ``deltaplane run``'s default until 2026-12-06 (its codec and
+#: the DGC options that went with it), named here rather than imported from ``deltaplane.cli`` so that moving the
+#: run's default never silently changes what a recorded section measures
+DEFAULT_CODEC = "stc(0.002)"
+DEFAULT_DGC = {"momentum_correction": 0.5, "momentum_masking": True}
 CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
 GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba"]
 GRID_DEFENSES = [
@@ -75,7 +77,7 @@ def config(args: tuple) -> RunConfig:
     from deltaplane.engine.config import RunConfig
 
     codec, attack, defense, seed, rounds = args
-    dgc = DEFAULT_RUN_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applies them
+    dgc = DEFAULT_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applied them
     return RunConfig(
         rounds=rounds,
         codec=codec,

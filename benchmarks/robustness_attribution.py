@@ -39,22 +39,22 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import code_fingerprint
-from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.delta import Delta
 from deltaplane.engine.attacks import add_trigger, choose_malicious
 from deltaplane.engine.config import RunConfig, make_task
 from deltaplane.engine.seeding import Stream, numpy_rng
 from deltaplane.engine.server import root_dataset
+from robustness import DEFAULT_CODEC, DEFAULT_DGC
 
 CACHE = (
     Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-attribution" / code_fingerprint()
 )
-CODECS = {"default": DEFAULT_RUN_CODEC, "identity": "identity"}
+CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
 INVERT_ROUND = 40
 
 
 def config(codec: str, seed: int) -> RunConfig:
-    dgc = DEFAULT_RUN_DGC if codec == DEFAULT_RUN_CODEC else {}
+    dgc = DEFAULT_DGC if codec == DEFAULT_CODEC else {}
     return RunConfig(
         rounds=80, codec=codec, attack="backdoor:0.2", seed=seed, engine="batched", threads=1, **dgc
     )
@@ -65,7 +65,7 @@ def record(codec: str, seed: int) -> dict:
     from deltaplane.apps.runner import run_federation
     from deltaplane.engine import server as server_mod
 
-    name = "default" if codec == DEFAULT_RUN_CODEC else codec
+    name = "default" if codec == DEFAULT_CODEC else codec
     path = CACHE / f"{name}_{seed}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)

@@ -24,16 +24,16 @@ import torch
 
 from deltaplane.aggregation import FLTrust
 from deltaplane.apps.runner import run_federation
-from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.engine import server as server_mod
 from deltaplane.engine.attacks import choose_malicious
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, numpy_rng
+from robustness import DEFAULT_CODEC, DEFAULT_DGC
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--codec", default=DEFAULT_RUN_CODEC)
+    ap.add_argument("--codec", default=DEFAULT_CODEC)
     ap.add_argument("--defense", default="none")
     ap.add_argument("--attack", default="backdoor:0.2")
     ap.add_argument("--rounds", type=int, default=80)
@@ -45,7 +45,7 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
-    dgc = DEFAULT_RUN_DGC if args.codec == DEFAULT_RUN_CODEC else {}  # as `deltaplane run` applies them
+    dgc = DEFAULT_DGC if args.codec == DEFAULT_CODEC else {}  # as `deltaplane run` applies them
     cfg = RunConfig(
         rounds=args.rounds, codec=args.codec, attack=args.attack, defense=args.defense,
         seed=args.seed, engine="batched", **dgc,
