@@ -85,7 +85,7 @@ def test_config_file_and_options(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [(r["name"], r["config"]["codec"]) for r in doc["runs"]] == [("baseline", "identity")]
-    assert get_codec(DEFAULT_RUN_CODEC).spec.startswith("stc(ratio=0.002)")
+    assert get_codec(DEFAULT_RUN_CODEC).spec.startswith("stc(ratio=0.006)")
 
 
 def _clean_error(result, pattern: str) -> None:
