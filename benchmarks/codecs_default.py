@@ -8,8 +8,9 @@ default on seeds 0..N-1 (``--seeds``, default 30) with ``codecs_accuracy.one`` (
 on the batched engine, 1 torch thread, only the listed options changed) and reports, per candidate, the mean
 gap to fp32 (each seed against its own fp32 run) with its standard error, the worst seed, the paired difference
 to the previous default (mean ± s.e., and on how many seeds it is better or worse) and the uplink ratio. The
-verdict is the highest uplink ratio whose mean gap is within 0.5 point (and, for the ≥ 300× target, within
-1.0 point).
+verdict is the highest uplink ratio whose mean gap is within 0.5 point among the scale-free candidates (no local
+clip: ``deltaplane run`` applies its default's options to every task, and a clip threshold is one model's update
+scale), then the same among all rows, and within 1.0 point (the ≥ 300× target).
 
 Run: ``nice -n 19 .venv/bin/python benchmarks/codecs_default.py [--seeds 30] [--jobs 2] [--resume]``
 (not a timing measurement; about 10 CPU-seconds a run, 240 runs; ``--resume`` continues from /tmp)."""
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _cell, _mean, _options, one
+from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _best, _cell, _mean, _options, one
 
 #: ``deltaplane run``'s default before this comparison (2026-12-06): stc(0.002) + MC + masking, compact frames
 PREVIOUS = "stc(0.002) + MC + masking (the default until 2026-12-06)"
@@ -38,6 +39,10 @@ ROWS = [
     ("stc(0.006) + MC + masking", {"codec": "stc(0.006)", **PACKED, **MASK}),
     ("stc(0.008) + MC + masking", {"codec": "stc(0.008)", **PACKED, **MASK}),
 ]
+#: why a local clip cannot be the run's default: ``deltaplane run`` applies its default codec's options to every
+#: task and model, and a clip at L2 norm 2.0 is this CNN's update scale (about the 80th percentile of its
+#: devices' update norms in early rounds), not another model's; momentum correction and masking are scale-free
+SCALE_FREE = "candidates for the default are scale-free: no local clip"
 CACHE = Path("/tmp") / "deltaplane_codecs_default.jsonl"
 
 
@@ -84,7 +89,14 @@ def main() -> None:
         gaps = [100 * (done[label, s]["accuracy"] - done[FP32, s]["accuracy"]) for s in seeds]
         diffs = [100 * (done[label, s]["accuracy"] - done[PREVIOUS, s]["accuracy"]) for s in seeds]
         up = base_up / _mean([done[label, s]["uplink"] for s in seeds])
-        p = {"label": label, "up": up, "gap": _mean(gaps), "se": _se(gaps), "worst": min(gaps)}
+        p = {
+            "label": label,
+            "changes": changes,
+            "up": up,
+            "gap": _mean(gaps),
+            "se": _se(gaps),
+            "worst": min(gaps),
+        }
         points.append(p)
         vs_prev = (
             "—"
@@ -98,16 +110,20 @@ def main() -> None:
             f"{p['worst']:+.2f}", f"{sum(g >= -1.0 for g in gaps)} of {n_seeds}", vs_prev,
         ])  # fmt: skip
     verdicts = []
-    for within in (0.5, 1.0):
-        ok = [p for p in points if -p["gap"] <= within + 1e-9]
+    for within, pool, what in (
+        (0.5, [p for p in points if "local_clip" not in p["changes"]], f" ({SCALE_FREE})"),
+        (0.5, points, ", any option"),
+        (1.0, points, ", any option"),
+    ):
+        ok = [p for p in pool if -p["gap"] <= within + 1e-9]
         if not ok:
-            verdicts.append(f"Within {within} point of fp32 on the mean gap: **none** of these.")
+            verdicts.append(f"Within {within} point of fp32 on the mean gap{what}: **none** of these.")
             continue
-        best = max(ok, key=lambda p: (p["up"], p["gap"]))
+        best = _best(ok, "up")  # ratios within 1% tie, and the better mean gap wins
         verdicts.append(
-            f"Most compression within {within} point of fp32 on the {n_seeds}-seed mean gap: `{best['label']}` "
-            f"at **{best['up']:,.0f}×** fewer uplink bytes (mean gap {best['gap']:+.2f} ± {best['se']:.2f}, "
-            f"worst seed {best['worst']:+.2f})."
+            f"Most compression within {within} point of fp32 on the {n_seeds}-seed mean gap{what}: "
+            f"`{best['label']}` at **{best['up']:,.0f}×** fewer uplink bytes (mean gap {best['gap']:+.2f} ± "
+            f"{best['se']:.2f}, worst seed {best['worst']:+.2f})."
             + (f" Target ≥ 300×: {'met' if best['up'] >= 300 else '**not met**'}." if within == 1.0 else "")
         )
     from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
@@ -125,7 +141,9 @@ def main() -> None:
         "(one test image is 0.28 point); ± s.e.: the standard error of the mean over the seeds. MC = DGC "
         "momentum correction 0.5, masking = momentum factor masking, clip = local clipping at L2 norm 2.0; every "
         "candidate uses compact, entropy-coded frames. Issue #16: `make run`'s default is the configuration with "
-        "the most uplink compression whose mean gap is within 0.5 point.\n\n"
+        "the most uplink compression whose mean gap is within 0.5 point; "
+        "the candidates for it are scale-free (`deltaplane run` applies its default codec's options to every "
+        "task and model, and a local clip at L2 norm 2.0 is this CNN's update scale, not another model's).\n\n"
         + table(
             [
                 "configuration",
