@@ -36,7 +36,7 @@ from torch import nn
 
 from _record import record, table
 from deltaplane.apps.runner import attach_device_cost
-from deltaplane.cli import DEFAULT_RUN_CODEC
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.data.digits import load_digits, train_test_split
 from deltaplane.deploy import (
     Gates,
@@ -78,7 +78,7 @@ def main() -> None:
     train_set, test_set = train_test_split(load_digits(), seed=SEED)
     xtr, ytr = train_set.x, train_set.y
     xte, yte = test_set.x.numpy(), test_set.y.numpy()
-    run = attach_device_cost(run_simulation(RunConfig(codec=DEFAULT_RUN_CODEC, seed=SEED)))
+    run = attach_device_cost(run_simulation(RunConfig(codec=DEFAULT_RUN_CODEC, **DEFAULT_RUN_DGC, seed=SEED)))
     register_architecture("DigitsCNN", lambda cfg: DigitsCNN())
     ckpt_dir = Path(tempfile.mkdtemp())
     save_checkpoint(run.final_state, ckpt_dir / "digits", {"architecture": "DigitsCNN"})
@@ -243,7 +243,8 @@ def main() -> None:
         [
             f"DigitsCNN ({sum(p.numel() for p in fp32.parameters()):,} params): final global model of the default "
             f"federated run (`deltaplane run` defaults: {run.config.clients} non-IID clients, {len(run.rounds)} rounds, "
-            f"uplink `{DEFAULT_RUN_CODEC}` + error feedback; simulator test accuracy "
+            f"uplink `{DEFAULT_RUN_CODEC}` + error feedback + DGC momentum correction and masking, engine "
+            f"`{run.config.engine}`; simulator test accuracy "
             f"{100 * run.final.test_accuracy:.2f}%), checkpoint SHA-256 `{ckpt.sha256[:16]}…`; fixed split "
             f"({len(ytr)} train / {len(yte)} test). fp32 safetensors: "
             f"{results[0][1]['sizes']['fp32_safetensors_bytes']:,} bytes; fp32 clean accuracy "

@@ -13,13 +13,13 @@ import time
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from _record import record, table  # benchmarks/ is on sys.path when a script here runs
-from deltaplane.cli import DEFAULT_RUN_CODEC
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
 from deltaplane.flower import run_flower
 from deltaplane.sim import RunConfig, run_simulation
 
 
 def main() -> None:
-    cfg = RunConfig(codec=DEFAULT_RUN_CODEC)
+    cfg = RunConfig(codec=DEFAULT_RUN_CODEC, **DEFAULT_RUN_DGC)  # deltaplane run's uplink, on both engines
     print(f"in-process: {cfg.clients} clients, {cfg.rounds} rounds, {cfg.codec} ...", flush=True)
     t0 = time.perf_counter()
     local = run_simulation(cfg)
@@ -59,7 +59,8 @@ def main() -> None:
     codec = cfg.codec.replace("|", "\\|")  # a bare | would split the markdown cell
     body = (
         f"Default config ({cfg.clients} clients, {cfg.rounds} rounds, α={cfg.alpha}, seed {cfg.seed}), codec "
-        f"`{codec}` with error feedback, identity downlink.\n\n"
+        f"`{codec}` with error feedback and DGC momentum correction {cfg.momentum_correction} with momentum masking "
+        "(`deltaplane run`'s uplink), identity downlink.\n\n"
         + table(
             [
                 "engine",
