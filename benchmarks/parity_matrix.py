@@ -194,17 +194,27 @@ def _reference(seq) -> str:
     return cell
 
 
+#: the names of :func:`_seen`'s fields, for the cell that says which ones differ
+SEEN = ("devices", "accuracy", "ε", "ε vs server", "refusals", "clipped share", "mix accuracy", "personal mean",
+        "personal min", "personal gain")  # fmt: skip
+
+
 def _cell(ref, rounds, state) -> str:
+    """A driver's cell: final accuracy, total uplink, ``=`` when bit-identical to the reference, else the largest
+    accuracy and weight differences and the round figures that differ; then the bytes a device."""
     if len(rounds) != len(ref.rounds):
         return f"{len(rounds)} rounds, the reference ran {len(ref.rounds)}"
-    same = [_seen(a) for a in ref.rounds] == [_seen(b) for b in rounds] and all(
-        torch.equal(ref.final_state[k], state[k]) for k in ref.final_state
-    )
+    seen = [(_seen(a), _seen(b)) for a, b in zip(ref.rounds, rounds, strict=True)]
+    differ = [name for i, name in enumerate(SEEN) if any(a[i] != b[i] for a, b in seen)]
+    dw = max((ref.final_state[k].double() - state[k].double()).abs().max().item() for k in ref.final_state)
     gap = max(abs(a.test_accuracy - b.test_accuracy) for a, b in zip(ref.rounds, rounds, strict=True))
     up = sum(r.uplink_bytes for r in rounds)
-    verdict = "=" if same else f"Δacc ≤ {gap:.4f}"
-    if not same and [r.rejected for r in ref.rounds] != [r.rejected for r in rounds]:
-        verdict += ", refused a round " + "/".join(str(r.rejected) for r in rounds)
+    if not differ and dw == 0:
+        verdict = "="
+    else:
+        verdict = f"Δacc ≤ {gap:.4f}, weights ≤ {dw:.1e} apart"
+        if [d for d in differ if d != "accuracy"]:
+            verdict += "; differ: " + ", ".join(differ)
     return f"{rounds[-1].test_accuracy:.4f}, {up / 2**20:.2f} MiB, {verdict}; {_bytes(ref, rounds)}"
 
 
@@ -275,7 +285,9 @@ def main() -> None:
         "downlink, and the devices and refused updates a round where they are not all devices and none. Driver "
         "cells: final test accuracy, total uplink, `=` when every round's devices, accuracy, ε, refusals, "
         "clipped share (and, with personalization, the devices' personal accuracies) and the final weights "
-        "equal the sequential driver's bit for bit, else the largest per-round accuracy difference; then the "
+        "equal the sequential driver's bit for bit, else the largest per-round accuracy difference, the largest "
+        "final-weight difference and the round figures that differ (none listed: only accuracy or weights); "
+        "then the "
         "driver's uplink bytes a device of the round (the devices that train) and downlink bytes a device of the "
         "federation (every driver counts the round's model sent to every device) minus the sequential driver's, "
         "as measured "
