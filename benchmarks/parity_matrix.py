@@ -1,12 +1,18 @@
 """The parity matrix at the default federation size (issue #13 acceptance 1): every driver × every feature.
 
 For each feature the sequential driver is the reference; the table gives, per driver, the final test accuracy,
-the total uplink bytes and whether every round's accuracy and the final weights equal the reference bit for bit
-(``=``), or the largest per-round accuracy difference otherwise. Drivers: batched (stacked clients; equal up to
-float32 rounding), HTTP (a real uvicorn service on loopback, simulated devices), Flower (the ServerApp and
-ClientApps through Flower's message code path on an in-process grid, no Ray). Personalization runs on every
-driver: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
+the total uplink bytes and whether every round's figures (accuracy, devices, refusals, ε, personal accuracies)
+and the final weights equal the reference bit for bit (``=``), or the largest per-round accuracy difference
+otherwise, and each driver's uplink and downlink bytes a device against the reference's. Drivers: batched
+(stacked clients; equal up to float32 rounding), HTTP (a real uvicorn service on loopback, simulated devices),
+Flower (the ServerApp and ClientApps through Flower's message code path on an in-process grid, no Ray), and
+population (virtual devices of its own, so no sequential twin: its accuracy, and whether its devices and
+refusals a round equal the reference's). A driver that refuses a feature shows its typed error and the reason
+in the cell. Personalization runs on every driver but population: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
 Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
+The rows after the first ten (sampled and empty rounds, SecAgg, SecAgg+, distributed DP, refused devices) are
+the configurations tests/flower/test_parity_matrix.py, test_secagg_plus_drivers.py and test_driver_parity.py
+check, some at their small sizes (the row says so).
 """
 
 from __future__ import annotations
@@ -21,24 +27,69 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record, table
 
+#: DP noise from the run seed: by default (``auto``) a service draws it from the OS CSPRNG, which no driver can
+#: reproduce; the tests compare the same way
+SEEDED = {"dp_noise_source": "seeded"}
 FEATURES = {
     "FedAvg": {},
     "FedAdam": {"aggregator": "fedadam"},
-    # seeded noise: a service (and deployed Flower) otherwise draws it from the OS CSPRNG, which no driver can
-    # reproduce (``dp_noise_source``'s default, ``auto``); the tests compare the same way
-    "DP-FedAvg, clip 1.0": {"clip": "1.0", "dp_noise": 0.5, "dp_noise_source": "seeded"},
-    "DP-FedAvg, adaptive clip": {"clip": "adaptive", "dp_noise": 0.5, "dp_noise_source": "seeded"},
+    "DP-FedAvg, clip 1.0": {"clip": "1.0", "dp_noise": 0.5, **SEEDED},
+    "DP-FedAvg, adaptive clip": {"clip": "adaptive", "dp_noise": 0.5, **SEEDED},
     "trimmed mean 0.2": {"defense": "trimmed_mean:0.2"},
     "top-k 1% + 8-bit, EF": {"codec": "topk(0.01) | quant(bits=8)"},
     "downlink top-k 5% + 8-bit": {"downlink_codec": "topk(0.05) | quant(bits=8)"},
     "α-mix": {"personalization": "alpha_mix"},
     "FedPer (head fc2)": {"personalization": "fedper"},
     "Ditto": {"personalization": "ditto"},
+    # the same configurations as the tests (tests/flower/test_parity_matrix.py and its neighbours)
+    "sampled, 50% a round": {"sample_fraction": 0.5},
+    # Poisson sampling under central DP (the accountant's rate); seed 13 samples nobody in round 2, and every
+    # driver still releases that round's noise and counts its ε
+    "DP, Poisson q = 1/3, empty round 2 (6 clients, seed 13)": {
+        "clip": "1.0",
+        "dp_noise": 0.3,
+        "sample_fraction": 1 / 3,
+        "clients": 6,
+        "seed": 13,
+        **SEEDED,
+    },
+    "SecAgg, clip 2.0": {"secagg": True, "clip": "2.0"},
+    # SecAgg+: each device masks with 10 of the 19 others (the least degree 20 devices accept)
+    "SecAgg+ degree 10, clip 2.0": {"secagg": True, "clip": "2.0", "secagg_neighbours": 10},
+    # distributed DP: the devices noise under SecAgg, Poisson-sampled at q = 1/2; seed 2 samples 1, 3 and 2
+    # devices: a lone device, a published sum, a pair short of m_min = 3 (neither short round unmasks anything)
+    "SecAgg + distributed DP, q = 1/2, m_min 3 (6 clients, seed 2)": {
+        "secagg": True,
+        "clip": "1.0",
+        "dp_noise": 0.5,
+        "clients": 6,
+        "sample_fraction": 0.5,
+        "seed": 2,
+        "secagg_min_contributors": 3,
+        **SEEDED,
+    },
+    "FedPer + SecAgg + top-k 20% downlink": {
+        "personalization": "fedper",
+        "secagg": True,
+        "clip": "2.0",
+        "downlink_codec": "topk(0.2) | quant(bits=8)",
+    },
+    # refused devices: 20% of the devices scale a flipped update by 1e39, which overflows to Inf, and each
+    # refuses to encode it (NaN or Inf); or by 100, and the server's norm bound (20; honest updates stay under
+    # 5) refuses the update
+    "refused: Inf update (20% attackers, ×1e39)": {"attack": "sign_flip(0.2, scale=1e39)"},
+    "refused: norm > 20 (20% attackers, ×100)": {
+        "attack": "sign_flip(0.2, scale=100)",
+        "max_update_norm": 20.0,
+    },
 }
 
 
 class _Grid:
-    """Flower Grid stand-in: node 100+i runs the ClientApp with partition-id i and a persistent Context."""
+    """Flower Grid stand-in: node 100+i runs the ClientApp with partition-id i and a persistent Context. A
+    ClientApp that raises is answered with an error reply, as Flower's runtimes do (``vce_api.py``), and as the
+    tests' ``LoopbackGrid`` (tests/flower/conftest.py) does: a device that refuses its own update (NaN or Inf)
+    is then a refused node, not the end of the run."""
 
     def __init__(self, app, n: int) -> None:
         from flwr.app import Context, RecordDict
@@ -54,7 +105,17 @@ class _Grid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        replies = []
+        for msg in messages:
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # what Flower's runtime does with any ClientApp exception
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>")
+                replies.append(Message(error, reply_to=msg))
+        return replies
 
 
 def _flower(cfg):
@@ -73,16 +134,113 @@ def _flower(cfg):
 
 
 def _seen(r):
-    return (r.test_accuracy, r.personal_accuracy_mean, r.personal_accuracy_min, r.personal_gain_min)
+    """What a round must equal across drivers, as the tests compare: devices, accuracy, ε, refusals, clipping
+    and, with personalization, the devices' personal figures."""
+    personal = (
+        r.client_mix_accuracy_mean,
+        r.personal_accuracy_mean,
+        r.personal_accuracy_min,
+        r.personal_gain_min,
+    )
+    return (
+        r.clients,
+        r.test_accuracy,
+        r.epsilon,
+        r.epsilon_vs_server,
+        r.rejected,
+        r.clipped_fraction,
+        *personal,
+    )
+
+
+def _b(x: float) -> str:
+    """A signed byte count: whole bytes as they are, a fraction (bytes shared among devices) to 0.1 B."""
+    return f"{x:+.0f}" if x == int(x) else f"{x:+.1f}"
+
+
+def _per_device(ref, rounds, field: str, devices) -> str:
+    """This driver's ``field`` bytes minus the reference's, per device (``devices(round)`` of them; a round
+    without devices is left out unless its bytes differ), as measured: one figure, or the range over the
+    rounds."""
+    pairs = [(getattr(b, field) - getattr(a, field), devices(a)) for a, b in zip(ref, rounds, strict=True)]
+    diffs = [d / n for d, n in pairs if n]
+    lo, hi = _b(min(diffs)), _b(max(diffs))
+    out = f"{lo} B" if lo == hi else f"{lo}…{hi} B"
+    empty = [d for d, n in pairs if not n and d]
+    if empty:
+        out += f" ({max(empty, key=abs):+d} B in a round without devices)"
+    return out
+
+
+def _bytes(ref, rounds) -> str:
+    """Uplink a device of the round (the sampled ones upload), downlink a device of the federation (every
+    driver counts the round's model sent to every device, as ``downlink_bytes`` says)."""
+    up = _per_device(ref.rounds, rounds, "uplink_bytes", lambda r: r.clients)
+    down = _per_device(ref.rounds, rounds, "downlink_bytes", lambda r: ref.config.clients)
+    return f"up {up}, down {down}"
+
+
+def _reference(seq) -> str:
+    """The sequential cell: accuracy, total uplink and downlink, and the devices and refusals a round when they
+    are not every device and none."""
+    cell = (
+        f"{seq.final.test_accuracy:.4f}, up {sum(r.uplink_bytes for r in seq.rounds) / 2**20:.2f} MiB, "
+        f"down {sum(r.downlink_bytes for r in seq.rounds) / 2**20:.2f} MiB"
+    )
+    if any(r.clients != seq.config.clients for r in seq.rounds):
+        cell += "; devices a round " + "/".join(str(r.clients) for r in seq.rounds)
+    if any(r.rejected for r in seq.rounds):
+        cell += "; refused a round " + "/".join(str(r.rejected) for r in seq.rounds)
+    return cell
+
+
+#: the names of :func:`_seen`'s fields, for the cell that says which ones differ
+SEEN = ("devices", "accuracy", "ε", "ε vs server", "refusals", "clipped share", "mix accuracy", "personal mean",
+        "personal min", "personal gain")  # fmt: skip
 
 
 def _cell(ref, rounds, state) -> str:
-    same = [_seen(a) for a in ref.rounds] == [_seen(b) for b in rounds] and all(
-        torch.equal(ref.final_state[k], state[k]) for k in ref.final_state
-    )
+    """A driver's cell: final accuracy, total uplink, ``=`` when bit-identical to the reference, else the largest
+    accuracy and weight differences and the round figures that differ; then the bytes a device."""
+    if len(rounds) != len(ref.rounds):
+        return f"{len(rounds)} rounds, the reference ran {len(ref.rounds)}"
+    seen = [(_seen(a), _seen(b)) for a, b in zip(ref.rounds, rounds, strict=True)]
+    differ = [name for i, name in enumerate(SEEN) if any(a[i] != b[i] for a, b in seen)]
+    dw = max((ref.final_state[k].double() - state[k].double()).abs().max().item() for k in ref.final_state)
     gap = max(abs(a.test_accuracy - b.test_accuracy) for a, b in zip(ref.rounds, rounds, strict=True))
     up = sum(r.uplink_bytes for r in rounds)
-    return f"{rounds[-1].test_accuracy:.4f}, {up / 2**20:.2f} MiB, " + ("=" if same else f"Δacc ≤ {gap:.4f}")
+    if not differ and dw == 0:
+        verdict = "="
+    else:
+        verdict = f"Δacc ≤ {gap:.4f}, weights ≤ {dw:.1e} apart"
+        if [d for d in differ if d != "accuracy"]:
+            verdict += "; differ: " + ", ".join(differ)
+    return f"{rounds[-1].test_accuracy:.4f}, {up / 2**20:.2f} MiB, {verdict}; {_bytes(ref, rounds)}"
+
+
+def _population(ref, rounds) -> str:
+    """The population driver's cell: it builds virtual devices of its own (no sequential twin), so only its
+    final accuracy, and whether its devices and refusals a round equal the reference's (else its own)."""
+    counts = [(r.clients, r.rejected) for r in rounds]
+    same = counts == [(r.clients, r.rejected) for r in ref.rounds]
+    own = "/".join(f"{c}" + (f" ({j} refused)" if j else "") for c, j in counts)
+    return f"{rounds[-1].test_accuracy:.4f}; devices and refusals a round " + ("=" if same else own)
+
+
+def _refused(exc: Exception) -> str:
+    """The cell of a driver that refuses the feature: its typed error and reason (pipes escaped for the table)."""
+    return f"refused: `{type(exc).__name__}`: " + str(exc).replace("|", "\\|")
+
+
+def _driver(ref, run, cell=_cell) -> str:
+    """One driver's cell, or its refusal: only deltaplane's typed errors are a refusal, anything else a bug."""
+    from deltaplane.errors import DeltaplaneError
+
+    try:
+        rounds, state = run()
+    except DeltaplaneError as exc:
+        return _refused(exc)
+    return cell(ref, rounds, state)
 
 
 def main() -> None:
@@ -101,24 +259,50 @@ def main() -> None:
     for name, change in FEATURES.items():
         cfg = base.replace(**change)
         seq = run_simulation(cfg)
-        bat = run_simulation(cfg.replace(engine="batched"))
-        http = run_http_simulation(cfg)
-        row = [name, f"{seq.final.test_accuracy:.4f}, {seq.total_uplink_bytes / 2**20:.2f} MiB"]
-        row += [_cell(seq, bat.rounds, bat.final_state), _cell(seq, http.rounds, http.final_state)]
-        fl_rounds, fl_state = _flower(cfg)
-        row.append(_cell(seq, fl_rounds, fl_state))
+
+        def batched(cfg=cfg):
+            r = run_simulation(cfg.replace(engine="batched"))
+            return r.rounds, r.final_state
+
+        def http(cfg=cfg):
+            r = run_http_simulation(cfg)
+            return r.rounds, r.final_state
+
+        row = [name, _reference(seq)]
+
+        def population(cfg=cfg):
+            r = run_simulation(cfg.replace(engine="population"))
+            return r.rounds, r.final_state
+
+        row += [_driver(seq, run) for run in (batched, http, lambda cfg=cfg: _flower(cfg))]
+        row.append(_driver(seq, population, lambda ref, rounds, _: _population(ref, rounds)))
         rows.append(row)
         print(row, flush=True)
     body = (
         f"Digits, {args.clients} clients, {args.rounds} rounds (the `deltaplane run` federation, fewer rounds), "
-        "seed 0. Cells: final test accuracy, total uplink, and `=` when every round's accuracy (and, with "
-        "personalization, the devices' personal accuracies) and the final weights equal the sequential driver's "
-        "bit for bit. The DP rows set `dp_noise_source: seeded`: by default (`auto`) the HTTP service draws "
-        "its noise from the OS CSPRNG, as a real service must, so no other driver can reproduce it. Uplink bytes "
-        "are the same on every driver in the default compact frames; in self-describing frames the HTTP ones "
-        "differ only by the payload header's model id and version (`digits-cnn` v1 vs `sim/digits-cnn` v0).\n\n"
-        + table(["feature", "sequential (reference)", "batched", "HTTP service", "Flower"], rows)
-        + f"\n\nTotal time {time.perf_counter() - t0:.0f} s.\n"
+        "seed 0, unless the row says otherwise (the rows at 6 clients are the tests' configurations: a seed whose "
+        "sampling gives the round the row names). Reference cells: final test accuracy, total uplink and "
+        "downlink, and the devices and refused updates a round where they are not all devices and none. Driver "
+        "cells: final test accuracy, total uplink, `=` when every round's devices, accuracy, ε, refusals, "
+        "clipped share (and, with personalization, the devices' personal accuracies) and the final weights "
+        "equal the sequential driver's bit for bit, else the largest per-round accuracy difference, the largest "
+        "final-weight difference and the round figures that differ (none listed: only accuracy or weights); "
+        "then the "
+        "driver's uplink bytes a device of the round (the devices that train) and downlink bytes a device of the "
+        "federation (every driver counts the round's model sent to every device) minus the sequential driver's, "
+        "as measured "
+        "(one figure when every round gives the same, else the range over the rounds). A driver that refuses "
+        "a feature shows its typed error and reason. The population driver builds virtual devices of its own, so "
+        "it has no sequential twin: its cells give its final accuracy and `=` when its devices and refused "
+        "updates a round equal the sequential driver's. The DP rows set `dp_noise_source: seeded`: by default "
+        "(`auto`) the HTTP service draws its noise from the OS CSPRNG, as a real service must, so no other "
+        "driver can reproduce it. The refused-device rows: an attacker's update scaled by 1e39 overflows to "
+        "Inf, which the device refuses to encode (NaN or Inf) and the server counts as refused; one scaled by "
+        "100 is refused by the server's norm bound (`max_update_norm: 20`; honest updates stay under 5).\n\n"
+        + table(
+            ["feature", "sequential (reference)", "batched", "HTTP service", "Flower", "population"], rows
+        )
+        + f"\n\nTotal time {time.perf_counter() - t0:.0f} s (wall time, on the load above).\n"
     )
     print(body)
     record(
