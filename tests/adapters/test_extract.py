@@ -138,10 +138,11 @@ def test_cli(tmp_path):
     from deltaplane.cli import app
 
     _models(tmp_path)
-    out = tmp_path / "adapter"
+    out = tmp_path / ("adapter-" + "x" * 100) / "[v2]"  # printed whole: not wrapped, [v2] is not rich markup
     res = CliRunner().invoke(app, ["extract-lora", str(tmp_path / "ft"), "--base", str(tmp_path / "base"),
                                    "--rank", "3", "-o", str(out)])  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert f"into {out} in " in res.output, res.output
     assert "layer.0.up.weight" in res.output and "not in the adapter" in res.output
     assert load_peft(out).ranks == {"layer.0.query.weight": 3, "layer.0.up.weight": 3}
     again = [

@@ -164,7 +164,9 @@ def test_checkpoint_config_must_match_weights(tmp_path, checkpoint, trained_cnn)
 
 
 def test_cli_deploy_prints_table_and_writes_outputs(app, tmp_path, checkpoint):
-    out = tmp_path / "out"
+    # a path over 120 characters with [..] in it: printed whole (rich wraps at 80 columns when stdout is no
+    # terminal, and reads [..] as markup), so it can be copied from the output
+    out = tmp_path / ("out-" + "x" * 100) / "[v2]"
     r = CliRunner().invoke(
         app,
         [
@@ -192,6 +194,7 @@ def test_cli_deploy_prints_table_and_writes_outputs(app, tmp_path, checkpoint):
         "not pruned: conv1",
     ):
         assert word in r.output
+    assert f"to {out}\n" in r.output, r.output
     assert sorted(p.name for p in out.iterdir()) == [
         "MODEL_CARD.md",
         "manifest.json",

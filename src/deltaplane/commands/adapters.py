@@ -51,6 +51,7 @@ def extract_lora_command(
     import time
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from deltaplane.adapters.extract import DEFAULT_EXCLUDE, extract_lora
@@ -92,10 +93,13 @@ def extract_lora_command(
             )  # fmt: skip
         console.print(table)
     for name, rel in result.uncaptured.items():
-        console.print(f"[yellow]not in the adapter:[/yellow] {name} changed by {rel:.3g} of its norm")
-    console.print(
-        f"extracted {len(result.layers)} layers ({result.lora.numel():,} values, {result.lora.nbytes / 1e6:.2f} MB), "
-        f"mean relative error {result.mean_error():.4f}, into {out} in {seconds:.2f} s"
+        console.print(f"[yellow]not in the adapter:[/yellow] {escape(name)} changed by {rel:.3g} of its norm")
+    console.print(  # escaped: a [..] in a path is not rich markup
+        escape(
+            f"extracted {len(result.layers)} layers ({result.lora.numel():,} values, "
+            f"{result.lora.nbytes / 1e6:.2f} MB), mean relative error {result.mean_error():.4f}, into {out} in "
+            f"{seconds:.2f} s"
+        )
     )
 
 

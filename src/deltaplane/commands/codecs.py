@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
@@ -94,7 +95,7 @@ def compress(
     )
     _console.print(table)
     recorded = f"; base {short_fingerprint(delta.base_sha256)}" if delta.base_sha256 else ""
-    _console.print(f"codec {comp.codec.spec}{recorded}\nwrote {out}")
+    _console.print(escape(f"codec {comp.codec.spec}{recorded}\nwrote {out}"), soft_wrap=True)
 
 
 def decompress(
@@ -153,8 +154,11 @@ def decompress(
             delta.save(out, metadata={"deltaplane.codec": header.codec})
             what = "delta"
     _console.print(
-        f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "
-        f"base {header.base_id!r} v{header.base_version}); wrote {what} to {out}"
+        escape(
+            f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "
+            f"base {header.base_id!r} v{header.base_version}); wrote {what} to {out}"
+        ),
+        soft_wrap=True,
     )
 
 
@@ -191,7 +195,10 @@ def apply(
         if delta.base_sha256:
             recorded = f"taken against base {short_fingerprint(delta.base_sha256)}"
         recorded += _overridden(delta, base_state, allow_other_base)
-    _console.print(f"applied {len(delta)} tensors ({delta.numel():,} values; {recorded}); wrote {out}")
+    _console.print(
+        escape(f"applied {len(delta)} tensors ({delta.numel():,} values; {recorded}); wrote {out}"),
+        soft_wrap=True,
+    )
 
 
 def _overridden(delta: Delta, base_state: dict[str, torch.Tensor], allowed: bool) -> str:

@@ -700,6 +700,7 @@ def register(app: typer.Typer) -> None:
         Exit codes: 0 shipped, 2 bad input, 3 a quality gate failed (nothing written).
         """
         from rich.console import Console
+        from rich.markup import escape
 
         from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
         from deltaplane.deploy.pipeline import parse_prune
@@ -804,15 +805,17 @@ def register(app: typer.Typer) -> None:
         if refused is not None:
             console.print(_table(refused.manifest, title + " — REFUSED"))
             Console(stderr=True).print(
-                f"[bold red]refused to ship:[/bold red] {str(refused).removeprefix('refused to ship: ')}; "
-                f"nothing written to {out}",
+                "[bold red]refused to ship:[/bold red] "
+                + escape(f"{str(refused).removeprefix('refused to ship: ')}; nothing written to {out}"),
                 soft_wrap=True,
             )
             raise typer.Exit(code=EXIT_GATE_FAILED)
         console.print(_table(res.manifest, title))
         for layer, why in res.manifest["prune_skipped_layers"].items():
-            console.print(f"not pruned: {layer} ({why})")
-        console.print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+            console.print(escape(f"not pruned: {layer} ({why})"), soft_wrap=True)
+        # soft_wrap: rich wraps at 80 columns when stdout is no terminal, and a path broken across lines cannot
+        # be copied
+        console.print(escape(f"wrote {', '.join(res.files)} to {res.out_dir}"), soft_wrap=True)
 
 
 #: what each model-specific option is for, in the words of its refusal

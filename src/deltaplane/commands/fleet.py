@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
+from rich.markup import escape
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
@@ -181,7 +182,10 @@ def register(app: typer.Typer) -> None:
                 governance={"data_sources": [f"task {task.name}"], "cohorts": []},
             )
             reg.set_tag(model, "production", v.number, reason="initial model of the fleet")
-        console.print(f"{model}@{v.number} registered in {reg.home} (production); serve it with --federation")
+        console.print(
+            escape(f"{model}@{v.number} registered in {reg.home} (production); serve it with --federation"),
+            soft_wrap=True,
+        )
 
     @fleet.command("enroll")
     def enroll_cmd(
@@ -225,7 +229,10 @@ def register(app: typer.Typer) -> None:
             for path, token in zip(files, tokens, strict=True):
                 write_secret_file(path, token.encode())
         console.print(
-            f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
+            escape(
+                f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
+            ),
+            soft_wrap=True,
         )
 
     @fleet.command("device")

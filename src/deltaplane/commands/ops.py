@@ -317,7 +317,10 @@ def register(app: typer.Typer) -> None:
             _writable(_home(home), "--home")
             reg = Registry.create(_home(home), encrypt=not no_encrypt)
             at_rest = f"AES-256-GCM, key {reg.keyring.current}" if reg.encrypted else "plaintext (opted out)"
-            console.print(f"registry ready at {reg.home} (signing key {reg.signer.key_id}; blobs: {at_rest})")
+            console.print(
+                escape(f"registry ready at {reg.home} (signing key {reg.signer.key_id}; blobs: {at_rest})"),
+                soft_wrap=True,
+            )
 
     @reg_app.command("rotate-key")
     def registry_rotate_key(
@@ -346,7 +349,7 @@ def register(app: typer.Typer) -> None:
             )
             done = reg.rotate_kek(new)
         console.print(f"{done.rewrapped} blobs re-wrapped with key {done.current}")
-        console.print(done.advice)
+        console.print(escape(done.advice), soft_wrap=True)  # names the key files, by path
 
     @reg_app.command("register")
     def registry_register(
@@ -428,7 +431,9 @@ def register(app: typer.Typer) -> None:
                 model_tmp.unlink(missing_ok=True)
                 manifest_tmp.unlink(missing_ok=True)
         console.print(
-            f"pulled [bold]{art.ref}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → {out}"
+            f"pulled [bold]{escape(art.ref)}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → "
+            f"{escape(str(out))}",
+            soft_wrap=True,
         )
 
     @reg_app.command("list")
@@ -894,7 +899,9 @@ def register(app: typer.Typer) -> None:
             check_threads(threads)
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
-                err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
+                err_console.print(
+                    f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
+                )
             chain = {
                 "aggregator": aggregator, "server_lr": server_lr, "clip": clip, "dp_noise": dp_noise,
                 "epsilon_budget": epsilon_budget, "defense": defense, "max_update_norm": max_update_norm,
@@ -933,7 +940,10 @@ def register(app: typer.Typer) -> None:
             ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         scheme = "https" if ssl_options else "http"
-        err_console.print(f"dashboard: {scheme}://{host}:{port}/ui/ (sign in with the admin token)")
+        err_console.print(
+            f"dashboard: {escape(f'{scheme}://{host}:{port}/ui/')} (sign in with the admin token)",
+            soft_wrap=True,
+        )
         with cpu_threads(threads):  # decoding and aggregating uploads, in every request thread
             serve(app_, host=host, port=port, ssl_options=ssl_options)
 
@@ -968,14 +978,16 @@ def register(app: typer.Typer) -> None:
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
-                err_console.print(f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}")
+                err_console.print(
+                    f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
+                )
             reg_home = _home(home)
             if reg_home.exists() and not reg_home.is_dir():
                 raise ConfigError(f"--home {reg_home} is a file; give the registry's folder")
             if runs_dir.exists() and not runs_dir.is_dir():
                 raise ConfigError(f"--runs {runs_dir} is a file; give the folder the run reports are under")
             if home is not None and not (reg_home / "registry.db").exists():
-                err_console.print(f"no registry in {reg_home}: showing the runs only")
+                err_console.print(escape(f"no registry in {reg_home}: showing the runs only"), soft_wrap=True)
             ssl_options = _listen_ssl(host, tls_cert, tls_key, None, insecure_http)
             app_ = create_ui_app(
                 admin_token=token,
@@ -985,5 +997,7 @@ def register(app: typer.Typer) -> None:
                     idle_s=round(session_idle_minutes * 60), max_s=round(session_max_hours * 3600)
                 ),
             )
-        err_console.print(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/")
+        err_console.print(
+            escape(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/"), soft_wrap=True
+        )
         serve(app_, host=host, port=port, ssl_options=ssl_options)
