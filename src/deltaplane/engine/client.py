@@ -391,6 +391,7 @@ class ClientStep:
         if c.local_dp_noise > 0:
             delta = local_privacy(
                 delta,
+                # not clip_value: local DP has a numeric clip (RunConfig checks); either needs the ignore
                 clip=float(c.clip),  # type: ignore[arg-type]
                 noise_multiplier=c.local_dp_noise,
                 generator=(
@@ -401,6 +402,7 @@ class ClientStep:
             )
             self.participations[client.cid] = self.participations.get(client.cid, 0) + 1
         if c.secagg and c.clip is not None:
+            # not clip_value: RunConfig refuses 'adaptive' with secagg, and float(str) types where it would not
             delta = clip_to(delta, float(c.clip))
         return delta
 
@@ -445,6 +447,7 @@ class ClientStep:
         if not (c.secagg and c.dp_noise > 0):
             return sent
         g = torch_generator(c.seed, Stream.DISTRIBUTED_DP, rnd, cid) if self.seeded_dp_noise else None
+        # not clip_value: distributed DP has a numeric clip (RunConfig checks); either needs the ignore
         return distributed_noise(sent, clip=float(c.clip), std=c.device_noise_std(), generator=g)  # type: ignore[arg-type]
 
     def finish(

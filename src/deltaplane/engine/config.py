@@ -473,6 +473,7 @@ class RunConfig(BaseModel):
             return 0.0
         from deltaplane.aggregation.dp import distributed_ring_range
 
+        # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
         return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]
 
     @property
@@ -489,6 +490,7 @@ class RunConfig(BaseModel):
             return 0.0
         from deltaplane.aggregation.dp import distributed_noise_std
 
+        # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
         return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
 
     def attacker_count(self, *, counted: str | None = None, fix: str | None = None) -> int:
