@@ -136,3 +136,12 @@ def test_printed_paths_are_whole_when_stdout_is_no_terminal(command, tmp_path, m
     for want in expected:
         found = want.search(output) if isinstance(want, re.Pattern) else want in output
         assert found, (want, output)
+
+
+@pytest.mark.parametrize(("command", "port"), [("serve", 8000), ("ui", 8050)])
+def test_the_dashboard_url_of_an_ipv6_host_has_brackets(command, port, tmp_path, monkeypatch):
+    monkeypatch.setattr("deltaplane.serve.serve", lambda *a, **k: None)  # the notices, not the server
+    _invoke("registry", "init", "--home", str(tmp_path / "home"))
+    extra = ["--runs", str(tmp_path)] if command == "ui" else []
+    r = _invoke(command, "--home", str(tmp_path / "home"), *extra, "--host", "::1", "--insecure-http")
+    assert f"dashboard: http://[::1]:{port}/ui/" in r.output

@@ -941,7 +941,7 @@ def register(app: typer.Typer) -> None:
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
         scheme = "https" if ssl_options else "http"
         err_console.print(
-            f"dashboard: {escape(f'{scheme}://{host}:{port}/ui/')} (sign in with the admin token)",
+            f"dashboard: {escape(_dashboard_url(scheme, host, port))} (sign in with the admin token)",
             soft_wrap=True,
         )
         with cpu_threads(threads):  # decoding and aggregating uploads, in every request thread
@@ -998,6 +998,14 @@ def register(app: typer.Typer) -> None:
                 ),
             )
         err_console.print(
-            escape(f"dashboard: {'https' if ssl_options else 'http'}://{host}:{port}/ui/"), soft_wrap=True
+            escape(f"dashboard: {_dashboard_url('https' if ssl_options else 'http', host, port)}"),
+            soft_wrap=True,
         )
         serve(app_, host=host, port=port, ssl_options=ssl_options)
+
+
+def _dashboard_url(scheme: str, host: str, port: int) -> str:
+    """The dashboard's address for the listening host: an IPv6 literal goes in brackets (RFC 3986), or the
+    printed URL (``http://::1:8000/ui/``) would not open."""
+    literal = ":" in host and not host.startswith("[")
+    return f"{scheme}://{f'[{host}]' if literal else host}:{port}/ui/"
