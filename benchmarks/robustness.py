@@ -14,6 +14,11 @@ stamped with the full 2×2 trigger, are classified as the target class 0. Sectio
 * ``grid``: attack × defence × {10, 20, 30}% with the default codec, seed 0, ``--grid-rounds`` rounds (80 by
   default; the section says how many), ``--defenses`` the columns.
 
+``--uplink SPEC`` measures any section with another codec in the default codec's place, still with
+:data:`DEFAULT_DGC` (e.g. ``stc(0.006)``, ``deltaplane run``'s default from 2026-12-06); its runs are cached under
+names of their own (:func:`uplink`). ``accept --codecs default`` leaves out the ``identity`` half, which does not
+depend on the uplink.
+
 Finished runs are cached in ``.bench-cache/robustness-engine/<code fingerprint>/`` so a rerun on the same code only
 computes what is missing (other code's results are not reused).
 """
@@ -41,6 +46,9 @@ if TYPE_CHECKING:
 DEFAULT_CODEC = "stc(0.002)"
 DEFAULT_DGC = {"momentum_correction": 0.5, "momentum_masking": True}
 CODECS = {"default": DEFAULT_CODEC, "identity": "identity"}
+#: how a job names a codec run with :data:`DEFAULT_DGC` other than :data:`DEFAULT_CODEC` (which carries them bare,
+#: as it did before ``--uplink``, so that its cached and recorded runs keep their names)
+DGC_MARK = "+dgc"
 GRID_ATTACKS = ["backdoor", "bounded_backdoor", "dba"]
 GRID_DEFENSES = [
     "none",
@@ -65,10 +73,24 @@ FRACTIONS = [0.1, 0.2, 0.3]
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache" / "robustness-engine" / code_fingerprint()
 
 
+def uplink(spec: str) -> str:
+    """A job's codec for the uplink ``spec`` in the default codec's place: run with :data:`DEFAULT_DGC`."""
+    return spec if spec == DEFAULT_CODEC else spec + DGC_MARK
+
+
+def _codec(job_codec: str) -> tuple[str, bool]:
+    """(the codec spec, whether the run applies :data:`DEFAULT_DGC`) of a job's codec."""
+    if job_codec.endswith(DGC_MARK):
+        return job_codec[: -len(DGC_MARK)], True
+    return job_codec, job_codec == DEFAULT_CODEC
+
+
 def _key(args: tuple) -> Path:
-    """The cache file of one run; the default codec's runs carry its DGC options in the name."""
-    name = "_".join(str(a) for a in args).translate(str.maketrans(" |():,=", "-------"))
-    return CACHE / (name + ("_dgc" if args[0] == DEFAULT_CODEC else "") + ".json")
+    """The cache file of one run: the codec's spec, the rest of the job, and ``_dgc`` for the runs with the DGC
+    options, so that two uplinks, or a codec with and without DGC, never share a file."""
+    spec, dgc = _codec(args[0])
+    name = "_".join(str(a) for a in (spec, *args[1:])).translate(str.maketrans(" |():,=", "-------"))
+    return CACHE / (name + ("_dgc" if dgc else "") + ".json")
 
 
 def config(args: tuple) -> RunConfig:
@@ -76,8 +98,9 @@ def config(args: tuple) -> RunConfig:
     per-round diagnostics, so that they watch the very run the tables report)."""
     from deltaplane.engine.config import RunConfig
 
-    codec, attack, defense, seed, rounds = args
-    dgc = DEFAULT_DGC if codec == DEFAULT_CODEC else {}  # as `deltaplane run` applied them
+    job_codec, attack, defense, seed, rounds = args
+    codec, with_dgc = _codec(job_codec)
+    dgc = DEFAULT_DGC if with_dgc else {}  # as `deltaplane run` applies them to its default
     return RunConfig(
         rounds=rounds,
         codec=codec,
@@ -159,18 +182,31 @@ def _defaults_note(defences: list[str]) -> str:
     return "".join(notes)
 
 
+def _uplink_note(spec: str) -> str:
+    """What a section measured with ``--uplink`` says beside its codec (nothing for :data:`DEFAULT_CODEC`,
+    whose sections were recorded before the option, so that they read as they did)."""
+    if spec == DEFAULT_CODEC:
+        return ""
+    return (
+        f"Measured with `--uplink '{spec}'` in place of `{DEFAULT_CODEC}` (the uplink of the sections without "
+        "one), with the same DGC options. "
+    )
+
+
 def accept(args: argparse.Namespace) -> None:
     from _record import record, table
 
     seeds, best = range(args.seeds), args.best
+    codecs = {"default": uplink(args.uplink), "identity": "identity"}
+    codecs = {name: codecs[name] for name in args.codecs}
     jobs = []
-    for c in CODECS.values():
+    for c in codecs.values():
         for s in seeds:
             jobs += [(c, None, "none", s, 80), (c, "backdoor:0.2", "none", s, 80)]
             jobs += [(c, "backdoor:0.2", d, s, 80) for d in best]
     by = run_all(jobs, args.workers)
     rows, verdict = [], []
-    for name, c in CODECS.items():
+    for name, c in codecs.items():
         passed = dict.fromkeys(best, 0)
         measured = dict.fromkeys(best, 0)
         for s in seeds:
@@ -191,9 +227,11 @@ def accept(args: argparse.Namespace) -> None:
             rows.append(row)
         verdict += [[name, d, f"{passed[d]} of {measured[d]} measured ({len(seeds)} planned)"] for d in best]
     body = (
-        f"Codecs: default = `{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking (as "
-        "`deltaplane run`), and `identity`. "
-        "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
+        f"Codecs: default = `{args.uplink}` with DGC momentum correction 0.5 and momentum masking (as "
+        "`deltaplane run`)"
+        + (", and `identity`. " if "identity" in codecs else ". ")
+        + _uplink_note(args.uplink)
+        + "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
         "relabelled 0), `engine=batched`, 1 thread. Cells: test accuracy / backdoor success "
         "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%). "
         + _defaults_note(best)
@@ -215,17 +253,18 @@ def clean(args: argparse.Namespace) -> None:
     from _record import record, table
 
     seeds = list(range(args.clean_seeds))
+    default = uplink(args.uplink)
     if args.clean_defenses:  # a subset, with one codec: its own section (see --key-suffix)
-        codec = DEFAULT_CODEC if args.clean_codec == "default" else args.clean_codec
+        codec = default if args.clean_codec == "default" else args.clean_codec
         plan = [(codec, d) for d in ["none", *args.clean_defenses]]
     else:
-        plan = [(DEFAULT_CODEC, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
+        plan = [(default, d) for d in ["none", *GRID_DEFENSES[1:], *CLEAN_EXTRA]]
         plan += [("identity", d) for d in ["none", *REFUSED]]  # the rules refused over sparsifying codecs
     jobs = [(c, None, d, s, 80) for c, d in plan for s in seeds]
     by = run_all(jobs, args.workers)
     rows = []
     for c, d in plan:
-        name = "default" if c == DEFAULT_CODEC else c
+        name = "default" if c == default else c
         runs = [by[(c, None, d, s, 80)] for s in seeds]
         bases = [by[(c, None, "none", s, 80)] for s in seeds]
         cells = [f"{r['accuracy']:.3f}" if r else "not run" for r in runs]
@@ -240,9 +279,12 @@ def clean(args: argparse.Namespace) -> None:
         rows.append([name, d, *cells, f"{mean:.3f}", f"{pts:+.1f} (worst seed {worst:+.1f})", ok])
     body = (
         f"No attacker, 80 rounds, seeds {', '.join(map(str, seeds))}: every defence against FedAvg (`none`) with "
-        f"the same uplink codec and seed — the default codec (`{DEFAULT_CODEC}` with DGC momentum correction 0.5 "
+        f"the same uplink codec and seed — the default codec (`{args.uplink}` with DGC momentum correction 0.5 "
         "and momentum masking, as `deltaplane run`) for every rule valid over it, `identity` for the rules "
-        "refused over sparsifying codecs (`IncompatibleDefense`). The default codec's final accuracy moves by "
+        "refused over sparsifying codecs (`IncompatibleDefense`). "
+        + _uplink_note(args.uplink)
+        + ("The default codec's" if args.uplink == DEFAULT_CODEC else f"`{DEFAULT_CODEC}`'s")
+        + " final accuracy moves by "
         "several points between seeds and between CPUs (FedAvg seed 0: 0.964 on an AVX2 machine, 0.922 on the "
         "AVX-512 machine of the 2026-12-03 records, 0.958 on a 2-core Intel Xeon with AVX-512, the last two from the same code: "
         "each CPU rounds the stacked training's floats its own way), so the verdict reads the mean over seeds. "
@@ -270,10 +312,10 @@ def clean(args: argparse.Namespace) -> None:
 def grid(args: argparse.Namespace) -> None:
     from _record import record, table
 
-    rounds = args.grid_rounds
-    jobs = [(DEFAULT_CODEC, None, "none", 0, rounds)]
+    rounds, default = args.grid_rounds, uplink(args.uplink)
+    jobs = [(default, None, "none", 0, rounds)]
     jobs += [
-        (DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)
+        (default, f"{a}:{f}", d, 0, rounds)
         for f in args.fractions
         for a in args.attacks
         for d in args.defenses
@@ -283,16 +325,17 @@ def grid(args: argparse.Namespace) -> None:
         [
             a,
             f"{round(100 * f)}%",
-            *(cell(by[(DEFAULT_CODEC, f"{a}:{f}", d, 0, rounds)]) for d in args.defenses),
+            *(cell(by[(default, f"{a}:{f}", d, 0, rounds)]) for d in args.defenses),
         ]
         for f in args.fractions
         for a in args.attacks
     ]
     body = (
-        f"Default codec `{DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, seed 0, **{rounds} rounds**, clean FedAvg "
+        f"Default codec `{args.uplink}` with DGC momentum correction 0.5 and momentum masking, seed 0, **{rounds} rounds**, clean FedAvg "
         f"{by[jobs[0]]['accuracy']:.3f}. Cells: test accuracy / backdoor success (the share of triggered "
         "test images of other classes classified as the target 0). "
-        f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
+        + _uplink_note(args.uplink)
+        + f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
         "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine; a cell that says *not run* "
         "did not finish in the session's time. "
         + _defaults_note(args.defenses)
@@ -321,6 +364,19 @@ def main() -> None:
     ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--uplink",
+        default=DEFAULT_CODEC,
+        help=f"the codec in the default codec's place, with DGC momentum correction 0.5 and momentum masking "
+        f"(default: {DEFAULT_CODEC})",
+    )
+    ap.add_argument(
+        "--codecs",
+        nargs="+",
+        choices=sorted(CODECS),
+        default=list(CODECS),
+        help="accept: the codecs measured ('default': the uplink)",
+    )
     ap.add_argument(
         "--clean-defenses", nargs="+", help="clean: only these defences (and FedAvg), with --clean-codec"
     )

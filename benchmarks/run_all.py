@@ -152,6 +152,14 @@ PLAN: list[Step] = [
         ),
         ("robustness-reputation option",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            f"accept --workers 2 --uplink 'stc(0.006)' --codecs default --best '{_ATTR}' "
+            "--key-suffix 'stc(0.006) uplink'"
+        ),
+        ("robustness-stc(0.006) uplink",),
+    ),
     Step("robustness.py", ("clean", "--workers", "1"), ("robustness-clean",)),
     Step(
         "robustness.py",
@@ -169,6 +177,14 @@ PLAN: list[Step] = [
             "--key-suffix 'reputation option'"
         ),
         ("robustness-clean-reputation option",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
+            f"clean --workers 1 --uplink 'stc(0.006)' --clean-seeds 3 --clean-defenses '{_ATTR}' "
+            "--key-suffix 'stc(0.006) uplink'"
+        ),
+        ("robustness-clean-stc(0.006) uplink",),
     ),
     Step(
         "robustness.py",

@@ -1,0 +1,85 @@
+"""benchmarks/robustness.py's ``--uplink``: another codec in the default codec's place, cached apart from it.
+
+The robustness sections were measured on ``stc(0.002)`` with DGC (``DEFAULT_CODEC``); ``--uplink`` measures the
+same tables on another codec with the same DGC options. Its runs must never be read back as another uplink's (nor
+as the same codec's without DGC), and the sections recorded before the option must keep their cache names and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rb():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as the script puts its own folder first (for _record)
+    spec = importlib.util.spec_from_file_location("bench_robustness", ROOT / "benchmarks" / "robustness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_an_uplink_runs_with_the_default_codecs_dgc_options_and_caches_apart(rb) -> None:
+    new = (rb.uplink("stc(0.006)"), "backdoor:0.2", "trigger_attribution", 1, 80)
+    bare = ("stc(0.006)", *new[1:])
+    old = (rb.uplink(rb.DEFAULT_CODEC), *new[1:])
+    cfg = rb.config(new)
+    assert (cfg.codec, cfg.momentum_correction, cfg.momentum_masking) == ("stc(0.006)", 0.5, True)
+    assert rb.config(bare).momentum_masking is False  # a codec named bare (--clean-codec) runs without DGC
+    keys = {rb._key(new), rb._key(bare), rb._key(old), rb._key(("stc(0.0006)", *new[1:]))}
+    assert len(keys) == 4
+    assert rb._key(new).name == "stc-0.006-_backdoor-0.2_trigger_attribution_1_80_dgc.json"
+
+
+def test_the_default_codecs_runs_keep_the_cache_names_they_were_recorded_under(rb) -> None:
+    assert rb.uplink(rb.DEFAULT_CODEC) == rb.DEFAULT_CODEC
+    job = (rb.DEFAULT_CODEC, None, "none", 0, 80)
+    assert rb._key(job).name == "stc-0.002-_None_none_0_80_dgc.json"
+    cfg = rb.config(job)
+    assert (cfg.codec, cfg.momentum_correction, cfg.momentum_masking) == ("stc(0.002)", 0.5, True)
+
+
+def _accept(rb, monkeypatch, **over) -> tuple[list[tuple], str]:
+    """The jobs accept asks for and the section body it records, on made-up results."""
+    import _record
+
+    asked, recorded = [], []
+
+    def fake_run_all(jobs, workers):
+        asked.extend(jobs)
+        return {j: {"accuracy": 0.95, "backdoor": None if j[1] is None else 0.05} for j in jobs}
+
+    monkeypatch.setattr(rb, "run_all", fake_run_all)
+    monkeypatch.setattr(_record, "record", lambda key, title, body: recorded.append(body))
+    args = argparse.Namespace(
+        seeds=3, best=["trigger_attribution"], workers=1, key_suffix=None, uplink=rb.DEFAULT_CODEC
+    )
+    args.codecs = list(rb.CODECS)
+    vars(args).update(over)
+    rb.accept(args)
+    return asked, recorded[0]
+
+
+def test_accept_on_the_default_codec_only_measures_the_uplink_and_names_it(rb, monkeypatch) -> None:
+    jobs, body = _accept(rb, monkeypatch, uplink="stc(0.006)", codecs=["default"])
+    assert {j[0] for j in jobs} == {"stc(0.006)+dgc"} and len(jobs) == 9
+    assert "default = `stc(0.006)` with DGC" in body and "`--uplink 'stc(0.006)'`" in body
+    assert "`identity`" not in body.split("\n\n")[0]
+
+
+def test_accept_without_the_options_measures_both_codecs_as_recorded(rb, monkeypatch) -> None:
+    jobs, body = _accept(rb, monkeypatch)
+    assert {j[0] for j in jobs} == {rb.DEFAULT_CODEC, "identity"}
+    assert body.startswith(
+        "Codecs: default = `stc(0.002)` with DGC momentum correction 0.5 and momentum masking (as "
+        "`deltaplane run`), and `identity`. 80 rounds, 20 clients,"
+    )
+    assert "--uplink" not in body
