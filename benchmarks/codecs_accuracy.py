@@ -152,16 +152,7 @@ def main() -> None:
     todo.sort(key=lambda r: (PRIORITY[r[0]], "earlier" in r[1], r[3]))
     if "--only-record" in sys.argv:  # record what has run so far (a partial sweep says so)
         todo = []
-    with Pool(jobs) as pool, cache.open("a") as f:
-        for res in pool.imap_unordered(one, todo):
-            done[res["label"], res["seed"]] = res
-            f.write(json.dumps(res) + "\n")
-            f.flush()
-            print(
-                f"seed {res['seed']} {res['label']}: acc {res['accuracy']:.4f} up {res['uplink']:,} "
-                f"down {res['downlink']:,} ({res['cpu_s']:.0f} CPU s)",
-                flush=True,
-            )
+    run_sweep(todo, cache, done, jobs)
     base_seeds = [s for s in seeds if (FP32, s) in done]
     if not base_seeds:
         sys.exit("no fp32 run has finished: nothing to compare with")
@@ -321,6 +312,21 @@ SEEDS_NOTE = (
     "`deltaplane run`'s default is therefore chosen on 30 paired seeds (benchmarks/codecs_default.py: "
     "[its section](#choosing-deltaplane-runs-default-codec-30-paired-seeds))."
 )
+
+
+def run_sweep(todo: list[tuple[str, str, dict, int]], cache: Path, done: dict, jobs: int) -> None:
+    """Run every ``(group, label, changes, seed)`` of ``todo`` on ``jobs`` processes; each result goes into
+    ``done`` and is appended to ``cache`` as it finishes, so that ``--resume`` continues an interrupted sweep."""
+    with Pool(jobs) as pool, cache.open("a") as f:
+        for res in pool.imap_unordered(one, todo):
+            done[res["label"], res["seed"]] = res
+            f.write(json.dumps(res) + "\n")
+            f.flush()
+            print(
+                f"seed {res['seed']} {res['label']}: acc {res['accuracy']:.4f} up {res['uplink']:,} "
+                f"down {res['downlink']:,} ({res['cpu_s']:.0f} CPU s)",
+                flush=True,
+            )
 
 
 def _best(points: list[dict], key: str) -> dict:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _best, _cell, _mean, _options, one
+from codecs_accuracy import CLIP, FP32, MASK, PACKED, SELF, _best, _cell, _mean, _options, run_sweep
 
 #: ``deltaplane run``'s default before this comparison (2026-12-06): stc(0.002) + MC + masking, compact frames
 PREVIOUS = "stc(0.002) + MC + masking (the default until 2026-12-06)"
@@ -69,16 +68,7 @@ def main() -> None:
     todo = [
         ("frontier", label, changes, s) for s in seeds for label, changes in ROWS if (label, s) not in done
     ]
-    with Pool(jobs) as pool, CACHE.open("a") as f:
-        for res in pool.imap_unordered(one, todo):
-            done[res["label"], res["seed"]] = res
-            f.write(json.dumps(res) + "\n")
-            f.flush()
-            print(
-                f"seed {res['seed']} {res['label']}: acc {res['accuracy']:.4f} up {res['uplink']:,} "
-                f"({res['cpu_s']:.0f} CPU s)",
-                flush=True,
-            )
+    run_sweep(todo, CACHE, done, jobs)
     missing = [(label, s) for label, _ in ROWS for s in seeds if (label, s) not in done]
     if missing:
         sys.exit(f"{len(missing)} runs missing (first: {missing[0]}); rerun with --resume")

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record, table
+from deltaplane.engine.results import RoundMetrics
 
 #: DP noise from the run seed: by default (``auto``) a service draws it from the OS CSPRNG, which no driver can
 #: reproduce; the tests compare the same way
@@ -134,23 +135,8 @@ def _flower(cfg):
 
 
 def _seen(r):
-    """What a round must equal across drivers, as the tests compare: devices, accuracy, ε, refusals, clipping
-    and, with personalization, the devices' personal figures."""
-    personal = (
-        r.client_mix_accuracy_mean,
-        r.personal_accuracy_mean,
-        r.personal_accuracy_min,
-        r.personal_gain_min,
-    )
-    return (
-        r.clients,
-        r.test_accuracy,
-        r.epsilon,
-        r.epsilon_vs_server,
-        r.rejected,
-        r.clipped_fraction,
-        *personal,
-    )
+    """What a round must equal across drivers (``RoundMetrics.DRIVER_INVARIANTS``), as the tests compare."""
+    return r.driver_invariants()
 
 
 def _b(x: float) -> str:
@@ -194,9 +180,10 @@ def _reference(seq) -> str:
     return cell
 
 
-#: the names of :func:`_seen`'s fields, for the cell that says which ones differ
+#: the names of :func:`_seen`'s fields (``RoundMetrics.DRIVER_INVARIANTS``), for the cell that says which differ
 SEEN = ("devices", "accuracy", "ε", "ε vs server", "refusals", "clipped share", "mix accuracy", "personal mean",
         "personal min", "personal gain")  # fmt: skip
+assert len(SEEN) == len(RoundMetrics.DRIVER_INVARIANTS), "a name for each invariant"
 
 
 def _cell(ref, rounds, state) -> str:

@@ -83,22 +83,7 @@ BATCHED_TOLERANCE = 1 / 359
 
 
 def _seen(r):
-    personal = (
-        r.client_mix_accuracy_mean,
-        r.personal_accuracy_mean,
-        r.personal_accuracy_min,
-        r.personal_gain_min,
-    )
-    # `clients`: the devices sampled, also in a round that trains none of them (a lone device under SecAgg)
-    return (
-        r.clients,
-        r.test_accuracy,
-        r.epsilon,
-        r.epsilon_vs_server,
-        r.rejected,
-        r.clipped_fraction,
-        *personal,
-    )
+    return r.driver_invariants()
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))

@@ -51,8 +51,29 @@ class RoundMetrics:
     #: the largest drop of a client's accuracy from the global to its personal model (negative: a loss)
     personal_gain_min: float | None = None
 
+    #: What every driver must reproduce of a round, bit for bit (the parity matrix compares these): the devices
+    #: sampled (also in a round that trains none of them, a lone device under SecAgg), accuracy, ε, refusals,
+    #: clipping and, with personalization, the devices' personal figures. Not bytes (the HTTP downlink adds its
+    #: signed chain's framing) and not seconds.
+    DRIVER_INVARIANTS = (
+        "clients",
+        "test_accuracy",
+        "epsilon",
+        "epsilon_vs_server",
+        "rejected",
+        "clipped_fraction",
+        "client_mix_accuracy_mean",
+        "personal_accuracy_mean",
+        "personal_accuracy_min",
+        "personal_gain_min",
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def driver_invariants(self) -> tuple[Any, ...]:
+        """The round's :attr:`DRIVER_INVARIANTS`, in that order: equal on every driver for the same config."""
+        return tuple(getattr(self, name) for name in self.DRIVER_INVARIANTS)
 
 
 @dataclass
