@@ -40,7 +40,12 @@ def _run(tmp_path: Path, *args: str, config: str = TINY) -> tuple[int, str, Path
     path, out = tmp_path / "run.yaml", tmp_path / "out"
     path.write_text(config)
     r = runner.invoke(cli.app, ["run", "-c", str(path), *args, "-o", str(out)], terminal_width=200)
-    return r.exit_code, " ".join(r.output.split()), out
+    output = " ".join(r.output.split())
+    if r.exc_info is not None and not isinstance(r.exception, SystemExit):
+        import traceback
+
+        output += "\n" + "".join(traceback.format_exception(*r.exc_info))
+    return r.exit_code, output, out
 
 
 def _configs(plans: list) -> list[RunConfig]:

@@ -45,16 +45,27 @@ from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import InvalidUpdate, PrivacyBudgetExceeded, UnsupportedOption
+from deltaplane.errors import InvalidUpdate, PrivacyBudgetExceeded, ServiceUnreachable, UnsupportedOption
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.server import BackgroundServer
 
-__all__ = ["HttpRunResult", "drift_reference", "holdout_summary", "run_http_simulation"]
+__all__ = [
+    "REQUEST_TIMEOUT_S",
+    "HttpRunResult",
+    "drift_reference",
+    "holdout_summary",
+    "run_http_simulation",
+    "transport_failure",
+]
 
 MODEL = "digits-cnn"
+
+#: seconds a simulated device or the coordinator waits for one answer of the local service (connect, read,
+#: write): long enough for a SecAgg close that unmasks a large model on a loaded machine
+REQUEST_TIMEOUT_S = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +111,16 @@ def run_http_simulation(
     *,
     progress: Callable[[RoundMetrics], None] | None = None,
     home: str | Path | None = None,
+    request_timeout_s: float | None = None,
 ) -> HttpRunResult:
-    """Run ``config`` with simulated devices talking to a real local server (see the module docstring)."""
+    """Run ``config`` with simulated devices talking to a real local server (see the module docstring).
+
+    ``request_timeout_s`` bounds each request to the service (default :data:`REQUEST_TIMEOUT_S`). A request
+    that fails on the wire (no answer in time, a dropped connection) raises
+    :class:`~deltaplane.errors.ServiceUnreachable` naming the request and the cause, never httpx's own
+    exception (which the command line would end on with no message)."""
     check_supported(config)
+    timeout_s = REQUEST_TIMEOUT_S if request_timeout_s is None else request_timeout_s
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     scratch = None
@@ -110,11 +128,31 @@ def run_http_simulation(
         scratch = tempfile.TemporaryDirectory(prefix="deltaplane-http-")
         home = scratch.name
     try:
-        return _run(config, progress, Path(home))
+        return _run(config, progress, Path(home), timeout_s)
+    except httpx.TransportError as exc:
+        raise transport_failure(exc, timeout_s) from exc
     finally:
         torch.set_num_threads(prev_threads)
         if scratch is not None:
             scratch.cleanup()
+
+
+def transport_failure(exc: httpx.TransportError, timeout_s: float) -> ServiceUnreachable:
+    """One line for a request of the run that failed on the wire: which request, what happened, and for a
+    timeout the limit it missed."""
+    try:
+        what = f"{exc.request.method} {exc.request.url.path}"
+    except RuntimeError:  # httpx raised before the request was built
+        what = "a request"
+    if isinstance(exc, httpx.TimeoutException):
+        return ServiceUnreachable(
+            f"--transport http: {what} got no answer from the run's local service within {timeout_s:g} s "
+            f"({type(exc).__name__}): the service is too slow for that limit on this machine (heavily loaded?); "
+            "run_http_simulation's request_timeout_s sets it"
+        )
+    return ServiceUnreachable(
+        f"--transport http: {what} to the run's local service failed ({type(exc).__name__}: {exc})"
+    )
 
 
 #: Options the HTTP transport refuses, with the reason (every other option runs as in process).
@@ -135,7 +173,9 @@ def check_supported(config: RunConfig) -> None:
         raise UnsupportedOption("--transport http cannot run " + "; ".join(refused))
 
 
-def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, home: Path) -> HttpRunResult:
+def _run(
+    config: RunConfig, progress: Callable[[RoundMetrics], None] | None, home: Path, timeout_s: float
+) -> HttpRunResult:
     start = time.perf_counter()
     task = make_task(config)
     clients = build_clients(config, task)
@@ -178,7 +218,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None, hom
     stopped: str | None = None
     with (
         BackgroundServer(create_app(service)) as server,
-        httpx.Client(base_url=server.url, timeout=120) as http,
+        httpx.Client(base_url=server.url, timeout=timeout_s) as http,
     ):
         admin = AdminClient(server.url, admin_token, client=http)
         admin.set_drift_reference(MODEL, spec.to_dict(), reference.to_dict(), window=len(clients))

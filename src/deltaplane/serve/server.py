@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from deltaplane.errors import ServiceUnreachable
 from deltaplane.serve.guard import MAX_HEAD_BYTES
 
 __all__ = ["BackgroundServer", "serve"]
@@ -126,11 +127,23 @@ class BackgroundServer:
         self.url = ""
 
     def start(self, timeout: float = 20.0) -> BackgroundServer:
+        """Start serving; wait up to ``timeout`` seconds for the socket to listen. A server that is not listening
+        by then is stopped and :class:`~deltaplane.errors.ServiceUnreachable` says which of the two happened
+        (its thread ended, e.g. the address was taken, or the deadline passed on a loaded machine)."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the deltaplane server did not start")
+            if not self._thread.is_alive():
+                raise ServiceUnreachable(
+                    f"the local deltaplane server on {self._config.host}:{self._config.port} stopped before it "
+                    "listened (uvicorn logged why: an address in use, a TLS file it could not load)"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceUnreachable(
+                    f"the local deltaplane server on {self._config.host}:{self._config.port} was not listening "
+                    f"within {timeout:g} s of its start (a heavily loaded machine: pass a larger timeout)"
+                )
             time.sleep(0.01)
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
         self.url = f"{'https' if self._tls else 'http'}://{host}:{port}"
