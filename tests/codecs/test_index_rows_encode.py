@@ -105,6 +105,23 @@ def test_ties_in_the_size_choice() -> None:
     assert [c for c, _ in _agree(np.array([[0, 1]]), 16)] == ["bitmap"]
 
 
+#: a row whose Rice estimate is K = 0 (gaps of mean 2.75: the per-row coder tries K = 0 and 1 and keeps K = 0)
+#: though K = 2 would code it a byte shorter, and a row whose estimate is K = 1 (gaps of 3: it tries K = 0 to 2)
+LOW_K = np.array([2, 6, 9, 15, 16, 19, 21, 23, 28, 30, 41, 44])
+HIGH_K = np.arange(4, 52, 4)
+
+
+def test_a_row_never_takes_a_rice_parameter_only_another_row_tries() -> None:
+    """Stacked with a row that tries K = 2, a row whose own candidates stop at K = 1 keeps the parameter the
+    per-row coder gives it, not the shorter K = 2 (the stacked coder once sized every row at every parameter
+    any row tried, so one device's frame depended on the other devices of its round)."""
+    gaps = np.diff(LOW_K, prepend=-1) - 1
+    assert entropy.golomb_best_k(gaps) == (0, 7)
+    assert entropy._rice_sizes(gaps, range(3))[2] == 6
+    got = _agree(np.stack([LOW_K, HIGH_K]), 60)
+    assert [(c, d[0]) for c, d in got] == [("golomb", 0), ("golomb", 2)]
+
+
 def test_empty_and_refused_shapes() -> None:
     assert encode_indices_rows(np.zeros((0, 3), np.int64), 10) == []
     assert (

@@ -99,6 +99,14 @@ def test_each_coder_and_several_rice_parameters_with_different_counts() -> None:
     assert [c for c, _ in _agree(dense, 64)] == ["bitmap"] * 3
 
 
+def test_a_ragged_row_never_takes_a_rice_parameter_only_another_row_tries() -> None:
+    """As for equal rows (tests/codecs/test_index_rows_encode.py): a row whose candidates stop at K = 1 keeps
+    the per-row coder's K = 0 beside a row that tries K = 2, though K = 2 would code it a byte shorter."""
+    low = np.array([2, 6, 9, 15, 16, 19, 21, 23, 28, 30, 41, 44])
+    got = _agree([low, np.arange(4, 52, 4), np.arange(4, 40, 4)], 60)
+    assert [(c, d[0]) for c, d in got] == [("golomb", 0), ("golomb", 2), ("golomb", 0)]  # the third: a tie
+
+
 def test_ragged_blocks_and_long_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are coded a block of at most 2^16 positions at a time; rows of no positions or of over 4096
     go one by one, as in encode_indices_rows, and the rows around them still share a block."""

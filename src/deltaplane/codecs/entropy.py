@@ -481,7 +481,7 @@ def _choose_coders(
     sizes = np.full((rows, 3), np.iinfo(np.int64).max, np.int64)
     for k in np.unique(cand[cand <= hi]).tolist():
         s = shifted_sums(k)
-        at = cand == k
+        at = (cand == k) & (cand <= hi)  # not a parameter above a row's own k0 + 1, which another row may try
         r = np.nonzero(at)[0]
         sizes[at] = 1 + (counts[r] * k + 7) // 8 + (s[r] + counts[r] + 7) // 8
     best = sizes.argmin(axis=1)  # the first of equal sizes: the smaller parameter, as golomb_best_k
