@@ -1005,7 +1005,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _dashboard_url(scheme: str, host: str, port: int) -> str:
-    """The dashboard's address for the listening host: an IPv6 literal goes in brackets (RFC 3986), or the
-    printed URL (``http://::1:8000/ui/``) would not open."""
-    literal = ":" in host and not host.startswith("[")
-    return f"{scheme}://{f'[{host}]' if literal else host}:{port}/ui/"
+    """The dashboard's address for the listening host (an IPv6 literal in brackets: :func:`listen_url`)."""
+    from deltaplane.serve.server import listen_url
+
+    return listen_url(scheme, host, port) + "/ui/"

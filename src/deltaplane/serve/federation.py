@@ -58,7 +58,6 @@ __all__ = [
     "drift_reference",
     "holdout_summary",
     "run_http_simulation",
-    "transport_failure",
 ]
 
 MODEL = "digits-cnn"
@@ -130,14 +129,14 @@ def run_http_simulation(
     try:
         return _run(config, progress, Path(home), timeout_s)
     except httpx.TransportError as exc:
-        raise transport_failure(exc, timeout_s) from exc
+        raise _transport_failure(exc, timeout_s) from exc
     finally:
         torch.set_num_threads(prev_threads)
         if scratch is not None:
             scratch.cleanup()
 
 
-def transport_failure(exc: httpx.TransportError, timeout_s: float) -> ServiceUnreachable:
+def _transport_failure(exc: httpx.TransportError, timeout_s: float) -> ServiceUnreachable:
     """One line for a request of the run that failed on the wire: which request, what happened, and for a
     timeout the limit it missed."""
     try:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from deltaplane.errors import ServiceUnreachable
 from deltaplane.serve.guard import MAX_HEAD_BYTES
 
-__all__ = ["BackgroundServer", "serve"]
+__all__ = ["BackgroundServer", "listen_url", "serve"]
 
 
 def serve(
@@ -146,7 +146,7 @@ class BackgroundServer:
                 )
             time.sleep(0.01)
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"{'https' if self._tls else 'http'}://{host}:{port}"
+        self.url = listen_url("https" if self._tls else "http", host, port)
         return self
 
     def stop(self) -> None:
@@ -160,3 +160,9 @@ class BackgroundServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def listen_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port`` for a listening address; an IPv6 literal goes in brackets (RFC 3986), or the URL
+    (``http://::1:8000``) would not open."""
+    return f"{scheme}://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
