@@ -108,6 +108,8 @@ WIDE = {"task_options": {"model": "cnn_wide"}}
 LARGE = [
     ("baseline", FP32, {**WIDE, "codec": "identity", **SELF}),
     ("frontier", "stc(0.001)", {**WIDE, "codec": "stc(0.001)", **SELF}),
+    # the options of `deltaplane run`'s default (DEFAULT_RUN_DGC, compact entropy-coded frames) at the same density
+    ("frontier", "stc(0.001) + MC + masking", {**WIDE, "codec": "stc(0.001)", **PACKED, **MASK}),
 ]  # fmt: skip
 
 

@@ -102,7 +102,7 @@ PLAN: list[Step] = [
     Step("cli_startup.py", (), ("cli-startup",)),
     Step("codec_bounds.py", (), ("codec-bounds",)),
     Step("codecs_accuracy.py", ("--seeds", "10"), ("codecs_accuracy",)),
-    Step("codecs_accuracy.py", ("--large", "--seeds", "3"), ("codecs_accuracy_large",)),
+    Step("codecs_accuracy.py", ("--large", "--seeds", "10"), ("codecs_accuracy_large",)),
     Step("codecs_default.py", (), ("codecs_default",)),
     Step("codecs_throughput.py", (), ("codecs_throughput",)),
     Step("deploy_any_model.py", (), ("deploy_any_model",)),
