@@ -578,19 +578,29 @@ def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachab
     return ServiceUnreachable(f"{exc}. {left}")
 
 
-def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
-    number = _open_plain(p, model)
+def _follow(p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[], Any], left: str) -> tuple:
+    """Follow opened round ``number`` to its end with ``run``: a service error aborts the round (best effort)
+    and is reported as the round's failure; an unreachable service, while following or aborting, is the final
+    give-up, saying what is ``left`` on the service and what to do about it."""
     try:
         try:
-            return _plain_round(p, model, names, deadline, poll, number)
+            return run()
         except ServiceError as exc:
-            raise _given_up(p, lambda: p.admin.abort_round(model, number), number, exc) from None
-    except ServiceUnreachable as exc:  # while following the round, or aborting it
-        raise _unreachable_leaving(
-            exc,
-            f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
-            f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
-        ) from None
+            raise _given_up(p, abort, number, exc) from None
+    except ServiceUnreachable as exc:
+        raise _unreachable_leaving(exc, left) from None
+
+
+def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
+    number = _open_plain(p, model)
+    return _follow(
+        p,
+        number,
+        lambda: _plain_round(p, model, names, deadline, poll, number),
+        lambda: p.admin.abort_round(model, number),
+        f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
+        f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
+    )
 
 
 def _open_plain(p: Patient, model: str) -> int:
@@ -635,18 +645,15 @@ def _secagg(
     neighbours: int | None,
 ) -> tuple:
     number = _open_secagg(p, model, names, weight_scale, neighbours)
-    try:
-        try:
-            return _secagg_round(p, model, names, deadline, poll, number)
-        except ServiceError as exc:
-            raise _given_up(p, lambda: p.admin.abort_secagg(model, number), number, exc) from None
-    except ServiceUnreachable as exc:  # while following the round, or aborting it
-        raise _unreachable_leaving(
-            exc,
-            f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
-            f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
-            f"{number}/abort)",
-        ) from None
+    return _follow(
+        p,
+        number,
+        lambda: _secagg_round(p, model, names, deadline, poll, number),
+        lambda: p.admin.abort_secagg(model, number),
+        f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
+        f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
+        f"{number}/abort)",
+    )
 
 
 def _open_secagg(
