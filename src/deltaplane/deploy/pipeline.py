@@ -9,11 +9,10 @@ failure at any step leaves no partial artifact, and the folder is always one com
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
 from deltaplane.errors import ConfigError, ExportError, QualityGateFailed
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "DeployResult",
@@ -290,17 +290,6 @@ class DeployResult:
     files: list[str] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # Same thread budget for PyTorch as for ONNX Runtime, so the latency ratio compares runtimes, not cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.inference_mode():
@@ -506,7 +495,8 @@ def deploy_classifier(
         say("evaluating fp32 and the artifact as shipped")
         shipped_out = cand_predict(x_test)
         refuse_non_finite_outputs(shipped_out, f"the compressed artifact ({fmt}, {quant})", ExportError)
-        with _torch_threads(threads):
+        # the same thread budget for PyTorch as for ONNX Runtime: the latency ratio compares runtimes, not cores
+        with torch_threads(threads):
             base = evaluate(
                 "fp32 (PyTorch)",
                 torch_predictor(reference),
