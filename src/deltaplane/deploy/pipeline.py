@@ -198,18 +198,13 @@ def prune_model(
     if method in ("magnitude", "layer"):
         scope = "layer" if method == "layer" else "global"
         return model, magnitude_prune(model, spec["sparsity"], scope=scope, exclude=exclude)
-    if method == "wanda":
+    if method in ("wanda", "sparsegpt"):  # the calibrated pruners: N:M or unstructured, alike
+        prune, label = (wanda_prune, "Wanda") if method == "wanda" else (sparsegpt_prune, "SparseGPT")
         if not calibration:
-            raise ConfigError("Wanda pruning needs calibration data")
+            raise ConfigError(f"{label} pruning needs calibration data")
         if "n" in spec:
-            return model, wanda_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
-        return model, wanda_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
-    if method == "sparsegpt":
-        if not calibration:
-            raise ConfigError("SparseGPT pruning needs calibration data")
-        if "n" in spec:
-            return model, sparsegpt_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
-        return model, sparsegpt_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
+            return model, prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
+        return model, prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
     raise ConfigError(f"unknown prune method {method!r}")
 
 
