@@ -56,6 +56,7 @@ from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "ClientPopulation",
@@ -314,15 +315,11 @@ def run_population(
                 f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
             )
     _check_ring(config)
-    prev_threads = torch.get_num_threads()
     # `threads` workers of the batched trainer (this thread and forked processes), one torch thread each; the
     # rest runs on this thread
     # (as in deltaplane.sim.simulation: no intra-op pool whose stragglers stall every small kernel)
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run(config, progress)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> PopulationResult:
