@@ -692,6 +692,30 @@ def test_a_device_refuses_a_malformed_discovery_answer_in_one_typed_line(byo_tas
         fleet.run_device(dev, rounds=1, poll=0.01)
 
 
+def test_a_device_says_when_the_service_stops_and_starts_answering() -> None:
+    """A device rode out an outage in silence for up to --patience (300 s): only the coordinator said it was
+    waiting. It now says so once per outage, and how long it lasted, as the coordinator does."""
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def service(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] in (1, 2):  # down for the first two polls
+            raise httpx.ConnectError("connection refused", request=request)
+        if calls["n"] >= 4:
+            stop.set()
+        return httpx.Response(200, json={"model": MODEL, "rounds": []})
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    conn = DeviceClient("https://service.test", "token", verifier=None, client=http)  # type: ignore[arg-type]
+    said: list[str] = []
+    dev = fleet.Device(conn, MODEL, RunConfig(), None, None, None, None, log=said.append)  # type: ignore[arg-type]
+    fleet.run_device(dev, poll=0.01, max_poll=0.02, patience=30, stop=stop)
+    assert len(said) == 2, said
+    assert said[0] == "the service is not answering (ConnectError); waiting up to 30 s for it to come back"
+    assert said[1].startswith("the service answers again after ") and said[1].endswith(" s")
+
+
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -506,22 +506,28 @@ def run_device(
         try:
             if rounds is not None and len(seen) >= rounds:
                 report_pending(dev)
+                lost_since = _answers_again(dev, lost_since)
                 finished_at = finished_at or time.monotonic()
                 if dev.pending is None or time.monotonic() - finished_at > stage_wait:
                     break
             else:
                 todo = _next_round(dev, seen)
+                lost_since = _answers_again(dev, lost_since)
                 if todo is not None:
                     take_part(dev, todo, stage_wait=stage_wait)
                     delay = poll
                     continue
                 report_pending(dev)
-            lost_since = None
         except httpx.TransportError as exc:
             err = unreachable(exc, dev.conn.base_url)
             if err.final:
                 raise err from None  # never retried, never downgraded to plain HTTP
-            lost_since = lost_since or time.monotonic()
+            if lost_since is None:  # said once per outage, as the coordinator does: not 5 silent minutes
+                lost_since = time.monotonic()
+                dev.log(
+                    f"the service is not answering ({type(exc).__name__}); waiting up to {patience:g} s for it "
+                    "to come back"
+                )
             if time.monotonic() - lost_since > patience:
                 raise err from None
         except ServiceError as exc:
@@ -530,6 +536,12 @@ def run_device(
         stop.wait(delay)
         delay = min(2 * delay, max_poll)
     return dev.rounds
+
+
+def _answers_again(dev: Device, lost_since: float | None) -> None:
+    """After a request that went through: say how long the service was away, if it was (``None``: not lost)."""
+    if lost_since is not None:
+        dev.log(f"the service answers again after {time.monotonic() - lost_since:.1f} s")
 
 
 # -- the coordinator -------------------------------------------------------------------------------------------
