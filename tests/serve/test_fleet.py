@@ -760,6 +760,14 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
                     "--federation", "fleet.yaml", "--model", MODEL, "--device", "0",
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "use its https:// address" in done.stderr
+        # without --ca, the http:// URL of the HTTPS service was an outage the device waited out for 300 s
+        done = _cli("fleet", "device", "--url", plain, "--token-file", str(files[0]), "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation", "fleet.yaml", "--model",
+                    MODEL, "--device", "0", "--patience", "100", cwd=tmp_path, env=env, timeout=90)  # fmt: skip
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "speaks HTTPS" in said and f"use --url {f.url} with --ca" in said, (
+            said
+        )
         # enrolling again into the same folder would overwrite tokens that stay valid on the service
         tokens = [p.read_bytes() for p in files]
         done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "3",
