@@ -692,6 +692,30 @@ def test_a_device_refuses_a_malformed_discovery_answer_in_one_typed_line(byo_tas
         fleet.run_device(dev, rounds=1, poll=0.01)
 
 
+def test_a_device_says_when_the_service_stops_and_starts_answering() -> None:
+    """A device rode out an outage in silence for up to --patience (300 s): only the coordinator said it was
+    waiting. It now says so once per outage, and how long it lasted, as the coordinator does."""
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def service(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] in (1, 2):  # down for the first two polls
+            raise httpx.ConnectError("connection refused", request=request)
+        if calls["n"] >= 4:
+            stop.set()
+        return httpx.Response(200, json={"model": MODEL, "rounds": []})
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    conn = DeviceClient("https://service.test", "token", verifier=None, client=http)  # type: ignore[arg-type]
+    said: list[str] = []
+    dev = fleet.Device(conn, MODEL, RunConfig(), None, None, None, None, log=said.append)  # type: ignore[arg-type]
+    fleet.run_device(dev, poll=0.01, max_poll=0.02, patience=30, stop=stop)
+    assert len(said) == 2, said
+    assert said[0] == "the service is not answering (ConnectError); waiting up to 30 s for it to come back"
+    assert said[1].startswith("the service answers again after ") and said[1].endswith(" s")
+
+
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -736,6 +760,14 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
                     "--federation", "fleet.yaml", "--model", MODEL, "--device", "0",
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "use its https:// address" in done.stderr
+        # without --ca, the http:// URL of the HTTPS service was an outage the device waited out for 300 s
+        done = _cli("fleet", "device", "--url", plain, "--token-file", str(files[0]), "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation", "fleet.yaml", "--model",
+                    MODEL, "--device", "0", "--patience", "100", cwd=tmp_path, env=env, timeout=90)  # fmt: skip
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "speaks HTTPS" in said and f"use --url {f.url} with --ca" in said, (
+            said
+        )
         # enrolling again into the same folder would overwrite tokens that stay valid on the service
         tokens = [p.read_bytes() for p in files]
         done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "3",
