@@ -401,8 +401,11 @@ def test_devices_refuse_to_unmask_fewer_than_m_min_when_the_server_has_no_floor(
         victim = devices[2]
         if one_dies:
             _lose_power_before_upload(monkeypatch, victim)
-        threads = _threads(devices, rounds=1, stage_wait=10)
-        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        # the dead device never uploads, so the coordinator waits out the whole deadline: it must leave the 3
+        # live devices time to train and upload on a loaded machine (3 s did not, once, at load 4-7 on 2 cores),
+        # and the devices must wait longer than it for the unmasking stage
+        threads = _threads(devices, rounds=1, stage_wait=30)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=8, poll=0.05)
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads)
