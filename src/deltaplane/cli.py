@@ -163,6 +163,14 @@ def run(
             show_default="none", help="DGC local clipping: L2 norm a device's update is scaled to first."
         ),
     ] = None,
+    local_clip_relative: Annotated[
+        float | None,
+        typer.Option(
+            show_default="none",
+            help="Scale-free DGC local clipping: each device scales its update to at most this multiple "
+            "(> 1) of its own earlier update norms.",
+        ),
+    ] = None,
     momentum_masking: Annotated[
         bool | None,
         typer.Option(
@@ -326,7 +334,8 @@ def run(
         full = _run_config(
             config, small=False, codec=codec, downlink_codec=downlink, error_feedback=error_feedback,
             clients=clients, alpha=alpha,
-            momentum_correction=momentum_correction, local_clip=local_clip, momentum_masking=momentum_masking,
+            momentum_correction=momentum_correction, local_clip=local_clip,
+            local_clip_relative=local_clip_relative, momentum_masking=momentum_masking,
             sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
@@ -693,7 +702,13 @@ def _small(cfg: RunConfig) -> RunConfig:
 
 
 #: the DGC options of a run turned off (the fp32 baseline is plain FedAvg)
-NO_DGC = {"momentum_correction": 0.0, "local_clip": None, "momentum_masking": False, "sparsity_warmup": 0}
+NO_DGC = {
+    "momentum_correction": 0.0,
+    "local_clip": None,
+    "local_clip_relative": None,
+    "momentum_masking": False,
+    "sparsity_warmup": 0,
+}
 
 
 def _plan_runs(cfg: RunConfig, *, with_baseline: bool) -> list[tuple[str, RunConfig]]:
