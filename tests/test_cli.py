@@ -110,6 +110,16 @@ def test_bad_options_give_a_clean_error(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_run_takes_the_relative_local_clip() -> None:
+    from deltaplane.cli import NO_DGC, _run_config
+
+    cfg = _run_config(None, small=False, local_clip_relative=2.0)
+    assert cfg.local_clip_relative == 2.0 and cfg.make_dgc().relative_clip == 2.0
+    assert cfg.replace(**NO_DGC).local_clip_relative is None  # the fp32 baseline runs without it
+    _clean_error(runner.invoke(app, ["run", "--local-clip-relative", "0.5"]), r"field 'local_clip_relative'")
+    _clean_error(runner.invoke(app, ["run", "--local-clip-relative", "2", "--local-clip", "1"]), r"not both")
+
+
 def test_help_lists_the_run_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0

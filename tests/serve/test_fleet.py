@@ -349,6 +349,27 @@ def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(b
     assert sent == [expected.payload]
 
 
+def test_a_refused_update_leaves_the_device_dgc_state_as_before_the_round(byo_task, tmp_path) -> None:
+    """DGC's velocity and the relative clip's norm history are put back with the residual when the update is
+    refused: the late device's next round is its first for both, as for a device that never heard of the
+    refused round (its history counts one participation, not two)."""
+    cfg = _config(
+        byo_task, codec="topk(0.1)", momentum_correction=0.5, local_clip_relative=1.5, wire="self-describing"
+    )
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        assert devices[0].step.dgc.relative_clip == 1.5
+        late = _late_for_a_plain_round(f, devices)
+        assert late.client.norms is None and late.client.velocity is None
+        assert (
+            devices[0].client.norms is not None and devices[0].client.norms.count == 1
+        )  # an accepted update
+        f.admin.open_round(MODEL)
+        assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
+        assert late.client.norms is not None and late.client.norms.count == 1
+        assert late.client.velocity is not None
+
+
 def test_distributed_dp_never_unmasks_a_sum_of_fewer_than_m_min_devices(
     byo_task, tmp_path, monkeypatch
 ) -> None:

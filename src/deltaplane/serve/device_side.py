@@ -36,6 +36,7 @@ DEVICE_SIDE = (
     "local_dp_noise",
     "momentum_correction",
     "local_clip",
+    "local_clip_relative",
     "momentum_masking",
     "sparsity_warmup",
     "personal_epochs",

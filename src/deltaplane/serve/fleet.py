@@ -219,7 +219,8 @@ def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
 
 @contextlib.contextmanager
 def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
-    """Put the device's uplink state (its compressor's error-feedback residual and generator, DGC's velocity)
+    """Put the device's uplink state (its compressor's error-feedback residual and generator, DGC's velocity and
+    update-norm history)
     back as it was before the round unless the block marks the update sent (``sent[0] = True``).
 
     The client step moves that state as if its update were delivered; a device that drops out before its
@@ -227,7 +228,7 @@ def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
     it never sent into the next round. An update whose sending was attempted counts as sent (it may have
     arrived): resending it through the residual would count it twice."""
     client = dev.client
-    saved = copy.deepcopy((client.compressor.state_dict(), client.velocity))
+    saved = copy.deepcopy((client.compressor.state_dict(), client.velocity, client.norms))
     sent = [False]
     try:
         yield sent
@@ -235,6 +236,7 @@ def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
         if not sent[0]:
             client.compressor.load_state_dict(saved[0])
             client.velocity = saved[1]
+            client.norms = saved[2]
 
 
 def plain_round(dev: Device, info: dict[str, Any]) -> bool:
