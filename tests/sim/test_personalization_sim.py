@@ -1,5 +1,7 @@
 """Personalization inside the simulator: per-client global vs personal accuracy, local layers stay local."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -22,6 +24,36 @@ def test_alpha_mix_reports_global_and_personal_per_client() -> None:
     # deterministic given the seed
     again = run_simulation(RunConfig(personalization="alpha_mix", **SMALL))
     assert again.clients == res.clients
+
+
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+def test_alpha_mix_leaves_the_federation_as_it_was(engine: str) -> None:
+    """`deltaplane run` personalizes its compressed run with α-mix by default: only because each device's
+    personal model stays beside the federation. Same global weights, test accuracy and bytes every round, on
+    the default codec with DGC (its residuals and velocities are per device too)."""
+    from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC
+
+    cfg = RunConfig(clients=5, rounds=3, engine=engine, codec=DEFAULT_RUN_CODEC, **DEFAULT_RUN_DGC)
+    plain, mixed = run_simulation(cfg), run_simulation(cfg.replace(personalization="alpha_mix"))
+    assert mixed.final.personal_accuracy_mean is not None and len(mixed.personal_states) == 5
+    assert mixed.final.personal_accuracy_mean != mixed.final.client_mix_accuracy_mean  # it did personalize
+
+    def federation(r: Any) -> list[tuple]:
+        return [
+            (
+                m.test_accuracy,
+                m.uplink_bytes,
+                m.downlink_bytes,
+                m.cumulative_uplink_bytes,
+                m.client_accuracy_mean,
+            )
+            for m in r.rounds
+        ]
+
+    assert federation(mixed) == federation(plain)
+    assert plain.final_state.keys() == mixed.final_state.keys()
+    for name, value in plain.final_state.items():
+        assert torch.equal(mixed.final_state[name], value), name
 
 
 def test_fedper_head_never_changes_on_the_server() -> None:
