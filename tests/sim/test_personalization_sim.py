@@ -21,6 +21,18 @@ def test_alpha_mix_reports_global_and_personal_per_client() -> None:
     assert final.personal_gain_min == pytest.approx(min(gains))
     assert all(0.0 <= c["alpha"] <= 1.0 for c in res.clients)
     assert res.to_dict()["clients"] == res.clients
+    # each row is label_mix_accuracy of the global and the device's personal model, exactly (the round scores the
+    # global model's per-class accuracy once for every device)
+    from deltaplane.engine import build_clients, label_mix_accuracy, make_task
+    from deltaplane.sim.model import build_model
+
+    cfg = res.config
+    task = make_task(cfg)
+    model, devices = build_model(0), build_clients(cfg, task)
+    for row, c in zip(res.clients, devices, strict=True):
+        mine = res.personal_states[c.cid]
+        assert row["global_accuracy"] == label_mix_accuracy(model, res.final_state, task.test, c.train, 10)
+        assert row["personal_accuracy"] == label_mix_accuracy(model, mine, task.test, c.train, 10)
     # deterministic given the seed
     again = run_simulation(RunConfig(personalization="alpha_mix", **SMALL))
     assert again.clients == res.clients
