@@ -60,10 +60,11 @@ def main() -> None:
             f"{comp['ratio_vs_baseline']:.1f}× fewer uplink bytes",
         ],
         [
-            f"personalized (α-mix, {p['devices']} devices)",
+            f"personalized ({p['method']} {'every round' if p['in_round'] else 'post hoc'}, "
+            f"{p['devices']} devices)",
             f"device mean {p['personal_accuracy_mean']:.4f} / min {p['personal_accuracy_min']:.4f}",
             f"global: {p['global_accuracy_mean']:.4f} / {p['global_accuracy_min']:.4f}",
-            f"{p['devices_personalized']}/{p['devices']} chose α > 0",
+            f"{p['devices_personalized']}/{p['devices']} serve a personal model",
         ],
         [
             "merged: TIES",
@@ -84,8 +85,13 @@ def main() -> None:
     body = "\n\n".join(
         [
             "`deltaplane run` with its defaults (what `make run` runs): fp32 baseline and compressed federation "
-            f"on the {engine} engine (threads {threads}), then the follow-up (see docs/followup.md), as one "
-            "subprocess.",
+            f"on the {engine} engine (threads {threads})"
+            + (
+                f", the compressed one personalizing every device every round ({p['method']})"
+                if p["in_round"]
+                else ""
+            )
+            + ", then the follow-up (see docs/followup.md), as one subprocess.",
             table(["stage", "accuracy", "bytes", "vs"], rows),
             f"Whole command: {wall:.1f} s wall-clock, {cpu:.1f} s CPU (user + system) on a possibly shared "
             f"machine; the two federations took {fed_s:.1f} s and the follow-up {follow_s:.1f} s "

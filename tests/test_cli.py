@@ -22,8 +22,10 @@ def test_run_writes_reports_and_prints_the_comparison(tmp_path: Path) -> None:
     assert comp["config"]["codec"] == DEFAULT_RUN_CODEC
     assert {k: comp["config"][k] for k in DEFAULT_RUN_DGC} == DEFAULT_RUN_DGC  # the default's DGC options
     assert base["config"]["momentum_correction"] == 0.0 and not base["config"]["momentum_masking"]
-    # both runs share every setting but the codec and its DGC options (the baseline is plain fp32 FedAvg)
-    differ = {"codec", *DEFAULT_RUN_DGC}
+    # both runs share every setting but the codec and its DGC options (the baseline is plain fp32 FedAvg) and the
+    # compressed run's in-round α-mix, which leaves its federation as it was (test_personalization_sim.py)
+    assert (base["config"]["personalization"], comp["config"]["personalization"]) == ("none", "alpha_mix")
+    differ = {"codec", "personalization", *DEFAULT_RUN_DGC}
     assert {k: v for k, v in base["config"].items() if k not in differ} == {
         k: v for k, v in comp["config"].items() if k not in differ
     }
@@ -110,6 +112,16 @@ def test_bad_options_give_a_clean_error(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_run_takes_the_relative_local_clip() -> None:
+    from deltaplane.cli import NO_DGC, _run_config
+
+    cfg = _run_config(None, small=False, local_clip_relative=2.0)
+    assert cfg.local_clip_relative == 2.0 and cfg.make_dgc().relative_clip == 2.0
+    assert cfg.replace(**NO_DGC).local_clip_relative is None  # the fp32 baseline runs without it
+    _clean_error(runner.invoke(app, ["run", "--local-clip-relative", "0.5"]), r"field 'local_clip_relative'")
+    _clean_error(runner.invoke(app, ["run", "--local-clip-relative", "2", "--local-clip", "1"]), r"not both")
+
+
 def test_help_lists_the_run_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
@@ -140,7 +152,10 @@ def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) ->
     doc = json.loads((out / "report.json").read_text())
     after = doc["followup"]
     assert after["run"] == "compressed"
-    assert after["personalization"]["devices"] == 3
+    p = after["personalization"]
+    assert p["devices"] == 3 and p["in_round"] is True  # the default: α-mix in every round of the run
+    (comp,) = doc["runs"]
+    assert [{k: r[k] for k in comp["clients"][0]} for r in p["clients"]] == comp["clients"]
     assert set(after["merge"]["results"]) == {"global", "ties", "task_arithmetic"}
     d = after["deploy"]
     # two rounds of three clients leave the model at chance: the deploy's default quality gates refuse it, the
@@ -148,7 +163,7 @@ def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) ->
     assert d["refused"] is True and not (out / "deploy").exists()
     assert any(r.startswith("min-above-chance") for r in d["reasons"]), d["reasons"]
     for title in (
-        "personalization (alpha_mix",
+        "personalization (alpha_mix in every round",
         "merge (3 personalized models",
         "deploy refused by its quality",
     ):

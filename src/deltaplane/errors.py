@@ -200,4 +200,12 @@ class RegistryInUse(Conflict):
 
 class ServiceUnreachable(DeltaplaneError, ConnectionError):
     """The service could not be reached or did not prove its identity (TLS verification failed): the message
-    says which, and what to check (the URL, the CA file); no request was sent in clear instead."""
+    says which, and what to check (the URL, the CA file); no request was sent in clear instead.
+
+    ``final`` is true when waiting cannot help (the certificate failed verification, an ``http://`` URL names a
+    port that speaks TLS, a mutual-TLS service got no client certificate it accepts): the fleet's device and
+    coordinator then stop at once instead of riding it out as an outage for ``--patience`` seconds."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final

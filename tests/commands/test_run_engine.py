@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,49 @@ def test_a_run_the_batched_engine_would_not_stack_defaults_to_sequential(tmp_pat
     assert cli._default_engine(RunConfig(transport="http")).engine == "sequential"
     # α-mix and Ditto adapt after the round: batched
     assert cli._default_engine(RunConfig(personalization="ditto")).engine == "batched"
+
+
+def _planned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str) -> list[tuple[str, str]]:
+    """(run name, personalization) of each run `deltaplane run ARGS` plans; nothing is trained."""
+    plans: list[list[tuple[str, RunConfig]]] = []
+
+    def stop(stage: Path, out: Path, plan: list[tuple[str, RunConfig]], cfg: RunConfig, **kw: object) -> None:
+        plans.append(plan)
+        raise cli.ConfigError("planned")
+
+    monkeypatch.setattr(cli, "_run_into", stop)
+    result = runner.invoke(
+        app, ["run", "--clients", "3", "--rounds", "2", *args, "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "planned" in result.output, result.output
+    return [(name, c.personalization) for name, c in plans[0]]
+
+
+def test_the_compressed_run_personalizes_with_alpha_mix_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follow-up reports and merges the run's own personal models: by default the compressed digits run
+    personalizes in every round (α-mix), the fp32 baseline does not; --personalization or the config wins, for
+    both runs; another task keeps none."""
+    assert cli.DEFAULT_RUN_PERSONALIZATION == "alpha_mix"
+    assert _planned(monkeypatch, tmp_path) == [("baseline", "none"), ("compressed", "alpha_mix")]
+    assert _planned(monkeypatch, tmp_path, "--personalization", "none") == [
+        ("baseline", "none"),
+        ("compressed", "none"),
+    ]
+    assert _planned(monkeypatch, tmp_path, "--personalization", "ditto") == [
+        ("baseline", "ditto"),
+        ("compressed", "ditto"),
+    ]
+    (tmp_path / "run.yaml").write_text("personalization: {method: none}\n")
+    assert _planned(monkeypatch, tmp_path, "--config", str(tmp_path / "run.yaml"), "--no-baseline") == [
+        ("compressed", "none")
+    ]
+    assert _planned(monkeypatch, tmp_path, "--codec", "identity") == [
+        ("baseline", "alpha_mix")
+    ]  # the only run
+    assert cli._default_personalization(RunConfig(task="charlm")).personalization == "none"
+    assert cli._default_personalization(RunConfig(engine="population")).personalization == "none"
+    boxed = runner.invoke(app, ["run", "--help"], terminal_width=200).output
+    help_text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", boxed).split())
+    assert "'alpha_mix' for the compressed digits run" in help_text

@@ -9,7 +9,7 @@ import torch
 from deltaplane.codecs import Compressor, decompress
 from deltaplane.delta import Delta
 from deltaplane.engine import RunConfig
-from deltaplane.engine.dgc import DGC, warmup_density, warmup_spec
+from deltaplane.engine.dgc import DGC, NormHistory, warmup_density, warmup_spec
 from deltaplane.errors import ConfigError
 from deltaplane.sim import run_simulation
 
@@ -40,7 +40,7 @@ def _dgc_path(codec: str, dgc: DGC, steps: int, lr: float) -> list[torch.Tensor]
     w, velocity, path = torch.zeros(3), None, []
     for rnd in range(1, steps + 1):
         delta = Delta({"w": -lr * _grad(w)})
-        target, velocity = dgc.prepare(comp, delta, velocity, spec=codec, rnd=rnd)
+        target, velocity, _ = dgc.prepare(comp, delta, velocity, spec=codec, rnd=rnd)
         payload = comp.compress(target, base_id="toy", base_version=rnd)
         sent = decompress(payload, expect_base=("toy", rnd))
         if velocity is not None:
@@ -78,11 +78,81 @@ def test_local_clip_matches_torch_clip_grad_norm() -> None:
     for p, t in zip(params, g.values(), strict=True):
         p.grad = t.clone()
     torch.nn.utils.clip_grad_norm_(params, max_norm=6.5)
-    out, _ = DGC(clip=6.5).prepare(Compressor("identity"), Delta(g), None, spec="identity", rnd=1)
+    out, _, _ = DGC(clip=6.5).prepare(Compressor("identity"), Delta(g), None, spec="identity", rnd=1)
     for p, k in zip(params, g, strict=True):
         assert torch.allclose(out[k], p.grad)
-    small, _ = DGC(clip=100.0).prepare(Compressor("identity"), Delta(g), None, spec="identity", rnd=1)
+    small, _, _ = DGC(clip=100.0).prepare(Compressor("identity"), Delta(g), None, spec="identity", rnd=1)
     assert all(torch.equal(small[k], g[k]) for k in g)  # below the threshold: untouched
+
+
+def _clip_run(dgc: DGC, norms: list[float]) -> tuple[list[float], NormHistory | None]:
+    """Updates of the given L2 norms (along (3, 4)/5, then one coordinate) through ``dgc``'s local clip, as one
+    device's successive rounds: the norms that come out, and the device's history at the end."""
+    out, history = [], None
+    for r in norms:
+        delta = Delta({"a": torch.tensor([0.6, 0.8], dtype=torch.float64) * r, "b": torch.zeros(1, 1)})
+        got, _, history = dgc.prepare(
+            Compressor("identity"), delta, None, spec="identity", rnd=1, norms=history
+        )
+        out.append(got.norm())
+    return out, history
+
+
+def test_relative_clip_against_a_hand_computation() -> None:
+    # κ = 2, reference = 0.5·reference + 0.5·(kept norm), the first norm taken as it is:
+    #   4  (no history: untouched)        reference 4
+    #   2  (bound 8: untouched)           reference 0.5·4 + 0.5·2 = 3
+    #   10 (bound 6: scaled down to 6)    reference 0.5·3 + 0.5·6 = 4.5
+    #   3  (bound 9: untouched)           reference 0.5·4.5 + 0.5·3 = 3.75
+    #   20 (bound 7.5: scaled to 7.5)     reference 0.5·3.75 + 0.5·7.5 = 5.625
+    out, history = _clip_run(DGC(relative_clip=2.0), [4.0, 2.0, 10.0, 3.0, 20.0])
+    assert out == pytest.approx([4.0, 2.0, 6.0, 3.0, 7.5], rel=1e-12)
+    assert history == NormHistory(5, pytest.approx(5.625, rel=1e-12))
+    # a direction is kept: only the length changes
+    g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[12.0]])}  # norm 13
+    got, _, h = DGC(relative_clip=1.5).prepare(
+        Compressor("identity"), Delta(g), None, spec="identity", rnd=1, norms=NormHistory(3, 2.0)
+    )
+    assert torch.allclose(got["a"], torch.tensor([3.0, 4.0]) * 3 / 13) and torch.allclose(
+        got["b"], torch.tensor([[12.0 * 3 / 13]])
+    )
+    assert h == NormHistory(4, pytest.approx(2.5))  # 0.5·2 + 0.5·3
+    # a zero reference (an all-zero update so far) bounds nothing
+    out, history = _clip_run(DGC(relative_clip=2.0), [0.0, 5.0, 50.0])
+    assert out == pytest.approx([0.0, 5.0, 5.0])  # 5: no bound yet, reference 2.5; 50: bound 5
+    assert history == NormHistory(3, pytest.approx(3.75))
+
+
+def test_relative_clip_bounds_an_exploding_update() -> None:
+    """Ten ordinary rounds (norms about 1), then updates a thousand times longer: each leaves the device at
+    most κ times its reference, and the reference, fed the clipped norms, grows by at most (1 + κ)/2 a round
+    instead of jumping to the exploded scale; the next ordinary update is left alone."""
+    g = torch.Generator().manual_seed(0)
+    steady = [1.0 + 0.1 * float(torch.rand(1, generator=g)) for _ in range(10)]
+    out, history = _clip_run(DGC(relative_clip=2.0), [*steady, 1000.0, 1000.0, 1000.0, 1.0])
+    assert out[:10] == pytest.approx(steady)  # ordinary rounds: never clipped
+    assert history is not None
+    ref = history.reference
+    before = _clip_run(DGC(relative_clip=2.0), steady)[1].reference  # type: ignore[union-attr]
+    assert 1.0 <= before <= 1.1
+    assert out[10] == pytest.approx(2 * before)
+    assert out[11] == pytest.approx(2 * 1.5 * before) and out[12] == pytest.approx(2 * 1.5**2 * before)
+    assert out[13] == pytest.approx(1.0)  # the ordinary update after the explosion goes through
+    assert ref < 4 * before
+    # without the clip the exploding rounds leave the device as they are
+    assert _clip_run(DGC(), [*steady, 1000.0])[0][-1] == pytest.approx(1000.0)
+
+
+def test_relative_clip_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="relative local clip must be above 1"):
+        DGC(relative_clip=1.0)
+    with pytest.raises(ConfigError, match="local_clip_relative"):
+        RunConfig.from_mapping({"local_clip_relative": 0.9})
+    with pytest.raises(ConfigError, match="not both"):
+        RunConfig.from_mapping({"local_clip": 2.0, "local_clip_relative": 2.0})
+    cfg = RunConfig.from_mapping({"codec": {"local_clip_relative": 2.0}})  # the yaml's codec section
+    assert cfg.local_clip_relative == 2.0 and cfg.make_dgc() == DGC(relative_clip=2.0)
+    assert DGC(relative_clip=2.0).active
 
 
 def test_warmup_is_the_papers_schedule() -> None:

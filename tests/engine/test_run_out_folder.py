@@ -62,7 +62,9 @@ def test_overwrite_leaves_nothing_of_the_earlier_run(tmp_path: Path) -> None:
         "report.html",
         "report.json",
     ]
-    assert json.loads((out / "model.json").read_text())["config"]["personalization"] == "none"
+    assert (
+        json.loads((out / "model.json").read_text())["config"]["personalization"] == "alpha_mix"
+    )  # the default
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -97,6 +99,6 @@ def test_an_interrupted_overwrite_keeps_the_earlier_run_whole(tmp_path: Path, mo
 
 
 def test_save_personal_without_personalization_is_refused_before_the_run(tmp_path: Path, no_runs) -> None:
-    r = _run("--save-personal", "-o", str(tmp_path / "run"))
+    r = _run("--personalization", "none", "--save-personal", "-o", str(tmp_path / "run"))
     assert r.exit_code == 2 and "--save-personal needs --personalization" in r.output, r.output
     assert not (tmp_path / "run").exists()

@@ -79,7 +79,18 @@ def test_user_task_loads_with_options(user_module: str) -> None:
     ("spec", "options", "match"),
     [
         ("no_such_module_xyz:make", {}, "module 'no_such_module_xyz' does not import"),
-        ("mytasks:missing", {}, "has no callable 'missing'"),
+        # the factories are listed, so a misspelt name is a one-glance fix
+        (
+            "mytasks:missing",
+            {},
+            "has no callable 'missing'; its functions: good, not_a_task, sparse_labels, too_few_outputs",
+        ),
+        # a file name for a module name was "'mytasks' is not a package", which names no fix
+        (
+            "mytasks.py:good",
+            {},
+            r"'mytasks.py' is a file name, not a module name.*\('mytasks:good' for mytasks.py\)",
+        ),
         ("mytasks", {}, "expected 'package.module:factory'"),
         ("mytasks:good", {"colour": "red"}, "options \\['colour'\\] do not fit the factory"),
         ("mytasks:not_a_task", {}, "returned int, not a deltaplane.engine.Task"),

@@ -77,6 +77,15 @@ FEATURES = {
         "local_clip": 1.0,
         "sparsity_warmup": 1,
     },
+    # the relative clip binds for one device of three in rounds 2 and 3 (its update grows past 1.1 times its
+    # own earlier norms): each driver keeps the device's norm history as it keeps its velocity
+    "dgc-relative-clip": {
+        "codec": "topk(0.05)",
+        "momentum_correction": 0.5,
+        "momentum_masking": True,
+        "local_clip_relative": 1.1,
+        "rounds": 3,
+    },
 }
 #: per-round test accuracy may differ by this many of the 359 test digits on the batched driver
 BATCHED_TOLERANCE = 1 / 359

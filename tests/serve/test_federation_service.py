@@ -181,6 +181,13 @@ def test_a_service_refuses_simulation_only_options_and_names_the_device_side_one
     ):
         assert option in notice
     assert "configure your devices" in notice
+    # under SecAgg the devices add DP-FedAvg's noise themselves (distributed DP, docs/fleet.md): the notice
+    # named only their clip, as if the service, which accounts ε but never sees an update, applied the noise
+    from deltaplane.serve.device_side import device_side_notice
+
+    distributed = RunConfig(clients=3, secagg=True, clip="2.0", dp_noise=0.8, downlink_codec="identity")
+    assert "clip=2.0, dp_noise=0.8 act on the devices" in device_side_notice(distributed)
+    assert "dp_noise" not in device_side_notice(distributed.replace(secagg=False))
     # the HTTP simulation's devices are the engine's: they run the attack, as in process
     assert run_http_simulation(RunConfig(clients=3, rounds=1, local_epochs=1, attack="sign_flip:0.34")).rounds
 

@@ -349,6 +349,27 @@ def test_a_refused_update_leaves_the_device_error_feedback_as_before_the_round(b
     assert sent == [expected.payload]
 
 
+def test_a_refused_update_leaves_the_device_dgc_state_as_before_the_round(byo_task, tmp_path) -> None:
+    """DGC's velocity and the relative clip's norm history are put back with the residual when the update is
+    refused: the late device's next round is its first for both, as for a device that never heard of the
+    refused round (its history counts one participation, not two)."""
+    cfg = _config(
+        byo_task, codec="topk(0.1)", momentum_correction=0.5, local_clip_relative=1.5, wire="self-describing"
+    )
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        assert devices[0].step.dgc.relative_clip == 1.5
+        late = _late_for_a_plain_round(f, devices)
+        assert late.client.norms is None and late.client.velocity is None
+        assert (
+            devices[0].client.norms is not None and devices[0].client.norms.count == 1
+        )  # an accepted update
+        f.admin.open_round(MODEL)
+        assert fleet.take_part(late, late.conn.open_rounds(MODEL)[0], stage_wait=5)
+        assert late.client.norms is not None and late.client.norms.count == 1
+        assert late.client.velocity is not None
+
+
 def test_distributed_dp_never_unmasks_a_sum_of_fewer_than_m_min_devices(
     byo_task, tmp_path, monkeypatch
 ) -> None:
@@ -401,8 +422,11 @@ def test_devices_refuse_to_unmask_fewer_than_m_min_when_the_server_has_no_floor(
         victim = devices[2]
         if one_dies:
             _lose_power_before_upload(monkeypatch, victim)
-        threads = _threads(devices, rounds=1, stage_wait=10)
-        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        # the dead device never uploads, so the coordinator waits out the whole deadline: it must leave the 3
+        # live devices time to train and upload on a loaded machine (3 s did not, once, at load 4-7 on 2 cores),
+        # and the devices must wait longer than it for the unmasking stage
+        threads = _threads(devices, rounds=1, stage_wait=30)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=8, poll=0.05)
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads)
@@ -692,6 +716,30 @@ def test_a_device_refuses_a_malformed_discovery_answer_in_one_typed_line(byo_tas
         fleet.run_device(dev, rounds=1, poll=0.01)
 
 
+def test_a_device_says_when_the_service_stops_and_starts_answering() -> None:
+    """A device rode out an outage in silence for up to --patience (300 s): only the coordinator said it was
+    waiting. It now says so once per outage, and how long it lasted, as the coordinator does."""
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def service(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] in (1, 2):  # down for the first two polls
+            raise httpx.ConnectError("connection refused", request=request)
+        if calls["n"] >= 4:
+            stop.set()
+        return httpx.Response(200, json={"model": MODEL, "rounds": []})
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    conn = DeviceClient("https://service.test", "token", verifier=None, client=http)  # type: ignore[arg-type]
+    said: list[str] = []
+    dev = fleet.Device(conn, MODEL, RunConfig(), None, None, None, None, log=said.append)  # type: ignore[arg-type]
+    fleet.run_device(dev, poll=0.01, max_poll=0.02, patience=30, stop=stop)
+    assert len(said) == 2, said
+    assert said[0] == "the service is not answering (ConnectError); waiting up to 30 s for it to come back"
+    assert said[1].startswith("the service answers again after ") and said[1].endswith(" s")
+
+
 def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deltaplane.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -736,6 +784,14 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
                     "--federation", "fleet.yaml", "--model", MODEL, "--device", "0",
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "use its https:// address" in done.stderr
+        # without --ca, the http:// URL of the HTTPS service was an outage the device waited out for 300 s
+        done = _cli("fleet", "device", "--url", plain, "--token-file", str(files[0]), "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation", "fleet.yaml", "--model",
+                    MODEL, "--device", "0", "--patience", "100", cwd=tmp_path, env=env, timeout=90)  # fmt: skip
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "speaks HTTPS" in said and f"use --url {f.url} with --ca" in said, (
+            said
+        )
         # enrolling again into the same folder would overwrite tokens that stay valid on the service
         tokens = [p.read_bytes() for p in files]
         done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "3",

@@ -254,3 +254,105 @@ def test_serve_refuses_plain_http_off_loopback(tmp_path):
         app, ["serve", "--home", str(tmp_path), "--tls-cert", "x.pem", "--admin-token", ADMIN]
     )
     assert r.exit_code == 2 and "go together" in r.output
+
+
+def test_an_http_url_to_the_tls_service_is_told_to_use_https_at_once(tmp_path, tls):
+    # the obvious slip of fleet.md's `--url http://127.0.0.1:8443`: the TLS port closes the plain request
+    # unanswered (RemoteProtocolError), which read as an outage: the device waited out --patience (300 s) in
+    # silence and the coordinator said "the service is not answering" for as long
+    from deltaplane.engine import RunConfig
+    from deltaplane.errors import ServiceUnreachable
+    from deltaplane.serve import AdminClient
+    from deltaplane.serve.fleet import Device, Patient, run_device
+
+    svc = Service(tmp_path / "h")
+    with BackgroundServer(
+        create_app(svc.config), ssl_options=server_ssl_options(tls.server_cert, tls.server_key)
+    ) as s:
+        plain = s.url.replace("https://", "http://")
+        said: list[str] = []
+        patient = Patient(AdminClient(plain, ADMIN), patience=300, say=said.append)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnreachable, match="speaks HTTPS") as info:
+            patient.call(patient.admin.stats, "read the stats")
+        assert f"use --url {s.url} with --ca" in str(info.value) and info.value.final
+        assert said == [] and time.monotonic() - started < 30
+        conn = DeviceClient(plain, svc.admin.issue_token("d1"), verifier=svc.verifier)
+        dev = Device(conn, "cnn", RunConfig(), None, None, None, None)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnreachable, match="speaks HTTPS"):
+            run_device(dev, rounds=1, patience=300)
+        assert time.monotonic() - started < 30
+
+
+def test_a_plain_service_that_drops_a_request_or_is_down_is_still_an_outage_to_wait_for(tmp_path):
+    # the TLS probe must not make a final error of a plain-HTTP service that restarts (it dropped the request:
+    # RemoteProtocolError) or is down (its port refuses the probe)
+    import socket
+
+    from deltaplane.serve.fleet import unreachable
+
+    dropped = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    with BackgroundServer(create_app(Service(tmp_path / "h").config)) as s:
+        assert s.url.startswith("http://")
+        err = unreachable(dropped, s.url)
+        assert not err.final and "cannot reach the service" in str(err)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    err = unreachable(dropped, f"http://127.0.0.1:{port}")
+    assert not err.final and "cannot reach the service" in str(err)
+
+
+def test_a_ca_file_that_is_not_a_certificate_is_a_config_error_naming_it(tls):
+    # was ssl.SSLError "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found", naming no file
+    from deltaplane.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"CA file {tls.server_key} is not a PEM CA certificate.*ca\.pem"):
+        client_context(tls.server_key)
+    cert, _ = tls.devices["d1"]
+    with pytest.raises(ConfigError, match=rf"device certificate {cert} and key {tls.ca_cert} are not"):
+        client_context(tls.ca_cert, cert=cert, key=tls.ca_cert)
+
+
+def test_the_fleet_commands_speak_mutual_tls_and_say_when_a_certificate_is_missing(
+    tmp_path, tls, monkeypatch
+):
+    # security.md's `serve --tls-client-ca`: `deltaplane fleet` had no way to present a client certificate, and
+    # the service's silent close read as an outage: the coordinator waited out --patience (300 s)
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+    from deltaplane.errors import ServiceUnreachable
+    from deltaplane.serve import AdminClient
+    from deltaplane.serve.fleet import Patient
+
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    svc = Service(tmp_path / "h")
+    cert, key = tls.devices["d1"]
+    opts = server_ssl_options(tls.server_cert, tls.server_key, tls.ca_cert)
+    with BackgroundServer(create_app(svc.config), ssl_options=opts) as s:
+        patient = Patient(AdminClient(s.url, ADMIN, tls=client_context(tls.ca_cert)), patience=300, say=print)
+        started = time.monotonic()
+        with pytest.raises(
+            ServiceUnreachable, match="requires a client certificate.*--tls-cert and --tls-key"
+        ):
+            patient.call(patient.admin.stats, "read the stats")
+        assert time.monotonic() - started < 30
+        enroll = ["fleet", "enroll", "--url", s.url, "--ca", str(tls.ca_cert), "--devices", "1"]
+        done = CliRunner().invoke(app, [*enroll, "--out", str(tmp_path / "t1")])
+        assert done.exit_code == 1 and "requires a client certificate" in done.output
+        done = CliRunner().invoke(app, [*enroll, "--out", str(tmp_path / "t2"), "--tls-cert", str(cert)])
+        assert done.exit_code == 2 and "--tls-cert and --tls-key go together" in done.output
+        mutual = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        done = CliRunner().invoke(app, [*enroll, "--out", str(tmp_path / "t3"), *mutual])
+        assert done.exit_code == 0, done.output
+        assert (tmp_path / "t3" / "device-0.token").read_text().strip()
+    # a plain service that is up answers the probe: its dropped request stays an outage to wait for
+    from deltaplane.serve.fleet import unreachable
+
+    with BackgroundServer(
+        create_app(svc.config), ssl_options=server_ssl_options(tls.server_cert, tls.server_key)
+    ) as s:
+        err = unreachable(httpx.RemoteProtocolError("Server disconnected without sending a response."), s.url)
+        assert not err.final and "cannot reach the service" in str(err)

@@ -1,5 +1,6 @@
 """The follow-up of a run: personalized devices, a merged model and a deployable artifact, with real numbers."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def test_personalization_reports_every_device(done: tuple[RunResult, dict, Path]
         if c["alpha"] == 0:  # a device that kept the global model scores exactly what the global model does
             assert c["personal_accuracy"] == c["global_accuracy"]
     assert p["devices_personalized"] == sum(c["alpha"] > 0 for c in p["clients"])
+    assert (
+        p["in_round"] is False and p["epochs"] == FAST["personal_epochs"]
+    )  # TINY did not personalize: post hoc
 
 
 def test_merged_accuracy_is_the_test_accuracy_of_the_merged_model(done: tuple[RunResult, dict, Path]) -> None:
@@ -73,6 +77,40 @@ def test_merged_accuracy_is_the_test_accuracy_of_the_merged_model(done: tuple[Ru
         model.load_state_dict(merged)
         assert results[name]["test_accuracy"] == accuracy(model, test)
         assert 0.1 < results[name]["test_accuracy"] <= 1.0  # better than chance on 10 classes
+
+
+def test_a_run_that_personalized_is_reported_and_merged_as_it_ended(tmp_path: Path) -> None:
+    """With in-round personalization (`deltaplane run`'s default α-mix) the follow-up trains nothing again: its
+    rows are the run's last-round rows and it merges the run's own personal models."""
+    run = run_simulation(TINY.replace(personalization="alpha_mix"))
+    after = run_followup(run, tmp_path / "deploy", gates=None, **FAST)
+    p = after["personalization"]
+    assert p["method"] == "alpha_mix" and p["in_round"] is True
+    assert p["epochs"] == TINY.personal_epochs != FAST["personal_epochs"]  # the run's, not a post-hoc pass
+    keys = ("client", "global_accuracy", "personal_accuracy", "alpha")
+    assert [{k: r[k] for k in keys} for r in p["clients"]] == run.clients
+    assert p["personal_accuracy_mean"] == pytest.approx(run.final.personal_accuracy_mean)
+    assert p["gain_min"] == pytest.approx(run.final.personal_gain_min)
+    assert p["devices_personalized"] == sum(c["alpha"] > 0 for c in run.clients) > 0
+    _, test = train_test_split(load_digits(), test_fraction=TINY.test_fraction, seed=TINY.split_seed)
+    model = build_model(0)
+    personal = [run.personal_states[c["client"]] for c in run.clients]
+    results = after["merge"]["results"]
+    for name, params in (("ties", {"density": 0.2}), ("task_arithmetic", {})):
+        model.load_state_dict(merge(name, run.final_state, personal, weight=1 / 3, **params))
+        assert results[name]["test_accuracy"] == accuracy(model, test)
+    # the Flower engine keeps the personal models on its nodes: the rows are still the run's, nothing is merged
+    flower = run_followup(
+        dataclasses.replace(run, personal_states={}), tmp_path / "deploy2", gates=None, **FAST
+    )
+    assert flower["personalization"]["clients"] == p["clients"]
+    assert set(flower["merge"]["results"]) == {"global"} and "Flower" in flower["merge"]["skipped"]
+    html = render_html(
+        json.loads(
+            write_report([{"name": "c", **run.to_dict()}], tmp_path, followup=flower).json_path.read_text()
+        )
+    )
+    assert "in every round of the federation" in html and "<h2>Merge</h2><p>Skipped" in html
 
 
 def test_artifact_is_written_and_smaller_than_fp32(done: tuple[RunResult, dict, Path]) -> None:

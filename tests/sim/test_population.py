@@ -154,6 +154,31 @@ def test_population_keeps_each_devices_dgc_velocity() -> None:
     assert warm.uplink_bytes > 3 * cold.uplink_bytes  # rounds 1–2 send 22% and 5% of the values
 
 
+def test_population_keeps_each_devices_norm_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DGC's relative clip on lazily built devices: a device's update-norm history outlives the round's device
+    object, so a device sampled for the k-th time arrives with k − 1 norms recorded (the first time with none),
+    and the clip then binds (the run differs from one without it)."""
+    from deltaplane.engine.client import ClientStep
+
+    seen: list[tuple[int, int]] = []
+    uplink_stacked = ClientStep.uplink_stacked
+
+    def spy(self, clients, *args, **kwargs):
+        seen.extend((c.cid, 0 if c.norms is None else c.norms.count) for c in clients)
+        return uplink_stacked(self, clients, *args, **kwargs)
+
+    monkeypatch.setattr(ClientStep, "uplink_stacked", spy)
+    base = RunConfig(rounds=4, local_epochs=1, codec="stc(0.05)", momentum_correction=0.5)
+    clipped = run_population(base.replace(local_clip_relative=1.05), registered=6, per_round=3)
+    times: dict[int, int] = {}
+    for cid, count in seen:
+        assert count == times.get(cid, 0), cid
+        times[cid] = count + 1
+    assert len(seen) == 12 and max(times.values()) >= 2
+    plain = run_population(base, registered=6, per_round=3)
+    assert any(not torch.equal(clipped.final_state[k], v) for k, v in plain.final_state.items())
+
+
 def test_a_poisson_round_that_samples_nobody_still_releases_its_noise() -> None:
     """Central DP samples each device with probability q (Poisson): seed 13 picks nobody of 6 in round 2. The
     population driver crashed there (torch.cat of no held-out sets); like every other driver it now closes the

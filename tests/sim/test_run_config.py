@@ -122,6 +122,7 @@ def test_dp_delta_must_be_below_one_over_the_population(clients, delta) -> None:
         "alpha",
         "prox_mu",
         "local_clip",
+        "local_clip_relative",
         "memory_budget_mb",
         "secagg_range",
         "personal_lr",

@@ -135,6 +135,9 @@ def _dgc_devices(cfg: RunConfig):
         dict(momentum_correction=0.9, local_clip=0.3),  # no masking: the velocity is u as it is
         dict(momentum_correction=0.5, momentum_masking=True, error_feedback=False),
         dict(local_clip=0.3),  # clip alone: no velocity
+        # the relative clip: each row against its own device's history (none yet for device 4 in round 2)
+        dict(momentum_correction=0.5, momentum_masking=True, local_clip_relative=1.1),
+        dict(local_clip_relative=1.05),
         dict(sparsity_warmup=3),
     ],
 )
@@ -186,6 +189,7 @@ def _check_uplink_stacked(options: dict, codec: str, *, nan_row: bool = False) -
             assert (sa["residual"] is None) == (sb["residual"] is None)
             for k in sa["residual"] or {}:
                 assert torch.equal(sa["residual"][k], sb["residual"][k]), k
+            assert a.norms == b.norms
             assert (a.velocity is None) == (b.velocity is None)
             for k in a.velocity or {}:
                 assert torch.equal(a.velocity[k].view(torch.int32), b.velocity[k].view(torch.int32)), k

@@ -348,17 +348,17 @@ class BackdoorAttribution(_Buffered):
             raise ConfigError(
                 f"sticky={sticky} means switch={implied!r}, not {switch!r}: give one of the two"
             )
-        if score not in SCORES:
-            raise ConfigError(f"score must be one of {list(SCORES)}. Found {score!r}")
+        for name, value, allowed in (
+            ("score", score, SCORES),
+            ("invert", invert, INVERSIONS),
+            ("shadow", shadow, SHADOWS),
+            ("reputation", reputation, REPUTATIONS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}. Found {value!r}")
         self.score = score
-        if invert not in INVERSIONS:
-            raise ConfigError(f"invert must be one of {list(INVERSIONS)}. Found {invert!r}")
         self.invert = invert
-        if shadow not in SHADOWS:
-            raise ConfigError(f"shadow must be one of {list(SHADOWS)}. Found {shadow!r}")
         self.shadow = shadow
-        if reputation not in REPUTATIONS:
-            raise ConfigError(f"reputation must be one of {list(REPUTATIONS)}. Found {reputation!r}")
         self.reputation = reputation
         self.switch: str = switch or implied or "evidence"
         self.sticky = self.switch == "sticky"

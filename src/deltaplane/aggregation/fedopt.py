@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -223,36 +223,36 @@ class FedOpt(AggregatorWrapper):
         )
 
 
-class FedAdam(FedOpt):
+class _TwoMomentFedOpt(FedOpt):
+    """A FedOpt setting with both moments (``β₁``, ``β₂``) as parameters; a subclass names its ``_optimizer``."""
+
+    _optimizer: ClassVar[str]
+
+    def __init__(
+        self,
+        inner: Aggregator | None = None,
+        *,
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        state: ServerOptimizerState | None = None,
+    ) -> None:
+        super().__init__(
+            inner, optimizer=self._optimizer, lr=lr, beta1=beta1, beta2=beta2, tau=tau, state=state
+        )
+
+
+class FedAdam(_TwoMomentFedOpt):
     """FedAdam (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
 
-    def __init__(
-        self,
-        inner: Aggregator | None = None,
-        *,
-        lr: float = 1e-2,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
-        state: ServerOptimizerState | None = None,
-    ) -> None:
-        super().__init__(inner, optimizer="adam", lr=lr, beta1=beta1, beta2=beta2, tau=tau, state=state)
+    _optimizer = "adam"
 
 
-class FedYogi(FedOpt):
+class FedYogi(_TwoMomentFedOpt):
     """FedYogi (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
 
-    def __init__(
-        self,
-        inner: Aggregator | None = None,
-        *,
-        lr: float = 1e-2,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
-        state: ServerOptimizerState | None = None,
-    ) -> None:
-        super().__init__(inner, optimizer="yogi", lr=lr, beta1=beta1, beta2=beta2, tau=tau, state=state)
+    _optimizer = "yogi"
 
 
 class FedAdagrad(FedOpt):

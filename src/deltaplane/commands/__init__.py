@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "DEFAULT_THREADS",
@@ -154,14 +155,8 @@ def cpu_threads(n: int) -> Iterator[None]:
     """Run the block with torch's intra-op pool at ``n`` threads (checked by :func:`check_threads`), then
     restore the previous count, so an in-process caller (tests, notebooks) keeps its own setting."""
     check_threads(n)
-    import torch  # lazily: `deltaplane --help` should not wait for torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(n):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def working_dir_on_path() -> None:

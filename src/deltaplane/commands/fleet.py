@@ -47,6 +47,18 @@ Ca = Annotated[
         "--ca", help="The CA that signed the service's certificate (HOME/tls/ca.pem).", show_default="none"
     ),
 ]
+ClientCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        help="A client certificate, for a service run with --tls-client-ca (mutual TLS): `deltaplane keys tls "
+        "--device NAME` issues one (HOME/tls/device-NAME.pem).",
+        show_default="none",
+    ),
+]
+ClientKey = Annotated[
+    Path | None, typer.Option("--tls-key", help="The private key of --tls-cert.", show_default="none")
+]
 Federation = Annotated[
     Path, typer.Option("--federation", help="The federation YAML `deltaplane serve --federation` runs.")
 ]
@@ -62,18 +74,25 @@ Patience = Annotated[
 ]
 
 
-def _tls(url: str, ca: Path | None) -> ssl.SSLContext | None:
+def _tls(
+    url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext | None:
     """The TLS context for ``url``: ``--ca`` for https (never the system store, never a silent fallback to
-    plain HTTP); plain HTTP only on loopback, as ``deltaplane serve`` allows it."""
+    plain HTTP), with ``--tls-cert``/``--tls-key`` for a service that requires mutual TLS; plain HTTP only on
+    loopback, as ``deltaplane serve`` allows it."""
     from deltaplane.serve.tls import client_context
 
     parts = urlsplit(url)
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: a client certificate and its private key")
     if parts.scheme == "https":
         if ca is None:
             raise ConfigError(
                 f"{url} is HTTPS: pass --ca with the CA that signed its certificate (HOME/tls/ca.pem)"
             )
-        return client_context(ca)
+        return client_context(ca, cert=cert, key=key)
+    if cert is not None:
+        raise ConfigError(f"--tls-cert was given for {url}, which is plain HTTP: use its https:// address")
     if parts.scheme != "http" or not parts.hostname:
         raise ConfigError(f"--url must be an https:// (or loopback http://) address. Found {url!r}")
     if ca is not None:
@@ -192,6 +211,8 @@ def register(app: typer.Typer) -> None:
         url: Url,
         out: Annotated[Path, typer.Option("--out", help="Folder for the token files (one per device).")],
         ca: Ca = None,
+        tls_cert: ClientCert = None,
+        tls_key: ClientKey = None,
         devices: Annotated[
             int | None,
             typer.Option("--devices", min=1, help="How many devices.", show_default="the federation's"),
@@ -220,7 +241,7 @@ def register(app: typer.Typer) -> None:
                     f"{held} already exists; choose another --out, or remove the old files (and revoke their "
                     f"tokens: POST /admin/devices/{held.stem}/revoke)"
                 )
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
+            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
             tokens = [
                 _connected(url, lambda i=i: admin.issue_token(device_id(i), cohort)) for i in range(devices)
@@ -248,6 +269,8 @@ def register(app: typer.Typer) -> None:
         device: Annotated[int, typer.Option("--device", min=0, help="This device's partition of the task.")],
         model: Model,
         ca: Ca = None,
+        tls_cert: ClientCert = None,
+        tls_key: ClientKey = None,
         trusted: Annotated[
             Path | None,
             typer.Option(
@@ -284,7 +307,9 @@ def register(app: typer.Typer) -> None:
                 )
             run = _federation(federation).replace(threads=threads)
             token = read_bounded_text(token_file, limit=KEY_LIMIT, what="device token file").strip()
-            conn = DeviceClient(url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca))
+            conn = DeviceClient(
+                url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca, tls_cert, tls_key)
+            )
             dev = load_device(conn, run, device, model=model)
             dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
             done = run_device(
@@ -307,6 +332,8 @@ def register(app: typer.Typer) -> None:
             ),
         ],
         ca: Ca = None,
+        tls_cert: ClientCert = None,
+        tls_key: ClientKey = None,
         weight_scale: Annotated[
             float | None,
             typer.Option(
@@ -337,7 +364,7 @@ def register(app: typer.Typer) -> None:
             run = _federation(federation)
             if secagg_neighbours is not None:
                 run = _with_degree(run, federation, secagg_neighbours)
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca))
+            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
             done = _connected(
                 url,
                 lambda: coordinate(

@@ -35,6 +35,20 @@ __all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "p
 ATTACKS = ("fgsm", "pgd")
 
 
+def _check_attacks(attacks: Sequence[str], eps: Sequence[float]) -> None:
+    """Refuse an unknown attack, an empty ε list or a non-positive ε (every evaluation here takes both)."""
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not eps or any(e <= 0 for e in eps):
+        raise ConfigError(
+            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
+        )
+
+
+def _ids_and_mask(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids and attention masks of ``(N, 2, T)`` evaluation inputs, as tensors."""
+    return torch.from_numpy(tokens[:, 0]), torch.from_numpy(tokens[:, 1])
+
+
 def _grad_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     loss = nn.functional.cross_entropy(model(x), y)
@@ -108,11 +122,7 @@ def adversarial_eval(
         ``{"method", "rows": [{attack, eps, fp32, compressed, drop_points}], "quality":
         {"adversarial_drop_points": {"fgsm ε=0.05": ...}}}`` — the manifest's ``adversarial`` entry.
     """
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad or not eps or any(e <= 0 for e in eps):
-        raise ConfigError(
-            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
-        )
+    _check_attacks(attacks, eps)
     x = np.ascontiguousarray(x, dtype=np.float32)
     lo, hi = clip if clip is not None else (float(x.min()), float(x.max()))
     reference.eval()
@@ -212,12 +222,8 @@ def encoder_adversarial_eval(
         reference, surrogate: the fp32 and compressed Hugging Face encoders (``inputs_embeds`` keyword).
         tokens: ``(N, 2, T)`` ids + attention masks (held-out evaluation inputs).
     """
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad or not eps or any(e <= 0 for e in eps):
-        raise ConfigError(
-            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
-        )
-    ids, mask = torch.from_numpy(tokens[:, 0]), torch.from_numpy(tokens[:, 1])
+    _check_attacks(attacks, eps)
+    ids, mask = _ids_and_mask(tokens)
     reference.eval()
     surrogate.eval()
     with torch.no_grad():
@@ -286,12 +292,8 @@ def token_adversarial_eval(
     """
     if task not in ("text-classification", "next-token"):
         raise ConfigError(f"token_adversarial_eval covers text-classification and next-token, not {task!r}")
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad or not eps or any(e <= 0 for e in eps):
-        raise ConfigError(
-            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
-        )
-    ids, mask = torch.from_numpy(tokens[:, 0]), torch.from_numpy(tokens[:, 1])
+    _check_attacks(attacks, eps)
+    ids, mask = _ids_and_mask(tokens)
     reference.eval()
     surrogate.eval()
     with torch.no_grad():

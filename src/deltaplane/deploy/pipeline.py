@@ -9,11 +9,10 @@ failure at any step leaves no partial artifact, and the folder is always one com
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
 from deltaplane.errors import ConfigError, ExportError, QualityGateFailed
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "DeployResult",
@@ -198,18 +198,13 @@ def prune_model(
     if method in ("magnitude", "layer"):
         scope = "layer" if method == "layer" else "global"
         return model, magnitude_prune(model, spec["sparsity"], scope=scope, exclude=exclude)
-    if method == "wanda":
+    if method in ("wanda", "sparsegpt"):  # the calibrated pruners: N:M or unstructured, alike
+        prune, label = (wanda_prune, "Wanda") if method == "wanda" else (sparsegpt_prune, "SparseGPT")
         if not calibration:
-            raise ConfigError("Wanda pruning needs calibration data")
+            raise ConfigError(f"{label} pruning needs calibration data")
         if "n" in spec:
-            return model, wanda_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
-        return model, wanda_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
-    if method == "sparsegpt":
-        if not calibration:
-            raise ConfigError("SparseGPT pruning needs calibration data")
-        if "n" in spec:
-            return model, sparsegpt_prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
-        return model, sparsegpt_prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
+            return model, prune(model, calibration, n=spec["n"], m=spec["m"], exclude=exclude)
+        return model, prune(model, calibration, sparsity=spec["sparsity"], exclude=exclude)
     raise ConfigError(f"unknown prune method {method!r}")
 
 
@@ -288,17 +283,6 @@ class DeployResult:
     compressed: Evaluation
     comparison: Comparison
     files: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # Same thread budget for PyTorch as for ONNX Runtime, so the latency ratio compares runtimes, not cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -506,7 +490,8 @@ def deploy_classifier(
         say("evaluating fp32 and the artifact as shipped")
         shipped_out = cand_predict(x_test)
         refuse_non_finite_outputs(shipped_out, f"the compressed artifact ({fmt}, {quant})", ExportError)
-        with _torch_threads(threads):
+        # the same thread budget for PyTorch as for ONNX Runtime: the latency ratio compares runtimes, not cores
+        with torch_threads(threads):
             base = evaluate(
                 "fp32 (PyTorch)",
                 torch_predictor(reference),

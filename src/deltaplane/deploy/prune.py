@@ -275,6 +275,25 @@ def run_calibration(model: nn.Module, batches: Iterable[Any]) -> None:
                 ) from e
 
 
+def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any]) -> list[str]:
+    """``layers``' names in the order a forward pass over ``batches`` (one batch is enough) reaches them, then
+    those it does not reach, in ``layers``' order: the order in which a layer-sequential pruner (sequential
+    Wanda, SparseGPT) visits them, so that each is scored on what the already-pruned layers before it give."""
+    order: list[str] = []
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda _m, _a, name=name: order.append(name) if name not in order else None
+        )
+        for name, layer in layers.items()
+    ]
+    try:
+        run_calibration(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [x for x in layers if x not in order]
+
+
 @torch.no_grad()
 def wanda_scores(
     model: nn.Module,
@@ -379,20 +398,8 @@ def wanda_prune(
         apply_masks(model, masks)
         return PruneResult(masks, skipped)
     layers = prunable_layers(model, include=include, exclude=exclude)
-    order: list[str] = []
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda _m, _a, name=name: order.append(name) if name not in order else None
-        )
-        for name, layer in layers.items()
-    ]
-    try:
-        run_calibration(model, list(calibration)[:1])
-    finally:
-        for h in handles:
-            h.remove()
     masks, skipped = {}, {}
-    for name in order + [x for x in layers if x not in order]:
+    for name in _forward_order(model, layers, list(calibration)[:1]):
         scores = wanda_scores(model, calibration, include=[name])
         mk, sk = _wanda_masks(scores, sparsity, n, m, strict=include is not None)
         apply_masks(model, mk)

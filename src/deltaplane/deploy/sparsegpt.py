@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from deltaplane.deploy.prune import (
     PruneResult,
     _conv_columns,
+    _forward_order,
     check_sparsity,
     prunable_layers,
     run_calibration,
@@ -201,21 +202,9 @@ def sparsegpt_prune(
     if not calibration:
         raise ConfigError("SparseGPT pruning needs calibration data")
     layers = prunable_layers(model, include=include, exclude=exclude)
-    order: list[str] = []
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda _m, _a, name=name: order.append(name) if name not in order else None
-        )
-        for name, layer in layers.items()
-    ]
-    try:
-        run_calibration(model, calibration[:1])
-    finally:
-        for hd in handles:
-            hd.remove()
     masks: dict[str, Tensor] = {}
     skipped: dict[str, str] = {}
-    for name in order + [x for x in layers if x not in order]:
+    for name in _forward_order(model, layers, calibration[:1]):
         layer = layers[name]
         cols = layer.weight[0].numel()
         if m is not None and cols % m:

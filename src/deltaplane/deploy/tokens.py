@@ -42,6 +42,7 @@ from deltaplane.deploy.publish import check_out_dir, staging_dir
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.smoothquant import smooth_layernorm_inputs
 from deltaplane.errors import ConfigError, ExportError
+from deltaplane.threads import torch_threads
 
 __all__ = ["TASKS", "TokenDeployResult", "TokenOutput", "deploy_token_model", "token_fidelity"]
 
@@ -215,7 +216,6 @@ def deploy_token_model(
         _check_gates,
         _embedded,
         _publish,
-        _torch_threads,
         parse_prune,
         prune_model,
     )
@@ -330,7 +330,7 @@ def deploy_token_model(
         fidelity = token_fidelity(task, shipped_out, ref, ev[:, 1])
         latency = {}
         say("timing fp32 and compressed")
-        with _torch_threads(threads):
+        with torch_threads(threads):
             for b in (1, 32):
                 t = measure_latency(torch_predict, ev, batch_size=b, iters=latency_iters, warmup=3)
                 c = measure_latency(ort_predict, ev, batch_size=b, iters=latency_iters, warmup=3)

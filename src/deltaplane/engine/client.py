@@ -34,6 +34,7 @@ from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.attacks import Attack, choose_malicious, parse_attack
 from deltaplane.engine.config import RunConfig
+from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.federation import Client
 from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
@@ -264,17 +265,22 @@ class ClientStep:
                 for i, c in enumerate(clients)
             ]
         x = stacked
-        if dgc.clip is not None:
+        norms: list[NormHistory | None] = [None] * n
+        if dgc.clipping:
             # the norm of each row as Delta.norm takes it (its own float64 sum per tensor): a reduction over
             # the stack might sum in another order
-            factors = [Delta({k: t[i] for k, t in stacked.items()}).norm() for i in range(n)]
-            clipped = [i for i, norm in enumerate(factors) if norm > dgc.clip]
+            scales = []
+            for i, client in enumerate(clients):
+                scale, norms[i] = dgc.clip_scale(
+                    Delta({k: t[i] for k, t in stacked.items()}).norm(), client.norms
+                )
+                scales.append(scale)
+            clipped = [i for i, scale in enumerate(scales) if scale is not None]
             if clipped:
                 x = {k: t.clone() for k, t in stacked.items()}
                 for i in clipped:
-                    scale = dgc.clip / factors[i]
                     for k, t in x.items():
-                        t[i] = stacked[k][i] * scale  # Delta.__mul__: each float tensor times the scalar
+                        t[i] = stacked[k][i] * scales[i]  # Delta.__mul__: each float tensor times the scalar
         u = x
         if dgc.momentum:
             carried = [i for i, v in enumerate(velocities) if v is not None]
@@ -302,6 +308,10 @@ class ClientStep:
             session=session,
             want_sent=dgc.masking,
         )
+        if dgc.relative_clip is not None:  # a device whose compression failed keeps its history, as in uplink
+            for client, payload, history in zip(clients, payloads, norms, strict=True):
+                if not isinstance(payload, DeltaplaneError):
+                    client.norms = history
         if not dgc.momentum:
             return [_upload(c, p) for c, p in zip(clients, payloads, strict=True)]
         kept = u
@@ -413,8 +423,13 @@ class ClientStep:
         try:
             velocity = None
             if dgc.active:
-                delta, velocity = dgc.prepare(
-                    client.compressor, delta, client.velocity, spec=self.config.codec, rnd=rnd
+                delta, velocity, norms = dgc.prepare(
+                    client.compressor,
+                    delta,
+                    client.velocity,
+                    spec=self.config.codec,
+                    rnd=rnd,
+                    norms=client.norms,
                 )
             # a warm-up round's codec is not the session's: its payload describes itself (the server accepts both)
             session = None if dgc.warming(rnd) else self.sessions.get(Layout.of(delta))
@@ -427,6 +442,8 @@ class ClientStep:
                 )
             if velocity is not None:
                 client.velocity = dgc.settle(velocity, sent)
+            if dgc.relative_clip is not None:
+                client.norms = norms
             if self.config.secagg:
                 return Upload(
                     client.cid, client.num_samples, secure=self.distributed_privacy(client.cid, sent, rnd)

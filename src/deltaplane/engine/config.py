@@ -117,6 +117,13 @@ class RunConfig(BaseModel):
         gt=0,
         description="DGC local clipping: L2 norm a device's update is scaled to before accumulation",
     )
+    local_clip_relative: float | None = Field(
+        None,
+        gt=1,
+        description="scale-free DGC local clipping, kappa > 1: a device scales its update down to kappa times "
+        "an average of its own earlier update norms (not on its first participation); exclusive with "
+        "local_clip",
+    )
     momentum_masking: bool = Field(
         False, description="DGC momentum factor masking: zero the velocity where a value was sent"
     )
@@ -590,6 +597,7 @@ class RunConfig(BaseModel):
         return DGC(
             momentum=self.momentum_correction,
             clip=self.local_clip,
+            relative_clip=self.local_clip_relative,
             masking=self.momentum_masking,
             warmup_rounds=self.sparsity_warmup,
         )
@@ -692,7 +700,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "uplink": "codec", "error_feedback": "error_feedback", "downlink": "downlink_codec",
         "downlink_error_feedback": "downlink_error_feedback", "wire": "wire", "entropy": "entropy_coding",
         "momentum_correction": "momentum_correction", "local_clip": "local_clip",
-        "momentum_masking": "momentum_masking", "sparsity_warmup": "sparsity_warmup",
+        "local_clip_relative": "local_clip_relative", "momentum_masking": "momentum_masking", "sparsity_warmup": "sparsity_warmup",
     },
     "aggregation": {
         "optimizer": "aggregator", "server_lr": "server_lr", "optimizer_lr": "server_opt_lr", "defense": "defense",

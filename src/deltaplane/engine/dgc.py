@@ -7,7 +7,8 @@ coordinates and keeps the rest on the worker; four techniques keep accuracy at 9
 * **momentum correction** — accumulate the *velocity*, not the gradient, in the residual (Algorithm 1 with
   eq. 4): ``u ← m·u + g`` and ``v ← v + u``; send ``sparse(v)``; with nothing dropped this is momentum SGD;
 * **local gradient clipping** — clip ``g`` on the worker *before* it is added to the accumulation (the paper
-  scales a global threshold by ``N^(-1/2)``; here the threshold is given per device);
+  scales a global threshold by ``N^(-1/2)``; here the threshold is given per device, or, scale-free, as a
+  multiple κ of the device's own earlier update norms: :class:`NormHistory`);
 * **momentum factor masking** — where a coordinate was sent, zero its momentum too (``u ← u ⊙ ¬mask``) so
   stale momentum does not keep pushing a coordinate whose accumulated value just went out;
 * **warm-up** — exponentially increasing sparsity over the first epochs (the paper: 75%, 93.75%, 98.4375%,
@@ -32,10 +33,54 @@ from deltaplane.codecs.base import Pipeline, format_spec
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError
 
-__all__ = ["DGC", "warmup_density", "warmup_spec"]
+__all__ = ["DGC", "NormHistory", "warmup_density", "warmup_spec"]
 
 #: codecs whose ``ratio`` is the share of coordinates they send (what the warm-up raises in early rounds)
 SPARSIFIERS = ("topk", "stc", "randk")
+#: the relative clip's reference is an exponential moving average of a device's (clipped) update norms with
+#: this weight on the past: it follows the norms' drift over training within a few participations
+NORM_DECAY = 0.5
+
+
+@dataclass(frozen=True)
+class NormHistory:
+    """What a device remembers of its own update norms for DGC's relative local clip (two numbers, kept on
+    the device beside its velocity, never sent).
+
+    Args:
+        count: the participations recorded so far.
+        reference: the exponential moving average (weight :data:`NORM_DECAY` on the past) of the norms of the
+            device's updates *after* clipping, the first one taken as it is.
+
+    The rule, for a device with relative clip κ whose update has L2 norm ``r``:
+
+    * on its first participation (no history) there is nothing to compare with: the update is not clipped,
+      and ``reference = r``;
+    * afterwards the update is scaled down to ``κ · reference`` if it is longer, and with ``r'`` the norm it
+      keeps, ``reference ← NORM_DECAY · reference + (1 − NORM_DECAY) · r'``.
+
+    Feeding the clipped norm back makes the reference robust: one exploding update moves it by at most a factor
+    ``NORM_DECAY + (1 − NORM_DECAY)·κ``, so a run of them cannot raise the bound faster than that per round,
+    while a device whose updates shrink as training converges tightens its bound within a few rounds. A
+    reference of 0 (a device whose update was all zeros) bounds nothing until a non-zero norm is recorded.
+    """
+
+    count: int
+    reference: float
+
+    def bound(self, kappa: float) -> float | None:
+        """The L2 norm an update is clipped to (``None``: no bound yet)."""
+        return kappa * self.reference if self.count > 0 and self.reference > 0 else None
+
+    def record(self, kept: float) -> NormHistory:
+        """The history after an update that kept norm ``kept`` (after clipping)."""
+        if self.count == 0:
+            return NormHistory(1, kept)
+        return NormHistory(self.count + 1, NORM_DECAY * self.reference + (1 - NORM_DECAY) * kept)
+
+
+#: a device that has not participated yet
+NO_HISTORY = NormHistory(0, 0.0)
 
 
 def warmup_density(target: float, rnd: int, rounds: int) -> float:
@@ -80,12 +125,16 @@ class DGC:
     Args:
         momentum: momentum correction factor ``m`` (0: off): the device sends its velocity ``u ← m·u + Δ``.
         clip: local clipping: the device's update is scaled down to this L2 norm before it is accumulated.
+        relative_clip: scale-free local clipping, κ > 1: the update is scaled down to κ times the device's own
+            earlier update norms (:class:`NormHistory`: not on its first participation); exclusive with
+            ``clip``. An absolute threshold is one model's update scale; κ means the same for every model.
         masking: momentum factor masking: zero the velocity where the payload carried a value.
         warmup_rounds: sparsity warm-up: the codec's density falls from 1 to its own over these rounds.
     """
 
     momentum: float = 0.0
     clip: float | None = None
+    relative_clip: float | None = None
     masking: bool = False
     warmup_rounds: int = 0
 
@@ -94,6 +143,17 @@ class DGC:
             raise ConfigError(f"momentum correction must be in [0, 1). Found {self.momentum!r}")
         if self.clip is not None and not self.clip > 0:
             raise ConfigError(f"local clip must be positive. Found {self.clip!r}")
+        if self.relative_clip is not None:
+            if not self.relative_clip > 1:
+                raise ConfigError(
+                    f"relative local clip must be above 1 (a multiple of the device's usual update norm). "
+                    f"Found {self.relative_clip!r}"
+                )
+            if self.clip is not None:
+                raise ConfigError(
+                    "choose the absolute local clip (local_clip) or the relative one (local_clip_relative), "
+                    "not both: each sets the bound the device clips to"
+                )
         if self.masking and self.momentum == 0:
             raise ConfigError(
                 "momentum factor masking needs momentum correction (set momentum_correction > 0)"
@@ -104,7 +164,25 @@ class DGC:
     @property
     def active(self) -> bool:
         """Whether any technique is on (the client step then runs device by device)."""
-        return self.momentum > 0 or self.clip is not None or self.warmup_rounds > 0
+        return self.momentum > 0 or self.clipping or self.warmup_rounds > 0
+
+    @property
+    def clipping(self) -> bool:
+        """Whether the device clips its update (absolute or relative local clip)."""
+        return self.clip is not None or self.relative_clip is not None
+
+    def clip_scale(self, norm: float, history: NormHistory | None) -> tuple[float | None, NormHistory | None]:
+        """Local clipping of an update of L2 norm ``norm`` by a device with ``history`` (``None``: none yet).
+
+        Returns the factor to scale the update by (``None``: leave it as it is) and the device's new history
+        (``None`` unless the clip is relative)."""
+        bound = self.clip
+        if self.relative_clip is not None:
+            bound = (history or NO_HISTORY).bound(self.relative_clip)
+        scale = bound / norm if bound is not None and norm > bound else None
+        if self.relative_clip is None:
+            return scale, None
+        return scale, (history or NO_HISTORY).record(norm if scale is None else bound)  # type: ignore[arg-type]
 
     def warming(self, rnd: int) -> bool:
         """Whether round ``rnd`` (1-based) is a warm-up round, whose codec differs from the run's."""
@@ -115,23 +193,32 @@ class DGC:
         return warmup_spec(spec, rnd, self.warmup_rounds) if self.warmup_rounds else spec
 
     def prepare(
-        self, compressor: Compressor, delta: Delta, velocity: Delta | None, *, spec: str, rnd: int
-    ) -> tuple[Delta, Delta | None]:
+        self,
+        compressor: Compressor,
+        delta: Delta,
+        velocity: Delta | None,
+        *,
+        spec: str,
+        rnd: int,
+        norms: NormHistory | None = None,
+    ) -> tuple[Delta, Delta | None, NormHistory | None]:
         """Before compression: clip locally, fold ``delta`` into the velocity, and set the round's codec.
 
-        Returns what to compress (the velocity with momentum correction, else the clipped delta) and the
-        new velocity (``None`` without momentum correction). The compressor's error feedback then adds its
-        residual to what it is given: DGC's ``v ← v + u``.
+        Returns what to compress (the velocity with momentum correction, else the clipped delta), the new
+        velocity (``None`` without momentum correction) and the device's new :class:`NormHistory` (``None``
+        without the relative clip; ``norms`` is the one before). The compressor's error feedback then adds its
+        residual to what it is given: DGC's ``v ← v + u``. A driver keeps the new velocity and history only
+        if the update is compressed (a failed round leaves both as they were).
         """
-        if self.clip is not None:
-            norm = delta.norm()
-            if norm > self.clip:
-                delta = delta * (self.clip / norm)
+        if self.clipping:
+            scale, norms = self.clip_scale(delta.norm(), norms)
+            if scale is not None:
+                delta = delta * scale
         compressor.use_codec(self.codec_for(spec, rnd))
         if self.momentum == 0:
-            return delta, None
+            return delta, None, norms
         u = delta if velocity is None else velocity * self.momentum + delta
-        return u, u
+        return u, u, norms
 
     def settle(self, velocity: Delta, sent: Delta | None) -> Delta:
         """After compression: momentum factor masking zeroes the velocity where the payload (decoded into

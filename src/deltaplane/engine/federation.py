@@ -20,6 +20,7 @@ from deltaplane.data.dataset import Dataset
 from deltaplane.data.partition import dirichlet_partition, split_holdout
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
+from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.metrics import accuracy
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.engine.task import Task
@@ -33,7 +34,7 @@ __all__ = ["Client", "build_clients", "make_clients", "sample_clients"]
 @dataclass(eq=False)
 class Client:
     """One device: ``train`` and ``holdout`` shards of its own data, its uplink :class:`Compressor`, its
-    personalization state and its DGC velocity (both kept on the device, never sent)."""
+    personalization state, its DGC velocity and its update-norm history (all kept on the device, never sent)."""
 
     cid: int
     train: Dataset
@@ -42,6 +43,8 @@ class Client:
     personal: PersonalState = field(default_factory=PersonalState)
     #: DGC momentum correction's velocity of this device's updates (``None`` until its first round with it)
     velocity: Delta | None = None
+    #: its own earlier update norms, for DGC's relative local clip (``None`` until its first round with it)
+    norms: NormHistory | None = None
 
     @property
     def num_samples(self) -> int:

@@ -116,20 +116,30 @@ def score_round(
 
 
 @torch.no_grad()
+def class_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, num_classes: int) -> np.ndarray:
+    """Per-class accuracy of ``state`` on ``test`` (0 for a class it lacks): what :func:`label_mix_accuracy`
+    weights, computed once where many devices' label mixes score one model."""
+    model.load_state_dict(state)
+    model.eval()
+    pred = model(test.x).argmax(1)
+    return np.array(
+        [
+            float((pred[test.y == c] == c).float().mean()) if (test.y == c).any() else 0.0
+            for c in range(num_classes)
+        ]
+    )
+
+
+def label_mix(per_class: np.ndarray, train: Dataset, num_classes: int) -> float:
+    """``per_class`` accuracies weighted by the class shares of a device's training data ``train``."""
+    shares = train.class_counts(num_classes)[:num_classes] / max(1, len(train))
+    return float(shares @ per_class)
+
+
 def label_mix_accuracy(
     model: nn.Module, state: dict[str, Tensor], test: Dataset, train: Dataset, num_classes: int
 ) -> float:
     """Accuracy of ``state`` on a device's own label mix: per-class accuracy on the global test set weighted by
     the class shares of its training data ``train``. Scores a device on what it will see, with the whole test
     set rather than the dozen samples it holds out (which personalization already uses to choose α)."""
-    model.load_state_dict(state)
-    model.eval()
-    pred = model(test.x).argmax(1)
-    per_class = np.array(
-        [
-            float((pred[test.y == c] == c).float().mean()) if (test.y == c).any() else 0.0
-            for c in range(num_classes)
-        ]
-    )
-    shares = train.class_counts(num_classes)[:num_classes] / max(1, len(train))
-    return float(shares @ per_class)
+    return label_mix(class_accuracy(model, state, test, num_classes), train, num_classes)

@@ -14,8 +14,7 @@ from deltaplane.engine.attacks import add_trigger
 from deltaplane.engine.client import ClientStep
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.federation import Client
-from deltaplane.engine.metrics import accuracy
-from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
+from deltaplane.engine.metrics import accuracy, class_accuracy, label_mix
 
 __all__ = ["backdoor_success", "personal_metrics", "personal_row", "personal_summary", "round_epsilon"]
 
@@ -37,8 +36,14 @@ def personal_metrics(
     clients: list[Client],
     num_classes: int,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Global vs personal accuracy on each device's own label mix: the round's summary and per-device rows."""
-    rows = [personal_row(step, model, state, test, c, num_classes) for c in clients]
+    """Global vs personal accuracy on each device's own label mix: the round's summary and per-device rows.
+
+    The global model's per-class accuracy is computed once for all devices (and reused for a device that serves
+    the global model, α-mix at α = 0): each of the round's test-set passes was one per device twice over."""
+    per_class = class_accuracy(model, state, test, num_classes)
+    rows = [
+        personal_row(step, model, state, test, c, num_classes, global_per_class=per_class) for c in clients
+    ]
     return personal_summary(rows), rows
 
 
@@ -49,15 +54,24 @@ def personal_row(
     test: Dataset,
     client: Client,
     num_classes: int,
+    *,
+    global_per_class: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One device's row: the global and its personal model's accuracy on its label mix, and its α.
 
-    Computed where the device's personal state lives (in process, or on a Flower node)."""
+    Computed where the device's personal state lives (in process, or on a Flower node); ``global_per_class``
+    is :func:`~deltaplane.engine.metrics.class_accuracy` of ``state`` when the caller has it already."""
+    if global_per_class is None:
+        global_per_class = class_accuracy(model, state, test, num_classes)
+    mine = step.personal_state(client, state)
+    same = mine.keys() == state.keys() and all(mine[k] is state[k] for k in state)  # serves the global model
     return {
         "client": client.cid,
-        "global_accuracy": _label_mix(model, state, test, client.train, num_classes),
-        "personal_accuracy": _label_mix(
-            model, step.personal_state(client, state), test, client.train, num_classes
+        "global_accuracy": label_mix(global_per_class, client.train, num_classes),
+        "personal_accuracy": label_mix(
+            global_per_class if same else class_accuracy(model, mine, test, num_classes),
+            client.train,
+            num_classes,
         ),
         "alpha": client.personal.alpha,
     }

@@ -319,6 +319,12 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
                 f"task {spec!r}: importing module {module_name!r} failed ({_first_line(exc)}{_where(exc)}); "
                 "install what it imports or fix that import"
             ) from exc
+        if module_name.endswith(".py"):  # a file name typed for a module name: 'mytask.py:make_task'
+            stem = module_name.removesuffix(".py")
+            raise TaskError(
+                f"task {spec!r}: {module_name!r} is a file name, not a module name; name the module as Python "
+                f"imports it ('{stem}:{attr}' for {module_name}), from its folder or with that folder on PYTHONPATH"
+            ) from None
         raise TaskError(
             f"task {spec!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
             "check the path and that its folder is on PYTHONPATH"
@@ -329,7 +335,13 @@ def load_task(spec: str | Task, options: Mapping[str, Any] | None = None) -> Tas
         ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TaskError(f"task {spec!r}: module {module_name!r} has no callable {attr!r}")
+        own = sorted(
+            name
+            for name, value in vars(module).items()
+            if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+        )
+        listed = f"; its functions: {', '.join(own)}" if own else "; it defines no function"
+        raise TaskError(f"task {spec!r}: module {module_name!r} has no callable {attr!r}{listed}")
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:

@@ -23,7 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from deltaplane.codecs import Codec, Compressor, Layout, decompress
 from deltaplane.delta import Delta
-from deltaplane.engine.dgc import DGC
+from deltaplane.engine.dgc import DGC, NormHistory
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.engine.wire import WIRE_FORMATS, Sessions
 from deltaplane.errors import ConfigError, DecodeError, VersionMismatch
@@ -46,6 +46,7 @@ _COMPRESSOR_STATE = "deltaplane.compressor"
 _GLOBAL_STATE = "deltaplane.global"
 _GLOBAL_META = "deltaplane.global-meta"
 _VELOCITY = "deltaplane.dgc-velocity"
+_NORMS = "deltaplane.dgc-norms"
 
 
 def node_seed(seed: int, context: Context) -> int:
@@ -91,7 +92,8 @@ def delta_mod(
         entropy_coding: with ``wire="compact"``, code byte fields losslessly where that makes them smaller.
         dgc: Deep Gradient Compression's device-side techniques (:class:`~deltaplane.engine.dgc.DGC`: local
             clipping, momentum correction, momentum factor masking, sparsity warm-up); the node keeps its
-            velocity in its own state next to the error-feedback residual.
+            velocity (and, with the relative clip, its update-norm history) in its own state next to the
+            error-feedback residual.
 
     Returns:
         ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
@@ -132,12 +134,14 @@ def delta_mod(
         else:
             delta = Delta.between(global_state, arrays_to_state(reply.content.array_records[arrayrecord_key]))
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
-        velocity, rnd = None, 0
+        velocity, norms, rnd = None, None, 0
         if dgc is not None and dgc.active:
             rnd = int(msg.content.config_records["config"]["server-round"])
             saved = context.state.array_records.get(_VELOCITY)
             before = Delta(arrays_to_state(saved)) if saved is not None else None
-            delta, velocity = dgc.prepare(compressor, delta, before, spec=spec, rnd=rnd)
+            delta, velocity, norms = dgc.prepare(
+                compressor, delta, before, spec=spec, rnd=rnd, norms=_load_norms(context)
+            )
         if base_id not in sessions:
             sessions[base_id] = Sessions(spec, base_id, compact=wire == "compact", entropy=entropy_coding)
         # a warm-up round's codec is not the session's: its payload describes itself
@@ -154,6 +158,8 @@ def delta_mod(
                     payload, expect_base=(base_id, version), expect_layout=delta, session=session
                 )
             context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))  # type: ignore[union-attr]
+        if norms is not None:
+            context.state[_NORMS] = ConfigRecord({"count": norms.count, "reference": norms.reference})
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})
         # Only the payload goes back: the full weights never leave the device.
         out = RecordDict({k: v for k, v in reply.content.items() if k not in (arrayrecord_key, DELTA_KEY)})
@@ -191,6 +197,12 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
     context.state[_GLOBAL_STATE] = state_to_arrays(state)
     context.state[_GLOBAL_META] = ConfigRecord({"base-id": base_id, "version": version})
     return state
+
+
+def _load_norms(context: Context) -> NormHistory | None:
+    """The node's update-norm history for DGC's relative clip (``None`` before its first round with it)."""
+    saved = context.state.config_records.get(_NORMS)
+    return None if saved is None else NormHistory(int(saved["count"]), float(saved["reference"]))  # type: ignore[arg-type]
 
 
 def _load_compressor(context: Context, spec: str, error_feedback: bool, seed: int) -> Compressor:

@@ -449,12 +449,16 @@ def resolve_params(
         raise ConfigError(f"{where}: {len(per_model)} per-model parameter sets for {n_models} models")
     names = list(model_names or [f"model {i}" for i in range(n_models)])
     known = {p.name: p for p in method.params}
+
+    def unknown(here: str, key: str) -> ConfigError:
+        return ConfigError(
+            f"{here}: unknown parameter '{key}' for merge method '{method.name}'. "
+            f"Known: {', '.join(sorted(known)) or 'none'}"
+        )
+
     for key in shared:
         if key not in known:
-            raise ConfigError(
-                f"{where}: unknown parameter '{key}' for merge method '{method.name}'. "
-                f"Known: {', '.join(sorted(known)) or 'none'}"
-            )
+            raise unknown(where, key)
     out_shared: dict[str, Any] = {}
     for p in method.shared_params:
         if p.name in shared:
@@ -468,10 +472,7 @@ def resolve_params(
         here = f"{where}, {names[i]}"
         for key in mp:
             if key not in known:
-                raise ConfigError(
-                    f"{here}: unknown parameter '{key}' for merge method '{method.name}'. "
-                    f"Known: {', '.join(sorted(known)) or 'none'}"
-                )
+                raise unknown(here, key)
             if not known[key].per_model:
                 raise ConfigError(
                     f"{here}: parameter '{key}' is shared by all models; give it once, globally"

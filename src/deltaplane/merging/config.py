@@ -37,10 +37,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.checkpoint import parse_dtype
@@ -114,6 +122,16 @@ def _parameters(v: Any) -> Any:
     return v
 
 
+def _optional_model_ref(v: Any) -> Any:
+    return v if v is None else _model_ref(v)
+
+
+# a model reference and a parameters block are validated alike wherever they stand
+_ModelRef = Annotated[str, BeforeValidator(_model_ref)]
+_OptionalModelRef = Annotated[str | None, BeforeValidator(_optional_model_ref)]
+_Parameters = Annotated[dict[str, Any], BeforeValidator(_parameters)]
+
+
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     """The value of one parameter setting for tensor ``tensor_name`` at layer position ``t`` ∈ [0, 1].
 
@@ -148,18 +166,8 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _ref(cls, v: Any) -> Any:
-        return _model_ref(v)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _params(cls, v: Any) -> Any:
-        return _parameters(v)
+    model: _ModelRef
+    parameters: _Parameters = Field(default_factory=dict)
 
 
 class SliceSource(BaseModel):
@@ -167,19 +175,9 @@ class SliceSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: _ModelRef
     layer_range: tuple[int, int]
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _ref(cls, v: Any) -> Any:
-        return _model_ref(v)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _params(cls, v: Any) -> Any:
-        return _parameters(v)
+    parameters: _Parameters = Field(default_factory=dict)
 
     @field_validator("layer_range")
     @classmethod
@@ -195,20 +193,10 @@ class SliceDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[SliceSource] = Field(min_length=1)
-    base_model: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: _OptionalModelRef = None
+    parameters: _Parameters = Field(default_factory=dict)
     residual_weight: float | None = None
     """In mergekit's schema but unused by mergekit's merge; accepted and reported as ignored."""
-
-    @field_validator("base_model", mode="before")
-    @classmethod
-    def _base(cls, v: Any) -> Any:
-        return v if v is None else _model_ref(v)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _params(cls, v: Any) -> Any:
-        return _parameters(v)
 
     @model_validator(mode="after")
     def _same_length(self) -> SliceDefinition:
@@ -245,10 +233,10 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
-    base_model: str | None = None
+    base_model: _OptionalModelRef = None
     models: list[ModelEntry] | None = None
     slices: list[SliceDefinition] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: _Parameters = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | dict[str, Any] | None = None
@@ -259,16 +247,6 @@ class MergeConfig(BaseModel):
     source: str = Field(default="config", exclude=True)
     text: str | None = Field(default=None, exclude=True)
     """The YAML text as given (written next to the output as ``mergekit_config.yml``)."""
-
-    @field_validator("base_model", mode="before")
-    @classmethod
-    def _base(cls, v: Any) -> Any:
-        return v if v is None else _model_ref(v)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _params(cls, v: Any) -> Any:
-        return _parameters(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -47,18 +47,23 @@ TOKENIZER_FILES = (
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+def _json_or_none(path: Path, *, limit: int, what: str) -> Any:
+    """The JSON value in ``path``, or ``None`` when it is not JSON: a malformed file only lacks what was
+    looked for in it, while one too large or not UTF-8 is still refused (:func:`read_bounded_text`'s
+    :class:`ConfigError`)."""
+    text = read_bounded_text(path, limit=limit, what=what)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _vocabulary(folder: Path) -> str | None:
     """A fingerprint of the folder's tokenizer vocabulary (with added tokens), or ``None`` if it has none."""
     tj = folder / "tokenizer.json"
     h = hashlib.sha256()
     if tj.is_file():
-        text = read_bounded_text(
-            tj, limit=TOKENIZER_LIMIT, what="tokenizer file"
-        )  # (its ConfigError propagates)
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
+        data = _json_or_none(tj, limit=TOKENIZER_LIMIT, what="tokenizer file")
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and "vocab" in data["model"]:
             h.update(json.dumps(data["model"]["vocab"], sort_keys=True).encode())
             added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
@@ -148,13 +153,8 @@ def plan_tokenizer(cfg: MergeConfig, donor: Path, inputs: list[Path]) -> Tokeniz
 def _chat_template(folder: Path) -> str | None:
     f = folder / "tokenizer_config.json"
     if f.is_file():
-        text = read_bounded_text(
-            f, limit=TOKENIZER_LIMIT, what="tokenizer config"
-        )  # (its ConfigError propagates)
-        try:
-            t = json.loads(text).get("chat_template")
-        except (ValueError, AttributeError):
-            return None
+        data = _json_or_none(f, limit=TOKENIZER_LIMIT, what="tokenizer config")
+        t = data.get("chat_template") if isinstance(data, dict) else None
         return t if isinstance(t, str) else None
     return None
 
@@ -182,13 +182,7 @@ def write_extras(
         if not f.is_file():
             continue
         if name == "config.json" and (out_dtype is not None or n_layers is not None):
-            text = read_bounded_text(
-                f, limit=MANIFEST_LIMIT, what="model config"
-            )  # (its ConfigError propagates)
-            try:
-                data = json.loads(text)
-            except ValueError:
-                data = None
+            data = _json_or_none(f, limit=MANIFEST_LIMIT, what="model config")
             if isinstance(data, dict):
                 if out_dtype is not None:
                     # the advertised dtype is the output's, written even when the donor had none (as mergekit

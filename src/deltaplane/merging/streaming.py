@@ -58,6 +58,7 @@ from deltaplane.merging.output import (
     write_extras,
 )
 from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
+from deltaplane.threads import torch_threads
 
 __all__ = ["COPIED_FILES", "MergeResult", "PreparedMerge", "ProgressFn", "merge_files", "prepare_merge"]
 
@@ -212,20 +213,6 @@ def _signals_held() -> Iterator[None]:
             signal.signal(s, h)
         for s in dict.fromkeys(pending):
             signal.raise_signal(s)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore the previous count."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def merge_files(
@@ -433,7 +420,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
     shards, shard_names = job.shards, job.shard_names
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = nbytes = done = 0
-    with _exit_on_terminate(), _torch_threads(job.threads):
+    with _exit_on_terminate(), torch_threads(job.threads):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             os.chmod(

@@ -174,11 +174,21 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
     if not followup:
         return ""
     p, m, d = followup["personalization"], followup["merge"], followup["deploy"]
+    if p.get("in_round", False):
+        how = (
+            f"Each of the {_num(p['devices'])} devices personalized in every round of the federation "
+            f"({escape(p['method'])}), as the run's devices did; these are its personal models after the last round"
+        )
+    else:
+        how = (
+            f"The run did not personalize; after it, each of the {_num(p['devices'])} devices fine-tuned the final "
+            f"global model once for {_num(p['epochs'])} local epoch(s) (post-hoc {escape(p['method'])})"
+        )
+    mix = " (α-mix: global + α·personal delta, α chosen on its own held-out split, α = 0 allowed)"
     pers = (
         "<h2>Personalization</h2>"
-        f"<p>Each of the {_num(p['devices'])} devices fine-tuned the final global model for {_num(p['epochs'])} local "
-        f"epoch(s) ({escape(p['method'])}: it serves global + α·personal delta, α chosen on its own held-out "
-        f"split, α = 0 allowed); {_num(p['devices_personalized'])} chose α &gt; 0. Accuracy is on each device's own "
+        f"<p>{how}{mix if p['method'] == 'alpha_mix' else ''}; {_num(p['devices_personalized'])} serve a personal "
+        "model rather than the global one. Accuracy is on each device's own "
         "label mix (per-class test accuracy weighted by its class shares).</p>"
         "<table><thead><tr><th>model</th><th>device acc. mean</th><th>device acc. min</th></tr></thead><tbody>"
         f'<tr><td>global</td><td class="num">{_pct(p["global_accuracy_mean"])}</td>'
@@ -195,7 +205,9 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
         for name, r in m["results"].items()
     )
     mer = (
-        f"<h2>Merge</h2><p>The {_num(m['models'])} personalized models merged into one around the {escape(m['base'])} "
+        f"<h2>Merge</h2><p>Skipped: {escape(m['skipped'])}.</p>"
+        if m.get("skipped")
+        else f"<h2>Merge</h2><p>The {_num(m['models'])} personalized models merged into one around the {escape(m['base'])} "
         "(TIES: top-20% task-vector entries, sign consensus, disjoint mean; task arithmetic: mean task vector), "
         "scored on the global test set and on the devices' label mixes.</p>"
         "<table><thead><tr><th>model</th><th>test acc.</th><th>device acc. mean</th></tr></thead>"

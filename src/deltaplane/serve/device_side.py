@@ -36,6 +36,7 @@ DEVICE_SIDE = (
     "local_dp_noise",
     "momentum_correction",
     "local_clip",
+    "local_clip_relative",
     "momentum_masking",
     "sparsity_warmup",
     "personal_epochs",
@@ -62,6 +63,10 @@ def device_side_options(run: RunConfig) -> dict[str, Any]:
         chosen["clip"] = (
             run.clip_value
         )  # the device clips before its noise, or before SecAgg masks its update
+    if run.secagg and run.dp_noise > 0:
+        # distributed DP: each device adds its share z·clip/√m_min before masking; the service only unmasks the
+        # sum and accounts its ε, so a device configured without it leaves the published sum with less noise
+        chosen["dp_noise"] = run.dp_noise
     return chosen
 
 

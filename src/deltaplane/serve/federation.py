@@ -51,6 +51,7 @@ from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.server import BackgroundServer
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "REQUEST_TIMEOUT_S",
@@ -120,18 +121,16 @@ def run_http_simulation(
     exception (which the command line would end on with no message)."""
     check_supported(config)
     timeout_s = REQUEST_TIMEOUT_S if request_timeout_s is None else request_timeout_s
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     scratch = None
     if home is None:
         scratch = tempfile.TemporaryDirectory(prefix="deltaplane-http-")
         home = scratch.name
     try:
-        return _run(config, progress, Path(home), timeout_s)
+        with torch_threads(config.threads):
+            return _run(config, progress, Path(home), timeout_s)
     except httpx.TransportError as exc:
         raise _transport_failure(exc, timeout_s) from exc
     finally:
-        torch.set_num_threads(prev_threads)
         if scratch is not None:
             scratch.cleanup()
 

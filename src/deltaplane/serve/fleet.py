@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -84,18 +85,91 @@ def device_id(partition: int) -> str:
 
 
 def unreachable(exc: httpx.TransportError, url: str) -> ServiceUnreachable:
-    """One line for a connection that failed: a TLS verification failure names the CA to check."""
+    """One line for a connection that failed: a TLS verification failure names the CA to check, and an
+    ``http://`` URL whose port speaks TLS is told to use ``https://`` (both ``final``: waiting cannot help)."""
     cause = exc.__context__ or exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return ServiceUnreachable(
             f"the service at {url} did not prove its identity (TLS: {cause or exc}); nothing was sent. Pass "
             "--ca the CA that signed its certificate (`deltaplane keys tls` wrote it as HOME/tls/ca.pem) and a "
-            "URL whose host the certificate names (--host of `deltaplane keys tls`)"
+            "URL whose host the certificate names (--host of `deltaplane keys tls`)",
+            final=True,
+        )
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and _speaks_tls(url):
+        https = str(httpx.URL(url).copy_with(scheme="https")).rstrip("/")
+        return ServiceUnreachable(
+            f"the service at {url} speaks HTTPS (its port answered a TLS handshake and closed the plain-HTTP "
+            f"request unanswered); use --url {https} with --ca the CA that signed its certificate "
+            "(`deltaplane keys tls` wrote it as HOME/tls/ca.pem)",
+            final=True,
+        )
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and _demands_client_certificate(url):
+        return ServiceUnreachable(
+            f"the service at {url} requires a client certificate (it runs with --tls-client-ca: mutual TLS) "
+            "and closed the request unanswered; pass --tls-cert and --tls-key, a certificate its CA issued "
+            "(`deltaplane keys tls --device NAME` writes HOME/tls/device-NAME.pem and .key), or check that "
+            "the one you pass is",
+            final=True,
         )
     return ServiceUnreachable(
         f"cannot reach the service at {url} ({type(exc).__name__}: {exc}); check the URL and that "
         "`deltaplane serve` is running"
     )
+
+
+def _probe_context() -> ssl.SSLContext:
+    """A TLS client context that checks no certificate, for the probes below: they send nothing but a
+    handshake (and, for mutual TLS, an empty request line), so they learn the port's protocol, not whom to
+    trust."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _demands_client_certificate(url: str, timeout: float = 5.0) -> bool:
+    """Whether ``url`` is ``https://`` and its service closes, unanswered, a connection that presents no client
+    certificate (``deltaplane serve --tls-client-ca``).
+
+    Under TLS 1.3 the server checks the client's certificate after the handshake has completed on the client's
+    side, and uvicorn then closes the connection without a word: a request without a certificate, or with one
+    another CA issued, reads exactly like a service that died mid-request. The probe shakes hands and asks
+    ``/healthz`` (no token, nothing secret): a service that is up answers it; one that requires a client
+    certificate closes the connection with no byte."""
+    parsed = httpx.URL(url)
+    if parsed.scheme != "https" or not parsed.host:
+        return False
+    try:
+        with (
+            socket.create_connection((parsed.host, parsed.port or 443), timeout=timeout) as sock,
+            _probe_context().wrap_socket(sock) as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.0\r\nHost: " + parsed.raw_host + b"\r\n\r\n")
+            return tls.recv(1) == b""
+    except ssl.SSLError as exc:  # a TLS 1.3 server that does send its alert
+        return "CERTIFICATE_REQUIRED" in str(exc).upper().replace(" ", "_")
+    except OSError:
+        return False
+
+
+def _speaks_tls(url: str, timeout: float = 5.0) -> bool:
+    """Whether ``url`` is ``http://`` and its host:port completes a TLS handshake.
+
+    A plain-HTTP request to ``deltaplane serve --tls-cert`` is closed without an answer, which reads exactly like
+    a service that died mid-request, so without this a device or coordinator given ``http://`` by mistake would
+    wait out ``--patience`` (5 minutes) for an outage that is not one. Only a handshake is made, with no
+    certificate check since nothing is sent over it."""
+    parsed = httpx.URL(url)
+    if parsed.scheme != "http" or not parsed.host:
+        return False
+    try:
+        with (
+            socket.create_connection((parsed.host, parsed.port or 80), timeout=timeout) as sock,
+            _probe_context().wrap_socket(sock),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 # -- the device ------------------------------------------------------------------------------------------------
@@ -145,7 +219,8 @@ def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
 
 @contextlib.contextmanager
 def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
-    """Put the device's uplink state (its compressor's error-feedback residual and generator, DGC's velocity)
+    """Put the device's uplink state (its compressor's error-feedback residual and generator, DGC's velocity and
+    update-norm history)
     back as it was before the round unless the block marks the update sent (``sent[0] = True``).
 
     The client step moves that state as if its update were delivered; a device that drops out before its
@@ -153,7 +228,7 @@ def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
     it never sent into the next round. An update whose sending was attempted counts as sent (it may have
     arrived): resending it through the residual would count it twice."""
     client = dev.client
-    saved = copy.deepcopy((client.compressor.state_dict(), client.velocity))
+    saved = copy.deepcopy((client.compressor.state_dict(), client.velocity, client.norms))
     sent = [False]
     try:
         yield sent
@@ -161,6 +236,7 @@ def _uplink_kept_unless_sent(dev: Device) -> Iterator[list[bool]]:
         if not sent[0]:
             client.compressor.load_state_dict(saved[0])
             client.velocity = saved[1]
+            client.norms = saved[2]
 
 
 def plain_round(dev: Device, info: dict[str, Any]) -> bool:
@@ -432,22 +508,28 @@ def run_device(
         try:
             if rounds is not None and len(seen) >= rounds:
                 report_pending(dev)
+                lost_since = _answers_again(dev, lost_since)
                 finished_at = finished_at or time.monotonic()
                 if dev.pending is None or time.monotonic() - finished_at > stage_wait:
                     break
             else:
                 todo = _next_round(dev, seen)
+                lost_since = _answers_again(dev, lost_since)
                 if todo is not None:
                     take_part(dev, todo, stage_wait=stage_wait)
                     delay = poll
                     continue
                 report_pending(dev)
-            lost_since = None
         except httpx.TransportError as exc:
             err = unreachable(exc, dev.conn.base_url)
-            if "did not prove its identity" in str(err):
+            if err.final:
                 raise err from None  # never retried, never downgraded to plain HTTP
-            lost_since = lost_since or time.monotonic()
+            if lost_since is None:  # said once per outage, as the coordinator does: not 5 silent minutes
+                lost_since = time.monotonic()
+                dev.log(
+                    f"the service is not answering ({type(exc).__name__}); waiting up to {patience:g} s for it "
+                    "to come back"
+                )
             if time.monotonic() - lost_since > patience:
                 raise err from None
         except ServiceError as exc:
@@ -456,6 +538,12 @@ def run_device(
         stop.wait(delay)
         delay = min(2 * delay, max_poll)
     return dev.rounds
+
+
+def _answers_again(dev: Device, lost_since: float | None) -> None:
+    """After a request that went through: say how long the service was away, if it was (``None``: not lost)."""
+    if lost_since is not None:
+        dev.log(f"the service answers again after {time.monotonic() - lost_since:.1f} s")
 
 
 # -- the coordinator -------------------------------------------------------------------------------------------
@@ -516,7 +604,7 @@ class Patient:
                 out = fn()
             except httpx.TransportError as exc:
                 err = unreachable(exc, self.admin.base_url)
-                if "did not prove its identity" in str(err):
+                if err.final:
                     raise err from None  # never retried
                 now = time.monotonic()
                 if since is None:
@@ -544,8 +632,9 @@ class Patient:
         try:
             return True, fn()
         except httpx.TransportError as exc:
-            if "did not prove its identity" in str(unreachable(exc, self.admin.base_url)):
-                raise unreachable(exc, self.admin.base_url) from None
+            err = unreachable(exc, self.admin.base_url)
+            if err.final:
+                raise err from None
             self.call(self.admin.stats, f"learn whether its answer to '{doing}' was lost")
             return False, None
 
@@ -578,19 +667,29 @@ def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachab
     return ServiceUnreachable(f"{exc}. {left}")
 
 
-def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
-    number = _open_plain(p, model)
+def _follow(p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[], Any], left: str) -> tuple:
+    """Follow opened round ``number`` to its end with ``run``: a service error aborts the round (best effort)
+    and is reported as the round's failure; an unreachable service, while following or aborting, is the final
+    give-up, saying what is ``left`` on the service and what to do about it."""
     try:
         try:
-            return _plain_round(p, model, names, deadline, poll, number)
+            return run()
         except ServiceError as exc:
-            raise _given_up(p, lambda: p.admin.abort_round(model, number), number, exc) from None
-    except ServiceUnreachable as exc:  # while following the round, or aborting it
-        raise _unreachable_leaving(
-            exc,
-            f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
-            f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
-        ) from None
+            raise _given_up(p, abort, number, exc) from None
+    except ServiceUnreachable as exc:
+        raise _unreachable_leaving(exc, left) from None
+
+
+def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
+    number = _open_plain(p, model)
+    return _follow(
+        p,
+        number,
+        lambda: _plain_round(p, model, names, deadline, poll, number),
+        lambda: p.admin.abort_round(model, number),
+        f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
+        f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
+    )
 
 
 def _open_plain(p: Patient, model: str) -> int:
@@ -635,18 +734,15 @@ def _secagg(
     neighbours: int | None,
 ) -> tuple:
     number = _open_secagg(p, model, names, weight_scale, neighbours)
-    try:
-        try:
-            return _secagg_round(p, model, names, deadline, poll, number)
-        except ServiceError as exc:
-            raise _given_up(p, lambda: p.admin.abort_secagg(model, number), number, exc) from None
-    except ServiceUnreachable as exc:  # while following the round, or aborting it
-        raise _unreachable_leaving(
-            exc,
-            f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
-            f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
-            f"{number}/abort)",
-        ) from None
+    return _follow(
+        p,
+        number,
+        lambda: _secagg_round(p, model, names, deadline, poll, number),
+        lambda: p.admin.abort_secagg(model, number),
+        f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
+        f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
+        f"{number}/abort)",
+    )
 
 
 def _open_secagg(

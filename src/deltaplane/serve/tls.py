@@ -326,8 +326,20 @@ def client_context(
     certificate for mutual TLS."""
     if not Path(ca_file).is_file():
         raise ConfigError(f"CA file {ca_file} does not exist")
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    except (ssl.SSLError, OSError) as exc:  # a key, the server's own chain file in DER, any other file
+        raise ConfigError(
+            f"CA file {ca_file} is not a PEM CA certificate ({exc}); give the ca.pem `deltaplane keys tls` wrote "
+            "(HOME/tls/ca.pem), not a key"
+        ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
-        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+        try:
+            ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"device certificate {cert} and key {key} are not a PEM certificate and its private key ({exc}); "
+                "give the device's files `deltaplane keys tls --device NAME` wrote"
+            ) from None
     return ctx

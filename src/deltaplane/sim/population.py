@@ -50,12 +50,14 @@ from deltaplane.engine import (
     round_scores,
     sample_clients,
 )
+from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, round_epsilon
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "ClientPopulation",
@@ -314,15 +316,11 @@ def run_population(
                 f"the population engine cannot run {name}={getattr(config, name)!r}: {why}"
             )
     _check_ring(config)
-    prev_threads = torch.get_num_threads()
     # `threads` workers of the batched trainer (this thread and forked processes), one torch thread each; the
     # rest runs on this thread
     # (as in deltaplane.sim.simulation: no intra-op pool whose stragglers stall every small kernel)
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run(config, progress)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> PopulationResult:
@@ -354,6 +352,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         velocities = (
             ResidualStore(clients=registered, like=initial) if config.momentum_correction > 0 else None
         )
+        # DGC's relative local clip: each device's history of its own update norms (two numbers a device)
+        norm_histories: dict[int, NormHistory] = {}
         # a stateful codec's per-device state (PowerSGD's warm-start Q, a few values per matrix), for the
         # devices that have trained: no compressor object outlives a round, without it every round starts cold
         codec_states: dict[int, dict[str, dict[str, Any]]] = {}
@@ -384,6 +384,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 client.compressor = comp
                 if velocities is not None:
                     client.velocity = velocities.get(client.cid)
+                client.norms = norm_histories.get(client.cid)
             server.open(rnd)
             ordered: list[Upload] = []
             if clients:  # Poisson sampling (central DP) may choose nobody
@@ -408,6 +409,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     store.put(client.cid, client.compressor.state.residual)
                 if velocities is not None and client.velocity is not None:
                     velocities.put(client.cid, client.velocity)
+                if client.norms is not None:
+                    norm_histories[client.cid] = client.norms
                 if client.compressor.state.codec:
                     codec_states[client.cid] = client.compressor.state.codec
             deliver(config, server, ordered, rnd)

@@ -53,6 +53,7 @@ from deltaplane.sim.batched import (
 )
 from deltaplane.sim.worker_encoding import WorkerEncoding
 from deltaplane.sim.worker_scoring import WorkerScoring
+from deltaplane.threads import torch_threads
 
 __all__ = [
     "BASE_ID",
@@ -213,14 +214,10 @@ def run_simulation(config: RunConfig, *, progress: Callable[[RoundMetrics], None
         from deltaplane.sim.population import run_population_rounds
 
         return run_population_rounds(config, progress=progress)
-    prev_threads = torch.get_num_threads()
     # Fixed thread count: CPU kernels may reduce in a different order with a different number of threads.
     # The batched engine spends its threads on workers of one torch thread each (see _run).
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, progress)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _upload_stacked(
