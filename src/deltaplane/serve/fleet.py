@@ -508,13 +508,15 @@ def run_device(
         try:
             if rounds is not None and len(seen) >= rounds:
                 report_pending(dev)
-                lost_since = _answers_again(dev, lost_since)
+                _say_if_back(dev, lost_since)
+                lost_since = None
                 finished_at = finished_at or time.monotonic()
                 if dev.pending is None or time.monotonic() - finished_at > stage_wait:
                     break
             else:
                 todo = _next_round(dev, seen)
-                lost_since = _answers_again(dev, lost_since)
+                _say_if_back(dev, lost_since)
+                lost_since = None
                 if todo is not None:
                     take_part(dev, todo, stage_wait=stage_wait)
                     delay = poll
@@ -540,8 +542,9 @@ def run_device(
     return dev.rounds
 
 
-def _answers_again(dev: Device, lost_since: float | None) -> None:
-    """After a request that went through: say how long the service was away, if it was (``None``: not lost)."""
+def _say_if_back(dev: Device, lost_since: float | None) -> None:
+    """After a request that went through: if the service had stopped answering (at ``lost_since``; ``None``: it
+    had not), say how long it was away."""
     if lost_since is not None:
         dev.log(f"the service answers again after {time.monotonic() - lost_since:.1f} s")
 
