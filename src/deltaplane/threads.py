@@ -14,7 +14,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     count, so that an in-process caller (tests, notebooks, a service) keeps its own setting.
 
     The one place that sets and restores the count for a whole command: the CLI's ``--threads``
-    (:func:`deltaplane.commands.cpu_threads`), a streaming merge's and a deploy's thread budget.
+    (:func:`deltaplane.commands.cpu_threads`), a simulated run and ``deltaplane run``'s follow-up, a streaming
+    merge's and a deploy's thread budget.
     """
     if n is None:
         yield

@@ -117,14 +117,19 @@ def unreachable(exc: httpx.TransportError, url: str) -> ServiceUnreachable:
     )
 
 
-def _probe_context() -> ssl.SSLContext:
-    """A TLS client context that checks no certificate, for the probes below: they send nothing but a
-    handshake (and, for mutual TLS, an empty request line), so they learn the port's protocol, not whom to
-    trust."""
+@contextlib.contextmanager
+def _tls_probe(parsed: httpx.URL, default_port: int, timeout: float) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to ``parsed``'s host and port that checks no certificate, for the probes below: they
+    send nothing but a handshake (and, for mutual TLS, a ``/healthz`` request line), so they learn the port's
+    protocol, not whom to trust. Raises ``OSError`` or ``ssl.SSLError`` as the connection or handshake fails."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    with (
+        socket.create_connection((parsed.host, parsed.port or default_port), timeout=timeout) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
+        yield tls
 
 
 def _demands_client_certificate(url: str, timeout: float = 5.0) -> bool:
@@ -140,10 +145,7 @@ def _demands_client_certificate(url: str, timeout: float = 5.0) -> bool:
     if parsed.scheme != "https" or not parsed.host:
         return False
     try:
-        with (
-            socket.create_connection((parsed.host, parsed.port or 443), timeout=timeout) as sock,
-            _probe_context().wrap_socket(sock) as tls,
-        ):
+        with _tls_probe(parsed, 443, timeout) as tls:
             tls.sendall(b"GET /healthz HTTP/1.0\r\nHost: " + parsed.raw_host + b"\r\n\r\n")
             return tls.recv(1) == b""
     except ssl.SSLError as exc:  # a TLS 1.3 server that does send its alert
@@ -163,10 +165,7 @@ def _speaks_tls(url: str, timeout: float = 5.0) -> bool:
     if parsed.scheme != "http" or not parsed.host:
         return False
     try:
-        with (
-            socket.create_connection((parsed.host, parsed.port or 80), timeout=timeout) as sock,
-            _probe_context().wrap_socket(sock),
-        ):
+        with _tls_probe(parsed, 80, timeout):
             return True
     except (OSError, ssl.SSLError):
         return False

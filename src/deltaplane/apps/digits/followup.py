@@ -41,6 +41,7 @@ from deltaplane.engine.seeding import Stream, derive_seed, torch_generator
 from deltaplane.errors import ConfigError, QualityGateFailed
 from deltaplane.merging import merge
 from deltaplane.personalization import AlphaMix, PersonalState
+from deltaplane.threads import torch_threads
 
 __all__ = ["ADVERSARIAL_EPS", "DEPLOY_PRUNE", "DEPLOY_QUANT", "MERGE_METHODS", "OOD_NOTE", "run_followup"]
 
@@ -102,9 +103,7 @@ def run_followup(
     cfg = result.config
     if not result.final_state:
         raise ConfigError("run_followup needs the run's final_state (a RunResult from run_simulation)")
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         task = make_task(cfg)  # the very devices and test set the federation used
         clients, test, k = build_clients(cfg, task), task.test, int(task.num_classes)  # type: ignore[arg-type]
         train = task.train if task.train is not None else test  # digits: the pooled training split
@@ -238,8 +237,6 @@ def run_followup(
             "gates_passed": len(m["gates"]["results"]),  # 0 with gates=None (recorded as off)
             "seconds": time.perf_counter() - t0,
         }
-    finally:
-        torch.set_num_threads(prev_threads)
     return {"personalization": personalization, "merge": merge_section, "deploy": deploy}
 
 
@@ -254,13 +251,11 @@ def _from_run(result: RunResult, global_state: dict[str, torch.Tensor]) -> tuple
             f"run_followup: the run personalized ({result.config.personalization}) but has no per-device rows "
             "(RunResult.clients): pass the RunResult of a run that reached its last round"
         )
-    states = [
-        result.personal_states[r["client"]] for r in result.clients if r["client"] in result.personal_states
-    ]
-    rows = []
+    rows, states = [], []
     for r in result.clients:
         mine = result.personal_states.get(r["client"])
         if mine is not None:
+            states.append(mine)
             served_own = any(not torch.equal(mine[name], global_state[name]) for name in global_state)
         else:
             served_own = r["alpha"] > 0 if result.config.personalization == "alpha_mix" else True
