@@ -9,13 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC, app
+from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC, DEFAULT_RUN_PERSONALIZATION, app
 from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, run_simulation
 
 
 def test_cli_flower_engine_matches_in_process_engine(tmp_path: Path) -> None:
-    """Same seed and config: accuracy within 0.5 point and uplink bytes within 1% (measured: identical)."""
+    """`deltaplane run --engine flower` as a user types it, end to end: the default personalization (α-mix in
+    every round) on Ray's nodes, then the follow-up. Same seed and config as the in-process engine: accuracy
+    within 0.5 point and uplink bytes within 1% (measured: identical); every device's row is its node's report,
+    equal to the in-process device's; the personal models stayed on the nodes, so the merge is skipped and
+    says why, and the run exits cleanly (the deploy's gates refuse a 3-round model, which is not an error)."""
     out = tmp_path / "run"
     args = [
         "run",
@@ -31,15 +35,41 @@ def test_cli_flower_engine_matches_in_process_engine(tmp_path: Path) -> None:
     ]
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
-    (flower,) = json.loads((out / "report.json").read_text())["runs"]
+    doc = json.loads((out / "report.json").read_text())
+    (flower,) = doc["runs"]
 
-    expected = run_simulation(RunConfig(clients=3, rounds=3, codec=DEFAULT_RUN_CODEC, **DEFAULT_RUN_DGC))
+    expected = run_simulation(
+        RunConfig(
+            clients=3,
+            rounds=3,
+            codec=DEFAULT_RUN_CODEC,
+            personalization=DEFAULT_RUN_PERSONALIZATION,
+            **DEFAULT_RUN_DGC,
+        )
+    )
+    assert flower["config"]["personalization"] == DEFAULT_RUN_PERSONALIZATION == "alpha_mix"
     assert len(flower["rounds"]) == 3
     for got, want in zip(flower["rounds"], expected.rounds, strict=True):
         assert abs(got["test_accuracy"] - want.test_accuracy) <= 0.005
         assert abs(got["uplink_bytes"] - want.uplink_bytes) <= 0.01 * want.uplink_bytes
     # a compact stc(0.002) frame of the 18,346-parameter CNN: about 140 bytes per client, not 73 kB
     assert 3 * 50 < flower["rounds"][0]["uplink_bytes"] < 3 * 1_000
+
+    # the personalization: the nodes' own rows (their models never left them), the in-process devices' rows
+    assert flower["clients"] == expected.clients and len(expected.clients) == 3
+    assert flower["final"]["personal_accuracy_mean"] == pytest.approx(expected.final.personal_accuracy_mean)
+    p = doc["followup"]["personalization"]
+    assert p["method"] == "alpha_mix" and p["in_round"] is True and p["devices"] == 3
+    keys = ("client", "global_accuracy", "personal_accuracy", "alpha")
+    assert [{k: r[k] for k in keys} for r in p["clients"]] == expected.clients
+    assert p["devices_personalized"] == sum(c["alpha"] > 0 for c in expected.clients) > 0
+    # the merge: nothing to merge on the server, said in the report, its table and the HTML
+    m = doc["followup"]["merge"]
+    assert m["models"] == 0 and set(m["results"]) == {"global"}
+    assert m["skipped"] == "the run's personal models stayed on the devices (Flower nodes); nothing to merge"
+    assert "merge skipped: the run's personal models stayed on the devices" in " ".join(result.output.split())
+    assert "<h2>Merge</h2><p>Skipped" in (out / "report.html").read_text()
+    assert not (out / "personal").exists()  # no personal model reached the server to be saved
 
 
 def test_config_must_fit_the_data() -> None:
