@@ -10,7 +10,8 @@ population (virtual devices of its own, so no sequential twin: its accuracy, and
 refusals a round equal the reference's). A driver that refuses a feature shows its typed error and the reason
 in the cell. Personalization runs on every driver but population: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
 Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
-The rows after the first ten (sampled and empty rounds, SecAgg, SecAgg+, distributed DP, refused devices) are
+The rows after the first ten (sampled and empty rounds, SecAgg, SecAgg+, distributed DP, refused devices,
+a malformed frame) are
 the configurations tests/flower/test_parity_matrix.py, test_secagg_plus_drivers.py and test_driver_parity.py
 check, some at their small sizes (the row says so).
 """
@@ -82,6 +83,14 @@ FEATURES = {
     "refused: norm > 20 (20% attackers, ×100)": {
         "attack": "sign_flip(0.2, scale=100)",
         "max_update_norm": 20.0,
+    },
+    # a protocol-level attacker: 20% of the devices send a CRC-valid compact frame (the run's wire session)
+    # whose tensor table declares a shape reversed ([8, 1, 3, 3] as [3, 3, 1, 8]: the same element count);
+    # the server's strict decode refuses it (ShapeMismatch). On Flower the node's ClientApp forges it in a mod
+    # outside delta_mod (tests/flower/test_driver_parity.py also runs a hostile ClientApp of its own)
+    "refused: malformed frame (20% attackers, CRC-valid, shape lie)": {
+        "attack": "malformed_frame(0.2)",
+        "codec": "topk(0.01) | quant(bits=8)",
     },
 }
 
@@ -285,7 +294,11 @@ def main() -> None:
         "(`auto`) the HTTP service draws its noise from the OS CSPRNG, as a real service must, so no other "
         "driver can reproduce it. The refused-device rows: an attacker's update scaled by 1e39 overflows to "
         "Inf, which the device refuses to encode (NaN or Inf) and the server counts as refused; one scaled by "
-        "100 is refused by the server's norm bound (`max_update_norm: 20`; honest updates stay under 5).\n\n"
+        "100 is refused by the server's norm bound (`max_update_norm: 20`; honest updates stay under 5). The "
+        "malformed-frame row: an attacker (`malformed_frame`) compresses its update as an honest device does, then "
+        "sends a well-formed compact frame with a valid CRC-32C whose tensor table declares a tensor's shape "
+        "reversed (the same element count); every server refuses it for its shape (`ShapeMismatch`; HTTP 422) "
+        "and closes the round on the other updates.\n\n"
         + table(
             ["feature", "sequential (reference)", "batched", "HTTP service", "Flower", "population"], rows
         )

@@ -268,3 +268,75 @@ def test_the_example_flower_app_refuses_an_attack_on_its_supernodes(monkeypatch)
     ask = Message(RecordDict(), dst_node_id=7, message_type="query.device")
     with pytest.raises(UnsupportedOption, match="runs only on simulated devices"):
         client_app.app(ask, context)
+
+
+def _hostile_app(cfg: RunConfig) -> ClientApp:
+    """A node that runs none of deltaplane's client code: it answers every train instruction with a CRC-valid
+    frame of the instruction's base whose table declares conv1.weight as [3, 3, 1, 8] (the model's is
+    [8, 1, 3, 3]), claiming 100 examples."""
+    from flwr.app import ConfigRecord
+
+    from deltaplane.codecs.fuzzing import parse, serialize
+    from deltaplane.delta import Delta
+    from deltaplane.engine import make_task
+    from deltaplane.flower.digits import DEVICE_KEY
+    from deltaplane.flower.records import CONTROL_KEY
+
+    app = ClientApp()
+
+    @app.query("device")
+    def device(msg: Message, context: Context) -> Message:  # which device it claims: the server samples by it
+        record = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({DEVICE_KEY: record}), reply_to=msg)
+
+    zeros = Delta.zeros_like(make_task(cfg).build_model(0).state_dict())
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        ctrl = msg.content.config_records[CONTROL_KEY]
+        frame = Compressor("identity").compress(
+            zeros, base_id=str(ctrl["base-id"]), base_version=int(ctrl["base-version"])
+        )
+        doc = parse(frame).doc
+        doc["t"][0][2]["s"] = [3, 3, 1, 8]
+        content = RecordDict(
+            {
+                UPLINK_KEY: ConfigRecord({"payload": serialize(doc)}),
+                "metrics": MetricRecord({"num-examples": 100}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def test_a_hostile_node_sending_a_crc_valid_malformed_frame_is_refused_alone(loopback_grid) -> None:
+    """A custom ClientApp that runs none of deltaplane's client code sends a well-formed, CRC-valid frame whose
+    table lies about a shape: the server refuses that node's update (counted in ``rejected``), never crashes,
+    and closes every round on the others, to the very weights of the sequential driver whose device sends the
+    `malformed_frame` attack's bytes (and of the same driver through deltaplane's own forging mod)."""
+    from deltaplane.engine import ClientStep, make_task
+
+    cfg = BASE.replace(attack="malformed_frame(0.34)")
+    seq = run_simulation(cfg)
+    (bad,) = ClientStep(cfg, make_task(cfg), base_id="b").malicious
+    honest, hostile = task_client_app(BASE), _hostile_app(BASE)
+
+    def app(msg: Message, context: Context) -> Message:
+        side = hostile if int(context.node_config["partition-id"]) == bad else honest
+        return side(msg, context)
+
+    rounds, finals = [], {}
+    server = task_server_app(
+        BASE, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
+    )
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server(grid=loopback_grid(app, cfg.clients), context=context)
+    assert [r.rejected for r in rounds] == [r.rejected for r in seq.rounds] == [1, 1]
+    assert [(r.test_accuracy, r.clients) for r in rounds] == [
+        (r.test_accuracy, r.clients) for r in seq.rounds
+    ]
+    assert _same(seq.final_state, finals)
+    forged_rounds, _, forged_finals = _flower(cfg, loopback_grid)  # the library's own forging mod
+    assert [_fields(r) for r in forged_rounds] == [_fields(r) for r in seq.rounds]
+    assert _same(seq.final_state, forged_finals)

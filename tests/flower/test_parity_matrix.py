@@ -70,6 +70,9 @@ FEATURES = {
         "secagg_min_contributors": 3,
         **SEEDED,
     },
+    # a protocol-level attacker: one device of three sends a CRC-valid frame whose tensor table lies about a
+    # shape (compact, in the run's wire session); every driver refuses it (ShapeMismatch) and goes on
+    "malformed-frame": {"attack": "malformed_frame(0.34)", "codec": "topk(0.05) | quant(bits=8)"},
     "dgc": {
         "codec": "topk(0.05)",
         "momentum_correction": 0.5,

@@ -205,3 +205,69 @@ def test_the_legacy_form_refuses_a_third_colon_instead_of_dropping_what_follows(
     'backdoor:0.2:boost=5:target=3' was silently 0, the scale of 'sign_flip:0.2::scale=3' silently 1."""
     with pytest.raises(dp.ConfigError, match="separate the parameters with ','"):
         parse_attack(spec)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_forged_frame_is_well_formed_and_refused_for_its_shape_alone(compact: bool) -> None:
+    """`malformed_frame`'s bytes pass every check of the frame (magic, lengths, CRC-32C: they decode without a
+    layout to expect) and only the tensor table lies: the first asymmetric shape reversed, same element count.
+    A server decoding against its model's layout refuses it as a ShapeMismatch."""
+    from deltaplane.codecs import Layout, WireSession, decompress, is_compact
+    from deltaplane.errors import ShapeMismatch
+    from deltaplane.sim.attacks import MalformedFrame
+    from deltaplane.sim.model import build_model
+
+    g = torch.Generator().manual_seed(0)
+    delta = dp.Delta({k: torch.randn(v.shape, generator=g) for k, v in build_model(0).state_dict().items()})
+    spec, layout = "topk(0.05) | quant(bits=8)", dp.Layout.of(delta)
+    session = WireSession.create(layout, spec, base_id="m", entropy=True) if compact else None
+    compressor = dp.Compressor(spec, error_feedback=False, seed=0)
+    if session is not None:
+        honest = compressor.compress(delta, base_version=4, session=session)
+    else:
+        honest = compressor.compress(delta, base_id="m", base_version=4)
+    forged = MalformedFrame().forge(honest, session)
+    assert forged != honest and is_compact(forged) == compact
+    base = ("m", 4)
+    sent = decompress(honest, expect_base=base, expect_layout=layout, session=session)
+    with pytest.raises(ShapeMismatch, match="conv1.weight.*\\[3, 3, 1, 8\\]"):
+        decompress(forged, expect_base=base, expect_layout=Layout.of(delta), session=session)
+    if not compact:  # a lax reader (no layout expected) takes it: well-formed, CRC valid, the same base
+        lax = decompress(forged, expect_base=base)
+        assert lax["conv1.weight"].shape == (3, 3, 1, 8) and torch.equal(
+            lax["fc1.weight"], sent["fc1.weight"]
+        )
+
+
+def test_the_server_step_refuses_a_forged_frame_and_closes_the_round_without_it() -> None:
+    """The refusal is the update's alone: the round closes on the honest uploads to the very weights of a round
+    that never saw the forged one, and names the refusal's reason."""
+    from deltaplane.engine import ClientStep, ServerStep, build_clients, make_task
+    from deltaplane.errors import ShapeMismatch
+    from deltaplane.sim.model import build_model
+
+    cfg = dp.sim.RunConfig(
+        clients=3, rounds=1, codec="topk(0.05) | quant(bits=8)", attack="malformed_frame(0.34)"
+    )
+    task = make_task(cfg)
+    state = build_model(0).state_dict()
+    step = ClientStep(cfg, task, base_id="b")
+    (bad,) = step.malicious
+    uploads = [step.run(c, task.build_model(0), state, 1, 0) for c in build_clients(cfg, task)]
+    servers = [ServerStep.for_run(cfg, task, state, base_id="b") for _ in range(2)]
+    for server in servers:
+        server.open(1)
+    taken = [servers[0].receive_payload(str(u.cid), u.payload, u.num_samples) for u in uploads]
+    assert taken == [u.cid != bad for u in uploads]
+    assert isinstance(servers[0].last_rejection.error, ShapeMismatch)
+    for u in uploads:
+        if u.cid != bad:
+            servers[1].receive_payload(str(u.cid), u.payload, u.num_samples)
+    with_forged, without = servers[0].close(), servers[1].close()
+    assert (with_forged.accepted, len(with_forged.rejections)) == (2, 1)
+    assert all(torch.equal(with_forged.state[k], without.state[k]) for k in without.state)
+
+
+def test_a_forged_frame_under_secagg_is_refused_with_the_reason() -> None:
+    with pytest.raises(dp.ConfigError, match="forges a wire frame.*secagg"):
+        dp.sim.RunConfig(clients=4, secagg=True, clip="2.0", attack="malformed_frame(0.25)")

@@ -500,3 +500,22 @@ def test_an_attack_fraction_applies_to_the_registered_devices() -> None:
         r"at least 0\.01 .*run_population's registered",
     ):
         run_population(big, registered=100, per_round=4)
+
+
+def test_population_refuses_a_forged_frame_as_the_sequential_engine_does() -> None:
+    """`malformed_frame`: the population driver's attackers (compressed on their own, after the stack) send the
+    CRC-valid frame that lies about a shape, and its server refuses each, as many a round as the sequential
+    driver's, and goes on with the others."""
+    from deltaplane.sim import run_simulation
+
+    cfg = RunConfig(
+        clients=8,
+        rounds=2,
+        local_epochs=1,
+        attack="malformed_frame(0.25)",
+        codec="topk(0.05) | quant(bits=8)",
+    )
+    seq = run_simulation(cfg)
+    pop = run_simulation(cfg.replace(engine="population"))
+    assert [(r.clients, r.rejected) for r in pop.rounds] == [(r.clients, r.rejected) for r in seq.rounds]
+    assert [r.rejected for r in seq.rounds] == [2, 2]

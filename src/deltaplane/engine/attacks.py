@@ -15,6 +15,11 @@ and/or its update after training (:meth:`poison_update`). Attacks are specified 
 * ``bounded_backdoor`` — the adaptive "constrain-and-scale" attacker (Bagdasaryan et al. 2020 §4; Sun et al.
   2019): train the backdoor, boost it, then scale the update to exactly ``max_norm`` — the largest norm a norm
   bound or an adaptive clip would let through — so that clipping no longer takes its boost away.
+* ``malformed_frame`` — a protocol-level attacker: the device sends a well-formed, CRC-valid wire frame whose
+  tensor table lies about a shape (the first tensor of asymmetric shape declared reversed, e.g. ``[8, 1, 3, 3]``
+  as ``[3, 3, 1, 8]``: the same element count and field lengths, so nothing but the server's strict check of
+  the layout tells it apart from an honest update). Every driver's server refuses it (``ShapeMismatch``) and
+  the round goes on without it; the device's own state (error feedback) moves as an honest device's does.
 * ``dba`` — distributed backdoor (Xie et al. 2020, ICLR, https://openreview.net/forum?id=rkgyS0VFvr): the 2×2
   trigger is split into its 4 pixels and the ``i``-th attacker stamps only pixel ``i mod 4``; no single
   attacker trains the whole trigger, yet the global model is tested with the whole one.
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +40,9 @@ from torch import Tensor
 
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, UnsupportedOption
+
+if TYPE_CHECKING:
+    from deltaplane.codecs import WireSession
 
 __all__ = [
     "ATTACKS",
@@ -44,6 +52,7 @@ __all__ = [
     "DistributedBackdoor",
     "GaussianNoise",
     "LabelFlip",
+    "MalformedFrame",
     "ModelReplacement",
     "SignFlip",
     "add_trigger",
@@ -77,6 +86,14 @@ class Attack:
     def poison_update(self, delta: Delta, generator: torch.Generator) -> Delta:
         """The update a malicious client actually sends."""
         return delta
+
+    #: whether the attacker replaces its wire payload itself (:meth:`forge`), after its honest compression
+    forges_frames = False
+
+    def forge(self, payload: bytes, session: WireSession | None = None) -> bytes:
+        """The bytes a malicious client sends instead of its honest ``payload`` (a compact frame of the
+        :class:`~deltaplane.codecs.WireSession` ``session``, or self-describing); ``payload`` itself here."""
+        return payload
 
     def for_attacker(self, rank: int) -> Attack:
         """The attack as the ``rank``-th malicious client runs it (the same for all but distributed attacks)."""
@@ -124,6 +141,44 @@ class GaussianNoise(Attack):
                 else t
             )
         )
+
+
+class MalformedFrame(Attack):
+    """Send a CRC-valid frame whose tensor table declares a wrong shape (see the module docstring).
+
+    The lie is told on what the device would have sent (its payload decoded, re-encoded with the same codec and
+    framed as it was framed: compact in the device's wire session, else self-describing), so the forged frame is
+    the same on every driver, and only the declared shape is wrong: a server that skipped its layout check
+    would reshape the update and apply it. The device's own compressor compressed the honest update first (its
+    error feedback moves as an honest device's), as a faulty or hostile client library would.
+    """
+
+    name = "malformed_frame"
+    forges_frames = True
+
+    def forge(self, payload: bytes, session: WireSession | None = None) -> bytes:
+        from deltaplane.codecs import Compressor, decompress, is_compact
+        from deltaplane.codecs.fuzzing import parse, serialize, serialize_compact
+        from deltaplane.codecs.wire import read_table
+
+        compact = is_compact(payload)
+        if compact and session is None:
+            raise ConfigError("malformed_frame: a compact payload needs its wire session to be re-framed")
+        header = session.read_frame(payload)[0].header if compact else read_table(payload).header
+        sent = decompress(payload, session=session if compact else None)
+        frame = Compressor(header.codec, error_feedback=False).compress(
+            sent, base_id=header.base_id, base_version=header.base_version
+        )
+        doc = parse(frame).doc
+        node = next((row[2] for row in doc["t"] if row[2]["s"] != row[2]["s"][::-1]), None)
+        if node is None:
+            raise ConfigError(
+                "malformed_frame: every tensor of this model has a symmetric shape; no lie to tell"
+            )
+        node["s"] = node["s"][::-1]
+        if compact:
+            return serialize_compact(doc, session, base_version=header.base_version)[0]
+        return serialize(doc, header="dict")
 
 
 class LabelFlip(Attack):
@@ -270,6 +325,7 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "backdoor": Backdoor,
     "bounded_backdoor": BoundedBackdoor,
     "dba": DistributedBackdoor,
+    "malformed_frame": MalformedFrame,
 }
 
 

@@ -448,6 +448,8 @@ class ClientStep:
                 return Upload(
                     client.cid, client.num_samples, secure=self.distributed_privacy(client.cid, sent, rnd)
                 )
+            if client.cid in self.malicious and self.attack.forges_frames:
+                payload = self.attack.forge(payload, session)  # a protocol-level attacker: its own bytes
         except DeltaplaneError as exc:
             return Upload(client.cid, client.num_samples, error=exc)
         return Upload(client.cid, client.num_samples, payload=payload)

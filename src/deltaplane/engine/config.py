@@ -341,6 +341,13 @@ class RunConfig(BaseModel):
             if self.dp_noise > 0:
                 raise ValueError("choose central (dp_noise) or local (local_dp_noise) DP, not both")
         if self.secagg:
+            from deltaplane.engine.attacks import parse_attack
+
+            if self.attack and parse_attack(self.attack)[0].forges_frames:
+                raise ValueError(
+                    f"attack={self.attack!r} forges a wire frame, but under secagg a device sends masked ring "
+                    "vectors, never a frame; run it without secagg"
+                )
             if self.defense not in (None, "none") or self.max_update_norm is not None:
                 raise ValueError(
                     "secagg hides individual updates, so per-update defenses and norm checks cannot run on the "

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from deltaplane.aggregation import local_epsilon
+from deltaplane.codecs import Layout, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine import (
     Client,
@@ -41,6 +43,7 @@ from deltaplane.engine import (
     sample_clients,
 )
 from deltaplane.engine.admission import examples_bound
+from deltaplane.engine.attacks import parse_attack
 from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
@@ -50,6 +53,7 @@ from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import (
     DELTA_KEY,
+    UPLINK_KEY,
     arrays_to_state,
     personal_from_bytes,
     personal_to_bytes,
@@ -174,6 +178,8 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
             dgc=config.make_dgc(),
         )
     ]
+    if config.attack and parse_attack(config.attack)[0].forges_frames:  # outermost: sends its own bytes
+        mods.insert(0, _forged_frame_mod(config, simulation=simulation))
     if config.secagg:  # the node masks the ring codes of its own decoded payload; only those leave it
 
         def privacy(update: Delta, rnd: int, context: Context) -> Delta:  # distributed DP, on the node
@@ -239,6 +245,32 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
             return Message(RecordDict({"metrics": record}), reply_to=msg)
 
     return app
+
+
+def _forged_frame_mod(config: RunConfig, *, simulation: bool) -> Mod:
+    """A malicious node's uplink under a frame-forging attack (``malformed_frame``): :func:`delta_mod`
+    compressed its update as an honest node does (error feedback included); this mod, outside it, replaces
+    the payload with the attack's forged frame (:meth:`~deltaplane.engine.attacks.Attack.forge`), as
+    :meth:`~deltaplane.engine.ClientStep.uplink` does in process. Partner: the server step's strict decode,
+    which refuses it."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        task, _, step = _federation(config, simulation=simulation)
+        if int(context.node_config["partition-id"]) not in step.malicious or UPLINK_KEY not in reply.content:
+            return reply
+        payload = bytes(reply.content.config_records[UPLINK_KEY]["payload"])  # type: ignore[arg-type]
+        session = None
+        if is_compact(payload):  # the session delta_mod framed it in: the shared tensors' (the server's too)
+            model = task.build_model(0)
+            session = step.sessions.get(Layout.of(model.state_dict()).without(step.local_keys(model)))
+        reply.content[UPLINK_KEY] = ConfigRecord({"payload": step.attack.forge(payload, session)})
+        return reply
+
+    mod.__name__ = mod.__qualname__ = "forged_frame_mod"
+    return mod
 
 
 def _load_personal(context: Context, client: Client) -> None:
