@@ -8,6 +8,7 @@ import pytest
 MODULES = [
     "deltaplane.delta",
     "deltaplane.seeding",
+    "deltaplane.lazy",
     "deltaplane.codecs",
     "deltaplane.codecs.base",
     "deltaplane.codecs.compressor",

@@ -5,8 +5,9 @@ Needs the ``serve`` extra (``cryptography``) for signing. See ``docs/ops.md``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from deltaplane.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from deltaplane.registry.downlink import Downlink, apply_downlink, plan_downlink, publish_update
@@ -87,10 +88,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deltaplane.registry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

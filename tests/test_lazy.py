@@ -1,0 +1,37 @@
+"""`deltaplane` and `deltaplane.registry` load their public names on first use (deltaplane.lazy), so importing
+either waits for no torch, and each name, once loaded, is the defining module's own object."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.mark.parametrize("package", ["deltaplane", "deltaplane.registry"])
+def test_importing_the_package_imports_no_torch(package: str) -> None:
+    code = f"import sys, {package}; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_a_lazy_name_is_its_modules_object_and_loads_once() -> None:
+    import deltaplane
+    import deltaplane.registry
+    from deltaplane.delta import Delta
+    from deltaplane.registry.store import Registry
+
+    assert deltaplane.Delta is Delta and vars(deltaplane)["Delta"] is Delta  # stored: no second look-up
+    assert deltaplane.registry.Registry is Registry and "Registry" in vars(deltaplane.registry)
+    assert {"Delta", "decompress"} <= set(dir(deltaplane))
+    assert {"Registry", "promote"} <= set(dir(deltaplane.registry))
+    for module, name in ((deltaplane, "deltaplane"), (deltaplane.registry, "deltaplane.registry")):
+        with pytest.raises(AttributeError, match=f"module '{name}' has no attribute 'nope'"):
+            module.nope  # noqa: B018
