@@ -22,8 +22,8 @@ from torch import nn
 
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError
-from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import as_xy, check_training_options, train_sgd
+from deltaplane.personalization.base import Personalizer, PersonalState, TrainMany
+from deltaplane.personalization.training import PERSONAL_MOMENTUM, as_xy, check_training_options, train_sgd
 
 __all__ = ["AlphaMix", "choose_alpha"]
 
@@ -115,20 +115,60 @@ class AlphaMix(Personalizer):
         *,
         generator: torch.Generator,
     ) -> None:
-        start = (
-            state.personal_delta.apply(global_state)
-            if state.personal_delta is not None
-            else dict(global_state)
-        )
         trained = train_sgd(
             model,
-            start,
+            self._start(global_state, state),
             train,
             epochs=self.epochs,
             lr=self.lr,
             batch_size=self.batch_size,
+            momentum=PERSONAL_MOMENTUM,
             generator=generator,
         )
+        self._choose(model, global_state, state, trained, val)
+
+    def personalize_many(
+        self,
+        model: nn.Module,
+        global_state: StateDict,
+        states: Sequence[PersonalState],
+        trains: Sequence[Any],
+        vals: Sequence[Any],
+        *,
+        generators: Sequence[torch.Generator],
+        train_many: TrainMany | None = None,
+    ) -> None:
+        """Every device's fine-tuning in one ``train_many`` call (each from its own ``global + personal``),
+        then each one's α chosen on its own validation split; one device after another without it."""
+        if train_many is None:
+            super().personalize_many(model, global_state, states, trains, vals, generators=generators)
+            return
+        trained = train_many(
+            [self._start(global_state, s) for s in states],
+            trains,
+            generators,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=PERSONAL_MOMENTUM,
+            loss=nn.functional.cross_entropy,
+        )
+        for state, weights, val in zip(states, trained, vals, strict=True):
+            self._choose(model, global_state, state, weights, val)
+
+    @staticmethod
+    def _start(global_state: StateDict, state: PersonalState) -> StateDict:
+        """Where this round's fine-tuning starts: last round's personal delta on the new global model."""
+        return (
+            state.personal_delta.apply(global_state)
+            if state.personal_delta is not None
+            else dict(global_state)
+        )
+
+    def _choose(
+        self, model: nn.Module, global_state: StateDict, state: PersonalState, trained: StateDict, val: Any
+    ) -> None:
+        """Keep ``trained − global`` as the personal delta and choose α on ``val``."""
         state.personal_delta = Delta.between(global_state, trained)
         state.alpha, scores = choose_alpha(
             model, global_state, state.personal_delta, val, self.alphas, tie_alpha_max=self.tie_alpha_max
