@@ -1,13 +1,17 @@
 """α-mix's and Ditto's personal training on the batched engine's stack equals the per-device loop's."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import deltaplane.engine.scoring as scoring
 import deltaplane.personalization.alpha_mix as alpha_mix
 import deltaplane.personalization.ditto as ditto
 from deltaplane.data.digits import load_digits
 from deltaplane.delta import Delta
+from deltaplane.engine.metrics import class_accuracy, class_accuracy_stacked
+from deltaplane.errors import ConfigError
 from deltaplane.personalization import AlphaMix, Ditto, PersonalState, train_sgd
 from deltaplane.sim import RunConfig, build_model, run_simulation
 from deltaplane.sim.batched import BatchedTrainer
@@ -115,7 +119,9 @@ def test_personalize_many_on_the_stack_equals_one_device_after_another(personali
             model, glob, stack, shards, shards, generators=gens(), train_many=trainer.train_from
         )
         for a, b in zip(loop, stack, strict=True):
-            assert a.alpha == b.alpha
+            assert (
+                a.alpha == b.alpha and a.history == b.history
+            )  # α-mix: each candidate's validation accuracy
             mine, theirs = personalizer.personal_state(glob, a), personalizer.personal_state(glob, b)
             for k, t in mine.items():
                 assert torch.allclose(theirs[k], t, rtol=0, atol=1e-5), k
@@ -141,11 +147,21 @@ def test_batched_personalized_run_trains_on_the_stack_and_equals_the_sequential_
     def refused(*args, **kwargs):
         raise AssertionError("personal training ran one device at a time on the batched engine")
 
+    scored: list[int] = []
+    real_scoring = scoring.class_accuracy_stacked
+
+    def counted_scoring(model, states, *args, **kwargs):
+        scored.append(len(states))
+        return real_scoring(model, states, *args, **kwargs)
+
     monkeypatch.setattr(BatchedTrainer, "train_from", counted)
     monkeypatch.setattr(alpha_mix, "train_sgd", refused)
+    monkeypatch.setattr(alpha_mix, "choose_alpha", refused)  # the candidates are scored stacked too
     monkeypatch.setattr(ditto, "train_sgd", refused)
+    monkeypatch.setattr(scoring, "class_accuracy_stacked", counted_scoring)
     bat = run_simulation(cfg.replace(engine="batched"))
     assert calls == [cfg.clients] * cfg.rounds  # every device, once a round
+    assert len(scored) == cfg.rounds and sum(scored) > 0  # the personal models scored stacked each round
 
     # one round's weights differ by float rounding only (≤ 1e-6, test_batched.py), and it grows ~30× a round
     for a, b in zip(seq.rounds, bat.rounds, strict=True):
@@ -189,3 +205,33 @@ def test_personal_deltas_are_the_trained_weights_minus_the_global_model() -> Non
     want = Delta.between(glob, trained[0])
     assert state.personal_delta is not None
     assert all(torch.equal(state.personal_delta[k], want[k]) for k in want)
+
+
+def test_alphas_chosen_stacked_equal_those_chosen_device_by_device() -> None:
+    """Every device's candidates scored in one stacked pass: the same α and validation accuracies as
+    :func:`choose_alpha` one device at a time (validation splits of different sizes, one empty; chunked)."""
+    model = build_model(3)
+    glob, starts = _starts(model)
+    data = load_digits()
+    vals = [data.subset(range(300 + 20 * c, 300 + 20 * c + n)) for c, n in enumerate([12, 5, 0, 17, 1])]
+    deltas = [Delta.between(glob, s) for s in starts]
+    # a delta worth taking: the start states trained a little on the validation data itself
+    deltas[0] = Delta.between(
+        glob, train_sgd(model, glob, vals[0], epochs=5, lr=0.1, generator=torch.Generator().manual_seed(0))
+    )
+    for max_samples in (1 << 16, 1):
+        got = alpha_mix.choose_alphas_stacked(model, glob, deltas, vals, max_samples=max_samples)
+        want = [alpha_mix.choose_alpha(model, glob, d, v) for d, v in zip(deltas, vals, strict=True)]
+        assert got == want
+    assert any(a > 0 for a, _ in want)  # some device moved off the global model
+    with pytest.raises(ConfigError, match="forward_stacked"):
+        alpha_mix.choose_alphas_stacked(_VmapOnly(), glob, deltas, vals)
+
+
+def test_personal_models_scored_stacked_equal_one_at_a_time() -> None:
+    model = build_model(3)
+    _, starts = _starts(model)
+    test = load_digits().subset(range(1000, 1359))
+    got = class_accuracy_stacked(model, starts, test, 10, copies=2)  # chunks of 2, 2 and 1
+    for state, row in zip(starts, got, strict=True):
+        assert np.array_equal(row, class_accuracy(model, state, test, 10))

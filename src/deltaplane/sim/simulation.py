@@ -427,7 +427,13 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     train_many=trainer.train_from if trainer is not None else None,
                 )
                 personal, rows = personal_metrics(
-                    step, model, global_state, task.test, clients, task.num_classes
+                    step,
+                    model,
+                    global_state,
+                    task.test,
+                    clients,
+                    task.num_classes,
+                    stacked=trainer is not None,
                 )  # type: ignore[arg-type]
                 if rnd == config.rounds:
                     client_rows = rows
