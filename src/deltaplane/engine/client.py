@@ -41,7 +41,7 @@ from deltaplane.engine.task import Task
 from deltaplane.engine.training import local_train
 from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
-from deltaplane.personalization import Personalizer
+from deltaplane.personalization import Personalizer, TrainMany
 
 __all__ = ["ClientStep", "Upload", "clip_to", "local_privacy", "personalize", "poison", "require_simulation"]
 
@@ -490,15 +490,33 @@ class ClientStep:
         delta = self.train(client, model, global_state, rnd)
         return self.finish(client, delta, model=model, global_state=global_state, rnd=rnd, version=version)
 
-    def after_round(self, clients: list[Client], model: nn.Module, global_state: StateDict, rnd: int) -> None:
-        """Every device that received the new global model adapts its personal state (α-mix, Ditto)."""
+    def after_round(
+        self,
+        clients: list[Client],
+        model: nn.Module,
+        global_state: StateDict,
+        rnd: int,
+        *,
+        train_many: TrainMany | None = None,
+    ) -> None:
+        """Every device that received the new global model adapts its personal state (α-mix, Ditto).
+
+        Each device's training draws from its own stream ``(seed, PERSONALIZATION, rnd, cid)``; with
+        ``train_many`` (the batched engine's ``BatchedTrainer.train_from``) all of them train as one stacked
+        computation, with the same result up to float rounding."""
         if self.personalizer.name == "none":
             return
-        for client in clients:
-            g = torch_generator(self.config.seed, Stream.PERSONALIZATION, rnd, client.cid)
-            self.personalizer.personalize(
-                model, global_state, client.personal, client.train, client.holdout, generator=g
-            )
+        self.personalizer.personalize_many(
+            model,
+            global_state,
+            [c.personal for c in clients],
+            [c.train for c in clients],
+            [c.holdout for c in clients],
+            generators=[
+                torch_generator(self.config.seed, Stream.PERSONALIZATION, rnd, c.cid) for c in clients
+            ],
+            train_many=train_many,
+        )
 
     def personal_state(self, client: Client, global_state: StateDict) -> StateDict:
         """The model the device uses after a round (the global one without personalization)."""

@@ -10,8 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
+from deltaplane.errors import ConfigError
 
-__all__ = ["accuracy", "evaluate_clients", "label_mix_accuracy", "logits", "round_scores", "score_round"]
+__all__ = [
+    "accuracy",
+    "class_accuracy_stacked",
+    "evaluate_clients",
+    "label_mix_accuracy",
+    "logits",
+    "round_scores",
+    "score_round",
+]
 
 
 #: :func:`logits` cuts a scoring batch into at most this many stacked copies of the model, of at least
@@ -121,13 +130,45 @@ def class_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, nu
     weights, computed once where many devices' label mixes score one model."""
     model.load_state_dict(state)
     model.eval()
-    pred = model(test.x).argmax(1)
+    return _per_class(model(test.x).argmax(1), test.y, num_classes)
+
+
+def _per_class(pred: Tensor, y: Tensor, num_classes: int) -> np.ndarray:
+    """Per-class accuracy of predictions ``pred`` on labels ``y`` (0 for a class ``y`` lacks)."""
     return np.array(
-        [
-            float((pred[test.y == c] == c).float().mean()) if (test.y == c).any() else 0.0
-            for c in range(num_classes)
-        ]
+        [float((pred[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in range(num_classes)]
     )
+
+
+@torch.no_grad()
+def class_accuracy_stacked(
+    model: nn.Module,
+    states: Sequence[dict[str, Tensor]],
+    test: Dataset,
+    num_classes: int,
+    *,
+    copies: int = 16,
+) -> list[np.ndarray]:
+    """:func:`class_accuracy` of each of ``states`` with the model's ``forward_stacked``: up to ``copies``
+    models on the test set in one pass (the batched engine scores its devices' personal models so). The same
+    per-class accuracies as one model at a time up to the float rounding of the stacked pass, which could only
+    tip a prediction whose two best logits tie to within it.
+
+    Raises:
+        ConfigError: the model has no ``forward_stacked``.
+    """
+    forward = getattr(model, "forward_stacked", None)
+    if not callable(forward):
+        raise ConfigError(f"model {type(model).__name__} has no forward_stacked to score models stacked")
+    model.eval()
+    names = [k for k, _ in model.named_parameters()]
+    out: list[np.ndarray] = []
+    for first in range(0, len(states), copies):
+        part = states[first : first + copies]
+        params = {k: torch.stack([s[k].detach() for s in part]) for k in names}
+        pred = forward(params, test.x.expand(len(part), *test.x.shape)).argmax(-1)  # (K, N)
+        out.extend(_per_class(row, test.y, num_classes) for row in pred)
+    return out
 
 
 def label_mix(per_class: np.ndarray, train: Dataset, num_classes: int) -> float:

@@ -14,7 +14,7 @@ from deltaplane.engine.attacks import add_trigger
 from deltaplane.engine.client import ClientStep
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.federation import Client
-from deltaplane.engine.metrics import accuracy, class_accuracy, label_mix
+from deltaplane.engine.metrics import accuracy, class_accuracy, class_accuracy_stacked, label_mix
 
 __all__ = ["backdoor_success", "personal_metrics", "personal_row", "personal_summary", "round_epsilon"]
 
@@ -35,16 +35,43 @@ def personal_metrics(
     test: Dataset,
     clients: list[Client],
     num_classes: int,
+    *,
+    stacked: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Global vs personal accuracy on each device's own label mix: the round's summary and per-device rows.
 
     The global model's per-class accuracy is computed once for all devices (and reused for a device that serves
-    the global model, α-mix at α = 0): each of the round's test-set passes was one per device twice over."""
+    the global model, α-mix at α = 0): each of the round's test-set passes was one per device twice over.
+    ``stacked`` (the batched engine) scores the devices' personal models together with the model's
+    ``forward_stacked`` where it has one (:func:`~deltaplane.engine.metrics.class_accuracy_stacked`: the same
+    figures up to the float rounding of the stacked pass)."""
     per_class = class_accuracy(model, state, test, num_classes)
+    if not (stacked and callable(getattr(model, "forward_stacked", None))):
+        rows = [
+            personal_row(step, model, state, test, c, num_classes, global_per_class=per_class)
+            for c in clients
+        ]
+        return personal_summary(rows), rows
+    mine = [step.personal_state(c, state) for c in clients]
+    own = [i for i, m in enumerate(mine) if not _serves(m, state)]
+    theirs = dict(
+        zip(own, class_accuracy_stacked(model, [mine[i] for i in own], test, num_classes), strict=True)
+    )
     rows = [
-        personal_row(step, model, state, test, c, num_classes, global_per_class=per_class) for c in clients
+        {
+            "client": c.cid,
+            "global_accuracy": label_mix(per_class, c.train, num_classes),
+            "personal_accuracy": label_mix(theirs.get(i, per_class), c.train, num_classes),
+            "alpha": c.personal.alpha,
+        }
+        for i, c in enumerate(clients)
     ]
     return personal_summary(rows), rows
+
+
+def _serves(mine: dict[str, Tensor], state: dict[str, Tensor]) -> bool:
+    """Whether a device's model ``mine`` is the global ``state`` itself (α-mix at α = 0)."""
+    return mine.keys() == state.keys() and all(mine[k] is state[k] for k in state)
 
 
 def personal_row(
@@ -64,7 +91,7 @@ def personal_row(
     if global_per_class is None:
         global_per_class = class_accuracy(model, state, test, num_classes)
     mine = step.personal_state(client, state)
-    same = mine.keys() == state.keys() and all(mine[k] is state[k] for k in state)  # serves the global model
+    same = _serves(mine, state)  # serves the global model
     return {
         "client": client.cid,
         "global_accuracy": label_mix(global_per_class, client.train, num_classes),

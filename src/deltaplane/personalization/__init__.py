@@ -8,7 +8,7 @@ head), :class:`FedBN` (local batch-norm), :class:`Ditto` (proximally regularised
 from deltaplane.choices import PERSONALIZATIONS
 from deltaplane.errors import ConfigError
 from deltaplane.personalization.alpha_mix import AlphaMix, choose_alpha
-from deltaplane.personalization.base import Personalizer, PersonalState
+from deltaplane.personalization.base import Personalizer, PersonalState, TrainMany
 from deltaplane.personalization.ditto import Ditto
 from deltaplane.personalization.partial import FedBN, FedPer
 from deltaplane.personalization.training import accuracy, train_sgd
@@ -21,6 +21,7 @@ __all__ = [
     "FedPer",
     "PersonalState",
     "Personalizer",
+    "TrainMany",
     "accuracy",
     "choose_alpha",
     "get_personalizer",

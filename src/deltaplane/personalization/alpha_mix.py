@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import ConfigError
-from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import as_xy, check_training_options, train_sgd
+from deltaplane.personalization.base import Personalizer, PersonalState, TrainMany
+from deltaplane.personalization.training import PERSONAL_MOMENTUM, as_xy, check_training_options, train_sgd
 
-__all__ = ["AlphaMix", "choose_alpha"]
+__all__ = ["AlphaMix", "choose_alpha", "choose_alphas_stacked"]
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -51,22 +51,85 @@ def choose_alpha(
     """
     x, y = as_xy(val)
     scores: dict[float, float] = {}
-    keys: dict[float, tuple[float, float, float]] = {}
+    nlls: dict[float, float] = {}
     with torch.no_grad():
         for a in sorted(alphas):
             model.load_state_dict(personal_delta.apply(global_state, scale=a))
             model.eval()
-            logits = model(x)
-            acc = float((logits.argmax(1) == y).float().mean()) if x.shape[0] else 0.0
-            nll = float(nn.functional.cross_entropy(logits, y)) if x.shape[0] else 0.0
-            scores[a] = acc
-            keys[a] = (-acc, nll, a)
+            scores[a], nlls[a] = _scored(model(x), y)
+    return _pick(scores, nlls, tie_alpha_max), scores
+
+
+def choose_alphas_stacked(
+    model: nn.Module,
+    global_state: StateDict,
+    personal_deltas: Sequence[Delta],
+    vals: Sequence[Any],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    *,
+    tie_alpha_max: float = 0.25,
+    max_samples: int = 1 << 16,
+) -> list[tuple[float, dict[float, float]]]:
+    """:func:`choose_alpha` for many devices at once with the model's ``forward_stacked(params, x)`` (weights
+    stacked ``(K, *shape)``, inputs ``(K, B, ...)``): every device's candidates ``global + α·personal`` (made as
+    :meth:`Delta.apply` makes them) scored in one pass per chunk of at most ``max_samples`` padded samples. The
+    same choice as :func:`choose_alpha` device by device up to the float rounding of the stacked forward pass
+    (the batched engine's, ``deltaplane.sim.batched``), which could only tip an exact tie.
+
+    Raises:
+        ConfigError: the model has no ``forward_stacked``.
+    """
+    forward = getattr(model, "forward_stacked", None)
+    if not callable(forward):
+        raise ConfigError(f"model {type(model).__name__} has no forward_stacked to score the devices stacked")
+    grid = sorted(alphas)
+    names = [k for k, _ in model.named_parameters()]
+    data = [as_xy(v) for v in vals]
+    longest = max((x.shape[0] for x, _ in data), default=0)
+    per_chunk = max(1, max_samples // max(1, longest * len(grid)))
+    scale = torch.tensor(grid, dtype=torch.float32)
+    out: list[tuple[float, dict[float, float]]] = []
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, len(data), per_chunk):
+            members = range(first, min(first + per_chunk, len(data)))
+            params = {}
+            for k in names:
+                g, d = global_state[k].detach(), torch.stack([personal_deltas[c][k] for c in members])
+                # g + α·d for every (device, α), device-major, as Delta.apply computes each (α = 1: g + d)
+                a = scale.view(1, -1, *([1] * g.dim()))
+                params[k] = (g + a * d.unsqueeze(1)).flatten(0, 1)
+            x0 = data[first][0]
+            xs = torch.zeros((len(members), max(1, longest), *x0.shape[1:]), dtype=x0.dtype)
+            for row, c in enumerate(members):
+                xs[row, : data[c][0].shape[0]] = data[c][0]
+            logits = forward(params, xs.repeat_interleave(len(grid), dim=0))
+            for row, c in enumerate(members):
+                x, y = data[c]
+                scores: dict[float, float] = {}
+                nlls: dict[float, float] = {}
+                for j, a in enumerate(grid):
+                    scores[a], nlls[a] = _scored(logits[row * len(grid) + j, : x.shape[0]], y)
+                out.append((_pick(scores, nlls, tie_alpha_max), scores))
+    return out
+
+
+def _scored(logits: Tensor, y: Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``logits`` on labels ``y`` (0 and 0 for no samples)."""
+    if not y.shape[0]:
+        return 0.0, 0.0
+    return float((logits.argmax(1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
+
+
+def _pick(scores: dict[float, float], nlls: dict[float, float], tie_alpha_max: float) -> float:
+    """The cautious choice of :func:`choose_alpha` from each candidate's validation accuracy and cross-entropy."""
+    keys = {a: (-scores[a], nlls[a], a) for a in scores}
     acc0 = scores[0.0] if 0.0 in scores else max(scores.values())
     better = [a for a in keys if scores[a] > acc0]
     if better:
-        return min(better, key=keys.__getitem__), scores
+        return min(better, key=keys.__getitem__)
     small = [a for a in keys if a <= tie_alpha_max and scores[a] >= acc0] or [min(keys)]
-    return min(small, key=lambda a: keys[a][1:]), scores
+    return min(small, key=lambda a: keys[a][1:])
 
 
 class AlphaMix(Personalizer):
@@ -115,20 +178,72 @@ class AlphaMix(Personalizer):
         *,
         generator: torch.Generator,
     ) -> None:
-        start = (
-            state.personal_delta.apply(global_state)
-            if state.personal_delta is not None
-            else dict(global_state)
-        )
         trained = train_sgd(
             model,
-            start,
+            self._start(global_state, state),
             train,
             epochs=self.epochs,
             lr=self.lr,
             batch_size=self.batch_size,
+            momentum=PERSONAL_MOMENTUM,
             generator=generator,
         )
+        self._choose(model, global_state, state, trained, val)
+
+    def personalize_many(
+        self,
+        model: nn.Module,
+        global_state: StateDict,
+        states: Sequence[PersonalState],
+        trains: Sequence[Any],
+        vals: Sequence[Any],
+        *,
+        generators: Sequence[torch.Generator],
+        train_many: TrainMany | None = None,
+    ) -> None:
+        """Every device's fine-tuning in one ``train_many`` call (each from its own ``global + personal``),
+        then each one's α chosen on its own validation split, all devices' candidates in one stacked pass where
+        the model has ``forward_stacked`` (:func:`choose_alphas_stacked`); one device after another without
+        ``train_many``."""
+        if train_many is None:
+            super().personalize_many(model, global_state, states, trains, vals, generators=generators)
+            return
+        trained = train_many(
+            [self._start(global_state, s) for s in states],
+            trains,
+            generators,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=PERSONAL_MOMENTUM,
+            loss=nn.functional.cross_entropy,
+        )
+        if not callable(getattr(model, "forward_stacked", None)):
+            for state, weights, val in zip(states, trained, vals, strict=True):
+                self._choose(model, global_state, state, weights, val)
+            return
+        # the model evaluates stacked copies too: every device's candidates scored in one pass
+        deltas = [Delta.between(global_state, weights) for weights in trained]
+        chosen = choose_alphas_stacked(
+            model, global_state, deltas, vals, self.alphas, tie_alpha_max=self.tie_alpha_max
+        )
+        for state, delta, (alpha, scores) in zip(states, deltas, chosen, strict=True):
+            state.personal_delta, state.alpha = delta, alpha
+            state.history.append({"alpha": alpha, "val_accuracy": scores})
+
+    @staticmethod
+    def _start(global_state: StateDict, state: PersonalState) -> StateDict:
+        """Where this round's fine-tuning starts: last round's personal delta on the new global model."""
+        return (
+            state.personal_delta.apply(global_state)
+            if state.personal_delta is not None
+            else dict(global_state)
+        )
+
+    def _choose(
+        self, model: nn.Module, global_state: StateDict, state: PersonalState, trained: StateDict, val: Any
+    ) -> None:
+        """Keep ``trained − global`` as the personal delta and choose α on ``val``."""
         state.personal_delta = Delta.between(global_state, trained)
         state.alpha, scores = choose_alpha(
             model, global_state, state.personal_delta, val, self.alphas, tie_alpha_max=self.tie_alpha_max

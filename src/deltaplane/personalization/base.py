@@ -16,6 +16,7 @@ Per-device learned state (personal delta and α, local layers, Ditto's personal 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,13 @@ from torch import Tensor, nn
 
 from deltaplane.delta import Delta, StateDict
 
-__all__ = ["PersonalState", "Personalizer"]
+__all__ = ["PersonalState", "Personalizer", "TrainMany"]
+
+#: Trains many devices' personal models at once, as :func:`~deltaplane.personalization.train_sgd` trains each:
+#: ``train_many(starts, datasets, generators, *, epochs, batch_size, lr, momentum, prox_center, prox_lambda,
+#: loss)`` returns the trained parameters, one dict per device (the simulator's batched engine passes
+#: ``BatchedTrainer.train_from``).
+TrainMany = Callable[..., list[dict[str, Tensor]]]
 
 
 @dataclass
@@ -80,6 +87,23 @@ class Personalizer:
         generator: torch.Generator,
     ) -> None:
         """Adapt the device's personal state to a new global model (α-mix fine-tunes, Ditto trains ``v_k``)."""
+
+    def personalize_many(
+        self,
+        model: nn.Module,
+        global_state: StateDict,
+        states: Sequence[PersonalState],
+        trains: Sequence[Any],
+        vals: Sequence[Any],
+        *,
+        generators: Sequence[torch.Generator],
+        train_many: TrainMany | None = None,
+    ) -> None:
+        """:meth:`personalize` for many devices; a personalizer that trains (α-mix, Ditto) trains them all in
+        one ``train_many`` call where one is given, with the same result up to float rounding. This default
+        adapts one device after another."""
+        for state, train, val, g in zip(states, trains, vals, generators, strict=True):
+            self.personalize(model, global_state, state, train, val, generator=g)
 
     def personal_state(self, global_state: StateDict, state: PersonalState) -> dict[str, Tensor]:
         """The model the device uses after this round."""

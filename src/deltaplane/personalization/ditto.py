@@ -9,6 +9,7 @@ training) against the global model (λ → ∞).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,8 +17,8 @@ from torch import nn
 
 from deltaplane.delta import StateDict
 from deltaplane.errors import ConfigError
-from deltaplane.personalization.base import Personalizer, PersonalState
-from deltaplane.personalization.training import check_training_options, train_sgd
+from deltaplane.personalization.base import Personalizer, PersonalState, TrainMany
+from deltaplane.personalization.training import PERSONAL_MOMENTUM, check_training_options, train_sgd
 
 __all__ = ["Ditto"]
 
@@ -54,18 +55,54 @@ class Ditto(Personalizer):
         *,
         generator: torch.Generator,
     ) -> None:
-        start = state.personal_model if state.personal_model is not None else dict(global_state)
         state.personal_model = train_sgd(
             model,
-            start,
+            self._start(global_state, state),
             train,
             epochs=self.epochs,
             lr=self.lr,
             batch_size=self.batch_size,
+            momentum=PERSONAL_MOMENTUM,
             generator=generator,
             prox_center=global_state,
             prox_lambda=self.lam,
         )
+
+    def personalize_many(
+        self,
+        model: nn.Module,
+        global_state: StateDict,
+        states: Sequence[PersonalState],
+        trains: Sequence[Any],
+        vals: Sequence[Any],
+        *,
+        generators: Sequence[torch.Generator],
+        train_many: TrainMany | None = None,
+    ) -> None:
+        """Every device's ``v_k`` trained in one ``train_many`` call, each from its own ``v_k`` and pulled
+        toward the new global model; one device after another without it."""
+        if train_many is None:
+            super().personalize_many(model, global_state, states, trains, vals, generators=generators)
+            return
+        trained = train_many(
+            [self._start(global_state, s) for s in states],
+            trains,
+            generators,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=PERSONAL_MOMENTUM,
+            prox_center=global_state,
+            prox_lambda=self.lam,
+            loss=nn.functional.cross_entropy,
+        )
+        for state, weights in zip(states, trained, strict=True):
+            state.personal_model = weights
+
+    @staticmethod
+    def _start(global_state: StateDict, state: PersonalState) -> StateDict:
+        """Where ``v_k``'s training starts: the device's own ``v_k``, or the global model the first time."""
+        return state.personal_model if state.personal_model is not None else dict(global_state)
 
     def personal_state(self, global_state: StateDict, state: PersonalState) -> dict:
         return dict(state.personal_model) if state.personal_model is not None else dict(global_state)

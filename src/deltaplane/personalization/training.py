@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from deltaplane.errors import ConfigError
 from deltaplane.seeding import seeded_random_layers
 
-__all__ = ["accuracy", "as_xy", "check_training_options", "train_sgd"]
+__all__ = ["PERSONAL_MOMENTUM", "accuracy", "as_xy", "check_training_options", "train_sgd"]
+
+#: the momentum of the personalizers' SGD (α-mix's fine-tuning, Ditto's ``v_k``), one place for the loop and the
+#: batched engine's stacked training
+PERSONAL_MOMENTUM = 0.9
 
 
 def check_training_options(*, epochs: int, lr: float, batch_size: int, min_epochs: int = 1) -> None:
@@ -52,7 +56,7 @@ def train_sgd(
     epochs: int,
     lr: float,
     batch_size: int = 32,
-    momentum: float = 0.9,
+    momentum: float = PERSONAL_MOMENTUM,
     generator: torch.Generator,
     prox_center: Mapping[str, Tensor] | None = None,
     prox_lambda: float = 0.0,

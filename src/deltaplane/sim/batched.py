@@ -40,7 +40,7 @@ import functools
 import math
 import multiprocessing
 import weakref
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +210,45 @@ def clients_per_chunk(model: nn.Module, sample: Tensor, batch_size: int, memory_
     return max(1, memory_budget // per_client_bytes(model, sample, batch_size))
 
 
+def _step_grads(
+    model: nn.Module, names: list[str], loss: Callable[..., Tensor]
+) -> tuple[Callable[[list[Tensor], Tensor, Tensor, Tensor], list[Tensor]], bool]:
+    """A batched step's gradients for ``loss``: ``step_grads(params, x, y, w)`` with each parameter stacked
+    ``(K, *shape)``, and whether it runs the model's ``forward_stacked`` (else ``vmap`` over
+    ``functional_call``, which swaps the module's own parameters while it runs: one group at a time).
+
+    The closures name ``names`` and ``model``, not the trainer: no reference cycle, so a trainer nobody closes is
+    freed (and its worker processes stopped) as soon as its last reference goes."""
+    task_loss = loss
+
+    def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        logits = functional_call(model, params, (x,))
+        # Mean over the real samples of this (possibly short, padded) batch: w is 1/n_real or 0 (_batch_plan)
+        return torch.dot(task_loss(logits, y, reduction="none"), w)
+
+    stacked_forward = getattr(model, "forward_stacked", None)
+    if callable(stacked_forward):
+        # The model evaluates all its stacked copies in one pass (DigitsCNN: grouped convolutions), so one
+        # ordinary backward pass of the *sum* of the clients' losses yields every client's own gradient:
+        # client k's loss depends only on its own weights.
+        def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            with torch.enable_grad():
+                logits = stacked_forward(dict(zip(names, leaves, strict=True)), x)  # (K, B, classes)
+                # Σ over clients of each one's mean over its real samples: w is 1/n_real or 0 (_batch_plan)
+                losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none")
+                return list(torch.autograd.grad(torch.dot(losses, w.flatten()), leaves))
+
+    else:
+        per_client = vmap(grad(batch_loss))
+
+        def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
+            grads = per_client(dict(zip(names, params, strict=True)), x, y, w)
+            return [grads[n] for n in names]
+
+    return step_grads, callable(stacked_forward)
+
+
 class BatchedTrainer:
     """Local SGD for many clients of one architecture at once; results equal the sequential loop's.
 
@@ -260,40 +299,16 @@ class BatchedTrainer:
         self.model = model
         self.memory_budget = memory_budget
         self.workers = workers
-        # the step closures below name `names`, not `self`: no reference cycle, so a trainer nobody closes is
-        # freed (and its worker processes stopped) as soon as its last reference goes
         self.names = names = [name for name, _ in model.named_parameters()]
         self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        task_loss = loss
-
-        def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-            logits = functional_call(model, params, (x,))
-            # Mean over the real samples of this (possibly short, padded) batch: w is 1/n_real or 0 (_batch_plan)
-            return torch.dot(task_loss(logits, y, reduction="none"), w)
-
-        stacked_forward = getattr(model, "forward_stacked", None)
-        if callable(stacked_forward):
-            # The model evaluates all its stacked copies in one pass (DigitsCNN: grouped convolutions), so one
-            # ordinary backward pass of the *sum* of the clients' losses yields every client's own gradient:
-            # client k's loss depends only on its own weights.
-            def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
-                leaves = [p.detach().requires_grad_(True) for p in params]
-                with torch.enable_grad():
-                    logits = stacked_forward(dict(zip(names, leaves, strict=True)), x)  # (K, B, classes)
-                    # Σ over clients of each one's mean over its real samples: w is 1/n_real or 0 (_batch_plan)
-                    losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none")
-                    return list(torch.autograd.grad(torch.dot(losses, w.flatten()), leaves))
-
-        else:
-            per_client = vmap(grad(batch_loss))
-            # functional_call swaps the module's own parameters while it runs: one group at a time
+        self._step_grads, stacked = _step_grads(model, names, loss)
+        if (
+            not stacked
+        ):  # functional_call swaps the module's own parameters while it runs: one group at a time
             self.workers = 1
-
-            def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
-                grads = per_client(dict(zip(names, params, strict=True)), x, y, w)
-                return [grads[n] for n in names]
-
-        self._step_grads = step_grads
+        #: step functions for other losses than the task's (personal training's cross-entropy), by loss
+        self._loss = loss
+        self._other_steps: dict[Callable[..., Tensor], Callable[..., list[Tensor]]] = {}
         # recent chunks' clients and their zero-padded data, by the chunk's dataset ids: a full-participation
         # run trains the same chunks every round, so their data is stacked once (the datasets are held, so
         # an id cannot be reused while its entry lives)
@@ -558,31 +573,128 @@ class BatchedTrainer:
         prox_mu: float,
     ) -> dict[str, Tensor]:
         """One chunk's SGD: ``x``, ``y`` its clients' zero-padded samples, ``plan`` their :func:`_batch_plan`."""
+        start = [global_state[n].detach() for n in self.names]
+        params = [t.unsqueeze(0).repeat(x.shape[0], *([1] * t.dim())) for t in start]
+        self._sgd(params, x, y, plan, lr=lr, momentum=momentum, prox_mu=prox_mu, anchors=start)
+        return {n: p - t for n, p, t in zip(self.names, params, start, strict=True)}
+
+    def _sgd(
+        self,
+        params: list[Tensor],
+        x: Tensor,
+        y: Tensor,
+        plan: tuple[Tensor, Tensor, list[int]],
+        *,
+        lr: float,
+        momentum: float,
+        prox_mu: float,
+        anchors: list[Tensor],
+        step_grads: Callable[..., list[Tensor]] | None = None,
+    ) -> None:
+        """SGD with momentum on the stacked ``params`` (each ``(C, *shape)``, in :attr:`names` order), in place:
+        ``plan`` is the clients' :func:`_batch_plan`; with ``prox_mu > 0`` the proximal term
+        ``μ/2 ‖w − anchor‖²`` pulls every client toward ``anchors`` (one unstacked tensor per parameter)."""
         # The clients come longest first: at step s the clients still training are a prefix of the stack,
         # so finished ones drop out of the computation instead of being carried along as masked padding.
         idx, weight, active = plan
-        n_clients = x.shape[0]
+        step_grads = step_grads or self._step_grads
         self.model.train()  # as the sequential loop trains (a module whose forward looks at self.training)
-        rows = torch.arange(n_clients).unsqueeze(1)  # (C, 1): pairs each client with its own indices
+        rows = torch.arange(x.shape[0]).unsqueeze(1)  # (C, 1): pairs each client with its own indices
 
         # Each parameter holds all clients' copies, (C, *shape); the clients still training at step s are the
         # first k rows, so an SGD step of every client is three multi-tensor (foreach) operations.
-        start = [global_state[n].detach() for n in self.names]
-        params = [t.unsqueeze(0).repeat(n_clients, *([1] * t.dim())) for t in start]
         bufs = [torch.zeros_like(p) for p in params]
         for s, k in enumerate(active):
             i, w = idx[s, :k], weight[s, :k]
             live, live_bufs = [p[:k] for p in params], [b[:k] for b in bufs]
-            g = self._step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
+            g = step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
-                if prox_mu > 0:  # ∇ μ/2 ‖w − w_global‖² = μ (w − w_global)
-                    g = torch._foreach_add(g, torch._foreach_sub(live, start), alpha=prox_mu)
+                if prox_mu > 0:  # ∇ μ/2 ‖w − anchor‖² = μ (w − anchor)
+                    g = torch._foreach_add(g, torch._foreach_sub(live, anchors), alpha=prox_mu)
                 # torch.optim.SGD (dampening 0, no Nesterov): buf ← μ·buf + g, first buf = g (= μ·0 + g);
                 # p ← p − lr·buf.
                 torch._foreach_mul_(live_bufs, momentum)
                 torch._foreach_add_(live_bufs, g)
                 torch._foreach_add_(live, live_bufs, alpha=-lr)
-        return {n: p - t for n, p, t in zip(self.names, params, start, strict=True)}
+
+    def train_from(
+        self,
+        starts: Sequence[Mapping[str, Tensor]],
+        datasets: Sequence[Dataset],
+        generators: Sequence[torch.Generator],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        prox_center: Mapping[str, Tensor] | None = None,
+        prox_lambda: float = 0.0,
+        loss: Callable[..., Tensor] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Train each device from its *own* start state ``starts[i]`` on ``datasets[i]``; return the trained
+        weights (the model's parameters by name), one dict per device in the order given.
+
+        The personal training of α-mix and Ditto (:mod:`deltaplane.personalization`) on the stack: each device
+        draws its batch order from ``generators[i]`` exactly as
+        :func:`~deltaplane.personalization.train_sgd` does (one ``torch.randperm`` per epoch), and with
+        ``prox_center`` and ``prox_lambda > 0`` the loss gets Ditto's ``λ/2 ‖θ − θ_center‖²``, so the result
+        equals that loop's up to float rounding. ``loss`` (the trainer's own by default) is
+        ``loss(logits, y, reduction="none")``. Trained in this process only, chunk by chunk within the memory
+        budget: the forked workers, if any, keep training and scoring what the simulator sent them.
+
+        Raises:
+            ConfigError: mismatched lengths, an empty dataset, a start state without some parameter.
+        """
+        if not (len(starts) == len(datasets) == len(generators)):
+            raise ConfigError(
+                f"{len(starts)} start states, {len(datasets)} datasets, {len(generators)} generators"
+            )
+        if not datasets:
+            return []
+        if any(len(d) == 0 for d in datasets):
+            raise ConfigError("every device needs at least one training sample")
+        if epochs < 0 or batch_size < 1 or prox_lambda < 0:
+            raise ConfigError(
+                f"epochs >= 0, batch_size >= 1 and prox_lambda >= 0 needed. Found {epochs}, {batch_size}, {prox_lambda}"
+            )
+        missing = [n for n in self.names if any(n not in s for s in starts)]
+        if missing:
+            raise ConfigError(f"start states lack parameters {missing[:3]}")
+        step_grads = self._step_grads
+        if loss is not None and loss is not self._loss:
+            if loss not in self._other_steps:
+                self._other_steps[loss] = _step_grads(self.model, self.names, loss)[0]
+            step_grads = self._other_steps[loss]
+        batch_size = min(batch_size, max(len(d) for d in datasets))  # as start(): larger only pads
+        anchors = (
+            [prox_center[n].detach() for n in self.names]
+            if prox_center is not None and prox_lambda > 0
+            else []
+        )
+        chunk = self._clients_per_chunk(datasets[0].x[:1], batch_size)
+        order = sorted(range(len(datasets)), key=lambda c: -len(datasets[c]))
+        out: list[dict[str, Tensor]] = [{} for _ in datasets]
+        for first in range(0, len(order), chunk):
+            members = order[first : first + chunk]
+            x, y = self._stacked_data([datasets[c] for c in members])
+            plan = _batch_plan(
+                [len(datasets[c]) for c in members], [generators[c] for c in members], epochs, batch_size
+            )
+            params = [torch.stack([starts[c][n].detach() for c in members]) for n in self.names]
+            self._sgd(
+                params,
+                x,
+                y,
+                plan,
+                lr=lr,
+                momentum=momentum,
+                prox_mu=prox_lambda if anchors else 0.0,
+                anchors=anchors,
+                step_grads=step_grads,
+            )
+            for row, c in enumerate(members):
+                out[c] = {n: p[row].clone() for n, p in zip(self.names, params, strict=True)}
+        return out
 
 
 class PendingTraining:

@@ -289,8 +289,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     #   afresh each round (ClientStep.training_data, called for round r+1 once round r has closed); the
     #   generator it keeps for poisoning the update (_attack_streams) is taken by round r+1's finish, and every
     #   one of round r's was taken before round r closed. The backdoor's success is scored with the round.
-    # * α-mix / Ditto: after_round adapts each device's personal state (with `model`, which the batched
-    #   trainer does not read); the devices still train from the global model on their own data.
+    # * α-mix / Ditto: after_round adapts each device's personal state (stacked, in this process, with the
+    #   trainer's train_from, which reads none of the weights the workers train with); the devices still train
+    #   from the global model on their own data.
     # Not for FedPer / FedBN (their devices train from their own layers, which after_round may change): the
     # batched trainer falls back to the sequential loop for them anyway (trainer is None).
     overlap = trainer is not None and config.threads > 1 and not local_keys
@@ -416,9 +417,23 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
 
             personal: dict[str, float] = {}
             if step.personalizer.name != "none":
-                step.after_round(clients, model, global_state, rnd)
+                # on the batched engine every device's personal training is one stacked computation, trained
+                # here: the worker is training its share of the next round and scoring this one meanwhile
+                step.after_round(
+                    clients,
+                    model,
+                    global_state,
+                    rnd,
+                    train_many=trainer.train_from if trainer is not None else None,
+                )
                 personal, rows = personal_metrics(
-                    step, model, global_state, task.test, clients, task.num_classes
+                    step,
+                    model,
+                    global_state,
+                    task.test,
+                    clients,
+                    task.num_classes,
+                    stacked=trainer is not None,
                 )  # type: ignore[arg-type]
                 if rnd == config.rounds:
                     client_rows = rows
