@@ -5,7 +5,8 @@ Runs the very federation the accept table reports (:func:`robustness.config`: 80
 :class:`~deltaplane.aggregation.attribution.BackdoorAttribution`'s inversion, adoption, scoring and combining
 record, per round: every label's anomaly index and reach at each inversion (and whether it ran on the shadow
 model), each trigger offered and whether it was taken, the label in force, every client's z-score, the excluded
-clients against the true attackers, and the test accuracy and backdoor success. Prints a compact trace and writes
+clients against the true attackers, every update's norm and the norm of the kept mean (and says when one update is
+over 10× the round's median), and the test accuracy and backdoor success. Prints a compact trace and writes
 the whole record as JSON. The run's final figures go into the accept section's cache when it has none for them.
 
 ``--attack`` and ``--uplink`` trace a cell of the grid instead (e.g. ``--attack dba:0.3 --uplink 'stc(0.006)'``:
@@ -119,6 +120,8 @@ def trace(
     def w_combine(self: Any, x: Any) -> Any:
         out = combine(self, x)
         st, out_ids = self.state, set(self.excluded)
+        norms = dict(zip(self._ids, x.norm(dim=1).tolist(), strict=True))  # each decoded update's L2 norm
+        kept = [i for i, c in enumerate(self._ids) if c not in out_ids]
         log.append(
             {
                 "kind": "round",
@@ -127,8 +130,13 @@ def trace(
                 "excluded": sorted(out_ids),
                 "attackers_out": len(out_ids & attackers),
                 "honest_out": len(out_ids - attackers),
+                "norms": {c: round(n, 3) for c, n in norms.items()},
+                "kept_mean_norm": round(float(x[kept].mean(dim=0).norm()), 3),
             }
         )
+        top = max(norms, key=norms.__getitem__)
+        if norms[top] > 10 * float(x.norm(dim=1).median()):  # one update far above the round's: a divergence
+            print(f"  round {st.rounds}: client {top}'s update has norm {norms[top]:.1f}", flush=True)
         return out
 
     rule._inverted, rule._adopt, rule._scores, rule._combine = w_inverted, w_adopt, w_scores, w_combine  # type: ignore[method-assign]
