@@ -5,12 +5,18 @@ Runs the very federation the accept table reports (:func:`robustness.config`: 80
 :class:`~deltaplane.aggregation.attribution.BackdoorAttribution`'s inversion, adoption, scoring and combining
 record, per round: every label's anomaly index and reach at each inversion (and whether it ran on the shadow
 model), each trigger offered and whether it was taken, the label in force, every client's z-score, the excluded
-clients against the true attackers, and the test accuracy and backdoor success. Prints a compact trace and writes
+clients against the true attackers, every update's norm and the norm of the kept mean (and says when one update is
+over 10× the round's median), and the test accuracy and backdoor success. Prints a compact trace and writes
 the whole record as JSON. The run's final figures go into the accept section's cache when it has none for them.
+
+``--attack`` and ``--uplink`` trace a cell of the grid instead (e.g. ``--attack dba:0.3 --uplink 'stc(0.006)'``:
+the run of ``robustness.py grid --uplink 'stc(0.006)'``'s 30% distributed-trigger cell, whose cache it fills).
 
 Usage::
 
     python benchmarks/robustness_trace.py identity 0 'trigger_attribution(sticky=true)' trace.json
+    python benchmarks/robustness_trace.py default 0 trigger_attribution trace.json --attack backdoor:0.3 \
+        --uplink 'stc(0.006)'
 """
 
 from __future__ import annotations
@@ -28,18 +34,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness as rb
 
 
-def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, Any]:
-    """One traced run: ``codec`` is ``default`` or ``identity``; returns the record (see the module docstring)."""
+def trace(
+    codec: str,
+    seed: int,
+    defense: str,
+    rounds: int = 80,
+    attack: str = "backdoor:0.2",
+    uplink: str = rb.DEFAULT_CODEC,
+) -> dict[str, Any]:
+    """One traced run: ``codec`` is ``default`` (``uplink`` with the DGC options, as :func:`robustness.uplink`)
+    or ``identity``, ``attack`` the grid's ``name:fraction``; returns the record (see the module docstring)."""
     import torch
 
     from deltaplane.aggregation import attribution as A
     from deltaplane.apps.runner import run_federation
-    from deltaplane.engine.attacks import choose_malicious
+    from deltaplane.engine.attacks import choose_malicious, parse_attack
     from deltaplane.engine.seeding import Stream, numpy_rng
 
-    args = (rb.CODECS[codec], "backdoor:0.2", defense, seed, rounds)
+    job_codec = rb.uplink(uplink) if codec == "default" else rb.CODECS[codec]
+    args = (job_codec, attack, defense, seed, rounds)
     cfg = rb.config(args)
-    attackers = {str(i) for i in choose_malicious(cfg.clients, 0.2, numpy_rng(seed, Stream.ATTACK))}
+    _, fraction = parse_attack(attack)  # the runner's own choice of the malicious clients (engine/client.py)
+    chosen = choose_malicious(cfg.clients, fraction, numpy_rng(seed, Stream.ATTACK), spec=attack)
+    attackers = {str(i) for i in chosen}
     log: list[dict[str, Any]] = []
     rule = A.BackdoorAttribution
     inverted, adopt, scores, combine = rule._inverted, rule._adopt, rule._scores, rule._combine
@@ -103,6 +120,8 @@ def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, An
     def w_combine(self: Any, x: Any) -> Any:
         out = combine(self, x)
         st, out_ids = self.state, set(self.excluded)
+        norms = dict(zip(self._ids, x.norm(dim=1).tolist(), strict=True))  # each decoded update's L2 norm
+        kept = [i for i, c in enumerate(self._ids) if c not in out_ids]
         log.append(
             {
                 "kind": "round",
@@ -111,8 +130,13 @@ def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, An
                 "excluded": sorted(out_ids),
                 "attackers_out": len(out_ids & attackers),
                 "honest_out": len(out_ids - attackers),
+                "norms": {c: round(n, 3) for c, n in norms.items()},
+                "kept_mean_norm": round(float(x[kept].mean(dim=0).norm()), 3),
             }
         )
+        top = max(norms, key=norms.__getitem__)
+        if norms[top] > 10 * float(x.norm(dim=1).median()):  # one update far above the round's: a divergence
+            print(f"  round {st.rounds}: client {top}'s update has norm {norms[top]:.1f}", flush=True)
         return out
 
     rule._inverted, rule._adopt, rule._scores, rule._combine = w_inverted, w_adopt, w_scores, w_combine  # type: ignore[method-assign]
@@ -144,6 +168,8 @@ def trace(codec: str, seed: int, defense: str, rounds: int = 80) -> dict[str, An
         key.write_text(json.dumps(result))
     return {
         "codec": codec,
+        "uplink": job_codec,
+        "attack": attack,
         "seed": seed,
         "defense": defense,
         "attackers": sorted(attackers),
@@ -159,8 +185,14 @@ def main() -> None:
     ap.add_argument("defense", help="a trigger_attribution spec, e.g. 'trigger_attribution(switch=latest)'")
     ap.add_argument("out", type=Path, help="where to write the JSON record")
     ap.add_argument("--rounds", type=int, default=80, help="80: the accept section's run")
+    ap.add_argument(
+        "--attack", default="backdoor:0.2", help="name:fraction (the accept section's by default)"
+    )
+    ap.add_argument(
+        "--uplink", default=rb.DEFAULT_CODEC, help="the codec of 'default' (robustness.py's --uplink)"
+    )
     a = ap.parse_args()
-    record = trace(a.codec, a.seed, a.defense, a.rounds)
+    record = trace(a.codec, a.seed, a.defense, a.rounds, a.attack, a.uplink)
     a.out.write_text(json.dumps(record))
     print("final", record["final"], "attackers", record["attackers"])
 

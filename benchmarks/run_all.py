@@ -200,6 +200,13 @@ PLAN: list[Step] = [
         _split(f"grid --workers 1 --defenses '{_ATTR}(score=both)' --key-suffix 'score option'"),
         ("robustness-grid-score option",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            f"grid --workers 1 --defenses none {_ATTR} --uplink 'stc(0.006)' --key-suffix 'stc(0.006) uplink'"
+        ),
+        ("robustness-grid-stc(0.006) uplink",),
+    ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
     Step("secagg.py", (), ("secagg",)),
