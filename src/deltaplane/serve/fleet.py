@@ -761,10 +761,11 @@ def _open_secagg(
     it, and a round just below that still at key advertisement for the same devices is such a stray, so it is
     aborted rather than left open."""
     failed = 0
+    signed = {"authenticated": True} if authenticated else {}  # the service's default is unauthenticated
     while True:
         ok, opened = p.once(
             lambda: p.admin.open_secagg(
-                model, names, weight_scale=weight_scale, neighbours=neighbours, authenticated=authenticated
+                model, names, weight_scale=weight_scale, neighbours=neighbours, **signed
             ),
             "open a round",
         )

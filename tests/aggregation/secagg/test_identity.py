@@ -249,6 +249,9 @@ def test_unsigned_roster_expired_certificate_and_other_cohort_are_refused(author
     honest = server.roster()
     with pytest.raises(SecAggAuthError, match="unsigned roster"):
         clients[0].share_keys(KeyRoster(cfg.round_id, dict(honest.keys)))
+    unsigned_slot = {v: a for v, a in honest.attestations.items() if v != 2}
+    with pytest.raises(SecAggAuthError, match="slot 2 carries no signature"):
+        clients[0].share_keys(dataclasses.replace(honest, attestations=unsigned_slot))
     late = dataclasses.replace(creds[0], clock=lambda: EXPIRES + 1.0)
     c = SecAggClient(0, cfg, randbytes=np.random.default_rng(0).bytes, credentials=late, session=b"m/1")
     with pytest.raises(SecAggAuthError, match="expired"):

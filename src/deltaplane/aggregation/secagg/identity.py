@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import struct
 import time
@@ -175,10 +176,7 @@ class EnrollmentAuthority:
                 "a certificate needs a 32-byte Ed25519 public key and an expiry in unix seconds"
             )
         unsigned = DeviceCertificate(device_id, cohort, bytes(identity_public), int(expires), self.id, b"")
-        return DeviceCertificate(
-            device_id, cohort, unsigned.identity_public, unsigned.expires, self.id,
-            self._key.sign(_CERT_DOMAIN + unsigned.signed_part()),
-        )  # fmt: skip
+        return dataclasses.replace(unsigned, signature=self._key.sign(_CERT_DOMAIN + unsigned.signed_part()))
 
     def trust(self) -> TrustedAuthorities:
         """The trust a device given this authority's public key holds."""

@@ -294,9 +294,10 @@ def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
 
 
 def round_binding(config: SecAggConfig, session: bytes) -> bytes:
-    """What a signed key advertisement is bound to (32 bytes): the round's public parameters (its round id and
-    the graph seed a real round draws fresh, among others) and ``session``, the driver's name for the round
-    (e.g. ``model/round`` on the service). An advertisement signed for one round does not verify in another."""
+    """What a signed key advertisement is bound to (32 bytes): the round's public parameters (round id, graph
+    seed, sizes, threshold) and ``session``, the driver's name for the round (``model/round`` on the service,
+    whose database never reuses a round number). An advertisement signed for one round does not verify in
+    another whose parameters or session differ."""
     doc = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(b"deltaplane/secagg/round-binding/v1\x00" + doc + b"\x00" + bytes(session)).digest()
 
@@ -494,6 +495,8 @@ class SecAggClient:
             )
         devices = {cred.identity.device_id: u}
         for v, keys in peers.items():
+            if v not in roster.attestations:
+                raise SecAggAuthError(f"client {u}: roster slot {v} carries no signature; refused", client=v)
             cert, sig = roster.attestations[v]
             name = cred.verify(self._binding, v, keys, cert, sig).device_id
             if devices.setdefault(name, v) != v:
@@ -660,9 +663,8 @@ class SecAggServer:
         #: an authenticated round takes only signed advertisements (:class:`SignedAdvertiseKeys`) and sends a
         #: :class:`SignedKeyRoster`; devices with credentials refuse any other roster whatever this says
         self.authenticated = authenticated
-        self.attestations: dict[
-            int, tuple[bytes, bytes]
-        ] = {}  # client -> (certificate, signature), forwarded
+        #: client -> (certificate, signature), forwarded in the roster unverified
+        self.attestations: dict[int, tuple[bytes, bytes]] = {}
         #: the fewest masked inputs the server unmasks (besides the threshold): distributed DP's m_min, whose
         #: noise is calibrated to that many devices; a sum of fewer would reach the server under-noised
         self.min_inputs = min_inputs
