@@ -413,7 +413,9 @@ def test_devices_refuse_to_unmask_fewer_than_m_min_when_the_server_has_no_floor(
 
     cfg = _config(byo_task, clients=4, secagg=True, clip="1.0", dp_noise=0.8, dp_delta=1e-3, codec="topk(0.1)",
                   secagg_min_contributors=4, wire="self-describing")  # fmt: skip
-    monkeypatch.setattr(secagg_routes, "ServerEndpoint", lambda config, min_inputs=0: ServerEndpoint(config))
+    monkeypatch.setattr(
+        secagg_routes, "ServerEndpoint", lambda config, min_inputs=0, **kw: ServerEndpoint(config, **kw)
+    )
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(4)]
         lines: list[str] = []

@@ -1,7 +1,8 @@
 """``deltaplane fleet``: run a federation of real device processes against ``deltaplane serve`` (docs/fleet.md).
 
 ``init`` registers the task's initial model in the service's registry, ``enroll`` issues one device token per
-device into a folder (one file each, mode 0600), ``device`` runs one device process, ``coordinate`` runs the
+device into a folder (one file each, mode 0600; with ``--authority-key`` also a certified SecAgg identity key),
+``device`` runs one device process, ``coordinate`` runs the
 operator's rounds. Both sides read the same federation YAML: the service its server step, the devices their
 local training, codec, clip and local DP (:mod:`deltaplane.serve.fleet`). Imports are light at module level:
 torch loads only when a command runs.
@@ -31,7 +32,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
-from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
+from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text, require_regular_file
 
 if TYPE_CHECKING:
     import ssl
@@ -153,6 +154,45 @@ def _connected(url: str, fn: Any) -> Any:
         raise unreachable(exc, url) from None
 
 
+def _enroll_identities(
+    authority_key: Path, names: list[str], cohort: str, days: float
+) -> list[tuple[bytes, bytes]]:
+    """A fresh identity key per device, certified by the enrollment authority at ``authority_key`` for
+    ``days``: (PKCS#8 PEM, certificate bytes) each. Everything is made before anything is written."""
+    import time
+
+    from deltaplane.aggregation.secagg.identity import DeviceIdentity, EnrollmentAuthority
+
+    authority = EnrollmentAuthority.from_pem(
+        read_bounded_text(authority_key, limit=KEY_LIMIT, what="enrollment authority key").encode()
+    )
+    expires = int(time.time() + days * 86400)
+    ids = [DeviceIdentity.enroll(authority, d, cohort=cohort, expires=expires) for d in names]
+    return [(i.key_pem(), i.certificate.to_bytes()) for i in ids]
+
+
+def _credentials(key: Path | None, certificate: Path | None, authority: Path | None) -> Any:
+    """The device's SecAgg credentials from ``--identity-key``, ``--certificate`` and ``--enrollment-authority``
+    (all three or none: a device with half an enrollment must not silently run unauthenticated)."""
+    given = [x is not None for x in (key, certificate, authority)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError(
+            "--identity-key, --certificate and --enrollment-authority go together: the device's SecAgg identity "
+            "(fleet enroll --authority-key writes the first two) and the authority's public key it trusts"
+        )
+    from deltaplane.aggregation.secagg.identity import DeviceCredentials, DeviceIdentity, TrustedAuthorities
+
+    assert key is not None and certificate is not None and authority is not None
+    identity = DeviceIdentity.from_files(
+        read_bounded_text(key, limit=KEY_LIMIT, what="device identity key").encode(),
+        read_bounded_bytes(certificate, limit=KEY_LIMIT, what="device certificate"),
+    )
+    text = read_bounded_text(authority, limit=KEY_LIMIT, what="enrollment authority public key")
+    return DeviceCredentials(identity, TrustedAuthorities.from_text(text, source=str(authority)))
+
+
 def _stop_on_signals() -> threading.Event:
     """An event set by SIGTERM / SIGINT: the device finishes the request in flight and stops."""
     stop = threading.Event()
@@ -222,9 +262,30 @@ def register(app: typer.Typer) -> None:
             typer.Option("--federation", help="Read the device count from this YAML.", show_default="none"),
         ] = None,
         cohort: Annotated[str, typer.Option(help="Cohort the tokens name (consent withdrawal).")] = "fleet",
+        authority_key: Annotated[
+            Path | None,
+            typer.Option(
+                "--authority-key",
+                exists=True,
+                dir_okay=False,
+                help="The enrollment authority (keys enrollment: enrollment.ed25519.pem): also write each device a "
+                "SecAgg identity key (OUT/device-I.identity.pem, 0600) and its certificate (OUT/device-I.cert) "
+                "for authenticated rounds (coordinate --authenticated).",
+                show_default="none",
+            ),
+        ] = None,
+        valid_days: Annotated[
+            float,
+            typer.Option(
+                "--valid-days",
+                min=1,
+                callback=finite_number,
+                help="How long the device certificates are valid.",
+            ),
+        ] = 365.0,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
-        $DELTAPLANE_ADMIN_TOKEN."""
+        $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity."""
         from deltaplane.registry.signing import write_secret_file
         from deltaplane.serve.client import AdminClient
         from deltaplane.serve.fleet import device_id
@@ -235,23 +296,32 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
                 devices = _federation(federation).clients
             files = [out / f"{device_id(i)}.token" for i in range(devices)]
-            held = next((f for f in files if f.exists()), None)
+            extra = [out / f"{device_id(i)}.{s}" for i in range(devices) for s in ("identity.pem", "cert")]
+            held = next((f for f in files + (extra if authority_key else []) if f.exists()), None)
             if held is not None:  # its token stays valid on the service: overwriting would only lose it
                 raise ConfigError(
                     f"{held} already exists; choose another --out, or remove the old files (and revoke their "
                     f"tokens: POST /admin/devices/{held.stem}/revoke)"
                 )
+            names = [device_id(i) for i in range(devices)]
+            identities = (
+                _enroll_identities(authority_key, names, cohort, valid_days)
+                if authority_key is not None
+                else []
+            )
             admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
-            tokens = [
-                _connected(url, lambda i=i: admin.issue_token(device_id(i), cohort)) for i in range(devices)
-            ]
+            tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
             for path, token in zip(files, tokens, strict=True):
                 write_secret_file(path, token.encode())
+            for name, (key_pem, cert) in zip(names, identities, strict=False):
+                write_secret_file(out / f"{name}.identity.pem", key_pem)
+                write_secret_file(out / f"{name}.cert", cert)
         console.print(
             escape(
                 f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
+                + (", with SecAgg identities (.identity.pem, .cert)" if authority_key else "")
             ),
             soft_wrap=True,
         )
@@ -293,6 +363,37 @@ def register(app: typer.Typer) -> None:
         ] = 300.0,
         patience: Patience = 300.0,
         threads: Threads = DEFAULT_THREADS,
+        identity_key: Annotated[
+            Path | None,
+            typer.Option(
+                "--identity-key",
+                exists=True,
+                dir_okay=False,
+                help="This device's SecAgg identity key (fleet enroll --authority-key: device-I.identity.pem).",
+                show_default="none",
+            ),
+        ] = None,
+        certificate: Annotated[
+            Path | None,
+            typer.Option(
+                "--certificate",
+                exists=True,
+                dir_okay=False,
+                help="Its certificate (device-I.cert).",
+                show_default="none",
+            ),
+        ] = None,
+        enrollment_authority: Annotated[
+            Path | None,
+            typer.Option(
+                "--enrollment-authority",
+                exists=True,
+                dir_okay=False,
+                help="The enrollment authority's public key the device trusts (enrollment.ed25519.pub): with the two "
+                "above, the device signs its SecAgg keys, checks every neighbour's, and refuses unauthenticated rounds.",
+                show_default="none",
+            ),
+        ] = None,
     ) -> None:
         """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
         from deltaplane.registry.signing import load_trusted_keys
@@ -300,6 +401,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.serve.fleet import load_device, run_device
 
         with _errors(OSError), cpu_threads(threads):
+            credentials = _credentials(identity_key, certificate, enrollment_authority)
             if trusted is None:
                 raise ConfigError(
                     "pass --trusted with the registry's public key (HOME/keys/signing.ed25519.pub): the device "
@@ -311,6 +413,7 @@ def register(app: typer.Typer) -> None:
                 url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca, tls_cert, tls_key)
             )
             dev = load_device(conn, run, device, model=model)
+            dev.credentials = credentials
             dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
@@ -354,6 +457,14 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         patience: Patience = 300.0,
+        authenticated: Annotated[
+            bool,
+            typer.Option(
+                "--authenticated",
+                help="Open SecAgg rounds whose key advertisements the devices sign and check (devices run with "
+                "--identity-key, --certificate, --enrollment-authority).",
+            ),
+        ] = False,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -377,6 +488,7 @@ def register(app: typer.Typer) -> None:
                     progress=lambda s: console.print(s.line(rounds)),
                     patience=patience,
                     say=lambda line: err_console.print(line, soft_wrap=True),
+                    authenticated=authenticated,
                 ),
             )
         failed = sum(1 for s in done if s.failed)

@@ -263,6 +263,38 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
 
+    @keys.command("enrollment")
+    def keys_enrollment(
+        out: Annotated[
+            Path,
+            typer.Option("--out", help="Folder for the authority's key pair: keep it off the service host."),
+        ],
+    ) -> None:
+        """Create the fleet's enrollment authority (Ed25519): `fleet enroll --authority-key` certifies each device's
+        SecAgg identity key with it; devices trust its .pub. Not the registry's signing key, which the service
+        holds: a service that could certify keys could substitute them (docs/security.md)."""
+        from deltaplane.aggregation.secagg.identity import EnrollmentAuthority
+        from deltaplane.delta import atomic_write_bytes
+        from deltaplane.registry.signing import write_secret_file
+
+        with _errors(OSError):
+            key, pub = out / "enrollment.ed25519.pem", out / "enrollment.ed25519.pub"
+            if key.exists() or pub.exists():
+                raise ConfigError(
+                    f"{key} already exists; every device certificate it issued would stop verifying: keep it, "
+                    "or remove it yourself"
+                )
+            _writable(out, "--out")
+            authority = EnrollmentAuthority.generate()
+            write_secret_file(key, authority.to_pem())
+            atomic_write_bytes(pub, authority.public_text().encode() + b"\n")
+        console.print(
+            escape(
+                f"enrollment authority {authority.id.hex()}: {key} (secret) + {pub} (give this to devices)"
+            ),
+            soft_wrap=True,
+        )
+
     @keys.command("tls")
     def keys_tls(
         home: Home = None,

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from deltaplane.aggregation.secagg import SecAggError, SecAggFloorError, Stage
+from deltaplane.aggregation.secagg import DeviceCredentials, SecAggError, SecAggFloorError, Stage
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.secure import masked_zeros, secure_neighbours
@@ -187,6 +187,9 @@ class Device:
     pending: tuple[int, int] | None = None
     log: Callable[[str], None] = print
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    #: the device's enrollment (``fleet enroll --authority-key``): it signs its SecAgg key advertisements and
+    #: refuses rosters it cannot authenticate, and rounds that are not authenticated; None: neither
+    credentials: DeviceCredentials | None = None
 
 
 def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model: str) -> Device:
@@ -355,6 +358,7 @@ def _accept_invitation(dev: Device, number: int, state: dict[str, torch.Tensor])
             wait=2.0,
             min_inputs=dev.config.unmask_floor(),
             min_range=dev.config.min_secagg_range(),
+            credentials=dev.credentials,
         )
         sa.check_update(masked_zeros(state, dev.step.local_keys(dev.net)), dev.client.num_samples)
     except (SecAggError, DecodeError) as exc:
@@ -734,8 +738,9 @@ def _secagg(
     poll: float,
     weight_scale: float,
     neighbours: int | None,
+    authenticated: bool,
 ) -> tuple:
-    number = _open_secagg(p, model, names, weight_scale, neighbours)
+    number = _open_secagg(p, model, names, weight_scale, neighbours, authenticated)
     return _follow(
         p,
         number,
@@ -748,16 +753,20 @@ def _secagg(
 
 
 def _open_secagg(
-    p: Patient, model: str, names: list[str], weight_scale: float, neighbours: int | None
+    p: Patient, model: str, names: list[str], weight_scale: float, neighbours: int | None, authenticated: bool
 ) -> int:
-    """Open a SecAgg round (SecAgg+ of degree ``neighbours``; None: the complete graph). An open whose answer
+    """Open a SecAgg round (SecAgg+ of degree ``neighbours``; None: the complete graph; ``authenticated``: signed
+    key advertisements, :mod:`~deltaplane.aggregation.secagg.identity`). An open whose answer
     was lost may have opened a round nobody will run (its number is unknown): the next open is numbered after
     it, and a round just below that still at key advertisement for the same devices is such a stray, so it is
     aborted rather than left open."""
     failed = 0
+    signed = {"authenticated": True} if authenticated else {}  # the service's default is unauthenticated
     while True:
         ok, opened = p.once(
-            lambda: p.admin.open_secagg(model, names, weight_scale=weight_scale, neighbours=neighbours),
+            lambda: p.admin.open_secagg(
+                model, names, weight_scale=weight_scale, neighbours=neighbours, **signed
+            ),
             "open a round",
         )
         if ok:
@@ -840,6 +849,7 @@ def coordinate(
     progress: Callable[[RoundSummary], None] | None = None,
     patience: float = 300.0,
     say: Callable[[str], None] | None = None,
+    authenticated: bool = False,
 ) -> list[RoundSummary]:
     """Run ``rounds`` rounds of ``model`` with the enrolled devices (default: ``device-0`` … one per partition).
 
@@ -857,7 +867,16 @@ def coordinate(
     durable, so it is finished (or found already closed when only the answer to the close was lost: never
     published twice); a SecAgg round that the restart lost fails with that reason and the next one starts.
     Past ``patience``, :class:`ServiceUnreachable` names the round left and how to abort it.
+
+    ``authenticated`` opens SecAgg rounds whose key advertisements the devices sign and check (devices enrolled
+    with ``fleet enroll --authority-key``); it needs a SecAgg federation (ConfigError otherwise: a plain round
+    has no keys to authenticate).
     """
+    if authenticated and not config.secagg:
+        raise ConfigError(
+            "authenticated rounds sign SecAgg's key advertisements; this federation runs plain rounds (set "
+            "secagg.enabled: true in its YAML)"
+        )
     if config.sample_fraction < 1:
         raise ConfigError(
             f"sample_fraction={config.sample_fraction:g}: the coordinator invites every enrolled device to every "
@@ -883,7 +902,7 @@ def coordinate(
         try:
             if config.secagg:
                 number, n, version, measured = _secagg(
-                    p, model, names, deadline, poll, weight_scale or 0.0, neighbours
+                    p, model, names, deadline, poll, weight_scale or 0.0, neighbours, authenticated
                 )
             else:
                 number, n, version, measured = _plain(p, model, names, deadline, poll)

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from deltaplane.aggregation.secagg import DeviceEndpoint, RingEncoding, SecAggConfig, check_device_policy
+from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
+    DeviceEndpoint,
+    RingEncoding,
+    SecAggAuthError,
+    SecAggConfig,
+    check_device_policy,
+)
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.client import DeviceClient, ServiceError
@@ -42,6 +49,10 @@ class SecAggDevice:
             (:meth:`~deltaplane.engine.RunConfig.min_secagg_range`); an invitation with a narrower
             ``clip_range`` is refused here (:class:`~deltaplane.aggregation.secagg.SecAggRangeError`), before
             anything is sent.
+        credentials: the device's enrollment (identity key, certificate, trusted enrollment authorities): it
+            signs its key advertisement and refuses a roster whose neighbours it cannot authenticate
+            (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`). With credentials the device refuses an
+            unauthenticated invitation; without, an authenticated one (it could not sign): both before training.
     """
 
     def __init__(
@@ -54,6 +65,7 @@ class SecAggDevice:
         wait: float = 0.0,
         min_inputs: int = 0,
         min_range: float = 0.0,
+        credentials: DeviceCredentials | None = None,
     ) -> None:
         self.client = client
         self.model = model
@@ -62,7 +74,11 @@ class SecAggDevice:
         self._path = f"/v1/models/{model}/secagg/{round_id}"
         self.invitation = client.request("GET", self._path).json()
         self.endpoint = self._accept_invitation(
-            self.invitation, randbytes=randbytes, min_inputs=min_inputs, min_range=min_range
+            self.invitation,
+            randbytes=randbytes,
+            min_inputs=min_inputs,
+            min_range=min_range,
+            credentials=credentials,
         )
         self.bytes_sent = 0
 
@@ -73,6 +89,7 @@ class SecAggDevice:
         randbytes: Callable[[int], bytes],
         min_inputs: int,
         min_range: float,
+        credentials: DeviceCredentials | None,
     ) -> DeviceEndpoint:
         """The device's endpoint for the invitation ``inv``, once the device accepts it: a graph and threshold
         that cannot let the server unmask it (:func:`check_device_policy`), a ring range and weighting its own
@@ -89,12 +106,25 @@ class SecAggDevice:
                 weight_scale=float(enc["weight_scale"]),
             )
             client_id = int(inv["client_id"])
+            authenticated = inv.get("authenticated", False)
+            if not isinstance(authenticated, bool):
+                raise TypeError(f"'authenticated' is {authenticated!r}, not a boolean")
         except DeltaplaneError:
             raise
         except (KeyError, TypeError, ValueError) as exc:  # the server's JSON is not an invitation
             raise DecodeError(
                 f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
             ) from None
+        if credentials is not None and not authenticated:
+            raise SecAggAuthError(
+                f"refusing SecAgg round {self.round_id}: this device authenticates its neighbours' keys (it was "
+                "enrolled with an identity), and the round is not authenticated, so the server could substitute them"
+            )
+        if credentials is None and authenticated:
+            raise SecAggAuthError(
+                f"refusing SecAgg round {self.round_id}: it takes signed key advertisements, and this device has no "
+                "enrolled identity (fleet enroll --authority-key; fleet device --identity)"
+            )
         return DeviceEndpoint(
             client_id,
             self.config,
@@ -102,6 +132,8 @@ class SecAggDevice:
             randbytes=randbytes,
             min_inputs=min_inputs,
             min_range=min_range,
+            credentials=credentials,
+            session=f"{self.model}/{self.round_id}".encode(),  # the service never reuses a round number
         )
 
     @property

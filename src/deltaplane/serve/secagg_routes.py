@@ -17,8 +17,10 @@ Device endpoints (``Authorization: Bearer <device token>``; only invited devices
   (number, base version, nonce) or SecAgg (number, base version, current stage; only rounds it is invited to),
   so a device agent that polls one endpoint learns what to do next (:mod:`deltaplane.serve.fleet`).
 * ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage.
-* ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys``.
-* ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (409 until key advertisement closed).
+* ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys`` (``SignedAdvertiseKeys`` in an
+  authenticated round: its certificate must name the token's device).
+* ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (``SignedKeyRoster`` in an authenticated
+  round; 409 until key advertisement closed).
 * ``POST /v1/models/{model}/secagg/{round}/shares`` — ``ShareKeys``.
 * ``GET  /v1/models/{model}/secagg/{round}/inbox`` — ``ShareInbox`` for this device (409 until shares closed).
 * ``POST /v1/models/{model}/secagg/{round}/masked`` — ``MaskedInput`` (409 after the unmasking request).
@@ -29,6 +31,12 @@ Admin endpoints: ``POST /admin/models/{model}/secagg`` (open), ``GET /admin/mode
 (status), ``POST /admin/models/{model}/secagg/{round}/advance`` (close the current stage),
 ``POST /admin/models/{model}/secagg/{round}/close`` (unmask, publish),
 ``POST /admin/models/{model}/secagg/{round}/abort`` (give the round up unpublished).
+
+An *authenticated* round (``"authenticated": true`` when opened) takes only key advertisements signed by an
+enrolled device's identity key and forwards them with their certificates in the roster, where every device
+checks them (:mod:`deltaplane.aggregation.secagg.identity`): a device with credentials refuses an unsigned round
+or roster, so this flag cannot turn the check off. The service itself holds no enrollment key and verifies no
+signature: it only refuses an advertisement whose certificate names another device than the token's.
 
 A round's protocol state (keys, shares, every masked input: model-sized per device) lives in memory only and
 is dropped as soon as the round is published or aborted; its full final status (survivors, dropouts) is kept
@@ -61,14 +69,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from deltaplane.aggregation.dp import DistributedDP
 from deltaplane.aggregation.secagg import (
     AdvertiseKeys,
+    DeviceCertificate,
     MaskedInput,
     Message,
     RingEncoding,
+    SecAggAuthError,
     SecAggConfig,
     SecAggError,
     SecAggOrderError,
     ServerEndpoint,
     ShareKeys,
+    SignedAdvertiseKeys,
     Stage,
     UnmaskResponse,
     check_device_policy,
@@ -139,6 +150,7 @@ class SecAggRound:
             "survivors": list(srv.survivors),
             "dropped": list(srv.dropped),
             "published": self.published,
+            "authenticated": srv.authenticated,
             "finished": None,  # "published" or "aborted" once it is (FinishedRound)
         }
 
@@ -217,6 +229,13 @@ class OpenSecAggRequest(BaseModel):
         ),
     )
     base_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    authenticated: bool = Field(
+        default=False,
+        description=(
+            "devices sign their key advertisements with their enrolled identity keys and check every neighbour's "
+            "certificate and signature in the roster (fleet enroll --authority-key)"
+        ),
+    )
 
 
 class Invitation(BaseModel):
@@ -227,6 +246,7 @@ class Invitation(BaseModel):
     config: dict[str, int | None]
     encoding: dict[str, float]
     stage: str
+    authenticated: bool = Field(description="key advertisements are signed and checked by every device")
 
 
 class OpenRound(BaseModel):
@@ -459,12 +479,19 @@ def install_secagg_routes(
             r = get_round(model, number)
             # in a worker thread: the consent check reads (and verifies) the signed state log in the database
             u = await run_in_threadpool(client_of, r, ident)
-            body = await read_capped(request, cls.max_bytes(r.config))
+            signed = cls is AdvertiseKeys and r.endpoint.server.authenticated
+            body = await read_capped(request, (SignedAdvertiseKeys if signed else cls).max_bytes(r.config))
 
             def apply() -> None:
                 msg = decode_message(body, r.config)  # strict: DecodeError -> 400, another round -> 409
                 if not isinstance(msg, cls):
                     raise DecodeError(f"this endpoint takes a {cls.__name__}, got a {type(msg).__name__}")
+                if isinstance(msg, SignedAdvertiseKeys):  # the devices verify it; this only catches a mix-up
+                    named = DeviceCertificate.from_bytes(msg.certificate).device_id
+                    if named != ident.device_id:
+                        raise SecAggAuthError(
+                            f"device {ident.device_id} sent a key advertisement certified for device {named!r}"
+                        )
                 r.endpoint.receive(body, sender=u)
 
             # in a worker thread: decoding and folding a masked input is model-sized work, and the round's lock
@@ -528,6 +555,7 @@ def install_secagg_routes(
                 "weight_scale": r.encoding.weight_scale,
             },
             stage=r.endpoint.stage,
+            authenticated=r.endpoint.server.authenticated,
         )
 
     @router.get("/v1/models/{model}/secagg/{number}/roster", tags=["secagg"], response_class=Response)
@@ -662,7 +690,8 @@ def install_secagg_routes(
                 base,
                 {d: i for i, d in enumerate(body.devices)},
                 encoding,
-                ServerEndpoint(cfg, min_inputs=m_min),  # fewer masked inputs than m_min: never unmasked
+                # fewer masked inputs than m_min: never unmasked
+                ServerEndpoint(cfg, min_inputs=m_min, authenticated=body.authenticated),
                 like,
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}

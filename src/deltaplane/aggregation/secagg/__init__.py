@@ -6,10 +6,18 @@ Needs the ``cryptography`` package (the ``aggregation`` extra); import this subp
 from deltaplane.aggregation.secagg.encoding import RingEncoding, max_ring_weight
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
 from deltaplane.aggregation.secagg.errors import (
+    SecAggAuthError,
     SecAggError,
     SecAggFloorError,
     SecAggOrderError,
     SecAggRangeError,
+)
+from deltaplane.aggregation.secagg.identity import (
+    DeviceCertificate,
+    DeviceCredentials,
+    DeviceIdentity,
+    EnrollmentAuthority,
+    TrustedAuthorities,
 )
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
@@ -18,6 +26,8 @@ from deltaplane.aggregation.secagg.messages import (
     Message,
     ShareInbox,
     ShareKeys,
+    SignedAdvertiseKeys,
+    SignedKeyRoster,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -33,6 +43,7 @@ from deltaplane.aggregation.secagg.protocol import (
     min_group_size,
     neighbours,
     neighbours_of,
+    round_binding,
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
@@ -40,12 +51,17 @@ from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchan
 
 __all__ = [
     "AdvertiseKeys",
+    "DeviceCertificate",
+    "DeviceCredentials",
     "DeviceEndpoint",
+    "DeviceIdentity",
     "Dropouts",
+    "EnrollmentAuthority",
     "KeyRoster",
     "MaskedInput",
     "Message",
     "RingEncoding",
+    "SecAggAuthError",
     "SecAggClient",
     "SecAggConfig",
     "SecAggError",
@@ -57,7 +73,10 @@ __all__ = [
     "ServerEndpoint",
     "ShareInbox",
     "ShareKeys",
+    "SignedAdvertiseKeys",
+    "SignedKeyRoster",
     "Stage",
+    "TrustedAuthorities",
     "UnmaskRequest",
     "UnmaskResponse",
     "check_device_policy",
@@ -73,6 +92,7 @@ __all__ = [
     "pack",
     "quantize",
     "ring_bits",
+    "round_binding",
     "round_neighbours",
     "run_secagg",
     "secure_mean",

@@ -17,12 +17,14 @@ import numpy as np
 
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError, SecAggRangeError
+from deltaplane.aggregation.secagg.identity import DeviceCredentials
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
     MaskedInput,
     ShareInbox,
     ShareKeys,
+    SignedAdvertiseKeys,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -54,6 +56,10 @@ class DeviceEndpoint:
             0, as distributed DP's mean is): a weighted ring scales each value by count / weight_scale before
             the clip, so the range would no longer bound what is clipped, and one device could move the sum
             by more than C.
+        credentials: the device's enrollment: it signs its advertisement and refuses a roster whose
+            neighbours' keys it cannot authenticate (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`).
+            See :class:`SecAggClient`.
+        session: the driver's name for the round, bound into signed advertisements (the same on every device).
     """
 
     def __init__(
@@ -65,6 +71,8 @@ class DeviceEndpoint:
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         min_inputs: int = 0,
         min_range: float = 0.0,
+        credentials: DeviceCredentials | None = None,
+        session: bytes = b"",
     ) -> None:
         if not encoding.clip_range >= min_range:  # NaN included
             raise SecAggRangeError(
@@ -86,7 +94,14 @@ class DeviceEndpoint:
             raise SecAggError(f"encoding has {encoding.bits}-bit codes, the round {config.bits}-bit")
         self.config = config
         self.encoding = encoding
-        self.client = SecAggClient(client_id, config, randbytes=randbytes, min_inputs=min_inputs)
+        self.client = SecAggClient(
+            client_id,
+            config,
+            randbytes=randbytes,
+            min_inputs=min_inputs,
+            credentials=credentials,
+            session=session,
+        )
         self._codes: np.ndarray | None = None
 
     @property
@@ -105,12 +120,16 @@ class DeviceEndpoint:
         state: bytes,
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        credentials: DeviceCredentials | None = None,
+        session: bytes = b"",
     ) -> DeviceEndpoint:
         """A device endpoint resumed from :meth:`export_state` (for devices that run each stage afresh); the
-        state keeps the device's ``min_inputs``."""
+        state keeps the device's ``min_inputs``, and one made with credentials needs them again."""
         out = cls.__new__(cls)
         out.config, out.encoding, out._codes = config, encoding, None
-        out.client = SecAggClient.restore(config, state, randbytes=randbytes)
+        out.client = SecAggClient.restore(
+            config, state, randbytes=randbytes, credentials=credentials, session=session
+        )
         return out
 
     def check_update(self, like: Delta, weight: int) -> None:
@@ -136,7 +155,7 @@ class DeviceEndpoint:
         self._codes = np.asarray(codes)
 
     def advertise(self) -> bytes:
-        """Stage 0: this device's public keys."""
+        """Stage 0: this device's public keys (signed, with its certificate, when it has credentials)."""
         return self.client.advertise_keys().to_bytes()
 
     def share(self, roster: bytes) -> bytes:
@@ -160,6 +179,7 @@ class DeviceEndpoint:
 
 _RECEIVERS = {
     AdvertiseKeys: "receive_keys",
+    SignedAdvertiseKeys: "receive_keys",
     ShareKeys: "receive_shares",
     MaskedInput: "receive_masked_input",
     UnmaskResponse: "receive_unmask",
@@ -170,12 +190,13 @@ class ServerEndpoint:
     """The server's side of a round: strict decoding, sender checks, the state machine; bytes in and out.
 
     Partner: :class:`DeviceEndpoint`. ``receive`` accepts any device → server message; the stage methods close
-    stages and return what devices fetch next.
+    stages and return what devices fetch next. ``authenticated``: the round takes signed advertisements and sends
+    a signed roster (:class:`~deltaplane.aggregation.secagg.SecAggServer`).
     """
 
-    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0) -> None:
+    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0, authenticated: bool = False) -> None:
         self.config = config
-        self.server = SecAggServer(config, min_inputs=min_inputs)
+        self.server = SecAggServer(config, min_inputs=min_inputs, authenticated=authenticated)
 
     @property
     def stage(self) -> str:

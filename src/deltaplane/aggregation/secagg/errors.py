@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deltaplane.errors import DeltaplaneError
 
-__all__ = ["SecAggError", "SecAggFloorError", "SecAggOrderError", "SecAggRangeError"]
+__all__ = ["SecAggAuthError", "SecAggError", "SecAggFloorError", "SecAggOrderError", "SecAggRangeError"]
 
 
 class SecAggError(DeltaplaneError, RuntimeError):
@@ -51,3 +51,17 @@ class SecAggRangeError(SecAggError):
         super().__init__(message)
         self.clip_range = clip_range
         self.min_range = min_range
+
+
+class SecAggAuthError(SecAggError):
+    """A device refuses a key roster whose advertisements it cannot authenticate: a neighbour's device
+    certificate is not signed by an enrollment authority the device trusts (or is expired, malformed, of another
+    cohort), or the advertisement is not signed by the certified identity key for this round and slot. The device
+    sends nothing and its state is unchanged: keys a server could have substituted are never used.
+
+    ``client`` is the roster slot whose advertisement was refused (None: the roster as a whole).
+    """
+
+    def __init__(self, message: str, *, client: int | None = None) -> None:
+        super().__init__(message)
+        self.client = client

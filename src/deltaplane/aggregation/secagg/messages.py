@@ -17,6 +17,9 @@ message                direction             body
 ``MaskedInput``        device → server       id, the masked lane words: ``ring_bits`` bits per value
 ``UnmaskRequest``      server → devices      survivors, then dropped clients
 ``UnmaskResponse``     device → server       id, count, then (owner, Shamir share) per owner asked for
+``SignedAdvertiseKeys`` device → server      ``AdvertiseKeys`` then u16 certificate length, certificate,
+                                             Ed25519 signature (authenticated rounds, :mod:`.identity`)
+``SignedKeyRoster``    server → devices      count, then (id, c, s, u16 length, certificate, signature)
 =====================  ====================  =======================================================
 """
 
@@ -24,11 +27,12 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from deltaplane.aggregation.secagg import shamir
 from deltaplane.aggregation.secagg.errors import SecAggOrderError
+from deltaplane.aggregation.secagg.identity import CERT_MAX_BYTES, SIGNATURE_BYTES
 from deltaplane.errors import DecodeError
 
 if TYPE_CHECKING:
@@ -42,6 +46,8 @@ __all__ = [
     "Message",
     "ShareInbox",
     "ShareKeys",
+    "SignedAdvertiseKeys",
+    "SignedKeyRoster",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_message",
@@ -61,6 +67,7 @@ KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
 CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
 _U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
 _ROSTER_ENTRY = struct.Struct(f">I{KEY_BYTES}s{KEY_BYTES}s")  # id, c public key, s public key
 _CIPHERTEXT_ENTRY = struct.Struct(f">I{CIPHERTEXT_BYTES}s")  # peer id, ciphertext
 _SHARE_ENTRY = struct.Struct(f">I{shamir.SHARE_BYTES}s")  # owner id, Shamir share
@@ -143,7 +150,7 @@ class _Reader:
 
 
 class Message:
-    """Base of the seven messages: framing, and strict decoding dispatched on the kind byte."""
+    """Base of the nine messages: framing, and strict decoding dispatched on the kind byte."""
 
     KIND: ClassVar[int] = 0
 
@@ -224,6 +231,86 @@ class KeyRoster(Message):
         n = r.count(config.num_clients, 4 + 2 * KEY_BYTES, "clients")
         keys = {u: (c, s) for u, c, s in r.entries(config, n, _ROSTER_ENTRY, "client id")}
         return cls(round_id, keys)
+
+
+def _attestation(r: _Reader) -> tuple[bytes, bytes]:
+    """A length-prefixed certificate (at most CERT_MAX_BYTES, decoded by the device) and a signature."""
+    n = _U16.unpack(r.take(2))[0]
+    if n > CERT_MAX_BYTES:
+        raise DecodeError(f"{r.what}: a {n}-byte certificate, at most {CERT_MAX_BYTES}")
+    return r.take(n), r.take(SIGNATURE_BYTES)
+
+
+def _attestation_bytes(certificate: bytes, signature: bytes) -> bytes:
+    if len(certificate) > CERT_MAX_BYTES or len(signature) != SIGNATURE_BYTES:
+        raise DecodeError(
+            f"an attestation is a certificate of at most {CERT_MAX_BYTES} bytes and a {SIGNATURE_BYTES}-byte "
+            f"signature; got {len(certificate)} and {len(signature)}"
+        )
+    return _U16.pack(len(certificate)) + certificate + signature
+
+
+_ATTESTATION_MAX = 2 + CERT_MAX_BYTES + SIGNATURE_BYTES
+
+
+@dataclass(frozen=True)
+class SignedAdvertiseKeys(AdvertiseKeys):
+    """Stage 0 of an authenticated round, device → server: the two public keys, the device's certificate and
+    its identity key's signature of :func:`~deltaplane.aggregation.secagg.identity.advertisement_statement`."""
+
+    KIND: ClassVar[int] = 8
+    certificate: bytes = b""
+    signature: bytes = b""
+
+    def body(self) -> bytes:
+        return super().body() + _attestation_bytes(self.certificate, self.signature)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return AdvertiseKeys.max_bytes(config) + _ATTESTATION_MAX
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> SignedAdvertiseKeys:
+        u = r.client(config, "client id")
+        c, s = r.take(KEY_BYTES), r.take(KEY_BYTES)
+        return cls(round_id, u, c, s, *_attestation(r))
+
+
+@dataclass(frozen=True)
+class SignedKeyRoster(KeyRoster):
+    """Stage 0 → 1 of an authenticated round, server → devices: every advertisement the server accepted, each
+    with its certificate and signature, which every device checks before using a neighbour's keys."""
+
+    KIND: ClassVar[int] = 9
+    attestations: dict[int, tuple[bytes, bytes]] = field(
+        default_factory=dict
+    )  # id -> (certificate, signature)
+
+    def body(self) -> bytes:
+        if set(self.attestations) != set(self.keys):
+            raise DecodeError("a signed roster carries one attestation per advertised client")
+        parts = [_U32.pack(len(self.keys))]
+        for u, (c, s) in sorted(self.keys.items()):
+            parts += [_U32.pack(u), c, s, _attestation_bytes(*self.attestations[u])]
+        return b"".join(parts)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 4 + config.num_clients * (4 + 2 * KEY_BYTES + _ATTESTATION_MAX)
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> SignedKeyRoster:
+        least = 4 + 2 * KEY_BYTES + 2 + SIGNATURE_BYTES  # an entry's smallest size bounds the declared count
+        n = r.count(config.num_clients, least, "clients")
+        keys, attest, last = {}, {}, -1
+        for _ in range(n):
+            u = r.client(config, "client id")
+            if u <= last:
+                raise DecodeError(f"{r.what}: client ids must be strictly increasing")
+            last = u
+            keys[u] = (r.take(KEY_BYTES), r.take(KEY_BYTES))
+            attest[u] = _attestation(r)
+        return cls(round_id, keys, attest)
 
 
 @dataclass(frozen=True)
@@ -385,7 +472,17 @@ class UnmaskResponse(Message):
 
 _KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
-    for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ShareInbox, MaskedInput, UnmaskRequest, UnmaskResponse)
+    for cls in (
+        AdvertiseKeys,
+        KeyRoster,
+        ShareKeys,
+        ShareInbox,
+        MaskedInput,
+        UnmaskRequest,
+        UnmaskResponse,
+        SignedAdvertiseKeys,
+        SignedKeyRoster,
+    )
 }
 
 

@@ -30,11 +30,16 @@ current stage; anything else is a :class:`SecAggOrderError` that leaves the stat
 
 The server object holds public keys, ciphertexts it cannot open, the running masked sum and at most the shares it
 asked for; it never holds an individual unmasked update (tests check every attribute). Threat model: semi-honest
-server and clients (no signatures / consistency round, which the malicious-secure variant adds).
+server and clients, plus, in *authenticated* rounds, a server that substitutes keys: each device signs its key
+advertisement with an identity key an enrollment authority certified (:mod:`~deltaplane.aggregation.secagg.
+identity`, Bonawitz et al. §4's PKI), and refuses a roster whose every neighbour's certificate and signature do not
+verify (:class:`SecAggAuthError`). The malicious-secure variant's consistency round (devices signing the survivor
+set) is not implemented: docs/aggregation.md says what that leaves open.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -49,13 +54,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from deltaplane.aggregation.secagg import shamir
-from deltaplane.aggregation.secagg.errors import SecAggError, SecAggFloorError, SecAggOrderError
+from deltaplane.aggregation.secagg.errors import (
+    SecAggAuthError,
+    SecAggError,
+    SecAggFloorError,
+    SecAggOrderError,
+)
+from deltaplane.aggregation.secagg.identity import DeviceCredentials, advertisement_statement
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
     MaskedInput,
     ShareInbox,
     ShareKeys,
+    SignedAdvertiseKeys,
+    SignedKeyRoster,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -82,6 +95,7 @@ __all__ = [
     "min_group_size",
     "neighbours",
     "neighbours_of",
+    "round_binding",
     "round_neighbours",
 ]
 
@@ -279,6 +293,15 @@ def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
     return dict(sorted((int(u), _harary(order, i, degree)) for i, u in enumerate(order)))
 
 
+def round_binding(config: SecAggConfig, session: bytes) -> bytes:
+    """What a signed key advertisement is bound to (32 bytes): the round's public parameters (round id, graph
+    seed, sizes, threshold) and ``session``, the driver's name for the round (``model/round`` on the service,
+    whose database never reuses a round number). An advertisement signed for one round does not verify in
+    another whose parameters or session differ."""
+    doc = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(b"deltaplane/secagg/round-binding/v1\x00" + doc + b"\x00" + bytes(session)).digest()
+
+
 def _raw_private(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
@@ -334,6 +357,12 @@ class SecAggClient:
             threshold: under distributed DP the m_min its own noise was calibrated to (0: no floor). It comes
             from the device's own configuration, never from the server's messages, so a server that is
             misconfigured or breaks the protocol cannot talk the device into revealing a shorter sum.
+        credentials: the device's enrollment (identity key, certificate, trusted authorities): it then signs
+            its key advertisement and refuses any roster that is not a :class:`SignedKeyRoster` in which every
+            neighbour's certificate and signature verify (:class:`SecAggAuthError`, state unchanged). None: the
+            semi-honest protocol, whose roster the server could falsify.
+        session: the driver's name for this round, bound into the signed advertisements with the config
+            (:func:`round_binding`); every device of the round must use the same.
     """
 
     def __init__(
@@ -343,6 +372,8 @@ class SecAggClient:
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         min_inputs: int = 0,
+        credentials: DeviceCredentials | None = None,
+        session: bytes = b"",
     ) -> None:
         if not 0 <= client_id < config.num_clients:
             raise ConfigError(f"client_id must be in [0, {config.num_clients}). Found {client_id}")
@@ -351,6 +382,8 @@ class SecAggClient:
         self.client_id = client_id
         self.config = config
         self.min_inputs = min_inputs
+        self.credentials = credentials
+        self._binding = round_binding(config, session)
         self._rand = randbytes
         self._graph = neighbours_of(config, client_id)  # its own neighbourhood only: O(clients)
         self._c_key = X25519PrivateKey.from_private_bytes(randbytes(32))
@@ -393,18 +426,36 @@ class SecAggClient:
             "own_shares": [str(self._own_shares[0]), str(self._own_shares[1])],
             "revealed": {str(v): w for v, w in self._revealed.items()},
             "min_inputs": self.min_inputs,
+            "authenticated": self.credentials is not None,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def restore(
-        cls, config: SecAggConfig, data: bytes, *, randbytes: Callable[[int], bytes] = secrets.token_bytes
+        cls,
+        config: SecAggConfig,
+        data: bytes,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        credentials: DeviceCredentials | None = None,
+        session: bytes = b"",
     ) -> SecAggClient:
-        """Inverse of :meth:`export_state` for the round of ``config``; a malformed state is a DecodeError."""
+        """Inverse of :meth:`export_state` for the round of ``config``; a malformed state is a DecodeError. A
+        state exported with credentials is restored only with credentials (and the same ``session``): a resumed
+        device must not start accepting rosters it would have refused."""
         try:
             doc = json.loads(data)
+            if bool(doc.get("authenticated", False)) and credentials is None:
+                raise SecAggAuthError(
+                    "this SecAgg state authenticates its rosters; restore it with the device's credentials"
+                )
             self = cls(
-                int(doc["client_id"]), config, randbytes=randbytes, min_inputs=int(doc.get("min_inputs", 0))
+                int(doc["client_id"]),
+                config,
+                randbytes=randbytes,
+                min_inputs=int(doc.get("min_inputs", 0)),
+                credentials=credentials,
+                session=session,
             )
             if doc["stage"] not in _ORDER:
                 raise ValueError(f"unknown stage {doc['stage']!r}")
@@ -424,9 +475,35 @@ class SecAggClient:
     def advertise_keys(self) -> AdvertiseKeys:
         """The two public keys (repeatable until the keys are shared, e.g. when a transport retries)."""
         self._expect(Stage.ADVERTISE, "advertise keys")
-        return AdvertiseKeys(
-            self.config.round_id, self.client_id, _raw_public(self._c_key), _raw_public(self._s_key)
-        )
+        c, s, u = _raw_public(self._c_key), _raw_public(self._s_key), self.client_id
+        if self.credentials is None:
+            return AdvertiseKeys(self.config.round_id, u, c, s)
+        ident = self.credentials.identity
+        sig = ident.sign(advertisement_statement(self._binding, u, ident.device_id, c, s))
+        return SignedAdvertiseKeys(self.config.round_id, u, c, s, ident.certificate.to_bytes(), sig)
+
+    def _authenticate(self, roster: KeyRoster, peers: Mapping[int, tuple[bytes, bytes]]) -> None:
+        """Refuse (:class:`SecAggAuthError`) unless every neighbour's advertisement in ``roster`` carries a
+        certificate from a trusted authority and its certified key's signature for this round and slot, and no
+        device holds two slots. Changes nothing: called before the roster's keys are used."""
+        cred, u = self.credentials, self.client_id
+        assert cred is not None
+        if not isinstance(roster, SignedKeyRoster):
+            raise SecAggAuthError(
+                f"client {u}: this device authenticates its neighbours' keys, and the server sent an unsigned "
+                "roster; refused"
+            )
+        devices = {cred.identity.device_id: u}
+        for v, keys in peers.items():
+            if v not in roster.attestations:
+                raise SecAggAuthError(f"client {u}: roster slot {v} carries no signature; refused", client=v)
+            cert, sig = roster.attestations[v]
+            name = cred.verify(self._binding, v, keys, cert, sig).device_id
+            if devices.setdefault(name, v) != v:
+                raise SecAggAuthError(
+                    f"client {u}: device {name!r} holds roster slots {devices[name]} and {v}; refused",
+                    client=v,
+                )
 
     # -- stage 1 ----------------------------------------------------------------------------------------
     def _share_cipher(self, peer: int, c_public: bytes) -> AESGCM:
@@ -454,6 +531,8 @@ class SecAggClient:
             raise SecAggError(
                 f"client {u}: only {len(peers)} neighbours advertised keys; threshold {cfg.threshold}"
             )
+        if self.credentials is not None:
+            self._authenticate(roster, peers)
         # every agreement before any state changes: a roster with a low-order key is refused as a whole
         aeads = {v: self._share_cipher(v, c) for v, (c, _) in peers.items()}
         self._peers, self._aeads = peers, aeads
@@ -579,8 +658,13 @@ class SecAggServer:
     messages (O(clients · neighbours) with SecAgg+).
     """
 
-    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0) -> None:
+    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0, authenticated: bool = False) -> None:
         self.config = config
+        #: an authenticated round takes only signed advertisements (:class:`SignedAdvertiseKeys`) and sends a
+        #: :class:`SignedKeyRoster`; devices with credentials refuse any other roster whatever this says
+        self.authenticated = authenticated
+        #: client -> (certificate, signature), forwarded in the roster unverified
+        self.attestations: dict[int, tuple[bytes, bytes]] = {}
         #: the fewest masked inputs the server unmasks (besides the threshold): distributed DP's m_min, whose
         #: noise is calibrated to that many devices; a sum of fewer would reach the server under-noised
         self.min_inputs = min_inputs
@@ -623,6 +707,11 @@ class SecAggServer:
     def receive_keys(self, msg: AdvertiseKeys) -> None:
         self._expect(Stage.ADVERTISE, f"key advertisement from client {msg.client_id}")
         self._check_round(msg, msg.client_id)
+        if isinstance(msg, SignedAdvertiseKeys) != self.authenticated:
+            raise SecAggError(
+                f"client {msg.client_id} sent {'a signed' if not self.authenticated else 'an unsigned'} key "
+                f"advertisement; this round takes {'signed' if self.authenticated else 'unsigned'} ones"
+            )
         if (
             not 0 <= msg.client_id < self.config.num_clients
             or len(msg.c_public) != 32
@@ -646,6 +735,8 @@ class SecAggServer:
                 "refused (devices would refuse a roster that repeats it): send freshly generated keys"
             )
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
+        if isinstance(msg, SignedAdvertiseKeys):  # forwarded as is: the devices, not the server, verify it
+            self.attestations[msg.client_id] = (msg.certificate, msg.signature)
         self._c_owner[msg.c_public] = msg.client_id
         self._count(msg.client_id, msg.wire_size())
 
@@ -657,7 +748,12 @@ class SecAggServer:
                 raise SecAggError(
                     f"only {len(self.keys)} clients advertised keys; threshold {self.config.threshold}"
                 )
-            self._roster = KeyRoster(self.config.round_id, dict(sorted(self.keys.items())))
+            keys = dict(sorted(self.keys.items()))
+            self._roster = (
+                SignedKeyRoster(self.config.round_id, keys, dict(sorted(self.attestations.items())))
+                if self.authenticated
+                else KeyRoster(self.config.round_id, keys)
+            )
             self.stage = Stage.SHARE
         return self._roster
 

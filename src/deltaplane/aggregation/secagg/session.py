@@ -19,6 +19,7 @@ import numpy as np
 from deltaplane.aggregation.secagg.encoding import RingEncoding
 from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
 from deltaplane.aggregation.secagg.errors import SecAggOrderError
+from deltaplane.aggregation.secagg.identity import DeviceCredentials
 from deltaplane.aggregation.secagg.protocol import SecAggConfig, default_threshold, group_size
 from deltaplane.delta import Delta, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError
@@ -140,6 +141,8 @@ def run_secagg(
     drop_after_upload: Collection[int] = (),
     dropouts: Dropouts | None = None,
     randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    credentials: Mapping[int, DeviceCredentials] | None = None,
+    session: bytes = b"",
 ) -> tuple[np.ndarray, SecAggReport]:
     """The exact integer sum of the codes of the frozen survivors, and a :class:`SecAggReport`.
 
@@ -150,14 +153,20 @@ def run_secagg(
         drop_before_upload / drop_after_upload: shorthands for ``Dropouts(before_upload=..., after_upload=...)``.
         dropouts: dropouts at every stage, and late uploads (merged with the shorthands).
         randbytes: secret randomness for all clients (seeded only in reproducible simulations).
+        credentials: client id → that device's enrollment (one for every client in ``codes``): an authenticated
+            round, each device signing its advertisement and checking its neighbours' (``session`` names the
+            round). None: the semi-honest round.
     """
     d = (dropouts or Dropouts()).plus(before_upload=drop_before_upload, after_upload=drop_after_upload)
     enc = RingEncoding(bits=config.bits)
+    if credentials is not None and set(credentials) != set(codes):
+        raise ConfigError(f"credentials for clients {sorted(credentials)}, codes for {sorted(codes)}")
     devices = {}
     for u, c in codes.items():
-        devices[u] = DeviceEndpoint(u, config, enc, randbytes=randbytes)
+        cred = credentials[u] if credentials is not None else None
+        devices[u] = DeviceEndpoint(u, config, enc, randbytes=randbytes, credentials=cred, session=session)
         devices[u].set_codes(c)
-    return exchange(devices, ServerEndpoint(config), d)
+    return exchange(devices, ServerEndpoint(config, authenticated=credentials is not None), d)
 
 
 def secure_mean(

@@ -1,0 +1,324 @@
+"""Device identities for secure aggregation: enrollment certificates and signed key advertisements.
+
+The semi-honest protocol trusts the server to forward each device's public keys unchanged: a server that puts
+keys of its own in a target's neighbours' place decrypts the target's shares and rebuilds its masks. Bonawitz et
+al. 2017 (https://eprint.iacr.org/2017/281, §4 and §6.2, "active adversary") close this with a PKI: every device
+holds a long-lived *identity* signing key whose public half an authority the devices trust has certified, and
+signs its key advertisement with it; each device checks every neighbour's certificate and signature before it
+uses the neighbour's keys. This module is that PKI, with Ed25519 (RFC 8032) from ``cryptography``:
+
+* :class:`EnrollmentAuthority` — the operator's key. It certifies ``(device id, cohort, identity key, expiry)``
+  (:class:`DeviceCertificate`). It must not live where the aggregation server runs (it would let the server mint
+  identities for keys of its own): ``deltaplane keys enrollment`` makes it apart from the registry's signing
+  key, which the service holds to sign what it publishes.
+* :class:`TrustedAuthorities` — the authority public keys a device was given out of band.
+* :class:`DeviceIdentity` — a device's identity key and certificate; it signs
+  :func:`advertisement_statement`: its two X25519 public keys bound to its slot in the round, its device id
+  and the round's *binding* (a hash of the round's public parameters and the driver's session name), so a
+  signed advertisement cannot be moved to another slot, device or round.
+* :class:`DeviceCredentials` — what a device checks rosters with: its identity and the authorities it trusts.
+
+The signed bytes are domain-separated and fixed-layout (no JSON canonicalisation to get wrong); certificates
+are a compact strict encoding (at most :data:`CERT_MAX_BYTES`), read with every length checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from deltaplane.aggregation.secagg.errors import SecAggAuthError
+from deltaplane.errors import ConfigError, DecodeError
+
+__all__ = [
+    "CERT_MAX_BYTES",
+    "SIGNATURE_BYTES",
+    "DeviceCertificate",
+    "DeviceCredentials",
+    "DeviceIdentity",
+    "EnrollmentAuthority",
+    "TrustedAuthorities",
+    "advertisement_statement",
+    "authority_id",
+]
+
+CERT_MAGIC = b"DPDC"
+CERT_VERSION = 1
+#: most UTF-8 bytes of a device id or a cohort name in a certificate
+NAME_BYTES = 64
+SIGNATURE_BYTES = 64
+_CERT_HEAD = struct.Struct(">4sB8s32sQ")  # magic, version, authority id, identity public key, expiry (unix s)
+#: the largest certificate: the head, two length-prefixed names, the authority's signature
+CERT_MAX_BYTES = _CERT_HEAD.size + 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
+_CERT_DOMAIN = b"deltaplane/secagg/device-certificate/v1\x00"
+_ADVERT_DOMAIN = b"deltaplane/secagg/key-advertisement/v1\x00"
+
+
+def authority_id(public_raw: bytes) -> bytes:
+    """The 8-byte id of an authority's public key (the first bytes of its SHA-256), named in certificates."""
+    return hashlib.sha256(public_raw).digest()[:8]
+
+
+def _public_raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _name(text: str, what: str) -> bytes:
+    raw = text.encode() if isinstance(text, str) else b""
+    if not raw or len(raw) > NAME_BYTES:
+        raise ConfigError(f"a certificate's {what} is 1 to {NAME_BYTES} UTF-8 bytes. Found {text!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class DeviceCertificate:
+    """The authority's statement that ``identity_public`` is device ``device_id``'s identity key in ``cohort``
+    until ``expires`` (unix seconds). ``authority`` is the signer's :func:`authority_id`."""
+
+    device_id: str
+    cohort: str
+    identity_public: bytes
+    expires: int
+    authority: bytes
+    signature: bytes
+
+    def signed_part(self) -> bytes:
+        """The certificate's bytes without the signature (what the authority signs, after the domain tag)."""
+        d, c = _name(self.device_id, "device id"), _name(self.cohort, "cohort")
+        head = _CERT_HEAD.pack(CERT_MAGIC, CERT_VERSION, self.authority, self.identity_public, self.expires)
+        return head + bytes([len(d)]) + d + bytes([len(c)]) + c
+
+    def to_bytes(self) -> bytes:
+        """The certificate on the wire and on disk."""
+        return self.signed_part() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeviceCertificate:
+        """Strict inverse of :meth:`to_bytes`; anything else is a :class:`DecodeError` saying what."""
+        data = bytes(data)
+        if not _CERT_HEAD.size < len(data) <= CERT_MAX_BYTES:
+            raise DecodeError(f"a device certificate is at most {CERT_MAX_BYTES} bytes; got {len(data)}")
+        magic, version, auth, pub, expires = _CERT_HEAD.unpack_from(data)
+        if magic != CERT_MAGIC or version != CERT_VERSION:
+            raise DecodeError(
+                f"not a version-{CERT_VERSION} device certificate (magic {magic!r}, v{version})"
+            )
+        pos, names = _CERT_HEAD.size, []
+        for what in ("device id", "cohort"):
+            n = data[pos] if pos < len(data) else 0
+            raw = data[pos + 1 : pos + 1 + n]
+            if not 1 <= n <= NAME_BYTES or len(raw) != n:
+                raise DecodeError(f"device certificate: malformed {what}")
+            try:
+                names.append(raw.decode())
+            except UnicodeDecodeError:
+                raise DecodeError(f"device certificate: the {what} is not UTF-8") from None
+            pos += 1 + n
+        if len(data) - pos != SIGNATURE_BYTES:
+            raise DecodeError(f"device certificate: {len(data) - pos} signature bytes, not {SIGNATURE_BYTES}")
+        return cls(names[0], names[1], pub, expires, auth, data[pos:])
+
+
+class EnrollmentAuthority:
+    """The operator's certifying key (Ed25519). Keep it off the aggregation server: whoever holds it can
+    certify identity keys of their own, which is exactly what device certificates exist to prevent."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_raw = _public_raw(private_key)
+        self.id = authority_id(self.public_raw)
+
+    @classmethod
+    def generate(cls) -> EnrollmentAuthority:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> EnrollmentAuthority:
+        """The authority in a PKCS#8 PEM (``deltaplane keys enrollment`` writes one); ConfigError otherwise."""
+        try:
+            key = load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"an enrollment authority key is Ed25519; got {type(key).__name__}")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+    def public_text(self) -> str:
+        """The public key as one base64 line (what devices are given to trust)."""
+        return base64.b64encode(self.public_raw).decode()
+
+    def issue(
+        self, device_id: str, identity_public: bytes, *, cohort: str, expires: int
+    ) -> DeviceCertificate:
+        """Certify ``identity_public`` as device ``device_id``'s identity key in ``cohort`` until ``expires``."""
+        if len(identity_public) != 32 or not 0 < expires < 2**64:
+            raise ConfigError(
+                "a certificate needs a 32-byte Ed25519 public key and an expiry in unix seconds"
+            )
+        unsigned = DeviceCertificate(device_id, cohort, bytes(identity_public), int(expires), self.id, b"")
+        return dataclasses.replace(unsigned, signature=self._key.sign(_CERT_DOMAIN + unsigned.signed_part()))
+
+    def trust(self) -> TrustedAuthorities:
+        """The trust a device given this authority's public key holds."""
+        return TrustedAuthorities([self.public_raw])
+
+
+class TrustedAuthorities:
+    """The enrollment authorities' public keys a device trusts (given out of band, like the registry's key)."""
+
+    def __init__(self, public_keys: Iterable[bytes]) -> None:
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+        for raw in public_keys:
+            if len(raw) != 32:
+                raise ConfigError(f"an Ed25519 public key is 32 bytes; got {len(raw)}")
+            self._keys[authority_id(raw)] = Ed25519PublicKey.from_public_bytes(bytes(raw))
+        if not self._keys:
+            raise ConfigError("a device must trust at least one enrollment authority key")
+
+    @classmethod
+    def from_text(cls, text: str, *, source: str = "trusted authorities") -> TrustedAuthorities:
+        """Keys as base64 lines (blank lines and ``#`` comments skipped), e.g. ``enrollment.ed25519.pub``."""
+        raws = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                try:
+                    raws.append(base64.b64decode(line, validate=True))
+                except binascii.Error:
+                    raise ConfigError(f"{source} line {n} is not base64: {line[:40]!r}") from None
+        return cls(raws)
+
+    def check(self, cert: DeviceCertificate, *, now: float) -> None:
+        """Raise :class:`SecAggAuthError` unless a trusted authority signed ``cert`` and it has not expired."""
+        key = self._keys.get(cert.authority)
+        if key is None:
+            raise SecAggAuthError(
+                f"device {cert.device_id!r}'s certificate names authority {cert.authority.hex()}, which this "
+                "device does not trust"
+            )
+        try:
+            key.verify(cert.signature, _CERT_DOMAIN + cert.signed_part())
+        except InvalidSignature:
+            raise SecAggAuthError(
+                f"device {cert.device_id!r}'s certificate does not verify under authority {cert.authority.hex()}: "
+                "forged or altered"
+            ) from None
+        if cert.expires <= now:
+            raise SecAggAuthError(f"device {cert.device_id!r}'s certificate expired at {cert.expires}")
+
+
+class DeviceIdentity:
+    """A device's identity key (Ed25519) and the certificate of its public half."""
+
+    def __init__(self, private_key: Ed25519PrivateKey, certificate: DeviceCertificate) -> None:
+        if _public_raw(private_key) != certificate.identity_public:
+            raise ConfigError(
+                f"the certificate of device {certificate.device_id!r} certifies another identity key than this one"
+            )
+        self._key = private_key
+        self.certificate = certificate
+
+    @classmethod
+    def enroll(
+        cls, authority: EnrollmentAuthority, device_id: str, *, cohort: str, expires: int
+    ) -> DeviceIdentity:
+        """A fresh identity key for ``device_id``, certified by ``authority`` (what enrollment does)."""
+        key = Ed25519PrivateKey.generate()
+        return cls(key, authority.issue(device_id, _public_raw(key), cohort=cohort, expires=expires))
+
+    @classmethod
+    def from_files(cls, key_pem: bytes, certificate: bytes) -> DeviceIdentity:
+        """The identity a device keeps on disk: its PKCS#8 PEM key and its certificate's bytes."""
+        try:
+            key = load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"the device identity key is not an unencrypted PEM private key: {exc}"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"a device identity key is Ed25519; got {type(key).__name__}")
+        return cls(key, DeviceCertificate.from_bytes(certificate))
+
+    def key_pem(self) -> bytes:
+        return self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+    @property
+    def device_id(self) -> str:
+        return self.certificate.device_id
+
+    def sign(self, statement: bytes) -> bytes:
+        """Sign an :func:`advertisement_statement`."""
+        return self._key.sign(statement)
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    """What a device authenticates key rosters with: its own identity and the authorities it trusts.
+
+    They come from the device's own enrollment, never from the server: a device holding credentials refuses
+    any roster that is not fully signed, whatever the server's invitation says.
+    """
+
+    identity: DeviceIdentity
+    trusted: TrustedAuthorities
+    clock: Callable[[], float] = field(default=time.time)
+
+    def verify(
+        self, binding: bytes, client_id: int, keys: tuple[bytes, bytes], certificate: bytes, signature: bytes
+    ) -> DeviceCertificate:
+        """The certificate of roster slot ``client_id``, once its chain and advertisement signature verify.
+
+        Checks, in order: the certificate decodes, a trusted authority signed it, it has not expired, it is of
+        this device's cohort, and its identity key signed ``keys`` for this slot under ``binding``. Any
+        failure is a :class:`SecAggAuthError` naming the slot.
+        """
+        try:
+            cert = DeviceCertificate.from_bytes(certificate)
+            self.trusted.check(cert, now=self.clock())
+        except (DecodeError, SecAggAuthError) as exc:
+            raise SecAggAuthError(f"roster slot {client_id}: {exc}", client=client_id) from None
+        if cert.cohort != self.identity.certificate.cohort:
+            raise SecAggAuthError(
+                f"roster slot {client_id}: device {cert.device_id!r} is enrolled in cohort {cert.cohort!r}, "
+                f"this device in {self.identity.certificate.cohort!r}",
+                client=client_id,
+            )
+        stmt = advertisement_statement(binding, client_id, cert.device_id, *keys)
+        try:
+            Ed25519PublicKey.from_public_bytes(cert.identity_public).verify(signature, stmt)
+        except (InvalidSignature, ValueError):
+            raise SecAggAuthError(
+                f"roster slot {client_id}: the key advertisement is not signed by device {cert.device_id!r}'s "
+                "certified identity key for this round and slot (substituted keys, or a replay)",
+                client=client_id,
+            ) from None
+        return cert
+
+
+def advertisement_statement(
+    binding: bytes, client_id: int, device_id: str, c_public: bytes, s_public: bytes
+) -> bytes:
+    """The bytes a device signs to advertise its X25519 keys: the domain tag, the round's ``binding`` (32 bytes:
+    :func:`~deltaplane.aggregation.secagg.protocol.round_binding`), its slot, its device id and both keys."""
+    d = _name(device_id, "device id")
+    return b"".join([_ADVERT_DOMAIN, binding, struct.pack(">IB", client_id, len(d)), d, c_public, s_public])

@@ -1,0 +1,79 @@
+"""Fleet devices with enrolled SecAgg identities: `keys enrollment`, `fleet enroll --authority-key`, authenticated
+rounds opened by the coordinator, and devices that refuse rounds their enrollment does not match."""
+
+from __future__ import annotations
+
+import stat
+
+from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
+    DeviceIdentity,
+    EnrollmentAuthority,
+    TrustedAuthorities,
+)
+from deltaplane.serve import fleet
+
+from .test_fleet import MODEL, Fleet, _cli, _config, _env, _threads
+
+
+def test_an_authenticated_secagg_fleet_round_publishes_and_an_unenrolled_device_sits_it_out(
+    byo_task, tmp_path
+) -> None:
+    cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
+    authority = EnrollmentAuthority.generate()
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(4)]
+        logs: list[str] = []
+        for i, dev in enumerate(devices[:3]):
+            ident = DeviceIdentity.enroll(
+                authority, fleet.device_id(i), cohort="fleet", expires=4_000_000_000
+            )
+            dev.credentials = DeviceCredentials(ident, authority.trust())
+        devices[3].log = logs.append  # no identity: it cannot sign, so it refuses before training
+        threads = _threads(devices, rounds=1, stage_wait=20)
+        out = fleet.coordinate(
+            f.admin, cfg, model=MODEL, rounds=1, deadline=10, poll=0.05, authenticated=True
+        )
+        for t in threads[:3]:
+            t.join(30)
+        assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
+        assert any("no enrolled identity" in line for line in logs), logs
+        assert f.admin.secagg_status(MODEL, out[0].number)["authenticated"] is True
+
+
+def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_path) -> None:
+    cfg = _config(byo_task)
+    env = _env(tmp_path)
+    done = _cli("keys", "enrollment", "--out", "authority", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    key, pub = (
+        tmp_path / "authority" / "enrollment.ed25519.pem",
+        tmp_path / "authority" / "enrollment.ed25519.pub",
+    )
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    done = _cli("keys", "enrollment", "--out", "authority", cwd=tmp_path, env=env)
+    assert (
+        done.returncode == 2 and "already exists" in done.stderr
+    )  # never replaced: certificates would break
+    with Fleet(tmp_path / "svc", cfg) as f:
+        done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--devices", "2", "--out",
+                    "tokens", "--authority-key", str(key), "--cohort", "north", cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
+        assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "tokens").iterdir())
+        trust = TrustedAuthorities.from_text(pub.read_text())
+        for i in range(2):
+            ident = DeviceIdentity.from_files(
+                (tmp_path / "tokens" / f"device-{i}.identity.pem").read_bytes(),
+                (tmp_path / "tokens" / f"device-{i}.cert").read_bytes(),
+            )
+            assert (ident.device_id, ident.certificate.cohort) == (f"device-{i}", "north")
+            trust.check(ident.certificate, now=0)  # signed by the authority the devices are given
+        # half an enrollment is refused before the device connects: never a silent unauthenticated device
+        done = _cli("fleet", "device", "--url", f.url, "--ca", str(f.tls.ca_cert), "--token-file",
+                    str(tmp_path / "tokens" / "device-0.token"), "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation", "fleet.yaml", "--model", MODEL,
+                    "--device", "0", "--identity-key", str(tmp_path / "tokens" / "device-0.identity.pem"),
+                    cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 2 and "go together" in done.stderr, done.stderr

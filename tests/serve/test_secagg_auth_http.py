@@ -1,0 +1,124 @@
+"""Authenticated SecAgg rounds over the service: signed advertisements travel in the roster, devices refuse a
+roster a man in the middle (or the server) altered, and refuse rounds that do not match their enrollment."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from deltaplane.aggregation.secagg import (
+    AdvertiseKeys,
+    DeviceCredentials,
+    DeviceIdentity,
+    EnrollmentAuthority,
+    KeyRoster,
+    RingEncoding,
+    SecAggAuthError,
+    SecAggClient,
+    SecAggConfig,
+    decode_message,
+)
+from deltaplane.delta import Delta
+from deltaplane.serve import ServiceError
+from deltaplane.serve.secagg_client import SecAggDevice
+
+EXPIRES = 4_000_000_000
+
+
+@pytest.fixture(scope="module")
+def authority() -> EnrollmentAuthority:
+    return EnrollmentAuthority.generate()
+
+
+def _creds(authority: EnrollmentAuthority, name: str) -> DeviceCredentials:
+    return DeviceCredentials(
+        DeviceIdentity.enroll(authority, name, cohort="fleet", expires=EXPIRES), authority.trust()
+    )
+
+
+def _open(svc, names: list[str], authenticated: bool = True) -> int:
+    body = {
+        "devices": names,
+        "bits": 16,
+        "clip_range": 0.5,
+        "weight_scale": 0,
+        "authenticated": authenticated,
+    }
+    opened = svc.admin._post("/admin/models/cnn/secagg", body)
+    assert opened["authenticated"] is authenticated
+    return opened["round"]
+
+
+def test_authenticated_round_over_http_is_exact(service, authority) -> None:
+    names = [f"dev-{i}" for i in range(6)]
+    rnd = _open(service, names)
+    devices = [SecAggDevice(service.device(d), "cnn", rnd, credentials=_creds(authority, d)) for d in names]
+    assert devices[0].invitation["authenticated"] is True
+    base = service.reg.load_state(service.reg.get("cnn", devices[0].base_version))
+    g = torch.Generator().manual_seed(0)
+    enc = RingEncoding(bits=16, clip_range=0.5, weight_scale=0)
+    codes = []
+    for i, dev in enumerate(devices):
+        delta = Delta({k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        codes.append(enc.encode(delta, 1, np.random.default_rng(i)))
+        dev.set_update(delta, 1, np.random.default_rng(i))
+    for stage in ("advertise", "share", "upload", "unmask"):
+        for dev in devices:
+            getattr(dev, stage)()
+        if stage != "unmask":
+            service.admin.advance_secagg("cnn", rnd)
+    closed = service.admin.close_secagg("cnn", rnd)
+    total = sum(c.astype(np.uint64) for c in codes)
+    assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
+
+
+def test_a_roster_altered_in_transit_is_refused_and_nothing_is_sent(service, authority) -> None:
+    names = [f"dev-{i}" for i in range(6)]
+    rnd = _open(service, names)
+    devices = [SecAggDevice(service.device(d), "cnn", rnd, credentials=_creds(authority, d)) for d in names]
+    for dev in devices:
+        dev.advertise()
+    service.admin.advance_secagg("cnn", rnd)
+    target = devices[0]
+    honest = decode_message(target.get("roster"), target.config)
+    fake = SecAggClient(3, target.config).advertise_keys()  # the attacker's own keys in device 3's place
+    altered = dataclasses.replace(honest, keys={**honest.keys, 3: (fake.c_public, fake.s_public)})
+    target.get = lambda what: altered.to_bytes() if what == "roster" else pytest.fail(what)  # type: ignore[method-assign]
+    sent = target.bytes_sent
+    with pytest.raises(SecAggAuthError) as exc:
+        target.share()
+    assert exc.value.client == 3 and target.bytes_sent == sent
+    # a stripped roster (the signatures dropped): refused too
+    target.get = lambda what: KeyRoster(honest.round_id, dict(honest.keys)).to_bytes()  # type: ignore[method-assign]
+    with pytest.raises(SecAggAuthError, match="unsigned roster"):
+        target.share()
+
+
+def test_invitations_and_advertisements_that_do_not_match_the_enrollment_are_refused(
+    service, authority
+) -> None:
+    names = ["a", "b", "c"]
+    plain = _open(service, names, authenticated=False)
+    with pytest.raises(SecAggAuthError, match="not authenticated"):  # before training, nothing sent
+        SecAggDevice(service.device("a"), "cnn", plain, credentials=_creds(authority, "a"))
+    service.admin.abort_secagg("cnn", plain)
+    rnd = _open(service, names)
+    with pytest.raises(SecAggAuthError, match="no enrolled identity"):
+        SecAggDevice(service.device("a"), "cnn", rnd)
+    # the service takes only signed advertisements, certified for the token's device
+    a = service.device("a")
+    cfg = SecAggConfig.from_dict(a.request("GET", f"/v1/models/cnn/secagg/{rnd}").json()["config"])
+    unsigned = AdvertiseKeys(
+        rnd, 0, *(lambda m: (m.c_public, m.s_public))(SecAggClient(0, cfg).advertise_keys())
+    )
+    with pytest.raises(ServiceError) as err:
+        a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=unsigned.to_bytes())
+    assert err.value.status == 422 and "takes signed ones" in err.value.detail
+    as_b = SecAggClient(0, cfg, credentials=_creds(authority, "b"), session=f"cnn/{rnd}".encode())
+    with pytest.raises(ServiceError) as err:
+        a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=as_b.advertise_keys().to_bytes())
+    assert err.value.status == 422 and "certified for device 'b'" in err.value.detail
