@@ -302,9 +302,8 @@ class BatchedTrainer:
         self.names = names = [name for name, _ in model.named_parameters()]
         self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._step_grads, stacked = _step_grads(model, names, loss)
-        if (
-            not stacked
-        ):  # functional_call swaps the module's own parameters while it runs: one group at a time
+        if not stacked:
+            # functional_call swaps the module's own parameters while it runs: one group at a time
             self.workers = 1
         #: step functions for other losses than the task's (personal training's cross-entropy), by loss
         self._loss = loss
