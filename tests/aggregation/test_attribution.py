@@ -637,6 +637,9 @@ def test_bound_norms_scales_only_the_rows_over_the_bound() -> None:
     torch.testing.assert_close(out[3], torch.tensor([12.0, 16.0]))
     calm = x[:3]
     assert bound_norms(calm, 10.0) is calm  # nothing over the bound: the rows themselves, untouched
+    # only the chosen rows (the kept updates) are bounded, against the median of all of them
+    assert bound_norms(x, 10.0, [0, 1, 2]) is x  # the long row is kept out: left whole
+    torch.testing.assert_close(bound_norms(x, 10.0, [1, 3])[3], torch.tensor([12.0, 16.0]))
 
 
 def test_the_norm_cap_option_is_validated() -> None:
