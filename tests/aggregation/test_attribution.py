@@ -582,3 +582,70 @@ def test_the_factory_checks_every_named_choice_by_its_table() -> None:
             assert getattr(parse_defense(f"trigger_attribution({key}={value})"), key) == value
         with pytest.raises(ConfigError, match=f"{key} must be one of {list(values)}".replace("[", r"\[")):
             parse_defense(f"trigger_attribution({key}=nonesuch)")
+
+
+def _mean_of_round(rule: BackdoorAttribution, rows: torch.Tensor) -> torch.Tensor:
+    """The rule's aggregate of one round of flat updates ``rows`` (no trigger known yet: nobody is scored or
+    kept out, so the result is the unweighted mean of what the rule takes of each update)."""
+    from torch import nn
+
+    from deltaplane.aggregation.attribution import TriggerProbe
+    from deltaplane.delta import Delta
+
+    model = nn.Linear(4, 2)  # 10 floats: one row of ``rows`` each
+    rule._invert = lambda probe, like: None  # type: ignore[method-assign]
+    rule.set_probe(TriggerProbe(model, torch.randn(8, 4), torch.tensor([0, 1] * 4), dict(model.state_dict())))
+    like = Delta({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    for i, row in enumerate(rows):
+        rule.identify(f"c{i}")
+        rule.add(like.unflatten(row))
+    out = rule.result()
+    rule.reset()
+    return torch.cat([out[k].reshape(-1) for k in like])
+
+
+def test_norm_cap_bounds_a_diverged_update_to_a_multiple_of_the_round_median() -> None:
+    # the reputation=sum run of bounded_backdoor:0.3 on stc(0.006) (docs/aggregation.md): one honest client's
+    # local SGD diverged (norm 1,046 against a median of 6.4-6.9) and the unweighted mean took it whole
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 10, generator=g)
+    rows = torch.cat([rows, 1000 * rows[:1] / rows[0].norm()])  # the diverged update, 1,000 long
+    median = float(rows.norm(dim=1).median())
+    plain = _mean_of_round(BackdoorAttribution(every=10_000, unlearn=0), rows)
+    assert plain.norm() > 90  # taken whole: ~1000/10
+    rule = parse_defense("trigger_attribution(every=10000, unlearn=0, norm_cap=10)")
+    assert isinstance(rule, BackdoorAttribution) and rule.norm_cap == 10.0
+    capped = _mean_of_round(rule, rows)
+    bounded = rows.clone()
+    bounded[9] = rows[9] * (10 * median / float(rows[9].norm()))
+    torch.testing.assert_close(capped, bounded.mean(dim=0))
+    # a round with no update over the bound is aggregated bit for bit as without it
+    calm = rows[:9]
+    assert torch.equal(
+        _mean_of_round(rule, calm), _mean_of_round(BackdoorAttribution(every=10_000, unlearn=0), calm)
+    )
+
+
+def test_bound_norms_scales_only_the_rows_over_the_bound() -> None:
+    from deltaplane.aggregation.attribution import bound_norms
+
+    x = torch.tensor(
+        [[3.0, 4.0], [0.0, 1.0], [0.0, 2.0], [60.0, 80.0]]
+    )  # norms 5, 1, 2, 100; median 2 (lower)
+    out = bound_norms(x, 10.0)  # bound 20: only the last row, scaled to 20 along its own direction
+    torch.testing.assert_close(out[:3], x[:3])
+    torch.testing.assert_close(out[3], torch.tensor([12.0, 16.0]))
+    calm = x[:3]
+    assert bound_norms(calm, 10.0) is calm  # nothing over the bound: the rows themselves, untouched
+    # only the chosen rows (the kept updates) are bounded, against the median of all of them
+    assert bound_norms(x, 10.0, [0, 1, 2]) is x  # the long row is kept out: left whole
+    torch.testing.assert_close(bound_norms(x, 10.0, [1, 3])[3], torch.tensor([12.0, 16.0]))
+
+
+def test_the_norm_cap_option_is_validated() -> None:
+    assert BackdoorAttribution().norm_cap is None
+    assert parse_defense("trigger_attribution").norm_cap is None  # type: ignore[attr-defined]
+    assert "norm_cap=5.0" in repr(parse_defense("trigger_attribution(norm_cap=5)"))
+    for bad in ("1", "0.5", "-3", "true", "inf"):
+        with pytest.raises(ConfigError, match="norm_cap must be"):
+            parse_defense(f"trigger_attribution(norm_cap={bad})")

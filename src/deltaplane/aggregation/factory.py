@@ -58,6 +58,7 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
         "invert",
         "shadow",
         "reputation",
+        "norm_cap",
     ),
 }
 DEFENSES = tuple(DEFENSE_PARAMS)
@@ -170,6 +171,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             invert=params.get("invert", "fixed"),
             shadow=params.get("shadow", "full"),
             reputation=params.get("reputation", "floor"),
+            norm_cap=None if params.get("norm_cap") is None else float(params["norm_cap"]),
         )
     return FLTrust()
 
