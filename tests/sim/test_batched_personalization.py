@@ -16,19 +16,10 @@ from deltaplane.personalization import AlphaMix, Ditto, PersonalState, train_sgd
 from deltaplane.sim import RunConfig, build_model, run_simulation
 from deltaplane.sim.batched import BatchedTrainer
 
+from .test_batched import _VmapOnly
+
 # Shards of awkward sizes (as tests/sim/test_batched.py): a short batch, exact multiples of 32, a single sample.
 SIZES = [45, 32, 7, 1, 70]
-
-
-class _VmapOnly(nn.Module):
-    """DigitsCNN without ``forward_stacked``: the trainer's generic vmap(grad) path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = build_model(0)
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _shards() -> list:
