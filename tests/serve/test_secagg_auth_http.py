@@ -66,14 +66,35 @@ def test_authenticated_round_over_http_is_exact(service, authority) -> None:
         delta = Delta({k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()})
         codes.append(enc.encode(delta, 1, np.random.default_rng(i)))
         dev.set_update(delta, 1, np.random.default_rng(i))
-    for stage in ("advertise", "share", "upload", "unmask"):
+    for stage in ("advertise", "share", "upload"):
         for dev in devices:
             getattr(dev, stage)()
-        if stage != "unmask":
-            service.admin.advance_secagg("cnn", rnd)
+        service.admin.advance_secagg("cnn", rnd)
+    # the consistency check: the signatures are not served before it closes; device 5 vanishes during it
+    with pytest.raises(ServiceError) as exc:
+        devices[0].client.request("GET", f"/v1/models/cnn/secagg/{rnd}/consistency")
+    assert exc.value.status == 409 and "not closed yet" in exc.value.detail
+    for dev in devices[:5]:
+        dev.vouch()
+    status = service.admin.advance_secagg("cnn", rnd)
+    assert status["stage"] == "unmasking" and status["signed"] == 5
+    with pytest.raises(SecAggAuthError, match="did not sign"):  # it signed nothing: it reveals nothing
+        devices[5].unmask()
+    for dev in devices[:5]:
+        dev.unmask()
     closed = service.admin.close_secagg("cnn", rnd)
-    total = sum(c.astype(np.uint64) for c in codes)
+    total = sum(c.astype(np.uint64) for c in codes)  # device 5 uploaded: it is in the sum
     assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
+    assert closed["responded"] == 5
+
+
+def test_an_unauthenticated_round_has_no_consistency_check(service) -> None:
+    names = [f"dev-{i}" for i in range(6)]
+    rnd = _open(service, names, authenticated=False)
+    devices = [SecAggDevice(service.device(d), "cnn", rnd) for d in names]
+    with pytest.raises(ServiceError) as exc:
+        devices[0].client.request("GET", f"/v1/models/cnn/secagg/{rnd}/consistency")
+    assert exc.value.status == 409 and "no consistency check" in exc.value.detail
 
 
 def test_a_roster_altered_in_transit_is_refused_and_nothing_is_sent(service, authority) -> None:

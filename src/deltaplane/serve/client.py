@@ -96,7 +96,7 @@ def _open_rounds_of(model: str, body: Any) -> list[dict[str, Any]]:
     hostile service's answer raises ``KeyError``/``TypeError``/``ValueError``)."""
     from deltaplane.aggregation.secagg import Stage
 
-    stages = (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+    stages = (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK)
     if body["model"] != model:
         raise ValueError(f"the answer is for model {body['model']!r}")
     rounds = []

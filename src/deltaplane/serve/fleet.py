@@ -73,6 +73,7 @@ SECAGG_STEPS = (
     (Stage.ADVERTISE, "advertise"),
     (Stage.SHARE, "share"),
     (Stage.MASKED, "upload"),
+    (Stage.CONSISTENCY, "vouch"),  # authenticated rounds only: the consistency check
     (Stage.UNMASK, "unmask"),
 )
 #: statuses that mean "this device is out of this round" (too late, not invited, not a survivor, round gone)
@@ -373,6 +374,8 @@ def _secagg_stages(
     """Speak in each SecAgg stage as it opens; False once the device is out of the round (a stage closed before
     it spoke, or the service refused it). ``sent[0]`` is set once the masked update may be in the sum."""
     for stage, method in SECAGG_STEPS:
+        if stage == Stage.CONSISTENCY and not sa.authenticated:
+            continue  # a round without identities has no consistency check
         out = wait_for_stage(dev, number, stage, deadline=time.monotonic() + wait, poll=poll)
         if out is not None:
             dev.log(f"SecAgg round {number}: {out}; dropped out")
@@ -814,8 +817,21 @@ def _secagg_round(
                 "closed is unknown: a repeated advance could close the next one)",
             )
         expected = int(advanced[counted])  # type: ignore[index]
-    survivors = len(_secagg_status(p, model, number)["survivors"])
-    p.wait(lambda: _secagg_status(p, model, number)["responded"] >= survivors, deadline, poll)
+    status = _secagg_status(p, model, number)
+    survivors = len(status["survivors"])
+    answering = survivors
+    if status["stage"] == Stage.CONSISTENCY:  # an authenticated round: survivors sign what they were sent
+        p.wait(lambda: _secagg_status(p, model, number)["signed"] >= survivors, deadline, poll)
+        ok, advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
+        if not ok:
+            _secagg_status(p, model, number)
+            raise ServiceError(
+                409,
+                f"the connection to the service broke while closing SecAgg round {number}'s consistency check "
+                "(whether it closed is unknown: a repeated advance could close the next stage)",
+            )
+        answering = int(advanced["signed"])  # type: ignore[index]
+    p.wait(lambda: _secagg_status(p, model, number)["responded"] >= answering, deadline, poll)
     while True:
         ok, closed = p.once(lambda: p.admin.close_secagg(model, number), f"close SecAgg round {number}")
         if ok:

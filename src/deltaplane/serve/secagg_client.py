@@ -80,6 +80,8 @@ class SecAggDevice:
             min_range=min_range,
             credentials=credentials,
         )
+        #: an authenticated round: key advertisements signed, and a consistency check before unmasking
+        self.authenticated = credentials is not None
         self.bytes_sent = 0
 
     def _accept_invitation(
@@ -182,7 +184,16 @@ class SecAggDevice:
         """Stage 2: fetch the shares addressed to this device, send the masked update."""
         self.post("masked", self.endpoint.masked_input(self.get("inbox")))
 
+    def vouch(self) -> None:
+        """The consistency check of an authenticated round: fetch the unmasking request, send this device's
+        signature of it (one request per round: a second, different one is refused, SecAggAuthError)."""
+        self.post("consistency", self.endpoint.sign_survivors(self.get("unmask")))
+
     def unmask(self) -> None:
         """Stage 3: fetch the unmasking request, send the shares it asks for (refusing any that asks for both,
-        or has fewer survivors than ``min_inputs``: SecAggError, nothing sent)."""
-        self.post("unmask", self.endpoint.unmask(self.get("unmask")))
+        or has fewer survivors than ``min_inputs``: SecAggError, nothing sent). In an authenticated round it
+        fetches the consistency check's signatures too and refuses (SecAggAuthError, nothing sent) unless
+        ``threshold`` devices of its neighbourhood signed the request it fetched."""
+        request = self.get("unmask")
+        signatures = self.get("consistency") if self.authenticated else None
+        self.post("unmask", self.endpoint.unmask(request, signatures))

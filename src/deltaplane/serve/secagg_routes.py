@@ -25,6 +25,9 @@ Device endpoints (``Authorization: Bearer <device token>``; only invited devices
 * ``GET  /v1/models/{model}/secagg/{round}/inbox`` — ``ShareInbox`` for this device (409 until shares closed).
 * ``POST /v1/models/{model}/secagg/{round}/masked`` — ``MaskedInput`` (409 after the unmasking request).
 * ``GET  /v1/models/{model}/secagg/{round}/unmask`` — ``UnmaskRequest`` (409 until masked inputs closed).
+* ``POST /v1/models/{model}/secagg/{round}/consistency`` — ``SurvivorSignature`` (authenticated rounds: the
+  consistency check, stage ``consistency check`` between masked inputs and unmasking).
+* ``GET  /v1/models/{model}/secagg/{round}/consistency`` — ``SurvivorSignatures`` (409 until the check closed).
 * ``POST /v1/models/{model}/secagg/{round}/unmask`` — ``UnmaskResponse``.
 
 Admin endpoints: ``POST /admin/models/{model}/secagg`` (open), ``GET /admin/models/{model}/secagg/{round}``
@@ -36,7 +39,9 @@ An *authenticated* round (``"authenticated": true`` when opened) takes only key 
 enrolled device's identity key and forwards them with their certificates in the roster, where every device
 checks them (:mod:`deltaplane.aggregation.secagg.identity`): a device with credentials refuses an unsigned round
 or roster, so this flag cannot turn the check off. The service itself holds no enrollment key and verifies no
-signature: it only refuses an advertisement whose certificate names another device than the token's.
+signature: it only refuses an advertisement whose certificate names another device than the token's. Such a
+round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
+the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 
 A round's protocol state (keys, shares, every masked input: model-sized per device) lives in memory only and
 is dropped as soon as the round is published or aborted; its full final status (survivors, dropouts) is kept
@@ -81,6 +86,7 @@ from deltaplane.aggregation.secagg import (
     ShareKeys,
     SignedAdvertiseKeys,
     Stage,
+    SurvivorSignature,
     UnmaskResponse,
     check_device_policy,
     decode_message,
@@ -146,6 +152,7 @@ class SecAggRound:
             "advertised": len(srv.keys),
             "shared": len(srv.share_senders),
             "uploaded": len(srv.uploaded),
+            "signed": len(srv.signatures),
             "responded": len(srv.responses),
             "survivors": list(srv.survivors),
             "dropped": list(srv.dropped),
@@ -506,6 +513,9 @@ def install_secagg_routes(
     post_stage("keys", AdvertiseKeys, "Stage 0: advertise public keys")
     post_stage("shares", ShareKeys, "Stage 1: encrypted shares for the neighbours")
     post_stage("masked", MaskedInput, "Stage 2: the masked update")
+    post_stage(
+        "consistency", SurvivorSignature, "Consistency check: the signed survivor set (authenticated rounds)"
+    )
     post_stage("unmask", UnmaskResponse, "Stage 3: shares for unmasking")
 
     def octets(data: bytes) -> Response:
@@ -579,6 +589,17 @@ def install_secagg_routes(
         if r.endpoint.stage in (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED):
             raise HTTPException(409, "masked inputs are still being collected; retry after they close")
         return octets(protocol(r.endpoint.unmask_request, r))
+
+    @router.get("/v1/models/{model}/secagg/{number}/consistency", tags=["secagg"], response_class=Response)
+    def survivor_signatures(model: ModelName, number: RoundId, ident: Device) -> Response:
+        """The consistency check's signatures (authenticated rounds), once the operator closed the check."""
+        r = get_round(model, number)
+        client_of(r, ident)
+        if not r.endpoint.server.authenticated:
+            raise HTTPException(409, "this round is not authenticated: it has no consistency check")
+        if r.endpoint.stage not in (Stage.UNMASK, Stage.DONE):
+            raise HTTPException(409, "the consistency check is not closed yet; retry after it closes")
+        return octets(protocol(r.endpoint.survivor_signatures, r))
 
     # -- admin ---------------------------------------------------------------------------------------------
     AdminDep = [Depends(admin)]

@@ -162,8 +162,11 @@ def test_substituted_keys_are_refused_and_the_honest_roster_still_works(creds) -
     for u, c in clients.items():
         server.receive_masked_input(c.masked_input(server.inbox(u), codes[u]))
     req = server.unmask_request()
+    for c in clients.values():  # the consistency check of an authenticated round
+        server.receive_signature(c.sign_survivors(req))
+    sigs = server.survivor_signatures()
     for c in clients.values():
-        server.receive_unmask(c.unmask(req))
+        server.receive_unmask(c.unmask(req, sigs))
     assert np.array_equal(server.result(), sum(c.astype(np.uint64) for c in codes.values()))
 
 

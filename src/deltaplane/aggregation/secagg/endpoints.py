@@ -25,6 +25,8 @@ from deltaplane.aggregation.secagg.messages import (
     ShareInbox,
     ShareKeys,
     SignedAdvertiseKeys,
+    SurvivorSignature,
+    SurvivorSignatures,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -171,10 +173,20 @@ class DeviceEndpoint:
         msg = ShareInbox.from_bytes(inbox, self.config)
         return self.client.masked_input(msg, self._codes).to_bytes()  # type: ignore[arg-type]
 
-    def unmask(self, request: bytes) -> bytes:
+    def sign_survivors(self, request: bytes) -> bytes:
+        """The consistency check of an authenticated round: this device's signature of the unmasking request it
+        received (one request per round: :meth:`SecAggClient.sign_survivors`)."""
+        msg = UnmaskRequest.from_bytes(request, self.config)
+        return self.client.sign_survivors(msg).to_bytes()  # type: ignore[arg-type]
+
+    def unmask(self, request: bytes, signatures: bytes | None = None) -> bytes:
         """Stage 3: the shares the server may have (self-mask shares of survivors, key shares of dropouts);
-        a request with fewer survivors than ``min_inputs`` is refused (:class:`SecAggError`), revealing nothing."""
-        return self.client.unmask(UnmaskRequest.from_bytes(request, self.config)).to_bytes()  # type: ignore[arg-type]
+        a request with fewer survivors than ``min_inputs`` is refused (:class:`SecAggError`), revealing nothing.
+        In an authenticated round ``signatures`` (the server's ``SurvivorSignatures``) must show ``threshold``
+        devices of this one's neighbourhood signed the same request (:class:`SecAggAuthError` otherwise)."""
+        msg = UnmaskRequest.from_bytes(request, self.config)
+        sigs = SurvivorSignatures.from_bytes(signatures, self.config) if signatures is not None else None
+        return self.client.unmask(msg, sigs).to_bytes()  # type: ignore[arg-type]
 
 
 _RECEIVERS = {
@@ -182,6 +194,7 @@ _RECEIVERS = {
     SignedAdvertiseKeys: "receive_keys",
     ShareKeys: "receive_shares",
     MaskedInput: "receive_masked_input",
+    SurvivorSignature: "receive_signature",
     UnmaskResponse: "receive_unmask",
 }
 
@@ -234,6 +247,10 @@ class ServerEndpoint:
         """Close masked inputs, freezing the survivors; the request every survivor fetches."""
         return self.server.unmask_request().to_bytes()
 
+    def survivor_signatures(self) -> bytes:
+        """Close the consistency check (authenticated rounds); the signatures every survivor fetches."""
+        return self.server.survivor_signatures().to_bytes()
+
     def result(self) -> np.ndarray:
         """The exact integer sum of the frozen survivors' codes."""
         return self.server.result()
@@ -247,6 +264,8 @@ class ServerEndpoint:
             self.close_shares()
         elif stage == Stage.MASKED:
             self.unmask_request()
+        elif stage == Stage.CONSISTENCY:
+            self.survivor_signatures()
         elif stage == Stage.UNMASK:
             self.result()
         else:

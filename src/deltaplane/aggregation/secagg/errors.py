@@ -57,7 +57,9 @@ class SecAggAuthError(SecAggError):
     """A device refuses a key roster whose advertisements it cannot authenticate: a neighbour's device
     certificate is not signed by an enrollment authority the device trusts (or is expired, malformed, of another
     cohort), or the advertisement is not signed by the certified identity key for this round and slot. The device
-    sends nothing and its state is unchanged: keys a server could have substituted are never used.
+    sends nothing and its state is unchanged: keys a server could have substituted are never used. Also raised
+    by the consistency check: a device refuses to unmask unless ``threshold`` devices of its neighbourhood
+    signed the very unmasking request it received (nothing revealed, state unchanged).
 
     ``client`` is the roster slot whose advertisement was refused (None: the roster as a whole).
     """

@@ -56,6 +56,7 @@ __all__ = [
     "TrustedAuthorities",
     "advertisement_statement",
     "authority_id",
+    "consistency_statement",
 ]
 
 CERT_MAGIC = b"DPDC"
@@ -68,6 +69,7 @@ _CERT_HEAD = struct.Struct(">4sB8s32sQ")  # magic, version, authority id, identi
 CERT_MAX_BYTES = _CERT_HEAD.size + 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
 _CERT_DOMAIN = b"deltaplane/secagg/device-certificate/v1\x00"
 _ADVERT_DOMAIN = b"deltaplane/secagg/key-advertisement/v1\x00"
+_CONSISTENCY_DOMAIN = b"deltaplane/secagg/consistency/v1\x00"
 
 
 def authority_id(public_raw: bytes) -> bytes:
@@ -267,7 +269,7 @@ class DeviceIdentity:
         return self.certificate.device_id
 
     def sign(self, statement: bytes) -> bytes:
-        """Sign an :func:`advertisement_statement`."""
+        """Sign an :func:`advertisement_statement` or a :func:`consistency_statement` (each domain-separated)."""
         return self._key.sign(statement)
 
 
@@ -322,3 +324,15 @@ def advertisement_statement(
     :func:`~deltaplane.aggregation.secagg.protocol.round_binding`), its slot, its device id and both keys."""
     d = _name(device_id, "device id")
     return b"".join([_ADVERT_DOMAIN, binding, struct.pack(">IB", client_id, len(d)), d, c_public, s_public])
+
+
+def consistency_statement(binding: bytes, client_id: int, request_digest: bytes) -> bytes:
+    """The bytes a device signs in the consistency round (Bonawitz et al. 2017 §4, "ConsistencyCheck"): the
+    domain tag, the round's ``binding``, its slot and the SHA-256 of the unmasking request it received (its exact
+    encoding: round id, survivors and dropped devices). A signature on it vouches for that one request, in that
+    round, by that slot: it verifies neither on another survivor set nor moved to another slot or round."""
+    if len(binding) != 32 or len(request_digest) != 32:
+        raise ConfigError(
+            "a consistency statement binds a 32-byte round binding and a 32-byte request digest"
+        )
+    return b"".join([_CONSISTENCY_DOMAIN, binding, struct.pack(">I", client_id), request_digest])

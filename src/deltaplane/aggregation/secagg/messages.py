@@ -20,6 +20,9 @@ message                direction             body
 ``SignedAdvertiseKeys`` device → server      ``AdvertiseKeys`` then u16 certificate length, certificate,
                                              Ed25519 signature (authenticated rounds, :mod:`.identity`)
 ``SignedKeyRoster``    server → devices      count, then (id, c, s, u16 length, certificate, signature)
+``SurvivorSignature``  device → server       id, Ed25519 signature of the unmasking request it received
+                                             (authenticated rounds' consistency check, :mod:`.identity`)
+``SurvivorSignatures`` server → devices      count, then (id, signature) per device that signed
 =====================  ====================  =======================================================
 """
 
@@ -48,6 +51,8 @@ __all__ = [
     "ShareKeys",
     "SignedAdvertiseKeys",
     "SignedKeyRoster",
+    "SurvivorSignature",
+    "SurvivorSignatures",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_message",
@@ -71,6 +76,7 @@ _U16 = struct.Struct(">H")
 _ROSTER_ENTRY = struct.Struct(f">I{KEY_BYTES}s{KEY_BYTES}s")  # id, c public key, s public key
 _CIPHERTEXT_ENTRY = struct.Struct(f">I{CIPHERTEXT_BYTES}s")  # peer id, ciphertext
 _SHARE_ENTRY = struct.Struct(f">I{shamir.SHARE_BYTES}s")  # owner id, Shamir share
+_SIGNATURE_ENTRY = struct.Struct(f">I{SIGNATURE_BYTES}s")  # signer id, Ed25519 signature
 
 
 class _Reader:
@@ -150,7 +156,7 @@ class _Reader:
 
 
 class Message:
-    """Base of the nine messages: framing, and strict decoding dispatched on the kind byte."""
+    """Base of the eleven messages: framing, and strict decoding dispatched on the kind byte."""
 
     KIND: ClassVar[int] = 0
 
@@ -470,6 +476,61 @@ class UnmaskResponse(Message):
         return cls(round_id, u, shares)
 
 
+@dataclass(frozen=True)
+class SurvivorSignature(Message):
+    """The consistency check of an authenticated round, device → server: ``client_id``'s identity-key signature
+    of :func:`~deltaplane.aggregation.secagg.identity.consistency_statement` for the unmasking request it
+    received (Bonawitz et al. 2017 §4, "ConsistencyCheck")."""
+
+    KIND: ClassVar[int] = 10
+    round_id: int
+    client_id: int
+    signature: bytes
+
+    def body(self) -> bytes:
+        if len(self.signature) != SIGNATURE_BYTES:
+            raise DecodeError(f"a survivor signature is {SIGNATURE_BYTES} bytes; got {len(self.signature)}")
+        return _U32.pack(self.client_id) + self.signature
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + _SIGNATURE_ENTRY.size
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> SurvivorSignature:
+        u = r.client(config, "client id")
+        return cls(round_id, u, r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class SurvivorSignatures(Message):
+    """The consistency check's result, server → devices: every survivor signature the server collected, which
+    each device checks before it reveals a share (forwarded unverified: the devices verify)."""
+
+    KIND: ClassVar[int] = 11
+    round_id: int
+    signatures: dict[int, bytes]  # signer id -> signature
+
+    def body(self) -> bytes:
+        parts = [_U32.pack(len(self.signatures))]
+        for u, sig in _items_sorted(self.signatures):
+            if len(sig) != SIGNATURE_BYTES:
+                raise DecodeError(
+                    f"client {u}'s survivor signature is {len(sig)} bytes, not {SIGNATURE_BYTES}"
+                )
+            parts += [_U32.pack(u), sig]
+        return b"".join(parts)
+
+    @classmethod
+    def max_bytes(cls, config: SecAggConfig) -> int:
+        return _HEAD.size + 4 + config.num_clients * _SIGNATURE_ENTRY.size
+
+    @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> SurvivorSignatures:
+        n = r.count(config.num_clients, _SIGNATURE_ENTRY.size, "signatures")
+        return cls(round_id, dict(r.entries(config, n, _SIGNATURE_ENTRY, "signer id")))
+
+
 _KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -482,6 +543,8 @@ _KINDS: dict[int, type[Message]] = {
         UnmaskResponse,
         SignedAdvertiseKeys,
         SignedKeyRoster,
+        SurvivorSignature,
+        SurvivorSignatures,
     )
 }
 

@@ -33,8 +33,11 @@ asked for; it never holds an individual unmasked update (tests check every attri
 server and clients, plus, in *authenticated* rounds, a server that substitutes keys: each device signs its key
 advertisement with an identity key an enrollment authority certified (:mod:`~deltaplane.aggregation.secagg.
 identity`, Bonawitz et al. §4's PKI), and refuses a roster whose every neighbour's certificate and signature do not
-verify (:class:`SecAggAuthError`). The malicious-secure variant's consistency round (devices signing the survivor
-set) is not implemented: docs/aggregation.md says what that leaves open.
+verify (:class:`SecAggAuthError`). Authenticated rounds also run the malicious-secure variant's *consistency
+check* between stages 2 and 3 (:attr:`Stage.CONSISTENCY`): each survivor signs the unmasking request it received
+(:func:`~deltaplane.aggregation.secagg.identity.consistency_statement`), the server forwards the signatures, and
+a device reveals shares only once ``threshold`` certified devices of its neighbourhood (itself included) signed
+that very request; docs/aggregation.md says what this adds and what remains.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -60,7 +64,12 @@ from deltaplane.aggregation.secagg.errors import (
     SecAggFloorError,
     SecAggOrderError,
 )
-from deltaplane.aggregation.secagg.identity import DeviceCredentials, advertisement_statement
+from deltaplane.aggregation.secagg.identity import (
+    DeviceCertificate,
+    DeviceCredentials,
+    advertisement_statement,
+    consistency_statement,
+)
 from deltaplane.aggregation.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -69,6 +78,8 @@ from deltaplane.aggregation.secagg.messages import (
     ShareKeys,
     SignedAdvertiseKeys,
     SignedKeyRoster,
+    SurvivorSignature,
+    SurvivorSignatures,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -333,6 +344,8 @@ class Stage:
     ADVERTISE = "advertise keys"
     SHARE = "share keys"
     MASKED = "masked input"
+    #: authenticated rounds only: survivors sign the unmasking request they received (Bonawitz et al. §4)
+    CONSISTENCY = "consistency check"
     UNMASK = "unmasking"
     DONE = "done"
 
@@ -359,8 +372,9 @@ class SecAggClient:
             misconfigured or breaks the protocol cannot talk the device into revealing a shorter sum.
         credentials: the device's enrollment (identity key, certificate, trusted authorities): it then signs
             its key advertisement and refuses any roster that is not a :class:`SignedKeyRoster` in which every
-            neighbour's certificate and signature verify (:class:`SecAggAuthError`, state unchanged). None: the
-            semi-honest protocol, whose roster the server could falsify.
+            neighbour's certificate and signature verify (:class:`SecAggAuthError`, state unchanged), and it runs
+            the consistency check (:meth:`sign_survivors`; :meth:`unmask` needs the signatures). None: the
+            semi-honest protocol, whose roster and survivor sets the server could falsify.
         session: the driver's name for this round, bound into the signed advertisements with the config
             (:func:`round_binding`); every device of the round must use the same.
     """
@@ -393,6 +407,10 @@ class SecAggClient:
         self._received: dict[int, bytes] = {}  # neighbour -> ciphertext of its shares for us
         self._own_shares: tuple[int, int] = (0, 0)
         self._revealed: dict[int, str] = {}
+        #: authenticated rounds: slot -> certified identity key (Ed25519, raw) of this device and each neighbour
+        #: whose advertisement verified; the consistency check counts signatures by these keys only
+        self._identities: dict[int, bytes] = {}
+        self._vouched = b""  # digest of the one unmasking request this device signed (consistency check)
         self._aeads: dict[int, AESGCM] = {}  # neighbour -> share cipher (derived again after a restore)
         self.stage = Stage.ADVERTISE
 
@@ -427,6 +445,8 @@ class SecAggClient:
             "revealed": {str(v): w for v, w in self._revealed.items()},
             "min_inputs": self.min_inputs,
             "authenticated": self.credentials is not None,
+            "identities": {str(v): k.hex() for v, k in self._identities.items()},
+            "vouched": self._vouched.hex(),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -467,6 +487,8 @@ class SecAggClient:
             self._received = {int(v): bytes.fromhex(ct) for v, ct in doc["received"].items()}
             self._own_shares = (int(doc["own_shares"][0]), int(doc["own_shares"][1]))
             self._revealed = {int(v): str(w) for v, w in doc["revealed"].items()}
+            self._identities = {int(v): bytes.fromhex(k) for v, k in doc.get("identities", {}).items()}
+            self._vouched = bytes.fromhex(doc.get("vouched", ""))
         except (ValueError, KeyError, TypeError) as exc:
             raise DecodeError(f"malformed SecAgg client state: {exc}") from None
         return self
@@ -482,10 +504,11 @@ class SecAggClient:
         sig = ident.sign(advertisement_statement(self._binding, u, ident.device_id, c, s))
         return SignedAdvertiseKeys(self.config.round_id, u, c, s, ident.certificate.to_bytes(), sig)
 
-    def _authenticate(self, roster: KeyRoster, peers: Mapping[int, tuple[bytes, bytes]]) -> None:
+    def _authenticate(self, roster: KeyRoster, peers: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
         """Refuse (:class:`SecAggAuthError`) unless every neighbour's advertisement in ``roster`` carries a
         certificate from a trusted authority and its certified key's signature for this round and slot, and no
-        device holds two slots. Changes nothing: called before the roster's keys are used."""
+        device holds two slots. Changes nothing: called before the roster's keys are used. Returns each slot's
+        certified identity key (this device's own included), which the consistency check verifies with."""
         cred, u = self.credentials, self.client_id
         assert cred is not None
         if not isinstance(roster, SignedKeyRoster):
@@ -494,16 +517,24 @@ class SecAggClient:
                 "roster; refused"
             )
         devices = {cred.identity.device_id: u}
+        identities = {u: cred.identity.certificate.identity_public}
         for v, keys in peers.items():
             if v not in roster.attestations:
                 raise SecAggAuthError(f"client {u}: roster slot {v} carries no signature; refused", client=v)
             cert, sig = roster.attestations[v]
-            name = cred.verify(self._binding, v, keys, cert, sig).device_id
+            verified: DeviceCertificate = cred.verify(self._binding, v, keys, cert, sig)
+            name = verified.device_id
             if devices.setdefault(name, v) != v:
                 raise SecAggAuthError(
                     f"client {u}: device {name!r} holds roster slots {devices[name]} and {v}; refused",
                     client=v,
                 )
+            if verified.identity_public in identities.values():  # one key, two certificates: one device
+                raise SecAggAuthError(
+                    f"client {u}: roster slot {v}'s identity key is another slot's too; refused", client=v
+                )
+            identities[v] = verified.identity_public
+        return identities
 
     # -- stage 1 ----------------------------------------------------------------------------------------
     def _share_cipher(self, peer: int, c_public: bytes) -> AESGCM:
@@ -531,11 +562,10 @@ class SecAggClient:
             raise SecAggError(
                 f"client {u}: only {len(peers)} neighbours advertised keys; threshold {cfg.threshold}"
             )
-        if self.credentials is not None:
-            self._authenticate(roster, peers)
+        identities = self._authenticate(roster, peers) if self.credentials is not None else {}
         # every agreement before any state changes: a roster with a low-order key is refused as a whole
         aeads = {v: self._share_cipher(v, c) for v, (c, _) in peers.items()}
-        self._peers, self._aeads = peers, aeads
+        self._peers, self._aeads, self._identities = peers, aeads, identities
         self._self_seed = self._rand(32)
         xs = [v + 1 for v in [*peers, u]]  # share points are id + 1 (0 is the secret)
         b_sh = shamir.split(self._self_seed, threshold=cfg.threshold, xs=xs, randbytes=self._rand)
@@ -595,9 +625,9 @@ class SecAggClient:
         return MaskedInput(cfg.round_id, u, pack_words(y, cfg.ring_bits, cfg.vector_size))
 
     # -- stage 3 ----------------------------------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """For each neighbour: its self-mask share if it uploaded, its mask-key share if it dropped — never both."""
-        self._expect(Stage.MASKED, "unmask")
+    def _check_request(self, request: UnmaskRequest, what: str) -> None:
+        """The checks an unmasking request must pass before this device signs it or answers it (nothing changes)."""
+        self._expect(Stage.MASKED, what)
         self._check_round(request)
         cfg, u = self.config, self.client_id
         surv, drop = set(request.survivors), set(request.dropped)
@@ -617,6 +647,88 @@ class SecAggClient:
                 survivors=len(surv),
                 floor=self.min_inputs,
             )
+
+    def sign_survivors(self, request: UnmaskRequest) -> SurvivorSignature:
+        """The consistency check (authenticated rounds): sign the unmasking request this device received.
+
+        A device vouches for one request only: asked to sign another (a server telling devices different
+        survivor sets and shopping for signatures), it refuses (:class:`SecAggAuthError`); the same request again
+        gets the same signature (Ed25519 is deterministic), so a transport may retry.
+        """
+        self._check_request(request, "sign the survivor set")
+        u, cred = self.client_id, self.credentials
+        if cred is None:
+            raise SecAggError(
+                f"client {u}: this device has no identity to sign with; only authenticated rounds have a "
+                "consistency check"
+            )
+        digest = request_digest(request)
+        if self._vouched and self._vouched != digest:
+            raise SecAggAuthError(
+                f"client {u}: refusing to sign a second, different unmasking request in this round (it signed "
+                "another survivor set already): the server is telling devices different survivor sets"
+            )
+        self._vouched = digest
+        return SurvivorSignature(
+            self.config.round_id, u, cred.identity.sign(consistency_statement(self._binding, u, digest))
+        )
+
+    def _check_consistency(self, request: UnmaskRequest, signatures: SurvivorSignatures | None) -> None:
+        """Refuse (:class:`SecAggAuthError`) unless this device signed ``request`` and at least ``threshold``
+        distinct certified devices of its neighbourhood (itself included), each a survivor of ``request``, signed
+        exactly the request it received; signatures that do not verify, or come from outside, do not count."""
+        u, t = self.client_id, self.config.threshold
+        if not isinstance(signatures, SurvivorSignatures):
+            raise SecAggAuthError(
+                f"client {u}: refusing to unmask without the consistency check's signatures (this device "
+                "authenticates its round)"
+            )
+        self._check_round(signatures)
+        digest = request_digest(request)
+        if self._vouched != digest:
+            raise SecAggAuthError(
+                f"client {u}: refusing to unmask a request it did not sign"
+                + (" (it signed another survivor set)" if self._vouched else "")
+            )
+        surv = set(request.survivors)
+        assert self.credentials is not None
+        vouching, bad, outside = {self.credentials.identity.certificate.identity_public}, [], []
+        for v, sig in sorted(signatures.signatures.items()):
+            if v == u:  # this device counts once, as itself
+                continue
+            key = self._identities.get(v)
+            if key is None or v not in surv:
+                outside.append(v)
+                continue
+            try:
+                Ed25519PublicKey.from_public_bytes(key).verify(
+                    sig, consistency_statement(self._binding, v, digest)
+                )
+            except InvalidSignature:
+                bad.append(v)
+                continue
+            vouching.add(key)
+        if len(vouching) < t:
+            raise SecAggAuthError(
+                f"client {u}: refusing to unmask: {len(vouching)} devices of its neighbourhood (itself included) "
+                f"signed the unmasking request it received, threshold {t} (signatures that do not verify on this "
+                f"request: {bad[:5]}; from non-survivors or outside its neighbourhood: {outside[:5]})"
+            )
+
+    def unmask(self, request: UnmaskRequest, signatures: SurvivorSignatures | None = None) -> UnmaskResponse:
+        """For each neighbour: its self-mask share if it uploaded, its mask-key share if it dropped — never both.
+
+        With credentials (an authenticated round) ``signatures`` is the consistency check's result, checked first
+        (:meth:`_check_consistency`): a device reveals nothing for a request ``threshold`` of its neighbourhood
+        did not sign. Without credentials there is no consistency check and ``signatures`` must be None.
+        """
+        self._check_request(request, "unmask")
+        cfg, u = self.config, self.client_id
+        surv, drop = set(request.survivors), set(request.dropped)
+        if self.credentials is not None:
+            self._check_consistency(request, signatures)
+        elif signatures is not None:
+            raise SecAggError(f"client {u}: survivor signatures in a round without device identities")
         out: dict[int, bytes] = {}
         # only clients this one holds shares of (or has revealed before) can matter: its neighbours, not the round
         held = self._received.keys() | {u} | self._revealed.keys()
@@ -649,7 +761,8 @@ class SecAggServer:
 
     Partner: :class:`SecAggClient`. A stage closes when the driver says so (every expected message arrived, or
     a deadline passed): :meth:`roster` closes key advertisement, :meth:`close_shares` closes share exchange,
-    :meth:`unmask_request` closes masked inputs and *freezes the survivor set*, :meth:`result` ends the round.
+    :meth:`unmask_request` closes masked inputs and *freezes the survivor set*, :meth:`survivor_signatures` closes
+    an authenticated round's consistency check, :meth:`result` ends the round.
     Whatever arrives for a closed stage (a late masked input, say) is refused with :class:`SecAggOrderError`
     and changes nothing, so the sum always covers exactly the frozen survivors.
 
@@ -677,6 +790,8 @@ class SecAggServer:
         self.uploaded: list[int] = []
         # lane words (ring.to_words), wrapping modulo 2^64: a multiple of each word's group, reduced at the end
         self.masked_sum = np.zeros(word_count(config.vector_size, config.ring_bits), dtype=np.uint64)
+        self.signatures: dict[int, bytes] = {}  # survivor -> its signature of the request (consistency check)
+        self._signatures: SurvivorSignatures | None = None
         self.responses: dict[int, dict[int, bytes]] = {}  # responder -> owner -> share
         self.bytes_received: dict[int, int] = {}
         self._roster: KeyRoster | None = None
@@ -842,8 +957,41 @@ class SecAggServer:
                 tuple(sorted(self.uploaded)),
                 tuple(sorted(self.share_senders - set(self.uploaded))),
             )
-            self.stage = Stage.UNMASK
+            self.stage = Stage.CONSISTENCY if self.authenticated else Stage.UNMASK
         return self._request
+
+    # -- consistency check (authenticated rounds) --------------------------------------------------------
+    def receive_signature(self, msg: SurvivorSignature) -> None:
+        """A survivor's signature of the unmasking request, kept to forward (the devices verify it)."""
+        sender = msg.client_id
+        self._expect(Stage.CONSISTENCY, f"survivor signature from client {sender}")
+        self._check_round(msg, sender)
+        if sender not in self.survivors:
+            raise SecAggOrderError(
+                f"client {sender} is not a survivor; it is not asked to sign", stage=self.stage
+            )
+        if sender in self.signatures:
+            raise SecAggOrderError(f"client {sender} already signed the survivor set", stage=self.stage)
+        self.signatures[sender] = msg.signature
+        self._count(sender, msg.wire_size())
+
+    def survivor_signatures(self) -> SurvivorSignatures:
+        """Close the consistency check (first call) and return the signatures every survivor needs to unmask.
+
+        Raises :class:`SecAggError`, staying at the check (more signatures may come), while fewer than
+        ``threshold`` survivors signed: no device would unmask. The survivor set itself stays as frozen: a
+        survivor that signs nothing is still in the sum (its self-mask comes back from its neighbours' shares).
+        """
+        if self._signatures is None:
+            self._expect(Stage.CONSISTENCY, "closing the consistency check")
+            if len(self.signatures) < self.config.threshold:
+                raise SecAggError(
+                    f"only {len(self.signatures)} survivors signed the unmasking request; threshold "
+                    f"{self.config.threshold}"
+                )
+            self._signatures = SurvivorSignatures(self.config.round_id, dict(sorted(self.signatures.items())))
+            self.stage = Stage.UNMASK
+        return self._signatures
 
     # -- stage 3 ----------------------------------------------------------------------------------------
     def receive_unmask(self, msg: UnmaskResponse) -> None:
@@ -932,4 +1080,9 @@ class SecAggServer:
         return self._request.dropped if self._request is not None else ()
 
 
-_ORDER = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK, Stage.DONE]
+_ORDER = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK, Stage.DONE]
+
+
+def request_digest(request: UnmaskRequest) -> bytes:
+    """SHA-256 of an unmasking request's exact encoding (round id, survivors, dropped): what devices sign."""
+    return hashlib.sha256(request.to_bytes()).digest()

@@ -36,7 +36,10 @@ class Dropouts:
         before_shares: advertise keys, then vanish before sharing them.
         before_upload: share keys, then vanish before sending a masked input.
         late_upload: send the masked input only after the server asked for unmasking (it is refused).
-        after_upload: upload, then vanish before unmasking (still in the sum).
+        after_upload: upload, then vanish before unmasking (still in the sum); in an authenticated round,
+            before the consistency check too (they sign nothing).
+        after_signing: in an authenticated round, sign the survivor set, then vanish before unmasking (still in
+            the sum); in other rounds the same as ``after_upload``.
     """
 
     before_advertise: Collection[int] = ()
@@ -44,6 +47,7 @@ class Dropouts:
     before_upload: Collection[int] = ()
     late_upload: Collection[int] = ()
     after_upload: Collection[int] = ()
+    after_signing: Collection[int] = ()
 
     def plus(self, *, before_upload: Collection[int] = (), after_upload: Collection[int] = ()) -> Dropouts:
         """These dropouts with more devices vanishing before / after their upload."""
@@ -53,6 +57,7 @@ class Dropouts:
             set(self.before_upload) | set(before_upload),
             self.late_upload,
             set(self.after_upload) | set(after_upload),
+            self.after_signing,
         )
 
     def gone_by(self, stage: int) -> set[int]:
@@ -90,7 +95,9 @@ def exchange(
     """Carry one round's messages, as bytes, between device endpoints and the server endpoint.
 
     Devices in ``dropouts`` stop at their stage; late uploaders send their masked input after the unmasking
-    request, and the server refuses it (:class:`SecAggOrderError`), as it would on any transport.
+    request, and the server refuses it (:class:`SecAggOrderError`), as it would on any transport. An
+    authenticated server runs the consistency check between the request and the unmasking: every survivor still
+    there signs the request, and each responder unmasks with the signatures the server forwards.
     """
     d = dropouts or Dropouts()
     for u, dev in devices.items():
@@ -118,9 +125,15 @@ def exchange(
         except SecAggOrderError:
             refused.append(u)
     srv = server.server
-    responders = [u for u in srv.survivors if u not in d.gone_by(3)]
+    present = [u for u in srv.survivors if u not in d.gone_by(3)]
+    signatures = None
+    if srv.authenticated:  # the consistency check (Bonawitz et al. §4): survivors sign what they were sent
+        for u in present:
+            server.receive(devices[u].sign_survivors(request), sender=u)
+        signatures = server.survivor_signatures()
+    responders = [u for u in present if u not in set(d.after_signing)]
     for u in responders:
-        server.receive(devices[u].unmask(request), sender=u)
+        server.receive(devices[u].unmask(request, signatures), sender=u)
     total = server.result()
     report = SecAggReport(
         list(srv.survivors),
