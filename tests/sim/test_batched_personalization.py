@@ -16,19 +16,8 @@ from deltaplane.personalization import AlphaMix, Ditto, PersonalState, train_sgd
 from deltaplane.sim import RunConfig, build_model, run_simulation
 from deltaplane.sim.batched import BatchedTrainer
 
-from .test_batched import _VmapOnly
-
-# Shards of awkward sizes (as tests/sim/test_batched.py): a short batch, exact multiples of 32, a single sample.
-SIZES = [45, 32, 7, 1, 70]
-
-
-def _shards() -> list:
-    data = load_digits()
-    out, first = [], 0
-    for n in SIZES:
-        out.append(data.subset(range(first, first + n)))
-        first += n
-    return out
+# Shards of awkward sizes (test_batched's): a short batch, exact multiples of 32, a single sample.
+from .test_batched import SIZES, _shards, _VmapOnly
 
 
 def _starts(model: nn.Module) -> tuple[dict, list[dict]]:
