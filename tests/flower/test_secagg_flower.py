@@ -230,7 +230,9 @@ def test_nodes_refuse_to_unmask_fewer_than_m_min_when_the_strategy_has_no_floor(
 
     cfg = CFG.replace(clients=6, rounds=1, dp_noise=0.5, dp_delta=1e-3, secagg_min_contributors=6,
                       secagg_range=8.0, clip="1.0")  # fmt: skip
-    monkeypatch.setattr(flower_secagg, "ServerEndpoint", lambda config, min_inputs=0: ServerEndpoint(config))
+    monkeypatch.setattr(
+        flower_secagg, "ServerEndpoint", lambda config, min_inputs=0, **kw: ServerEndpoint(config, **kw)
+    )
     unmask_replies: list = []
 
     class DroppingGrid(loopback_grid):

@@ -32,7 +32,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
-from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text, require_regular_file
+from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
 
 if TYPE_CHECKING:
     import ssl
@@ -182,15 +182,10 @@ def _credentials(key: Path | None, certificate: Path | None, authority: Path | N
             "--identity-key, --certificate and --enrollment-authority go together: the device's SecAgg identity "
             "(fleet enroll --authority-key writes the first two) and the authority's public key it trusts"
         )
-    from deltaplane.aggregation.secagg.identity import DeviceCredentials, DeviceIdentity, TrustedAuthorities
+    from deltaplane.aggregation.secagg.identity import DeviceCredentials
 
     assert key is not None and certificate is not None and authority is not None
-    identity = DeviceIdentity.from_files(
-        read_bounded_text(key, limit=KEY_LIMIT, what="device identity key").encode(),
-        read_bounded_bytes(certificate, limit=KEY_LIMIT, what="device certificate"),
-    )
-    text = read_bounded_text(authority, limit=KEY_LIMIT, what="enrollment authority public key")
-    return DeviceCredentials(identity, TrustedAuthorities.from_text(text, source=str(authority)))
+    return DeviceCredentials.from_files(key, certificate, authority)
 
 
 def _stop_on_signals() -> threading.Event:

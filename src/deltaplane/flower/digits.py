@@ -49,7 +49,7 @@ from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
 from deltaplane.engine.secure import secure_weight_scale
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import DeltaplaneError, PrivacyBudgetExceeded
+from deltaplane.errors import ConfigError, DeltaplaneError, PrivacyBudgetExceeded
 from deltaplane.flower.mod import delta_mod
 from deltaplane.flower.records import (
     DELTA_KEY,
@@ -160,6 +160,10 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
 
     ``simulation=False`` is for SuperNodes that may be real devices (a deployed Flower App): options only a
     simulation may run on a device (an attack) are refused.
+
+    Under ``config.secagg`` a node whose ``node_config`` names its SecAgg enrollment
+    (:data:`~deltaplane.flower.secagg.NODE_CONFIG_KEYS`) takes only authenticated rounds
+    (``task_server_app(..., authenticated=True)``), and a node without one only the others.
 
     Raises:
         UnsupportedOption: ``simulation`` is False and ``config`` asks for a simulation-only option.
@@ -291,6 +295,7 @@ def task_server_app(
     on_clients: Callable[[list[dict[str, Any]]], None] | None = None,
     on_stop: Callable[[str], None] | None = None,
     simulation: bool = True,
+    authenticated: bool = False,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
@@ -312,7 +317,15 @@ def task_server_app(
         simulation: False for a deployed Flower App whose SuperNodes may be real devices: DP noise and DP
             client sampling then come from the OS CSPRNG, not from ``config.seed`` (unless
             ``config.dp_noise_source`` is ``"seeded"``).
+        authenticated: under ``config.secagg``, authenticated SecAgg rounds
+            (:class:`~deltaplane.flower.SecAggStrategy`'s ``authenticated``): every node must be enrolled in its
+            own ``node_config`` (:data:`~deltaplane.flower.secagg.NODE_CONFIG_KEYS`), which
+            :func:`task_client_app` reads. Without ``config.secagg`` it is a ConfigError.
     """
+    if authenticated and not config.secagg:
+        raise ConfigError(
+            "authenticated=True authenticates SecAgg rounds; the run has none (set secagg=True)"
+        )
     app = ServerApp()
 
     @app.main()
@@ -372,6 +385,7 @@ def task_server_app(
                 clip_range=config.secagg_range,
                 weight_scale=weight_scale,
                 neighbours=config.secagg_neighbours,  # SecAgg+: each round's degree as in process
+                authenticated=authenticated,
                 **options,
             )
         else:

@@ -10,7 +10,19 @@ holds the stage's bytes (the same strict encodings the HTTP service carries):
   with :func:`~deltaplane.flower.delta_mod` (error feedback included), decodes *its own* payload, quantizes it
   into the ring with its example count in a masked slot, and replies with the ``MaskedInput`` *only*: the
   payload, the weights and the example count never leave the node;
-* ``query.secagg`` *unmask* — the frozen ``UnmaskRequest`` → ``UnmaskResponse``.
+* ``query.secagg`` *consistency* (authenticated rounds only) — the frozen ``UnmaskRequest`` → the node's
+  ``SurvivorSignature`` of it (Bonawitz et al. 2017 §4, "ConsistencyCheck");
+* ``query.secagg`` *unmask* — the frozen ``UnmaskRequest`` (and, authenticated, the ``SurvivorSignatures``) →
+  ``UnmaskResponse``.
+
+Authenticated rounds (``SecAggStrategy(authenticated=True)``, against a server that substitutes keys or shows
+nodes different survivor sets) have the meaning they have on the HTTP service, and the opt-in is the *node's*:
+a node enrolled by an enrollment authority (its credentials from its own ``node_config``,
+:data:`NODE_CONFIG_KEYS`, or ``credentials=`` of :func:`secagg_mod` and :func:`add_secagg`) signs its key
+advertisement, refuses a roster it cannot authenticate and runs the consistency check before it unmasks; it
+refuses a round that is not authenticated at key advertisement, before it trains. A node without credentials
+refuses an authenticated round (it could not sign). Each refusal is a typed
+:class:`~deltaplane.aggregation.secagg.SecAggAuthError`, which Flower reports as the node's error reply.
 
 A node that fails or does not answer a stage has dropped out of it; a masked input that arrives after the
 unmasking request is refused. The strategy then unmasks the sum and hands the weighted mean to the engine's
@@ -26,7 +38,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -35,8 +48,10 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid
 
 from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
     DeviceEndpoint,
     RingEncoding,
+    SecAggAuthError,
     SecAggConfig,
     SecAggError,
     ServerEndpoint,
@@ -52,13 +67,81 @@ from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
 
-__all__ = ["QUERY_TYPE", "SECAGG_KEY", "SecAggStrategy", "add_secagg", "secagg_mod"]
+__all__ = [
+    "NODE_CONFIG_KEYS",
+    "QUERY_TYPE",
+    "SECAGG_KEY",
+    "SecAggStrategy",
+    "add_secagg",
+    "node_credentials",
+    "secagg_mod",
+]
 
 #: ConfigRecord of every SecAgg message: ``stage`` and the stage's bytes (server → node), ``message`` (reply).
 SECAGG_KEY = "deltaplane.secagg"
-#: Flower message type of the three stages that are not training.
+#: Flower message type of the stages that are not training.
 QUERY_TYPE = "query.secagg"
 _STATE = "deltaplane.secagg-state"
+_T = TypeVar("_T")
+#: the ``node_config`` keys naming a node's SecAgg enrollment, files on the node (all three or none): its
+#: identity key and certificate (``fleet enroll --authority-key`` writes ``device-I.identity.pem`` and
+#: ``device-I.cert``) and the enrollment authority's public key it trusts (``enrollment.ed25519.pub``)
+NODE_CONFIG_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-enrollment-authority")
+
+
+def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | None:
+    """The node's SecAgg credentials from its own ``node_config`` (:data:`NODE_CONFIG_KEYS`), None without any.
+
+    They come from the node's configuration (``flower-supernode --node-config``, a simulation's per-node config),
+    never from a server message: the server cannot switch a node's authentication off. Half an enrollment is a
+    :class:`~deltaplane.errors.ConfigError` (a node must not silently run unauthenticated), and so is a missing,
+    oversized or malformed file, named.
+    """
+    given = {k: node_config.get(k) for k in NODE_CONFIG_KEYS}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [k for k, v in given.items() if not (isinstance(v, str) and v)]
+    if missing:
+        raise ConfigError(
+            f"this node's node_config names {', '.join(k for k in given if k not in missing)} but not "
+            f"{', '.join(missing)}: a node's SecAgg enrollment is all three files or none (its identity key and "
+            "certificate, which `deltaplane fleet enroll --authority-key` writes, and the enrollment authority's "
+            "public key)"
+        )
+    return DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS))
+
+
+def _session(context: Context) -> bytes:
+    """The name every node of a Flower run binds its signed advertisements to (with the round's config): the
+    run id each node's own SuperNode runs it under, so a signature cannot be replayed into another run."""
+    return f"flower-run/{context.run_id}".encode()
+
+
+def _credentials(given: DeviceCredentials | None, context: Context) -> DeviceCredentials | None:
+    return given if given is not None else node_credentials(context.node_config)
+
+
+def _check_authentication(
+    authenticated: object, credentials: DeviceCredentials | None, round_id: int
+) -> None:
+    """A node takes part in an authenticated round if and only if it is enrolled (SecAggAuthError otherwise):
+    the opt-in is the node's own, as on the HTTP service (:class:`~deltaplane.serve.secagg_client.SecAggDevice`)."""
+    if not isinstance(authenticated, bool):
+        raise SecAggError(
+            f"the SecAgg invitation's 'authenticated' is {authenticated!r}, not a boolean; refused"
+        )
+    if credentials is not None and not authenticated:
+        raise SecAggAuthError(
+            f"refusing SecAgg round {round_id}: this node authenticates its neighbours' keys (it is enrolled: "
+            "node_config secagg-identity-key …), and the round is not authenticated, so the server could "
+            "substitute them; run the server with SecAggStrategy(authenticated=True)"
+        )
+    if credentials is None and authenticated:
+        raise SecAggAuthError(
+            f"refusing SecAgg round {round_id}: it takes signed key advertisements, and this node has no enrolled "
+            f"identity; give it one in its node_config ({', '.join(NODE_CONFIG_KEYS)}) or secagg_mod(credentials=…) "
+            "and add_secagg(credentials=…)"
+        )
 
 
 def _save(context: Context, ep: DeviceEndpoint) -> None:
@@ -72,9 +155,10 @@ def _save(context: Context, ep: DeviceEndpoint) -> None:
     )
 
 
-def _load(context: Context, round_id: int) -> DeviceEndpoint:
+def _load(context: Context, round_id: int, credentials: DeviceCredentials | None) -> DeviceEndpoint:
     """The node's SecAgg endpoint for round ``round_id``, as it accepted the round at key advertisement;
-    :class:`SecAggError` if it holds none for that round (it missed or refused the advertisement)."""
+    :class:`SecAggError` if it holds none for that round (it missed or refused the advertisement), and
+    :class:`SecAggAuthError` if it accepted it enrolled and ``credentials`` is None now."""
     rec = context.state.config_records.get(_STATE)
     if rec is None:
         raise SecAggError(
@@ -89,7 +173,11 @@ def _load(context: Context, round_id: int) -> DeviceEndpoint:
         )
     bits, clip, scale = json.loads(str(rec["encoding"]))
     return DeviceEndpoint.restore(
-        config, RingEncoding(bits=bits, clip_range=clip, weight_scale=scale), bytes(rec["state"])
+        config,
+        RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
+        bytes(rec["state"]),
+        credentials=credentials,
+        session=_session(context),
     )
 
 
@@ -97,16 +185,27 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
-def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0, min_range: float = 0.0) -> Message:
-    """The node side of the three query stages (register with :func:`add_secagg`). ``min_inputs`` is the
+def secagg_query(
+    msg: Message,
+    context: Context,
+    *,
+    min_inputs: int = 0,
+    min_range: float = 0.0,
+    credentials: DeviceCredentials | None = None,
+) -> Message:
+    """The node side of the query stages (register with :func:`add_secagg`). ``min_inputs`` is the
     node's own unmasking floor (distributed DP's m_min), kept in its SecAgg state from key advertisement on;
     ``min_range`` its own least ring range (distributed DP's C + 6σ_d): a narrower ``clip_range`` is refused at
-    key advertisement, before the node sends anything."""
+    key advertisement, before the node sends anything. ``credentials``: the node's enrollment (None: from its
+    ``node_config``, :func:`node_credentials`); an enrolled node takes only authenticated rounds, a node
+    without credentials only the others (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`)."""
     rec = msg.content.config_records[SECAGG_KEY]
     stage = str(rec["stage"])
+    creds = _credentials(credentials, context)
     if stage == "advertise":
         config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
         check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
+        _check_authentication(rec.get("authenticated", False), creds, config.round_id)
         bits, clip, scale = json.loads(str(rec["encoding"]))
         ep = DeviceEndpoint(
             int(rec["client-id"]),
@@ -115,21 +214,33 @@ def secagg_query(msg: Message, context: Context, *, min_inputs: int = 0, min_ran
             randbytes=secrets.token_bytes,
             min_inputs=min_inputs,  # the node's own, never from the server's message
             min_range=min_range,  # likewise
+            credentials=creds,  # likewise
+            session=_session(context),
         )
         out = ep.advertise()
     elif stage == "share":
-        ep = _load(context, int(rec["round"]))
+        ep = _load(context, int(rec["round"]), creds)
         out = ep.share(bytes(rec["roster"]))
+    elif stage == "consistency":
+        ep = _load(context, int(rec["round"]), creds)
+        out = ep.sign_survivors(bytes(rec["request"]))
     elif stage == "unmask":
-        ep = _load(context, int(rec["round"]))
-        out = ep.unmask(bytes(rec["request"]))
+        ep = _load(context, int(rec["round"]), creds)
+        signatures = rec.get("signatures")
+        out = ep.unmask(bytes(rec["request"]), bytes(signatures) if isinstance(signatures, bytes) else None)
     else:
         raise DeltaplaneError(f"unknown SecAgg stage {stage!r}")
     _save(context, ep)
     return _reply(msg, out)
 
 
-def add_secagg(app: ClientApp, *, min_inputs: int = 0, min_range: float = 0.0) -> ClientApp:
+def add_secagg(
+    app: ClientApp,
+    *,
+    min_inputs: int = 0,
+    min_range: float = 0.0,
+    credentials: DeviceCredentials | None = None,
+) -> ClientApp:
     """Register the SecAgg query stages on ``app`` (its mods must include :func:`secagg_mod`).
 
     ``min_inputs``: the fewest masked inputs whose sum the node helps unmask; under distributed DP the m_min
@@ -137,10 +248,12 @@ def add_secagg(app: ClientApp, *, min_inputs: int = 0, min_range: float = 0.0) -
     fewer survivors fails on the node (a SecAggError, so the node answers no shares and drops out of the
     stage), whatever the server asks. ``min_range``: the least ring range the node accepts (distributed DP's
     C + 6σ_d, :meth:`~deltaplane.engine.RunConfig.min_secagg_range`); a round with a narrower ``clip_range``
-    fails on the node at key advertisement (:class:`~deltaplane.aggregation.secagg.SecAggRangeError`)."""
+    fails on the node at key advertisement (:class:`~deltaplane.aggregation.secagg.SecAggRangeError`).
+    ``credentials``: the node's enrollment for a ClientApp built in code (give :func:`secagg_mod` the same);
+    None reads it from each node's ``node_config`` (:data:`NODE_CONFIG_KEYS`; none there: not enrolled)."""
 
     def secagg(msg: Message, context: Context) -> Message:
-        return secagg_query(msg, context, min_inputs=min_inputs, min_range=min_range)
+        return secagg_query(msg, context, min_inputs=min_inputs, min_range=min_range, credentials=credentials)
 
     app.query("secagg")(secagg)
     return app
@@ -151,6 +264,7 @@ def secagg_mod(
     seed: int = 0,
     seed_fn: Callable[[int, int, Context], int] | None = None,
     privacy: Callable[[Delta, int, Context], Delta] | None = None,
+    credentials: DeviceCredentials | None = None,
 ) -> Mod:
     """A ClientApp mod that turns a node's compressed update into its masked SecAgg input.
 
@@ -163,7 +277,9 @@ def secagg_mod(
     fails with :class:`~deltaplane.aggregation.secagg.SecAggError` (an error reply) without training. Messages
     without a SecAgg record pass through untouched. ``privacy(update,
     round, context)``, when given, runs on the decoded update before it enters the ring: distributed DP's
-    clip and noise (:meth:`~deltaplane.engine.ClientStep.distributed_privacy`).
+    clip and noise (:meth:`~deltaplane.engine.ClientStep.distributed_privacy`). ``credentials``: the node's
+    enrollment, as given to :func:`add_secagg` (None: from the node's ``node_config``); a round the node accepted
+    enrolled is resumed only with them.
     """
 
     def default_seed(s: int, rnd: int, context: Context) -> int:
@@ -177,7 +293,7 @@ def secagg_mod(
         rec = msg.content.config_records[SECAGG_KEY]
         # before training: a round this node accepted at key advertisement, with an inbox to mask with; a
         # round it cannot take part in (SecAggError) must not cost it a training pass
-        ep = _load(context, int(rec["round"]))
+        ep = _load(context, int(rec["round"]), _credentials(credentials, context))
         inbox = rec.get("inbox")
         if not isinstance(inbox, bytes):
             raise SecAggError(f"the train instruction of SecAgg round {rec['round']} carries no share inbox")
@@ -232,6 +348,12 @@ class SecAggStrategy(DeltaStrategy):
             sampled (the least degree the nodes accept when larger; the complete graph when it reaches every
             node), as every driver does with a run's ``secagg_neighbours``.
         timeout: seconds each protocol stage waits for replies (None: until every node answered).
+        authenticated: run authenticated rounds (Bonawitz et al. 2017 §4–6, against a server that substitutes
+            keys or shows nodes different survivor sets): the nodes' signed advertisements are forwarded in a
+            signed roster, and a consistency stage between the masked inputs and the unmasking collects each
+            survivor's signature of the unmasking request and forwards them with it. Every node must be enrolled
+            (:data:`NODE_CONFIG_KEYS`); nodes verify, this strategy verifies nothing. An enrolled node refuses a
+            round without it, a node without credentials a round with it: the opt-in is the nodes'.
     """
 
     def __init__(
@@ -242,6 +364,7 @@ class SecAggStrategy(DeltaStrategy):
         weight_scale: float | Callable[[list[int]], float] = 0.0,
         neighbours: int | None = None,
         timeout: float | None = None,
+        authenticated: bool = False,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -261,6 +384,10 @@ class SecAggStrategy(DeltaStrategy):
         self.weight_scale = weight_scale
         self.neighbours = neighbours
         self.timeout = timeout
+        self.authenticated = authenticated
+        #: the nodes' error replies in the current stage (node id → Flower's error reason), named when the
+        #: stage cannot close, so the operator sees why the nodes refused (e.g. an authentication mismatch)
+        self._refusals: dict[int, str] = {}
         self._grid: Grid | None = None
         self._round: tuple[ServerEndpoint, dict[int, int], int, RingEncoding] | None = None
         self.secagg_bytes: list[int] = []
@@ -276,9 +403,24 @@ class SecAggStrategy(DeltaStrategy):
             for node, rec in records.items()
         ]
         received = 0
+        self._refusals = {}
         for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                self._refusals[reply.metadata.src_node_id] = str(reply.error.reason)
             received += self._take(server, ids, reply)
         return received
+
+    def _close(self, close: Callable[[], _T], what: str) -> _T:
+        """Close a stage (``close()``); its :class:`SecAggError` names the nodes' refusals, which say what to fix."""
+        try:
+            return close()
+        except SecAggError as exc:
+            if not self._refusals:
+                raise
+            node, reason = next(iter(sorted(self._refusals.items())))
+            raise SecAggError(
+                f"{exc} ({what}: {len(self._refusals)} nodes answered with an error, e.g. node {node}: {reason})"
+            ) from exc
 
     def _take(self, server: ServerEndpoint, ids: dict[int, int], reply: Message) -> int:
         if reply.has_error() or SECAGG_KEY not in reply.content:
@@ -345,9 +487,8 @@ class SecAggStrategy(DeltaStrategy):
             round_id=server_round,
             graph_seed=server_round,
         )
-        server = ServerEndpoint(
-            cfg, min_inputs=self._min_inputs()
-        )  # distributed DP: never unmask below m_min
+        # distributed DP: never unmask below m_min
+        server = ServerEndpoint(cfg, min_inputs=self._min_inputs(), authenticated=self.authenticated)
         enc = json.dumps([encoding.bits, encoding.clip_range, encoding.weight_scale])
         sent = self._stage(
             grid,
@@ -360,12 +501,13 @@ class SecAggStrategy(DeltaStrategy):
                         "config": json.dumps(cfg.to_dict()),
                         "encoding": enc,
                         "client-id": ids[node],
+                        "authenticated": self.authenticated,
                     }
                 )
                 for node in nodes
             },
         )
-        roster = server.roster()
+        roster = self._close(server.roster, "key advertisement")
         keyed = [node for node in nodes if ids[node] in server.server.keys]
         sent += self._stage(
             grid,
@@ -376,7 +518,7 @@ class SecAggStrategy(DeltaStrategy):
                 for node in keyed
             },
         )
-        server.close_shares()
+        self._close(server.close_shares, "share exchange")
         out = []
         for m in messages:
             node = m.metadata.dst_node_id
@@ -421,16 +563,28 @@ class SecAggStrategy(DeltaStrategy):
         if server.server.uploaded:
             request = server.unmask_request()
             by_id = {i: node for node, i in ids.items()}
+            unmask: dict[str, bytes | int | str] = {
+                "stage": "unmask",
+                "request": request,
+                "round": server_round,
+            }
+            if self.authenticated:  # the consistency check: each survivor signs the request it was sent
+                sent += self._stage(
+                    self._grid,
+                    server,
+                    ids,
+                    {
+                        by_id[u]: ConfigRecord(
+                            {"stage": "consistency", "request": request, "round": server_round}
+                        )
+                        for u in server.server.survivors
+                    },
+                )
+                unmask["signatures"] = self._close(server.survivor_signatures, "consistency check")
             sent += self._stage(
-                self._grid,
-                server,
-                ids,
-                {
-                    by_id[u]: ConfigRecord({"stage": "unmask", "request": request, "round": server_round})
-                    for u in server.server.survivors
-                },
+                self._grid, server, ids, {by_id[u]: ConfigRecord(unmask) for u in server.server.survivors}
             )
-            total = server.result()
+            total = self._close(server.result, "unmasking")
             survivors = list(server.server.survivors)
             mean, _ = encoding.decode_sum(total, count=len(survivors), like=self._shared_zeros())
             # the engine's server step gets the unmasked weighted mean and nothing else: its chain, its downlink

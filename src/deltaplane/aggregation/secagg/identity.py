@@ -28,6 +28,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from deltaplane.aggregation.secagg.errors import SecAggAuthError
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = [
     "CERT_MAX_BYTES",
@@ -284,6 +286,24 @@ class DeviceCredentials:
     identity: DeviceIdentity
     trusted: TrustedAuthorities
     clock: Callable[[], float] = field(default=time.time)
+
+    @classmethod
+    def from_files(
+        cls,
+        identity_key: str | os.PathLike[str],
+        certificate: str | os.PathLike[str],
+        authority: str | os.PathLike[str],
+    ) -> DeviceCredentials:
+        """The credentials a device keeps on disk: its identity key (PKCS#8 PEM) and certificate, which ``fleet
+        enroll --authority-key`` writes (``device-I.identity.pem``, ``device-I.cert``), and the enrollment
+        authority's public key it trusts (base64 lines, ``enrollment.ed25519.pub``). Each file is read bounded;
+        a missing, oversized or malformed one is a :class:`~deltaplane.errors.ConfigError` naming it."""
+        ident = DeviceIdentity.from_files(
+            read_bounded_text(identity_key, limit=KEY_LIMIT, what="device identity key").encode(),
+            read_bounded_bytes(certificate, limit=KEY_LIMIT, what="device certificate"),
+        )
+        text = read_bounded_text(authority, limit=KEY_LIMIT, what="enrollment authority public key")
+        return cls(ident, TrustedAuthorities.from_text(text, source=os.fspath(authority)))
 
     def verify(
         self, binding: bytes, client_id: int, keys: tuple[bytes, bytes], certificate: bytes, signature: bytes
