@@ -139,3 +139,42 @@ def test_the_simulated_fleet_takes_the_services_ring_by_default(tmp_path, make_s
         rep = run_secagg_fleet(server.url, ADMIN, "cnn", updates, [5, 7, 9], verifier=reg.verifier, workers=3)
     assert rep.survivors == [0, 1, 2] and rep.published["version"] == 2
     assert rep.config["bits"] == 20, rep.config  # a run config's default: it carries 100,000 examples
+
+
+def test_an_authenticated_fleet_round_is_exact_with_dropouts_at_every_stage(tmp_path, make_state) -> None:
+    """run_secagg_fleet(authenticated=True) enrolls its devices and runs the signed round with the consistency
+    check: a device gone at each stage (one only after uploading: still in the sum), the late upload refused,
+    the unmasked sum the survivors' codes exactly."""
+    from deltaplane.serve import ServiceConfig, create_app
+    from deltaplane.serve.server import BackgroundServer
+
+    home = tmp_path / "home"
+    reg = Registry.create(home)
+    base = make_state(0)
+    reg.set_tag("cnn", "production", reg.register_model("cnn", base, lineage={"round": 0}).number)
+    config = ServiceConfig(
+        home=str(home), admin_token=ADMIN, device_secret="d" * 32, rate=1e6, burst=10**6, max_examples=1000
+    )
+    n, bits, clip, scale, seed = 16, 16, 0.5, 30.0, 5  # threshold 11: the 11 answering devices just suffice
+    g = torch.Generator().manual_seed(4)
+    updates = [
+        Delta({k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}) for _ in range(n)
+    ]
+    weights = [int(w) for w in np.random.default_rng(2).integers(5, 60, n)]
+    drops = Dropouts(
+        before_advertise={0}, before_shares={1}, before_upload={2}, late_upload={3}, after_upload={4}
+    )
+    with BackgroundServer(create_app(config)) as server:
+        rep = run_secagg_fleet(
+            server.url, ADMIN, "cnn", updates, weights, verifier=reg.verifier, dropouts=drops,
+            bits=bits, clip_range=clip, weight_scale=scale, seed=seed, workers=4, authenticated=True,
+        )  # fmt: skip
+    survivors = list(range(4, n))
+    assert rep.survivors == survivors and rep.dropped == [2, 3] and rep.refused_late == [3]
+    assert rep.status["authenticated"] is True and rep.status["signed"] == n - 5
+    assert list(rep.stage_seconds) == [
+        "advertise keys", "share keys", "masked input", "consistency check", "unmasking", "unmask and publish"
+    ]  # fmt: skip
+    enc = RingEncoding(bits=bits, clip_range=clip, weight_scale=scale)
+    total = sum(enc.encode(updates[u], weights[u], device_rng(seed, u)).astype(np.uint64) for u in survivors)
+    assert rep.published["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()

@@ -317,6 +317,7 @@ class _Invitation:
             "client_id": 0,
             "config": config,
             "encoding": {"bits": 8, "clip_range": 1.0, "weight_scale": 0.0},
+            "secagg_version": 5,
         }
 
     def request(self, method: str, path: str, **kwargs):

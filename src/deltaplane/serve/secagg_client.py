@@ -23,13 +23,30 @@ from deltaplane.aggregation.secagg import (
     RingEncoding,
     SecAggAuthError,
     SecAggConfig,
+    SecAggError,
     check_device_policy,
 )
+from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.client import DeviceClient, ServiceError
 
 __all__ = ["SecAggDevice"]
+
+
+def _version_mismatch(round_id: int, version: object) -> str:
+    """Why a device refuses a round whose service states another SecAgg message version than its own
+    (:data:`~deltaplane.aggregation.secagg.messages.VERSION`), and which side to upgrade. A service from before
+    version 5 (authenticated rounds) states none."""
+    if isinstance(version, int) and version > MESSAGE_VERSION:
+        stated, fix = f"speaks version {version}", f"upgrade this device to a release that speaks {version}"
+    else:
+        stated = "states none (so it is older than 5)" if version is None else f"speaks version {version!r}"
+        fix = f"upgrade the service to a release that speaks {MESSAGE_VERSION}"
+    return (
+        f"refusing SecAgg round {round_id}: this device speaks SecAgg message version {MESSAGE_VERSION} and the "
+        f"service {stated}, so every message would be refused; {fix}"
+    )
 
 
 class SecAggDevice:
@@ -95,8 +112,15 @@ class SecAggDevice:
     ) -> DeviceEndpoint:
         """The device's endpoint for the invitation ``inv``, once the device accepts it: a graph and threshold
         that cannot let the server unmask it (:func:`check_device_policy`), a ring range and weighting its own
-        distributed DP allows (``min_range``, :class:`DeviceEndpoint`). Raises :class:`SecAggError` for a
-        round the device refuses, :class:`DecodeError` for JSON that is not an invitation; nothing is sent."""
+        distributed DP allows (``min_range``, :class:`DeviceEndpoint`), and the device's own SecAgg message
+        version (``secagg_version``). Raises :class:`SecAggError` for a round the device refuses,
+        :class:`DecodeError` for JSON that is not an invitation; nothing is sent."""
+        # first: a service of another message version would refuse every message (or send ones this device
+        # refuses), so the device learns it here, before it trains
+        if (
+            isinstance(inv, dict) and inv.get("secagg_version") != MESSAGE_VERSION
+        ):  # not a dict: malformed, below
+            raise SecAggError(_version_mismatch(self.round_id, inv.get("secagg_version")))
         try:
             self.base_version = int(inv["base_version"])
             self.config = SecAggConfig.from_dict(inv["config"])

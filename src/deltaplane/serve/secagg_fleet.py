@@ -5,6 +5,12 @@ concurrently over one pooled HTTP connection set, and the operator closes each s
 are still there have spoken (a deployment would close it at a deadline instead). Dropouts are injected at every
 stage (:class:`~deltaplane.aggregation.secagg.Dropouts`), including late uploads, which the server must refuse
 with 409. The report says who made it, how long each stage took and how many bytes each device sent.
+
+An *authenticated* round (``authenticated=True``) enrolls every device first, as an operator does out of band
+(``fleet enroll --authority-key``): a fresh enrollment authority certifies each device's fresh identity key, and
+each device trusts that authority alone; the devices then sign their key advertisements, check every neighbour's
+certificate and signature in the roster, and run the consistency check before unmasking
+(:mod:`deltaplane.aggregation.secagg.identity`).
 """
 
 from __future__ import annotations
@@ -18,14 +24,22 @@ from typing import Any
 import httpx
 import numpy as np
 
-from deltaplane.aggregation.secagg import Dropouts
+from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
+    DeviceIdentity,
+    Dropouts,
+    EnrollmentAuthority,
+)
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError
 from deltaplane.registry.signing import Verifier
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
 
-__all__ = ["FleetReport", "device_rng", "run_secagg_fleet"]
+__all__ = ["FleetReport", "device_rng", "enroll_fleet", "run_secagg_fleet"]
+
+#: the cohort the harness's device tokens and certificates name (a device trusts neighbours of its own cohort)
+COHORT = "secagg"
 
 
 def device_rng(seed: int, device: int) -> np.random.Generator:
@@ -52,6 +66,18 @@ class FleetReport:
         return sum(self.stage_seconds.values())
 
 
+def enroll_fleet(names: Sequence[str], *, valid_s: int = 86_400) -> list[DeviceCredentials]:
+    """Credentials for devices ``names``: one fresh enrollment authority (kept nowhere: the harness's round
+    needs no more devices) certifies a fresh identity key per device, valid ``valid_s`` seconds, in
+    :data:`COHORT`; every device trusts that authority. What ``fleet enroll --authority-key`` does on disk."""
+    authority = EnrollmentAuthority.generate()
+    expires, trusted = int(time.time()) + valid_s, authority.trust()
+    return [
+        DeviceCredentials(DeviceIdentity.enroll(authority, d, cohort=COHORT, expires=expires), trusted)
+        for d in names
+    ]
+
+
 def run_secagg_fleet(
     base_url: str,
     admin_token: str,
@@ -67,6 +93,7 @@ def run_secagg_fleet(
     neighbours: int | None = None,
     seed: int = 0,
     workers: int = 8,
+    authenticated: bool = False,
 ) -> FleetReport:
     """Run one SecAgg round of ``len(updates)`` simulated devices against the service at ``base_url``.
 
@@ -75,7 +102,11 @@ def run_secagg_fleet(
     OS. ``weight_scale`` defaults to the mean of ``weights`` (as in process: the round publishes the
     example-weighted mean); 0 averages unweighted. ``bits`` (the ring's bits per value) defaults to the
     service's: its ``--federation``'s ``secagg.bits``, else a run config's default (20), which carries the
-    service's default ``--max-examples``. ``verifier`` holds the registry's public keys the devices trust. Returns a :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    service's default ``--max-examples``. ``verifier`` holds the registry's public keys the devices trust.
+    ``authenticated`` enrolls the devices (:func:`enroll_fleet`, not timed: enrollment happens once, out of band)
+    and opens an authenticated round: signed advertisements and a ``consistency check`` stage, in which the
+    survivors that are still there sign the unmasking request. Returns a :class:`FleetReport`; raises
+    :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
     dropouts = dropouts or Dropouts()
@@ -85,15 +116,25 @@ def run_secagg_fleet(
     with httpx.Client(base_url=base_url, timeout=120, limits=limits) as http:
         admin = AdminClient(base_url, admin_token, client=http)
         names = [f"secagg-device-{i}" for i in range(n)]
-        tokens = [admin.issue_token(d, "secagg") for d in names]
+        tokens = [admin.issue_token(d, COHORT) for d in names]
+        credentials = enroll_fleet(names) if authenticated else [None] * n
         ring = {} if bits is None else {"bits": bits}  # None: the service's (its federation's, else 20)
+        signed = {"authenticated": True} if authenticated else {}
         opened = admin.open_secagg(
-            model, names, **ring, clip_range=clip_range, weight_scale=weight_scale, neighbours=neighbours
+            model,
+            names,
+            **ring,
+            **signed,
+            clip_range=clip_range,
+            weight_scale=weight_scale,
+            neighbours=neighbours,
         )
         rnd = int(opened["round"])
         clients = [DeviceClient(base_url, t, verifier=verifier, client=http) for t in tokens]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            devices = list(pool.map(lambda c: SecAggDevice(c, model, rnd), clients))
+            devices = list(
+                pool.map(lambda i: SecAggDevice(clients[i], model, rnd, credentials=credentials[i]), range(n))
+            )
             for i, dev in enumerate(devices):  # on each device: its update into the ring
                 dev.set_update(updates[i], int(weights[i]), device_rng(seed, i))
             times: dict[str, float] = {}
@@ -133,7 +174,11 @@ def run_secagg_fleet(
                         f"the service accepted device {i}'s masked input after unmasking began"
                     )
             survivors = list(status["survivors"])
-            stage("unmasking", [i for i in survivors if i not in dropouts.gone_by(3)], "unmask")
+            answering = [i for i in survivors if i not in dropouts.gone_by(3)]
+            if authenticated:  # the survivors still there sign the request; the check closes once t signed
+                stage("consistency check", answering, "vouch")
+                advance()
+            stage("unmasking", answering, "unmask")
             t0 = time.perf_counter()
             closed = admin.close_secagg(model, rnd)
             times["unmask and publish"] = time.perf_counter() - t0

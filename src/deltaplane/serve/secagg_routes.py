@@ -16,7 +16,8 @@ Device endpoints (``Authorization: Bearer <device token>``; only invited devices
   withdrawn cohort), plain
   (number, base version, nonce) or SecAgg (number, base version, current stage; only rounds it is invited to),
   so a device agent that polls one endpoint learns what to do next (:mod:`deltaplane.serve.fleet`).
-* ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage.
+* ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage,
+  ``secagg_version`` (the message version; a device of another version refuses the round here, before training).
 * ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys`` (``SignedAdvertiseKeys`` in an
   authenticated round: its certificate must name the token's device).
 * ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (``SignedKeyRoster`` in an authenticated
@@ -95,6 +96,7 @@ from deltaplane.aggregation.secagg import (
     max_ring_weight,
     round_neighbours,
 )
+from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
@@ -254,6 +256,12 @@ class Invitation(BaseModel):
     encoding: dict[str, float]
     stage: str
     authenticated: bool = Field(description="key advertisements are signed and checked by every device")
+    secagg_version: int = Field(
+        description=(
+            "the SecAgg message version this service speaks (5 since authenticated rounds): a device of another "
+            "version refuses the round here, before it trains, as a mismatched message would be refused anyway"
+        )
+    )
 
 
 class OpenRound(BaseModel):
@@ -566,6 +574,7 @@ def install_secagg_routes(
             },
             stage=r.endpoint.stage,
             authenticated=r.endpoint.server.authenticated,
+            secagg_version=MESSAGE_VERSION,
         )
 
     @router.get("/v1/models/{model}/secagg/{number}/roster", tags=["secagg"], response_class=Response)

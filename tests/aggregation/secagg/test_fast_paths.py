@@ -210,16 +210,17 @@ def test_exact_sums_with_dropouts_at_every_stage_for_several_lane_counts(
     assert np.array_equal(total, sum(codes[u].astype(np.uint64) for u in rep.survivors))
 
 
-def test_masked_input_size_and_versions_1_to_3_are_refused() -> None:
+def test_masked_input_size_and_versions_1_to_4_are_refused() -> None:
     cfg = SecAggConfig(num_clients=100, threshold=11, bits=8, vector_size=1001, neighbours=20)
     msg = MaskedInput(0, 3, bytes(cfg.packed_bytes))
     data = msg.to_bytes()
     assert len(data) == msg.wire_size() == 10 + 4 + -(-1001 * 15 // 8)  # the additive-masking limit
     assert decode_message(data, cfg) == msg
-    assert data[4] == 4
-    # 2: AES-256 masks, 3: value-by-value masks; their masked inputs would unmask to garbage, so are refused
-    for old in (1, 2, 3):
-        with pytest.raises(DecodeError, match=f"version {old} is not supported.*same release"):
+    assert data[4] == 5
+    # 2: AES-256 masks, 3: value-by-value masks; their masked inputs would unmask to garbage, so are refused;
+    # 4: no authenticated rounds (test_version.py)
+    for old in (1, 2, 3, 4):
+        with pytest.raises(DecodeError, match=f"version {old} is not supported.*upgrade it"):
             decode_message(data[:4] + bytes([old]) + data[5:], cfg)
     for size in (cfg.packed_bytes - 1, cfg.packed_bytes + 1):  # one byte short or over: refused, not summed
         with pytest.raises(DecodeError):

@@ -65,8 +65,12 @@ MAGIC = b"DPSA"
 #: to lane words of several ring values (2 to 8 per 64-bit word, in ``Z / 2^W``,
 #: :func:`~deltaplane.aggregation.secagg.ring.to_words`), one 64-bit keystream word each, not value by value in
 #: ``Z / 2^k``; the masked input's bytes keep their size and bit layout. A peer of another version would unmask
-#: with other masks, so its messages are refused rather than summed
-VERSION = 4
+#: with other masks, so its messages are refused rather than summed. 5: authenticated rounds (signed key
+#: advertisements, ``SignedAdvertiseKeys`` / ``SignedKeyRoster``, and the consistency check, ``SurvivorSignature(s)``,
+#: Bonawitz et al. 2017 §4); the other messages keep their layout, but a version-4 device never signs (an
+#: authenticated round would stall at the check) and a version-5 device under a version-4 server could not
+#: unmask, so either is refused at its first message, saying which side to upgrade
+VERSION = 5
 _HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
 KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
@@ -560,9 +564,14 @@ def decode_message(data: bytes, config: SecAggConfig) -> Message:
     if magic != MAGIC:
         raise DecodeError(f"not a SecAgg message (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
+        upgrade = (
+            f"the sender runs an older deltaplane: upgrade it to a release that speaks version {VERSION}"
+            if version < VERSION
+            else f"the sender runs a newer deltaplane: upgrade this side to a release that speaks version {version}"
+        )
         raise DecodeError(
-            f"SecAgg message version {version} is not supported (this reader knows {VERSION}): the peer runs "
-            "another deltaplane release, whose masks would not cancel with these; upgrade both sides to the same release"
+            f"SecAgg message version {version} is not supported (this reader speaks version {VERSION}): {upgrade}; "
+            "peers of different versions cannot run a round together"
         )
     cls = _KINDS.get(kind)
     if cls is None:
