@@ -31,7 +31,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = ["load_evaluator", "register"]
 
@@ -355,7 +355,12 @@ def register(app: typer.Typer) -> None:
                         f"{held} already exists; pass --force to replace it (the node holding it must then get "
                         "the new files), or choose another --out"
                     )
-                if pub.is_file() and pub.read_bytes() != public:
+                held_pub = (
+                    read_bounded_bytes(pub, limit=KEY_LIMIT, what="enrollment authority public key")
+                    if os.path.lexists(pub)
+                    else public
+                )
+                if held_pub != public:
                     raise ConfigError(
                         f"{pub} is another enrollment authority's key, which the identities in {out} were certified "
                         "by; choose another --out, or --force to replace it"
