@@ -34,18 +34,9 @@ def _byo_task(folder: Path) -> None:
     sys.path.insert(0, str(folder))
 
 
-def _enrollment_authority(folder: Path) -> None:
-    """What flower.md's ``deltaplane keys enrollment --out enrollment`` writes, which its enrolment example reads."""
-    from deltaplane.aggregation.secagg import EnrollmentAuthority
-
-    (folder / "enrollment").mkdir()
-    (folder / "enrollment" / "enrollment.ed25519.pem").write_bytes(EnrollmentAuthority.generate().to_pem())
-
-
 SETUP: dict[str, Callable[[Path], None]] = {
     "merging.md": _merging_inputs,
     "byo.md": _byo_task,
-    "flower.md": _enrollment_authority,
 }
 
 

@@ -1,5 +1,5 @@
 """Reading a user- or disk-supplied file whole, bounded: :func:`read_bounded_text` (and its bytes,
-:func:`read_bounded_bytes`).
+:func:`read_bounded_bytes`); writing a secret (a key, a token) with :func:`write_secret_file`.
 
 A config, manifest or settings file is read into memory in one piece and parsed; a path that names a multi-GiB
 file, ``/dev/zero`` or a FIFO nobody writes to would exhaust memory or hang the reader. Every such file goes
@@ -12,6 +12,7 @@ own limit below, far above any real one.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Literal, overload
@@ -30,6 +31,7 @@ __all__ = [
     "read_config_text",
     "require_regular_file",
     "safetensors_path",
+    "write_secret_file",
 ]
 
 MIB = 1 << 20
@@ -208,3 +210,29 @@ def read_bounded_text(
 def read_config_text(path: str | os.PathLike[str], *, what: str = "config file") -> str:
     """The text of a YAML config file, at most :data:`CONFIG_LIMIT` (16 MiB); see :func:`read_bounded_text`."""
     return read_bounded_text(path, limit=CONFIG_LIMIT, what=what)
+
+
+def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret atomically with mode 0600 *from its creation* (never briefly world-readable).
+
+    The temp file is created with ``O_EXCL`` and mode 0600 in the target folder, fsynced, then renamed over
+    ``path``; the folder is fsynced so the rename survives a crash.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

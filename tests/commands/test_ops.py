@@ -438,7 +438,10 @@ def test_keys_help_names_both_of_its_commands(cli):
     """`deltaplane --help` said `keys` was "Ed25519 signing keys." while it also makes serve's TLS certificates
     (`keys tls`, the first command of docs/fleet.md): a newcomer looking for TLS found no command for it."""
     out = " ".join(cli("--help").output.replace("│", " ").split())  # rich's box, wrapped at any width
-    assert "Ed25519 signing keys (init) and TLS certificates for serve (tls)" in out, out
+    assert (
+        "Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, certify), and TLS certificates for serve (tls)"
+        in out
+    ), out
 
 
 def test_keys_prints_long_paths_unbroken_when_stdout_is_no_terminal(cli, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -66,6 +67,38 @@ def processes() -> Iterator[list[subprocess.Popen]]:
 def test_superlink_and_two_supernodes_complete_rounds(
     tmp_path: Path, processes: list[subprocess.Popen]
 ) -> None:
+    out = _deploy(tmp_path, processes, ["", ""], "num-server-rounds=2")
+    rounds = re.findall(r"deltaplane round (\d): test acc ([0-9.]+), uplink (\d+) B payload", out)
+    # 1% top-k + 8-bit of an 18,346-parameter CNN: a few hundred bytes per node, not 73 kB of fp32
+    assert all(0 < int(r[2]) < 2 * 2_000 for r in rounds), rounds
+
+
+@pytest.mark.slow
+def test_enrolled_supernodes_run_authenticated_secagg_rounds(
+    tmp_path: Path, processes: list[subprocess.Popen]
+) -> None:
+    """The deployed App with ``secagg=true secagg-authenticated=true``: each SuperNode enrolled by the
+    ``--node-config`` line ``deltaplane keys certify`` prints for it, as README.md says."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for args in (["enrollment", "--out", "enrollment"],
+                 ["certify", "--authority-key", "enrollment/enrollment.ed25519.pem", "--out", "nodes", "--devices", "2"]):  # fmt: skip
+        done = subprocess.run([str(BIN / "deltaplane"), "keys", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines() if "flower-supernode" in line)
+    enrolled = [shlex.split(lines[f"device-{i}"])[2] for i in range(2)]
+    out = _deploy(tmp_path, processes, enrolled, "num-server-rounds=2 secagg=true secagg-authenticated=true")
+    assert "SecAggError" not in out, out[-3000:]
+    rounds = re.findall(r"deltaplane round (\d): test acc ([0-9.]+), uplink (\d+) B payload", out)
+    # the masked ring codes of every parameter went up (tens of kB per node), not the 1% top-k payloads
+    assert all(int(r[2]) > 2 * 18_346 for r in rounds), rounds
+
+
+def _deploy(
+    tmp_path: Path, processes: list[subprocess.Popen], node_configs: list[str], run_config: str
+) -> str:
+    """A SuperLink and two SuperNodes (node *i* with ``node_configs[i]`` after its partition) run the example
+    for two rounds with ``run_config``; returns ``flwr run``'s output once it printed both rounds."""
     # Flower 1.42 serves the Fleet, Control and Runtime APIs of a SuperLink on one HTTP port.
     link, node0, node1 = _free_ports(3)
     home = tmp_path / "flwr-home"
@@ -111,7 +144,7 @@ def test_superlink_and_two_supernodes_complete_rounds(
             "flower-supernode",
             "--insecure",
             f"--superlink=127.0.0.1:{link}",
-            f"--node-config=partition-id={i} num-partitions=2",
+            f"--node-config=partition-id={i} num-partitions=2 {node_configs[i]}".strip(),
             "--host=127.0.0.1",
             f"--port={port}",
         )
@@ -124,7 +157,7 @@ def test_superlink_and_two_supernodes_complete_rounds(
             "local-deployment",
             "--stream",
             "--run-config",
-            "num-server-rounds=2",
+            run_config,
         ],
         env=env,
         cwd=tmp_path,
@@ -138,9 +171,8 @@ def test_superlink_and_two_supernodes_complete_rounds(
     assert "deltaplane done: 2 rounds" in out, out + logs
     rounds = re.findall(r"deltaplane round (\d): test acc ([0-9.]+), uplink (\d+) B payload", out)
     assert [r[0] for r in rounds] == ["1", "2"], out
-    # 1% top-k + 8-bit of an 18,346-parameter CNN: a few hundred bytes per node, not 73 kB of fp32
-    assert all(0 < int(r[2]) < 2 * 2_000 for r in rounds), rounds
     assert time.monotonic() - t0 < DEADLINE_S
+    return out
 
 
 LOCAL_SUPERLINK_PORT = 39091  # where `flwr run . local` starts (or finds) Flower's local SuperLink

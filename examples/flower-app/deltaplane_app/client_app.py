@@ -1,7 +1,9 @@
 """ClientApp: local SGD on this SuperNode's digits shard; deltaplane's ``delta_mod`` compresses the update.
 
-Partner: ``deltaplane_app.server_app`` (``DeltaStrategy``). The SuperNode's ``--node-config`` gives its
-``partition-id``; the error-feedback residual stays in the node's Context state between rounds.
+Partner: ``deltaplane_app.server_app`` (``DeltaStrategy``, or ``SecAggStrategy`` with ``secagg = true``). The
+SuperNode's ``--node-config`` gives its ``partition-id`` and, to take authenticated SecAgg rounds, its enrollment
+(``secagg-identity-key``, ``secagg-certificate``, ``secagg-enrollment-authority``: ``deltaplane keys certify``
+writes the files); the error-feedback residual stays in the node's Context state between rounds.
 """
 
 from __future__ import annotations
@@ -43,4 +45,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("device")
 def device(msg: Message, context: Context) -> Message:
     """Which device (partition-id) this SuperNode runs: the server samples and orders nodes by it."""
+    return _delegate(msg, context)
+
+
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """SecAgg's stages (key advertisement, shares, consistency, unmasking): ``add_secagg`` answers them."""
     return _delegate(msg, context)

@@ -1,7 +1,10 @@
 """ServerApp: ``DeltaStrategy`` decodes the nodes' compressed deltas, averages them with deltaplane's FedAvg
-and sends each node the compressed downlink it missed.
+and sends each node the compressed downlink it missed. With ``secagg = true`` it is ``SecAggStrategy``: it gets
+only the nodes' masked inputs and unmasks their sum (``secagg-authenticated = true``: signed rosters and the
+consistency check, for SuperNodes enrolled in their ``--node-config``).
 
-Partner: ``deltaplane_app.client_app`` (``delta_mod``). Prints one line per round (accuracy, bytes).
+Partner: ``deltaplane_app.client_app`` (``delta_mod``, and ``secagg_mod`` + the ``query.secagg`` stages under
+SecAgg). Prints one line per round (accuracy, bytes).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from deltaplane.flower import digits_server_app
 
-from .task import run_config
+from .task import authenticated, run_config
 
 app = ServerApp()
 
@@ -30,5 +33,6 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     # SuperNodes may be real devices: DP noise and DP sampling from the OS CSPRNG, not the config seed
-    digits_server_app(cfg, on_round=report, simulation=False)(grid=grid, context=context)
+    server = digits_server_app(cfg, on_round=report, simulation=False, authenticated=authenticated(context))
+    server(grid=grid, context=context)
     print(f"deltaplane done: {cfg.rounds} rounds", flush=True)

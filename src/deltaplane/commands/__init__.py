@@ -35,6 +35,7 @@ __all__ = [
     "EXIT_REFUSED",
     "EXIT_USAGE",
     "Threads",
+    "ValidDays",
     "available_cpus",
     "check_threads",
     "clean_errors",
@@ -82,6 +83,15 @@ def finite_number(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number. Found {value}")
     return value
+
+
+#: ``--valid-days`` of the device certificates ``fleet enroll --authority-key`` and ``keys certify`` issue
+ValidDays = Annotated[
+    float,
+    typer.Option(
+        "--valid-days", min=1, callback=finite_number, help="How long the device certificates are valid."
+    ),
+]
 
 
 @contextmanager

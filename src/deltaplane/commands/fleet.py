@@ -24,6 +24,7 @@ from rich.markup import escape
 from deltaplane.commands import (
     DEFAULT_THREADS,
     Threads,
+    ValidDays,
     console,
     cpu_threads,
     err_console,
@@ -154,23 +155,6 @@ def _connected(url: str, fn: Any) -> Any:
         raise unreachable(exc, url) from None
 
 
-def _enroll_identities(
-    authority_key: Path, names: list[str], cohort: str, days: float
-) -> list[tuple[bytes, bytes]]:
-    """A fresh identity key per device, certified by the enrollment authority at ``authority_key`` for
-    ``days``: (PKCS#8 PEM, certificate bytes) each. Everything is made before anything is written."""
-    import time
-
-    from deltaplane.aggregation.secagg.identity import DeviceIdentity, EnrollmentAuthority
-
-    authority = EnrollmentAuthority.from_pem(
-        read_bounded_text(authority_key, limit=KEY_LIMIT, what="enrollment authority key").encode()
-    )
-    expires = int(time.time() + days * 86400)
-    ids = [DeviceIdentity.enroll(authority, d, cohort=cohort, expires=expires) for d in names]
-    return [(i.key_pem(), i.certificate.to_bytes()) for i in ids]
-
-
 def _credentials(key: Path | None, certificate: Path | None, authority: Path | None) -> Any:
     """The device's SecAgg credentials from ``--identity-key``, ``--certificate`` and ``--enrollment-authority``
     (all three or none: a device with half an enrollment must not silently run unauthenticated)."""
@@ -269,21 +253,19 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
-        valid_days: Annotated[
-            float,
-            typer.Option(
-                "--valid-days",
-                min=1,
-                callback=finite_number,
-                help="How long the device certificates are valid.",
-            ),
-        ] = 365.0,
+        valid_days: ValidDays = 365.0,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
         $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity."""
+        from deltaplane.aggregation.secagg.enrollment import (
+            certify,
+            device_id,
+            identity_files,
+            load_authority,
+            write_identity,
+        )
         from deltaplane.registry.signing import write_secret_file
         from deltaplane.serve.client import AdminClient
-        from deltaplane.serve.fleet import device_id
 
         with _errors(OSError):
             if devices is None:
@@ -291,7 +273,7 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
                 devices = _federation(federation).clients
             files = [out / f"{device_id(i)}.token" for i in range(devices)]
-            extra = [out / f"{device_id(i)}.{s}" for i in range(devices) for s in ("identity.pem", "cert")]
+            extra = [p for i in range(devices) for p in identity_files(out, device_id(i))]
             held = next((f for f in files + (extra if authority_key else []) if f.exists()), None)
             if held is not None:  # its token stays valid on the service: overwriting would only lose it
                 raise ConfigError(
@@ -300,7 +282,7 @@ def register(app: typer.Typer) -> None:
                 )
             names = [device_id(i) for i in range(devices)]
             identities = (
-                _enroll_identities(authority_key, names, cohort, valid_days)
+                certify(load_authority(authority_key), names, cohort=cohort, valid_days=valid_days)
                 if authority_key is not None
                 else []
             )
@@ -310,9 +292,8 @@ def register(app: typer.Typer) -> None:
             out.mkdir(parents=True, exist_ok=True)
             for path, token in zip(files, tokens, strict=True):
                 write_secret_file(path, token.encode())
-            for name, (key_pem, cert) in zip(names, identities, strict=False):
-                write_secret_file(out / f"{name}.identity.pem", key_pem)
-                write_secret_file(out / f"{name}.cert", cert)
+            for identity in identities:
+                write_identity(out, identity)
         console.print(
             escape(
                 f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"

@@ -21,6 +21,7 @@ from deltaplane.choices import AGGREGATORS
 from deltaplane.commands import (
     DEFAULT_THREADS,
     Threads,
+    ValidDays,
     check_threads,
     console,
     cpu_threads,
@@ -30,7 +31,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = ["load_evaluator", "register"]
 
@@ -239,7 +240,9 @@ def _tolerance(items: list[str] | None) -> Any:
 def register(app: typer.Typer) -> None:
     """Add the ``keys``, ``registry`` and ``serve`` commands to ``app``."""
     keys = typer.Typer(
-        help="Ed25519 signing keys (init) and TLS certificates for serve (tls).", no_args_is_help=True
+        help="Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, "
+        "certify), and TLS certificates for serve (tls).",
+        no_args_is_help=True,
     )
     reg_app = typer.Typer(
         help="Signed model/delta registry: versions, tags, promotion, rollback.", no_args_is_help=True
@@ -294,6 +297,89 @@ def register(app: typer.Typer) -> None:
             ),
             soft_wrap=True,
         )
+
+    @keys.command("certify")
+    def keys_certify(
+        authority_key: Annotated[
+            Path,
+            typer.Option(
+                "--authority-key", help="The enrollment authority's private key (keys enrollment wrote it)."
+            ),
+        ],
+        out: Annotated[Path, typer.Option("--out", help="Folder for the devices' identity files.")],
+        devices: Annotated[
+            int | None,
+            typer.Option("--devices", min=1, help="Certify device-0 … device-(N-1).", show_default="none"),
+        ] = None,
+        device: Annotated[
+            list[int] | None,
+            typer.Option(
+                "--device", min=0, help="Certify device-I (a partition id; repeatable).", show_default="none"
+            ),
+        ] = None,
+        cohort: Annotated[
+            str, typer.Option(help="Cohort the certificates name (rounds take one).")
+        ] = "fleet",
+        valid_days: ValidDays = 365.0,
+        force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
+    ) -> None:
+        """Certify SecAgg identities offline (no service): OUT/device-I.identity.pem (0600) and OUT/device-I.cert,
+        the files `fleet enroll --authority-key` writes, and OUT/enrollment.ed25519.pub; prints each Flower
+        node's --node-config."""
+        import shlex
+
+        from deltaplane.aggregation.secagg.enrollment import (
+            AUTHORITY_PUBLIC_NAME,
+            certify,
+            device_id,
+            identity_files,
+            load_authority,
+            node_config_arg,
+            write_identity,
+        )
+        from deltaplane.delta import atomic_write_bytes
+
+        with _errors(OSError):
+            if (devices is None) == (not device):
+                raise ConfigError(
+                    "give --devices N (device-0 … device-(N-1)) or --device I (repeatable), not both"
+                )
+            names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
+            authority = load_authority(authority_key)
+            public = (authority.public_text() + "\n").encode()
+            pub = out / AUTHORITY_PUBLIC_NAME
+            if not force:
+                held = next((p for n in names for p in identity_files(out, n) if os.path.lexists(p)), None)
+                if held is not None:
+                    raise ConfigError(
+                        f"{held} already exists; pass --force to replace it (the node holding it must then get "
+                        "the new files), or choose another --out"
+                    )
+                held_pub = (
+                    read_bounded_bytes(pub, limit=KEY_LIMIT, what="enrollment authority public key")
+                    if os.path.lexists(pub)
+                    else public
+                )
+                if held_pub != public:
+                    raise ConfigError(
+                        f"{pub} is another enrollment authority's key, which the identities in {out} were certified "
+                        "by; choose another --out, or --force to replace it"
+                    )
+            _writable(out, "--out")
+            identities = certify(authority, names, cohort=cohort, valid_days=valid_days)
+            written = [write_identity(out, i) for i in identities]
+            atomic_write_bytes(pub, public)
+        console.print(
+            escape(
+                f"{len(names)} identities certified by enrollment authority {authority.id.hex()} in {out}/"
+            ),
+            soft_wrap=True,
+        )
+        for name, (key, cert) in zip(names, written, strict=True):
+            arg = node_config_arg(key.resolve(), cert.resolve(), pub.resolve())
+            console.print(
+                escape(f"{name}: flower-supernode --node-config {shlex.quote(arg)}"), soft_wrap=True
+            )
 
     @keys.command("tls")
     def keys_tls(

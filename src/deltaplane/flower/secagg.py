@@ -60,6 +60,7 @@ from deltaplane.aggregation.secagg import (
     group_size,
     round_neighbours,
 )
+from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
@@ -83,10 +84,6 @@ SECAGG_KEY = "deltaplane.secagg"
 QUERY_TYPE = "query.secagg"
 _STATE = "deltaplane.secagg-state"
 _T = TypeVar("_T")
-#: the ``node_config`` keys naming a node's SecAgg enrollment, files on the node (all three or none): its
-#: identity key and certificate (``fleet enroll --authority-key`` writes ``device-I.identity.pem`` and
-#: ``device-I.cert``) and the enrollment authority's public key it trusts (``enrollment.ed25519.pub``)
-NODE_CONFIG_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-enrollment-authority")
 
 
 def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | None:
@@ -105,7 +102,7 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
         raise ConfigError(
             f"this node's node_config names {', '.join(k for k in given if k not in missing)} but not "
             f"{', '.join(missing)}: a node's SecAgg enrollment is all three files or none (its identity key and "
-            "certificate, which `deltaplane fleet enroll --authority-key` writes, and the enrollment authority's "
+            "certificate, which `deltaplane keys certify` writes, and the enrollment authority's "
             "public key)"
         )
     return DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS))

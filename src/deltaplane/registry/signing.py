@@ -18,13 +18,13 @@ import base64
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltaplane.errors import ConfigError, NotFound, SignatureError
+from deltaplane.textfile import write_secret_file
 
 __all__ = [
     "DOMAIN",
@@ -161,33 +161,7 @@ class Verifier:
         self.verify(context, signature)
 
 
-# -- key files -------------------------------------------------------------------------------------------
-def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a secret atomically with mode 0600 *from its creation* (never briefly world-readable).
-
-    The temp file is created with ``O_EXCL`` and mode 0600 in the target folder, fsynced, then renamed over
-    ``path``; the folder is fsynced so the rename survives a crash.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
+# -- key files (written with write_secret_file, in deltaplane.textfile so that lower layers can use it) -----
 def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signer:
     """Create ``<home>/keys/`` with a new Ed25519 key pair (private key mode 0600) and return its signer.
 

@@ -37,6 +37,7 @@ import httpx
 import torch
 
 from deltaplane.aggregation.secagg import DeviceCredentials, SecAggError, SecAggFloorError, Stage
+from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.secure import masked_zeros, secure_neighbours
@@ -78,11 +79,6 @@ SECAGG_STEPS = (
 )
 #: statuses that mean "this device is out of this round" (too late, not invited, not a survivor, round gone)
 _OUT_OF_ROUND = (403, 404, 409, 422)
-
-
-def device_id(partition: int) -> str:
-    """The device id ``deltaplane fleet enroll`` gives partition ``partition`` (what SecAgg rounds invite)."""
-    return f"device-{partition}"
 
 
 def unreachable(exc: httpx.TransportError, url: str) -> ServiceUnreachable:

@@ -1,0 +1,113 @@
+"""Enrolling devices offline: identity keys certified by the enrollment authority, written as devices read them.
+
+``deltaplane fleet enroll --authority-key`` (devices of the HTTP service, with their tokens) and ``deltaplane keys
+certify`` (Flower SuperNodes, or any device enrolled without a running service) both go through here, so the two
+write the same files: ``device-I.identity.pem`` (the identity key, PKCS#8 PEM) and ``device-I.cert`` (its
+certificate, :class:`~deltaplane.aggregation.secagg.identity.DeviceCertificate`'s bytes), each mode 0600 and
+written atomically. :class:`~deltaplane.aggregation.secagg.identity.DeviceCredentials` ``.from_files`` reads them
+back with the authority's public key (``enrollment.ed25519.pub``); a Flower node names the three files in its
+``node_config`` under :data:`NODE_CONFIG_KEYS` (:func:`node_config_arg` writes that argument).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from deltaplane.aggregation.secagg.identity import DeviceIdentity, EnrollmentAuthority
+from deltaplane.errors import ConfigError
+from deltaplane.textfile import KEY_LIMIT, read_bounded_text, write_secret_file
+
+__all__ = [
+    "AUTHORITY_PUBLIC_NAME",
+    "NODE_CONFIG_KEYS",
+    "certify",
+    "device_id",
+    "identity_files",
+    "load_authority",
+    "node_config_arg",
+    "write_identity",
+]
+
+#: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
+AUTHORITY_PUBLIC_NAME = "enrollment.ed25519.pub"
+#: the ``node_config`` keys naming a Flower node's SecAgg enrollment, files on the node (all three or none): its
+#: identity key, its certificate and the enrollment authority's public key it trusts
+NODE_CONFIG_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-enrollment-authority")
+
+
+def device_id(partition: int) -> str:
+    """The device id of partition ``partition`` (Flower's ``partition-id``): what ``fleet enroll`` and ``keys certify``
+    certify and SecAgg rounds invite."""
+    return f"device-{partition}"
+
+
+def identity_files(out: str | os.PathLike[str], device: str) -> tuple[Path, Path]:
+    """Where device ``device``'s identity key and certificate live in ``out`` (``device-I.identity.pem``,
+    ``device-I.cert``): one naming for every command that writes them and every doc that reads them."""
+    return Path(out) / f"{device}.identity.pem", Path(out) / f"{device}.cert"
+
+
+def load_authority(path: str | os.PathLike[str]) -> EnrollmentAuthority:
+    """The enrollment authority in the private key file ``path``; a missing, oversized or malformed file, or a
+    key that is not Ed25519, is a :class:`ConfigError` naming the file and what to give instead."""
+    try:
+        pem = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority key").encode()
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; give the enrollment authority's private key (`deltaplane keys enrollment --out DIR` writes "
+            "DIR/enrollment.ed25519.pem)"
+        ) from None
+    try:
+        return EnrollmentAuthority.from_pem(pem)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{path} is not an enrollment authority's private key ({exc}): give the enrollment.ed25519.pem that "
+            "`deltaplane keys enrollment` wrote (not its .pub, nor a TLS or registry signing key)"
+        ) from None
+
+
+def certify(
+    authority: EnrollmentAuthority,
+    devices: Sequence[str],
+    *,
+    cohort: str,
+    valid_days: float,
+    now: float | None = None,
+) -> list[DeviceIdentity]:
+    """A fresh identity key per device of ``devices``, certified by ``authority`` in ``cohort`` for ``valid_days``
+    days from ``now`` (default: the clock). Everything is made before anything is written, so a device name the
+    certificate format refuses (:class:`ConfigError`) leaves no file behind."""
+    expires = int((time.time() if now is None else now) + valid_days * 86400)
+    return [DeviceIdentity.enroll(authority, d, cohort=cohort, expires=expires) for d in devices]
+
+
+def write_identity(out: str | os.PathLike[str], identity: DeviceIdentity) -> tuple[Path, Path]:
+    """Write ``identity``'s key and certificate into ``out`` (:func:`identity_files`), each 0600 from its creation
+    and atomically (never a half-written key); returns the two paths. The caller decides about existing files."""
+    key, cert = identity_files(out, identity.device_id)
+    write_secret_file(key, identity.key_pem())
+    write_secret_file(cert, identity.certificate.to_bytes())
+    return key, cert
+
+
+def node_config_arg(
+    identity_key: str | os.PathLike[str],
+    certificate: str | os.PathLike[str],
+    authority: str | os.PathLike[str],
+) -> str:
+    """The ``flower-supernode --node-config`` value naming a node's enrollment (:data:`NODE_CONFIG_KEYS`).
+
+    Flower reads each ``key=value`` pair as TOML, so every path is a TOML basic string (JSON's escaping is
+    TOML's for these characters); quote the whole value for the shell (``shlex.quote``).
+    """
+    paths = [os.fspath(p) for p in (identity_key, certificate, authority)]
+    quoted = next((p for p in paths if '"' in p), None)
+    if quoted is not None:  # Flower's pattern ends a quoted value at the first '"', escaped or not
+        raise ConfigError(
+            f"Flower's --node-config cannot carry a path with a '\"' in it: {quoted!r}; rename it"
+        )
+    return " ".join(f"{k}={json.dumps(p)}" for k, p in zip(NODE_CONFIG_KEYS, paths, strict=True))

@@ -1,0 +1,179 @@
+"""``deltaplane keys certify``: device identities certified offline by the enrollment authority (no service), the
+files ``fleet enroll --authority-key`` writes, and each Flower node's ``--node-config``."""
+
+from __future__ import annotations
+
+import shlex
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from typer.testing import CliRunner
+
+from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
+    DeviceIdentity,
+    EnrollmentAuthority,
+    SecAggAuthError,
+    TrustedAuthorities,
+)
+from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, load_authority, node_config_arg
+from deltaplane.commands.ops import register
+from deltaplane.errors import ConfigError
+
+
+@pytest.fixture
+def cli():
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    register(app)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args], terminal_width=300)
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> tuple[EnrollmentAuthority, Path]:
+    auth = EnrollmentAuthority.generate()
+    key = tmp_path / "enrollment" / "enrollment.ed25519.pem"
+    key.parent.mkdir()
+    key.write_bytes(auth.to_pem())
+    return auth, key
+
+
+def _identity(out: Path, i: int) -> DeviceIdentity:
+    return DeviceIdentity.from_files(
+        (out / f"device-{i}.identity.pem").read_bytes(), (out / f"device-{i}.cert").read_bytes()
+    )
+
+
+def _node_configs(output: str) -> dict[str, dict[str, str]]:
+    """device name → the node_config each printed ``flower-supernode --node-config '…'`` line gives."""
+    configs = {}
+    for line in output.splitlines():
+        if "flower-supernode" in line:
+            name, _, command = line.partition(": ")
+            argv = shlex.split(command)
+            assert argv[:2] == ["flower-supernode", "--node-config"], line
+            pairs = dict(p.split("=", 1) for p in shlex.split(argv[2]))
+            configs[name] = {k: v.strip('"') for k, v in pairs.items()}
+    return configs
+
+
+def test_certified_identities_verify_under_their_authority_only(cli, authority, tmp_path) -> None:
+    auth, key = authority
+    out = tmp_path / "nodes"
+    before = time.time()
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--devices", 3, "--cohort", "north",
+            "--valid-days", 30)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"device-{i}.{s}" for i in range(3) for s in ("cert", "identity.pem")] + ["enrollment.ed25519.pub"]
+    )
+    trust, other = auth.trust(), EnrollmentAuthority.generate().trust()
+    for i in range(3):
+        ident = _identity(out, i)
+        cert = ident.certificate
+        assert (cert.device_id, cert.cohort) == (f"device-{i}", "north")
+        assert before + 30 * 86400 - 1 <= cert.expires <= time.time() + 30 * 86400
+        trust.check(cert, now=time.time())
+        with pytest.raises(SecAggAuthError, match="does not trust"):
+            other.check(cert, now=time.time())
+        for suffix in ("identity.pem", "cert"):  # secrets of the node, as fleet enroll writes them
+            assert stat.S_IMODE((out / f"device-{i}.{suffix}").stat().st_mode) == 0o600
+    # the .pub written beside them is the authority's: what every node is told to trust
+    pub = TrustedAuthorities.from_text((out / "enrollment.ed25519.pub").read_text())
+    pub.check(_identity(out, 0).certificate, now=time.time())
+    # each printed node_config names the node's own files, and they load as its credentials
+    configs = _node_configs(r.output)
+    assert sorted(configs) == ["device-0", "device-1", "device-2"]
+    for i in range(3):
+        cfg = configs[f"device-{i}"]
+        assert list(cfg) == list(NODE_CONFIG_KEYS)
+        assert Path(cfg["secagg-identity-key"]) == (out / f"device-{i}.identity.pem").resolve()
+        creds = DeviceCredentials.from_files(*(cfg[k] for k in NODE_CONFIG_KEYS))
+        assert creds.identity.device_id == f"device-{i}"
+
+
+def test_the_printed_node_config_is_what_flower_parses(cli, authority, tmp_path) -> None:
+    """The line goes to ``flower-supernode --node-config`` unchanged, which reads it as TOML pairs (a path with a
+    space in it included)."""
+    config = pytest.importorskip("flwr.common.config")
+    _, key = authority
+    out = tmp_path / "my nodes"
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 4)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("device-4: "))
+    argv = shlex.split(line.partition(": ")[2])
+    parsed = config.parse_config_args([argv[2]])
+    assert parsed == {
+        "secagg-identity-key": str((out / "device-4.identity.pem").resolve()),
+        "secagg-certificate": str((out / "device-4.cert").resolve()),
+        "secagg-enrollment-authority": str((out / "enrollment.ed25519.pub").resolve()),
+    }
+
+
+def test_existing_identities_are_never_replaced_without_force(cli, authority, tmp_path) -> None:
+    _, key = authority
+    out = tmp_path / "nodes"
+    assert cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 1).exit_code == 0
+    old = (out / "device-1.identity.pem").read_bytes(), (out / "device-1.cert").read_bytes()
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0, "--device", 1)
+    assert r.exit_code == 2 and "device-1.identity.pem already exists" in r.output and "--force" in r.output
+    assert not (out / "device-0.cert").exists()  # nothing written: device-0 is not half-enrolled
+    assert ((out / "device-1.identity.pem").read_bytes(), (out / "device-1.cert").read_bytes()) == old
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 1, "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / "device-1.identity.pem").read_bytes() != old[0]
+    assert stat.S_IMODE((out / "device-1.identity.pem").stat().st_mode) == 0o600
+    # another authority's identities do not go where this one's trusted key is
+    other = tmp_path / "other.pem"
+    other.write_bytes(EnrollmentAuthority.generate().to_pem())
+    r = cli("keys", "certify", "--authority-key", other, "--out", out, "--device", 2)
+    assert r.exit_code == 2 and "another enrollment authority" in r.output, r.output
+    assert not (out / "device-2.cert").exists()
+
+
+def test_bad_input_is_a_usage_error_saying_what_to_fix(cli, authority, tmp_path) -> None:
+    auth, key = authority
+    key.with_suffix(".pub").write_text(auth.public_text() + "\n")
+    out = tmp_path / "nodes"
+    rsa = tmp_path / "rsa.pem"
+    rsa.write_bytes(
+        generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+        )
+    )
+    cases = [
+        (["--authority-key", tmp_path / "none.pem", "--devices", 2], "keys enrollment --out DIR"),
+        (
+            ["--authority-key", key.with_suffix(".pub"), "--devices", 2],
+            "not an enrollment authority's private key",
+        ),
+        (["--authority-key", rsa, "--devices", 2], "is Ed25519; got RSAPrivateKey"),
+        (["--authority-key", key, "--device", -1], "--device"),
+        (["--authority-key", key, "--device", 10**70], "1 to 64 UTF-8 bytes"),
+        (["--authority-key", key, "--devices", 0], "--devices"),
+        (["--authority-key", key], "give --devices N"),
+        (["--authority-key", key, "--devices", 2, "--device", 3], "not both"),
+        (["--authority-key", key, "--devices", 2, "--valid-days", "nan"], "finite"),
+        (["--authority-key", key, "--devices", 2, "--valid-days", 0.5], "--valid-days"),
+    ]
+    for args, message in cases:
+        r = cli("keys", "certify", "--out", out, *args)
+        assert r.exit_code == 2 and message in " ".join(r.output.replace("│", " ").split()), (args, r.output)
+        assert not out.exists(), args  # refused before anything was written
+
+
+def test_the_library_errors_are_typed() -> None:
+    with pytest.raises(ConfigError, match="keys enrollment"):
+        load_authority("/nonexistent/enrollment.ed25519.pem")
+    with pytest.raises(ConfigError, match="cannot carry a path with a '\"'"):
+        node_config_arg('a"b.pem', "c.cert", "d.pub")
