@@ -10,7 +10,8 @@ over 10× the round's median), and the test accuracy and backdoor success. Print
 the whole record as JSON. The run's final figures go into the accept section's cache when it has none for them.
 
 ``--attack`` and ``--uplink`` trace a cell of the grid instead (e.g. ``--attack dba:0.3 --uplink 'stc(0.006)'``:
-the run of ``robustness.py grid --uplink 'stc(0.006)'``'s 30% distributed-trigger cell, whose cache it fills).
+the run of ``robustness.py grid --uplink 'stc(0.006)'``'s 30% distributed-trigger cell, whose cache it fills);
+``--attack none`` traces the ``clean`` section's no-attacker run (e.g. to read the honest updates' norms).
 
 Usage::
 
@@ -34,6 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness as rb
 
 
+def job(codec: str, seed: int, defense: str, rounds: int, attack: str, uplink: str) -> tuple:
+    """The ``robustness.py`` job (and so cache file) a traced run is: ``attack="none"`` is the ``clean``
+    section's run, which robustness.py keys, and configures, with no attack at all (``None``)."""
+    job_codec = rb.uplink(uplink) if codec == "default" else rb.CODECS[codec]
+    return (job_codec, None if attack == "none" else attack, defense, seed, rounds)
+
+
 def trace(
     codec: str,
     seed: int,
@@ -51,12 +59,14 @@ def trace(
     from deltaplane.engine.attacks import choose_malicious, parse_attack
     from deltaplane.engine.seeding import Stream, numpy_rng
 
-    job_codec = rb.uplink(uplink) if codec == "default" else rb.CODECS[codec]
-    args = (job_codec, attack, defense, seed, rounds)
+    args = job(codec, seed, defense, rounds, attack, uplink)
+    job_attack = args[1]
     cfg = rb.config(args)
-    _, fraction = parse_attack(attack)  # the runner's own choice of the malicious clients (engine/client.py)
-    chosen = choose_malicious(cfg.clients, fraction, numpy_rng(seed, Stream.ATTACK), spec=attack)
-    attackers = {str(i) for i in chosen}
+    attackers: set[str] = set()
+    if job_attack is not None:  # the runner's own choice of the malicious clients (engine/client.py)
+        _, fraction = parse_attack(job_attack)
+        chosen = choose_malicious(cfg.clients, fraction, numpy_rng(seed, Stream.ATTACK), spec=job_attack)
+        attackers = {str(i) for i in chosen}
     log: list[dict[str, Any]] = []
     rule = A.BackdoorAttribution
     inverted, adopt, scores, combine = rule._inverted, rule._adopt, rule._scores, rule._combine
@@ -148,9 +158,10 @@ def trace(
         )
         r = next((e for e in reversed(log) if e["kind"] == "round"), None)
         if r is not None and m.round % 5 == 0:
+            bd = "—" if m.backdoor_success is None else f"{m.backdoor_success:.2f}"  # none without an attack
             print(
                 f"round {m.round}: label {r['label']}, out {r['attackers_out']} attackers + {r['honest_out']} "
-                f"honest; accuracy {m.test_accuracy:.3f}, backdoor {m.backdoor_success:.2f} "
+                f"honest; accuracy {m.test_accuracy:.3f}, backdoor {bd} "
                 f"({time.time() - start:.0f} s)",
                 flush=True,
             )
@@ -168,7 +179,7 @@ def trace(
         key.write_text(json.dumps(result))
     return {
         "codec": codec,
-        "uplink": job_codec,
+        "uplink": args[0],
         "attack": attack,
         "seed": seed,
         "defense": defense,
@@ -186,7 +197,9 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="where to write the JSON record")
     ap.add_argument("--rounds", type=int, default=80, help="80: the accept section's run")
     ap.add_argument(
-        "--attack", default="backdoor:0.2", help="name:fraction (the accept section's by default)"
+        "--attack",
+        default="backdoor:0.2",
+        help="name:fraction (the accept section's by default); 'none': the clean section's run",
     )
     ap.add_argument(
         "--uplink", default=rb.DEFAULT_CODEC, help="the codec of 'default' (robustness.py's --uplink)"

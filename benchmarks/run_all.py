@@ -63,6 +63,9 @@ def _detect_steps() -> list[Step]:
 
 _FED = ("--rounds", "3", "--epochs", "3", "--max-train", "400", "--max-test", "160")
 _ATTR = "trigger_attribution"
+#: the sum reputation test with the kept updates' norm bound, on the default uplink (docs/aggregation.md, "At 30%")
+_SUM_CAP = f"{_ATTR}(reputation=sum, norm_cap=10)"
+_SUM_CAP_SUFFIX = "stc(0.006) uplink, reputation=sum, norm_cap=10"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -160,6 +163,14 @@ PLAN: list[Step] = [
         ),
         ("robustness-stc(0.006) uplink",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            f"accept --workers 1 --uplink 'stc(0.006)' --codecs default --best '{_SUM_CAP}' "
+            f"--key-suffix '{_SUM_CAP_SUFFIX}'"
+        ),
+        (f"robustness-{_SUM_CAP_SUFFIX}",),
+    ),
     Step("robustness.py", ("clean", "--workers", "1"), ("robustness-clean",)),
     Step(
         "robustness.py",
@@ -189,6 +200,14 @@ PLAN: list[Step] = [
     Step(
         "robustness.py",
         _split(
+            f"clean --workers 1 --uplink 'stc(0.006)' --clean-seeds 3 --clean-defenses '{_SUM_CAP}' "
+            f"--key-suffix '{_SUM_CAP_SUFFIX}'"
+        ),
+        (f"robustness-clean-{_SUM_CAP_SUFFIX}",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
             "clean --workers 2 --clean-defenses median 'median(bucket=1)' --clean-codec identity "
             "--key-suffix 'median bucketed by default'"
         ),
@@ -206,6 +225,13 @@ PLAN: list[Step] = [
             f"grid --workers 1 --defenses none {_ATTR} --uplink 'stc(0.006)' --key-suffix 'stc(0.006) uplink'"
         ),
         ("robustness-grid-stc(0.006) uplink",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
+            f"grid --workers 1 --defenses '{_SUM_CAP}' --uplink 'stc(0.006)' --key-suffix '{_SUM_CAP_SUFFIX}'"
+        ),
+        (f"robustness-grid-{_SUM_CAP_SUFFIX}",),
     ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),

@@ -83,3 +83,15 @@ def test_accept_without_the_options_measures_both_codecs_as_recorded(rb, monkeyp
         "`deltaplane run`), and `identity`. 80 rounds, 20 clients,"
     )
     assert "--uplink" not in body
+
+
+def test_a_traced_run_without_attack_is_the_clean_sections_run(rb) -> None:
+    # robustness_trace.py --attack none traces (and fills the cache of) robustness.py clean's run: attack None
+    spec = importlib.util.spec_from_file_location("bench_trace", ROOT / "benchmarks" / "robustness_trace.py")
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    d = "trigger_attribution(norm_cap=10)"
+    clean = (rb.uplink("stc(0.006)"), None, d, 2, 80)
+    assert trace.job("default", 2, d, 80, "none", "stc(0.006)") == clean
+    assert trace.rb._key(clean) == rb._key(clean)  # the same cache file as the clean section reads
+    assert trace.job("default", 0, d, 80, "dba:0.3", "stc(0.006)")[1] == "dba:0.3"
