@@ -301,7 +301,7 @@ def test_a_node_without_credentials_refuses_an_authenticated_round(loopback_grid
 def _advertise(authenticated: bool) -> Message:
     cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4, round_id=1)
     rec = ConfigRecord({"stage": "advertise", "config": json.dumps(cfg.to_dict()), "encoding": "[8, 1.0, 0.0]",
-                        "client-id": 0, "authenticated": authenticated})  # fmt: skip
+                        "client-id": 0, "authenticated": authenticated, "secagg-version": 5})  # fmt: skip
     return Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=QUERY_TYPE)
 
 
