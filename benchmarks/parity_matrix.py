@@ -10,8 +10,8 @@ population (virtual devices of its own, so no sequential twin: its accuracy, and
 refusals a round equal the reference's). A driver that refuses a feature shows its typed error and the reason
 in the cell. Personalization runs on every driver but population: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
 Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
-The rows after the first ten (sampled and empty rounds, SecAgg, SecAgg+, distributed DP, refused devices,
-a malformed frame) are
+The rows after the first ten (sampled and empty rounds, SecAgg, authenticated SecAgg, SecAgg+, distributed DP,
+refused devices, a malformed frame) are
 the configurations tests/flower/test_parity_matrix.py, test_secagg_plus_drivers.py and test_driver_parity.py
 check, some at their small sizes (the row says so).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ FEATURES = {
         **SEEDED,
     },
     "SecAgg, clip 2.0": {"secagg": True, "clip": "2.0"},
+    # authenticated SecAgg: devices enrolled by the run's own authority, signed advertisements, the consistency
+    # check; the models are the SecAgg row's (the sums do not change), the uplink a few hundred bytes more
+    "authenticated SecAgg, clip 2.0": {"secagg": True, "clip": "2.0", "secagg_authenticated": True},
     # SecAgg+: each device masks with 10 of the 19 others (the least degree 20 devices accept)
     "SecAgg+ degree 10, clip 2.0": {"secagg": True, "clip": "2.0", "secagg_neighbours": 10},
     # distributed DP: the devices noise under SecAgg, Poisson-sampled at q = 1/2; seed 2 samples 1, 3 and 2
@@ -133,13 +137,16 @@ def _flower(cfg):
     from flwr.supercore.task_identity import TaskIdentity
 
     from deltaplane.flower import task_client_app, task_server_app
+    from deltaplane.flower.engine import enroll_nodes
 
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     rounds, finals = [], {}
     app = task_server_app(
         cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
     )
-    app(grid=_Grid(task_client_app(cfg), cfg.clients), context=Context(1, 0, {}, RecordDict(), {}))
+    with tempfile.TemporaryDirectory() as enrolled:  # authenticated SecAgg: each node enrolled, as run_flower
+        client = task_client_app(cfg, node_configs=enroll_nodes(cfg, enrolled))
+        app(grid=_Grid(client, cfg.clients), context=Context(1, 0, {}, RecordDict(), {}))
     return rounds, finals
 
 
@@ -292,7 +299,10 @@ def main() -> None:
         "it has no sequential twin: its cells give its final accuracy and `=` when its devices and refused "
         "updates a round equal the sequential driver's. The DP rows set `dp_noise_source: seeded`: by default "
         "(`auto`) the HTTP service draws its noise from the OS CSPRNG, as a real service must, so no other "
-        "driver can reproduce it. The refused-device rows: an attacker's update scaled by 1e39 overflows to "
+        "driver can reproduce it. The authenticated SecAgg row (`secagg_authenticated`): each driver enrolls its "
+        "devices with an enrollment authority of the run's own, the devices sign their key advertisements and the "
+        "consistency check runs before the unmasking; the sums, and so its accuracies, are the SecAgg row's, and "
+        "its uplink holds the certificates and signatures on top. The refused-device rows: an attacker's update scaled by 1e39 overflows to "
         "Inf, which the device refuses to encode (NaN or Inf) and the server counts as refused; one scaled by "
         "100 is refused by the server's norm bound (`max_update_norm: 20`; honest updates stay under 5). The "
         "malformed-frame row: an attacker (`malformed_frame`) compresses its update as an honest device does, then "

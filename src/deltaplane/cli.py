@@ -248,6 +248,16 @@ def run(
             "--config). 0: the complete graph, over a --config's degree.",
         ),
     ] = None,
+    secagg_authenticated: Annotated[
+        bool | None,
+        typer.Option(
+            "--secagg-authenticated/--no-secagg-authenticated",
+            show_default="off",
+            help="Authenticated SecAgg rounds (YAML secagg.authenticated): each device is enrolled by the run's "
+            "own enrollment authority, signs its key advertisement and runs the consistency check before it "
+            "unmasks; the same models as without. Needs SecAgg on (--secagg, or secagg.enabled in --config).",
+        ),
+    ] = None,
     attack: Annotated[
         str | None,
         typer.Option(
@@ -355,7 +365,7 @@ def run(
             sparsity_warmup=sparsity_warmup,
             rounds=rounds, seed=seed,
             aggregator=aggregator, dp_noise=dp_noise, clip=clip, epsilon_budget=epsilon_budget, secagg=secagg,
-            secagg_neighbours=secagg_neighbours,
+            secagg_neighbours=secagg_neighbours, secagg_authenticated=secagg_authenticated,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine is None else "sequential" if engine == Engine.inprocess else str(engine),
@@ -670,21 +680,27 @@ def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
     """Fit ``--secagg-neighbours`` and ``--(no-)secagg`` (in ``changes``) to the config's SecAgg, like every flag
     over ``--config``: the flag wins. ``--secagg-neighbours`` needs SecAgg on in the run (``--secagg`` or the
     config's ``secagg.enabled``), never silently dropped, and ``0`` asks for the complete graph (no degree, over
-    the config's); ``--no-secagg`` turns SecAgg off together with the
-    config's SecAgg+ degree and distributed DP's ``secagg.min_contributors``, which mean nothing without it. The degree itself is checked by the config."""
+    the config's); ``--secagg-authenticated`` needs SecAgg on too; ``--no-secagg`` turns SecAgg off together with
+    the config's SecAgg+ degree, ``secagg.authenticated`` and distributed DP's ``secagg.min_contributors``, which
+    mean nothing without it. The degree itself is checked by the config."""
     secagg = changes.get("secagg", cfg.secagg)
     degree = changes.get("secagg_neighbours")
     if degree == 0:  # the complete graph: the config's degree (if any) is dropped, whatever runs SecAgg
         changes["secagg_neighbours"] = degree = None
+    how = (
+        "--no-secagg turns SecAgg off"
+        if "secagg" in changes
+        else "add --secagg (or set secagg.enabled: true in --config)"
+    )
     if degree is not None and not secagg:
-        how = (
-            "--no-secagg turns SecAgg off"
-            if "secagg" in changes
-            else "add --secagg (or set secagg.enabled: true in --config)"
-        )
         raise ConfigError(
             f"--secagg-neighbours {degree} is SecAgg+'s degree (how many devices each one masks with); it needs "
             f"secure aggregation: {how}"
+        )
+    if changes.get("secagg_authenticated") and not secagg:
+        raise ConfigError(
+            "--secagg-authenticated authenticates secure aggregation rounds (signed key advertisements, the "
+            f"consistency check); it needs secure aggregation: {how}"
         )
     if (
         not secagg
@@ -692,6 +708,8 @@ def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:
         for name in ("secagg_neighbours", "secagg_min_contributors"):
             if name not in changes and getattr(cfg, name) is not None:
                 changes[name] = None
+        if "secagg_authenticated" not in changes and cfg.secagg_authenticated:
+            changes["secagg_authenticated"] = False
 
 
 SMALL_ENV = "DELTAPLANE_SMALL"

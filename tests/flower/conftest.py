@@ -68,10 +68,12 @@ def loopback_grid() -> type[LoopbackGrid]:
 
 
 @pytest.fixture
-def run_flower(loopback_grid: type[LoopbackGrid]):
+def run_flower(loopback_grid: type[LoopbackGrid], tmp_path_factory: pytest.TempPathFactory):
     """``run_flower(cfg)``: the run's task on Flower's ServerApp over the loopback grid; returns the rounds'
-    metrics and the final model state."""
+    metrics and the final model state. Under ``cfg.secagg_authenticated`` each node is enrolled in its
+    node_config as ``deltaplane run --engine flower`` enrolls it (``enroll_nodes``)."""
     from deltaplane.flower import task_client_app, task_server_app
+    from deltaplane.flower.engine import enroll_nodes
 
     def run(cfg: Any) -> tuple[list, dict]:
         rounds: list = []
@@ -80,7 +82,8 @@ def run_flower(loopback_grid: type[LoopbackGrid]):
             cfg, on_round=lambda m, t: rounds.append(m), on_done=lambda s, st: finals.update(st)
         )
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+        nodes = enroll_nodes(cfg, str(tmp_path_factory.mktemp("enrollment")))
+        server(grid=loopback_grid(task_client_app(cfg, node_configs=nodes), cfg.clients), context=context)
         return rounds, finals
 
     return run

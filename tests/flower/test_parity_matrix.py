@@ -56,6 +56,8 @@ FEATURES = {
         "downlink_codec": "topk(0.2) | quant(bits=8)",
     },
     "secagg": {"secagg": True, "clip": "2.0"},
+    # authenticated SecAgg (each driver enrolls its devices with the run's own authority): the same figures
+    "secagg-authenticated": {"secagg": True, "clip": "2.0", "secagg_authenticated": True},
     # distributed DP: the devices noise under SecAgg (from the seed), Poisson-sampled at q = 1/2; seed 2 samples
     # 1, 3 and 2 devices: a lone device, a published sum, a pair short of m_min = 3 (neither short round runs
     # SecAgg: nothing is unmasked)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,7 @@ def test_a_node_refuses_secagg_parameters_that_let_the_server_unmask_it(neighbou
             "config": json.dumps(cfg.to_dict()),
             "encoding": "[8, 1.0, 0.0]",
             "client-id": 0,
+            "secagg-version": 5,
         }
     )
     msg = Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE)
@@ -179,6 +182,7 @@ def test_a_node_refuses_a_ring_narrower_than_its_own_distributed_dp_minimum() ->
                 "config": json.dumps(cfg.to_dict()),
                 "encoding": json.dumps([8, clip_range, 0.0]),
                 "client-id": 0,
+                "secagg-version": 5,
             }
         )
         return Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=flower_secagg.QUERY_TYPE)
@@ -346,6 +350,7 @@ def test_a_node_that_cannot_take_part_in_a_secagg_round_does_not_train_for_it() 
                 "config": json.dumps(cfg.to_dict()),
                 "encoding": "[8, 1.0, 0.0]",
                 "client-id": 0,
+                "secagg-version": 5,
             }
         )
         flower_secagg.secagg_query(
@@ -372,3 +377,61 @@ def test_a_node_that_cannot_take_part_in_a_secagg_round_does_not_train_for_it() 
     with pytest.raises(Trained):  # accepted at key advertisement: it trains
         mod(instruction(inbox=b"shares"), advertised(3), train)
     assert trained == [1]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            lambda rec: rec.pop("secagg-version"),
+            r"node speaks SecAgg message version 5 and the server states none .a SecAggStrategy from before"
+            r".*upgrade the server to a release that speaks 5",
+        ),
+        (
+            lambda rec: rec.__setitem__("secagg-version", 4),
+            r"server speaks version 4, so every message would be refused; upgrade the server to a release "
+            r"that speaks 5",
+        ),
+        (
+            lambda rec: rec.__setitem__("secagg-version", 6),
+            r"server speaks version 6, so.*upgrade this node to a release that speaks 6",
+        ),
+    ],
+    ids=["none", "older", "newer"],
+)
+def test_a_node_refuses_a_server_of_another_secagg_version_at_key_advertisement(
+    loopback_grid, change, says
+) -> None:
+    """The strategy states its SecAgg message version in the advertise record (``secagg-version``, as the HTTP
+    invitation's ``secagg_version``); a node refuses a round of another version, or none, at key advertisement
+    with a SecAggError saying which side to upgrade: nothing advertised, no node trains, and the ServerApp
+    stops naming the nodes' refusal. Forged here by the server's own Grid rewriting the record."""
+    from deltaplane.aggregation.secagg import SecAggError
+
+    cfg = CFG.replace(rounds=1)
+    stated: list[object] = []
+
+    class Forging(loopback_grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            for m in messages:
+                rec = m.content.config_records.get(SECAGG_KEY)
+                if rec is not None and rec.get("stage") == "advertise":
+                    stated.append(rec.get("secagg-version"))
+                    change(rec)
+            out = super().send_and_receive(messages, timeout=timeout)
+            if stated and len(stated) == len(messages):
+                self.adverts = out
+            return out
+
+    grid = Forging(digits_client_app(cfg), cfg.clients)
+    server = digits_server_app(cfg, on_round=lambda m, t: None)
+    with pytest.raises(
+        SecAggError, match=r"only 0 clients advertised keys.*SecAggError.*" + says.split(".*")[0]
+    ):
+        server(grid=grid, context=_context())
+    assert stated == [5] * cfg.clients  # what the strategy states
+    assert all(r.has_error() and not r.has_content() for r in grid.adverts)
+    for r in grid.adverts:
+        assert re.search(says, r.error.reason), r.error.reason
+    assert not any(m.metadata.message_type == "train" for m in grid.sent)

@@ -301,7 +301,7 @@ def test_a_node_without_credentials_refuses_an_authenticated_round(loopback_grid
 def _advertise(authenticated: bool) -> Message:
     cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4, round_id=1)
     rec = ConfigRecord({"stage": "advertise", "config": json.dumps(cfg.to_dict()), "encoding": "[8, 1.0, 0.0]",
-                        "client-id": 0, "authenticated": authenticated})  # fmt: skip
+                        "client-id": 0, "authenticated": authenticated, "secagg-version": 5})  # fmt: skip
     return Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=QUERY_TYPE)
 
 
@@ -326,3 +326,26 @@ def test_credentials_given_in_code_and_half_an_enrollment_in_node_config(enrollm
                       state=RecordDict(), run_config={})  # fmt: skip
     with pytest.raises(ConfigError, match="cannot read device certificate"):
         flower_secagg.secagg_query(_advertise(True), missing)
+
+
+def test_a_runs_secagg_authenticated_enrolls_the_nodes_and_gives_the_secagg_runs_model(
+    run_flower, secagg_servers, loopback_grid
+) -> None:
+    """``RunConfig.secagg_authenticated`` on Flower: ``task_server_app`` runs authenticated rounds by itself,
+    and ``enroll_nodes`` (what ``run_flower`` does on Ray) enrolls each node with the run's own authority
+    through its node_config; the models are the unauthenticated SecAgg run's, exactly. Nodes left unenrolled
+    refuse such a run at key advertisement, and an explicit ``authenticated=False`` contradicting the config
+    is a ConfigError."""
+    cfg = CFG.replace(secagg_authenticated=True)
+    rounds, finals = run_flower(cfg)
+    assert secagg_servers and all(s.authenticated for s in secagg_servers)
+    assert all(sorted(s.signatures) == list(s.survivors) for s in secagg_servers)
+    plain = run_simulation(CFG)
+    assert [r.driver_invariants() for r in rounds] == [r.driver_invariants() for r in plain.rounds]
+    for k, v in plain.final_state.items():
+        torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+    with pytest.raises(SecAggError, match="only 0 clients advertised keys.*no enrolled identity"):
+        _run(loopback_grid(digits_client_app(cfg), cfg.clients), cfg)
+    with pytest.raises(ConfigError, match="authenticated=False, but the run asks for authenticated"):
+        digits_server_app(cfg, authenticated=False)

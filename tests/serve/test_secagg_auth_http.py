@@ -143,3 +143,35 @@ def test_invitations_and_advertisements_that_do_not_match_the_enrollment_are_ref
     with pytest.raises(ServiceError) as err:
         a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=as_b.advertise_keys().to_bytes())
     assert err.value.status == 422 and "certified for device 'b'" in err.value.detail
+
+
+def test_a_federation_with_secagg_authenticated_opens_authenticated_rounds(service_factory) -> None:
+    """``secagg.authenticated`` in the service's --federation YAML is the default of every open (as
+    ``secagg.neighbours`` is), and ``fleet coordinate`` opens authenticated rounds under it without
+    ``--authenticated``: the key is never silently ignored by the service or the coordinator."""
+    from deltaplane.engine import RunConfig
+    from deltaplane.serve.fleet import coordinate
+
+    fed = RunConfig(clients=3, secagg=True, clip="1.0", secagg_bits=16, downlink_codec="identity",
+                    secagg_authenticated=True)  # fmt: skip
+    svc = service_factory(federation=fed)
+    names = [f"dev-{i}" for i in range(3)]
+    body = {"devices": names, "weight_scale": 0}
+    assert svc.admin._post("/admin/models/cnn/secagg", body)["authenticated"] is True
+    assert (
+        svc.admin._post("/admin/models/cnn/secagg", body | {"authenticated": False})["authenticated"] is False
+    )
+    plain = service_factory(federation=fed.replace(secagg_authenticated=False))
+    assert plain.admin._post("/admin/models/cnn/secagg", body)["authenticated"] is False
+
+    for d in names:
+        svc.device(d)
+    opened: list[dict] = []
+    open_secagg = svc.admin.open_secagg
+    svc.admin.open_secagg = lambda model, devices, **kw: (
+        opened.append(kw) or open_secagg(model, devices, **kw)
+    )
+    (s,) = coordinate(svc.admin, fed, model="cnn", rounds=1, deadline=0.2, devices=names, weight_scale=0.0,
+                      drift=False)  # fmt: skip
+    assert s.failed  # nobody advertised keys: the round is given up; it was opened authenticated
+    assert [kw.get("authenticated") for kw in opened] == [True]

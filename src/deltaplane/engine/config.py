@@ -166,6 +166,13 @@ class RunConfig(BaseModel):
         0.0, ge=0, description="local DP: each device clips to `clip` and adds this noise multiplier itself"
     )
     secagg: bool = Field(False, description="aggregate through secure aggregation (server sees masked sums)")
+    secagg_authenticated: bool = Field(
+        False,
+        description="authenticated SecAgg rounds (Bonawitz et al. 2017 §4–6, against a server that substitutes "
+        "keys or shows devices different survivor sets): each device is enrolled by the run's own enrollment "
+        "authority, signs its key advertisement, checks its neighbours' and runs the consistency check before it "
+        "unmasks; the sums, and so the models, are those of the same run without it. Needs secagg",
+    )
     secagg_bits: int = Field(20, ge=2, le=24, description="bits per value of the securely aggregated update")
     secagg_range: float = Field(
         SECAGG_RANGE,
@@ -340,6 +347,11 @@ class RunConfig(BaseModel):
                 raise ValueError("local_dp_noise needs a numeric clip (the device clips before adding noise)")
             if self.dp_noise > 0:
                 raise ValueError("choose central (dp_noise) or local (local_dp_noise) DP, not both")
+        if self.secagg_authenticated and not self.secagg:
+            raise ValueError(
+                "secagg_authenticated authenticates secure aggregation rounds (signed key advertisements, the "
+                "consistency check), and this run has none: set secagg too, or drop secagg_authenticated"
+            )
         if self.secagg:
             from deltaplane.engine.attacks import parse_attack
 
@@ -548,7 +560,8 @@ class RunConfig(BaseModel):
             parts.append(f"local DP z={self.local_dp_noise:g}")
         if self.secagg:
             degree = self.secagg_neighbours
-            parts.append("SecAgg" if degree is None else f"SecAgg+ degree {degree}")
+            name = "SecAgg" if degree is None else f"SecAgg+ degree {degree}"
+            parts.append(f"authenticated {name}" if self.secagg_authenticated else name)
         if self.defense:
             parts.append(self.defense)
         if self.personalization != "none":
@@ -720,6 +733,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "secagg": {
         "enabled": "secagg", "bits": "secagg_bits", "range": "secagg_range",
         "min_contributors": "secagg_min_contributors", "neighbours": "secagg_neighbours",
+        "authenticated": "secagg_authenticated",
     },
     "attack": {"spec": "attack"},
     "personalization": {

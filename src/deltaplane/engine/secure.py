@@ -24,7 +24,8 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
-    from deltaplane.aggregation.secagg import SecAggError
+    from deltaplane.aggregation.secagg import DeviceCredentials, SecAggError
+    from deltaplane.aggregation.secagg.enrollment import RunEnrollment
     from deltaplane.engine.server import ServerStep
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "device_seed",
     "lone_input_error",
     "masked_zeros",
+    "run_enrollment",
     "secure_neighbours",
     "secure_quorum",
     "secure_round",
@@ -116,17 +118,53 @@ def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
     return round_neighbours(config.secagg_neighbours, num_inputs)
 
 
-def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tuple[Delta, int]:
+def run_enrollment(config: RunConfig) -> RunEnrollment | None:
+    """The run's enrollment authority and its devices' identities under ``config.secagg_authenticated`` (None
+    otherwise): made once per run by each driver, as an operator enrolls a fleet once, before any round."""
+    if not config.secagg_authenticated:
+        return None
+    from deltaplane.aggregation.secagg.enrollment import RunEnrollment
+
+    return RunEnrollment()
+
+
+def _credentials(
+    config: RunConfig, enrollment: RunEnrollment | None, cids: Sequence[int]
+) -> list[DeviceCredentials] | None:
+    """The enrolled credentials of devices ``cids`` in an authenticated run (None in another); a driver that
+    runs an authenticated config without its enrollment is a ConfigError, never a silently semi-honest round."""
+    if not config.secagg_authenticated:
+        return None
+    if enrollment is None:
+        from deltaplane.errors import ConfigError
+
+        raise ConfigError(
+            "secagg_authenticated: this driver delivered an authenticated run's round without the run's "
+            "enrollment (engine.secure.run_enrollment); its rounds would not be authenticated"
+        )
+    from deltaplane.aggregation.secagg.enrollment import device_id
+
+    return [enrollment.credentials(device_id(c)) for c in cids]
+
+
+def secure_round(
+    config: RunConfig, uploads: Sequence[Upload], rnd: int, enrollment: RunEnrollment | None = None
+) -> tuple[Delta, int]:
     """The example-weighted mean of ``uploads``' secure inputs through SecAgg, and the bytes the devices sent
-    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares).
+    (every protocol message: keys, encrypted shares, masked ring values, unmasking shares; authenticated, the
+    signed advertisements and the consistency check's signatures too).
 
     The public weight scale is the mean example count of the round's sampled devices (``uploads``, a device
     whose client step failed included): a transport fixes it before any device has trained (Flower sends it
-    with the key advertisement), so every driver uses the same one.
+    with the key advertisement), so every driver uses the same one. ``enrollment``: the run's
+    (:func:`run_enrollment`), which an authenticated run (``config.secagg_authenticated``) needs: each device
+    signs its key advertisement with its certified identity, checks its neighbours' and signs the survivor set
+    before it unmasks; the sum is the same.
     """
     from deltaplane.aggregation.secagg import secure_mean
 
     inputs = [u for u in uploads if u.secure is not None]
+    credentials = _credentials(config, enrollment, [u.cid for u in inputs])
     mean, report = secure_mean(
         [u.secure for u in inputs],  # type: ignore[misc]
         # SecAgg+: the run's degree for this round's size, as the HTTP and Flower drivers open it (threshold
@@ -141,13 +179,22 @@ def secure_round(config: RunConfig, uploads: Sequence[Upload], rnd: int) -> tupl
         device_seeds=[device_seed(config.seed, rnd, u.cid) for u in inputs],
         weight_scale=secure_weight_scale(config, [u.num_samples for u in uploads]),
         min_inputs=config.unmask_floor(),  # distributed DP: server and devices never unmask fewer than m_min
+        credentials=credentials,
+        session=enrollment.session if enrollment is not None else b"",
     )
     return mean, int(np.sum(list(report.upload_bytes.values())))
 
 
-def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rnd: int) -> None:
+def deliver(
+    config: RunConfig,
+    server: ServerStep,
+    uploads: Sequence[Upload],
+    rnd: int,
+    enrollment: RunEnrollment | None = None,
+) -> None:
     """Hand one in-process round's uploads to the server step, in order: a device's error is refused, a payload
-    is decoded and aggregated, and the secure inputs (under SecAgg) reach it only as their SecAgg sum."""
+    is decoded and aggregated, and the secure inputs (under SecAgg) reach it only as their SecAgg sum
+    (authenticated with the run's ``enrollment``, :func:`secure_round`)."""
     run: list[tuple[str, bytes, float]] = []  # consecutive payloads, decoded together (receive_payloads)
     for u in uploads:
         if u.payload is not None and u.error is None:
@@ -164,5 +211,5 @@ def deliver(config: RunConfig, server: ServerStep, uploads: Sequence[Upload], rn
             if u.secure is not None:
                 server.refuse(str(u.cid), lone_input_error(rnd, count))
     if config.secagg and count >= secure_quorum(config):
-        mean, sent = secure_round(config, uploads, rnd)
+        mean, sent = secure_round(config, uploads, rnd, enrollment)
         server.receive_secure_sum(mean, contributors=count, uplink_bytes=sent)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -151,7 +151,12 @@ def _federation(config: RunConfig, *, simulation: bool = True) -> tuple[Task, li
     return _FEDERATIONS[key]
 
 
-def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
+def task_client_app(
+    config: RunConfig,
+    *,
+    simulation: bool = True,
+    node_configs: Mapping[int, Mapping[str, str]] | None = None,
+) -> ClientApp:
     """A ClientApp that runs the engine's client step on device ``partition-id``, behind :func:`delta_mod`.
 
     Partner: :func:`task_server_app`. The handler reads the ``arrays`` and the ``server-round`` config and
@@ -163,7 +168,13 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
 
     Under ``config.secagg`` a node whose ``node_config`` names its SecAgg enrollment
     (:data:`~deltaplane.flower.secagg.NODE_CONFIG_KEYS`) takes only authenticated rounds
-    (``task_server_app(..., authenticated=True)``), and a node without one only the others.
+    (``task_server_app(..., authenticated=True)``, or ``config.secagg_authenticated``), and a node without one
+    only the others: the node's enrollment decides, never the run config it was sent.
+
+    ``node_configs``: partition-id → ``node_config`` entries each node of a *simulation* gets on top of its own
+    (what ``flower-supernode --node-config`` gives a deployed one; Flower's simulation engine gives its virtual
+    nodes only ``partition-id`` and ``num-partitions``): :func:`~deltaplane.flower.run_flower` passes each
+    node's enrollment files of an authenticated run here.
 
     Raises:
         UnsupportedOption: ``simulation`` is False and ``config`` asks for a simulation-only option.
@@ -191,6 +202,8 @@ def task_client_app(config: RunConfig, *, simulation: bool = True) -> ClientApp:
             return step.distributed_privacy(int(context.node_config["partition-id"]), update, rnd)
 
         mods.insert(0, secagg_mod(seed=config.seed, privacy=privacy if config.dp_noise > 0 else None))
+    if node_configs is not None:  # outermost: every handler and mod sees the node's full node_config
+        mods.insert(0, _node_config_mod(node_configs))
     app = ClientApp(mods=mods)
     if config.secagg:
         # distributed DP: never help unmask below m_min, nor encode into a ring that would clip the noise
@@ -277,6 +290,22 @@ def _forged_frame_mod(config: RunConfig, *, simulation: bool) -> Mod:
     return mod
 
 
+def _node_config_mod(node_configs: Mapping[int, Mapping[str, str]]) -> Mod:
+    """A ClientApp mod giving each simulated node its ``node_config`` entries from ``node_configs`` (by its
+    ``partition-id``) before anything reads them: a simulation's stand-in for ``flower-supernode
+    --node-config``. A node whose partition has none keeps its own (an unenrolled node, which then refuses an
+    authenticated round, saying so)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        extra = node_configs.get(int(context.node_config["partition-id"]))
+        if extra:
+            context.node_config.update(extra)
+        return call_next(msg, context)
+
+    mod.__name__ = mod.__qualname__ = "node_config_mod"
+    return mod
+
+
 def _load_personal(context: Context, client: Client) -> None:
     """The device's personal state from its node's ``Context.state`` (a fresh one before its first round)."""
     saved = context.state.config_records.get(_PERSONAL_STATE)
@@ -295,7 +324,7 @@ def task_server_app(
     on_clients: Callable[[list[dict[str, Any]]], None] | None = None,
     on_stop: Callable[[str], None] | None = None,
     simulation: bool = True,
-    authenticated: bool = False,
+    authenticated: bool | None = None,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
@@ -320,11 +349,20 @@ def task_server_app(
         authenticated: under ``config.secagg``, authenticated SecAgg rounds
             (:class:`~deltaplane.flower.SecAggStrategy`'s ``authenticated``): every node must be enrolled in its
             own ``node_config`` (:data:`~deltaplane.flower.secagg.NODE_CONFIG_KEYS`), which
-            :func:`task_client_app` reads. Without ``config.secagg`` it is a ConfigError.
+            :func:`task_client_app` reads. Without ``config.secagg`` it is a ConfigError. None (the default):
+            ``config.secagg_authenticated``; False under it is a ConfigError (the run asks for authenticated
+            rounds).
     """
+    if authenticated is None:
+        authenticated = config.secagg_authenticated
     if authenticated and not config.secagg:
         raise ConfigError(
             "authenticated=True authenticates SecAgg rounds; the run has none (set secagg=True)"
+        )
+    if not authenticated and config.secagg_authenticated:
+        raise ConfigError(
+            "authenticated=False, but the run asks for authenticated SecAgg rounds (secagg_authenticated); "
+            "leave authenticated out, or set secagg_authenticated=False"
         )
     app = ServerApp()
 

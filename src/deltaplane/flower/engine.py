@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from deltaplane.engine import RoundMetrics, RunConfig, RunResult
 from deltaplane.flower.digits import FlowerRunError, digits_client_app, digits_server_app
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 
-__all__ = ["FlowerRunError", "run_flower"]
+__all__ = ["FlowerRunError", "enroll_nodes", "run_flower"]
 
 
 def run_flower(
@@ -43,6 +44,47 @@ def run_flower(
     # Flower's telemetry would try the network; this library never does at run time.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deltaplane-enrollment-") as enrolled:
+        # authenticated SecAgg: the run's enrollment authority certifies each node's identity, and each node
+        # is given its files in its node_config, as an operator enrolls SuperNodes (`deltaplane keys certify`)
+        node_configs = enroll_nodes(config, enrolled)
+        rounds, final = _simulate(config, progress, num_cpus, traffic, node_configs)
+    state = final["state"]
+    return RunResult(
+        config=config,
+        rounds=rounds,
+        num_params=sum(v.numel() for v in state.values()),
+        raw_update_bytes=Delta.zeros_like(state).nbytes,
+        wall_time_s=time.perf_counter() - start,
+        final_state=state,
+        # with personalization: each device's accuracies as its node reported them (its model stays there)
+        clients=final.get("clients", []),
+        stopped=final.get("stopped"),
+    )
+
+
+def enroll_nodes(config: RunConfig, out: str) -> dict[int, dict[str, str]] | None:
+    """Under ``config.secagg_authenticated``, each node's enrollment files written into ``out`` by a fresh
+    authority of the run, as partition-id → its ``node_config`` entries (for :func:`task_client_app`'s
+    ``node_configs``); None otherwise. :func:`run_flower` enrolls its nodes so; a Grid of your own may too."""
+    if not config.secagg_authenticated:
+        return None
+    from deltaplane.aggregation.secagg.enrollment import RunEnrollment, device_id
+
+    enrollment = RunEnrollment()
+    return {i: enrollment.write_node_config(out, device_id(i)) for i in range(config.clients)}
+
+
+def _simulate(
+    config: RunConfig,
+    progress: Callable[[RoundMetrics], None] | None,
+    num_cpus: int | None,
+    traffic: list[RoundTraffic] | None,
+    node_configs: dict[int, dict[str, str]] | None,
+) -> tuple[list[RoundMetrics], dict[str, Any]]:
+    """Run the ServerApp and the nodes' ClientApps on Flower's simulation engine; the rounds' metrics and the
+    final state (and, with personalization, the devices' rows; a budget stop's reason)."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
     rounds: list[RoundMetrics] = []
@@ -64,7 +106,6 @@ def run_flower(
     def on_stop(reason: str) -> None:
         final["stopped"] = reason
 
-    start = time.perf_counter()
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False},
@@ -77,7 +118,7 @@ def run_flower(
             server_app=digits_server_app(
                 config, on_round=on_round, on_done=on_done, on_clients=on_clients, on_stop=on_stop
             ),
-            client_app=digits_client_app(config),
+            client_app=digits_client_app(config, node_configs=node_configs),
             num_supernodes=config.clients,
             backend_config=backend_config,
         )
@@ -88,15 +129,4 @@ def run_flower(
             f"Flower simulation completed {len(rounds)} of {config.rounds} rounds; "
             "its log above says why (a ClientApp error, or Ray running out of memory)"
         )
-    state = final["state"]
-    return RunResult(
-        config=config,
-        rounds=rounds,
-        num_params=sum(v.numel() for v in state.values()),
-        raw_update_bytes=Delta.zeros_like(state).nbytes,
-        wall_time_s=time.perf_counter() - start,
-        final_state=state,
-        # with personalization: each device's accuracies as its node reported them (its model stays there)
-        clients=final.get("clients", []),
-        stopped=final.get("stopped"),
-    )
+    return rounds, final

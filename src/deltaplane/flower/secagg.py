@@ -4,7 +4,9 @@ Partners: :class:`SecAggStrategy` (ServerApp) and :func:`secagg_mod` + :func:`ad
 stages of :mod:`deltaplane.aggregation.secagg` travel as Flower messages whose :data:`SECAGG_KEY` ConfigRecord
 holds the stage's bytes (the same strict encodings the HTTP service carries):
 
-* ``query.secagg`` *advertise* — the round's public parameters and the node's client id → ``AdvertiseKeys``;
+* ``query.secagg`` *advertise* — the round's public parameters, the node's client id and the server's SecAgg
+  message version (``secagg-version``: a node of another version refuses the round here, before it trains, with a
+  :class:`~deltaplane.aggregation.secagg.SecAggError` saying which side to upgrade) → ``AdvertiseKeys``;
 * ``query.secagg`` *share* — the key roster → ``ShareKeys``;
 * ``train`` — the usual deltaplane train instruction plus the node's ``ShareInbox``; the node trains, compresses
   with :func:`~deltaplane.flower.delta_mod` (error feedback included), decodes *its own* payload, quantizes it
@@ -61,6 +63,8 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS
+from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
+from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
@@ -200,7 +204,17 @@ def secagg_query(
     stage = str(rec["stage"])
     creds = _credentials(credentials, context)
     if stage == "advertise":
-        config = SecAggConfig.from_dict(json.loads(str(rec["config"])))
+        raw = json.loads(str(rec["config"]))
+        # first: a server of another message version would refuse every message (or send ones this node
+        # refuses), so the node learns it here, before it trains
+        check_stated_version(
+            rec.get("secagg-version"),
+            raw.get("round_id") if isinstance(raw, dict) else None,
+            this="node",
+            peer="server",
+            unstated="a SecAggStrategy from before the advertise record stated it",
+        )
+        config = SecAggConfig.from_dict(raw)
         check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
         _check_authentication(rec.get("authenticated", False), creds, config.round_id)
         bits, clip, scale = json.loads(str(rec["encoding"]))
@@ -499,6 +513,7 @@ class SecAggStrategy(DeltaStrategy):
                         "encoding": enc,
                         "client-id": ids[node],
                         "authenticated": self.authenticated,
+                        "secagg-version": MESSAGE_VERSION,  # a node of another version refuses here
                     }
                 )
                 for node in nodes

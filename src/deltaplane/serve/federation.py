@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -44,14 +44,24 @@ from deltaplane.engine import (
 from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
+from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.errors import InvalidUpdate, PrivacyBudgetExceeded, ServiceUnreachable, UnsupportedOption
+from deltaplane.errors import (
+    ConfigError,
+    InvalidUpdate,
+    PrivacyBudgetExceeded,
+    ServiceUnreachable,
+    UnsupportedOption,
+)
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
 from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.server import BackgroundServer
 from deltaplane.threads import torch_threads
+
+if TYPE_CHECKING:
+    from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 
 __all__ = [
     "REQUEST_TIMEOUT_S",
@@ -208,6 +218,9 @@ def _run(
         simulated_devices=True,  # the engine's client step runs every device-side option (attack included)
     )
     spec, reference = drift_reference(task, clients)
+    # authenticated SecAgg: the run's enrollment authority certifies each device's identity (out of band, as an
+    # operator's `fleet enroll --authority-key`), under the device name its token carries
+    enrollment = run_enrollment(config)
     raw_bytes = Delta.zeros_like(initial).nbytes
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
@@ -244,7 +257,7 @@ def _run(
             try:
                 if config.secagg:  # the SecAgg stages over the service's endpoints; no plaintext leaves
                     opened, closed, uplink, rejected = _secagg_round(
-                        config, step, model, clients, devices, chosen, admin, rnd
+                        config, step, model, clients, devices, chosen, admin, rnd, enrollment
                     )
                 else:
                     opened, closed, uplink, rejected = _plain_round(
@@ -407,9 +420,14 @@ def _secagg_round(
     chosen: list[int],
     admin: AdminClient,
     rnd: int,
+    enrollment: RunEnrollment | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], int, int]:
     """One SecAgg round over HTTP: each device runs the client step (its update ends masked), then the four
     stages through :class:`~deltaplane.serve.secagg_client.SecAggDevice`; the service unmasks only the sum.
+    With the run's ``enrollment`` (``config.secagg_authenticated``) the round is authenticated: each device
+    holds credentials certified under its token's name, signs its advertisement, checks the roster, and the
+    consistency check (``vouch``) runs before the unmasking, as in a fleet
+    (:func:`~deltaplane.serve.fleet.secagg_round`).
 
     Each device rounds into the ring with the same seed as in process
     (:func:`~deltaplane.engine.secure.device_seed`) and the public weight scale is the mean example count of
@@ -453,9 +471,17 @@ def _secagg_round(
         raise InvalidUpdate(str(lone_input_error(rnd, len(secure))))
     # the round's sampled devices, a failed one included: a real fleet fixes the scale before training
     weights = [clients[cid].num_samples for cid in chosen]
+    if config.secagg_authenticated and enrollment is None:
+        raise ConfigError(
+            "secagg_authenticated: this round has no enrollment of the run's devices; it would not be authenticated"
+        )
+    signed = (
+        {"authenticated": True} if enrollment is not None else {}
+    )  # the service's default: unauthenticated
     opened = admin.open_secagg(
         MODEL,
         [f"client-{cid}" for cid in secure],
+        **signed,
         bits=config.secagg_bits,
         clip_range=config.secagg_range,
         weight_scale=secure_weight_scale(config, weights),
@@ -476,6 +502,7 @@ def _secagg_round(
                 randbytes=rng.bytes,
                 min_inputs=config.unmask_floor(),
                 min_range=config.min_secagg_range(),
+                credentials=enrollment.credentials(f"client-{cid}") if enrollment is not None else None,
             )
             dev.set_update(
                 ups[cid].secure,
@@ -499,7 +526,8 @@ def _secagg_round(
         # distributed DP: the round closes with no sum, as one that sampled too few devices (ε still spent)
         opened, closed, _, _ = _plain_round(step, model, clients, devices, [], admin, rnd)
         return opened, closed, 0, len(chosen) - len(secure)
-    for stage in ("advertise", "share", "upload"):
+    stages = ("advertise", "share", "upload") + (("vouch",) if enrollment is not None else ())
+    for stage in stages:  # authenticated: the consistency check (vouch) before the unmasking
         for dev in fleet:
             getattr(dev, stage)()
         admin.advance_secagg(MODEL, number)

@@ -882,8 +882,10 @@ def coordinate(
 
     ``authenticated`` opens SecAgg rounds whose key advertisements the devices sign and check (devices enrolled
     with ``fleet enroll --authority-key``); it needs a SecAgg federation (ConfigError otherwise: a plain round
-    has no keys to authenticate).
+    has no keys to authenticate). A federation with ``secagg_authenticated`` (YAML ``secagg.authenticated``)
+    opens them so too, as ``deltaplane run`` runs them.
     """
+    authenticated = authenticated or config.secagg_authenticated
     if authenticated and not config.secagg:
         raise ConfigError(
             "authenticated rounds sign SecAgg's key advertisements; this federation runs plain rounds (set "

@@ -23,30 +23,14 @@ from deltaplane.aggregation.secagg import (
     RingEncoding,
     SecAggAuthError,
     SecAggConfig,
-    SecAggError,
     check_device_policy,
 )
-from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
+from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.client import DeviceClient, ServiceError
 
 __all__ = ["SecAggDevice"]
-
-
-def _version_mismatch(round_id: int, version: object) -> str:
-    """Why a device refuses a round whose service states another SecAgg message version than its own
-    (:data:`~deltaplane.aggregation.secagg.messages.VERSION`), and which side to upgrade. A service from before
-    version 5 (authenticated rounds) states none."""
-    if isinstance(version, int) and version > MESSAGE_VERSION:
-        stated, fix = f"speaks version {version}", f"upgrade this device to a release that speaks {version}"
-    else:
-        stated = "states none (so it is older than 5)" if version is None else f"speaks version {version!r}"
-        fix = f"upgrade the service to a release that speaks {MESSAGE_VERSION}"
-    return (
-        f"refusing SecAgg round {round_id}: this device speaks SecAgg message version {MESSAGE_VERSION} and the "
-        f"service {stated}, so every message would be refused; {fix}"
-    )
 
 
 class SecAggDevice:
@@ -117,10 +101,14 @@ class SecAggDevice:
         :class:`DecodeError` for JSON that is not an invitation; nothing is sent."""
         # first: a service of another message version would refuse every message (or send ones this device
         # refuses), so the device learns it here, before it trains
-        if (
-            isinstance(inv, dict) and inv.get("secagg_version") != MESSAGE_VERSION
-        ):  # not a dict: malformed, below
-            raise SecAggError(_version_mismatch(self.round_id, inv.get("secagg_version")))
+        if isinstance(inv, dict):  # not a dict: malformed, below
+            check_stated_version(
+                inv.get("secagg_version"),
+                self.round_id,
+                this="device",
+                peer="service",
+                unstated="so it is older than 5",  # a service states it since version 5 (authenticated rounds)
+            )
         try:
             self.base_version = int(inv["base_version"])
             self.config = SecAggConfig.from_dict(inv["config"])

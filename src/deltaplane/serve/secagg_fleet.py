@@ -24,12 +24,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from deltaplane.aggregation.secagg import (
-    DeviceCredentials,
-    DeviceIdentity,
-    Dropouts,
-    EnrollmentAuthority,
-)
+from deltaplane.aggregation.secagg import DeviceCredentials, Dropouts
+from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError
 from deltaplane.registry.signing import Verifier
@@ -70,12 +66,8 @@ def enroll_fleet(names: Sequence[str], *, valid_s: int = 86_400) -> list[DeviceC
     """Credentials for devices ``names``: one fresh enrollment authority (kept nowhere: the harness's round
     needs no more devices) certifies a fresh identity key per device, valid ``valid_s`` seconds, in
     :data:`COHORT`; every device trusts that authority. What ``fleet enroll --authority-key`` does on disk."""
-    authority = EnrollmentAuthority.generate()
-    expires, trusted = int(time.time()) + valid_s, authority.trust()
-    return [
-        DeviceCredentials(DeviceIdentity.enroll(authority, d, cohort=COHORT, expires=expires), trusted)
-        for d in names
-    ]
+    enrollment = RunEnrollment(cohort=COHORT, valid_s=valid_s)
+    return [enrollment.credentials(d) for d in names]
 
 
 def run_secagg_fleet(

@@ -242,7 +242,8 @@ class OpenSecAggRequest(BaseModel):
         default=False,
         description=(
             "devices sign their key advertisements with their enrolled identity keys and check every neighbour's "
-            "certificate and signature in the roster (fleet enroll --authority-key)"
+            "certificate and signature in the roster (fleet enroll --authority-key); default: the --federation's "
+            "secagg_authenticated, else false"
         ),
     )
 
@@ -676,6 +677,11 @@ def install_secagg_routes(
         else:
             degree = round_neighbours(run.secagg_neighbours, n)
         group = group_size(degree, n)
+        # authenticated: the operator's, or the federation's, as `deltaplane run` runs it
+        if "authenticated" in body.model_fields_set or run is None:
+            authenticated = body.authenticated
+        else:
+            authenticated = run.secagg_authenticated
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)
@@ -721,7 +727,7 @@ def install_secagg_routes(
                 {d: i for i, d in enumerate(body.devices)},
                 encoding,
                 # fewer masked inputs than m_min: never unmasked
-                ServerEndpoint(cfg, min_inputs=m_min, authenticated=body.authenticated),
+                ServerEndpoint(cfg, min_inputs=m_min, authenticated=authenticated),
                 like,
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}

@@ -53,6 +53,7 @@ from deltaplane.engine import (
 from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, round_epsilon
+from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
@@ -347,6 +348,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
         server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
         # one wire session per run, built once (both sides would build the same)
         step.sessions = server.sessions
+        enrollment = run_enrollment(config)  # authenticated SecAgg: each device enrolled when first sampled
         store = ResidualStore(clients=registered, like=initial)
         # DGC momentum correction's per-device velocity, kept like the residual (one fp16 row per device)
         velocities = (
@@ -413,7 +415,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     norm_histories[client.cid] = client.norms
                 if client.compressor.state.codec:
                     codec_states[client.cid] = client.compressor.state.codec
-            deliver(config, server, ordered, rnd)
+            deliver(config, server, ordered, rnd, enrollment)
             try:
                 outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
             except PrivacyBudgetExceeded as exc:

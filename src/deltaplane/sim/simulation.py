@@ -42,6 +42,7 @@ from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
+from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import PrivacyBudgetExceeded, UnsupportedOption
 from deltaplane.sim.batched import (
@@ -259,6 +260,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     raw_bytes = Delta.zeros_like(initial).nbytes
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
+    enrollment = run_enrollment(config)  # authenticated SecAgg: the devices' identities, enrolled once a run
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
     if trainer is not None:
         # `threads` workers (this thread and forked processes, BatchedTrainer._executor) train groups of
@@ -374,6 +376,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                                 step, share, stacked, version, rnd, model=model, global_state=global_state
                             ),
                             rnd,
+                            enrollment,
                         )
                     uploads = []
                 else:  # the honest updates on the stack; an attacker's, local DP's, SecAgg's one by one
@@ -382,7 +385,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     )
             else:
                 uploads = [step.run(c, model, global_state, rnd, version) for c in batch]
-            deliver(config, server, uploads, rnd)
+            deliver(config, server, uploads, rnd, enrollment)
             try:
                 outcome = server.close()  # raises PrivacyBudgetExceeded before a round that would exceed it
             except PrivacyBudgetExceeded as exc:

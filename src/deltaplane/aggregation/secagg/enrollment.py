@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from deltaplane.aggregation.secagg.identity import DeviceIdentity, EnrollmentAuthority
+from deltaplane.aggregation.secagg.identity import DeviceCredentials, DeviceIdentity, EnrollmentAuthority
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, read_bounded_text, write_secret_file
 
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
     "NODE_CONFIG_KEYS",
+    "RunEnrollment",
     "certify",
     "device_id",
     "identity_files",
@@ -111,3 +113,49 @@ def node_config_arg(
             f"Flower's --node-config cannot carry a path with a '\"' in it: {quoted!r}; rename it"
         )
     return " ".join(f"{k}={json.dumps(p)}" for k, p in zip(NODE_CONFIG_KEYS, paths, strict=True))
+
+
+class RunEnrollment:
+    """A simulated run's enrollment: one enrollment authority made for the run, kept in memory only, and each
+    device's identity certified by it the first time the device is asked for.
+
+    What an operator does out of band before authenticated SecAgg rounds (``deltaplane keys enrollment``, then
+    ``fleet enroll --authority-key`` or ``keys certify``), done once per simulated run, so that every driver of
+    ``RunConfig.secagg_authenticated`` runs the very protocol a deployment does: signed key advertisements,
+    signed rosters and the consistency check. The keys are fresh (OS randomness), not derived from the run's
+    seed: signatures are deterministic and never enter a sum, so the run's models are still exact and
+    reproducible. ``session`` is a fresh name of the run that in-process rounds bind their signatures to (the
+    HTTP service and Flower bind them to their own round and run names).
+
+    Args:
+        cohort: the cohort every certificate names (a device trusts neighbours of its own cohort only).
+        valid_s: seconds each certificate stays valid from the run's start.
+    """
+
+    def __init__(self, *, cohort: str = "simulation", valid_s: int = 30 * 86_400) -> None:
+        self.authority = EnrollmentAuthority.generate()
+        self.cohort = cohort
+        self.expires = int(time.time()) + int(valid_s)
+        self.session = b"deltaplane-run/" + secrets.token_hex(8).encode()
+        self._trusted = self.authority.trust()
+        self._issued: dict[str, DeviceCredentials] = {}
+
+    def credentials(self, device: str) -> DeviceCredentials:
+        """Device ``device``'s credentials: its identity key (certified on first use, then the same one) and
+        the run's authority as the one it trusts."""
+        creds = self._issued.get(device)
+        if creds is None:
+            ident = DeviceIdentity.enroll(self.authority, device, cohort=self.cohort, expires=self.expires)
+            creds = self._issued[device] = DeviceCredentials(ident, self._trusted)
+        return creds
+
+    def write_node_config(self, out: str | os.PathLike[str], device: str) -> dict[str, str]:
+        """Write device ``device``'s identity key and certificate (:func:`write_identity`) and the authority's
+        public key into ``out``; returns the ``node_config`` entries naming them (:data:`NODE_CONFIG_KEYS`),
+        what a Flower SuperNode of the run is started with."""
+        ident = self.credentials(device).identity
+        key, cert = write_identity(out, ident)
+        pub = Path(out) / AUTHORITY_PUBLIC_NAME
+        if not pub.exists():
+            pub.write_text(self.authority.public_text() + "\n")
+        return dict(zip(NODE_CONFIG_KEYS, (os.fspath(key), os.fspath(cert), os.fspath(pub)), strict=True))

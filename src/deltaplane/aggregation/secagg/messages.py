@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from deltaplane.aggregation.secagg import shamir
-from deltaplane.aggregation.secagg.errors import SecAggOrderError
+from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
 from deltaplane.aggregation.secagg.identity import CERT_MAX_BYTES, SIGNATURE_BYTES
 from deltaplane.errors import DecodeError
 
@@ -55,6 +55,7 @@ __all__ = [
     "SurvivorSignatures",
     "UnmaskRequest",
     "UnmaskResponse",
+    "check_stated_version",
     "decode_message",
 ]
 
@@ -72,6 +73,32 @@ MAGIC = b"DPSA"
 #: unmask, so either is refused at its first message, saying which side to upgrade
 VERSION = 5
 _HEAD = struct.Struct(">4sBBI")  # magic, version, kind, round id
+
+
+def check_stated_version(stated: object, round_id: object, *, this: str, peer: str, unstated: str) -> None:
+    """Refuse, before a device trains or sends anything, a round whose server states another SecAgg message
+    version than :data:`VERSION` (or none): every message of the round would be refused (:func:`decode_message`),
+    so the device says here which side to upgrade, in a :class:`SecAggError`.
+
+    The server states its version where it invites devices: the HTTP service in its invitation
+    (``secagg_version``), Flower's :class:`~deltaplane.flower.SecAggStrategy` in its advertise record
+    (``secagg-version``). ``this`` and ``peer`` name the two sides in the message ("device" and "service",
+    "node" and "server"); ``unstated`` says what a server that states no version is (e.g. "so it is older
+    than 5").
+    """
+    if stated == VERSION and type(stated) is int:
+        return
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated > VERSION:
+        said, fix = f"speaks version {stated}", f"upgrade this {this} to a release that speaks {stated}"
+    else:
+        said = f"states none ({unstated})" if stated is None else f"speaks version {stated!r}"
+        fix = f"upgrade the {peer} to a release that speaks {VERSION}"
+    raise SecAggError(
+        f"refusing SecAgg round {round_id}: this {this} speaks SecAgg message version {VERSION} and the "
+        f"{peer} {said}, so every message would be refused; {fix}"
+    )
+
+
 KEY_BYTES = 32
 #: nonce (12) + two Shamir shares (b and s) + GCM tag (16)
 CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16

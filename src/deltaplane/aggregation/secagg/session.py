@@ -198,6 +198,8 @@ def secure_mean(
     device_seeds: Sequence[int] | None = None,
     weight_scale: float | None = None,
     min_inputs: int = 0,
+    credentials: Sequence[DeviceCredentials] | None = None,
+    session: bytes = b"",
 ) -> tuple[Delta, SecAggReport]:
     """The (example-weighted, with ``weights``) mean of the surviving clients' deltas, via secure aggregation.
 
@@ -210,6 +212,9 @@ def secure_mean(
     ``weights``); a transport fixes it before the devices train, from the round's sampled devices.
     ``min_inputs`` (distributed DP's m_min) is the fewest survivors whose sum the server unmasks and each
     device helps unmask (:class:`~deltaplane.aggregation.secagg.SecAggClient`): fewer is a SecAggError.
+    ``credentials`` (one per delta) make it an authenticated round, as :func:`run_secagg`'s: each device signs
+    its advertisement under ``session`` and checks its neighbours', and the consistency check runs before the
+    unmasking; the sum is the same.
     """
     if not deltas:
         raise DeltaplaneError("no client delta was given; nothing to aggregate")
@@ -231,13 +236,19 @@ def secure_mean(
     randbytes = rng.bytes if seed is not None else secrets.token_bytes
     if device_seeds is not None and len(device_seeds) != n:
         raise ConfigError(f"{len(device_seeds)} device seeds for {n} deltas")
+    if credentials is not None and len(credentials) != n:
+        raise ConfigError(f"{len(credentials)} device credentials for {n} deltas")
     devices = {}
     for u, dl in enumerate(deltas):  # device side: each quantizes its own update into the ring
-        devices[u] = DeviceEndpoint(u, cfg, enc, randbytes=randbytes, min_inputs=min_inputs)
+        cred = credentials[u] if credentials is not None else None
+        devices[u] = DeviceEndpoint(
+            u, cfg, enc, randbytes=randbytes, min_inputs=min_inputs, credentials=cred, session=session
+        )
         q = np.random.default_rng(device_seeds[u] if device_seeds is not None else rng.integers(2**63))
         devices[u].set_update(dl, int(weights[u]) if weights is not None else 1, q)
     d = (dropouts or Dropouts()).plus(before_upload=drop_before_upload, after_upload=drop_after_upload)
-    total, report = exchange(devices, ServerEndpoint(cfg, min_inputs=min_inputs), d)
+    server = ServerEndpoint(cfg, min_inputs=min_inputs, authenticated=credentials is not None)
+    total, report = exchange(devices, server, d)
     mean, _ = enc.decode_sum(total, count=len(report.survivors), like=like)
     return mean, report
 
