@@ -147,7 +147,7 @@ def test_an_enrolled_node_refuses_the_example_s_unauthenticated_round(
 def test_the_example_refuses_an_authenticated_switch_it_cannot_honour(
     example, loopback_grid, monkeypatch
 ) -> None:
-    with pytest.raises(ConfigError, match="secagg-authenticated must be true or false"):
-        _run(example, loopback_grid, monkeypatch, SECAGG | {"secagg-authenticated": "yes"})
-    with pytest.raises(ConfigError, match="set secagg=True"):
+    with pytest.raises(ConfigError, match="secagg_authenticated.*set secagg too"):
         _run(example, loopback_grid, monkeypatch, RUN | {"secagg-authenticated": True})
+    with pytest.raises(ConfigError, match="secagg_authenticated"):
+        _run(example, loopback_grid, monkeypatch, SECAGG | {"secagg-authenticated": [True]})

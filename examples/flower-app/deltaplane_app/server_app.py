@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from deltaplane.flower import digits_server_app
 
-from .task import authenticated, run_config
+from .task import run_config
 
 app = ServerApp()
 
@@ -33,6 +33,8 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     # SuperNodes may be real devices: DP noise and DP sampling from the OS CSPRNG, not the config seed
-    server = digits_server_app(cfg, on_round=report, simulation=False, authenticated=authenticated(context))
+    server = digits_server_app(
+        cfg, on_round=report, simulation=False
+    )  # cfg.secagg_authenticated: signed rounds
     server(grid=grid, context=context)
     print(f"deltaplane done: {cfg.rounds} rounds", flush=True)
