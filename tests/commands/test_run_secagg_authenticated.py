@@ -10,28 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from deltaplane import cli
-
-runner = CliRunner()
+from .test_run_secagg_neighbours import DRIVERS
+from .test_run_secagg_neighbours import _run as _run_cli
 
 TINY = "clients: {count: 4, rounds: 1, local_epochs: 1, lr: 0.1}\n"
 AUTH = ["--secagg", "--clip", "2.0", "--secagg-authenticated", "--no-followup"]
-DRIVERS = {
-    "sequential": ["--engine", "sequential"],
-    "batched": [],
-    "population": ["--engine", "population"],
-    "http": ["--transport", "http"],
-    "flower": ["--engine", "flower"],
-}
 
 
 def _run(tmp_path: Path, *args: str, config: str = TINY) -> tuple[int, str, Path]:
-    path, out = tmp_path / "run.yaml", tmp_path / "out"
-    path.write_text(config)
-    r = runner.invoke(cli.app, ["run", "-c", str(path), *args, "-o", str(out)], terminal_width=200)
-    return r.exit_code, " ".join(r.output.split()), out
+    """test_run_secagg_neighbours' ``deltaplane run`` helper, on this file's 4-client federation by default."""
+    return _run_cli(tmp_path, *args, config=config)
 
 
 def _configs(plans: list) -> list:

@@ -24,16 +24,7 @@ from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
 
-
-def _open(svc, names: list[str], authenticated: bool) -> int:
-    body = {
-        "devices": names,
-        "bits": 16,
-        "clip_range": 0.5,
-        "weight_scale": 0,
-        "authenticated": authenticated,
-    }
-    return svc.admin._post("/admin/models/cnn/secagg", body)["round"]
+from .test_secagg_auth_http import _open
 
 
 def test_a_version_4_advertisement_gets_400_saying_upgrade_and_the_round_goes_on(service) -> None:
