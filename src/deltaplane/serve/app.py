@@ -235,8 +235,10 @@ class ServiceState:
         version: int | None,
         contributors: int,
         measurements: dict[str, float],
+        authenticated: bool = False,
     ) -> None:
-        """Remember a closed round for the fleet page: what it published, from how many devices, its ε."""
+        """Remember a closed round for the fleet page: what it published, from how many devices, its ε, and
+        whether it was an authenticated SecAgg round (signed key advertisements and the consistency check)."""
         with self.lock:
             self.closed_rounds.append(
                 {
@@ -246,6 +248,7 @@ class ServiceState:
                     "version": version,
                     "contributors": contributors,
                     "epsilon": measurements.get("epsilon"),
+                    "authenticated": authenticated,
                     "closed_at": time.time(),
                 }
             )
@@ -283,6 +286,7 @@ class ServiceState:
                         "round": n,
                         "kind": "secagg",
                         "stage": r.endpoint.stage,
+                        "authenticated": r.endpoint.server.authenticated,
                         "base_version": r.base_version,
                         "uploads": len(r.endpoint.server.uploaded),
                         "opened_at": r.opened_at,
