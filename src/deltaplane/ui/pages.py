@@ -595,6 +595,9 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r["version"], "{}", "version")
         + _num(r["contributors"], "{}", "contributors")
         + _num(r["epsilon"], "{:.3f}", "epsilon")
+        + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
+        + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
+        + _num(r.get("reports"), "{}", "reports")
         + f"<td>{_when(r.get('closed_at'))}</td></tr>"
         for r in fleet.get("closed_rounds", [])
     ]
@@ -654,7 +657,18 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         )
         + "<h2>Closed rounds</h2>"
         + _table(
-            ["model", "round", "kind", "version", "devices in it", "ε spent", "closed"],
+            [
+                "model",
+                "round",
+                "kind",
+                "version",
+                "devices in it",
+                "ε spent",
+                "held-out accuracy mean",
+                "min",
+                "reports",
+                "closed",
+            ],
             closed,
             table_id="closed-rounds",
         )
