@@ -77,3 +77,41 @@ def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_p
                     "--device", "0", "--identity-key", str(tmp_path / "tokens" / "device-0.identity.pem"),
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "go together" in done.stderr, done.stderr
+
+
+def test_a_device_given_the_wrong_enrollment_authority_or_an_expired_certificate_stops_at_start(
+    tmp_path,
+) -> None:
+    """Walking docs/byo.md -> fleet.md, a device started with `--enrollment-authority` naming another key (the
+    registry's signing key sits next to it) started, waited for rounds, and would only find out in a round,
+    as a roster that does not verify, sitting out every round. It now refuses at start (exit 2, before any
+    request: the URL here answers nothing), saying which authority its certificate names."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    authority, other = EnrollmentAuthority.generate(), EnrollmentAuthority.generate()
+    (tmp_path / "right.pub").write_text(authority.public_text() + "\n")
+    (tmp_path / "wrong.pub").write_text(other.public_text() + "\n")
+    (tmp_path / "t.token").write_text("x")
+    for name, expires in (("valid", 4_000_000_000), ("expired", 1_000)):
+        ident = DeviceIdentity.enroll(authority, "device-0", cohort="fleet", expires=expires)
+        (tmp_path / f"{name}.pem").write_bytes(ident.key_pem())
+        (tmp_path / f"{name}.cert").write_bytes(ident.certificate.to_bytes())
+
+    def device(name: str, pub: str) -> tuple[int, str]:
+        r = CliRunner().invoke(app, [
+            "fleet", "device", "--url", "http://127.0.0.1:9", "--token-file", str(tmp_path / "t.token"),
+            "--trusted", str(tmp_path / "right.pub"), "--federation", str(tmp_path / "none.yaml"),
+            "--model", "m", "--device", "0", "--identity-key", str(tmp_path / f"{name}.pem"),
+            "--certificate", str(tmp_path / f"{name}.cert"), "--enrollment-authority", str(tmp_path / pub),
+        ])  # fmt: skip
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = device("valid", "wrong.pub")
+    assert code == 2 and "does not verify under --enrollment-authority" in out, out
+    assert authority.id.hex() in out and "enrollment.ed25519.pub of the authority" in out, out
+    code, out = device("expired", "right.pub")
+    assert code == 2 and "expired" in out and "enroll the device again" in out, out
+    code, out = device("valid", "right.pub")  # the credentials pass; the next check is the federation file
+    assert code == 2 and "federation file" in out and "does not exist" in out, out

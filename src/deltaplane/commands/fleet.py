@@ -182,10 +182,22 @@ def _credentials(key: Path | None, certificate: Path | None, authority: Path | N
             "--identity-key, --certificate and --enrollment-authority go together: the device's SecAgg identity "
             "(fleet enroll --authority-key writes the first two) and the authority's public key it trusts"
         )
-    from deltaplane.aggregation.secagg.identity import DeviceCredentials
+    from deltaplane.aggregation.secagg.identity import DeviceCredentials, SecAggAuthError
 
     assert key is not None and certificate is not None and authority is not None
-    return DeviceCredentials.from_files(key, certificate, authority)
+    credentials = DeviceCredentials.from_files(key, certificate, authority)
+    # Its own certificate must verify under the authority it trusts, as every neighbour checks it: a wrong
+    # .pub (the registry's signing key, another fleet's authority) or an expired certificate used to surface
+    # only in the rounds, as a roster that does not verify, with the device sitting out every round.
+    try:
+        credentials.trusted.check(credentials.identity.certificate, now=credentials.clock())
+    except SecAggAuthError as exc:
+        raise ConfigError(
+            f"--certificate {certificate} does not verify under --enrollment-authority {authority}: {exc}. Give "
+            "the enrollment.ed25519.pub of the authority that enrolled this device (`deltaplane keys enrollment` "
+            "printed its id), or enroll the device again (fleet enroll --authority-key)"
+        ) from None
+    return credentials
 
 
 def _stop_on_signals() -> threading.Event:
