@@ -41,6 +41,34 @@ def test_an_authenticated_secagg_fleet_round_publishes_and_an_unenrolled_device_
         assert f.admin.secagg_status(MODEL, out[0].number)["authenticated"] is True
 
 
+def test_a_round_no_device_advertised_in_says_the_identity_mismatch_may_be_why(byo_task, tmp_path) -> None:
+    """Walking docs/byo.md -> fleet.md, enrolled devices under a coordinator run without --authenticated each
+    logged why they sat the round out, but the coordinator's line said only "only 0 clients advertised keys;
+    threshold 3". It now adds that a refusing device sends nothing, and the identity mismatch that makes it
+    refuse, so the operator knows where to look."""
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    authority = EnrollmentAuthority.generate()
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        logs: list[str] = []
+        for i, dev in enumerate(devices):
+            ident = DeviceIdentity.enroll(
+                authority, fleet.device_id(i), cohort="fleet", expires=4_000_000_000
+            )
+            dev.credentials = DeviceCredentials(ident, authority.trust())
+            dev.log = logs.append
+        threads = _threads(devices, rounds=1, stage_wait=20)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+    assert out[0].failed is not None and "only 0 clients advertised keys" in out[0].failed, out[0].failed
+    assert (
+        "devices enrolled with a SecAgg identity sit out rounds opened without --authenticated"
+        in out[0].failed
+    )
+    assert any("the round is not authenticated" in line for line in logs), logs
+
+
 def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_path) -> None:
     cfg = _config(byo_task)
     env = _env(tmp_path)
