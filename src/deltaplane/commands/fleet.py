@@ -358,7 +358,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         rounds: Annotated[
-            int | None, typer.Option(min=1, help="Stop after this many rounds.", show_default="until stopped")
+            int | None,
+            typer.Option(
+                min=1,
+                help="Stop once this many rounds have opened, taken part in or sat out.",
+                show_default="until stopped",
+            ),
         ] = None,
         stage_wait: Annotated[
             float,
