@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Register the task's initial model (seeded by the federation's seed) and tag it production."""
-        from deltaplane.engine import make_task
+        from deltaplane.engine import build_clients, make_task
         from deltaplane.engine.seeding import Stream, derive_seed
         from deltaplane.registry import Registry, default_home
 
@@ -240,6 +240,10 @@ def register(app: typer.Typer) -> None:
                     f"{model!r} is already in the registry at {reg.home}; choose another --model"
                 )
             task = make_task(run)
+            # the devices and the coordinator build the same devices from this file, and refuse it when they
+            # cannot (a task with its own devices and another clients.count, data too small to partition):
+            # refuse it here, before a model is registered that no device could train
+            build_clients(run, task)
             net = task.build_model(derive_seed(run.seed, Stream.MODEL_INIT))
             v = reg.register_model(
                 model,
