@@ -33,3 +33,31 @@ def test_fleet_refuses_non_finite_waits_and_scales_and_names_a_fifo(tmp_path, mo
         )  # fmt: skip
     r = CliRunner().invoke(app, ["fleet", "init", "--federation", str(fifo), "--model", "m"])
     assert r.exit_code == 2 and "a federation file must be a regular file, not a FIFO" in r.output, r.output
+
+
+def test_fleet_init_refuses_a_federation_whose_devices_the_fleet_cannot_build(tmp_path, monkeypatch):
+    """Walking docs/byo.md -> fleet.md with a task of one dataset per device (`clients=`, 4 of them) and a
+    fleet.yaml of `clients: {count: 3}`: `fleet init` registered the model and tagged it production, and only
+    `fleet device` and `fleet coordinate` then refused the file ("brings its own 4 devices"). `fleet init`
+    now builds the devices as they will and refuses first, registering nothing."""
+    (tmp_path / "own_devices.py").write_text(
+        "import torch\nfrom torch import nn\nfrom deltaplane.engine import Dataset, Task\n\n\n"
+        "def make_task():\n"
+        "    data = [Dataset(torch.randn(20, 4), torch.arange(20) % 2) for _ in range(4)]\n"
+        "    return Task(name='own', model=lambda: nn.Linear(4, 2), clients=data, test=data[0])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    home = tmp_path / "home"
+    out = {}
+    for count in (3, 4):
+        fed = tmp_path / f"fleet{count}.yaml"
+        fed.write_text(f'task: {{path: "own_devices:make_task"}}\nclients: {{count: {count}, rounds: 1}}\n')
+        r = CliRunner().invoke(
+            app, ["fleet", "init", "--federation", str(fed), "--model", f"m{count}", "--home", str(home)]
+        )
+        out[count] = (r.exit_code, " ".join(r.output.split()))
+    assert out[3][0] == 2 and "brings its own 4 devices; set clients to 4" in out[3][1], out[3]
+    assert out[4] == (0, f"m4@1 registered in {home} (production); serve it with --federation"), out[4]
+    from deltaplane.registry import Registry
+
+    assert Registry(home).versions("m3") == [] and len(Registry(home).versions("m4")) == 1

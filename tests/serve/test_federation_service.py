@@ -188,6 +188,12 @@ def test_a_service_refuses_simulation_only_options_and_names_the_device_side_one
     distributed = RunConfig(clients=3, secagg=True, clip="2.0", dp_noise=0.8, downlink_codec="identity")
     assert "clip=2.0, dp_noise=0.8 act on the devices" in device_side_notice(distributed)
     assert "dp_noise" not in device_side_notice(distributed.replace(secagg=False))
+    # and the ε the service reports under SecAgg is the devices' noise counted (walking docs/byo.md ->
+    # fleet.md, "neither applies nor checks them" was followed by an ε from the service, unexplained)
+    assert "the ε this service reports counts the noise dp_noise has the devices add" in device_side_notice(
+        distributed
+    )
+    assert "ε" not in device_side_notice(distributed.replace(dp_noise=0.0))
     # the HTTP simulation's devices are the engine's: they run the attack, as in process
     assert run_http_simulation(RunConfig(clients=3, rounds=1, local_epochs=1, attack="sign_flip:0.34")).rounds
 

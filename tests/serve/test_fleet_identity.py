@@ -41,6 +41,34 @@ def test_an_authenticated_secagg_fleet_round_publishes_and_an_unenrolled_device_
         assert f.admin.secagg_status(MODEL, out[0].number)["authenticated"] is True
 
 
+def test_a_round_no_device_advertised_in_says_the_identity_mismatch_may_be_why(byo_task, tmp_path) -> None:
+    """Walking docs/byo.md -> fleet.md, enrolled devices under a coordinator run without --authenticated each
+    logged why they sat the round out, but the coordinator's line said only "only 0 clients advertised keys;
+    threshold 3". It now adds that a refusing device sends nothing, and the identity mismatch that makes it
+    refuse, so the operator knows where to look."""
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+    authority = EnrollmentAuthority.generate()
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        logs: list[str] = []
+        for i, dev in enumerate(devices):
+            ident = DeviceIdentity.enroll(
+                authority, fleet.device_id(i), cohort="fleet", expires=4_000_000_000
+            )
+            dev.credentials = DeviceCredentials(ident, authority.trust())
+            dev.log = logs.append
+        threads = _threads(devices, rounds=1, stage_wait=20)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05)
+        for t in threads:
+            t.join(30)
+    assert out[0].failed is not None and "only 0 clients advertised keys" in out[0].failed, out[0].failed
+    assert (
+        "devices enrolled with a SecAgg identity sit out rounds opened without --authenticated"
+        in out[0].failed
+    )
+    assert any("the round is not authenticated" in line for line in logs), logs
+
+
 def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_path) -> None:
     cfg = _config(byo_task)
     env = _env(tmp_path)
@@ -77,3 +105,41 @@ def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_p
                     "--device", "0", "--identity-key", str(tmp_path / "tokens" / "device-0.identity.pem"),
                     cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 2 and "go together" in done.stderr, done.stderr
+
+
+def test_a_device_given_the_wrong_enrollment_authority_or_an_expired_certificate_stops_at_start(
+    tmp_path,
+) -> None:
+    """Walking docs/byo.md -> fleet.md, a device started with `--enrollment-authority` naming another key (the
+    registry's signing key sits next to it) started, waited for rounds, and would only find out in a round,
+    as a roster that does not verify, sitting out every round. It now refuses at start (exit 2, before any
+    request: the URL here answers nothing), saying which authority its certificate names."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    authority, other = EnrollmentAuthority.generate(), EnrollmentAuthority.generate()
+    (tmp_path / "right.pub").write_text(authority.public_text() + "\n")
+    (tmp_path / "wrong.pub").write_text(other.public_text() + "\n")
+    (tmp_path / "t.token").write_text("x")
+    for name, expires in (("valid", 4_000_000_000), ("expired", 1_000)):
+        ident = DeviceIdentity.enroll(authority, "device-0", cohort="fleet", expires=expires)
+        (tmp_path / f"{name}.pem").write_bytes(ident.key_pem())
+        (tmp_path / f"{name}.cert").write_bytes(ident.certificate.to_bytes())
+
+    def device(name: str, pub: str) -> tuple[int, str]:
+        r = CliRunner().invoke(app, [
+            "fleet", "device", "--url", "http://127.0.0.1:9", "--token-file", str(tmp_path / "t.token"),
+            "--trusted", str(tmp_path / "right.pub"), "--federation", str(tmp_path / "none.yaml"),
+            "--model", "m", "--device", "0", "--identity-key", str(tmp_path / f"{name}.pem"),
+            "--certificate", str(tmp_path / f"{name}.cert"), "--enrollment-authority", str(tmp_path / pub),
+        ])  # fmt: skip
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = device("valid", "wrong.pub")
+    assert code == 2 and "does not verify under --enrollment-authority" in out, out
+    assert authority.id.hex() in out and "enrollment.ed25519.pub of the authority" in out, out
+    code, out = device("expired", "right.pub")
+    assert code == 2 and "expired" in out and "enroll the device again" in out, out
+    code, out = device("valid", "right.pub")  # the credentials pass; the next check is the federation file
+    assert code == 2 and "federation file" in out and "does not exist" in out, out

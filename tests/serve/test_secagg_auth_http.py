@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -175,3 +176,49 @@ def test_a_federation_with_secagg_authenticated_opens_authenticated_rounds(servi
                       drift=False)  # fmt: skip
     assert s.failed  # nobody advertised keys: the round is given up; it was opened authenticated
     assert [kw.get("authenticated") for kw in opened] == [True]
+
+
+def _run_round(service, authority, names: list[str], authenticated: bool) -> int:
+    """One SecAgg round through every stage with every device present; returns its number once closed."""
+    rnd = _open(service, names, authenticated)
+    devices = [
+        SecAggDevice(
+            service.device(d), "cnn", rnd, credentials=_creds(authority, d) if authenticated else None
+        )
+        for d in names
+    ]
+    base = service.reg.load_state(service.reg.get("cnn", devices[0].base_version))
+    for i, dev in enumerate(devices):
+        dev.set_update(Delta({k: torch.zeros_like(v) for k, v in base.items()}), 1, np.random.default_rng(i))
+    for stage in ("advertise", "share", "upload") + (("vouch",) if authenticated else ()):
+        for dev in devices:
+            getattr(dev, stage)()
+        service.admin.advance_secagg("cnn", rnd)
+    for dev in devices:
+        dev.unmask()
+    service.admin.close_secagg("cnn", rnd)
+    return rnd
+
+
+def test_the_fleet_page_says_which_secagg_rounds_were_authenticated(service, authority) -> None:
+    """A newcomer who ran `fleet coordinate --authenticated` (docs/byo.md, docs/fleet.md) could not see in the
+    dashboard that it took effect: the fleet page listed every SecAgg round as "secagg", authenticated or not.
+    It now says "secagg, authenticated" for a round of signed key advertisements, open or closed."""
+    names = [f"dev-{i}" for i in range(3)]
+    plain = _run_round(service, authority, names, authenticated=False)
+    signed = _run_round(service, authority, names, authenticated=True)
+    opened = _open(service, names)  # left open, in its first stage
+    closed = {r["round"]: r for r in service.state.fleet_snapshot()["closed_rounds"]}
+    assert closed[plain]["authenticated"] is False and closed[signed]["authenticated"] is True
+    page = service.http.get("/ui/fleet", headers={"Authorization": "Bearer admin-token-0123456789"}).text
+    rows = {
+        int(m.group(1)): m.group(2)
+        for m in re.finditer(
+            r'data-field="round">(\d+)</td><td>([^<]*)</td>', page.split('id="closed-rounds"')[1]
+        )
+    }
+    assert rows == {plain: "secagg", signed: "secagg, authenticated"}, rows
+    open_rows = page.split('id="open-rounds"')[1].split("</table>")[0]
+    assert f'data-field="round">{opened}</td><td>secagg, authenticated (advertise keys)</td>' in open_rows, (
+        open_rows
+    )

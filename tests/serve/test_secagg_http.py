@@ -883,3 +883,26 @@ def test_the_dashboard_counts_a_secagg_rounds_masked_inputs(service) -> None:
     assert uploads["accepted"] == 1 and uploads["accepted_secagg_masked"] == 3, uploads
     page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert 'data-field="uploads.accepted_secagg_masked">3</td>' in page
+
+
+def test_the_fleet_page_shows_what_the_devices_reported_on_each_rounds_version(service) -> None:
+    """Every `fleet device` reports its held-out accuracy on the version a round published, and the service
+    kept those reports (`state.reports`) but showed them nowhere: a newcomer watching the dashboard (docs/byo.md,
+    docs/fleet.md) saw rounds close with an ε but not whether the model learned. The closed rounds now carry
+    the reported accuracy (mean and worst, one report per device: its last) of the version each published."""
+    from deltaplane.codecs import Compressor
+
+    base = service.reg.load_state("cnn@1")
+    service.admin.open_round("cnn")
+    payload = Compressor("identity").compress(_deltas(base, 1, 5)[0], base_id="cnn", base_version=1)
+    service.device("p").upload("cnn", 1, payload, num_examples=4)
+    version = service.admin.close_round("cnn", 1)["version"]
+    for device, acc in (("a", 0.9), ("b", 0.5), ("a", 0.7)):  # device a reports twice: its last counts
+        service.device(device).report("cnn", version=version, metrics={"holdout_accuracy": acc}, round_id=1)
+    service.device("c").report("cnn", version=1, metrics={"holdout_accuracy": 0.1})  # another version
+    (closed,) = service.state.fleet_snapshot()["closed_rounds"]
+    assert closed["reports"] == 2 and closed["holdout_accuracy_min"] == 0.5
+    assert closed["holdout_accuracy_mean"] == pytest.approx(0.6)
+    page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert 'data-field="holdout_accuracy_mean">0.600</td>' in page
+    assert 'data-field="holdout_accuracy_min">0.500</td>' in page and 'data-field="reports">2</td>' in page

@@ -166,10 +166,22 @@ def _credentials(key: Path | None, certificate: Path | None, authority: Path | N
             "--identity-key, --certificate and --enrollment-authority go together: the device's SecAgg identity "
             "(fleet enroll --authority-key writes the first two) and the authority's public key it trusts"
         )
-    from deltaplane.aggregation.secagg.identity import DeviceCredentials
+    from deltaplane.aggregation.secagg.identity import DeviceCredentials, SecAggAuthError
 
     assert key is not None and certificate is not None and authority is not None
-    return DeviceCredentials.from_files(key, certificate, authority)
+    credentials = DeviceCredentials.from_files(key, certificate, authority)
+    # Its own certificate must verify under the authority it trusts, as every neighbour checks it: a wrong
+    # .pub (the registry's signing key, another fleet's authority) or an expired certificate used to surface
+    # only in the rounds, as a roster that does not verify, with the device sitting out every round.
+    try:
+        credentials.trusted.check(credentials.identity.certificate, now=credentials.clock())
+    except SecAggAuthError as exc:
+        raise ConfigError(
+            f"--certificate {certificate} does not verify under --enrollment-authority {authority}: {exc}. Give "
+            "the enrollment.ed25519.pub of the authority that enrolled this device (`deltaplane keys enrollment` "
+            "printed its id), or enroll the device again (fleet enroll --authority-key)"
+        ) from None
+    return credentials
 
 
 def _stop_on_signals() -> threading.Event:
@@ -200,7 +212,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Register the task's initial model (seeded by the federation's seed) and tag it production."""
-        from deltaplane.engine import make_task
+        from deltaplane.engine import build_clients, make_task
         from deltaplane.engine.seeding import Stream, derive_seed
         from deltaplane.registry import Registry, default_home
 
@@ -212,6 +224,10 @@ def register(app: typer.Typer) -> None:
                     f"{model!r} is already in the registry at {reg.home}; choose another --model"
                 )
             task = make_task(run)
+            # the devices and the coordinator build the same devices from this file, and refuse it when they
+            # cannot (a task with its own devices and another clients.count, data too small to partition):
+            # refuse it here, before a model is registered that no device could train
+            build_clients(run, task)
             net = task.build_model(derive_seed(run.seed, Stream.MODEL_INIT))
             v = reg.register_model(
                 model,
@@ -327,7 +343,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         rounds: Annotated[
-            int | None, typer.Option(min=1, help="Stop after this many rounds.", show_default="until stopped")
+            int | None,
+            typer.Option(
+                min=1,
+                help="Stop once this many rounds have opened, taken part in or sat out.",
+                show_default="until stopped",
+            ),
         ] = None,
         stage_wait: Annotated[
             float,

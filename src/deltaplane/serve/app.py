@@ -235,8 +235,10 @@ class ServiceState:
         version: int | None,
         contributors: int,
         measurements: dict[str, float],
+        authenticated: bool = False,
     ) -> None:
-        """Remember a closed round for the fleet page: what it published, from how many devices, its ε."""
+        """Remember a closed round for the fleet page: what it published, from how many devices, its ε, and
+        whether it was an authenticated SecAgg round (signed key advertisements and the consistency check)."""
         with self.lock:
             self.closed_rounds.append(
                 {
@@ -246,9 +248,28 @@ class ServiceState:
                     "version": version,
                     "contributors": contributors,
                     "epsilon": measurements.get("epsilon"),
+                    "authenticated": authenticated,
                     "closed_at": time.time(),
                 }
             )
+
+    def _with_reports(self, closed: dict[str, Any]) -> dict[str, Any]:
+        """A closed round with what its devices reported on the version it published (the held-out accuracy
+        each device measured on its own data, ``fleet device``'s report: the devices' claims, not an evaluation
+        by the service), so the fleet page shows whether the federation learns. Caller holds the lock."""
+        latest = {  # one report per device (its last): a device that reports twice is not counted twice
+            r["device"]: float(r["metrics"]["holdout_accuracy"])
+            for r in self.reports.get(closed["model"], [])
+            if closed["version"] is not None
+            and r["version"] == closed["version"]
+            and "holdout_accuracy" in r["metrics"]
+        }
+        accs = list(latest.values())
+        return closed | {
+            "reports": len(accs),
+            "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
+            "holdout_accuracy_min": min(accs) if accs else None,
+        }
 
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
@@ -283,6 +304,7 @@ class ServiceState:
                         "round": n,
                         "kind": "secagg",
                         "stage": r.endpoint.stage,
+                        "authenticated": r.endpoint.server.authenticated,
                         "base_version": r.base_version,
                         "uploads": len(r.endpoint.server.uploaded),
                         "opened_at": r.opened_at,
@@ -290,7 +312,7 @@ class ServiceState:
                     for (m, n), r in sorted(self.secagg_rounds.items())
                     if r.published is None and r.endpoint.stage != "done"
                 ],
-                "closed_rounds": list(reversed(self.closed_rounds)),
+                "closed_rounds": [self._with_reports(r) for r in reversed(self.closed_rounds)],
                 "devices": [
                     {"device": d, "cohort": c, "requests": n, "last_seen": t}
                     for d, (c, n, t) in reversed(self.seen.items())

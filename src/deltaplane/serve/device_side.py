@@ -79,9 +79,16 @@ def device_side_notice(run: RunConfig) -> str:
             "FedProx and DGC run on the devices with their own settings"
         )
     listed = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+    # Under distributed DP the service still reports an ε each round: it is the devices' noise it counts, so
+    # say so, or the operator reads "neither applies nor checks" and then an ε from the service, unexplained.
+    counted = (
+        "; the ε this service reports counts the noise dp_noise has the devices add"
+        if "dp_noise" in chosen
+        else ""
+    )
     return (
         f"federation: device-side options {listed} act on the devices, not on this service, which neither "
-        "applies nor checks them: configure your devices with them"
+        f"applies nor checks them: configure your devices with them{counted}"
     )
 
 

@@ -743,7 +743,7 @@ def _secagg(
     return _follow(
         p,
         number,
-        lambda: _secagg_round(p, model, names, deadline, poll, number),
+        lambda: _secagg_round(p, model, names, deadline, poll, number, authenticated),
         lambda: p.admin.abort_secagg(model, number),
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
@@ -798,13 +798,37 @@ def _secagg_status(p: Patient, model: str, number: int) -> dict[str, Any]:
     return status
 
 
+def _too_few_advertised(exc: ServiceError, authenticated: bool) -> ServiceError:
+    """The service's "only K clients advertised keys" with what the devices' logs will say: a device sits out
+    an invitation it refuses without sending anything, so the coordinator sees only a short count, and the
+    commonest cause is an identity mismatch between the devices and the round (docs/fleet.md)."""
+    if "advertised keys" not in exc.detail:
+        return exc
+    why = (
+        "devices without a SecAgg identity (fleet device --identity-key --certificate --enrollment-authority) "
+        "sit out authenticated rounds"
+        if authenticated
+        else "devices enrolled with a SecAgg identity sit out rounds opened without --authenticated"
+    )
+    return ServiceError(
+        exc.status,
+        f"{exc.detail} (a device that refuses the invitation sends nothing and logs why; e.g. {why})",
+        exc.error,
+    )
+
+
 def _secagg_round(
-    p: Patient, model: str, names: list[str], deadline: float, poll: float, number: int
+    p: Patient, model: str, names: list[str], deadline: float, poll: float, number: int, authenticated: bool
 ) -> tuple:
     expected = len(names)
     for counted in ("advertised", "shared", "uploaded"):
         p.wait(lambda c=counted, e=expected: _secagg_status(p, model, number)[c] >= e, deadline, poll)
-        ok, advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
+        try:
+            ok, advanced = p.once(
+                lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}"
+            )
+        except ServiceError as exc:
+            raise (_too_few_advertised(exc, authenticated) if counted == "advertised" else exc) from None
         if not ok:
             _secagg_status(p, model, number)  # lost in a restart: says so
             raise ServiceError(

@@ -829,7 +829,13 @@ def install_secagg_routes(
             closed = finish(r, "published")
         state.counters["secagg.rounds_closed"] += 1
         state.record_closed(
-            model, number, "secagg", version.number, len(survivors), r.published["measurements"]
+            model,
+            number,
+            "secagg",
+            version.number,
+            len(survivors),
+            r.published["measurements"],
+            authenticated=r.endpoint.server.authenticated,
         )
         return closed
 

@@ -562,8 +562,13 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
 
 
 def _kind(r: Mapping[str, Any]) -> str:
-    """A round's kind as the fleet page prints it: plain, or SecAgg with its open stage."""
-    return f"secagg ({r.get('stage')})" if r.get("kind") == "secagg" else str(r.get("kind", "plain"))
+    """A round's kind as the fleet page prints it: plain, or SecAgg (``secagg, authenticated`` for a round of
+    signed key advertisements, so the operator can see that ``coordinate --authenticated`` took effect) with
+    its open stage while it is open."""
+    kind = str(r.get("kind", "plain"))
+    if kind == "secagg" and r.get("authenticated"):
+        kind = "secagg, authenticated"
+    return f"{kind} ({r['stage']})" if r.get("stage") else kind
 
 
 def fleet_page(fleet: Mapping[str, Any] | None) -> str:
@@ -586,10 +591,13 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     closed = [
         f"<tr><td>{escape(r['model'])}</td>"
         + _num(r["round"], "{}", "round")
-        + f"<td>{escape(r['kind'])}</td>"
+        + f"<td>{escape(_kind(r))}</td>"
         + _num(r["version"], "{}", "version")
         + _num(r["contributors"], "{}", "contributors")
         + _num(r["epsilon"], "{:.3f}", "epsilon")
+        + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
+        + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
+        + _num(r.get("reports"), "{}", "reports")
         + f"<td>{_when(r.get('closed_at'))}</td></tr>"
         for r in fleet.get("closed_rounds", [])
     ]
@@ -649,7 +657,18 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         )
         + "<h2>Closed rounds</h2>"
         + _table(
-            ["model", "round", "kind", "version", "devices in it", "ε spent", "closed"],
+            [
+                "model",
+                "round",
+                "kind",
+                "version",
+                "devices in it",
+                "ε spent",
+                "held-out accuracy mean",
+                "min",
+                "reports",
+                "closed",
+            ],
             closed,
             table_id="closed-rounds",
         )
