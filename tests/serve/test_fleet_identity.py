@@ -39,6 +39,8 @@ def test_an_authenticated_secagg_fleet_round_publishes_and_an_unenrolled_device_
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
         assert any("no enrolled identity" in line for line in logs), logs
         assert f.admin.secagg_status(MODEL, out[0].number)["authenticated"] is True
+    # the coordinator's line says so, as the dashboard's fleet page does ("secagg, authenticated")
+    assert out[0].line(1).startswith(f"round 1/1 (secagg, authenticated #{out[0].number}): 3/4 devices")
 
 
 def test_a_round_no_device_advertised_in_says_the_identity_mismatch_may_be_why(byo_task, tmp_path) -> None:
@@ -67,6 +69,7 @@ def test_a_round_no_device_advertised_in_says_the_identity_mismatch_may_be_why(b
         in out[0].failed
     )
     assert any("the round is not authenticated" in line for line in logs), logs
+    assert out[0].line(1).startswith("round 1/1 (secagg #"), out[0].line(1)  # not an authenticated round
 
 
 def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_path) -> None:

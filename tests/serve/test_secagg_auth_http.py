@@ -176,6 +176,8 @@ def test_a_federation_with_secagg_authenticated_opens_authenticated_rounds(servi
                       drift=False)  # fmt: skip
     assert s.failed  # nobody advertised keys: the round is given up; it was opened authenticated
     assert [kw.get("authenticated") for kw in opened] == [True]
+    # and `fleet coordinate` prints so, failed or not, with the dashboard's words
+    assert s.line(1).startswith(f"round 1/1 (secagg, authenticated #{s.number}): failed: "), s.line(1)
 
 
 def _run_round(service, authority, names: list[str], authenticated: bool) -> int:

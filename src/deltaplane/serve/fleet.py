@@ -566,14 +566,20 @@ class RoundSummary:
     seconds: float
     measurements: dict[str, float] = field(default_factory=dict)
     failed: str | None = None
+    #: a SecAgg round of signed key advertisements (``--authenticated``, YAML ``secagg.authenticated``)
+    authenticated: bool = False
 
     @property
     def dropouts(self) -> int:
         return self.invited - self.contributors
 
     def line(self, rounds: int) -> str:
-        """The progress line ``deltaplane fleet coordinate`` prints."""
-        head = f"round {self.index}/{rounds} ({self.kind} #{self.number})"
+        """The progress line ``deltaplane fleet coordinate`` prints. An authenticated SecAgg round says
+        ``secagg, authenticated`` (as the dashboard's fleet page does), so the operator sees from the
+        coordinator's output alone that ``--authenticated`` or the federation's ``secagg.authenticated`` took
+        effect, failed rounds included."""
+        kind = f"{self.kind}, authenticated" if self.authenticated else self.kind
+        head = f"round {self.index}/{rounds} ({kind} #{self.number})"
         if self.failed:
             return f"{head}: failed: {self.failed}"
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
@@ -952,7 +958,10 @@ def coordinate(
                 raise PrivacyBudgetExceeded(f"round {index}: {exc.detail}") from None
             if exc.status >= 500 or exc.status in (401, 403):
                 raise exc from None
-            summary = RoundSummary(index, kind, number, len(names), 0, None, None, time.perf_counter() - t0)
+            summary = RoundSummary(
+                index, kind, number, len(names), 0, None, None, time.perf_counter() - t0,
+                authenticated=authenticated,
+            )  # fmt: skip
             summary.failed = exc.detail
             if number == 0 and exc.status == 422:  # the open itself: the same devices and config every round
                 summary.failed += (
@@ -965,7 +974,7 @@ def coordinate(
         else:
             summary = RoundSummary(
                 index, kind, number, len(names), n, version, measured.get("epsilon"),
-                time.perf_counter() - t0, dict(measured),
+                time.perf_counter() - t0, dict(measured), authenticated=authenticated,
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"
