@@ -35,11 +35,8 @@ def test_fleet_refuses_non_finite_waits_and_scales_and_names_a_fifo(tmp_path, mo
     assert r.exit_code == 2 and "a federation file must be a regular file, not a FIFO" in r.output, r.output
 
 
-def test_fleet_init_refuses_a_federation_whose_devices_the_fleet_cannot_build(tmp_path, monkeypatch):
-    """Walking docs/byo.md -> fleet.md with a task of one dataset per device (`clients=`, 4 of them) and a
-    fleet.yaml of `clients: {count: 3}`: `fleet init` registered the model and tagged it production, and only
-    `fleet device` and `fleet coordinate` then refused the file ("brings its own 4 devices"). `fleet init`
-    now builds the devices as they will and refuses first, registering nothing."""
+def _own_devices_task(tmp_path, monkeypatch) -> None:
+    """``own_devices:make_task``: a task that brings its own 4 devices (one dataset each), importable."""
     (tmp_path / "own_devices.py").write_text(
         "import torch\nfrom torch import nn\nfrom deltaplane.engine import Dataset, Task\n\n\n"
         "def make_task():\n"
@@ -47,6 +44,14 @@ def test_fleet_init_refuses_a_federation_whose_devices_the_fleet_cannot_build(tm
         "    return Task(name='own', model=lambda: nn.Linear(4, 2), clients=data, test=data[0])\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_fleet_init_refuses_a_federation_whose_devices_the_fleet_cannot_build(tmp_path, monkeypatch):
+    """Walking docs/byo.md -> fleet.md with a task of one dataset per device (`clients=`, 4 of them) and a
+    fleet.yaml of `clients: {count: 3}`: `fleet init` registered the model and tagged it production, and only
+    `fleet device` and `fleet coordinate` then refused the file ("brings its own 4 devices"). `fleet init`
+    now builds the devices as they will and refuses first, registering nothing."""
+    _own_devices_task(tmp_path, monkeypatch)
     home = tmp_path / "home"
     out = {}
     for count in (3, 4):
@@ -61,3 +66,28 @@ def test_fleet_init_refuses_a_federation_whose_devices_the_fleet_cannot_build(tm
     from deltaplane.registry import Registry
 
     assert Registry(home).versions("m3") == [] and len(Registry(home).versions("m4")) == 1
+
+
+def test_serve_refuses_a_federation_whose_own_devices_the_fleet_cannot_build(tmp_path, monkeypatch):
+    """After `fleet init` refused it (0087953), `deltaplane serve --federation` still started on a fleet.yaml of
+    `clients: {count: 3}` for a task that brings its own 4 devices, and only `fleet device` and `fleet
+    coordinate` refused the file later. `serve` now refuses it at start with their message: exit 2, no admin
+    token printed, no app made, nothing served, nothing written."""
+    import deltaplane.serve as serve_pkg
+
+    _own_devices_task(tmp_path, monkeypatch)
+    made, served = [], []
+    monkeypatch.setattr(serve_pkg, "create_app", lambda config, **kw: made.append(config) or object())
+    monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: served.append(kw))
+    out = {}
+    for count in (3, 4):
+        fed = tmp_path / f"fleet{count}.yaml"
+        fed.write_text(f'task: {{path: "own_devices:make_task"}}\nclients: {{count: {count}, rounds: 1}}\n')
+        home = tmp_path / f"home{count}"
+        r = CliRunner().invoke(app, ["serve", "--home", str(home), "--federation", str(fed)])
+        out[count] = (r.exit_code, " ".join(r.output.split()), len(made), len(served))
+    code, said, apps, serves = out[3]
+    assert code == 2 and "task 'own' brings its own 4 devices; set clients to 4" in said, said
+    assert (apps, serves) == (0, 0) and "admin token" not in said and not (tmp_path / "home3").exists()
+    assert out[4][0] == 0 and out[4][2:] == (1, 1), out[4]  # the matching file serves, as before
+    assert made[0].federation.clients == 4

@@ -1015,11 +1015,6 @@ def register(app: typer.Typer) -> None:
 
         with _errors():
             check_threads(threads)
-            token = admin_token or secrets.token_urlsafe(24)
-            if admin_token is None:
-                err_console.print(
-                    f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
-                )
             chain = {
                 "aggregator": aggregator, "server_lr": server_lr, "clip": clip, "dp_noise": dp_noise,
                 "epsilon_budget": epsilon_budget, "defense": defense, "max_update_norm": max_update_norm,
@@ -1028,16 +1023,28 @@ def register(app: typer.Typer) -> None:
             chain = {k: v for k, v in chain.items() if v is not None}
             run = None
             if federation is not None or chain or fleet is not None or per_round is not None:
-                from deltaplane.engine import RunConfig
+                from deltaplane.engine import RunConfig, build_clients, make_task
 
                 working_dir_on_path()  # a federation of `task: mytask:make_task` finds mytask.py here
                 run = RunConfig.from_yaml(federation) if federation is not None else RunConfig()
+                if federation is not None and (own := make_task(run)).clients is not None:
+                    # `fleet init`, `device` and `coordinate` build the devices from this same file and refuse
+                    # a task that brings its own devices in another number than clients.count: refuse it here
+                    # too, before anything is started, rather than serve rounds no fleet device can join.
+                    # (A task that partitions its data is not built here: a served federation's clients may
+                    # count devices bringing their own data, more than the task's data could partition.)
+                    build_clients(run, own)
                 if fleet is not None or per_round is not None:
                     size = fleet if fleet is not None else run.clients
                     chain |= {"clients": size, "sample_fraction": min(1.0, (per_round or size) / size)}
                 if federation is None or "downlink_codec" not in run.model_fields_set:
                     chain["downlink_codec"] = downlink_codec
                 run = run.replace(**chain)
+            token = admin_token or secrets.token_urlsafe(24)
+            if admin_token is None:
+                err_console.print(
+                    f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
+                )
             config = ServiceConfig(
                 home=str(_home(home)),
                 admin_token=token,
