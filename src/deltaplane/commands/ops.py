@@ -904,7 +904,7 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--federation",
-                help="YAML run config whose server side the rounds run (aggregator chain, DP, downlink, task).",
+                help="YAML run config whose server side the rounds run (aggregator chain, DP, downlink, task); its task is built at start, and a task that brings its own devices in another number than clients.count is refused.",
                 show_default="none: plain FedAvg",
             ),
         ] = None,
