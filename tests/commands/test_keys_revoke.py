@@ -4,19 +4,21 @@ signed so devices verify it, refused when it is another authority's or not a lis
 from __future__ import annotations
 
 import pytest
-from tests.commands.test_keys_certify import authority, cli  # noqa: F401 — fixtures
+from tests.commands import test_keys_certify
 
 from deltaplane.aggregation.secagg import DeviceCertificate, EnrollmentAuthority, SecAggAuthError
 from deltaplane.aggregation.secagg.revocation import RevocationList, load_revocations
 from deltaplane.commands.fleet import _credentials
 from deltaplane.errors import ConfigError
 
+cli, authority = test_keys_certify.cli, test_keys_certify.authority  # fixtures
+
 
 def _cert(auth: EnrollmentAuthority, device: str, cohort: str = "fleet") -> DeviceCertificate:
     return auth.issue(device, bytes(32), cohort=cohort, expires=2**40)
 
 
-def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> None:  # noqa: F811
+def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> None:
     auth, key = authority
     out = tmp_path / "crl" / "revoked.bin"
     out.parent.mkdir()
@@ -35,7 +37,7 @@ def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> Non
     assert sorted(p.name for p in out.parent.iterdir()) == ["revoked.bin"]  # no temp file left
 
 
-def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_path) -> None:  # noqa: F811
+def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_path) -> None:
     _, key = authority
     other = tmp_path / "other.pem"
     other.write_bytes(EnrollmentAuthority.generate().to_pem())
@@ -52,7 +54,7 @@ def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_
     assert r.exit_code != 0 and "give the enrollment authority's private key" in r.output
 
 
-def test_fleet_device_reads_revocations_only_with_its_enrollment(cli, authority, tmp_path) -> None:  # noqa: F811
+def test_fleet_device_reads_revocations_only_with_its_enrollment(cli, authority, tmp_path) -> None:
     auth, key = authority
     out = tmp_path / "ids"
     assert cli("keys", "certify", "--authority-key", key, "--device", 0, "--out", out).exit_code == 0

@@ -10,11 +10,11 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from tests.serve import test_secagg_auth_http
 from tests.serve.test_secagg_auth_http import _creds, _open
 
 from deltaplane.aggregation.secagg import (
     DeviceCredentials,
-    EnrollmentAuthority,
     RingEncoding,
     SecAggAuthError,
 )
@@ -25,11 +25,7 @@ from deltaplane.serve.secagg_client import SecAggDevice
 
 NAMES = [f"dev-{i}" for i in range(6)]
 REVOKED = 4
-
-
-@pytest.fixture(scope="module")
-def authority() -> EnrollmentAuthority:
-    return EnrollmentAuthority.generate()
+authority = test_secagg_auth_http.authority  # the module-scoped fixture
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+from tests.aggregation.secagg import test_identity
 from tests.aggregation.secagg.test_identity import EXPIRES, NOW, N, _cfg, _codes
 
 from deltaplane.aggregation.secagg import (
@@ -34,11 +35,7 @@ from deltaplane.aggregation.secagg.revocation import (
 from deltaplane.errors import ConfigError, DecodeError
 
 REVOKED = 4
-
-
-@pytest.fixture(scope="module")
-def authority() -> EnrollmentAuthority:
-    return EnrollmentAuthority.generate()
+authority = test_identity.authority  # the module-scoped fixture: one enrollment authority
 
 
 @pytest.fixture(scope="module")

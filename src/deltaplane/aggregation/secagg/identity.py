@@ -63,6 +63,7 @@ __all__ = [
     "advertisement_statement",
     "authority_id",
     "consistency_statement",
+    "read_name",
 ]
 
 CERT_MAGIC = b"DPDC"
@@ -94,6 +95,20 @@ def _name(text: str, what: str) -> bytes:
     if not raw or len(raw) > NAME_BYTES:
         raise ConfigError(f"a certificate's {what} is 1 to {NAME_BYTES} UTF-8 bytes. Found {text!r}")
     return raw
+
+
+def read_name(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
+    """The length-prefixed UTF-8 name (1 to :data:`NAME_BYTES` bytes) at ``data[pos]``, ending by ``end``, and the
+    position after it: how certificates and revocation lists store device ids and cohorts. Anything else is a
+    :class:`DecodeError` naming ``what``."""
+    n = data[pos] if pos < end else 0
+    raw = data[pos + 1 : pos + 1 + n]
+    if not 1 <= n <= NAME_BYTES or len(raw) != n or pos + 1 + n > end:
+        raise DecodeError(f"{what} is malformed")
+    try:
+        return raw.decode(), pos + 1 + n
+    except UnicodeDecodeError:
+        raise DecodeError(f"{what} is not UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -129,20 +144,11 @@ class DeviceCertificate:
             raise DecodeError(
                 f"not a version-{CERT_VERSION} device certificate (magic {magic!r}, v{version})"
             )
-        pos, names = _CERT_HEAD.size, []
-        for what in ("device id", "cohort"):
-            n = data[pos] if pos < len(data) else 0
-            raw = data[pos + 1 : pos + 1 + n]
-            if not 1 <= n <= NAME_BYTES or len(raw) != n:
-                raise DecodeError(f"device certificate: malformed {what}")
-            try:
-                names.append(raw.decode())
-            except UnicodeDecodeError:
-                raise DecodeError(f"device certificate: the {what} is not UTF-8") from None
-            pos += 1 + n
+        device, pos = read_name(data, _CERT_HEAD.size, len(data), "device certificate: the device id")
+        cohort, pos = read_name(data, pos, len(data), "device certificate: the cohort")
         if len(data) - pos != SIGNATURE_BYTES:
             raise DecodeError(f"device certificate: {len(data) - pos} signature bytes, not {SIGNATURE_BYTES}")
-        return cls(names[0], names[1], pub, expires, auth, data[pos:])
+        return cls(device, cohort, pub, expires, auth, data[pos:])
 
 
 class EnrollmentAuthority:

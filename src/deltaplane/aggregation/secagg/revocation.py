@@ -38,6 +38,7 @@ from deltaplane.aggregation.secagg.identity import (
     DeviceCertificate,
     EnrollmentAuthority,
     TrustedAuthorities,
+    read_name,
 )
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import read_bounded_bytes, write_secret_file
@@ -110,21 +111,13 @@ class RevocationList:
             raise DecodeError(f"a revocation list names at most {MAX_REVOKED} devices; this one {count}")
         pos, end, revoked, last = _HEAD.size, len(data) - SIGNATURE_BYTES, set(), b""
         for i in range(count):
-            start, names = pos, []
-            for what in ("device id", "cohort"):
-                n = data[pos] if pos < end else 0
-                raw = data[pos + 1 : pos + 1 + n]
-                if not 1 <= n <= NAME_BYTES or len(raw) != n or pos + 1 + n > end:
-                    raise DecodeError(f"revocation list entry {i}: malformed {what}")
-                try:
-                    names.append(raw.decode())
-                except UnicodeDecodeError:
-                    raise DecodeError(f"revocation list entry {i}: the {what} is not UTF-8") from None
-                pos += 1 + n
+            start = pos
+            device, pos = read_name(data, pos, end, f"revocation list entry {i}: the device id")
+            cohort, pos = read_name(data, pos, end, f"revocation list entry {i}: the cohort")
             if data[start:pos] <= last:  # one encoding per list: sorted, no repeats
                 raise DecodeError(f"revocation list entry {i} is out of order or repeated")
             last = data[start:pos]
-            revoked.add((names[0], names[1]))
+            revoked.add((device, cohort))
         if pos != end:
             raise DecodeError(f"revocation list: {end - pos} bytes after its {count} entries")
         return cls(auth, sequence, issued, frozenset(revoked), data[end:])
