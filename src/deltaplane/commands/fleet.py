@@ -155,11 +155,19 @@ def _connected(url: str, fn: Any) -> Any:
         raise unreachable(exc, url) from None
 
 
-def _credentials(key: Path | None, certificate: Path | None, authority: Path | None) -> Any:
+def _credentials(
+    key: Path | None, certificate: Path | None, authority: Path | None, revocations: Path | None = None
+) -> Any:
     """The device's SecAgg credentials from ``--identity-key``, ``--certificate`` and ``--enrollment-authority``
-    (all three or none: a device with half an enrollment must not silently run unauthenticated)."""
+    (all three or none: a device with half an enrollment must not silently run unauthenticated), and the
+    authority's revocation list ``--revocations`` (only with them: alone it would authenticate nothing)."""
     given = [x is not None for x in (key, certificate, authority)]
     if not any(given):
+        if revocations is not None:
+            raise ConfigError(
+                "--revocations goes with --identity-key, --certificate and --enrollment-authority: a device "
+                "checks revocations only in authenticated rounds"
+            )
         return None
     if not all(given):
         raise ConfigError(
@@ -169,7 +177,7 @@ def _credentials(key: Path | None, certificate: Path | None, authority: Path | N
     from deltaplane.aggregation.secagg.identity import DeviceCredentials, SecAggAuthError
 
     assert key is not None and certificate is not None and authority is not None
-    credentials = DeviceCredentials.from_files(key, certificate, authority)
+    credentials = DeviceCredentials.from_files(key, certificate, authority, revocations)
     # Its own certificate must verify under the authority it trusts, as every neighbour checks it: a wrong
     # .pub (the registry's signing key, another fleet's authority) or an expired certificate used to surface
     # only in the rounds, as a roster that does not verify, with the device sitting out every round.
@@ -391,6 +399,17 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
+        revocations: Annotated[
+            Path | None,
+            typer.Option(
+                "--revocations",
+                exists=True,
+                dir_okay=False,
+                help="The enrollment authority's revocation list (keys revoke): the device refuses rounds that "
+                "seat a revoked device.",
+                show_default="none",
+            ),
+        ] = None,
     ) -> None:
         """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
         from deltaplane.registry.signing import load_trusted_keys
@@ -398,7 +417,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.serve.fleet import load_device, run_device
 
         with _errors(OSError), cpu_threads(threads):
-            credentials = _credentials(identity_key, certificate, enrollment_authority)
+            credentials = _credentials(identity_key, certificate, enrollment_authority, revocations)
             if trusted is None:
                 raise ConfigError(
                     "pass --trusted with the registry's public key (HOME/keys/signing.ed25519.pub): the device "

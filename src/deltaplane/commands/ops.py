@@ -381,6 +381,48 @@ def register(app: typer.Typer) -> None:
                 escape(f"{name}: flower-supernode --node-config {shlex.quote(arg)}"), soft_wrap=True
             )
 
+    @keys.command("revoke")
+    def keys_revoke(
+        authority_key: Annotated[
+            Path,
+            typer.Option(
+                "--authority-key", help="The enrollment authority's private key (keys enrollment wrote it)."
+            ),
+        ],
+        device: Annotated[
+            list[int],
+            typer.Option("--device", min=0, help="Revoke device-I (a partition id; repeatable)."),
+        ],
+        out: Annotated[
+            Path,
+            typer.Option("--out", help="The revocation list: appended to if it exists, else created."),
+        ],
+        cohort: Annotated[str, typer.Option(help="Cohort of the revoked certificates.")] = "fleet",
+    ) -> None:
+        """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
+        COHORT to the authority's signed revocation list OUT, numbered one past the list there (atomic write).
+        Give OUT to every device (fleet device --revocations, Flower's secagg-revocations) and to the service
+        (serve --secagg-revocations); devices refuse rounds that seat a revoked device (docs/security.md)."""
+        import time
+
+        from deltaplane.aggregation.secagg.enrollment import device_id, load_authority
+        from deltaplane.aggregation.secagg.revocation import load_revocations, revoke, write_revocations
+
+        with _errors(OSError):
+            authority = load_authority(authority_key)
+            previous = load_revocations(out, authority.trust()) if os.path.lexists(out) else None
+            names = [(device_id(i), cohort) for i in dict.fromkeys(device)]
+            revocations = revoke(authority, names, issued=int(time.time()), previous=previous)
+            _writable(out.parent, "--out")
+            write_revocations(out, revocations)
+        console.print(
+            escape(
+                f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
+                f"{len(revocations.revoked)} devices revoked, written to {out}"
+            ),
+            soft_wrap=True,
+        )
+
     @keys.command("tls")
     def keys_tls(
         home: Home = None,
@@ -968,6 +1010,15 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--runs", help="Folder of run reports (report.json) the dashboard at /ui lists."),
         ] = None,
+        secagg_revocations: Annotated[
+            Path | None,
+            typer.Option(
+                "--secagg-revocations",
+                help="The enrollment authority's revocation list (keys revoke), read at each SecAgg round open: "
+                "authenticated rounds refuse revoked devices' keys (422) and go on without them.",
+                show_default="none",
+            ),
+        ] = None,
         max_json_bytes: Annotated[int, typer.Option(help="Limit of every non-upload request body.")] = 2
         << 20,
         body_timeout: Annotated[
@@ -1053,6 +1104,7 @@ def register(app: typer.Typer) -> None:
                 rate=rate,
                 burst=burst,
                 runs_dir=str(runs_dir) if runs_dir else "",
+                secagg_revocations=str(secagg_revocations) if secagg_revocations else "",
                 max_json_bytes=max_json_bytes,
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,

@@ -62,7 +62,7 @@ from deltaplane.aggregation.secagg import (
     group_size,
     round_neighbours,
 )
-from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS
+from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, REVOCATIONS_NODE_CONFIG_KEY
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.codecs import decompress
@@ -75,6 +75,7 @@ from deltaplane.flower.strategy import DeltaStrategy
 __all__ = [
     "NODE_CONFIG_KEYS",
     "QUERY_TYPE",
+    "REVOCATIONS_NODE_CONFIG_KEY",
     "SECAGG_KEY",
     "SecAggStrategy",
     "add_secagg",
@@ -96,10 +97,19 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
     They come from the node's configuration (``flower-supernode --node-config``, a simulation's per-node config),
     never from a server message: the server cannot switch a node's authentication off. Half an enrollment is a
     :class:`~deltaplane.errors.ConfigError` (a node must not silently run unauthenticated), and so is a missing,
-    oversized or malformed file, named.
+    oversized or malformed file, named. The optional :data:`REVOCATIONS_NODE_CONFIG_KEY` (``secagg-revocations``)
+    names the enrollment authority's revocation list: the node then refuses any roster seating a device it revokes.
     """
     given = {k: node_config.get(k) for k in NODE_CONFIG_KEYS}
+    revocations = node_config.get(REVOCATIONS_NODE_CONFIG_KEY)
+    if revocations is not None and not (isinstance(revocations, str) and revocations):
+        raise ConfigError(f"node_config {REVOCATIONS_NODE_CONFIG_KEY} is a file path; got {revocations!r}")
     if all(v is None for v in given.values()):
+        if revocations is not None:
+            raise ConfigError(
+                f"this node's node_config names {REVOCATIONS_NODE_CONFIG_KEY} but no enrollment "
+                f"({', '.join(NODE_CONFIG_KEYS)}): a node checks revocations only in authenticated rounds"
+            )
         return None
     missing = [k for k, v in given.items() if not (isinstance(v, str) and v)]
     if missing:
@@ -109,7 +119,7 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
             "certificate, which `deltaplane keys certify` writes, and the enrollment authority's "
             "public key)"
         )
-    return DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS))
+    return DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS), revocations)
 
 
 def _session(context: Context) -> bytes:

@@ -124,6 +124,10 @@ class ServiceConfig:
             which may run simulation-only options such as ``attack``; a service with real devices refuses
             them, and states at start which of the federation's options its devices must apply themselves
             (:mod:`deltaplane.serve.device_side`).
+        secagg_revocations: the enrollment authority's revocation list (``deltaplane keys revoke``; "" for none),
+            read again at every SecAgg round open, so a newer list applies from the next round without a restart.
+            An authenticated round then refuses (422) the key advertisement of a device it revokes and goes on
+            without that device. Devices holding the list refuse such a device whatever the service does.
     """
 
     home: str
@@ -151,6 +155,7 @@ class ServiceConfig:
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
     runs_dir: str = ""
     simulated_devices: bool = False
+    secagg_revocations: str = ""
     #: how long a dashboard sign-in lasts unused, and at most (``--session-idle-minutes``/``--session-max-hours``)
     session_idle_s: int = SESSION_IDLE_SECONDS
     session_max_s: int = SESSION_MAX_SECONDS

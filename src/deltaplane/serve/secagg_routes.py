@@ -40,7 +40,8 @@ An *authenticated* round (``"authenticated": true`` when opened) takes only key 
 enrolled device's identity key and forwards them with their certificates in the roster, where every device
 checks them (:mod:`deltaplane.aggregation.secagg.identity`): a device with credentials refuses an unsigned round
 or roster, so this flag cannot turn the check off. The service itself holds no enrollment key and verifies no
-signature: it only refuses an advertisement whose certificate names another device than the token's. Such a
+signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
+``ServiceConfig.secagg_revocations``) a device the enrollment authority's revocation list revokes (422). Such a
 round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
 the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 
@@ -97,6 +98,7 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
+from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, RevocationList
 from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
@@ -110,6 +112,7 @@ from deltaplane.serve.rounds import (
     undo_on_failure,
 )
 from deltaplane.serve.rounds_store import RoundStore
+from deltaplane.textfile import read_bounded_bytes
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
 
@@ -336,6 +339,21 @@ def check_ring_carries(encoding: RingEncoding, max_examples: float) -> None:
             f"holding more than {top} would refuse the invitation. Fix: {more}open it with weight_scale: 0 (an "
             f"unweighted mean), or restart the service with --max-examples {top} or less"
         ) from None
+
+
+def _revocations(path: str) -> RevocationList | None:
+    """The revocation list in ``path`` ("" for none), read at each round open so a newer one applies at once.
+
+    The service holds no enrollment key and does not verify the list's signature: it is the operator's own
+    file, and refusing a device it names only spares the honest devices a roster they would refuse anyway
+    (they verify their own copy). A missing or malformed list is a :class:`ConfigError` (no round opens)."""
+    if not path:
+        return None
+    data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+    try:
+        return RevocationList.from_bytes(data)
+    except DecodeError as exc:
+        raise ConfigError(f"{path}: {exc}; give the file `deltaplane keys revoke` wrote") from None
 
 
 def install_secagg_routes(
@@ -682,6 +700,7 @@ def install_secagg_routes(
             authenticated = body.authenticated
         else:
             authenticated = run.secagg_authenticated
+        revocations = _revocations(config.secagg_revocations) if authenticated else None
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)
@@ -727,7 +746,7 @@ def install_secagg_routes(
                 {d: i for i, d in enumerate(body.devices)},
                 encoding,
                 # fewer masked inputs than m_min: never unmasked
-                ServerEndpoint(cfg, min_inputs=m_min, authenticated=authenticated),
+                ServerEndpoint(cfg, min_inputs=m_min, authenticated=authenticated, revocations=revocations),
                 like,
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}

@@ -48,6 +48,7 @@ from deltaplane.aggregation.secagg.protocol import (
     round_binding,
     round_neighbours,
 )
+from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.aggregation.secagg.ring import dequantize_sum, pack, quantize, ring_bits, unpack
 from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchange, run_secagg, secure_mean
 
@@ -62,6 +63,7 @@ __all__ = [
     "KeyRoster",
     "MaskedInput",
     "Message",
+    "RevocationList",
     "RingEncoding",
     "SecAggAuthError",
     "SecAggClient",

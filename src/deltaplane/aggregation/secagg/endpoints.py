@@ -32,6 +32,7 @@ from deltaplane.aggregation.secagg.messages import (
     decode_message,
 )
 from deltaplane.aggregation.secagg.protocol import SecAggClient, SecAggConfig, SecAggServer, Stage
+from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError
 
@@ -204,12 +205,22 @@ class ServerEndpoint:
 
     Partner: :class:`DeviceEndpoint`. ``receive`` accepts any device → server message; the stage methods close
     stages and return what devices fetch next. ``authenticated``: the round takes signed advertisements and sends
-    a signed roster (:class:`~deltaplane.aggregation.secagg.SecAggServer`).
+    a signed roster (:class:`~deltaplane.aggregation.secagg.SecAggServer`); ``revocations``: it refuses the
+    advertisements of devices the enrollment authority's revocation list revokes.
     """
 
-    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0, authenticated: bool = False) -> None:
+    def __init__(
+        self,
+        config: SecAggConfig,
+        *,
+        min_inputs: int = 0,
+        authenticated: bool = False,
+        revocations: RevocationList | None = None,
+    ) -> None:
         self.config = config
-        self.server = SecAggServer(config, min_inputs=min_inputs, authenticated=authenticated)
+        self.server = SecAggServer(
+            config, min_inputs=min_inputs, authenticated=authenticated, revocations=revocations
+        )
 
     @property
     def stage(self) -> str:

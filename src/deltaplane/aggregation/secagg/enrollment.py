@@ -25,6 +25,7 @@ from deltaplane.textfile import KEY_LIMIT, read_bounded_text, write_secret_file
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
     "NODE_CONFIG_KEYS",
+    "REVOCATIONS_NODE_CONFIG_KEY",
     "RunEnrollment",
     "certify",
     "device_id",
@@ -39,6 +40,9 @@ AUTHORITY_PUBLIC_NAME = "enrollment.ed25519.pub"
 #: the ``node_config`` keys naming a Flower node's SecAgg enrollment, files on the node (all three or none): its
 #: identity key, its certificate and the enrollment authority's public key it trusts
 NODE_CONFIG_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-enrollment-authority")
+#: the optional ``node_config`` key naming the enrollment authority's revocation list on the node (``deltaplane keys
+#: revoke`` writes it): only with :data:`NODE_CONFIG_KEYS`, and the node then refuses rounds seating a revoked device
+REVOCATIONS_NODE_CONFIG_KEY = "secagg-revocations"
 
 
 def device_id(partition: int) -> str:

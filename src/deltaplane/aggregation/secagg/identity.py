@@ -33,6 +33,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -48,6 +49,9 @@ from deltaplane.aggregation.secagg.errors import SecAggAuthError
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 
+if TYPE_CHECKING:
+    from deltaplane.aggregation.secagg.revocation import RevocationList
+
 __all__ = [
     "CERT_MAX_BYTES",
     "SIGNATURE_BYTES",
@@ -59,6 +63,7 @@ __all__ = [
     "advertisement_statement",
     "authority_id",
     "consistency_statement",
+    "read_name",
 ]
 
 CERT_MAGIC = b"DPDC"
@@ -72,6 +77,7 @@ CERT_MAX_BYTES = _CERT_HEAD.size + 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
 _CERT_DOMAIN = b"deltaplane/secagg/device-certificate/v1\x00"
 _ADVERT_DOMAIN = b"deltaplane/secagg/key-advertisement/v1\x00"
 _CONSISTENCY_DOMAIN = b"deltaplane/secagg/consistency/v1\x00"
+_REVOCATIONS_DOMAIN = b"deltaplane/secagg/revocation-list/v1\x00"
 
 
 def authority_id(public_raw: bytes) -> bytes:
@@ -89,6 +95,20 @@ def _name(text: str, what: str) -> bytes:
     if not raw or len(raw) > NAME_BYTES:
         raise ConfigError(f"a certificate's {what} is 1 to {NAME_BYTES} UTF-8 bytes. Found {text!r}")
     return raw
+
+
+def read_name(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
+    """The length-prefixed UTF-8 name (1 to :data:`NAME_BYTES` bytes) at ``data[pos]``, ending by ``end``, and the
+    position after it: how certificates and revocation lists store device ids and cohorts. Anything else is a
+    :class:`DecodeError` naming ``what``."""
+    n = data[pos] if pos < end else 0
+    raw = data[pos + 1 : pos + 1 + n]
+    if not 1 <= n <= NAME_BYTES or len(raw) != n or pos + 1 + n > end:
+        raise DecodeError(f"{what} is malformed")
+    try:
+        return raw.decode(), pos + 1 + n
+    except UnicodeDecodeError:
+        raise DecodeError(f"{what} is not UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -124,20 +144,11 @@ class DeviceCertificate:
             raise DecodeError(
                 f"not a version-{CERT_VERSION} device certificate (magic {magic!r}, v{version})"
             )
-        pos, names = _CERT_HEAD.size, []
-        for what in ("device id", "cohort"):
-            n = data[pos] if pos < len(data) else 0
-            raw = data[pos + 1 : pos + 1 + n]
-            if not 1 <= n <= NAME_BYTES or len(raw) != n:
-                raise DecodeError(f"device certificate: malformed {what}")
-            try:
-                names.append(raw.decode())
-            except UnicodeDecodeError:
-                raise DecodeError(f"device certificate: the {what} is not UTF-8") from None
-            pos += 1 + n
+        device, pos = read_name(data, _CERT_HEAD.size, len(data), "device certificate: the device id")
+        cohort, pos = read_name(data, pos, len(data), "device certificate: the cohort")
         if len(data) - pos != SIGNATURE_BYTES:
             raise DecodeError(f"device certificate: {len(data) - pos} signature bytes, not {SIGNATURE_BYTES}")
-        return cls(names[0], names[1], pub, expires, auth, data[pos:])
+        return cls(device, cohort, pub, expires, auth, data[pos:])
 
 
 class EnrollmentAuthority:
@@ -182,6 +193,11 @@ class EnrollmentAuthority:
         unsigned = DeviceCertificate(device_id, cohort, bytes(identity_public), int(expires), self.id, b"")
         return dataclasses.replace(unsigned, signature=self._key.sign(_CERT_DOMAIN + unsigned.signed_part()))
 
+    def sign_revocations(self, signed_part: bytes) -> bytes:
+        """Sign a revocation list's bytes (:class:`~deltaplane.aggregation.secagg.revocation.RevocationList`),
+        domain-separated from certificates so neither signature verifies as the other."""
+        return self._key.sign(_REVOCATIONS_DOMAIN + signed_part)
+
     def trust(self) -> TrustedAuthorities:
         """The trust a device given this authority's public key holds."""
         return TrustedAuthorities([self.public_raw])
@@ -211,6 +227,21 @@ class TrustedAuthorities:
                 except binascii.Error:
                     raise ConfigError(f"{source} line {n} is not base64: {line[:40]!r}") from None
         return cls(raws)
+
+    def check_revocations(self, authority: bytes, signed_part: bytes, signature: bytes) -> None:
+        """Raise :class:`SecAggAuthError` unless the trusted authority ``authority`` (an :func:`authority_id`)
+        signed the revocation list ``signed_part`` (see :meth:`EnrollmentAuthority.sign_revocations`)."""
+        key = self._keys.get(authority)
+        if key is None:
+            raise SecAggAuthError(
+                f"the revocation list names authority {authority.hex()}, which this device does not trust"
+            )
+        try:
+            key.verify(signature, _REVOCATIONS_DOMAIN + signed_part)
+        except InvalidSignature:
+            raise SecAggAuthError(
+                f"the revocation list does not verify under authority {authority.hex()}: forged or altered"
+            ) from None
 
     def check(self, cert: DeviceCertificate, *, now: float) -> None:
         """Raise :class:`SecAggAuthError` unless a trusted authority signed ``cert`` and it has not expired."""
@@ -280,12 +311,29 @@ class DeviceCredentials:
     """What a device authenticates key rosters with: its own identity and the authorities it trusts.
 
     They come from the device's own enrollment, never from the server: a device holding credentials refuses
-    any roster that is not fully signed, whatever the server's invitation says.
+    any roster that is not fully signed, whatever the server's invitation says. ``revocations`` is the
+    enrollment authority's latest revocation list the device was given
+    (:class:`~deltaplane.aggregation.secagg.revocation.RevocationList`, verified here under ``trusted``): a
+    roster slot holding a certificate it revokes is refused like an unauthenticated one.
     """
 
     identity: DeviceIdentity
     trusted: TrustedAuthorities
     clock: Callable[[], float] = field(default=time.time)
+    revocations: RevocationList | None = None
+
+    def __post_init__(self) -> None:
+        rl = self.revocations
+        if rl is not None:  # a list the device holds is always one its trusted authority signed
+            self.trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+
+    def with_revocations(self, revocations: RevocationList) -> DeviceCredentials:
+        """These credentials holding ``revocations`` instead of the list they hold: refused
+        (:class:`SecAggAuthError`) when it is not signed by a trusted authority or would roll the held list back
+        (a lower sequence: :meth:`~deltaplane.aggregation.secagg.revocation.RevocationList.supersedes`)."""
+        if not revocations.supersedes(self.revocations):
+            return self
+        return dataclasses.replace(self, revocations=revocations)
 
     @classmethod
     def from_files(
@@ -293,32 +341,46 @@ class DeviceCredentials:
         identity_key: str | os.PathLike[str],
         certificate: str | os.PathLike[str],
         authority: str | os.PathLike[str],
+        revocations: str | os.PathLike[str] | None = None,
     ) -> DeviceCredentials:
         """The credentials a device keeps on disk: its identity key (PKCS#8 PEM) and certificate, which ``fleet
-        enroll --authority-key`` writes (``device-I.identity.pem``, ``device-I.cert``), and the enrollment
-        authority's public key it trusts (base64 lines, ``enrollment.ed25519.pub``). Each file is read bounded;
-        a missing, oversized or malformed one is a :class:`~deltaplane.errors.ConfigError` naming it."""
+        enroll --authority-key`` writes (``device-I.identity.pem``, ``device-I.cert``), the enrollment
+        authority's public key it trusts (base64 lines, ``enrollment.ed25519.pub``) and, optionally, the
+        authority's revocation list (``deltaplane keys revoke`` writes it). Each file is read bounded; a missing,
+        oversized or malformed one is a :class:`~deltaplane.errors.ConfigError` naming it, a revocation list
+        not signed by the trusted authority a :class:`SecAggAuthError`."""
         ident = DeviceIdentity.from_files(
             read_bounded_text(identity_key, limit=KEY_LIMIT, what="device identity key").encode(),
             read_bounded_bytes(certificate, limit=KEY_LIMIT, what="device certificate"),
         )
         text = read_bounded_text(authority, limit=KEY_LIMIT, what="enrollment authority public key")
-        return cls(ident, TrustedAuthorities.from_text(text, source=os.fspath(authority)))
+        trusted = TrustedAuthorities.from_text(text, source=os.fspath(authority))
+        if revocations is None:
+            return cls(ident, trusted)
+        from deltaplane.aggregation.secagg.revocation import load_revocations  # it builds on this module
+
+        return cls(ident, trusted, revocations=load_revocations(revocations, trusted))
 
     def verify(
         self, binding: bytes, client_id: int, keys: tuple[bytes, bytes], certificate: bytes, signature: bytes
     ) -> DeviceCertificate:
         """The certificate of roster slot ``client_id``, once its chain and advertisement signature verify.
 
-        Checks, in order: the certificate decodes, a trusted authority signed it, it has not expired, it is of
-        this device's cohort, and its identity key signed ``keys`` for this slot under ``binding``. Any
-        failure is a :class:`SecAggAuthError` naming the slot.
+        Checks, in order: the certificate decodes, a trusted authority signed it, it has not expired, the held
+        revocation list does not revoke it, it is of this device's cohort, and its identity key signed ``keys``
+        for this slot under ``binding``. Any failure is a :class:`SecAggAuthError` naming the slot.
         """
         try:
             cert = DeviceCertificate.from_bytes(certificate)
             self.trusted.check(cert, now=self.clock())
         except (DecodeError, SecAggAuthError) as exc:
             raise SecAggAuthError(f"roster slot {client_id}: {exc}", client=client_id) from None
+        if self.revocations is not None and self.revocations.names(cert):
+            raise SecAggAuthError(
+                f"roster slot {client_id}: device {cert.device_id!r} of cohort {cert.cohort!r} is revoked "
+                f"(revocation list number {self.revocations.sequence}); refused",
+                client=client_id,
+            )
         if cert.cohort != self.identity.certificate.cohort:
             raise SecAggAuthError(
                 f"roster slot {client_id}: device {cert.device_id!r} is enrolled in cohort {cert.cohort!r}, "

@@ -84,6 +84,7 @@ from deltaplane.aggregation.secagg.messages import (
     UnmaskResponse,
 )
 from deltaplane.aggregation.secagg.prg import MASK_KEY_BYTES, add_masks, agree, contributory, derive
+from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.aggregation.secagg.ring import (
     from_words,
     pack_words,
@@ -771,11 +772,22 @@ class SecAggServer:
     messages (O(clients · neighbours) with SecAgg+).
     """
 
-    def __init__(self, config: SecAggConfig, *, min_inputs: int = 0, authenticated: bool = False) -> None:
+    def __init__(
+        self,
+        config: SecAggConfig,
+        *,
+        min_inputs: int = 0,
+        authenticated: bool = False,
+        revocations: RevocationList | None = None,
+    ) -> None:
         self.config = config
         #: an authenticated round takes only signed advertisements (:class:`SignedAdvertiseKeys`) and sends a
         #: :class:`SignedKeyRoster`; devices with credentials refuse any other roster whatever this says
         self.authenticated = authenticated
+        #: the enrollment authority's revocation list, if the operator gave the server one: an advertisement
+        #: certified for a device it revokes is refused, so the round goes on without that device (devices
+        #: holding the list would refuse the whole roster). A courtesy, not the guarantee: devices check too.
+        self.revocations = revocations
         #: client -> (certificate, signature), forwarded in the roster unverified
         self.attestations: dict[int, tuple[bytes, bytes]] = {}
         #: the fewest masked inputs the server unmasks (besides the threshold): distributed DP's m_min, whose
@@ -849,6 +861,14 @@ class SecAggServer:
                 f"client {msg.client_id} advertised the share-encryption key client {first} already advertised; "
                 "refused (devices would refuse a roster that repeats it): send freshly generated keys"
             )
+        if isinstance(msg, SignedAdvertiseKeys) and self.revocations is not None:
+            cert = DeviceCertificate.from_bytes(msg.certificate)
+            if self.revocations.names(cert):
+                raise SecAggAuthError(
+                    f"client {msg.client_id}: device {cert.device_id!r} of cohort {cert.cohort!r} is revoked "
+                    f"(revocation list number {self.revocations.sequence}); its key advertisement is refused",
+                    client=msg.client_id,
+                )
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
         if isinstance(msg, SignedAdvertiseKeys):  # forwarded as is: the devices, not the server, verify it
             self.attestations[msg.client_id] = (msg.certificate, msg.signature)

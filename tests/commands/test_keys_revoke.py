@@ -1,0 +1,73 @@
+"""``deltaplane keys revoke``: the enrollment authority's revocation list, appended to with a growing sequence,
+signed so devices verify it, refused when it is another authority's or not a list at all."""
+
+from __future__ import annotations
+
+import pytest
+from tests.commands import test_keys_certify
+
+from deltaplane.aggregation.secagg import DeviceCertificate, EnrollmentAuthority, SecAggAuthError
+from deltaplane.aggregation.secagg.revocation import RevocationList, load_revocations
+from deltaplane.commands.fleet import _credentials
+from deltaplane.errors import ConfigError
+
+cli, authority = test_keys_certify.cli, test_keys_certify.authority  # fixtures
+
+
+def _cert(auth: EnrollmentAuthority, device: str, cohort: str = "fleet") -> DeviceCertificate:
+    return auth.issue(device, bytes(32), cohort=cohort, expires=2**40)
+
+
+def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> None:
+    auth, key = authority
+    out = tmp_path / "crl" / "revoked.bin"
+    out.parent.mkdir()
+    r = cli("keys", "revoke", "--authority-key", key, "--device", 3, "--device", 3, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "number 1" in r.output and "1 devices revoked" in r.output
+    first = load_revocations(out, auth.trust())
+    assert first.sequence == 1 and first.names(_cert(auth, "device-3"))
+    r = cli("keys", "revoke", "--authority-key", key, "--device", 5, "--cohort", "lab", "--out", out)
+    assert r.exit_code == 0, r.output
+    second = load_revocations(out, auth.trust())
+    assert second.sequence == 2 and second.revoked == {("device-3", "fleet"), ("device-5", "lab")}
+    assert not second.names(_cert(auth, "device-5")) and second.names(_cert(auth, "device-5", "lab"))
+    assert not second.names(_cert(EnrollmentAuthority.generate(), "device-3"))  # another authority's cert
+    assert second.supersedes(first) is True
+    assert sorted(p.name for p in out.parent.iterdir()) == ["revoked.bin"]  # no temp file left
+
+
+def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_path) -> None:
+    _, key = authority
+    other = tmp_path / "other.pem"
+    other.write_bytes(EnrollmentAuthority.generate().to_pem())
+    out = tmp_path / "revoked.bin"
+    assert cli("keys", "revoke", "--authority-key", other, "--device", 1, "--out", out).exit_code == 0
+    before = out.read_bytes()
+    r = cli("keys", "revoke", "--authority-key", key, "--device", 2, "--out", out)
+    assert r.exit_code != 0 and "does not trust" in r.output
+    out.write_bytes(before[:-3])
+    r = cli("keys", "revoke", "--authority-key", key, "--device", 2, "--out", out)
+    assert r.exit_code != 0 and "refused revocation list" in r.output
+    assert out.read_bytes() == before[:-3]  # nothing written over it
+    r = cli("keys", "revoke", "--authority-key", out, "--device", 2, "--out", tmp_path / "x")
+    assert r.exit_code != 0 and "give the enrollment authority's private key" in r.output
+
+
+def test_fleet_device_reads_revocations_only_with_its_enrollment(cli, authority, tmp_path) -> None:
+    auth, key = authority
+    out = tmp_path / "ids"
+    assert cli("keys", "certify", "--authority-key", key, "--device", 0, "--out", out).exit_code == 0
+    crl = tmp_path / "revoked.bin"
+    assert cli("keys", "revoke", "--authority-key", key, "--device", 4, "--out", crl).exit_code == 0
+    files = out / "device-0.identity.pem", out / "device-0.cert", out / "enrollment.ed25519.pub"
+    creds = _credentials(*files, crl)
+    assert isinstance(creds.revocations, RevocationList) and creds.revocations.names(_cert(auth, "device-4"))
+    with pytest.raises(ConfigError, match="--revocations goes with"):
+        _credentials(None, None, None, crl)
+    foreign = tmp_path / "foreign.bin"
+    other = tmp_path / "other.pem"
+    other.write_bytes(EnrollmentAuthority.generate().to_pem())
+    assert cli("keys", "revoke", "--authority-key", other, "--device", 4, "--out", foreign).exit_code == 0
+    with pytest.raises(SecAggAuthError, match="foreign.bin.*does not trust"):
+        _credentials(*files, foreign)
