@@ -21,6 +21,7 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, read_request
 from deltaplane.aggregation.secagg.identity import REQUEST_MAX_BYTES
+from deltaplane.commands.fleet import _credentials as fleet_credentials
 from deltaplane.errors import ConfigError, DecodeError
 
 from .test_keys_certify import _node_configs
@@ -69,6 +70,12 @@ def test_requests_round_trip_to_certificates_and_an_exact_authenticated_round(
         auth.trust().check(cert, now=time.time())
         assert cert.expires <= time.time() + 30 * 86400
         creds[i] = c
+    # `fleet device` takes such files as they are (--identity-key, --certificate, --enrollment-authority)
+    folder = nodes / "n0"
+    started = fleet_credentials(
+        folder / "device-0.identity.pem", folder / "device-0.cert", folder / "enrollment.ed25519.pub"
+    )
+    assert started.identity.certificate == creds[0].identity.certificate
     configs = _node_configs(r.output)
     where = [operator.resolve() / f"device-2.{s}" for s in ("identity.pem", "cert")]
     assert configs["device-2"] == dict(
