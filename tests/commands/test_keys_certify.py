@@ -9,10 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
 from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from typer.testing import CliRunner
 
 from deltaplane.aggregation.secagg import (
     DeviceCredentials,
@@ -22,30 +20,7 @@ from deltaplane.aggregation.secagg import (
     TrustedAuthorities,
 )
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, load_authority, node_config_arg
-from deltaplane.commands.ops import register
 from deltaplane.errors import ConfigError
-
-
-@pytest.fixture
-def cli():
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    register(app)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args], terminal_width=300)
-
-
-@pytest.fixture
-def authority(tmp_path: Path) -> tuple[EnrollmentAuthority, Path]:
-    auth = EnrollmentAuthority.generate()
-    key = tmp_path / "enrollment" / "enrollment.ed25519.pem"
-    key.parent.mkdir()
-    key.write_bytes(auth.to_pem())
-    return auth, key
 
 
 def _identity(out: Path, i: int) -> DeviceIdentity:

@@ -241,7 +241,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``keys``, ``registry`` and ``serve`` commands to ``app``."""
     keys = typer.Typer(
         help="Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, "
-        "certify), and TLS certificates for serve (tls).",
+        "identity, certify), and TLS certificates for serve (tls).",
         no_args_is_help=True,
     )
     reg_app = typer.Typer(
@@ -298,6 +298,48 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
 
+    @keys.command("identity")
+    def keys_identity(
+        device: Annotated[
+            int, typer.Option("--device", min=0, help="This device's partition id: it asks to be device-I.")
+        ],
+        out: Annotated[Path, typer.Option("--out", help="Folder on the device for its identity key.")],
+        cohort: Annotated[str, typer.Option(help="Cohort the device asks to be certified in.")] = "fleet",
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing identity key.")] = False,
+    ) -> None:
+        """On the device: make its SecAgg identity key, OUT/device-I.identity.pem (0600), and OUT/device-I.request,
+        the self-signed request to send the operator (`keys certify --request`); the key never leaves the
+        device (docs/security.md)."""
+        from deltaplane.aggregation.secagg.enrollment import (
+            device_id,
+            identity_files,
+            new_identity_request,
+            request_file,
+            write_identity_request,
+        )
+
+        with _errors(OSError):
+            name = device_id(device)
+            key_pem, request = new_identity_request(name, cohort=cohort)
+            held = next(
+                (p for p in (identity_files(out, name)[0], request_file(out, name)) if os.path.lexists(p)),
+                None,
+            )
+            if held is not None and not force:
+                raise ConfigError(
+                    f"{held} already exists; pass --force to replace it (its certificate, if any, then stops "
+                    "matching the key), or choose another --out"
+                )
+            _writable(out, "--out")
+            key, req = write_identity_request(out, key_pem, request)
+        console.print(
+            escape(
+                f"{name}: identity key {key} (secret, stays here) + {req}: send it to the operator for "
+                f"`deltaplane keys certify --request {req.name}` and put the device-I.cert it returns next to the key"
+            ),
+            soft_wrap=True,
+        )
+
     @keys.command("certify")
     def keys_certify(
         authority_key: Annotated[
@@ -317,39 +359,77 @@ def register(app: typer.Typer) -> None:
                 "--device", min=0, help="Certify device-I (a partition id; repeatable).", show_default="none"
             ),
         ] = None,
+        request: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--request",
+                help="Certify the key a device made (`keys identity` wrote its device-I.request; repeatable): "
+                "writes its certificate only.",
+                show_default="none",
+            ),
+        ] = None,
         cohort: Annotated[
-            str, typer.Option(help="Cohort the certificates name (rounds take one).")
-        ] = "fleet",
+            str | None,
+            typer.Option(
+                help="Cohort the certificates name (rounds take one); with --request, the one each request must "
+                "ask for.",
+                show_default="fleet, or the requests'",
+            ),
+        ] = None,
         valid_days: ValidDays = 365.0,
+        node_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--node-dir",
+                help="Folder the files lie in on each node, for the printed --node-config.",
+                show_default="OUT",
+            ),
+        ] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
     ) -> None:
         """Certify SecAgg identities offline (no service): OUT/device-I.identity.pem (0600) and OUT/device-I.cert,
         the files `fleet enroll --authority-key` writes, and OUT/enrollment.ed25519.pub; prints each Flower
-        node's --node-config."""
+        node's --node-config. With --request, certify keys the devices made themselves (`keys identity`): only
+        OUT/device-I.cert and the .pub are written, never a private key."""
         import shlex
 
         from deltaplane.aggregation.secagg.enrollment import (
             AUTHORITY_PUBLIC_NAME,
             certify,
+            certify_requests,
             device_id,
             identity_files,
             load_authority,
             node_config_arg,
+            read_request,
+            write_certificate,
             write_identity,
         )
         from deltaplane.delta import atomic_write_bytes
 
         with _errors(OSError):
-            if (devices is None) == (not device):
+            if sum((devices is not None, bool(device), bool(request))) != 1:
                 raise ConfigError(
-                    "give --devices N (device-0 … device-(N-1)) or --device I (repeatable), not both"
+                    "give --devices N (device-0 … device-(N-1)), --device I (repeatable) or --request FILE "
+                    "(repeatable), not both"
                 )
-            names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
+            requests = [read_request(p) for p in request or []]
+            for path, r in zip(request or [], requests, strict=True):
+                if cohort is not None and r.cohort != cohort:
+                    raise ConfigError(f"{path} asks for cohort {r.cohort!r}, not --cohort {cohort!r}")
+            if requests:
+                names = [r.device_id for r in requests]
+                twice = next((n for n in names if names.count(n) > 1), None)
+                if twice is not None:
+                    raise ConfigError(f"two --request files ask for {twice}; give one per device")
+            else:
+                names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
             authority = load_authority(authority_key)
             public = (authority.public_text() + "\n").encode()
             pub = out / AUTHORITY_PUBLIC_NAME
             if not force:
-                held = next((p for n in names for p in identity_files(out, n) if os.path.lexists(p)), None)
+                made = [identity_files(out, n)[1:] if requests else identity_files(out, n) for n in names]
+                held = next((p for paths in made for p in paths if os.path.lexists(p)), None)
                 if held is not None:
                     raise ConfigError(
                         f"{held} already exists; pass --force to replace it (the node holding it must then get "
@@ -366,8 +446,12 @@ def register(app: typer.Typer) -> None:
                         "by; choose another --out, or --force to replace it"
                     )
             _writable(out, "--out")
-            identities = certify(authority, names, cohort=cohort, valid_days=valid_days)
-            written = [write_identity(out, i) for i in identities]
+            if requests:
+                certs = certify_requests(authority, requests, valid_days=valid_days)
+                written = [(identity_files(out, c.device_id)[0], write_certificate(out, c)) for c in certs]
+            else:
+                identities = certify(authority, names, cohort=cohort or "fleet", valid_days=valid_days)
+                written = [write_identity(out, i) for i in identities]
             atomic_write_bytes(pub, public)
         console.print(
             escape(
@@ -375,8 +459,9 @@ def register(app: typer.Typer) -> None:
             ),
             soft_wrap=True,
         )
+        on_node = out.resolve() if node_dir is None else node_dir
         for name, (key, cert) in zip(names, written, strict=True):
-            arg = node_config_arg(key.resolve(), cert.resolve(), pub.resolve())
+            arg = node_config_arg(*(on_node / p.name for p in (key, cert, pub)))
             console.print(
                 escape(f"{name}: flower-supernode --node-config {shlex.quote(arg)}"), soft_wrap=True
             )

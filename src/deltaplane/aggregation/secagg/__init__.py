@@ -13,6 +13,7 @@ from deltaplane.aggregation.secagg.errors import (
     SecAggRangeError,
 )
 from deltaplane.aggregation.secagg.identity import (
+    CertificationRequest,
     DeviceCertificate,
     DeviceCredentials,
     DeviceIdentity,
@@ -54,6 +55,7 @@ from deltaplane.aggregation.secagg.session import Dropouts, SecAggReport, exchan
 
 __all__ = [
     "AdvertiseKeys",
+    "CertificationRequest",
     "DeviceCertificate",
     "DeviceCredentials",
     "DeviceEndpoint",

@@ -7,20 +7,38 @@ certificate, :class:`~deltaplane.aggregation.secagg.identity.DeviceCertificate`'
 written atomically. :class:`~deltaplane.aggregation.secagg.identity.DeviceCredentials` ``.from_files`` reads them
 back with the authority's public key (``enrollment.ed25519.pub``); a Flower node names the three files in its
 ``node_config`` under :data:`NODE_CONFIG_KEYS` (:func:`node_config_arg` writes that argument).
+
+The stronger flow keeps each identity key on its device: ``deltaplane keys identity`` makes the key there
+(:func:`new_identity_request`, :func:`write_identity_request`: ``device-I.identity.pem`` and ``device-I.request``,
+a self-signed :class:`~deltaplane.aggregation.secagg.identity.CertificationRequest`), the operator certifies the
+request (``keys certify --request``: :func:`read_request`, :func:`certify_requests`, :func:`write_certificate`)
+and sends back ``device-I.cert`` only, which the device puts next to its key.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from deltaplane.aggregation.secagg.identity import DeviceCredentials, DeviceIdentity, EnrollmentAuthority
-from deltaplane.errors import ConfigError
-from deltaplane.textfile import KEY_LIMIT, read_bounded_text, write_secret_file
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from deltaplane.aggregation.secagg.identity import (
+    REQUEST_MAX_BYTES,
+    CertificationRequest,
+    DeviceCertificate,
+    DeviceCredentials,
+    DeviceIdentity,
+    EnrollmentAuthority,
+)
+from deltaplane.delta import atomic_write_bytes
+from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text, write_secret_file
 
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
@@ -28,11 +46,17 @@ __all__ = [
     "REVOCATIONS_NODE_CONFIG_KEY",
     "RunEnrollment",
     "certify",
+    "certify_requests",
     "device_id",
     "identity_files",
     "load_authority",
+    "new_identity_request",
     "node_config_arg",
+    "read_request",
+    "request_file",
+    "write_certificate",
     "write_identity",
+    "write_identity_request",
 ]
 
 #: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
@@ -87,17 +111,88 @@ def certify(
     """A fresh identity key per device of ``devices``, certified by ``authority`` in ``cohort`` for ``valid_days``
     days from ``now`` (default: the clock). Everything is made before anything is written, so a device name the
     certificate format refuses (:class:`ConfigError`) leaves no file behind."""
-    expires = int((time.time() if now is None else now) + valid_days * 86400)
+    expires = _expires(valid_days, now)
     return [DeviceIdentity.enroll(authority, d, cohort=cohort, expires=expires) for d in devices]
+
+
+def _expires(valid_days: float, now: float | None) -> int:
+    return int((time.time() if now is None else now) + valid_days * 86400)
+
+
+def certify_requests(
+    authority: EnrollmentAuthority,
+    requests: Sequence[CertificationRequest],
+    *,
+    valid_days: float,
+    now: float | None = None,
+) -> list[DeviceCertificate]:
+    """A certificate per verified request (:func:`read_request`) of the key, device id and cohort it names, valid
+    for ``valid_days`` days from ``now`` (default: the clock): :func:`certify` for keys the devices made, with
+    no private key on the authority's side."""
+    expires = _expires(valid_days, now)
+    return [
+        authority.issue(r.device_id, r.identity_public, cohort=r.cohort, expires=expires) for r in requests
+    ]
+
+
+def request_file(out: str | os.PathLike[str], device: str) -> Path:
+    """Where ``keys identity`` writes device ``device``'s certification request in ``out`` (``device-I.request``,
+    next to its key, :func:`identity_files`)."""
+    return Path(out) / f"{device}.request"
+
+
+def new_identity_request(device: str, *, cohort: str) -> tuple[bytes, CertificationRequest]:
+    """A fresh identity key for ``device`` (PKCS#8 PEM, what :func:`write_identity` writes) and its
+    self-signed request to be certified in ``cohort``; a name the format refuses is a :class:`ConfigError`."""
+    key = Ed25519PrivateKey.generate()
+    request = CertificationRequest.sign(key, device, cohort=cohort)
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), request
+
+
+def write_identity_request(
+    out: str | os.PathLike[str], key_pem: bytes, request: CertificationRequest
+) -> tuple[Path, Path]:
+    """Write a device's own identity key (0600 from its creation) and its request into ``out``, each atomically;
+    returns the two paths. The caller decides about existing files."""
+    key, req = identity_files(out, request.device_id)[0], request_file(out, request.device_id)
+    write_secret_file(key, key_pem)
+    atomic_write_bytes(req, request.to_bytes())
+    return key, req
+
+
+def read_request(path: str | os.PathLike[str]) -> CertificationRequest:
+    """The verified certification request in ``path``, read bounded (:data:`REQUEST_MAX_BYTES`); a missing,
+    oversized, truncated or forged one is a :class:`ConfigError` naming the file and what is wrong."""
+    data = read_bounded_bytes(path, limit=REQUEST_MAX_BYTES, what="certification request")
+    try:
+        request = CertificationRequest.from_bytes(data)
+    except DecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a valid certification request ({exc}): give the device-I.request that "
+            "`deltaplane keys identity` wrote on the device"
+        ) from None
+    # the device id names the files written for it: only device-I (what keys identity asks for), never a path
+    if re.fullmatch(r"device-(0|[1-9][0-9]{0,17})", request.device_id) is None:
+        raise ConfigError(
+            f"{path} asks for device id {request.device_id!r}; requests are for device-I, I a partition id"
+        )
+    return request
 
 
 def write_identity(out: str | os.PathLike[str], identity: DeviceIdentity) -> tuple[Path, Path]:
     """Write ``identity``'s key and certificate into ``out`` (:func:`identity_files`), each 0600 from its creation
     and atomically (never a half-written key); returns the two paths. The caller decides about existing files."""
-    key, cert = identity_files(out, identity.device_id)
+    key = identity_files(out, identity.device_id)[0]
     write_secret_file(key, identity.key_pem())
-    write_secret_file(cert, identity.certificate.to_bytes())
-    return key, cert
+    return key, write_certificate(out, identity.certificate)
+
+
+def write_certificate(out: str | os.PathLike[str], certificate: DeviceCertificate) -> Path:
+    """Write ``certificate`` into ``out`` as its device's ``device-I.cert`` (:func:`identity_files`), 0600 and
+    atomically; returns its path."""
+    cert = identity_files(out, certificate.device_id)[1]
+    write_secret_file(cert, certificate.to_bytes())
+    return cert
 
 
 def node_config_arg(

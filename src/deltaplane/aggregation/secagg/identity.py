@@ -17,6 +17,9 @@ uses the neighbour's keys. This module is that PKI, with Ed25519 (RFC 8032) from
   and the round's *binding* (a hash of the round's public parameters and the driver's session name), so a
   signed advertisement cannot be moved to another slot, device or round.
 * :class:`DeviceCredentials` — what a device checks rosters with: its identity and the authorities it trusts.
+* :class:`CertificationRequest` — what a device that made its identity key itself hands the authority: its
+  device id, cohort and public key, self-signed by that key (proof of possession, as a PKCS#10 CSR), so the
+  private key never leaves the device (``deltaplane keys identity``, then ``keys certify --request``).
 
 The signed bytes are domain-separated and fixed-layout (no JSON canonicalisation to get wrong); certificates
 are a compact strict encoding (at most :data:`CERT_MAX_BYTES`), read with every length checked.
@@ -54,7 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CERT_MAX_BYTES",
+    "REQUEST_MAX_BYTES",
     "SIGNATURE_BYTES",
+    "CertificationRequest",
     "DeviceCertificate",
     "DeviceCredentials",
     "DeviceIdentity",
@@ -78,6 +83,12 @@ _CERT_DOMAIN = b"deltaplane/secagg/device-certificate/v1\x00"
 _ADVERT_DOMAIN = b"deltaplane/secagg/key-advertisement/v1\x00"
 _CONSISTENCY_DOMAIN = b"deltaplane/secagg/consistency/v1\x00"
 _REVOCATIONS_DOMAIN = b"deltaplane/secagg/revocation-list/v1\x00"
+REQUEST_MAGIC = b"DPIR"
+REQUEST_VERSION = 1
+_REQUEST_HEAD = struct.Struct(">4sB32s")  # magic, version, identity public key
+#: the largest certification request: the head, two length-prefixed names, the device's self-signature
+REQUEST_MAX_BYTES = _REQUEST_HEAD.size + 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
+_REQUEST_DOMAIN = b"deltaplane/secagg/certification-request/v1\x00"
 
 
 def authority_id(public_raw: bytes) -> bytes:
@@ -144,11 +155,83 @@ class DeviceCertificate:
             raise DecodeError(
                 f"not a version-{CERT_VERSION} device certificate (magic {magic!r}, v{version})"
             )
-        device, pos = read_name(data, _CERT_HEAD.size, len(data), "device certificate: the device id")
-        cohort, pos = read_name(data, pos, len(data), "device certificate: the cohort")
-        if len(data) - pos != SIGNATURE_BYTES:
-            raise DecodeError(f"device certificate: {len(data) - pos} signature bytes, not {SIGNATURE_BYTES}")
-        return cls(device, cohort, pub, expires, auth, data[pos:])
+        (device, cohort), signature = _names_and_signature(data, _CERT_HEAD.size, "device certificate")
+        return cls(device, cohort, pub, expires, auth, signature)
+
+
+def _names_and_signature(data: bytes, pos: int, what_doc: str) -> tuple[tuple[str, str], bytes]:
+    """The length-prefixed device id and cohort at ``data[pos:]`` (:func:`read_name`) and the signature that must
+    end ``data`` (certificates and certification requests share this tail); a :class:`DecodeError` naming
+    ``what_doc``."""
+    device, pos = read_name(data, pos, len(data), f"{what_doc}: the device id")
+    cohort, pos = read_name(data, pos, len(data), f"{what_doc}: the cohort")
+    if len(data) - pos != SIGNATURE_BYTES:
+        raise DecodeError(f"{what_doc}: {len(data) - pos} signature bytes, not {SIGNATURE_BYTES}")
+    return (device, cohort), data[pos:]
+
+
+@dataclass(frozen=True)
+class CertificationRequest:
+    """A device's request that the authority certify ``identity_public`` as device ``device_id``'s identity key
+    in ``cohort``, signed by that very key (proof of possession: whoever made the request holds the private half,
+    so nobody can get a certificate for a key they saw but do not hold).
+
+    The device makes its identity key itself and sends only this (at most :data:`REQUEST_MAX_BYTES`): the
+    private key never travels, unlike ``keys certify --devices``, where the operator makes it. The self-signature
+    covers every field, so a request whose key, device id or cohort was changed after signing does not verify.
+    The authority still decides whether the device may have that id: the request proves key possession only.
+    """
+
+    device_id: str
+    cohort: str
+    identity_public: bytes
+    signature: bytes
+
+    @classmethod
+    def sign(cls, key: Ed25519PrivateKey, device_id: str, *, cohort: str) -> CertificationRequest:
+        """The request for ``key``'s public half as ``device_id`` in ``cohort``, self-signed by ``key``."""
+        unsigned = cls(device_id, cohort, _public_raw(key), b"")
+        return dataclasses.replace(unsigned, signature=key.sign(_REQUEST_DOMAIN + unsigned.signed_part()))
+
+    def signed_part(self) -> bytes:
+        """The request's bytes without the signature (what the device signs, after the domain tag)."""
+        d, c = _name(self.device_id, "device id"), _name(self.cohort, "cohort")
+        return (
+            _REQUEST_HEAD.pack(REQUEST_MAGIC, REQUEST_VERSION, self.identity_public)
+            + bytes([len(d)])
+            + d
+            + (bytes([len(c)]) + c)
+        )
+
+    def to_bytes(self) -> bytes:
+        """The request on the wire and on disk."""
+        return self.signed_part() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CertificationRequest:
+        """Strict inverse of :meth:`to_bytes` whose self-signature verifies; anything else (oversized, truncated,
+        another magic or version, malformed names, a signature that does not verify) is a :class:`DecodeError`
+        saying what."""
+        data = bytes(data)
+        if not _REQUEST_HEAD.size < len(data) <= REQUEST_MAX_BYTES:
+            raise DecodeError(
+                f"a certification request is at most {REQUEST_MAX_BYTES} bytes; got {len(data)}"
+            )
+        magic, version, pub = _REQUEST_HEAD.unpack_from(data)
+        if magic != REQUEST_MAGIC or version != REQUEST_VERSION:
+            raise DecodeError(
+                f"not a version-{REQUEST_VERSION} certification request (magic {magic!r}, v{version})"
+            )
+        (device, cohort), signature = _names_and_signature(data, _REQUEST_HEAD.size, "certification request")
+        request = cls(device, cohort, pub, signature)
+        try:
+            Ed25519PublicKey.from_public_bytes(pub).verify(signature, _REQUEST_DOMAIN + request.signed_part())
+        except (InvalidSignature, ValueError):
+            raise DecodeError(
+                f"certification request of {device!r}: the self-signature does not verify under the request's key "
+                "(its key, device id or cohort was changed after signing, or it is forged)"
+            ) from None
+        return request
 
 
 class EnrollmentAuthority:
