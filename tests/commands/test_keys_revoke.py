@@ -4,14 +4,11 @@ signed so devices verify it, refused when it is another authority's or not a lis
 from __future__ import annotations
 
 import pytest
-from tests.commands import test_keys_certify
 
 from deltaplane.aggregation.secagg import DeviceCertificate, EnrollmentAuthority, SecAggAuthError
 from deltaplane.aggregation.secagg.revocation import RevocationList, load_revocations
 from deltaplane.commands.fleet import _credentials
 from deltaplane.errors import ConfigError
-
-cli, authority = test_keys_certify.cli, test_keys_certify.authority  # fixtures
 
 
 def _cert(auth: EnrollmentAuthority, device: str, cohort: str = "fleet") -> DeviceCertificate:

@@ -204,9 +204,9 @@ def _recorded_run(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, *, stacked: b
     sent: list[tuple] = []
     real = driver.deliver
 
-    def recording(config, server, uploads, rnd):
+    def recording(config, server, uploads, rnd, enrollment=None):
         sent.extend((rnd, u.cid, u.payload, str(u.error)) for u in uploads)
-        return real(config, server, uploads, rnd)
+        return real(config, server, uploads, rnd, enrollment)
 
     with monkeypatch.context() as m:
         m.setattr(driver, "deliver", recording)

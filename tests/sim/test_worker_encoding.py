@@ -33,9 +33,9 @@ def _run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, *, in_worker: bool) ->
     )
     clients: list = []
 
-    def deliver(config, server, uploads, rnd):
+    def deliver(config, server, uploads, rnd, enrollment=None):
         received.extend((u.cid, u.payload) for u in uploads)
-        return real_deliver(config, server, uploads, rnd)
+        return real_deliver(config, server, uploads, rnd, enrollment)
 
     def uploads(share, finished):
         encoded_in_worker.append(len(share))
