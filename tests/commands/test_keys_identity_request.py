@@ -224,3 +224,37 @@ def test_nothing_is_overwritten_without_force(cli, authority, tmp_path) -> None:
     )
     assert r.exit_code == 0 and (out / "device-1.cert").read_bytes() != cert
     assert not (out / "device-1.identity.pem").exists()
+
+
+def test_certify_refuses_a_request_whose_key_differs_from_the_identity_key_in_out(
+    cli, authority, tmp_path
+) -> None:
+    """Node and operator share a folder: a stale device-1.identity.pem there (an older key) would get a certificate
+    for another key, which only shows when the node starts. certify refuses (exit 2, nothing written, both files
+    named, what to do), --force included (it replaces certificates, never a key); the device's own key is fine."""
+    _, key = authority
+    shared, node = tmp_path / "shared", tmp_path / "node"
+    assert cli("keys", "identity", "--device", 1, "--out", shared).exit_code == 0  # the older key, left there
+    (shared / "device-1.request").unlink()
+    stale = (shared / "device-1.identity.pem").read_bytes()
+    assert cli("keys", "identity", "--device", 1, "--out", node).exit_code == 0  # the key the device uses now
+    req = node / "device-1.request"
+    for force in ([], ["--force"]):
+        r = cli("keys", "certify", "--authority-key", key, "--out", shared, "--request", req, *force)
+        out = _flat(r.output)
+        assert r.exit_code == 2, (force, r.output)
+        assert "device-1.identity.pem" in out and "device-1.request" in out and "another identity key" in out
+        assert "remove" in out or "another --out" in out
+        assert sorted(p.name for p in shared.iterdir()) == ["device-1.identity.pem"]  # nothing written
+        assert (shared / "device-1.identity.pem").read_bytes() == stale
+    # not a key at all: refused the same way, naming it
+    (shared / "device-1.identity.pem").write_text("not a key\n")
+    r = cli("keys", "certify", "--authority-key", key, "--out", shared, "--request", req)
+    assert r.exit_code == 2 and "device-1.identity.pem" in _flat(r.output), r.output
+    assert sorted(p.name for p in shared.iterdir()) == ["device-1.identity.pem"]
+    # the request's own key next to it (keys identity and certify in one folder): certified
+    r = cli("keys", "certify", "--authority-key", key, "--out", node, "--request", req)
+    assert r.exit_code == 0, r.output
+    DeviceCredentials.from_files(
+        node / "device-1.identity.pem", node / "device-1.cert", node / "enrollment.ed25519.pub"
+    )

@@ -397,6 +397,7 @@ def register(app: typer.Typer) -> None:
             AUTHORITY_PUBLIC_NAME,
             certify,
             certify_requests,
+            check_held_key,
             device_id,
             identity_files,
             load_authority,
@@ -422,6 +423,8 @@ def register(app: typer.Typer) -> None:
                 twice = next((n for n in names if names.count(n) > 1), None)
                 if twice is not None:
                     raise ConfigError(f"two --request files ask for {twice}; give one per device")
+                for path, r in zip(request or [], requests, strict=True):
+                    check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
             else:
                 names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
             authority = load_authority(authority_key)

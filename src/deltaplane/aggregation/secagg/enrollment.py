@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
 
 from deltaplane.aggregation.secagg.identity import (
     REQUEST_MAX_BYTES,
@@ -47,6 +53,7 @@ __all__ = [
     "RunEnrollment",
     "certify",
     "certify_requests",
+    "check_held_key",
     "device_id",
     "identity_files",
     "load_authority",
@@ -133,6 +140,41 @@ def certify_requests(
     return [
         authority.issue(r.device_id, r.identity_public, cohort=r.cohort, expires=expires) for r in requests
     ]
+
+
+def check_held_key(
+    out: str | os.PathLike[str], request: CertificationRequest, source: str | os.PathLike[str]
+) -> None:
+    """Refuse to certify ``request`` (read from ``source``) into ``out`` if ``out`` holds another identity key of
+    its device: a :class:`ConfigError` naming both files.
+
+    When node and operator share a folder, an older ``device-I.identity.pem`` left in it would sit next to a
+    certificate for another key, and the mismatch would only show when the node starts. No key there, or the
+    request's own key (``keys identity`` and ``keys certify`` run in one folder), is fine; a file there that is
+    not an Ed25519 PEM key is refused too (a node would read it)."""
+    key = identity_files(out, request.device_id)[0]
+    if not os.path.lexists(key):
+        return
+    what = (
+        f"remove the stale {key.name} from {out} (or put the device's own key, the one {source} was made with, "
+        "there), or choose another --out"
+    )
+    pem = read_bounded_text(key, limit=KEY_LIMIT, what="device identity key").encode()
+    try:
+        held = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        held = None
+    if not isinstance(held, Ed25519PrivateKey):
+        raise ConfigError(
+            f"{key} is not an Ed25519 identity key, and a certificate for {source}'s key would be written next "
+            f"to it; {what}"
+        )
+    public = held.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if public != request.identity_public:
+        raise ConfigError(
+            f"{key} holds another identity key than the one {source} asks to certify: the node reading {out} "
+            f"would hold a certificate for another key than its own; {what}"
+        )
 
 
 def request_file(out: str | os.PathLike[str], device: str) -> Path:
