@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from tests.flower.test_secagg_flower_authenticated import CFG, _Recording, _run, _stage
 
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError, SecAggError
@@ -14,7 +15,7 @@ from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app
-from deltaplane.flower.secagg import REVOCATIONS_NODE_CONFIG_KEY, SECAGG_KEY, node_credentials
+from deltaplane.flower.secagg import REVOCATIONS_NODE_CONFIG_KEY, SECAGG_KEY, SecAggStrategy, node_credentials
 
 
 def test_node_config_names_the_revocation_list(tmp_path) -> None:
@@ -88,3 +89,74 @@ def test_enrolled_nodes_holding_the_list_refuse_a_round_seating_the_revoked_node
             assert "SecAggAuthError" in r.error.reason and refusal in r.error.reason
     assert not any(_stage(m) in {"consistency", "unmask"} for m in grid.sent)
     assert not any(m.metadata.message_type == "train" for m in grid.sent)
+
+
+def test_a_server_holding_the_list_leaves_the_revoked_node_out_and_the_round_goes_on_exact(
+    loopback_grid, tmp_path
+) -> None:
+    """The same round with the list on the ServerApp too (``revocations=``, as ``serve --secagg-revocations``):
+    it refuses node 2's signed advertisement, so node 2 is not in the roster, gets no share or train message,
+    and the round completes with the other nodes, none refusing anything. Its model equals, exactly, the same
+    round in which node 2 (not enrolled there) drops out at key advertisement on its own."""
+    cfg = CFG.replace(rounds=1)
+    run = RunEnrollment(cohort="fleet")
+    write_revocations(
+        tmp_path / "revoked.bin",
+        revoke(run.authority, [(f"device-{REVOKED}", "fleet")], issued=1_800_000_000),
+    )
+
+    class Grid(_Recording, loopback_grid):
+        pass
+
+    def grid(enrol_revoked: bool) -> Grid:
+        g = Grid(digits_client_app(cfg), cfg.clients)
+        for context in g.contexts.values():
+            i = int(context.node_config["partition-id"])
+            if i != REVOKED:
+                context.node_config.update(run.write_node_config(tmp_path, f"device-{i}"))
+                context.node_config[REVOCATIONS_NODE_CONFIG_KEY] = str(tmp_path / "revoked.bin")
+            elif enrol_revoked:
+                context.node_config.update(run.write_node_config(tmp_path, f"device-{i}"))
+        return g
+
+    revoked_node = 100 + REVOKED
+    listed = grid(enrol_revoked=True)
+    rounds, finals = _run(listed, cfg, authenticated=True, revocations=str(tmp_path / "revoked.bin"))
+    assert len(rounds) == 1
+    assert not any(r.has_error() for _, r in listed.replies)  # node 2 advertised; the server refused it
+    assert len(listed.replies_to("advertise")) == cfg.clients
+    for stage in ("share", "consistency", "unmask"):
+        assert {r.metadata.src_node_id for r in listed.replies_to(stage)} == {
+            100 + i for i in range(cfg.clients) if i != REVOKED
+        }, stage
+    to_revoked = [m for m in listed.sent if m.metadata.dst_node_id == revoked_node]
+    assert [_stage(m) for m in to_revoked if m.metadata.message_type in {"query.secagg", "train"}] == [
+        "advertise"
+    ]
+
+    alone = grid(enrol_revoked=False)  # node 2 refuses the authenticated round at key advertisement
+    expected_rounds, expected = _run(alone, cfg, authenticated=True)
+    assert "SecAggAuthError" in next(r.error.reason for _, r in alone.replies if r.has_error())
+    assert [r.test_accuracy for r in rounds] == [r.test_accuracy for r in expected_rounds]
+    assert finals.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+def test_the_strategy_takes_a_list_only_for_authenticated_rounds(loopback_grid, tmp_path) -> None:
+    """``revocations=`` without authenticated rounds, or without SecAgg, is a ConfigError (no signed
+    advertisement to refuse); a malformed list file is one too, naming it, before any round opens."""
+    path = tmp_path / "revoked.bin"
+    write_revocations(path, revoke(EnrollmentAuthority.generate(), [("device-1", "fleet")], issued=1))
+    with pytest.raises(ConfigError, match="only authenticated rounds"):
+        SecAggStrategy(revocations=str(path))
+    with pytest.raises(ConfigError, match="set secagg=True"):
+        _run(
+            loopback_grid(digits_client_app(CFG), CFG.clients),
+            CFG.replace(secagg=False),
+            revocations=str(path),
+        )
+    (tmp_path / "bad.bin").write_bytes(b"DPRL" + bytes(200))
+    with pytest.raises(ConfigError, match="bad.bin.*keys revoke"):
+        _run(loopback_grid(digits_client_app(CFG), CFG.clients), CFG, authenticated=True,
+             revocations=str(tmp_path / "bad.bin"))  # fmt: skip

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from deltaplane.aggregation import local_epsilon
+from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.codecs import Layout, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine import (
@@ -325,6 +326,7 @@ def task_server_app(
     on_stop: Callable[[str], None] | None = None,
     simulation: bool = True,
     authenticated: bool | None = None,
+    revocations: RevocationList | str | None = None,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
@@ -352,12 +354,14 @@ def task_server_app(
             :func:`task_client_app` reads. Without ``config.secagg`` it is a ConfigError. None (the default):
             ``config.secagg_authenticated``; False under it is a ConfigError (the run asks for authenticated
             rounds).
+        revocations: the enrollment authority's revocation list (or its file) for authenticated rounds
+            (:class:`~deltaplane.flower.SecAggStrategy`'s ``revocations``): a revoked node is left out of them.
     """
     if authenticated is None:
         authenticated = config.secagg_authenticated
-    if authenticated and not config.secagg:
+    if (authenticated or revocations is not None) and not config.secagg:
         raise ConfigError(
-            "authenticated=True authenticates SecAgg rounds; the run has none (set secagg=True)"
+            "authenticated=True (and revocations=) apply to SecAgg rounds; the run has none (set secagg=True)"
         )
     if not authenticated and config.secagg_authenticated:
         raise ConfigError(
@@ -424,6 +428,7 @@ def task_server_app(
                 weight_scale=weight_scale,
                 neighbours=config.secagg_neighbours,  # SecAgg+: each round's degree as in process
                 authenticated=authenticated,
+                revocations=revocations,
                 **options,
             )
         else:

@@ -39,6 +39,7 @@ of the *decoded* payload (so codecs and error feedback keep their meaning), whic
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
@@ -65,6 +66,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, REVOCATIONS_NODE_CONFIG_KEY
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.messages import check_stated_version
+from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
@@ -375,6 +377,13 @@ class SecAggStrategy(DeltaStrategy):
             survivor's signature of the unmasking request and forwards them with it. Every node must be enrolled
             (:data:`NODE_CONFIG_KEYS`); nodes verify, this strategy verifies nothing. An enrolled node refuses a
             round without it, a node without credentials a round with it: the opt-in is the nodes'.
+        revocations: under ``authenticated``, the enrollment authority's revocation list (``deltaplane keys
+            revoke``): a :class:`~deltaplane.aggregation.secagg.revocation.RevocationList`, or the path of its
+            file, re-read at every round's key advertisement so a newer list applies at once. The advertisement
+            of a node it revokes is refused, so that node is left out of the roster and the round goes on without
+            it, exact; without it nodes holding the list (``secagg-revocations``) refuse the whole roster. As the
+            HTTP service, the strategy holds no enrollment key and does not verify the list's signature (the file
+            is the operator's own; the nodes verify theirs); a missing or malformed file is a ConfigError.
     """
 
     def __init__(
@@ -386,9 +395,15 @@ class SecAggStrategy(DeltaStrategy):
         neighbours: int | None = None,
         timeout: float | None = None,
         authenticated: bool = False,
+        revocations: RevocationList | str | os.PathLike[str] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        if revocations is not None and not authenticated:
+            raise ConfigError(
+                "revocations= refuses the signed key advertisements of revoked nodes; only authenticated rounds "
+                "have them: pass authenticated=True (and enroll every node)"
+            )
         if self.server_step is None:
             raise ConfigError(
                 "SecAggStrategy hands the unmasked mean to the engine's server step; pass server_step="
@@ -406,6 +421,9 @@ class SecAggStrategy(DeltaStrategy):
         self.neighbours = neighbours
         self.timeout = timeout
         self.authenticated = authenticated
+        self.revocations = revocations
+        if revocations is not None and not isinstance(revocations, RevocationList):
+            read_server_revocations(revocations)  # a missing or malformed file fails here, before any round
         #: the nodes' error replies in the current stage (node id → Flower's error reason), named when the
         #: stage cannot close, so the operator sees why the nodes refused (e.g. an authentication mismatch)
         self._refusals: dict[int, str] = {}
@@ -414,6 +432,11 @@ class SecAggStrategy(DeltaStrategy):
         self.secagg_bytes: list[int] = []
         #: this round sampled too few nodes for SecAgg under distributed DP (closed without a sum)
         self._short = False
+
+    def _revocations(self) -> RevocationList | None:
+        """This round's revocation list: the one given, or its file's contents now (a newer list applies at once)."""
+        rl = self.revocations
+        return rl if rl is None or isinstance(rl, RevocationList) else read_server_revocations(rl)
 
     def _stage(
         self, grid: Grid, server: ServerEndpoint, ids: dict[int, int], records: dict[int, ConfigRecord]
@@ -509,7 +532,12 @@ class SecAggStrategy(DeltaStrategy):
             graph_seed=server_round,
         )
         # distributed DP: never unmask below m_min
-        server = ServerEndpoint(cfg, min_inputs=self._min_inputs(), authenticated=self.authenticated)
+        server = ServerEndpoint(
+            cfg,
+            min_inputs=self._min_inputs(),
+            authenticated=self.authenticated,
+            revocations=self._revocations(),
+        )
         enc = json.dumps([encoding.bits, encoding.clip_range, encoding.weight_scale])
         sent = self._stage(
             grid,

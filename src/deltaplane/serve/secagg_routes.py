@@ -98,7 +98,7 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
-from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, RevocationList
+from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
@@ -112,7 +112,6 @@ from deltaplane.serve.rounds import (
     undo_on_failure,
 )
 from deltaplane.serve.rounds_store import RoundStore
-from deltaplane.textfile import read_bounded_bytes
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
 
@@ -344,16 +343,10 @@ def check_ring_carries(encoding: RingEncoding, max_examples: float) -> None:
 def _revocations(path: str) -> RevocationList | None:
     """The revocation list in ``path`` ("" for none), read at each round open so a newer one applies at once.
 
-    The service holds no enrollment key and does not verify the list's signature: it is the operator's own
-    file, and refusing a device it names only spares the honest devices a roster they would refuse anyway
-    (they verify their own copy). A missing or malformed list is a :class:`ConfigError` (no round opens)."""
-    if not path:
-        return None
-    data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
-    try:
-        return RevocationList.from_bytes(data)
-    except DecodeError as exc:
-        raise ConfigError(f"{path}: {exc}; give the file `deltaplane keys revoke` wrote") from None
+    The service holds no enrollment key and does not verify the list's signature
+    (:func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations`). A missing or malformed list is
+    a :class:`ConfigError` (no round opens)."""
+    return read_server_revocations(path) if path else None
 
 
 def install_secagg_routes(

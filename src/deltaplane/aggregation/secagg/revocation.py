@@ -48,6 +48,7 @@ __all__ = [
     "REVOCATIONS_MAX_BYTES",
     "RevocationList",
     "load_revocations",
+    "read_server_revocations",
     "revoke",
     "write_revocations",
 ]
@@ -194,6 +195,19 @@ def load_revocations(path: str | os.PathLike[str], trusted: TrustedAuthorities) 
         return RevocationList.verified(data, trusted)
     except SecAggAuthError as exc:
         raise SecAggAuthError(f"{os.fspath(path)}: {exc}") from None
+
+
+def read_server_revocations(path: str | os.PathLike[str]) -> RevocationList:
+    """The revocation list in the file ``path`` for a *server* (the HTTP service, a Flower
+    :class:`~deltaplane.flower.SecAggStrategy`), signature unchecked: a server holds no enrollment key, the file
+    is its operator's own, and refusing a device it names only spares the honest devices a roster they would
+    refuse anyway (they verify their own copy). A missing, oversized or malformed file is a :class:`ConfigError`
+    naming it."""
+    data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+    try:
+        return RevocationList.from_bytes(data)
+    except DecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)}: {exc}; give the file `deltaplane keys revoke` wrote") from None
 
 
 def write_revocations(path: str | os.PathLike[str], revocations: RevocationList) -> None:
