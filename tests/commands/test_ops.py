@@ -439,7 +439,7 @@ def test_keys_help_names_both_of_its_commands(cli):
     (`keys tls`, the first command of docs/fleet.md): a newcomer looking for TLS found no command for it."""
     out = " ".join(cli("--help").output.replace("│", " ").split())  # rich's box, wrapped at any width
     assert (
-        "Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, certify), and TLS certificates for serve (tls)"
+        "Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, identity, certify, revoke), and TLS certificates for serve (tls)"
         in out
     ), out
 

@@ -241,7 +241,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``keys``, ``registry`` and ``serve`` commands to ``app``."""
     keys = typer.Typer(
         help="Ed25519 signing keys (init), the SecAgg enrollment authority and device identities (enrollment, "
-        "identity, certify), and TLS certificates for serve (tls).",
+        "identity, certify, revoke), and TLS certificates for serve (tls).",
         no_args_is_help=True,
     )
     reg_app = typer.Typer(
