@@ -54,7 +54,6 @@ from deltaplane.aggregation.secagg import (
     DeviceCredentials,
     DeviceEndpoint,
     RingEncoding,
-    SecAggAuthError,
     SecAggConfig,
     SecAggError,
     ServerEndpoint,
@@ -64,6 +63,7 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, REVOCATIONS_NODE_CONFIG_KEY
+from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
@@ -143,18 +143,16 @@ def _check_authentication(
         raise SecAggError(
             f"the SecAgg invitation's 'authenticated' is {authenticated!r}, not a boolean; refused"
         )
-    if credentials is not None and not authenticated:
-        raise SecAggAuthError(
-            f"refusing SecAgg round {round_id}: this node authenticates its neighbours' keys (it is enrolled: "
-            "node_config secagg-identity-key …), and the round is not authenticated, so the server could "
-            "substitute them; run the server with SecAggStrategy(authenticated=True)"
-        )
-    if credentials is None and authenticated:
-        raise SecAggAuthError(
-            f"refusing SecAgg round {round_id}: it takes signed key advertisements, and this node has no enrolled "
-            f"identity; give it one in its node_config ({', '.join(NODE_CONFIG_KEYS)}) or secagg_mod(credentials=…) "
-            "and add_secagg(credentials=…)"
-        )
+    check_round_authentication(
+        authenticated,
+        credentials is not None,
+        round_id,
+        this="node",
+        enrolled_as="it is enrolled: node_config secagg-identity-key …",
+        server_fix="; run the server with SecAggStrategy(authenticated=True)",
+        unenrolled_fix=f"; give it one in its node_config ({', '.join(NODE_CONFIG_KEYS)}) or "
+        "secagg_mod(credentials=…) and add_secagg(credentials=…)",
+    )
 
 
 def _save(context: Context, ep: DeviceEndpoint) -> None:

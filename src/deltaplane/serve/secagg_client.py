@@ -21,10 +21,10 @@ from deltaplane.aggregation.secagg import (
     DeviceCredentials,
     DeviceEndpoint,
     RingEncoding,
-    SecAggAuthError,
     SecAggConfig,
     check_device_policy,
 )
+from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError
@@ -129,16 +129,14 @@ class SecAggDevice:
             raise DecodeError(
                 f"the SecAgg invitation at {self._path} is malformed ({type(exc).__name__}: {exc}); refused"
             ) from None
-        if credentials is not None and not authenticated:
-            raise SecAggAuthError(
-                f"refusing SecAgg round {self.round_id}: this device authenticates its neighbours' keys (it was "
-                "enrolled with an identity), and the round is not authenticated, so the server could substitute them"
-            )
-        if credentials is None and authenticated:
-            raise SecAggAuthError(
-                f"refusing SecAgg round {self.round_id}: it takes signed key advertisements, and this device has no "
-                "enrolled identity (fleet enroll --authority-key; fleet device --identity)"
-            )
+        check_round_authentication(
+            authenticated,
+            credentials is not None,
+            self.round_id,
+            this="device",
+            enrolled_as="it was enrolled with an identity",
+            unenrolled_fix=" (fleet enroll --authority-key; fleet device --identity)",
+        )
         return DeviceEndpoint(
             client_id,
             self.config,

@@ -67,6 +67,7 @@ __all__ = [
     "TrustedAuthorities",
     "advertisement_statement",
     "authority_id",
+    "check_round_authentication",
     "consistency_statement",
     "read_name",
 ]
@@ -480,6 +481,33 @@ class DeviceCredentials:
                 client=client_id,
             ) from None
         return cert
+
+
+def check_round_authentication(
+    authenticated: bool,
+    enrolled: bool,
+    round_id: object,
+    *,
+    this: str,
+    enrolled_as: str,
+    server_fix: str = "",
+    unenrolled_fix: str = "",
+) -> None:
+    """A device takes part in an authenticated round if and only if it is enrolled: the opt-in is the device's
+    own enrollment, never the server's say-so (a server could otherwise switch authentication off). Raises
+    :class:`SecAggAuthError` for the other two cases, before the device trains or sends anything; ``this`` names
+    the device in the message ("device", "node"), ``enrolled_as`` says how it was enrolled, and the two ``*_fix``
+    texts what the operator does about each refusal on its transport (the HTTP service, Flower)."""
+    if enrolled and not authenticated:
+        raise SecAggAuthError(
+            f"refusing SecAgg round {round_id}: this {this} authenticates its neighbours' keys ({enrolled_as}), and "
+            f"the round is not authenticated, so the server could substitute them{server_fix}"
+        )
+    if authenticated and not enrolled:
+        raise SecAggAuthError(
+            f"refusing SecAgg round {round_id}: it takes signed key advertisements, and this {this} has no "
+            f"enrolled identity{unenrolled_fix}"
+        )
 
 
 def advertisement_statement(
