@@ -140,6 +140,8 @@ def test_bad_input_is_a_usage_error_saying_what_to_fix(cli, authority, tmp_path)
         (["--authority-key", key, "--devices", 2, "--device", 3], "not both"),
         (["--authority-key", key, "--devices", 2, "--valid-days", "nan"], "finite"),
         (["--authority-key", key, "--devices", 2, "--valid-days", 0.5], "--valid-days"),
+        # a --node-dir Flower's --node-config cannot carry: refused before any file is written (was a traceback)
+        (["--authority-key", key, "--devices", 2, "--node-dir", 'on"node'], "cannot carry a path with a"),
     ]
     for args, message in cases:
         r = cli("keys", "certify", "--out", out, *args)

@@ -448,13 +448,21 @@ def register(app: typer.Typer) -> None:
                         f"{pub} is another enrollment authority's key, which the identities in {out} were certified "
                         "by; choose another --out, or --force to replace it"
                     )
+            # each node's --node-config before any file is written: a path it cannot carry is a usage error
+            # that leaves nothing behind (it was a traceback after the files were written)
+            on_node = out.resolve() if node_dir is None else node_dir
+            args = [
+                node_config_arg(*(on_node / p.name for p in (*identity_files(out, n), pub))) for n in names
+            ]
             _writable(out, "--out")
             if requests:
                 certs = certify_requests(authority, requests, valid_days=valid_days)
-                written = [(identity_files(out, c.device_id)[0], write_certificate(out, c)) for c in certs]
+                for c in certs:
+                    write_certificate(out, c)
             else:
                 identities = certify(authority, names, cohort=cohort or "fleet", valid_days=valid_days)
-                written = [write_identity(out, i) for i in identities]
+                for i in identities:
+                    write_identity(out, i)
             atomic_write_bytes(pub, public)
         console.print(
             escape(
@@ -462,9 +470,7 @@ def register(app: typer.Typer) -> None:
             ),
             soft_wrap=True,
         )
-        on_node = out.resolve() if node_dir is None else node_dir
-        for name, (key, cert) in zip(names, written, strict=True):
-            arg = node_config_arg(*(on_node / p.name for p in (key, cert, pub)))
+        for name, arg in zip(names, args, strict=True):
             console.print(
                 escape(f"{name}: flower-supernode --node-config {shlex.quote(arg)}"), soft_wrap=True
             )
