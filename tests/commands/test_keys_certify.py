@@ -135,6 +135,10 @@ def test_bad_input_is_a_usage_error_saying_what_to_fix(cli, authority, tmp_path)
         (["--authority-key", rsa, "--devices", 2], "is Ed25519; got RSAPrivateKey"),
         (["--authority-key", key, "--device", -1], "--device"),
         (["--authority-key", key, "--device", 10**70], "1 to 64 UTF-8 bytes"),
+        (
+            ["--authority-key", key, "--devices", 2, "--cohort", ""],
+            "cohort is 1 to 64",
+        ),  # not silently 'fleet'
         (["--authority-key", key, "--devices", 0], "--devices"),
         (["--authority-key", key], "give --devices N"),
         (["--authority-key", key, "--devices", 2, "--device", 3], "not both"),

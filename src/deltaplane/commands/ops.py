@@ -460,7 +460,9 @@ def register(app: typer.Typer) -> None:
                 for c in certs:
                     write_certificate(out, c)
             else:
-                identities = certify(authority, names, cohort=cohort or "fleet", valid_days=valid_days)
+                identities = certify(
+                    authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
+                )
                 for i in identities:
                     write_identity(out, i)
             atomic_write_bytes(pub, public)
