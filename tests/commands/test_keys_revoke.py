@@ -41,12 +41,20 @@ def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_
     out = tmp_path / "revoked.bin"
     assert cli("keys", "revoke", "--authority-key", other, "--device", 1, "--out", out).exit_code == 0
     before = out.read_bytes()
+    # usage errors in the operator's words (they were exit 1 saying "which this device does not trust")
     r = cli("keys", "revoke", "--authority-key", key, "--device", 2, "--out", out)
-    assert r.exit_code != 0 and "does not trust" in r.output
+    assert r.exit_code == 2 and "authority" in r.output and "not this key's" in r.output, r.output
+    assert out.read_bytes() == before
     out.write_bytes(before[:-3])
     r = cli("keys", "revoke", "--authority-key", key, "--device", 2, "--out", out)
-    assert r.exit_code != 0 and "refused revocation list" in r.output
+    assert r.exit_code == 2 and "keys revoke` wrote" in r.output and str(out) in r.output, r.output
     assert out.read_bytes() == before[:-3]  # nothing written over it
+    forged = bytearray(before)
+    forged[-1] ^= 1  # the other authority's own list, signature altered: refused under its own key too
+    out.write_bytes(bytes(forged))
+    r = cli("keys", "revoke", "--authority-key", other, "--device", 2, "--out", out)
+    assert r.exit_code == 2 and "does not verify under this authority key" in r.output, r.output
+    assert out.read_bytes() == bytes(forged)
     r = cli("keys", "revoke", "--authority-key", out, "--device", 2, "--out", tmp_path / "x")
     assert r.exit_code != 0 and "give the enrollment authority's private key" in r.output
 

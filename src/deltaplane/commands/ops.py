@@ -501,12 +501,28 @@ def register(app: typer.Typer) -> None:
         (serve --secagg-revocations); devices refuse rounds that seat a revoked device (docs/security.md)."""
         import time
 
+        from deltaplane.aggregation.secagg import SecAggAuthError
         from deltaplane.aggregation.secagg.enrollment import device_id, load_authority
-        from deltaplane.aggregation.secagg.revocation import load_revocations, revoke, write_revocations
+        from deltaplane.aggregation.secagg.revocation import (
+            RevocationList,
+            read_server_revocations,
+            revoke,
+            write_revocations,
+        )
 
         with _errors(OSError):
             authority = load_authority(authority_key)
-            previous = load_revocations(out, authority.trust()) if os.path.lexists(out) else None
+            # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
+            # ConfigError; one that does not verify under this key is refused here (the operator's words, exit 2)
+            previous = read_server_revocations(out) if os.path.lexists(out) else None
+            if previous is not None and previous.authority == authority.id:
+                try:
+                    RevocationList.verified(previous.to_bytes(), authority.trust())
+                except SecAggAuthError:
+                    raise ConfigError(
+                        f"{out}: its signature does not verify under this authority key (altered or forged); "
+                        "restore the list `keys revoke` wrote, or give another --out"
+                    ) from None
             names = [(device_id(i), cohort) for i in dict.fromkeys(device)]
             revocations = revoke(authority, names, issued=int(time.time()), previous=previous)
             _writable(out.parent, "--out")
