@@ -180,6 +180,22 @@ def test_certify_request_usage_errors(cli, authority, tmp_path) -> None:
         assert not out.exists(), args
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--request", req, "--cohort", "north")
     assert r.exit_code == 0, r.output
+    # a partition id keys certify --request refuses (over 18 digits) makes no key on the device
+    r = cli("keys", "identity", "--device", 10**18, "--out", node)
+    assert r.exit_code == 2 and "at most 18 digits" in _flat(r.output), r.output
+    assert not list(node.glob("device-1000000000000000000.*"))
+    assert cli("keys", "identity", "--device", 10**18 - 1, "--out", node).exit_code == 0
+    r = cli(
+        "keys",
+        "certify",
+        "--authority-key",
+        key,
+        "--out",
+        out,
+        "--request",
+        node / f"device-{10**18 - 1}.request",
+    )
+    assert r.exit_code == 0, r.output
 
 
 def test_nothing_is_overwritten_without_force(cli, authority, tmp_path) -> None:

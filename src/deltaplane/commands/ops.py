@@ -311,6 +311,7 @@ def register(app: typer.Typer) -> None:
         the self-signed request to send the operator (`keys certify --request`); the key never leaves the
         device (docs/security.md)."""
         from deltaplane.aggregation.secagg.enrollment import (
+            MAX_REQUEST_PARTITION,
             device_id,
             identity_files,
             new_identity_request,
@@ -319,6 +320,8 @@ def register(app: typer.Typer) -> None:
         )
 
         with _errors(OSError):
+            if device > MAX_REQUEST_PARTITION:  # its request would be refused by `keys certify --request`
+                raise ConfigError(f"--device is a partition id of at most 18 digits. Found {device}")
             name = device_id(device)
             key_pem, request = new_identity_request(name, cohort=cohort)
             held = next(

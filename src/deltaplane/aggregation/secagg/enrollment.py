@@ -48,6 +48,7 @@ from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
+    "MAX_REQUEST_PARTITION",
     "NODE_CONFIG_KEYS",
     "REVOCATIONS_NODE_CONFIG_KEY",
     "RunEnrollment",
@@ -68,6 +69,9 @@ __all__ = [
 
 #: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
 AUTHORITY_PUBLIC_NAME = "enrollment.ed25519.pub"
+#: the largest partition id a certification request may name (``device-I``, I of at most 18 digits: what
+#: :func:`read_request` takes), so ``keys identity`` never makes a key whose request would be refused
+MAX_REQUEST_PARTITION = 10**18 - 1
 #: the ``node_config`` keys naming a Flower node's SecAgg enrollment, files on the node (all three or none): its
 #: identity key, its certificate and the enrollment authority's public key it trusts
 NODE_CONFIG_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-enrollment-authority")
