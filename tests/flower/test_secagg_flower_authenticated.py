@@ -298,8 +298,8 @@ def test_a_node_without_credentials_refuses_an_authenticated_round(loopback_grid
     assert not any(m.metadata.message_type == "train" for m in grid.sent)
 
 
-def _advertise(authenticated: bool) -> Message:
-    cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4, round_id=1)
+def _advertise(authenticated: bool, round_id: int = 1) -> Message:
+    cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4, round_id=round_id)
     rec = ConfigRecord({"stage": "advertise", "config": json.dumps(cfg.to_dict()), "encoding": "[8, 1.0, 0.0]",
                         "client-id": 0, "authenticated": authenticated, "secagg-version": 5})  # fmt: skip
     return Message(RecordDict({SECAGG_KEY: rec}), dst_node_id=0, message_type=QUERY_TYPE)
@@ -326,6 +326,24 @@ def test_credentials_given_in_code_and_half_an_enrollment_in_node_config(enrollm
                       state=RecordDict(), run_config={})  # fmt: skip
     with pytest.raises(ConfigError, match="cannot read device certificate"):
         flower_secagg.secagg_query(_advertise(True), missing)
+
+
+def test_a_node_refuses_a_round_number_it_advertised_in_already(enrollment) -> None:
+    """A server that runs a round number of the run again (or an earlier one) is refused at key advertisement:
+    the node's signatures bind the run and the round's parameters, which a repeated round would share, so the
+    earlier round's signed advertisements and survivor signatures would verify in it (replay)."""
+    creds = DeviceCredentials.from_files(*enrollment[0].values())
+    context = _context()
+    flower_secagg.secagg_query(_advertise(True, round_id=2), context, credentials=creds)
+    for again in (2, 1):
+        with pytest.raises(
+            SecAggError, match=f"refusing SecAgg round {again}: this node advertised keys for round 2"
+        ):
+            flower_secagg.secagg_query(_advertise(True, round_id=again), context, credentials=creds)
+    reply = flower_secagg.secagg_query(_advertise(True, round_id=3), context, credentials=creds)
+    assert reply.content[SECAGG_KEY]["message"]
+    # another run is another context (Flower keeps a node's state per run): its round 1 is fresh
+    flower_secagg.secagg_query(_advertise(True, round_id=1), _context(), credentials=creds)
 
 
 def test_a_runs_secagg_authenticated_enrolls_the_nodes_and_gives_the_secagg_runs_model(

@@ -155,6 +155,23 @@ def _check_authentication(
     )
 
 
+def _check_fresh_round(context: Context, round_id: int) -> None:
+    """Refuse (:class:`SecAggError`) a key advertisement for a round this node already advertised in, or an
+    earlier one, in this run: Flower's rounds only grow, and a signed advertisement or survivor signature binds
+    the run and the round's parameters (:func:`_session`, ``round_binding``), so a server running a round number
+    again would get signatures that verify in the earlier round too (replay across the two)."""
+    rec = context.state.config_records.get(_STATE)
+    if rec is None:
+        return
+    last = SecAggConfig.from_dict(json.loads(str(rec["config"]))).round_id
+    if round_id <= last:
+        raise SecAggError(
+            f"refusing SecAgg round {round_id}: this node advertised keys for round {last} of this run already, "
+            "and a run's rounds only grow (a server running a round again could replay the earlier round's "
+            "signed messages)"
+        )
+
+
 def _save(context: Context, ep: DeviceEndpoint) -> None:
     enc = ep.encoding
     context.state[_STATE] = ConfigRecord(
@@ -227,6 +244,7 @@ def secagg_query(
         config = SecAggConfig.from_dict(raw)
         check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
         _check_authentication(rec.get("authenticated", False), creds, config.round_id)
+        _check_fresh_round(context, config.round_id)
         bits, clip, scale = json.loads(str(rec["encoding"]))
         ep = DeviceEndpoint(
             int(rec["client-id"]),
