@@ -185,17 +185,8 @@ def test_certify_request_usage_errors(cli, authority, tmp_path) -> None:
     assert r.exit_code == 2 and "at most 18 digits" in _flat(r.output), r.output
     assert not list(node.glob("device-1000000000000000000.*"))
     assert cli("keys", "identity", "--device", 10**18 - 1, "--out", node).exit_code == 0
-    r = cli(
-        "keys",
-        "certify",
-        "--authority-key",
-        key,
-        "--out",
-        out,
-        "--request",
-        node / f"device-{10**18 - 1}.request",
-    )
-    assert r.exit_code == 0, r.output
+    largest = node / f"device-{10**18 - 1}.request"  # the largest keys certify --request takes
+    assert cli("keys", "certify", "--authority-key", key, "--out", out, "--request", largest).exit_code == 0
 
 
 def test_nothing_is_overwritten_without_force(cli, authority, tmp_path) -> None:
