@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import deltaplane.flower.secagg as flower_secagg
 from deltaplane.aggregation.secagg import (
+    DeviceCertificate,
     DeviceCredentials,
     DeviceIdentity,
     EnrollmentAuthority,
@@ -30,9 +32,11 @@ from deltaplane.aggregation.secagg import (
     UnmaskRequest,
     decode_message,
 )
+from deltaplane.aggregation.secagg.enrollment import RunEnrollment
+from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app, digits_server_app
-from deltaplane.flower.secagg import QUERY_TYPE, SECAGG_KEY
+from deltaplane.flower.secagg import QUERY_TYPE, REVOCATIONS_NODE_CONFIG_KEY, SECAGG_KEY
 from deltaplane.sim import RunConfig, run_simulation
 
 CFG = RunConfig(
@@ -159,6 +163,39 @@ def test_an_authenticated_round_with_a_dropout_unmasks_the_semi_honest_rounds_su
     assert rounds[0].clients == 6
     signers = [r.metadata.src_node_id for r in grid.replies_to("consistency")]
     assert signers == [100, 101, 102, 104, 105]  # the survivors; node 3 is not asked
+
+
+def test_a_node_whose_own_certificate_its_neighbours_would_refuse_sits_out_and_the_round_goes_on(
+    loopback_grid, enrollment, tmp_path
+) -> None:
+    """Node 5's certificate has expired: it refuses the round at key advertisement (SecAggAuthError naming its
+    certificate), so the roster seats the five others and the round is exact without it. It used to advertise,
+    and every other node refused the roster seating it: one node's stale enrollment failed the whole round."""
+    files = enrollment[5]
+    cert = DeviceCertificate.from_bytes(Path(files[NODE_CONFIG_KEYS[1]]).read_bytes())
+    expired = dataclasses.replace(cert, expires=1)  # its signature stale too: refused either way
+    (tmp_path / "device-5.cert").write_bytes(expired.to_bytes())
+    stale = {**enrollment, 5: {**files, NODE_CONFIG_KEYS[1]: str(tmp_path / "device-5.cert")}}
+
+    class Grid(_Recording, loopback_grid):
+        pass
+
+    grid = Grid(digits_client_app(SIX), SIX.clients)
+    _enrol(grid, stale)
+    rounds, _ = _run(grid, SIX, authenticated=True)
+    adverts = grid.replies_to("advertise")
+    refused = [r for r in adverts if r.has_error()]
+    assert [r.metadata.src_node_id for r in refused] == [105]
+    assert "this node's own certificate would be refused" in refused[0].error.reason
+    assert len(grid.replies_to("consistency")) == 5 and rounds[0].clients == 6
+    # a node whose own revocation list revokes it sits out likewise
+    run = RunEnrollment(cohort="fleet")
+    node = run.write_node_config(tmp_path / "run", "device-0")
+    write_revocations(tmp_path / "revoked.bin", revoke(run.authority, [("device-0", "fleet")], issued=1))
+    context = _context()
+    context.node_config.update({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "revoked.bin")})
+    with pytest.raises(SecAggAuthError, match=r"own certificate would be refused.*'device-0'.*is revoked"):
+        flower_secagg.secagg_query(_advertise(True), context)
 
 
 def _substituted(roster: bytes, cfg: SecAggConfig, slot: int) -> bytes:

@@ -54,6 +54,7 @@ from deltaplane.aggregation.secagg import (
     DeviceCredentials,
     DeviceEndpoint,
     RingEncoding,
+    SecAggAuthError,
     SecAggConfig,
     SecAggError,
     ServerEndpoint,
@@ -155,6 +156,21 @@ def _check_authentication(
     )
 
 
+def _check_own(credentials: DeviceCredentials, round_id: int) -> None:
+    """Refuse (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) a round this node's own certificate
+    would fail in: every neighbour refuses a roster holding a certificate that does not verify under the
+    authority it trusts, has expired or is revoked, so the whole round would fail for one node's enrollment.
+    Refusing at key advertisement leaves the node out and the round goes on without it."""
+    try:
+        credentials.check_own()
+    except SecAggAuthError as exc:
+        raise SecAggAuthError(
+            f"refusing SecAgg round {round_id}: this node's own certificate would be refused by its neighbours "
+            f"({exc}); give it a current certificate of the authority its node_config secagg-enrollment-authority "
+            "names (`deltaplane keys certify`)"
+        ) from None
+
+
 def _check_fresh_round(context: Context, round_id: int) -> None:
     """Refuse (:class:`SecAggError`) a key advertisement for a round this node already advertised in, or an
     earlier one, in this run: Flower's rounds only grow, and a signed advertisement or survivor signature binds
@@ -245,6 +261,8 @@ def secagg_query(
         check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
         _check_authentication(rec.get("authenticated", False), creds, config.round_id)
         _check_fresh_round(context, config.round_id)
+        if creds is not None:  # what every neighbour checks this node by: failing it, the node sits out
+            _check_own(creds, config.round_id)
         bits, clip, scale = json.loads(str(rec["encoding"]))
         ep = DeviceEndpoint(
             int(rec["client-id"]),

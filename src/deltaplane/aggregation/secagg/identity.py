@@ -419,6 +419,19 @@ class DeviceCredentials:
             return self
         return dataclasses.replace(self, revocations=revocations)
 
+    def check_own(self) -> None:
+        """Raise :class:`SecAggAuthError` unless this device's own certificate passes what each neighbour checks
+        it by (:meth:`verify`): a trusted authority signed it, it has not expired, the held revocation list does
+        not revoke it. A device that would fail refuses rounds itself, so the round goes on without it, rather
+        than have every neighbour refuse the roster seating it (one misconfigured device failing the round)."""
+        cert = self.identity.certificate
+        self.trusted.check(cert, now=self.clock())
+        if self.revocations is not None and self.revocations.names(cert):
+            raise SecAggAuthError(
+                f"device {cert.device_id!r} of cohort {cert.cohort!r} is revoked (revocation list number "
+                f"{self.revocations.sequence})"
+            )
+
     @classmethod
     def from_files(
         cls,
