@@ -76,3 +76,10 @@ def test_fleet_device_reads_revocations_only_with_its_enrollment(cli, authority,
     assert cli("keys", "revoke", "--authority-key", other, "--device", 4, "--out", foreign).exit_code == 0
     with pytest.raises(SecAggAuthError, match="foreign.bin.*does not trust"):
         _credentials(*files, foreign)
+    # a list revoking the device itself: refused at start (it would advertise, and every neighbour holding the
+    # list would refuse the roster seating it: the round failing for all)
+    assert cli("keys", "revoke", "--authority-key", key, "--device", 0, "--out", crl).exit_code == 0
+    with pytest.raises(
+        ConfigError, match=r"revoked.bin revokes this device's certificate.*'device-0'.*new device id"
+    ):
+        _credentials(*files, crl)

@@ -189,6 +189,13 @@ def _credentials(
             "the enrollment.ed25519.pub of the authority that enrolled this device (`deltaplane keys enrollment` "
             "printed its id), or enroll the device again (fleet enroll --authority-key)"
         ) from None
+    try:  # revoked by its own list: every neighbour holding the list would refuse the rosters seating it
+        credentials.check_own()
+    except SecAggAuthError as exc:
+        raise ConfigError(
+            f"--revocations {revocations} revokes this device's certificate ({exc}): its neighbours refuse every "
+            "round seating it; enroll a replacement under a new device id"
+        ) from None
     return credentials
 
 
