@@ -419,6 +419,13 @@ class DeviceCredentials:
             return self
         return dataclasses.replace(self, revocations=revocations)
 
+    def check_current(self, fix: str) -> None:
+        """Raise :class:`~deltaplane.aggregation.secagg.errors.RevocationsStale` if the held revocation list is
+        past its next update (beyond the clock-skew tolerance) by this device's clock; ``fix`` says how the
+        device gets a current one on its transport. No list held: nothing to check (revocation is opt-in)."""
+        if self.revocations is not None:
+            self.revocations.check_current(self.clock(), holder="this device's", fix=fix)
+
     @classmethod
     def from_files(
         cls,
@@ -485,19 +492,23 @@ class DeviceCredentials:
 
 def check_round_authentication(
     authenticated: bool,
-    enrolled: bool,
+    credentials: DeviceCredentials | None,
     round_id: object,
     *,
     this: str,
     enrolled_as: str,
     server_fix: str = "",
     unenrolled_fix: str = "",
+    stale_fix: str,
 ) -> None:
-    """A device takes part in an authenticated round if and only if it is enrolled: the opt-in is the device's
-    own enrollment, never the server's say-so (a server could otherwise switch authentication off). Raises
-    :class:`SecAggAuthError` for the other two cases, before the device trains or sends anything; ``this`` names
-    the device in the message ("device", "node"), ``enrolled_as`` says how it was enrolled, and the two ``*_fix``
-    texts what the operator does about each refusal on its transport (the HTTP service, Flower)."""
+    """A device takes part in an authenticated round if and only if it is enrolled (holds ``credentials``): the
+    opt-in is the device's own enrollment, never the server's say-so (a server could otherwise switch
+    authentication off), and only while the revocation list it holds is current
+    (:meth:`DeviceCredentials.check_current`). Raises :class:`SecAggAuthError` otherwise, before the device
+    trains or sends anything; ``this`` names the device in the message ("device", "node"), ``enrolled_as`` says
+    how it was enrolled, and the ``*_fix`` texts what the operator does about each refusal on its transport (the
+    HTTP service, Flower)."""
+    enrolled = credentials is not None
     if enrolled and not authenticated:
         raise SecAggAuthError(
             f"refusing SecAgg round {round_id}: this {this} authenticates its neighbours' keys ({enrolled_as}), and "
@@ -508,6 +519,8 @@ def check_round_authentication(
             f"refusing SecAgg round {round_id}: it takes signed key advertisements, and this {this} has no "
             f"enrolled identity{unenrolled_fix}"
         )
+    if authenticated and credentials is not None:
+        credentials.check_current(stale_fix)
 
 
 def advertisement_statement(
