@@ -58,13 +58,10 @@ def _devices(svc, rnd, creds) -> list[SecAggDevice]:
     return devices
 
 
-def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_exact_without_it(
-    service_factory, fleet, crl_file
-) -> None:
-    path, crl = crl_file
-    svc = service_factory(secagg_revocations=str(path))
+def _round_without_the_revoked_device(svc, held: dict[str, DeviceCredentials]) -> None:
+    """An authenticated round of every device, each holding ``held``'s credentials: the service refuses dev-4's
+    advertisement (422) and the round publishes the exact sum of the five others."""
     rnd = _open(svc, NAMES)
-    held = {d: c.with_revocations(crl) for d, c in fleet.items()}
     devices = _devices(svc, rnd, held)
     with pytest.raises(ServiceError) as exc:
         devices[REVOKED].advertise()
@@ -80,6 +77,14 @@ def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_ex
     total = sum(dev.codes.astype(np.uint64) for dev in rest)  # every unrevoked device, exactly
     assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
     assert closed["responded"] == 5
+
+
+def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_exact_without_it(
+    service_factory, fleet, crl_file
+) -> None:
+    path, crl = crl_file
+    svc = service_factory(secagg_revocations=str(path))
+    _round_without_the_revoked_device(svc, {d: c.with_revocations(crl) for d, c in fleet.items()})
 
 
 def test_devices_holding_the_list_refuse_a_roster_seating_the_revoked_device(
@@ -162,22 +167,7 @@ def test_a_list_uploaded_without_restart_refuses_the_revoked_device_end_to_end(
             assert refresh_revocations(dev) is True
             assert (tmp_path / f"{d}.revocations").read_bytes() == crl.to_bytes()
         held[d] = dev.credentials
-    rnd = _open(svc, NAMES)
-    devices = _devices(svc, rnd, held)
-    with pytest.raises(ServiceError) as exc:
-        devices[REVOKED].advertise()
-    assert exc.value.status == 422 and "'dev-4'" in exc.value.detail and "revoked" in exc.value.detail
-    rest = [dev for i, dev in enumerate(devices) if i != REVOKED]
-    for stage in ("advertise", "share", "upload", "vouch"):
-        for dev in rest:
-            getattr(dev, stage)()
-        svc.admin.advance_secagg("cnn", rnd)
-    for dev in rest:
-        dev.unmask()
-    closed = svc.admin.close_secagg("cnn", rnd)
-    total = sum(dev.codes.astype(np.uint64) for dev in rest)
-    assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
-    assert closed["responded"] == 5
+    _round_without_the_revoked_device(svc, held)
 
 
 def test_uploads_that_are_forged_stale_rolled_back_or_oversized_are_refused(
