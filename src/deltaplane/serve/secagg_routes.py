@@ -40,8 +40,10 @@ An *authenticated* round (``"authenticated": true`` when opened) takes only key 
 enrolled device's identity key and forwards them with their certificates in the roster, where every device
 checks them (:mod:`deltaplane.aggregation.secagg.identity`): a device with credentials refuses an unsigned round
 or roster, so this flag cannot turn the check off. The service itself holds no enrollment key and verifies no
-signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
-``ServiceConfig.secagg_revocations``) a device the enrollment authority's revocation list revokes (422). Such a
+device's signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
+``ServiceConfig.secagg_revocations``; verified under ``ServiceConfig.secagg_authority`` when given, refused past its
+next update, and replaced by uploads: :mod:`deltaplane.serve.revocation_routes`) a device the enrollment
+authority's revocation list revokes (422). Such a
 round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
 the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 

@@ -398,7 +398,8 @@ class DeviceCredentials:
     any roster that is not fully signed, whatever the server's invitation says. ``revocations`` is the
     enrollment authority's latest revocation list the device was given
     (:class:`~deltaplane.aggregation.secagg.revocation.RevocationList`, verified here under ``trusted``): a
-    roster slot holding a certificate it revokes is refused like an unauthenticated one.
+    roster slot holding a certificate it revokes is refused like an unauthenticated one, and once the list is
+    past its next update the device takes part in no authenticated round (:meth:`check_current`).
     """
 
     identity: DeviceIdentity
