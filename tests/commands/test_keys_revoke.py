@@ -3,11 +3,19 @@ signed so devices verify it, refused when it is another authority's or not a lis
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from deltaplane.aggregation.secagg import DeviceCertificate, EnrollmentAuthority, SecAggAuthError
-from deltaplane.aggregation.secagg.revocation import RevocationList, load_revocations
+from deltaplane.aggregation.secagg.revocation import (
+    DEFAULT_VALID_DAYS,
+    MAX_VALID_DAYS,
+    RevocationList,
+    load_revocations,
+)
 from deltaplane.commands.fleet import _credentials
+from deltaplane.commands.ops import REVOCATION_MAX_VALID_DAYS, REVOCATION_VALID_DAYS
 from deltaplane.errors import ConfigError
 
 
@@ -83,3 +91,36 @@ def test_fleet_device_reads_revocations_only_with_its_enrollment(cli, authority,
         ConfigError, match=r"revoked.bin revokes this device's certificate.*'device-0'.*new device id"
     ):
         _credentials(*files, crl)
+
+
+def test_valid_days_sets_the_next_update_and_no_device_re_issues(cli, authority, tmp_path) -> None:
+    auth, key = authority
+    out = tmp_path / "revoked.bin"
+    before = int(time.time())
+    r = cli("keys", "revoke", "--authority-key", key, "--device", 3, "--valid-days", 2, "--out", out)
+    assert r.exit_code == 0 and "current until" in r.output, r.output
+    first = load_revocations(out, auth.trust())
+    assert before + 172_800 <= first.next_update <= int(time.time()) + 172_800
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out)  # no --device: re-issued, default 7 days
+    assert r.exit_code == 0, r.output
+    again = load_revocations(out, auth.trust())
+    assert again.sequence == 2 and again.revoked == first.revoked
+    assert before + 604_800 <= again.next_update <= int(time.time()) + 604_800
+    for days in (0, 91):
+        r = cli("keys", "revoke", "--authority-key", key, "--valid-days", days, "--out", out)
+        assert r.exit_code != 0
+    assert load_revocations(out, auth.trust()) == again
+    # the CLI's literals (kept out of its import path) are the module's
+    assert (REVOCATION_VALID_DAYS, REVOCATION_MAX_VALID_DAYS) == (DEFAULT_VALID_DAYS, MAX_VALID_DAYS)
+
+
+def test_fleet_device_starts_without_its_list_file_and_refuses_a_v1_one(cli, authority, tmp_path) -> None:
+    _, key = authority
+    out = tmp_path / "ids"
+    assert cli("keys", "certify", "--authority-key", key, "--device", 0, "--out", out).exit_code == 0
+    files = out / "device-0.identity.pem", out / "device-0.cert", out / "enrollment.ed25519.pub"
+    creds = _credentials(*files, out / "device-0.revocations")  # not fetched yet: no list held
+    assert creds.revocations is None
+    (out / "v1.bin").write_bytes(b"DPRL\x01" + bytes(100))
+    with pytest.raises(SecAggAuthError, match="re-issue it with `deltaplane keys revoke"):
+        _credentials(*files, out / "v1.bin")

@@ -5,6 +5,7 @@ whole rounds seating a device it revokes."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -12,10 +13,17 @@ from tests.flower.test_secagg_flower_authenticated import CFG, _Recording, _run,
 
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError, SecAggError
 from deltaplane.aggregation.secagg.enrollment import RunEnrollment
+from deltaplane.aggregation.secagg.errors import RevocationsStale
 from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app
-from deltaplane.flower.secagg import REVOCATIONS_NODE_CONFIG_KEY, SECAGG_KEY, SecAggStrategy, node_credentials
+from deltaplane.flower.secagg import (
+    REVOCATIONS_NODE_CONFIG_KEY,
+    SECAGG_KEY,
+    SecAggStrategy,
+    _check_authentication,
+    node_credentials,
+)
 
 
 def test_node_config_names_the_revocation_list(tmp_path) -> None:
@@ -160,3 +168,26 @@ def test_the_strategy_takes_a_list_only_for_authenticated_rounds(loopback_grid, 
     with pytest.raises(ConfigError, match="bad.bin.*keys revoke"):
         _run(loopback_grid(digits_client_app(CFG), CFG.clients), CFG, authenticated=True,
              revocations=str(tmp_path / "bad.bin"))  # fmt: skip
+
+
+def test_a_stale_list_refuses_authenticated_rounds_on_the_node_and_the_strategy(
+    loopback_grid, tmp_path
+) -> None:
+    """Expiry applies on Flower too: a node whose ``secagg-revocations`` file holds a list past its next update
+    (beyond 300 s of clock skew) refuses an authenticated round, typed, saying a Flower node cannot fetch the list
+    from the server; a SecAggStrategy given a stale list refuses to start the round."""
+    run = RunEnrollment(cohort="fleet")
+    node = run.write_node_config(tmp_path, "device-0")
+    now = int(time.time())
+    stale = revoke(run.authority, [("device-3", "fleet")], issued=now - 3 * 3600, valid_s=3600)
+    write_revocations(tmp_path / "stale.bin", stale)
+    creds = node_credentials({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "stale.bin")})
+    with pytest.raises(RevocationsStale, match="cannot fetch it from the server"):
+        _check_authentication(True, creds, 1)
+    fresh = revoke(run.authority, [], issued=now, previous=stale)
+    write_revocations(tmp_path / "fresh.bin", fresh)
+    _check_authentication(
+        True, node_credentials({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "fresh.bin")}), 1
+    )
+    with pytest.raises(RevocationsStale, match="the strategy's"):
+        _run(loopback_grid(digits_client_app(CFG), CFG.clients), CFG, authenticated=True, revocations=stale)

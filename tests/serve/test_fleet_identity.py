@@ -3,7 +3,9 @@ rounds opened by the coordinator, and devices that refuse rounds their enrollmen
 
 from __future__ import annotations
 
+import dataclasses
 import stat
+import time
 
 from deltaplane.aggregation.secagg import (
     DeviceCredentials,
@@ -11,6 +13,7 @@ from deltaplane.aggregation.secagg import (
     EnrollmentAuthority,
     TrustedAuthorities,
 )
+from deltaplane.aggregation.secagg.revocation import revoke
 from deltaplane.serve import fleet
 
 from .test_fleet import MODEL, Fleet, _cli, _config, _env, _threads
@@ -146,3 +149,44 @@ def test_a_device_given_the_wrong_enrollment_authority_or_an_expired_certificate
     assert code == 2 and "expired" in out and "enroll the device again" in out, out
     code, out = device("valid", "right.pub")  # the credentials pass; the next check is the federation file
     assert code == 2 and "federation file" in out and "does not exist" in out, out
+
+
+def test_fleet_devices_take_an_uploaded_list_before_the_round_and_keep_it(byo_task, tmp_path) -> None:
+    """Real fleet devices (run_device) and the coordinator over TLS: the devices start holding a list past its next
+    update (a week offline), the operator uploads a current one revoking device-3 without restarting the service;
+    before the round each device fetches it, verifies it, keeps it in its file and takes part (the stale one would
+    have made it refuse); the service refuses device-3's keys and the round publishes with the other three."""
+    cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
+    authority = EnrollmentAuthority.generate()
+    now = int(time.time())
+    stale = revoke(authority, [], issued=now - 9 * 86_400)  # its next update was two days ago
+    current = revoke(authority, [(fleet.device_id(3), "fleet")], issued=now, previous=stale)
+    pub = tmp_path / "enrollment.ed25519.pub"
+    pub.write_text(authority.public_text() + "\n")
+    with Fleet(tmp_path, cfg) as f:
+        f.stop()  # the same service, configured to keep and verify a list
+        f.service = dataclasses.replace(
+            f.service, secagg_revocations=str(tmp_path / "service.bin"), secagg_authority=str(pub)
+        )
+        f.start_again()
+        assert f.admin.upload_revocations(current.to_bytes())["replaced"] is True
+        devices = [f.device(i) for i in range(4)]
+        logs: dict[int, list[str]] = {i: [] for i in range(4)}
+        for i, dev in enumerate(devices):
+            ident = DeviceIdentity.enroll(
+                authority, fleet.device_id(i), cohort="fleet", expires=4_000_000_000
+            )
+            dev.credentials = DeviceCredentials(ident, authority.trust(), revocations=stale)
+            dev.revocations_file = tmp_path / f"device-{i}.revocations"
+            dev.log = logs[i].append
+        threads = _threads(devices, rounds=1, stage_wait=20)
+        out = fleet.coordinate(
+            f.admin, cfg, model=MODEL, rounds=1, deadline=10, poll=0.05, authenticated=True
+        )
+        for t in threads:
+            t.join(30)
+    assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None, out[0].line(1)
+    for i in range(4):
+        assert (tmp_path / f"device-{i}.revocations").read_bytes() == current.to_bytes()
+        assert any("took revocation list number 2" in line for line in logs[i]), logs[i]
+    assert any("'device-3'" in line and "revoked" in line for line in logs[3]), logs[3]

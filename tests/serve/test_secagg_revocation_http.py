@@ -6,6 +6,8 @@ the list refuses the roster, naming the slot, before it sends anything (the roun
 from __future__ import annotations
 
 import hashlib
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +17,16 @@ from tests.serve.test_secagg_auth_http import _creds, _open
 
 from deltaplane.aggregation.secagg import (
     DeviceCredentials,
+    EnrollmentAuthority,
+    RevocationList,
     RingEncoding,
     SecAggAuthError,
 )
-from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+from deltaplane.aggregation.secagg.errors import RevocationsStale
+from deltaplane.aggregation.secagg.revocation import load_revocations, revoke, write_revocations
 from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
+from deltaplane.serve.fleet import refresh_revocations
 from deltaplane.serve.secagg_client import SecAggDevice
 
 NAMES = [f"dev-{i}" for i in range(6)]
@@ -52,13 +58,10 @@ def _devices(svc, rnd, creds) -> list[SecAggDevice]:
     return devices
 
 
-def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_exact_without_it(
-    service_factory, fleet, crl_file
-) -> None:
-    path, crl = crl_file
-    svc = service_factory(secagg_revocations=str(path))
+def _round_without_the_revoked_device(svc, held: dict[str, DeviceCredentials]) -> None:
+    """An authenticated round of every device, each holding ``held``'s credentials: the service refuses dev-4's
+    advertisement (422) and the round publishes the exact sum of the five others."""
     rnd = _open(svc, NAMES)
-    held = {d: c.with_revocations(crl) for d, c in fleet.items()}
     devices = _devices(svc, rnd, held)
     with pytest.raises(ServiceError) as exc:
         devices[REVOKED].advertise()
@@ -74,6 +77,14 @@ def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_ex
     total = sum(dev.codes.astype(np.uint64) for dev in rest)  # every unrevoked device, exactly
     assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
     assert closed["responded"] == 5
+
+
+def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_exact_without_it(
+    service_factory, fleet, crl_file
+) -> None:
+    path, crl = crl_file
+    svc = service_factory(secagg_revocations=str(path))
+    _round_without_the_revoked_device(svc, {d: c.with_revocations(crl) for d, c in fleet.items()})
 
 
 def test_devices_holding_the_list_refuse_a_roster_seating_the_revoked_device(
@@ -109,3 +120,148 @@ def test_the_service_refuses_a_malformed_list_at_round_open(service_factory, crl
         _open(svc, NAMES)
     assert err.value.status == 422 and "revocation list" in err.value.detail
     assert _open(svc, NAMES, authenticated=False)  # an unauthenticated round checks no certificate at all
+
+
+# -- a new list without a restart: uploaded by the operator, fetched by devices ------------------------------
+
+
+def _uploading_service(service_factory, authority, tmp_path, held=None):
+    """A service keeping its list in ``revoked.bin`` (``held`` there first, if given), verifying it under the
+    authority's public key."""
+    pub = tmp_path / "enrollment.ed25519.pub"
+    pub.write_text(authority.public_text() + "\n")
+    path = tmp_path / "revoked.bin"
+    if held is not None:
+        write_revocations(path, held)
+    svc = service_factory(secagg_revocations=str(path), secagg_authority=str(pub))
+    return svc, path
+
+
+def _fleet_device(svc, name, creds, keep):
+    """What refresh_revocations reads of a fleet device: its connection, credentials, kept file and log."""
+    return SimpleNamespace(conn=svc.device(name), credentials=creds, revocations_file=keep, log=[].append)
+
+
+def test_a_list_uploaded_without_restart_refuses_the_revoked_device_end_to_end(
+    service_factory, authority, fleet, tmp_path
+) -> None:
+    now = int(time.time())
+    empty = revoke(authority, [], issued=now)
+    svc, path = _uploading_service(service_factory, authority, tmp_path, held=empty)
+    # the leaked key of dev-4 is reported: the operator revokes it and uploads the list; no restart
+    crl = revoke(authority, [(NAMES[REVOKED], "fleet")], issued=now, previous=empty)
+    answer = svc.admin.upload_revocations(crl.to_bytes())
+    assert answer == {
+        "sequence": 2,
+        "issued": now,
+        "next_update": now + 7 * 86_400,
+        "revoked": 1,
+        "replaced": True,
+    }
+    assert path.read_bytes() == crl.to_bytes()
+    # each honest device takes it from the service before the round, and keeps it
+    held = {}
+    for i, d in enumerate(NAMES):
+        dev = _fleet_device(svc, d, fleet[d], tmp_path / f"{d}.revocations")
+        if i != REVOKED:
+            assert refresh_revocations(dev) is True
+            assert (tmp_path / f"{d}.revocations").read_bytes() == crl.to_bytes()
+        held[d] = dev.credentials
+    _round_without_the_revoked_device(svc, held)
+
+
+def test_uploads_that_are_forged_stale_rolled_back_or_oversized_are_refused(
+    service_factory, authority, tmp_path
+) -> None:
+    now = int(time.time())
+    first = revoke(authority, [(NAMES[1], "fleet")], issued=now)
+    second = revoke(authority, [(NAMES[2], "fleet")], issued=now, previous=first)
+    svc, path = _uploading_service(service_factory, authority, tmp_path, held=second)
+
+    def refused(data: bytes) -> ServiceError:
+        with pytest.raises(ServiceError) as exc:
+            svc.admin.upload_revocations(data)
+        return exc.value
+
+    assert refused(first.to_bytes()).status == 409  # a rollback
+    assert "never goes back" in refused(first.to_bytes()).detail
+    rogue = EnrollmentAuthority.generate()
+    forged = RevocationList(
+        authority.id, 9, now, now + 3600, frozenset(), revoke(rogue, [], issued=now).signature
+    )
+    err = refused(forged.to_bytes())
+    assert err.status == 422 and "forged or altered" in err.detail
+    assert refused(revoke(rogue, [], issued=now).to_bytes()).status == 422  # an untrusted authority
+    stale = revoke(authority, [], issued=now - 2 * 86_400, valid_s=86_400, previous=second)
+    err = refused(stale.to_bytes())
+    assert err.status == 422 and "next update" in err.detail
+    assert refused(second.to_bytes()[:-1]).status == 400
+    assert refused(bytes(2 << 20)).status == 413
+    assert refused(b"").status == 400
+    assert path.read_bytes() == second.to_bytes()  # nothing replaced it
+    assert svc.admin.upload_revocations(second.to_bytes())["replaced"] is False
+    # the admin token is required; a device token does not upload
+    resp = svc.http.post("/admin/secagg/revocations", content=second.to_bytes())
+    assert resp.status_code == 401
+    dev = svc.device("dev-0")
+    with pytest.raises(ServiceError) as exc:
+        dev.request("POST", "/admin/secagg/revocations", content=second.to_bytes())
+    assert exc.value.status == 401
+    # the device endpoint needs a device token, and answers the list as held
+    assert svc.http.get("/v1/secagg/revocations").status_code == 401
+    assert dev.request("GET", "/v1/secagg/revocations").content == second.to_bytes()
+
+
+def test_uploads_need_a_kept_file_and_the_authority_key(service_factory, authority, tmp_path) -> None:
+    data = revoke(authority, [], issued=int(time.time())).to_bytes()
+    for config, why in (
+        ({}, "--secagg-revocations FILE"),
+        ({"secagg_revocations": str(tmp_path / "r")}, "--secagg-enrollment-authority"),
+    ):
+        svc = service_factory(**config)
+        with pytest.raises(ServiceError) as exc:
+            svc.admin.upload_revocations(data)
+        assert exc.value.status == 409 and why in exc.value.detail
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stale_list_refuses_the_round_open_until_a_current_one_is_uploaded(
+    service_factory, authority, fleet, tmp_path
+) -> None:
+    now = int(time.time())
+    stale = revoke(authority, [], issued=now - 2 * 86_400, valid_s=86_400)
+    svc, _ = _uploading_service(service_factory, authority, tmp_path, held=stale)
+    with pytest.raises(ServiceError) as err:
+        _open(svc, NAMES)
+    assert (
+        err.value.status == 422
+        and "next update" in err.value.detail
+        and "POST /admin/secagg/revocations" in err.value.detail
+    )
+    # a device holding the stale list refuses the invitation itself (typed, before it trains)
+    svc.admin.upload_revocations(revoke(authority, [], issued=now, previous=stale).to_bytes())
+    rnd = _open(svc, NAMES)
+    with pytest.raises(RevocationsStale, match="fleet device fetches the service's"):
+        SecAggDevice(svc.device(NAMES[0]), "cnn", rnd, credentials=fleet[NAMES[0]].with_revocations(stale))
+
+
+def test_a_man_in_the_middle_serving_an_old_list_is_refused_and_the_kept_list_stays(
+    authority, fleet, tmp_path
+) -> None:
+    now = int(time.time())
+    old = revoke(authority, [], issued=now)
+    new = revoke(authority, [(NAMES[REVOKED], "fleet")], issued=now, previous=old)
+    keep = tmp_path / "dev-0.revocations"
+    write_revocations(keep, new)
+
+    class Replaying:  # answers the list it recorded earlier, instead of the service's
+        def request(self, method, path, **_):
+            assert (method, path) == ("GET", "/v1/secagg/revocations")
+            return SimpleNamespace(content=old.to_bytes())
+
+    creds = fleet[NAMES[0]].with_revocations(load_revocations(keep, authority.trust()))  # a restarted device
+    lines: list[str] = []
+    dev = SimpleNamespace(conn=Replaying(), credentials=creds, revocations_file=keep, log=lines.append)
+    assert refresh_revocations(dev) is False
+    assert dev.credentials.revocations == new and keep.read_bytes() == new.to_bytes()
+    assert "refused the service's revocation list" in lines[0] and "never goes back" in lines[0]

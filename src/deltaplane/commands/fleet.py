@@ -159,8 +159,10 @@ def _credentials(
     key: Path | None, certificate: Path | None, authority: Path | None, revocations: Path | None = None
 ) -> Any:
     """The device's SecAgg credentials from ``--identity-key``, ``--certificate`` and ``--enrollment-authority``
-    (all three or none: a device with half an enrollment must not silently run unauthenticated), and the
-    authority's revocation list ``--revocations`` (only with them: alone it would authenticate nothing)."""
+    (all three or none: a device with half an enrollment must not silently run unauthenticated), holding the
+    authority's revocation list in ``--revocations`` if that file exists yet (only with them: alone it would
+    authenticate nothing). The device keeps each newer list it takes in that file
+    (:func:`~deltaplane.serve.fleet.refresh_revocations`)."""
     given = [x is not None for x in (key, certificate, authority)]
     if not any(given):
         if revocations is not None:
@@ -177,7 +179,8 @@ def _credentials(
     from deltaplane.aggregation.secagg.identity import DeviceCredentials, SecAggAuthError
 
     assert key is not None and certificate is not None and authority is not None
-    credentials = DeviceCredentials.from_files(key, certificate, authority, revocations)
+    held = revocations if revocations is not None and revocations.exists() else None
+    credentials = DeviceCredentials.from_files(key, certificate, authority, held)
     # Its own certificate must verify under the authority it trusts, as every neighbour checks it: a wrong
     # .pub (the registry's signing key, another fleet's authority) or an expired certificate used to surface
     # only in the rounds, as a roster that does not verify, with the device sitting out every round.
@@ -410,11 +413,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--revocations",
-                exists=True,
                 dir_okay=False,
-                help="The enrollment authority's revocation list (keys revoke): the device refuses rounds that "
-                "seat a revoked device.",
-                show_default="none",
+                help="This device's copy of the enrollment authority's revocation list (keys revoke): read at "
+                "start if it exists; before each round the device fetches the service's list and, if it verifies "
+                "under --enrollment-authority and is newer, keeps it here (atomic write), so a restarted device "
+                "never takes an older one. It refuses rounds that seat a revoked device, and authenticated "
+                "rounds while its list is past its next update.",
+                show_default="device-I.revocations beside --certificate",
             ),
         ] = None,
     ) -> None:
@@ -424,6 +429,8 @@ def register(app: typer.Typer) -> None:
         from deltaplane.serve.fleet import load_device, run_device
 
         with _errors(OSError), cpu_threads(threads):
+            if revocations is None and certificate is not None:
+                revocations = certificate.with_suffix(".revocations")  # the enrollment's folder: device-I.*
             credentials = _credentials(identity_key, certificate, enrollment_authority, revocations)
             if trusted is None:
                 raise ConfigError(
@@ -437,6 +444,7 @@ def register(app: typer.Typer) -> None:
             )
             dev = load_device(conn, run, device, model=model)
             dev.credentials = credentials
+            dev.revocations_file = revocations if credentials is not None else None
             dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience

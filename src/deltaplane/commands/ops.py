@@ -33,6 +33,11 @@ from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 
+#: ``keys revoke --valid-days``: the default and largest validity of a revocation list, as
+#: :mod:`deltaplane.aggregation.secagg.revocation` has them (not imported: it loads the whole SecAgg package, 1.5 s
+#: of every CLI start); tests/commands/test_keys_revoke.py checks they agree
+REVOCATION_VALID_DAYS, REVOCATION_MAX_VALID_DAYS = 7, 90
+
 __all__ = ["load_evaluator", "register"]
 
 
@@ -488,52 +493,83 @@ def register(app: typer.Typer) -> None:
                 "--authority-key", help="The enrollment authority's private key (keys enrollment wrote it)."
             ),
         ],
-        device: Annotated[
-            list[int],
-            typer.Option("--device", min=0, help="Revoke device-I (a partition id; repeatable)."),
-        ],
         out: Annotated[
             Path,
             typer.Option("--out", help="The revocation list: appended to if it exists, else created."),
         ],
+        device: Annotated[
+            list[int] | None,
+            typer.Option(
+                "--device",
+                min=0,
+                help="Revoke device-I (a partition id; repeatable). None: re-issue the list with a new next update.",
+                show_default="none",
+            ),
+        ] = None,
         cohort: Annotated[str, typer.Option(help="Cohort of the revoked certificates.")] = "fleet",
+        valid_days: Annotated[
+            int,
+            typer.Option(
+                "--valid-days",
+                min=1,
+                max=REVOCATION_MAX_VALID_DAYS,
+                help="Days until the list's next update: past it (plus 5 minutes of clock skew) devices and the "
+                "service refuse authenticated rounds until a newer list arrives, which bounds how long a newer "
+                "list can be withheld from them. Re-issue it before then.",
+            ),
+        ] = REVOCATION_VALID_DAYS,
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
-        COHORT to the authority's signed revocation list OUT, numbered one past the list there (atomic write).
-        Give OUT to every device (fleet device --revocations, Flower's secagg-revocations) and to the service
-        (serve --secagg-revocations); devices refuse rounds that seat a revoked device (docs/security.md)."""
+        COHORT to the authority's signed revocation list OUT, numbered one past the list there and current for
+        --valid-days (atomic write); without --device, re-issue OUT as it is with a new next update (a version-1
+        list, which had none, is re-issued this way). Give OUT to the service (POST /admin/secagg/revocations, or
+        serve --secagg-revocations), from which fleet devices fetch it before each round, or to each device
+        (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds that seat a revoked
+        device (docs/security.md)."""
         import time
 
         from deltaplane.aggregation.secagg import SecAggAuthError
         from deltaplane.aggregation.secagg.enrollment import device_id, load_authority
         from deltaplane.aggregation.secagg.revocation import (
+            REVOCATIONS_MAX_BYTES,
             RevocationList,
-            read_server_revocations,
             revoke,
             write_revocations,
         )
+        from deltaplane.errors import DecodeError
+        from deltaplane.textfile import read_bounded_bytes
 
         with _errors(OSError):
             authority = load_authority(authority_key)
             # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
-            # ConfigError; one that does not verify under this key is refused here (the operator's words, exit 2)
-            previous = read_server_revocations(out) if os.path.lexists(out) else None
-            if previous is not None and previous.authority == authority.id:
+            # ConfigError; one that does not verify under this key is refused here (the operator's words, exit 2);
+            # a version-1 list (no next update) is read to be re-issued
+            previous = None
+            if os.path.lexists(out):
+                data = read_bounded_bytes(out, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
                 try:
-                    RevocationList.verified(previous.to_bytes(), authority.trust())
-                except SecAggAuthError:
-                    raise ConfigError(
-                        f"{out}: its signature does not verify under this authority key (altered or forged); "
-                        "restore the list `keys revoke` wrote, or give another --out"
-                    ) from None
-            names = [(device_id(i), cohort) for i in dict.fromkeys(device)]
-            revocations = revoke(authority, names, issued=int(time.time()), previous=previous)
+                    previous = RevocationList.from_bytes(data, legacy=True)
+                except (DecodeError, SecAggAuthError) as exc:
+                    raise ConfigError(f"{out}: {exc}; give the file `deltaplane keys revoke` wrote") from None
+                if previous.authority == authority.id:
+                    try:
+                        RevocationList.verified(data, authority.trust(), legacy=True)
+                    except SecAggAuthError:
+                        raise ConfigError(
+                            f"{out}: its signature does not verify under this authority key (altered or forged); "
+                            "restore the list `keys revoke` wrote, or give another --out"
+                        ) from None
+            names = [(device_id(i), cohort) for i in dict.fromkeys(device or [])]
+            revocations = revoke(
+                authority, names, issued=int(time.time()), valid_s=valid_days * 86_400, previous=previous
+            )
             _writable(out.parent, "--out")
             write_revocations(out, revocations)
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
-                f"{len(revocations.revoked)} devices revoked, written to {out}"
+                f"{len(revocations.revoked)} devices revoked, current until {revocations.next_update} "
+                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(revocations.next_update))}), written to {out}"
             ),
             soft_wrap=True,
         )
@@ -1130,7 +1166,20 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--secagg-revocations",
                 help="The enrollment authority's revocation list (keys revoke), read at each SecAgg round open: "
-                "authenticated rounds refuse revoked devices' keys (422) and go on without them.",
+                "authenticated rounds refuse revoked devices' keys (422) and go on without them, and do not open "
+                "once it is past its next update. POST /admin/secagg/revocations replaces it without a restart "
+                "(it may not exist until then); devices fetch it from GET /v1/secagg/revocations.",
+                show_default="none",
+            ),
+        ] = None,
+        secagg_enrollment_authority: Annotated[
+            Path | None,
+            typer.Option(
+                "--secagg-enrollment-authority",
+                exists=True,
+                dir_okay=False,
+                help="The enrollment authority's public key (enrollment.ed25519.pub): the service verifies its "
+                "revocation list under it, and takes uploads only with it.",
                 show_default="none",
             ),
         ] = None,
@@ -1220,6 +1269,7 @@ def register(app: typer.Typer) -> None:
                 burst=burst,
                 runs_dir=str(runs_dir) if runs_dir else "",
                 secagg_revocations=str(secagg_revocations) if secagg_revocations else "",
+                secagg_authority=str(secagg_enrollment_authority) if secagg_enrollment_authority else "",
                 max_json_bytes=max_json_bytes,
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
@@ -146,13 +147,15 @@ def _check_authentication(
         )
     check_round_authentication(
         authenticated,
-        credentials is not None,
+        credentials,
         round_id,
         this="node",
         enrolled_as="it is enrolled: node_config secagg-identity-key …",
         server_fix="; run the server with SecAggStrategy(authenticated=True)",
         unenrolled_fix=f"; give it one in its node_config ({', '.join(NODE_CONFIG_KEYS)}) or "
         "secagg_mod(credentials=…) and add_secagg(credentials=…)",
+        stale_fix=f"the file its node_config {REVOCATIONS_NODE_CONFIG_KEY} names holds a current one (`deltaplane "
+        "keys revoke` issues it; a Flower node cannot fetch it from the server)",
     )
 
 
@@ -468,9 +471,15 @@ class SecAggStrategy(DeltaStrategy):
         self._short = False
 
     def _revocations(self) -> RevocationList | None:
-        """This round's revocation list: the one given, or its file's contents now (a newer list applies at once)."""
+        """This round's revocation list: the one given, or its file's contents now (a newer list applies at once).
+        A list past its next update is refused (:class:`~deltaplane.aggregation.secagg.errors.RevocationsStale`):
+        the round does not start, as every node holding the same list would refuse it."""
         rl = self.revocations
-        return rl if rl is None or isinstance(rl, RevocationList) else read_server_revocations(rl)
+        fix = "the authority issues a current one (`deltaplane keys revoke`) for the strategy and its nodes"
+        if isinstance(rl, RevocationList):
+            rl.check_current(time.time(), holder="the strategy's", fix=fix)
+            return rl
+        return None if rl is None else read_server_revocations(rl, now=time.time(), fix=fix)
 
     def _stage(
         self, grid: Grid, server: ServerEndpoint, ids: dict[int, int], records: dict[int, ConfigRecord]

@@ -63,6 +63,7 @@ from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.revocation_routes import install_revocation_routes, server_trust
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
@@ -127,7 +128,12 @@ class ServiceConfig:
         secagg_revocations: the enrollment authority's revocation list (``deltaplane keys revoke``; "" for none),
             read again at every SecAgg round open, so a newer list applies from the next round without a restart.
             An authenticated round then refuses (422) the key advertisement of a device it revokes and goes on
-            without that device. Devices holding the list refuse such a device whatever the service does.
+            without that device. Devices holding the list refuse such a device whatever the service does. A list
+            past its next update refuses the open (422). ``POST /admin/secagg/revocations`` replaces this file
+            (:mod:`deltaplane.serve.revocation_routes`), and devices fetch it from ``GET /v1/secagg/revocations``.
+        secagg_authority: the enrollment authority's public key file (``enrollment.ed25519.pub``; "" for none):
+            the service verifies its revocation list under it (at each round open, and every upload; uploads are
+            refused without it).
     """
 
     home: str
@@ -156,6 +162,7 @@ class ServiceConfig:
     runs_dir: str = ""
     simulated_devices: bool = False
     secagg_revocations: str = ""
+    secagg_authority: str = ""
     #: how long a dashboard sign-in lasts unused, and at most (``--session-idle-minutes``/``--session-max-hours``)
     session_idle_s: int = SESSION_IDLE_SECONDS
     session_max_s: int = SESSION_MAX_SECONDS
@@ -495,6 +502,7 @@ def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
+    server_trust(config)  # an unreadable or malformed enrollment authority key fails at start, not per upload
     if config.federation is not None and not config.simulated_devices:
         # a warning when the federation sets options this service cannot apply (the devices must)
         level = logging.WARNING if device_side_options(config.federation) else logging.INFO
@@ -620,6 +628,7 @@ def create_app(
     app.state.secagg_rounds = install_secagg_routes(
         app, state, config, device=device, admin=admin, rounds_store=rounds_store
     )
+    install_revocation_routes(app, state, config, device=device, admin=admin)
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         # verified against the signed state log: a tag moved in the database is a 409, never served

@@ -355,6 +355,15 @@ class AdminClient:
     def _get(self, path: str, **params: Any) -> Any:
         return _check(self._http.get(path, params=params or None, headers=self._headers)).json()
 
+    def upload_revocations(self, data: bytes) -> dict[str, Any]:
+        """Replace the service's revocation list with ``data`` (the file ``deltaplane keys revoke`` writes):
+        ``POST /admin/secagg/revocations`` (:mod:`deltaplane.serve.revocation_routes`). Its sequence, issue
+        time, next update, revoked count and whether it replaced the held list; a refusal raises
+        :class:`ServiceError` (400 malformed, 409 older than the held list or no list kept, 413 too large, 422
+        forged, of another authority, or past its next update)."""
+        headers = {**self._headers, "Content-Type": "application/octet-stream"}
+        return _check(self._http.post("/admin/secagg/revocations", content=data, headers=headers)).json()
+
     def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
         """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""
         return self.issue_token_info(device_id, cohort, ttl_s=ttl_s)["token"]

@@ -31,13 +31,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import torch
 
-from deltaplane.aggregation.secagg import DeviceCredentials, SecAggError, SecAggFloorError, Stage
+from deltaplane.aggregation.secagg import (
+    DeviceCredentials,
+    SecAggAuthError,
+    SecAggError,
+    SecAggFloorError,
+    Stage,
+)
 from deltaplane.aggregation.secagg.enrollment import device_id
+from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import round_epsilon
 from deltaplane.engine.secure import masked_zeros, secure_neighbours
@@ -53,6 +61,7 @@ from deltaplane.errors import (
 from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
+from deltaplane.serve.revocation_routes import REVOCATIONS_DEVICE_PATH
 from deltaplane.serve.secagg_client import SecAggDevice
 
 __all__ = [
@@ -62,6 +71,7 @@ __all__ = [
     "coordinate",
     "device_id",
     "load_device",
+    "refresh_revocations",
     "run_device",
     "unreachable",
 ]
@@ -187,6 +197,9 @@ class Device:
     #: the device's enrollment (``fleet enroll --authority-key``): it signs its SecAgg key advertisements and
     #: refuses rosters it cannot authenticate, and rounds that are not authenticated; None: neither
     credentials: DeviceCredentials | None = None
+    #: where the device keeps the newest revocation list it took (:func:`refresh_revocations`; None: in memory
+    #: only, so a restarted device could be handed an older list that is still current)
+    revocations_file: Path | None = None
 
 
 def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model: str) -> Device:
@@ -305,6 +318,10 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
     state = _fetch_base(dev, base)
     if state is None:
         return False
+    if (
+        dev.credentials is not None
+    ):  # an enrolled device takes only authenticated rounds: a current list first
+        refresh_revocations(dev)
     sa = _accept_invitation(dev, number, state)
     if sa is None:
         return False
@@ -337,6 +354,44 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         if not spoke:
             return False
     dev.pending = (number, base)
+    return True
+
+
+def refresh_revocations(dev: Device) -> bool:
+    """Take the service's revocation list (``GET /v1/secagg/revocations``) if it is newer than the device's own;
+    True if it took one. The device trusts nothing about it but the signature: it verifies the list under its own
+    enrollment authority key and never takes a lower sequence than it holds
+    (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations`), keeping a newer one in
+    :attr:`Device.revocations_file` before using it. A list it refuses (forged, a rollback), no list (404) or a
+    service error is logged and the held list stays; whether that list is still current is checked when the
+    device reads the invitation (:class:`~deltaplane.aggregation.secagg.errors.RevocationsStale`). A broken
+    connection raises, as any request of the round does (:func:`run_device` waits for the service)."""
+    assert dev.credentials is not None
+    try:
+        data = dev.conn.request("GET", REVOCATIONS_DEVICE_PATH).content
+    except ServiceError as exc:
+        if exc.status != 404:
+            dev.log(f"the service's revocation list could not be fetched ({exc}); keeping this device's")
+        return False
+    try:
+        taken = take_revocations(dev.credentials, data, keep=dev.revocations_file)
+    except SecAggAuthError as exc:
+        dev.log(f"refused the service's revocation list ({exc}); keeping this device's")
+        return False
+    except OSError as exc:  # not kept: not taken either, so memory and file never disagree
+        dev.log(
+            f"the service's newer revocation list could not be kept in {dev.revocations_file} ({exc}); "
+            "keeping this device's"
+        )
+        return False
+    if taken is dev.credentials:
+        return False
+    dev.credentials = taken
+    rl = taken.revocations
+    assert rl is not None
+    dev.log(
+        f"took revocation list number {rl.sequence} ({len(rl.revoked)} revoked, current until {rl.next_update})"
+    )
     return True
 
 

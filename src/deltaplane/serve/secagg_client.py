@@ -131,11 +131,14 @@ class SecAggDevice:
             ) from None
         check_round_authentication(
             authenticated,
-            credentials is not None,
+            credentials,
             self.round_id,
             this="device",
             enrolled_as="it was enrolled with an identity",
             unenrolled_fix=" (fleet enroll --authority-key; fleet device --identity)",
+            stale_fix="the device holds a current one (fleet device fetches the service's before each round: "
+            "upload one there, POST /admin/secagg/revocations, or give the device the file `deltaplane keys "
+            "revoke` issues)",
         )
         return DeviceEndpoint(
             client_id,

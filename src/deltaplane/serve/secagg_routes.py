@@ -40,8 +40,10 @@ An *authenticated* round (``"authenticated": true`` when opened) takes only key 
 enrolled device's identity key and forwards them with their certificates in the roster, where every device
 checks them (:mod:`deltaplane.aggregation.secagg.identity`): a device with credentials refuses an unsigned round
 or roster, so this flag cannot turn the check off. The service itself holds no enrollment key and verifies no
-signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
-``ServiceConfig.secagg_revocations``) a device the enrollment authority's revocation list revokes (422). Such a
+device's signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
+``ServiceConfig.secagg_revocations``; verified under ``ServiceConfig.secagg_authority`` when given, refused past its
+next update, and replaced by uploads: :mod:`deltaplane.serve.revocation_routes`) a device the enrollment
+authority's revocation list revokes (422). Such a
 round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
 the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 
@@ -97,6 +99,7 @@ from deltaplane.aggregation.secagg import (
     max_ring_weight,
     round_neighbours,
 )
+from deltaplane.aggregation.secagg.errors import RevocationsStale
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.delta import Delta
@@ -104,6 +107,8 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
+from deltaplane.serve.bodies import read_capped
+from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, server_trust
 from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
     check_update_norm,
@@ -340,13 +345,25 @@ def check_ring_carries(encoding: RingEncoding, max_examples: float) -> None:
         ) from None
 
 
-def _revocations(path: str) -> RevocationList | None:
-    """The revocation list in ``path`` ("" for none), read at each round open so a newer one applies at once.
-
-    The service holds no enrollment key and does not verify the list's signature
-    (:func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations`). A missing or malformed list is
-    a :class:`ConfigError` (no round opens)."""
-    return read_server_revocations(path) if path else None
+def _revocations(config: Any) -> RevocationList | None:
+    """The service's revocation list (``config.secagg_revocations``; "" for none), read at each authenticated
+    round open so a newer one (a file edit, or an upload: :mod:`~deltaplane.serve.revocation_routes`) applies at
+    once. Verified under ``config.secagg_authority`` when the service was given the authority's public key
+    (:func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations`). A missing, malformed or
+    unauthenticated list, or one past its next update (every enrolled device would refuse the round), is a
+    :class:`ConfigError` (422: no round opens)."""
+    if not config.secagg_revocations:
+        return None
+    try:
+        return read_server_revocations(
+            config.secagg_revocations,
+            server_trust(config),
+            now=time.time(),
+            fix=f"a current one is uploaded (POST {REVOCATIONS_ADMIN_PATH}, body: the file `deltaplane keys "
+            "revoke` writes) or written to the service's --secagg-revocations file",
+        )
+    except RevocationsStale as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def install_secagg_routes(
@@ -476,22 +493,6 @@ def install_secagg_routes(
             except SecAggError as exc:
                 state.counters["secagg.refused"] += 1
                 raise HTTPException(422, str(exc)) from None
-
-    async def read_capped(request: Request, limit: int) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise HTTPException(
-                413, f"a message of {declared} bytes exceeds this stage's {limit}-byte maximum"
-            )
-        chunks, size = [], 0
-        async for chunk in request.stream():  # enforce the cap while reading: Content-Length can lie
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"the message exceeds this stage's {limit}-byte maximum")
-            chunks.append(chunk)
-        if not size:
-            raise DecodeError("empty body; send a SecAgg message made by deltaplane's SecAgg device client")
-        return b"".join(chunks)
 
     def post_stage(path: str, cls: type[Message], summary: str) -> None:
         @router.post(
@@ -693,7 +694,7 @@ def install_secagg_routes(
             authenticated = body.authenticated
         else:
             authenticated = run.secagg_authenticated
-        revocations = _revocations(config.secagg_revocations) if authenticated else None
+        revocations = _revocations(config) if authenticated else None
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)

@@ -91,7 +91,7 @@ def test_round_trip_append_and_canonical_form(authority, crl) -> None:
     assert again.revoked == more.revoked and again.sequence == 3  # revoking twice is harmless, still numbered
     # one encoding per list: entries swapped out of order are refused, even under a valid signature
     body = more.signed_part()
-    head, e = body[:31], body[31:]
+    head, e = body[:39], body[39:]  # the head: 4 + 1 + 8 + 8 + 8 + 8 + 2 bytes
     entries, pos = [], 0
     while pos < len(e):
         n = e[pos]
@@ -129,7 +129,7 @@ def test_forged_truncated_and_oversized_lists_are_refused(authority, crl) -> Non
         RevocationList.from_bytes(body + b"\0" + crl.signature)
     with pytest.raises(DecodeError, match="magic"):
         RevocationList.from_bytes(b"DPRX" + data[4:])
-    too_many = struct.pack(">4sB8sQQH", b"DPRL", 1, authority.id, 1, 1, MAX_REVOKED + 1) + bytes(64)
+    too_many = struct.pack(">4sB8sQQQH", b"DPRL", 2, authority.id, 1, 1, 2, MAX_REVOKED + 1) + bytes(64)
     with pytest.raises(DecodeError, match="at most 4096"):
         RevocationList.from_bytes(too_many)
     with pytest.raises(DecodeError, match="bytes; got"):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from deltaplane.errors import DeltaplaneError
 
-__all__ = ["SecAggAuthError", "SecAggError", "SecAggFloorError", "SecAggOrderError", "SecAggRangeError"]
+__all__ = [
+    "RevocationRollback",
+    "RevocationsStale",
+    "SecAggAuthError",
+    "SecAggError",
+    "SecAggFloorError",
+    "SecAggOrderError",
+    "SecAggRangeError",
+]
 
 
 class SecAggError(DeltaplaneError, RuntimeError):
@@ -67,3 +75,23 @@ class SecAggAuthError(SecAggError):
     def __init__(self, message: str, *, client: int | None = None) -> None:
         super().__init__(message)
         self.client = client
+
+
+class RevocationsStale(SecAggAuthError):
+    """The revocation list held is past its next update (beyond the clock-skew tolerance): the enrollment
+    authority has issued, or should have issued, a newer one that may revoke more devices. A device refuses
+    authenticated rounds and a server refuses to open them until a current list arrives (``deltaplane keys
+    revoke`` issues one; a fleet device fetches the service's before each round). Fail closed: otherwise a server
+    withholding the newer list could seat a device it revokes for as long as certificates last.
+
+    ``next_update`` is the stale list's next update (unix seconds).
+    """
+
+    def __init__(self, message: str, *, next_update: int) -> None:
+        super().__init__(message)
+        self.next_update = next_update
+
+
+class RevocationRollback(SecAggAuthError):
+    """A revocation list older than the one held (a lower sequence number, or the same number with other
+    contents): refused, as taking it would un-revoke devices. The held list stays."""

@@ -398,7 +398,8 @@ class DeviceCredentials:
     any roster that is not fully signed, whatever the server's invitation says. ``revocations`` is the
     enrollment authority's latest revocation list the device was given
     (:class:`~deltaplane.aggregation.secagg.revocation.RevocationList`, verified here under ``trusted``): a
-    roster slot holding a certificate it revokes is refused like an unauthenticated one.
+    roster slot holding a certificate it revokes is refused like an unauthenticated one, and once the list is
+    past its next update the device takes part in no authenticated round (:meth:`check_current`).
     """
 
     identity: DeviceIdentity
@@ -431,6 +432,13 @@ class DeviceCredentials:
                 f"device {cert.device_id!r} of cohort {cert.cohort!r} is revoked (revocation list number "
                 f"{self.revocations.sequence})"
             )
+
+    def check_current(self, fix: str) -> None:
+        """Raise :class:`~deltaplane.aggregation.secagg.errors.RevocationsStale` if the held revocation list is
+        past its next update (beyond the clock-skew tolerance) by this device's clock; ``fix`` says how the
+        device gets a current one on its transport. No list held: nothing to check (revocation is opt-in)."""
+        if self.revocations is not None:
+            self.revocations.check_current(self.clock(), holder="this device's", fix=fix)
 
     @classmethod
     def from_files(
@@ -498,19 +506,23 @@ class DeviceCredentials:
 
 def check_round_authentication(
     authenticated: bool,
-    enrolled: bool,
+    credentials: DeviceCredentials | None,
     round_id: object,
     *,
     this: str,
     enrolled_as: str,
     server_fix: str = "",
     unenrolled_fix: str = "",
+    stale_fix: str,
 ) -> None:
-    """A device takes part in an authenticated round if and only if it is enrolled: the opt-in is the device's
-    own enrollment, never the server's say-so (a server could otherwise switch authentication off). Raises
-    :class:`SecAggAuthError` for the other two cases, before the device trains or sends anything; ``this`` names
-    the device in the message ("device", "node"), ``enrolled_as`` says how it was enrolled, and the two ``*_fix``
-    texts what the operator does about each refusal on its transport (the HTTP service, Flower)."""
+    """A device takes part in an authenticated round if and only if it is enrolled (holds ``credentials``): the
+    opt-in is the device's own enrollment, never the server's say-so (a server could otherwise switch
+    authentication off), and only while the revocation list it holds is current
+    (:meth:`DeviceCredentials.check_current`). Raises :class:`SecAggAuthError` otherwise, before the device
+    trains or sends anything; ``this`` names the device in the message ("device", "node"), ``enrolled_as`` says
+    how it was enrolled, and the ``*_fix`` texts what the operator does about each refusal on its transport (the
+    HTTP service, Flower)."""
+    enrolled = credentials is not None
     if enrolled and not authenticated:
         raise SecAggAuthError(
             f"refusing SecAgg round {round_id}: this {this} authenticates its neighbours' keys ({enrolled_as}), and "
@@ -521,6 +533,8 @@ def check_round_authentication(
             f"refusing SecAgg round {round_id}: it takes signed key advertisements, and this {this} has no "
             f"enrolled identity{unenrolled_fix}"
         )
+    if authenticated and credentials is not None:
+        credentials.check_current(stale_fix)
 
 
 def advertisement_statement(

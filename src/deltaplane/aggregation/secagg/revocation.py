@@ -14,13 +14,24 @@ enrolled under a new device id.
 
 The encoding is fixed-layout and strict (no canonical JSON to get wrong), at most :data:`REVOCATIONS_MAX_BYTES`::
 
-    magic "DPRL" | version (1 byte) | authority id (8) | sequence (u64) | issued (u64, unix s) | count (u16)
+    magic "DPRL" | version 2 (1 byte) | authority id (8) | sequence (u64) | issued (u64, unix s)
+    next update (u64, unix s) | count (u16)
     count × [len (1) | device id (UTF-8) | len (1) | cohort (UTF-8)], strictly increasing, no repeats
     signature (64): Ed25519 by the authority over a domain tag and everything before it
 
+A list is *current* until its next update (RFC 5280 §5.1.2.5, ``nextUpdate``), plus :data:`CLOCK_SKEW_S` for
+clocks that disagree: past it, a device refuses authenticated rounds and a server refuses to open them
+(:meth:`RevocationList.check_current`, :class:`~deltaplane.aggregation.secagg.errors.RevocationsStale`), so a
+server that withholds a newer list can do so for at most one validity period (``keys revoke --valid-days``),
+not for the whole life of the certificates. Version 1 lists had no next update and are refused by name: re-issue
+one with ``deltaplane keys revoke``, which reads it (:func:`load_revocations` with ``legacy=True``) and signs its
+devices into a version-2 list numbered one past it.
+
 A device holds at most one list (:attr:`DeviceCredentials.revocations
 <deltaplane.aggregation.secagg.identity.DeviceCredentials>`) and never trades it for one of a lower sequence
-(:meth:`RevocationList.supersedes`).
+(:meth:`RevocationList.supersedes`); :func:`take_revocations` is the one way a device takes a newer list (from a
+file, or from the service's ``GET /v1/secagg/revocations``), keeping it in its file so a restart cannot roll it
+back either.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from deltaplane.aggregation.secagg.errors import SecAggAuthError
+from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale, SecAggAuthError
 from deltaplane.aggregation.secagg.identity import (
     NAME_BYTES,
     SIGNATURE_BYTES,
     DeviceCertificate,
+    DeviceCredentials,
     EnrollmentAuthority,
     TrustedAuthorities,
     read_name,
@@ -44,18 +56,32 @@ from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import read_bounded_bytes, write_secret_file
 
 __all__ = [
+    "CLOCK_SKEW_S",
+    "DEFAULT_VALID_DAYS",
     "MAX_REVOKED",
+    "MAX_VALID_DAYS",
     "REVOCATIONS_MAX_BYTES",
     "RevocationList",
     "load_revocations",
     "read_server_revocations",
+    "replace_server_revocations",
     "revoke",
+    "take_revocations",
     "write_revocations",
 ]
 
 _MAGIC = b"DPRL"
-_VERSION = 1
-_HEAD = struct.Struct(">4sB8sQQH")  # magic, version, authority id, sequence, issued (unix s), entry count
+_VERSION = 2
+# magic, version, authority id, sequence, issued (unix s), next update (unix s), entry count
+_HEAD = struct.Struct(">4sB8sQQQH")
+_HEAD_V1 = struct.Struct(">4sB8sQQH")  # version 1: no next update (read only to re-issue it, keys revoke)
+#: how far a list may be past its next update before it is refused: clocks of devices, service and authority
+#: disagree by seconds to minutes (the same five minutes Kerberos allows); a list is re-issued days apart
+CLOCK_SKEW_S = 300
+#: a list's validity (next update minus issue time) when ``keys revoke`` is not told (``--valid-days``)
+DEFAULT_VALID_DAYS = 7
+#: the longest validity: withholding a newer list goes unnoticed for at most this long
+MAX_VALID_DAYS = 90
 #: the most devices one list revokes (a fleet that revokes more re-enrolls under a new authority)
 MAX_REVOKED = 4096
 #: the largest revocation list: the head, :data:`MAX_REVOKED` entries of two longest names, the signature
@@ -73,22 +99,31 @@ def _entry(device: str, cohort: str) -> bytes:
 @dataclass(frozen=True)
 class RevocationList:
     """The authority ``authority``'s (an :func:`~deltaplane.aggregation.secagg.identity.authority_id`) list of
-    revoked ``(device id, cohort)`` pairs, number ``sequence``, issued at ``issued`` (unix seconds).
+    revoked ``(device id, cohort)`` pairs, number ``sequence``, issued at ``issued`` and current until
+    ``next_update`` (unix seconds).
 
     Only :func:`revoke` (signing) and :meth:`verified` (checking a signature) make one, so a list a device holds
-    has always been verified under an authority it trusts.
+    has always been verified under an authority it trusts. ``version`` is 1 only for a legacy list read to be
+    re-issued (:func:`load_revocations` with ``legacy=True``; its ``next_update`` is 0).
     """
 
     authority: bytes
     sequence: int
     issued: int
+    next_update: int
     revoked: frozenset[tuple[str, str]]
     signature: bytes
+    version: int = _VERSION
 
     def signed_part(self) -> bytes:
         """The list's bytes without the signature, entries in their one canonical (sorted) order."""
         entries = sorted(_entry(d, c) for d, c in self.revoked)
-        head = _HEAD.pack(_MAGIC, _VERSION, self.authority, self.sequence, self.issued, len(entries))
+        if self.version == 1:
+            head = _HEAD_V1.pack(_MAGIC, 1, self.authority, self.sequence, self.issued, len(entries))
+        else:
+            head = _HEAD.pack(
+                _MAGIC, _VERSION, self.authority, self.sequence, self.issued, self.next_update, len(entries)
+            )
         return head + b"".join(entries)
 
     def to_bytes(self) -> bytes:
@@ -96,21 +131,36 @@ class RevocationList:
         return self.signed_part() + self.signature
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RevocationList:
+    def from_bytes(cls, data: bytes, *, legacy: bool = False) -> RevocationList:
         """Strict inverse of :meth:`to_bytes`, *signature unchecked* (use :meth:`verified`): anything else, an
-        oversized list, or entries out of canonical order, is a :class:`DecodeError` saying what."""
+        oversized list, or entries out of canonical order, is a :class:`DecodeError` saying what. A version-1
+        list (no next update) is refused with how to re-issue it, unless ``legacy`` (``keys revoke`` only)."""
         data = bytes(data)
-        if not _HEAD.size + SIGNATURE_BYTES <= len(data) <= REVOCATIONS_MAX_BYTES:
+        if not _HEAD_V1.size + SIGNATURE_BYTES <= len(data) <= REVOCATIONS_MAX_BYTES:
             raise DecodeError(
                 f"a revocation list is {_HEAD.size + SIGNATURE_BYTES} to {REVOCATIONS_MAX_BYTES} bytes; "
                 f"got {len(data)}"
             )
-        magic, version, auth, sequence, issued, count = _HEAD.unpack_from(data)
-        if magic != _MAGIC or version != _VERSION:
+        magic, version = data[:4], data[4]
+        if magic != _MAGIC or version not in (1, _VERSION):
             raise DecodeError(f"not a version-{_VERSION} revocation list (magic {magic!r}, v{version})")
+        if version == 1 and not legacy:
+            raise DecodeError(
+                "a version-1 revocation list, which has no next update (so a server could withhold a newer one "
+                "for as long as certificates last); re-issue it with `deltaplane keys revoke --authority-key "
+                "… --out FILE`, which keeps its devices and numbers the new list one past it"
+            )
+        if version == 1:
+            _, _, auth, sequence, issued, count = _HEAD_V1.unpack_from(data)
+            next_update, pos = 0, _HEAD_V1.size
+        else:
+            if len(data) < _HEAD.size + SIGNATURE_BYTES:
+                raise DecodeError(f"a revocation list is at least {_HEAD.size + SIGNATURE_BYTES} bytes")
+            _, _, auth, sequence, issued, next_update, count = _HEAD.unpack_from(data)
+            pos = _HEAD.size
         if count > MAX_REVOKED:
             raise DecodeError(f"a revocation list names at most {MAX_REVOKED} devices; this one {count}")
-        pos, end, revoked, last = _HEAD.size, len(data) - SIGNATURE_BYTES, set(), b""
+        end, revoked, last = len(data) - SIGNATURE_BYTES, set(), b""
         for i in range(count):
             start = pos
             device, pos = read_name(data, pos, end, f"revocation list entry {i}: the device id")
@@ -121,14 +171,15 @@ class RevocationList:
             revoked.add((device, cohort))
         if pos != end:
             raise DecodeError(f"revocation list: {end - pos} bytes after its {count} entries")
-        return cls(auth, sequence, issued, frozenset(revoked), data[end:])
+        return cls(auth, sequence, issued, next_update, frozenset(revoked), data[end:], version)
 
     @classmethod
-    def verified(cls, data: bytes, trusted: TrustedAuthorities) -> RevocationList:
+    def verified(cls, data: bytes, trusted: TrustedAuthorities, *, legacy: bool = False) -> RevocationList:
         """The list in ``data`` once it decodes and an authority of ``trusted`` signed it; anything else is a
-        :class:`SecAggAuthError` saying what (a malformed list is refused as one that cannot be authenticated)."""
+        :class:`SecAggAuthError` saying what (a malformed list is refused as one that cannot be authenticated).
+        ``legacy``: a version-1 list is read too (only to re-issue it)."""
         try:
-            rl = cls.from_bytes(data)
+            rl = cls.from_bytes(data, legacy=legacy)
         except DecodeError as exc:
             raise SecAggAuthError(f"refused revocation list: {exc}") from None
         trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
@@ -138,8 +189,22 @@ class RevocationList:
         """Whether this list revokes ``cert``: its authority issued it and lists its device in its cohort."""
         return cert.authority == self.authority and (cert.device_id, cert.cohort) in self.revoked
 
+    def check_current(self, now: float, *, holder: str, fix: str) -> None:
+        """Raise :class:`RevocationsStale` if ``now`` (unix s) is past this list's next update by more than
+        :data:`CLOCK_SKEW_S`: a relying party does not act on a list its authority has replaced or should have
+        (RFC 5280 §5.1.2.5). ``holder`` names whose list it is ("this device's", "the service's"), ``fix`` says how
+        it gets a current one."""
+        if now > self.next_update + CLOCK_SKEW_S:
+            raise RevocationsStale(
+                f"{holder} revocation list number {self.sequence} of authority {self.authority.hex()} was "
+                f"current until {self.next_update} (its next update; unix s) and it is now {int(now)}, past "
+                f"that by more than the {CLOCK_SKEW_S} s allowed for clock skew: a newer list may revoke devices "
+                f"this one does not, so authenticated rounds are refused until {fix}",
+                next_update=self.next_update,
+            )
+
     def supersedes(self, held: RevocationList | None) -> bool:
-        """Whether a device holding ``held`` takes this list instead: raises :class:`SecAggAuthError` for a
+        """Whether a device holding ``held`` takes this list instead: raises :class:`RevocationRollback` for a
         rollback (a lower sequence, or the same sequence with other contents: the authority never signs two);
         False for the very list held; True otherwise. A list of another authority than ``held``'s is refused
         too (one list per device: its enrollment's authority)."""
@@ -151,7 +216,7 @@ class RevocationList:
                 f"{held.authority.hex()}'s"
             )
         if self.sequence < held.sequence or (self.sequence == held.sequence and self != held):
-            raise SecAggAuthError(
+            raise RevocationRollback(
                 f"refused revocation list number {self.sequence}: this device holds number {held.sequence}, and "
                 "a list never goes back (a rollback would un-revoke devices)"
             )
@@ -163,11 +228,19 @@ def revoke(
     devices: Iterable[tuple[str, str]],
     *,
     issued: int,
+    valid_s: int = DEFAULT_VALID_DAYS * 86_400,
     previous: RevocationList | None = None,
 ) -> RevocationList:
     """The list ``previous`` (verified, of ``authority``; None: an empty one) with ``devices`` (``(device id,
-    cohort)`` pairs) added, numbered one past it and signed by ``authority``. Revoking a revoked device again is
-    harmless; a list of more than :data:`MAX_REVOKED` devices is a :class:`ConfigError`."""
+    cohort)`` pairs) added, numbered one past it, current for ``valid_s`` seconds from ``issued`` (its next
+    update) and signed by ``authority``. Revoking a revoked device again is harmless, and revoking none re-issues
+    the list with a new next update; a list of more than :data:`MAX_REVOKED` devices, or a validity outside
+    1 s to :data:`MAX_VALID_DAYS`, is a :class:`ConfigError`."""
+    if not 1 <= valid_s <= MAX_VALID_DAYS * 86_400:
+        raise ConfigError(
+            f"a revocation list is current for 1 s to {MAX_VALID_DAYS} days (withholding a newer one goes "
+            f"unnoticed that long). Found {valid_s} s"
+        )
     if previous is not None and previous.authority != authority.id:
         raise ConfigError(
             f"the existing revocation list is authority {previous.authority.hex()}'s, not this key's "
@@ -181,33 +254,98 @@ def revoke(
             f"a revocation list names at most {MAX_REVOKED} devices; this one would {len(revoked)}"
         )
     sequence = previous.sequence + 1 if previous else 1
-    if not 0 <= issued < 2**64 or sequence >= 2**64:
-        raise ConfigError("a revocation list's issue time and sequence are unsigned 64-bit integers")
-    unsigned = RevocationList(authority.id, sequence, int(issued), frozenset(revoked), b"")
+    if not 0 <= issued < 2**64 - valid_s or sequence >= 2**64:
+        raise ConfigError("a revocation list's times and sequence are unsigned 64-bit integers")
+    unsigned = RevocationList(
+        authority.id, sequence, int(issued), int(issued) + int(valid_s), frozenset(revoked), b""
+    )
     return dataclasses.replace(unsigned, signature=authority.sign_revocations(unsigned.signed_part()))
 
 
-def load_revocations(path: str | os.PathLike[str], trusted: TrustedAuthorities) -> RevocationList:
+def load_revocations(
+    path: str | os.PathLike[str], trusted: TrustedAuthorities, *, legacy: bool = False
+) -> RevocationList:
     """The revocation list in the file ``path``, verified under ``trusted``: a missing or oversized file is a
-    :class:`ConfigError`, a malformed or unauthenticated list a :class:`SecAggAuthError`, each naming the file."""
+    :class:`ConfigError`, a malformed or unauthenticated list a :class:`SecAggAuthError`, each naming the file.
+    ``legacy``: a version-1 list is read too (``keys revoke`` re-issuing it)."""
     data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
     try:
-        return RevocationList.verified(data, trusted)
+        return RevocationList.verified(data, trusted, legacy=legacy)
     except SecAggAuthError as exc:
         raise SecAggAuthError(f"{os.fspath(path)}: {exc}") from None
 
 
-def read_server_revocations(path: str | os.PathLike[str]) -> RevocationList:
+def read_server_revocations(
+    path: str | os.PathLike[str],
+    trusted: TrustedAuthorities | None = None,
+    *,
+    now: float | None = None,
+    fix: str = "",
+) -> RevocationList:
     """The revocation list in the file ``path`` for a *server* (the HTTP service, a Flower
-    :class:`~deltaplane.flower.SecAggStrategy`), signature unchecked: a server holds no enrollment key, the file
-    is its operator's own, and refusing a device it names only spares the honest devices a roster they would
-    refuse anyway (they verify their own copy). A missing, oversized or malformed file is a :class:`ConfigError`
-    naming it."""
+    :class:`~deltaplane.flower.SecAggStrategy`), verified under ``trusted`` when the server was given the
+    enrollment authority's public key, else unchecked: the file is then its operator's own, and refusing a device
+    it names only spares the honest devices a roster they would refuse anyway (they verify their own copy). A
+    missing, oversized, malformed or (given ``trusted``) unauthenticated file is a :class:`ConfigError` naming
+    it. Given ``now``, a list past its next update is a :class:`RevocationsStale` (``fix``: how the server gets
+    a current one): a server opens no authenticated round on it, as its devices would refuse the round."""
     data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
     try:
-        return RevocationList.from_bytes(data)
-    except DecodeError as exc:
+        rl = RevocationList.from_bytes(data)
+        if trusted is not None:
+            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+    except (DecodeError, SecAggAuthError) as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}; give the file `deltaplane keys revoke` wrote") from None
+    if now is not None:
+        rl.check_current(now, holder=f"the server's ({os.fspath(path)})", fix=fix)
+    return rl
+
+
+def replace_server_revocations(
+    path: str | os.PathLike[str], data: bytes, trusted: TrustedAuthorities, *, now: float
+) -> tuple[RevocationList, bool]:
+    """Replace a server's revocation list file ``path`` with the list ``data`` (an upload), atomically, once it
+    is the authority's and newer: the list and whether it replaced the one held (False: the very list held).
+
+    Checked in order, each refusal typed: ``data`` decodes (:class:`DecodeError`), an authority of ``trusted``
+    signed it (:class:`SecAggAuthError`), it is current at ``now`` (:class:`RevocationsStale`: a server storing a
+    stale list would only refuse every authenticated round), and it does not roll back the list in ``path``
+    (:class:`RevocationRollback`; a list of another authority than the held one's is a :class:`SecAggAuthError`).
+    A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
+    compared by its sequence. The caller serializes uploads (check then write is not atomic by itself)."""
+    rl = RevocationList.from_bytes(data)
+    trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+    rl.check_current(now, holder="the uploaded", fix="the authority issues a current one (keys revoke)")
+    held = None
+    if os.path.lexists(path):
+        try:
+            held = RevocationList.from_bytes(
+                read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list"), legacy=True
+            )
+        except (DecodeError, ConfigError):
+            held = None
+    if held is not None and held.version == 1:  # compared by number only: its contents are never current
+        held = None if rl.sequence > held.sequence else held
+    if not rl.supersedes(held):
+        return rl, False
+    write_revocations(path, rl)
+    return rl, True
+
+
+def take_revocations(
+    credentials: DeviceCredentials, data: bytes, *, keep: str | os.PathLike[str] | None = None
+) -> DeviceCredentials:
+    """A device's credentials holding the revocation list ``data`` (from the service, or a file) if it is newer
+    than the one they hold; the same credentials for the very list held. The one way a device takes a list:
+    verified under the device's own trusted authorities (:class:`SecAggAuthError`: forged, altered, or of an
+    authority it does not trust; malformed included), never older than the held one
+    (:class:`RevocationRollback`). A newer list is written to ``keep`` (atomically) before it is taken, so a
+    restarted device starts from it and refuses a rollback too."""
+    rl = RevocationList.verified(data, credentials.trusted)
+    taken = credentials.with_revocations(rl)
+    if taken is not credentials and keep is not None:
+        write_revocations(keep, rl)
+    return taken
 
 
 def write_revocations(path: str | os.PathLike[str], revocations: RevocationList) -> None:

@@ -1,0 +1,128 @@
+"""The enrollment authority's revocation list on the service: uploaded by the operator, fetched by devices.
+
+* ``POST /admin/secagg/revocations`` (admin token; body: the file ``deltaplane keys revoke`` writes, at most
+  :data:`~deltaplane.aggregation.secagg.revocation.REVOCATIONS_MAX_BYTES`) replaces the service's list
+  (``serve --secagg-revocations FILE``) atomically, without a restart, once it decodes (else 400), the
+  enrollment authority signed it (``serve --secagg-enrollment-authority``; else 422), it is current (else 422)
+  and its sequence does not go back (else 409). The next authenticated round open reads it.
+* ``GET /v1/secagg/revocations`` (device token) answers the list as held (404: none), so a fleet device takes a
+  newer one before each authenticated round (:func:`deltaplane.serve.fleet.refresh_revocations`).
+
+What this does and does not make the service able to do: a device verifies every list under its own trusted
+authority key and never takes a lower sequence than it holds (persisted across restarts), so the service can
+neither forge a list nor roll a device back. It *can* withhold a newer list; the list's next update bounds
+that: past it (plus :data:`~deltaplane.aggregation.secagg.revocation.CLOCK_SKEW_S`) the device refuses
+authenticated rounds until it gets a current list.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from deltaplane.aggregation.secagg.errors import RevocationRollback, SecAggAuthError
+from deltaplane.aggregation.secagg.identity import TrustedAuthorities
+from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, replace_server_revocations
+from deltaplane.errors import DecodeError
+from deltaplane.serve.bodies import read_capped
+from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
+
+__all__ = [
+    "REVOCATIONS_ADMIN_PATH",
+    "REVOCATIONS_DEVICE_PATH",
+    "install_revocation_routes",
+    "server_trust",
+]
+
+#: where the operator uploads a new list, and where devices fetch the current one
+REVOCATIONS_ADMIN_PATH = "/admin/secagg/revocations"
+REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
+
+
+def server_trust(config: Any) -> TrustedAuthorities | None:
+    """The enrollment authority keys the service verifies revocation lists under
+    (``config.secagg_authority``: ``enrollment.ed25519.pub``; None when not given), read at each use so a
+    replaced key file applies without a restart."""
+    path = config.secagg_authority
+    if not path:
+        return None
+    text = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority public key")
+    return TrustedAuthorities.from_text(text, source=os.fspath(path))
+
+
+def install_revocation_routes(app: FastAPI, state: Any, config: Any, *, device: Any, admin: Any) -> None:
+    """Add the upload (admin) and fetch (device) endpoints of the service's revocation list to ``app``."""
+    router = APIRouter()
+    lock = threading.Lock()  # check-then-replace of the file is one step: two uploads never interleave
+
+    @router.get(
+        REVOCATIONS_DEVICE_PATH,
+        tags=["device", "secagg"],
+        dependencies=[Depends(device)],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no list"}},
+    )
+    def fetch() -> Response:
+        """The service's revocation list as held (its signature is for the device to check), 404 for none."""
+        path = config.secagg_revocations
+        if not path or not os.path.exists(path):
+            raise HTTPException(404, "this service holds no revocation list")
+        data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+        state.counters["secagg.revocations_served"] += 1
+        return Response(data, media_type="application/octet-stream")
+
+    @router.post(REVOCATIONS_ADMIN_PATH, tags=["admin", "secagg"], dependencies=[Depends(admin)])
+    async def upload(request: Request) -> dict[str, Any]:
+        """Replace the service's revocation list with the body's, atomically, if it is the authority's, current
+        and not older than the held one; the next authenticated round open uses it."""
+        if not config.secagg_revocations:
+            raise HTTPException(
+                409,
+                "this service keeps no revocation list: restart it with --secagg-revocations FILE (the file "
+                "uploads replace; it may not exist yet) and --secagg-enrollment-authority enrollment.ed25519.pub",
+            )
+        trusted = server_trust(config)
+        if trusted is None:
+            raise HTTPException(
+                409,
+                "this service cannot verify a revocation list: restart it with --secagg-enrollment-authority "
+                "enrollment.ed25519.pub (the authority's public key, `deltaplane keys enrollment` wrote it)",
+            )
+        data = await read_capped(
+            request,
+            REVOCATIONS_MAX_BYTES,
+            cap="a revocation list's",
+            empty="send the file `deltaplane keys revoke` wrote",
+        )
+
+        def replace() -> tuple[Any, bool]:
+            with lock:
+                return replace_server_revocations(config.secagg_revocations, data, trusted, now=time.time())
+
+        try:
+            rl, replaced = await run_in_threadpool(replace)
+        except DecodeError as exc:
+            state.counters["secagg.revocations_refused"] += 1
+            raise HTTPException(400, f"not a revocation list: {exc}") from None
+        except RevocationRollback as exc:
+            state.counters["secagg.revocations_refused"] += 1
+            raise HTTPException(409, str(exc)) from None
+        except SecAggAuthError as exc:  # forged, of an untrusted authority, or past its next update
+            state.counters["secagg.revocations_refused"] += 1
+            raise HTTPException(422, str(exc)) from None
+        state.counters["secagg.revocations_uploaded"] += int(replaced)
+        return {
+            "sequence": rl.sequence,
+            "issued": rl.issued,
+            "next_update": rl.next_update,
+            "revoked": len(rl.revoked),
+            "replaced": replaced,
+        }
+
+    app.include_router(router)
