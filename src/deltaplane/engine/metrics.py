@@ -167,10 +167,10 @@ def class_accuracy_stacked(
     tip a prediction whose two best logits tie to within it.
 
     ``copies=None`` takes as many models a pass as keep it within :data:`_STACKED_SCORE_SAMPLES` (model,
-    sample) rows, and spreads the models evenly over the passes: a pass of 16 DigitsCNN copies on the
-    359-sample test set (5,744 rows, 23 MB of activations after the second convolution) took 1.4-1.7× as
-    long per model as two passes of 10 (one thread; each model's logits bit for bit the same either way:
-    a copy's computation does not depend on the others stacked beside it).
+    sample) rows, and spreads the models evenly over the passes: 20 DigitsCNN models on the 359-sample test
+    set took 1.3-1.6× as long in passes of 16 and 4 (a pass of 16: 5,744 rows, 23 MB of activations after
+    the second convolution) as in two passes of 10 (one thread; each model's logits bit for bit the same
+    either way: a copy's computation does not depend on the others stacked beside it).
 
     Raises:
         ConfigError: the model has no ``forward_stacked``.
