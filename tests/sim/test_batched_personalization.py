@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import deltaplane.engine.metrics as metrics
 import deltaplane.engine.scoring as scoring
 import deltaplane.personalization.alpha_mix as alpha_mix
 import deltaplane.personalization.ditto as ditto
@@ -215,3 +216,72 @@ def test_personal_models_scored_stacked_equal_one_at_a_time() -> None:
     got = class_accuracy_stacked(model, starts, test, 10, copies=2)  # chunks of 2, 2 and 1
     for state, row in zip(starts, got, strict=True):
         assert np.array_equal(row, class_accuracy(model, state, test, 10))
+
+
+def _per_class_masked(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """The per-class accuracy as it was computed before the bincount one: a masked float32 mean per class."""
+    return np.array(
+        [float((pred[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in range(num_classes)]
+    )
+
+
+def test_per_class_accuracy_counted_equals_the_masked_mean_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(11)
+    for n in (0, 1, 7, 359, 1000):
+        y = torch.randint(0, 12, (n,), generator=g)  # labels 10 and 11 lie outside the 10 classes scored
+        y[y == 3] = 4  # a class with no sample scores 0
+        for pred in (torch.randint(0, 12, (n,), generator=g), y.clone(), torch.where(y % 2 == 0, y, 0)):
+            got = metrics._per_class(pred, y, 10)
+            assert got.dtype == np.float64 and got.shape == (10,)
+            assert np.array_equal(got, _per_class_masked(pred, y, 10)), n
+            assert got[3] == 0.0
+
+
+def test_personal_models_scored_in_even_passes_of_the_sample_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 models on the 359-sample test set: two passes of 10 (not 16 and 4), each model's per-class
+    accuracies bit for bit what the earlier passes of 16 and one model at a time give."""
+    model = build_model(3)
+    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    states = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in glob.items()} for _ in range(20)]
+    test = load_digits().subset(range(1000, 1359))
+    passes: list[int] = []
+    real = type(model).forward_stacked
+
+    def counted(self, params, x):
+        passes.append(x.shape[0])
+        return real(self, params, x)
+
+    monkeypatch.setattr(type(model), "forward_stacked", counted)
+    got = class_accuracy_stacked(model, states, test, 10)
+    assert passes == [10, 10]
+    before = class_accuracy_stacked(model, states, test, 10, copies=16)  # the earlier default: 16 and 4
+    assert passes[2:] == [16, 4]
+    for row, old, state in zip(got, before, states, strict=True):
+        assert np.array_equal(row, old)
+        assert np.array_equal(row, class_accuracy(model, state, test, 10))
+    assert class_accuracy_stacked(model, [], test, 10) == []
+    with pytest.raises(ConfigError, match="copies must be at least 1"):
+        class_accuracy_stacked(model, states, test, 10, copies=0)
+
+
+def test_personalized_run_reports_what_the_earlier_scoring_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batched α-mix run's every round and device row, bit for bit, with the personal models scored the
+    earlier way (passes of 16, a masked mean per class) and the new way."""
+    cfg = RunConfig(clients=20, rounds=3, engine="batched", personalization="alpha_mix")
+    new = run_simulation(cfg)
+    real = metrics.class_accuracy_stacked
+    monkeypatch.setattr(metrics, "_per_class", _per_class_masked)
+    monkeypatch.setattr(scoring, "class_accuracy_stacked", lambda *a, **k: real(*a, **k, copies=16))
+    old = run_simulation(cfg)
+    fields = (
+        "client_mix_accuracy_mean",
+        "personal_accuracy_mean",
+        "personal_accuracy_min",
+        "personal_gain_min",
+    )
+    for a, b in zip(old.rounds, new.rounds, strict=True):
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+        assert a.test_accuracy == b.test_accuracy
+    assert old.clients == new.clients
+    assert new.final.personal_accuracy_mean != new.final.client_mix_accuracy_mean  # personal models scored

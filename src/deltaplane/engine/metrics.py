@@ -134,10 +134,22 @@ def class_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, nu
 
 
 def _per_class(pred: Tensor, y: Tensor, num_classes: int) -> np.ndarray:
-    """Per-class accuracy of predictions ``pred`` on labels ``y`` (0 for a class ``y`` lacks)."""
-    return np.array(
-        [float((pred[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in range(num_classes)]
-    )
+    """Per-class accuracy of predictions ``pred`` on labels ``y`` (0 for a class ``y`` lacks).
+
+    Counted with two ``bincount`` calls instead of a masked mean per class (ten boolean masks and ten
+    synchronising ``float()`` calls, 0.4 ms a model: a personalized run scores 21 models a round). The same
+    bits: a float32 mean of ``k`` ones among ``n`` values is the float32 quotient ``k / n`` (the sum of ones
+    is exact), which is what is computed here, then widened to float64 as ``float()`` widened it."""
+    y = y.reshape(-1)
+    pred = pred.reshape(-1)
+    ours = (y >= 0) & (y < num_classes)  # a label outside the classes scored counts for none of them
+    seen = torch.bincount(y[ours], minlength=num_classes)
+    right = torch.bincount(y[ours & (pred == y)], minlength=num_classes)
+    return (right.float() / seen.clamp(min=1).float()).double().numpy()
+
+
+#: :func:`class_accuracy_stacked` scores at most this many (model, sample) rows in one stacked pass by default
+_STACKED_SCORE_SAMPLES = 4096
 
 
 @torch.no_grad()
@@ -147,12 +159,18 @@ def class_accuracy_stacked(
     test: Dataset,
     num_classes: int,
     *,
-    copies: int = 16,
+    copies: int | None = None,
 ) -> list[np.ndarray]:
-    """:func:`class_accuracy` of each of ``states`` with the model's ``forward_stacked``: up to ``copies``
-    models on the test set in one pass (the batched engine scores its devices' personal models so). The same
+    """:func:`class_accuracy` of each of ``states`` with the model's ``forward_stacked``: ``copies`` models
+    (the last pass the rest) on the test set in one pass (the batched engine scores its devices' personal models so). The same
     per-class accuracies as one model at a time up to the float rounding of the stacked pass, which could only
     tip a prediction whose two best logits tie to within it.
+
+    ``copies=None`` takes as many models a pass as keep it within :data:`_STACKED_SCORE_SAMPLES` (model,
+    sample) rows, and spreads the models evenly over the passes: 20 DigitsCNN models on the 359-sample test
+    set took 1.3-1.6× as long in passes of 16 and 4 (a pass of 16: 5,744 rows, 23 MB of activations after
+    the second convolution) as in two passes of 10 (one thread; each model's logits bit for bit the same
+    either way: a copy's computation does not depend on the others stacked beside it).
 
     Raises:
         ConfigError: the model has no ``forward_stacked``.
@@ -162,6 +180,12 @@ def class_accuracy_stacked(
         raise ConfigError(f"model {type(model).__name__} has no forward_stacked to score models stacked")
     model.eval()
     names = [k for k, _ in model.named_parameters()]
+    if copies is None:
+        most = max(1, _STACKED_SCORE_SAMPLES // max(1, len(test)))
+        passes = -(-len(states) // most)
+        copies = max(1, -(-len(states) // max(1, passes)))  # as few passes as fit, evenly filled
+    if copies < 1:
+        raise ConfigError(f"copies must be at least 1. Found {copies}")
     out: list[np.ndarray] = []
     for first in range(0, len(states), copies):
         part = states[first : first + copies]
