@@ -31,7 +31,9 @@ A device holds at most one list (:attr:`DeviceCredentials.revocations
 <deltaplane.aggregation.secagg.identity.DeviceCredentials>`) and never trades it for one of a lower sequence
 (:meth:`RevocationList.supersedes`); :func:`take_revocations` is the one way a device takes a newer list (from a
 file, or from the service's ``GET /v1/secagg/revocations``), keeping it in its file so a restart cannot roll it
-back either.
+back either. A Flower node, whose list is a file its operator replaces, reads it at each stage through
+:func:`take_revocations_file`, which keeps the highest list the process has taken from each file, so a file
+rolled back to an older list is refused too (:class:`RevocationRollback`) rather than un-revoking devices.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +70,7 @@ __all__ = [
     "replace_server_revocations",
     "revoke",
     "take_revocations",
+    "take_revocations_file",
     "write_revocations",
 ]
 
@@ -345,6 +349,38 @@ def take_revocations(
     taken = credentials.with_revocations(rl)
     if taken is not credentials and keep is not None:
         write_revocations(keep, rl)
+    return taken
+
+
+#: the highest list this process has taken from each revocation file, keyed by (real path, authority id):
+#: :func:`take_revocations_file`'s memory of what a file may not roll back to
+_TAKEN_FROM_FILE: dict[tuple[str, bytes], RevocationList] = {}
+_TAKEN_LOCK = threading.Lock()
+
+
+def take_revocations_file(credentials: DeviceCredentials, path: str | os.PathLike[str]) -> DeviceCredentials:
+    """``credentials`` holding the revocation list in the file ``path`` (a Flower node's ``secagg-revocations``,
+    read at each stage so that a newer list the operator writes there applies at once), never a lower one than
+    the highest this process has already taken from that file under that authority.
+
+    The same rule as a device taking a list from the service (:meth:`RevocationList.supersedes`, through
+    :meth:`~deltaplane.aggregation.secagg.identity.DeviceCredentials.with_revocations`): a file replaced by a
+    newer list is taken and remembered, the very list again is taken as it is, and a file rolled back to a lower
+    sequence (or the same one with other contents) is a :class:`RevocationRollback` naming the file, as taking
+    it would un-revoke devices; the node then refuses rounds until the file holds the newer list again. A
+    missing or oversized file is a :class:`ConfigError`, a malformed or unauthenticated list a
+    :class:`SecAggAuthError`, each naming the file. The memory is the process's: a restarted node starts from
+    the file, as it has nothing else to keep a high-water mark in (the fleet device keeps its own file)."""
+    rl = load_revocations(path, credentials.trusted)
+    key = (os.path.realpath(path), rl.authority)
+    with _TAKEN_LOCK:
+        held = _TAKEN_FROM_FILE.get(key)
+        try:
+            taken = (credentials if held is None else credentials.with_revocations(held)).with_revocations(rl)
+        except RevocationRollback as exc:
+            raise RevocationRollback(f"{os.fspath(path)}: {exc}") from None
+        assert taken.revocations is not None
+        _TAKEN_FROM_FILE[key] = taken.revocations
     return taken
 
 
