@@ -1185,7 +1185,8 @@ def register(app: typer.Typer) -> None:
                 exists=True,
                 dir_okay=False,
                 help="The enrollment authority's public key (enrollment.ed25519.pub): the service verifies its "
-                "revocation list under it, and takes uploads only with it.",
+                "revocation list under it (at start, at each round open and upload: another authority's list is "
+                "refused), and takes uploads only with it. Without it the list is used unchecked (a warning).",
                 show_default="none",
             ),
         ] = None,
@@ -1233,6 +1234,7 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
+        from deltaplane.serve.revocation_routes import unchecked_revocations_warning
 
         with _errors():
             check_threads(threads)
@@ -1287,6 +1289,8 @@ def register(app: typer.Typer) -> None:
             )
             ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
+            if (unchecked := unchecked_revocations_warning(config)) is not None:
+                err_console.print(escape(unchecked), soft_wrap=True)
         scheme = "https" if ssl_options else "http"
         err_console.print(
             f"dashboard: {escape(_dashboard_url(scheme, host, port))} (sign in with the admin token)",

@@ -88,6 +88,8 @@ DEFAULT_VALID_DAYS = 7
 MAX_VALID_DAYS = 90
 #: the most devices one list revokes (a fleet that revokes more re-enrolls under a new authority)
 MAX_REVOKED = 4096
+#: who trusts the authority key a service verifies its list under, as refusals of another authority's list say
+SERVER_HOLDER = "this service (its --secagg-enrollment-authority key)"
 #: the largest revocation list: the head, :data:`MAX_REVOKED` entries of two longest names, the signature
 REVOCATIONS_MAX_BYTES = _HEAD.size + MAX_REVOKED * 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
 
@@ -297,7 +299,7 @@ def read_server_revocations(
     try:
         rl = RevocationList.from_bytes(data)
         if trusted is not None:
-            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     except (DecodeError, SecAggAuthError) as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}; give the file `deltaplane keys revoke` wrote") from None
     if now is not None:
@@ -318,7 +320,7 @@ def replace_server_revocations(
     A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
     compared by its sequence. The caller serializes uploads (check then write is not atomic by itself)."""
     rl = RevocationList.from_bytes(data)
-    trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+    trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     rl.check_current(now, holder="the uploaded", fix="the authority issues a current one (keys revoke)")
     held = None
     if os.path.lexists(path):
