@@ -7,13 +7,19 @@ through this one function: it opens without blocking (``O_NONBLOCK``: a FIFO wit
 instead of waiting), checks with ``fstat`` on the open descriptor (no race with a rename) that it is a regular
 file, and reads at most ``limit`` bytes, refusing a larger file with the limit named. Each kind of file has its
 own limit below, far above any real one.
+
+A file that one command reads, changes and writes back (a revocation list) is changed under
+:func:`exclusive_lock`, so two runs of the command cannot both build on the same old contents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, overload
 
@@ -26,6 +32,7 @@ __all__ = [
     "REPORT_LIMIT",
     "SETTINGS_LIMIT",
     "TOKENIZER_LIMIT",
+    "exclusive_lock",
     "read_bounded_bytes",
     "read_bounded_text",
     "read_config_text",
@@ -236,3 +243,25 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created, mode 0600, never removed), waiting for it.
+
+    For a read-modify-write of a file beside it: every writer takes the lock around its whole read, change and
+    write, so the second of two concurrent writers reads what the first wrote. ``flock`` belongs to the open file
+    description, so it excludes threads of one process as well as other processes, and the kernel releases it when
+    the process dies (a killed writer blocks nobody). The lock file stays: removing it would let a waiter lock
+    the removed file while a newcomer locks a new one. (The service's registry lock,
+    :mod:`deltaplane.serve.registry_lock`, is another kind: held by a process for its life and refused, not
+    waited for, when taken by another.)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -3,6 +3,10 @@ signed so devices verify it, refused when it is another authority's or not a lis
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -39,7 +43,8 @@ def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> Non
     assert not second.names(_cert(auth, "device-5")) and second.names(_cert(auth, "device-5", "lab"))
     assert not second.names(_cert(EnrollmentAuthority.generate(), "device-3"))  # another authority's cert
     assert second.supersedes(first) is True
-    assert sorted(p.name for p in out.parent.iterdir()) == ["revoked.bin"]  # no temp file left
+    # no temp file left; the lock file of concurrent runs stays (removing it would let two runs lock two files)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["revoked.bin", "revoked.bin.lock"]
 
 
 def test_revoke_refuses_another_authoritys_list_and_garbage(cli, authority, tmp_path) -> None:
@@ -124,3 +129,54 @@ def test_fleet_device_starts_without_its_list_file_and_refuses_a_v1_one(cli, aut
     (out / "v1.bin").write_bytes(b"DPRL\x01" + bytes(100))
     with pytest.raises(SecAggAuthError, match="re-issue it with `deltaplane keys revoke"):
         _credentials(*files, out / "v1.bin")
+
+
+# Run `keys revoke` in its own process, its list built slowly: between reading OUT and writing it, each run marks
+# itself and waits (up to 10 s) for the other run to be there too. Without a lock both get there, having read the
+# same old list; with it the second waits for the first's write, so the first waits its 10 s alone.
+_SLOW_REVOKE = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    import deltaplane.aggregation.secagg.revocation as rev
+    from deltaplane.cli import app
+    me, other, *args = sys.argv[1:]
+    real = rev.revoke
+    def slow(*a, **k):
+        pathlib.Path(me).touch()
+        deadline = time.monotonic() + 10
+        while not pathlib.Path(other).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real(*a, **k)
+    rev.revoke = slow
+    app(args)
+    """
+)
+
+
+def test_concurrent_revokes_on_one_out_take_turns(authority, tmp_path) -> None:
+    """Two `keys revoke` runs racing on one --out: the second reads the first's list and numbers its own one past
+    it, holding both devices (never two different lists of number 1)."""
+    auth, key = authority
+    out = tmp_path / "revoked.bin"
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _SLOW_REVOKE,
+                str(tmp_path / f"in-{i}"),
+                str(tmp_path / f"in-{1 - i}"),
+                *("keys", "revoke", "--authority-key", str(key), "--device", str(d), "--out", str(out)),
+            ],
+            env={**os.environ, "COLUMNS": "300"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, d in enumerate((3, 5))
+    ]
+    outputs = [r.communicate(timeout=120)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outputs
+    assert sorted("number 1" in o for o in outputs) == [False, True], outputs  # one run each number
+    final = load_revocations(out, auth.trust())
+    assert final.sequence == 2 and final.revoked == {("device-3", "fleet"), ("device-5", "fleet")}

@@ -13,7 +13,7 @@ from tests.flower.test_secagg_flower_authenticated import CFG, _Recording, _run,
 
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError, SecAggError
 from deltaplane.aggregation.secagg.enrollment import RunEnrollment
-from deltaplane.aggregation.secagg.errors import RevocationsStale
+from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale
 from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app
@@ -43,6 +43,31 @@ def test_node_config_names_the_revocation_list(tmp_path) -> None:
     write_revocations(tmp_path / "foreign.bin", revoke(EnrollmentAuthority.generate(), [], issued=1))
     with pytest.raises(SecAggAuthError, match="foreign.bin.*does not trust"):
         node_credentials({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "foreign.bin")})
+
+
+def test_a_node_refuses_its_list_file_rolled_back_and_takes_a_newer_one(tmp_path) -> None:
+    """The node re-reads ``secagg-revocations`` at each stage: a file replaced by an older list (a lower
+    sequence, which would un-revoke device-3) is refused by name, while the operator's newer list is taken."""
+    run = RunEnrollment(cohort="fleet")
+    path = tmp_path / "revoked.bin"
+    node = {**run.write_node_config(tmp_path, "device-0"), REVOCATIONS_NODE_CONFIG_KEY: str(path)}
+    first = revoke(run.authority, [], issued=int(time.time()))
+    second = revoke(run.authority, [("device-3", "fleet")], issued=int(time.time()), previous=first)
+    write_revocations(path, first)
+    assert node_credentials(node).revocations == first
+    write_revocations(path, second)  # the operator's newer list: taken at the next stage
+    assert node_credentials(node).revocations == second
+    assert node_credentials(node).revocations == second  # the very list again: taken as it is
+    write_revocations(path, first)  # rolled back: device-3 would be seated again
+    with pytest.raises(RevocationRollback, match=r"revoked\.bin: refused revocation list number 1.*number 2"):
+        node_credentials(node)
+    forked = revoke(run.authority, [("device-4", "fleet")], issued=int(time.time()), previous=first)
+    write_revocations(path, forked)  # number 2 again, other contents: the authority never signs two
+    with pytest.raises(RevocationRollback):
+        node_credentials(node)
+    third = revoke(run.authority, [("device-5", "fleet")], issued=int(time.time()), previous=second)
+    write_revocations(path, third)  # the operator repairs it with a newer list: taken again
+    assert node_credentials(node).revocations == third
 
 
 REVOKED = 2  # device-2's identity key leaked: the authority revokes it, the server still seats it

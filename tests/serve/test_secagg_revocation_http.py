@@ -25,6 +25,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.errors import RevocationsStale
 from deltaplane.aggregation.secagg.revocation import load_revocations, revoke, write_revocations
 from deltaplane.delta import Delta
+from deltaplane.errors import ConfigError
 from deltaplane.serve import ServiceError
 from deltaplane.serve.fleet import refresh_revocations
 from deltaplane.serve.secagg_client import SecAggDevice
@@ -223,6 +224,52 @@ def test_uploads_need_a_kept_file_and_the_authority_key(service_factory, authori
             svc.admin.upload_revocations(data)
         assert exc.value.status == 409 and why in exc.value.detail
     assert not (tmp_path / "r").exists()
+
+
+def test_another_authoritys_list_is_refused_at_start_and_at_upload(
+    service_factory, authority, tmp_path
+) -> None:
+    """A service trusting one enrollment authority (--secagg-enrollment-authority) refuses a list signed by
+    another, naming the option and both authorities: held in its file at start, and uploaded."""
+    rogue = EnrollmentAuthority.generate()
+    foreign = revoke(rogue, [], issued=int(time.time()))
+    with pytest.raises(ConfigError) as exc:
+        _uploading_service(service_factory, authority, tmp_path, held=foreign)
+    said = str(exc.value)
+    assert "revoked.bin" in said and "--secagg-enrollment-authority" in said
+    assert rogue.id.hex() in said and authority.id.hex() in said
+    (tmp_path / "own").mkdir()
+    svc, path = _uploading_service(service_factory, authority, tmp_path / "own")
+    with pytest.raises(ServiceError) as err:
+        svc.admin.upload_revocations(foreign.to_bytes())
+    assert err.value.status == 422 and "--secagg-enrollment-authority" in err.value.detail
+    assert rogue.id.hex() in err.value.detail and not path.exists()
+
+
+def test_serve_warns_once_that_a_list_without_the_authority_key_is_unchecked(tmp_path, monkeypatch) -> None:
+    """`serve --secagg-revocations` without --secagg-enrollment-authority uses the list unverified: it says so
+    once at start, naming the option; with the key it does not."""
+    from typer.testing import CliRunner
+
+    import deltaplane.serve as serve_pkg
+    from deltaplane.cli import app
+
+    monkeypatch.setattr(serve_pkg, "create_app", lambda config, **kw: object())
+    monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: None)
+    pub = tmp_path / "enrollment.ed25519.pub"
+    pub.write_text(EnrollmentAuthority.generate().public_text() + "\n")
+    said = {}
+    for name, extra in (("unchecked", []), ("checked", ["--secagg-enrollment-authority", str(pub)])):
+        r = CliRunner().invoke(
+            app,
+            ["serve", "--home", str(tmp_path / "h"), "--secagg-revocations", str(tmp_path / "r.bin"), *extra],
+            terminal_width=300,
+        )
+        assert r.exit_code == 0, r.output
+        said[name] = " ".join(r.output.split())
+    assert said["unchecked"].count("warning: --secagg-revocations") == 1
+    assert "used unchecked: without --secagg-enrollment-authority" in said["unchecked"]
+    assert "warning" not in said["checked"]
 
 
 def test_a_stale_list_refuses_the_round_open_until_a_current_one_is_uploaded(

@@ -521,11 +521,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
         COHORT to the authority's signed revocation list OUT, numbered one past the list there and current for
-        --valid-days (atomic write); without --device, re-issue OUT as it is with a new next update (a version-1
-        list, which had none, is re-issued this way). Give OUT to the service (POST /admin/secagg/revocations, or
-        serve --secagg-revocations), from which fleet devices fetch it before each round, or to each device
-        (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds that seat a revoked
-        device (docs/security.md)."""
+        --valid-days (atomic write; concurrent runs on one OUT take turns on the lock file OUT.lock, so each
+        numbers its list one past the other's); without --device, re-issue OUT as it is with a new next update
+        (a version-1 list, which had none, is re-issued this way). Give OUT to the service (POST
+        /admin/secagg/revocations, or serve --secagg-revocations), from which fleet devices fetch it before each
+        round, or to each device (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds
+        that seat a revoked device (docs/security.md)."""
         import time
 
         from deltaplane.aggregation.secagg import SecAggAuthError
@@ -537,34 +538,39 @@ def register(app: typer.Typer) -> None:
             write_revocations,
         )
         from deltaplane.errors import DecodeError
-        from deltaplane.textfile import read_bounded_bytes
+        from deltaplane.textfile import exclusive_lock, read_bounded_bytes
 
         with _errors(OSError):
             authority = load_authority(authority_key)
-            # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
-            # ConfigError; one that does not verify under this key is refused here (the operator's words, exit 2);
-            # a version-1 list (no next update) is read to be re-issued
-            previous = None
-            if os.path.lexists(out):
-                data = read_bounded_bytes(out, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
-                try:
-                    previous = RevocationList.from_bytes(data, legacy=True)
-                except (DecodeError, SecAggAuthError) as exc:
-                    raise ConfigError(f"{out}: {exc}; give the file `deltaplane keys revoke` wrote") from None
-                if previous.authority == authority.id:
-                    try:
-                        RevocationList.verified(data, authority.trust(), legacy=True)
-                    except SecAggAuthError:
-                        raise ConfigError(
-                            f"{out}: its signature does not verify under this authority key (altered or forged); "
-                            "restore the list `keys revoke` wrote, or give another --out"
-                        ) from None
-            names = [(device_id(i), cohort) for i in dict.fromkeys(device or [])]
-            revocations = revoke(
-                authority, names, issued=int(time.time()), valid_s=valid_days * 86_400, previous=previous
-            )
             _writable(out.parent, "--out")
-            write_revocations(out, revocations)
+            # the read, the new number and the write under one lock (OUT.lock beside it): two concurrent runs on
+            # one OUT would otherwise both number their list one past the same old one, with other contents
+            with exclusive_lock(out.with_name(out.name + ".lock")):
+                # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
+                # ConfigError; one that does not verify under this key is refused here (the operator's words,
+                # exit 2); a version-1 list (no next update) is read to be re-issued
+                previous = None
+                if os.path.lexists(out):
+                    data = read_bounded_bytes(out, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+                    try:
+                        previous = RevocationList.from_bytes(data, legacy=True)
+                    except (DecodeError, SecAggAuthError) as exc:
+                        raise ConfigError(
+                            f"{out}: {exc}; give the file `deltaplane keys revoke` wrote"
+                        ) from None
+                    if previous.authority == authority.id:
+                        try:
+                            RevocationList.verified(data, authority.trust(), legacy=True)
+                        except SecAggAuthError:
+                            raise ConfigError(
+                                f"{out}: its signature does not verify under this authority key (altered or "
+                                "forged); restore the list `keys revoke` wrote, or give another --out"
+                            ) from None
+                names = [(device_id(i), cohort) for i in dict.fromkeys(device or [])]
+                revocations = revoke(
+                    authority, names, issued=int(time.time()), valid_s=valid_days * 86_400, previous=previous
+                )
+                write_revocations(out, revocations)
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
@@ -1179,7 +1185,8 @@ def register(app: typer.Typer) -> None:
                 exists=True,
                 dir_okay=False,
                 help="The enrollment authority's public key (enrollment.ed25519.pub): the service verifies its "
-                "revocation list under it, and takes uploads only with it.",
+                "revocation list under it (at start, at each round open and upload: another authority's list is "
+                "refused), and takes uploads only with it. Without it the list is used unchecked (a warning).",
                 show_default="none",
             ),
         ] = None,
@@ -1227,6 +1234,7 @@ def register(app: typer.Typer) -> None:
         import secrets
 
         from deltaplane.serve import ServiceConfig, create_app, serve
+        from deltaplane.serve.revocation_routes import unchecked_revocations_warning
 
         with _errors():
             check_threads(threads)
@@ -1281,6 +1289,8 @@ def register(app: typer.Typer) -> None:
             )
             ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)
             app_ = create_app(config, evaluator=load_evaluator(evaluator) if evaluator else None)
+            if (unchecked := unchecked_revocations_warning(config)) is not None:
+                err_console.print(escape(unchecked), soft_wrap=True)
         scheme = "https" if ssl_options else "http"
         err_console.print(
             f"dashboard: {escape(_dashboard_url(scheme, host, port))} (sign in with the admin token)",

@@ -68,7 +68,11 @@ from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, REVOCATIO
 from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.messages import check_stated_version
-from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
+from deltaplane.aggregation.secagg.revocation import (
+    RevocationList,
+    read_server_revocations,
+    take_revocations_file,
+)
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
@@ -103,6 +107,10 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
     :class:`~deltaplane.errors.ConfigError` (a node must not silently run unauthenticated), and so is a missing,
     oversized or malformed file, named. The optional :data:`REVOCATIONS_NODE_CONFIG_KEY` (``secagg-revocations``)
     names the enrollment authority's revocation list: the node then refuses any roster seating a device it revokes.
+    The list is read at each stage (a newer one the operator writes there applies at once) and never goes back:
+    a file rolled back to a lower sequence than this process has taken from it is a
+    :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`
+    (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_file`), so the node refuses the stage.
     """
     given = {k: node_config.get(k) for k in NODE_CONFIG_KEYS}
     revocations = node_config.get(REVOCATIONS_NODE_CONFIG_KEY)
@@ -123,7 +131,8 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
             "certificate, which `deltaplane keys certify` writes, and the enrollment authority's "
             "public key)"
         )
-    return DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS), revocations)
+    credentials = DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS))
+    return credentials if revocations is None else take_revocations_file(credentials, revocations)
 
 
 def _session(context: Context) -> bytes:

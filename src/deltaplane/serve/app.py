@@ -63,7 +63,7 @@ from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
-from deltaplane.serve.revocation_routes import install_revocation_routes, server_trust
+from deltaplane.serve.revocation_routes import check_revocations_at_start, install_revocation_routes
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
@@ -132,8 +132,9 @@ class ServiceConfig:
             past its next update refuses the open (422). ``POST /admin/secagg/revocations`` replaces this file
             (:mod:`deltaplane.serve.revocation_routes`), and devices fetch it from ``GET /v1/secagg/revocations``.
         secagg_authority: the enrollment authority's public key file (``enrollment.ed25519.pub``; "" for none):
-            the service verifies its revocation list under it (at each round open, and every upload; uploads are
-            refused without it).
+            the service verifies its revocation list under it (at start: a held list of another authority refuses
+            the start; at each round open, and every upload; uploads are refused without it). Without it the list
+            is used unchecked, which ``serve`` warns of at start.
     """
 
     home: str
@@ -502,7 +503,8 @@ def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
-    server_trust(config)  # an unreadable or malformed enrollment authority key fails at start, not per upload
+    # an unreadable or malformed enrollment authority key, or a held list it did not sign, fails at start
+    check_revocations_at_start(config)
     if config.federation is not None and not config.simulated_devices:
         # a warning when the federation sets options this service cannot apply (the devices must)
         level = logging.WARNING if device_side_options(config.federation) else logging.INFO

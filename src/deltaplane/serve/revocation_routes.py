@@ -28,7 +28,11 @@ from fastapi.responses import Response
 
 from deltaplane.aggregation.secagg.errors import RevocationRollback, SecAggAuthError
 from deltaplane.aggregation.secagg.identity import TrustedAuthorities
-from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, replace_server_revocations
+from deltaplane.aggregation.secagg.revocation import (
+    REVOCATIONS_MAX_BYTES,
+    read_server_revocations,
+    replace_server_revocations,
+)
 from deltaplane.errors import DecodeError
 from deltaplane.serve.bodies import read_capped
 from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
@@ -36,8 +40,10 @@ from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 __all__ = [
     "REVOCATIONS_ADMIN_PATH",
     "REVOCATIONS_DEVICE_PATH",
+    "check_revocations_at_start",
     "install_revocation_routes",
     "server_trust",
+    "unchecked_revocations_warning",
 ]
 
 #: where the operator uploads a new list, and where devices fetch the current one
@@ -54,6 +60,32 @@ def server_trust(config: Any) -> TrustedAuthorities | None:
         return None
     text = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority public key")
     return TrustedAuthorities.from_text(text, source=os.fspath(path))
+
+
+def check_revocations_at_start(config: Any) -> None:
+    """Refuse to start a service whose revocation list (``config.secagg_revocations``) is not its enrollment
+    authority's (``config.secagg_authority``): another authority's list, a forged or a malformed one is a
+    :class:`~deltaplane.errors.ConfigError` naming the file and the authority it trusts, at start rather than at
+    the first round open. A missing file is fine (an upload creates it), and so is a stale one (an upload
+    replaces it; round opens refuse it until then). Without the authority key nothing is checked here:
+    :func:`unchecked_revocations_warning` says so."""
+    trusted = server_trust(config)
+    path = config.secagg_revocations
+    if trusted is not None and path and os.path.lexists(path):
+        read_server_revocations(path, trusted)
+
+
+def unchecked_revocations_warning(config: Any) -> str | None:
+    """The warning a service given a revocation list but no enrollment authority key states at start (None
+    otherwise): it then uses the list unchecked (any file there is taken as the authority's) and refuses
+    uploads."""
+    if not config.secagg_revocations or config.secagg_authority:
+        return None
+    return (
+        f"warning: --secagg-revocations {config.secagg_revocations} is used unchecked: without "
+        "--secagg-enrollment-authority enrollment.ed25519.pub the service does not verify the list's signature "
+        "or authority (devices still verify their own copy) and refuses uploads of a newer list"
+    )
 
 
 def install_revocation_routes(app: FastAPI, state: Any, config: Any, *, device: Any, admin: Any) -> None:

@@ -312,13 +312,18 @@ class TrustedAuthorities:
                     raise ConfigError(f"{source} line {n} is not base64: {line[:40]!r}") from None
         return cls(raws)
 
-    def check_revocations(self, authority: bytes, signed_part: bytes, signature: bytes) -> None:
+    def check_revocations(
+        self, authority: bytes, signed_part: bytes, signature: bytes, *, holder: str = "this device"
+    ) -> None:
         """Raise :class:`SecAggAuthError` unless the trusted authority ``authority`` (an :func:`authority_id`)
-        signed the revocation list ``signed_part`` (see :meth:`EnrollmentAuthority.sign_revocations`)."""
+        signed the revocation list ``signed_part`` (see :meth:`EnrollmentAuthority.sign_revocations`). ``holder``
+        names who trusts these keys in the refusal of another authority's list (with the ids it trusts)."""
         key = self._keys.get(authority)
         if key is None:
+            trusted = ", ".join(sorted(k.hex() for k in self._keys))
             raise SecAggAuthError(
-                f"the revocation list names authority {authority.hex()}, which this device does not trust"
+                f"the revocation list names authority {authority.hex()}, which {holder} does not trust "
+                f"(it trusts authority {trusted})"
             )
         try:
             key.verify(signature, _REVOCATIONS_DOMAIN + signed_part)

@@ -31,7 +31,9 @@ A device holds at most one list (:attr:`DeviceCredentials.revocations
 <deltaplane.aggregation.secagg.identity.DeviceCredentials>`) and never trades it for one of a lower sequence
 (:meth:`RevocationList.supersedes`); :func:`take_revocations` is the one way a device takes a newer list (from a
 file, or from the service's ``GET /v1/secagg/revocations``), keeping it in its file so a restart cannot roll it
-back either.
+back either. A Flower node, whose list is a file its operator replaces, reads it at each stage through
+:func:`take_revocations_file`, which keeps the highest list the process has taken from each file, so a file
+rolled back to an older list is refused too (:class:`RevocationRollback`) rather than un-revoking devices.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +70,7 @@ __all__ = [
     "replace_server_revocations",
     "revoke",
     "take_revocations",
+    "take_revocations_file",
     "write_revocations",
 ]
 
@@ -84,6 +88,8 @@ DEFAULT_VALID_DAYS = 7
 MAX_VALID_DAYS = 90
 #: the most devices one list revokes (a fleet that revokes more re-enrolls under a new authority)
 MAX_REVOKED = 4096
+#: who trusts the authority key a service verifies its list under, as refusals of another authority's list say
+SERVER_HOLDER = "this service (its --secagg-enrollment-authority key)"
 #: the largest revocation list: the head, :data:`MAX_REVOKED` entries of two longest names, the signature
 REVOCATIONS_MAX_BYTES = _HEAD.size + MAX_REVOKED * 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
 
@@ -293,7 +299,7 @@ def read_server_revocations(
     try:
         rl = RevocationList.from_bytes(data)
         if trusted is not None:
-            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     except (DecodeError, SecAggAuthError) as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}; give the file `deltaplane keys revoke` wrote") from None
     if now is not None:
@@ -314,7 +320,7 @@ def replace_server_revocations(
     A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
     compared by its sequence. The caller serializes uploads (check then write is not atomic by itself)."""
     rl = RevocationList.from_bytes(data)
-    trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature)
+    trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     rl.check_current(now, holder="the uploaded", fix="the authority issues a current one (keys revoke)")
     held = None
     if os.path.lexists(path):
@@ -345,6 +351,38 @@ def take_revocations(
     taken = credentials.with_revocations(rl)
     if taken is not credentials and keep is not None:
         write_revocations(keep, rl)
+    return taken
+
+
+#: the highest list this process has taken from each revocation file, keyed by (real path, authority id):
+#: :func:`take_revocations_file`'s memory of what a file may not roll back to
+_TAKEN_FROM_FILE: dict[tuple[str, bytes], RevocationList] = {}
+_TAKEN_LOCK = threading.Lock()
+
+
+def take_revocations_file(credentials: DeviceCredentials, path: str | os.PathLike[str]) -> DeviceCredentials:
+    """``credentials`` holding the revocation list in the file ``path`` (a Flower node's ``secagg-revocations``,
+    read at each stage so that a newer list the operator writes there applies at once), never a lower one than
+    the highest this process has already taken from that file under that authority.
+
+    The same rule as a device taking a list from the service (:meth:`RevocationList.supersedes`, through
+    :meth:`~deltaplane.aggregation.secagg.identity.DeviceCredentials.with_revocations`): a file replaced by a
+    newer list is taken and remembered, the very list again is taken as it is, and a file rolled back to a lower
+    sequence (or the same one with other contents) is a :class:`RevocationRollback` naming the file, as taking
+    it would un-revoke devices; the node then refuses rounds until the file holds the newer list again. A
+    missing or oversized file is a :class:`ConfigError`, a malformed or unauthenticated list a
+    :class:`SecAggAuthError`, each naming the file. The memory is the process's: a restarted node starts from
+    the file, as it has nothing else to keep a high-water mark in (the fleet device keeps its own file)."""
+    rl = load_revocations(path, credentials.trusted)
+    key = (os.path.realpath(path), rl.authority)
+    with _TAKEN_LOCK:
+        held = _TAKEN_FROM_FILE.get(key)
+        try:
+            taken = (credentials if held is None else credentials.with_revocations(held)).with_revocations(rl)
+        except RevocationRollback as exc:
+            raise RevocationRollback(f"{os.fspath(path)}: {exc}") from None
+        assert taken.revocations is not None
+        _TAKEN_FROM_FILE[key] = taken.revocations
     return taken
 
 
