@@ -192,7 +192,9 @@ def test_a_node_whose_own_certificate_its_neighbours_would_refuse_sits_out_and_t
     # a node whose own revocation list revokes it sits out likewise
     run = RunEnrollment(cohort="fleet")
     node = run.write_node_config(tmp_path / "run", "device-0")
-    write_revocations(tmp_path / "revoked.bin", revoke(run.authority, [("device-0", "fleet")], issued=int(time.time())))
+    write_revocations(
+        tmp_path / "revoked.bin", revoke(run.authority, [("device-0", "fleet")], issued=int(time.time()))
+    )
     context = _context()
     context.node_config.update({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "revoked.bin")})
     with pytest.raises(SecAggAuthError, match=r"own certificate would be refused.*'device-0'.*is revoked"):
