@@ -5,6 +5,7 @@ the list refuses the roster, naming the slot, before it sends anything (the roun
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ from deltaplane.aggregation.secagg.revocation import load_revocations, revoke, w
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError
 from deltaplane.serve import ServiceError
-from deltaplane.serve.fleet import refresh_revocations
+from deltaplane.serve.fleet import own_certificate_holds, refresh_revocations
 from deltaplane.serve.secagg_client import SecAggDevice
 
 NAMES = [f"dev-{i}" for i in range(6)]
@@ -312,3 +313,32 @@ def test_a_man_in_the_middle_serving_an_old_list_is_refused_and_the_kept_list_st
     assert refresh_revocations(dev) is False
     assert dev.credentials.revocations == new and keep.read_bytes() == new.to_bytes()
     assert "refused the service's revocation list" in lines[0] and "never goes back" in lines[0]
+
+
+def test_a_device_that_takes_a_list_revoking_itself_or_outlives_its_certificate_sits_out(
+    service_factory, authority, fleet, tmp_path
+) -> None:
+    """The device checks its own certificate after each refresh, as every neighbour will: one revoked by the list
+    it just took, or expired while it ran, sits the round out (logged, with what to do) instead of advertising
+    and having every neighbour refuse the roster seating it."""
+    now = int(time.time())
+    empty = revoke(authority, [], issued=now)
+    svc, _ = _uploading_service(service_factory, authority, tmp_path, held=empty)
+    lines: list[str] = []
+    dev = SimpleNamespace(
+        conn=svc.device(NAMES[REVOKED]),
+        credentials=fleet[NAMES[REVOKED]],
+        revocations_file=tmp_path / "dev-4.revocations",
+        log=lines.append,
+    )
+    assert refresh_revocations(dev) is True and own_certificate_holds(dev) is True and len(lines) == 1
+    svc.admin.upload_revocations(
+        revoke(authority, [(NAMES[REVOKED], "fleet")], issued=now, previous=empty).to_bytes()
+    )
+    assert refresh_revocations(dev) is True
+    assert own_certificate_holds(dev) is False
+    assert "sits this round out" in lines[-1] and "'dev-4'" in lines[-1] and "new device id" in lines[-1]
+    # an unrevoked device whose certificate expired while it ran (its clock moved past the expiry)
+    expired = dataclasses.replace(fleet[NAMES[0]], clock=lambda: 2.0**40)
+    dev = SimpleNamespace(credentials=expired, log=lines.append)
+    assert own_certificate_holds(dev) is False and "expired" in lines[-1]

@@ -71,6 +71,7 @@ __all__ = [
     "coordinate",
     "device_id",
     "load_device",
+    "own_certificate_holds",
     "refresh_revocations",
     "run_device",
     "unreachable",
@@ -322,6 +323,8 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         dev.credentials is not None
     ):  # an enrolled device takes only authenticated rounds: a current list first
         refresh_revocations(dev)
+        if not own_certificate_holds(dev):
+            return False
     sa = _accept_invitation(dev, number, state)
     if sa is None:
         return False
@@ -392,6 +395,24 @@ def refresh_revocations(dev: Device) -> bool:
     dev.log(
         f"took revocation list number {rl.sequence} ({len(rl.revoked)} revoked, current until {rl.next_update})"
     )
+    return True
+
+
+def own_certificate_holds(dev: Device) -> bool:
+    """Whether the device's own certificate passes what every neighbour checks it by
+    (:meth:`~deltaplane.aggregation.secagg.DeviceCredentials.check_own`: its authority, its expiry, the list it
+    holds now). If not (it expired while the device ran, or a list just taken from the service revokes it), the
+    device logs why and sits the round out rather than advertise: each neighbour would refuse a roster seating
+    it, and the round would fail for all of them."""
+    assert dev.credentials is not None
+    try:
+        dev.credentials.check_own()
+    except SecAggAuthError as exc:
+        dev.log(
+            f"sits this round out: its own certificate would be refused ({exc}); enrol a replacement "
+            "(`deltaplane fleet enroll` or `keys certify`), under a new device id if it was revoked"
+        )
+        return False
     return True
 
 
