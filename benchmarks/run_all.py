@@ -244,7 +244,10 @@ PLAN: list[Step] = [
             ),
             (f"robustness-grid-{_SEEDS_30_SUFFIX}{suffix}",),
         )
-        for defence, suffix in ((_ATTR, ""),)
+        for defence, suffix in (
+            (_ATTR, ""),
+            (f"{_ATTR}(reputation=floor, norm_cap=10)", ", reputation=floor, norm_cap=10"),
+        )
     ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
