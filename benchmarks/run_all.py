@@ -247,6 +247,7 @@ PLAN: list[Step] = [
         for defence, suffix in (
             (_ATTR, ""),
             (f"{_ATTR}(reputation=floor, norm_cap=10)", ", reputation=floor, norm_cap=10"),
+            (_SUM_CAP, ", reputation=sum, norm_cap=10"),
         )
     ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
