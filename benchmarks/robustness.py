@@ -12,7 +12,9 @@ stamped with the full 2×2 trigger, are classified as the target class 0. Sectio
 * ``clean``: 80 rounds, no attacker, seed 0: every defence against FedAvg, with the default codec (``identity``
   for the rules refused over sparsifying codecs).
 * ``grid``: attack × defence × {10, 20, 30}% with the default codec, seed 0, ``--grid-rounds`` rounds (80 by
-  default; the section says how many), ``--defenses`` the columns.
+  default; the section says how many), ``--defenses`` the columns. ``--grid-seeds N`` measures seeds 0..N-1: each
+  cell per seed, and over the seeds its mean accuracy and in how many seeds the backdoor got in (success above
+  0.5; at 30% attackers one seed's cell can read 0.00 and the next 0.9+).
 
 ``--uplink SPEC`` measures any section with another codec in the default codec's place, still with
 :data:`DEFAULT_DGC` (e.g. ``stc(0.006)``, ``deltaplane run``'s default from 2026-12-06); its runs are cached under
@@ -309,38 +311,65 @@ def clean(args: argparse.Namespace) -> None:
     )
 
 
+def _over_seeds(runs: list[dict | None]) -> str:
+    """One grid cell over seeds: mean accuracy, and backdoor success as how many seeds let the backdoor in (above
+    0.5: the 30% cells flip between 0.00 and 0.9+, so a mean alone would read as a half-held backdoor) and its
+    mean; the seeds not run are said, never averaged as zero."""
+    done = [r for r in runs if r is not None]
+    if not done:
+        return "not run"
+    acc = sum(r["accuracy"] for r in done) / len(done)
+    bds = [r["backdoor"] for r in done]
+    missing = f" ({len(runs) - len(done)} not run)" if len(done) < len(runs) else ""
+    return f"{acc:.3f} / {sum(b > 0.5 for b in bds)} of {len(done)} above 0.5, mean {sum(bds) / len(bds):.2f}{missing}"
+
+
 def grid(args: argparse.Namespace) -> None:
     from _record import record, table
 
-    rounds, default = args.grid_rounds, uplink(args.uplink)
-    jobs = [(default, None, "none", 0, rounds)]
-    jobs += [
-        (default, f"{a}:{f}", d, 0, rounds)
-        for f in args.fractions
-        for a in args.attacks
-        for d in args.defenses
-    ]
+    rounds, default, seeds = args.grid_rounds, uplink(args.uplink), list(range(args.grid_seeds))
+    cells = [(f"{a}:{f}", a, f) for f in args.fractions for a in args.attacks]
+    jobs = [(default, None, "none", s, rounds) for s in seeds]
+    jobs += [(default, attack, d, s, rounds) for s in seeds for attack, _, _ in cells for d in args.defenses]
     by = run_all(jobs, args.workers)
-    rows = [
-        [
-            a,
-            f"{round(100 * f)}%",
-            *(cell(by[(default, f"{a}:{f}", d, 0, rounds)]) for d in args.defenses),
+    clean = [by[(default, None, "none", s, rounds)] for s in seeds]
+    fedavg = ", ".join(f"{r['accuracy']:.3f}" if r else "not run" for r in clean)
+    if len(seeds) == 1:  # as the grid was recorded before --grid-seeds: one row per cell, the run itself
+        rows = [
+            [a, f"{round(100 * f)}%", *(cell(by[(default, attack, d, 0, rounds)]) for d in args.defenses)]
+            for attack, a, f in cells
         ]
-        for f in args.fractions
-        for a in args.attacks
-    ]
+        tables = table(["attack", "malicious", *args.defenses], rows)
+        seed_text = "seed 0"
+    else:
+        per_seed = [
+            [a, f"{round(100 * f)}%", s, *(cell(by[(default, attack, d, s, rounds)]) for d in args.defenses)]
+            for attack, a, f in cells
+            for s in seeds
+        ]
+        summary = [
+            [
+                a,
+                f"{round(100 * f)}%",
+                *(_over_seeds([by[(default, attack, d, s, rounds)] for s in seeds]) for d in args.defenses),
+            ]
+            for attack, a, f in cells
+        ]
+        tables = (
+            "Over the seeds (mean accuracy / seeds with backdoor success above 0.5, mean backdoor success):\n\n"
+            + table(["attack", "malicious", *args.defenses], summary)
+            + "\n\nPer seed:\n\n"
+            + table(["attack", "malicious", "seed", *args.defenses], per_seed)
+        )
+        seed_text = f"seeds {', '.join(map(str, seeds))}"
     body = (
-        f"Default codec `{args.uplink}` with DGC momentum correction 0.5 and momentum masking, seed 0, **{rounds} rounds**, clean FedAvg "
-        f"{by[jobs[0]]['accuracy']:.3f}. Cells: test accuracy / backdoor success (the share of triggered "
-        "test images of other classes classified as the target 0). "
+        f"Default codec `{args.uplink}` with DGC momentum correction 0.5 and momentum masking, {seed_text}, "
+        f"**{rounds} rounds**, clean FedAvg {fedavg}. Cells: test accuracy / backdoor success (the share of "
+        "triggered test images of other classes classified as the target 0). "
         + _uplink_note(args.uplink)
         + f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
         "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine; a cell that says *not run* "
-        "did not finish in the session's time. "
-        + _defaults_note(args.defenses)
-        + "\n\n"
-        + table(["attack", "malicious", *args.defenses], rows)
+        "did not finish in the session's time. " + _defaults_note(args.defenses) + "\n\n" + tables
     )
     print(body)
     record(
@@ -360,6 +389,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--clean-seeds", type=int, default=3, help="seeds of the no-attacker comparison")
     ap.add_argument("--grid-rounds", type=int, default=80)
+    ap.add_argument(
+        "--grid-seeds",
+        type=int,
+        default=1,
+        help="grid: seeds 0..N-1 (default 1, seed 0 as the grid was first recorded); with more than one, each "
+        "cell per seed and over the seeds (mean accuracy, seeds with backdoor success above 0.5, its mean)",
+    )
     ap.add_argument("--attacks", nargs="+", default=GRID_ATTACKS)
     ap.add_argument("--defenses", nargs="+", default=GRID_DEFENSES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)

@@ -66,6 +66,9 @@ _ATTR = "trigger_attribution"
 #: the sum reputation test with the kept updates' norm bound, on the default uplink (docs/aggregation.md, "At 30%")
 _SUM_CAP = f"{_ATTR}(reputation=sum, norm_cap=10)"
 _SUM_CAP_SUFFIX = "stc(0.006) uplink, reputation=sum, norm_cap=10"
+#: the grid's 30% row at seeds 0, 1, 2 on the default uplink (its seed-0 cells flip between 0.00 and 0.9+)
+_SEEDS_30 = "grid --workers 1 --grid-seeds 3 --fractions 0.3"
+_SEEDS_30_SUFFIX = "stc(0.006) uplink, 3 seeds, 30%"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -232,6 +235,20 @@ PLAN: list[Step] = [
             f"grid --workers 1 --defenses '{_SUM_CAP}' --uplink 'stc(0.006)' --key-suffix '{_SUM_CAP_SUFFIX}'"
         ),
         (f"robustness-grid-{_SUM_CAP_SUFFIX}",),
+    ),
+    *(
+        Step(
+            "robustness.py",
+            _split(
+                f"{_SEEDS_30} --defenses '{defence}' --uplink 'stc(0.006)' --key-suffix '{_SEEDS_30_SUFFIX}{suffix}'"
+            ),
+            (f"robustness-grid-{_SEEDS_30_SUFFIX}{suffix}",),
+        )
+        for defence, suffix in (
+            (_ATTR, ""),
+            (f"{_ATTR}(reputation=floor, norm_cap=10)", ", reputation=floor, norm_cap=10"),
+            (_SUM_CAP, ", reputation=sum, norm_cap=10"),
+        )
     ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),

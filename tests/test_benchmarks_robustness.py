@@ -95,3 +95,66 @@ def test_a_traced_run_without_attack_is_the_clean_sections_run(rb) -> None:
     assert trace.job("default", 2, d, 80, "none", "stc(0.006)") == clean
     assert trace.rb._key(clean) == rb._key(clean)  # the same cache file as the clean section reads
     assert trace.job("default", 0, d, 80, "dba:0.3", "stc(0.006)")[1] == "dba:0.3"
+
+
+def _grid(rb, monkeypatch, results, **over) -> tuple[list[tuple], str]:
+    """The jobs grid asks for and the section body it records, on the made-up ``results(job)`` (None: not run)."""
+    import _record
+
+    asked, recorded = [], []
+
+    def fake_run_all(jobs, workers):
+        asked.extend(jobs)
+        return {j: results(j) for j in jobs}
+
+    monkeypatch.setattr(rb, "run_all", fake_run_all)
+    monkeypatch.setattr(_record, "record", lambda key, title, body: recorded.append((key, body)))
+    args = argparse.Namespace(
+        grid_rounds=80,
+        grid_seeds=1,
+        uplink="stc(0.006)",
+        attacks=["backdoor", "dba"],
+        fractions=[0.3],
+        defenses=["trigger_attribution"],
+        workers=1,
+        key_suffix="x",
+    )
+    vars(args).update(over)
+    rb.grid(args)
+    return asked, recorded[0][1]
+
+
+def _flip(job) -> dict:
+    """Seed 1 lets the plain backdoor in (0.97), seeds 0 and 2 keep it out; the clean run has no backdoor."""
+    _, attack, _, seed, _ = job
+    bd = None if attack is None else 0.97 if (attack, seed) == ("backdoor:0.3", 1) else 0.0
+    return {"accuracy": 0.95 + 0.01 * seed, "backdoor": bd}
+
+
+def test_grid_seeds_runs_every_cell_per_seed_and_counts_the_seeds_the_backdoor_got_in(
+    rb, monkeypatch
+) -> None:
+    jobs, body = _grid(rb, monkeypatch, _flip, grid_seeds=3)
+    assert len(jobs) == len(set(jobs)) == 3 * (1 + 2)  # per seed: the clean run and 2 attack cells
+    assert {j[3] for j in jobs} == {0, 1, 2} and {j[0] for j in jobs} == {"stc(0.006)+dgc"}
+    assert "seeds 0, 1, 2" in body and "clean FedAvg 0.950, 0.960, 0.970" in body
+    summary, per_seed = body.split("Per seed:")
+    assert "| backdoor | 30% | 0.960 / 1 of 3 above 0.5, mean 0.32 |" in summary
+    assert "| dba | 30% | 0.960 / 0 of 3 above 0.5, mean 0.00 |" in summary
+    assert "| backdoor | 30% | 1 | 0.960 / 0.97 |" in per_seed
+    assert per_seed.count("| dba | 30% |") == 3
+
+
+def test_grid_seeds_says_which_seeds_did_not_finish(rb, monkeypatch) -> None:
+    _, body = _grid(rb, monkeypatch, lambda j: None if j[3] == 2 else _flip(j), grid_seeds=3)
+    assert "clean FedAvg 0.950, 0.960, not run" in body
+    assert "0.955 / 1 of 2 above 0.5, mean 0.48 (1 not run)" in body
+    assert "| dba | 30% | 2 | not run |" in body
+
+
+def test_the_grid_without_the_option_is_seed_0_as_recorded(rb, monkeypatch) -> None:
+    jobs, body = _grid(rb, monkeypatch, _flip)
+    assert {j[3] for j in jobs} == {0} and len(jobs) == 3
+    assert "momentum masking, seed 0, **80 rounds**, clean FedAvg 0.950. Cells:" in body
+    assert "| attack | malicious | trigger_attribution |" in body and "Per seed" not in body
+    assert "| backdoor | 30% | 0.950 / 0.00 |" in body
