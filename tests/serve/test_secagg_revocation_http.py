@@ -124,6 +124,21 @@ def test_the_service_refuses_a_malformed_list_at_round_open(service_factory, crl
     assert _open(svc, NAMES, authenticated=False)  # an unauthenticated round checks no certificate at all
 
 
+def test_a_service_given_a_list_file_not_written_yet_says_how_to_issue_and_upload_the_first(
+    service_factory, authority, tmp_path
+) -> None:
+    # docs/fleet.md starts the service with --secagg-revocations state/revoked.bin before any list exists
+    svc, path = _uploading_service(service_factory, authority, tmp_path)
+    assert not path.exists()
+    with pytest.raises(ServiceError) as err:
+        _open(svc, NAMES)
+    assert err.value.status == 422
+    assert "no revocation list yet" in err.value.detail
+    assert "keys revoke" in err.value.detail and "POST /admin/secagg/revocations" in err.value.detail
+    svc.admin.upload_revocations(revoke(authority, [], issued=int(time.time())).to_bytes())
+    assert _open(svc, NAMES)  # the upload is all it took: no restart
+
+
 # -- a new list without a restart: uploaded by the operator, fetched by devices ------------------------------
 
 

@@ -61,6 +61,7 @@ never existed.
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from array import array
@@ -354,6 +355,14 @@ def _revocations(config: Any) -> RevocationList | None:
     :class:`ConfigError` (422: no round opens)."""
     if not config.secagg_revocations:
         return None
+    if not os.path.lexists(config.secagg_revocations):  # the first list is uploaded, not there at start
+        raise ConfigError(
+            f"this service holds no revocation list yet ({os.fspath(config.secagg_revocations)} does not exist), "
+            "and an authenticated round needs a current one. Issue one (`deltaplane keys revoke --authority-key "
+            "enrollment.ed25519.pem --out revoked.bin`; without --device it revokes no device) and upload it "
+            f"(POST {REVOCATIONS_ADMIN_PATH}, body: that file) or write it to the service's --secagg-revocations "
+            "file"
+        )
     try:
         return read_server_revocations(
             config.secagg_revocations,
