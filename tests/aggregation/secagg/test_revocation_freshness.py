@@ -62,6 +62,9 @@ def test_a_device_refuses_authenticated_rounds_once_its_list_is_stale(authority)
     with pytest.raises(RevocationsStale, match="FETCH-A-NEW-ONE") as exc:
         _check(_creds(authority, lambda: WEEK_LATER + 301.0, rl))
     assert exc.value.next_update == WEEK_LATER and "1800604800" in str(exc.value)
+    # an operator reads the dates, not only unix seconds (walking docs/fleet.md's stale list)
+    assert "(2027-01-22 08:00:00 UTC: its next update" in str(exc.value)
+    assert "(2027-01-22 08:05:01 UTC)" in str(exc.value)
     assert isinstance(exc.value, SecAggAuthError)
     _check(_creds(authority, lambda: 4e9))  # no list held: nothing to expire (revocation is opt-in)
     # an unauthenticated round is refused for the enrollment (as before), not the list

@@ -42,6 +42,7 @@ import dataclasses
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -203,7 +204,8 @@ class RevocationList:
         if now > self.next_update + CLOCK_SKEW_S:
             raise RevocationsStale(
                 f"{holder} revocation list number {self.sequence} of authority {self.authority.hex()} was "
-                f"current until {self.next_update} (its next update; unix s) and it is now {int(now)}, past "
+                f"current until {self.next_update} ({_utc(self.next_update)}: its next update; unix s) and it is "
+                f"now {int(now)} ({_utc(now)}), past "
                 f"that by more than the {CLOCK_SKEW_S} s allowed for clock skew: a newer list may revoke devices "
                 f"this one does not, so authenticated rounds are refused until {fix}",
                 next_update=self.next_update,
@@ -227,6 +229,11 @@ class RevocationList:
                 "a list never goes back (a rollback would un-revoke devices)"
             )
         return self.sequence > held.sequence
+
+
+def _utc(unix_s: float) -> str:
+    """``unix_s`` as a UTC date and time an operator reads at a glance (as ``keys revoke`` prints the next update)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_s))
 
 
 def revoke(
