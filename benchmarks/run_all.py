@@ -69,6 +69,9 @@ _SUM_CAP_SUFFIX = "stc(0.006) uplink, reputation=sum, norm_cap=10"
 #: the grid's 30% row at seeds 0, 1, 2 on the default uplink (its seed-0 cells flip between 0.00 and 0.9+)
 _SEEDS_30 = "grid --workers 1 --grid-seeds 3 --fractions 0.3"
 _SEEDS_30_SUFFIX = "stc(0.006) uplink, 3 seeds, 30%"
+#: the grid's 10% and 20% rows of the default defence at seeds 0, 1, 2 on the default uplink (beside the 30% row's)
+_SEEDS_LOW = "grid --workers 2 --grid-seeds 3 --fractions 0.1 0.2"
+_SEEDS_LOW_SUFFIX = "stc(0.006) uplink, 3 seeds, 10% and 20%"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -249,6 +252,11 @@ PLAN: list[Step] = [
             (f"{_ATTR}(reputation=floor, norm_cap=10)", ", reputation=floor, norm_cap=10"),
             (_SUM_CAP, ", reputation=sum, norm_cap=10"),
         )
+    ),
+    Step(
+        "robustness.py",
+        _split(f"{_SEEDS_LOW} --defenses {_ATTR} --uplink 'stc(0.006)' --key-suffix '{_SEEDS_LOW_SUFFIX}'"),
+        (f"robustness-grid-{_SEEDS_LOW_SUFFIX}",),
     ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
