@@ -384,3 +384,28 @@ def test_an_open_left_with_too_few_devices_once_the_revoked_are_out_is_refused_n
     # the same devices in an unauthenticated round: no certificate is checked, nobody left out
     opened = svc.admin._post("/admin/models/cnn/secagg", {**_BODY, "devices": names, "authenticated": False})
     assert opened["revoked"] == [] and opened["invited"] == 3
+
+
+def test_under_distributed_dp_m_min_counts_only_the_devices_left_once_the_revoked_are_out(
+    service_factory, crl_file
+) -> None:
+    """Distributed DP calibrated to m_min 3: three devices inviting the revoked dev-4 leave two, too few for the
+    noise: refused (422) naming dev-4; four leave three, enough: opened with three invited."""
+    from deltaplane.engine import RunConfig
+
+    path, _ = crl_file
+    run = RunConfig(clients=4, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3, secagg_min_contributors=3,
+                    downlink_codec="identity", secagg_authenticated=True)  # fmt: skip
+    svc = service_factory(federation=run, secagg_revocations=str(path))
+    with pytest.raises(ServiceError) as err:
+        svc.admin.open_secagg("cnn", [NAMES[0], NAMES[1], NAMES[REVOKED]], weight_scale=0)
+    assert (
+        err.value.status == 422
+        and "a round of 2" in err.value.detail
+        and "invite at least 3" in err.value.detail
+    )
+    assert "left out: dev-4" in err.value.detail
+    opened = svc.admin.open_secagg("cnn", [NAMES[0], NAMES[1], NAMES[2], NAMES[REVOKED]], weight_scale=0)
+    assert (
+        opened["revoked"] == [NAMES[REVOKED]] and opened["invited"] == 3 and opened["authenticated"] is True
+    )
