@@ -43,7 +43,9 @@ or roster, so this flag cannot turn the check off. The service itself holds no e
 device's signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
 ``ServiceConfig.secagg_revocations``; verified under ``ServiceConfig.secagg_authority`` when given, refused past its
 next update, and replaced by uploads: :mod:`deltaplane.serve.revocation_routes`) a device the enrollment
-authority's revocation list revokes (422). Such a
+authority's revocation list revokes (422). The round's open already leaves out the invited devices that list names
+(any cohort: the open knows only device ids), answering them as ``"revoked"``, so no stage waits for them; too few
+left for the threshold or m_min refuses the open (422, naming them). Such a
 round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
 the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 
