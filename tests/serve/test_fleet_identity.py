@@ -154,8 +154,9 @@ def test_a_device_given_the_wrong_enrollment_authority_or_an_expired_certificate
 def test_fleet_devices_take_an_uploaded_list_before_the_round_and_keep_it(byo_task, tmp_path) -> None:
     """Real fleet devices (run_device) and the coordinator over TLS: the devices start holding a list past its next
     update (a week offline), the operator uploads a current one revoking device-3 without restarting the service;
-    before the round each device fetches it, verifies it, keeps it in its file and takes part (the stale one would
-    have made it refuse); the service refuses device-3's keys and the round publishes with the other three."""
+    the service leaves device-3 out of the round it opens (the coordinator says so), so no stage waits for it: the
+    round publishes with the other three well inside the deadline. Before the round each of them fetches the list,
+    verifies it, keeps it in its file and takes part (the stale one would have made it refuse)."""
     cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
     authority = EnrollmentAuthority.generate()
     now = int(time.time())
@@ -179,14 +180,30 @@ def test_fleet_devices_take_an_uploaded_list_before_the_round_and_keep_it(byo_ta
             dev.credentials = DeviceCredentials(ident, authority.trust(), revocations=stale)
             dev.revocations_file = tmp_path / f"device-{i}.revocations"
             dev.log = logs[i].append
-        threads = _threads(devices, rounds=1, stage_wait=20)
+        threads = _threads(devices, rounds=1, stage_wait=60)
+        said: list[str] = []
+        deadline = 60  # before, every stage waited this long for device-3, which sat the round out
         out = fleet.coordinate(
-            f.admin, cfg, model=MODEL, rounds=1, deadline=10, poll=0.05, authenticated=True
+            f.admin,
+            cfg,
+            model=MODEL,
+            rounds=1,
+            deadline=deadline,
+            poll=0.05,
+            authenticated=True,
+            say=said.append,
         )
-        for t in threads:
+        for t in threads[:3]:
             t.join(30)
-    assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None, out[0].line(1)
-    for i in range(4):
+        status = f.admin.secagg_status(MODEL, out[0].number)
+    line = out[0].line(1)
+    assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None, line
+    assert out[0].revoked == ("device-3",) and out[0].invited == 3 and out[0].dropouts == 0, line
+    assert "3/3 devices (0 dropped out)" in line and line.endswith("; device-3 revoked: left out"), line
+    assert f"device-3 revoked: left out of SecAgg round {out[0].number}" in said, said
+    assert status["revoked"] == ["device-3"] and status["dropped"] == [], status
+    assert out[0].seconds < deadline / 2, line  # no stage waited out the deadline for device-3
+    for i in range(3):
         assert (tmp_path / f"device-{i}.revocations").read_bytes() == current.to_bytes()
         assert any("took revocation list number 2" in line for line in logs[i]), logs[i]
-    assert any("'device-3'" in line and "revoked" in line for line in logs[3]), logs[3]
+    assert not any("SecAgg round" in line for line in logs[3]), logs[3]  # never invited: never asked

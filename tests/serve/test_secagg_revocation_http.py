@@ -33,6 +33,7 @@ from deltaplane.serve.secagg_client import SecAggDevice
 
 NAMES = [f"dev-{i}" for i in range(6)]
 REVOKED = 4
+_BODY = {"bits": 16, "clip_range": 0.5, "weight_scale": 0, "authenticated": True}  # as _open opens
 authority = test_secagg_auth_http.authority  # the module-scoped fixture
 
 
@@ -49,8 +50,8 @@ def crl_file(authority, tmp_path):
     return tmp_path / "revoked.bin", crl
 
 
-def _devices(svc, rnd, creds) -> list[SecAggDevice]:
-    devices = [SecAggDevice(svc.device(d), "cnn", rnd, credentials=creds[d]) for d in NAMES]
+def _devices(svc, rnd, creds, names: list[str] = NAMES) -> list[SecAggDevice]:
+    devices = [SecAggDevice(svc.device(d), "cnn", rnd, credentials=creds[d]) for d in names]
     base = svc.reg.load_state(svc.reg.get("cnn", devices[0].base_version))
     g, enc = torch.Generator().manual_seed(0), RingEncoding(bits=16, clip_range=0.5, weight_scale=0)
     for i, dev in enumerate(devices):
@@ -61,24 +62,32 @@ def _devices(svc, rnd, creds) -> list[SecAggDevice]:
 
 
 def _round_without_the_revoked_device(svc, held: dict[str, DeviceCredentials]) -> None:
-    """An authenticated round of every device, each holding ``held``'s credentials: the service refuses dev-4's
-    advertisement (422) and the round publishes the exact sum of the five others."""
-    rnd = _open(svc, NAMES)
-    devices = _devices(svc, rnd, held)
+    """An authenticated round opened for every device, each holding ``held``'s credentials: the service leaves
+    the revoked dev-4 out of the invitation (it says so), refuses it the round (403), and every stage closes on
+    the five others alone: the round publishes their exact sum."""
+    opened = svc.admin._post("/admin/models/cnn/secagg", {**_BODY, "devices": NAMES})
+    assert opened["revoked"] == [NAMES[REVOKED]] and opened["invited"] == len(NAMES) - 1
+    assert opened["config"]["num_clients"] == len(NAMES) - 1
+    rnd = opened["round"]
     with pytest.raises(ServiceError) as exc:
-        devices[REVOKED].advertise()
-    assert exc.value.status == 422 and "'dev-4'" in exc.value.detail and "revoked" in exc.value.detail
-    rest = [dev for i, dev in enumerate(devices) if i != REVOKED]
-    for stage in ("advertise", "share", "upload", "vouch"):
+        SecAggDevice(svc.device(NAMES[REVOKED]), "cnn", rnd, credentials=held[NAMES[REVOKED]])
+    assert exc.value.status == 403 and "not invited" in exc.value.detail
+    rest = _devices(svc, rnd, held, [d for d in NAMES if d != NAMES[REVOKED]])
+    for stage, counted in (("advertise", "advertised"), ("share", "shared"), ("upload", "uploaded")):
         for dev in rest:
             getattr(dev, stage)()
+        # every invited device posted: the stage is complete, nobody left to wait for (no deadline)
+        assert svc.admin.secagg_status("cnn", rnd)[counted] == svc.admin.secagg_status("cnn", rnd)["invited"]
         svc.admin.advance_secagg("cnn", rnd)
+    for dev in rest:
+        dev.vouch()
+    svc.admin.advance_secagg("cnn", rnd)
     for dev in rest:
         dev.unmask()
     closed = svc.admin.close_secagg("cnn", rnd)
     total = sum(dev.codes.astype(np.uint64) for dev in rest)  # every unrevoked device, exactly
     assert closed["published"]["sum_sha256"] == hashlib.sha256(total.astype("<u8").tobytes()).hexdigest()
-    assert closed["responded"] == 5
+    assert closed["responded"] == 5 and closed["dropped"] == []
 
 
 def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_exact_without_it(
@@ -357,3 +366,46 @@ def test_a_device_that_takes_a_list_revoking_itself_or_outlives_its_certificate_
     expired = dataclasses.replace(fleet[NAMES[0]], clock=lambda: 2.0**40)
     dev = SimpleNamespace(credentials=expired, log=lines.append)
     assert own_certificate_holds(dev) is False and "expired" in lines[-1]
+
+
+def test_an_open_left_with_too_few_devices_once_the_revoked_are_out_is_refused_naming_them(
+    service_factory, crl_file
+) -> None:
+    path, crl = crl_file
+    svc = service_factory(secagg_revocations=str(path))
+    names = [NAMES[0], NAMES[1], NAMES[REVOKED]]  # threshold 3 of 3: two unrevoked devices cannot carry it
+    with pytest.raises(ServiceError) as err:
+        svc.admin._post("/admin/models/cnn/secagg", {**_BODY, "devices": names, "threshold": 3})
+    assert err.value.status == 422
+    assert (
+        "left out: dev-4" in err.value.detail and f"revocation list number {crl.sequence}" in err.value.detail
+    )
+    assert "new device ids" in err.value.detail
+    # the same devices in an unauthenticated round: no certificate is checked, nobody left out
+    opened = svc.admin._post("/admin/models/cnn/secagg", {**_BODY, "devices": names, "authenticated": False})
+    assert opened["revoked"] == [] and opened["invited"] == 3
+
+
+def test_under_distributed_dp_m_min_counts_only_the_devices_left_once_the_revoked_are_out(
+    service_factory, crl_file
+) -> None:
+    """Distributed DP calibrated to m_min 3: three devices inviting the revoked dev-4 leave two, too few for the
+    noise: refused (422) naming dev-4; four leave three, enough: opened with three invited."""
+    from deltaplane.engine import RunConfig
+
+    path, _ = crl_file
+    run = RunConfig(clients=4, secagg=True, clip="1.0", dp_noise=2.0, dp_delta=1e-3, secagg_min_contributors=3,
+                    downlink_codec="identity", secagg_authenticated=True)  # fmt: skip
+    svc = service_factory(federation=run, secagg_revocations=str(path))
+    with pytest.raises(ServiceError) as err:
+        svc.admin.open_secagg("cnn", [NAMES[0], NAMES[1], NAMES[REVOKED]], weight_scale=0)
+    assert (
+        err.value.status == 422
+        and "a round of 2" in err.value.detail
+        and "invite at least 3" in err.value.detail
+    )
+    assert "left out: dev-4" in err.value.detail
+    opened = svc.admin.open_secagg("cnn", [NAMES[0], NAMES[1], NAMES[2], NAMES[REVOKED]], weight_scale=0)
+    assert (
+        opened["revoked"] == [NAMES[REVOKED]] and opened["invited"] == 3 and opened["authenticated"] is True
+    )

@@ -644,6 +644,8 @@ class RoundSummary:
     failed: str | None = None
     #: a SecAgg round of signed key advertisements (``--authenticated``, YAML ``secagg.authenticated``)
     authenticated: bool = False
+    #: devices the service left out of the round: its revocation list revokes them (not counted as invited)
+    revoked: tuple[str, ...] = ()
 
     @property
     def dropouts(self) -> int:
@@ -656,14 +658,15 @@ class RoundSummary:
         effect, failed rounds included."""
         kind = f"{self.kind}, authenticated" if self.authenticated else self.kind
         head = f"round {self.index}/{rounds} ({kind} #{self.number})"
+        left = "".join(f"; {d} revoked: left out" for d in self.revoked)
         if self.failed:
-            return f"{head}: failed: {self.failed}"
+            return f"{head}: failed: {self.failed}{left}"
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
         if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
             eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
         return (
             f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out), "
-            f"version {self.version}{eps}, {self.seconds:.1f} s"
+            f"version {self.version}{eps}, {self.seconds:.1f} s{left}"
         )
 
 
@@ -821,23 +824,31 @@ def _secagg(
     neighbours: int | None,
     authenticated: bool,
 ) -> tuple:
-    number = _open_secagg(p, model, names, weight_scale, neighbours, authenticated)
-    return _follow(
+    """Open and run one SecAgg round: its number, survivors, version, measurements, and the devices left out
+    as revoked (each said once: ``<device> revoked: left out``)."""
+    number, revoked = _open_secagg(p, model, names, weight_scale, neighbours, authenticated)
+    for d in revoked:
+        p.say(f"{d} revoked: left out of SecAgg round {number}")
+    invited = [d for d in names if d not in revoked]
+    done = _follow(
         p,
         number,
-        lambda: _secagg_round(p, model, names, deadline, poll, number, authenticated),
+        lambda: _secagg_round(p, model, invited, deadline, poll, number, authenticated),
         lambda: p.admin.abort_secagg(model, number),
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
     )
+    return (*done, tuple(revoked))
 
 
 def _open_secagg(
     p: Patient, model: str, names: list[str], weight_scale: float, neighbours: int | None, authenticated: bool
-) -> int:
+) -> tuple[int, list[str]]:
     """Open a SecAgg round (SecAgg+ of degree ``neighbours``; None: the complete graph; ``authenticated``: signed
-    key advertisements, :mod:`~deltaplane.aggregation.secagg.identity`). An open whose answer
+    key advertisements, :mod:`~deltaplane.aggregation.secagg.identity`): its number, and the devices of ``names``
+    the service left out because its revocation list revokes them (never invited: no stage waits for them). An
+    open whose answer
     was lost may have opened a round nobody will run (its number is unknown): the next open is numbered after
     it, and a round just below that still at key advertisement for the same devices is such a stray, so it is
     aborted rather than left open."""
@@ -857,10 +868,11 @@ def _open_secagg(
     for stray in range(max(1, number - failed), number):
         with contextlib.suppress(ServiceError):
             status = p.call(lambda s=stray: p.admin.secagg_status(model, s), f"read SecAgg round {stray}")
-            ours = status.get("invited") == len(names) and status.get("stage") == Stage.ADVERTISE
+            invited = status.get("invited", 0) + len(status.get("revoked", []))
+            ours = invited == len(names) and status.get("stage") == Stage.ADVERTISE
             if status.get("finished") is None and ours:
                 p.call(lambda s=stray: p.admin.abort_secagg(model, s), f"abort SecAgg round {stray}")
-    return number
+    return number, list(opened.get("revoked", []))  # type: ignore[union-attr]
 
 
 def _secagg_status(p: Patient, model: str, number: int) -> dict[str, Any]:
@@ -1021,11 +1033,11 @@ def coordinate(
         kind = "secagg" if config.secagg else "plain"
         try:
             if config.secagg:
-                number, n, version, measured = _secagg(
+                number, n, version, measured, revoked = _secagg(
                     p, model, names, deadline, poll, weight_scale or 0.0, neighbours, authenticated
                 )
             else:
-                number, n, version, measured = _plain(p, model, names, deadline, poll)
+                number, n, version, measured, revoked = *_plain(p, model, names, deadline, poll), ()
         except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up
             exc, number = (
                 (failure.error, failure.number) if isinstance(failure, _RoundFailed) else (failure, 0)
@@ -1049,8 +1061,8 @@ def coordinate(
                 break
         else:
             summary = RoundSummary(
-                index, kind, number, len(names), n, version, measured.get("epsilon"),
-                time.perf_counter() - t0, dict(measured), authenticated=authenticated,
+                index, kind, number, len(names) - len(revoked), n, version, measured.get("epsilon"),
+                time.perf_counter() - t0, dict(measured), authenticated=authenticated, revoked=revoked,
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"

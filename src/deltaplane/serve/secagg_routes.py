@@ -43,7 +43,9 @@ or roster, so this flag cannot turn the check off. The service itself holds no e
 device's signature: it only refuses an advertisement whose certificate names another device than the token's, or (given
 ``ServiceConfig.secagg_revocations``; verified under ``ServiceConfig.secagg_authority`` when given, refused past its
 next update, and replaced by uploads: :mod:`deltaplane.serve.revocation_routes`) a device the enrollment
-authority's revocation list revokes (422). Such a
+authority's revocation list revokes (422). The round's open already leaves out the invited devices that list names
+(any cohort: the open knows only device ids), answering them as ``"revoked"``, so no stage waits for them; too few
+left for the threshold or m_min refuses the open (422, naming them). Such a
 round also has the consistency check: each survivor signs the unmasking request it fetched, ``advance`` closes
 the check, and each device unmasks only once ``threshold`` of its neighbourhood signed the same request.
 
@@ -146,6 +148,8 @@ class SecAggRound:
     published: dict[str, Any] | None = None
     cohorts: dict[str, str] = field(default_factory=dict)  # device id -> cohort its token names
     opened_at: float = field(default_factory=time.time)
+    #: devices the open was asked to invite but the held revocation list revokes: left out of the round
+    revoked: tuple[str, ...] = ()
 
     @property
     def config(self) -> SecAggConfig:
@@ -159,6 +163,7 @@ class SecAggRound:
             "base_version": self.base_version,
             "stage": srv.stage,
             "invited": len(self.clients),
+            "revoked": list(self.revoked),
             "advertised": len(srv.keys),
             "shared": len(srv.share_senders),
             "uploaded": len(srv.uploaded),
@@ -373,6 +378,31 @@ def _revocations(config: Any) -> RevocationList | None:
         )
     except RevocationsStale as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _revoked_invitees(revocations: RevocationList | None, devices: list[str]) -> frozenset[str]:
+    """The devices of ``devices`` that ``revocations`` revokes, as far as the service knows at a round's open.
+
+    The list revokes a ``(device id, cohort)`` pair, and a key advertisement is refused when its certificate
+    names a revoked pair (:meth:`RevocationList.names`), the certificate's device id being the token's (checked
+    at advertisement). Before advertisement the service knows only the invited device id, not the cohort of
+    its certificate, so a device id the list names in any cohort is left out: a revoked device re-enrolls
+    under a new device id (docs/fleet.md), never the revoked one."""
+    if revocations is None:
+        return frozenset()
+    named = {d for d, _ in revocations.revoked}
+    return frozenset(d for d in devices if d in named)
+
+
+def _revoked_note(revocations: RevocationList | None, revoked: frozenset[str]) -> str:
+    """What an open refused for too few devices adds when revoked devices were left out of it."""
+    if not revoked or revocations is None:
+        return ""
+    return (
+        f" (left out: {', '.join(sorted(revoked))}, revoked by revocation list number {revocations.sequence}; "
+        "invite other devices in their place, or enroll replacements under new device ids "
+        "(`deltaplane fleet enroll`) and invite those)"
+    )
 
 
 def install_secagg_routes(
@@ -680,13 +710,24 @@ def install_secagg_routes(
                 f"DP-FedAvg, so that one device moves the sum by at most clip; open the round with "
                 f"weight_scale: 0 (an unweighted mean), not {body.weight_scale:g}"
             )
-        n = len(body.devices)
+        # authenticated: the operator's, or the federation's, as `deltaplane run` runs it
+        if "authenticated" in body.model_fields_set or run is None:
+            authenticated = body.authenticated
+        else:
+            authenticated = run.secagg_authenticated
+        revocations = _revocations(config) if authenticated else None
+        # a revoked device would sit out (it checks its own certificate) and its advertisement is refused: left
+        # out here, so that no stage waits for it, and the round's size (threshold, m_min) counts only the rest
+        revoked = _revoked_invitees(revocations, body.devices)
+        devices = [d for d in body.devices if d not in revoked]
+        n = len(devices)
         ddp = step.aggregator.find(DistributedDP)
         m_min = ddp.min_contributors if isinstance(ddp, DistributedDP) else 0
         if n < m_min:
             raise ConfigError(
                 f"this federation runs distributed DP calibrated to {m_min} devices (secagg_min_contributors): "
                 f"a round of {n} would give the server a sum with too little noise; invite at least {m_min}"
+                + _revoked_note(revocations, revoked)
             )
         if isinstance(
             ddp, DistributedDP
@@ -698,12 +739,6 @@ def install_secagg_routes(
         else:
             degree = round_neighbours(run.secagg_neighbours, n)
         group = group_size(degree, n)
-        # authenticated: the operator's, or the federation's, as `deltaplane run` runs it
-        if "authenticated" in body.model_fields_set or run is None:
-            authenticated = body.authenticated
-        else:
-            authenticated = run.secagg_authenticated
-        revocations = _revocations(config) if authenticated else None
         try:
             encoding = RingEncoding(bits=bits, clip_range=clip_range, weight_scale=body.weight_scale)
             vector = encoding.vector_size(like)
@@ -713,6 +748,14 @@ def install_secagg_routes(
         check_ring_carries(encoding, config.max_examples)
 
         def make(number: int) -> SecAggConfig:
+            try:
+                return checked(number)
+            except ConfigError as exc:  # too few left once the revoked are out: say which, and what to do
+                if not revoked:
+                    raise
+                raise ConfigError(str(exc) + _revoked_note(revocations, revoked)) from None
+
+        def checked(number: int) -> SecAggConfig:
             cfg = SecAggConfig(
                 num_clients=n,
                 threshold=body.threshold if body.threshold is not None else default_threshold(group),
@@ -746,11 +789,12 @@ def install_secagg_routes(
                 model,
                 number,
                 base,
-                {d: i for i, d in enumerate(body.devices)},
+                {d: i for i, d in enumerate(devices)},
                 encoding,
                 # fewer masked inputs than m_min: never unmasked
                 ServerEndpoint(cfg, min_inputs=m_min, authenticated=authenticated, revocations=revocations),
                 like,
+                revoked=tuple(d for d in body.devices if d in revoked),
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}
 
