@@ -532,13 +532,11 @@ def register(app: typer.Typer) -> None:
         from deltaplane.aggregation.secagg import SecAggAuthError
         from deltaplane.aggregation.secagg.enrollment import device_id, load_authority
         from deltaplane.aggregation.secagg.revocation import (
-            REVOCATIONS_MAX_BYTES,
-            RevocationList,
+            read_server_revocations,
             revoke,
             write_revocations,
         )
-        from deltaplane.errors import DecodeError
-        from deltaplane.textfile import exclusive_lock, read_bounded_bytes
+        from deltaplane.textfile import exclusive_lock
 
         with _errors(OSError):
             authority = load_authority(authority_key)
@@ -549,23 +547,17 @@ def register(app: typer.Typer) -> None:
                 # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
                 # ConfigError; one that does not verify under this key is refused here (the operator's words,
                 # exit 2); a version-1 list (no next update) is read to be re-issued
-                previous = None
-                if os.path.lexists(out):
-                    data = read_bounded_bytes(out, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+                previous = read_server_revocations(out, legacy=True) if os.path.lexists(out) else None
+                if previous is not None and previous.authority == authority.id:
                     try:
-                        previous = RevocationList.from_bytes(data, legacy=True)
-                    except (DecodeError, SecAggAuthError) as exc:
+                        authority.trust().check_revocations(
+                            previous.authority, previous.signed_part(), previous.signature
+                        )
+                    except SecAggAuthError:
                         raise ConfigError(
-                            f"{out}: {exc}; give the file `deltaplane keys revoke` wrote"
+                            f"{out}: its signature does not verify under this authority key (altered or "
+                            "forged); restore the list `keys revoke` wrote, or give another --out"
                         ) from None
-                    if previous.authority == authority.id:
-                        try:
-                            RevocationList.verified(data, authority.trust(), legacy=True)
-                        except SecAggAuthError:
-                            raise ConfigError(
-                                f"{out}: its signature does not verify under this authority key (altered or "
-                                "forged); restore the list `keys revoke` wrote, or give another --out"
-                            ) from None
                 names = [(device_id(i), cohort) for i in dict.fromkeys(device or [])]
                 revocations = revoke(
                     authority, names, issued=int(time.time()), valid_s=valid_days * 86_400, previous=previous

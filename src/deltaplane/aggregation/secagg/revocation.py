@@ -294,6 +294,7 @@ def read_server_revocations(
     *,
     now: float | None = None,
     fix: str = "",
+    legacy: bool = False,
 ) -> RevocationList:
     """The revocation list in the file ``path`` for a *server* (the HTTP service, a Flower
     :class:`~deltaplane.flower.SecAggStrategy`), verified under ``trusted`` when the server was given the
@@ -301,10 +302,11 @@ def read_server_revocations(
     it names only spares the honest devices a roster they would refuse anyway (they verify their own copy). A
     missing, oversized, malformed or (given ``trusted``) unauthenticated file is a :class:`ConfigError` naming
     it. Given ``now``, a list past its next update is a :class:`RevocationsStale` (``fix``: how the server gets
-    a current one): a server opens no authenticated round on it, as its devices would refuse the round."""
+    a current one): a server opens no authenticated round on it, as its devices would refuse the round.
+    ``legacy``: a version-1 list is read too (``keys revoke`` re-issuing it)."""
     data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
     try:
-        rl = RevocationList.from_bytes(data)
+        rl = RevocationList.from_bytes(data, legacy=legacy)
         if trusted is not None:
             trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     except (DecodeError, SecAggAuthError) as exc:
