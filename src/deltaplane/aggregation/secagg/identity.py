@@ -425,18 +425,22 @@ class DeviceCredentials:
             return self
         return dataclasses.replace(self, revocations=revocations)
 
-    def check_own(self) -> None:
-        """Raise :class:`SecAggAuthError` unless this device's own certificate passes what each neighbour checks
-        it by (:meth:`verify`): a trusted authority signed it, it has not expired, the held revocation list does
-        not revoke it. A device that would fail refuses rounds itself, so the round goes on without it, rather
-        than have every neighbour refuse the roster seating it (one misconfigured device failing the round)."""
-        cert = self.identity.certificate
+    def check_certificate(self, cert: DeviceCertificate) -> None:
+        """Raise :class:`SecAggAuthError` unless ``cert`` passes the checks every certificate in a roster gets (a
+        trusted authority signed it, it has not expired, the held revocation list does not revoke it)."""
         self.trusted.check(cert, now=self.clock())
         if self.revocations is not None and self.revocations.names(cert):
             raise SecAggAuthError(
                 f"device {cert.device_id!r} of cohort {cert.cohort!r} is revoked (revocation list number "
                 f"{self.revocations.sequence})"
             )
+
+    def check_own(self) -> None:
+        """Raise :class:`SecAggAuthError` unless this device's own certificate passes what each neighbour checks
+        it by (:meth:`check_certificate`, within :meth:`verify`). A device that would fail refuses rounds itself,
+        so the round goes on without it, rather than have every neighbour refuse the roster seating it (one
+        misconfigured device failing the round)."""
+        self.check_certificate(self.identity.certificate)
 
     def check_current(self, fix: str) -> None:
         """Raise :class:`~deltaplane.aggregation.secagg.errors.RevocationsStale` if the held revocation list is
@@ -482,15 +486,9 @@ class DeviceCredentials:
         """
         try:
             cert = DeviceCertificate.from_bytes(certificate)
-            self.trusted.check(cert, now=self.clock())
+            self.check_certificate(cert)
         except (DecodeError, SecAggAuthError) as exc:
             raise SecAggAuthError(f"roster slot {client_id}: {exc}", client=client_id) from None
-        if self.revocations is not None and self.revocations.names(cert):
-            raise SecAggAuthError(
-                f"roster slot {client_id}: device {cert.device_id!r} of cohort {cert.cohort!r} is revoked "
-                f"(revocation list number {self.revocations.sequence}); refused",
-                client=client_id,
-            )
         if cert.cohort != self.identity.certificate.cohort:
             raise SecAggAuthError(
                 f"roster slot {client_id}: device {cert.device_id!r} is enrolled in cohort {cert.cohort!r}, "
