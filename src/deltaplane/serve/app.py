@@ -503,8 +503,6 @@ def create_app(
     config: ServiceConfig, *, state: ServiceState | None = None, evaluator: Evaluator | None = None
 ) -> FastAPI:
     """Build the FastAPI application over the registry at ``config.home``."""
-    # an unreadable or malformed enrollment authority key, or a held list it did not sign, fails at start
-    check_revocations_at_start(config)
     if config.federation is not None and not config.simulated_devices:
         # a warning when the federation sets options this service cannot apply (the devices must)
         level = logging.WARNING if device_side_options(config.federation) else logging.INFO
@@ -518,6 +516,9 @@ def create_app(
     reg = state.registry
     signer = reg.signer
     service_store = ServiceStore(reg)
+    # an unreadable or malformed enrollment authority key, a held list it did not sign, or one older than the
+    # highest it has held (kept in the service store), fails at start
+    check_revocations_at_start(config, service_store)
     rounds_store = RoundStore(reg)
     # a restart keeps open rounds and their accepted uploads (replayed into each model's server step)
     restore_rounds(config, state, rounds_store)
@@ -628,9 +629,9 @@ def create_app(
     )
     # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth
     app.state.secagg_rounds = install_secagg_routes(
-        app, state, config, device=device, admin=admin, rounds_store=rounds_store
+        app, state, config, device=device, admin=admin, rounds_store=rounds_store, service_store=service_store
     )
-    install_revocation_routes(app, state, config, device=device, admin=admin)
+    install_revocation_routes(app, state, config, device=device, admin=admin, store=service_store)
 
     def resolve_tag(model: str, channel: str, cohort: str) -> int:
         # verified against the signed state log: a tag moved in the database is a 409, never served

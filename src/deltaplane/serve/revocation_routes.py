@@ -4,7 +4,8 @@
   :data:`~deltaplane.aggregation.secagg.revocation.REVOCATIONS_MAX_BYTES`) replaces the service's list
   (``serve --secagg-revocations FILE``) atomically, without a restart, once it decodes (else 400), the
   enrollment authority signed it (``serve --secagg-enrollment-authority``; else 422), it is current (else 422)
-  and its sequence does not go back (else 409). The next authenticated round open reads it.
+  and its sequence does not go back (else 409), neither from the list held nor from the highest the service has
+  ever held. The next authenticated round open reads it.
 * ``GET /v1/secagg/revocations`` (device token) answers the list as held (404: none), so a fleet device takes a
   newer one before each authenticated round (:func:`deltaplane.serve.fleet.refresh_revocations`).
 
@@ -13,6 +14,13 @@ authority key and never takes a lower sequence than it holds (persisted across r
 neither forge a list nor roll a device back. It *can* withhold a newer list; the list's next update bounds
 that: past it (plus :data:`~deltaplane.aggregation.secagg.revocation.CLOCK_SKEW_S`) the device refuses
 authenticated rounds until it gets a current list.
+
+The service keeps its own high-water mark too (given the authority key): the highest list it has held per
+authority, number and digest, in its database (:meth:`~deltaplane.serve.service_store.ServiceStore.hold_revocations`).
+Its list file replaced by hand with an older list, validly signed (a restore from backup, someone with the file
+but not the authority key), is refused at start, at each round open and at each fetch
+(:class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`, naming both numbers), across restarts:
+otherwise the service would seat the devices the newer list revokes.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -30,18 +38,23 @@ from deltaplane.aggregation.secagg.errors import RevocationRollback, SecAggAuthE
 from deltaplane.aggregation.secagg.identity import TrustedAuthorities
 from deltaplane.aggregation.secagg.revocation import (
     REVOCATIONS_MAX_BYTES,
+    RevocationList,
     read_server_revocations,
     replace_server_revocations,
 )
 from deltaplane.errors import DecodeError
 from deltaplane.serve.bodies import read_capped
-from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
+from deltaplane.textfile import read_bounded_bytes
+
+if TYPE_CHECKING:
+    from deltaplane.serve.service_store import ServiceStore
 
 __all__ = [
     "REVOCATIONS_ADMIN_PATH",
     "REVOCATIONS_DEVICE_PATH",
     "check_revocations_at_start",
     "install_revocation_routes",
+    "read_service_revocations",
     "server_trust",
     "unchecked_revocations_warning",
 ]
@@ -56,23 +69,37 @@ def server_trust(config: Any) -> TrustedAuthorities | None:
     (``config.secagg_authority``: ``enrollment.ed25519.pub``; None when not given), read at each use so a
     replaced key file applies without a restart."""
     path = config.secagg_authority
-    if not path:
-        return None
-    text = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority public key")
-    return TrustedAuthorities.from_text(text, source=os.fspath(path))
+    return TrustedAuthorities.from_file(path) if path else None
 
 
-def check_revocations_at_start(config: Any) -> None:
+def read_service_revocations(
+    config: Any, store: ServiceStore, *, now: float | None = None, fix: str = ""
+) -> RevocationList:
+    """The service's revocation list file (``config.secagg_revocations``), as every reading of it takes it:
+    :func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations` (verified under
+    ``config.secagg_authority`` when given; given ``now``, current), then, verified, checked against and
+    recorded as the highest list of its authority the service has held (``store``): an older one is a
+    :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`. An unverified list (no authority key)
+    neither raises nor moves the mark: anyone could have numbered it."""
+    trusted = server_trust(config)
+    rl = read_server_revocations(config.secagg_revocations, trusted, now=now, fix=fix)
+    if trusted is not None:
+        store.hold_revocations(rl, source=config.secagg_revocations)
+    return rl
+
+
+def check_revocations_at_start(config: Any, store: ServiceStore) -> None:
     """Refuse to start a service whose revocation list (``config.secagg_revocations``) is not its enrollment
     authority's (``config.secagg_authority``): another authority's list, a forged or a malformed one is a
-    :class:`~deltaplane.errors.ConfigError` naming the file and the authority it trusts, at start rather than at
-    the first round open. A missing file is fine (an upload creates it), and so is a stale one (an upload
+    :class:`~deltaplane.errors.ConfigError` naming the file and the authority it trusts, and a list older than
+    the highest of that authority the service has held (``store``) a
+    :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback` naming both numbers, at start rather than
+    at the first round open. A missing file is fine (an upload creates it), and so is a stale one (an upload
     replaces it; round opens refuse it until then). Without the authority key nothing is checked here:
     :func:`unchecked_revocations_warning` says so."""
-    trusted = server_trust(config)
     path = config.secagg_revocations
-    if trusted is not None and path and os.path.lexists(path):
-        read_server_revocations(path, trusted)
+    if config.secagg_authority and path and os.path.lexists(path):
+        read_service_revocations(config, store)
 
 
 def unchecked_revocations_warning(config: Any) -> str | None:
@@ -84,12 +111,16 @@ def unchecked_revocations_warning(config: Any) -> str | None:
     return (
         f"warning: --secagg-revocations {config.secagg_revocations} is used unchecked: without "
         "--secagg-enrollment-authority enrollment.ed25519.pub the service does not verify the list's signature "
-        "or authority (devices still verify their own copy) and refuses uploads of a newer list"
+        "or authority, nor keep it from going back to an older list (devices still verify their own copy), and "
+        "refuses uploads of a newer list"
     )
 
 
-def install_revocation_routes(app: FastAPI, state: Any, config: Any, *, device: Any, admin: Any) -> None:
-    """Add the upload (admin) and fetch (device) endpoints of the service's revocation list to ``app``."""
+def install_revocation_routes(
+    app: FastAPI, state: Any, config: Any, *, device: Any, admin: Any, store: ServiceStore
+) -> None:
+    """Add the upload (admin) and fetch (device) endpoints of the service's revocation list to ``app``; ``store``
+    keeps the highest list the service has held."""
     router = APIRouter()
     lock = threading.Lock()  # check-then-replace of the file is one step: two uploads never interleave
 
@@ -101,11 +132,18 @@ def install_revocation_routes(app: FastAPI, state: Any, config: Any, *, device: 
         responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no list"}},
     )
     def fetch() -> Response:
-        """The service's revocation list as held (its signature is for the device to check), 404 for none."""
+        """The service's revocation list as held (its signature is for the device to check), 404 for none; 409
+        for a file older than the highest list the service has held (the device keeps its own)."""
         path = config.secagg_revocations
         if not path or not os.path.exists(path):
             raise HTTPException(404, "this service holds no revocation list")
-        data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
+        if config.secagg_authority:
+            try:
+                data = read_service_revocations(config, store).to_bytes()
+            except RevocationRollback as exc:
+                raise HTTPException(409, str(exc)) from None
+        else:
+            data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
         state.counters["secagg.revocations_served"] += 1
         return Response(data, media_type="application/octet-stream")
 
@@ -135,7 +173,12 @@ def install_revocation_routes(app: FastAPI, state: Any, config: Any, *, device: 
 
         def replace() -> tuple[Any, bool]:
             with lock:
-                return replace_server_revocations(config.secagg_revocations, data, trusted, now=time.time())
+                path = config.secagg_revocations
+                rl, replaced = replace_server_revocations(
+                    path, data, trusted, now=time.time(), marks=store.revocation_marks()
+                )
+                store.hold_revocations(rl, source=path)
+                return rl, replaced
 
         try:
             rl, replaced = await run_in_threadpool(replace)

@@ -102,16 +102,16 @@ from deltaplane.aggregation.secagg import (
     max_ring_weight,
     round_neighbours,
 )
-from deltaplane.aggregation.secagg.errors import RevocationsStale
+from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
-from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
+from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
 from deltaplane.serve.bodies import read_capped
-from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, server_trust
+from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
 from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
     check_update_norm,
@@ -120,6 +120,7 @@ from deltaplane.serve.rounds import (
     undo_on_failure,
 )
 from deltaplane.serve.rounds_store import RoundStore
+from deltaplane.serve.service_store import ServiceStore
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
 
@@ -351,13 +352,14 @@ def check_ring_carries(encoding: RingEncoding, max_examples: float) -> None:
         ) from None
 
 
-def _revocations(config: Any) -> RevocationList | None:
+def _revocations(config: Any, store: ServiceStore) -> RevocationList | None:
     """The service's revocation list (``config.secagg_revocations``; "" for none), read at each authenticated
     round open so a newer one (a file edit, or an upload: :mod:`~deltaplane.serve.revocation_routes`) applies at
-    once. Verified under ``config.secagg_authority`` when the service was given the authority's public key
-    (:func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations`). A missing, malformed or
+    once. Verified under ``config.secagg_authority`` when the service was given the authority's public key, and
+    then never older than the highest list it has held (``store``;
+    :func:`~deltaplane.serve.revocation_routes.read_service_revocations`). A missing, malformed or
     unauthenticated list, or one past its next update (every enrolled device would refuse the round), is a
-    :class:`ConfigError` (422: no round opens)."""
+    :class:`ConfigError` (422: no round opens); an older one a ``RevocationRollback`` (409)."""
     if not config.secagg_revocations:
         return None
     if not os.path.lexists(config.secagg_revocations):  # the first list is uploaded, not there at start
@@ -369,15 +371,17 @@ def _revocations(config: Any) -> RevocationList | None:
             "file"
         )
     try:
-        return read_server_revocations(
-            config.secagg_revocations,
-            server_trust(config),
+        return read_service_revocations(
+            config,
+            store,
             now=time.time(),
             fix=f"a current one is uploaded (POST {REVOCATIONS_ADMIN_PATH}, body: the file `deltaplane keys "
             "revoke` writes) or written to the service's --secagg-revocations file",
         )
     except RevocationsStale as exc:
         raise ConfigError(str(exc)) from None
+    except RevocationRollback as exc:  # as an upload of that list would be: 409
+        raise HTTPException(409, str(exc)) from None
 
 
 def _revoked_invitees(revocations: RevocationList | None, devices: list[str]) -> frozenset[str]:
@@ -413,6 +417,7 @@ def install_secagg_routes(
     device: Callable[..., Any],
     admin: Callable[..., Any],
     rounds_store: RoundStore | None = None,
+    service_store: ServiceStore | None = None,
 ) -> dict[tuple[str, int], SecAggRound]:
     """Add the SecAgg endpoints to the service ``app``; returns the live table of rounds (for status/tests).
 
@@ -421,8 +426,10 @@ def install_secagg_routes(
     :class:`ServiceConfig`. Closing a SecAgg round hands the unmasked mean to the model's engine server step
     (:meth:`~deltaplane.engine.ServerStep.receive_secure_sum`), so its chain, downlink and publisher apply;
     with ``rounds_store`` the step resumes from, and stores after each round, its durable state.
+    ``service_store`` (made over the registry when not given) keeps the highest revocation list held.
     """
     store = rounds_store if rounds_store is not None else RoundStore(state.registry)
+    service_store = service_store if service_store is not None else ServiceStore(state.registry)
     # open rounds only (the service state's: devices discover theirs through /v1/models/{m}/rounds/open)
     rounds: dict[tuple[str, int], SecAggRound] = state.secagg_rounds
     finished: OrderedDict[tuple[str, int], FinishedRound] = OrderedDict()  # the last FINISHED_KEPT closed
@@ -715,7 +722,7 @@ def install_secagg_routes(
             authenticated = body.authenticated
         else:
             authenticated = run.secagg_authenticated
-        revocations = _revocations(config) if authenticated else None
+        revocations = _revocations(config, service_store) if authenticated else None
         # a revoked device would sit out (it checks its own certificate) and its advertisement is refused: left
         # out here, so that no stage waits for it, and the round's size (threshold, m_min) counts only the rest
         revoked = _revoked_invitees(revocations, body.devices)

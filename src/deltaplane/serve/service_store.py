@@ -2,16 +2,21 @@
 
 The registry owns model versions; the service adds its own tables beside them (same file, same WAL, same
 ``synchronous=FULL`` durability) so that one transaction can cover both — see
-:meth:`deltaplane.registry.Registry.transaction`. This module holds the token revocation list and the
-service's id (the audience of its device tokens).
+:meth:`deltaplane.registry.Registry.transaction`. This module holds the token revocation list, the
+service's id (the audience of its device tokens) and, per enrollment authority, the highest SecAgg revocation
+list the service has held (so that its list file, replaced by hand or restored from a backup with an older one,
+cannot un-revoke devices across a restart).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import time
 
+from deltaplane.aggregation.secagg.errors import RevocationRollback
+from deltaplane.aggregation.secagg.revocation import RevocationList, RevocationMark
 from deltaplane.registry import Registry
 
 __all__ = ["ServiceStore"]
@@ -22,6 +27,9 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS revoked_devices (
         device_id TEXT PRIMARY KEY, before REAL NOT NULL, at REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS service_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    # the highest SecAgg revocation list held, per authority (hex id); its number as decimal text (a u64)
+    """CREATE TABLE IF NOT EXISTS secagg_revocation_marks (
+        authority TEXT PRIMARY KEY, sequence TEXT NOT NULL, sha256 TEXT NOT NULL, at REAL NOT NULL)""",
 )
 
 
@@ -76,3 +84,37 @@ class ServiceStore:
             r[0]: float(r[1]) for r in self.registry.query("SELECT device_id, before FROM revoked_devices")
         }
         return ids, devices
+
+    def revocation_marks(self) -> dict[bytes, RevocationMark]:
+        """The highest SecAgg revocation list this service has held, per enrollment authority id."""
+        rows = self.registry.query("SELECT authority, sequence, sha256 FROM secagg_revocation_marks")
+        return {bytes.fromhex(a): RevocationMark(bytes.fromhex(a), int(n), d) for a, n, d in rows}
+
+    def hold_revocations(self, revocations: RevocationList, *, source: str | os.PathLike[str]) -> None:
+        """Record ``revocations`` (verified, read from ``source``) as the highest list of its authority this
+        service has held, unless it is older: a lower number than the highest, or that number with other
+        contents, is a :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback` naming ``source`` and
+        both numbers, and the mark stays. The check and the record are one transaction, so concurrent readers
+        of the file only ever raise the mark."""
+        with self.registry.transaction() as con:
+            row = con.execute(
+                "SELECT sequence, sha256 FROM secagg_revocation_marks WHERE authority=?",
+                (revocations.authority.hex(),),
+            ).fetchone()
+            held = None if row is None else RevocationMark(revocations.authority, int(row[0]), row[1])
+            try:
+                newer = revocations.supersedes(held, holder="this service")
+            except RevocationRollback as exc:
+                raise RevocationRollback(
+                    f"{os.fspath(source)}: {exc} (it held that list before; each service start and round open "
+                    "checks its file against the highest list it has held)",
+                    sequence=exc.sequence,
+                    held=exc.held,
+                ) from None
+            if newer:
+                mark = revocations.mark()
+                con.execute(
+                    "INSERT OR REPLACE INTO secagg_revocation_marks (authority, sequence, sha256, at) "
+                    "VALUES (?,?,?,?)",
+                    (mark.authority.hex(), str(mark.sequence), mark.sha256, time.time()),
+                )

@@ -94,4 +94,13 @@ class RevocationsStale(SecAggAuthError):
 
 class RevocationRollback(SecAggAuthError):
     """A revocation list older than the one held (a lower sequence number, or the same number with other
-    contents): refused, as taking it would un-revoke devices. The held list stays."""
+    contents): refused, as taking it would un-revoke devices. The held list stays.
+
+    ``sequence`` is the refused list's number, ``held`` the number of the list held (equal: the same number with
+    other contents).
+    """
+
+    def __init__(self, message: str, *, sequence: int, held: int) -> None:
+        super().__init__(message)
+        self.sequence = sequence
+        self.held = held

@@ -312,6 +312,13 @@ class TrustedAuthorities:
                     raise ConfigError(f"{source} line {n} is not base64: {line[:40]!r}") from None
         return cls(raws)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> TrustedAuthorities:
+        """The keys in the file ``path`` (``enrollment.ed25519.pub``, :meth:`from_text`'s lines), read bounded: a
+        missing, oversized or malformed file is a :class:`~deltaplane.errors.ConfigError` naming it."""
+        text = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority public key")
+        return cls.from_text(text, source=os.fspath(path))
+
     def check_revocations(
         self, authority: bytes, signed_part: bytes, signature: bytes, *, holder: str = "this device"
     ) -> None:
@@ -467,8 +474,7 @@ class DeviceCredentials:
             read_bounded_text(identity_key, limit=KEY_LIMIT, what="device identity key").encode(),
             read_bounded_bytes(certificate, limit=KEY_LIMIT, what="device certificate"),
         )
-        text = read_bounded_text(authority, limit=KEY_LIMIT, what="enrollment authority public key")
-        trusted = TrustedAuthorities.from_text(text, source=os.fspath(authority))
+        trusted = TrustedAuthorities.from_file(authority)
         if revocations is None:
             return cls(ident, trusted)
         from deltaplane.aggregation.secagg.revocation import load_revocations  # it builds on this module

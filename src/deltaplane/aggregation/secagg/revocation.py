@@ -39,6 +39,7 @@ rolled back to an older list is refused too (:class:`RevocationRollback`) rather
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import struct
 import threading
@@ -66,12 +67,14 @@ __all__ = [
     "MAX_VALID_DAYS",
     "REVOCATIONS_MAX_BYTES",
     "RevocationList",
+    "RevocationMark",
     "load_revocations",
     "read_server_revocations",
     "replace_server_revocations",
     "revoke",
     "take_revocations",
     "take_revocations_file",
+    "take_revocations_from_path",
     "write_revocations",
 ]
 
@@ -101,6 +104,17 @@ def _entry(device: str, cohort: str) -> bytes:
         if not 1 <= len(raw) <= NAME_BYTES:
             raise ConfigError(f"a revoked {what} is 1 to {NAME_BYTES} UTF-8 bytes. Found {text!r}")
     return bytes([len(d)]) + d + bytes([len(c)]) + c
+
+
+@dataclass(frozen=True)
+class RevocationMark:
+    """The highest revocation list of authority ``authority`` a relying party has held: its number ``sequence``
+    and the SHA-256 (hex) of its bytes, all it takes to refuse a rollback (:meth:`RevocationList.supersedes`)
+    without keeping the list itself (the HTTP service keeps one per authority in its database)."""
+
+    authority: bytes
+    sequence: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,11 @@ class RevocationList:
     def to_bytes(self) -> bytes:
         """The list on the wire and on disk."""
         return self.signed_part() + self.signature
+
+    def mark(self) -> RevocationMark:
+        """This list as a high-water mark: its authority, number and SHA-256 (one encoding per list, so two
+        lists of one number have one digest only if they are the same list)."""
+        return RevocationMark(self.authority, self.sequence, hashlib.sha256(self.to_bytes()).hexdigest())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, legacy: bool = False) -> RevocationList:
@@ -211,24 +230,40 @@ class RevocationList:
                 next_update=self.next_update,
             )
 
-    def supersedes(self, held: RevocationList | None) -> bool:
-        """Whether a device holding ``held`` takes this list instead: raises :class:`RevocationRollback` for a
-        rollback (a lower sequence, or the same sequence with other contents: the authority never signs two);
-        False for the very list held; True otherwise. A list of another authority than ``held``'s is refused
-        too (one list per device: its enrollment's authority)."""
+    def supersedes(
+        self, held: RevocationList | RevocationMark | None, *, holder: str = "this device"
+    ) -> bool:
+        """Whether ``holder`` (a device, a server), holding ``held`` (the list, or its :meth:`mark`), takes this
+        list instead: raises :class:`RevocationRollback` for a rollback (a lower sequence, or the same sequence
+        with other contents: the authority never signs two), naming both numbers and how to get past it; False
+        for the very list held; True otherwise. A list of another authority than ``held``'s is refused too (one
+        list per device: its enrollment's authority)."""
         if held is None:
             return True
-        if held.authority != self.authority:
+        mark = held.mark() if isinstance(held, RevocationList) else held
+        if mark.authority != self.authority:
             raise SecAggAuthError(
-                f"refused revocation list of authority {self.authority.hex()}: this device holds authority "
-                f"{held.authority.hex()}'s"
+                f"refused revocation list of authority {self.authority.hex()}: {holder} holds authority "
+                f"{mark.authority.hex()}'s"
             )
-        if self.sequence < held.sequence or (self.sequence == held.sequence and self != held):
-            raise RevocationRollback(
-                f"refused revocation list number {self.sequence}: this device holds number {held.sequence}, and "
-                "a list never goes back (a rollback would un-revoke devices)"
+        if self.sequence > mark.sequence:
+            return True
+        if self.sequence < mark.sequence:
+            why = f"{holder} holds number {mark.sequence}, and a list never goes back"
+        elif self.mark() != mark:
+            why = (
+                f"{holder} holds another list of that number (SHA-256 {mark.sha256[:16]}…, this one "
+                f"{self.mark().sha256[:16]}…; the authority never signs two), and a list never goes back"
             )
-        return self.sequence > held.sequence
+        else:
+            return False
+        raise RevocationRollback(
+            f"refused revocation list number {self.sequence}: {why} (a rollback would un-revoke devices). Give "
+            f"it list number {mark.sequence} again or a newer one: `deltaplane keys revoke --out FILE`, FILE "
+            f"holding list number {mark.sequence}, issues one numbered one past it",
+            sequence=self.sequence,
+            held=mark.sequence,
+        )
 
 
 def _utc(unix_s: float) -> str:
@@ -295,6 +330,7 @@ def read_server_revocations(
     now: float | None = None,
     fix: str = "",
     legacy: bool = False,
+    holder: str = SERVER_HOLDER,
 ) -> RevocationList:
     """The revocation list in the file ``path`` for a *server* (the HTTP service, a Flower
     :class:`~deltaplane.flower.SecAggStrategy`), verified under ``trusted`` when the server was given the
@@ -303,12 +339,13 @@ def read_server_revocations(
     missing, oversized, malformed or (given ``trusted``) unauthenticated file is a :class:`ConfigError` naming
     it. Given ``now``, a list past its next update is a :class:`RevocationsStale` (``fix``: how the server gets
     a current one): a server opens no authenticated round on it, as its devices would refuse the round.
-    ``legacy``: a version-1 list is read too (``keys revoke`` re-issuing it)."""
+    ``legacy``: a version-1 list is read too (``keys revoke`` re-issuing it). ``holder`` names whose key
+    ``trusted`` is, in the refusal of another authority's list."""
     data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
     try:
         rl = RevocationList.from_bytes(data, legacy=legacy)
         if trusted is not None:
-            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
+            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=holder)
     except (DecodeError, SecAggAuthError) as exc:
         raise ConfigError(f"{os.fspath(path)}: {exc}; give the file `deltaplane keys revoke` wrote") from None
     if now is not None:
@@ -317,7 +354,12 @@ def read_server_revocations(
 
 
 def replace_server_revocations(
-    path: str | os.PathLike[str], data: bytes, trusted: TrustedAuthorities, *, now: float
+    path: str | os.PathLike[str],
+    data: bytes,
+    trusted: TrustedAuthorities,
+    *,
+    now: float,
+    marks: dict[bytes, RevocationMark] | None = None,
 ) -> tuple[RevocationList, bool]:
     """Replace a server's revocation list file ``path`` with the list ``data`` (an upload), atomically, once it
     is the authority's and newer: the list and whether it replaced the one held (False: the very list held).
@@ -325,8 +367,9 @@ def replace_server_revocations(
     Checked in order, each refusal typed: ``data`` decodes (:class:`DecodeError`), an authority of ``trusted``
     signed it (:class:`SecAggAuthError`), it is current at ``now`` (:class:`RevocationsStale`: a server storing a
     stale list would only refuse every authenticated round), and it does not roll back the list in ``path``
-    (:class:`RevocationRollback`; a list of another authority than the held one's is a :class:`SecAggAuthError`).
-    A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
+    (:class:`RevocationRollback`; a list of another authority than the held one's is a :class:`SecAggAuthError`),
+    nor the highest list of its authority the server has ever held (``marks``, by authority id: a file rolled
+    back or deleted by hand is no way around it). A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
     compared by its sequence. The caller serializes uploads (check then write is not atomic by itself)."""
     rl = RevocationList.from_bytes(data)
     trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
@@ -341,7 +384,8 @@ def replace_server_revocations(
             held = None
     if held is not None and held.version == 1:  # compared by number only: its contents are never current
         held = None if rl.sequence > held.sequence else held
-    if not rl.supersedes(held):
+    rl.supersedes((marks or {}).get(rl.authority), holder="this service")
+    if not rl.supersedes(held, holder="this service"):
         return rl, False
     write_revocations(path, rl)
     return rl, True
@@ -382,17 +426,28 @@ def take_revocations_file(credentials: DeviceCredentials, path: str | os.PathLik
     missing or oversized file is a :class:`ConfigError`, a malformed or unauthenticated list a
     :class:`SecAggAuthError`, each naming the file. The memory is the process's: a restarted node starts from
     the file, as it has nothing else to keep a high-water mark in (the fleet device keeps its own file)."""
-    rl = load_revocations(path, credentials.trusted)
-    key = (os.path.realpath(path), rl.authority)
+    rl = take_revocations_from_path(path, load_revocations(path, credentials.trusted), holder="this node")
+    return credentials.with_revocations(rl)
+
+
+def take_revocations_from_path(
+    path: str | os.PathLike[str], revocations: RevocationList, *, holder: str
+) -> RevocationList:
+    """``revocations``, just read from the file ``path`` by ``holder`` (a Flower node, a
+    :class:`~deltaplane.flower.SecAggStrategy`), once it is no older than the highest list this process has taken
+    from that file under its authority; it is then the highest. A lower sequence (or the same one with other
+    contents) is a :class:`RevocationRollback` naming the file and both numbers (:meth:`RevocationList.supersedes`).
+    The one per-process high-water mark of a re-read file: the caller has verified the list as it may."""
+    key = (os.path.realpath(path), revocations.authority)
     with _TAKEN_LOCK:
-        held = _TAKEN_FROM_FILE.get(key)
         try:
-            taken = (credentials if held is None else credentials.with_revocations(held)).with_revocations(rl)
+            if revocations.supersedes(_TAKEN_FROM_FILE.get(key), holder=holder):
+                _TAKEN_FROM_FILE[key] = revocations
         except RevocationRollback as exc:
-            raise RevocationRollback(f"{os.fspath(path)}: {exc}") from None
-        assert taken.revocations is not None
-        _TAKEN_FROM_FILE[key] = taken.revocations
-    return taken
+            raise RevocationRollback(
+                f"{os.fspath(path)}: {exc}", sequence=exc.sequence, held=exc.held
+            ) from None
+    return revocations
 
 
 def write_revocations(path: str | os.PathLike[str], revocations: RevocationList) -> None:
