@@ -4,6 +4,7 @@ whole rounds seating a device it revokes."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -216,3 +217,80 @@ def test_a_stale_list_refuses_authenticated_rounds_on_the_node_and_the_strategy(
     )
     with pytest.raises(RevocationsStale, match="the strategy's"):
         _run(loopback_grid(digits_client_app(CFG), CFG.clients), CFG, authenticated=True, revocations=stale)
+
+
+def _strategy(**revocations) -> SecAggStrategy:
+    """An authenticated SecAggStrategy over CFG's task, given ``revocations`` (and its authority key)."""
+    from deltaplane.engine import ServerStep, make_task
+
+    task = make_task(CFG)
+    step = ServerStep.for_run(CFG, task, task.build_model(0).state_dict(), base_id="m", simulation=True)
+    return SecAggStrategy(server_step=step, clip_range=CFG.secagg_range, authenticated=True, **revocations)
+
+
+@pytest.fixture
+def authority_files(tmp_path):
+    """An enrollment authority, its public key file (what ``enrollment_authority=`` names) and a list path."""
+    run = RunEnrollment(cohort="fleet")
+    pub = tmp_path / "enrollment.ed25519.pub"
+    pub.write_text(run.authority.public_text() + "\n")
+    return run.authority, str(pub), tmp_path / "revoked.bin"
+
+
+def test_the_strategy_checks_its_list_at_construction_before_any_round(authority_files) -> None:
+    """Signature, authority and staleness are checked when the strategy is built (they were checked at each
+    round's start, after the ServerApp had started, and the signature never): a list signed by another
+    authority, a forged one, or one past its next update fails the construction, named."""
+    authority, pub, path = authority_files
+    now = int(time.time())
+    good = revoke(authority, [("device-3", "fleet")], issued=now)
+    write_revocations(path, good)
+    assert _strategy(revocations=str(path), enrollment_authority=pub)._revocations() == good
+    rogue = EnrollmentAuthority.generate()
+    write_revocations(path, revoke(rogue, [], issued=now))  # re-signed by another authority's key
+    with pytest.raises(ConfigError, match=f"revoked.bin.*{rogue.id.hex()}.*enrollment_authority=") as exc:
+        _strategy(revocations=str(path), enrollment_authority=pub)
+    assert authority.id.hex() in str(exc.value)
+    forged = dataclasses.replace(good, sequence=9, signature=revoke(rogue, [], issued=now).signature)
+    with pytest.raises(ConfigError, match="forged or altered"):
+        _strategy(revocations=forged, enrollment_authority=pub)
+    stale = revoke(authority, [], issued=now - 3 * 3600, valid_s=3600, previous=good)
+    write_revocations(path, stale)
+    with pytest.raises(RevocationsStale, match="revoked.bin"):
+        _strategy(revocations=str(path), enrollment_authority=pub)
+
+
+def test_a_stale_list_file_fails_the_construction_without_the_key_too(authority_files) -> None:
+    authority, _, path = authority_files
+    write_revocations(path, revoke(authority, [], issued=int(time.time()) - 3 * 3600, valid_s=3600))
+    with pytest.raises(RevocationsStale, match="revoked.bin.*next update"):
+        _strategy(revocations=str(path))
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["verified", "unverified"])
+def test_the_strategy_refuses_its_list_file_rolled_back_as_a_node_does(authority_files, keyed) -> None:
+    """The strategy re-reads its file each round under the nodes' rule (one per-process high-water mark per file
+    and authority): an older list, validly signed, or another list of the same number, is a RevocationRollback
+    naming both numbers — at a round, and at the construction of another strategy in the same process. Without
+    the authority key too (the mark is the process's: a bogus number written there lasts until a restart)."""
+    authority, pub, path = authority_files
+    key = {"enrollment_authority": pub} if keyed else {}
+    now = int(time.time())
+    first = revoke(authority, [], issued=now)
+    second = revoke(authority, [("device-3", "fleet")], issued=now, previous=first)
+    write_revocations(path, second)
+    strategy = _strategy(revocations=str(path), **key)
+    write_revocations(path, first)  # rolled back: device-3 would be seated again
+    with pytest.raises(
+        RevocationRollback, match="revoked.bin: refused revocation list number 1.*number 2"
+    ) as exc:
+        strategy._revocations()  # what each round's key advertisement reads
+    assert (exc.value.sequence, exc.value.held) == (1, 2) and "keys revoke" in str(exc.value)
+    with pytest.raises(RevocationRollback):
+        _strategy(revocations=str(path), **key)
+    write_revocations(path, revoke(authority, [("device-4", "fleet")], issued=now, previous=first))
+    with pytest.raises(RevocationRollback, match="another list of that number"):
+        strategy._revocations()
+    third = revoke(authority, [], issued=now, previous=second)
+    write_revocations(path, third)
+    assert strategy._revocations() == third

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from deltaplane.aggregation import local_epsilon
+from deltaplane.aggregation.secagg.identity import TrustedAuthorities
 from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.codecs import Layout, is_compact
 from deltaplane.delta import Delta
@@ -327,6 +328,7 @@ def task_server_app(
     simulation: bool = True,
     authenticated: bool | None = None,
     revocations: RevocationList | str | None = None,
+    enrollment_authority: TrustedAuthorities | str | None = None,
 ) -> ServerApp:
     """A ServerApp running ``config.rounds`` rounds of the engine's server step over the task's nodes.
 
@@ -356,6 +358,7 @@ def task_server_app(
             rounds).
         revocations: the enrollment authority's revocation list (or its file) for authenticated rounds
             (:class:`~deltaplane.flower.SecAggStrategy`'s ``revocations``): a revoked node is left out of them.
+        enrollment_authority: the authority's public key the list is verified under (``SecAggStrategy``'s).
     """
     if authenticated is None:
         authenticated = config.secagg_authenticated
@@ -429,6 +432,7 @@ def task_server_app(
                 neighbours=config.secagg_neighbours,  # SecAgg+: each round's degree as in process
                 authenticated=authenticated,
                 revocations=revocations,
+                enrollment_authority=enrollment_authority,
                 **options,
             )
         else:

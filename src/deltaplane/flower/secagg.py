@@ -65,13 +65,14 @@ from deltaplane.aggregation.secagg import (
     round_neighbours,
 )
 from deltaplane.aggregation.secagg.enrollment import NODE_CONFIG_KEYS, REVOCATIONS_NODE_CONFIG_KEY
-from deltaplane.aggregation.secagg.identity import check_round_authentication
+from deltaplane.aggregation.secagg.identity import TrustedAuthorities, check_round_authentication
 from deltaplane.aggregation.secagg.messages import VERSION as MESSAGE_VERSION
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.aggregation.secagg.revocation import (
     RevocationList,
     read_server_revocations,
     take_revocations_file,
+    take_revocations_from_path,
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
@@ -96,6 +97,8 @@ SECAGG_KEY = "deltaplane.secagg"
 #: Flower message type of the stages that are not training.
 QUERY_TYPE = "query.secagg"
 _STATE = "deltaplane.secagg-state"
+#: who trusts the key a strategy verifies its revocation list under, as a refusal of another authority's says
+_HOLDER = "this SecAggStrategy (its enrollment_authority= key)"
 _T = TypeVar("_T")
 
 
@@ -427,9 +430,16 @@ class SecAggStrategy(DeltaStrategy):
             revoke``): a :class:`~deltaplane.aggregation.secagg.revocation.RevocationList`, or the path of its
             file, re-read at every round's key advertisement so a newer list applies at once. The advertisement
             of a node it revokes is refused, so that node is left out of the roster and the round goes on without
-            it, exact; without it nodes holding the list (``secagg-revocations``) refuse the whole roster. As the
-            HTTP service, the strategy holds no enrollment key and does not verify the list's signature (the file
-            is the operator's own; the nodes verify theirs); a missing or malformed file is a ConfigError.
+            it, exact; without it nodes holding the list (``secagg-revocations``) refuse the whole roster. The
+            list is checked here, at construction, as at every round: a missing or malformed file, or (given
+            ``enrollment_authority``) a list that authority did not sign, is a ConfigError; one past its next
+            update a ``RevocationsStale``; a file rolled back to a lower number than this process has read from
+            it (or that number with other contents) a ``RevocationRollback``, the nodes' rule
+            (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_from_path`).
+        enrollment_authority: the authority's public key(s) the list is verified under
+            (:class:`~deltaplane.aggregation.secagg.identity.TrustedAuthorities`, or the path of
+            ``enrollment.ed25519.pub``), as ``serve --secagg-enrollment-authority``. None: the list is used
+            unverified (the nodes still verify theirs).
     """
 
     def __init__(
@@ -442,6 +452,7 @@ class SecAggStrategy(DeltaStrategy):
         timeout: float | None = None,
         authenticated: bool = False,
         revocations: RevocationList | str | os.PathLike[str] | None = None,
+        enrollment_authority: TrustedAuthorities | str | os.PathLike[str] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -468,8 +479,15 @@ class SecAggStrategy(DeltaStrategy):
         self.timeout = timeout
         self.authenticated = authenticated
         self.revocations = revocations
-        if revocations is not None and not isinstance(revocations, RevocationList):
-            read_server_revocations(revocations)  # a missing or malformed file fails here, before any round
+        self.enrollment_authority = enrollment_authority
+        if enrollment_authority is not None and revocations is None:
+            raise ConfigError("enrollment_authority= verifies the revocations= list; pass that list too")
+        self._trusted = (
+            TrustedAuthorities.from_file(enrollment_authority)
+            if isinstance(enrollment_authority, (str, os.PathLike))
+            else enrollment_authority
+        )
+        self._revocations()  # a bad list (malformed, forged, stale, rolled back) fails here, before any round
         #: the nodes' error replies in the current stage (node id → Flower's error reason), named when the
         #: stage cannot close, so the operator sees why the nodes refused (e.g. an authentication mismatch)
         self._refusals: dict[int, str] = {}
@@ -480,15 +498,26 @@ class SecAggStrategy(DeltaStrategy):
         self._short = False
 
     def _revocations(self) -> RevocationList | None:
-        """This round's revocation list: the one given, or its file's contents now (a newer list applies at once).
+        """This round's revocation list: the one given, or its file's contents now (a newer list applies at once),
+        verified under ``enrollment_authority`` when given (a ConfigError naming both authorities otherwise).
         A list past its next update is refused (:class:`~deltaplane.aggregation.secagg.errors.RevocationsStale`):
-        the round does not start, as every node holding the same list would refuse it."""
-        rl = self.revocations
+        the round does not start, as every node holding the same list would refuse it; so is a file rolled back
+        from the highest list this process has read from it
+        (:class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`), as a node would refuse it."""
+        rl, trusted = self.revocations, self._trusted
         fix = "the authority issues a current one (`deltaplane keys revoke`) for the strategy and its nodes"
-        if isinstance(rl, RevocationList):
-            rl.check_current(time.time(), holder="the strategy's", fix=fix)
-            return rl
-        return None if rl is None else read_server_revocations(rl, now=time.time(), fix=fix)
+        if rl is None:
+            return None
+        if not isinstance(rl, RevocationList):
+            read = read_server_revocations(rl, trusted, now=time.time(), fix=fix, holder=_HOLDER)
+            return take_revocations_from_path(rl, read, holder="this strategy")
+        if trusted is not None:
+            try:
+                trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=_HOLDER)
+            except SecAggAuthError as exc:
+                raise ConfigError(f"revocations=: {exc}") from None
+        rl.check_current(time.time(), holder="the strategy's", fix=fix)
+        return rl
 
     def _stage(
         self, grid: Grid, server: ServerEndpoint, ids: dict[int, int], records: dict[int, ConfigRecord]
