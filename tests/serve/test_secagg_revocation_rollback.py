@@ -22,6 +22,7 @@ from tests.serve.test_secagg_revocation_http import _BODY, NAMES, REVOKED, _uplo
 
 from deltaplane.aggregation.secagg.errors import RevocationRollback
 from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+from deltaplane.errors import ConfigError
 from deltaplane.registry import Registry
 from deltaplane.serve import ServiceError
 
@@ -132,3 +133,13 @@ def test_a_service_without_the_authority_key_keeps_no_mark(
     from deltaplane.serve.service_store import ServiceStore
 
     assert ServiceStore(svc.reg).revocation_marks() == {}
+
+
+def test_a_malformed_authority_key_fails_the_start_before_any_list_exists(service_factory, tmp_path) -> None:
+    """The key is read at start whether or not the list file exists yet (the mark's check reads the file only)."""
+    (tmp_path / "enrollment.ed25519.pub").write_text("not base64!\n")
+    with pytest.raises(ConfigError, match="enrollment.ed25519.pub line 1 is not base64"):
+        service_factory(
+            secagg_revocations=str(tmp_path / "revoked.bin"),
+            secagg_authority=str(tmp_path / "enrollment.ed25519.pub"),
+        )

@@ -97,8 +97,9 @@ def check_revocations_at_start(config: Any, store: ServiceStore) -> None:
     at the first round open. A missing file is fine (an upload creates it), and so is a stale one (an upload
     replaces it; round opens refuse it until then). Without the authority key nothing is checked here:
     :func:`unchecked_revocations_warning` says so."""
+    trusted = server_trust(config)  # an unreadable or malformed key fails here, with or without a list yet
     path = config.secagg_revocations
-    if config.secagg_authority and path and os.path.lexists(path):
+    if trusted is not None and path and os.path.lexists(path):
         read_service_revocations(config, store)
 
 
