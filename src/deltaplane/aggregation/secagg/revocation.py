@@ -33,7 +33,10 @@ A device holds at most one list (:attr:`DeviceCredentials.revocations
 file, or from the service's ``GET /v1/secagg/revocations``), keeping it in its file so a restart cannot roll it
 back either. A Flower node, whose list is a file its operator replaces, reads it at each stage through
 :func:`take_revocations_file`, which keeps the highest list the process has taken from each file, so a file
-rolled back to an older list is refused too (:class:`RevocationRollback`) rather than un-revoking devices.
+rolled back to an older list is refused too (:class:`RevocationRollback`) rather than un-revoking devices; a
+Flower :class:`~deltaplane.flower.SecAggStrategy` re-reading its file keeps the same per-process mark
+(:func:`take_revocations_from_path`). The HTTP service keeps its mark durably, as a :class:`RevocationMark` per
+authority in its database (:meth:`~deltaplane.serve.service_store.ServiceStore.hold_revocations`).
 """
 
 from __future__ import annotations
