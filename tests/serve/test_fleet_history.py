@@ -217,3 +217,13 @@ def test_closed_rounds_is_admin_only(service) -> None:
     assert service.http.get("/admin/rounds/closed").status_code == 401
     assert service.http.get("/admin/rounds/closed", headers=BEARER).json() == {"closed_rounds": []}
     assert json.loads(service.http.get("/admin/rounds/closed?model=..", headers=BEARER).text)["detail"]
+
+
+def test_the_fleet_page_says_how_many_revoked_devices_a_round_left_out(tmp_path) -> None:
+    """A SecAgg round's summary keeps the devices its open left out as revoked; the page counts them."""
+    from deltaplane.ui import pages
+
+    history = FleetHistory(Registry.create(tmp_path / "home"))
+    history.add_round(_summary(1, kind="secagg", authenticated=True, revoked=["dev-3", "dev-7"]))
+    page = pages.fleet_page({"closed_rounds": history.load().rounds})
+    assert "secagg, authenticated (2 revoked, left out)" in page
