@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from tests.serve import test_secagg_auth_http
+from tests.serve.test_rounds import restart
 from tests.serve.test_secagg_auth_http import _creds, _open
 
 from deltaplane.aggregation.secagg import (
@@ -96,6 +97,10 @@ def test_a_service_given_the_list_refuses_the_revoked_device_and_the_round_is_ex
     path, crl = crl_file
     svc = service_factory(secagg_revocations=str(path))
     _round_without_the_revoked_device(svc, {d: c.with_revocations(crl) for d, c in fleet.items()})
+    # the Fleet page's summary names the device left out, and a restarted service still does
+    restart(svc)
+    (closed,) = svc.admin.closed_rounds()
+    assert closed["revoked"] == [NAMES[REVOKED]] and closed["authenticated"] and closed["contributors"] == 5
 
 
 def test_devices_holding_the_list_refuse_a_roster_seating_the_revoked_device(

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,6 +63,7 @@ from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, d
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
+from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.revocation_routes import check_revocations_at_start, install_revocation_routes
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
@@ -79,7 +81,6 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_DEVICES_SEEN = 10_000
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
-MAX_CLOSED_ROUNDS = 200  # the fleet page's "closed rounds" table
 MAX_ALERTS = 10_000  # each entry is bounded (names <= 128 chars, alert text from the monitor)
 MAX_DRIFT_HISTORY = 1_000  # drift reports kept per monitored model
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
@@ -220,7 +221,10 @@ class ServiceState:
     secagg_rounds: dict[tuple[str, int], Any] = field(default_factory=dict)
     #: the last closed rounds, plain and SecAgg, newest last (the dashboard's fleet page lists them)
     closed_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
+    #: the devices' reports by model, oldest first (at most MAX_REPORTS each)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: where closed rounds, reports and upload counters are stored (create_app sets it; None: memory only)
+    history: FleetHistory | None = None
     counters: Counter = field(default_factory=Counter)
     downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -240,52 +244,103 @@ class ServiceState:
             while len(self.seen) > MAX_DEVICES_SEEN:
                 self.seen.popitem(last=False)
 
-    def record_closed(
+    def close_summary(
         self,
         model: str,
         number: int,
         kind: str,
         version: int | None,
         contributors: int,
-        measurements: dict[str, float],
+        measurements: Mapping[str, float],
+        *,
         authenticated: bool = False,
-    ) -> None:
-        """Remember a closed round for the fleet page: what it published, from how many devices, its ε, and
-        whether it was an authenticated SecAgg round (signed key advertisements and the consistency check)."""
-        with self.lock:
-            self.closed_rounds.append(
-                {
-                    "model": model,
-                    "round": number,
-                    "kind": kind,
-                    "version": version,
-                    "contributors": contributors,
-                    "epsilon": measurements.get("epsilon"),
-                    "authenticated": authenticated,
-                    "closed_at": time.time(),
-                }
-            )
+        revoked: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """A closed round as the fleet page lists it (what it published, from how many devices, its ε, whether
+        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history`.
 
-    def _with_reports(self, closed: dict[str, Any]) -> dict[str, Any]:
-        """A closed round with what its devices reported on the version it published (the held-out accuracy
-        each device measured on its own data, ``fleet device``'s report: the devices' claims, not an evaluation
-        by the service), so the fleet page shows whether the federation learns. Caller holds the lock."""
-        latest = {  # one report per device (its last): a device that reports twice is not counted twice
-            r["device"]: float(r["metrics"]["holdout_accuracy"])
-            for r in self.reports.get(closed["model"], [])
-            if closed["version"] is not None
-            and r["version"] == closed["version"]
-            and "holdout_accuracy" in r["metrics"]
+        Call it inside the transaction that closes the round (the row commits with the version or not at
+        all), then :meth:`remember_closed` once that transaction committed."""
+        epsilon = measurements.get("epsilon")
+        summary = {
+            "model": model,
+            "round": number,
+            "kind": kind,
+            "version": version,
+            "contributors": contributors,
+            "epsilon": None if epsilon is None else float(epsilon),
+            "authenticated": authenticated,
+            "revoked": list(revoked),
+            "closed_at": time.time(),
         }
-        accs = list(latest.values())
-        return closed | {
-            "reports": len(accs),
-            "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
-            "holdout_accuracy_min": min(accs) if accs else None,
-        }
+        if self.history is not None:
+            self.history.add_round(summary, dict(self.counters))
+        return summary
+
+    def remember_closed(self, summary: dict[str, Any]) -> None:
+        """Show a closed round (:meth:`close_summary`, committed) on the fleet page."""
+        with self.lock:
+            self.closed_rounds.append(summary)
+
+    def record_report(self, model: str, report: dict[str, Any]) -> None:
+        """Keep a device's report (stored first: a report the service acknowledged survives a restart)."""
+        if self.history is not None:
+            self.history.add_report(model, report)
+        with self.lock:
+            kept = self.reports.setdefault(model, [])
+            kept.append(report)
+            del kept[:-MAX_REPORTS]
+
+    def load_history(self, history: FleetHistory) -> None:
+        """Take the stored fleet history (at start): closed rounds, reports and counters as they were, and
+        :attr:`history` to store what comes next. A row that cannot be read is left out with a warning."""
+        loaded = history.load()
+        for line in loaded.refused:
+            log.warning("%s", line)
+        with self.lock:
+            self.history = history
+            self.closed_rounds.extend(loaded.rounds)
+            for model, reports in loaded.reports.items():
+                self.reports[model] = reports[-MAX_REPORTS:]
+            self.counters.update(loaded.counters)
+            if loaded.refused:
+                self.counters["errors.history_unreadable"] += len(loaded.refused)
+
+    def _reported(self) -> dict[tuple[str, int], dict[str, float]]:
+        """The held-out accuracy each device reported, by (model, version): one per device (its last, so a
+        device that reports twice is not counted twice). Caller holds the lock."""
+        out: dict[tuple[str, int], dict[str, float]] = {}
+        for model, reports in self.reports.items():
+            for r in reports:
+                if "holdout_accuracy" in r["metrics"]:
+                    out.setdefault((model, r["version"]), {})[r["device"]] = float(
+                        r["metrics"]["holdout_accuracy"]
+                    )
+        return out
+
+    def closed_snapshot(self) -> list[dict[str, Any]]:
+        """The closed rounds, newest first, each with what its devices reported on the version it published
+        (the held-out accuracy each device measured on its own data, ``fleet device``'s report: the devices'
+        claims, not an evaluation by the service), so the fleet page shows whether the federation learns.
+        One pass over the reports, not one per round: the dashboard polls this."""
+        with self.lock:
+            reported = self._reported()
+            out = []
+            for closed in reversed(self.closed_rounds):
+                accs = list(reported.get((closed["model"], closed["version"]), {}).values())
+                out.append(
+                    closed
+                    | {
+                        "reports": len(accs),
+                        "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
+                        "holdout_accuracy_min": min(accs) if accs else None,
+                    }
+                )
+            return out
 
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
+        closed = self.closed_snapshot()
         with self.lock:
             # plain rounds' uploads, then SecAgg rounds' masked inputs (a SecAgg federation sends no plain one)
             uploads = {
@@ -325,7 +380,7 @@ class ServiceState:
                     for (m, n), r in sorted(self.secagg_rounds.items())
                     if r.published is None and r.endpoint.stage != "done"
                 ],
-                "closed_rounds": [self._with_reports(r) for r in reversed(self.closed_rounds)],
+                "closed_rounds": closed,
                 "devices": [
                     {"device": d, "cohort": c, "requests": n, "last_seen": t}
                     for d, (c, n, t) in reversed(self.seen.items())
@@ -522,6 +577,8 @@ def create_app(
     rounds_store = RoundStore(reg)
     # a restart keeps open rounds and their accepted uploads (replayed into each model's server step)
     restore_rounds(config, state, rounds_store)
+    # and the fleet's history: closed rounds, the devices' reports, uploads by outcome
+    state.load_history(FleetHistory(reg))
     revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
         config.device_secret.encode() if config.device_secret else device_secret(reg.home),
@@ -746,19 +803,18 @@ def create_app(
         reg.get(model, body.version)  # 404 for unknown model/version
         alerts: list[str] = []
         evaluated = False
+        state.record_report(
+            model,
+            {
+                "device": ident.device_id,
+                "cohort": ident.cohort,
+                "version": body.version,
+                "round": body.round,
+                "metrics": body.metrics,
+                "at": time.time(),
+            },
+        )
         with state.lock:
-            log = state.reports.setdefault(model, [])
-            log.append(
-                {
-                    "device": ident.device_id,
-                    "cohort": ident.cohort,
-                    "version": body.version,
-                    "round": body.round,
-                    "metrics": body.metrics,
-                    "at": time.time(),
-                }
-            )
-            del log[:-1000]
             mon = state.monitors.get(model)
             if body.summary is not None and mon is not None:
                 result = mon.ingest(Summary(**body.summary.model_dump()), device=ident.device_id)

@@ -390,6 +390,12 @@ class AdminClient:
         """A plain round as stored: ``state`` (open, closed, aborted), the ``version`` it published, ``uploads``."""
         return self._get(f"/admin/models/{model}/rounds/{round_id}")
 
+    def closed_rounds(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The last closed rounds (plain and SecAgg), newest first, with their devices' held-out accuracy;
+        they survive a restart of the service."""
+        params = {"model": model} if model else {}
+        return list(self._get("/admin/rounds/closed", **params)["closed_rounds"])
+
     def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
         return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
 

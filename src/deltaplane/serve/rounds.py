@@ -743,6 +743,15 @@ def round_router(
             raise NotFound(f"no round {round_id} for {model!r}")
         return RoundRecordInfo(**rec)
 
+    @router.get("/admin/rounds/closed", tags=["admin"], dependencies=[admin])
+    def closed_rounds(
+        model: Annotated[str | None, Query(pattern=name_pattern, max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """The last closed rounds, plain and SecAgg, newest first, with the held-out accuracy their devices
+        reported (the Fleet page's table); kept in the registry database, so a restart keeps them."""
+        closed = state.closed_snapshot()
+        return {"closed_rounds": [c for c in closed if model is None or c["model"] == model]}
+
     @router.post(
         "/admin/models/{model}/rounds/{round_id}/close",
         tags=["admin"],
@@ -776,22 +785,28 @@ def round_router(
         }
 
         def publish() -> tuple[int | None, Any]:
+            """Publish the round's version and store its fleet summary; inside the close's transaction, so
+            the round is recorded closed, published and summarised together or not at all."""
             if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
-                return None, None  # an empty round closes without a version
+                # an empty round closes without a version
+                return None, (None, None, state.close_summary(model, r.number, "plain", None, 0, {}))
             # under central DP a round that sampled nobody still releases its noise (the accountant counts it)
             outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
-            return version.number, (version, outcome)
+            summary = state.close_summary(
+                model, r.number, "plain", version.number, len(r.devices), outcome.measurements
+            )
+            return version.number, (version, outcome, summary)
 
         try:
             with undo_on_failure(step):
-                result = (
+                version, outcome, summary = (
                     rounds_store.close(
                         r.record,
                         publish,
                         snapshot=lambda: step_bytes(step),
-                        measured=lambda result: None if result is None else result[1].measurements,
+                        measured=lambda result: None if result[1] is None else result[1].measurements,
                     )
                     if r.record is not None
                     else publish()[1]
@@ -801,13 +816,11 @@ def round_router(
             raise
         with state.lock:
             state.rounds.pop(model, None)
-        if result is None:
-            state.record_closed(model, r.number, "plain", None, 0, {})
+        state.remember_closed(summary)
+        if version is None:
             return CloseRoundResponse(
                 model=model, round=r.number, uploads=0, version=None, delta_bytes=0, full_bytes=0
             )
-        version, outcome = result
-        state.record_closed(model, r.number, "plain", version.number, len(r.devices), outcome.measurements)
         return CloseRoundResponse(
             model=model,
             round=r.number,

@@ -890,6 +890,16 @@ def install_secagg_routes(
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
                 store.finish_secagg(model, number, "published", version.number, outcome.measurements)
+                summary = state.close_summary(
+                    model,
+                    number,
+                    "secagg",
+                    version.number,
+                    len(survivors),
+                    outcome.measurements,
+                    authenticated=r.endpoint.server.authenticated,
+                    revoked=r.revoked,
+                )
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,
                 "delta_bytes": len(outcome.downlink_payload),
@@ -901,15 +911,7 @@ def install_secagg_routes(
             }
             closed = finish(r, "published")
         state.counters["secagg.rounds_closed"] += 1
-        state.record_closed(
-            model,
-            number,
-            "secagg",
-            version.number,
-            len(survivors),
-            r.published["measurements"],
-            authenticated=r.endpoint.server.authenticated,
-        )
+        state.remember_closed(summary)
         return closed
 
     app.include_router(router)

@@ -564,10 +564,12 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
 def _kind(r: Mapping[str, Any]) -> str:
     """A round's kind as the fleet page prints it: plain, or SecAgg (``secagg, authenticated`` for a round of
     signed key advertisements, so the operator can see that ``coordinate --authenticated`` took effect) with
-    its open stage while it is open."""
+    its open stage while it is open, and how many invited devices a closed one left out as revoked."""
     kind = str(r.get("kind", "plain"))
     if kind == "secagg" and r.get("authenticated"):
         kind = "secagg, authenticated"
+    if r.get("revoked"):
+        kind += f" ({len(r['revoked'])} revoked, left out)"
     return f"{kind} ({r['stage']})" if r.get("stage") else kind
 
 
