@@ -63,7 +63,11 @@ from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
-from deltaplane.serve.revocation_routes import check_revocations_at_start, install_revocation_routes
+from deltaplane.serve.revocation_routes import (
+    check_revocations_at_start,
+    install_revocation_routes,
+    revocations_status,
+)
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
@@ -249,9 +253,11 @@ class ServiceState:
         contributors: int,
         measurements: dict[str, float],
         authenticated: bool = False,
+        revoked: tuple[str, ...] = (),
     ) -> None:
-        """Remember a closed round for the fleet page: what it published, from how many devices, its ε, and
-        whether it was an authenticated SecAgg round (signed key advertisements and the consistency check)."""
+        """Remember a closed round for the fleet page: what it published, from how many devices, its ε,
+        whether it was an authenticated SecAgg round (signed key advertisements and the consistency check), and
+        the invited devices its open left out as revoked."""
         with self.lock:
             self.closed_rounds.append(
                 {
@@ -262,6 +268,7 @@ class ServiceState:
                     "contributors": contributors,
                     "epsilon": measurements.get("epsilon"),
                     "authenticated": authenticated,
+                    "revoked": list(revoked),
                     "closed_at": time.time(),
                 }
             )
@@ -318,6 +325,7 @@ class ServiceState:
                         "kind": "secagg",
                         "stage": r.endpoint.stage,
                         "authenticated": r.endpoint.server.authenticated,
+                        "revoked": list(r.revoked),
                         "base_version": r.base_version,
                         "uploads": len(r.endpoint.server.uploaded),
                         "opened_at": r.opened_at,
@@ -618,12 +626,19 @@ def create_app(
 
     Device = Annotated[DeviceIdentity, Depends(device)]
     Admin = Depends(admin)
+
+    def fleet_page_data() -> dict[str, Any]:
+        """The fleet snapshot, and the revocation list as the next authenticated round open would read it."""
+        snap = state.fleet_snapshot()
+        rounds = snap["open_rounds"] + snap["closed_rounds"]
+        return snap | {"revocations": revocations_status(config, rounds, now=time.time())}
+
     mount_ui(
         app,
         admin_token=config.admin_token,
         runs_dir=config.runs_dir or None,
         registry_home=config.home,
-        fleet=state.fleet_snapshot,
+        fleet=fleet_page_data,
         session_limits=SessionLimits(idle_s=config.session_idle_s, max_s=config.session_max_s),
     )
     # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth

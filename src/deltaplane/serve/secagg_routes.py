@@ -902,6 +902,7 @@ def install_secagg_routes(
             len(survivors),
             r.published["measurements"],
             authenticated=r.endpoint.server.authenticated,
+            revoked=r.revoked,
         )
         return closed
 
