@@ -141,6 +141,8 @@ def test_a_stale_list_warns_that_authenticated_rounds_are_refused_and_they_are(
     assert text.startswith(f"Stale: past its next update ({utc(issued + 7 * DAY)}, 1 d 0 h ago).")
     assert f"Authenticated rounds are refused from {utc(issued + 7 * DAY + CLOCK_SKEW_S)}" in text
     assert field(page, "next_update") == f"{utc(issued + 7 * DAY)} (1 d 0 h ago)"
+    overview = svc.http.get("/ui/", headers={"Authorization": f"Bearer {svc.config.admin_token}"}).text
+    assert '<p class="bad" id="revocations-alert">Revocation list: stale; see the' in overview
     with pytest.raises(ServiceError) as err:  # what the panel says is what the round open does
         _open(svc, NAMES)
     assert err.value.status == 422 and "past" in err.value.detail
@@ -174,6 +176,8 @@ def test_authenticated_rounds_without_a_list_and_a_service_without_either(servic
     svc = service_factory()
     state, body = panel(fleet_html(svc))
     assert state == "unused" and "keeps no revocation list" in body and "data-warning" not in body
+    overview = svc.http.get("/ui/", headers={"Authorization": f"Bearer {svc.config.admin_token}"}).text
+    assert "revocations-alert" not in overview
     _open(svc, NAMES)  # an authenticated round: nothing leaves a revoked device out
     page = fleet_html(svc)
     assert panel(page)[0] == "none"

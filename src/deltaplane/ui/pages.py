@@ -196,6 +196,8 @@ def home_page(
         if fleet
         else '<p class="muted">No live fleet: this dashboard was started by <code>deltaplane ui</code>.</p>'
     )
+    if fleet:
+        fleet_note += _revocations_alert(fleet.get("revocations"))
     if not runs_folder:
         fleet_note += _NO_RUNS_FOLDER
     latest = "".join(
@@ -662,6 +664,17 @@ def _revocation_notes(rev: Mapping[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return notes
+
+
+def _revocations_alert(rev: Mapping[str, Any] | None) -> str:
+    """The overview's one line when the revocation list needs the operator (the Fleet page says what to do)."""
+    kinds = [kind for kind, _ in _revocation_notes(rev)] if rev else []
+    if not kinds:
+        return ""
+    return (
+        f'<p class="bad" id="revocations-alert">Revocation list: {escape(", ".join(kinds))}; see the '
+        '<a href="/ui/fleet#revocations">Fleet page</a>.</p>'
+    )
 
 
 def _revocations_panel(rev: Mapping[str, Any] | None) -> str:
