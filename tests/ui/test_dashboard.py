@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from tests.serve.test_revocations_dashboard import keys_revoke
 
 from deltaplane import Compressor, Delta
+from deltaplane.aggregation.secagg import EnrollmentAuthority
+from deltaplane.aggregation.secagg.revocation import load_revocations
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry, Tolerance, promote
 from deltaplane.report import write_report
@@ -27,6 +31,12 @@ from deltaplane.sim import run_simulation
 from deltaplane.sim.config import RunConfig
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 ADMIN = "admin-token-for-the-dashboard-test"
 
 
@@ -74,7 +84,20 @@ def world(tmp_path_factory):
         reg, "digits@3", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}), raise_on_refusal=False
     )
     assert not refused.promoted
-    app = create_app(ServiceConfig(home=str(home), admin_token=ADMIN, runs_dir=str(runs)))
+    # the enrollment authority's revocation list, written by `keys revoke`: device-4's identity key leaked
+    authority = EnrollmentAuthority.generate()
+    (root / "enrollment.ed25519.pem").write_bytes(authority.to_pem())
+    (root / "enrollment.ed25519.pub").write_text(authority.public_text() + "\n")
+    keys_revoke(root / "enrollment.ed25519.pem", root / "revoked.bin", "--device", 4)
+    app = create_app(
+        ServiceConfig(
+            home=str(home),
+            admin_token=ADMIN,
+            runs_dir=str(runs),
+            secagg_revocations=str(root / "revoked.bin"),
+            secagg_authority=str(root / "enrollment.ed25519.pub"),
+        )
+    )
     with BackgroundServer(app) as server:
         admin = AdminClient(server.url, ADMIN)
         devices = [
@@ -99,9 +122,20 @@ def world(tmp_path_factory):
         devices[0].upload("digits", rnd["round"], payload)
         with pytest.raises(ServiceError):
             devices[1].upload("digits", rnd["round"], b"not a payload")
+        # an authenticated SecAgg round invites six devices: the list's device-4 is left out
+        secagg = admin.open_secagg(
+            "digits",
+            [f"device-{i}" for i in range(6)],
+            base_version=2,
+            bits=16,
+            clip_range=0.5,
+            weight_scale=0,
+            authenticated=True,
+        )
+        assert secagg["revoked"] == ["device-4"]
         # consent withdrawn after the round opened: versions trained on 'eu' stop being served and promoted
         reg.withdraw_cohort("eu", reason="consent withdrawn")
-        yield {"url": server.url, "report": report, "registry": reg, "root": root}
+        yield {"url": server.url, "report": report, "registry": reg, "root": root, "authority": authority}
 
 
 def _shots(tmp_path: Path) -> list[Path]:
@@ -158,7 +192,7 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         page.click("button[type=submit]")
         assert page.url.endswith("/ui/")
         assert page.text_content("[data-field=runs]") == "3"
-        assert page.text_content("[data-field=open_rounds]") == "1"
+        assert page.text_content("[data-field=open_rounds]") == "2"
         assert page.text_content("[data-field=devices]") == "5"
         shot("overview")
 
@@ -230,11 +264,27 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         assert page.locator("#lineage rect").count() == 3
         shot("registry")
 
-        # fleet: the open round and its upload, refusals by reason, devices, drift per feature and the alert
+        # fleet: the open rounds (the plain one's upload, the device the SecAgg one left out as revoked), the
+        # revocation list, refusals by reason, devices, drift per feature and the alert
         page.click("header >> text=Fleet")
-        assert page.locator("#open-rounds tbody tr").count() == 1
-        assert page.text_content("#open-rounds [data-field=round]") == "1"
-        assert page.text_content("#open-rounds [data-field=uploads]") == "1"
+        assert page.locator("#open-rounds tbody tr").count() == 2
+        plain = page.locator("#open-rounds tr:has-text('plain')")
+        assert plain.locator("[data-field=round]").text_content() == "1"
+        assert plain.locator("[data-field=uploads]").text_content() == "1"
+        assert plain.locator("[data-field=revoked]").text_content() == "—"
+        secagg = page.locator("#open-rounds tr:has-text('secagg, authenticated')")
+        assert secagg.locator("[data-field=revoked]").text_content() == "device-4"
+        held = load_revocations(world["root"] / "revoked.bin", world["authority"].trust())
+        assert page.get_attribute("#revocations", "data-state") == "current"
+        assert page.text_content("[data-field='revocations.authority']") == held.authority.hex()
+        assert page.text_content("[data-field='revocations.sequence']") == "1"
+        assert page.text_content("[data-field='revocations.issued']") == _utc(held.issued)
+        assert page.text_content("[data-field='revocations.next_update']").startswith(
+            f"{_utc(held.next_update)} (in 6 d 23 h"
+        )
+        assert page.text_content("[data-field='revocations.checked']") == "verified under the authority key"
+        assert page.locator("#revoked-devices tbody tr").all_text_contents() == ["device-4fleet"]
+        assert page.locator("#revocations [data-warning]").count() == 0
         assert page.text_content("[data-field='uploads.accepted']") == "1"
         assert page.text_content("[data-field='uploads.DecodeError']") == "1"
         assert page.locator("#devices tbody tr").count() == 5

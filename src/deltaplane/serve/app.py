@@ -65,7 +65,11 @@ from deltaplane.serve.device_side import check_real_devices, device_side_notice,
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
-from deltaplane.serve.revocation_routes import check_revocations_at_start, install_revocation_routes
+from deltaplane.serve.revocation_routes import (
+    check_revocations_at_start,
+    install_revocation_routes,
+    revocations_status,
+)
 from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
@@ -373,6 +377,7 @@ class ServiceState:
                         "kind": "secagg",
                         "stage": r.endpoint.stage,
                         "authenticated": r.endpoint.server.authenticated,
+                        "revoked": list(r.revoked),
                         "base_version": r.base_version,
                         "uploads": len(r.endpoint.server.uploaded),
                         "opened_at": r.opened_at,
@@ -676,12 +681,21 @@ def create_app(
 
     Device = Annotated[DeviceIdentity, Depends(device)]
     Admin = Depends(admin)
+
+    def fleet_page_data() -> dict[str, Any]:
+        """The fleet snapshot, and the revocation list as the next authenticated round open would read it."""
+        snap = state.fleet_snapshot()
+        rounds = snap["open_rounds"] + snap["closed_rounds"]
+        return snap | {
+            "revocations": revocations_status(config, rounds, now=time.time(), store=service_store)
+        }
+
     mount_ui(
         app,
         admin_token=config.admin_token,
         runs_dir=config.runs_dir or None,
         registry_home=config.home,
-        fleet=state.fleet_snapshot,
+        fleet=fleet_page_data,
         session_limits=SessionLimits(idle_s=config.session_idle_s, max_s=config.session_max_s),
     )
     # secure aggregation rounds: their own router (serve/secagg_routes.py), behind the same auth

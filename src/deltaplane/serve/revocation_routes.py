@@ -21,6 +21,11 @@ Its list file replaced by hand with an older list, validly signed (a restore fro
 but not the authority key), is refused at start, at each round open and at each fetch
 (:class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`, naming both numbers), across restarts:
 otherwise the service would seat the devices the newer list revokes.
+
+The dashboard's fleet page shows the list as the next authenticated round open reads it
+(:func:`revocations_status`): held or not, its authority, number, issue time, next update and revoked devices,
+and what the operator must do about it (stale, expiring, missing, unchecked, or authenticated rounds running
+without any list).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -37,12 +43,13 @@ from fastapi.responses import Response
 from deltaplane.aggregation.secagg.errors import RevocationRollback, SecAggAuthError
 from deltaplane.aggregation.secagg.identity import TrustedAuthorities
 from deltaplane.aggregation.secagg.revocation import (
+    CLOCK_SKEW_S,
     REVOCATIONS_MAX_BYTES,
     RevocationList,
     read_server_revocations,
     replace_server_revocations,
 )
-from deltaplane.errors import DecodeError
+from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.bodies import read_capped
 from deltaplane.textfile import read_bounded_bytes
 
@@ -50,11 +57,13 @@ if TYPE_CHECKING:
     from deltaplane.serve.service_store import ServiceStore
 
 __all__ = [
+    "EXPIRING_SOON_S",
     "REVOCATIONS_ADMIN_PATH",
     "REVOCATIONS_DEVICE_PATH",
     "check_revocations_at_start",
     "install_revocation_routes",
     "read_service_revocations",
+    "revocations_status",
     "server_trust",
     "unchecked_revocations_warning",
 ]
@@ -62,6 +71,9 @@ __all__ = [
 #: where the operator uploads a new list, and where devices fetch the current one
 REVOCATIONS_ADMIN_PATH = "/admin/secagg/revocations"
 REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
+#: the fleet page says a held list expires soon this long before its next update: a day leaves the operator time
+#: to re-issue it (``keys revoke`` without ``--device``) and upload it before authenticated rounds are refused
+EXPIRING_SOON_S = 86_400
 
 
 def server_trust(config: Any) -> TrustedAuthorities | None:
@@ -115,6 +127,71 @@ def unchecked_revocations_warning(config: Any) -> str | None:
         "or authority, nor keep it from going back to an older list (devices still verify their own copy), and "
         "refuses uploads of a newer list"
     )
+
+
+def revocations_status(
+    config: Any, rounds: Iterable[Mapping[str, Any]], *, now: float, store: ServiceStore | None = None
+) -> dict[str, Any]:
+    """What the dashboard's fleet page shows of the service's revocation list at ``now`` (unix s).
+
+    The list is read as an authenticated round open reads it (:func:`read_server_revocations` under
+    :func:`server_trust`, from ``config.secagg_revocations``, then checked against ``store``'s highest list of
+    its authority without moving it: a page view never records a list), so the page shows what the next open
+    will act on, never a copy of it. ``rounds`` are the fleet snapshot's open and closed rounds: one of them authenticated, or
+    a federation of authenticated rounds (``config.federation``), means the service needs a list.
+
+    ``state`` is what the operator acts on: ``current``; ``expiring`` (next update within
+    :data:`EXPIRING_SOON_S`); ``stale`` (past its next update: round opens refuse it from ``refused_from``, the
+    next update plus the clock skew allowed); ``missing`` (``--secagg-revocations`` names a file not written
+    yet: authenticated opens are refused); ``invalid`` (the file does not read, or does not verify under the
+    authority key, or is older than the highest list the service has held: ``error`` says why; opens are
+    refused); ``none`` (authenticated rounds without any list: no
+    revoked device is left out); ``unused`` (no list, no authenticated round). ``checked`` is False when the
+    service has no authority key, so a held list is used unchecked. ``list`` holds the list's fields, its
+    revoked ``(device id, cohort)`` pairs sorted, or None."""
+    federation = config.federation
+    authenticated = bool(federation is not None and federation.secagg_authenticated) or any(
+        r.get("authenticated") for r in rounds
+    )
+    path = config.secagg_revocations
+    status: dict[str, Any] = {
+        "file": os.fspath(path) if path else "",
+        "checked": bool(config.secagg_authority),
+        "authenticated_rounds": authenticated,
+        "now": now,
+        "list": None,
+        "error": "",
+    }
+    if not path:
+        return status | {"state": "none" if authenticated else "unused"}
+    if not os.path.lexists(path):
+        return status | {"state": "missing"}
+    try:
+        trusted = server_trust(config)
+        rl = read_server_revocations(path, trusted)
+        if trusted is not None and store is not None:  # as read_service_revocations checks it, read-only
+            rl.supersedes(store.revocation_marks().get(rl.authority), holder="this service")
+    except (
+        DeltaplaneError
+    ) as exc:  # as the round open would refuse it: malformed, forged, version 1, rolled back
+        return status | {"state": "invalid", "error": str(exc)}
+    if now > rl.next_update:
+        state = "stale"
+    elif rl.next_update - now <= EXPIRING_SOON_S:
+        state = "expiring"
+    else:
+        state = "current"
+    return status | {
+        "state": state,
+        "list": {
+            "authority": rl.authority.hex(),
+            "sequence": rl.sequence,
+            "issued": rl.issued,
+            "next_update": rl.next_update,
+            "refused_from": rl.next_update + CLOCK_SKEW_S,
+            "revoked": sorted(rl.revoked),
+        },
+    }
 
 
 def install_revocation_routes(

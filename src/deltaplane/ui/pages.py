@@ -196,6 +196,8 @@ def home_page(
         if fleet
         else '<p class="muted">No live fleet: this dashboard was started by <code>deltaplane ui</code>.</p>'
     )
+    if fleet:
+        fleet_note += _revocations_alert(fleet.get("revocations"))
     if not runs_folder:
         fleet_note += _NO_RUNS_FOLDER
     latest = "".join(
@@ -573,6 +575,169 @@ def _kind(r: Mapping[str, Any]) -> str:
     return f"{kind} ({r['stage']})" if r.get("stage") else kind
 
 
+#: revoked devices the fleet page lists (a list holds up to 4096); the count and the file give the rest
+REVOKED_SHOWN = 100
+#: devices a round's row names as left out for being revoked, before "+N more"
+ROUND_REVOKED_SHOWN = 10
+#: how an operator re-issues and uploads the list, as every warning of the revocation panel ends
+_REISSUE = (
+    "re-issue it (<code>deltaplane keys revoke --authority-key enrollment.ed25519.pem --out FILE</code>, "
+    "without <code>--device</code>) and upload it (<code>POST /admin/secagg/revocations</code>, body: that file)"
+)
+
+
+def _duration(seconds: float) -> str:
+    """A span as an operator reads it at a glance: the two largest units (``6 d 23 h``, ``11 h 59 min``)."""
+    s = int(abs(seconds))
+    d, h, m = s // 86_400, s % 86_400 // 3_600, s % 3_600 // 60
+    if d:
+        return f"{d} d {h} h"
+    if h:
+        return f"{h} h {m} min"
+    return f"{m} min" if m else f"{s} s"
+
+
+def _left_out(r: Mapping[str, Any]) -> str:
+    """The cell naming the invited devices a SecAgg round's open left out as revoked (bounded)."""
+    revoked = [str(d) for d in r.get("revoked") or ()]
+    if not revoked:
+        return '<td class="muted" data-field="revoked">—</td>'
+    more = len(revoked) - ROUND_REVOKED_SHOWN
+    names = escape(", ".join(revoked[:ROUND_REVOKED_SHOWN])) + (f" (+{more} more)" if more > 0 else "")
+    return f'<td class="bad" data-field="revoked" data-count="{len(revoked)}">{names}</td>'
+
+
+def _revocation_notes(rev: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What the operator must know of the service's revocation list, as ``(kind, HTML)`` warnings: its state
+    (see :func:`deltaplane.serve.revocation_routes.revocations_status`) and whether it is checked."""
+    state, rl, file = rev["state"], rev.get("list") or {}, escape(rev.get("file", ""))
+    notes: list[tuple[str, str]] = []
+    if state == "stale":
+        notes.append(
+            (
+                "stale",
+                f"Stale: past its next update ({_when(rl['next_update'])}, "
+                f"{_duration(rev['now'] - rl['next_update'])} ago). Authenticated rounds are refused from "
+                f"{_when(rl['refused_from'])} (the clock skew allowed) until a current list is held: {_REISSUE}.",
+            )
+        )
+    elif state == "expiring":
+        notes.append(
+            (
+                "expiring",
+                f"Expires in {_duration(rl['next_update'] - rev['now'])} ({_when(rl['next_update'])}): "
+                f"{_REISSUE} before then, or authenticated rounds are refused.",
+            )
+        )
+    elif state == "missing":
+        notes.append(
+            (
+                "missing",
+                f"No list held: <code>{file}</code> (--secagg-revocations) does not exist yet, so authenticated "
+                f"rounds are refused until one is uploaded: issue it (<code>deltaplane keys revoke "
+                "--authority-key enrollment.ed25519.pem --out FILE</code>) and upload it "
+                "(<code>POST /admin/secagg/revocations</code>).",
+            )
+        )
+    elif state == "invalid":
+        notes.append(
+            (
+                "invalid",
+                f"The held list cannot be used: {escape(rev.get('error', ''))}. Authenticated rounds are "
+                "refused until a list the enrollment authority signed is uploaded.",
+            )
+        )
+    elif state == "none":
+        notes.append(
+            (
+                "none",
+                "Authenticated SecAgg rounds run on this service without a revocation list: the service leaves "
+                "no revoked device out (devices holding a list still refuse rosters that seat one). Restart it "
+                "with <code>--secagg-revocations FILE --secagg-enrollment-authority enrollment.ed25519.pub</code>.",
+            )
+        )
+    if rev.get("file") and not rev.get("checked"):
+        notes.append(
+            (
+                "unchecked",
+                "Unchecked: without <code>--secagg-enrollment-authority</code> the service does not verify the "
+                "list's signature or authority (devices still verify their own copy), and refuses uploads of a "
+                "newer list.",
+            )
+        )
+    return notes
+
+
+def _revocations_alert(rev: Mapping[str, Any] | None) -> str:
+    """The overview's one line when the revocation list needs the operator (the Fleet page says what to do)."""
+    kinds = [kind for kind, _ in _revocation_notes(rev)] if rev else []
+    if not kinds:
+        return ""
+    return (
+        f'<p class="bad" id="revocations-alert">Revocation list: {escape(", ".join(kinds))}; see the '
+        '<a href="/ui/fleet#revocations">Fleet page</a>.</p>'
+    )
+
+
+def _revocations_panel(rev: Mapping[str, Any] | None) -> str:
+    """The fleet page's revocation panel: whether a list is held, its authority, number, times and revoked
+    devices (at most :data:`REVOKED_SHOWN`), and a warning for each state the operator must act on."""
+    if rev is None:
+        return ""
+    notes = _revocation_notes(rev)
+    parts = [f'<p class="bad" data-warning="{kind}">{html}</p>' for kind, html in notes]
+    rl = rev.get("list")
+    if rev["state"] == "unused":
+        parts.append(
+            '<p class="muted">This service keeps no revocation list: only authenticated SecAgg rounds use one '
+            "(<code>deltaplane serve --secagg-revocations FILE --secagg-enrollment-authority "
+            "enrollment.ed25519.pub</code>).</p>"
+        )
+    if rl is not None:
+        if rev["state"] == "current":
+            parts.append(
+                f'<p class="ok" id="revocations-current">Current: next update in '
+                f"{_duration(rl['next_update'] - rev['now'])}.</p>"
+            )
+        left = rl["next_update"] - rev["now"]
+        expires = f"in {_duration(left)}" if left >= 0 else f"{_duration(left)} ago"
+        rows = [
+            ("file", f"<code>{escape(rev['file'])}</code>", "file"),
+            ("authority", f"<code>{escape(str(rl['authority']))}</code>", "authority"),
+            ("number", escape(str(rl["sequence"])), "sequence"),
+            ("issued", _when(rl["issued"]), "issued"),
+            ("next update", f"{_when(rl['next_update'])} ({expires})", "next_update"),
+            (
+                "signature",
+                "verified under the authority key" if rev.get("checked") else "unchecked",
+                "checked",
+            ),
+            ("revoked devices", f"{len(rl['revoked']):,}", "revoked"),
+        ]
+        parts.append(
+            '<table id="revocation-list"><tbody>'
+            + "".join(
+                f'<tr><th>{escape(label)}</th><td data-field="revocations.{field}">{value}</td></tr>'
+                for label, value, field in rows
+            )
+            + "</tbody></table>"
+        )
+        shown = rl["revoked"][:REVOKED_SHOWN]
+        parts.append(
+            _table(
+                ["revoked device", "cohort"],
+                (f"<tr><td>{escape(str(d))}</td><td>{escape(str(c))}</td></tr>" for d, c in shown),
+                table_id="revoked-devices",
+            )
+        )
+        if len(rl["revoked"]) > len(shown):
+            parts.append(
+                f'<p class="muted" id="revoked-more">and {len(rl["revoked"]) - len(shown):,} more '
+                f"(the whole list: <code>{escape(rev['file'])}</code>)</p>"
+            )
+    return f'<h2>Revocations</h2><div id="revocations" data-state="{escape(rev["state"])}">{"".join(parts)}</div>'
+
+
 def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     if not fleet:
         return _page(
@@ -587,6 +752,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + f"<td>{escape(_kind(r))}</td>"
         + _num(r["base_version"], "{}")
         + _num(r["uploads"], "{}", "uploads")
+        + _left_out(r)
         + f"<td>{_when(r.get('opened_at'))}</td></tr>"
         for r in fleet.get("open_rounds", [])
     ]
@@ -600,6 +766,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
         + _num(r.get("reports"), "{}", "reports")
+        + _left_out(r)
         + f"<td>{_when(r.get('closed_at'))}</td></tr>"
         for r in fleet.get("closed_rounds", [])
     ]
@@ -655,7 +822,9 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     body = (
         "<h2>Open rounds</h2>"
         + _table(
-            ["model", "round", "kind", "base version", "uploads", "opened"], rounds, table_id="open-rounds"
+            ["model", "round", "kind", "base version", "uploads", "left out (revoked)", "opened"],
+            rounds,
+            table_id="open-rounds",
         )
         + "<h2>Closed rounds</h2>"
         + _table(
@@ -669,11 +838,13 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "held-out accuracy mean",
                 "min",
                 "reports",
+                "left out (revoked)",
                 "closed",
             ],
             closed,
             table_id="closed-rounds",
         )
+        + _revocations_panel(fleet.get("revocations"))
         + "<h2>Uploads</h2>"
         + _table(["outcome", "count"], uploads, table_id="uploads")
         + "<h2>Devices seen</h2>"
