@@ -158,3 +158,34 @@ def test_the_library_errors_are_typed() -> None:
         load_authority("/nonexistent/enrollment.ed25519.pem")
     with pytest.raises(ConfigError, match="cannot carry a path with a '\"'"):
         node_config_arg('a"b.pem', "c.cert", "d.pub")
+
+
+@pytest.mark.parametrize("command", ["certify", "identity"])
+def test_a_file_appearing_after_the_check_is_not_overwritten_without_force(
+    cli, authority, tmp_path, monkeypatch, command
+) -> None:
+    """The existence check and the write were two steps: a key or certificate written by another run in between
+    (two operators certifying into one folder) was replaced. The write itself now refuses an existing target
+    (a hard link, which fails if the name exists), so the other run's file stays byte for byte."""
+    import deltaplane.commands.ops as ops
+
+    _, key = authority
+    out = tmp_path / "nodes"
+    theirs = b"another run's key\n"
+    writable = ops._writable
+
+    def race(folder: Path, option: str) -> None:  # runs after the check, right before the write
+        writable(folder, option)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "device-0.identity.pem").write_bytes(theirs)
+
+    monkeypatch.setattr(ops, "_writable", race)
+    if command == "certify":
+        r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0)
+    else:
+        r = cli("keys", "identity", "--device", 0, "--out", out)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "device-0.identity.pem already exists" in flat, r.output
+    assert (out / "device-0.identity.pem").read_bytes() == theirs
+    # no certificate or request left beside the other run's key, and no temp file
+    assert sorted(p.name for p in out.iterdir()) == ["device-0.identity.pem"]

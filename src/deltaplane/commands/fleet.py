@@ -325,9 +325,9 @@ def register(app: typer.Typer) -> None:
             tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
             for path, token in zip(files, tokens, strict=True):
-                write_secret_file(path, token.encode())
+                write_secret_file(path, token.encode(), replace=False)
             for identity in identities:
-                write_identity(out, identity)
+                write_identity(out, identity, replace=False)
         console.print(
             escape(
                 f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"

@@ -339,7 +339,7 @@ def register(app: typer.Typer) -> None:
                     "matching the key), or choose another --out"
                 )
             _writable(out, "--out")
-            key, req = write_identity_request(out, key_pem, request)
+            key, req = write_identity_request(out, key_pem, request, replace=force)
         console.print(
             escape(
                 f"{name}: identity key {key} (secret, stays here) + {req}: send it to the operator for "
@@ -466,13 +466,13 @@ def register(app: typer.Typer) -> None:
             if requests:
                 certs = certify_requests(authority, requests, valid_days=valid_days)
                 for c in certs:
-                    write_certificate(out, c)
+                    write_certificate(out, c, replace=force)
             else:
                 identities = certify(
                     authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
                 )
                 for i in identities:
-                    write_identity(out, i)
+                    write_identity(out, i, replace=force)
             atomic_write_bytes(pub, public)
         console.print(
             escape(

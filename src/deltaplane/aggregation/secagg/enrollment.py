@@ -196,12 +196,14 @@ def new_identity_request(device: str, *, cohort: str) -> tuple[bytes, Certificat
 
 
 def write_identity_request(
-    out: str | os.PathLike[str], key_pem: bytes, request: CertificationRequest
+    out: str | os.PathLike[str], key_pem: bytes, request: CertificationRequest, *, replace: bool = True
 ) -> tuple[Path, Path]:
     """Write a device's own identity key (0600 from its creation) and its request into ``out``, each atomically;
-    returns the two paths. The caller decides about existing files."""
+    returns the two paths. Unless ``replace``, an identity key already there, even one that appeared after the
+    caller checked, is a :class:`ConfigError` and nothing is written (:func:`write_secret_file`)."""
     key, req = identity_files(out, request.device_id)[0], request_file(out, request.device_id)
-    write_secret_file(key, key_pem)
+    write_secret_file(key, key_pem, replace=replace)
+    # the key is this run's now: a request beside it is replaced whatever it was (it must match this key)
     atomic_write_bytes(req, request.to_bytes())
     return key, req
 
@@ -225,19 +227,29 @@ def read_request(path: str | os.PathLike[str]) -> CertificationRequest:
     return request
 
 
-def write_identity(out: str | os.PathLike[str], identity: DeviceIdentity) -> tuple[Path, Path]:
+def write_identity(
+    out: str | os.PathLike[str], identity: DeviceIdentity, *, replace: bool = True
+) -> tuple[Path, Path]:
     """Write ``identity``'s key and certificate into ``out`` (:func:`identity_files`), each 0600 from its creation
-    and atomically (never a half-written key); returns the two paths. The caller decides about existing files."""
+    and atomically (never a half-written key); returns the two paths. Unless ``replace``, either file already
+    there, even one that appeared after the caller checked (another run writing the same device), is a
+    :class:`ConfigError` and neither is left written by this call."""
     key = identity_files(out, identity.device_id)[0]
-    write_secret_file(key, identity.key_pem())
-    return key, write_certificate(out, identity.certificate)
+    write_secret_file(key, identity.key_pem(), replace=replace)
+    try:
+        return key, write_certificate(out, identity.certificate, replace=replace)
+    except ConfigError:
+        key.unlink()  # this call's key, linked above: without its certificate it would only mislead
+        raise
 
 
-def write_certificate(out: str | os.PathLike[str], certificate: DeviceCertificate) -> Path:
+def write_certificate(
+    out: str | os.PathLike[str], certificate: DeviceCertificate, *, replace: bool = True
+) -> Path:
     """Write ``certificate`` into ``out`` as its device's ``device-I.cert`` (:func:`identity_files`), 0600 and
-    atomically; returns its path."""
+    atomically; returns its path. Unless ``replace``, a certificate already there is a :class:`ConfigError`."""
     cert = identity_files(out, certificate.device_id)[1]
-    write_secret_file(cert, certificate.to_bytes())
+    write_secret_file(cert, certificate.to_bytes(), replace=replace)
     return cert
 
 
