@@ -32,7 +32,7 @@ from deltaplane.commands import (
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ServiceUnreachable
 from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
 
 if TYPE_CHECKING:
@@ -153,6 +153,43 @@ def _connected(url: str, fn: Any) -> Any:
         return fn()
     except httpx.TransportError as exc:
         raise unreachable(exc, url) from None
+
+
+def admin_client(url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
+    """The :class:`~deltaplane.serve.client.AdminClient` of the service at ``url`` as every admin command makes
+    it: the admin token from ``$DELTAPLANE_ADMIN_TOKEN``, TLS from ``--ca`` (and ``--tls-cert``/``--tls-key``).
+    Nothing is sent yet: a usage error here (no token, https without ``--ca``) comes before any work."""
+    from deltaplane.serve.client import AdminClient
+
+    return AdminClient(url, _admin_token(), tls=_tls(url, ca, cert, key))
+
+
+def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str, Any]:
+    """``POST /admin/secagg/revocations`` the list ``out`` holds (``data``, already written) through ``admin``
+    (:func:`admin_client`); the service's answer. A refusal is a one-line error that says the file stays
+    written and what to do: the admin token refused is a usage error (exit 2); an older list (409), a forged,
+    another authority's or a stale one (422) is :class:`~deltaplane.errors.GateRefused` (exit 3: the service
+    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable` (exit 1)."""
+    from deltaplane.errors import GateRefused
+    from deltaplane.serve.client import ServiceError
+
+    kept = f"{out} is written and kept"
+    try:
+        return _connected(url, lambda: admin.upload_revocations(data))
+    except ServiceError as exc:
+        if exc.status in (401, 403):
+            raise ConfigError(
+                f"{url} refused the admin token (HTTP {exc.status}); {kept}: set ${ADMIN_ENV} to the token the "
+                "service runs with and upload it again"
+            ) from None
+        if exc.status in (409, 422):
+            why = "holds a newer list or keeps none" if exc.status == 409 else "refused the list"
+            raise GateRefused(f"{url} {why} (HTTP {exc.status}: {exc.detail}); {kept}") from None
+        raise
+    except ServiceUnreachable as exc:  # the file is written all the same
+        raise ServiceUnreachable(
+            f"{exc}; {kept}: upload it again once the service answers", final=exc.final
+        ) from None
 
 
 def _credentials(

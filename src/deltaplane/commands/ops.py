@@ -30,6 +30,7 @@ from deltaplane.commands import (
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
+from deltaplane.commands.fleet import Ca, ClientCert, ClientKey, admin_client, upload_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 
@@ -518,13 +519,28 @@ def register(app: typer.Typer) -> None:
                 "list can be withheld from them. Re-issue it before then.",
             ),
         ] = REVOCATION_VALID_DAYS,
+        upload: Annotated[
+            str | None,
+            typer.Option(
+                "--upload",
+                metavar="URL",
+                help="Then upload OUT to the service at URL (POST /admin/secagg/revocations; admin token from "
+                "$DELTAPLANE_ADMIN_TOKEN) and print its answer. OUT is written first and kept if the upload "
+                "fails: exit 3 when the service refuses the list (409 older, 422 forged or stale), 1 when it "
+                "cannot be reached.",
+                show_default="none",
+            ),
+        ] = None,
+        ca: Ca = None,
+        tls_cert: ClientCert = None,
+        tls_key: ClientKey = None,
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
         COHORT to the authority's signed revocation list OUT, numbered one past the list there and current for
         --valid-days (atomic write; concurrent runs on one OUT take turns on the lock file OUT.lock, so each
         numbers its list one past the other's); without --device, re-issue OUT as it is with a new next update
-        (a version-1 list, which had none, is re-issued this way). Give OUT to the service (POST
-        /admin/secagg/revocations, or serve --secagg-revocations), from which fleet devices fetch it before each
+        (a version-1 list, which had none, is re-issued this way). Give OUT to the service (--upload URL
+        posts it to /admin/secagg/revocations once written; or serve --secagg-revocations), from which fleet devices fetch it before each
         round, or to each device (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds
         that seat a revoked device (docs/security.md)."""
         import time
@@ -541,6 +557,11 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             authority = load_authority(authority_key)
             _writable(out.parent, "--out")
+            if upload is None and (ca or tls_cert or tls_key):
+                raise ConfigError("--ca, --tls-cert and --tls-key are for --upload URL; give it too")
+            # the service's client before the list is written: no admin token, https without --ca... is a
+            # usage error that changes nothing; a refused or failed upload after it leaves OUT written
+            admin = None if upload is None else admin_client(upload, ca, tls_cert, tls_key)
             # the read, the new number and the write under one lock (OUT.lock beside it): two concurrent runs on
             # one OUT would otherwise both number their list one past the same old one, with other contents
             with exclusive_lock(out.with_name(out.name + ".lock")):
@@ -571,6 +592,18 @@ def register(app: typer.Typer) -> None:
             ),
             soft_wrap=True,
         )
+        if admin is not None:
+            with _errors(OSError):
+                answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
+            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked)"
+            console.print(
+                escape(
+                    f"uploaded to {upload}: the service now holds {held}"
+                    if answer["replaced"]
+                    else f"uploaded to {upload}: the service already held {held}, unchanged"
+                ),
+                soft_wrap=True,
+            )
 
     @keys.command("tls")
     def keys_tls(
