@@ -133,3 +133,25 @@ def test_upload_usage_errors_change_nothing(cli, authority, tmp_path, monkeypatc
     r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--ca", Path(tmp_path / "ca.pem"))
     assert r.exit_code == 2 and "for --upload URL" in _flat(r.output), r.output
     assert not out.exists()
+
+
+def test_fleet_enroll_add_and_coordinate_enrolled_usage_errors(byo_task, tmp_path, monkeypatch) -> None:
+    """`fleet enroll --add` grows an enrolled folder only, alone; `coordinate --enrolled` needs its tokens:
+    usage errors before any request (the URL answers nothing)."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    def cli(*args: object):
+        return CliRunner().invoke(app, [str(a) for a in args], terminal_width=300)
+
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    (tmp_path / "empty").mkdir()
+    r = cli("fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", tmp_path / "empty", "--add", 1)
+    assert r.exit_code == 2 and "holds no device-I.token" in " ".join(r.output.split()), r.output
+    r = cli("fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", tmp_path, "--add", 1, "--devices", 2)
+    assert r.exit_code == 2 and "without --devices" in r.output, r.output
+    (tmp_path / "fleet.yaml").write_text(f"task: {{path: '{byo_task}'}}\nclients: {{count: 3}}\nseed: 3\n")
+    r = cli("fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", tmp_path / "fleet.yaml",
+            "--model", "m", "--rounds", 1, "--deadline", 1, "--enrolled", tmp_path / "empty")  # fmt: skip
+    assert r.exit_code == 2 and "holds no device-I.token" in " ".join(r.output.split()), r.output

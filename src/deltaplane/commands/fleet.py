@@ -234,7 +234,7 @@ def _credentials(
     except SecAggAuthError as exc:
         raise ConfigError(
             f"--revocations {revocations} revokes this device's certificate ({exc}): its neighbours refuse every "
-            "round seating it; enroll a replacement under a new device id"
+            "round seating it; enroll a replacement under a new device id (fleet enroll --add 1)"
         ) from None
     return credentials
 
@@ -311,7 +311,12 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--federation", help="Read the device count from this YAML.", show_default="none"),
         ] = None,
-        cohort: Annotated[str, typer.Option(help="Cohort the tokens name (consent withdrawal).")] = "fleet",
+        cohort: Annotated[
+            str | None,
+            typer.Option(
+                help="Cohort the tokens name (consent withdrawal).", show_default="fleet, or the fleet's"
+            ),
+        ] = None,
         authority_key: Annotated[
             Path | None,
             typer.Option(
@@ -325,39 +330,85 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         valid_days: ValidDays = 365.0,
+        add: Annotated[
+            int | None,
+            typer.Option(
+                "--add",
+                min=1,
+                metavar="K",
+                help="Enrol K more devices into the fleet already in OUT (a revoked device's replacement): the next "
+                "free ids, past every device-I with a file in OUT and every one --revocations names, in the cohort "
+                "of OUT's certificates.",
+                show_default="none",
+            ),
+        ] = None,
+        revocations: Annotated[
+            Path | None,
+            typer.Option(
+                "--revocations",
+                dir_okay=False,
+                help="The enrollment authority's revocation list (keys revoke --out): the ids it names are never "
+                "enrolled again.",
+                show_default="none",
+            ),
+        ] = None,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
-        $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity."""
+        $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With
+        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one)."""
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
+            check_not_revoked,
             device_id,
+            fleet_cohort,
+            held_partitions,
             identity_files,
             load_authority,
+            next_device_ids,
+            read_held_revocations,
             write_identity,
         )
         from deltaplane.registry.signing import write_secret_file
-        from deltaplane.serve.client import AdminClient
 
         with _errors(OSError):
-            if devices is None:
-                if federation is None:
-                    raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
-                devices = _federation(federation).clients
-            files = [out / f"{device_id(i)}.token" for i in range(devices)]
-            extra = [p for i in range(devices) for p in identity_files(out, device_id(i))]
-            held = next((f for f in files + (extra if authority_key else []) if f.exists()), None)
-            if held is not None:  # its token stays valid on the service: overwriting would only lose it
+            authority = None if authority_key is None else load_authority(authority_key)
+            held = None if revocations is None else read_held_revocations(revocations, authority)
+            if add is not None:
+                if devices is not None or federation is not None:
+                    raise ConfigError(
+                        "--add K grows the fleet in --out: give it without --devices or --federation"
+                    )
+                if not held_partitions(out, ".token"):
+                    raise ConfigError(
+                        f"{out} holds no device-I.token: --add grows a fleet `fleet enroll` wrote there; give "
+                        "that folder, or enrol the fleet first with --devices"
+                    )
+                names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
+                if authority is not None:
+                    cohort = fleet_cohort(out, cohort)
+            else:
+                if devices is None:
+                    if federation is None:
+                        raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
+                    devices = _federation(federation).clients
+                names = [device_id(i) for i in range(devices)]
+            cohort = "fleet" if cohort is None else cohort
+            if held is not None:
+                check_not_revoked(names, held, revocations)
+            files = [out / f"{d}.token" for d in names]
+            extra = [p for d in names for p in identity_files(out, d)]
+            taken = next((f for f in files + (extra if authority else []) if f.exists()), None)
+            if taken is not None:  # its token stays valid on the service: overwriting would only lose it
                 raise ConfigError(
-                    f"{held} already exists; choose another --out, or remove the old files (and revoke their "
-                    f"tokens: POST /admin/devices/{held.stem}/revoke)"
+                    f"{taken} already exists; choose another --out, or remove the old files (and revoke their "
+                    f"tokens: POST /admin/devices/{taken.stem}/revoke); --add K enrols new devices beside them"
                 )
-            names = [device_id(i) for i in range(devices)]
             identities = (
-                certify(load_authority(authority_key), names, cohort=cohort, valid_days=valid_days)
-                if authority_key is not None
+                certify(authority, names, cohort=cohort, valid_days=valid_days)
+                if authority is not None
                 else []
             )
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
+            admin = admin_client(url, ca, tls_cert, tls_key)
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
             tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
@@ -365,10 +416,12 @@ def register(app: typer.Typer) -> None:
                 write_secret_file(path, token.encode(), replace=False)
             for identity in identities:
                 write_identity(out, identity, replace=False)
+        span = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
         console.print(
             escape(
-                f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
-                + (", with SecAgg identities (.identity.pem, .cert)" if authority_key else "")
+                f"{len(names)} device tokens written to {out}/ ({span}, .token)"
+                + (f", with SecAgg identities (.identity.pem, .cert) in cohort {cohort}" if authority else "")
+                + (f"; `fleet coordinate --enrolled {out}` invites them" if add else "")
             ),
             soft_wrap=True,
         )
@@ -533,17 +586,34 @@ def register(app: typer.Typer) -> None:
                 "--identity-key, --certificate, --enrollment-authority).",
             ),
         ] = False,
+        enrolled: Annotated[
+            Path | None,
+            typer.Option(
+                "--enrolled",
+                file_okay=False,
+                help="Invite the devices with a token in this folder (fleet enroll --out: device-I.token), those "
+                "enrolled with --add included; a revoked one is left out by the service.",
+                show_default="device-0 … one per partition",
+            ),
+        ] = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
-        from deltaplane.serve.client import AdminClient
+        from deltaplane.aggregation.secagg.enrollment import device_id, held_partitions
         from deltaplane.serve.fleet import coordinate
 
         with _errors(OSError):
             run = _federation(federation)
             if secagg_neighbours is not None:
                 run = _with_degree(run, federation, secagg_neighbours)
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
+            names = None
+            if enrolled is not None:
+                names = [device_id(i) for i in held_partitions(enrolled, ".token")]
+                if not names:
+                    raise ConfigError(
+                        f"--enrolled {enrolled} holds no device-I.token (fleet enroll --out writes them)"
+                    )
+            admin = admin_client(url, ca, tls_cert, tls_key)
             done = _connected(
                 url,
                 lambda: coordinate(
@@ -557,6 +627,7 @@ def register(app: typer.Typer) -> None:
                     patience=patience,
                     say=lambda line: err_console.print(line, soft_wrap=True),
                     authenticated=authenticated,
+                    devices=names,
                 ),
             )
         failed = sum(1 for s in done if s.failed)

@@ -395,6 +395,27 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
+        add: Annotated[
+            int | None,
+            typer.Option(
+                "--add",
+                min=1,
+                metavar="K",
+                help="Certify K new devices into the fleet in OUT (a revoked device's replacement): the next free "
+                "ids, past every device-I with a file in OUT and every one --revocations names, in the cohort of "
+                "OUT's certificates.",
+                show_default="none",
+            ),
+        ] = None,
+        revocations: Annotated[
+            Path | None,
+            typer.Option(
+                "--revocations",
+                dir_okay=False,
+                help="The authority's revocation list (keys revoke --out): the ids it names are never certified again.",
+                show_default="none",
+            ),
+        ] = None,
     ) -> None:
         """Certify SecAgg identities offline (no service): OUT/device-I.identity.pem (0600) and OUT/device-I.cert,
         the files `fleet enroll --authority-key` writes, and OUT/enrollment.ed25519.pub; prints each Flower
@@ -407,10 +428,14 @@ def register(app: typer.Typer) -> None:
             certify,
             certify_requests,
             check_held_key,
+            check_not_revoked,
             device_id,
+            fleet_cohort,
             identity_files,
             load_authority,
+            next_device_ids,
             node_config_arg,
+            read_held_revocations,
             read_request,
             write_certificate,
             write_identity,
@@ -418,10 +443,10 @@ def register(app: typer.Typer) -> None:
         from deltaplane.delta import atomic_write_bytes
 
         with _errors(OSError):
-            if sum((devices is not None, bool(device), bool(request))) != 1:
+            if sum((devices is not None, bool(device), bool(request), add is not None)) != 1:
                 raise ConfigError(
-                    "give --devices N (device-0 … device-(N-1)), --device I (repeatable) or --request FILE "
-                    "(repeatable), not both"
+                    "give --devices N (device-0 … device-(N-1)), --device I (repeatable), --add K (the next free "
+                    "ids) or --request FILE (repeatable), not both"
                 )
             requests = [read_request(p) for p in request or []]
             for path, r in zip(request or [], requests, strict=True):
@@ -434,9 +459,15 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"two --request files ask for {twice}; give one per device")
                 for path, r in zip(request or [], requests, strict=True):
                     check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
-            else:
-                names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
             authority = load_authority(authority_key)
+            listed = None if revocations is None else read_held_revocations(revocations, authority)
+            if add is not None:
+                names = next_device_ids(out, add, revoked=[d for d, _ in listed.revoked] if listed else ())
+                cohort = fleet_cohort(out, cohort)
+            elif not requests:
+                names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
+            if listed is not None:
+                check_not_revoked(names, listed, revocations)
             public = (authority.public_text() + "\n").encode()
             pub = out / AUTHORITY_PUBLIC_NAME
             if not force:
