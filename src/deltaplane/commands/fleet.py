@@ -23,6 +23,8 @@ from rich.markup import escape
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    AddDevices,
+    HeldRevocations,
     Threads,
     ValidDays,
     console,
@@ -330,28 +332,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         valid_days: ValidDays = 365.0,
-        add: Annotated[
-            int | None,
-            typer.Option(
-                "--add",
-                min=1,
-                metavar="K",
-                help="Enrol K more devices into the fleet already in OUT (a revoked device's replacement): the next "
-                "free ids, past every device-I with a file in OUT and every one --revocations names, in the cohort "
-                "of OUT's certificates.",
-                show_default="none",
-            ),
-        ] = None,
-        revocations: Annotated[
-            Path | None,
-            typer.Option(
-                "--revocations",
-                dir_okay=False,
-                help="The enrollment authority's revocation list (keys revoke --out): the ids it names are never "
-                "enrolled again.",
-                show_default="none",
-            ),
-        ] = None,
+        add: AddDevices = None,
+        revocations: HeldRevocations = None,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
         $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With

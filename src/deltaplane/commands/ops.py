@@ -20,6 +20,8 @@ from rich.table import Table
 from deltaplane.choices import AGGREGATORS
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    AddDevices,
+    HeldRevocations,
     Threads,
     ValidDays,
     check_threads,
@@ -395,27 +397,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
-        add: Annotated[
-            int | None,
-            typer.Option(
-                "--add",
-                min=1,
-                metavar="K",
-                help="Certify K new devices into the fleet in OUT (a revoked device's replacement): the next free "
-                "ids, past every device-I with a file in OUT and every one --revocations names, in the cohort of "
-                "OUT's certificates.",
-                show_default="none",
-            ),
-        ] = None,
-        revocations: Annotated[
-            Path | None,
-            typer.Option(
-                "--revocations",
-                dir_okay=False,
-                help="The authority's revocation list (keys revoke --out): the ids it names are never certified again.",
-                show_default="none",
-            ),
-        ] = None,
+        add: AddDevices = None,
+        revocations: HeldRevocations = None,
     ) -> None:
         """Certify SecAgg identities offline (no service): OUT/device-I.identity.pem (0600) and OUT/device-I.cert,
         the files `fleet enroll --authority-key` writes, and OUT/enrollment.ed25519.pub; prints each Flower
