@@ -266,7 +266,7 @@ def test_a_revoked_device_is_replaced_by_fleet_enroll_add_and_the_replacement_ta
         assert "the service now holds list number 1 (1 devices revoked)" in said, said
         said = cli("fleet", "enroll", "--url", f.url, "--ca", ca, "--add", 1, "--out", "tokens",
                    "--authority-key", key, "--revocations", "revoked.bin")  # fmt: skip
-        assert "1 device tokens written to tokens/ (device-4, .token)" in said, said
+        assert "1 device tokens written to tokens/ (device-4.token), with SecAgg identities" in said, said
         assert "coordinate --enrolled tokens" in said, said
         tokens = tmp_path / "tokens"
         assert sorted(p.name for p in tokens.glob("*.token")) == [f"device-{i}.token" for i in range(5)]

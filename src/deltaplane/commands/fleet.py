@@ -398,10 +398,10 @@ def register(app: typer.Typer) -> None:
                 write_secret_file(path, token.encode(), replace=False)
             for identity in identities:
                 write_identity(out, identity, replace=False)
-        span = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+        span = f"{names[0]}.token" if len(names) == 1 else f"{names[0]}.token … {names[-1]}.token"
         console.print(
             escape(
-                f"{len(names)} device tokens written to {out}/ ({span}, .token)"
+                f"{len(names)} device tokens written to {out}/ ({span})"
                 + (f", with SecAgg identities (.identity.pem, .cert) in cohort {cohort}" if authority else "")
                 + (f"; `fleet coordinate --enrolled {out}` invites them" if add else "")
             ),
