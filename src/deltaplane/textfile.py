@@ -219,11 +219,14 @@ def read_config_text(path: str | os.PathLike[str], *, what: str = "config file")
     return read_bounded_text(path, limit=CONFIG_LIMIT, what=what)
 
 
-def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
+def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
     """Write a secret atomically with mode 0600 *from its creation* (never briefly world-readable).
 
     The temp file is created with ``O_EXCL`` and mode 0600 in the target folder, fsynced, then renamed over
-    ``path``; the folder is fsynced so the rename survives a crash.
+    ``path``; the folder is fsynced so the rename survives a crash. With ``replace=False`` it is hard-linked to
+    ``path`` instead, which fails if ``path`` exists, so a file that appeared after the caller checked (another
+    run of the command writing the same key) is never written over: a :class:`ConfigError` naming it, and
+    nothing written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +237,18 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            # link(2) refuses an existing target atomically, where an existence check then a rename would not
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ConfigError(
+                    f"{path} already exists (it appeared while this command ran); left as it is"
+                ) from None
+            finally:
+                tmp.unlink(missing_ok=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

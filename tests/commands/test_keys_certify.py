@@ -158,3 +158,64 @@ def test_the_library_errors_are_typed() -> None:
         load_authority("/nonexistent/enrollment.ed25519.pem")
     with pytest.raises(ConfigError, match="cannot carry a path with a '\"'"):
         node_config_arg('a"b.pem', "c.cert", "d.pub")
+
+
+@pytest.mark.parametrize("command", ["certify", "identity"])
+def test_a_file_appearing_after_the_check_is_not_overwritten_without_force(
+    cli, authority, tmp_path, monkeypatch, command
+) -> None:
+    """The existence check and the write were two steps: a key or certificate written by another run in between
+    (two operators certifying into one folder) was replaced. The write itself now refuses an existing target
+    (a hard link, which fails if the name exists), so the other run's file stays byte for byte."""
+    import deltaplane.commands.ops as ops
+
+    _, key = authority
+    out = tmp_path / "nodes"
+    theirs = b"another run's key\n"
+    writable = ops._writable
+
+    def race(folder: Path, option: str) -> None:  # runs after the check, right before the write
+        writable(folder, option)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "device-0.identity.pem").write_bytes(theirs)
+
+    monkeypatch.setattr(ops, "_writable", race)
+    if command == "certify":
+        r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0)
+    else:
+        r = cli("keys", "identity", "--device", 0, "--out", out)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "device-0.identity.pem already exists" in flat, r.output
+    assert (out / "device-0.identity.pem").read_bytes() == theirs
+    # no certificate or request left beside the other run's key, and no temp file
+    assert sorted(p.name for p in out.iterdir()) == ["device-0.identity.pem"]
+
+
+def test_add_certifies_the_next_free_ids_in_the_fleets_cohort_never_a_revoked_one(
+    cli, authority, tmp_path
+) -> None:
+    """Replacing a revoked device: `--add K` certifies new ids past every device-I in OUT and every id the held
+    list names (device-5 here, whose files were removed), in the cohort OUT's certificates name; a revoked id
+    asked for by number is refused. Before, `--add` and `--revocations` did not exist."""
+    _, key = authority
+    out, crl = tmp_path / "nodes", tmp_path / "revoked.bin"
+    assert (
+        cli(
+            "keys", "certify", "--authority-key", key, "--out", out, "--devices", 3, "--cohort", "north"
+        ).exit_code
+        == 0
+    )
+    assert cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 1, "--device", 5,
+               "--cohort", "north").exit_code == 0  # fmt: skip
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 2, "--revocations", crl)
+    assert r.exit_code == 0, r.output
+    assert [_identity(out, i).certificate.cohort for i in (6, 7)] == ["north", "north"]
+    assert not (out / "device-3.cert").exists() and "device-6: flower-supernode" in r.output
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 5, "--revocations", crl)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "device-5 is revoked in" in flat and "never reused" in flat, flat
+    assert not (out / "device-5.cert").exists()
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1, "--cohort", "south")
+    assert r.exit_code == 2 and "certified in ['north']" in " ".join(r.output.split()), r.output
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1, "--devices", 2)
+    assert r.exit_code == 2 and "not both" in r.output, r.output

@@ -207,3 +207,91 @@ def test_fleet_devices_take_an_uploaded_list_before_the_round_and_keep_it(byo_ta
         assert (tmp_path / f"device-{i}.revocations").read_bytes() == current.to_bytes()
         assert any("took revocation list number 2" in line for line in logs[i]), logs[i]
     assert not any("SecAgg round" in line for line in logs[3]), logs[3]  # never invited: never asked
+
+
+def test_a_revoked_device_is_replaced_by_fleet_enroll_add_and_the_replacement_takes_part(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """The operator's path after a leaked key, all through the CLI but the device processes: enrol four devices,
+    revoke device-3 and upload the list (`keys revoke --upload`), enrol its replacement (`fleet enroll --add 1`,
+    which takes device-4: never the revoked id) and invite the folder's devices (what `coordinate --enrolled`
+    does). The replacement trains on device-3's partition under its new identity and the authenticated round
+    publishes with it; the revoked device is left out. Before, `--add` did not exist: the replacement's id,
+    certificate and token were made by hand."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+    from deltaplane.commands.fleet import _credentials
+    from deltaplane.serve.client import DeviceClient
+
+    from .test_fleet import ADMIN
+
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    monkeypatch.chdir(tmp_path)
+
+    def cli(*args: object) -> str:
+        r = CliRunner().invoke(app, [str(a) for a in args], terminal_width=300)
+        assert r.exit_code == 0, r.output
+        return " ".join(r.output.split())
+
+    cfg = _config(byo_task, clients=4, secagg=True, clip="2.0", wire="self-describing")
+    cli("keys", "enrollment", "--out", "authority")
+    key, pub = (
+        tmp_path / "authority" / "enrollment.ed25519.pem",
+        tmp_path / "authority" / "enrollment.ed25519.pub",
+    )
+    with Fleet(tmp_path / "svc", cfg) as f:
+        f.stop()  # a service keeping and verifying the authority's list
+        f.service = dataclasses.replace(
+            f.service, secagg_revocations=str(tmp_path / "service.bin"), secagg_authority=str(pub)
+        )
+        f.start_again()
+        ca = f.tls.ca_cert
+        cli(
+            "fleet",
+            "enroll",
+            "--url",
+            f.url,
+            "--ca",
+            ca,
+            "--devices",
+            4,
+            "--out",
+            "tokens",
+            "--authority-key",
+            key,
+        )
+        said = cli("keys", "revoke", "--authority-key", key, "--out", "revoked.bin", "--device", 3,
+                   "--upload", f.url, "--ca", ca)  # fmt: skip
+        assert "the service now holds list number 1 (1 devices revoked)" in said, said
+        said = cli("fleet", "enroll", "--url", f.url, "--ca", ca, "--add", 1, "--out", "tokens",
+                   "--authority-key", key, "--revocations", "revoked.bin")  # fmt: skip
+        assert "1 device tokens written to tokens/ (device-4.token), with SecAgg identities" in said, said
+        assert "coordinate --enrolled tokens" in said, said
+        tokens = tmp_path / "tokens"
+        assert sorted(p.name for p in tokens.glob("*.token")) == [f"device-{i}.token" for i in range(5)]
+        devices = []
+        for name, partition in (("device-0", 0), ("device-1", 1), ("device-2", 2), ("device-4", 3)):
+            token = (tokens / f"{name}.token").read_text().strip()
+            conn = DeviceClient(f.url, token, verifier=f.reg.verifier, tls=f.ctx)
+            dev = fleet.load_device(conn, cfg, partition, model=MODEL)
+            dev.credentials = _credentials(
+                tokens / f"{name}.identity.pem", tokens / f"{name}.cert", pub, tokens / f"{name}.revocations"
+            )
+            dev.revocations_file = tokens / f"{name}.revocations"
+            dev.log = lambda line: None
+            devices.append(dev)
+        assert devices[3].credentials.identity.certificate.cohort == "fleet"
+        threads = _threads(devices, rounds=1, stage_wait=60)
+        names = [fleet.device_id(i) for i in range(5)]  # what coordinate --enrolled tokens invites
+        out = fleet.coordinate(
+            f.admin, cfg, model=MODEL, rounds=1, deadline=30, poll=0.05, authenticated=True, devices=names
+        )
+        for t in threads:
+            t.join(30)
+        status = f.admin.secagg_status(MODEL, out[0].number)
+    line = out[0].line(1)
+    assert out[0].failed is None and out[0].contributors == 4 and out[0].version is not None, line
+    assert out[0].revoked == ("device-3",), line
+    # four contributors out of device-0, 1, 2, 4 with device-3 left out: the replacement took part
+    assert status["revoked"] == ["device-3"] and status["dropped"] == [], status

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,6 +35,8 @@ __all__ = [
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
+    "AddDevices",
+    "HeldRevocations",
     "Threads",
     "ValidDays",
     "available_cpus",
@@ -85,6 +88,29 @@ def finite_number(value: float | None) -> float | None:
     return value
 
 
+#: ``--add K`` of ``fleet enroll`` and ``keys certify``: grow the fleet in ``--out`` (a revoked device's replacement)
+AddDevices = Annotated[
+    int | None,
+    typer.Option(
+        "--add",
+        min=1,
+        metavar="K",
+        help="Enrol K new devices into the fleet in OUT (a revoked device's replacement): the next free ids, past "
+        "every device-I with a file in OUT and every one --revocations names, in the cohort of OUT's certificates.",
+        show_default="none",
+    ),
+]
+#: ``--revocations`` of ``fleet enroll`` and ``keys certify``: the operator's list, whose ids are never enrolled again
+HeldRevocations = Annotated[
+    Path | None,
+    typer.Option(
+        "--revocations",
+        dir_okay=False,
+        help="The enrollment authority's revocation list (keys revoke --out): the ids it names are never enrolled "
+        "or certified again.",
+        show_default="none",
+    ),
+]
 #: ``--valid-days`` of the device certificates ``fleet enroll --authority-key`` and ``keys certify`` issue
 ValidDays = Annotated[
     float,

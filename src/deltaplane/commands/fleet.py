@@ -23,6 +23,8 @@ from rich.markup import escape
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    AddDevices,
+    HeldRevocations,
     Threads,
     ValidDays,
     console,
@@ -32,7 +34,7 @@ from deltaplane.commands import (
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ServiceUnreachable
 from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
 
 if TYPE_CHECKING:
@@ -155,6 +157,43 @@ def _connected(url: str, fn: Any) -> Any:
         raise unreachable(exc, url) from None
 
 
+def admin_client(url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
+    """The :class:`~deltaplane.serve.client.AdminClient` of the service at ``url`` as every admin command makes
+    it: the admin token from ``$DELTAPLANE_ADMIN_TOKEN``, TLS from ``--ca`` (and ``--tls-cert``/``--tls-key``).
+    Nothing is sent yet: a usage error here (no token, https without ``--ca``) comes before any work."""
+    from deltaplane.serve.client import AdminClient
+
+    return AdminClient(url, _admin_token(), tls=_tls(url, ca, cert, key))
+
+
+def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str, Any]:
+    """``POST /admin/secagg/revocations`` the list ``out`` holds (``data``, already written) through ``admin``
+    (:func:`admin_client`); the service's answer. A refusal is a one-line error that says the file stays
+    written and what to do: the admin token refused is a usage error (exit 2); an older list (409), a forged,
+    another authority's or a stale one (422) is :class:`~deltaplane.errors.GateRefused` (exit 3: the service
+    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable` (exit 1)."""
+    from deltaplane.errors import GateRefused
+    from deltaplane.serve.client import ServiceError
+
+    kept = f"{out} is written and kept"
+    try:
+        return _connected(url, lambda: admin.upload_revocations(data))
+    except ServiceError as exc:
+        if exc.status in (401, 403):
+            raise ConfigError(
+                f"{url} refused the admin token (HTTP {exc.status}); {kept}: set ${ADMIN_ENV} to the token the "
+                "service runs with and upload it again"
+            ) from None
+        if exc.status in (409, 422):
+            why = "holds a newer list or keeps none" if exc.status == 409 else "refused the list"
+            raise GateRefused(f"{url} {why} (HTTP {exc.status}: {exc.detail}); {kept}") from None
+        raise
+    except ServiceUnreachable as exc:  # the file is written all the same
+        raise ServiceUnreachable(
+            f"{exc}; {kept}: upload it again once the service answers", final=exc.final
+        ) from None
+
+
 def _credentials(
     key: Path | None, certificate: Path | None, authority: Path | None, revocations: Path | None = None
 ) -> Any:
@@ -197,7 +236,7 @@ def _credentials(
     except SecAggAuthError as exc:
         raise ConfigError(
             f"--revocations {revocations} revokes this device's certificate ({exc}): its neighbours refuse every "
-            "round seating it; enroll a replacement under a new device id"
+            "round seating it; enroll a replacement under a new device id (fleet enroll --add 1)"
         ) from None
     return credentials
 
@@ -274,7 +313,12 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--federation", help="Read the device count from this YAML.", show_default="none"),
         ] = None,
-        cohort: Annotated[str, typer.Option(help="Cohort the tokens name (consent withdrawal).")] = "fleet",
+        cohort: Annotated[
+            str | None,
+            typer.Option(
+                help="Cohort the tokens name (consent withdrawal).", show_default="fleet, or the fleet's"
+            ),
+        ] = None,
         authority_key: Annotated[
             Path | None,
             typer.Option(
@@ -288,50 +332,78 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         valid_days: ValidDays = 365.0,
+        add: AddDevices = None,
+        revocations: HeldRevocations = None,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
-        $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity."""
+        $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With
+        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one)."""
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
+            check_not_revoked,
             device_id,
+            fleet_cohort,
+            held_partitions,
             identity_files,
             load_authority,
+            next_device_ids,
+            read_held_revocations,
             write_identity,
         )
         from deltaplane.registry.signing import write_secret_file
-        from deltaplane.serve.client import AdminClient
 
         with _errors(OSError):
-            if devices is None:
-                if federation is None:
-                    raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
-                devices = _federation(federation).clients
-            files = [out / f"{device_id(i)}.token" for i in range(devices)]
-            extra = [p for i in range(devices) for p in identity_files(out, device_id(i))]
-            held = next((f for f in files + (extra if authority_key else []) if f.exists()), None)
-            if held is not None:  # its token stays valid on the service: overwriting would only lose it
+            authority = None if authority_key is None else load_authority(authority_key)
+            held = None if revocations is None else read_held_revocations(revocations, authority)
+            if add is not None:
+                if devices is not None or federation is not None:
+                    raise ConfigError(
+                        "--add K grows the fleet in --out: give it without --devices or --federation"
+                    )
+                if not held_partitions(out, ".token"):
+                    raise ConfigError(
+                        f"{out} holds no device-I.token: --add grows a fleet `fleet enroll` wrote there; give "
+                        "that folder, or enrol the fleet first with --devices"
+                    )
+                names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
+                if authority is not None:
+                    cohort = fleet_cohort(out, cohort)
+            else:
+                if devices is None:
+                    if federation is None:
+                        raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
+                    devices = _federation(federation).clients
+                names = [device_id(i) for i in range(devices)]
+            cohort = "fleet" if cohort is None else cohort
+            if held is not None:
+                check_not_revoked(names, held, revocations)
+            files = [out / f"{d}.token" for d in names]
+            extra = [p for d in names for p in identity_files(out, d)]
+            taken = next((f for f in files + (extra if authority else []) if f.exists()), None)
+            if taken is not None:  # its token stays valid on the service: overwriting would only lose it
                 raise ConfigError(
-                    f"{held} already exists; choose another --out, or remove the old files (and revoke their "
-                    f"tokens: POST /admin/devices/{held.stem}/revoke)"
+                    f"{taken} already exists; choose another --out, or remove the old files (and revoke their "
+                    f"tokens: POST /admin/devices/{taken.stem}/revoke); --add K enrols new devices beside them"
                 )
-            names = [device_id(i) for i in range(devices)]
             identities = (
-                certify(load_authority(authority_key), names, cohort=cohort, valid_days=valid_days)
-                if authority_key is not None
+                certify(authority, names, cohort=cohort, valid_days=valid_days)
+                if authority is not None
                 else []
             )
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
+            admin = admin_client(url, ca, tls_cert, tls_key)
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
             tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
             for path, token in zip(files, tokens, strict=True):
-                write_secret_file(path, token.encode())
+                write_secret_file(path, token.encode(), replace=False)
             for identity in identities:
-                write_identity(out, identity)
+                write_identity(out, identity, replace=False)
+        span = f"{names[0]}.token" if len(names) == 1 else f"{names[0]}.token … {names[-1]}.token"
         console.print(
             escape(
-                f"{devices} device tokens written to {out}/ (device-0.token … device-{devices - 1}.token)"
-                + (", with SecAgg identities (.identity.pem, .cert)" if authority_key else "")
+                f"{len(names)} device tokens written to {out}/ ({span})"
+                + (f", with SecAgg identities (.identity.pem, .cert) in cohort {cohort}" if authority else "")
+                + (f"; `fleet coordinate --enrolled {out}` invites them" if add else "")
             ),
             soft_wrap=True,
         )
@@ -496,17 +568,34 @@ def register(app: typer.Typer) -> None:
                 "--identity-key, --certificate, --enrollment-authority).",
             ),
         ] = False,
+        enrolled: Annotated[
+            Path | None,
+            typer.Option(
+                "--enrolled",
+                file_okay=False,
+                help="Invite the devices with a token in this folder (fleet enroll --out: device-I.token), those "
+                "enrolled with --add included; a revoked one is left out by the service.",
+                show_default="device-0 … one per partition",
+            ),
+        ] = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
-        from deltaplane.serve.client import AdminClient
+        from deltaplane.aggregation.secagg.enrollment import device_id, held_partitions
         from deltaplane.serve.fleet import coordinate
 
         with _errors(OSError):
             run = _federation(federation)
             if secagg_neighbours is not None:
                 run = _with_degree(run, federation, secagg_neighbours)
-            admin = AdminClient(url, _admin_token(), tls=_tls(url, ca, tls_cert, tls_key))
+            names = None
+            if enrolled is not None:
+                names = [device_id(i) for i in held_partitions(enrolled, ".token")]
+                if not names:
+                    raise ConfigError(
+                        f"--enrolled {enrolled} holds no device-I.token (fleet enroll --out writes them)"
+                    )
+            admin = admin_client(url, ca, tls_cert, tls_key)
             done = _connected(
                 url,
                 lambda: coordinate(
@@ -520,6 +609,7 @@ def register(app: typer.Typer) -> None:
                     patience=patience,
                     say=lambda line: err_console.print(line, soft_wrap=True),
                     authenticated=authenticated,
+                    devices=names,
                 ),
             )
         failed = sum(1 for s in done if s.failed)

@@ -20,6 +20,8 @@ from rich.table import Table
 from deltaplane.choices import AGGREGATORS
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    AddDevices,
+    HeldRevocations,
     Threads,
     ValidDays,
     check_threads,
@@ -30,6 +32,7 @@ from deltaplane.commands import (
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
+from deltaplane.commands.fleet import Ca, ClientCert, ClientKey, admin_client, upload_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 
@@ -339,7 +342,7 @@ def register(app: typer.Typer) -> None:
                     "matching the key), or choose another --out"
                 )
             _writable(out, "--out")
-            key, req = write_identity_request(out, key_pem, request)
+            key, req = write_identity_request(out, key_pem, request, replace=force)
         console.print(
             escape(
                 f"{name}: identity key {key} (secret, stays here) + {req}: send it to the operator for "
@@ -394,6 +397,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
+        add: AddDevices = None,
+        revocations: HeldRevocations = None,
     ) -> None:
         """Certify SecAgg identities offline (no service): OUT/device-I.identity.pem (0600) and OUT/device-I.cert,
         the files `fleet enroll --authority-key` writes, and OUT/enrollment.ed25519.pub; prints each Flower
@@ -406,10 +411,14 @@ def register(app: typer.Typer) -> None:
             certify,
             certify_requests,
             check_held_key,
+            check_not_revoked,
             device_id,
+            fleet_cohort,
             identity_files,
             load_authority,
+            next_device_ids,
             node_config_arg,
+            read_held_revocations,
             read_request,
             write_certificate,
             write_identity,
@@ -417,10 +426,10 @@ def register(app: typer.Typer) -> None:
         from deltaplane.delta import atomic_write_bytes
 
         with _errors(OSError):
-            if sum((devices is not None, bool(device), bool(request))) != 1:
+            if sum((devices is not None, bool(device), bool(request), add is not None)) != 1:
                 raise ConfigError(
-                    "give --devices N (device-0 … device-(N-1)), --device I (repeatable) or --request FILE "
-                    "(repeatable), not both"
+                    "give --devices N (device-0 … device-(N-1)), --device I (repeatable), --add K (the next free "
+                    "ids) or --request FILE (repeatable), not both"
                 )
             requests = [read_request(p) for p in request or []]
             for path, r in zip(request or [], requests, strict=True):
@@ -433,9 +442,15 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"two --request files ask for {twice}; give one per device")
                 for path, r in zip(request or [], requests, strict=True):
                     check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
-            else:
-                names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
             authority = load_authority(authority_key)
+            listed = None if revocations is None else read_held_revocations(revocations, authority)
+            if add is not None:
+                names = next_device_ids(out, add, revoked=[d for d, _ in listed.revoked] if listed else ())
+                cohort = fleet_cohort(out, cohort)
+            elif not requests:
+                names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
+            if listed is not None:
+                check_not_revoked(names, listed, revocations)
             public = (authority.public_text() + "\n").encode()
             pub = out / AUTHORITY_PUBLIC_NAME
             if not force:
@@ -466,13 +481,13 @@ def register(app: typer.Typer) -> None:
             if requests:
                 certs = certify_requests(authority, requests, valid_days=valid_days)
                 for c in certs:
-                    write_certificate(out, c)
+                    write_certificate(out, c, replace=force)
             else:
                 identities = certify(
                     authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
                 )
                 for i in identities:
-                    write_identity(out, i)
+                    write_identity(out, i, replace=force)
             atomic_write_bytes(pub, public)
         console.print(
             escape(
@@ -518,13 +533,28 @@ def register(app: typer.Typer) -> None:
                 "list can be withheld from them. Re-issue it before then.",
             ),
         ] = REVOCATION_VALID_DAYS,
+        upload: Annotated[
+            str | None,
+            typer.Option(
+                "--upload",
+                metavar="URL",
+                help="Then upload OUT to the service at URL (POST /admin/secagg/revocations; admin token from "
+                "$DELTAPLANE_ADMIN_TOKEN) and print its answer. OUT is written first and kept if the upload "
+                "fails: exit 3 when the service refuses the list (409 older, 422 forged or stale), 1 when it "
+                "cannot be reached.",
+                show_default="none",
+            ),
+        ] = None,
+        ca: Ca = None,
+        tls_cert: ClientCert = None,
+        tls_key: ClientKey = None,
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
         COHORT to the authority's signed revocation list OUT, numbered one past the list there and current for
         --valid-days (atomic write; concurrent runs on one OUT take turns on the lock file OUT.lock, so each
         numbers its list one past the other's); without --device, re-issue OUT as it is with a new next update
-        (a version-1 list, which had none, is re-issued this way). Give OUT to the service (POST
-        /admin/secagg/revocations, or serve --secagg-revocations), from which fleet devices fetch it before each
+        (a version-1 list, which had none, is re-issued this way). Give OUT to the service (--upload URL
+        posts it to /admin/secagg/revocations once written; or serve --secagg-revocations), from which fleet devices fetch it before each
         round, or to each device (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds
         that seat a revoked device (docs/security.md)."""
         import time
@@ -541,6 +571,11 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             authority = load_authority(authority_key)
             _writable(out.parent, "--out")
+            if upload is None and (ca or tls_cert or tls_key):
+                raise ConfigError("--ca, --tls-cert and --tls-key are for --upload URL; give it too")
+            # the service's client before the list is written: no admin token, https without --ca... is a
+            # usage error that changes nothing; a refused or failed upload after it leaves OUT written
+            admin = None if upload is None else admin_client(upload, ca, tls_cert, tls_key)
             # the read, the new number and the write under one lock (OUT.lock beside it): two concurrent runs on
             # one OUT would otherwise both number their list one past the same old one, with other contents
             with exclusive_lock(out.with_name(out.name + ".lock")):
@@ -571,6 +606,18 @@ def register(app: typer.Typer) -> None:
             ),
             soft_wrap=True,
         )
+        if admin is not None:
+            with _errors(OSError):
+                answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
+            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked)"
+            console.print(
+                escape(
+                    f"uploaded to {upload}: the service now holds {held}"
+                    if answer["replaced"]
+                    else f"uploaded to {upload}: the service already held {held}, unchanged"
+                ),
+                soft_wrap=True,
+            )
 
     @keys.command("tls")
     def keys_tls(

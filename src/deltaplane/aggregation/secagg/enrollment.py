@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -42,6 +42,7 @@ from deltaplane.aggregation.secagg.identity import (
     DeviceIdentity,
     EnrollmentAuthority,
 )
+from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text, write_secret_file
@@ -55,11 +56,16 @@ __all__ = [
     "certify",
     "certify_requests",
     "check_held_key",
+    "check_not_revoked",
     "device_id",
+    "fleet_cohort",
+    "held_partitions",
     "identity_files",
     "load_authority",
     "new_identity_request",
+    "next_device_ids",
     "node_config_arg",
+    "read_held_revocations",
     "read_request",
     "request_file",
     "write_certificate",
@@ -84,6 +90,84 @@ def device_id(partition: int) -> str:
     """The device id of partition ``partition`` (Flower's ``partition-id``): what ``fleet enroll`` and ``keys certify``
     certify and SecAgg rounds invite."""
     return f"device-{partition}"
+
+
+#: the partition id in a file ``device-I.*`` an enrollment folder holds (token, key, certificate, request, list)
+_DEVICE_FILE = re.compile(r"device-(0|[1-9][0-9]{0,17})\.[a-z.]+")
+
+
+def held_partitions(out: str | os.PathLike[str], suffix: str | None = None) -> list[int]:
+    """The partition ids of the devices with a file ``device-I.*`` in ``out`` (only ``device-I{suffix}`` when
+    ``suffix`` is given, e.g. ``".token"``), sorted; none for a folder that does not exist."""
+    folder = Path(out)
+    if not folder.is_dir():
+        return []
+    found = {
+        int(m.group(1))
+        for p in folder.iterdir()
+        if (m := _DEVICE_FILE.fullmatch(p.name)) is not None and (suffix is None or p.name.endswith(suffix))
+    }
+    return sorted(found)
+
+
+def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterable[str] = ()) -> list[str]:
+    """The ``count`` device ids a fleet enrolled in ``out`` grows by: the ids past every ``device-I`` with a file
+    there and every one ``revoked`` names (a revocation list's devices), so a replacement never takes the id of
+    a device that exists or was revoked: the service and the devices match the list by device id, and a reused
+    id would be refused as revoked, or would revive one."""
+    taken = held_partitions(out)
+    taken += [int(m.group(1)) for d in revoked if (m := re.fullmatch(r"device-([0-9]{1,18})", d)) is not None]
+    start = max(taken, default=-1) + 1
+    if start + count - 1 > MAX_REQUEST_PARTITION:
+        raise ConfigError(
+            f"no device id is left past device-{start - 1}: ids are device-I, I of at most 18 digits"
+        )
+    return [device_id(start + k) for k in range(count)]
+
+
+def check_not_revoked(
+    devices: Sequence[str], revocations: RevocationList, source: str | os.PathLike[str]
+) -> None:
+    """Refuse to enrol any of ``devices`` that ``revocations`` (read from ``source``) names, in any cohort: a
+    :class:`ConfigError` saying to enrol a replacement under a new id. The service matches the list by device id
+    alone (it learns a device's cohort only from its key advertisement), so a re-certified revoked id would be
+    left out of every round, and dropping it from the list would readmit the leaked key."""
+    named = {d for d, _ in revocations.revoked}
+    hit = [d for d in devices if d in named]
+    if hit:
+        raise ConfigError(
+            f"{', '.join(hit)} {'is' if len(hit) == 1 else 'are'} revoked in {source} (list number "
+            f"{revocations.sequence}): a revoked device id is never reused; enrol a replacement under a new id "
+            "(--add 1 takes the next free one)"
+        )
+
+
+def fleet_cohort(out: str | os.PathLike[str], cohort: str | None) -> str:
+    """The cohort ``fleet enroll --add`` and ``keys certify --add`` certify new devices in: that of the certificates in ``out`` (a device
+    trusts neighbours of its own cohort only), which ``--cohort``, if given, must match; ``--cohort`` or
+    ``fleet`` when ``out`` holds none."""
+    held = {
+        DeviceCertificate.from_bytes(read_bounded_bytes(p, limit=KEY_LIMIT, what="device certificate")).cohort
+        for p in sorted(Path(out).glob("device-*.cert"))
+    }
+    if len(held) > 1 and cohort is None:
+        raise ConfigError(
+            f"the certificates in {out} name cohorts {sorted(held)}: give --cohort, one of them"
+        )
+    if cohort is not None and held and cohort not in held:
+        raise ConfigError(
+            f"--cohort {cohort!r}, but the fleet in {out} is certified in {sorted(held)}: its devices would refuse "
+            "the new one as a neighbour; give the fleet's cohort"
+        )
+    return cohort if cohort is not None else next(iter(held), "fleet")
+
+
+def read_held_revocations(
+    path: str | os.PathLike[str], authority: EnrollmentAuthority | None
+) -> RevocationList:
+    """The operator's revocation list in ``path`` (``keys revoke --out``), verified under ``authority`` when the
+    command holds its key; a missing, malformed or (given the key) forged file is a :class:`ConfigError`."""
+    return read_server_revocations(path, None if authority is None else authority.trust(), legacy=True)
 
 
 def identity_files(out: str | os.PathLike[str], device: str) -> tuple[Path, Path]:
@@ -196,12 +280,14 @@ def new_identity_request(device: str, *, cohort: str) -> tuple[bytes, Certificat
 
 
 def write_identity_request(
-    out: str | os.PathLike[str], key_pem: bytes, request: CertificationRequest
+    out: str | os.PathLike[str], key_pem: bytes, request: CertificationRequest, *, replace: bool = True
 ) -> tuple[Path, Path]:
     """Write a device's own identity key (0600 from its creation) and its request into ``out``, each atomically;
-    returns the two paths. The caller decides about existing files."""
+    returns the two paths. Unless ``replace``, an identity key already there, even one that appeared after the
+    caller checked, is a :class:`ConfigError` and nothing is written (:func:`write_secret_file`)."""
     key, req = identity_files(out, request.device_id)[0], request_file(out, request.device_id)
-    write_secret_file(key, key_pem)
+    write_secret_file(key, key_pem, replace=replace)
+    # the key is this run's now: a request beside it is replaced whatever it was (it must match this key)
     atomic_write_bytes(req, request.to_bytes())
     return key, req
 
@@ -225,19 +311,29 @@ def read_request(path: str | os.PathLike[str]) -> CertificationRequest:
     return request
 
 
-def write_identity(out: str | os.PathLike[str], identity: DeviceIdentity) -> tuple[Path, Path]:
+def write_identity(
+    out: str | os.PathLike[str], identity: DeviceIdentity, *, replace: bool = True
+) -> tuple[Path, Path]:
     """Write ``identity``'s key and certificate into ``out`` (:func:`identity_files`), each 0600 from its creation
-    and atomically (never a half-written key); returns the two paths. The caller decides about existing files."""
+    and atomically (never a half-written key); returns the two paths. Unless ``replace``, either file already
+    there, even one that appeared after the caller checked (another run writing the same device), is a
+    :class:`ConfigError` and neither is left written by this call."""
     key = identity_files(out, identity.device_id)[0]
-    write_secret_file(key, identity.key_pem())
-    return key, write_certificate(out, identity.certificate)
+    write_secret_file(key, identity.key_pem(), replace=replace)
+    try:
+        return key, write_certificate(out, identity.certificate, replace=replace)
+    except ConfigError:
+        key.unlink()  # this call's key, linked above: without its certificate it would only mislead
+        raise
 
 
-def write_certificate(out: str | os.PathLike[str], certificate: DeviceCertificate) -> Path:
+def write_certificate(
+    out: str | os.PathLike[str], certificate: DeviceCertificate, *, replace: bool = True
+) -> Path:
     """Write ``certificate`` into ``out`` as its device's ``device-I.cert`` (:func:`identity_files`), 0600 and
-    atomically; returns its path."""
+    atomically; returns its path. Unless ``replace``, a certificate already there is a :class:`ConfigError`."""
     cert = identity_files(out, certificate.device_id)[1]
-    write_secret_file(cert, certificate.to_bytes())
+    write_secret_file(cert, certificate.to_bytes(), replace=replace)
     return cert
 
 
