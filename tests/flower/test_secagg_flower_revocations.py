@@ -15,7 +15,7 @@ from tests.flower.test_secagg_flower_authenticated import CFG, _Recording, _run,
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError, SecAggError
 from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale
-from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app
 from deltaplane.flower.secagg import (
@@ -401,6 +401,8 @@ def _swapped(held, authority, kind: str) -> bytes:
         return revoke(EnrollmentAuthority.generate(), victim, issued=now).to_bytes()
     if kind == "rollback":  # the authority's own, a lower number than the nodes hold
         return revoke(authority, victim, issued=now).to_bytes()
+    if kind == "oversized":  # past the largest list there can be: refused before it is parsed
+        return held.to_bytes() + bytes(REVOCATIONS_MAX_BYTES)
     return b"DPRL" + bytes(200)  # malformed
 
 
@@ -411,13 +413,15 @@ def _swapped(held, authority, kind: str) -> bytes:
         ("foreign", "does not trust"),
         ("rollback", "refused revocation list number 1: this device holds number 2"),
         ("malformed", "refused revocation list: "),
+        ("oversized", f"to {REVOCATIONS_MAX_BYTES} bytes"),
     ],
 )
 def test_nodes_ignore_a_list_swapped_in_transit_and_keep_their_own(
     loopback_grid, tmp_path, caplog, kind, reason
 ) -> None:
     """A man in the middle (or the server) swaps the list in the key advertisement for one that would revoke
-    device-0: forged, another authority's, an older one of the nodes' authority, or no list at all. Every node
+    device-0: forged, another authority's, an older one of the nodes' authority, or no list at all (malformed,
+    oversized). Every node
     refuses it as a fleet device refuses a bad fetch: the reason logged, its own list kept (its file unchanged),
     and the round goes on with every node."""
     cfg = CFG.replace(rounds=1)
