@@ -15,10 +15,11 @@ from tests.flower.test_secagg_flower_authenticated import CFG, _Recording, _run,
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError, SecAggError
 from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale
-from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+from deltaplane.aggregation.secagg.revocation import REVOCATIONS_MAX_BYTES, revoke, write_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.flower import digits_client_app
 from deltaplane.flower.secagg import (
+    NODE_CONFIG_KEYS,
     REVOCATIONS_NODE_CONFIG_KEY,
     SECAGG_KEY,
     SecAggStrategy,
@@ -131,7 +132,9 @@ def test_a_server_holding_the_list_leaves_the_revoked_node_out_and_the_round_goe
     """The same round with the list on the ServerApp too (``revocations=``, as ``serve --secagg-revocations``):
     it refuses node 2's signed advertisement, so node 2 is not in the roster, gets no share or train message,
     and the round completes with the other nodes, none refusing anything. Its model equals, exactly, the same
-    round in which node 2 (not enrolled there) drops out at key advertisement on its own."""
+    round in which node 2 (not enrolled there) drops out at key advertisement on its own. Node 2 is the leaked
+    key's holder: it never sees the list the strategy sends with the advertisement (an honest node 2 would take it
+    and sit the round out itself), so the strategy's own refusal is what leaves it out."""
     cfg = CFG.replace(rounds=1)
     run = RunEnrollment(cohort="fleet")
     write_revocations(
@@ -140,7 +143,11 @@ def test_a_server_holding_the_list_leaves_the_revoked_node_out_and_the_round_goe
     )
 
     class Grid(_Recording, loopback_grid):
-        pass
+        def rewrite(self, messages):
+            for m in messages:
+                if _stage(m) == "advertise" and m.metadata.dst_node_id == 100 + REVOKED:
+                    m.content[SECAGG_KEY].pop("revocations", None)
+            return messages
 
     def grid(enrol_revoked: bool) -> Grid:
         g = Grid(digits_client_app(cfg), cfg.clients)
@@ -200,15 +207,17 @@ def test_a_stale_list_refuses_authenticated_rounds_on_the_node_and_the_strategy(
     loopback_grid, tmp_path
 ) -> None:
     """Expiry applies on Flower too: a node whose ``secagg-revocations`` file holds a list past its next update
-    (beyond 300 s of clock skew) refuses an authenticated round, typed, saying a Flower node cannot fetch the list
-    from the server; a SecAggStrategy given a stale list refuses to start the round."""
+    (beyond 300 s of clock skew) refuses an authenticated round, typed, saying where a current list comes from
+    (the strategy, or its file); a SecAggStrategy given a stale list refuses to start the round."""
     run = RunEnrollment(cohort="fleet")
     node = run.write_node_config(tmp_path, "device-0")
     now = int(time.time())
     stale = revoke(run.authority, [("device-3", "fleet")], issued=now - 3 * 3600, valid_s=3600)
     write_revocations(tmp_path / "stale.bin", stale)
     creds = node_credentials({**node, REVOCATIONS_NODE_CONFIG_KEY: str(tmp_path / "stale.bin")})
-    with pytest.raises(RevocationsStale, match="cannot fetch it from the server"):
+    with pytest.raises(
+        RevocationsStale, match=r"the server's SecAggStrategy\(revocations=\) sends a current"
+    ):
         _check_authentication(True, creds, 1)
     fresh = revoke(run.authority, [], issued=now, previous=stale)
     write_revocations(tmp_path / "fresh.bin", fresh)
@@ -294,3 +303,140 @@ def test_the_strategy_refuses_its_list_file_rolled_back_as_a_node_does(authority
     third = revoke(authority, [], issued=now, previous=second)
     write_revocations(path, third)
     assert strategy._revocations() == third
+
+
+def _offering_grid(loopback_grid, tmp_path, cfg, run, held, *, filed=lambda i: True, swap=None):
+    """A recording loopback grid of ``cfg.clients`` enrolled nodes, node i holding ``held`` in its own
+    ``secagg-revocations`` file (``node-i.bin``) when ``filed(i)``, else no file. ``swap``: the bytes a man in the
+    middle puts in place of the list each key advertisement carries."""
+
+    class Grid(_Recording, loopback_grid):
+        def rewrite(self, messages):
+            for m in messages:
+                if swap is not None and _stage(m) == "advertise":
+                    m.content[SECAGG_KEY]["revocations"] = swap
+            return messages
+
+    grid = Grid(digits_client_app(cfg), cfg.clients)
+    for context in grid.contexts.values():
+        i = int(context.node_config["partition-id"])
+        context.node_config.update(run.write_node_config(tmp_path, f"device-{i}"))
+        if filed(i):
+            write_revocations(tmp_path / f"node-{i}.bin", held)
+            context.node_config[REVOCATIONS_NODE_CONFIG_KEY] = str(tmp_path / f"node-{i}.bin")
+    return grid
+
+
+NO_FILE = 3  # a node enrolled without a revocation file: its run state keeps the list it is offered
+
+
+def test_nodes_take_the_strategys_newer_list_and_the_revoked_node_sits_out_exact(
+    loopback_grid, tmp_path
+) -> None:
+    """The strategy's list reaches the nodes with the round's key advertisement, as the service serves fleet
+    devices theirs. Every node starts from an old list past its next update (it alone would refuse the round:
+    RevocationsStale); the strategy holds a newer one revoking device-2. Every node takes it (the file-less node in
+    its run state, the others in their file, 0600, byte for byte), so node 2 sees its own certificate revoked and
+    sits the round out at key advertisement (typed, before it trains), and the round completes with the other
+    three, exactly the round in which node 2 is not enrolled at all."""
+    cfg = CFG.replace(rounds=1)
+    run = RunEnrollment(cohort="fleet")
+    now = int(time.time())
+    old = revoke(run.authority, [], issued=now - 3 * 3600, valid_s=3600)  # stale: alone it refuses the round
+    new = revoke(run.authority, [(f"device-{REVOKED}", "fleet")], issued=now, previous=old)
+    write_revocations(tmp_path / "server.bin", new)
+    pub = tmp_path / "enrollment.ed25519.pub"
+    grid = _offering_grid(loopback_grid, tmp_path, cfg, run, old, filed=lambda i: i != NO_FILE)
+    server = {"revocations": str(tmp_path / "server.bin"), "enrollment_authority": str(pub)}
+    rounds, finals = _run(grid, cfg, authenticated=True, **server)
+
+    assert len(rounds) == 1
+    offered = [bytes(m.content[SECAGG_KEY]["revocations"]) for m in grid.sent if _stage(m) == "advertise"]
+    assert offered == [new.to_bytes()] * cfg.clients
+    for i in range(cfg.clients):
+        if i != NO_FILE:
+            assert (tmp_path / f"node-{i}.bin").read_bytes() == new.to_bytes()
+            assert (tmp_path / f"node-{i}.bin").stat().st_mode & 0o777 == 0o600
+    no_file = grid.contexts[100 + NO_FILE]
+    assert bytes(no_file.state.config_records["deltaplane.secagg-revocations"]["list"]) == new.to_bytes()
+    revoked_node = 100 + REVOKED
+    refusal = next(
+        r for m, r in grid.replies if m.metadata.dst_node_id == revoked_node and _stage(m) == "advertise"
+    )
+    assert refusal.has_error() and "SecAggAuthError" in refusal.error.reason
+    assert f"device 'device-{REVOKED}' of cohort 'fleet' is revoked" in refusal.error.reason
+    assert [r for _, r in grid.replies if r.has_error()] == [refusal]  # the others refused nothing
+    to_revoked = [m for m in grid.sent if m.metadata.dst_node_id == revoked_node]
+    assert [_stage(m) for m in to_revoked if m.metadata.message_type in {"query.secagg", "train"}] == [
+        "advertise"
+    ]
+    for stage in ("share", "consistency", "unmask"):
+        assert {r.metadata.src_node_id for r in grid.replies_to(stage)} == {
+            100 + i for i in range(cfg.clients) if i != REVOKED
+        }, stage
+
+    (tmp_path / "alone").mkdir()
+    expected_grid = _offering_grid(loopback_grid, tmp_path / "alone", cfg, run, new)
+    for key in (
+        *NODE_CONFIG_KEYS,
+        REVOCATIONS_NODE_CONFIG_KEY,
+    ):  # node 2 not enrolled: refuses at advertisement
+        del expected_grid.contexts[revoked_node].node_config[key]
+    expected_rounds, expected = _run(expected_grid, cfg, authenticated=True, **server)
+    assert [r.test_accuracy for r in rounds] == [r.test_accuracy for r in expected_rounds]
+    assert finals.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+def _swapped(held, authority, kind: str) -> bytes:
+    """What a man in the middle puts in place of the strategy's list: each would seat device-0 as revoked."""
+    now = int(time.time())
+    victim = [("device-0", "fleet")]
+    if (
+        kind == "forged"
+    ):  # a higher number and device-0 added, under the authority's signature of another list
+        return dataclasses.replace(held, sequence=held.sequence + 1, revoked=frozenset(victim)).to_bytes()
+    if kind == "foreign":  # validly signed, by another authority's key
+        return revoke(EnrollmentAuthority.generate(), victim, issued=now).to_bytes()
+    if kind == "rollback":  # the authority's own, a lower number than the nodes hold
+        return revoke(authority, victim, issued=now).to_bytes()
+    if kind == "oversized":  # past the largest list there can be: refused before it is parsed
+        return held.to_bytes() + bytes(REVOCATIONS_MAX_BYTES)
+    return b"DPRL" + bytes(200)  # malformed
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("forged", "forged or altered"),
+        ("foreign", "does not trust"),
+        ("rollback", "refused revocation list number 1: this device holds number 2"),
+        ("malformed", "refused revocation list: "),
+        ("oversized", f"to {REVOCATIONS_MAX_BYTES} bytes"),
+    ],
+)
+def test_nodes_ignore_a_list_swapped_in_transit_and_keep_their_own(
+    loopback_grid, tmp_path, caplog, kind, reason
+) -> None:
+    """A man in the middle (or the server) swaps the list in the key advertisement for one that would revoke
+    device-0: forged, another authority's, an older one of the nodes' authority, or no list at all (malformed,
+    oversized). Every node
+    refuses it as a fleet device refuses a bad fetch: the reason logged, its own list kept (its file unchanged),
+    and the round goes on with every node."""
+    cfg = CFG.replace(rounds=1)
+    run = RunEnrollment(cohort="fleet")
+    now = int(time.time())
+    held = revoke(run.authority, [], issued=now, previous=revoke(run.authority, [], issued=now))  # number 2
+    write_revocations(tmp_path / "server.bin", held)
+    grid = _offering_grid(loopback_grid, tmp_path, cfg, run, held, swap=_swapped(held, run.authority, kind))
+    with caplog.at_level("WARNING", logger="deltaplane.flower.secagg"):
+        rounds, _ = _run(grid, cfg, authenticated=True, revocations=str(tmp_path / "server.bin"))
+    assert len(rounds) == 1 and not any(r.has_error() for _, r in grid.replies)
+    assert len(grid.replies_to("unmask")) == cfg.clients
+    for i in range(cfg.clients):
+        assert (tmp_path / f"node-{i}.bin").read_bytes() == held.to_bytes()
+    refusals = [
+        r.getMessage() for r in caplog.records if "refused the server's revocation list" in r.getMessage()
+    ]
+    assert len(refusals) == cfg.clients and all(reason in m and "keeping this node's" in m for m in refusals)

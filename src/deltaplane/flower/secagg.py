@@ -6,7 +6,9 @@ holds the stage's bytes (the same strict encodings the HTTP service carries):
 
 * ``query.secagg`` *advertise* — the round's public parameters, the node's client id and the server's SecAgg
   message version (``secagg-version``: a node of another version refuses the round here, before it trains, with a
-  :class:`~deltaplane.aggregation.secagg.SecAggError` saying which side to upgrade) → ``AdvertiseKeys``;
+  :class:`~deltaplane.aggregation.secagg.SecAggError` saying which side to upgrade), and in authenticated rounds
+  the strategy's revocation list when it holds one (``revocations``, optional: :func:`take_offered_revocations`)
+  → ``AdvertiseKeys``;
 * ``query.secagg`` *share* — the key roster → ``ShareKeys``;
 * ``train`` — the usual deltaplane train instruction plus the node's ``ShareInbox``; the node trains, compresses
   with :func:`~deltaplane.flower.delta_mod` (error feedback included), decodes *its own* payload, quantizes it
@@ -23,7 +25,10 @@ a node enrolled by an enrollment authority (its credentials from its own ``node_
 :data:`NODE_CONFIG_KEYS`, or ``credentials=`` of :func:`secagg_mod` and :func:`add_secagg`) signs its key
 advertisement, refuses a roster it cannot authenticate and runs the consistency check before it unmasks; it
 refuses a round that is not authenticated at key advertisement, before it trains. A node without credentials
-refuses an authenticated round (it could not sign). Each refusal is a typed
+refuses an authenticated round (it could not sign). A strategy holding the authority's revocation list sends it
+with each key advertisement, as the HTTP service serves it to fleet devices before each round: the node takes it
+only if its own authority signed it and it is newer than its own (kept in its ``secagg-revocations`` file), so
+a node revoked since it last read its file sits the round out. Each refusal is a typed
 :class:`~deltaplane.aggregation.secagg.SecAggAuthError`, which Flower reports as the node's error reply.
 
 A node that fails or does not answer a stage has dropped out of it; a masked input that arrives after the
@@ -39,6 +44,7 @@ of the *decoded* payload (so codecs and error feedback keep their meaning), whic
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -71,6 +77,7 @@ from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.aggregation.secagg.revocation import (
     RevocationList,
     read_server_revocations,
+    take_revocations,
     take_revocations_file,
     take_revocations_from_path,
 )
@@ -90,6 +97,7 @@ __all__ = [
     "add_secagg",
     "node_credentials",
     "secagg_mod",
+    "take_offered_revocations",
 ]
 
 #: ConfigRecord of every SecAgg message: ``stage`` and the stage's bytes (server → node), ``message`` (reply).
@@ -97,6 +105,9 @@ SECAGG_KEY = "deltaplane.secagg"
 #: Flower message type of the stages that are not training.
 QUERY_TYPE = "query.secagg"
 _STATE = "deltaplane.secagg-state"
+#: the node's state record of the newest revocation list a server offered it, when it has no file to keep it in
+_TAKEN = "deltaplane.secagg-revocations"
+_log = logging.getLogger(__name__)
 #: who trusts the key a strategy verifies its revocation list under, as a refusal of another authority's says
 _HOLDER = "this SecAggStrategy (its enrollment_authority= key)"
 _T = TypeVar("_T")
@@ -145,7 +156,65 @@ def _session(context: Context) -> bytes:
 
 
 def _credentials(given: DeviceCredentials | None, context: Context) -> DeviceCredentials | None:
-    return given if given is not None else node_credentials(context.node_config)
+    """The node's credentials now: ``given`` or its ``node_config``'s, holding the newest list a server offered it
+    when it has no revocation file to keep that list in (:func:`take_offered_revocations`)."""
+    creds = given if given is not None else node_credentials(context.node_config)
+    rec = context.state.config_records.get(_TAKEN)
+    if creds is None or rec is None:
+        return creds
+    return creds.with_revocations(RevocationList.verified(bytes(rec["list"]), creds.trusted))
+
+
+def _revocations_file(given: DeviceCredentials | None, context: Context) -> str | None:
+    """The file a node keeps its revocation list in: its ``node_config``'s ``secagg-revocations``, when its
+    credentials come from there (``credentials=`` in code names no file: the node's state keeps the list)."""
+    path = context.node_config.get(REVOCATIONS_NODE_CONFIG_KEY) if given is None else None
+    return path if isinstance(path, str) and path else None
+
+
+def take_offered_revocations(
+    data: object, credentials: DeviceCredentials | None, context: Context, *, keep: str | None
+) -> DeviceCredentials | None:
+    """``credentials`` holding the revocation list ``data`` a :class:`SecAggStrategy` sent with its key
+    advertisement, if it is newer than the node's own; the same credentials otherwise.
+
+    The node's side of the list's distribution, the Flower partner of a fleet device's
+    :func:`~deltaplane.serve.fleet.refresh_revocations`, with its policy: the node trusts nothing about the list but
+    its signature (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations`: verified under the node's
+    own enrollment authority, never a lower sequence than the one it holds), keeps a newer one in its revocation
+    file ``keep`` (atomically, 0600) before using it, or without a file in its run state, so every later stage
+    and round holds it too. A list it refuses (malformed, oversized, forged, another authority's, a rollback) or
+    cannot keep is logged and the node's own stays; whether that list is current is checked next, as the round's
+    authentication is (:class:`~deltaplane.aggregation.secagg.errors.RevocationsStale`). No list (a strategy
+    without one, or from before it sent it) or no credentials: nothing to take."""
+    if credentials is None or data is None:
+        return credentials
+    if not isinstance(data, bytes):
+        _log.warning("refused the server's revocation list (not bytes); keeping this node's")
+        return credentials
+    try:
+        taken = take_revocations(credentials, data, keep=keep)
+    except SecAggAuthError as exc:
+        _log.warning("refused the server's revocation list (%s); keeping this node's", exc)
+        return credentials
+    except OSError as exc:  # not kept: not taken either, so memory and file never disagree
+        _log.warning(
+            "the server's newer revocation list could not be kept in %s (%s); keeping this node's", keep, exc
+        )
+        return credentials
+    if taken is credentials:
+        return credentials
+    rl = taken.revocations
+    assert rl is not None
+    if keep is None:
+        context.state[_TAKEN] = ConfigRecord({"list": data})
+    _log.info(
+        "took revocation list number %d (%d revoked, current until %d)",
+        rl.sequence,
+        len(rl.revoked),
+        rl.next_update,
+    )
+    return taken
 
 
 def _check_authentication(
@@ -166,8 +235,8 @@ def _check_authentication(
         server_fix="; run the server with SecAggStrategy(authenticated=True)",
         unenrolled_fix=f"; give it one in its node_config ({', '.join(NODE_CONFIG_KEYS)}) or "
         "secagg_mod(credentials=…) and add_secagg(credentials=…)",
-        stale_fix=f"the file its node_config {REVOCATIONS_NODE_CONFIG_KEY} names holds a current one (`deltaplane "
-        "keys revoke` issues it; a Flower node cannot fetch it from the server)",
+        stale_fix=f"the server's SecAggStrategy(revocations=) sends a current one, or the file its node_config "
+        f"{REVOCATIONS_NODE_CONFIG_KEY} names holds one (`deltaplane keys revoke` issues it)",
     )
 
 
@@ -274,6 +343,10 @@ def secagg_query(
         )
         config = SecAggConfig.from_dict(raw)
         check_device_policy(config)  # the server chose the graph and threshold: refuse unsafe ones
+        # a newer list first, as a fleet device fetches the service's: its currency and own certificate are next
+        creds = take_offered_revocations(
+            rec.get("revocations"), creds, context, keep=_revocations_file(credentials, context)
+        )
         _check_authentication(rec.get("authenticated", False), creds, config.round_id)
         _check_fresh_round(context, config.round_id)
         if creds is not None:  # what every neighbour checks this node by: failing it, the node sits out
@@ -435,7 +508,10 @@ class SecAggStrategy(DeltaStrategy):
             ``enrollment_authority``) a list that authority did not sign, is a ConfigError; one past its next
             update a ``RevocationsStale``; a file rolled back to a lower number than this process has read from
             it (or that number with other contents) a ``RevocationRollback``, the nodes' rule
-            (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_from_path`).
+            (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_from_path`). Each round's key
+            advertisement carries the list's signed bytes to the nodes, which take it if it is newer than their
+            own and their authority signed it (:func:`take_offered_revocations`): a node revoked since its file
+            was written sits the round out, and no node needs its file refreshed out of band.
         enrollment_authority: the authority's public key(s) the list is verified under
             (:class:`~deltaplane.aggregation.secagg.identity.TrustedAuthorities`, or the path of
             ``enrollment.ed25519.pub``), as ``serve --secagg-enrollment-authority``. None: the list is used
@@ -613,12 +689,16 @@ class SecAggStrategy(DeltaStrategy):
             graph_seed=server_round,
         )
         # distributed DP: never unmask below m_min
+        revocations = self._revocations()
         server = ServerEndpoint(
             cfg,
             min_inputs=self._min_inputs(),
             authenticated=self.authenticated,
-            revocations=self._revocations(),
+            revocations=revocations,
         )
+        # the list goes to the nodes with the first message of the round, as the service serves it to fleet
+        # devices: a node takes it only if its authority signed it and it is newer than its own
+        offered = {"revocations": revocations.to_bytes()} if revocations is not None else {}
         enc = json.dumps([encoding.bits, encoding.clip_range, encoding.weight_scale])
         sent = self._stage(
             grid,
@@ -633,6 +713,7 @@ class SecAggStrategy(DeltaStrategy):
                         "client-id": ids[node],
                         "authenticated": self.authenticated,
                         "secagg-version": MESSAGE_VERSION,  # a node of another version refuses here
+                        **offered,
                     }
                 )
                 for node in nodes
