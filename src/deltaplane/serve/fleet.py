@@ -802,6 +802,13 @@ def _plain_round(
         return int(stats["rounds"].get(model, {}).get("uploads", 0))
 
     p.wait(lambda: uploads() >= len(names), deadline, poll)
+    if uploads() == 0:
+        # nobody took part: abort rather than close, since under central DP a close releases the noise alone,
+        # a model of pure noise that spends ε; every device was invited (no sampling), so skipping the release
+        # hides nothing the accountant relies on
+        with contextlib.suppress(ServiceError):  # refused: the round is over already (aborted meanwhile)
+            p.call(lambda: p.admin.abort_round(model, number), f"abort plain round {number}")
+        return number, 0, None, {}
     while True:
         ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
         if ok:
