@@ -277,11 +277,21 @@ class ServiceState:
             and r["version"] == closed["version"]
             and "holdout_accuracy" in r["metrics"]
         }
+        # under local DP each device reports its own ε (the service spends none): the largest is the weakest
+        # guarantee any reporting device holds; again one report per device, its last
+        local = {
+            r["device"]: float(r["metrics"]["epsilon"])
+            for r in self.reports.get(closed["model"], [])
+            if closed["version"] is not None
+            and r["version"] == closed["version"]
+            and "epsilon" in r["metrics"]
+        }
         accs = list(latest.values())
         return closed | {
             "reports": len(accs),
             "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
             "holdout_accuracy_min": min(accs) if accs else None,
+            "local_epsilon_max": max(local.values()) if local else None,
         }
 
     def fleet_snapshot(self) -> dict[str, Any]:

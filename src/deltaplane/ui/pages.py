@@ -595,6 +595,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r["version"], "{}", "version")
         + _num(r["contributors"], "{}", "contributors")
         + _num(r["epsilon"], "{:.3f}", "epsilon")
+        + _num(r.get("local_epsilon_max"), "{:.3f}", "local_epsilon_max")
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
         + _num(r.get("reports"), "{}", "reports")
@@ -667,6 +668,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "version",
                 "devices in it",
                 "ε spent",
+                "local ε (max reported)",
                 "held-out accuracy mean",
                 "min",
                 "reports",
