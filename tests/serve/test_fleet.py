@@ -1019,3 +1019,21 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
         assert trained == [out[0].number]  # the valid round it trained for
+
+
+def test_a_device_whose_round_ended_says_so_not_that_a_stage_closed() -> None:
+    """Walking docs/fleet.md with one of 3 devices missing, the coordinator aborted the round at key
+    advertisement (threshold 3) and each device said "'share keys' closed before this device spoke", a stage
+    that never opened. A round gone from discovery is now called ended; a stage passed is still called closed."""
+    from types import SimpleNamespace
+
+    def dev(rounds: list[dict]) -> SimpleNamespace:
+        return SimpleNamespace(model=MODEL, conn=SimpleNamespace(open_rounds=lambda model: rounds))
+
+    gone = fleet.wait_for_stage(dev([]), 3, "share keys", deadline=time.monotonic() + 5, poll=0.01)
+    assert (
+        gone == "the round ended (aborted, or finished without this device) before it spoke in 'share keys'"
+    )
+    passed = dev([{"kind": "secagg", "round": 3, "stage": "masked input"}])
+    out = fleet.wait_for_stage(passed, 3, "share keys", deadline=time.monotonic() + 5, poll=0.01)
+    assert out == "'share keys' closed before this device spoke"

@@ -293,7 +293,9 @@ def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, pol
         if newer is not None:
             return f"round {newer} opened after it (this one was left open); left it before '{stage}'"
         now = next((r for r in secagg if r["round"] == number), None)
-        if now is None or order.index(now["stage"]) > order.index(stage):
+        if now is None:  # not open any more: e.g. aborted at key advertisement, too few for the threshold
+            return f"the round ended (aborted, or finished without this device) before it spoke in '{stage}'"
+        if order.index(now["stage"]) > order.index(stage):
             return f"'{stage}' closed before this device spoke"
         if now["stage"] == stage:
             return None
