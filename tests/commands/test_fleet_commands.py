@@ -91,3 +91,34 @@ def test_serve_refuses_a_federation_whose_own_devices_the_fleet_cannot_build(tmp
     assert (apps, serves) == (0, 0) and "admin token" not in said and not (tmp_path / "home3").exists()
     assert out[4][0] == 0 and out[4][2:] == (1, 1), out[4]  # the matching file serves, as before
     assert made[0].federation.clients == 4
+
+
+def test_coordinate_prints_each_round_on_one_line_as_plain_text(tmp_path, monkeypatch):
+    """Walking docs/fleet.md with the output in a log file (80 columns): the round line broke after `ε`
+    (`..., version 2, ε \\n4.649, 12.3 s`), and a failed round's reason, the service's own words, went through
+    rich markup, which drops a bracketed `[device-3]` and raises on a `[/path]`. Now one line, verbatim."""
+    from deltaplane.serve import fleet as fleet_module
+    from deltaplane.serve.fleet import RoundSummary
+
+    def fake(admin, run, *, progress, say, **kwargs):
+        ok = RoundSummary(1, "secagg", 1, 3, 3, 2, 4.649, 12.3, authenticated=True)
+        bad = RoundSummary(2, "secagg", 2, 3, 0, None, None, 1.0, failed="refused [device-3] at [/tmp/x]")
+        say("the service answers again after 4.2 s [/tmp/y] " + "x" * 80)
+        for s in (ok, bad):
+            progress(s)
+        return [ok, bad]
+
+    monkeypatch.setattr(fleet_module, "coordinate", fake)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    fed = tmp_path / "fed.yaml"
+    fed.write_text("clients: 3\nrounds: 2\nsecagg: {enabled: true}\n")
+    args = ["fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", str(fed), "--model", "m"]
+    r = CliRunner().invoke(app, [*args, "--rounds", "2", "--deadline", "60"])
+    assert r.exit_code == 1, (r.output, r.exception)  # one round failed
+    lines = r.output.splitlines()
+    assert (
+        "round 1/2 (secagg, authenticated #1): 3/3 devices (0 dropped out), version 2, ε 4.649, 12.3 s"
+        in lines
+    )
+    assert "round 2/2 (secagg #2): failed: refused [device-3] at [/tmp/x]" in lines
+    assert "the service answers again after 4.2 s [/tmp/y] " + "x" * 80 in lines

@@ -53,6 +53,16 @@ def test_versions_lineage_tags_and_roundtrip(reg):
         reg.register_model("cnn", model_state(2), parent=7)
 
 
+def test_a_tag_named_with_at_says_to_use_a_colon(reg):
+    """Walking docs/fleet.md, `registry pull wine@training` (the tag the rounds move) said only "version number
+    must be an integer"; it now names the reference that works."""
+    reg.register_model("wine", model_state(0))
+    reg.set_tag("wine", "training", 1)
+    with pytest.raises(ConfigError, match="a tag is named with a colon: 'wine:training'$"):
+        reg.resolve("wine@training")
+    assert reg.resolve("wine:training").number == 1
+
+
 def test_rows_are_immutable(reg):
     reg.register_model("cnn", model_state(0))
     con = sqlite3.connect(reg.home / "registry.db")

@@ -202,6 +202,22 @@ def test_central_dp_plain_rounds_over_tls_match_the_http_simulation(byo_task, tm
         assert f.state.monitors[MODEL].history  # the drift summaries reached the monitor
 
 
+def test_a_plain_round_nobody_took_part_in_is_aborted_not_a_model_of_dp_noise(byo_task, tmp_path) -> None:
+    """Walking docs/fleet.md with central DP (no SecAgg), a coordinator run while no device was up said
+    `round 1/1 (plain #3): 0/3 devices (3 dropped out), version 6, ε 9.328` and exited 0: the close released
+    the DP noise alone as the new training model and spent ε. The guide says a round no device took part in is
+    reported failed; it is now aborted on the service: nothing published, no ε spent, the tag unmoved."""
+    dp = _config(byo_task, clip="1.0", dp_noise=0.8, dp_delta=1e-3)
+    with Fleet(tmp_path, dp) as f:
+        lines: list[str] = []
+        out = fleet.coordinate(f.admin, dp, model=MODEL, rounds=1, deadline=0.3, poll=0.05, drift=False,
+                               progress=lambda s: lines.append(s.line(1)))  # fmt: skip
+        assert [(s.version, s.epsilon, s.contributors) for s in out] == [(None, None, 0)]
+        assert lines == ["round 1/1 (plain #1): failed: no device took part; nothing was published"]
+        assert [a.number for a in f.reg.versions(MODEL)] == [1] and "training" not in f.reg.tags(MODEL)
+        assert f.admin.stats()["rounds"].get(MODEL) is None  # not left open either
+
+
 def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
     byo_task, tmp_path, monkeypatch, plaintext_watch
 ) -> None:
@@ -1003,3 +1019,21 @@ def test_a_device_sits_out_an_invitation_whose_vector_size_is_not_its_models(
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].version is not None
         assert trained == [out[0].number]  # the valid round it trained for
+
+
+def test_a_device_whose_round_ended_says_so_not_that_a_stage_closed() -> None:
+    """Walking docs/fleet.md with one of 3 devices missing, the coordinator aborted the round at key
+    advertisement (threshold 3) and each device said "'share keys' closed before this device spoke", a stage
+    that never opened. A round gone from discovery is now called ended; a stage passed is still called closed."""
+    from types import SimpleNamespace
+
+    def dev(rounds: list[dict]) -> SimpleNamespace:
+        return SimpleNamespace(model=MODEL, conn=SimpleNamespace(open_rounds=lambda model: rounds))
+
+    gone = fleet.wait_for_stage(dev([]), 3, "share keys", deadline=time.monotonic() + 5, poll=0.01)
+    assert (
+        gone == "the round ended (aborted, or finished without this device) before it spoke in 'share keys'"
+    )
+    passed = dev([{"kind": "secagg", "round": 3, "stage": "masked input"}])
+    out = fleet.wait_for_stage(passed, 3, "share keys", deadline=time.monotonic() + 5, poll=0.01)
+    assert out == "'share keys' closed before this device spoke"

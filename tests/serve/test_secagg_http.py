@@ -885,18 +885,23 @@ def test_the_dashboard_counts_a_secagg_rounds_masked_inputs(service) -> None:
     assert 'data-field="uploads.accepted_secagg_masked">3</td>' in page
 
 
-def test_the_fleet_page_shows_what_the_devices_reported_on_each_rounds_version(service) -> None:
-    """Every `fleet device` reports its held-out accuracy on the version a round published, and the service
-    kept those reports (`state.reports`) but showed them nowhere: a newcomer watching the dashboard (docs/byo.md,
-    docs/fleet.md) saw rounds close with an ε but not whether the model learned. The closed rounds now carry
-    the reported accuracy (mean and worst, one report per device: its last) of the version each published."""
+def _one_plain_round(service) -> int:
+    """Plain round 1 of ``cnn``, one device's upload, closed: the version it published."""
     from deltaplane.codecs import Compressor
 
     base = service.reg.load_state("cnn@1")
     service.admin.open_round("cnn")
     payload = Compressor("identity").compress(_deltas(base, 1, 5)[0], base_id="cnn", base_version=1)
     service.device("p").upload("cnn", 1, payload, num_examples=4)
-    version = service.admin.close_round("cnn", 1)["version"]
+    return service.admin.close_round("cnn", 1)["version"]
+
+
+def test_the_fleet_page_shows_what_the_devices_reported_on_each_rounds_version(service) -> None:
+    """Every `fleet device` reports its held-out accuracy on the version a round published, and the service
+    kept those reports (`state.reports`) but showed them nowhere: a newcomer watching the dashboard (docs/byo.md,
+    docs/fleet.md) saw rounds close with an ε but not whether the model learned. The closed rounds now carry
+    the reported accuracy (mean and worst, one report per device: its last) of the version each published."""
+    version = _one_plain_round(service)
     for device, acc in (("a", 0.9), ("b", 0.5), ("a", 0.7)):  # device a reports twice: its last counts
         service.device(device).report("cnn", version=version, metrics={"holdout_accuracy": acc}, round_id=1)
     service.device("c").report("cnn", version=1, metrics={"holdout_accuracy": 0.1})  # another version
@@ -906,3 +911,20 @@ def test_the_fleet_page_shows_what_the_devices_reported_on_each_rounds_version(s
     page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert 'data-field="holdout_accuracy_mean">0.600</td>' in page
     assert 'data-field="holdout_accuracy_min">0.500</td>' in page and 'data-field="reports">2</td>' in page
+
+
+def test_the_fleet_page_shows_the_local_epsilon_the_devices_reported(service) -> None:
+    """Walking docs/fleet.md with `local_dp_noise` (each device adds its own noise and reports its own ε, in
+    its log and its report), the Fleet page's ε column read "—" for every round (the service spends no ε) and
+    the devices' ε were shown nowhere. Closed rounds now carry the largest ε the devices reported on the version
+    (the weakest guarantee; one report per device: its last), in a column of its own."""
+    version = _one_plain_round(service)
+    for device, eps in (("a", 90.0), ("b", 45.25), ("a", 45.5)):  # device a reports twice: its last counts
+        service.device(device).report(
+            "cnn", version=version, metrics={"holdout_accuracy": 0.5, "epsilon": eps}
+        )
+    service.device("c").report("cnn", version=1, metrics={"holdout_accuracy": 0.1, "epsilon": 99.0})
+    (closed,) = service.state.fleet_snapshot()["closed_rounds"]
+    assert closed["epsilon"] is None and closed["local_epsilon_max"] == 45.5
+    page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert "<th>local ε (max reported)</th>" in page and 'data-field="local_epsilon_max">45.500</td>' in page

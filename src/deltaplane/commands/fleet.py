@@ -517,7 +517,7 @@ def register(app: typer.Typer) -> None:
             dev = load_device(conn, run, device, model=model)
             dev.credentials = credentials
             dev.revocations_file = revocations if credentials is not None else None
-            dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True)
+            dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True, markup=False)
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
             )
@@ -605,9 +605,11 @@ def register(app: typer.Typer) -> None:
                     rounds=rounds,
                     deadline=deadline,
                     weight_scale=weight_scale,
-                    progress=lambda s: console.print(s.line(rounds)),
+                    # one line per round however narrow the terminal (or a pipe's 80 columns), and the
+                    # service's words (a failed round's reason) as text, never as rich markup
+                    progress=lambda s: console.print(s.line(rounds), soft_wrap=True, markup=False),
                     patience=patience,
-                    say=lambda line: err_console.print(line, soft_wrap=True),
+                    say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
                     authenticated=authenticated,
                     devices=names,
                 ),

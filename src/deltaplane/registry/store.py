@@ -1185,8 +1185,11 @@ class Registry:
             if not rows:
                 raise NotFound(f"{model} has no model versions")
             return rows[-1]
-        if not what.isdigit():
-            raise ConfigError(f"version number must be an integer. Found {what!r} in {ref!r}")
+        if not what.isdigit():  # 'wine@training': a tag named the way a version is
+            raise ConfigError(
+                f"version number must be an integer. Found {what!r} in {ref!r}; a tag is named with a colon: "
+                f"'{model}:{what}'"
+            )
         return self.get(model, int(what))
 
     def find_delta(self, model: str, base: int, target: int) -> Artifact | None:

@@ -310,34 +310,38 @@ class ServiceState:
             if loaded.refused:
                 self.counters["errors.history_unreadable"] += len(loaded.refused)
 
-    def _reported(self) -> dict[tuple[str, int], dict[str, float]]:
-        """The held-out accuracy each device reported, by (model, version): one per device (its last, so a
-        device that reports twice is not counted twice). Caller holds the lock."""
+    def _reported(self, metric: str) -> dict[tuple[str, int], dict[str, float]]:
+        """What each device reported of ``metric``, by (model, version): one per device (its last, so a device
+        that reports twice is not counted twice). Caller holds the lock."""
         out: dict[tuple[str, int], dict[str, float]] = {}
         for model, reports in self.reports.items():
             for r in reports:
-                if "holdout_accuracy" in r["metrics"]:
-                    out.setdefault((model, r["version"]), {})[r["device"]] = float(
-                        r["metrics"]["holdout_accuracy"]
-                    )
+                if metric in r["metrics"]:
+                    out.setdefault((model, r["version"]), {})[r["device"]] = float(r["metrics"][metric])
         return out
 
     def closed_snapshot(self) -> list[dict[str, Any]]:
         """The closed rounds, newest first, each with what its devices reported on the version it published
         (the held-out accuracy each device measured on its own data, ``fleet device``'s report: the devices'
-        claims, not an evaluation by the service), so the fleet page shows whether the federation learns.
-        One pass over the reports, not one per round: the dashboard polls this."""
+        claims, not an evaluation by the service), so the fleet page shows whether the federation learns, and,
+        under local DP, where each device reports its own ε (the service spends none), the largest: the weakest
+        guarantee any reporting device holds. One pass over the reports, not one per round: the dashboard polls
+        this."""
         with self.lock:
-            reported = self._reported()
+            reported = self._reported("holdout_accuracy")
+            local = self._reported("epsilon")
             out = []
             for closed in reversed(self.closed_rounds):
-                accs = list(reported.get((closed["model"], closed["version"]), {}).values())
+                key = (closed["model"], closed["version"])
+                accs = list(reported.get(key, {}).values())
+                eps = list(local.get(key, {}).values())
                 out.append(
                     closed
                     | {
                         "reports": len(accs),
                         "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
                         "holdout_accuracy_min": min(accs) if accs else None,
+                        "local_epsilon_max": max(eps) if eps else None,
                     }
                 )
             return out

@@ -293,7 +293,9 @@ def wait_for_stage(dev: Device, number: int, stage: str, *, deadline: float, pol
         if newer is not None:
             return f"round {newer} opened after it (this one was left open); left it before '{stage}'"
         now = next((r for r in secagg if r["round"] == number), None)
-        if now is None or order.index(now["stage"]) > order.index(stage):
+        if now is None:  # not open any more: e.g. aborted at key advertisement, too few for the threshold
+            return f"the round ended (aborted, or finished without this device) before it spoke in '{stage}'"
+        if order.index(now["stage"]) > order.index(stage):
             return f"'{stage}' closed before this device spoke"
         if now["stage"] == stage:
             return None
@@ -802,6 +804,13 @@ def _plain_round(
         return int(stats["rounds"].get(model, {}).get("uploads", 0))
 
     p.wait(lambda: uploads() >= len(names), deadline, poll)
+    if uploads() == 0:
+        # nobody took part: abort rather than close, since under central DP a close releases the noise alone,
+        # a model of pure noise that spends ε; every device was invited (no sampling), so skipping the release
+        # hides nothing the accountant relies on
+        with contextlib.suppress(ServiceError):  # refused: the round is over already (aborted meanwhile)
+            p.call(lambda: p.admin.abort_round(model, number), f"abort plain round {number}")
+        return number, 0, None, {}
     while True:
         ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
         if ok:

@@ -763,6 +763,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r["version"], "{}", "version")
         + _num(r["contributors"], "{}", "contributors")
         + _num(r["epsilon"], "{:.3f}", "epsilon")
+        + _num(r.get("local_epsilon_max"), "{:.3f}", "local_epsilon_max")
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
         + _num(r.get("reports"), "{}", "reports")
@@ -803,13 +804,16 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             + _num(r.get("stat"), "{:.3f}")
             + _num(r.get("p"), "{:.3g}")
             + _num(r.get("p_adjusted"), "{:.3g}")  # what "drifted" is decided on (Holm over the window)
-            + f"<td>{'<span class=bad>yes</span>' if r.get('drifted') else 'no'}</td></tr>"
+            + f"<td>{'<span class=bad>yes</span>' if r.get('drifted') else 'no'}</td>"
+            # why a row has no PSI or p-value (too few samples in the window) or why its check failed: without
+            # it an untested row reads as dashes and "no", the same as a signal that was tested and is fine
+            + f"<td>{escape(str(r.get('error') or r.get('note') or ''))}</td></tr>"
             for r in last.get("rows", [])
         ]
         drift_parts.append(
             f"<h3>{escape(model)}</h3><div class='charts'><div>{chart}</div></div>"
             + _table(
-                ["kind", "feature", "PSI", "test statistic", "p", "p (Holm)", "drifted"],
+                ["kind", "feature", "PSI", "test statistic", "p", "p (Holm)", "drifted", "note"],
                 rows,
                 table_id=f"drift-table-{model}",
             )
@@ -835,6 +839,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "version",
                 "devices in it",
                 "ε spent",
+                "local ε (max reported)",
                 "held-out accuracy mean",
                 "min",
                 "reports",
