@@ -6,7 +6,8 @@ Runs the very federation the accept table reports (:func:`robustness.config`: 80
 record, per round: every label's anomaly index and reach at each inversion (and whether it ran on the shadow
 model), each trigger offered and whether it was taken, the label in force, every client's z-score, the excluded
 clients against the true attackers, every update's norm and the norm of the kept mean (and says when one update is
-over 10× the round's median), and the test accuracy and backdoor success. Prints a compact trace and writes
+over 10× the round's median), the largest kept update's multiple of the round's median norm and, with ``norm_cap``,
+the kept updates the bound scales down (``capped``), and the test accuracy and backdoor success. Prints a compact trace and writes
 the whole record as JSON. The run's final figures go into the accept section's cache when it has none for them.
 
 ``--attack`` and ``--uplink`` trace a cell of the grid instead (e.g. ``--attack dba:0.3 --uplink 'stc(0.006)'``:
@@ -40,6 +41,16 @@ def job(codec: str, seed: int, defense: str, rounds: int, attack: str, uplink: s
     section's run, which robustness.py keys, and configures, with no attack at all (``None``)."""
     job_codec = rb.uplink(uplink) if codec == "default" else rb.CODECS[codec]
     return (job_codec, None if attack == "none" else attack, defense, seed, rounds)
+
+
+def over_cap(x: Any, ids: list[str], kept: list[int], cap: float | None) -> tuple[float, dict[str, float]]:
+    """The largest kept update's multiple of the round's median norm (over *all* its updates, as
+    :func:`~deltaplane.aggregation.attribution.bound_norms` takes it), and each kept update over ``cap`` times
+    that median with its multiple: the updates ``norm_cap=cap`` scales down this round (none without a cap)."""
+    norms = x.norm(dim=1)
+    median = norms.median()
+    over = [] if cap is None else [i for i in kept if bool(norms[i] > cap * float(median))]
+    return float(norms[kept].max() / median), {ids[i]: float(norms[i] / median) for i in over}
 
 
 def trace(
@@ -132,6 +143,7 @@ def trace(
         st, out_ids = self.state, set(self.excluded)
         norms = dict(zip(self._ids, x.norm(dim=1).tolist(), strict=True))  # each decoded update's L2 norm
         kept = [i for i, c in enumerate(self._ids) if c not in out_ids]
+        kept_max, capped = over_cap(x, self._ids, kept, self.norm_cap)
         log.append(
             {
                 "kind": "round",
@@ -142,8 +154,12 @@ def trace(
                 "honest_out": len(out_ids - attackers),
                 "norms": {c: round(n, 3) for c, n in norms.items()},
                 "kept_mean_norm": round(float(x[kept].mean(dim=0).norm()), 3),
+                "kept_max_ratio": round(kept_max, 3),
+                "capped": {c: round(r, 2) for c, r in capped.items()},
             }
         )
+        if capped:
+            print(f"  round {st.rounds}: norm_cap scales down {log[-1]['capped']} (× the median)", flush=True)
         top = max(norms, key=norms.__getitem__)
         if norms[top] > 10 * float(x.norm(dim=1).median()):  # one update far above the round's: a divergence
             print(f"  round {st.rounds}: client {top}'s update has norm {norms[top]:.1f}", flush=True)

@@ -158,3 +158,25 @@ def test_the_grid_without_the_option_is_seed_0_as_recorded(rb, monkeypatch) -> N
     assert "momentum masking, seed 0, **80 rounds**, clean FedAvg 0.950. Cells:" in body
     assert "| attack | malicious | trigger_attribution |" in body and "Per seed" not in body
     assert "| backdoor | 30% | 0.950 / 0.00 |" in body
+
+
+def test_a_trace_counts_as_capped_exactly_the_updates_norm_cap_scales_down() -> None:
+    # robustness_trace.py's `capped` is how docs/aggregation.md counts the bound's engagements: it must be the
+    # rows bound_norms changes (kept and over cap x the median of all rows), not the rows kept out
+    import torch
+
+    from deltaplane.aggregation.attribution import bound_norms
+
+    spec = importlib.util.spec_from_file_location("bench_trace", ROOT / "benchmarks" / "robustness_trace.py")
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    x = torch.ones(5, 4)  # norms 2, 2, 2, then 30 (kept) and 50 (kept out): median 2, cap 10 -> bound 20
+    x[3] *= 15
+    x[4] *= 25
+    ids, kept = ["a", "b", "c", "d", "e"], [0, 1, 2, 3]
+    kept_max, capped = trace.over_cap(x, ids, kept, 10.0)
+    changed = [ids[i] for i in range(5) if not torch.equal(bound_norms(x, 10.0, kept)[i], x[i])]
+    assert list(capped) == changed == ["d"]
+    assert capped["d"] == pytest.approx(15.0) and kept_max == pytest.approx(15.0)
+    assert trace.over_cap(x, ids, kept, 20.0)[1] == {}  # 15x is under a cap of 20
+    assert trace.over_cap(x, ids, kept, None) == (pytest.approx(15.0), {})
