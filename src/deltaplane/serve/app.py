@@ -63,7 +63,7 @@ from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, d
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
-from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory
+from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory, bounded_reason
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.revocation_routes import (
     check_revocations_at_start,
@@ -225,6 +225,8 @@ class ServiceState:
     secagg_rounds: dict[tuple[str, int], Any] = field(default_factory=dict)
     #: the last closed rounds, plain and SecAgg, newest last (the dashboard's fleet page lists them)
     closed_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
+    #: the last rounds that ended without publishing (aborted, lost), newest last, with why (bounded apart)
+    unpublished_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
     #: the devices' reports by model, oldest first (at most MAX_REPORTS each)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: where closed rounds, reports and upload counters are stored (create_app sets it; None: memory only)
@@ -286,6 +288,53 @@ class ServiceState:
         with self.lock:
             self.closed_rounds.append(summary)
 
+    def end_summary(
+        self,
+        model: str,
+        number: int,
+        kind: str,
+        *,
+        outcome: str,
+        reason: str,
+        invited: int | None,
+        contributors: int | None,
+        stage: str | None = None,
+        authenticated: bool = False,
+        revoked: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """A round that ended without publishing (``outcome``: aborted or lost) as the fleet page lists it: how
+        many devices were invited (None: a plain round invites every device) and took part, a SecAgg round's
+        stage, and why (``reason``, bounded); stored in :attr:`history`.
+
+        Call it inside the transaction that records the round aborted or lost (the row commits with that or
+        not at all), then :meth:`remember_ended` once that transaction committed."""
+        summary = {
+            "model": model,
+            "round": number,
+            "kind": kind,
+            "outcome": outcome,
+            "invited": invited,
+            "contributors": contributors,
+            "stage": stage,
+            "reason": bounded_reason(reason),
+            "authenticated": authenticated,
+            "revoked": list(revoked),
+            "closed_at": time.time(),
+        }
+        if self.history is not None:
+            self.history.add_unpublished(summary, dict(self.counters))
+        return summary
+
+    def remember_ended(self, summary: dict[str, Any]) -> None:
+        """Show a round that ended without publishing (:meth:`end_summary`, committed) on the fleet page."""
+        with self.lock:
+            self.unpublished_rounds.append(summary)
+
+    def unpublished_snapshot(self) -> list[dict[str, Any]]:
+        """The rounds that ended without publishing, newest first."""
+        with self.lock:
+            return list(reversed(self.unpublished_rounds))
+
     def record_report(self, model: str, report: dict[str, Any]) -> None:
         """Keep a device's report (stored first: a report the service acknowledged survives a restart)."""
         if self.history is not None:
@@ -296,7 +345,8 @@ class ServiceState:
             del kept[:-MAX_REPORTS]
 
     def load_history(self, history: FleetHistory) -> None:
-        """Take the stored fleet history (at start): closed rounds, reports and counters as they were, and
+        """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
+        reports and counters as they were, and
         :attr:`history` to store what comes next. A row that cannot be read is left out with a warning."""
         loaded = history.load()
         for line in loaded.refused:
@@ -304,6 +354,7 @@ class ServiceState:
         with self.lock:
             self.history = history
             self.closed_rounds.extend(loaded.rounds)
+            self.unpublished_rounds.extend(loaded.unpublished)
             for model, reports in loaded.reports.items():
                 self.reports[model] = reports[-MAX_REPORTS:]
             self.counters.update(loaded.counters)
@@ -390,6 +441,7 @@ class ServiceState:
                     if r.published is None and r.endpoint.stage != "done"
                 ],
                 "closed_rounds": closed,
+                "unpublished_rounds": list(reversed(self.unpublished_rounds)),
                 "devices": [
                     {"device": d, "cohort": c, "requests": n, "last_seen": t}
                     for d, (c, n, t) in reversed(self.seen.items())

@@ -26,6 +26,7 @@ from deltaplane.errors import (
 from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
+from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 
 if TYPE_CHECKING:
     from deltaplane.codecs import WireSession
@@ -112,6 +113,11 @@ def _open_rounds_of(model: str, body: Any) -> list[dict[str, Any]]:
             raise ValueError(f"SecAgg round {number} is at an unknown stage {r.get('stage')!r:.80}")
         rounds.append(dict(r))
     return rounds
+
+
+def _reason(reason: str) -> dict[str, str]:
+    """An abort's ``reason`` query parameter (none when empty), cut to what the service takes."""
+    return {"reason": reason[:MAX_ABORT_REASON]} if reason else {}
 
 
 class DeviceClient:
@@ -390,14 +396,20 @@ class AdminClient:
         """A plain round as stored: ``state`` (open, closed, aborted), the ``version`` it published, ``uploads``."""
         return self._get(f"/admin/models/{model}/rounds/{round_id}")
 
+    def unpublished_rounds(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The last rounds that ended without publishing (aborted, lost), newest first, with why."""
+        params = {} if model is None else {"model": model}
+        return list(self._get("/admin/rounds/closed", **params)["unpublished_rounds"])
+
     def closed_rounds(self, model: str | None = None) -> list[dict[str, Any]]:
         """The last closed rounds (plain and SecAgg), newest first, with their devices' held-out accuracy;
         they survive a restart of the service."""
         params = {"model": model} if model else {}
         return list(self._get("/admin/rounds/closed", **params)["closed_rounds"])
 
-    def abort_round(self, model: str, round_id: int) -> dict[str, Any]:
-        return self._post(f"/admin/models/{model}/rounds/{round_id}/abort")
+    def abort_round(self, model: str, round_id: int, reason: str = "") -> dict[str, Any]:
+        """Close the plain round without publishing; ``reason`` is recorded with it (the Fleet page shows it)."""
+        return self._post(f"/admin/models/{model}/rounds/{round_id}/abort", **_reason(reason))
 
     def withdraw(self, cohort: str, reason: str = "") -> dict[str, Any]:
         """Record a consent withdrawal; returns the affected versions."""
@@ -424,9 +436,10 @@ class AdminClient:
         """Unmask the SecAgg round's sum and publish the new version."""
         return self._post(f"/admin/models/{model}/secagg/{round_id}/close")
 
-    def abort_secagg(self, model: str, round_id: int) -> dict[str, Any]:
-        """Give the SecAgg round up unpublished (its protocol state is dropped); returns its final status."""
-        return self._post(f"/admin/models/{model}/secagg/{round_id}/abort")
+    def abort_secagg(self, model: str, round_id: int, reason: str = "") -> dict[str, Any]:
+        """Give the SecAgg round up unpublished (its protocol state is dropped); returns its final status.
+        ``reason`` is recorded with it (the Fleet page shows it)."""
+        return self._post(f"/admin/models/{model}/secagg/{round_id}/abort", **_reason(reason))
 
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(

@@ -517,7 +517,12 @@ def _secagg_round(
             continue
         fleet.append(dev)
     if len(fleet) < secure_quorum(config):  # too few took the invitation: no sum may be unmasked
-        admin.abort_secagg(MODEL, number)
+        admin.abort_secagg(
+            MODEL,
+            number,
+            reason=f"{len(secure) - len(fleet)} of {len(secure)} devices refused the invitation; SecAgg needs "
+            f"at least {secure_quorum(config)} ({refusal})",
+        )
         if config.dp_noise <= 0:
             raise SecAggError(
                 f"round {rnd}: {len(secure) - len(fleet)} of {len(secure)} devices refused the SecAgg invitation "

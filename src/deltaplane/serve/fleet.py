@@ -745,12 +745,12 @@ class _RoundFailed(Exception):
         self.number, self.error = number, error
 
 
-def _given_up(p: Patient, abort: Callable[[], Any], number: int, error: ServiceError) -> _RoundFailed:
+def _given_up(p: Patient, abort: Callable[[str], Any], number: int, error: ServiceError) -> _RoundFailed:
     """Abort the round ``number`` on the service (a failed round left open would hold its state, and its
-    devices would wait on it), through an outage too; an abort refused (the round is already over) is not the
-    error to report."""
+    devices would wait on it), through an outage too, recording the ``error`` as why (the Fleet page shows
+    it); an abort refused (the round is already over) is not the error to report."""
     with contextlib.suppress(ServiceError, httpx.HTTPError):
-        p.call(abort, f"abort round {number}")
+        p.call(lambda: abort(error.detail), f"abort round {number}")
     return _RoundFailed(number, error)
 
 
@@ -759,7 +759,9 @@ def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachab
     return ServiceUnreachable(f"{exc}. {left}")
 
 
-def _follow(p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[], Any], left: str) -> tuple:
+def _follow(
+    p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[str], Any], left: str
+) -> tuple:
     """Follow opened round ``number`` to its end with ``run``: a service error aborts the round (best effort)
     and is reported as the round's failure; an unreachable service, while following or aborting, is the final
     give-up, saying what is ``left`` on the service and what to do about it."""
@@ -778,7 +780,7 @@ def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: floa
         p,
         number,
         lambda: _plain_round(p, model, names, deadline, poll, number),
-        lambda: p.admin.abort_round(model, number),
+        lambda why: p.admin.abort_round(model, number, reason=why),
         f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
         f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
     )
@@ -808,8 +810,9 @@ def _plain_round(
         # nobody took part: abort rather than close, since under central DP a close releases the noise alone,
         # a model of pure noise that spends ε; every device was invited (no sampling), so skipping the release
         # hides nothing the accountant relies on
+        why = f"no device uploaded within the deadline ({deadline:g} s; {len(names)} devices run)"
         with contextlib.suppress(ServiceError):  # refused: the round is over already (aborted meanwhile)
-            p.call(lambda: p.admin.abort_round(model, number), f"abort plain round {number}")
+            p.call(lambda: p.admin.abort_round(model, number, reason=why), f"abort plain round {number}")
         return number, 0, None, {}
     while True:
         ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
@@ -843,12 +846,19 @@ def _secagg(
         p,
         number,
         lambda: _secagg_round(p, model, invited, deadline, poll, number, authenticated),
-        lambda: p.admin.abort_secagg(model, number),
+        lambda why: p.admin.abort_secagg(model, number, reason=why),
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
     )
     return (*done, tuple(revoked))
+
+
+#: why the coordinator aborts a stray SecAgg round (the Fleet page shows it)
+_STRAY = (
+    "a stray: opened by a coordinator whose answer was lost, so nobody runs it; the coordinator opened the "
+    "next round instead"
+)
 
 
 def _open_secagg(
@@ -880,7 +890,10 @@ def _open_secagg(
             invited = status.get("invited", 0) + len(status.get("revoked", []))
             ours = invited == len(names) and status.get("stage") == Stage.ADVERTISE
             if status.get("finished") is None and ours:
-                p.call(lambda s=stray: p.admin.abort_secagg(model, s), f"abort SecAgg round {stray}")
+                p.call(
+                    lambda s=stray: p.admin.abort_secagg(model, s, reason=_STRAY),
+                    f"abort SecAgg round {stray}",
+                )
     return number, list(opened.get("revoked", []))  # type: ignore[union-attr]
 
 

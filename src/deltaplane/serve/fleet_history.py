@@ -7,12 +7,18 @@ service's others (:mod:`~deltaplane.serve.service_store`, :mod:`~deltaplane.serv
 registry's database, so one transaction covers a round's close and its summary, and they hold what memory
 holds, with the same bounds:
 
-* ``fleet_rounds``: one row per closed round (plain or SecAgg), the last :data:`MAX_CLOSED_ROUNDS`; each
-  insert prunes older rows in its own transaction. A round's row is written *inside* the transaction that
-  publishes its version and marks the round closed (:meth:`FleetHistory.add_round` joins the caller's
-  :meth:`~deltaplane.registry.Registry.transaction`), so after a crash either both committed or neither: a
-  published round is never left unrecorded, and ``UNIQUE (model, kind, number)`` refuses a second row for
-  the same round (a close is refused before that for a round no longer open).
+* ``fleet_rounds``: one row per ended round (plain or SecAgg), its ``outcome`` a column: ``published`` (a
+  close; an empty plain close, with no version, too), or ended without publishing: ``aborted`` (by the
+  coordinator or an operator: nobody uploaded, too few devices for a SecAgg stage, a close refused) or
+  ``lost`` (a SecAgg round open when the service stopped), with its reason. Published rounds and rounds
+  that ended without publishing are bounded each on their own, the last :data:`MAX_CLOSED_ROUNDS` of each,
+  so a burst of aborted rounds never pushes the published history out; each insert prunes its group in its
+  own transaction. A round's row is written *inside* the transaction that publishes its version, or
+  aborts it, and marks the round so (:meth:`FleetHistory.add_round` and :meth:`FleetHistory.add_unpublished`
+  join the caller's :meth:`~deltaplane.registry.Registry.transaction`), so after a crash either both
+  committed or neither: a round is never left recorded open and ended, nor ended and unrecorded, and
+  ``UNIQUE (model, kind, number)`` refuses a second row for the same round (a close or abort is refused
+  before that for a round no longer open).
 * ``fleet_reports``: the devices' reports (``POST /v1/models/{m}/report``: metrics such as
   ``holdout_accuracy``), one per device per version (a later report replaces it), the last
   :data:`MAX_REPORTS` per model.
@@ -20,7 +26,10 @@ holds, with the same bounds:
   per close, none per refusal: a flood of refused requests costs no disk write); a crash loses the counts
   since the last close.
 
-Rows carry a ``format`` number; a row this code cannot read (a newer format, damaged JSON) is refused with
+Rows carry a ``format`` number: 1 for a published round's row (this morning's layout, still written, so an
+older deltaplane keeps reading them), 2 for a round that ended without publishing (an older deltaplane refuses
+it rather than list it as a round that published nothing). A database from before the ``outcome`` column is
+migrated on open: its rows are published ones. A row this code cannot read (a newer format, damaged JSON) is refused with
 :class:`HistoryRowError` naming it, and :meth:`FleetHistory.load` leaves it out and says so: a damaged row
 never stops the service.
 """
@@ -38,28 +47,45 @@ from deltaplane.registry import Registry
 
 __all__ = [
     "FORMAT",
+    "MAX_ABORT_REASON",
     "MAX_CLOSED_ROUNDS",
+    "MAX_REASON",
     "MAX_REPORTS",
+    "UNPUBLISHED_OUTCOMES",
     "FleetHistory",
     "HistoryRowError",
     "LoadedHistory",
+    "bounded_reason",
     "kept_counter",
 ]
 
-#: the fleet page's "closed rounds" table: the last this many closed rounds, plain and SecAgg together
+#: the fleet page's "closed rounds" table: the last this many published rounds, plain and SecAgg together; and,
+#: bounded on its own, its "ended without publishing" table: the last this many rounds that ended unpublished
 MAX_CLOSED_ROUNDS = 200
+#: a stored reason's length at most (characters; a longer one is cut, ending in "…")
+MAX_REASON = 500
+#: the longest ``reason`` an abort request takes (a longer one is refused, 422; the client cuts it to this)
+MAX_ABORT_REASON = 2000
+#: how a round can end without publishing: given up (coordinator, operator), or lost in a service restart
+UNPUBLISHED_OUTCOMES = ("aborted", "lost")
 #: reports kept per model (in memory, and one per device per version in the database)
 MAX_REPORTS = 1000
-#: the layout of a row's JSON this code writes and reads
-FORMAT = 1
-#: a closed round's summary fields, as stored (the row's model, kind, number and closed_at are columns)
-_ROUND_FIELDS = ("version", "contributors", "epsilon", "authenticated", "revoked")
+#: the newest layout of a row's JSON this code writes and reads (it reads every older one too)
+FORMAT = 2
+#: a device's report's row layout (unchanged since format 1)
+_REPORT_FORMAT = 1
+#: a published round's row: its layout number and summary fields (model, kind, number and closed_at are columns)
+_PUBLISHED = (1, ("version", "contributors", "epsilon", "authenticated", "revoked"))
+#: a round that ended without publishing: ``invited`` (None: a plain round invites every device),
+#: ``contributors`` (the devices that took part: uploaded, or spoke in a SecAgg stage), ``stage`` (a SecAgg
+#: round's stage when it ended), ``reason``
+_UNPUBLISHED = (FORMAT, ("invited", "contributors", "stage", "reason", "authenticated", "revoked"))
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS fleet_rounds (
         id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL,
         kind TEXT NOT NULL, number INTEGER NOT NULL, summary TEXT NOT NULL, closed_at REAL NOT NULL,
-        UNIQUE (model, kind, number))""",
+        outcome TEXT NOT NULL DEFAULT 'published', UNIQUE (model, kind, number))""",
     """CREATE TABLE IF NOT EXISTS fleet_reports (
         id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL,
         device TEXT NOT NULL, version INTEGER NOT NULL, report TEXT NOT NULL, at REAL NOT NULL,
@@ -78,12 +104,33 @@ def kept_counter(name: str) -> bool:
     return name in ("uploads.accepted", "secagg.masked") or name.startswith("rejected.")
 
 
-def _decode(table: str, row_id: int, fmt: int, text: str, fields: Iterable[str]) -> dict[str, Any]:
-    """A row's JSON as a dict holding ``fields``; :class:`HistoryRowError` naming the row if it cannot be."""
+def _migrate(con: Any) -> None:
+    """Give a ``fleet_rounds`` table from before outcomes were recorded its ``outcome`` column (every row it
+    holds was a published round's), and the index each outcome's pruning reads."""
+    columns = {row[1] for row in con.execute("PRAGMA table_info(fleet_rounds)")}
+    if "outcome" not in columns:
+        con.execute("ALTER TABLE fleet_rounds ADD COLUMN outcome TEXT NOT NULL DEFAULT 'published'")
+    con.execute("CREATE INDEX IF NOT EXISTS fleet_rounds_outcome ON fleet_rounds (outcome, id)")
+
+
+def bounded_reason(reason: str) -> str:
+    """``reason`` on one line, at most :data:`MAX_REASON` characters (what a device or an error said can be
+    long); the page escapes it, this only bounds it."""
+    line = " ".join(str(reason).split())
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
+
+
+def _decode(
+    table: str, row_id: int, fmt: int, text: str, fields: Iterable[str], expected: int = 1
+) -> dict[str, Any]:
+    """A row's JSON as a dict holding ``fields``; :class:`HistoryRowError` naming the row if it cannot be (a
+    format other than ``expected``: newer than this code, or not the layout its outcome is written in)."""
     where = f"fleet history row {row_id} of {table}"
-    if fmt != FORMAT:
+    if fmt != expected:
         newer = "a newer deltaplane" if fmt > FORMAT else "an unknown writer"
-        raise HistoryRowError(f"{where} has format {fmt}, written by {newer}; this one reads format {FORMAT}")
+        raise HistoryRowError(
+            f"{where} has format {fmt}, written by {newer}; this one reads format {expected} there"
+        )
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -96,10 +143,11 @@ def _decode(table: str, row_id: int, fmt: int, text: str, fields: Iterable[str])
 
 @dataclass
 class LoadedHistory:
-    """What :meth:`FleetHistory.load` read: closed rounds (oldest first), reports by model (oldest first),
-    counters, and one line per row it refused."""
+    """What :meth:`FleetHistory.load` read: published rounds and rounds that ended without publishing (each
+    oldest first), reports by model (oldest first), counters, and one line per row it refused."""
 
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    unpublished: list[dict[str, Any]] = field(default_factory=list)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
@@ -113,24 +161,61 @@ class FleetHistory:
         with registry.transaction() as con:
             for stmt in _SCHEMA:
                 con.execute(stmt)
+            _migrate(con)
 
     def add_round(self, summary: Mapping[str, Any], counters: Mapping[str, int] | None = None) -> None:
-        """Store a closed round's summary (``model``, ``round``, ``kind``, ``closed_at`` and
-        :data:`_ROUND_FIELDS`) and the kept ``counters``, pruning rounds past :data:`MAX_CLOSED_ROUNDS`.
+        """Store a published round's summary (``model``, ``round``, ``kind``, ``closed_at`` and its fields:
+        version, contributors, epsilon, authenticated, revoked) and the kept ``counters``, pruning the
+        published rounds past :data:`MAX_CLOSED_ROUNDS`.
 
         Call it inside the transaction that closes the round: it joins it, so the row commits with the
         version or not at all. A second row for the same round fails that transaction (``sqlite3``'s
         ``IntegrityError``), rolling the close back.
         """
-        body = json.dumps({k: summary[k] for k in _ROUND_FIELDS})
+        self._insert("published", _PUBLISHED, summary, counters)
+
+    def add_unpublished(self, summary: Mapping[str, Any], counters: Mapping[str, int] | None = None) -> None:
+        """Store a round that ended without publishing: ``outcome`` (:data:`UNPUBLISHED_OUTCOMES`), ``model``,
+        ``round``, ``kind``, ``closed_at`` (when it ended), ``invited``, ``contributors``, ``stage``,
+        ``reason`` (cut to :data:`MAX_REASON`), ``authenticated``, ``revoked``; prunes that group past
+        :data:`MAX_CLOSED_ROUNDS`. Call it inside the transaction that records the round aborted or lost,
+        for the same all-or-nothing as :meth:`add_round`."""
+        outcome = summary["outcome"]
+        if outcome not in UNPUBLISHED_OUTCOMES:
+            raise HistoryRowError(f"a round that ended without publishing cannot be {outcome!r}")
+        self._insert(
+            outcome, _UNPUBLISHED, dict(summary) | {"reason": bounded_reason(summary["reason"])}, counters
+        )
+
+    def _insert(
+        self,
+        outcome: str,
+        layout: tuple[int, tuple[str, ...]],
+        summary: Mapping[str, Any],
+        counters: Mapping[str, int] | None,
+    ) -> None:
+        """One row of ``outcome`` in ``layout`` (format, fields), then prune its group (published, or ended
+        without publishing) to :data:`MAX_CLOSED_ROUNDS`, and save the kept counters."""
+        fmt, fields = layout
+        # one of two literals, never a caller's text
+        group = "outcome = 'published'" if outcome == "published" else "outcome != 'published'"
         with self.registry.transaction() as con:
             con.execute(
-                "INSERT INTO fleet_rounds (format, model, kind, number, summary, closed_at) VALUES (?,?,?,?,?,?)",
-                (FORMAT, summary["model"], summary["kind"], summary["round"], body, summary["closed_at"]),
+                "INSERT INTO fleet_rounds (format, model, kind, number, summary, closed_at, outcome) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (
+                    fmt,
+                    summary["model"],
+                    summary["kind"],
+                    summary["round"],
+                    json.dumps({k: summary[k] for k in fields}),
+                    summary["closed_at"],
+                    outcome,
+                ),
             )
             con.execute(
-                "DELETE FROM fleet_rounds WHERE id <= "
-                "(SELECT id FROM fleet_rounds ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                f"DELETE FROM fleet_rounds WHERE {group} AND id <= "
+                f"(SELECT id FROM fleet_rounds WHERE {group} ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (MAX_CLOSED_ROUNDS,),
             )
             con.executemany(
@@ -147,7 +232,14 @@ class FleetHistory:
             con.execute(
                 "INSERT OR REPLACE INTO fleet_reports (format, model, device, version, report, at) "
                 "VALUES (?,?,?,?,?,?)",
-                (FORMAT, model, report["device"], report["version"], body, report.get("at", time.time())),
+                (
+                    _REPORT_FORMAT,
+                    model,
+                    report["device"],
+                    report["version"],
+                    body,
+                    report.get("at", time.time()),
+                ),
             )
             con.execute(
                 "DELETE FROM fleet_reports WHERE model=? AND id <= "
@@ -159,19 +251,28 @@ class FleetHistory:
         """Everything stored, as memory holds it; rows it cannot read are left out and listed in ``refused``."""
         out = LoadedHistory()
         rows = self.registry.query(
-            "SELECT id, format, model, kind, number, summary, closed_at FROM fleet_rounds ORDER BY id"
+            "SELECT id, format, model, kind, number, summary, closed_at, outcome FROM fleet_rounds ORDER BY id"
         )
-        for row_id, fmt, model, kind, number, text, closed_at in rows:
+        for row_id, fmt, model, kind, number, text, closed_at, outcome in rows:
+            published = outcome == "published"
+            expected, fields = _PUBLISHED if published else _UNPUBLISHED
             try:
-                data = _decode("fleet_rounds", row_id, fmt, text, _ROUND_FIELDS)
+                if not published and outcome not in UNPUBLISHED_OUTCOMES:
+                    raise HistoryRowError(
+                        f"fleet history row {row_id} of fleet_rounds has outcome {outcome!r}"
+                    )
+                data = _decode("fleet_rounds", row_id, fmt, text, fields, expected)
             except HistoryRowError as exc:
-                out.refused.append(f"{exc} (closed round {number} of {model!r}, {kind}); left out")
+                what = "closed" if published else "unpublished"
+                out.refused.append(f"{exc} ({what} round {number} of {model!r}, {kind}); left out")
                 continue
-            out.rounds.append(
+            row = (
                 {"model": model, "round": int(number), "kind": kind}
-                | {k: data[k] for k in _ROUND_FIELDS}
+                | ({} if published else {"outcome": outcome})
+                | {k: data[k] for k in fields}
                 | {"revoked": list(data["revoked"]), "closed_at": float(closed_at)}
             )
+            (out.rounds if published else out.unpublished).append(row)
         rows = self.registry.query(
             "SELECT id, format, model, device, version, report, at FROM fleet_reports ORDER BY id"
         )

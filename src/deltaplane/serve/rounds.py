@@ -55,6 +55,7 @@ from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update
+from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_EXAMPLES",
     "RegistryPublisher",
     "RoundState",
+    "abort_reason",
     "check_examples",
     "check_guard_admits_distributed_dp",
     "check_guard_admits_local_dp",
@@ -75,7 +77,9 @@ __all__ = [
     "check_round_binding",
     "check_update_norm",
     "honest_norm_bound",
+    "refusal_of",
     "refuse_plaintext_under_secagg",
+    "remembering_refusal",
     "restore_rounds",
     "resume_step",
     "round_router",
@@ -99,6 +103,9 @@ class RoundState:
     opened_at: float = field(default_factory=time.time)
     #: set while the round is being closed: uploads are refused, and reopened if publishing fails
     closing: bool = False
+    #: why its last close was refused (a spent ε budget, a non-finite aggregate): what an abort without a
+    #: reason records, so the Fleet page says why the round ended unpublished
+    refused: str | None = None
 
 
 @dataclass
@@ -160,6 +167,32 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
         publisher=RegistryPublisher(registry, model, compressor),
         simulation=False,  # the service's devices are real: its DP noise must not derive from the config
     )
+
+
+def abort_reason(given: str, refused: str | None) -> str:
+    """Why an aborted round ended unpublished, as its history row says: the abort's ``reason``; without one,
+    the refusal of its last close or stage (what the operator gave up on), or that an operator aborted it."""
+    if given.strip():
+        return given
+    if refused:
+        return f"aborted by the operator after a refusal: {refused}"
+    return "aborted by the operator (no reason given)"
+
+
+def refusal_of(exc: BaseException) -> str:
+    """The text of a refused close or stage (an HTTP error's detail, a deltaplane error's message)."""
+    return str(getattr(exc, "detail", None) or exc or type(exc).__name__)
+
+
+@contextmanager
+def remembering_refusal(r: Any) -> Iterator[None]:
+    """Keep the refusal of a close or stage of round ``r`` (a plain or SecAgg round: its ``refused``) and
+    re-raise it: an abort without a reason then says what was given up on."""
+    try:
+        yield
+    except Exception as exc:
+        r.refused = refusal_of(exc)
+        raise
 
 
 def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
@@ -748,9 +781,15 @@ def round_router(
         model: Annotated[str | None, Query(pattern=name_pattern, max_length=128)] = None,
     ) -> dict[str, Any]:
         """The last closed rounds, plain and SecAgg, newest first, with the held-out accuracy their devices
-        reported (the Fleet page's table); kept in the registry database, so a restart keeps them."""
+        reported (the Fleet page's table), and apart (``unpublished_rounds``, newest first) the last rounds that
+        ended without publishing: aborted or lost, with how many devices were invited and took part and why;
+        kept in the registry database, so a restart keeps them."""
         closed = state.closed_snapshot()
-        return {"closed_rounds": [c for c in closed if model is None or c["model"] == model]}
+        ended = state.unpublished_snapshot()
+        return {
+            "closed_rounds": [c for c in closed if model is None or c["model"] == model],
+            "unpublished_rounds": [e for e in ended if model is None or e["model"] == model],
+        }
 
     @router.post(
         "/admin/models/{model}/rounds/{round_id}/close",
@@ -811,8 +850,8 @@ def round_router(
                     if r.record is not None
                     else publish()[1]
                 )
-        except BaseException:
-            r.closing = False
+        except BaseException as exc:
+            r.closing, r.refused = False, refusal_of(exc)
             raise
         with state.lock:
             state.rounds.pop(model, None)
@@ -840,16 +879,32 @@ def round_router(
         responses={k: errors[k] for k in (404, 409)},
     )
     def abort_round(
-        model: ModelName, round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+        model: ModelName,
+        round_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        reason: Annotated[str, Query(max_length=MAX_ABORT_REASON)] = "",
     ) -> AbortRoundResponse:
-        """Close a round without publishing a version (its uploads are discarded)."""
+        """Close a round without publishing a version (its uploads are discarded). The round, how many devices
+        uploaded to it and why (``reason``; without one, its last refused close) are recorded with the abort,
+        in one transaction: the Fleet page's "ended without publishing" table and ``GET /admin/rounds/closed``
+        list it, after a restart too."""
         with state.lock:
             r = state.rounds.get(model)
             if r is None or r.number != round_id or r.closing:
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
-            if r.record is not None:
-                rounds_store.abort(r.record)
+            with reg.transaction():
+                if r.record is not None:
+                    rounds_store.abort(r.record)
+                ended = state.end_summary(
+                    model,
+                    round_id,
+                    "plain",
+                    outcome="aborted",
+                    reason=abort_reason(reason, r.refused),
+                    invited=None,
+                    contributors=len(r.devices),
+                )
             del state.rounds[model]
+        state.remember_ended(ended)
         return AbortRoundResponse(model=model, round=round_id, uploads=len(r.devices), aborted=True)
 
     @router.post(

@@ -459,12 +459,15 @@ class RoundStore:
             "opened_at": opened, "closed_at": closed,
         }  # fmt: skip
 
-    def lose_open_secagg(self) -> list[tuple[str, int]]:
+    def lose_open_secagg(self) -> list[tuple[str, int, int]]:
         """On a service's start: every SecAgg round recorded open was open when the service stopped; its
-        protocol state died with that process, so it can never complete. Mark it lost; returns which."""
+        protocol state died with that process, so it can never complete. Mark it lost; returns which (model,
+        number, devices invited)."""
         with self.registry.transaction() as con:
-            lost = con.execute("SELECT model, number FROM secagg_rounds WHERE state='open'").fetchall()
+            lost = con.execute(
+                "SELECT model, number, invited FROM secagg_rounds WHERE state='open'"
+            ).fetchall()
             con.execute(
                 "UPDATE secagg_rounds SET state='lost', closed_at=? WHERE state='open'", (time.time(),)
             )
-        return [(str(m), int(n)) for m, n in lost]
+        return [(str(m), int(n), int(i)) for m, n, i in lost]

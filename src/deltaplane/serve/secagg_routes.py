@@ -72,7 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -111,10 +111,13 @@ from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
 from deltaplane.registry import Governance
 from deltaplane.serve.bodies import read_capped
+from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
 from deltaplane.serve.rounds import (
+    abort_reason,
     check_guard_admits_distributed_dp,
     check_update_norm,
+    remembering_refusal,
     resume_step,
     step_bytes,
     undo_on_failure,
@@ -126,6 +129,11 @@ __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_rout
 
 log = logging.getLogger(__name__)
 
+#: why a SecAgg round open when the service stopped ended unpublished (its history row's reason)
+LOST_REASON = (
+    "lost: the service stopped while the round was open, and its keys, shares and masked inputs were in the "
+    "service's memory only"
+)
 #: how many finished (published or aborted) rounds keep their final status, so late requests get 409 not 404
 FINISHED_KEPT = 256
 
@@ -151,6 +159,9 @@ class SecAggRound:
     opened_at: float = field(default_factory=time.time)
     #: devices the open was asked to invite but the held revocation list revokes: left out of the round
     revoked: tuple[str, ...] = ()
+    #: why its last advance or close was refused (too few devices, a sum out of range): what an abort without
+    #: a reason records
+    refused: str | None = None
 
     @property
     def config(self) -> SecAggConfig:
@@ -437,12 +448,26 @@ def install_secagg_routes(
     router = APIRouter()
     Device = Annotated[Any, Depends(device)]
     # rounds open when the service last stopped died with it: recorded lost, so nobody waits on them
-    for model, number in store.lose_open_secagg():
+    with reg.transaction():  # a round recorded lost is recorded on the Fleet page too, or neither
+        lost = [
+            state.end_summary(
+                model,
+                number,
+                "secagg",
+                outcome="lost",
+                reason=LOST_REASON,
+                invited=invited,
+                contributors=None,
+            )
+            for model, number, invited in store.lose_open_secagg()
+        ]
+    for ended in lost:
+        state.remember_ended(ended)
         log.warning(
             "SecAgg round %d of %r was open when the service stopped; its protocol state was in memory only, "
             "so it is lost (devices asking for it get 409; open a new round)",
-            number,
-            model,
+            ended["round"],
+            ended["model"],
         )
 
     def recorded(model: str, number: int) -> dict[str, Any]:
@@ -827,27 +852,45 @@ def install_secagg_routes(
         r = get_round(model, number)
         if r.endpoint.stage == Stage.UNMASK:
             raise HTTPException(409, "the round is at unmasking; close it to unmask and publish")
-        protocol(r.endpoint.advance, r)
+        with remembering_refusal(r):  # e.g. too few advertised keys for the threshold
+            protocol(r.endpoint.advance, r)
         return r.status()
 
     @router.post(
         "/admin/models/{model}/secagg/{number}/abort", tags=["admin", "secagg"], dependencies=AdminDep
     )
-    def abort(model: ModelName, number: RoundId) -> dict[str, Any]:
-        """Give the round up unpublished (a close refused for good, devices gone): its state is dropped."""
+    def abort(
+        model: ModelName, number: RoundId, reason: Annotated[str, Query(max_length=MAX_ABORT_REASON)] = ""
+    ) -> dict[str, Any]:
+        """Give the round up unpublished (a close refused for good, devices gone): its state is dropped. The
+        round, its stage, how many devices were invited and took part (advertised keys) and why (``reason``;
+        without one, its last refused advance or close) are recorded with the abort, in one transaction."""
         r = get_round(model, number)
+        srv = r.endpoint.server
         with state.lock:  # not while a close publishes it
             if rounds.get((model, number)) is not r:
                 raise HTTPException(409, f"SecAgg round {number} of {model!r} finished meanwhile")
-            store.finish_secagg(model, number, "aborted")
+            with reg.transaction():
+                store.finish_secagg(model, number, "aborted")
+                ended = state.end_summary(
+                    model,
+                    number,
+                    "secagg",
+                    outcome="aborted",
+                    reason=abort_reason(reason, r.refused),
+                    invited=len(r.clients),
+                    contributors=len(srv.keys),
+                    stage=srv.stage,
+                    authenticated=srv.authenticated,
+                    revoked=r.revoked,
+                )
             state.counters["secagg.rounds_aborted"] += 1
-            return finish(r, "aborted")
+            done = finish(r, "aborted")
+        state.remember_ended(ended)
+        return done
 
-    @router.post(
-        "/admin/models/{model}/secagg/{number}/close", tags=["admin", "secagg"], dependencies=AdminDep
-    )
-    def close(model: ModelName, number: RoundId) -> dict[str, Any]:
-        r = get_round(model, number)
+    def publish(r: SecAggRound, model: str, number: int) -> dict[str, Any]:
+        """Unmask round ``r``'s sum and publish its version (the close's work; its refusals are 409/422)."""
         if r.endpoint.stage not in (Stage.UNMASK, Stage.DONE):  # DONE: a close that failed after unmasking
             raise HTTPException(
                 409, f"SecAgg round {number} is at stage '{r.endpoint.stage}'; advance to unmasking"
@@ -913,6 +956,14 @@ def install_secagg_routes(
         state.counters["secagg.rounds_closed"] += 1
         state.remember_closed(summary)
         return closed
+
+    @router.post(
+        "/admin/models/{model}/secagg/{number}/close", tags=["admin", "secagg"], dependencies=AdminDep
+    )
+    def close(model: ModelName, number: RoundId) -> dict[str, Any]:
+        r = get_round(model, number)
+        with remembering_refusal(r):  # a sum out of range, a withdrawn cohort, a spent ε budget
+            return publish(r, model, number)
 
     app.include_router(router)
     return rounds

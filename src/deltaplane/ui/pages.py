@@ -771,6 +771,19 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + f"<td>{_when(r.get('closed_at'))}</td></tr>"
         for r in fleet.get("closed_rounds", [])
     ]
+    ended = [
+        f"<tr><td>{escape(r['model'])}</td>"
+        + _num(r["round"], "{}", "unpublished_round")
+        + f"<td>{escape(_kind(r))}</td>"
+        + f"<td class='bad' data-field='outcome'>{escape(str(r['outcome']))}</td>"
+        + _num(r.get("invited"), "{}", "invited")
+        + _num(r.get("contributors"), "{}", "took_part")
+        + _left_out(r)
+        # why: the coordinator's or operator's words, or an error's (a device's id, a cohort name): escaped
+        + f"<td data-field='reason'>{escape(str(r.get('reason', '')))}</td>"
+        + f"<td>{_when(r.get('closed_at'))}</td></tr>"
+        for r in fleet.get("unpublished_rounds", [])
+    ]
     devices = [
         f"<tr><td>{escape(d['device'])}</td><td>{escape(d['cohort'])}</td>"
         + _num(d["requests"], "{}")
@@ -848,6 +861,24 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             ],
             closed,
             table_id="closed-rounds",
+        )
+        # aborted (nobody uploaded, too few devices for a SecAgg stage, a close refused) or lost in a restart:
+        # without this table such a round was reported by the coordinator's terminal only
+        + "<h2>Ended without publishing</h2>"
+        + _table(
+            [
+                "model",
+                "round",
+                "kind (stage)",
+                "outcome",
+                "invited",
+                "took part",
+                "left out (revoked)",
+                "why",
+                "ended",
+            ],
+            ended,
+            table_id="unpublished-rounds",
         )
         + _revocations_panel(fleet.get("revocations"))
         + "<h2>Uploads</h2>"
