@@ -9,14 +9,19 @@ before (no ``outcome`` column) still loads."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
 from deltaplane.registry import Registry
-from deltaplane.serve import fleet, fleet_history
+from deltaplane.serve import ServiceConfig, fleet, fleet_history
 from deltaplane.serve.client import ServiceError
 from deltaplane.serve.fleet_history import FleetHistory
 from deltaplane.serve.secagg_client import SecAggDevice
@@ -160,6 +165,42 @@ def test_the_row_commits_with_the_abort_or_neither(service, monkeypatch) -> None
     assert [(e["reason"], e["contributors"]) for e in service.admin.unpublished_rounds()] == [
         ("second try", 1)
     ]
+
+
+_CRASH = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from serve.conftest import Service
+from deltaplane.serve import fleet_history
+
+svc = Service({home!r})
+svc.admin.open_round("cnn")
+real = fleet_history.FleetHistory.add_unpublished
+
+def crash(self, *args, **kwargs):
+    real(self, *args, **kwargs)  # the round marked aborted and its row written: die before the commit
+    os._exit(17)
+
+fleet_history.FleetHistory.add_unpublished = crash
+svc.admin.abort_round("cnn", 1, reason="crashed")
+"""
+
+
+def test_a_crash_during_the_abort_leaves_the_round_open_and_unrecorded(tmp_path) -> None:
+    """A process killed after the abort marked the round aborted and wrote its row, before the commit: after the
+    restart the round is open and unlisted (never open and listed, nor aborted and unlisted); aborting it then
+    records it once."""
+    home = tmp_path / "home"
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent(_CRASH).format(tests=tests, home=str(home))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="s" * 32)
+    svc = restart(SimpleNamespace(reg=Registry(home), config=config))
+    assert svc.admin.round_status("cnn", 1)["state"] == "open" and svc.admin.unpublished_rounds() == []
+    svc.admin.abort_round("cnn", 1, reason="after the crash")
+    assert [e["reason"] for e in svc.admin.unpublished_rounds()] == ["after the crash"]
+    assert svc.reg.query("SELECT COUNT(*) FROM fleet_rounds")[0][0] == 1
 
 
 def test_a_secagg_round_lost_in_a_restart_is_recorded_lost(service) -> None:
