@@ -113,9 +113,19 @@ def _tls(
 
 
 def _admin_token() -> str:
+    """The admin token in ``$DELTAPLANE_ADMIN_TOKEN``; a usage error, before any work, if it is unset or holds a
+    character an HTTP header cannot carry (a line ending kept from the file it was read from, a non-ASCII
+    letter): sent anyway, the HTTP library's refusal quotes the whole header, token included, on stderr."""
     token = os.environ.get(ADMIN_ENV, "")
     if not token:
         raise ConfigError(f"set ${ADMIN_ENV} to the admin token `deltaplane serve` runs with")
+    bad = next((i for i, ch in enumerate(token) if not " " <= ch <= "~"), None)
+    if bad is not None or token != token.strip():
+        where = f"character {bad + 1} of {len(token)}" if bad is not None else "a leading or trailing space"
+        raise ConfigError(
+            f"${ADMIN_ENV} holds {where}, which an HTTP header cannot carry (a line ending or carriage return "
+            "kept from the file it was read from?); set it to the token alone, printable ASCII (not shown here)"
+        )
     return token
 
 
