@@ -376,8 +376,9 @@ def register(app: typer.Typer) -> None:
                         "that folder, or enrol the fleet first with --devices"
                     )
                 names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
-                if authority is not None:
-                    cohort = fleet_cohort(out, cohort)
+                # the fleet's cohort from its certificates (no key needed), with or without --authority-key:
+                # a token in another cohort would escape the fleet's consent withdrawal
+                cohort = fleet_cohort(out, cohort)
             else:
                 if devices is None:
                     if federation is None:
