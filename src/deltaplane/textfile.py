@@ -230,13 +230,11 @@ def _appeared(path: Path) -> ConfigError:
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (0600, ``O_EXCL``: never over an existing file) holding ``data``, fsynced: the
-    no-overwrite write where hard links are refused. A reader may see it part-written for a moment, never an
-    existing file replaced; a failed write removes the file it created."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise _appeared(path) from None
+    """Create ``path`` (0600 from its creation, ``O_EXCL``: never over an existing file, ``FileExistsError``)
+    holding ``data``, fsynced; a failed write removes the file it created. :func:`write_secret_file`'s temp
+    file, and its no-overwrite write where hard links are refused (a reader may then see it part-written for a
+    moment, never an existing file replaced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -260,12 +258,8 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: boo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _write_new_file(tmp, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:
@@ -277,7 +271,10 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: boo
             except OSError as exc:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
-                _write_new_file(path, data)
+                try:
+                    _write_new_file(path, data)
+                except FileExistsError:
+                    raise _appeared(path) from None
             finally:
                 tmp.unlink(missing_ok=True)
     except BaseException:
