@@ -180,3 +180,34 @@ def test_an_admin_token_no_header_can_carry_is_a_usage_error_that_never_echoes_i
     assert r.exit_code == 2 and "$DELTAPLANE_ADMIN_TOKEN" in flat and "cannot carry" in flat, flat
     assert "0123456789" not in r.output and "012345" not in r.output
     assert not out.exists()  # refused before the list was written
+
+
+def test_any_other_service_error_says_the_list_stays_written(cli, authority, tmp_path, monkeypatch) -> None:
+    """An answer other than 401/403/409/422 (a 500, a 404 from a service without the endpoint, a 413) was
+    re-raised bare ("HTTP 500: …", exit 1) without the "is written and kept" every other failure says."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    def fails(self, data):
+        raise ServiceError(500, "internal error")
+
+    monkeypatch.setattr(AdminClient, "upload_revocations", fails)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    _, key = authority
+    out = tmp_path / "revoked.bin"
+    r = cli(
+        "keys",
+        "revoke",
+        "--authority-key",
+        key,
+        "--out",
+        out,
+        "--device",
+        1,
+        "--upload",
+        "http://127.0.0.1:9",
+    )
+    flat = _flat(r.output)
+    assert r.exit_code == 1 and "HTTP 500: internal error" in flat and f"{out} is written and kept" in flat, (
+        flat
+    )
+    assert out.exists()

@@ -181,7 +181,8 @@ def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str
     (:func:`admin_client`); the service's answer. A refusal is a one-line error that says the file stays
     written and what to do: the admin token refused is a usage error (exit 2); an older list (409), a forged,
     another authority's or a stale one (422) is :class:`~deltaplane.errors.GateRefused` (exit 3: the service
-    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable` (exit 1)."""
+    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable`, any other
+    answer a ``ServiceError`` (exit 1)."""
     from deltaplane.errors import GateRefused
     from deltaplane.serve.client import ServiceError
 
@@ -197,7 +198,7 @@ def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str
         if exc.status in (409, 422):
             why = "holds a newer list or keeps none" if exc.status == 409 else "refused the list"
             raise GateRefused(f"{url} {why} (HTTP {exc.status}: {exc.detail}); {kept}") from None
-        raise
+        raise ServiceError(exc.status, f"{exc.detail}; {kept}: upload it again", exc.error) from None
     except ServiceUnreachable as exc:  # the file is written all the same
         raise ServiceUnreachable(
             f"{exc}; {kept}: upload it again once the service answers", final=exc.final
