@@ -28,6 +28,7 @@ never stops the service.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -78,8 +79,33 @@ def kept_counter(name: str) -> bool:
     return name in ("uploads.accepted", "secagg.masked") or name.startswith("rejected.")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: what each stored field must be for the Fleet page and ``GET /admin/rounds/closed`` to show it (the service
+#: wrote it so; a row that is still JSON but holds something else is damaged, and refused as such)
+_FIELD_CHECKS: dict[str, Any] = {
+    "version": lambda v: v is None or _is_int(v),
+    "contributors": _is_int,
+    "epsilon": lambda v: v is None or _is_int(v) or isinstance(v, float),  # inf: a round without noise
+    "authenticated": lambda v: isinstance(v, bool),
+    "revoked": lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
+    "cohort": lambda v: isinstance(v, str),
+    "round": lambda v: v is None or _is_int(v),
+    "metrics": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())
+    ),
+}
+
+
 def _decode(table: str, row_id: int, fmt: int, text: str, fields: Iterable[str]) -> dict[str, Any]:
-    """A row's JSON as a dict holding ``fields``; :class:`HistoryRowError` naming the row if it cannot be."""
+    """A row's JSON as a dict holding ``fields``, each of the type the service writes
+    (:data:`_FIELD_CHECKS`); :class:`HistoryRowError` naming the row if it cannot be."""
     where = f"fleet history row {row_id} of {table}"
     if fmt != FORMAT:
         newer = "a newer deltaplane" if fmt > FORMAT else "an unknown writer"
@@ -91,6 +117,9 @@ def _decode(table: str, row_id: int, fmt: int, text: str, fields: Iterable[str])
     missing = [f for f in fields if not isinstance(data, dict) or f not in data]
     if missing:
         raise HistoryRowError(f"{where} lacks {', '.join(missing)}")
+    wrong = [f for f in fields if f in _FIELD_CHECKS and not _FIELD_CHECKS[f](data[f])]
+    if wrong:
+        raise HistoryRowError(f"{where} holds {', '.join(wrong)} of the wrong type")
     return data
 
 
