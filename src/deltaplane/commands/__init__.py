@@ -25,6 +25,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
 from deltaplane.threads import torch_threads
@@ -47,6 +48,7 @@ __all__ = [
     "err_console",
     "exit_code_for",
     "finite_number",
+    "fit_table",
     "set_verbosity",
     "working_dir_on_path",
 ]
@@ -58,6 +60,48 @@ console = Console()
 err_console = Console(stderr=True)
 #: -1 quiet, 0 normal, 1 verbose (set once by the top-level callback)
 verbosity = 0
+
+
+#: the narrowest a wrapping column is squeezed to (or its ``min_width``); a table whose fixed columns leave less
+#: does not fit
+_FOLD_FLOOR = 8
+#: a wrapping column first keeps its longest word whole, up to this many characters
+_WORD_FLOOR = 16
+
+
+def fit_table(table: Table, width: int) -> bool:
+    """Give ``table``'s wrapping columns widths that fit ``width`` columns; False when even that cannot.
+
+    Rich shrinks the wrapping columns only until the two widest are as wide as each other, then shrinks every
+    column evenly and crops: numbers (``no_wrap``) came out as ``0.96…`` and the last column lost its unit or
+    vanished at 80 columns though the table fitted. Here the widest wrapping column gives way one character at
+    a time, first down to its longest word (so a run name wraps between words), then down to a floor where its
+    cells fold; the numbers keep their width. On False the caller should lay the table out another way (split
+    it) rather than print it cropped.
+    """
+    probe = Console(width=width)
+    options = probe.options.update_width(width)
+    ranges = [table._measure_column(probe, options, c) for c in table.columns]  # (min, max), padding included
+    wrapping = [i for i, c in enumerate(table.columns) if c.width is None and not c.no_wrap]
+    fixed = sum(r.maximum for i, r in enumerate(ranges) if i not in wrapping) + table._extra_width
+    for floor_of in (
+        lambda i, pad: max(min(ranges[i].minimum, _WORD_FLOOR + pad), _FOLD_FLOOR + pad),
+        lambda i, pad: _FOLD_FLOOR + pad,
+    ):
+        widths = {i: ranges[i].maximum for i in wrapping}
+        floors = {}
+        for i in wrapping:
+            pad = table._get_padding_width(i)
+            floors[i] = min(widths[i], max(floor_of(i, pad), (table.columns[i].min_width or 0) + pad))
+        while fixed + sum(widths.values()) > width and any(widths[i] > floors[i] for i in wrapping):
+            widest = max((i for i in wrapping if widths[i] > floors[i]), key=lambda i: widths[i])
+            widths[widest] -= 1
+        if fixed + sum(widths.values()) <= width:
+            for i, w in widths.items():
+                if w < ranges[i].maximum:
+                    table.columns[i].width = w - table._get_padding_width(i)
+            return True
+    return False
 
 
 def set_verbosity(level: int) -> None:
