@@ -219,3 +219,28 @@ def test_compress_table_fits_80(tmp_path: Path, narrow, monkeypatch: pytest.Monk
         "8,192",
     ):
         assert word in table, word
+
+
+def test_deploy_table_keeps_gate_names_whole_at_80() -> None:
+    from deltaplane.commands.deploy import _table
+
+    manifest = {
+        "sizes": {"fp32_safetensors_bytes": 90_868_376, "artifact_bytes": 22_123_456, "compression_ratio": 4.11},
+        "weight_sparsity": 0.5,
+        "fidelity": {"top1_agreement": 0.9931},
+        "adversarial": {"metric": "accuracy", "rows": [
+            {"attack": "fgsm", "eps": 0.05, "fp32": 0.875, "compressed": 0.8681, "drop_points": 0.69,
+             "fp32_loss": 1.092, "compressed_loss": 1.1},
+        ]},
+        "gates": {
+            "results": [{"gate": "max-accuracy-drop", "what": "top-1 disagreement with fp32", "passed": True,
+                         "margin": 1.0, "threshold": 2.0, "measured": 0.69}],
+            "not_evaluated": [{"gate": "max-ood-drop", "why": "No OOD evaluation: corrupted variants are made "
+                               "for image classifiers; a token model is measured on its evaluation text only."}],
+        },
+    }  # fmt: skip
+    text = _render([_table(manifest, "deploy bert-cls: prune=none quant=int8 format=onnx", WIDTH)])
+    _fits(text)  # main cut the gate's name to "max-accuracy-dr…"
+    for word in ("metric", "fp32", "compressed", "change", "90,868,376", "22,123,456", "4.11× smaller", "0.9931",
+                 "max-accuracy-drop", "max-ood-drop", "not evaluated", "1/1 pass", "-0.69 pts"):  # fmt: skip
+        assert word in text, word
