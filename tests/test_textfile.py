@@ -1,6 +1,8 @@
 """The one bounded reader of config, manifest, settings, tokenizer and report files (deltaplane.textfile)."""
 
+import errno
 import os
+import stat
 import threading
 
 import pytest
@@ -99,3 +101,25 @@ def test_peft_config_run_record_and_index_are_read_bounded(tmp_path, monkeypatch
     monkeypatch.setattr(ops, "MANIFEST_LIMIT", 100)
     with pytest.raises(ConfigError, match="over the 100 bytes limit for a run record"):
         ops._run_output(tmp_path)
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP])
+def test_no_overwrite_secret_write_works_where_hard_links_are_refused(tmp_path, monkeypatch, refusal):
+    """``write_secret_file(replace=False)`` links its temp file to the target so an existing one is never
+    replaced. A filesystem without hard links (vfat/exFAT on a USB key, some FUSE and SMB mounts) refuses link(2)
+    with EPERM or EOPNOTSUPP: every `keys certify`, `keys identity` and `fleet enroll` then failed there, after
+    `fleet enroll` had issued its tokens. It falls back to creating the target itself with O_EXCL: still 0600
+    from creation, still never over an existing file, no temp file left."""
+    from deltaplane.textfile import write_secret_file
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "link", no_links)
+    key = tmp_path / "device-0.identity.pem"
+    write_secret_file(key, b"secret", replace=False)
+    assert key.read_bytes() == b"secret" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="already exists"):
+        write_secret_file(key, b"other", replace=False)
+    assert key.read_bytes() == b"secret"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device-0.identity.pem"]

@@ -26,7 +26,14 @@ from rich.table import Table
 
 from deltaplane import commands
 from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
-from deltaplane.commands import EXIT_REFUSED, check_threads, clean_errors, err_console, set_verbosity
+from deltaplane.commands import (
+    EXIT_REFUSED,
+    check_threads,
+    clean_errors,
+    err_console,
+    fit_table,
+    set_verbosity,
+)
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError
 
@@ -466,8 +473,9 @@ def _run_into(
         if cfg.transport == "http"
         else ""
     )
-    console.print(_summary_table(rows, cfg.describe_aggregation() + where, task_name))
-    cost_table = _device_cost_table(results)
+    for table in _summary_tables(rows, cfg.describe_aggregation() + where, task_name, width=console.width):
+        console.print(table)
+    cost_table = _device_cost_table(results, width=console.width)
     if cost_table is not None:
         console.print(cost_table)
     for row in rows:
@@ -936,54 +944,75 @@ def _task_name(cfg: RunConfig) -> str:
     return make_task(cfg).name
 
 
-def _summary_table(rows: list[dict[str, Any]], aggregation: str, task: str = "digits") -> Table:
-    table = Table(
-        title=f"deltaplane run: {escape(aggregation)} on {escape(task)}",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    table.add_column("run", no_wrap=True)
-    table.add_column("codec", min_width=13)  # wraps at " | " before it breaks "quant(bits=8)"
-    # privacy and safety columns appear when a run has them: ε spent, refused updates, backdoor success
+def _summary_tables(
+    rows: list[dict[str, Any]], aggregation: str, task: str = "digits", *, width: int
+) -> list[Table]:
+    """The runs' results at ``width`` columns: one table, or two when it would not fit.
+
+    The privacy and safety columns (ε spent, refused updates, backdoor success) appear when a run has them;
+    when the whole table is wider than ``width`` they move to a table of their own under the results, keyed by
+    run, since rich would otherwise shrink numbers to ``0.96…`` and crop the last column (``time``) without a
+    word."""
+    columns = [
+        ("test\nacc", lambda r: f"{r['final_accuracy']:.4f}"),
+        ("client acc\nmean / min", lambda r: f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}"),
+        ("uplink\ndownlink", lambda r: f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}"),
+        ("vs fp32", _ratio),
+        ("time", lambda r: f"{r['wall_time_s']:.1f} s"),
+    ]  # fmt: skip
     extra = [
-        (h, k, f)
-        for h, k, f in (
+        (header, lambda r, k=key, f=fmt: "—" if r.get(k) is None else f.format(r[k]))
+        for header, key, fmt in (
             ("ε", "epsilon", "{:.3f}"),
             ("rejected", "rejected", "{}"),
             ("backdoor", "backdoor_success", "{:.3f}"),
         )
-        if any(r.get(k) for r in rows)
+        if any(r.get(key) for r in rows)
     ]
-    headers = (
-        "test acc",
-        "client acc\nmean / min",
-        "uplink\ndownlink",
-        "vs fp32",
-        *(h for h, _, _ in extra),
-        "time",
-    )
-    for header in headers:
+    title = f"deltaplane run: {escape(aggregation)} on {escape(task)}"
+    whole = _results_table(title, rows, [*columns[:-1], *extra, columns[-1]], codec=True)
+    if fit_table(whole, width) or not extra:
+        return [whole]
+    tables = [
+        _results_table(title, rows, columns, codec=True),
+        _results_table("privacy and safety (the runs above)", rows, extra, codec=False),
+    ]
+    for table in tables:
+        fit_table(table, width)
+    return tables
+
+
+def _results_table(
+    title: str,
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
+    *,
+    codec: bool,
+) -> Table:
+    """A table of one row per run: its name (folded when long), with ``codec`` its codec, then ``columns``
+    (header, cell), right-aligned and never wrapped: a number is never cut."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("run", overflow="fold")
+    if codec:
+        # wraps at " | " before it breaks "quant(bits=8)"
+        table.add_column("codec", min_width=13, overflow="fold")
+    for header, _ in columns:
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        # Without a baseline run, compare against what the raw float32 updates would have cost.
-        ratio = r["ratio_vs_baseline"] if r["ratio_vs_baseline"] is not None else r["ratio_vs_raw"]
-        name = r["name"] + (" [yellow](stopped)[/yellow]" if r.get("stopped") else "")
-        table.add_row(
-            name,
-            escape(r["codec"]),
-            f"{r['final_accuracy']:.4f}",
-            f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}",
-            f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}",
-            f"{ratio:.1f}×" if ratio is not None else "—",
-            *("—" if r.get(k) is None else f.format(r[k]) for _, k, f in extra),
-            f"{r['wall_time_s']:.1f} s",
-        )
+        name = escape(r["name"]) + (" [yellow](stopped)[/yellow]" if r.get("stopped") else "")
+        table.add_row(name, *([escape(r["codec"])] if codec else []), *(cell(r) for _, cell in columns))
     return table
 
 
-def _device_cost_table(results: list[dict[str, Any]]) -> Table | None:
-    """What one round cost a mean participating device, per run (``RunResult.device_cost``), or None."""
+def _ratio(row: dict[str, Any]) -> str:
+    """A run's uplink saving: against the baseline run, or without one against raw float32 updates."""
+    ratio = row["ratio_vs_baseline"] if row["ratio_vs_baseline"] is not None else row["ratio_vs_raw"]
+    return f"{ratio:.1f}×" if ratio is not None else "—"
+
+
+def _device_cost_table(results: list[dict[str, Any]], *, width: int) -> Table | None:
+    """What one round cost a mean participating device, per run (``RunResult.device_cost``), or None; laid out
+    for ``width`` columns (a long run name folds, the numbers stay whole)."""
     runs = [r for r in results if r.get("device_cost")]
     if not runs:
         return None
@@ -995,7 +1024,7 @@ def _device_cost_table(results: list[dict[str, Any]]) -> Table | None:
         pad_edge=False,
         collapse_padding=True,
     )
-    table.add_column("run", no_wrap=True)
+    table.add_column("run", overflow="fold")
     for header in ("training\nMACs", "training\nmJ", "sent\nreceived", *(f"total mJ\n{k}" for k in links)):
         table.add_column(header, justify="right", no_wrap=True)
     for r in runs:
@@ -1007,6 +1036,7 @@ def _device_cost_table(results: list[dict[str, Any]]) -> Table | None:
             f"{_human_bytes(round(m['bytes_up']))}\n{_human_bytes(round(m['bytes_down']))}",
             *(f"{m['total_uj'][k] / 1e3:.2f}" for k in links),
         )
+    fit_table(table, width)
     return table
 
 

@@ -15,6 +15,7 @@ A file that one command reads, changes and writes back (a revocation list) is ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -219,6 +220,31 @@ def read_config_text(path: str | os.PathLike[str], *, what: str = "config file")
     return read_bounded_text(path, limit=CONFIG_LIMIT, what=what)
 
 
+#: link(2)'s errors on a filesystem without hard links (vfat, exFAT, some FUSE and SMB mounts)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _appeared(path: Path) -> ConfigError:
+    """The refusal of a no-overwrite write whose target exists: another run wrote it after the caller checked."""
+    return ConfigError(f"{path} already exists (it appeared while this command ran); left as it is")
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (0600 from its creation, ``O_EXCL``: never over an existing file, ``FileExistsError``)
+    holding ``data``, fsynced; a failed write removes the file it created. :func:`write_secret_file`'s temp
+    file, and its no-overwrite write where hard links are refused (a reader may then see it part-written for a
+    moment, never an existing file replaced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
     """Write a secret atomically with mode 0600 *from its creation* (never briefly world-readable).
 
@@ -226,17 +252,14 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: boo
     ``path``; the folder is fsynced so the rename survives a crash. With ``replace=False`` it is hard-linked to
     ``path`` instead, which fails if ``path`` exists, so a file that appeared after the caller checked (another
     run of the command writing the same key) is never written over: a :class:`ConfigError` naming it, and
-    nothing written.
+    nothing written. Where the filesystem refuses hard links, the file is created in place with ``O_EXCL``
+    instead (:func:`_write_new_file`): as safe against overwriting, though not atomic for a reader.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _write_new_file(tmp, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:
@@ -244,9 +267,14 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: boo
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise ConfigError(
-                    f"{path} already exists (it appeared while this command ran); left as it is"
-                ) from None
+                raise _appeared(path) from None
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                try:
+                    _write_new_file(path, data)
+                except FileExistsError:
+                    raise _appeared(path) from None
             finally:
                 tmp.unlink(missing_ok=True)
     except BaseException:

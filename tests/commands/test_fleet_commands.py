@@ -122,3 +122,29 @@ def test_coordinate_prints_each_round_on_one_line_as_plain_text(tmp_path, monkey
     )
     assert "round 2/2 (secagg #2): failed: refused [device-3] at [/tmp/x]" in lines
     assert "the service answers again after 4.2 s [/tmp/y] " + "x" * 80 in lines
+
+
+def test_fleet_enroll_add_issues_tokens_in_the_fleets_cohort_without_the_authority_key(tmp_path, monkeypatch):
+    """`--add K` enrols "in the cohort of OUT's certificates" (its help); without `--authority-key` it read no
+    certificate and issued the new device's token in cohort "fleet", so withdrawing the fleet's consent
+    (its cohort) left the new device in. The certificates are read without the key now, as `--cohort` is
+    checked against them."""
+    from deltaplane.aggregation.secagg import EnrollmentAuthority
+    from deltaplane.serve.client import AdminClient
+
+    issued: list[tuple[str, str]] = []
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append((d, c)) or f"tok-{d}")
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    key = tmp_path / "enrollment.ed25519.pem"
+    key.write_bytes(EnrollmentAuthority.generate().to_pem())
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    args = ["fleet", "enroll", *url, "--out", str(out), "--devices", "2", "--authority-key", str(key)]
+    r = CliRunner().invoke(app, [*args, "--cohort", "north"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["fleet", "enroll", *url, "--out", str(out), "--add", "1"])
+    assert r.exit_code == 0, r.output
+    assert issued == [("device-0", "north"), ("device-1", "north"), ("device-2", "north")]
+    r = CliRunner().invoke(
+        app, ["fleet", "enroll", *url, "--out", str(out), "--add", "1", "--cohort", "south"]
+    )
+    assert r.exit_code == 2 and "certified in ['north']" in " ".join(r.output.split()), r.output

@@ -265,3 +265,23 @@ def test_certify_refuses_a_request_whose_key_differs_from_the_identity_key_in_ou
     DeviceCredentials.from_files(
         node / "device-1.identity.pem", node / "device-1.cert", node / "enrollment.ed25519.pub"
     )
+
+
+def test_a_replayed_request_for_a_revoked_device_is_refused_given_the_list(cli, authority, tmp_path) -> None:
+    """A device's old request (its leaked key, its id) sent again after the id was revoked: `keys certify
+    --request` with `--revocations` refuses it, even asking for another cohort than the revoked one (the service
+    matches the list by device id), and writes no certificate. The list names ids, not keys: what it cannot
+    refuse is the leaked key asking under a new id (the operator decides who gets one). Passes on main."""
+    _, key = authority
+    node, op, crl = tmp_path / "node", tmp_path / "op", tmp_path / "revoked.bin"
+    assert cli("keys", "identity", "--device", 2, "--cohort", "north", "--out", node).exit_code == 0
+    r = cli("keys", "certify", "--authority-key", key, "--out", op, "--request", node / "device-2.request")
+    assert r.exit_code == 0, r.output
+    (op / "device-2.cert").unlink()  # the operator removed the revoked device's files
+    r = cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 2, "--cohort", "south")
+    assert r.exit_code == 0, r.output
+    r = cli("keys", "certify", "--authority-key", key, "--out", op, "--request", node / "device-2.request",
+            "--revocations", crl)  # fmt: skip
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "device-2 is revoked in" in flat, flat
+    assert not (op / "device-2.cert").exists()

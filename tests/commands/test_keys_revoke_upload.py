@@ -155,3 +155,59 @@ def test_fleet_enroll_add_and_coordinate_enrolled_usage_errors(byo_task, tmp_pat
     r = cli("fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", tmp_path / "fleet.yaml",
             "--model", "m", "--rounds", 1, "--deadline", 1, "--enrolled", tmp_path / "empty")  # fmt: skip
     assert r.exit_code == 2 and "holds no device-I.token" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize(
+    "token", ["admin-token-0123456789\r", "admin-token-0123456789\n", "admin-tökén-012345"]
+)
+def test_an_admin_token_no_header_can_carry_is_a_usage_error_that_never_echoes_it(
+    cli, authority, tmp_path, monkeypatch, token
+) -> None:
+    """A token read from a file keeps its line ending (``\\r`` from a CRLF file survives ``$(cat …)``), or holds
+    a non-ASCII character: it was sent anyway, and the HTTP library's refusal of the header, which quotes it
+    (``Illegal header value b'Bearer admin-token…\\r'``), was printed as "cannot reach the service" (exit 1), or a
+    traceback, after the list was written. It is a usage error now (exit 2), before any write, naming the
+    character's position and never the token."""
+    _, key = authority
+    out = tmp_path / "revoked.bin"
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", token)
+    with socket.socket() as s:  # a loopback port that accepts connections (and never answers)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 1, "--upload", url)
+    flat = _flat(r.output)
+    assert r.exit_code == 2 and "$DELTAPLANE_ADMIN_TOKEN" in flat and "cannot carry" in flat, flat
+    assert "0123456789" not in r.output and "012345" not in r.output
+    assert not out.exists()  # refused before the list was written
+
+
+def test_any_other_service_error_says_the_list_stays_written(cli, authority, tmp_path, monkeypatch) -> None:
+    """An answer other than 401/403/409/422 (a 500, a 404 from a service without the endpoint, a 413) was
+    re-raised bare ("HTTP 500: …", exit 1) without the "is written and kept" every other failure says."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    def fails(self, data):
+        raise ServiceError(500, "internal error")
+
+    monkeypatch.setattr(AdminClient, "upload_revocations", fails)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    _, key = authority
+    out = tmp_path / "revoked.bin"
+    r = cli(
+        "keys",
+        "revoke",
+        "--authority-key",
+        key,
+        "--out",
+        out,
+        "--device",
+        1,
+        "--upload",
+        "http://127.0.0.1:9",
+    )
+    flat = _flat(r.output)
+    assert r.exit_code == 1 and "HTTP 500: internal error" in flat and f"{out} is written and kept" in flat, (
+        flat
+    )
+    assert out.exists()

@@ -228,3 +228,41 @@ def test_the_fleet_page_says_how_many_revoked_devices_a_round_left_out(tmp_path)
     history.add_round(_summary(1, kind="secagg", authenticated=True, revoked=["dev-3", "dev-7"]))
     page = pages.fleet_page({"closed_rounds": history.load().rounds})
     assert "secagg, authenticated (2 revoked, left out)" in page
+
+
+@pytest.mark.parametrize(
+    "table, column, text",
+    [
+        ("fleet_rounds", "summary", '{"version": 1, "contributors": 2, "epsilon": null, "authenticated": false, '
+         '"revoked": 5}'),
+        ("fleet_rounds", "summary", '{"version": [1], "contributors": 2, "epsilon": null, "authenticated": false, '
+         '"revoked": []}'),
+        ("fleet_reports", "report", '{"cohort": "eu", "round": null, "metrics": {"holdout_accuracy": "high"}}'),
+        ("fleet_reports", "report", '{"cohort": "eu", "round": null, "metrics": ["holdout_accuracy"]}'),
+    ],
+)  # fmt: skip
+def test_a_row_of_valid_json_with_the_wrong_types_is_left_out_too(tmp_path, table, column, text) -> None:
+    """A damaged row that is still JSON with every field present, but of the wrong type (``revoked`` a number,
+    ``version`` a list, a metric a string): the module's rule is that a damaged row never stops the service,
+    yet ``list(5)`` stopped the start with a TypeError, and an unhashable version or a metric ``float()``
+    refuses stopped every Fleet page and ``GET /admin/rounds/closed`` with a 500. Refused at load now, as a
+    row of the wrong format is, and the others are shown."""
+    svc = Service(tmp_path / "home")
+    history = FleetHistory(svc.reg)
+    history.add_round(_summary(1) | {"version": 1})
+    history.add_round(_summary(2) | {"version": 1})
+    for d in ("d0", "d1"):
+        history.add_report(
+            "cnn",
+            {"device": d, "version": 1, "cohort": "eu", "round": None, "metrics": {"holdout_accuracy": 0.5}},
+        )
+    with svc.reg.transaction() as con:
+        con.execute(f"UPDATE {table} SET {column}=? WHERE id=1", (text,))
+    loaded = history.load()
+    assert len(loaded.refused) == 1 and "left out" in loaded.refused[0], loaded.refused
+    restart(svc)
+    closed = svc.admin.closed_rounds()
+    assert [c["round"] for c in closed] == ([2] if table == "fleet_rounds" else [2, 1])
+    assert closed[0]["reports"] == (2 if table == "fleet_rounds" else 1)
+    assert svc.admin.stats()["counters"]["errors.history_unreadable"] == 1
+    assert _fleet_page(svc).count('data-field="round">') == len(closed)

@@ -278,3 +278,21 @@ def test_secagg_rounds_show_the_invited_devices_left_out_as_revoked(
     for table in ("open-rounds", "closed-rounds"):
         rows = re.search(rf'<table id="{table}">.*?</table>', page, re.S).group(0)
         assert f'<td class="bad" data-field="revoked" data-count="1">{NAMES[REVOKED]}</td>' in rows, table
+
+
+def test_a_signed_list_dated_past_year_9999_still_shows_the_fleet_page(
+    service_factory, authority, tmp_path
+) -> None:
+    """A list's times are u64 seconds; one its authority signed with an issue time past year 9999 (a clock or
+    script gone wrong: ``revoke`` takes any time below 2**64) is current and held, yet formatting its dates
+    raised OverflowError and every Fleet page view was a 500. Such a time is shown as its number."""
+    from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+
+    auth, _, pub = authority
+    out = tmp_path / "revoked.bin"
+    issued = 2**63
+    write_revocations(out, revoke(auth, [("device-1", "fleet")], issued=issued))
+    svc = service_factory(secagg_revocations=str(out), secagg_authority=str(pub))
+    page = fleet_html(svc)
+    assert panel(page)[0] == "current"
+    assert field(page, "issued") == f"{issued} (unix s)"

@@ -143,3 +143,32 @@ def test_a_malformed_authority_key_fails_the_start_before_any_list_exists(servic
             secagg_revocations=str(tmp_path / "revoked.bin"),
             secagg_authority=str(tmp_path / "enrollment.ed25519.pub"),
         )
+
+
+def test_a_fetch_that_read_the_file_just_before_an_upload_replaced_it_is_not_refused(
+    service_factory, authority, lists, tmp_path, monkeypatch
+) -> None:
+    """An open or a device fetch reads the list file, then checks it against the mark; an upload (under its own
+    lock, not theirs) may replace the file and raise the mark in between. The reader then held a list older
+    than the mark and was refused as a rollback (409, "this service holds number 2"), though the file was not
+    rolled back. The reader now reads the file again once before refusing: a real rollback still is."""
+    from deltaplane.serve import revocation_routes
+
+    first, second, _ = lists
+    svc, path = _uploading_service(service_factory, authority, tmp_path, held=first)
+    real = revocation_routes.read_server_revocations
+    calls = []
+
+    def upload_lands_after_the_read(*args, **kwargs):
+        read = real(*args, **kwargs)
+        if not calls:  # the first read sees list 1; the upload of list 2 completes before its check
+            svc.admin.upload_revocations(second.to_bytes())
+        calls.append(read.sequence)
+        return read
+
+    monkeypatch.setattr(revocation_routes, "read_server_revocations", upload_lands_after_the_read)
+    got = svc.device(NAMES[0]).request("GET", "/v1/secagg/revocations").content
+    assert got == second.to_bytes() and calls == [1, 2]
+    write_revocations(path, first)  # a real rollback: refused after the second read too
+    err = _refused(lambda: svc.device(NAMES[0]).request("GET", "/v1/secagg/revocations"))
+    assert err.status == 409 and "number 2" in err.detail

@@ -25,6 +25,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
 from deltaplane.threads import torch_threads
@@ -47,6 +48,7 @@ __all__ = [
     "err_console",
     "exit_code_for",
     "finite_number",
+    "fit_table",
     "set_verbosity",
     "working_dir_on_path",
 ]
@@ -58,6 +60,84 @@ console = Console()
 err_console = Console(stderr=True)
 #: -1 quiet, 0 normal, 1 verbose (set once by the top-level callback)
 verbosity = 0
+
+
+#: the narrowest a wrapping column is squeezed to (or its ``min_width``); a table whose fixed columns leave less
+#: does not fit
+_FOLD_FLOOR = 8
+#: a wrapping column first keeps its longest word whole, up to this many characters
+_WORD_FLOOR = 16
+
+
+def fit_table(table: Table, width: int) -> bool:
+    """Give ``table``'s wrapping columns widths that fit ``width`` columns; False when even that cannot.
+
+    Rich shrinks the wrapping columns only until the two widest are as wide as each other, then shrinks every
+    column evenly and crops: numbers (``no_wrap``) came out as ``0.96…`` and the last column lost its unit or
+    vanished at 80 columns though the table fitted. Here the widest wrapping column gives way one character at
+    a time, first down to its longest word (so a run name wraps between words), then down to a floor where its
+    cells fold; the numbers keep their width. A column left wider than its wrapped cells need (a date and time
+    that wrap to ``2026-12-06`` / ``09:15:03``) hands the rest to the others. On False the caller should lay the
+    table out another way (split it) rather than print it cropped.
+    """
+    probe = Console(width=width)
+    options = probe.options.update_width(width)
+    ranges = [table._measure_column(probe, options, c) for c in table.columns]  # (min, max), padding included
+    pads = [table._get_padding_width(i) for i in range(len(table.columns))]
+    wrapping = [i for i, c in enumerate(table.columns) if c.width is None and not c.no_wrap]
+    room = width - table._extra_width - sum(r.maximum for i, r in enumerate(ranges) if i not in wrapping)
+    for word_floor in (_WORD_FLOOR, 0):
+        widths = {i: ranges[i].maximum for i in wrapping}
+        floors = {
+            i: min(
+                widths[i],
+                pads[i]
+                + max(
+                    _FOLD_FLOOR, min(ranges[i].minimum - pads[i], word_floor), table.columns[i].min_width or 0
+                ),
+            )
+            for i in wrapping
+        }
+        while sum(widths.values()) > room and any(widths[i] > floors[i] for i in wrapping):
+            widest = max((i for i in wrapping if widths[i] > floors[i]), key=lambda i: widths[i])
+            widths[widest] -= 1
+        if sum(widths.values()) <= room:
+            _hand_back(table, probe, widths, [r.maximum for r in ranges], pads)
+            for i, w in widths.items():
+                if w < ranges[i].maximum:
+                    table.columns[i].width = w - pads[i]
+            return True
+    return False
+
+
+def _hand_back(
+    table: Table, probe: Console, widths: dict[int, int], natural: list[int], pads: list[int]
+) -> None:
+    """Narrow each shrunk column (narrowest first) to what its wrapped cells use, giving the rest to the columns
+    after it that are still short of their natural width, the shortest of it first."""
+    from rich.cells import cell_len
+
+    order = sorted(widths, key=lambda i: widths[i])
+    for n, i in enumerate(order):
+        inner = widths[i] - pads[i]
+        column = table.columns[i]
+        cells = [column.header, *column.cells]
+        if widths[i] >= natural[i] or not all(isinstance(c, str) for c in cells):
+            continue
+        lines = [
+            line
+            for cell in cells
+            for line in probe.render_str(cell).wrap(probe, inner, overflow=column.overflow or "fold")
+        ]
+        free = inner - max(cell_len(line.plain.rstrip()) for line in lines)
+        widths[i] -= free
+        while free > 0:
+            short = [j for j in order[n + 1 :] if widths[j] < natural[j]]
+            if not short:
+                widths[i] += free  # nobody needs it: the column keeps it
+                break
+            widths[max(short, key=lambda j: natural[j] - widths[j])] += 1
+            free -= 1
 
 
 def set_verbosity(level: int) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads, fit_table
 
 __all__ = ["register"]
 
@@ -85,12 +85,16 @@ def extract_lora_command(
         result.lora.save_peft(str(out))
         seconds = time.perf_counter() - t
     if not quiet:
-        table = Table("layer", "shape", "rank", "rel. error", "energy kept", "svd")
+        table = Table()
+        table.add_column("layer", overflow="fold")  # folded, never "model.layers.0.s…": q, k and v alike
+        for header in ("shape", "rank", "rel. error", "energy kept", "svd"):
+            table.add_column(header, no_wrap=True)
         for r in result.layers:
             table.add_row(
-                r.name, "x".join(map(str, r.shape)), str(r.rank), f"{r.rel_error:.4f}", f"{r.energy:.4f}",
+                escape(r.name), "x".join(map(str, r.shape)), str(r.rank), f"{r.rel_error:.4f}", f"{r.energy:.4f}",
                 "randomized" if r.randomized else "full",
             )  # fmt: skip
+        fit_table(table, console.width)
         console.print(table)
     for name, rel in result.uncaptured.items():
         console.print(f"[yellow]not in the adapter:[/yellow] {escape(name)} changed by {rel:.3g} of its norm")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -82,9 +83,11 @@ def compress(
         sent = decompress(payload, expect_layout=delta)
         atomic_write_bytes(out, payload)
     err = (sent - delta).norm() / max(delta.norm(), 1e-30)
-    table = Table(title=f"compressed {new.name} against {base.name}")
-    for col in ("tensors", "values", "raw bytes", "payload bytes", "ratio", "relative error"):
-        table.add_column(col, justify="right")
+    # two-line headers and numbers never wrapped: a 7B model's byte counts fit 80 columns whole (rich cut
+    # "28,966,928,384" to "28,966,928,…" under one-line headers)
+    table = Table(title=escape(f"compressed {new.name} against {base.name}"), box=box.SIMPLE_HEAD)
+    for col in ("tensors", "values", "raw\nbytes", "payload\nbytes", "ratio", "relative\nerror"):
+        table.add_column(col, justify="right", no_wrap=True)
     table.add_row(
         str(len(delta)),
         f"{delta.numel():,}",

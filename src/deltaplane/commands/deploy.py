@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane
     import numpy as np
     from rich.console import Console
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads, fit_table
 
 __all__ = ["register"]
 
@@ -324,13 +324,17 @@ def _token_inputs(
     return ev, cal, distill, note, note
 
 
-def _table(manifest: dict[str, Any], title: str):
-    """fp32 vs compressed, from the manifest (so a refused deploy prints the same table as a shipped one)."""
+def _table(manifest: dict[str, Any], title: str, width: int):
+    """fp32 vs compressed, from the manifest (so a refused deploy prints the same table as a shipped one), laid
+    out for ``width`` columns: cells wrap between words, a number is never cut (see :func:`fit_table`)."""
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("metric", "fp32", "compressed", "change"):
-        t.add_column(col, justify="right" if col != "metric" else "left")
+    t.add_column("metric", overflow="fold")
+    # values wrap between words ("87.50% (loss 1.092)"), never inside a number; "change" also holds a gate's
+    # margin or why it was not evaluated
+    for col in ("fp32", "compressed", "change"):
+        t.add_column(col, justify="right", overflow="fold")
     sizes = manifest["sizes"]
     t.add_row(
         "size (bytes)",
@@ -446,6 +450,7 @@ def _table(manifest: dict[str, Any], title: str):
             f"{len(passed)}/{len(results)} pass",
             f"tightest: {tight['gate']} ({tight['what']}) {tight['margin']:+.3g}",
         )
+    fit_table(t, width)
     return t
 
 
@@ -803,14 +808,14 @@ def register(app: typer.Typer) -> None:
             except QualityGateFailed as e:  # not a usage error: its own exit code, with the numbers shown
                 refused = e
         if refused is not None:
-            console.print(_table(refused.manifest, title + " — REFUSED"))
+            console.print(_table(refused.manifest, title + " — REFUSED", console.width))
             Console(stderr=True).print(
                 "[bold red]refused to ship:[/bold red] "
                 + escape(f"{str(refused).removeprefix('refused to ship: ')}; nothing written to {out}"),
                 soft_wrap=True,
             )
             raise typer.Exit(code=EXIT_GATE_FAILED)
-        console.print(_table(res.manifest, title))
+        console.print(_table(res.manifest, title, console.width))
         for layer, why in res.manifest["prune_skipped_layers"].items():
             console.print(escape(f"not pruned: {layer} ({why})"), soft_wrap=True)
         # soft_wrap: rich wraps at 80 columns when stdout is no terminal, and a path broken across lines cannot

@@ -113,9 +113,19 @@ def _tls(
 
 
 def _admin_token() -> str:
+    """The admin token in ``$DELTAPLANE_ADMIN_TOKEN``; a usage error, before any work, if it is unset or holds a
+    character an HTTP header cannot carry (a line ending kept from the file it was read from, a non-ASCII
+    letter): sent anyway, the HTTP library's refusal quotes the whole header, token included, on stderr."""
     token = os.environ.get(ADMIN_ENV, "")
     if not token:
         raise ConfigError(f"set ${ADMIN_ENV} to the admin token `deltaplane serve` runs with")
+    bad = next((i for i, ch in enumerate(token) if not " " <= ch <= "~"), None)
+    if bad is not None or token != token.strip():
+        where = f"character {bad + 1} of {len(token)}" if bad is not None else "a leading or trailing space"
+        raise ConfigError(
+            f"${ADMIN_ENV} holds {where}, which an HTTP header cannot carry (a line ending or carriage return "
+            "kept from the file it was read from?); set it to the token alone, printable ASCII (not shown here)"
+        )
     return token
 
 
@@ -171,7 +181,8 @@ def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str
     (:func:`admin_client`); the service's answer. A refusal is a one-line error that says the file stays
     written and what to do: the admin token refused is a usage error (exit 2); an older list (409), a forged,
     another authority's or a stale one (422) is :class:`~deltaplane.errors.GateRefused` (exit 3: the service
-    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable` (exit 1)."""
+    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable`, any other
+    answer a ``ServiceError`` (exit 1)."""
     from deltaplane.errors import GateRefused
     from deltaplane.serve.client import ServiceError
 
@@ -187,7 +198,7 @@ def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str
         if exc.status in (409, 422):
             why = "holds a newer list or keeps none" if exc.status == 409 else "refused the list"
             raise GateRefused(f"{url} {why} (HTTP {exc.status}: {exc.detail}); {kept}") from None
-        raise
+        raise ServiceError(exc.status, f"{exc.detail}; {kept}: upload it again", exc.error) from None
     except ServiceUnreachable as exc:  # the file is written all the same
         raise ServiceUnreachable(
             f"{exc}; {kept}: upload it again once the service answers", final=exc.final
@@ -366,8 +377,9 @@ def register(app: typer.Typer) -> None:
                         "that folder, or enrol the fleet first with --devices"
                     )
                 names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
-                if authority is not None:
-                    cohort = fleet_cohort(out, cohort)
+                # the fleet's cohort from its certificates (no key needed), with or without --authority-key:
+                # a token in another cohort would escape the fleet's consent withdrawal
+                cohort = fleet_cohort(out, cohort)
             else:
                 if devices is None:
                     if federation is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,6 +30,7 @@ from deltaplane.commands import (
     cpu_threads,
     err_console,
     finite_number,
+    fit_table,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -798,8 +800,10 @@ def register(app: typer.Typer) -> None:
         home: Home = None,
         as_json: JsonFlag = False,
     ) -> None:
-        """List versions with their tags, lineage, sizes and creation times."""
+        """List versions with their tags, lineage (a one-line summary; the whole record with --json or `registry
+        show`), sizes and creation times."""
         from deltaplane.registry import Registry
+        from deltaplane.registry.lineage import summarize_lineage
 
         with _errors():
             reg = Registry(_home(home))
@@ -812,18 +816,37 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 typer.echo(json.dumps([a.to_dict() | {"tags": tags_of(a)} for a in versions], indent=2))
                 return
-            table = Table("ref", "kind", "parent", "size", "tags", "lineage", "cohorts", "created")
-            for a in versions:
+            summaries = [summarize_lineage(a.lineage) for a in versions]
+            # the lineage as a one-line summary (a fleet's first version carries its whole run config, which
+            # buried the table); the caption says where the whole record is, so nothing is hidden unsaid
+            table = Table(
+                caption="lineage: a summary (+N more: fields not shown); the whole record: "
+                "deltaplane registry show REF, or --json",
+                caption_justify="left",
+                box=box.SIMPLE_HEAD,
+                pad_edge=False,
+                collapse_padding=True,
+            )
+            table.add_column("ref", overflow="fold")
+            table.add_column("kind", overflow="fold")
+            table.add_column("parent", justify="right", no_wrap=True)
+            table.add_column("size", justify="right", no_wrap=True)
+            table.add_column("tags", overflow="fold")
+            table.add_column("lineage", overflow="fold", ratio=1)  # the room the others leave
+            table.add_column("cohorts", overflow="fold")
+            table.add_column("created")
+            for a, (lineage, _) in zip(versions, summaries, strict=True):
                 table.add_row(
-                    a.ref,
+                    escape(a.ref),
                     a.kind if a.kind == "model" else f"delta {a.base}->{a.target}",
                     str(a.parent or ""),
                     f"{a.size:,}",
-                    ",".join(tags_of(a)),
-                    escape(json.dumps(a.lineage)),
-                    ",".join(a.governance.cohorts),
+                    escape(",".join(tags_of(a))),
+                    escape(lineage),
+                    escape(",".join(a.governance.cohorts)),
                     human_time(a.created_at),
                 )
+            fit_table(table, console.width)
         console.print(table)
 
     @reg_app.command("show")
@@ -847,6 +870,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(doc, indent=2, default=str))
             return
         table = Table(show_header=False, box=None)
+        table.add_column(no_wrap=True)
+        table.add_column(
+            overflow="fold"
+        )  # a long hash or path folds, never cut to "…": this is the whole record
         for key in ("ref", "kind", "sha256", "size", "parent", "base", "target", "codec"):
             if doc.get(key) is not None:
                 table.add_row(key, escape(f"{doc[key]:,}" if key == "size" else str(doc[key])))

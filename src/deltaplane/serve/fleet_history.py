@@ -37,6 +37,7 @@ never stops the service.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -120,11 +121,52 @@ def bounded_reason(reason: str) -> str:
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: what each stored field must be for the Fleet page and ``GET /admin/rounds/closed`` to show it (the service
+#: wrote it so; a row that is still JSON but holds something else is damaged, and refused as such)
+_FIELD_CHECKS: dict[str, Any] = {
+    "version": lambda v: v is None or _is_int(v),
+    "contributors": _is_int,
+    "epsilon": lambda v: v is None or _is_int(v) or isinstance(v, float),  # inf: a round without noise
+    "authenticated": lambda v: isinstance(v, bool),
+    "revoked": lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
+    "cohort": lambda v: isinstance(v, str),
+    "round": lambda v: v is None or _is_int(v),
+    "metrics": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())
+    ),
+}
+
+
+#: a round that ended without publishing: as a published round's, and its own fields (a lost round's
+#: ``contributors`` is unknown: None)
+_UNPUBLISHED_CHECKS: dict[str, Any] = _FIELD_CHECKS | {
+    "invited": lambda v: v is None or _is_int(v),
+    "contributors": lambda v: v is None or _is_int(v),
+    "stage": lambda v: v is None or isinstance(v, str),
+    "reason": lambda v: isinstance(v, str),
+}
+
+
 def _decode(
-    table: str, row_id: int, fmt: int, text: str, fields: Iterable[str], expected: int = 1
+    table: str,
+    row_id: int,
+    fmt: int,
+    text: str,
+    fields: Iterable[str],
+    expected: int = 1,
+    checks: Mapping[str, Any] = _FIELD_CHECKS,
 ) -> dict[str, Any]:
-    """A row's JSON as a dict holding ``fields``; :class:`HistoryRowError` naming the row if it cannot be (a
-    format other than ``expected``: newer than this code, or not the layout its outcome is written in)."""
+    """A row's JSON as a dict holding ``fields``, each of the type the service writes (``checks``);
+    :class:`HistoryRowError` naming the row if it cannot be (or has a format other than ``expected``: newer
+    than this code, or not the layout its outcome is written in)."""
     where = f"fleet history row {row_id} of {table}"
     if fmt != expected:
         newer = "a newer deltaplane" if fmt > FORMAT else "an unknown writer"
@@ -138,6 +180,9 @@ def _decode(
     missing = [f for f in fields if not isinstance(data, dict) or f not in data]
     if missing:
         raise HistoryRowError(f"{where} lacks {', '.join(missing)}")
+    wrong = [f for f in fields if f in checks and not checks[f](data[f])]
+    if wrong:
+        raise HistoryRowError(f"{where} holds {', '.join(wrong)} of the wrong type")
     return data
 
 
@@ -261,7 +306,8 @@ class FleetHistory:
                     raise HistoryRowError(
                         f"fleet history row {row_id} of fleet_rounds has outcome {outcome!r}"
                     )
-                data = _decode("fleet_rounds", row_id, fmt, text, fields, expected)
+                checks = _FIELD_CHECKS if published else _UNPUBLISHED_CHECKS
+                data = _decode("fleet_rounds", row_id, fmt, text, fields, expected, checks)
             except HistoryRowError as exc:
                 what = "closed" if published else "unpublished"
                 out.refused.append(f"{exc} ({what} round {number} of {model!r}, {kind}); left out")

@@ -92,11 +92,19 @@ def read_service_revocations(
     ``config.secagg_authority`` when given; given ``now``, current), then, verified, checked against and
     recorded as the highest list of its authority the service has held (``store``): an older one is a
     :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`. An unverified list (no authority key)
-    neither raises nor moves the mark: anyone could have numbered it."""
+    neither raises nor moves the mark: anyone could have numbered it.
+
+    An upload replaces the file and raises the mark under its own lock, possibly between this read and this
+    check: a list older than the mark is read once more before it is refused, so only a file that is still
+    older (rolled back) is."""
     trusted = server_trust(config)
     rl = read_server_revocations(config.secagg_revocations, trusted, now=now, fix=fix)
     if trusted is not None:
-        store.hold_revocations(rl, source=config.secagg_revocations)
+        try:
+            store.hold_revocations(rl, source=config.secagg_revocations)
+        except RevocationRollback:
+            rl = read_server_revocations(config.secagg_revocations, trusted, now=now, fix=fix)
+            store.hold_revocations(rl, source=config.secagg_revocations)
     return rl
 
 

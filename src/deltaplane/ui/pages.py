@@ -85,9 +85,14 @@ def _num(value: Any, fmt: str = "{:.4f}", field: str = "") -> str:
 
 
 def _when(ts: float | None) -> str:
+    """``ts`` (unix s) as a UTC date; a time no date holds (past year 9999: a revocation list's u64 times can
+    be) as its number, so that one odd value never makes the whole page a 500."""
     if ts is None:
         return "—"
-    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"{ts} (unix s)"
 
 
 def _table(head: Sequence[str], rows: Iterable[str], *, table_id: str = "") -> str:
