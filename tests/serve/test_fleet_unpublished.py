@@ -273,3 +273,27 @@ def test_published_and_unpublished_rounds_are_bounded_each_on_their_own(tmp_path
     assert [r["round"] for r in loaded.rounds] == [2, 3, 4]
     assert [r["round"] for r in loaded.unpublished] == [12, 13, 14]
     assert fleet_history.MAX_CLOSED_ROUNDS == 3  # (patched) the module's bound, as memory keeps it
+
+
+def test_a_damaged_unpublished_row_is_left_out_with_a_message(tmp_path) -> None:
+    """An unpublished row whose fields are not of the types the service writes (a reason that is not text) is
+    refused like a damaged published row; a lost round's unknown ``contributors`` (None) is not damage."""
+    history = FleetHistory(Registry.create(tmp_path / "home"))
+    base = {"model": "cnn", "kind": "secagg", "authenticated": False, "revoked": [], "closed_at": 1.0}
+    for n in (1, 2):
+        history.add_unpublished(
+            base
+            | {
+                "round": n,
+                "outcome": "lost",
+                "invited": 3,
+                "contributors": None,
+                "stage": None,
+                "reason": "x",
+            }
+        )
+    with history.registry.transaction() as con:
+        con.execute("UPDATE fleet_rounds SET summary=json_set(summary, '$.reason', 7) WHERE number=1")
+    loaded = history.load()
+    assert [r["round"] for r in loaded.unpublished] == [2] and loaded.unpublished[0]["contributors"] is None
+    assert "holds reason of the wrong type (unpublished round 1 of 'cnn', secagg)" in loaded.refused[0]
