@@ -39,6 +39,9 @@ def service(authority, tmp_path, monkeypatch):
         yield server.url, tls.ca_cert, tmp_path / "held.bin"
 
 
+NO_SERVICE = "http://127.0.0.1:9"  # nothing listens there (the tests using it stop before a request, or fake it)
+
+
 def _flat(output: str) -> str:
     return " ".join(output.split())
 
@@ -114,18 +117,7 @@ def test_upload_usage_errors_change_nothing(cli, authority, tmp_path, monkeypatc
     _, key = authority
     out = tmp_path / "revoked.bin"
     monkeypatch.delenv("DELTAPLANE_ADMIN_TOKEN", raising=False)
-    r = cli(
-        "keys",
-        "revoke",
-        "--authority-key",
-        key,
-        "--out",
-        out,
-        "--device",
-        1,
-        "--upload",
-        "http://127.0.0.1:9",
-    )
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 1, "--upload", NO_SERVICE)
     assert r.exit_code == 2 and "DELTAPLANE_ADMIN_TOKEN" in r.output, r.output
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
     r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--upload", "https://127.0.0.1:9")
@@ -194,18 +186,7 @@ def test_any_other_service_error_says_the_list_stays_written(cli, authority, tmp
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
     _, key = authority
     out = tmp_path / "revoked.bin"
-    r = cli(
-        "keys",
-        "revoke",
-        "--authority-key",
-        key,
-        "--out",
-        out,
-        "--device",
-        1,
-        "--upload",
-        "http://127.0.0.1:9",
-    )
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 1, "--upload", NO_SERVICE)
     flat = _flat(r.output)
     assert r.exit_code == 1 and "HTTP 500: internal error" in flat and f"{out} is written and kept" in flat, (
         flat
