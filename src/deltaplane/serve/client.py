@@ -30,7 +30,12 @@ from deltaplane.registry.store import rollback_statement
 if TYPE_CHECKING:
     from deltaplane.codecs import WireSession
 
-__all__ = ["AdminClient", "DeviceClient", "ServiceError"]
+__all__ = ["REVOCATIONS_ADMIN_PATH", "REVOCATIONS_DEVICE_PATH", "AdminClient", "DeviceClient", "ServiceError"]
+
+#: where the operator uploads a new revocation list, and where devices fetch the current one
+#: (:mod:`deltaplane.serve.revocation_routes` serves both; defined here so a device needs no FastAPI to know them)
+REVOCATIONS_ADMIN_PATH = "/admin/secagg/revocations"
+REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
 
 
 class ServiceError(DeltaplaneError, RuntimeError):
@@ -362,7 +367,7 @@ class AdminClient:
         :class:`ServiceError` (400 malformed, 409 older than the held list or no list kept, 413 too large, 422
         forged, of another authority, or past its next update)."""
         headers = {**self._headers, "Content-Type": "application/octet-stream"}
-        return _check(self._http.post("/admin/secagg/revocations", content=data, headers=headers)).json()
+        return _check(self._http.post(REVOCATIONS_ADMIN_PATH, content=data, headers=headers)).json()
 
     def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
         """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""

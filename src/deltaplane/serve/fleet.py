@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import socket
 import ssl
@@ -59,9 +60,8 @@ from deltaplane.errors import (
     ServiceUnreachable,
 )
 from deltaplane.monitor import DriftSpec
-from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.client import REVOCATIONS_DEVICE_PATH, AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
-from deltaplane.serve.revocation_routes import REVOCATIONS_DEVICE_PATH
 from deltaplane.serve.secagg_client import SecAggDevice
 
 __all__ = [
@@ -966,12 +966,15 @@ def _secagg_round(
             return number, survivors, published["version"], published.get("measurements", {})
 
 
-def weight_scale_of(config: RunConfig) -> float:
+def weight_scale_of(config: RunConfig, clients: list[Any] | None = None) -> float:
     """The public weight scale of SecAgg rounds: the devices' mean example count (as every driver uses), from
-    the same partition of the task the devices compute; 0 (an unweighted mean) under distributed DP."""
+    the same partition of the task the devices compute (``clients``, built from ``config`` if not given); 0 (an
+    unweighted mean) under distributed DP."""
     from deltaplane.engine.secure import secure_weight_scale
 
-    return secure_weight_scale(config, [c.num_samples for c in build_clients(config, make_task(config))])
+    if clients is None:
+        clients = build_clients(config, make_task(config))
+    return secure_weight_scale(config, [c.num_samples for c in clients])
 
 
 def coordinate(
@@ -1024,14 +1027,21 @@ def coordinate(
             "round (it does not sample devices); use sample_fraction: 1"
         )
     names = devices or [device_id(i) for i in range(config.clients)]
+
+    @functools.cache
+    def task_and_clients() -> tuple[Any, list[Any]]:
+        # built once: the weight scale and the drift reference read the same devices (the task's data loaded
+        # twice cost a SecAgg coordinator a second data load and partition before its first request)
+        task = make_task(config)
+        return task, build_clients(config, task)
+
     if config.secagg and weight_scale is None:
-        weight_scale = weight_scale_of(config)
+        weight_scale = weight_scale_of(config, task_and_clients()[1])
     # SecAgg+: the config's degree for a round of every invited device, as `deltaplane run` opens it
     neighbours = secure_neighbours(config, len(names))
     p = Patient(admin, patience=patience, say=say or log.warning, poll=poll)
     if drift:
-        task = make_task(config)
-        spec, reference = drift_reference(task, build_clients(config, task))
+        spec, reference = drift_reference(*task_and_clients())
         p.call(
             lambda: admin.set_drift_reference(model, spec.to_dict(), reference.to_dict(), window=len(names)),
             "set the drift reference",
