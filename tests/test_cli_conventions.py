@@ -155,6 +155,25 @@ def test_light_commands_do_not_import_torch(argv: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["keys", "enrollment", "--out", "authority"], ["keys", "identity", "--device", "3", "--out", "dev"]],
+)
+def test_key_commands_do_not_import_torch(argv: list[str], tmp_path: Path) -> None:
+    """`keys enrollment` and `keys identity` make Ed25519 keys: they loaded torch (1.6 s of CPU for a 0.2 s
+    command) through the eager `deltaplane.deploy` and `deltaplane.aggregation` packages and `deltaplane.delta`."""
+    code = (
+        "import sys; from deltaplane.cli import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any((tmp_path / argv[-1]).iterdir())  # the keys were written
+
+
 def test_python_dash_m_runs_the_same_cli() -> None:
     """`python -m deltaplane` failed with 'No module named deltaplane.__main__'; it is the same app, same name."""
     proc = subprocess.run(

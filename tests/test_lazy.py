@@ -1,5 +1,5 @@
-"""`deltaplane` and `deltaplane.registry` load their public names on first use (deltaplane.lazy), so importing
-either waits for no torch, and each name, once loaded, is the defining module's own object."""
+"""`deltaplane`, `deltaplane.registry`, `.serve`, `.aggregation` (and `.secagg`) and `.deploy` load their public names on
+first use (deltaplane.lazy), so importing one waits for no torch (nor the service), and each name, once loaded, is the defining module's own object."""
 
 from __future__ import annotations
 
@@ -13,7 +13,17 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.mark.parametrize("package", ["deltaplane", "deltaplane.registry"])
+@pytest.mark.parametrize(
+    "package",
+    [
+        "deltaplane",
+        "deltaplane.registry",
+        "deltaplane.aggregation",
+        "deltaplane.aggregation.secagg.enrollment",  # fleet enroll, keys identity/certify/revoke
+        "deltaplane.deploy",
+        "deltaplane.deploy.publish",  # keys enrollment checks its folder with it
+    ],
+)
 def test_importing_the_package_imports_no_torch(package: str) -> None:
     code = f"import sys, {package}; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
