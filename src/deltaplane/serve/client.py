@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import torch
 
 from deltaplane.errors import (
     ConfigError,
@@ -23,12 +22,14 @@ from deltaplane.errors import (
     IntegrityError,
     SignatureError,
 )
-from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 
 if TYPE_CHECKING:
+    import torch
+
     from deltaplane.codecs import WireSession
+    from deltaplane.registry.downlink import Downlink
 
 __all__ = ["REVOCATIONS_ADMIN_PATH", "REVOCATIONS_DEVICE_PATH", "AdminClient", "DeviceClient", "ServiceError"]
 
@@ -172,6 +173,9 @@ class DeviceClient:
     def _download(
         self, model: str, *, have: int | None, channel: str, nonce: str
     ) -> tuple[Downlink, httpx.Headers]:
+        # torch and the codecs load here, on a device's path: an admin client (fleet enroll) never needs them
+        from deltaplane.registry.downlink import Downlink
+
         params: dict[str, Any] = {"channel": channel}
         if have is not None:
             params["have"] = have
@@ -205,6 +209,8 @@ class DeviceClient:
 
     def _check_answer(self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers) -> None:
         """Refuse an answer that is not fresh, not for this model, or older than what the device holds."""
+        from deltaplane.registry.downlink import serve_statement
+
         stmt = serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
         sig = h.get("x-deltaplane-serve-signature", "")
         if not sig:
@@ -234,6 +240,8 @@ class DeviceClient:
         random nonce (so it cannot be replayed or faked, 204 included), and a version older than the one held
         is accepted only with a signed rollback record (:class:`DowngradeRefused` otherwise).
         """
+        from deltaplane.registry.downlink import apply_downlink
+
         have = self.version if self.state is not None else None
         nonce = secrets.token_urlsafe(24)
         dl, h = self._download(model, have=have, channel=channel, nonce=nonce)
