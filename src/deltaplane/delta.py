@@ -22,14 +22,13 @@ import os
 import stat
 import struct
 import sys
-import tempfile
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from deltaplane.errors import BaseMismatch, ConfigError, DecodeError, InvalidUpdate, ShapeMismatch
+from deltaplane.textfile import _UMASK, atomic_write_bytes  # noqa: F401  (moved; importers keep this path)
 
 __all__ = [
     "BASE_SHA256_KEY",
@@ -168,16 +167,6 @@ def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     return next((k for k, v in floats if not bool(torch.isfinite(v).all())), None)
 
 
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; do it once at import, not while other threads create files
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
 def _sub(a: Tensor, b: Tensor) -> Tensor:
     """``a - b``; for boolean tensors the values that differ (``a XOR b``: torch has no boolean subtraction)."""
     return torch.logical_xor(a, b) if a.dtype == torch.bool else a - b
@@ -199,24 +188,6 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         out[k] = t.clone() if ptr and ptr in seen else t
         seen.add(ptr)
     return out
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 less the umask)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Delta(Mapping[str, Tensor]):

@@ -895,6 +895,32 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
         assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted
 
 
+def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_task, monkeypatch) -> None:
+    """The SecAgg weight scale and the drift reference read the same devices: the coordinator used to make the
+    task and partition its data twice (once for each) before its first request to the service; now once, and
+    the reference it sends is the one built from a task of its own."""
+    loaded: list[str] = []
+    real_make_task = fleet.make_task
+    monkeypatch.setattr(
+        fleet, "make_task", lambda config: loaded.append(config.task) or real_make_task(config)
+    )
+    sent: list[dict] = []
+
+    class Refusing:  # the service refuses the coordinator's first request: it ends there
+        base_url = "http://127.0.0.1:1"
+
+        def set_drift_reference(self, model, spec, reference, *, window):
+            sent.append(reference)
+            raise fleet.ServiceError(401, "invalid admin token")
+
+    cfg = _config(byo_task, secagg=True, clip="2.0")
+    with pytest.raises(fleet.ServiceError, match="invalid admin token"):
+        fleet.coordinate(Refusing(), cfg, model=MODEL, rounds=1, deadline=1.0, say=lambda line: None)  # type: ignore[arg-type]
+    task = real_make_task(cfg)
+    _, expected = fleet.drift_reference(task, build_clients(cfg, task))
+    assert loaded == [byo_task] and sent == [expected.to_dict()]
+
+
 def test_the_coordinators_line_says_when_a_distributed_dp_sum_was_not_published() -> None:
     published = fleet.RoundSummary(1, "secagg", 1, 3, 3, 2, 1.5, 2.0, {"secure_sum_published": 1.0})
     short = fleet.RoundSummary(2, "secagg", 2, 3, 2, 4, 2.5, 2.0, {"secure_sum_published": 0.0})

@@ -159,7 +159,7 @@ def _connected(url: str, fn: Any) -> Any:
     """Run ``fn``; a connection that failed becomes one typed line (TLS failures name the CA to check)."""
     import httpx
 
-    from deltaplane.serve.fleet import unreachable
+    from deltaplane.serve.reach import unreachable
 
     try:
         return fn()

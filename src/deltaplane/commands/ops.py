@@ -287,8 +287,8 @@ def register(app: typer.Typer) -> None:
         SecAgg identity key with it; devices trust its .pub. Not the registry's signing key, which the service
         holds: a service that could certify keys could substitute them (docs/security.md)."""
         from deltaplane.aggregation.secagg.identity import EnrollmentAuthority
-        from deltaplane.delta import atomic_write_bytes
         from deltaplane.registry.signing import write_secret_file
+        from deltaplane.textfile import atomic_write_bytes
 
         with _errors(OSError):
             key, pub = out / "enrollment.ed25519.pem", out / "enrollment.ed25519.pub"
@@ -425,7 +425,7 @@ def register(app: typer.Typer) -> None:
             write_certificate,
             write_identity,
         )
-        from deltaplane.delta import atomic_write_bytes
+        from deltaplane.textfile import atomic_write_bytes
 
         with _errors(OSError):
             if sum((devices is not None, bool(device), bool(request), add is not None)) != 1:

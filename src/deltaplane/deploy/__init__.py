@@ -1,83 +1,161 @@
 """Deployment: prune, quantize, export and package models for devices, and measure what it cost.
 
 ``onnx``, ``onnxruntime`` and ``zstandard`` (the ``deploy`` extra) are imported inside the functions that need
-them, so importing this package only costs torch.
+them; the package's public names load on first use (:mod:`deltaplane.lazy`), so a command that needs only a light submodule
+(``keys enrollment`` checks its folder with :mod:`deltaplane.deploy.publish`) does not wait for torch either.
 """
 
-from deltaplane.deploy.artifact import (
-    Artifact,
-    ArtifactInfo,
-    pack_onnx,
-    read_artifact,
-    state_dict_sha256,
-    write_artifact,
-)
-from deltaplane.deploy.card import render_model_card
-from deltaplane.deploy.checkpoint import (
-    Checkpoint,
-    available_architectures,
-    infer_task,
-    load_checkpoint,
-    register_architecture,
-    resolve_builder,
-    save_checkpoint,
-)
-from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
-from deltaplane.deploy.finetune import masked_finetune
-from deltaplane.deploy.gates import GateResult, Gates
-from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
-from deltaplane.deploy.pipeline import (
-    DeployResult,
-    EncoderDeployResult,
-    deploy_classifier,
-    deploy_encoder,
-    parse_prune,
-    prune_model,
-)
-from deltaplane.deploy.profile import (
-    Comparison,
-    Evaluation,
-    Latency,
-    compare,
-    corruptions,
-    evaluate,
-    expected_calibration_error,
-    measure_latency,
-    onnx_predictor,
-    torch_predictor,
-)
-from deltaplane.deploy.prune import (
-    ChannelPruneResult,
-    GradualPruner,
-    GradualSchedule,
-    PruneResult,
-    apply_masks,
-    channel_prune,
-    check_sparsity,
-    magnitude_prune,
-    nm_mask,
-    nm_prune,
-    prunable_layers,
-    sparsity_of,
-    wanda_prune,
-    wanda_scores,
-)
-from deltaplane.deploy.quantize import (
-    GroupQuant,
-    dequantize_int4,
-    quantize_dynamic_torch,
-    quantize_int4,
-    quantize_int8,
-    quantize_onnx,
-    weight_only_quantize,
-)
-from deltaplane.deploy.sparsegpt import input_hessian, sparsegpt_prune, sparsegpt_weights
-from deltaplane.deploy.tokens import (
-    TokenDeployResult,
-    deploy_token_model,
-    random_tokens,
-    tokens_from_sentences,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from deltaplane.lazy import lazy_attributes
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily (below)
+    from deltaplane.deploy.artifact import (
+        Artifact,
+        ArtifactInfo,
+        pack_onnx,
+        read_artifact,
+        state_dict_sha256,
+        write_artifact,
+    )
+    from deltaplane.deploy.card import render_model_card
+    from deltaplane.deploy.checkpoint import (
+        Checkpoint,
+        available_architectures,
+        infer_task,
+        load_checkpoint,
+        register_architecture,
+        resolve_builder,
+        save_checkpoint,
+    )
+    from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
+    from deltaplane.deploy.finetune import masked_finetune
+    from deltaplane.deploy.gates import GateResult, Gates
+    from deltaplane.deploy.onnx import ExportResult, export_onnx, ort_session, run_session
+    from deltaplane.deploy.pipeline import (
+        DeployResult,
+        EncoderDeployResult,
+        deploy_classifier,
+        deploy_encoder,
+        parse_prune,
+        prune_model,
+    )
+    from deltaplane.deploy.profile import (
+        Comparison,
+        Evaluation,
+        Latency,
+        compare,
+        corruptions,
+        evaluate,
+        expected_calibration_error,
+        measure_latency,
+        onnx_predictor,
+        torch_predictor,
+    )
+    from deltaplane.deploy.prune import (
+        ChannelPruneResult,
+        GradualPruner,
+        GradualSchedule,
+        PruneResult,
+        apply_masks,
+        channel_prune,
+        check_sparsity,
+        magnitude_prune,
+        nm_mask,
+        nm_prune,
+        prunable_layers,
+        sparsity_of,
+        wanda_prune,
+        wanda_scores,
+    )
+    from deltaplane.deploy.quantize import (
+        GroupQuant,
+        dequantize_int4,
+        quantize_dynamic_torch,
+        quantize_int4,
+        quantize_int8,
+        quantize_onnx,
+        weight_only_quantize,
+    )
+    from deltaplane.deploy.sparsegpt import input_hessian, sparsegpt_prune, sparsegpt_weights
+    from deltaplane.deploy.tokens import (
+        TokenDeployResult,
+        deploy_token_model,
+        random_tokens,
+        tokens_from_sentences,
+    )
+
+_LAZY = {
+    "apply_masks": "deltaplane.deploy.prune",
+    "Artifact": "deltaplane.deploy.artifact",
+    "ArtifactInfo": "deltaplane.deploy.artifact",
+    "available_architectures": "deltaplane.deploy.checkpoint",
+    "channel_prune": "deltaplane.deploy.prune",
+    "ChannelPruneResult": "deltaplane.deploy.prune",
+    "check_sparsity": "deltaplane.deploy.prune",
+    "Checkpoint": "deltaplane.deploy.checkpoint",
+    "compare": "deltaplane.deploy.profile",
+    "Comparison": "deltaplane.deploy.profile",
+    "corruptions": "deltaplane.deploy.profile",
+    "cosine_similarity_rows": "deltaplane.deploy.encoder",
+    "deploy_classifier": "deltaplane.deploy.pipeline",
+    "deploy_encoder": "deltaplane.deploy.pipeline",
+    "deploy_token_model": "deltaplane.deploy.tokens",
+    "DeployResult": "deltaplane.deploy.pipeline",
+    "dequantize_int4": "deltaplane.deploy.quantize",
+    "EncoderDeployResult": "deltaplane.deploy.pipeline",
+    "evaluate": "deltaplane.deploy.profile",
+    "Evaluation": "deltaplane.deploy.profile",
+    "expected_calibration_error": "deltaplane.deploy.profile",
+    "export_onnx": "deltaplane.deploy.onnx",
+    "ExportResult": "deltaplane.deploy.onnx",
+    "GateResult": "deltaplane.deploy.gates",
+    "Gates": "deltaplane.deploy.gates",
+    "GradualPruner": "deltaplane.deploy.prune",
+    "GradualSchedule": "deltaplane.deploy.prune",
+    "GroupQuant": "deltaplane.deploy.quantize",
+    "infer_task": "deltaplane.deploy.checkpoint",
+    "input_hessian": "deltaplane.deploy.sparsegpt",
+    "Latency": "deltaplane.deploy.profile",
+    "load_checkpoint": "deltaplane.deploy.checkpoint",
+    "magnitude_prune": "deltaplane.deploy.prune",
+    "masked_finetune": "deltaplane.deploy.finetune",
+    "MeanPooledEncoder": "deltaplane.deploy.encoder",
+    "measure_latency": "deltaplane.deploy.profile",
+    "nm_mask": "deltaplane.deploy.prune",
+    "nm_prune": "deltaplane.deploy.prune",
+    "onnx_predictor": "deltaplane.deploy.profile",
+    "ort_session": "deltaplane.deploy.onnx",
+    "pack_onnx": "deltaplane.deploy.artifact",
+    "parse_prune": "deltaplane.deploy.pipeline",
+    "prunable_layers": "deltaplane.deploy.prune",
+    "prune_model": "deltaplane.deploy.pipeline",
+    "PruneResult": "deltaplane.deploy.prune",
+    "quantize_dynamic_torch": "deltaplane.deploy.quantize",
+    "quantize_int4": "deltaplane.deploy.quantize",
+    "quantize_int8": "deltaplane.deploy.quantize",
+    "quantize_onnx": "deltaplane.deploy.quantize",
+    "random_tokens": "deltaplane.deploy.tokens",
+    "read_artifact": "deltaplane.deploy.artifact",
+    "register_architecture": "deltaplane.deploy.checkpoint",
+    "render_model_card": "deltaplane.deploy.card",
+    "resolve_builder": "deltaplane.deploy.checkpoint",
+    "run_session": "deltaplane.deploy.onnx",
+    "save_checkpoint": "deltaplane.deploy.checkpoint",
+    "sparsegpt_prune": "deltaplane.deploy.sparsegpt",
+    "sparsegpt_weights": "deltaplane.deploy.sparsegpt",
+    "sparsity_of": "deltaplane.deploy.prune",
+    "state_dict_sha256": "deltaplane.deploy.artifact",
+    "TokenDeployResult": "deltaplane.deploy.tokens",
+    "tokens_from_sentences": "deltaplane.deploy.tokens",
+    "torch_predictor": "deltaplane.deploy.profile",
+    "wanda_prune": "deltaplane.deploy.prune",
+    "wanda_scores": "deltaplane.deploy.prune",
+    "weight_only_quantize": "deltaplane.deploy.quantize",
+    "write_artifact": "deltaplane.deploy.artifact",
+}
 
 __all__ = [
     "Artifact",
@@ -148,3 +226,5 @@ __all__ = [
     "weight_only_quantize",
     "write_artifact",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

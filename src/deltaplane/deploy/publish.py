@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deltaplane.delta import _UMASK
 from deltaplane.errors import ConfigError, ExportError
+from deltaplane.textfile import _UMASK
 
 __all__ = [
     "DEPLOY_FILES",

@@ -171,7 +171,7 @@ def init_keys(home: str | os.PathLike[str], *, overwrite: bool = False) -> Signe
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-    from deltaplane.delta import atomic_write_bytes
+    from deltaplane.textfile import atomic_write_bytes
 
     keys = Path(home) / "keys"
     if (keys / PRIVATE_NAME).exists() and not overwrite:

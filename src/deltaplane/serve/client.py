@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import torch
 
 from deltaplane.errors import (
     ConfigError,
@@ -23,15 +22,22 @@ from deltaplane.errors import (
     IntegrityError,
     SignatureError,
 )
-from deltaplane.registry.downlink import Downlink, apply_downlink, serve_statement
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 
 if TYPE_CHECKING:
-    from deltaplane.codecs import WireSession
+    import torch
 
-__all__ = ["AdminClient", "DeviceClient", "ServiceError"]
+    from deltaplane.codecs import WireSession
+    from deltaplane.registry.downlink import Downlink
+
+__all__ = ["REVOCATIONS_ADMIN_PATH", "REVOCATIONS_DEVICE_PATH", "AdminClient", "DeviceClient", "ServiceError"]
+
+#: where the operator uploads a new revocation list, and where devices fetch the current one
+#: (:mod:`deltaplane.serve.revocation_routes` serves both; defined here so a device needs no FastAPI to know them)
+REVOCATIONS_ADMIN_PATH = "/admin/secagg/revocations"
+REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
 
 
 class ServiceError(DeltaplaneError, RuntimeError):
@@ -173,6 +179,9 @@ class DeviceClient:
     def _download(
         self, model: str, *, have: int | None, channel: str, nonce: str
     ) -> tuple[Downlink, httpx.Headers]:
+        # torch and the codecs load here, on a device's path: an admin client (fleet enroll) never needs them
+        from deltaplane.registry.downlink import Downlink
+
         params: dict[str, Any] = {"channel": channel}
         if have is not None:
             params["have"] = have
@@ -206,6 +215,8 @@ class DeviceClient:
 
     def _check_answer(self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers) -> None:
         """Refuse an answer that is not fresh, not for this model, or older than what the device holds."""
+        from deltaplane.registry.downlink import serve_statement
+
         stmt = serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
         sig = h.get("x-deltaplane-serve-signature", "")
         if not sig:
@@ -235,6 +246,8 @@ class DeviceClient:
         random nonce (so it cannot be replayed or faked, 204 included), and a version older than the one held
         is accepted only with a signed rollback record (:class:`DowngradeRefused` otherwise).
         """
+        from deltaplane.registry.downlink import apply_downlink
+
         have = self.version if self.state is not None else None
         nonce = secrets.token_urlsafe(24)
         dl, h = self._download(model, have=have, channel=channel, nonce=nonce)
@@ -368,7 +381,7 @@ class AdminClient:
         :class:`ServiceError` (400 malformed, 409 older than the held list or no list kept, 413 too large, 422
         forged, of another authority, or past its next update)."""
         headers = {**self._headers, "Content-Type": "application/octet-stream"}
-        return _check(self._http.post("/admin/secagg/revocations", content=data, headers=headers)).json()
+        return _check(self._http.post(REVOCATIONS_ADMIN_PATH, content=data, headers=headers)).json()
 
     def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
         """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""

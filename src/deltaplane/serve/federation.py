@@ -55,9 +55,7 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
-from deltaplane.serve.app import ServiceConfig, create_app
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
-from deltaplane.serve.server import BackgroundServer
 from deltaplane.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -184,6 +182,11 @@ def check_supported(config: RunConfig) -> None:
 def _run(
     config: RunConfig, progress: Callable[[RoundMetrics], None] | None, home: Path, timeout_s: float
 ) -> HttpRunResult:
+    # the service and its server here, not at module level: `fleet device` and `fleet coordinate` import this
+    # module for the drift reference and never start a service (FastAPI, uvicorn: ~0.4 s of imports)
+    from deltaplane.serve.app import ServiceConfig, create_app
+    from deltaplane.serve.server import BackgroundServer
+
     start = time.perf_counter()
     task = make_task(config)
     clients = build_clients(config, task)

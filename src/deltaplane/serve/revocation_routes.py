@@ -51,6 +51,7 @@ from deltaplane.aggregation.secagg.revocation import (
 )
 from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.bodies import read_capped
+from deltaplane.serve.client import REVOCATIONS_ADMIN_PATH, REVOCATIONS_DEVICE_PATH
 from deltaplane.textfile import read_bounded_bytes
 
 if TYPE_CHECKING:
@@ -68,9 +69,6 @@ __all__ = [
     "unchecked_revocations_warning",
 ]
 
-#: where the operator uploads a new list, and where devices fetch the current one
-REVOCATIONS_ADMIN_PATH = "/admin/secagg/revocations"
-REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
 #: the fleet page says a held list expires soon this long before its next update: a day leaves the operator time
 #: to re-issue it (``keys revoke`` without ``--device``) and upload it before authenticated rounds are refused
 EXPIRING_SOON_S = 86_400

@@ -43,9 +43,14 @@ from deltaplane.aggregation.secagg.identity import (
     EnrollmentAuthority,
 )
 from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text, write_secret_file
+from deltaplane.textfile import (
+    KEY_LIMIT,
+    atomic_write_bytes,
+    read_bounded_bytes,
+    read_bounded_text,
+    write_secret_file,
+)
 
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
