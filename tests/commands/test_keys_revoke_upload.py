@@ -39,7 +39,9 @@ def service(authority, tmp_path, monkeypatch):
         yield server.url, tls.ca_cert, tmp_path / "held.bin"
 
 
-NO_SERVICE = "http://127.0.0.1:9"  # nothing listens there (the tests using it stop before a request, or fake it)
+NO_SERVICE = (
+    "http://127.0.0.1:9"  # nothing listens there (the tests using it stop before a request, or fake it)
+)
 
 
 def _flat(output: str) -> str:
