@@ -219,3 +219,38 @@ def test_add_certifies_the_next_free_ids_in_the_fleets_cohort_never_a_revoked_on
     assert r.exit_code == 2 and "certified in ['north']" in " ".join(r.output.split()), r.output
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1, "--devices", 2)
     assert r.exit_code == 2 and "not both" in r.output, r.output
+
+
+def test_a_certificate_that_cannot_be_written_takes_back_the_key_this_run_made(
+    cli, authority, tmp_path, monkeypatch
+) -> None:
+    """`keys certify` wrote the identity key, then failed on the certificate (here a folder where device-0.cert
+    goes, an OSError) and left the key behind with no certificate: a node reading OUT would start half-enrolled.
+    The key this run created is now removed, with the same exit code (1, an OSError) and message as before."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    (out / "device-0.cert").mkdir(parents=True)
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0, "--force")
+    assert r.exit_code == 1 and "device-0.cert" in r.output, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["device-0.cert"]  # no key, no temp file
+    # a key that was there before a --force run is the caller's to replace: not removed when the cert fails
+    import deltaplane.aggregation.secagg.enrollment as enrollment
+
+    auth = load_authority(key)
+    ident = DeviceIdentity.enroll(auth, "device-1", cohort="fleet", expires=int(time.time()) + 60)
+    (out / "device-1.identity.pem").write_bytes(b"held\n")
+
+    def refused(*args: object, **kwargs: object) -> Path:
+        raise PermissionError(13, "Permission denied", str(out / "device-1.cert"))
+
+    monkeypatch.setattr(enrollment, "write_certificate", refused)
+    with pytest.raises(PermissionError):
+        enrollment.write_identity(out, ident)
+    assert (out / "device-1.identity.pem").exists()
+    with pytest.raises(PermissionError):
+        enrollment.write_identity(
+            out,
+            DeviceIdentity.enroll(auth, "device-2", cohort="fleet", expires=int(time.time()) + 60),
+            replace=False,
+        )
+    assert not (out / "device-2.identity.pem").exists()

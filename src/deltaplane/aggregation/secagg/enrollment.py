@@ -322,13 +322,20 @@ def write_identity(
     """Write ``identity``'s key and certificate into ``out`` (:func:`identity_files`), each 0600 from its creation
     and atomically (never a half-written key); returns the two paths. Unless ``replace``, either file already
     there, even one that appeared after the caller checked (another run writing the same device), is a
-    :class:`ConfigError` and neither is left written by this call."""
+    :class:`ConfigError` and neither is left written by this call.
+
+    A certificate that cannot be written (that :class:`ConfigError`, or an ``OSError``: a read-only folder, a
+    folder in its place) takes back the key this call created and re-raises: a key without its certificate
+    would only mislead the node reading ``out``. A key this call replaced (``replace``) is not removed: the
+    caller asked for it to be replaced."""
     key = identity_files(out, identity.device_id)[0]
+    created = not os.path.lexists(key)
     write_secret_file(key, identity.key_pem(), replace=replace)
     try:
         return key, write_certificate(out, identity.certificate, replace=replace)
-    except ConfigError:
-        key.unlink()  # this call's key, linked above: without its certificate it would only mislead
+    except BaseException:
+        if created:
+            key.unlink(missing_ok=True)
         raise
 
 
