@@ -148,3 +148,33 @@ def test_fleet_enroll_add_issues_tokens_in_the_fleets_cohort_without_the_authori
         app, ["fleet", "enroll", *url, "--out", str(out), "--add", "1", "--cohort", "south"]
     )
     assert r.exit_code == 2 and "certified in ['north']" in " ".join(r.output.split()), r.output
+
+
+def test_fleet_enroll_add_names_a_malformed_certificate_in_out_as_a_usage_error(tmp_path, monkeypatch):
+    """`--add K` reads the cohort from OUT's certificates; a damaged one (truncated here) ended the command with
+    exit 1 and the decoder's message alone. It is the operator's folder to fix: exit 2 naming the file and what
+    to do, before any token is issued, for `fleet enroll --add` and `keys certify --add` alike."""
+    from deltaplane.aggregation.secagg import EnrollmentAuthority
+    from deltaplane.serve.client import AdminClient
+
+    issued: list[str] = []
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append(d) or f"tok-{d}")
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    key = tmp_path / "enrollment.ed25519.pem"
+    key.write_bytes(EnrollmentAuthority.generate().to_pem())
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    args = ["fleet", "enroll", *url, "--out", str(out), "--devices", "2", "--authority-key", str(key)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    cert = out / "device-1.cert"
+    cert.write_bytes(cert.read_bytes()[:-7])
+    before = sorted(p.name for p in out.iterdir())
+    for command in (
+        ["fleet", "enroll", *url, "--out", str(out), "--add", "1"],
+        ["keys", "certify", "--authority-key", str(key), "--out", str(out), "--add", "1"],
+    ):
+        r = CliRunner().invoke(app, command)
+        flat = " ".join(r.output.split())
+        assert r.exit_code == 2 and f"{cert} is not a device certificate" in flat, (command, r.output)
+        assert "signature bytes" in flat and f"move the file out of {out}" in flat, flat
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+    assert issued == ["device-0", "device-1"]

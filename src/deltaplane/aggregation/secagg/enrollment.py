@@ -150,11 +150,9 @@ def check_not_revoked(
 def fleet_cohort(out: str | os.PathLike[str], cohort: str | None) -> str:
     """The cohort ``fleet enroll --add`` and ``keys certify --add`` certify new devices in: that of the certificates in ``out`` (a device
     trusts neighbours of its own cohort only), which ``--cohort``, if given, must match; ``--cohort`` or
-    ``fleet`` when ``out`` holds none."""
-    held = {
-        DeviceCertificate.from_bytes(read_bounded_bytes(p, limit=KEY_LIMIT, what="device certificate")).cohort
-        for p in sorted(Path(out).glob("device-*.cert"))
-    }
+    ``fleet`` when ``out`` holds none. A certificate there that does not decode is the operator's folder to
+    fix, not a failure of the command: a :class:`ConfigError` (exit 2) naming the file and what to do."""
+    held = {_held_certificate(p).cohort for p in sorted(Path(out).glob("device-*.cert"))}
     if len(held) > 1 and cohort is None:
         raise ConfigError(
             f"the certificates in {out} name cohorts {sorted(held)}: give --cohort, one of them"
@@ -165,6 +163,20 @@ def fleet_cohort(out: str | os.PathLike[str], cohort: str | None) -> str:
             "the new one as a neighbour; give the fleet's cohort"
         )
     return cohort if cohort is not None else next(iter(held), "fleet")
+
+
+def _held_certificate(path: Path) -> DeviceCertificate:
+    """The device certificate in ``path``, a file of an enrollment folder; a malformed one is a
+    :class:`ConfigError` naming it, since its device's cohort cannot be told."""
+    data = read_bounded_bytes(path, limit=KEY_LIMIT, what="device certificate")
+    try:
+        return DeviceCertificate.from_bytes(data)
+    except DecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a device certificate ({exc}), so the fleet's cohort cannot be read from it: put the "
+            f"device's certificate back (the device-I.cert `keys certify` or `fleet enroll` wrote) or move the "
+            f"file out of {path.parent}, then rerun"
+        ) from None
 
 
 def read_held_revocations(
