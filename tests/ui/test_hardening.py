@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from html import unescape
+from html import escape, unescape
 from pathlib import Path
 
 import pytest
@@ -1146,3 +1146,28 @@ def test_a_service_without_a_runs_folder_says_so_rather_than_count_zero_runs(tmp
         '<div class="v" data-field="runs">0</div>' in overview.text and "no-runs-folder" not in overview.text
     )
     assert "no-runs-folder" not in with_runs.get("/ui/runs", headers=BEARER).text
+
+
+def test_the_versions_table_shows_the_lineage_summary_registry_list_prints(tmp_path):
+    """The lineage column showed the first 160 characters of the lineage JSON: a fleet version's run config cut
+    mid-key, its round and uploads past the cut. It shows `registry list`'s one-line summary now (escaped, the
+    same words), and says where the whole record is."""
+    from deltaplane.registry.lineage import summarize_lineage
+
+    home = tmp_path / "home"
+    reg = _registry(home)
+    lineage = {
+        "config": {"model": "cnn", "codec": "topk(ratio=0.01)", "clients": list(range(40))},
+        "downlink_codec": "stc(0.006)",
+        "note": "<b>hi</b>",
+        "round": 5,
+        "uploads": 18,
+    }
+    reg.register_model("digits", {"w": torch.ones(3)}, parent=1, lineage=lineage)
+    reg.close()
+    page = _ui(None, home).get("/ui/registry/digits", headers=BEARER).text
+    summary, omitted = summarize_lineage(lineage)
+    assert "round 5" in summary and "18 uploads" in summary and omitted == 1, summary
+    assert f"<td data-field='lineage'>{escape(summary)}</td>" in page
+    assert "<b>hi</b>" not in page and '{"config"' not in unescape(page)
+    assert "the whole record: <code>deltaplane registry show REF</code>" in page

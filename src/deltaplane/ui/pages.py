@@ -16,6 +16,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from deltaplane.registry.lineage import summarize_lineage
 from deltaplane.report.charts import report_charts
 from deltaplane.report.svg import Series, line_chart
 from deltaplane.ui.sources import PAGE_ROWS, config_diff, finite
@@ -503,7 +504,7 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
             f"<td>{escape(', '.join(v['tags']))}</td>"
             f"<td>{escape(', '.join(gov.cohorts))}{problems}</td>"
             f"<td>{escape(', '.join(gov.excluded_cohorts))}</td>"
-            f"<td><code>{escape(json.dumps(a.lineage, sort_keys=True)[:160])}</code></td>"
+            f"<td data-field='lineage'>{escape(summarize_lineage(a.lineage)[0])}</td>"
             f"<td>{escape(evals)}</td><td>{_when(a.created_at)}</td></tr>"
         )
     versions = _table(
@@ -550,6 +551,10 @@ def model_page(view: Mapping[str, Any], *, page: int = 1, history: int = 1, deci
         + _lineage_svg(view["versions"])
         + "<h2>Versions</h2>"
         + versions
+        # the lineage column is a summary (a fleet's first version carries its whole run config); say where the
+        # whole record is, as `registry list` does, so nothing is hidden unsaid
+        + '<p class="muted">lineage: a summary (+N more: fields not shown); the whole record: '
+        "<code>deltaplane registry show REF</code></p>"
         + _pager(here, query, "page", page, view.get("version_count", len(view["versions"])))
         + "<h2>Tags</h2>"
         + _table(
