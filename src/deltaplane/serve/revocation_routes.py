@@ -83,7 +83,7 @@ def server_trust(config: Any) -> TrustedAuthorities | None:
 
 
 def read_service_revocations(
-    config: Any, store: ServiceStore, *, now: float | None = None, fix: str = ""
+    config: Any, store: ServiceStore, *, now: float | None = None, fix: str = "", record: bool = True
 ) -> RevocationList:
     """The service's revocation list file (``config.secagg_revocations``), as every reading of it takes it:
     :func:`~deltaplane.aggregation.secagg.revocation.read_server_revocations` (verified under
@@ -94,10 +94,13 @@ def read_service_revocations(
 
     An upload replaces the file and raises the mark under its own lock, possibly between this read and this
     check: a list older than the mark is read once more before it is refused, so only a file that is still
-    older (rolled back) is."""
+    older (rolled back) is. ``record=False`` checks against the mark without moving it (the dashboard's view:
+    looking at the list never records it)."""
     trusted = server_trust(config)
     rl = read_server_revocations(config.secagg_revocations, trusted, now=now, fix=fix)
-    if trusted is not None:
+    if trusted is not None and not record:
+        rl.supersedes(store.revocation_marks().get(rl.authority), holder="this service")
+    elif trusted is not None:
         try:
             store.hold_revocations(rl, source=config.secagg_revocations)
         except RevocationRollback:
@@ -136,15 +139,15 @@ def unchecked_revocations_warning(config: Any) -> str | None:
 
 
 def revocations_status(
-    config: Any, rounds: Iterable[Mapping[str, Any]], *, now: float, store: ServiceStore | None = None
+    config: Any, rounds: Iterable[Mapping[str, Any]], *, now: float, store: ServiceStore
 ) -> dict[str, Any]:
     """What the dashboard's fleet page shows of the service's revocation list at ``now`` (unix s).
 
-    The list is read as an authenticated round open reads it (:func:`read_server_revocations` under
-    :func:`server_trust`, from ``config.secagg_revocations``, then checked against ``store``'s highest list of
-    its authority without moving it: a page view never records a list), so the page shows what the next open
-    will act on, never a copy of it. ``rounds`` are the fleet snapshot's open and closed rounds: one of them authenticated, or
-    a federation of authenticated rounds (``config.federation``), means the service needs a list.
+    The list is read as an authenticated round open reads it (:func:`read_service_revocations`, checked
+    against ``store``'s highest list of its authority without moving it: a page view never records a list), so
+    the page shows what the next open will act on, never a copy of it. ``rounds`` are the fleet snapshot's open
+    and closed rounds: one of them authenticated, or a federation of authenticated rounds
+    (``config.federation``), means the service needs a list.
 
     ``state`` is what the operator acts on: ``current``; ``expiring`` (next update within
     :data:`EXPIRING_SOON_S`); ``stale`` (past its next update: round opens refuse it from ``refused_from``, the
@@ -172,14 +175,9 @@ def revocations_status(
         return status | {"state": "none" if authenticated else "unused"}
     if not os.path.lexists(path):
         return status | {"state": "missing"}
-    try:
-        trusted = server_trust(config)
-        rl = read_server_revocations(path, trusted)
-        if trusted is not None and store is not None:  # as read_service_revocations checks it, read-only
-            rl.supersedes(store.revocation_marks().get(rl.authority), holder="this service")
-    except (
-        DeltaplaneError
-    ) as exc:  # as the round open would refuse it: malformed, forged, version 1, rolled back
+    try:  # as the round open would refuse it: malformed, forged, version 1, rolled back
+        rl = read_service_revocations(config, store, record=False)
+    except DeltaplaneError as exc:
         return status | {"state": "invalid", "error": str(exc)}
     if now > rl.next_update:
         state = "stale"
