@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import BaseMismatch, ConfigError, DecodeError, InvalidUpdate, ShapeMismatch
-from deltaplane.textfile import _UMASK, atomic_write_bytes  # noqa: F401  (moved; importers keep this path)
+from deltaplane.textfile import atomic_write_bytes
 
 __all__ = [
     "BASE_SHA256_KEY",

@@ -44,9 +44,9 @@ from torch import Tensor
 from deltaplane.codecs.entropy import decode_indices, encode_indices, pack_bits, unpack_bits
 from deltaplane.codecs.lossless import zstd_decompress
 from deltaplane.codecs.wire import Limits
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.deploy.quantize import GroupQuant, _group_dequant, _group_quant, group_quant_fits
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.textfile import atomic_write_bytes
 
 __all__ = [
     "Artifact",

@@ -28,9 +28,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
+from deltaplane.textfile import (
+    MANIFEST_LIMIT,
+    atomic_write_bytes,
+    read_bounded_text,
+    require_regular_file,
+    safetensors_path,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

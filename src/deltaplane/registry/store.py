@@ -680,7 +680,7 @@ class Registry:
                     KeyRing.load(home)
                 except NotFound:
                     KeyRing.create_key_file(home)
-            from deltaplane.delta import atomic_write_bytes  # torch only on this path
+            from deltaplane.textfile import atomic_write_bytes
 
             atomic_write_bytes(
                 settings, json.dumps({"encryption": ENCRYPTION if encrypt else "none"}).encode()

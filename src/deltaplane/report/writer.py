@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaplane.delta import atomic_write_bytes
 from deltaplane.errors import ConfigError
 from deltaplane.report.html import render_html
 from deltaplane.report.summary import REPORT_FORMAT, build_report
-from deltaplane.textfile import REPORT_LIMIT, read_bounded_text
+from deltaplane.textfile import REPORT_LIMIT, atomic_write_bytes, read_bounded_text
 
 __all__ = ["ReportFiles", "json_safe", "load_report", "write_report"]
 
