@@ -97,8 +97,10 @@ def device_id(partition: int) -> str:
     return f"device-{partition}"
 
 
+#: a device id as :func:`device_id` makes it (I of at most 18 digits, no leading zero), its partition id grouped
+_DEVICE_ID = r"device-(0|[1-9][0-9]{0,17})"
 #: the partition id in a file ``device-I.*`` an enrollment folder holds (token, key, certificate, request, list)
-_DEVICE_FILE = re.compile(r"device-(0|[1-9][0-9]{0,17})\.[a-z.]+")
+_DEVICE_FILE = re.compile(_DEVICE_ID + r"\.[a-z.]+")
 
 
 def held_partitions(out: str | os.PathLike[str], suffix: str | None = None) -> list[int]:
@@ -121,7 +123,7 @@ def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterabl
     a device that exists or was revoked: the service and the devices match the list by device id, and a reused
     id would be refused as revoked, or would revive one."""
     taken = held_partitions(out)
-    taken += [int(m.group(1)) for d in revoked if (m := re.fullmatch(r"device-([0-9]{1,18})", d)) is not None]
+    taken += [int(m.group(1)) for d in revoked if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
     start = max(taken, default=-1) + 1
     if start + count - 1 > MAX_REQUEST_PARTITION:
         raise ConfigError(
@@ -321,7 +323,7 @@ def read_request(path: str | os.PathLike[str]) -> CertificationRequest:
             "`deltaplane keys identity` wrote on the device"
         ) from None
     # the device id names the files written for it: only device-I (what keys identity asks for), never a path
-    if re.fullmatch(r"device-(0|[1-9][0-9]{0,17})", request.device_id) is None:
+    if re.fullmatch(_DEVICE_ID, request.device_id) is None:
         raise ConfigError(
             f"{path} asks for device id {request.device_id!r}; requests are for device-I, I a partition id"
         )
