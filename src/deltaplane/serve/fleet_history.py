@@ -177,6 +177,8 @@ def _decode(
         data = json.loads(text)
     except ValueError as exc:
         raise HistoryRowError(f"{where} is not valid JSON ({exc})") from None
+    except RecursionError:  # a damaged row nested past the parser's depth: as damaged as invalid JSON
+        raise HistoryRowError(f"{where} is not valid JSON (nested too deep)") from None
     missing = [f for f in fields if not isinstance(data, dict) or f not in data]
     if missing:
         raise HistoryRowError(f"{where} lacks {', '.join(missing)}")
