@@ -135,3 +135,45 @@ def test_a_newer_version_is_refused_by_name(leak) -> None:
     data[4] = 4
     with pytest.raises(SecAggAuthError, match="v4.*newer deltaplane; upgrade"):
         RevocationList.verified(bytes(data), leak["auth"].trust())
+
+
+def test_a_new_authority_carries_the_old_lists_revoked_key(cli, leak) -> None:
+    """Changing the enrollment authority (docs/security.md): `keys revoke --carry` brings the old list's ids and
+    keys into the new authority's first list, so the leaked key's request is refused under the new authority too."""
+    new_dir = leak["tmp"] / "new-authority"
+    assert cli("keys", "enrollment", "--out", new_dir).exit_code == 0
+    new_pem, new_list = new_dir / "enrollment.ed25519.pem", new_dir / "revoked.bin"
+    r = cli("keys", "revoke", "--authority-key", new_pem, "--carry", leak["out"], "--out", new_list)
+    assert r.exit_code == 0, r.output
+    data = new_list.read_bytes()
+    assert data[5:13] != leak["out"].read_bytes()[5:13]  # another authority's list
+    assert hashlib.sha256(leak["raw"]).digest() in data and b"device-3" in data
+    req = leak["tmp"] / "device-3.request"
+    req.write_bytes(CertificationRequest.sign(leak["key"], "device-3", cohort="fleet").to_bytes())
+    r = cli(
+        "keys", "certify", "--authority-key", new_pem, "--out", leak["tmp"] / "re", "--request", req,
+        "--revocations", new_list,
+    )  # fmt: skip
+    assert r.exit_code != 0 and "revokes that key" in _flat(r.output), r.output
+
+
+def test_a_device_re_enrolled_under_a_new_authority_says_to_remove_its_old_list(leak) -> None:
+    """Step 3 of changing the authority: a device given the new authority's certificate and key file, still
+    keeping the old authority's list, refuses to start saying to remove that file (it fetches the new one)."""
+    from deltaplane.aggregation.secagg import DeviceIdentity, EnrollmentAuthority
+    from deltaplane.commands.fleet import _credentials as fleet_credentials
+    from deltaplane.errors import ConfigError
+
+    new = EnrollmentAuthority.generate()
+    ident = DeviceIdentity.enroll(new, "device-3", cohort="fleet", expires=4_000_000_000)
+    d = leak["tmp"] / "dev"
+    d.mkdir()
+    (d / "k.pem").write_bytes(ident.key_pem())
+    (d / "c.cert").write_bytes(ident.certificate.to_bytes())
+    (d / "a.pub").write_text(new.public_text() + "\n")
+    kept = d / "device-3.revocations"
+    kept.write_bytes(leak["out"].read_bytes())  # the old authority's list
+    with pytest.raises(ConfigError, match=f"remove {kept}"):
+        fleet_credentials(d / "k.pem", d / "c.cert", d / "a.pub", kept)
+    kept.unlink()
+    assert fleet_credentials(d / "k.pem", d / "c.cert", d / "a.pub", kept).revocations is None

@@ -129,6 +129,9 @@ def test_a_service_holding_the_old_authoritys_list_says_how_to_change_authority(
     pub.write_text(authority.public_text() + "\n")
     svc = service_factory(secagg_revocations=str(path), secagg_authority=str(pub))
     fresh = revoke(new, [], issued=int(time.time()), keys=load_revocations(listed, authority.trust()).keys)
+    with pytest.raises(ServiceError) as err:  # the old key alone: the refusal says to put the new one there
+        svc.admin.upload_revocations(fresh.to_bytes())
+    assert err.value.status == 422 and "in place of the old one" in err.value.detail
     pub.write_text(authority.public_text() + "\n" + new.public_text() + "\n")
     with pytest.raises(ServiceError) as err:
         svc.admin.upload_revocations(fresh.to_bytes())
