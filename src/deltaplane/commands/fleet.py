@@ -235,7 +235,7 @@ def _credentials(
     except SecAggAuthError as exc:
         if held is None or _trusts_kept_list(authority, held):
             raise
-        raise ConfigError(  # the kept list of an authority replaced since (docs/security.md: changing it)
+        raise SecAggAuthError(  # the kept list of an authority replaced since (docs/security.md: changing it)
             f"{exc}. If the enrollment authority was changed, remove {revocations} (the old authority's list, "
             "kept by this device): the device fetches the new authority's list from the service before its next "
             "round"
