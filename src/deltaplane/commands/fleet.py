@@ -230,7 +230,16 @@ def _credentials(
 
     assert key is not None and certificate is not None and authority is not None
     held = revocations if revocations is not None and revocations.exists() else None
-    credentials = DeviceCredentials.from_files(key, certificate, authority, held)
+    try:
+        credentials = DeviceCredentials.from_files(key, certificate, authority, held)
+    except SecAggAuthError as exc:
+        if held is None or _trusts_kept_list(authority, held):
+            raise
+        raise SecAggAuthError(  # the kept list of an authority replaced since (docs/security.md: changing it)
+            f"{exc}. If the enrollment authority was changed, remove {revocations} (the old authority's list, "
+            "kept by this device): the device fetches the new authority's list from the service before its next "
+            "round"
+        ) from None
     # Its own certificate must verify under the authority it trusts, as every neighbour checks it: a wrong
     # .pub (the registry's signing key, another fleet's authority) or an expired certificate used to surface
     # only in the rounds, as a roster that does not verify, with the device sitting out every round.
@@ -250,6 +259,20 @@ def _credentials(
             "round seating it; enroll a replacement under a new device id (fleet enroll --add 1)"
         ) from None
     return credentials
+
+
+def _trusts_kept_list(authority: Path, kept: Path) -> bool:
+    """Whether the device trusting the key file ``authority`` trusts the authority of its kept revocation list
+    ``kept`` (True also when either cannot be read: the caller's own error says what is wrong then)."""
+    from deltaplane.aggregation.secagg.identity import TrustedAuthorities
+    from deltaplane.aggregation.secagg.revocation import read_server_revocations
+
+    try:
+        return TrustedAuthorities.from_file(authority).trusts(
+            read_server_revocations(kept, legacy=True).authority
+        )
+    except ConfigError:
+        return True
 
 
 def _stop_on_signals() -> threading.Event:

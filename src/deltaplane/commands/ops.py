@@ -451,8 +451,10 @@ def register(app: typer.Typer) -> None:
                 cohort = fleet_cohort(out, cohort)
             elif not requests:
                 names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
-            if listed is not None:
-                check_not_revoked(names, listed, revocations)
+            if listed is not None:  # a revoked id, or a request of a revoked key whatever id it asks for
+                check_not_revoked(
+                    names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
+                )
             public = (authority.public_text() + "\n").encode()
             pub = out / AUTHORITY_PUBLIC_NAME
             if not force:
@@ -523,7 +525,39 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
-        cohort: Annotated[str, typer.Option(help="Cohort of the revoked certificates.")] = "fleet",
+        cohort: Annotated[
+            str, typer.Option(help="Cohort of the revoked ids whose certificate is not at hand.")
+        ] = "fleet",
+        certificate: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--certificate",
+                dir_okay=False,
+                help="Revoke this device certificate (a device-I.cert; repeatable): its device id in its cohort "
+                "and the identity key it binds, refused then under any id.",
+                show_default="none",
+            ),
+        ] = None,
+        enrolled: Annotated[
+            Path | None,
+            typer.Option(
+                "--enrolled",
+                file_okay=False,
+                help="The enrollment folder (fleet enroll / keys certify --out) to find each --device's "
+                "device-I.cert in, so its key is revoked too.",
+                show_default="none",
+            ),
+        ] = None,
+        carry: Annotated[
+            Path | None,
+            typer.Option(
+                "--carry",
+                dir_okay=False,
+                help="A previous enrollment authority's list (changing the authority): its revoked ids and keys "
+                "are revoked in OUT too, so a leaked key stays out under the new authority.",
+                show_default="none",
+            ),
+        ] = None,
         valid_days: Annotated[
             int,
             typer.Option(
@@ -552,7 +586,8 @@ def register(app: typer.Typer) -> None:
         tls_key: ClientKey = None,
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
-        COHORT to the authority's signed revocation list OUT, numbered one past the list there and current for
+        COHORT, and the identity key of each certificate given (--certificate, or device-I.cert found in
+        --enrolled DIR), to the authority's signed revocation list OUT, numbered one past the list there and current for
         --valid-days (atomic write; concurrent runs on one OUT take turns on the lock file OUT.lock, so each
         numbers its list one past the other's); without --device, re-issue OUT as it is with a new next update
         (a version-1 list, which had none, is re-issued this way). Give OUT to the service (--upload URL
@@ -562,7 +597,8 @@ def register(app: typer.Typer) -> None:
         import time
 
         from deltaplane.aggregation.secagg import SecAggAuthError
-        from deltaplane.aggregation.secagg.enrollment import device_id, load_authority
+        from deltaplane.aggregation.secagg.enrollment import device_id, load_authority, revoked_certificates
+        from deltaplane.aggregation.secagg.identity import key_fingerprint
         from deltaplane.aggregation.secagg.revocation import (
             read_server_revocations,
             revoke,
@@ -578,6 +614,11 @@ def register(app: typer.Typer) -> None:
             # the service's client before the list is written: no admin token, https without --ca... is a
             # usage error that changes nothing; a refused or failed upload after it leaves OUT written
             admin = None if upload is None else admin_client(upload, ca, tls_cert, tls_key)
+            ids = [device_id(i) for i in dict.fromkeys(device or [])]
+            # each certificate at hand (given, or the device's in --enrolled), this authority's: its key is revoked
+            certs, uncovered = revoked_certificates(authority, ids, certificate or [], enrolled)
+            # the old authority's list, unchecked (the operator's own file; its authority's key may be gone)
+            carried = None if carry is None else read_server_revocations(carry, legacy=True)
             # the read, the new number and the write under one lock (OUT.lock beside it): two concurrent runs on
             # one OUT would otherwise both number their list one past the same old one, with other contents
             with exclusive_lock(out.with_name(out.name + ".lock")):
@@ -595,19 +636,40 @@ def register(app: typer.Typer) -> None:
                             f"{out}: its signature does not verify under this authority key (altered or "
                             "forged); restore the list `keys revoke` wrote, or give another --out"
                         ) from None
-                names = [(device_id(i), cohort) for i in dict.fromkeys(device or [])]
+                names = [(d, cohort) for d in uncovered] + [(c.device_id, c.cohort) for c in certs]
+                names += sorted(carried.revoked) if carried is not None else []
                 revocations = revoke(
-                    authority, names, issued=int(time.time()), valid_s=valid_days * 86_400, previous=previous
+                    authority,
+                    names,
+                    issued=int(time.time()),
+                    valid_s=valid_days * 86_400,
+                    previous=previous,
+                    keys=[key_fingerprint(c.identity_public) for c in certs]
+                    + sorted(carried.keys if carried is not None else ()),
                 )
                 write_revocations(out, revocations)
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
-                f"{len(revocations.revoked)} devices revoked, current until {revocations.next_update} "
+                f"{len(revocations.revoked)} devices revoked ({len(revocations.keys)} keys), current until "
+                f"{revocations.next_update} "
                 f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(revocations.next_update))}), written to {out}"
             ),
             soft_wrap=True,
         )
+        for c in certs:
+            fp = key_fingerprint(c.identity_public).hex()[:16]
+            console.print(
+                escape(f"{c.device_id}: key SHA256:{fp}… revoked under any device id"), soft_wrap=True
+            )
+        for d in uncovered:
+            console.print(
+                escape(
+                    f"{d}: its id only; its key is not covered (no certificate: give --certificate FILE or "
+                    "--enrolled DIR holding its .cert), so the key could be certified again under another id"
+                ),
+                soft_wrap=True,
+            )
         if admin is not None:
             with _errors(OSError):
                 answer = upload_revocations(admin, upload, revocations.to_bytes(), out)

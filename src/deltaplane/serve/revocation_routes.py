@@ -45,11 +45,12 @@ from deltaplane.aggregation.secagg.identity import TrustedAuthorities
 from deltaplane.aggregation.secagg.revocation import (
     CLOCK_SKEW_S,
     REVOCATIONS_MAX_BYTES,
+    SERVER_HOLDER,
     RevocationList,
     read_server_revocations,
     replace_server_revocations,
 )
-from deltaplane.errors import DecodeError, DeltaplaneError
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 from deltaplane.serve.bodies import read_capped
 from deltaplane.serve.client import REVOCATIONS_ADMIN_PATH, REVOCATIONS_DEVICE_PATH
 from deltaplane.textfile import read_bounded_bytes
@@ -120,8 +121,29 @@ def check_revocations_at_start(config: Any, store: ServiceStore) -> None:
     :func:`unchecked_revocations_warning` says so."""
     trusted = server_trust(config)  # an unreadable or malformed key fails here, with or without a list yet
     path = config.secagg_revocations
-    if trusted is not None and path and os.path.lexists(path):
-        read_service_revocations(config, store)
+    if trusted is None or not path or not os.path.lexists(path):
+        return
+    try:
+        held = read_server_revocations(path, legacy=True)  # unchecked: only its authority is looked at
+    except ConfigError:
+        held = None  # malformed: read_service_revocations says so
+    if held is not None and not trusted.trusts(held.authority):
+        why = f"authority {held.authority.hex()}'s list"
+        try:  # its words: the authority it names and the ones this service trusts
+            trusted.check_revocations(
+                held.authority, held.signed_part(), held.signature, holder=SERVER_HOLDER
+            )
+        except SecAggAuthError as exc:
+            why = str(exc)
+        raise ConfigError(
+            f"--secagg-revocations {path}: {why}. If the enrollment authority was "
+            f"changed, the old authority's list no longer applies: move {path} away and start the service again, "
+            "then upload the new authority's list (`deltaplane keys revoke --authority-key "
+            "NEW/enrollment.ed25519.pem --carry OLD-LIST --out NEW-LIST --upload URL`); or write that list to "
+            f"{path} before starting (docs/security.md, changing the enrollment authority). Otherwise give the "
+            "service the public key of the authority that signed this list"
+        )
+    read_service_revocations(config, store)
 
 
 def unchecked_revocations_warning(config: Any) -> str | None:

@@ -91,7 +91,7 @@ def test_round_trip_append_and_canonical_form(authority, crl) -> None:
     assert again.revoked == more.revoked and again.sequence == 3  # revoking twice is harmless, still numbered
     # one encoding per list: entries swapped out of order are refused, even under a valid signature
     body = more.signed_part()
-    head, e = body[:39], body[39:]  # the head: 4 + 1 + 8 + 8 + 8 + 8 + 2 bytes
+    head, e = body[:41], body[41:]  # the head: 4 + 1 + 8 + 8 + 8 + 8 + 2 + 2 bytes (version 3: no keys here)
     entries, pos = [], 0
     while pos < len(e):
         n = e[pos]

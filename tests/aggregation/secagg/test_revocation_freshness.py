@@ -41,7 +41,7 @@ def _check(creds) -> None:
 def test_next_update_is_on_the_wire_and_signed(authority) -> None:
     rl = revoke(authority, [("device-3", "fleet")], issued=ISSUED)
     data = rl.to_bytes()
-    assert data[:5] == b"DPRL\x02"
+    assert data[:5] == b"DPRL\x03"  # version 3: revoked keys too (docs/security.md)
     # magic 4, version 1, authority 8, sequence 8, issued 8: the next update is bytes 29..37
     assert struct.unpack(">QQQ", data[13:37]) == (1, ISSUED, WEEK_LATER)
     assert rl.next_update == WEEK_LATER
@@ -92,7 +92,7 @@ def test_a_version_1_list_is_refused_and_re_issued_by_keys_revoke(authority, tmp
     legacy = load_revocations(old, authority.trust(), legacy=True)
     assert (legacy.version, legacy.sequence, legacy.revoked) == (1, 4, {("device-3", "fleet")})
     new = revoke(authority, [], issued=ISSUED, previous=legacy)
-    assert (new.version, new.sequence, new.revoked) == (2, 5, {("device-3", "fleet")})
+    assert (new.version, new.sequence, new.revoked) == (3, 5, {("device-3", "fleet")})
     assert RevocationList.verified(new.to_bytes(), authority.trust()) == new
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from deltaplane.aggregation.secagg.encoding import RingEncoding, max_ring_weight
     from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
     from deltaplane.aggregation.secagg.errors import (
+        KeyRevoked,
         SecAggAuthError,
         SecAggError,
         SecAggFloorError,
@@ -93,6 +94,7 @@ _LAZY = {
     "neighbours_of": "deltaplane.aggregation.secagg.protocol",
     "pack": "deltaplane.aggregation.secagg.ring",
     "quantize": "deltaplane.aggregation.secagg.ring",
+    "KeyRevoked": "deltaplane.aggregation.secagg.errors",
     "RevocationList": "deltaplane.aggregation.secagg.revocation",
     "ring_bits": "deltaplane.aggregation.secagg.ring",
     "RingEncoding": "deltaplane.aggregation.secagg.encoding",
@@ -132,6 +134,7 @@ __all__ = [
     "DeviceIdentity",
     "Dropouts",
     "EnrollmentAuthority",
+    "KeyRevoked",
     "KeyRoster",
     "MaskedInput",
     "Message",

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from deltaplane.aggregation.secagg.errors import KeyRevoked, SecAggAuthError
 from deltaplane.aggregation.secagg.identity import (
     REQUEST_MAX_BYTES,
     CertificationRequest,
@@ -41,6 +42,8 @@ from deltaplane.aggregation.secagg.identity import (
     DeviceCredentials,
     DeviceIdentity,
     EnrollmentAuthority,
+    TrustedAuthorities,
+    key_fingerprint,
 )
 from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.errors import ConfigError, DecodeError
@@ -73,6 +76,7 @@ __all__ = [
     "read_held_revocations",
     "read_request",
     "request_file",
+    "revoked_certificates",
     "write_certificate",
     "write_identity",
     "write_identity_request",
@@ -133,12 +137,30 @@ def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterabl
 
 
 def check_not_revoked(
-    devices: Sequence[str], revocations: RevocationList, source: str | os.PathLike[str]
+    devices: Sequence[str],
+    revocations: RevocationList,
+    source: str | os.PathLike[str],
+    *,
+    requests: Sequence[tuple[str | os.PathLike[str], CertificationRequest]] = (),
 ) -> None:
     """Refuse to enrol any of ``devices`` that ``revocations`` (read from ``source``) names, in any cohort: a
     :class:`ConfigError` saying to enrol a replacement under a new id. The service matches the list by device id
     alone (it learns a device's cohort only from its key advertisement), so a re-certified revoked id would be
-    left out of every round, and dropping it from the list would readmit the leaked key."""
+    left out of every round, and dropping it from the list would readmit the leaked key.
+
+    A certification request of ``requests`` (its file, the request) for a key the list revokes is a
+    :class:`~deltaplane.aggregation.secagg.errors.KeyRevoked` whatever id it asks for (the leaked key asking to
+    be certified anew under another id), checked first: the device needs a new key, not only a new id."""
+    for path, r in requests:
+        if revocations.names_key(r.identity_public):
+            fp = key_fingerprint(r.identity_public)
+            raise KeyRevoked(
+                f"{path} asks to certify identity key SHA256:{fp.hex()[:16]}… as {r.device_id}, and {source} (list "
+                f"number {revocations.sequence}) revokes that key: it is never certified again, under any id. The "
+                "device generates a new identity key (`deltaplane keys identity` on the device) and sends its new "
+                "request",
+                fingerprint=fp,
+            )
     named = {d for d, _ in revocations.revoked}
     hit = [d for d in devices if d in named]
     if hit:
@@ -147,6 +169,55 @@ def check_not_revoked(
             f"{revocations.sequence}): a revoked device id is never reused; enrol a replacement under a new id "
             "(--add 1 takes the next free one)"
         )
+
+
+def revoked_certificates(
+    authority: EnrollmentAuthority,
+    devices: Sequence[str],
+    certificates: Sequence[str | os.PathLike[str]],
+    enrolled: str | os.PathLike[str] | None,
+) -> tuple[list[DeviceCertificate], list[str]]:
+    """What ``keys revoke`` revokes: the certificates at hand, and the ids of ``devices`` with none.
+
+    Each file of ``certificates``, and each device of ``devices`` whose ``device-I.cert`` the enrollment folder
+    ``enrolled`` holds, is read as a certificate ``authority`` issued (its signature checked; an expired one is
+    still revoked: its key may be certified again), so its device id, cohort and identity key are revoked. The
+    devices left (no certificate at hand) are revoked by id only, their key not covered. A file that is not a
+    certificate, another authority's, or a ``device-I.cert`` naming another device is a :class:`ConfigError`
+    naming it."""
+    trusted = authority.trust()
+    found: list[tuple[Path, DeviceCertificate]] = []
+    for path in [Path(p) for p in certificates]:
+        found.append((path, _issued_certificate(trusted, path)))
+    uncovered = []
+    for d in devices:
+        if any(c.device_id == d for _, c in found):
+            continue
+        path = None if enrolled is None else identity_files(enrolled, d)[1]
+        if path is None or not os.path.lexists(path):
+            uncovered.append(d)
+            continue
+        cert = _issued_certificate(trusted, path)
+        if cert.device_id != d:
+            raise ConfigError(
+                f"{path} certifies {cert.device_id!r}, not {d}: put {d}'s own certificate there"
+            )
+        found.append((path, cert))
+    return [c for _, c in found], uncovered
+
+
+def _issued_certificate(trusted: TrustedAuthorities, path: Path) -> DeviceCertificate:
+    """The certificate in ``path`` once the authority ``trusted`` holds signed it; a :class:`ConfigError` naming
+    the file otherwise."""
+    cert = _held_certificate(path, what="its key cannot be revoked")
+    try:
+        trusted.check(cert, now=0.0)  # its signature; an expired certificate's key is revoked all the same
+    except SecAggAuthError as exc:
+        raise ConfigError(
+            f"{path}: {exc}; give a certificate this --authority-key issued (another authority's list revokes "
+            "that authority's certificates)"
+        ) from None
+    return cert
 
 
 def fleet_cohort(out: str | os.PathLike[str], cohort: str | None) -> str:
@@ -167,15 +238,17 @@ def fleet_cohort(out: str | os.PathLike[str], cohort: str | None) -> str:
     return cohort if cohort is not None else next(iter(held), "fleet")
 
 
-def _held_certificate(path: Path) -> DeviceCertificate:
+def _held_certificate(
+    path: Path, *, what: str = "the fleet's cohort cannot be read from it"
+) -> DeviceCertificate:
     """The device certificate in ``path``, a file of an enrollment folder; a malformed one is a
-    :class:`ConfigError` naming it, since its device's cohort cannot be told."""
+    :class:`ConfigError` naming it and ``what`` cannot be done (by default: its device's cohort cannot be told)."""
     data = read_bounded_bytes(path, limit=KEY_LIMIT, what="device certificate")
     try:
         return DeviceCertificate.from_bytes(data)
     except DecodeError as exc:
         raise ConfigError(
-            f"{path} is not a device certificate ({exc}), so the fleet's cohort cannot be read from it: put the "
+            f"{path} is not a device certificate ({exc}), so {what}: put the "
             f"device's certificate back (the device-I.cert `keys certify` or `fleet enroll` wrote) or move the "
             f"file out of {path.parent}, then rerun"
         ) from None

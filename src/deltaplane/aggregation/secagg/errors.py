@@ -5,6 +5,7 @@ from __future__ import annotations
 from deltaplane.errors import DeltaplaneError
 
 __all__ = [
+    "KeyRevoked",
     "RevocationRollback",
     "RevocationsStale",
     "SecAggAuthError",
@@ -75,6 +76,21 @@ class SecAggAuthError(SecAggError):
     def __init__(self, message: str, *, client: int | None = None) -> None:
         super().__init__(message)
         self.client = client
+
+
+class KeyRevoked(SecAggAuthError):
+    """A device certificate binds an identity key the revocation list revokes, whatever device id or cohort the
+    certificate names: a leaked key stays revoked when it is certified again under another id (a certification
+    request for a new id signed by the leaked key, or a certificate issued under another id before the
+    revocation). The device it belongs to generates a new identity key and is certified anew.
+
+    ``fingerprint`` is the revoked key's SHA-256 (32 bytes:
+    :func:`~deltaplane.aggregation.secagg.identity.key_fingerprint`).
+    """
+
+    def __init__(self, message: str, *, fingerprint: bytes, client: int | None = None) -> None:
+        super().__init__(message, client=client)
+        self.fingerprint = fingerprint
 
 
 class RevocationsStale(SecAggAuthError):

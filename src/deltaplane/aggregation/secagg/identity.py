@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from deltaplane.aggregation.secagg.errors import SecAggAuthError
+from deltaplane.aggregation.secagg.errors import KeyRevoked, SecAggAuthError
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 
@@ -69,6 +69,7 @@ __all__ = [
     "authority_id",
     "check_round_authentication",
     "consistency_statement",
+    "key_fingerprint",
     "read_name",
 ]
 
@@ -95,6 +96,12 @@ _REQUEST_DOMAIN = b"deltaplane/secagg/certification-request/v1\x00"
 def authority_id(public_raw: bytes) -> bytes:
     """The 8-byte id of an authority's public key (the first bytes of its SHA-256), named in certificates."""
     return hashlib.sha256(public_raw).digest()[:8]
+
+
+def key_fingerprint(identity_public: bytes) -> bytes:
+    """The 32-byte SHA-256 of an identity public key (raw Ed25519, 32 bytes): what a revocation list names a
+    revoked *key* by, so the key stays revoked whatever device id a certificate or request names it under."""
+    return hashlib.sha256(identity_public).digest()
 
 
 def _public_raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -319,6 +326,10 @@ class TrustedAuthorities:
         text = read_bounded_text(path, limit=KEY_LIMIT, what="enrollment authority public key")
         return cls.from_text(text, source=os.fspath(path))
 
+    def trusts(self, authority: bytes) -> bool:
+        """Whether the authority of id ``authority`` (an :func:`authority_id`) is one of these."""
+        return authority in self._keys
+
     def check_revocations(
         self, authority: bytes, signed_part: bytes, signature: bytes, *, holder: str = "this device"
     ) -> None:
@@ -434,13 +445,11 @@ class DeviceCredentials:
 
     def check_certificate(self, cert: DeviceCertificate) -> None:
         """Raise :class:`SecAggAuthError` unless ``cert`` passes the checks every certificate in a roster gets (a
-        trusted authority signed it, it has not expired, the held revocation list does not revoke it)."""
+        trusted authority signed it, it has not expired, the held revocation list revokes neither its device nor
+        its key: :class:`~deltaplane.aggregation.secagg.errors.KeyRevoked` for a revoked key)."""
         self.trusted.check(cert, now=self.clock())
-        if self.revocations is not None and self.revocations.names(cert):
-            raise SecAggAuthError(
-                f"device {cert.device_id!r} of cohort {cert.cohort!r} is revoked (revocation list number "
-                f"{self.revocations.sequence})"
-            )
+        if self.revocations is not None:
+            self.revocations.check_certificate(cert)
 
     def check_own(self) -> None:
         """Raise :class:`SecAggAuthError` unless this device's own certificate passes what each neighbour checks
@@ -493,6 +502,10 @@ class DeviceCredentials:
         try:
             cert = DeviceCertificate.from_bytes(certificate)
             self.check_certificate(cert)
+        except KeyRevoked as exc:  # its own type: the fix is a new key, not a new certificate
+            raise KeyRevoked(
+                f"roster slot {client_id}: {exc}", fingerprint=exc.fingerprint, client=client_id
+            ) from None
         except (DecodeError, SecAggAuthError) as exc:
             raise SecAggAuthError(f"roster slot {client_id}: {exc}", client=client_id) from None
         if cert.cohort != self.identity.certificate.cohort:

@@ -863,12 +863,8 @@ class SecAggServer:
             )
         if isinstance(msg, SignedAdvertiseKeys) and self.revocations is not None:
             cert = DeviceCertificate.from_bytes(msg.certificate)
-            if self.revocations.names(cert):
-                raise SecAggAuthError(
-                    f"client {msg.client_id}: device {cert.device_id!r} of cohort {cert.cohort!r} is revoked "
-                    f"(revocation list number {self.revocations.sequence}); its key advertisement is refused",
-                    client=msg.client_id,
-                )
+            # its device or its key (KeyRevoked): refused here, as every device would refuse the roster
+            self.revocations.check_certificate(cert, client=msg.client_id, where=f"client {msg.client_id}: ")
         self.keys[msg.client_id] = (msg.c_public, msg.s_public)
         if isinstance(msg, SignedAdvertiseKeys):  # forwarded as is: the devices, not the server, verify it
             self.attestations[msg.client_id] = (msg.certificate, msg.signature)

@@ -6,18 +6,28 @@ device, and a server colluding with them can seat a sybil in the device's roster
 certificate revocation list (RFC 5280 §5, in spirit): the issuing authority signs the list of certificates it
 withdraws, with a sequence number that only grows, and every relying party refuses what the list names.
 
-What is revoked is a *device in a cohort*, ``(device id, cohort)`` under the list's authority: a certificate
-carries no serial number, and the pair is what a device's neighbours check it by (the device id binds its
-advertisement, the cohort its neighbourhood). So a revocation covers every certificate that authority ever
-issued the device in that cohort, including ones the operator no longer has a copy of; a replacement device is
-enrolled under a new device id.
+What is revoked is a *device in a cohort*, ``(device id, cohort)`` under the list's authority, and, since
+version 3, the device's *identity key*: a certificate carries no serial number, and the pair is what a device's
+neighbours check it by (the device id binds its advertisement, the cohort its neighbourhood). So a revocation
+covers every certificate that authority ever issued the device in that cohort, including ones the operator no
+longer has a copy of; a replacement device is enrolled under a new device id. The pair alone would not stop the
+leaked key itself: a certification request for a new id signed by it, or a certificate for it issued under
+another id, names no revoked pair. So the list also names revoked keys by their SHA-256
+(:func:`~deltaplane.aggregation.secagg.identity.key_fingerprint` of the raw Ed25519 key a certificate binds), and
+every relying party refuses a certificate binding one, whatever id, cohort or authority it names
+(:class:`~deltaplane.aggregation.secagg.errors.KeyRevoked`: the device generates a new key).
 
 The encoding is fixed-layout and strict (no canonical JSON to get wrong), at most :data:`REVOCATIONS_MAX_BYTES`::
 
-    magic "DPRL" | version 2 (1 byte) | authority id (8) | sequence (u64) | issued (u64, unix s)
-    next update (u64, unix s) | count (u16)
+    magic "DPRL" | version 3 (1 byte) | authority id (8) | sequence (u64) | issued (u64, unix s)
+    next update (u64, unix s) | count (u16) | key count (u16)
     count × [len (1) | device id (UTF-8) | len (1) | cohort (UTF-8)], strictly increasing, no repeats
+    key count × [SHA-256 of a revoked identity public key (32)], strictly increasing, no repeats
     signature (64): Ed25519 by the authority over a domain tag and everything before it
+
+Version 2 is the same without the key count and keys: it is still read, with its meaning (devices only), and
+re-issued as version 3 by ``keys revoke``; a reader of version 2 refuses a version-3 list by its version byte
+("not a version-2 revocation list (…, v3)") rather than misread it, as version-1 readers refused version 2.
 
 A list is *current* until its next update (RFC 5280 §5.1.2.5, ``nextUpdate``), plus :data:`CLOCK_SKEW_S` for
 clocks that disagree: past it, a device refuses authenticated rounds and a server refuses to open them
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import struct
 import threading
@@ -50,7 +61,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from deltaplane.aggregation.secagg.errors import RevocationRollback, RevocationsStale, SecAggAuthError
+from deltaplane.aggregation.secagg.errors import (
+    KeyRevoked,
+    RevocationRollback,
+    RevocationsStale,
+    SecAggAuthError,
+)
 from deltaplane.aggregation.secagg.identity import (
     NAME_BYTES,
     SIGNATURE_BYTES,
@@ -58,6 +74,7 @@ from deltaplane.aggregation.secagg.identity import (
     DeviceCredentials,
     EnrollmentAuthority,
     TrustedAuthorities,
+    key_fingerprint,
     read_name,
 )
 from deltaplane.errors import ConfigError, DecodeError
@@ -82,9 +99,10 @@ __all__ = [
 ]
 
 _MAGIC = b"DPRL"
-_VERSION = 2
-# magic, version, authority id, sequence, issued (unix s), next update (unix s), entry count
-_HEAD = struct.Struct(">4sB8sQQQH")
+_VERSION = 3
+# magic, version, authority id, sequence, issued (unix s), next update (unix s), entry count, key count
+_HEAD = struct.Struct(">4sB8sQQQHH")
+_HEAD_V2 = struct.Struct(">4sB8sQQQH")  # version 2: devices only, no revoked keys (read with that meaning)
 _HEAD_V1 = struct.Struct(">4sB8sQQH")  # version 1: no next update (read only to re-issue it, keys revoke)
 #: how far a list may be past its next update before it is refused: clocks of devices, service and authority
 #: disagree by seconds to minutes (the same five minutes Kerberos allows); a list is re-issued days apart
@@ -93,12 +111,21 @@ CLOCK_SKEW_S = 300
 DEFAULT_VALID_DAYS = 7
 #: the longest validity: withholding a newer list goes unnoticed for at most this long
 MAX_VALID_DAYS = 90
-#: the most devices one list revokes (a fleet that revokes more re-enrolls under a new authority)
+#: the most devices one list revokes, and the most keys (a fleet that revokes more re-enrolls under a new
+#: authority)
 MAX_REVOKED = 4096
+#: the bytes of a revoked key's entry: the SHA-256 of its raw public key
+_KEY_BYTES = 32
 #: who trusts the authority key a service verifies its list under, as refusals of another authority's list say
 SERVER_HOLDER = "this service (its --secagg-enrollment-authority key)"
-#: the largest revocation list: the head, :data:`MAX_REVOKED` entries of two longest names, the signature
-REVOCATIONS_MAX_BYTES = _HEAD.size + MAX_REVOKED * 2 * (1 + NAME_BYTES) + SIGNATURE_BYTES
+#: the largest revocation list: the head, :data:`MAX_REVOKED` entries of two longest names and as many keys, the
+#: signature
+REVOCATIONS_MAX_BYTES = _HEAD.size + MAX_REVOKED * (2 * (1 + NAME_BYTES) + _KEY_BYTES) + SIGNATURE_BYTES
+#: what a refusal of a revoked key tells its device to do
+_NEW_KEY = (
+    "the device generates a new identity key and is certified anew under a new device id (`deltaplane keys "
+    "identity` on the device, then `keys certify --request`; or `fleet enroll --add 1` / `keys certify --add 1`)"
+)
 
 
 def _entry(device: str, cohort: str) -> bytes:
@@ -123,12 +150,14 @@ class RevocationMark:
 @dataclass(frozen=True)
 class RevocationList:
     """The authority ``authority``'s (an :func:`~deltaplane.aggregation.secagg.identity.authority_id`) list of
-    revoked ``(device id, cohort)`` pairs, number ``sequence``, issued at ``issued`` and current until
-    ``next_update`` (unix seconds).
+    revoked ``(device id, cohort)`` pairs and revoked ``keys`` (SHA-256 of identity public keys:
+    :func:`~deltaplane.aggregation.secagg.identity.key_fingerprint`), number ``sequence``, issued at ``issued``
+    and current until ``next_update`` (unix seconds).
 
     Only :func:`revoke` (signing) and :meth:`verified` (checking a signature) make one, so a list a device holds
-    has always been verified under an authority it trusts. ``version`` is 1 only for a legacy list read to be
-    re-issued (:func:`load_revocations` with ``legacy=True``; its ``next_update`` is 0).
+    has always been verified under an authority it trusts. ``version`` is 2 for a list read from the version-2
+    encoding (no keys; re-encoded as it was, so its signature still verifies), 1 only for a legacy list read to
+    be re-issued (:func:`load_revocations` with ``legacy=True``; its ``next_update`` is 0).
     """
 
     authority: bytes
@@ -138,17 +167,33 @@ class RevocationList:
     revoked: frozenset[tuple[str, str]]
     signature: bytes
     version: int = _VERSION
+    keys: frozenset[bytes] = frozenset()
 
     def signed_part(self) -> bytes:
-        """The list's bytes without the signature, entries in their one canonical (sorted) order."""
+        """The list's bytes without the signature, entries and keys in their one canonical (sorted) order."""
         entries = sorted(_entry(d, c) for d, c in self.revoked)
+        if self.version < _VERSION and self.keys:
+            raise ConfigError(
+                f"a version-{self.version} revocation list names no keys; issue a version-{_VERSION} one"
+            )
         if self.version == 1:
             head = _HEAD_V1.pack(_MAGIC, 1, self.authority, self.sequence, self.issued, len(entries))
+        elif self.version == 2:
+            head = _HEAD_V2.pack(
+                _MAGIC, 2, self.authority, self.sequence, self.issued, self.next_update, len(entries)
+            )
         else:
             head = _HEAD.pack(
-                _MAGIC, _VERSION, self.authority, self.sequence, self.issued, self.next_update, len(entries)
+                _MAGIC,
+                _VERSION,
+                self.authority,
+                self.sequence,
+                self.issued,
+                self.next_update,
+                len(entries),
+                len(self.keys),
             )
-        return head + b"".join(entries)
+        return head + b"".join(entries) + b"".join(sorted(self.keys))
 
     def to_bytes(self) -> bytes:
         """The list on the wire and on disk."""
@@ -167,29 +212,43 @@ class RevocationList:
         data = bytes(data)
         if not _HEAD_V1.size + SIGNATURE_BYTES <= len(data) <= REVOCATIONS_MAX_BYTES:
             raise DecodeError(
-                f"a revocation list is {_HEAD.size + SIGNATURE_BYTES} to {REVOCATIONS_MAX_BYTES} bytes; "
+                f"a revocation list is {_HEAD_V2.size + SIGNATURE_BYTES} to {REVOCATIONS_MAX_BYTES} bytes; "
                 f"got {len(data)}"
             )
         magic, version = data[:4], data[4]
-        if magic != _MAGIC or version not in (1, _VERSION):
-            raise DecodeError(f"not a version-{_VERSION} revocation list (magic {magic!r}, v{version})")
+        if magic != _MAGIC:
+            raise DecodeError(f"not a revocation list (magic {magic!r}, not {_MAGIC!r})")
+        if version not in (1, 2, _VERSION):
+            raise DecodeError(
+                f"not a version-2 or version-{_VERSION} revocation list (v{version}): a list of a later format, "
+                "written by a newer deltaplane; upgrade this one to read it"
+            )
         if version == 1 and not legacy:
             raise DecodeError(
                 "a version-1 revocation list, which has no next update (so a server could withhold a newer one "
                 "for as long as certificates last); re-issue it with `deltaplane keys revoke --authority-key "
                 "… --out FILE`, which keeps its devices and numbers the new list one past it"
             )
+        key_count = 0
         if version == 1:
             _, _, auth, sequence, issued, count = _HEAD_V1.unpack_from(data)
             next_update, pos = 0, _HEAD_V1.size
         else:
-            if len(data) < _HEAD.size + SIGNATURE_BYTES:
-                raise DecodeError(f"a revocation list is at least {_HEAD.size + SIGNATURE_BYTES} bytes")
-            _, _, auth, sequence, issued, next_update, count = _HEAD.unpack_from(data)
-            pos = _HEAD.size
-        if count > MAX_REVOKED:
-            raise DecodeError(f"a revocation list names at most {MAX_REVOKED} devices; this one {count}")
-        end, revoked, last = len(data) - SIGNATURE_BYTES, set(), b""
+            head = _HEAD_V2 if version == 2 else _HEAD
+            if len(data) < head.size + SIGNATURE_BYTES:
+                raise DecodeError(
+                    f"a version-{version} revocation list is at least {head.size + SIGNATURE_BYTES} bytes"
+                )
+            _, _, auth, sequence, issued, next_update, count, *more = head.unpack_from(data)
+            key_count, pos = (more[0] if more else 0), head.size
+        if count > MAX_REVOKED or key_count > MAX_REVOKED:
+            raise DecodeError(
+                f"a revocation list names at most {MAX_REVOKED} devices and {MAX_REVOKED} keys; this one "
+                f"{count} and {key_count}"
+            )
+        end, revoked, last = len(data) - SIGNATURE_BYTES - key_count * _KEY_BYTES, set(), b""
+        if end < pos:
+            raise DecodeError(f"revocation list: too short for its {key_count} keys")
         for i in range(count):
             start = pos
             device, pos = read_name(data, pos, end, f"revocation list entry {i}: the device id")
@@ -200,7 +259,13 @@ class RevocationList:
             revoked.add((device, cohort))
         if pos != end:
             raise DecodeError(f"revocation list: {end - pos} bytes after its {count} entries")
-        return cls(auth, sequence, issued, next_update, frozenset(revoked), data[end:], version)
+        keys = [data[k : k + _KEY_BYTES] for k in range(end, end + key_count * _KEY_BYTES, _KEY_BYTES)]
+        if any(a >= b for a, b in itertools.pairwise(keys)):  # one encoding per list, as entries
+            raise DecodeError("revocation list: its keys are out of order or repeated")
+        sig = len(data) - SIGNATURE_BYTES
+        return cls(
+            auth, sequence, issued, next_update, frozenset(revoked), data[sig:], version, frozenset(keys)
+        )
 
     @classmethod
     def verified(cls, data: bytes, trusted: TrustedAuthorities, *, legacy: bool = False) -> RevocationList:
@@ -215,8 +280,35 @@ class RevocationList:
         return rl
 
     def names(self, cert: DeviceCertificate) -> bool:
-        """Whether this list revokes ``cert``: its authority issued it and lists its device in its cohort."""
-        return cert.authority == self.authority and (cert.device_id, cert.cohort) in self.revoked
+        """Whether this list revokes ``cert``: its authority issued it and lists its device in its cohort, or
+        the list revokes the key it binds (:meth:`names_key`, whatever authority issued it)."""
+        return self.names_key(cert.identity_public) or (
+            cert.authority == self.authority and (cert.device_id, cert.cohort) in self.revoked
+        )
+
+    def names_key(self, identity_public: bytes) -> bool:
+        """Whether this list revokes the identity key ``identity_public`` (raw Ed25519), by its SHA-256."""
+        return key_fingerprint(identity_public) in self.keys
+
+    def check_certificate(
+        self, cert: DeviceCertificate, *, client: int | None = None, where: str = ""
+    ) -> None:
+        """Raise if this list revokes ``cert``: :class:`KeyRevoked` for its key (the device needs a new one),
+        else a :class:`SecAggAuthError` for its device in its cohort (a replacement is enrolled under a new id);
+        ``client`` is its roster slot, if any, ``where`` what the message starts with ("client 3: "). The one
+        refusal every relying party gives (devices, Flower nodes, the service's and a Flower strategy's
+        :class:`~deltaplane.aggregation.secagg.SecAggServer`)."""
+        who = f"{where}device {cert.device_id!r} of cohort {cert.cohort!r}"
+        if self.names_key(cert.identity_public):
+            fp = key_fingerprint(cert.identity_public)
+            raise KeyRevoked(
+                f"{who} holds identity key SHA256:{fp.hex()[:16]}…, which revocation list number "
+                f"{self.sequence} revokes (a revoked key stays revoked under any device id): {_NEW_KEY}",
+                fingerprint=fp,
+                client=client,
+            )
+        if self.names(cert):
+            raise SecAggAuthError(f"{who} is revoked (revocation list number {self.sequence})", client=client)
 
     def check_current(self, now: float, *, holder: str, fix: str) -> None:
         """Raise :class:`RevocationsStale` if ``now`` (unix s) is past this list's next update by more than
@@ -281,12 +373,16 @@ def revoke(
     issued: int,
     valid_s: int = DEFAULT_VALID_DAYS * 86_400,
     previous: RevocationList | None = None,
+    keys: Iterable[bytes] = (),
 ) -> RevocationList:
     """The list ``previous`` (verified, of ``authority``; None: an empty one) with ``devices`` (``(device id,
-    cohort)`` pairs) added, numbered one past it, current for ``valid_s`` seconds from ``issued`` (its next
-    update) and signed by ``authority``. Revoking a revoked device again is harmless, and revoking none re-issues
-    the list with a new next update; a list of more than :data:`MAX_REVOKED` devices, or a validity outside
-    1 s to :data:`MAX_VALID_DAYS`, is a :class:`ConfigError`."""
+    cohort)`` pairs) and ``keys`` (revoked identity keys' SHA-256,
+    :func:`~deltaplane.aggregation.secagg.identity.key_fingerprint`) added, numbered one past it, current for
+    ``valid_s`` seconds from ``issued`` (its next update), signed by ``authority`` in the current version (a
+    version-1 or -2 ``previous`` is re-issued as one, its devices kept). Revoking a revoked device or key again
+    is harmless, and revoking none re-issues the list with a new next update; a list of more than
+    :data:`MAX_REVOKED` devices or keys, a key that is not 32 bytes, or a validity outside 1 s to
+    :data:`MAX_VALID_DAYS`, is a :class:`ConfigError`."""
     if not 1 <= valid_s <= MAX_VALID_DAYS * 86_400:
         raise ConfigError(
             f"a revocation list is current for 1 s to {MAX_VALID_DAYS} days (withholding a newer one goes "
@@ -300,15 +396,25 @@ def revoke(
     revoked = set(previous.revoked if previous else ()) | set(devices)
     for d, c in revoked:
         _entry(d, c)
-    if len(revoked) > MAX_REVOKED:
+    revoked_keys = set(previous.keys if previous else ()) | {bytes(k) for k in keys}
+    if any(len(k) != _KEY_BYTES for k in revoked_keys):
+        raise ConfigError(f"a revoked key is named by its {_KEY_BYTES}-byte SHA-256 (key_fingerprint)")
+    if len(revoked) > MAX_REVOKED or len(revoked_keys) > MAX_REVOKED:
         raise ConfigError(
-            f"a revocation list names at most {MAX_REVOKED} devices; this one would {len(revoked)}"
+            f"a revocation list names at most {MAX_REVOKED} devices and {MAX_REVOKED} keys; this one would "
+            f"{len(revoked)} and {len(revoked_keys)}"
         )
     sequence = previous.sequence + 1 if previous else 1
     if not 0 <= issued < 2**64 - valid_s or sequence >= 2**64:
         raise ConfigError("a revocation list's times and sequence are unsigned 64-bit integers")
     unsigned = RevocationList(
-        authority.id, sequence, int(issued), int(issued) + int(valid_s), frozenset(revoked), b""
+        authority.id,
+        sequence,
+        int(issued),
+        int(issued) + int(valid_s),
+        frozenset(revoked),
+        b"",
+        keys=frozenset(revoked_keys),
     )
     return dataclasses.replace(unsigned, signature=authority.sign_revocations(unsigned.signed_part()))
 
@@ -370,11 +476,23 @@ def replace_server_revocations(
     Checked in order, each refusal typed: ``data`` decodes (:class:`DecodeError`), an authority of ``trusted``
     signed it (:class:`SecAggAuthError`), it is current at ``now`` (:class:`RevocationsStale`: a server storing a
     stale list would only refuse every authenticated round), and it does not roll back the list in ``path``
-    (:class:`RevocationRollback`; a list of another authority than the held one's is a :class:`SecAggAuthError`),
+    (:class:`RevocationRollback`; a list of another authority than the held one's is a :class:`SecAggAuthError`
+    while the service still trusts the held one's authority, and replaces it once it does not: the enrollment
+    authority changed),
     nor the highest list of its authority the server has ever held (``marks``, by authority id: a file rolled
     back or deleted by hand is no way around it). A held file that does not decode is replaced (the upload is how an operator repairs it); a version-1 one is
     compared by its sequence. The caller serializes uploads (check then write is not atomic by itself)."""
     rl = RevocationList.from_bytes(data)
+    if not trusted.trusts(rl.authority):
+        try:
+            trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
+        except SecAggAuthError as exc:
+            raise SecAggAuthError(
+                f"{exc}. If the enrollment authority was changed, put the new authority's public key "
+                "(its enrollment.ed25519.pub) in the service's --secagg-enrollment-authority file in place of the "
+                "old one (it is re-read at each upload), then upload this list again (docs/security.md, changing "
+                "the enrollment authority)"
+            ) from None
     trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
     rl.check_current(now, holder="the uploaded", fix="the authority issues a current one (keys revoke)")
     held = None
@@ -387,6 +505,16 @@ def replace_server_revocations(
             held = None
     if held is not None and held.version == 1:  # compared by number only: its contents are never current
         held = None if rl.sequence > held.sequence else held
+    if held is not None and held.authority != rl.authority:
+        if trusted.trusts(held.authority):  # both trusted: which list holds is the operator's call, not ours
+            raise SecAggAuthError(
+                f"refused revocation list of authority {rl.authority.hex()}: this service holds authority "
+                f"{held.authority.hex()}'s ({os.fspath(path)}) and trusts both. To change the enrollment "
+                f"authority, leave only the new authority's key in the service's --secagg-enrollment-authority "
+                f"file (it is re-read at each upload), then upload this list again: it replaces the old "
+                f"authority's (docs/security.md, changing the enrollment authority)"
+            )
+        held = None  # an authority the service no longer trusts: its list is obsolete (the authority changed)
     rl.supersedes((marks or {}).get(rl.authority), holder="this service")
     if not rl.supersedes(held, holder="this service"):
         return rl, False
