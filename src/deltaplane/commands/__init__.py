@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
+    "MAX_ENROLL_DEVICES",
     "AddDevices",
     "HeldRevocations",
     "Threads",
@@ -49,6 +50,7 @@ __all__ = [
     "exit_code_for",
     "finite_number",
     "fit_table",
+    "fleet_size",
     "set_verbosity",
     "working_dir_on_path",
 ]
@@ -168,12 +170,31 @@ def finite_number(value: float | None) -> float | None:
     return value
 
 
+#: The most devices one ``--devices N`` or ``--add K`` of ``fleet enroll`` and ``keys certify`` takes. A SecAgg
+#: round's roster holds at most this many (the service refuses to open a larger one: ``OpenSecAggRequest.devices``
+#: in serve/secagg_routes.py; a test keeps the two equal), so a fleet enrolled past it could never take part in
+#: one round; an N past it is a slip (``--devices 1000000`` for 100), refused before a token, key or
+#: certificate is written rather than after the service has issued a million tokens or the disk filled.
+MAX_ENROLL_DEVICES = 100_000
+
+
+def fleet_size(value: int | None) -> int | None:
+    """A typer callback refusing more than :data:`MAX_ENROLL_DEVICES` devices, naming the bound and why."""
+    if value is not None and value > MAX_ENROLL_DEVICES:
+        raise typer.BadParameter(
+            f"at most {MAX_ENROLL_DEVICES:,} devices: a SecAgg round's roster holds no more, so a larger fleet "
+            f"could never take part in one round. Found {value:,}"
+        )
+    return value
+
+
 #: ``--add K`` of ``fleet enroll`` and ``keys certify``: grow the fleet in ``--out`` (a revoked device's replacement)
 AddDevices = Annotated[
     int | None,
     typer.Option(
         "--add",
         min=1,
+        callback=fleet_size,
         metavar="K",
         help="Enrol K new devices into the fleet in OUT (a revoked device's replacement): the next free ids, past "
         "every device-I with a file in OUT and every one --revocations names, in the cohort of OUT's certificates.",

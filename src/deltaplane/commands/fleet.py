@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    MAX_ENROLL_DEVICES,
     AddDevices,
     HeldRevocations,
     Threads,
@@ -31,6 +32,7 @@ from deltaplane.commands import (
     cpu_threads,
     err_console,
     finite_number,
+    fleet_size,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -318,7 +320,13 @@ def register(app: typer.Typer) -> None:
         tls_key: ClientKey = None,
         devices: Annotated[
             int | None,
-            typer.Option("--devices", min=1, help="How many devices.", show_default="the federation's"),
+            typer.Option(
+                "--devices",
+                min=1,
+                callback=fleet_size,
+                help="How many devices.",
+                show_default="the federation's",
+            ),
         ] = None,
         federation: Annotated[
             Path | None,
@@ -385,6 +393,11 @@ def register(app: typer.Typer) -> None:
                     if federation is None:
                         raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
                     devices = _federation(federation).clients
+                    if devices > MAX_ENROLL_DEVICES:  # as --devices N is refused (see MAX_ENROLL_DEVICES)
+                        raise ConfigError(
+                            f"{federation} has clients.count {devices:,}: fleet enroll enrols at most "
+                            f"{MAX_ENROLL_DEVICES:,} devices, the most a SecAgg round's roster holds"
+                        )
                 names = [device_id(i) for i in range(devices)]
             cohort = "fleet" if cohort is None else cohort
             if held is not None:
