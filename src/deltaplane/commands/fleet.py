@@ -603,6 +603,17 @@ def register(app: typer.Typer) -> None:
                 show_default="device-0 … one per partition",
             ),
         ] = None,
+        drift_min_samples: Annotated[
+            int,
+            typer.Option(
+                "--drift-min-samples",
+                min=1,
+                metavar="N",
+                help="Live samples a feature's drift window needs before it is tested (the drift monitor's "
+                "min_samples; a window is one report per device): fewer show as 'not enough samples' on the "
+                "dashboard. Lower it for a small fleet, e.g. 3 devices of a few dozen samples each.",
+            ),
+        ] = 30,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -637,6 +648,7 @@ def register(app: typer.Typer) -> None:
                     say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
                     authenticated=authenticated,
                     devices=names,
+                    drift_min_samples=drift_min_samples,
                 ),
             )
         failed = sum(1 for s in done if s.failed)
