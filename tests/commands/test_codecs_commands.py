@@ -325,3 +325,22 @@ def test_a_seed_beyond_64_bits_is_a_usage_error(tmp_path: Path) -> None:
         assert "seed must be an integer from -2**63 to 2**64 - 1" in r.output and seed in r.output
         assert not out.exists()
     assert CliRunner().invoke(_app(), [*args, str(2**64 - 1)]).exit_code == 0  # the largest seed torch takes
+
+
+def test_quiet_compress_prints_the_table_alone(tmp_path: Path) -> None:
+    """`deltaplane -q compress` printed its codec/base/file note anyway (a console of its own that --quiet never
+    reached); the note is stderr's, which -q silences, and the table stays on stdout."""
+    from deltaplane.cli import app
+    from deltaplane.commands import set_verbosity
+
+    base_p, new_p, _, _ = _files(tmp_path)
+    args = ["compress", str(new_p), "--base", str(base_p), "--codec", "quant(bits=8)"]
+    try:
+        loud = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.dpln")])
+        quiet = CliRunner().invoke(app, ["-q", *args, "-o", str(tmp_path / "b.dpln")])
+    finally:
+        set_verbosity(0)  # the callback set it for the process: leave the next test its notes
+    assert loud.exit_code == 0 and quiet.exit_code == 0, loud.output + quiet.output
+    assert "ratio" in loud.stdout and "ratio" in quiet.stdout
+    assert "codec quant(bits=8," in loud.stderr and f"wrote {tmp_path / 'a.dpln'}" in loud.stderr
+    assert "codec" not in quiet.stderr and "wrote" not in quiet.output

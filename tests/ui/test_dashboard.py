@@ -84,17 +84,24 @@ def world(tmp_path_factory):
         reg, "digits@3", evaluator=evaluator, tolerance=Tolerance({"accuracy": 0.01}), raise_on_refusal=False
     )
     assert not refused.promoted
+    # a second model whose rounds the fleet page lists as closed (one published) and ended without publishing
+    reg.register_model("keywords", {"w": torch.zeros(3)}, lineage={"source": "run"})
     # the enrollment authority's revocation list, written by `keys revoke`: device-4's identity key leaked
     authority = EnrollmentAuthority.generate()
     (root / "enrollment.ed25519.pem").write_bytes(authority.to_pem())
     (root / "enrollment.ed25519.pub").write_text(authority.public_text() + "\n")
-    keys_revoke(root / "enrollment.ed25519.pem", root / "revoked.bin", "--device", 4)
+    (root / "secagg").mkdir()
+    keys_revoke(root / "enrollment.ed25519.pem", root / "secagg" / "revoked.bin", "--device", 4)
+    # the service runs in `root` and names its list relative to it, as an operator's `serve --secagg-revocations
+    # secagg/revoked.bin` does: the fleet page (and its screenshot in docs/img) shows that, not a temp folder
+    cwd = pytest.MonkeyPatch()
+    cwd.chdir(root)
     app = create_app(
         ServiceConfig(
             home=str(home),
             admin_token=ADMIN,
             runs_dir=str(runs),
-            secagg_revocations=str(root / "revoked.bin"),
+            secagg_revocations="secagg/revoked.bin",
             secagg_authority=str(root / "enrollment.ed25519.pub"),
         )
     )
@@ -115,6 +122,17 @@ def world(tmp_path_factory):
             x = rng.normal(size=(200, 3))
             x[:, 2] += 1.5
             d.report("digits", version=2, summary=summarize(spec, x, rng.integers(0, 10, 200)).to_dict())
+        # keywords: a round published (one upload, closed) and one ended without publishing (aborted)
+        done = admin.open_round("keywords", base_version=1)
+        update = Compressor("identity").compress(
+            Delta({"w": torch.full((3,), 0.2)}), base_id="keywords", base_version=1
+        )
+        devices[2].upload("keywords", done["round"], update)
+        assert admin.close_round("keywords", done["round"])["version"] == 2
+        idle = admin.open_round("keywords", base_version=2)
+        admin.abort_round(
+            "keywords", idle["round"], reason="no device uploaded within the deadline (60 s; 5 devices run)"
+        )
         # a round with one accepted upload and one refused (not a deltaplane payload)
         rnd = admin.open_round("digits", base_version=2)
         delta = Delta({"w": torch.full((3,), 0.1)})
@@ -135,7 +153,10 @@ def world(tmp_path_factory):
         assert secagg["revoked"] == ["device-4"]
         # consent withdrawn after the round opened: versions trained on 'eu' stop being served and promoted
         reg.withdraw_cohort("eu", reason="consent withdrawn")
-        yield {"url": server.url, "report": report, "registry": reg, "root": root, "authority": authority}
+        try:
+            yield {"url": server.url, "report": report, "registry": reg, "root": root, "authority": authority}
+        finally:
+            cwd.undo()
 
 
 def _shots(tmp_path: Path) -> list[Path]:
@@ -251,7 +272,7 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
 
         # registry: versions with verified signatures, tags, promotions and refusals with the gate's numbers
         page.click("header >> text=Registry")
-        assert page.locator("#models tbody tr").count() == 1
+        assert page.locator("#models tbody tr").count() == 2  # digits, and keywords of the fleet's rounds
         page.click("#models >> text=digits")
         assert page.locator("#versions [data-field=signature]:has-text('verified')").count() == 3
         refused = page.locator("#decisions tr[data-promoted=false]")
@@ -274,7 +295,12 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         assert plain.locator("[data-field=revoked]").text_content() == "—"
         secagg = page.locator("#open-rounds tr:has-text('secagg, authenticated')")
         assert secagg.locator("[data-field=revoked]").text_content() == "device-4"
-        held = load_revocations(world["root"] / "revoked.bin", world["authority"].trust())
+        closed = page.locator("#closed-rounds tbody tr")
+        assert closed.count() == 1 and "keywords" in closed.text_content()
+        ended = page.locator("#unpublished-rounds tbody tr")
+        assert ended.count() == 1 and "no device uploaded within the deadline" in ended.text_content()
+        held = load_revocations(world["root"] / "secagg" / "revoked.bin", world["authority"].trust())
+        assert page.text_content("[data-field='revocations.file']") == "secagg/revoked.bin"
         assert page.get_attribute("#revocations", "data-state") == "current"
         assert page.text_content("[data-field='revocations.authority']") == held.authority.hex()
         assert page.text_content("[data-field='revocations.sequence']") == "1"
@@ -285,7 +311,9 @@ def test_dashboard_pages_show_the_sources_numbers(world, tmp_path):
         assert page.text_content("[data-field='revocations.checked']") == "verified under the authority key"
         assert page.locator("#revoked-devices tbody tr").all_text_contents() == ["device-4fleet"]
         assert page.locator("#revocations [data-warning]").count() == 0
-        assert page.text_content("[data-field='uploads.accepted']") == "1"
+        assert (
+            page.text_content("[data-field='uploads.accepted']") == "2"
+        )  # digits' open round, keywords' closed
         assert page.text_content("[data-field='uploads.DecodeError']") == "1"
         assert page.locator("#devices tbody tr").count() == 5
         assert page.locator("#drift-digits polyline").count() >= 1

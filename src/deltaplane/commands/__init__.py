@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from deltaplane.errors import CodecError, ConfigError, DeltaplaneError, GateRefused, TaskError
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
+    "MAX_ENROLL_DEVICES",
     "AddDevices",
     "HeldRevocations",
     "Threads",
@@ -49,6 +51,7 @@ __all__ = [
     "exit_code_for",
     "finite_number",
     "fit_table",
+    "fleet_size",
     "set_verbosity",
     "working_dir_on_path",
 ]
@@ -82,10 +85,12 @@ def fit_table(table: Table, width: int) -> bool:
     """
     probe = Console(width=width)
     options = probe.options.update_width(width)
-    ranges = [table._measure_column(probe, options, c) for c in table.columns]  # (min, max), padding included
-    pads = [table._get_padding_width(i) for i in range(len(table.columns))]
+    pads = [_padding_width(table, i) for i in range(len(table.columns))]
+    ranges = [_measure_column(table, probe, options, i, pads[i]) for i in range(len(table.columns))]
     wrapping = [i for i, c in enumerate(table.columns) if c.width is None and not c.no_wrap]
-    room = width - table._extra_width - sum(r.maximum for i, r in enumerate(ranges) if i not in wrapping)
+    # the box's edges and the rules between columns
+    rules = (2 if table.show_edge else 0) + len(table.columns) - 1 if table.box else 0
+    room = width - rules - sum(r.maximum for i, r in enumerate(ranges) if i not in wrapping)
     for word_floor in (_WORD_FLOOR, 0):
         widths = {i: ranges[i].maximum for i in wrapping}
         floors = {
@@ -110,12 +115,51 @@ def fit_table(table: Table, width: int) -> bool:
     return False
 
 
+def _padding_width(table: Table, index: int) -> int:
+    """The cell padding column ``index`` adds to its content's width, as rich lays the table out (left and right
+    padding; none at the table's outer edges without ``pad_edge``; ``collapse_padding``: a cell's left padding
+    merges into its left neighbour's right one, so only the right one counts)."""
+    _, right, _, left = table.padding
+    if table.collapse_padding:
+        left = 0
+    if not table.pad_edge:
+        left = 0 if index == 0 else left
+        right = 0 if index == len(table.columns) - 1 else right
+    return left + right
+
+
+def _measure_column(
+    table: Table, console: Console, options: ConsoleOptions, index: int, pad: int
+) -> Measurement:
+    """Column ``index``'s narrowest and widest width, padding included: its header, cells and footer measured by
+    rich's public :meth:`Measurement.get`, clamped by the column's ``width``, ``min_width`` and ``max_width``
+    as rich clamps them (what ``Table`` measures privately, from its public parts, so a rich upgrade that
+    renames a private helper cannot break every table of the CLI)."""
+    column = table.columns[index]
+    if column.width is not None:
+        return Measurement(column.width + pad, column.width + pad).with_maximum(options.max_width)
+    cells = [
+        *([column.header] if table.show_header else []),
+        *column.cells,
+        *([column.footer] if table.show_footer else []),
+    ]
+    sizes = [Measurement.get(console, options, cell) for cell in cells]
+    measured = Measurement(
+        max((m.minimum for m in sizes), default=0) + pad if sizes else 1,
+        max((m.maximum for m in sizes), default=0) + pad if sizes else options.max_width,
+    ).with_maximum(options.max_width)
+    return measured.clamp(
+        None if column.min_width is None else column.min_width + pad,
+        None if column.max_width is None else column.max_width + pad,
+    )
+
+
 def _hand_back(
     table: Table, probe: Console, widths: dict[int, int], natural: list[int], pads: list[int]
 ) -> None:
     """Narrow each shrunk column (narrowest first) to what its wrapped cells use, giving the rest to the columns
     after it that are still short of their natural width, the shortest of it first."""
-    from rich.cells import cell_len
+    from rich.cells import cell_len  # public: rich's measure of a string's terminal cells
 
     order = sorted(widths, key=lambda i: widths[i])
     for n, i in enumerate(order):
@@ -168,12 +212,31 @@ def finite_number(value: float | None) -> float | None:
     return value
 
 
+#: The most devices one ``--devices N`` or ``--add K`` of ``fleet enroll`` and ``keys certify`` takes. A SecAgg
+#: round's roster holds at most this many (the service refuses to open a larger one: ``OpenSecAggRequest.devices``
+#: in serve/secagg_routes.py; a test keeps the two equal), so a fleet enrolled past it could never take part in
+#: one round; an N past it is a slip (``--devices 1000000`` for 100), refused before a token, key or
+#: certificate is written rather than after the service has issued a million tokens or the disk filled.
+MAX_ENROLL_DEVICES = 100_000
+
+
+def fleet_size(value: int | None) -> int | None:
+    """A typer callback refusing more than :data:`MAX_ENROLL_DEVICES` devices, naming the bound and why."""
+    if value is not None and value > MAX_ENROLL_DEVICES:
+        raise typer.BadParameter(
+            f"at most {MAX_ENROLL_DEVICES:,} devices: a SecAgg round's roster holds no more, so a larger fleet "
+            f"could never take part in one round. Found {value:,}"
+        )
+    return value
+
+
 #: ``--add K`` of ``fleet enroll`` and ``keys certify``: grow the fleet in ``--out`` (a revoked device's replacement)
 AddDevices = Annotated[
     int | None,
     typer.Option(
         "--add",
         min=1,
+        callback=fleet_size,
         metavar="K",
         help="Enrol K new devices into the fleet in OUT (a revoked device's replacement): the next free ids, past "
         "every device-I with a file in OUT and every one --revocations names, in the cohort of OUT's certificates.",

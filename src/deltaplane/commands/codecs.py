@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, console, cpu_threads, err_console
 
 if TYPE_CHECKING:
     import torch
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
     from deltaplane.delta import Delta
 
 __all__ = ["register"]
-
-_console = Console()
 
 AllowOtherBase = Annotated[
     bool,
@@ -96,9 +93,11 @@ def compress(
         f"{delta.nbytes / len(payload):.1f}x",
         f"{err:.4f}",
     )
-    _console.print(table)
+    console.print(table)  # the result, on stdout
     recorded = f"; base {short_fingerprint(delta.base_sha256)}" if delta.base_sha256 else ""
-    _console.print(escape(f"codec {comp.codec.spec}{recorded}\nwrote {out}"), soft_wrap=True)
+    # a note on the shared stderr console, which `deltaplane -q` silences (a console of this module's own was
+    # not, so `-q compress` still printed it): the codec and the file are what the command was given
+    err_console.print(escape(f"codec {comp.codec.spec}{recorded}\nwrote {out}"), soft_wrap=True)
 
 
 def decompress(
@@ -156,7 +155,7 @@ def decompress(
             delta = decode_payload(data, expect_base=expect)
             delta.save(out, metadata={"deltaplane.codec": header.codec})
             what = "delta"
-    _console.print(
+    console.print(
         escape(
             f"decoded {len(delta)} tensors ({delta.numel():,} values, codec {header.codec}, "
             f"base {header.base_id!r} v{header.base_version}); wrote {what} to {out}"
@@ -198,7 +197,7 @@ def apply(
         if delta.base_sha256:
             recorded = f"taken against base {short_fingerprint(delta.base_sha256)}"
         recorded += _overridden(delta, base_state, allow_other_base)
-    _console.print(
+    console.print(
         escape(f"applied {len(delta)} tensors ({delta.numel():,} values; {recorded}); wrote {out}"),
         soft_wrap=True,
     )

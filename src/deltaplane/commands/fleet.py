@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
+    MAX_ENROLL_DEVICES,
     AddDevices,
     HeldRevocations,
     Threads,
@@ -31,6 +32,7 @@ from deltaplane.commands import (
     cpu_threads,
     err_console,
     finite_number,
+    fleet_size,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -341,7 +343,13 @@ def register(app: typer.Typer) -> None:
         tls_key: ClientKey = None,
         devices: Annotated[
             int | None,
-            typer.Option("--devices", min=1, help="How many devices.", show_default="the federation's"),
+            typer.Option(
+                "--devices",
+                min=1,
+                callback=fleet_size,
+                help="How many devices.",
+                show_default="the federation's",
+            ),
         ] = None,
         federation: Annotated[
             Path | None,
@@ -408,6 +416,11 @@ def register(app: typer.Typer) -> None:
                     if federation is None:
                         raise ConfigError("give --devices N or --federation fleet.yaml (its clients)")
                     devices = _federation(federation).clients
+                    if devices > MAX_ENROLL_DEVICES:  # as --devices N is refused (see MAX_ENROLL_DEVICES)
+                        raise ConfigError(
+                            f"{federation} has clients.count {devices:,}: fleet enroll enrols at most "
+                            f"{MAX_ENROLL_DEVICES:,} devices, the most a SecAgg round's roster holds"
+                        )
                 names = [device_id(i) for i in range(devices)]
             cohort = "fleet" if cohort is None else cohort
             if held is not None:
@@ -613,6 +626,17 @@ def register(app: typer.Typer) -> None:
                 show_default="device-0 … one per partition",
             ),
         ] = None,
+        drift_min_samples: Annotated[
+            int,
+            typer.Option(
+                "--drift-min-samples",
+                min=1,
+                metavar="N",
+                help="Live samples a feature's drift window needs before it is tested (the drift monitor's "
+                "min_samples; a window is one report per device): fewer show as 'not enough samples' on the "
+                "dashboard. Lower it for a small fleet, e.g. 3 devices of a few dozen samples each.",
+            ),
+        ] = 30,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -647,6 +671,7 @@ def register(app: typer.Typer) -> None:
                     say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
                     authenticated=authenticated,
                     devices=names,
+                    drift_min_samples=drift_min_samples,
                 ),
             )
         failed = sum(1 for s in done if s.failed)

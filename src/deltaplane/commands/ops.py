@@ -31,6 +31,7 @@ from deltaplane.commands import (
     err_console,
     finite_number,
     fit_table,
+    fleet_size,
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
@@ -364,7 +365,13 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Folder for the devices' identity files.")],
         devices: Annotated[
             int | None,
-            typer.Option("--devices", min=1, help="Certify device-0 … device-(N-1).", show_default="none"),
+            typer.Option(
+                "--devices",
+                min=1,
+                callback=fleet_size,
+                help="Certify device-0 … device-(N-1).",
+                show_default="none",
+            ),
         ] = None,
         device: Annotated[
             list[int] | None,

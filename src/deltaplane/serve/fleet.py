@@ -917,6 +917,7 @@ def coordinate(
     patience: float = 300.0,
     say: Callable[[str], None] | None = None,
     authenticated: bool = False,
+    drift_min_samples: int = 30,
 ) -> list[RoundSummary]:
     """Run ``rounds`` rounds of ``model`` with the enrolled devices (default: ``device-0`` … one per partition).
 
@@ -926,7 +927,10 @@ def coordinate(
     for SecAgg's threshold) is reported as failed and the next one starts; a round the service refuses to open
     as configured (422: a ring too small for ``--max-examples``, fewer devices than distributed DP's floor...)
     is reported and ends the run, since every later open would be the same request; a round that would exceed
-    the privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to.
+    the privacy budget ends the run. ``drift`` sets the drift reference the devices' summaries are compared to;
+    ``drift_min_samples`` is its monitor's ``min_samples`` (:class:`~deltaplane.monitor.drift.DriftMonitor`): a
+    feature with fewer live samples in a window (one report per device) is shown as "not enough samples", not
+    tested, so a small fleet (3 devices holding a few dozen samples each) needs it lower than the default 30.
 
     A service that stops answering (a restart, an outage) is waited for up to ``patience`` seconds at a time
     (:class:`Patient`; ``say`` hears what it waits for, default: a log warning), and the time it was down does
@@ -941,6 +945,9 @@ def coordinate(
     opens them so too, as ``deltaplane run`` runs them.
     """
     authenticated = authenticated or config.secagg_authenticated
+    # checked here, before any round: the service would refuse it only at the drift reference's PUT (422)
+    if isinstance(drift_min_samples, bool) or not isinstance(drift_min_samples, int) or drift_min_samples < 1:
+        raise ConfigError(f"drift_min_samples must be an integer of at least 1. Found {drift_min_samples!r}")
     if authenticated and not config.secagg:
         raise ConfigError(
             "authenticated rounds sign SecAgg's key advertisements; this federation runs plain rounds (set "
@@ -968,7 +975,9 @@ def coordinate(
     if drift:
         spec, reference = drift_reference(*task_and_clients())
         p.call(
-            lambda: admin.set_drift_reference(model, spec.to_dict(), reference.to_dict(), window=len(names)),
+            lambda: admin.set_drift_reference(
+                model, spec.to_dict(), reference.to_dict(), window=len(names), min_samples=drift_min_samples
+            ),
             "set the drift reference",
         )
     done: list[RoundSummary] = []

@@ -160,6 +160,51 @@ def unchecked_revocations_warning(config: Any) -> str | None:
     )
 
 
+#: the dashboard's last reading of each (list file, authority key file): the stamp it was read under and the list
+#: read, or the error it gave (see :func:`_viewed_revocations`); a few entries, one per service in the process
+_VIEWED: dict[tuple[str, str], tuple[tuple[Any, ...], RevocationList | str]] = {}
+_VIEWED_MAX = 8
+_VIEWED_LOCK = threading.Lock()
+
+
+def _file_stamp(path: str) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten: an atomic replace gives a new inode, an in-place write a new mtime
+    or size (``os.stat`` follows a link, as the loaders do)."""
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _viewed_revocations(config: Any, store: ServiceStore) -> RevocationList | str:
+    """The list as :func:`read_service_revocations` reads it for a view (``record=False``), or its error's text,
+    read again only when something it depends on changed: the list file, the authority key file or the service's
+    highest held marks (an upload or a round open moves them). The fleet page reads this on every view (and on
+    its refreshes); a list of tens of thousands of devices is up to ~530 KB to read and an Ed25519 verification
+    each time, for a file that changes once a week. The stamp is taken before the read, so a file replaced
+    while it is read is read again at the next view rather than kept under the old stamp."""
+    path = os.fspath(config.secagg_revocations)
+    key = os.fspath(config.secagg_authority) if config.secagg_authority else ""
+    try:
+        marks = tuple(sorted((m.authority, m.sequence, m.sha256) for m in store.revocation_marks().values()))
+        stamp = (_file_stamp(path), _file_stamp(key) if key else None, marks)
+    except OSError:  # gone between the caller's check and here, or unreadable: the loader says what is wrong
+        stamp = None
+    with _VIEWED_LOCK:
+        held = _VIEWED.get((path, key))
+    if stamp is not None and held is not None and held[0] == stamp:
+        return held[1]
+    try:  # as the round open would refuse it: malformed, forged, version 1, rolled back
+        result: RevocationList | str = read_service_revocations(config, store, record=False)
+    except DeltaplaneError as exc:
+        result = str(exc)
+    if stamp is not None:
+        with _VIEWED_LOCK:
+            _VIEWED.pop((path, key), None)
+            _VIEWED[(path, key)] = (stamp, result)
+            while len(_VIEWED) > _VIEWED_MAX:
+                del _VIEWED[next(iter(_VIEWED))]  # the one viewed longest ago
+    return result
+
+
 def revocations_status(
     config: Any, rounds: Iterable[Mapping[str, Any]], *, now: float, store: ServiceStore
 ) -> dict[str, Any]:
@@ -167,7 +212,8 @@ def revocations_status(
 
     The list is read as an authenticated round open reads it (:func:`read_service_revocations`, checked
     against ``store``'s highest list of its authority without moving it: a page view never records a list), so
-    the page shows what the next open will act on, never a copy of it. ``rounds`` are the fleet snapshot's open
+    the page shows what the next open will act on, never a copy of it; it is read again only once the file, the
+    authority key or the held marks changed (:func:`_viewed_revocations`). ``rounds`` are the fleet snapshot's open
     and closed rounds: one of them authenticated, or a federation of authenticated rounds
     (``config.federation``), means the service needs a list.
 
@@ -197,10 +243,9 @@ def revocations_status(
         return status | {"state": "none" if authenticated else "unused"}
     if not os.path.lexists(path):
         return status | {"state": "missing"}
-    try:  # as the round open would refuse it: malformed, forged, version 1, rolled back
-        rl = read_service_revocations(config, store, record=False)
-    except DeltaplaneError as exc:
-        return status | {"state": "invalid", "error": str(exc)}
+    rl = _viewed_revocations(config, store)
+    if isinstance(rl, str):
+        return status | {"state": "invalid", "error": rl}
     if now > rl.next_update:
         state = "stale"
     elif rl.next_update - now <= EXPIRING_SOON_S:
