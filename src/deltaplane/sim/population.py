@@ -210,6 +210,8 @@ class PopulationResult:
     per_round: int
     seconds: list[float]
     test_accuracy: list[float]
+    #: the round's sampled devices' pooled held-out accuracy; NaN in a round that scored none (nobody sampled, or
+    #: a round ``client_eval_every`` leaves unscored)
     sampled_accuracy: list[float]
     uplink_bytes: int
     #: bytes the error-feedback residual store holds at the end: one fp16 row per client that trained
