@@ -122,6 +122,14 @@ def test_the_http_service_run_refuses_it_with_the_reason() -> None:
     assert isinstance(raised.value, ConfigError)
 
 
+def test_a_service_with_real_devices_refuses_it_with_the_reason() -> None:
+    from deltaplane.serve.device_side import check_real_devices
+
+    check_real_devices(RunConfig())  # the default runs
+    with pytest.raises(UnsupportedOption, match="client_eval_every=3: the service scores no device"):
+        check_real_devices(RunConfig(client_eval_every=3))
+
+
 def test_the_yaml_config_sets_it_under_clients(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("clients:\n  count: 4\n  eval_every: 3\n")
