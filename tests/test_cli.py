@@ -170,3 +170,28 @@ def test_run_follows_up_with_personalization_merge_and_deploy(tmp_path: Path) ->
         assert title in result.output
     html = (out / "report.html").read_text()
     assert "<h2>Personalization</h2>" in html and "<h2>Deploy</h2>" in html
+
+
+def test_run_client_eval_every_says_not_scored_where_no_device_was_scored(tmp_path: Path) -> None:
+    """``--client-eval-every 0`` scores the test set only: the table says "not scored" for the devices' held-out
+    accuracy (not "nan / nan"), report.json has null there, and the test accuracy is the default run's."""
+    out = tmp_path / "never"
+    never = runner.invoke(
+        app,
+        ["run", *TINY, "--no-baseline", "--client-eval-every", "0", "--out", str(out)],
+        terminal_width=200,
+    )
+    assert never.exit_code == 0, never.output
+    assert "not scored" in never.output and "nan" not in never.output
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["runs"][0]["config"]["client_eval_every"] == 0
+    assert {r["client_accuracy_mean"] for r in doc["runs"][0]["rounds"]} == {None}
+    assert doc["summary"][0]["client_accuracy_mean"] is None
+    every = runner.invoke(app, ["run", *TINY, "--no-baseline", "--out", str(tmp_path / "every")])
+    assert every.exit_code == 0, every.output
+    doc_every = json.loads((tmp_path / "every" / "report.json").read_text())
+    assert [r["test_accuracy"] for r in doc["runs"][0]["rounds"]] == [
+        r["test_accuracy"] for r in doc_every["runs"][0]["rounds"]
+    ]
+    assert "not scored" not in every.output
+    _clean_error(runner.invoke(app, ["run", "--client-eval-every", "-1"]), "client-eval-every")

@@ -342,6 +342,18 @@ def run(
             "on a shared machine.",
         ),
     ] = None,
+    client_eval_every: Annotated[
+        int | None,
+        typer.Option(
+            "--client-eval-every",
+            min=0,
+            metavar="N",
+            show_default="1",
+            help="Score every device's held-out data (the client accuracy columns) every N-th round and the "
+            "last (YAML clients.eval_every); 0: never, the test set only, as Flower's and pfl-research's "
+            "benchmark apps evaluate. Unscored rounds show 'not scored'. --transport http needs 1.",
+        ),
+    ] = None,
     followup: Annotated[
         bool,
         typer.Option(
@@ -377,7 +389,7 @@ def run(
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
             engine=None if engine is None else "sequential" if engine == Engine.inprocess else str(engine),
             transport=transport,
-            threads=threads,
+            threads=threads, client_eval_every=client_eval_every,
         )  # fmt: skip
         check_threads(full.threads)
         from deltaplane.apps.runner import preflight
@@ -955,7 +967,7 @@ def _summary_tables(
     word."""
     columns = [
         ("test\nacc", lambda r: f"{r['final_accuracy']:.4f}"),
-        ("client acc\nmean / min", lambda r: f"{_fmt(r['client_accuracy_mean'])} / {_fmt(r['client_accuracy_min'])}"),
+        ("client acc\nmean / min", _client_accuracy),
         ("uplink\ndownlink", lambda r: f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}"),
         ("vs fp32", _ratio),
         ("time", lambda r: f"{r['wall_time_s']:.1f} s"),
@@ -1042,6 +1054,15 @@ def _device_cost_table(results: list[dict[str, Any]], *, width: int) -> Table | 
 
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+def _client_accuracy(row: dict[str, Any]) -> str:
+    """The final round's client accuracies, mean / min; "not scored" where that round scored no device's
+    held-out data (``--client-eval-every 0``, or a Poisson round that sampled nobody): NaN, not a number."""
+    mean, worst = row.get("client_accuracy_mean"), row.get("client_accuracy_min")
+    if mean is None or worst is None or math.isnan(mean) or math.isnan(worst):
+        return "not scored"
+    return f"{_fmt(mean)} / {_fmt(worst)}"
 
 
 def _human_bytes(n: int) -> str:

@@ -340,3 +340,18 @@ def test_a_hostile_node_sending_a_crc_valid_malformed_frame_is_refused_alone(loo
     forged_rounds, _, forged_finals = _flower(cfg, loopback_grid)  # the library's own forging mod
     assert [_fields(r) for r in forged_rounds] == [_fields(r) for r in seq.rounds]
     assert _same(seq.final_state, forged_finals)
+
+
+def test_client_eval_every_scores_the_devices_on_the_rounds_the_sequential_engine_scores(
+    loopback_grid,
+) -> None:
+    """``client_eval_every=2`` over 3 rounds: the devices' held-out fields on rounds 2 and 3 (the last), NaN on
+    round 1, as in process; the test set every round; the same model."""
+    cfg = BASE.replace(rounds=3, client_eval_every=2)
+    seq = run_simulation(cfg)
+    rounds, _, final = _flower(cfg, loopback_grid)
+    fields = ("test_accuracy", "client_accuracy_mean", "client_accuracy_min", "client_accuracy_max")
+    as_text = [[repr(getattr(r, f)) for f in fields] for r in rounds]  # NaN == NaN as text
+    assert as_text == [[repr(getattr(r, f)) for f in fields] for r in seq.rounds]
+    assert [r.round for r in rounds if r.client_accuracy_mean == r.client_accuracy_mean] == [2, 3]
+    assert _same(seq.final_state, final)

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def test_nan_becomes_null_and_html_escapes(tmp_path: Path) -> None:
     assert json.loads(files.json_path.read_text())["summary"][0]["client_accuracy_min"] is None
     html = files.html_path.read_text()
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
+
+
+def test_a_report_whose_last_round_scored_no_device_summarizes_again(tmp_path: Path) -> None:
+    """A final round that scored no device's held-out data (``client_eval_every``, or a Poisson round that sampled
+    nobody) is null in report.json: summarizing that report again (the dashboard, ``deltaplane report``) gave
+    ``float(None)``, a TypeError; it is NaN again, written back as null."""
+    run = _run("r", "identity", 100, [0.5])
+    run["final"] = dict(run["final"], client_accuracy_mean=None, client_accuracy_min=None)
+    row = summarize([run])[0]
+    assert math.isnan(row.client_accuracy_mean) and math.isnan(row.client_accuracy_min)
+    files = write_report([run], tmp_path)
+    assert json.loads(files.json_path.read_text())["summary"][0]["client_accuracy_mean"] is None
 
 
 def test_load_report_rejects_other_files(tmp_path: Path) -> None:

@@ -78,6 +78,12 @@ class RunConfig(BaseModel):
     sample_fraction: float = Field(1.0, gt=0, le=1, description="share of clients that train in a round")
     min_client_samples: int = Field(20, ge=2, description="least number of samples a client holds")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out")
+    client_eval_every: int = Field(
+        1,
+        ge=0,
+        description="score every device's held-out data every N-th round and the last (1: every round; "
+        "0: never, test set only, like Flower's fraction_evaluate=0 or pfl-research's central evaluation)",
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of digits in the global test set")
     train_shifts: int = Field(
         0,
@@ -678,6 +684,19 @@ class RunConfig(BaseModel):
             raise ConfigError(f"invalid {path}: {exc}") from None
         return cls.from_mapping({} if data is None else data, source=str(path))
 
+    def scores_clients(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s global model is scored on the devices' held-out data (the
+        ``client_accuracy_*`` fields; NaN in a round that is not): every ``client_eval_every``-th round and the
+        last (``config.rounds``: a privacy-budget stop ends a run earlier, on a round scored only if N names
+        it), none with 0. The test set is scored every round whatever this says.
+
+        Scoring every device every round is work the baselines' apps do not do (Flower's ``evaluate_fn`` on
+        the central test set with ``fraction_evaluate=0``, pfl-research's central evaluation); what it costs a
+        round is measured in docs/sim-speed.md. The HTTP service run refuses anything but 1 (its devices report
+        their held-out accuracy with every round's drift summary)."""
+        every = self.client_eval_every
+        return every > 0 and (rnd % every == 0 or rnd == self.rounds)
+
     def client_lr(self, rnd: int) -> float:
         """The client learning rate in round ``rnd`` (1-based): ``lr · lr_decay^(rnd-1)``.
 
@@ -713,7 +732,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "clients": {
         "count": "clients", "alpha": "alpha", "rounds": "rounds", "sample_fraction": "sample_fraction",
-        "min_samples": "min_client_samples", "holdout_fraction": "holdout_fraction", "local_epochs": "local_epochs",
+        "min_samples": "min_client_samples", "holdout_fraction": "holdout_fraction", "eval_every": "client_eval_every",
+        "local_epochs": "local_epochs",
         "batch_size": "batch_size", "lr": "lr", "lr_decay": "lr_decay", "momentum": "momentum", "prox_mu": "prox_mu",
     },
     "codec": {

@@ -457,7 +457,8 @@ def task_server_app(
             down = traffic.downlink_payload_bytes * len(clients)
             cum["up"] += traffic.uplink_payload_bytes
             cum["down"] += down
-            client_acc = evaluate_clients(model, clients)
+            # the devices' held-out data on the rounds config.client_eval_every names (NaN fields on the others)
+            client_acc = evaluate_clients(model, clients) if config.scores_clients(rnd) else []
             personal: dict[str, float] = {}
             if personalized:
                 if len(personal_rows) != rnd or len(personal_rows[-1]) != len(clients):

@@ -92,6 +92,12 @@ def sent_codec(config: Mapping[str, Any]) -> str:
     return codec
 
 
+def _scored(value: Any) -> float:
+    """A client accuracy of the final round, NaN where it was not scored: absent, or null in a report.json (a
+    round that ``client_eval_every`` left unscored, or a Poisson round that sampled nobody, is written as null)."""
+    return float("nan") if value is None else float(value)
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) -> list[SummaryRow]:
     """One :class:`SummaryRow` per run, in order; ratios against the run named ``baseline`` if given."""
     check_runs(runs)
@@ -111,8 +117,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
                 codec=sent_codec(run["config"]),
                 rounds=len(run["rounds"]),
                 final_accuracy=float(final["test_accuracy"]),
-                client_accuracy_mean=float(final.get("client_accuracy_mean", float("nan"))),
-                client_accuracy_min=float(final.get("client_accuracy_min", float("nan"))),
+                client_accuracy_mean=_scored(final.get("client_accuracy_mean")),
+                client_accuracy_min=_scored(final.get("client_accuracy_min")),
                 uplink_bytes=up,
                 downlink_bytes=int(final.get("cumulative_downlink_bytes", 0)),
                 ratio_vs_baseline=base_up / up if base_up is not None and up > 0 else None,

@@ -50,6 +50,8 @@ SIMULATION_ONLY = {
     "(simulate an attack over HTTP with `deltaplane run --transport http`)",
     "train_shifts": "it adds shifted copies of the simulated devices' training images; a real device trains "
     "on its own data",
+    "client_eval_every": "the service scores no device: each real device scores its own held-out data and "
+    "reports it (holdout_accuracy) when it syncs, whatever the federation's config says",
 }
 
 

@@ -169,6 +169,12 @@ def _refusals(config: RunConfig) -> list[str]:
             f"engine={config.engine!r}: over HTTP every device is its own client that trains and uploads on its "
             "own; stacked training is an in-process engine"
         )
+    if config.client_eval_every != 1:
+        out.append(
+            f"client_eval_every={config.client_eval_every}: every device reports its held-out accuracy with its "
+            "drift summary to the service each round (the drift monitor's holdout_accuracy), so the devices are "
+            "scored every round; leave client_eval_every at 1"
+        )
     return out
 
 

@@ -210,6 +210,8 @@ class PopulationResult:
     per_round: int
     seconds: list[float]
     test_accuracy: list[float]
+    #: the round's sampled devices' pooled held-out accuracy; NaN in a round that scored none (nobody sampled, or
+    #: a round ``client_eval_every`` leaves unscored)
     sampled_accuracy: list[float]
     uplink_bytes: int
     #: bytes the error-feedback residual store holds at the end: one fp16 row per client that trained
@@ -425,10 +427,12 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             model.load_state_dict(outcome.state)
             test_acc.append(accuracy(model, task.test))
             # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
-            # no sampled device to score (NaN, as round_scores gives)
-            if clients:
+            # no sampled device to score (NaN, as round_scores gives); nor in a round that
+            # config.client_eval_every leaves unscored (the test set only)
+            scored = clients if config.scores_clients(rnd) else []
+            if scored:
                 holdout = Dataset(
-                    torch.cat([c.holdout.x for c in clients]), torch.cat([c.holdout.y for c in clients])
+                    torch.cat([c.holdout.x for c in scored]), torch.cat([c.holdout.y for c in scored])
                 )
                 sampled_acc.append(accuracy(model, holdout))
             else:
@@ -442,7 +446,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 RoundMetrics(
                     round=rnd,
                     clients=len(chosen),
-                    **round_scores(model, task.test, evaluate_clients(model, clients)),
+                    **round_scores(model, task.test, evaluate_clients(model, scored)),
                     uplink_bytes=outcome.uplink_bytes,
                     downlink_bytes=down,
                     cumulative_uplink_bytes=uplink,

@@ -454,14 +454,20 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 **personal,
             )
             # scored in the worker when it trains the next round (its share sent above, the scoring queued after it)
-            scores = scoring.submit(global_state) if scoring is not None and pending is not None else None
+            # the devices' held-out data only on the rounds config.client_eval_every names (NaN on the others)
+            scored_clients = config.scores_clients(rnd)
+            scores = (
+                scoring.submit(global_state, clients=scored_clients)
+                if scoring is not None and pending is not None
+                else None
+            )
             report_deferred(t0)  # the previous round: the worker scored it while this process closed this one
             if scores is not None:
                 deferred = (fields, t0, scores)
                 continue
             # here: the global model on the test set and on each device's held-out data (personalized figures
             # are in `personal`); the round's time includes its scoring
-            scored = score_round(model, global_state, task.test, clients)
+            scored = score_round(model, global_state, task.test, clients if scored_clients else [])
             scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
             report(fields, time.perf_counter() - t0, scored)
         assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one

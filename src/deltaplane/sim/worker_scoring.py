@@ -8,7 +8,7 @@ and every device's held-out data, ~3.5 ms) fits in that wait, so the worker does
 instead of this process before its own share: this process's round is shorter by the scoring and the worker's
 otherwise idle time is used. The scores are the same bits as scored here (the same functions and data, one
 torch thread in both processes); they arrive a round later, so the run reports each round's metrics once the
-next round has closed.
+next round has closed. Rounds that ``RunConfig.client_eval_every`` leaves unscored score the test set only.
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ __all__ = ["WorkerScoring"]
 _CONTEXT = ForkContexts("scoring")
 
 
-def _score_forked(key: int, state: dict[str, np.ndarray]) -> dict[str, float | None]:
+def _score_forked(key: int, state: dict[str, np.ndarray], scored: bool) -> dict[str, float | None]:
     """:func:`~deltaplane.engine.metrics.score_round` and the backdoor's success
     (:func:`~deltaplane.engine.scoring.backdoor_success`, ``None`` without a backdoor) in a forked worker, with
-    the context it inherited at the fork."""
+    the context it inherited at the fork; the devices' held-out data only where ``scored`` (else their fields
+    are NaN, as in the caller: ``RunConfig.client_eval_every``)."""
     model, test, clients, target = _CONTEXT.of(key)
     scores: dict[str, float | None] = dict(
-        score_round(model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients)
+        score_round(
+            model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients if scored else []
+        )
     )
     scores["backdoor_success"] = backdoor_success(model, test, target)
     return scores
@@ -69,11 +72,12 @@ class WorkerScoring:
         # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
         self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients, backdoor_target))
 
-    def submit(self, state: dict[str, Tensor]) -> Future | None:
+    def submit(self, state: dict[str, Tensor], *, clients: bool = True) -> Future | None:
         """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
-        next round's share: send that first); ``None`` where the trainer has no forked worker."""
+        next round's share: send that first), on the test set and, with ``clients``, on every device's held-out
+        data; ``None`` where the trainer has no forked worker."""
         arrays = {k: v.detach().numpy() for k, v in state.items()}  # numpy crosses the pipe by value
-        return self._trainer.run_in_worker(_score_forked, self._key, arrays)
+        return self._trainer.run_in_worker(_score_forked, self._key, arrays, clients)
 
     def close(self) -> None:
         """Forget the run's context (the worker keeps its copy until the trainer stops it)."""
