@@ -519,3 +519,33 @@ def test_the_in_memory_merge_refuses_a_half_overflow_as_merge_files_does() -> No
         merge("linear", None, [half, half], normalize=False)
     ok = merge("linear", None, [half, half])  # the mean stays in range
     assert ok["w"].dtype == torch.float16 and torch.equal(ok["w"], half["w"])
+
+
+def test_a_torch_saved_state_dict_is_refused_with_a_conversion_that_works(tmp_path: Path) -> None:
+    """A user's own model saved with ``torch.save(model.state_dict(), 'ft.pt')`` (or a folder holding only a
+    ``pytorch_model.bin``): the refusal's one-line conversion must run as printed and give a file the merge takes.
+    It used to suggest ``AutoModel.from_pretrained`` on the folder *above* the ``.pt`` file, which is no model."""
+    import re
+
+    base = _state(0)
+    save_file(base, tmp_path / "base.safetensors")
+    torch.save(_state(1, base), tmp_path / "ft.pt")
+    (tmp_path / "ft_dir").mkdir()
+    torch.save(_state(2, base), tmp_path / "ft_dir" / "pytorch_model.bin")
+    for ref, converted in (("ft.pt", "ft.safetensors"), ("ft_dir", "ft_dir")):
+        cfg = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base.safetensors"),
+            "models": [{"model": str(tmp_path / ref), "parameters": {"weight": 1.0}}],
+        }
+        with pytest.raises(dp.ConfigError, match="not safetensors") as err:
+            merge_files(cfg, tmp_path / "out", overwrite=True)
+        assert "AutoModel" not in str(err.value)
+        command = re.search(r'python -c "([^"]+)"', str(err.value))
+        assert command, str(err.value)
+        subprocess.run([sys.executable, "-c", command.group(1)], check=True)
+        if ref == "ft.pt":
+            assert "then name 'ft.safetensors' in the config" in str(err.value)
+        cfg["models"][0]["model"] = str(tmp_path / converted)
+        merge_files(cfg, tmp_path / "out", overwrite=True)  # the converted checkpoint merges
+
