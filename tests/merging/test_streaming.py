@@ -549,3 +549,32 @@ def test_a_torch_saved_state_dict_is_refused_with_a_conversion_that_works(tmp_pa
         cfg["models"][0]["model"] = str(tmp_path / converted)
         merge_files(cfg, tmp_path / "out", overwrite=True)  # the converted checkpoint merges
 
+
+def test_a_fine_tune_without_the_bases_integer_buffer_merges_and_says_so(tmp_path: Path) -> None:
+    """The shipped all-MiniLM-L6-v2 holds ``embeddings.position_ids`` (int64); a fine-tune of it saved by a
+    newer transformers does not. Non-floating tensors are copied from the base, never merged, so the merge takes
+    it from the base (with a note) instead of refusing the pair; a missing *float* tensor is still refused."""
+    base = _state(0)
+    ft = {k: v for k, v in _state(1, base).items() if k != "steps"}
+    _save_hf(tmp_path / "base", base)
+    _save_hf(tmp_path / "ft", ft)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "ft"), "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
+    res = merge_files(cfg, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("steps"), base["steps"])
+    assert any("lacks the non-floating tensor(s) ['steps']" in n for n in res.notes)
+    # the same pair the other way round (the base without the buffer): the output follows the base
+    cfg2 = {**cfg, "base_model": str(tmp_path / "ft"), "models": [{"model": str(tmp_path / "base"), "parameters": {"weight": 1.0, "density": 0.5}}]}  # fmt: skip
+    res = merge_files(cfg2, tmp_path / "out2")
+    with safe_open(tmp_path / "out2" / "model.safetensors", "pt") as f:
+        assert "steps" not in list(f.keys())
+    assert any("left out of the output" in n for n in res.notes)
+    del ft["norm.weight"]
+    _save_hf(tmp_path / "ft2", ft)
+    cfg["models"][0]["model"] = str(tmp_path / "ft2")
+    with pytest.raises(dp.ShapeMismatch, match=r"lacks tensor\(s\) \['norm.weight'\]"):
+        merge_files(cfg, tmp_path / "out3")
