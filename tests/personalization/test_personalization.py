@@ -216,3 +216,16 @@ def test_numpy_data_as_scikit_learn_gives_it_personalizes_like_tensors() -> None
     with pytest.raises(dp.ConfigError, match=r"one label per example: x has shape \(80, 4\), y \(79,\)"):
         train_sgd(m, g, (xt.numpy(), yt.numpy()[:79]), epochs=1, lr=0.1, generator=torch.Generator())
 
+
+def test_fedbn_and_fedper_personalize_refuse_a_model_they_cannot_personalize() -> None:
+    """Outside a federation, ``personalize`` then ``personal_state`` on a model without batch-norm (FedBN) or a
+    head prefix matching nothing (FedPer) returned silently and served the global model as the personal one."""
+    m = Net()
+    data = _data(1, 20)
+    for p, msg in ((FedBN(), "batch-norm"), (FedPer(head=["decoder"]), "matches no tensor")):
+        with pytest.raises(dp.ConfigError, match=msg):
+            p.personalize(m, m.state_dict(), PersonalState(), data, data, generator=torch.Generator())
+    FedPer(head=["fc2"]).personalize(
+        m, m.state_dict(), PersonalState(), data, data, generator=torch.Generator()
+    )
+    FedBN().personalize(Net(bn=True), Net(bn=True).state_dict(), PersonalState(), data, data, generator=torch.Generator())  # fmt: skip
