@@ -604,9 +604,18 @@ def merge(
             overflows the inputs' dtype (a float16 sum beyond 65504; names the tensor), as :func:`merge_files`.
     """
     m = get_method(method)
+    if isinstance(models, Mapping) or not isinstance(models, Sequence | Iterator):
+        raise ConfigError(
+            f"merge: models must be a list of state dicts or Deltas, one per model. Found {type(models).__name__}"
+            + ("; pass [model]" if isinstance(models, Mapping) else "")
+        )
     models = list(models)
     if not models:
         raise ConfigError("merge: no models given")
+    for what, x in [("base", base), *((f"model {i}", x) for i, x in enumerate(models))]:
+        if x is not None and not isinstance(x, Mapping):  # an nn.Module failed with "has no attribute 'keys'"
+            hint = ": pass its .state_dict()" if hasattr(x, "state_dict") else ""
+            raise ConfigError(f"merge: {what} is a {type(x).__name__}, not a state dict or Delta{hint}")
     deltas = all(isinstance(x, Delta) for x in models)
     if deltas:
         apply_to = base
