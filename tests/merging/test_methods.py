@@ -314,3 +314,13 @@ def test_merge_names_what_to_pass_for_a_module_or_a_lone_model() -> None:
         sd["weight"]
     )  # any iterable still works
 
+
+def test_a_per_model_parameter_given_twice_is_refused_not_half_ignored() -> None:
+    """``weight=1`` beside ``weights=[...]`` (or ``density`` beside ``densities``) merged with one of them
+    silently dropped; which one depended on how the two were resolved."""
+    a, b = {"w": torch.ones(4)}, {"w": torch.zeros(4)}
+    with pytest.raises(dp.ConfigError, match="'weight' and 'weights' both set the models' weight"):
+        merge("linear", None, [a, b], weight=1, weights=[3, 1])
+    with pytest.raises(dp.ConfigError, match="'densities' and 'density' both set the models' density"):
+        merge("ties", {"w": torch.zeros(4)}, [a, b], densities=[0.5, 0.5], density=[0.2, 0.2])
+    assert merge("linear", None, [a, b], weights=[3, 1])["w"].tolist() == [0.75] * 4

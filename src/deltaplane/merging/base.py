@@ -501,8 +501,15 @@ def _split_kwargs(method: MergeMethod, n_models: int, kwargs: Mapping[str, Any])
     per_model: list[dict[str, Any]] = [{} for _ in range(n_models)]
     by_plural = {p.plural: p for p in method.model_params if p.plural}
     model_names = {p.name: p for p in method.model_params}
+    given: dict[str, str] = {}  # a per-model parameter's name -> the keyword that set it
     for key, value in kwargs.items():
         param = by_plural.get(key) or model_names.get(key)
+        if param is not None:
+            if param.name in given:  # weight=1 beside weights=[...]: one of the two was silently dropped
+                raise ConfigError(
+                    f"merge: '{given[param.name]}' and '{key}' both set the models' {param.name}; give one"
+                )
+            given[param.name] = key
         if param is not None and (key == param.plural or isinstance(value, list | tuple)):
             if not isinstance(value, list | tuple) or len(value) != n_models:
                 raise ConfigError(
