@@ -10,37 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import torch
 from torch import nn
 
-from deltaplane.delta import StateDict
 from deltaplane.errors import ConfigError
-from deltaplane.personalization.base import Personalizer, PersonalState
+from deltaplane.personalization.base import Personalizer
 
 __all__ = ["FedBN", "FedPer"]
-
-
-class _PartialPersonalizer(Personalizer):
-    """FedPer and FedBN: the local layers are trained in the round's local training (:meth:`keep_local`), so
-    :meth:`personalize` has nothing to train — but it still checks that the model has such layers. Called on its
-    own (outside a federation, on a model without batch-norm or with a head matching nothing) it returned
-    silently, and :meth:`personal_state` served the plain global model as the "personal" one."""
-
-    def personalize(
-        self,
-        model: nn.Module,
-        global_state: StateDict,
-        state: PersonalState,
-        train: Any,
-        val: Any,
-        *,
-        generator: torch.Generator,
-    ) -> None:
-        """Check that ``model`` has local layers (:class:`ConfigError` if not); they are kept by
-        :meth:`keep_local` after the round's local training, so nothing more is trained here."""
-        self.local_keys(model)
 
 
 def _leaves_something_shared(model: nn.Module, keys: frozenset[str], what: str) -> frozenset[str]:
@@ -54,7 +30,7 @@ def _leaves_something_shared(model: nn.Module, keys: frozenset[str], what: str) 
     return keys
 
 
-class FedPer(_PartialPersonalizer):
+class FedPer(Personalizer):
     """Keep the layers whose names start with one of ``head`` (e.g. ``("fc2",)``) on the device."""
 
     name = "fedper"
@@ -76,7 +52,7 @@ class FedPer(_PartialPersonalizer):
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class FedBN(_PartialPersonalizer):
+class FedBN(Personalizer):
     """Keep every batch-norm layer (weights, biases, running statistics) on the device.
 
     A model without batch-norm layers has nothing to keep local, and FedBN is then plain FedAvg; that is
