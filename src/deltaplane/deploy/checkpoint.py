@@ -228,6 +228,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     p = Path(path)
     if p.is_dir():
         weights, cfg_path = p / "model.safetensors", p / "config.json"
+        if not weights.exists() and (p / "model.safetensors.index.json").exists():
+            # a `deltaplane merge --max-shard-size` output (or a sharded Hugging Face folder): it was refused
+            # as if it held no weights at all
+            raise ConfigError(
+                f"{p} holds a sharded checkpoint (model.safetensors.index.json); deploy reads one "
+                "model.safetensors: merge again with a --max-shard-size above the model's size, or save the "
+                "model as one file"
+            )
         if not weights.exists() or not cfg_path.exists():
             raise ConfigError(f"{p} must hold config.json and model.safetensors")
         text = read_bounded_text(cfg_path, limit=MANIFEST_LIMIT, what="model config")
