@@ -128,3 +128,33 @@ def test_a_pulled_model_keeps_its_config_and_deploys_like_the_registered_folder(
     )
     assert runner.invoke(app, ["registry", "pull", "mlp@3", "-o", str(tmp_path / "pulled")]).exit_code == 0
     assert not (tmp_path / "pulled" / "config.json").exists()
+
+
+def test_an_evaluator_or_builder_file_imports_the_modules_beside_it(
+    home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`--evaluator project/evals.py:evaluate` whose evals.py does `from mymodel import ...` (the user's own model
+    module in the same folder) failed with "No module named 'mymodel'" unless the working directory was that
+    folder and on sys.path; a file now imports as `python project/evals.py` would run it. The same for
+    `deploy --builder file.py:fn`."""
+    import sys
+
+    from deltaplane.commands.ops import load_evaluator
+    from deltaplane.deploy.checkpoint import resolve_builder
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "walkmodel37.py").write_text(
+        "SCALE = 2.0\nimport torch\ndef make(c):\n    return torch.nn.Linear(4, 2)\n"
+    )
+    (project / "evals.py").write_text(
+        "from walkmodel37 import SCALE\ndef evaluate(state):\n    return {'accuracy': SCALE / 4}\n"
+    )
+    (project / "build.py").write_text("from walkmodel37 import make\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(project))])
+    monkeypatch.delitem(sys.modules, "walkmodel37", raising=False)
+    assert load_evaluator(f"{project / 'evals.py'}:evaluate")({}) == {"accuracy": 0.5}
+    assert isinstance(resolve_builder(f"{project / 'build.py'}:make")({}), torch.nn.Linear)

@@ -209,15 +209,11 @@ def load_evaluator(spec: str) -> Any:
         )
     try:
         if module.endswith(".py") or "/" in module or os.sep in module:
-            from importlib.util import module_from_spec, spec_from_file_location
+            from deltaplane.deploy.checkpoint import import_file
 
-            path = Path(module)
-            if not path.is_file():
-                raise ConfigError(f"evaluator file {path} does not exist")
-            mod_spec = spec_from_file_location(f"deltaplane_evaluator_{path.stem}", path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            mod = module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(mod)
+            mod = import_file(
+                Path(module), "evaluator"
+            )  # its folder on sys.path: it may import its neighbours
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())
