@@ -185,3 +185,17 @@ def test_low_rank_factors_refuses_non_finite_input_before_the_svd():
     delta[1, 2] = float("nan")
     with pytest.raises(InvalidUpdate, match="NaN or Inf"):
         low_rank_factors(delta, rank=2)
+
+
+def test_a_fine_tune_saved_without_the_bases_position_ids_still_extracts(tmp_path):
+    """A BERT checkpoint saved by an older transformers holds ``embeddings.position_ids`` (an int64 buffer); a
+    fine-tune of it saved by a newer one does not (shipped all-MiniLM-L6-v2 → ``save_pretrained``). Buffers are
+    never extracted, so the fine-tune is not refused for it; a missing *weight* still is."""
+    base, ft = _models(tmp_path)
+    del ft["position_ids"]
+    save_file(ft, tmp_path / "ft" / "model.safetensors")
+    result = extract_lora(tmp_path / "ft", tmp_path / "base", rank=4)
+    assert list(result.lora) == ["layer.0.query.weight", "layer.0.up.weight"]
+    del ft["layer.0.up.bias"]
+    with pytest.raises(AdapterMismatch, match=r"lacks \['layer.0.up.bias'\]"):
+        extract_lora(ft, base, rank=4)

@@ -96,3 +96,65 @@ def test_promote_with_an_evaluator_file_or_a_module_in_the_working_directory(
 def test_rollback_of_an_unknown_model_says_so(home: Path) -> None:
     r = runner.invoke(app, ["registry", "rollback", "nope"])
     assert r.exit_code == 1 and "no model 'nope'" in r.output and "history" not in r.output
+
+
+def test_a_pulled_model_keeps_its_config_and_deploys_like_the_registered_folder(
+    home: Path, tmp_path: Path
+) -> None:
+    """merge → register → pull → deploy: the pulled folder used to hold only model.safetensors + manifest.json,
+    so `deltaplane deploy` (and load_checkpoint) refused it ("must hold config.json and model.safetensors") — the
+    registered folder's config.json, naming the user's architecture, was lost (the lineage kept only
+    architectures / model_type / torch_dtype). A run model's config metadata is kept the same way."""
+    from deltaplane.deploy.checkpoint import load_checkpoint
+
+    config = {"architecture": "WalkMLP", "d_in": 4, "classes": 2}
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    state = {"weight": torch.randn(2, 4), "bias": torch.zeros(2)}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "run.safetensors"), metadata={"config": json.dumps(config)})
+    for ref, path in (("mlp@1", folder), ("mlp@2", tmp_path / "run.safetensors")):
+        assert runner.invoke(app, ["registry", "register", "mlp", str(path)]).exit_code == 0
+        r = runner.invoke(app, ["registry", "pull", ref, "-o", str(tmp_path / "pulled")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "pulled" / "config.json").read_text()) == config
+        ck = load_checkpoint(tmp_path / "pulled", builder=lambda c: torch.nn.Linear(c["d_in"], c["classes"]))
+        assert torch.equal(ck.model.weight, state["weight"])
+    # a version registered without a config: a previous pull's config.json is not left beside its weights
+    save_file(state, str(tmp_path / "bare.safetensors"))
+    assert (
+        runner.invoke(app, ["registry", "register", "mlp", str(tmp_path / "bare.safetensors")]).exit_code == 0
+    )
+    assert runner.invoke(app, ["registry", "pull", "mlp@3", "-o", str(tmp_path / "pulled")]).exit_code == 0
+    assert not (tmp_path / "pulled" / "config.json").exists()
+
+
+def test_an_evaluator_or_builder_file_imports_the_modules_beside_it(
+    home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`--evaluator project/evals.py:evaluate` whose evals.py does `from mymodel import ...` (the user's own model
+    module in the same folder) failed with "No module named 'mymodel'" unless the working directory was that
+    folder and on sys.path; a file now imports as `python project/evals.py` would run it. The same for
+    `deploy --builder file.py:fn`."""
+    import sys
+
+    from deltaplane.commands.ops import load_evaluator
+    from deltaplane.deploy.checkpoint import resolve_builder
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "walkmodel37.py").write_text(
+        "SCALE = 2.0\nimport torch\ndef make(c):\n    return torch.nn.Linear(4, 2)\n"
+    )
+    (project / "evals.py").write_text(
+        "from walkmodel37 import SCALE\ndef evaluate(state):\n    return {'accuracy': SCALE / 4}\n"
+    )
+    (project / "build.py").write_text("from walkmodel37 import make\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(project))])
+    monkeypatch.delitem(sys.modules, "walkmodel37", raising=False)
+    assert load_evaluator(f"{project / 'evals.py'}:evaluate")({}) == {"accuracy": 0.5}
+    assert isinstance(resolve_builder(f"{project / 'build.py'}:make")({}), torch.nn.Linear)

@@ -139,3 +139,19 @@ def test_a_path_that_is_not_utf8_is_a_usage_error_saying_to_rename_it(app, tmp_p
     assert not (tmp_path / "out").exists()
     os.rename(bad_file, tmp_path / "m.safetensors")
     assert set(load_checkpoint(tmp_path / "m.safetensors").model.state_dict()) == set(sd)
+
+
+def test_a_sharded_merge_output_is_refused_saying_why_and_what_to_do(tmp_path):
+    """`deltaplane merge --max-shard-size` writes model-0000N-of-0000M.safetensors + an index; deploy read it as a
+    folder with no weights ("must hold config.json and model.safetensors") though both a config and weights
+    are there."""
+    from deltaplane.merging import merge_files
+
+    ck = _folder(tmp_path)
+    cfg = {"merge_method": "linear", "models": [{"model": str(ck), "parameters": {"weight": 1.0}}] * 2}
+    merge_files(cfg, tmp_path / "merged", max_shard_bytes=1024)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    with pytest.raises(ConfigError, match=r"sharded checkpoint .*--max-shard-size above the model's size"):
+        load_checkpoint(tmp_path / "merged")
+    merge_files(cfg, tmp_path / "merged", overwrite=True)  # as the message says: one file, which deploys
+    load_checkpoint(tmp_path / "merged")

@@ -94,3 +94,24 @@ def test_few_test_samples_ship_with_a_warning(tmp_path, app, ckpt, digits):
     assert r.exit_code == 0, r.output
     assert "only 5 test samples" in " ".join(r.output.split())
     assert "Only 5 test samples" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_a_tabular_model_without_data_is_told_to_pass_data(tmp_path, app):
+    """A user's own MLP on 30 tabular features deployed without --data: the digits default cannot feed it, and
+    the refusal said "give x_train / x_test in the model's input shape" (or only that the digits do not fit its
+    input_shape) to a user who gave no x_train at all; it now says to pass --data FILE.npz."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    register_architecture("TabularMLP", lambda cfg: torch.nn.Sequential(
+        torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))  # fmt: skip
+    for name, config in (
+        ("shaped", {"architecture": "TabularMLP", "input_shape": [30]}),  # 64 values per image do not reshape
+        ("unshaped", {"architecture": "TabularMLP"}),  # the 1×8×8 images do not run through Linear(30, 8)
+    ):
+        ck = save_checkpoint(net, tmp_path / name, config)
+        r = CliRunner().invoke(app, ["deploy", str(ck), "-o", str(tmp_path / f"out-{name}"), *FAST])
+        assert r.exit_code == 2, r.output
+        text = " ".join(r.output.split())
+        assert "pass --data FILE.npz holding x_train, y_train, x_test, y_test" in text, text
+        assert "give x_train / x_test" not in text

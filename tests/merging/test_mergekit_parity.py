@@ -344,8 +344,13 @@ def test_tokenizer_source_and_chat_template(llama) -> None:  # type: ignore[no-u
 
 def test_bin_checkpoint_says_how_to_convert(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(dp.ConfigError, match=r"pytorch_model.bin.*not safetensors.*save_pretrained"):
+    for i in (1, 2):  # sharded: converted by the class that saved it (AutoModel would drop the head)
+        (tmp_path / "m" / f"pytorch_model-0000{i}-of-00002.bin").write_bytes(b"not unpickled")
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    with pytest.raises(
+        dp.ConfigError,
+        match=r"pytorch_model.*not safetensors.*BertForSequenceClassification.*save_pretrained",
+    ):
         merge_files(
             {"merge_method": "passthrough", "models": [{"model": str(tmp_path / "m")}]}, tmp_path / "o"
         )

@@ -295,3 +295,32 @@ def test_merge_refuses_non_finite_complex_tensors(where):
         merge("task_arithmetic", base, [model, good])
     out = merge("task_arithmetic", good, [good, good])
     assert torch.equal(out["z"], good["z"])
+
+
+def test_merge_names_what_to_pass_for_a_module_or_a_lone_model() -> None:
+    """A newcomer's own ``nn.Module`` (or one state dict instead of a list of them) failed with an untyped
+    ``AttributeError: ... has no attribute 'keys'``; it is a ConfigError saying what to pass."""
+    net = torch.nn.Linear(3, 2)
+    sd = net.state_dict()
+    with pytest.raises(
+        dp.ConfigError, match=r"model 1 is a Linear, not a state dict or Delta: pass its .state_dict"
+    ):
+        merge("ties", sd, [sd, net], density=0.5)
+    with pytest.raises(dp.ConfigError, match=r"base is a Linear.*\.state_dict"):
+        merge("ties", net, [sd], density=0.5)
+    with pytest.raises(dp.ConfigError, match=r"models must be a list.*Found OrderedDict; pass \[model\]"):
+        merge("ties", sd, sd, density=0.5)
+    assert merge("linear", None, (x for x in (sd, sd)))["weight"].equal(
+        sd["weight"]
+    )  # any iterable still works
+
+
+def test_a_per_model_parameter_given_twice_is_refused_not_half_ignored() -> None:
+    """``weight=1`` beside ``weights=[...]`` (or ``density`` beside ``densities``) merged with one of them
+    silently dropped; which one depended on how the two were resolved."""
+    a, b = {"w": torch.ones(4)}, {"w": torch.zeros(4)}
+    with pytest.raises(dp.ConfigError, match="'weight' and 'weights' both set the models' weight"):
+        merge("linear", None, [a, b], weight=1, weights=[3, 1])
+    with pytest.raises(dp.ConfigError, match="'densities' and 'density' both set the models' density"):
+        merge("ties", {"w": torch.zeros(4)}, [a, b], densities=[0.5, 0.5], density=[0.2, 0.2])
+    assert merge("linear", None, [a, b], weights=[3, 1])["w"].tolist() == [0.75] * 4

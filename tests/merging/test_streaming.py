@@ -519,3 +519,62 @@ def test_the_in_memory_merge_refuses_a_half_overflow_as_merge_files_does() -> No
         merge("linear", None, [half, half], normalize=False)
     ok = merge("linear", None, [half, half])  # the mean stays in range
     assert ok["w"].dtype == torch.float16 and torch.equal(ok["w"], half["w"])
+
+
+def test_a_torch_saved_state_dict_is_refused_with_a_conversion_that_works(tmp_path: Path) -> None:
+    """A user's own model saved with ``torch.save(model.state_dict(), 'ft.pt')`` (or a folder holding only a
+    ``pytorch_model.bin``): the refusal's one-line conversion must run as printed and give a file the merge takes.
+    It used to suggest ``AutoModel.from_pretrained`` on the folder *above* the ``.pt`` file, which is no model."""
+    import re
+
+    base = _state(0)
+    save_file(base, tmp_path / "base.safetensors")
+    torch.save(_state(1, base), tmp_path / "ft.pt")
+    (tmp_path / "ft_dir").mkdir()
+    torch.save(_state(2, base), tmp_path / "ft_dir" / "pytorch_model.bin")
+    for ref, converted in (("ft.pt", "ft.safetensors"), ("ft_dir", "ft_dir")):
+        cfg = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base.safetensors"),
+            "models": [{"model": str(tmp_path / ref), "parameters": {"weight": 1.0}}],
+        }
+        with pytest.raises(dp.ConfigError, match="not safetensors") as err:
+            merge_files(cfg, tmp_path / "out", overwrite=True)
+        assert "AutoModel" not in str(err.value)
+        command = re.search(r'python -c "([^"]+)"', str(err.value))
+        assert command, str(err.value)
+        subprocess.run([sys.executable, "-c", command.group(1)], check=True)
+        if ref == "ft.pt":
+            assert "then name 'ft.safetensors' in the config" in str(err.value)
+        cfg["models"][0]["model"] = str(tmp_path / converted)
+        merge_files(cfg, tmp_path / "out", overwrite=True)  # the converted checkpoint merges
+
+
+def test_a_fine_tune_without_the_bases_integer_buffer_merges_and_says_so(tmp_path: Path) -> None:
+    """The shipped all-MiniLM-L6-v2 holds ``embeddings.position_ids`` (int64); a fine-tune of it saved by a
+    newer transformers does not. Non-floating tensors are copied from the base, never merged, so the merge takes
+    it from the base (with a note) instead of refusing the pair; a missing *float* tensor is still refused."""
+    base = _state(0)
+    ft = {k: v for k, v in _state(1, base).items() if k != "steps"}
+    _save_hf(tmp_path / "base", base)
+    _save_hf(tmp_path / "ft", ft)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "ft"), "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
+    res = merge_files(cfg, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("steps"), base["steps"])
+    assert any("lacks the non-floating tensor(s) ['steps']" in n for n in res.notes)
+    # the same pair the other way round (the base without the buffer): the output follows the base
+    cfg2 = {**cfg, "base_model": str(tmp_path / "ft"), "models": [{"model": str(tmp_path / "base"), "parameters": {"weight": 1.0, "density": 0.5}}]}  # fmt: skip
+    res = merge_files(cfg2, tmp_path / "out2")
+    with safe_open(tmp_path / "out2" / "model.safetensors", "pt") as f:
+        assert "steps" not in list(f.keys())
+    assert any("left out of the output" in n for n in res.notes)
+    del ft["norm.weight"]
+    _save_hf(tmp_path / "ft2", ft)
+    cfg["models"][0]["model"] = str(tmp_path / "ft2")
+    with pytest.raises(dp.ShapeMismatch, match=r"lacks tensor\(s\) \['norm.weight'\]"):
+        merge_files(cfg, tmp_path / "out3")

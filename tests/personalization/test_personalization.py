@@ -197,3 +197,35 @@ def test_ditto_with_an_infinite_lambda_was_a_nan_model() -> None:
             m, m.state_dict(), _data(0), epochs=1, lr=0.1, generator=torch.Generator().manual_seed(0),
             prox_center={k: v + 1 for k, v in m.state_dict().items()}, prox_lambda=math.inf,
         )  # fmt: skip
+
+
+def test_numpy_data_as_scikit_learn_gives_it_personalizes_like_tensors() -> None:
+    """``(x, y)`` straight from a scikit-learn loader (float64 and int64 NumPy arrays) is an ``(x, y)`` pair as
+    the docs say: it personalizes exactly as the same data in float32 tensors (it failed inside the model with
+    ``linear(): argument 'input' must be Tensor``); a pair with a label per example missing is refused by name."""
+    m = Net()
+    g = {k: v.clone() for k, v in m.state_dict().items()}
+    (xt, yt), (xv, yv) = _data(1, 80, (2, 0, 1)), _data(2, 30, (2, 0, 1))
+    as_numpy = ((xt.double().numpy(), yt.numpy()), (xv.double().numpy(), yv.numpy()))
+    a, b = PersonalState(), PersonalState()
+    AlphaMix(epochs=2).personalize(m, g, a, (xt, yt), (xv, yv), generator=torch.Generator().manual_seed(0))
+    AlphaMix(epochs=2).personalize(m, g, b, *as_numpy, generator=torch.Generator().manual_seed(0))
+    assert a.alpha == b.alpha and a.history == b.history
+    assert all(torch.equal(a.personal_delta[k], b.personal_delta[k]) for k in a.personal_delta)
+    assert accuracy(m, g, as_numpy[1]) == accuracy(m, g, (xv, yv))
+    with pytest.raises(dp.ConfigError, match=r"one label per example: x has shape \(80, 4\), y \(79,\)"):
+        train_sgd(m, g, (xt.numpy(), yt.numpy()[:79]), epochs=1, lr=0.1, generator=torch.Generator())
+
+
+def test_fedbn_and_fedper_personalize_refuse_a_model_they_cannot_personalize() -> None:
+    """Outside a federation, ``personalize`` then ``personal_state`` on a model without batch-norm (FedBN) or a
+    head prefix matching nothing (FedPer) returned silently and served the global model as the personal one."""
+    m = Net()
+    data = _data(1, 20)
+    for p, msg in ((FedBN(), "batch-norm"), (FedPer(head=["decoder"]), "matches no tensor")):
+        with pytest.raises(dp.ConfigError, match=msg):
+            p.personalize(m, m.state_dict(), PersonalState(), data, data, generator=torch.Generator())
+    FedPer(head=["fc2"]).personalize(
+        m, m.state_dict(), PersonalState(), data, data, generator=torch.Generator()
+    )
+    FedBN().personalize(Net(bn=True), Net(bn=True).state_dict(), PersonalState(), data, data, generator=torch.Generator())  # fmt: skip

@@ -171,12 +171,15 @@ def extract_lora(
         except re.error as exc:
             raise ConfigError(f"include/exclude {pattern!r} is not a regular expression: {exc}") from None
     ft, bs = _open(finetuned), _open(base)
-    if set(ft) != set(bs):
-        missing, extra = sorted(set(bs) - set(ft)), sorted(set(ft) - set(bs))
+    # non-floating tensors (buffers such as BERT's position_ids, which a newer transformers no longer saves) are
+    # never extracted, so only the floating-point ones must match
+    missing = sorted(n for n in set(bs) - set(ft) if _is_float(bs, n))
+    extra = sorted(n for n in set(ft) - set(bs) if _is_float(ft, n))
+    if missing or extra:
         raise AdapterMismatch(
             f"the fine-tuned model lacks {missing[:5]} and has extra {extra[:5]} tensors compared with the base"
         )
-    names = list(bs)
+    names = [n for n in bs if n in ft or _is_float(bs, n)]
     targets = {
         n
         for n in names

@@ -80,7 +80,9 @@ def _classifier_data(
         try:
             xtr, xte = xtr.reshape(len(xtr), *shape), xte.reshape(len(xte), *shape)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"config input_shape {shape} does not fit the 8×8 digits images ({e})") from e
+            raise ConfigError(
+                f"config input_shape {shape} does not fit the 8×8 digits images ({e}); {DIGITS_FIX}"
+            ) from e
     note = (
         "scikit-learn digits (8×8 grey-scale, 10 classes), fixed seeded split; "
         "corruptions: Gaussian noise, 20° rotation, Gaussian blur, 1-pixel shift."
@@ -89,6 +91,13 @@ def _classifier_data(
 
 
 MIN_TEST_SAMPLES = 100  # below this one sample is a point or more of accuracy: the gates measure noise
+
+#: what to do when the default evaluation data (no --data) does not fit the model: a user's own classifier
+#: (a tabular MLP) was told to "give x_train / x_test", which it never gave
+DIGITS_FIX = (
+    "without --data a classifier is evaluated on the scikit-learn digits (8×8 images, 10 classes): pass "
+    "--data FILE.npz holding x_train, y_train, x_test, y_test from your model's own data"
+)
 
 
 def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +126,15 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tupl
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, source: str, say):
+def _check_fits(
+    model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, source: str, say, digits=False
+):
     """One sample through the model: the data's shape fits its input and every label names one of its outputs.
 
     Refused with :class:`~deltaplane.errors.ConfigError` naming ``source`` (``--data FILE`` or the digits'
-    reshape) and the shapes, before anything is pruned or exported; fewer than :data:`MIN_TEST_SAMPLES` test
-    samples ship with a warning (the accuracy gates then measure a handful of samples)."""
+    reshape) and the shapes, before anything is pruned or exported, and saying to pass ``--data`` when the data
+    is the ``digits`` default; fewer than :data:`MIN_TEST_SAMPLES` test samples ship with a warning (the accuracy
+    gates then measure a handful of samples)."""
     import torch
 
     from deltaplane.errors import ConfigError
@@ -133,8 +145,8 @@ def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: n
     except Exception as e:  # whatever the model's first layer says about a wrong input
         raise ConfigError(
             f"{source}: the model does not run on its samples of shape {tuple(xte.shape[1:])} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give x_train / x_test in the "
-            "model's input shape"
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            + (DIGITS_FIX if digits else "give x_train / x_test in the model's input shape")
         ) from e
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -148,6 +160,7 @@ def _check_fits(model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: n
             raise ConfigError(
                 f"{source}: y_{split} holds labels in [{int(y.min())}, {int(y.max())}] but the model has "
                 f"{classes} outputs; labels must be class indices in [0, {classes})"
+                + (f"; {DIGITS_FIX}" if digits else "")
             )
     if len(yte) < MIN_TEST_SAMPLES:
         say(
@@ -967,7 +980,7 @@ def _deploy_classifier(
         if data is not None
         else f"the digits images reshaped to config input_shape {ckpt.config.get('input_shape', [1, 8, 8])}"
     )
-    _check_fits(ckpt.model, xtr, ytr, xte, yte, source, say)
+    _check_fits(ckpt.model, xtr, ytr, xte, yte, source, say, digits=data is None)
     if len(yte) < MIN_TEST_SAMPLES:
         note += (
             f" Only {len(yte)} test samples: accuracy figures are coarse ({100 / len(yte):.1f} points each)."

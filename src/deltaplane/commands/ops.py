@@ -210,15 +210,11 @@ def load_evaluator(spec: str) -> Any:
         )
     try:
         if module.endswith(".py") or "/" in module or os.sep in module:
-            from importlib.util import module_from_spec, spec_from_file_location
+            from deltaplane.deploy.checkpoint import import_file
 
-            path = Path(module)
-            if not path.is_file():
-                raise ConfigError(f"evaluator file {path} does not exist")
-            mod_spec = spec_from_file_location(f"deltaplane_evaluator_{path.stem}", path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            mod = module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(mod)
+            mod = import_file(
+                Path(module), "evaluator"
+            )  # its folder on sys.path: it may import its neighbours
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())
@@ -833,7 +829,12 @@ def register(app: typer.Typer) -> None:
     def registry_pull(
         ref: Annotated[str, typer.Argument(help="MODEL, MODEL@VERSION, MODEL@latest or MODEL:TAG.")],
         out: Annotated[
-            Path, typer.Option("--out", "-o", help="Folder to write model.safetensors and manifest.json.")
+            Path,
+            typer.Option(
+                "--out",
+                "-o",
+                help="Folder to write model.safetensors and manifest.json (and config.json, when registered with one).",
+            ),
         ],
         home: Home = None,
     ) -> None:
@@ -849,14 +850,27 @@ def register(app: typer.Typer) -> None:
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             out.mkdir(parents=True, exist_ok=True)
             model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
-            try:  # both written in full before either replaces a previous pull's: never a model with another's manifest
+            config_tmp = out / "config.json.tmp"
+            # the config the version was registered with (a Hugging Face folder's config.json, a run model's
+            # metadata): written back so the pulled folder is a checkpoint `deltaplane deploy` and
+            # `load_checkpoint` take, as the registered folder was
+            config = art.lineage.get("config")
+            pulled_before = (out / "manifest.json").is_file()
+            try:  # all written in full before any replaces a previous pull's: never a model with another's manifest
                 save_file({k: v.contiguous() for k, v in state.items()}, str(model_tmp))
                 manifest_tmp.write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+                if isinstance(config, dict):
+                    config_tmp.write_text(json.dumps(config, indent=2))
                 model_tmp.replace(out / "model.safetensors")
                 manifest_tmp.replace(out / "manifest.json")
+                if isinstance(config, dict):
+                    config_tmp.replace(out / "config.json")
+                elif pulled_before:  # a previous pull's config.json is not this version's
+                    (out / "config.json").unlink(missing_ok=True)
             finally:  # an error or Ctrl-C half way leaves no partial file behind
                 model_tmp.unlink(missing_ok=True)
                 manifest_tmp.unlink(missing_ok=True)
+                config_tmp.unlink(missing_ok=True)
         console.print(
             f"pulled [bold]{escape(art.ref)}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → "
             f"{escape(str(out))}",

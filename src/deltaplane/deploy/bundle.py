@@ -118,14 +118,23 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
     source = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         name = safetensors_path(p, what="model file")
         try:
-            return Deployable(load_file(name), {"source": source})
+            with safe_open(name, "pt") as f:
+                meta = f.metadata() or {}
+            out = Deployable(load_file(name), {"source": source})
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
+        try:  # a `deltaplane run` model's config (its architecture), so a pulled copy can be deployed
+            config = json.loads(meta["config"])
+        except (KeyError, ValueError):
+            config = None
+        if isinstance(config, dict):
+            out.lineage["config"] = config
+        return out
     if suffix == ".dpla":
         from deltaplane.deploy.artifact import read_artifact
 
@@ -197,4 +206,6 @@ def _hf_folder(p: Path) -> Deployable | None:
             for k in ("architectures", "model_type", "torch_dtype")
             if isinstance(conf, dict) and k in conf
         }
+        if isinstance(conf, dict):  # the whole config.json: `registry pull` writes it back beside the weights
+            out.lineage["config"] = conf
     return out

@@ -73,13 +73,37 @@ def _bert(config: dict[str, Any]) -> nn.Module:
 register_architecture("BertModel", _bert)
 
 
+def import_file(path: Path, what: str) -> Any:
+    """Import the Python file ``path`` (a ``--builder`` or ``--evaluator`` given as ``file.py:function``) as
+    ``python path`` would run it: its folder goes first on ``sys.path`` (and stays), so the file can import the
+    modules beside it — a user's evaluator importing their own model class from ``train.py`` failed with
+    ``No module named 'train'`` unless the shell's working directory happened to be on the path.
+
+    Raises:
+        ConfigError: the file does not exist or is not importable as a module (``what`` names its role).
+    """
+    import importlib.util
+    import sys
+
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_spec = importlib.util.spec_from_file_location(f"_deltaplane_{what}_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def resolve_builder(spec: str | Builder) -> Builder:
     """A builder from ``"pkg.mod:fn"`` (importable module) or ``"path/to/file.py:fn"`` (a file), or a callable.
 
     Raises ``ConfigError`` naming what is missing, so a typo in ``--builder`` is one line, not a traceback.
     """
     import importlib
-    import importlib.util
 
     if callable(spec):
         return spec
@@ -88,14 +112,7 @@ def resolve_builder(spec: str | Builder) -> Builder:
         raise ConfigError(f"builder {spec!r} must look like 'pkg.module:function' or 'file.py:function'")
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
-            path = Path(mod_name)
-            if not path.is_file():
-                raise ConfigError(f"builder file {path} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"_deltaplane_builder_{path.stem}", path)
-            if module_spec is None or module_spec.loader is None:
-                raise ConfigError(f"cannot import {path} as a Python module")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            module = import_file(Path(mod_name), "builder")
         else:
             module = importlib.import_module(mod_name)
     except ConfigError:
@@ -228,6 +245,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     p = Path(path)
     if p.is_dir():
         weights, cfg_path = p / "model.safetensors", p / "config.json"
+        if not weights.exists() and (p / "model.safetensors.index.json").exists():
+            # a `deltaplane merge --max-shard-size` output (or a sharded Hugging Face folder): it was refused
+            # as if it held no weights at all
+            raise ConfigError(
+                f"{p} holds a sharded checkpoint (model.safetensors.index.json); deploy reads one "
+                "model.safetensors: merge again with a --max-shard-size above the model's size, or save the "
+                "model as one file"
+            )
         if not weights.exists() or not cfg_path.exists():
             raise ConfigError(f"{p} must hold config.json and model.safetensors")
         text = read_bounded_text(cfg_path, limit=MANIFEST_LIMIT, what="model config")

@@ -501,8 +501,15 @@ def _split_kwargs(method: MergeMethod, n_models: int, kwargs: Mapping[str, Any])
     per_model: list[dict[str, Any]] = [{} for _ in range(n_models)]
     by_plural = {p.plural: p for p in method.model_params if p.plural}
     model_names = {p.name: p for p in method.model_params}
+    given: dict[str, str] = {}  # a per-model parameter's name -> the keyword that set it
     for key, value in kwargs.items():
         param = by_plural.get(key) or model_names.get(key)
+        if param is not None:
+            if param.name in given:  # weight=1 beside weights=[...]: one of the two was silently dropped
+                raise ConfigError(
+                    f"merge: '{given[param.name]}' and '{key}' both set the models' {param.name}; give one"
+                )
+            given[param.name] = key
         if param is not None and (key == param.plural or isinstance(value, list | tuple)):
             if not isinstance(value, list | tuple) or len(value) != n_models:
                 raise ConfigError(
@@ -604,9 +611,18 @@ def merge(
             overflows the inputs' dtype (a float16 sum beyond 65504; names the tensor), as :func:`merge_files`.
     """
     m = get_method(method)
+    if isinstance(models, Mapping) or not isinstance(models, Sequence | Iterator):
+        raise ConfigError(
+            f"merge: models must be a list of state dicts or Deltas, one per model. Found {type(models).__name__}"
+            + ("; pass [model]" if isinstance(models, Mapping) else "")
+        )
     models = list(models)
     if not models:
         raise ConfigError("merge: no models given")
+    for what, x in [("base", base), *((f"model {i}", x) for i, x in enumerate(models))]:
+        if x is not None and not isinstance(x, Mapping):  # an nn.Module failed with "has no attribute 'keys'"
+            hint = ": pass its .state_dict()" if hasattr(x, "state_dict") else ""
+            raise ConfigError(f"merge: {what} is a {type(x).__name__}, not a state dict or Delta{hint}")
     deltas = all(isinstance(x, Delta) for x in models)
     if deltas:
         apply_to = base

@@ -230,14 +230,47 @@ class Checkpoint(Mapping[str, Tensor]):
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+def _hf_class(folder: Path) -> str:
+    """The ``transformers`` class that saved ``folder`` (``config.json``'s first ``architectures`` entry), else
+    ``AutoModel`` — which would drop a task head, so it is only the fallback."""
+    try:
+        conf = json.loads(
+            read_bounded_text(folder / "config.json", limit=MANIFEST_LIMIT, what="model config")
+        )
+        name = conf["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ConfigError, DecodeError):
+        return "AutoModel"
+    return name if isinstance(name, str) and name.isidentifier() else "AutoModel"
+
+
 def _convert_hint(where: Path, files: list[Path]) -> str:
-    """How to turn PyTorch pickle checkpoints (which we do not unpickle: loading runs code) into safetensors."""
-    folder = where if where.is_dir() else where.parent
-    return (
+    """How to turn PyTorch pickle checkpoints (which we do not unpickle: loading runs code) into safetensors.
+
+    One weights file (a ``torch.save``'d state dict, or a folder's single ``pytorch_model.bin``) is converted by
+    ``torch.load`` + ``save_file`` into the file the merge then reads (beside a loose file, ``model.safetensors``
+    in a folder); a Hugging Face folder of several shards by the ``transformers`` class that saved it. The hint
+    used to load ``AutoModel`` from the folder above a loose ``.pt`` file, which is no model at all, and which
+    drops a classifier's head even for a real Hugging Face folder."""
+    head = (
         f"model '{where}' holds PyTorch pickle weights ({', '.join(f.name for f in files[:3])}), not safetensors; "
         "deltaplane reads only safetensors (unpickling can run code). Convert once, from a source you trust: "
-        f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}')"
-        f".save_pretrained('{folder}-safetensors')\" (or torch.load + safetensors.torch.save_file)"
+    )
+    weights = [f for f in files if f.name.startswith("pytorch_model")] if where.is_dir() else files
+    if len(weights) == 1 or (where.is_dir() and len(files) == 1):
+        src = weights[0] if len(weights) == 1 else files[0]
+        dst = where / SINGLE_NAME if where.is_dir() else src.with_suffix(".safetensors")
+        then = "" if where.is_dir() else f", then name '{dst.name}' in the config"
+        return head + (
+            'python -c "import torch; from safetensors.torch import save_file; '
+            f"sd = torch.load({str(src)!r}, weights_only=True); "
+            f'save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, {str(dst)!r})"{then}'
+        )
+    folder = where if where.is_dir() else where.parent
+    cls = _hf_class(folder)
+    return head + (
+        f'python -c "from transformers import {cls}; {cls}.from_pretrained({str(folder)!r})'
+        f'.save_pretrained({str(folder) + "-safetensors"!r})" (for a Hugging Face folder; or torch.load each '
+        "state dict + safetensors.torch.save_file)"
     )
 
 

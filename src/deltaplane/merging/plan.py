@@ -256,9 +256,9 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
     tensors: list[PlannedTensor] = []
     first_scope, last_scope = scopes[0][0], scopes[-1][0]
     ref_ck = (first_scope.base or Source(first_scope.models[0][0], "", "")).checkpoint
-    if cfg.models:  # every input holds exactly the same tensors
+    if cfg.models:  # every input holds exactly the same floating-point tensors
         for ck in opened.values():
-            _check_names(ref_ck, ck)
+            _check_names(ref_ck, ck, notes)
     layered = {n for n in ref_ck.infos if layer_index(n) is not None}
     outside = [n for n in ref_ck.infos if n not in layered]
     pre = [n for n in outside if any(p in n.lower() for p in _PRE)]
@@ -269,6 +269,16 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
         base = None if scope.base is None or base_name is None else Source(scope.base.checkpoint, base_name,
                                                                           scope.base.label)  # fmt: skip
         every = ([base] if base is not None else []) + inputs
+        donor = next((s for s in every if s.name in s.checkpoint.infos), None)
+        if donor is not None and not donor.checkpoint.infos[donor.name].dtype.is_floating_point:
+            # a buffer (position ids, a counter) is copied, never merged: an input that lacks it (a fine-tune
+            # saved by a newer transformers, which no longer writes position_ids) reads the donor's copy
+            def fill(s: Source) -> Source:
+                return s if s.name in s.checkpoint.infos else Source(donor.checkpoint, donor.name, s.label)
+
+            base = fill(base) if base is not None else None
+            inputs = [fill(s) for s in inputs]
+            every = ([base] if base is not None else []) + inputs
         infos = []
         for s in every:
             if s.name not in s.checkpoint.infos:
@@ -318,16 +328,36 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
                 n_layers if cfg.slices else None, notes)  # fmt: skip
 
 
-def _check_names(ref: Checkpoint, other: Checkpoint) -> None:
-    if ref.infos.keys() != other.infos.keys():
-        missing = sorted(set(ref.infos) - set(other.infos))
-        extra = sorted(set(other.infos) - set(ref.infos))
-        parts = []
-        if missing:
-            parts.append(f"lacks tensor(s) {missing[:5]} that '{ref.path}' has")
-        if extra:
-            parts.append(f"has extra tensor(s) {extra[:5]} that '{ref.path}' lacks")
+def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
+    """Refuse ``other`` unless it holds the floating-point tensors ``ref`` holds, and no others.
+
+    Non-floating tensors (buffers such as BERT's ``embeddings.position_ids``, counters) are copied from the
+    reference, never merged, so one an input lacks is read from the reference, and one only an input holds is
+    left out; both are said in ``notes``. A fine-tune saved by a newer ``transformers`` (which no longer writes
+    ``position_ids``) was refused against its own base."""
+    if ref.infos.keys() == other.infos.keys():
+        return
+    missing = sorted(set(ref.infos) - set(other.infos))
+    extra = sorted(set(other.infos) - set(ref.infos))
+    floats_missing = [n for n in missing if ref.infos[n].dtype.is_floating_point]
+    floats_extra = [n for n in extra if other.infos[n].dtype.is_floating_point]
+    parts = []
+    if floats_missing:
+        parts.append(f"lacks tensor(s) {floats_missing[:5]} that '{ref.path}' has")
+    if floats_extra:
+        parts.append(f"has extra tensor(s) {floats_extra[:5]} that '{ref.path}' lacks")
+    if parts:
         raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
+    if missing:
+        notes.append(
+            f"'{other.path}' lacks the non-floating tensor(s) {missing[:5]}: copied from '{ref.path}', as "
+            "every non-floating tensor is"
+        )
+    if extra:
+        notes.append(
+            f"'{other.path}' holds non-floating tensor(s) {extra[:5]} that '{ref.path}' lacks: left out of the "
+            "output, which follows the reference model"
+        )
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

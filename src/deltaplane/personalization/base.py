@@ -86,7 +86,12 @@ class Personalizer:
         *,
         generator: torch.Generator,
     ) -> None:
-        """Adapt the device's personal state to a new global model (α-mix fine-tunes, Ditto trains ``v_k``)."""
+        """Adapt the device's personal state to a new global model (α-mix fine-tunes, Ditto trains ``v_k``).
+
+        FedPer and FedBN train their local layers in the round's local training (:meth:`keep_local`), so here
+        they only check the model: :meth:`local_keys` refuses one without such layers. Called on its own
+        (outside a federation) it returned silently and :meth:`personal_state` served the global model."""
+        self.local_keys(model)
 
     def personalize_many(
         self,

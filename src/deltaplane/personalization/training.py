@@ -40,12 +40,37 @@ def check_training_options(*, epochs: int, lr: float, batch_size: int, min_epoch
 
 
 def as_xy(data: Any) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` from a dataset object with ``.x``/``.y`` or from a 2-tuple."""
+    """``(x, y)`` tensors from a dataset object with ``.x``/``.y`` or from a 2-tuple.
+
+    Arrays that are not tensors (NumPy's, from scikit-learn's loaders) are converted, float64 inputs to torch's
+    default float dtype (a model's weights are float32; NumPy's float64 default would fail in the first layer)
+    and integer labels to int64 as ``cross_entropy`` wants them; before, a NumPy pair failed deep in the model
+    with ``linear(): argument 'input' must be Tensor``.
+
+    Raises:
+        ConfigError: neither form, or not one label per example.
+    """
     if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x, data.y
-    if isinstance(data, tuple | list) and len(data) == 2:
-        return data[0], data[1]
-    raise ConfigError(f"data must have .x and .y tensors or be an (x, y) pair. Found {type(data).__name__}")
+        x, y = data.x, data.y
+    elif isinstance(data, tuple | list) and len(data) == 2:
+        x, y = data[0], data[1]
+    else:
+        raise ConfigError(
+            f"data must have .x and .y tensors or be an (x, y) pair. Found {type(data).__name__}"
+        )
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x)
+        if x.dtype == torch.float64:
+            x = x.to(torch.get_default_dtype())
+    if not isinstance(y, Tensor):
+        y = torch.as_tensor(y)
+        if not y.dtype.is_floating_point and y.dtype != torch.bool:
+            y = y.long()
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ConfigError(
+            f"data must hold one label per example: x has shape {tuple(x.shape)}, y {tuple(y.shape)}"
+        )
+    return x, y
 
 
 def train_sgd(
