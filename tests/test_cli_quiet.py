@@ -209,6 +209,16 @@ def test_quiet_never_silences_an_error(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "error:" in r.stderr and "invalid deltaplane payload" in r.stderr, r.output
 
 
+def test_quiet_never_silences_a_problem(tmp_path: Path) -> None:
+    """``registry verify`` finding a problem exits 1 and says which; under ``-q`` it said nothing at all (its
+    ``problem:`` lines were on the console -q silences)."""
+    home = tmp_path / "home"
+    assert _invoke(["registry", "init", "--home", str(home)]).exit_code == 0
+    (home / "registry.db").write_text("not a database")
+    r = _invoke(["-q", "registry", "verify", "--home", str(home)])
+    assert r.exit_code == 1 and "problem:" in r.stderr and "registry.db" in r.stderr, r.output
+
+
 def _modules() -> list[Path]:
     return [SRC / "cli.py", *sorted((SRC / "commands").glob("*.py"))]
 
