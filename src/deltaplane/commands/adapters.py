@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import (
-    DEFAULT_THREADS,
-    Threads,
-    clean_errors,
-    console,
-    cpu_threads,
-    err_console,
-    fit_table,
-)
+from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads, fit_table
 
 __all__ = ["register"]
 
@@ -62,6 +54,7 @@ def extract_lora_command(
     from rich.table import Table
 
     from deltaplane.adapters.extract import DEFAULT_EXCLUDE, extract_lora
+    from deltaplane.commands import console, err_console  # the shared ones, which -q reaches
 
     with clean_errors(OSError), cpu_threads(threads):
         from deltaplane.deploy.publish import check_writable_dir
