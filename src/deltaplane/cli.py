@@ -31,6 +31,7 @@ from deltaplane.commands import (
     check_threads,
     clean_errors,
     err_console,
+    error_console,
     fit_table,
     set_verbosity,
 )
@@ -457,10 +458,10 @@ def run(
         console.print(f"data:   {escape(str(out / 'report.json'))}", soft_wrap=True)
     if stopped:
         for r in stopped:
-            err_console.print(
+            error_console.print(  # a refusal (exit 3): -q never silences it
                 f"[bold yellow]{escape(r['name'])}: {escape(r['stopped'])}[/bold yellow]", soft_wrap=True
             )
-        err_console.print("the report holds every round done before the stop; follow-up steps were skipped")
+        error_console.print("the report holds every round done before the stop; follow-up steps were skipped")
         raise typer.Exit(code=EXIT_REFUSED)
 
 
@@ -496,14 +497,14 @@ def _run_into(
     for r in results:
         _warn_collapsed(r, chance)
     for note in dict.fromkeys(r["privacy_note"] for r in results if r.get("privacy_note")):
-        console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
+        err_console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)  # a note, on stderr
     stopped = [r for r in results if r.get("stopped")]
     _save_checkpoint(finished[-1], stage, name=results[-1]["name"], task=task_name, personal=save_personal)
     after = None
     if stopped:
         pass  # the report still gets every round done before the stop; follow-up steps are skipped
     elif followup and cfg.task != DEFAULT_TASK:
-        console.print("follow-up (personalize, merge, deploy) is the digits demo; skipped for --task")
+        err_console.print("follow-up (personalize, merge, deploy) is the digits demo; skipped for --task")
     elif followup:
         after = _followup(finished[-1], stage / "deploy", out / "deploy", name=results[-1]["name"])
     write_report(

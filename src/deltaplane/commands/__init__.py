@@ -48,6 +48,7 @@ __all__ = [
     "console",
     "cpu_threads",
     "err_console",
+    "error_console",
     "exit_code_for",
     "finite_number",
     "fit_table",
@@ -58,9 +59,13 @@ __all__ = [
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
-#: Results (tables, figures) go to stdout; progress, notes and errors to stderr. ``--quiet`` silences notes.
+#: The CLI's only consoles (tests/test_cli_quiet.py keeps every command on them). Results (tables, figures,
+#: JSON) go to ``console``, on stdout; progress, notes and warnings to ``err_console``, on stderr, which
+#: ``--quiet`` silences; errors, refusals and what a user cannot do without (a generated admin token) to
+#: ``error_console``, on stderr too, which nothing silences.
 console = Console()
 err_console = Console(stderr=True)
+error_console = Console(stderr=True)
 #: -1 quiet, 0 normal, 1 verbose (set once by the top-level callback)
 verbosity = 0
 
@@ -271,9 +276,7 @@ def clean_errors(*also: type[Exception]) -> Iterator[None]:
         yield
     except (DeltaplaneError, *also) as exc:
         # soft_wrap: the message stays one line for the terminal to wrap, and for grep to find
-        Console(stderr=True).print(
-            f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True
-        )
+        error_console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(code=exit_code_for(exc)) from None
 
 

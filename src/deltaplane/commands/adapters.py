@@ -50,13 +50,12 @@ def extract_lora_command(
     """Extract a LoRA adapter (truncated SVD per linear layer, streamed) and report each layer's error."""
     import time
 
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from deltaplane.adapters.extract import DEFAULT_EXCLUDE, extract_lora
+    from deltaplane.commands import console, err_console  # the shared ones, which -q reaches
 
-    console = Console(soft_wrap=True)
     with clean_errors(OSError), cpu_threads(threads):
         from deltaplane.deploy.publish import check_writable_dir
 
@@ -95,15 +94,19 @@ def extract_lora_command(
                 "randomized" if r.randomized else "full",
             )  # fmt: skip
         fit_table(table, console.width)
-        console.print(table)
+        console.print(table, soft_wrap=True)
     for name, rel in result.uncaptured.items():
-        console.print(f"[yellow]not in the adapter:[/yellow] {escape(name)} changed by {rel:.3g} of its norm")
-    console.print(  # escaped: a [..] in a path is not rich markup
+        err_console.print(  # a warning, on stderr
+            f"[yellow]not in the adapter:[/yellow] {escape(name)} changed by {rel:.3g} of its norm",
+            soft_wrap=True,
+        )
+    console.print(  # the result, on stdout; escaped: a [..] in a path is not rich markup
         escape(
             f"extracted {len(result.layers)} layers ({result.lora.numel():,} values, "
             f"{result.lora.nbytes / 1e6:.2f} MB), mean relative error {result.mean_error():.4f}, into {out} in "
             f"{seconds:.2f} s"
-        )
+        ),
+        soft_wrap=True,
     )
 
 

@@ -27,7 +27,16 @@ if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane
     import numpy as np
     from rich.console import Console
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads, fit_table
+from deltaplane.commands import (
+    DEFAULT_THREADS,
+    Threads,
+    clean_errors,
+    console,
+    cpu_threads,
+    err_console,
+    error_console,
+    fit_table,
+)
 
 __all__ = ["register"]
 
@@ -535,8 +544,10 @@ def _gates(
     if min_above_chance is None:
         min_above_chance = 0.0 if small_mode() else 0.1
         if small_mode():
-            typer.echo(
-                f"{SMALL_ENV} is set: the min-above-chance gate is off (small runs stay at chance)", err=True
+            err_console.print(  # a note: -q silences it
+                f"{SMALL_ENV} is set: the min-above-chance gate is off (small runs stay at chance)",
+                markup=False,
+                soft_wrap=True,
             )
     return Gates(
         min_cosine,
@@ -717,7 +728,6 @@ def register(app: typer.Typer) -> None:
 
         Exit codes: 0 shipped, 2 bad input, 3 a quality gate failed (nothing written).
         """
-        from rich.console import Console
         from rich.markup import escape
 
         from deltaplane.deploy.checkpoint import infer_task, load_checkpoint
@@ -726,8 +736,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.errors import ConfigError, QualityGateFailed
         from deltaplane.textfile import require_regular_file
 
-        console = Console()
-        say = _progress(Console(stderr=True))
+        say = _progress(err_console)  # progress, on stderr: -q silences it
         _register_models()
         title = f"deploy {model.name}: prune={prune} quant={quant} format={fmt}"
         refused: QualityGateFailed | None = None
@@ -822,7 +831,7 @@ def register(app: typer.Typer) -> None:
                 refused = e
         if refused is not None:
             console.print(_table(refused.manifest, title + " — REFUSED", console.width))
-            Console(stderr=True).print(
+            error_console.print(  # a refusal is never silenced, not even by -q
                 "[bold red]refused to ship:[/bold red] "
                 + escape(f"{str(refused).removeprefix('refused to ship: ')}; nothing written to {out}"),
                 soft_wrap=True,
@@ -830,7 +839,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(code=EXIT_GATE_FAILED)
         console.print(_table(res.manifest, title, console.width))
         for layer, why in res.manifest["prune_skipped_layers"].items():
-            console.print(escape(f"not pruned: {layer} ({why})"), soft_wrap=True)
+            err_console.print(escape(f"not pruned: {layer} ({why})"), soft_wrap=True)  # a note, on stderr
         # soft_wrap: rich wraps at 80 columns when stdout is no terminal, and a path broken across lines cannot
         # be copied
         console.print(escape(f"wrote {', '.join(res.files)} to {res.out_dir}"), soft_wrap=True)

@@ -31,6 +31,7 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    error_console,
     finite_number,
     fleet_size,
     working_dir_on_path,
@@ -676,5 +677,7 @@ def register(app: typer.Typer) -> None:
             )
         failed = sum(1 for s in done if s.failed)
         if failed:  # a script must be able to tell: exit 1 when a round was not published
-            err_console.print(f"{failed} of {len(done)} rounds failed (not published)")
+            error_console.print(
+                f"{failed} of {len(done)} rounds failed (not published)"
+            )  # exit 1: never silenced
             raise typer.Exit(code=1)

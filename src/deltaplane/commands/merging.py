@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, check_threads, clean_errors, cpu_threads
+from deltaplane.commands import (
+    DEFAULT_THREADS,
+    Threads,
+    check_threads,
+    clean_errors,
+    console,
+    cpu_threads,
+    err_console,
+)
 
 __all__ = ["register"]
 
@@ -46,17 +54,17 @@ def merge_command(
             "(default: like mergekit, compute in the config's dtype)"
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress bar or notes (as `deltaplane -q merge`)")
+    ] = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Merge models from safetensors in row chunks (bounded memory) and write safetensors to OUT."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deltaplane.deploy.publish import check_writable_dir
     from deltaplane.merging.streaming import prepare_merge
 
-    console = Console(stderr=True)
     shard_bytes = _parse_size(max_shard_size)
     # every check (output, config, method, models, parameters, --threads) before the bar is drawn or any work
     # starts: a bad config is an error line, not an error under an empty progress bar. OSError: an input that
@@ -85,7 +93,7 @@ def merge_command(
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[tensor]}"),
-            console=console,
+            console=err_console,  # stderr, which the global -q silences
             disable=quiet,
             transient=False,
         ) as bar,
@@ -96,14 +104,15 @@ def merge_command(
             bar.update(task, completed=done, total=total, tensor=name)
 
         result = job.run(progress)
-    out = Console(soft_wrap=True)
-    out.print(
+    console.print(  # the result, on stdout
         f"merged {result.n_tensors} tensors ({result.n_params:,} params, {result.nbytes / 1e6:.1f} MB) "
         f"into {result.out_dir} in {result.seconds:.2f} s: {', '.join(result.files)}",
         markup=False,
+        soft_wrap=True,
     )
-    for note in result.notes:
-        out.print(f"note: {note}", markup=False)
+    if not quiet:  # notes are stderr's, like the bar: either -q silences them
+        for note in result.notes:
+            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,7 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    error_console,
     finite_number,
     fit_table,
     fleet_size,
@@ -1000,7 +1001,7 @@ def register(app: typer.Typer) -> None:
                     signatures=not no_signatures, expect_head=expect_head
                 )
             except IntegrityError as exc:  # the database itself is unreadable: a finding, not a crash
-                err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
+                error_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
         console.print(
             f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
@@ -1023,7 +1024,7 @@ def register(app: typer.Typer) -> None:
         for n in rep.notes:
             console.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
         for p in rep.problems:
-            err_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
+            error_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
         if not rep.ok:
             raise typer.Exit(code=1)
         console.print("[green]registry OK[/green]")
@@ -1059,7 +1060,7 @@ def register(app: typer.Typer) -> None:
                 if rep.applied:  # a fresh handle replays the whole log again and compares it with the tables
                     Registry(_home(home), verifier=verifier).check_state()
             except IntegrityError as exc:  # a log that does not verify: a finding, as for verify
-                err_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
+                error_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
         if not rep.differences:
             console.print(
@@ -1223,7 +1224,7 @@ def register(app: typer.Typer) -> None:
             f"{rep.seconds:.1f}s"
         )
         for p in rep.problems[:20]:
-            err_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
+            error_console.print(f"[red]problem:[/red] {escape(p)}", soft_wrap=True)
         if not rep.ok:
             raise typer.Exit(code=1)
 
@@ -1414,7 +1415,7 @@ def register(app: typer.Typer) -> None:
                 run = run.replace(**chain)
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
-                err_console.print(
+                error_console.print(  # the only way in: -q never hides it
                     f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
                 )
             config = ServiceConfig(
@@ -1479,7 +1480,7 @@ def register(app: typer.Typer) -> None:
         with _errors():
             token = admin_token or secrets.token_urlsafe(24)
             if admin_token is None:
-                err_console.print(
+                error_console.print(  # the only way in: -q never hides it
                     f"admin token (set DELTAPLANE_ADMIN_TOKEN to choose one): {token}", soft_wrap=True
                 )
             reg_home = _home(home)
