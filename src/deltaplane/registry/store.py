@@ -1425,12 +1425,36 @@ class Registry:
         """Every cohort in ``artifact``: its own governance plus its parent's and sources', transitively.
 
         Walking the lineage (not only trusting the recorded governance) means a version cannot shed a
-        cohort by declaring it excluded while descending from a version that contains it.
+        cohort by declaring it excluded while descending from a version that contains it. The walk keeps its
+        own stack (no recursion), so a parent chain of any length (a version per round, thousands of rounds)
+        is walked in time and memory linear in its length, never into Python's recursion limit.
         """
         memo = {} if _memo is None else _memo
         if artifact.ref in memo:
             return memo[artifact.ref]
-        memo[artifact.ref] = out = set(artifact.governance.cohorts)
+        # post-order: an artifact's set is made once every artifact above it has one; one on the current path
+        # (a loop, which only an edited registry.db can hold) counts with its own cohorts
+        on_path: set[str] = set()
+        stack: list[tuple[Artifact, list[Artifact] | None]] = [(artifact, None)]
+        while stack:
+            art, ups = stack.pop()
+            if ups is None:
+                if art.ref in memo:
+                    continue
+                ups = self._upstream(art)
+                on_path.add(art.ref)
+                stack.append((art, ups))
+                stack.extend((up, None) for up in ups if up.ref not in memo and up.ref not in on_path)
+                continue
+            out = set(art.governance.cohorts)
+            for up in ups:
+                out |= memo.get(up.ref, set(up.governance.cohorts))
+            memo[art.ref] = out
+            on_path.discard(art.ref)
+        return memo[artifact.ref]
+
+    def _upstream(self, artifact: Artifact) -> list[Artifact]:
+        """The versions ``artifact`` was built from: its parent and the lineage's ``sources`` that still resolve."""
         ups: list[Artifact] = []
         if artifact.parent is not None:
             ups.append(self.get(artifact.model, artifact.parent))
@@ -1439,9 +1463,7 @@ class Registry:
                 ups.append(self.resolve(str(ref)))
             except (NotFound, ConfigError):
                 continue
-        for up in ups:
-            out |= self.contributors(up, memo)
-        return out
+        return ups
 
     def affected_by(self, cohort: str) -> list[Artifact]:
         """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
@@ -1457,11 +1479,10 @@ class Registry:
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
         """The newest model version on ``model@number``'s parent chain free of every withdrawn cohort."""
         withdrawn = self.withdrawn_cohorts(verify=verify)
-        cur: Artifact | None = self.get(model, number)
-        while cur is not None:
-            if cur.kind == "model" and not (self.contributors(cur) & withdrawn):
+        memo: dict[str, set[str]] = {}  # shared along the chain: each version's lineage is walked once
+        for cur in [self.get(model, number), *self.lineage(self.get(model, number))]:
+            if cur.kind == "model" and not (self.contributors(cur, memo) & withdrawn):
                 return cur
-            cur = self.get(model, cur.parent) if cur.parent is not None else None
         return None
 
     # -- integrity -------------------------------------------------------------------------------------
