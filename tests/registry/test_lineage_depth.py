@@ -1,11 +1,14 @@
 """Walks over a version's lineage (consent, rebuild base, ancestors) on chains of any length and on a
 registry.db edited to hold a loop: bounded time, no RecursionError, a typed error where the data is wrong."""
 
+import sqlite3
 import sys
+import threading
 
 import pytest
 import torch
 
+from deltaplane.errors import IntegrityError
 from deltaplane.registry import Governance, Registry, state_to_bytes
 
 
@@ -28,3 +31,43 @@ def test_consent_walks_a_parent_chain_longer_than_the_recursion_limit(reg):
     assert reg.governance_problems(art, verify=True) == [f"{art.ref} was trained on withdrawn cohort 'eu'"]
     assert reg.last_unaffected("m", art.number) is None
     assert len(reg.affected_by("eu")) == art.number
+
+
+def _run_bounded(fn, seconds: float = 20.0):
+    """``fn()``'s result or exception, failing the test (not hanging it) if it runs longer than ``seconds``."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # handed to the test
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    return out
+
+
+def test_a_parent_loop_written_into_registry_db_is_an_integrity_error_not_an_endless_walk(tmp_path):
+    # rows can be inserted behind the registry's back (only UPDATE/DELETE are refused by triggers): a version
+    # naming itself as its parent must not hang `lineage`, the rebuild's `last_unaffected` or the consent walk
+    home = tmp_path / "home"
+    reg = Registry.create(home, encrypt=False)
+    reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    con = sqlite3.connect(home / "registry.db")
+    with con:
+        con.execute(
+            "INSERT INTO artifacts (model, number, kind, sha256, size, parent, lineage, governance, signature, "
+            "created_at) SELECT model, 2, kind, sha256, size, 2, lineage, governance, signature, created_at "
+            "FROM artifacts WHERE number=1"
+        )
+    con.close()
+    looped = reg.get("m", 2)
+    for call in (lambda: reg.lineage(looped), lambda: reg.last_unaffected("m", 2)):
+        out = _run_bounded(call)
+        assert isinstance(out.get("error"), IntegrityError), out
+        assert "m@2 names parent version 2" in str(out["error"])
+    assert _run_bounded(lambda: reg.contributors(looped))["value"] == set()
+    assert any("m@2" in p for p in reg.verify().problems)

@@ -1689,9 +1689,21 @@ class Registry:
         return removed
 
     def lineage(self, artifact: Artifact) -> Sequence[Artifact]:
-        """The chain of ancestors (parent, grandparent, …) of a model version, newest first."""
+        """The chain of ancestors (parent, grandparent, …) of a model version, newest first.
+
+        A parent is always older than its child (it must exist when the child is registered, and a new version
+        gets the next number), so each step goes to a smaller number and the walk ends. A row whose parent is
+        not older (only an edited ``registry.db`` holds one: a loop would walk forever) is an
+        :class:`IntegrityError`.
+        """
         chain, cur = [], artifact
         while cur.parent is not None:
+            if cur.parent >= cur.number:
+                raise IntegrityError(
+                    f"{cur.ref} names parent version {cur.parent}, which is not older than it: registry.db was "
+                    "edited (`deltaplane registry verify` names the rows whose signatures fail); restore it from "
+                    "a backup"
+                )
             cur = self.get(cur.model, cur.parent)
             chain.append(cur)
         return chain
