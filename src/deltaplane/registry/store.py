@@ -315,6 +315,14 @@ class Governance:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        for what in ("data_sources", "cohorts", "excluded_cohorts"):
+            value = getattr(self, what)
+            if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+                # a bare string would be taken letter by letter: cohorts "eu" recorded as 'e' and 'u', which a
+                # withdrawal of "eu" then never reaches
+                raise ConfigError(
+                    f"governance {what} must be a list of names, e.g. [{value!r:.40}]. Found {type(value).__name__}"
+                )
         overlap = set(self.cohorts) & set(self.excluded_cohorts)
         if overlap:
             raise ConfigError(f"cohorts {sorted(overlap)} are listed both as contributing and as excluded")
@@ -337,13 +345,26 @@ class Governance:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Governance:
+        """Governance from its JSON form; each list field must be a list (:class:`ConfigError` otherwise)."""
         d = d or {}
-        return cls(
-            tuple(d.get("data_sources", ())),
-            tuple(d.get("cohorts", ())),
-            tuple(d.get("excluded_cohorts", ())),
-            str(d.get("notes", "")),
-        )
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"governance must be a mapping (a JSON object), not {type(d).__name__}")
+        fields = [d.get(k, ()) for k in ("data_sources", "cohorts", "excluded_cohorts")]
+        fields = [tuple(v) if isinstance(v, list | tuple) else v for v in fields]
+        return cls(*fields, str(d.get("notes", "")))
+
+    def check_names(self) -> Governance:
+        """``self``, after checking that every cohort is a name a withdrawal can be recorded under.
+
+        :meth:`Registry.withdraw_cohort` (and the service's device cohorts) take only registry names: a version
+        recorded with a cohort such as ``"EU West"`` could never have that consent withdrawn.
+
+        Raises:
+            ConfigError: a cohort or excluded cohort is not such a name.
+        """
+        for cohort in (*self.cohorts, *self.excluded_cohorts):
+            _check_name("cohort", cohort)
+        return self
 
 
 @dataclass(frozen=True)
@@ -1085,7 +1106,9 @@ class Registry:
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
-        own = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        own = (
+            governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        ).check_names()
         inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
         if parent is not None:
             inputs.append(self.get(model, parent))
@@ -1129,6 +1152,9 @@ class Registry:
         # strict: malformed, wrong-base or (given a layout) wrong-architecture payloads are refused
         decompress(payload, expect_base=(model, base), expect_layout=expect_layout)
         codec = read_header(payload).codec
+        if governance is not None:
+            gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+            governance = gov.check_names()
         return self._insert(
             model=model,
             kind="delta",
