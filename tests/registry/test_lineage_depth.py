@@ -71,3 +71,63 @@ def test_a_parent_loop_written_into_registry_db_is_an_integrity_error_not_an_end
         assert "m@2 names parent version 2" in str(out["error"])
     assert _run_bounded(lambda: reg.contributors(looped))["value"] == set()
     assert any("m@2" in p for p in reg.verify().problems)
+
+
+def _nested(depth: int) -> dict:
+    out: dict = {}
+    cur = out
+    for _ in range(depth - 1):
+        cur["a"] = {}
+        cur = cur["a"]
+    return out
+
+
+def test_lineage_json_cannot_store_is_a_config_error_and_nothing_is_registered(reg):
+    from deltaplane.errors import ConfigError
+
+    data = state_to_bytes({"w": torch.zeros(1)})
+    for bad in (_nested(5000), {1: "a", "b": 2}):  # were RecursionError and TypeError
+        with pytest.raises(ConfigError, match="lineage"):
+            reg.register_model("m", data, lineage=bad)
+    from deltaplane.registry.store import LINEAGE_DEPTH
+
+    looped: dict = {}
+    looped["self"] = looped
+    for bad in (
+        _nested(5000),
+        _nested(LINEAGE_DEPTH + 1),
+        {1: "a", "b": 2},
+        looped,
+        {"x": [[[_nested(70)]]]},
+    ):
+        with pytest.raises(ConfigError, match="lineage"):
+            reg.register_model("m", data, lineage=bad)
+    assert reg.versions() == []
+    art = reg.register_model("m", data, lineage={"deep": _nested(LINEAGE_DEPTH - 1)})
+    assert reg.get("m", art.number).lineage == {"deep": _nested(LINEAGE_DEPTH - 1)}
+
+
+def test_cli_lineage_nested_too_deeply_is_a_one_line_error(tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    home = tmp_path / "home"
+    Registry.create(home, encrypt=False)
+    save_file({"w": torch.zeros(2)}, tmp_path / "s.safetensors")
+    deep = '{"a":' * 5000 + "1" + "}" * 5000
+    args = [
+        "registry",
+        "register",
+        "m",
+        str(tmp_path / "s.safetensors"),
+        "--home",
+        str(home),
+        "--lineage",
+        deep,
+    ]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert "--lineage is nested too deeply" in out.output
+    assert Registry(home).versions() == []

@@ -189,7 +189,34 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
     """
     if lineage is not None and not isinstance(lineage, Mapping):
         raise ConfigError(f"lineage must be a mapping (a JSON object), not {type(lineage).__name__}")
-    return json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+    value = dict(lineage or {})
+    # depth first, without recursion: a row nested deeper than json can read back would break every read of it
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > LINEAGE_DEPTH:
+            raise ConfigError(
+                f"lineage is nested more than {LINEAGE_DEPTH} levels deep; record deep structures flattened or "
+                "as a string"
+            )
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except (
+        TypeError,
+        ValueError,
+    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself
+        raise ConfigError(
+            f"lineage cannot be stored as JSON: {exc}; use string keys and plain values"
+        ) from None
+
+
+LINEAGE_DEPTH = 64
+"""How deeply a version's lineage may nest (objects and lists): deep enough for any config, shallow enough that
+reading the row back never nears Python's recursion limit."""
 
 
 def _check_name(what: str, name: str) -> str:
