@@ -131,3 +131,36 @@ def test_cli_lineage_nested_too_deeply_is_a_one_line_error(tmp_path):
     assert out.exit_code == 2, out.output
     assert "--lineage is nested too deeply" in out.output
     assert Registry(home).versions() == []
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "lineage='{'",
+        "lineage='" + '{"a":' * 3000 + "1" + "}" * 3000 + "'",
+        "lineage='[1]'",
+        "governance='[1]'",
+        'governance=\'{"cohorts": "eu"}\'',
+        "parent='abc'",
+        "size='big'",
+        "number='2x'",
+    ],
+)
+def test_an_edited_artifact_row_is_reported_by_verify_and_refused_by_reads_never_a_traceback(tmp_path, edit):
+    home = tmp_path / "home"
+    reg = Registry.create(home, encrypt=False)
+    reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    reg.register_model("m", state_to_bytes({"w": torch.ones(1)}), parent=1)
+    con = sqlite3.connect(home / "registry.db")
+    with con:
+        con.execute("DROP TRIGGER artifacts_immutable_u")  # what someone editing the file can do
+        con.execute(f"UPDATE artifacts SET {edit} WHERE id=2")
+    con.close()
+    reg = Registry(home)
+    report = reg.verify()
+    assert report.rows_checked == 2
+    assert any("registry.db row 'm@2" in p and "edited" in p for p in report.problems), report.problems
+    assert not any("m@1" in p for p in report.problems)  # the other row is still checked, and fine
+    with pytest.raises(IntegrityError, match="registry.db row 'm@2"):
+        reg.versions("m")
+    assert reg.get("m", 1).number == 1

@@ -502,6 +502,42 @@ class RepairReport:
 
 
 def _artifact(row: sqlite3.Row) -> Artifact:
+    """The artifact a row holds; :class:`IntegrityError` naming the row when a column is not what the registry
+    writes (an edited ``registry.db``): never a JSON, type or recursion error from deep inside a read."""
+    ref = f"{str(row['model'])[:128]}@{str(row['number'])[:40]}"
+    ints = {k: row[k] for k in ("id", "number", "size")}
+    optional = {k: row[k] for k in ("parent", "base", "target")}
+    texts = {k: row[k] for k in ("model", "kind", "sha256", "signature")}
+    bad = [k for k, v in ints.items() if type(v) is not int]
+    bad += [k for k, v in optional.items() if v is not None and type(v) is not int]
+    bad += [k for k, v in texts.items() if not isinstance(v, str)]
+    bad += [] if row["codec"] is None or isinstance(row["codec"], str) else ["codec"]
+    bad += [] if isinstance(row["created_at"], int | float) else ["created_at"]
+    # absent only in a registry.db made before metadata signing, opened read-only: all its rows are statement 1
+    # (`in row` would search a sqlite3.Row's values, not its column names)
+    version = row["statement_version"] if "statement_version" in row.keys() else 1  # noqa: SIM118
+    bad += [] if type(version) is int else ["statement_version"]
+    if bad:
+        raise IntegrityError(
+            f"registry.db row {ref!r} holds a value of the wrong type in {', '.join(bad)}: the database was "
+            "edited; restore it from a backup"
+        )
+    meta: dict[str, Any] = {}
+    for column in ("lineage", "governance"):
+        text = row[column]
+        try:
+            meta[column] = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            meta[column] = None
+        if not isinstance(meta[column], dict):
+            raise IntegrityError(
+                f"registry.db row {ref!r}: its {column} is not the JSON object the registry writes: the database "
+                "was edited; restore it from a backup"
+            )
+    try:
+        governance = Governance.from_dict(meta["governance"])
+    except ConfigError as exc:
+        raise IntegrityError(f"registry.db row {ref!r}: {exc}: the database was edited") from None
     return Artifact(
         id=row["id"],
         model=row["model"],
@@ -513,13 +549,11 @@ def _artifact(row: sqlite3.Row) -> Artifact:
         base=row["base"],
         target=row["target"],
         codec=row["codec"],
-        lineage=json.loads(row["lineage"]),
-        governance=Governance.from_dict(json.loads(row["governance"])),
+        lineage=meta["lineage"],
+        governance=governance,
         signature=row["signature"],
         created_at=row["created_at"],
-        # absent only in a registry.db made before metadata signing, opened read-only: all its rows are statement 1
-        # (`in row` would search a sqlite3.Row's values, not its column names)
-        statement_version=row["statement_version"] if "statement_version" in row.keys() else 1,  # noqa: SIM118
+        statement_version=version,
     )
 
 
@@ -1555,7 +1589,7 @@ class Registry:
         try:
             con = self._connect()
             check = con.execute("PRAGMA integrity_check").fetchone()[0]
-            self.versions()
+            con.execute("SELECT * FROM artifacts LIMIT 1").fetchall()
         except sqlite3.DatabaseError as exc:
             report.problems.append(f"registry.db is not a readable SQLite database: {exc}")
             return report
@@ -1564,8 +1598,13 @@ class Registry:
         referenced: set[str] = set()
         sizes: dict[str, int] = {}  # a version's blob is read no further than its recorded size
         unsigned_metadata: list[str] = []
-        for a in self.versions():
+        for row in con.execute("SELECT * FROM artifacts ORDER BY id").fetchall():
             report.rows_checked += 1
+            try:
+                a = _artifact(row)
+            except IntegrityError as exc:  # an edited row: reported, and the other rows still checked
+                report.problems.append(str(exc))
+                continue
             if a.statement_version == 1:
                 unsigned_metadata.append(a.ref)
             referenced.add(a.sha256)
