@@ -164,3 +164,23 @@ def test_an_edited_artifact_row_is_reported_by_verify_and_refused_by_reads_never
     with pytest.raises(IntegrityError, match="registry.db row 'm@2"):
         reg.versions("m")
     assert reg.get("m", 1).number == 1
+
+
+def test_a_state_log_signature_that_is_not_text_is_a_signature_error_not_a_traceback(tmp_path):
+    from deltaplane.errors import SignatureError
+
+    home = tmp_path / "home"
+    reg = Registry.create(home, encrypt=False)
+    reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    reg.set_tag("m", "production", 1)
+    con = sqlite3.connect(home / "registry.db")
+    with con:
+        con.execute("DROP TRIGGER state_log_append_only_u")
+        con.execute("UPDATE state_log SET signature=x'00ff' WHERE seq=(SELECT MAX(seq) FROM state_log)")
+    con.close()
+    reg = Registry(home)
+    assert any("malformed signature" in p for p in reg.verify().problems)
+    with pytest.raises(SignatureError, match="malformed signature"):
+        reg.check_state()
+    with pytest.raises(IntegrityError, match="malformed signature"):
+        reg.repair_from_log()
