@@ -184,3 +184,15 @@ def test_a_state_log_signature_that_is_not_text_is_a_signature_error_not_a_trace
         reg.check_state()
     with pytest.raises(IntegrityError, match="malformed signature"):
         reg.repair_from_log()
+
+
+@pytest.mark.parametrize("ref", ["m@" + "1" * 5000, "m:" + "t" * 5000, "m@" + "9" * 129, 7, None])
+def test_an_overlong_or_non_text_reference_is_a_config_error(reg, ref):
+    # 5,000 digits was a ValueError from int() (Python's limit on digits converted), and a long tag was
+    # echoed whole in the NotFound message
+    from deltaplane.errors import ConfigError
+
+    reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    with pytest.raises(ConfigError, match="version reference must be") as info:
+        reg.resolve(ref)
+    assert len(str(info.value)) < 400

@@ -73,7 +73,7 @@ SETTINGS_NAME = "registry.json"
 ENCRYPTION = "aes-256-gcm"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _REF = re.compile(
-    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?\Z"
+    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]{1,128}))?\Z"
 )
 
 _SCHEMA = """
@@ -1259,10 +1259,11 @@ class Registry:
     def resolve(self, ref: str, *, verify: bool = False) -> Artifact:
         """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag`` (with ``verify``, the tag
         is checked against the signed state log)."""
-        m = _REF.fullmatch(ref or "")
+        m = _REF.fullmatch(ref) if isinstance(ref, str) else None
         if not m or not m.group("sep"):
             raise ConfigError(
-                f"version reference must be 'model@N', 'model@latest' or 'model:tag'. Found {ref!r}"
+                f"version reference must be 'model@N', 'model@latest' or 'model:tag' (names and tags of at most "
+                f"128 characters). Found {ref!r:.200}"
             )
         model, sep, what = m.group("model"), m.group("sep"), m.group("what")
         if sep == ":":
