@@ -271,7 +271,11 @@ def _promotion_card(
 
 
 def production_stack(registry: Registry, model: str, tag: str = "production") -> list[int]:
-    """The tag's version stack implied by its history (promotions/sets push, rollbacks pop)."""
+    """The tag's version stack implied by its history (promotions/sets push, rollbacks pop).
+
+    A move onto the version the tag already holds (promoting it again, tagging it twice) pushes nothing: the
+    tag did not change, so a rollback after it must still go back to the version held before.
+    """
     stack: list[int] = []
     for h in registry.tag_history(model, tag):
         if h["action"] == "rollback":
@@ -279,7 +283,7 @@ def production_stack(registry: Registry, model: str, tag: str = "production") ->
                 stack.pop()
             if not stack or stack[-1] != h["number"]:
                 stack.append(h["number"])
-        else:
+        elif not stack or stack[-1] != h["number"]:
             stack.append(h["number"])
     return stack
 
