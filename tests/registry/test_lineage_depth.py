@@ -196,3 +196,27 @@ def test_an_overlong_or_non_text_reference_is_a_config_error(reg, ref):
     with pytest.raises(ConfigError, match="version reference must be") as info:
         reg.resolve(ref)
     assert len(str(info.value)) < 400
+
+
+def test_a_state_log_entry_nested_past_json_depth_is_reported_by_the_unsigned_checks(tmp_path):
+    # gc replays the log without signatures: an entry whose hash column was recomputed for deeply nested JSON
+    # reached json.loads and raised RecursionError out of gc and verify(signatures=False)
+    import hashlib
+
+    home = tmp_path / "home"
+    reg = Registry.create(home, encrypt=False)
+    reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    reg.set_tag("m", "production", 1)
+    text = '{"x":' * 5000 + "1" + "}" * 5000
+    con = sqlite3.connect(home / "registry.db")
+    with con:
+        con.execute("DROP TRIGGER state_log_append_only_u")
+        con.execute(
+            "UPDATE state_log SET entry=?, sha256=? WHERE seq=(SELECT MAX(seq) FROM state_log)",
+            (text, hashlib.sha256(text.encode()).hexdigest()),
+        )
+    con.close()
+    reg = Registry(home)
+    assert any("is malformed" in p for p in reg.verify(signatures=False).problems)
+    assert reg.gc() == 0
+    assert not reg.verify().ok  # with signatures: the entry's signature no longer matches its hash
