@@ -220,3 +220,30 @@ def test_a_state_log_entry_nested_past_json_depth_is_reported_by_the_unsigned_ch
     assert any("is malformed" in p for p in reg.verify(signatures=False).problems)
     assert reg.gc() == 0
     assert not reg.verify().ok  # with signatures: the entry's signature no longer matches its hash
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ("UPDATE evaluations SET metrics='{'", "evaluation row 1 of m@1"),
+        ("UPDATE evaluations SET metrics='" + "[" * 5000 + "]" * 5000 + "'", "evaluation row 1 of m@1"),
+        ("UPDATE cards SET sha256=(SELECT sha256 FROM artifacts LIMIT 1)", "the model card of m@1"),
+        ("UPDATE promotion_decisions SET reasons='{'", "promotion decision row 1"),
+    ],
+)
+def test_an_edited_card_or_evaluation_row_is_an_integrity_error_not_a_decode_error(tmp_path, edit, match):
+    # `registry show` printed a JSONDecodeError / RecursionError / UnicodeDecodeError traceback for these
+    from deltaplane.registry import Tolerance, promote
+
+    home = tmp_path / "home"
+    reg = Registry.create(home)
+    art = reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    promote(reg, "m@1", evaluator=lambda s: {"accuracy": 0.9}, tolerance=Tolerance({"accuracy": 0.01}))
+    con = sqlite3.connect(home / "registry.db")
+    with con:
+        con.execute(edit)
+    con.close()
+    with pytest.raises(IntegrityError, match=match):
+        reg.card(art)
+        reg.evaluations(art)
+        reg.promotion_decisions("m")

@@ -557,6 +557,21 @@ def _artifact(row: sqlite3.Row) -> Artifact:
     )
 
 
+def _stored_json(text: str | bytes, what: str, kind: type) -> Any:
+    """JSON the registry wrote (a card, an evaluation's metrics) read back; :class:`IntegrityError` naming ``what``
+    when it is not JSON of that ``kind`` (an edited ``registry.db`` row: never a decode or recursion error)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
+        value = None
+    if not isinstance(value, kind):
+        raise IntegrityError(
+            f"{what} is not the JSON {kind.__name__} the registry writes: registry.db was edited; restore it from "
+            "a backup"
+        )
+    return value
+
+
 #: A blob of unknown size that ``verify`` finds is read up to the longest one the registry records, or this.
 _UNKNOWN_BLOB_FLOOR = 64 << 20
 #: The most an encrypted blob's envelope (magic, key id, wrapped data key, nonce, GCM tag) adds to its data.
@@ -1412,7 +1427,9 @@ class Registry:
             .execute("SELECT sha256 FROM cards WHERE artifact=? ORDER BY id DESC", (artifact.id,))
             .fetchone()
         )
-        return json.loads(self.get_blob(row[0])) if row else None
+        if not row:
+            return None
+        return _stored_json(self.get_blob(row[0]), f"the model card of {artifact.ref} (blob {row[0]})", dict)
 
     def record_evaluation(self, artifact: Artifact, evaluator: str, metrics: Mapping[str, float]) -> None:
         with self._write() as con:
@@ -1426,7 +1443,12 @@ class Registry:
             "SELECT * FROM evaluations WHERE artifact=? ORDER BY id", (artifact.id,)
         )
         return [
-            {"evaluator": r["evaluator"], "metrics": json.loads(r["metrics"]), "at": r["at"]} for r in rows
+            {
+                "evaluator": r["evaluator"],
+                "metrics": _stored_json(r["metrics"], f"evaluation row {r['id']} of {artifact.ref}", dict),
+                "at": r["at"],
+            }
+            for r in rows
         ]
 
     def record_promotion_decision(
@@ -1477,9 +1499,11 @@ class Registry:
                 "previous": r["previous"],
                 "promoted": bool(r["promoted"]),
                 "evaluator": r["evaluator"],
-                "metrics": json.loads(r["metrics"]),
-                "baseline": None if r["baseline"] is None else json.loads(r["baseline"]),
-                "reasons": json.loads(r["reasons"]),
+                "metrics": _stored_json(r["metrics"], f"promotion decision row {r['id']}", dict),
+                "baseline": None
+                if r["baseline"] is None
+                else _stored_json(r["baseline"], f"promotion decision row {r['id']}", dict),
+                "reasons": _stored_json(r["reasons"], f"promotion decision row {r['id']}", list),
                 "at": r["at"],
             }
             for r in rows
