@@ -247,3 +247,27 @@ def test_an_edited_card_or_evaluation_row_is_an_integrity_error_not_a_decode_err
         reg.card(art)
         reg.evaluations(art)
         reg.promotion_decisions("m")
+
+
+@pytest.mark.parametrize("special", ["fifo", "dir", "/dev/zero"])
+def test_a_kek_file_that_is_not_a_regular_file_is_named_as_such_not_as_missing(
+    tmp_path, monkeypatch, special
+):
+    # $DELTAPLANE_KEK_FILE naming a FIFO said "which does not exist": the operator was sent looking for a file
+    # that is there
+    import os
+
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry.encryption import KeyRing
+
+    home = tmp_path / "home"
+    path = tmp_path / special
+    if special == "fifo":
+        os.mkfifo(path)
+    elif special == "dir":
+        path.mkdir()
+    else:
+        path = special
+    monkeypatch.setenv("DELTAPLANE_KEK_FILE", str(path))
+    with pytest.raises(ConfigError, match="must be a regular file"):
+        KeyRing.load(home)
