@@ -1,5 +1,7 @@
-"""Walks over a version's lineage (consent, rebuild base, ancestors) on chains of any length and on a
-registry.db edited to hold a loop: bounded time, no RecursionError, a typed error where the data is wrong."""
+"""An adversarial review's findings (session 37): long lineage chains, a registry.db edited behind the registry's
+back (loops, columns of the wrong type, JSON the registry never writes, non-text signatures), lineage and
+references JSON or int() cannot take, key files that are not files. Each: bounded time, a typed deltaplane error
+naming what to fix, never a RecursionError / JSON / type traceback."""
 
 import sqlite3
 import sys
