@@ -315,3 +315,21 @@ def test_promoting_the_version_the_tag_holds_again_does_not_make_rollback_a_no_o
     assert reg.tag("m", "production", verify=True) == 1
     with pytest.raises(NotFound, match="no previous version"):
         rollback(reg, "m")
+
+
+@pytest.mark.parametrize("to", ["../prod", "prod uction", "", "x" * 129])
+def test_a_tag_no_move_could_name_is_refused_before_the_evaluator_runs(tmp_path, to):
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry import state_to_bytes
+
+    reg = Registry.create(tmp_path / "home", encrypt=False)
+    art = reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        return {"accuracy": 0.9}
+
+    with pytest.raises(ConfigError, match="tag must be"):
+        promote(reg, "m@1", to=to, evaluator=evaluate, tolerance=Tolerance({"accuracy": 0.01}))
+    assert calls == [] and reg.evaluations(art) == [] and reg.promotion_decisions("m") == []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
-from deltaplane.registry.store import Artifact, Registry
+from deltaplane.registry.store import Artifact, Registry, _check_name
 
 if TYPE_CHECKING:
     import torch
@@ -149,6 +149,9 @@ def promote(
             (nothing is recorded or moved).
     """
     tolerance = tolerance or Tolerance()
+    _check_name(
+        "tag", to
+    )  # before the evaluator runs and its scores are recorded: set_tag would refuse it last
     cand = registry.resolve(ref, verify=True)
     if cand.kind != "model":
         raise ConfigError(f"{cand.ref} is a delta; only model versions can be promoted")
