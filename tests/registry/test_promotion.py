@@ -296,3 +296,40 @@ def test_a_forged_tag_history_is_refused_before_anything_is_evaluated(tmp_path):
     with pytest.raises(IntegrityError, match="tag_history|history"):
         promote(reg, "m@2", evaluator=evaluator)
     assert calls == [] and reg.evaluations(reg.get("m", 2)) == [] and reg.evaluations(reg.get("m", 1)) == []
+
+
+def test_promoting_the_version_the_tag_holds_again_does_not_make_rollback_a_no_op(tmp_path):
+    # promote m@2 twice (a re-check after an evaluator change): rollback must still go back to m@1, not "roll
+    # back" from m@2 to m@2 and sign a rollback record for it
+    from deltaplane.registry import Registry, Tolerance, promote, rollback, state_to_bytes
+
+    reg = Registry.create(tmp_path / "home", encrypt=False)
+    for i in range(2):
+        reg.register_model("m", state_to_bytes({"w": torch.full((1,), float(i))}))
+    gate = {"evaluator": lambda s: {"accuracy": 0.9}, "tolerance": Tolerance({"accuracy": 0.01})}
+    for ref in ("m@1", "m@2", "m@2"):
+        promote(reg, ref, **gate)
+    reg.set_tag("m", "production", 2)  # an ungated move onto the same version: no new stack entry either
+    assert production_stack(reg, "m") == [1, 2]
+    assert rollback(reg, "m").number == 1
+    assert reg.tag("m", "production", verify=True) == 1
+    with pytest.raises(NotFound, match="no previous version"):
+        rollback(reg, "m")
+
+
+@pytest.mark.parametrize("to", ["../prod", "prod uction", "", "x" * 129])
+def test_a_tag_no_move_could_name_is_refused_before_the_evaluator_runs(tmp_path, to):
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry import state_to_bytes
+
+    reg = Registry.create(tmp_path / "home", encrypt=False)
+    art = reg.register_model("m", state_to_bytes({"w": torch.zeros(1)}))
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        return {"accuracy": 0.9}
+
+    with pytest.raises(ConfigError, match="tag must be"):
+        promote(reg, "m@1", to=to, evaluator=evaluate, tolerance=Tolerance({"accuracy": 0.01}))
+    assert calls == [] and reg.evaluations(art) == [] and reg.promotion_decisions("m") == []

@@ -111,7 +111,9 @@ class RegistryMachine(RuleBasedStateMachine):
         model, number = target
         self.reg.set_tag(model, tag, number, action="promote")
         self.model.tags[(model, tag)] = number
-        self.model.stacks.setdefault((model, tag), []).append(number)
+        stack = self.model.stacks.setdefault((model, tag), [])
+        if not stack or stack[-1] != number:  # a move onto the version the tag holds changes nothing
+            stack.append(number)
 
     @rule(model=st.sampled_from(MODELS), tag=st.sampled_from(TAGS))
     def roll_back(self, model, tag) -> None:

@@ -808,6 +808,8 @@ def register(app: typer.Typer) -> None:
                 lin = json.loads(lineage, parse_constant=_no_json_constant, parse_float=_finite_json_float)
             except ValueError as exc:
                 raise ConfigError(f"--lineage is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ConfigError("--lineage is nested too deeply to read; flatten it") from None
             if not isinstance(lin, dict):
                 raise ConfigError(
                     f"--lineage must be a JSON object, e.g. '{{\"round\": 12}}'. Found {lineage!r:.80}"

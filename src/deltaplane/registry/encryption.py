@@ -170,7 +170,7 @@ class KeyRing:
             ordered += [(k, f"${KEK_ENV}") for k in parse_keys(os.environ[KEK_ENV].encode(), f"${KEK_ENV}")]
         if os.environ.get(KEK_FILE_ENV):
             p = Path(os.environ[KEK_FILE_ENV])
-            if not p.is_file():
+            if not p.exists():  # a FIFO or a device is refused below, by name, not called missing
                 raise NotFound(f"${KEK_FILE_ENV} names {p}, which does not exist")
             from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
-from deltaplane.registry.store import Artifact, Registry
+from deltaplane.registry.store import Artifact, Registry, _check_name
 
 if TYPE_CHECKING:
     import torch
@@ -149,6 +149,9 @@ def promote(
             (nothing is recorded or moved).
     """
     tolerance = tolerance or Tolerance()
+    _check_name(
+        "tag", to
+    )  # before the evaluator runs and its scores are recorded: set_tag would refuse it last
     cand = registry.resolve(ref, verify=True)
     if cand.kind != "model":
         raise ConfigError(f"{cand.ref} is a delta; only model versions can be promoted")
@@ -271,7 +274,11 @@ def _promotion_card(
 
 
 def production_stack(registry: Registry, model: str, tag: str = "production") -> list[int]:
-    """The tag's version stack implied by its history (promotions/sets push, rollbacks pop)."""
+    """The tag's version stack implied by its history (promotions/sets push, rollbacks pop).
+
+    A move onto the version the tag already holds (promoting it again, tagging it twice) pushes nothing: the
+    tag did not change, so a rollback after it must still go back to the version held before.
+    """
     stack: list[int] = []
     for h in registry.tag_history(model, tag):
         if h["action"] == "rollback":
@@ -279,7 +286,7 @@ def production_stack(registry: Registry, model: str, tag: str = "production") ->
                 stack.pop()
             if not stack or stack[-1] != h["number"]:
                 stack.append(h["number"])
-        else:
+        elif not stack or stack[-1] != h["number"]:
             stack.append(h["number"])
     return stack
 

@@ -134,7 +134,14 @@ class Verifier:
         """Raise :class:`SignatureError` unless ``signature`` is a trusted key's signature of ``context``."""
         from cryptography.exceptions import InvalidSignature
 
-        sig = Signature.from_text(signature) if isinstance(signature, str) else signature
+        if isinstance(signature, str):
+            sig = Signature.from_text(signature)
+        elif isinstance(signature, Signature):
+            sig = signature
+        else:  # e.g. a BLOB written into a registry.db signature column
+            raise SignatureError(
+                f"malformed signature: a {type(signature).__name__}, not 'key_id:base64(64 bytes)' text"
+            )
         key = self._keys.get(sig.key_id)
         if key is None:
             raise SignatureError(f"signed by untrusted key {sig.key_id}; trusted keys: {self.key_ids}")

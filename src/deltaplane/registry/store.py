@@ -73,7 +73,7 @@ SETTINGS_NAME = "registry.json"
 ENCRYPTION = "aes-256-gcm"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _REF = re.compile(
-    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]+))?\Z"
+    r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:(?P<sep>[@:])(?P<what>[A-Za-z0-9._-]{1,128}))?\Z"
 )
 
 _SCHEMA = """
@@ -189,7 +189,34 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
     """
     if lineage is not None and not isinstance(lineage, Mapping):
         raise ConfigError(f"lineage must be a mapping (a JSON object), not {type(lineage).__name__}")
-    return json.dumps(dict(lineage or {}), sort_keys=True, default=str)
+    value = dict(lineage or {})
+    # depth first, without recursion: a row nested deeper than json can read back would break every read of it
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > LINEAGE_DEPTH:
+            raise ConfigError(
+                f"lineage is nested more than {LINEAGE_DEPTH} levels deep; record deep structures flattened or "
+                "as a string"
+            )
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except (
+        TypeError,
+        ValueError,
+    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself
+        raise ConfigError(
+            f"lineage cannot be stored as JSON: {exc}; use string keys and plain values"
+        ) from None
+
+
+LINEAGE_DEPTH = 64
+"""How deeply a version's lineage may nest (objects and lists): deep enough for any config, shallow enough that
+reading the row back never nears Python's recursion limit."""
 
 
 def _check_name(what: str, name: str) -> str:
@@ -315,6 +342,14 @@ class Governance:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        for what in ("data_sources", "cohorts", "excluded_cohorts"):
+            value = getattr(self, what)
+            if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+                # a bare string would be taken letter by letter: cohorts "eu" recorded as 'e' and 'u', which a
+                # withdrawal of "eu" then never reaches
+                raise ConfigError(
+                    f"governance {what} must be a list of names, e.g. [{value!r:.40}]. Found {type(value).__name__}"
+                )
         overlap = set(self.cohorts) & set(self.excluded_cohorts)
         if overlap:
             raise ConfigError(f"cohorts {sorted(overlap)} are listed both as contributing and as excluded")
@@ -337,13 +372,26 @@ class Governance:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Governance:
+        """Governance from its JSON form; each list field must be a list (:class:`ConfigError` otherwise)."""
         d = d or {}
-        return cls(
-            tuple(d.get("data_sources", ())),
-            tuple(d.get("cohorts", ())),
-            tuple(d.get("excluded_cohorts", ())),
-            str(d.get("notes", "")),
-        )
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"governance must be a mapping (a JSON object), not {type(d).__name__}")
+        fields = [d.get(k, ()) for k in ("data_sources", "cohorts", "excluded_cohorts")]
+        fields = [tuple(v) if isinstance(v, list | tuple) else v for v in fields]
+        return cls(*fields, str(d.get("notes", "")))
+
+    def check_names(self) -> Governance:
+        """``self``, after checking that every cohort is a name a withdrawal can be recorded under.
+
+        :meth:`Registry.withdraw_cohort` (and the service's device cohorts) take only registry names: a version
+        recorded with a cohort such as ``"EU West"`` could never have that consent withdrawn.
+
+        Raises:
+            ConfigError: a cohort or excluded cohort is not such a name.
+        """
+        for cohort in (*self.cohorts, *self.excluded_cohorts):
+            _check_name("cohort", cohort)
+        return self
 
 
 @dataclass(frozen=True)
@@ -454,6 +502,42 @@ class RepairReport:
 
 
 def _artifact(row: sqlite3.Row) -> Artifact:
+    """The artifact a row holds; :class:`IntegrityError` naming the row when a column is not what the registry
+    writes (an edited ``registry.db``): never a JSON, type or recursion error from deep inside a read."""
+    ref = f"{str(row['model'])[:128]}@{str(row['number'])[:40]}"
+    ints = {k: row[k] for k in ("id", "number", "size")}
+    optional = {k: row[k] for k in ("parent", "base", "target")}
+    texts = {k: row[k] for k in ("model", "kind", "sha256", "signature")}
+    bad = [k for k, v in ints.items() if type(v) is not int]
+    bad += [k for k, v in optional.items() if v is not None and type(v) is not int]
+    bad += [k for k, v in texts.items() if not isinstance(v, str)]
+    bad += [] if row["codec"] is None or isinstance(row["codec"], str) else ["codec"]
+    bad += [] if isinstance(row["created_at"], int | float) else ["created_at"]
+    # absent only in a registry.db made before metadata signing, opened read-only: all its rows are statement 1
+    # (`in row` would search a sqlite3.Row's values, not its column names)
+    version = row["statement_version"] if "statement_version" in row.keys() else 1  # noqa: SIM118
+    bad += [] if type(version) is int else ["statement_version"]
+    if bad:
+        raise IntegrityError(
+            f"registry.db row {ref!r} holds a value of the wrong type in {', '.join(bad)}: the database was "
+            "edited; restore it from a backup"
+        )
+    meta: dict[str, Any] = {}
+    for column in ("lineage", "governance"):
+        text = row[column]
+        try:
+            meta[column] = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            meta[column] = None
+        if not isinstance(meta[column], dict):
+            raise IntegrityError(
+                f"registry.db row {ref!r}: its {column} is not the JSON object the registry writes: the database "
+                "was edited; restore it from a backup"
+            )
+    try:
+        governance = Governance.from_dict(meta["governance"])
+    except ConfigError as exc:
+        raise IntegrityError(f"registry.db row {ref!r}: {exc}: the database was edited") from None
     return Artifact(
         id=row["id"],
         model=row["model"],
@@ -465,14 +549,27 @@ def _artifact(row: sqlite3.Row) -> Artifact:
         base=row["base"],
         target=row["target"],
         codec=row["codec"],
-        lineage=json.loads(row["lineage"]),
-        governance=Governance.from_dict(json.loads(row["governance"])),
+        lineage=meta["lineage"],
+        governance=governance,
         signature=row["signature"],
         created_at=row["created_at"],
-        # absent only in a registry.db made before metadata signing, opened read-only: all its rows are statement 1
-        # (`in row` would search a sqlite3.Row's values, not its column names)
-        statement_version=row["statement_version"] if "statement_version" in row.keys() else 1,  # noqa: SIM118
+        statement_version=version,
     )
+
+
+def _stored_json(text: str | bytes, what: str, kind: type) -> Any:
+    """JSON the registry wrote (a card, an evaluation's metrics) read back; :class:`IntegrityError` naming ``what``
+    when it is not JSON of that ``kind`` (an edited ``registry.db`` row: never a decode or recursion error)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
+        value = None
+    if not isinstance(value, kind):
+        raise IntegrityError(
+            f"{what} is not the JSON {kind.__name__} the registry writes: registry.db was edited; restore it from "
+            "a backup"
+        )
+    return value
 
 
 #: A blob of unknown size that ``verify`` finds is read up to the longest one the registry records, or this.
@@ -1085,7 +1182,9 @@ class Registry:
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
-        own = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        own = (
+            governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        ).check_names()
         inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
         if parent is not None:
             inputs.append(self.get(model, parent))
@@ -1129,6 +1228,9 @@ class Registry:
         # strict: malformed, wrong-base or (given a layout) wrong-architecture payloads are refused
         decompress(payload, expect_base=(model, base), expect_layout=expect_layout)
         codec = read_header(payload).codec
+        if governance is not None:
+            gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+            governance = gov.check_names()
         return self._insert(
             model=model,
             kind="delta",
@@ -1172,10 +1274,11 @@ class Registry:
     def resolve(self, ref: str, *, verify: bool = False) -> Artifact:
         """Look up ``model@N``, ``model@latest`` (newest model version) or ``model:tag`` (with ``verify``, the tag
         is checked against the signed state log)."""
-        m = _REF.fullmatch(ref or "")
+        m = _REF.fullmatch(ref) if isinstance(ref, str) else None
         if not m or not m.group("sep"):
             raise ConfigError(
-                f"version reference must be 'model@N', 'model@latest' or 'model:tag'. Found {ref!r}"
+                f"version reference must be 'model@N', 'model@latest' or 'model:tag' (names and tags of at most "
+                f"128 characters). Found {ref!r:.200}"
             )
         model, sep, what = m.group("model"), m.group("sep"), m.group("what")
         if sep == ":":
@@ -1324,7 +1427,9 @@ class Registry:
             .execute("SELECT sha256 FROM cards WHERE artifact=? ORDER BY id DESC", (artifact.id,))
             .fetchone()
         )
-        return json.loads(self.get_blob(row[0])) if row else None
+        if not row:
+            return None
+        return _stored_json(self.get_blob(row[0]), f"the model card of {artifact.ref} (blob {row[0]})", dict)
 
     def record_evaluation(self, artifact: Artifact, evaluator: str, metrics: Mapping[str, float]) -> None:
         with self._write() as con:
@@ -1338,7 +1443,12 @@ class Registry:
             "SELECT * FROM evaluations WHERE artifact=? ORDER BY id", (artifact.id,)
         )
         return [
-            {"evaluator": r["evaluator"], "metrics": json.loads(r["metrics"]), "at": r["at"]} for r in rows
+            {
+                "evaluator": r["evaluator"],
+                "metrics": _stored_json(r["metrics"], f"evaluation row {r['id']} of {artifact.ref}", dict),
+                "at": r["at"],
+            }
+            for r in rows
         ]
 
     def record_promotion_decision(
@@ -1389,9 +1499,11 @@ class Registry:
                 "previous": r["previous"],
                 "promoted": bool(r["promoted"]),
                 "evaluator": r["evaluator"],
-                "metrics": json.loads(r["metrics"]),
-                "baseline": None if r["baseline"] is None else json.loads(r["baseline"]),
-                "reasons": json.loads(r["reasons"]),
+                "metrics": _stored_json(r["metrics"], f"promotion decision row {r['id']}", dict),
+                "baseline": None
+                if r["baseline"] is None
+                else _stored_json(r["baseline"], f"promotion decision row {r['id']}", dict),
+                "reasons": _stored_json(r["reasons"], f"promotion decision row {r['id']}", list),
                 "at": r["at"],
             }
             for r in rows
@@ -1425,12 +1537,36 @@ class Registry:
         """Every cohort in ``artifact``: its own governance plus its parent's and sources', transitively.
 
         Walking the lineage (not only trusting the recorded governance) means a version cannot shed a
-        cohort by declaring it excluded while descending from a version that contains it.
+        cohort by declaring it excluded while descending from a version that contains it. The walk keeps its
+        own stack (no recursion), so a parent chain of any length (a version per round, thousands of rounds)
+        is walked in time and memory linear in its length, never into Python's recursion limit.
         """
         memo = {} if _memo is None else _memo
         if artifact.ref in memo:
             return memo[artifact.ref]
-        memo[artifact.ref] = out = set(artifact.governance.cohorts)
+        # post-order: an artifact's set is made once every artifact above it has one; one on the current path
+        # (a loop, which only an edited registry.db can hold) counts with its own cohorts
+        on_path: set[str] = set()
+        stack: list[tuple[Artifact, list[Artifact] | None]] = [(artifact, None)]
+        while stack:
+            art, ups = stack.pop()
+            if ups is None:
+                if art.ref in memo:
+                    continue
+                ups = self._upstream(art)
+                on_path.add(art.ref)
+                stack.append((art, ups))
+                stack.extend((up, None) for up in ups if up.ref not in memo and up.ref not in on_path)
+                continue
+            out = set(art.governance.cohorts)
+            for up in ups:
+                out |= memo.get(up.ref, set(up.governance.cohorts))
+            memo[art.ref] = out
+            on_path.discard(art.ref)
+        return memo[artifact.ref]
+
+    def _upstream(self, artifact: Artifact) -> list[Artifact]:
+        """The versions ``artifact`` was built from: its parent and the lineage's ``sources`` that still resolve."""
         ups: list[Artifact] = []
         if artifact.parent is not None:
             ups.append(self.get(artifact.model, artifact.parent))
@@ -1439,9 +1575,7 @@ class Registry:
                 ups.append(self.resolve(str(ref)))
             except (NotFound, ConfigError):
                 continue
-        for up in ups:
-            out |= self.contributors(up, memo)
-        return out
+        return ups
 
     def affected_by(self, cohort: str) -> list[Artifact]:
         """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
@@ -1457,11 +1591,10 @@ class Registry:
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
         """The newest model version on ``model@number``'s parent chain free of every withdrawn cohort."""
         withdrawn = self.withdrawn_cohorts(verify=verify)
-        cur: Artifact | None = self.get(model, number)
-        while cur is not None:
-            if cur.kind == "model" and not (self.contributors(cur) & withdrawn):
+        memo: dict[str, set[str]] = {}  # shared along the chain: each version's lineage is walked once
+        for cur in [self.get(model, number), *self.lineage(self.get(model, number))]:
+            if cur.kind == "model" and not (self.contributors(cur, memo) & withdrawn):
                 return cur
-            cur = self.get(model, cur.parent) if cur.parent is not None else None
         return None
 
     # -- integrity -------------------------------------------------------------------------------------
@@ -1481,7 +1614,7 @@ class Registry:
         try:
             con = self._connect()
             check = con.execute("PRAGMA integrity_check").fetchone()[0]
-            self.versions()
+            con.execute("SELECT * FROM artifacts LIMIT 1").fetchall()
         except sqlite3.DatabaseError as exc:
             report.problems.append(f"registry.db is not a readable SQLite database: {exc}")
             return report
@@ -1490,8 +1623,13 @@ class Registry:
         referenced: set[str] = set()
         sizes: dict[str, int] = {}  # a version's blob is read no further than its recorded size
         unsigned_metadata: list[str] = []
-        for a in self.versions():
+        for row in con.execute("SELECT * FROM artifacts ORDER BY id").fetchall():
             report.rows_checked += 1
+            try:
+                a = _artifact(row)
+            except IntegrityError as exc:  # an edited row: reported, and the other rows still checked
+                report.problems.append(str(exc))
+                continue
             if a.statement_version == 1:
                 unsigned_metadata.append(a.ref)
             referenced.add(a.sha256)
@@ -1668,9 +1806,21 @@ class Registry:
         return removed
 
     def lineage(self, artifact: Artifact) -> Sequence[Artifact]:
-        """The chain of ancestors (parent, grandparent, …) of a model version, newest first."""
+        """The chain of ancestors (parent, grandparent, …) of a model version, newest first.
+
+        A parent is always older than its child (it must exist when the child is registered, and a new version
+        gets the next number), so each step goes to a smaller number and the walk ends. A row whose parent is
+        not older (only an edited ``registry.db`` holds one: a loop would walk forever) is an
+        :class:`IntegrityError`.
+        """
         chain, cur = [], artifact
         while cur.parent is not None:
+            if cur.parent >= cur.number:
+                raise IntegrityError(
+                    f"{cur.ref} names parent version {cur.parent}, which is not older than it: registry.db was "
+                    "edited (`deltaplane registry verify` names the rows whose signatures fail); restore it from "
+                    "a backup"
+                )
             cur = self.get(cur.model, cur.parent)
             chain.append(cur)
         return chain
