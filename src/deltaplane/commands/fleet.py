@@ -265,12 +265,10 @@ def _trusts_kept_list(authority: Path, kept: Path) -> bool:
     """Whether the device trusting the key file ``authority`` trusts the authority of its kept revocation list
     ``kept`` (True also when either cannot be read: the caller's own error says what is wrong then)."""
     from deltaplane.aggregation.secagg.identity import TrustedAuthorities
-    from deltaplane.aggregation.secagg.revocation import read_server_revocations
+    from deltaplane.aggregation.secagg.revocation import trusts_kept_list
 
     try:
-        return TrustedAuthorities.from_file(authority).trusts(
-            read_server_revocations(kept, legacy=True).authority
-        )
+        return trusts_kept_list(TrustedAuthorities.from_file(authority), kept)
     except ConfigError:
         return True
 
