@@ -94,7 +94,10 @@ def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_p
                     "tokens", "--authority-key", str(key), "--cohort", "north", cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
         names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
-        assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")]
+        # enrollment.issued (added on purpose): the highest id issued there, which --add never hands out again
+        assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")] + [
+            "enrollment.issued"
+        ]
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "tokens").iterdir())
         trust = TrustedAuthorities.from_text(pub.read_text())
         for i in range(2):

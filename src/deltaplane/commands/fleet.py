@@ -380,6 +380,7 @@ def register(app: typer.Typer) -> None:
             load_authority,
             next_device_ids,
             read_held_revocations,
+            record_issued,
             write_identity,
         )
         from deltaplane.registry.signing import write_secret_file
@@ -427,6 +428,7 @@ def register(app: typer.Typer) -> None:
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
             tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
+            record_issued(out, names)  # before the files: --add never hands these ids out again, files or not
             for path, token in zip(files, tokens, strict=True):
                 write_secret_file(path, token.encode(), replace=False)
             for identity in identities:
