@@ -690,7 +690,10 @@ def register(app: typer.Typer) -> None:
         if admin is not None:
             with _errors(OSError):
                 answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
-            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked)"
+            keys = answer.get("revoked_keys")  # absent from a service before key revocation: not guessed
+            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked" + (
+                ")" if keys is None else f", {keys} keys)"
+            )
             console.print(
                 escape(
                     f"uploaded to {upload}: the service now holds {held}"
