@@ -178,3 +178,23 @@ def test_fleet_enroll_add_names_a_malformed_certificate_in_out_as_a_usage_error(
         assert "signature bytes" in flat and f"move the file out of {out}" in flat, flat
         assert sorted(p.name for p in out.iterdir()) == before  # nothing written
     assert issued == ["device-0", "device-1"]
+
+
+def test_fleet_enroll_add_never_reissues_an_id_whose_token_was_removed(tmp_path, monkeypatch):
+    """`fleet enroll --add 1` took the id past the tokens in OUT: device-2's token removed (the device revoked,
+    no list given), device-2 was issued again, a token the service then refuses to seat. OUT keeps the highest id
+    ever issued there (`enrollment.issued`), so the new device is device-3."""
+    from deltaplane.serve.client import AdminClient
+
+    issued: list[str] = []
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append(d) or f"tok-{d}")
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    assert (
+        CliRunner().invoke(app, ["fleet", "enroll", *url, "--out", str(out), "--devices", "3"]).exit_code == 0
+    )
+    (out / "device-2.token").unlink()
+    r = CliRunner().invoke(app, ["fleet", "enroll", *url, "--out", str(out), "--add", "1"])
+    assert r.exit_code == 0, r.output
+    assert issued == ["device-0", "device-1", "device-2", "device-3"]
+    assert (out / "enrollment.issued").read_text() == "device-3\n"

@@ -49,8 +49,10 @@ def test_certified_identities_verify_under_their_authority_only(cli, authority, 
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--devices", 3, "--cohort", "north",
             "--valid-days", 30)  # fmt: skip
     assert r.exit_code == 0, r.output
+    # enrollment.issued: the highest id issued in OUT, which --add never hands out again (a file added on purpose)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"device-{i}.{s}" for i in range(3) for s in ("cert", "identity.pem")] + ["enrollment.ed25519.pub"]
+        [f"device-{i}.{s}" for i in range(3) for s in ("cert", "identity.pem")]
+        + ["enrollment.ed25519.pub", "enrollment.issued"]
     )
     trust, other = auth.trust(), EnrollmentAuthority.generate().trust()
     for i in range(3):
@@ -254,3 +256,41 @@ def test_a_certificate_that_cannot_be_written_takes_back_the_key_this_run_made(
             replace=False,
         )
     assert not (out / "device-2.identity.pem").exists()
+
+
+def test_add_never_hands_out_again_an_id_issued_or_revoked_in_out(cli, authority, tmp_path) -> None:
+    """`--add K` without `--revocations` took the next id past the files in OUT, so a revoked device whose files
+    were removed had its id handed out again (the service then leaves the new device out as revoked). OUT now
+    keeps a mark of the highest id ever issued there (`enrollment.issued`, 0600), and `keys revoke --enrolled OUT`
+    raises it to the ids it revokes, so a folder from before the mark is covered once its ids are revoked."""
+    _, key = authority
+    out, crl = tmp_path / "nodes", tmp_path / "revoked.bin"
+    assert cli("keys", "certify", "--authority-key", key, "--out", out, "--devices", 3).exit_code == 0
+    mark = out / "enrollment.issued"
+
+    def drop(i: int) -> None:
+        for p in out.glob(f"device-{i}.*"):
+            p.unlink()
+
+    def add_one() -> str:
+        r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+        assert r.exit_code == 0, r.output
+        return next(line.split(":")[0] for line in r.output.splitlines() if "flower-supernode" in line)
+
+    r = cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 2, "--enrolled", out)
+    assert r.exit_code == 0, r.output
+    drop(2)  # the revoked device's files removed from the folder, no list given to --add
+    assert add_one() == "device-3" and not (out / "device-2.cert").exists()
+    assert mark.read_text() == "device-3\n" and stat.S_IMODE(mark.stat().st_mode) == 0o600
+    drop(3)  # an issued id, never revoked, its files gone: not handed out again either
+    assert add_one() == "device-4" and mark.read_text() == "device-4\n"
+    # a folder from before the mark: revoking with --enrolled records the revoked id, beyond the files there
+    mark.unlink()
+    r = cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 9, "--enrolled", out)
+    assert r.exit_code == 0 and mark.read_text() == "device-9\n", r.output
+    assert add_one() == "device-10"
+    mark.write_text("device-x\n")
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{mark} does not hold the highest device id" in flat, flat
+    assert not (out / "device-11.cert").exists()

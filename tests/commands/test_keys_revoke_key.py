@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -157,22 +158,51 @@ def test_a_new_authority_carries_the_old_lists_revoked_key(cli, leak) -> None:
     assert r.exit_code != 0 and "revokes that key" in _flat(r.output), r.output
 
 
-def test_a_device_re_enrolled_under_a_new_authority_says_to_remove_its_old_list(leak) -> None:
-    """Step 3 of changing the authority: a device given the new authority's certificate and key file, still
-    keeping the old authority's list, refuses to start saying to remove that file (it fetches the new one)."""
+def _re_enrolled(leak, name: str, kept: str):
+    """device-3 re-enrolled under a new authority in folder ``name`` (its key ``k.pem``, certificate ``c.cert``
+    and the new authority's ``a.pub``), still keeping the old authority's list in ``kept``: the new authority,
+    the folder and the kept file."""
     from deltaplane.aggregation.secagg import DeviceIdentity, EnrollmentAuthority
-    from deltaplane.commands.fleet import _credentials as fleet_credentials
 
     new = EnrollmentAuthority.generate()
     ident = DeviceIdentity.enroll(new, "device-3", cohort="fleet", expires=4_000_000_000)
-    d = leak["tmp"] / "dev"
+    d = leak["tmp"] / name
     d.mkdir()
     (d / "k.pem").write_bytes(ident.key_pem())
     (d / "c.cert").write_bytes(ident.certificate.to_bytes())
     (d / "a.pub").write_text(new.public_text() + "\n")
-    kept = d / "device-3.revocations"
-    kept.write_bytes(leak["out"].read_bytes())  # the old authority's list
+    (d / kept).write_bytes(leak["out"].read_bytes())  # the old authority's list
+    return new, d, d / kept
+
+
+def test_a_device_re_enrolled_under_a_new_authority_says_to_remove_its_old_list(leak) -> None:
+    """Step 3 of changing the authority: a device given the new authority's certificate and key file, still
+    keeping the old authority's list, refuses to start saying to remove that file (it fetches the new one)."""
+    from deltaplane.commands.fleet import _credentials as fleet_credentials
+
+    _, d, kept = _re_enrolled(leak, "dev", "device-3.revocations")
     with pytest.raises(SecAggAuthError, match=f"does not trust.*remove {kept}"):
         fleet_credentials(d / "k.pem", d / "c.cert", d / "a.pub", kept)
     kept.unlink()
     assert fleet_credentials(d / "k.pem", d / "c.cert", d / "a.pub", kept).revocations is None
+
+
+def test_a_flower_node_re_enrolled_under_a_new_authority_says_to_replace_its_old_list(leak) -> None:
+    """The Flower node's step 3 of changing the authority: a node given the new authority's certificate and key
+    file, its `secagg-revocations` still holding the old authority's list, refused the stage with the generic
+    "does not trust" alone. It says now to write the new authority's list there (same exception type), and takes
+    that list once written."""
+    from deltaplane.aggregation.secagg.revocation import revoke, write_revocations
+    from deltaplane.flower.secagg import node_credentials
+
+    new, d, kept = _re_enrolled(leak, "node", "revoked.bin")
+    config = {
+        "secagg-identity-key": str(d / "k.pem"),
+        "secagg-certificate": str(d / "c.cert"),
+        "secagg-enrollment-authority": str(d / "a.pub"),
+        "secagg-revocations": str(kept),
+    }
+    with pytest.raises(SecAggAuthError, match=f"does not trust.*write the new authority's list to {kept}"):
+        node_credentials(config)
+    write_revocations(kept, revoke(new, [("device-9", "fleet")], issued=int(time.time()), valid_s=86_400))
+    assert node_credentials(config).revocations.revoked == {("device-9", "fleet")}

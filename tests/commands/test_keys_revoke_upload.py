@@ -56,12 +56,16 @@ def test_revoke_uploads_the_list_it_wrote_and_prints_the_answer(cli, authority, 
         "keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--upload", url, "--ca", ca
     )
     assert r.exit_code == 0, r.output
-    assert f"uploaded to {url}: the service now holds list number 1 (1 devices revoked)" in _flat(r.output)
+    assert f"uploaded to {url}: the service now holds list number 1 (1 devices revoked, 0 keys)" in _flat(
+        r.output
+    )
     assert held.read_bytes() == out.read_bytes()  # the very file written
     r = cli(
         "keys", "revoke", "--authority-key", key, "--out", out, "--device", 5, "--upload", url, "--ca", ca
     )
-    assert r.exit_code == 0 and "now holds list number 2 (2 devices revoked)" in _flat(r.output), r.output
+    assert r.exit_code == 0 and "now holds list number 2 (2 devices revoked, 0 keys)" in _flat(r.output), (
+        r.output
+    )
     assert load_revocations(held, authority[0].trust()).sequence == 2
 
 
@@ -194,3 +198,23 @@ def test_any_other_service_error_says_the_list_stays_written(cli, authority, tmp
         flat
     )
     assert out.exists()
+
+
+def test_the_printed_answer_counts_the_revoked_keys(cli, authority, service, tmp_path, monkeypatch) -> None:
+    """The service's answer counted revoked devices only, so `--upload` could not say the list it now holds
+    revokes device-0's key too: the answer has `revoked_keys` beside `revoked` (the older fields unchanged), and
+    the printed line counts both. An answer without it (a service before key revocation) prints devices only."""
+    url, ca, _ = service
+    _, key = authority
+    nodes, out = tmp_path / "nodes", tmp_path / "revoked.bin"
+    assert cli("keys", "certify", "--authority-key", key, "--out", nodes, "--devices", 1).exit_code == 0
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 0, "--enrolled", nodes,
+            "--device", 4, "--upload", url, "--ca", ca)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "the service now holds list number 1 (2 devices revoked, 1 keys)" in _flat(r.output), r.output
+    from deltaplane.serve.client import AdminClient
+
+    older = {"sequence": 2, "issued": 0, "next_update": 0, "revoked": 2, "replaced": True}
+    monkeypatch.setattr(AdminClient, "upload_revocations", lambda self, data: older)
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--upload", NO_SERVICE)
+    assert r.exit_code == 0 and "now holds list number 2 (2 devices revoked)" in _flat(r.output), r.output

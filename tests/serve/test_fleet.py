@@ -784,8 +784,9 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
         done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation", "fleet.yaml",
                     "--out", "tokens", cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        files = sorted((tmp_path / "tokens").iterdir())
+        files = sorted((tmp_path / "tokens").glob("device-*"))
         assert [p.name for p in files] == ["device-0.token", "device-1.token", "device-2.token"]
+        assert (tmp_path / "tokens" / "enrollment.issued").read_text() == "device-2\n"  # --add starts past it
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
         other = make_tls_bundle(tmp_path / "other", hosts=["127.0.0.1"])
         before = len(f.bodies)

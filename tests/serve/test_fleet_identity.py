@@ -94,7 +94,10 @@ def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_p
                     "tokens", "--authority-key", str(key), "--cohort", "north", cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
         names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
-        assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")]
+        # enrollment.issued (added on purpose): the highest id issued there, which --add never hands out again
+        assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")] + [
+            "enrollment.issued"
+        ]
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "tokens").iterdir())
         trust = TrustedAuthorities.from_text(pub.read_text())
         for i in range(2):
@@ -263,7 +266,7 @@ def test_a_revoked_device_is_replaced_by_fleet_enroll_add_and_the_replacement_ta
         )
         said = cli("keys", "revoke", "--authority-key", key, "--out", "revoked.bin", "--device", 3,
                    "--upload", f.url, "--ca", ca)  # fmt: skip
-        assert "the service now holds list number 1 (1 devices revoked)" in said, said
+        assert "the service now holds list number 1 (1 devices revoked, 0 keys)" in said, said
         said = cli("fleet", "enroll", "--url", f.url, "--ca", ca, "--add", 1, "--out", "tokens",
                    "--authority-key", key, "--revocations", "revoked.bin")  # fmt: skip
         assert "1 device tokens written to tokens/ (device-4.token), with SecAgg identities" in said, said

@@ -15,7 +15,7 @@ from tests.serve.test_secagg_auth_http import _creds, _open
 from tests.serve.test_secagg_revocation_http import NAMES, REVOKED, _round_without_the_revoked_device
 from typer.testing import CliRunner
 
-from deltaplane.aggregation.secagg import EnrollmentAuthority
+from deltaplane.aggregation.secagg import DeviceIdentity, EnrollmentAuthority
 from deltaplane.aggregation.secagg.revocation import (
     CLOCK_SKEW_S,
     load_revocations,
@@ -108,6 +108,28 @@ def test_a_current_list_shows_its_authority_number_times_and_revoked_devices(
     rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", body)
     assert rows == [("device-2", "fleet"), ("device-3", "lab"), ("device-4", "fleet")]
     assert "Current: next update in 6 d 23 h" in body
+
+
+def test_the_panel_counts_the_revoked_keys_and_names_the_first_digests(
+    service_factory, authority, tmp_path
+) -> None:
+    """The panel counted revoked devices only: a version-3 list's revoked keys (refused under any device id)
+    were invisible on the page. It counts them now and names the first few digests, shortened as `keys revoke`
+    prints them; a list revoking no key says 0."""
+    auth, key, pub = authority
+    out = tmp_path / "revoked.bin"
+    keys_revoke(key, out, "--device", 1)
+    svc = service_factory(secagg_revocations=str(out), secagg_authority=str(pub))
+    assert field(fleet_html(svc), "keys") == "0"
+    certs = []
+    for i in range(7):
+        ident = DeviceIdentity.enroll(auth, f"device-{i}", cohort="fleet", expires=4_000_000_000)
+        certs += ["--certificate", tmp_path / f"device-{i}.cert"]
+        (tmp_path / f"device-{i}.cert").write_bytes(ident.certificate.to_bytes())
+    keys_revoke(key, out, *certs)
+    digests = sorted(k.hex() for k in load_revocations(out, auth.trust()).keys)
+    shown = ", ".join(f"SHA256:{d[:16]}…" for d in digests[:5])
+    assert field(fleet_html(svc), "keys") == f"7: {shown} (+2 more)"
 
 
 def test_a_list_within_a_day_of_its_next_update_says_it_expires(service_factory, authority, tmp_path) -> None:

@@ -187,6 +187,7 @@ def test_a_list_uploaded_without_restart_refuses_the_revoked_device_end_to_end(
         "issued": now,
         "next_update": now + 7 * 86_400,
         "revoked": 1,
+        "revoked_keys": 0,  # added (deliberately) beside "revoked": the keys a version-3 list revokes
         "replaced": True,
     }
     assert path.read_bytes() == crl.to_bytes()

@@ -137,5 +137,6 @@ def test_a_service_holding_the_old_authoritys_list_says_how_to_change_authority(
         svc.admin.upload_revocations(fresh.to_bytes())
     assert err.value.status == 422 and "leave only the new authority's key" in err.value.detail
     pub.write_text(new.public_text() + "\n")  # the new key alone (re-read at each upload)
-    assert svc.admin.upload_revocations(fresh.to_bytes())["replaced"] is True
+    answer = svc.admin.upload_revocations(fresh.to_bytes())
+    assert answer["replaced"] is True and (answer["revoked"], answer["revoked_keys"]) == (0, 1)
     assert path.read_bytes() == fresh.to_bytes()

@@ -244,7 +244,8 @@ AddDevices = Annotated[
         callback=fleet_size,
         metavar="K",
         help="Enrol K new devices into the fleet in OUT (a revoked device's replacement): the next free ids, past "
-        "every device-I with a file in OUT and every one --revocations names, in the cohort of OUT's certificates.",
+        "every device-I with a file in OUT, every id ever issued or revoked there (OUT/enrollment.issued) and every "
+        "one --revocations names, in the cohort of OUT's certificates.",
         show_default="none",
     ),
 ]

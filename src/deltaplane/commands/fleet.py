@@ -268,12 +268,10 @@ def _trusts_kept_list(authority: Path, kept: Path) -> bool:
     """Whether the device trusting the key file ``authority`` trusts the authority of its kept revocation list
     ``kept`` (True also when either cannot be read: the caller's own error says what is wrong then)."""
     from deltaplane.aggregation.secagg.identity import TrustedAuthorities
-    from deltaplane.aggregation.secagg.revocation import read_server_revocations
+    from deltaplane.aggregation.secagg.revocation import trusts_kept_list
 
     try:
-        return TrustedAuthorities.from_file(authority).trusts(
-            read_server_revocations(kept, legacy=True).authority
-        )
+        return trusts_kept_list(TrustedAuthorities.from_file(authority), kept)
     except ConfigError:
         return True
 
@@ -391,6 +389,7 @@ def register(app: typer.Typer) -> None:
             load_authority,
             next_device_ids,
             read_held_revocations,
+            record_issued,
             write_identity,
         )
         from deltaplane.registry.signing import write_secret_file
@@ -443,6 +442,7 @@ def register(app: typer.Typer) -> None:
             # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
             tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
             out.mkdir(parents=True, exist_ok=True)
+            record_issued(out, names)  # before the files: --add never hands these ids out again, files or not
             for path, token in zip(files, tokens, strict=True):
                 write_secret_file(path, token.encode(), replace=False)
             for identity in identities:

@@ -426,6 +426,7 @@ def register(app: typer.Typer) -> None:
             node_config_arg,
             read_held_revocations,
             read_request,
+            record_issued,
             write_certificate,
             write_identity,
         )
@@ -486,16 +487,20 @@ def register(app: typer.Typer) -> None:
                 node_config_arg(*(on_node / p.name for p in (*identity_files(out, n), pub))) for n in names
             ]
             _writable(out, "--out")
-            if requests:
-                certs = certify_requests(authority, requests, valid_days=valid_days)
-                for c in certs:
-                    write_certificate(out, c, replace=force)
-            else:
-                identities = certify(
+            certs = certify_requests(authority, requests, valid_days=valid_days) if requests else []
+            identities = (
+                []
+                if requests
+                else certify(
                     authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
                 )
-                for i in identities:
-                    write_identity(out, i, replace=force)
+            )
+            for c in certs:
+                write_certificate(out, c, replace=force)
+            for i in identities:
+                write_identity(out, i, replace=force)
+            # once written (until then their files hold the ids): --add never hands them out again, files or not
+            record_issued(out, names)
             atomic_write_bytes(pub, public)
         console.print(
             escape(
@@ -548,7 +553,8 @@ def register(app: typer.Typer) -> None:
                 "--enrolled",
                 file_okay=False,
                 help="The enrollment folder (fleet enroll / keys certify --out) to find each --device's "
-                "device-I.cert in, so its key is revoked too.",
+                "device-I.cert in, so its key is revoked too; the revoked ids are recorded there "
+                "(enrollment.issued), so --add never enrols them again.",
                 show_default="none",
             ),
         ] = None,
@@ -601,7 +607,12 @@ def register(app: typer.Typer) -> None:
         import time
 
         from deltaplane.aggregation.secagg import SecAggAuthError
-        from deltaplane.aggregation.secagg.enrollment import device_id, load_authority, revoked_certificates
+        from deltaplane.aggregation.secagg.enrollment import (
+            device_id,
+            load_authority,
+            record_issued,
+            revoked_certificates,
+        )
         from deltaplane.aggregation.secagg.identity import key_fingerprint
         from deltaplane.aggregation.secagg.revocation import (
             read_server_revocations,
@@ -613,6 +624,10 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             authority = load_authority(authority_key)
             _writable(out.parent, "--out")
+            # --enrolled DIR records the revoked ids in its mark (record_issued): written after the list
+            mark_in = enrolled if enrolled is not None and enrolled.is_dir() and device else None
+            if mark_in is not None:
+                _writable(mark_in, "--enrolled")
             if upload is None and (ca or tls_cert or tls_key):
                 raise ConfigError("--ca, --tls-cert and --tls-key are for --upload URL; give it too")
             # the service's client before the list is written: no admin token, https without --ca... is a
@@ -652,6 +667,8 @@ def register(app: typer.Typer) -> None:
                     + sorted(carried.keys if carried is not None else ()),
                 )
                 write_revocations(out, revocations)
+            if mark_in is not None:  # --add in that folder never hands a revoked id out again, files or not
+                record_issued(mark_in, ids)
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
@@ -677,7 +694,10 @@ def register(app: typer.Typer) -> None:
         if admin is not None:
             with _errors(OSError):
                 answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
-            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked)"
+            keys = answer.get("revoked_keys")  # absent from a service before key revocation: not guessed
+            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked" + (
+                ")" if keys is None else f", {keys} keys)"
+            )
             console.print(
                 escape(
                     f"uploaded to {upload}: the service now holds {held}"

@@ -80,6 +80,7 @@ from deltaplane.aggregation.secagg.revocation import (
     take_revocations,
     take_revocations_file,
     take_revocations_from_path,
+    trusts_kept_list,
 )
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
@@ -124,7 +125,9 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
     The list is read at each stage (a newer one the operator writes there applies at once) and never goes back:
     a file rolled back to a lower sequence than this process has taken from it is a
     :class:`~deltaplane.aggregation.secagg.errors.RevocationRollback`
-    (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_file`), so the node refuses the stage.
+    (:func:`~deltaplane.aggregation.secagg.revocation.take_revocations_file`), so the node refuses the stage. A
+    list of an authority the node no longer trusts (its enrollment authority was changed) is refused as before
+    (:class:`~deltaplane.aggregation.secagg.errors.SecAggAuthError`), saying to write the new authority's list there.
     """
     given = {k: node_config.get(k) for k in NODE_CONFIG_KEYS}
     revocations = node_config.get(REVOCATIONS_NODE_CONFIG_KEY)
@@ -146,7 +149,21 @@ def node_credentials(node_config: Mapping[str, object]) -> DeviceCredentials | N
             "public key)"
         )
     credentials = DeviceCredentials.from_files(*(str(given[k]) for k in NODE_CONFIG_KEYS))
-    return credentials if revocations is None else take_revocations_file(credentials, revocations)
+    if revocations is None:
+        return credentials
+    try:
+        return take_revocations_file(credentials, revocations)
+    except SecAggAuthError as exc:
+        if trusts_kept_list(credentials.trusted, revocations):
+            raise
+        # the old authority's list, kept after the node's enrollment moved to a new authority: the same type as
+        # before (the node refuses the stage), now with what to do, as the fleet device's refusal says
+        raise SecAggAuthError(
+            f"{exc}. If the enrollment authority was changed, write the new authority's list to {revocations} "
+            f"(this node's {REVOCATIONS_NODE_CONFIG_KEY}) in place of the old authority's: `deltaplane keys revoke "
+            "--authority-key NEW/enrollment.ed25519.pem --carry OLD-LIST --out NEW-LIST` writes it "
+            "(docs/security.md, changing the enrollment authority)"
+        ) from None
 
 
 def _session(context: Context) -> bytes:

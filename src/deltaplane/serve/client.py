@@ -377,7 +377,8 @@ class AdminClient:
     def upload_revocations(self, data: bytes) -> dict[str, Any]:
         """Replace the service's revocation list with ``data`` (the file ``deltaplane keys revoke`` writes):
         ``POST /admin/secagg/revocations`` (:mod:`deltaplane.serve.revocation_routes`). Its sequence, issue
-        time, next update, revoked count and whether it replaced the held list; a refusal raises
+        time, next update, revoked device and key counts (``revoked``, ``revoked_keys``; a service before key
+        revocation answers no ``revoked_keys``) and whether it replaced the held list; a refusal raises
         :class:`ServiceError` (400 malformed, 409 older than the held list or no list kept, 413 too large, 422
         forged, of another authority, or past its next update)."""
         headers = {**self._headers, "Content-Type": "application/octet-stream"}

@@ -6,6 +6,8 @@
   enrollment authority signed it (``serve --secagg-enrollment-authority``; else 422), it is current (else 422)
   and its sequence does not go back (else 409), neither from the list held nor from the highest the service has
   ever held. The next authenticated round open reads it.
+  Its answer: the list's ``sequence``, ``issued``, ``next_update``, how many devices (``revoked``) and identity
+  keys (``revoked_keys``) it revokes, and whether it ``replaced`` the held list.
 * ``GET /v1/secagg/revocations`` (device token) answers the list as held (404: none), so a fleet device takes a
   newer one before each authenticated round (:func:`deltaplane.serve.fleet.refresh_revocations`).
 
@@ -225,7 +227,8 @@ def revocations_status(
     refused); ``none`` (authenticated rounds without any list: no
     revoked device is left out); ``unused`` (no list, no authenticated round). ``checked`` is False when the
     service has no authority key, so a held list is used unchecked. ``list`` holds the list's fields, its
-    revoked ``(device id, cohort)`` pairs sorted, or None."""
+    revoked ``(device id, cohort)`` pairs sorted and its revoked keys (``keys``: the SHA-256 of each identity key,
+    hex, sorted), or None."""
     federation = config.federation
     authenticated = bool(federation is not None and federation.secagg_authenticated) or any(
         r.get("authenticated") for r in rounds
@@ -261,6 +264,7 @@ def revocations_status(
             "next_update": rl.next_update,
             "refused_from": rl.next_update + CLOCK_SKEW_S,
             "revoked": sorted(rl.revoked),
+            "keys": sorted(k.hex() for k in rl.keys),
         },
     }
 
@@ -346,6 +350,9 @@ def install_revocation_routes(
             "issued": rl.issued,
             "next_update": rl.next_update,
             "revoked": len(rl.revoked),
+            "revoked_keys": len(
+                rl.keys
+            ),  # added beside "revoked" (devices): a version-3 list revokes keys too
             "replaced": replaced,
         }
 

@@ -689,9 +689,24 @@ def _revocations_alert(rev: Mapping[str, Any] | None) -> str:
     )
 
 
+#: revoked identity keys the fleet page names (their SHA-256, shortened), before "+N more"
+REVOKED_KEYS_SHOWN = 5
+
+
+def _revoked_keys(keys: Sequence[str]) -> str:
+    """The revoked-keys cell: how many keys the list revokes, and the first :data:`REVOKED_KEYS_SHOWN` of their
+    SHA-256 digests shortened as ``keys revoke`` prints them (``SHA256:0123456789abcdef…``), escaped."""
+    if not keys:
+        return "0"
+    shown = ", ".join(f"SHA256:{escape(str(k)[:16])}…" for k in keys[:REVOKED_KEYS_SHOWN])
+    more = len(keys) - REVOKED_KEYS_SHOWN
+    return f"{len(keys):,}: <code>{shown}</code>" + (f" (+{more:,} more)" if more > 0 else "")
+
+
 def _revocations_panel(rev: Mapping[str, Any] | None) -> str:
-    """The fleet page's revocation panel: whether a list is held, its authority, number, times and revoked
-    devices (at most :data:`REVOKED_SHOWN`), and a warning for each state the operator must act on."""
+    """The fleet page's revocation panel: whether a list is held, its authority, number, times, revoked
+    devices (at most :data:`REVOKED_SHOWN`) and revoked keys (:func:`_revoked_keys`), and a warning for each state
+    the operator must act on."""
     if rev is None:
         return ""
     notes = _revocation_notes(rev)
@@ -723,6 +738,7 @@ def _revocations_panel(rev: Mapping[str, Any] | None) -> str:
                 "checked",
             ),
             ("revoked devices", f"{len(rl['revoked']):,}", "revoked"),
+            ("revoked keys", _revoked_keys(rl.get("keys") or []), "keys"),
         ]
         parts.append(
             '<table id="revocation-list"><tbody>'

@@ -57,6 +57,7 @@ from deltaplane.textfile import (
 
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
+    "ISSUED_MARK_NAME",
     "MAX_REQUEST_PARTITION",
     "NODE_CONFIG_KEYS",
     "REVOCATIONS_NODE_CONFIG_KEY",
@@ -75,6 +76,7 @@ __all__ = [
     "node_config_arg",
     "read_held_revocations",
     "read_request",
+    "record_issued",
     "request_file",
     "revoked_certificates",
     "write_certificate",
@@ -84,6 +86,9 @@ __all__ = [
 
 #: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
 AUTHORITY_PUBLIC_NAME = "enrollment.ed25519.pub"
+#: the file of an enrollment folder holding the highest device id ever issued or revoked there (``device-I``, one
+#: line): ``--add`` takes ids past it, so an id whose files were removed is never handed out again
+ISSUED_MARK_NAME = "enrollment.issued"
 #: the largest partition id a certification request may name (``device-I``, I of at most 18 digits: what
 #: :func:`read_request` takes), so ``keys identity`` never makes a key whose request would be refused
 MAX_REQUEST_PARTITION = 10**18 - 1
@@ -121,12 +126,46 @@ def held_partitions(out: str | os.PathLike[str], suffix: str | None = None) -> l
     return sorted(found)
 
 
+def issued_mark(out: str | os.PathLike[str]) -> int | None:
+    """The highest partition id ever issued or revoked in the enrollment folder ``out`` (its
+    :data:`ISSUED_MARK_NAME`), None when the folder keeps none (nothing issued since it was introduced). A file
+    that does not hold one ``device-I`` line is a :class:`ConfigError` naming it: guessing would risk handing out
+    an id again."""
+    path = Path(out) / ISSUED_MARK_NAME
+    if not os.path.lexists(path):
+        return None
+    text = read_bounded_text(path, limit=KEY_LIMIT, what="issued device ids mark")
+    m = re.fullmatch(_DEVICE_ID, text.strip())
+    if m is None:
+        raise ConfigError(
+            f"{path} does not hold the highest device id issued in {path.parent} (one line, device-I); write the "
+            "highest id ever issued or revoked there back into it, then rerun"
+        )
+    return int(m.group(1))
+
+
+def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
+    """Raise the enrollment folder ``out``'s mark (:data:`ISSUED_MARK_NAME`, 0600, written atomically) to the
+    highest partition of ``devices`` and of every ``device-I`` with a file there, never lowering it: what
+    ``fleet enroll``, ``keys certify`` (issuing) and ``keys revoke --enrolled`` (revoking) record, so that
+    ``--add`` never hands out again an id issued there, even once its files are removed and with no revocation
+    list given. An id that is not ``device-I`` (no partition) is not counted."""
+    ids = [int(m.group(1)) for d in devices if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
+    held = issued_mark(out)
+    top = max([*ids, *held_partitions(out), *([] if held is None else [held])], default=None)
+    if top is not None and top != held:
+        write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(top)}\n".encode())
+
+
 def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterable[str] = ()) -> list[str]:
     """The ``count`` device ids a fleet enrolled in ``out`` grows by: the ids past every ``device-I`` with a file
-    there and every one ``revoked`` names (a revocation list's devices), so a replacement never takes the id of
-    a device that exists or was revoked: the service and the devices match the list by device id, and a reused
-    id would be refused as revoked, or would revive one."""
+    there, past the folder's mark of every id ever issued or revoked there (:func:`record_issued`) and past every
+    one ``revoked`` names (a revocation list's devices), so a replacement never takes the id of a device that
+    exists, was issued or was revoked: the service and the devices match the list by device id, and a reused id
+    would be refused as revoked, or would revive one."""
     taken = held_partitions(out)
+    mark = issued_mark(out)
+    taken += [] if mark is None else [mark]
     taken += [int(m.group(1)) for d in revoked if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
     start = max(taken, default=-1) + 1
     if start + count - 1 > MAX_REQUEST_PARTITION:

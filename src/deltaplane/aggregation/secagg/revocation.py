@@ -95,6 +95,7 @@ __all__ = [
     "take_revocations",
     "take_revocations_file",
     "take_revocations_from_path",
+    "trusts_kept_list",
     "write_revocations",
 ]
 
@@ -559,6 +560,17 @@ def take_revocations_file(credentials: DeviceCredentials, path: str | os.PathLik
     the file, as it has nothing else to keep a high-water mark in (the fleet device keeps its own file)."""
     rl = take_revocations_from_path(path, load_revocations(path, credentials.trusted), holder="this node")
     return credentials.with_revocations(rl)
+
+
+def trusts_kept_list(trusted: TrustedAuthorities, kept: str | os.PathLike[str]) -> bool:
+    """Whether ``trusted`` (a device's or a node's enrollment authority keys) trusts the authority of the list kept
+    in ``kept``: False is the kept list of an authority replaced since (the enrollment authority was changed), the
+    one case whose refusal must say what to do with that file. True also when the file cannot be read: the
+    caller's own error says what is wrong then."""
+    try:
+        return trusted.trusts(read_server_revocations(kept, legacy=True).authority)
+    except ConfigError:
+        return True
 
 
 def take_revocations_from_path(
