@@ -910,7 +910,7 @@ def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_t
     class Refusing:  # the service refuses the coordinator's first request: it ends there
         base_url = "http://127.0.0.1:1"
 
-        def set_drift_reference(self, model, spec, reference, *, window):
+        def set_drift_reference(self, model, spec, reference, *, window, min_samples):
             sent.append(reference)
             raise fleet.ServiceError(401, "invalid admin token")
 
