@@ -295,3 +295,21 @@ def test_closed_rounds_filters_by_outcome_and_limit(tmp_path) -> None:
         assert e.value.status == 422
     with pytest.raises(ServiceError, match="outcome: Input should be 'published', 'aborted' or 'lost'"):
         get("/admin/rounds/closed", outcome="failed")
+
+
+def test_a_secagg_rounds_status_says_why_it_ended_unpublished(tmp_path) -> None:
+    """A SecAgg round's admin status said ``finished: aborted`` or ``lost`` but not why: it keeps the reason,
+    in this process and, from the store, after a restart (where an open round becomes lost, saying so)."""
+    from .test_secagg_http import _walk
+
+    svc = Service(tmp_path / "home")
+    aborted, _ = _walk(svc, ["a", "b", "c"], stages=("advertise",))
+    svc.admin.abort_secagg("cnn", aborted, reason="two devices went offline")
+    assert svc.admin.secagg_status("cnn", aborted)["reason"] == "two devices went offline"
+    lost = svc.admin.open_secagg("cnn", ["a", "b", "c"], weight_scale=0)["round"]
+    restart(svc)
+    assert svc.admin.secagg_status("cnn", aborted)["reason"] == "two devices went offline"
+    status = svc.admin.secagg_status("cnn", lost)
+    assert status["finished"] == "lost" and status["reason"].startswith(
+        "lost: the service stopped while the round was open"
+    )

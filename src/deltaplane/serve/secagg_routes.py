@@ -69,7 +69,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -200,11 +200,10 @@ class FinishedRound:
     dropped: array
 
     @classmethod
-    def of(cls, r: SecAggRound, outcome: str, reason: str | None = None) -> "FinishedRound":
-        """``reason``: why an aborted round ended unpublished (bounded), as its status and the store say."""
-        status = r.status() | {"finished": outcome, "reason": reason}
+    def of(cls, r: SecAggRound, outcome: str) -> "FinishedRound":
+        status = r.status()
         survivors, dropped = status.pop("survivors"), status.pop("dropped")
-        return cls(outcome, status, array("I", survivors), array("I", dropped))
+        return cls(outcome, status | {"finished": outcome}, array("I", survivors), array("I", dropped))
 
     def status(self) -> dict[str, Any]:
         return self.summary | {"survivors": self.survivors.tolist(), "dropped": self.dropped.tolist()}
@@ -512,7 +511,8 @@ def install_secagg_routes(
     def finish(r: SecAggRound, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
         keeping its final status (with ``reason``, an aborted round's); returns that status."""
-        done = FinishedRound.of(r, outcome, reason)
+        done = FinishedRound.of(r, outcome)
+        done = replace(done, summary=done.summary | {"reason": reason})  # as the store records it
         rounds.pop((r.model, r.number), None)
         finished[(r.model, r.number)] = done
         while len(finished) > FINISHED_KEPT:
