@@ -20,7 +20,7 @@ from deltaplane.serve import ServiceConfig
 from deltaplane.serve.client import DeviceClient, ServiceError
 
 from .conftest import ADMIN, Service
-from .test_rounds import restart
+from .test_rounds import payload, restart
 
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,3 +313,46 @@ def test_a_secagg_rounds_status_says_why_it_ended_unpublished(tmp_path) -> None:
     assert status["finished"] == "lost" and status["reason"].startswith(
         "lost: the service stopped while the round was open"
     )
+
+
+def test_concurrent_reports_and_uploads_keep_memory_and_database_in_step(tmp_path) -> None:
+    """Reports (drift windows written in their transaction) and uploads (counts written in theirs) at once: none
+    waits on the other's locks in the opposite order, every report lands in exactly one window, and a restart
+    reads back the windows and the open window memory held."""
+    import threading
+
+    svc = Service(tmp_path / "home")
+    same, _ = _monitored(svc, window=5)
+    svc.admin.open_round("cnn")
+    reporters = [svc.device(f"r{i}") for i in range(4)]
+    uploads = [(svc.device(f"u{i}"), payload(svc, i)) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(
+            target=run, args=(lambda d=d: [d.report("cnn", version=1, summary=same) for _ in range(6)],)
+        )
+        for d in reporters
+    ] + [
+        threading.Thread(target=run, args=(lambda d=d, p=p: d.upload("cnn", 1, p, num_examples=1),))
+        for d, p in uploads
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    mon = svc.state.monitors["cnn"]
+    live, reports, _ = mon.live_window()
+    assert len(mon.history) * 5 + reports == 24
+    before = (_watch(svc), sorted(live))
+    restart(svc)
+    mon = svc.state.monitors["cnn"]
+    assert (_watch(svc), sorted(mon.live_window()[0])) == before and mon.live_window()[1] == reports
+    assert svc.state.fleet_snapshot()["uploads"]["accepted"] == 4

@@ -235,6 +235,9 @@ class ServiceState:
     counters: Counter = field(default_factory=Counter)
     downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: taken by each device report (and a new drift reference) for its whole write, before :attr:`lock`: the
+    #: monitors' windows are written in the order they change
+    report_lock: threading.Lock = field(default_factory=threading.Lock)
     #: device id -> (cohort, requests, last seen), most recent last; at most MAX_DEVICES_SEEN entries
     seen: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
     #: devices seen since their row was last saved -> that contact's time (saved with the next write)
@@ -385,54 +388,57 @@ class ServiceState:
         One transaction stores the report, the monitor's window (or the window it closed and its alerts) and
         the devices seen since their last save, before the service acknowledges it: all of it survives a
         restart, and no part without the rest. A summary the monitor refuses (InvalidUpdate, 422) stores
-        nothing. The monitor changes in memory as the rows are written (reports are serialized by the
-        database's write lock) and is put back as it was if the transaction fails."""
+        nothing. Reports are taken one at a time (:attr:`report_lock`), so the rows are written in the order
+        the monitor took them; the monitor is put back as it was if the transaction fails. :attr:`lock` is
+        held only for the memory's changes, never while the database syncs, and never taken inside the
+        transaction (uploads and aborts take it first, then the database's write lock: the same order)."""
         device = report["device"]
         closed: DriftReport | None = None
-        alerts: list[dict[str, Any]] = []
         undo: tuple[DriftMonitor, Any, list[DriftReport]] | None = None
-        rows: list[tuple[str, str, int, float]] = []
-        try:
-            with self.registry.transaction() if self.history is not None else contextlib.nullcontext():
-                if self.history is not None:
-                    self.history.add_report(model, report)
-                with self.lock:
-                    mon = self.monitors.get(model) if summary is not None else None
-                    if mon is not None:
-                        undo = (mon, mon.live_window(), list(mon.history))
-                        closed = mon.ingest(summary, device=device)  # type: ignore[arg-type]
-                        del mon.history[:-MAX_DRIFT_HISTORY]
-                    rows = self._unsaved_rows()
-                alerts = [
-                    {"model": model, "alert": a, "at": time.time(), "version": report["version"]}
-                    for a in (closed.alerts if closed is not None else ())
-                ]
-                if self.watch is not None:
-                    if mon is not None:
-                        self.watch.save_window(model, mon, device, closed)
-                    self.watch.add_alerts(alerts)
-                    self.watch.save_devices(rows)
-        except BaseException:
-            if undo is not None:
-                with self.lock:
-                    mon, window, history = undo
-                    mon.resume_window(*window)
-                    mon.history[:] = history
-            raise
-        with self.lock:
-            self.mark_saved(rows)
-            kept = self.reports.setdefault(model, [])
-            kept.append(report)
-            del kept[:-MAX_REPORTS]
-            self.alerts.extend(alerts)
+        with self.report_lock:
+            with self.lock:
+                mon = self.monitors.get(model) if summary is not None else None
+                if mon is not None:
+                    undo = (mon, mon.live_window(), list(mon.history))
+                    closed = mon.ingest(summary, device=device)  # type: ignore[arg-type]
+                    del mon.history[:-MAX_DRIFT_HISTORY]
+                rows = self._unsaved_rows()
+            alerts = [
+                {"model": model, "alert": a, "at": time.time(), "version": report["version"]}
+                for a in (closed.alerts if closed is not None else ())
+            ]
+            try:
+                with self.registry.transaction() if self.history is not None else contextlib.nullcontext():
+                    if self.history is not None:
+                        self.history.add_report(model, report)
+                    if self.watch is not None:
+                        if mon is not None:
+                            self.watch.save_window(model, mon, device, closed)
+                        self.watch.add_alerts(alerts)
+                        self.watch.save_devices(rows)
+            except BaseException:
+                if undo is not None:
+                    with self.lock:
+                        mon, window, history = undo
+                        mon.resume_window(*window)
+                        mon.history[:] = history
+                raise
+            with self.lock:
+                self.mark_saved(rows)
+                kept = self.reports.setdefault(model, [])
+                kept.append(report)
+                del kept[:-MAX_REPORTS]
+                self.alerts.extend(alerts)
         return closed
 
     def set_monitor(self, model: str, monitor: DriftMonitor) -> None:
-        """Monitor ``model``'s drift with ``monitor`` from now on (stored first: a restart keeps it)."""
-        if self.watch is not None:
-            self.watch.set_monitor(model, monitor)
-        with self.lock:
-            self.monitors[model] = monitor
+        """Monitor ``model``'s drift with ``monitor`` from now on (stored first: a restart keeps it); between
+        two reports, so no report's window rows land on the new monitor's."""
+        with self.report_lock:
+            if self.watch is not None:
+                self.watch.set_monitor(model, monitor)
+            with self.lock:
+                self.monitors[model] = monitor
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
