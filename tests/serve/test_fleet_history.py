@@ -203,7 +203,7 @@ def test_an_unreadable_row_is_left_out_with_a_message(tmp_path, caplog) -> None:
     assert "format 3, written by a newer deltaplane; this one reads format 1 there" in loaded.refused[0]
     assert "is not valid JSON" in loaded.refused[1] and "lacks cohort, round, metrics" in loaded.refused[2]
     with pytest.raises(HistoryRowError, match="row 1 of fleet_rounds has format 2"):
-        fleet_history._decode("fleet_rounds", 1, 2, "{}", ())
+        fleet_history.decode_row("fleet_rounds", 1, 2, "{}", ())
 
     with caplog.at_level(logging.WARNING, logger="deltaplane.serve.app"):
         restart(svc)

@@ -640,6 +640,42 @@ class DriftMonitor:
         self._anonymous = 0
         self.history: list[DriftReport] = []
 
+    def settings(self) -> dict[str, Any]:
+        """The monitor's spec, reference and parameters as JSON-ready data (:meth:`from_settings` rebuilds it):
+        what a service stores so that a restart monitors as before."""
+        return {
+            "spec": self.spec.to_dict(),
+            "reference": self.reference.to_dict(),
+            "psi_threshold": self.psi_threshold,
+            "alpha": self.alpha,
+            "window": self.window,
+            "min_samples": self.min_samples,
+            "min_devices": self.min_devices,
+            "embedding_shift_threshold": self.embedding_shift_threshold,
+        }
+
+    @classmethod
+    def from_settings(cls, d: Mapping[str, Any]) -> DriftMonitor:
+        """The monitor :meth:`settings` describes (empty windows); the constructor's checks apply, so stored
+        settings that no longer make a valid monitor raise :class:`~deltaplane.errors.ConfigError`."""
+        return cls(
+            DriftSpec.from_dict(d["spec"]),
+            Summary(**d["reference"]),
+            **{k: d[k] for k in ("psi_threshold", "alpha", "window", "min_samples", "min_devices")},
+            embedding_shift_threshold=d["embedding_shift_threshold"],
+        )
+
+    def live_window(self) -> tuple[dict[str, Summary], int, int]:
+        """The open window: each device's merged summary, the reports it holds, the anonymous reports counted
+        so far (a copy: :meth:`resume_window` puts it back, after a restart or a failed write)."""
+        return dict(self._live), self._reports, self._anonymous
+
+    def resume_window(self, live: Mapping[str, Summary], reports: int, anonymous: int) -> None:
+        """Continue the window :meth:`live_window` returned (each summary is checked against the spec)."""
+        for summary in live.values():
+            summary.validate(self.spec)
+        self._live, self._reports, self._anonymous = dict(live), int(reports), int(anonymous)
+
     def ingest(self, summary: Summary, device: str | None = None) -> DriftReport | None:
         """Add one report (from ``device``); returns the window's report when the window closes, else None."""
         summary.validate(self.spec)

@@ -21,6 +21,7 @@ rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``doc
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
+import contextlib
 import logging
 import math
 import secrets
@@ -28,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
 
 from deltaplane.engine import RunConfig, ServerStep
 from deltaplane.errors import (
@@ -55,7 +57,7 @@ from deltaplane.errors import (
     SignatureError,
     VersionMismatch,
 )
-from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
+from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
@@ -64,6 +66,7 @@ from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
 from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory, bounded_reason
+from deltaplane.serve.fleet_watch import MAX_ALERTS, MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, FleetWatch
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.revocation_routes import (
     check_revocations_at_start,
@@ -81,12 +84,8 @@ __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
 log = logging.getLogger(__name__)
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-#: the fleet page remembers at most this many devices (the least recently seen are forgotten)
-MAX_DEVICES_SEEN = 10_000
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
-MAX_ALERTS = 10_000  # each entry is bounded (names <= 128 chars, alert text from the monitor)
-MAX_DRIFT_HISTORY = 1_000  # drift reports kept per monitored model
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
@@ -231,11 +230,18 @@ class ServiceState:
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: where closed rounds, reports and upload counters are stored (create_app sets it; None: memory only)
     history: FleetHistory | None = None
+    #: where devices seen, drift monitors and alerts are stored (create_app sets it; None: memory only)
+    watch: FleetWatch | None = None
     counters: Counter = field(default_factory=Counter)
     downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: taken by each device report (and a new drift reference) for its whole write, before :attr:`lock`: the
+    #: monitors' windows are written in the order they change
+    report_lock: threading.Lock = field(default_factory=threading.Lock)
     #: device id -> (cohort, requests, last seen), most recent last; at most MAX_DEVICES_SEEN entries
     seen: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
+    #: devices seen since their row was last saved -> that contact's time (saved with the next write)
+    unsaved: dict[str, float] = field(default_factory=dict)
     _bases: ByteLRU[dict[str, Any]] = field(
         default_factory=lambda: ByteLRU(
             512 << 20, lambda s: sum(t.numel() * t.element_size() for t in s.values())
@@ -246,9 +252,47 @@ class ServiceState:
         """Remember that a device made an authenticated request (bounded: the oldest are forgotten)."""
         with self.lock:
             _, n, _ = self.seen.pop(ident.device_id, (ident.cohort, 0, 0.0))
-            self.seen[ident.device_id] = (ident.cohort, n + 1, time.time())
+            now = time.time()
+            self.seen[ident.device_id] = (ident.cohort, n + 1, now)
+            self.unsaved[ident.device_id] = now
             while len(self.seen) > MAX_DEVICES_SEEN:
-                self.seen.popitem(last=False)
+                self.unsaved.pop(self.seen.popitem(last=False)[0], None)
+
+    def _unsaved_rows(self) -> list[tuple[str, str, int, float]]:
+        """The devices seen since their row was saved, as :meth:`FleetWatch.save_devices` takes them. Caller
+        holds the lock, and calls :meth:`mark_saved` once the rows committed."""
+        return [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
+
+    def mark_saved(self, rows: list[tuple[str, str, int, float]]) -> None:
+        """The devices' rows committed: no longer unsaved, unless seen again since. Caller holds the lock."""
+        for device, _, _, at in rows:
+            if self.unsaved.get(device) == at:
+                del self.unsaved[device]
+
+    def save_counts(self, extra: Mapping[str, int]) -> list[tuple[str, str, int, float]]:
+        """Inside the caller's transaction (an accepted upload's), with the lock held: the kept counters,
+        ``extra`` (what the transaction adds: not counted in memory until it committed) included, and the devices
+        seen since their last save; no sync of their own. Returns the devices' rows: pass them to
+        :meth:`mark_saved` once the transaction committed."""
+        rows = self._unsaved_rows()
+        if self.history is not None:
+            counts = Counter(self.counters)
+            counts.update(extra)
+            self.history.save_counters(counts)
+        if self.watch is not None:
+            self.watch.save_devices(rows)
+        return rows
+
+    def save_seen(self) -> None:
+        """Store the devices seen since their last save, in a transaction of their own: when the service stops
+        cleanly (a report or an accepted upload saves them in its transaction otherwise)."""
+        if self.watch is None:
+            return
+        with self.lock:
+            rows = self._unsaved_rows()
+        self.watch.save_devices(rows)
+        with self.lock:
+            self.mark_saved(rows)
 
     def close_summary(
         self,
@@ -335,14 +379,66 @@ class ServiceState:
         with self.lock:
             return list(reversed(self.unpublished_rounds))
 
-    def record_report(self, model: str, report: dict[str, Any]) -> None:
-        """Keep a device's report (stored first: a report the service acknowledged survives a restart)."""
-        if self.history is not None:
-            self.history.add_report(model, report)
-        with self.lock:
-            kept = self.reports.setdefault(model, [])
-            kept.append(report)
-            del kept[:-MAX_REPORTS]
+    def record_report(
+        self, model: str, report: dict[str, Any], summary: Summary | None = None
+    ) -> DriftReport | None:
+        """Keep a device's report and feed its drift ``summary`` (if any) to the model's monitor; returns the
+        drift window it closed, if it closed one.
+
+        One transaction stores the report, the monitor's window (or the window it closed and its alerts) and
+        the devices seen since their last save, before the service acknowledges it: all of it survives a
+        restart, and no part without the rest. A summary the monitor refuses (InvalidUpdate, 422) stores
+        nothing. Reports are taken one at a time (:attr:`report_lock`), so the rows are written in the order
+        the monitor took them; the monitor is put back as it was if the transaction fails. :attr:`lock` is
+        held only for the memory's changes, never while the database syncs, and never taken inside the
+        transaction (uploads and aborts take it first, then the database's write lock: the same order)."""
+        device = report["device"]
+        closed: DriftReport | None = None
+        undo: tuple[DriftMonitor, Any, list[DriftReport]] | None = None
+        with self.report_lock:
+            with self.lock:
+                mon = self.monitors.get(model) if summary is not None else None
+                if mon is not None:
+                    undo = (mon, mon.live_window(), list(mon.history))
+                    closed = mon.ingest(summary, device=device)  # type: ignore[arg-type]
+                    del mon.history[:-MAX_DRIFT_HISTORY]
+                rows = self._unsaved_rows()
+            alerts = [
+                {"model": model, "alert": a, "at": time.time(), "version": report["version"]}
+                for a in (closed.alerts if closed is not None else ())
+            ]
+            try:
+                with self.registry.transaction() if self.history is not None else contextlib.nullcontext():
+                    if self.history is not None:
+                        self.history.add_report(model, report)
+                    if self.watch is not None:
+                        if mon is not None:
+                            self.watch.save_window(model, mon, device, closed)
+                        self.watch.add_alerts(alerts)
+                        self.watch.save_devices(rows)
+            except BaseException:
+                if undo is not None:
+                    with self.lock:
+                        mon, window, history = undo
+                        mon.resume_window(*window)
+                        mon.history[:] = history
+                raise
+            with self.lock:
+                self.mark_saved(rows)
+                kept = self.reports.setdefault(model, [])
+                kept.append(report)
+                del kept[:-MAX_REPORTS]
+                self.alerts.extend(alerts)
+        return closed
+
+    def set_monitor(self, model: str, monitor: DriftMonitor) -> None:
+        """Monitor ``model``'s drift with ``monitor`` from now on (stored first: a restart keeps it); between
+        two reports, so no report's window rows land on the new monitor's."""
+        with self.report_lock:
+            if self.watch is not None:
+                self.watch.set_monitor(model, monitor)
+            with self.lock:
+                self.monitors[model] = monitor
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
@@ -358,6 +454,23 @@ class ServiceState:
             for model, reports in loaded.reports.items():
                 self.reports[model] = reports[-MAX_REPORTS:]
             self.counters.update(loaded.counters)
+            if loaded.refused:
+                self.counters["errors.history_unreadable"] += len(loaded.refused)
+
+    def load_watch(self, watch: FleetWatch) -> None:
+        """Take the stored devices seen, drift monitors (windows and history) and alerts (at start), and
+        :attr:`watch` to store what comes next. A row that cannot be read is left out with a warning, counted
+        with the history's (``errors.history_unreadable``)."""
+        loaded = watch.load()
+        for line in loaded.refused:
+            log.warning("%s", line)
+        with self.lock:
+            self.watch = watch
+            for device, cohort, requests, at in loaded.devices:
+                self.seen.pop(device, None)
+                self.seen[device] = (cohort, requests, at)
+            self.monitors.update(loaded.monitors)
+            self.alerts.extend(loaded.alerts)
             if loaded.refused:
                 self.counters["errors.history_unreadable"] += len(loaded.refused)
 
@@ -640,6 +753,8 @@ def create_app(
     restore_rounds(config, state, rounds_store)
     # and the fleet's history: closed rounds, the devices' reports, uploads by outcome
     state.load_history(FleetHistory(reg))
+    # and what it watches: devices seen, drift monitors with their windows, alerts
+    state.load_watch(FleetWatch(reg))
     revoked_ids, revoked_devices = service_store.revocations()
     authority = TokenAuthority(
         config.device_secret.encode() if config.device_secret else device_secret(reg.home),
@@ -654,7 +769,15 @@ def create_app(
         auto_error=False, description="device token (device endpoints) or admin token (/admin)"
     )
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """On a clean stop (an upgrade, SIGTERM): save the last contacts not yet written with a report or an
+        upload, so a restart shows every device as last seen."""
+        yield
+        await run_in_threadpool(state.save_seen)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="deltaplane",
         version="1",
         description="Ship model versions and deltas to devices; collect compressed updates; monitor drift.",
@@ -871,9 +994,7 @@ def create_app(
     )
     def report(model: ModelName, body: ReportRequest, ident: Device) -> ReportAccepted:
         reg.get(model, body.version)  # 404 for unknown model/version
-        alerts: list[str] = []
-        evaluated = False
-        state.record_report(
+        closed = state.record_report(
             model,
             {
                 "device": ident.device_id,
@@ -883,20 +1004,11 @@ def create_app(
                 "metrics": body.metrics,
                 "at": time.time(),
             },
+            None if body.summary is None else Summary(**body.summary.model_dump()),
         )
-        with state.lock:
-            mon = state.monitors.get(model)
-            if body.summary is not None and mon is not None:
-                result = mon.ingest(Summary(**body.summary.model_dump()), device=ident.device_id)
-                del mon.history[:-MAX_DRIFT_HISTORY]
-                if result is not None:
-                    evaluated = True
-                    alerts = result.alerts
-                    for a in alerts:
-                        state.alerts.append(
-                            {"model": model, "alert": a, "at": time.time(), "version": body.version}
-                        )
-        return ReportAccepted(accepted=True, drift_evaluated=evaluated, alerts=alerts)
+        return ReportAccepted(
+            accepted=True, drift_evaluated=closed is not None, alerts=[] if closed is None else closed.alerts
+        )
 
     # -- admin endpoints ---------------------------------------------------------------------------
     @app.post("/admin/devices", tags=["admin"], dependencies=[Admin], response_model=DeviceToken)
@@ -1027,8 +1139,7 @@ def create_app(
             embedding_shift_threshold=body.embedding_shift_threshold,
             min_devices=body.min_devices if body.min_devices is not None else min(3, body.window),
         )
-        with state.lock:
-            state.monitors[model] = mon
+        state.set_monitor(model, mon)
         return {
             "model": model,
             "features": len(spec.feature_edges),

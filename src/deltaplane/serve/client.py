@@ -121,6 +121,11 @@ def _open_rounds_of(model: str, body: Any) -> list[dict[str, Any]]:
     return rounds
 
 
+def _given(**params: Any) -> dict[str, Any]:
+    """Query parameters that were given (None: leave the service's default)."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _reason(reason: str) -> dict[str, str]:
     """An abort's ``reason`` query parameter (none when empty), cut to what the service takes."""
     return {"reason": reason[:MAX_ABORT_REASON]} if reason else {}
@@ -410,15 +415,18 @@ class AdminClient:
         """A plain round as stored: ``state`` (open, closed, aborted), the ``version`` it published, ``uploads``."""
         return self._get(f"/admin/models/{model}/rounds/{round_id}")
 
-    def unpublished_rounds(self, model: str | None = None) -> list[dict[str, Any]]:
-        """The last rounds that ended without publishing (aborted, lost), newest first, with why."""
-        params = {} if model is None else {"model": model}
+    def unpublished_rounds(
+        self, model: str | None = None, *, outcome: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The last rounds that ended without publishing (aborted, lost: ``outcome`` keeps one of them), newest
+        first, with why; at most ``limit`` (up to 200)."""
+        params = _given(model=model, outcome=outcome, limit=limit)
         return list(self._get("/admin/rounds/closed", **params)["unpublished_rounds"])
 
-    def closed_rounds(self, model: str | None = None) -> list[dict[str, Any]]:
-        """The last closed rounds (plain and SecAgg), newest first, with their devices' held-out accuracy;
-        they survive a restart of the service."""
-        params = {"model": model} if model else {}
+    def closed_rounds(self, model: str | None = None, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The last closed rounds (plain and SecAgg), newest first, with their devices' held-out accuracy, at
+        most ``limit`` (up to 200); they survive a restart of the service."""
+        params = _given(model=model or None, outcome="published", limit=limit)
         return list(self._get("/admin/rounds/closed", **params)["closed_rounds"])
 
     def abort_round(self, model: str, round_id: int, reason: str = "") -> dict[str, Any]:

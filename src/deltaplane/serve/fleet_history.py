@@ -22,9 +22,10 @@ holds, with the same bounds:
 * ``fleet_reports``: the devices' reports (``POST /v1/models/{m}/report``: metrics such as
   ``holdout_accuracy``), one per device per version (a later report replaces it), the last
   :data:`MAX_REPORTS` per model.
-* ``fleet_counters``: uploads accepted and refused by reason, saved with each round's close (one write
-  per close, none per refusal: a flood of refused requests costs no disk write); a crash loses the counts
-  since the last close.
+* ``fleet_counters``: uploads accepted and refused by reason, saved inside the transactions the service makes
+  anyway: each round's close or abort and each accepted upload (its row's transaction; no sync of its own,
+  none per refusal: a flood of refused requests costs no disk write). A crash loses only the refusals (and
+  SecAgg masked inputs, which are never written to disk) counted since the last of those.
 
 Rows carry a ``format`` number: 1 for a published round's row (this morning's layout, still written, so an
 older deltaplane keeps reading them), 2 for a round that ended without publishing (an older deltaplane refuses
@@ -57,6 +58,9 @@ __all__ = [
     "HistoryRowError",
     "LoadedHistory",
     "bounded_reason",
+    "decode_row",
+    "is_int",
+    "is_number",
     "kept_counter",
 ]
 
@@ -121,26 +125,28 @@ def bounded_reason(reason: str) -> str:
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON and SQLite give both; a stored count or number is never a bool)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 #: what each stored field must be for the Fleet page and ``GET /admin/rounds/closed`` to show it (the service
 #: wrote it so; a row that is still JSON but holds something else is damaged, and refused as such)
 _FIELD_CHECKS: dict[str, Any] = {
-    "version": lambda v: v is None or _is_int(v),
-    "contributors": _is_int,
-    "epsilon": lambda v: v is None or _is_int(v) or isinstance(v, float),  # inf: a round without noise
+    "version": lambda v: v is None or is_int(v),
+    "contributors": is_int,
+    "epsilon": lambda v: v is None or is_int(v) or isinstance(v, float),  # inf: a round without noise
     "authenticated": lambda v: isinstance(v, bool),
     "revoked": lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
     "cohort": lambda v: isinstance(v, str),
-    "round": lambda v: v is None or _is_int(v),
+    "round": lambda v: v is None or is_int(v),
     "metrics": lambda v: (
-        isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())
+        isinstance(v, dict) and all(isinstance(k, str) and is_number(x) for k, x in v.items())
     ),
 }
 
@@ -148,16 +154,16 @@ _FIELD_CHECKS: dict[str, Any] = {
 #: a round that ended without publishing: as a published round's, and its own fields (a lost round's
 #: ``contributors`` is unknown: None)
 _UNPUBLISHED_CHECKS: dict[str, Any] = _FIELD_CHECKS | {
-    "invited": lambda v: v is None or _is_int(v),
-    "contributors": lambda v: v is None or _is_int(v),
+    "invited": lambda v: v is None or is_int(v),
+    "contributors": lambda v: v is None or is_int(v),
     "stage": lambda v: v is None or isinstance(v, str),
     "reason": lambda v: isinstance(v, str),
 }
 
 
-def _decode(
+def decode_row(
     table: str,
-    row_id: int,
+    row_id: int | str,
     fmt: int,
     text: str,
     fields: Iterable[str],
@@ -265,9 +271,15 @@ class FleetHistory:
                 f"(SELECT id FROM fleet_rounds WHERE {group} ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (MAX_CLOSED_ROUNDS,),
             )
+            self.save_counters(counters or {})
+
+    def save_counters(self, counters: Mapping[str, int]) -> None:
+        """Store the kept ``counters`` (:func:`kept_counter`); joins the caller's transaction, so it costs no
+        sync of its own there (the service calls it with each close, abort and accepted upload)."""
+        with self.registry.transaction() as con:
             con.executemany(
                 "INSERT OR REPLACE INTO fleet_counters (name, value) VALUES (?,?)",
-                [(k, int(v)) for k, v in (counters or {}).items() if kept_counter(k)],
+                [(k, int(v)) for k, v in counters.items() if kept_counter(k)],
             )
 
     def add_report(self, model: str, report: Mapping[str, Any]) -> None:
@@ -309,7 +321,7 @@ class FleetHistory:
                         f"fleet history row {row_id} of fleet_rounds has outcome {outcome!r}"
                     )
                 checks = _FIELD_CHECKS if published else _UNPUBLISHED_CHECKS
-                data = _decode("fleet_rounds", row_id, fmt, text, fields, expected, checks)
+                data = decode_row("fleet_rounds", row_id, fmt, text, fields, expected, checks)
             except HistoryRowError as exc:
                 what = "closed" if published else "unpublished"
                 out.refused.append(f"{exc} ({what} round {number} of {model!r}, {kind}); left out")
@@ -326,7 +338,7 @@ class FleetHistory:
         )
         for row_id, fmt, model, device, version, text, at in rows:
             try:
-                data = _decode("fleet_reports", row_id, fmt, text, ("cohort", "round", "metrics"))
+                data = decode_row("fleet_reports", row_id, fmt, text, ("cohort", "round", "metrics"))
             except HistoryRowError as exc:
                 out.refused.append(f"{exc} (report of {device!r} on {model}@{version}); left out")
                 continue

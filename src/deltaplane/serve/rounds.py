@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -55,7 +55,7 @@ from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update
-from deltaplane.serve.fleet_history import MAX_ABORT_REASON
+from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
 log = logging.getLogger(__name__)
@@ -510,6 +510,11 @@ class RoundRecordInfo(BaseModel):
         description="its close's measurements (epsilon, clipped_fraction...): empty while open, for an aborted "
         "round, a close without a version, or a round closed before they were stored",
     )
+    reason: str | None = Field(
+        default=None,
+        description="why an aborted round ended unpublished (at most 500 characters; null: not aborted, or "
+        "aborted before reasons were kept with the round)",
+    )
 
 
 class AbortRoundResponse(BaseModel):
@@ -699,17 +704,22 @@ def round_router(
                         # a refused upload of the same bytes discarded the blob after this one stored it
                         rounds_store.store_payload(payload)
                     try:
-                        rounds_store.add_upload(
-                            r.record,
-                            device_id=ident.device_id,
-                            cohort=ident.cohort,
-                            weight=num_examples,
-                            payload=payload,
-                            stored=True,
-                        )
+                        # the upload counts and the devices seen since their last save ride in the row's
+                        # transaction (no sync of their own): a crash keeps every accepted upload's count
+                        with reg.transaction():
+                            rounds_store.add_upload(
+                                r.record,
+                                device_id=ident.device_id,
+                                cohort=ident.cohort,
+                                weight=num_examples,
+                                payload=payload,
+                                stored=True,
+                            )
+                            saved = state.save_counts({"uploads.accepted": 1})
                     except BaseException:
                         step.restore(checkpoint)
                         raise
+                    state.mark_saved(saved)
                 r.devices.add(ident.device_id)
                 r.cohorts.add(ident.cohort)
                 r.examples += num_examples
@@ -779,16 +789,28 @@ def round_router(
     @router.get("/admin/rounds/closed", tags=["admin"], dependencies=[admin])
     def closed_rounds(
         model: Annotated[str | None, Query(pattern=name_pattern, max_length=128)] = None,
+        outcome: Annotated[
+            Literal["published", "aborted", "lost"] | None,
+            Query(
+                description="only rounds that ended so (published: closed_rounds; else unpublished_rounds)"
+            ),
+        ] = None,
+        limit: Annotated[
+            int, Query(ge=1, le=MAX_CLOSED_ROUNDS, description="at most this many rounds in each list")
+        ] = MAX_CLOSED_ROUNDS,
     ) -> dict[str, Any]:
         """The last closed rounds, plain and SecAgg, newest first, with the held-out accuracy their devices
         reported (the Fleet page's table), and apart (``unpublished_rounds``, newest first) the last rounds that
         ended without publishing: aborted or lost, with how many devices were invited and took part and why;
-        kept in the registry database, so a restart keeps them."""
-        closed = state.closed_snapshot()
-        ended = state.unpublished_snapshot()
+        kept in the registry database, so a restart keeps them. ``outcome`` keeps the rounds that ended so (the
+        other list is then empty; anything else is refused, 422), ``limit`` the newest of each list."""
+        closed = state.closed_snapshot() if outcome in (None, "published") else []
+        ended = state.unpublished_snapshot() if outcome != "published" else []
         return {
-            "closed_rounds": [c for c in closed if model is None or c["model"] == model],
-            "unpublished_rounds": [e for e in ended if model is None or e["model"] == model],
+            "closed_rounds": [c for c in closed if model is None or c["model"] == model][:limit],
+            "unpublished_rounds": [
+                e for e in ended if (model is None or e["model"] == model) and outcome in (None, e["outcome"])
+            ][:limit],
         }
 
     @router.post(
@@ -891,15 +913,16 @@ def round_router(
             r = state.rounds.get(model)
             if r is None or r.number != round_id or r.closing:
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
+            why = abort_reason(reason, r.refused)
             with reg.transaction():
                 if r.record is not None:
-                    rounds_store.abort(r.record)
+                    rounds_store.abort(r.record, why)
                 ended = state.end_summary(
                     model,
                     round_id,
                     "plain",
                     outcome="aborted",
-                    reason=abort_reason(reason, r.refused),
+                    reason=why,
                     invited=None,
                     contributors=len(r.devices),
                 )

@@ -46,6 +46,7 @@ from deltaplane.codecs import Layout, WireSession, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
+from deltaplane.serve.fleet_history import bounded_reason
 
 __all__ = ["SECAGG_OUTCOMES", "RoundConflict", "RoundRecord", "RoundStore"]
 
@@ -87,6 +88,10 @@ _ADDED_COLUMNS = (
     # the round's close measurements (ε spent, clipped fraction, noise...) as JSON; NULL: none recorded
     ("rounds", "measurements", "TEXT"),
     ("secagg_rounds", "measurements", "TEXT"),
+    # why a round ended without publishing (bounded: fleet_history.bounded_reason); NULL: it did not, or it
+    # ended before reasons were recorded here
+    ("rounds", "reason", "TEXT"),
+    ("secagg_rounds", "reason", "TEXT"),
 )
 
 
@@ -366,28 +371,31 @@ class RoundStore:
         ``uploads`` accepted, ``measurements`` of its close: {} when none were recorded), or None if it never
         existed: what an operator re-reads after losing an answer."""
         rows = self.registry.query(
-            "SELECT base_version, state, version, opened_at, closed_at, measurements FROM rounds "
+            "SELECT base_version, state, version, opened_at, closed_at, measurements, reason FROM rounds "
             "WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, version, opened, closed, measurements = rows[0]
+        base, state, version, opened, closed, measurements, reason = rows[0]
         uploads = self.registry.query(
             "SELECT COUNT(*) FROM round_uploads WHERE model=? AND round=?", (model, number)
         )[0][0]
         return {
             "model": model, "round": number, "base_version": int(base), "state": str(state),
             "version": version, "uploads": int(uploads), "opened_at": opened, "closed_at": closed,
-            "measurements": _measured(measurements),
+            "measurements": _measured(measurements), "reason": reason,
         }  # fmt: skip
 
-    def abort(self, rec: RoundRecord) -> None:
-        """Close the round without publishing; its uploads stay recorded (and their hashes stay refused)."""
+    def abort(self, rec: RoundRecord, reason: str) -> None:
+        """Close the round without publishing, recording why (``reason``, cut to
+        :data:`~deltaplane.serve.fleet_history.MAX_REASON`); its uploads stay recorded (and their hashes stay
+        refused)."""
         with self.registry.transaction() as con:
             con.execute(
-                "UPDATE rounds SET state='aborted', closed_at=? WHERE model=? AND number=? AND state='open'",
-                (time.time(), rec.model, rec.number),
+                "UPDATE rounds SET state='aborted', closed_at=?, reason=? WHERE model=? AND number=? "
+                "AND state='open'",
+                (time.time(), bounded_reason(reason), rec.model, rec.number),
             )
 
     # -- SecAgg rounds: numbers and outcomes only ----------------------------------------------------------
@@ -427,47 +435,58 @@ class RoundStore:
         outcome: str,
         version: int | None = None,
         measurements: Mapping[str, float] | None = None,
+        reason: str | None = None,
     ) -> None:
         """Record how SecAgg round ``number`` ended (:data:`SECAGG_OUTCOMES`) and, when it published, its close's
-        ``measurements``; called inside the transaction that publishes it, so a version is never published by a
-        round still recorded open."""
+        ``measurements``, else why not (``reason``, bounded); called inside the transaction that publishes or
+        aborts it, so a version is never published by a round still recorded open."""
         if outcome not in SECAGG_OUTCOMES:
             raise ValueError(f"unknown SecAgg outcome {outcome!r}")
         with self.registry.transaction() as con:
             con.execute(
-                "UPDATE secagg_rounds SET state=?, closed_at=?, version=?, measurements=? WHERE model=? AND number=?",
-                (outcome, time.time(), version, _stored(measurements), model, number),
+                "UPDATE secagg_rounds SET state=?, closed_at=?, version=?, measurements=?, reason=? "
+                "WHERE model=? AND number=?",
+                (
+                    outcome,
+                    time.time(),
+                    version,
+                    _stored(measurements),
+                    None if reason is None else bounded_reason(reason),
+                    model,
+                    number,
+                ),
             )
 
     def secagg_record(self, model: str, number: int) -> dict[str, Any] | None:
         """SecAgg round ``number`` of ``model`` as recorded (None if it never existed): ``finished`` is its
         outcome, or None while it is open; ``published`` the version and the close's measurements."""
         rows = self.registry.query(
-            "SELECT base_version, state, invited, opened_at, closed_at, version, measurements FROM secagg_rounds "
-            "WHERE model=? AND number=?",
+            "SELECT base_version, state, invited, opened_at, closed_at, version, measurements, reason "
+            "FROM secagg_rounds WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, invited, opened, closed, version, measurements = rows[0]
+        base, state, invited, opened, closed, version, measurements, reason = rows[0]
         return {
             "model": model, "round": number, "base_version": int(base), "invited": int(invited),
             "finished": None if state == "open" else str(state),
             "published": (
                 None if version is None else {"version": int(version), "measurements": _measured(measurements)}
             ),
-            "opened_at": opened, "closed_at": closed,
+            "opened_at": opened, "closed_at": closed, "reason": reason,
         }  # fmt: skip
 
-    def lose_open_secagg(self) -> list[tuple[str, int, int]]:
+    def lose_open_secagg(self, reason: str) -> list[tuple[str, int, int]]:
         """On a service's start: every SecAgg round recorded open was open when the service stopped; its
-        protocol state died with that process, so it can never complete. Mark it lost; returns which (model,
-        number, devices invited)."""
+        protocol state died with that process, so it can never complete. Mark it lost, saying so (``reason``);
+        returns which (model, number, devices invited)."""
         with self.registry.transaction() as con:
             lost = con.execute(
                 "SELECT model, number, invited FROM secagg_rounds WHERE state='open'"
             ).fetchall()
             con.execute(
-                "UPDATE secagg_rounds SET state='lost', closed_at=? WHERE state='open'", (time.time(),)
+                "UPDATE secagg_rounds SET state='lost', closed_at=?, reason=? WHERE state='open'",
+                (time.time(), bounded_reason(reason)),
             )
         return [(str(m), int(n), int(i)) for m, n, i in lost]

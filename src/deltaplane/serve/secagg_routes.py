@@ -69,7 +69,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -459,7 +459,7 @@ def install_secagg_routes(
                 invited=invited,
                 contributors=None,
             )
-            for model, number, invited in store.lose_open_secagg()
+            for model, number, invited in store.lose_open_secagg(LOST_REASON)
         ]
     for ended in lost:
         state.remember_ended(ended)
@@ -508,10 +508,11 @@ def install_secagg_routes(
             recorded(model, number)
         return r  # type: ignore[return-value]  # recorded() always raises
 
-    def finish(r: SecAggRound, outcome: str) -> dict[str, Any]:
+    def finish(r: SecAggRound, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
-        keeping its final status; returns that status."""
+        keeping its final status (with ``reason``, an aborted round's); returns that status."""
         done = FinishedRound.of(r, outcome)
+        done = replace(done, summary=done.summary | {"reason": reason})  # as the store records it
         rounds.pop((r.model, r.number), None)
         finished[(r.model, r.number)] = done
         while len(finished) > FINISHED_KEPT:
@@ -870,14 +871,15 @@ def install_secagg_routes(
         with state.lock:  # not while a close publishes it
             if rounds.get((model, number)) is not r:
                 raise HTTPException(409, f"SecAgg round {number} of {model!r} finished meanwhile")
+            why = abort_reason(reason, r.refused)
             with reg.transaction():
-                store.finish_secagg(model, number, "aborted")
+                store.finish_secagg(model, number, "aborted", reason=why)
                 ended = state.end_summary(
                     model,
                     number,
                     "secagg",
                     outcome="aborted",
-                    reason=abort_reason(reason, r.refused),
+                    reason=why,
                     invited=len(r.clients),
                     contributors=len(srv.keys),
                     stage=srv.stage,
@@ -885,7 +887,7 @@ def install_secagg_routes(
                     revoked=r.revoked,
                 )
             state.counters["secagg.rounds_aborted"] += 1
-            done = finish(r, "aborted")
+            done = finish(r, "aborted", ended["reason"])
         state.remember_ended(ended)
         return done
 

@@ -1,0 +1,250 @@
+"""The fleet's live watch in the registry database: devices seen, drift monitors and their windows, alerts.
+
+Why: the dashboard's Fleet page, ``GET /admin/alerts`` and ``GET /admin/models/{m}/drift`` read these; kept in the
+service's memory only, a restart (an upgrade, a crash) showed an empty fleet until devices came back, forgot
+every drift reference (reports then fed no monitor) and dropped every drift alarm. They sit beside the fleet's
+history (:mod:`~deltaplane.serve.fleet_history`, whose row checks they share) with the same discipline: the
+bounds memory keeps, typed checks on load, an unreadable row left out with a log line and counted, and writes
+that join the caller's transaction so they commit with what caused them or not at all.
+
+What each write costs matters: every device report is one synced SQLite transaction already, so nothing here
+adds a transaction per report:
+
+* ``fleet_devices``: one row per device (cohort, authenticated requests, last contact), the
+  :data:`MAX_DEVICES_SEEN` most recently seen. A request is counted in memory; the devices seen since the last
+  save are written *inside the next transaction the service makes anyway* (a report, an accepted upload) and
+  when the service stops cleanly, so a device that only downloads adds no disk write. A crash loses the last
+  contacts made since that transaction (a restart then shows such a device's earlier contact).
+* ``drift_monitors``: a model's monitor (spec, reference, parameters: ``PUT .../drift-reference``, its own
+  transaction) and the open window's report counts; ``drift_live``: the open window's merged summary of each
+  device in it (written in the report's transaction: one row per report, never the whole window);
+  ``drift_windows``: each closed window's report (the last :data:`MAX_DRIFT_HISTORY` per model), written in the
+  transaction of the report that closed it. A new reference drops the model's window and history, as in memory.
+* ``fleet_alerts``: the drift alerts raised, the last :data:`MAX_ALERTS` (all models), in the same transaction.
+
+Every row carries ``format`` 1; a row of another format, with damaged JSON or holding values of the wrong type
+is refused with :class:`~deltaplane.serve.fleet_history.HistoryRowError` naming it and left out by
+:meth:`FleetWatch.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaplane.errors import DeltaplaneError
+from deltaplane.monitor import DriftMonitor, DriftReport, Summary
+from deltaplane.registry import Registry
+from deltaplane.serve.fleet_history import HistoryRowError, decode_row, is_int, is_number
+
+__all__ = ["MAX_ALERTS", "MAX_DEVICES_SEEN", "MAX_DRIFT_HISTORY", "FleetWatch", "LoadedWatch"]
+
+#: the fleet page remembers at most this many devices (the least recently seen are forgotten)
+MAX_DEVICES_SEEN = 10_000
+#: drift alerts kept, all models together (each entry is bounded: names <= 128 chars, text from the monitor)
+MAX_ALERTS = 10_000
+#: closed drift windows kept per monitored model
+MAX_DRIFT_HISTORY = 1_000
+#: the layout of every row these tables hold
+_FORMAT = 1
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS fleet_devices (
+        device TEXT PRIMARY KEY, format INTEGER NOT NULL, cohort TEXT NOT NULL, requests INTEGER NOT NULL,
+        last_seen REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS fleet_devices_seen ON fleet_devices (last_seen)",
+    """CREATE TABLE IF NOT EXISTS drift_monitors (
+        model TEXT PRIMARY KEY, format INTEGER NOT NULL, settings TEXT NOT NULL, reports INTEGER NOT NULL,
+        anonymous INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS drift_live (
+        model TEXT NOT NULL, device TEXT NOT NULL, format INTEGER NOT NULL, summary TEXT NOT NULL,
+        PRIMARY KEY (model, device))""",
+    """CREATE TABLE IF NOT EXISTS drift_windows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL, report TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS drift_windows_model ON drift_windows (model, id)",
+    """CREATE TABLE IF NOT EXISTS fleet_alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL, alert TEXT NOT NULL,
+        version INTEGER NOT NULL, at REAL NOT NULL)""",
+)
+
+_SETTINGS = ("spec", "reference", "psi_threshold", "alpha", "window", "min_samples", "min_devices")
+_SUMMARY = tuple(Summary.__dataclass_fields__)
+_REPORT = ("n_reference", "n_live", "rows", "alerts", "devices")
+#: a closed window's report as the service wrote it (DriftReport.to_dict)
+_REPORT_CHECKS: dict[str, Any] = {
+    "n_reference": is_int,
+    "n_live": is_number,
+    "rows": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    "alerts": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+    "devices": is_int,
+}
+
+
+def _seen_at(value: Any) -> bool:
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass
+class LoadedWatch:
+    """What :meth:`FleetWatch.load` read: devices (least recently seen first, as (device, cohort, requests,
+    last seen)), monitors by model (their windows and history resumed), alerts (oldest first), and one line per
+    row it refused."""
+
+    devices: list[tuple[str, str, int, float]] = field(default_factory=list)
+    monitors: dict[str, DriftMonitor] = field(default_factory=dict)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+class FleetWatch:
+    """The fleet's live tables in ``registry``'s database (created on first use). Each write joins the caller's
+    :meth:`~deltaplane.registry.Registry.transaction` when there is one."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        with registry.transaction() as con:
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+
+    def save_devices(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
+        """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self.registry.transaction() as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO fleet_devices (device, format, cohort, requests, last_seen) "
+                "VALUES (?,?,?,?,?)",
+                [(d, _FORMAT, c, int(n), float(t)) for d, c, n, t in rows],
+            )
+            con.execute(
+                "DELETE FROM fleet_devices WHERE last_seen < (SELECT last_seen FROM fleet_devices "
+                "ORDER BY last_seen DESC LIMIT 1 OFFSET ?)",
+                (MAX_DEVICES_SEEN - 1,),
+            )
+
+    def set_monitor(self, model: str, monitor: DriftMonitor) -> None:
+        """Store ``model``'s new monitor (empty window, no history: its earlier window and history are dropped)."""
+        with self.registry.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO drift_monitors (model, format, settings, reports, anonymous) "
+                "VALUES (?,?,?,0,0)",
+                (model, _FORMAT, json.dumps(monitor.settings())),
+            )
+            con.execute("DELETE FROM drift_live WHERE model=?", (model,))
+            con.execute("DELETE FROM drift_windows WHERE model=?", (model,))
+
+    def save_window(self, model: str, monitor: DriftMonitor, device: str, closed: DriftReport | None) -> None:
+        """After ``monitor`` took a report from ``device``: that device's merged summary in the open window, or,
+        when the report closed the window (``closed``), the window's report (pruned to
+        :data:`MAX_DRIFT_HISTORY` per model) and an empty window."""
+        live, reports, anonymous = monitor.live_window()
+        with self.registry.transaction() as con:
+            con.execute(
+                "UPDATE drift_monitors SET reports=?, anonymous=? WHERE model=?", (reports, anonymous, model)
+            )
+            if closed is None:
+                con.execute(
+                    "INSERT OR REPLACE INTO drift_live (model, device, format, summary) VALUES (?,?,?,?)",
+                    (model, device, _FORMAT, json.dumps(live[device].to_dict())),
+                )
+                return
+            con.execute("DELETE FROM drift_live WHERE model=?", (model,))
+            con.execute(
+                "INSERT INTO drift_windows (format, model, report) VALUES (?,?,?)",
+                (_FORMAT, model, json.dumps(closed.to_dict())),
+            )
+            con.execute(
+                "DELETE FROM drift_windows WHERE model=? AND id <= "
+                "(SELECT id FROM drift_windows WHERE model=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (model, model, MAX_DRIFT_HISTORY),
+            )
+
+    def add_alerts(self, alerts: Iterable[Mapping[str, Any]]) -> None:
+        """Store alerts (``model``, ``alert``, ``version``, ``at``), keeping the last :data:`MAX_ALERTS`."""
+        rows = [(_FORMAT, a["model"], a["alert"], a["version"], a["at"]) for a in alerts]
+        if not rows:
+            return
+        with self.registry.transaction() as con:
+            con.executemany(
+                "INSERT INTO fleet_alerts (format, model, alert, version, at) VALUES (?,?,?,?,?)", rows
+            )
+            con.execute(
+                "DELETE FROM fleet_alerts WHERE id <= "
+                "(SELECT id FROM fleet_alerts ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (MAX_ALERTS,),
+            )
+
+    # -- reading back ------------------------------------------------------------------------------------
+    def load(self) -> LoadedWatch:
+        """Everything stored, as memory holds it; rows it cannot read are left out and listed in ``refused``."""
+        out = LoadedWatch()
+        for row_id, device, fmt, cohort, requests, seen in self.registry.query(
+            "SELECT rowid, device, format, cohort, requests, last_seen FROM fleet_devices ORDER BY last_seen"
+        ):
+            where = f"fleet history row {row_id} of fleet_devices"
+            if fmt != _FORMAT:
+                out.refused.append(f"{where} has format {fmt}; this one reads format {_FORMAT}; left out")
+            elif not (
+                isinstance(device, str) and isinstance(cohort, str) and is_int(requests) and requests >= 0
+            ):
+                out.refused.append(f"{where} holds values of the wrong type (device {device!r}); left out")
+            elif not _seen_at(seen):
+                out.refused.append(
+                    f"{where} holds a last contact that is not a time (device {device!r}); left out"
+                )
+            else:
+                out.devices.append((device, cohort, int(requests), float(seen)))
+        self._load_monitors(out)
+        for row_id, fmt, model, alert, version, at in self.registry.query(
+            "SELECT id, format, model, alert, version, at FROM fleet_alerts ORDER BY id"
+        ):
+            where = f"fleet history row {row_id} of fleet_alerts"
+            if fmt != _FORMAT:
+                out.refused.append(f"{where} has format {fmt}; this one reads format {_FORMAT}; left out")
+            elif not (isinstance(model, str) and isinstance(alert, str) and is_int(version) and _seen_at(at)):
+                out.refused.append(f"{where} holds values of the wrong type; left out")
+            else:
+                out.alerts.append({"model": model, "alert": alert, "at": float(at), "version": int(version)})
+        return out
+
+    def _load_monitors(self, out: LoadedWatch) -> None:
+        """Each model's monitor with its open window and closed windows; a monitor that cannot be rebuilt is
+        left out with its window and history (its reports then feed nothing until a new reference is set)."""
+        for model, fmt, text, reports, anonymous in self.registry.query(
+            "SELECT model, format, settings, reports, anonymous FROM drift_monitors ORDER BY model"
+        ):
+            try:
+                settings = decode_row("drift_monitors", model, fmt, text, _SETTINGS, checks={})
+                if not (is_int(reports) and is_int(anonymous) and reports >= 0 and anonymous >= 0):
+                    raise HistoryRowError(f"fleet history row {model} of drift_monitors holds bad counts")
+                mon = DriftMonitor.from_settings(settings)
+            except (HistoryRowError, DeltaplaneError, KeyError, TypeError, ValueError) as exc:
+                out.refused.append(f"{exc} (the drift monitor of {model!r}); left out")
+                continue
+            live: dict[str, Summary] = {}
+            for device, fmt, text in self.registry.query(
+                "SELECT device, format, summary FROM drift_live WHERE model=? ORDER BY device", (model,)
+            ):
+                try:
+                    data = decode_row("drift_live", device, fmt, text, (), checks={})
+                    summary = Summary(**data)
+                    summary.validate(mon.spec)
+                except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
+                    out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
+                    continue
+                live[device] = summary
+            mon.resume_window(live, reports, anonymous)
+            for row_id, fmt, text in self.registry.query(
+                "SELECT id, format, report FROM drift_windows WHERE model=? ORDER BY id", (model,)
+            ):
+                try:
+                    data = decode_row("drift_windows", row_id, fmt, text, _REPORT, checks=_REPORT_CHECKS)
+                except HistoryRowError as exc:
+                    out.refused.append(f"{exc} (a drift window of {model!r}); left out")
+                    continue
+                mon.history.append(DriftReport(**{k: data[k] for k in _REPORT}))
+            out.monitors[model] = mon
