@@ -456,3 +456,24 @@ def test_keys_prints_long_paths_unbroken_when_stdout_is_no_terminal(cli, tmp_pat
     monkeypatch.setenv("DELTAPLANE_HOME", str(home))
     r = cli("keys", "init")
     assert r.exit_code == 0 and str(home / "keys") in r.output, r.output
+
+
+def test_pulling_a_version_trained_on_a_withdrawn_cohort_warns_and_says_so_in_the_manifest(cli, tmp_path):
+    """A version whose cohort withdrew consent pulled silently with "verified": true, as if nothing were wrong;
+    promotion, serving and round bases refuse it, so the user pulling it is told (on stderr, even with -q's
+    console silenced) and the manifest names the cohort. "verified" still means hash and signature."""
+    cli("registry", "init")
+    save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    assert cli("registry", "register", "m", str(tmp_path / "m.safetensors"), "--cohort", "eu").exit_code == 0
+    clean = tmp_path / "clean"
+    r = cli("registry", "pull", "m@1", "--out", str(clean))
+    assert r.exit_code == 0 and "withdrew consent" not in r.stderr
+    assert json.loads((clean / "manifest.json").read_text())["consent"] == {"withdrawn_cohorts": []}
+    assert cli("registry", "withdraw", "eu").exit_code == 0
+    out = tmp_path / "pulled"
+    r = cli("registry", "pull", "m@1", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "m@1 was trained on 'eu', which withdrew consent" in " ".join(r.stderr.split())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["consent"] == {"withdrawn_cohorts": ["eu"]}
+    assert manifest["verified"] is True

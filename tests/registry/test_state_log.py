@@ -576,3 +576,76 @@ def test_cli_repair(home):
     _bad_signature(home)
     r = runner.invoke(app, repair)
     assert r.exit_code == 1 and "does not verify" in r.output and "Traceback" not in r.output
+
+
+def _with_records(home) -> None:
+    """Two model cards, two evaluations and two promotion verdicts, written through the registry (signed)."""
+    reg = Registry(home)
+    one, two = reg.get("m", 1), reg.get("m", 2)
+    reg.attach_card(one, {"intended_use": "first"})
+    reg.attach_card(two, {"intended_use": "second"})
+    reg.record_evaluation(one, "gate", {"accuracy": 0.5})
+    reg.record_evaluation(two, "gate", {"accuracy": 0.9})
+    for candidate, promoted in ((2, True), (1, False)):
+        reg.record_promotion_decision(
+            "m", "production", candidate, previous=1, promoted=promoted, evaluator="gate",
+            metrics={"accuracy": 0.9}, baseline=None, reasons=[] if promoted else ["regressed"],
+        )  # fmt: skip
+    report = Registry(home).verify()
+    assert report.ok and not report.notes, (report.problems, report.notes)
+
+
+@pytest.mark.parametrize(
+    ("statements", "expected"),
+    [
+        (  # the two versions' cards swapped: each version now shows the other's card
+            [
+                "UPDATE cards SET sha256 = (SELECT sha256 FROM cards WHERE id=2) || ':' || sha256 WHERE id=1",
+                "UPDATE cards SET sha256 = substr((SELECT sha256 FROM cards WHERE id=1), 66) WHERE id=2",
+                "UPDATE cards SET sha256 = substr(sha256, 1, 64) WHERE id=1",
+            ],
+            ["cards row 1 differs", "cards row 2 differs"],
+        ),
+        (["UPDATE evaluations SET metrics='{\"accuracy\": 0.99}' WHERE id=1"], ["evaluations row 1 differs"]),
+        (["UPDATE promotion_decisions SET promoted=1 WHERE id=2"], ["promotion_decisions row 2 differs"]),
+        (["DELETE FROM evaluations WHERE id=2"], ["evaluations row 2 is missing"]),
+        (
+            ["INSERT INTO cards (artifact, sha256, at) SELECT artifact, sha256, at FROM cards WHERE id=2"],
+            ["cards row 3 is not in the signed state log"],
+        ),
+    ],
+    ids=["cards-swapped", "score-edited", "verdict-flipped", "evaluation-deleted", "card-inserted"],
+)
+def test_verify_sees_cards_evaluations_and_verdicts_edited_in_registry_db(home, statements, expected):
+    """Cards, evaluations and promotion verdicts were outside the signed state log: swapping two versions' card
+    rows or editing a score in registry.db passed `registry verify`. Each insert now appends a log entry with the
+    row's SHA-256."""
+    _with_records(home)
+    before = {r: Registry(home).card(Registry(home).get("m", r)) for r in (1, 2)}
+    _sql(home, *statements)
+    if expected[0] == "cards row 1 differs":  # the swap took effect: m@1 shows m@2's card and back
+        assert [Registry(home).card(Registry(home).get("m", r)) for r in (1, 2)] == [before[2], before[1]]
+    problems = _problems(home)
+    for e in expected:
+        assert any(e in p for p in problems), problems
+    assert len(problems) == len(expected), problems
+
+
+def test_rows_written_before_rows_were_signed_are_unsigned_not_tampered(home):
+    """A registry from before: its cards/evaluations rows have no log entries. verify notes them as unsigned (it
+    cannot vouch for them) and reports no problem; rows written from then on are signed and checked."""
+    blob = Registry(home).put_blob(b'{"intended_use": "old"}')
+    _sql(
+        home,
+        f"INSERT INTO cards (artifact, sha256, at) VALUES (1, '{blob}', 0.0)",
+        "INSERT INTO evaluations (artifact, evaluator, metrics, at) VALUES (1, 'old', '{\"accuracy\": 0.1}', 0.0)",
+    )
+    report = Registry(home).verify()
+    assert not [p for p in report.problems if "row" in p], report.problems
+    assert any("1 evaluations rows are unsigned (written before" in n for n in report.notes), report.notes
+    reg = Registry(home)
+    reg.record_evaluation(reg.get("m", 2), "new", {"accuracy": 0.7})
+    report = Registry(home).verify()
+    assert not [p for p in report.problems if "row" in p] and any("unsigned" in n for n in report.notes)
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 1.0}' WHERE evaluator='new'")
+    assert any("evaluations row 2 differs" in p for p in _problems(home))

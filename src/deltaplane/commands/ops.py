@@ -861,7 +861,10 @@ def register(app: typer.Typer) -> None:
         ],
         home: Home = None,
     ) -> None:
-        """Download a verified model version (hash and signature checked) into a folder."""
+        """Download a verified model version (hash and signature checked) into a folder.
+
+        A version trained on a cohort that withdrew consent is still pulled, with a warning on stderr and the
+        cohorts in manifest.json's ``consent.withdrawn_cohorts`` (empty when none)."""
         from safetensors.torch import save_file
 
         from deltaplane.registry import Registry
@@ -871,6 +874,9 @@ def register(app: typer.Typer) -> None:
             reg = Registry(_home(home))
             art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest")
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
+            # consent is governance, not integrity: a version trained on a cohort that withdrew consent still
+            # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
+            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts())
             out.mkdir(parents=True, exist_ok=True)
             model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
             config_tmp = out / "config.json.tmp"
@@ -881,7 +887,8 @@ def register(app: typer.Typer) -> None:
             pulled_before = (out / "manifest.json").is_file()
             try:  # all written in full before any replaces a previous pull's: never a model with another's manifest
                 save_file({k: v.contiguous() for k, v in state.items()}, str(model_tmp))
-                manifest_tmp.write_text(json.dumps({**art.to_dict(), "verified": True}, indent=1))
+                manifest = {**art.to_dict(), "verified": True, "consent": {"withdrawn_cohorts": withdrawn}}
+                manifest_tmp.write_text(json.dumps(manifest, indent=1))
                 if isinstance(config, dict):
                     config_tmp.write_text(json.dumps(config, indent=2))
                 model_tmp.replace(out / "model.safetensors")
@@ -894,6 +901,13 @@ def register(app: typer.Typer) -> None:
                 model_tmp.unlink(missing_ok=True)
                 manifest_tmp.unlink(missing_ok=True)
                 config_tmp.unlink(missing_ok=True)
+        if withdrawn:  # not a note: -q does not silence it
+            error_console.print(
+                f"[yellow]warning:[/yellow] {escape(art.ref)} was trained on "
+                f"{escape(', '.join(repr(c) for c in withdrawn))}, which withdrew consent: it may not be promoted, "
+                "served or used as a round base (manifest.json's consent.withdrawn_cohorts names them)",
+                soft_wrap=True,
+            )
         console.print(
             f"pulled [bold]{escape(art.ref)}[/bold] (sha256 {art.sha256[:16]}…, signature verified) → "
             f"{escape(str(out))}",

@@ -16,6 +16,11 @@ Replaying the log from entry 1 gives the tables' exact content. :meth:`Registry.
 signature against the trusted keys (a pin applies) and that the tables equal the replay; verified reads
 (``tags(model, verify=True)``, promotion, rollback, the service's downloads) refuse a registry where they differ.
 
+Rows of the append-only :data:`RECORD_TABLES` (model cards, evaluations, promotion verdicts) are bound too: each
+insert appends a ``record`` entry with the row's SHA-256 (:func:`record_change`), and :meth:`Registry.verify`
+reports a row edited, deleted or inserted behind the registry's back (:func:`record_problems`); rows from before
+these entries are noted as unsigned. Verified reads do not check them.
+
 What a chain cannot show: a log cut short (its newest entries removed — or all of them, with the marker the
 first entry leaves in ``settings``) is still a valid chain of validly signed entries. The head (index and hash of
 the newest entry) is in verify's output; an operator who keeps it elsewhere can check that a later log still
@@ -63,6 +68,9 @@ FORMAT = 1
 GENESIS_PREV = "0" * 64  # what entry 1 names as its predecessor
 MARKER = "state_log"  # a settings row written with entry 1: an emptied log is then a finding, not a new start
 PARTS = ("tags", "tag_history", "withdrawals")
+# append-only tables whose rows the log binds one by one: each insert appends a "record" entry carrying the
+# SHA-256 of the row's canonical JSON (see :func:`record_change`), which verify compares (:func:`record_problems`)
+RECORD_TABLES = ("cards", "evaluations", "promotion_decisions")
 _HISTORY_COLUMNS = ("model", "tag", "number", "previous", "action", "reason", "at")
 _HEAD = re.compile(r"(?P<index>[0-9]{1,18}):(?P<sha>[0-9a-f]{64})")
 
@@ -113,12 +121,17 @@ class SignedState:
     tags: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     tag_history: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     withdrawals: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    records: dict[tuple[str, int], str] = field(default_factory=dict)  # (table, row id) -> row SHA-256
     head: Head | None = None
     checkpoint_at: float | None = None  # set when the log starts from a non-empty checkpoint (a migration)
 
     def copy(self) -> SignedState:
         return replace(
-            self, tags=dict(self.tags), tag_history=dict(self.tag_history), withdrawals=dict(self.withdrawals)
+            self,
+            tags=dict(self.tags),
+            tag_history=dict(self.tag_history),
+            withdrawals=dict(self.withdrawals),
+            records=dict(self.records),
         )
 
     def restricted(self, model: str | None, tag: str | None) -> SignedState:
@@ -274,6 +287,76 @@ def withdraw_change(cohort: str, reason: str, at: float) -> dict[str, Any]:
     return {"op": "withdraw", "cohort": cohort, "reason": reason, "at": at}
 
 
+def _row(
+    con: sqlite3.Connection, table: str, where: str = "", args: tuple[Any, ...] = ()
+) -> list[dict[str, Any]]:
+    """The rows of ``table`` (one of :data:`RECORD_TABLES`) as column -> value dicts, by id; [] when no table."""
+    try:
+        cur = con.execute(f"SELECT * FROM {table}{where} ORDER BY id", args)
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []  # promotion_decisions is created on first use
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, values, strict=True)) for values in cur]
+
+
+def row_digest(table: str, row: Mapping[str, Any]) -> str:
+    """The SHA-256 of a row's canonical JSON (every column, its id and the table's name included), so moving a
+    row to another artifact, editing a score or swapping two rows' contents all change it."""
+    return hashlib.sha256(canonical_json({"table": table, "row": dict(row)})).hexdigest()
+
+
+def record_change(con: sqlite3.Connection, table: str, row_id: int) -> dict[str, Any]:
+    """The entry binding row ``row_id`` of ``table`` (just inserted, in the same transaction) to the log."""
+    if table not in RECORD_TABLES:
+        raise ValueError(f"{table!r} is not a table the state log records rows of")
+    (row,) = _row(con, table, " WHERE id=?", (row_id,))
+    return {"op": "record", "table": table, "row": row_id, "sha256": row_digest(table, row)}
+
+
+def record_problems(con: sqlite3.Connection, signed: SignedState) -> tuple[list[str], list[str]]:
+    """Problems and notes from comparing the rows of :data:`RECORD_TABLES` with the log's ``record`` entries.
+
+    A row with an entry must hash to it (else edited); an entry's row must exist (else deleted). A row without an
+    entry is unsigned when its id is below the first signed row's of its table (written before rows were
+    signed: a registry from an older release) and a problem otherwise (inserted behind the registry's back).
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    for table in RECORD_TABLES:
+        signed_rows = {r: sha for (t, r), sha in signed.records.items() if t == table}
+        first = min(signed_rows, default=None)
+        seen: set[int] = set()
+        unsigned: list[int] = []
+        for row in _row(con, table):
+            rid = row["id"]
+            want = signed_rows.get(rid)
+            if want is not None:
+                seen.add(rid)
+                if row_digest(table, row) != want:
+                    problems.append(
+                        f"{table} row {rid} differs from the signed state log: edited behind the registry's back"
+                    )
+            elif first is not None and isinstance(rid, int) and rid > first:
+                problems.append(
+                    f"{table} row {rid} is not in the signed state log: written behind the registry's back"
+                )
+            else:
+                unsigned.append(rid)
+        problems += [
+            f"{table} row {rid} is missing; the signed state log records it (deleted)"
+            for rid in sorted(set(signed_rows) - seen)
+        ]
+        if unsigned:
+            shown = ", ".join(map(str, unsigned[:10])) + (", …" if len(unsigned) > 10 else "")
+            notes.append(
+                f"{len(unsigned)} {table} rows are unsigned (written before {table} rows were signed in the state "
+                f"log; ids {shown}): not verified"
+            )
+    return problems, notes
+
+
 # -- replaying -------------------------------------------------------------------------------------------
 def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
     op = entry["op"]
@@ -295,6 +378,11 @@ def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
         state.tag_history[row] = tuple(entry[c] for c in _HISTORY_COLUMNS)
     elif op == "withdraw":
         state.withdrawals[entry["cohort"]] = (entry["reason"], entry["at"])
+    elif op == "record":
+        key = (entry["table"], int(entry["row"]))
+        if key[0] not in RECORD_TABLES or key in state.records:
+            raise IntegrityError(f"state log entry {seq} records {key[0]} row {key[1]}, which it cannot")
+        state.records[key] = str(entry["sha256"])
     else:
         raise IntegrityError(
             f"state log entry {seq} has unknown operation {op!r} (written by a newer release?)"
@@ -489,6 +577,9 @@ def verify(
             )
         else:
             report.problems += differences(signed, read_tables(con))
+            problems, notes = record_problems(con, signed)
+            report.problems += problems
+            report.notes += notes
             if signed.checkpoint_at is not None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signed.checkpoint_at))
                 report.notes.append(

@@ -1415,11 +1415,22 @@ class Registry:
     def attach_card(self, artifact: Artifact, card: Mapping[str, Any]) -> str:
         """Attach a model card (JSON) to an artifact; the newest attached card is the current one."""
         digest = self.put_blob(json.dumps(dict(card), sort_keys=True, indent=1, default=str).encode())
-        with self._write() as con:
-            con.execute(
-                "INSERT INTO cards (artifact, sha256, at) VALUES (?,?,?)", (artifact.id, digest, time.time())
-            )
+        self._insert_signed(
+            "cards",
+            "INSERT INTO cards (artifact, sha256, at) VALUES (?,?,?)",
+            (artifact.id, digest, time.time()),
+        )
         return digest
+
+    def _insert_signed(self, table: str, sql: str, args: tuple[Any, ...], ddl: str | None = None) -> None:
+        """Insert a row of ``table`` and, in the same transaction, append a signed state log entry carrying the
+        row's SHA-256 (:func:`eventlog.record_change`), so :meth:`verify` sees the row edited, moved or deleted."""
+        signer = self.signer  # before the write lock: loading the key reads a file
+        with self._write() as con:
+            if ddl is not None:
+                con.execute(ddl)
+            row = con.execute(sql, args).lastrowid
+            eventlog.append(con, signer, eventlog.record_change(con, table, int(row or 0)))
 
     def card(self, artifact: Artifact) -> dict[str, Any] | None:
         row = (
@@ -1432,11 +1443,12 @@ class Registry:
         return _stored_json(self.get_blob(row[0]), f"the model card of {artifact.ref} (blob {row[0]})", dict)
 
     def record_evaluation(self, artifact: Artifact, evaluator: str, metrics: Mapping[str, float]) -> None:
-        with self._write() as con:
-            con.execute(
-                "INSERT INTO evaluations (artifact, evaluator, metrics, at) VALUES (?,?,?,?)",
-                (artifact.id, evaluator, json.dumps(dict(metrics), sort_keys=True), time.time()),
-            )
+        """Keep an evaluator's scores of ``artifact`` (bound to the signed state log, as cards and verdicts are)."""
+        self._insert_signed(
+            "evaluations",
+            "INSERT INTO evaluations (artifact, evaluator, metrics, at) VALUES (?,?,?,?)",
+            (artifact.id, evaluator, json.dumps(dict(metrics), sort_keys=True), time.time()),
+        )
 
     def evaluations(self, artifact: Artifact) -> list[dict[str, Any]]:
         rows = self._connect().execute(
@@ -1465,24 +1477,24 @@ class Registry:
         reasons: list[str],
     ) -> None:
         """Keep a promotion gate's verdict and its numbers, refusals included (the dashboard shows them)."""
-        with self._write() as con:
-            con.execute(_DECISIONS_TABLE)
-            con.execute(
-                "INSERT INTO promotion_decisions (model, tag, candidate, previous, promoted, evaluator, metrics, "
-                "baseline, reasons, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    model,
-                    tag,
-                    candidate,
-                    previous,
-                    int(promoted),
-                    evaluator,
-                    json.dumps(dict(metrics), sort_keys=True),
-                    None if baseline is None else json.dumps(dict(baseline), sort_keys=True),
-                    json.dumps(list(reasons)),
-                    time.time(),
-                ),
-            )
+        self._insert_signed(
+            "promotion_decisions",
+            "INSERT INTO promotion_decisions (model, tag, candidate, previous, promoted, evaluator, metrics, "
+            "baseline, reasons, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                model,
+                tag,
+                candidate,
+                previous,
+                int(promoted),
+                evaluator,
+                json.dumps(dict(metrics), sort_keys=True),
+                None if baseline is None else json.dumps(dict(baseline), sort_keys=True),
+                json.dumps(list(reasons)),
+                time.time(),
+            ),
+            ddl=_DECISIONS_TABLE,
+        )
 
     def promotion_decisions(self, model: str) -> list[dict[str, Any]]:
         """Every recorded promotion verdict for ``model``, oldest first (see :meth:`record_promotion_decision`)."""
