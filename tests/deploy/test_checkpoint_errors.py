@@ -141,17 +141,18 @@ def test_a_path_that_is_not_utf8_is_a_usage_error_saying_to_rename_it(app, tmp_p
     assert set(load_checkpoint(tmp_path / "m.safetensors").model.state_dict()) == set(sd)
 
 
-def test_a_sharded_merge_output_is_refused_saying_why_and_what_to_do(tmp_path):
-    """`deltaplane merge --max-shard-size` writes model-0000N-of-0000M.safetensors + an index; deploy read it as a
-    folder with no weights ("must hold config.json and model.safetensors") though both a config and weights
-    are there."""
+def test_a_sharded_merge_output_loads_as_the_one_file_merge_does(tmp_path):
+    """`deltaplane merge --max-shard-size` writes model-0000N-of-0000M.safetensors + an index: deploy read it as a
+    folder with no weights, then refused it as sharded; it now loads the same weights as the one-file merge."""
     from deltaplane.merging import merge_files
 
     ck = _folder(tmp_path)
     cfg = {"merge_method": "linear", "models": [{"model": str(ck), "parameters": {"weight": 1.0}}] * 2}
     merge_files(cfg, tmp_path / "merged", max_shard_bytes=1024)
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
-    with pytest.raises(ConfigError, match=r"sharded checkpoint .*--max-shard-size above the model's size"):
-        load_checkpoint(tmp_path / "merged")
+    sharded = load_checkpoint(tmp_path / "merged").model.state_dict()
+    merge_files(cfg, tmp_path / "one", overwrite=True)
+    one = load_checkpoint(tmp_path / "one").model.state_dict()
+    assert sharded.keys() == one.keys() and all(torch.equal(sharded[k], one[k]) for k in one)
     merge_files(cfg, tmp_path / "merged", overwrite=True)  # as the message says: one file, which deploys
     load_checkpoint(tmp_path / "merged")

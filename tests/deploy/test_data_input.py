@@ -53,7 +53,7 @@ def _cases(digits):
         ),
         "fractional_labels": (
             {"x_train": xtr, "y_train": ytr + 0.5, "x_test": xte, "y_test": yte},
-            "y_train .float64. must hold integer class indices",
+            r"y_train .float64. must hold integer class indices; y_train\[0\] is .*\.5 .whole-number floats",
         ),
     }
 
@@ -115,3 +115,22 @@ def test_a_tabular_model_without_data_is_told_to_pass_data(tmp_path, app):
         text = " ".join(r.output.split())
         assert "pass --data FILE.npz holding x_train, y_train, x_test, y_test" in text, text
         assert "give x_train / x_test" not in text
+
+
+def test_whole_number_float_labels_deploy_as_their_integers(tmp_path, app, ckpt, digits):
+    """docs/deploy.md: labels 0.0/1.0/… (a float array, as pandas saves them) are class indices 0/1/…; the
+    artifact and its figures equal those of the same data with int64 labels."""
+    import json
+
+    xtr, ytr, xte, yte = digits
+    ints = _npz(tmp_path, "ints", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    floats = _npz(
+        tmp_path, "floats", x_train=xtr, y_train=ytr.astype(np.float32), x_test=xte, y_test=yte * 1.0
+    )
+    for name, data in (("i", ints), ("f", floats)):
+        args = ["deploy", str(ckpt), "--data", str(data), *FAST, "--seed", "0", "-o", str(tmp_path / name)]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+    q = [json.loads((tmp_path / n / "manifest.json").read_text())["quality"] for n in ("i", "f")]
+    assert q[0] == q[1]
+    assert (tmp_path / "i" / "model.dpla").read_bytes() == (tmp_path / "f" / "model.dpla").read_bytes()

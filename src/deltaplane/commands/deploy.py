@@ -125,11 +125,17 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tupl
             f"{source}: y_{split} has shape {y.shape} but x_{split} holds {len(x)} samples; give one label per "
             "sample (a 1-D array of class indices)"
         )
+    # float labels are accepted when every one is a whole number (0.0/1.0, as pandas or a float array saves
+    # them) and converted to int64; a fractional, NaN or infinite label is refused, naming the first one
     integral = np.issubdtype(y.dtype, np.integer) or (
         np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
     )
     if not integral:
-        raise ConfigError(f"{source}: y_{split} ({y.dtype}) must hold integer class indices")
+        bad = ""
+        if np.issubdtype(y.dtype, np.floating):
+            i = int(np.argmax(~(np.isfinite(y) & (y == np.round(y)))))
+            bad = f"; y_{split}[{i}] is {y[i].item()!r} (whole-number floats such as 0.0/1.0 are accepted)"
+        raise ConfigError(f"{source}: y_{split} ({y.dtype}) must hold integer class indices{bad}")
     if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
         raise ConfigError(f"{source}: x_{split} ({x.dtype}) must be numeric")
     return x.astype(np.float32), y.astype(np.int64)

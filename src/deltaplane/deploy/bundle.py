@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.shards import load_sharded
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = ["Deployable", "load_deployable"]
@@ -169,29 +170,11 @@ def _hf_folder(p: Path) -> Deployable | None:
     if (p / "model.safetensors").is_file():
         out = load_deployable(p / "model.safetensors")
     elif index.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        text = read_bounded_text(index, limit=MANIFEST_LIMIT, what="safetensors index", error=DecodeError)
-        try:
-            weight_map = json.loads(text)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DecodeError(f"{index} is not a safetensors index (needs a 'weight_map'): {e}") from e
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            f = (p / shard).resolve()
-            if not f.is_relative_to(p.resolve()) or not f.is_file():
-                raise DecodeError(f"{index} names shard {shard!r}, which is not a file inside {p}")
-            name = safetensors_path(f, what="shard")
-            try:
-                state.update(load_file(name))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise DecodeError(f"{index} lists tensors its shards do not hold: {missing[:5]}")
-        out = Deployable(state, {"source": {"file": index.name, "shards": shards, "sha256": _sha256(index)}})
+        state, shards = load_sharded(p)  # the strict index reader deploy also uses
+        out = Deployable(
+            state,
+            {"source": {"file": index.name, "shards": [f.name for f in shards], "sha256": _sha256(index)}},
+        )
     else:
         return None
     cfg = p / "config.json"

@@ -29,6 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
+from deltaplane.shards import INDEX_NAME, load_sharded
 from deltaplane.textfile import (
     MANIFEST_LIMIT,
     atomic_write_bytes,
@@ -235,7 +236,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         ConfigError: missing files, a checkpoint or weights file that is not a regular file (a FIFO would block
             the reader for good), a config that is not a JSON object (config.json or the ``config`` metadata),
             no architecture named, or an unknown architecture.
-        DecodeError: the weights file is not readable safetensors (truncated, junk); the message names it.
+        DecodeError: the weights file is not readable safetensors (truncated, junk); the message names it. A
+            sharded folder (``model.safetensors.index.json`` + shards, as ``deltaplane merge --max-shard-size``
+            writes) is read through :func:`deltaplane.shards.load_sharded`, which refuses a hostile or
+            inconsistent index the same way.
         ShapeMismatch: the weights do not match the config (missing/unexpected tensors, wrong shapes); the
             message lists them, so a config/weights mix-up is caught before anything is pruned or shipped.
     """
@@ -245,16 +249,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     p = Path(path)
     if p.is_dir():
         weights, cfg_path = p / "model.safetensors", p / "config.json"
-        if not weights.exists() and (p / "model.safetensors.index.json").exists():
-            # a `deltaplane merge --max-shard-size` output (or a sharded Hugging Face folder): it was refused
-            # as if it held no weights at all
-            raise ConfigError(
-                f"{p} holds a sharded checkpoint (model.safetensors.index.json); deploy reads one "
-                "model.safetensors: merge again with a --max-shard-size above the model's size, or save the "
-                "model as one file"
-            )
+        if not weights.exists() and (p / INDEX_NAME).exists():
+            weights = p / INDEX_NAME  # a `deltaplane merge --max-shard-size` output: read through its index
         if not weights.exists() or not cfg_path.exists():
-            raise ConfigError(f"{p} must hold config.json and model.safetensors")
+            raise ConfigError(
+                f"{p} must hold config.json and model.safetensors (or {INDEX_NAME} and the shards it names)"
+            )
         text = read_bounded_text(cfg_path, limit=MANIFEST_LIMIT, what="model config")
         try:
             config = json.loads(text)
@@ -301,14 +301,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         raise ConfigError(f"building {arch!r} from the config of {p} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
-    require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
-    name = safetensors_path(weights, what="weights file")
-    try:
-        state = load_file(name)
-    except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies
-        raise DecodeError(
-            f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
-        ) from e
+    if weights.name == INDEX_NAME:
+        state, files = load_sharded(p)  # strict index: shards inside the folder, each tensor where it claims
+    else:
+        require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
+        name = safetensors_path(weights, what="weights file")
+        try:
+            state = load_file(name)
+        except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies
+            raise DecodeError(
+                f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
+            ) from e
+        files = [weights]
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
     # Older checkpoints also save buffers that newer model code keeps non-persistent (BERT's position_ids):
@@ -338,8 +342,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         )
     model.load_state_dict(state, strict=False)
     model.eval()
-    data = weights.read_bytes()
-    return Checkpoint(model, config, arch, hashlib.sha256(data).hexdigest(), len(data), weights)
+    # one file: its SHA-256; shards: the SHA-256 of their bytes in index order (the index itself only routes)
+    digest, nbytes = hashlib.sha256(), 0
+    for f in files:
+        data = f.read_bytes()
+        digest.update(data)
+        nbytes += len(data)
+    return Checkpoint(model, config, arch, digest.hexdigest(), nbytes, weights)
 
 
 def save_checkpoint(
