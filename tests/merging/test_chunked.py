@@ -189,6 +189,24 @@ def test_read_rows_returns_exact_slices_from_shards(tmp_path: Path) -> None:
         ck.read_rows("a", 10, 13)
 
 
+@pytest.mark.parametrize("outside", ["../outside.safetensors", "ABS", "link.safetensors"])
+def test_a_merge_input_index_naming_a_shard_outside_its_folder_is_refused(
+    tmp_path: Path, outside: str
+) -> None:
+    """A merge input's index is checked as deploy's is (deltaplane.shards): it used to join any name it held to
+    the folder, so '../x', an absolute path or a link leading out read a safetensors file from elsewhere."""
+    folder, elsewhere = tmp_path / "in", tmp_path / "outside.safetensors"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, elsewhere)
+    if outside == "ABS":
+        outside = str(elsewhere)
+    elif outside == "link.safetensors":
+        (folder / outside).symlink_to(elsewhere)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": outside}}))
+    with pytest.raises(dp.DecodeError, match="inside|outside"):
+        Checkpoint(folder)
+
+
 def _raw(header: dict, data: bytes) -> bytes:
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + data

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.shards import read_shard_index
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
@@ -145,20 +146,10 @@ class Checkpoint(Mapping[str, Tensor]):
         if not p.is_dir():  # a FIFO, device or socket: refused by name, not "Not a directory" from a glob
             require_regular_file(p, what=self.what)
         index = p / INDEX_NAME
-        if index.exists():
-            text = read_bounded_text(index, limit=MANIFEST_LIMIT, what="safetensors index", error=DecodeError)
-            try:
-                weight_map = json.loads(text)["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DecodeError(f"{index}: not a valid safetensors index ({exc})") from exc
-            shards = sorted({p / str(f) for f in weight_map.values()})
-            for shard in shards:
-                if not shard.exists():
-                    raise DecodeError(f"{index}: shard '{shard.name}' is listed but missing")
-            self._weight_map = {str(k): p / str(v) for k, v in weight_map.items()}
-            return shards
+        if index.exists():  # checked as deploy checks it: bare names inside the folder, shards present
+            assigned = read_shard_index(p)
+            self._weight_map = {name: shard for shard, names in assigned.items() for name in names}
+            return sorted(assigned)
         if (p / SINGLE_NAME).exists():
             return [p / SINGLE_NAME]
         found = sorted(p.glob("*.safetensors"))
