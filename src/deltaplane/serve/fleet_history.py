@@ -104,9 +104,14 @@ class HistoryRowError(IntegrityError):
     """A stored fleet-history row cannot be read (written by a newer deltaplane, or damaged)."""
 
 
+#: the counters kept besides ``rejected.*``: accepted plain uploads and SecAgg masked inputs, and the SecAgg
+#: messages the protocol refused (out of order: 409; cannot go on: 422)
+_KEPT = ("uploads.accepted", "secagg.masked", "secagg.refused", "secagg.refused_order")
+
+
 def kept_counter(name: str) -> bool:
     """Whether counter ``name`` is saved with the history: uploads by outcome, as the Fleet page lists them."""
-    return name in ("uploads.accepted", "secagg.masked") or name.startswith("rejected.")
+    return name in _KEPT or name.startswith("rejected.")
 
 
 def _migrate(con: Any) -> None:
@@ -275,10 +280,13 @@ class FleetHistory:
 
     def save_counters(self, counters: Mapping[str, int]) -> None:
         """Store the kept ``counters`` (:func:`kept_counter`); joins the caller's transaction, so it costs no
-        sync of its own there (the service calls it with each close, abort and accepted upload)."""
+        sync of its own there (the service calls it with each close, abort, report and accepted upload, and
+        its periodic flush). A counter only grows, so a stored value is never lowered: two writers whose
+        snapshots commit out of order (a flush taken before an upload, committed after it) keep the larger."""
         with self.registry.transaction() as con:
             con.executemany(
-                "INSERT OR REPLACE INTO fleet_counters (name, value) VALUES (?,?)",
+                "INSERT INTO fleet_counters (name, value) VALUES (?,?) ON CONFLICT (name) "
+                "DO UPDATE SET value = max(value, excluded.value)",
                 [(k, int(v)) for k, v in counters.items() if kept_counter(k)],
             )
 

@@ -12,9 +12,11 @@ adds a transaction per report:
 
 * ``fleet_devices``: one row per device (cohort, authenticated requests, last contact), the
   :data:`MAX_DEVICES_SEEN` most recently seen. A request is counted in memory; the devices seen since the last
-  save are written *inside the next transaction the service makes anyway* (a report, an accepted upload) and
-  when the service stops cleanly, so a device that only downloads adds no disk write. A crash loses the last
-  contacts made since that transaction (a restart then shows such a device's earlier contact).
+  save are written *inside the next transaction the service makes anyway* (a report, an accepted upload), else
+  by the running service's periodic flush (every ``ServiceState.flush_every_s``, 5 s, only when something
+  changed: at most one sync a period, none while idle) and when the service stops cleanly, so a device that
+  only downloads adds no write of its own. A crash loses at most the contacts of the last period (a restart
+  then shows such a device's earlier contact). The fleet history's kept counters ride along the same way.
 * ``drift_monitors``: a model's monitor (spec, reference, parameters: ``PUT .../drift-reference``, its own
   transaction) and the open window's report counts; ``drift_live``: the open window's merged summary of each
   device in it (written in the report's transaction: one row per report, never the whole window);
@@ -110,14 +112,18 @@ class FleetWatch:
                 con.execute(stmt)
 
     def save_devices(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
-        """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent."""
+        """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent.
+        A row older than the stored one is not written: two writers whose snapshots commit out of order (the
+        periodic flush and a report) leave the newer contact."""
         rows = list(rows)
         if not rows:
             return
         with self.registry.transaction() as con:
             con.executemany(
-                "INSERT OR REPLACE INTO fleet_devices (device, format, cohort, requests, last_seen) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT INTO fleet_devices (device, format, cohort, requests, last_seen) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (device) DO UPDATE SET format=excluded.format, cohort=excluded.cohort, "
+                "requests=excluded.requests, last_seen=excluded.last_seen "
+                "WHERE excluded.last_seen >= fleet_devices.last_seen",
                 [(d, _FORMAT, c, int(n), float(t)) for d, c, n, t in rows],
             )
             con.execute(
