@@ -30,14 +30,14 @@ def _rows(reg: Registry, table: str) -> int:
     return int(reg.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
 
-def _monitored(svc, window: int = 2):
-    """A drift reference on ``cnn`` (window reports per window, one device enough) and two summaries: one like
+def _monitored(svc, window: int = 2, model: str = "cnn"):
+    """A drift reference on ``model`` (window reports per window, one device enough) and two summaries: one like
     the reference, one shifted far enough that every feature alerts."""
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2000, 3))
     spec = DriftSpec.fit(ref)
     svc.admin.set_drift_reference(
-        "cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=window, min_devices=1
+        model, spec.to_dict(), summarize(spec, ref).to_dict(), window=window, min_devices=1
     )
     same = summarize(spec, rng.normal(size=(500, 3))).to_dict()
     shifted = summarize(spec, rng.normal(size=(500, 3)) + 3.0).to_dict()
@@ -468,3 +468,44 @@ def test_the_flush_writes_only_what_changed(tmp_path, monkeypatch) -> None:
         r.upload("cnn", 1, b"x", num_examples=1)  # a refusal: a count, and a contact
     txns.clear()
     assert state.flush_watch() and len(txns) == 1
+
+
+def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
+    """A drift monitor whose row could not be read was dropped at start with a log line only: its reports fed
+    nothing, and the Fleet page and ``GET .../drift`` read as if no reference had ever been set. Now a row whose
+    open window's counts are unreadable keeps its reference and closed windows and restarts the window (stored
+    so); one whose reference is unreadable is named on the Fleet page, in ``/admin/stats`` and by a 409 on
+    ``GET .../drift`` until the reference is set again."""
+    from .conftest import cnn_state
+
+    svc = Service(tmp_path / "home")
+    _, shifted = _monitored(svc, window=2)
+    svc.reg.register_model("other", cnn_state(1))
+    for i in range(3):  # one closed window (alerting), one report in the open window
+        svc.device(f"d{i}").report("cnn", version=1, summary=shifted)
+    _monitored(svc, model="other")
+    with svc.reg.transaction() as con:
+        con.execute("UPDATE drift_monitors SET reports='two' WHERE model='cnn'")
+        con.execute("UPDATE drift_monitors SET settings='{\"spec\": ' WHERE model='other'")
+    restart(svc)
+
+    mon = svc.state.monitors["cnn"]
+    assert len(mon.history) == 1 and mon.live_window()[1] == 0
+    # stored so: the next restart reads the window the service holds, not the unreadable counts
+    assert _rows(svc.reg, "drift_monitors WHERE model='cnn' AND reports=0") == 1
+    assert _rows(svc.reg, "drift_live WHERE model='cnn'") == 0
+    for i in range(2):  # the restarted window closes after two more reports, on the kept reference
+        last = svc.device(f"e{i}").report("cnn", version=1, summary=shifted)
+    assert last["drift_evaluated"] and len(last["alerts"]) == 3
+    assert len(svc.admin._get("/admin/models/cnn/drift")) == 2
+
+    with pytest.raises(ServiceError) as exc:
+        svc.admin._get("/admin/models/other/drift")
+    assert exc.value.status == 409 and "could not be read at start" in exc.value.detail
+    assert "drift_monitors" in svc.admin.stats()["drift_unreadable"]["other"]
+    page = svc.http.get("/ui/fleet", headers=BEARER).text
+    shown = page.split("data-field='drift-unreadable'")[1].split("</p>")[0]
+    assert "could not be read at start" in shown and "/admin/models/other/drift-reference" in shown
+    _monitored(svc, model="other")
+    assert svc.admin._get("/admin/models/other/drift") == []
+    assert "drift-unreadable" not in svc.http.get("/ui/fleet", headers=BEARER).text

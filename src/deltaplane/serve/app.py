@@ -225,6 +225,9 @@ class ServiceState:
     #: one engine server step per model, alive across rounds (optimizer moments, DP accountant, downlink EF)
     steps: dict[str, ServerStep] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
+    #: models whose stored drift monitor could not be read at start -> why (shown on the Fleet page and by the
+    #: admin API until a new reference is set: their reports feed no monitor meanwhile)
+    unreadable_monitors: dict[str, str] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
     #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
@@ -470,6 +473,7 @@ class ServiceState:
                 self.watch.set_monitor(model, monitor)
             with self.lock:
                 self.monitors[model] = monitor
+                self.unreadable_monitors.pop(model, None)
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
@@ -492,16 +496,21 @@ class ServiceState:
     def load_watch(self, watch: FleetWatch) -> None:
         """Take the stored devices seen, drift monitors (windows and history) and alerts (at start), and
         :attr:`watch` to store what comes next. A row that cannot be read is left out with a warning, counted
-        with the history's (``errors.history_unreadable``)."""
+        with the history's (``errors.history_unreadable``); a monitor whose settings cannot be read is named in
+        :attr:`unreadable_monitors` (the operator sees it), one whose open window's counts cannot be read keeps
+        its reference and starts an empty window (stored so)."""
         loaded = watch.load()
         for line in loaded.refused:
             log.warning("%s", line)
+        for model in loaded.restarted_windows:
+            watch.restart_window(model)
         with self.lock:
             self.watch = watch
             for device, cohort, requests, at in loaded.devices:
                 self.seen.pop(device, None)
                 self.seen[device] = (cohort, requests, at)
             self.monitors.update(loaded.monitors)
+            self.unreadable_monitors.update(loaded.unreadable_monitors)
             self.alerts.extend(loaded.alerts)
             if loaded.refused:
                 self.counters["errors.history_unreadable"] += len(loaded.refused)
@@ -597,6 +606,7 @@ class ServiceState:
                 ],
                 "uploads": uploads,
                 "drift": {m: [r.to_dict() for r in mon.history] for m, mon in sorted(self.monitors.items())},
+                "drift_unreadable": dict(sorted(self.unreadable_monitors.items())),
                 "alerts": list(self.alerts),
             }
 
@@ -1210,6 +1220,8 @@ def create_app(
     def stats() -> dict[str, Any]:
         return {
             "counters": dict(state.counters),
+            # the stored drift monitors that could not be read at start (their reference must be set again)
+            "drift_unreadable": dict(state.unreadable_monitors),
             "rounds": {
                 m: {"round": r.number, "base_version": r.base_version, "uploads": len(r.devices)}
                 for m, r in state.rounds.items()
@@ -1221,6 +1233,13 @@ def create_app(
     )
     def drift_history(model: ModelName) -> list[dict[str, Any]]:
         mon = state.monitors.get(model)
+        if mon is None and model in state.unreadable_monitors:
+            raise HTTPException(
+                409,
+                f"{model!r}'s stored drift monitor could not be read at start ({state.unreadable_monitors[model]}); "
+                f"its reports feed no monitor until its reference is set again "
+                f"(PUT /admin/models/{model}/drift-reference)",
+            )
         if mon is None:
             raise NotFound(f"no drift reference set for {model!r}")
         return [r.to_dict() for r in mon.history]
