@@ -22,10 +22,11 @@ holds, with the same bounds:
 * ``fleet_reports``: the devices' reports (``POST /v1/models/{m}/report``: metrics such as
   ``holdout_accuracy``), one per device per version (a later report replaces it), the last
   :data:`MAX_REPORTS` per model.
-* ``fleet_counters``: uploads accepted and refused by reason, saved inside the transactions the service makes
-  anyway: each round's close or abort and each accepted upload (its row's transaction; no sync of its own,
-  none per refusal: a flood of refused requests costs no disk write). A crash loses only the refusals (and
-  SecAgg masked inputs, which are never written to disk) counted since the last of those.
+* ``fleet_counters``: uploads accepted and refused by reason (:func:`kept_counter`), saved inside the
+  transactions the service makes anyway: each round's close or abort, each report and each accepted upload (no
+  sync of their own, none per refusal: a flood of refused requests costs no disk write), else by the running
+  service's periodic flush (``ServiceState.flush_watch``: at most one transaction a period, none while nothing
+  changed). A crash loses only what was counted since the last of those.
 
 Rows carry a ``format`` number: 1 for a published round's row (this morning's layout, still written, so an
 older deltaplane keeps reading them), 2 for a round that ended without publishing (an older deltaplane refuses
