@@ -84,6 +84,7 @@ def test_a_clean_stop_saves_the_contacts_no_write_carried(tmp_path) -> None:
     """A device that only downloads adds no disk write: its contact is saved with the next report or upload,
     or when the service stops cleanly (the app's shutdown), so an upgrade forgets no device."""
     svc = Service(tmp_path / "home")
+    svc.state.flush_every_s = 3600  # the periodic flush would save it too: here, only the stop does
     with TestClient(svc.app):
         svc.device("reader").fetch("cnn", channel="production")
         assert _rows(svc.reg, "fleet_devices") == 0  # no write of its own
