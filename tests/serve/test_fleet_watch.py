@@ -30,14 +30,14 @@ def _rows(reg: Registry, table: str) -> int:
     return int(reg.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
 
-def _monitored(svc, window: int = 2):
-    """A drift reference on ``cnn`` (window reports per window, one device enough) and two summaries: one like
+def _monitored(svc, window: int = 2, model: str = "cnn"):
+    """A drift reference on ``model`` (window reports per window, one device enough) and two summaries: one like
     the reference, one shifted far enough that every feature alerts."""
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2000, 3))
     spec = DriftSpec.fit(ref)
     svc.admin.set_drift_reference(
-        "cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=window, min_devices=1
+        model, spec.to_dict(), summarize(spec, ref).to_dict(), window=window, min_devices=1
     )
     same = summarize(spec, rng.normal(size=(500, 3))).to_dict()
     shifted = summarize(spec, rng.normal(size=(500, 3)) + 3.0).to_dict()
@@ -84,6 +84,7 @@ def test_a_clean_stop_saves_the_contacts_no_write_carried(tmp_path) -> None:
     """A device that only downloads adds no disk write: its contact is saved with the next report or upload,
     or when the service stops cleanly (the app's shutdown), so an upgrade forgets no device."""
     svc = Service(tmp_path / "home")
+    svc.state.flush_every_s = 3600  # the periodic flush would save it too: here, only the stop does
     with TestClient(svc.app):
         svc.device("reader").fetch("cnn", channel="production")
         assert _rows(svc.reg, "fleet_devices") == 0  # no write of its own
@@ -356,3 +357,156 @@ def test_concurrent_reports_and_uploads_keep_memory_and_database_in_step(tmp_pat
     mon = svc.state.monitors["cnn"]
     assert (_watch(svc), sorted(mon.live_window()[0])) == before and mon.live_window()[1] == reports
     assert svc.state.fleet_snapshot()["uploads"]["accepted"] == 4
+
+
+def _secagg_traffic(svc) -> None:
+    """Three masked inputs of an open SecAgg round, one key advertisement sent again after its stage closed
+    (refused: 409, ``secagg.refused_order``), a refused plain upload (``rejected.NotFound``: no round open) and
+    a device that only downloads: none of it writes to the database."""
+    from deltaplane.serve.secagg_client import SecAggDevice
+
+    from .test_secagg_http import _walk
+
+    sent: dict = {}
+    real = SecAggDevice.post
+
+    def keep(self, what, body):
+        sent.setdefault((self.client_id, what), body)
+        real(self, what, body)
+
+    SecAggDevice.post = keep
+    try:
+        _, devs = _walk(svc, ["a", "b", "c"], stages=("advertise", "share", "upload"))
+    finally:
+        SecAggDevice.post = real
+    with pytest.raises(ServiceError) as exc:
+        devs[0].post("keys", sent[(0, "keys")])
+    assert exc.value.status == 409
+    with pytest.raises(ServiceError):
+        svc.device("bad").upload("cnn", 1, b"x", num_examples=1)
+    svc.device("reader").fetch("cnn", channel="production")
+
+
+_WATCHED = {"accepted_secagg_masked": 3, "secagg_refused_order": 1, "NotFound": 1}
+
+
+def _watched(snap) -> dict:
+    return {k: snap["uploads"].get(k) for k in _WATCHED}
+
+
+def test_a_report_carries_the_counts_and_contacts_no_write_carried(tmp_path) -> None:
+    """Refused uploads and SecAgg messages and accepted masked inputs were counted on disk only at the next
+    close, abort or accepted plain upload (a SecAgg federation makes none of the latter until its round closes),
+    and a report did not carry them: a crash lost them. A report now writes them in its transaction."""
+    svc = Service(tmp_path / "home")
+    _secagg_traffic(svc)
+    svc.device("r").report("cnn", version=1)
+    restart(svc)  # no clean stop: what reached the disk is what the report's transaction wrote
+    snap = svc.state.fleet_snapshot()
+    assert _watched(snap) == _WATCHED
+    assert {d["device"] for d in snap["devices"]} == {"a", "b", "c", "bad", "reader", "r"}
+
+
+_FLUSHED = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from fastapi.testclient import TestClient
+from serve.conftest import Service
+from serve.test_fleet_watch import _secagg_traffic
+
+svc = Service({home!r})
+svc.state.flush_every_s = 0.05
+with TestClient(svc.app):  # the app's lifespan runs: its periodic flush
+    _secagg_traffic(svc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not svc.reg.query(
+        "SELECT 1 FROM fleet_counters WHERE name='secagg.refused_order'"
+    ):
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os._exit(17)  # killed: no clean stop
+"""
+
+
+def test_a_crash_keeps_what_the_periodic_flush_wrote(tmp_path) -> None:
+    """A device that only downloads, a refused upload or SecAgg message and a masked input reached the disk
+    only with a later write or a clean stop: a service killed meanwhile forgot them. The running service now
+    writes them every ``flush_every_s`` in a transaction of its own, so a crash loses at most that period."""
+    home = tmp_path / "home"
+    script = textwrap.dedent(_FLUSHED).format(tests=TESTS, home=str(home))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="s" * 32)
+    svc = restart(SimpleNamespace(reg=Registry(home), config=config))
+    snap = svc.app.state.deltaplane.fleet_snapshot()
+    assert _watched(snap) == _WATCHED
+    assert {d["device"] for d in snap["devices"]} == {"a", "b", "c", "bad", "reader"}
+
+
+def test_the_flush_writes_only_what_changed(tmp_path, monkeypatch) -> None:
+    """The periodic flush opens a transaction (a sync) only when a contact or a kept count changed since the
+    last write that carried them: none when idle, none after a report that carried everything."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    reader, r = svc.device("reader"), svc.device("r")  # tokens issued first: their own writes
+    txns = []
+    real = type(svc.reg).transaction
+
+    def counted(self):
+        if not getattr(self._local, "depth", 0):  # the outermost: a commit, a sync; nested ones join it
+            txns.append(1)
+        return real(self)
+
+    monkeypatch.setattr(type(svc.reg), "transaction", counted)
+    reader.fetch("cnn", channel="production")
+    txns.clear()
+    assert state.flush_watch() and len(txns) == 1
+    assert not state.flush_watch() and len(txns) == 1  # idle: nothing written
+    r.report("cnn", version=1)
+    txns.clear()
+    assert not state.flush_watch() and txns == []  # the report's transaction carried its contact
+    with pytest.raises(ServiceError):
+        r.upload("cnn", 1, b"x", num_examples=1)  # a refusal: a count, and a contact
+    txns.clear()
+    assert state.flush_watch() and len(txns) == 1
+
+
+def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
+    """A drift monitor whose row could not be read was dropped at start with a log line only: its reports fed
+    nothing, and the Fleet page and ``GET .../drift`` read as if no reference had ever been set. Now a row whose
+    open window's counts are unreadable keeps its reference and closed windows and restarts the window (stored
+    so); one whose reference is unreadable is named on the Fleet page, in ``/admin/stats`` and by a 409 on
+    ``GET .../drift`` until the reference is set again."""
+    from .conftest import cnn_state
+
+    svc = Service(tmp_path / "home")
+    _, shifted = _monitored(svc, window=2)
+    svc.reg.register_model("other", cnn_state(1))
+    for i in range(3):  # one closed window (alerting), one report in the open window
+        svc.device(f"d{i}").report("cnn", version=1, summary=shifted)
+    _monitored(svc, model="other")
+    with svc.reg.transaction() as con:
+        con.execute("UPDATE drift_monitors SET reports='two' WHERE model='cnn'")
+        con.execute("UPDATE drift_monitors SET settings='{\"spec\": ' WHERE model='other'")
+    restart(svc)
+
+    mon = svc.state.monitors["cnn"]
+    assert len(mon.history) == 1 and mon.live_window()[1] == 0
+    # stored so: the next restart reads the window the service holds, not the unreadable counts
+    assert _rows(svc.reg, "drift_monitors WHERE model='cnn' AND reports=0") == 1
+    assert _rows(svc.reg, "drift_live WHERE model='cnn'") == 0
+    for i in range(2):  # the restarted window closes after two more reports, on the kept reference
+        last = svc.device(f"e{i}").report("cnn", version=1, summary=shifted)
+    assert last["drift_evaluated"] and len(last["alerts"]) == 3
+    assert len(svc.admin._get("/admin/models/cnn/drift")) == 2
+
+    with pytest.raises(ServiceError) as exc:
+        svc.admin._get("/admin/models/other/drift")
+    assert exc.value.status == 409 and "could not be read at start" in exc.value.detail
+    assert "drift_monitors" in svc.admin.stats()["drift_unreadable"]["other"]
+    page = svc.http.get("/ui/fleet", headers=BEARER).text
+    shown = page.split("data-field='drift-unreadable'")[1].split("</p>")[0]
+    assert "could not be read at start" in shown and "/admin/models/other/drift-reference" in shown
+    _monitored(svc, model="other")
+    assert svc.admin._get("/admin/models/other/drift") == []
+    assert "drift-unreadable" not in svc.http.get("/ui/fleet", headers=BEARER).text

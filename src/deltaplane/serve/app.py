@@ -21,6 +21,7 @@ rounds and uploads are durable (:mod:`deltaplane.serve.rounds_store`). See ``doc
 is a 4xx with a message saying what to fix; errors are never allowed to become 5xx.
 """
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -65,7 +66,13 @@ from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, d
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
-from deltaplane.serve.fleet_history import MAX_CLOSED_ROUNDS, MAX_REPORTS, FleetHistory, bounded_reason
+from deltaplane.serve.fleet_history import (
+    MAX_CLOSED_ROUNDS,
+    MAX_REPORTS,
+    FleetHistory,
+    bounded_reason,
+    kept_counter,
+)
 from deltaplane.serve.fleet_watch import MAX_ALERTS, MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, FleetWatch
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.revocation_routes import (
@@ -218,6 +225,9 @@ class ServiceState:
     #: one engine server step per model, alive across rounds (optimizer moments, DP accountant, downlink EF)
     steps: dict[str, ServerStep] = field(default_factory=dict)
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
+    #: models whose stored drift monitor could not be read at start -> why (shown on the Fleet page and by the
+    #: admin API until a new reference is set: their reports feed no monitor meanwhile)
+    unreadable_monitors: dict[str, str] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
     #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
@@ -242,6 +252,12 @@ class ServiceState:
     seen: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
     #: devices seen since their row was last saved -> that contact's time (saved with the next write)
     unsaved: dict[str, float] = field(default_factory=dict)
+    #: the kept counters (:func:`~deltaplane.serve.fleet_history.kept_counter`) as last committed by a report,
+    #: an upload or a flush: :meth:`flush_watch` writes nothing while they and the devices seen are unchanged
+    saved_counts: dict[str, int] = field(default_factory=dict)
+    #: how often the running service writes the counts and contacts no transaction carried (:meth:`flush_watch`):
+    #: what a crash can lose, and at most one sync per period, none while nothing changed
+    flush_every_s: float = 5.0
     _bases: ByteLRU[dict[str, Any]] = field(
         default_factory=lambda: ByteLRU(
             512 << 20, lambda s: sum(t.numel() * t.element_size() for t in s.values())
@@ -258,41 +274,59 @@ class ServiceState:
             while len(self.seen) > MAX_DEVICES_SEEN:
                 self.unsaved.pop(self.seen.popitem(last=False)[0], None)
 
-    def _unsaved_rows(self) -> list[tuple[str, str, int, float]]:
-        """The devices seen since their row was saved, as :meth:`FleetWatch.save_devices` takes them. Caller
-        holds the lock, and calls :meth:`mark_saved` once the rows committed."""
-        return [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
+    def _unsaved(self) -> tuple[list[tuple[str, str, int, float]], dict[str, int]]:
+        """What no transaction carried yet: the devices seen since their row was saved (as
+        :meth:`FleetWatch.save_devices` takes them) and the kept counters. Caller holds the lock, and passes
+        both to :meth:`mark_saved` once they committed."""
+        rows = [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
+        return rows, {k: v for k, v in self.counters.items() if kept_counter(k)}
 
-    def mark_saved(self, rows: list[tuple[str, str, int, float]]) -> None:
-        """The devices' rows committed: no longer unsaved, unless seen again since. Caller holds the lock."""
+    def mark_saved(self, saved: tuple[list[tuple[str, str, int, float]], dict[str, int]]) -> None:
+        """The rows and counts of :meth:`_unsaved` committed: the devices are no longer unsaved, unless seen
+        again since. Caller holds the lock."""
+        rows, counts = saved
         for device, _, _, at in rows:
             if self.unsaved.get(device) == at:
                 del self.unsaved[device]
+        self.saved_counts = counts
 
-    def save_counts(self, extra: Mapping[str, int]) -> list[tuple[str, str, int, float]]:
-        """Inside the caller's transaction (an accepted upload's), with the lock held: the kept counters,
-        ``extra`` (what the transaction adds: not counted in memory until it committed) included, and the devices
-        seen since their last save; no sync of their own. Returns the devices' rows: pass them to
-        :meth:`mark_saved` once the transaction committed."""
-        rows = self._unsaved_rows()
+    def _save_unsaved(self, rows: list[tuple[str, str, int, float]], counts: Mapping[str, int]) -> None:
+        """Write devices seen and kept counters, joining the caller's transaction (no sync of their own there)."""
         if self.history is not None:
-            counts = Counter(self.counters)
-            counts.update(extra)
             self.history.save_counters(counts)
         if self.watch is not None:
             self.watch.save_devices(rows)
-        return rows
 
-    def save_seen(self) -> None:
-        """Store the devices seen since their last save, in a transaction of their own: when the service stops
-        cleanly (a report or an accepted upload saves them in its transaction otherwise)."""
-        if self.watch is None:
-            return
+    def save_counts(
+        self, extra: Mapping[str, int]
+    ) -> tuple[list[tuple[str, str, int, float]], dict[str, int]]:
+        """Inside the caller's transaction (an accepted upload's), with the lock held: the kept counters,
+        ``extra`` (what the transaction adds: not counted in memory until it committed) included, and the devices
+        seen since their last save; no sync of their own. Returns what it wrote: pass it to :meth:`mark_saved`
+        once the transaction committed."""
+        rows, counts = self._unsaved()
+        for k, v in extra.items():
+            counts[k] = counts.get(k, 0) + v
+        self._save_unsaved(rows, counts)
+        return rows, counts
+
+    def flush_watch(self) -> bool:
+        """Store the devices seen and the kept counters that no report, upload, close or abort carried (a
+        download-only contact, a refused upload or SecAgg message, an accepted masked input), in a transaction
+        of their own; nothing (no sync) when nothing changed since the last save. The running service calls it
+        every :attr:`flush_every_s` and when it stops cleanly, so a crash loses at most that period's. True if
+        it wrote."""
+        if self.watch is None and self.history is None:
+            return False
         with self.lock:
-            rows = self._unsaved_rows()
-        self.watch.save_devices(rows)
+            rows, counts = self._unsaved()
+        if not rows and counts == self.saved_counts:
+            return False
+        with self.registry.transaction():
+            self._save_unsaved(rows, counts)
         with self.lock:
-            self.mark_saved(rows)
+            self.mark_saved((rows, counts))
+        return True
 
     def close_summary(
         self,
@@ -385,8 +419,8 @@ class ServiceState:
         """Keep a device's report and feed its drift ``summary`` (if any) to the model's monitor; returns the
         drift window it closed, if it closed one.
 
-        One transaction stores the report, the monitor's window (or the window it closed and its alerts) and
-        the devices seen since their last save, before the service acknowledges it: all of it survives a
+        One transaction stores the report, the monitor's window (or the window it closed and its alerts), the
+        devices seen since their last save and the kept counters, before the service acknowledges it: all of it survives a
         restart, and no part without the rest. A summary the monitor refuses (InvalidUpdate, 422) stores
         nothing. Reports are taken one at a time (:attr:`report_lock`), so the rows are written in the order
         the monitor took them; the monitor is put back as it was if the transaction fails. :attr:`lock` is
@@ -402,7 +436,7 @@ class ServiceState:
                     undo = (mon, mon.live_window(), list(mon.history))
                     closed = mon.ingest(summary, device=device)  # type: ignore[arg-type]
                     del mon.history[:-MAX_DRIFT_HISTORY]
-                rows = self._unsaved_rows()
+                unsaved = self._unsaved()
             alerts = [
                 {"model": model, "alert": a, "at": time.time(), "version": report["version"]}
                 for a in (closed.alerts if closed is not None else ())
@@ -415,7 +449,7 @@ class ServiceState:
                         if mon is not None:
                             self.watch.save_window(model, mon, device, closed)
                         self.watch.add_alerts(alerts)
-                        self.watch.save_devices(rows)
+                    self._save_unsaved(*unsaved)
             except BaseException:
                 if undo is not None:
                     with self.lock:
@@ -424,7 +458,7 @@ class ServiceState:
                         mon.history[:] = history
                 raise
             with self.lock:
-                self.mark_saved(rows)
+                self.mark_saved(unsaved)
                 kept = self.reports.setdefault(model, [])
                 kept.append(report)
                 del kept[:-MAX_REPORTS]
@@ -439,6 +473,7 @@ class ServiceState:
                 self.watch.set_monitor(model, monitor)
             with self.lock:
                 self.monitors[model] = monitor
+                self.unreadable_monitors.pop(model, None)
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
@@ -454,22 +489,28 @@ class ServiceState:
             for model, reports in loaded.reports.items():
                 self.reports[model] = reports[-MAX_REPORTS:]
             self.counters.update(loaded.counters)
+            self.saved_counts = {k: v for k, v in self.counters.items() if kept_counter(k)}
             if loaded.refused:
                 self.counters["errors.history_unreadable"] += len(loaded.refused)
 
     def load_watch(self, watch: FleetWatch) -> None:
         """Take the stored devices seen, drift monitors (windows and history) and alerts (at start), and
         :attr:`watch` to store what comes next. A row that cannot be read is left out with a warning, counted
-        with the history's (``errors.history_unreadable``)."""
+        with the history's (``errors.history_unreadable``); a monitor whose settings cannot be read is named in
+        :attr:`unreadable_monitors` (the operator sees it), one whose open window's counts cannot be read keeps
+        its reference and starts an empty window (stored so)."""
         loaded = watch.load()
         for line in loaded.refused:
             log.warning("%s", line)
+        for model in loaded.restarted_windows:
+            watch.restart_window(model)
         with self.lock:
             self.watch = watch
             for device, cohort, requests, at in loaded.devices:
                 self.seen.pop(device, None)
                 self.seen[device] = (cohort, requests, at)
             self.monitors.update(loaded.monitors)
+            self.unreadable_monitors.update(loaded.unreadable_monitors)
             self.alerts.extend(loaded.alerts)
             if loaded.refused:
                 self.counters["errors.history_unreadable"] += len(loaded.refused)
@@ -519,6 +560,10 @@ class ServiceState:
                 "accepted": self.counters.get("uploads.accepted", 0),
                 "accepted_secagg_masked": self.counters.get("secagg.masked", 0),
             }
+            # SecAgg messages the protocol refused (out of order: 409; cannot go on: 422), once there are any
+            for name in ("secagg.refused", "secagg.refused_order"):
+                if self.counters.get(name):
+                    uploads[name.replace(".", "_")] = self.counters[name]
             uploads.update(
                 {
                     k.removeprefix("rejected."): v
@@ -561,6 +606,7 @@ class ServiceState:
                 ],
                 "uploads": uploads,
                 "drift": {m: [r.to_dict() for r in mon.history] for m, mon in sorted(self.monitors.items())},
+                "drift_unreadable": dict(sorted(self.unreadable_monitors.items())),
                 "alerts": list(self.alerts),
             }
 
@@ -769,12 +815,29 @@ def create_app(
         auto_error=False, description="device token (device endpoints) or admin token (/admin)"
     )
 
+    async def flush_periodically() -> None:
+        """Every :attr:`ServiceState.flush_every_s`: the contacts and counts no transaction carried."""
+        while True:
+            await asyncio.sleep(state.flush_every_s)
+            try:
+                await run_in_threadpool(state.flush_watch)
+            except sqlite3.Error as exc:  # a busy or full disk: tried again next period, the service goes on
+                state.counters["errors.database"] += 1
+                log.warning("the fleet's contacts and counts could not be saved (%s); retrying", exc)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        """On a clean stop (an upgrade, SIGTERM): save the last contacts not yet written with a report or an
-        upload, so a restart shows every device as last seen."""
-        yield
-        await run_in_threadpool(state.save_seen)
+        """While the service runs, save the contacts and counts no report, upload, close or abort carried
+        every :attr:`ServiceState.flush_every_s` (a crash loses at most that); on a clean stop (an upgrade,
+        SIGTERM), the last of them, so a restart shows every device as last seen and every count."""
+        flusher = asyncio.create_task(flush_periodically())
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await run_in_threadpool(state.flush_watch)
 
     app = FastAPI(
         lifespan=lifespan,
@@ -1157,6 +1220,8 @@ def create_app(
     def stats() -> dict[str, Any]:
         return {
             "counters": dict(state.counters),
+            # the stored drift monitors that could not be read at start (their reference must be set again)
+            "drift_unreadable": dict(state.unreadable_monitors),
             "rounds": {
                 m: {"round": r.number, "base_version": r.base_version, "uploads": len(r.devices)}
                 for m, r in state.rounds.items()
@@ -1168,6 +1233,13 @@ def create_app(
     )
     def drift_history(model: ModelName) -> list[dict[str, Any]]:
         mon = state.monitors.get(model)
+        if mon is None and model in state.unreadable_monitors:
+            raise HTTPException(
+                409,
+                f"{model!r}'s stored drift monitor could not be read at start ({state.unreadable_monitors[model]}); "
+                f"its reports feed no monitor until its reference is set again "
+                f"(PUT /admin/models/{model}/drift-reference)",
+            )
         if mon is None:
             raise NotFound(f"no drift reference set for {model!r}")
         return [r.to_dict() for r in mon.history]

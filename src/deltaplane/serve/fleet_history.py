@@ -22,10 +22,11 @@ holds, with the same bounds:
 * ``fleet_reports``: the devices' reports (``POST /v1/models/{m}/report``: metrics such as
   ``holdout_accuracy``), one per device per version (a later report replaces it), the last
   :data:`MAX_REPORTS` per model.
-* ``fleet_counters``: uploads accepted and refused by reason, saved inside the transactions the service makes
-  anyway: each round's close or abort and each accepted upload (its row's transaction; no sync of its own,
-  none per refusal: a flood of refused requests costs no disk write). A crash loses only the refusals (and
-  SecAgg masked inputs, which are never written to disk) counted since the last of those.
+* ``fleet_counters``: uploads accepted and refused by reason (:func:`kept_counter`), saved inside the
+  transactions the service makes anyway: each round's close or abort, each report and each accepted upload (no
+  sync of their own, none per refusal: a flood of refused requests costs no disk write), else by the running
+  service's periodic flush (``ServiceState.flush_watch``: at most one transaction a period, none while nothing
+  changed). A crash loses only what was counted since the last of those.
 
 Rows carry a ``format`` number: 1 for a published round's row (this morning's layout, still written, so an
 older deltaplane keeps reading them), 2 for a round that ended without publishing (an older deltaplane refuses
@@ -104,9 +105,14 @@ class HistoryRowError(IntegrityError):
     """A stored fleet-history row cannot be read (written by a newer deltaplane, or damaged)."""
 
 
+#: the counters kept besides ``rejected.*``: accepted plain uploads and SecAgg masked inputs, and the SecAgg
+#: messages the protocol refused (out of order: 409; cannot go on: 422)
+_KEPT = ("uploads.accepted", "secagg.masked", "secagg.refused", "secagg.refused_order")
+
+
 def kept_counter(name: str) -> bool:
     """Whether counter ``name`` is saved with the history: uploads by outcome, as the Fleet page lists them."""
-    return name in ("uploads.accepted", "secagg.masked") or name.startswith("rejected.")
+    return name in _KEPT or name.startswith("rejected.")
 
 
 def _migrate(con: Any) -> None:
@@ -275,10 +281,13 @@ class FleetHistory:
 
     def save_counters(self, counters: Mapping[str, int]) -> None:
         """Store the kept ``counters`` (:func:`kept_counter`); joins the caller's transaction, so it costs no
-        sync of its own there (the service calls it with each close, abort and accepted upload)."""
+        sync of its own there (the service calls it with each close, abort, report and accepted upload, and
+        its periodic flush). A counter only grows, so a stored value is never lowered: two writers whose
+        snapshots commit out of order (a flush taken before an upload, committed after it) keep the larger."""
         with self.registry.transaction() as con:
             con.executemany(
-                "INSERT OR REPLACE INTO fleet_counters (name, value) VALUES (?,?)",
+                "INSERT INTO fleet_counters (name, value) VALUES (?,?) ON CONFLICT (name) "
+                "DO UPDATE SET value = max(value, excluded.value)",
                 [(k, int(v)) for k, v in counters.items() if kept_counter(k)],
             )
 

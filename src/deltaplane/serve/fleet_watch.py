@@ -12,9 +12,11 @@ adds a transaction per report:
 
 * ``fleet_devices``: one row per device (cohort, authenticated requests, last contact), the
   :data:`MAX_DEVICES_SEEN` most recently seen. A request is counted in memory; the devices seen since the last
-  save are written *inside the next transaction the service makes anyway* (a report, an accepted upload) and
-  when the service stops cleanly, so a device that only downloads adds no disk write. A crash loses the last
-  contacts made since that transaction (a restart then shows such a device's earlier contact).
+  save are written *inside the next transaction the service makes anyway* (a report, an accepted upload), else
+  by the running service's periodic flush (every ``ServiceState.flush_every_s``, 5 s, only when something
+  changed: at most one sync a period, none while idle) and when the service stops cleanly, so a device that
+  only downloads adds no write of its own. A crash loses at most the contacts of the last period (a restart
+  then shows such a device's earlier contact). The fleet history's kept counters ride along the same way.
 * ``drift_monitors``: a model's monitor (spec, reference, parameters: ``PUT .../drift-reference``, its own
   transaction) and the open window's report counts; ``drift_live``: the open window's merged summary of each
   device in it (written in the report's transaction: one row per report, never the whole window);
@@ -97,6 +99,10 @@ class LoadedWatch:
     monitors: dict[str, DriftMonitor] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    #: models whose monitor could not be rebuilt (its spec, reference or parameters unreadable) -> why
+    unreadable_monitors: dict[str, str] = field(default_factory=dict)
+    #: models whose monitor was rebuilt but whose open window's counts could not be read: it starts empty
+    restarted_windows: list[str] = field(default_factory=list)
 
 
 class FleetWatch:
@@ -110,14 +116,18 @@ class FleetWatch:
                 con.execute(stmt)
 
     def save_devices(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
-        """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent."""
+        """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent.
+        A row older than the stored one is not written: two writers whose snapshots commit out of order (the
+        periodic flush and a report) leave the newer contact."""
         rows = list(rows)
         if not rows:
             return
         with self.registry.transaction() as con:
             con.executemany(
-                "INSERT OR REPLACE INTO fleet_devices (device, format, cohort, requests, last_seen) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT INTO fleet_devices (device, format, cohort, requests, last_seen) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (device) DO UPDATE SET format=excluded.format, cohort=excluded.cohort, "
+                "requests=excluded.requests, last_seen=excluded.last_seen "
+                "WHERE excluded.last_seen >= fleet_devices.last_seen",
                 [(d, _FORMAT, c, int(n), float(t)) for d, c, n, t in rows],
             )
             con.execute(
@@ -136,6 +146,14 @@ class FleetWatch:
             )
             con.execute("DELETE FROM drift_live WHERE model=?", (model,))
             con.execute("DELETE FROM drift_windows WHERE model=?", (model,))
+
+    def restart_window(self, model: str) -> None:
+        """Empty ``model``'s stored open window (its counts and devices' summaries), keeping its monitor and
+        closed windows: at start, when the window's counts could not be read (:attr:`LoadedWatch.
+        restarted_windows`), so the next restart reads the window the service then holds."""
+        with self.registry.transaction() as con:
+            con.execute("UPDATE drift_monitors SET reports=0, anonymous=0 WHERE model=?", (model,))
+            con.execute("DELETE FROM drift_live WHERE model=?", (model,))
 
     def save_window(self, model: str, monitor: DriftMonitor, device: str, closed: DriftReport | None) -> None:
         """After ``monitor`` took a report from ``device``: that device's merged summary in the open window, or,
@@ -212,39 +230,59 @@ class FleetWatch:
         return out
 
     def _load_monitors(self, out: LoadedWatch) -> None:
-        """Each model's monitor with its open window and closed windows; a monitor that cannot be rebuilt is
-        left out with its window and history (its reports then feed nothing until a new reference is set)."""
+        """Each model's monitor with its open window and closed windows. A monitor whose settings (spec,
+        reference, parameters) cannot be read is left out with its window and history, and named in
+        ``unreadable_monitors`` (its reports feed nothing until a new reference is set: the service shows it);
+        one whose open window's counts cannot be read keeps its reference and history and starts an empty
+        window (named in ``restarted_windows``): the reports of that window are lost, not the monitor."""
         for model, fmt, text, reports, anonymous in self.registry.query(
             "SELECT model, format, settings, reports, anonymous FROM drift_monitors ORDER BY model"
         ):
             try:
                 settings = decode_row("drift_monitors", model, fmt, text, _SETTINGS, checks={})
-                if not (is_int(reports) and is_int(anonymous) and reports >= 0 and anonymous >= 0):
-                    raise HistoryRowError(f"fleet history row {model} of drift_monitors holds bad counts")
                 mon = DriftMonitor.from_settings(settings)
             except (HistoryRowError, DeltaplaneError, KeyError, TypeError, ValueError) as exc:
-                out.refused.append(f"{exc} (the drift monitor of {model!r}); left out")
+                why = f"{exc} (the drift monitor of {model!r})"
+                out.refused.append(f"{why}; left out")
+                out.unreadable_monitors[model] = why
                 continue
-            live: dict[str, Summary] = {}
-            for device, fmt, text in self.registry.query(
-                "SELECT device, format, summary FROM drift_live WHERE model=? ORDER BY device", (model,)
-            ):
-                try:
-                    data = decode_row("drift_live", device, fmt, text, (), checks={})
-                    summary = Summary(**data)
-                    summary.validate(mon.spec)
-                except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
-                    out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
-                    continue
-                live[device] = summary
-            mon.resume_window(live, reports, anonymous)
-            for row_id, fmt, text in self.registry.query(
-                "SELECT id, format, report FROM drift_windows WHERE model=? ORDER BY id", (model,)
-            ):
-                try:
-                    data = decode_row("drift_windows", row_id, fmt, text, _REPORT, checks=_REPORT_CHECKS)
-                except HistoryRowError as exc:
-                    out.refused.append(f"{exc} (a drift window of {model!r}); left out")
-                    continue
-                mon.history.append(DriftReport(**{k: data[k] for k in _REPORT}))
+            if is_int(reports) and is_int(anonymous) and reports >= 0 and anonymous >= 0:
+                self._load_window(out, model, mon, reports, anonymous)
+            else:
+                out.refused.append(
+                    f"fleet history row {model} of drift_monitors holds bad counts ({reports!r}, {anonymous!r}) "
+                    f"(the open drift window of {model!r}); its reference is kept, its open window restarted"
+                )
+                out.restarted_windows.append(model)
+            self._load_history(out, model, mon)
             out.monitors[model] = mon
+
+    def _load_window(
+        self, out: LoadedWatch, model: str, mon: DriftMonitor, reports: int, anonymous: int
+    ) -> None:
+        """Resume ``mon``'s open window from its stored devices' summaries (a row it cannot read is left out)."""
+        live: dict[str, Summary] = {}
+        for device, fmt, text in self.registry.query(
+            "SELECT device, format, summary FROM drift_live WHERE model=? ORDER BY device", (model,)
+        ):
+            try:
+                data = decode_row("drift_live", device, fmt, text, (), checks={})
+                summary = Summary(**data)
+                summary.validate(mon.spec)
+            except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
+                out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
+                continue
+            live[device] = summary
+        mon.resume_window(live, reports, anonymous)
+
+    def _load_history(self, out: LoadedWatch, model: str, mon: DriftMonitor) -> None:
+        """``mon``'s closed windows, oldest first (a row it cannot read is left out)."""
+        for row_id, fmt, text in self.registry.query(
+            "SELECT id, format, report FROM drift_windows WHERE model=? ORDER BY id", (model,)
+        ):
+            try:
+                data = decode_row("drift_windows", row_id, fmt, text, _REPORT, checks=_REPORT_CHECKS)
+            except HistoryRowError as exc:
+                out.refused.append(f"{exc} (a drift window of {model!r}); left out")
+                continue
+            mon.history.append(DriftReport(**{k: data[k] for k in _REPORT}))

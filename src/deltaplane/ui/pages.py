@@ -857,6 +857,13 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 table_id=f"drift-table-{model}",
             )
         )
+    # a stored monitor the service could not read at start: without this the model read as never monitored
+    for model, why in sorted(fleet.get("drift_unreadable", {}).items()):
+        drift_parts.append(
+            f"<h3>{escape(model)}</h3><p class='bad' data-field='drift-unreadable'>its stored drift monitor "
+            f"could not be read at start ({escape(why)}); its reports feed no monitor until its reference is "
+            f"set again (PUT /admin/models/{escape(model)}/drift-reference)</p>"
+        )
     alerts = [
         f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{escape(str(a.get('version', '')))}</td>"
         f"<td>{_when(a.get('at'))}</td></tr>"
