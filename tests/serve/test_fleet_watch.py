@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -510,3 +511,28 @@ def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
     _monitored(svc, model="other")
     assert svc.admin._get("/admin/models/other/drift") == []
     assert "drift-unreadable" not in svc.http.get("/ui/fleet", headers=BEARER).text
+
+
+def test_the_periodic_flush_survives_an_unexpected_error(tmp_path, monkeypatch) -> None:
+    """Only a database error was caught around the periodic flush: any other exception (a bug, a value the
+    watch could not encode) ended its task for good, silently, and no later period saved anything. Now the
+    error is logged and counted, and the next period tries again."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    state.flush_every_s = 0.02
+    calls = []
+
+    def failing_once() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("an unexpected failure")
+        return False
+
+    monkeypatch.setattr(state, "flush_watch", failing_once)
+    errors = state.counters["errors.database"]
+    with TestClient(svc.app):
+        deadline = time.monotonic() + 20
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(calls) >= 3  # the periodic flush went on after the failure (the clean stop adds one more)
+    assert state.counters["errors.database"] == errors + 1

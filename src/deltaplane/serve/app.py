@@ -824,6 +824,9 @@ def create_app(
             except sqlite3.Error as exc:  # a busy or full disk: tried again next period, the service goes on
                 state.counters["errors.database"] += 1
                 log.warning("the fleet's contacts and counts could not be saved (%s); retrying", exc)
+            except Exception:  # anything else must not end the task silently: later periods still save
+                state.counters["errors.database"] += 1
+                log.exception("the fleet's contacts and counts could not be saved; retrying next period")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
