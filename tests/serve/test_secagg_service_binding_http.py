@@ -74,10 +74,15 @@ def test_a_device_that_does_not_state_the_binding_is_refused_an_authenticated_ro
         assert exc.value.status == 409
         assert "binds every signature to this service's identity" in exc.value.detail
         assert (
-            "does not state one (it is older)" in exc.value.detail
+            "does not state one (it is older: its signatures would name the model and round alone)"
+            in exc.value.detail
             and "upgrade the device" in exc.value.detail
         )
-    with pytest.raises(ServiceError, match="states '2'"):
+    with pytest.raises(ServiceError, match="states '0'; upgrade the device"):
+        old.request("GET", f"/v1/models/cnn/secagg/{rnd}", headers={BINDING_HEADER: "0"})
+    with pytest.raises(
+        ServiceError, match="uses service binding 2; upgrade the service to a release that uses 2"
+    ):
         old.request("GET", f"/v1/models/cnn/secagg/{rnd}", headers={BINDING_HEADER: "2"})
     # an unauthenticated round signs nothing, so an older device still takes part in one
     plain = _open(service, names, authenticated=False)

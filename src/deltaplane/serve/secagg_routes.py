@@ -549,15 +549,24 @@ def install_secagg_routes(
         service's identity (:mod:`deltaplane.serve.service_identity`): a device of an older release signs over
         ``model/round`` alone, which verifies in another service's round of the same model and number, so it
         must be upgraded, never let run the round under that weaker binding."""
-        if r.endpoint.server.authenticated and request.headers.get(BINDING_HEADER) != str(SERVICE_BINDING):
-            stated = request.headers.get(BINDING_HEADER)
-            said = "does not state one (it is older)" if stated is None else f"states {stated[:16]!r}"
-            raise HTTPException(
-                409,
-                f"authenticated SecAgg round {r.number} binds every signature to this service's identity "
-                f"(service binding {SERVICE_BINDING}, header {BINDING_HEADER}) and this device {said}: its "
-                "signed advertisement would name the model and round alone; upgrade the device",
+        stated = request.headers.get(BINDING_HEADER)
+        if not r.endpoint.server.authenticated or stated == str(SERVICE_BINDING):
+            return
+        if stated is None:
+            said = "does not state one (it is older: its signatures would name the model and round alone)"
+            fix = "upgrade the device"
+        elif stated.isdecimal() and len(stated) < 8 and int(stated) > SERVICE_BINDING:
+            said, fix = (
+                f"uses service binding {stated}",
+                f"upgrade the service to a release that uses {stated}",
             )
+        else:
+            said, fix = f"states {stated[:16]!r}", "upgrade the device"
+        raise HTTPException(
+            409,
+            f"authenticated SecAgg round {r.number} binds every signature to this service's identity (service "
+            f"binding {SERVICE_BINDING}, header {BINDING_HEADER}) and this device {said}; {fix}",
+        )
 
     def round_governance(r: SecAggRound, survivors: list[int]) -> tuple[Governance, dict[str, Any]]:
         """The governance and lineage of the version a round publishes: the base's cohorts and those of the
