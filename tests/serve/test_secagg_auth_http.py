@@ -26,6 +26,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
+from deltaplane.serve.service_identity import BINDING_HEADER
 
 EXPIRES = 4_000_000_000
 
@@ -133,16 +134,24 @@ def test_invitations_and_advertisements_that_do_not_match_the_enrollment_are_ref
         SecAggDevice(service.device("a"), "cnn", rnd)
     # the service takes only signed advertisements, certified for the token's device
     a = service.device("a")
-    cfg = SecAggConfig.from_dict(a.request("GET", f"/v1/models/cnn/secagg/{rnd}").json()["config"])
+    binding = {BINDING_HEADER: "1"}  # as a device of this release says (SecAggDevice sends it)
+    cfg = SecAggConfig.from_dict(
+        a.request("GET", f"/v1/models/cnn/secagg/{rnd}", headers=binding).json()["config"]
+    )
     unsigned = AdvertiseKeys(
         rnd, 0, *(lambda m: (m.c_public, m.s_public))(SecAggClient(0, cfg).advertise_keys())
     )
     with pytest.raises(ServiceError) as err:
-        a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=unsigned.to_bytes())
+        a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=unsigned.to_bytes(), headers=binding)
     assert err.value.status == 422 and "takes signed ones" in err.value.detail
     as_b = SecAggClient(0, cfg, credentials=_creds(authority, "b"), session=f"cnn/{rnd}".encode())
     with pytest.raises(ServiceError) as err:
-        a.request("POST", f"/v1/models/cnn/secagg/{rnd}/keys", content=as_b.advertise_keys().to_bytes())
+        a.request(
+            "POST",
+            f"/v1/models/cnn/secagg/{rnd}/keys",
+            content=as_b.advertise_keys().to_bytes(),
+            headers=binding,
+        )
     assert err.value.status == 422 and "certified for device 'b'" in err.value.detail
 
 

@@ -25,6 +25,7 @@ from deltaplane.errors import (
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
+from deltaplane.serve.service_identity import PEER_CERTIFICATE, peer_certificate
 
 if TYPE_CHECKING:
     import torch
@@ -175,11 +176,17 @@ class DeviceClient:
         request = self._http.build_request(method, path, **kw)
         resp = self._http.send(request, stream=True)
         try:
+            # the service's TLS certificate, read while the connection is open: what SecAgg signatures name
+            # (deltaplane.serve.service_identity)
+            cert = peer_certificate(resp)
             body = _read_capped(resp, self.max_response_bytes, f"{method} {path}")
         finally:
             resp.close()
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _FRAMING]
-        return httpx.Response(resp.status_code, headers=headers, content=body, request=request)
+        extensions = {PEER_CERTIFICATE: cert} if cert else {}
+        return httpx.Response(
+            resp.status_code, headers=headers, content=body, request=request, extensions=extensions
+        )
 
     def _download(
         self, model: str, *, have: int | None, channel: str, nonce: str
@@ -272,9 +279,18 @@ class DeviceClient:
         self.version, self.state, self.sha256 = dl.version, state, dl.target_sha256
         return dl.version, state
 
-    def request(self, method: str, path: str, *, content: bytes | None = None) -> httpx.Response:
-        """An authenticated request to any device endpoint; an error status raises :class:`ServiceError`."""
-        headers = dict(self._headers)
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """An authenticated request to any device endpoint (with ``headers`` besides the token); an error status
+        raises :class:`ServiceError`. Over TLS the answer's ``extensions`` hold the certificate the service
+        presented (:data:`~deltaplane.serve.service_identity.PEER_CERTIFICATE`)."""
+        headers = {**(headers or {}), **self._headers}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
         return _check(self._send(method, path, content=content, headers=headers))

@@ -6,6 +6,10 @@ fetches the invitation and accepts or refuses it (before the device trains: :met
 quantizes the device's update into the ring *on the device*, and carries each stage's
 messages. Only masked or encrypted bytes leave the device. A stage whose input is not ready yet (the server has
 not closed the previous stage) answers 409; ``wait`` retries until it is, up to a deadline.
+
+In an authenticated round the device binds its signatures to the service it reached, as it saw it itself
+(:mod:`deltaplane.serve.service_identity`: the TLS key the service presented, else its address), so a signed
+advertisement replayed into another service's round of the same model and number does not verify there.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import numpy as np
 
 from deltaplane.aggregation.secagg import (
     DeviceCredentials,
     DeviceEndpoint,
     RingEncoding,
+    SecAggAuthError,
     SecAggConfig,
     check_device_policy,
 )
@@ -29,8 +35,18 @@ from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.delta import Delta
 from deltaplane.errors import DecodeError, DeltaplaneError
 from deltaplane.serve.client import DeviceClient, ServiceError
+from deltaplane.serve.service_identity import (
+    BINDING_HEADER,
+    SERVICE_BINDING,
+    service_identity,
+    service_session,
+)
 
 __all__ = ["SecAggDevice"]
+
+#: sent with every request of a round: the service binding this device signs with (the service refuses an
+#: authenticated round to a device that does not send it)
+_BINDING = {BINDING_HEADER: str(SERVICE_BINDING)}
 
 
 class SecAggDevice:
@@ -54,6 +70,8 @@ class SecAggDevice:
             signs its key advertisement and refuses a roster whose neighbours it cannot authenticate
             (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`). With credentials the device refuses an
             unauthenticated invitation; without, an authenticated one (it could not sign): both before training.
+            It also refuses, before training, a service that does not bind rounds to its identity (one from
+            before :data:`~deltaplane.serve.service_identity.SERVICE_BINDING`).
     """
 
     def __init__(
@@ -73,9 +91,14 @@ class SecAggDevice:
         self.round_id = round_id
         self.wait = wait
         self._path = f"/v1/models/{model}/secagg/{round_id}"
-        self.invitation = client.request("GET", self._path).json()
+        answer = client.request("GET", self._path, headers=_BINDING)
+        self.invitation = answer.json()
+        #: authenticated rounds: the service as this device saw it when it fetched the invitation, what its
+        #: signatures name (:func:`~deltaplane.serve.service_identity.service_identity`); None: nothing is signed
+        self.service: str | None = None
         self.endpoint = self._accept_invitation(
             self.invitation,
+            answer,
             randbytes=randbytes,
             min_inputs=min_inputs,
             min_range=min_range,
@@ -88,6 +111,7 @@ class SecAggDevice:
     def _accept_invitation(
         self,
         inv: Any,
+        answer: httpx.Response,
         *,
         randbytes: Callable[[int], bytes],
         min_inputs: int,
@@ -97,7 +121,8 @@ class SecAggDevice:
         """The device's endpoint for the invitation ``inv``, once the device accepts it: a graph and threshold
         that cannot let the server unmask it (:func:`check_device_policy`), a ring range and weighting its own
         distributed DP allows (``min_range``, :class:`DeviceEndpoint`), and the device's own SecAgg message
-        version (``secagg_version``). Raises :class:`SecAggError` for a round the device refuses,
+        version (``secagg_version``), and in an authenticated round its service binding; ``answer`` (the HTTP
+        answer that carried ``inv``) says which service this device reached. Raises :class:`SecAggError` for a round the device refuses,
         :class:`DecodeError` for JSON that is not an invitation; nothing is sent."""
         # first: a service of another message version would refuse every message (or send ones this device
         # refuses), so the device learns it here, before it trains
@@ -140,6 +165,9 @@ class SecAggDevice:
             "upload one there, POST /admin/secagg/revocations, or give the device the file `deltaplane keys "
             "revoke` issues)",
         )
+        if credentials is not None:
+            self._check_service_binding(inv.get("service_binding"))
+            self.service = service_identity(answer)
         return DeviceEndpoint(
             client_id,
             self.config,
@@ -148,7 +176,33 @@ class SecAggDevice:
             min_inputs=min_inputs,
             min_range=min_range,
             credentials=credentials,
-            session=f"{self.model}/{self.round_id}".encode(),  # the service never reuses a round number
+            # the service never reuses a round number, its identity tells it from another service's round (an
+            # unauthenticated round signs nothing: its binding is never used)
+            session=b"" if self.service is None else service_session(self.service, self.model, self.round_id),
+        )
+
+    def _check_service_binding(self, stated: object) -> None:
+        """Refuse, before training, an authenticated round of a service that does not bind its rounds to its
+        identity as this device does (:class:`SecAggAuthError`): this device's signatures would not verify at
+        devices of that service's release, and theirs (bound to ``model/round`` alone) not here."""
+        if stated == SERVICE_BINDING and type(stated) is int:
+            return
+        if isinstance(stated, int) and not isinstance(stated, bool) and stated > SERVICE_BINDING:
+            said, fix = (
+                f"uses service binding {stated}",
+                f"upgrade this device to a release that uses {stated}",
+            )
+        else:
+            said = (
+                "states none (it is older: it binds rounds to model and round alone, where a signed "
+                "advertisement would verify in another service's round)"
+                if stated is None
+                else f"uses service binding {stated!r}"
+            )
+            fix = f"upgrade the service to a release that uses {SERVICE_BINDING}"
+        raise SecAggAuthError(
+            f"refusing authenticated SecAgg round {self.round_id}: this device binds its signatures to the "
+            f"service's identity (service binding {SERVICE_BINDING}) and the service {said}; {fix}"
         )
 
     @property
@@ -166,7 +220,7 @@ class SecAggDevice:
         deadline = time.monotonic() + self.wait
         while True:
             try:
-                return self.client.request("GET", f"{self._path}/{what}").content
+                return self.client.request("GET", f"{self._path}/{what}", headers=_BINDING).content
             except ServiceError as exc:
                 if exc.status != 409 or time.monotonic() >= deadline:
                     raise
@@ -174,7 +228,7 @@ class SecAggDevice:
 
     def post(self, what: str, body: bytes) -> None:
         """Send a stage's message (``keys``, ``shares``, ``masked``, ``unmask``); refusals raise ServiceError."""
-        self.client.request("POST", f"{self._path}/{what}", content=body)
+        self.client.request("POST", f"{self._path}/{what}", content=body, headers=_BINDING)
         self.bytes_sent += len(body)
 
     def set_update(self, delta: Delta, weight: int, rng: np.random.Generator | None = None) -> None:

@@ -17,7 +17,10 @@ Device endpoints (``Authorization: Bearer <device token>``; only invited devices
   (number, base version, nonce) or SecAgg (number, base version, current stage; only rounds it is invited to),
   so a device agent that polls one endpoint learns what to do next (:mod:`deltaplane.serve.fleet`).
 * ``GET  /v1/models/{model}/secagg/{round}`` — the invitation: ``client_id``, ``config``, ``encoding``, stage,
-  ``secagg_version`` (the message version; a device of another version refuses the round here, before training).
+  ``secagg_version`` (the message version; a device of another version refuses the round here, before training),
+  ``service_binding`` (an authenticated round's signatures name this service as each device saw it:
+  :mod:`deltaplane.serve.service_identity`; a device that does not send ``X-Deltaplane-SecAgg-Binding: 1`` is
+  refused such a round, 409, here and at ``keys``).
 * ``POST /v1/models/{model}/secagg/{round}/keys`` — ``AdvertiseKeys`` (``SignedAdvertiseKeys`` in an
   authenticated round: its certificate must name the token's device).
 * ``GET  /v1/models/{model}/secagg/{round}/roster`` — ``KeyRoster`` (``SignedKeyRoster`` in an authenticated
@@ -123,6 +126,7 @@ from deltaplane.serve.rounds import (
     undo_on_failure,
 )
 from deltaplane.serve.rounds_store import RoundStore
+from deltaplane.serve.service_identity import BINDING_HEADER, SERVICE_BINDING
 from deltaplane.serve.service_store import ServiceStore
 
 __all__ = ["FINISHED_KEPT", "FinishedRound", "SecAggRound", "install_secagg_routes"]
@@ -286,6 +290,14 @@ class Invitation(BaseModel):
         description=(
             "the SecAgg message version this service speaks (5 since authenticated rounds): a device of another "
             "version refuses the round here, before it trains, as a mismatched message would be refused anyway"
+        )
+    )
+    service_binding: int = Field(
+        description=(
+            "1: in an authenticated round every device binds its signatures to this service's identity as it "
+            "saw it (the SHA-256 of the TLS key the service presented, else the service's address), so a "
+            "signed advertisement does not verify in another service's round; a device must send "
+            "X-Deltaplane-SecAgg-Binding: 1 to be invited to one (an older device is refused, 409)"
         )
     )
 
@@ -532,6 +544,30 @@ def install_secagg_routes(
         r.cohorts[ident.device_id] = ident.cohort
         return u
 
+    def require_binding(r: SecAggRound, request: Request) -> None:
+        """Refuse (409) an authenticated round to a device that does not say it binds its signatures to this
+        service's identity (:mod:`deltaplane.serve.service_identity`): a device of an older release signs over
+        ``model/round`` alone, which verifies in another service's round of the same model and number, so it
+        must be upgraded, never let run the round under that weaker binding."""
+        stated = request.headers.get(BINDING_HEADER)
+        if not r.endpoint.server.authenticated or stated == str(SERVICE_BINDING):
+            return
+        if stated is None:
+            said = "does not state one (it is older: its signatures would name the model and round alone)"
+            fix = "upgrade the device"
+        elif stated.isdecimal() and len(stated) < 8 and int(stated) > SERVICE_BINDING:
+            said, fix = (
+                f"uses service binding {stated}",
+                f"upgrade the service to a release that uses {stated}",
+            )
+        else:
+            said, fix = f"states {stated[:16]!r}", "upgrade the device"
+        raise HTTPException(
+            409,
+            f"authenticated SecAgg round {r.number} binds every signature to this service's identity (service "
+            f"binding {SERVICE_BINDING}, header {BINDING_HEADER}) and this device {said}; {fix}",
+        )
+
     def round_governance(r: SecAggRound, survivors: list[int]) -> tuple[Governance, dict[str, Any]]:
         """The governance and lineage of the version a round publishes: the base's cohorts and those of the
         devices whose input is in the sum, as a plain round records them, so a later withdrawal of any of
@@ -579,6 +615,8 @@ def install_secagg_routes(
             r = get_round(model, number)
             # in a worker thread: the consent check reads (and verifies) the signed state log in the database
             u = await run_in_threadpool(client_of, r, ident)
+            if cls is AdvertiseKeys:
+                require_binding(r, request)
             signed = cls is AdvertiseKeys and r.endpoint.server.authenticated
             body = await read_capped(request, (SignedAdvertiseKeys if signed else cls).max_bytes(r.config))
 
@@ -644,13 +682,15 @@ def install_secagg_routes(
         return OpenRounds(model=model, rounds=found)
 
     @router.get("/v1/models/{model}/secagg/{number}", tags=["secagg"], response_model=Invitation)
-    def invitation(model: ModelName, number: RoundId, ident: Device) -> Invitation:
+    def invitation(model: ModelName, number: RoundId, request: Request, ident: Device) -> Invitation:
         r = get_round(model, number)
+        client_id = client_of(r, ident)
+        require_binding(r, request)  # before the device trains
         return Invitation(
             model=model,
             round=number,
             base_version=r.base_version,
-            client_id=client_of(r, ident),
+            client_id=client_id,
             config=r.config.to_dict(),
             encoding={
                 "bits": r.encoding.bits,
@@ -660,6 +700,7 @@ def install_secagg_routes(
             stage=r.endpoint.stage,
             authenticated=r.endpoint.server.authenticated,
             secagg_version=MESSAGE_VERSION,
+            service_binding=SERVICE_BINDING,
         )
 
     @router.get("/v1/models/{model}/secagg/{number}/roster", tags=["secagg"], response_class=Response)

@@ -307,9 +307,9 @@ def _graph(n: int, degree: int | None, seed: int) -> dict[int, frozenset[int]]:
 
 def round_binding(config: SecAggConfig, session: bytes) -> bytes:
     """What a signed key advertisement is bound to (32 bytes): the round's public parameters (round id, graph
-    seed, sizes, threshold) and ``session``, the driver's name for the round (``model/round`` on the service,
-    whose database never reuses a round number). An advertisement signed for one round does not verify in
-    another whose parameters or session differ."""
+    seed, sizes, threshold) and ``session``, the driver's name for the round (on the service the service's
+    identity as the device saw it, then ``model/round``: :func:`deltaplane.serve.service_identity.service_session`).
+    An advertisement signed for one round does not verify in another whose parameters or session differ."""
     doc = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(b"deltaplane/secagg/round-binding/v1\x00" + doc + b"\x00" + bytes(session)).digest()
 

@@ -1,0 +1,91 @@
+"""Which service a device is talking to, as the device itself sees it: what its SecAgg signatures name.
+
+An authenticated SecAgg round binds every signed key advertisement and consistency signature to the round's
+parameters and a session name (:func:`~deltaplane.aggregation.secagg.round_binding`). On the HTTP service that
+name was ``model/round`` alone, so two services trusting one enrollment authority, serving a model of the same
+name and opening a round of the same number with the same parameters, gave their rounds the same binding: the
+operator of one could seat there a device of the other that never joined, replaying its signed advertisement.
+
+The session name now starts with the *service identity* each device works out from its own connection, never
+from anything the service says (a malicious service must not be able to make its devices adopt another's):
+
+* over TLS, ``tls-spki-sha256:<hex>``: the SHA-256 of the SubjectPublicKeyInfo of the certificate the service
+  presented in the handshake (the key it proved it holds). Another service cannot present it without that
+  private key, whatever certificate authority its devices were told to trust;
+* over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port>``: the address the device was
+  configured with. Nothing authenticates the service there, so this only separates services reached at
+  different addresses; use TLS for the guarantee above.
+
+The service does not verify advertisements (its devices do), so it never needs to know the identity its
+devices see; it states in each invitation that it expects the binding (:data:`SERVICE_BINDING`) and refuses an
+authenticated round to a device that does not say it signs with it (:data:`BINDING_HEADER`), so a device of a
+release before the binding cannot run a round under the weaker one unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "BINDING_HEADER",
+    "PEER_CERTIFICATE",
+    "SERVICE_BINDING",
+    "peer_certificate",
+    "service_identity",
+    "service_session",
+]
+
+#: the version of the service binding (1: the session name starts with the device-seen service identity); the
+#: service states it in each invitation (``service_binding``), a device in :data:`BINDING_HEADER`
+SERVICE_BINDING = 1
+#: the request header in which a device says which service binding it signs with
+BINDING_HEADER = "X-Deltaplane-SecAgg-Binding"
+#: the key under which :class:`~deltaplane.serve.client.DeviceClient` keeps, in each answer's ``extensions``,
+#: the DER certificate the service presented on that connection (absent over plain HTTP)
+PEER_CERTIFICATE = "deltaplane.peer_certificate"
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def peer_certificate(resp: httpx.Response) -> bytes | None:
+    """The DER certificate the server presented on the connection that carried ``resp`` (while that connection
+    is open: read it before closing a streamed answer), or None over plain HTTP or a transport with no socket."""
+    stream: Any = resp.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(True)  # binary form; httpcore may hand the C object, positional-only
+    return bytes(der) if der else None
+
+
+def service_identity(resp: httpx.Response) -> str:
+    """The identity of the service that answered ``resp``, as this device saw it (see the module docstring):
+    the SHA-256 of the TLS certificate's public key where the connection was TLS, else the request's origin."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    der = resp.extensions.get(PEER_CERTIFICATE) or peer_certificate(resp)
+    if der:
+        spki = (
+            x509.load_der_x509_certificate(der)
+            .public_key()
+            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        )
+        return "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
+    url = resp.request.url
+    port = url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme, 0)
+    return f"origin:{url.scheme}://{url.host}:{port}"
+
+
+def service_session(identity: str, model: str, round_id: int) -> bytes:
+    """The session name a device binds its signatures in round ``round_id`` of ``model`` to: the service
+    ``identity`` it saw, then ``model/round`` (unambiguous: neither an identity nor a model name holds a NUL)."""
+    return b"deltaplane/service/%d\x00%s\x00%s/%d" % (
+        SERVICE_BINDING,
+        identity.encode(),
+        model.encode(),
+        round_id,
+    )
