@@ -451,8 +451,8 @@ def register(app: typer.Typer) -> None:
                 # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
                 tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
                 # the mark before the files: the tokens are issued, so --add never hands these ids out again,
-                # files or not. Each device's files are written new (never over a file); a failure part-way
-                # keeps the devices written before it (their tokens are valid on the service)
+                # files or not. Each file is written new (never over one); a failure part-way keeps what was
+                # written (every token is valid on the service: removing it would only lose it), docs/cli.md
                 record_issued(out, names)
                 for path, token in zip(files, tokens, strict=True):
                     write_secret_file(path, token.encode(), replace=False)
