@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import deltaplane.aggregation.secagg.enrollment as enrollment
@@ -84,21 +83,24 @@ def test_fleet_enroll_refuses_ids_below_the_folders_mark(tmp_path, monkeypatch) 
 
 
 def _waiting_on_flock(pid: int) -> bool:
-    """Whether process ``pid`` is blocked waiting for a flock (/proc/locks lists waiters with '->')."""
-    for line in Path("/proc/locks").read_text().splitlines():
+    """Whether process ``pid`` is blocked waiting for a flock (Linux's /proc/locks lists waiters with '->');
+    False where it cannot be told (no /proc/locks, another pid namespace): the caller then waits its deadline."""
+    locks = Path("/proc/locks")
+    for line in locks.read_text().splitlines() if locks.exists() else []:
         fields = line.split()
         if "->" in fields and "FLOCK" in fields and str(pid) in fields:
             return True
     return False
 
 
-@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
 def test_a_concurrent_add_waits_for_the_folders_lock_and_takes_ids_past_the_other_runs(
     authority, tmp_path
 ) -> None:
     """Two `--add` runs chose their ids and raised the mark without a lock: the later one could take the same
     ids, or write the mark back below the other's. Another process holding the folder's lock (here this test,
-    issuing device-7 as a concurrent run would) now makes `keys certify --add 1` wait, then take device-8."""
+    issuing device-7 as a concurrent run would) now makes `keys certify --add 1` wait, then take device-8. The
+    lock is released once the run is seen waiting, or after a deadline: a run that does not wait has then ended
+    with device-2 (as on main)."""
     _, key = authority
     out = tmp_path / "nodes"
     cmd = [
@@ -114,23 +116,20 @@ def test_a_concurrent_add_waits_for_the_folders_lock_and_takes_ids_past_the_othe
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this test's deltaplane
     assert subprocess.run([*cmd, "--devices", "2"], env=env, capture_output=True, timeout=120).returncode == 0
-    fd = os.open(
-        out, os.O_RDONLY
-    )  # the lock every run issuing ids in OUT takes (enrollment_lock): OUT's flock
+    # the lock every run issuing ids in OUT takes (enrollment_lock): a flock of the folder itself
+    fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         other = subprocess.Popen(
             [*cmd, "--add", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while not _waiting_on_flock(other.pid) and other.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        blocked = _waiting_on_flock(other.pid)
         record_issued(out, ["device-7"])  # the run holding the lock issues device-7 meanwhile
     finally:
         os.close(fd)
     said = other.communicate(timeout=120)[0].decode()
-    assert blocked, f"--add did not wait for the folder's lock: {said}"
     assert other.returncode == 0 and "device-8: flower-supernode" in said, said
     assert (out / "enrollment.issued").read_text() == "device-8\n"
 
