@@ -106,7 +106,9 @@ def test_existing_identities_are_never_replaced_without_force(cli, authority, tm
     assert r.exit_code == 2 and "device-1.identity.pem already exists" in r.output and "--force" in r.output
     assert not (out / "device-0.cert").exists()  # nothing written: device-0 is not half-enrolled
     assert ((out / "device-1.identity.pem").read_bytes(), (out / "device-1.cert").read_bytes()) == old
-    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 1, "--force")
+    r = cli(
+        "keys", "certify", "--authority-key", key, "--out", out, "--device", 1, "--force", "--reissue-ids"
+    )
     assert r.exit_code == 0, r.output
     assert (out / "device-1.identity.pem").read_bytes() != old[0]
     assert stat.S_IMODE((out / "device-1.identity.pem").stat().st_mode) == 0o600
@@ -232,7 +234,9 @@ def test_a_certificate_that_cannot_be_written_takes_back_the_key_this_run_made(
     _, key = authority
     out = tmp_path / "nodes"
     (out / "device-0.cert").mkdir(parents=True)
-    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0, "--force")
+    r = cli(
+        "keys", "certify", "--authority-key", key, "--out", out, "--device", 0, "--force", "--reissue-ids"
+    )
     assert r.exit_code == 1 and "device-0.cert" in r.output, r.output
     assert sorted(p.name for p in out.iterdir()) == ["device-0.cert"]  # no key, no temp file
     # a key that was there before a --force run is the caller's to replace: not removed when the cert fails

@@ -381,8 +381,10 @@ def register(app: typer.Typer) -> None:
         --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one)."""
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
+            check_not_issued,
             check_not_revoked,
             device_id,
+            enrollment_lock,
             fleet_cohort,
             held_partitions,
             identity_files,
@@ -407,10 +409,6 @@ def register(app: typer.Typer) -> None:
                         f"{out} holds no device-I.token: --add grows a fleet `fleet enroll` wrote there; give "
                         "that folder, or enrol the fleet first with --devices"
                     )
-                names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
-                # the fleet's cohort from its certificates (no key needed), with or without --authority-key:
-                # a token in another cohort would escape the fleet's consent withdrawal
-                cohort = fleet_cohort(out, cohort)
             else:
                 if devices is None:
                     if federation is None:
@@ -422,31 +420,44 @@ def register(app: typer.Typer) -> None:
                             f"{MAX_ENROLL_DEVICES:,} devices, the most a SecAgg round's roster holds"
                         )
                 names = [device_id(i) for i in range(devices)]
-            cohort = "fleet" if cohort is None else cohort
-            if held is not None:
-                check_not_revoked(names, held, revocations)
-            files = [out / f"{d}.token" for d in names]
-            extra = [p for d in names for p in identity_files(out, d)]
-            taken = next((f for f in files + (extra if authority else []) if f.exists()), None)
-            if taken is not None:  # its token stays valid on the service: overwriting would only lose it
-                raise ConfigError(
-                    f"{taken} already exists; choose another --out, or remove the old files (and revoke their "
-                    f"tokens: POST /admin/devices/{taken.stem}/revoke); --add K enrols new devices beside them"
+            # the choice of ids, every check of OUT, the tokens and the writes under one lock on OUT: two
+            # concurrent --add runs take turns, never the same ids, and the mark ends past what both issued
+            with enrollment_lock(out):
+                if add is not None:
+                    names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
+                    # the fleet's cohort from its certificates (no key needed), with or without --authority-key:
+                    # a token in another cohort would escape the fleet's consent withdrawal
+                    cohort = fleet_cohort(out, cohort)
+                cohort = "fleet" if cohort is None else cohort
+                if held is not None:
+                    check_not_revoked(names, held, revocations)
+                files = [out / f"{d}.token" for d in names]
+                extra = [p for d in names for p in identity_files(out, d)]
+                taken = next((f for f in files + (extra if authority else []) if f.exists()), None)
+                if taken is not None:  # its token stays valid on the service: overwriting would only lose it
+                    raise ConfigError(
+                        f"{taken} already exists; choose another --out, or remove the old files (and revoke "
+                        f"their tokens: POST /admin/devices/{taken.stem}/revoke); --add K enrols new devices "
+                        "beside them"
+                    )
+                # an id issued there before (its files since removed) never gets a second token or key
+                check_not_issued(out, names)
+                identities = (
+                    certify(authority, names, cohort=cohort, valid_days=valid_days)
+                    if authority is not None
+                    else []
                 )
-            identities = (
-                certify(authority, names, cohort=cohort, valid_days=valid_days)
-                if authority is not None
-                else []
-            )
-            admin = admin_client(url, ca, tls_cert, tls_key)
-            # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
-            tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
-            out.mkdir(parents=True, exist_ok=True)
-            record_issued(out, names)  # before the files: --add never hands these ids out again, files or not
-            for path, token in zip(files, tokens, strict=True):
-                write_secret_file(path, token.encode(), replace=False)
-            for identity in identities:
-                write_identity(out, identity, replace=False)
+                admin = admin_client(url, ca, tls_cert, tls_key)
+                # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
+                tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
+                # the mark before the files: the tokens are issued, so --add never hands these ids out again,
+                # files or not. Each file is written new (never over one); a failure part-way keeps what was
+                # written (every token is valid on the service: removing it would only lose it), docs/cli.md
+                record_issued(out, names)
+                for path, token in zip(files, tokens, strict=True):
+                    write_secret_file(path, token.encode(), replace=False)
+                for identity in identities:
+                    write_identity(out, identity, replace=False)
         span = f"{names[0]}.token" if len(names) == 1 else f"{names[0]}.token … {names[-1]}.token"
         console.print(
             escape(

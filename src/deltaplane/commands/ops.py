@@ -403,6 +403,16 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace existing identity files.")] = False,
+        reissue_ids: Annotated[
+            bool,
+            typer.Option(
+                "--reissue-ids",
+                help="Give a new key to ids at or below OUT's enrollment.issued mark (refused otherwise: an id "
+                "never gets a second key silently). Only for an id never issued there, or one whose earlier key "
+                "is known destroyed: an earlier key stays valid until its certificate expires, and revoking it "
+                "would revoke the id.",
+            ),
+        ] = False,
         add: AddDevices = None,
         revocations: HeldRevocations = None,
     ) -> None:
@@ -414,11 +424,14 @@ def register(app: typer.Typer) -> None:
 
         from deltaplane.aggregation.secagg.enrollment import (
             AUTHORITY_PUBLIC_NAME,
+            ISSUED_MARK_NAME,
             certify,
             certify_requests,
             check_held_key,
+            check_not_issued,
             check_not_revoked,
             device_id,
+            enrollment_lock,
             fleet_cohort,
             identity_files,
             load_authority,
@@ -427,8 +440,10 @@ def register(app: typer.Typer) -> None:
             read_held_revocations,
             read_request,
             record_issued,
+            renews_held_key,
             write_certificate,
             write_identity,
+            writing_all_or_nothing,
         )
         from deltaplane.textfile import atomic_write_bytes
 
@@ -451,57 +466,71 @@ def register(app: typer.Typer) -> None:
                     check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
             authority = load_authority(authority_key)
             listed = None if revocations is None else read_held_revocations(revocations, authority)
-            if add is not None:
-                names = next_device_ids(out, add, revoked=[d for d, _ in listed.revoked] if listed else ())
-                cohort = fleet_cohort(out, cohort)
-            elif not requests:
+            if add is None and not requests:
                 names = [device_id(i) for i in (dict.fromkeys(device) if device else range(devices or 0))]
-            if listed is not None:  # a revoked id, or a request of a revoked key whatever id it asks for
-                check_not_revoked(
-                    names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
-                )
             public = (authority.public_text() + "\n").encode()
             pub = out / AUTHORITY_PUBLIC_NAME
-            if not force:
-                made = [identity_files(out, n)[1:] if requests else identity_files(out, n) for n in names]
-                held = next((p for paths in made for p in paths if os.path.lexists(p)), None)
-                if held is not None:
-                    raise ConfigError(
-                        f"{held} already exists; pass --force to replace it (the node holding it must then get "
-                        "the new files), or choose another --out"
-                    )
-                held_pub = (
-                    read_bounded_bytes(pub, limit=KEY_LIMIT, what="enrollment authority public key")
-                    if os.path.lexists(pub)
-                    else public
-                )
-                if held_pub != public:
-                    raise ConfigError(
-                        f"{pub} is another enrollment authority's key, which the identities in {out} were certified "
-                        "by; choose another --out, or --force to replace it"
-                    )
-            # each node's --node-config before any file is written: a path it cannot carry is a usage error
-            # that leaves nothing behind (it was a traceback after the files were written)
-            on_node = out.resolve() if node_dir is None else node_dir
-            args = [
-                node_config_arg(*(on_node / p.name for p in (*identity_files(out, n), pub))) for n in names
-            ]
             _writable(out, "--out")
-            certs = certify_requests(authority, requests, valid_days=valid_days) if requests else []
-            identities = (
-                []
-                if requests
-                else certify(
-                    authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
+            # the choice of ids, every check of OUT and the writes under one lock on OUT: concurrent runs take
+            # turns, so two --add runs never take the same ids nor leave the mark below what either issued
+            with enrollment_lock(out):
+                if add is not None:
+                    names = next_device_ids(
+                        out, add, revoked=[d for d, _ in listed.revoked] if listed else ()
+                    )
+                    cohort = fleet_cohort(out, cohort)
+                if listed is not None:  # a revoked id, or a request of a revoked key whatever id it asks for
+                    check_not_revoked(
+                        names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
+                    )
+                if not force:
+                    made = [identity_files(out, n)[1:] if requests else identity_files(out, n) for n in names]
+                    held = next((p for paths in made for p in paths if os.path.lexists(p)), None)
+                    if held is not None:
+                        raise ConfigError(
+                            f"{held} already exists; pass --force to replace it (a request's certificate for the "
+                            "key the device holds is renewed; a new key for an issued id also needs "
+                            "--reissue-ids), or enrol a new device with --add, or choose another --out"
+                        )
+                    held_pub = (
+                        read_bounded_bytes(pub, limit=KEY_LIMIT, what="enrollment authority public key")
+                        if os.path.lexists(pub)
+                        else public
+                    )
+                    if held_pub != public:
+                        raise ConfigError(
+                            f"{pub} is another enrollment authority's key, which the identities in {out} were "
+                            "certified by; choose another --out, or --force to replace it"
+                        )
+                if not reissue_ids:  # a renewal of the key OUT holds for the id is no second key
+                    renewed = {r.device_id for r in requests if renews_held_key(out, r)}
+                    check_not_issued(out, [n for n in names if n not in renewed], override="--reissue-ids")
+                # each node's --node-config before any file is written: a path it cannot carry is a usage error
+                # that leaves nothing behind (it was a traceback after the files were written)
+                on_node = out.resolve() if node_dir is None else node_dir
+                args = [
+                    node_config_arg(*(on_node / p.name for p in (*identity_files(out, n), pub)))
+                    for n in names
+                ]
+                certs = certify_requests(authority, requests, valid_days=valid_days) if requests else []
+                identities = (
+                    []
+                    if requests
+                    else certify(
+                        authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
+                    )
                 )
-            )
-            for c in certs:
-                write_certificate(out, c, replace=force)
-            for i in identities:
-                write_identity(out, i, replace=force)
-            # once written (until then their files hold the ids): --add never hands them out again, files or not
-            record_issued(out, names)
-            atomic_write_bytes(pub, public)
+                # all or nothing: a failure or ctrl-C part-way puts back every file as it was, the mark and
+                # keys a --force run replaced included; the mark is raised first, so a run killed outright
+                # leaves no written id below it
+                targets = [out / ISSUED_MARK_NAME, pub, *(p for n in names for p in identity_files(out, n))]
+                with writing_all_or_nothing(targets):
+                    record_issued(out, names)
+                    for c in certs:
+                        write_certificate(out, c, replace=force)
+                    for i in identities:
+                        write_identity(out, i, replace=force)
+                    atomic_write_bytes(pub, public)
         console.print(
             escape(
                 f"{len(names)} identities certified by enrollment authority {authority.id.hex()} in {out}/"
@@ -609,6 +638,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.aggregation.secagg import SecAggAuthError
         from deltaplane.aggregation.secagg.enrollment import (
             device_id,
+            enrollment_lock,
             load_authority,
             record_issued,
             revoked_certificates,
@@ -668,7 +698,8 @@ def register(app: typer.Typer) -> None:
                 )
                 write_revocations(out, revocations)
             if mark_in is not None:  # --add in that folder never hands a revoked id out again, files or not
-                record_issued(mark_in, ids)
+                with enrollment_lock(mark_in):  # as issuing there does: a concurrent --add never lowers it
+                    record_issued(mark_in, ids)
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "

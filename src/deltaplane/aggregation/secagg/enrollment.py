@@ -17,12 +17,15 @@ and sends back ``device-I.cert`` only, which the device puts next to its key.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import secrets
+import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from deltaplane.aggregation.secagg.errors import KeyRevoked, SecAggAuthError
+from deltaplane.aggregation.secagg.errors import SecAggAuthError
 from deltaplane.aggregation.secagg.identity import (
     REQUEST_MAX_BYTES,
     CertificationRequest,
@@ -65,8 +68,10 @@ __all__ = [
     "certify",
     "certify_requests",
     "check_held_key",
+    "check_not_issued",
     "check_not_revoked",
     "device_id",
+    "enrollment_lock",
     "fleet_cohort",
     "held_partitions",
     "identity_files",
@@ -77,11 +82,13 @@ __all__ = [
     "read_held_revocations",
     "read_request",
     "record_issued",
+    "renews_held_key",
     "request_file",
     "revoked_certificates",
     "write_certificate",
     "write_identity",
     "write_identity_request",
+    "writing_all_or_nothing",
 ]
 
 #: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
@@ -157,6 +164,115 @@ def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
         write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(top)}\n".encode())
 
 
+def issued_top(out: str | os.PathLike[str]) -> int | None:
+    """The highest partition id issued or revoked in ``out`` as far as it tells: its mark
+    (:data:`ISSUED_MARK_NAME`) or, in a folder from before the mark, its highest device holding an issued file
+    (a token, an identity key, a certificate; a request alone is not one); None when it tells of none."""
+    mark = issued_mark(out)
+    held = [i for suffix in _ISSUED_SUFFIXES for i in held_partitions(out, suffix)]
+    return max([*held, *([] if mark is None else [mark])], default=None)
+
+
+#: the files of an enrollment folder that show their device's id was issued there
+_ISSUED_SUFFIXES = (".token", ".identity.pem", ".cert")
+
+
+def check_not_issued(
+    out: str | os.PathLike[str],
+    devices: Sequence[str],
+    *,
+    option: str = "--add K",
+    override: str | None = None,
+) -> None:
+    """Refuse to issue a key or token to any of ``devices`` at or below ``out``'s mark (:func:`issued_top`): a
+    :class:`ConfigError` naming them and what to do instead.
+
+    The mark is the highest id ever issued or revoked in ``out``, not a list of them, so an id below it may
+    have been issued and its files since removed: issuing it again would give the id a second key (or token)
+    while the first stays valid until its certificate expires, and a revocation list cannot refuse the old key
+    without the id. A new device takes a new id (``option``); ``override`` names the flag, where the command has
+    one, that issues such ids anyway."""
+    top = issued_top(out)
+    hit = [
+        d
+        for d in devices
+        if top is not None and (m := re.fullmatch(_DEVICE_ID, d)) is not None and int(m.group(1)) <= top
+    ]
+    if not hit:
+        return
+    also = (
+        ""
+        if override is None
+        else f", or, for an id never issued there or one whose earlier key is known destroyed, {override} "
+        "(an earlier key of the id stays valid until its certificate expires)"
+    )
+    raise ConfigError(
+        f"{', '.join(hit[:5])}{' …' if len(hit) > 5 else ''} {'is' if len(hit) == 1 else 'are'} at or below "
+        f"{device_id(top)}, the highest id issued or revoked in {out} ({ISSUED_MARK_NAME}): an id never gets a "
+        f"second key or token silently; enrol a new device under a new id ({option} takes the next free ones)"
+        f"{also}"
+    )
+
+
+def renews_held_key(out: str | os.PathLike[str], request: CertificationRequest) -> bool:
+    """Whether ``request`` asks to certify anew the identity key ``out`` already holds for its device (its
+    ``device-I.cert`` certifies that key, or its ``device-I.identity.pem`` is that key, which
+    :func:`check_held_key` checks): a renewal, not a second key for the id."""
+    key, cert = identity_files(out, request.device_id)
+    if os.path.isfile(cert) and _held_certificate(cert).identity_public == request.identity_public:
+        return True
+    return os.path.lexists(key)  # check_held_key refused any key there but the request's own
+
+
+@contextmanager
+def enrollment_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the enrollment folder ``out`` itself (created if missing), waiting for it:
+    every command issuing ids there (``fleet enroll``, ``keys certify``, ``keys revoke --enrolled``) takes it
+    around its whole choice of ids, check and write, so two concurrent ``--add`` runs never take the same ids
+    nor leave :data:`ISSUED_MARK_NAME` below what either issued. Locking the folder leaves no file in it; the
+    kernel releases the lock when the process dies. A folder this call created is removed again when the
+    block fails and leaves it empty (a refused run leaves nothing behind)."""
+    folder = Path(out)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    except BaseException:
+        if created:
+            with suppress(OSError):  # not empty: what the block wrote there is its own to take back
+                folder.rmdir()
+        raise
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def writing_all_or_nothing(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
+    """Write the files ``paths`` (small secrets of an enrollment folder: keys, certificates, the mark) all or
+    none: if the block raises (an ``OSError``, a refusal, ctrl-C), each is put back as it was before, its bytes
+    and mode, or removed if it was not there, and the exception goes on. A path that is not a regular file
+    (a folder in its place) is left alone. Only a process killed outright leaves the files it wrote; callers
+    raise the mark before writing, so those ids are never handed out again."""
+    before: list[tuple[Path, bytes | None, int]] = []
+    for p in map(Path, paths):
+        if os.path.lexists(p) and not (p.is_file() and not p.is_symlink()):
+            continue
+        old = read_bounded_bytes(p, limit=KEY_LIMIT, what="enrollment file") if p.exists() else None
+        before.append((p, old, stat.S_IMODE(p.stat().st_mode) if old is not None else 0))
+    try:
+        yield
+    except BaseException:
+        for p, old, mode in reversed(before):
+            if old is None:
+                p.unlink(missing_ok=True)
+            else:
+                write_secret_file(p, old)
+                os.chmod(p, mode)
+        raise
+
+
 def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterable[str] = ()) -> list[str]:
     """The ``count`` device ids a fleet enrolled in ``out`` grows by: the ids past every ``device-I`` with a file
     there, past the folder's mark of every id ever issued or revoked there (:func:`record_issued`) and past every
@@ -187,18 +303,19 @@ def check_not_revoked(
     alone (it learns a device's cohort only from its key advertisement), so a re-certified revoked id would be
     left out of every round, and dropping it from the list would readmit the leaked key.
 
-    A certification request of ``requests`` (its file, the request) for a key the list revokes is a
-    :class:`~deltaplane.aggregation.secagg.errors.KeyRevoked` whatever id it asks for (the leaked key asking to
-    be certified anew under another id), checked first: the device needs a new key, not only a new id."""
+    A certification request of ``requests`` (its file, the request) for a key the list revokes is refused
+    whatever id it asks for (the leaked key asking to be certified anew under another id), checked first: the
+    device needs a new key, not only a new id. Both are :class:`ConfigError` (exit 2): an input the list
+    forbids, refused before anything is written, as a revoked id is (a device refusing a revoked key in a
+    round raises :class:`~deltaplane.aggregation.secagg.errors.KeyRevoked` instead)."""
     for path, r in requests:
         if revocations.names_key(r.identity_public):
             fp = key_fingerprint(r.identity_public)
-            raise KeyRevoked(
+            raise ConfigError(
                 f"{path} asks to certify identity key SHA256:{fp.hex()[:16]}… as {r.device_id}, and {source} (list "
                 f"number {revocations.sequence}) revokes that key: it is never certified again, under any id. The "
                 "device generates a new identity key (`deltaplane keys identity` on the device) and sends its new "
-                "request",
-                fingerprint=fp,
+                "request"
             )
     named = {d for d, _ in revocations.revoked}
     hit = [d for d in devices if d in named]
