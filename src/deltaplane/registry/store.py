@@ -204,13 +204,15 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
         elif isinstance(item, list | tuple):
             stack.extend((v, depth + 1) for v in item)
     try:
-        return json.dumps(value, sort_keys=True, default=str)
+        # allow_nan=False: NaN and Infinity are not JSON (the CLI's --lineage parser refuses them; a row holding
+        # them is read back by Python only, and signed metadata should mean the same to every reader)
+        return json.dumps(value, sort_keys=True, default=str, allow_nan=False)
     except (
         TypeError,
         ValueError,
-    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself
+    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself; NaN or Infinity
         raise ConfigError(
-            f"lineage cannot be stored as JSON: {exc}; use string keys and plain values"
+            f"lineage cannot be stored as JSON: {exc}; use string keys and plain, finite values"
         ) from None
 
 
