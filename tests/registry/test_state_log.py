@@ -848,6 +848,24 @@ def test_registry_show_labels_rows_written_before_rows_were_signed(home):
     assert r.exit_code == 1 and "evaluations row 1 differs" in r.output and "Traceback" not in r.output
 
 
+def test_pull_refuses_a_withdrawal_deleted_from_registry_db(home, tmp_path):
+    """pull wrote consent.withdrawn_cohorts [] for m@3 (trained on 'eu') once the withdrawal row was deleted."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    pull = ["registry", "pull", "m@3", "--home", str(home), "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, pull)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["consent"]["withdrawn_cohorts"] == [
+        "eu"
+    ]
+    _sql(home, "DELETE FROM withdrawals")
+    r = CliRunner().invoke(app, [*pull[:-1], str(tmp_path / "out2")])
+    assert r.exit_code == 1 and "withdrawals: cohort 'eu' is missing" in r.output, r.output
+    assert not (tmp_path / "out2").exists()
+
+
 def test_repair_lists_cards_evaluations_and_verdicts_it_cannot_restore(home):
     """repair said "nothing to repair: the tables equal the signed state log" (exit 0) over an edited score."""
     from typer.testing import CliRunner

@@ -885,7 +885,9 @@ def register(app: typer.Typer) -> None:
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             # consent is governance, not integrity: a version trained on a cohort that withdrew consent still
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
-            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts())
+            # read verified against the signed state log: a withdrawal deleted from registry.db is an error, not a
+            # manifest saying no cohort withdrew (IntegrityError, exit 1, nothing written)
+            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts(verify=True))
             out.mkdir(parents=True, exist_ok=True)
             model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
             config_tmp = out / "config.json.tmp"
