@@ -109,6 +109,17 @@ def test_lineage_json_cannot_store_is_a_config_error_and_nothing_is_registered(r
     assert reg.get("m", art.number).lineage == {"deep": _nested(LINEAGE_DEPTH - 1)}
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_lineage_nan_or_infinity_is_a_config_error_as_on_the_cli(reg, value):
+    """The CLI's --lineage refuses NaN/Infinity; the Python API stored them (json writes the non-JSON 'NaN')."""
+    from deltaplane.errors import ConfigError
+
+    data = state_to_bytes({"w": torch.zeros(1)})
+    with pytest.raises(ConfigError, match="lineage cannot be stored as JSON.*finite"):
+        reg.register_model("m", data, lineage={"run": {"loss": [0.5, value]}})
+    assert reg.versions() == []
+
+
 def test_cli_lineage_nested_too_deeply_is_a_one_line_error(tmp_path):
     from safetensors.torch import save_file
     from typer.testing import CliRunner

@@ -7,6 +7,7 @@ statement); every check goes through the public API or CLI on a fresh handle.
 import hashlib
 import itertools
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -621,31 +622,263 @@ def test_verify_sees_cards_evaluations_and_verdicts_edited_in_registry_db(home, 
     rows or editing a score in registry.db passed `registry verify`. Each insert now appends a log entry with the
     row's SHA-256."""
     _with_records(home)
-    before = {r: Registry(home).card(Registry(home).get("m", r)) for r in (1, 2)}
     _sql(home, *statements)
-    if expected[0] == "cards row 1 differs":  # the swap took effect: m@1 shows m@2's card and back
-        assert [Registry(home).card(Registry(home).get("m", r)) for r in (1, 2)] == [before[2], before[1]]
     problems = _problems(home)
     for e in expected:
         assert any(e in p for p in problems), problems
     assert len(problems) == len(expected), problems
 
 
-def test_rows_written_before_rows_were_signed_are_unsigned_not_tampered(home):
-    """A registry from before: its cards/evaluations rows have no log entries. verify notes them as unsigned (it
-    cannot vouch for them) and reports no problem; rows written from then on are signed and checked."""
+_READS = {
+    "card": lambda reg, n: reg.card(reg.get("m", n)),
+    "evaluations": lambda reg, n: reg.evaluations(reg.get("m", n)),
+    "decisions": lambda reg, n: reg.promotion_decisions("m"),
+}
+
+
+@pytest.mark.parametrize(
+    ("statements", "read", "number", "expected"),
+    [
+        (  # the two versions' card rows swapped: m@1 would show m@2's card
+            ["UPDATE cards SET artifact = 3 - artifact"],
+            "card",
+            1,
+            r"the model card of m@1 \(cards row 2\): cards row 2 differs from the signed state log",
+        ),
+        (  # an evaluation moved to another version
+            ["UPDATE evaluations SET artifact=2 WHERE id=1"],
+            "evaluations",
+            2,
+            "evaluation row 1 of m@2: evaluations row 1 differs",
+        ),
+        (
+            ["UPDATE evaluations SET metrics='{\"accuracy\": 0.99}' WHERE id=1"],
+            "evaluations",
+            1,
+            "row 1 differs",
+        ),
+        (
+            ["UPDATE promotion_decisions SET promoted=1 WHERE id=2"],
+            "decisions",
+            0,
+            "decision row 2: .* differs",
+        ),
+        (
+            ["INSERT INTO cards (artifact, sha256, at) SELECT 1, sha256, at FROM cards WHERE id=2"],
+            "card",
+            1,
+            "cards row 3 is not in the signed state log",
+        ),
+        (
+            [
+                "INSERT INTO evaluations (artifact, evaluator, metrics, at) "
+                "VALUES (1, 'gate', '{\"accuracy\": 1.0}', 0.0)"
+            ],
+            "evaluations",
+            1,
+            "evaluations row 3 is not in the signed state log",
+        ),
+    ],
+    ids=[
+        "cards-swapped",
+        "evaluation-moved",
+        "score-edited",
+        "verdict-flipped",
+        "card-inserted",
+        "eval-inserted",
+    ],
+)
+def test_reads_check_cards_evaluations_and_verdicts_against_the_signed_log(
+    home, statements, read, number, expected
+):
+    """card(), evaluations() and promotion_decisions() served an edited, moved or inserted row as genuine (only
+    verify checked them): now each read is an IntegrityError naming the row, on a fresh handle and on one whose
+    verified replay was cached before the edit."""
+    _with_records(home)
+    warm = Registry(home)
+    _READS[read](warm, number)  # caches the verified replay on this handle
+    _sql(home, *statements)
+    for reg in (warm, Registry(home)):
+        with pytest.raises(IntegrityError, match=expected):
+            _READS[read](reg, number)
+
+
+def test_reads_label_each_row_signed(home):
+    _with_records(home)
+    reg = Registry(home)
+    assert reg.card_entry(reg.get("m", 2)) == ({"intended_use": "second"}, "signed")
+    assert [e["record"] for e in reg.evaluations(reg.get("m", 1))] == ["signed"]
+    assert [d["record"] for d in reg.promotion_decisions("m")] == ["signed", "signed"]
+
+
+def _old_rows(home) -> None:
+    """Make ``home`` a registry from before rows were signed holding a card and evaluations ids 1 and 3 (2 was
+    never written: an id gap), then start its log as the first open with the key does."""
     blob = Registry(home).put_blob(b'{"intended_use": "old"}')
     _sql(
         home,
         f"INSERT INTO cards (artifact, sha256, at) VALUES (1, '{blob}', 0.0)",
-        "INSERT INTO evaluations (artifact, evaluator, metrics, at) VALUES (1, 'old', '{\"accuracy\": 0.1}', 0.0)",
+        "INSERT INTO evaluations (id, artifact, evaluator, metrics, at) VALUES (1, 1, 'old', '{\"accuracy\": 0.1}', 0.0)",
+        "INSERT INTO evaluations (id, artifact, evaluator, metrics, at) VALUES (3, 1, 'old', '{\"accuracy\": 0.3}', 0.0)",
     )
-    report = Registry(home).verify()
-    assert not [p for p in report.problems if "row" in p], report.problems
-    assert any("1 evaluations rows are unsigned (written before" in n for n in report.notes), report.notes
+    _make_old(home)
+
+
+def test_rows_written_before_rows_were_signed_load_labelled_and_bound_as_found(home):
+    """A registry from before: its cards/evaluations rows have no record entries. They still load, labelled
+    "legacy"; the checkpoint binds them as found, so an edit of one is caught; rows from then on are signed."""
+    _old_rows(home)
+    reg = Registry(home)
+    report = reg.verify()
+    assert report.ok, report.problems
+    assert any(
+        "2 evaluations rows are unsigned (written before" in n and "bound as found" in n for n in report.notes
+    )
+    assert reg.card_entry(reg.get("m", 1)) == ({"intended_use": "old"}, "legacy")
+    assert [e["record"] for e in reg.evaluations(reg.get("m", 1))] == ["legacy", "legacy"]
+    reg.record_evaluation(reg.get("m", 2), "new", {"accuracy": 0.7})
+    assert [e["record"] for e in Registry(home).evaluations(reg.get("m", 2))] == ["signed"]
+    assert Registry(home).verify().ok
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 1.0}' WHERE evaluator='new'")
+    assert any("evaluations row 4 differs" in p for p in _problems(home))
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 0.7}' WHERE evaluator='new'")
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 0.9}' WHERE id=1")  # a legacy row edited
+    assert _problems(home) == [
+        "evaluations row 1 differs from the signed state log: edited behind the registry's back"
+    ]
+    with pytest.raises(IntegrityError, match="evaluation row 1 of m@1"):
+        Registry(home).evaluations(reg.get("m", 1))
+
+
+def test_a_row_inserted_into_an_id_gap_below_the_first_signed_row_is_caught(home):
+    """The gap 2 between legacy rows 1 and 3, below the first signed row 4: such a row passed verify and reads as
+    an "unsigned" legacy row. The log now lists the legacy rows, so it is neither."""
+    _old_rows(home)
     reg = Registry(home)
     reg.record_evaluation(reg.get("m", 2), "new", {"accuracy": 0.7})
-    report = Registry(home).verify()
-    assert not [p for p in report.problems if "row" in p] and any("unsigned" in n for n in report.notes)
-    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 1.0}' WHERE evaluator='new'")
+    _sql(
+        home,
+        "INSERT INTO evaluations (id, artifact, evaluator, metrics, at) VALUES (2, 1, 'gate', '{}', 0.0)",
+    )
+    assert _problems(home) == [
+        "evaluations row 2 is not in the signed state log: written behind the registry's back"
+    ]
+    with pytest.raises(IntegrityError, match="evaluations row 2 is not in the signed state log"):
+        Registry(home).evaluations(reg.get("m", 1))
+
+
+def _log_of_an_older_release(home) -> None:
+    """registry.db as the release before legacy rows were bound left it: a checkpoint without "records", record
+    entries for rows 3 on (ids 1 and 2 written before), no binding of the older rows."""
+    from deltaplane.registry import eventlog, load_signer
+
+    reg = Registry(home)
+    for i in (1, 2, 3):
+        reg.record_evaluation(reg.get("m", 1), "gate", {"accuracy": i / 10})
+    _make_old(home)
+    _sql(home, "DELETE FROM settings WHERE name='state_log_records'")
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.row_factory = sqlite3.Row
+    try:
+        for ddl in eventlog._DDL:
+            con.execute(ddl)
+        now, signer = eventlog.read_tables(con), load_signer(home)
+        head = eventlog._write(con, signer, None, {
+            "op": "checkpoint", "at": 1.0,
+            "tags": [[m, t, *v] for (m, t), v in sorted(now.tags.items())],
+            "tag_history": [[i, *v] for i, v in sorted(now.tag_history.items())],
+            "withdrawals": [[c, *v] for c, v in sorted(now.withdrawals.items())],
+        })  # fmt: skip
+        eventlog._write(con, signer, head, eventlog.record_change(con, "evaluations", 3))
+        con.execute("INSERT INTO settings VALUES ('state_log', '1')")
+    finally:
+        con.close()
+
+
+def test_a_log_from_an_older_release_binds_its_legacy_rows_on_the_first_open_with_the_key(home):
+    """Without the key its rows below the first signed id read as "unsigned" (not verified, labelled); the first
+    open with the key appends one entry binding them, after which a row inserted into the log's gap is caught."""
+    _log_of_an_older_release(home)
+    key = home / "keys" / "signing.ed25519.pem"
+    saved = key.read_bytes()
+    key.unlink()
+    reg = Registry(home)
+    assert [e["record"] for e in reg.evaluations(reg.get("m", 1))] == ["unsigned", "unsigned", "signed"]
+    assert any("not verified; open the registry once with its signing key" in n for n in reg.verify().notes)
+    key.write_bytes(saved)
+    reg = Registry(home)
+    assert [e["record"] for e in reg.evaluations(reg.get("m", 1))] == ["legacy", "legacy", "signed"]
+    assert reg.verify().ok and len(_entries(home)) == 3
+    assert json.loads(_entries(home)[-1][3])["op"] == "legacy"
+    Registry(home)  # bound once: deleting the settings shortcut does not bind again
+    _sql(home, "DELETE FROM settings WHERE name='state_log_records'")
+    assert Registry(home).verify().ok and len(_entries(home)) == 3
+    _sql(home, "DELETE FROM evaluations WHERE id=2")
+    _sql(
+        home,
+        "INSERT INTO evaluations (id, artifact, evaluator, metrics, at) VALUES (2, 2, 'gate', '{}', 0.0)",
+    )
     assert any("evaluations row 2 differs" in p for p in _problems(home))
+
+
+def test_registry_show_labels_rows_written_before_rows_were_signed(home):
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    _old_rows(home)
+    reg = Registry(home)
+    reg.record_evaluation(reg.get("m", 1), "new", {"accuracy": 0.7})
+    r = CliRunner().invoke(app, ["registry", "show", "m@1", "--home", str(home)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # the table folds long cells
+    label = "(unsigned: written before rows were signed; bound as found since)"
+    for score in ("0.1000", "0.3000"):  # the time in between is local time
+        assert re.search(rf"accuracy={score} \([0-9: -]+\) {re.escape(label)}", text), text
+    assert (
+        f"card attached {label}" in text and text.count(label) == 3
+    )  # the signed evaluation is not labelled
+    r = CliRunner().invoke(app, ["registry", "show", "m@1", "--home", str(home), "--json"])
+    doc = json.loads(r.output)
+    assert doc["card_record"] == "legacy" and [e["record"] for e in doc["evaluations"]] == ["legacy"] * 2 + [
+        "signed"
+    ]
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 0.9}' WHERE id=1")
+    r = CliRunner().invoke(app, ["registry", "show", "m@1", "--home", str(home)])
+    assert r.exit_code == 1 and "evaluations row 1 differs" in r.output and "Traceback" not in r.output
+
+
+def test_pull_refuses_a_withdrawal_deleted_from_registry_db(home, tmp_path):
+    """pull wrote consent.withdrawn_cohorts [] for m@3 (trained on 'eu') once the withdrawal row was deleted."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    pull = ["registry", "pull", "m@3", "--home", str(home), "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, pull)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["consent"]["withdrawn_cohorts"] == [
+        "eu"
+    ]
+    _sql(home, "DELETE FROM withdrawals")
+    r = CliRunner().invoke(app, [*pull[:-1], str(tmp_path / "out2")])
+    assert r.exit_code == 1 and "withdrawals: cohort 'eu' is missing" in r.output, r.output
+    assert not (tmp_path / "out2").exists()
+
+
+def test_repair_lists_cards_evaluations_and_verdicts_it_cannot_restore(home):
+    """repair said "nothing to repair: the tables equal the signed state log" (exit 0) over an edited score."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    _with_records(home)
+    _sql(home, "UPDATE evaluations SET metrics='{\"accuracy\": 0.99}' WHERE id=1")
+    rep = Registry(home).repair_from_log()
+    assert rep.unrepaired == [
+        "evaluations row 1 differs from the signed state log: edited behind the registry's back"
+    ]
+    assert not rep.differences and not rep.applied
+    r = CliRunner().invoke(app, ["registry", "repair", "--home", str(home)])
+    assert r.exit_code == 1 and "cannot repair: evaluations row 1 differs" in r.output, r.output
+    assert "nothing to repair" not in r.output

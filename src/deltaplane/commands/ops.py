@@ -125,6 +125,15 @@ def human_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _record_label(record: str) -> str:
+    """What `registry show` appends to a card or evaluation row that is not signed in the state log (rich markup)."""
+    return {
+        "signed": "",
+        "legacy": " [yellow](unsigned: written before rows were signed; bound as found since)[/yellow]",
+        "unsigned": " [yellow](unsigned: written before rows were signed; not verified)[/yellow]",
+    }[record]
+
+
 def _home(home: Path | None) -> Path:
     from deltaplane.registry import default_home
 
@@ -907,7 +916,9 @@ def register(app: typer.Typer) -> None:
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             # consent is governance, not integrity: a version trained on a cohort that withdrew consent still
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
-            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts())
+            # read verified against the signed state log: a withdrawal deleted from registry.db is an error, not a
+            # manifest saying no cohort withdrew (IntegrityError, exit 1, nothing written)
+            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts(verify=True))
             out.mkdir(parents=True, exist_ok=True)
             model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
             config_tmp = out / "config.json.tmp"
@@ -1012,9 +1023,11 @@ def register(app: typer.Typer) -> None:
         with _errors():
             reg = Registry(_home(home))
             art = reg.resolve(ref)
+            card = reg.card_entry(art)
             doc = art.to_dict() | {
                 "evaluations": reg.evaluations(art),
-                "card": reg.card(art),
+                "card": None if card is None else card[0],
+                "card_record": None if card is None else card[1],
                 "governance_problems": reg.governance_problems(art),
             }
         if as_json:
@@ -1035,8 +1048,12 @@ def register(app: typer.Typer) -> None:
             table.add_row("[red]problem[/red]", escape(problem))
         for ev in doc["evaluations"]:
             metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(ev["metrics"].items()))
-            table.add_row("evaluation", escape(f"{ev['evaluator']}: {metrics} ({human_time(ev['at'])})"))
-        table.add_row("card", "attached" if doc["card"] else "none")
+            table.add_row(
+                "evaluation",
+                escape(f"{ev['evaluator']}: {metrics} ({human_time(ev['at'])})")
+                + _record_label(ev["record"]),
+            )
+        table.add_row("card", "none" if card is None else "attached" + _record_label(card[1]))
         console.print(table)
 
     @reg_app.command("verify")
@@ -1129,11 +1146,20 @@ def register(app: typer.Typer) -> None:
             except IntegrityError as exc:  # a log that does not verify: a finding, as for verify
                 error_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
-        if not rep.differences:
-            console.print(
-                f"nothing to repair: the tables equal the signed state log (head {rep.log_head})",
+        for u in rep.unrepaired:  # bound by SHA-256 only: the log cannot say what the row held
+            error_console.print(
+                f"[red]cannot repair:[/red] {escape(u)} (the log holds its SHA-256, not its content: restore "
+                "registry.db from a backup)",
                 soft_wrap=True,
             )
+        if not rep.differences:
+            if not rep.unrepaired:
+                console.print(
+                    f"nothing to repair: the tables equal the signed state log (head {rep.log_head})",
+                    soft_wrap=True,
+                )
+            if rep.unrepaired:
+                raise typer.Exit(code=1)
             return
         verb = "would rewrite" if dry_run else "rewrote"
         for d in rep.differences:
@@ -1146,10 +1172,12 @@ def register(app: typer.Typer) -> None:
             )
         else:
             console.print(
-                f"[green]repaired {len(rep.differences)} rows: the tables equal the signed state log "
-                f"(head {rep.log_head})[/green]",
+                f"[green]repaired {len(rep.differences)} rows: the tags, tag history and withdrawals equal the "
+                f"signed state log (head {rep.log_head})[/green]",
                 soft_wrap=True,
             )
+        if rep.unrepaired:
+            raise typer.Exit(code=1)
 
     @reg_app.command("tag")
     def registry_tag(

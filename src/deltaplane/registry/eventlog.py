@@ -17,9 +17,16 @@ signature against the trusted keys (a pin applies) and that the tables equal the
 (``tags(model, verify=True)``, promotion, rollback, the service's downloads) refuse a registry where they differ.
 
 Rows of the append-only :data:`RECORD_TABLES` (model cards, evaluations, promotion verdicts) are bound too: each
-insert appends a ``record`` entry with the row's SHA-256 (:func:`record_change`), and :meth:`Registry.verify`
-reports a row edited, deleted or inserted behind the registry's back (:func:`record_problems`); rows from before
-these entries are noted as unsigned. Verified reads do not check them.
+insert appends a ``record`` entry with the row's SHA-256 (:func:`record_change`). The rows a table held when
+binding began (a registry from an older release) are bound as found, once: the checkpoint of a new log, or one
+``legacy`` entry appended to a log started by an older release, lists every such row's id and SHA-256
+(:func:`ensure_started`). From then on each row is accounted for: signed, legacy, or a finding
+(:func:`record_status`) — a row inserted into an id gap is neither. :meth:`Registry.verify` reports every row
+edited, deleted or inserted behind the registry's back (:func:`record_problems`); ``card()``, ``evaluations()``
+and ``promotion_decisions()`` check the rows they return the same way (the verified replay is cached on the
+handle, so a read costs one row digest once the log was replayed). Rows of a log not yet bound (opened since
+only without the signing key) fall back to the older rule: a row without an entry below its table's first
+signed id is unsigned, labelled so.
 
 What a chain cannot show: a log cut short (its newest entries removed — or all of them, with the marker the
 first entry leaves in ``settings``) is still a valid chain of validly signed entries. The head (index and hash of
@@ -67,6 +74,9 @@ __all__ = [
 FORMAT = 1
 GENESIS_PREV = "0" * 64  # what entry 1 names as its predecessor
 MARKER = "state_log"  # a settings row written with entry 1: an emptied log is then a finding, not a new start
+# a settings row written once the log binds the record tables' rows from before signing (checkpoint or "legacy"):
+# only a shortcut (whether it is bound is read from the log itself), so deleting it cannot make rows bound twice
+RECORDS_MARKER = "state_log_records"
 PARTS = ("tags", "tag_history", "withdrawals")
 # append-only tables whose rows the log binds one by one: each insert appends a "record" entry carrying the
 # SHA-256 of the row's canonical JSON (see :func:`record_change`), which verify compares (:func:`record_problems`)
@@ -122,6 +132,10 @@ class SignedState:
     tag_history: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     withdrawals: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     records: dict[tuple[str, int], str] = field(default_factory=dict)  # (table, row id) -> row SHA-256
+    first_record: dict[str, int] = field(default_factory=dict)  # table -> lowest row id with a record entry
+    # table -> row id -> SHA-256 of the rows found when binding began; None until the log binds them
+    legacy: dict[str, dict[int, str]] | None = None
+    legacy_seq: int | None = None  # the entry that bound them
     head: Head | None = None
     checkpoint_at: float | None = None  # set when the log starts from a non-empty checkpoint (a migration)
 
@@ -132,6 +146,7 @@ class SignedState:
             tag_history=dict(self.tag_history),
             withdrawals=dict(self.withdrawals),
             records=dict(self.records),
+            first_record=dict(self.first_record),
         )
 
     def restricted(self, model: str | None, tag: str | None) -> SignedState:
@@ -197,10 +212,10 @@ def read_head(con: sqlite3.Connection) -> Head | None:
     return None if row is None else Head(int(row[0]), str(row[1]))
 
 
-def _marked(con: sqlite3.Connection) -> bool:
+def marked(con: sqlite3.Connection, name: str = MARKER) -> bool:
     """Whether the registry recorded that its log was started (so an empty log means a deleted one)."""
     try:
-        return con.execute("SELECT 1 FROM settings WHERE name=?", (MARKER,)).fetchone() is not None
+        return con.execute("SELECT 1 FROM settings WHERE name=?", (name,)).fetchone() is not None
     except sqlite3.OperationalError as exc:
         if "no such table" not in str(exc):
             raise
@@ -232,15 +247,16 @@ def ensure_started(con: sqlite3.Connection, signer: Signer) -> Head:
     """The log's head, after starting the log with a checkpoint of the current tables if it has no entries.
 
     Call inside a write transaction. The checkpoint is how a registry made before the log is migrated (for a
-    new registry it is empty). :class:`IntegrityError` when the log was started once and is now empty: a new
-    checkpoint would vouch for whatever state its deleter left.
+    new registry it is empty); it also binds the rows of :data:`RECORD_TABLES` found (see :func:`_bind_legacy`
+    for a log started by an older release, whose checkpoint did not). :class:`IntegrityError` when the log was
+    started once and is now empty: a new checkpoint would vouch for whatever state its deleter left.
     """
     for ddl in _DDL:
         con.execute(ddl)
     head = read_head(con)
     if head is not None:
-        return head
-    if _marked(con):
+        return head if marked(con, RECORDS_MARKER) else _bind_legacy(con, signer, head)
+    if marked(con):
         raise _deleted()
     now = read_tables(con)
     checkpoint = {
@@ -249,9 +265,43 @@ def ensure_started(con: sqlite3.Connection, signer: Signer) -> Head:
         "tags": [[m, t, *v] for (m, t), v in sorted(now.tags.items())],
         "tag_history": [[i, *v] for i, v in sorted(now.tag_history.items())],
         "withdrawals": [[c, *v] for c, v in sorted(now.withdrawals.items())],
+        "records": _unbound_rows(con, SignedState()),
     }
     head = _write(con, signer, None, checkpoint)
-    con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (MARKER, str(FORMAT)))
+    for name in (MARKER, RECORDS_MARKER):
+        con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, str(FORMAT)))
+    return head
+
+
+def _unbound_rows(con: sqlite3.Connection, state: SignedState) -> dict[str, list[list[Any]]]:
+    """``[id, SHA-256]`` of every row of :data:`RECORD_TABLES` that ``state`` has no ``record`` entry for."""
+    return {
+        table: [
+            [row["id"], row_digest(table, row)]
+            for row in _row(con, table)
+            if (table, row["id"]) not in state.records
+        ]
+        for table in RECORD_TABLES
+    }
+
+
+def _bind_legacy(con: sqlite3.Connection, signer: Signer, head: Head) -> Head:
+    """Append one ``legacy`` entry binding, as found, the rows of :data:`RECORD_TABLES` that a log started by an
+    older release has no entries for; returns the new head (``head`` when the log binds them already).
+
+    Before it, a row inserted into an id gap below a table's first signed row could not be told from one written
+    before rows were signed. The log is read unverified (only which rows it binds matters here); a log that does
+    not even replay is left as it is, for verify to report.
+    """
+    try:
+        state = replay(con, None)
+    except IntegrityError:
+        return head
+    if state.legacy is None:
+        head = _write(
+            con, signer, head, {"op": "legacy", "at": time.time(), "records": _unbound_rows(con, state)}
+        )
+    con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (RECORDS_MARKER, str(FORMAT)))
     return head
 
 
@@ -315,44 +365,69 @@ def record_change(con: sqlite3.Connection, table: str, row_id: int) -> dict[str,
     return {"op": "record", "table": table, "row": row_id, "sha256": row_digest(table, row)}
 
 
-def record_problems(con: sqlite3.Connection, signed: SignedState) -> tuple[list[str], list[str]]:
-    """Problems and notes from comparing the rows of :data:`RECORD_TABLES` with the log's ``record`` entries.
-
-    A row with an entry must hash to it (else edited); an entry's row must exist (else deleted). A row without an
-    entry is unsigned when its id is below the first signed row's of its table (written before rows were
-    signed: a registry from an older release) and a problem otherwise (inserted behind the registry's back).
+def record_status(signed: SignedState | None, table: str, row: Mapping[str, Any]) -> str:
+    """How row ``row`` of ``table`` is vouched for: ``"signed"`` (its own ``record`` entry), ``"legacy"`` (written
+    before rows were signed, bound as found) or ``"unsigned"`` (written before, in a log that does not bind such
+    rows yet, or a registry without a log: ``signed`` None). Raises :class:`IntegrityError` naming the row when it
+    differs from its entry or when the log accounts for no such row (inserted behind the registry's back).
     """
+    rid = row["id"]
+    key = (table, rid)
+    want = None if signed is None else signed.records.get(key)
+    kind = "signed"
+    if signed is not None and want is None and signed.legacy is not None:
+        want, kind = signed.legacy.get(table, {}).get(rid), "legacy"
+        if want is None:
+            raise IntegrityError(
+                f"{table} row {rid} is not in the signed state log: written behind the registry's back"
+            )
+    if want is None:
+        first = None if signed is None else signed.first_record.get(table)
+        if first is not None and isinstance(rid, int) and rid > first:
+            raise IntegrityError(
+                f"{table} row {rid} is not in the signed state log: written behind the registry's back"
+            )
+        return "unsigned"
+    if row_digest(table, row) != want:
+        raise IntegrityError(
+            f"{table} row {rid} differs from the signed state log: edited behind the registry's back"
+        )
+    return kind
+
+
+def record_problems(con: sqlite3.Connection, signed: SignedState) -> tuple[list[str], list[str]]:
+    """Problems and notes from comparing the rows of :data:`RECORD_TABLES` with the log (:func:`record_status`
+    for each row; an entry, or a legacy row, whose row is gone is a problem too)."""
     problems: list[str] = []
     notes: list[str] = []
     for table in RECORD_TABLES:
-        signed_rows = {r: sha for (t, r), sha in signed.records.items() if t == table}
-        first = min(signed_rows, default=None)
+        bound = {r for t, r in signed.records if t == table} | set((signed.legacy or {}).get(table, {}))
         seen: set[int] = set()
-        unsigned: list[int] = []
+        found: dict[str, list[int]] = {"legacy": [], "unsigned": []}
         for row in _row(con, table):
-            rid = row["id"]
-            want = signed_rows.get(rid)
-            if want is not None:
-                seen.add(rid)
-                if row_digest(table, row) != want:
-                    problems.append(
-                        f"{table} row {rid} differs from the signed state log: edited behind the registry's back"
-                    )
-            elif first is not None and isinstance(rid, int) and rid > first:
-                problems.append(
-                    f"{table} row {rid} is not in the signed state log: written behind the registry's back"
-                )
-            else:
-                unsigned.append(rid)
+            seen.add(row["id"])
+            try:
+                status = record_status(signed, table, row)
+            except IntegrityError as exc:
+                problems.append(str(exc))
+                continue
+            found.get(status, []).append(row["id"])
         problems += [
             f"{table} row {rid} is missing; the signed state log records it (deleted)"
-            for rid in sorted(set(signed_rows) - seen)
+            for rid in sorted(bound - seen)
         ]
-        if unsigned:
-            shown = ", ".join(map(str, unsigned[:10])) + (", …" if len(unsigned) > 10 else "")
+        for status, ids in found.items():
+            if not ids:
+                continue
+            shown = ", ".join(map(str, ids[:10])) + (", …" if len(ids) > 10 else "")
             notes.append(
-                f"{len(unsigned)} {table} rows are unsigned (written before {table} rows were signed in the state "
-                f"log; ids {shown}): not verified"
+                f"{len(ids)} {table} rows are unsigned (written before {table} rows were signed in the state log; "
+                + (
+                    f"ids {shown}): bound as found by state log entry {signed.legacy_seq}, so edited, deleted or "
+                    "inserted rows are caught, but not what they held before"
+                    if status == "legacy"
+                    else f"ids {shown}): not verified; open the registry once with its signing key to bind them"
+                )
             )
     return problems, notes
 
@@ -368,6 +443,8 @@ def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
         state.withdrawals = {c: (r, a) for c, r, a in entry["withdrawals"]}
         if state.tags or state.tag_history or state.withdrawals:
             state.checkpoint_at = float(entry["at"])
+        if "records" in entry:  # absent from a checkpoint written by an older release
+            _bind(state, entry["records"], seq)
     elif seq == 1:
         raise IntegrityError(f"state log entry 1 is a {op!r} change; the log must start with a checkpoint")
     elif op == "tag":
@@ -380,13 +457,34 @@ def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
         state.withdrawals[entry["cohort"]] = (entry["reason"], entry["at"])
     elif op == "record":
         key = (entry["table"], int(entry["row"]))
-        if key[0] not in RECORD_TABLES or key in state.records:
+        if (
+            key[0] not in RECORD_TABLES
+            or key in state.records
+            or key[1] in (state.legacy or {}).get(key[0], {})
+        ):
             raise IntegrityError(f"state log entry {seq} records {key[0]} row {key[1]}, which it cannot")
         state.records[key] = str(entry["sha256"])
+        state.first_record[key[0]] = min(key[1], state.first_record.get(key[0], key[1]))
+    elif op == "legacy":
+        if state.legacy is not None:
+            raise IntegrityError(f"state log entry {seq} binds rows from before signing a second time")
+        _bind(state, entry["records"], seq)
     else:
         raise IntegrityError(
             f"state log entry {seq} has unknown operation {op!r} (written by a newer release?)"
         )
+
+
+def _bind(state: SignedState, records: Mapping[str, Any], seq: int) -> None:
+    """Take the rows a checkpoint or ``legacy`` entry binds as found (``{table: [[id, SHA-256], ...]}``)."""
+    legacy: dict[str, dict[int, str]] = {}
+    for table, rows in records.items():
+        if table not in RECORD_TABLES:
+            raise IntegrityError(f"state log entry {seq} binds rows of {table!r}, which it cannot")
+        legacy[table] = {int(rid): str(sha) for rid, sha in rows}
+        if set(legacy[table]) & {r for t, r in state.records if t == table}:
+            raise IntegrityError(f"state log entry {seq} binds {table} rows that have record entries")
+    state.legacy, state.legacy_seq = legacy, seq
 
 
 def replay(
@@ -452,7 +550,7 @@ def signed_state(
     """
     head = read_head(con)
     if head is None:
-        if _marked(con):
+        if marked(con):
             raise _deleted()
         raise IntegrityError(
             "this registry has no signed state log yet, so its tags and withdrawals cannot be verified: open it "
@@ -561,7 +659,7 @@ def verify(
     """
     report = LogReport(head=read_head(con))
     if report.head is None:
-        if _marked(con):
+        if marked(con):
             report.problems.append(str(_deleted(": tags, tag history and withdrawals cannot be verified")))
         else:
             report.notes.append(

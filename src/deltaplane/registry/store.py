@@ -204,13 +204,15 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
         elif isinstance(item, list | tuple):
             stack.extend((v, depth + 1) for v in item)
     try:
-        return json.dumps(value, sort_keys=True, default=str)
+        # allow_nan=False: NaN and Infinity are not JSON (the CLI's --lineage parser refuses them; a row holding
+        # them is read back by Python only, and signed metadata should mean the same to every reader)
+        return json.dumps(value, sort_keys=True, default=str, allow_nan=False)
     except (
         TypeError,
         ValueError,
-    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself
+    ) as exc:  # keys of mixed types cannot be sorted; a value that refers to itself; NaN or Infinity
         raise ConfigError(
-            f"lineage cannot be stored as JSON: {exc}; use string keys and plain values"
+            f"lineage cannot be stored as JSON: {exc}; use string keys and plain, finite values"
         ) from None
 
 
@@ -499,6 +501,9 @@ class RepairReport:
     differences: list[str] = field(default_factory=list)  # one line per row, as verify names them
     notes: list[str] = field(default_factory=list)  # what the operator should know about the rewrite
     applied: bool = False
+    # cards, evaluations, verdicts that differ from the log: it holds each row's SHA-256, not its columns, so
+    # they cannot be rewritten from it (a backup can); the CLI exits 1 while any remain
+    unrepaired: list[str] = field(default_factory=list)
 
 
 def _artifact(row: sqlite3.Row) -> Artifact:
@@ -673,15 +678,18 @@ class Registry:
 
     def _start_state_log(self) -> None:
         """Give a registry without a signed state log its first entry: a checkpoint of its current tags, tag
-        history and withdrawals (the migration of registries made before the log).
+        history and withdrawals (the migration of registries made before the log); a log started by an older
+        release gets the entry binding its cards, evaluations and verdicts from before signing
+        (:func:`eventlog.ensure_started`).
 
         Needs the signing key; a handle without one (or on a read-only database) leaves it to the first write,
         which needs the key anyway. An emptied log is left as found: verify reports it, and writes refuse.
         """
         from deltaplane.registry.signing import PRIVATE_NAME
 
-        if eventlog.read_head(self._connect()) is not None:
-            return
+        con = self._connect()
+        if eventlog.read_head(con) is not None and eventlog.marked(con, eventlog.RECORDS_MARKER):
+            return  # started, and binding the rows of cards/evaluations/verdicts from before signing
         if self._signer is None and not (self.home / "keys" / PRIVATE_NAME).exists():
             return
         try:
@@ -1432,15 +1440,55 @@ class Registry:
             row = con.execute(sql, args).lastrowid
             eventlog.append(con, signer, eventlog.record_change(con, table, int(row or 0)))
 
+    @contextmanager
+    def _records(self) -> Iterator[tuple[sqlite3.Connection, eventlog.SignedState | None]]:
+        """A snapshot to read cards, evaluations and verdicts from, with the verified state log that binds them
+        (None for a registry without a log: its rows are all unsigned, and labelled so).
+
+        The verified replay is cached on the handle (:func:`eventlog.signed_state`): a read replays only the
+        entries appended since, so its cost is a head lookup and one SHA-256 per row returned.
+        """
+        with self._snapshot() as con:
+            if eventlog.read_head(con) is None and not eventlog.marked(con):
+                yield con, None
+                return
+            self._signed = eventlog.signed_state(con, self.verifier, self._signed)
+            yield con, self._signed
+
+    @staticmethod
+    def _record_status(signed: eventlog.SignedState | None, table: str, row: sqlite3.Row, what: str) -> str:
+        """:func:`eventlog.record_status` of ``row``, its :class:`IntegrityError` naming ``what`` and the remedy."""
+        try:
+            return eventlog.record_status(signed, table, dict(row))
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{what}: {exc}. `deltaplane registry verify` lists every such row; restore registry.db from a "
+                "backup"
+            ) from None
+
+    def card_entry(self, artifact: Artifact) -> tuple[dict[str, Any], str] | None:
+        """The current model card of ``artifact`` and how its row is vouched for (``"signed"``, ``"legacy"``:
+        written before rows were signed and bound as found, ``"unsigned"``: not verified, see
+        :func:`eventlog.record_status`); None when it has none.
+
+        Raises:
+            IntegrityError: the card row differs from the signed state log (edited, another version's card row,
+                inserted into registry.db), or its blob is not the card JSON the registry wrote.
+        """
+        with self._records() as (con, signed):
+            row = con.execute(
+                "SELECT * FROM cards WHERE artifact=? ORDER BY id DESC", (artifact.id,)
+            ).fetchone()
+            if not row:
+                return None
+            what = f"the model card of {artifact.ref} (cards row {row['id']})"
+            status = self._record_status(signed, "cards", row, what)
+        return _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict), status
+
     def card(self, artifact: Artifact) -> dict[str, Any] | None:
-        row = (
-            self._connect()
-            .execute("SELECT sha256 FROM cards WHERE artifact=? ORDER BY id DESC", (artifact.id,))
-            .fetchone()
-        )
-        if not row:
-            return None
-        return _stored_json(self.get_blob(row[0]), f"the model card of {artifact.ref} (blob {row[0]})", dict)
+        """The current model card of ``artifact`` (None when it has none), checked as :meth:`card_entry` says."""
+        entry = self.card_entry(artifact)
+        return None if entry is None else entry[0]
 
     def record_evaluation(self, artifact: Artifact, evaluator: str, metrics: Mapping[str, float]) -> None:
         """Keep an evaluator's scores of ``artifact`` (bound to the signed state log, as cards and verdicts are)."""
@@ -1451,17 +1499,25 @@ class Registry:
         )
 
     def evaluations(self, artifact: Artifact) -> list[dict[str, Any]]:
-        rows = self._connect().execute(
-            "SELECT * FROM evaluations WHERE artifact=? ORDER BY id", (artifact.id,)
-        )
-        return [
-            {
-                "evaluator": r["evaluator"],
-                "metrics": _stored_json(r["metrics"], f"evaluation row {r['id']} of {artifact.ref}", dict),
-                "at": r["at"],
-            }
-            for r in rows
-        ]
+        """Every evaluation of ``artifact``, oldest first; each row checked against the signed state log, its
+        ``record`` saying how it is vouched for (as :meth:`card_entry`; :class:`IntegrityError` naming the row)."""
+        with self._records() as (con, signed):
+            rows = con.execute(
+                "SELECT * FROM evaluations WHERE artifact=? ORDER BY id", (artifact.id,)
+            ).fetchall()
+            out = []
+            for r in rows:
+                what = f"evaluation row {r['id']} of {artifact.ref}"
+                status = self._record_status(signed, "evaluations", r, what)  # first: an edit is named as one
+                out.append(
+                    {
+                        "evaluator": r["evaluator"],
+                        "metrics": _stored_json(r["metrics"], what, dict),
+                        "at": r["at"],
+                        "record": status,
+                    }
+                )
+        return out
 
     def record_promotion_decision(
         self,
@@ -1497,29 +1553,38 @@ class Registry:
         )
 
     def promotion_decisions(self, model: str) -> list[dict[str, Any]]:
-        """Every recorded promotion verdict for ``model``, oldest first (see :meth:`record_promotion_decision`)."""
-        con = self._connect()
-        if not con.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='promotion_decisions'"
-        ).fetchone():
-            return []  # a registry created before decisions were recorded
-        rows = con.execute("SELECT * FROM promotion_decisions WHERE model=? ORDER BY id", (model,))
-        return [
-            {
-                "tag": r["tag"],
-                "candidate": r["candidate"],
-                "previous": r["previous"],
-                "promoted": bool(r["promoted"]),
-                "evaluator": r["evaluator"],
-                "metrics": _stored_json(r["metrics"], f"promotion decision row {r['id']}", dict),
-                "baseline": None
-                if r["baseline"] is None
-                else _stored_json(r["baseline"], f"promotion decision row {r['id']}", dict),
-                "reasons": _stored_json(r["reasons"], f"promotion decision row {r['id']}", list),
-                "at": r["at"],
-            }
-            for r in rows
-        ]
+        """Every recorded promotion verdict for ``model``, oldest first (see :meth:`record_promotion_decision`);
+        each row checked against the signed state log, its ``record`` saying how it is vouched for (as
+        :meth:`card_entry`; :class:`IntegrityError` naming the row)."""
+        with self._records() as (con, signed):
+            if not con.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='promotion_decisions'"
+            ).fetchone():
+                return []  # a registry created before decisions were recorded
+            rows = con.execute(
+                "SELECT * FROM promotion_decisions WHERE model=? ORDER BY id", (model,)
+            ).fetchall()
+            out = []
+            for r in rows:
+                what = f"promotion decision row {r['id']}"
+                status = self._record_status(signed, "promotion_decisions", r, what)
+                out.append(
+                    {
+                        "tag": r["tag"],
+                        "candidate": r["candidate"],
+                        "previous": r["previous"],
+                        "promoted": bool(r["promoted"]),
+                        "evaluator": r["evaluator"],
+                        "metrics": _stored_json(r["metrics"], what, dict),
+                        "baseline": None
+                        if r["baseline"] is None
+                        else _stored_json(r["baseline"], what, dict),
+                        "reasons": _stored_json(r["reasons"], what, list),
+                        "at": r["at"],
+                        "record": status,
+                    }
+                )
+        return out
 
     def withdraw_cohort(self, cohort: str, *, reason: str = "") -> list[Artifact]:
         """Record that ``cohort`` withdrew consent; returns every version (and delta) that contains it.
@@ -1720,8 +1785,11 @@ class Registry:
         against the trusted keys (a pin applies) and, given ``expect_head`` (``INDEX:SHA256`` recorded from an
         earlier verify), it must still contain that head; otherwise :class:`IntegrityError` and nothing changes.
         Only the rows that differ are rewritten, in one transaction that re-checks the tables against the log
-        before it commits. Artifacts, blobs, evaluations, rollback records and the log itself are not touched, and
-        nothing is signed (no key needed). ``dry_run`` only reports the differences.
+        before it commits. Artifacts, blobs, rollback records and the log itself are not touched, and nothing is
+        signed (no key needed). ``dry_run`` only reports the differences. Cards, evaluations and promotion
+        verdicts that differ from the log are listed in ``unrepaired``, not rewritten: the log binds them by
+        SHA-256 only, so it cannot say what an edited or deleted row held (and the registry never deletes from
+        these append-only tables, so a row inserted behind its back is left for the operator to judge).
 
         The limit: a log whose newest entries were removed is still a valid chain, and repairing from it reverts
         the tables to its older state; only ``expect_head`` catches that.
@@ -1734,6 +1802,7 @@ class Registry:
             tables = eventlog.read_tables(con)
             assert signed.head is not None  # a log without entries was refused above
             report = RepairReport(str(signed.head), eventlog.differences(signed, tables))
+            report.unrepaired = eventlog.record_problems(con, signed)[0]
             gone = sorted(set(tables.withdrawals) - set(signed.withdrawals))
             report.notes += [
                 f"cohort {c!r} is withdrawn in the table but not in the signed log, so the repair removes its "

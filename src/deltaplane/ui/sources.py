@@ -376,7 +376,7 @@ def _readable(home: Path | None) -> Iterator[None]:
     except NotFound:
         raise
     except (IntegrityError, SignatureError) as exc:
-        # tags, tag history or withdrawals edited outside the registry: show no tag or consent state as fact
+        # tags, tag history, withdrawals, or an evaluation/verdict row edited outside the registry: show none as fact
         raise RegistryUnavailable(
             f"the registry at {home} does not match its signed state log: {exc} (the operator should run "
             "`deltaplane registry verify` and restore the registry from a backup)"
