@@ -16,6 +16,9 @@ from anything the service says (a malicious service must not be able to make its
   configured with. Nothing authenticates the service there, so this only separates services reached at
   different addresses; use TLS for the guarantee above.
 
+The scheme of that address decides which: a plain-HTTP service reached through a TLS forward proxy is bound by
+its address (the TLS there is the proxy's), and an ``https://`` answer without a readable certificate is refused.
+
 The service does not verify advertisements (its devices do), so it never needs to know the identity its
 devices see; it states in each invitation that it expects the binding (:data:`SERVICE_BINDING`) and refuses an
 authenticated round to a device that does not say it signs with it (:data:`BINDING_HEADER`), so a device of a
@@ -63,21 +66,38 @@ def peer_certificate(resp: httpx.Response) -> bytes | None:
 
 def service_identity(resp: httpx.Response) -> str:
     """The identity of the service that answered ``resp``, as this device saw it (see the module docstring):
-    the SHA-256 of the TLS certificate's public key where the connection was TLS, else the request's origin."""
+    for an ``https://`` service the SHA-256 of the key of the certificate it presented, for an ``http://`` one
+    its address (``origin:``).
+
+    The scheme of the address the device was given decides, never what the connection happens to carry: a
+    plain-HTTP service reached through an ``https://`` forward proxy (``HTTP_PROXY``, which httpx reads from the
+    environment) answers over the *proxy's* TLS, whose key would name every service behind that proxy alike; and
+    an ``https://`` answer whose certificate cannot be read (a transport with no socket) is refused
+    (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) rather than bound by its address, the weaker
+    plain-HTTP binding."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    der = resp.extensions.get(PEER_CERTIFICATE) or peer_certificate(resp)
-    if der:
-        spki = (
-            x509.load_der_x509_certificate(der)
-            .public_key()
-            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        )
-        return "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
+    from deltaplane.aggregation.secagg import SecAggAuthError
+
     url = resp.request.url
     port = url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme, 0)
-    return f"origin:{url.scheme}://{url.host}:{port}"
+    origin = f"{url.scheme}://{url.host}:{port}"
+    if url.scheme != "https":
+        return f"origin:{origin}"
+    der = resp.extensions.get(PEER_CERTIFICATE) or peer_certificate(resp)
+    if not der:
+        raise SecAggAuthError(
+            f"the answer from {origin} carries no TLS certificate (a transport that exposes no connection?): an "
+            "authenticated round binds the key the service presented, and this device will not bind its address "
+            "instead; use DeviceClient's own connection (or an httpx transport over a real socket)"
+        )
+    spki = (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    )
+    return "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
 
 
 def service_session(identity: str, model: str, round_id: int) -> bytes:
