@@ -1,11 +1,14 @@
 """What identity a device works out for the service it reached (:mod:`deltaplane.serve.service_identity`), in the
-cases where the connection's TLS is not the service's:
+cases where the connection's TLS is not the service's, or the service's TLS key is not the service's alone:
 
 * a plain-HTTP service reached through an ``https://`` forward proxy (``HTTP_PROXY=https://...``, which httpx
   reads from the environment): the TLS on the connection is the proxy's, so binding its key would give every
   plain-HTTP service behind that proxy one identity;
 * an ``https://`` service whose answer carries no certificate (a transport that exposes no socket): binding the
-  address instead would silently drop to the weaker plain-HTTP binding.
+  address instead would silently drop to the weaker plain-HTTP binding;
+* two services behind one TLS key (one wildcard certificate, one terminating ingress for both, as one
+  organisation whose services share an enrollment authority often runs them): the key alone gave both one
+  identity, so the operator of one could replay there the other's devices' signed advertisements.
 """
 
 from __future__ import annotations
@@ -126,3 +129,15 @@ def test_a_device_reaching_an_https_service_without_its_certificate_refuses_the_
     with pytest.raises(SecAggAuthError, match="carries no TLS certificate"):
         SecAggDevice(device, "cnn", rnd, credentials=_creds(AUTHORITY, "d0"))
     assert service.admin.secagg_status("cnn", rnd)["stage"] == "advertise keys"  # nothing was sent
+
+
+def test_two_services_behind_one_tls_key_are_told_apart(certificate) -> None:
+    """One wildcard certificate (or one terminating ingress) for two services: the key and the address."""
+    der, spki = certificate
+    a, b = (
+        service_identity(_answer("https://a.test/x", der)),
+        service_identity(_answer("https://b.test/x", der)),
+    )
+    assert a != b
+    assert a == f"tls-spki-sha256:{spki}@https://a.test:443"
+    assert service_identity(_answer("https://a.test:443/y", der)) == a  # the default port is spelled out

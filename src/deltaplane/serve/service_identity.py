@@ -9,9 +9,11 @@ operator of one could seat there a device of the other that never joined, replay
 The session name now starts with the *service identity* each device works out from its own connection, never
 from anything the service says (a malicious service must not be able to make its devices adopt another's):
 
-* over TLS, ``tls-spki-sha256:<hex>``: the SHA-256 of the SubjectPublicKeyInfo of the certificate the service
-  presented in the handshake (the key it proved it holds). Another service cannot present it without that
-  private key, whatever certificate authority its devices were told to trust;
+* over TLS, ``tls-spki-sha256:<hex>@https://<host>:<port>``: the SHA-256 of the SubjectPublicKeyInfo of the
+  certificate the service presented in the handshake (the key it proved it holds), then the address the device
+  was given (the name that certificate was verified for). Another service cannot present that key for that name
+  without the private key, whatever certificate authority its devices were told to trust; services that share a
+  key (one wildcard certificate, one terminating ingress) are told apart by the address;
 * over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port>``: the address the device was
   configured with. Nothing authenticates the service there, so this only separates services reached at
   different addresses; use TLS for the guarantee above.
@@ -66,8 +68,8 @@ def peer_certificate(resp: httpx.Response) -> bytes | None:
 
 def service_identity(resp: httpx.Response) -> str:
     """The identity of the service that answered ``resp``, as this device saw it (see the module docstring):
-    for an ``https://`` service the SHA-256 of the key of the certificate it presented, for an ``http://`` one
-    its address (``origin:``).
+    for an ``https://`` service the SHA-256 of the key of the certificate it presented and its address, for an
+    ``http://`` one its address (``origin:``).
 
     The scheme of the address the device was given decides, never what the connection happens to carry: a
     plain-HTTP service reached through an ``https://`` forward proxy (``HTTP_PROXY``, which httpx reads from the
@@ -97,7 +99,9 @@ def service_identity(resp: httpx.Response) -> str:
         .public_key()
         .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     )
-    return "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
+    # the key *and* the address: services behind one key (a wildcard certificate, one terminating ingress) are
+    # told apart by the name the device reached, which that key's certificate was verified for
+    return f"tls-spki-sha256:{hashlib.sha256(spki).hexdigest()}@{origin}"
 
 
 def service_session(identity: str, model: str, round_id: int) -> bytes:
