@@ -22,6 +22,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from deltaplane.aggregation.secagg import EnrollmentAuthority, SecAggAuthError
 from deltaplane.serve import DeviceClient
@@ -30,6 +32,7 @@ from deltaplane.serve.server import BackgroundServer
 from deltaplane.serve.service_identity import service_identity
 from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
 
+from .conftest import Service
 from .test_secagg_auth_http import _creds, _open
 
 AUTHORITY = EnrollmentAuthority.generate()
@@ -102,21 +105,21 @@ def test_a_plain_http_service_through_a_tls_proxy_is_bound_by_its_address_not_th
             device = DeviceClient("http://svc.test:8000", "t", verifier=None, client=http)  # type: ignore[arg-type]
             answer = device.request("GET", "/v1/anything")
     assert answer.json() == {"ok": True}
-    assert service_identity(answer) == "origin:http://svc.test:8000"
-    assert _spki_sha256(tls.server_cert.read_bytes()) not in service_identity(answer)
+    assert service_identity(answer, "/v1/anything") == "origin:http://svc.test:8000"
+    assert _spki_sha256(tls.server_cert.read_bytes()) not in service_identity(answer, "/v1/anything")
 
 
 def test_two_plain_http_services_behind_one_tls_proxy_are_told_apart(certificate) -> None:
     der, _ = certificate
     a, b = _answer("http://a.test/x", der), _answer("http://b.test/x", der)
-    assert service_identity(a) != service_identity(b)
-    assert service_identity(a) == "origin:http://a.test:80"
+    assert service_identity(a, "/x") != service_identity(b, "/x")
+    assert service_identity(a, "/x") == "origin:http://a.test:80"
 
 
 def test_an_https_answer_without_the_services_certificate_is_refused(certificate) -> None:
     """Not bound to the address instead: that is the plain-HTTP binding, which a TLS device did not ask for."""
     with pytest.raises(SecAggAuthError, match="https://a.test:443 carries no TLS certificate"):
-        service_identity(_answer("https://a.test/x", None))
+        service_identity(_answer("https://a.test/x", None), "/x")
 
 
 def test_a_device_reaching_an_https_service_without_its_certificate_refuses_the_round(service) -> None:
@@ -135,9 +138,48 @@ def test_two_services_behind_one_tls_key_are_told_apart(certificate) -> None:
     """One wildcard certificate (or one terminating ingress) for two services: the key and the address."""
     der, spki = certificate
     a, b = (
-        service_identity(_answer("https://a.test/x", der)),
-        service_identity(_answer("https://b.test/x", der)),
+        service_identity(_answer("https://a.test/x", der), "/x"),
+        service_identity(_answer("https://b.test/x", der), "/x"),
     )
     assert a != b
     assert a == f"tls-spki-sha256:{spki}@https://a.test:443"
-    assert service_identity(_answer("https://a.test:443/y", der)) == a  # the default port is spelled out
+    assert (
+        service_identity(_answer("https://a.test:443/x", der), "/x") == a
+    )  # the default port is spelled out
+
+
+def _mounted(service, prefix: str) -> DeviceClient:
+    """A device of ``service`` reached at ``http://fl.test<prefix>``: one host routing services by path prefix
+    (one ingress, one TLS key, one address per service)."""
+    front = Starlette(routes=[Mount(prefix, app=service.app)])
+    http = TestClient(front, base_url=f"http://fl.test{prefix}")
+    token = service.admin.issue_token("d0", "default")
+    return DeviceClient(f"http://fl.test{prefix}", token, verifier=service.verifier, client=http)
+
+
+def test_two_services_behind_one_host_routed_by_path_are_told_apart(tmp_path) -> None:
+    """The address a device was given includes its path prefix: two services at ``/a`` and ``/b`` of one host
+    (and one TLS key) had one identity, the host's."""
+    a, b = Service(tmp_path / "a"), Service(tmp_path / "b")
+    seen = []
+    for svc, prefix in ((a, "/a"), (b, "/b")):
+        rnd = _open(svc, ["d0", "d1", "d2"])
+        seen.append(
+            SecAggDevice(_mounted(svc, prefix), "cnn", rnd, credentials=_creds(AUTHORITY, "d0")).service
+        )
+    assert seen == ["origin:http://fl.test:80/a", "origin:http://fl.test:80/b"]
+
+
+def test_the_path_prefix_is_spelled_one_way(certificate) -> None:
+    der, spki = certificate
+    for base in ("https://fl.test/a", "https://fl.test/a/", "https://fl.test:443/a"):
+        http = httpx.Client(base_url=base)
+        answer = httpx.Response(
+            200,
+            request=http.build_request("GET", "/v1/models/cnn/secagg/3"),
+            extensions={"network_stream": _Stream(der)},
+        )
+        assert (
+            service_identity(answer, "/v1/models/cnn/secagg/3")
+            == f"tls-spki-sha256:{spki}@https://fl.test:443/a"
+        )
