@@ -183,3 +183,35 @@ def test_the_path_prefix_is_spelled_one_way(certificate) -> None:
             service_identity(answer, "/v1/models/cnn/secagg/3")
             == f"tls-spki-sha256:{spki}@https://fl.test:443/a"
         )
+
+
+def test_devices_that_saw_different_identities_refuse_each_other_and_send_nothing(service) -> None:
+    """What a TLS key renewed mid-round does (docs/security.md: "the round fails, nothing is revealed"), shown
+    with addresses: two devices saw one identity, the third another. Each refuses the roster at ``share``, loudly
+    (SecAggAuthError naming a slot) and before it sends a share."""
+    names = ["d0", "d1", "d2"]
+    rnd = _open(service, names)
+    renewed = TestClient(service.app, base_url="http://renewed.test")
+    conns = [service.device("d0"), service.device("d1")]
+    conns.append(
+        DeviceClient(
+            "http://renewed.test",
+            service.admin.issue_token("d2", "default"),
+            verifier=service.verifier,
+            client=renewed,
+        )
+    )
+    devices = [
+        SecAggDevice(c, "cnn", rnd, credentials=_creds(AUTHORITY, d))
+        for c, d in zip(conns, names, strict=True)
+    ]
+    assert len({dev.service for dev in devices}) == 2
+    for dev in devices:
+        dev.advertise()
+    service.admin.advance_secagg("cnn", rnd)
+    for dev in devices:
+        sent = dev.bytes_sent
+        with pytest.raises(SecAggAuthError, match="roster slot"):
+            dev.share()
+        assert dev.bytes_sent == sent
+    assert service.admin.secagg_status("cnn", rnd)["stage"] == "share keys"
