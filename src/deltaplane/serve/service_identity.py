@@ -9,14 +9,15 @@ operator of one could seat there a device of the other that never joined, replay
 The session name now starts with the *service identity* each device works out from its own connection, never
 from anything the service says (a malicious service must not be able to make its devices adopt another's):
 
-* over TLS, ``tls-spki-sha256:<hex>@https://<host>:<port><prefix>``: the SHA-256 of the SubjectPublicKeyInfo of the
-  certificate the service presented in the handshake (the key it proved it holds), then the address the device
-  was given (the name that certificate was verified for). Another service cannot present that key for that name
+* over TLS, ``tls-spki-sha256:<hex>@https://<host>:<port><prefix>``: the SHA-256 of the SubjectPublicKeyInfo of
+  the certificate the service presented in the handshake (the key it proved it holds), then the address the
+  device was given (the name that certificate was verified for). Another service cannot present that key for that name
   without the private key, whatever certificate authority its devices were told to trust; services that share a
   key (one wildcard certificate, one terminating ingress) are told apart by the address;
-* over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port><prefix>``: the address the device
-  was configured with (``<prefix>``: its path, if any, without a trailing slash). Nothing authenticates the service there, so this only separates services reached at
-  different addresses; use TLS for the guarantee above.
+* over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port><prefix>``: the address the
+  device was configured with (``<prefix>``: its path, if any, without a trailing slash). Nothing authenticates
+  the service there, so this only separates services reached at different addresses; use TLS for the guarantee
+  above.
 
 The scheme of that address decides which: a plain-HTTP service reached through a TLS forward proxy is bound by
 its address (the TLS there is the proxy's), and an ``https://`` answer without a readable certificate is refused.
