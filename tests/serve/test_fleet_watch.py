@@ -536,3 +536,29 @@ def test_the_periodic_flush_survives_an_unexpected_error(tmp_path, monkeypatch) 
             time.sleep(0.02)
     assert len(calls) >= 3  # the periodic flush went on after the failure (the clean stop adds one more)
     assert state.counters["errors.database"] == errors + 1
+
+
+def test_a_stale_snapshot_committed_last_never_lowers_what_is_stored(tmp_path) -> None:
+    """The periodic flush takes its snapshot under the lock and writes it outside: a report or another flush may
+    commit a newer one in between. The stale one, committed last, must not lower a kept count or set a device's
+    contact back (counters upserted with max(), device rows only by a newer last contact)."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    reader, r = svc.device("reader"), svc.device("r")
+    reader.fetch("cnn", channel="production")
+    with pytest.raises(ServiceError):
+        r.upload("cnn", 1, b"x", num_examples=1)  # a refusal: a kept count
+    with state.lock:
+        stale = state._unsaved()  # the flush's snapshot ...
+    reader.fetch("cnn", channel="production")
+    with pytest.raises(ServiceError):
+        r.upload("cnn", 1, b"x", num_examples=1)
+    assert state.flush_watch()  # ... a newer one commits first ...
+    with state.registry.transaction():
+        state._save_unsaved(*stale)  # ... then the stale one
+    rejected = {k: v for k, v in state.counters.items() if k.startswith("rejected.")}
+    assert sum(rejected.values()) == 2
+    restart(svc)
+    devices = {d["device"]: d["requests"] for d in svc.state.fleet_snapshot()["devices"]}
+    assert devices["reader"] == 2
+    assert {k: v for k, v in svc.state.counters.items() if k.startswith("rejected.")} == rejected

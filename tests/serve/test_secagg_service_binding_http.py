@@ -29,12 +29,13 @@ def test_over_tls_a_device_binds_the_key_the_service_presented(service, tmp_path
     tls = make_tls_bundle(tmp_path / "tls", hosts=["127.0.0.1"])
     cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    expected = "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
+    key = hashlib.sha256(spki).hexdigest()
     names = ["d0", "d1", "d2"]
     rnd = _open(service, names)
     tokens = {d: service.admin.issue_token(d, "default") for d in names}
     ssl = server_ssl_options(tls.server_cert, tls.server_key)
     with BackgroundServer(service.app, ssl_options=ssl) as srv:
+        expected = f"tls-spki-sha256:{key}@{srv.url}"  # the key and the address the devices were given
         ctx = client_context(tls.ca_cert)
         devices = [
             SecAggDevice(

@@ -167,7 +167,7 @@ class SecAggDevice:
         )
         if credentials is not None:
             self._check_service_binding(inv.get("service_binding"))
-            self.service = service_identity(answer)
+            self.service = service_identity(answer, self._path)
         return DeviceEndpoint(
             client_id,
             self.config,

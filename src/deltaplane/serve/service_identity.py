@@ -9,12 +9,18 @@ operator of one could seat there a device of the other that never joined, replay
 The session name now starts with the *service identity* each device works out from its own connection, never
 from anything the service says (a malicious service must not be able to make its devices adopt another's):
 
-* over TLS, ``tls-spki-sha256:<hex>``: the SHA-256 of the SubjectPublicKeyInfo of the certificate the service
-  presented in the handshake (the key it proved it holds). Another service cannot present it without that
-  private key, whatever certificate authority its devices were told to trust;
-* over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port>``: the address the device was
-  configured with. Nothing authenticates the service there, so this only separates services reached at
-  different addresses; use TLS for the guarantee above.
+* over TLS, ``tls-spki-sha256:<hex>@https://<host>:<port><prefix>``: the SHA-256 of the SubjectPublicKeyInfo of
+  the certificate the service presented in the handshake (the key it proved it holds), then the address the
+  device was given (the name that certificate was verified for). Another service cannot present that key for that name
+  without the private key, whatever certificate authority its devices were told to trust; services that share a
+  key (one wildcard certificate, one terminating ingress) are told apart by the address;
+* over plain HTTP (or an in-process transport), ``origin:<scheme>://<host>:<port><prefix>``: the address the
+  device was configured with (``<prefix>``: its path, if any, without a trailing slash). Nothing authenticates
+  the service there, so this only separates services reached at different addresses; use TLS for the guarantee
+  above.
+
+The scheme of that address decides which: a plain-HTTP service reached through a TLS forward proxy is bound by
+its address (the TLS there is the proxy's), and an ``https://`` answer without a readable certificate is refused.
 
 The service does not verify advertisements (its devices do), so it never needs to know the identity its
 devices see; it states in each invitation that it expects the binding (:data:`SERVICE_BINDING`) and refuses an
@@ -61,23 +67,48 @@ def peer_certificate(resp: httpx.Response) -> bytes | None:
     return bytes(der) if der else None
 
 
-def service_identity(resp: httpx.Response) -> str:
+def service_identity(resp: httpx.Response, requested: str) -> str:
     """The identity of the service that answered ``resp``, as this device saw it (see the module docstring):
-    the SHA-256 of the TLS certificate's public key where the connection was TLS, else the request's origin."""
+    for an ``https://`` service the SHA-256 of the key of the certificate it presented and its address, for an
+    ``http://`` one its address (``origin:``).
+
+    The scheme of the address the device was given decides, never what the connection happens to carry: a
+    plain-HTTP service reached through an ``https://`` forward proxy (``HTTP_PROXY``, which httpx reads from the
+    environment) answers over the *proxy's* TLS, whose key would name every service behind that proxy alike; and
+    an ``https://`` answer whose certificate cannot be read (a transport with no socket) is refused
+    (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) rather than bound by its address, the weaker
+    plain-HTTP binding. ``requested`` is the endpoint path the device asked for: what precedes it in the
+    request's path is the base address's path prefix (``https://fl.example/a``), part of the address, since one
+    host may route several services by prefix behind one TLS key."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    der = resp.extensions.get(PEER_CERTIFICATE) or peer_certificate(resp)
-    if der:
-        spki = (
-            x509.load_der_x509_certificate(der)
-            .public_key()
-            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        )
-        return "tls-spki-sha256:" + hashlib.sha256(spki).hexdigest()
+    from deltaplane.aggregation.secagg import SecAggAuthError
+
     url = resp.request.url
+    if not url.path.endswith(requested):
+        raise SecAggAuthError(f"the answer is for {url.path!r}, not the {requested!r} this device asked for")
     port = url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme, 0)
-    return f"origin:{url.scheme}://{url.host}:{port}"
+    # the base address the device was given, with its path: one host may route services by path prefix
+    prefix = url.path[: len(url.path) - len(requested)].rstrip("/")
+    origin = f"{url.scheme}://{url.host}:{port}{prefix}"
+    if url.scheme != "https":
+        return f"origin:{origin}"
+    der = resp.extensions.get(PEER_CERTIFICATE) or peer_certificate(resp)
+    if not der:
+        raise SecAggAuthError(
+            f"the answer from {origin} carries no TLS certificate (a transport that exposes no connection?): an "
+            "authenticated round binds the key the service presented, and this device will not bind its address "
+            "instead; use DeviceClient's own connection (or an httpx transport over a real socket)"
+        )
+    spki = (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    )
+    # the key *and* the address: services behind one key (a wildcard certificate, one terminating ingress) are
+    # told apart by the name the device reached, which that key's certificate was verified for
+    return f"tls-spki-sha256:{hashlib.sha256(spki).hexdigest()}@{origin}"
 
 
 def service_session(identity: str, model: str, round_id: int) -> bytes:
