@@ -71,3 +71,19 @@ def test_fleet_coordinate_option(tmp_path, monkeypatch) -> None:
     for bad, says in (("0", "x>=1"), ("2.5", "not a valid integer")):
         r = CliRunner().invoke(app, [*args, "--drift-min-samples", bad])
         assert r.exit_code == 2 and "--drift-min-samples" in r.output and says in r.output, r.output
+
+
+def test_fleet_coordinate_runs_the_federations_rounds_unless_given(tmp_path, monkeypatch) -> None:
+    """Before: --rounds was required, so a federation's `clients: {rounds: 5}` had to be repeated, and the
+    guide's `--rounds 2` silently overrode a file edited to 5. Now the file's rounds are the default."""
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    seen: list[int] = []
+    monkeypatch.setattr(fleet, "coordinate", lambda *a, **kw: seen.append(kw["rounds"]) or [])
+    fed = tmp_path / "fed.yaml"
+    fed.write_text("clients: {count: 3, rounds: 5}\n")
+    args = ["fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", str(fed), "--model", "m"]
+    for extra, want in (([], 5), (["--rounds", "2"], 2)):
+        r = CliRunner().invoke(app, [*args, "--deadline", "5", *extra])
+        assert r.exit_code == 0 and seen[-1] == want, r.output
+    r = CliRunner().invoke(app, [*args, "--deadline", "5", "--rounds", "0"])
+    assert r.exit_code == 2 and "--rounds" in r.output, r.output
