@@ -132,6 +132,10 @@ def _admin_token() -> str:
     return token
 
 
+#: `fleet coordinate --rounds`'s default, as its help shows it
+_FILE_ROUNDS = "the federation's clients.rounds; 120 when it names none"
+
+
 def _federation(path: Path) -> RunConfig:
     from deltaplane.engine import RunConfig
 
@@ -638,12 +642,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 30,
         rounds: Annotated[
-            int | None,
-            typer.Option(
-                min=1,
-                help="Rounds to run.",
-                show_default="the federation's clients.rounds; 120 when it names none",
-            ),
+            int | None, typer.Option(min=1, help="Rounds to run.", show_default=_FILE_ROUNDS)
         ] = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
