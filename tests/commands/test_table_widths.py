@@ -247,6 +247,24 @@ def test_deploy_table_keeps_gate_names_whole_at_80() -> None:
         assert word in text, word
 
 
+def test_deploy_table_says_larger_when_the_artifact_outgrows_fp32() -> None:
+    """A 13-feature MLP federated from docs/fleet.md: 1,372 fp32 bytes, a 2,000-byte int8 ONNX artifact (graph and
+    scales outweigh its weights). Before: "0.69× smaller"; now "1.46× larger", in the table and the card."""
+    from deltaplane.commands.deploy import _table
+    from deltaplane.deploy.card import size_change
+
+    sizes = {"fp32_safetensors_bytes": 1_372, "artifact_bytes": 2_000, "compression_ratio": 1_372 / 2_000}
+    manifest = {
+        "sizes": sizes,
+        "weight_sparsity": 0.0,
+        "fidelity": {},
+        "gates": {"passed": True, "results": []},
+    }
+    text = _render([_table(manifest, "deploy model.safetensors", WIDTH)])
+    assert "1.46× larger" in text and "smaller" not in text
+    assert size_change(4.11) == "4.11× smaller" and size_change(1.0) == "1.00× smaller"
+
+
 def _lineage_table(cls: type, **options) -> Table:
     """Three wrapping columns (a long run name, codec and lineage) beside three numbers that must stay whole."""
     t = cls(title="runs", **options)

@@ -229,6 +229,20 @@ def test_single_file_checkpoint_with_config_metadata(tmp_path, helpers, trained_
         load_checkpoint(tmp_path / "n.safetensors")
 
 
+def test_config_less_checkpoint_deploys_with_a_builder(tmp_path, helpers, trained_cnn):
+    """A federated task's model (`registry pull` after docs/fleet.md) is plain weights, no config metadata.
+    Before: refused even with --builder, telling the user to write a config.json; now the builder gets {} and
+    the refusal without one names --builder."""
+    sd = {k: v.contiguous() for k, v in trained_cnn.state_dict().items()}
+    save_file(sd, str(tmp_path / "n.safetensors"))
+    with pytest.raises(ConfigError, match="pass --builder file.py:function"):
+        load_checkpoint(tmp_path / "n.safetensors")
+    seen: list[object] = []
+    ck = load_checkpoint(tmp_path / "n.safetensors", builder=lambda cfg: seen.append(cfg) or helpers.cnn())
+    assert seen == [{}] and ck.config == {}
+    assert torch.equal(ck.model.conv2.weight, trained_cnn.conv2.weight)
+
+
 def test_deploy_refuses_numbers_it_would_choke_on_or_ignore(app, tmp_path):
     """Before: --seed -1 (or 2**64) was a numpy / torch ValueError traceback after the model was loaded,
     --finetune-epochs -1, --attack-eps nan or -1 and --recover-lr nan were taken silently (no fine-tuning, a

@@ -56,18 +56,35 @@ def test_coordinate_refuses_a_min_samples_below_one_or_not_an_integer(no_task, b
     assert admin.puts == []  # refused before the reference was sent
 
 
+def _coordinate_cli(tmp_path, monkeypatch, federation: str, key: str) -> tuple[list, list[str]]:
+    """`fleet coordinate`'s arguments for a federation file of text ``federation``, with the coordinator
+    replaced by one that records its keyword ``key``: (what it recorded, the arguments)."""
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    seen: list = []
+    monkeypatch.setattr(fleet, "coordinate", lambda *a, **kw: seen.append(kw[key]) or [])
+    fed = tmp_path / "fed.yaml"
+    fed.write_text(federation)
+    args = ["fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", str(fed), "--model", "m"]
+    return seen, [*args, "--deadline", "5"]
+
+
 def test_fleet_coordinate_option(tmp_path, monkeypatch) -> None:
     """--drift-min-samples reaches the coordinator (default 30); 0 and 2.5 are usage errors naming it."""
-    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
-    seen: list[int] = []
-    monkeypatch.setattr(fleet, "coordinate", lambda *a, **kw: seen.append(kw["drift_min_samples"]) or [])
-    fed = tmp_path / "fed.yaml"
-    fed.write_text("clients: 3\nrounds: 1\n")
-    args = ["fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", str(fed), "--model", "m"]
-    args += ["--rounds", "1", "--deadline", "5"]
+    seen, args = _coordinate_cli(tmp_path, monkeypatch, "clients: 3\nrounds: 1\n", "drift_min_samples")
     for extra, want in (([], 30), (["--drift-min-samples", "12"], 12)):
-        r = CliRunner().invoke(app, [*args, *extra])
+        r = CliRunner().invoke(app, [*args, "--rounds", "1", *extra])
         assert r.exit_code == 0 and seen[-1] == want, r.output
     for bad, says in (("0", "x>=1"), ("2.5", "not a valid integer")):
         r = CliRunner().invoke(app, [*args, "--drift-min-samples", bad])
         assert r.exit_code == 2 and "--drift-min-samples" in r.output and says in r.output, r.output
+
+
+def test_fleet_coordinate_runs_the_federations_rounds_unless_given(tmp_path, monkeypatch) -> None:
+    """Before: --rounds was required, so a federation's `clients: {rounds: 5}` had to be repeated, and the
+    guide's `--rounds 2` silently overrode a file edited to 5. Now the file's rounds are the default."""
+    seen, args = _coordinate_cli(tmp_path, monkeypatch, "clients: {count: 3, rounds: 5}\n", "rounds")
+    for extra, want in (([], 5), (["--rounds", "2"], 2)):
+        r = CliRunner().invoke(app, [*args, *extra])
+        assert r.exit_code == 0 and seen[-1] == want, r.output
+    r = CliRunner().invoke(app, [*args, "--rounds", "0"])
+    assert r.exit_code == 2 and "--rounds" in r.output, r.output

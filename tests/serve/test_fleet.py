@@ -254,6 +254,9 @@ def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
         for t in threads:
             t.join(30)
         assert out[0].failed is None and out[0].contributors == 3 and out[0].dropouts == 1
+        assert out[0].dropped == ("device-2",) and "(1 dropped out: device-2)" in out[0].line(
+            1
+        )  # was unnamed
         assert out[0].version is not None
         rounds = held
         bodies = f.bodies

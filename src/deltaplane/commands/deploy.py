@@ -357,6 +357,8 @@ def _table(manifest: dict[str, Any], title: str, width: int):
     out for ``width`` columns: cells wrap between words, a number is never cut (see :func:`fit_table`)."""
     from rich.table import Table
 
+    from deltaplane.deploy.card import size_change
+
     t = Table(title=title)
     t.add_column("metric", overflow="fold")
     # values wrap between words ("87.50% (loss 1.092)"), never inside a number; "change" also holds a gate's
@@ -368,7 +370,7 @@ def _table(manifest: dict[str, Any], title: str, width: int):
         "size (bytes)",
         f"{sizes['fp32_safetensors_bytes']:,}",
         f"{sizes['artifact_bytes']:,}",
-        f"{sizes['compression_ratio']:.2f}× smaller",
+        size_change(sizes["compression_ratio"]),
     )
     t.add_row("weight sparsity", "0.0%", f"{100 * manifest['weight_sparsity']:.1f}%", "")
     if "fidelity" in manifest:

@@ -132,6 +132,10 @@ def _admin_token() -> str:
     return token
 
 
+#: `fleet coordinate --rounds`'s default, as its help shows it
+_FILE_ROUNDS = "the federation's clients.rounds; 120 when it names none"
+
+
 def _federation(path: Path) -> RunConfig:
     from deltaplane.engine import RunConfig
 
@@ -588,7 +592,6 @@ def register(app: typer.Typer) -> None:
         url: Url,
         federation: Federation,
         model: Model,
-        rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")],
         deadline: Annotated[
             float,
             typer.Option(
@@ -649,6 +652,9 @@ def register(app: typer.Typer) -> None:
                 "dashboard. Lower it for a small fleet, e.g. 3 devices of a few dozen samples each.",
             ),
         ] = 30,
+        rounds: Annotated[
+            int | None, typer.Option(min=1, help="Rounds to run.", show_default=_FILE_ROUNDS)
+        ] = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -659,6 +665,9 @@ def register(app: typer.Typer) -> None:
             run = _federation(federation)
             if secagg_neighbours is not None:
                 run = _with_degree(run, federation, secagg_neighbours)
+            # the file's rounds unless given: a `rounds: 5` in the federation was required again as --rounds,
+            # and the guide's `--rounds 2` silently overrode an edited file
+            n_rounds = run.rounds if rounds is None else rounds
             names = None
             if enrolled is not None:
                 names = [device_id(i) for i in held_partitions(enrolled, ".token")]
@@ -673,12 +682,12 @@ def register(app: typer.Typer) -> None:
                     admin,
                     run,
                     model=model,
-                    rounds=rounds,
+                    rounds=n_rounds,
                     deadline=deadline,
                     weight_scale=weight_scale,
                     # one line per round however narrow the terminal (or a pipe's 80 columns), and the
                     # service's words (a failed round's reason) as text, never as rich markup
-                    progress=lambda s: console.print(s.line(rounds), soft_wrap=True, markup=False),
+                    progress=lambda s: console.print(s.line(n_rounds), soft_wrap=True, markup=False),
                     patience=patience,
                     say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
                     authenticated=authenticated,

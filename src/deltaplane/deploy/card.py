@@ -9,6 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+
+def size_change(ratio: float) -> str:
+    """fp32 bytes / artifact bytes as words: ``4.11× smaller``, or ``1.46× larger`` for a model so small that
+    the artifact's graph and quantization parameters outweigh its weights (a 13-feature MLP: 1,372 → 2,000
+    bytes), rather than ``0.69× smaller``."""
+    if ratio >= 1 or ratio <= 0:
+        return f"{ratio:.2f}× smaller"
+    return f"{1 / ratio:.2f}× larger"
+
+
 __all__ = ["render_model_card"]
 
 
@@ -47,7 +57,7 @@ def render_model_card(
         f"- format: {manifest['format']}; quantization: {manifest['quant_scheme']}",
         f"- pruning: {manifest['prune']}; weight sparsity {_pct(manifest['weight_sparsity'])}",
         f"- size: {sizes['artifact_bytes']:,} bytes vs {sizes['fp32_safetensors_bytes']:,} fp32 safetensors "
-        f"({sizes['compression_ratio']:.2f}× smaller)",
+        f"({size_change(sizes['compression_ratio'])})",
     ]
     if manifest.get("export_max_abs_diff") is not None:
         lines.append(

@@ -230,7 +230,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     """Build the model its config names and load its weights strictly.
 
     ``builder`` (a callable or ``"pkg.mod:fn"`` / ``"file.py:fn"``) builds the model from the config instead of
-    the architecture lookup (module docstring); the config then need not name an architecture.
+    the architecture lookup (module docstring); the config then need not name an architecture, and a
+    ``.safetensors`` file without ``config`` metadata (a federated task's model, as ``registry pull`` writes it)
+    is built from the empty config ``{}``.
 
     Raises:
         ConfigError: missing files, a checkpoint or weights file that is not a regular file (a FIFO would block
@@ -268,12 +270,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
-        if "config" not in meta:
+        if "config" not in meta and builder is None:
+            # a model the fleet or `deltaplane run --task` federated is plain weights: its task's code builds it
             raise ConfigError(
-                f"{p} has no 'config' metadata; put a config.json beside it in a folder instead"
+                f"{p} has no 'config' metadata, so nothing says which model it holds: pass --builder "
+                "file.py:function (a function(config) -> nn.Module that builds your model; config is {} here), "
+                "or put a config.json beside it in a folder"
             )
         try:
-            config = json.loads(meta["config"])
+            config = json.loads(meta["config"]) if "config" in meta else {}
         except ValueError as e:
             raise ConfigError(f"the 'config' metadata of {p} is not valid JSON: {e}") from e
         cfg_path = p

@@ -467,7 +467,9 @@ class ServerStep:
         measurements = dict(self.aggregator.measurements)
         base = self.version
         payload, decoded = self.publisher.publish(
-            update, base_version=base, lineage={"round": self._round, "uploads": self._accepted}
+            update,
+            base_version=base,
+            lineage={"round": self._round, "uploads": self._accepted, **_dp(measurements)},
         )
         # a partial update (personalization's local layers excluded) changes only the shared tensors
         self.state = {**self.state, **decoded.apply({k: self.state[k] for k in decoded})}
@@ -482,3 +484,13 @@ class ServerStep:
             uplink_bytes=self._uplink,
             measurements=measurements,
         )
+
+
+def _dp(measurements: dict[str, Any]) -> dict[str, Any]:
+    """The privacy a published version has cost so far, for its lineage: ``{"dp": {"epsilon", "delta"}}`` when
+    the round's chain ran DP with an accountant (a registry entry, and the model pulled from it, then say what
+    they spent, not only the round's status), else nothing (no DP, or noise 0: ε infinite)."""
+    eps, delta = measurements.get("epsilon"), measurements.get("delta")
+    if not isinstance(eps, float | int) or not isinstance(delta, float | int) or not np.isfinite(eps):
+        return {}
+    return {"dp": {"epsilon": float(eps), "delta": float(delta)}}

@@ -76,6 +76,12 @@ def _cohorts(cohorts: Any) -> str | None:
     )
 
 
+def _dp(dp: Any) -> str | None:
+    eps, delta = (dp.get("epsilon"), dp.get("delta")) if isinstance(dp, Mapping) else (None, None)
+    ok = all(isinstance(v, float | int) and not isinstance(v, bool) for v in (eps, delta))
+    return f"DP ε {eps:.3f} at δ {delta:g}" if ok else None
+
+
 def _count(noun: str) -> Callable[[Any], str | None]:
     return lambda n: f"{n} {noun}" if isinstance(n, int) and not isinstance(n, bool) else None
 
@@ -86,6 +92,7 @@ _KNOWN: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("plain_round", lambda r: f"round {r}"),
     ("secagg_round", lambda r: f"SecAgg round {r}"),
     ("uploads", _count("uploads")),
+    ("dp", _dp),
     ("examples", _count("examples")),
     ("downlink_codec", lambda c: f"downlink {_short(c)}"),
     ("run_config", lambda c: "run config" + (f" ({_codec_of(c)})" if _codec_of(c) else "")),

@@ -560,6 +560,8 @@ class RoundSummary:
     authenticated: bool = False
     #: devices the service left out of the round: its revocation list revokes them (not counted as invited)
     revoked: tuple[str, ...] = ()
+    #: invited devices whose masked input the SecAgg sum does not hold (a plain round counts its dropouts only)
+    dropped: tuple[str, ...] = ()
 
     @property
     def dropouts(self) -> int:
@@ -578,8 +580,9 @@ class RoundSummary:
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
         if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
             eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
+        who = f": {', '.join(self.dropped)}" if self.dropped else ""
         return (
-            f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out), "
+            f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out{who}), "
             f"version {self.version}{eps}, {self.seconds:.1f} s{left}"
         )
 
@@ -748,8 +751,8 @@ def _secagg(
     neighbours: int | None,
     authenticated: bool,
 ) -> tuple:
-    """Open and run one SecAgg round: its number, survivors, version, measurements, and the devices left out
-    as revoked (each said once: ``<device> revoked: left out``)."""
+    """Open and run one SecAgg round: its number, survivors, version, measurements, the invited devices that
+    dropped out, and the devices left out as revoked (each said once: ``<device> revoked: left out``)."""
     number, revoked = _open_secagg(p, model, names, weight_scale, neighbours, authenticated)
     for d in revoked:
         p.say(f"{d} revoked: left out of SecAgg round {number}")
@@ -763,7 +766,10 @@ def _secagg(
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
     )
-    return (*done, tuple(revoked))
+    number, survivors, version, measured, ids = done
+    # the service numbers the round's clients in the order of the open's devices, revoked ones left out
+    dropped = tuple(d for i, d in enumerate(invited) if i not in set(ids))
+    return number, survivors, version, measured, dropped, tuple(revoked)
 
 
 #: why the coordinator aborts a stray SecAgg round (the Fleet page shows it)
@@ -866,7 +872,8 @@ def _secagg_round(
             )
         expected = int(advanced[counted])  # type: ignore[index]
     status = _secagg_status(p, model, number)
-    survivors = len(status["survivors"])
+    ids = list(status["survivors"])  # client ids: positions in the open's device list
+    survivors = len(ids)
     answering = survivors
     if status["stage"] == Stage.CONSISTENCY:  # an authenticated round: survivors sign what they were sent
         p.wait(lambda: _secagg_status(p, model, number)["signed"] >= survivors, deadline, poll)
@@ -884,11 +891,11 @@ def _secagg_round(
         ok, closed = p.once(lambda: p.admin.close_secagg(model, number), f"close SecAgg round {number}")
         if ok:
             published = closed["published"]  # type: ignore[index]
-            return number, survivors, published["version"], published["measurements"]
+            return number, survivors, published["version"], published["measurements"], ids
         status = _secagg_status(p, model, number)  # the answer was lost: did the close go through?
         if status.get("finished") == "published":
             published = status["published"]
-            return number, survivors, published["version"], published.get("measurements", {})
+            return number, survivors, published["version"], published.get("measurements", {}), ids
 
 
 def weight_scale_of(config: RunConfig, clients: list[Any] | None = None) -> float:
@@ -986,11 +993,15 @@ def coordinate(
         kind = "secagg" if config.secagg else "plain"
         try:
             if config.secagg:
-                number, n, version, measured, revoked = _secagg(
+                number, n, version, measured, dropped, revoked = _secagg(
                     p, model, names, deadline, poll, weight_scale or 0.0, neighbours, authenticated
                 )
             else:
-                number, n, version, measured, revoked = *_plain(p, model, names, deadline, poll), ()
+                number, n, version, measured, dropped, revoked = (
+                    *_plain(p, model, names, deadline, poll),
+                    (),
+                    (),
+                )
         except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up
             exc, number = (
                 (failure.error, failure.number) if isinstance(failure, _RoundFailed) else (failure, 0)
@@ -1016,6 +1027,7 @@ def coordinate(
             summary = RoundSummary(
                 index, kind, number, len(names) - len(revoked), n, version, measured.get("epsilon"),
                 time.perf_counter() - t0, dict(measured), authenticated=authenticated, revoked=revoked,
+                dropped=dropped,
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"

@@ -1,0 +1,52 @@
+"""A version a DP round publishes records the ε spent so far in its lineage (registry entry, pulled manifest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltaplane.aggregation import build_aggregator
+from deltaplane.codecs import Compressor
+from deltaplane.delta import Delta
+from deltaplane.engine.server import MemoryPublisher, ServerStep
+from deltaplane.registry.lineage import summarize_lineage
+
+
+class _Recording(MemoryPublisher):
+    def __init__(self) -> None:
+        super().__init__(Compressor("identity"), "b")
+        self.lineages: list[dict] = []
+
+    def publish(self, update, *, base_version, lineage):
+        self.lineages.append(lineage)
+        return super().publish(update, base_version=base_version, lineage=lineage)
+
+
+def _rounds(dp_noise: float, n: int = 2) -> tuple[list[dict], list[dict]]:
+    agg = build_aggregator(dp_noise=dp_noise, clip=1.0, expected_clients=2, sampling_rate=1.0, dp_delta=1e-3)
+    pub = _Recording()
+    step = ServerStep(agg, pub, {"w": torch.zeros(2)}, base_id="b")
+    measured = []
+    for r in range(1, n + 1):
+        step.open(r)
+        step.receive_delta("c1", Delta({"w": torch.tensor([0.5, 0.0])}), 1.0)
+        step.receive_delta("c2", Delta({"w": torch.tensor([0.0, 0.5])}), 1.0)
+        measured.append(step.close().measurements)
+    return pub.lineages, measured
+
+
+def test_a_dp_round_records_its_epsilon_in_the_published_lineage() -> None:
+    """Before: the lineage was round and uploads only, so `registry show` and a pulled model's manifest of a
+    DP federation said nothing of the ε it cost (only the coordinator's lines and the Fleet page did)."""
+    lineages, measured = _rounds(0.8)
+    for lineage, m in zip(lineages, measured, strict=True):
+        assert lineage["dp"] == {"epsilon": pytest.approx(m["epsilon"]), "delta": 1e-3}
+    assert lineages[0]["dp"]["epsilon"] < lineages[1]["dp"]["epsilon"]  # cumulative, as the accountant's
+    text, _ = summarize_lineage(lineages[1])
+    assert text == f"round 2, 2 uploads, DP ε {measured[1]['epsilon']:.3f} at δ 0.001"
+
+
+def test_without_dp_noise_the_lineage_claims_no_privacy() -> None:
+    lineages, _ = _rounds(0.0)
+    assert all("dp" not in lineage for lineage in lineages)
+    assert summarize_lineage({"dp": {"epsilon": "x"}})[0] == "+1 more"  # malformed: counted, never read as ε
