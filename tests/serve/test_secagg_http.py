@@ -928,3 +928,14 @@ def test_the_fleet_page_shows_the_local_epsilon_the_devices_reported(service) ->
     assert closed["epsilon"] is None and closed["local_epsilon_max"] == 45.5
     page = service.http.get("/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert "<th>local ε (max reported)</th>" in page and 'data-field="local_epsilon_max">45.500</td>' in page
+
+
+def test_client_ids_are_positions_in_the_opens_device_list(service) -> None:
+    """`fleet coordinate` names a round's dropped devices from the survivors' client ids, which the open's
+    `devices` field documents as positions in its list: hold the service to it (not sorted, not hashed)."""
+    names = ["z", "a", "m"]
+    for d in names:
+        service.device(d)
+    rnd = service.admin.open_secagg("cnn", names, weight_scale=0)["round"]
+    ids = {d: SecAggDevice(service.device(d), "cnn", rnd).client_id for d in names}
+    assert ids == {"z": 0, "a": 1, "m": 2}

@@ -767,7 +767,7 @@ def _secagg(
         f"{number}/abort)",
     )
     number, survivors, version, measured, ids = done
-    # the service numbers the round's clients in the order of the open's devices, revoked ones left out
+    # client ids are positions in the open's device list, revoked ones left out (OpenSecAggRequest.devices)
     dropped = tuple(d for i, d in enumerate(invited) if i not in set(ids))
     return number, survivors, version, measured, dropped, tuple(revoked)
 

@@ -229,7 +229,12 @@ MAX_OPEN_BITS = 24
 class OpenSecAggRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     devices: list[Annotated[str, Field(pattern=NAME, max_length=128)]] = Field(
-        min_length=2, max_length=100_000
+        min_length=2,
+        max_length=100_000,
+        description=(
+            "the devices to invite; each invited device's client id (what the round's status lists as survivors "
+            "and dropped) is its position in this list once the devices the revocation list revokes are left out"
+        ),
     )
     bits: int | None = Field(
         default=None,
