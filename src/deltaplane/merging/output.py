@@ -25,24 +25,12 @@ import torch
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import MergeMethod
 from deltaplane.merging.config import CHATML, MergeConfig
+from deltaplane.shards import TOKENIZER_FILES
 from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Tokenizer files copied from the tokenizer source (mergekit's list plus the vocab files of WordPiece/BPE)."""
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
