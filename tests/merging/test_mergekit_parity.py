@@ -526,6 +526,11 @@ def test_card_title_is_the_output_folder_without_name(llama) -> None:  # type: i
     merge_files(_cfg(root, cfg), root / "my-soup")
     card = (root / "my-soup" / "README.md").read_text()
     assert "\n# my-soup\n" in card  # not the temporary staging folder's name
+    # what the models are: transformers' own config.json (model_type + transformers_version)
+    assert (
+        "library_name: transformers" in card
+        and "pre-trained `transformers` models (model_type `llama`)" in card
+    )
 
 
 @pytest.mark.parametrize("weights", [[0.0, 0.0], [1.0, -1.0]])
@@ -617,20 +622,11 @@ def test_out_dtype_casts_the_half_result_of_an_upcasting_kernel(
         torch.testing.assert_close(got[k], want.float(), rtol=0, atol=0)
 
 
-def test_card_says_what_the_merged_models_are(llama) -> None:  # type: ignore[no-untyped-def]
+def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
     """The card said "a merge of pre-trained language models" and `library_name: transformers` of any merge,
-    a plain torch MLP's too: transformers is now claimed only for a config.json that transformers wrote."""
-    root, _, _ = llama
-    cfg = {
-        "merge_method": "linear",
-        "models": [{"model": f"m{i}", "parameters": {"weight": 1.0}} for i in range(2)],
-    }
-    merge_files(_cfg(root, cfg), root / "llm")
-    card = (root / "llm" / "README.md").read_text()
-    assert (
-        "library_name: transformers" in card
-        and "pre-trained `transformers` models (model_type `llama`)" in card
-    )
+    a plain torch MLP's too: transformers is now claimed only for a config.json that transformers wrote (the
+    llama models' card: test_card_title_is_the_output_folder_without_name)."""
+    root = tmp_path
     mlp = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
     for name, config in (("mlp0", {"architecture": "WalkMLP", "d_in": 3}), ("mlp1", None)):
         (root / name).mkdir()
