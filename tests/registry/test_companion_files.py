@@ -55,6 +55,9 @@ def test_a_lineage_may_not_set_files_itself(tmp_path: Path) -> None:
     reg = _registry(tmp_path)
     with pytest.raises(ConfigError, match="lineage key 'files' is the registry's"):
         reg.register_model("m", {"w": torch.ones(2)}, lineage={"files": {"vocab.txt": {"sha256": "0" * 64}}})
+    with pytest.raises(ConfigError, match="lineage key 'files' is the registry's"):  # not silently replaced
+        reg.register_model("m", {"w": torch.ones(2)}, lineage={"files": "mine"}, files=TOKENIZER)
+    assert reg.versions() == []
 
 
 def _edit_lineage(home: Path, lineage: dict) -> None:

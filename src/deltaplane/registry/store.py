@@ -1248,13 +1248,13 @@ class Registry:
             if sources:
                 lineage = {**dict(lineage or {}), "sources": [a.ref for a in inputs[: len(sources)]]}
         governance = own
-        if files:
-            lineage = {**dict(lineage or {}), FILES_KEY: self._put_files(files)}
-        elif lineage is not None and FILES_KEY in lineage:
+        if isinstance(lineage, Mapping) and FILES_KEY in lineage:
             raise ConfigError(
                 f"lineage key {FILES_KEY!r} is the registry's (the hashes of the files stored with a version); "
                 "name your entry otherwise"
             )
+        if files:
+            lineage = {**dict(lineage or {}), FILES_KEY: self._put_files(files)}
         return self._insert(
             model=model,
             kind="model",
