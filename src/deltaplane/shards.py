@@ -9,6 +9,13 @@ folder (no ``..``, no ``/``, no absolute path, no symlink leading out); every na
 lists is in the shard it names; and a shard holding a tensor the index does not assign to it (a tensor duplicated
 across shards, or one the index forgot) is refused rather than silently dropped or overwritten. Shards are read
 with ``safetensors`` only (never pickle), one at a time, so memory is the state dict plus one shard's read.
+
+The files a checkpoint folder holds besides its weights and ``config.json`` — the tokenizer's, the generation
+config — are read by :func:`read_companion_files` under the same distrust: only the names in
+:data:`COMPANION_FILES` (fixed names, so nothing is read from outside the folder by name), regular files only, no
+symlink leading out, each at most :data:`~deltaplane.textfile.TOKENIZER_LIMIT` bytes and all together at most
+:data:`COMPANION_LIMIT`. ``registry register`` stores them beside a version so ``registry pull`` gives back a
+folder that ``deploy`` tokenizes from, as it did the registered one.
 """
 
 from __future__ import annotations
@@ -19,16 +26,53 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deltaplane.errors import DecodeError
-from deltaplane.textfile import read_bounded_text, require_regular_file, safetensors_path
+from deltaplane.textfile import (
+    TOKENIZER_LIMIT,
+    read_bounded_bytes,
+    read_bounded_text,
+    require_regular_file,
+    safetensors_path,
+)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["INDEX_LIMIT", "INDEX_NAME", "load_sharded", "read_shard_index"]
+__all__ = [
+    "COMPANION_FILES",
+    "COMPANION_LIMIT",
+    "INDEX_LIMIT",
+    "INDEX_NAME",
+    "SENTENCEPIECE_FILES",
+    "TOKENIZER_FILES",
+    "load_sharded",
+    "read_companion_files",
+    "read_shard_index",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_LIMIT = 16 * 2**20
 """Largest index accepted: a 10⁶-tensor index is ~100 MB smaller than this; a larger one is hostile or broken."""
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""A Hugging Face tokenizer's files (mergekit's list plus the vocab files of WordPiece/BPE): what ``merge`` copies
+from its tokenizer source and what the registry carries with a version."""
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model")
+"""The SentencePiece models some tokenizers are made of (T5's, XLM-R's), besides :data:`TOKENIZER_FILES`."""
+COMPANION_FILES = (*TOKENIZER_FILES, *SENTENCEPIECE_FILES, "generation_config.json")
+"""The files of a checkpoint folder read by :func:`read_companion_files` (``config.json`` is read on its own)."""
+COMPANION_LIMIT = 2 * TOKENIZER_LIMIT
+"""Most bytes of all companion files together: a large BPE tokenizer's files are a few tens of MiB."""
 
 
 def read_shard_index(folder: str | os.PathLike[str]) -> dict[Path, list[str]]:
@@ -115,3 +159,32 @@ def load_sharded(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
     return state, list(shards)
+
+
+def read_companion_files(folder: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The :data:`COMPANION_FILES` present in ``folder`` (name → bytes, in that order), read strictly.
+
+    Raises:
+        DecodeError: a companion file that is not a regular file (a FIFO named ``vocab.txt``), is a symlink
+            leading outside ``folder``, is over :data:`~deltaplane.textfile.TOKENIZER_LIMIT`, or that brings all
+            of them over :data:`COMPANION_LIMIT`.
+    """
+    p = Path(folder)
+    root = p.resolve()
+    out: dict[str, bytes] = {}
+    total = 0
+    for name in COMPANION_FILES:
+        f = p / name
+        if not os.path.lexists(f):
+            continue
+        if not f.resolve().is_relative_to(root):
+            raise DecodeError(f"{f} is a link leading outside {p}; copy the file in")
+        data = read_bounded_bytes(f, limit=TOKENIZER_LIMIT, what="tokenizer file", error=DecodeError)
+        total += len(data)
+        if total > COMPANION_LIMIT:
+            raise DecodeError(
+                f"the tokenizer and generation files of {p} are over {COMPANION_LIMIT // 2**20} MiB together "
+                f"(at {name}); check that the folder holds one model's files"
+            )
+        out[name] = data
+    return out

@@ -121,13 +121,15 @@ def test_a_folder_given_as_the_output_file_is_a_usage_error(tmp_path: Path) -> N
     assert runner.invoke(_app(), args).exit_code == 0
     r = runner.invoke(_app(), ["decompress", str(payload), "-o", str(folder)])
     assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), r.output
-    # a folder given as an input (the payload, or --base) is a usage error too (it was exit 1, "[Errno 21]")
+    # a folder given as the payload is a usage error too (it was exit 1, "[Errno 21]"); as --base, a folder
+    # without a checkpoint in it is one, saying what it lacks (a checkpoint folder is read: see below)
     out = tmp_path / "d.safetensors"
-    for args in (["decompress", str(folder), "-o", str(out)],
-                 ["decompress", str(payload), "--base", str(folder), "-o", str(out)],
-                 ["compress", str(new_p), "--base", str(folder), "--codec", "topk(0.1)", "-o", str(out)]):  # fmt: skip
+    for args, said in ((["decompress", str(folder), "-o", str(out)], "is a directory"),
+                       (["decompress", str(payload), "--base", str(folder), "-o", str(out)], "holds neither"),
+                       (["compress", str(new_p), "--base", str(folder), "--codec", "topk(0.1)", "-o", str(out)],
+                        "holds neither")):  # fmt: skip
         r = runner.invoke(_app(), args)
-        assert r.exit_code == 2 and "is a directory" in _unboxed(r.output), (args, r.output)
+        assert r.exit_code == 2 and said in _unboxed(r.output), (args, r.output)
     assert not out.exists()
     assert (
         list(folder.iterdir()) == []
@@ -344,3 +346,62 @@ def test_quiet_compress_prints_the_table_alone(tmp_path: Path) -> None:
     assert "ratio" in loud.stdout and "ratio" in quiet.stdout
     assert "codec quant(bits=8," in loud.stderr and f"wrote {tmp_path / 'a.dpln'}" in loud.stderr
     assert "codec" not in quiet.stderr and "wrote" not in quiet.output
+
+
+def _sharded(folder: Path, state: dict, index: dict | None = None) -> Path:
+    """``state`` as a Hugging Face sharded folder, one tensor per shard (``index`` replaces the true index)."""
+    import json
+
+    folder.mkdir()
+    weight_map = {}
+    for i, (k, v) in enumerate(state.items()):
+        shard = f"model-{i + 1:05d}-of-{len(state):05d}.safetensors"
+        save_file({k: v}, folder / shard)
+        weight_map[k] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index or {"weight_map": weight_map}))
+    return folder
+
+
+def test_checkpoint_folders_are_read_through_the_strict_shard_reader(tmp_path: Path) -> None:
+    """compress/decompress/apply took only .safetensors files (a folder was a usage error), so a merged or
+    Hugging Face checkpoint had to be re-saved first. A folder is now read as deploy and registry register read
+    it: model.safetensors, else the index through deltaplane.shards, which refuses a shard outside the folder."""
+    base_p, _, base, new = _files(tmp_path)
+    base_dir = _sharded(tmp_path / "base", base)
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(new, single / "model.safetensors")
+    runner = CliRunner()
+    payload, delta, out = tmp_path / "u.dpln", tmp_path / "d.safetensors", tmp_path / "o.safetensors"
+    r = runner.invoke(
+        _app(), ["compress", str(single), "--base", str(base_dir), "--codec", "identity", "-o", str(payload)]
+    )
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(_app(), ["decompress", str(payload), "-o", str(delta)]).exit_code == 0
+    r = runner.invoke(_app(), ["apply", str(delta), "--base", str(base_dir), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert all(torch.allclose(load_file(out)[k], new[k], atol=1e-6) for k in new)
+    out.unlink()
+    # a traversal index: the shard named '../' is never read, nothing is written
+    (tmp_path / "outside").mkdir()
+    save_file({"fc.weight": base["fc.weight"]}, tmp_path / "outside" / "w.safetensors")
+    save_file({"fc.bias": base["fc.bias"]}, tmp_path / "outside" / "b.safetensors")
+    evil = {"weight_map": {"fc.weight": "../outside/w.safetensors", "fc.bias": "../outside/b.safetensors"}}
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "model.safetensors.index.json").write_text(__import__("json").dumps(evil))
+    for cmd in (
+        ["apply", str(delta), "--base", str(tmp_path / "evil"), "-o", str(out)],
+        ["decompress", str(payload), "--base", str(tmp_path / "evil"), "-o", str(out)],
+        ["compress", str(tmp_path / "evil"), "--base", str(base_p), "--codec", "identity", "-o", str(out)],
+    ):
+        r = runner.invoke(_app(), cmd)
+        text = _unboxed(r.output)
+        assert r.exit_code == 1 and "names shard '../outside/" in text and "bare .safetensors" in text, (
+            cmd,
+            text,
+        )
+        assert not out.exists()
+    # a folder of neither kind names what it lacks (a usage error)
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(_app(), ["apply", str(delta), "--base", str(tmp_path / "empty"), "-o", str(out)])
+    assert r.exit_code == 2 and "neither model.safetensors nor" in _unboxed(r.output), r.output

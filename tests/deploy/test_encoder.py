@@ -163,3 +163,26 @@ def test_real_minilm_2_4_int8_is_refused_by_the_default_gates(tmp_path):
             latency_iters=2,
         )
     assert e.value.manifest["fidelity"]["cosine_min"] < 0.9 and not (tmp_path / "m").exists()
+
+
+def test_a_pulled_encoder_keeps_its_tokenizer_and_deploys_without_tokenizer_option(
+    app, tmp_path, tiny_bert, monkeypatch
+):
+    """register → pull → deploy: the pulled folder held the weights and config.json but no tokenizer, so deploy
+    refused it ("no tokenizer files ... pass --tokenizer"); the files now travel with the signed version."""
+    from deltaplane.cli import app as cli
+    from deltaplane.registry import Registry
+
+    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
+    Registry.create(tmp_path / "home")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["registry", "register", "enc", str(tiny_bert)])
+    assert r.exit_code == 0, r.output
+    pulled = tmp_path / "pulled"
+    r = runner.invoke(cli, ["registry", "pull", "enc", "-o", str(pulled)])
+    assert r.exit_code == 0, r.output
+    for f in TOKENIZER_FILES:
+        assert (pulled / f).read_bytes() == (tiny_bert / f).read_bytes(), f
+    r = runner.invoke(app, ["deploy", str(pulled), "--quant", "int8", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["fidelity"]["cosine_min"] > 0.9

@@ -526,6 +526,11 @@ def test_card_title_is_the_output_folder_without_name(llama) -> None:  # type: i
     merge_files(_cfg(root, cfg), root / "my-soup")
     card = (root / "my-soup" / "README.md").read_text()
     assert "\n# my-soup\n" in card  # not the temporary staging folder's name
+    # what the models are: transformers' own config.json (model_type + transformers_version)
+    assert (
+        "library_name: transformers" in card
+        and "pre-trained `transformers` models (model_type `llama`)" in card
+    )
 
 
 @pytest.mark.parametrize("weights", [[0.0, 0.0], [1.0, -1.0]])
@@ -615,3 +620,24 @@ def test_out_dtype_casts_the_half_result_of_an_upcasting_kernel(
         want = _mk(method, [m[k] for m in ins], 0 if method == "slerp" else None, **params)
         assert want.dtype == torch.bfloat16 and got[k].dtype == torch.float32
         torch.testing.assert_close(got[k], want.float(), rtol=0, atol=0)
+
+
+def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
+    """The card said "a merge of pre-trained language models" and `library_name: transformers` of any merge,
+    a plain torch MLP's too: transformers is now claimed only for a config.json that transformers wrote (the
+    llama models' card: test_card_title_is_the_output_folder_without_name)."""
+    root = tmp_path
+    mlp = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
+    for name, config in (("mlp0", {"architecture": "WalkMLP", "d_in": 3}), ("mlp1", None)):
+        (root / name).mkdir()
+        save_file(mlp, root / name / "model.safetensors")
+        if config is not None:
+            (root / name / "config.json").write_text(json.dumps(config))
+    for donor, said in (("mlp0", "`WalkMLP` models (PyTorch weights"), ("mlp1", "no config.json names")):
+        cfg = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (donor, "mlp1" if donor == "mlp0" else "mlp0")]}  # fmt: skip
+        merge_files(_cfg(root, cfg), root / f"out-{donor}")
+        card = (root / f"out-{donor}" / "README.md").read_text()
+        assert (
+            "library_name" not in card and "language models" not in card and "transformers models" not in card
+        )
+        assert said in card, card

@@ -35,19 +35,43 @@ AllowOtherBase = Annotated[
 
 
 def _load_state(path: Path) -> dict:
-    from deltaplane.delta import Delta
+    """The tensors of a checkpoint: a ``.safetensors`` file, or a Hugging Face folder — its
+    ``model.safetensors``, else ``model.safetensors.index.json`` + shards read by
+    :func:`deltaplane.shards.load_sharded`, as ``deploy`` and ``registry register`` read them (a shard named
+    ``../x``, by an absolute path or through a link leading out of the folder is a :class:`DecodeError`).
 
-    return dict(Delta.load(path))
+    Raises:
+        ConfigError: a folder with neither (a ``pytorch_model.bin`` is never unpickled: convert it first).
+    """
+    import os
+
+    from deltaplane.delta import Delta
+    from deltaplane.errors import ConfigError
+    from deltaplane.shards import INDEX_NAME, load_sharded
+
+    if not path.is_dir():
+        return dict(Delta.load(path))
+    if os.path.lexists(path / "model.safetensors"):
+        return dict(Delta.load(path / "model.safetensors"))
+    if os.path.lexists(path / INDEX_NAME):
+        return load_sharded(path)[0]
+    raise ConfigError(
+        f"{path} holds neither model.safetensors nor {INDEX_NAME}; a .bin checkpoint must be converted first "
+        "(load it with torch and save_file(state, 'model.safetensors'))"
+    )
 
 
 def compress(
     new: Annotated[
-        Path, typer.Argument(help="fine-tuned checkpoint (.safetensors)", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(help="fine-tuned checkpoint (.safetensors, or a Hugging Face folder)", exists=True),
     ],
     base: Annotated[
         Path,
         typer.Option(
-            "--base", help="base checkpoint the delta is taken against", exists=True, dir_okay=False
+            "--base",
+            help="base checkpoint the delta is taken against (.safetensors, or a Hugging Face folder)",
+            exists=True,
         ),
     ],
     codec: Annotated[
@@ -109,9 +133,8 @@ def decompress(
         Path | None,
         typer.Option(
             "--base",
-            help="apply the delta to this checkpoint and write the result",
+            help="apply the delta to this checkpoint (.safetensors, or a Hugging Face folder) and write the result",
             exists=True,
-            dir_okay=False,
         ),
     ] = None,
     expect_base_id: Annotated[
@@ -176,7 +199,12 @@ def apply(
     ],
     base: Annotated[
         Path,
-        typer.Option("--base", help="checkpoint to apply the delta to", exists=True, dir_okay=False),
+        typer.Option(
+            "--base",
+            help="checkpoint to apply the delta to (.safetensors, or a Hugging Face folder: model.safetensors "
+            "or model.safetensors.index.json + shards)",
+            exists=True,
+        ),
     ],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="checkpoint to write (.safetensors)", dir_okay=False)

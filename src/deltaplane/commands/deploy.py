@@ -223,8 +223,6 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-#: the SentencePiece models some tokenizers are made of (T5's, XLM-R's), besides merging.output.TOKENIZER_FILES
-SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model")
 
 
 def _load_tokenizer(folder: Path, config: dict[str, Any], option: str):
@@ -241,7 +239,8 @@ def _load_tokenizer(folder: Path, config: dict[str, Any], option: str):
 
     from deltaplane.errors import ConfigError
     from deltaplane.merging.output import CONFIG_FILES
-    from deltaplane.merging.output import TOKENIZER_FILES as FILES
+    from deltaplane.shards import SENTENCEPIECE_FILES
+    from deltaplane.shards import TOKENIZER_FILES as FILES
     from deltaplane.textfile import TOKENIZER_LIMIT, read_bounded_bytes
 
     with tempfile.TemporaryDirectory(prefix="deltaplane-tokenizer-") as tmp:

@@ -884,7 +884,12 @@ def register(app: typer.Typer) -> None:
                 path
             )  # .safetensors, .dpla/.onnx, deploy or HF folder: tensors + provenance
             art = Registry(_home(home)).register_model(
-                model, src.state, parent=parent, lineage={**src.lineage, **lin}, governance=gov
+                model,
+                src.state,
+                parent=parent,
+                lineage={**src.lineage, **lin},
+                governance=gov,
+                files=src.files,
             )
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
 
@@ -896,7 +901,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--out",
                 "-o",
-                help="Folder to write model.safetensors and manifest.json (and config.json, when registered with one).",
+                help="Folder to write model.safetensors and manifest.json (and config.json and the tokenizer's "
+                "files, when registered with them).",
             ),
         ],
         home: Home = None,
@@ -908,6 +914,7 @@ def register(app: typer.Typer) -> None:
         from safetensors.torch import save_file
 
         from deltaplane.registry import Registry
+        from deltaplane.shards import COMPANION_FILES
 
         with _errors(OSError):
             _writable(out, "--out")  # before the registry is read: a path under a file, no permission
@@ -920,29 +927,37 @@ def register(app: typer.Typer) -> None:
             # manifest saying no cohort withdrew (IntegrityError, exit 1, nothing written)
             withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts(verify=True))
             out.mkdir(parents=True, exist_ok=True)
-            model_tmp, manifest_tmp = out / "model.safetensors.tmp", out / "manifest.json.tmp"
-            config_tmp = out / "config.json.tmp"
             # the config the version was registered with (a Hugging Face folder's config.json, a run model's
-            # metadata): written back so the pulled folder is a checkpoint `deltaplane deploy` and
-            # `load_checkpoint` take, as the registered folder was
+            # metadata) and its tokenizer's and generation config's files: written back so the pulled folder is a
+            # checkpoint `deltaplane deploy` and `load_checkpoint` take, tokenizer included, as the registered
+            # folder was. Their names are the registry's fixed list (checked on read), never a path.
             config = art.lineage.get("config")
+            extras = dict(reg.load_files(art))  # hash-checked against the signed lineage
+            if isinstance(config, dict):
+                extras["config.json"] = json.dumps(config, indent=2).encode()
             pulled_before = (out / "manifest.json").is_file()
+            manifest = {**art.to_dict(), "verified": True, "consent": {"withdrawn_cohorts": withdrawn}}
+            written = {
+                "model.safetensors": None,
+                "manifest.json": json.dumps(manifest, indent=1).encode(),
+                **extras,
+            }
+            tmps = {name: out / f"{name}.tmp" for name in written}
             try:  # all written in full before any replaces a previous pull's: never a model with another's manifest
-                save_file({k: v.contiguous() for k, v in state.items()}, str(model_tmp))
-                manifest = {**art.to_dict(), "verified": True, "consent": {"withdrawn_cohorts": withdrawn}}
-                manifest_tmp.write_text(json.dumps(manifest, indent=1))
-                if isinstance(config, dict):
-                    config_tmp.write_text(json.dumps(config, indent=2))
-                model_tmp.replace(out / "model.safetensors")
-                manifest_tmp.replace(out / "manifest.json")
-                if isinstance(config, dict):
-                    config_tmp.replace(out / "config.json")
-                elif pulled_before:  # a previous pull's config.json is not this version's
-                    (out / "config.json").unlink(missing_ok=True)
+                for name, data in written.items():
+                    if data is None:
+                        save_file({k: v.contiguous() for k, v in state.items()}, str(tmps[name]))
+                    else:
+                        tmps[name].write_bytes(data)
+                for name, tmp in tmps.items():
+                    tmp.replace(out / name)
+                if pulled_before:  # a previous pull's config and tokenizer are not this version's
+                    for name in ("config.json", *COMPANION_FILES):
+                        if name not in written:
+                            (out / name).unlink(missing_ok=True)
             finally:  # an error or Ctrl-C half way leaves no partial file behind
-                model_tmp.unlink(missing_ok=True)
-                manifest_tmp.unlink(missing_ok=True)
-                config_tmp.unlink(missing_ok=True)
+                for tmp in tmps.values():
+                    tmp.unlink(missing_ok=True)
         if withdrawn:  # not a note: -q does not silence it
             error_console.print(
                 f"[yellow]warning:[/yellow] {escape(art.ref)} was trained on "

@@ -7,7 +7,10 @@ each accepted input into one, strictly:
 - ``.dpla``: the device artifact, decoded by :func:`~deltaplane.deploy.read_artifact` (magic, SHA-256, ranges
   checked): its tensors exactly as shipped (int8 codes and scales of a quantized graph included);
 - ``.onnx``: the model's initializers (checked with ``onnx.checker`` first);
-- a deploy output folder: its ``model.dpla``, with ``manifest.json`` recorded in the lineage.
+- a deploy output folder: its ``model.dpla``, with ``manifest.json`` recorded in the lineage;
+- a Hugging Face folder: ``model.safetensors`` (or its shards), ``config.json`` whole in the lineage and the
+  tokenizer's and generation config's files (:func:`~deltaplane.shards.read_companion_files`) as ``files``,
+  which the registry stores and signs with the version so ``registry pull`` writes the folder back whole.
 
 The lineage names the source file, its SHA-256 and, for artifacts, the deploy recipe and the measured quality
 (sizes, fidelity, gates), so the registry can tell which compressed version came from which run.
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import load_sharded
+from deltaplane.shards import load_sharded, read_companion_files
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = ["Deployable", "load_deployable"]
@@ -47,10 +50,12 @@ _MANIFEST_KEYS = (
 
 @dataclass
 class Deployable:
-    """A state dict to register and what it came from (``lineage`` entries)."""
+    """A state dict to register, what it came from (``lineage`` entries) and the files that go with it (a
+    Hugging Face folder's tokenizer and generation config, by name)."""
 
     state: dict[str, Tensor]
     lineage: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -165,7 +170,8 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
 
 def _hf_folder(p: Path) -> Deployable | None:
     """A Hugging Face-layout folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
-    with ``config.json``'s architecture recorded in the lineage (None when the folder is not one)."""
+    with ``config.json`` recorded in the lineage and the tokenizer and generation files kept (None when the
+    folder is not one)."""
     index = p / "model.safetensors.index.json"
     if (p / "model.safetensors").is_file():
         out = load_deployable(p / "model.safetensors")
@@ -191,4 +197,5 @@ def _hf_folder(p: Path) -> Deployable | None:
         }
         if isinstance(conf, dict):  # the whole config.json: `registry pull` writes it back beside the weights
             out.lineage["config"] = conf
+    out.files = read_companion_files(p)
     return out

@@ -246,7 +246,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             message lists them, so a config/weights mix-up is caught before anything is pruned or shipped.
     """
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     p = Path(path)
     if p.is_dir():
@@ -308,29 +307,32 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
     if weights.name == INDEX_NAME:
         state, files = load_sharded(p)  # strict index: shards inside the folder, each tensor where it claims
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
     else:
         require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
         name = safetensors_path(weights, what="weights file")
-        try:
-            state = load_file(name)
+        state, files = None, [weights]
+        try:  # the header only: tensors are read one chunk at a time once they are known to fit (below)
+            with safe_open(name, "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as e:  # truncated, junk, or a header that lies
             raise DecodeError(
                 f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
             ) from e
-        files = [weights]
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
     # Older checkpoints also save buffers that newer model code keeps non-persistent (BERT's position_ids):
     # they are derived data, not weights, so they are dropped rather than reported as unexpected.
     derived = {n for n, _ in model.named_buffers()} - set(expected)
-    state = {k: v for k, v in state.items() if k in expected or not (k.startswith("pooler.") or k in derived)}
-    missing = sorted(set(expected) - set(state) - _tied_aliases(model, set(state)))
-    unexpected = sorted(set(state) - set(expected))
+    keep = [k for k in shapes if k in expected or not (k.startswith("pooler.") or k in derived)]
+    missing = sorted(set(expected) - set(keep) - _tied_aliases(model, set(keep)))
+    unexpected = sorted(set(keep) - set(expected))
     wrong = [
-        f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+        f"{k}: weights {shapes[k]} vs config {tuple(expected[k].shape)}"
         for k in expected
-        if k in state and state[k].shape != expected[k].shape
+        if k in shapes and shapes[k] != tuple(expected[k].shape)
     ]
+    del expected  # references to every parameter: not needed while the weights are copied in
     if missing or unexpected or wrong:
         raise ShapeMismatch(
             f"weights in {weights} do not match the {arch} config: "
@@ -345,15 +347,50 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             )
             + ". Check that config.json belongs to these weights."
         )
-    model.load_state_dict(state, strict=False)
+    if state is not None:
+        model.load_state_dict({k: state[k] for k in keep}, strict=False)
+    else:
+        _load_in_chunks(model, weights, keep)
     model.eval()
     # one file: its SHA-256; shards: the SHA-256 of their bytes in index order (the index itself only routes)
     digest, nbytes = hashlib.sha256(), 0
     for f in files:
-        data = f.read_bytes()
-        digest.update(data)
-        nbytes += len(data)
+        with f.open("rb") as fh:  # in blocks: the whole file read at once was another copy of the weights
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+                nbytes += len(block)
     return Checkpoint(model, config, arch, digest.hexdigest(), nbytes, weights)
+
+
+LOAD_CHUNK_BYTES = 64 * 2**20
+"""Most bytes of weights read from the file before they are copied into the model (see :func:`_load_in_chunks`)."""
+
+
+def _load_in_chunks(model: nn.Module, weights: Path, names: list[str]) -> None:
+    """Copy the tensors ``names`` of the safetensors file ``weights`` into ``model``, :data:`LOAD_CHUNK_BYTES` at
+    a time, through ``load_state_dict`` (so a module's own loading hooks still run).
+
+    ``load_file`` read the whole state dict first, so loading held the weights twice (the model's parameters
+    and the file's tensors) until it returned; here the file is memory-mapped by ``safe_open`` and at most a
+    chunk is held besides the model. The values are the same: ``load_state_dict`` copies either way.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(safetensors_path(weights, what="weights file"), "pt") as f:
+            chunk: dict[str, Tensor] = {}
+            held = 0
+            for k in names:
+                chunk[k] = f.get_tensor(k)
+                held += chunk[k].numel() * chunk[k].element_size()
+                if held >= LOAD_CHUNK_BYTES:
+                    model.load_state_dict(chunk, strict=False)
+                    chunk, held = {}, 0
+            model.load_state_dict(chunk, strict=False)
+    except (SafetensorError, OSError, ValueError) as e:  # the file changed or is damaged past its header
+        raise DecodeError(
+            f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
+        ) from e
 
 
 def save_checkpoint(

@@ -25,24 +25,12 @@ import torch
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import MergeMethod
 from deltaplane.merging.config import CHATML, MergeConfig
+from deltaplane.shards import TOKENIZER_FILES
 from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_bytes, read_bounded_text
 
 __all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Tokenizer files copied from the tokenizer source (mergekit's list plus the vocab files of WordPiece/BPE)."""
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -225,7 +213,8 @@ def write_extras(
     recipe = cfg.text if cfg.text is not None else _dump(cfg)
     (out / "mergekit_config.yml").write_text(recipe if recipe.endswith("\n") else recipe + "\n")
     written.append("mergekit_config.yml")
-    (out / "README.md").write_text(_card(cfg, method, title, model_labels, recipe, notes))
+    kind = _model_kind(donor)
+    (out / "README.md").write_text(_card(cfg, method, title, model_labels, recipe, notes, kind))
     written.append("README.md")
     return written
 
@@ -236,6 +225,33 @@ def _dump(cfg: MergeConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(exclude_defaults=True, mode="json"), sort_keys=False)
 
 
+def _model_kind(donor: Path) -> tuple[str, bool]:
+    """What the merged models are, in the card's words, and whether they are ``transformers`` models.
+
+    Only a ``config.json`` that ``transformers`` wrote (a ``model_type`` and the ``transformers_version`` every
+    ``save_pretrained`` records) makes the card say ``library_name: transformers``; the card used to say that,
+    and "pre-trained language models", of any merge — a plain torch MLP's included. Otherwise the card names the
+    architecture the config gives (``architecture``, as ``deploy``'s :func:`save_checkpoint` writes it) or says
+    none is recorded.
+    """
+    conf = (
+        _json_or_none(donor / "config.json", limit=MANIFEST_LIMIT, what="model config")
+        if (donor / "config.json").is_file()
+        else None
+    )
+    conf = conf if isinstance(conf, dict) else {}
+    archs = conf.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    arch = arch or (conf["architecture"] if isinstance(conf.get("architecture"), str) else None)
+    model_type = conf.get("model_type")
+    if isinstance(model_type, str) and "transformers_version" in conf:
+        named = f"`{arch}`, model_type `{model_type}`" if arch else f"model_type `{model_type}`"
+        return f"pre-trained `transformers` models ({named})", True
+    if arch:
+        return f"`{arch}` models (PyTorch weights in safetensors; not a `transformers` model)", False
+    return "safetensors checkpoints (no config.json names their architecture)", False
+
+
 def _card(
     cfg: MergeConfig,
     method: MergeMethod,
@@ -243,15 +259,17 @@ def _card(
     models: list[str],
     recipe: str,
     notes: list[str],
+    kind: tuple[str, bool],
 ) -> str:
     title = cfg.name or default_title
     link = f"[{method.name}]({method.url})" if method.url else method.name
     bases = [cfg.base_model] if cfg.base_model else []
+    what, transformers = kind
     lines = [
         "---",
         "base_model:",
         *(f"- {m}" for m in dict.fromkeys(bases + models)),
-        "library_name: transformers",
+        *(["library_name: transformers"] if transformers else []),
         "tags:",
         "- mergekit",
         "- merge",
@@ -259,7 +277,7 @@ def _card(
         "---",
         f"# {title}",
         "",
-        "This is a merge of pre-trained language models created with deltaplane "
+        f"This is a merge of {what} created with deltaplane "
         "(`deltaplane merge`, a mergekit-compatible streaming merge).",
         "",
         "## Merge Details",

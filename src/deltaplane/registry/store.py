@@ -49,7 +49,8 @@ from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound
 from deltaplane.registry import eventlog
 from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import Signer, Verifier, canonical_json, load_signer, load_verifier
-from deltaplane.textfile import SETTINGS_LIMIT, read_bounded_text
+from deltaplane.shards import COMPANION_FILES, COMPANION_LIMIT
+from deltaplane.textfile import SETTINGS_LIMIT, TOKENIZER_LIMIT, read_bounded_text
 
 if TYPE_CHECKING:  # torch loads on first use: `deltaplane registry list` must not wait for it
     import torch
@@ -560,6 +561,50 @@ def _artifact(row: sqlite3.Row) -> Artifact:
         created_at=row["created_at"],
         statement_version=version,
     )
+
+
+FILES_KEY = "files"
+"""The lineage entry naming a version's companion files (tokenizer, generation config): ``{name: {"sha256": …,
+"bytes": …}}``. Inside the lineage, so the version's signature covers each file's hash; the bytes are blobs."""
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+
+
+def _companion_entries(artifact: Artifact) -> dict[str, tuple[str, int]]:
+    """The companion files ``artifact`` records (name → (SHA-256, bytes)); none for a version registered
+    without any (every version registered before the registry carried them).
+
+    Raises:
+        IntegrityError: the entry is not what :meth:`Registry.register_model` writes: a name outside
+            :data:`~deltaplane.shards.COMPANION_FILES` (``../x``, ``/etc/passwd``: nothing is written outside
+            the pulled folder), a malformed hash or size, or files recorded in a statement-1 version's unsigned
+            lineage.
+    """
+    entries = artifact.lineage.get(FILES_KEY)
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict) or (entries and artifact.statement_version < 2):
+        raise IntegrityError(
+            f"{artifact.ref}: its lineage's {FILES_KEY!r} is not the signed file list the registry writes: the "
+            "database was edited; restore it from a backup"
+        )
+    out: dict[str, tuple[str, int]] = {}
+    for name, entry in entries.items():
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        if (
+            name not in COMPANION_FILES
+            or not isinstance(sha, str)
+            or not _SHA256.match(sha)
+            or type(size) is not int
+            or not 0 <= size <= TOKENIZER_LIMIT
+        ):
+            raise IntegrityError(
+                f"{artifact.ref}: its lineage names file {name!r:.80} with {entry!r:.120}, not an entry the "
+                f"registry writes (a name of {', '.join(COMPANION_FILES)}; a SHA-256 and a size): the database "
+                "was edited; restore it from a backup"
+            )
+        out[name] = (sha, size)
+    return out
 
 
 def _stored_json(text: str | bytes, what: str, kind: type) -> Any:
@@ -1178,6 +1223,7 @@ class Registry:
         lineage: Mapping[str, Any] | None = None,
         governance: Governance | Mapping[str, Any] | None = None,
         sources: Sequence[Artifact | str] = (),
+        files: Mapping[str, bytes] | None = None,
     ) -> Artifact:
         """Add a new immutable, signed model version (next number for ``model``) and return it.
 
@@ -1186,6 +1232,15 @@ class Registry:
         model) it was built from — a merge's inputs, the model a deploy recipe compressed. The version's
         governance is the union of what it is given and what the parent and sources contributed (cohorts and
         data sources flow down the lineage), so a consent withdrawal reaches every descendant.
+
+        ``files`` are the checkpoint folder's companion files (its tokenizer's, its generation config:
+        :func:`~deltaplane.shards.read_companion_files`), stored as blobs and named with their SHA-256 and size
+        in the lineage's ``files``, so the signature covers them as it covers ``config``; :meth:`load_files`
+        gives them back.
+
+        Raises:
+            ConfigError: a file name outside :data:`~deltaplane.shards.COMPANION_FILES`, a file or all of them
+                over their limits, or a ``lineage`` that sets ``files`` itself.
         """
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
@@ -1201,6 +1256,13 @@ class Registry:
             if sources:
                 lineage = {**dict(lineage or {}), "sources": [a.ref for a in inputs[: len(sources)]]}
         governance = own
+        if isinstance(lineage, Mapping) and FILES_KEY in lineage:
+            raise ConfigError(
+                f"lineage key {FILES_KEY!r} is the registry's (the hashes of the files stored with a version); "
+                "name your entry otherwise"
+            )
+        if files:
+            lineage = {**dict(lineage or {}), FILES_KEY: self._put_files(files)}
         return self._insert(
             model=model,
             kind="model",
@@ -1212,6 +1274,45 @@ class Registry:
             lineage=lineage,
             governance=governance,
         )
+
+    def _put_files(self, files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+        """Store companion files as blobs (durable before the row naming them); their lineage entry."""
+        bad = [n for n in files if n not in COMPANION_FILES]
+        if bad:
+            raise ConfigError(
+                f"files {bad[:5]!r:.200} are not files the registry carries with a version; it carries "
+                f"{', '.join(COMPANION_FILES)}"
+            )
+        sizes = {n: len(d) for n, d in files.items()}
+        if max(sizes.values()) > TOKENIZER_LIMIT or sum(sizes.values()) > COMPANION_LIMIT:
+            raise ConfigError(
+                f"the files stored with a version may hold at most {TOKENIZER_LIMIT // 2**20} MiB each and "
+                f"{COMPANION_LIMIT // 2**20} MiB together; these hold {sizes}"
+            )
+        return {n: {"sha256": self.put_blob(bytes(d)), "bytes": len(d)} for n, d in files.items()}
+
+    def load_files(self, artifact: Artifact, *, verify: bool = True) -> dict[str, bytes]:
+        """The companion files stored with a model version (name → bytes; empty for one registered without).
+
+        Each is hash-checked against the lineage entry, which (``verify``) the version's signature covers.
+
+        Raises:
+            IntegrityError: a blob missing, tampered with or longer than recorded; a lineage entry the
+                registry does not write (see :func:`_companion_entries`).
+            SignatureError: (``verify``) the version's signature does not verify.
+        """
+        entries = _companion_entries(artifact)
+        if entries and verify:
+            self.verifier.verify(artifact.statement(), artifact.signature)
+        out = {}
+        for name, (sha, size) in entries.items():
+            data = self.get_blob(sha, size=size)
+            if len(data) != size:
+                raise IntegrityError(
+                    f"{artifact.ref}: file {name} has {len(data)} bytes, its lineage says {size}"
+                )
+            out[name] = data
+        return out
 
     def register_delta(
         self,
@@ -1711,6 +1812,14 @@ class Registry:
                 unsigned_metadata.append(a.ref)
             referenced.add(a.sha256)
             sizes[a.sha256] = a.size
+            try:  # a version's companion files are its blobs too: kept by gc, checked here
+                for name, (sha, size) in _companion_entries(a).items():
+                    referenced.add(sha)
+                    sizes[sha] = size
+                    if len(self.get_blob(sha, size=size)) != size:
+                        report.problems.append(f"{a.ref}: file {name} is shorter than its lineage says")
+            except IntegrityError as exc:
+                report.problems.append(str(exc) if a.ref in str(exc) else f"{a.ref}: {exc}")
             try:
                 data = self.get_blob(a.sha256, size=a.size)
                 if len(data) != a.size:
