@@ -245,14 +245,15 @@ def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monke
 
         monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
     else:
-        real_write = pathlib.Path.write_text
+        for method in ("write_text", "write_bytes"):  # however the manifest is written
+            real_write = getattr(pathlib.Path, method)
 
-        def interrupted_write(self, *args, **kwargs):
-            if self.name.startswith("manifest.json"):
-                raise KeyboardInterrupt
-            return real_write(self, *args, **kwargs)
+            def interrupted_write(self, *args, _real=real_write, **kwargs):
+                if self.name.startswith("manifest.json"):
+                    raise KeyboardInterrupt
+                return _real(self, *args, **kwargs)
 
-        monkeypatch.setattr(pathlib.Path, "write_text", interrupted_write)
+            monkeypatch.setattr(pathlib.Path, method, interrupted_write)
     r = cli("registry", "pull", "m@2", "--out", str(out))
     assert r.exit_code != 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
