@@ -198,3 +198,26 @@ def test_fleet_enroll_add_never_reissues_an_id_whose_token_was_removed(tmp_path,
     assert r.exit_code == 0, r.output
     assert issued == ["device-0", "device-1", "device-2", "device-3"]
     assert (out / "enrollment.issued").read_text() == "device-3\n"
+
+
+def test_fleet_device_last_line_counts_one_published_round_in_the_singular(tmp_path, monkeypatch):
+    """A device that took part in one round ended with "took part in 1 published rounds"; now "1 published
+    round", and "2 published rounds" still for more (the line docs/fleet.md quotes)."""
+    from types import SimpleNamespace
+
+    from deltaplane.registry import signing
+    from deltaplane.serve import fleet as fleet_module
+
+    rows: list[list[dict]] = [[{"round": 1}], [{"round": 1}, {"round": 2}]]
+    monkeypatch.setattr(signing, "load_trusted_keys", lambda path: [])
+    monkeypatch.setattr(fleet_module, "load_device", lambda conn, run, device, *, model: SimpleNamespace())
+    monkeypatch.setattr(fleet_module, "run_device", lambda dev, **kw: rows.pop(0))
+    fed, token = tmp_path / "fed.yaml", tmp_path / "device-0.token"
+    fed.write_text("clients: 3\nrounds: 2\n")
+    token.write_text("tok")
+    args = ["fleet", "device", "--url", "http://127.0.0.1:9", "--token-file", str(token)]
+    args += ["--federation", str(fed), "--model", "m", "--device", "0", "--trusted", str(token)]
+    for want in ("device 0: took part in 1 published round\n", "device 0: took part in 2 published rounds\n"):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert r.output.endswith(want), r.output

@@ -136,6 +136,11 @@ def _admin_token() -> str:
 _FILE_ROUNDS = "the federation's clients.rounds; 120 when it names none"
 
 
+def _rounds(n: int) -> str:
+    """``n`` published rounds, as a device's last line counts them: "1 published round", "2 published rounds"."""
+    return f"{n} published round" + ("" if n == 1 else "s")
+
+
 def _federation(path: Path) -> RunConfig:
     from deltaplane.engine import RunConfig
 
@@ -585,7 +590,7 @@ def register(app: typer.Typer) -> None:
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
             )
-        console.print(f"device {device}: took part in {len(done)} published rounds")
+        console.print(f"device {device}: took part in {_rounds(len(done))}")
 
     @fleet.command("coordinate")
     def coordinate_cmd(
