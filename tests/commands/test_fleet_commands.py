@@ -1,6 +1,7 @@
 """`deltaplane fleet …` options and inputs refused before any connection (commands/fleet.py)."""
 
 import os
+import re
 
 from typer.testing import CliRunner
 
@@ -221,3 +222,17 @@ def test_fleet_device_last_line_counts_one_published_round_in_the_singular(tmp_p
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, (r.output, r.exception)
         assert r.output.endswith(want), r.output
+
+
+def test_rounds_help_shows_the_configs_own_default(monkeypatch):
+    """`fleet coordinate --rounds` and `run --rounds` said "120" as a literal in their help: RunConfig's default
+    changed, the help would still say 120. Both read it from one constant that RunConfig's field uses."""
+    from deltaplane.engine import RunConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    default = RunConfig.model_fields["rounds"].default
+    assert RunConfig().rounds == default
+    r = CliRunner().invoke(app, ["fleet", "coordinate", "--help"])
+    assert f"clients.rounds; {default} when it names none" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["run", "--help"])
+    assert re.search(rf"--rounds .*\[default: \(?{default}\)?\]", r.output), r.output

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.markup import escape
 
+from deltaplane.choices import DEFAULT_ROUNDS
 from deltaplane.commands import (
     DEFAULT_THREADS,
     MAX_ENROLL_DEVICES,
@@ -133,7 +134,7 @@ def _admin_token() -> str:
 
 
 #: `fleet coordinate --rounds`'s default, as its help shows it
-_FILE_ROUNDS = "the federation's clients.rounds; 120 when it names none"
+_FILE_ROUNDS = f"the federation's clients.rounds; {DEFAULT_ROUNDS} when it names none"
 
 
 def _rounds(n: int) -> str:
