@@ -61,7 +61,7 @@ from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import REVOCATIONS_DEVICE_PATH, AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
-from deltaplane.serve.secagg_client import SecAggDevice
+from deltaplane.serve.secagg_client import BINDING, SecAggDevice
 
 __all__ = [
     "Device",
@@ -388,11 +388,13 @@ def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | No
     """How SecAgg round ``number`` ended if it can never publish: lost (the service restarted while it was
     open) or aborted (the operator gave it up: too few devices left to unmask it); None for a round still open
     or published, or a service still away at ``deadline`` (monotonic): not known unpublished. Asks the
-    service, waiting out a broken connection."""
+    service for the invitation, stating the service binding as the round's own requests do (without it an
+    open authenticated round answers 409, an error the service logs for a round that is fine), waiting out a
+    broken connection."""
     delay = 0.1
     while True:
         try:
-            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}")
+            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}", headers=BINDING)
             return None
         except ServiceError as exc:
             if exc.error == RoundLost.__name__:
