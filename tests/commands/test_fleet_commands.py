@@ -236,3 +236,53 @@ def test_rounds_help_shows_the_configs_own_default(monkeypatch):
     assert f"clients.rounds; {default} when it names none" in " ".join(r.output.split()), r.output
     r = CliRunner().invoke(app, ["run", "--help"])
     assert re.search(rf"--rounds .*\[default: \(?{default}\)?\]", r.output), r.output
+
+
+def test_fleet_enroll_failing_part_way_spends_the_ids_whose_tokens_were_issued(tmp_path, monkeypatch):
+    """The service failed at device-2's token after issuing device-0's and device-1's: nothing was written and
+    the mark not raised, so a second `fleet enroll --devices 3` issued device-0 and device-1 again, a second
+    live token for each. Now their tokens are written, their ids spent (`enrollment.issued`), and the run says
+    so; `--devices 3` is refused there and `--add 1` takes device-2."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    issued: list[str] = []
+    failed: list[str] = []
+
+    def issue(self, d, c):
+        if d == "device-2" and not failed:  # once: the service fails mid-way through the first run
+            failed.append(d)
+            raise ServiceError(503, "the registry database is unavailable")
+        issued.append(d)
+        return f"tok-{d}"
+
+    monkeypatch.setattr(AdminClient, "issue_token", issue)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    enroll = ["fleet", "enroll", *url, "--out", str(out)]
+    r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
+    assert r.exit_code == 1, (r.output, r.exception)
+    assert "2 of 3 tokens were issued (device-0 … device-1)" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in out.iterdir()) == ["device-0.token", "device-1.token", "enrollment.issued"]
+    assert (out / "device-1.token").read_text() == "tok-device-1"
+    assert (out / "enrollment.issued").read_text() == "device-1\n"
+    r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
+    assert r.exit_code == 2 and "--add" in r.output, r.output  # before: device-0 and device-1 issued again
+    r = CliRunner().invoke(app, [*enroll, "--add", "1"])
+    assert r.exit_code == 0, r.output
+    assert issued == ["device-0", "device-1", "device-2"]
+
+
+def test_fleet_enroll_refused_at_the_first_token_leaves_nothing(tmp_path, monkeypatch):
+    """A refusal before any token was issued (a wrong admin token) still leaves no folder, file or mark."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    def refuse(self, d, c):
+        raise ServiceError(401, "invalid admin token")
+
+    monkeypatch.setattr(AdminClient, "issue_token", refuse)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out = tmp_path / "tokens"
+    r = CliRunner().invoke(
+        app, ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--devices", "2"]
+    )
+    assert r.exit_code != 0 and not out.exists(), r.output
