@@ -10,6 +10,9 @@ name is one line naming the known ones (:meth:`Choices.check`).
 Choices with their own spec grammar keep their registries next to their code and give the same kind of
 error: codecs (``deltaplane.codecs.available_codecs``), defences (``deltaplane.aggregation.DEFENSES``) and
 attacks (``deltaplane.engine.attacks.ATTACKS``).
+
+:data:`DEFAULT_ROUNDS` is here for the same reason: the config's default number of rounds, which help texts
+show without importing the config (and torch with it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,20 @@ from typing import Any
 
 from deltaplane.errors import ConfigError
 
-__all__ = ["AGGREGATORS", "ENGINES", "PERSONALIZATIONS", "TASKS", "TRANSPORTS", "Choice", "Choices"]
+__all__ = [
+    "AGGREGATORS",
+    "DEFAULT_ROUNDS",
+    "ENGINES",
+    "PERSONALIZATIONS",
+    "TASKS",
+    "TRANSPORTS",
+    "Choice",
+    "Choices",
+]
+
+#: :class:`~deltaplane.engine.RunConfig`'s ``rounds`` when a config names none (YAML ``clients.rounds``); the
+#: help of ``deltaplane run --rounds`` and ``fleet coordinate --rounds`` shows it
+DEFAULT_ROUNDS = 120
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deltaplane import commands
-from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
+from deltaplane.choices import AGGREGATORS, DEFAULT_ROUNDS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import (
     EXIT_REFUSED,
     check_threads,
@@ -215,7 +215,9 @@ def run(
             "classes).",
         ),
     ] = None,
-    rounds: Annotated[int | None, typer.Option(show_default="120", help="Communication rounds.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(show_default=str(DEFAULT_ROUNDS), help="Communication rounds.")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(show_default="0", help="Seed of the partition, model and rounds.")
     ] = None,

@@ -1,6 +1,7 @@
 """`deltaplane fleet …` options and inputs refused before any connection (commands/fleet.py)."""
 
 import os
+import re
 
 from typer.testing import CliRunner
 
@@ -198,3 +199,90 @@ def test_fleet_enroll_add_never_reissues_an_id_whose_token_was_removed(tmp_path,
     assert r.exit_code == 0, r.output
     assert issued == ["device-0", "device-1", "device-2", "device-3"]
     assert (out / "enrollment.issued").read_text() == "device-3\n"
+
+
+def test_fleet_device_last_line_counts_one_published_round_in_the_singular(tmp_path, monkeypatch):
+    """A device that took part in one round ended with "took part in 1 published rounds"; now "1 published
+    round", and "2 published rounds" still for more (the line docs/fleet.md quotes)."""
+    from types import SimpleNamespace
+
+    from deltaplane.registry import signing
+    from deltaplane.serve import fleet as fleet_module
+
+    rows: list[list[dict]] = [[{"round": 1}], [{"round": 1}, {"round": 2}]]
+    monkeypatch.setattr(signing, "load_trusted_keys", lambda path: [])
+    monkeypatch.setattr(fleet_module, "load_device", lambda conn, run, device, *, model: SimpleNamespace())
+    monkeypatch.setattr(fleet_module, "run_device", lambda dev, **kw: rows.pop(0))
+    fed, token = tmp_path / "fed.yaml", tmp_path / "device-0.token"
+    fed.write_text("clients: 3\nrounds: 2\n")
+    token.write_text("tok")
+    args = ["fleet", "device", "--url", "http://127.0.0.1:9", "--token-file", str(token)]
+    args += ["--federation", str(fed), "--model", "m", "--device", "0", "--trusted", str(token)]
+    for want in ("device 0: took part in 1 published round\n", "device 0: took part in 2 published rounds\n"):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert r.output.endswith(want), r.output
+
+
+def test_rounds_help_shows_the_configs_own_default(monkeypatch):
+    """`fleet coordinate --rounds` and `run --rounds` said "120" as a literal in their help: RunConfig's default
+    changed, the help would still say 120. Both read it from one constant that RunConfig's field uses."""
+    from deltaplane.engine import RunConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    default = RunConfig.model_fields["rounds"].default
+    assert RunConfig().rounds == default
+    r = CliRunner().invoke(app, ["fleet", "coordinate", "--help"])
+    assert f"clients.rounds; {default} when it names none" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["run", "--help"])
+    assert re.search(rf"--rounds .*\[default: \(?{default}\)?\]", r.output), r.output
+
+
+def test_fleet_enroll_failing_part_way_spends_the_ids_whose_tokens_were_issued(tmp_path, monkeypatch):
+    """The service failed at device-2's token after issuing device-0's and device-1's: nothing was written and
+    the mark not raised, so a second `fleet enroll --devices 3` issued device-0 and device-1 again, a second
+    live token for each. Now their tokens are written, their ids spent (`enrollment.issued`), and the run says
+    so; `--devices 3` is refused there and `--add 1` takes device-2."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    issued: list[str] = []
+    failed: list[str] = []
+
+    def issue(self, d, c):
+        if d == "device-2" and not failed:  # once: the service fails mid-way through the first run
+            failed.append(d)
+            raise ServiceError(503, "the registry database is unavailable")
+        issued.append(d)
+        return f"tok-{d}"
+
+    monkeypatch.setattr(AdminClient, "issue_token", issue)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    enroll = ["fleet", "enroll", *url, "--out", str(out)]
+    r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
+    assert r.exit_code == 1, (r.output, r.exception)
+    assert "2 of 3 tokens were issued (device-0 … device-1)" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in out.iterdir()) == ["device-0.token", "device-1.token", "enrollment.issued"]
+    assert (out / "device-1.token").read_text() == "tok-device-1"
+    assert (out / "enrollment.issued").read_text() == "device-1\n"
+    r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
+    assert r.exit_code == 2 and "--add" in r.output, r.output  # before: device-0 and device-1 issued again
+    r = CliRunner().invoke(app, [*enroll, "--add", "1"])
+    assert r.exit_code == 0, r.output
+    assert issued == ["device-0", "device-1", "device-2"]
+
+
+def test_fleet_enroll_refused_at_the_first_token_leaves_nothing(tmp_path, monkeypatch):
+    """A refusal before any token was issued (a wrong admin token) still leaves no folder, file or mark."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    def refuse(self, d, c):
+        raise ServiceError(401, "invalid admin token")
+
+    monkeypatch.setattr(AdminClient, "issue_token", refuse)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out = tmp_path / "tokens"
+    r = CliRunner().invoke(
+        app, ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--devices", "2"]
+    )
+    assert r.exit_code != 0 and not out.exists(), r.output

@@ -218,6 +218,26 @@ def test_a_plain_round_nobody_took_part_in_is_aborted_not_a_model_of_dp_noise(by
         assert f.admin.stats()["rounds"].get(MODEL) is None  # not left open either
 
 
+def test_a_plain_rounds_line_names_the_devices_that_did_not_upload(byo_task, tmp_path) -> None:
+    """A SecAgg round's line named its dropouts (`3/4 devices (1 dropped out: device-1)`); a plain round's only
+    counted them (`2/3 devices (1 dropped out)`), so the operator could not tell which device process to look
+    at. The service's plain round status lists the devices whose uploads it accepted (`devices`, their
+    tokens' ids), and the line names the invited ones missing; one uploader the coordinator did not invite
+    leaves the dropouts counted only (nothing named it cannot know)."""
+    cfg = _config(byo_task, rounds=1)
+    with Fleet(tmp_path, cfg) as f:
+        threads = _threads([f.device(i) for i in (0, 2)], rounds=1, stage_wait=10)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=3, poll=0.05, drift=False)
+        for t in threads:
+            t.join(30)
+        assert out[0].failed is None and out[0].contributors == 2 and out[0].dropped == ("device-1",)
+        assert "2/3 devices (1 dropped out: device-1), version" in out[0].line(1)  # before: (1 dropped out)
+        assert sorted(f.admin.round_status(MODEL, out[0].number)["devices"]) == ["device-0", "device-2"]
+        rec = {"uploads": 2, "devices": ["device-0", "stranger"]}
+        assert fleet._missing(["device-0", "device-1"], rec) == ()
+        assert fleet._missing(["device-0", "device-1"], {"uploads": 1}) == ()  # an older service: counted
+
+
 def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
     byo_task, tmp_path, monkeypatch, plaintext_watch
 ) -> None:

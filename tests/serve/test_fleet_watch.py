@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from types import SimpleNamespace
 
@@ -562,3 +563,36 @@ def test_a_stale_snapshot_committed_last_never_lowers_what_is_stored(tmp_path) -
     devices = {d["device"]: d["requests"] for d in svc.state.fleet_snapshot()["devices"]}
     assert devices["reader"] == 2
     assert {k: v for k, v in svc.state.counters.items() if k.startswith("rejected.")} == rejected
+
+
+def test_a_clean_stop_waits_for_the_periodic_flush_under_way(tmp_path, monkeypatch) -> None:
+    """The stop cancelled the periodic flush's task, which returns at once while the flush's worker thread goes
+    on: the stop's last flush then ran beside it (two transactions saving the same contacts and counts). The
+    task is stopped by an event now, and the stop awaits a flush under way before the last one."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    state.flush_every_s = 0.02
+    running, most, order = [0], [0], []
+    lock, started, release = threading.Lock(), threading.Event(), threading.Event()
+
+    def slow_first() -> bool:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            order.append("start")
+        if not started.is_set():
+            started.set()
+            release.wait(20)  # the periodic flush is under way when the service stops
+        with lock:
+            running[0] -= 1
+            order.append("end")
+        return False
+
+    monkeypatch.setattr(state, "flush_watch", slow_first)
+    with TestClient(svc.app):
+        assert started.wait(20)
+        threading.Timer(0.5, release.set).start()
+    release.wait(20)  # before the fix the stop returned first: let the in-flight flush end before asserting
+    time.sleep(0.05)
+    assert most[0] == 1, order  # before: 2 (the last flush ran beside the periodic one)
+    assert order == ["start", "end", "start", "end"], order

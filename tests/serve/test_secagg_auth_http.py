@@ -233,3 +233,33 @@ def test_the_fleet_page_says_which_secagg_rounds_were_authenticated(service, aut
     assert f'data-field="round">{opened}</td><td>secagg, authenticated (advertise keys)</td>' in open_rows, (
         open_rows
     )
+
+
+def test_a_device_asking_whether_its_authenticated_round_ended_is_not_refused(service) -> None:
+    """`fleet device` asks whether a round it dropped out of ended unpublished (`_round_unpublished`) by reading
+    the invitation without the service binding header: an open authenticated round answered 409 (the outcome,
+    "not known unpublished", was right, but the service refused and logged a request for a round that is
+    fine). It states the binding now, as the round's own requests do; an aborted round still reads aborted."""
+    from types import SimpleNamespace
+
+    from deltaplane.serve.fleet import _round_unpublished
+
+    names = ["dev-0", "dev-1", "dev-2"]
+    rnd = _open(service, names)
+    conn = service.device("dev-0")
+    refused: list[int] = []
+    ask = conn.request
+
+    def spy(*args, **kwargs):
+        try:
+            return ask(*args, **kwargs)
+        except ServiceError as exc:
+            refused.append(exc.status)
+            raise
+
+    conn.request = spy
+    dev = SimpleNamespace(conn=conn, model="cnn")
+    assert _round_unpublished(dev, rnd, deadline=0.0) is None
+    assert refused == []  # before: [409]
+    service.admin.abort_secagg("cnn", rnd, reason="test")
+    assert _round_unpublished(dev, rnd, deadline=0.0) == "aborted (it will never publish)"

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.markup import escape
 
+from deltaplane.choices import DEFAULT_ROUNDS
 from deltaplane.commands import (
     DEFAULT_THREADS,
     MAX_ENROLL_DEVICES,
@@ -133,7 +134,12 @@ def _admin_token() -> str:
 
 
 #: `fleet coordinate --rounds`'s default, as its help shows it
-_FILE_ROUNDS = "the federation's clients.rounds; 120 when it names none"
+_FILE_ROUNDS = f"the federation's clients.rounds; {DEFAULT_ROUNDS} when it names none"
+
+
+def _rounds(n: int) -> str:
+    """``n`` published rounds, as a device's last line counts them: "1 published round", "2 published rounds"."""
+    return f"{n} published round" + ("" if n == 1 else "s")
 
 
 def _federation(path: Path) -> RunConfig:
@@ -172,6 +178,40 @@ def _connected(url: str, fn: Any) -> Any:
         return fn()
     except httpx.TransportError as exc:
         raise unreachable(exc, url) from None
+
+
+def _issue_tokens(url: str, admin: Any, names: list[str], cohort: str, out: Path) -> list[str]:
+    """A token from the service for each device of ``names``, in order (``fleet enroll``).
+
+    A failure part-way (the service refuses or fails, the connection breaks, ctrl-C) after it issued some:
+    those tokens are valid on the service whether written or not, so their ids are spent (OUT's
+    ``enrollment.issued`` mark is raised over them: no run issues them again) and their token files written
+    (new, never over one: ``--add`` grows the folder from them; revoke any not wanted), then the failure goes
+    on, after a line naming them. A token the service made whose answer never arrived was never delivered to
+    anyone, so its id is not spent. A failure at the first id writes nothing."""
+    from deltaplane.aggregation.secagg.enrollment import record_issued
+    from deltaplane.registry.signing import write_secret_file
+
+    tokens: list[str] = []
+    try:
+        for d in names:
+            tokens.append(_connected(url, lambda d=d: admin.issue_token(d, cohort)))
+    except BaseException:
+        if tokens:
+            issued = names[: len(tokens)]
+            record_issued(out, issued)
+            for d, token in zip(issued, tokens, strict=True):
+                write_secret_file(out / f"{d}.token", token.encode(), replace=False)
+            span = issued[0] if len(issued) == 1 else f"{issued[0]} … {issued[-1]}"
+            err_console.print(
+                f"fleet enroll stopped part-way: {len(issued)} of {len(names)} tokens were issued ({span}), "
+                f"written to {out}/ and their ids spent ({out / 'enrollment.issued'}); `fleet enroll --out {out} "
+                f"--add K` enrols the rest, or revoke them (POST /admin/devices/<id>/revoke)",
+                soft_wrap=True,
+                markup=False,
+            )
+        raise
+    return tokens
 
 
 def admin_client(url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
@@ -452,8 +492,9 @@ def register(app: typer.Typer) -> None:
                     else []
                 )
                 admin = admin_client(url, ca, tls_cert, tls_key)
-                # every token first: a refusal (a wrong admin token, the service gone) leaves no folder or file
-                tokens = [_connected(url, lambda d=d: admin.issue_token(d, cohort)) for d in names]
+                # every token first: a refusal of the first (a wrong admin token, the service gone) leaves no
+                # folder or file; one part-way keeps the tokens issued before it and spends their ids
+                tokens = _issue_tokens(url, admin, names, cohort, out)
                 # the mark before the files: the tokens are issued, so --add never hands these ids out again,
                 # files or not. Each file is written new (never over one); a failure part-way keeps what was
                 # written (every token is valid on the service: removing it would only lose it), docs/cli.md
@@ -585,7 +626,7 @@ def register(app: typer.Typer) -> None:
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
             )
-        console.print(f"device {device}: took part in {len(done)} published rounds")
+        console.print(f"device {device}: took part in {_rounds(len(done))}")
 
     @fleet.command("coordinate")
     def coordinate_cmd(

@@ -22,7 +22,15 @@ from pydantic import (
     model_validator,
 )
 
-from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS, Choices
+from deltaplane.choices import (
+    AGGREGATORS,
+    DEFAULT_ROUNDS,
+    ENGINES,
+    PERSONALIZATIONS,
+    TASKS,
+    TRANSPORTS,
+    Choices,
+)
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.textfile import read_config_text
 from deltaplane.yamlio import load_yaml
@@ -74,7 +82,7 @@ class RunConfig(BaseModel):
     # -- federation ---------------------------------------------------------------------------------
     clients: int = Field(20, ge=1, description="number of simulated devices")
     alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration (smaller: more skew)")
-    rounds: int = Field(120, ge=1, description="communication rounds")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="communication rounds")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="share of clients that train in a round")
     min_client_samples: int = Field(20, ge=2, description="least number of samples a client holds")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out")

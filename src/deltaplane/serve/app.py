@@ -815,31 +815,42 @@ def create_app(
         auto_error=False, description="device token (device endpoints) or admin token (/admin)"
     )
 
-    async def flush_periodically() -> None:
-        """Every :attr:`ServiceState.flush_every_s`: the contacts and counts no transaction carried."""
-        while True:
-            await asyncio.sleep(state.flush_every_s)
-            try:
-                await run_in_threadpool(state.flush_watch)
-            except sqlite3.Error as exc:  # a busy or full disk: tried again next period, the service goes on
+    def flush_counted() -> None:
+        """One periodic flush, in a worker thread: a failure is logged and counted in ``errors.database`` (under
+        the state's lock, as every thread's counts are) and tried again next period, so the service goes on."""
+        try:
+            state.flush_watch()
+        except Exception as exc:  # anything must not end the task silently: later periods still save
+            with state.lock:
                 state.counters["errors.database"] += 1
+            if isinstance(exc, sqlite3.Error):  # a busy or full disk
                 log.warning("the fleet's contacts and counts could not be saved (%s); retrying", exc)
-            except Exception:  # anything else must not end the task silently: later periods still save
-                state.counters["errors.database"] += 1
+            else:
                 log.exception("the fleet's contacts and counts could not be saved; retrying next period")
+
+    async def flush_periodically(stopping: asyncio.Event) -> None:
+        """Every :attr:`ServiceState.flush_every_s` until ``stopping`` is set: the contacts and counts no
+        transaction carried. Stopped by the event, never cancelled: a cancelled task returns while its flush's
+        thread still runs, and the stop's last flush would then run beside it."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=state.flush_every_s)
+                return
+            await run_in_threadpool(flush_counted)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         """While the service runs, save the contacts and counts no report, upload, close or abort carried
         every :attr:`ServiceState.flush_every_s` (a crash loses at most that); on a clean stop (an upgrade,
-        SIGTERM), the last of them, so a restart shows every device as last seen and every count."""
-        flusher = asyncio.create_task(flush_periodically())
+        SIGTERM), the last of them once a periodic flush under way has ended, so a restart shows every device
+        as last seen and every count."""
+        stopping = asyncio.Event()
+        flusher = asyncio.create_task(flush_periodically(stopping))
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            stopping.set()
+            await flusher  # a flush under way finishes first: the last one never runs beside it
             await run_in_threadpool(state.flush_watch)
 
     app = FastAPI(

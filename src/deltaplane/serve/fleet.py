@@ -61,7 +61,7 @@ from deltaplane.monitor import DriftSpec
 from deltaplane.serve.client import REVOCATIONS_DEVICE_PATH, AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
-from deltaplane.serve.secagg_client import SecAggDevice
+from deltaplane.serve.secagg_client import BINDING, SecAggDevice
 
 __all__ = [
     "Device",
@@ -388,11 +388,13 @@ def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | No
     """How SecAgg round ``number`` ended if it can never publish: lost (the service restarted while it was
     open) or aborted (the operator gave it up: too few devices left to unmask it); None for a round still open
     or published, or a service still away at ``deadline`` (monotonic): not known unpublished. Asks the
-    service, waiting out a broken connection."""
+    service for the invitation, stating the service binding as the round's own requests do (without it an
+    open authenticated round answers 409, an error the service logs for a round that is fine), waiting out a
+    broken connection."""
     delay = 0.1
     while True:
         try:
-            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}")
+            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}", headers=BINDING)
             return None
         except ServiceError as exc:
             if exc.error == RoundLost.__name__:
@@ -560,7 +562,8 @@ class RoundSummary:
     authenticated: bool = False
     #: devices the service left out of the round: its revocation list revokes them (not counted as invited)
     revoked: tuple[str, ...] = ()
-    #: invited devices whose masked input the SecAgg sum does not hold (a plain round counts its dropouts only)
+    #: invited devices whose masked input the SecAgg sum does not hold, or with no upload in a plain round (a
+    #: plain round's are named only when every uploader was one of the invited devices, else counted only)
     dropped: tuple[str, ...] = ()
 
     @property
@@ -728,17 +731,35 @@ def _plain_round(
         why = f"no device uploaded within the deadline ({deadline:g} s; {len(names)} devices run)"
         with contextlib.suppress(ServiceError):  # refused: the round is over already (aborted meanwhile)
             p.call(lambda: p.admin.abort_round(model, number, reason=why), f"abort plain round {number}")
-        return number, 0, None, {}
+        return number, 0, None, {}, ()
     while True:
         ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
-        if ok:
-            return number, int(closed["uploads"]), closed["version"], closed["measurements"]  # type: ignore[index]
-        # the answer was lost: the round as stored says whether the close went through (never close twice)
+        # the round as stored: whether a close whose answer was lost went through (never close twice), and
+        # which devices uploaded
         rec = p.call(lambda: p.admin.round_status(model, number), f"read plain round {number} back")
-        if rec["state"] == "closed":  # published: the round as stored keeps the lost answer's measurements
-            return number, int(rec["uploads"]), rec["version"], rec.get("measurements", {})
+        if (
+            ok or rec["state"] == "closed"
+        ):  # published; after a lost answer, as stored (its measurements kept)
+            done = closed if ok and closed is not None else rec
+            measured = done.get("measurements", {})
+            return number, int(done["uploads"]), done["version"], measured, _missing(names, rec)
         if rec["state"] != "open":
             raise ServiceError(409, f"plain round {number} of {model!r} was {rec['state']} meanwhile")
+
+
+def _missing(names: list[str], rec: dict[str, Any]) -> tuple[str, ...]:
+    """The devices of ``names`` with no upload in plain round ``rec`` (as the service stores it: ``devices``,
+    the uploaders' token ids). Named only when every uploader is one of ``names``: a service that does not
+    list them (an older one), or an uploader the coordinator did not expect (tokens under other ids), leaves
+    the dropouts counted, not named."""
+    uploaded = rec.get("devices")
+    if (
+        not isinstance(uploaded, list)
+        or not set(uploaded) <= set(names)
+        or len(uploaded) != rec.get("uploads")
+    ):
+        return ()
+    return tuple(d for d in names if d not in uploaded)
 
 
 def _secagg(
@@ -997,11 +1018,8 @@ def coordinate(
                     p, model, names, deadline, poll, weight_scale or 0.0, neighbours, authenticated
                 )
             else:
-                number, n, version, measured, dropped, revoked = (
-                    *_plain(p, model, names, deadline, poll),
-                    (),
-                    (),
-                )
+                number, n, version, measured, dropped = _plain(p, model, names, deadline, poll)
+                revoked = ()
         except (_RoundFailed, ServiceError) as failure:  # not opened (number 0), or opened and given up
             exc, number = (
                 (failure.error, failure.number) if isinstance(failure, _RoundFailed) else (failure, 0)

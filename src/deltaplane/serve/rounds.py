@@ -502,6 +502,10 @@ class RoundRecordInfo(BaseModel):
     state: str = Field(description="'open', 'closed' or 'aborted'")
     version: int | None = Field(description="the version its close published (null: none, or not closed)")
     uploads: int
+    devices: list[str] = Field(
+        default_factory=list,
+        description="the device ids whose uploads it accepted (their tokens' ids), in arrival order",
+    )
     opened_at: float
     closed_at: float | None
     #: the measurements its close answered with (epsilon...), kept with the round: {} if none were recorded

@@ -368,8 +368,9 @@ class RoundStore:
 
     def record(self, model: str, number: int) -> dict[str, Any] | None:
         """Round ``number`` of ``model`` as stored (``state``: open, closed or aborted; ``version`` it published,
-        ``uploads`` accepted, ``measurements`` of its close: {} when none were recorded), or None if it never
-        existed: what an operator re-reads after losing an answer."""
+        ``uploads`` accepted and the ``devices`` they came from, in arrival order; ``measurements`` of its close:
+        {} when none were recorded), or None if it never existed: what an operator re-reads after losing an
+        answer, and whose devices ``fleet coordinate`` names as dropped out."""
         rows = self.registry.query(
             "SELECT base_version, state, version, opened_at, closed_at, measurements, reason FROM rounds "
             "WHERE model=? AND number=?",
@@ -378,13 +379,16 @@ class RoundStore:
         if not rows:
             return None
         base, state, version, opened, closed, measurements, reason = rows[0]
-        uploads = self.registry.query(
-            "SELECT COUNT(*) FROM round_uploads WHERE model=? AND round=?", (model, number)
-        )[0][0]
+        devices = [
+            str(d)
+            for (d,) in self.registry.query(
+                "SELECT device_id FROM round_uploads WHERE model=? AND round=? ORDER BY id", (model, number)
+            )
+        ]
         return {
             "model": model, "round": number, "base_version": int(base), "state": str(state),
-            "version": version, "uploads": int(uploads), "opened_at": opened, "closed_at": closed,
-            "measurements": _measured(measurements), "reason": reason,
+            "version": version, "uploads": len(devices), "devices": devices, "opened_at": opened,
+            "closed_at": closed, "measurements": _measured(measurements), "reason": reason,
         }  # fmt: skip
 
     def abort(self, rec: RoundRecord, reason: str) -> None:

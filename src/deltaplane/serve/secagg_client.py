@@ -42,11 +42,11 @@ from deltaplane.serve.service_identity import (
     service_session,
 )
 
-__all__ = ["SecAggDevice"]
+__all__ = ["BINDING", "SecAggDevice"]
 
 #: sent with every request of a round: the service binding this device signs with (the service refuses an
 #: authenticated round to a device that does not send it)
-_BINDING = {BINDING_HEADER: str(SERVICE_BINDING)}
+BINDING = {BINDING_HEADER: str(SERVICE_BINDING)}
 
 
 class SecAggDevice:
@@ -91,7 +91,7 @@ class SecAggDevice:
         self.round_id = round_id
         self.wait = wait
         self._path = f"/v1/models/{model}/secagg/{round_id}"
-        answer = client.request("GET", self._path, headers=_BINDING)
+        answer = client.request("GET", self._path, headers=BINDING)
         self.invitation = answer.json()
         #: authenticated rounds: the service as this device saw it when it fetched the invitation, what its
         #: signatures name (:func:`~deltaplane.serve.service_identity.service_identity`); None: nothing is signed
@@ -220,7 +220,7 @@ class SecAggDevice:
         deadline = time.monotonic() + self.wait
         while True:
             try:
-                return self.client.request("GET", f"{self._path}/{what}", headers=_BINDING).content
+                return self.client.request("GET", f"{self._path}/{what}", headers=BINDING).content
             except ServiceError as exc:
                 if exc.status != 409 or time.monotonic() >= deadline:
                     raise
@@ -228,7 +228,7 @@ class SecAggDevice:
 
     def post(self, what: str, body: bytes) -> None:
         """Send a stage's message (``keys``, ``shares``, ``masked``, ``unmask``); refusals raise ServiceError."""
-        self.client.request("POST", f"{self._path}/{what}", content=body, headers=_BINDING)
+        self.client.request("POST", f"{self._path}/{what}", content=body, headers=BINDING)
         self.bytes_sent += len(body)
 
     def set_update(self, delta: Delta, weight: int, rng: np.random.Generator | None = None) -> None:
