@@ -286,3 +286,23 @@ def test_a_replayed_request_for_a_revoked_device_is_refused_given_the_list(cli, 
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "device-2 is revoked in" in flat, flat
     assert not (op / "device-2.cert").exists()
+
+
+def test_without_node_dir_a_request_whose_key_is_not_in_out_is_told_to_give_node_dir(
+    cli, authority, tmp_path
+) -> None:
+    """Walking docs/fleet.md with device-made keys, `keys certify --request` printed a --node-config naming
+    OUT/device-I.identity.pem, a file that does not exist (the key stays on the device): it now says so."""
+    _, key = authority
+    assert cli("keys", "identity", "--device", 2, "--out", tmp_path / "node").exit_code == 0
+    r = cli("keys", "certify", "--authority-key", key, "--out", tmp_path / "op", "--request",
+            tmp_path / "node" / "device-2.request")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "device-2: no identity key in" in _flat(r.output)
+    assert "give --node-dir DIR" in _flat(r.output)
+    # the node and the operator sharing the folder: the key is there, no note
+    assert cli("keys", "identity", "--device", 3, "--out", tmp_path / "shared").exit_code == 0
+    r = cli("keys", "certify", "--authority-key", key, "--out", tmp_path / "shared", "--request",
+            tmp_path / "shared" / "device-3.request")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "note:" not in r.output

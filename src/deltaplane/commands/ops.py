@@ -550,6 +550,20 @@ def register(app: typer.Typer) -> None:
             console.print(
                 escape(f"{name}: flower-supernode --node-config {shlex.quote(arg)}"), soft_wrap=True
             )
+        # a request's key stays on its device: without --node-dir the lines above name it under OUT, where it
+        # lies only if node and operator share the folder; say so rather than print a path to no file
+        keyless = [
+            n for n in names if requests and node_dir is None and not identity_files(out, n)[0].exists()
+        ]
+        if keyless:
+            console.print(
+                escape(
+                    f"note: {', '.join(keyless)}: no identity key in {out}/ (it stays on the device), so the "
+                    "lines above name one that is not there; give --node-dir DIR, the folder on the node that "
+                    "holds its key (keys identity --out) and the certificate and .pub you send it"
+                ),
+                soft_wrap=True,
+            )
 
     @keys.command("revoke")
     def keys_revoke(

@@ -16,6 +16,7 @@ from deltaplane.aggregation.secagg.errors import RevocationRollback, Revocations
 from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.revocation import (
     RevocationList,
+    RevocationMark,
     load_revocations,
     replace_server_revocations,
     revoke,
@@ -152,3 +153,19 @@ def test_a_server_replaces_its_list_only_with_a_newer_current_authentic_one(auth
         replace_server_revocations(path, second.to_bytes(), trust, now=NOW)
     write_revocations(path, first)
     assert replace_server_revocations(path, second.to_bytes(), trust, now=NOW)[1] is True
+
+
+def test_a_list_of_the_retired_authority_is_refused_as_retired_not_as_a_new_one(authority, tmp_path) -> None:
+    """Walking docs/security.md's authority change, a list issued by mistake with the *old* authority's key after
+    the change was refused with "put the new authority's public key … in place of the old one": advice that
+    would put the retired key back. The service's marks know the old authority: the refusal now says so."""
+    path, new = tmp_path / "server.bin", EnrollmentAuthority.generate()
+    stale_key = revoke(authority, [("device-3", "fleet")], issued=ISSUED)
+    marks = {authority.id: RevocationMark(authority.id, 4, "0" * 64)}
+    with pytest.raises(SecAggAuthError, match=r"held that authority's lists before \(up to number 4\)") as e:
+        replace_server_revocations(path, stale_key.to_bytes(), new.trust(), now=NOW, marks=marks)
+    assert "do not put its key back" in str(e.value) and "in place of the old one" not in str(e.value)
+    # an authority the service never held: possibly the new one, as before
+    with pytest.raises(SecAggAuthError, match="in place of the old one"):
+        replace_server_revocations(path, stale_key.to_bytes(), new.trust(), now=NOW, marks={})
+    assert not path.exists()

@@ -488,6 +488,14 @@ def replace_server_revocations(
         try:
             trusted.check_revocations(rl.authority, rl.signed_part(), rl.signature, holder=SERVER_HOLDER)
         except SecAggAuthError as exc:
+            retired = (marks or {}).get(rl.authority)
+            if retired is not None:  # an authority this service held lists of: retired, not the new one
+                raise SecAggAuthError(
+                    f"{exc}. This service held that authority's lists before (up to number {retired.sequence}): "
+                    "it is the retired authority, so do not put its key back; issue the list with the key of the "
+                    "authority the service trusts now (keys revoke --authority-key …) and upload that (docs/"
+                    "security.md, changing the enrollment authority)"
+                ) from None
             raise SecAggAuthError(
                 f"{exc}. If the enrollment authority was changed, put the new authority's public key "
                 "(its enrollment.ed25519.pub) in the service's --secagg-enrollment-authority file in place of the "
