@@ -866,6 +866,24 @@ def test_pull_refuses_a_withdrawal_deleted_from_registry_db(home, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_pull_refuses_a_tag_moved_in_registry_db(home, tmp_path):
+    """pull m:production wrote m@1 (the version an edited tag row named) as verified; the signed log says m@3."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    pull = ["registry", "pull", "m:production", "--home", str(home), "--out"]
+    r = CliRunner().invoke(app, [*pull, str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["number"] == 3
+    _sql(home, "UPDATE tags SET number=1 WHERE model='m' AND tag='production'")
+    r = CliRunner().invoke(app, [*pull, str(tmp_path / "out2")])
+    assert r.exit_code == 1 and "m:production points to version 1, the signed log says 3" in r.output, (
+        r.output
+    )
+    assert not (tmp_path / "out2").exists()
+
+
 def test_repair_lists_cards_evaluations_and_verdicts_it_cannot_restore(home):
     """repair said "nothing to repair: the tables equal the signed state log" (exit 0) over an edited score."""
     from typer.testing import CliRunner
