@@ -1696,10 +1696,14 @@ class Registry:
         memo: dict[str, set[str]] = {}
         return [a for a in self.versions() if cohort in self.contributors(a, memo)]
 
-    def governance_problems(self, artifact: Artifact, *, verify: bool = False) -> list[str]:
+    def governance_problems(
+        self, artifact: Artifact, *, verify: bool = False, memo: dict[str, set[str]] | None = None
+    ) -> list[str]:
         """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent (``verify``:
-        the withdrawals are checked against the signed state log first)."""
-        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts(verify=verify))
+        the withdrawals are checked against the signed state log first). ``memo`` (a dict kept across calls, as
+        :meth:`contributors` takes it) lets a caller asking about many versions of one lineage walk it once: a
+        page of 50 versions on a 3,000-version chain walked it 50 times (10 s)."""
+        bad = sorted(self.contributors(artifact, memo) & self.withdrawn_cohorts(verify=verify))
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
 
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
