@@ -22,6 +22,7 @@ __all__ = [
     "IntegrityError",
     "InvalidUpdate",
     "MissingTokenizer",
+    "MissingTrustedKeys",
     "NotFound",
     "NotPrivatizable",
     "PrivacyBudgetExceeded",
@@ -114,6 +115,12 @@ class NotFound(DeltaplaneError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingTrustedKeys(NotFound):
+    """A registry read checks signatures but no public key is trusted: the home has no ``keys/`` public key (a
+    copy of ``registry.db`` and ``blobs/`` without it, a registry written with a signer passed in) and no pin is
+    set; the message names the fix (pin or copy the signing key's public key; a new key verifies nothing)."""
 
 
 class IntegrityError(DeltaplaneError, RuntimeError):

@@ -866,6 +866,57 @@ def test_pull_refuses_a_withdrawal_deleted_from_registry_db(home, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_pull_refuses_a_tag_moved_in_registry_db(home, tmp_path):
+    """pull m:production wrote m@1 (the version an edited tag row named) as verified; the signed log says m@3."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    pull = ["registry", "pull", "m:production", "--home", str(home), "--out"]
+    r = CliRunner().invoke(app, [*pull, str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["number"] == 3
+    _sql(home, "UPDATE tags SET number=1 WHERE model='m' AND tag='production'")
+    r = CliRunner().invoke(app, [*pull, str(tmp_path / "out2")])
+    assert r.exit_code == 1 and "m:production points to version 1, the signed log says 3" in r.output, (
+        r.output
+    )
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_copy_without_keys_says_which_key_to_trust(tmp_path, monkeypatch):
+    """A copy of registry.db and blobs/ without keys/ (a backup, a dashboard's replica): `registry show` said only
+    "no public keys under …; run `deltaplane keys init`", and a new key verifies nothing the registry's key signed."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+    from deltaplane.errors import MissingTrustedKeys, NotFound
+
+    reg = Registry.create(tmp_path / "h", encrypt=False)
+    art = reg.register_model("m", _state(1))
+    reg.attach_card(art, {"intended_use": "tests"})
+    reg.record_evaluation(art, "holdout", {"accuracy": 0.9})
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "h" / "registry.json", copy)
+    with sqlite3.connect(tmp_path / "h" / "registry.db") as src, sqlite3.connect(copy / "registry.db") as dst:
+        src.backup(dst)  # as a backup is made (the WAL included)
+    shutil.copytree(tmp_path / "h" / "blobs", copy / "blobs")
+    with pytest.raises(MissingTrustedKeys, match=TRUSTED_KEYS_ENV) as caught:
+        Registry(copy).card(art)
+    assert isinstance(caught.value, NotFound)  # callers catching NotFound keep working
+    r = CliRunner().invoke(app, ["registry", "show", "m@1", "--home", str(copy)])
+    assert r.exit_code == 1 and TRUSTED_KEYS_ENV in r.output and "keys/trusted" in r.output, r.output
+    assert "a new key verifies nothing" in r.output and "Traceback" not in r.output
+    monkeypatch.setenv(
+        TRUSTED_KEYS_ENV, str(tmp_path / "h" / "keys" / "signing.ed25519.pub")
+    )  # the fix it names
+    r = CliRunner().invoke(app, ["registry", "show", "m@1", "--home", str(copy)])
+    assert r.exit_code == 0 and "holdout" in r.output, r.output
+
+
 def test_repair_lists_cards_evaluations_and_verdicts_it_cannot_restore(home):
     """repair said "nothing to repair: the tables equal the signed state log" (exit 0) over an edited score."""
     from typer.testing import CliRunner

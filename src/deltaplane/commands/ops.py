@@ -921,7 +921,8 @@ def register(app: typer.Typer) -> None:
         ],
         home: Home = None,
     ) -> None:
-        """Download a verified model version (hash and signature checked) into a folder.
+        """Download a verified model version (hash and signature checked; a MODEL:TAG's tag checked against the
+        signed state log) into a folder.
 
         A version trained on a cohort that withdrew consent is still pulled, with a warning on stderr and the
         cohorts in manifest.json's ``consent.withdrawn_cohorts`` (empty when none)."""
@@ -933,7 +934,9 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             _writable(out, "--out")  # before the registry is read: a path under a file, no permission
             reg = Registry(_home(home))
-            art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest")
+            # a tag is checked against the signed state log, as the service's downloads and the dashboard do: a
+            # tag row edited in registry.db is an IntegrityError (exit 1, nothing written), not another version
+            art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest", verify=True)
             state = reg.load_state(art)  # verifies the hash and the signature before anything is written
             # consent is governance, not integrity: a version trained on a cohort that withdrew consent still
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so

@@ -45,10 +45,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltaplane.errors import ConfigError, DecodeError, IntegrityError, NotFound, SignatureError
+from deltaplane.errors import (
+    ConfigError,
+    DecodeError,
+    IntegrityError,
+    MissingTrustedKeys,
+    NotFound,
+    SignatureError,
+)
 from deltaplane.registry import eventlog
 from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
-from deltaplane.registry.signing import Signer, Verifier, canonical_json, load_signer, load_verifier
+from deltaplane.registry.signing import (
+    PUBLIC_NAME,
+    TRUSTED_KEYS_ENV,
+    Signer,
+    Verifier,
+    canonical_json,
+    load_signer,
+    load_verifier,
+)
 from deltaplane.shards import COMPANION_FILES, COMPANION_LIMIT
 from deltaplane.textfile import SETTINGS_LIMIT, TOKENIZER_LIMIT, read_bounded_text
 
@@ -507,6 +522,18 @@ class RepairReport:
     unrepaired: list[str] = field(default_factory=list)
 
 
+def _missing_keys(home: Path) -> MissingTrustedKeys:
+    """The error for a registry read without trusted keys, naming what to do (see :attr:`Registry.verifier`)."""
+    return MissingTrustedKeys(
+        f"no public keys under {home / 'keys'} and no ${TRUSTED_KEYS_ENV} pin. Reading the registry at {home} "
+        "checks signatures (its versions, its signed state log), so it needs the public key of the key that "
+        f"signed it: set ${TRUSTED_KEYS_ENV} to a copy of that key's "
+        f"{PUBLIC_NAME} (from the home that holds the signing key; kept outside this home it is also a pin), or "
+        f"copy it into {home / 'keys' / 'trusted'}/ as NAME.pub. Only for a registry with nothing signed yet is "
+        "`deltaplane keys init` the fix: a new key verifies nothing the old one signed"
+    )
+
+
 def _artifact(row: sqlite3.Row) -> Artifact:
     """The artifact a row holds; :class:`IntegrityError` naming the row when a column is not what the registry
     writes (an edited ``registry.db``): never a JSON, type or recursion error from deep inside a read."""
@@ -952,12 +979,22 @@ class Registry:
 
     @property
     def verifier(self) -> Verifier:
+        """The trusted public keys reads check signatures with (artifacts, the signed state log; see ``verifier``
+        of the class).
+
+        Raises:
+            MissingTrustedKeys: no pin is set and the home has no public key (nor does the handle hold a signer).
+                Setups that meet it: a copy of ``registry.db`` and ``blobs/`` made without ``keys/`` (a backup, a
+                read-only replica for a dashboard), a registry written through the API with a signer passed in
+                (``create(keys=False)``). A new key (``deltaplane keys init``) would verify nothing signed before,
+                so the message names the fix: trust the signing key's public key.
+        """
         if self._verifier is None:
             try:
                 self._verifier = load_verifier(self.home)
             except NotFound:
                 if self._signer is None:
-                    raise
+                    raise _missing_keys(self.home) from None
                 self._verifier = self._signer.verifier()
         return self._verifier
 
@@ -1760,10 +1797,14 @@ class Registry:
         memo: dict[str, set[str]] = {}
         return [a for a in self.versions() if cohort in self.contributors(a, memo)]
 
-    def governance_problems(self, artifact: Artifact, *, verify: bool = False) -> list[str]:
+    def governance_problems(
+        self, artifact: Artifact, *, verify: bool = False, memo: dict[str, set[str]] | None = None
+    ) -> list[str]:
         """Why ``artifact`` may not be promoted or served: it contains a cohort that withdrew consent (``verify``:
-        the withdrawals are checked against the signed state log first)."""
-        bad = sorted(self.contributors(artifact) & self.withdrawn_cohorts(verify=verify))
+        the withdrawals are checked against the signed state log first). ``memo`` (a dict kept across calls, as
+        :meth:`contributors` takes it) lets a caller asking about many versions of one lineage walk it once: a
+        page of 50 versions on a 3,000-version chain walked it 50 times (10 s)."""
+        bad = sorted(self.contributors(artifact, memo) & self.withdrawn_cohorts(verify=verify))
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
 
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:

@@ -451,13 +451,14 @@ class RegistryView:
         newest_first = sorted(versions, key=lambda v: v.number, reverse=True)
         shown = newest_first[(page - 1) * per_page : page * per_page]
         rows = []
+        lineage_memo: dict[str, set[str]] = {}  # the page's versions share their lineage: walk it once
         for v in shown:
             rows.append(
                 {
                     "artifact": v,
                     "signature_ok": self._signature_ok(reg, v),
                     "evaluations": reg.evaluations(v),
-                    "governance_problems": reg.governance_problems(v) if withdrawn else [],
+                    "governance_problems": reg.governance_problems(v, memo=lineage_memo) if withdrawn else [],
                     "tags": sorted(t for t, n in tags.items() if n == v.number and v.kind == "model"),
                 }
             )
