@@ -356,7 +356,8 @@ def register(app: typer.Typer) -> None:
         console.print(
             escape(
                 f"{name}: identity key {key} (secret, stays here) + {req}: send it to the operator for "
-                f"`deltaplane keys certify --request {req.name}` and put the device-I.cert it returns next to the key"
+                f"`deltaplane keys certify --request {req.name}` and put the "
+                f"{identity_files(out, name)[1].name} it returns next to the key"
             ),
             soft_wrap=True,
         )
