@@ -49,6 +49,7 @@ def test_certified_identities_verify_under_their_authority_only(cli, authority, 
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--devices", 3, "--cohort", "north",
             "--valid-days", 30)  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert "3 identities certified by enrollment authority" in r.output, r.output
     # enrollment.issued: the highest id issued in OUT, which --add never hands out again (a file added on purpose)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"device-{i}.{s}" for i in range(3) for s in ("cert", "identity.pem")]
@@ -298,3 +299,9 @@ def test_add_never_hands_out_again_an_id_issued_or_revoked_in_out(cli, authority
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and f"{mark} does not hold the highest device id" in flat, flat
     assert not (out / "device-11.cert").exists()
+
+
+def test_one_identity_is_counted_in_the_singular(cli, authority, tmp_path) -> None:
+    r = cli("keys", "certify", "--authority-key", authority[1], "--out", tmp_path / "one", "--devices", 1)
+    assert r.exit_code == 0, r.output
+    assert "1 identity certified by enrollment authority" in r.output, r.output

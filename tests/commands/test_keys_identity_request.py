@@ -40,6 +40,8 @@ def test_requests_round_trip_to_certificates_and_an_exact_authenticated_round(
     for i in range(n):
         r = cli("keys", "identity", "--device", i, "--cohort", "north", "--out", nodes / f"n{i}")
         assert r.exit_code == 0, r.output
+        # the hint names the certificate file the device is to put beside its key, not a pattern
+        assert f"put the device-{i}.cert it returns next to the key" in _flat(r.output), r.output
         folder = nodes / f"n{i}"
         assert sorted(p.name for p in folder.iterdir()) == [f"device-{i}.identity.pem", f"device-{i}.request"]
         assert stat.S_IMODE((folder / f"device-{i}.identity.pem").stat().st_mode) == 0o600

@@ -33,7 +33,7 @@ def test_revoke_appends_with_a_growing_sequence(cli, authority, tmp_path) -> Non
     out.parent.mkdir()
     r = cli("keys", "revoke", "--authority-key", key, "--device", 3, "--device", 3, "--out", out)
     assert r.exit_code == 0, r.output
-    assert "number 1" in r.output and "1 devices revoked" in r.output
+    assert "number 1" in r.output and "1 device revoked" in r.output
     first = load_revocations(out, auth.trust())
     assert first.sequence == 1 and first.names(_cert(auth, "device-3"))
     r = cli("keys", "revoke", "--authority-key", key, "--device", 5, "--cohort", "lab", "--out", out)

@@ -56,7 +56,7 @@ def test_revoke_uploads_the_list_it_wrote_and_prints_the_answer(cli, authority, 
         "keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--upload", url, "--ca", ca
     )
     assert r.exit_code == 0, r.output
-    assert f"uploaded to {url}: the service now holds list number 1 (1 devices revoked, 0 keys)" in _flat(
+    assert f"uploaded to {url}: the service now holds list number 1 (1 device revoked, 0 keys)" in _flat(
         r.output
     )
     assert held.read_bytes() == out.read_bytes()  # the very file written
@@ -211,7 +211,7 @@ def test_the_printed_answer_counts_the_revoked_keys(cli, authority, service, tmp
     r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 0, "--enrolled", nodes,
             "--device", 4, "--upload", url, "--ca", ca)  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "the service now holds list number 1 (2 devices revoked, 1 keys)" in _flat(r.output), r.output
+    assert "the service now holds list number 1 (2 devices revoked, 1 key)" in _flat(r.output), r.output
     from deltaplane.serve.client import AdminClient
 
     older = {"sequence": 2, "issued": 0, "next_update": 0, "revoked": 2, "replaced": True}

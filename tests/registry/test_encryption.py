@@ -132,7 +132,7 @@ def test_cli_verify_reports_a_malformed_database_and_rotate_key(tmp_path):
     assert runner.invoke(app, ["registry", "init", "--home", home]).exit_code == 0
     Registry(home).register_model("m", state())
     r = runner.invoke(app, ["registry", "rotate-key", "--home", home])
-    assert r.exit_code == 0 and "1 blobs re-wrapped" in r.output and "deleted old key files" in r.output
+    assert r.exit_code == 0 and "1 blob re-wrapped" in r.output and "deleted old key files" in r.output
     assert runner.invoke(app, ["registry", "verify", "--home", home]).exit_code == 0
     for f in ("registry.db-wal", "registry.db-shm"):
         (tmp_path / "h" / f).unlink(missing_ok=True)

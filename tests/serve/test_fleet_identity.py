@@ -266,7 +266,7 @@ def test_a_revoked_device_is_replaced_by_fleet_enroll_add_and_the_replacement_ta
         )
         said = cli("keys", "revoke", "--authority-key", key, "--out", "revoked.bin", "--device", 3,
                    "--upload", f.url, "--ca", ca)  # fmt: skip
-        assert "the service now holds list number 1 (1 devices revoked, 0 keys)" in said, said
+        assert "the service now holds list number 1 (1 device revoked, 0 keys)" in said, said
         said = cli("fleet", "enroll", "--url", f.url, "--ca", ca, "--add", 1, "--out", "tokens",
                    "--authority-key", key, "--revocations", "revoked.bin")  # fmt: skip
         assert "1 device tokens written to tokens/ (device-4.token), with SecAgg identities" in said, said

@@ -39,6 +39,7 @@ from deltaplane.commands import clean_errors as _errors
 from deltaplane.commands.fleet import Ca, ClientCert, ClientKey, admin_client, upload_revocations
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
+from deltaplane.wording import count
 
 #: ``keys revoke --valid-days``: the default and largest validity of a revocation list, as
 #: :mod:`deltaplane.aggregation.secagg.revocation` has them (not imported: it loads the whole SecAgg package, 1.5 s
@@ -355,7 +356,8 @@ def register(app: typer.Typer) -> None:
         console.print(
             escape(
                 f"{name}: identity key {key} (secret, stays here) + {req}: send it to the operator for "
-                f"`deltaplane keys certify --request {req.name}` and put the device-I.cert it returns next to the key"
+                f"`deltaplane keys certify --request {req.name}` and put the "
+                f"{identity_files(out, name)[1].name} it returns next to the key"
             ),
             soft_wrap=True,
         )
@@ -542,7 +544,7 @@ def register(app: typer.Typer) -> None:
                     atomic_write_bytes(pub, public)
         console.print(
             escape(
-                f"{len(names)} identities certified by enrollment authority {authority.id.hex()} in {out}/"
+                f"{count(len(names), 'identity', 'identities')} certified by enrollment authority {authority.id.hex()} in {out}/"
             ),
             soft_wrap=True,
         )
@@ -726,7 +728,7 @@ def register(app: typer.Typer) -> None:
         console.print(
             escape(
                 f"revocation list number {revocations.sequence} of authority {authority.id.hex()}: "
-                f"{len(revocations.revoked)} devices revoked ({len(revocations.keys)} keys), current until "
+                f"{count(len(revocations.revoked), 'device')} revoked ({count(len(revocations.keys), 'key')}), current until "
                 f"{revocations.next_update} "
                 f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(revocations.next_update))}), written to {out}"
             ),
@@ -749,8 +751,8 @@ def register(app: typer.Typer) -> None:
             with _errors(OSError):
                 answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
             keys = answer.get("revoked_keys")  # absent from a service before key revocation: not guessed
-            held = f"list number {answer['sequence']} ({answer['revoked']} devices revoked" + (
-                ")" if keys is None else f", {keys} keys)"
+            held = f"list number {answer['sequence']} ({count(answer['revoked'], 'device')} revoked" + (
+                ")" if keys is None else f", {count(keys, 'key')})"
             )
             console.print(
                 escape(
@@ -846,7 +848,7 @@ def register(app: typer.Typer) -> None:
                 else None
             )
             done = reg.rotate_kek(new)
-        console.print(f"{done.rewrapped} blobs re-wrapped with key {done.current}")
+        console.print(f"{count(done.rewrapped, 'blob')} re-wrapped with key {done.current}")
         console.print(escape(done.advice), soft_wrap=True)  # names the key files, by path
 
     @reg_app.command("register")
@@ -1120,8 +1122,8 @@ def register(app: typer.Typer) -> None:
                 error_console.print(f"[red]problem:[/red] {escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(code=1) from None
         console.print(
-            f"{rep.rows_checked} versions, {rep.blobs_checked} blobs checked; "
-            f"{len(rep.orphans)} orphan blobs, {len(rep.temp_files)} temp files (safe to gc)"
+            f"{count(rep.rows_checked, 'version')}, {count(rep.blobs_checked, 'blob')} checked; "
+            f"{count(len(rep.orphans), 'orphan blob')}, {count(len(rep.temp_files), 'temp file')} (safe to gc)"
         )
         if not no_signatures:  # what the signatures prove depends on where the trusted keys live
             console.print(
@@ -1200,11 +1202,12 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
         if dry_run:
             console.print(
-                f"dry run: {len(rep.differences)} rows differ from the signed state log; nothing changed"
+                f"dry run: {count(len(rep.differences), 'row')} "
+                f"{'differs' if len(rep.differences) == 1 else 'differ'} from the signed state log; nothing changed"
             )
         else:
             console.print(
-                f"[green]repaired {len(rep.differences)} rows: the tags, tag history and withdrawals equal the "
+                f"[green]repaired {count(len(rep.differences), 'row')}: the tags, tag history and withdrawals equal the "
                 f"signed state log (head {rep.log_head})[/green]",
                 soft_wrap=True,
             )
@@ -1331,7 +1334,7 @@ def register(app: typer.Typer) -> None:
 
         with _errors():
             n = Registry(_home(home)).gc(min_age_s=min_age)
-        console.print(f"removed {n} files")
+        console.print(f"removed {count(n, 'file')}")
 
     @reg_app.command("torture")
     def registry_torture(
@@ -1347,7 +1350,8 @@ def register(app: typer.Typer) -> None:
         with _errors():
             rep = torture(home, kills=kills, seed=seed)
         console.print(
-            f"{rep.kills} kills, {rep.committed} committed versions, {len(rep.problems)} problems, "
+            f"{count(rep.kills, 'kill')}, {count(rep.committed, 'committed version')}, "
+            f"{count(len(rep.problems), 'problem')}, "
             f"{rep.seconds:.1f}s"
         )
         for p in rep.problems[:20]:

@@ -245,6 +245,9 @@ class ServiceState:
     counters: Counter = field(default_factory=Counter)
     downlinks: ByteLRU[Any] = field(default_factory=lambda: ByteLRU(256 << 20, lambda dl: len(dl.body) + 512))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: guards :attr:`counters` alone, held for one increment or one copy and never across I/O, so the event loop
+    #: counts a rejection without waiting on :attr:`lock`, which a worker holds through a database transaction
+    counters_lock: threading.Lock = field(default_factory=threading.Lock)
     #: taken by each device report (and a new drift reference) for its whole write, before :attr:`lock`: the
     #: monitors' windows are written in the order they change
     report_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -264,6 +267,20 @@ class ServiceState:
         )
     )
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``, from a worker thread or the event loop alike. ``Counter[k] += n`` reads,
+        then writes (a first count runs ``Counter.__missing__``, Python code where the GIL may pass between), so
+        the loop and a worker could both add to the same old value and lose one count; under
+        :attr:`counters_lock` neither can."""
+        with self.counters_lock:
+            self.counters[name] += n
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the counters taken under :attr:`counters_lock`: iterate it, never :attr:`counters` itself,
+        which the event loop may grow meanwhile (a dict that changes size while iterated raises)."""
+        with self.counters_lock:
+            return dict(self.counters)
+
     def saw(self, ident: DeviceIdentity) -> None:
         """Remember that a device made an authenticated request (bounded: the oldest are forgotten)."""
         with self.lock:
@@ -279,7 +296,7 @@ class ServiceState:
         :meth:`FleetWatch.save_devices` takes them) and the kept counters. Caller holds the lock, and passes
         both to :meth:`mark_saved` once they committed."""
         rows = [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
-        return rows, {k: v for k, v in self.counters.items() if kept_counter(k)}
+        return rows, {k: v for k, v in self.counts().items() if kept_counter(k)}
 
     def mark_saved(self, saved: tuple[list[tuple[str, str, int, float]], dict[str, int]]) -> None:
         """The rows and counts of :meth:`_unsaved` committed: the devices are no longer unsaved, unless seen
@@ -358,7 +375,7 @@ class ServiceState:
             "closed_at": time.time(),
         }
         if self.history is not None:
-            self.history.add_round(summary, dict(self.counters))
+            self.history.add_round(summary, self.counts())
         return summary
 
     def remember_closed(self, summary: dict[str, Any]) -> None:
@@ -400,7 +417,7 @@ class ServiceState:
             "closed_at": time.time(),
         }
         if self.history is not None:
-            self.history.add_unpublished(summary, dict(self.counters))
+            self.history.add_unpublished(summary, self.counts())
         return summary
 
     def remember_ended(self, summary: dict[str, Any]) -> None:
@@ -488,10 +505,11 @@ class ServiceState:
             self.unpublished_rounds.extend(loaded.unpublished)
             for model, reports in loaded.reports.items():
                 self.reports[model] = reports[-MAX_REPORTS:]
-            self.counters.update(loaded.counters)
-            self.saved_counts = {k: v for k, v in self.counters.items() if kept_counter(k)}
+            with self.counters_lock:
+                self.counters.update(loaded.counters)
+            self.saved_counts = {k: v for k, v in self.counts().items() if kept_counter(k)}
             if loaded.refused:
-                self.counters["errors.history_unreadable"] += len(loaded.refused)
+                self.count("errors.history_unreadable", len(loaded.refused))
 
     def load_watch(self, watch: FleetWatch) -> None:
         """Take the stored devices seen, drift monitors (windows and history) and alerts (at start), and
@@ -513,7 +531,7 @@ class ServiceState:
             self.unreadable_monitors.update(loaded.unreadable_monitors)
             self.alerts.extend(loaded.alerts)
             if loaded.refused:
-                self.counters["errors.history_unreadable"] += len(loaded.refused)
+                self.count("errors.history_unreadable", len(loaded.refused))
 
     def _reported(self, metric: str) -> dict[tuple[str, int], dict[str, float]]:
         """What each device reported of ``metric``, by (model, version): one per device (its last, so a device
@@ -567,7 +585,7 @@ class ServiceState:
             uploads.update(
                 {
                     k.removeprefix("rejected."): v
-                    for k, v in self.counters.items()
+                    for k, v in self.counts().items()
                     if k.startswith("rejected.")
                 }
             )
@@ -816,13 +834,12 @@ def create_app(
     )
 
     def flush_counted() -> None:
-        """One periodic flush, in a worker thread: a failure is logged and counted in ``errors.database`` (under
-        the state's lock, as every thread's counts are) and tried again next period, so the service goes on."""
+        """One periodic flush, in a worker thread: a failure is logged and counted in ``errors.database``
+        (:meth:`ServiceState.count`, as every count is) and tried again next period, so the service goes on."""
         try:
             state.flush_watch()
         except Exception as exc:  # anything must not end the task silently: later periods still save
-            with state.lock:
-                state.counters["errors.database"] += 1
+            state.count("errors.database")
             if isinstance(exc, sqlite3.Error):  # a busy or full disk
                 log.warning("the fleet's contacts and counts could not be saved (%s); retrying", exc)
             else:
@@ -874,18 +891,18 @@ def create_app(
         max_upload_bytes=config.max_upload_bytes,
         max_json_bytes=config.max_json_bytes,
         failures=RateLimiter(rate=config.auth_failure_rate, burst=config.auth_failure_burst),
-        on_reject=lambda name: state.counters.update((name,)),
+        on_reject=state.count,
         body_timeout=config.body_timeout_s,
     )
 
     @app.exception_handler(DeltaplaneError)
     async def _typed(_: Request, exc: DeltaplaneError) -> JSONResponse:
-        state.counters[f"rejected.{type(exc).__name__}"] += 1
+        state.count(f"rejected.{type(exc).__name__}")
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_for(exc))
 
     @app.exception_handler(sqlite3.DatabaseError)
     async def _database(_: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
-        state.counters["errors.database"] += 1
+        state.count("errors.database")
         return JSONResponse(
             {
                 "detail": "the registry database is unavailable; the operator should run `deltaplane registry verify`"
@@ -895,7 +912,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        state.counters["rejected.validation"] += 1
+        state.count("rejected.validation")
         if is_ui_path(request.url.path):  # a dashboard page: an HTML error page, counted as any other 422
             return validation_page(exc)
         errors = [
@@ -911,7 +928,7 @@ def create_app(
         if ident is None:
             ident = authority.verify(creds.credentials) if creds else ""
         if not isinstance(ident, DeviceIdentity):
-            state.counters["rejected.unauthenticated"] += 1
+            state.count("rejected.unauthenticated")
             raise HTTPException(
                 401,
                 ident or "missing or invalid device token; ask an admin for one (POST /admin/devices)",
@@ -919,7 +936,7 @@ def create_app(
             )
         wait = limiter.acquire(ident.device_id)
         if wait > 0:
-            state.counters["rejected.rate_limited"] += 1
+            state.count("rejected.rate_limited")
             raise HTTPException(
                 429,
                 f"rate limit of {config.rate}/s exceeded for device {ident.device_id}; retry in {wait:.2f}s",
@@ -932,7 +949,7 @@ def create_app(
         if creds is None or not secrets.compare_digest(
             creds.credentials.encode(), config.admin_token.encode()
         ):
-            state.counters["rejected.unauthenticated_admin"] += 1
+            state.count("rejected.unauthenticated_admin")
             raise HTTPException(401, ADMIN_TOKEN_REFUSED, headers={"WWW-Authenticate": "Bearer"})
 
     Device = Annotated[DeviceIdentity, Depends(device)]
@@ -1042,9 +1059,9 @@ def create_app(
         if dl is None:
             dl = plan_downlink(reg, signer, model, want, have)
             state.downlinks.put(key, dl)  # artifacts are immutable, so a planned downlink never goes stale
-        state.counters[f"download.{dl.kind}"] += 1
-        state.counters["download.bytes"] += len(dl.body)
-        state.counters["download.full_bytes"] += dl.full_bytes if dl.kind != "none" else 0
+        state.count(f"download.{dl.kind}")
+        state.count("download.bytes", len(dl.body))
+        state.count("download.full_bytes", dl.full_bytes if dl.kind != "none" else 0)
         headers = {
             "X-Deltaplane-Kind": dl.kind,
             "X-Deltaplane-Model": model,
@@ -1233,7 +1250,7 @@ def create_app(
     @app.get("/admin/stats", tags=["admin"], dependencies=[Admin])
     def stats() -> dict[str, Any]:
         return {
-            "counters": dict(state.counters),
+            "counters": state.counts(),
             # the stored drift monitors that could not be read at start (their reference must be set again)
             "drift_unreadable": dict(state.unreadable_monitors),
             "rounds": {

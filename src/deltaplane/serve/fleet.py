@@ -62,6 +62,7 @@ from deltaplane.serve.client import REVOCATIONS_DEVICE_PATH, AdminClient, Device
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
 from deltaplane.serve.secagg_client import BINDING, SecAggDevice
+from deltaplane.wording import count
 
 __all__ = [
     "Device",
@@ -728,7 +729,7 @@ def _plain_round(
         # nobody took part: abort rather than close, since under central DP a close releases the noise alone,
         # a model of pure noise that spends ε; every device was invited (no sampling), so skipping the release
         # hides nothing the accountant relies on
-        why = f"no device uploaded within the deadline ({deadline:g} s; {len(names)} devices run)"
+        why = f"no device uploaded within the deadline ({deadline:g} s; {count(len(names), 'device')} run)"
         with contextlib.suppress(ServiceError):  # refused: the round is over already (aborted meanwhile)
             p.call(lambda: p.admin.abort_round(model, number, reason=why), f"abort plain round {number}")
         return number, 0, None, {}, ()

@@ -297,7 +297,7 @@ def install_revocation_routes(
                 raise HTTPException(409, str(exc)) from None
         else:
             data = read_bounded_bytes(path, limit=REVOCATIONS_MAX_BYTES, what="revocation list")
-        state.counters["secagg.revocations_served"] += 1
+        state.count("secagg.revocations_served")
         return Response(data, media_type="application/octet-stream")
 
     @router.post(REVOCATIONS_ADMIN_PATH, tags=["admin", "secagg"], dependencies=[Depends(admin)])
@@ -336,15 +336,15 @@ def install_revocation_routes(
         try:
             rl, replaced = await run_in_threadpool(replace)
         except DecodeError as exc:
-            state.counters["secagg.revocations_refused"] += 1
+            state.count("secagg.revocations_refused")
             raise HTTPException(400, f"not a revocation list: {exc}") from None
         except RevocationRollback as exc:
-            state.counters["secagg.revocations_refused"] += 1
+            state.count("secagg.revocations_refused")
             raise HTTPException(409, str(exc)) from None
         except SecAggAuthError as exc:  # forged, of an untrusted authority, or past its next update
-            state.counters["secagg.revocations_refused"] += 1
+            state.count("secagg.revocations_refused")
             raise HTTPException(422, str(exc)) from None
-        state.counters["secagg.revocations_uploaded"] += int(replaced)
+        state.count("secagg.revocations_uploaded", int(replaced))
         return {
             "sequence": rl.sequence,
             "issued": rl.issued,

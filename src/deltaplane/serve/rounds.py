@@ -606,13 +606,15 @@ def round_router(
         ident: device,
         num_examples: Annotated[float, Query(gt=0, le=MAX_EXAMPLES)] = 1.0,
     ) -> UploadAccepted:
-        check_examples(
-            num_examples, config.max_examples, state.counters, fix="deltaplane serve --max-examples"
-        )
+        try:
+            check_examples(num_examples, config.max_examples, fix="deltaplane serve --max-examples")
+        except InvalidUpdate:
+            state.count("rejected.too_many_examples")
+            raise
         limit = config.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > 4 * limit):
-            state.counters["rejected.too_large"] += 1
+            state.count("rejected.too_large")
             raise HTTPException(413, f"upload of {declared} bytes exceeds the {limit}-byte limit")
         chunks, size = [], 0
         async for chunk in request.stream():  # enforce the limit while reading: Content-Length can lie
@@ -624,7 +626,7 @@ def round_router(
         if size > limit:
             # A moderately oversized body was drained (up to 4x the limit) before answering, so the client
             # reads a clean 413 instead of a connection reset while it is still sending.
-            state.counters["rejected.too_large"] += 1
+            state.count("rejected.too_large")
             raise HTTPException(
                 413, f"upload of {declared or 'more than ' + str(limit)} bytes exceeds the {limit}-byte limit"
             )
@@ -727,8 +729,8 @@ def round_router(
                 r.devices.add(ident.device_id)
                 r.cohorts.add(ident.cohort)
                 r.examples += num_examples
-                state.counters["uploads.accepted"] += 1
-                state.counters["uploads.bytes"] += len(payload)
+                state.count("uploads.accepted")
+                state.count("uploads.bytes", len(payload))
                 return len(r.devices)
 
         n = await run_in_threadpool(commit)

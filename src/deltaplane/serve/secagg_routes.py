@@ -601,10 +601,10 @@ def install_secagg_routes(
             try:
                 return fn()
             except SecAggOrderError as exc:
-                state.counters["secagg.refused_order"] += 1
+                state.count("secagg.refused_order")
                 raise HTTPException(409, str(exc)) from None
             except SecAggError as exc:
-                state.counters["secagg.refused"] += 1
+                state.count("secagg.refused")
                 raise HTTPException(422, str(exc)) from None
 
     def post_stage(path: str, cls: type[Message], summary: str) -> None:
@@ -640,8 +640,8 @@ def install_secagg_routes(
             # in a worker thread: decoding and folding a masked input is model-sized work, and the round's lock
             # may be held for seconds by an unmasking close; on the event loop either would stall every request
             await run_in_threadpool(protocol, apply, r)
-            state.counters[f"secagg.{path}"] += 1
-            state.counters["secagg.bytes"] += len(body)
+            state.count(f"secagg.{path}")
+            state.count("secagg.bytes", len(body))
             return Accepted(accepted=True, kind=cls.__name__, stage=r.endpoint.stage)
 
         receive.__name__ = f"secagg_{path}"
@@ -932,7 +932,7 @@ def install_secagg_routes(
                     authenticated=srv.authenticated,
                     revoked=r.revoked,
                 )
-            state.counters["secagg.rounds_aborted"] += 1
+            state.count("secagg.rounds_aborted")
             done = finish(r, "aborted", ended["reason"])
         state.remember_ended(ended)
         return done
@@ -948,7 +948,7 @@ def install_secagg_routes(
         try:
             mean, weight = r.encoding.decode_sum(total, count=len(survivors), like=r.like)
         except SecAggError as exc:  # an out-of-range sum: every retry would refuse it the same way
-            state.counters["secagg.refused"] += 1
+            state.count("secagg.refused")
             raise HTTPException(
                 409,
                 f"{exc}. Leave this round unpublished (abort it: POST /admin/models/{model}/secagg/{number}/abort) "
@@ -1001,7 +1001,7 @@ def install_secagg_routes(
                 "measurements": {k: float(v) for k, v in outcome.measurements.items()},
             }
             closed = finish(r, "published")
-        state.counters["secagg.rounds_closed"] += 1
+        state.count("secagg.rounds_closed")
         state.remember_closed(summary)
         return closed
 
