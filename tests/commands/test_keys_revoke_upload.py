@@ -218,3 +218,61 @@ def test_the_printed_answer_counts_the_revoked_keys(cli, authority, service, tmp
     monkeypatch.setattr(AdminClient, "upload_revocations", lambda self, data: older)
     r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--upload", NO_SERVICE)
     assert r.exit_code == 0 and "now holds list number 2 (2 devices revoked)" in _flat(r.output), r.output
+
+
+def _answers(url: str, ca: Path, token: str) -> int:
+    """The status of a device request (the held revocation list) made with ``token``: 401 once it is revoked."""
+    import httpx
+
+    from deltaplane.serve.tls import client_context
+
+    with httpx.Client(base_url=url, verify=client_context(ca)) as http:
+        return http.get("/v1/secagg/revocations", headers={"Authorization": f"Bearer {token}"}).status_code
+
+
+def test_the_upload_revokes_the_revoked_devices_service_tokens(cli, authority, service, tmp_path) -> None:
+    """A revoked SecAgg identity kept its service token: device-3 could still fetch models and upload to plain
+    rounds until the operator also posted /admin/devices/device-3/revoke by hand. `--upload` revokes the tokens of
+    the ids it revokes (--device, --certificate), says so, and leaves every other device's token valid."""
+    from deltaplane.serve.client import AdminClient
+    from deltaplane.serve.tls import client_context
+
+    url, ca, _ = service
+    _, key = authority
+    admin = AdminClient(url, ADMIN, tls=client_context(ca))
+    three, five = admin.issue_token("device-3", "fleet"), admin.issue_token("device-5", "fleet")
+    assert _answers(url, ca, three) != 401 and _answers(url, ca, five) != 401
+    r = cli("keys", "revoke", "--authority-key", key, "--out", tmp_path / "revoked.bin", "--device", 3,
+            "--upload", url, "--ca", ca)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert _answers(url, ca, three) == 401  # refused: the revoked device can no longer take part at all
+    assert f"service tokens of device-3 revoked on {url}" in _flat(r.output), r.output
+    assert _answers(url, ca, five) != 401
+    assert _answers(url, ca, admin.issue_token("device-9", "fleet")) != 401
+
+
+def test_a_failed_token_revocation_exits_1_and_says_the_list_is_uploaded(
+    cli, authority, service, tmp_path, monkeypatch
+) -> None:
+    """The list upload counts as done; the tokens not revoked are named, with what to do (exit 1)."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    url, ca, held = service
+    _, key = authority
+    real = AdminClient.revoke_device
+
+    def fails_on_device_5(self, device_id):
+        if device_id == "device-5":
+            raise ServiceError(500, "internal error")
+        return real(self, device_id)
+
+    monkeypatch.setattr(AdminClient, "revoke_device", fails_on_device_5)
+    out = tmp_path / "revoked.bin"
+    r = cli("keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--device", 5,
+            "--device", 7, "--upload", url, "--ca", ca)  # fmt: skip
+    flat = _flat(r.output)
+    assert r.exit_code == 1, flat
+    assert "the service now holds list number 1 (3 devices revoked" in flat
+    assert "the list is uploaded, but the service tokens of device-5, device-7 are NOT revoked" in flat
+    assert "(those of device-3 are)" in flat and "HTTP 500: internal error" in flat
+    assert held.read_bytes() == out.read_bytes()

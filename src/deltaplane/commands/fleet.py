@@ -252,6 +252,31 @@ def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str
         ) from None
 
 
+def revoke_device_tokens(admin: Any, url: str, ids: list[str]) -> None:
+    """``POST /admin/devices/{id}/revoke`` for each device id of ``ids`` through ``admin`` (:func:`admin_client`),
+    in order: every service token issued to it so far is refused from then on (``keys revoke --upload``, after
+    the list is uploaded: a revoked SecAgg identity would otherwise keep fetching models and uploading to plain
+    rounds with its token). The first failure stops it: a ``ServiceError`` (the service's answer) or
+    :class:`~deltaplane.errors.ServiceUnreachable` (exit 1) that says the list is uploaded, which ids' tokens
+    were revoked and which were not, and how to revoke them."""
+    from deltaplane.serve.client import ServiceError
+
+    for n, name in enumerate(ids):
+        try:
+            _connected(url, lambda name=name: admin.revoke_device(name))
+        except (ServiceError, ServiceUnreachable) as exc:
+            done = f" (those of {', '.join(ids[:n])} are)" if n else ""
+            left = ", ".join(ids[n:])
+            why = (
+                f"the list is uploaded, but the service tokens of {left} are NOT revoked{done}: they can still "
+                "fetch models and upload to plain rounds; run the same command again, or POST "
+                f"/admin/devices/{ids[n]}/revoke"
+            )
+            if isinstance(exc, ServiceError):
+                raise ServiceError(exc.status, f"{exc.detail}; {why}", exc.error) from None
+            raise ServiceUnreachable(f"{exc}; {why}", final=exc.final) from None
+
+
 def _credentials(
     key: Path | None, certificate: Path | None, authority: Path | None, revocations: Path | None = None
 ) -> Any:

@@ -36,7 +36,14 @@ from deltaplane.commands import (
     working_dir_on_path,
 )
 from deltaplane.commands import clean_errors as _errors
-from deltaplane.commands.fleet import Ca, ClientCert, ClientKey, admin_client, upload_revocations
+from deltaplane.commands.fleet import (
+    Ca,
+    ClientCert,
+    ClientKey,
+    admin_client,
+    revoke_device_tokens,
+    upload_revocations,
+)
 from deltaplane.errors import ConfigError
 from deltaplane.textfile import KEY_LIMIT, MANIFEST_LIMIT, read_bounded_bytes, read_bounded_text
 from deltaplane.wording import count
@@ -639,9 +646,10 @@ def register(app: typer.Typer) -> None:
                 "--upload",
                 metavar="URL",
                 help="Then upload OUT to the service at URL (POST /admin/secagg/revocations; admin token from "
-                "$DELTAPLANE_ADMIN_TOKEN) and print its answer. OUT is written first and kept if the upload "
+                "$DELTAPLANE_ADMIN_TOKEN) and print its answer, then revoke the service tokens of the ids revoked "
+                "(POST /admin/devices/ID/revoke). OUT is written first and kept if the upload "
                 "fails: exit 3 when the service refuses the list (409 older, 422 forged or stale), 1 when it "
-                "cannot be reached.",
+                "cannot be reached or a token revocation fails (the list stays uploaded).",
                 show_default="none",
             ),
         ] = None,
@@ -655,7 +663,8 @@ def register(app: typer.Typer) -> None:
         --valid-days (atomic write; concurrent runs on one OUT take turns on the lock file OUT.lock, so each
         numbers its list one past the other's); without --device, re-issue OUT as it is with a new next update
         (a version-1 list, which had none, is re-issued this way). Give OUT to the service (--upload URL
-        posts it to /admin/secagg/revocations once written; or serve --secagg-revocations), from which fleet devices fetch it before each
+        posts it to /admin/secagg/revocations once written, then revokes the revoked ids' service tokens; or serve
+        --secagg-revocations), from which fleet devices fetch it before each
         round, or to each device (fleet device --revocations, Flower's secagg-revocations); devices refuse rounds
         that seat a revoked device (docs/security.md)."""
         import time
@@ -762,6 +771,18 @@ def register(app: typer.Typer) -> None:
                 ),
                 soft_wrap=True,
             )
+            # the ids this run revokes (not --carry's: revoked, with their tokens, under the old authority)
+            tokens_of = list(dict.fromkeys([*ids, *(c.device_id for c in certs)]))
+            if tokens_of:
+                with _errors(OSError):
+                    revoke_device_tokens(admin, upload, tokens_of)
+                console.print(
+                    escape(
+                        f"service tokens of {', '.join(tokens_of)} revoked on {upload} (every token issued "
+                        f"to {'it' if len(tokens_of) == 1 else 'them'} so far is refused)"
+                    ),
+                    soft_wrap=True,
+                )
 
     @keys.command("tls")
     def keys_tls(
