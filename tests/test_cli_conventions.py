@@ -207,3 +207,23 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "Usage: deltaplane decompress" in proc.stdout and "--allow-other-base" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["alpha", "seed", "rounds"])
+def test_run_help_shows_the_configs_own_defaults(name, monkeypatch) -> None:
+    """`deltaplane run --alpha` and `--seed` said "0.5" and "0" as literals in their help (as `--rounds` said
+    120): RunConfig's default changed alone, the help would still show the old one. Each reads the constant
+    RunConfig's field uses (deltaplane.choices)."""
+    import re
+
+    from deltaplane.engine import RunConfig
+
+    default = RunConfig.model_fields[name].default
+    assert getattr(RunConfig(), name) == default
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    (option,) = [p for p in command.params if p.name == name]
+    assert option.show_default == str(default)
+    monkeypatch.setenv("COLUMNS", "200")
+    r = runner.invoke(app, ["run", "--help"])
+    flat = " ".join(r.output.split())  # a long help wraps its default onto the next line
+    assert re.search(rf"--{name} [^\[]*\[default: \(?{re.escape(str(default))}\)?\]", flat), r.output

@@ -11,8 +11,8 @@ Choices with their own spec grammar keep their registries next to their code and
 error: codecs (``deltaplane.codecs.available_codecs``), defences (``deltaplane.aggregation.DEFENSES``) and
 attacks (``deltaplane.engine.attacks.ATTACKS``).
 
-:data:`DEFAULT_ROUNDS` is here for the same reason: the config's default number of rounds, which help texts
-show without importing the config (and torch with it).
+:data:`DEFAULT_ROUNDS`, :data:`DEFAULT_ALPHA` and :data:`DEFAULT_SEED` are here for the same reason: the config's
+defaults, which help texts show without importing the config (and torch with it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from deltaplane.errors import ConfigError
 
 __all__ = [
     "AGGREGATORS",
+    "DEFAULT_ALPHA",
     "DEFAULT_ROUNDS",
+    "DEFAULT_SEED",
     "ENGINES",
     "PERSONALIZATIONS",
     "TASKS",
@@ -38,6 +40,10 @@ __all__ = [
 #: :class:`~deltaplane.engine.RunConfig`'s ``rounds`` when a config names none (YAML ``clients.rounds``); the
 #: help of ``deltaplane run --rounds`` and ``fleet coordinate --rounds`` shows it
 DEFAULT_ROUNDS = 120
+#: ``RunConfig.alpha`` (the Dirichlet label skew) when a config names none; ``deltaplane run --alpha``'s help shows it
+DEFAULT_ALPHA = 0.5
+#: ``RunConfig.seed`` when a config names none; ``deltaplane run --seed``'s help shows it
+DEFAULT_SEED = 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deltaplane import commands
-from deltaplane.choices import AGGREGATORS, DEFAULT_ROUNDS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
+from deltaplane.choices import (
+    AGGREGATORS,
+    DEFAULT_ALPHA,
+    DEFAULT_ROUNDS,
+    DEFAULT_SEED,
+    ENGINES,
+    PERSONALIZATIONS,
+    TASKS,
+    TRANSPORTS,
+)
 from deltaplane.commands import (
     EXIT_REFUSED,
     check_threads,
@@ -210,7 +219,7 @@ def run(
     alpha: Annotated[
         float | None,
         typer.Option(
-            show_default="0.5",
+            show_default=str(DEFAULT_ALPHA),
             help="Label skew of the devices' data: Dirichlet concentration (smaller: each device sees fewer "
             "classes).",
         ),
@@ -219,7 +228,8 @@ def run(
         int | None, typer.Option(show_default=str(DEFAULT_ROUNDS), help="Communication rounds.")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(show_default="0", help="Seed of the partition, model and rounds.")
+        int | None,
+        typer.Option(show_default=str(DEFAULT_SEED), help="Seed of the partition, model and rounds."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and report.html.")] = Path(
         "runs/default"

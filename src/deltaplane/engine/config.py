@@ -24,7 +24,9 @@ from pydantic import (
 
 from deltaplane.choices import (
     AGGREGATORS,
+    DEFAULT_ALPHA,
     DEFAULT_ROUNDS,
+    DEFAULT_SEED,
     ENGINES,
     PERSONALIZATIONS,
     TASKS,
@@ -81,7 +83,9 @@ class RunConfig(BaseModel):
     )
     # -- federation ---------------------------------------------------------------------------------
     clients: int = Field(20, ge=1, description="number of simulated devices")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration (smaller: more skew)")
+    alpha: float = Field(
+        DEFAULT_ALPHA, gt=0, description="Dirichlet label-skew concentration (smaller: more skew)"
+    )
     rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="communication rounds")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="share of clients that train in a round")
     min_client_samples: int = Field(20, ge=2, description="least number of samples a client holds")
@@ -231,7 +235,9 @@ class RunConfig(BaseModel):
     )
     fedper_head: str = Field("fc2", description="comma-separated layer prefixes FedPer keeps on the device")
     # -- reproducibility ------------------------------------------------------------------------------
-    seed: int = Field(0, ge=0, description="seeds the partition, the initial model and every round")
+    seed: int = Field(
+        DEFAULT_SEED, ge=0, description="seeds the partition, the initial model and every round"
+    )
     # Apart from `seed` so that runs with different seeds are scored on the same test images.
     split_seed: int = Field(0, ge=0, description="seeds the global train/test split")
     threads: int = Field(1, ge=1, description="torch CPU threads (fixed so timings and results repeat)")
