@@ -24,17 +24,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltaplane import commands
-from deltaplane.choices import (
-    AGGREGATORS,
-    DEFAULT_ALPHA,
-    DEFAULT_ROUNDS,
-    DEFAULT_SEED,
-    ENGINES,
-    PERSONALIZATIONS,
-    TASKS,
-    TRANSPORTS,
-)
+from deltaplane import choices, commands
+from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import (
     EXIT_REFUSED,
     check_threads,
@@ -219,17 +210,17 @@ def run(
     alpha: Annotated[
         float | None,
         typer.Option(
-            show_default=str(DEFAULT_ALPHA),
+            show_default=str(choices.DEFAULT_ALPHA),
             help="Label skew of the devices' data: Dirichlet concentration (smaller: each device sees fewer "
             "classes).",
         ),
     ] = None,
     rounds: Annotated[
-        int | None, typer.Option(show_default=str(DEFAULT_ROUNDS), help="Communication rounds.")
+        int | None, typer.Option(show_default=str(choices.DEFAULT_ROUNDS), help="Communication rounds.")
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option(show_default=str(DEFAULT_SEED), help="Seed of the partition, model and rounds."),
+        typer.Option(show_default=str(choices.DEFAULT_SEED), help="Seed of the partition, model and rounds."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and report.html.")] = Path(
         "runs/default"
