@@ -40,6 +40,7 @@ from deltaplane.commands import (
 from deltaplane.commands import clean_errors as _errors
 from deltaplane.errors import ConfigError, ServiceUnreachable
 from deltaplane.textfile import KEY_LIMIT, read_bounded_text, require_regular_file
+from deltaplane.wording import count
 
 if TYPE_CHECKING:
     import ssl
@@ -135,11 +136,6 @@ def _admin_token() -> str:
 
 #: `fleet coordinate --rounds`'s default, as its help shows it
 _FILE_ROUNDS = f"the federation's clients.rounds; {DEFAULT_ROUNDS} when it names none"
-
-
-def _rounds(n: int) -> str:
-    """``n`` published rounds, as a device's last line counts them: "1 published round", "2 published rounds"."""
-    return f"{n} published round" + ("" if n == 1 else "s")
 
 
 def _federation(path: Path) -> RunConfig:
@@ -651,7 +647,7 @@ def register(app: typer.Typer) -> None:
             done = run_device(
                 dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
             )
-        console.print(f"device {device}: took part in {_rounds(len(done))}")
+        console.print(f"device {device}: took part in {count(len(done), 'published round')}")
 
     @fleet.command("coordinate")
     def coordinate_cmd(

@@ -389,6 +389,11 @@ class Governance:
         }
 
     @classmethod
+    def of(cls, value: Governance | Mapping[str, Any] | None) -> Governance:
+        """``value`` as a :class:`Governance` (one already, or its JSON form: :meth:`from_dict`)."""
+        return value if isinstance(value, Governance) else cls.from_dict(value)
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Governance:
         """Governance from its JSON form; each list field must be a list (:class:`ConfigError` otherwise)."""
         d = d or {}
@@ -555,18 +560,15 @@ def _artifact(row: sqlite3.Row) -> Artifact:
             f"registry.db row {ref!r} holds a value of the wrong type in {', '.join(bad)}: the database was "
             "edited; restore it from a backup"
         )
-    meta: dict[str, Any] = {}
-    for column in ("lineage", "governance"):
-        text = row[column]
-        try:
-            meta[column] = json.loads(text) if isinstance(text, str) else None
-        except (ValueError, RecursionError):
-            meta[column] = None
-        if not isinstance(meta[column], dict):
-            raise IntegrityError(
-                f"registry.db row {ref!r}: its {column} is not the JSON object the registry writes: the database "
-                "was edited; restore it from a backup"
-            )
+    meta = {
+        # a str column only (json.loads would take a BLOB's bytes too: not what the registry writes)
+        column: _stored_json(
+            row[column] if isinstance(row[column], str) else None,
+            f"registry.db row {ref!r}: its {column}",
+            dict,
+        )
+        for column in ("lineage", "governance")
+    }
     try:
         governance = Governance.from_dict(meta["governance"])
     except ConfigError as exc:
@@ -1193,7 +1195,7 @@ class Registry:
         governance: Governance | Mapping[str, Any] | None,
     ) -> Artifact:
         _check_name("model name", model)
-        gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
+        gov = Governance.of(governance)
         lineage_json = _lineage_json(lineage)
         governance_json = json.dumps(gov.to_dict(), sort_keys=True)
         digest = self.put_blob(data)  # durable before any row references it
@@ -1282,9 +1284,7 @@ class Registry:
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
-        own = (
-            governance if isinstance(governance, Governance) else Governance.from_dict(governance)
-        ).check_names()
+        own = Governance.of(governance).check_names()
         inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
         if parent is not None:
             inputs.append(self.get(model, parent))
@@ -1375,8 +1375,7 @@ class Registry:
         decompress(payload, expect_base=(model, base), expect_layout=expect_layout)
         codec = read_header(payload).codec
         if governance is not None:
-            gov = governance if isinstance(governance, Governance) else Governance.from_dict(governance)
-            governance = gov.check_names()
+            governance = Governance.of(governance).check_names()
         return self._insert(
             model=model,
             kind="delta",
