@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import load_sharded, read_companion_files
+from deltaplane.shards import INDEX_NAME, load_sharded, read_companion_files
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = ["Deployable", "load_deployable"]
@@ -172,7 +172,7 @@ def _hf_folder(p: Path) -> Deployable | None:
     """A Hugging Face-layout folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
     with ``config.json`` recorded in the lineage and the tokenizer and generation files kept (None when the
     folder is not one)."""
-    index = p / "model.safetensors.index.json"
+    index = p / INDEX_NAME
     if (p / "model.safetensors").is_file():
         out = load_deployable(p / "model.safetensors")
     elif index.is_file():

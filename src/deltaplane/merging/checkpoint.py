@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import read_shard_index
+from deltaplane.shards import INDEX_NAME, read_shard_index
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "parse_dtype",
 ]
 
-INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20
 """Largest header accepted (the ``safetensors`` library's own limit)."""
 SINGLE_NAME = "model.safetensors"
