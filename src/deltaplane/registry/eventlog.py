@@ -15,6 +15,8 @@ an entry to ``state_log`` in the same transaction as the change itself:
 Replaying the log from entry 1 gives the tables' exact content. :meth:`Registry.verify` checks the chain, every
 signature against the trusted keys (a pin applies) and that the tables equal the replay; verified reads
 (``tags(model, verify=True)``, promotion, rollback, the service's downloads) refuse a registry where they differ.
+A verified read in a new process re-hashes, rather than re-verifies, the entries a trusted seal covers
+(:mod:`~deltaplane.registry.seal`); :meth:`Registry.verify` and repair verify every signature.
 
 Rows of the append-only :data:`RECORD_TABLES` (model cards, evaluations, promotion verdicts) are bound too: each
 insert appends a ``record`` entry with the row's SHA-256 (:func:`record_change`). The rows a table held when
