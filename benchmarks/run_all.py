@@ -272,6 +272,7 @@ PLAN: list[Step] = [
 
 #: scripts that record no section of their own: per-run diagnostics, and the pfl-research child of sim_speed
 HELPERS = {
+    "registry_first_read.py",
     "robustness_diagnostics.py",
     "robustness_score_probe.py",
     "robustness_trace.py",

@@ -15,6 +15,8 @@ an entry to ``state_log`` in the same transaction as the change itself:
 Replaying the log from entry 1 gives the tables' exact content. :meth:`Registry.verify` checks the chain, every
 signature against the trusted keys (a pin applies) and that the tables equal the replay; verified reads
 (``tags(model, verify=True)``, promotion, rollback, the service's downloads) refuse a registry where they differ.
+A verified read in a new process re-hashes, rather than re-verifies, the entries a trusted seal covers
+(:mod:`~deltaplane.registry.seal`); :meth:`Registry.verify` and repair verify every signature.
 
 Rows of the append-only :data:`RECORD_TABLES` (model cards, evaluations, promotion verdicts) are bound too: each
 insert appends a ``record`` entry with the row's SHA-256 (:func:`record_change`). The rows a table held when
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deltaplane.errors import ConfigError, IntegrityError, SignatureError
+from deltaplane.registry import seal as _seal
 from deltaplane.registry.signing import Signer, Verifier, canonical_json
 
 __all__ = [
@@ -138,6 +141,11 @@ class SignedState:
     legacy_seq: int | None = None  # the entry that bound them
     head: Head | None = None
     checkpoint_at: float | None = None  # set when the log starts from a non-empty checkpoint (a migration)
+    # what a seal of this state would say (deltaplane.registry.seal): the running digest of the signature texts
+    # (None unless every entry's signature was verified) and the keys that verified them (id -> SHA-256)
+    signatures: str | None = _seal.GENESIS
+    keys: dict[str, str] = field(default_factory=dict)
+    sealed: int = 0  # the newest entry a stored seal covers, as far as this state knows
 
     def copy(self) -> SignedState:
         return replace(
@@ -147,7 +155,15 @@ class SignedState:
             withdrawals=dict(self.withdrawals),
             records=dict(self.records),
             first_record=dict(self.first_record),
+            keys=dict(self.keys),
         )
+
+    def due_seal(self) -> _seal.Seal | None:
+        """The seal to store for this verified state, when :data:`~deltaplane.registry.seal.AFTER` entries or more
+        were verified one by one since the last one (None otherwise, and for a replay without signatures)."""
+        if self.signatures is None or self.head is None or self.head.index - self.sealed < _seal.AFTER:
+            return None
+        return _seal.Seal(self.head.index, self.head.sha256, self.signatures, dict(self.keys))
 
     def restricted(self, model: str | None, tag: str | None) -> SignedState:
         """Only the tags and history rows of ``model`` (and ``tag``), when given."""
@@ -487,15 +503,38 @@ def _bind(state: SignedState, records: Mapping[str, Any], seq: int) -> None:
     state.legacy, state.legacy_seq = legacy, seq
 
 
+class _Unsealed(Exception):
+    """The log differs from its seal: the replay starts again checking every signature."""
+
+
 def replay(
-    con: sqlite3.Connection, verifier: Verifier | None, base: SignedState | None = None
+    con: sqlite3.Connection,
+    verifier: Verifier | None,
+    base: SignedState | None = None,
+    *,
+    seal: _seal.Seal | None = None,
 ) -> SignedState:
     """Replay the log (the entries after ``base.head`` onto ``base``, when given), checking as it goes.
 
     Every entry must be the next index, hash to its recorded SHA-256, name the previous entry's hash and (with a
     ``verifier``) carry a trusted key's signature. Raises :class:`IntegrityError` (broken chain, altered or
     malformed entry) or :class:`SignatureError` (bad or untrusted signature), naming the entry.
+
+    With a ``seal`` (verified by :func:`deltaplane.registry.seal.read`), the signatures of the entries it covers
+    are re-hashed instead of verified; on any difference or error the replay is done again checking every
+    signature, so what it refuses, and the message, are those of the exhaustive check.
     """
+    if seal is not None and verifier is not None:
+        try:
+            return _replay(con, verifier, base, seal)
+        except (_Unsealed, IntegrityError, SignatureError):
+            pass
+    return _replay(con, verifier, base, None)
+
+
+def _replay(
+    con: sqlite3.Connection, verifier: Verifier | None, base: SignedState | None, seal: _seal.Seal | None
+) -> SignedState:
     state = base.copy() if base is not None else SignedState()
     head = state.head
     rows = con.execute(
@@ -513,11 +552,7 @@ def replay(
             raise IntegrityError(
                 f"state log entry {seq} was altered: it hashes to {actual[:16]}…, its row says {str(digest)[:16]}…"
             )
-        if verifier is not None:
-            try:
-                verifier.verify(_statement(seq, digest), signature)
-            except SignatureError as exc:
-                raise SignatureError(f"state log entry {seq}: {exc}") from None
+        _check_signature(state, verifier, seal, seq, digest, signature)
         try:
             entry = json.loads(text)
             if entry.get("seq") != seq or entry.get("prev") != want_prev or prev != want_prev:
@@ -530,8 +565,42 @@ def replay(
             # RecursionError: JSON nested past what json reads (only reachable unsigned: gc, verify(signatures=False))
             raise IntegrityError(f"state log entry {seq} is malformed: {exc!r:.200}") from None
         head = Head(seq, digest)
+    if seal is not None and (head is None or head.index < seal.index):
+        raise _Unsealed  # the log ends before what the seal covers
     state.head = head
     return state
+
+
+def _check_signature(
+    state: SignedState,
+    verifier: Verifier | None,
+    seal: _seal.Seal | None,
+    seq: int,
+    digest: str,
+    signature: object,
+) -> None:
+    """Check entry ``seq``'s signature (re-hash it, when ``seal`` covers it) and fold it into ``state``'s digest."""
+    if verifier is None:
+        state.signatures = None  # nothing verified: this state can never be sealed
+        return
+    kid = _seal.key_id(signature)
+    if seal is not None and seq <= seal.index:
+        if kid not in seal.keys:
+            raise _Unsealed
+        state.keys[kid] = seal.keys[kid]
+    else:
+        try:
+            verifier.verify(_statement(seq, digest), signature)  # type: ignore[arg-type]
+        except SignatureError as exc:
+            raise SignatureError(f"state log entry {seq}: {exc}") from None
+        assert kid is not None  # a signature that verified is key_id:base64 text
+        state.keys[kid] = verifier.fingerprint(kid) or ""
+    if state.signatures is not None:
+        state.signatures = _seal.fold(state.signatures, str(signature))
+    if seal is not None and seq == seal.index:
+        if (digest, state.signatures) != (seal.sha256, seal.signatures):
+            raise _Unsealed
+        state.sealed = seal.index
 
 
 def _hash_at(con: sqlite3.Connection, index: int) -> str | None:
@@ -540,13 +609,19 @@ def _hash_at(con: sqlite3.Connection, index: int) -> str | None:
 
 
 def signed_state(
-    con: sqlite3.Connection, verifier: Verifier, cached: SignedState | None = None
+    con: sqlite3.Connection,
+    verifier: Verifier,
+    cached: SignedState | None = None,
+    *,
+    exhaustive: bool = False,
 ) -> SignedState:
     """The verified replay of the log; ``cached`` (an earlier result) is reused while the log only grew after it.
 
     Only the new entries are then checked: edits to entries before ``cached.head`` that leave it in place do not
     change what this returns (the tables are compared with the state verified earlier); :func:`verify` checks
-    the whole chain.
+    the whole chain. Without ``cached``, the signatures a trusted seal covers are re-hashed rather than verified
+    (:mod:`~deltaplane.registry.seal`; ``exhaustive`` verifies every one), and a log that no longer holds the
+    sealed entry is refused (:class:`IntegrityError`).
     """
     head = read_head(con)
     if head is None:
@@ -566,7 +641,25 @@ def signed_state(
         and _hash_at(con, cached.head.index) == cached.head.sha256
     ):
         return replay(con, verifier, cached)
-    return replay(con, verifier)
+    sealed = _seal.read(con, verifier)
+    state = replay(con, verifier, seal=None if exhaustive else sealed)
+    problem = _seal_problem(con, sealed, state.head)
+    if problem is not None:
+        raise IntegrityError(problem)
+    return state
+
+
+def _seal_problem(con: sqlite3.Connection, sealed: _seal.Seal | None, head: Head | None) -> str | None:
+    """Why a log whose newest entry is ``head`` cannot be the one ``sealed`` was made of (None when it can)."""
+    if sealed is None:
+        return None
+    problem = head_problem(con, head, Head(sealed.index, sealed.sha256))
+    if problem is None:
+        return None
+    return (
+        f"{problem}; the head was recorded by the state log's seal, which a trusted key signed "
+        "(`deltaplane registry verify --expect-head` with a head kept elsewhere tells which state is right)"
+    )
 
 
 def check(
@@ -675,6 +768,9 @@ def verify(
             )
         else:
             report.problems += differences(signed, read_tables(con))
+            if verifier is not None:
+                problem = _seal_problem(con, _seal.read(con, verifier), signed.head)
+                report.problems += [] if problem is None else [problem]
             problems, notes = record_problems(con, signed)
             report.problems += problems
             report.notes += notes

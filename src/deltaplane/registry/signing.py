@@ -122,13 +122,20 @@ class Verifier:
     def __init__(self, public_keys: Iterable[bytes]) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        self._keys = {key_id_of(k): Ed25519PublicKey.from_public_bytes(k) for k in public_keys}
+        raws = {key_id_of(k): bytes(k) for k in public_keys}
+        self._keys = {kid: Ed25519PublicKey.from_public_bytes(k) for kid, k in raws.items()}
+        self._fingerprints = {kid: hashlib.sha256(k).hexdigest() for kid, k in raws.items()}
         if not self._keys:
             raise SignatureError("a verifier needs at least one trusted public key")
 
     @property
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
+
+    def fingerprint(self, key_id: str) -> str | None:
+        """The SHA-256 of the whole trusted public key with id ``key_id`` (None when not trusted): a key id is
+        only 64 bits of it, so whoever records which key verified something records this."""
+        return self._fingerprints.get(key_id)
 
     def verify(self, context: Mapping[str, Any], signature: Signature | str) -> None:
         """Raise :class:`SignatureError` unless ``signature`` is a trusted key's signature of ``context``."""

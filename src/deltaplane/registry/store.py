@@ -53,7 +53,7 @@ from deltaplane.errors import (
     NotFound,
     SignatureError,
 )
-from deltaplane.registry import eventlog
+from deltaplane.registry import eventlog, seal
 from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import (
     PUBLIC_NAME,
@@ -951,6 +951,39 @@ class Registry:
         with self._snapshot() as con:
             self._signed = eventlog.check(con, self.verifier, self._signed, model=model, tag=tag, parts=parts)
             yield con
+        self._seal_if_due()
+
+    def _seal_if_due(self) -> None:
+        """Store a seal of the state log as last verified (:mod:`~deltaplane.registry.seal`) when it is due and
+        this handle holds the signing key, so the next process's first read re-hashes instead of re-verifying.
+
+        Only an optimisation: a read-only database, another writer holding the lock or a handle without the key
+        leaves the seal as it is (the next read with the key tries again).
+        """
+        from deltaplane.registry.signing import PRIVATE_NAME
+
+        due = None if self._signed is None else self._signed.due_seal()
+        con = self._connect()
+        if due is None or (con.in_transaction and not getattr(self._local, "depth", 0)):
+            return  # nothing to seal, or inside a caller's read snapshot (whose lock cannot be upgraded)
+        if self._signer is None and not (self.home / "keys" / PRIVATE_NAME).exists():
+            return
+        signer = self.signer
+        outer = getattr(self._local, "depth", 0)
+        if not outer:
+            con.execute("PRAGMA busy_timeout=200")  # a read never waits long for a seal
+        try:
+            with self.transaction() as con:
+                seal.write(con, signer, due)
+        except sqlite3.OperationalError as exc:
+            if outer or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_READONLY", "SQLITE_BUSY"):
+                raise
+            return
+        finally:
+            if not outer:
+                con.execute("PRAGMA busy_timeout=60000")
+        if self._signed is not None and self._signed.head == eventlog.Head(due.index, due.sha256):
+            self._signed.sealed = due.index
 
     def check_state(self, *, model: str | None = None, tag: str | None = None) -> eventlog.Head:
         """Check that tags, tag history and withdrawals (of ``model``/``tag``) are what the signed state log says.
@@ -1498,6 +1531,7 @@ class Registry:
             self._signed = eventlog.check(
                 con, self.verifier, self._signed, model=model, tag=tag, parts=("tags", "tag_history")
             )
+            self._seal_if_due()
             prev = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
             previous, now = (prev[0] if prev else None), time.time()
             con.execute(
@@ -1591,6 +1625,7 @@ class Registry:
                 return
             self._signed = eventlog.signed_state(con, self.verifier, self._signed)
             yield con, self._signed
+        self._seal_if_due()
 
     @staticmethod
     def _record_status(signed: eventlog.SignedState | None, table: str, row: sqlite3.Row, what: str) -> str:
@@ -1976,7 +2011,7 @@ class Registry:
     ) -> eventlog.SignedState:
         """The whole log replayed, every signature checked, containing ``expect_head``; IntegrityError if not."""
         try:
-            signed = eventlog.signed_state(con, verifier)  # no cache: every entry is checked
+            signed = eventlog.signed_state(con, verifier, exhaustive=True)  # every signature is verified
         except (IntegrityError, SignatureError) as exc:
             raise IntegrityError(
                 f"the signed state log does not verify, so it cannot be the source of a repair: {exc}. Nothing "
