@@ -243,6 +243,18 @@ def test_a_report_linked_from_outside_the_runs_folder_is_left_out_with_the_reaso
     assert c.get("/ui/run", params={"report": "linked", "name": "outside"}, headers=BEARER).status_code == 404
 
 
+def test_a_runs_folder_that_does_not_exist_is_named_not_shown_as_zero_runs(tmp_path):
+    """``deltaplane ui`` started elsewhere than the folder ``make run`` ran in (its ``--runs`` defaults to the
+    relative ``runs``), or given a typo, showed 0 runs and an empty table with nothing saying why. The overview
+    and the runs table now name the folder they looked for; an empty folder that exists says nothing more."""
+    missing = tmp_path / "runz"
+    for page in ("/ui/", "/ui/runs"):
+        text = unescape(_ui(missing).get(page, headers=BEARER).text)
+        assert f"The runs folder {missing} does not exist" in text, (page, text[-800:])
+    (tmp_path / "empty").mkdir()
+    assert "does not exist" not in _ui(tmp_path / "empty").get("/ui/runs", headers=BEARER).text
+
+
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
 def test_a_broken_registry_gets_an_error_page_with_the_cause(tmp_path, damage):
     home = tmp_path / "home"
