@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from html import escape, unescape
 from pathlib import Path
@@ -253,6 +254,19 @@ def test_a_runs_folder_that_does_not_exist_is_named_not_shown_as_zero_runs(tmp_p
         assert f"The runs folder {missing} does not exist" in text, (page, text[-800:])
     (tmp_path / "empty").mkdir()
     assert "does not exist" not in _ui(tmp_path / "empty").get("/ui/runs", headers=BEARER).text
+
+
+def test_a_registry_folder_without_a_registry_says_how_to_make_one(tmp_path):
+    """``--home`` naming a folder no ``registry init`` has run in showed 'Registry at H.' over an empty table,
+    as if the registry held no models; the page now says there is no registry there, and the command."""
+    home = tmp_path / "home"
+
+    def text() -> str:  # the page's words, without its markup
+        return unescape(re.sub(r"<[^>]+>", "", _ui(home=home).get("/ui/registry", headers=BEARER).text))
+
+    assert f"No registry at {home} yet" in text() and f"deltaplane registry init --home {home}" in text()
+    _registry(home)
+    assert f"Registry at {home}." in text() and "No registry" not in text()
 
 
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])

@@ -414,8 +414,12 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
     return _page("Compare runs", body, here="/ui/runs")
 
 
-def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1) -> str:
-    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all)."""
+def registry_page(
+    models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1, exists: bool = True
+) -> str:
+    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all); ``exists``
+    False when ``home`` holds no registry yet, which the page says (with the command that makes one) rather
+    than show an empty table as if the registry were empty."""
     rows = [
         f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
@@ -424,7 +428,16 @@ def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | N
         + f"<td>{escape(', '.join(f'{t} → {n}' for t, n in sorted(m['tags'].items())))}</td></tr>"
         for m in models
     ]
-    where = f"<p>Registry at <code>{escape(home)}</code>.</p>" if home else "<p>No registry configured.</p>"
+    if not home:
+        where = "<p>No registry configured.</p>"
+    elif not exists:
+        where = (
+            f'<p class="bad" id="no-registry">No registry at <code>{escape(home)}</code> yet: '
+            f"<code>deltaplane registry init --home {escape(home)}</code> makes one (or start the dashboard "
+            "with <code>--home</code> naming the registry folder).</p>"
+        )
+    else:
+        where = f"<p>Registry at <code>{escape(home)}</code>.</p>"
     return _page(
         "Registry",
         where

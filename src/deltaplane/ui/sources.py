@@ -410,8 +410,13 @@ class RegistryView:
         self._checked: dict[tuple[str, str], bool] = {}
 
     @property
+    def exists(self) -> bool:
+        """Whether ``home`` holds a registry (``deltaplane registry init`` has made its database)."""
+        return self.home is not None and (self.home / "registry.db").exists()
+
+    @property
     def registry(self) -> Registry | None:
-        if self._registry is None and self.home is not None and (self.home / "registry.db").exists():
+        if self._registry is None and self.exists:
             with _readable(self.home):
                 self._registry = Registry(self.home)
         return self._registry
