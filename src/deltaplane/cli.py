@@ -829,7 +829,10 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
     pers = Table(
         title=f"personalization ({_personalization_how(p)}; "
         f"{p['devices_personalized']}/{p['devices']} devices serve a personal model)",
-        caption="accuracy on each device's own label mix",
+        # the worst device's own change goes under the table: beside the minimum it read as the minimum's change
+        # ("0.9524 (worst -0.09)" under a global minimum of 0.9467), which it is not
+        caption="accuracy on each device's own label mix; worst device's change "
+        f"{100 * p['gain_min']:+.2f} points",
         min_width=70,
         **style,
     )
@@ -837,10 +840,11 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
     for h in ("device acc mean", "device acc min"):
         pers.add_column(h, justify="right")
     pers.add_row("global", f"{p['global_accuracy_mean']:.4f}", f"{p['global_accuracy_min']:.4f}")
+    min_change = 100 * (p["personal_accuracy_min"] - p["global_accuracy_min"])
     pers.add_row(
         "personalized",
         f"{p['personal_accuracy_mean']:.4f} ({100 * p['gain_mean']:+.2f})",
-        f"{p['personal_accuracy_min']:.4f} (worst {100 * p['gain_min']:+.2f})",
+        f"{p['personal_accuracy_min']:.4f} ({min_change:+.2f})",
     )
     title = f"merge ({m['models']} personalized models into one)"
     mer = Table(
