@@ -426,22 +426,26 @@ def run(
         # an error or Ctrl-C half way leaves --out as it was (an earlier run's complete files, or nothing),
         # and --overwrite leaves no file of the earlier run behind (its personal/ or deploy/ next to new ones).
         # Made now, so a folder that cannot be written is refused before the run, not after it.
-        stage = _staging(out, target)
-        try:
-            results, stopped = _run_into(
-                stage, out, plan, cfg, save_personal=save_personal, followup=followup
-            )
-            try:
-                from deltaplane.deploy.publish import replace_dir
+        from deltaplane.merging.streaming import exit_on_terminate
 
-                replace_dir(
-                    stage, _check_run_out(out, overwrite=overwrite)
-                )  # --out may have changed meanwhile
-            except OSError as exc:
-                raise ConfigError(f"could not write '{out}': {exc}; nothing was changed there") from None
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+        # SIGTERM (kill, timeout, a CI job cancelled) as Ctrl-C: the stage is removed, not left as a hidden folder
+        with exit_on_terminate():
+            stage = _staging(out, target)
+            try:
+                results, stopped = _run_into(
+                    stage, out, plan, cfg, save_personal=save_personal, followup=followup
+                )
+                try:
+                    from deltaplane.deploy.publish import replace_dir
+
+                    replace_dir(
+                        stage, _check_run_out(out, overwrite=overwrite)
+                    )  # --out may have changed meanwhile
+                except OSError as exc:
+                    raise ConfigError(f"could not write '{out}': {exc}; nothing was changed there") from None
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
