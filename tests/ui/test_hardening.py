@@ -629,6 +629,32 @@ def test_the_per_round_table_of_a_run_is_paged(tmp_path):
     assert "rounds=2" in last and "report=long" in last  # the pager keeps the run
 
 
+def test_the_pagers_name_their_direction_and_a_page_past_the_last(tmp_path):
+    """The rounds table (round 1 first) linked its next page, rounds 501 on, as "older →"; and a page past the
+    last (``?rounds=2`` of a 120-round run, ``?page=5`` of 6 runs) showed an empty table over "rows 120–120 of
+    120" and "rows 6–6 of 6", rows it did not show."""
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"][0]["rounds"] = [{"round": i, "test_accuracy": 0.5} for i in range(1, 1201)]
+    _report(runs, "long", doc)
+    c = _ui(runs)
+
+    def page(**params) -> str:
+        r = c.get("/ui/run", params={"report": "long", "name": "a", **params}, headers=BEARER)
+        return unescape(re.sub(r"<[^>]+>", "", r.text))
+
+    assert "later rounds →" in page() and "older" not in page() and "newer" not in page()
+    assert "← earlier rounds" in page(rounds=2) and "later rounds →" in page(rounds=2)
+    past = page(rounds=4)
+    assert "no rows on page 4: 1200 in all, on 3 page(s)" in past and "rows 1200–1200" not in past
+    many = _good()
+    many["runs"] = [dict(many["runs"][0], name=f"run{i:03d}") for i in range(60)]
+    _report(runs, "many", many)
+    text = c.get("/ui/runs?page=5", headers=BEARER).text
+    assert "no rows on page 5: 61 in all, on 2 page(s)" in text and 'href="/ui/runs?page=2"' in text
+    assert "older →" in c.get("/ui/runs", headers=BEARER).text  # the runs table is newest first
+
+
 def test_a_run_page_links_to_a_bounded_number_of_runs_to_compare_with(tmp_path):
     """The run page listed a "compare with" link for every other run of its report, however many."""
     runs = tmp_path / "runs"

@@ -115,9 +115,17 @@ def _page_of(items: Sequence[Any], page: int, per: int = PAGE_ROWS) -> list[Any]
 
 
 def _pager(
-    path: str, query: Mapping[str, Any], param: str, page: int, total: int, per: int = PAGE_ROWS
+    path: str,
+    query: Mapping[str, Any],
+    param: str,
+    page: int,
+    total: int,
+    per: int = PAGE_ROWS,
+    labels: tuple[str, str] = ("← newer", "older →"),
 ) -> str:
-    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept)."""
+    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept); ``labels``
+    name those two links: newer and older for the tables listed newest first, earlier and later for a run's
+    rounds (round 1 first). A page past the last says so and links back to the last page."""
     if total <= per and page == 1:
         return ""
     last = max(1, -(-total // per))
@@ -125,12 +133,17 @@ def _pager(
     def link(n: int, label: str) -> str:
         return f'<a href="{escape(path)}?{escape(urlencode({**query, param: n}))}" rel="nofollow">{label}</a>'
 
+    if page > last:  # an old link, or a hand-made address: no rows, and none of the n claimed as shown
+        return (
+            f'<p class="pager" data-pager="{escape(param)}">no rows on page {page}: {total} in all, on '
+            f"{last} page(s) · {link(last, 'the last page')}</p>"
+        )
     first_row, last_row = min(total, (page - 1) * per + 1), min(total, page * per)
     parts = [f"rows {first_row}–{last_row} of {total}"]
     if page > 1:
-        parts.append(link(min(page - 1, last), "← newer"))
+        parts.append(link(page - 1, labels[0]))
     if page < last:
-        parts.append(link(page + 1, "older →"))
+        parts.append(link(page + 1, labels[1]))
     return f'<p class="pager" data-pager="{escape(param)}">{" · ".join(parts)}</p>'
 
 
@@ -368,7 +381,16 @@ def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any], rounds
         + "<h2>Per round</h2>"
         + _rounds_table(rounds, "rounds", rounds_page)
         + _pager(
-            "/ui/run", {"report": report, "name": run["name"]}, "rounds", rounds_page, len(rounds), ROUND_ROWS
+            "/ui/run",
+            {"report": report, "name": run["name"]},
+            "rounds",
+            rounds_page,
+            len(rounds),
+            ROUND_ROWS,
+            labels=(
+                "← earlier rounds",
+                "later rounds →",
+            ),  # round 1 first, unlike the tables listed newest first
         )
         + "<h2>Configuration</h2>"
         + f'<pre id="config">{escape(json.dumps(run.get("config", {}), indent=2, sort_keys=True))}</pre>'
