@@ -117,7 +117,7 @@ def test_device_cost_and_followup_tables_fit_80() -> None:
     }  # fmt: skip
     text = _render(cli._followup_tables(after))
     _fits(text)
-    for word in ("device acc mean", "device acc min", "0.9500 (+5.00)", "0.8500 (worst -1.00)", "test acc",
+    for word in ("device acc mean", "device acc min", "0.9500 (+5.00)", "0.8500 (+5.00)", "test acc",
                  "ties", "fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1",
                  "73.96 kB", "9.87 kB", "7.49×", "0.9610 (-0.28)", "1.23×"):  # fmt: skip
         assert word in text, word
@@ -319,3 +319,21 @@ def test_fit_table_measures_with_public_rich_api_only(options: dict, fits: bool,
         _fits(text)
         for cell in ("0.9694", "505.00 kB", "1234.5 s", "176.00 MB", "2026-12-06"):
             assert cell in text, cell
+
+
+def test_the_personalization_table_puts_the_worst_device_change_apart_from_the_minimum() -> None:
+    """``make run`` printed ``0.9524 (worst -0.09)`` in the 'device acc min' column under a global minimum of
+    0.9467: the -0.09 was the worst device's own change, not the minimum's (+0.57), so the row contradicted
+    itself. The column now shows the minimum's change, as the mean's column does, and the caption the worst
+    device's."""
+    after = {
+        "personalization": {"method": "alpha_mix", "in_round": True, "epochs": 2, "devices": 20,
+                            "devices_personalized": 16, "global_accuracy_mean": 0.9687, "global_accuracy_min": 0.9467,
+                            "personal_accuracy_mean": 0.9770, "personal_accuracy_min": 0.9524, "gain_mean": 0.0083,
+                            "gain_min": -0.0009},
+        "merge": {"models": 20, "results": {}},
+        "deploy": {"refused": True, "reasons": ["accuracy"]},
+    }  # fmt: skip
+    text = " ".join(_render(cli._followup_tables(after)).split())
+    assert "personalized 0.9770 (+0.83) 0.9524 (+0.57)" in text, text
+    assert "worst device's change -0.09 points" in text, text

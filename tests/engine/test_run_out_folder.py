@@ -102,3 +102,31 @@ def test_save_personal_without_personalization_is_refused_before_the_run(tmp_pat
     r = _run("--personalization", "none", "--save-personal", "-o", str(tmp_path / "run"))
     assert r.exit_code == 2 and "--save-personal needs --personalization" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_terminated_run_leaves_no_hidden_staging_folder(tmp_path: Path) -> None:
+    """``kill``, ``timeout`` or a cancelled CI job (SIGTERM) stopped ``deltaplane run`` with Python's default
+    action, so the hidden ``.OUT.*`` folder it writes into stayed beside ``--out`` (found by a newcomer who
+    stopped a run that way: an empty ``.killed.2whlgvjn`` under runs/). SIGTERM now ends it as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DELTAPLANE_SMALL", None)
+    cmd = [sys.executable, "-m", "deltaplane", "run", "--clients", "3", "--rounds", "200", "--no-baseline"]
+    cmd += ["--no-followup", "-o", "out"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]:  # the run has begun
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither a half-written --out nor its stage

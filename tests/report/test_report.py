@@ -260,3 +260,17 @@ def test_every_number_in_the_followup_and_device_cost_sections_is_escaped(monkey
     html = report_html._device_cost_section([{"name": "r", "device_cost": cost}])
     assert "<script>" not in html and html.count("&lt;script&gt;") == 6
     assert '<td class="num">2.50</td>' in html and '<td class="num">1,000</td>' in html
+
+
+def test_the_summary_gives_each_runs_change_against_the_baseline_with_its_sign() -> None:
+    """make run's report.html printed "points below baseline: -0.28" for a compressed run 0.28 point above its
+    baseline (a double negative); the column is now the change, +0.28 above and -1.00 below, as the report's
+    deploy section and the terminal print a change."""
+    from deltaplane.report import render_html
+
+    runs = [_run("baseline", "identity", 4100, [0.9]), _run("above", "sign", 82, [0.9028])]
+    runs.append(_run("below", "sign", 82, [0.89]))
+    html = render_html(build_report(runs, baseline="baseline"))
+    assert "<th>points vs baseline</th>" in html and "below baseline" not in html
+    cells = {n: re.search(rf"<td>{n}</td>(.*?)</tr>", html).group(1) for n in ("above", "below")}
+    assert ">+0.28<" in cells["above"] and ">-1.00<" in cells["below"], cells

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from html import escape, unescape
 from pathlib import Path
@@ -241,6 +242,31 @@ def test_a_report_linked_from_outside_the_runs_folder_is_left_out_with_the_reaso
     assert "inside / kept" in r.text and "linked / outside" not in r.text
     assert "outside the runs folder" in unescape(r.text.split('id="skipped-reports"')[1])
     assert c.get("/ui/run", params={"report": "linked", "name": "outside"}, headers=BEARER).status_code == 404
+
+
+def test_a_runs_folder_that_does_not_exist_is_named_not_shown_as_zero_runs(tmp_path):
+    """``deltaplane ui`` started elsewhere than the folder ``make run`` ran in (its ``--runs`` defaults to the
+    relative ``runs``), or given a typo, showed 0 runs and an empty table with nothing saying why. The overview
+    and the runs table now name the folder they looked for; an empty folder that exists says nothing more."""
+    missing = tmp_path / "runz"
+    for page in ("/ui/", "/ui/runs"):
+        text = unescape(_ui(missing).get(page, headers=BEARER).text)
+        assert f"The runs folder {missing} does not exist" in text, (page, text[-800:])
+    (tmp_path / "empty").mkdir()
+    assert "does not exist" not in _ui(tmp_path / "empty").get("/ui/runs", headers=BEARER).text
+
+
+def test_a_registry_folder_without_a_registry_says_how_to_make_one(tmp_path):
+    """``--home`` naming a folder no ``registry init`` has run in showed 'Registry at H.' over an empty table,
+    as if the registry held no models; the page now says there is no registry there, and the command."""
+    home = tmp_path / "home"
+
+    def text() -> str:  # the page's words, without its markup
+        return unescape(re.sub(r"<[^>]+>", "", _ui(home=home).get("/ui/registry", headers=BEARER).text))
+
+    assert f"No registry at {home} yet" in text() and f"deltaplane registry init --home {home}" in text()
+    _registry(home)
+    assert f"Registry at {home}." in text() and "No registry" not in text()
 
 
 @pytest.mark.parametrize("damage", ["registry.json deleted", "registry.db corrupt"])
@@ -601,6 +627,32 @@ def test_the_per_round_table_of_a_run_is_paged(tmp_path):
         last.count("<tr data-round=") == 200 and 'data-round="1200"' in last and 'data-round="1"' not in last
     )
     assert "rounds=2" in last and "report=long" in last  # the pager keeps the run
+
+
+def test_the_pagers_name_their_direction_and_a_page_past_the_last(tmp_path):
+    """The rounds table (round 1 first) linked its next page, rounds 501 on, as "older →"; and a page past the
+    last (``?rounds=2`` of a 120-round run, ``?page=5`` of 6 runs) showed an empty table over "rows 120–120 of
+    120" and "rows 6–6 of 6", rows it did not show."""
+    runs = tmp_path / "runs"
+    doc = _good()
+    doc["runs"][0]["rounds"] = [{"round": i, "test_accuracy": 0.5} for i in range(1, 1201)]
+    _report(runs, "long", doc)
+    c = _ui(runs)
+
+    def page(**params) -> str:
+        r = c.get("/ui/run", params={"report": "long", "name": "a", **params}, headers=BEARER)
+        return unescape(re.sub(r"<[^>]+>", "", r.text))
+
+    assert "later rounds →" in page() and "older" not in page() and "newer" not in page()
+    assert "← earlier rounds" in page(rounds=2) and "later rounds →" in page(rounds=2)
+    past = page(rounds=4)
+    assert "no rows on page 4: 1200 in all, on 3 page(s)" in past and "rows 1200–1200" not in past
+    many = _good()
+    many["runs"] = [dict(many["runs"][0], name=f"run{i:03d}") for i in range(60)]
+    _report(runs, "many", many)
+    text = c.get("/ui/runs?page=5", headers=BEARER).text
+    assert "no rows on page 5: 61 in all, on 2 page(s)" in text and 'href="/ui/runs?page=2"' in text
+    assert "older →" in c.get("/ui/runs", headers=BEARER).text  # the runs table is newest first
 
 
 def test_a_run_page_links_to_a_bounded_number_of_runs_to_compare_with(tmp_path):

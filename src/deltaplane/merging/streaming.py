@@ -166,8 +166,9 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def _exit_on_terminate() -> Iterator[None]:
-    """Turn SIGTERM (and SIGHUP) into ``SystemExit`` while merging, so the temporary output folder is removed.
+def exit_on_terminate() -> Iterator[None]:
+    """Turn SIGTERM (and SIGHUP) into ``SystemExit`` inside the block, so a command writing into a hidden staging
+    folder (a merge, ``deltaplane run``) removes it on the way out instead of leaving it beside its output.
 
     SIGINT already raises ``KeyboardInterrupt``. Only the main thread can install handlers; elsewhere this does
     nothing (the caller's own handling applies).
@@ -420,7 +421,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
     shards, shard_names = job.shards, job.shard_names
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = nbytes = done = 0
-    with _exit_on_terminate(), torch_threads(job.threads):
+    with exit_on_terminate(), torch_threads(job.threads):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             os.chmod(

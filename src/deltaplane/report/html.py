@@ -41,7 +41,9 @@ _COLUMNS = (
     ("downlink bytes", "downlink_bytes", "{:,}"),
     ("ratio vs baseline", "ratio_vs_baseline", "{:.1f}×"),
     ("ratio vs raw fp32", "ratio_vs_raw", "{:.1f}×"),
-    ("points below baseline", "accuracy_drop_points", "{:+.2f}"),
+    # the change against the baseline, as the deploy section and the terminal print it: a compressed run above
+    # the baseline reads +0.28 (it read "points below baseline -0.28", a double negative)
+    ("points vs baseline", "accuracy_drop_points", "{:+.2f}"),
     ("ε", "epsilon", "{:.3f}"),
     ("refused updates", "rejected", "{}"),
     ("backdoor success", "backdoor_success", "{:.3f}"),
@@ -251,7 +253,13 @@ def render_html(report: Mapping[str, Any]) -> str:
     ]
     head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in columns)
     body = "".join(
-        "<tr>" + "".join(_cell(fmt, row.get(key)) for _, key, fmt in columns) + "</tr>" for row in summary
+        "<tr>"
+        + "".join(
+            _cell(fmt, _neg(row.get(key)) if key == "accuracy_drop_points" else row.get(key))
+            for _, key, fmt in columns
+        )
+        + "</tr>"
+        for row in summary
     )
     notes = "".join(
         f'<p class="stopped"><b>{escape(row["name"])}</b>: {escape(row["stopped"])}. The report holds every '

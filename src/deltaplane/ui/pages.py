@@ -115,9 +115,17 @@ def _page_of(items: Sequence[Any], page: int, per: int = PAGE_ROWS) -> list[Any]
 
 
 def _pager(
-    path: str, query: Mapping[str, Any], param: str, page: int, total: int, per: int = PAGE_ROWS
+    path: str,
+    query: Mapping[str, Any],
+    param: str,
+    page: int,
+    total: int,
+    per: int = PAGE_ROWS,
+    labels: tuple[str, str] = ("← newer", "older →"),
 ) -> str:
-    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept)."""
+    """ "rows a–b of n" with links to the previous and next page (the other query parameters kept); ``labels``
+    name those two links: newer and older for the tables listed newest first, earlier and later for a run's
+    rounds (round 1 first). A page past the last says so and links back to the last page."""
     if total <= per and page == 1:
         return ""
     last = max(1, -(-total // per))
@@ -125,12 +133,17 @@ def _pager(
     def link(n: int, label: str) -> str:
         return f'<a href="{escape(path)}?{escape(urlencode({**query, param: n}))}" rel="nofollow">{label}</a>'
 
+    if page > last:  # an old link, or a hand-made address: no rows, and none of the n claimed as shown
+        return (
+            f'<p class="pager" data-pager="{escape(param)}">no rows on page {page}: {total} in all, on '
+            f"{last} page(s) · {link(last, 'the last page')}</p>"
+        )
     first_row, last_row = min(total, (page - 1) * per + 1), min(total, page * per)
     parts = [f"rows {first_row}–{last_row} of {total}"]
     if page > 1:
-        parts.append(link(min(page - 1, last), "← newer"))
+        parts.append(link(page - 1, labels[0]))
     if page < last:
-        parts.append(link(page + 1, "older →"))
+        parts.append(link(page + 1, labels[1]))
     return f'<p class="pager" data-pager="{escape(param)}">{" · ".join(parts)}</p>'
 
 
@@ -368,7 +381,16 @@ def run_page(report: str, doc: Mapping[str, Any], run: Mapping[str, Any], rounds
         + "<h2>Per round</h2>"
         + _rounds_table(rounds, "rounds", rounds_page)
         + _pager(
-            "/ui/run", {"report": report, "name": run["name"]}, "rounds", rounds_page, len(rounds), ROUND_ROWS
+            "/ui/run",
+            {"report": report, "name": run["name"]},
+            "rounds",
+            rounds_page,
+            len(rounds),
+            ROUND_ROWS,
+            labels=(
+                "← earlier rounds",
+                "later rounds →",
+            ),  # round 1 first, unlike the tables listed newest first
         )
         + "<h2>Configuration</h2>"
         + f'<pre id="config">{escape(json.dumps(run.get("config", {}), indent=2, sort_keys=True))}</pre>'
@@ -414,8 +436,12 @@ def compare_page(a: tuple[str, Mapping[str, Any]], b: tuple[str, Mapping[str, An
     return _page("Compare runs", body, here="/ui/runs")
 
 
-def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1) -> str:
-    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all)."""
+def registry_page(
+    models: Sequence[Mapping[str, Any]], total: int, home: str | None, page: int = 1, exists: bool = True
+) -> str:
+    """Page ``page`` of the models (``models`` holds that page's rows, ``total`` counts them all); ``exists``
+    False when ``home`` holds no registry yet, which the page says (with the command that makes one) rather
+    than show an empty table as if the registry were empty."""
     rows = [
         f'<tr><td><a href="/ui/registry/{escape(quote(m["model"], safe=""))}">{escape(m["model"])}</a></td>'
         + _num(m["versions"], "{}", "versions")
@@ -424,7 +450,16 @@ def registry_page(models: Sequence[Mapping[str, Any]], total: int, home: str | N
         + f"<td>{escape(', '.join(f'{t} → {n}' for t, n in sorted(m['tags'].items())))}</td></tr>"
         for m in models
     ]
-    where = f"<p>Registry at <code>{escape(home)}</code>.</p>" if home else "<p>No registry configured.</p>"
+    if not home:
+        where = "<p>No registry configured.</p>"
+    elif not exists:
+        where = (
+            f'<p class="bad" id="no-registry">No registry at <code>{escape(home)}</code> yet: '
+            f"<code>deltaplane registry init --home {escape(home)}</code> makes one (or start the dashboard "
+            "with <code>--home</code> naming the registry folder).</p>"
+        )
+    else:
+        where = f"<p>Registry at <code>{escape(home)}</code>.</p>"
     return _page(
         "Registry",
         where

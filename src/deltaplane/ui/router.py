@@ -413,7 +413,11 @@ def create_ui_router(
 
     @router.get("/registry", dependencies=[Admin])
     def registry_list(page: Page = 1) -> Response:
-        return guarded(lambda: pages.registry_page(*registry.models(page=page), registry_home, page))
+        return guarded(
+            lambda: pages.registry_page(
+                *registry.models(page=page), registry_home, page, exists=registry.exists
+            )
+        )
 
     @router.get("/registry/{model}", dependencies=[Admin])
     def model_detail(model: str, page: Page = 1, history: Page = 1, decisions: Page = 1) -> Response:

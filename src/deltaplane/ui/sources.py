@@ -79,14 +79,16 @@ class Listing:
 class _Search:
     """What one search of the runs folder found: (mtime_ns, size, path) of each report.json, whether it stopped
     at :data:`MAX_WALK_ENTRIES`, (folder, why) of each folder it could not read, how many folders it did not
-    enter because they lie deeper than :data:`MAX_RUNS_DEPTH`, and (path, size) of each report.json larger than
-    :data:`MAX_REPORT_BYTES`."""
+    enter because they lie deeper than :data:`MAX_RUNS_DEPTH`, (path, size) of each report.json larger than
+    :data:`MAX_REPORT_BYTES`, and the runs folder itself when it is not a folder (a typo in ``--runs``, or the
+    default, relative ``runs`` looked for from another folder), so the page says why it lists nothing."""
 
     found: list[tuple[int, int, Path]]
     cut: bool
     unreadable: list[tuple[str, str]]
     too_deep: int = 0
     too_large: list[tuple[Path, int]] = field(default_factory=list)
+    missing: Path | None = None
 
 
 def _is_number(x: Any) -> bool:
@@ -240,8 +242,10 @@ def _search(root: Path | None) -> _Search:
     found: list[tuple[int, int, Path]] = []
     unreadable: list[tuple[str, str]] = []
     too_large: list[tuple[Path, int]] = []
-    if root is None or not root.is_dir():
+    if root is None:
         return _Search(found, False, unreadable)
+    if not root.is_dir():
+        return _Search(found, False, unreadable, missing=root)
     examined = too_deep = 0
     queue: deque[tuple[str, int]] = deque([(str(root), 0)])
     while queue:
@@ -282,6 +286,13 @@ def _search(root: Path | None) -> _Search:
 def _notes(search: _Search) -> list[str]:
     """The sentences the pages show for what ``search`` could not cover."""
     notes = []
+    if search.missing is not None:
+        notes.append(
+            f"The runs folder {search.missing} does not exist (or is not a folder), so no runs are listed. "
+            "deltaplane run -o OUT writes OUT/report.json: start the dashboard with --runs naming the folder "
+            "that holds those run folders (a relative --runs, as the default runs, is taken from the folder the "
+            "dashboard was started in)."
+        )
     if search.cut:
         notes.append(
             f"The search for report.json stopped after {MAX_WALK_ENTRIES:,} files and folders (the limit that "
@@ -399,8 +410,13 @@ class RegistryView:
         self._checked: dict[tuple[str, str], bool] = {}
 
     @property
+    def exists(self) -> bool:
+        """Whether ``home`` holds a registry (``deltaplane registry init`` has made its database)."""
+        return self.home is not None and (self.home / "registry.db").exists()
+
+    @property
     def registry(self) -> Registry | None:
-        if self._registry is None and self.home is not None and (self.home / "registry.db").exists():
+        if self._registry is None and self.exists:
             with _readable(self.home):
                 self._registry = Registry(self.home)
         return self._registry
