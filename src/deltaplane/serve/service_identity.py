@@ -30,7 +30,6 @@ release before the binding cannot run a round under the weaker one unnoticed.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import httpx
@@ -80,10 +79,8 @@ def service_identity(resp: httpx.Response, requested: str) -> str:
     plain-HTTP binding. ``requested`` is the endpoint path the device asked for: what precedes it in the
     request's path is the base address's path prefix (``https://fl.example/a``), part of the address, since one
     host may route several services by prefix behind one TLS key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
     from deltaplane.aggregation.secagg import SecAggAuthError
+    from deltaplane.serve.tls import spki_sha256
 
     url = resp.request.url
     if not url.path.endswith(requested):
@@ -101,14 +98,9 @@ def service_identity(resp: httpx.Response, requested: str) -> str:
             "authenticated round binds the key the service presented, and this device will not bind its address "
             "instead; use DeviceClient's own connection (or an httpx transport over a real socket)"
         )
-    spki = (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    )
     # the key *and* the address: services behind one key (a wildcard certificate, one terminating ingress) are
     # told apart by the name the device reached, which that key's certificate was verified for
-    return f"tls-spki-sha256:{hashlib.sha256(spki).hexdigest()}@{origin}"
+    return f"tls-spki-sha256:{spki_sha256(der)}@{origin}"
 
 
 def service_session(identity: str, model: str, round_id: int) -> bytes:
