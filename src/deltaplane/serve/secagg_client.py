@@ -30,6 +30,7 @@ from deltaplane.aggregation.secagg import (
     SecAggConfig,
     check_device_policy,
 )
+from deltaplane.aggregation.secagg.errors import AdvertisementUnbound
 from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.delta import Delta
@@ -244,8 +245,22 @@ class SecAggDevice:
         self.post("keys", self.endpoint.advertise())
 
     def share(self) -> None:
-        """Stage 1: fetch the key roster, send encrypted shares."""
-        self.post("shares", self.endpoint.share(self.get("roster")))
+        """Stage 1: fetch the key roster, send encrypted shares. A neighbour's advertisement that does not
+        verify for this round (:class:`AdvertisementUnbound`) is refused naming the service identity this
+        device signed for, and what to check: nothing is sent."""
+        roster = self.get("roster")
+        try:
+            shares = self.endpoint.share(roster)
+        except AdvertisementUnbound as exc:
+            raise AdvertisementUnbound(
+                f"{exc}. This device signed for the service as it reached it, {self.service}: a device given "
+                "another address for this service (another host name, port or path prefix) or reaching it "
+                "through another TLS key signs for another, so check that every device of the round is given the "
+                "same service address; if they all are, the advertisement was made for another round or service "
+                "(a replay), or altered",
+                client=exc.client,
+            ) from None
+        self.post("shares", shares)
 
     def upload(self) -> None:
         """Stage 2: fetch the shares addressed to this device, send the masked update."""
