@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from deltaplane.aggregation.secagg import SecAggAuthError
 from deltaplane.cli import app as cli
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, ServiceKeyMismatch
@@ -191,3 +192,38 @@ def test_fleet_device_service_spki_refuses_another_key_and_keys_tls_prints_the_p
         r.exception,
     )
     assert seen == [] and trained == []
+
+
+def _outward_address() -> str | None:
+    """An address of this machine that is not loopback (None: it has none; the test then cannot run)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outward interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_an_authenticated_round_over_plain_http_off_loopback_is_refused_unless_allowed(tmp_path) -> None:
+    """Before, a device took an authenticated round from http://<any address>, where nothing authenticates the
+    service (the binding names only the address). Now it refuses before training, naming why and the way out;
+    ``allow_plain_http`` takes it (the binding is the address), and loopback (covered by the suite) is taken."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no address other than loopback")
+    service = Service(tmp_path / "home")
+    rnd = _open(service, ["d0", "d1", "d2"])
+    with BackgroundServer(service.app, host="0.0.0.0") as server:
+        url = server.url.replace("0.0.0.0", address)
+        conn = DeviceClient(url, service.admin.issue_token("d0", "default"), verifier=service.verifier)
+        with pytest.raises(
+            SecAggAuthError, match=f"reached over plain HTTP \\(at {address}, not loopback\\)"
+        ):
+            SecAggDevice(conn, "cnn", rnd, credentials=_creds(AUTHORITY, "d0"))
+        taken = SecAggDevice(conn, "cnn", rnd, credentials=_creds(AUTHORITY, "d0"), allow_plain_http=True)
+        conn.close()
+    assert taken.service == f"origin:{url}"
+    assert service.admin.secagg_status("cnn", rnd)["stage"] == "advertise keys"  # nothing was sent

@@ -25,7 +25,7 @@ from deltaplane.errors import (
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
-from deltaplane.serve.service_identity import PEER_CERTIFICATE, peer_certificate
+from deltaplane.serve.service_identity import PEER_ADDRESS, PEER_CERTIFICATE, peer_address, peer_certificate
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ class DeviceClient:
         try:
             # the service's TLS certificate, read while the connection is open: what SecAgg signatures name
             # (deltaplane.serve.service_identity)
-            cert = peer_certificate(resp)
+            cert, peer = peer_certificate(resp), peer_address(resp)
             if self.service_spki is not None:  # the handshake checked it, unless the connection is not ours
                 from deltaplane.serve.tls import check_service_key
 
@@ -219,7 +219,9 @@ class DeviceClient:
         finally:
             resp.close()
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _FRAMING]
-        extensions = {PEER_CERTIFICATE: cert} if cert else {}
+        extensions: dict[str, Any] = {PEER_CERTIFICATE: cert} if cert else {}
+        if peer:
+            extensions[PEER_ADDRESS] = peer
         return httpx.Response(
             resp.status_code, headers=headers, content=body, request=request, extensions=extensions
         )
@@ -325,7 +327,8 @@ class DeviceClient:
     ) -> httpx.Response:
         """An authenticated request to any device endpoint (with ``headers`` besides the token); an error status
         raises :class:`ServiceError`. Over TLS the answer's ``extensions`` hold the certificate the service
-        presented (:data:`~deltaplane.serve.service_identity.PEER_CERTIFICATE`)."""
+        presented (:data:`~deltaplane.serve.service_identity.PEER_CERTIFICATE`), over a socket the address it
+        reached (:data:`~deltaplane.serve.service_identity.PEER_ADDRESS`)."""
         headers = {**(headers or {}), **self._headers}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"

@@ -39,6 +39,7 @@ from deltaplane.serve.client import DeviceClient, ServiceError
 from deltaplane.serve.service_identity import (
     BINDING_HEADER,
     SERVICE_BINDING,
+    check_plain_http,
     service_identity,
     service_session,
 )
@@ -73,6 +74,9 @@ class SecAggDevice:
             unauthenticated invitation; without, an authenticated one (it could not sign): both before training.
             It also refuses, before training, a service that does not bind rounds to its identity (one from
             before :data:`~deltaplane.serve.service_identity.SERVICE_BINDING`).
+        allow_plain_http: take an authenticated round from a service reached over plain HTTP at an address that
+            is not loopback; refused by default, before training
+            (:func:`~deltaplane.serve.service_identity.check_plain_http`: nothing authenticates such a service).
     """
 
     def __init__(
@@ -86,8 +90,10 @@ class SecAggDevice:
         min_inputs: int = 0,
         min_range: float = 0.0,
         credentials: DeviceCredentials | None = None,
+        allow_plain_http: bool = False,
     ) -> None:
         self.client = client
+        self.allow_plain_http = allow_plain_http
         self.model = model
         self.round_id = round_id
         self.wait = wait
@@ -169,6 +175,7 @@ class SecAggDevice:
         if credentials is not None:
             self._check_service_binding(inv.get("service_binding"))
             self.service = service_identity(answer, self._path)
+            check_plain_http(self.service, answer, self.round_id, allowed=self.allow_plain_http)
         return DeviceEndpoint(
             client_id,
             self.config,

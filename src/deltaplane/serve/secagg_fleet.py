@@ -89,6 +89,7 @@ def run_secagg_fleet(
     authenticated: bool = False,
     tls: ssl.SSLContext | None = None,
     service_spki: str | None = None,
+    allow_plain_http: bool = False,
 ) -> FleetReport:
     """Run one SecAgg round of ``len(updates)`` simulated devices against the service at ``base_url``.
 
@@ -105,7 +106,8 @@ def run_secagg_fleet(
     pins the service's key (``sha256:<hex>``, as :class:`~deltaplane.serve.DeviceClient` does): a server
     presenting another key is refused during the first handshake
     (:class:`~deltaplane.errors.ServiceKeyMismatch`), before anything is sent. Returns a
-    :class:`FleetReport`; raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    :class:`FleetReport`; ``allow_plain_http`` lets the devices take an authenticated round from a plain-HTTP
+    service off loopback (:class:`~deltaplane.serve.secagg_client.SecAggDevice`); raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
     dropouts = dropouts or Dropouts()
@@ -135,7 +137,12 @@ def run_secagg_fleet(
         ]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             devices = list(
-                pool.map(lambda i: SecAggDevice(clients[i], model, rnd, credentials=credentials[i]), range(n))
+                pool.map(
+                    lambda i: SecAggDevice(
+                        clients[i], model, rnd, credentials=credentials[i], allow_plain_http=allow_plain_http
+                    ),
+                    range(n),
+                )
             )
             for i, dev in enumerate(devices):  # on each device: its update into the ring
                 dev.set_update(updates[i], int(weights[i]), device_rng(seed, i))

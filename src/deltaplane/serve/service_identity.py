@@ -36,8 +36,11 @@ import httpx
 
 __all__ = [
     "BINDING_HEADER",
+    "PEER_ADDRESS",
     "PEER_CERTIFICATE",
     "SERVICE_BINDING",
+    "check_plain_http",
+    "peer_address",
     "peer_certificate",
     "service_identity",
     "service_session",
@@ -51,6 +54,9 @@ BINDING_HEADER = "X-Deltaplane-SecAgg-Binding"
 #: the key under which :class:`~deltaplane.serve.client.DeviceClient` keeps, in each answer's ``extensions``,
 #: the DER certificate the service presented on that connection (absent over plain HTTP)
 PEER_CERTIFICATE = "deltaplane.peer_certificate"
+#: the key under which :class:`~deltaplane.serve.client.DeviceClient` keeps, in each answer's ``extensions``, the
+#: IP address its connection reached (absent over a transport with no socket: an in-process test client)
+PEER_ADDRESS = "deltaplane.peer_address"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -64,6 +70,43 @@ def peer_certificate(resp: httpx.Response) -> bytes | None:
         return None
     der = ssl_object.getpeercert(True)  # binary form; httpcore may hand the C object, positional-only
     return bytes(der) if der else None
+
+
+def peer_address(resp: httpx.Response) -> str | None:
+    """The IP address the connection that carried ``resp`` reached (while it is open), or None for a transport
+    with no socket. Through a proxy it is the proxy's: the first hop, which is where plain HTTP leaves the host."""
+    stream: Any = resp.extensions.get("network_stream")
+    addr = stream.get_extra_info("server_addr") if stream is not None else None
+    return str(addr[0]) if addr else None
+
+
+def check_plain_http(identity: str, answer: httpx.Response, round_id: int, *, allowed: bool) -> None:
+    """Refuse (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) an authenticated round whose service
+    (``identity``, :func:`service_identity`) was reached over plain HTTP through a socket to an address that is
+    not loopback, unless ``allowed``. Nothing authenticates a plain-HTTP service: whoever answers on the path
+    (anyone between this device and that address) runs the round as the service, and the binding only names the
+    address, so an authenticated round there promises what it cannot hold. Loopback never leaves the host, and an
+    in-process transport (no socket: tests) no network at all; ``deltaplane fleet`` commands already refuse
+    plain HTTP off loopback before they connect (the token would travel in clear)."""
+    import ipaddress
+
+    from deltaplane.aggregation.secagg import SecAggAuthError
+
+    peer = answer.extensions.get(PEER_ADDRESS)
+    if allowed or not identity.startswith("origin:http:") or peer is None:
+        return
+    try:
+        loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
+    except ValueError:  # a Unix socket path, say: it does not leave the host
+        loopback = True
+    if not loopback:
+        raise SecAggAuthError(
+            f"refusing authenticated SecAgg round {round_id}: the service at {identity.removeprefix('origin:')} "
+            f"was reached over plain HTTP (at {peer}, not loopback), where nothing authenticates it: whoever "
+            "answers on the way can run the round as the service. Use its https:// address (and pin its key: "
+            "service_spki, fleet device --service-spki), or allow_plain_http=True for a network path you "
+            "trust; nothing was sent but the invitation's request"
+        )
 
 
 def service_identity(resp: httpx.Response, requested: str) -> str:
