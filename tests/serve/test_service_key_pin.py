@@ -227,3 +227,41 @@ def test_an_authenticated_round_over_plain_http_off_loopback_is_refused_unless_a
         conn.close()
     assert taken.service == f"origin:{url}"
     assert service.admin.secagg_status("cnn", rnd)["stage"] == "advertise keys"  # nothing was sent
+
+
+def _handshake(client_ctx, server_ctx) -> None:
+    """A TLS handshake over memory BIOs (as TLS through an ``https://`` proxy, or asyncio, runs it)."""
+    import ssl
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = [False, False]
+    for _ in range(20):
+        for i, (end, out, peer_in) in enumerate(((client, c_out, s_in), (server, s_out, c_in))):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done):
+            return
+    raise AssertionError("the handshake did not complete")
+
+
+def test_the_pin_holds_for_tls_over_memory_bios_too(keys) -> None:
+    import ssl
+
+    from deltaplane.serve.tls import pin_service_key
+
+    for who, refused in ((keys.mitm, True), (keys.real, False)):
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(who.cert, who.key)
+        client_ctx = pin_service_key(client_context(keys.ca), keys.real.pin)
+        if refused:
+            with pytest.raises(ServiceKeyMismatch, match="not the pinned"):
+                _handshake(client_ctx, server_ctx)
+        else:
+            _handshake(client_ctx, server_ctx)
