@@ -31,6 +31,7 @@ __all__ = [
     "RegistryInUse",
     "RoundAborted",
     "RoundLost",
+    "ServiceKeyMismatch",
     "ServiceUnreachable",
     "SessionMismatch",
     "ShapeMismatch",
@@ -203,6 +204,13 @@ class RoundAborted(Conflict):
 class RegistryInUse(Conflict):
     """Another process already serves this registry: each open round lives in the serving process's memory, so
     a second service process is refused at its start (``<home>/service.lock``); the message names its pid."""
+
+
+class ServiceKeyMismatch(DeltaplaneError, RuntimeError):
+    """The service presented a TLS key other than the one the device pins (``fleet device --service-spki``):
+    another server holding a certificate the trusted CA issued (a man in the middle), or the service's key was
+    replaced (``deltaplane keys tls`` issues a new one on each run). Raised during the TLS handshake, before
+    any request (its token included) is sent; waiting cannot help, so it is never taken for an outage."""
 
 
 class ServiceUnreachable(DeltaplaneError, ConnectionError):

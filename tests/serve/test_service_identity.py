@@ -215,3 +215,31 @@ def test_devices_that_saw_different_identities_refuse_each_other_and_send_nothin
             dev.share()
         assert dev.bytes_sent == sent
     assert service.admin.secagg_status("cnn", rnd)["stage"] == "share keys"
+
+
+def test_a_refused_advertisement_says_what_to_check_without_claiming_why(service) -> None:
+    """Before, the refusal said "(substituted keys, or a replay)": a fleet whose devices were given two
+    addresses of one service read an attack. Now it names the identity the refusing device signed for, says
+    that every device must be given the same address, and does not pick a cause the signature cannot show."""
+    from deltaplane.aggregation.secagg import AdvertisementUnbound
+
+    rnd = _open(service, ["d0", "d1", "d2"])
+    alias = TestClient(service.app, base_url="http://alias.test:8080/")
+    token = service.admin.issue_token("d2", "default")
+    conns = [service.device("d0"), service.device("d1")]
+    conns.append(DeviceClient("http://alias.test:8080/", token, verifier=service.verifier, client=alias))
+    devices = [
+        SecAggDevice(c, "cnn", rnd, credentials=_creds(AUTHORITY, f"d{i}")) for i, c in enumerate(conns)
+    ]
+    for dev in devices:
+        dev.advertise()
+    service.admin.advance_secagg("cnn", rnd)
+    with pytest.raises(AdvertisementUnbound) as exc:
+        devices[0].share()
+    said = str(exc.value)
+    assert (
+        exc.value.client == 2 and "roster slot 2: the key advertisement is not signed by device 'd2'" in said
+    )
+    assert "This device signed for the service as it reached it, origin:http://testserver:80" in said
+    assert "check that every device of the round is given the same service address" in said
+    assert "the signature cannot say which" in said and "substituted keys, or a replay" not in said

@@ -607,6 +607,16 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
+        service_spki: Annotated[
+            str | None,
+            typer.Option(
+                "--service-spki",
+                help="Pin the service's TLS key: sha256:<hex>, as `deltaplane keys tls` prints it. A server "
+                "presenting another key, even with a certificate --ca vouches for, is refused before anything "
+                "is sent.",
+                show_default="none: any key --ca vouches for",
+            ),
+        ] = None,
         revocations: Annotated[
             Path | None,
             typer.Option(
@@ -638,7 +648,11 @@ def register(app: typer.Typer) -> None:
             run = _federation(federation).replace(threads=threads)
             token = read_bounded_text(token_file, limit=KEY_LIMIT, what="device token file").strip()
             conn = DeviceClient(
-                url, token, verifier=load_trusted_keys(trusted), tls=_tls(url, ca, tls_cert, tls_key)
+                url,
+                token,
+                verifier=load_trusted_keys(trusted),
+                tls=_tls(url, ca, tls_cert, tls_key),
+                service_spki=service_spki,
             )
             dev = load_device(conn, run, device, model=model)
             dev.credentials = credentials

@@ -821,6 +821,7 @@ def register(app: typer.Typer) -> None:
             escape(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}"),
             soft_wrap=True,
         )
+        console.print(f"server key pin {b.service_spki} (fleet device --service-spki)", soft_wrap=True)
         for d, (c, k) in b.devices.items():
             console.print(escape(f"device {d}: {c} + {k}"), soft_wrap=True)
 

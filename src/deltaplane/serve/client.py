@@ -25,7 +25,7 @@ from deltaplane.errors import (
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
-from deltaplane.serve.service_identity import PEER_CERTIFICATE, peer_certificate
+from deltaplane.serve.service_identity import PEER_ADDRESS, PEER_CERTIFICATE, peer_address, peer_certificate
 
 if TYPE_CHECKING:
     import torch
@@ -70,15 +70,34 @@ MAX_RESPONSE_BYTES = 1 << 30
 _FRAMING = ("content-encoding", "content-length", "transfer-encoding")
 
 
-def _http_client(base_url: str, timeout: float, tls: ssl.SSLContext | None) -> httpx.Client:
+def _http_client(
+    base_url: str, timeout: float, tls: ssl.SSLContext | None, service_spki: str | None = None, **kw: Any
+) -> httpx.Client:
     """An ``httpx.Client`` for ``base_url``; a TLS context with a non-``https://`` URL is refused rather than
-    ignored (httpx would silently speak plain HTTP and send the bearer token in clear)."""
+    ignored (httpx would silently speak plain HTTP and send the bearer token in clear). With ``service_spki``
+    (``sha256:<hex>``) the connection refuses, during the handshake, a server presenting another key
+    (:func:`~deltaplane.serve.tls.pin_service_key`, on ``tls`` or on a context trusting the system's CAs)."""
     if tls is not None and httpx.URL(base_url).scheme != "https":
         raise ConfigError(
             f"a TLS context was given for {base_url!r}, which is not an https:// URL: the connection would be "
             "plain HTTP and the token sent in clear; use https://"
         )
-    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+    if service_spki is not None:
+        from deltaplane.serve.tls import pin_service_key
+
+        _pinnable(base_url)
+        tls = pin_service_key(tls or ssl.create_default_context(), service_spki)
+    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True, **kw)
+
+
+def _pinnable(base_url: str) -> None:
+    """Refuse a key pin for a service that is not reached over TLS (:class:`ConfigError`): plain HTTP presents
+    no key, so the pin could hold nothing to it."""
+    if httpx.URL(base_url).scheme != "https":
+        raise ConfigError(
+            f"a service key pin (--service-spki) was given for {base_url!r}, which is not an https:// URL: "
+            "plain HTTP presents no key to pin; use the service's https:// address"
+        )
 
 
 def _read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
@@ -144,6 +163,12 @@ class DeviceClient:
             service's CA, optionally present a device certificate); refused with another scheme.
         max_response_bytes: the most bytes one answer may take once decompressed (a full model is the
             largest); a server or proxy sending more is refused (:class:`DecodeError`) before it fills memory.
+        service_spki: the service's key pin, ``sha256:<hex>`` (``deltaplane keys tls`` prints it): a server
+            presenting another key, even with a valid certificate from the trusted CA, is refused
+            (:class:`~deltaplane.errors.ServiceKeyMismatch`) during the TLS handshake, before any request is
+            sent; ``https://`` only (:class:`ConfigError` otherwise). With ``client``, whose connections this
+            class does not make, every answer's key is checked instead, after its request went out: give that
+            client a context pinned by :func:`~deltaplane.serve.tls.pin_service_key` to refuse at the handshake.
     """
 
     def __init__(
@@ -156,11 +181,18 @@ class DeviceClient:
         timeout: float = 30.0,
         tls: ssl.SSLContext | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        service_spki: str | None = None,
     ) -> None:
+        from deltaplane.serve.tls import parse_spki_pin
+
         self.base_url = base_url
         self.verifier = verifier
         self.max_response_bytes = max_response_bytes
-        self._http = client or _http_client(base_url, timeout, tls)
+        if service_spki is not None:
+            _pinnable(base_url)
+        #: the pinned key's SHA-256 (hex), or None: every answer's certificate must carry it
+        self.service_spki = parse_spki_pin(service_spki) if service_spki is not None else None
+        self._http = client or _http_client(base_url, timeout, tls, service_spki)
         self._headers = {"Authorization": f"Bearer {token}"}
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
@@ -178,12 +210,18 @@ class DeviceClient:
         try:
             # the service's TLS certificate, read while the connection is open: what SecAgg signatures name
             # (deltaplane.serve.service_identity)
-            cert = peer_certificate(resp)
+            cert, peer = peer_certificate(resp), peer_address(resp)
+            if self.service_spki is not None:  # the handshake checked it, unless the connection is not ours
+                from deltaplane.serve.tls import check_service_key
+
+                check_service_key(cert, self.service_spki, self.base_url)
             body = _read_capped(resp, self.max_response_bytes, f"{method} {path}")
         finally:
             resp.close()
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _FRAMING]
-        extensions = {PEER_CERTIFICATE: cert} if cert else {}
+        extensions: dict[str, Any] = {PEER_CERTIFICATE: cert} if cert else {}
+        if peer:
+            extensions[PEER_ADDRESS] = peer
         return httpx.Response(
             resp.status_code, headers=headers, content=body, request=request, extensions=extensions
         )
@@ -289,7 +327,8 @@ class DeviceClient:
     ) -> httpx.Response:
         """An authenticated request to any device endpoint (with ``headers`` besides the token); an error status
         raises :class:`ServiceError`. Over TLS the answer's ``extensions`` hold the certificate the service
-        presented (:data:`~deltaplane.serve.service_identity.PEER_CERTIFICATE`)."""
+        presented (:data:`~deltaplane.serve.service_identity.PEER_CERTIFICATE`), over a socket the address it
+        reached (:data:`~deltaplane.serve.service_identity.PEER_ADDRESS`)."""
         headers = {**(headers or {}), **self._headers}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"

@@ -30,6 +30,7 @@ from deltaplane.aggregation.secagg import (
     SecAggConfig,
     check_device_policy,
 )
+from deltaplane.aggregation.secagg.errors import AdvertisementUnbound
 from deltaplane.aggregation.secagg.identity import check_round_authentication
 from deltaplane.aggregation.secagg.messages import check_stated_version
 from deltaplane.delta import Delta
@@ -38,6 +39,7 @@ from deltaplane.serve.client import DeviceClient, ServiceError
 from deltaplane.serve.service_identity import (
     BINDING_HEADER,
     SERVICE_BINDING,
+    check_plain_http,
     service_identity,
     service_session,
 )
@@ -72,6 +74,9 @@ class SecAggDevice:
             unauthenticated invitation; without, an authenticated one (it could not sign): both before training.
             It also refuses, before training, a service that does not bind rounds to its identity (one from
             before :data:`~deltaplane.serve.service_identity.SERVICE_BINDING`).
+        allow_plain_http: take an authenticated round from a service reached over plain HTTP at an address that
+            is not loopback; refused by default, before training
+            (:func:`~deltaplane.serve.service_identity.check_plain_http`: nothing authenticates such a service).
     """
 
     def __init__(
@@ -85,8 +90,10 @@ class SecAggDevice:
         min_inputs: int = 0,
         min_range: float = 0.0,
         credentials: DeviceCredentials | None = None,
+        allow_plain_http: bool = False,
     ) -> None:
         self.client = client
+        self.allow_plain_http = allow_plain_http
         self.model = model
         self.round_id = round_id
         self.wait = wait
@@ -168,6 +175,7 @@ class SecAggDevice:
         if credentials is not None:
             self._check_service_binding(inv.get("service_binding"))
             self.service = service_identity(answer, self._path)
+            check_plain_http(self.service, answer, self.round_id, allowed=self.allow_plain_http)
         return DeviceEndpoint(
             client_id,
             self.config,
@@ -244,8 +252,22 @@ class SecAggDevice:
         self.post("keys", self.endpoint.advertise())
 
     def share(self) -> None:
-        """Stage 1: fetch the key roster, send encrypted shares."""
-        self.post("shares", self.endpoint.share(self.get("roster")))
+        """Stage 1: fetch the key roster, send encrypted shares. A neighbour's advertisement that does not
+        verify for this round (:class:`AdvertisementUnbound`) is refused naming the service identity this
+        device signed for, and what to check: nothing is sent."""
+        roster = self.get("roster")
+        try:
+            shares = self.endpoint.share(roster)
+        except AdvertisementUnbound as exc:
+            raise AdvertisementUnbound(
+                f"{exc}. This device signed for the service as it reached it, {self.service}: a device given "
+                "another address for this service (another host name, port or path prefix) or reaching it "
+                "through another TLS key signs for another, so check that every device of the round is given the "
+                "same service address; if they all are, the advertisement was made for another round or service "
+                "(a replay), or altered",
+                client=exc.client,
+            ) from None
+        self.post("shares", shares)
 
     def upload(self) -> None:
         """Stage 2: fetch the shares addressed to this device, send the masked update."""

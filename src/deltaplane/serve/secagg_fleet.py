@@ -15,6 +15,7 @@ certificate and signature in the roster, and run the consistency check before un
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from deltaplane.aggregation.secagg.enrollment import RunEnrollment
 from deltaplane.delta import Delta
 from deltaplane.errors import DeltaplaneError
 from deltaplane.registry.signing import Verifier
-from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError, _http_client
 from deltaplane.serve.secagg_client import SecAggDevice
 
 __all__ = ["FleetReport", "device_rng", "enroll_fleet", "run_secagg_fleet"]
@@ -86,6 +87,9 @@ def run_secagg_fleet(
     seed: int = 0,
     workers: int = 8,
     authenticated: bool = False,
+    tls: ssl.SSLContext | None = None,
+    service_spki: str | None = None,
+    allow_plain_http: bool = False,
 ) -> FleetReport:
     """Run one SecAgg round of ``len(updates)`` simulated devices against the service at ``base_url``.
 
@@ -97,15 +101,20 @@ def run_secagg_fleet(
     service's default ``--max-examples``. ``verifier`` holds the registry's public keys the devices trust.
     ``authenticated`` enrolls the devices (:func:`enroll_fleet`, not timed: enrollment happens once, out of band)
     and opens an authenticated round: signed advertisements and a ``consistency check`` stage, in which the
-    survivors that are still there sign the unmasking request. Returns a :class:`FleetReport`; raises
-    :class:`~deltaplane.serve.ServiceError` on any unexpected status.
+    survivors that are still there sign the unmasking request. ``tls`` is the devices' (and the operator's)
+    SSL context for an ``https://`` service (:func:`~deltaplane.serve.tls.client_context`); ``service_spki``
+    pins the service's key (``sha256:<hex>``, as :class:`~deltaplane.serve.DeviceClient` does): a server
+    presenting another key is refused during the first handshake
+    (:class:`~deltaplane.errors.ServiceKeyMismatch`), before anything is sent. Returns a
+    :class:`FleetReport`; ``allow_plain_http`` lets the devices take an authenticated round from a plain-HTTP
+    service off loopback (:class:`~deltaplane.serve.secagg_client.SecAggDevice`); raises :class:`~deltaplane.serve.ServiceError` on any unexpected status.
     """
     n = len(updates)
     dropouts = dropouts or Dropouts()
     if weight_scale is None:
         weight_scale = float(np.mean(weights))
     limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
-    with httpx.Client(base_url=base_url, timeout=120, limits=limits) as http:
+    with _http_client(base_url, 120, tls, service_spki, limits=limits) as http:
         admin = AdminClient(base_url, admin_token, client=http)
         names = [f"secagg-device-{i}" for i in range(n)]
         tokens = [admin.issue_token(d, COHORT) for d in names]
@@ -122,10 +131,18 @@ def run_secagg_fleet(
             neighbours=neighbours,
         )
         rnd = int(opened["round"])
-        clients = [DeviceClient(base_url, t, verifier=verifier, client=http) for t in tokens]
+        clients = [
+            DeviceClient(base_url, t, verifier=verifier, client=http, service_spki=service_spki)
+            for t in tokens
+        ]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             devices = list(
-                pool.map(lambda i: SecAggDevice(clients[i], model, rnd, credentials=credentials[i]), range(n))
+                pool.map(
+                    lambda i: SecAggDevice(
+                        clients[i], model, rnd, credentials=credentials[i], allow_plain_http=allow_plain_http
+                    ),
+                    range(n),
+                )
             )
             for i, dev in enumerate(devices):  # on each device: its update into the ring
                 dev.set_update(updates[i], int(weights[i]), device_rng(seed, i))

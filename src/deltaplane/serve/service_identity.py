@@ -30,15 +30,17 @@ release before the binding cannot run a round under the weaker one unnoticed.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import httpx
 
 __all__ = [
     "BINDING_HEADER",
+    "PEER_ADDRESS",
     "PEER_CERTIFICATE",
     "SERVICE_BINDING",
+    "check_plain_http",
+    "peer_address",
     "peer_certificate",
     "service_identity",
     "service_session",
@@ -52,6 +54,9 @@ BINDING_HEADER = "X-Deltaplane-SecAgg-Binding"
 #: the key under which :class:`~deltaplane.serve.client.DeviceClient` keeps, in each answer's ``extensions``,
 #: the DER certificate the service presented on that connection (absent over plain HTTP)
 PEER_CERTIFICATE = "deltaplane.peer_certificate"
+#: the key under which :class:`~deltaplane.serve.client.DeviceClient` keeps, in each answer's ``extensions``, the
+#: IP address its connection reached (absent over a transport with no socket: an in-process test client)
+PEER_ADDRESS = "deltaplane.peer_address"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -67,6 +72,43 @@ def peer_certificate(resp: httpx.Response) -> bytes | None:
     return bytes(der) if der else None
 
 
+def peer_address(resp: httpx.Response) -> str | None:
+    """The IP address the connection that carried ``resp`` reached (while it is open), or None for a transport
+    with no socket. Through a proxy it is the proxy's: the first hop, which is where plain HTTP leaves the host."""
+    stream: Any = resp.extensions.get("network_stream")
+    addr = stream.get_extra_info("server_addr") if stream is not None else None
+    return str(addr[0]) if addr else None
+
+
+def check_plain_http(identity: str, answer: httpx.Response, round_id: int, *, allowed: bool) -> None:
+    """Refuse (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) an authenticated round whose service
+    (``identity``, :func:`service_identity`) was reached over plain HTTP through a socket to an address that is
+    not loopback, unless ``allowed``. Nothing authenticates a plain-HTTP service: whoever answers on the path
+    (anyone between this device and that address) runs the round as the service, and the binding only names the
+    address, so an authenticated round there promises what it cannot hold. Loopback never leaves the host, and an
+    in-process transport (no socket: tests) no network at all; ``deltaplane fleet`` commands already refuse
+    plain HTTP off loopback before they connect (the token would travel in clear)."""
+    import ipaddress
+
+    from deltaplane.aggregation.secagg import SecAggAuthError
+
+    peer = answer.extensions.get(PEER_ADDRESS)
+    if allowed or not identity.startswith("origin:http:") or peer is None:
+        return
+    try:
+        loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
+    except ValueError:  # a Unix socket path, say: it does not leave the host
+        loopback = True
+    if not loopback:
+        raise SecAggAuthError(
+            f"refusing authenticated SecAgg round {round_id}: the service at {identity.removeprefix('origin:')} "
+            f"was reached over plain HTTP (at {peer}, not loopback), where nothing authenticates it: whoever "
+            "answers on the way can run the round as the service. Use its https:// address (and pin its key: "
+            "service_spki, fleet device --service-spki), or allow_plain_http=True for a network path you "
+            "trust; nothing was sent but the invitation's request"
+        )
+
+
 def service_identity(resp: httpx.Response, requested: str) -> str:
     """The identity of the service that answered ``resp``, as this device saw it (see the module docstring):
     for an ``https://`` service the SHA-256 of the key of the certificate it presented and its address, for an
@@ -80,10 +122,8 @@ def service_identity(resp: httpx.Response, requested: str) -> str:
     plain-HTTP binding. ``requested`` is the endpoint path the device asked for: what precedes it in the
     request's path is the base address's path prefix (``https://fl.example/a``), part of the address, since one
     host may route several services by prefix behind one TLS key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
     from deltaplane.aggregation.secagg import SecAggAuthError
+    from deltaplane.serve.tls import spki_sha256
 
     url = resp.request.url
     if not url.path.endswith(requested):
@@ -101,14 +141,9 @@ def service_identity(resp: httpx.Response, requested: str) -> str:
             "authenticated round binds the key the service presented, and this device will not bind its address "
             "instead; use DeviceClient's own connection (or an httpx transport over a real socket)"
         )
-    spki = (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    )
     # the key *and* the address: services behind one key (a wildcard certificate, one terminating ingress) are
     # told apart by the name the device reached, which that key's certificate was verified for
-    return f"tls-spki-sha256:{hashlib.sha256(spki).hexdigest()}@{origin}"
+    return f"tls-spki-sha256:{spki_sha256(der)}@{origin}"
 
 
 def service_session(identity: str, model: str, round_id: int) -> bytes:

@@ -10,6 +10,7 @@ Uses the ``cryptography`` package (https://cryptography.io/en/latest/x509/tutori
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -19,17 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, ServiceKeyMismatch
 from deltaplane.registry.signing import write_secret_file
 from deltaplane.textfile import require_regular_file
 
 __all__ = [
+    "SPKI_PIN_PREFIX",
     "TlsBundle",
+    "check_service_key",
     "client_context",
     "issue_certificate",
     "make_ca",
     "make_tls_bundle",
+    "parse_spki_pin",
+    "pin_service_key",
     "server_ssl_options",
+    "spki_pin",
+    "spki_sha256",
 ]
 
 
@@ -188,6 +195,12 @@ class TlsBundle:
     server_key: Path
     devices: dict[str, tuple[Path, Path]]
 
+    @property
+    def service_spki(self) -> str:
+        """The pin of the server key just issued (:func:`spki_pin`), what ``fleet device --service-spki``
+        takes: a new one on each :func:`make_tls_bundle`, so a pinned fleet is given it again."""
+        return spki_pin(self.server_cert.read_bytes())
+
 
 def make_tls_bundle(
     folder: str | os.PathLike[str],
@@ -343,3 +356,89 @@ def client_context(
                 "give the device's files `deltaplane keys tls --device NAME` wrote"
             ) from None
     return ctx
+
+
+#: how a service key pin is spelled: ``sha256:`` then the SHA-256 of the key's DER SubjectPublicKeyInfo, in hex
+SPKI_PIN_PREFIX = "sha256:"
+
+
+def spki_sha256(certificate: bytes) -> str:
+    """The SHA-256 (hex) of the SubjectPublicKeyInfo of ``certificate`` (DER, or PEM): the key, whatever
+    certificate carries it, so a pin survives the renewal of a certificate for the same key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    load = (
+        x509.load_pem_x509_certificate
+        if certificate.lstrip().startswith(b"-----")
+        else x509.load_der_x509_certificate
+    )
+    spki = load(certificate).public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def spki_pin(certificate: bytes) -> str:
+    """The pin of the key in ``certificate`` (DER or PEM), ``sha256:<hex>``: what ``deltaplane keys tls``
+    prints and ``fleet device --service-spki`` takes."""
+    return SPKI_PIN_PREFIX + spki_sha256(certificate)
+
+
+def parse_spki_pin(pin: str) -> str:
+    """The hex digest of a pin spelled ``sha256:<64 hex digits>`` (either case), else :class:`ConfigError`."""
+    text = pin.strip()
+    digest = text[len(SPKI_PIN_PREFIX) :].lower() if text.lower().startswith(SPKI_PIN_PREFIX) else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ConfigError(
+            f"a service key pin is 'sha256:' and 64 hex digits, as `deltaplane keys tls` prints it. Found {pin!r:.100}"
+        )
+    return digest
+
+
+def check_service_key(der: bytes | None, pinned: str, where: str) -> None:
+    """Refuse (:class:`ServiceKeyMismatch`) a connection to ``where`` whose server presented no certificate, or
+    one whose key is not ``pinned`` (the hex digest :func:`parse_spki_pin` returns)."""
+    seen = spki_sha256(der) if der else None
+    if seen == pinned:
+        return
+    raise ServiceKeyMismatch(
+        f"the service at {where} presented "
+        + (f"the TLS key {SPKI_PIN_PREFIX}{seen}" if seen else "no TLS certificate")
+        + f", not the pinned {SPKI_PIN_PREFIX}{pinned} (--service-spki); nothing was sent. Another server holds "
+        "a certificate your CA issued for that address (a man in the middle), or the service's key was replaced "
+        "(`deltaplane keys tls` issues a new one each run and prints its pin): check with the operator before "
+        "pinning the new one"
+    )
+
+
+class _PinnedSocket(ssl.SSLSocket):
+    """A client TLS socket that, once the handshake (and the CA's verification) succeeds, refuses a server
+    whose key is not its context's pin, before the connection carries a byte of the request."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        try:
+            check_service_key(
+                self.getpeercert(True), self.context._deltaplane_spki, str(self.server_hostname)
+            )  # type: ignore[attr-defined]
+        except ServiceKeyMismatch:
+            self.close()
+            raise
+
+
+class _PinnedObject(ssl.SSLObject):
+    """:class:`_PinnedSocket` for TLS over a memory BIO (TLS through an ``https://`` proxy, asyncio)."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        check_service_key(self.getpeercert(True), self.context._deltaplane_spki, str(self.server_hostname))  # type: ignore[attr-defined]
+
+
+def pin_service_key(context: ssl.SSLContext, pin: str) -> ssl.SSLContext:
+    """Make ``context`` (changed in place, and returned) refuse a server whose key is not ``pin``
+    (``sha256:<hex>``, :func:`spki_pin`) during the handshake, after the usual certificate checks: a server
+    with a valid certificate from the trusted CA for the right name, but another key, raises
+    :class:`ServiceKeyMismatch` before any request is sent (a bearer token included)."""
+    context._deltaplane_spki = parse_spki_pin(pin)  # type: ignore[attr-defined]
+    context.sslsocket_class = _PinnedSocket
+    context.sslobject_class = _PinnedObject
+    return context

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from deltaplane.aggregation.secagg.encoding import RingEncoding, max_ring_weight
     from deltaplane.aggregation.secagg.endpoints import DeviceEndpoint, ServerEndpoint
     from deltaplane.aggregation.secagg.errors import (
+        AdvertisementUnbound,
         KeyRevoked,
         SecAggAuthError,
         SecAggError,
@@ -95,6 +96,7 @@ _LAZY = {
     "pack": "deltaplane.aggregation.secagg.ring",
     "quantize": "deltaplane.aggregation.secagg.ring",
     "KeyRevoked": "deltaplane.aggregation.secagg.errors",
+    "AdvertisementUnbound": "deltaplane.aggregation.secagg.errors",
     "RevocationList": "deltaplane.aggregation.secagg.revocation",
     "ring_bits": "deltaplane.aggregation.secagg.ring",
     "RingEncoding": "deltaplane.aggregation.secagg.encoding",
@@ -127,6 +129,7 @@ _LAZY = {
 
 __all__ = [
     "AdvertiseKeys",
+    "AdvertisementUnbound",
     "CertificationRequest",
     "DeviceCertificate",
     "DeviceCredentials",

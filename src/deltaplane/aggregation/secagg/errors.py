@@ -5,6 +5,7 @@ from __future__ import annotations
 from deltaplane.errors import DeltaplaneError
 
 __all__ = [
+    "AdvertisementUnbound",
     "KeyRevoked",
     "RevocationRollback",
     "RevocationsStale",
@@ -76,6 +77,15 @@ class SecAggAuthError(SecAggError):
     def __init__(self, message: str, *, client: int | None = None) -> None:
         super().__init__(message)
         self.client = client
+
+
+class AdvertisementUnbound(SecAggAuthError):
+    """A neighbour's key advertisement does not verify under its certified identity key for this round's
+    binding (:func:`~deltaplane.aggregation.secagg.protocol.round_binding`) and slot. The signature alone cannot
+    say why: its keys were replaced after signing, or it was signed for another binding (another round, other
+    parameters, another driver session: a replay from another round reads the same, and on the service so does
+    a neighbour that reached the service by another address or TLS key). A driver that knows its session adds
+    what to check (:class:`~deltaplane.serve.secagg_client.SecAggDevice` names the service identity)."""
 
 
 class KeyRevoked(SecAggAuthError):

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from deltaplane.aggregation.secagg.errors import KeyRevoked, SecAggAuthError
+from deltaplane.aggregation.secagg.errors import AdvertisementUnbound, KeyRevoked, SecAggAuthError
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes, read_bounded_text
 
@@ -518,9 +518,11 @@ class DeviceCredentials:
         try:
             Ed25519PublicKey.from_public_bytes(cert.identity_public).verify(signature, stmt)
         except (InvalidSignature, ValueError):
-            raise SecAggAuthError(
+            raise AdvertisementUnbound(
                 f"roster slot {client_id}: the key advertisement is not signed by device {cert.device_id!r}'s "
-                "certified identity key for this round and slot (substituted keys, or a replay)",
+                "certified identity key for this round and slot: either its keys were replaced after signing, or "
+                "it was signed for another round binding (another round, other parameters or another session "
+                "name: a replay from another round reads the same); the signature cannot say which",
                 client=client_id,
             ) from None
         return cert
