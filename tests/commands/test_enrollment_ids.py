@@ -229,6 +229,20 @@ def test_the_ledger_is_bounded_and_a_damaged_one_is_refused(cli, authority, tmp_
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 2)
     assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
     assert _snapshot(out) == before
+    # fleet enroll: refused before it asks the service for any token (once issued, their ids must be recorded)
+    from deltaplane.serve.client import AdminClient
+
+    asked: list[str] = []
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: asked.append(d) or f"tok-{d}")
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "enrollment.ledger").write_text("device-9\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0..device-1\ndevice-9\n") - 1)
+    args = ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(tokens), "--devices", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
+    assert asked == [] and sorted(p.name for p in tokens.iterdir()) == ["enrollment.ledger"]
     monkeypatch.undo()
     (out / "enrollment.ledger").write_text("device-0\ndevice-x\n")
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 2)

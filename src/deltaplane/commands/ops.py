@@ -426,9 +426,10 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--reissue-ids",
                 help="Give a new key to ids OUT records as issued or revoked (enrollment.ledger, or up to an "
-                "earlier release's enrollment.issued mark; refused otherwise: an id never gets a second key silently). Only for an id never issued there, or one whose earlier key "
-                "is known destroyed: an earlier key stays valid until its certificate expires, and revoking it "
-                "would revoke the id.",
+                "earlier release's enrollment.issued mark; refused otherwise: an id never gets a second key "
+                "silently). Only for an id whose earlier key is known destroyed, or one an earlier release's "
+                "folder counts but never issued: an earlier key stays valid until its certificate expires, and "
+                "revoking it would revoke the id.",
             ),
         ] = False,
         add: AddDevices = None,

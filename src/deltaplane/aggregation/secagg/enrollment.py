@@ -206,16 +206,22 @@ def _write_ids(path: Path, ranges: list[tuple[int, int]]) -> None:
     """Write ``ranges`` (:func:`_merged`) as the id file ``path``, 0600 and atomically (a crash leaves the old
     file or the new one, never part of one); an empty list removes the file. More than
     :data:`LEDGER_MAX_BYTES` is a :class:`ConfigError`, raised before anything is written."""
+    text = _ids_text(path, ranges)
+    if ranges:
+        write_secret_file(path, text)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def _ids_text(path: Path, ranges: list[tuple[int, int]]) -> bytes:
+    """What :func:`_write_ids` writes as ``path``; a :class:`ConfigError` past :data:`LEDGER_MAX_BYTES`."""
     text = "".join(device_id(a) + ("" if a == b else f"..{device_id(b)}") + "\n" for a, b in ranges).encode()
     if len(text) > LEDGER_MAX_BYTES:
         raise ConfigError(
             f"{path} would hold {len(ranges):,} separate id ranges ({len(text):,} bytes, more than "
             f"{LEDGER_MAX_BYTES:,}): issue ids in runs (--add K, --devices N) rather than scattered ones"
         )
-    if ranges:
-        write_secret_file(path, text)
-    else:
-        Path(path).unlink(missing_ok=True)
+    return text
 
 
 def _partitions(devices: Iterable[str]) -> list[int]:
@@ -275,8 +281,11 @@ def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     """Reserve ``devices``' ids in ``out`` (:data:`RESERVED_NAME`) for a run that issues them outside the lock
     (``fleet enroll`` asks the service for their tokens): until :func:`release_ids`, every other run refuses them
     (:func:`check_not_reserved`) and ``--add`` takes ids past them. A run killed outright leaves them reserved,
-    and refused: the service may have issued their tokens."""
-    _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), [(i, i) for i in _partitions(devices)]))
+    and refused: the service may have issued their tokens. A ledger that could not hold them too is refused
+    here (:func:`_ids_text`), before any token is asked for, not once the service issued them."""
+    ids = [(i, i) for i in _partitions(devices)]
+    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), ids))
+    _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), ids))
 
 
 def release_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
