@@ -1,18 +1,22 @@
-"""An enrollment folder's ids: an id at or below `enrollment.issued` never gets a second key silently (`keys
-certify --device I [--force]`, `fleet enroll --devices N`), concurrent runs issuing ids there take turns on a lock
-on the folder, and a `keys certify` run that fails or is interrupted part-way leaves the folder as it found it
-(the mark, and the files a `--force` run replaced, included)."""
+"""An enrollment folder's ids: an id its ledger (`enrollment.ledger`) records, or at or below an earlier release's
+`enrollment.issued` mark, never gets a second key silently (`keys certify --device I [--force]`, `fleet enroll
+--devices N`) while an id never issued is free, concurrent runs issuing ids there take turns on a lock on the
+folder (`fleet enroll` not while the service answers: its ids are reserved), and a `keys certify` run that fails
+or is interrupted part-way leaves the folder as it found it (the ledger, the mark, and the files a `--force` run
+replaced, included)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import deltaplane.aggregation.secagg.enrollment as enrollment
@@ -43,7 +47,7 @@ def test_an_issued_id_never_gets_a_second_key_silently(cli, authority, tmp_path)
         r = cli("keys", "certify", "--authority-key", key, "--out", out, *args)
         flat = _flat(r.output)
         assert r.exit_code == 2, (args, flat)
-        assert "highest id issued or revoked" in flat and "--add" in flat and "--reissue-ids" in flat, flat
+        assert "already issued or revoked" in flat and "--add" in flat and "--reissue-ids" in flat, flat
         assert _snapshot(out) == before, args
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
     assert r.exit_code == 0 and "device-3: flower-supernode" in r.output, r.output
@@ -78,7 +82,7 @@ def test_fleet_enroll_refuses_ids_below_the_folders_mark(tmp_path, monkeypatch) 
         app, ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--devices", "3"]
     )
     flat = _flat(r.output)
-    assert r.exit_code == 2 and "device-0, device-1, device-2 are at or below device-4" in flat, flat
+    assert r.exit_code == 2 and "device-0, device-1, device-2 were already issued or revoked" in flat, flat
     assert "--add K" in flat and sorted(p.name for p in out.iterdir()) == ["enrollment.issued"]
 
 
@@ -179,3 +183,181 @@ def test_a_failed_force_run_restores_every_file_it_replaced(cli, authority, tmp_
     r = cli("keys", "certify", "--authority-key", key, "--out", out, *requests, "--force", "--valid-days", 2)
     assert r.exit_code == 1 and "device-1.cert" in r.output, r.output
     assert _snapshot(out) == before
+
+
+def test_only_the_ids_issued_are_refused_not_every_id_below_the_highest(cli, authority, tmp_path) -> None:
+    """`keys certify --device 7` on an empty folder raised the mark to device-7, and device-0 … device-6, never
+    issued, were refused too (`--reissue-ids` the only way out). The ledger now records exactly the ids issued:
+    device-3 is certified, device-3 and device-7 are refused then, `--add 1` still takes device-8. A folder of
+    the previous release (its mark alone, device-4) keeps refusing every id up to its mark."""
+    _, key = authority
+    out = tmp_path / "nodes"
+
+    def certify(*args: object) -> int:
+        return cli("keys", "certify", "--authority-key", key, "--out", out, *args).exit_code
+
+    assert certify("--device", 7) == 0
+    assert certify("--device", 3) == 0  # before: exit 2, device-3 at or below device-7
+    assert (out / "enrollment.ledger").read_text() == "device-3\ndevice-7\n"
+    for p in [*out.glob("device-3.*"), *out.glob("device-7.*")]:
+        p.unlink()
+    assert certify("--device", 3) == 2 and certify("--device", 7) == 2
+    assert certify("--add", 1) == 0 and (out / "device-8.cert").exists()
+    assert (out / "enrollment.issued").read_text() == "device-8\n"  # what an earlier release reads
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "enrollment.issued").write_text("device-4\n")  # the previous release's folder
+    assert certify("--device", 3) == 2
+    assert certify("--device", 6) == 0
+    assert certify("--device", 5) == 0  # before: exit 2, device-5 at or below device-6
+    assert (out / "enrollment.ledger").read_text() == "device-0..device-6\n"
+    (out / "enrollment.issued").write_text(
+        "device-9\n"
+    )  # the previous release issued device-7 … device-9 since
+    assert certify("--device", 8) == 2 and certify("--device", 12) == 0
+    assert (out / "enrollment.ledger").read_text() == "device-0..device-9\ndevice-12\n"
+
+
+def test_the_ledger_is_bounded_and_a_damaged_one_is_refused(cli, authority, tmp_path, monkeypatch) -> None:
+    """A ledger past its bound (LEDGER_MAX_BYTES) is refused before anything is written, and one that is not
+    ranges of device ids (edited by hand) is refused naming its file and line: guessing could reissue an id."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    assert cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 0).exit_code == 0
+    before = _snapshot(out)
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0\ndevice-2\n") - 1)
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 2)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
+    assert _snapshot(out) == before
+    # fleet enroll: refused before it asks the service for any token (once issued, their ids must be recorded)
+    from deltaplane.serve.client import AdminClient
+
+    asked: list[str] = []
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: asked.append(d) or f"tok-{d}")
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "enrollment.ledger").write_text("device-9\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0..device-1\ndevice-9\n") - 1)
+    args = ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(tokens), "--devices", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
+    assert asked == [] and sorted(p.name for p in tokens.iterdir()) == ["enrollment.ledger"]
+    monkeypatch.undo()
+    (out / "enrollment.ledger").write_text("device-0\ndevice-x\n")
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 2)
+    flat = _flat(r.output)
+    assert r.exit_code == 2 and "enrollment.ledger, line 2: 'device-x' is not a device id range" in flat, flat
+
+
+def test_fleet_enroll_does_not_hold_the_folders_lock_while_the_service_answers(tmp_path, monkeypatch) -> None:
+    """`fleet enroll` held OUT's lock while it asked the service for each token: a slow service kept every other
+    run on OUT waiting. Now its ids are reserved (`enrollment.reserved`) under the lock, the tokens asked for
+    without it, then recorded under it: while the service answers, the lock is free, another run refuses the
+    reserved ids and `--add` takes ids past them; the reservation is gone once the run is done."""
+    from deltaplane.serve.client import AdminClient
+
+    out = tmp_path / "tokens"
+    seen: list[object] = []
+
+    def issue(self, d, c):
+        if not seen:
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the run holds it
+                seen.append(enrollment.next_device_ids(out, 1))
+                for check in (enrollment.check_not_reserved, enrollment.check_not_issued):
+                    try:
+                        check(out, ["device-1"])
+                        seen.append(f"{check.__name__} passed")
+                    except enrollment.ConfigError as exc:
+                        seen.append(str(exc))
+            finally:
+                os.close(fd)
+        return f"tok-{d}"
+
+    monkeypatch.setattr(AdminClient, "issue_token", issue)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    args = ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--devices", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert seen[0] == ["device-2"] and "being issued by another run" in str(seen[1]), seen
+    assert seen[2] == "check_not_issued passed", seen  # reserved, not issued: only the reservation refuses it
+    assert sorted(p.name for p in out.iterdir()) == [
+        "device-0.token",
+        "device-1.token",
+        "enrollment.issued",
+        "enrollment.ledger",
+    ]
+
+
+def _run_waiting_on_the_folders_lock(out: Path, cmd: list[str], meanwhile) -> tuple[bool, subprocess.Popen]:
+    """Start ``cmd`` while this process holds ``out``'s lock (what enrollment_lock takes: a flock of the folder),
+    wait until it is seen waiting for that lock (or a deadline, or its end), call ``meanwhile()``, then release
+    the lock; returns whether it was seen waiting, still running, and the process. Skips where a waiter cannot
+    be told (no /proc/locks)."""
+    if not Path("/proc/locks").exists():
+        pytest.skip("cannot tell a process waiting on a flock here (no /proc/locks)")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this test's deltaplane
+        other = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not _waiting_on_flock(other.pid) and other.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waited = _waiting_on_flock(other.pid) and other.poll() is None
+        meanwhile()
+    finally:
+        os.close(fd)
+    return waited, other
+
+
+def test_a_requests_held_key_is_checked_under_the_folders_lock(authority, tmp_path) -> None:
+    """`keys certify --request` checked the identity key OUT holds for the device before taking OUT's lock: a
+    key written there meanwhile (another run, the node sharing the folder) ended up beside a certificate for
+    another key. The check now runs under the lock: the run refuses it (exit 2) and writes no certificate."""
+    _, key = authority
+    out, node = tmp_path / "nodes", tmp_path / "node"
+    base = [sys.executable, "-m", "deltaplane", "keys"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for folder in (node, tmp_path / "other"):
+        made = subprocess.run(
+            [*base, "identity", "--device", "0", "--out", str(folder)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        assert made.returncode == 0, made.stderr
+    out.mkdir()
+    certify = [*base, "certify", "--authority-key", str(key), "--out", str(out)]
+    stale = (tmp_path / "other" / "device-0.identity.pem").read_bytes()
+    waited, other = _run_waiting_on_the_folders_lock(
+        out,
+        [*certify, "--request", str(node / "device-0.request")],
+        lambda: (out / "device-0.identity.pem").write_bytes(stale),
+    )
+    said = other.communicate(timeout=120)[0].decode()
+    assert waited, said
+    assert other.returncode == 2 and "holds another identity key" in " ".join(said.split()), said
+    assert not (out / "device-0.cert").exists()
+
+
+def test_revoke_enrolled_records_its_ids_under_the_folders_lock(authority, tmp_path) -> None:
+    """`keys revoke --enrolled OUT` records the ids it revokes in OUT's ledger under OUT's lock, as issuing there
+    does: a run holding the lock (here this test, issuing device-7) makes it wait, and the ledger ends with both
+    runs' ids (without the lock, a read-modify-write could drop the other run's)."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    run = [sys.executable, "-m", "deltaplane", "keys"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    certify = [*run, "certify", "--authority-key", str(key), "--out", str(out), "--devices", "2"]
+    assert subprocess.run(certify, env=env, capture_output=True, timeout=120).returncode == 0
+    revoke = [*run, "revoke", "--authority-key", str(key), "--out", str(tmp_path / "crl.bin")]
+    waited, other = _run_waiting_on_the_folders_lock(
+        out, [*revoke, "--device", "3", "--enrolled", str(out)], lambda: record_issued(out, ["device-7"])
+    )
+    said = other.communicate(timeout=120)[0].decode()
+    assert waited, said  # it waited for the lock, not ran past it
+    assert other.returncode == 0, said
+    assert (out / "enrollment.ledger").read_text() == "device-0..device-1\ndevice-3\ndevice-7\n"

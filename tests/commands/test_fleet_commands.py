@@ -241,7 +241,7 @@ def test_rounds_help_shows_the_configs_own_default(monkeypatch):
 def test_fleet_enroll_failing_part_way_spends_the_ids_whose_tokens_were_issued(tmp_path, monkeypatch):
     """The service failed at device-2's token after issuing device-0's and device-1's: nothing was written and
     the mark not raised, so a second `fleet enroll --devices 3` issued device-0 and device-1 again, a second
-    live token for each. Now their tokens are written, their ids spent (`enrollment.issued`), and the run says
+    live token for each. Now their tokens are written, their ids spent (`enrollment.ledger`), and the run says
     so; `--devices 3` is refused there and `--add 1` takes device-2."""
     from deltaplane.serve.client import AdminClient, ServiceError
 
@@ -262,8 +262,14 @@ def test_fleet_enroll_failing_part_way_spends_the_ids_whose_tokens_were_issued(t
     r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
     assert r.exit_code == 1, (r.output, r.exception)
     assert "2 of 3 tokens were issued (device-0 … device-1)" in " ".join(r.output.split()), r.output
-    assert sorted(p.name for p in out.iterdir()) == ["device-0.token", "device-1.token", "enrollment.issued"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "device-0.token",
+        "device-1.token",
+        "enrollment.issued",
+        "enrollment.ledger",
+    ]  # no enrollment.reserved: device-2 was given back
     assert (out / "device-1.token").read_text() == "tok-device-1"
+    assert (out / "enrollment.ledger").read_text() == "device-0..device-1\n"
     assert (out / "enrollment.issued").read_text() == "device-1\n"
     r = CliRunner().invoke(app, [*enroll, "--devices", "3"])
     assert r.exit_code == 2 and "--add" in r.output, r.output  # before: device-0 and device-1 issued again

@@ -50,10 +50,11 @@ def test_certified_identities_verify_under_their_authority_only(cli, authority, 
             "--valid-days", 30)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "3 identities certified by enrollment authority" in r.output, r.output
-    # enrollment.issued: the highest id issued in OUT, which --add never hands out again (a file added on purpose)
+    # enrollment.ledger: the ids issued in OUT, never handed out again; enrollment.issued: the highest of them,
+    # which an earlier release reads (files added on purpose)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"device-{i}.{s}" for i in range(3) for s in ("cert", "identity.pem")]
-        + ["enrollment.ed25519.pub", "enrollment.issued"]
+        + ["enrollment.ed25519.pub", "enrollment.issued", "enrollment.ledger"]
     )
     trust, other = auth.trust(), EnrollmentAuthority.generate().trust()
     for i in range(3):

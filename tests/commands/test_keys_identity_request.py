@@ -49,10 +49,11 @@ def test_requests_round_trip_to_certificates_and_an_exact_authenticated_round(
     requests = [a for i in range(n) for a in ("--request", nodes / f"n{i}" / f"device-{i}.request")]
     r = cli("keys", "certify", "--authority-key", key, "--out", operator, *requests, "--valid-days", 30)
     assert r.exit_code == 0, r.output
-    # only certificates, the authority's public key and the mark of the ids issued (enrollment.issued, added on
-    # purpose: --add never hands them out again): no private key is made on the operator's side
+    # only certificates, the authority's public key and the record of the ids issued (enrollment.ledger and
+    # enrollment.issued, added on purpose: no run hands them out again): no private key on the operator's side
     assert sorted(p.name for p in operator.iterdir()) == sorted(
-        [f"device-{i}.cert" for i in range(n)] + ["enrollment.ed25519.pub", "enrollment.issued"]
+        [f"device-{i}.cert" for i in range(n)]
+        + ["enrollment.ed25519.pub", "enrollment.issued", "enrollment.ledger"]
     )
     assert not any(b"PRIVATE KEY" in p.read_bytes() for p in operator.iterdir())
     assert stat.S_IMODE((operator / "device-0.cert").stat().st_mode) == 0o600

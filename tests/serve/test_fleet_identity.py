@@ -94,9 +94,10 @@ def test_enrollment_authority_and_device_identities_from_the_cli(byo_task, tmp_p
                     "tokens", "--authority-key", str(key), "--cohort", "north", cwd=tmp_path, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
         names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
-        # enrollment.issued (added on purpose): the highest id issued there, which --add never hands out again
+        # enrollment.ledger and enrollment.issued (added on purpose): the ids issued there, never handed out again
         assert names == [f"device-{i}.{s}" for i in range(2) for s in ("cert", "identity.pem", "token")] + [
-            "enrollment.issued"
+            "enrollment.issued",
+            "enrollment.ledger",
         ]
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "tokens").iterdir())
         trust = TrustedAuthorities.from_text(pub.read_text())

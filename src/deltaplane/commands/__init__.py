@@ -244,7 +244,7 @@ AddDevices = Annotated[
         callback=fleet_size,
         metavar="K",
         help="Enrol K new devices into the fleet in OUT (a revoked device's replacement): the next free ids, past "
-        "every device-I with a file in OUT, every id ever issued or revoked there (OUT/enrollment.issued) and every "
+        "every device-I with a file in OUT, every id ever issued, revoked or reserved there (OUT/enrollment.ledger) and every "
         "one --revocations names, in the cohort of OUT's certificates.",
         show_default="none",
     ),

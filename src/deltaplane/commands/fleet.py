@@ -14,6 +14,7 @@ import ipaddress
 import os
 import signal
 import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -176,38 +177,69 @@ def _connected(url: str, fn: Any) -> Any:
         raise unreachable(exc, url) from None
 
 
-def _issue_tokens(url: str, admin: Any, names: list[str], cohort: str, out: Path) -> list[str]:
-    """A token from the service for each device of ``names``, in order (``fleet enroll``).
+def _issue_tokens(
+    url: str, admin: Any, names: list[str], cohort: str, out: Path, identities: list[Any], *, created: bool
+) -> list[str]:
+    """A token from the service for each device of ``names``, in order (``fleet enroll``), then their files.
+
+    The ids are reserved in OUT (``reserve_ids``) and the folder's lock is not held while the service answers:
+    a slow service keeps no other run on OUT waiting. The tokens are then recorded under the lock: their ids
+    added to OUT's ledger (``enrollment.ledger``: no run issues them again), the reservation released, each
+    token file written new (never over one) and, once every token is issued, the ``identities``.
 
     A failure part-way (the service refuses or fails, the connection breaks, ctrl-C) after it issued some:
-    those tokens are valid on the service whether written or not, so their ids are spent (OUT's
-    ``enrollment.issued`` mark is raised over them: no run issues them again) and their token files written
-    (new, never over one: ``--add`` grows the folder from them; revoke any not wanted), then the failure goes
-    on, after a line naming them. A token the service made whose answer never arrived was never delivered to
-    anyone, so its id is not spent. A failure at the first id writes nothing."""
-    from deltaplane.aggregation.secagg.enrollment import record_issued
-    from deltaplane.registry.signing import write_secret_file
-
+    those tokens are valid on the service whether written or not, so their ids are spent and their token files
+    written (``--add`` grows the folder from them; revoke any not wanted), then the failure goes on, after a
+    line naming them. A token the service made whose answer never arrived was never delivered to anyone, so
+    its id is not spent. A failure at the first id writes nothing, and removes OUT if this run ``created`` it
+    and it is left empty."""
     tokens: list[str] = []
     try:
         for d in names:
             tokens.append(_connected(url, lambda d=d: admin.issue_token(d, cohort)))
     except BaseException:
+        _record_tokens(out, names, tokens, [], created=created)
         if tokens:
             issued = names[: len(tokens)]
-            record_issued(out, issued)
-            for d, token in zip(issued, tokens, strict=True):
-                write_secret_file(out / f"{d}.token", token.encode(), replace=False)
             span = issued[0] if len(issued) == 1 else f"{issued[0]} … {issued[-1]}"
             err_console.print(
                 f"fleet enroll stopped part-way: {len(issued)} of {len(names)} tokens were issued ({span}), "
-                f"written to {out}/ and their ids spent ({out / 'enrollment.issued'}); `fleet enroll --out {out} "
+                f"written to {out}/ and their ids spent ({out / 'enrollment.ledger'}); `fleet enroll --out {out} "
                 f"--add K` enrols the rest, or revoke them (POST /admin/devices/<id>/revoke)",
                 soft_wrap=True,
                 markup=False,
             )
         raise
+    _record_tokens(out, names, tokens, identities, created=created)
     return tokens
+
+
+def _record_tokens(
+    out: Path, names: list[str], tokens: list[str], identities: list[Any], *, created: bool
+) -> None:
+    """Record the ``tokens`` issued for the first of ``names`` in OUT under its lock (:func:`_issue_tokens`)."""
+    from deltaplane.aggregation.secagg.enrollment import (
+        enrollment_lock,
+        record_issued,
+        release_ids,
+        write_identity,
+    )
+    from deltaplane.registry.signing import write_secret_file
+
+    issued = names[: len(tokens)]
+    with enrollment_lock(out):
+        if issued:  # the ledger before the files: the tokens are issued, so no run hands these ids out again
+            record_issued(out, issued)
+        release_ids(out, names)
+        # each file new (never over one); a failure part-way keeps what was written (every token is valid on
+        # the service: removing it would only lose it), docs/cli.md
+        for d, token in zip(issued, tokens, strict=True):
+            write_secret_file(out / f"{d}.token", token.encode(), replace=False)
+        for identity in identities:
+            write_identity(out, identity, replace=False)
+    if created and not issued:
+        with suppress(OSError):  # not empty: another run's files, not this one's to remove
+            out.rmdir()
 
 
 def admin_client(url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
@@ -447,6 +479,7 @@ def register(app: typer.Typer) -> None:
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
             check_not_issued,
+            check_not_reserved,
             check_not_revoked,
             device_id,
             enrollment_lock,
@@ -456,10 +489,8 @@ def register(app: typer.Typer) -> None:
             load_authority,
             next_device_ids,
             read_held_revocations,
-            record_issued,
-            write_identity,
+            reserve_ids,
         )
-        from deltaplane.registry.signing import write_secret_file
 
         with _errors(OSError):
             authority = None if authority_key is None else load_authority(authority_key)
@@ -485,8 +516,10 @@ def register(app: typer.Typer) -> None:
                             f"{MAX_ENROLL_DEVICES:,} devices, the most a SecAgg round's roster holds"
                         )
                 names = [device_id(i) for i in range(devices)]
-            # the choice of ids, every check of OUT, the tokens and the writes under one lock on OUT: two
-            # concurrent --add runs take turns, never the same ids, and the mark ends past what both issued
+            # the choice of ids and every check of OUT under the lock on OUT, the ids then reserved there: two
+            # concurrent --add runs take turns, never the same ids; the service is asked for the tokens without
+            # the lock (a slow one holds no other run on OUT), which are recorded under it again
+            created = not out.exists()
             with enrollment_lock(out):
                 if add is not None:
                     names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
@@ -505,7 +538,9 @@ def register(app: typer.Typer) -> None:
                         f"their tokens: POST /admin/devices/{taken.stem}/revoke); --add K enrols new devices "
                         "beside them"
                     )
-                # an id issued there before (its files since removed) never gets a second token or key
+                # an id issued there before (its files since removed) never gets a second token or key, nor
+                # one another run is issuing now
+                check_not_reserved(out, names)
                 check_not_issued(out, names)
                 identities = (
                     certify(authority, names, cohort=cohort, valid_days=valid_days)
@@ -513,17 +548,10 @@ def register(app: typer.Typer) -> None:
                     else []
                 )
                 admin = admin_client(url, ca, tls_cert, tls_key)
-                # every token first: a refusal of the first (a wrong admin token, the service gone) leaves no
-                # folder or file; one part-way keeps the tokens issued before it and spends their ids
-                tokens = _issue_tokens(url, admin, names, cohort, out)
-                # the mark before the files: the tokens are issued, so --add never hands these ids out again,
-                # files or not. Each file is written new (never over one); a failure part-way keeps what was
-                # written (every token is valid on the service: removing it would only lose it), docs/cli.md
-                record_issued(out, names)
-                for path, token in zip(files, tokens, strict=True):
-                    write_secret_file(path, token.encode(), replace=False)
-                for identity in identities:
-                    write_identity(out, identity, replace=False)
+                reserve_ids(out, names)
+            # every token first: a refusal of the first (a wrong admin token, the service gone) leaves no folder
+            # or file; one part-way keeps the tokens issued before it and spends their ids
+            _issue_tokens(url, admin, names, cohort, out, identities, created=created)
         span = f"{names[0]}.token" if len(names) == 1 else f"{names[0]}.token … {names[-1]}.token"
         console.print(
             escape(

@@ -425,10 +425,11 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--reissue-ids",
-                help="Give a new key to ids at or below OUT's enrollment.issued mark (refused otherwise: an id "
-                "never gets a second key silently). Only for an id never issued there, or one whose earlier key "
-                "is known destroyed: an earlier key stays valid until its certificate expires, and revoking it "
-                "would revoke the id.",
+                help="Give a new key to ids OUT records as issued or revoked (enrollment.ledger, or up to an "
+                "earlier release's enrollment.issued mark; refused otherwise: an id never gets a second key "
+                "silently). Only for an id whose earlier key is known destroyed, or one an earlier release's "
+                "folder counts but never issued: an earlier key stays valid until its certificate expires, and "
+                "revoking it would revoke the id.",
             ),
         ] = False,
         add: AddDevices = None,
@@ -443,10 +444,12 @@ def register(app: typer.Typer) -> None:
         from deltaplane.aggregation.secagg.enrollment import (
             AUTHORITY_PUBLIC_NAME,
             ISSUED_MARK_NAME,
+            LEDGER_NAME,
             certify,
             certify_requests,
             check_held_key,
             check_not_issued,
+            check_not_reserved,
             check_not_revoked,
             device_id,
             enrollment_lock,
@@ -480,8 +483,6 @@ def register(app: typer.Typer) -> None:
                 twice = next((n for n in names if names.count(n) > 1), None)
                 if twice is not None:
                     raise ConfigError(f"two --request files ask for {twice}; give one per device")
-                for path, r in zip(request or [], requests, strict=True):
-                    check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
             authority = load_authority(authority_key)
             listed = None if revocations is None else read_held_revocations(revocations, authority)
             if add is None and not requests:
@@ -497,6 +498,11 @@ def register(app: typer.Typer) -> None:
                         out, add, revoked=[d for d, _ in listed.revoked] if listed else ()
                     )
                     cohort = fleet_cohort(out, cohort)
+                # the key OUT holds for each request's device read under the lock, as every write there is: a
+                # key written after the check would sit beside a certificate for another key
+                for path, r in zip(request or [], requests, strict=True):
+                    check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
+                check_not_reserved(out, names)  # a fleet enroll run is issuing them: --reissue-ids or not
                 if listed is not None:  # a revoked id, or a request of a revoked key whatever id it asks for
                     check_not_revoked(
                         names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
@@ -538,10 +544,15 @@ def register(app: typer.Typer) -> None:
                         authority, names, cohort="fleet" if cohort is None else cohort, valid_days=valid_days
                     )
                 )
-                # all or nothing: a failure or ctrl-C part-way puts back every file as it was, the mark and
-                # keys a --force run replaced included; the mark is raised first, so a run killed outright
-                # leaves no written id below it
-                targets = [out / ISSUED_MARK_NAME, pub, *(p for n in names for p in identity_files(out, n))]
+                # all or nothing: a failure or ctrl-C part-way puts back every file as it was, the ledger, the
+                # mark and keys a --force run replaced included; the ids are recorded first, so a run killed
+                # outright leaves no written id out of the ledger
+                targets = [
+                    out / LEDGER_NAME,
+                    out / ISSUED_MARK_NAME,
+                    pub,
+                    *(p for n in names for p in identity_files(out, n)),
+                ]
                 with writing_all_or_nothing(targets):
                     record_issued(out, names)
                     for c in certs:
@@ -615,7 +626,7 @@ def register(app: typer.Typer) -> None:
                 file_okay=False,
                 help="The enrollment folder (fleet enroll / keys certify --out) to find each --device's "
                 "device-I.cert in, so its key is revoked too; the revoked ids are recorded there "
-                "(enrollment.issued), so --add never enrols them again.",
+                "(enrollment.ledger), so no run enrols them again.",
                 show_default="none",
             ),
         ] = None,
@@ -688,7 +699,7 @@ def register(app: typer.Typer) -> None:
         with _errors(OSError):
             authority = load_authority(authority_key)
             _writable(out.parent, "--out")
-            # --enrolled DIR records the revoked ids in its mark (record_issued): written after the list
+            # --enrolled DIR records the revoked ids in its ledger (record_issued): written after the list
             mark_in = enrolled if enrolled is not None and enrolled.is_dir() and device else None
             if mark_in is not None:
                 _writable(mark_in, "--enrolled")

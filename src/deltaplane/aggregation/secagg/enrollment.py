@@ -61,14 +61,18 @@ from deltaplane.textfile import (
 __all__ = [
     "AUTHORITY_PUBLIC_NAME",
     "ISSUED_MARK_NAME",
+    "LEDGER_MAX_BYTES",
+    "LEDGER_NAME",
     "MAX_REQUEST_PARTITION",
     "NODE_CONFIG_KEYS",
+    "RESERVED_NAME",
     "REVOCATIONS_NODE_CONFIG_KEY",
     "RunEnrollment",
     "certify",
     "certify_requests",
     "check_held_key",
     "check_not_issued",
+    "check_not_reserved",
     "check_not_revoked",
     "device_id",
     "enrollment_lock",
@@ -82,8 +86,10 @@ __all__ = [
     "read_held_revocations",
     "read_request",
     "record_issued",
+    "release_ids",
     "renews_held_key",
     "request_file",
+    "reserve_ids",
     "revoked_certificates",
     "write_certificate",
     "write_identity",
@@ -94,8 +100,17 @@ __all__ = [
 #: the authority's public key file (``deltaplane keys enrollment`` writes it next to ``enrollment.ed25519.pem``)
 AUTHORITY_PUBLIC_NAME = "enrollment.ed25519.pub"
 #: the file of an enrollment folder holding the highest device id ever issued or revoked there (``device-I``, one
-#: line): ``--add`` takes ids past it, so an id whose files were removed is never handed out again
+#: line): all an earlier release kept, read as every id up to it issued; still written, so that release refuses
+#: the ids this one issued
 ISSUED_MARK_NAME = "enrollment.issued"
+#: the file of an enrollment folder listing every device id issued or revoked there, as ascending ranges
+#: (``device-I`` or ``device-I..device-J`` a line): ids are only ever added, so exactly these are refused
+LEDGER_NAME = "enrollment.ledger"
+#: the file of an enrollment folder listing the ids runs in flight reserved (:func:`reserve_ids`), same format
+RESERVED_NAME = "enrollment.reserved"
+#: the most bytes an id file holds (:data:`LEDGER_NAME`, :data:`RESERVED_NAME`): tens of thousands of separate
+#: ranges; a run of ids issued together is one line
+LEDGER_MAX_BYTES = KEY_LIMIT
 #: the largest partition id a certification request may name (``device-I``, I of at most 18 digits: what
 #: :func:`read_request` takes), so ``keys identity`` never makes a key whose request would be refused
 MAX_REQUEST_PARTITION = 10**18 - 1
@@ -134,10 +149,9 @@ def held_partitions(out: str | os.PathLike[str], suffix: str | None = None) -> l
 
 
 def issued_mark(out: str | os.PathLike[str]) -> int | None:
-    """The highest partition id ever issued or revoked in the enrollment folder ``out`` (its
-    :data:`ISSUED_MARK_NAME`), None when the folder keeps none (nothing issued since it was introduced). A file
-    that does not hold one ``device-I`` line is a :class:`ConfigError` naming it: guessing would risk handing out
-    an id again."""
+    """The highest partition id the enrollment folder ``out``'s mark (:data:`ISSUED_MARK_NAME`) names, None when
+    the folder keeps none. A file that does not hold one ``device-I`` line is a :class:`ConfigError` naming it:
+    guessing would risk handing out an id again."""
     path = Path(out) / ISSUED_MARK_NAME
     if not os.path.lexists(path):
         return None
@@ -151,30 +165,156 @@ def issued_mark(out: str | os.PathLike[str]) -> int | None:
     return int(m.group(1))
 
 
-def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
-    """Raise the enrollment folder ``out``'s mark (:data:`ISSUED_MARK_NAME`, 0600, written atomically) to the
-    highest partition of ``devices`` and of every ``device-I`` with a file there, never lowering it: what
-    ``fleet enroll``, ``keys certify`` (issuing) and ``keys revoke --enrolled`` (revoking) record, so that
-    ``--add`` never hands out again an id issued there, even once its files are removed and with no revocation
-    list given. An id that is not ``device-I`` (no partition) is not counted."""
-    ids = [int(m.group(1)) for d in devices if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
-    held = issued_mark(out)
-    top = max([*ids, *held_partitions(out), *([] if held is None else [held])], default=None)
-    if top is not None and top != held:
-        write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(top)}\n".encode())
+#: one line of an id file (:data:`LEDGER_NAME`, :data:`RESERVED_NAME`): ``device-I``, or ``device-I..device-J``
+#: (I < J, both included)
+_ID_RANGE = re.compile(_DEVICE_ID + r"(?:\.\." + _DEVICE_ID + r")?")
 
 
-def issued_top(out: str | os.PathLike[str]) -> int | None:
-    """The highest partition id issued or revoked in ``out`` as far as it tells: its mark
-    (:data:`ISSUED_MARK_NAME`) or, in a folder from before the mark, its highest device holding an issued file
-    (a token, an identity key, a certificate; a request alone is not one); None when it tells of none."""
+def _read_ids(path: Path, what: str) -> list[tuple[int, int]] | None:
+    """The id ranges (first, last) the id file ``path`` holds, None when there is none. A line that is not a
+    range, or ranges out of order or overlapping (not what :func:`_write_ids` writes), is a
+    :class:`ConfigError` naming the file and line: guessing would risk handing out an id again."""
+    if not os.path.lexists(path):
+        return None
+    ranges: list[tuple[int, int]] = []
+    text = read_bounded_text(path, limit=LEDGER_MAX_BYTES, what=what)
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _ID_RANGE.fullmatch(line.strip())
+        first, last = (0, -1) if m is None else (int(m.group(1)), int(m.group(2) or m.group(1)))
+        if m is None or last < first or (ranges and first <= ranges[-1][1] + 1):
+            raise ConfigError(
+                f"{path}, line {n}: {line.strip()[:60]!r} is not a device id range (device-I or "
+                "device-I..device-J, ascending, apart): restore the file deltaplane wrote (ids issued there are "
+                "never handed out again), then rerun"
+            )
+        ranges.append((first, last))
+    return ranges
+
+
+def _merged(*groups: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of ``groups`` as one ascending list of disjoint, non-adjacent ranges."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(r for g in groups for r in g):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
+
+def _write_ids(path: Path, ranges: list[tuple[int, int]]) -> None:
+    """Write ``ranges`` (:func:`_merged`) as the id file ``path``, 0600 and atomically (a crash leaves the old
+    file or the new one, never part of one); an empty list removes the file. More than
+    :data:`LEDGER_MAX_BYTES` is a :class:`ConfigError`, raised before anything is written."""
+    text = _ids_text(path, ranges)
+    if ranges:
+        write_secret_file(path, text)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def _ids_text(path: Path, ranges: list[tuple[int, int]]) -> bytes:
+    """What :func:`_write_ids` writes as ``path``; a :class:`ConfigError` past :data:`LEDGER_MAX_BYTES`."""
+    text = "".join(device_id(a) + ("" if a == b else f"..{device_id(b)}") + "\n" for a, b in ranges).encode()
+    if len(text) > LEDGER_MAX_BYTES:
+        raise ConfigError(
+            f"{path} would hold {len(ranges):,} separate id ranges ({len(text):,} bytes, more than "
+            f"{LEDGER_MAX_BYTES:,}): issue ids in runs (--add K, --devices N) rather than scattered ones"
+        )
+    return text
+
+
+def _partitions(devices: Iterable[str]) -> list[int]:
+    return [int(m.group(1)) for d in devices if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
+
+
+def _recorded(out: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The ids the enrollment folder ``out`` records as issued or revoked there: its ledger
+    (:data:`LEDGER_NAME`), every id up to its mark (:data:`ISSUED_MARK_NAME`) past the ledger's last (a folder
+    of an earlier release, which kept the mark alone, or one such a release issued ids in since), and every
+    device holding an issued file (a token, an identity key, a certificate; a request alone is not one). With
+    no ledger, every id up to the highest of these counts (what an earlier release refused)."""
+    ledger = _read_ids(Path(out) / LEDGER_NAME, "issued device ids ledger")
     mark = issued_mark(out)
-    held = [i for suffix in _ISSUED_SUFFIXES for i in held_partitions(out, suffix)]
-    return max([*held, *([] if mark is None else [mark])], default=None)
+    held = sorted({i for suffix in _ISSUED_SUFFIXES for i in held_partitions(out, suffix)})
+    if ledger is None:
+        top = max([*held, *([] if mark is None else [mark])], default=None)
+        return [] if top is None else [(0, top)]
+    last = ledger[-1][1] if ledger else -1
+    legacy = [(last + 1, mark)] if mark is not None and mark > last else []
+    return _merged(ledger, legacy, [(i, i) for i in held])
+
+
+def _reserved(out: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The ids runs of ``fleet enroll`` have reserved in ``out`` (:data:`RESERVED_NAME`) and not yet recorded."""
+    return _read_ids(Path(out) / RESERVED_NAME, "reserved device ids") or []
+
+
+def _hits(ranges: list[tuple[int, int]], devices: Iterable[str]) -> list[str]:
+    """The devices of ``devices`` whose partition lies in one of ``ranges``."""
+    return [
+        d
+        for d in devices
+        if (m := re.fullmatch(_DEVICE_ID, d)) is not None
+        and any(a <= int(m.group(1)) <= b for a, b in ranges)
+    ]
+
+
+def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
+    """Add the partition ids of ``devices`` to the enrollment folder ``out``'s ledger (:data:`LEDGER_NAME`),
+    with every id it already records (:func:`_recorded`: an earlier release's mark becomes the ids up to it), then
+    raise its mark (:data:`ISSUED_MARK_NAME`) to the ledger's last id, each 0600 and written atomically: what
+    ``fleet enroll``, ``keys certify`` (issuing) and ``keys revoke --enrolled`` (revoking) record, under
+    :func:`enrollment_lock`. An id never leaves the ledger, so none is handed out again, even once its files are
+    removed and with no revocation list given; the mark keeps an earlier release refusing them. An id that is
+    not ``device-I`` (no partition) is not counted."""
+    ranges = _merged(_recorded(out), [(i, i) for i in _partitions(devices)])
+    if not ranges:
+        return
+    _write_ids(Path(out) / LEDGER_NAME, ranges)
+    held = issued_mark(out)
+    if held is None or ranges[-1][1] > held:
+        write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(ranges[-1][1])}\n".encode())
+
+
+def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
+    """Reserve ``devices``' ids in ``out`` (:data:`RESERVED_NAME`) for a run that issues them outside the lock
+    (``fleet enroll`` asks the service for their tokens): until :func:`release_ids`, every other run refuses them
+    (:func:`check_not_reserved`) and ``--add`` takes ids past them. A run killed outright leaves them reserved,
+    and refused: the service may have issued their tokens. A ledger that could not hold them too is refused
+    here (:func:`_ids_text`), before any token is asked for, not once the service issued them."""
+    ids = [(i, i) for i in _partitions(devices)]
+    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), ids))
+    _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), ids))
+
+
+def release_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
+    """Take ``devices``' ids out of ``out``'s reservations (:func:`reserve_ids`), removing the file once empty:
+    the run has recorded those it issued (:func:`record_issued`) and gives the others back."""
+    left = _reserved(out)
+    for i in _partitions(devices):  # cut i out of the range holding it
+        left = [r for a, b in left for r in (((a, i - 1), (i + 1, b)) if a <= i <= b else ((a, b),))]
+    _write_ids(Path(out) / RESERVED_NAME, _merged(r for r in left if r[0] <= r[1]))
 
 
 #: the files of an enrollment folder that show their device's id was issued there
 _ISSUED_SUFFIXES = (".token", ".identity.pem", ".cert")
+
+
+def check_not_reserved(out: str | os.PathLike[str], devices: Sequence[str]) -> None:
+    """Refuse ``devices`` that another run reserved in ``out`` (:func:`reserve_ids`) and is issuing now, whatever
+    the command's override: a :class:`ConfigError` naming them and the file."""
+    hit = _hits(_reserved(out), devices)
+    if hit:
+        raise ConfigError(
+            f"{_listed(hit)} {'is' if len(hit) == 1 else 'are'} being issued by another run in {out} "
+            f"({RESERVED_NAME}): wait for it, or take new ids (--add K). A run killed outright leaves its ids "
+            f"there: its tokens may have been issued; revoke them, then remove their lines from {RESERVED_NAME}"
+        )
+
+
+def _listed(devices: Sequence[str]) -> str:
+    return f"{', '.join(devices[:5])}{' …' if len(devices) > 5 else ''}"
 
 
 def check_not_issued(
@@ -184,20 +324,16 @@ def check_not_issued(
     option: str = "--add K",
     override: str | None = None,
 ) -> None:
-    """Refuse to issue a key or token to any of ``devices`` at or below ``out``'s mark (:func:`issued_top`): a
-    :class:`ConfigError` naming them and what to do instead.
+    """Refuse to issue a key or token to any of ``devices`` that ``out`` records as issued or revoked
+    (:func:`_recorded`: its ledger, and every id up to an earlier release's mark): a :class:`ConfigError` naming
+    them and what to do instead.
 
-    The mark is the highest id ever issued or revoked in ``out``, not a list of them, so an id below it may
-    have been issued and its files since removed: issuing it again would give the id a second key (or token)
-    while the first stays valid until its certificate expires, and a revocation list cannot refuse the old key
-    without the id. A new device takes a new id (``option``); ``override`` names the flag, where the command has
-    one, that issues such ids anyway."""
-    top = issued_top(out)
-    hit = [
-        d
-        for d in devices
-        if top is not None and (m := re.fullmatch(_DEVICE_ID, d)) is not None and int(m.group(1)) <= top
-    ]
+    Such an id's files may have been removed: issuing it again would give the id a second key (or token) while
+    the first stays valid until its certificate expires, and a revocation list cannot refuse the old key
+    without the id. An id the ledger does not hold (below the highest, never issued) is free. A new device
+    takes a new id (``option``); ``override`` names the flag, where the command has one, that issues such ids
+    anyway."""
+    hit = _hits(_recorded(out), devices)
     if not hit:
         return
     also = (
@@ -207,10 +343,9 @@ def check_not_issued(
         "(an earlier key of the id stays valid until its certificate expires)"
     )
     raise ConfigError(
-        f"{', '.join(hit[:5])}{' …' if len(hit) > 5 else ''} {'is' if len(hit) == 1 else 'are'} at or below "
-        f"{device_id(top)}, the highest id issued or revoked in {out} ({ISSUED_MARK_NAME}): an id never gets a "
-        f"second key or token silently; enrol a new device under a new id ({option} takes the next free ones)"
-        f"{also}"
+        f"{_listed(hit)} {'was' if len(hit) == 1 else 'were'} already issued or revoked in {out} ({LEDGER_NAME}, "
+        f"or up to an earlier release's {ISSUED_MARK_NAME}): an id never gets a second key or token silently; "
+        f"enrol a new device under a new id ({option} takes the next free ones){also}"
     )
 
 
@@ -228,8 +363,9 @@ def renews_held_key(out: str | os.PathLike[str], request: CertificationRequest) 
 def enrollment_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the enrollment folder ``out`` itself (created if missing), waiting for it:
     every command issuing ids there (``fleet enroll``, ``keys certify``, ``keys revoke --enrolled``) takes it
-    around its whole choice of ids, check and write, so two concurrent ``--add`` runs never take the same ids
-    nor leave :data:`ISSUED_MARK_NAME` below what either issued. Locking the folder leaves no file in it; the
+    around its choice of ids, checks and writes, so two concurrent ``--add`` runs never take the same ids nor
+    drop an id from :data:`LEDGER_NAME` the other recorded (``fleet enroll`` reserves its ids under it, asks the
+    service for their tokens without it, then records them under it again). Locking the folder leaves no file in it; the
     kernel releases the lock when the process dies. A folder this call created is removed again when the
     block fails and leaves it empty (a refused run leaves nothing behind)."""
     folder = Path(out)
@@ -254,7 +390,7 @@ def writing_all_or_nothing(paths: Iterable[str | os.PathLike[str]]) -> Iterator[
     none: if the block raises (an ``OSError``, a refusal, ctrl-C), each is put back as it was before, its bytes
     and mode, or removed if it was not there, and the exception goes on. A path that is not a regular file
     (a folder in its place) is left alone. Only a process killed outright leaves the files it wrote; callers
-    raise the mark before writing, so those ids are never handed out again."""
+    record the ids (:func:`record_issued`) before writing, so those ids are never handed out again."""
     before: list[tuple[Path, bytes | None, int]] = []
     for p in map(Path, paths):
         if os.path.lexists(p) and not (p.is_file() and not p.is_symlink()):
@@ -275,14 +411,13 @@ def writing_all_or_nothing(paths: Iterable[str | os.PathLike[str]]) -> Iterator[
 
 def next_device_ids(out: str | os.PathLike[str], count: int, *, revoked: Iterable[str] = ()) -> list[str]:
     """The ``count`` device ids a fleet enrolled in ``out`` grows by: the ids past every ``device-I`` with a file
-    there, past the folder's mark of every id ever issued or revoked there (:func:`record_issued`) and past every
-    one ``revoked`` names (a revocation list's devices), so a replacement never takes the id of a device that
-    exists, was issued or was revoked: the service and the devices match the list by device id, and a reused id
-    would be refused as revoked, or would revive one."""
+    there, past every id its ledger records as issued or revoked (:func:`record_issued`), past every id a run
+    has reserved (:func:`reserve_ids`) and past every one ``revoked`` names (a revocation list's devices), so a
+    replacement never takes the id of a device that exists, was issued or was revoked: the service and the
+    devices match the list by device id, and a reused id would be refused as revoked, or would revive one."""
     taken = held_partitions(out)
-    mark = issued_mark(out)
-    taken += [] if mark is None else [mark]
-    taken += [int(m.group(1)) for d in revoked if (m := re.fullmatch(_DEVICE_ID, d)) is not None]
+    taken += [b for _, b in _recorded(out)[-1:] + _reserved(out)[-1:]]
+    taken += _partitions(revoked)
     start = max(taken, default=-1) + 1
     if start + count - 1 > MAX_REQUEST_PARTITION:
         raise ConfigError(
