@@ -1446,6 +1446,32 @@ class Registry:
             args.append(kind)
         return [_artifact(r) for r in self._connect().execute(q + " ORDER BY id", args)]
 
+    def deployed_from(self, sha256: str, *, model: str | None = None) -> Artifact | None:
+        """The model version a deploy artifact names as its source, or None when no version holds it.
+
+        A deploy manifest's ``source_sha256`` is the SHA-256 of the weights file it compressed: a version pulled
+        with ``registry pull`` (whose ``model.safetensors`` is the version's bytes, so the version's ``sha256``)
+        or the file a version was registered from (its lineage's ``source.sha256``). Versions of ``model`` come
+        first, then the newest; the one returned has its signature checked, so the link rests on what the
+        registry signed, not on an edited row (a statement-1 version's unsigned lineage links by bytes only).
+
+        Raises:
+            SignatureError: the version found does not verify (the database was edited).
+        """
+        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+            return None
+        rows = self._connect().execute(
+            "SELECT *, sha256=? AS by_bytes FROM artifacts WHERE kind='model' AND (sha256=? OR (json_valid(lineage)"
+            " AND json_extract(lineage, '$.source.sha256')=?)) ORDER BY model=? DESC, id DESC",
+            (sha256, sha256, sha256, model),
+        )
+        for row in rows:
+            art = _artifact(row)
+            if row["by_bytes"] or art.statement_version >= 2:
+                self.verifier.verify(art.statement(), art.signature)
+                return art
+        return None
+
     def get(self, model: str, number: int) -> Artifact:
         if not isinstance(number, int) or not 0 < number < 2**63:
             raise NotFound(f"{model}@{number} does not exist: version numbers are positive 64-bit integers")
