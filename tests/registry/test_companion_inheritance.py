@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
 
 from deltaplane.codecs import Compressor
-from deltaplane.commands.ops import register as register_ops
 from deltaplane.delta import Delta
 from deltaplane.errors import SignatureError
 from deltaplane.registry import Registry, publish_update, state_to_bytes
@@ -71,26 +68,13 @@ def test_a_parent_entry_edited_into_the_database_is_not_inherited(tmp_path: Path
     assert [a.ref for a in reg.versions()] == ["m@1"]
 
 
-def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    register_ops(app)
-    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args], terminal_width=300)
-
-
 @pytest.mark.parametrize(
     "theirs", [["train.csv", "eval.csv"], 3, {"train.csv": {"sha256": "ab" * 32, "bytes": 10}}, {}]
 )
-def test_an_older_releases_own_files_lineage_still_verifies_and_pulls(tmp_path, monkeypatch, theirs) -> None:
+def test_an_older_releases_own_files_lineage_still_verifies_and_pulls(tmp_path, registry_cli, theirs) -> None:
     """Before the registry carried companion files, ``register_model`` took a user lineage with ``files``
     (the older release inserted it as given, signed): such a version has no companion files."""
-    cli = _cli(tmp_path, monkeypatch)
+    cli = registry_cli
     reg = _registry(tmp_path)
     old = reg._insert(  # what the older release's register_model did with lineage={"files": ...}
         model="m",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.torch import save_file
-from tests.registry.test_companion_inheritance import STATE, TOKENIZER, _cli
+from tests.registry.test_companion_inheritance import STATE, TOKENIZER
 
 from deltaplane.deploy.artifact import write_artifact
 from deltaplane.registry import Registry
@@ -27,8 +27,8 @@ def _dpla(path: Path, source_sha256: str) -> Path:
     return path
 
 
-def test_a_deploy_artifact_is_linked_to_the_version_it_was_deployed_from(tmp_path, monkeypatch) -> None:
-    cli = _cli(tmp_path, monkeypatch)
+def test_a_deploy_artifact_is_linked_to_the_version_it_was_deployed_from(tmp_path, registry_cli) -> None:
+    cli = registry_cli
     assert cli("registry", "init", "--no-encrypt").exit_code == 0
     hf = tmp_path / "hf"
     hf.mkdir()
