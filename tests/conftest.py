@@ -210,3 +210,22 @@ def no_runs(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(cli, "_execute", execute)
     return plans
+
+
+@pytest.fixture
+def registry_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The ``registry``/``keys`` commands on a home of their own (``tmp_path / "home"``): ``registry_cli(*args)``."""
+    import typer
+    from typer.testing import CliRunner
+
+    from deltaplane.commands.ops import register as register_ops
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    register_ops(app)
+    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])

@@ -227,8 +227,6 @@ def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monke
     previous pull's manifest: a folder whose manifest names another version than its model."""
     import pathlib
 
-    import safetensors.torch
-
     cli("registry", "init")
     for value in (1.0, 2.0):
         save_file({"w": torch.full((3,), value)}, str(tmp_path / "m.safetensors"))
@@ -236,24 +234,17 @@ def test_an_interrupted_pull_leaves_the_previous_pull_whole(cli, tmp_path, monke
     out = tmp_path / "pulled"
     assert cli("registry", "pull", "m@1", "--out", str(out)).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    if when == "model":
-        real = safetensors.torch.save_file
+    for method in ("write_text", "write_bytes"):  # however the files are written
+        real_write = getattr(pathlib.Path, method)
 
-        def interrupted(*args, **kwargs):
-            real(*args, **kwargs)
-            raise KeyboardInterrupt
+        def interrupted_write(self, *args, _real=real_write, **kwargs):
+            if self.name.startswith(f"{when}."):
+                if when == "model":  # the model written in full, then Ctrl-C
+                    _real(self, *args, **kwargs)
+                raise KeyboardInterrupt
+            return _real(self, *args, **kwargs)
 
-        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
-    else:
-        for method in ("write_text", "write_bytes"):  # however the manifest is written
-            real_write = getattr(pathlib.Path, method)
-
-            def interrupted_write(self, *args, _real=real_write, **kwargs):
-                if self.name.startswith("manifest.json"):
-                    raise KeyboardInterrupt
-                return _real(self, *args, **kwargs)
-
-            monkeypatch.setattr(pathlib.Path, method, interrupted_write)
+        monkeypatch.setattr(pathlib.Path, method, interrupted_write)
     r = cli("registry", "pull", "m@2", "--out", str(out))
     assert r.exit_code != 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

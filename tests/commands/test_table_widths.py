@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 from deltaplane import cli
 from deltaplane.commands import console
-from deltaplane.commands.ops import register as register_ops
 from deltaplane.engine.config import RunConfig
 from deltaplane.registry import Registry
 
@@ -121,19 +120,6 @@ def test_device_cost_and_followup_tables_fit_80() -> None:
                  "ties", "fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1",
                  "73.96 kB", "9.87 kB", "7.49×", "0.9610 (-0.28)", "1.23×"):  # fmt: skip
         assert word in text, word
-
-
-@pytest.fixture
-def registry_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    register_ops(app)
-    monkeypatch.setenv("DELTAPLANE_HOME", str(tmp_path / "home"))
-    return lambda *args: CliRunner().invoke(app, list(args))
 
 
 def test_registry_list_summarizes_each_lineage_on_a_line_at_80(registry_cli, tmp_path: Path, narrow) -> None:

@@ -72,8 +72,16 @@ def test_an_edited_file_entry_is_refused_path_or_hash(tmp_path: Path) -> None:
     reg = _registry(tmp_path)
     art = reg.register_model("m", {"w": torch.ones(2)}, files=TOKENIZER)
     entry = art.lineage["files"]["vocab.txt"]
-    # a traversal name: refused before any signature or blob is looked at
+    # a traversal name is not a file the registry carries: never written (an older release's own lineage
+    # 'files' reads the same way), and the edit is caught by the signature over the lineage
     _edit_lineage(reg.home, {"files": {"../../evil.txt": entry}})
+    reg = Registry(reg.home)
+    assert reg.load_files(reg.resolve("m@1")) == {}
+    with pytest.raises(SignatureError):
+        reg.load_state(reg.resolve("m@1"))
+    assert not reg.verify().ok
+    # a companion name with a malformed hash: the registry's shape, not what it writes
+    _edit_lineage(reg.home, {"files": {"vocab.txt": {"sha256": "../evil", "bytes": 3}}})
     reg = Registry(reg.home)
     with pytest.raises(IntegrityError, match="not an entry the registry writes"):
         reg.load_files(reg.resolve("m@1"))

@@ -193,6 +193,49 @@ def _finite_json_float(text: str) -> float:
     return value
 
 
+def _deploy_link(
+    reg: Any, model: str, lineage: dict[str, Any], given: dict[str, Any], parent: int | None
+) -> tuple[int | None, list[Any], str]:
+    """The parent and sources ``registry register`` gives a deploy artifact from what its manifest names, and
+    a line saying so: ``(parent, sources, line)``.
+
+    A deploy manifest records ``source_sha256``, the weights file it compressed; the registry version holding
+    them (:meth:`~deltaplane.registry.Registry.deployed_from`, signature checked) becomes the parent when it is
+    a version of ``model`` (so the artifact also inherits its tokenizer), else a source (its governance flows
+    down). A ``--parent`` given is kept, with a note when it does not hold those weights; a ``--lineage`` with
+    its own ``sources`` is not overridden. Other inputs (no manifest, a run folder) are left as given."""
+    deploy = lineage.get("deploy")
+    source = deploy.get("source_sha256") if isinstance(deploy, dict) else None
+    if not isinstance(source, str):
+        return parent, [], ""
+    held = f"the weights it was deployed from (SHA-256 {source[:16]}…)"
+    if parent is not None:
+        named = reg.get(model, parent)
+        named_source = named.lineage.get("source")
+        if source in (named.sha256, named_source.get("sha256") if isinstance(named_source, dict) else None):
+            return parent, [], ""
+        return (
+            parent,
+            [],
+            f"note: --parent {named.ref} does not hold {held}; registered with the parent you named",
+        )
+    found = reg.deployed_from(source, model=model)
+    if found is None:
+        return (
+            None,
+            [],
+            (
+                f"note: no registered version holds {held}; name it with --parent or --lineage to link this version "
+                "to the model it was made from"
+            ),
+        )
+    if found.model == model:
+        return found.number, [], f"parent {found.ref}: it holds {held}"
+    if "sources" in given:
+        return None, [], f"note: {found.ref} holds {held}; not linked, as --lineage names its own sources"
+    return None, [found], f"source {found.ref}: it holds {held}"
+
+
 def _run_output(folder: Path) -> tuple[Path, dict[str, Any]]:
     """The model file and the run record of a ``deltaplane run`` output folder."""
     model, meta = folder / "model.safetensors", folder / "model.json"
@@ -932,15 +975,20 @@ def register(app: typer.Typer) -> None:
             src = load_deployable(
                 path
             )  # .safetensors, .dpla/.onnx, deploy or HF folder: tensors + provenance
-            art = Registry(_home(home)).register_model(
+            reg = Registry(_home(home))
+            parent, linked, link_note = _deploy_link(reg, model, src.lineage, lin, parent)
+            art = reg.register_model(
                 model,
                 src.state,
                 parent=parent,
                 lineage={**src.lineage, **lin},
                 governance=gov,
-                files=src.files,
+                sources=linked,
+                files=src.files or None,  # none of its own: a version with a parent keeps the parent's
             )
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
+        if link_note:
+            err_console.print(escape(link_note), soft_wrap=True)
 
     @reg_app.command("pull")
     def registry_pull(
@@ -961,8 +1009,6 @@ def register(app: typer.Typer) -> None:
 
         A version trained on a cohort that withdrew consent is still pulled, with a warning on stderr and the
         cohorts in manifest.json's ``consent.withdrawn_cohorts`` (empty when none)."""
-        from safetensors.torch import save_file
-
         from deltaplane.registry import Registry
         from deltaplane.shards import COMPANION_FILES
 
@@ -972,7 +1018,12 @@ def register(app: typer.Typer) -> None:
             # a tag is checked against the signed state log, as the service's downloads and the dashboard do: a
             # tag row edited in registry.db is an IntegrityError (exit 1, nothing written), not another version
             art = reg.resolve(ref if ("@" in ref or ":" in ref) else f"{ref}@latest", verify=True)
-            state = reg.load_state(art)  # verifies the hash and the signature before anything is written
+            if art.kind != "model":
+                raise ConfigError(f"{art.ref} is a delta; registry pull needs a model version")
+            # the version's own bytes (a safetensors file, hash and signature checked before anything is written),
+            # so the pulled model.safetensors hashes to manifest.json's sha256, and a deploy of the folder names
+            # this version as its source (registry register links it back)
+            weights = reg.read(art)
             # consent is governance, not integrity: a version trained on a cohort that withdrew consent still
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
             # read verified against the signed state log: a withdrawal deleted from registry.db is an error, not a
@@ -990,17 +1041,14 @@ def register(app: typer.Typer) -> None:
             pulled_before = (out / "manifest.json").is_file()
             manifest = {**art.to_dict(), "verified": True, "consent": {"withdrawn_cohorts": withdrawn}}
             written = {
-                "model.safetensors": None,
+                "model.safetensors": weights,
                 "manifest.json": json.dumps(manifest, indent=1).encode(),
                 **extras,
             }
             tmps = {name: out / f"{name}.tmp" for name in written}
             try:  # all written in full before any replaces a previous pull's: never a model with another's manifest
                 for name, data in written.items():
-                    if data is None:
-                        save_file({k: v.contiguous() for k, v in state.items()}, str(tmps[name]))
-                    else:
-                        tmps[name].write_bytes(data)
+                    tmps[name].write_bytes(data)
                 for name, tmp in tmps.items():
                     tmp.replace(out / name)
                 if pulled_before:  # a previous pull's config and tokenizer are not this version's

@@ -37,6 +37,7 @@ __all__ = ["Deployable", "load_deployable"]
 
 _MANIFEST_KEYS = (
     "model",
+    "source_sha256",  # the weights it compressed: `registry register` links the version holding them
     "task",
     "prune",
     "quant",

@@ -596,41 +596,56 @@ FILES_KEY = "files"
 """The lineage entry naming a version's companion files (tokenizer, generation config): ``{name: {"sha256": …,
 "bytes": …}}``. Inside the lineage, so the version's signature covers each file's hash; the bytes are blobs."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_ENTRY_KEYS = frozenset({"sha256", "bytes"})
+
+
+def _is_companion_record(entries: object) -> bool:
+    """Whether a lineage's ``files`` has the shape :meth:`Registry.register_model` writes: a non-empty object of
+    companion file names, each an object of exactly ``sha256`` and ``bytes``.
+
+    Releases before the registry carried companion files let a user lineage hold its own ``files`` (a list of
+    data files, a count, an object of other names): such a version has no companion files, and must keep
+    verifying and pulling as it did. No companion name is a path, so an entry that is not the registry's is never
+    written anywhere; its integrity is the signature's (statement 2 covers the whole lineage)."""
+    return (
+        isinstance(entries, dict)
+        and bool(entries)
+        and all(name in COMPANION_FILES for name in entries)
+        and all(isinstance(e, dict) and set(e) == _ENTRY_KEYS for e in entries.values())
+    )
 
 
 def _companion_entries(artifact: Artifact) -> dict[str, tuple[str, int]]:
     """The companion files ``artifact`` records (name → (SHA-256, bytes)); none for a version registered
-    without any (every version registered before the registry carried them).
+    without any (every version registered before the registry carried them), including one whose user lineage
+    used the key ``files`` for something else (see :func:`_is_companion_record`).
 
     Raises:
-        IntegrityError: the entry is not what :meth:`Registry.register_model` writes: a name outside
-            :data:`~deltaplane.shards.COMPANION_FILES` (``../x``, ``/etc/passwd``: nothing is written outside
-            the pulled folder), a malformed hash or size, or files recorded in a statement-1 version's unsigned
-            lineage.
+        IntegrityError: a record of the registry's shape that is not what it writes: a malformed hash or
+            size, or files recorded in a statement-1 version's unsigned lineage (no statement-1 version was
+            registered with companion files).
     """
     entries = artifact.lineage.get(FILES_KEY)
-    if entries is None:
+    if not _is_companion_record(entries):
         return {}
-    if not isinstance(entries, dict) or (entries and artifact.statement_version < 2):
+    if artifact.statement_version < 2:
         raise IntegrityError(
             f"{artifact.ref}: its lineage's {FILES_KEY!r} is not the signed file list the registry writes: the "
             "database was edited; restore it from a backup"
         )
     out: dict[str, tuple[str, int]] = {}
     for name, entry in entries.items():
-        sha = entry.get("sha256") if isinstance(entry, dict) else None
-        size = entry.get("bytes") if isinstance(entry, dict) else None
+        sha, size = entry["sha256"], entry["bytes"]
         if (
-            name not in COMPANION_FILES
-            or not isinstance(sha, str)
+            not isinstance(sha, str)
             or not _SHA256.match(sha)
             or type(size) is not int
             or not 0 <= size <= TOKENIZER_LIMIT
         ):
             raise IntegrityError(
                 f"{artifact.ref}: its lineage names file {name!r:.80} with {entry!r:.120}, not an entry the "
-                f"registry writes (a name of {', '.join(COMPANION_FILES)}; a SHA-256 and a size): the database "
-                "was edited; restore it from a backup"
+                f"registry writes (a SHA-256 and a size of at most {TOKENIZER_LIMIT} bytes): the database was "
+                "edited; restore it from a backup"
             )
         out[name] = (sha, size)
     return out
@@ -1308,19 +1323,26 @@ class Registry:
         ``files`` are the checkpoint folder's companion files (its tokenizer's, its generation config:
         :func:`~deltaplane.shards.read_companion_files`), stored as blobs and named with their SHA-256 and size
         in the lineage's ``files``, so the signature covers them as it covers ``config``; :meth:`load_files`
-        gives them back.
+        gives them back. Left out (``None``), a version with a ``parent`` inherits the parent's (the same
+        blobs, nothing copied): a fleet round's model or a fine-tune registered with ``--parent`` keeps the
+        tokenizer it was trained with. ``files={}`` registers a version without any.
 
         Raises:
             ConfigError: a file name outside :data:`~deltaplane.shards.COMPANION_FILES`, a file or all of them
                 over their limits, or a ``lineage`` that sets ``files`` itself.
+            IntegrityError, SignatureError: the parent's files to inherit are not as signed, or their blobs
+                are gone.
         """
         data = state if isinstance(state, bytes) else state_to_bytes(state)
         if isinstance(state, bytes):
             state_from_bytes(state)  # refuse bytes that are not a loadable state dict
         own = Governance.of(governance).check_names()
         inputs = [self.resolve(x) if isinstance(x, str) else x for x in sources]
+        inherited: dict[str, dict[str, Any]] = {}
         if parent is not None:
             inputs.append(self.get(model, parent))
+            if files is None:  # a child keeps its parent's tokenizer unless given its own
+                inherited = self._inherited_files(inputs[-1])
         if inputs:
             own = Governance.combine(own, *(a.governance for a in inputs))
             if sources:
@@ -1333,6 +1355,8 @@ class Registry:
             )
         if files:
             lineage = {**dict(lineage or {}), FILES_KEY: self._put_files(files)}
+        elif inherited:
+            lineage = {**dict(lineage or {}), FILES_KEY: inherited}
         return self._insert(
             model=model,
             kind="model",
@@ -1344,6 +1368,25 @@ class Registry:
             lineage=lineage,
             governance=governance,
         )
+
+    def _inherited_files(self, parent: Artifact) -> dict[str, dict[str, Any]]:
+        """``parent``'s companion file entries, for a child that names the same blobs (none when it has none).
+
+        The parent's signature is checked first: the child's signature will cover these entries, so an entry
+        edited into the parent's row must not come out of a child validly signed. The blobs must be present
+        (a child whose pull fails is not registered); they are not read again, so a round costs no extra I/O.
+        """
+        entries = _companion_entries(parent)
+        if not entries:
+            return {}
+        self.verifier.verify(parent.statement(), parent.signature)
+        missing = [name for name, (sha, _) in entries.items() if not self.blob_path(sha).is_file()]
+        if missing:
+            raise IntegrityError(
+                f"{parent.ref}: the blobs of its files {', '.join(missing)} are missing, so a version made from it "
+                "cannot inherit them; restore blobs/ from a backup, or register the child with its own files"
+            )
+        return {name: {"sha256": sha, "bytes": size} for name, (sha, size) in entries.items()}
 
     def _put_files(self, files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
         """Store companion files as blobs (durable before the row naming them); their lineage entry."""
@@ -1435,6 +1478,32 @@ class Registry:
             q += " AND kind=?"
             args.append(kind)
         return [_artifact(r) for r in self._connect().execute(q + " ORDER BY id", args)]
+
+    def deployed_from(self, sha256: str, *, model: str | None = None) -> Artifact | None:
+        """The model version a deploy artifact names as its source, or None when no version holds it.
+
+        A deploy manifest's ``source_sha256`` is the SHA-256 of the weights file it compressed: a version pulled
+        with ``registry pull`` (whose ``model.safetensors`` is the version's bytes, so the version's ``sha256``)
+        or the file a version was registered from (its lineage's ``source.sha256``). Versions of ``model`` come
+        first, then the newest; the one returned has its signature checked, so the link rests on what the
+        registry signed, not on an edited row (a statement-1 version's unsigned lineage links by bytes only).
+
+        Raises:
+            SignatureError: the version found does not verify (the database was edited).
+        """
+        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+            return None
+        rows = self._connect().execute(
+            "SELECT *, sha256=? AS by_bytes FROM artifacts WHERE kind='model' AND (sha256=? OR (json_valid(lineage)"
+            " AND json_extract(lineage, '$.source.sha256')=?)) ORDER BY model=? DESC, id DESC",
+            (sha256, sha256, sha256, model),
+        )
+        for row in rows:
+            art = _artifact(row)
+            if row["by_bytes"] or art.statement_version >= 2:
+                self.verifier.verify(art.statement(), art.signature)
+                return art
+        return None
 
     def get(self, model: str, number: int) -> Artifact:
         if not isinstance(number, int) or not 0 < number < 2**63:
