@@ -473,6 +473,47 @@ def test_the_flush_writes_only_what_changed(tmp_path, monkeypatch) -> None:
     assert state.flush_watch() and len(txns) == 1
 
 
+def _counting_transactions(svc, monkeypatch) -> list[int]:
+    """One entry per outermost registry transaction (a commit, a sync) from now on; nested ones join it."""
+    txns: list[int] = []
+    real = type(svc.reg).transaction
+
+    def counted(self):
+        if not getattr(self._local, "depth", 0):
+            txns.append(1)
+        return real(self)
+
+    monkeypatch.setattr(type(svc.reg), "transaction", counted)
+    return txns
+
+
+def test_a_close_or_an_abort_leaves_the_flush_nothing_to_write(tmp_path, monkeypatch) -> None:
+    """A close and an abort save the kept counters in their own transaction, but did not tell the periodic
+    flush, so each was followed by one more transaction writing the same counts. Now the flush sees them saved."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    d0, d1 = svc.device("d0"), svc.device("d1")
+    for close in (False, True):  # the abort first: a close publishes v2, and payload() deltas v1
+        number = svc.admin.open_round("cnn")["round"]
+        d0.upload("cnn", number, payload(svc, int(close)), num_examples=1)  # another update: no replay
+        with pytest.raises(ServiceError):
+            d1.upload("cnn", number, b"x", num_examples=1)  # a refusal: a kept count no upload carried
+        assert state.flush_watch()  # the contacts and the refusal: saved now, so only the close's remain
+        with pytest.raises(ServiceError):
+            d1.upload("cnn", number, b"x", num_examples=1)  # counted in memory only
+        state.unsaved.clear()  # the contact aside: the counters are what the close or abort carries
+        txns = _counting_transactions(svc, monkeypatch)
+        if close:
+            svc.admin.close_round("cnn", number)
+        else:
+            svc.admin.abort_round("cnn", number)
+        assert txns == [1]  # the close's or abort's own
+        assert not state.flush_watch() and txns == [1], "close" if close else "abort"  # before: a second
+        monkeypatch.undo()
+    stored = dict(svc.reg.query("SELECT name, value FROM fleet_counters"))
+    assert stored["rejected.DecodeError"] == state.counters["rejected.DecodeError"] == 4
+
+
 def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
     """A drift monitor whose row could not be read was dropped at start with a log line only: its reports fed
     nothing, and the Fleet page and ``GET .../drift`` read as if no reference had ever been set. Now a row whose

@@ -296,7 +296,7 @@ class ServiceState:
         :meth:`FleetWatch.save_devices` takes them) and the kept counters. Caller holds the lock, and passes
         both to :meth:`mark_saved` once they committed."""
         rows = [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
-        return rows, {k: v for k, v in self.counts().items() if kept_counter(k)}
+        return rows, self._kept_counts()
 
     def mark_saved(self, saved: tuple[list[tuple[str, str, int, float]], dict[str, int]]) -> None:
         """The rows and counts of :meth:`_unsaved` committed: the devices are no longer unsaved, unless seen
@@ -305,7 +305,15 @@ class ServiceState:
         for device, _, _, at in rows:
             if self.unsaved.get(device) == at:
                 del self.unsaved[device]
-        self.saved_counts = counts
+        self._counts_saved(counts)
+
+    def _counts_saved(self, counts: Mapping[str, int]) -> None:
+        """Kept counters ``counts`` committed: :attr:`saved_counts` becomes what the database holds, each
+        counter the larger of the two (it keeps the larger of two snapshots committed out of order, and a
+        counter only grows), so a stale snapshot committed last never makes the next flush write again."""
+        self.saved_counts = {
+            k: max(v, self.saved_counts.get(k, 0)) for k, v in (self.saved_counts | dict(counts)).items()
+        }
 
     def _save_unsaved(self, rows: list[tuple[str, str, int, float]], counts: Mapping[str, int]) -> None:
         """Write devices seen and kept counters, joining the caller's transaction (no sync of their own there)."""
@@ -356,12 +364,13 @@ class ServiceState:
         *,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, int]]:
         """A closed round as the fleet page lists it (what it published, from how many devices, its ε, whether
-        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history`.
+        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history` with
+        the kept counters; returns it and the counters it stored.
 
         Call it inside the transaction that closes the round (the row commits with the version or not at
-        all), then :meth:`remember_closed` once that transaction committed."""
+        all), then :meth:`remember_closed` with both once that transaction committed."""
         epsilon = measurements.get("epsilon")
         summary = {
             "model": model,
@@ -374,14 +383,21 @@ class ServiceState:
             "revoked": list(revoked),
             "closed_at": time.time(),
         }
+        counts = self._kept_counts() if self.history is not None else {}  # memory only: nothing saved
         if self.history is not None:
-            self.history.add_round(summary, self.counts())
-        return summary
+            self.history.add_round(summary, counts)
+        return summary, counts
 
-    def remember_closed(self, summary: dict[str, Any]) -> None:
-        """Show a closed round (:meth:`close_summary`, committed) on the fleet page."""
+    def _kept_counts(self) -> dict[str, int]:
+        """The kept counters (:func:`~deltaplane.serve.fleet_history.kept_counter`) as they are now."""
+        return {k: v for k, v in self.counts().items() if kept_counter(k)}
+
+    def remember_closed(self, summary: dict[str, Any], saved: Mapping[str, int]) -> None:
+        """Show a closed round (:meth:`close_summary`, committed) on the fleet page; the kept counters its
+        transaction ``saved`` need no periodic flush of their own (:meth:`flush_watch` sees them saved)."""
         with self.lock:
             self.closed_rounds.append(summary)
+            self._counts_saved(saved)
 
     def end_summary(
         self,
@@ -396,13 +412,14 @@ class ServiceState:
         stage: str | None = None,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, int]]:
         """A round that ended without publishing (``outcome``: aborted or lost) as the fleet page lists it: how
         many devices were invited (None: a plain round invites every device) and took part, a SecAgg round's
-        stage, and why (``reason``, bounded); stored in :attr:`history`.
+        stage, and why (``reason``, bounded); stored in :attr:`history` with the kept counters; returns it and
+        the counters it stored.
 
         Call it inside the transaction that records the round aborted or lost (the row commits with that or
-        not at all), then :meth:`remember_ended` once that transaction committed."""
+        not at all), then :meth:`remember_ended` with both once that transaction committed."""
         summary = {
             "model": model,
             "round": number,
@@ -416,14 +433,17 @@ class ServiceState:
             "revoked": list(revoked),
             "closed_at": time.time(),
         }
+        counts = self._kept_counts() if self.history is not None else {}  # memory only: nothing saved
         if self.history is not None:
-            self.history.add_unpublished(summary, self.counts())
-        return summary
+            self.history.add_unpublished(summary, counts)
+        return summary, counts
 
-    def remember_ended(self, summary: dict[str, Any]) -> None:
-        """Show a round that ended without publishing (:meth:`end_summary`, committed) on the fleet page."""
+    def remember_ended(self, summary: dict[str, Any], saved: Mapping[str, int]) -> None:
+        """Show a round that ended without publishing (:meth:`end_summary`, committed) on the fleet page; the
+        kept counters its transaction ``saved`` need no periodic flush of their own."""
         with self.lock:
             self.unpublished_rounds.append(summary)
+            self._counts_saved(saved)
 
     def unpublished_snapshot(self) -> list[dict[str, Any]]:
         """The rounds that ended without publishing, newest first."""
@@ -507,7 +527,7 @@ class ServiceState:
                 self.reports[model] = reports[-MAX_REPORTS:]
             with self.counters_lock:
                 self.counters.update(loaded.counters)
-            self.saved_counts = {k: v for k, v in self.counts().items() if kept_counter(k)}
+            self.saved_counts = self._kept_counts()
             if loaded.refused:
                 self.count("errors.history_unreadable", len(loaded.refused))
 
