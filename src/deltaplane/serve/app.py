@@ -228,6 +228,10 @@ class ServiceState:
     #: models whose stored drift monitor could not be read at start -> why (shown on the Fleet page and by the
     #: admin API until a new reference is set: their reports feed no monitor meanwhile)
     unreadable_monitors: dict[str, str] = field(default_factory=dict)
+    #: models whose open drift window lost reports at start (a device's summary or the window's counts could
+    #: not be read) -> what was lost; shown beside :attr:`unreadable_monitors` until that window closes or a new
+    #: reference is set
+    window_losses: dict[str, str] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
     #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
@@ -496,6 +500,10 @@ class ServiceState:
                 raise
             with self.lock:
                 self.mark_saved(unsaved)
+                if (
+                    closed is not None
+                ):  # a window that lost reports at start has closed: the next one is whole
+                    self.window_losses.pop(model, None)
                 kept = self.reports.setdefault(model, [])
                 kept.append(report)
                 del kept[:-MAX_REPORTS]
@@ -511,6 +519,7 @@ class ServiceState:
             with self.lock:
                 self.monitors[model] = monitor
                 self.unreadable_monitors.pop(model, None)
+                self.window_losses.pop(model, None)
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
@@ -536,12 +545,15 @@ class ServiceState:
         :attr:`watch` to store what comes next. A row that cannot be read is left out with a warning, counted
         with the history's (``errors.history_unreadable``); a monitor whose settings cannot be read is named in
         :attr:`unreadable_monitors` (the operator sees it), one whose open window's counts cannot be read keeps
-        its reference and starts an empty window (stored so)."""
+        its reference and starts an empty window, and a device's summary that cannot be read is left out of its
+        window with the reports it merged (stored so; both named in :attr:`window_losses`)."""
         loaded = watch.load()
         for line in loaded.refused:
             log.warning("%s", line)
         for model in loaded.restarted_windows:
             watch.restart_window(model)
+        for model, (devices, reports) in loaded.dropped_rows.items():
+            watch.drop_window_rows(model, devices, reports)
         with self.lock:
             self.watch = watch
             for device, cohort, requests, at in loaded.devices:
@@ -549,6 +561,7 @@ class ServiceState:
                 self.seen[device] = (cohort, requests, at)
             self.monitors.update(loaded.monitors)
             self.unreadable_monitors.update(loaded.unreadable_monitors)
+            self.window_losses.update(loaded.window_losses)
             self.alerts.extend(loaded.alerts)
             if loaded.refused:
                 self.count("errors.history_unreadable", len(loaded.refused))
@@ -645,6 +658,7 @@ class ServiceState:
                 "uploads": uploads,
                 "drift": {m: [r.to_dict() for r in mon.history] for m, mon in sorted(self.monitors.items())},
                 "drift_unreadable": dict(sorted(self.unreadable_monitors.items())),
+                "drift_window_losses": dict(sorted(self.window_losses.items())),
                 "alerts": list(self.alerts),
             }
 
@@ -1273,6 +1287,8 @@ def create_app(
             "counters": state.counts(),
             # the stored drift monitors that could not be read at start (their reference must be set again)
             "drift_unreadable": dict(state.unreadable_monitors),
+            # open drift windows that lost reports at start (unreadable rows left out), until they close
+            "drift_window_losses": dict(state.window_losses),
             "rounds": {
                 m: {"round": r.number, "base_version": r.base_version, "uploads": len(r.devices)}
                 for m, r in state.rounds.items()
