@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+#: the longest period of the fleet's periodic flush (``ServiceConfig.flush_every_s``, ``serve --flush-every``):
+#: an hour of contacts and counts is the most a crash may lose
+MAX_FLUSH_EVERY_S = 3600.0
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
@@ -146,6 +149,9 @@ class ServiceConfig:
             the service verifies its revocation list under it (at start: a held list of another authority refuses
             the start; at each round open, and every upload; uploads are refused without it). Without it the list
             is used unchecked, which ``serve`` warns of at start.
+        flush_every_s: how often the running service saves the fleet's contacts and upload counts that no
+            report, upload, close or abort carried (one transaction, only when something changed): what a crash
+            can lose, and at most one sync per period. In (0, :data:`MAX_FLUSH_EVERY_S`].
     """
 
     home: str
@@ -178,6 +184,7 @@ class ServiceConfig:
     #: how long a dashboard sign-in lasts unused, and at most (``--session-idle-minutes``/``--session-max-hours``)
     session_idle_s: int = SESSION_IDLE_SECONDS
     session_max_s: int = SESSION_MAX_SECONDS
+    flush_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
@@ -213,6 +220,11 @@ class ServiceConfig:
             raise ConfigError(f"max_connections must be at least 2. Found {self.max_connections}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
+        if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
+            raise ConfigError(
+                f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
+                f"and counts of the last period. Found {self.flush_every_s}"
+            )
 
 
 @dataclass
@@ -264,6 +276,7 @@ class ServiceState:
     saved_counts: dict[str, int] = field(default_factory=dict)
     #: how often the running service writes the counts and contacts no transaction carried (:meth:`flush_watch`):
     #: what a crash can lose, and at most one sync per period, none while nothing changed
+    #: (:attr:`ServiceConfig.flush_every_s`, set by :func:`create_app`)
     flush_every_s: float = 5.0
     _bases: ByteLRU[dict[str, Any]] = field(
         default_factory=lambda: ByteLRU(
@@ -840,6 +853,7 @@ def create_app(
 
     service_lock = hold_service_lock(state.registry.home)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
+    state.flush_every_s = config.flush_every_s
     reg = state.registry
     signer = reg.signer
     service_store = ServiceStore(reg)

@@ -13,7 +13,7 @@ adds a transaction per report:
 * ``fleet_devices``: one row per device (cohort, authenticated requests, last contact), the
   :data:`MAX_DEVICES_SEEN` most recently seen. A request is counted in memory; the devices seen since the last
   save are written *inside the next transaction the service makes anyway* (a report, an accepted upload), else
-  by the running service's periodic flush (every ``ServiceState.flush_every_s``, 5 s, only when something
+  by the running service's periodic flush (every ``ServiceConfig.flush_every_s``, 5 s, only when something
   changed: at most one sync a period, none while idle) and when the service stops cleanly, so a device that
   only downloads adds no write of its own. A crash loses at most the contacts of the last period (a restart
   then shows such a device's earlier contact). The fleet history's kept counters ride along the same way.
