@@ -469,3 +469,37 @@ def test_pulling_a_version_trained_on_a_withdrawn_cohort_warns_and_says_so_in_th
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["consent"] == {"withdrawn_cohorts": ["eu"]}
     assert manifest["verified"] is True
+
+
+def test_serve_flush_every_sets_the_fleet_flush_period_and_refuses_a_bad_one(cli, tmp_path, monkeypatch):
+    """The periodic flush of the fleet's contacts and counts ran every 5 s, a value only code could change
+    (``ServiceState.flush_every_s``). It is ``ServiceConfig.flush_every_s`` now and ``serve --flush-every``:
+    the running service uses it, and a period that is not positive, not finite or over an hour is refused
+    (exit 2, naming the setting) before anything is served."""
+    import math
+
+    import deltaplane.serve as serve_pkg
+    from deltaplane.errors import ConfigError
+    from deltaplane.registry import Registry
+    from deltaplane.serve import ServiceConfig, create_app
+
+    served = []
+    monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: served.append(app_))
+    home = tmp_path / "home"
+    Registry.create(home)
+    args = ["serve", "--home", str(home), "--admin-token", "a" * 20]
+    r = cli(*args, "--flush-every", "0.5")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert served[0].state.deltaplane.flush_every_s == 0.5
+    for bad in ("0", "-1", "3601", "nan"):
+        r = cli(*args, "--flush-every", bad)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and ("flush" in said) and "Traceback" not in said, (bad, said)
+    assert len(served) == 1
+    base = {"home": str(home), "admin_token": "a" * 20}
+    for bad in (0.0, -1.0, 3600.5, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="flush_every_s must be in"):
+            ServiceConfig(**base, flush_every_s=bad)
+    assert ServiceConfig(**base).flush_every_s == 5.0
+    # the running service's period is the config's (state.flush_every_s is what the lifespan waits on)
+    assert create_app(ServiceConfig(**base, flush_every_s=3600)).state.deltaplane.flush_every_s == 3600

@@ -1091,3 +1091,75 @@ def test_a_device_whose_round_ended_says_so_not_that_a_stage_closed() -> None:
     passed = dev([{"kind": "secagg", "round": 3, "stage": "masked input"}])
     out = fleet.wait_for_stage(passed, 3, "share keys", deadline=time.monotonic() + 5, poll=0.01)
     assert out == "'share keys' closed before this device spoke"
+
+
+def test_a_fleet_device_whose_token_is_revoked_stops_saying_what_to_do(byo_task, tmp_path) -> None:
+    """`keys revoke --upload` revokes a running device's service tokens: its next request gets 401. The device
+    exited 1 with the service's bare "HTTP 401: missing, invalid, expired or revoked device token; ask an admin
+    for one (POST /admin/devices)", an admin endpoint its operator cannot call, naming no token file. Now it
+    stops at once (no retry can pass) with one line naming its token file, why, and what to do: a replacement
+    enrolled under a new id. Checked against a real service on loopback, at start and while it polls."""
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    cfg = _config(byo_task)
+    (tmp_path / "fleet.yaml").write_text(f"task: {{path: '{byo_task}'}}\nclients: {{count: 3}}\nseed: 3\n")
+    with Fleet(tmp_path / "svc", cfg) as f:
+        token = tmp_path / "device-0.token"
+        token.write_text(f.admin.issue_token(fleet.device_id(0), "fleet"))
+        args = ["fleet", "device", "--url", f.url, "--ca", str(f.tls.ca_cert), "--token-file", str(token),
+                "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"), "--federation",
+                str(tmp_path / "fleet.yaml"), "--model", MODEL, "--device", "0", "--patience", "5"]  # fmt: skip
+
+        def revoke_once_polling() -> None:
+            deadline = time.monotonic() + 120
+            while fleet.device_id(0) not in f.state.seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # a few polls of discovery
+            f.admin.revoke_device(fleet.device_id(0))
+
+        revoker = threading.Thread(target=revoke_once_polling, daemon=True)
+        revoker.start()
+        said = {}
+        for when in ("while it polls", "at start"):
+            started = time.monotonic()
+            r = CliRunner().invoke(app, args)
+            said[when] = (r.exit_code, " ".join(r.output.split()), time.monotonic() - started)
+            revoker.join(30)
+    for when, (code, out, took) in said.items():
+        assert code == 1 and "Traceback" not in out, (when, out)
+        assert f"the service refused device 0's token ({token})" in out, (when, out)
+        assert "revoked (`deltaplane keys revoke --upload`" in out and "fleet enroll --add 1" in out, (
+            when,
+            out,
+        )
+        assert took < 60, (when, took)  # stopped, not retried
+
+
+def test_a_device_waiting_on_a_round_stops_when_its_token_is_refused() -> None:
+    """Two of the device's waits read a refusal as an answer: the SecAgg round's end (any error but lost or
+    aborted read as "still open", polled until the stage wait ran out) and the revocation list (logged, and the
+    round went on). A 401 there is the device's token refused: it now ends the wait, and run_device stops with
+    TokenRefused."""
+    from types import SimpleNamespace
+
+    from deltaplane.serve.client import ServiceError, TokenRefused
+
+    def refused(*a, **kw):
+        raise ServiceError(401, "missing, invalid, expired or revoked device token")
+
+    said: list[str] = []
+    dev = SimpleNamespace(
+        model=MODEL, conn=SimpleNamespace(request=refused, open_rounds=refused), log=said.append,
+        credentials=object(), config=SimpleNamespace(threads=1), rounds=[], pending=None,
+    )  # fmt: skip
+    with pytest.raises(ServiceError) as exc:
+        fleet._round_unpublished(dev, 3, deadline=time.monotonic() + 30)
+    assert exc.value.status == 401
+    with pytest.raises(ServiceError):
+        fleet.refresh_revocations(dev)
+    assert said == []
+    with pytest.raises(TokenRefused) as exc:
+        fleet.run_device(dev, patience=1)
+    assert "the service refused this device's token (missing, invalid, expired" in str(exc.value)

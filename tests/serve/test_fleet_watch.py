@@ -473,6 +473,47 @@ def test_the_flush_writes_only_what_changed(tmp_path, monkeypatch) -> None:
     assert state.flush_watch() and len(txns) == 1
 
 
+def _counting_transactions(svc, monkeypatch) -> list[int]:
+    """One entry per outermost registry transaction (a commit, a sync) from now on; nested ones join it."""
+    txns: list[int] = []
+    real = type(svc.reg).transaction
+
+    def counted(self):
+        if not getattr(self._local, "depth", 0):
+            txns.append(1)
+        return real(self)
+
+    monkeypatch.setattr(type(svc.reg), "transaction", counted)
+    return txns
+
+
+def test_a_close_or_an_abort_leaves_the_flush_nothing_to_write(tmp_path, monkeypatch) -> None:
+    """A close and an abort save the kept counters in their own transaction, but did not tell the periodic
+    flush, so each was followed by one more transaction writing the same counts. Now the flush sees them saved."""
+    svc = Service(tmp_path / "home")
+    state = svc.state
+    d0, d1 = svc.device("d0"), svc.device("d1")
+    for close in (False, True):  # the abort first: a close publishes v2, and payload() deltas v1
+        number = svc.admin.open_round("cnn")["round"]
+        d0.upload("cnn", number, payload(svc, int(close)), num_examples=1)  # another update: no replay
+        with pytest.raises(ServiceError):
+            d1.upload("cnn", number, b"x", num_examples=1)  # a refusal: a kept count no upload carried
+        assert state.flush_watch()  # the contacts and the refusal: saved now, so only the close's remain
+        with pytest.raises(ServiceError):
+            d1.upload("cnn", number, b"x", num_examples=1)  # counted in memory only
+        state.unsaved.clear()  # the contact aside: the counters are what the close or abort carries
+        txns = _counting_transactions(svc, monkeypatch)
+        if close:
+            svc.admin.close_round("cnn", number)
+        else:
+            svc.admin.abort_round("cnn", number)
+        assert txns == [1]  # the close's or abort's own
+        assert not state.flush_watch() and txns == [1], "close" if close else "abort"  # before: a second
+        monkeypatch.undo()
+    stored = dict(svc.reg.query("SELECT name, value FROM fleet_counters"))
+    assert stored["rejected.DecodeError"] == state.counters["rejected.DecodeError"] == 4
+
+
 def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
     """A drift monitor whose row could not be read was dropped at start with a log line only: its reports fed
     nothing, and the Fleet page and ``GET .../drift`` read as if no reference had ever been set. Now a row whose
@@ -512,6 +553,56 @@ def test_an_unreadable_monitor_keeps_what_it_can_and_says_so(tmp_path) -> None:
     _monitored(svc, model="other")
     assert svc.admin._get("/admin/models/other/drift") == []
     assert "drift-unreadable" not in svc.http.get("/ui/fleet", headers=BEARER).text
+
+
+def test_an_unreadable_window_row_takes_its_reports_out_of_the_count(tmp_path) -> None:
+    """A device's summary in the open drift window that could not be read was left out while the window's count
+    still held its reports: the window closed early, on fewer reports than it counted, and nothing but a log
+    line said so. Now its reports leave the count with it (stored so: a second restart counts the same), and
+    the Fleet page and ``/admin/stats`` say what the window lost until it closes."""
+    svc = Service(tmp_path / "home")
+    same, _ = _monitored(svc, window=4)
+    d0, d1 = svc.device("d0"), svc.device("d1")
+    for dev in (d0, d0, d1):  # three reports, two of them merged in d0's summary
+        assert not dev.report("cnn", version=1, summary=same)["drift_evaluated"]
+    with svc.reg.transaction() as con:
+        con.execute("UPDATE drift_live SET summary='{\"n\": ' WHERE device='d0'")
+    restart(svc)
+
+    live, reports, _ = svc.state.monitors["cnn"].live_window()
+    assert list(live) == ["d1"] and reports == 1  # before: d1's summary alone, counted as 3 reports
+    why = svc.admin.stats()["drift_window_losses"]["cnn"]
+    assert (
+        why
+        == "1 device summary of its open window could not be read at start and was left out with 2 reports: the window holds 1 report"
+    )
+    page = svc.http.get("/ui/fleet", headers=BEARER).text
+    assert "data-field='drift-window-loss'>cnn: 1 device summary" in page
+    restart(svc)  # stored so: the row is gone and the count is the window's
+    assert svc.state.monitors["cnn"].live_window()[1] == 1
+    assert [tuple(r) for r in svc.reg.query("SELECT device FROM drift_live")] == [("d1",)]
+    e = [svc.device(f"e{i}") for i in range(3)]
+    assert not e[0].report("cnn", version=1, summary=same)["drift_evaluated"]  # before: closed here, on 2
+    assert not e[1].report("cnn", version=1, summary=same)["drift_evaluated"]
+    assert e[2].report("cnn", version=1, summary=same)["drift_evaluated"]  # four reports: d1, e0, e1, e2
+    assert svc.admin._get("/admin/models/cnn/drift")[-1]["devices"] == 4
+    assert "cnn" not in svc.admin.stats()["drift_window_losses"]
+
+
+def test_an_unreadable_window_row_of_unknown_count_restarts_the_window(tmp_path) -> None:
+    """A summary written before each row's report count was kept (or whose count is damaged) that cannot be
+    read leaves a count that cannot be corrected: the window restarts empty, as with unreadable counts, and
+    says so."""
+    svc = Service(tmp_path / "home")
+    same, _ = _monitored(svc, window=4)
+    for name in ("d0", "d1"):
+        svc.device(name).report("cnn", version=1, summary=same)
+    with svc.reg.transaction() as con:
+        con.execute("UPDATE drift_live SET summary='[]', reports=NULL WHERE device='d0'")
+    restart(svc)
+    assert svc.state.monitors["cnn"].live_window()[:2] == ({}, 0)
+    assert _rows(svc.reg, "drift_live") == 0
+    assert "restarted empty" in svc.state.fleet_snapshot()["drift_window_losses"]["cnn"]
 
 
 def test_the_periodic_flush_survives_an_unexpected_error(tmp_path, monkeypatch) -> None:

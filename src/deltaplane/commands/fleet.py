@@ -661,7 +661,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
         from deltaplane.registry.signing import load_trusted_keys
-        from deltaplane.serve.client import DeviceClient
+        from deltaplane.serve.client import DeviceClient, ServiceError, TokenRefused
         from deltaplane.serve.fleet import load_device, run_device
 
         with _errors(OSError), cpu_threads(threads):
@@ -682,13 +682,20 @@ def register(app: typer.Typer) -> None:
                 tls=_tls(url, ca, tls_cert, tls_key),
                 service_spki=service_spki,
             )
-            dev = load_device(conn, run, device, model=model)
-            dev.credentials = credentials
-            dev.revocations_file = revocations if credentials is not None else None
-            dev.log = lambda line: err_console.print(f"device {device}: {line}", soft_wrap=True, markup=False)
-            done = run_device(
-                dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
-            )
+            try:
+                dev = load_device(conn, run, device, model=model)
+                dev.credentials = credentials
+                dev.revocations_file = revocations if credentials is not None else None
+                dev.log = lambda line: err_console.print(
+                    f"device {device}: {line}", soft_wrap=True, markup=False
+                )
+                done = run_device(
+                    dev, rounds=rounds, stop=_stop_on_signals(), stage_wait=stage_wait, patience=patience
+                )
+            except ServiceError as exc:  # the token refused, at the first request or later: name its file
+                if exc.status != 401:
+                    raise
+                raise TokenRefused.of(exc, token=f"device {device}'s token ({token_file})") from None
         console.print(f"device {device}: took part in {count(len(done), 'published round')}")
 
     @fleet.command("coordinate")

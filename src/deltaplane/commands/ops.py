@@ -1586,6 +1586,15 @@ def register(app: typer.Typer) -> None:
         threads: Threads = DEFAULT_THREADS,
         session_idle_minutes: SessionIdleMinutes = 30,
         session_max_hours: SessionMaxHours = 12,
+        flush_every: Annotated[
+            float,
+            typer.Option(
+                callback=finite_number,
+                help="Seconds between saves of the fleet's contacts and upload counts no report, upload, close or "
+                "abort carried (one transaction, only when something changed): what a crash can lose. Positive, "
+                "at most an hour.",
+            ),
+        ] = 5.0,
     ) -> None:
         """Start the device-facing HTTP(S) service (OpenAPI docs at /docs, dashboard at /ui).
 
@@ -1647,6 +1656,7 @@ def register(app: typer.Typer) -> None:
                 max_update_norm_ratio=max_update_norm_ratio or None,
                 session_idle_s=round(session_idle_minutes * 60),
                 session_max_s=round(session_max_hours * 3600),
+                flush_every_s=flush_every,
                 **({"federation": run} if run is not None else {"downlink_codec": downlink_codec}),
             )
             ssl_options = _listen_ssl(host, tls_cert, tls_key, tls_client_ca, insecure_http)

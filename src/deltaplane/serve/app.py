@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
+#: the longest period of the fleet's periodic flush (``ServiceConfig.flush_every_s``, ``serve --flush-every``):
+#: an hour of contacts and counts is the most a crash may lose
+MAX_FLUSH_EVERY_S = 3600.0
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 
 
@@ -146,6 +149,9 @@ class ServiceConfig:
             the service verifies its revocation list under it (at start: a held list of another authority refuses
             the start; at each round open, and every upload; uploads are refused without it). Without it the list
             is used unchecked, which ``serve`` warns of at start.
+        flush_every_s: how often the running service saves the fleet's contacts and upload counts that no
+            report, upload, close or abort carried (one transaction, only when something changed): what a crash
+            can lose, and at most one sync per period. In (0, :data:`MAX_FLUSH_EVERY_S`].
     """
 
     home: str
@@ -178,6 +184,7 @@ class ServiceConfig:
     #: how long a dashboard sign-in lasts unused, and at most (``--session-idle-minutes``/``--session-max-hours``)
     session_idle_s: int = SESSION_IDLE_SECONDS
     session_max_s: int = SESSION_MAX_SECONDS
+    flush_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
@@ -213,6 +220,11 @@ class ServiceConfig:
             raise ConfigError(f"max_connections must be at least 2. Found {self.max_connections}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
+        if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
+            raise ConfigError(
+                f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
+                f"and counts of the last period. Found {self.flush_every_s}"
+            )
 
 
 @dataclass
@@ -228,6 +240,10 @@ class ServiceState:
     #: models whose stored drift monitor could not be read at start -> why (shown on the Fleet page and by the
     #: admin API until a new reference is set: their reports feed no monitor meanwhile)
     unreadable_monitors: dict[str, str] = field(default_factory=dict)
+    #: models whose open drift window lost reports at start (a device's summary or the window's counts could
+    #: not be read) -> what was lost; shown beside :attr:`unreadable_monitors` until that window closes or a new
+    #: reference is set
+    window_losses: dict[str, str] = field(default_factory=dict)
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
     #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
     #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
@@ -260,6 +276,7 @@ class ServiceState:
     saved_counts: dict[str, int] = field(default_factory=dict)
     #: how often the running service writes the counts and contacts no transaction carried (:meth:`flush_watch`):
     #: what a crash can lose, and at most one sync per period, none while nothing changed
+    #: (:attr:`ServiceConfig.flush_every_s`, set by :func:`create_app`)
     flush_every_s: float = 5.0
     _bases: ByteLRU[dict[str, Any]] = field(
         default_factory=lambda: ByteLRU(
@@ -296,7 +313,7 @@ class ServiceState:
         :meth:`FleetWatch.save_devices` takes them) and the kept counters. Caller holds the lock, and passes
         both to :meth:`mark_saved` once they committed."""
         rows = [(d, *self.seen[d]) for d in self.unsaved if d in self.seen]
-        return rows, {k: v for k, v in self.counts().items() if kept_counter(k)}
+        return rows, self._kept_counts()
 
     def mark_saved(self, saved: tuple[list[tuple[str, str, int, float]], dict[str, int]]) -> None:
         """The rows and counts of :meth:`_unsaved` committed: the devices are no longer unsaved, unless seen
@@ -305,7 +322,15 @@ class ServiceState:
         for device, _, _, at in rows:
             if self.unsaved.get(device) == at:
                 del self.unsaved[device]
-        self.saved_counts = counts
+        self._counts_saved(counts)
+
+    def _counts_saved(self, counts: Mapping[str, int]) -> None:
+        """Kept counters ``counts`` committed: :attr:`saved_counts` becomes what the database holds, each
+        counter the larger of the two (it keeps the larger of two snapshots committed out of order, and a
+        counter only grows), so a stale snapshot committed last never makes the next flush write again."""
+        self.saved_counts = {
+            k: max(v, self.saved_counts.get(k, 0)) for k, v in (self.saved_counts | dict(counts)).items()
+        }
 
     def _save_unsaved(self, rows: list[tuple[str, str, int, float]], counts: Mapping[str, int]) -> None:
         """Write devices seen and kept counters, joining the caller's transaction (no sync of their own there)."""
@@ -356,12 +381,13 @@ class ServiceState:
         *,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, int]]:
         """A closed round as the fleet page lists it (what it published, from how many devices, its ε, whether
-        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history`.
+        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history` with
+        the kept counters; returns it and the counters it stored.
 
         Call it inside the transaction that closes the round (the row commits with the version or not at
-        all), then :meth:`remember_closed` once that transaction committed."""
+        all), then :meth:`remember_closed` with both once that transaction committed."""
         epsilon = measurements.get("epsilon")
         summary = {
             "model": model,
@@ -374,14 +400,21 @@ class ServiceState:
             "revoked": list(revoked),
             "closed_at": time.time(),
         }
+        counts = self._kept_counts() if self.history is not None else {}  # memory only: nothing saved
         if self.history is not None:
-            self.history.add_round(summary, self.counts())
-        return summary
+            self.history.add_round(summary, counts)
+        return summary, counts
 
-    def remember_closed(self, summary: dict[str, Any]) -> None:
-        """Show a closed round (:meth:`close_summary`, committed) on the fleet page."""
+    def _kept_counts(self) -> dict[str, int]:
+        """The kept counters (:func:`~deltaplane.serve.fleet_history.kept_counter`) as they are now."""
+        return {k: v for k, v in self.counts().items() if kept_counter(k)}
+
+    def remember_closed(self, summary: dict[str, Any], saved: Mapping[str, int]) -> None:
+        """Show a closed round (:meth:`close_summary`, committed) on the fleet page; the kept counters its
+        transaction ``saved`` need no periodic flush of their own (:meth:`flush_watch` sees them saved)."""
         with self.lock:
             self.closed_rounds.append(summary)
+            self._counts_saved(saved)
 
     def end_summary(
         self,
@@ -396,13 +429,14 @@ class ServiceState:
         stage: str | None = None,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, int]]:
         """A round that ended without publishing (``outcome``: aborted or lost) as the fleet page lists it: how
         many devices were invited (None: a plain round invites every device) and took part, a SecAgg round's
-        stage, and why (``reason``, bounded); stored in :attr:`history`.
+        stage, and why (``reason``, bounded); stored in :attr:`history` with the kept counters; returns it and
+        the counters it stored.
 
         Call it inside the transaction that records the round aborted or lost (the row commits with that or
-        not at all), then :meth:`remember_ended` once that transaction committed."""
+        not at all), then :meth:`remember_ended` with both once that transaction committed."""
         summary = {
             "model": model,
             "round": number,
@@ -416,14 +450,17 @@ class ServiceState:
             "revoked": list(revoked),
             "closed_at": time.time(),
         }
+        counts = self._kept_counts() if self.history is not None else {}  # memory only: nothing saved
         if self.history is not None:
-            self.history.add_unpublished(summary, self.counts())
-        return summary
+            self.history.add_unpublished(summary, counts)
+        return summary, counts
 
-    def remember_ended(self, summary: dict[str, Any]) -> None:
-        """Show a round that ended without publishing (:meth:`end_summary`, committed) on the fleet page."""
+    def remember_ended(self, summary: dict[str, Any], saved: Mapping[str, int]) -> None:
+        """Show a round that ended without publishing (:meth:`end_summary`, committed) on the fleet page; the
+        kept counters its transaction ``saved`` need no periodic flush of their own."""
         with self.lock:
             self.unpublished_rounds.append(summary)
+            self._counts_saved(saved)
 
     def unpublished_snapshot(self) -> list[dict[str, Any]]:
         """The rounds that ended without publishing, newest first."""
@@ -476,6 +513,10 @@ class ServiceState:
                 raise
             with self.lock:
                 self.mark_saved(unsaved)
+                if (
+                    closed is not None
+                ):  # a window that lost reports at start has closed: the next one is whole
+                    self.window_losses.pop(model, None)
                 kept = self.reports.setdefault(model, [])
                 kept.append(report)
                 del kept[:-MAX_REPORTS]
@@ -491,6 +532,7 @@ class ServiceState:
             with self.lock:
                 self.monitors[model] = monitor
                 self.unreadable_monitors.pop(model, None)
+                self.window_losses.pop(model, None)
 
     def load_history(self, history: FleetHistory) -> None:
         """Take the stored fleet history (at start): closed rounds (published, and ended without publishing),
@@ -507,7 +549,7 @@ class ServiceState:
                 self.reports[model] = reports[-MAX_REPORTS:]
             with self.counters_lock:
                 self.counters.update(loaded.counters)
-            self.saved_counts = {k: v for k, v in self.counts().items() if kept_counter(k)}
+            self.saved_counts = self._kept_counts()
             if loaded.refused:
                 self.count("errors.history_unreadable", len(loaded.refused))
 
@@ -516,12 +558,15 @@ class ServiceState:
         :attr:`watch` to store what comes next. A row that cannot be read is left out with a warning, counted
         with the history's (``errors.history_unreadable``); a monitor whose settings cannot be read is named in
         :attr:`unreadable_monitors` (the operator sees it), one whose open window's counts cannot be read keeps
-        its reference and starts an empty window (stored so)."""
+        its reference and starts an empty window, and a device's summary that cannot be read is left out of its
+        window with the reports it merged (stored so; both named in :attr:`window_losses`)."""
         loaded = watch.load()
         for line in loaded.refused:
             log.warning("%s", line)
         for model in loaded.restarted_windows:
             watch.restart_window(model)
+        for model, (devices, reports) in loaded.dropped_rows.items():
+            watch.drop_window_rows(model, devices, reports)
         with self.lock:
             self.watch = watch
             for device, cohort, requests, at in loaded.devices:
@@ -529,6 +574,7 @@ class ServiceState:
                 self.seen[device] = (cohort, requests, at)
             self.monitors.update(loaded.monitors)
             self.unreadable_monitors.update(loaded.unreadable_monitors)
+            self.window_losses.update(loaded.window_losses)
             self.alerts.extend(loaded.alerts)
             if loaded.refused:
                 self.count("errors.history_unreadable", len(loaded.refused))
@@ -625,6 +671,7 @@ class ServiceState:
                 "uploads": uploads,
                 "drift": {m: [r.to_dict() for r in mon.history] for m, mon in sorted(self.monitors.items())},
                 "drift_unreadable": dict(sorted(self.unreadable_monitors.items())),
+                "drift_window_losses": dict(sorted(self.window_losses.items())),
                 "alerts": list(self.alerts),
             }
 
@@ -806,6 +853,7 @@ def create_app(
 
     service_lock = hold_service_lock(state.registry.home)
     state.downlinks = ByteLRU(config.downlink_cache_bytes, lambda dl: len(dl.body) + 512)
+    state.flush_every_s = config.flush_every_s
     reg = state.registry
     signer = reg.signer
     service_store = ServiceStore(reg)
@@ -1253,6 +1301,8 @@ def create_app(
             "counters": state.counts(),
             # the stored drift monitors that could not be read at start (their reference must be set again)
             "drift_unreadable": dict(state.unreadable_monitors),
+            # open drift windows that lost reports at start (unreadable rows left out), until they close
+            "drift_window_losses": dict(state.window_losses),
             "rounds": {
                 m: {"round": r.number, "base_version": r.base_version, "uploads": len(r.devices)}
                 for m, r in state.rounds.items()

@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from deltaplane.codecs import WireSession
     from deltaplane.registry.downlink import Downlink
 
-__all__ = ["REVOCATIONS_ADMIN_PATH", "REVOCATIONS_DEVICE_PATH", "AdminClient", "DeviceClient", "ServiceError"]
+__all__ = [
+    "REVOCATIONS_ADMIN_PATH",
+    "REVOCATIONS_DEVICE_PATH",
+    "AdminClient",
+    "DeviceClient",
+    "ServiceError",
+    "TokenRefused",
+]
 
 #: where the operator uploads a new revocation list, and where devices fetch the current one
 #: (:mod:`deltaplane.serve.revocation_routes` serves both; defined here so a device needs no FastAPI to know them)
@@ -50,6 +57,29 @@ class ServiceError(DeltaplaneError, RuntimeError):
         self.status = status
         self.detail = detail
         self.error = error
+
+
+class TokenRefused(ServiceError):
+    """The service refused a device's token (401): revoked (``keys revoke --upload``, ``POST
+    /admin/devices/{id}/revoke``), expired, or issued by another service. No retry can pass: a device stops on it
+    (:func:`deltaplane.serve.fleet.run_device`), its message saying what to do; ``reason`` is the service's own
+    detail."""
+
+    def __init__(self, reason: str, error: str | None = None, *, token: str = "this device's token") -> None:
+        super().__init__(
+            401,
+            f"the service refused {token} ({reason}): it was revoked (`deltaplane keys revoke --upload`, POST "
+            "/admin/devices/ID/revoke), has expired, or was issued by another service. The device stops: ask the "
+            "fleet's operator for a new token (`deltaplane fleet enroll --add 1` enrols a replacement under a new "
+            "id; a revoked id is never issued a token again) and start it with that --token-file",
+            error,
+        )
+        self.reason = reason
+
+    @classmethod
+    def of(cls, exc: ServiceError, *, token: str = "this device's token") -> TokenRefused:
+        """The 401 ``exc`` (or a :class:`TokenRefused` already) as a refusal of ``token``."""
+        return cls(exc.reason if isinstance(exc, TokenRefused) else exc.detail, exc.error, token=token)
 
 
 def _check(resp: httpx.Response) -> httpx.Response:

@@ -58,7 +58,13 @@ from deltaplane.errors import (
     ServiceUnreachable,
 )
 from deltaplane.monitor import DriftSpec
-from deltaplane.serve.client import REVOCATIONS_DEVICE_PATH, AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.client import (
+    REVOCATIONS_DEVICE_PATH,
+    AdminClient,
+    DeviceClient,
+    ServiceError,
+    TokenRefused,
+)
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
 from deltaplane.serve.secagg_client import BINDING, SecAggDevice
@@ -288,6 +294,8 @@ def refresh_revocations(dev: Device) -> bool:
     try:
         data = dev.conn.request("GET", REVOCATIONS_DEVICE_PATH).content
     except ServiceError as exc:
+        if exc.status == 401:  # the device's token, not the list: no round can go on (run_device stops)
+            raise
         if exc.status != 404:
             dev.log(f"the service's revocation list could not be fetched ({exc}); keeping this device's")
         return False
@@ -398,6 +406,8 @@ def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | No
             dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}", headers=BINDING)
             return None
         except ServiceError as exc:
+            if exc.status == 401:  # the device's token was refused: waiting on would never see the round end
+                raise
             if exc.error == RoundLost.__name__:
                 return "lost (the service restarted while it was open)"
             return "aborted (it will never publish)" if exc.error == RoundAborted.__name__ else None
@@ -494,7 +504,9 @@ def run_device(
 
     Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
     for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
-    ``patience`` seconds without a connection, and at once when the service fails TLS verification."""
+    ``patience`` seconds without a connection, and at once when the service fails TLS verification. A device
+    whose token the service refuses (401: revoked, expired) stops at once with
+    :class:`~deltaplane.serve.client.TokenRefused`, saying what to do: no retry could pass."""
     stop = stop or threading.Event()
     torch.set_num_threads(dev.config.threads)
     seen: set[tuple[str, int]] = set()
@@ -530,6 +542,8 @@ def run_device(
             if time.monotonic() - lost_since > patience:
                 raise err from None
         except ServiceError as exc:
+            if exc.status == 401 and not isinstance(exc, TokenRefused):
+                raise TokenRefused.of(exc) from None
             if exc.status != 429:  # rate-limited: back off; anything else is the operator's to see
                 raise
         stop.wait(delay)

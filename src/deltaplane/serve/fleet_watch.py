@@ -13,13 +13,15 @@ adds a transaction per report:
 * ``fleet_devices``: one row per device (cohort, authenticated requests, last contact), the
   :data:`MAX_DEVICES_SEEN` most recently seen. A request is counted in memory; the devices seen since the last
   save are written *inside the next transaction the service makes anyway* (a report, an accepted upload), else
-  by the running service's periodic flush (every ``ServiceState.flush_every_s``, 5 s, only when something
+  by the running service's periodic flush (every ``ServiceConfig.flush_every_s``, 5 s, only when something
   changed: at most one sync a period, none while idle) and when the service stops cleanly, so a device that
   only downloads adds no write of its own. A crash loses at most the contacts of the last period (a restart
   then shows such a device's earlier contact). The fleet history's kept counters ride along the same way.
 * ``drift_monitors``: a model's monitor (spec, reference, parameters: ``PUT .../drift-reference``, its own
   transaction) and the open window's report counts; ``drift_live``: the open window's merged summary of each
-  device in it (written in the report's transaction: one row per report, never the whole window);
+  device in it and how many reports it merges (written in the report's transaction: one row per report, never
+  the whole window; a summary that cannot be read is left out with its reports, so the window's count and
+  contents agree);
   ``drift_windows``: each closed window's report (the last :data:`MAX_DRIFT_HISTORY` per model), written in the
   transaction of the report that closed it. A new reference drops the model's window and history, as in memory.
 * ``fleet_alerts``: the drift alerts raised, the last :data:`MAX_ALERTS` (all models), in the same transaction.
@@ -41,6 +43,7 @@ from deltaplane.errors import DeltaplaneError
 from deltaplane.monitor import DriftMonitor, DriftReport, Summary
 from deltaplane.registry import Registry
 from deltaplane.serve.fleet_history import HistoryRowError, decode_row, is_int, is_number
+from deltaplane.wording import count
 
 __all__ = ["MAX_ALERTS", "MAX_DEVICES_SEEN", "MAX_DRIFT_HISTORY", "FleetWatch", "LoadedWatch"]
 
@@ -63,7 +66,7 @@ _SCHEMA = (
         anonymous INTEGER NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS drift_live (
         model TEXT NOT NULL, device TEXT NOT NULL, format INTEGER NOT NULL, summary TEXT NOT NULL,
-        PRIMARY KEY (model, device))""",
+        reports INTEGER, PRIMARY KEY (model, device))""",
     """CREATE TABLE IF NOT EXISTS drift_windows (
         id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL, report TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS drift_windows_model ON drift_windows (model, id)",
@@ -103,6 +106,12 @@ class LoadedWatch:
     unreadable_monitors: dict[str, str] = field(default_factory=dict)
     #: models whose monitor was rebuilt but whose open window's counts could not be read: it starts empty
     restarted_windows: list[str] = field(default_factory=list)
+    #: models whose open window lost reports at start -> what was lost (a device's summary that could not be
+    #: read, or the window's counts): the service shows it until the window closes or a reference is set
+    window_losses: dict[str, str] = field(default_factory=dict)
+    #: models -> the devices whose unreadable summaries were left out of the open window, and the window's
+    #: report count without theirs: :meth:`FleetWatch.drop_window_rows` stores that, so a restart reads it
+    dropped_rows: dict[str, tuple[list[str], int]] = field(default_factory=dict)
 
 
 class FleetWatch:
@@ -114,6 +123,9 @@ class FleetWatch:
         with registry.transaction() as con:
             for stmt in _SCHEMA:
                 con.execute(stmt)
+            if "reports" not in {row[1] for row in con.execute("PRAGMA table_info(drift_live)")}:
+                # a database from before each device's report count was kept: its rows' counts are unknown
+                con.execute("ALTER TABLE drift_live ADD COLUMN reports INTEGER")
 
     def save_devices(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
         """Upsert (device, cohort, requests, last seen) rows, keeping the :data:`MAX_DEVICES_SEEN` most recent.
@@ -155,9 +167,20 @@ class FleetWatch:
             con.execute("UPDATE drift_monitors SET reports=0, anonymous=0 WHERE model=?", (model,))
             con.execute("DELETE FROM drift_live WHERE model=?", (model,))
 
+    def drop_window_rows(self, model: str, devices: Iterable[str], reports: int) -> None:
+        """Delete the unreadable summaries of ``devices`` from ``model``'s stored open window and store its
+        report count without theirs (``reports``): at start (:attr:`LoadedWatch.dropped_rows`), so the next
+        restart neither counts their reports again nor leaves them out a second time."""
+        with self.registry.transaction() as con:
+            con.executemany(
+                "DELETE FROM drift_live WHERE model=? AND device=?", [(model, d) for d in devices]
+            )
+            con.execute("UPDATE drift_monitors SET reports=? WHERE model=?", (reports, model))
+
     def save_window(self, model: str, monitor: DriftMonitor, device: str, closed: DriftReport | None) -> None:
-        """After ``monitor`` took a report from ``device``: that device's merged summary in the open window, or,
-        when the report closed the window (``closed``), the window's report (pruned to
+        """After ``monitor`` took a report from ``device``: that device's merged summary in the open window and
+        how many reports it merges (so a summary that cannot be read at start takes its reports out of the
+        window's count), or, when the report closed the window (``closed``), the window's report (pruned to
         :data:`MAX_DRIFT_HISTORY` per model) and an empty window."""
         live, reports, anonymous = monitor.live_window()
         with self.registry.transaction() as con:
@@ -165,8 +188,11 @@ class FleetWatch:
                 "UPDATE drift_monitors SET reports=?, anonymous=? WHERE model=?", (reports, anonymous, model)
             )
             if closed is None:
+                # a row from before the count was kept holds NULL, and NULL + 1 stays unknown
                 con.execute(
-                    "INSERT OR REPLACE INTO drift_live (model, device, format, summary) VALUES (?,?,?,?)",
+                    "INSERT INTO drift_live (model, device, format, summary, reports) VALUES (?,?,?,?,1) "
+                    "ON CONFLICT (model, device) DO UPDATE SET format=excluded.format, "
+                    "summary=excluded.summary, reports=drift_live.reports + 1",
                     (model, device, _FORMAT, json.dumps(live[device].to_dict())),
                 )
                 return
@@ -254,16 +280,25 @@ class FleetWatch:
                     f"(the open drift window of {model!r}); its reference is kept, its open window restarted"
                 )
                 out.restarted_windows.append(model)
+                out.window_losses[model] = (
+                    "its open window's report counts could not be read at start: the window restarted empty"
+                )
             self._load_history(out, model, mon)
             out.monitors[model] = mon
 
     def _load_window(
         self, out: LoadedWatch, model: str, mon: DriftMonitor, reports: int, anonymous: int
     ) -> None:
-        """Resume ``mon``'s open window from its stored devices' summaries (a row it cannot read is left out)."""
+        """Resume ``mon``'s open window from its stored devices' summaries. A summary it cannot read is left
+        out with the reports it merged, so the window's count and contents agree: its report count is taken
+        out of the window's (the row and the new count are stored so at start, :attr:`LoadedWatch.dropped_rows`);
+        a row whose count is unknown too (written before counts were kept, or damaged) restarts the window
+        empty, as unreadable counts do. Either way the loss is named in :attr:`LoadedWatch.window_losses`."""
         live: dict[str, Summary] = {}
-        for device, fmt, text in self.registry.query(
-            "SELECT device, format, summary FROM drift_live WHERE model=? ORDER BY device", (model,)
+        dropped: list[str] = []
+        lost: int | None = 0  # None: some left-out row's report count is unknown
+        for device, fmt, text, held in self.registry.query(
+            "SELECT device, format, summary, reports FROM drift_live WHERE model=? ORDER BY device", (model,)
         ):
             try:
                 data = decode_row("drift_live", device, fmt, text, (), checks={})
@@ -271,9 +306,28 @@ class FleetWatch:
                 summary.validate(mon.spec)
             except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
                 out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
+                dropped.append(device)
+                known = lost is not None and is_int(held) and held >= 1
+                lost = lost + int(held) if known else None  # type: ignore[operator]
                 continue
             live[device] = summary
-        mon.resume_window(live, reports, anonymous)
+        if not dropped:
+            mon.resume_window(live, reports, anonymous)
+            return
+        if lost is None or lost > reports:
+            out.restarted_windows.append(model)
+            out.window_losses[model] = (
+                f"{count(len(dropped), 'device summary', 'device summaries')} of its open window could not be "
+                "read at start, with reports it could not count: the window restarted empty"
+            )
+            return
+        mon.resume_window(live, reports - lost, anonymous)
+        out.dropped_rows[model] = (dropped, reports - lost)
+        out.window_losses[model] = (
+            f"{count(len(dropped), 'device summary', 'device summaries')} of its open window could not be read "
+            f"at start and {'was' if len(dropped) == 1 else 'were'} left out with {count(lost, 'report')}: "
+            f"the window holds {count(reports - lost, 'report')}"
+        )
 
     def _load_history(self, out: LoadedWatch, model: str, mon: DriftMonitor) -> None:
         """``mon``'s closed windows, oldest first (a row it cannot read is left out)."""

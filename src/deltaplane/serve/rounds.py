@@ -856,19 +856,19 @@ def round_router(
             the round is recorded closed, published and summarised together or not at all."""
             if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
                 # an empty round closes without a version
-                return None, (None, None, state.close_summary(model, r.number, "plain", None, 0, {}))
+                return None, (None, None, *state.close_summary(model, r.number, "plain", None, 0, {}))
             # under central DP a round that sampled nobody still releases its noise (the accountant counts it)
             outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
-            summary = state.close_summary(
+            summary, saved = state.close_summary(
                 model, r.number, "plain", version.number, len(r.devices), outcome.measurements
             )
-            return version.number, (version, outcome, summary)
+            return version.number, (version, outcome, summary, saved)
 
         try:
             with undo_on_failure(step):
-                version, outcome, summary = (
+                version, outcome, summary, saved = (
                     rounds_store.close(
                         r.record,
                         publish,
@@ -883,7 +883,7 @@ def round_router(
             raise
         with state.lock:
             state.rounds.pop(model, None)
-        state.remember_closed(summary)
+        state.remember_closed(summary, saved)
         if version is None:
             return CloseRoundResponse(
                 model=model, round=r.number, uploads=0, version=None, delta_bytes=0, full_bytes=0
@@ -923,7 +923,7 @@ def round_router(
             with reg.transaction():
                 if r.record is not None:
                     rounds_store.abort(r.record, why)
-                ended = state.end_summary(
+                ended, saved = state.end_summary(
                     model,
                     round_id,
                     "plain",
@@ -933,7 +933,7 @@ def round_router(
                     contributors=len(r.devices),
                 )
             del state.rounds[model]
-        state.remember_ended(ended)
+        state.remember_ended(ended, saved)
         return AbortRoundResponse(model=model, round=round_id, uploads=len(r.devices), aborted=True)
 
     @router.post(

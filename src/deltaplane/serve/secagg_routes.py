@@ -478,8 +478,8 @@ def install_secagg_routes(
             )
             for model, number, invited in store.lose_open_secagg(LOST_REASON)
         ]
-    for ended in lost:
-        state.remember_ended(ended)
+    for ended, saved in lost:
+        state.remember_ended(ended, saved)
         log.warning(
             "SecAgg round %d of %r was open when the service stopped; its protocol state was in memory only, "
             "so it is lost (devices asking for it get 409; open a new round)",
@@ -920,7 +920,7 @@ def install_secagg_routes(
             why = abort_reason(reason, r.refused)
             with reg.transaction():
                 store.finish_secagg(model, number, "aborted", reason=why)
-                ended = state.end_summary(
+                ended, saved = state.end_summary(
                     model,
                     number,
                     "secagg",
@@ -934,7 +934,7 @@ def install_secagg_routes(
                 )
             state.count("secagg.rounds_aborted")
             done = finish(r, "aborted", ended["reason"])
-        state.remember_ended(ended)
+        state.remember_ended(ended, saved)
         return done
 
     def publish(r: SecAggRound, model: str, number: int) -> dict[str, Any]:
@@ -981,7 +981,7 @@ def install_secagg_routes(
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
                 store.finish_secagg(model, number, "published", version.number, outcome.measurements)
-                summary = state.close_summary(
+                summary, saved = state.close_summary(
                     model,
                     number,
                     "secagg",
@@ -1002,7 +1002,7 @@ def install_secagg_routes(
             }
             closed = finish(r, "published")
         state.count("secagg.rounds_closed")
-        state.remember_closed(summary)
+        state.remember_closed(summary, saved)
         return closed
 
     @router.post(

@@ -899,6 +899,11 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             f"could not be read at start ({escape(why)}); its reports feed no monitor until its reference is "
             f"set again (PUT /admin/models/{escape(model)}/drift-reference)</p>"
         )
+    # an open window that lost reports at start: its next report is computed on fewer than were sent
+    for model, why in sorted(fleet.get("drift_window_losses", {}).items()):
+        drift_parts.append(
+            f"<p class='bad' data-field='drift-window-loss'>{escape(model)}: {escape(why)}</p>"
+        )
     alerts = [
         f"<tr><td>{escape(a['model'])}</td><td>{escape(a['alert'])}</td><td>{escape(str(a.get('version', '')))}</td>"
         f"<td>{_when(a.get('at'))}</td></tr>"
