@@ -147,17 +147,24 @@ def _encode_tensor(
     )
     scheme = quant if lossy else "none"
     bits = {"int8": 8, "int4": 4}.get(scheme, arr.dtype.itemsize * 8)
-    nz = np.flatnonzero(flat)
-    coder, index = encode_indices(nz, n) if len(nz) < n else ("none", b"")
-    sparse_bytes = len(index) + math.ceil(len(nz) * bits / 8)
-    sparse = len(nz) < n and sparse_bytes < math.ceil(n * bits / 8)
+    nnz = int(np.count_nonzero(flat))
+    dense_bytes = math.ceil(n * bits / 8)
+    # Every index coder takes at least a bit a position (bitmap: one per value; varint: a byte; Golomb-Rice:
+    # q + 1 + k bits), so when the values alone plus that bound fill the dense size, sparse cannot win and the
+    # positions are never listed: for a mostly non-zero tensor, e.g. an int8 model's uint8 embedding table,
+    # they were 8 bytes each (the int64 positions and their gaps, ~300 MB at once on MiniLM's 11.7 M values)
+    sparse = nnz < n and math.ceil(nnz / 8) + math.ceil(nnz * bits / 8) < dense_bytes
+    if sparse:
+        nz = np.flatnonzero(flat)
+        coder, index = encode_indices(nz, n)
+        sparse = len(index) + math.ceil(nnz * bits / 8) < dense_bytes
     values = flat[nz] if sparse else flat
     entry: dict[str, Any] = {
         "name": name,
         "shape": list(arr.shape),
         "dtype": dtype,
         "layout": "sparse" if sparse else "dense",
-        "nnz": len(nz),
+        "nnz": nnz,
         "quant": scheme,
     }
     bufs: list[bytes] = []
