@@ -8,7 +8,10 @@ nothing: it is at most :data:`INDEX_LIMIT` bytes; every shard it names is a bare
 folder (no ``..``, no ``/``, no absolute path, no symlink leading out); every named shard exists; every tensor it
 lists is in the shard it names; and a shard holding a tensor the index does not assign to it (a tensor duplicated
 across shards, or one the index forgot) is refused rather than silently dropped or overwritten. Shards are read
-with ``safetensors`` only (never pickle), one at a time, so memory is the state dict plus one shard's read.
+with ``safetensors`` only (never pickle), one at a time, so memory is the state dict plus one shard's read;
+:func:`shard_shapes` makes the same checks on the shards' headers alone, for ``deploy``, which copies the
+weights into the model it built shard by shard. Which of a folder's ``model.safetensors`` and its index is
+read is chosen by :func:`folder_weights`, the same way for every reader.
 
 The files a checkpoint folder holds besides its weights and ``config.json`` — the tokenizer's, the generation
 config — are read by :func:`read_companion_files` under the same distrust: only the names in
@@ -20,12 +23,14 @@ folder that ``deploy`` tokenizes from, as it did the registered one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from deltaplane.errors import DecodeError
+from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import (
     TOKENIZER_LIMIT,
     read_bounded_bytes,
@@ -44,12 +49,16 @@ __all__ = [
     "INDEX_NAME",
     "SENTENCEPIECE_FILES",
     "TOKENIZER_FILES",
+    "WEIGHTS_NAME",
+    "folder_weights",
     "load_sharded",
     "read_companion_files",
     "read_shard_index",
+    "shard_shapes",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
 INDEX_LIMIT = 16 * 2**20
 """Largest index accepted: a 10⁶-tensor index is ~100 MB smaller than this; a larger one is hostile or broken."""
 
@@ -73,6 +82,29 @@ COMPANION_FILES = (*TOKENIZER_FILES, *SENTENCEPIECE_FILES, "generation_config.js
 """The files of a checkpoint folder read by :func:`read_companion_files` (``config.json`` is read on its own)."""
 COMPANION_LIMIT = 2 * TOKENIZER_LIMIT
 """Most bytes of all companion files together: a large BPE tokenizer's files are a few tens of MiB."""
+
+
+def folder_weights(folder: str | os.PathLike[str]) -> Path | None:
+    """The weights file of a Hugging Face-layout checkpoint folder: its :data:`WEIGHTS_NAME`, else its
+    :data:`INDEX_NAME` (a sharded checkpoint, read by :func:`load_sharded`); None when it holds neither.
+
+    The one choice ``deploy``, ``registry register`` and the codecs commands make, made the same way: a name is
+    there when anything bears it (:func:`os.path.lexists`), so a FIFO, a folder or a dangling link named
+    ``model.safetensors`` is refused with its name and kind rather than passed over for the index (or the
+    folder called empty). A link is followed, as any path the user gives is (a Hugging Face cache snapshot links
+    its files into ``../../blobs``); what it leads to must be a regular file. Shards named by the index are
+    read under the stricter rules of :func:`read_shard_index`: those names come from the file, not the user.
+
+    Raises:
+        ConfigError: the chosen name is not a regular file (after links): a FIFO (which would block the reader
+            for good), a directory, a device, a dangling link; the message names the file and what it is.
+    """
+    p = Path(folder)
+    for name, what in ((WEIGHTS_NAME, "weights file"), (INDEX_NAME, "safetensors index")):
+        f = p / name
+        if os.path.lexists(f):
+            return require_regular_file(f, what=what, error=ConfigError)
+    return None
 
 
 def read_shard_index(folder: str | os.PathLike[str]) -> dict[Path, list[str]]:
@@ -123,6 +155,53 @@ def read_shard_index(folder: str | os.PathLike[str]) -> dict[Path, list[str]]:
     return shards
 
 
+@contextlib.contextmanager
+def _open_checked(index: Path, f: Path, claimed: list[str]) -> Iterator[Any]:
+    """``safe_open`` of shard ``f`` once its tensors are exactly those the index assigns to it (``claimed``);
+    its errors, and the library's, as :class:`DecodeError` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    name = safetensors_path(f, what="shard")
+    try:
+        with safe_open(name, "pt") as sf:
+            held = set(sf.keys())
+            lacking = [t for t in claimed if t not in held]
+            if lacking:
+                raise DecodeError(
+                    f"{index} puts tensor(s) {lacking[:5]} in {f.name}, which does not hold them; "
+                    "the index does not belong to these shards (write the checkpoint again)"
+                )
+            extra = sorted(held - set(claimed))
+            if extra:
+                raise DecodeError(
+                    f"{f.name} holds tensor(s) {extra[:5]} that {index.name} assigns to another shard or "
+                    "not at all (a tensor duplicated across shards, or an index that left it out); "
+                    "write the checkpoint again"
+                )
+            yield sf
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
+
+
+def shard_shapes(folder: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]], dict[Path, list[str]]]:
+    """Every tensor's shape in ``folder``'s sharded checkpoint, and the shards with the tensors each holds
+    (index order), read from the shards' headers only: the checks of :func:`load_sharded`, no weights read.
+
+    For a reader that copies the weights into a model it built, shard by shard (``deploy``), so the state dict
+    is never held whole beside the model.
+
+    Raises:
+        DecodeError: what :func:`load_sharded` refuses.
+    """
+    index = Path(folder) / INDEX_NAME
+    shards = read_shard_index(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f, claimed in shards.items():
+        with _open_checked(index, f, claimed) as sf:
+            shapes |= {t: tuple(sf.get_slice(t).get_shape()) for t in claimed}
+    return shapes, shards
+
+
 def load_sharded(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], list[Path]]:
     """Every tensor of ``folder``'s sharded checkpoint, and the shard files in index order.
 
@@ -131,33 +210,12 @@ def load_sharded(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
             the index assigns to a shard that lacks it; a shard holding a tensor the index does not assign to it
             (duplicated across shards or left out of the index). Nothing is returned half-read.
     """
-    from safetensors import SafetensorError, safe_open
-
     index = Path(folder) / INDEX_NAME
     shards = read_shard_index(folder)
     state: dict[str, torch.Tensor] = {}
     for f, claimed in shards.items():
-        name = safetensors_path(f, what="shard")
-        try:
-            with safe_open(name, "pt") as sf:
-                held = set(sf.keys())
-                lacking = [t for t in claimed if t not in held]
-                if lacking:
-                    raise DecodeError(
-                        f"{index} puts tensor(s) {lacking[:5]} in {f.name}, which does not hold them; "
-                        "the index does not belong to these shards (write the checkpoint again)"
-                    )
-                extra = sorted(held - set(claimed))
-                if extra:
-                    raise DecodeError(
-                        f"{f.name} holds tensor(s) {extra[:5]} that {index.name} assigns to another shard or "
-                        "not at all (a tensor duplicated across shards, or an index that left it out); "
-                        "write the checkpoint again"
-                    )
-                for t in claimed:
-                    state[t] = sf.get_tensor(t)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DecodeError(f"{f} is not a readable safetensors file: {e}") from e
+        with _open_checked(index, f, claimed) as sf:
+            state |= {t: sf.get_tensor(t) for t in claimed}
     return state, list(shards)
 
 

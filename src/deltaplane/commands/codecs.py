@@ -41,20 +41,18 @@ def _load_state(path: Path) -> dict:
     ``../x``, by an absolute path or through a link leading out of the folder is a :class:`DecodeError`).
 
     Raises:
-        ConfigError: a folder with neither (a ``pytorch_model.bin`` is never unpickled: convert it first).
+        ConfigError: a folder with neither (a ``pytorch_model.bin`` is never unpickled: convert it first), or
+            whose weights file is not a regular file (:func:`deltaplane.shards.folder_weights`).
     """
-    import os
-
     from deltaplane.delta import Delta
     from deltaplane.errors import ConfigError
-    from deltaplane.shards import INDEX_NAME, load_sharded
+    from deltaplane.shards import INDEX_NAME, folder_weights, load_sharded
 
     if not path.is_dir():
         return dict(Delta.load(path))
-    if os.path.lexists(path / "model.safetensors"):
-        return dict(Delta.load(path / "model.safetensors"))
-    if os.path.lexists(path / INDEX_NAME):
-        return load_sharded(path)[0]
+    weights = folder_weights(path)
+    if weights is not None:
+        return load_sharded(path)[0] if weights.name == INDEX_NAME else dict(Delta.load(weights))
     raise ConfigError(
         f"{path} holds neither model.safetensors nor {INDEX_NAME}; a .bin checkpoint must be converted first "
         "(load it with torch and save_file(state, 'model.safetensors'))"

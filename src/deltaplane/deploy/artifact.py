@@ -147,17 +147,24 @@ def _encode_tensor(
     )
     scheme = quant if lossy else "none"
     bits = {"int8": 8, "int4": 4}.get(scheme, arr.dtype.itemsize * 8)
-    nz = np.flatnonzero(flat)
-    coder, index = encode_indices(nz, n) if len(nz) < n else ("none", b"")
-    sparse_bytes = len(index) + math.ceil(len(nz) * bits / 8)
-    sparse = len(nz) < n and sparse_bytes < math.ceil(n * bits / 8)
+    nnz = int(np.count_nonzero(flat))
+    dense_bytes = math.ceil(n * bits / 8)
+    # Every index coder takes at least a bit a position (bitmap: one per value; varint: a byte; Golomb-Rice:
+    # q + 1 + k bits), so when the values alone plus that bound fill the dense size, sparse cannot win and the
+    # positions are never listed: for a mostly non-zero tensor, e.g. an int8 model's uint8 embedding table,
+    # they were 8 bytes each (the int64 positions and their gaps, ~300 MB at once on MiniLM's 11.7 M values)
+    sparse = nnz < n and math.ceil(nnz / 8) + math.ceil(nnz * bits / 8) < dense_bytes
+    if sparse:
+        nz = np.flatnonzero(flat)
+        coder, index = encode_indices(nz, n)
+        sparse = len(index) + math.ceil(nnz * bits / 8) < dense_bytes
     values = flat[nz] if sparse else flat
     entry: dict[str, Any] = {
         "name": name,
         "shape": list(arr.shape),
         "dtype": dtype,
         "layout": "sparse" if sparse else "dense",
-        "nnz": len(nz),
+        "nnz": nnz,
         "quant": scheme,
     }
     bufs: list[bytes] = []
@@ -287,7 +294,10 @@ def write_artifact(
             total += arr.size
     graph_range = add(graph) if graph is not None else None
     table = json.dumps({"tensors": entries, "graph": graph_range}, separators=(",", ":")).encode()
-    payload = struct.pack("<I", len(table)) + table + b"".join(chunks)
+    # one join (not a join then a concatenation: two more copies of every tensor's bytes), and the buffers
+    # dropped before compressing, when zstd's level-19 context (~80 MiB for MiniLM) is allocated
+    payload = b"".join([struct.pack("<I", len(table)), table, *chunks])
+    chunks.clear()
     header = {
         "format": "deltaplane-artifact",
         "version": VERSION,
@@ -327,7 +337,9 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     # the wire format's hardened inflate: the frame must declare exactly raw_size bytes before anything is
     # allocated (zstandard's one-shot decompress allocates what a frame declares: a flipped header bit asked
     # for petabytes and raised MemoryError), one frame, no trailing bytes
-    payload = zstd_decompress(data[_PREFIX.size + hlen :], raw_size)
+    payload = zstd_decompress(memoryview(data)[_PREFIX.size + hlen :], raw_size)
+    file_nbytes = len(data)
+    del data  # the compressed file is not needed once inflated
     if len(payload) != raw_size or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise DecodeError("artifact payload size or SHA-256 does not match its header")
     if raw_size < 4:
@@ -350,8 +362,8 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     if len({e["name"] for e in entries}) != len(entries):  # a second entry would silently replace the first
         raise DecodeError("artifact tensor table names a tensor twice")
     # before allocating any tensor: all of them together within the budget (sparse ones decode to full size)
-    _check_budget("tensors", sum(_declared_nbytes(e) for e in entries), len(data))
-    buffers = payload[4 + tlen :]
+    _check_budget("tensors", sum(_declared_nbytes(e) for e in entries), file_nbytes)
+    buffers = memoryview(payload)[4 + tlen :]  # a view: not a second copy of the whole buffer area
 
     def view(rng: Any) -> bytes:
         try:
@@ -360,7 +372,7 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
             raise DecodeError(f"bad byte range {rng!r}") from e
         if off < 0 or ln < 0 or off + ln > len(buffers):
             raise DecodeError(f"byte range {off}+{ln} lies outside the {len(buffers)}-byte buffer area")
-        return buffers[off : off + ln]
+        return bytes(buffers[off : off + ln])
 
     tensors = {}
     for e in entries:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import INDEX_NAME, load_sharded, read_companion_files
+from deltaplane.shards import INDEX_NAME, folder_weights, load_sharded, read_companion_files
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
 
 __all__ = ["Deployable", "load_deployable"]
@@ -172,18 +172,24 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
 def _hf_folder(p: Path) -> Deployable | None:
     """A Hugging Face-layout folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
     with ``config.json`` recorded in the lineage and the tokenizer and generation files kept (None when the
-    folder is not one)."""
-    index = p / INDEX_NAME
-    if (p / "model.safetensors").is_file():
-        out = load_deployable(p / "model.safetensors")
-    elif index.is_file():
+    folder is not one; :func:`deltaplane.shards.folder_weights` chooses, as for deploy)."""
+    weights = folder_weights(p)
+    if weights is None:
+        return None
+    if weights.name == INDEX_NAME:
         state, shards = load_sharded(p)  # the strict index reader deploy also uses
         out = Deployable(
             state,
-            {"source": {"file": index.name, "shards": [f.name for f in shards], "sha256": _sha256(index)}},
+            {
+                "source": {
+                    "file": weights.name,
+                    "shards": [f.name for f in shards],
+                    "sha256": _sha256(weights),
+                }
+            },
         )
     else:
-        return None
+        out = load_deployable(weights)
     cfg = p / "config.json"
     if cfg.is_file():
         text = read_bounded_text(cfg, limit=MANIFEST_LIMIT, what="model config", error=DecodeError)

@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
-from deltaplane.shards import INDEX_NAME, load_sharded
+from deltaplane.shards import INDEX_NAME, folder_weights, shard_shapes
 from deltaplane.textfile import (
     MANIFEST_LIMIT,
     atomic_write_bytes,
@@ -249,10 +249,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
 
     p = Path(path)
     if p.is_dir():
-        weights, cfg_path = p / "model.safetensors", p / "config.json"
-        if not weights.exists() and (p / INDEX_NAME).exists():
-            weights = p / INDEX_NAME  # a `deltaplane merge --max-shard-size` output: read through its index
-        if not weights.exists() or not cfg_path.exists():
+        # model.safetensors, else a `deltaplane merge --max-shard-size` output's index (read through it below)
+        weights, cfg_path = folder_weights(p), p / "config.json"
+        if weights is None or not cfg_path.exists():
             raise ConfigError(
                 f"{p} must hold config.json and model.safetensors (or {INDEX_NAME} and the shards it names)"
             )
@@ -306,12 +305,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the builder for {arch!r} returned {type(model).__name__}, not a torch nn.Module")
     if weights.name == INDEX_NAME:
-        state, files = load_sharded(p)  # strict index: shards inside the folder, each tensor where it claims
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    else:
-        require_regular_file(weights, what="weights file")  # a FIFO named model.safetensors in a folder
+        # strict index: shards inside the folder, each tensor where it claims; headers only, the weights are
+        # copied in below one shard and chunk at a time
+        shapes, shards = shard_shapes(p)
+        files = list(shards)
+    else:  # a regular file: require_regular_file above, or folder_weights for a folder's model.safetensors
         name = safetensors_path(weights, what="weights file")
-        state, files = None, [weights]
         try:  # the header only: tensors are read one chunk at a time once they are known to fit (below)
             with safe_open(name, "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -319,6 +318,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             raise DecodeError(
                 f"{weights} is not a readable safetensors file: {e}; re-save the checkpoint or copy it again"
             ) from e
+        shards, files = {weights: list(shapes)}, [weights]
     # HF BERT checkpoints may carry a pooler we do not build, or a "bert." prefix from task heads.
     expected = model.state_dict()
     # Older checkpoints also save buffers that newer model code keeps non-persistent (BERT's position_ids):
@@ -347,10 +347,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
             )
             + ". Check that config.json belongs to these weights."
         )
-    if state is not None:
-        model.load_state_dict({k: state[k] for k in keep}, strict=False)
-    else:
-        _load_in_chunks(model, weights, keep)
+    kept = set(keep)
+    for f, names in shards.items():  # one file, or each shard in index order
+        _load_in_chunks(model, f, [k for k in names if k in kept])
     model.eval()
     # one file: its SHA-256; shards: the SHA-256 of their bytes in index order (the index itself only routes)
     digest, nbytes = hashlib.sha256(), 0

@@ -243,7 +243,9 @@ def deploy_token_model(
     refuse_non_finite_outputs(ref, f"the fp32 model {model_name}")
     fp32_nbytes = fp32_nbytes or _fp32_nbytes(model)
     source_sha256 = source_sha256 or state_dict_sha256(model.state_dict())
-    work = copy.deepcopy(model).eval()
+    # a private copy only when pruning will change it: unpruned, nothing writes to it (SmoothQuant smooths a
+    # copy of its own), and a second copy of the weights was held for the whole deploy
+    work = model if spec is None else copy.deepcopy(model).eval()
     result: PruneResult | None = None
     recovery: dict[str, Any] | None = None
     if spec is not None:
@@ -310,12 +312,16 @@ def deploy_token_model(
             quant=store_quant,
             manifest=_embedded(model_name, source_sha256, "onnx", prune, quant, scheme, sparsity_of(work)),
         )
-        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
-        (tmp / "model.onnx").write_bytes(onnx_bytes)
-        fp32_graph = exp.path.read_bytes()  # no channel pruning here: same activation shapes as the reference
-        for f in (exp.path, tmp / "q.onnx"):
-            f.unlink(missing_ok=True)
-        session = ort_session(onnx_bytes, threads=threads)
+        shipped_graph = tmp / "model.onnx"
+        shipped_graph.write_bytes(read_artifact(tmp / "model.dpla").onnx_bytes())
+        # the fp32 graph stays a file until the device cost has read it (no channel pruning here: same
+        # activation shapes as the reference), then is removed before publishing; held as bytes it was
+        # another copy of the weights for the rest of the deploy
+        fp32_graph = exp.path
+        (tmp / "q.onnx").unlink(missing_ok=True)
+        if not device_cost:
+            fp32_graph.unlink(missing_ok=True)
+        session = ort_session(shipped_graph, threads=threads)
 
         def ort_predict(x: np.ndarray) -> np.ndarray:
             return session.run(None, {"input_ids": x[:, 0], "attention_mask": x[:, 1]})[0]
@@ -382,12 +388,13 @@ def deploy_token_model(
                 wrapped,
                 (torch.from_numpy(one[:, 0]), torch.from_numpy(one[:, 1])),
                 fp32_onnx=fp32_graph,
-                shipped_onnx=onnx_bytes,
+                shipped_onnx=shipped_graph,
                 feeds={"input_ids": one[:, 0], "attention_mask": one[:, 1]},
                 fp32_bytes=fp32_nbytes,
                 artifact_bytes=info.nbytes,
                 int8=quant.startswith("int8"),
             )
+            fp32_graph.unlink(missing_ok=True)  # scratch: not published
         if extra is not None:
             manifest.update(extra(reference, wrapped, ort_predict))
         manifest["quality"] = quality_of(task, fidelity) | manifest.get("quality", {})
