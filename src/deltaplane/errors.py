@@ -209,7 +209,7 @@ class RegistryInUse(Conflict):
 class ServiceKeyMismatch(DeltaplaneError, RuntimeError):
     """The service presented a TLS key other than the one the device pins (``fleet device --service-spki``):
     another server holding a certificate the trusted CA issued (a man in the middle), or the service's key was
-    replaced (``deltaplane keys tls`` issues a new one on each run). Raised during the TLS handshake, before
+    replaced (``deltaplane keys tls`` issues a new one on each run without ``--keep-key``). Raised during the TLS handshake, before
     any request (its token included) is sent; waiting cannot help, so it is never taken for an outage."""
 
 

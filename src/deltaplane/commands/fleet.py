@@ -69,6 +69,16 @@ ClientCert = Annotated[
 ClientKey = Annotated[
     Path | None, typer.Option("--tls-key", help="The private key of --tls-cert.", show_default="none")
 ]
+ServiceSpki = Annotated[
+    str | None,
+    typer.Option(
+        "--service-spki",
+        help="Pin the service's TLS key: sha256:<hex>, as `deltaplane keys tls` prints it. A server presenting "
+        "another key, even with a certificate --ca vouches for, is refused before anything (a token included) "
+        "is sent.",
+        show_default="none: any key --ca vouches for",
+    ),
+]
 Federation = Annotated[
     Path, typer.Option("--federation", help="The federation YAML `deltaplane serve --federation` runs.")
 ]
@@ -242,13 +252,21 @@ def _record_tokens(
             out.rmdir()
 
 
-def admin_client(url: str, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
+def admin_client(
+    url: str,
+    ca: Path | None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    service_spki: str | None = None,
+) -> Any:
     """The :class:`~deltaplane.serve.client.AdminClient` of the service at ``url`` as every admin command makes
-    it: the admin token from ``$DELTAPLANE_ADMIN_TOKEN``, TLS from ``--ca`` (and ``--tls-cert``/``--tls-key``).
-    Nothing is sent yet: a usage error here (no token, https without ``--ca``) comes before any work."""
+    it: the admin token from ``$DELTAPLANE_ADMIN_TOKEN``, TLS from ``--ca`` (and ``--tls-cert``/``--tls-key``),
+    pinned to the service's key with ``--service-spki`` (a server with another key is refused during the
+    handshake, before the admin token is sent). Nothing is sent yet: a usage error here (no token, https
+    without ``--ca``, a malformed pin or one for plain HTTP) comes before any work."""
     from deltaplane.serve.client import AdminClient
 
-    return AdminClient(url, _admin_token(), tls=_tls(url, ca, cert, key))
+    return AdminClient(url, _admin_token(), tls=_tls(url, ca, cert, key), service_spki=service_spki)
 
 
 def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str, Any]:
@@ -472,6 +490,7 @@ def register(app: typer.Typer) -> None:
         valid_days: ValidDays = 365.0,
         add: AddDevices = None,
         revocations: HeldRevocations = None,
+        service_spki: ServiceSpki = None,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
         $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With
@@ -547,7 +566,7 @@ def register(app: typer.Typer) -> None:
                     if authority is not None
                     else []
                 )
-                admin = admin_client(url, ca, tls_cert, tls_key)
+                admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
                 reserve_ids(out, names)
             # every token first: a refusal of the first (a wrong admin token, the service gone) leaves no folder
             # or file; one part-way keeps the tokens issued before it and spends their ids
@@ -635,16 +654,7 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
-        service_spki: Annotated[
-            str | None,
-            typer.Option(
-                "--service-spki",
-                help="Pin the service's TLS key: sha256:<hex>, as `deltaplane keys tls` prints it. A server "
-                "presenting another key, even with a certificate --ca vouches for, is refused before anything "
-                "is sent.",
-                show_default="none: any key --ca vouches for",
-            ),
-        ] = None,
+        service_spki: ServiceSpki = None,
         revocations: Annotated[
             Path | None,
             typer.Option(
@@ -766,6 +776,7 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[
             int | None, typer.Option(min=1, help="Rounds to run.", show_default=_FILE_ROUNDS)
         ] = None,
+        service_spki: ServiceSpki = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -786,7 +797,7 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(
                         f"--enrolled {enrolled} holds no device-I.token (fleet enroll --out writes them)"
                     )
-            admin = admin_client(url, ca, tls_cert, tls_key)
+            admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
             done = _connected(
                 url,
                 lambda: coordinate(

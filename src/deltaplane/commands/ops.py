@@ -40,6 +40,7 @@ from deltaplane.commands.fleet import (
     Ca,
     ClientCert,
     ClientKey,
+    ServiceSpki,
     admin_client,
     revoke_device_tokens,
     upload_revocations,
@@ -710,6 +711,7 @@ def register(app: typer.Typer) -> None:
         ca: Ca = None,
         tls_cert: ClientCert = None,
         tls_key: ClientKey = None,
+        service_spki: ServiceSpki = None,
     ) -> None:
         """Revoke device identities before their certificates expire (a leaked identity key): add device-I in
         COHORT, and the identity key of each certificate given (--certificate, or device-I.cert found in
@@ -746,11 +748,13 @@ def register(app: typer.Typer) -> None:
             mark_in = enrolled if enrolled is not None and enrolled.is_dir() and device else None
             if mark_in is not None:
                 _writable(mark_in, "--enrolled")
-            if upload is None and (ca or tls_cert or tls_key):
-                raise ConfigError("--ca, --tls-cert and --tls-key are for --upload URL; give it too")
-            # the service's client before the list is written: no admin token, https without --ca... is a
-            # usage error that changes nothing; a refused or failed upload after it leaves OUT written
-            admin = None if upload is None else admin_client(upload, ca, tls_cert, tls_key)
+            if upload is None and (ca or tls_cert or tls_key or service_spki):
+                raise ConfigError(
+                    "--ca, --tls-cert, --tls-key and --service-spki are for --upload URL; give it too"
+                )
+            # the service's client before the list is written: no admin token, https without --ca, a bad pin...
+            # is a usage error that changes nothing; a refused or failed upload after it leaves OUT written
+            admin = None if upload is None else admin_client(upload, ca, tls_cert, tls_key, service_spki)
             ids = [device_id(i) for i in dict.fromkeys(device or [])]
             # each certificate at hand (given, or the device's in --enrolled), this authority's: its key is revoked
             certs, uncovered = revoked_certificates(authority, ids, certificate or [], enrolled)
@@ -857,8 +861,18 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[Path | None, typer.Option(help="Folder [default: HOME/tls].")] = None,
         force: Annotated[bool, typer.Option("--force", help="Replace an existing CA.")] = False,
+        keep_key: Annotated[
+            bool,
+            typer.Option(
+                "--keep-key",
+                help="Renew the server certificate for the key already in server.key (left as it is), so the "
+                "server key pin (--service-spki) stays the same and a pinned fleet needs nothing new. Without "
+                "it the server gets a new key, and a new pin.",
+            ),
+        ] = False,
     ) -> None:
-        """Create a private CA and a server certificate signed by it (keys 0600); devices trust ca.pem."""
+        """Create a private CA and a server certificate signed by it (keys 0600); devices trust ca.pem. Run
+        again to renew the server certificate (with --keep-key: for the same key, so its pin holds)."""
         from deltaplane.serve.tls import make_tls_bundle
 
         with _errors(OSError):
@@ -868,6 +882,7 @@ def register(app: typer.Typer) -> None:
                 hosts=host or ["127.0.0.1", "localhost"],
                 devices=device or [],
                 overwrite=force,
+                keep_key=keep_key,
             )
         # soft_wrap: a path broken across lines (rich wraps at 80 columns when stdout is no terminal) cannot be
         # copied or clicked
@@ -875,7 +890,8 @@ def register(app: typer.Typer) -> None:
             escape(f"CA {b.ca_cert} (give this to devices); server {b.server_cert} + {b.server_key}"),
             soft_wrap=True,
         )
-        console.print(f"server key pin {b.service_spki} (fleet device --service-spki)", soft_wrap=True)
+        kept = ", unchanged: the key was kept" if keep_key else ""
+        console.print(f"server key pin {b.service_spki} (fleet device --service-spki{kept})", soft_wrap=True)
         for d, (c, k) in b.devices.items():
             console.print(escape(f"device {d}: {c} + {k}"), soft_wrap=True)
 

@@ -440,7 +440,21 @@ class DeviceClient:
 
 
 class AdminClient:
-    """The operator's connection to the ``/admin`` endpoints."""
+    """The operator's connection to the ``/admin`` endpoints.
+
+    Args:
+        base_url: e.g. ``https://127.0.0.1:8443``.
+        token: the admin token the service runs with.
+        client: an existing ``httpx.Client`` (tests with ``transport=``); not with ``service_spki``.
+        tls: for ``https://`` URLs, an SSL context (:func:`deltaplane.serve.tls.client_context`); refused with
+            another scheme.
+        service_spki: the service's key pin, ``sha256:<hex>`` (``deltaplane keys tls`` prints it): a server
+            presenting another key, even with a valid certificate from the trusted CA, is refused
+            (:class:`~deltaplane.errors.ServiceKeyMismatch`) during the TLS handshake, before any request (the
+            admin token included) is sent; ``https://`` only (:class:`ConfigError` otherwise). Refused with
+            ``client`` (its connections are not this class's to pin: the admin token would go out before an
+            answer could be checked); pin that client's context with :func:`~deltaplane.serve.tls.pin_service_key`.
+    """
 
     def __init__(
         self,
@@ -450,9 +464,15 @@ class AdminClient:
         client: httpx.Client | None = None,
         timeout: float = 60.0,
         tls: ssl.SSLContext | None = None,
+        service_spki: str | None = None,
     ) -> None:
+        if client is not None and service_spki is not None:
+            raise ConfigError(
+                "AdminClient(service_spki=) pins the connections it makes, and client= brings its own: pin that "
+                "client's SSL context with deltaplane.serve.tls.pin_service_key instead"
+            )
         self.base_url = base_url
-        self._http = client or _http_client(base_url, timeout, tls)
+        self._http = client or _http_client(base_url, timeout, tls, service_spki)
         self._headers = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:

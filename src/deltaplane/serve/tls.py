@@ -22,7 +22,7 @@ from typing import Any
 
 from deltaplane.errors import ConfigError, ServiceKeyMismatch
 from deltaplane.registry.signing import write_secret_file
-from deltaplane.textfile import require_regular_file
+from deltaplane.textfile import atomic_write_bytes, require_regular_file
 
 __all__ = [
     "SPKI_PIN_PREFIX",
@@ -106,16 +106,18 @@ def issue_certificate(
     hosts: Sequence[str] = (),
     client: bool = False,
     days: int = 825,
+    key: Any = None,
 ) -> tuple[Any, Any]:
     """A certificate signed by the CA: a server one (``hosts`` become DNS/IP subject alternative names) or,
-    with ``client``, a device certificate for mutual TLS."""
+    with ``client``, a device certificate for mutual TLS; for ``key`` (a private key, kept: its pin stays), else
+    for a new ECDSA P-256 key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     if not client and not hosts:
         raise ConfigError("a server certificate needs at least one host name or address (--host)")
-    key = _key()
+    key = _key() if key is None else key
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -197,8 +199,9 @@ class TlsBundle:
 
     @property
     def service_spki(self) -> str:
-        """The pin of the server key just issued (:func:`spki_pin`), what ``fleet device --service-spki``
-        takes: a new one on each :func:`make_tls_bundle`, so a pinned fleet is given it again."""
+        """The pin of the server key (:func:`spki_pin`), what ``fleet device --service-spki`` takes: a new one
+        on each :func:`make_tls_bundle`, so a pinned fleet is given it again, unless it kept the key
+        (``keep_key``, ``keys tls --keep-key``): then the same as before."""
         return spki_pin(self.server_cert.read_bytes())
 
 
@@ -208,22 +211,31 @@ def make_tls_bundle(
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),
     devices: Sequence[str] = (),
     overwrite: bool = False,
+    keep_key: bool = False,
 ) -> TlsBundle:
     """Write ``ca.pem``/``ca.key``, ``server.pem``/``server.key`` and ``device-<id>.pem``/``.key`` into ``folder``.
 
     Refuses to replace an existing CA unless ``overwrite`` (every device trusting it would have to be
     re-provisioned); with an existing CA (checked: see :func:`_existing_ca`) it keeps the CA and issues a new
-    server certificate for ``hosts`` and a certificate for each of ``devices``, over any earlier ones.
+    server certificate for ``hosts`` and a certificate for each of ``devices``, over any earlier ones (each
+    file replaced atomically: a reader sees the old file or the new one).
+
+    With ``keep_key`` the new server certificate is for the key already in ``server.key``, which is left as it
+    is: the service's key pin (``--service-spki``) survives the renewal, so a pinned fleet needs nothing new.
+    Without it the server gets a new key, and so a new pin.
 
     Raises:
-        ConfigError: a host that is neither an IP address nor a DNS name, or a device name that is not 1 to 64
-            letters, digits, '.', '_' or '-' (it names files in ``folder``); checked before anything is written.
+        ConfigError: a host that is neither an IP address nor a DNS name, a device name that is not 1 to 64
+            letters, digits, '.', '_' or '-' (it names files in ``folder``), or with ``keep_key`` a
+            ``server.key`` that is missing or not an unencrypted PEM ECDSA P-256 private key (what this
+            function writes); all checked before anything is written.
     """
     for host in hosts:  # every name before anything is written: no CA left behind by a bad --host
         _check_host(host)
     for device in devices:
         _check_device(device)
     out = Path(folder)
+    kept = _kept_server_key(out / "server.key") if keep_key else None
     out.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
     if (ca_key_path.exists() or ca_cert_path.exists()) and not overwrite:
@@ -231,20 +243,53 @@ def make_tls_bundle(
     else:
         ca_key, ca_cert = make_ca()
         write_secret_file(ca_key_path, _pem_key(ca_key))
-        ca_cert_path.write_bytes(_pem_cert(ca_cert))
+        atomic_write_bytes(ca_cert_path, _pem_cert(ca_cert))
     # a common name holds at most 64 characters; the subject alternative names are what TLS clients check
     name = hosts[0] if hosts and len(hosts[0]) <= 64 else "server"
-    server_key, server_cert = issue_certificate(ca_key, ca_cert, name, hosts=hosts)
-    write_secret_file(out / "server.key", _pem_key(server_key))
-    (out / "server.pem").write_bytes(_pem_cert(server_cert))
+    server_key, server_cert = issue_certificate(ca_key, ca_cert, name, hosts=hosts, key=kept)
+    if kept is None:
+        write_secret_file(out / "server.key", _pem_key(server_key))
+    atomic_write_bytes(out / "server.pem", _pem_cert(server_cert))
     written: dict[str, tuple[Path, Path]] = {}
     for d in devices:
         k, c = issue_certificate(ca_key, ca_cert, d, client=True)
         cert_path, key_path = out / f"device-{d}.pem", out / f"device-{d}.key"
         write_secret_file(key_path, _pem_key(k))
-        cert_path.write_bytes(_pem_cert(c))
+        atomic_write_bytes(cert_path, _pem_cert(c))
         written[d] = (cert_path, key_path)
     return TlsBundle(ca_cert_path, ca_key_path, out / "server.pem", out / "server.key", written)
+
+
+def _read_private_key(path: Path, what: str, fix: str) -> Any:
+    """The unencrypted PEM private key in ``path``, read bounded (``KEY_LIMIT``: a FIFO or a huge file is
+    refused, not read for ever); :class:`ConfigError` naming ``what`` and ``fix`` if it is missing or not one."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
+
+    if not os.path.lexists(path):
+        raise ConfigError(f"{path} does not exist: there is no {what} to read; {fix}")
+    try:
+        return load_pem_private_key(read_bounded_bytes(path, limit=KEY_LIMIT, what=what), password=None)
+    except (ValueError, TypeError) as exc:  # not PEM, encrypted, or an unsupported key type
+        raise ConfigError(f"{path} is not an unencrypted PEM private key ({exc}); {fix}") from None
+
+
+def _kept_server_key(path: Path) -> Any:
+    """The server key ``keys tls --keep-key`` keeps: an ECDSA P-256 private key (what ``keys tls`` writes, and
+    what the service's TLS and the devices' pins are checked with), else :class:`ConfigError`."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    fix = "give the folder holding the service's server.key (--out), or run without --keep-key for a new key (and pin)"
+    key = _read_private_key(path, "server key to keep", fix)
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
+        found = (
+            f"a {key.curve.name} key" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        )
+        raise ConfigError(
+            f"{path} holds {found}, not the ECDSA P-256 private key `deltaplane keys tls` writes; {fix}"
+        )
+    return key
 
 
 def _existing_ca(cert_path: Path, key_path: Path) -> tuple[Any, Any]:
@@ -256,7 +301,7 @@ def _existing_ca(cert_path: Path, key_path: Path) -> tuple[Any, Any]:
             how to fix it (restore the file, or ``--force`` for a new CA every device must then trust).
     """
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     from deltaplane.textfile import KEY_LIMIT, read_bounded_bytes
 
@@ -264,12 +309,7 @@ def _existing_ca(cert_path: Path, key_path: Path) -> tuple[Any, Any]:
     for path, other in ((key_path, cert_path), (cert_path, key_path)):
         if not path.exists():
             raise ConfigError(f"{other} exists but {path} does not: the CA is incomplete; {fix}")
-    try:
-        key = load_pem_private_key(
-            read_bounded_bytes(key_path, limit=KEY_LIMIT, what="CA key"), password=None
-        )
-    except (ValueError, TypeError) as exc:  # not PEM, encrypted, or an unsupported key type
-        raise ConfigError(f"{key_path} is not an unencrypted PEM private key ({exc}); {fix}") from None
+    key = _read_private_key(key_path, "CA key", fix)
     try:
         cert = x509.load_pem_x509_certificate(
             read_bounded_bytes(cert_path, limit=KEY_LIMIT, what="CA certificate")
