@@ -123,6 +123,24 @@ def test_a_pin_is_checked_on_every_answer_of_a_connection_the_client_did_not_mak
         conn.open_rounds("cnn")
 
 
+def test_a_pin_checked_after_the_request_does_not_claim_nothing_was_sent(tmp_path, keys) -> None:
+    """Before, a pinned DeviceClient over an unpinned ``client=`` refused the man in the middle's answer saying
+    "nothing was sent", after the request and its token went to it. Now it says the token went out."""
+    import httpx
+
+    service, server, seen = _served(tmp_path, keys.mitm)
+    token = service.admin.issue_token("d0", "default")
+    with server, httpx.Client(base_url=server.url, verify=client_context(keys.ca)) as http:
+        conn = DeviceClient(
+            server.url, token, verifier=service.verifier, client=http, service_spki=keys.real.pin
+        )
+        with pytest.raises(ServiceKeyMismatch) as exc:
+            conn.open_rounds("cnn")
+    assert seen == [("GET", "/v1/models/cnn/rounds/open")]  # the request reached the other server
+    assert "nothing was sent" not in str(exc.value)
+    assert "its token included, was sent" in str(exc.value)
+
+
 PIN = "sha256:" + "ab" * 32
 
 
