@@ -361,3 +361,24 @@ def test_revoke_enrolled_records_its_ids_under_the_folders_lock(authority, tmp_p
     assert waited, said  # it waited for the lock, not ran past it
     assert other.returncode == 0, said
     assert (out / "enrollment.ledger").read_text() == "device-0..device-1\ndevice-3\ndevice-7\n"
+
+
+def test_a_reservation_leaves_room_in_the_ledger_for_the_runs_in_flight(tmp_path, monkeypatch) -> None:
+    """Before, reserve_ids checked that the ledger could hold its own ids, not those other runs had reserved
+    and not yet recorded: two concurrent fleet enroll runs each passed, and the second's record_issued was
+    refused once the service had issued its tokens (valid there, never written). Now the second is refused
+    when it reserves, before it asks for any token."""
+    from deltaplane.aggregation.secagg.enrollment import release_ids, reserve_ids
+    from deltaplane.errors import ConfigError
+
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "enrollment.ledger").write_text("device-0\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0\ndevice-2\ndevice-4\n") - 1)
+    reserve_ids(out, ["device-2"])  # run A: the ledger can hold device-2
+    with pytest.raises(ConfigError, match="separate id ranges"):
+        reserve_ids(out, ["device-4"])  # run B: not device-2 and device-4 together
+    record_issued(out, ["device-2"])  # run A's tokens are issued: its record holds
+    release_ids(out, ["device-2"])
+    assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
+    assert not (out / "enrollment.reserved").exists()

@@ -210,3 +210,38 @@ def test_a_pinned_reader_does_not_take_a_seal_naming_a_key_it_does_not_trust(hom
     pin.write_bytes((home / "keys" / "signing.ed25519.pub").read_bytes())
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(pin))
     _refused(home, "state log entry 8: signed by untrusted key")
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ["DROP TABLE state_log_seal", "CREATE TABLE state_log_seal (id INTEGER PRIMARY KEY, other TEXT)"],
+        # JSON's Infinity as the index: int() raises OverflowError, which is no ValueError
+        [
+            "UPDATE state_log_seal SET seal = "
+            '\'{"seq": Infinity, "sha256": "", "signatures": "", "keys": {}, "signature": ""}\''
+        ],
+    ],
+    ids=["another-table", "infinite-index"],
+)
+def test_a_seal_row_that_is_no_seal_is_ignored_not_a_crash(home, statements):
+    """Before, reads, verify and repair raised sqlite3.OperationalError / OverflowError (no deltaplane error)
+    on these: a seal that cannot be read is as none, every signature is checked, and the next write seals again."""
+    _sql(home, *statements)
+    assert Registry(home).tags("m", verify=True) == {"production": 3}
+    assert Registry(home).verify().problems == []
+    Registry(home).repair_from_log()
+    Registry(home).set_tag("m", "staging", 1)  # seals entries 1..7 before appending 8, over the row
+    con = sqlite3.connect(home / "registry.db")
+    try:
+        assert _seal.read(con, load_signer(home).verifier()).index == 7
+    finally:
+        con.close()
+
+
+def test_a_read_needs_no_usable_signing_key(home):
+    """Before, a verified read with a seal due loaded the home's signing key and raised when it could not (a
+    file it may not read, one replaced by something else): a read never needed the key, and still does not."""
+    Registry(home).set_tag("m", "staging", 1)  # a seal is due on the next read
+    (home / "keys" / "signing.ed25519.pem").write_text("not a key\n")
+    assert Registry(home).tags("m", verify=True) == {"production": 3, "staging": 1}

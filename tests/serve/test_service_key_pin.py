@@ -123,6 +123,24 @@ def test_a_pin_is_checked_on_every_answer_of_a_connection_the_client_did_not_mak
         conn.open_rounds("cnn")
 
 
+def test_a_pin_checked_after_the_request_does_not_claim_nothing_was_sent(tmp_path, keys) -> None:
+    """Before, a pinned DeviceClient over an unpinned ``client=`` refused the man in the middle's answer saying
+    "nothing was sent", after the request and its token went to it. Now it says the token went out."""
+    import httpx
+
+    service, server, seen = _served(tmp_path, keys.mitm)
+    token = service.admin.issue_token("d0", "default")
+    with server, httpx.Client(base_url=server.url, verify=client_context(keys.ca)) as http:
+        conn = DeviceClient(
+            server.url, token, verifier=service.verifier, client=http, service_spki=keys.real.pin
+        )
+        with pytest.raises(ServiceKeyMismatch) as exc:
+            conn.open_rounds("cnn")
+    assert seen == [("GET", "/v1/models/cnn/rounds/open")]  # the request reached the other server
+    assert "nothing was sent" not in str(exc.value)
+    assert "its token included, was sent" in str(exc.value)
+
+
 PIN = "sha256:" + "ab" * 32
 
 
@@ -265,3 +283,83 @@ def test_the_pin_holds_for_tls_over_memory_bios_too(keys) -> None:
                 _handshake(client_ctx, server_ctx)
         else:
             _handshake(client_ctx, server_ctx)
+
+
+class _LoopbackForwardProxy:
+    """A plain-HTTP forward proxy on loopback (what ``HTTP_PROXY=http://127.0.0.1:3128`` names: cntlm, a corporate
+    agent): it takes absolute-form requests (``GET http://fl.example/...``) and sends them on. Here every request
+    goes to ``upstream`` (the test's service), standing in for the host the URL names, off this machine."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.forwarded: list[str] = []
+        forwarded = self.forwarded
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                forwarded.append(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                up = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                url = urlsplit(self.path)
+                up.request(
+                    self.command, url.path + (f"?{url.query}" if url.query else ""), body, dict(self.headers)
+                )
+                resp = up.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                up.close()
+
+            do_GET = do_POST = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _LoopbackForwardProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_plain_http_round_through_a_loopback_proxy_to_another_host_is_refused(
+    tmp_path, monkeypatch
+) -> None:
+    """Before, the refusal looked only at the address the connection reached: through a forward proxy on
+    loopback (``HTTP_PROXY``, which httpx reads) that is 127.0.0.1, so an authenticated round from
+    http://fl.example was taken, although the proxy carries it off this machine in clear. Now the address the
+    device was given must be loopback too; refused before training (the round is still waiting for keys)."""
+    service = Service(tmp_path / "home")
+    rnd = _open(service, ["d0", "d1", "d2"])
+    with BackgroundServer(service.app) as server, _LoopbackForwardProxy(server.url) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        conn = DeviceClient(
+            "http://fl.example:8080", service.admin.issue_token("d0", "default"), verifier=service.verifier
+        )
+        with pytest.raises(SecAggAuthError, match="reached over plain HTTP"):
+            SecAggDevice(conn, "cnn", rnd, credentials=_creds(AUTHORITY, "d0"))
+        assert proxy.forwarded, "the request did not go through the proxy"
+        taken = SecAggDevice(conn, "cnn", rnd, credentials=_creds(AUTHORITY, "d0"), allow_plain_http=True)
+        conn.close()
+    assert taken.service == "origin:http://fl.example:8080"
+    assert service.admin.secagg_status("cnn", rnd)["stage"] == "advertise keys"

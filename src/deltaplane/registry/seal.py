@@ -80,14 +80,15 @@ def read(con: sqlite3.Connection, verifier: Verifier) -> Seal | None:
     try:
         row = con.execute("SELECT seal FROM state_log_seal WHERE id = 1").fetchone()
     except sqlite3.OperationalError as exc:
-        if "no such table" not in str(exc):
+        if not _missing(exc):
             raise
-        return None
+        return None  # no table yet, or one of another shape (whoever can write the file made it): no seal
     try:
         doc = json.loads(row[0]) if row is not None else None
         seal = Seal(int(doc["seq"]), str(doc["sha256"]), str(doc["signatures"]), dict(doc["keys"]))
         verifier.verify(seal.statement(), doc["signature"])
-    except (TypeError, ValueError, KeyError, RecursionError, SignatureError):
+    # OverflowError: JSON's Infinity as an index; anything in the row is whatever the file's writer put there
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError, SignatureError):
         return None
     if any(verifier.fingerprint(kid) != fp for kid, fp in seal.keys.items()):
         return None
@@ -105,7 +106,18 @@ def write(con: sqlite3.Connection, signer: Signer, seal: Seal) -> None:
     if stored is not None and stored.index >= seal.index:
         return
     doc = {**seal.statement(), "signature": signer.sign(seal.statement()).to_text()}
-    con.execute(
-        "INSERT OR REPLACE INTO state_log_seal (id, seal) VALUES (1, ?)",
-        (json.dumps(doc, sort_keys=True),),
-    )
+    insert = "INSERT OR REPLACE INTO state_log_seal (id, seal) VALUES (1, ?)"
+    try:
+        con.execute(insert, (json.dumps(doc, sort_keys=True),))
+    except sqlite3.OperationalError as exc:
+        if not _missing(exc):
+            raise
+        # a table of another shape under the name: it held no seal this could read, so it is replaced
+        con.execute("DROP TABLE state_log_seal")
+        con.execute(_DDL)
+        con.execute(insert, (json.dumps(doc, sort_keys=True),))
+
+
+def _missing(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says the seal's table or column is not there (not a locked or read-only database)."""
+    return any(s in str(exc) for s in ("no such table", "no such column", "has no column"))

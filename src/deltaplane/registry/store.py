@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from deltaplane.errors import (
     ConfigError,
     DecodeError,
+    DeltaplaneError,
     IntegrityError,
     MissingTrustedKeys,
     NotFound,
@@ -983,7 +984,12 @@ class Registry:
             return  # nothing to seal, or inside a caller's read snapshot (whose lock cannot be upgraded)
         if self._signer is None and not (self.home / "keys" / PRIVATE_NAME).exists():
             return
-        signer = self.signer
+        from cryptography.exceptions import UnsupportedAlgorithm
+
+        try:
+            signer = self.signer
+        except (DeltaplaneError, OSError, ValueError, TypeError, UnsupportedAlgorithm):
+            return  # a key file this process cannot use (not its to read, or not a key): a read never needs it
         outer = getattr(self._local, "depth", 0)
         if not outer:
             con.execute("PRAGMA busy_timeout=200")  # a read never waits long for a seal

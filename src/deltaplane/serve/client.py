@@ -244,7 +244,7 @@ class DeviceClient:
             if self.service_spki is not None:  # the handshake checked it, unless the connection is not ours
                 from deltaplane.serve.tls import check_service_key
 
-                check_service_key(cert, self.service_spki, self.base_url)
+                check_service_key(cert, self.service_spki, self.base_url, sent=True)
             body = _read_capped(resp, self.max_response_bytes, f"{method} {path}")
         finally:
             resp.close()

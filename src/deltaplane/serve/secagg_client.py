@@ -75,7 +75,8 @@ class SecAggDevice:
             It also refuses, before training, a service that does not bind rounds to its identity (one from
             before :data:`~deltaplane.serve.service_identity.SERVICE_BINDING`).
         allow_plain_http: take an authenticated round from a service reached over plain HTTP at an address that
-            is not loopback; refused by default, before training
+            is not loopback, or given by an address that is not (a loopback proxy forwards it off the host);
+            refused by default, before training
             (:func:`~deltaplane.serve.service_identity.check_plain_http`: nothing authenticates such a service).
     """
 

@@ -30,6 +30,7 @@ release before the binding cannot run a round under the weaker one unnoticed.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import httpx
@@ -82,31 +83,59 @@ def peer_address(resp: httpx.Response) -> str | None:
 
 def check_plain_http(identity: str, answer: httpx.Response, round_id: int, *, allowed: bool) -> None:
     """Refuse (:class:`~deltaplane.aggregation.secagg.SecAggAuthError`) an authenticated round whose service
-    (``identity``, :func:`service_identity`) was reached over plain HTTP through a socket to an address that is
-    not loopback, unless ``allowed``. Nothing authenticates a plain-HTTP service: whoever answers on the path
-    (anyone between this device and that address) runs the round as the service, and the binding only names the
-    address, so an authenticated round there promises what it cannot hold. Loopback never leaves the host, and an
-    in-process transport (no socket: tests) no network at all; ``deltaplane fleet`` commands already refuse
-    plain HTTP off loopback before they connect (the token would travel in clear)."""
-    import ipaddress
+    (``identity``, :func:`service_identity`) was reached over plain HTTP through a socket, unless ``allowed`` or
+    both the address the device was given and the one its connection reached are loopback. Nothing authenticates
+    a plain-HTTP service: whoever answers on the path (anyone between this device and that address) runs the
+    round as the service, and the binding only names the address, so an authenticated round there promises what
+    it cannot hold. Loopback never leaves the host, and an in-process transport (no socket: tests) no network at
+    all; ``deltaplane fleet`` commands already refuse plain HTTP off loopback before they connect (the token
+    would travel in clear).
 
+    The connection's address alone does not tell: through a forward proxy on loopback (``HTTP_PROXY``, which
+    httpx reads) it is 127.0.0.1 while the proxy carries the round to the host the address names, in clear; and
+    a name that resolved to loopback for this connection may resolve elsewhere for the next. So the given
+    address must be a loopback IP or ``localhost`` (RFC 6761) too."""
     from deltaplane.aggregation.secagg import SecAggAuthError
 
     peer = answer.extensions.get(PEER_ADDRESS)
     if allowed or not identity.startswith("origin:http:") or peer is None:
         return
+    host = answer.request.url.host
+    where = _where(peer, host)
+    if where is None:
+        return
+    raise SecAggAuthError(
+        f"refusing authenticated SecAgg round {round_id}: the service at {identity.removeprefix('origin:')} "
+        f"was reached over plain HTTP ({where}), where nothing authenticates it: whoever answers on the way can "
+        "run the round as the service. Use its https:// address (and pin its key: service_spki, fleet device "
+        "--service-spki), or allow_plain_http=True for a network path you trust; nothing was sent but the "
+        "invitation's request"
+    )
+
+
+def _where(peer: str, host: str) -> str | None:
+    """Why a plain-HTTP connection to ``peer`` for the address ``host`` may leave this machine (None: it cannot)."""
+    ip = _ip(peer)
+    if ip is None:  # a Unix socket's path: httpx uses no proxy over a transport it is given
+        return None
+    if not ip.is_loopback:
+        return f"at {peer}, not loopback"
+    given = _ip(host)
+    if host.lower().rstrip(".") == "localhost" or (given is not None and given.is_loopback):
+        return None
+    return (
+        f"at {peer} for {host}, which is not a loopback address: a proxy on loopback carries it to that host, "
+        "and a name may resolve elsewhere for the next connection"
+    )
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP (an IPv4-mapped IPv6 one as its IPv4, a ``%zone`` dropped), None when it is none."""
     try:
-        loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
-    except ValueError:  # a Unix socket path, say: it does not leave the host
-        loopback = True
-    if not loopback:
-        raise SecAggAuthError(
-            f"refusing authenticated SecAgg round {round_id}: the service at {identity.removeprefix('origin:')} "
-            f"was reached over plain HTTP (at {peer}, not loopback), where nothing authenticates it: whoever "
-            "answers on the way can run the round as the service. Use its https:// address (and pin its key: "
-            "service_spki, fleet device --service-spki), or allow_plain_http=True for a network path you "
-            "trust; nothing was sent but the invitation's request"
-        )
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
 
 
 def service_identity(resp: httpx.Response, requested: str) -> str:

@@ -434,16 +434,24 @@ def parse_spki_pin(pin: str) -> str:
     return digest
 
 
-def check_service_key(der: bytes | None, pinned: str, where: str) -> None:
+def check_service_key(der: bytes | None, pinned: str, where: str, *, sent: bool = False) -> None:
     """Refuse (:class:`ServiceKeyMismatch`) a connection to ``where`` whose server presented no certificate, or
-    one whose key is not ``pinned`` (the hex digest :func:`parse_spki_pin` returns)."""
+    one whose key is not ``pinned`` (the hex digest :func:`parse_spki_pin` returns). ``sent``: the check runs on
+    an answer, after the request went out (a connection the pinned context did not make), so the message says
+    so rather than that nothing was sent."""
     seen = spki_sha256(der) if der else None
     if seen == pinned:
         return
+    what = (
+        "the request, its token included, was sent before this check (a client= whose connections are not "
+        "pinned: give it a context from pin_service_key); revoke that token"
+        if sent
+        else "nothing was sent"
+    )
     raise ServiceKeyMismatch(
         f"the service at {where} presented "
         + (f"the TLS key {SPKI_PIN_PREFIX}{seen}" if seen else "no TLS certificate")
-        + f", not the pinned {SPKI_PIN_PREFIX}{pinned} (--service-spki); nothing was sent. Another server holds "
+        + f", not the pinned {SPKI_PIN_PREFIX}{pinned} (--service-spki); {what}. Another server holds "
         "a certificate your CA issued for that address (a man in the middle), or the service's key was replaced "
         "(`deltaplane keys tls` issues a new one each run and prints its pin): check with the operator before "
         "pinning the new one"

@@ -282,9 +282,10 @@ def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     (``fleet enroll`` asks the service for their tokens): until :func:`release_ids`, every other run refuses them
     (:func:`check_not_reserved`) and ``--add`` takes ids past them. A run killed outright leaves them reserved,
     and refused: the service may have issued their tokens. A ledger that could not hold them too is refused
-    here (:func:`_ids_text`), before any token is asked for, not once the service issued them."""
+    here (:func:`_ids_text`), before any token is asked for, not once the service issued them; the ids other runs
+    reserved count too, as they will be recorded once their tokens are issued."""
     ids = [(i, i) for i in _partitions(devices)]
-    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), ids))
+    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), _reserved(out), ids))
     _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), ids))
 
 
