@@ -298,13 +298,17 @@ class _LoopbackForwardProxy:
 
         target = urlsplit(upstream)
         self.forwarded: list[str] = []
-        forwarded = self.forwarded
+        self.authorizations: list[
+            str | None
+        ] = []  # each request's Authorization header, as the proxy read it
+        forwarded, authorizations = self.forwarded, self.authorizations
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def _forward(self) -> None:
                 forwarded.append(self.path)
+                authorizations.append(self.headers.get("Authorization"))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 up = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
                 url = urlsplit(self.path)

@@ -10,7 +10,6 @@ torch loads only when a command runs.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import threading
@@ -100,6 +99,7 @@ def _tls(
     """The TLS context for ``url``: ``--ca`` for https (never the system store, never a silent fallback to
     plain HTTP), with ``--tls-cert``/``--tls-key`` for a service that requires mutual TLS; plain HTTP only on
     loopback, as ``deltaplane serve`` allows it."""
+    from deltaplane.serve.service_identity import is_loopback_host
     from deltaplane.serve.tls import client_context
 
     parts = urlsplit(url)
@@ -117,11 +117,7 @@ def _tls(
         raise ConfigError(f"--url must be an https:// (or loopback http://) address. Found {url!r}")
     if ca is not None:
         raise ConfigError(f"--ca was given for {url}, which is plain HTTP: use its https:// address")
-    try:
-        loopback = parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"refusing plain HTTP to {parts.hostname}: the token would travel in clear; use https://"
         )

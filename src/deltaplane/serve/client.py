@@ -25,7 +25,13 @@ from deltaplane.errors import (
 from deltaplane.registry.signing import Verifier
 from deltaplane.registry.store import rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
-from deltaplane.serve.service_identity import PEER_ADDRESS, PEER_CERTIFICATE, peer_address, peer_certificate
+from deltaplane.serve.service_identity import (
+    PEER_ADDRESS,
+    PEER_CERTIFICATE,
+    is_loopback_host,
+    peer_address,
+    peer_certificate,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +123,25 @@ def _http_client(
 
         _pinnable(base_url)
         tls = pin_service_key(tls or ssl.create_default_context(), service_spki)
-    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True, **kw)
+    return httpx.Client(
+        base_url=base_url, timeout=timeout, verify=tls or True, **direct_if_loopback(base_url), **kw
+    )
+
+
+def direct_if_loopback(base_url: str) -> dict[str, Any]:
+    """The httpx client options for ``base_url``: for plain HTTP to this machine (``http://`` to a loopback IP
+    or ``localhost``) no proxy at all, whatever the environment says (``trust_env=False``); otherwise none.
+
+    httpx reads ``HTTP_PROXY``/``ALL_PROXY`` from the environment by default and sends a plain-HTTP request,
+    its bearer token included, to the proxy named there, in clear, for the proxy to forward: a loopback address
+    (the one plain-HTTP address the ``fleet`` commands accept, and the one an authenticated SecAgg round takes
+    without ``allow_plain_http``) would then leave the host after all, and a proxy that cannot reach this
+    machine's loopback would answer for the service. Go's ``net/http`` never proxies loopback either. An
+    ``https://`` service keeps the environment's proxy: TLS runs end to end through it (``CONNECT``), checked
+    by the CA, the service key pin and the SecAgg binding; so does a plain-HTTP service on another host (a
+    ``https://`` forward proxy may be the protection there)."""
+    url = httpx.URL(base_url)
+    return {"trust_env": False} if url.scheme == "http" and is_loopback_host(url.host) else {}
 
 
 def _pinnable(base_url: str) -> None:

@@ -55,7 +55,7 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
-from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
+from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError, _http_client
 from deltaplane.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def _run(
     stopped: str | None = None
     with (
         BackgroundServer(create_app(service)) as server,
-        httpx.Client(base_url=server.url, timeout=timeout_s) as http,
+        _http_client(server.url, timeout_s, None) as http,
     ):
         admin = AdminClient(server.url, admin_token, client=http)
         admin.set_drift_reference(MODEL, spec.to_dict(), reference.to_dict(), window=len(clients))

@@ -23,6 +23,7 @@ from deltaplane.codecs import Compressor
 from deltaplane.delta import Delta
 from deltaplane.registry.downlink import Downlink, apply_downlink
 from deltaplane.registry.signing import Verifier
+from deltaplane.serve.client import direct_if_loopback
 
 __all__ = ["LoadReport", "run_load"]
 
@@ -96,7 +97,9 @@ async def run_load(
 
     report = LoadReport(devices=devices)
     limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=300.0, limits=limits, **direct_if_loopback(url)
+    ) as http:
         admin = {"Authorization": f"Bearer {admin_token}"}
 
         async def call(method: str, path: str, expect: tuple[int, ...], **kw: Any) -> httpx.Response | None:

@@ -41,6 +41,7 @@ __all__ = [
     "PEER_CERTIFICATE",
     "SERVICE_BINDING",
     "check_plain_http",
+    "is_loopback_host",
     "peer_address",
     "peer_certificate",
     "service_identity",
@@ -120,13 +121,20 @@ def _where(peer: str, host: str) -> str | None:
         return None
     if not ip.is_loopback:
         return f"at {peer}, not loopback"
-    given = _ip(host)
-    if host.lower().rstrip(".") == "localhost" or (given is not None and given.is_loopback):
+    if is_loopback_host(host):
         return None
     return (
         f"at {peer} for {host}, which is not a loopback address: a proxy on loopback carries it to that host, "
         "and a name may resolve elsewhere for the next connection"
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether the address ``host`` names this machine whatever resolves it: a loopback IP (an IPv4-mapped one
+    too) or ``localhost`` (RFC 6761). Another name is not, even if it resolves to loopback now: it may resolve
+    elsewhere for the next connection."""
+    ip = _ip(host.strip("[]"))
+    return host.lower().rstrip(".") == "localhost" or (ip is not None and ip.is_loopback)
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
