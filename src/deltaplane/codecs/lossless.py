@@ -36,7 +36,7 @@ def zstd_compress(data: bytes, level: int) -> bytes:
     return z.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
-def zstd_decompress(frame: bytes, size: int) -> bytes:
+def zstd_decompress(frame: bytes | memoryview, size: int) -> bytes:
     """Inflate one zstd frame that must hold exactly ``size`` bytes; anything else is a :class:`DecodeError`.
 
     The frame header's content size must equal ``size`` (which the caller has already bounded), so at most

@@ -660,8 +660,11 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             masks.append(keep.reshape(shape))
         return masks
 
-    def _l1_factors(self, state: _EngineState, chunks: ChunkPass, params: MergeParams) -> list[float | None]:
-        """``‖τᵢ‖₁ / ‖τ̂ᵢ‖₁`` per model (``None``: unsparsified or a norm under 1e-7, left as is, as mergekit does).
+    def _l1_factors(
+        self, state: _EngineState, chunks: ChunkPass, params: MergeParams
+    ) -> list[tuple[float, float] | None]:
+        """``(‖τᵢ‖₁, ‖τ̂ᵢ‖₁)`` per model, the rescale factor's numerator and denominator, kept apart so the merge
+        divides in its compute dtype (``None``: unsparsified or a norm under 1e-7, left as is, as mergekit does).
 
         Replays the masks the merge pass will draw: fresh copies of the top-k rules, saved generator states.
         """
