@@ -58,6 +58,7 @@ from deltaplane.merging.output import (
     write_extras,
 )
 from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
+from deltaplane.signals import exit_on_terminate
 from deltaplane.threads import torch_threads
 
 __all__ = ["COPIED_FILES", "MergeResult", "PreparedMerge", "ProgressFn", "merge_files", "prepare_merge"]
@@ -163,30 +164,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-@contextlib.contextmanager
-def exit_on_terminate() -> Iterator[None]:
-    """Turn SIGTERM (and SIGHUP) into ``SystemExit`` inside the block, so a command writing into a hidden staging
-    folder (a merge, ``deltaplane run``) removes it on the way out instead of leaving it beside its output.
-
-    SIGINT already raises ``KeyboardInterrupt``. Only the main thread can install handlers; elsewhere this does
-    nothing (the caller's own handling applies).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {s: signal.signal(s, stop) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 _HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
