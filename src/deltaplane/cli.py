@@ -986,7 +986,7 @@ def _summary_tables(
         ("test\nacc", lambda r: f"{r['final_accuracy']:.4f}"),
         ("client acc\nmean / min", _client_accuracy),
         ("uplink\ndownlink", lambda r: f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}"),
-        ("vs fp32", _ratio),
+        (_ratio_header(rows), _ratio),
         ("time", lambda r: f"{r['wall_time_s']:.1f} s"),
     ]  # fmt: skip
     extra = [
@@ -1031,6 +1031,15 @@ def _results_table(
         name = escape(r["name"]) + (" [yellow](stopped)[/yellow]" if r.get("stopped") else "")
         table.add_row(name, *([escape(r["codec"])] if codec else []), *(cell(r) for _, cell in columns))
     return table
+
+
+def _ratio_header(rows: list[dict[str, Any]]) -> str:
+    """What :func:`_ratio` divides by, said in the header: the fp32 baseline run's uplink bytes (report.html's
+    "uplink vs baseline run") or, with no baseline, the raw float32 tensors ("uplink vs raw fp32 tensors"),
+    which differ by the baseline's frame headers: two "vs fp32" figures a little apart confused a reader."""
+    if any(r["ratio_vs_baseline"] is not None for r in rows):
+        return "vs fp32\nrun"
+    return "vs raw\nfp32"
 
 
 def _ratio(row: dict[str, Any]) -> str:
