@@ -6,7 +6,8 @@ into place at the end) and removes the stage in an ``except BaseException`` / ``
 ends Python at once and leaves the stage behind. :func:`exit_on_terminate` turns it into ``SystemExit`` instead.
 The CLI installs it once around every command but the servers (``serve``, ``ui``: uvicorn handles SIGTERM
 itself, shutting down gracefully); :func:`~deltaplane.merging.streaming.merge_files` installs it for library
-callers too.
+callers too. :func:`signals_held` is the other half: it defers those signals (and SIGINT) while a finished
+output is swapped into place, which must not stop half way.
 """
 
 from __future__ import annotations
@@ -14,9 +15,26 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["exit_on_terminate"]
+__all__ = ["exit_on_terminate", "signals_held"]
+
+_TERMINATE = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+@contextlib.contextmanager
+def _handling(sigs: list[int], handler: Callable[[int, object], None]) -> Iterator[bool]:
+    """``handler`` for ``sigs`` inside the block, the handlers in place before restored after; yields whether it
+    was installed (only the main thread can install handlers: elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield True
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -28,17 +46,22 @@ def exit_on_terminate() -> Iterator[None]:
     shutdown) takes precedence while it is in place. Only the main thread can install handlers; elsewhere this
     does nothing (the caller's own handling applies).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {s: signal.signal(s, stop) for s in sigs}
-    try:
+    with _handling(_TERMINATE, stop):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them to the handlers in place before: for
+    swapping a finished output into place, which must not stop half way. Python runs signal handlers in the
+    main thread whichever thread the signal hit, so handlers are swapped (a thread's signal mask would not hold a
+    signal another thread receives). Outside the main thread: no effect."""
+    pending: list[int] = []
+    with _handling([signal.SIGINT, *_TERMINATE], lambda signum, frame: pending.append(signum)):
+        yield
+    for s in dict.fromkeys(pending):
+        signal.raise_signal(s)
