@@ -37,6 +37,7 @@ from deltaplane.commands import (
 )
 from deltaplane.commands import console as shared_console
 from deltaplane.errors import ConfigError
+from deltaplane.signals import exit_on_terminate
 
 if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should not wait for it
     from rich.progress import TaskID
@@ -79,6 +80,9 @@ BASELINE = "baseline"
 #: (an older name of ``sequential``).
 Engine = StrEnum("Engine", {name: name for name in [*ENGINES, "inprocess"]})  # type: ignore[misc]
 
+
+#: Commands that handle SIGTERM themselves (uvicorn's graceful shutdown), so ``main`` leaves it to them.
+_OWN_SIGTERM = frozenset({"serve", "ui"})
 
 app = typer.Typer(
     name="deltaplane",
@@ -137,6 +141,10 @@ def main(
     ctx.call_on_close(
         lambda: setattr(warnings, "showwarning", previous)
     )  # an in-process caller keeps its own
+    if ctx.invoked_subcommand not in _OWN_SIGTERM:
+        # SIGTERM (kill, timeout, a cancelled CI job) as Ctrl-C: a command's hidden staging folder or .tmp file
+        # is removed on the way out instead of left beside its output; the caller's handler is restored on close
+        ctx.with_resource(exit_on_terminate())
 
 
 @app.command()
@@ -426,26 +434,23 @@ def run(
         # an error or Ctrl-C half way leaves --out as it was (an earlier run's complete files, or nothing),
         # and --overwrite leaves no file of the earlier run behind (its personal/ or deploy/ next to new ones).
         # Made now, so a folder that cannot be written is refused before the run, not after it.
-        from deltaplane.merging.streaming import exit_on_terminate
-
-        # SIGTERM (kill, timeout, a CI job cancelled) as Ctrl-C: the stage is removed, not left as a hidden folder
-        with exit_on_terminate():
-            stage = _staging(out, target)
+        # (SIGTERM ends it as Ctrl-C does, removing the stage: main() wraps every command in exit_on_terminate.)
+        stage = _staging(out, target)
+        try:
+            results, stopped = _run_into(
+                stage, out, plan, cfg, save_personal=save_personal, followup=followup
+            )
             try:
-                results, stopped = _run_into(
-                    stage, out, plan, cfg, save_personal=save_personal, followup=followup
-                )
-                try:
-                    from deltaplane.deploy.publish import replace_dir
+                from deltaplane.deploy.publish import replace_dir
 
-                    replace_dir(
-                        stage, _check_run_out(out, overwrite=overwrite)
-                    )  # --out may have changed meanwhile
-                except OSError as exc:
-                    raise ConfigError(f"could not write '{out}': {exc}; nothing was changed there") from None
-            except BaseException:
-                shutil.rmtree(stage, ignore_errors=True)
-                raise
+                replace_dir(
+                    stage, _check_run_out(out, overwrite=overwrite)
+                )  # --out may have changed meanwhile
+            except OSError as exc:
+                raise ConfigError(f"could not write '{out}': {exc}; nothing was changed there") from None
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
@@ -981,7 +986,7 @@ def _summary_tables(
         ("test\nacc", lambda r: f"{r['final_accuracy']:.4f}"),
         ("client acc\nmean / min", _client_accuracy),
         ("uplink\ndownlink", lambda r: f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}"),
-        ("vs fp32", _ratio),
+        (_ratio_header(rows), _ratio),
         ("time", lambda r: f"{r['wall_time_s']:.1f} s"),
     ]  # fmt: skip
     extra = [
@@ -1026,6 +1031,15 @@ def _results_table(
         name = escape(r["name"]) + (" [yellow](stopped)[/yellow]" if r.get("stopped") else "")
         table.add_row(name, *([escape(r["codec"])] if codec else []), *(cell(r) for _, cell in columns))
     return table
+
+
+def _ratio_header(rows: list[dict[str, Any]]) -> str:
+    """What :func:`_ratio` divides by, said in the header: the fp32 baseline run's uplink bytes (report.html's
+    "uplink vs baseline run") or, with no baseline, the raw float32 tensors ("uplink vs raw fp32 tensors"),
+    which differ by the baseline's frame headers: two "vs fp32" figures a little apart confused a reader."""
+    if any(r["ratio_vs_baseline"] is not None for r in rows):
+        return "vs fp32\nrun"
+    return "vs raw\nfp32"
 
 
 def _ratio(row: dict[str, Any]) -> str:

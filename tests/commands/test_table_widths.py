@@ -323,3 +323,16 @@ def test_the_personalization_table_puts_the_worst_device_change_apart_from_the_m
     text = " ".join(_render(cli._followup_tables(after)).split())
     assert "personalized 0.9770 (+0.83) 0.9524 (+0.57)" in text, text
     assert "worst device's change -0.09 points" in text, text
+
+
+def test_the_ratio_column_says_what_it_divides() -> None:
+    """The terminal's ratio is against the fp32 baseline run's bytes, report.html's second one against raw fp32
+    tensors: two "vs fp32" figures a little apart (347.7× and 347.5×) confused a reader; the header now names
+    the fp32 run, or raw fp32 where there is no baseline and the ratio falls back to it."""
+
+    def headers(rows: list[dict]) -> list[str]:
+        return [str(c.header) for c in cli._summary_tables(rows, "FedAvg", "digits", width=WIDTH)[0].columns]
+
+    assert "vs fp32\nrun" in headers(RUNS)
+    alone = [{**r, "ratio_vs_baseline": None} for r in RUNS[1:]]  # --no-baseline
+    assert "vs raw\nfp32" in headers(alone) and "vs fp32\nrun" not in headers(alone)

@@ -79,6 +79,8 @@ def test_write_report_files_exist_and_parse(tmp_path: Path) -> None:
     assert "<title>test run</title>" in html
     assert "topk(0.01) | quant(bits=8)" in html
     assert "50.0×" in html  # the ratio vs baseline, formatted
+    # each ratio says what it divides (the terminal's is the first): "ratio vs raw fp32" read as the same figure
+    assert "<th>uplink vs baseline run</th>" in html and "<th>uplink vs raw fp32 tensors</th>" in html
     # self-contained: inline SVG charts (accuracy, clients, accuracy vs bytes, bytes, time), nothing external
     charts = re.findall(r'<svg [^>]*id="(chart-[a-z_-]+)"', html)
     assert charts[:4] == ["chart-accuracy", "chart-clients", "chart-accuracy-bytes", "chart-bytes"]

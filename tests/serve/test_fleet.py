@@ -856,6 +856,39 @@ def test_enroll_writes_private_token_files_and_a_device_refuses_the_wrong_ca(byo
         assert done.returncode == 1 and "1 of 1 rounds failed" in done.stderr, (done.stdout, done.stderr)
 
 
+def test_a_device_process_stops_cleanly_on_sigterm(byo_task, tmp_path) -> None:
+    """``fleet device`` keeps its own SIGTERM handling under the CLI, which turns SIGTERM into an exit around every
+    other command (``deltaplane.signals.exit_on_terminate``): the device finishes the request in flight, says how
+    many rounds it took part in and exits 0, rather than the CLI's exit 143 from wherever it was."""
+    import signal
+
+    (tmp_path / "fleet.yaml").write_text(f"task: {{path: '{byo_task}'}}\nclients: {{count: 3}}\nseed: 3\n")
+    with Fleet(tmp_path / "svc", _config(byo_task)) as f:
+        env = _env(tmp_path)
+        done = _cli("fleet", "enroll", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation", "fleet.yaml",
+                    "--out", "tokens", cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deltaplane.cli", "fleet", "device", "--url", f.url, "--ca", str(f.tls.ca_cert),
+             "--token-file", "tokens/device-0.token", "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"),
+             "--federation", "fleet.yaml", "--model", MODEL, "--device", "0"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            # it fetched the model and polls for rounds (none is open)
+            while f.state.seen.get(fleet.device_id(0), (None, 0, None))[1] < 3:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "device 0: took part in 0 published rounds" in out, (out, err)
+
+
 @pytest.mark.slow
 def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task, tmp_path) -> None:
     """docs/fleet.md end to end with separate processes: its fleet.yaml (SecAgg with distributed DP), 2 rounds,

@@ -20,14 +20,11 @@ complete, so a failed merge never leaves a partial model behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +55,7 @@ from deltaplane.merging.output import (
     write_extras,
 )
 from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
+from deltaplane.signals import exit_on_terminate, signals_held
 from deltaplane.threads import torch_threads
 
 __all__ = ["COPIED_FILES", "MergeResult", "PreparedMerge", "ProgressFn", "merge_files", "prepare_merge"]
@@ -163,57 +161,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-@contextlib.contextmanager
-def exit_on_terminate() -> Iterator[None]:
-    """Turn SIGTERM (and SIGHUP) into ``SystemExit`` inside the block, so a command writing into a hidden staging
-    folder (a merge, ``deltaplane run``) removes it on the way out instead of leaving it beside its output.
-
-    SIGINT already raises ``KeyboardInterrupt``. Only the main thread can install handlers; elsewhere this does
-    nothing (the caller's own handling applies).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {s: signal.signal(s, stop) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then deliver them to the handlers in place before: for
-    swapping the finished output into place, which must not stop half way. Python runs signal handlers in the
-    main thread whichever thread the signal hit, so handlers are swapped (a thread's signal mask would not hold a
-    signal another thread receives). Outside the main thread: no effect."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def hold(signum: int, frame: object) -> None:
-        pending.append(signum)
-
-    previous = {s: signal.signal(s, hold) for s in _HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
 
 
 def merge_files(
@@ -464,7 +411,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
                 cfg, method, tmp, plan.donor.folder, job.tok, float_out, plan.n_layers, job.labels, job.notes,
                 out.name,
             )  # fmt: skip
-            with _signals_held():  # a signal here would leave the old output in a hidden folder, or none
+            with signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
                     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                     os.replace(out, old / "x")

@@ -1117,11 +1117,15 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.home / "blobs" / "tmp" / f"{tag[:16]}.{uuid.uuid4().hex}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(stored)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(stored)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # an error, Ctrl-C or SIGTERM leaves no orphan in blobs/tmp
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(path.parent)
 
     def put_blob(self, data: bytes) -> str:

@@ -39,8 +39,10 @@ _COLUMNS = (
     ("client acc. min", "client_accuracy_min", "{:.4f}"),
     ("uplink bytes", "uplink_bytes", "{:,}"),
     ("downlink bytes", "downlink_bytes", "{:,}"),
-    ("ratio vs baseline", "ratio_vs_baseline", "{:.1f}×"),
-    ("ratio vs raw fp32", "ratio_vs_raw", "{:.1f}×"),
+    # what each ratio divides: the baseline run's uplink bytes (fp32 frames, headers included; the terminal's
+    # "vs fp32 run"), or the raw float32 tensors the run's updates hold (no frame at all)
+    ("uplink vs baseline run", "ratio_vs_baseline", "{:.1f}×"),
+    ("uplink vs raw fp32 tensors", "ratio_vs_raw", "{:.1f}×"),
     # the change against the baseline, as the deploy section and the terminal print it: a compressed run above
     # the baseline reads +0.28 (it read "points below baseline -0.28", a double negative)
     ("points vs baseline", "accuracy_drop_points", "{:+.2f}"),

@@ -1,0 +1,173 @@
+"""SIGTERM (``kill``, ``timeout``, a cancelled CI job) ends every command that stages its output the way Ctrl-C
+does: its hidden staging folder or ``.NAME.*.tmp`` file is removed, never left beside the output.
+
+Each command runs in a real subprocess whose first rename into the working folder (the moment its output is
+fully staged) waits; the test sends SIGTERM then. Before ``deltaplane.signals.exit_on_terminate`` was installed
+around every command, Python's default action ended the process there and the stage stayed (found for ``run`` by
+a newcomer; ``deploy``, ``compress``, ``extract-lora``, ``registry`` and ``keys`` did the same).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+#: The child: the CLI, with os.rename / os.replace waiting (once) before a rename into the working folder.
+_CHILD = """
+import os, sys, time
+flag, work, args = sys.argv[1], os.path.realpath(sys.argv[2]), sys.argv[3:]
+def held(real):
+    def rename(src, dst, *a, **k):
+        if not os.path.exists(flag) and os.path.realpath(dst).startswith(work + os.sep):
+            open(flag, "w").close()
+            time.sleep(300)
+        return real(src, dst, *a, **k)
+    return rename
+os.rename, os.replace = held(os.rename), held(os.replace)
+from deltaplane.cli import app
+app(args, prog_name="deltaplane")
+"""
+
+
+def _tensors(work: Path) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.randn(16, 8, generator=g), "fc.bias": torch.randn(16, generator=g)}
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, work / "base.safetensors")
+    save_file(new, work / "new.safetensors")
+    return str(work / "base.safetensors"), str(work / "new.safetensors")
+
+
+def _compress(work: Path) -> list[str]:
+    base, new = _tensors(work)
+    return ["compress", new, "--base", base, "--codec", "quant(bits=8)", "-o", str(work / "d.dpln")]
+
+
+def _extract(work: Path) -> list[str]:
+    base, new = _tensors(work)
+    return ["extract-lora", new, "--base", base, "-o", str(work / "lora"), "--rank", "1", "--include", "fc"]
+
+
+def _register(work: Path) -> list[str]:
+    _, new = _tensors(work)
+    _cli(work, "registry", "init", "--home", str(work / "home"))
+    return ["registry", "register", "m", new, "--home", str(work / "home")]
+
+
+def _pull(work: Path) -> list[str]:
+    _cli(work, *_register(work))
+    return ["registry", "pull", "m", "-o", str(work / "pulled"), "--home", str(work / "home")]
+
+
+def _keys(work: Path) -> list[str]:
+    return ["keys", "identity", "--device", "0", "--out", str(work / "k")]
+
+
+def _deploy(work: Path) -> list[str]:
+    from deltaplane.deploy.checkpoint import save_checkpoint
+    from deltaplane.sim.model import DigitsCNN
+
+    torch.manual_seed(0)
+    save_checkpoint(DigitsCNN(), work / "ckpt", {"architecture": "DigitsCNN"})
+    return ["deploy", str(work / "ckpt"), "--prune", "0.5", "--finetune-epochs", "0", "--attack-eps", "0",
+            "--max-accuracy-drop", "100", "--max-ood-drop", "100", "--max-disagreement", "100",
+            "-o", str(work / "out")]  # fmt: skip
+
+
+def _cli(work: Path, *args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltaplane", *args], cwd=work, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _leftovers(work: Path) -> set[str]:
+    """Hidden entries and ``.tmp`` files anywhere under ``work``: what a staging step leaves when cut short."""
+    return {
+        str(p.relative_to(work)) for p in work.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
+    }
+
+
+#: one command per way of staging: a folder (deploy, extract-lora), a file (compress), a registry blob, a pull's files, a secret
+RECIPES: dict[str, Callable[[Path], list[str]]] = {
+    "compress": _compress,
+    "extract-lora": _extract,
+    "registry register": _register,
+    "registry pull": _pull,
+    "keys identity": _keys,
+    "deploy": _deploy,
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_sigterm_mid_write_leaves_no_stage(tmp_path: Path, name: str) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    args = RECIPES[name](work)
+    before = _leftovers(work)
+    flag = tmp_path / "staged"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DELTAPLANE_SMALL", None)
+    cmd = [sys.executable, "-c", _CHILD, str(flag), str(work), *args]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not flag.exists():  # the output is staged, its rename into place waits
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        staged = _leftovers(work) - before
+        assert staged, "nothing was staged: the wait caught no staging rename"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _leftovers(work) - before == set(), f"left behind (staged: {sorted(staged)})"
+    assert rc == 128 + signal.SIGTERM  # SystemExit after the cleanup, not killed by the signal
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_the_servers_still_shut_down_through_uvicorn(tmp_path: Path, command: str) -> None:
+    """``serve`` and ``ui`` are left to uvicorn's own SIGTERM handling (the CLI does not wrap them): it finishes
+    the requests in flight, runs the app's shutdown, then re-raises SIGTERM to the handler it found, Python's
+    default, so the process ends by the signal as it always did."""
+    import httpx
+
+    _cli(tmp_path, "registry", "init", "--home", str(tmp_path / "home"))
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTAPLANE_ADMIN_TOKEN": "a" * 24}
+    cmd = [sys.executable, "-m", "deltaplane", command, "--home", str(tmp_path / "home"), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGTERM, out.decode()[-2000:]
+    assert "Finished server process" in out.decode(), out.decode()[-2000:]  # uvicorn's graceful shutdown ran
