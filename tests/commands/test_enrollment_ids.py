@@ -382,3 +382,29 @@ def test_a_reservation_leaves_room_in_the_ledger_for_the_runs_in_flight(tmp_path
     release_ids(out, ["device-2"])
     assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
     assert not (out / "enrollment.reserved").exists()
+
+
+def test_keys_certify_leaves_room_in_the_ledger_for_a_fleet_enroll_in_flight(
+    cli, authority, tmp_path, monkeypatch
+):
+    """Before, `keys certify` checked that the ledger could hold its own ids, not those a `fleet enroll` run had
+    reserved while the service issued their tokens: certifying device-4 beside a run that reserved device-2 took
+    the ledger's last room, and that run's record_issued was refused once its tokens were issued (valid on the
+    service, never written). Both now go through one capacity check (check_ledger_room) counting the ledger,
+    every reservation and the run's own ids: `keys certify` is refused, leaving the folder as it was, and the
+    enroll run records its tokens."""
+    from deltaplane.aggregation.secagg.enrollment import release_ids, reserve_ids
+
+    _, key = authority
+    out = tmp_path / "nodes"
+    out.mkdir()
+    (out / "enrollment.ledger").write_text("device-0\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0\ndevice-2\ndevice-4\n") - 1)
+    reserve_ids(out, ["device-2"])  # fleet enroll: reserved under the lock, now asking the service
+    before = _snapshot(out)
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 4)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output  # before: exit 0
+    assert _snapshot(out) == before
+    record_issued(out, ["device-2"])  # the enroll run's tokens are issued: its record holds
+    release_ids(out, ["device-2"])
+    assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
