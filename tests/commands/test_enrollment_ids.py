@@ -408,3 +408,25 @@ def test_keys_certify_leaves_room_in_the_ledger_for_a_fleet_enroll_in_flight(
     record_issued(out, ["device-2"])  # the enroll run's tokens are issued: its record holds
     release_ids(out, ["device-2"])
     assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
+
+
+@pytest.mark.parametrize("name", ["enrollment.ledger", "enrollment.reserved", "enrollment.issued"])
+def test_the_id_files_are_read_bounded_and_a_fifo_or_link_to_one_is_refused(cli, authority, tmp_path, name):
+    """The ledger, the reservations and the mark are read as the other enrolment files are (read_bounded_text):
+    a FIFO there, or a link to one, is refused naming its kind (never an open that waits for a writer), and a
+    file past LEDGER_MAX_BYTES is refused unread, each a usage error (exit 2) leaving the folder as it was."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    out.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for make in (lambda p: os.mkfifo(p), lambda p: p.symlink_to(fifo)):
+        make(out / name)
+        r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+        assert r.exit_code == 2 and "must be a regular file, not a FIFO" in _flat(r.output), r.output
+        assert sorted(p.name for p in out.iterdir()) == [name]
+        (out / name).unlink()
+    (out / name).write_bytes(b"device-0\n" * (enrollment.LEDGER_MAX_BYTES // 9 + 1))
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+    assert r.exit_code == 2 and "over the" in _flat(r.output), r.output
+    assert sorted(p.name for p in out.iterdir()) == [name]
