@@ -430,3 +430,38 @@ def test_the_id_files_are_read_bounded_and_a_fifo_or_link_to_one_is_refused(cli,
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
     assert r.exit_code == 2 and "over the" in _flat(r.output), r.output
     assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_an_earlier_releases_revocation_of_an_id_in_a_gap_is_never_handed_out_by_add(
+    cli, authority, tmp_path
+):
+    """An earlier release knew only the mark: `keys revoke --device 5 --enrolled OUT` there, on a folder whose
+    ledger holds device-3 and device-7 (mark device-7), left the ledger and the mark as they were, so nothing
+    in OUT says device-5 was revoked. No folder-only check can tell, and none needs to: `--add` takes ids past
+    the ledger's last (device-8), never one in a gap; an id chosen by hand is refused when the list is given
+    (--revocations); without it, the service and the devices match the list by id, so a key or token issued to
+    device-5 is refused in every round (it fails closed), and its earlier key, if any, stays revoked by
+    fingerprint. A folder the earlier release wrote alone (its mark, no ledger) refuses every id up to it."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    crl = tmp_path / "crl.bin"
+
+    def certify(*args: object) -> int:
+        return cli("keys", "certify", "--authority-key", key, "--out", out, *args).exit_code
+
+    assert certify("--device", 3) == 0 and certify("--device", 7) == 0
+    before = _snapshot(out)
+    # the earlier release's revocation: the list names device-5, the folder is left exactly as it was
+    assert cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 5).exit_code == 0
+    assert _snapshot(out) == before and (out / "enrollment.issued").read_text() == "device-7\n"
+    assert certify("--add", 1) == 0 and (out / "device-8.cert").exists()
+    assert certify("--add", 1, "--revocations", crl) == 0 and (out / "device-9.cert").exists()
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 5, "--revocations", crl)
+    assert r.exit_code == 2 and "device-5 is revoked" in _flat(r.output), r.output
+    assert not (out / "device-5.cert").exists()
+    assert (out / "enrollment.ledger").read_text() == "device-3\ndevice-7..device-9\n"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "enrollment.issued").write_text("device-7\n")  # the earlier release's own folder
+    r = cli("keys", "certify", "--authority-key", key, "--out", old, "--device", 5)
+    assert r.exit_code == 2 and "already issued or revoked" in _flat(r.output), r.output
