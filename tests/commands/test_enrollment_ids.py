@@ -382,3 +382,86 @@ def test_a_reservation_leaves_room_in_the_ledger_for_the_runs_in_flight(tmp_path
     release_ids(out, ["device-2"])
     assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
     assert not (out / "enrollment.reserved").exists()
+
+
+def test_keys_certify_leaves_room_in_the_ledger_for_a_fleet_enroll_in_flight(
+    cli, authority, tmp_path, monkeypatch
+):
+    """Before, `keys certify` checked that the ledger could hold its own ids, not those a `fleet enroll` run had
+    reserved while the service issued their tokens: certifying device-4 beside a run that reserved device-2 took
+    the ledger's last room, and that run's record_issued was refused once its tokens were issued (valid on the
+    service, never written). Both now go through one capacity check (check_ledger_room) counting the ledger,
+    every reservation and the run's own ids: `keys certify` is refused, leaving the folder as it was, and the
+    enroll run records its tokens."""
+    from deltaplane.aggregation.secagg.enrollment import release_ids, reserve_ids
+
+    _, key = authority
+    out = tmp_path / "nodes"
+    out.mkdir()
+    (out / "enrollment.ledger").write_text("device-0\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0\ndevice-2\ndevice-4\n") - 1)
+    reserve_ids(out, ["device-2"])  # fleet enroll: reserved under the lock, now asking the service
+    before = _snapshot(out)
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 4)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output  # before: exit 0
+    assert _snapshot(out) == before
+    record_issued(out, ["device-2"])  # the enroll run's tokens are issued: its record holds
+    release_ids(out, ["device-2"])
+    assert (out / "enrollment.ledger").read_text() == "device-0\ndevice-2\n"
+
+
+@pytest.mark.parametrize("name", ["enrollment.ledger", "enrollment.reserved", "enrollment.issued"])
+def test_the_id_files_are_read_bounded_and_a_fifo_or_link_to_one_is_refused(cli, authority, tmp_path, name):
+    """The ledger, the reservations and the mark are read as the other enrolment files are (read_bounded_text):
+    a FIFO there, or a link to one, is refused naming its kind (never an open that waits for a writer), and a
+    file past LEDGER_MAX_BYTES is refused unread, each a usage error (exit 2) leaving the folder as it was."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    out.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for make in (lambda p: os.mkfifo(p), lambda p: p.symlink_to(fifo)):
+        make(out / name)
+        r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+        assert r.exit_code == 2 and "must be a regular file, not a FIFO" in _flat(r.output), r.output
+        assert sorted(p.name for p in out.iterdir()) == [name]
+        (out / name).unlink()
+    (out / name).write_bytes(b"device-0\n" * (enrollment.LEDGER_MAX_BYTES // 9 + 1))
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
+    assert r.exit_code == 2 and "over the" in _flat(r.output), r.output
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_an_earlier_releases_revocation_of_an_id_in_a_gap_is_never_handed_out_by_add(
+    cli, authority, tmp_path
+):
+    """An earlier release knew only the mark: `keys revoke --device 5 --enrolled OUT` there, on a folder whose
+    ledger holds device-3 and device-7 (mark device-7), left the ledger and the mark as they were, so nothing
+    in OUT says device-5 was revoked. No folder-only check can tell, and none needs to: `--add` takes ids past
+    the ledger's last (device-8), never one in a gap; an id chosen by hand is refused when the list is given
+    (--revocations); without it, the service and the devices match the list by id, so a key or token issued to
+    device-5 is refused in every round (it fails closed), and its earlier key, if any, stays revoked by
+    fingerprint. A folder the earlier release wrote alone (its mark, no ledger) refuses every id up to it."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    crl = tmp_path / "crl.bin"
+
+    def certify(*args: object) -> int:
+        return cli("keys", "certify", "--authority-key", key, "--out", out, *args).exit_code
+
+    assert certify("--device", 3) == 0 and certify("--device", 7) == 0
+    before = _snapshot(out)
+    # the earlier release's revocation: the list names device-5, the folder is left exactly as it was
+    assert cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 5).exit_code == 0
+    assert _snapshot(out) == before and (out / "enrollment.issued").read_text() == "device-7\n"
+    assert certify("--add", 1) == 0 and (out / "device-8.cert").exists()
+    assert certify("--add", 1, "--revocations", crl) == 0 and (out / "device-9.cert").exists()
+    r = cli("keys", "certify", "--authority-key", key, "--out", out, "--device", 5, "--revocations", crl)
+    assert r.exit_code == 2 and "device-5 is revoked" in _flat(r.output), r.output
+    assert not (out / "device-5.cert").exists()
+    assert (out / "enrollment.ledger").read_text() == "device-3\ndevice-7..device-9\n"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "enrollment.issued").write_text("device-7\n")  # the earlier release's own folder
+    r = cli("keys", "certify", "--authority-key", key, "--out", old, "--device", 5)
+    assert r.exit_code == 2 and "already issued or revoked" in _flat(r.output), r.output

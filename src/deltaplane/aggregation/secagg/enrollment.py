@@ -71,6 +71,7 @@ __all__ = [
     "certify",
     "certify_requests",
     "check_held_key",
+    "check_ledger_room",
     "check_not_issued",
     "check_not_reserved",
     "check_not_revoked",
@@ -260,6 +261,16 @@ def _hits(ranges: list[tuple[int, int]], devices: Iterable[str]) -> list[str]:
     ]
 
 
+def check_ledger_room(out: str | os.PathLike[str], ids: list[tuple[int, int]]) -> None:
+    """Refuse, with :func:`_ids_text`'s :class:`ConfigError`, ids ``ids`` (ranges) that ``out``'s ledger
+    (:data:`LEDGER_NAME`, at most :data:`LEDGER_MAX_BYTES`) could not hold beside every id it records and every
+    id runs in flight reserved (:data:`RESERVED_NAME`): the one capacity check of every run adding ids there
+    (:func:`reserve_ids`, :func:`record_issued`). A reserved id counts as recorded already: its run records it
+    once the service issued its token, when refusing would lose a token that is valid on the service; so a
+    ``keys certify`` beside an in-flight ``fleet enroll`` near the bound is refused rather than that enroll."""
+    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), _reserved(out), ids))
+
+
 def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     """Add the partition ids of ``devices`` to the enrollment folder ``out``'s ledger (:data:`LEDGER_NAME`),
     with every id it already records (:func:`_recorded`: an earlier release's mark becomes the ids up to it), then
@@ -267,8 +278,11 @@ def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     ``fleet enroll``, ``keys certify`` (issuing) and ``keys revoke --enrolled`` (revoking) record, under
     :func:`enrollment_lock`. An id never leaves the ledger, so none is handed out again, even once its files are
     removed and with no revocation list given; the mark keeps an earlier release refusing them. An id that is
-    not ``device-I`` (no partition) is not counted."""
-    ranges = _merged(_recorded(out), [(i, i) for i in _partitions(devices)])
+    not ``device-I`` (no partition) is not counted. A ledger that could not hold them beside every id runs of
+    ``fleet enroll`` reserved is refused before anything is written (:func:`check_ledger_room`)."""
+    ids = [(i, i) for i in _partitions(devices)]
+    check_ledger_room(out, ids)
+    ranges = _merged(_recorded(out), ids)
     if not ranges:
         return
     _write_ids(Path(out) / LEDGER_NAME, ranges)
@@ -282,10 +296,9 @@ def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     (``fleet enroll`` asks the service for their tokens): until :func:`release_ids`, every other run refuses them
     (:func:`check_not_reserved`) and ``--add`` takes ids past them. A run killed outright leaves them reserved,
     and refused: the service may have issued their tokens. A ledger that could not hold them too is refused
-    here (:func:`_ids_text`), before any token is asked for, not once the service issued them; the ids other runs
-    reserved count too, as they will be recorded once their tokens are issued."""
+    here (:func:`check_ledger_room`), before any token is asked for, not once the service issued them."""
     ids = [(i, i) for i in _partitions(devices)]
-    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), _reserved(out), ids))
+    check_ledger_room(out, ids)
     _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), ids))
 
 
