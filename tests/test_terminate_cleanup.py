@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from tests.test_cli_quiet import _tensors as cli_quiet_tensors
 
 #: The child: the CLI, with os.rename / os.replace waiting (once) before a rename into the working folder.
 _CHILD = """
@@ -39,12 +39,9 @@ app(args, prog_name="deltaplane")
 
 
 def _tensors(work: Path) -> tuple[str, str]:
-    g = torch.Generator().manual_seed(0)
-    base = {"fc.weight": torch.randn(16, 8, generator=g), "fc.bias": torch.randn(16, generator=g)}
-    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    save_file(base, work / "base.safetensors")
-    save_file(new, work / "new.safetensors")
-    return str(work / "base.safetensors"), str(work / "new.safetensors")
+    """test_cli_quiet's base and fine-tuned checkpoints, as command-line arguments."""
+    base, new = cli_quiet_tensors(work)
+    return str(base), str(new)
 
 
 def _compress(work: Path) -> list[str]:

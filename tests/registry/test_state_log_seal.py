@@ -13,6 +13,7 @@ import sqlite3
 
 import pytest
 import torch
+from tests.registry.test_state_log import _sql
 
 from deltaplane.errors import IntegrityError, SignatureError
 from deltaplane.registry import Registry, load_signer
@@ -29,17 +30,6 @@ def _every_read_seals(monkeypatch):
     monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
     if _seal is not None:
         monkeypatch.setattr(_seal, "AFTER", 1)
-
-
-def _sql(home, *statements, args=()) -> None:
-    con = sqlite3.connect(home / "registry.db", isolation_level=None)
-    try:
-        con.execute("DROP TRIGGER IF EXISTS state_log_append_only_u")
-        con.execute("DROP TRIGGER IF EXISTS state_log_append_only_d")
-        for s in statements:
-            con.execute(s, args)
-    finally:
-        con.close()
 
 
 def _entries(home) -> list[tuple]:
