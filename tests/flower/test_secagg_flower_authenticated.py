@@ -230,12 +230,16 @@ def test_nodes_refuse_a_roster_in_which_the_server_substituted_a_nodes_keys(
     grid = MitM(digits_client_app(CFG.replace(rounds=1)), CFG.clients)
     if authenticated:
         _enrol(grid, enrollment)
-        with pytest.raises(SecAggError, match=r"only 0 clients shared keys.*AdvertisementUnbound.*roster slot 2"):
+        with pytest.raises(
+            SecAggError, match=r"only 0 clients shared keys.*AdvertisementUnbound.*roster slot 2"
+        ):
             _run(grid, CFG.replace(rounds=1), authenticated=True)
         shares = grid.replies_to("share")
         assert len(shares) == 4 and all(r.has_error() and not r.has_content() for r in shares)
         others = [r for r in shares if r.metadata.src_node_id != 102]
-        assert all("AdvertisementUnbound" in r.error.reason and "roster slot 2" in r.error.reason for r in others)
+        assert all(
+            "AdvertisementUnbound" in r.error.reason and "roster slot 2" in r.error.reason for r in others
+        )
         assert (
             "does not carry this client's own keys"
             in next(r for r in shares if r.metadata.src_node_id == 102).error.reason
