@@ -123,6 +123,30 @@ def test_keys_revoke_upload_with_a_pin_refuses_another_key_and_keeps_the_list(tm
     assert seen == [] and out.exists()  # the list is written first, as for any failed upload
 
 
+def test_a_failed_revoke_upload_says_the_tokens_are_not_revoked_and_to_rerun_with_device(
+    tmp_path,
+    keys,  # noqa: F811
+) -> None:
+    """fleet.md's remedy for a failed upload, re-issuing the kept list without ``--device``, uploads it but
+    revokes no service token: walking the guide, device-3 kept running on its valid token after the list that
+    revokes it was uploaded. The refusal now names the ids whose tokens are NOT revoked and says to run the
+    same command again with its ``--device``; before, it said only that nothing was sent."""
+    _, server, seen = _served(tmp_path, keys.mitm)
+    key, out = tmp_path / "enrollment.ed25519.pem", tmp_path / "revoked.bin"
+    key.write_bytes(EnrollmentAuthority.generate().to_pem())
+    with server:
+        r = _run("keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--upload", server.url,
+                 "--ca", keys.ca, "--service-spki", keys.real.pin, env={"DELTAPLANE_ADMIN_TOKEN": ADMIN})  # fmt: skip
+    assert r.exit_code == 1 and "not the pinned" in r.output, r.output
+    assert "the service tokens of device-3 are NOT revoked" in r.output, r.output
+    assert seen == [] and out.exists()
+    # a service that does not answer at all (nothing listens on port 9): the same advice
+    r = _run("keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--upload",
+             "https://127.0.0.1:9", "--ca", keys.ca, env={"DELTAPLANE_ADMIN_TOKEN": ADMIN})  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert "device-3 are NOT revoked" in r.output and "its --device included" in r.output, r.output
+
+
 @pytest.mark.parametrize("pin", ["ab" * 32, PIN])
 def test_a_bad_or_plain_http_pin_is_a_usage_error_before_any_work(tmp_path, pin) -> None:
     """A malformed pin, or one for a plain-HTTP service (nothing to pin), exits 2 with nothing written."""
