@@ -109,6 +109,7 @@ def test_fleet_coordinate_with_a_pin_refuses_another_key_and_sends_nothing(tmp_p
                  "cnn", "--deadline", 5, "--patience", 1, "--service-spki", keys.real.pin,
                  env={"DELTAPLANE_ADMIN_TOKEN": ADMIN})  # fmt: skip
     assert r.exit_code == 1 and "not the pinned" in r.output and keys.mitm.pin in r.output, r.output
+    assert f"the service at {server.url} presented" in r.output, r.output  # the URL given, not the bare host
     assert seen == []
 
 
@@ -121,6 +122,14 @@ def test_keys_revoke_upload_with_a_pin_refuses_another_key_and_keeps_the_list(tm
                  "--ca", keys.ca, "--service-spki", keys.real.pin, env={"DELTAPLANE_ADMIN_TOKEN": ADMIN})  # fmt: skip
     assert r.exit_code == 1 and "not the pinned" in r.output, r.output
     assert seen == [] and out.exists()  # the list is written first, as for any failed upload
+    # and it says no token was revoked, and how to: fleet.md's old remedy (re-issue the kept list without
+    # --device) uploaded the list but revoked no token, and a walked device-2 kept polling on its valid token
+    assert "the service tokens of device-3 are NOT revoked" in r.output, r.output
+    # a service that does not answer at all (nothing listens on port 9): the same advice
+    r = _run("keys", "revoke", "--authority-key", key, "--out", out, "--device", 3, "--upload",
+             "https://127.0.0.1:9", "--ca", keys.ca, env={"DELTAPLANE_ADMIN_TOKEN": ADMIN})  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert "device-3 are NOT revoked" in r.output and "its --device included" in r.output, r.output
 
 
 @pytest.mark.parametrize("pin", ["ab" * 32, PIN])

@@ -89,6 +89,9 @@ def test_a_pinned_device_refuses_a_service_with_another_key_of_the_same_ca_and_s
     assert seen == []  # refused at the handshake: not even the request line (and its token) was sent
     assert f"presented the TLS key {keys.mitm.pin}, not the pinned {keys.real.pin}" in str(exc.value)
     assert "nothing was sent" in str(exc.value)
+    # it names the URL the device was given, as fleet.md and security.md quote it (it used to name the bare
+    # host, "the service at 127.0.0.1", which says neither the port nor the scheme)
+    assert str(exc.value).startswith(f"the service at {server.url} presented the TLS key "), str(exc.value)
 
 
 def test_a_pinned_device_takes_part_in_an_authenticated_round_of_the_service_with_its_key(

@@ -265,33 +265,48 @@ def admin_client(
     return AdminClient(url, _admin_token(), tls=_tls(url, ca, cert, key), service_spki=service_spki)
 
 
-def upload_revocations(admin: Any, url: str, data: bytes, out: Path) -> dict[str, Any]:
+def upload_revocations(
+    admin: Any, url: str, data: bytes, out: Path, tokens_of: list[str] | None = None
+) -> dict[str, Any]:
     """``POST /admin/secagg/revocations`` the list ``out`` holds (``data``, already written) through ``admin``
     (:func:`admin_client`); the service's answer. A refusal is a one-line error that says the file stays
     written and what to do: the admin token refused is a usage error (exit 2); an older list (409), a forged,
     another authority's or a stale one (422) is :class:`~deltaplane.errors.GateRefused` (exit 3: the service
-    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable`, any other
-    answer a ``ServiceError`` (exit 1)."""
-    from deltaplane.errors import GateRefused
+    said no, the work ran); an unreachable service is :class:`~deltaplane.errors.ServiceUnreachable`, a server
+    presenting another key than ``--service-spki`` :class:`~deltaplane.errors.ServiceKeyMismatch`, any other
+    answer a ``ServiceError`` (exit 1). ``tokens_of``: the ids whose service tokens the run was to revoke after
+    the upload; a refusal says they are NOT revoked and to run the same command again, ``--device`` included,
+    since re-issuing the kept list without ``--device`` uploads it but revokes no token (the revoked device
+    would keep fetching models and uploading to plain rounds)."""
+    from deltaplane.errors import GateRefused, ServiceKeyMismatch
     from deltaplane.serve.client import ServiceError
 
     kept = f"{out} is written and kept"
+    again = "upload it again"
+    if tokens_of:
+        kept += f"; the service tokens of {', '.join(tokens_of)} are NOT revoked"
+        again = (
+            "run this same command again, its --device included, to upload it and revoke them (without "
+            "--device the list is uploaded but no token revoked)"
+        )
     try:
         return _connected(url, lambda: admin.upload_revocations(data))
     except ServiceError as exc:
         if exc.status in (401, 403):
             raise ConfigError(
                 f"{url} refused the admin token (HTTP {exc.status}); {kept}: set ${ADMIN_ENV} to the token the "
-                "service runs with and upload it again"
+                f"service runs with and {again}"
             ) from None
         if exc.status in (409, 422):
             why = "holds a newer list or keeps none" if exc.status == 409 else "refused the list"
             raise GateRefused(f"{url} {why} (HTTP {exc.status}: {exc.detail}); {kept}") from None
-        raise ServiceError(exc.status, f"{exc.detail}; {kept}: upload it again", exc.error) from None
+        raise ServiceError(exc.status, f"{exc.detail}; {kept}: {again}", exc.error) from None
     except ServiceUnreachable as exc:  # the file is written all the same
         raise ServiceUnreachable(
-            f"{exc}; {kept}: upload it again once the service answers", final=exc.final
+            f"{exc}; {kept}: {again} once the service answers", final=exc.final
         ) from None
+    except ServiceKeyMismatch as exc:
+        raise ServiceKeyMismatch(f"{exc}; {kept}") from None
 
 
 def revoke_device_tokens(admin: Any, url: str, ids: list[str]) -> None:

@@ -815,8 +815,10 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
         if admin is not None:
+            # the ids this run revokes (not --carry's: revoked, with their tokens, under the old authority)
+            tokens_of = list(dict.fromkeys([*ids, *(c.device_id for c in certs)]))
             with _errors(OSError):
-                answer = upload_revocations(admin, upload, revocations.to_bytes(), out)
+                answer = upload_revocations(admin, upload, revocations.to_bytes(), out, tokens_of)
             keys = answer.get("revoked_keys")  # absent from a service before key revocation: not guessed
             held = f"list number {answer['sequence']} ({count(answer['revoked'], 'device')} revoked" + (
                 ")" if keys is None else f", {count(keys, 'key')})"
@@ -829,8 +831,6 @@ def register(app: typer.Typer) -> None:
                 ),
                 soft_wrap=True,
             )
-            # the ids this run revokes (not --carry's: revoked, with their tokens, under the old authority)
-            tokens_of = list(dict.fromkeys([*ids, *(c.device_id for c in certs)]))
             if tokens_of:
                 with _errors(OSError):
                     revoke_device_tokens(admin, upload, tokens_of)

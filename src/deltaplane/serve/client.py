@@ -122,7 +122,7 @@ def _http_client(
         from deltaplane.serve.tls import pin_service_key
 
         _pinnable(base_url)
-        tls = pin_service_key(tls or ssl.create_default_context(), service_spki)
+        tls = pin_service_key(tls or ssl.create_default_context(), service_spki, base_url)
     return httpx.Client(
         base_url=base_url, timeout=timeout, verify=tls or True, **direct_if_loopback(base_url), **kw
     )

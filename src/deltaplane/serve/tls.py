@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from deltaplane.errors import ConfigError, ServiceKeyMismatch
 from deltaplane.registry.signing import write_secret_file
@@ -465,9 +466,7 @@ class _PinnedSocket(ssl.SSLSocket):
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         try:
-            check_service_key(
-                self.getpeercert(True), self.context._deltaplane_spki, str(self.server_hostname)
-            )  # type: ignore[attr-defined]
+            check_service_key(self.getpeercert(True), self.context._deltaplane_spki, _pinned_where(self))  # type: ignore[attr-defined]
         except ServiceKeyMismatch:
             self.close()
             raise
@@ -478,15 +477,29 @@ class _PinnedObject(ssl.SSLObject):
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        check_service_key(self.getpeercert(True), self.context._deltaplane_spki, str(self.server_hostname))  # type: ignore[attr-defined]
+        check_service_key(self.getpeercert(True), self.context._deltaplane_spki, _pinned_where(self))  # type: ignore[attr-defined]
 
 
-def pin_service_key(context: ssl.SSLContext, pin: str) -> ssl.SSLContext:
+def _pinned_where(conn: ssl.SSLSocket | ssl.SSLObject) -> str:
+    """The service a pinned connection went to, as its refusal names it: the URL :func:`pin_service_key` was
+    given (``https://127.0.0.1:8443``, what the operator typed and the docs quote) when the connection is to
+    its host, else the host name alone (a context pinned for one URL and used for another host). The socket's
+    peer cannot say it: through an ``https://`` proxy's ``CONNECT`` the peer is the proxy."""
+    host = str(conn.server_hostname)
+    service = getattr(conn.context, "_deltaplane_service", None)
+    if service and urlsplit(service).hostname == host.strip("[]").lower():
+        return service
+    return host
+
+
+def pin_service_key(context: ssl.SSLContext, pin: str, service: str | None = None) -> ssl.SSLContext:
     """Make ``context`` (changed in place, and returned) refuse a server whose key is not ``pin``
     (``sha256:<hex>``, :func:`spki_pin`) during the handshake, after the usual certificate checks: a server
     with a valid certificate from the trusted CA for the right name, but another key, raises
-    :class:`ServiceKeyMismatch` before any request is sent (a bearer token included)."""
+    :class:`ServiceKeyMismatch` before any request is sent (a bearer token included). ``service``: the
+    service's URL, which the refusal names (``the service at https://…``); without it, the host name."""
     context._deltaplane_spki = parse_spki_pin(pin)  # type: ignore[attr-defined]
+    context._deltaplane_service = service.rstrip("/") if service else None  # type: ignore[attr-defined]
     context.sslsocket_class = _PinnedSocket
     context.sslobject_class = _PinnedObject
     return context
