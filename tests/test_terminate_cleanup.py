@@ -25,11 +25,14 @@ from tests.test_cli_quiet import _tensors as cli_quiet_tensors
 _CHILD = """
 import os, sys, time
 flag, work, args = sys.argv[1], os.path.realpath(sys.argv[2]), sys.argv[3:]
+if os.environ.get("IGNORE_SIGHUP"):  # as nohup starts a command
+    import signal
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 def held(real):
     def rename(src, dst, *a, **k):
         if not os.path.exists(flag) and os.path.realpath(dst).startswith(work + os.sep):
             open(flag, "w").close()
-            time.sleep(300)
+            time.sleep(float(os.environ.get("HOLD_S", "300")))
         return real(src, dst, *a, **k)
     return rename
 os.rename, os.replace = held(os.rename), held(os.replace)
@@ -130,6 +133,32 @@ def test_sigterm_mid_write_leaves_no_stage(tmp_path: Path, name: str) -> None:
         proc.wait()
     assert _leftovers(work) - before == set(), f"left behind (staged: {sorted(staged)})"
     assert rc == 128 + signal.SIGTERM  # SystemExit after the cleanup, not killed by the signal
+
+
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path: Path) -> None:
+    """``nohup deltaplane …``: SIGHUP is ignored when the command starts, so closing the terminal must not end it
+    (the CLI-wide SIGTERM/SIGHUP handler once replaced the ignore with an exit)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    args = RECIPES["compress"](work)
+    flag = tmp_path / "staged"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGNORE_SIGHUP": "1", "HOLD_S": "2"}
+    env.pop("DELTAPLANE_SMALL", None)
+    cmd = [sys.executable, "-c", _CHILD, str(flag), str(work), *args]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)  # the terminal closes while the output is being put in place
+        rc = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rc == 0, err[-2000:]
+    assert _leftovers(work) == set()
 
 
 def _free_port() -> int:

@@ -25,11 +25,15 @@ _TERMINATE = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") el
 @contextlib.contextmanager
 def _handling(sigs: list[int], handler: Callable[[int, object], None]) -> Iterator[bool]:
     """``handler`` for ``sigs`` inside the block, the handlers in place before restored after; yields whether it
-    was installed (only the main thread can install handlers: elsewhere nothing changes)."""
+    was installed (only the main thread can install handlers: elsewhere nothing changes).
+
+    A signal the process ignores (``SIG_IGN``: ``nohup`` ignores SIGHUP, a supervisor may ignore SIGTERM) stays
+    ignored: whoever started the process chose that, and a long run under ``nohup`` must outlive its terminal.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield False
         return
-    previous = {s: signal.signal(s, handler) for s in sigs}
+    previous = {s: signal.signal(s, handler) for s in sigs if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield True
     finally:
