@@ -73,7 +73,7 @@ def _fleet_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, l
 
 def _fleet_enroll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
     class Admin:  # the service's side of enrolment: one token per device
-        def __init__(self, url: str, token: str, tls: Any) -> None:
+        def __init__(self, url: str, token: str, tls: Any, service_spki: str | None = None) -> None:
             pass
 
         def issue_token(self, device: str, cohort: str) -> str:
