@@ -13,7 +13,7 @@ import sqlite3
 
 import pytest
 import torch
-from tests.registry.test_state_log import _sql
+from tests.registry.test_state_log import _entries, _sql
 
 from deltaplane.errors import IntegrityError, SignatureError
 from deltaplane.registry import Registry, load_signer
@@ -30,16 +30,6 @@ def _every_read_seals(monkeypatch):
     monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
     if _seal is not None:
         monkeypatch.setattr(_seal, "AFTER", 1)
-
-
-def _entries(home) -> list[tuple]:
-    con = sqlite3.connect(home / "registry.db")
-    try:
-        return con.execute(
-            "SELECT seq, prev, sha256, entry, signature FROM state_log ORDER BY seq"
-        ).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture
