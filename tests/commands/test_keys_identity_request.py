@@ -291,6 +291,25 @@ def test_a_replayed_request_for_a_revoked_device_is_refused_given_the_list(cli, 
     assert not (op / "device-2.cert").exists()
 
 
+def test_a_revoked_device_is_named_before_a_stale_key_beside_its_request(cli, authority, tmp_path) -> None:
+    """An operator's walk: the revoked device's old identity key was still in the operator's folder, and `keys
+    certify --request … --revocations` answered "remove the stale device-2.identity.pem", a fix after which the
+    id is refused anyway. The revocation is what makes the request uncertifiable, so it is said first."""
+    _, key = authority
+    node, other, op, crl = (tmp_path / n for n in ("node", "other", "op", "revoked.bin"))
+    assert cli("keys", "identity", "--device", 2, "--out", node).exit_code == 0
+    assert cli("keys", "identity", "--device", 2, "--out", other).exit_code == 0  # another key for the id
+    op.mkdir()
+    (op / "device-2.identity.pem").write_bytes((other / "device-2.identity.pem").read_bytes())
+    r = cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 2)
+    assert r.exit_code == 0, r.output
+    r = cli("keys", "certify", "--authority-key", key, "--out", op, "--request", node / "device-2.request",
+            "--revocations", crl)  # fmt: skip
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "device-2 is revoked in" in flat and "stale" not in flat, flat
+    assert not (op / "device-2.cert").exists()
+
+
 def test_without_node_dir_a_request_whose_key_is_not_in_out_is_told_to_give_node_dir(
     cli, authority, tmp_path
 ) -> None:

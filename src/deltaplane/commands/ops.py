@@ -542,15 +542,17 @@ def register(app: typer.Typer) -> None:
                         out, add, revoked=[d for d, _ in listed.revoked] if listed else ()
                     )
                     cohort = fleet_cohort(out, cohort)
+                # a revoked id, or a request of a revoked key whatever id it asks for: said first, since no
+                # other fix (removing a stale key, --force) would make it certifiable
+                if listed is not None:
+                    check_not_revoked(
+                        names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
+                    )
                 # the key OUT holds for each request's device read under the lock, as every write there is: a
                 # key written after the check would sit beside a certificate for another key
                 for path, r in zip(request or [], requests, strict=True):
                     check_held_key(out, r, path)  # --force or not: it replaces certificates, never a key
                 check_not_reserved(out, names)  # a fleet enroll run is issuing them: --reissue-ids or not
-                if listed is not None:  # a revoked id, or a request of a revoked key whatever id it asks for
-                    check_not_revoked(
-                        names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
-                    )
                 if not force:
                     made = [identity_files(out, n)[1:] if requests else identity_files(out, n) for n in names]
                     held = next((p for paths in made for p in paths if os.path.lexists(p)), None)
