@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import INDEX_NAME, read_shard_index
+from deltaplane.shards import INDEX_NAME, WEIGHTS_NAME, read_shard_index
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
 
 MAX_HEADER_BYTES = 100 * 2**20
 """Largest header accepted (the ``safetensors`` library's own limit)."""
-SINGLE_NAME = "model.safetensors"
+SINGLE_NAME = WEIGHTS_NAME  # a one-file checkpoint folder's weights (deltaplane.shards names it)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
