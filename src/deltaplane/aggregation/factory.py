@@ -28,6 +28,7 @@ from deltaplane.aggregation.robust import (
 from deltaplane.aggregation.validation import Validate
 from deltaplane.choices import AGGREGATORS
 from deltaplane.errors import ConfigError, IncompatibleDefense
+from deltaplane.specs import parse_one_spec
 
 __all__ = ["DEFENSES", "SERVER_OPTIMIZERS", "build_aggregator", "check_defense_codec", "parse_defense"]
 
@@ -82,8 +83,6 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
     """
-    from deltaplane.codecs.base import parse_one_spec  # one grammar for codecs and defences
-
     if spec is None or spec.strip() in ("", "none"):
         return FedAvg()
     text = spec.strip()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deltaplane.codecs.base import Codec, Encoded, Scalar, register_codec
+from deltaplane.codecs.base import Codec, Encoded, register_codec
 from deltaplane.codecs.entropy import (
     check_index_stream,
     decode_indices,
@@ -22,6 +22,7 @@ from deltaplane.codecs.entropy import (
 )
 from deltaplane.codecs.quantize import _read_scales, ceil_div
 from deltaplane.errors import CodecError, DecodeError
+from deltaplane.specs import Scalar
 
 __all__ = [
     "STC",

@@ -55,6 +55,7 @@ from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
 from deltaplane.errors import ConfigError, ExportError, QualityGateFailed
+from deltaplane.specs import parse_one_spec
 from deltaplane.threads import torch_threads
 
 __all__ = [
@@ -114,8 +115,6 @@ def parse_prune(spec: str | None) -> dict[str, Any] | None:
     ``"wanda:0.5"``, ``"wanda:2:4"``, ``"sparsegpt:2:4"``, ``"sparsegpt:0.5"``, ``"channels:0.5"``. Numbers are
     the grammar's: ASCII digits, finite, no leading ``+``. ``None``/``"none"`` means no pruning.
     """
-    from deltaplane.codecs.base import parse_one_spec
-
     if spec is None:
         return None
     if not isinstance(spec, str):

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from deltaplane.delta import Delta
 from deltaplane.errors import ConfigError, UnsupportedOption
+from deltaplane.specs import parse_one_spec
 
 if TYPE_CHECKING:
     from deltaplane.codecs import WireSession
@@ -335,8 +336,6 @@ def parse_attack(spec: str) -> tuple[Attack, float]:
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`); the older
     ``"name:fraction:key=value,key=value"`` (``"backdoor:0.2:boost=5"``) means the same.
     """
-    from deltaplane.codecs.base import parse_one_spec
-
     text = spec.strip()
     if "(" not in text and ":" in text:
         parts = text.split(":")
