@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
         "deltaplane.aggregation.secagg.enrollment",  # fleet enroll, keys identity/certify/revoke
         "deltaplane.deploy",
         "deltaplane.deploy.publish",  # keys enrollment checks its folder with it
+        "deltaplane.engine.config",  # RunConfig: reading a federation file's settings
         "deltaplane.specs",  # the one spec grammar: reading a codec, defence or attack spec needs no torch
     ],
 )
