@@ -29,13 +29,16 @@ def _run(**kw) -> RunConfig:
     )
 
 
-def _release(home: Path, run: RunConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One round of N fixed uploads on a fresh service; (the released change of the model, the clipped mean)."""
+def _release(
+    home: Path, run: RunConfig, seed: int = 7
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """One round of N fixed uploads (drawn from ``seed``) on a fresh service; (the released change of the model,
+    the clipped mean, the close's measurements)."""
     svc = Service(home, federation=run, max_update_norm_ratio=None)
     o = svc.admin.open_round("cnn")
     base = o["base_version"]
     st = svc.reg.load_state(f"cnn@{base}")
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     ups = [Delta({k: 0.001 * torch.randn(v.shape, generator=g) for k, v in st.items()}) for _ in range(N)]
     for i, u in enumerate(ups):
         p = Compressor("identity").compress(u, base_id="cnn", base_version=base)
@@ -44,13 +47,13 @@ def _release(home: Path, run: RunConfig) -> tuple[dict[str, torch.Tensor], dict[
     new = svc.reg.load_state(f"cnn@{c['version']}")
     released = {k: new[k].double() - st[k].double() for k in st}
     true = {k: sum(u[k].double() for u in ups) / N for k in st}  # norms ≪ C: nothing clipped
-    return released, true
+    return released, true, c["measurements"]
 
 
 def test_service_dp_noise_is_fresh_and_not_derivable_from_the_config_seed(tmp_path: Path) -> None:
     run = _run()
-    a, true = _release(tmp_path / "a", run)
-    b, _ = _release(tmp_path / "b", run)
+    a, true, _ = _release(tmp_path / "a", run)
+    b, _, _ = _release(tmp_path / "b", run)
     # identical inputs and config, different releases
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-3
     # the seed-derived noise (what the adversary can compute from the public config) does not strip it
@@ -68,8 +71,8 @@ def test_service_dp_noise_is_fresh_and_not_derivable_from_the_config_seed(tmp_pa
 
 def test_seeded_noise_on_the_service_is_an_explicit_choice(tmp_path: Path) -> None:
     run = _run(dp_noise_source="seeded")
-    a, _ = _release(tmp_path / "a", run)
-    b, _ = _release(tmp_path / "b", run)
+    a, _, _ = _release(tmp_path / "a", run)
+    b, _, _ = _release(tmp_path / "b", run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -120,23 +123,11 @@ def test_the_service_release_spends_no_more_than_its_reported_epsilon(tmp_path: 
     from dp_accounting.rdp import rdp_privacy_accountant
 
     delta = 1e-5
-    svc = Service(tmp_path / "h", federation=_run(dp_delta=delta), max_update_norm_ratio=None)
-    o = svc.admin.open_round("cnn")
-    base = o["base_version"]
-    st = svc.reg.load_state(f"cnn@{base}")
-    g = torch.Generator().manual_seed(11)
-    ups = [Delta({k: 0.001 * torch.randn(v.shape, generator=g) for k, v in st.items()}) for _ in range(N)]
-    for i, u in enumerate(ups):
-        p = Compressor("identity").compress(u, base_id="cnn", base_version=base)
-        svc.device(f"d{i}").upload("cnn", o["round"], p)
-    closed = svc.admin.close_round("cnn", o["round"])
-    new = svc.reg.load_state(f"cnn@{closed['version']}")
-    noise = torch.cat(
-        [(new[k].double() - st[k].double() - sum(u[k].double() for u in ups) / N).flatten() for k in st]
-    )
+    released, true, measured = _release(tmp_path / "h", _run(dp_delta=delta), seed=11)
+    noise = torch.cat([(released[k] - true[k]).flatten() for k in released])
     z_hat = float(noise.std()) * N / C
     assert noise.numel() > 5_000 and z_hat == pytest.approx(Z, rel=0.04)
     acc = rdp_privacy_accountant.RdpAccountant()
     acc.compose(dp_accounting.GaussianDpEvent(z_hat * 1.04))  # the measurement's error in the ε's favour
-    assert closed["measurements"]["epsilon"] >= acc.get_epsilon(delta)
-    assert closed["measurements"]["delta"] == delta
+    assert measured["epsilon"] >= acc.get_epsilon(delta)
+    assert measured["delta"] == delta
