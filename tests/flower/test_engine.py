@@ -91,21 +91,17 @@ def test_train_shifts_let_1000_clients_hold_data() -> None:
     assert len(clients) == 1000 and min(len(c.train) for c in clients) >= 1
 
 
-def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+def _device_grid(nodes: list[int]):
+    """A Flower grid stand-in whose node ``nodes[i]`` runs partition ``i`` (answers the device query so)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
 
-    from deltaplane.engine import sample_clients
-    from deltaplane.engine.seeding import Stream, numpy_rng
-    from deltaplane.flower.digits import DEVICE_KEY, SeededSampling
-
-    # node ids unrelated to the partitions (real Flower's are random); sampling orders nodes by partition-id
-    nodes = [130, 100, 120, 110, 190, 150, 160, 170, 180, 140]  # nodes[i] runs partition i
+    from deltaplane.flower.digits import DEVICE_KEY
 
     class Grid:
         def get_node_ids(self):
             return sorted(nodes)
 
-        def send_and_receive(self, messages, *, timeout=None):  # the nodes answer the device query
+        def send_and_receive(self, messages, *, timeout=None):
             return [
                 Message(
                     RecordDict(
@@ -116,6 +112,19 @@ def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
                 for m in messages
             ]
 
+    return Grid()
+
+
+def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from deltaplane.engine import sample_clients
+    from deltaplane.engine.seeding import Stream, numpy_rng
+    from deltaplane.flower.digits import SeededSampling
+
+    # node ids unrelated to the partitions (real Flower's are random); sampling orders nodes by partition-id
+    nodes = [130, 100, 120, 110, 190, 150, 160, 170, 180, 140]  # nodes[i] runs partition i
+
     for dp in (True, False):
         inner = SeededSampling(
             seed=3, central_dp=dp, fraction_train=0.3, min_train_nodes=1, min_available_nodes=10
@@ -124,13 +133,47 @@ def test_flower_samples_nodes_as_every_driver_samples_devices() -> None:
         for rnd in range(1, 25):
             got = [
                 m.metadata.dst_node_id
-                for m in inner.configure_train(rnd, ArrayRecord(), ConfigRecord(), Grid())
+                for m in inner.configure_train(rnd, ArrayRecord(), ConfigRecord(), _device_grid(nodes))
             ]
             want = sample_clients(10, 0.3, numpy_rng(3, Stream.CLIENT_SAMPLING, rnd), central_dp=dp)
             assert got == [nodes[i] for i in want]
             counts.add(len(got))
         # Poisson under central DP (what the accountant's ε assumes): the count varies from round to round
         assert len(counts) > 2 if dp else counts == {3}
+
+
+def test_flower_samples_each_device_at_the_accountants_rate() -> None:
+    """Under central DP each device joins a round with the probability the accountant composes (measured over
+    3000 rounds, independently of sample_round: every device's share within 4 binomial standard errors of
+    the built chain's sampling_rate, 0.2 for 10 devices at fraction 0.25). A node claiming a device outside the
+    run's ``clients`` is refused: before, the draw ran over the 11 connected nodes and sampled each device at
+    round(0.25 · 11) / 11 = 3/11 (measured 0.273), ε reported for q = 0.2 (z = 1, 100 rounds, δ = 1e-5, RDP:
+    ε 16.1 reported against 22.2 spent)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from deltaplane.aggregation import DPFedAvg
+    from deltaplane.flower.digits import FlowerRunError, SeededSampling
+
+    cfg = RunConfig(clients=10, sample_fraction=0.25, dp_noise=1.0, clip=1.0, rounds=1)
+    q = cfg.build_aggregator().find(DPFedAvg).accountant.sampling_rate
+    assert q == pytest.approx(0.2)
+    nodes = [100 + 7 * i for i in range(10)]
+    inner = SeededSampling(
+        seed=5, central_dp=True, fraction_train=0.25, min_train_nodes=1, min_available_nodes=10
+    )
+    rounds = 3000
+    joined = torch.zeros(10)
+    for rnd in range(1, rounds + 1):
+        for m in inner.configure_train(rnd, ArrayRecord(), ConfigRecord(), _device_grid(nodes)):
+            joined[nodes.index(m.metadata.dst_node_id)] += 1
+    se = (q * (1 - q) / rounds) ** 0.5
+    assert torch.all((joined / rounds - q).abs() < 4 * se), (joined / rounds).tolist()
+
+    extra = SeededSampling(
+        seed=5, central_dp=True, fraction_train=0.25, min_train_nodes=1, min_available_nodes=10
+    )
+    with pytest.raises(FlowerRunError, match=r"partition-ids \[10\], outside the run's 10 devices"):
+        extra.configure_train(1, ArrayRecord(), ConfigRecord(), _device_grid([*nodes, 999]))
 
 
 @pytest.mark.slow

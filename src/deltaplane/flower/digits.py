@@ -90,16 +90,29 @@ class SeededSampling(FlowerFedAvg):
 
     Flower gives nodes ids of its own (random on its real engines), so before its first draw the sampler asks
     every node which device it runs (a :data:`DEVICE_QUERY` message; :attr:`devices` maps node id → device id).
-    The available nodes, sorted by device id, are drawn by :func:`~deltaplane.engine.sample_clients` from the run's
+    The run's ``clients`` devices (device ids ``0 … clients − 1``, the population ``N`` whose rate ``q = m / N``
+    the accountant composes) are drawn by :func:`~deltaplane.engine.sample_clients` from the run's
     ``(seed, CLIENT_SAMPLING, round)`` stream: Poisson sampling at the accountant's rate under central DP (what
-    its ε assumes; Flower's own sampler takes a fixed-size subset), else ``round(fraction · n)`` nodes without
-    replacement. A round may then choose nobody; the server step still releases its DP noise.
+    its ε assumes; Flower's own sampler takes a fixed-size subset), else ``round(fraction · N)`` devices without
+    replacement; each chosen device's node is sent the round. A round may then choose nobody; the server step
+    still releases its DP noise. The draw is over the devices, never over however many nodes are connected: a
+    draw over ``N' ≠ N`` nodes samples each device at ``round(fraction · N') / N'`` (3/11 for 10 devices at
+    fraction 0.25 and one extra node, against the accountant's 2/10), so a node outside the devices is refused.
+
+    Args:
+        seed: seed of the sampling stream.
+        central_dp: whether the server adds DP noise (Poisson sampling).
+        clients: the run's number of devices (``config.clients``); defaults to ``min_available_nodes``.
+        kwargs: Flower ``FedAvg``'s (``fraction_train``, ``min_available_nodes``...).
     """
 
-    def __init__(self, *, seed: int, central_dp: bool, **kwargs: Any) -> None:
+    def __init__(self, *, seed: int, central_dp: bool, clients: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seed = seed
         self.central_dp = central_dp
+        self.clients = self.min_available_nodes if clients is None else clients
+        if isinstance(self.clients, bool) or not (isinstance(self.clients, int) and self.clients >= 1):
+            raise ConfigError(f"clients must be a positive integer. Found {self.clients!r}")
         #: node id → device id (``partition-id``), learned from the nodes themselves
         self.devices: dict[int, int] = {}
 
@@ -107,7 +120,8 @@ class SeededSampling(FlowerFedAvg):
         """Ask the nodes not yet known which device they run.
 
         Raises:
-            FlowerRunError: a node did not answer with a device id, or two nodes claim the same device.
+            FlowerRunError: a node did not answer with a device id, claims a device outside the run's
+                ``clients``, or two nodes claim the same device.
         """
         unknown = [n for n in nodes if n not in self.devices]
         if not unknown:
@@ -123,6 +137,13 @@ class SeededSampling(FlowerFedAvg):
         if missing:
             raise FlowerRunError(f"nodes {missing} did not say which device they run")
         claimed = [self.devices[n] for n in nodes]
+        outside = sorted(d for d in claimed if not 0 <= d < self.clients)
+        if outside:
+            raise FlowerRunError(
+                f"nodes claim partition-ids {outside}, outside the run's {self.clients} devices "
+                f"(0 to {self.clients - 1}): the devices are sampled at the accountant's rate over the run's "
+                "clients, so config.clients must equal the number of SuperNodes"
+            )
         if len(set(claimed)) != len(claimed):
             raise FlowerRunError(f"two nodes run the same device (partition-ids {sorted(claimed)})")
 
@@ -131,12 +152,14 @@ class SeededSampling(FlowerFedAvg):
     ) -> list[Message]:
         _, available = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         self.learn_devices(grid, list(available))
-        nodes = sorted(available, key=self.devices.__getitem__)
+        node_of = {self.devices[n]: n for n in available}
         rng = numpy_rng(self.seed, Stream.CLIENT_SAMPLING, server_round)
-        chosen = sample_clients(len(nodes), self.fraction_train, rng, central_dp=self.central_dp)
+        chosen = sample_clients(self.clients, self.fraction_train, rng, central_dp=self.central_dp)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return list(self._construct_messages(record, [nodes[i] for i in chosen], MessageType.TRAIN))
+        # a chosen device without a connected node drops out of the round, as a node that fails would
+        nodes = [node_of[d] for d in chosen if d in node_of]
+        return list(self._construct_messages(record, nodes, MessageType.TRAIN))
 
 
 # One federation per process: Ray reuses its actors, so each builds the devices once per config.
@@ -399,6 +422,7 @@ def task_server_app(
             # under DP on real devices the draw must not be predictable from the config (secrets: OS CSPRNG)
             seed=config.seed if seeded else secrets.randbits(62),
             central_dp=config.dp_noise > 0,
+            clients=config.clients,
             fraction_train=config.sample_fraction,
             # with personalization every node adapts to each new global model, as in process
             fraction_evaluate=1.0 if personalized else 0.0,

@@ -399,7 +399,10 @@ def _plain_round(
             if exc.status >= 500:
                 raise
             rejected += 1
-    if chosen and rejected == len(chosen):  # (Poisson sampling under central DP may choose nobody)
+    # Under central DP noise a round whose every update was refused still closes: the service releases its
+    # noise and spends ε, as ServerStep.close does in process; stopping here would tell that the sampled
+    # devices' updates were refused (a function of their data) without noise. (Poisson may choose nobody.)
+    if chosen and rejected == len(chosen) and step.config.dp_noise <= 0:
         raise InvalidUpdate(
             f"round {rnd}: every update of the round was refused (if local training diverged, try a lower lr)"
         )
