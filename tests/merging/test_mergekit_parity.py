@@ -178,12 +178,20 @@ def test_gradient_and_filter_are_applied_per_layer(llama) -> None:  # type: igno
          "models": [{"model": "a"}, {"model": "b"}]},
         {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [1.0, 0.0]}},
                                               {"model": "b", "parameters": {"weight": [0.2, 1.0]}}]},
+        # a density gradient down to 0 (refused as "must be in (0, 1]" before)
+        {"merge_method": "ties", "base_model": "a",
+         "models": [{"model": "b", "parameters": {"weight": 1.0, "density": [1.0, 0.5, 0.0]}}]},
+        # YAML 1.1 reads 1e-1 as a string; mergekit's validator makes it a number, so the gradient interpolates
+        # (it picked a point, as a list of labels, before: weight 0.1 at t = 1/3 where mergekit has 0.4)
+        {"merge_method": "task_arithmetic", "base_model": "a",
+         "models": [{"model": "b", "parameters": {"weight": ["1e-1", 1]}}], "parameters": {"lambda": "5e-1"}},
     ],
 )  # fmt: skip
 def test_gradients_outside_the_layers_match_mergekit_end_to_end(tmp_path, cfg) -> None:
     """Pre *and* post weights (embedding, final norm, head) take a gradient's value at t = 0, as mergekit's planner
     does since v0.1.2 (mergekit/plan.py, plan_module: one ConfigReader(t=0) for pre and post weights; before
-    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama."""
+    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama,
+    as are gradients that reach a density of 0 and gradients of numbers YAML leaves as strings."""
     transformers = pytest.importorskip("transformers")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -577,6 +585,28 @@ def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
     assert torch.equal(want, unscaled) == (
         scale < 1e-9
     )  # the case is sensitive: rescaling changes the values
+
+
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+)
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", [(40, 30), (37,)])
+def test_density_zero_drops_the_task_vector_as_mergekit_does(
+    method: str, rescale: bool, shape: tuple
+) -> None:
+    """mergekit's sparsifiers return zeros at ``density <= 0`` (a density gradient such as ``[1, 0.5, 0]`` reaches
+    it at the last layer): that model's task vector is dropped from the tensor, its weight still counts in a
+    normalizing divisor without sign consensus. Refused as "must be in (0, 1]" before; and TIES' trim kept one entry
+    (at least one survives at any positive density)."""
+    base, models = _tensors(shape, 3)
+    params = {"weight": W3, "density": [0.0, 0.5, 1.0], "rescale": rescale, "normalize": True}
+    if method.startswith(("dare", "della")):  # random drops: only the deterministic densities are compared
+        params["density"] = [0.0, 1.0, 0.0]
+    want = _mk(method, [base, *models], 0, **params)
+    got = merge(method, {"w": base}, [{"w": m} for m in models], weights=W3, densities=params["density"],
+                rescale=rescale, normalize=True)["w"]  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("zero", ["base", "model", "tiny"])

@@ -112,16 +112,20 @@ class _Resolver:
         self, out_name: str, scope: _Scope, in_names: Sequence[str], t: float, labels: Sequence[str]
     ) -> MergeParams:
         m = self.method
+        readers = {p.name: p.read for p in m.params}  # unknown names are refused by resolve_params below
         shared: dict[str, Any] = {}
         for settings in (scope.slice_params, self.cfg.parameters):
             for key, setting in settings.items():
-                if key not in shared and (v := evaluate_setting(setting, out_name, t)) is not None:
+                if (
+                    key not in shared
+                    and (v := evaluate_setting(setting, out_name, t, read=readers.get(key))) is not None
+                ):
                     shared[key] = v
         per_model: list[dict[str, Any]] = []
         for (_, _, settings, _), in_name in zip(scope.models, in_names, strict=True):
             mine = {}
             for key, setting in settings.items():
-                if (v := evaluate_setting(setting, in_name, t)) is not None:
+                if (v := evaluate_setting(setting, in_name, t, read=readers.get(key))) is not None:
                     mine[key] = v
             per_model.append(mine)
         key = repr((shared, per_model))
