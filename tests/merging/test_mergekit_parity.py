@@ -671,3 +671,34 @@ def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
             "library_name" not in card and "language models" not in card and "transformers models" not in card
         )
         assert said in card, card
+
+
+def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Path) -> None:
+    """A model saved with ``tie_word_embeddings: true`` has no ``lm_head.weight``: mergekit reads its embedding in
+    its place (the architecture's ``tied_names``), as ``transformers`` does when loading it, so it merges with an
+    untied fine-tune of the same architecture. It was refused ("lacks tensor(s) ['lm_head.weight']")."""
+    transformers = pytest.importorskip("transformers")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    for seed, (name, tied) in enumerate([("a", False), ("t", True)]):
+        torch.manual_seed(seed)
+        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             tie_word_embeddings=tied)  # fmt: skip
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("a", 0.7), ("t", 0.3))]}  # fmt: skip
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(lazy_unpickle=False))
+    res = merge_files(_cfg(tmp_path, cfg), tmp_path / "dp")
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "dp" / "model.safetensors")
+    assert mk.keys() == ours.keys()
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any("tie_word_embeddings" in n and "model.embed_tokens.weight" in n for n in res.notes)
