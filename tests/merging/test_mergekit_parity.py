@@ -702,3 +702,9 @@ def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Pa
     for k in mk:
         torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
     assert any("tie_word_embeddings" in n and "model.embed_tokens.weight" in n for n in res.notes)
+    # the tied model as the reference (whose output config ties the head) is refused, saying which order works
+    cfg["models"].reverse()
+    with pytest.raises(
+        dp.ShapeMismatch, match=r"ties its embeddings \(no lm_head.weight\): make an untied model"
+    ):
+        merge_files(_cfg(tmp_path, cfg), tmp_path / "dp2")

@@ -401,7 +401,15 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     if floats_extra:
         parts.append(f"has extra tensor(s) {floats_extra[:5]} that '{ref.path}' lacks")
     if parts:
-        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
+        hint = ""
+        if floats_extra == [_HEAD] and not floats_missing and tied_head(ref, _HEAD) is not None:
+            # the output follows the reference, whose config ties the head to the embedding: an untied head
+            # merged beside it would be dropped on load (mergekit writes it and unties the output's config)
+            hint = (
+                f"; '{ref.path}' ties its embeddings (no {_HEAD}): make an untied model the reference (the "
+                "base_model, else the first model) and the tied one lends its embedding as the head"
+            )
+        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts) + hint)
     if missing:
         notes.append(
             f"'{other.path}' lacks the non-floating tensor(s) {missing[:5]}: copied from '{ref.path}', as "
