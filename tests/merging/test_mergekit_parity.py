@@ -609,6 +609,18 @@ def test_density_zero_drops_the_task_vector_as_mergekit_does(
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("t", [-0.3, 1.2, 2.0])
+@pytest.mark.parametrize("second", ["random", "parallel", "antiparallel"])
+def test_slerp_extrapolates_outside_0_1_like_mergekit(t: float, second: str) -> None:
+    """mergekit's slerp takes any ``t`` (``t: 1.2`` goes on along the arc past the second model); it was refused
+    as "must be in [0, 1]". The same formula, the colinear fallback to lerp included."""
+    _, (a, b) = _tensors((40, 30), 2)
+    b = {"random": b, "parallel": 2 * a, "antiparallel": -a}[second]
+    want = _mk("slerp", [a, b], 0, t=t)
+    got = merge("slerp", {"w": a}, [{"w": b}], t=t)["w"]
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("zero", ["base", "model", "tiny"])
 def test_slerp_with_a_zero_endpoint_matches_mergekit(zero: str) -> None:
     """A zero (or norm ≤ 1e-8) endpoint — a zero-initialised bias — is orthogonal to the other in mergekit's slerp
