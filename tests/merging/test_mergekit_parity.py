@@ -713,7 +713,10 @@ def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Pa
     assert mk.keys() == ours.keys()
     for k in mk:
         torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert any("tie_word_embeddings" in n and "model.embed_tokens.weight" in n for n in res.notes)
+    assert [n for n in res.notes if "lm_head" in n] == [
+        f"'{tmp_path / 't'}' has tied embeddings (tie_word_embeddings: true) and no 'lm_head.weight': its "
+        "'model.embed_tokens.weight' is merged in its place, as transformers loads it and as mergekit reads it"
+    ]  # and not also said to be a non-floating tensor copied from the reference
     # the tied model as the reference (whose output config ties the head) is refused, saying which order works
     cfg["models"].reverse()
     with pytest.raises(

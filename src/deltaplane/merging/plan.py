@@ -389,6 +389,7 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     floats_missing = [n for n in missing if ref.infos[n].dtype.is_floating_point]
     tied = {n: e for n in floats_missing if (e := tied_head(other, n)) is not None}
     floats_missing = [n for n in floats_missing if n not in tied]
+    missing = [n for n in missing if n not in tied]  # what is left is non-floating, or refused below
     for n, e in tied.items():
         notes.append(
             f"'{other.path}' has tied embeddings (tie_word_embeddings: true) and no '{n}': its '{e}' is merged in "
