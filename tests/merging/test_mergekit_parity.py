@@ -67,6 +67,10 @@ KERNEL_CASES = [
     ("nearswap", {"t": 0.03}, {"t": 0.03}, 1, True),
     ("arcee_fusion", {}, {}, 1, True),
     ("passthrough", {"scale": [0.5]}, {"scale": 0.5}, 1, False),
+    ("ram", {}, {}, 3, True),
+    ("ram", {"epsilon": 0.05}, {"epsilon": 0.05}, 3, True),
+    ("ramplus_tl", {}, {}, 3, True),
+    ("ramplus_tl", {"epsilon": 0.05, "r": 0.5, "alpha": 0.9}, {"epsilon": 0.05, "r": 0.5, "alpha": 0.9}, 3, True),
 ]  # fmt: skip
 
 

@@ -418,6 +418,7 @@ def _load_builtins() -> None:
     import deltaplane.merging.linear
     import deltaplane.merging.model_stock
     import deltaplane.merging.passthrough
+    import deltaplane.merging.ram
     import deltaplane.merging.sce
     import deltaplane.merging.selective
     import deltaplane.merging.slerp
