@@ -36,16 +36,13 @@ from deltaplane.merging.base import (
 __all__ = ["ReinforcedAgentMerge"]
 
 
-def _changed(chunk: TensorChunk, epsilon: float) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """``(τᵢ, nᵢ, c)`` of a chunk: the task vectors, where each exceeds ``epsilon`` in magnitude, and how many do."""
-    base = chunk.base
-    assert base is not None  # needs_base is enforced before any tensor is read
-    taus = [t.sub_(base) for t in chunk.tensors]  # the inputs are owned by the merge
+def _changed(taus: list[Tensor], epsilon: float) -> tuple[list[Tensor], Tensor]:
+    """``(nᵢ, c)`` of a chunk's task vectors: where each exceeds ``epsilon`` in magnitude, and how many do."""
     changed = [tau.abs() > epsilon for tau in taus]
-    count = torch.zeros(base.shape, dtype=torch.int64)
+    count = torch.zeros(taus[0].shape, dtype=torch.int64)
     for n in changed:
         count.add_(n)
-    return taus, changed, count
+    return changed, count
 
 
 class ReinforcedAgentMerge(ChunkedMergeMethod):
@@ -80,10 +77,8 @@ class ReinforcedAgentMerge(ChunkedMergeMethod):
         for chunk in chunks():
             base = chunk.base
             assert base is not None
-            changed = [(t - base).abs() > eps for t in chunk.tensors]  # read-only: chunks are views in memory
-            count = torch.zeros(base.shape, dtype=torch.int64)
-            for n in changed:
-                count.add_(n)
+            # read-only: in memory the chunks are views of the tensors merge_chunk receives
+            changed, count = _changed([t - base for t in chunk.tensors], eps)
             for i, n in enumerate(changed):
                 shared[i] += int((n & (count > 1)).sum())
                 unique[i] += int((n & (count == 1)).sum())
@@ -97,7 +92,8 @@ class ReinforcedAgentMerge(ChunkedMergeMethod):
     def merge_chunk(self, chunk: TensorChunk, state: Any) -> Tensor:
         base = chunk.base
         assert base is not None
-        taus, changed, count = _changed(chunk, chunk.params.shared["epsilon"])
+        taus = [t.sub_(base) for t in chunk.tensors]  # the inputs are owned by the merge
+        changed, count = _changed(taus, chunk.params.shared["epsilon"])
         unique = count == 1
         overlap = count > 1
         share = count.clamp(min=1)
