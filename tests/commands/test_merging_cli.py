@@ -117,7 +117,7 @@ def test_a_bad_config_is_refused_before_the_progress_bar(tmp_path: Path) -> None
                 "base_model": "base",
                 "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 7}}],
             },
-            "'density' must be in (0, 1]",
+            "'density' must be in [0, 1]",
         ),
         "della density ± epsilon": (  # was checked per tensor, during the merge, under the bar
             {

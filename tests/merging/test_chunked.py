@@ -46,6 +46,8 @@ CASES = [
     ("model_stock", {}, False),
     ("model_stock", {"filter_wise": True}, False),
     ("slerp", {"t": 0.3}, False),
+    ("ram", {"epsilon": 0.5}, True),  # noise ~ N(0, 1): entries changed by one, several or no model
+    ("ramplus_tl", {"epsilon": 0.5, "r": 0.5, "alpha": 0.9}, True),
 ]
 SHAPES = [(37, 5), (53,), (), (4, 3, 7), (0, 4)]  # 37 rows: not a multiple of the chunk; 1-D; 0-d; 3-D; empty
 

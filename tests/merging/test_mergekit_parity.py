@@ -67,6 +67,10 @@ KERNEL_CASES = [
     ("nearswap", {"t": 0.03}, {"t": 0.03}, 1, True),
     ("arcee_fusion", {}, {}, 1, True),
     ("passthrough", {"scale": [0.5]}, {"scale": 0.5}, 1, False),
+    ("ram", {}, {}, 3, True),
+    ("ram", {"epsilon": 0.05}, {"epsilon": 0.05}, 3, True),
+    ("ramplus_tl", {}, {}, 3, True),
+    ("ramplus_tl", {"epsilon": 0.05, "r": 0.5, "alpha": 0.9}, {"epsilon": 0.05, "r": 0.5, "alpha": 0.9}, 3, True),
 ]  # fmt: skip
 
 
@@ -178,12 +182,20 @@ def test_gradient_and_filter_are_applied_per_layer(llama) -> None:  # type: igno
          "models": [{"model": "a"}, {"model": "b"}]},
         {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [1.0, 0.0]}},
                                               {"model": "b", "parameters": {"weight": [0.2, 1.0]}}]},
+        # a density gradient down to 0 (refused as "must be in (0, 1]" before)
+        {"merge_method": "ties", "base_model": "a",
+         "models": [{"model": "b", "parameters": {"weight": 1.0, "density": [1.0, 0.5, 0.0]}}]},
+        # YAML 1.1 reads 1e-1 as a string; mergekit's validator makes it a number, so the gradient interpolates
+        # (it picked a point, as a list of labels, before: weight 0.1 at t = 1/3 where mergekit has 0.4)
+        {"merge_method": "task_arithmetic", "base_model": "a",
+         "models": [{"model": "b", "parameters": {"weight": ["1e-1", 1]}}], "parameters": {"lambda": "5e-1"}},
     ],
 )  # fmt: skip
 def test_gradients_outside_the_layers_match_mergekit_end_to_end(tmp_path, cfg) -> None:
     """Pre *and* post weights (embedding, final norm, head) take a gradient's value at t = 0, as mergekit's planner
     does since v0.1.2 (mergekit/plan.py, plan_module: one ConfigReader(t=0) for pre and post weights; before
-    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama."""
+    arcee-ai/mergekit#534 the post weights used t=1). Checked against mergekit's own run_merge on a real Llama,
+    as are gradients that reach a density of 0 and gradients of numbers YAML leaves as strings."""
     transformers = pytest.importorskip("transformers")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -579,6 +591,40 @@ def test_l1_rescale_of_a_near_zero_task_vector_matches_mergekit(scale) -> None:
     )  # the case is sensitive: rescaling changes the values
 
 
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+)
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", [(40, 30), (37,)])
+def test_density_zero_drops_the_task_vector_as_mergekit_does(
+    method: str, rescale: bool, shape: tuple
+) -> None:
+    """mergekit's sparsifiers return zeros at ``density <= 0`` (a density gradient such as ``[1, 0.5, 0]`` reaches
+    it at the last layer): that model's task vector is dropped from the tensor, its weight still counts in a
+    normalizing divisor without sign consensus. Refused as "must be in (0, 1]" before; and TIES' trim kept one entry
+    (at least one survives at any positive density)."""
+    base, models = _tensors(shape, 3)
+    params = {"weight": W3, "density": [0.0, 0.5, 1.0], "rescale": rescale, "normalize": True}
+    if method.startswith(("dare", "della")):  # random drops: only the deterministic densities are compared
+        params["density"] = [0.0, 1.0, 0.0]
+    want = _mk(method, [base, *models], 0, **params)
+    got = merge(method, {"w": base}, [{"w": m} for m in models], weights=W3, densities=params["density"],
+                rescale=rescale, normalize=True)["w"]  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("t", [-0.3, 1.2, 2.0])
+@pytest.mark.parametrize("second", ["random", "parallel", "antiparallel"])
+def test_slerp_extrapolates_outside_0_1_like_mergekit(t: float, second: str) -> None:
+    """mergekit's slerp takes any ``t`` (``t: 1.2`` goes on along the arc past the second model); it was refused
+    as "must be in [0, 1]". The same formula, the colinear fallback to lerp included."""
+    _, (a, b) = _tensors((40, 30), 2)
+    b = {"random": b, "parallel": 2 * a, "antiparallel": -a}[second]
+    want = _mk("slerp", [a, b], 0, t=t)
+    got = merge("slerp", {"w": a}, [{"w": b}], t=t)["w"]
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("zero", ["base", "model", "tiny"])
 def test_slerp_with_a_zero_endpoint_matches_mergekit(zero: str) -> None:
     """A zero (or norm ≤ 1e-8) endpoint — a zero-initialised bias — is orthogonal to the other in mergekit's slerp
@@ -641,3 +687,43 @@ def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
             "library_name" not in card and "language models" not in card and "transformers models" not in card
         )
         assert said in card, card
+
+
+def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Path) -> None:
+    """A model saved with ``tie_word_embeddings: true`` has no ``lm_head.weight``: mergekit reads its embedding in
+    its place (the architecture's ``tied_names``), as ``transformers`` does when loading it, so it merges with an
+    untied fine-tune of the same architecture. It was refused ("lacks tensor(s) ['lm_head.weight']")."""
+    transformers = pytest.importorskip("transformers")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    for seed, (name, tied) in enumerate([("a", False), ("t", True)]):
+        torch.manual_seed(seed)
+        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             tie_word_embeddings=tied)  # fmt: skip
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("a", 0.7), ("t", 0.3))]}  # fmt: skip
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(lazy_unpickle=False))
+    res = merge_files(_cfg(tmp_path, cfg), tmp_path / "dp")
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "dp" / "model.safetensors")
+    assert mk.keys() == ours.keys()
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [n for n in res.notes if "lm_head" in n] == [
+        f"'{tmp_path / 't'}' has tied embeddings (tie_word_embeddings: true) and no 'lm_head.weight': its "
+        "'model.embed_tokens.weight' is merged in its place, as transformers loads it and as mergekit reads it"
+    ]  # and not also said to be a non-floating tensor copied from the reference
+    # the tied model as the reference (whose output config ties the head) is refused, saying which order works
+    cfg["models"].reverse()
+    with pytest.raises(
+        dp.ShapeMismatch, match=r"ties its embeddings \(no lm_head.weight\): make an untied model"
+    ):
+        merge_files(_cfg(tmp_path, cfg), tmp_path / "dp2")

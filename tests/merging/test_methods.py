@@ -244,7 +244,7 @@ def test_dtype_preserved_and_non_float_copied() -> None:
     [
         (lambda b, m: merge("nope", b, m), dp.ConfigError, "unknown merge method 'nope'"),
         (lambda b, m: merge("ties", None, m), dp.ConfigError, "needs a base model"),
-        (lambda b, m: merge("ties", b, m, density=1.5), dp.ConfigError, "density' must be in (0, 1]"),
+        (lambda b, m: merge("ties", b, m, density=1.5), dp.ConfigError, "density' must be in [0, 1]"),
         (lambda b, m: merge("ties", b, m, densty=0.5), dp.ConfigError, "unknown parameter 'densty'"),
         (lambda b, m: merge("ties", b, m, weights=[1.0]), dp.ConfigError, "one value per model"),
         (lambda b, m: merge("slerp", None, m), dp.ConfigError, "exactly two models"),

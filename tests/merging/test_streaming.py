@@ -324,7 +324,7 @@ def test_dtype_mix_is_promoted_like_mergekit(zoo) -> None:  # type: ignore[no-un
         (MERGEKIT_TIES | {"merge_method": "magic"}, "unknown merge method 'magic'"),
         (MERGEKIT_TIES | {"tokenizer_sourc": "base"}, "tokenizer_sourc: Extra inputs are not permitted"),
         (MERGEKIT_TIES | {"dtype": "float7"}, "unknown dtype 'float7'"),
-        (MERGEKIT_TIES | {"parameters": {"density": 2}}, "'density' must be in (0, 1]"),
+        (MERGEKIT_TIES | {"parameters": {"density": 2}}, "'density' must be in [0, 1]"),
         (MERGEKIT_TIES | {"models": [{"model": "m0", "parameters": {"weight": ["a", 1]}}]}, "finite float"),
         (
             MERGEKIT_TIES | {"models": [{"model": "m0", "parameters": {"weight": [{"val": 1}]}}]},

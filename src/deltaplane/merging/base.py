@@ -85,6 +85,17 @@ class Param:
     doc: str = ""
     choices: tuple[str, ...] = ()
 
+    def read(self, value: Any) -> Any:
+        """A YAML scalar as mergekit's pydantic validator reads it, before gradients are interpolated: a numeric
+        string is a number for a numeric parameter (YAML 1.1 leaves ``1e-3``, without a dot, a string). Anything
+        else is returned as is, for :meth:`validate` to check."""
+        if self.kind in ("float", "int") and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's kind and check it; raise :class:`ConfigError` naming ``where``."""
         if self.kind == "tensors":
@@ -407,6 +418,7 @@ def _load_builtins() -> None:
     import deltaplane.merging.linear
     import deltaplane.merging.model_stock
     import deltaplane.merging.passthrough
+    import deltaplane.merging.ram
     import deltaplane.merging.sce
     import deltaplane.merging.selective
     import deltaplane.merging.slerp

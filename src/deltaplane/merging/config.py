@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,20 +133,26 @@ _OptionalModelRef = Annotated[str | None, BeforeValidator(_optional_model_ref)]
 _Parameters = Annotated[dict[str, Any], BeforeValidator(_parameters)]
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+def evaluate_setting(
+    setting: Any, tensor_name: str, t: float, *, read: Callable[[Any], Any] | None = None
+) -> Any:
     """The value of one parameter setting for tensor ``tensor_name`` at layer position ``t`` ∈ [0, 1].
 
     Mirrors mergekit's ``evaluate_setting``: numeric gradients interpolate between neighbouring points, other
     lists pick a point; filter conditions pick the first match by substring; ``None`` when no condition matches
-    (the next scope then decides).
+    (the next scope then decides). ``read`` is applied to each scalar first, as mergekit applies the parameter's
+    validator: :meth:`~deltaplane.merging.base.Param.read` makes ``"1e-3"`` (a string to YAML 1.1) a number, so
+    ``[1e-3, 1]`` interpolates rather than picking a point as a list of labels would.
     """
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
-        return setting
+        return setting if read is None else read(setting)
     if not setting:
         return None
     if all(not isinstance(e, dict) for e in setting):
+        if read is not None:
+            setting = [read(e) for e in setting]
         numeric = all(isinstance(e, int | float) and not isinstance(e, bool) for e in setting)
         if not numeric:
             return setting[int(t * (len(setting) - 1))]
@@ -157,7 +164,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     for cond in setting:
         f = cond.get("filter")
         if f is None or f == "*" or (tensor_name and f in tensor_name):
-            return evaluate_setting(cond["value"], tensor_name, t)
+            return evaluate_setting(cond["value"], tensor_name, t, read=read)
     return None
 
 

@@ -17,6 +17,7 @@ outside the layers are *pre* weights when their name mentions ``embed``, ``wte``
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,24 @@ from typing import Any
 
 import torch
 
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.errors import ConfigError, DecodeError, ShapeMismatch
 from deltaplane.merging.base import MergeMethod, MergeParams, resolve_params
 from deltaplane.merging.checkpoint import Checkpoint
 from deltaplane.merging.config import MergeConfig, evaluate_setting
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
-__all__ = ["LAYER_PATTERN", "PlannedTensor", "Source", "layer_index", "plan_tensors", "uses_base"]
+__all__ = [
+    "LAYER_PATTERN",
+    "PlannedTensor",
+    "Source",
+    "layer_index",
+    "plan_tensors",
+    "tied_head",
+    "uses_base",
+]
+
+_HEAD = "lm_head.weight"
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _PRE = ("embed", "wte", "wpe")
@@ -46,6 +59,31 @@ def _renumber(name: str, layer: int) -> str:
     found = layer_index(name)
     assert found is not None
     return f"{name[: found[1]]}{layer}{name[found[2] :]}"
+
+
+def tied_head(ck: Checkpoint, name: str) -> str | None:
+    """The embedding a checkpoint with tied embeddings holds in place of the head ``name`` it lacks, else ``None``.
+
+    A model saved with ``tie_word_embeddings: true`` writes no ``lm_head.weight``: ``transformers`` loads its input
+    embedding there, and mergekit reads it there too (the architecture's ``tied_names``), so such a model merges
+    with an untied fine-tune of the same architecture. Only for a ``config.json`` that says so, and one embedding.
+    """
+    if name != _HEAD or name in ck.infos:
+        return None
+    try:
+        conf = json.loads(
+            read_bounded_text(ck.folder / "config.json", limit=MANIFEST_LIMIT, what="model config")
+        )
+    except (OSError, ValueError, ConfigError, DecodeError):
+        return None
+    if not isinstance(conf, dict):
+        return None
+    text = conf.get("text_config")
+    tied = conf.get(
+        "tie_word_embeddings", text.get("tie_word_embeddings") if isinstance(text, dict) else None
+    )
+    found = [n for n in ck.infos if n.endswith(_EMBEDDINGS)]
+    return found[0] if tied is True and len(found) == 1 else None
 
 
 def uses_base(method: MergeMethod) -> bool:
@@ -112,16 +150,20 @@ class _Resolver:
         self, out_name: str, scope: _Scope, in_names: Sequence[str], t: float, labels: Sequence[str]
     ) -> MergeParams:
         m = self.method
+        readers = {p.name: p.read for p in m.params}  # unknown names are refused by resolve_params below
         shared: dict[str, Any] = {}
         for settings in (scope.slice_params, self.cfg.parameters):
             for key, setting in settings.items():
-                if key not in shared and (v := evaluate_setting(setting, out_name, t)) is not None:
+                if (
+                    key not in shared
+                    and (v := evaluate_setting(setting, out_name, t, read=readers.get(key))) is not None
+                ):
                     shared[key] = v
         per_model: list[dict[str, Any]] = []
         for (_, _, settings, _), in_name in zip(scope.models, in_names, strict=True):
             mine = {}
             for key, setting in settings.items():
-                if (v := evaluate_setting(setting, in_name, t)) is not None:
+                if (v := evaluate_setting(setting, in_name, t, read=readers.get(key))) is not None:
                     mine[key] = v
             per_model.append(mine)
         key = repr((shared, per_model))
@@ -279,6 +321,10 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
             base = fill(base) if base is not None else None
             inputs = [fill(s) for s in inputs]
             every = ([base] if base is not None else []) + inputs
+        every = [s if (e := tied_head(s.checkpoint, s.name)) is None else Source(s.checkpoint, e, s.label)
+                 for s in every]  # fmt: skip
+        base = every[0] if base is not None else None
+        inputs = every[1:] if base is not None else every
         infos = []
         for s in every:
             if s.name not in s.checkpoint.infos:
@@ -334,12 +380,21 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     Non-floating tensors (buffers such as BERT's ``embeddings.position_ids``, counters) are copied from the
     reference, never merged, so one an input lacks is read from the reference, and one only an input holds is
     left out; both are said in ``notes``. A fine-tune saved by a newer ``transformers`` (which no longer writes
-    ``position_ids``) was refused against its own base."""
+    ``position_ids``) was refused against its own base. A head ``other`` lacks because its embeddings are tied
+    (:func:`tied_head`) is read from its embedding, also said in ``notes``."""
     if ref.infos.keys() == other.infos.keys():
         return
     missing = sorted(set(ref.infos) - set(other.infos))
     extra = sorted(set(other.infos) - set(ref.infos))
     floats_missing = [n for n in missing if ref.infos[n].dtype.is_floating_point]
+    tied = {n: e for n in floats_missing if (e := tied_head(other, n)) is not None}
+    floats_missing = [n for n in floats_missing if n not in tied]
+    missing = [n for n in missing if n not in tied]  # what is left is non-floating, or refused below
+    for n, e in tied.items():
+        notes.append(
+            f"'{other.path}' has tied embeddings (tie_word_embeddings: true) and no '{n}': its '{e}' is merged in "
+            "its place, as transformers loads it and as mergekit reads it"
+        )
     floats_extra = [n for n in extra if other.infos[n].dtype.is_floating_point]
     parts = []
     if floats_missing:
@@ -347,7 +402,15 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     if floats_extra:
         parts.append(f"has extra tensor(s) {floats_extra[:5]} that '{ref.path}' lacks")
     if parts:
-        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
+        hint = ""
+        if floats_extra == [_HEAD] and not floats_missing and tied_head(ref, _HEAD) is not None:
+            # the output follows the reference, whose config ties the head to the embedding: an untied head
+            # merged beside it would be dropped on load (mergekit writes it and unties the output's config)
+            hint = (
+                f"; '{ref.path}' ties its embeddings (no {_HEAD}): make an untied model the reference (the "
+                "base_model, else the first model) and the tied one lends its embedding as the head"
+            )
+        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts) + hint)
     if missing:
         notes.append(
             f"'{other.path}' lacks the non-floating tensor(s) {missing[:5]}: copied from '{ref.path}', as "

@@ -32,7 +32,6 @@ from deltaplane.merging.base import (
     MergeParams,
     Param,
     TensorChunk,
-    in_closed_unit_interval,
     register_method,
 )
 
@@ -99,7 +98,8 @@ class Slerp(ChunkedMergeMethod):
     optional_base = True
     upcasts_half = True
     params = (
-        Param("t", REQUIRED, check=in_closed_unit_interval, doc="interpolation factor, 0 = first, 1 = second"),
+        # mergekit takes any t: outside [0, 1] the same formula extrapolates along the arc
+        Param("t", REQUIRED, doc="interpolation factor, 0 = first, 1 = second (beyond: extrapolated, as mergekit)"),
         Param("dot_threshold", 0.9995, check=lambda x: None if 0 < x <= 1 else "must be in (0, 1]",
               doc="|cos Ω| above which the tensors count as colinear and are interpolated linearly"),
     )  # fmt: skip

@@ -59,7 +59,7 @@ from deltaplane.merging.base import (
     MergeParams,
     Param,
     TensorChunk,
-    in_unit_interval,
+    in_closed_unit_interval,
     non_negative,
     register_method,
     tensor_generator,
@@ -76,8 +76,9 @@ __all__ = [
 
 
 def _keep_count(numel: int, density: float) -> int:
-    # at least one entry survives in a non-empty tensor: a positive density never erases a whole tensor
-    return max(1, int(density * numel)) if numel else 0
+    # at least one entry survives in a non-empty tensor: a positive density never erases a whole tensor (a zero
+    # density does, as mergekit's sparsifiers return zeros there)
+    return max(1, int(density * numel)) if numel and density > 0 else 0
 
 
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
@@ -287,6 +288,8 @@ def magnitude_mask(tau: Tensor, density: float, gamma: float, generator: torch.G
     k = _keep_count(tau.numel(), density)
     if k >= tau.numel():
         return torch.ones_like(tau, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
     a = tau.abs().to(_compute_dtype(tau))
     return _whole(a, [k])[0].mask(a)
 
@@ -341,6 +344,8 @@ def sparsify(
     ``rescale`` (DARE's unbiased rescaling). With ``inplace`` ``tau`` itself is modified and returned."""
     if density >= 1:
         return tau
+    if density <= 0:  # every method drops everything, as mergekit's sparsifiers do
+        return tau.zero_() if inplace else torch.zeros_like(tau)
     mask = SPARSIFIERS[method](tau, density, gamma, generator or torch.Generator().manual_seed(0))
     out = tau.mul_(mask) if inplace else tau * mask
     return out.div_(density) if rescale else out
@@ -366,7 +371,8 @@ def della_probabilities(a: Tensor, density: float, epsilon: float) -> Tensor:
 
 
 def _check_della(density: float, epsilon: float, where: str) -> None:
-    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+    # density 0 drops everything and 1 keeps everything without drawing (mergekit checks neither)
+    if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         raise ConfigError(
             f"{where}: DELLA needs density ± epsilon inside (0, 1); density {density} with epsilon {epsilon} is "
             "not: lower epsilon or move density away from 0 and 1"
@@ -442,8 +448,8 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
                 Param("rescale_norm", "l1", kind="choice", choices=("l1", "density"),
                       doc="l1: keep the task vector's L1 norm (mergekit); density: divide by the density (DARE paper)"),
                 Param(
-                    "density", 1.0, per_model=True, plural="densities", check=in_unit_interval,
-                    doc="fraction of task-vector entries kept",
+                    "density", 1.0, per_model=True, plural="densities", check=in_closed_unit_interval,
+                    doc="fraction of task-vector entries kept (0: the model's task vector is dropped)",
                 ),
             ]  # fmt: skip
         if sparsification in ("random", "della"):
@@ -529,9 +535,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             ranks: list[list[int]] = []
             for mp in params.per_model:
                 density = mp["density"]
-                if density >= 1:
+                if density >= 1 or density <= 0:
                     ranks.append([])
-                    state.trim.append(None)  # kept whole, as sparsify() does
+                    state.trim.append(None)  # kept whole, as sparsify() does, or zeroed by the merge
                 elif self.sparsification == "magnitude":
                     k = _keep_count(n, density)
                     ranks.append([k] if k < n else [])
@@ -594,7 +600,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             tau.sub_(base)
             mp = params.per_model[i]
             density = mp.get("density", 1.0)
-            if self.sparsification is not None and density < 1:
+            if self.sparsification is not None and density <= 0:
+                tau.zero_()  # mergekit's sparsifiers return zeros: the model adds nothing here
+            elif self.sparsification is not None and density < 1:
                 self._sparsify_(state, i, tau, params.shared, mp)
                 if rescale and by_density:
                     tau.div_(density)
@@ -650,7 +658,7 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
         masks: list[Tensor | None] = []
         n = math.prod(shape)
         for i, mp in enumerate(params.per_model):
-            if mp["density"] >= 1 or n == 0:
+            if mp["density"] >= 1 or mp["density"] <= 0 or n == 0:  # kept whole, or zeroed by the merge
                 masks.append(None)
                 continue
             w = torch.cat(parts[i]) if parts[i] else torch.zeros(0)
@@ -668,7 +676,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
 
         Replays the masks the merge pass will draw: fresh copies of the top-k rules, saved generator states.
         """
-        sparse = [mp["density"] < 1 for mp in params.per_model]
+        sparse = [
+            0 < mp["density"] < 1 for mp in params.per_model
+        ]  # a zero density zeroes τ: nothing to scale
         if not any(sparse):
             return [None] * len(sparse)
         saved = [g.get_state() for g in state.generators]
@@ -737,7 +747,9 @@ class GeneralizedTaskArithmetic(ChunkedMergeMethod):
             tau.sub_(base)
             mp = params.per_model[i]
             density = mp.get("density", 1.0)
-            if self.sparsification is not None and density < 1:
+            if self.sparsification is not None and density <= 0:
+                tau.zero_()  # mergekit's sparsifiers return zeros: the model adds nothing here
+            elif self.sparsification is not None and density < 1:
                 keep = self._keep(state, i, tau, params.shared, mp)
                 tau.mul_(keep)
                 del keep
