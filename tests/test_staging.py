@@ -126,3 +126,32 @@ def test_a_long_output_name_still_stages_and_is_never_swept(tmp_path: Path) -> N
     os.close(fd)
     assert f.name.endswith(".tmp")
     assert sweep(target) == []
+
+
+def _save_peft(target: Path) -> None:
+    import torch
+
+    from deltaplane.adapters import LoRADelta, LoRALayer, save_peft
+
+    save_peft(LoRADelta({"fc.weight": LoRALayer(torch.ones(1, 3), torch.ones(2, 1), alpha=1.0)}), target)
+
+
+def _makers() -> dict[str, object]:
+    from deltaplane.deploy.publish import staging_dir
+    from deltaplane.textfile import atomic_write_bytes
+
+    return {
+        "staging_dir (run, deploy)": staging_dir,
+        "atomic_write_bytes (compress, keys, ...)": lambda t: atomic_write_bytes(t, b"x"),
+        "save_peft (extract-lora)": _save_peft,
+    }
+
+
+@pytest.mark.parametrize("maker", list(_makers()))
+def test_every_stage_maker_sweeps_first(tmp_path: Path, maker: str) -> None:
+    """The helpers every command stages through remove a dead writer's stage of the same output (merge's own
+    maker is covered by test_terminate_cleanup's SIGKILL test)."""
+    target = tmp_path / "out"
+    dead = _named(target, start=staging._me()[3] + 1)
+    _makers()[maker](target)
+    assert not dead.exists()
