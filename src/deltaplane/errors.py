@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "AdapterMismatch",
+    "AmbiguousCheckpoint",
     "BaseMismatch",
     "CodecError",
     "ConfigError",
@@ -90,6 +91,12 @@ class BaseMismatch(VersionMismatch):
 
 class ConfigError(DeltaplaneError, ValueError):
     """A configuration file or option is invalid; the message says which field and why."""
+
+
+class AmbiguousCheckpoint(ConfigError):
+    """A checkpoint folder holds two checkpoints (``model.safetensors`` and a ``model.safetensors.index.json``
+    whose shards do not include it): which one is meant is the user's to say, by removing the other; the message
+    names both files and what to remove."""
 
 
 class GateRefused(DeltaplaneError, RuntimeError):

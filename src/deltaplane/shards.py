@@ -11,7 +11,8 @@ across shards, or one the index forgot) is refused rather than silently dropped 
 with ``safetensors`` only (never pickle), one at a time, so memory is the state dict plus one shard's read;
 :func:`shard_shapes` makes the same checks on the shards' headers alone, for ``deploy``, which copies the
 weights into the model it built shard by shard. Which of a folder's ``model.safetensors`` and its index is
-read is chosen by :func:`folder_weights`, the same way for every reader.
+read is chosen by :func:`folder_weights`, the same way for every reader (merging's included); a folder holding
+both, the index not naming that file, is refused as ambiguous.
 
 The files a checkpoint folder holds besides its weights and ``config.json`` — the tokenizer's, the generation
 config — are read by :func:`read_companion_files` under the same distrust: only the names in
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltaplane.errors import ConfigError, DecodeError
+from deltaplane.errors import AmbiguousCheckpoint, ConfigError, DecodeError
 from deltaplane.textfile import (
     TOKENIZER_LIMIT,
     read_bounded_bytes,
@@ -85,12 +86,22 @@ COMPANION_LIMIT = 2 * TOKENIZER_LIMIT
 
 
 def folder_weights(folder: str | os.PathLike[str]) -> Path | None:
-    """The weights file of a Hugging Face-layout checkpoint folder: its :data:`WEIGHTS_NAME`, else its
+    """The weights file of a Hugging Face-layout checkpoint folder: its :data:`WEIGHTS_NAME` or its
     :data:`INDEX_NAME` (a sharded checkpoint, read by :func:`load_sharded`); None when it holds neither.
 
-    The one choice ``deploy``, ``registry register`` and the codecs commands make, made the same way: a name is
-    there when anything bears it (:func:`os.path.lexists`), so a FIFO, a folder or a dangling link named
-    ``model.safetensors`` is refused with its name and kind rather than passed over for the index (or the
+    The one choice every reader of a folder makes — ``deploy``, ``registry register``, the codecs commands, and
+    merging's :class:`~deltaplane.merging.checkpoint.Checkpoint` (``merge``, ``extract-lora``) — so no two
+    commands read one folder from different files. A folder holding both is two checkpoints unless the index
+    names ``model.safetensors`` among its shards (then the index is the checkpoint, and that file a part of
+    it): typically a sharded save written over a single-file one, or the reverse, by a tool that did not remove
+    the other. Which is meant cannot be told from the files, and Hugging Face's own loaders disagree —
+    transformers' ``PreTrainedModel.from_pretrained`` takes ``model.safetensors`` first (transformers 5.25,
+    ``modeling_utils._get_resolved_checkpoint_files``), huggingface_hub's ``load_torch_model`` the index first
+    (``serialization/_torch.py``) — so such a folder is refused, naming what to remove, rather than read from a
+    file that may be the stale one.
+
+    A name is there when anything bears it (:func:`os.path.lexists`), so a FIFO, a folder or a dangling link
+    named ``model.safetensors`` is refused with its name and kind rather than passed over for the index (or the
     folder called empty). A link is followed, as any path the user gives is (a Hugging Face cache snapshot links
     its files into ``../../blobs``); what it leads to must be a regular file. Shards named by the index are
     read under the stricter rules of :func:`read_shard_index`: those names come from the file, not the user.
@@ -98,13 +109,34 @@ def folder_weights(folder: str | os.PathLike[str]) -> Path | None:
     Raises:
         ConfigError: the chosen name is not a regular file (after links): a FIFO (which would block the reader
             for good), a directory, a device, a dangling link; the message names the file and what it is.
+        AmbiguousCheckpoint: the folder holds both files and the index does not name ``model.safetensors``
+            (or cannot be read); the message names both and what to remove for each choice.
     """
     p = Path(folder)
-    for name, what in ((WEIGHTS_NAME, "weights file"), (INDEX_NAME, "safetensors index")):
-        f = p / name
-        if os.path.lexists(f):
-            return require_regular_file(f, what=what, error=ConfigError)
-    return None
+    found = [
+        require_regular_file(p / name, what=what, error=ConfigError)
+        for name, what in ((WEIGHTS_NAME, "weights file"), (INDEX_NAME, "safetensors index"))
+        if os.path.lexists(p / name)
+    ]
+    if len(found) < 2:
+        return found[0] if found else None
+    single, index = found
+    try:
+        shards = read_shard_index(p)
+    except DecodeError as e:
+        unreadable: DecodeError | None = e
+        shards = {}
+    else:
+        unreadable = None
+        if single in shards:
+            return index
+    named = ", ".join(f.name for f in list(shards)[:3]) + (", ..." if len(shards) > 3 else "")
+    raise AmbiguousCheckpoint(
+        f"{p} holds two checkpoints, {WEIGHTS_NAME} and {INDEX_NAME}"
+        + (f" (whose shards are {named})" if shards else f" (unreadable: {unreadable})")
+        + f", and deltaplane will not guess which is meant: remove {WEIGHTS_NAME} to use the sharded "
+        f"checkpoint, or remove {INDEX_NAME} and its shards to use {WEIGHTS_NAME}"
+    ) from unreadable
 
 
 def read_shard_index(folder: str | os.PathLike[str]) -> dict[Path, list[str]]:

@@ -7,7 +7,8 @@ ends Python at once and leaves the stage behind. :func:`exit_on_terminate` turns
 The CLI installs it once around every command but the servers (``serve``, ``ui``: uvicorn handles SIGTERM
 itself, shutting down gracefully); :func:`~deltaplane.merging.streaming.merge_files` installs it for library
 callers too. :func:`signals_held` is the other half: it defers those signals (and SIGINT) while a finished
-output is swapped into place, which must not stop half way.
+output is swapped into place, which must not stop half way. SIGKILL cannot be caught: the stage it leaves is
+removed by the next writer of the same output (:mod:`deltaplane.staging` names each stage after its process).
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ import fcntl
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, overload
 
 from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.staging import stage_file, sweep
 
 __all__ = [
     "CONFIG_LIMIT",
@@ -325,7 +325,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename: never a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep(path)  # a temp file left by a killed writer of the same file
+    fd, tmp = stage_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -429,7 +429,7 @@ def test_signal_mid_merge_leaves_no_temp_folder(llama, sig: signal.Signals) -> N
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("tensor")  # mid-merge: the temporary folder exists now
-    assert [p for p in root.iterdir() if p.name.startswith(".out.tmp-")]
+    assert [p for p in root.iterdir() if p.name.startswith(".out.dp1-")]
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     # SIGTERM: SystemExit(143) after cleanup; SIGINT: KeyboardInterrupt, then Python dies by SIGINT itself

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from deltaplane.adapters.lora import LoRADelta, LoRALayer, module_of
 from deltaplane.errors import AdapterError, AdapterMismatch, InvalidUpdate, UnsupportedAdapter
+from deltaplane.staging import stage_dir, sweep
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, safetensors_path
 
 __all__ = [
@@ -379,7 +379,8 @@ def save_peft(lora: LoRADelta, path: str | os.PathLike[str]) -> None:
     cfg = peft_config(lora)
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in lora.factors().items()}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    sweep(folder)  # staging of a killed save into the same folder
+    tmp = stage_dir(folder)
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

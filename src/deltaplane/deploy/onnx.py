@@ -7,7 +7,6 @@ absolute difference is returned and recorded); a failed or diverging export leav
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.errors import ExportError, UnsupportedLayer
+from deltaplane.staging import stage_file, sweep
 
 __all__ = ["ExportResult", "export_onnx", "ort_session", "run_session"]
 
@@ -131,9 +131,9 @@ def _export_verified(
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep(path)
+    fd, tmp = stage_file(path)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         try:
             with warnings.catch_warnings():

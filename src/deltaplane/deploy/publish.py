@@ -20,12 +20,12 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deltaplane.errors import ConfigError, ExportError
+from deltaplane.staging import stage_dir, sweep
 from deltaplane.textfile import _UMASK
 
 __all__ = [
@@ -107,10 +107,12 @@ def check_writable_dir(out_dir: str | os.PathLike[str], *, hint: str = "give a f
 
 
 def staging_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """A new hidden folder beside ``out_dir`` (same file system, so it can be renamed into place)."""
+    """A new hidden folder beside ``out_dir`` (same file system, so it can be renamed into place), named after
+    this process; staging beside it left by a killed run is removed first (:mod:`deltaplane.staging`)."""
     target = _target(Path(out_dir))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    sweep(target)
+    tmp = stage_dir(target)
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the published folder gets a plain mkdir's mode
     return tmp
 
@@ -185,7 +187,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
     if _exchange(tmp, target):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = stage_dir(target, aside=True)
     os.rename(target, old / "x")
     try:
         os.rename(tmp, target)

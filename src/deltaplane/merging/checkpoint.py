@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.errors import ConfigError, DecodeError
-from deltaplane.shards import INDEX_NAME, WEIGHTS_NAME, read_shard_index
+from deltaplane.shards import INDEX_NAME, WEIGHTS_NAME, folder_weights, read_shard_index
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file
 
 __all__ = [
@@ -111,11 +111,13 @@ class Checkpoint(Mapping[str, Tensor]):
 
     Args:
         path: a folder holding ``model.safetensors`` or ``model.safetensors.index.json`` + shards (Hugging Face
-            layout), a folder holding exactly one ``*.safetensors`` file, or a ``.safetensors`` file.
+            layout; chosen by :func:`deltaplane.shards.folder_weights`, as every command chooses), else a folder
+            holding exactly one ``*.safetensors`` file, or a ``.safetensors`` file.
         what: what the file is, for error messages (``"model"``; ``"fisher file"`` for a tensor-valued parameter).
 
     Raises:
         ConfigError: the path does not exist or holds no safetensors weights (nothing is downloaded).
+        AmbiguousCheckpoint: the folder holds both ``model.safetensors`` and an index not naming it.
         DecodeError: a file or the index is malformed; the message names the file.
     """
 
@@ -144,13 +146,15 @@ class Checkpoint(Mapping[str, Tensor]):
             return [p]
         if not p.is_dir():  # a FIFO, device or socket: refused by name, not "Not a directory" from a glob
             require_regular_file(p, what=self.what)
-        index = p / INDEX_NAME
-        if index.exists():  # checked as deploy checks it: bare names inside the folder, shards present
+        # the chooser deploy, registry register and the codecs commands use: a folder holding both
+        # model.safetensors and an index (not naming it) is refused, not read from one of them as they are not
+        weights = folder_weights(p)
+        if weights is not None and weights.name == INDEX_NAME:  # checked as deploy checks it
             assigned = read_shard_index(p)
             self._weight_map = {name: shard for shard, names in assigned.items() for name in names}
             return sorted(assigned)
-        if (p / SINGLE_NAME).exists():
-            return [p / SINGLE_NAME]
+        if weights is not None:
+            return [weights]
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
             return found

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from deltaplane.merging.output import (
 )
 from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
 from deltaplane.signals import exit_on_terminate, signals_held
+from deltaplane.staging import stage_dir, sweep
 from deltaplane.threads import torch_threads
 
 __all__ = ["COPIED_FILES", "MergeResult", "PreparedMerge", "ProgressFn", "merge_files", "prepare_merge"]
@@ -369,7 +369,8 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = nbytes = done = 0
     with exit_on_terminate(), torch_threads(job.threads):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        sweep(out)  # staging of a killed merge into the same output
+        tmp = stage_dir(out)
         try:
             os.chmod(
                 tmp, 0o777 & ~_umask()
@@ -413,7 +414,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
             )  # fmt: skip
             with signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
-                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                    old = stage_dir(out, aside=True)
                     os.replace(out, old / "x")
                     os.replace(tmp, out)
                     shutil.rmtree(old, ignore_errors=True)
