@@ -328,7 +328,7 @@ def check_ledger_room(
     out: str | os.PathLike[str],
     ids: list[tuple[int, int]],
     *,
-    reserving: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    reserving: Sequence[tuple[int, int]] = (),
     releasing: Iterable[str] = (),
 ) -> None:
     """Refuse, with a :class:`ConfigError`, ids ``ids`` (ranges) that ``out``'s ledger (:data:`LEDGER_NAME`, at
