@@ -229,3 +229,31 @@ def test_older_reservation_lines_still_read_and_the_new_ones_round_trip(tmp_path
     (out / "enrollment.reserved").write_text("device-0 pid=x host=h at=1\n")
     with pytest.raises(enrollment.ConfigError, match="line 1: .* is not a reservation"):
         enrollment.read_reservations(out)
+
+
+def test_a_failure_at_the_first_token_leaves_an_earlier_releases_folder_as_it_was(
+    tmp_path, monkeypatch
+) -> None:
+    """Giving back a reservation with no token issued records nothing: a folder of the earlier release (tokens
+    and its mark, no ledger) gets no ledger from a run that issued nothing."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    def refuse(self, d, c):
+        raise ServiceError(503, "busy")
+
+    monkeypatch.setattr(AdminClient, "issue_token", refuse)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", ADMIN)
+    out = tmp_path / "tokens"
+    out.mkdir()
+    for name, text in [
+        ("device-0.token", "t0"),
+        ("device-1.token", "t1"),
+        ("enrollment.issued", "device-1\n"),
+    ]:
+        (out / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = CliRunner().invoke(
+        app, ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--add", "1"]
+    )
+    assert r.exit_code == 1, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -377,9 +377,9 @@ def record_issued(
     the ledger was counted when they were reserved, so recording them, or a first part of them, always fits."""
     releasing = list(releasing)
     ids = [(i, i) for i in _partitions(devices)]
-    check_ledger_room(out, ids, releasing=releasing)
-    ranges = _merged(_recorded(out), ids)
+    ranges = _merged(_recorded(out), ids) if ids else []  # nothing recorded: the folder stays as it was
     if ranges:
+        check_ledger_room(out, ids, releasing=releasing)
         _write_ids(Path(out) / LEDGER_NAME, ranges)
         held = issued_mark(out)
         if held is None or ranges[-1][1] > held:
