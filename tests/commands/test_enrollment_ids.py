@@ -414,7 +414,7 @@ def test_keys_certify_leaves_room_in_the_ledger_for_a_fleet_enroll_in_flight(
 def test_the_id_files_are_read_bounded_and_a_fifo_or_link_to_one_is_refused(cli, authority, tmp_path, name):
     """The ledger, the reservations and the mark are read as the other enrolment files are (read_bounded_text):
     a FIFO there, or a link to one, is refused naming its kind (never an open that waits for a writer), and a
-    file past LEDGER_MAX_BYTES is refused unread, each a usage error (exit 2) leaving the folder as it was."""
+    file past its bound is refused unread, each a usage error (exit 2) leaving the folder as it was."""
     _, key = authority
     out = tmp_path / "nodes"
     out.mkdir()
@@ -426,7 +426,9 @@ def test_the_id_files_are_read_bounded_and_a_fifo_or_link_to_one_is_refused(cli,
         assert r.exit_code == 2 and "must be a regular file, not a FIFO" in _flat(r.output), r.output
         assert sorted(p.name for p in out.iterdir()) == [name]
         (out / name).unlink()
-    (out / name).write_bytes(b"device-0\n" * (enrollment.LEDGER_MAX_BYTES // 9 + 1))
+    # the reservations' lines name their run too: that file's own bound (RESERVED_MAX_BYTES)
+    limit = enrollment.RESERVED_MAX_BYTES if name == "enrollment.reserved" else enrollment.LEDGER_MAX_BYTES
+    (out / name).write_bytes(b"device-0\n" * (limit // 9 + 1))
     r = cli("keys", "certify", "--authority-key", key, "--out", out, "--add", 1)
     assert r.exit_code == 2 and "over the" in _flat(r.output), r.output
     assert sorted(p.name for p in out.iterdir()) == [name]
@@ -465,3 +467,51 @@ def test_an_earlier_releases_revocation_of_an_id_in_a_gap_is_never_handed_out_by
     (old / "enrollment.issued").write_text("device-7\n")  # the earlier release's own folder
     r = cli("keys", "certify", "--authority-key", key, "--out", old, "--device", 5)
     assert r.exit_code == 2 and "already issued or revoked" in _flat(r.output), r.output
+
+
+def test_a_part_way_enroll_near_the_bound_is_refused_before_any_token_not_after(
+    tmp_path, monkeypatch
+) -> None:
+    """A reservation was counted merged with its neighbours: `fleet enroll --devices 7` beside a ledger holding
+    device-7 counted one line (device-0..device-7). Failing part-way (the service refused device-3), the run
+    records device-0..device-2 alone, a second line: past the bound, that record was refused once the service
+    had issued three tokens, which were then neither recorded nor written. A reserved run now counts as its own
+    line until recorded, so the run is refused when it reserves, before it asks for any token."""
+    from deltaplane.serve.client import AdminClient, ServiceError
+
+    asked: list[str] = []
+
+    def issue(self, d, c):
+        asked.append(d)
+        if d == "device-3":
+            raise ServiceError(503, "busy")
+        return f"tok-{d}"
+
+    monkeypatch.setattr(AdminClient, "issue_token", issue)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "enrollment.ledger").write_text("device-7\n")
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0..device-7\n"))
+    args = ["fleet", "enroll", "--url", "http://127.0.0.1:9", "--out", str(out), "--devices", "7"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
+    assert asked == [], asked  # before: device-0 … device-3 asked, three tokens issued and lost
+    assert sorted(p.name for p in out.iterdir()) == ["enrollment.ledger"]
+
+
+def test_revoke_enrolled_near_the_bound_is_refused_before_writing_its_list(
+    cli, authority, tmp_path, monkeypatch
+):
+    """`keys revoke --enrolled DIR` wrote the revocation list, then found DIR's ledger could not hold the revoked
+    id (exit 2 with the list written: a list revoking an id the folder does not record). The ledger's room is
+    now checked first, under DIR's lock: refused, nothing written."""
+    _, key = authority
+    out = tmp_path / "nodes"
+    assert cli("keys", "certify", "--authority-key", key, "--out", out, "--devices", 2).exit_code == 0
+    monkeypatch.setattr(enrollment, "LEDGER_MAX_BYTES", len("device-0..device-1\n"))
+    before = _snapshot(out)
+    crl = tmp_path / "crl.bin"
+    r = cli("keys", "revoke", "--authority-key", key, "--out", crl, "--device", 5, "--enrolled", out)
+    assert r.exit_code == 2 and "separate id ranges" in _flat(r.output), r.output
+    assert not crl.exists() and _snapshot(out) == before

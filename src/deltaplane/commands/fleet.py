@@ -224,19 +224,14 @@ def _record_tokens(
     out: Path, names: list[str], tokens: list[str], identities: list[Any], *, created: bool
 ) -> None:
     """Record the ``tokens`` issued for the first of ``names`` in OUT under its lock (:func:`_issue_tokens`)."""
-    from deltaplane.aggregation.secagg.enrollment import (
-        enrollment_lock,
-        record_issued,
-        release_ids,
-        write_identity,
-    )
+    from deltaplane.aggregation.secagg.enrollment import enrollment_lock, record_issued, write_identity
     from deltaplane.registry.signing import write_secret_file
 
     issued = names[: len(tokens)]
     with enrollment_lock(out):
-        if issued:  # the ledger before the files: the tokens are issued, so no run hands these ids out again
-            record_issued(out, issued)
-        release_ids(out, names)
+        # the ledger, then the reservation given back, then the files: the tokens are issued, so no run hands
+        # these ids out again
+        record_issued(out, issued, releasing=names)
         # each file new (never over one); a failure part-way keeps what was written (every token is valid on
         # the service: removing it would only lose it), docs/cli.md
         for d, token in zip(issued, tokens, strict=True):
@@ -246,6 +241,58 @@ def _record_tokens(
     if created and not issued:
         with suppress(OSError):  # not empty: another run's files, not this one's to remove
             out.rmdir()
+
+
+def _recover(url: str, out: Path, admin: Any, abandoned: list[str]) -> None:
+    """``fleet enroll --recover``: take back the ids runs killed while the service answered left reserved in OUT.
+
+    Under OUT's lock, all or nothing: the reservations whose run is provably dead, and those ``--abandoned``
+    names, are chosen (``recover_reservations``); their ids' room in the ledger is checked; every token the
+    service may have issued for them is revoked (``POST /admin/devices/ID/revoke``: the run may have been killed
+    after the service answered, and such a token reached no file); then the ids are recorded as spent in the
+    ledger and the reservations removed. A revocation that fails leaves OUT as it was (the ids stay reserved;
+    revoking twice changes nothing, so the same command can run again). Another run's reservation is left:
+    one still going finishes on its own, one that cannot be told (another host, an earlier release's line)
+    is named with the ``--abandoned`` that takes it back."""
+    from deltaplane.aggregation.secagg.enrollment import (
+        LEDGER_NAME,
+        check_ledger_room,
+        device_id,
+        enrollment_lock,
+        record_issued,
+        recover_reservations,
+    )
+
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is not a folder: give the folder `fleet enroll` wrote the tokens in")
+    with enrollment_lock(out):
+        chosen, left = recover_reservations(out, abandoned)
+        unknown = [r.span for r, state, _ in left if state == "unknown"]
+        if unknown and not chosen:
+            raise ConfigError(
+                f"{out} holds no reservation of a run known to be dead, and {', '.join(unknown)} cannot be told "
+                f"({left[0][2]}): once sure its run is dead, rerun with --abandoned {unknown[0]}"
+            )
+        ids = [device_id(i) for r, _ in chosen for i in range(r.first, r.last + 1)]
+        check_ledger_room(out, [(r.first, r.last) for r, _ in chosen], releasing=ids)
+        revoke_device_tokens(admin, url, ids, standing=f"{out} is unchanged (the ids stay reserved), and ")
+        record_issued(out, ids, releasing=ids)
+    for r, why in chosen:
+        console.print(
+            escape(
+                f"{r.span}: service tokens revoked on {url}, ids recorded as spent in {out / LEDGER_NAME} ({why})"
+            ),
+            soft_wrap=True,
+        )
+    for r, state, why in left:
+        how = (
+            "left: it finishes on its own"
+            if state == "live"
+            else f"left: once sure its run is dead, `--recover --abandoned {r.span}` takes it back"
+        )
+        err_console.print(f"{r.span}: {why}; {how}", soft_wrap=True, markup=False)
+    if not chosen and not left:
+        console.print(escape(f"no reservation in {out}: nothing to recover"), soft_wrap=True)
 
 
 def admin_client(
@@ -309,13 +356,15 @@ def upload_revocations(
         raise ServiceKeyMismatch(f"{exc}; {kept}") from None
 
 
-def revoke_device_tokens(admin: Any, url: str, ids: list[str]) -> None:
+def revoke_device_tokens(
+    admin: Any, url: str, ids: list[str], *, standing: str = "the list is uploaded, but "
+) -> None:
     """``POST /admin/devices/{id}/revoke`` for each device id of ``ids`` through ``admin`` (:func:`admin_client`),
     in order: every service token issued to it so far is refused from then on (``keys revoke --upload``, after
     the list is uploaded: a revoked SecAgg identity would otherwise keep fetching models and uploading to plain
     rounds with its token). The first failure stops it: a ``ServiceError`` (the service's answer) or
-    :class:`~deltaplane.errors.ServiceUnreachable` (exit 1) that says the list is uploaded, which ids' tokens
-    were revoked and which were not, and how to revoke them."""
+    :class:`~deltaplane.errors.ServiceUnreachable` (exit 1) that says what stands (``standing``: by default
+    the list is uploaded), which ids' tokens were revoked and which were not, and how to revoke them."""
     from deltaplane.serve.client import ServiceError
 
     for n, name in enumerate(ids):
@@ -325,7 +374,7 @@ def revoke_device_tokens(admin: Any, url: str, ids: list[str]) -> None:
             done = f" (those of {', '.join(ids[:n])} are)" if n else ""
             left = ", ".join(ids[n:])
             why = (
-                f"the list is uploaded, but the service tokens of {left} are NOT revoked{done}: they can still "
+                f"{standing}the service tokens of {left} are NOT revoked{done}: they can still "
                 "fetch models and upload to plain rounds; run the same command again, or POST "
                 f"/admin/devices/{ids[n]}/revoke"
             )
@@ -502,10 +551,31 @@ def register(app: typer.Typer) -> None:
         add: AddDevices = None,
         revocations: HeldRevocations = None,
         service_spki: ServiceSpki = None,
+        recover: Annotated[
+            bool,
+            typer.Option(
+                "--recover",
+                help="Issue nothing: take back the ids that runs killed while the service answered left reserved "
+                "in OUT (enrollment.reserved). For each run provably dead (this host; its process gone), revoke "
+                "every service token of its ids, then record them as spent, all or nothing, under OUT's lock.",
+            ),
+        ] = False,
+        abandoned: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--abandoned",
+                metavar="RANGE",
+                help="With --recover: also take back this reservation (device-5..device-9, as --recover prints "
+                "it; repeatable), one whose run cannot be told dead (another host, an earlier release's line) or "
+                "is still running: your word that it is dead.",
+                show_default="none",
+            ),
+        ] = None,
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
         $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With
-        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one)."""
+        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one). With
+        --recover, revoke the tokens of ids a killed run left reserved in OUT and record them as spent."""
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
             check_not_issued,
@@ -523,6 +593,19 @@ def register(app: typer.Typer) -> None:
         )
 
         with _errors(OSError):
+            if abandoned and not recover:
+                raise ConfigError(
+                    "--abandoned RANGE names a reservation for --recover to take back: give both"
+                )
+            if recover:
+                given = [devices, federation, add, authority_key, revocations, cohort]
+                if any(x is not None for x in given):
+                    raise ConfigError(
+                        "--recover issues nothing: give it with --url and --out (and --abandoned RANGE), without "
+                        "--devices, --federation, --add, --authority-key, --revocations or --cohort"
+                    )
+                _recover(url, out, admin_client(url, ca, tls_cert, tls_key, service_spki), abandoned or [])
+                return
             authority = None if authority_key is None else load_authority(authority_key)
             held = None if revocations is None else read_held_revocations(revocations, authority)
             if add is not None:

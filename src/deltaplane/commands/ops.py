@@ -6,6 +6,7 @@ command with a one-line red message and exit code 2; ``registry verify`` exits 1
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -729,6 +730,7 @@ def register(app: typer.Typer) -> None:
 
         from deltaplane.aggregation.secagg import SecAggAuthError
         from deltaplane.aggregation.secagg.enrollment import (
+            check_ledger_room,
             device_id,
             enrollment_lock,
             load_authority,
@@ -762,9 +764,15 @@ def register(app: typer.Typer) -> None:
             certs, uncovered = revoked_certificates(authority, ids, certificate or [], enrolled)
             # the old authority's list, unchecked (the operator's own file; its authority's key may be gone)
             carried = None if carry is None else read_server_revocations(carry, legacy=True)
+            # --enrolled DIR's lock around the list's write and the ids' record, its ledger's room checked first:
+            # near the ledger's bound the run was refused once the list was written (always this lock first,
+            # then OUT.lock: no run takes them the other way round)
+            held_dir = enrollment_lock(mark_in) if mark_in is not None else contextlib.nullcontext()
             # the read, the new number and the write under one lock (OUT.lock beside it): two concurrent runs on
             # one OUT would otherwise both number their list one past the same old one, with other contents
-            with exclusive_lock(out.with_name(out.name + ".lock")):
+            with held_dir, exclusive_lock(out.with_name(out.name + ".lock")):
+                if mark_in is not None:
+                    check_ledger_room(mark_in, [(i, i) for i in dict.fromkeys(device or [])])
                 # the existing list: malformed is a ConfigError naming it; another authority's is revoke()'s
                 # ConfigError; one that does not verify under this key is refused here (the operator's words,
                 # exit 2); a version-1 list (no next update) is read to be re-issued
@@ -791,8 +799,9 @@ def register(app: typer.Typer) -> None:
                     + sorted(carried.keys if carried is not None else ()),
                 )
                 write_revocations(out, revocations)
-            if mark_in is not None:  # --add in that folder never hands a revoked id out again, files or not
-                with enrollment_lock(mark_in):  # as issuing there does: a concurrent --add never lowers it
+                if (
+                    mark_in is not None
+                ):  # --add in that folder never hands a revoked id out again, files or not
                     record_issued(mark_in, ids)
         console.print(
             escape(

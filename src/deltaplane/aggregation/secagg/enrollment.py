@@ -48,6 +48,13 @@ from deltaplane.aggregation.secagg.identity import (
     TrustedAuthorities,
     key_fingerprint,
 )
+from deltaplane.aggregation.secagg.reservations import (
+    Reservation,
+    format_line,
+    parse_fields,
+    run_state,
+    this_run,
+)
 from deltaplane.aggregation.secagg.revocation import RevocationList, read_server_revocations
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.textfile import (
@@ -65,6 +72,7 @@ __all__ = [
     "LEDGER_NAME",
     "MAX_REQUEST_PARTITION",
     "NODE_CONFIG_KEYS",
+    "RESERVED_MAX_BYTES",
     "RESERVED_NAME",
     "REVOCATIONS_NODE_CONFIG_KEY",
     "RunEnrollment",
@@ -86,7 +94,9 @@ __all__ = [
     "node_config_arg",
     "read_held_revocations",
     "read_request",
+    "read_reservations",
     "record_issued",
+    "recover_reservations",
     "release_ids",
     "renews_held_key",
     "request_file",
@@ -107,11 +117,15 @@ ISSUED_MARK_NAME = "enrollment.issued"
 #: the file of an enrollment folder listing every device id issued or revoked there, as ascending ranges
 #: (``device-I`` or ``device-I..device-J`` a line): ids are only ever added, so exactly these are refused
 LEDGER_NAME = "enrollment.ledger"
-#: the file of an enrollment folder listing the ids runs in flight reserved (:func:`reserve_ids`), same format
+#: the file of an enrollment folder listing the ids runs in flight reserved (:func:`reserve_ids`): a range a line
+#: as in the ledger, followed by the run that reserved it (:mod:`~deltaplane.aggregation.secagg.reservations`)
 RESERVED_NAME = "enrollment.reserved"
 #: the most bytes an id file holds (:data:`LEDGER_NAME`, :data:`RESERVED_NAME`): tens of thousands of separate
 #: ranges; a run of ids issued together is one line
 LEDGER_MAX_BYTES = KEY_LIMIT
+#: the most bytes :data:`RESERVED_NAME` holds: its lines name their run too, so are longer than the ledger's;
+#: :func:`reserve_ids` refuses a reservation past it, before any token is asked for
+RESERVED_MAX_BYTES = 4 * KEY_LIMIT
 #: the largest partition id a certification request may name (``device-I``, I of at most 18 digits: what
 #: :func:`read_request` takes), so ``keys identity`` never makes a key whose request would be refused
 MAX_REQUEST_PARTITION = 10**18 - 1
@@ -246,9 +260,52 @@ def _recorded(out: str | os.PathLike[str]) -> list[tuple[int, int]]:
     return _merged(ledger, legacy, [(i, i) for i in held])
 
 
+def read_reservations(out: str | os.PathLike[str]) -> list[Reservation]:
+    """The runs of ids ``fleet enroll`` runs reserved in ``out`` (:data:`RESERVED_NAME`) and have not recorded,
+    ascending, each with the run that reserved it (None for a line of an earlier release, which names none).
+    A line that is not a range and its run, or ranges out of order or overlapping, is a :class:`ConfigError`
+    naming the file and line: guessing would risk handing out an id again."""
+    path = Path(out) / RESERVED_NAME
+    if not os.path.lexists(path):
+        return []
+    found: list[Reservation] = []
+    text = read_bounded_text(path, limit=RESERVED_MAX_BYTES, what="reserved device ids")
+    for n, line in enumerate(text.splitlines(), 1):
+        ids, _, fields = line.strip().partition(" ")
+        m = _ID_RANGE.fullmatch(ids)
+        first, last = (0, -1) if m is None else (int(m.group(1)), int(m.group(2) or m.group(1)))
+        try:
+            owner = parse_fields(" " + fields if fields else "")
+        except ValueError:
+            m = None
+        if m is None or last < first or (found and first <= found[-1].last):
+            raise ConfigError(
+                f"{path}, line {n}: {line.strip()[:60]!r} is not a reservation (device-I or device-I..device-J, "
+                "then the run that reserved it; ascending, apart): restore the file deltaplane wrote, then rerun"
+            )
+        found.append(Reservation(first, last, owner))
+    return found
+
+
+def _write_reservations(out: str | os.PathLike[str], reservations: list[Reservation]) -> None:
+    """Write ``reservations`` (ascending, disjoint) as ``out``'s :data:`RESERVED_NAME`, 0600 and atomically;
+    none removes the file."""
+    path = Path(out) / RESERVED_NAME
+    text = "".join(map(format_line, reservations)).encode()
+    if len(text) > RESERVED_MAX_BYTES:
+        raise ConfigError(
+            f"{path} would hold {len(reservations):,} reservations ({len(text):,} bytes, more than "
+            f"{RESERVED_MAX_BYTES:,}): wait for the runs in flight, or `fleet enroll --recover` those killed"
+        )
+    if reservations:
+        write_secret_file(path, text)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _reserved(out: str | os.PathLike[str]) -> list[tuple[int, int]]:
     """The ids runs of ``fleet enroll`` have reserved in ``out`` (:data:`RESERVED_NAME`) and not yet recorded."""
-    return _read_ids(Path(out) / RESERVED_NAME, "reserved device ids") or []
+    return [(r.first, r.last) for r in read_reservations(out)]
 
 
 def _hits(ranges: list[tuple[int, int]], devices: Iterable[str]) -> list[str]:
@@ -261,17 +318,51 @@ def _hits(ranges: list[tuple[int, int]], devices: Iterable[str]) -> list[str]:
     ]
 
 
-def check_ledger_room(out: str | os.PathLike[str], ids: list[tuple[int, int]]) -> None:
-    """Refuse, with :func:`_ids_text`'s :class:`ConfigError`, ids ``ids`` (ranges) that ``out``'s ledger
-    (:data:`LEDGER_NAME`, at most :data:`LEDGER_MAX_BYTES`) could not hold beside every id it records and every
-    id runs in flight reserved (:data:`RESERVED_NAME`): the one capacity check of every run adding ids there
-    (:func:`reserve_ids`, :func:`record_issued`). A reserved id counts as recorded already: its run records it
-    once the service issued its token, when refusing would lose a token that is valid on the service; so a
-    ``keys certify`` beside an in-flight ``fleet enroll`` near the bound is refused rather than that enroll."""
-    _ids_text(Path(out) / LEDGER_NAME, _merged(_recorded(out), _reserved(out), ids))
+def _line_bound(first: int, last: int) -> int:
+    """The most bytes recording ids ``first`` … ``last``, or any first part of them, can add to a ledger,
+    whatever it holds: its own line, or one more byte where it extends a one-id line into a range."""
+    return len(_ids_text(Path(), [(first, last)])) + 1
 
 
-def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
+def check_ledger_room(
+    out: str | os.PathLike[str],
+    ids: list[tuple[int, int]],
+    *,
+    reserving: Sequence[tuple[int, int]] = (),
+    releasing: Iterable[str] = (),
+) -> None:
+    """Refuse, with a :class:`ConfigError`, ids ``ids`` (ranges) that ``out``'s ledger (:data:`LEDGER_NAME`, at
+    most :data:`LEDGER_MAX_BYTES`) could not hold beside every id it records and every id runs in flight reserved
+    (:data:`RESERVED_NAME`), ``reserving`` (ranges this run reserves) included: the one capacity check of every
+    run adding ids there (:func:`reserve_ids`, :func:`record_issued`). A reserved run of ids counts as its own
+    line (:func:`_line_bound`) until recorded, whatever its neighbours: its run records it once the service
+    issued its tokens, or only the first of them (a run that failed part-way), in any order beside the other
+    runs in flight, when refusing would lose tokens that are valid on the service; counted merged with its
+    neighbours, a first part recorded, or a run recorded while the one between it and the ledger was still in
+    flight, took one line more than was counted. So a ``keys certify`` beside an in-flight ``fleet enroll``
+    near the bound is refused rather than that enroll. The reservations holding ``releasing`` (the run's own,
+    recorded now) are not counted: what it records comes out of their room."""
+    gone = set(_partitions(releasing))
+    recorded = _merged(_recorded(out), ids)
+    pending = [
+        (r.first, r.last)
+        for r in read_reservations(out)
+        if not any(r.first <= i <= r.last for i in gone)
+        and not any(a <= r.first and r.last <= b for a, b in recorded)  # recorded already, not yet released
+    ]
+    path = Path(out) / LEDGER_NAME
+    size = len(_ids_text(path, recorded)) + sum(_line_bound(a, b) for a, b in [*pending, *reserving])
+    if size > LEDGER_MAX_BYTES:
+        raise ConfigError(
+            f"{path} would hold {len(recorded) + len(pending) + len(reserving):,} separate id ranges (up to "
+            f"{size:,} bytes once the runs in flight record theirs, more than {LEDGER_MAX_BYTES:,}): issue ids "
+            "in runs (--add K, --devices N) rather than scattered ones"
+        )
+
+
+def record_issued(
+    out: str | os.PathLike[str], devices: Iterable[str], *, releasing: Iterable[str] = ()
+) -> None:
     """Add the partition ids of ``devices`` to the enrollment folder ``out``'s ledger (:data:`LEDGER_NAME`),
     with every id it already records (:func:`_recorded`: an earlier release's mark becomes the ids up to it), then
     raise its mark (:data:`ISSUED_MARK_NAME`) to the ledger's last id, each 0600 and written atomically: what
@@ -279,16 +370,22 @@ def record_issued(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     :func:`enrollment_lock`. An id never leaves the ledger, so none is handed out again, even once its files are
     removed and with no revocation list given; the mark keeps an earlier release refusing them. An id that is
     not ``device-I`` (no partition) is not counted. A ledger that could not hold them beside every id runs of
-    ``fleet enroll`` reserved is refused before anything is written (:func:`check_ledger_room`)."""
+    ``fleet enroll`` reserved is refused before anything is written (:func:`check_ledger_room`).
+
+    ``releasing``: the ids the run reserved (:func:`reserve_ids`), given back once the ledger is written (the
+    ledger first: a run killed in between leaves its ids recorded and reserved, never neither); their room in
+    the ledger was counted when they were reserved, so recording them, or a first part of them, always fits."""
+    releasing = list(releasing)
     ids = [(i, i) for i in _partitions(devices)]
-    check_ledger_room(out, ids)
-    ranges = _merged(_recorded(out), ids)
-    if not ranges:
-        return
-    _write_ids(Path(out) / LEDGER_NAME, ranges)
-    held = issued_mark(out)
-    if held is None or ranges[-1][1] > held:
-        write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(ranges[-1][1])}\n".encode())
+    ranges = _merged(_recorded(out), ids) if ids else []  # nothing recorded: the folder stays as it was
+    if ranges:
+        check_ledger_room(out, ids, releasing=releasing)
+        _write_ids(Path(out) / LEDGER_NAME, ranges)
+        held = issued_mark(out)
+        if held is None or ranges[-1][1] > held:
+            write_secret_file(Path(out) / ISSUED_MARK_NAME, f"{device_id(ranges[-1][1])}\n".encode())
+    if releasing:
+        release_ids(out, releasing)
 
 
 def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
@@ -296,19 +393,66 @@ def reserve_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     (``fleet enroll`` asks the service for their tokens): until :func:`release_ids`, every other run refuses them
     (:func:`check_not_reserved`) and ``--add`` takes ids past them. A run killed outright leaves them reserved,
     and refused: the service may have issued their tokens. A ledger that could not hold them too is refused
-    here (:func:`check_ledger_room`), before any token is asked for, not once the service issued them."""
-    ids = [(i, i) for i in _partitions(devices)]
-    check_ledger_room(out, ids)
-    _write_ids(Path(out) / RESERVED_NAME, _merged(_reserved(out), ids))
+    here (:func:`check_ledger_room`), before any token is asked for, not once the service issued them.
+
+    Each run of consecutive ids is a line naming this process (its pid, host, boot and start time:
+    :func:`~deltaplane.aggregation.secagg.reservations.this_run`), so ``fleet enroll --recover`` can tell a
+    killed run's ids from those of a run still going (:func:`recover_reservations`)."""
+    new = _merged((i, i) for i in _partitions(devices))
+    check_ledger_room(out, [], reserving=new)
+    held = read_reservations(out)
+    if any(a <= r.last and r.first <= b for a, b in new for r in held):  # the caller's check_not_reserved
+        raise ConfigError(f"ids of {_listed(list(devices))} are already reserved in {out} ({RESERVED_NAME})")
+    owner = this_run()
+    mine = [Reservation(a, b, owner) for a, b in new]
+    _write_reservations(out, sorted([*held, *mine], key=lambda r: r.first))
 
 
 def release_ids(out: str | os.PathLike[str], devices: Iterable[str]) -> None:
     """Take ``devices``' ids out of ``out``'s reservations (:func:`reserve_ids`), removing the file once empty:
-    the run has recorded those it issued (:func:`record_issued`) and gives the others back."""
-    left = _reserved(out)
-    for i in _partitions(devices):  # cut i out of the range holding it
-        left = [r for a, b in left for r in (((a, i - 1), (i + 1, b)) if a <= i <= b else ((a, b),))]
-    _write_ids(Path(out) / RESERVED_NAME, _merged(r for r in left if r[0] <= r[1]))
+    the run has recorded those it issued (:func:`record_issued`) and gives the others back. A line keeps its
+    run; cutting ids out of its middle leaves two lines of that run."""
+    left = read_reservations(out)
+    for i in sorted(set(_partitions(devices))):  # cut i out of the line holding it
+        left = [
+            Reservation(a, b, r.owner)
+            for r in left
+            for a, b in (
+                ((r.first, i - 1), (i + 1, r.last)) if r.first <= i <= r.last else ((r.first, r.last),)
+            )
+            if a <= b
+        ]
+    _write_reservations(out, left)
+
+
+def recover_reservations(
+    out: str | os.PathLike[str], abandoned: Sequence[str] = ()
+) -> tuple[list[tuple[Reservation, str]], list[tuple[Reservation, str, str]]]:
+    """What ``fleet enroll --recover`` takes back in ``out``: the reservations whose run is provably dead
+    (:func:`~deltaplane.aggregation.secagg.reservations.run_state`: this host, that process gone) and those
+    ``abandoned`` names (their range exactly as the file and the command print it, ``device-5..device-9``: the
+    operator's word that their run is dead, another host's or an earlier release's, or even one still going),
+    each with why; and the others, left, each with its state (``"live"`` or ``"unknown"``) and why. An ``abandoned`` range
+    that is no reservation there is a :class:`ConfigError` naming those there: nothing is guessed."""
+    held = read_reservations(out)
+    spans = {r.span: r for r in held}
+    unknown = [a for a in abandoned if a not in spans]
+    if unknown:
+        there = ", ".join(spans) or "none"
+        raise ConfigError(
+            f"--abandoned {unknown[0]} is not a reservation in {out} ({RESERVED_NAME}: {there}); give a "
+            "reserved range exactly as `fleet enroll --recover` prints it"
+        )
+    chosen, left = [], []
+    for r in held:
+        state, why = run_state(r.owner)
+        if state == "dead":
+            chosen.append((r, why))
+        elif r.span in abandoned:
+            chosen.append((r, f"--abandoned ({why})"))
+        else:
+            left.append((r, state, why))
+    return chosen, left
 
 
 #: the files of an enrollment folder that show their device's id was issued there
@@ -323,7 +467,8 @@ def check_not_reserved(out: str | os.PathLike[str], devices: Sequence[str]) -> N
         raise ConfigError(
             f"{_listed(hit)} {'is' if len(hit) == 1 else 'are'} being issued by another run in {out} "
             f"({RESERVED_NAME}): wait for it, or take new ids (--add K). A run killed outright leaves its ids "
-            f"there: its tokens may have been issued; revoke them, then remove their lines from {RESERVED_NAME}"
+            f"there (its tokens may have been issued): `deltaplane fleet enroll --out {out} --url URL --recover` "
+            "revokes them on the service and records the ids as spent"
         )
 
 
