@@ -92,7 +92,7 @@ def base_fingerprint(state: StateDict) -> str:
             word = t.element_size() // 2 if t.is_complex() else t.element_size()
             if sys.byteorder == "big" and word > 1:
                 data = data.view(-1, word).flip(1).reshape(-1)
-            h.update(data.numpy())  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs lack __buffer__
+            h.update(data.numpy().data)  # the array's memoryview
     return h.hexdigest()
 
 
