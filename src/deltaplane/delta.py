@@ -92,7 +92,7 @@ def base_fingerprint(state: StateDict) -> str:
             word = t.element_size() // 2 if t.is_complex() else t.element_size()
             if sys.byteorder == "big" and word > 1:
                 data = data.view(-1, word).flip(1).reshape(-1)
-            h.update(data.numpy())
+            h.update(data.numpy().data)  # the array's memoryview
     return h.hexdigest()
 
 
@@ -226,7 +226,7 @@ class Delta(Mapping[str, Tensor]):
                 f"base_sha256 must be 64 lowercase hex digits (what base_fingerprint returns), got {base_sha256!r:.80}"
             )
         self._tensors = items
-        self._base_sha256 = base_sha256
+        self._base_sha256: str | None = base_sha256
         # the tensors' version counters when they were last found finite (see check_finite)
         self._finite_at: tuple[int, ...] | None = None
 

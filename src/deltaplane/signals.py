@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 __all__ = ["exit_on_terminate", "signals_held"]
 
@@ -24,7 +24,7 @@ _TERMINATE = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") el
 
 
 @contextlib.contextmanager
-def _handling(sigs: list[int], handler: Callable[[int, object], None]) -> Iterator[bool]:
+def _handling(sigs: Sequence[int], handler: Callable[[int, object], None]) -> Iterator[bool]:
     """``handler`` for ``sigs`` inside the block, the handlers in place before restored after; yields whether it
     was installed (only the main thread can install handlers: elsewhere nothing changes).
 

@@ -64,7 +64,9 @@ class Extraction:
         return sum(r.rel_error for r in self.layers) / max(1, len(self.layers))
 
 
-def _svd(delta: Tensor, k_max: int, randomized: bool, oversample: int, n_iter: int, seed: int):
+def _svd(
+    delta: Tensor, k_max: int, randomized: bool, oversample: int, n_iter: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
     if not randomized:
         return torch.linalg.svd(delta, full_matrices=False)
     q = min(k_max + oversample, min(delta.shape))

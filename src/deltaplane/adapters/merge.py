@@ -128,10 +128,10 @@ def _merged_bias(
     if all(layer.bias is None for layer, _ in present):
         return None
     out_rows = present[0][0].B.shape[0]
-    changes = [
-        w * layer.delta_bias() if layer.bias is not None else torch.zeros(out_rows, dtype=layer.B.dtype)  # type: ignore[operator]
-        for layer, w in present
-    ]
+    changes: list[Tensor] = []
+    for layer, w in present:
+        bias = layer.delta_bias()  # None exactly when layer.bias is
+        changes.append(w * bias if bias is not None else torch.zeros(out_rows, dtype=layer.B.dtype))
     bias_kind = "linear" if kind in ("cat", "svd") else kind.removesuffix("_svd")
     return _combine(name + ".bias", changes, bias_kind, density, sign_method, seed).contiguous()
 

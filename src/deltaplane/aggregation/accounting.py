@@ -14,8 +14,12 @@ import math
 import numbers
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["PrivacyAccountant", "PrivacyAccountantState", "dp_event", "epsilon_for", "noise_for_epsilon"]
 
@@ -30,7 +34,7 @@ PLD_MAX_STEPS = 10_000_000
 PLD_MAX_EPSILON = 10_000.0
 
 
-def dp_event(noise_multiplier: float, sampling_rate: float, steps: int):  # -> dp_accounting.DpEvent
+def dp_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:  # a dp_accounting.DpEvent
     """The ``dp_accounting`` event of ``steps`` rounds of the (Poisson-subsampled) Gaussian mechanism."""
     import dp_accounting
 
@@ -122,7 +126,7 @@ def noise_for_epsilon(
     if steps == 0:
         raise ConfigError("steps (rounds) must be at least 1 to calibrate a noise multiplier")
 
-    def fresh():
+    def fresh() -> Any:  # a dp_accounting PrivacyAccountant (the package ships no types)
         if method == "rdp":
             return rdp_privacy_accountant.RdpAccountant()
         return pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
@@ -135,7 +139,7 @@ def noise_for_epsilon(
 
 
 @lru_cache(maxsize=64)
-def _rdp_per_step(noise_multiplier: float, sampling_rate: float):  # -> (orders, rdp) | None
+def _rdp_per_step(noise_multiplier: float, sampling_rate: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The RDP curve of one round, computed once: RDP composes additively, so ``steps`` rounds cost
     ``steps × rdp`` and ε after every round is one cheap conversion instead of a fresh (slow, for fractional
     orders) RDP computation. Falls back to None if ``dp-accounting`` changes the attributes read here."""

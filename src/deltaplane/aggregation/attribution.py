@@ -206,7 +206,7 @@ class TriggerProbe:
         was = self.model.training
         self.model.eval()
         try:
-            return functional_call(self.model, state, (x,))
+            return functional_call(self.model, dict(state), (x,))  # a dict, as functional_call's hints ask
         finally:
             self.model.train(was)
 
@@ -406,12 +406,12 @@ class BackdoorAttribution(_Buffered):
         self.reputation = reputation
         self.switch: str = switch or implied or "evidence"
         self.sticky = self.switch == "sticky"
-        for name, value in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"{name} must be a positive integer. Found {value!r}")
-        for name, value in (("lam", lam), ("threshold", threshold), ("unlearn_lr", unlearn_lr)):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be positive. Found {value!r}")
+        for key, count in (("every", every), ("steps", steps), ("unlearn", unlearn + 1)):
+            if isinstance(count, bool) or not (isinstance(count, int) and count >= 1):
+                raise ConfigError(f"{key} must be a positive integer. Found {count!r}")
+        for key, number in (("lam", lam), ("threshold", threshold), ("unlearn_lr", unlearn_lr)):
+            if not (isinstance(number, int | float) and math.isfinite(number) and number > 0):
+                raise ConfigError(f"{key} must be positive. Found {number!r}")
         self.every, self.steps, self.lam, self.threshold = every, steps, float(lam), float(threshold)
         self.unlearn, self.unlearn_lr = unlearn, float(unlearn_lr)
         self.state = state if state is not None else AttributionState()

@@ -40,8 +40,11 @@ def refuse_complex(delta: Delta, rule: str) -> None:
 class Aggregator(Protocol):
     """Combines many client deltas into one global delta, streaming."""
 
-    def add(self, delta: Delta, weight: float = 1.0) -> None:
-        """Fold in one client's delta with a non-negative weight (e.g. its number of samples)."""
+    def add(self, delta: Delta, weight: float = 1.0) -> bool | None:
+        """Fold in one client's delta with a non-negative weight (e.g. its number of samples).
+
+        Returns None, or (an aggregator that may refuse an update: :class:`~deltaplane.aggregation.Validate`)
+        whether it was accepted."""
         ...
 
     def result(self) -> Delta:
@@ -79,8 +82,9 @@ class AggregatorWrapper:
         """Measurements of the last round: the inner aggregator's, then this wrapper's own."""
         return {**getattr(self.inner, "measurements", {}), **self._own}
 
-    def add(self, delta: Delta, weight: float = 1.0) -> None:
+    def add(self, delta: Delta, weight: float = 1.0) -> bool | None:
         self.inner.add(delta, weight)
+        return None
 
     def result(self) -> Delta:
         if self._result is None:

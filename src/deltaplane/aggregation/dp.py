@@ -358,6 +358,7 @@ class DistributedDP(DPFedAvg):
         epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
         n = self._contributors if self._mean is not None else 0
         published = n >= self.min_contributors
+        assert self.expected_clients is not None  # a required argument of DistributedDP
         denom = float(self.expected_clients)  # fixed, as DP-FedAvg's (set: noise > 0)
         if published:
             out = self._mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))  # type: ignore[union-attr]

@@ -10,6 +10,8 @@ optimizer is plain server SGD at ``server_lr`` (:class:`~deltaplane.aggregation.
 
 from __future__ import annotations
 
+from typing import Any
+
 from deltaplane.aggregation.accounting import PrivacyAccountant
 from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
@@ -95,7 +97,8 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     names = DEFENSE_PARAMS[name]
     if len(args) > len(names):
         raise ConfigError(f"defense {name!r} takes at most {len(names)} positional parameter(s); got {args}")
-    params = dict(zip(names, args, strict=False))
+    # each value's type is checked per key below (the spec grammar gives numbers, strings and bools)
+    params: dict[str, Any] = dict(zip(names, args, strict=False))
     for key, value in kwargs.items():
         if key not in names:
             raise ConfigError(f"defense {name!r} has no parameter {key!r}; its parameters: {list(names)}")

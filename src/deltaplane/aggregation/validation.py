@@ -131,7 +131,7 @@ class Validate(AggregatorWrapper):
         *,
         base_version: str | int | None = None,
         client_id: str | None = None,
-    ) -> bool:  # type: ignore[override]
+    ) -> bool:
         """Validate and fold in one update; True if accepted, False if skipped."""
         try:
             validate_update(

@@ -79,12 +79,15 @@ def _build(
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    net = BertForSequenceClassification.from_pretrained(minilm_folder(), num_labels=num_labels)
+    net: nn.Module = BertForSequenceClassification.from_pretrained(minilm_folder(), num_labels=num_labels)
     if lora_rank > 0:
         import peft
 
         cfg = peft.LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, target_modules=list(targets), modules_to_save=["classifier"]
+            r=lora_rank,
+            lora_alpha=lora_alpha,  # type: ignore[arg-type]  # peft hints int; it only divides: scaling = alpha / r
+            target_modules=list(targets),
+            modules_to_save=["classifier"],
         )
         net = peft.get_peft_model(net, cfg)
         if freeze_a:

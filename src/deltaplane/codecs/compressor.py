@@ -356,7 +356,7 @@ class Compressor:
             raise CodecError(f"seed must be an integer from -2**63 to 2**64 - 1 (64 bits). Found {seed!r}")
         self.seed = seed
         self._rng = torch.Generator().manual_seed(seed)
-        self.state = CompressorState()
+        self.state: CompressorState = CompressorState()
 
     def __repr__(self) -> str:
         return f"Compressor({self.codec.spec!r}, error_feedback={self.error_feedback}, seed={self.seed})"

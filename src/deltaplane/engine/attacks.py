@@ -163,9 +163,12 @@ class MalformedFrame(Attack):
         from deltaplane.codecs.wire import read_table
 
         compact = is_compact(payload)
-        if compact and session is None:
-            raise ConfigError("malformed_frame: a compact payload needs its wire session to be re-framed")
-        header = session.read_frame(payload)[0].header if compact else read_table(payload).header
+        if compact:
+            if session is None:
+                raise ConfigError("malformed_frame: a compact payload needs its wire session to be re-framed")
+            header = session.read_frame(payload)[0].header
+        else:
+            header = read_table(payload).header
         sent = decompress(payload, session=session if compact else None)
         frame = Compressor(header.codec, error_feedback=False).compress(
             sent, base_id=header.base_id, base_version=header.base_version
@@ -177,7 +180,7 @@ class MalformedFrame(Attack):
                 "malformed_frame: every tensor of this model has a symmetric shape; no lie to tell"
             )
         node["s"] = node["s"][::-1]
-        if compact:
+        if session is not None and compact:  # compact implies a session (refused above without one)
             return serialize_compact(doc, session, base_version=header.base_version)[0]
         return serialize(doc, header="dict")
 

@@ -275,12 +275,12 @@ class ClientStep:
                     Delta({k: t[i] for k, t in stacked.items()}).norm(), client.norms
                 )
                 scales.append(scale)
-            clipped = [i for i, scale in enumerate(scales) if scale is not None]
+            clipped = [(i, scale) for i, scale in enumerate(scales) if scale is not None]
             if clipped:
                 x = {k: t.clone() for k, t in stacked.items()}
-                for i in clipped:
+                for i, scale in clipped:
                     for k, t in x.items():
-                        t[i] = stacked[k][i] * scales[i]  # Delta.__mul__: each float tensor times the scalar
+                        t[i] = stacked[k][i] * scale  # Delta.__mul__: each float tensor times the scalar
         u = x
         if dgc.momentum:
             carried = [i for i, v in enumerate(velocities) if v is not None]
@@ -445,6 +445,7 @@ class ClientStep:
             if dgc.relative_clip is not None:
                 client.norms = norms
             if self.config.secagg:
+                assert sent is not None  # decompressed above whenever secagg is on
                 return Upload(
                     client.cid, client.num_samples, secure=self.distributed_privacy(client.cid, sent, rnd)
                 )

@@ -38,7 +38,9 @@ from deltaplane.textfile import read_config_text
 from deltaplane.yamlio import load_yaml
 
 if TYPE_CHECKING:
+    from deltaplane.aggregation import Aggregator, Validate
     from deltaplane.engine.dgc import DGC
+    from deltaplane.engine.task import Task
     from deltaplane.personalization import Personalizer
 
 __all__ = ["CHOICES", "RunConfig"]
@@ -73,8 +75,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # -- task (the model and data; see deltaplane.engine.Task) ---------------------------------------
-    task: str = Field(
-        TASKS["digits"].target,  # type: ignore[arg-type]
+    # every TASKS entry has a target (Choice.target is optional for the other tables)
+    task: str = Field(  # type: ignore[assignment]
+        TASKS["digits"].target,
         description="import path 'package.module:factory' of a function returning a deltaplane.engine.Task, "
         f"or a built-in task: {TASKS.names()}",
     )
@@ -288,6 +291,7 @@ class RunConfig(BaseModel):
         """``clients: {count: true}`` was 1 client: pydantic reads a bool as the int 1 or 0. Only a field that
         holds a bool takes true/false."""
         if isinstance(value, bool):
+            assert info.field_name is not None  # a field validator always runs for a field
             ann = cls.model_fields[info.field_name].annotation
             kinds = typing.get_args(ann) or (ann,)
             if bool not in kinds and any(k in (int, float) for k in kinds):
@@ -333,9 +337,9 @@ class RunConfig(BaseModel):
             agg = self.build_aggregator()
             from deltaplane.aggregation import FedAvg, check_defense_codec
 
-            defence = agg
-            while getattr(defence, "inner", None) is not None:
-                defence = defence.inner
+            defence: Aggregator = agg
+            while (inner := getattr(defence, "inner", None)) is not None:
+                defence = inner
             if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
                 check_defense_codec(defence, self.codec)
             need = getattr(defence, "min_updates", 1)
@@ -596,9 +600,7 @@ class RunConfig(BaseModel):
             return simulation
         return self.dp_noise_source == "seeded"
 
-    def build_aggregator(
-        self, *, seed: int = 0, secure_noise: bool = False
-    ):  # -> deltaplane.aggregation.Validate
+    def build_aggregator(self, *, seed: int = 0, secure_noise: bool = False) -> Validate:
         """The server's aggregator chain for these options (validation → server opt → DP → clip → defense);
         ``secure_noise`` draws the DP noise from the OS CSPRNG instead of ``seed``.
 
@@ -902,7 +904,7 @@ def _reload_if_edited(module_name: str, stamp: tuple[str, int, int] | None) -> N
     importlib.reload(module)
 
 
-def make_task(config: RunConfig):  # -> deltaplane.engine.task.Task
+def make_task(config: RunConfig) -> Task:
     """The :class:`~deltaplane.engine.Task` ``config`` names, loaded once per process, options and source file.
 
     ``train_shifts``, ``test_fraction`` and ``split_seed`` are options of the digits task; with another task

@@ -23,7 +23,7 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.metrics import accuracy
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
-from deltaplane.engine.task import Task
+from deltaplane.engine.task import Loss, Task
 from deltaplane.engine.training import local_train
 from deltaplane.errors import ConfigError
 from deltaplane.personalization import PersonalState
@@ -60,7 +60,7 @@ class Client:
         *,
         lr: float,
         data: Dataset | None = None,
-        loss=nn.functional.cross_entropy,
+        loss: Loss = nn.functional.cross_entropy,
     ) -> Delta:
         """Train ``model`` from ``global_state`` with ``config``'s local SGD at ``lr``; return the change
         (:func:`~deltaplane.engine.training.local_train`). ``data`` replaces the client's own training data

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,7 +125,9 @@ def score_round(
 
 
 @torch.no_grad()
-def class_accuracy(model: nn.Module, state: dict[str, Tensor], test: Dataset, num_classes: int) -> np.ndarray:
+def class_accuracy(
+    model: nn.Module, state: Mapping[str, Tensor], test: Dataset, num_classes: int
+) -> np.ndarray:
     """Per-class accuracy of ``state`` on ``test`` (0 for a class it lacks): what :func:`label_mix_accuracy`
     weights, computed once where many devices' label mixes score one model."""
     model.load_state_dict(state)
@@ -155,7 +157,7 @@ _STACKED_SCORE_SAMPLES = 4096
 @torch.no_grad()
 def class_accuracy_stacked(
     model: nn.Module,
-    states: Sequence[dict[str, Tensor]],
+    states: Sequence[Mapping[str, Tensor]],
     test: Dataset,
     num_classes: int,
     *,

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from deltaplane.delta import StateDict
 from deltaplane.engine.config import RunConfig
 from deltaplane.errors import PrivacyBudgetExceeded
 
@@ -92,7 +93,7 @@ class RunResult:
     #: Why the run ended before ``config.rounds`` (e.g. the privacy budget), or None when it ran to the end.
     stopped: str | None = None
     #: With personalization: each device's personalized model after the last round, by device id.
-    personal_states: dict[int, dict[str, Tensor]] = field(repr=False, default_factory=dict)
+    personal_states: dict[int, StateDict] = field(repr=False, default_factory=dict)
     #: What a round cost a mean participating device (training compute + radio bytes, energy estimates per
     #: link), filled after any driver by ``deltaplane.apps.runner.attach_device_cost``; None until then.
     device_cost: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from deltaplane.aggregation import local_epsilon
 from deltaplane.data.dataset import Dataset
+from deltaplane.delta import StateDict
 from deltaplane.engine.attacks import add_trigger
 from deltaplane.engine.client import ClientStep
 from deltaplane.engine.config import RunConfig
@@ -69,7 +70,7 @@ def personal_metrics(
     return personal_summary(rows), rows
 
 
-def _serves(mine: dict[str, Tensor], state: dict[str, Tensor]) -> bool:
+def _serves(mine: StateDict, state: StateDict) -> bool:
     """Whether a device's model ``mine`` is the global ``state`` itself (α-mix at α = 0)."""
     return mine.keys() == state.keys() and all(mine[k] is state[k] for k in state)
 

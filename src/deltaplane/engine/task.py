@@ -60,7 +60,8 @@ class Task:
     test: Dataset
     train: Dataset | None = None
     clients: Sequence[Dataset] | None = None
-    num_classes: int | None = None
+    # None (the default) is "from the labels": __post_init__ replaces it, so a built Task always holds an int
+    num_classes: int = None  # type: ignore[assignment]
     loss: Loss = nn.functional.cross_entropy
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -82,7 +83,7 @@ class Task:
                 f"{self.num_classes!r}; leave it out to use the largest label + 1"
             )
         if self.num_classes is None:
-            parts = [self.test, *(self.clients or [self.train])]  # type: ignore[list-item]
+            parts = [self.test, *(self.clients or [self.train])]
             tops = [int(d.y.max()) for d in parts if len(d)]
             if not tops:
                 raise TaskError(f"task {self.name!r}: its datasets hold no samples")
@@ -163,7 +164,7 @@ def _check_data(task: Task) -> None:
                 f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} labels; the engine "
                 "takes int64 class ids in every dataset (y.long())"
             )
-        if len(d) and (int(d.y.min()) < 0 or int(d.y.max()) >= task.num_classes):  # type: ignore[operator]
+        if len(d) and (int(d.y.min()) < 0 or int(d.y.max()) >= task.num_classes):
             raise TaskError(
                 f"task {task.name!r}: {name}.y holds labels from {int(d.y.min())} to {int(d.y.max())}, but class "
                 f"ids must be in [0, {task.num_classes}) (num_classes={task.num_classes}); map them to 0..C-1 "
@@ -210,7 +211,7 @@ def _check_outputs(task: Task, outputs: int) -> None:
     same: the extra logits take softmax mass and predictions, as classes no label ever names, and the population
     engine sizes its per-class statistics by ``num_classes``.
     """
-    classes: int = task.num_classes  # type: ignore[assignment]
+    classes = task.num_classes
     if outputs == classes:
         return
     given = "num_classes" if task.num_classes_given else f"labels up to {classes - 1}"

@@ -12,8 +12,13 @@ version), decoded as strictly against the same layout and base version.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deltaplane.codecs import Layout, WireSession
 from deltaplane.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deltaplane.engine.config import RunConfig
 
 __all__ = ["WIRE_FORMATS", "Sessions"]
 
@@ -31,7 +36,7 @@ class Sessions:
         self.fetched = False
 
     @classmethod
-    def for_config(cls, config, base_id: str) -> Sessions:
+    def for_config(cls, config: RunConfig, base_id: str) -> Sessions:
         """The uplink sessions of a :class:`~deltaplane.engine.RunConfig` (``wire``, ``entropy_coding``)."""
         if config.wire not in WIRE_FORMATS:
             raise ConfigError(f"wire must be one of {WIRE_FORMATS}, got {config.wire!r}")

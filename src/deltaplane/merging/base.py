@@ -18,6 +18,7 @@ mergekit YAML, keyword arguments and the CLI all be validated by the same code w
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from abc import ABC, abstractmethod
@@ -379,7 +380,7 @@ def merge_in_chunks(
                 e,
                 None if base is None else cut(base, s, e),
                 [cut(t, s, e) for t in tensors],
-                _cut_tensor_params(method, params, lambda v, s=s, e=e: cut(v, s, e)),
+                _cut_tensor_params(method, params, functools.partial(cut, start=s, stop=e)),
             )
 
     state = method.prepare(name, shape, chunks, params)
@@ -677,7 +678,8 @@ def merge(
     if deltas:
         # a merge of task vectors taken against one base is a change of that base, as a sum of them is: it keeps
         # their common record, so applying it to another base is refused (BaseMismatch) as each of them would be
-        first = models[0].base_sha256
-        d = Delta(out, base_sha256=first if all(x.base_sha256 == first for x in models) else None)
+        recorded = [x.base_sha256 for x in models if isinstance(x, Delta)]  # every model: they are deltas
+        common = recorded[0]
+        d = Delta(out, base_sha256=common if all(r == common for r in recorded) else None)
         return d.apply(apply_to) if apply_to is not None else d
     return out

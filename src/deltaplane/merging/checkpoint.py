@@ -271,7 +271,7 @@ def _convert_hint(where: Path, files: list[Path]) -> str:
 def _pread(file: Path, offset: int, nbytes: int, name: str) -> Tensor:
     """``nbytes`` bytes of ``file`` from ``offset`` as a uint8 tensor that owns its (fresh) buffer."""
     out = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray: the read fills it
-    view = memoryview(out.numpy())
+    view = out.numpy().data  # the array's memoryview
     got = 0
     try:
         fd = os.open(file, os.O_RDONLY)
@@ -431,7 +431,7 @@ class SafetensorsWriter:
             )
         if nbytes:
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._f.write(memoryview(data))
+            self._f.write(data.data)  # the array's memoryview
         self._written += nbytes
         if self._written == size:
             self._next += 1

@@ -61,9 +61,9 @@ def _vocabulary(folder: Path) -> str | None:
         f = folder / name
         if f.is_file():
             h.update(read_bounded_bytes(f, limit=TOKENIZER_LIMIT, what="tokenizer file"))
-            added = folder / "added_tokens.json"
-            if added.is_file():
-                h.update(read_bounded_bytes(added, limit=TOKENIZER_LIMIT, what="tokenizer file"))
+            added_file = folder / "added_tokens.json"
+            if added_file.is_file():
+                h.update(read_bounded_bytes(added_file, limit=TOKENIZER_LIMIT, what="tokenizer file"))
             return h.hexdigest()
     return None
 

@@ -179,17 +179,17 @@ class _Resolver:
                     )
         params = resolve_params(m, len(per_model), shared, per_model, where=where, model_names=list(labels))
         for mp, label in zip(params.per_model, labels, strict=True):
-            for p in m.model_params:
-                if p.kind == "tensors" and isinstance(mp[p.name], str):
-                    path = str(self.cfg.resolve(mp[p.name]))
+            for param in m.model_params:
+                if param.kind == "tensors" and isinstance(mp[param.name], str):
+                    path = str(self.cfg.resolve(mp[param.name]))
                     if path not in self.files:
                         try:
-                            self.files[path] = Checkpoint(path, what=f"{p.name} file")
+                            self.files[path] = Checkpoint(path, what=f"{param.name} file")
                         except ConfigError as exc:
                             raise ConfigError(
-                                f"{where}: parameter '{p.name}' of model '{label}': {exc}"
+                                f"{where}: parameter '{param.name}' of model '{label}': {exc}"
                             ) from None
-                    mp[p.name] = self.files[path]
+                    mp[param.name] = self.files[path]
         self.cache[key] = params
         return params
 
@@ -358,7 +358,11 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
     for scope, offsets in scopes:
         for k in offsets:
             t = k / (len(offsets) - 1) if len(offsets) > 1 else 1.0
-            src_ck, _, _, src_first = (scope.models or [(scope.base.checkpoint, "", {}, scope.base_first)])[0]
+            if scope.models:
+                src_ck, _, _, src_first = scope.models[0]
+            else:
+                assert scope.base is not None  # unreachable: check_models refused a slice without models
+                src_ck, src_first = scope.base.checkpoint, scope.base_first
             for name in sorted(n for n in src_ck.infos if (li := layer_index(n)) and li[0] == src_first + k):
                 names = [_renumber(name, first + k) for _, _, _, first in scope.models]
                 base_name = _renumber(name, scope.base_first + k) if scope.base is not None else None

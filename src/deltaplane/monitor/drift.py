@@ -60,8 +60,11 @@ PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
 #: Monte-Carlo χ² draws stop once this many simulated tables reach the observed statistic (Besag–Clifford)
 MC_EXCEEDANCES = 50
 
+#: A count vector: a list of numbers or a 1-D array (each test reads it with ``np.asarray``).
+Counts = Sequence[float] | np.ndarray
 
-def _pair(reference: Sequence[float], live: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
+
+def _pair(reference: Counts, live: Counts, what: str) -> tuple[np.ndarray, np.ndarray]:
     """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins."""
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
@@ -70,7 +73,7 @@ def _pair(reference: Sequence[float], live: Sequence[float], what: str) -> tuple
     return r, q
 
 
-def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_EPS) -> float:
+def psi(reference: Counts, live: Counts, *, eps: float = PSI_EPS) -> float:
     """Population stability index between two count (or fraction) vectors over the same bins."""
     r, q = _pair(reference, live, "psi")
     if r.sum() <= 0 or q.sum() <= 0:
@@ -80,7 +83,7 @@ def psi(reference: Sequence[float], live: Sequence[float], *, eps: float = PSI_E
     return float(np.sum((q - r) * np.log(q / r)))
 
 
-def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[float, float]:
+def ks_from_counts(reference: Counts, live: Counts) -> tuple[float, float]:
     """Two-sample Kolmogorov–Smirnov statistic and asymptotic p-value from binned counts (ordered bins)."""
     from scipy.stats import kstwobign
 
@@ -93,8 +96,8 @@ def ks_from_counts(reference: Sequence[float], live: Sequence[float]) -> tuple[f
 
 
 def chi2_from_counts(
-    reference: Sequence[float],
-    live: Sequence[float],
+    reference: Counts,
+    live: Counts,
     *,
     mc_samples: int = 2000,
     seed: int = 0,
@@ -706,7 +709,9 @@ class DriftMonitor:
         tested: list[_Tested] = []
         min_p = self.alpha / max(1, self._n_signals())  # what a Monte-Carlo p-value must be able to reach
 
-        def row(kind: str, name: str, ref: Sequence[float], cur: list[Sequence[float]], test: str) -> None:
+        def row(
+            kind: str, name: str, ref: Sequence[float], cur: Sequence[Sequence[float]], test: str
+        ) -> None:
             pooled = _pool(cur)
             if sum(ref) == 0 or pooled is None:
                 return

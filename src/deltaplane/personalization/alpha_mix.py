@@ -108,8 +108,8 @@ def choose_alphas_stacked(
                 x, y = data[c]
                 scores: dict[float, float] = {}
                 nlls: dict[float, float] = {}
-                for j, a in enumerate(grid):
-                    scores[a], nlls[a] = _scored(logits[row * len(grid) + j, : x.shape[0]], y)
+                for j, alpha in enumerate(grid):
+                    scores[alpha], nlls[alpha] = _scored(logits[row * len(grid) + j, : x.shape[0]], y)
                 out.append((_pick(scores, nlls, tie_alpha_max), scores))
     return out
 

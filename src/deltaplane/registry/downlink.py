@@ -227,7 +227,11 @@ def plan_downlink(
         return Downlink("none", model, want, have, b"", "", target.sha256, target.size)
     hops = _chain(registry, model, have, target) if have is not None and have < want else None
     if hops:
-        body = pack_chain([(h.base, h.target, registry.read(h)) for h in hops])  # read() verifies each hop
+        links: list[tuple[int, int, bytes]] = []
+        for h in hops:
+            assert h.base is not None and h.target is not None  # a hop is a delta artifact (find_delta)
+            links.append((h.base, h.target, registry.read(h)))  # read() verifies each hop
+        body = pack_chain(links)
         if len(body) < target.size:
             return _signed(Downlink("delta", model, want, have, body, "", target.sha256, target.size), signer)
     # read() verifies the artifact's own signature; the device gets one over the device statement, which the

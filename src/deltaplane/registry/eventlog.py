@@ -707,7 +707,7 @@ def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] =
         for key, s, t in _differing(signed.tags, tables.tags):
             name = f"{key[0]}:{key[1]}"
             if t is None:
-                out.append(f"tags: {name} is missing; the signed log has it at version {s[0]}")  # type: ignore[index]
+                out.append(f"tags: {name} is missing; the signed log has it at version {s[0]}")
             elif s is None:
                 out.append(f"tags: {name} -> {t[0]} is not in the signed log")
             elif s[0] != t[0]:
@@ -717,7 +717,7 @@ def differences(signed: SignedState, tables: SignedState, parts: Iterable[str] =
     if "tag_history" in parts:
         for row, s, t in _differing(signed.tag_history, tables.tag_history):
             if t is None:
-                out.append(f"tag_history: row {row} ({s[0]}:{s[1]} -> {s[2]}) is missing")  # type: ignore[index]
+                out.append(f"tag_history: row {row} ({s[0]}:{s[1]} -> {s[2]}) is missing")
             elif s is None:
                 out.append(f"tag_history: row {row} ({t[0]}:{t[1]} -> {t[2]}) is not in the signed log")
             else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
@@ -190,7 +190,7 @@ def promote(
         baseline_metrics=base_metrics,
         regressions=regressions,
     )
-    decision = {
+    decision: dict[str, Any] = {
         "previous": prev.number if prev else None,
         "evaluator": name,
         "metrics": cand_metrics,

@@ -84,7 +84,7 @@ def read(con: sqlite3.Connection, verifier: Verifier) -> Seal | None:
             raise
         return None  # no table yet, or one of another shape (whoever can write the file made it): no seal
     try:
-        doc = json.loads(row[0]) if row is not None else None
+        doc: Any = json.loads(row[0]) if row is not None else None  # None (no row) fails below as TypeError
         seal = Seal(int(doc["seq"]), str(doc["sha256"]), str(doc["signatures"]), dict(doc["keys"]))
         verifier.verify(seal.statement(), doc["signature"])
     # OverflowError: JSON's Infinity as an index; anything in the row is whatever the file's writer put there

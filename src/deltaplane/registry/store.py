@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from deltaplane.errors import (
     ConfigError,
@@ -401,8 +401,8 @@ class Governance:
         if not isinstance(d, Mapping):
             raise ConfigError(f"governance must be a mapping (a JSON object), not {type(d).__name__}")
         fields = [d.get(k, ()) for k in ("data_sources", "cohorts", "excluded_cohorts")]
-        fields = [tuple(v) if isinstance(v, list | tuple) else v for v in fields]
-        return cls(*fields, str(d.get("notes", "")))
+        sources, cohorts, excluded = [tuple(v) if isinstance(v, list | tuple) else v for v in fields]
+        return cls(sources, cohorts, excluded, str(d.get("notes", "")))
 
     def check_names(self) -> Governance:
         """``self``, after checking that every cohort is a name a withdrawal can be recorded under.
@@ -600,7 +600,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _ENTRY_KEYS = frozenset({"sha256", "bytes"})
 
 
-def _is_companion_record(entries: object) -> bool:
+def _is_companion_record(entries: object) -> TypeGuard[dict[str, Any]]:
     """Whether a lineage's ``files`` has the shape :meth:`Registry.register_model` writes: a non-empty object of
     companion file names, each an object of exactly ``sha256`` and ``bytes``.
 
@@ -652,11 +652,11 @@ def _companion_entries(artifact: Artifact) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _stored_json(text: str | bytes, what: str, kind: type) -> Any:
+def _stored_json(text: str | bytes | None, what: str, kind: type) -> Any:
     """JSON the registry wrote (a card, an evaluation's metrics) read back; :class:`IntegrityError` naming ``what``
     when it is not JSON of that ``kind`` (an edited ``registry.db`` row: never a decode or recursion error)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if text is not None else None  # None: a column of another type
     except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
         value = None
     if not isinstance(value, kind):

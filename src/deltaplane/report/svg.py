@@ -211,13 +211,13 @@ def line_chart(
             )
         segment: list[str] = []
         segments: list[list[str]] = []
-        for x, y in s.points:
-            if y is None:
+        for px, py in s.points:
+            if py is None:
                 if segment:
                     segments.append(segment)
                 segment = []
             else:
-                segment.append(f"{sx(x):.1f},{sy(y):.1f}")
+                segment.append(f"{sx(px):.1f},{sy(py):.1f}")
         if segment:
             segments.append(segment)
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
@@ -227,8 +227,8 @@ def line_chart(
             )
             if len(seg) <= 40:  # few points: mark each one (a single window would otherwise be invisible)
                 for pt in seg:
-                    x, y = pt.split(",")
-                    out.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+                    cx, cy = pt.split(",")
+                    out.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{colour}"/>')
         lx, ly = legend_pos[i]
         out.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="4" fill="{colour}"/>')
         out.append(f'<text x="{lx + 20:.0f}" y="{ly + 6}" font-size="12">{escape(s.label)}</text>')

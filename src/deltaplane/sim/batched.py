@@ -502,7 +502,7 @@ class BatchedTrainer:
             return PendingTraining(self, futures, [job(m) for m in chunks[own:]], chunks)
         # worker threads (no fork here): every share on the pool, tensors in and out
         jobs = [job(m) for m in chunks]
-        futures = [pool.submit(lambda job=job: self._train_chunk(**_own(job))) for job in jobs]
+        futures = [pool.submit(_train_here, self, job) for job in jobs]
         return PendingTraining(self, futures, [], chunks)
 
     def _executor(self, *, arena_bytes: int = 0) -> Executor:
@@ -606,7 +606,7 @@ class BatchedTrainer:
         for s, k in enumerate(active):
             i, w = idx[s, :k], weight[s, :k]
             live, live_bufs = [p[:k] for p in params], [b[:k] for b in bufs]
-            g = step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
+            g: list[Tensor] | tuple[Tensor, ...] = step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
                 if prox_mu > 0:  # ∇ μ/2 ‖w − anchor‖² = μ (w − anchor)
                     g = torch._foreach_add(g, torch._foreach_sub(live, anchors), alpha=prox_mu)
@@ -719,10 +719,10 @@ class PendingTraining:
         finished there (``start(worker_finish=...)``) is a :class:`FinishedShare` instead. Computed once."""
         n_futures = len(self._futures)
         shares: list[tuple[list[int], Callable[[], dict[str, Tensor] | FinishedShare]]] = [
-            (members, lambda job=job: self._trainer._train_chunk(**_own(job)))
+            (members, functools.partial(_train_here, self._trainer, job))
             for job, members in zip(self._own, self._members[n_futures:], strict=True)
         ] + [
-            (members, lambda f=f: _share(f.result()))
+            (members, functools.partial(_future_share, f))
             for f, members in zip(self._futures, self._members, strict=False)
         ]
         for i, (members, get) in enumerate(shares):
@@ -741,7 +741,8 @@ class PendingTraining:
                     "read them with parts()"
                 )
             inverse = _inverse([c for members, _ in parts for c in members])
-            self._result = {n: torch.cat([p[n] for _, p in parts])[inverse] for n in self._trainer.names}
+            stacks = [p for _, p in parts if not isinstance(p, FinishedShare)]  # all of them: checked above
+            self._result = {n: torch.cat([p[n] for p in stacks])[inverse] for n in self._trainer.names}
         return self._result
 
 
@@ -761,8 +762,9 @@ _MAX_ARENA = 1 << 30
 _FORKED: dict[int, BatchedTrainer] = {}
 
 
-def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A forked worker's share of :meth:`BatchedTrainer.train`: one chunk (runs in the worker process)."""
+def _train_forked(key: int, job: dict[str, Any]) -> dict[str, np.ndarray] | tuple[str, Any]:
+    """A forked worker's share of :meth:`BatchedTrainer.train`: one chunk (runs in the worker process); its
+    deltas as arrays, or ``(_FINISHED, value)`` when the job carries ``worker_finish`` (read by :func:`_share`)."""
     trainer = _FORKED[key]
     job = tree_map(job, np.ndarray, torch.from_numpy)
     if "x" not in job:  # data the worker inherited at the fork (_lean)
@@ -810,6 +812,16 @@ def _lean(job: dict[str, Any], held: Container[tuple[int, ...]]) -> dict[str, An
     if job["data_key"] in held:
         return {k: v for k, v in job.items() if k not in ("x", "y")}
     return job
+
+
+def _train_here(trainer: BatchedTrainer, job: dict[str, Any]) -> dict[str, Tensor]:
+    """One chunk trained in this process (a worker thread, or the caller's own share)."""
+    return trainer._train_chunk(**_own(job))
+
+
+def _future_share(future: Future) -> dict[str, Tensor] | FinishedShare:
+    """A forked worker's share, waited for."""
+    return _share(future.result())
 
 
 def _own(job: dict[str, Any]) -> dict[str, Any]:

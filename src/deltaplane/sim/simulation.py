@@ -75,6 +75,7 @@ def federation_data(config: RunConfig) -> tuple[Dataset, Dataset]:
     """The (train, test) sets of a run's task (digits: the split plus ``train_shifts`` shifted copies)."""
     task = make_task(config)
     if task.train is None:
+        assert task.clients is not None  # a Task has train or clients (Task.__post_init__)
         return Dataset(
             torch.cat([d.x for d in task.clients]), torch.cat([d.y for d in task.clients])
         ), task.test
@@ -437,7 +438,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     clients,
                     task.num_classes,
                     stacked=trainer is not None,
-                )  # type: ignore[arg-type]
+                )
                 if rnd == config.rounds:
                     client_rows = rows
             fields = dict(
@@ -467,7 +468,9 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 continue
             # here: the global model on the test set and on each device's held-out data (personalized figures
             # are in `personal`); the round's time includes its scoring
-            scored = score_round(model, global_state, task.test, clients if scored_clients else [])
+            scored: dict[str, Any] = score_round(
+                model, global_state, task.test, clients if scored_clients else []
+            )
             scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
             report(fields, time.perf_counter() - t0, scored)
         assert deferred is None  # the last round is scored here, and a budget stop reports the deferred one

@@ -486,7 +486,7 @@ def _lineage_svg(versions: Sequence[Mapping[str, Any]]) -> str:
         x = 10 + pos[a.number] * (w + gap)
         src = a.lineage.get("source") or a.lineage.get("kind") or ""
         if a.parent is not None and a.parent in pos:
-            px = 10 + pos[a.parent] * (w + gap) + w
+            px: float = 10 + pos[a.parent] * (w + gap) + w
             parts.append(f'<line x1="{px}" y1="60" x2="{x}" y2="60" stroke="#555" marker-end="url(#arrow)"/>')
         for extra in a.lineage.get("parents", []) if isinstance(a.lineage.get("parents"), list) else []:
             if isinstance(extra, int) and extra in pos and extra != a.parent:

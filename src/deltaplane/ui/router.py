@@ -315,7 +315,7 @@ def create_ui_router(
         who = _client(request)
         wait, why = throttle.check(who)
         if wait:
-            resp = _html(pages.login_page(f"{why}; try again in {max(1, round(wait))} s"), 429)
+            resp: Response = _html(pages.login_page(f"{why}; try again in {max(1, round(wait))} s"), 429)
             resp.headers["Retry-After"] = str(max(1, round(wait)))
             return resp
         body = b""

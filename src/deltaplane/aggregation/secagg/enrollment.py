@@ -643,16 +643,16 @@ def revoked_certificates(
     for d in devices:
         if any(c.device_id == d for _, c in found):
             continue
-        path = None if enrolled is None else identity_files(enrolled, d)[1]
-        if path is None or not os.path.lexists(path):
+        cert_path = None if enrolled is None else identity_files(enrolled, d)[1]
+        if cert_path is None or not os.path.lexists(cert_path):
             uncovered.append(d)
             continue
-        cert = _issued_certificate(trusted, path)
+        cert = _issued_certificate(trusted, cert_path)
         if cert.device_id != d:
             raise ConfigError(
-                f"{path} certifies {cert.device_id!r}, not {d}: put {d}'s own certificate there"
+                f"{cert_path} certifies {cert.device_id!r}, not {d}: put {d}'s own certificate there"
             )
-        found.append((path, cert))
+        found.append((cert_path, cert))
     return [c for _, c in found], uncovered
 
 

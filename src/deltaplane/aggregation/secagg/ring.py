@@ -74,8 +74,8 @@ def pack(values: np.ndarray, bits: int) -> bytes:
     if bits > 8 and n:
         if n % 8:
             v = np.concatenate([v, np.zeros(-n % 8, v.dtype)])
-        out = _pack_groups(v, bits).tobytes()
-        return out if n % 8 == 0 else out[: (n * bits + 7) // 8]  # the last group's padding
+        packed = _pack_groups(v, bits).tobytes()
+        return packed if n % 8 == 0 else packed[: (n * bits + 7) // 8]  # the last group's padding
     # the little-endian bits of each value, keep the low `bits` of each, repack densely
     planes = np.unpackbits(v.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
     return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
@@ -115,9 +115,11 @@ def _pack_groups(v: np.ndarray, groups_bits: int) -> np.ndarray:
 _U64 = np.dtype("<u8")
 
 
-def _group_words(buf: object, groups: int, bits: int, offset: int) -> np.ndarray:
+def _group_words(
+    buf: bytes | bytearray | memoryview | np.ndarray, groups: int, bits: int, offset: int
+) -> np.ndarray:
     """A view of one little-endian u64 per group of ``bits`` bytes in ``buf``, starting ``offset`` bytes in."""
-    return np.ndarray((groups,), _U64, buffer=buf, offset=offset, strides=(bits,))  # type: ignore[call-overload]
+    return np.ndarray((groups,), _U64, buffer=buf, offset=offset, strides=(bits,))
 
 
 # 8 < bits < 16: a group's 8 values are two chunks of four, each chunk 4 · bits ≤ 60 contiguous bits. Each u64 of
@@ -159,7 +161,7 @@ def _pack_lanes(v: np.ndarray, bits: int, out: np.ndarray) -> None:
     _group_words(out, groups, bits, 0)[...] = second
 
 
-def _unpack_lanes(data: bytes, bits: int, groups: int) -> np.ndarray:
+def _unpack_lanes(data: bytes | memoryview, bits: int, groups: int) -> np.ndarray:
     """The ``8 · groups`` uint16 values of the first ``groups`` groups of ``data``, for 8 < ``bits`` < 16."""
     x = np.empty((groups, 2), _U64)  # the chunks, then (in place) the values in 16-bit lanes
     s = np.empty(2 * groups, _U64)
@@ -178,7 +180,7 @@ def _unpack_lanes(data: bytes, bits: int, groups: int) -> np.ndarray:
     return q.view("<u2")
 
 
-def _unpack_groups(data: bytes, bits: int, groups: int) -> np.ndarray:
+def _unpack_groups(data: bytes | memoryview, bits: int, groups: int) -> np.ndarray:
     """``(8, groups)`` uint32: column ``j`` of the first ``groups`` groups in ``data``."""
     nw = -(-bits // 8)
     raw = np.zeros((groups, 8 * nw), np.uint8)
@@ -197,7 +199,7 @@ def _unpack_groups(data: bytes, bits: int, groups: int) -> np.ndarray:
     return out
 
 
-def unpack(data: bytes, bits: int, n: int, *, add_to: np.ndarray | None = None) -> np.ndarray:
+def unpack(data: bytes | memoryview, bits: int, n: int, *, add_to: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`pack` (uint32 values); raises :class:`DecodeError` unless ``data`` holds exactly ``n``.
 
     ``add_to`` (``n`` values, uint32, or uint16 for ``bits`` ≤ 16): add the values to it in place (modulo its
@@ -344,7 +346,7 @@ def from_words(words: np.ndarray, k: int, n: int) -> np.ndarray:
     return x.view(_lane_dtype(width))[:n].astype(np.uint64)
 
 
-def _tail_words(data: bytes, first: int, count: int, word_bits: int) -> list[int]:
+def _tail_words(data: bytes | memoryview, first: int, count: int, word_bits: int) -> list[int]:
     """``count`` words of ``word_bits`` bits from the bytes from ``first`` on (a byte boundary) to the end."""
     big = int.from_bytes(data[first:], "little")
     low = (1 << word_bits) - 1
@@ -387,10 +389,10 @@ def pack_words(words: np.ndarray, k: int, n: int) -> bytes | memoryview:
     value = sum(w << (bits * i) for i, w in enumerate(tail))
     out[first:need] = np.frombuffer(value.to_bytes(need - first, "little"), np.uint8)
     out.flags.writeable = False
-    return memoryview(out[:need])
+    return out[:need].data  # the array's memoryview
 
 
-def unpack_words(data: bytes, k: int, n: int, add_to: np.ndarray) -> np.ndarray:
+def unpack_words(data: bytes | memoryview, k: int, n: int, add_to: np.ndarray) -> np.ndarray:
     """Add the words of the ``n`` values in ``data`` (:func:`pack_words`' bytes) to ``add_to`` (uint64), in place.
 
     Raises :class:`DecodeError` unless ``data`` holds exactly ``⌈n·k / 8⌉`` bytes. Each word is read reduced

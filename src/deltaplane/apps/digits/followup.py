@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,10 @@ OOD_NOTE = (
     "(5 points) refuses; run `deltaplane deploy` on model.safetensors for the full gates."
 )
 #: ``(name, parameters)`` of the merges compared; weights are filled in per fleet size.
-MERGE_METHODS = (("ties", {"density": 0.2}), ("task_arithmetic", {}))
+MERGE_METHODS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("ties", {"density": 0.2}),
+    ("task_arithmetic", {}),
+)
 _EXCLUDE = ("conv1",)  # 72 weights reading one channel: not worth a mask (as in the deploy benchmark)
 
 
@@ -105,7 +108,7 @@ def run_followup(
         raise ConfigError("run_followup needs the run's final_state (a RunResult from run_simulation)")
     with torch_threads(cfg.threads):
         task = make_task(cfg)  # the very devices and test set the federation used
-        clients, test, k = build_clients(cfg, task), task.test, int(task.num_classes)  # type: ignore[arg-type]
+        clients, test, k = build_clients(cfg, task), task.test, task.num_classes
         train = task.train if task.train is not None else test  # digits: the pooled training split
         model = task.build_model(derive_seed(cfg.seed, Stream.MODEL_INIT))
         global_state = {k: v.detach().clone() for k, v in result.final_state.items()}
@@ -140,7 +143,7 @@ def run_followup(
 
         t0 = time.perf_counter()
         model.load_state_dict(global_state)
-        merges = {"global": {"test_accuracy": accuracy(model, test)}}
+        merges: dict[str, dict[str, Any]] = {"global": {"test_accuracy": accuracy(model, test)}}
         n = len(personal_states)
         skipped = None
         if not n:  # the Flower engine: each device's personal model stayed on its node
@@ -149,7 +152,10 @@ def run_followup(
         else:
             say(f"merging {n} personalized models ({', '.join(m for m, _ in MERGE_METHODS)})")
         for name, params in MERGE_METHODS if n else ():
-            merged = merge(name, global_state, personal_states, weight=1.0 / n, **params)
+            # a state-dict base and state dicts merge into a state dict (merge returns a Delta only for deltas)
+            merged = cast(
+                dict[str, torch.Tensor], merge(name, global_state, personal_states, weight=1.0 / n, **params)
+            )
             model.load_state_dict(merged)
             merges[name] = {
                 "test_accuracy": accuracy(model, test),
